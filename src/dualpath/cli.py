@@ -1,0 +1,94 @@
+"""The ``dualpath`` command line.
+
+Each command lives in its own module under :mod:`dualpath.commands`, imported only when that command runs (so
+``dualpath analyze`` never imports torch kernels or NIXL). A command module exposes
+``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from dualpath.errors import DualPathError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("dualpath.commands.run", "serve an agentic workload on an emulated cluster and compare policies"),
+    "simulate": ("dualpath.commands.simulate", "discrete-event simulation of a cluster of any size"),
+    "analyze": ("dualpath.commands.analyze", "bottleneck-free P/D range and per-link loads (paper eq. 9)"),
+    "chat": ("dualpath.commands.chat", "a multi-turn session with a real model through the cluster"),
+    "generate": ("dualpath.commands.generate", "greedy generation with this project's model and kernels"),
+    "serve": ("dualpath.commands.serve", "run engines and the scheduler as processes"),
+}
+BENCHES: dict[str, tuple[str, str]] = {
+    "storage": ("dualpath.commands.bench_storage", "storage backend reads/writes vs raw os.preadv"),
+    "transport": ("dualpath.commands.bench_transport", "transports vs raw pyzmq / NIXL / copy_, and link accuracy"),
+    "kernels": ("dualpath.commands.bench_kernels", "paged attention kernels vs torch SDPA (GPU)"),
+}
+
+
+def _load(module: str):  # type: ignore[no-untyped-def]
+    return importlib.import_module(module)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dualpath", description="DualPath KV-cache loading for agentic inference")
+    parser.add_argument("--version", action="version", version=f"dualpath {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        _add_args(p, module)
+    bench = sub.add_parser("bench", help="benchmarks against raw baselines", description="benchmarks")
+    bsub = bench.add_subparsers(dest="bench", metavar="WHAT")
+    for name, (module, help_text) in BENCHES.items():
+        p = bsub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        _add_args(p, module)
+    return parser
+
+
+def _add_args(parser: argparse.ArgumentParser, module: str) -> None:
+    # Argument definitions are small; importing the module here is cheap because command modules import
+    # their heavy dependencies inside run().
+    try:
+        mod = _load(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("dualpath"):
+            parser.set_defaults(_unavailable=str(exc))
+            return
+        raise
+    mod.add_arguments(parser)
+
+
+def _version() -> str:
+    from dualpath import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = getattr(args, "_module", None)
+    if module is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "_unavailable", None):
+        print(f"dualpath: this command is not built yet ({args._unavailable})", file=sys.stderr)
+        return 2
+    try:
+        return int(_load(module).run(args) or 0)
+    except DualPathError as exc:
+        print(f"dualpath: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dualpath: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Config of the (emulated) cluster: nodes, engines, links."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from dualpath._configbase import Section
+
+
+class ClusterConfig(Section):
+    """P prefill nodes and D decode nodes of ``engines_per_node`` engines; one storage NIC per node and one
+    compute NIC per engine, emulated as links of the given bandwidths (None = unlimited: physical hardware)."""
+
+    prefill_nodes: int = Field(default=1, ge=1)
+    decode_nodes: int = Field(default=1, ge=1)
+    engines_per_node: int = Field(default=1, ge=1)
+    devices: Literal["auto", "cpu"] | list[str] = "auto"
+    block_tokens: int = Field(default=64, gt=0)
+    snic_gbps: float | None = Field(default=1.0, gt=0, description="storage NIC per node, GB/s (1e9 B/s)")
+    cnic_gbps: float | None = Field(default=None, gt=0, description="compute NIC per engine, GB/s per direction")
+    kv_share: float = Field(default=0.01, gt=0, le=1, description="guaranteed share of the KV traffic class")
+    host_buffer_bytes: int = Field(default=1 << 30, gt=0, description="PE/DE host buffer per engine")
+    kv_pool_tokens: int = Field(default=65536, gt=0, description="decode engine paged KV pool size, tokens")
+    layers_ahead: int = Field(default=4, ge=1, description="DE-path streaming window, in layers")
+    deadline_s: float = Field(default=30.0, gt=0, description="deadline of every wait on a peer or device")

@@ -1,0 +1,41 @@
+"""Config of the model behind the engines (chosen by ``kind``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
+
+from dualpath._configbase import Section
+
+
+class LlamaModelConfig(Section):
+    """A real Llama-family decoder. ``path``: a safetensors directory, a GGUF file, or None for the embedded
+    SmolLM2-135M-Instruct. ``random_init``: build from ``path``'s config.json with seeded random weights."""
+
+    kind: Literal["llama"] = "llama"
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    random_init: bool = False
+    seed: int = 0
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+
+
+class SyntheticModelConfig(Section):
+    """A model that does not compute: a forward takes the time its FLOP count would take on ``device_tflops``,
+    and KV bytes are real bytes of the right size. Lets I/O experiments exceed what the CPU could compute."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    n_layers: int = Field(default=8, gt=0)
+    n_kv_heads: int = Field(default=2, gt=0)
+    head_dim: int = Field(default=64, gt=0)
+    kv_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    linear_flops_per_token: float = Field(default=2.0e9, ge=0, description="2 x active params in layers")
+    attn_flops_per_key_layer: float = Field(default=4 * 8 * 64, ge=0, description="4*H*d for GQA")
+    device_tflops: float = Field(default=10.0, gt=0, description="effective compute rate for prefill")
+    decode_step_s: float = Field(default=0.02, ge=0, description="time of one batched decode step")
+    max_context: int = Field(default=65536, gt=0)
+    vocab_size: int = Field(default=32000, gt=0)
+
+
+ModelConfig = Annotated[Union[LlamaModelConfig, SyntheticModelConfig], Field(discriminator="kind")]

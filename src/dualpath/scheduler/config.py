@@ -1,0 +1,25 @@
+"""Config of the scheduler policies."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from dualpath._configbase import Section
+
+PolicyName = Literal[
+    "basic", "layerwise", "round_robin", "dualpath", "split", "pe_only", "de_only", "oracle"
+]
+
+
+class SchedulerConfig(Section):
+    """Policy and the paper's constants (alpha, beta in seconds of work; compute quota; Z factor)."""
+
+    policy: PolicyName = "dualpath"
+    layerwise: bool = True
+    alpha_s: float = Field(default=3.0, gt=0, description="short-read-queue threshold: tokens readable in alpha_s")
+    beta_s: float = Field(default=5.0, gt=0, description="unfinished-token cap: tokens one GPU processes in beta_s")
+    compute_quota_s: float = Field(default=0.3, gt=0, description="predicted attention time per PE forward batch")
+    z_factor: float = Field(default=1.05, gt=0)
+    fetch_interval_s: float = Field(default=0.005, gt=0)

@@ -1,0 +1,87 @@
+"""Snapshots the scheduler core decides over. Plain frozen data: no I/O, no clock.
+
+Both the runtime driver (from real engines) and the simulator (from simulated ones) build these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dualpath.types import PathKind
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """What one engine reports on a fetch (paper section 7.1).
+
+    ``seq``: assigned but unfinished requests; ``tok``: their total tokens; ``read_q``: the disk-read queue of
+    the engine's *node*, in tokens; ``free_kv_tokens``: free KV memory (decode engines; HBM), in tokens.
+    """
+
+    engine: int
+    node: int
+    seq: int
+    tok: int
+    read_q: int
+    free_kv_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """A request as the scheduler sees it.
+
+    ``context``: tokens already in the session (hit candidates); ``append``: new prompt tokens;
+    ``hit``: tokens whose KV is stored (a multiple of the block size, <= context + append); ``gen``: tokens to
+    generate. ``tokens`` (what ``tok`` counts) is the whole prompt, context + append.
+    """
+
+    rid: int
+    context: int
+    append: int
+    hit: int
+    gen: int
+
+    @property
+    def prompt(self) -> int:
+        return self.context + self.append
+
+    @property
+    def miss(self) -> int:
+        return self.prompt - self.hit
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """The scheduler's decision for one request: its PE, its DE, and where its hit KV is read.
+
+    For ``PathKind.SPLIT``, ``pe_blocks`` hit blocks are read on the PE side (the first ones) and the rest on the
+    DE side.
+    """
+
+    rid: int
+    pe: int
+    de: int
+    path: PathKind
+    pe_blocks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One request's share of a PE forward batch: compute ``new`` tokens on top of ``cached`` tokens."""
+
+    rid: int
+    cached: int
+    new: int
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    chunks: list[Chunk] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(c.new for c in self.chunks)

@@ -1,0 +1,58 @@
+"""Config of the storage backends (chosen by ``kind``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import Field
+
+from dualpath._configbase import Section
+
+
+class MemoryStorageConfig(Section):
+    """In-process dict of Full Blocks: the reference backend and test double."""
+
+    kind: Literal["memory"] = "memory"
+    capacity_bytes: int | None = Field(default=None, gt=0, description="LRU eviction above this; None = unbounded")
+
+
+class PosixStorageConfig(Section):
+    """One file per Full Block under ``root`` (sharded subdirectories), checksummed, atomic on write."""
+
+    kind: Literal["posix"] = "posix"
+    root: Path = Path("/tmp/dualpath-kv")
+    capacity_bytes: int | None = Field(default=None, gt=0)
+    durability: Literal["none", "fsync"] = "none"
+    verify_checksum: bool = True
+    io_threads: int = Field(default=8, ge=1, le=256)
+
+
+class KvikioStorageConfig(Section):
+    """GDS through kvikio's CuFile: reads and writes straight into and out of GPU memory (GPU machines only)."""
+
+    kind: Literal["kvikio"] = "kvikio"
+    root: Path = Path("/tmp/dualpath-kv")
+    capacity_bytes: int | None = Field(default=None, gt=0)
+    durability: Literal["none", "fsync"] = "none"
+    verify_checksum: bool = True
+    io_threads: int = Field(default=8, ge=1, le=256)
+
+
+class FaultsStorageConfig(Section):
+    """Wraps another backend and drops, corrupts, delays or fails blocks (by seeded rate), for tests."""
+
+    kind: Literal["faults"] = "faults"
+    inner: StorageConfig = Field(default_factory=MemoryStorageConfig)
+    seed: int = 0
+    drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    corrupt_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    delay_s: float = Field(default=0.0, ge=0.0)
+
+
+StorageConfig = Annotated[
+    Union[MemoryStorageConfig, PosixStorageConfig, KvikioStorageConfig, FaultsStorageConfig],
+    Field(discriminator="kind"),
+]
+FaultsStorageConfig.model_rebuild()

@@ -1,0 +1,70 @@
+"""Small frozen value types shared by the subsystems."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(str, enum.Enum):
+    """The role of an engine (and of the node that hosts it)."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class PathKind(str, enum.Enum):
+    """Where a request's hit KV is read from storage.
+
+    ``PE``: the prefill engine's node reads it (the classic path). ``DE``: the decode engine's node reads it and
+    forwards it layer by layer to the PE (DualPath's new path). ``SPLIT``: the hit blocks are divided between both
+    sides (our extension). ``RECOMPUTE``: nothing is read; every token is recomputed. ``NONE``: no hit at all.
+    """
+
+    PE = "pe"
+    DE = "de"
+    SPLIT = "split"
+    RECOMPUTE = "recompute"
+
+
+class TrafficClass(str, enum.Enum):
+    """Traffic classes on an emulated link: model execution (high priority) and KV (low priority)."""
+
+    HIGH = "high"
+    KV = "kv"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineId:
+    """An engine: ``role`` + global rank; ``node`` is the index of its node within that role."""
+
+    role: Role
+    rank: int
+    node: int
+
+    def __str__(self) -> str:
+        return f"{'pe' if self.role is Role.PREFILL else 'de'}{self.rank}"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockKey:
+    """Content address of one Full Block: a 32-byte SHA-256 digest (see :mod:`dualpath.kv.keys`)."""
+
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.digest, bytes) or len(self.digest) != 32:
+            raise ValueError("BlockKey.digest must be 32 bytes")
+
+    @property
+    def hex(self) -> str:
+        return self.digest.hex()
+
+    @classmethod
+    def from_hex(cls, text: str) -> BlockKey:
+        if len(text) != 64:
+            raise ValueError(f"block key hex must be 64 characters, got {len(text)}")
+        return cls(bytes.fromhex(text))
+
+    def __str__(self) -> str:
+        return self.hex[:16]

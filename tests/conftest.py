@@ -1,0 +1,27 @@
+"""Test configuration shared by every suite.
+
+Triton kernels run on CPU tensors through the interpreter: TRITON_INTERPRET must be set before any
+``@triton.jit`` function is defined, so it is set here, at collection start, unless a CUDA GPU is present
+(then the kernels run natively).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests must never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,23 @@
+import subprocess
+import sys
+
+import dualpath
+
+
+def test_public_api_is_exported():
+    for name in dualpath.__all__:
+        assert hasattr(dualpath, name), name
+
+
+def test_import_does_not_pull_gpu_or_heavy_backends():
+    code = (
+        "import sys, dualpath, dualpath.config, dualpath.cli;"
+        "import torch;"
+        "bad=[m for m in sys.modules if m.split('.')[0] in ('triton','nixl','nixl_cu12','kvikio','cupy','zmq','transformers')];"
+        "assert not bad, bad;"
+        "assert not torch.cuda.is_initialized();"
+        "print('ok')"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"

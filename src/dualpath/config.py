@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError
 
 from dualpath._configbase import Section
 from dualpath.cluster.config import ClusterConfig
+from dualpath.control.config import ServeConfig
 from dualpath.errors import ConfigError
 from dualpath.model.config import ModelConfig, SyntheticModelConfig
 from dualpath.scheduler.config import SchedulerConfig
@@ -37,6 +38,7 @@ class DualPathConfig(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

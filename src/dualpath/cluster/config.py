@@ -25,3 +25,12 @@ class ClusterConfig(Section):
     kv_pool_tokens: int = Field(default=65536, gt=0, description="decode engine paged KV pool size, tokens")
     layers_ahead: int = Field(default=4, ge=1, description="DE-path streaming window, in layers")
     deadline_s: float = Field(default=30.0, gt=0, description="deadline of every wait on a peer or device")
+    prefill_max_batch: int = Field(default=8, ge=1, description="requests per PE layer-wise forward batch")
+    prefill_max_batch_tokens: int = Field(default=16384, ge=1, description="new tokens per PE forward batch")
+    decode_max_batch: int = Field(default=64, ge=1, description="requests per DE decode step")
+    persist: bool = Field(default=True, description="DE writes every Full Block that becomes full to storage")
+    keep_logits: bool = Field(default=False, description="debug: keep every generated token's logits")
+    on_transfer_failure: Literal["error", "recompute"] = Field(
+        default="error",
+        description="a failed or timed-out KV transfer fails the turn (error) or retries it once with recompute",
+    )

@@ -1,0 +1,88 @@
+"""Paged-KV kernels with backend dispatch.
+
+Every op exists twice with one signature: a Triton kernel (:mod:`.paged_attention`, :mod:`.kv_copy`) and a
+pure-torch reference (:mod:`.reference`). ``backend``: ``"triton"``, ``"torch"`` or ``"auto"`` (default:
+Triton when the tensors are on CUDA, the torch reference otherwise). The environment variable
+``DUALPATH_KERNELS=triton|torch`` overrides ``auto`` (e.g. ``DUALPATH_KERNELS=triton TRITON_INTERPRET=1``
+runs the Triton kernels on CPU through the interpreter: slow, tests only). Triton modules are imported
+lazily, so the torch path never imports triton.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from dualpath.errors import KernelError
+from dualpath.kernels import reference
+
+BACKENDS = ("auto", "torch", "triton")
+
+__all__ = [
+    "BACKENDS",
+    "gather_layer_blocks",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "resolve_backend",
+    "scatter_layer_blocks",
+    "store_kv",
+]
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"`` for a requested backend and the tensors' device."""
+    b = backend or "auto"
+    if b == "auto":
+        b = os.environ.get("DUALPATH_KERNELS", "auto") or "auto"
+    if b not in BACKENDS:
+        raise KernelError(f"unknown kernel backend {b!r}; expected one of {BACKENDS}")
+    if b == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if b == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KernelError("the triton backend on CPU tensors needs TRITON_INTERPRET=1 (set before import)")
+    return b
+
+
+def _impl(name: str, backend: str | None, device: torch.device) -> Any:
+    if resolve_backend(backend, device) == "torch":
+        return getattr(reference, name)
+    if name in ("paged_decode_attention", "paged_prefill_attention"):
+        from dualpath.kernels import paged_attention as mod
+    else:
+        from dualpath.kernels import kv_copy as mod  # type: ignore[no-redef]
+    return getattr(mod, name)
+
+
+def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, *, backend: str | None = None) -> torch.Tensor:
+    """``q [B, Hq, D]`` over each sequence's ``seq_lens[b]`` paged tokens -> ``[B, Hq, D]``."""
+    return _impl("paged_decode_attention", backend, q.device)(q, kv_layer, block_tables, seq_lens, scale)
+
+
+def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
+                            scale: float, *, backend: str | None = None) -> torch.Tensor:
+    """New tokens ``q [Ntok, Hq, D]``: full attention over the cached prefix, causal over the new tokens."""
+    fn = _impl("paged_prefill_attention", backend, q.device)
+    return fn(q, kv_layer, block_tables, cu_seqlens_q, seq_lens, start_pos, scale)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor, *,
+             backend: str | None = None) -> None:
+    """Write ``k, v [N, Hkv, D]`` into the pool at ``slot_mapping [N]`` (int64; negative = skip)."""
+    _impl("store_kv", backend, k.device)(k, v, kv_layer, slot_mapping)
+
+
+def gather_layer_blocks(kv_layer: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None, *,
+                        backend: str | None = None) -> torch.Tensor:
+    """Layer Blocks ``kv_layer[block_ids]`` -> staging ``[n, bt, 2, H, D]`` (or into ``out``, which may be a
+    uint8 view such as a Full Block buffer's layer slice ``[n, 1, bt, bytes]``)."""
+    return _impl("gather_layer_blocks", backend, kv_layer.device)(kv_layer, block_ids, out)
+
+
+def scatter_layer_blocks(staging: torch.Tensor, kv_layer: torch.Tensor, block_ids: torch.Tensor, *,
+                         backend: str | None = None) -> None:
+    """``kv_layer[block_ids[i]] = staging[i]`` for a staging buffer as accepted by :func:`gather_layer_blocks`."""
+    _impl("scatter_layer_blocks", backend, kv_layer.device)(staging, kv_layer, block_ids)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -38,4 +38,4 @@ class SyntheticModelConfig(Section):
     vocab_size: int = Field(default=32000, gt=0)
 
 
-ModelConfig = Annotated[Union[LlamaModelConfig, SyntheticModelConfig], Field(discriminator="kind")]
+ModelConfig = Annotated[LlamaModelConfig | SyntheticModelConfig, Field(discriminator="kind")]

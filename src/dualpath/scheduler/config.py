@@ -8,9 +8,7 @@ from pydantic import Field
 
 from dualpath._configbase import Section
 
-PolicyName = Literal[
-    "basic", "layerwise", "round_robin", "dualpath", "split", "pe_only", "de_only", "oracle"
-]
+PolicyName = Literal["basic", "layerwise", "round_robin", "dualpath", "split", "pe_only", "de_only", "oracle"]
 
 
 class SchedulerConfig(Section):
@@ -18,8 +16,14 @@ class SchedulerConfig(Section):
 
     policy: PolicyName = "dualpath"
     layerwise: bool = True
-    alpha_s: float = Field(default=3.0, gt=0, description="short-read-queue threshold: tokens readable in alpha_s")
-    beta_s: float = Field(default=5.0, gt=0, description="unfinished-token cap: tokens one GPU processes in beta_s")
-    compute_quota_s: float = Field(default=0.3, gt=0, description="predicted attention time per PE forward batch")
+    alpha_s: float = Field(
+        default=3.0, gt=0, description="short-read-queue threshold: tokens readable in alpha_s"
+    )
+    beta_s: float = Field(
+        default=5.0, gt=0, description="unfinished-token cap: tokens one GPU processes in beta_s"
+    )
+    compute_quota_s: float = Field(
+        default=0.3, gt=0, description="predicted attention time per PE forward batch"
+    )
     z_factor: float = Field(default=1.05, gt=0)
     fetch_interval_s: float = Field(default=0.005, gt=0)

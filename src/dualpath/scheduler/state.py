@@ -59,7 +59,7 @@ class Assignment:
     """The scheduler's decision for one request: its PE, its DE, and where its hit KV is read.
 
     For ``PathKind.SPLIT``, ``pe_blocks`` hit blocks are read on the PE side (the first ones) and the rest on the
-    DE side.
+    DE side. ``pe_blocks`` is set for every path: all hit blocks for ``PE``, 0 for ``DE``.
     """
 
     rid: int
@@ -85,3 +85,23 @@ class ForwardBatch:
     @property
     def new_tokens(self) -> int:
         return sum(c.new for c in self.chunks)
+
+
+@dataclass(slots=True)
+class EngineLoad:
+    """The scheduler's private, mutable copy of one engine's snapshot during one scheduling round.
+
+    The core never mutates the caller's snapshots; it updates these copies as it assigns (``seq``, ``tok``,
+    ``free_kv_tokens``), so later decisions in the same round see earlier ones. Node read queues live in a
+    separate per-node mapping because every engine of a node shares one.
+    """
+
+    engine: int
+    node: int
+    seq: int
+    tok: int
+    free_kv_tokens: int
+
+    @classmethod
+    def of(cls, snap: EngineSnapshot) -> EngineLoad:
+        return cls(snap.engine, snap.node, snap.seq, snap.tok, snap.free_kv_tokens)

@@ -1,0 +1,37 @@
+"""Storage of Full Blocks: the :class:`Storage` contract and its backends, chosen by ``config.kind``.
+
+Backends are imported lazily by :func:`create_storage`, so ``import dualpath.storage`` never loads kvikio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dualpath.errors import StorageError
+from dualpath.kv.keys import KeyNamespace
+from dualpath.kv.layout import KVLayout
+from dualpath.storage.base import BlockStatus, Storage, StorageStats
+
+__all__ = ["BlockStatus", "Storage", "StorageStats", "create_storage"]
+
+
+def create_storage(config: Any, layout: KVLayout, namespace: KeyNamespace) -> Storage:
+    """Build (not start) the backend named by ``config.kind``: memory, posix, kvikio or faults."""
+    kind = getattr(config, "kind", None)
+    if kind == "memory":
+        from dualpath.storage.memory import MemoryStorage
+
+        return MemoryStorage(config, layout, namespace)
+    if kind == "posix":
+        from dualpath.storage.posix import PosixStorage
+
+        return PosixStorage(config, layout, namespace)
+    if kind == "kvikio":
+        from dualpath.storage.kvikio import KvikioStorage
+
+        return KvikioStorage(config, layout, namespace)
+    if kind == "faults":
+        from dualpath.storage.faults import FaultyStorage
+
+        return FaultyStorage(config, layout, namespace)
+    raise StorageError(f"storage.kind: unknown storage backend {kind!r} (expected memory, posix, kvikio or faults)")

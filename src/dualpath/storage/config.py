@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -26,6 +26,10 @@ class PosixStorageConfig(Section):
     durability: Literal["none", "fsync"] = "none"
     verify_checksum: bool = True
     io_threads: int = Field(default=8, ge=1, le=256)
+    shared_root: bool = Field(
+        default=False,
+        description="other processes write this root too: an index miss falls back to one stat of the file",
+    )
 
 
 class KvikioStorageConfig(Section):
@@ -35,8 +39,11 @@ class KvikioStorageConfig(Section):
     root: Path = Path("/tmp/dualpath-kv")
     capacity_bytes: int | None = Field(default=None, gt=0)
     durability: Literal["none", "fsync"] = "none"
-    verify_checksum: bool = True
+    verify_checksum: bool = Field(
+        default=True, description="verify xxh3-64 of each block read (costs a device-to-host copy of the payload)"
+    )
     io_threads: int = Field(default=8, ge=1, le=256)
+    shared_root: bool = False
 
 
 class FaultsStorageConfig(Section):
@@ -52,7 +59,7 @@ class FaultsStorageConfig(Section):
 
 
 StorageConfig = Annotated[
-    Union[MemoryStorageConfig, PosixStorageConfig, KvikioStorageConfig, FaultsStorageConfig],
+    MemoryStorageConfig | PosixStorageConfig | KvikioStorageConfig | FaultsStorageConfig,
     Field(discriminator="kind"),
 ]
 FaultsStorageConfig.model_rebuild()

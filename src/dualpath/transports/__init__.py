@@ -1,0 +1,55 @@
+"""Transports: RDMA-style one-sided writes with notification between engines' registered buffers.
+
+Backends by ``kind`` (imported lazily by :func:`create_transport`): ``loopback`` (in process, ``copy_``),
+``zmq`` (tcp/ipc, zero-copy frames, CURVE), ``nixl`` (UCX: RDMA, TCP, shared memory), ``faults`` (a
+fault-injecting wrapper for tests). The contract is the docstring of :mod:`dualpath.transports.base`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dualpath.errors import ConfigError
+from dualpath.transports.base import Region, Transport, TransportStats, byte_view
+from dualpath.transports.config import (
+    FaultsTransportConfig,
+    LoopbackTransportConfig,
+    NixlTransportConfig,
+    TransportConfig,
+    ZmqTransportConfig,
+)
+
+if TYPE_CHECKING:
+    from dualpath.transports.loopback import LoopbackFabric
+
+__all__ = ["Region", "Transport", "TransportStats", "byte_view", "create_transport"]
+
+
+def _common(config: LoopbackTransportConfig | ZmqTransportConfig | NixlTransportConfig) -> dict[str, object]:
+    return {
+        "checksum": config.checksum,
+        "max_pending_bytes": config.max_pending_bytes,
+        "pending_timeout_s": config.pending_timeout_s,
+    }
+
+
+def create_transport(config: TransportConfig, name: str, *, fabric: LoopbackFabric | None = None) -> Transport:
+    """A (not yet started) transport endpoint called ``name`` for ``config``; ``fabric`` is where loopback
+    endpoints meet (default: one per process). Use it as ``async with create_transport(...) as t``."""
+    if isinstance(config, LoopbackTransportConfig):
+        from dualpath.transports.loopback import LoopbackTransport
+
+        return LoopbackTransport(name, fabric=fabric, inline_copy_bytes=config.inline_copy_bytes, **_common(config))
+    if isinstance(config, ZmqTransportConfig):
+        from dualpath.transports.zmq import ZmqTransport
+
+        return ZmqTransport(name, config)
+    if isinstance(config, NixlTransportConfig):
+        from dualpath.transports.nixl import NixlTransport
+
+        return NixlTransport(name, config)
+    if isinstance(config, FaultsTransportConfig):
+        from dualpath.transports.faults import FaultyTransport
+
+        return FaultyTransport(create_transport(config.inner, name, fabric=fabric), config)
+    raise ConfigError(f"transport.kind: unknown transport config {type(config).__name__}")

@@ -2,43 +2,71 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from dualpath._configbase import Section
 
 
-class LoopbackTransportConfig(Section):
+class _Common(Section):
+    """Fields every backend shares: integrity check and the hold area for early arrivals."""
+
+    checksum: bool = Field(
+        default=False,
+        description="carry an xxh3-64 of every payload and verify it before the arrival counts (end to end)",
+    )
+    max_pending_bytes: int = Field(
+        default=256 << 20, ge=0, description="bytes of arrivals held while their tag is not exposed yet"
+    )
+    pending_timeout_s: float = Field(
+        default=10.0, gt=0, description="an arrival whose tag is not exposed within this is dropped"
+    )
+
+
+class LoopbackTransportConfig(_Common):
     """In one process: ``copy_`` between registered tensors (NVLink/P2P between GPUs, memcpy on a CPU)."""
 
     kind: Literal["loopback"] = "loopback"
+    inline_copy_bytes: int = Field(
+        default=4 << 20, ge=0, description="copies up to this size run on the event loop; larger in a thread"
+    )
 
 
-class ZmqTransportConfig(Section):
+class ZmqTransportConfig(_Common):
     """ZeroMQ between processes or hosts; fixed binary header, zero-copy frames, CURVE when keys are set."""
 
     kind: Literal["zmq"] = "zmq"
     host: str = Field(default="127.0.0.1", description="address to bind; loopback unless configured")
+    port: int = Field(default=0, ge=0, le=65535, description="tcp port to bind; 0 picks a free one")
     scheme: Literal["tcp", "ipc"] = "tcp"
     ipc_dir: str = "/tmp"
     curve_secret_key: str | None = Field(default=None, description="z85 secret key of this endpoint")
     curve_public_key: str | None = Field(default=None, description="z85 public key of this endpoint")
     curve_allowed_clients: list[str] = Field(default_factory=list, description="z85 public keys allowed in")
     max_message_bytes: int = Field(default=1 << 30, gt=0)
+    inline_copy_bytes: int = Field(
+        default=4 << 20, ge=0, description="landing copies up to this size run on the event loop; larger in a thread"
+    )
 
 
-class NixlTransportConfig(Section):
-    """NIXL agents over UCX (RDMA where present; TCP/shared memory otherwise)."""
+class NixlTransportConfig(_Common):
+    """NIXL agents over UCX (RDMA where present; TCP/shared memory otherwise).
+
+    A small ZeroMQ side channel (``host``/``port``) carries agent metadata and the write rendezvous (tag, size
+    -> landing address); the bytes themselves move by NIXL WRITE with a notification carrying the tag.
+    """
 
     kind: Literal["nixl"] = "nixl"
     backend: str = "UCX"
     ucx_tls: str | None = Field(default="tcp,self,sm", description="UCX_TLS to set if unset; None leaves it")
     host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="side-channel tcp port; 0 picks a free one")
+    poll_interval_s: float = Field(default=0.0002, gt=0, description="transfer/notification poll period")
 
 
 class FaultsTransportConfig(Section):
-    """Wraps another transport and drops, delays, corrupts or cuts off peers, for tests."""
+    """Wraps another transport and drops, delays, corrupts or cuts off peers, for tests (seeded)."""
 
     kind: Literal["faults"] = "faults"
     inner: TransportConfig = Field(default_factory=LoopbackTransportConfig)
@@ -46,10 +74,11 @@ class FaultsTransportConfig(Section):
     drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     corrupt_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     delay_s: float = Field(default=0.0, ge=0.0)
+    cut_peers: list[str] = Field(default_factory=list, description="peers every write to which never arrives")
 
 
 TransportConfig = Annotated[
-    Union[LoopbackTransportConfig, ZmqTransportConfig, NixlTransportConfig, FaultsTransportConfig],
+    LoopbackTransportConfig | ZmqTransportConfig | NixlTransportConfig | FaultsTransportConfig,
     Field(discriminator="kind"),
 ]
 FaultsTransportConfig.model_rebuild()

@@ -1,0 +1,218 @@
+"""GPU check of the kvikio storage backend: contract suite + reads into GPU memory vs posix + H2D copy.
+
+Run on a GPU machine from the repository root (no network needed; bring kvikio/pydantic as wheels):
+
+    PYTHONPATH=src python benchmarks/gpu_kvikio_check.py [--blocks N] [--json OUT]
+
+Steps:
+1. ``pytest tests/contract/test_storage_contract.py -k kvikio`` (the one contract suite, kvikio backend).
+2. Cross-backend format check: blocks written by posix read by kvikio and the other way round.
+3. For a small model's and a DeepSeek-like Full Block: N blocks read, page cache warm, into one preallocated
+   CUDA buffer through (a) kvikio (verify on and off), against (b) posix into a pinned host buffer + one H2D
+   copy per batch, and (c) raw ``os.preadv`` thread pool into pinned host + H2D. Medians of interleaved passes.
+   Prints ratios kvikio / (posix + H2D) and kvikio / (raw + H2D).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def run_contract_suite() -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+           "tests/contract/test_storage_contract.py", "-k", "kvikio"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
+    print("\n".join(tail))
+    return {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1), "tail": tail[-3:]}
+
+
+async def cross_format_check(root: str) -> dict[str, Any]:
+    import torch
+
+    from dualpath.kv.keys import BlockKeyer, KeyNamespace
+    from dualpath.kv.layout import KVLayout, KVSpec
+    from dualpath.storage import BlockStatus, create_storage
+    from dualpath.storage.config import KvikioStorageConfig, PosixStorageConfig
+
+    layout = KVLayout(KVSpec.mha(4, 2, 64, "bfloat16"), 64)
+    ns = KeyNamespace.for_layout("cross", layout)
+    keys = BlockKeyer(ns).keys(list(range(64 * 8)))
+    data = torch.randint(0, 256, (8, *layout.full_block_shape), dtype=torch.uint8)
+    async with create_storage(PosixStorageConfig(root=Path(root)), layout, ns) as p:
+        await p.write(keys[:4], data[:4])
+    async with create_storage(KvikioStorageConfig(root=Path(root)), layout, ns) as k:
+        out = torch.zeros_like(data, device="cuda")
+        st1 = await k.read(keys[:4], out[:4])
+        ok1 = st1 == [BlockStatus.OK] * 4 and torch.equal(out[:4].cpu(), data[:4])
+        await k.write(keys[4:], data[4:].cuda())
+    async with create_storage(PosixStorageConfig(root=Path(root)), layout, ns) as p:
+        host = torch.zeros_like(data)
+        st2 = await p.read(keys, host)
+        ok2 = st2 == [BlockStatus.OK] * 8 and torch.equal(host, data)
+    return {"posix_to_kvikio": bool(ok1), "kvikio_to_posix": bool(ok2)}
+
+
+async def bench_case(case: Any, root: str, n_blocks: int, batch: int, repeats: int, threads: int) -> dict[str, Any]:
+    import torch
+
+    from dualpath.commands.bench_storage import _layout_for, _raw_read
+    from dualpath.kv.keys import BlockKeyer, KeyNamespace
+    from dualpath.storage import BlockStatus, create_storage
+    from dualpath.storage import blockfile as bf
+    from dualpath.storage.config import KvikioStorageConfig, PosixStorageConfig
+
+    layout = _layout_for(case)
+    ns = KeyNamespace.for_layout(f"gpu-{case.name}", layout)
+    keys = BlockKeyer(ns).keys(list(range(64 * n_blocks)))
+    croot = Path(root) / case.name
+    gib = n_blocks * layout.full_block_bytes / 2**30
+    batches = [(lo, min(lo + batch, n_blocks)) for lo in range(0, n_blocks, batch)]
+    src = torch.randint(0, 256, (batch, *layout.full_block_shape), dtype=torch.uint8)
+    gpu = torch.zeros((batch, *layout.full_block_shape), dtype=torch.uint8, device="cuda")
+    host = torch.zeros((batch, *layout.full_block_shape), dtype=torch.uint8).pin_memory()
+    paths = [bf.block_path(croot, k.hex) for k in keys]
+    pool = ThreadPoolExecutor(threads)
+
+    def check(st: list[Any], n: int) -> None:
+        if st.count(BlockStatus.OK) != n:
+            raise RuntimeError(f"only {st.count(BlockStatus.OK)}/{n} OK")
+
+    async def kv_pass(s: Any) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for lo, hi in batches:
+            check(await s.read(keys[lo:hi], gpu[: hi - lo]), hi - lo)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    async def posix_h2d_pass(s: Any) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for lo, hi in batches:
+            check(await s.read(keys[lo:hi], host[: hi - lo]), hi - lo)
+            gpu[: hi - lo].copy_(host[: hi - lo], non_blocking=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def raw_h2d_pass() -> float:
+        target = host.view(batch, -1).numpy()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for lo, hi in batches:
+            _raw_read(pool, threads, paths[lo:hi], target, bf.HEADER_SIZE)
+            gpu[: hi - lo].copy_(host[: hi - lo], non_blocking=True)
+            torch.cuda.synchronize()  # the next batch reuses the host buffer
+        return time.perf_counter() - t0
+
+    pcfg = PosixStorageConfig(root=croot, io_threads=threads)
+    kcfg: dict[str, Any] = {"root": croot, "io_threads": threads}
+    async with create_storage(pcfg, layout, ns) as ps:
+        t0 = time.perf_counter()
+        for lo, hi in batches:
+            check(await ps.write(keys[lo:hi], src[: hi - lo]), hi - lo)
+        write_posix = gib / (time.perf_counter() - t0)
+        async with create_storage(KvikioStorageConfig(**kcfg), layout, ns) as kv, create_storage(
+            KvikioStorageConfig(**kcfg, verify_checksum=False), layout, ns
+        ) as kvn:
+            await kv_pass(kvn)
+            await posix_h2d_pass(ps)
+            raw_h2d_pass()
+            t: dict[str, list[float]] = {"kvikio_verify": [], "kvikio_noverify": [], "posix_h2d": [], "raw_h2d": []}
+            for _ in range(repeats):
+                t["kvikio_noverify"].append(await kv_pass(kvn))
+                t["posix_h2d"].append(await posix_h2d_pass(ps))
+                t["kvikio_verify"].append(await kv_pass(kv))
+                t["raw_h2d"].append(raw_h2d_pass())
+            # kvikio writes from GPU memory (new keys)
+            wkeys = BlockKeyer(ns).keys(list(range(64 * (n_blocks + batch))))[n_blocks:]
+            gsrc = src.cuda()
+            t0 = time.perf_counter()
+            check(await kv.write(wkeys, gsrc), batch)
+            write_kvikio = batch * layout.full_block_bytes / 2**30 / (time.perf_counter() - t0)
+    pool.shutdown()
+    gibs = {m: gib / statistics.median(v) for m, v in t.items()}
+    return {
+        "case": case.name,
+        "block_bytes": layout.full_block_bytes,
+        "blocks": n_blocks,
+        "gib_s": {m: round(v, 3) for m, v in gibs.items()},
+        "write_gib_s": {"posix": round(write_posix, 3), "kvikio_from_gpu": round(write_kvikio, 3)},
+        "ratio_kvikio_noverify_vs_posix_h2d": round(gibs["kvikio_noverify"] / gibs["posix_h2d"], 3),
+        "ratio_kvikio_verify_vs_posix_h2d": round(gibs["kvikio_verify"] / gibs["posix_h2d"], 3),
+        "ratio_kvikio_noverify_vs_raw_h2d": round(gibs["kvikio_noverify"] / gibs["raw_h2d"], 3),
+        "ratio_posix_h2d_vs_raw_h2d": round(gibs["posix_h2d"] / gibs["raw_h2d"], 3),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--io-threads", type=int, default=8)
+    ap.add_argument("--json", dest="json_out", default=os.path.join(os.environ.get("OUT", "."), "gpu_kvikio.json"))
+    ap.add_argument("--skip-tests", action="store_true")
+    args = ap.parse_args()
+
+    import anyio
+    import torch
+
+    from dualpath.commands.bench_storage import CASES
+
+    if not torch.cuda.is_available():
+        print("gpu_kvikio_check: no CUDA GPU here; nothing to check", file=sys.stderr)
+        return 2
+    import kvikio
+    import kvikio.defaults
+
+    info: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "kvikio": getattr(kvikio, "__version__", "?"),
+        "python": platform.python_version(),
+    }
+    try:
+        info["kvikio_compat_mode"] = str(kvikio.defaults.get("compat_mode"))
+    except Exception as exc:  # older kvikio
+        info["kvikio_compat_mode"] = f"unknown ({exc})"
+    print(json.dumps(info))
+    result: dict[str, Any] = {"info": info}
+    if not args.skip_tests:
+        result["contract_suite"] = run_contract_suite()
+    with tempfile.TemporaryDirectory(prefix="dualpath-gpu-") as root:
+        result["cross_format"] = anyio.run(cross_format_check, os.path.join(root, "cross"))
+        print("cross format:", result["cross_format"])
+        runs = []
+        for case in CASES:
+            r = anyio.run(bench_case, case, root, args.blocks, args.batch, args.repeats, args.io_threads)
+            print(json.dumps(r))
+            runs.append(r)
+    result["runs"] = runs
+    result["ratio"] = min(r["ratio_kvikio_noverify_vs_posix_h2d"] for r in runs)
+    result["ratio_definition"] = "min over cases of kvikio read into GPU (no verify) / posix read + H2D copy, warm"
+    with open(args.json_out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"ratio = {result['ratio']}; wrote {args.json_out}")
+    ok = result.get("contract_suite", {}).get("returncode", 0) == 0 and all(result["cross_format"].values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""The in-process cluster: engines as async actors on this machine's devices, links emulated.
+
+``P = prefill_nodes * engines_per_node`` prefill engines ``pe0..`` and ``D = decode_nodes * engines_per_node``
+decode engines ``de0..``; engine ``r`` of a role sits on node ``r // engines_per_node``. Links: one storage NIC
+per node, per direction (``pnode<i>.snic.read``/``.write``, ``dnode<i>.snic.*``, ``snic_gbps``), one compute
+NIC per engine per direction (``pe<r>.cnic.in``/``.out``, ``cnic_gbps``). One storage instance (shared: the
+paper's distributed file system) and one transport endpoint per engine (named like the engine).
+
+The life of a turn (:meth:`Cluster.run_turn`):
+
+1. validate (context length, token ids, pool/host/scratch sizes) -- errors before any work;
+2. key the prompt's Full Blocks and look up the stored prefix (capped so at least one token is computed);
+   plan the sides: PE path reads ``[0, stored)`` on the PE node, DE path on the DE node, split the first
+   ``pe_blocks`` on the PE node and the rest on the DE node, recompute reads nothing;
+3. both sides read concurrently; ``hit`` = the longest prefix read correctly (corrupt/missing blocks shrink it);
+4. the DE exposes landings for the rows it lacks; the PE runs the turn in a layer-wise forward batch; on the DE
+   path the DE streams layer ``l``'s hit blocks once the PE exposes that layer (a bounded window ahead);
+5. after the PE's last layer the first token is known; the DE copies the prompt KV into its pool (H2D),
+   persists the prompt's new Full Blocks, and decodes the turn in its continuous batch, persisting each block
+   that fills; the turn returns once its blocks are persisted and its pool pages freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import anyio
+import torch
+
+from dualpath.config import DualPathConfig
+from dualpath.engine.base import EngineContext
+from dualpath.engine.decode import DecodeEngine, DecodeSeq
+from dualpath.engine.links import LinkSet
+from dualpath.engine.model_api import LayerwiseModel, LlamaAdapter
+from dualpath.engine.prefill import PrefillEngine
+from dualpath.engine.request import Turn, TurnResult, unwrap, wait_event
+from dualpath.errors import EngineError, ModelError, StorageError, TransportError
+from dualpath.kv.keys import BlockKeyer, KeyNamespace
+from dualpath.kv.layout import KVLayout
+from dualpath.scheduler.state import EngineSnapshot
+from dualpath.storage.base import Storage
+from dualpath.transports.base import Transport
+from dualpath.types import EngineId, PathKind, Role
+
+from .devices import resolve_devices
+
+log = logging.getLogger("dualpath.cluster")
+
+ModelSource = LayerwiseModel | Callable[[torch.device], LayerwiseModel]
+
+
+def build_model(config: DualPathConfig, device: torch.device) -> LayerwiseModel:
+    """The model ``config.model`` names, on ``device``."""
+    mc = config.model
+    if mc.kind == "synthetic":
+        from dualpath.model.synthetic import SyntheticModel
+
+        return SyntheticModel(mc, device)
+    from dualpath.model.loader import load_model
+
+    model, _tok = load_model(mc, device, with_tokenizer=False)
+    return LlamaAdapter(model, config.cluster.block_tokens)
+
+
+class Cluster:
+    """See the module docstring. Use as ``async with Cluster(config) as cluster: await cluster.run_turn(...)``.
+
+    ``model``: a :class:`LayerwiseModel` (shared by every engine on the same device) or a factory
+    ``device -> model``; default: built from ``config.model``.
+    """
+
+    def __init__(self, config: DualPathConfig, *, model: ModelSource | None = None) -> None:
+        self.config = config
+        cc = config.cluster
+        self.n_pe = cc.prefill_nodes * cc.engines_per_node
+        self.n_de = cc.decode_nodes * cc.engines_per_node
+        self.devices = resolve_devices(cc.devices, self.n_pe + self.n_de)  # ConfigError before anything else
+        self._models: dict[torch.device, LayerwiseModel] = {}
+        self._model_source = model
+        first = self._model_for(self.devices[0])
+        self.layout = KVLayout(first.kv_spec, cc.block_tokens)
+        self.namespace = KeyNamespace.for_layout(first.fingerprint, self.layout)
+        self.keyer = BlockKeyer(self.namespace)
+        self.max_context = first.max_context
+        self.vocab_size = first.vocab_size
+        self.links = LinkSet(cc.kv_share)
+        self.storage: Storage | None = None
+        self.transports: dict[str, Transport] = {}
+        self.pes: list[PrefillEngine] = []
+        self.des: list[DecodeEngine] = []
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._fabric: Any = None
+        self._started = False
+        self.failed_turns = 0
+
+    @classmethod
+    def from_config(cls, config: DualPathConfig, *, model: ModelSource | None = None) -> Cluster:
+        return cls(config, model=model)
+
+    def _model_for(self, device: torch.device) -> LayerwiseModel:
+        if device not in self._models:
+            src = self._model_source
+            if src is None:
+                m = build_model(self.config, device)
+            elif isinstance(src, LayerwiseModel):
+                m = src if src.device == device else src.with_device(device)
+            else:
+                m = src(device)
+            self._models[device] = m
+        return self._models[device]
+
+    # --- life cycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        from dualpath.storage import create_storage
+        from dualpath.transports import create_transport
+
+        cfg, cc = self.config, self.config.cluster
+        for role, nodes in (("pnode", cc.prefill_nodes), ("dnode", cc.decode_nodes)):
+            for i in range(nodes):
+                self.links.add_link(f"{role}{i}.snic.read", cc.snic_gbps)
+                self.links.add_link(f"{role}{i}.snic.write", cc.snic_gbps)
+        names = [f"pe{r}" for r in range(self.n_pe)] + [f"de{r}" for r in range(self.n_de)]
+        for name in names:
+            self.links.add_link(f"{name}.cnic.in", cc.cnic_gbps)
+            self.links.add_link(f"{name}.cnic.out", cc.cnic_gbps)
+        self.storage = create_storage(cfg.storage, self.layout, self.namespace)
+        await self.storage.start()
+        try:
+            if cfg.transport.kind in ("loopback", "faults"):
+                from dualpath.transports.loopback import LoopbackFabric
+
+                self._fabric = LoopbackFabric()
+            for name in names:
+                t = create_transport(cfg.transport, name, fabric=self._fabric)
+                await t.start()
+                self.transports[name] = t
+            for a in names:
+                for b in names:
+                    if a != b and a[:2] != b[:2]:
+                        await self.transports[a].connect(b, self.transports[b].address)
+            for i, name in enumerate(names):
+                role = Role.PREFILL if name.startswith("pe") else Role.DECODE
+                rank = int(name[2:])
+                node = rank // cc.engines_per_node
+                snic = f"{'pnode' if role is Role.PREFILL else 'dnode'}{node}.snic"
+                self.links.add_engine(name, snic, f"{name}.cnic")
+                ctx = EngineContext(cc, self.devices[i], self._model_for(self.devices[i]), self.layout,
+                                    self.keyer, self.storage, self.transports[name], self.links)
+                eid = EngineId(role, rank, node)
+                if role is Role.PREFILL:
+                    self.pes.append(PrefillEngine(eid, ctx))
+                else:
+                    self.des.append(DecodeEngine(eid, ctx))
+            for e in [*self.pes, *self.des]:
+                await e.start()
+            self._tg = anyio.create_task_group()
+            await self._tg.__aenter__()
+            for e in [*self.pes, *self.des]:
+                self._tg.start_soon(e.run)
+        except BaseException:
+            await self._close_io()
+            raise
+        self._started = True
+
+    async def close(self) -> None:
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+            self._tg = None
+        await self._close_io()
+        self._started = False
+
+    async def _close_io(self) -> None:
+        for t in self.transports.values():
+            with anyio.CancelScope(shield=True):
+                await t.close()
+        self.transports.clear()
+        if self.storage is not None:
+            with anyio.CancelScope(shield=True):
+                await self.storage.close()
+
+    async def __aenter__(self) -> Cluster:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    # --- observation ---------------------------------------------------------------------------------------
+    def snapshots(self) -> tuple[list[EngineSnapshot], list[EngineSnapshot]]:
+        return [e.snapshot() for e in self.pes], [e.snapshot() for e in self.des]
+
+    def link_stats(self) -> dict[str, dict[str, Any]]:
+        return self.links.stats()
+
+    def lookup(self, prompt_ids: Sequence[int]) -> int:
+        """Hit tokens a turn with this prompt would get now (stored prefix, at least one token left to compute)."""
+        assert self.storage is not None, "start the cluster first"
+        keys = self.keyer.keys(list(prompt_ids))
+        usable = min(len(keys), max(0, (len(prompt_ids) - 1) // self.layout.block_tokens))
+        return self.storage.lookup(keys[:usable]) * self.layout.block_tokens
+
+    # --- validation ----------------------------------------------------------------------------------------
+    def check_turn(self, prompt_ids: Sequence[int], gen_tokens: int, pe: int, de: int) -> None:
+        """Every error a turn can be refused for, raised before any work starts."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise ModelError("a turn needs at least one prompt token")
+        if gen_tokens < 1:
+            raise ModelError(f"gen_tokens must be >= 1, got {gen_tokens}")
+        if n + gen_tokens > self.max_context:
+            raise ModelError(
+                f"turn of {n} prompt + {gen_tokens} generated tokens = {n + gen_tokens} exceeds the model's "
+                f"context of {self.max_context} tokens"
+            )
+        lo, hi = min(prompt_ids), max(prompt_ids)
+        if lo < 0 or hi >= self.vocab_size:
+            raise ModelError(f"token id out of range [0, {self.vocab_size}): min {lo}, max {hi}")
+        if not 0 <= pe < self.n_pe:
+            raise EngineError(f"no prefill engine {pe} (cluster has {self.n_pe})")
+        if not 0 <= de < self.n_de:
+            raise EngineError(f"no decode engine {de} (cluster has {self.n_de})")
+        self.pes[pe].check_fits(n)
+        self.des[de].check_fits(n, gen_tokens)
+        kv_bytes = -(-n // self.layout.block_tokens) * self.layout.full_block_bytes
+        if kv_bytes > self.config.cluster.host_buffer_bytes:
+            raise EngineError(
+                f"a prompt of {n} tokens needs {kv_bytes} bytes of host buffer but cluster.host_buffer_bytes is "
+                f"{self.config.cluster.host_buffer_bytes}"
+            )
+
+    # --- turns ---------------------------------------------------------------------------------------------
+    async def run_turn(
+        self,
+        session: str,
+        prompt_ids: Sequence[int],
+        gen_tokens: int,
+        pe: int = 0,
+        de: int = 0,
+        path: PathKind | str = PathKind.PE,
+        pe_blocks: int | None = None,
+    ) -> TurnResult:
+        """Run one turn (the full prompt: context + appended tokens) and return its tokens and timings.
+
+        Raises :class:`EngineError` when the turn failed (a transfer failed or timed out, a peer failed); with
+        ``cluster.on_transfer_failure = "recompute"`` a turn whose transfer failed is retried once with
+        ``path=recompute`` first."""
+        if not self._started:
+            raise EngineError("the cluster is not started (use 'async with cluster')")
+        path = PathKind(path)
+        ids = [int(t) for t in prompt_ids]
+        self.check_turn(ids, gen_tokens, pe, de)
+        try:
+            return await self._run(session, ids, gen_tokens, pe, de, path, pe_blocks)
+        except EngineError as exc:
+            retry = (
+                self.config.cluster.on_transfer_failure == "recompute"
+                and path is not PathKind.RECOMPUTE
+                and isinstance(exc.__cause__, TransportError | StorageError | TimeoutError)
+            )
+            if not retry:
+                raise
+            log.warning("turn of %s failed (%s); retrying with recompute", session, exc)
+            res = await self._run(session, ids, gen_tokens, pe, de, PathKind.RECOMPUTE, None)
+            res.retried_recompute = True
+            return res
+
+    def _plan(self, ids: list[int], path: PathKind, pe_blocks: int | None) -> tuple[list, int, int]:
+        assert self.storage is not None
+        keys = self.keyer.keys(ids)
+        usable = min(len(keys), (len(ids) - 1) // self.layout.block_tokens)
+        stored = 0 if path is PathKind.RECOMPUTE else self.storage.lookup(keys[:usable])
+        if path is PathKind.PE:
+            k = stored
+        elif path is PathKind.SPLIT:
+            k = stored // 2 if pe_blocks is None else max(0, min(pe_blocks, stored))
+        else:
+            k = 0
+        return keys, stored, k
+
+    async def _run(self, session: str, ids: list[int], gen: int, pe_i: int, de_i: int, path: PathKind,
+                   pe_blocks: int | None) -> TurnResult:
+        keys, stored, k = self._plan(ids, path, pe_blocks)
+        turn = Turn(session, ids, gen, pe_i, de_i, path, keys, stored, k, self.layout)
+        pe, de = self.pes[pe_i], self.des[de_i]
+        pe.assign(turn)
+        de.assign(turn)
+        pe_assigned = True
+        seq: DecodeSeq | None = None
+        submitted = False
+        try:
+            got: dict[str, int] = {}
+
+            async def _read(side: str, eng: PrefillEngine | DecodeEngine) -> None:
+                got[side] = await eng.read(turn)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_read, "pe", pe)
+                tg.start_soon(_read, "de", de)
+            pe_ok, de_ok = got["pe"], got["de"]
+            turn.hit_blocks = pe_ok if pe_ok < turn.pe_blocks else turn.pe_blocks + de_ok
+            turn.timings.t_read_done = time.perf_counter()
+            await de.expose_receive(turn)
+            pe.submit(turn)
+            submitted = True
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_guard, turn, de.stream, turn)
+                tg.start_soon(_guard, turn, de.receive, turn)
+                tg.start_soon(_guard, turn, wait_event, turn, turn.prefill_done, float("inf"), "prefill")
+            turn.check()
+            pe.unassign(turn)
+            pe_assigned = False
+            seq = await de.begin_decode(turn)
+            await wait_event(turn, seq.done, float("inf"), "decode")
+            turn.check()
+            await de.finish(seq)
+            turn.timings.t_done = time.perf_counter()
+            return TurnResult(
+                rid=turn.rid, session=session, token_ids=list(seq.generated), prompt_tokens=turn.prompt_len,
+                hit_tokens=turn.hit_tokens, stored_tokens=stored * self.layout.block_tokens, path=path,
+                pe=pe_i, de=de_i, timings=turn.timings, link_bytes=dict(turn.link_bytes),
+                logits=list(seq.logits) if self.config.cluster.keep_logits else None,
+            )
+        except BaseException as exc:
+            turn.fail(unwrap(exc))
+            with anyio.CancelScope(shield=True):
+                await self._cleanup(turn, pe, de, seq, submitted)
+            self.failed_turns += 1
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            err = turn.error if turn.error is not None else exc
+            if isinstance(err, EngineError | ModelError):
+                raise err from None
+            raise EngineError(f"turn {turn.rid} of session {session!r} failed: {err}") from err
+        finally:
+            if pe_assigned:
+                pe.unassign(turn)
+            de.unassign(turn)
+
+    async def _cleanup(self, turn: Turn, pe: PrefillEngine, de: DecodeEngine, seq: DecodeSeq | None,
+                       submitted: bool) -> None:
+        """Withdraw every landing of a failed turn, wait until the PE no longer touches it, free its memory."""
+        de.cancel_receive(turn)
+        for layer in range(self.layout.n_layers):
+            pe.ctx.transport.cancel(turn.tag("hit", layer))
+        if submitted:
+            with anyio.move_on_after(self.config.cluster.deadline_s):
+                await turn.pe_released.wait()
+        pe.release(turn)
+        de.release(turn)
+        if seq is not None:
+            if seq in de.running:
+                de.running.remove(seq)
+            if seq.pages:
+                with anyio.move_on_after(self.config.cluster.deadline_s):
+                    await seq.idle.wait()
+                de._free_pages(seq.pages)
+                seq.pages = []
+
+
+async def _guard(turn: Turn, fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)``; an error fails the turn (waking every other wait of it) instead of propagating."""
+    try:
+        await fn(*args)
+    except Exception as exc:
+        turn.fail(unwrap(exc))

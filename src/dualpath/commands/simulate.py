@@ -1,0 +1,187 @@
+"""``dualpath simulate``: discrete-event simulation of a DualPath cluster, comparing policies.
+
+Offline (default): every agent starts at 0; the table gives JCT and the speed-up vs ``basic`` next to the storage
+ceiling (P+D)/P. Online (``--mode online --aps X``): Poisson arrivals for ``--horizon`` simulated seconds, latency
+measured after a warm-up. ``--capacity``: the largest APS meeting the SLO (TTFT <= 4 s, TPOT <= 50 ms, means over the
+measured window), by bisection, per policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="named scenario (default ds660b-2p4d-64k); --list-presets shows them")
+    parser.add_argument("--config", help="YAML/TOML/JSON file with a 'sim' section (SimConfig)")
+    parser.add_argument("--list-presets", action="store_true", help="list scenarios and preset values with sources")
+    parser.add_argument("--policy", action="append", dest="policies", help="policy (repeatable; default basic, dualpath)")
+    parser.add_argument("--agents", type=int, help="number of agents (offline)")
+    parser.add_argument("--dataset", help="dataset generator: 32k, 48k, 64k, small, tiny")
+    parser.add_argument("--P", type=int, dest="P", help="prefill nodes (overrides the preset)")
+    parser.add_argument("--D", type=int, dest="D", help="decode nodes (overrides the preset)")
+    parser.add_argument("--mode", choices=["offline", "online"], help="offline (default) or online")
+    parser.add_argument("--aps", type=float, help="online: agents arriving per second")
+    parser.add_argument("--horizon", type=float, help="online: simulated seconds (default 3000)")
+    parser.add_argument("--capacity", action="store_true", help="online: search the max APS under the SLO")
+    parser.add_argument("--aps-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="capacity search bounds (default 0.02 2.0)")
+    parser.add_argument("--iters", type=int, default=7, help="capacity bisection steps")
+    parser.add_argument("--no-indexer-kv", action="store_true", help="KV blocks without the DSA indexer key")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", dest="json_out", help="write {'runs': [...], 'speedup': {...}, 'ceiling': x}")
+    parser.add_argument("--plot", help="write a PNG comparing the policies")
+
+
+def _list_presets() -> None:
+    from dualpath.sim.presets import BATCH_CURVE_SOURCE, DRAM_BUFFER, GPUS, MODELS, NODES, SCENARIOS
+
+    print("scenarios:")
+    for s in SCENARIOS.values():
+        print(f"  {s.name:22s} model={s.model} gpu={s.gpu} node={s.node} {s.P}P{s.D}D dataset={s.dataset} "
+              f"agents={s.agents}  {s.note}")
+    for title, table in (("models", MODELS), ("gpus", GPUS), ("nodes", NODES)):
+        print(f"{title}:")
+        for p in table.values():
+            print(f"  {p.name}:")
+            for k, src in p.sources.items():
+                print(f"    {k} = {getattr(p, k)!r}   source: {src}")
+    print("dram buffer per node: " + ", ".join(f"{k}={v / 1e9:g} GB ({s})" for k, (v, s) in DRAM_BUFFER.items()))
+    print(f"prefill batch efficiency: {BATCH_CURVE_SOURCE}")
+
+
+def _cfg(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from dualpath.errors import ConfigError
+    from dualpath.sim.config import SimConfig
+
+    data: dict = {}
+    if args.config:
+        from pathlib import Path
+
+        from dualpath.config import _read_file
+
+        raw = _read_file(Path(args.config))
+        data = dict(raw.get("sim", raw))
+    if args.preset and args.config:
+        raise ConfigError("give --preset or --config, not both")
+    for key, val in (("preset", args.preset), ("agents", args.agents), ("dataset", args.dataset), ("P", args.P),
+                     ("D", args.D), ("mode", args.mode), ("rate_aps", args.aps), ("horizon_s", args.horizon),
+                     ("seed", args.seed), ("policies", args.policies)):
+        if val is not None:
+            data[key] = val
+    if args.no_indexer_kv:
+        data["include_indexer_kv"] = False
+    if args.capacity:
+        data["mode"] = "online"
+    try:
+        return SimConfig(**data)
+    except Exception as exc:
+        raise ConfigError(f"{args.config or 'simulate'}: invalid sim config: {exc}") from exc
+
+
+def _fmt(x: float, scale: float = 1.0, nd: int = 2) -> str:
+    import math
+
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * scale:.{nd}f}"
+
+
+def _table(runs: list[dict], speed: dict[str, float]) -> None:
+    hdr = (f"{'policy':12s} {'JCT s':>9s} {'req/s':>8s} {'TTFT p50':>8s} {'p99':>7s} {'TTST p50':>8s} "
+           f"{'TPOT p50 ms':>11s} {'p99':>6s} {'hit':>6s} {'SNIC PE':>7s} {'SNIC DE':>7s} {'bal':>5s} "
+           f"{'PE util':>7s} {'speedup':>7s} {'wall s':>7s}")
+    print(hdr)
+    for r in runs:
+        print(f"{r['policy']:12s} {_fmt(r['jct_s'], 1, 0):>9s} {_fmt(r['throughput_req_s']):>8s} "
+              f"{_fmt(r['ttft_p50_s']):>8s} {_fmt(r['ttft_p99_s']):>7s} {_fmt(r['ttst_p50_s']):>8s} "
+              f"{_fmt(r['tpot_p50_s'], 1e3, 1):>11s} {_fmt(r['tpot_p99_s'], 1e3, 1):>6s} {_fmt(r['hit_rate'], 1, 3):>6s} "
+              f"{_fmt(r['snic_util_pe']):>7s} {_fmt(r['snic_util_de']):>7s} {_fmt(r['snic_balance_max_avg']):>5s} "
+              f"{_fmt(r['pe_compute_util']):>7s} {_fmt(speed.get(r['policy'], float('nan'))):>7s} "
+              f"{_fmt(r['wall_s'], 1, 1):>7s}")
+
+
+def _plot(path: str, runs: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["policy"] for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    key = "jct_s" if runs and runs[0]["mode"] == "offline" else "ttft_mean_s"
+    axes[0].bar(names, [r[key] for r in runs], color="tab:blue")
+    axes[0].set_ylabel("JCT (s)" if key == "jct_s" else "mean TTFT (s)")
+    x = range(len(names))
+    axes[1].bar([i - 0.2 for i in x], [r["snic_util_pe"] for r in runs], width=0.4, label="PE-node SNICs")
+    axes[1].bar([i + 0.2 for i in x], [r["snic_util_de"] for r in runs], width=0.4, label="DE-node SNICs")
+    axes[1].set_xticks(list(x), names)
+    axes[1].set_ylabel("mean storage NIC utilisation")
+    axes[1].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+    import time
+
+    if args.list_presets:
+        _list_presets()
+        return 0
+    from dualpath.analysis import Hardware, check_pd
+    from dualpath.scheduler.policies import get_policy
+    from dualpath.sim.runner import SimResult, build_scenario, capacity, simulate, speedups
+
+    cfg = _cfg(args)
+    for p in cfg.policies:
+        get_policy(p)  # unknown policy: clean error before any work
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    if args.capacity:
+        lo, hi = args.aps_range or (0.02, 2.0)
+        probe = build_scenario(cfg, rate_aps=lo)
+        runs, caps = [], {}
+        for p in cfg.policies:
+            progress(f"capacity search {probe.name} policy={p} in [{lo}, {hi}] ...")
+            c = capacity(lambda aps: build_scenario(cfg, rate_aps=aps), p, lo, hi, iters=args.iters,
+                         progress=progress)
+            caps[p] = c["aps"]
+            run = dict(c["at_capacity"])
+            run["capacity_aps"] = c["aps"]
+            run["capacity_trials"] = c["trials"]
+            runs.append(run)
+        base = caps.get("basic")
+        result = SimResult(runs, {p: v / base for p, v in caps.items()} if base else {},
+                           (probe.P + probe.D) / probe.P, dict(probe.info))
+        result.info["capacity_aps"] = caps
+        sc = probe
+        print("capacity (APS under TTFT <= 4 s, TPOT <= 50 ms): "
+              + ", ".join(f"{p}={v:.3f}" for p, v in caps.items()))
+    else:
+        sc = build_scenario(cfg)
+        result = simulate(sc, cfg.policies, progress=progress)
+    g = sc.gpus_per_node
+    hw = Hardware.of(g, sc.snic_bw / sc.cnic_bw, sc.cnic_bw / 1e9, sc.dram_bw / 1e9)
+    warnings = check_pd(sc.P, sc.D, hw)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    result.info["warnings"] = warnings
+    result.info["wall_s"] = time.perf_counter() - t0
+    if not args.capacity:
+        result.speedup = speedups(result.runs)
+    print(f"{sc.name}: {sc.P}P{sc.D}D x {g} GPUs, {len(sc.trajectories)} agents, mode={sc.mode}, "
+          f"KV {sc.kv_bytes_per_token:.0f} B/token, storage ceiling (P+D)/P = {result.ceiling:.2f}")
+    _table(result.runs, result.speedup)
+    if args.capacity and result.speedup:
+        print("capacity ratio vs basic: " + ", ".join(f"{p}={v:.2f}" for p, v in result.speedup.items()))
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump(result.to_json(), f, indent=2, default=str)
+    if args.plot:
+        _plot(args.plot, result.runs, f"{sc.name} ({sc.mode})")
+    return 0

@@ -1,0 +1,347 @@
+"""Request/reply and notices over ZeroMQ for the control plane (msgpack messages of :mod:`.protocol`).
+
+:class:`Channel` wraps one socket: ``ROUTER`` (binds; the scheduler) or ``DEALER`` (connects; engines and
+clients). Either side can :meth:`Channel.request` (await the reply, with a deadline: :class:`PeerTimeout`
+after it), :meth:`Channel.notify` (fire and forget) and serve incoming requests with a handler. Every handler
+runs in its own task (bounded by ``max_tasks``), so a long request (a whole turn) never blocks the socket.
+
+Safety: a ROUTER binds to loopback unless an address is configured (``tcp://127.0.0.1:0`` by default); with
+CURVE keys configured it is a CURVE server and a ZAP handler admits only the allowed client keys, so an
+unauthenticated peer never gets a message through. Sends to a ROUTER peer that is gone fail at once
+(``ROUTER_MANDATORY``); ZMTP heartbeats drop a silent TCP peer. A malformed frame is logged and counted
+(:attr:`Channel.rejected`); the sender gets an ``error`` reply when it can be identified; the loop keeps
+running. Messages larger than ``max_message_bytes`` are refused by libzmq before they are buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from dualpath.control.protocol import MAX_FRAME_BYTES, Message, ProtocolError, decode, encode
+from dualpath.errors import ConfigError, DualPathError, PeerTimeout, TransportClosed
+
+log = logging.getLogger("dualpath.control")
+
+#: handler(peer identity, message) -> (reply type, reply body) or None (no reply)
+Handler = Callable[[bytes, Message], Awaitable[tuple[str, dict[str, Any]] | None]]
+
+
+class RemoteError(DualPathError):
+    """The peer answered a request with an ``error`` message (its ``code`` and ``message``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.remote_message = message
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """CURVE setup of one socket. Server: ``secret``/``public`` + ``allowed`` client keys. Client: its own
+    ``secret``/``public`` + the ``server`` public key. Keys are z85 text (``zmq.curve_keypair()``)."""
+
+    public: str
+    secret: str
+    server: str | None = None
+    allowed: tuple[str, ...] = ()
+
+
+class _Auth:
+    """Admit only allowed CURVE client keys (ZAP, in a thread owned by the channel)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, allowed: tuple[str, ...], owner: str) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        allowed_set = set(allowed)
+        self.refused = 0
+        outer = self
+
+        class _Keys:
+            def callback(self, domain: str, key: bytes) -> bool:
+                ok = key.decode() in allowed_set
+                if not ok:
+                    outer.refused += 1
+                    log.warning("%s: refused a peer: CURVE key %s is not allowed", owner, key.decode())
+                return ok
+
+        self.auth = ThreadAuthenticator(zmq.Context.shadow(ctx.underlying), log=logging.getLogger("dualpath.zap"))
+        self.auth.start()
+        self.auth.configure_curve_callback(domain="*", credentials_provider=_Keys())
+
+    def stop(self) -> None:
+        self.auth.stop()
+
+
+class Channel:
+    """One control socket (see the module docstring). ``async with Channel(...) as ch``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        bind: str | None = None,
+        connect: str | None = None,
+        identity: bytes | None = None,
+        curve: CurveKeys | None = None,
+        handler: Handler | None = None,
+        max_message_bytes: int = MAX_FRAME_BYTES,
+        max_tasks: int = 4096,
+        heartbeat_ms: int = 1000,
+    ) -> None:
+        if (bind is None) == (connect is None):
+            raise ConfigError(f"{name}: a channel either binds or connects")
+        self.name = name
+        self.bind_addr = bind
+        self.connect_addr = connect
+        self.identity = identity
+        self.curve = curve
+        self.handler = handler
+        self.max_message_bytes = max_message_bytes
+        self.max_tasks = max_tasks
+        self.heartbeat_ms = heartbeat_ms
+        self.rejected = 0  # malformed messages received
+        self.address = ""
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._auth: _Auth | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[bytes, asyncio.Future[Message]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def is_router(self) -> bool:
+        return self.bind_addr is not None
+
+    @property
+    def refused(self) -> int:
+        """Connections refused by CURVE authentication."""
+        return self._auth.refused if self._auth is not None else 0
+
+    @property
+    def tasks(self) -> int:
+        return len(self._tasks)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    async def __aenter__(self) -> Channel:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        ctx = zmq.asyncio.Context()
+        self._ctx = ctx
+        sock = ctx.socket(zmq.ROUTER if self.is_router else zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes + 1024)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.setsockopt(zmq.RCVHWM, 10000)
+        if self.heartbeat_ms > 0:
+            sock.setsockopt(zmq.HEARTBEAT_IVL, self.heartbeat_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.heartbeat_ms * 3)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, self.heartbeat_ms * 3)
+        try:
+            if self.is_router:
+                sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+                if self.curve is not None:
+                    self._auth = _Auth(ctx, self.curve.allowed, self.name)
+                    sock.curve_server = True
+                    sock.curve_secretkey = self.curve.secret.encode()
+                    sock.curve_publickey = self.curve.public.encode()
+                assert self.bind_addr is not None
+                sock.bind(self.bind_addr)
+                self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()  # type: ignore[union-attr]
+            else:
+                if self.identity is not None:
+                    sock.setsockopt(zmq.ROUTING_ID, self.identity)
+                if self.curve is not None:
+                    if not self.curve.server:
+                        raise ConfigError(f"{self.name}: CURVE client needs the server's public key")
+                    sock.curve_serverkey = self.curve.server.encode()
+                    sock.curve_secretkey = self.curve.secret.encode()
+                    sock.curve_publickey = self.curve.public.encode()
+                assert self.connect_addr is not None
+                sock.connect(self.connect_addr)
+                self.address = self.connect_addr
+        except (zmq.ZMQError, ValueError) as exc:
+            sock.close(linger=0)
+            if self._auth is not None:
+                self._auth.stop()
+            ctx.destroy(linger=0)
+            where = self.bind_addr or self.connect_addr
+            raise ConfigError(f"{self.name}: cannot use control address {where!r}: {exc}") from exc
+        self._sock = sock
+        self._spawn(self._recv_loop())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for _, fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(TransportClosed(f"{self.name}: channel closed"))
+        self._pending.clear()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+        if self.bind_addr and self.bind_addr.startswith("ipc://"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.bind_addr[len("ipc://") :])
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: control task failed: %r", self.name, task.exception())
+
+    # --- sending -----------------------------------------------------------------------------------------
+    async def _send(self, peer: bytes | None, data: bytes) -> None:
+        if self._closed or self._sock is None:
+            raise TransportClosed(f"{self.name}: channel closed")
+        frames = [peer, data] if self.is_router else [data]
+        if self.is_router and peer is None:
+            raise DualPathError(f"{self.name}: a ROUTER send needs a peer identity")
+        try:
+            async with self._send_lock:
+                await self._sock.send_multipart(frames)  # type: ignore[arg-type]
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                who = peer.decode("utf-8", "replace") if peer else "?"
+                raise PeerGone(f"{self.name}: peer {who!r} is not connected") from None
+            raise
+
+    async def notify(self, peer: bytes | None, mtype: str, body: dict[str, Any] | None = None) -> None:
+        await self._send(peer, encode(mtype, body, mid=next(self._ids), max_bytes=self.max_message_bytes))
+
+    async def request(self, peer: bytes | None, mtype: str, body: dict[str, Any] | None, timeout: float) -> Message:
+        """Send a request and await its reply; :class:`PeerTimeout` after ``timeout`` s, :class:`RemoteError`
+        on an ``error`` reply, :class:`PeerGone` when the peer is not connected (or :meth:`fail_peer` was
+        called for it)."""
+        mid = next(self._ids)
+        data = encode(mtype, body, mid=mid, max_bytes=self.max_message_bytes)
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[mid] = (peer or b"", fut)
+        try:
+            await self._send(peer, data)
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                who = peer.decode("utf-8", "replace") if peer else self.connect_addr
+                raise PeerTimeout(f"{self.name}: no reply to {mtype!r} from {who} within {timeout:g} s") from None
+        finally:
+            self._pending.pop(mid, None)
+            if not fut.done():
+                fut.cancel()
+        if reply.type == "error":
+            raise RemoteError(reply.body["code"], reply.body["message"])
+        return reply
+
+    def fail_peer(self, peer: bytes, exc: BaseException) -> int:
+        """Fail every request waiting on ``peer`` (it was declared dead); returns how many."""
+        n = 0
+        for _mid, (p, fut) in list(self._pending.items()):
+            if p == peer and not fut.done():
+                fut.set_exception(exc)
+                n += 1
+        return n
+
+    # --- receiving ---------------------------------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=True)
+            try:
+                self._on_frames(frames)  # type: ignore[arg-type]
+            except Exception as exc:  # never let one message stop the loop
+                log.error("%s: error handling a message: %r", self.name, exc)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if self.is_router:
+            if len(frames) != 2:
+                self.rejected += 1
+                log.warning("%s: rejected a message of %d frames (expected 1)", self.name, len(frames) - 1)
+                if frames:
+                    self._spawn(self._error(frames[0], 0, "bad_message", "expected exactly one frame"))
+                return
+            peer: bytes | None = frames[0]
+            data = frames[1]
+        else:
+            if len(frames) != 1:
+                self.rejected += 1
+                log.warning("%s: rejected a message of %d frames", self.name, len(frames))
+                return
+            peer, data = None, frames[0]
+        try:
+            msg = decode(data, max_bytes=self.max_message_bytes)
+        except ProtocolError as exc:
+            self.rejected += 1
+            who = peer.hex()[:16] if peer else "server"
+            log.warning("%s: rejected a malformed message from %s: %s", self.name, who, exc)
+            if self.is_router:
+                self._spawn(self._error(peer, 0, "bad_message", str(exc)))
+            return
+        if msg.re:
+            entry = self._pending.get(msg.re)
+            if entry is not None and entry[0] == (peer or b"") and not entry[1].done():
+                entry[1].set_result(msg)
+            return
+        if self.handler is None:
+            return
+        if len(self._tasks) >= self.max_tasks:
+            self._spawn(self._error(peer, msg.id, "busy", f"{self.name}: too many requests in flight"))
+            return
+        self._spawn(self._handle(peer or b"", msg))
+
+    async def _error(self, peer: bytes | None, re_: int, code: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._send(peer, encode("error", {"code": code, "message": message[:4000]}, mid=next(self._ids),
+                                          re_=re_))
+
+    async def _handle(self, peer: bytes, msg: Message) -> None:
+        assert self.handler is not None
+        try:
+            out = await self.handler(peer, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code = "rejected" if isinstance(exc, ProtocolError) else type(exc).__name__
+            if not isinstance(exc, DualPathError):
+                log.exception("%s: handler of %r failed", self.name, msg.type)
+            await self._error(peer if self.is_router else None, msg.id, code, str(exc) or code)
+            return
+        if out is not None and msg.id:
+            mtype, body = out
+            with contextlib.suppress(PeerGone, TransportClosed):
+                await self._send(peer if self.is_router else None,
+                                 encode(mtype, body, mid=next(self._ids), re_=msg.id,
+                                        max_bytes=self.max_message_bytes))
+
+
+class PeerGone(TransportClosed):
+    """The peer is not connected (ROUTER_MANDATORY refused the send) or was declared dead."""

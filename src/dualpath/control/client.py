@@ -1,0 +1,130 @@
+"""The client API of a running deployment: connect to the scheduler, submit turns, replay trajectories.
+
+``ServeClient`` implements :class:`dualpath.runtime.clients.TurnService`, so the offline and online clients
+(:func:`~dualpath.runtime.clients.run_offline`, :func:`~dualpath.runtime.clients.run_online_into`) drive a
+multi-process deployment exactly as they drive the in-process cluster::
+
+    async with await connect("tcp://127.0.0.1:7460") as c:
+        out = await c.run_turn(session=1, prompt_ids=[1, 2, 3], gen_tokens=8)
+        res = await run_offline(c, trajectories, vocab_size=32000)
+
+Times in the returned :class:`~dualpath.runtime.clients.TurnOutcome` are on this process's clock
+(``perf_counter``), built from the durations the scheduler measured, so they are valid across hosts. A turn
+ends with its tokens or raises: :class:`~dualpath.control.channel.RemoteError` (the scheduler's code and
+message: ``DeadlineExceeded``, ``SchedulerError``, ``InvalidTurn``, ...) or
+:class:`~dualpath.errors.PeerTimeout` when the scheduler itself does not answer by the deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dualpath.config import DualPathConfig
+from dualpath.control.channel import Channel, CurveKeys
+from dualpath.control.deploy import client_curve
+from dualpath.control.protocol import MAX_FRAME_BYTES, tokens_to_bin
+from dualpath.runtime.clients import TurnOutcome
+
+
+class ServeClient:
+    """One connection to a deployment's scheduler (see the module docstring)."""
+
+    def __init__(self, address: str, *, curve: CurveKeys | None = None, deadline_s: float = 120.0,
+                 max_message_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.address = address
+        self.deadline_s = deadline_s
+        self.channel = Channel(f"client-{os.getpid()}", connect=address, curve=curve,
+                               max_message_bytes=max_message_bytes)
+        self.last_path: dict[int, str] = {}
+
+    @classmethod
+    def from_config(cls, address: str | None, config: DualPathConfig) -> ServeClient:
+        sc = config.serve
+        return cls(address or sc.scheduler_address(), curve=client_curve(config), deadline_s=sc.request_deadline_s,
+                   max_message_bytes=sc.max_message_bytes)
+
+    async def start(self) -> ServeClient:
+        await self.channel.start()
+        return self
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> ServeClient:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- API ---------------------------------------------------------------------------------------------
+    async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int, *,
+                       deadline_s: float | None = None) -> TurnOutcome:
+        """Submit one turn (the whole prompt) and return once its tokens are out."""
+        budget = self.deadline_s if deadline_s is None else deadline_s
+        t0 = time.perf_counter()
+        reply = await self.channel.request(None, "submit", {
+            "session": int(session), "prompt": tokens_to_bin(np.asarray(prompt_ids, dtype=np.int64)),
+            "gen": int(gen_tokens), "deadline_s": float(budget),
+        }, budget + 10.0)  # the scheduler answers by the deadline; the margin covers the wire
+        t_end = time.perf_counter()
+        b = reply.body
+        tokens = [int(x) for x in b["tokens"]]
+        offset = max(0.0, (t_end - t0) - b["total_s"]) / 2  # half the wire time, each way
+        t_first = t0 + offset + b["ttft_s"]
+        return TurnOutcome(
+            session=int(session), tokens=tokens, prompt_tokens=int(b["prompt_tokens"]),
+            hit_tokens=int(b["hit_tokens"]), t_submit=t0, t_first_token=t_first,
+            t_second_token=t_first + b["tpot_s"] if len(tokens) > 1 else None,
+            t_done=t_end, path=str(b["path"]), pe=int(b["pe"]), de=int(b["de"]), t_scheduled=None,
+        )
+
+    async def stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        reply = await self.channel.request(None, "stats", {}, timeout)
+        return dict(reply.body["data"])
+
+    async def ping(self, timeout: float = 5.0) -> bool:
+        reply = await self.channel.request(None, "ping", {}, timeout)
+        return reply.type == "pong"
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        await self.channel.request(None, "shutdown", {}, timeout)
+
+
+async def connect(address: str | None = None, config: DualPathConfig | None = None, **kw: Any) -> ServeClient:
+    """A started :class:`ServeClient` for ``address`` (default: the config's scheduler address)."""
+    if config is not None:
+        client = ServeClient.from_config(address, config)
+    else:
+        if address is None:
+            raise ValueError("connect: give an address or a config")
+        client = ServeClient(address, **kw)
+    return await client.start()
+
+
+async def wait_ready(client: ServeClient, engines: int, timeout: float) -> dict[str, Any]:
+    """Until ``engines`` engines are alive at the scheduler (or :class:`TimeoutError` after ``timeout``)."""
+    import anyio
+
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                st = await client.stats(timeout=2.0)
+                if int(st.get("engines_alive", 0)) >= engines:
+                    return st
+            except Exception:  # the scheduler is still starting
+                pass
+            await anyio.sleep(0.1)
+
+
+async def replay(address: str | None, trajectories: Sequence[Any], *, config: DualPathConfig, vocab_size: int,
+                 seed: int = 0) -> Any:
+    """Replay ``trajectories`` offline against the deployment at ``address``; returns the ClientResult."""
+    from dualpath.runtime.clients import run_offline
+
+    async with await connect(address, config) as client:
+        return await run_offline(client, trajectories, vocab_size=vocab_size, seed=seed)

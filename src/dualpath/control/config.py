@@ -1,0 +1,56 @@
+"""Config of a multi-process deployment (``dualpath serve``): the ``serve`` section of the root config."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from dualpath._configbase import Section
+
+
+class ServeConfig(Section):
+    """The scheduler's control address, liveness, deadlines, limits and (optional) CURVE keys.
+
+    Engines and clients reach the scheduler at ``tcp://{host}:{port}`` (``address`` overrides it, e.g. on
+    another host). Sockets bind to loopback unless ``host`` is set. With ``curve_secret_key`` set the control
+    plane is authenticated and encrypted: the scheduler admits only ``curve_allowed_clients`` (by default the
+    one client key pair ``curve_client_*`` that engines and clients use)."""
+
+    host: str = Field(default="127.0.0.1", description="scheduler control bind address (loopback by default)")
+    port: int = Field(default=7460, ge=0, le=65535, description="scheduler control port; 0 picks a free one")
+    address: str | None = Field(default=None, description="where engines/clients reach the scheduler")
+    heartbeat_s: float = Field(default=0.2, gt=0, description="engine heartbeat period")
+    dead_after_s: float = Field(default=2.0, gt=0, description="an engine silent this long is declared dead")
+    request_deadline_s: float = Field(default=120.0, gt=0, description="a submitted turn ends by this deadline")
+    max_retries: int = Field(default=3, ge=0, description="re-dispatches of a turn whose engine failed")
+    max_message_bytes: int = Field(default=64 << 20, ge=1024, le=1 << 30)
+    max_inflight: int = Field(default=4096, ge=1, description="turns accepted at once; more get 'busy'")
+    restart_engines: bool = Field(default=True, description="the launcher restarts an engine process that died")
+    max_restarts: int = Field(default=10, ge=0)
+    startup_timeout_s: float = Field(default=120.0, gt=0, description="deadline for every engine to say hello")
+    curve_public_key: str | None = None
+    curve_secret_key: str | None = None
+    curve_client_public_key: str | None = None
+    curve_client_secret_key: str | None = None
+    curve_allowed_clients: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self) -> ServeConfig:
+        for a, b in (("curve_public_key", "curve_secret_key"),
+                     ("curve_client_public_key", "curve_client_secret_key")):
+            if (getattr(self, a) is None) != (getattr(self, b) is None):
+                raise ValueError(f"{a} and {b} must be set together")
+        for name in ("curve_public_key", "curve_secret_key", "curve_client_public_key", "curve_client_secret_key"):
+            v = getattr(self, name)
+            if v is not None and len(v) != 40:
+                raise ValueError(f"{name} must be a 40-character z85 key (zmq.curve_keypair())")
+        return self
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_secret_key is not None
+
+    def scheduler_address(self) -> str:
+        if self.address:
+            return self.address
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "*", "") else self.host
+        return f"tcp://{host}:{self.port}"

@@ -1,0 +1,324 @@
+"""The control-plane wire format: versioned msgpack envelopes, validated field by field before use.
+
+One message is one ZeroMQ frame holding a msgpack map::
+
+    {"v": 1, "t": "<type>", "id": <int>, "re": <int>, "b": {<fields of the type>}}
+
+``id`` numbers the sender's messages; ``re`` is the ``id`` of the request a reply answers (0 = not a reply).
+Decoding (:func:`decode`) checks, in this order and before anything is allocated for the payload: the frame
+size, then msgpack with per-object limits (string, binary, array and map lengths bounded; extension types
+refused; map keys must be strings), then the envelope, then the type's schema (:data:`SCHEMAS`): every field's
+type, range and length; unknown fields and missing required fields are errors. No pickle, ever: only msgpack's
+plain types cross the wire. A bad message raises :class:`ProtocolError` naming the field; the receiver logs it,
+answers ``error`` when it can identify the sender and keeps running.
+
+Token ids travel as little-endian int64 ``bin`` (``tokens_to_bin``/``bin_to_tokens``); logits as float32 ``bin``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from dualpath.errors import DualPathError
+
+VERSION = 1
+MAX_FRAME_BYTES = 64 << 20  # default frame cap (config: serve.max_message_bytes)
+MAX_STR = 4096
+MAX_ARRAY = 1 << 16
+MAX_MAP = 256
+MAX_TOKENS = 1 << 20  # tokens of one prompt
+MAX_BIN = MAX_TOKENS * 8
+U63 = (1 << 63) - 1
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
+
+
+class ProtocolError(DualPathError, ValueError):
+    """A control message is malformed (size, encoding, envelope, field type, range or length)."""
+
+
+@dataclass(frozen=True)
+class F:
+    """One field: ``kind`` in int, float, str, bin, bool, ints (list of int), strs (list of str), map (str->int).
+
+    ``lo``/``hi`` bound numbers (and list items for ``ints``); ``max_len`` bounds str/bin/list lengths;
+    ``choices`` restricts str values; ``pattern`` must match str values; ``multiple`` = bin length multiple."""
+
+    kind: str
+    required: bool = True
+    lo: float | None = None
+    hi: float | None = None
+    max_len: int | None = None
+    choices: tuple[str, ...] | None = None
+    pattern: re.Pattern[str] | None = None
+    multiple: int = 1
+
+
+_RID = F("int", lo=0, hi=U63)
+_ENGINE = F("int", lo=0, hi=1 << 16)
+_NAME = F("str", max_len=128, pattern=_NAME_RE)
+_REASON = F("str", max_len=MAX_STR)
+_TIME = F("float", lo=0.0, hi=1e12)
+
+#: message type -> its fields
+SCHEMAS: dict[str, dict[str, F]] = {
+    # --- generic ---
+    "ping": {},
+    "pong": {"role": F("str", required=False, max_len=32)},
+    "ok": {},
+    "error": {"code": F("str", max_len=64, pattern=_NAME_RE), "message": _REASON},
+    # --- client -> scheduler ---
+    "submit": {
+        "session": F("int", lo=0, hi=U63),
+        "prompt": F("bin", max_len=MAX_BIN, multiple=8),
+        "gen": F("int", lo=1, hi=1 << 20),
+        "deadline_s": F("float", required=False, lo=0.001, hi=86400.0),
+    },
+    "result": {
+        "session": F("int", lo=0, hi=U63),
+        "tokens": F("ints", max_len=1 << 20, lo=0, hi=(1 << 31) - 1),
+        "prompt_tokens": F("int", lo=0, hi=MAX_TOKENS),
+        "hit_tokens": F("int", lo=0, hi=MAX_TOKENS),
+        "path": F("str", max_len=16),
+        "pe": _ENGINE,
+        "de": _ENGINE,
+        "ttft_s": F("float", lo=0.0, hi=1e9),
+        "tpot_s": F("float", lo=0.0, hi=1e9),
+        "total_s": F("float", lo=0.0, hi=1e9),
+        "retries": F("int", lo=0, hi=1 << 16),
+    },
+    "stats": {},
+    "stats_reply": {"data": F("map", max_len=MAX_MAP)},
+    "shutdown": {},
+    # --- engine <-> scheduler ---
+    "hello": {
+        "role": F("str", choices=("prefill", "decode")),
+        "rank": _ENGINE,
+        "node": _ENGINE,
+        "address": F("str", max_len=1024),
+        "pid": F("int", lo=0, hi=1 << 31),
+        "fingerprint": F("str", max_len=256),
+        "token_bytes": F("int", lo=1, hi=1 << 40),
+        "vocab_size": F("int", lo=1, hi=1 << 31),
+        "max_context": F("int", lo=1, hi=1 << 31),
+    },
+    "welcome": {"peers": F("strs", max_len=1024), "heartbeat_s": F("float", lo=0.001, hi=3600.0)},
+    "heartbeat": {
+        "seq": F("int", lo=0, hi=U63),
+        "tok": F("int", lo=0, hi=U63),
+        "read_q": F("int", lo=0, hi=U63),
+        "free_kv_tokens": F("int", lo=0, hi=U63),
+        "inflight": F("int", lo=0, hi=U63),
+        "rss": F("int", lo=0, hi=U63),
+        "fds": F("int", lo=0, hi=1 << 24),
+        "tasks": F("int", lo=0, hi=1 << 24),
+        "regions": F("int", lo=0, hi=1 << 24),
+    },
+    "peers": {"peers": F("strs", max_len=1024)},  # "name=address" entries
+    "begin": {  # both engines: create the turn, run this side's read; reply read_done
+        "rid": _RID,
+        "session": F("int", lo=0, hi=U63),
+        "prompt": F("bin", max_len=MAX_BIN, multiple=8),
+        "gen": F("int", lo=1, hi=1 << 20),
+        "path": F("str", choices=("pe", "de", "split", "recompute")),
+        "pe": _ENGINE,
+        "de": _ENGINE,
+        "pe_blocks": F("int", lo=0, hi=MAX_TOKENS),
+        "stored_blocks": F("int", lo=0, hi=MAX_TOKENS),
+        "deadline_s": F("float", lo=0.001, hi=86400.0),
+    },
+    "lookup": {"prompt": F("bin", max_len=MAX_BIN, multiple=8)},  # any engine: stored prefix of the prompt
+    "looked_up": {"blocks": F("int", lo=0, hi=MAX_TOKENS)},
+    "read_done": {"rid": _RID, "ok_blocks": F("int", lo=0, hi=MAX_TOKENS)},
+    "prefill": {"rid": _RID, "hit_blocks": F("int", lo=0, hi=MAX_TOKENS)},  # PE: reply prefilled
+    "prefilled": {"rid": _RID, "logits": F("bin", max_len=1 << 26, multiple=4), "t_prefill_s": _TIME},
+    "decode": {"rid": _RID, "hit_blocks": F("int", lo=0, hi=MAX_TOKENS)},  # DE: reply finished
+    "started": {"rid": _RID},  # PE -> scheduler -> DE notice: the PE began the turn's forward
+    "logits": {"rid": _RID, "logits": F("bin", max_len=1 << 26, multiple=4)},  # scheduler -> DE notice
+    "finished": {
+        "rid": _RID,
+        "tokens": F("ints", max_len=1 << 20, lo=0, hi=(1 << 31) - 1),
+        "hit_tokens": F("int", lo=0, hi=MAX_TOKENS),
+        "link_bytes": F("map", max_len=MAX_MAP),
+    },
+    "abort": {"rid": _RID, "reason": _REASON},
+    "reregister": {},  # scheduler -> engine notice: you were declared dead; drop your turns and say hello again  # notice: fail the turn locally, free its resources
+}
+
+
+def _check(name: str, spec: F, value: Any) -> None:
+    kind = spec.kind
+    where = f"field {name!r}"
+    if kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(f"{where}: expected int, got {type(value).__name__}")
+        _range(where, spec, value)
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError(f"{where}: expected float, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ProtocolError(f"{where}: must be finite")
+        _range(where, spec, value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{where}: expected bool, got {type(value).__name__}")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ProtocolError(f"{where}: expected str, got {type(value).__name__}")
+        _length(where, spec, len(value))
+        if spec.choices is not None and value not in spec.choices:
+            raise ProtocolError(f"{where}: {value[:40]!r} is not one of {list(spec.choices)}")
+        if spec.pattern is not None and not spec.pattern.match(value):
+            raise ProtocolError(f"{where}: {value[:40]!r} has characters outside {spec.pattern.pattern}")
+    elif kind == "bin":
+        if not isinstance(value, (bytes, bytearray)):
+            raise ProtocolError(f"{where}: expected bin, got {type(value).__name__}")
+        _length(where, spec, len(value))
+        if len(value) % spec.multiple:
+            raise ProtocolError(f"{where}: length {len(value)} is not a multiple of {spec.multiple}")
+    elif kind == "ints":
+        if not isinstance(value, (list, tuple)):
+            raise ProtocolError(f"{where}: expected a list of int, got {type(value).__name__}")
+        _length(where, spec, len(value))
+        for i, v in enumerate(value):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ProtocolError(f"{where}[{i}]: expected int, got {type(v).__name__}")
+            _range(f"{where}[{i}]", spec, v)
+    elif kind == "strs":
+        if not isinstance(value, (list, tuple)):
+            raise ProtocolError(f"{where}: expected a list of str, got {type(value).__name__}")
+        _length(where, spec, len(value))
+        for i, v in enumerate(value):
+            if not isinstance(v, str) or len(v) > 2048:
+                raise ProtocolError(f"{where}[{i}]: expected a str of at most 2048 characters")
+    elif kind == "map":
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map, got {type(value).__name__}")
+        _length(where, spec, len(value))
+        for k, v in value.items():
+            if not isinstance(k, str) or len(k) > 256:
+                raise ProtocolError(f"{where}: keys must be str of at most 256 characters")
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, str) and len(v) > 4096):
+                raise ProtocolError(f"{where}[{k[:40]!r}]: values must be numbers or short strings")
+    else:  # pragma: no cover - schema bug
+        raise ProtocolError(f"{where}: unknown field kind {kind}")
+
+
+def _range(where: str, spec: F, value: float) -> None:
+    if spec.lo is not None and value < spec.lo:
+        raise ProtocolError(f"{where}: {value} is below {spec.lo}")
+    if spec.hi is not None and value > spec.hi:
+        raise ProtocolError(f"{where}: {value} is above {spec.hi}")
+
+
+def _length(where: str, spec: F, n: int) -> None:
+    if spec.max_len is not None and n > spec.max_len:
+        raise ProtocolError(f"{where}: length {n} exceeds {spec.max_len}")
+
+
+def validate(mtype: str, body: Mapping[str, Any]) -> None:
+    """Check ``body`` against the schema of ``mtype``; raise :class:`ProtocolError` naming the field."""
+    schema = SCHEMAS.get(mtype)
+    if schema is None:
+        raise ProtocolError(f"unknown message type {mtype[:40]!r}")
+    if not isinstance(body, Mapping):
+        raise ProtocolError(f"{mtype}: body must be a map")
+    for name in body:
+        if name not in schema:
+            raise ProtocolError(f"{mtype}: unknown field {str(name)[:40]!r}")
+    for name, spec in schema.items():
+        if name not in body:
+            if spec.required:
+                raise ProtocolError(f"{mtype}: missing field {name!r}")
+            continue
+        try:
+            _check(name, spec, body[name])
+        except ProtocolError as exc:
+            raise ProtocolError(f"{mtype}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded, validated control message."""
+
+    type: str
+    body: dict[str, Any]
+    id: int = 0
+    re: int = 0
+
+
+def encode(mtype: str, body: Mapping[str, Any] | None = None, *, mid: int = 0, re_: int = 0,
+           max_bytes: int = MAX_FRAME_BYTES) -> bytes:
+    """Validate and pack one message (a sender bug is caught here, before the peer sees it)."""
+    body = dict(body or {})
+    validate(mtype, body)
+    data = msgpack.packb({"v": VERSION, "t": mtype, "id": int(mid), "re": int(re_), "b": body},
+                         use_bin_type=True)
+    if len(data) > max_bytes:
+        raise ProtocolError(f"{mtype}: message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    return data
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def decode(frame: bytes | memoryview, *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Size check, bounded msgpack unpack, envelope and schema check (see the module docstring)."""
+    n = len(frame)
+    if n > max_bytes:
+        raise ProtocolError(f"message of {n} bytes exceeds the {max_bytes}-byte limit")
+    if n == 0:
+        raise ProtocolError("empty message")
+    try:
+        obj = msgpack.unpackb(
+            bytes(frame), raw=False, strict_map_key=True, ext_hook=_no_ext, use_list=True,
+            max_str_len=max(MAX_STR, 2048), max_bin_len=max_bytes, max_array_len=MAX_ARRAY,
+            max_map_len=MAX_MAP, max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, FormatError, ...)
+        raise ProtocolError(f"not a valid msgpack message: {type(exc).__name__}: {str(exc)[:120]}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"envelope must be a map, got {type(obj).__name__}")
+    extra = set(obj) - {"v", "t", "id", "re", "b"}
+    if extra:
+        raise ProtocolError(f"envelope: unknown keys {sorted(str(k)[:20] for k in extra)}")
+    v = obj.get("v")
+    if v != VERSION:
+        raise ProtocolError(f"envelope: protocol version {v!r} is not supported (this side speaks {VERSION})")
+    mtype = obj.get("t")
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
+        raise ProtocolError(f"envelope: unknown message type {str(mtype)[:40]!r}")
+    mid, re_ = obj.get("id", 0), obj.get("re", 0)
+    for name, val in (("id", mid), ("re", re_)):
+        if not isinstance(val, int) or isinstance(val, bool) or not 0 <= val <= U63:
+            raise ProtocolError(f"envelope: {name!r} must be an int in [0, 2^63)")
+    body = obj.get("b", {})
+    validate(mtype, body)
+    return Message(mtype, body, mid, re_)
+
+
+# --- payload helpers ------------------------------------------------------------------------------------------
+def tokens_to_bin(tokens: Any) -> bytes:
+    arr = np.asarray(tokens, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ProtocolError("token ids must be one-dimensional")
+    if arr.size > MAX_TOKENS:
+        raise ProtocolError(f"a prompt of {arr.size} tokens exceeds the {MAX_TOKENS}-token limit")
+    return arr.astype("<i8", copy=False).tobytes()
+
+
+def bin_to_tokens(data: bytes, *, field: str = "prompt") -> np.ndarray:
+    arr = np.frombuffer(data, dtype="<i8")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 31):
+        raise ProtocolError(f"field {field!r}: token ids must lie in [0, 2^31)")
+    return arr.astype(np.int64)

@@ -1,0 +1,518 @@
+"""The scheduler process: registers engine processes, runs the scheduler core on their heartbeats, dispatches
+turns over the control plane, and retries a turn whose engine died, within the turn's deadline.
+
+* **Engines** say ``hello`` (role, rank, node, transport address) and then ``heartbeat`` every
+  ``serve.heartbeat_s`` with their snapshot. An engine silent for ``serve.dead_after_s`` (or whose socket is
+  gone) is declared dead: every request waiting on it fails at once, it leaves the snapshots, and the turns it
+  held are aborted on their other engine. A restarted engine says ``hello`` again and rejoins; the engines of
+  the other role get its new transport address (``peers``).
+* **Scheduling** reuses :class:`~dualpath.scheduler.driver.SchedulerDriver` and the pure core unchanged, over
+  :class:`RemoteCluster` (a :class:`~dualpath.scheduler.driver.ClusterLike`): ``snapshots`` from heartbeats
+  (``seq``/``tok`` from our own dispatch bookkeeping, which is exact and never stale), ``lookup`` asked of a
+  live engine (storage is shared), ``run_turn`` = the turn's life of :mod:`dualpath.cluster.runner` split into
+  control messages (``begin`` both -> hit -> ``decode`` DE + ``prefill`` PE -> ``logits`` to the DE ->
+  ``finished``).
+* **Clients** ``submit`` a turn and get ``result`` (tokens) or ``error`` (code + message): every submitted turn
+  ends with one of them by its deadline (``serve.request_deadline_s`` or the client's, whichever is sooner). A
+  turn whose engine died or whose transfer failed is re-dispatched (up to ``serve.max_retries``) to live engines,
+  on whatever path the scheduler then picks; a turn that can never run (``InvalidTurn``) is not retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+
+from dualpath.config import DualPathConfig, load_config
+from dualpath.control.channel import Channel, PeerGone, RemoteError
+from dualpath.control.deploy import check_deployable, combine_hit, plan_sides, server_curve
+from dualpath.control.enginehost import process_gauges
+from dualpath.control.protocol import MAX_TOKENS, Message, bin_to_tokens, tokens_to_bin
+from dualpath.errors import DualPathError, EngineError, PeerTimeout, SchedulerError, TransportError
+from dualpath.scheduler import GlobalScheduler, SchedulerParams, get_policy
+from dualpath.scheduler.driver import SchedulerDriver
+from dualpath.scheduler.state import EngineSnapshot
+from dualpath.types import PathKind
+
+log = logging.getLogger("dualpath.schedulerd")
+
+#: remote error codes after which a turn is re-dispatched (an engine or a transfer failed, not the request)
+RETRIABLE_CODES = {"PeerTimeout", "PeerGone", "TransportError", "TransportClosed", "EngineError", "EngineDied",
+                   "StorageError", "TimeoutError", "busy"}
+
+
+class EngineDied(EngineError):
+    """An engine process serving the turn died or went silent."""
+
+
+class DeadlineExceeded(PeerTimeout):
+    """The turn did not finish by its deadline."""
+
+
+@dataclass
+class EngineRecord:
+    name: str
+    role: str
+    rank: int
+    node: int
+    address: str
+    pid: int
+    ident: bytes
+    token_bytes: int
+    vocab_size: int
+    max_context: int
+    last_seen: float
+    alive: bool = True
+    hb: dict[str, Any] = field(default_factory=dict)
+    hb_time: float = 0.0
+    seq: int = 0
+    tok: int = 0
+    reserved: dict[int, tuple[float, int]] = field(default_factory=dict)  # rid -> (t dispatched, kv tokens)
+    incarnation: int = 0
+    fingerprint: str = ""
+
+
+@dataclass
+class RemoteResult:
+    """What :meth:`RemoteCluster.run_turn` returns (the attributes the driver's outcome reads)."""
+
+    tokens: list[int]
+    prompt_tokens: int
+    hit_tokens: int
+    t_first_token: float
+    t_second_token: float | None
+    t_done: float
+    bytes: dict[str, int]
+
+
+class RemoteCluster:
+    """The engine processes as a :class:`~dualpath.scheduler.driver.ClusterLike` (see the module docstring)."""
+
+    def __init__(self, daemon: SchedulerDaemon) -> None:
+        self.d = daemon
+        self._rids = itertools.count(1)
+        self._lookup_rr = 0
+        self.turn_pairs: dict[int, tuple[str, str]] = {}
+
+    def snapshots(self) -> tuple[list[EngineSnapshot], list[EngineSnapshot]]:
+        pes: list[EngineSnapshot] = []
+        des: list[EngineSnapshot] = []
+        for rec in self.d.engines.values():
+            if not rec.alive:
+                continue
+            free = int(rec.hb.get("free_kv_tokens", 0))
+            free -= sum(need for t, need in rec.reserved.values() if t >= rec.hb_time)
+            snap = EngineSnapshot(rec.rank, rec.node, rec.seq, rec.tok, int(rec.hb.get("read_q", 0)), max(0, free))
+            (pes if rec.role == "prefill" else des).append(snap)
+        return pes, des
+
+    async def lookup(self, prompt_ids: Any) -> int:
+        live = [r for r in self.d.engines.values() if r.alive]
+        if not live:
+            return 0
+        self._lookup_rr += 1
+        rec = live[self._lookup_rr % len(live)]
+        try:
+            reply = await self.d.request(rec, "lookup", {"prompt": tokens_to_bin(prompt_ids)}, 5.0)
+        except DualPathError as exc:
+            log.warning("lookup at %s failed (%s); treating the prompt as a miss", rec.name, exc)
+            return 0
+        return int(reply.body["blocks"]) * self.d.block_tokens
+
+    async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int, pe: int, de: int, path: PathKind,
+                       pe_blocks: int | None = None) -> RemoteResult:
+        d = self.d
+        deadline = d.deadline_of(prompt_ids)
+        pe_rec, de_rec = d.engine("pe", pe), d.engine("de", de)
+        if pe_rec is None or de_rec is None:
+            raise EngineDied(f"engine pe{pe} or de{de} is not alive")
+        rid = next(self._rids)
+        prompt = tokens_to_bin(prompt_ids)
+        n = len(prompt) // 8
+        kv_need = -(-(n + gen_tokens) // d.block_tokens) * d.block_tokens
+        pe_rec.seq += 1
+        pe_rec.tok += n
+        de_rec.seq += 1
+        de_rec.tok += n
+        de_rec.reserved[rid] = (time.monotonic(), kv_need)
+        self.turn_pairs[rid] = (pe_rec.name, de_rec.name)
+        pe_counted = True
+        try:
+            remaining = _left(deadline)
+            stored = 0
+            if path is not PathKind.RECOMPUTE:
+                looked = await d.request(pe_rec, "lookup", {"prompt": prompt}, min(remaining, 10.0))
+                stored = int(looked.body["blocks"])
+            plan = plan_sides(stored, path, pe_blocks)
+            begin = {"rid": rid, "session": int(session), "prompt": prompt, "gen": int(gen_tokens),
+                     "path": path.value, "pe": pe, "de": de, "pe_blocks": plan.pe_blocks,
+                     "stored_blocks": plan.stored_blocks, "deadline_s": max(0.001, _left(deadline))}
+            ok: dict[str, int] = {}
+
+            async def _begin(side: str, rec: EngineRecord) -> None:
+                r = await d.request(rec, "begin", begin, _left(deadline))
+                ok[side] = int(r.body["ok_blocks"])
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_begin, "pe", pe_rec)
+                tg.start_soon(_begin, "de", de_rec)
+            hit = combine_hit(ok["pe"], ok["de"], plan.pe_blocks)
+            out: dict[str, Message] = {}
+            t_first = math.nan
+
+            async def _decode() -> None:
+                out["de"] = await d.request(de_rec, "decode", {"rid": rid, "hit_blocks": hit}, _left(deadline))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_decode)
+                pre = await d.request(pe_rec, "prefill", {"rid": rid, "hit_blocks": hit}, _left(deadline))
+                t_first = time.perf_counter()
+                pe_rec.seq -= 1
+                pe_rec.tok -= n
+                pe_counted = False
+                await d.notify(de_rec, "logits", {"rid": rid, "logits": pre.body["logits"]})
+            fin = out["de"].body
+            d.stats["paths." + path.value] += 1
+            return RemoteResult(tokens=list(fin["tokens"]), prompt_tokens=n, hit_tokens=int(fin["hit_tokens"]),
+                                t_first_token=t_first, t_second_token=None, t_done=time.perf_counter(),
+                                bytes={str(k): int(v) for k, v in fin["link_bytes"].items()})
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                for rec in (pe_rec, de_rec):
+                    if rec.alive:
+                        with contextlib.suppress(DualPathError):
+                            await d.notify(rec, "abort", {"rid": rid, "reason": f"{type(_leaf(exc)).__name__}"})
+            raise _classify(exc, pe_rec, de_rec) from None
+        finally:
+            if pe_counted:
+                pe_rec.seq -= 1
+                pe_rec.tok -= n
+            de_rec.seq -= 1
+            de_rec.tok -= n
+            de_rec.reserved.pop(rid, None)
+            self.turn_pairs.pop(rid, None)
+
+
+def _left(deadline: float) -> float:
+    return max(0.001, deadline - time.monotonic())
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    from dualpath.engine.request import unwrap
+
+    return unwrap(exc)
+
+
+def _classify(exc: BaseException, pe: EngineRecord, de: EngineRecord) -> BaseException:
+    leaf = _leaf(exc)
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return exc
+    if not pe.alive or not de.alive or isinstance(leaf, PeerGone):
+        dead = ",".join(r.name for r in (pe, de) if not r.alive) or "?"
+        return EngineDied(f"engine {dead} died during the turn: {leaf}")
+    return leaf
+
+
+def _retriable(exc: BaseException) -> bool:
+    if isinstance(exc, RemoteError):
+        return exc.code in RETRIABLE_CODES
+    return isinstance(exc, (EngineDied, PeerTimeout, PeerGone, TransportError)) and not isinstance(
+        exc, DeadlineExceeded)
+
+
+class SchedulerDaemon:
+    """The scheduler process's state and handlers (see the module docstring)."""
+
+    def __init__(self, config: DualPathConfig, *, bind: str | None = None) -> None:
+        self.config = check_deployable(config)
+        sc = self.config.serve
+        self.bind = bind or f"tcp://{sc.host}:{sc.port}"
+        self.engines: dict[str, EngineRecord] = {}
+        self.by_ident: dict[bytes, str] = {}
+        self.block_tokens = self.config.cluster.block_tokens
+        self.stats: Counter[str] = Counter()
+        self.cluster = RemoteCluster(self)
+        self.channel: Channel | None = None
+        self.driver: SchedulerDriver | None = None
+        self._deadlines: dict[int, float] = {}
+        self._stop = anyio.Event()
+        self._inflight = 0
+        self.peak: dict[str, int] = {}
+
+    # --- plumbing ----------------------------------------------------------------------------------------
+    def engine(self, prefix: str, rank: int) -> EngineRecord | None:
+        rec = self.engines.get(f"{prefix}{rank}")
+        return rec if rec is not None and rec.alive else None
+
+    def deadline_of(self, prompt_ids: Any) -> float:
+        return self._deadlines.get(id(prompt_ids), time.monotonic() + self.config.serve.request_deadline_s)
+
+    async def request(self, rec: EngineRecord, mtype: str, body: dict[str, Any], timeout: float) -> Message:
+        assert self.channel is not None
+        if not rec.alive:
+            raise EngineDied(f"{rec.name} is dead")
+        try:
+            return await self.channel.request(rec.ident, mtype, body, timeout)
+        except PeerGone as exc:
+            self._declare_dead(rec, f"its socket is gone ({exc})")
+            raise EngineDied(f"{rec.name} died: {exc}") from None
+
+    async def notify(self, rec: EngineRecord, mtype: str, body: dict[str, Any]) -> None:
+        assert self.channel is not None
+        try:
+            await self.channel.notify(rec.ident, mtype, body)
+        except PeerGone as exc:
+            self._declare_dead(rec, f"its socket is gone ({exc})")
+            raise EngineDied(f"{rec.name} died: {exc}") from None
+
+    def _make_driver(self) -> SchedulerDriver:
+        cfg = self.config
+        token_bytes = max((r.token_bytes for r in self.engines.values()), default=1)
+        snic = cfg.cluster.snic_gbps
+        storage_tps = (snic * 1e9 / token_bytes) if snic else 1e9
+        mc = cfg.model
+        gpu_tps = mc.device_tflops * 1e12 / max(1.0, mc.linear_flops_per_token) if mc.kind == "synthetic" else 2000.0
+        params = SchedulerParams.from_config(cfg.scheduler, storage_tps, gpu_tps, self.block_tokens)
+        sched = GlobalScheduler(get_policy(cfg.scheduler.policy, layerwise=cfg.scheduler.layerwise), params)
+        return SchedulerDriver(self.cluster, sched, fetch_interval_s=cfg.scheduler.fetch_interval_s,
+                               max_request_tokens=cfg.cluster.kv_pool_tokens)
+
+    # --- main --------------------------------------------------------------------------------------------
+    async def run(self, *, address_file: str | None = None) -> None:
+        sc = self.config.serve
+        self.channel = Channel("scheduler", bind=self.bind, curve=server_curve(self.config), handler=self._handle,
+                               max_message_bytes=sc.max_message_bytes, max_tasks=sc.max_inflight + 1024)
+        async with self.channel:
+            if address_file:
+                tmp = f"{address_file}.tmp{os.getpid()}"
+                with open(tmp, "w") as f:
+                    f.write(self.channel.address)
+                os.replace(tmp, address_file)
+            log.info("scheduler listening at %s", self.channel.address)
+            self.driver = self._make_driver()
+            async with self.driver, anyio.create_task_group() as tg:
+                tg.start_soon(self._monitor)
+                await self._stop.wait()
+                for rec in list(self.engines.values()):
+                    if rec.alive:
+                        with contextlib.suppress(DualPathError):
+                            await self.notify(rec, "shutdown", {})
+                tg.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _monitor(self) -> None:
+        sc = self.config.serve
+        while True:
+            await anyio.sleep(min(sc.heartbeat_s, sc.dead_after_s / 4))
+            now = time.monotonic()
+            for rec in list(self.engines.values()):
+                if rec.alive and now - rec.last_seen > sc.dead_after_s:
+                    self._declare_dead(rec, f"no heartbeat for {now - rec.last_seen:.1f} s")
+            g = process_gauges()
+            for k, v in g.items():
+                self.peak[f"scheduler.{k}"] = max(self.peak.get(f"scheduler.{k}", 0), v)
+
+    def _declare_dead(self, rec: EngineRecord, why: str) -> None:
+        if not rec.alive:
+            return
+        rec.alive = False
+        self.stats["engine_deaths"] += 1
+        log.warning("engine %s (pid %d) declared dead: %s", rec.name, rec.pid, why)
+        assert self.channel is not None
+        self.channel.fail_peer(rec.ident, PeerGone(f"engine {rec.name} died ({why})"))
+
+    # --- handlers ----------------------------------------------------------------------------------------
+    async def _handle(self, peer: bytes, msg: Message) -> tuple[str, dict[str, Any]] | None:
+        t, b = msg.type, msg.body
+        if t == "heartbeat":
+            name = self.by_ident.get(peer)
+            rec = self.engines.get(name) if name else None
+            if rec is None or rec.ident != peer:
+                return None
+            if not rec.alive:  # back from a stall: its turns were given up; it must register again
+                if time.monotonic() - rec.hb_time > self.config.serve.dead_after_s:
+                    rec.hb_time = time.monotonic()  # ask at most once per dead_after_s
+                    with contextlib.suppress(DualPathError):
+                        await self.channel.notify(peer, "reregister", {})  # type: ignore[union-attr]
+                return None
+            rec.last_seen = time.monotonic()
+            rec.hb = dict(b)
+            rec.hb_time = rec.last_seen
+            for k in ("rss", "fds", "tasks", "regions", "inflight"):
+                key = f"{rec.name}.{k}"
+                self.peak[key] = max(self.peak.get(key, 0), int(b[k]))
+            return None
+        if t == "hello":
+            return await self._hello(peer, b)
+        if t == "started":
+            pair = self.cluster.turn_pairs.get(b["rid"])
+            name = self.by_ident.get(peer)
+            if pair is not None and name == pair[0]:
+                de = self.engines.get(pair[1])
+                if de is not None and de.alive:
+                    await self.notify(de, "started", {"rid": b["rid"]})
+            return None
+        if t == "submit":
+            return await self._submit(b)
+        if t == "ping":
+            return "pong", {"role": "scheduler"}
+        if t == "stats":
+            return "stats_reply", {"data": self.stats_dict()}
+        if t == "shutdown":
+            self.stop()
+            return "ok", {}
+        raise SchedulerError(f"unexpected message {t!r} at the scheduler")
+
+    async def _hello(self, peer: bytes, b: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        role, rank = b["role"], b["rank"]
+        name = f"{'pe' if role == 'prefill' else 'de'}{rank}"
+        n = (self.config.cluster.prefill_nodes if role == "prefill" else self.config.cluster.decode_nodes)
+        if rank >= n * self.config.cluster.engines_per_node:
+            raise SchedulerError(f"hello from {name}: the config has no such engine")
+        if peer != name.encode():
+            raise SchedulerError(f"hello from {name}: socket identity does not match")
+        others = [r for r in self.engines.values() if r.alive and r.name != name]
+        if any(r.fingerprint != b["fingerprint"] for r in others):
+            raise SchedulerError(f"hello from {name}: model/layout fingerprint differs from the other engines")
+        old = self.engines.get(name)
+        if old is not None and old.alive:
+            self._declare_dead(old, "replaced by a new process")
+        rec = EngineRecord(name, role, rank, b["node"], b["address"], b["pid"], peer, b["token_bytes"],
+                           b["vocab_size"], b["max_context"], time.monotonic(),
+                           incarnation=(old.incarnation + 1) if old else 0, fingerprint=b["fingerprint"])
+        if old is not None:
+            self.stats["engine_rejoins"] += 1
+        self.engines[name] = rec
+        self.by_ident[peer] = name
+        peers = [f"{r.name}={r.address}" for r in self.engines.values() if r.alive]
+        for r in self.engines.values():  # the other role learns the (new) transport address
+            if r.alive and r.role != role:
+                with contextlib.suppress(DualPathError):
+                    await self.notify(r, "peers", {"peers": [f"{name}={b['address']}"]})
+        log.info("engine %s registered (pid %d, %s)", name, b["pid"], b["address"])
+        return "welcome", {"peers": peers, "heartbeat_s": self.config.serve.heartbeat_s}
+
+    def _validate_submit(self, prompt: np.ndarray, gen: int) -> None:
+        live = [r for r in self.engines.values() if r.alive]
+        if prompt.size == 0:
+            raise SchedulerError("submit: the prompt is empty")
+        if prompt.size > MAX_TOKENS:
+            raise SchedulerError(f"submit: prompt of {prompt.size} tokens exceeds {MAX_TOKENS}")
+        if live:
+            vocab = min(r.vocab_size for r in live)
+            ctx = min(r.max_context for r in live)
+            if int(prompt.max()) >= vocab:
+                raise SchedulerError(f"submit: token id {int(prompt.max())} is outside the vocabulary of {vocab}")
+            if prompt.size + gen > ctx:
+                raise SchedulerError(f"submit: {prompt.size} prompt + {gen} generated tokens exceed the context of {ctx}")
+
+    async def _submit(self, b: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        sc = self.config.serve
+        if self._inflight >= sc.max_inflight:
+            self.stats["busy"] += 1
+            raise SchedulerError(f"busy: {self._inflight} turns in flight (serve.max_inflight)")
+        prompt = bin_to_tokens(b["prompt"])
+        gen = int(b["gen"])
+        self._validate_submit(prompt, gen)
+        budget = min(sc.request_deadline_s, float(b.get("deadline_s", sc.request_deadline_s)))
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + budget
+        self.stats["submitted"] += 1
+        self._inflight += 1
+        retries = 0
+        key = id(prompt)
+        self._deadlines[key] = deadline
+        assert self.driver is not None
+        try:
+            while True:
+                outcome = None
+                with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+                    try:
+                        outcome = await self.driver.run_turn(int(b["session"]), prompt, gen)
+                    except Exception as exc:
+                        if not _retriable(exc) or retries >= sc.max_retries or time.monotonic() >= deadline:
+                            self.stats["failed"] += 1
+                            raise
+                        retries += 1
+                        self.stats["retries"] += 1
+                        log.warning("turn of session %d failed (%s: %s); retry %d", b["session"],
+                                    type(exc).__name__, exc, retries)
+                        await anyio.sleep(min(0.05 * retries, 0.5))
+                        continue
+                if outcome is None:
+                    self.stats["failed"] += 1
+                    self.stats["deadline_exceeded"] += 1
+                    raise DeadlineExceeded(f"session {b['session']}: the turn did not finish within {budget:g} s "
+                                           f"({retries} retries)")
+                break
+        finally:
+            self._inflight -= 1
+            self._deadlines.pop(key, None)
+        self.stats["completed"] += 1
+        total = time.perf_counter() - t0
+        ttft = max(0.0, outcome.t_first_token - outcome.t_submit) if math.isfinite(outcome.t_first_token) else total
+        n = len(outcome.tokens)
+        tpot = (outcome.t_done - outcome.t_first_token) / (n - 1) if n > 1 and math.isfinite(
+            outcome.t_first_token) else 0.0
+        return "result", {"session": int(b["session"]), "tokens": [int(x) for x in outcome.tokens],
+                          "prompt_tokens": outcome.prompt_tokens, "hit_tokens": outcome.hit_tokens,
+                          "path": outcome.path, "pe": outcome.pe, "de": outcome.de, "ttft_s": ttft,
+                          "tpot_s": max(0.0, tpot), "total_s": total, "retries": retries}
+
+    def stats_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: int(v) for k, v in self.stats.items()}
+        out["inflight"] = self._inflight
+        out["engines_alive"] = sum(1 for r in self.engines.values() if r.alive)
+        out["rejected_messages"] = self.channel.rejected if self.channel else 0
+        out["refused_peers"] = self.channel.refused if self.channel else 0
+        out["scheduler.tasks"] = len(asyncio.all_tasks())
+        out.update({f"scheduler.{k}": v for k, v in process_gauges().items()})
+        for rec in self.engines.values():
+            out[f"{rec.name}.alive"] = int(rec.alive)
+            out[f"{rec.name}.pid"] = rec.pid
+            out[f"{rec.name}.assigned"] = rec.seq
+            for k, v in rec.hb.items():
+                out[f"{rec.name}.{k}"] = v
+        for k, v in self.peak.items():
+            out[f"peak.{k}"] = v
+        return dict(list(out.items())[:250])
+
+
+# --- process entry -------------------------------------------------------------------------------------------
+async def serve_scheduler(config: DualPathConfig, *, bind: str | None = None, address_file: str | None = None) -> None:
+    daemon = SchedulerDaemon(config, bind=bind)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    await daemon.run(address_file=address_file)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dualpath.control.schedulerd")
+    p.add_argument("--config")
+    p.add_argument("--bind")
+    p.add_argument("--address-file")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("DUALPATH_LOG", "WARNING"))
+    anyio.run(lambda: serve_scheduler(load_config(a.config), bind=a.bind, address_file=a.address_file))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,333 @@
+"""The decode engine: DE-side reads and streaming, prompt KV assembly, paged pool, batched decode and
+persistence of every block that becomes full (see engine/base.py)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import torch
+
+from dualpath.engine.base import Engine, EngineContext
+from dualpath.engine.host_buffer import HostRegion
+from dualpath.engine.prefill import wait_arrival
+from dualpath.engine.request import Turn, wait_event
+from dualpath.errors import EngineError, PeerTimeout
+from dualpath.model.kv_pool import KVPool
+from dualpath.paths.de_read import de_host_blocks, de_read, stream_layers
+from dualpath.types import BlockKey, EngineId, Role
+
+log = logging.getLogger("dualpath.engine")
+
+
+@dataclass(eq=False)
+class DecodeSeq:
+    """A request on the decode engine: its pool pages and the tokens so far."""
+
+    turn: Turn
+    pages: list[int]
+    kv_len: int  # positions whose KV is in the pool
+    target_kv: int  # KV positions when done (prompt + gen - 1, or + gen when that fills a block)
+    tokens: list[int]  # prompt + generated
+    generated: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    keys: list[BlockKey] = field(default_factory=list)  # keys of the full blocks known so far
+    pending: int = 0
+    idle: anyio.Event = field(default_factory=anyio.Event)  # set when no persistence is pending
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.generated) >= self.turn.gen_tokens and self.kv_len >= self.target_kv
+
+
+def kv_target(prompt: int, gen: int, block_tokens: int) -> int:
+    """KV positions a turn leaves behind: every token but the last generated one, plus that one when it
+    completes a block (so the next turn's hit covers every full block of this turn's context)."""
+    return prompt + gen - (0 if (prompt + gen) % block_tokens == 0 else 1)
+
+
+class DecodeEngine(Engine):
+    """See :mod:`dualpath.engine.base`."""
+
+    role = Role.DECODE
+
+    def __init__(self, eid: EngineId, ctx: EngineContext) -> None:
+        super().__init__(eid, ctx)
+        bt = self.layout.block_tokens
+        self.pool = KVPool(self.layout.spec, max(1, ctx.config.kv_pool_tokens // bt), bt, self.device)
+        self.running: list[DecodeSeq] = []
+        self._wake = anyio.Event()
+        self._pool_freed = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.steps = 0
+        self.persisted_blocks = 0
+
+    def free_kv_tokens(self) -> int:
+        return self.pool.num_free * self.layout.block_tokens
+
+    def pool_blocks_for(self, prompt: int, gen: int) -> int:
+        return -(-kv_target(prompt, gen, self.layout.block_tokens) // self.layout.block_tokens)
+
+    def check_fits(self, prompt: int, gen: int) -> None:
+        need = self.pool_blocks_for(prompt, gen)
+        if need > self.pool.num_blocks:
+            raise EngineError(
+                f"{self.name}: a turn of {prompt} prompt + {gen} generated tokens needs {need} KV pool blocks of "
+                f"{self.layout.block_tokens} tokens, but the pool has {self.pool.num_blocks} "
+                f"(cluster.kv_pool_tokens={self.cfg.kv_pool_tokens})"
+            )
+
+    def assign(self, turn: Turn) -> None:
+        self.seq += 1
+        self.tok += turn.prompt_len
+
+    def unassign(self, turn: Turn) -> None:
+        self.seq -= 1
+        self.tok -= turn.prompt_len
+
+    # --- DE read path ------------------------------------------------------------------------------------
+    async def read(self, turn: Turn) -> int:
+        return await de_read(self.ctx.storage, self.ctx.links, self.name, self.host, turn, self.cfg.deadline_s)
+
+    async def stream(self, turn: Turn) -> None:
+        """Stream the DE-read hit to the PE once it has started the turn's forward."""
+        if turn.de_hit_blocks == 0:
+            return
+        await wait_event(turn, turn.prefill_started, float("inf"), "prefill start")
+        await stream_layers(
+            self.ctx.transport, self.ctx.links, self.name, f"pe{turn.pe}", turn, self.cfg.deadline_s,
+        )
+
+    # --- receiving the prompt's KV -----------------------------------------------------------------------
+    async def expose_receive(self, turn: Turn) -> None:
+        """Allocate the layer-major receive area ``[L, ship_rows, bytes]`` and expose one landing per layer
+        and ship range."""
+        assert self.host_region is not None
+        b = self.layout.bytes_per_token_layer
+        rows = turn.ship_rows
+        region = await self.host.alloc(self.layout.n_layers * rows * b, self.cfg.deadline_s)
+        turn.de_recv = region
+        recv = self.recv_rows(turn)
+        for layer in range(self.layout.n_layers):
+            off = 0
+            for part, (s, e) in enumerate(turn.ship_ranges()):
+                view = recv[layer, off : off + (e - s)]
+                self.ctx.transport.expose(turn.tag("kv", layer, part), self.host_region, self.host_offset(view),
+                                          (e - s) * b)
+                off += e - s
+
+    def recv_rows(self, turn: Turn) -> torch.Tensor:
+        rows = turn.ship_rows
+        b = self.layout.bytes_per_token_layer
+        return turn.de_recv.data[: self.layout.n_layers * rows * b].view(self.layout.n_layers, rows, b)
+
+    async def receive(self, turn: Turn) -> None:
+        await wait_event(turn, turn.prefill_started, float("inf"), "prefill start")
+        t = self.ctx.transport
+        for layer in range(self.layout.n_layers):
+            for part in range(len(turn.ship_ranges())):
+                await wait_arrival(turn, t, turn.tag("kv", layer, part), self.cfg.deadline_s)
+
+    def cancel_receive(self, turn: Turn) -> None:
+        for layer in range(self.layout.n_layers):
+            for part in range(len(turn.ship_ranges())):
+                self.ctx.transport.cancel(turn.tag("kv", layer, part))
+
+    def release(self, turn: Turn) -> None:
+        for attr in ("de_host", "de_recv"):
+            region: HostRegion | None = getattr(turn, attr)
+            if region is not None:
+                self.host.free(region)
+                setattr(turn, attr, None)
+
+    # --- pool --------------------------------------------------------------------------------------------
+    async def _alloc_pages(self, n: int, turn: Turn) -> list[int]:
+        with anyio.move_on_after(self.cfg.deadline_s):
+            while self.pool.num_free < n:
+                ev = self._pool_freed
+                await wait_event(turn, ev, float("inf"), "KV pool space")
+            return self.pool.allocate(n)
+        raise PeerTimeout(f"{self.name}: no room for {n} KV pool blocks within {self.cfg.deadline_s} s")
+
+    def _free_pages(self, pages: list[int]) -> None:
+        self.pool.free(pages)
+        self._pool_freed.set()
+        self._pool_freed = anyio.Event()
+
+    async def begin_decode(self, turn: Turn) -> DecodeSeq:
+        """Copy the prompt KV from the DE buffer into the pool (H2D), persist the prompt's new Full Blocks and
+        join the decode batch. Needs the PE's first-token logits and the whole prompt KV received."""
+        layout = self.layout
+        bt, b, n_layers = layout.block_tokens, layout.bytes_per_token_layer, layout.n_layers
+        target = kv_target(turn.prompt_len, turn.gen_tokens, bt)
+        pages = await self._alloc_pages(-(-target // bt), turn)
+        try:
+            await self.ctx.links.h2d(self.name, turn, turn.prompt_len * n_layers * b)
+            recv = self.recv_rows(turn)
+            de_n = turn.de_hit_blocks
+            de_fb = de_host_blocks(turn)[:de_n] if de_n else None
+            ids = torch.tensor(pages, dtype=torch.int64)
+            for layer in range(n_layers):
+                if de_fb is not None:
+                    p0 = turn.pe_hit_blocks
+                    self.pool.write_blocks(layer, ids[p0 : p0 + de_n], de_fb[:, layer : layer + 1])
+                off = 0
+                for s, e in turn.ship_ranges():
+                    rows = recv[layer, off : off + (e - s)]
+                    off += e - s
+                    nfull, rem, b0 = (e - s) // bt, (e - s) % bt, s // bt
+                    if nfull:
+                        self.pool.write_blocks(layer, ids[b0 : b0 + nfull], rows[: nfull * bt].view(nfull, bt, b))
+                    if rem:
+                        page = self.pool.layer(layer)[pages[b0 + nfull]]
+                        page.view(torch.uint8).view(bt, b)[:rem].copy_(rows[nfull * bt :])
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            assert turn.first_logits is not None
+            first = int(torch.argmax(turn.first_logits))
+            seq = DecodeSeq(turn, pages, turn.prompt_len, target, list(turn.prompt_ids) + [first],
+                            keys=list(turn.keys))
+            seq.generated.append(first)
+            if self.cfg.keep_logits:
+                seq.logits.append(turn.first_logits)
+            seq.idle.set()
+            await self._persist_prompt(seq)
+        except BaseException:
+            self._free_pages(pages)
+            raise
+        finally:
+            self.release(turn)
+        turn.timings.t_first_token = time.perf_counter()
+        if seq.finished:
+            seq.done.set()
+        else:
+            self.running.append(seq)
+            self._wake.set()
+        return seq
+
+    # --- persistence -------------------------------------------------------------------------------------
+    async def _persist_prompt(self, seq: DecodeSeq) -> None:
+        """Write the prompt's new Full Blocks ``[hit, prompt // bt)`` straight from the DE buffer (no D2H)."""
+        turn = seq.turn
+        layout = self.layout
+        bt = layout.block_tokens
+        first, last = turn.hit_blocks, turn.prompt_len // bt
+        n = last - first
+        if n <= 0 or not self.cfg.persist:
+            return
+        region = await self.host.alloc(n * layout.full_block_bytes, self.cfg.deadline_s)
+        try:
+            out = region.data.view(n, *layout.full_block_shape)
+            recv = self.recv_rows(turn)
+            # row offset of token hit*bt inside the receive area: the rows of the ranges before it
+            off = 0
+            for s, e in turn.ship_ranges():
+                if s <= first * bt < e:
+                    off += first * bt - s
+                    break
+                off += e - s
+            for layer in range(layout.n_layers):
+                out[:, layer].copy_(recv[layer, off : off + n * bt].view(n, bt, -1))
+            await self._write(turn, turn.keys[first:last], out)
+        finally:
+            self.host.free(region)
+
+    async def _write(self, turn: Turn, keys: list[BlockKey], blocks: torch.Tensor) -> None:
+        nbytes = len(keys) * self.layout.full_block_bytes
+        statuses = await self.ctx.links.storage_write(self.name, turn, nbytes, self.ctx.storage.write(keys, blocks))
+        assert statuses is not None
+        bad = [i for i, s in enumerate(statuses) if s.value != "ok"]
+        if bad:
+            log.warning("%s: %d of %d blocks not persisted (turn %d)", self.name, len(bad), len(keys), turn.rid)
+        self.persisted_blocks += len(keys) - len(bad)
+
+    async def _persist_decoded(self, seq: DecodeSeq, block: int, host: torch.Tensor) -> None:
+        try:
+            await self._write(seq.turn, [seq.keys[block]], host)
+        except Exception:  # persistence is best effort: the next turn recomputes what is missing
+            log.exception("%s: persisting block %d of turn %d failed", self.name, block, seq.turn.rid)
+        finally:
+            seq.pending -= 1
+            if seq.pending == 0:
+                seq.idle.set()
+
+    async def _block_filled(self, seq: DecodeSeq, block: int) -> None:
+        """A decode step filled ``block``: key it, copy it D2H (DE CNIC out) and write it in the background."""
+        bt = self.layout.block_tokens
+        parent = seq.keys[block - 1] if block > 0 else None
+        seq.keys.extend(self.ctx.keyer.keys(seq.tokens[block * bt : (block + 1) * bt], parent=parent))
+        if not self.cfg.persist:
+            return
+        host = torch.empty((1, *self.layout.full_block_shape), dtype=torch.uint8)
+        await self.ctx.links.d2h(self.name, seq.turn, self.layout.full_block_bytes)
+        self.pool.read_full_blocks([seq.pages[block]], host)
+        seq.pending += 1
+        seq.idle = anyio.Event()
+        assert self._tg is not None
+        self._tg.start_soon(self._persist_decoded, seq, block, host)
+
+    # --- decode loop -------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            while True:
+                if not self.running:
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                try:
+                    await self._step()
+                except Exception as exc:
+                    log.exception("%s: decode step failed", self.name)
+                    for s in self.running:
+                        s.turn.fail(exc)
+                        s.done.set()
+                    self.running.clear()
+
+    async def _step(self) -> None:
+        batch = [s for s in self.running[: self.cfg.decode_max_batch] if s.turn.error is None]
+        for s in self.running[: self.cfg.decode_max_batch]:
+            if s.turn.error is not None:
+                self.running.remove(s)
+                s.done.set()
+        if not batch:
+            return
+        # rotate so every running request gets steps when there are more than the batch holds
+        self.running = self.running[len(batch) :] + batch
+        bt = self.layout.block_tokens
+        width = max(len(s.pages) for s in batch)
+        tables = torch.zeros((len(batch), width), dtype=torch.int32)
+        for i, s in enumerate(batch):
+            tables[i, : len(s.pages)] = torch.tensor(s.pages, dtype=torch.int32)
+        tokens = torch.tensor([s.tokens[s.kv_len] for s in batch], dtype=torch.int64)
+        lens = [s.kv_len + 1 for s in batch]
+        logits = await self.model.decode_step(tokens, lens, tables, self.pool.layers)
+        self.steps += 1
+        now = time.perf_counter()
+        for i, s in enumerate(batch):
+            s.kv_len += 1
+            if s.kv_len % bt == 0:
+                await self._block_filled(s, s.kv_len // bt - 1)
+            if len(s.generated) < s.turn.gen_tokens:
+                tok = int(torch.argmax(logits[i]))
+                s.generated.append(tok)
+                s.tokens.append(tok)
+                if self.cfg.keep_logits:
+                    s.logits.append(logits[i].detach().to("cpu", torch.float32))
+                if len(s.generated) == 2:
+                    s.turn.timings.t_second_token = now
+            if s.finished:
+                self.running.remove(s)
+                s.done.set()
+
+    async def finish(self, seq: DecodeSeq) -> None:
+        """Wait for the request's persistence, then free its pool pages."""
+        try:
+            with anyio.move_on_after(self.cfg.deadline_s):
+                await seq.idle.wait()
+        finally:
+            self._free_pages(seq.pages)
+            seq.pages = []

@@ -1,0 +1,97 @@
+"""The PE/DE host buffer: one preallocated DRAM arena per engine, carved into regions per request.
+
+The arena is allocated once (pinned when CUDA is present) so a transport can register it once; a region is a
+contiguous uint8 view. ``alloc`` waits (with a deadline) while the arena is full and raises
+:class:`~dualpath.errors.EngineError` at once when a request can never fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import anyio
+import torch
+
+from dualpath.errors import EngineError, PeerTimeout
+
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class HostRegion:
+    offset: int
+    nbytes: int
+    data: torch.Tensor  # uint8 [nbytes] view of the arena
+
+
+class HostBuffer:
+    """First-fit allocator over one DRAM arena of ``capacity_bytes``."""
+
+    def __init__(self, capacity_bytes: int, name: str = "host buffer") -> None:
+        if capacity_bytes <= 0:
+            raise EngineError(f"{name}: capacity must be positive, got {capacity_bytes}")
+        self.name = name
+        self.capacity = int(capacity_bytes)
+        buf = torch.empty(self.capacity, dtype=torch.uint8)
+        if torch.cuda.is_available():
+            try:
+                buf = buf.pin_memory()
+            except RuntimeError:  # pragma: no cover - pinning can fail on small hosts
+                pass
+        self.data = buf
+        self._free: list[tuple[int, int]] = [(0, self.capacity)]  # sorted (offset, size)
+        self._used = 0
+        self._changed = anyio.Event()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity - self._used
+
+    def _try_alloc(self, nbytes: int) -> HostRegion | None:
+        size = max(_ALIGN, math.ceil(nbytes / _ALIGN) * _ALIGN)
+        for i, (off, sz) in enumerate(self._free):
+            if sz >= size:
+                if sz == size:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + size, sz - size)
+                self._used += size
+                return HostRegion(off, size, self.data[off : off + nbytes])
+        return None
+
+    async def alloc(self, nbytes: int, deadline_s: float) -> HostRegion:
+        """A region of at least ``nbytes``; waits up to ``deadline_s`` for space."""
+        if nbytes > self.capacity:
+            raise EngineError(
+                f"{self.name}: a request needs {nbytes} bytes but the buffer holds {self.capacity} "
+                "(raise cluster.host_buffer_bytes)"
+            )
+        with anyio.move_on_after(deadline_s) as scope:
+            while True:
+                region = self._try_alloc(max(nbytes, 1))
+                if region is not None:
+                    return region
+                event = self._changed
+                await event.wait()
+        assert scope.cancelled_caught
+        raise PeerTimeout(f"{self.name}: no room for {nbytes} bytes within {deadline_s}s ({self._used} in use)")
+
+    def free(self, region: HostRegion) -> None:
+        size = region.nbytes
+        self._used -= size
+        self._free.append((region.offset, size))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for off, sz in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == off:
+                merged[-1] = (merged[-1][0], merged[-1][1] + sz)
+            else:
+                merged.append((off, sz))
+        self._free = merged
+        self._changed.set()
+        self._changed = anyio.Event()

@@ -1,0 +1,155 @@
+"""What an engine needs from a model: a layer-wise prefill and a batched decode step over paged KV.
+
+Both the real Llama-family model (through :class:`LlamaAdapter`) and the synthetic model
+(:mod:`dualpath.model.synthetic`) implement :class:`LayerwiseModel`, so engines never special-case them.
+
+KV caches are *per layer* and paged: ``[num_blocks, block_tokens, 2, n_kv_heads, head_dim]`` of the KV dtype
+(the Layer Block layout of :mod:`dualpath.kv.layout` reinterpreted as that dtype). A prefill forward runs one
+layer at a time over a *one-layer scratch cache* holding the batch's blocks for that layer only; a decode step
+runs over the decode engine's whole pool (one tensor per layer).
+
+The contract
+    ``prefill_begin(seqs)`` embeds the new tokens of each :class:`PrefillSeq`. Then ``prefill_layer(state, l,
+    kv_l)`` is called for ``l = 0 .. n_layers-1`` in order: positions ``0 .. cached-1`` of every sequence are
+    already in ``kv_l`` (at ``block_table[p // bt], p % bt``); the call writes the new tokens' KV of layer
+    ``l`` at their positions and attends over all ``cached + new`` positions. ``prefill_end(state)`` returns
+    fp32 logits ``[len(seqs), vocab]`` of each sequence's last token. ``decode_step(tokens, seq_lens,
+    block_tables, kv_layers)`` feeds one token per sequence at position ``seq_lens[i] - 1``, writes its KV
+    into every layer and returns fp32 logits ``[n, vocab]``. Every method is async: real compute runs in a
+    worker thread, synthetic compute sleeps for its modelled time.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import torch
+
+from dualpath.kv.layout import KVSpec
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    """One sequence of a prefill batch: ``new`` token ids on top of ``cached`` positions with KV."""
+
+    token_ids: torch.Tensor  # int64 [new]
+    cached: int
+    block_table: torch.Tensor  # int32 [ceil((cached + new) / block_tokens)] blocks of the scratch cache
+
+    @property
+    def new(self) -> int:
+        return int(self.token_ids.numel())
+
+
+class LayerwiseModel(abc.ABC):
+    """The layer-wise model interface engines drive (contract in the module docstring)."""
+
+    kv_spec: KVSpec
+    fingerprint: str
+    max_context: int
+    vocab_size: int
+    device: torch.device
+
+    @property
+    def n_layers(self) -> int:
+        return self.kv_spec.n_layers
+
+    @abc.abstractmethod
+    async def prefill_begin(self, seqs: Sequence[PrefillSeq]) -> Any: ...
+
+    @abc.abstractmethod
+    async def prefill_layer(self, state: Any, layer: int, kv_layer: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    async def prefill_end(self, state: Any) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    async def decode_step(
+        self,
+        token_ids: torch.Tensor,
+        seq_lens: Sequence[int],
+        block_tables: torch.Tensor,
+        kv_layers: Sequence[torch.Tensor],
+    ) -> torch.Tensor: ...
+
+    def with_device(self, device: torch.device) -> LayerwiseModel:
+        """A model instance bound to ``device`` (may share weights with ``self`` when the device matches)."""
+        return self
+
+
+class LlamaAdapter(LayerwiseModel):
+    """Adapts :class:`dualpath.model.llama.LlamaModel` to :class:`LayerwiseModel`; compute runs in a thread.
+
+    One :class:`anyio.CapacityLimiter` per adapter serialises the engine's compute (one stream per device).
+    """
+
+    def __init__(self, model: Any, block_tokens: int, max_context: int | None = None) -> None:
+        self.model = model
+        self.block_tokens = int(block_tokens)
+        spec = model.spec
+        self.kv_spec = spec.kv_spec()
+        self.fingerprint = spec.fingerprint()
+        self.max_context = int(max_context or spec.max_position)
+        self.vocab_size = int(spec.vocab_size)
+        self.device = torch.device(getattr(model, "device", "cpu"))
+        self._limiter = anyio.CapacityLimiter(1)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def prefill_begin(self, seqs: Sequence[PrefillSeq]) -> Any:
+        return await self._run(_llama_prefill_begin, self.model, list(seqs), self.block_tokens, self.device)
+
+    async def prefill_layer(self, state: Any, layer: int, kv_layer: torch.Tensor) -> None:
+        await self._run(_llama_prefill_layer, self.model, state, layer, kv_layer)
+
+    async def prefill_end(self, state: Any) -> torch.Tensor:
+        out = await self._run(self.model.prefill_end, state)
+        return out.float()
+
+    async def decode_step(
+        self,
+        token_ids: torch.Tensor,
+        seq_lens: Sequence[int],
+        block_tables: torch.Tensor,
+        kv_layers: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        out = await self._run(_llama_decode, self.model, token_ids, list(seq_lens), block_tables, list(kv_layers),
+                              self.device)
+        return out.float()
+
+
+def _llama_prefill_begin(model: Any, seqs: list[PrefillSeq], bt: int, device: torch.device) -> Any:
+    from dualpath.model.llama import SeqBatch
+
+    batch = SeqBatch.build(
+        [s.token_ids.tolist() for s in seqs],
+        [s.cached for s in seqs],
+        [s.block_table.tolist() for s in seqs],
+        bt,
+        device,
+    )
+    with torch.inference_mode():
+        return model.prefill_begin(batch)
+
+
+def _llama_prefill_layer(model: Any, state: Any, layer: int, kv_layer: torch.Tensor) -> None:
+    with torch.inference_mode():
+        model.prefill_layer(layer, state, kv_layer)
+
+
+def _llama_decode(
+    model: Any,
+    token_ids: torch.Tensor,
+    seq_lens: list[int],
+    block_tables: torch.Tensor,
+    kv_layers: list[torch.Tensor],
+    device: torch.device,
+) -> torch.Tensor:
+    with torch.inference_mode():
+        pos = torch.tensor(seq_lens, dtype=torch.int64, device=device) - 1
+        return model.decode_step(token_ids.to(device), pos, block_tables.to(device), kv_layers)

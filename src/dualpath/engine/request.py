@@ -1,0 +1,223 @@
+"""The state of one turn (request) as it moves through the two engines, and its result.
+
+A :class:`Turn` is shared by the prefill engine and the decode engine of one process (the in-process control
+plane: events and plain fields); the KV bytes themselves move only through storage and the transport.
+
+Hit plan (block indices): blocks ``[0, pe_blocks)`` are read on the PE side, ``[pe_blocks, stored)`` on the
+DE side; after the reads, ``hit`` is the longest prefix of blocks that every side read correctly (a missing
+or corrupt block ends the hit there; everything after it is recomputed). The DE then lacks the rows
+``[0, min(pe_blocks, hit) * bt)`` (PE-read hit) and ``[hit * bt, prompt)`` (computed): :meth:`Turn.ship_ranges`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import torch
+
+from dualpath.errors import EngineError
+from dualpath.kv.layout import KVLayout
+from dualpath.types import BlockKey, PathKind
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+_rids = itertools.count(1)
+
+
+@dataclass
+class TurnTimings:
+    """Wall-clock instants (``time.perf_counter``) of one turn."""
+
+    t_submit: float = 0.0
+    t_read_done: float = 0.0
+    t_prefill_start: float = 0.0
+    t_prefill_done: float = 0.0
+    t_first_token: float = 0.0
+    t_second_token: float = 0.0
+    t_done: float = 0.0
+
+    @property
+    def ttft(self) -> float:
+        return self.t_first_token - self.t_submit
+
+    @property
+    def tpot(self) -> float:
+        return self.t_second_token - self.t_first_token if self.t_second_token else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class TurnResult:
+    """What :meth:`dualpath.cluster.Cluster.run_turn` returns."""
+
+    rid: int
+    session: str
+    token_ids: list[int]
+    prompt_tokens: int
+    hit_tokens: int
+    stored_tokens: int  # hit found by lookup before the reads (hit_tokens can be smaller after a bad block)
+    path: PathKind
+    pe: int
+    de: int
+    timings: TurnTimings
+    link_bytes: dict[str, int] = field(default_factory=dict)  # "pe0.cnic.in" -> bytes this turn charged
+    logits: list[torch.Tensor] | None = None  # per generated token (cluster.keep_logits)
+    retried_recompute: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rid": self.rid,
+            "session": self.session,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "hit_tokens": self.hit_tokens,
+            "path": self.path.value,
+            "pe": self.pe,
+            "de": self.de,
+            "timings": self.timings.to_dict(),
+            "link_bytes": self.link_bytes,
+        }
+
+
+class Turn:
+    """One request in flight (see the module docstring)."""
+
+    def __init__(
+        self,
+        session: str,
+        prompt_ids: list[int],
+        gen_tokens: int,
+        pe: int,
+        de: int,
+        path: PathKind,
+        keys: list[BlockKey],
+        stored_blocks: int,
+        pe_blocks: int,
+        layout: KVLayout,
+    ) -> None:
+        self.rid = next(_rids)
+        self.session = session
+        self.prompt_ids = prompt_ids
+        self.prompt = torch.tensor(prompt_ids, dtype=torch.int64)
+        self.gen_tokens = gen_tokens
+        self.pe = pe
+        self.de = de
+        self.path = path
+        self.keys = keys
+        self.stored_blocks = stored_blocks
+        self.pe_blocks = pe_blocks  # hit blocks read on the PE side: [0, pe_blocks)
+        self.layout = layout
+        self.hit_blocks = 0  # set once both reads are done
+        self.timings = TurnTimings(t_submit=time.perf_counter())
+        self.link_bytes: dict[str, int] = {}
+        self.error: BaseException | None = None
+        self.failed = anyio.Event()
+        self.prefill_started = anyio.Event()
+        self.prefill_done = anyio.Event()
+        self.pe_released = anyio.Event()  # the PE no longer touches this turn's buffers
+        self.first_logits: torch.Tensor | None = None
+        # DE-path streaming window: PE sets exposed[l] once layer l's landing is exposed
+        self.exposed = [anyio.Event() for _ in range(layout.n_layers)]
+        # host regions held while the turn is in flight (released by the owner engine)
+        self.pe_host: Any = None
+        self.de_host: Any = None
+        self.de_recv: Any = None
+
+    # --- sizes -------------------------------------------------------------------------------------------
+    @property
+    def bt(self) -> int:
+        return self.layout.block_tokens
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def prompt_blocks(self) -> int:
+        """Blocks that hold the prompt, the partial last one included."""
+        return -(-self.prompt_len // self.bt)
+
+    @property
+    def hit_tokens(self) -> int:
+        return self.hit_blocks * self.bt
+
+    @property
+    def pe_hit_blocks(self) -> int:
+        """Hit blocks that came from the PE side's read."""
+        return min(self.pe_blocks, self.hit_blocks)
+
+    @property
+    def de_hit_blocks(self) -> int:
+        """Hit blocks the DE streams to the PE (DE path)."""
+        return self.hit_blocks - self.pe_hit_blocks
+
+    def ship_ranges(self) -> list[tuple[int, int]]:
+        """Token rows the PE ships to the DE after each layer (the rows the DE does not already hold)."""
+        bt = self.bt
+        ranges: list[tuple[int, int]] = []
+        if self.pe_hit_blocks:
+            ranges.append((0, self.pe_hit_blocks * bt))
+        start = self.hit_blocks * bt
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], self.prompt_len)
+        else:
+            ranges.append((start, self.prompt_len))
+        return ranges
+
+    @property
+    def ship_rows(self) -> int:
+        return sum(e - s for s, e in self.ship_ranges())
+
+    # --- bookkeeping -------------------------------------------------------------------------------------
+    def charge(self, link: str, nbytes: int) -> None:
+        if nbytes:
+            self.link_bytes[link] = self.link_bytes.get(link, 0) + int(nbytes)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.failed.set()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise EngineError(f"turn {self.rid} ({self.session}) failed: {self.error}") from self.error
+
+    def tag(self, what: str, layer: int, part: int = 0) -> str:
+        return f"r{self.rid}/{what}/l{layer}/p{part}"
+
+
+async def wait_event(turn: Turn, event: anyio.Event, timeout: float, what: str) -> None:
+    """Wait for ``event`` while the turn is alive; raise at once when the turn failed, or after ``timeout``."""
+    from dualpath.errors import PeerTimeout
+
+    if event.is_set():
+        return
+    async with anyio.create_task_group() as tg:
+
+        async def _watch_fail() -> None:
+            await turn.failed.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(_watch_fail)
+        with anyio.move_on_after(timeout):
+            await event.wait()
+        tg.cancel_scope.cancel()
+    if turn.error is not None:
+        turn.check()
+    if not event.is_set():
+        raise PeerTimeout(f"turn {turn.rid}: {what} did not happen within {timeout:g} s")
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group, or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

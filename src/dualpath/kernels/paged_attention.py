@@ -1,0 +1,285 @@
+"""Triton paged attention: decode (one query per sequence, split-K over the context) and prefill with a cached
+prefix (flash-attention over the pages: full over the prefix, causal over the new tokens).
+
+Same signatures and semantics as :mod:`dualpath.kernels.reference`. Pages are gathered per token through the
+block table, so any block size works and tiles may span pages; block ids are widened to int64 before they
+are multiplied by strides (large pools do not overflow). Softmax runs in fp32 (exp2 domain).
+Under ``TRITON_INTERPRET=1`` dot operands are cast to fp32 (the interpreter's bf16 dot is wrong).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dualpath.errors import KernelError
+from dualpath.kernels._checks import INT_DTYPES, check_kv_layer, check_shape, check_tensor, interpreting, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, kv_ptr, table_ptr, lens_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kkv, stride_kh,
+    stride_tb,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, PARTITION: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b).to(tl.int32)
+    lo = split * PARTITION
+    hi = tl.minimum(lo + PARTITION, seq_len)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gmask = g < G
+    dmask = d < D
+    heads = kvh * G + g
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table_row = table_ptr + b.to(tl.int64) * stride_tb
+    for start in range(lo, hi, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < hi
+        blk = tl.load(table_row + t // BT, mask=tmask, other=0).to(tl.int64)
+        row = blk * stride_kb + (t % BT).to(tl.int64) * stride_kt + kvh * stride_kh
+        ld_mask = tmask[:, None] & dmask[None, :]
+        k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=ld_mask, other=0.0)
+        v = tl.load(kv_ptr + row[:, None] + stride_kkv + d[None, :], mask=ld_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :],
+             out, mask=gmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=gmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    po_ptr, lse_ptr, out_ptr,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    NUM_SPLITS, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < NUM_SPLITS
+    lse = tl.load(lse_ptr + b.to(tl.int64) * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(smask & (lse > float("-inf")), tl.exp2(lse - m), 0.0)
+    po = tl.load(po_ptr + b.to(tl.int64) * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                 mask=smask[:, None] & (d[None, :] < D), other=0.0)
+    out = tl.sum(po * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, *, partition: int | None = None,
+                           block_n: int | None = None) -> torch.Tensor:
+    """Triton paged decode. ``q [B, Hq, D]``, ``kv_layer [NB, bt, 2, Hkv, D]``, ``block_tables [B, max_blocks]``,
+    ``seq_lens [B]`` (each >= 1) -> ``[B, Hq, D]`` in ``q``'s dtype."""
+    kv = check_kv_layer(kv_layer)
+    dev = kv.device
+    q = check_tensor("q", q, dim=3, dtypes=(kv.dtype,), device=dev, last_contiguous=True)
+    nb, bt, _, hkv, d = kv.shape
+    bsz, hq, _ = q.shape
+    check_shape("q", q, (None, None, d))
+    if hq % hkv:
+        raise KernelError(f"q has {hq} heads, not a multiple of kv_layer's {hkv} KV heads")
+    tables = check_tensor("block_tables", block_tables, dim=2, dtypes=INT_DTYPES, device=dev, last_contiguous=True)
+    check_shape("block_tables", tables, (bsz, None))
+    lens = check_tensor("seq_lens", seq_lens, dim=1, dtypes=INT_DTYPES, device=dev)
+    check_shape("seq_lens", lens, (bsz,))
+    lens = lens.contiguous()
+    out = torch.empty_like(q)
+    if bsz == 0:
+        return out
+    g = hq // hkv
+    interp = interpreting()
+    block_n = block_n or (128 if interp else 64)
+    max_len = tables.shape[1] * bt
+    partition = partition or (max(block_n, 1 << 14) if interp else 512)
+    partition = -(-partition // block_n) * block_n
+    splits = max(1, -(-max_len // partition))
+    po = torch.empty((bsz, hq, splits, d), dtype=torch.float32, device=dev)
+    lse = torch.empty((bsz, hq, splits), dtype=torch.float32, device=dev)
+    block_d = next_pow2(d)
+    prec = "ieee" if kv.dtype == torch.float32 else "tf32"
+    _decode_split_kernel[(bsz, hkv, splits)](
+        q, kv, tables, lens, po, lse,
+        q.stride(0), q.stride(1),
+        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+        tables.stride(0),
+        po.stride(0), po.stride(1), po.stride(2),
+        lse.stride(0), lse.stride(1),
+        float(scale) * LOG2E,
+        G=g, D=d, BT=bt, PARTITION=partition,
+        BLOCK_G=max(16, next_pow2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
+        DOT_FP32=interp, PREC=prec,
+        **({} if interp else {"num_warps": 4, "num_stages": 2}),
+    )
+    _decode_reduce_kernel[(bsz, hq)](
+        po, lse, out,
+        po.stride(0), po.stride(1), po.stride(2),
+        lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        splits, D=d, BLOCK_S=next_pow2(splits), BLOCK_D=block_d,
+    )
+    return out
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kv_ptr, table_ptr, cu_ptr, lens_ptr, start_ptr, o_ptr,
+    stride_qn, stride_qh,
+    stride_kb, stride_kt, stride_kkv, stride_kh,
+    stride_tb,
+    stride_on, stride_oh,
+    qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+):
+    mblk = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // G
+    q0 = tl.load(cu_ptr + b).to(tl.int32)
+    n_new = tl.load(cu_ptr + b + 1).to(tl.int32) - q0
+    if mblk * BLOCK_M < n_new:
+        seq_len = tl.load(lens_ptr + b).to(tl.int32)
+        start = tl.load(start_ptr + b).to(tl.int32)
+        rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n_new
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        qrow = (q0 + rows).to(tl.int64)
+        q = tl.load(q_ptr + qrow[:, None] * stride_qn + h * stride_qh + d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        qpos = start + rows
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        table_row = table_ptr + b.to(tl.int64) * stride_tb
+        # keys before the tile's first query are visible to every row: no causal mask there
+        full_end = ((start + mblk * BLOCK_M) // BLOCK_N) * BLOCK_N
+        end = tl.minimum(seq_len, start + (mblk + 1) * BLOCK_M)
+        for kstart in range(0, full_end, BLOCK_N):
+            t = kstart + tl.arange(0, BLOCK_N)
+            blk = tl.load(table_row + t // BT).to(tl.int64)
+            row = blk * stride_kb + (t % BT).to(tl.int64) * stride_kt + kvh * stride_kh
+            k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=dmask[None, :], other=0.0)
+            v = tl.load(kv_ptr + row[:, None] + stride_kkv + d[None, :], mask=dmask[None, :], other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        for kstart in range(full_end, end, BLOCK_N):
+            t = kstart + tl.arange(0, BLOCK_N)
+            tmask = t < end
+            blk = tl.load(table_row + t // BT, mask=tmask, other=0).to(tl.int64)
+            row = blk * stride_kb + (t % BT).to(tl.int64) * stride_kt + kvh * stride_kh
+            ld = tmask[:, None] & dmask[None, :]
+            k = tl.load(kv_ptr + row[:, None] + d[None, :], mask=ld, other=0.0)
+            v = tl.load(kv_ptr + row[:, None] + stride_kkv + d[None, :], mask=ld, other=0.0)
+            if DOT_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            vis = (t[None, :] <= qpos[:, None]) & tmask[None, :]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + qrow[:, None] * stride_on + h * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
+                            scale: float, *, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Triton prefill with a cached prefix; see :func:`dualpath.kernels.reference.paged_prefill_attention`."""
+    kv = check_kv_layer(kv_layer)
+    dev = kv.device
+    q = check_tensor("q", q, dim=3, dtypes=(kv.dtype,), device=dev, last_contiguous=True)
+    nb, bt, _, hkv, d = kv.shape
+    ntok, hq, _ = q.shape
+    check_shape("q", q, (None, None, d))
+    if hq % hkv:
+        raise KernelError(f"q has {hq} heads, not a multiple of kv_layer's {hkv} KV heads")
+    tables = check_tensor("block_tables", block_tables, dim=2, dtypes=INT_DTYPES, device=dev, last_contiguous=True)
+    bsz = tables.shape[0]
+    cu = check_tensor("cu_seqlens_q", cu_seqlens_q, dim=1, dtypes=INT_DTYPES, device=dev).contiguous()
+    check_shape("cu_seqlens_q", cu, (bsz + 1,))
+    lens = check_tensor("seq_lens", seq_lens, dim=1, dtypes=INT_DTYPES, device=dev).contiguous()
+    check_shape("seq_lens", lens, (bsz,))
+    starts = check_tensor("start_pos", start_pos, dim=1, dtypes=INT_DTYPES, device=dev).contiguous()
+    check_shape("start_pos", starts, (bsz,))
+    out = torch.empty_like(q)
+    if ntok == 0 or bsz == 0:
+        return out
+    cu_host = cu.tolist()
+    if cu_host[0] != 0 or cu_host[-1] != ntok or any(a > b for a, b in zip(cu_host, cu_host[1:], strict=False)):
+        raise KernelError(f"cu_seqlens_q must rise from 0 to q.shape[0]={ntok}, got {cu_host}")
+    max_new = max(b - a for a, b in zip(cu_host, cu_host[1:], strict=False))
+    interp = interpreting()
+    block_d = next_pow2(d)
+    if interp:
+        block_m = block_m or max(16, min(64, next_pow2(max_new)))
+        block_n = block_n or 64
+    else:
+        block_m = block_m or (128 if block_d <= 64 else 64)
+        block_n = block_n or (64 if block_d <= 128 else 32)
+    prec = "ieee" if kv.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(max_new, block_m), bsz, hq)
+    _prefill_kernel[grid](
+        q, kv, tables, cu, lens, starts, out,
+        q.stride(0), q.stride(1),
+        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+        tables.stride(0),
+        out.stride(0), out.stride(1),
+        float(scale) * LOG2E,
+        G=hq // hkv, D=d, BT=bt, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_FP32=interp, PREC=prec,
+        **({} if interp else {"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}),
+    )
+    return out

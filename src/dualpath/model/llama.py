@@ -1,0 +1,297 @@
+"""A Llama-family decoder (Llama, Qwen2) with a layer-wise forward over paged KV.
+
+Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...), so a transformers
+state dict loads as is. The forward is split so that a prefill engine can wait for a layer's cached KV
+before computing that layer::
+
+    state = model.prefill_begin(batch)              # embeddings, positions, slot mapping
+    for l in range(spec.n_layers):
+        kv = await_layer_kv(l)                      # [num_blocks, bt, 2, H, D] holding every cached prefix
+        model.prefill_layer(l, state, kv)           # writes the new tokens' K/V into kv, updates hidden
+    logits = model.prefill_end(state)               # [B, vocab] at each sequence's last new token
+
+Keys and values are stored after RoPE, in the KV tensor's dtype. A batch where every sequence has exactly one
+new token runs the paged decode kernel; anything else the prefill-with-prefix kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dualpath.errors import ModelError
+from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from dualpath.model.spec import ModelSpec, rope_inv_freq
+
+__all__ = ["ForwardState", "LlamaModel", "PrefillState", "SeqBatch"]
+
+
+@dataclass
+class SeqBatch:
+    """A batch of sequences, each with ``start_pos`` cached tokens and a chunk of new tokens.
+
+    Build it with :meth:`build` (from lists) or :meth:`decode` (from tensors, one new token each).
+    ``block_tables[b]`` must cover ``seq_lens[b] = start_pos[b] + new_b`` tokens.
+    """
+
+    input_ids: torch.Tensor      # [N] int64, new tokens of all sequences concatenated
+    positions: torch.Tensor      # [N] int64
+    slot_mapping: torch.Tensor   # [N] int64, flat pool slot of each new token
+    cu_seqlens_q: torch.Tensor   # [B+1] int32
+    seq_lens: torch.Tensor       # [B] int32, cached + new
+    start_pos: torch.Tensor      # [B] int32, cached tokens
+    block_tables: torch.Tensor   # [B, max_blocks] int32
+    last_index: torch.Tensor     # [B] int64, row of each sequence's last new token
+    block_tokens: int
+    is_decode: bool
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @classmethod
+    def build(cls, tokens: Sequence[Sequence[int]], start_pos: Sequence[int], block_tables: Sequence[Sequence[int]],
+              block_tokens: int, device: str | torch.device = "cpu") -> SeqBatch:
+        if not (len(tokens) == len(start_pos) == len(block_tables)) or not tokens:
+            raise ModelError("SeqBatch needs one token list, start position and block table per sequence")
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        lens: list[int] = []
+        for b, (toks, start, table) in enumerate(zip(tokens, start_pos, block_tables, strict=True)):
+            if len(toks) == 0:
+                raise ModelError(f"sequence {b} has no new tokens")
+            if start < 0:
+                raise ModelError(f"sequence {b}: negative start position {start}")
+            end = start + len(toks)
+            need = -(-end // block_tokens)
+            if len(table) < need:
+                raise ModelError(
+                    f"sequence {b}: block table has {len(table)} blocks but {end} tokens need {need} "
+                    f"blocks of {block_tokens}"
+                )
+            ids.extend(int(t) for t in toks)
+            for p in range(start, end):
+                pos.append(p)
+                slots.append(int(table[p // block_tokens]) * block_tokens + p % block_tokens)
+            cu.append(cu[-1] + len(toks))
+            lens.append(end)
+        width = max(1, max(len(t) for t in block_tables))
+        bt = torch.zeros((len(tokens), width), dtype=torch.int32)
+        for b, table in enumerate(block_tables):
+            if len(table):
+                bt[b, : len(table)] = torch.tensor(list(table), dtype=torch.int32)
+        dev = torch.device(device)
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        return cls(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            cu_seqlens_q=cu_t.to(dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            start_pos=torch.tensor(list(start_pos), dtype=torch.int32, device=dev),
+            block_tables=bt.to(dev),
+            last_index=(cu_t[1:] - 1).to(dtype=torch.int64, device=dev),
+            block_tokens=block_tokens,
+            is_decode=all(len(t) == 1 for t in tokens),
+        )
+
+    @classmethod
+    def decode(cls, token_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+               block_tokens: int) -> SeqBatch:
+        """One new token per sequence at ``positions [B]`` (so ``seq_lens = positions + 1``), tensors kept."""
+        dev = token_ids.device
+        pos = positions.to(device=dev, dtype=torch.int64)
+        tables = block_tables.to(device=dev, dtype=torch.int32)
+        b = int(token_ids.shape[0])
+        if tables.shape[0] != b or pos.shape[0] != b:
+            raise ModelError("decode: token_ids, positions and block_tables disagree on the batch size")
+        blk_idx = pos // block_tokens
+        if int(blk_idx.max()) >= tables.shape[1]:
+            raise ModelError(f"decode: a position needs more than the {tables.shape[1]} blocks of its table")
+        phys = tables.gather(1, blk_idx[:, None]).squeeze(1).to(torch.int64)
+        ar = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        return cls(
+            input_ids=token_ids.to(torch.int64),
+            positions=pos,
+            slot_mapping=phys * block_tokens + pos % block_tokens,
+            cu_seqlens_q=ar,
+            seq_lens=(pos + 1).to(torch.int32),
+            start_pos=pos.to(torch.int32),
+            block_tables=tables,
+            last_index=ar[1:].to(torch.int64) - 1,
+            block_tokens=block_tokens,
+            is_decode=True,
+        )
+
+
+@dataclass
+class ForwardState:
+    """What flows between layers of one batch's forward: hidden states and the batch's index tensors."""
+
+    batch: SeqBatch
+    hidden: torch.Tensor   # [N, hidden]
+    cos: torch.Tensor      # [N, head_dim]
+    sin: torch.Tensor
+    next_layer: int = 0
+
+
+PrefillState = ForwardState
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dt)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        hq, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        bias = spec.attention_bias
+        self.q_proj = nn.Linear(spec.hidden_size, hq * d, bias=bias)
+        self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
+        self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
+        self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        self.mlp = MLP(spec)
+
+
+class Backbone(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.n_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class LlamaModel(nn.Module):
+    """Llama/Qwen2 decoder over a paged KV pool. ``backend``: kernel backend (``auto``/``torch``/``triton``)."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
+        super().__init__()
+        self.spec = spec
+        self.backend = backend
+        self.model = Backbone(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.to(device=device, dtype=spec.torch_dtype)
+        inv_freq, self._rope_scale = rope_inv_freq(spec)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.scale = spec.head_dim ** -0.5
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    # --- layer-wise forward ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill_begin(self, batch: SeqBatch) -> ForwardState:
+        """Embed the batch's new tokens and precompute RoPE tables. Works for decode batches too."""
+        ids = batch.input_ids.to(self.device)
+        if int(ids.max()) >= self.spec.vocab_size or int(ids.min()) < 0:
+            raise ModelError(f"token id out of range [0, {self.spec.vocab_size})")
+        freqs = batch.positions.to(self.device, torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dt = self.spec.torch_dtype
+        cos = (emb.cos() * self._rope_scale).to(dt)
+        sin = (emb.sin() * self._rope_scale).to(dt)
+        return ForwardState(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin)
+
+    @torch.no_grad()
+    def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
+        """Run layer ``layer`` (layers must come in order). ``kv_layer [num_blocks, bt, 2, Hkv, D]`` holds each
+        sequence's cached prefix at its block table; the new tokens' K/V are written into it."""
+        if layer != state.next_layer:
+            raise ModelError(f"layer {layer} run out of order (expected layer {state.next_layer})")
+        spec, b = self.spec, state.batch
+        exp = (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim)
+        if kv_layer.dim() != 5 or tuple(kv_layer.shape[1:]) != exp:
+            raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
+        mod = cast(DecoderLayer, self.model.layers[layer])
+        attn = cast(Attention, mod.self_attn)
+        x = cast(RMSNorm, mod.input_layernorm)(state.hidden)
+        n = x.shape[0]
+        q = attn.q_proj(x).view(n, spec.n_heads, spec.head_dim)
+        k = attn.k_proj(x).view(n, spec.n_kv_heads, spec.head_dim)
+        v = attn.v_proj(x).view(n, spec.n_kv_heads, spec.head_dim)
+        cos, sin = state.cos[:, None, :], state.sin[:, None, :]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        store_kv(k, v, kv_layer, b.slot_mapping, backend=self.backend)
+        if b.is_decode:
+            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, self.scale, backend=self.backend)
+        else:
+            o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
+                                        self.scale, backend=self.backend)
+        h = state.hidden + attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
+        state.hidden = h + cast(MLP, mod.mlp)(cast(RMSNorm, mod.post_attention_layernorm)(h))
+        state.next_layer += 1
+
+    @torch.no_grad()
+    def prefill_end(self, state: ForwardState, all_positions: bool = False) -> torch.Tensor:
+        """Logits ``[B, vocab]`` at each sequence's last new token (``[N, vocab]`` with ``all_positions``)."""
+        if state.next_layer != self.spec.n_layers:
+            raise ModelError(f"prefill_end after {state.next_layer} of {self.spec.n_layers} layers")
+        h = state.hidden if all_positions else state.hidden[state.batch.last_index]
+        return self.lm_head(self.model.norm(h)).float()
+
+    # --- whole forward -----------------------------------------------------------------------------------
+    def forward(self, batch: SeqBatch, kv_layers: Sequence[torch.Tensor],  # type: ignore[override]
+                all_positions: bool = False) -> torch.Tensor:
+        if len(kv_layers) != self.spec.n_layers:
+            raise ModelError(f"got KV for {len(kv_layers)} layers, model has {self.spec.n_layers}")
+        state = self.prefill_begin(batch)
+        for layer in range(self.spec.n_layers):
+            self.prefill_layer(layer, state, kv_layers[layer])
+        return self.prefill_end(state, all_positions)
+
+    def decode_step(self, token_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+                    kv_layers: Sequence[torch.Tensor], block_tokens: int | None = None) -> torch.Tensor:
+        """One greedy-decode step for ``B`` sequences: token ``token_ids[b]`` at ``positions[b]`` -> ``[B, vocab]``."""
+        bt = block_tokens or int(kv_layers[0].shape[1])
+        return self.forward(SeqBatch.decode(token_ids, positions, block_tables, bt), kv_layers)

@@ -1,0 +1,332 @@
+"""Build a :class:`~dualpath.model.llama.LlamaModel` from a safetensors directory, a GGUF file, or seeded random
+weights, and check that a checkpoint matches its config (every tensor present, every shape right).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dualpath.errors import ModelError
+from dualpath.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.llama import LlamaModel
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# --- weights in ------------------------------------------------------------------------------------------------
+
+
+def assign_weights(model: LlamaModel, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy Hugging Face-named ``tensors`` into ``model``. Raises :class:`ModelError` naming the missing,
+    unexpected or wrongly shaped tensors."""
+    params = dict(model.named_parameters(remove_duplicate=True))
+    tied = model.spec.tie_embeddings
+    expected = {k for k in params if not (tied and k == "lm_head.weight")}
+    given = {k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)}
+    if tied:
+        given.discard("lm_head.weight")
+    missing = sorted(expected - given)
+    unexpected = sorted(given - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+            )
+        raise ModelError(f"{source} does not match the model config: " + "; ".join(parts))
+    for name in sorted(expected):
+        t = tensors[name]
+        p = params[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ModelError(
+                f"{source}: tensor {name!r} has shape {tuple(t.shape)} but the config implies {tuple(p.shape)}"
+            )
+    with torch.no_grad():
+        for name in expected:
+            params[name].copy_(tensors[name].to(dtype=params[name].dtype))
+
+
+def init_random(model: LlamaModel, seed: int = 0, std: float = 0.02) -> None:
+    """Seeded weights, identical on every machine: N(0, std) matrices, norms 1 + N(0, 0.1), biases N(0, std)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(remove_duplicate=True)):
+            if name.endswith("norm.weight"):
+                val = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+            else:
+                val = std * torch.randn(p.shape, generator=gen)
+            p.copy_(val.to(p.dtype))
+
+
+def state_dict_for_save(model: LlamaModel) -> dict[str, torch.Tensor]:
+    """Hugging Face-named tensors (no duplicate tied head), contiguous, on CPU."""
+    out = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters(remove_duplicate=True)}
+    if model.spec.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def save_pretrained(model: LlamaModel, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (readable by transformers and :func:`load_safetensors_dir`)."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(model.spec.to_hf_config(), indent=2))
+    save_file(state_dict_for_save(model), str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+# --- safetensors ---------------------------------------------------------------------------------------------
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ModelError(f"{index}: malformed shard index ({exc})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise ModelError(f"{index}: shard {f.name} is missing")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{directory}: no *.safetensors files")
+    return files
+
+
+def read_safetensors_dir(directory: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(Path(directory)):
+        try:
+            out.update(load_file(str(f)))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelError(f"{f}: cannot read safetensors ({exc})") from None
+    return out
+
+
+def files_identity(files: list[Path]) -> str:
+    """A content hash that is cheap for large files: size, first 1 MiB and 16 sampled 64 KiB windows."""
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            for i in range(16):
+                fh.seek(size * i // 16)
+                h.update(fh.read(1 << 16))
+    return h.hexdigest()[:32]
+
+
+# --- GGUF ----------------------------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_name(name: str) -> str | None:
+    if name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if name == "output_norm.weight":
+        return "model.norm.weight"
+    if name == "output.weight":
+        return "lm_head.weight"
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs back to Hugging Face's half split)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A Hugging Face config dict and dequantized fp32 tensors (HF names) from a llama/qwen2 GGUF file."""
+    import gguf
+    import numpy as np
+
+    p = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(p))
+    except FileNotFoundError:
+        raise ModelError(f"GGUF file {p} not found") from None
+    except Exception as exc:
+        raise ModelError(f"{p}: not a readable GGUF file ({exc})") from None
+
+    def field(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ModelError(f"{p}: unsupported GGUF architecture {arch!r}; expected 'llama' or 'qwen2'")
+
+    def need(key: str) -> Any:
+        v = field(f"{arch}.{key}")
+        if v is None:
+            raise ModelError(f"{p}: GGUF metadata is missing {arch}.{key}")
+        return v
+
+    hidden = int(need("embedding_length"))
+    n_heads = int(need("attention.head_count"))
+    n_kv = int(field(f"{arch}.attention.head_count_kv", n_heads))
+    tokens = field("tokenizer.ggml.tokens")
+    vocab = int(field(f"{arch}.vocab_size", 0) or (len(tokens) if tokens else 0))
+    head_dim = int(field(f"{arch}.attention.key_length", 0) or field(f"{arch}.rope.dimension_count", 0)
+                   or hidden // n_heads)
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ModelError(f"{p}: GGUF with baked rope_freqs (llama3 rope scaling) is unsupported; use safetensors")
+    cfg: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "model_type": arch,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        # GGUF stores float32: round back to the decimal a config.json would hold
+        "rms_norm_eps": float(f"{field(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"),
+        "rope_theta": float(f"{field(f'{arch}.rope.freq_base', 10000.0):.7g}"),
+        "max_position_embeddings": int(field(f"{arch}.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "torch_dtype": "float32",
+    }
+    scaling = field(f"{arch}.rope.scaling.type")
+    if scaling and scaling != "none":
+        cfg["rope_scaling"] = {
+            "rope_type": scaling,
+            "factor": float(field(f"{arch}.rope.scaling.factor", 1.0)),
+            "original_max_position_embeddings": int(field(f"{arch}.rope.scaling.original_context_length", 0)
+                                                    or cfg["max_position_embeddings"]),
+        }
+    for key, hf in (("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")):
+        v = field(key)
+        if v is not None:
+            cfg[hf] = int(v)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        hf_name = _gguf_name(t.name)
+        if hf_name is None:
+            raise ModelError(f"{p}: unexpected GGUF tensor {t.name!r}")
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelError(f"{p}: tensor {t.name}: quantization {t.tensor_type.name} unsupported") from None
+        w = torch.from_numpy(np.array(arr, dtype=np.float32))
+        if arch == "llama" and ".self_attn.q_proj." in hf_name:
+            w = _unpermute(w, n_heads)
+        elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+            w = _unpermute(w, n_kv)
+        tensors[hf_name] = w
+    return cfg, tensors
+
+
+# --- entry points --------------------------------------------------------------------------------------------
+
+
+def build_model(spec: ModelSpec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
+                device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint") -> LlamaModel:
+    """A model on CPU filled from ``tensors`` (or seeded random weights when None), then moved to ``device``."""
+    from dualpath.model.llama import LlamaModel
+
+    model = LlamaModel(spec, device="cpu", backend=backend)
+    if tensors is None:
+        init_random(model, seed)
+    else:
+        assign_weights(model, tensors, source)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path) -> Any | None:
+    """The Hugging Face tokenizer of a model directory or GGUF file, or None (no tokenizer, or no transformers)."""
+    p = Path(path)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        if p.is_file() and p.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(str(p))
+    except Exception as exc:
+        raise ModelError(f"{p}: cannot load the tokenizer ({exc})") from None
+    return None
+
+
+def load_model(config: LlamaModelConfig | None = None, device: str | torch.device = "cpu", *,
+               path: str | Path | None = None, with_tokenizer: bool = True) -> tuple[LlamaModel, Any | None]:
+    """Build the model a :class:`~dualpath.model.config.LlamaModelConfig` names (``path`` overrides its path).
+
+    ``path``: a safetensors directory (sharded or not, with config.json), a ``.gguf`` file, a ``config.json``
+    (with ``random_init``), or None for the embedded SmolLM2-135M-Instruct (converted once, cached).
+    """
+    from dualpath.model.config import LlamaModelConfig
+
+    cfg = config or LlamaModelConfig()
+    src = path if path is not None else cfg.path
+    if src is None:
+        from dualpath.model.embedded import embedded_model_path
+
+        src = embedded_model_path()
+    p = Path(os.path.expanduser(str(src)))
+    if not p.exists():
+        raise ModelError(f"model path {p} does not exist")
+    tokenizer = None
+    if p.is_file() and p.suffix == ".gguf":
+        hf_cfg, tensors = read_gguf(p)
+        spec = ModelSpec.from_hf_config(hf_cfg, dtype=cfg.dtype)
+        weights_id = f"random:{cfg.seed}" if cfg.random_init else files_identity([p])
+        model_tensors: Mapping[str, torch.Tensor] | None = None if cfg.random_init else tensors
+    else:
+        cfg_path = p if p.is_file() else p / "config.json"
+        spec = ModelSpec.from_hf_config(cfg_path, dtype=cfg.dtype)
+        if cfg.random_init:
+            model_tensors, weights_id = None, f"random:{cfg.seed}"
+        else:
+            files = safetensors_files(p if p.is_dir() else p.parent)
+            model_tensors = read_safetensors_dir(p if p.is_dir() else p.parent)
+            weights_id = files_identity(files)
+    from dataclasses import replace
+
+    spec = replace(spec, weights_id=weights_id)
+    model = build_model(spec, model_tensors, seed=cfg.seed, device=device, backend=cfg.attention_backend,
+                        source=str(p))
+    if with_tokenizer:
+        tokenizer = load_tokenizer(p if p.is_dir() or p.suffix == ".gguf" else p.parent)
+    return model, tokenizer

@@ -1,0 +1,318 @@
+"""Run one policy on a fresh emulated cluster: fresh storage, the same trace, the scheduler driver, a client.
+
+Every policy gets its own cluster and an empty storage directory, so all policies see the same trace and the
+same cold storage. :func:`run_policy` fills a :class:`PolicyRun` as turns finish, so a cancelled run (Ctrl-C)
+still has what finished. :func:`summarize` turns a run into the figures of the report.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+
+from dualpath.config import DualPathConfig
+from dualpath.errors import ConfigError, EngineError, ModelError
+from dualpath.runtime.clients import (
+    ClientResult,
+    SloCheck,
+    TurnRecord,
+    run_offline_into,
+    run_online_into,
+)
+from dualpath.scheduler.core import GlobalScheduler
+from dualpath.scheduler.driver import DriverStats, SchedulerDriver
+from dualpath.scheduler.params import SchedulerParams
+from dualpath.scheduler.policies import get_policy
+from dualpath.workload.arrivals import SLO, poisson_arrivals
+from dualpath.workload.trajectory import Trajectory
+
+#: width of the windows of the link-utilisation series and of the storage-NIC balance (seconds)
+SERIES_BIN_S = 0.5
+BALANCE_WINDOW_S = 1.0
+
+
+class Progress:
+    """One updating line on stderr: ``label: done/total turns, elapsed`` (at most ~10 updates per second)."""
+
+    def __init__(self, label: str, total: int, stream: Any = None, enabled: bool = True) -> None:
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+
+    def update(self, _rec: TurnRecord | None = None) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if self.enabled and (now - self._last >= 0.1 or self.done == self.total):
+            self._last = now
+            self._write()
+
+    def _write(self, end: str = "") -> None:
+        el = time.perf_counter() - self.t0
+        self.stream.write(f"\r  {self.label:<12} {self.done:>5}/{self.total} turns  {el:6.1f} s{end}")
+        self.stream.flush()
+
+    def close(self, note: str = "") -> None:
+        if self.enabled:
+            self._write(f"  {note}\n" if note else "\n")
+
+
+@dataclass
+class PolicyRun:
+    """One policy's run: its turns, the link counters and series, the driver's counters."""
+
+    policy: str
+    client: ClientResult = field(default_factory=lambda: ClientResult([], 0.0, 0.0, 0, 0))
+    complete: bool = False
+    wall_s: float = 0.0
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"bandwidth", "bytes", ...}
+    series: dict[str, list[float]] = field(default_factory=dict)  # link name -> utilisation per bin
+    series_bin_s: float = SERIES_BIN_S
+    snic_window_bytes: dict[str, list[float]] = field(default_factory=dict)
+    driver: DriverStats = field(default_factory=DriverStats)
+    slo_met: bool | None = None
+    error: str | None = None
+
+    @property
+    def records(self) -> list[TurnRecord]:
+        return self.client.records
+
+
+def policy_config(base: DualPathConfig, policy: str, storage_root: Path | None) -> DualPathConfig:
+    """``base`` with the policy's scheduler settings and (for file storage) an empty storage root."""
+    pol = get_policy(policy)
+    cfg = base.model_copy(deep=True)
+    cfg.scheduler.policy = pol.name  # type: ignore[assignment]
+    cfg.scheduler.layerwise = pol.layerwise
+    if storage_root is not None and hasattr(cfg.storage, "root"):
+        cfg.storage.root = storage_root
+    return cfg
+
+
+def kv_bytes_per_token(cfg: DualPathConfig) -> int:
+    """Bytes of KV per token over all layers, from the model config (synthetic) or the cluster's layout."""
+    m = cfg.model
+    if m.kind == "synthetic":
+        from dualpath.kv.layout import KVSpec
+
+        return KVSpec.mha(m.n_layers, m.n_kv_heads, m.head_dim, m.kv_dtype).bytes_per_token
+    raise ConfigError("kv_bytes_per_token: only known for the synthetic model before the cluster starts")
+
+
+def scheduler_params(cfg: DualPathConfig, bytes_per_token: int, gpu_tokens_per_s: float | None = None) -> SchedulerParams:
+    """alpha/beta in tokens from the storage-NIC rate and a GPU's prefill rate (paper appendix A.4)."""
+    snic = cfg.cluster.snic_gbps
+    storage_tps = (snic * 1e9 / bytes_per_token) if snic else 1e9
+    if gpu_tokens_per_s is None:
+        m = cfg.model
+        if m.kind == "synthetic" and m.linear_flops_per_token > 0:
+            gpu_tokens_per_s = m.device_tflops * 1e12 / m.linear_flops_per_token
+        else:
+            gpu_tokens_per_s = 5000.0
+    return SchedulerParams.from_config(cfg.scheduler, storage_tps, gpu_tokens_per_s, cfg.cluster.block_tokens)
+
+
+def largest_turn(trajs: Sequence[Trajectory]) -> tuple[int, int]:
+    """(prompt tokens, generated tokens) of the turn that needs the most KV memory."""
+    best = (0, 0)
+    for t in trajs:
+        for i, u in enumerate(t.turns):
+            p = t.prompt_len(i)
+            if p + u.gen > sum(best):
+                best = (p, max(1, u.gen))
+    return best
+
+
+def check_cluster_holds(cluster: Any, trajs: Sequence[Trajectory]) -> None:
+    """Raise a ConfigError before any turn runs when the cluster cannot hold the largest turn of the trace."""
+    prompt, gen = largest_turn(trajs)
+    if prompt == 0:
+        return
+    try:
+        cluster.check_turn([0] * prompt, gen, 0, 0)
+    except (EngineError, ModelError) as exc:
+        raise ConfigError(f"this cluster cannot hold the largest turn of the trace: {exc}") from exc
+
+
+def _links(cluster: Any) -> dict[str, Any]:
+    ls = cluster.links() if callable(cluster.links) else cluster.links
+    return dict(getattr(ls, "links", ls))
+
+
+def _collect_links(cluster: Any, run: PolicyRun, t0: float, t1: float) -> None:
+    """Totals per link, utilisation series in ``SERIES_BIN_S`` bins, SNIC-read bytes per balance window."""
+    span = max(t1 - t0, 1e-9)
+    nbins = max(1, math.ceil(span / SERIES_BIN_S))
+    nwin = max(1, math.ceil(span / BALANCE_WINDOW_S))
+    for name, link in sorted(_links(cluster).items()):
+        st = link.stats
+        total = int(sum(st.bytes.values()))
+        run.links[name] = {"bandwidth": link.bandwidth, "bytes": total, "bytes_by_class": dict(st.bytes)}
+        tl = link.timeline()
+        if link.bandwidth:
+            b = np.zeros(nbins)
+            for t, hi, kv in tl:
+                i = int((t - t0) / SERIES_BIN_S)
+                if 0 <= i < nbins:
+                    b[i] += hi + kv
+            run.series[name] = [float(x) for x in b / (link.bandwidth * SERIES_BIN_S)]
+            run.links[name]["utilisation"] = total / (link.bandwidth * span)
+        if name.endswith("snic.read"):
+            w = np.zeros(nwin)
+            for t, hi, kv in tl:
+                i = int((t - t0) / BALANCE_WINDOW_S)
+                if 0 <= i < nwin:
+                    w[i] += hi + kv
+            run.snic_window_bytes[name] = [float(x) for x in w]
+
+
+def storage_balance(window_bytes: dict[str, list[float]]) -> float | None:
+    """Max/avg of the storage NICs' read bytes per window, averaged over windows weighted by their bytes.
+
+    1.0 is perfect balance; windows in which nothing was read do not count (the paper's Fig. 13 metric).
+    """
+    if len(window_bytes) < 2:
+        return None
+    m = np.asarray(list(window_bytes.values()))  # [nics, windows]
+    tot = m.sum(axis=0)
+    keep = tot > 0
+    if not keep.any():
+        return None
+    ratio = m[:, keep].max(axis=0) / m[:, keep].mean(axis=0)
+    return float(np.average(ratio, weights=tot[keep]))
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def summarize(run: PolicyRun) -> dict[str, Any]:
+    """The figures of one run (keys as in :data:`dualpath.runtime.report.ROWS`)."""
+    recs = run.records
+    o = [r.outcome for r in recs]
+    ttft = [x.ttft for x in o]
+    ttst = [t for x in o if (t := x.ttst) is not None]
+    tpot = [t for x in o if (t := x.tpot) is not None]
+    tokens = sum(x.prompt_tokens + len(x.tokens) for x in o)
+    prompt = sum(x.prompt_tokens for x in o)
+    jct = run.client.jct if recs else None
+    snic = {n: v for n, v in run.links.items() if n.endswith("snic.read")}
+    out: dict[str, Any] = {
+        "complete": run.complete,
+        "turns": len(recs),
+        "agents_done": run.client.agents_done,
+        "agents": run.client.agents_total,
+        "jct_s": jct,
+        "wall_s": run.wall_s,
+        "throughput_tok_s": (tokens / jct) if jct else None,
+        "throughput_turns_s": (len(recs) / jct) if jct else None,
+        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+        "ttst_p50_s": _pct(ttst, 50), "ttst_p99_s": _pct(ttst, 99),
+        "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
+        "hit_rate": (sum(x.hit_tokens for x in o) / prompt) if prompt else None,
+        "pe_path_bytes": sum(v["bytes"] for n, v in snic.items() if n.startswith("pnode")),
+        "de_path_bytes": sum(v["bytes"] for n, v in snic.items() if n.startswith("dnode")),
+        "snic_util": {n.split(".")[0]: v.get("utilisation", 0.0) for n, v in snic.items()},
+        "snic_balance": storage_balance(run.snic_window_bytes),
+        "paths": dict(run.driver.paths),
+        "scheduler_rounds": run.driver.rounds,
+        "scheduler_core_s": run.driver.core_s,
+        "link_bytes": {n: v["bytes"] for n, v in run.links.items()},
+    }
+    if run.slo_met is not None:
+        out["slo_met"] = run.slo_met
+    if run.error:
+        out["error"] = run.error
+    return out
+
+
+def limit_torch_threads() -> None:
+    """One intra-op thread: the emulated cluster runs many small tensor ops on its event loop, where torch's
+    thread pool only adds contention (15x slower on a loaded 2-core machine)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+ClusterFactory = Callable[[DualPathConfig], Any]
+
+
+def _default_cluster(cfg: DualPathConfig) -> Any:
+    from dualpath.cluster import Cluster
+
+    return Cluster(cfg)
+
+
+async def run_policy(
+    base: DualPathConfig,
+    policy: str,
+    trajs: Sequence[Trajectory],
+    run: PolicyRun,
+    *,
+    mode: str = "offline",
+    rate_aps: float = 1.0,
+    slo: SLO | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    cluster_factory: ClusterFactory = _default_cluster,
+    gpu_tokens_per_s: float | None = None,
+) -> PolicyRun:
+    """Run ``trajs`` under ``policy`` on a fresh cluster with fresh storage; fills and returns ``run``."""
+    t_wall = time.perf_counter()
+    if base.model.kind == "synthetic":
+        limit_torch_threads()
+    tmp = Path(tempfile.mkdtemp(prefix=f"dualpath-run-{policy}-"))
+    try:
+        cfg = policy_config(base, policy, tmp / "kv")
+        cluster = cluster_factory(cfg)
+        bpt = cluster.layout.spec.bytes_per_token if hasattr(cluster, "layout") else kv_bytes_per_token(cfg)
+        sched = GlobalScheduler(get_policy(policy), scheduler_params(cfg, bpt, gpu_tokens_per_s))
+        vocab = int(getattr(cluster, "vocab_size", 32000))
+        t0_link = 0.0
+        try:
+            async with cluster:
+                if hasattr(cluster, "check_turn"):
+                    check_cluster_holds(cluster, trajs)
+                driver = SchedulerDriver(
+                    cluster, sched, fetch_interval_s=cfg.scheduler.fetch_interval_s,
+                    max_request_tokens=cfg.cluster.kv_pool_tokens,
+                )
+                run.driver = driver.stats
+                t0_link = anyio.current_time()
+                cb = progress.update if progress is not None else None
+                try:
+                    async with driver:
+                        if mode == "online":
+                            chk = SloCheck(slo or SLO())
+                            arrivals = poisson_arrivals(len(trajs), rate_aps, seed)
+                            arrivals = [a - arrivals[0] for a in arrivals]
+                            finished = await run_online_into(
+                                driver, trajs, arrivals, run.client, vocab_size=vocab, seed=seed, on_turn=cb,
+                                stop_when=chk.hopeless,
+                            )
+                            run.slo_met = finished and chk.met(run.client.records)
+                        else:
+                            await run_offline_into(driver, trajs, run.client, vocab_size=vocab, seed=seed,
+                                                   on_turn=cb)
+                        run.complete = True
+                finally:
+                    t1_link = anyio.current_time()
+                    _collect_links(cluster, run, t0_link, t1_link)
+        finally:
+            run.wall_s = time.perf_counter() - t_wall
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return run

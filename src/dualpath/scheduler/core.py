@@ -1,0 +1,163 @@
+"""The global scheduler: a stateful but pure facade (no I/O, no clock) that the runtime and the simulator drive.
+
+One call to :meth:`GlobalScheduler.schedule` is one fetch round over every PE and DE group. Requests are taken
+from the global waiting queue strictly FIFO; for each head request, in this order:
+
+1. its PE (Algorithm 1 with ``smart_assign``, else least-loaded); none free -> the round ends;
+2. its DE (the two-level scheme, else least-loaded among DEs whose free KV memory holds it); none -> the round
+   ends and the request stays at the head (its PE is not charged);
+3. its read side (:func:`dualpath.scheduler.path.decide_side`), from the PE node's and the DE node's read queues.
+
+The paper leaves this sequencing open. We assign PE and DE together, at once, because the DE must be known
+before the read starts (the DE read path reads into the DE's node) and its KV memory must be reserved before the
+PE ships the prompt KV; the side needs both nodes. Stopping at the first request without a DE keeps the waiting
+queue FIFO, which is stricter than the paper's DE private queues (there global FIFO is not preserved).
+
+Within a round the core updates private copies of the snapshots (:class:`EngineLoad`): the PE's ``tok``/``seq``,
+the DE's ``tok``/``seq``/``free_kv_tokens`` (``kv_need``), and the read queue of the node(s) that will read the
+hit tokens (not for ``oracle``). So Algorithm 1's classes and the side choice see this round's earlier reads.
+
+Phase 1 of the DE scheme routes requests lazily: the first window (as many head requests as the PEs could take:
+tokens up to their summed headroom under beta, plus one per non-overloaded PE) is routed up front and gives each
+group's Z; requests past it are routed on demand. A request that needs more KV memory than any DE group has
+free blocks the queue until memory frees; the caller should reject requests larger than a DE's total KV memory.
+Node ids are per role: a PE node and a DE node may share an id.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+from dualpath.errors import SchedulerError
+from dualpath.scheduler.decode import (
+    GroupRouter,
+    commit_decode,
+    pick_decode_engine,
+    pick_least_loaded_de,
+    z_threshold,
+)
+from dualpath.scheduler.params import SchedulerParams
+from dualpath.scheduler.path import decide_side, side_tokens
+from dualpath.scheduler.policies import Policy
+from dualpath.scheduler.prefill import PrefillPicker, node_read_q
+from dualpath.scheduler.state import Assignment, EngineLoad, EngineSnapshot, RequestInfo
+
+
+class GlobalScheduler:
+    """Global FIFO waiting queue + one decision function per fetch round."""
+
+    def __init__(self, policy: Policy, params: SchedulerParams) -> None:
+        self.policy = policy
+        self.params = params
+        self._queue: deque[RequestInfo] = deque()
+        self._rids: set[int] = set()
+        self.rr_counter = 0
+
+    def submit(self, req: RequestInfo) -> None:
+        """Append ``req`` to the global waiting queue."""
+        if req.rid in self._rids:
+            raise SchedulerError(f"request {req.rid} is already waiting")
+        if min(req.context, req.append, req.hit, req.gen) < 0 or req.hit > req.prompt:
+            raise SchedulerError(
+                f"request {req.rid}: need 0 <= hit <= context + append and non-negative counts, got {req}"
+            )
+        self._queue.append(req)
+        self._rids.add(req.rid)
+
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def waiting_rids(self) -> list[int]:
+        return [r.rid for r in self._queue]
+
+    def cancel(self, rid: int) -> bool:
+        """Remove a waiting request; False when it is not waiting."""
+        if rid not in self._rids:
+            return False
+        self._queue = deque(r for r in self._queue if r.rid != rid)
+        self._rids.discard(rid)
+        return True
+
+    def _window(self, pes: Sequence[EngineLoad]) -> int:
+        beta = self.params.beta_tokens
+        headroom = sum(max(0, beta - e.tok) for e in pes)
+        n = sum(1 for e in pes if e.tok <= beta)
+        cum = 0
+        for r in self._queue:
+            cum += r.tokens
+            if cum > headroom:
+                break
+            n += 1
+        return min(n, len(self._queue))
+
+    def schedule(
+        self, pe_groups: Sequence[Sequence[EngineSnapshot]], de_groups: Sequence[Sequence[EngineSnapshot]]
+    ) -> list[Assignment]:
+        """One fetch round: assignments for a FIFO prefix of the waiting queue (the rest stays queued)."""
+        pe_flat = [s for g in pe_groups for s in g]
+        de_flat = [s for g in de_groups for s in g]
+        if not self._queue or not pe_flat or not de_flat:
+            return []
+        pes = [EngineLoad.of(s) for s in pe_flat]
+        de_groups_l = [[EngineLoad.of(s) for s in g] for g in de_groups]
+        des = [e for g in de_groups_l for e in g]
+        pe_rq = node_read_q(pe_flat)
+        de_rq = node_read_q(de_flat)
+        p, smart, bt = self.params, self.policy.smart_assign, self.params.block_tokens
+
+        router = GroupRouter(de_groups_l, p) if smart else None
+        routed: list[int] = []
+        z: list[float] = []
+        if router is not None:
+            queues: list[list[RequestInfo]] = [[] for _ in de_groups_l]
+            for i in range(self._window(pes)):
+                g = router.route(self._queue[i])
+                if g is None:
+                    break
+                routed.append(g)
+                queues[g].append(self._queue[i])
+            z = [z_threshold(g, q, p) for g, q in zip(de_groups_l, queues, strict=True)]
+
+        picker = PrefillPicker(pes, pe_rq, p, use_read_q=smart)
+        out: list[Assignment] = []
+        for i, r in enumerate(self._queue):
+            pe = picker.pick()
+            if pe is None:
+                break
+            if router is not None:
+                if i == len(routed):
+                    g = router.route(r)
+                    if g is None:
+                        break
+                    routed.append(g)
+                de = pick_decode_engine(r, de_groups_l[routed[i]], z[routed[i]], p)
+            else:
+                de = pick_least_loaded_de(r, des, p)
+            if de is None:
+                break
+            a = decide_side(
+                r,
+                pe.engine,
+                de.engine,
+                pe_rq.get(pe.node, 0),
+                de_rq.get(de.node, 0),
+                self.policy,
+                self.rr_counter,
+                bt,
+            )
+            self.rr_counter += 1
+            pe.tok += r.tokens
+            pe.seq += 1
+            picker.touch(pe)
+            commit_decode(de, r, p)
+            if not self.policy.oracle:
+                pe_tok, de_tok = side_tokens(a, r, bt)
+                if pe_tok:
+                    pe_rq[pe.node] = pe_rq.get(pe.node, 0) + pe_tok
+                    picker.touch_node(pe.node)
+                de_rq[de.node] = de_rq.get(de.node, 0) + de_tok
+            out.append(a)
+        for _ in out:
+            self._rids.discard(self._queue.popleft().rid)
+        return out

@@ -1,0 +1,248 @@
+"""The scheduler driver: the async loop that feeds the pure :class:`GlobalScheduler` from running engines.
+
+Clients call :meth:`SchedulerDriver.run_turn` (it implements :class:`dualpath.runtime.clients.TurnService`):
+the driver looks the prompt up in storage (its hit length), submits a :class:`RequestInfo` to the global waiting
+queue and waits. A single loop task pulls on behalf of every engine group, as the paper's leader engines do
+(section 7.1): each round it takes the engines' snapshots (``seq``, ``tok``, their node's ``read_q``, free KV
+memory), groups them by node, asks the core for assignments, and starts each assigned turn on the cluster with
+its PE, DE, read side and split. The PE packs its own forward batches and chunks (``pack_forward_batch``) under
+the compute quota as requests reach it.
+
+Rounds run every ``fetch_interval_s`` while requests wait; an idle loop sleeps until a request arrives, and a
+finished turn (which frees engine capacity) wakes it early. Assigned turns run in the driver's task group: a
+failure of one fails the caller's ``run_turn`` with that error; cancelling the driver cancels every turn.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections import Counter
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol
+
+import anyio
+import numpy as np
+from anyio.abc import TaskGroup
+
+from dualpath.errors import EngineError, SchedulerError
+from dualpath.runtime.clients import TurnOutcome
+from dualpath.scheduler.core import GlobalScheduler
+from dualpath.scheduler.state import Assignment, EngineSnapshot, RequestInfo
+from dualpath.types import PathKind
+
+
+class ClusterLike(Protocol):
+    """What the driver needs from a cluster (the emulated :class:`dualpath.cluster.Cluster`, or a double)."""
+
+    def snapshots(self) -> tuple[Sequence[EngineSnapshot], Sequence[EngineSnapshot]]: ...
+
+    def lookup(self, prompt_ids: Any) -> int | Awaitable[int]: ...
+
+    async def run_turn(
+        self,
+        session: int,
+        prompt_ids: Any,
+        gen_tokens: int,
+        pe: int,
+        de: int,
+        path: PathKind,
+        pe_blocks: int | None = None,
+    ) -> Any: ...
+
+
+def group_by_node(snaps: Sequence[EngineSnapshot]) -> list[list[EngineSnapshot]]:
+    """Engine groups = nodes (paper 7.1), ordered by node id; engines within a group by engine id."""
+    groups: dict[int, list[EngineSnapshot]] = {}
+    for s in snaps:
+        groups.setdefault(s.node, []).append(s)
+    return [sorted(groups[n], key=lambda s: s.engine) for n in sorted(groups)]
+
+
+@dataclass
+class _Pending:
+    session: int
+    prompt_ids: Any
+    gen: int
+    hit: int
+    t_submit: float
+    done: anyio.Event = field(default_factory=anyio.Event)
+    assignment: Assignment | None = None
+    t_scheduled: float | None = None
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class DriverStats:
+    """Counters of the driver: rounds, assignments per read side, time spent inside the core."""
+
+    rounds: int = 0
+    assigned: int = 0
+    paths: Counter[str] = field(default_factory=Counter)
+    core_s: float = 0.0
+
+
+def _outcome(p: _Pending, res: Any) -> TurnOutcome:
+    """Convert a cluster ``TurnResult`` (duck-typed: ``token_ids``, ``timings``, ``link_bytes``, ...) into the
+    client's :class:`TurnOutcome`."""
+    a = p.assignment
+    assert a is not None
+    tm = getattr(res, "timings", res)
+    tokens = [int(t) for t in getattr(res, "token_ids", None) or getattr(res, "tokens", [])]
+    t_second = getattr(tm, "t_second_token", None)
+    path = getattr(res, "path", a.path)
+    return TurnOutcome(
+        session=p.session,
+        tokens=tokens,
+        prompt_tokens=int(getattr(res, "prompt_tokens", len(p.prompt_ids))),
+        hit_tokens=int(getattr(res, "hit_tokens", p.hit)),
+        t_submit=p.t_submit,
+        t_first_token=float(getattr(tm, "t_first_token", math.nan)),
+        t_second_token=float(t_second) if t_second else None,
+        t_done=float(getattr(tm, "t_done", 0.0) or time.perf_counter()),
+        path=getattr(path, "value", str(path)),
+        pe=a.pe,
+        de=a.de,
+        t_scheduled=p.t_scheduled,
+        bytes={str(k): int(v) for k, v in dict(getattr(res, "link_bytes", None) or {}).items()},
+    )
+
+
+class SchedulerDriver:
+    """Feeds ``scheduler`` from ``cluster`` and applies its decisions. Use as ``async with driver: ...``.
+
+    ``max_request_tokens``: KV tokens (prompt + generation) the largest decode engine can hold; a request
+    needing more is rejected at submission with :class:`EngineError` instead of blocking the queue forever.
+    """
+
+    def __init__(
+        self,
+        cluster: ClusterLike,
+        scheduler: GlobalScheduler,
+        *,
+        fetch_interval_s: float = 0.005,
+        max_request_tokens: int | None = None,
+    ) -> None:
+        if fetch_interval_s <= 0:
+            raise SchedulerError(f"fetch_interval_s must be > 0, got {fetch_interval_s}")
+        self.cluster = cluster
+        self.scheduler = scheduler
+        self.fetch_interval_s = fetch_interval_s
+        self.max_request_tokens = max_request_tokens
+        self.stats = DriverStats()
+        self._pending: dict[int, _Pending] = {}
+        self._next_rid = 0
+        self._wake = anyio.Event()
+        self._tg: TaskGroup | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    async def __aenter__(self) -> SchedulerDriver:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._loop, name="scheduler-driver")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            return await self._tg.__aexit__(et, exc, tb)
+        finally:
+            self._tg = None
+            for p in self._pending.values():
+                if not p.done.is_set():
+                    p.error = p.error or EngineError("the scheduler driver stopped")
+                    p.done.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not finished (waiting or running)."""
+        return len(self._pending)
+
+    # --- TurnService -------------------------------------------------------------------------------------
+    async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int) -> TurnOutcome:
+        """Schedule one turn and return when its last token is out."""
+        if self._tg is None:
+            raise SchedulerError("the driver is not running (use `async with driver:`)")
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+        n = int(prompt_ids.size)
+        if n == 0 or gen_tokens < 1:
+            raise SchedulerError(f"session {session}: a turn needs a prompt and >= 1 generated token")
+        if self.max_request_tokens is not None and n + gen_tokens > self.max_request_tokens:
+            raise EngineError(
+                f"session {session}: a turn of {n} prompt + {gen_tokens} generated tokens needs more KV memory "
+                f"than a decode engine holds ({self.max_request_tokens} tokens)"
+            )
+        t_submit = time.perf_counter()
+        hit = self.cluster.lookup(prompt_ids)
+        if inspect.isawaitable(hit):
+            hit = await hit
+        hit = min(int(hit), n)
+        rid = self._next_rid
+        self._next_rid += 1
+        p = _Pending(session, prompt_ids, gen_tokens, hit, t_submit)
+        self._pending[rid] = p
+        try:
+            self.scheduler.submit(RequestInfo(rid, context=hit, append=n - hit, hit=hit, gen=gen_tokens))
+            self._wake.set()
+            await p.done.wait()
+        except BaseException:
+            self._pending.pop(rid, None)
+            self.scheduler.cancel(rid)
+            raise
+        self._pending.pop(rid, None)
+        if p.error is not None:
+            raise p.error
+        return _outcome(p, p.result)
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def schedule_once(self) -> list[Assignment]:
+        """One fetch round over every PE and DE group; starts each assigned turn."""
+        assert self._tg is not None
+        pe_snaps, de_snaps = self.cluster.snapshots()
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule(group_by_node(pe_snaps), group_by_node(de_snaps))
+        now = time.perf_counter()
+        self.stats.core_s += now - t0
+        self.stats.rounds += 1
+        for a in out:
+            p = self._pending.get(a.rid)
+            if p is None:  # cancelled between submit and schedule
+                continue
+            p.assignment = a
+            p.t_scheduled = now
+            self.stats.assigned += 1
+            self.stats.paths[a.path.value] += 1
+            self._tg.start_soon(self._execute, p, name=f"turn-{a.rid}")
+        return out
+
+    async def _loop(self) -> None:
+        while True:
+            if self.scheduler.waiting() == 0:
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            self.schedule_once()
+            # pull period: gives started turns time to register with their engines before the next round
+            await anyio.sleep(self.fetch_interval_s)
+            if self.scheduler.waiting() and not self._wake.is_set():
+                with anyio.move_on_after(self.fetch_interval_s * 4):
+                    await self._wake.wait()
+
+    async def _execute(self, p: _Pending) -> None:
+        a = p.assignment
+        assert a is not None
+        try:
+            p.result = await self.cluster.run_turn(
+                p.session, p.prompt_ids, p.gen, a.pe, a.de, a.path, a.pe_blocks
+            )
+        except Exception as exc:  # the caller's run_turn raises it
+            p.error = exc
+        finally:
+            p.done.set()
+            self._wake.set()

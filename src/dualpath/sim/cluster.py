@@ -1,0 +1,594 @@
+"""The simulated cluster: nodes, PE/DE engines, the two read paths, driven by the shared scheduler core.
+
+The life of a request (one agent turn), as events:
+
+1. **submit** to :class:`~dualpath.scheduler.core.GlobalScheduler` (the runtime's core). A fetch round runs at most
+   every ``fetch_interval_s`` while requests wait, over snapshots of every engine (``seq``, ``tok``, the node's
+   ``read_q`` in tokens, ``free_kv_tokens``); each :class:`~dualpath.scheduler.state.Assignment` fixes PE, DE and
+   the read side. The engines' ``seq``/``tok``/free KV are charged as the core charged its private copies.
+2. **read**: the hit Full Blocks are read over the chosen node's storage NIC into its DRAM buffer (a FIFO of
+   read tasks per node, ``read_slots`` at a time sharing the SNIC link; a task waits while the buffer is full).
+   ``split`` reads on both sides. ``oracle`` reads nothing.
+3. **prefill**: once its reads are done the request is pending on its PE. An idle PE packs a forward batch with
+   :func:`~dualpath.scheduler.batching.pack_forward_batch` (the DualPath quota on predicted attention time for
+   the smart policies; otherwise up to ``max_batch_tokens`` new tokens, and for non-layer-wise prefill the whole
+   batch's KV must fit ``pe_hbm_kv_tokens``). Per-link bytes follow the paper's steps (digest 3.2/3.3):
+   PE path: PE CNIC read = cached (H2D source) + KV out; PE CNIC write = cached; DE CNIC write = KV out
+   (hit + new on the first chunk, new later). DE path: DE CNIC read = cached hit; PE CNIC write = cached;
+   PE CNIC read = new KV out; DE CNIC write = new KV. Layer-wise: all of a batch's flows run concurrently with its
+   compute and the batch ends when the last is done (per-layer pipelining, one fluid flow per link per batch).
+   Not layer-wise: H2D flows, then compute, then the KV out, in sequence.
+4. **to decode**: the DE copies the whole prompt KV DRAM -> HBM (DE CNIC read + write), then joins its decode
+   batch. Every DE step serves all its requests; the step time is constant between joins and leaves, so decode
+   advances analytically on a step counter (one event per leave). The first token is the prefill's, the second
+   comes one step after the join.
+5. **persist**: at the end the DE writes the request's new Full Blocks (counted on its node's SNIC write side;
+   writes never block reads). The agent's next turn hits every full block of its context.
+
+Simplifications (documented): engines of a node do not barrier per forward (the scheduler balances them);
+DRAM bandwidth is counted, not enforced (the analysis checks it); the decode KV footprint is fixed at join.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from array import array
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from dualpath.errors import ConfigError
+from dualpath.scheduler.batching import PendingPrefill, pack_forward_batch
+from dualpath.scheduler.core import GlobalScheduler
+from dualpath.scheduler.params import SchedulerParams
+from dualpath.scheduler.policies import Policy
+from dualpath.scheduler.state import EngineSnapshot, RequestInfo
+from dualpath.sim.events import EventLoop
+from dualpath.sim.links import KV, Link
+from dualpath.sim.scenario import SimScenario, as_turns
+from dualpath.types import PathKind
+
+
+class Req:
+    __slots__ = (
+        "rid", "agent", "context", "append", "hit", "gen", "prompt", "pe", "de", "path", "pe_tok", "de_tok",
+        "reads_left", "cached", "remaining", "first_chunk", "t_submit", "t_first", "t_join", "s_end",
+    )
+
+    def __init__(self, rid: int, agent: int, context: int, append: int, hit: int, gen: int, t: float) -> None:
+        self.rid = rid
+        self.agent = agent
+        self.context = context
+        self.append = append
+        self.hit = hit
+        self.gen = gen
+        self.prompt = context + append
+        self.pe = -1
+        self.de = -1
+        self.path = PathKind.PE
+        self.pe_tok = 0
+        self.de_tok = 0
+        self.reads_left = 0
+        self.cached = hit
+        self.remaining = self.prompt - hit
+        self.first_chunk = True
+        self.t_submit = t
+        self.t_first = -1.0
+        self.t_join = -1.0
+        self.s_end = 0.0
+
+
+class Node:
+    __slots__ = ("idx", "role", "snic", "queue", "active", "read_q", "buf_used", "buf_cap", "write_bytes",
+                 "dram_bytes", "read_bytes")
+
+    def __init__(self, idx: int, role: str, snic: Link, buf_cap: float) -> None:
+        self.idx = idx
+        self.role = role
+        self.snic = snic
+        self.queue: deque[tuple[Req, int, float]] = deque()
+        self.active = 0
+        self.read_q = 0
+        self.buf_used = 0.0
+        self.buf_cap = buf_cap
+        self.write_bytes = 0.0
+        self.dram_bytes = 0.0
+        self.read_bytes = 0.0
+
+
+class PE:
+    __slots__ = ("idx", "node", "seq", "tok", "pending", "busy", "cnic_r", "cnic_w", "compute_s", "batches")
+
+    def __init__(self, idx: int, node: Node, cnic_r: Link, cnic_w: Link) -> None:
+        self.idx = idx
+        self.node = node
+        self.seq = 0
+        self.tok = 0
+        self.pending: list[Req] = []
+        self.busy = False
+        self.cnic_r = cnic_r
+        self.cnic_w = cnic_w
+        self.compute_s = 0.0
+        self.batches = 0
+
+
+class DE:
+    __slots__ = ("idx", "node", "seq", "tok", "free_kv", "cnic_r", "cnic_w", "heap", "S", "t", "tau", "bytes",
+                 "flops", "ver", "busy_s")
+
+    def __init__(self, idx: int, node: Node, cnic_r: Link, cnic_w: Link, kv_tokens: int) -> None:
+        self.idx = idx
+        self.node = node
+        self.seq = 0
+        self.tok = 0
+        self.free_kv = kv_tokens
+        self.cnic_r = cnic_r
+        self.cnic_w = cnic_w
+        self.heap: list[tuple[float, int, Req]] = []
+        self.S = 0.0  # decode steps done (fluid)
+        self.t = 0.0
+        self.tau = 0.0
+        self.bytes = 0.0
+        self.flops = 0.0
+        self.ver = 0
+        self.busy_s = 0.0
+
+
+class Batch:
+    __slots__ = ("pe", "chunks", "left", "phase", "out", "compute_s")
+
+    def __init__(self, pe: PE, chunks: list[tuple[Req, int]]) -> None:
+        self.pe = pe
+        self.chunks = chunks
+        self.left = 0
+        self.phase = 0
+        self.out: list[tuple[Link, float]] = []
+        self.compute_s = 0.0
+
+
+class Simulation:
+    """One run of one policy over one scenario. ``run()`` returns the raw recorder; see :mod:`.runner`."""
+
+    def __init__(self, sc: SimScenario, policy: Policy) -> None:
+        sc.validate()
+        self.sc = sc
+        self.policy = policy
+        self.loop = loop = EventLoop()
+        g = sc.gpus_per_node
+        kvb = float(sc.kv_bytes_per_token)
+        self.kvb = kvb
+        bt = sc.block_tokens
+        self.bt = bt
+        win = sc.balance_window_s
+        self.pe_nodes = [Node(i, "pe", Link(loop, f"snic.pe{i}", sc.snic_bw, sc.kv_share, win), sc.dram_buffer_bytes)
+                         for i in range(sc.P)]
+        self.de_nodes = [Node(i, "de", Link(loop, f"snic.de{i}", sc.snic_bw, sc.kv_share, win), sc.dram_buffer_bytes)
+                         for i in range(sc.D)]
+        self.pes = [PE(i, self.pe_nodes[i // g], Link(loop, f"cnic_r.pe{i}", sc.cnic_bw, sc.kv_share),
+                       Link(loop, f"cnic_w.pe{i}", sc.cnic_bw, sc.kv_share)) for i in range(sc.P * g)]
+        self.des = [DE(i, self.de_nodes[i // g], Link(loop, f"cnic_r.de{i}", sc.cnic_bw, sc.kv_share),
+                       Link(loop, f"cnic_w.de{i}", sc.cnic_bw, sc.kv_share), sc.de_kv_tokens)
+                    for i in range(sc.D * g)]
+        comp = sc.compute
+        # alpha: tokens one node's SNIC reads in alpha_s; beta: prompt tokens one GPU prefills in beta_s.
+        trajs = [as_turns(t) for t in sc.trajectories]
+        self.turns = trajs
+        n_turns = sum(len(t) for t in trajs)
+        mean_ctx, mean_app = self._mean_request(trajs)
+        k = max(1, math.ceil(6000 / max(1, mean_app)))
+        t_req = comp.prefill_time([(mean_ctx, mean_app)] * k) / k
+        gpu_tok_s = (mean_ctx + mean_app) / t_req if t_req > 0 else 1e9
+        self.params = SchedulerParams.from_rates(sc.snic_bw / kvb, gpu_tok_s, sc.alpha_s, sc.beta_s, sc.z_factor, bt)
+        self.sched = GlobalScheduler(policy, self.params)
+        self.layerwise = policy.layerwise
+        self.oracle = policy.oracle
+        self.quota = sc.quota_s if policy.smart_assign else float("inf")
+        self.hbm_tok = None if (policy.layerwise or sc.pe_hbm_kv_tokens is None) else sc.pe_hbm_kv_tokens
+        self.attn_time: Callable[[int, int], float] = comp.attention_time
+        # recording
+        self.n_requests = n_turns
+        self.rec_submit = array("d")
+        self.rec_ttft = array("d")
+        self.rec_ttst = array("d")
+        self.rec_tpot = array("d")
+        self.rec_done = array("d")
+        self.agent_turn = [0] * len(trajs)
+        self.agent_done = array("d", [-1.0]) * len(trajs)
+        self.agent_ctx = [0] * len(trajs)
+        self.hit_tokens = 0
+        self.prompt_tokens = 0
+        self.gen_tokens = 0
+        self.bytes_pe_path = 0.0
+        self.bytes_de_path = 0.0
+        self.completed = 0
+        self.fetches = 0
+        self._fetch_at = -1.0
+        self._last_fetch = -1e18
+        self._rid = 0
+        self._check_capacity(trajs)
+
+    @staticmethod
+    def _mean_request(trajs: list[list[tuple[int, int]]]) -> tuple[int, int]:
+        n = ctx_sum = app_sum = 0
+        for turns in trajs:
+            ctx = 0
+            for a, gtok in turns:
+                ctx_sum += ctx
+                app_sum += a
+                ctx += a + gtok
+                n += 1
+        return (ctx_sum // max(1, n), max(1, app_sum // max(1, n)))
+
+    def _check_capacity(self, trajs: list[list[tuple[int, int]]]) -> None:
+        longest = max((sum(a + g for a, g in t) for t in trajs), default=0)
+        if self.params.kv_need(longest, 0) > self.sc.de_kv_tokens:
+            raise ConfigError(
+                f"sim scenario {self.sc.name}: a trajectory reaches {longest} tokens but a DE holds only "
+                f"{self.sc.de_kv_tokens} KV tokens (de_kv_tokens); use a larger GPU, more memory or a shorter max_len"
+            )
+
+    # ---------------------------------------------------------------------------------------------------------
+    # agents and submission
+    # ---------------------------------------------------------------------------------------------------------
+    def _next_turn(self, agent: int) -> None:
+        i = self.agent_turn[agent]
+        turns = self.turns[agent]
+        if i >= len(turns):
+            self.agent_done[agent] = self.loop.now
+            return
+        append, gen = turns[i]
+        ctx = self.agent_ctx[agent]
+        prompt = ctx + append
+        bt = self.bt
+        hit = min((ctx // bt) * bt, ((prompt - 1) // bt) * bt) if prompt > 0 else 0
+        req = Req(self._rid, agent, ctx, append, max(0, hit), max(1, gen), self.loop.now)
+        self._rid += 1
+        self.reqs[req.rid] = req
+        self.sched.submit(RequestInfo(req.rid, ctx, append, req.hit, req.gen))
+        self._want_fetch()
+
+    def _want_fetch(self) -> None:
+        if self._fetch_at >= 0 or not self.sched.waiting():
+            return
+        t = max(self.loop.now, self._last_fetch + self.sc.fetch_interval_s)
+        self._fetch_at = t
+        self.loop.at(t, self._fetch)
+
+    def _fetch(self) -> None:
+        self._fetch_at = -1.0
+        self._last_fetch = self.loop.now
+        g = self.sc.gpus_per_node
+        pes, des = self.pes, self.des
+        beta = self.params.beta_tokens
+        if not any(e.tok <= beta for e in pes):
+            return  # the core gives nothing to overloaded PEs; a PE that frees asks for a fetch again
+        self.fetches += 1
+        pe_groups = [
+            [EngineSnapshot(e.idx, e.node.idx, e.seq, e.tok, e.node.read_q, 0) for e in pes[n * g:(n + 1) * g]]
+            for n in range(self.sc.P)
+        ]
+        de_groups = [
+            [EngineSnapshot(e.idx, e.node.idx, e.seq, e.tok, e.node.read_q, e.free_kv) for e in des[n * g:(n + 1) * g]]
+            for n in range(self.sc.D)
+        ]
+        kv_need = self.params.kv_need
+        bt = self.bt
+        for a in self.sched.schedule(pe_groups, de_groups):
+            req = self.reqs[a.rid]
+            pe, de = pes[a.pe], des[a.de]
+            req.pe, req.de, req.path = a.pe, a.de, a.path
+            pe.seq += 1
+            pe.tok += req.prompt
+            de.seq += 1
+            de.tok += req.prompt
+            de.free_kv -= kv_need(req.prompt, req.gen)
+            if self.oracle or req.hit == 0:
+                req.pe_tok, req.de_tok = 0, 0
+            else:
+                pe_tok = min(req.hit, a.pe_blocks * bt)
+                req.pe_tok, req.de_tok = pe_tok, req.hit - pe_tok
+            self.hit_tokens += req.hit
+            self.prompt_tokens += req.prompt
+            if req.pe_tok:
+                req.reads_left += 1
+                self._enqueue_read(pe.node, req, req.pe_tok)
+            if req.de_tok:
+                req.reads_left += 1
+                self._enqueue_read(de.node, req, req.de_tok)
+            if req.reads_left == 0:
+                self._ready(req)
+        # requests left waiting are blocked on a full PE or DE: whatever frees one asks for the next fetch
+
+    # ---------------------------------------------------------------------------------------------------------
+    # storage reads
+    # ---------------------------------------------------------------------------------------------------------
+    def _enqueue_read(self, node: Node, req: Req, tokens: int) -> None:
+        node.read_q += tokens
+        node.queue.append((req, tokens, tokens * self.kvb))
+        self._pump_reads(node)
+
+    def _pump_reads(self, node: Node) -> None:
+        q = node.queue
+        while q and node.active < self.sc.read_slots:
+            req, tokens, nbytes = q[0]
+            if node.buf_used > 0 and node.buf_used + nbytes > node.buf_cap:
+                break
+            q.popleft()
+            node.active += 1
+            node.buf_used += nbytes
+            node.read_bytes += nbytes
+            node.snic.start(nbytes, KV, self._read_done, node, req, tokens, nbytes)
+
+    def _read_done(self, node: Node, req: Req, tokens: int, nbytes: float) -> None:
+        node.active -= 1
+        node.read_q -= tokens
+        node.dram_bytes += nbytes  # SNIC -> DRAM write
+        if node.role == "pe":
+            self.bytes_pe_path += nbytes
+        else:
+            self.bytes_de_path += nbytes
+        req.reads_left -= 1
+        if req.reads_left == 0:
+            self._ready(req)
+        self._pump_reads(node)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # prefill
+    # ---------------------------------------------------------------------------------------------------------
+    def _ready(self, req: Req) -> None:
+        pe = self.pes[req.pe]
+        pe.pending.append(req)
+        if not pe.busy:
+            self._start_batch(pe)
+
+    def _pack(self, pe: PE) -> list[tuple[Req, int]]:
+        pending = pe.pending
+        if self.hbm_tok is not None:  # non-layer-wise: the batch's whole KV must fit PE HBM
+            cap = self.hbm_tok
+            take: list[Req] = []
+            used = 0
+            for r in pending:
+                if take and used + r.prompt > cap:
+                    break
+                take.append(r)
+                used += r.prompt
+            pending = take
+        pp = [PendingPrefill(r.rid, r.cached, r.remaining) for r in pending[:64]]
+        fb = pack_forward_batch(pp, self.quota, self.attn_time, self.sc.max_batch_tokens)
+        by_rid = {r.rid: r for r in pending}
+        return [(by_rid[c.rid], c.new) for c in fb.chunks]
+
+    def _start_batch(self, pe: PE) -> None:
+        if not pe.pending:
+            return
+        chunks = self._pack(pe)
+        pe.busy = True
+        b = Batch(pe, chunks)
+        b.compute_s = self.sc.compute.prefill_time([(r.cached, n) for r, n in chunks])
+        pe.compute_s += b.compute_s
+        pe.batches += 1
+        if self.oracle:
+            b.left = 1
+            self.loop.after(b.compute_s, self._batch_part, b)
+            return
+        kvb = self.kvb
+        inflows: dict[Link, float] = {}
+        out: dict[Link, float] = {}
+        des = self.des
+        for r, n in chunks:
+            cached_b = r.cached * kvb
+            if r.path is PathKind.PE:
+                out_b = (n + (r.hit if r.first_chunk else 0)) * kvb
+                inflows[pe.cnic_r] = inflows.get(pe.cnic_r, 0.0) + cached_b  # H2D source (DRAM read)
+                pe.node.dram_bytes += cached_b
+            else:  # DE or SPLIT: hit streamed from the DE (SPLIT: PE part read locally)
+                out_b = n * kvb + (r.pe_tok * kvb if r.first_chunk else 0.0)
+                de_part = min(cached_b, r.de_tok * kvb)
+                pe_part = cached_b - de_part
+                de = des[r.de]
+                inflows[de.cnic_r] = inflows.get(de.cnic_r, 0.0) + de_part
+                de.node.dram_bytes += de_part
+                if pe_part > 0:
+                    inflows[pe.cnic_r] = inflows.get(pe.cnic_r, 0.0) + pe_part
+                    pe.node.dram_bytes += pe_part
+            inflows[pe.cnic_w] = inflows.get(pe.cnic_w, 0.0) + cached_b  # into PE HBM
+            de_w = des[r.de].cnic_w
+            out[pe.cnic_r] = out.get(pe.cnic_r, 0.0) + out_b
+            out[de_w] = out.get(de_w, 0.0) + out_b
+            des[r.de].node.dram_bytes += out_b
+        if self.layerwise:
+            for link, nb in out.items():
+                inflows[link] = inflows.get(link, 0.0) + nb
+            flows = [(lk, nb) for lk, nb in inflows.items() if nb > 0]
+            b.left = len(flows) + 1
+            for lk, nb in flows:
+                lk.start(nb, KV, self._batch_part, b)
+            self.loop.after(b.compute_s, self._batch_part, b)
+        else:
+            b.out = [(lk, nb) for lk, nb in out.items() if nb > 0]
+            flows = [(lk, nb) for lk, nb in inflows.items() if nb > 0]
+            b.phase = 0
+            b.left = len(flows)
+            if not flows:
+                self._phase_done(b)
+            for lk, nb in flows:
+                lk.start(nb, KV, self._phase_part, b)
+
+    def _phase_part(self, b: Batch) -> None:
+        b.left -= 1
+        if b.left == 0:
+            self._phase_done(b)
+
+    def _phase_done(self, b: Batch) -> None:
+        b.phase += 1
+        if b.phase == 1:  # H2D done: compute
+            b.left = 1
+            self.loop.after(b.compute_s, self._phase_part, b)
+        elif b.phase == 2:  # compute done: ship KV out
+            b.left = len(b.out)
+            if not b.out:
+                self._batch_done(b)
+            for lk, nb in b.out:
+                lk.start(nb, KV, self._phase_part, b)
+        else:
+            self._batch_done(b)
+
+    def _batch_part(self, b: Batch) -> None:
+        b.left -= 1
+        if b.left == 0:
+            self._batch_done(b)
+
+    def _batch_done(self, b: Batch) -> None:
+        pe = b.pe
+        now = self.loop.now
+        finished: dict[int, list[Req]] = {}
+        done_ids = set()
+        for r, n in b.chunks:
+            r.cached += n
+            r.remaining -= n
+            r.first_chunk = False
+            if r.remaining <= 0:
+                done_ids.add(r.rid)
+                r.t_first = now
+                pe.seq -= 1
+                pe.tok -= r.prompt
+                if r.pe_tok:
+                    pe.node.buf_used -= r.pe_tok * self.kvb
+                finished.setdefault(r.de, []).append(r)
+        if done_ids:
+            pe.pending = [r for r in pe.pending if r.rid not in done_ids]
+        pe.busy = False
+        if pe.pending:
+            self._start_batch(pe)
+        for de_idx, reqs in finished.items():
+            self._to_decode(self.des[de_idx], reqs)
+        if done_ids:
+            self._pump_reads(pe.node)
+            self._want_fetch()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # decode
+    # ---------------------------------------------------------------------------------------------------------
+    def _to_decode(self, de: DE, reqs: list[Req]) -> None:
+        if self.oracle:
+            for r in reqs:
+                self._join(de, r)
+            return
+        nbytes = sum(r.prompt for r in reqs) * self.kvb
+        de.node.dram_bytes += nbytes
+        box = [2]
+        de.cnic_r.start(nbytes, KV, self._h2d_part, de, reqs, box)
+        de.cnic_w.start(nbytes, KV, self._h2d_part, de, reqs, box)
+
+    def _h2d_part(self, de: DE, reqs: list[Req], box: list[int]) -> None:
+        box[0] -= 1
+        if box[0]:
+            return
+        node = de.node
+        for r in reqs:
+            if r.de_tok:
+                node.buf_used -= r.de_tok * self.kvb
+            self._join(de, r)
+        self._pump_reads(node)
+
+    def _advance_de(self, de: DE) -> None:
+        now = self.loop.now
+        if de.tau > 0:
+            de.S += (now - de.t) / de.tau
+            de.busy_s += now - de.t
+        de.t = now
+
+    def _join(self, de: DE, r: Req) -> None:
+        self._advance_de(de)
+        r.t_join = self.loop.now
+        steps = r.gen - 1
+        if steps <= 0:
+            self._finish(de, r, self.loop.now + 0.0)
+            return
+        kb, fl = self.sc.compute.decode_request_cost(r.prompt)
+        de.bytes += kb
+        de.flops += fl
+        r.s_end = de.S + steps
+        heapq.heappush(de.heap, (r.s_end, r.rid, r))
+        self._retime(de)
+
+    def _retime(self, de: DE) -> None:
+        n = len(de.heap)
+        de.tau = self.sc.compute.decode_step_time(n, de.bytes, de.flops) if n else 0.0
+        de.ver += 1
+        if n:
+            dt = max(0.0, (de.heap[0][0] - de.S) * de.tau)
+            self.loop.after(dt, self._de_event, de, de.ver)
+
+    def _de_event(self, de: DE, ver: int) -> None:
+        if ver != de.ver:
+            return
+        self._advance_de(de)
+        h = de.heap
+        done = []
+        while h and h[0][0] - de.S <= 1e-7 * (1.0 + h[0][0]):
+            _, _, r = heapq.heappop(h)
+            kb, fl = self.sc.compute.decode_request_cost(r.prompt)
+            de.bytes -= kb
+            de.flops -= fl
+            done.append(r)
+        if not h:
+            de.bytes = de.flops = 0.0
+            de.S = 0.0
+        now = self.loop.now
+        for r in done:
+            self._finish(de, r, now)
+        self._retime(de)
+
+    def _finish(self, de: DE, r: Req, now: float) -> None:
+        de.seq -= 1
+        de.tok -= r.prompt
+        de.free_kv += self.params.kv_need(r.prompt, r.gen)
+        steps = r.gen - 1
+        self.rec_submit.append(r.t_submit)
+        self.rec_ttft.append(r.t_first - r.t_submit)
+        t_second = r.t_join + ((now - r.t_join) / steps if steps > 0 else 0.0)
+        self.rec_ttst.append(t_second - r.t_submit)
+        self.rec_tpot.append((now - r.t_join) / steps if steps > 0 else 0.0)
+        self.rec_done.append(now)
+        self.gen_tokens += r.gen
+        self.completed += 1
+        bt = self.bt
+        persist = ((r.prompt + r.gen) // bt - r.hit // bt) * bt * self.kvb
+        if not self.oracle and persist > 0:
+            de.node.write_bytes += persist
+            de.node.dram_bytes += 2 * persist
+        del self.reqs[r.rid]
+        agent = r.agent
+        self.agent_ctx[agent] = r.prompt + r.gen
+        self.agent_turn[agent] += 1
+        self._want_fetch()
+        self._next_turn(agent)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def run(self) -> Simulation:
+        self.reqs: dict[int, Req] = {}
+        sc = self.sc
+        for a, traj in enumerate(sc.trajectories):
+            t0 = float(getattr(traj, "arrival", 0.0)) if sc.mode == "online" else 0.0
+            self.loop.at(t0, self._next_turn, a)
+        self.loop.run(until=sc.horizon_s)
+        return self
+
+    # live requests at the end (online runs stop at the horizon)
+    def unfinished(self) -> list[Req]:
+        return list(self.reqs.values())
+
+    def links(self) -> dict[str, list[Link]]:
+        return {
+            "snic_pe": [n.snic for n in self.pe_nodes],
+            "snic_de": [n.snic for n in self.de_nodes],
+            "cnic_pe_read": [e.cnic_r for e in self.pes],
+            "cnic_pe_write": [e.cnic_w for e in self.pes],
+            "cnic_de_read": [e.cnic_r for e in self.des],
+            "cnic_de_write": [e.cnic_w for e in self.des],
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {"events": self.loop.events, "fetches": self.fetches}

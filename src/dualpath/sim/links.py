@@ -1,0 +1,138 @@
+"""Fluid links: a bandwidth shared by concurrent flows, with two traffic classes.
+
+Within a class, active flows share the class's rate equally (processor sharing), computed exactly with a
+per-class *virtual time*: ``V_c`` advances by the per-flow rate, and a flow of ``size`` bytes started at
+``V_c = v0`` finishes when ``V_c`` reaches ``v0 + size``. Flows finish in tag order (a heap), so a start or a
+finish costs O(log n) and only touches this link (rates are recomputed lazily, on this link's own events).
+
+Classes (paper section 5.3): model-execution traffic (``HIGH``) and KV traffic (``KV``). When both are active the
+link is split by weighted round robin, ``1 - kv_share`` to HIGH and ``kv_share`` to KV (~99% / ~1%); a class alone
+gets the whole link (KV uses idle bandwidth opportunistically).
+
+A flow that crosses several links is modelled per hop (each hop runs its own flow; the transfer completes when
+every hop has), which is exact for one bottleneck hop and optimistic when two hops are equally loaded.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from typing import Any
+
+from dualpath.sim.events import EventLoop
+
+HIGH, KV = 0, 1
+
+
+class Link:
+    """A fluid link of ``bw`` bytes/s. ``start(size, cls, fn, *args)`` calls ``fn(*args)`` when the flow is done."""
+
+    __slots__ = (
+        "loop", "name", "bw", "kv_share", "_v", "_heaps", "_t", "_ver", "_seq", "bytes", "busy_s",
+        "window_s", "windows", "_n",
+    )
+
+    def __init__(self, loop: EventLoop, name: str, bw: float, kv_share: float = 0.01, window_s: float = 0.0) -> None:
+        if bw <= 0:
+            raise ValueError(f"link {name}: bandwidth must be > 0, got {bw}")
+        self.loop = loop
+        self.name = name
+        self.bw = float(bw)
+        self.kv_share = float(kv_share)
+        self._v = [0.0, 0.0]
+        self._heaps: list[list[tuple[float, int, Callable[..., Any], tuple[Any, ...]]]] = [[], []]
+        self._t = 0.0
+        self._ver = 0
+        self._seq = 0
+        self._n = 0
+        self.bytes = [0.0, 0.0]  # bytes carried per class (counted when a flow starts)
+        self.busy_s = 0.0  # time with at least one active flow
+        self.window_s = window_s  # > 0: keep bytes per time window (for max/avg balance)
+        self.windows: dict[int, float] = {}
+
+    # -- rates ----------------------------------------------------------------------------------------------
+    def _rates(self) -> tuple[float, float]:
+        n0, n1 = len(self._heaps[0]), len(self._heaps[1])
+        if n0 and n1:
+            return self.bw * (1.0 - self.kv_share) / n0, self.bw * self.kv_share / n1
+        if n0:
+            return self.bw / n0, 0.0
+        if n1:
+            return 0.0, self.bw / n1
+        return 0.0, 0.0
+
+    def _advance(self, t: float) -> None:
+        dt = t - self._t
+        if dt <= 0:
+            return
+        if self._n:
+            r0, r1 = self._rates()
+            self._v[0] += r0 * dt
+            self._v[1] += r1 * dt
+            self.busy_s += dt
+            if self.window_s > 0:
+                self._spread(self._t, t, r0 * len(self._heaps[0]) + r1 * len(self._heaps[1]))
+        self._t = t
+
+    def _spread(self, t0: float, t1: float, rate: float) -> None:
+        w = self.window_s
+        i = int(t0 / w)
+        while t0 < t1:
+            end = min(t1, (i + 1) * w)
+            self.windows[i] = self.windows.get(i, 0.0) + rate * (end - t0)
+            t0 = end
+            i += 1
+
+    @property
+    def active(self) -> int:
+        return self._n
+
+    # -- flows ----------------------------------------------------------------------------------------------
+    def start(self, size: float, cls: int, fn: Callable[..., Any], *args: Any) -> None:
+        """Start a flow of ``size`` bytes in class ``cls`` (HIGH or KV); ``fn(*args)`` runs when it is done."""
+        loop = self.loop
+        if size <= 0:
+            loop.at(loop.now, fn, *args)
+            return
+        self._advance(loop.now)
+        if self._n == 0:
+            self._v = [0.0, 0.0]  # idle link: restart virtual time (keeps float precision)
+        self.bytes[cls] += size
+        self._seq += 1
+        heapq.heappush(self._heaps[cls], (self._v[cls] + size, self._seq, fn, args))
+        self._n += 1
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        self._ver += 1
+        if not self._n:
+            return
+        r = self._rates()
+        best = float("inf")
+        for c in (0, 1):
+            h = self._heaps[c]
+            if h and r[c] > 0:
+                dt = (h[0][0] - self._v[c]) / r[c]
+                if dt < best:
+                    best = dt
+        self.loop.at(self._t + max(0.0, best), self._fire, self._ver)
+
+    def _fire(self, ver: int) -> None:
+        if ver != self._ver:
+            return
+        self._advance(self.loop.now)
+        done = []
+        for c in (0, 1):
+            h = self._heaps[c]
+            v = self._v[c]
+            while h and h[0][0] - v <= 1e-6 * (1.0 + h[0][0]):
+                _, _, fn, args = heapq.heappop(h)
+                self._n -= 1
+                done.append((fn, args))
+        self._reschedule()
+        for fn, args in done:
+            fn(*args)
+
+    def utilisation(self, horizon_s: float) -> float:
+        """Mean carried rate over ``horizon_s`` as a fraction of the bandwidth."""
+        return (self.bytes[0] + self.bytes[1]) / (self.bw * horizon_s) if horizon_s > 0 else 0.0

@@ -1,0 +1,305 @@
+"""Running simulations: scenarios from presets, per-policy runs and summaries, online capacity search.
+
+Public API::
+
+    scenario_from_preset(name, agents=None, dataset=None, mode="offline", rate_aps=None, ...) -> SimScenario
+    run_policy(scenario, policy_name) -> dict            # one run's summary (the JSON "runs" entry)
+    simulate(scenario, policies) -> SimResult            # runs + speed-up vs basic + the (P+D)/P ceiling
+    capacity(scenario_factory, policy_name, lo, hi, ...) -> dict  # max APS under the SLO (bisection)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dualpath.errors import ConfigError
+from dualpath.scheduler.policies import get_policy
+from dualpath.sim.cluster import Simulation
+from dualpath.sim.compute import RooflineCompute
+from dualpath.sim.presets import (
+    DRAM_BUFFER,
+    MAX_BATCH_TOKENS,
+    ScenarioPreset,
+    get_gpu,
+    get_model,
+    get_node,
+    get_scenario,
+)
+from dualpath.sim.scenario import SimScenario
+
+
+def _pct(a: np.ndarray, q: float) -> float:
+    return float(np.percentile(a, q)) if a.size else float("nan")
+
+
+def load_trajectories(dataset: str, n: int, seed: int = 0) -> list[Any]:
+    """``n`` trajectories of a built-in dataset (the workload package's generator)."""
+    from dualpath.workload import generate_dataset  # type: ignore[attr-defined]
+
+    return list(generate_dataset(dataset, n, seed=seed))
+
+
+def scenario_from_preset(
+    name: str | ScenarioPreset,
+    *,
+    agents: int | None = None,
+    dataset: str | None = None,
+    mode: str = "offline",
+    rate_aps: float | None = None,
+    horizon_s: float | None = None,
+    seed: int = 0,
+    include_indexer_kv: bool | None = None,
+    trajectories: Sequence[Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> SimScenario:
+    """A scenario from a named preset (``dualpath simulate --list-presets``); ``overrides`` sets SimScenario fields."""
+    import dataclasses
+
+    sp = name if isinstance(name, ScenarioPreset) else get_scenario(name)
+    name = sp.name
+    model = get_model(sp.model)
+    if include_indexer_kv is not None:
+        model = dataclasses.replace(model, include_indexer_kv=include_indexer_kv)
+    gpu, node = get_gpu(sp.gpu), get_node(sp.node)
+    g = node.gpus
+    comp = RooflineCompute(model, gpu, n_pe_gpus=sp.P * g, n_de_gpus=sp.D * g)
+    kvb = model.kv_bytes_per_token
+    n_agents = agents if agents is not None else sp.agents
+    if trajectories is None:
+        trajectories = load_trajectories(dataset or sp.dataset, n_agents, seed)
+    if mode == "online":
+        if rate_aps is None or rate_aps <= 0:
+            raise ConfigError("online mode needs rate_aps > 0")
+        from dualpath.workload.arrivals import poisson_arrivals, with_arrivals
+
+        trajectories = with_arrivals(trajectories, poisson_arrivals(len(trajectories), rate_aps, seed))
+    sc = SimScenario(
+        P=sp.P,
+        D=sp.D,
+        gpus_per_node=g,
+        snic_bw=node.snic_bw,
+        cnic_bw=node.cnic_bw,
+        dram_bw=node.dram_bw,
+        kv_bytes_per_token=kvb,
+        compute=comp,
+        de_kv_tokens=int(comp.de_free_hbm() // kvb),
+        pe_hbm_kv_tokens=max(1, int(comp.pe_free_hbm() // kvb)),
+        dram_buffer_bytes=DRAM_BUFFER[model.name][0],
+        kv_share=node.kv_share,
+        read_slots=node.read_slots,
+        max_batch_tokens=MAX_BATCH_TOKENS,
+        trajectories=trajectories,
+        mode=mode,
+        horizon_s=horizon_s,
+        name=name,
+        info={"preset": name, "model": model.name, "gpu": gpu.name, "node": node.name, "dataset": dataset or sp.dataset,
+              "agents": len(trajectories), "include_indexer_kv": model.include_indexer_kv,
+              "kv_bytes_per_token": kvb, "effective_tflops": comp.rate / 1e12},
+    )
+    for k, v in (overrides or {}).items():
+        if not hasattr(sc, k):
+            raise ConfigError(f"sim override: unknown field {k!r}")
+        setattr(sc, k, v)
+    return sc
+
+
+def build_scenario(cfg: Any, rate_aps: float | None = None) -> SimScenario:
+    """A scenario from a :class:`~dualpath.sim.config.SimConfig` (online: ``rate_aps`` overrides the config's)."""
+    if cfg.model is not None:
+        if cfg.P is None or cfg.D is None:
+            raise ConfigError("sim config: a model preset needs P and D (nodes)")
+        sp = ScenarioPreset(f"{cfg.model}-{cfg.P}p{cfg.D}d", cfg.model, cfg.gpu, cfg.node, cfg.P, cfg.D,
+                            cfg.dataset or "64k", cfg.agents or 64)
+    else:
+        sp = get_scenario(cfg.preset or "")
+        if cfg.P is not None or cfg.D is not None:
+            sp = ScenarioPreset(sp.name, sp.model, sp.gpu, sp.node, cfg.P or sp.P, cfg.D or sp.D, sp.dataset,
+                                sp.agents, sp.note)
+    rate = rate_aps if rate_aps is not None else cfg.rate_aps
+    agents = cfg.agents
+    horizon = None
+    warm = 0.0
+    if cfg.mode == "online":
+        if rate is None:
+            raise ConfigError("sim config: online mode needs rate_aps (or use --capacity)")
+        agents = int(math.ceil(rate * cfg.horizon_s * 1.1)) + 8
+        horizon = cfg.horizon_s
+        warm = cfg.warmup_s if cfg.warmup_s is not None else cfg.horizon_s / 3
+    sc = scenario_from_preset(sp, agents=agents, dataset=cfg.dataset, mode=cfg.mode, rate_aps=rate,
+                              horizon_s=horizon, seed=cfg.seed, include_indexer_kv=cfg.include_indexer_kv,
+                              overrides=dict(cfg.overrides))
+    sc.warmup_s = warm
+    return sc
+
+
+def summarize(sim: Simulation, wall_s: float) -> dict[str, Any]:
+    """One run's figures (the JSON ``runs`` entry)."""
+    sc = sim.sc
+    end = sim.loop.now
+    submit = np.frombuffer(sim.rec_submit, dtype=np.float64)
+    ttft = np.frombuffer(sim.rec_ttft, dtype=np.float64)
+    ttst = np.frombuffer(sim.rec_ttst, dtype=np.float64)
+    tpot = np.frombuffer(sim.rec_tpot, dtype=np.float64)
+    done_t = np.array(sim.agent_done)
+    if sc.mode == "online":
+        # measured window: requests submitted after warm-up; unfinished ones count with their TTFT so far
+        sel = submit >= sc.warmup_s
+        late = [end - r.t_submit if r.t_first < 0 else r.t_first - r.t_submit
+                for r in sim.unfinished() if r.t_submit >= sc.warmup_s]
+        ttft_w = np.concatenate([ttft[sel], np.array(late, dtype=np.float64)])
+        tpot_w = tpot[sel]
+        ttst_w = ttst[sel]
+    else:
+        ttft_w, tpot_w, ttst_w = ttft, tpot, ttst
+    tpot_w = tpot_w[tpot_w > 0]
+    links = sim.links()
+
+    def util(lks: list[Any]) -> float:
+        return float(np.mean([lk.utilisation(end) for lk in lks])) if lks and end > 0 else 0.0
+
+    snics = links["snic_pe"] + links["snic_de"]
+    wins: dict[int, list[float]] = {}
+    for i, lk in enumerate(snics):
+        for w, b in lk.windows.items():
+            wins.setdefault(w, [0.0] * len(snics))[i] = b
+    ratios = [max(v) / (sum(v) / len(v)) for v in wins.values() if sum(v) > 0]
+    n_agents = len(sim.turns)
+    all_done = bool(np.all(done_t >= 0))
+    jct = float(done_t.max()) if all_done and n_agents else float("nan")
+    out = {
+        "policy": sim.policy.name,
+        "scenario": sc.name,
+        "mode": sc.mode,
+        "P": sc.P,
+        "D": sc.D,
+        "gpus": (sc.P + sc.D) * sc.gpus_per_node,
+        "agents": n_agents,
+        "requests": sim.completed,
+        "all_done": all_done,
+        "jct_s": jct,
+        "sim_time_s": end,
+        "throughput_req_s": sim.completed / end if end > 0 else 0.0,
+        "prompt_tokens_per_s": sim.prompt_tokens / end if end > 0 else 0.0,
+        "gen_tokens_per_s": sim.gen_tokens / end if end > 0 else 0.0,
+        "ttft_mean_s": float(ttft_w.mean()) if ttft_w.size else float("nan"),
+        "ttft_p50_s": _pct(ttft_w, 50),
+        "ttft_p99_s": _pct(ttft_w, 99),
+        "ttst_p50_s": _pct(ttst_w, 50),
+        "ttst_p99_s": _pct(ttst_w, 99),
+        "tpot_mean_s": float(tpot_w.mean()) if tpot_w.size else float("nan"),
+        "tpot_p50_s": _pct(tpot_w, 50),
+        "tpot_p99_s": _pct(tpot_w, 99),
+        "hit_rate": sim.hit_tokens / sim.prompt_tokens if sim.prompt_tokens else 0.0,
+        "hit_tokens": sim.hit_tokens,
+        "prompt_tokens": sim.prompt_tokens,
+        "bytes_read_pe_path": sim.bytes_pe_path,
+        "bytes_read_de_path": sim.bytes_de_path,
+        "bytes_persisted": sum(n.write_bytes for n in sim.de_nodes),
+        "snic_util_pe": util(links["snic_pe"]),
+        "snic_util_de": util(links["snic_de"]),
+        "snic_util": util(snics),
+        "snic_balance_max_avg": float(np.mean(ratios)) if ratios else float("nan"),
+        "cnic_util_max": max((lk.utilisation(end) for k in links if k.startswith("cnic") for lk in links[k]),
+                             default=0.0),
+        "dram_gbs_max": max((n.dram_bytes / end / 1e9 for n in sim.pe_nodes + sim.de_nodes), default=0.0)
+        if end > 0 else 0.0,
+        "pe_compute_util": sum(p.compute_s for p in sim.pes) / (len(sim.pes) * end) if end > 0 else 0.0,
+        "de_busy_util": sum(d.busy_s for d in sim.des) / (len(sim.des) * end) if end > 0 else 0.0,
+        "pe_batches": sum(p.batches for p in sim.pes),
+        "events": sim.loop.events,
+        "fetches": sim.fetches,
+        "wall_s": wall_s,
+    }
+    return out
+
+
+def run_policy(sc: SimScenario, policy: str) -> dict[str, Any]:
+    """Simulate ``sc`` under ``policy`` and summarise."""
+    t0 = time.perf_counter()
+    sim = Simulation(sc, get_policy(policy)).run()
+    return summarize(sim, time.perf_counter() - t0)
+
+
+@dataclass
+class SimResult:
+    runs: list[dict[str, Any]]
+    speedup: dict[str, float] = field(default_factory=dict)
+    ceiling: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"runs": self.runs, "speedup": self.speedup, "ceiling": self.ceiling, "info": self.info}
+
+
+def speedups(runs: list[dict[str, Any]], base: str = "basic") -> dict[str, float]:
+    """JCT speed-up of each run vs ``base`` (offline); prompt throughput ratio when JCT is undefined."""
+    b = next((r for r in runs if r["policy"] == base), None)
+    if b is None:
+        return {}
+    out = {}
+    for r in runs:
+        if math.isfinite(b["jct_s"]) and math.isfinite(r["jct_s"]) and r["jct_s"] > 0:
+            out[r["policy"]] = b["jct_s"] / r["jct_s"]
+        elif b["prompt_tokens_per_s"] > 0:
+            out[r["policy"]] = r["prompt_tokens_per_s"] / b["prompt_tokens_per_s"]
+    return out
+
+
+def simulate(sc: SimScenario, policies: Sequence[str], progress: Callable[[str], None] | None = None) -> SimResult:
+    """Run every policy on ``sc``; speed-ups are vs ``basic`` when it is among them."""
+    runs = []
+    for p in policies:
+        if progress:
+            progress(f"simulating {sc.name} policy={p} ...")
+        runs.append(run_policy(sc, p))
+    return SimResult(runs, speedups(runs), (sc.P + sc.D) / sc.P, dict(sc.info))
+
+
+def capacity(
+    make: Callable[[float], SimScenario],
+    policy: str,
+    lo: float,
+    hi: float,
+    *,
+    iters: int = 7,
+    ttft_slo_s: float = 4.0,
+    tpot_slo_s: float = 0.05,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Largest agents-per-second rate in [lo, hi] whose run meets the SLO (mean TTFT and mean TPOT over the
+    measured window), by bisection; ``make(aps)`` builds the online scenario for a rate."""
+
+    def ok(aps: float) -> tuple[bool, dict[str, Any]]:
+        r = run_policy(make(aps), policy)
+        good = r["ttft_mean_s"] <= ttft_slo_s and not (r["tpot_mean_s"] > tpot_slo_s)
+        if progress:
+            progress(f"  {policy} aps={aps:.4g}: ttft_mean={r['ttft_mean_s']:.2f}s tpot={r['tpot_mean_s'] * 1e3:.1f}ms "
+                     f"{'ok' if good else 'violates'} ({r['wall_s']:.1f}s wall)")
+        return good, r
+
+    trials = []
+    good_lo, r_lo = ok(lo)
+    trials.append((lo, good_lo))
+    if not good_lo:
+        return {"policy": policy, "aps": 0.0, "trials": trials, "at_capacity": r_lo}
+    best, best_r = lo, r_lo
+    good_hi, r_hi = ok(hi)
+    trials.append((hi, good_hi))
+    if good_hi:
+        return {"policy": policy, "aps": hi, "trials": trials, "at_capacity": r_hi, "note": "hi bound met the SLO"}
+    a, b = lo, hi
+    for _ in range(iters):
+        mid = math.sqrt(a * b)
+        good, r = ok(mid)
+        trials.append((mid, good))
+        if good:
+            a, best, best_r = mid, mid, r
+        else:
+            b = mid
+    return {"policy": policy, "aps": best, "aps_upper": b, "trials": trials, "at_capacity": best_r}

@@ -1,0 +1,150 @@
+"""GPUDirect Storage through kvikio's ``CuFile``: Full Blocks read straight into, and written straight out of,
+GPU memory (GPU machines only; ``kvikio`` and ``torch.cuda`` are imported lazily, at construction).
+
+Same files, format, index, capacity and atomic-rename rules as :mod:`dualpath.storage.posix` (it subclasses
+it), so a block written by one backend is read by the other. Per block: ``os.preadv`` of the 4 KiB header into
+a host buffer, then ``CuFile.pread`` of the payload (at a 4 KiB-aligned file offset) into the caller's CUDA slot.
+Writes put the header with ``pwrite`` and the payload with ``CuFile.pwrite`` from the GPU into a temporary file,
+then rename.
+
+Checksums: xxh3-64 has no GPU implementation here, so verifying a read (and computing a write's checksum)
+copies the payload into a per-thread pinned host buffer (preallocated once per worker thread) and hashes it
+there. That costs one device-to-host copy per block; ``verify_checksum: false`` skips it on reads (the header
+is still checked: magic, namespace, key, length; the file size is checked too), writes always checksum.
+Without kvikio, KVIKIO_COMPAT_MODE makes kvikio fall back to POSIX I/O through bounce buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import torch
+import xxhash
+
+from dualpath.errors import StorageError
+from dualpath.kv.keys import KeyNamespace
+from dualpath.kv.layout import KVLayout
+from dualpath.storage import blockfile as bf
+from dualpath.storage.posix import _CORRUPT, _FAILED, _MISSING, _OK, PosixStorage
+from dualpath.types import BlockKey
+
+
+def _require_kvikio() -> Any:
+    if not torch.cuda.is_available():
+        raise StorageError(
+            "kvikio needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
+            "(kvikio cannot do file I/O without libcuda); use storage.kind: posix here"
+        )
+    try:
+        import kvikio
+    except Exception as exc:  # ImportError, or a missing libcufile at import
+        raise StorageError(
+            f"kvikio is not importable ({exc}); install the gds extra (pip install 'dualpath[gds]')"
+        ) from exc
+    return kvikio
+
+
+class _Staging(threading.local):
+    """Per worker thread: a pinned host buffer for checksums, allocated on first use."""
+
+    buf: torch.Tensor | None = None
+
+
+class KvikioStorage(PosixStorage):
+    kind = "kvikio"
+    device_type = "cuda"
+
+    def __init__(self, config: Any, layout: KVLayout, namespace: KeyNamespace) -> None:
+        self._kvikio = _require_kvikio()
+        super().__init__(config, layout, namespace)
+        self._device = torch.device("cuda", torch.cuda.current_device())
+        self._staging = _Staging()
+        try:
+            import cupy
+
+            self._as_array = cupy.asarray  # zero-copy view through __cuda_array_interface__
+        except Exception:  # pragma: no cover - kvikio depends on cupy
+            self._as_array = lambda t: t
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _host_copy(self, slot: torch.Tensor) -> memoryview:
+        buf = self._staging.buf
+        if buf is None or buf.numel() != slot.numel():
+            buf = self._staging.buf = torch.empty(slot.numel(), dtype=torch.uint8, pin_memory=True)
+        with torch.cuda.device(slot.device):
+            buf.copy_(slot)  # synchronous: a pinned destination on the current stream, then synchronized
+            torch.cuda.current_stream(slot.device).synchronize()
+        return memoryview(buf.numpy())  # type: ignore[arg-type]
+
+    def _read_target(self, into: torch.Tensor) -> Any:
+        return into.view(into.shape[0], -1)
+
+    def _read_chunk(self, items: list[tuple[int, BlockKey, str]], target: Any) -> list[tuple[int, int]]:
+        hdr = self._tls.header_mv
+        nbytes = self.full_block_bytes
+        want = bf.HEADER_SIZE + nbytes
+        out: list[tuple[int, int]] = []
+        for i, key, path in items:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                out.append((i, _MISSING))
+                continue
+            except OSError:
+                out.append((i, _FAILED))
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                n = os.preadv(fd, [hdr], 0)
+            except OSError:
+                out.append((i, _FAILED))
+                continue
+            finally:
+                os.close(fd)
+            checksum = self._checker.check(self._tls.header, key.digest) if n == bf.HEADER_SIZE else None
+            if size != want or checksum is None:
+                out.append((i, _CORRUPT))
+                continue
+            slot = target[i]
+            try:
+                with self._kvikio.CuFile(path, "r") as f:
+                    got = f.pread(self._as_array(slot), nbytes, bf.HEADER_SIZE).get()
+            except FileNotFoundError:
+                out.append((i, _MISSING))
+                continue
+            except Exception:
+                out.append((i, _FAILED))
+                continue
+            if got != nbytes:
+                out.append((i, _CORRUPT))
+                continue
+            if self._verify and xxhash.xxh3_64_intdigest(self._host_copy(slot)) != checksum:
+                out.append((i, _CORRUPT))
+                continue
+            out.append((i, _OK))
+        return out
+
+    def _write_source(self, blocks: torch.Tensor) -> Any:
+        return blocks.view(blocks.shape[0], -1)
+
+    def _write_chunk(self, items: list[tuple[int, BlockKey, str]], source: Any) -> list[tuple[int, int]]:
+        hdr = self._tls.header
+        nbytes = self.full_block_bytes
+        out: list[tuple[int, int]] = []
+        for i, key, path in items:
+            slot = source[i]
+            bf.pack_header(hdr, self._ns, key.digest, nbytes, xxhash.xxh3_64_intdigest(self._host_copy(slot)))
+            out.append((i, self._write_file(path, key, [memoryview(hdr)], gpu_payload=slot)))
+        return out
+
+    def _write_payload(self, fd: int, tmp: str, gpu_payload: torch.Tensor) -> None:
+        """Put the payload after the header with ``CuFile.pwrite`` (GPU memory to file)."""
+        with self._kvikio.CuFile(tmp, "r+") as f:
+            n = f.pwrite(self._as_array(gpu_payload), gpu_payload.numel(), bf.HEADER_SIZE).get()
+        if n != gpu_payload.numel():
+            raise OSError(5, f"CuFile.pwrite wrote {n} of {gpu_payload.numel()} bytes")

@@ -1,0 +1,240 @@
+"""The transport contract: RDMA-style one-sided writes with notification.
+
+A **receiver** registers a buffer once (:meth:`Transport.register` -> :class:`Region`), then, per transfer,
+exposes a landing slot (``offset``/``nbytes`` inside the region) under a **tag** (:meth:`Transport.expose`) and
+awaits the arrival (:meth:`Transport.wait`). A **sender** connects to the receiver once
+(:meth:`Transport.connect` with the receiver's :attr:`Transport.address`) and writes a source tensor's bytes
+to a tag on that peer (:meth:`Transport.write`). Contract every backend keeps (tests/contract):
+
+* **Registration** is once per buffer (contiguous tensor, any device the backend supports), never per transfer.
+  ``src`` given to ``write`` is a contiguous tensor; its raw bytes are sent. Backends that need it (nixl)
+  require ``src`` to lie inside a region registered on the sender and raise :class:`TransportError` otherwise.
+* **Exactly once, exactly sized.** An exposed tag accepts one arrival of exactly ``nbytes``. A size mismatch is
+  rejected with a logged reason, nothing is written and the waiter gets :class:`TransportError`. A second
+  arrival for the same tag is rejected. After ``wait`` returns (or fails) the tag may be exposed again.
+* **Early arrivals are held**: a write whose tag is not exposed yet is held (at the receiver, bounded by
+  ``max_pending_bytes``; or at the sender) until it is exposed, for at most ``pending_timeout_s``; then it is
+  dropped with a logged reason and the sender's ``write`` fails. So callers need not order expose before write
+  across engines.
+* **Deadlines everywhere.** ``wait`` and ``write`` take a timeout (seconds) and raise :class:`PeerTimeout`
+  after it. A ``wait`` that times out withdraws its landing (a late arrival is rejected, never written into a
+  buffer the caller may reuse). A ``write`` to a dead or silent peer fails within its timeout and releases
+  the source buffer (no queued frame keeps it pinned).
+* **Delivery.** ``write`` returns once the bytes have landed in the peer's exposed region (acknowledged), and
+  raises :class:`TransportError` when the receiver rejected them. ``wait`` returns once all bytes are in the
+  region (on a GPU: the copy has completed, visible to the default stream).
+* **Integrity** (when the backend's ``checksum`` is on): an xxh3-64 of the payload travels with it and is
+  verified before the arrival counts; a mismatch fails both sides with :class:`TransportError`.
+* **Close** (:meth:`Transport.close`) wakes every waiter and every pending write with
+  :class:`TransportClosed`. Transports are async context managers (``async with create_transport(...)``).
+* **cancel(tag)** withdraws a landing; its waiter gets :class:`TransportError`. A copy already under way into
+  that slot completes (the bytes of a transfer in flight cannot be recalled), nothing starts after.
+* Messages on the wire are fixed binary headers + raw bytes (no pickle); sockets bind to loopback unless
+  configured.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import torch
+
+from dualpath.errors import PeerTimeout, TransportClosed, TransportError
+from dualpath.transports.landing import LandingTable, check_tag
+
+_region_ids = itertools.count(1)
+T = TypeVar("T")
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """A flat ``uint8`` view of a contiguous tensor's bytes (no copy)."""
+    if not isinstance(t, torch.Tensor):
+        raise TransportError(f"expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_contiguous():
+        raise TransportError(f"tensor of shape {tuple(t.shape)} is not contiguous; transports move contiguous bytes")
+    flat = t.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+@dataclass(eq=False)
+class Region:
+    """A registered buffer: the tensor, its byte view and an id unique in the process."""
+
+    tensor: torch.Tensor
+    owner: str
+    id: int = field(default_factory=lambda: next(_region_ids))
+    handle: Any = None  # backend data (e.g. NIXL registration descriptors)
+
+    def __post_init__(self) -> None:
+        self.bytes = byte_view(self.tensor)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bytes.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+    @property
+    def addr(self) -> int:
+        return int(self.bytes.data_ptr())
+
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        if offset < 0 or nbytes <= 0 or offset + nbytes > self.nbytes:
+            raise TransportError(
+                f"slot [offset={offset}, nbytes={nbytes}] does not fit region {self.id} of {self.nbytes} bytes"
+            )
+        return self.bytes[offset : offset + nbytes]
+
+    def contains(self, t: torch.Tensor) -> bool:
+        if t.device != self.device:
+            return False
+        start = t.data_ptr()
+        return self.addr <= start and start + t.numel() * t.element_size() <= self.addr + self.nbytes
+
+
+@dataclass
+class TransportStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    writes: int = 0
+    arrivals: int = 0
+    rejected: int = 0
+
+
+class Transport(abc.ABC):
+    """One endpoint of a transport; see the module docstring for the contract."""
+
+    kind: str = "?"
+
+    def __init__(self, name: str, *, checksum: bool = False, max_pending_bytes: int = 256 << 20,
+                 pending_timeout_s: float = 10.0) -> None:
+        if not name:
+            raise TransportError("a transport endpoint needs a non-empty name")
+        self.name = name
+        self.checksum = checksum
+        self._landings = LandingTable(name, max_pending_bytes=max_pending_bytes, pending_timeout_s=pending_timeout_s)
+        self._regions: dict[int, Region] = {}
+        self._started = False
+        self._closed = False
+        self._write_scopes: set[anyio.CancelScope] = set()
+        self.stats = TransportStats()
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """What a peer passes to :meth:`connect` (valid after :meth:`start`)."""
+
+    async def start(self) -> None:
+        self._started = True
+
+    async def close(self) -> None:
+        """Idempotent; wakes every waiter with :class:`TransportClosed`."""
+        self._closed = True
+        self._landings.close()
+        for scope in list(self._write_scopes):
+            scope.cancel()
+
+    async def __aenter__(self) -> Transport:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed(f"{self.name}: transport is closed")
+
+    # --- registration ---------------------------------------------------------------------------------------
+    def register(self, buf: torch.Tensor) -> Region:
+        """Register a contiguous buffer once; returns its :class:`Region`."""
+        self._check_open()
+        region = Region(buf, self.name)
+        if region.nbytes == 0:
+            raise TransportError(f"{self.name}: cannot register an empty buffer")
+        self._register_memory(region)
+        self._regions[region.id] = region
+        return region
+
+    def deregister(self, region: Region) -> None:
+        if self._regions.pop(region.id, None) is not None:
+            self._deregister_memory(region)
+
+    def _register_memory(self, region: Region) -> None:  # noqa: B027 - optional hook
+        """Backend hook (nixl registers memory with its agent)."""
+
+    def _deregister_memory(self, region: Region) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def find_region(self, t: torch.Tensor) -> Region | None:
+        for region in self._regions.values():
+            if region.contains(t):
+                return region
+        return None
+
+    # --- receiving ------------------------------------------------------------------------------------------
+    def expose(self, tag: str, region: Region, offset: int, nbytes: int) -> None:
+        """Expose ``region[offset:offset+nbytes]`` (bytes) as the landing slot of one arrival under ``tag``."""
+        self._check_open()
+        if self._regions.get(region.id) is not region:
+            raise TransportError(f"{self.name}: region {region.id} is not registered with this transport")
+        self._landings.expose(tag, region.view(offset, nbytes))
+        self._on_expose(tag)
+
+    def _on_expose(self, tag: str) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def wait(self, tag: str, timeout: float) -> None:
+        """Until ``tag``'s bytes landed. :class:`PeerTimeout` after ``timeout`` s (the landing is withdrawn),
+        :class:`TransportClosed` on close, :class:`TransportError` if the arrival was rejected or corrupt."""
+        await self._landings.wait(tag, timeout)
+
+    def cancel(self, tag: str) -> None:
+        """Withdraw the landing exposed under ``tag`` (no-op when there is none)."""
+        self._landings.cancel(tag)
+
+    # --- sending --------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def connect(self, peer: str, address: str) -> None:
+        """Make ``peer`` (its endpoint name) reachable at ``address``; idempotent for the same address."""
+
+    @abc.abstractmethod
+    async def write(self, peer: str, tag: str, src: torch.Tensor, timeout: float, *,
+                    checksum: int | None = None) -> None:
+        """Write ``src``'s bytes into the slot ``peer`` exposed under ``tag``; returns once delivered.
+
+        ``checksum``: the xxh3-64 the receiver must verify (computed from ``src`` when None and checksums are
+        on); the faults wrapper passes the original's to prove corruption is caught."""
+
+    # helpers for backends
+    def _prepare_write(self, tag: str, src: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        self._check_open()
+        return check_tag(tag), byte_view(src)
+
+    async def _guarded(self, what: str, timeout: float, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one write: :class:`PeerTimeout` after ``timeout``, :class:`TransportClosed` if we close."""
+        if timeout is None or not timeout >= 0:
+            raise TransportError(f"timeout must be a number >= 0, got {timeout!r}")
+        scope = anyio.CancelScope()
+        self._write_scopes.add(scope)
+        try:
+            with scope:
+                try:
+                    with anyio.fail_after(timeout):
+                        return await fn()
+                except TimeoutError as exc:
+                    if isinstance(exc, TransportError):
+                        raise
+                    raise PeerTimeout(f"{self.name}: {what} not delivered within {timeout:g} s") from None
+            raise TransportClosed(f"{self.name}: transport closed during {what}")
+        finally:
+            self._write_scopes.discard(scope)

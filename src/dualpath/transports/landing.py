@@ -1,0 +1,191 @@
+"""Landing slots shared by every transport backend: exposed regions, arrivals, waiters, the early-arrival hold.
+
+One :class:`LandingTable` per transport endpoint, used only from its event loop (no locks). A slot moves
+``exposed -> busy (bytes being written) -> landed | failed``; :meth:`LandingTable.wait` pops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import anyio
+import torch
+
+from dualpath.errors import PeerTimeout, TransportClosed, TransportError
+
+log = logging.getLogger("dualpath.transports")
+
+MAX_TAG_BYTES = 1024
+
+
+class Rejected(TransportError):
+    """An arrival was refused (size mismatch, duplicate, not exposed in time, bad header); nothing was written."""
+
+
+def check_tag(tag: str) -> bytes:
+    if not isinstance(tag, str) or not tag:
+        raise TransportError(f"tag must be a non-empty str, got {tag!r}")
+    raw = tag.encode("utf-8")
+    if len(raw) > MAX_TAG_BYTES:
+        raise TransportError(f"tag {tag[:40]!r}... is {len(raw)} bytes; at most {MAX_TAG_BYTES}")
+    return raw
+
+
+@dataclass(eq=False)
+class Slot:
+    tag: str
+    view: torch.Tensor  # 1-D uint8 view of the landing bytes
+    state: str = "exposed"  # exposed | busy | landed | failed
+    error: BaseException | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    withdrawn: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.view.numel())
+
+
+class LandingTable:
+    """Exposed landing slots of one endpoint, and the bookkeeping of arrivals into them."""
+
+    def __init__(self, owner: str, *, max_pending_bytes: int, pending_timeout_s: float) -> None:
+        self.owner = owner
+        self.max_pending_bytes = max_pending_bytes
+        self.pending_timeout_s = pending_timeout_s
+        self.pending_bytes = 0
+        self._slots: dict[str, Slot] = {}
+        self._exposed_events: dict[str, anyio.Event] = {}
+        self._closed = False
+        self.rejected = 0
+
+    # --- receiver side --------------------------------------------------------------------------------------
+    def expose(self, tag: str, view: torch.Tensor) -> None:
+        check_tag(tag)
+        if self._closed:
+            raise TransportClosed(f"{self.owner}: transport is closed")
+        if tag in self._slots:
+            raise TransportError(f"{self.owner}: tag {tag!r} is already exposed (wait or cancel it first)")
+        self._slots[tag] = Slot(tag, view)
+        ev = self._exposed_events.pop(tag, None)
+        if ev is not None:
+            ev.set()
+
+    async def wait(self, tag: str, timeout: float) -> None:
+        slot = self._slots.get(tag)
+        if slot is None:
+            if self._closed:
+                raise TransportClosed(f"{self.owner}: transport is closed")
+            raise TransportError(f"{self.owner}: wait on tag {tag!r} that is not exposed")
+        with anyio.move_on_after(_finite(timeout)):
+            await slot.done.wait()
+        if not slot.done.is_set():
+            self._withdraw(slot)
+            raise PeerTimeout(f"{self.owner}: tag {tag!r} did not arrive within {timeout:g} s")
+        if self._slots.get(tag) is slot:
+            del self._slots[tag]
+        if slot.error is not None:
+            raise slot.error
+
+    def cancel(self, tag: str) -> None:
+        slot = self._slots.get(tag)
+        if slot is not None:
+            self._withdraw(slot, TransportError(f"{self.owner}: landing {tag!r} was cancelled"))
+
+    def _withdraw(self, slot: Slot, error: BaseException | None = None) -> None:
+        slot.withdrawn = True
+        if self._slots.get(slot.tag) is slot:
+            del self._slots[slot.tag]
+        if not slot.done.is_set():
+            slot.state = "failed"
+            slot.error = error
+            slot.done.set()
+
+    def is_exposed(self, tag: str) -> bool:
+        return tag in self._slots
+
+    def close(self) -> None:
+        self._closed = True
+        err = TransportClosed(f"{self.owner}: transport closed while waiting")
+        for slot in list(self._slots.values()):
+            if not slot.done.is_set():
+                slot.state, slot.error = "failed", err
+                slot.done.set()
+        self._slots.clear()
+        for ev in self._exposed_events.values():
+            ev.set()
+        self._exposed_events.clear()
+
+    # --- arrival side (backends) ----------------------------------------------------------------------------
+    def claim(self, tag: str, nbytes: int) -> Slot | None:
+        """The slot an arrival of ``nbytes`` under ``tag`` may write into now (marked busy), or None when the
+        tag is not exposed. Raises :class:`Rejected` (nothing to be written) on a size mismatch or a duplicate;
+        a size mismatch also fails the slot, so its waiter gets the error."""
+        if self._closed:
+            raise Rejected(f"{self.owner}: transport is closed")
+        slot = self._slots.get(tag)
+        if slot is None:
+            return None
+        if slot.state != "exposed":
+            raise Rejected(f"{self.owner}: duplicate arrival for tag {tag!r} (slot is {slot.state})")
+        if nbytes != slot.nbytes:
+            err = Rejected(
+                f"{self.owner}: size mismatch for tag {tag!r}: arrival has {nbytes} bytes, "
+                f"the exposed region has {slot.nbytes}; nothing written"
+            )
+            slot.state, slot.error = "failed", err
+            slot.done.set()
+            raise err
+        slot.state = "busy"
+        return slot
+
+    async def claim_wait(self, tag: str, nbytes: int, timeout: float | None = None) -> Slot:
+        """:meth:`claim`, holding the arrival until the tag is exposed (at most ``timeout``, default
+        ``pending_timeout_s``); raises :class:`Rejected` when it is not exposed in time."""
+        timeout = self.pending_timeout_s if timeout is None else min(timeout, self.pending_timeout_s)
+        deadline = anyio.current_time() + timeout
+        while True:
+            slot = self.claim(tag, nbytes)
+            if slot is not None:
+                return slot
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                raise Rejected(f"{self.owner}: tag {tag!r} was not exposed within {timeout:g} s; dropped")
+            ev = self._exposed_events.get(tag)
+            if ev is None:
+                ev = self._exposed_events[tag] = anyio.Event()
+            with anyio.move_on_after(left):
+                await ev.wait()
+            if self._exposed_events.get(tag) is ev and not ev.is_set():
+                # timed out: drop the event if no one else uses it (cheap, harmless if someone does)
+                self._exposed_events.pop(tag, None)
+
+    def reserve_pending(self, nbytes: int) -> bool:
+        """Account ``nbytes`` of held early arrivals; False when the hold area is full."""
+        if self.pending_bytes + nbytes > self.max_pending_bytes:
+            return False
+        self.pending_bytes += nbytes
+        return True
+
+    def release_pending(self, nbytes: int) -> None:
+        self.pending_bytes -= nbytes
+
+    @staticmethod
+    def finish(slot: Slot, error: BaseException | None = None) -> None:
+        if slot.done.is_set():  # withdrawn (cancel/timeout/close) meanwhile
+            return
+        slot.state = "failed" if error is not None else "landed"
+        slot.error = error
+        slot.done.set()
+
+    def reject(self, peer: str, reason: str) -> None:
+        """Count and log a rejected arrival."""
+        self.rejected += 1
+        log.warning("%s: rejected arrival from %s: %s", self.owner, peer, reason)
+
+
+def _finite(timeout: float) -> float:
+    if timeout is None or math.isnan(timeout) or timeout < 0:
+        raise TransportError(f"timeout must be a number >= 0, got {timeout!r}")
+    return timeout

@@ -1,0 +1,439 @@
+"""NIXL transport: agents over UCX (RDMA where present; TCP or shared memory otherwise).
+
+Memory is registered with the local agent once per buffer (:meth:`register`). A small ZeroMQ side channel
+(binary :mod:`~dualpath.transports.wire` headers, no pickle) exchanges agent metadata on :meth:`connect` and
+runs a rendezvous per write: the sender asks for ``(tag, size)`` (REQ); the receiver answers with the landing
+address once the tag is exposed (GRANT; early requests wait there, so the bytes stay at the sender); the sender
+posts a NIXL WRITE whose notification carries ``(seq, tag, checksum)``; the receiver, on that notification,
+verifies (optional checksum), completes the slot and acknowledges (ACK); ``write`` returns on the ACK. A
+worker thread polls transfer states and notifications (NIXL's own progress thread moves the bytes), so the
+event loop never blocks. ``nixl`` is imported lazily here only (``pip install dualpath[nixl]``); ``UCX_TLS``
+defaults to ``tcp,self,sm`` when unset (CPU machines; keep ``tcp``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import torch
+import zmq
+import zmq.asyncio
+
+from dualpath.errors import TransportError
+from dualpath.transports.base import Region, Transport
+from dualpath.transports.config import NixlTransportConfig
+from dualpath.transports.landing import Rejected, Slot
+from dualpath.transports.wire import Header, Kind, Status, WireError, checksum_of, decode, encode
+
+log = logging.getLogger("dualpath.transports.nixl")
+
+
+def _import_nixl() -> Any:
+    try:
+        import nixl_cu12 as nixl_mod  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            import nixl as nixl_mod  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            raise TransportError(
+                "the nixl transport needs NIXL: pip install 'dualpath[nixl]' (nixl-cu12)"
+            ) from None
+    return nixl_mod
+
+
+def _mem(t: torch.Tensor) -> tuple[str, int]:
+    return ("VRAM", t.get_device()) if t.device.type == "cuda" else ("DRAM", 0)
+
+
+class _Poller(threading.Thread):
+    """Polls posted transfers and incoming notifications; resolves futures on the event loop."""
+
+    def __init__(self, agent: Any, loop: asyncio.AbstractEventLoop, on_notif: Callable[[str, bytes], None],
+                 interval: float) -> None:
+        super().__init__(name="dualpath-nixl-poller", daemon=True)
+        self.agent, self.loop, self.on_notif, self.interval = agent, loop, on_notif, interval
+        self.xfers: dict[int, tuple[Any, asyncio.Future[str]]] = {}
+        self.lock = threading.Lock()
+        self.stop_ev = threading.Event()
+        self.wake = threading.Event()
+        self.ids = itertools.count(1)
+
+    def add(self, handle: Any, fut: asyncio.Future[str]) -> int:
+        with self.lock:
+            xid = next(self.ids)
+            self.xfers[xid] = (handle, fut)
+        self.wake.set()
+        return xid
+
+    def abandon(self, xid: int) -> None:
+        """Stop waiting for a transfer (deadline passed): release its handle (NIXL aborts it)."""
+        with self.lock:
+            entry = self.xfers.pop(xid, None)
+        if entry is not None:
+            with contextlib.suppress(Exception):
+                entry[0].release()
+
+    def _resolve(self, fut: asyncio.Future[str], state: str) -> None:
+        if not fut.done():
+            fut.set_result(state)
+
+    def run(self) -> None:
+        while not self.stop_ev.is_set():
+            busy = False
+            with self.lock:
+                items = list(self.xfers.items())
+            for xid, (handle, fut) in items:
+                try:
+                    state = self.agent.check_xfer_state(handle)
+                except Exception as exc:  # pragma: no cover - NIXL error path
+                    state = f"ERR {exc}"
+                if state != "PROC":
+                    busy = True
+                    with self.lock:
+                        self.xfers.pop(xid, None)
+                    with contextlib.suppress(Exception):
+                        handle.release()
+                    with contextlib.suppress(RuntimeError):
+                        self.loop.call_soon_threadsafe(self._resolve, fut, state)
+            try:
+                notifs = self.agent.get_new_notifs()
+            except Exception:  # pragma: no cover
+                notifs = {}
+            for agent_name, msgs in notifs.items():
+                for msg in msgs:
+                    busy = True
+                    with contextlib.suppress(RuntimeError):
+                        self.loop.call_soon_threadsafe(self.on_notif, str(agent_name), bytes(msg))
+            if not busy:
+                self.wake.wait(self.interval if items else self.interval * 5)
+                self.wake.clear()
+
+
+class NixlTransport(Transport):
+    kind = "nixl"
+
+    def __init__(self, name: str, config: NixlTransportConfig | None = None) -> None:
+        cfg = config or NixlTransportConfig()
+        super().__init__(name, checksum=cfg.checksum, max_pending_bytes=cfg.max_pending_bytes,
+                         pending_timeout_s=cfg.pending_timeout_s)
+        self.config = cfg
+        self._agent: Any = None
+        self._poller: _Poller | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._router: zmq.asyncio.Socket | None = None
+        self._endpoint = ""
+        self._peers: dict[str, _Peer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seq = itertools.count(1)
+        self._granted: dict[tuple[str, int], tuple[Slot, bytes]] = {}
+        self._limiter = anyio.CapacityLimiter(2)
+        self._md_epoch = 0
+
+    @property
+    def address(self) -> str:
+        if not self._endpoint:
+            raise TransportError(f"{self.name}: address is known after start()")
+        return self._endpoint
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._check_open()
+        if self._started:
+            return
+        if self.config.ucx_tls is not None:
+            os.environ.setdefault("UCX_TLS", self.config.ucx_tls)
+        nixl_mod = _import_nixl()
+        conf = nixl_mod.nixl_agent_config(backends=[self.config.backend],
+                                          sync_mode=nixl_mod.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        self._agent = await anyio.to_thread.run_sync(nixl_mod.nixl_agent, self.name, conf)
+        if self.config.backend not in self._agent.backends:
+            raise TransportError(f"{self.name}: NIXL backend {self.config.backend!r} is not available "
+                                 f"(plugins: {self._agent.plugin_list})")
+        loop = asyncio.get_running_loop()
+        self._poller = _Poller(self._agent, loop, self._on_notif, self.config.poll_interval_s)
+        self._poller.start()
+        self._ctx = zmq.asyncio.Context()
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(f"tcp://{self.config.host}:{self.config.port or '*'}")
+        self._endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()  # type: ignore[union-attr]
+        self._router = router
+        self._spawn(self._recv_loop())
+        for region in self._regions.values():
+            self._register_memory(region)
+        await super().start()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await super().close()
+        for task in list(self._tasks):
+            task.cancel()
+        for peer in self._peers.values():
+            peer.fail_all(Status.CLOSED, f"{self.name}: transport closed")
+            peer.sock.close(linger=0)
+        self._peers.clear()
+        if self._router is not None:
+            self._router.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+        if self._poller is not None:
+            self._poller.stop_ev.set()
+            self._poller.wake.set()
+            await anyio.to_thread.run_sync(self._poller.join, 5.0)
+        await asyncio.sleep(0)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- memory ---------------------------------------------------------------------------------------------
+    def _register_memory(self, region: Region) -> None:
+        if self._agent is None or region.handle is not None:
+            return  # registered at start()
+        try:
+            region.handle = self._agent.register_memory(region.bytes)
+            self._md_epoch += 1  # peers that loaded older metadata refresh it on their next GRANT
+        except Exception as exc:
+            raise TransportError(f"{self.name}: NIXL could not register {region.nbytes} bytes on "
+                                 f"{region.device}: {exc}") from exc
+
+    def _deregister_memory(self, region: Region) -> None:
+        if self._agent is not None and region.handle is not None:
+            with contextlib.suppress(Exception):
+                self._agent.deregister_memory(region.handle)
+            region.handle = None
+
+    # --- side channel ---------------------------------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        assert self._router is not None
+        while True:
+            frames = await self._router.recv_multipart()
+            try:
+                await self._on_message(frames)
+            except Exception as exc:
+                log.error("%s: error handling a side-channel message: %r", self.name, exc)
+
+    async def _reply(self, ident: bytes, hdr: Header) -> None:
+        if self._router is not None and not self._closed:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._router.send_multipart([ident, encode(hdr)])
+
+    async def _on_message(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        try:
+            if len(frames) != 2:
+                raise WireError(f"expected one header frame, got {len(frames) - 1}")
+            hdr = decode(frames[1])
+        except WireError as exc:
+            self._landings.reject("?", f"bad side-channel message: {exc}; nothing written")
+            await self._reply(ident, Header(Kind.ACK, 0, "", status=Status.BAD, extra=str(exc).encode()))
+            return
+        if hdr.kind is Kind.HELLO:
+            try:
+                remote = self._agent.add_remote_agent(hdr.extra)
+                log.debug("%s: loaded metadata of %r", self.name, remote)
+            except Exception as exc:
+                reason = f"bad agent metadata: {exc}"
+                self._landings.reject("?", reason)
+                await self._reply(ident, Header(Kind.HELLO, hdr.seq, "", status=Status.BAD, extra=reason.encode()))
+                return
+            md = self._agent.get_agent_metadata()
+            await self._reply(ident, Header(Kind.HELLO, hdr.seq, self.name, arg=self._md_epoch, extra=md))
+        elif hdr.kind is Kind.REQ:
+            self._spawn(self._grant(ident, hdr))
+        else:
+            reason = f"unexpected {hdr.kind.name} on the side channel"
+            self._landings.reject("?", reason)
+            await self._reply(ident, Header(Kind.ACK, hdr.seq, hdr.tag, status=Status.BAD, extra=reason.encode()))
+
+    async def _grant(self, ident: bytes, hdr: Header) -> None:
+        sender = hdr.extra.decode("utf-8", "replace")
+        try:
+            if self.checksum and hdr.checksum is None:
+                raise Rejected(f"{self.name}: tag {hdr.tag!r} without a checksum, and this endpoint requires one")
+            slot = await self._landings.claim_wait(hdr.tag, hdr.payload_len)
+        except Rejected as exc:
+            self._landings.reject(sender, str(exc))
+            await self._reply(ident, Header(Kind.GRANT, hdr.seq, hdr.tag, status=Status.REJECTED,
+                                            extra=str(exc).encode()))
+            return
+        self._granted = {k: v for k, v in self._granted.items() if not v[0].done.is_set()}
+        self._granted[(sender, hdr.seq)] = (slot, ident)
+        mem, dev = _mem(slot.view)
+        await self._reply(ident, Header(Kind.GRANT, hdr.seq, hdr.tag, hdr.payload_len, arg=slot.view.data_ptr(),
+                                        extra=f"{mem}:{dev}:{self._md_epoch}".encode()))
+
+    def _on_notif(self, agent_name: str, msg: bytes) -> None:
+        try:
+            hdr = decode(msg)
+        except WireError as exc:
+            self._landings.reject(agent_name, f"bad notification: {exc}")
+            return
+        entry = self._granted.pop((agent_name, hdr.seq), None)
+        if entry is None:
+            self._landings.reject(agent_name, f"notification for unknown transfer {hdr.seq} (tag {hdr.tag!r})")
+            return
+        self._spawn(self._complete(agent_name, hdr, *entry))
+
+    async def _complete(self, sender: str, hdr: Header, slot: Slot, ident: bytes) -> None:
+        if hdr.checksum is not None:
+            got = await anyio.to_thread.run_sync(checksum_of, slot.view, limiter=self._limiter)
+            if got != hdr.checksum:
+                reason = f"{self.name}: checksum mismatch for tag {hdr.tag!r}; arrival discarded"
+                self._landings.reject(sender, reason)
+                self._landings.finish(slot, Rejected(reason))
+                await self._reply(ident, Header(Kind.ACK, hdr.seq, hdr.tag, status=Status.CORRUPT,
+                                                extra=reason.encode()))
+                return
+        self._landings.finish(slot)
+        self.stats.arrivals += 1
+        self.stats.bytes_received += slot.nbytes
+        await self._reply(ident, Header(Kind.ACK, hdr.seq, hdr.tag))
+
+    # --- sending --------------------------------------------------------------------------------------------
+    async def connect(self, peer: str, address: str, timeout: float = 30.0) -> None:
+        self._check_open()
+        if not self._started:
+            raise TransportError(f"{self.name}: start() before connect()")
+        old = self._peers.get(peer)
+        if old is not None and old.address == address:
+            return
+        if not address.startswith("tcp://"):
+            raise TransportError(f"{self.name}: peer {peer!r} address {address!r} is not tcp://")
+        assert self._ctx is not None
+        p = _Peer(self, peer, address)
+        self._peers[peer] = p
+        if old is not None:
+            old.close("reconnected")
+
+        await self._guarded(f"connect to {peer!r} at {address}", timeout, lambda: self._hello(p))
+
+    async def _hello(self, p: _Peer) -> None:
+        """Exchange agent metadata with ``p`` (again when it registered memory since)."""
+        status, hdr = await p.request(Header(Kind.HELLO, next(self._seq), "", extra=self._agent.get_agent_metadata()))
+        if status is not Status.OK:
+            raise TransportError(f"{self.name}: {p.name!r} refused our metadata: {hdr.extra.decode()}")
+        p.agent_name = self._agent.add_remote_agent(hdr.extra)
+        p.epoch = hdr.arg
+
+    async def write(self, peer: str, tag: str, src: torch.Tensor, timeout: float, *,
+                    checksum: int | None = None) -> None:
+        _, data = self._prepare_write(tag, src)
+        p = self._peers.get(peer)
+        if p is None or p.agent_name is None:
+            raise TransportError(f"{self.name}: peer {peer!r} is not connected (call connect first)")
+        if self.find_region(data) is None:
+            raise TransportError(f"{self.name}: the source of tag {tag!r} is not inside a registered region "
+                                 "(nixl writes from registered memory: call register() on its buffer once)")
+        nbytes = int(data.numel())
+
+        async def send() -> None:
+            csum = checksum
+            if csum is None and self.checksum:
+                csum = await anyio.to_thread.run_sync(checksum_of, data, limiter=self._limiter)
+            seq = next(self._seq)
+            status, grant = await p.request(Header(Kind.REQ, seq, tag, nbytes, csum, extra=self.name.encode()))
+            if status is not Status.OK:
+                raise TransportError(f"{self.name}: {peer!r} refused tag {tag!r} ({status.name}): "
+                                     f"{grant.extra.decode('utf-8', 'replace')}")
+            rmem, rdev, epoch = grant.extra.decode().split(":")
+            if int(epoch) > p.epoch:
+                await self._hello(p)
+            lmem, ldev = _mem(data)
+            agent = self._agent
+            local = agent.get_xfer_descs([(data.data_ptr(), nbytes, ldev)], lmem)
+            remote = agent.get_xfer_descs([(grant.arg, nbytes, int(rdev))], rmem)
+            notif = encode(Header(Kind.DONE, seq, tag, nbytes, csum))
+            ack = p.expect(seq)
+            try:
+                handle = agent.initialize_xfer("WRITE", local, remote, p.agent_name, notif)
+                state = agent.transfer(handle)
+            except Exception as exc:
+                p.pending.pop(seq, None)
+                raise TransportError(f"{self.name}: NIXL could not post the write of {tag!r} to {peer!r}: {exc}") from exc
+            xid = None
+            try:
+                if state != "ERR":
+                    done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+                    assert self._poller is not None
+                    xid = self._poller.add(handle, done)
+                    state = await done
+                    xid = None
+                if state != "DONE":
+                    raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
+                st, hdr = await ack
+            finally:
+                p.pending.pop(seq, None)
+                if xid is not None and self._poller is not None:
+                    self._poller.abandon(xid)
+            if st is not Status.OK:
+                raise TransportError(f"{self.name}: {peer!r} rejected tag {tag!r} ({st.name}): "
+                                     f"{hdr.extra.decode('utf-8', 'replace')}")
+
+        await self._guarded(f"write of {tag!r} to {peer!r}", timeout, send)
+        self.stats.writes += 1
+        self.stats.bytes_sent += nbytes
+
+
+class _Peer:
+    """A DEALER to one peer's side channel and the replies we wait for (by sequence number)."""
+
+    def __init__(self, owner: NixlTransport, name: str, address: str) -> None:
+        assert owner._ctx is not None
+        self.owner, self.name, self.address = owner, name, address
+        self.agent_name: str | None = None
+        self.epoch = -1
+        self.sock = owner._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.pending: dict[int, asyncio.Future[tuple[Status, Header]]] = {}
+        self.reader = owner._spawn(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            try:
+                hdr = decode(frames[0])
+            except WireError as exc:
+                log.warning("%s: bad reply from %s: %s", self.owner.name, self.name, exc)
+                continue
+            # GRANT and ACK share a seq: a GRANT answers the REQ future, the ACK the one registered after it
+            fut = self.pending.pop(hdr.seq, None)
+            if fut is not None and not fut.done():
+                fut.set_result((hdr.status, hdr))
+
+    def expect(self, seq: int) -> asyncio.Future[tuple[Status, Header]]:
+        fut: asyncio.Future[tuple[Status, Header]] = asyncio.get_running_loop().create_future()
+        self.pending[seq] = fut
+        return fut
+
+    async def request(self, hdr: Header) -> tuple[Status, Header]:
+        fut = self.expect(hdr.seq)
+        try:
+            await self.sock.send_multipart([encode(hdr)])
+            return await fut
+        finally:
+            self.pending.pop(hdr.seq, None)
+
+    def fail_all(self, status: Status, reason: str) -> None:
+        for seq, fut in self.pending.items():
+            if not fut.done():
+                fut.set_result((status, Header(Kind.ACK, seq, "", status=status, extra=reason.encode())))
+        self.pending.clear()
+
+    def close(self, reason: str) -> None:
+        self.fail_all(Status.CLOSED, reason)
+        self.reader.cancel()
+        self.sock.close(linger=0)
+

@@ -1,0 +1,101 @@
+"""A transport endpoint in its own process, driven over stdin: the second process of the transport contract
+tests and of ``dualpath bench transport``.
+
+Runs one transport endpoint and obeys JSON-line commands on stdin, answering JSON lines on stdout (``id``
+echoed). Commands: ``expose {tag, offset, nbytes}``, ``wait {tag, timeout}`` -> ``{sha}`` of the landed bytes,
+``connect {peer, address}``, ``write {peer, tag, nbytes, seed, timeout}`` (deterministic bytes from ``seed``),
+``exit``. The first line printed is ``{"address": ...}``.
+Usage: ``python -m dualpath.transports.peer NAME CONFIG_JSON BUFFER_BYTES``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from typing import Any
+
+import anyio
+import torch
+from pydantic import TypeAdapter
+
+from dualpath.transports import create_transport
+from dualpath.transports.config import TransportConfig
+
+
+def pattern(nbytes: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+
+
+def sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def parse_config(text: str) -> TransportConfig:
+    return TypeAdapter(TransportConfig).validate_python(json.loads(text))  # type: ignore[no-any-return]
+
+
+async def main(name: str, config_json: str, buffer_bytes: int) -> None:
+    config = parse_config(config_json)
+    out_lock = anyio.Lock()
+    # the protocol owns the original stdout; anything libraries print (NIXL logs) goes to stderr
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+
+    async def say(obj: dict[str, Any]) -> None:
+        async with out_lock:
+            proto.write(json.dumps(obj) + "\n")
+            proto.flush()
+
+    async with create_transport(config, name) as t:
+        buf = torch.zeros(buffer_bytes, dtype=torch.uint8)
+        region = t.register(buf)
+        src_buf = torch.zeros(buffer_bytes, dtype=torch.uint8)
+        t.register(src_buf)
+        await say({"address": t.address})
+
+        async def handle(cmd: dict[str, Any]) -> None:
+            reply: dict[str, Any] = {"id": cmd.get("id")}
+            try:
+                op = cmd["op"]
+                if op == "expose":
+                    t.expose(cmd["tag"], region, cmd["offset"], cmd["nbytes"])
+                elif op == "wait":
+                    await t.wait(cmd["tag"], cmd["timeout"])
+                    reply["sha"] = sha(buf[cmd["offset"]: cmd["offset"] + cmd["nbytes"]])
+                elif op == "connect":
+                    await t.connect(cmd["peer"], cmd["address"])
+                elif op == "write":
+                    n = cmd["nbytes"]
+                    src = src_buf[:n]
+                    src.copy_(pattern(n, cmd["seed"]))
+                    for _ in range(cmd.get("repeat", 1)):
+                        await t.write(cmd["peer"], cmd["tag"], src, cmd["timeout"])
+                elif op == "bench":  # receive count messages of nbytes under tags prefix+i (window of exposes)
+                    n, count = cmd["nbytes"], cmd["count"]
+                    for i in range(count):
+                        t.expose(f"{cmd['prefix']}{i}", region, (i % 4) * n, n)
+                    for i in range(count):
+                        await t.wait(f"{cmd['prefix']}{i}", cmd["timeout"])
+                reply["ok"] = True
+            except Exception as exc:
+                reply.update(ok=False, error=type(exc).__name__, msg=str(exc))
+            await say(reply)
+
+        async with anyio.create_task_group() as tg:
+            while True:
+                line = await anyio.to_thread.run_sync(sys.stdin.readline)
+                if not line:
+                    break
+                cmd = json.loads(line)
+                if cmd.get("op") == "exit":
+                    await say({"id": cmd.get("id"), "ok": True})
+                    break
+                tg.start_soon(handle, cmd)
+            tg.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,103 @@
+"""Fixed binary header of the socket-based transports (no pickle): struct + tag bytes + optional text.
+
+Layout (little endian, 44 bytes): magic ``b"DPTX"``, version u8, kind u8, flags u8, status u8, tag length u16,
+reserved u16, sequence u64, payload length u64, xxh3-64 checksum u64, argument u64 (kind-specific: a remote
+address for the NIXL rendezvous); then the UTF-8 tag, then (acks only) a UTF-8 reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from dualpath.errors import TransportError
+from dualpath.transports.landing import MAX_TAG_BYTES
+
+MAGIC = b"DPTX"
+VERSION = 1
+_STRUCT = struct.Struct("<4sBBBBHHQQQQ")
+HEADER_BYTES = _STRUCT.size
+FLAG_CHECKSUM = 1
+
+
+class Kind(enum.IntEnum):
+    DATA = 1  # header + payload frame: land these bytes under tag
+    ACK = 2  # status of DATA / DONE seq
+    REQ = 3  # nixl: may I write payload_len bytes to tag? (arg: unused)
+    GRANT = 4  # nixl: write them at address arg (status != OK: refused, reason follows)
+    DONE = 5  # nixl: the WRITE for seq completed (checksum when flagged)
+    HELLO = 6  # nixl: agent metadata in the extra bytes
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    REJECTED = 1
+    CORRUPT = 2
+    CLOSED = 3
+    BAD = 4
+
+
+class WireError(TransportError):
+    """A message whose header cannot be decoded (bad magic, version, kind or lengths)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    kind: Kind
+    seq: int
+    tag: str
+    payload_len: int = 0
+    checksum: int | None = None
+    status: Status = Status.OK
+    arg: int = 0
+    extra: bytes = b""
+
+
+def encode(h: Header) -> bytes:
+    tag = h.tag.encode("utf-8")
+    if len(tag) > MAX_TAG_BYTES:
+        raise TransportError(f"tag is {len(tag)} bytes; at most {MAX_TAG_BYTES}")
+    flags = FLAG_CHECKSUM if h.checksum is not None else 0
+    head = _STRUCT.pack(MAGIC, VERSION, int(h.kind), flags, int(h.status), len(tag), 0, h.seq, h.payload_len,
+                        h.checksum or 0, h.arg)
+    return head + tag + h.extra
+
+
+def decode(buf: bytes | memoryview) -> Header:
+    mv = memoryview(buf)
+    if len(mv) < HEADER_BYTES:
+        raise WireError(f"header is {len(mv)} bytes, shorter than {HEADER_BYTES}")
+    magic, version, kind, flags, status, tag_len, _res, seq, plen, csum, arg = _STRUCT.unpack_from(mv)
+    if magic != MAGIC:
+        raise WireError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r})")
+    if version != VERSION:
+        raise WireError(f"unsupported header version {version} (this build speaks {VERSION})")
+    try:
+        k = Kind(kind)
+        st = Status(status)
+    except ValueError:
+        raise WireError(f"unknown message kind {kind} or status {status}") from None
+    if tag_len > MAX_TAG_BYTES or HEADER_BYTES + tag_len > len(mv):
+        raise WireError(f"tag length {tag_len} does not fit a {len(mv)}-byte header frame")
+    try:
+        tag = bytes(mv[HEADER_BYTES : HEADER_BYTES + tag_len]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("tag is not valid UTF-8") from None
+    extra = bytes(mv[HEADER_BYTES + tag_len :])
+    return Header(k, seq, tag, plen, csum if flags & FLAG_CHECKSUM else None, st, arg, extra)
+
+
+def checksum_of(data: torch.Tensor | bytes | memoryview) -> int:
+    """xxh3-64 of a byte buffer or of a tensor's bytes (GPU tensors are copied to the host first)."""
+    if isinstance(data, torch.Tensor):
+        t = data.reshape(-1)
+        if t.dtype != torch.uint8:
+            t = t.view(torch.uint8)
+        if t.device.type != "cpu":
+            t = t.cpu()
+        return xxhash.xxh3_64_intdigest(t.numpy().data)
+    return xxhash.xxh3_64_intdigest(data)

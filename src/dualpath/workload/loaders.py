@@ -1,0 +1,200 @@
+"""Trace files: our JSONL trajectories and the Mooncake (FAST'25) request trace.
+
+Our format, one trajectory per line::
+
+    {"id": 3, "arrival": 0.5, "turns": [{"append": 812, "gen": 40, "ids": [1, 2, ...]}, ...]}
+
+``arrival`` (s, default 0) and ``ids`` (the appended token ids, exactly ``append`` of them) are optional.
+Blank lines are skipped. Any malformed line raises :class:`WorkloadError` naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dualpath.errors import WorkloadError
+from dualpath.workload.trajectory import Trajectory, Turn
+
+
+def _int_field(obj: dict[str, Any], key: str, where: str, path: str, line: int, minimum: int = 0) -> int:
+    if key not in obj:
+        raise WorkloadError(f"{where}missing field {key!r}", path=path, line=line)
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise WorkloadError(
+            f"{where}field {key!r} must be an integer >= {minimum}, got {v!r}", path=path, line=line
+        )
+    return v
+
+
+def _lines(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+    p = str(path)
+    try:
+        f = open(p, encoding="utf-8")  # noqa: SIM115
+    except OSError as e:
+        raise WorkloadError(f"cannot open trace: {e.strerror}", path=p) from e
+    with f:
+        for no, text in enumerate(f, start=1):
+            if text.strip():
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise WorkloadError(f"not valid JSON ({e.msg})", path=p, line=no) from None
+                if not isinstance(obj, dict):
+                    raise WorkloadError("expected a JSON object", path=p, line=no)
+                yield no, obj
+
+
+def load_jsonl(path: str | os.PathLike[str]) -> list[Trajectory]:
+    """Trajectories from our JSONL format (see the module docstring)."""
+    p = str(path)
+    out: list[Trajectory] = []
+    seen: set[int] = set()
+    for no, obj in _lines(p):
+        tid = _int_field(obj, "id", "", p, no)
+        if tid in seen:
+            raise WorkloadError(f"duplicate trajectory id {tid}", path=p, line=no)
+        seen.add(tid)
+        turns_raw = obj.get("turns")
+        if not isinstance(turns_raw, list):
+            raise WorkloadError("missing field 'turns' (a list)", path=p, line=no)
+        arrival = obj.get("arrival", 0.0)
+        if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or arrival < 0:
+            raise WorkloadError(f"field 'arrival' must be a number >= 0, got {arrival!r}", path=p, line=no)
+        turns: list[Turn] = []
+        for k, t in enumerate(turns_raw):
+            where = f"turns[{k}]: "
+            if not isinstance(t, dict):
+                raise WorkloadError(f"{where}expected an object", path=p, line=no)
+            append = _int_field(t, "append", where, p, no)
+            gen = _int_field(t, "gen", where, p, no)
+            ids = t.get("ids")
+            if ids is not None:
+                if not isinstance(ids, list) or not all(isinstance(x, int) and x >= 0 for x in ids):
+                    raise WorkloadError(f"{where}field 'ids' must be a list of token ids", path=p, line=no)
+                if len(ids) != append:
+                    raise WorkloadError(f"{where}'ids' has {len(ids)} tokens, 'append' says {append}", path=p,
+                                        line=no)  # fmt: skip
+            turns.append(Turn(append, gen, ids))
+        out.append(Trajectory(tid, turns, float(arrival)))
+    return out
+
+
+def write_jsonl(trajs: list[Trajectory], path: str | os.PathLike[str]) -> None:
+    """Write ``trajs`` in our JSONL format (atomically: a temporary file, then a rename)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for t in trajs:
+            turns: list[dict[str, Any]] = []
+            for u in t.turns:
+                d: dict[str, Any] = {"append": u.append, "gen": u.gen}
+                if u.append_ids is not None:
+                    d["ids"] = u.append_ids
+                turns.append(d)
+            f.write(json.dumps({"id": t.tid, "arrival": t.arrival, "turns": turns}) + "\n")
+    os.replace(tmp, p)
+
+
+@dataclass
+class _Tail:
+    traj: Trajectory
+    input_len: int
+    output_len: int
+    key: tuple[int, ...]
+
+
+def _block_ids(hash_ids: list[int], start: int, stop: int, block_tokens: int, vocab: int) -> list[int]:
+    out: list[int] = []
+    for b in range(start // block_tokens, -(-stop // block_tokens)):
+        toks = np.random.default_rng(hash_ids[b] if b < len(hash_ids) else (1 << 40) + b).integers(
+            0, vocab, size=block_tokens
+        )
+        lo, hi = (
+            max(start, b * block_tokens) - b * block_tokens,
+            min(stop, (b + 1) * block_tokens) - b * block_tokens,
+        )
+        out.extend(int(x) for x in toks[lo:hi])
+    return out
+
+
+def load_mooncake(
+    path: str | os.PathLike[str], block_tokens: int = 512, with_ids: bool = False, vocab_size: int = 32000
+) -> list[Trajectory]:
+    """Trajectories from a Mooncake FAST'25 trace (``timestamp`` ms, ``input_length``, ``output_length``,
+    ``hash_ids`` of the input's ``block_tokens``-token blocks; equal hash ids mean a shared prefix). A
+    ``hash_ids`` list whose length is not ``ceil(input_length / block_tokens)`` is accepted as it is.
+
+    Grouping (the trace has no session ids; this is our heuristic): requests are read in timestamp order. A
+    request continues an earlier trajectory when its ``hash_ids`` start with all of that trajectory's last
+    request's *full* input blocks (at least one) and its input is longer than that request's input plus
+    output; the new turn's append is ``input - (previous input + previous output)``. Among candidates the
+    longest matched prefix wins, then the most recent. Otherwise the request starts a new trajectory (one turn,
+    ``append = input_length``). A shared system prompt longer than a whole earlier request can therefore
+    chain two unrelated sessions; the trace cannot tell them apart. Trajectory arrival = its first timestamp,
+    relative to the trace's first, in seconds; the trace's gaps between turns are not kept.
+
+    ``with_ids`` gives each turn token ids derived from the hash ids (a block's tokens are a pure function of
+    its hash id), so equal hash ids give equal tokens and shared prefixes hit in storage.
+    """
+    p = str(path)
+    rows: list[tuple[float, int, int, int, list[int]]] = []
+    for no, obj in _lines(p):
+        ts = obj.get("timestamp")
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+            raise WorkloadError(f"field 'timestamp' must be a number, got {ts!r}" if "timestamp" in obj
+                                else "missing field 'timestamp'", path=p, line=no)  # fmt: skip
+        inp = _int_field(obj, "input_length", "", p, no, minimum=1)
+        outp = _int_field(obj, "output_length", "", p, no)
+        hids = obj.get("hash_ids")
+        if not isinstance(hids, list) or not all(
+            isinstance(h, int) and not isinstance(h, bool) for h in hids
+        ):
+            raise WorkloadError(
+                "missing field 'hash_ids'"
+                if "hash_ids" not in obj
+                else "field 'hash_ids' must be a list of integers",
+                path=p,
+                line=no,
+            )
+        rows.append((float(ts), no, inp, outp, hids))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    t0 = rows[0][0] if rows else 0.0
+    tails: dict[tuple[int, ...], list[_Tail]] = {}
+    lengths: set[int] = set()
+    out: list[Trajectory] = []
+    for ts, _, inp, outp, hids in rows:
+        match: _Tail | None = None
+        for k in sorted(lengths, reverse=True):
+            if k > len(hids):
+                continue
+            for cand in reversed(tails.get(tuple(hids[:k]), [])):
+                if inp > cand.input_len + cand.output_len:
+                    match = cand
+                    break
+            if match is not None:
+                break
+        if match is None:
+            ids = _block_ids(hids, 0, inp, block_tokens, vocab_size) if with_ids else None
+            traj = Trajectory(len(out), [Turn(inp, outp, ids)], (ts - t0) / 1000.0)
+            out.append(traj)
+        else:
+            traj = match.traj
+            start = match.input_len + match.output_len
+            ids = _block_ids(hids, start, inp, block_tokens, vocab_size) if with_ids else None
+            traj.turns.append(Turn(inp - start, outp, ids))
+            bucket = tails[match.key]
+            bucket.remove(match)
+            if not bucket:
+                del tails[match.key]
+        key = tuple(hids[: inp // block_tokens])
+        if key:
+            tails.setdefault(key, []).append(_Tail(traj, inp, outp, key))
+            lengths.add(len(key))
+    return out

@@ -1,0 +1,65 @@
+"""Trajectories: one agent's session as turns of (appended tokens, generation length).
+
+Replay rule (paper appendix A.3): the prompt of turn ``i`` is ``A_1, G_1, ..., A_{i-1}, G_{i-1}, A_i`` where
+``A`` are appended tokens and ``G`` generated ones; turn ``i`` generates exactly ``gen`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dualpath.errors import WorkloadError
+
+
+@dataclass
+class Turn:
+    """``append`` new prompt tokens, then ``gen`` generated tokens. ``append_ids``: the real token ids, if known."""
+
+    append: int
+    gen: int
+    append_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.append < 0 or self.gen < 0:
+            raise WorkloadError(f"turn needs append >= 0 and gen >= 0, got {self.append}, {self.gen}")
+        if self.append_ids is not None and len(self.append_ids) != self.append:
+            raise WorkloadError(f"turn has append={self.append} but {len(self.append_ids)} ids")
+
+
+@dataclass
+class Trajectory:
+    """One agent: ``tid``, its turns, and its arrival time in seconds (0 in offline mode)."""
+
+    tid: int
+    turns: list[Turn] = field(default_factory=list)
+    arrival: float = 0.0
+
+    def context_before(self, i: int) -> int:
+        """Tokens in the session before turn ``i``'s append: sum of appends and generations of turns < i."""
+        return sum(t.append + t.gen for t in self.turns[:i])
+
+    def prompt_len(self, i: int) -> int:
+        """Prompt length of turn ``i``: context before it plus its append."""
+        return self.context_before(i) + self.turns[i].append
+
+    @property
+    def total_tokens(self) -> int:
+        """Length of the whole session: every append and every generation."""
+        return sum(t.append + t.gen for t in self.turns)
+
+    @property
+    def n_turns(self) -> int:
+        return len(self.turns)
+
+    def truncated(self, max_len: int | None = None, max_turns: int | None = None) -> Trajectory:
+        """A copy keeping the leading turns whose whole session (prompt + generation) fits ``max_len`` tokens."""
+        kept: list[Turn] = []
+        total = 0
+        for t in self.turns:
+            if max_turns is not None and len(kept) >= max_turns:
+                break
+            if max_len is not None and total + t.append + t.gen > max_len:
+                break
+            kept.append(t)
+            total += t.append + t.gen
+        return Trajectory(self.tid, kept, self.arrival)

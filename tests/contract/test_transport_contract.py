@@ -1,0 +1,560 @@
+"""One contract suite for every transport backend (see dualpath.transports.base): in one process, and across
+two real processes for the socket/RDMA backends (zmq, nixl), including a peer killed mid-transfer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from dualpath.errors import PeerTimeout, TransportClosed, TransportError
+from dualpath.transports import Transport, create_transport
+from dualpath.transports.config import (
+    FaultsTransportConfig,
+    LoopbackTransportConfig,
+    NixlTransportConfig,
+    ZmqTransportConfig,
+)
+from dualpath.transports.loopback import LoopbackFabric
+
+pytestmark = pytest.mark.anyio
+PENDING = 0.5  # pending_timeout_s of the test endpoints
+
+try:
+    import nixl_cu12  # noqa: F401
+
+    HAVE_NIXL = True
+except ImportError:  # pragma: no cover
+    HAVE_NIXL = False
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_config(kind: str, **kw: Any) -> Any:
+    common = {"pending_timeout_s": PENDING, **kw}
+    if kind == "loopback":
+        return LoopbackTransportConfig(**common)
+    if kind == "zmq":
+        return ZmqTransportConfig(**common)
+    if kind == "zmq-ipc":
+        return ZmqTransportConfig(scheme="ipc", **common)
+    if kind == "nixl":
+        return NixlTransportConfig(**common)
+    if kind == "faults":
+        return FaultsTransportConfig(inner=ZmqTransportConfig(**common))
+    raise AssertionError(kind)
+
+
+KINDS = ["loopback", "zmq", "zmq-ipc", pytest.param("nixl", marks=[pytest.mark.nixl, pytest.mark.skipif(
+    not HAVE_NIXL, reason="nixl extra not installed")]), "faults"]
+
+
+@pytest.fixture(params=KINDS)
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Transport, Transport]]:
+    kind = request.param
+    fabric = LoopbackFabric()
+    cfg = make_config(kind)
+    async with create_transport(cfg, "snd", fabric=fabric) as a, create_transport(cfg, "rcv", fabric=fabric) as b:
+        await a.connect("rcv", b.address)
+        yield a, b
+
+
+def pattern(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def src_in(t: Transport, data: torch.Tensor) -> torch.Tensor:
+    """``data`` copied into a buffer registered on ``t`` (nixl writes from registered memory)."""
+    buf = data.clone()
+    t.register(buf)
+    return buf
+
+
+# --- in-process contract -------------------------------------------------------------------------------------
+
+
+async def test_write_lands_exact_bytes_at_offset(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    dst = torch.zeros(4096, dtype=torch.float16)  # any dtype: the region is bytes
+    region = b.register(dst)
+    src = src_in(a, torch.linspace(-3, 3, 1000, dtype=torch.float16))
+    b.expose("layer0/blk7", region, 200, 2000)
+    await a.write("rcv", "layer0/blk7", src, 5.0)
+    await b.wait("layer0/blk7", 5.0)
+    assert torch.equal(dst[100:1100], src)
+    assert torch.count_nonzero(dst[:100]) == 0 and torch.count_nonzero(dst[1100:]) == 0
+    # the tag can be exposed again after its wait
+    src2 = src_in(a, pattern(2000, 1))
+    b.expose("layer0/blk7", region, 0, 2000)
+    await a.write("rcv", "layer0/blk7", src2, 5.0)
+    await b.wait("layer0/blk7", 5.0)
+    assert torch.equal(dst.view(torch.uint8)[:2000], src2)
+
+
+async def test_write_before_expose_is_held_until_exposed(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    dst = torch.zeros(1 << 16, dtype=torch.uint8)
+    region = b.register(dst)
+    src = src_in(a, pattern(1 << 16, 2))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.write, "rcv", "early", src, 5.0)
+        await anyio.sleep(0.1)
+        b.expose("early", region, 0, 1 << 16)
+        await b.wait("early", 5.0)
+    assert torch.equal(dst, src)
+
+
+async def test_many_concurrent_writes(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    n, size = 24, 64 << 10
+    dst = torch.zeros(n * size, dtype=torch.uint8)
+    region = b.register(dst)
+    src = src_in(a, pattern(n * size, 3))
+    for i in range(n):
+        b.expose(f"t{i}", region, i * size, size)
+    async with anyio.create_task_group() as tg:
+        for i in reversed(range(n)):
+            tg.start_soon(a.write, "rcv", f"t{i}", src[i * size:(i + 1) * size], 10.0)
+    for i in range(n):
+        await b.wait(f"t{i}", 5.0)
+    assert torch.equal(dst, src)
+    assert b.stats.arrivals >= n
+
+
+async def test_size_mismatch_is_rejected_and_nothing_written(pair: tuple[Transport, Transport],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    a, b = pair
+    dst = torch.zeros(4096, dtype=torch.uint8)
+    region = b.register(dst)
+    src = src_in(a, pattern(1000, 4) | 1)
+    b.expose("x", region, 0, 999)
+    with caplog.at_level(logging.WARNING), pytest.raises(TransportError, match="size mismatch"):
+        await a.write("rcv", "x", src, 5.0)
+    with pytest.raises(TransportError, match="size mismatch"):
+        await b.wait("x", 5.0)
+    assert torch.count_nonzero(dst) == 0
+    assert "size mismatch" in caplog.text
+
+
+async def test_unknown_tag_is_dropped_after_the_hold_deadline(pair: tuple[Transport, Transport],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    a, b = pair
+    dst = torch.zeros(1024, dtype=torch.uint8)
+    b.register(dst)
+    src = src_in(a, pattern(1024, 5) | 1)
+    t0 = anyio.current_time()
+    with caplog.at_level(logging.WARNING), pytest.raises(TransportError, match="not exposed"):
+        await a.write("rcv", "never-exposed", src, 5.0)
+    assert anyio.current_time() - t0 < 5.0
+    assert "not exposed" in caplog.text
+    assert torch.count_nonzero(dst) == 0
+
+
+async def test_wait_times_out_and_withdraws_the_landing(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    dst = torch.zeros(1024, dtype=torch.uint8)
+    region = b.register(dst)
+    b.expose("late", region, 0, 1024)
+    with pytest.raises(PeerTimeout):
+        await b.wait("late", 0.05)
+    # the landing is gone: a late arrival is not written into the (maybe reused) buffer
+    src = src_in(a, pattern(1024, 6) | 1)
+    with pytest.raises(TransportError):
+        await a.write("rcv", "late", src, 5.0)
+    assert torch.count_nonzero(dst) == 0
+
+
+async def test_cancel_and_duplicate_expose(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    region = b.register(torch.zeros(64, dtype=torch.uint8))
+    b.expose("c", region, 0, 64)
+    with pytest.raises(TransportError, match="already exposed"):
+        b.expose("c", region, 0, 64)
+    async with anyio.create_task_group() as tg:
+        async def waiter() -> None:
+            with pytest.raises(TransportError, match="cancelled"):
+                await b.wait("c", 5.0)
+        tg.start_soon(waiter)
+        await anyio.sleep(0.01)
+        b.cancel("c")
+    with pytest.raises(TransportError, match="not exposed"):
+        await b.wait("c", 0.1)
+    with pytest.raises(TransportError, match="does not fit"):
+        b.expose("d", region, 60, 8)
+
+
+async def test_close_wakes_every_waiter() -> None:
+    cfg = LoopbackTransportConfig()
+    fabric = LoopbackFabric()
+    b = create_transport(cfg, "rcv", fabric=fabric)
+    await b.start()
+    region = b.register(torch.zeros(64, dtype=torch.uint8))
+    errors: list[BaseException] = []
+
+    async def waiter(tag: str) -> None:
+        try:
+            await b.wait(tag, 30.0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            b.expose(f"w{i}", region, i * 8, 8)
+            tg.start_soon(waiter, f"w{i}")
+        await anyio.sleep(0.01)
+        await b.close()
+    assert len(errors) == 3 and all(isinstance(e, TransportClosed) for e in errors)
+
+
+@pytest.mark.parametrize("kind", ["zmq", pytest.param("nixl", marks=pytest.mark.skipif(not HAVE_NIXL, reason="nixl"))])
+async def test_close_wakes_pending_writer(kind: str) -> None:
+    cfg = make_config(kind, pending_timeout_s=30.0)
+    async with create_transport(cfg, "snd") as a, create_transport(cfg, "rcv") as b:
+        b.register(torch.zeros(64, dtype=torch.uint8))
+        await a.connect("rcv", b.address)
+        src = src_in(a, pattern(64))
+        async with anyio.create_task_group() as tg:
+            async def writer() -> None:
+                with pytest.raises(TransportClosed):
+                    await a.write("rcv", "never", src, 30.0)
+            tg.start_soon(writer)
+            await anyio.sleep(0.2)
+            await a.close()
+
+
+async def test_bad_arguments_are_clear_errors(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    with pytest.raises(TransportError, match="not contiguous"):
+        b.register(torch.zeros(8, 8)[:, ::2])
+    with pytest.raises(TransportError, match="not connected"):
+        await a.write("nobody", "t", torch.zeros(4), 1.0)
+    other = torch.zeros(8)
+    with pytest.raises(TransportError, match="not registered"):
+        b.expose("t", create_region_elsewhere(other), 0, 8)
+
+
+def create_region_elsewhere(t: torch.Tensor) -> Any:
+    from dualpath.transports.base import Region
+
+    return Region(t, "elsewhere")
+
+
+# --- faults -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner", ["loopback", "zmq", pytest.param("nixl", marks=pytest.mark.skipif(
+    not HAVE_NIXL, reason="nixl"))])
+async def test_corruption_is_caught_by_checksums(inner: str, caplog: pytest.LogCaptureFixture) -> None:
+    icfg = make_config(inner, checksum=True)
+    cfg = FaultsTransportConfig(inner=icfg, corrupt_rate=1.0, seed=7)
+    fabric = LoopbackFabric()
+    async with create_transport(cfg, "snd", fabric=fabric) as a, create_transport(icfg, "rcv", fabric=fabric) as b:
+        await a.connect("rcv", b.address)
+        dst = torch.zeros(1 << 16, dtype=torch.uint8)
+        region = b.register(dst)
+        src = src_in(a, pattern(1 << 16, 8))
+        b.expose("c", region, 0, 1 << 16)
+        with caplog.at_level(logging.WARNING), pytest.raises(TransportError, match="checksum"):
+            await a.write("rcv", "c", src, 5.0)
+        with pytest.raises(TransportError, match="checksum"):
+            await b.wait("c", 5.0)
+        if inner != "nixl":  # one-sided RDMA has already placed the bytes; they are flagged, never used
+            assert torch.count_nonzero(dst) == 0
+        assert "checksum" in caplog.text
+        # and the same transfer without corruption passes verification
+        a.corrupt_rate = 0.0  # type: ignore[attr-defined]
+        b.expose("c", region, 0, 1 << 16)
+        await a.write("rcv", "c", src, 5.0)
+        await b.wait("c", 5.0)
+        assert torch.equal(dst, src)
+
+
+@pytest.mark.parametrize("inner", ["loopback", "zmq"])
+async def test_cut_drop_and_delay_end_in_deadlines(inner: str) -> None:
+    cfg = FaultsTransportConfig(inner=make_config(inner), seed=1)
+    fabric = LoopbackFabric()
+    async with create_transport(cfg, "snd", fabric=fabric) as a, \
+            create_transport(make_config(inner), "rcv", fabric=fabric) as b:
+        await a.connect("rcv", b.address)
+        dst = torch.zeros(256, dtype=torch.uint8)
+        region = b.register(dst)
+        src = pattern(256, 9) | 1
+        a.cut("rcv")  # type: ignore[attr-defined]
+        b.expose("x", region, 0, 256)
+        t0 = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            async def write() -> None:
+                with pytest.raises(PeerTimeout, match="cut"):
+                    await a.write("rcv", "x", src, 0.2)
+            tg.start_soon(write)
+            with pytest.raises(PeerTimeout):
+                await b.wait("x", 0.3)
+        assert anyio.current_time() - t0 < 1.0
+        assert torch.count_nonzero(dst) == 0
+        a.heal("rcv")  # type: ignore[attr-defined]
+        a.drop_rate = 1.0  # type: ignore[attr-defined]
+        b.expose("y", region, 0, 256)
+        with pytest.raises(PeerTimeout, match="drop"):
+            await a.write("rcv", "y", src, 0.1)
+        b.cancel("y")
+        a.drop_rate, a.delay_s = 0.0, 0.05  # type: ignore[attr-defined]
+        b.expose("z", region, 0, 256)
+        await a.write("rcv", "z", src, 2.0)
+        await b.wait("z", 1.0)
+        assert torch.equal(dst, src)
+        with pytest.raises(PeerTimeout, match="delay"):
+            a.delay_s = 1.0  # type: ignore[attr-defined]
+            await a.write("rcv", "z2", src, 0.1)
+        assert a.injected == {"cut": 1, "drop": 1, "delay": 2, "corrupt": 0}  # type: ignore[attr-defined]
+
+
+# --- zmq specifics: bad headers, CURVE ------------------------------------------------------------------------
+
+
+async def test_zmq_bad_header_is_rejected(caplog: pytest.LogCaptureFixture) -> None:
+    import zmq
+    import zmq.asyncio
+
+    from dualpath.transports.wire import Header, Kind, Status, decode, encode
+
+    async with create_transport(ZmqTransportConfig(), "rcv") as b:
+        dst = torch.zeros(64, dtype=torch.uint8)
+        region = b.register(dst)
+        b.expose("t", region, 0, 64)
+        ctx = zmq.asyncio.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.connect(b.address)
+        payload = b"\x01" * 64
+        good = encode(Header(Kind.DATA, 5, "t", 64, extra=b"evil"))
+        cases = {
+            "bad magic": b"XXXX" + good[4:],
+            "version": good[:4] + b"\x09" + good[5:],
+            "shorter": good[:10],
+            "header says": encode(Header(Kind.DATA, 5, "t", 65, extra=b"evil")),
+        }
+        with caplog.at_level(logging.WARNING):
+            for reason, hdr in cases.items():
+                await s.send_multipart([hdr, payload])
+                with anyio.fail_after(5):
+                    reply = decode(await s.recv())
+                assert reply.status is Status.BAD, reason
+                assert reason in reply.extra.decode(), (reason, reply.extra)
+        assert torch.count_nonzero(dst) == 0
+        assert "bad magic" in caplog.text
+        # the slot is still open for a valid arrival
+        await s.send_multipart([good, payload])
+        with anyio.fail_after(5):
+            assert decode(await s.recv()).status is Status.OK
+        await b.wait("t", 1.0)
+        assert torch.equal(dst, torch.ones(64, dtype=torch.uint8))
+        s.close(0)
+        ctx.term()
+
+
+async def test_zmq_curve_admits_only_allowed_clients(caplog: pytest.LogCaptureFixture) -> None:
+    import zmq
+
+    server_pub, server_sec = (k.decode() for k in zmq.curve_keypair())
+    good_pub, good_sec = (k.decode() for k in zmq.curve_keypair())
+    bad_pub, bad_sec = (k.decode() for k in zmq.curve_keypair())
+    scfg = ZmqTransportConfig(curve_public_key=server_pub, curve_secret_key=server_sec,
+                              curve_allowed_clients=[good_pub])
+    async with create_transport(scfg, "rcv") as b, \
+            create_transport(ZmqTransportConfig(curve_public_key=good_pub, curve_secret_key=good_sec), "ok") as good, \
+            create_transport(ZmqTransportConfig(curve_public_key=bad_pub, curve_secret_key=bad_sec), "bad") as bad, \
+            create_transport(ZmqTransportConfig(), "plain") as plain:
+        assert "|curve=" in b.address
+        dst = torch.zeros(128, dtype=torch.uint8)
+        region = b.register(dst)
+        for t in (good, bad):
+            await t.connect("rcv", b.address)
+        src = pattern(128, 11) | 1
+        b.expose("t", region, 0, 128)
+        with caplog.at_level(logging.WARNING), pytest.raises(PeerTimeout, match="CURVE"):
+            await bad.write("rcv", "t", src, 0.5)
+        assert torch.count_nonzero(dst) == 0
+        assert "not allowed" in caplog.text
+        await good.write("rcv", "t", src, 5.0)
+        await b.wait("t", 1.0)
+        assert torch.equal(dst, src)
+        from dualpath.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="CURVE"):
+            await plain.connect("rcv", b.address)
+
+
+# --- two real processes ---------------------------------------------------------------------------------------
+
+
+class RemotePeer:
+    """A transport endpoint in a child process (dualpath.transports.peer), driven by JSON lines."""
+
+    def __init__(self, name: str, config: Any, buffer_bytes: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dualpath.transports.peer", name, config.model_dump_json(), str(buffer_bytes)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+        )
+        self.ids = iter(range(1, 1 << 30))
+        self.replies: dict[int, dict[str, Any]] = {}
+        first = self._readline(60)
+        self.address = first["address"]
+
+    def _readline(self, timeout: float) -> dict[str, Any]:
+        import select
+
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError("peer process did not answer")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError(f"peer process exited ({self.proc.poll()})")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def send(self, **cmd: Any) -> int:
+        cid = next(self.ids)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"id": cid, **cmd}) + "\n")
+        self.proc.stdin.flush()
+        return cid
+
+    async def reply(self, cid: int, _timeout: float = 30.0) -> dict[str, Any]:
+        with anyio.fail_after(_timeout):
+            while cid not in self.replies:
+                msg = await anyio.to_thread.run_sync(self._readline, _timeout)
+                self.replies[msg["id"]] = msg
+        return self.replies.pop(cid)
+
+    async def call(self, _timeout: float = 30.0, **cmd: Any) -> dict[str, Any]:
+        return await self.reply(self.send(**cmd), _timeout)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(op="exit")
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+PROC_KINDS = ["zmq", pytest.param("nixl", marks=[pytest.mark.nixl, pytest.mark.skipif(not HAVE_NIXL, reason="nixl")])]
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", PROC_KINDS)
+async def test_two_processes_both_directions_and_bad_input(kind: str) -> None:
+    from dualpath.transports.peer import pattern as peer_pattern
+
+    cfg = make_config(kind)
+    peer = RemotePeer("remote", cfg, 4 << 20)
+    try:
+        async with create_transport(cfg, "local") as t:
+            dst = torch.zeros(4 << 20, dtype=torch.uint8)
+            region = t.register(dst)
+            await t.connect("remote", peer.address)
+            assert (await peer.call(op="connect", peer="local", address=t.address))["ok"]
+            # local -> remote, 1 MiB at an offset; the remote reports the sha of what landed
+            src = src_in(t, pattern(1 << 20, 21))
+            assert (await peer.call(op="expose", tag="a", offset=4096, nbytes=1 << 20))["ok"]
+            wid = peer.send(op="wait", tag="a", timeout=20.0, offset=4096, nbytes=1 << 20)
+            await t.write("remote", "a", src, 20.0)
+            got = await peer.reply(wid)
+            assert got["ok"] and got["sha"] == _sha(src)
+            # remote -> local, written before we expose (held), 3 MiB
+            n = 3 << 20
+            wid = peer.send(op="write", peer="local", tag="b", nbytes=n, seed=5, timeout=20.0)
+            await anyio.sleep(0.1)
+            t.expose("b", region, 0, n)
+            await t.wait("b", 20.0)
+            assert (await peer.reply(wid))["ok"]
+            assert torch.equal(dst[:n], peer_pattern(n, 5))
+            # a size mismatch from the other process: rejected on both sides, nothing written
+            dst.zero_()
+            t.expose("c", region, 0, 1000)
+            res = await peer.call(op="write", peer="local", tag="c", nbytes=1001, seed=1, timeout=20.0)
+            assert not res["ok"] and "size mismatch" in res["msg"]
+            with pytest.raises(TransportError, match="size mismatch"):
+                await t.wait("c", 5.0)
+            assert torch.count_nonzero(dst) == 0
+    finally:
+        peer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", PROC_KINDS)
+async def test_killed_peer_ends_in_deadlines(kind: str) -> None:
+    cfg = make_config(kind)
+    # 1) the receiver dies while we stream to it: our writes fail within their deadline
+    peer = RemotePeer("remote", cfg, 16 << 20)
+    try:
+        async with create_transport(cfg, "local") as t:
+            await t.connect("remote", peer.address)
+            src = src_in(t, pattern(16 << 20, 3))
+            assert (await peer.call(op="expose", tag="k0", offset=0, nbytes=16 << 20))["ok"]
+            await t.write("remote", "k0", src, 20.0)
+            for i in range(1, 4):
+                peer.send(op="expose", tag=f"k{i}", offset=0, nbytes=16 << 20)
+            outcomes: list[BaseException | None] = []
+
+            async def stream() -> None:
+                for i in range(1, 4):
+                    try:
+                        await t.write("remote", f"k{i}", src, 1.5)
+                        outcomes.append(None)
+                    except TransportError as exc:
+                        outcomes.append(exc)
+            t0 = anyio.current_time()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream)
+                await anyio.sleep(0.01)
+                peer.kill()
+            assert anyio.current_time() - t0 < 3 * 1.5 + 2
+            assert any(isinstance(o, PeerTimeout) for o in outcomes), outcomes
+            # no buffer stays pinned: the source buffer is still writable and reusable at once
+            src.fill_(7)
+    finally:
+        peer.close()
+    # 2) the sender dies before its bytes arrive: our waiter gets PeerTimeout within its deadline
+    peer = RemotePeer("remote2", cfg, 16 << 20)
+    try:
+        async with create_transport(cfg, "local2") as t:
+            region = t.register(torch.zeros(16 << 20, dtype=torch.uint8))
+            assert (await peer.call(op="connect", peer="local2", address=t.address))["ok"]
+            t.expose("w", region, 0, 16 << 20)
+            peer.kill()
+            t0 = anyio.current_time()
+            with pytest.raises(PeerTimeout):
+                await t.wait("w", 1.0)
+            assert anyio.current_time() - t0 < 2.0
+    finally:
+        peer.close()
+
+
+def test_peer_module_is_runnable() -> None:
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-m", "dualpath.transports.peer", "x", '{"kind": "loopback"}', "64"],
+                         input='{"id": 1, "op": "exit"}\n', capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[0])["address"] == "x"

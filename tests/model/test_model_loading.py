@@ -1,0 +1,137 @@
+"""Loaders and bad input: config parsing errors, checkpoint/config mismatches, GGUF reading (against an
+independent llama.cpp-style writer), the KV pool's capacity error, and the generate command's errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dualpath.errors import ModelError
+from dualpath.model import KVPool, ModelSpec, SeqBatch
+from dualpath.model.config import LlamaModelConfig
+from dualpath.model.loader import build_model, load_model, save_pretrained
+
+CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+       "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+       "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128}
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ModelError, match="unsupported architecture.*GPT2"):
+        ModelSpec.from_hf_config({**CFG, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    bad = dict(CFG)
+    del bad["hidden_size"]
+    with pytest.raises(ModelError, match="missing required key 'hidden_size'"):
+        ModelSpec.from_hf_config(bad)
+    with pytest.raises(ModelError, match="not a multiple"):
+        ModelSpec.from_hf_config({**CFG, "num_key_value_heads": 3})
+    with pytest.raises(ModelError, match="rope_scaling type 'dynamic'"):
+        ModelSpec.from_hf_config({**CFG, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ModelError, match="llama3 rope_scaling is missing 'low_freq_factor'"):
+        ModelSpec.from_hf_config({**CFG, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json: not valid JSON"):
+        ModelSpec.from_hf_config(tmp_path)
+    with pytest.raises(ModelError, match="not found"):
+        ModelSpec.from_hf_config(tmp_path / "nope")
+
+
+def test_spec_roundtrip_and_fingerprint():
+    spec = ModelSpec.from_hf_config(CFG)
+    assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
+    assert spec.kv_spec().bytes_per_token_layer == 2 * 2 * 8 * 4
+    from dataclasses import replace
+
+    assert spec.fingerprint() == ModelSpec.from_hf_config(CFG).fingerprint()
+    assert replace(spec, weights_id="x").fingerprint() != spec.fingerprint()
+    assert spec.with_dtype("bfloat16").fingerprint() != spec.fingerprint()
+
+
+def test_checkpoint_mismatch_names_the_tensor(tmp_path):
+    spec = ModelSpec.from_hf_config(CFG)
+    save_pretrained(build_model(spec, None, seed=0), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 40}))
+    with pytest.raises(ModelError, match=r"mlp\.down_proj\.weight.*shape \(32, 48\).*\(32, 40\)"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ModelError, match=r"missing 9 tensor\(s\): model\.layers\.2"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    with pytest.raises(ModelError, match=r"unexpected 9 tensor\(s\): model\.layers\.1"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    assert model.spec.weights_id and model.spec.fingerprint()
+
+
+def test_random_init_is_seeded():
+    spec = ModelSpec.from_hf_config(CFG)
+    a, b, c = build_model(spec, None, seed=4), build_model(spec, None, seed=4), build_model(spec, None, seed=5)
+    assert torch.equal(a.model.layers[1].mlp.up_proj.weight, b.model.layers[1].mlp.up_proj.weight)
+    assert not torch.equal(a.model.layers[1].mlp.up_proj.weight, c.model.layers[1].mlp.up_proj.weight)
+
+
+def test_pool_and_batch_errors():
+    spec = ModelSpec.from_hf_config(CFG)
+    pool = KVPool(spec.kv_spec(), num_blocks=2, block_tokens=16)
+    with pytest.raises(ModelError, match="need 3 blocks.*only 2 of 2"):
+        pool.allocate(3)
+    with pytest.raises(ModelError, match="block table has 1 blocks but 20 tokens need 2"):
+        SeqBatch.build([list(range(20))], [0], [[0]], 16)
+    model = build_model(spec, None)
+    with pytest.raises(ModelError, match="token id out of range"):
+        model(SeqBatch.build([[1, 64]], [0], [[0]], 16), pool.layers)
+    state = model.prefill_begin(SeqBatch.build([[1, 2]], [0], [[0]], 16))
+    with pytest.raises(ModelError, match="out of order"):
+        model.prefill_layer(1, state, pool.layer(1))
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # convert_hf_to_gguf.py's LlamaModel.permute (HF half-split RoPE rows -> interleaved pairs)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_gguf_loader_matches_source_weights(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    spec = ModelSpec.from_hf_config({**CFG, "tie_word_embeddings": True})
+    src = build_model(spec, None, seed=7)
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(48)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(64)
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, p in src.named_parameters(remove_duplicate=True):
+        arr = p.detach().numpy().astype(np.float32)
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            parts = name.split(".")
+            gname = f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.weight"
+            if "q_proj" in name:
+                arr = _llama_cpp_permute(arr, 4)
+            elif "k_proj" in name:
+                arr = _llama_cpp_permute(arr, 2)
+        w.add_tensor(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model, _ = load_model(LlamaModelConfig(path=str(path)), with_tokenizer=False)
+    assert model.spec == spec
+    for (n1, p1), (_, p2) in zip(src.named_parameters(), model.named_parameters(), strict=True):
+        assert torch.equal(p1, p2), n1

@@ -1,0 +1,116 @@
+"""Shared by the multi-process tests: tiny configs, a small trace, the in-process reference, deployments that
+always clean up their processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+
+from dualpath.config import DualPathConfig, load_config
+from dualpath.control.client import ServeClient
+from dualpath.control.launcher import Deployment
+from dualpath.runtime.clients import ClientResult, append_token_ids, run_offline
+from dualpath.workload.trajectory import Trajectory, Turn
+
+VOCAB = 1000
+BT = 16
+
+
+def tiny_config(root: Path, *, prefill_nodes: int = 1, decode_nodes: int = 1, **over: Any) -> DualPathConfig:
+    """Synthetic 2-layer model, 16-token blocks, posix storage under ``root``, zmq transport on loopback."""
+    base: dict[str, Any] = {
+        "storage": {"kind": "posix", "root": str(root)},
+        "transport": {"kind": "zmq", "pending_timeout_s": 5.0},
+        "model": {"kind": "synthetic", "n_layers": 2, "n_kv_heads": 1, "head_dim": 8, "vocab_size": VOCAB,
+                  "decode_step_s": 0.002, "device_tflops": 1000.0, "max_context": 4096},
+        "cluster": {"block_tokens": BT, "host_buffer_bytes": 4_000_000, "kv_pool_tokens": 8192,
+                    "prefill_max_batch_tokens": 2048, "snic_gbps": None, "devices": "cpu", "deadline_s": 5.0,
+                    "prefill_nodes": prefill_nodes, "decode_nodes": decode_nodes},
+        "scheduler": {"policy": "dualpath"},
+        "serve": {"port": 0, "heartbeat_s": 0.1, "dead_after_s": 1.0, "request_deadline_s": 60.0,
+                  "startup_timeout_s": 90.0},
+    }
+    for k, v in over.items():
+        base.setdefault(k, {}).update(v)
+    return load_config(None, env={}, overrides=base)
+
+
+def trace(n_agents: int = 4, n_turns: int = 3, append: int = 37, gen: int = 6) -> list[Trajectory]:
+    return [Trajectory(a, [Turn(append + 5 * t, gen) for t in range(n_turns)]) for a in range(n_agents)]
+
+
+def reference_tokens(config: DualPathConfig, agents: list[Trajectory]) -> dict[tuple[int, int], list[int]]:
+    """Every turn's tokens from the in-process cluster (memory storage, loopback transport)."""
+    from dualpath.cluster import Cluster
+
+    data = config.model_dump(mode="python")
+    data["storage"] = {"kind": "memory"}
+    data["transport"] = {"kind": "loopback"}
+    cfg = DualPathConfig.model_validate(data)
+    out: dict[tuple[int, int], list[int]] = {}
+
+    async def main() -> None:
+        async with Cluster(cfg) as c:
+            for a in agents:
+                context = np.zeros(0, dtype=np.int64)
+                for i, spec in enumerate(a.turns):
+                    prompt = np.concatenate([context, append_token_ids(a.tid, i, spec, VOCAB)])
+                    r = await c.run_turn(str(a.tid), [int(x) for x in prompt], spec.gen)
+                    out[(a.tid, i)] = list(r.token_ids)
+                    context = np.concatenate([prompt, np.asarray(r.token_ids, dtype=np.int64)])
+
+    anyio.run(main)
+    return out
+
+
+def tokens_of(result: ClientResult) -> dict[tuple[int, int], list[int]]:
+    return {(r.agent, r.turn): list(r.outcome.tokens) for r in result.records}
+
+
+def replay(address: str, agents: list[Trajectory], config: DualPathConfig) -> ClientResult:
+    async def main() -> ClientResult:
+        async with ServeClient.from_config(address, config) as c:
+            return await run_offline(c, agents, vocab_size=VOCAB)
+
+    return anyio.run(main)
+
+
+def stats(address: str, config: DualPathConfig) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        async with ServeClient.from_config(address, config) as c:
+            return await c.stats()
+
+    return anyio.run(main)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def deployment(config: DualPathConfig, workdir: Path, **kw: Any) -> Iterator[Deployment]:
+    """A started deployment; stopped (and checked for orphans) on exit, even when the test failed."""
+    dep = Deployment(config, workdir=workdir, **kw)
+    pids: set[int] = set()
+    try:
+        dep.start()
+        yield dep
+    finally:
+        pids |= {c.pid for c in dep.children.values() if c.pid > 0}
+        dep.stop(timeout=10.0)
+        orphans = [p for p in pids if pid_alive(p)]
+        assert not orphans, f"processes left behind: {orphans}"

@@ -1,0 +1,146 @@
+"""Faults injected for real into a running multi-process deployment (2 prefill + 2 decode engine processes):
+SIGKILL of an engine process while turns are in flight, bytes flipped in stored block files, block files
+that fail to read or hang. Every submitted turn must end with the in-process cluster's tokens."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serve_util import deployment, reference_tokens, replay, stats, tiny_config, tokens_of, trace
+
+from dualpath.storage.blockfile import HEADER_SIZE
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("rel")
+    cfg = tiny_config(tmp / "kv", prefill_nodes=2, decode_nodes=2,
+                      model={"decode_step_s": 0.02, "device_tflops": 0.3},
+                      serve={"max_retries": 4, "restart_engines": True})
+    with deployment(cfg, tmp / "work") as d:
+        yield d, cfg, tmp / "kv"
+
+
+_refs: dict[Any, Any] = {}
+
+
+def _reference(cfg, agents) -> dict:
+    key = tuple((a.tid, tuple((t.append, t.gen) for t in a.turns)) for a in agents)
+    if key not in _refs:
+        _refs[key] = reference_tokens(cfg, agents)
+    return _refs[key]
+
+
+def _wait(pred, timeout: float, what: str) -> Any:
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_during_replay(d, cfg, agents, victim: str) -> tuple[Any, dict, dict]:
+    out: dict[str, Any] = {}
+
+    def _run() -> None:
+        try:
+            out["res"] = replay(d.address, agents, cfg)
+        except BaseException as exc:  # reported by the main thread
+            out["err"] = exc
+
+    before = stats(d.address, cfg)
+    th = threading.Thread(target=_run)
+    th.start()
+    _wait(lambda: stats(d.address, cfg).get(f"{victim}.assigned", 0) >= 1, 60, f"{victim} holding turns")
+    d.kill(victim)
+    th.join(timeout=180)
+    assert not th.is_alive(), "the replay never finished: some turn waits forever"
+    if "err" in out:
+        raise out["err"]
+    return out["res"], before, stats(d.address, cfg)
+
+
+@pytest.mark.parametrize("victim", ["de0", "pe1"])
+def test_engine_killed_while_serving(dep, victim: str) -> None:
+    d, cfg, _ = dep
+    _wait(lambda: stats(d.address, cfg).get("engines_alive", 0) == 4, 90, "all four engines alive")
+    agents = trace(n_agents=8, n_turns=3, gen=8)
+    ref = _reference(cfg, agents)
+    old_pid = d.pid(victim)
+    res, before, after = _kill_during_replay(d, cfg, agents, victim)
+    assert len(res.records) == 24, "requests lost"
+    assert tokens_of(res) == ref
+    assert after.get("engine_deaths", 0) > before.get("engine_deaths", 0)
+    assert after.get("retries", 0) > before.get("retries", 0), "the killed engine's turns were re-dispatched"
+    assert after.get("failed", 0) == before.get("failed", 0)
+    # the launcher restarts it; it registers again and serves
+    _wait(lambda: d.pid(victim) != old_pid, 30, "restart")
+    _wait(lambda: stats(d.address, cfg).get("engines_alive", 0) == 4, 90, f"{victim} back")
+    more = trace(n_agents=4, n_turns=2, gen=8)
+    res2 = replay(d.address, more, cfg)
+    assert tokens_of(res2) == _reference(cfg, more)
+
+
+def _block_files(root: Path) -> list[Path]:
+    return sorted(root.glob("*/*/*.kvb"))
+
+
+def test_flipped_bytes_in_stored_blocks_are_never_served(dep) -> None:
+    d, cfg, root = dep
+    agents = trace(n_agents=3, n_turns=2, append=50)
+    for a in agents:
+        a.tid += 100
+    ref = _reference(cfg, agents)
+    assert tokens_of(replay(d.address, agents, cfg)) == ref  # persists the sessions' blocks
+    files = _block_files(root)
+    assert files
+    for f in files:  # flip the first payload byte: the synthetic model's tokens depend on it
+        with open(f, "r+b") as fh:
+            fh.seek(HEADER_SIZE)
+            b = fh.read(1)
+            fh.seek(HEADER_SIZE)
+            fh.write(bytes([b[0] ^ 0xFF]))
+    res = replay(d.address, agents, cfg)  # same prompts: every hit block is now corrupt
+    assert tokens_of(res) == ref
+    first_turns = [r for r in res.records if r.turn == 0]
+    assert all(r.outcome.hit_tokens == 0 for r in first_turns), "a corrupt block counted as a hit"
+
+
+def test_failing_and_hanging_reads_are_recomputed(dep) -> None:
+    d, cfg, root = dep
+    agents = trace(n_agents=2, n_turns=2, append=50)
+    for a in agents:
+        a.tid += 200
+    ref = _reference(cfg, agents)
+    before = set(_block_files(root))
+    assert tokens_of(replay(d.address, agents, cfg)) == ref
+    new = sorted(set(_block_files(root)) - before)
+    assert len(new) >= 4
+    fifos = []
+    for i, f in enumerate(new):
+        f.unlink()
+        if i % 2 == 0:
+            f.mkdir()  # open() works, the read fails (EISDIR): an I/O error
+        else:
+            os.mkfifo(f)  # open() blocks until a writer comes: a read that never returns
+            fifos.append(f)
+    try:
+        res = replay(d.address, agents, cfg)
+        assert tokens_of(res) == ref
+        assert all(r.outcome.hit_tokens == 0 for r in res.records if r.turn == 0)
+    finally:
+        for f in fifos:  # release the reader threads still blocked in open()
+            try:
+                fd = os.open(f, os.O_WRONLY | os.O_NONBLOCK)
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,90 @@
+"""A tiny simulated cluster: conservation laws, the two paths, the ceiling, the shared scheduler core."""
+
+from __future__ import annotations
+
+import pytest
+
+from dualpath.scheduler.policies import get_policy
+from dualpath.sim import ProfiledCompute, SimScenario, SimTrajectory, run_policy
+from dualpath.sim.cluster import Simulation
+
+BT = 64
+KVB = 1000.0
+
+
+def _trajs(n: int = 8, turns: int = 12) -> list[SimTrajectory]:
+    return [SimTrajectory([(150 + 37 * ((a + t) % 5), 40 + 13 * (t % 3)) for t in range(turns)], tid=a)
+            for a in range(n)]
+
+
+def _expected(trajs: list[SimTrajectory]) -> tuple[int, int, int, int]:
+    """(requests, hit tokens, prompt tokens, persisted tokens) computed independently of the simulator."""
+    n = hit = prompt = persisted = 0
+    for t in trajs:
+        ctx = 0
+        for a, g in t.turns:
+            p = ctx + a
+            h = min(ctx // BT * BT, (p - 1) // BT * BT)
+            n, hit, prompt = n + 1, hit + h, prompt + p
+            persisted += ((p + g) // BT - h // BT) * BT
+            ctx = p + g
+    return n, hit, prompt, persisted
+
+
+def _scenario(snic_bw: float = 2e6, trajs: list[SimTrajectory] | None = None) -> SimScenario:
+    compute = ProfiledCompute(
+        prefill_fn=lambda chunks: 1e-3 + sum(n for _, n in chunks) * 2e-5,
+        attention_fn=lambda cached, new: (cached + new) * new * 1e-9,
+        step_fn=lambda n, b, f: 2e-3 + 1e-4 * n,
+    )
+    return SimScenario(P=1, D=2, gpus_per_node=2, snic_bw=snic_bw, cnic_bw=50e6, kv_bytes_per_token=KVB,
+                       compute=compute, de_kv_tokens=40_000, trajectories=trajs or _trajs(), block_tokens=BT,
+                       fetch_interval_s=0.01, name="tiny-test")
+
+
+@pytest.mark.parametrize("policy", ["basic", "layerwise", "round_robin", "dualpath", "split", "de_only", "oracle"])
+def test_conservation(policy: str) -> None:
+    trajs = _trajs()
+    n, hit, prompt, persisted = _expected(trajs)
+    sim = Simulation(_scenario(trajs=trajs), get_policy(policy)).run()
+    assert sim.completed == n and not sim.reqs  # every request completes
+    assert all(t >= 0 for t in sim.agent_done)
+    assert (sim.hit_tokens, sim.prompt_tokens) == (hit, prompt)
+    read = sim.bytes_pe_path + sim.bytes_de_path
+    if policy == "oracle":
+        assert read == 0
+    else:
+        assert read == pytest.approx(hit * KVB)  # bytes read == hit tokens x KV bytes per token
+        assert sum(nd.write_bytes for nd in sim.de_nodes) == pytest.approx(persisted * KVB)
+    if policy in ("basic", "layerwise"):
+        assert sim.bytes_de_path == 0
+    if policy == "de_only":
+        assert sim.bytes_pe_path == 0
+    if policy in ("dualpath", "round_robin", "split"):
+        assert sim.bytes_pe_path > 0 and sim.bytes_de_path > 0
+    # engines hand back everything they were charged
+    assert all(e.seq == 0 and e.tok == 0 for e in sim.pes + sim.des)
+    assert all(e.free_kv == 40_000 for e in sim.des)
+    assert all(nd.read_q == 0 and nd.buf_used == pytest.approx(0, abs=1e-6) for nd in sim.pe_nodes + sim.de_nodes)
+
+
+def test_io_bound_dualpath_beats_basic_within_the_ceiling() -> None:
+    sc = _scenario(snic_bw=0.5e6)  # storage-bound: the hit KV dominates
+    basic, dual, oracle = (run_policy(sc, p) for p in ("basic", "dualpath", "oracle"))
+    speedup = basic["jct_s"] / dual["jct_s"]
+    ceiling = (sc.P + sc.D) / sc.P
+    assert 1.5 < speedup <= ceiling * 1.01
+    assert oracle["jct_s"] <= dual["jct_s"]
+    assert basic["snic_util_pe"] > 0.9 and basic["snic_util_de"] == 0
+    assert dual["snic_util_de"] > 0.5
+    assert basic["hit_rate"] == pytest.approx(dual["hit_rate"])
+
+
+def test_online_horizon_and_unfinished_requests() -> None:
+    trajs = _trajs(6)
+    for i, t in enumerate(trajs):
+        t.arrival = 0.5 * i
+    sc = _scenario(trajs=trajs)
+    sc.mode, sc.horizon_s = "online", 2.0
+    r = run_policy(sc, "dualpath")
+    assert r["sim_time_s"] == pytest.approx(2.0) and r["requests"] > 0 and not r["all_done"]

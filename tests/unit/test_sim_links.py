@@ -1,0 +1,66 @@
+"""Fluid links: fair sharing and the two traffic classes, exact in virtual time."""
+
+from __future__ import annotations
+
+import pytest
+
+from dualpath.sim.events import EventLoop
+from dualpath.sim.links import HIGH, KV, Link
+
+
+def _run(flows: list[tuple[float, float, int]], bw: float = 100.0, kv_share: float = 0.01) -> list[float]:
+    loop = EventLoop()
+    link = Link(loop, "l", bw, kv_share)
+    done = [0.0] * len(flows)
+
+    def finish(i: int) -> None:
+        done[i] = loop.now
+
+    for i, (t, size, cls) in enumerate(flows):
+        loop.at(t, lambda i=i, size=size, cls=cls: link.start(size, cls, finish, i))
+    loop.run()
+    return done
+
+
+def test_one_flow_takes_size_over_bandwidth() -> None:
+    assert _run([(0.0, 250.0, KV)]) == [pytest.approx(2.5)]
+
+
+def test_equal_flows_share_equally() -> None:
+    assert _run([(0.0, 100.0, KV), (0.0, 100.0, KV)]) == [pytest.approx(2.0), pytest.approx(2.0)]
+
+
+def test_staggered_flows_processor_sharing() -> None:
+    # A alone moves 50 by t=0.5, then both at 50/s: A ends at 1.5; B has 50 left, alone at 100/s -> 2.0
+    a, b = _run([(0.0, 100.0, KV), (0.5, 100.0, KV)])
+    assert (a, b) == (pytest.approx(1.5), pytest.approx(2.0))
+
+
+def test_high_class_gets_its_share_and_kv_uses_the_rest() -> None:
+    # both active: HIGH at 99/s finishes 99 B at t=1; KV moved 1 B, then 99 B alone at 100/s -> 1.99
+    hi, kv = _run([(0.0, 99.0, HIGH), (0.0, 100.0, KV)])
+    assert (hi, kv) == (pytest.approx(1.0), pytest.approx(1.99))
+
+
+def test_counters_and_zero_size() -> None:
+    loop = EventLoop()
+    link = Link(loop, "l", 10.0, window_s=1.0)
+    hits: list[float] = []
+    link.start(0, KV, lambda: hits.append(loop.now))
+    link.start(20.0, KV, lambda: hits.append(loop.now))
+    loop.run()
+    assert hits == [0.0, pytest.approx(2.0)]
+    assert link.bytes[KV] == 20.0 and link.busy_s == pytest.approx(2.0)
+    assert link.windows == {0: pytest.approx(10.0), 1: pytest.approx(10.0)}
+    assert link.utilisation(4.0) == pytest.approx(0.5)
+
+
+def test_event_loop_orders_by_time_then_insertion() -> None:
+    loop = EventLoop()
+    seen: list[str] = []
+    loop.at(1.0, seen.append, "b")
+    loop.at(0.5, seen.append, "a")
+    loop.at(1.0, seen.append, "c")
+    loop.at(3.0, seen.append, "late")
+    loop.run(until=2.0)
+    assert seen == ["a", "b", "c"] and loop.now == 2.0

@@ -1,0 +1,192 @@
+"""Posix backend specifics: bad roots, disk full, verification switch, shared roots, file format."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import anyio
+import pytest
+import torch
+
+from dualpath.errors import StorageError
+from dualpath.kv.keys import BlockKeyer, KeyNamespace
+from dualpath.kv.layout import KVLayout, KVSpec
+from dualpath.storage import BlockStatus, create_storage
+from dualpath.storage import blockfile as bf
+from dualpath.storage import posix as posix_mod
+from dualpath.storage.config import PosixStorageConfig
+
+LAYOUT = KVLayout(KVSpec.mha(n_layers=2, n_kv_heads=2, head_dim=8, dtype="float16"), block_tokens=16)
+NS = KeyNamespace.for_layout("unit", LAYOUT)
+KEYS = BlockKeyer(NS).keys(list(range(8 * 16)))
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def data(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, *LAYOUT.full_block_shape), dtype=torch.uint8, generator=g)
+
+
+def store(root, **kw):
+    return create_storage(PosixStorageConfig(root=root, io_threads=2, **kw), LAYOUT, NS)
+
+
+@pytest.mark.anyio
+async def test_root_that_is_a_file_or_under_a_file_is_a_clear_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(StorageError, match="not a directory"):
+        await store(f).start()
+    with pytest.raises(StorageError, match="cannot create root"):
+        await store(f / "sub").start()
+
+
+@pytest.mark.anyio
+async def test_unwritable_root_is_a_clear_error(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def deny(path, flags, *a, **k):  # root ignores permission bits, so simulate EACCES
+        if str(path).endswith(".tmp") and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(posix_mod.os, "open", deny)
+    with pytest.raises(StorageError, match="not writable"):
+        await store(tmp_path / "kv").start()
+
+
+@pytest.mark.anyio
+async def test_disk_full_evicts_and_retries_else_fails(tmp_path, monkeypatch):
+    s = store(tmp_path / "kv", capacity_bytes=100 * bf.file_size(LAYOUT.full_block_bytes))
+    async with s:
+        await s.write(KEYS[:3], data(3))
+        real = os.pwritev
+        calls = {"n": 0}
+
+        def full_once(fd, bufs, off):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, bufs, off)
+
+        monkeypatch.setattr(posix_mod.os, "pwritev", full_once)
+        assert await s.write(KEYS[3:4], data(1, 3)) == [BlockStatus.OK]
+        assert not s.contains(KEYS[0]) and s.contains(KEYS[3]) and s.stats().evictions == 1
+
+        def always_full(fd, bufs, off):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(posix_mod.os, "pwritev", always_full)
+        assert await s.write(KEYS[4:5], data(1, 4)) == [BlockStatus.FAILED]
+        assert not s.contains(KEYS[4]) and s.stats().failed == 1
+        assert not list((tmp_path / "kv").rglob("*.tmp"))
+        monkeypatch.setattr(posix_mod.os, "pwritev", real)
+        out = torch.empty((1, *LAYOUT.full_block_shape), dtype=torch.uint8)
+        assert await s.read(KEYS[4:5], out) == [BlockStatus.MISSING]
+
+
+@pytest.mark.anyio
+async def test_capacity_with_nothing_evictable_fails_the_block(tmp_path):
+    foot = bf.file_size(LAYOUT.full_block_bytes)
+    async with store(tmp_path / "kv", capacity_bytes=foot) as s:
+        # two new blocks in one write: the second cannot fit while the first is being written
+        assert await s.write(KEYS[:2], data(2)) == [BlockStatus.OK, BlockStatus.FAILED]
+        assert s.contains(KEYS[0]) and not s.contains(KEYS[1])
+
+
+@pytest.mark.anyio
+async def test_verify_off_still_checks_header_and_length(tmp_path):
+    async with store(tmp_path / "kv", verify_checksum=False) as s:
+        await s.write(KEYS[:3], data(3))
+        s.damage(KEYS[0], "flip")
+        s.damage(KEYS[1], "truncate")
+        s.damage(KEYS[2], "foreign")
+        out = torch.empty((3, *LAYOUT.full_block_shape), dtype=torch.uint8)
+        st = await s.read(KEYS[:3], out)
+        # payload flips go unseen without verification (the documented trade-off); the rest is caught
+        assert st == [BlockStatus.OK, BlockStatus.CORRUPT, BlockStatus.CORRUPT]
+
+
+def test_file_format_and_paths(tmp_path):
+    key = KEYS[0]
+    p = bf.block_path(tmp_path, key.hex)
+    assert p == os.path.join(tmp_path, key.hex[:2], key.hex[2:4], key.hex + ".kvb")
+    hdr = bf.make_header(NS.digest, key.digest, 1234, 99)
+    assert len(hdr) == bf.HEADER_SIZE
+    assert bf.check_header(hdr, NS.digest, key.digest, 1234) == (None, 99)
+    assert bf.check_header(hdr, bytes(32), key.digest, 1234)[0] == "foreign namespace"
+    assert bf.check_header(hdr, NS.digest, KEYS[1].digest, 1234)[0] == "key mismatch"
+    assert "length" in str(bf.check_header(hdr, NS.digest, key.digest, 1000)[0])
+    bad = bytearray(hdr)
+    bad[60] ^= 1
+    assert bf.check_header(bad, NS.digest, key.digest, 1234)[0] == "header checksum mismatch"
+    assert bf.check_header(bytes(bf.HEADER_SIZE), NS.digest, key.digest, 1234)[0] == "bad magic"
+
+
+@pytest.mark.anyio
+async def test_instances_over_one_root_share_the_index(tmp_path):
+    async with store(tmp_path / "kv") as a, store(tmp_path / "kv") as b:
+        await a.write(KEYS[:2], data(2))
+        assert b.lookup(KEYS) == 2
+        out = torch.empty((2, *LAYOUT.full_block_shape), dtype=torch.uint8)
+        assert await b.read(KEYS[:2], out) == [BlockStatus.OK] * 2
+        assert torch.equal(out, data(2))
+
+
+@pytest.mark.anyio
+async def test_shared_root_sees_other_process_writes(tmp_path):
+    root = tmp_path / "kv"
+    async with store(root, shared_root=True) as s:
+        assert not s.contains(KEYS[0])
+
+        async def other_process() -> None:  # a second index over the same root, as another process has
+            with posix_mod._INDEXES_LOCK:
+                saved = posix_mod._INDEXES.pop(s.root)
+            try:
+                async with store(root) as o:
+                    await o.write(KEYS[:1], data(1))
+            finally:
+                with posix_mod._INDEXES_LOCK:
+                    posix_mod._INDEXES[s.root] = saved
+
+        await other_process()
+        assert s.contains(KEYS[0])
+        out = torch.empty((1, *LAYOUT.full_block_shape), dtype=torch.uint8)
+        assert await s.read(KEYS[:1], out) == [BlockStatus.OK]
+        assert torch.equal(out, data(1))
+
+
+def test_read_never_blocks_the_event_loop(tmp_path):
+    """A read of many blocks runs in worker threads: a concurrent ticker keeps ticking."""
+
+    async def main() -> tuple[int, list[BlockStatus]]:
+        ticks = 0
+        async with store(tmp_path / "kv") as s:
+            await s.write(KEYS, data(8))
+            out = torch.empty((8, *LAYOUT.full_block_shape), dtype=torch.uint8)
+            done = anyio.Event()
+            result: list[BlockStatus] = []
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while not done.is_set():
+                    ticks += 1
+                    await anyio.sleep(0)
+
+            async def reader() -> None:
+                for _ in range(20):
+                    result[:] = await s.read(KEYS, out)
+                done.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ticker)
+                tg.start_soon(reader)
+        return ticks, result
+
+    ticks, result = anyio.run(main)
+    assert set(result) == {BlockStatus.OK} and ticks > 20

@@ -1,0 +1,97 @@
+"""JSONL and Mooncake trace loaders, including bad lines (file and line in the message)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dualpath.errors import WorkloadError
+from dualpath.workload import Trajectory, Turn, load_jsonl, load_mooncake, write_jsonl
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+def test_load_jsonl_fixture() -> None:
+    trajs = load_jsonl(DATA / "trajectories_small.jsonl")
+    assert [t.tid for t in trajs] == [0, 1, 7]
+    assert trajs[0].turns == [Turn(4, 1, [5, 6, 7, 8]), Turn(2, 3, [9, 10])]
+    assert [u.append for u in trajs[1].turns] == [100, 50, 30] and trajs[1].turns[0].append_ids is None
+    assert trajs[2].arrival == 2.5 and trajs[2].turns == []
+
+
+def test_jsonl_roundtrip(tmp_path: Path) -> None:
+    trajs = [Trajectory(3, [Turn(2, 1, [1, 2]), Turn(5, 4)], arrival=1.25), Trajectory(4, [])]
+    p = tmp_path / "t.jsonl"
+    write_jsonl(trajs, p)
+    assert load_jsonl(p) == trajs
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"turns": []}', "missing field 'id'"),
+        ('{"id": 1}', "turns"),
+        ('{"id": 1, "turns": [{"gen": 3}]}', r"turns\[0\]: missing field 'append'"),
+        ('{"id": 1, "turns": [{"append": -2, "gen": 3}]}', "append"),
+        ('{"id": 1, "turns": [{"append": 2, "gen": 3, "ids": [1]}]}', "ids"),
+        ('{"id": 1, "arrival": "x", "turns": []}', "arrival"),
+        ('{"id": 0, "turns": []}', "duplicate"),
+        ("[1, 2]", "JSON object"),
+    ],
+)
+def test_jsonl_bad_line_names_file_and_line(tmp_path: Path, text: str, match: str) -> None:
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"id": 0, "turns": [{"append": 1, "gen": 1}]}\n\n' + text + "\n")
+    with pytest.raises(WorkloadError, match=match) as ei:
+        load_jsonl(p)
+    assert ei.value.path == str(p) and ei.value.line == 3
+    assert f"{p}:3:" in str(ei.value)
+
+
+def test_missing_file_is_workload_error(tmp_path: Path) -> None:
+    with pytest.raises(WorkloadError, match="cannot open"):
+        load_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_load_mooncake_groups_by_hash_prefix() -> None:
+    trajs = load_mooncake(DATA / "mooncake_small.jsonl")
+    got = [(t.arrival, [(u.append, u.gen) for u in t.turns]) for t in trajs]
+    assert got == [
+        # [1,2,3] -> [1,2,4] (extends full blocks [1,2]; 1500 - (1100 + 50) = 350 appended)
+        (0.0, [(1100, 50), (1500 - 1150, 30)]),
+        # [1,9] -> [1,5] -> [1,2,8]: each extends the previous full block [1]; [1,2,8] cannot continue the first
+        # trajectory because 1400 < 1500 + 30
+        (0.0, [(700, 20), (900 - 720, 10), (1400 - 910, 5)]),
+        (2.5, [(400, 5)]),
+    ]
+    for t in trajs:  # prompts reproduce the trace's input lengths
+        assert t.prompt_len(len(t.turns) - 1) <= 1500
+
+
+def test_mooncake_ids_share_prefixes() -> None:
+    trajs = load_mooncake(DATA / "mooncake_small.jsonl", with_ids=True, vocab_size=100)
+    a, b = trajs[0].turns[0].append_ids, trajs[1].turns[0].append_ids
+    assert a is not None and b is not None and len(a) == 1100 and len(b) == 700
+    assert a[:512] == b[:512] and a[512:700] != b[512:700]  # shared hash id 1, then 2 vs 9
+    assert all(u.append_ids is not None and len(u.append_ids) == u.append for t in trajs for u in t.turns)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('{"timestamp": 0, "input_length": 10, "output_length": 1}', "hash_ids"),
+        ('{"input_length": 10, "output_length": 1, "hash_ids": [1]}', "timestamp"),
+        ('{"timestamp": 0, "output_length": 1, "hash_ids": [1]}', "input_length"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": "x", "hash_ids": [1]}', "output_length"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": ["a"]}', "hash_ids"),
+        ("{,}", "not valid JSON"),
+    ],
+)
+def test_mooncake_bad_line(tmp_path: Path, text: str, match: str) -> None:
+    p = tmp_path / "trace.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1]}\n' + text + "\n")
+    with pytest.raises(WorkloadError, match=match) as ei:
+        load_mooncake(p)
+    assert ei.value.line == 2 and str(p) in str(ei.value)

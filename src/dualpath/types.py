@@ -18,7 +18,7 @@ class PathKind(str, enum.Enum):
 
     ``PE``: the prefill engine's node reads it (the classic path). ``DE``: the decode engine's node reads it and
     forwards it layer by layer to the PE (DualPath's new path). ``SPLIT``: the hit blocks are divided between both
-    sides (our extension). ``RECOMPUTE``: nothing is read; every token is recomputed. ``NONE``: no hit at all.
+    sides (our extension). ``RECOMPUTE``: nothing is read; every token is recomputed.
     """
 
     PE = "pe"

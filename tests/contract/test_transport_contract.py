@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -383,8 +382,13 @@ async def test_zmq_curve_admits_only_allowed_clients(caplog: pytest.LogCaptureFi
             await t.connect("rcv", b.address)
         src = pattern(128, 11) | 1
         b.expose("t", region, 0, 128)
-        with caplog.at_level(logging.WARNING), pytest.raises(PeerTimeout, match="CURVE"):
-            await bad.write("rcv", "t", src, 0.5)
+        with caplog.at_level(logging.WARNING):
+            with pytest.raises(PeerTimeout, match="CURVE"):
+                await bad.write("rcv", "t", src, 1.0)
+            for _ in range(100):  # the ZAP handler logs from its own thread
+                if "not allowed" in caplog.text:
+                    break
+                await anyio.sleep(0.05)
         assert torch.count_nonzero(dst) == 0
         assert "not allowed" in caplog.text
         await good.write("rcv", "t", src, 5.0)
@@ -505,56 +509,44 @@ async def test_two_processes_both_directions_and_bad_input(kind: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", PROC_KINDS)
 async def test_killed_peer_ends_in_deadlines(kind: str) -> None:
+    """Kill the other process while we stream to it and while we await its bytes: every write and every wait
+    ends with PeerTimeout within its deadline, nothing hangs, and the source buffer is free at once."""
     cfg = make_config(kind)
-    # 1) the receiver dies while we stream to it: our writes fail within their deadline
-    peer = RemotePeer("remote", cfg, 16 << 20)
+    n = 4 << 20
+    peer = RemotePeer("remote", cfg, n)
     try:
         async with create_transport(cfg, "local") as t:
+            region = t.register(torch.zeros(n, dtype=torch.uint8))
             await t.connect("remote", peer.address)
-            src = src_in(t, pattern(16 << 20, 3))
-            assert (await peer.call(op="expose", tag="k0", offset=0, nbytes=16 << 20))["ok"]
+            assert (await peer.call(op="connect", peer="local", address=t.address))["ok"]
+            src = src_in(t, pattern(n, 3))
+            assert (await peer.call(op="expose", tag="k0", offset=0, nbytes=n))["ok"]
             await t.write("remote", "k0", src, 20.0)
-            for i in range(1, 4):
-                peer.send(op="expose", tag=f"k{i}", offset=0, nbytes=16 << 20)
+            for i in range(1, 3):
+                peer.send(op="expose", tag=f"k{i}", offset=0, nbytes=n)
+            t.expose("from-remote", region, 0, n)  # the peer will never send it
             outcomes: list[BaseException | None] = []
 
             async def stream() -> None:
-                for i in range(1, 4):
+                for i in range(1, 3):
                     try:
-                        await t.write("remote", f"k{i}", src, 1.5)
+                        await t.write("remote", f"k{i}", src, 1.0)
                         outcomes.append(None)
                     except TransportError as exc:
                         outcomes.append(exc)
+
+            async def await_remote() -> None:
+                with pytest.raises(PeerTimeout):
+                    await t.wait("from-remote", 1.5)
+
             t0 = anyio.current_time()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(stream)
+                tg.start_soon(await_remote)
                 await anyio.sleep(0.01)
                 peer.kill()
-            assert anyio.current_time() - t0 < 3 * 1.5 + 2
+            assert anyio.current_time() - t0 < 2 * 1.0 + 1.5
             assert any(isinstance(o, PeerTimeout) for o in outcomes), outcomes
-            # no buffer stays pinned: the source buffer is still writable and reusable at once
-            src.fill_(7)
+            src.fill_(7)  # no buffer stays pinned: the source is ours again
     finally:
         peer.close()
-    # 2) the sender dies before its bytes arrive: our waiter gets PeerTimeout within its deadline
-    peer = RemotePeer("remote2", cfg, 16 << 20)
-    try:
-        async with create_transport(cfg, "local2") as t:
-            region = t.register(torch.zeros(16 << 20, dtype=torch.uint8))
-            assert (await peer.call(op="connect", peer="local2", address=t.address))["ok"]
-            t.expose("w", region, 0, 16 << 20)
-            peer.kill()
-            t0 = anyio.current_time()
-            with pytest.raises(PeerTimeout):
-                await t.wait("w", 1.0)
-            assert anyio.current_time() - t0 < 2.0
-    finally:
-        peer.close()
-
-
-def test_peer_module_is_runnable() -> None:
-    env = dict(os.environ)
-    res = subprocess.run([sys.executable, "-m", "dualpath.transports.peer", "x", '{"kind": "loopback"}', "64"],
-                         input='{"id": 1, "op": "exit"}\n', capture_output=True, text=True, timeout=60, env=env)
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout.splitlines()[0])["address"] == "x"

@@ -22,6 +22,7 @@ from dualpath.scheduler import (
     get_policy,
     pack_forward_batch,
 )
+from dualpath.scheduler.decode import LeastLoadedDE, commit_decode, pick_least_loaded_de
 from dualpath.scheduler.path import side_tokens
 from dualpath.scheduler.prefill import PrefillPicker, node_read_q, pick_least_loaded, pick_prefill_engine
 from dualpath.scheduler.state import EngineLoad
@@ -194,3 +195,17 @@ def test_prefill_picker_matches_reference(pes, params, steps, use_read_q) -> Non
         picker.touch(got)
         rq[got.node] = rq.get(got.node, 0) + read
         picker.touch_node(got.node)
+
+
+@settings(max_examples=150, deadline=None)
+@given(reqs=requests(), des=groups(kv=True), params=PARAMS)
+def test_least_loaded_de_matches_reference(reqs, des, params) -> None:  # type: ignore[no-untyped-def]
+    loads = [EngineLoad.of(s) for g in des for s in g]
+    fast = LeastLoadedDE(loads, params)
+    for r in reqs:
+        ref = pick_least_loaded_de(r, loads, params)
+        got = fast.pick(r)
+        assert got is ref
+        if got is not None:
+            commit_decode(got, r, params)
+            fast.touch(got)

@@ -88,3 +88,30 @@ def test_online_horizon_and_unfinished_requests() -> None:
     sc.mode, sc.horizon_s = "online", 2.0
     r = run_policy(sc, "dualpath")
     assert r["sim_time_s"] == pytest.approx(2.0) and r["requests"] > 0 and not r["all_done"]
+
+
+@pytest.mark.parametrize("policy", ["basic", "dualpath", "split"])
+def test_leaving_overloaded_pes_out_of_a_fetch_changes_no_decision(policy: str) -> None:
+    """The simulator passes the core only PEs under beta; the core must decide exactly as with all of them."""
+    import random
+
+    from dualpath.scheduler.core import GlobalScheduler
+    from dualpath.scheduler.params import SchedulerParams
+    from dualpath.scheduler.state import EngineSnapshot, RequestInfo
+
+    rnd = random.Random(7)
+    params = SchedulerParams(alpha_tokens=5000, beta_tokens=20000)
+    for trial in range(30):
+        reqs = [RequestInfo(i, c, 100, c // 64 * 64, 20) for i, c in enumerate(rnd.choices([0, 3000, 9000], k=25))]
+        rq = {n: rnd.choice([0, 4000, 9000]) for n in range(3)}
+        pes = [EngineSnapshot(e, e // 4, rnd.randint(0, 5), rnd.choice([0, 5000, 19000, 25000, 40000]), rq[e // 4])
+               for e in range(12)]
+        des = [[EngineSnapshot(e, e // 4, 1, rnd.randint(0, 9000), 0, rnd.randint(0, 60000)) for e in range(n * 4, n * 4 + 4)]
+               for n in range(2)]
+        full, part = GlobalScheduler(get_policy(policy), params), GlobalScheduler(get_policy(policy), params)
+        for r in reqs:
+            full.submit(r)
+            part.submit(r)
+        groups = [pes[n * 4:(n + 1) * 4] for n in range(3)]
+        kept = [g for g in ([s for s in grp if s.tok <= params.beta_tokens] for grp in groups) if g]
+        assert full.schedule(groups, des) == part.schedule(kept, des), trial

@@ -99,7 +99,7 @@ def bench_decode(torch: Any, a: argparse.Namespace, dev: str) -> dict[str, Any]:
     out = pa.paged_decode_attention(q, kv, tables, lens, scale)
     k, v = _contiguous_kv(kv, tables, ctx)
     q4 = q[:, :, None, :]
-    gqa = {"enable_gqa": True} if hq != hkv else {}
+    gqa: dict[str, Any] = {"enable_gqa": True} if hq != hkv else {}
     try:
         ref = sdpa(q4, k, v, scale=scale, **gqa)
         t_sdpa = _time(torch, lambda: sdpa(q4, k, v, scale=scale, **gqa), a.iters)

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ModelError("--max-new-tokens must be >= 1")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype: Any = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     cfg = LlamaModelConfig(path=args.model, dtype=dtype, random_init=args.random_init, seed=args.seed,
                            attention_backend=args.backend)
     t0 = time.perf_counter()

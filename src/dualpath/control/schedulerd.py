@@ -354,7 +354,7 @@ class SchedulerDaemon:
             rec.last_seen = time.monotonic()
             rec.hb = dict(b)
             rec.hb_time = rec.last_seen
-            for k in ("rss", "fds", "tasks", "regions", "inflight"):
+            for k in ("rss", "fds", "tasks", "regions", "inflight", "read_q"):
                 key = f"{rec.name}.{k}"
                 self.peak[key] = max(self.peak.get(key, 0), int(b[k]))
             return None

@@ -33,10 +33,32 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import anyio
+
 from dualpath.engine.request import Turn
 from dualpath.traffic import Link, TrafficManager
 
 T = TypeVar("T")
+
+
+class EpochClock:
+    """The event loop's clock counted from the cluster's start, so link models work with small times (large
+    absolute monotonic times leave sub-ulp residues in the fluid model at high bandwidths)."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+
+    def now(self) -> float:
+        if self.t0 is None:
+            self.t0 = anyio.current_time()
+        return anyio.current_time() - self.t0
+
+    async def wait_until(self, event: anyio.Event, deadline: float | None) -> None:
+        if deadline is None:
+            await event.wait()
+            return
+        with anyio.move_on_at(deadline + (self.t0 or 0.0)):
+            await event.wait()
 
 
 class LinkSet:
@@ -44,11 +66,12 @@ class LinkSet:
 
     def __init__(self, kv_share: float = 0.01) -> None:
         self.kv_share = kv_share
+        self.clock = EpochClock()
         self.links: dict[str, Link] = {}
         self.managers: dict[str, TrafficManager] = {}
 
     def add_link(self, name: str, gbps: float | None) -> Link:
-        link = Link(name, None if gbps is None else gbps * 1e9, self.kv_share)
+        link = Link(name, None if gbps is None else gbps * 1e9, self.kv_share, clock=self.clock)
         self.links[name] = link
         return link
 

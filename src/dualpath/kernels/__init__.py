@@ -10,6 +10,7 @@ lazily, so the torch path never imports triton.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -48,11 +49,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 def _impl(name: str, backend: str | None, device: torch.device) -> Any:
     if resolve_backend(backend, device) == "torch":
         return getattr(reference, name)
-    if name in ("paged_decode_attention", "paged_prefill_attention"):
-        from dualpath.kernels import paged_attention as mod
-    else:
-        from dualpath.kernels import kv_copy as mod  # type: ignore[no-redef]
-    return getattr(mod, name)
+    kind = "paged_attention" if name.startswith("paged_") else "kv_copy"
+    return getattr(importlib.import_module(f"dualpath.kernels.{kind}"), name)
 
 
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,

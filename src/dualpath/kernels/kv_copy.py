@@ -10,7 +10,14 @@ import triton
 import triton.language as tl
 
 from dualpath.errors import KernelError
-from dualpath.kernels._checks import FLOAT_DTYPES, check_kv_layer, check_shape, check_tensor, interpreting, next_pow2
+from dualpath.kernels._checks import (
+    FLOAT_DTYPES,
+    check_kv_layer,
+    check_shape,
+    check_tensor,
+    interpreting,
+    next_pow2,
+)
 
 
 @triton.jit

@@ -14,7 +14,14 @@ import triton
 import triton.language as tl
 
 from dualpath.errors import KernelError
-from dualpath.kernels._checks import INT_DTYPES, check_kv_layer, check_shape, check_tensor, interpreting, next_pow2
+from dualpath.kernels._checks import (
+    INT_DTYPES,
+    check_kv_layer,
+    check_shape,
+    check_tensor,
+    interpreting,
+    next_pow2,
+)
 
 LOG2E = 1.4426950408889634
 

@@ -10,20 +10,24 @@ What makes it I/O-bound like the paper's setting (numbers in :data:`DEFAULT_CONF
   of s*B with s = 1), so the extra hop of the DE read path is never the bottleneck.
 
 With the PE read path alone only the prefill node's storage NIC reads; DualPath reads through both, so the
-speed-up is bounded by (P + D) / P = 2. The workload is the built-in "small" agentic generator (multi-turn
-sessions of a few thousand tokens, short generations): every turn after the first hits its whole previous
-context, as in the paper's traces. Storage is POSIX files in a fresh temporary directory per policy (real
-reads and writes, checksummed), the transport in-process.
+speed-up is bounded by (P + D) / P = 2. The workload is the built-in agentic trace
+(:data:`dualpath.runtime.workload.BUILTIN_SPEC`: multi-turn sessions of a few thousand tokens, short
+generations): every turn after the first hits its whole previous context, as in the paper's traces. Storage is POSIX files (real reads and
+writes, checksummed) in a fresh directory per policy under ``/dev/shm`` where it exists; the transport is
+in-process.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dualpath.config import DualPathConfig
 
 #: the embedded default configuration (merged under a ``--config`` file and ``DUALPATH_*`` variables)
 DEFAULT_CONFIG: dict[str, Any] = {
-    "storage": {"kind": "posix", "root": "/tmp/dualpath-run", "durability": "none", "io_threads": 4},
+    "storage": {"kind": "posix", "root": "<temp>", "durability": "none", "io_threads": 4},
     "transport": {"kind": "loopback"},
     "model": {
         "kind": "synthetic",
@@ -33,7 +37,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "kv_dtype": "bfloat16",
         "linear_flops_per_token": 2.0e9,
         "device_tflops": 100.0,
-        "decode_step_s": 0.002,
+        "decode_step_s": 0.04,
         "max_context": 16384,
         "vocab_size": 4096,
     },
@@ -43,22 +47,55 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "engines_per_node": 1,
         "devices": "cpu",
         "block_tokens": 64,
-        "snic_gbps": 0.01,
-        "cnic_gbps": 0.08,
+        "snic_gbps": 0.0125,
+        "cnic_gbps": 0.1,
         "host_buffer_bytes": 256 << 20,
         "kv_pool_tokens": 262144,
     },
     "scheduler": {"policy": "dualpath"},
-    "workload": {"dataset": "small", "n_agents": 32, "mode": "offline", "seed": 0},
+    "workload": {"dataset": "agentic-cpu", "n_agents": 24, "mode": "offline", "seed": 0},
 }
-
-#: workload scale applied to the built-in generator (lengths x scale)
-DEFAULT_SCALE = 2.0
 
 #: policies ``dualpath run`` compares when none is named
 DEFAULT_POLICIES = ["pe_only", "dualpath"]
 
 
+def default_storage_root() -> str:
+    """Where the default run keeps its block files: a RAM-backed ``/dev/shm`` when there is one (creating and
+    removing thousands of small files on a loaded disk costs seconds that are not the experiment), else the
+    system's temporary directory. Each policy gets a fresh subdirectory, removed afterwards."""
+    import os
+    import tempfile
+
+    shm = "/dev/shm"
+    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, "dualpath-run")
+
+
 def default_config_dict() -> dict[str, Any]:
-    """A deep copy of :data:`DEFAULT_CONFIG`."""
-    return copy.deepcopy(DEFAULT_CONFIG)
+    """A deep copy of :data:`DEFAULT_CONFIG` (the storage root resolved for this machine)."""
+    d = copy.deepcopy(DEFAULT_CONFIG)
+    d["storage"]["root"] = default_storage_root()
+    return d
+
+
+def load_run_config(path: str | None = None) -> DualPathConfig:
+    """The run configuration: the embedded default < ``path`` (YAML/TOML/JSON) < ``DUALPATH_*`` variables.
+
+    A file only needs the keys it changes; ``storage.kind`` etc. switch backends as in :func:`load_config`.
+    """
+    import os
+    from pathlib import Path
+
+    from dualpath.config import _env_overrides, _merge, _read_file, config_from_dict
+
+    data = config_from_dict(default_config_dict(), "<embedded default>").model_dump(mode="python")
+    source = "<embedded default>"
+    if path is not None:
+        data = _merge(data, _read_file(Path(path)))
+        source = str(path)
+    env = _env_overrides(os.environ)
+    if env:
+        data = _merge(data, env)
+        source += " + DUALPATH_* environment"
+    return config_from_dict(data, source)

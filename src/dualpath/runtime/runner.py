@@ -22,6 +22,7 @@ import numpy as np
 
 from dualpath.config import DualPathConfig
 from dualpath.errors import ConfigError, EngineError, ModelError
+from dualpath.metrics import MetricsRecorder, RequestRecord
 from dualpath.runtime.clients import (
     ClientResult,
     SloCheck,
@@ -36,9 +37,8 @@ from dualpath.scheduler.policies import get_policy
 from dualpath.workload.arrivals import SLO, poisson_arrivals
 from dualpath.workload.trajectory import Trajectory
 
-#: width of the windows of the link-utilisation series and of the storage-NIC balance (seconds)
-SERIES_BIN_S = 0.5
-BALANCE_WINDOW_S = 1.0
+#: width of the bins of the link timelines (seconds)
+SERIES_BIN_S = 0.1
 
 
 class Progress:
@@ -79,12 +79,11 @@ class PolicyRun:
     complete: bool = False
     wall_s: float = 0.0
     links: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"bandwidth", "bytes", ...}
-    series: dict[str, list[float]] = field(default_factory=dict)  # link name -> utilisation per bin
-    series_bin_s: float = SERIES_BIN_S
-    snic_window_bytes: dict[str, list[float]] = field(default_factory=dict)
+    recorder: MetricsRecorder = field(default_factory=MetricsRecorder)
     driver: DriverStats = field(default_factory=DriverStats)
     slo_met: bool | None = None
     error: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds: start, turns, close, cleanup
 
     @property
     def records(self) -> list[TurnRecord]:
@@ -153,84 +152,86 @@ def _links(cluster: Any) -> dict[str, Any]:
 
 
 def _collect_links(cluster: Any, run: PolicyRun, t0: float, t1: float) -> None:
-    """Totals per link, utilisation series in ``SERIES_BIN_S`` bins, SNIC-read bytes per balance window."""
+    """Totals per link and each link's timeline (``SERIES_BIN_S`` bins) into ``run.recorder``.
+
+    Link timelines are on the event loop's clock; they are moved onto ``time.perf_counter`` (the clock of the
+    request records) with the offset measured now, relative to the client's start (t = 0 when the first agent
+    starts), like the request records of :func:`summarize`.
+    """
+    off = time.perf_counter() - anyio.current_time() - run.client.t_start
     span = max(t1 - t0, 1e-9)
     nbins = max(1, math.ceil(span / SERIES_BIN_S))
-    nwin = max(1, math.ceil(span / BALANCE_WINDOW_S))
+    edges = [off + t0 + i * SERIES_BIN_S for i in range(nbins + 1)]
     for name, link in sorted(_links(cluster).items()):
         st = link.stats
-        total = int(sum(st.bytes.values()))
-        run.links[name] = {"bandwidth": link.bandwidth, "bytes": total, "bytes_by_class": dict(st.bytes)}
-        tl = link.timeline()
-        if link.bandwidth:
-            b = np.zeros(nbins)
-            for t, hi, kv in tl:
-                i = int((t - t0) / SERIES_BIN_S)
-                if 0 <= i < nbins:
-                    b[i] += hi + kv
-            run.series[name] = [float(x) for x in b / (link.bandwidth * SERIES_BIN_S)]
-            run.links[name]["utilisation"] = total / (link.bandwidth * span)
-        if name.endswith("snic.read"):
-            w = np.zeros(nwin)
-            for t, hi, kv in tl:
-                i = int((t - t0) / BALANCE_WINDOW_S)
-                if 0 <= i < nwin:
-                    w[i] += hi + kv
-            run.snic_window_bytes[name] = [float(x) for x in w]
+        run.links[name] = {"bandwidth": link.bandwidth, "bytes": int(sum(st.bytes.values()))}
+        kind = _link_kind(name)
+        if kind is None:
+            continue
+        b = np.zeros(nbins)
+        for t, hi, kv in link.timeline():
+            i = int((t - t0) / SERIES_BIN_S)
+            if 0 <= i < nbins:
+                b[i] += hi + kv
+        run.recorder.add_link_timeline(name, kind, edges, [float(x) for x in b], link.bandwidth)
 
 
-def storage_balance(window_bytes: dict[str, list[float]]) -> float | None:
-    """Max/avg of the storage NICs' read bytes per window, averaged over windows weighted by their bytes.
-
-    1.0 is perfect balance; windows in which nothing was read do not count (the paper's Fig. 13 metric).
-    """
-    if len(window_bytes) < 2:
-        return None
-    m = np.asarray(list(window_bytes.values()))  # [nics, windows]
-    tot = m.sum(axis=0)
-    keep = tot > 0
-    if not keep.any():
-        return None
-    ratio = m[:, keep].max(axis=0) / m[:, keep].mean(axis=0)
-    return float(np.average(ratio, weights=tot[keep]))
+def _link_kind(name: str) -> str | None:
+    """The metrics kind of a cluster link: storage reads are ``snic`` (the balance is over them)."""
+    if name.endswith("snic.read"):
+        return "snic"
+    if name.endswith("cnic.in"):
+        return "cnic_in"
+    if name.endswith("cnic.out"):
+        return "cnic_out"
+    return None
 
 
-def _pct(xs: list[float], q: float) -> float | None:
-    return float(np.percentile(xs, q)) if xs else None
+def record_turn(recorder: MetricsRecorder, rid: int, rec: TurnRecord, t_ref: float = 0.0) -> None:
+    """Add one finished turn to ``recorder`` (times relative to ``t_ref``)."""
+    o = rec.outcome
+    t2 = None if o.t_second_token is None else o.t_second_token - t_ref
+    pe_b = sum(v for k, v in o.bytes.items() if k.startswith("pnode") and k.endswith("snic.read"))
+    de_b = sum(v for k, v in o.bytes.items() if k.startswith("dnode") and k.endswith("snic.read"))
+    recorder.add_request(RequestRecord(
+        rid=rid, tid=rec.agent, turn=rec.turn, prompt_tokens=o.prompt_tokens, hit_tokens=o.hit_tokens,
+        gen_tokens=len(o.tokens), path=o.path, pe=o.pe, de=o.de, t_submit=o.t_submit - t_ref,
+        t_first_token=o.t_first_token - t_ref, t_second_token=t2, t_done=o.t_done - t_ref,
+        bytes_pe_path=pe_b, bytes_de_path=de_b,
+    ))  # fmt: skip
 
 
 def summarize(run: PolicyRun) -> dict[str, Any]:
-    """The figures of one run (keys as in :data:`dualpath.runtime.report.ROWS`)."""
-    recs = run.records
-    o = [r.outcome for r in recs]
-    ttft = [x.ttft for x in o]
-    ttst = [t for x in o if (t := x.ttst) is not None]
-    tpot = [t for x in o if (t := x.tpot) is not None]
-    tokens = sum(x.prompt_tokens + len(x.tokens) for x in o)
-    prompt = sum(x.prompt_tokens for x in o)
-    jct = run.client.jct if recs else None
-    snic = {n: v for n, v in run.links.items() if n.endswith("snic.read")}
+    """The figures of one run: the flat keys of :data:`dualpath.runtime.report.ROWS` plus the metrics summary."""
+    rec = run.recorder
+    rec.requests.clear()
+    for i, r in enumerate(run.records):
+        record_turn(rec, i, r, run.client.t_start)
+    s = rec.summary()
+    jct = run.client.jct if run.records else None
+    thr = s["throughput"]["tokens_per_s"]
+    snic = {n: v for n, v in s["links"].items() if v["kind"] == "snic"}
     out: dict[str, Any] = {
         "complete": run.complete,
-        "turns": len(recs),
+        "turns": s["n_done"],
         "agents_done": run.client.agents_done,
         "agents": run.client.agents_total,
         "jct_s": jct,
         "wall_s": run.wall_s,
-        "throughput_tok_s": (tokens / jct) if jct else None,
-        "throughput_turns_s": (len(recs) / jct) if jct else None,
-        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
-        "ttst_p50_s": _pct(ttst, 50), "ttst_p99_s": _pct(ttst, 99),
-        "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
-        "hit_rate": (sum(x.hit_tokens for x in o) / prompt) if prompt else None,
-        "pe_path_bytes": sum(v["bytes"] for n, v in snic.items() if n.startswith("pnode")),
-        "de_path_bytes": sum(v["bytes"] for n, v in snic.items() if n.startswith("dnode")),
-        "snic_util": {n.split(".")[0]: v.get("utilisation", 0.0) for n, v in snic.items()},
-        "snic_balance": storage_balance(run.snic_window_bytes),
-        "paths": dict(run.driver.paths),
+        "throughput_tok_s": thr,
+        "ttft_p50_s": s["ttft_s"]["p50"], "ttft_p99_s": s["ttft_s"]["p99"],
+        "ttst_p50_s": s["ttst_s"]["p50"], "ttst_p99_s": s["ttst_s"]["p99"],
+        "tpot_p50_s": s["tpot_s"]["p50"], "tpot_p99_s": s["tpot_s"]["p99"],
+        "hit_rate": s["hit_rate"]["rate"],
+        "pe_path_bytes": s["bytes"]["pe_path"],
+        "de_path_bytes": s["bytes"]["de_path"],
+        "snic_util": {n.split(".")[0]: v["mean_util"] for n, v in snic.items()},
+        "snic_balance": s["snic_balance"],
+        "paths": s["paths"],
         "scheduler_rounds": run.driver.rounds,
         "scheduler_core_s": run.driver.core_s,
         "link_bytes": {n: v["bytes"] for n, v in run.links.items()},
+        "metrics": s,
     }
     if run.slo_met is not None:
         out["slo_met"] = run.slo_met
@@ -270,20 +271,29 @@ async def run_policy(
     cluster_factory: ClusterFactory = _default_cluster,
     gpu_tokens_per_s: float | None = None,
 ) -> PolicyRun:
-    """Run ``trajs`` under ``policy`` on a fresh cluster with fresh storage; fills and returns ``run``."""
+    """Run ``trajs`` under ``policy`` on a fresh cluster with fresh storage; fills and returns ``run``.
+
+    File storage gets an empty directory under the configured ``storage.root`` (removed afterwards).
+    """
     t_wall = time.perf_counter()
     if base.model.kind == "synthetic":
         limit_torch_threads()
-    tmp = Path(tempfile.mkdtemp(prefix=f"dualpath-run-{policy}-"))
+    parent = getattr(base.storage, "root", None)
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{policy}-", dir=parent))
     try:
-        cfg = policy_config(base, policy, tmp / "kv")
+        cfg = policy_config(base, policy, tmp)
         cluster = cluster_factory(cfg)
         bpt = cluster.layout.spec.bytes_per_token if hasattr(cluster, "layout") else kv_bytes_per_token(cfg)
         sched = GlobalScheduler(get_policy(policy), scheduler_params(cfg, bpt, gpu_tokens_per_s))
         vocab = int(getattr(cluster, "vocab_size", 32000))
         t0_link = 0.0
+        t_phase = time.perf_counter()
         try:
-            async with cluster:
+            await cluster.__aenter__()
+            run.phases["start"] = time.perf_counter() - t_phase
+            async with _Closing(cluster, run):
                 if hasattr(cluster, "check_turn"):
                     check_cluster_holds(cluster, trajs)
                 driver = SchedulerDriver(
@@ -310,9 +320,28 @@ async def run_policy(
                         run.complete = True
                 finally:
                     t1_link = anyio.current_time()
+                    run.phases["turns"] = t1_link - t0_link
                     _collect_links(cluster, run, t0_link, t1_link)
         finally:
             run.wall_s = time.perf_counter() - t_wall
     finally:
+        t_phase = time.perf_counter()
         shutil.rmtree(tmp, ignore_errors=True)
+        run.phases["cleanup"] = time.perf_counter() - t_phase
+        run.wall_s = time.perf_counter() - t_wall
     return run
+
+
+class _Closing:
+    """Closes a started cluster on the way out and times it."""
+
+    def __init__(self, cluster: Any, run: PolicyRun) -> None:
+        self.cluster, self.run = cluster, run
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        t = time.perf_counter()
+        await self.cluster.__aexit__(None, None, None)
+        self.run.phases["close"] = time.perf_counter() - t

@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from dualpath.errors import SchedulerError
 from dualpath.scheduler.decode import (
     GroupRouter,
+    LeastLoadedDE,
     commit_decode,
     pick_decode_engine,
-    pick_least_loaded_de,
     z_threshold,
 )
 from dualpath.scheduler.params import SchedulerParams
@@ -120,6 +120,7 @@ class GlobalScheduler:
             z = [z_threshold(g, q, p) for g, q in zip(de_groups_l, queues, strict=True)]
 
         picker = PrefillPicker(pes, pe_rq, p, use_read_q=smart)
+        de_pick = None if smart else LeastLoadedDE(des, p)
         out: list[Assignment] = []
         for i, r in enumerate(self._queue):
             pe = picker.pick()
@@ -133,7 +134,8 @@ class GlobalScheduler:
                     routed.append(g)
                 de = pick_decode_engine(r, de_groups_l[routed[i]], z[routed[i]], p)
             else:
-                de = pick_least_loaded_de(r, des, p)
+                assert de_pick is not None
+                de = de_pick.pick(r)
             if de is None:
                 break
             a = decide_side(
@@ -151,6 +153,8 @@ class GlobalScheduler:
             pe.seq += 1
             picker.touch(pe)
             commit_decode(de, r, p)
+            if de_pick is not None:
+                de_pick.touch(de)
             if not self.policy.oracle:
                 pe_tok, de_tok = side_tokens(a, r, bt)
                 if pe_tok:

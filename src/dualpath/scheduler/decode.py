@@ -20,6 +20,7 @@ Choices the paper leaves open, and what we chose:
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
 from dualpath.scheduler.params import SchedulerParams
@@ -132,3 +133,37 @@ def assign_decode(
             commit_decode(e, r, params)
             chosen[r.rid] = e.engine
     return [(r.rid, chosen[r.rid]) for r in waiting if r.rid in chosen]
+
+
+class LeastLoadedDE:
+    """:func:`pick_least_loaded_de` over a heap (lazy deletion); call :meth:`touch` after charging an engine."""
+
+    def __init__(self, engines: Sequence[EngineLoad], params: SchedulerParams) -> None:
+        self.engines = list(engines)
+        self.params = params
+        self._ver = [0] * len(self.engines)
+        self._idx = {id(e): i for i, e in enumerate(self.engines)}
+        self._heap = [(e.tok, e.seq, e.engine, 0, i) for i, e in enumerate(self.engines)]
+        heapq.heapify(self._heap)
+
+    def touch(self, e: EngineLoad) -> None:
+        i = self._idx[id(e)]
+        self._ver[i] += 1
+        heapq.heappush(self._heap, (e.tok, e.seq, e.engine, self._ver[i], i))
+
+    def pick(self, req: RequestInfo) -> EngineLoad | None:
+        need = self.params.kv_need(req.tokens, req.gen)
+        skipped = []
+        found: EngineLoad | None = None
+        while self._heap:
+            item = heapq.heappop(self._heap)
+            i = item[-1]
+            if item[3] != self._ver[i]:
+                continue
+            skipped.append(item)
+            if self.engines[i].free_kv_tokens >= need:
+                found = self.engines[i]
+                break
+        for item in skipped:
+            heapq.heappush(self._heap, item)
+        return found

@@ -264,10 +264,15 @@ class Simulation:
         if not any(e.tok <= beta for e in pes):
             return  # the core gives nothing to overloaded PEs; a PE that frees asks for a fetch again
         self.fetches += 1
+        # PEs over beta are left out of the snapshots: the core never gives them work (Algorithm 1's class C1, and
+        # the least-loaded rule's cap), every engine of a node reports the node's read queue, and the window/headroom
+        # counts only PEs under beta, so the decisions are identical and a fetch costs O(free PEs), not O(all PEs).
         pe_groups = [
-            [EngineSnapshot(e.idx, e.node.idx, e.seq, e.tok, e.node.read_q, 0) for e in pes[n * g:(n + 1) * g]]
+            [EngineSnapshot(e.idx, e.node.idx, e.seq, e.tok, e.node.read_q, 0) for e in pes[n * g:(n + 1) * g]
+             if e.tok <= beta]
             for n in range(self.sc.P)
         ]
+        pe_groups = [grp for grp in pe_groups if grp]
         de_groups = [
             [EngineSnapshot(e.idx, e.node.idx, e.seq, e.tok, e.node.read_q, e.free_kv) for e in des[n * g:(n + 1) * g]]
             for n in range(self.sc.D)

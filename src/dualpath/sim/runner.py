@@ -168,7 +168,10 @@ def summarize(sim: Simulation, wall_s: float) -> dict[str, Any]:
     for i, lk in enumerate(snics):
         for w, b in lk.windows.items():
             wins.setdefault(w, [0.0] * len(snics))[i] = b
-    ratios = [max(v) / (sum(v) / len(v)) for v in wins.values() if sum(v) > 0]
+    # max/avg SNIC bytes per window (paper 9.6), over the busy windows (total >= half the busiest), as
+    # dualpath.metrics.storage_balance(min_fraction=0.5) computes it
+    busiest = max((sum(v) for v in wins.values()), default=0.0)
+    ratios = [max(v) / (sum(v) / len(v)) for v in wins.values() if sum(v) > 0 and sum(v) >= 0.5 * busiest]
     n_agents = len(sim.turns)
     all_done = bool(np.all(done_t >= 0))
     jct = float(done_t.max()) if all_done and n_agents else float("nan")

@@ -84,12 +84,13 @@ class KvikioStorage(PosixStorage):
     def _read_target(self, into: torch.Tensor) -> Any:
         return into.view(into.shape[0], -1)
 
-    def _read_chunk(self, items: list[tuple[int, BlockKey, str]], target: Any) -> list[tuple[int, int]]:
+    def _read_chunk(self, items: list[tuple[int, BlockKey]], target: Any) -> list[tuple[int, int]]:
         hdr = self._tls.header_mv
         nbytes = self.full_block_bytes
         want = bf.HEADER_SIZE + nbytes
         out: list[tuple[int, int]] = []
-        for i, key, path in items:
+        for i, key in items:
+            path = bf.block_path(self.root, key.hex)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:

@@ -200,6 +200,13 @@ class Link:
             return self._model.busy_time
         return 0.0
 
+    def carried(self, cls: TrafficClass) -> float:
+        """Bytes of class ``cls`` carried so far (aborted transfers' partial bytes included)."""
+        if self._model is None:
+            return float(self.stats.bytes[TrafficClass(cls).value])
+        self._finish(self._model.advance(self.clock.now()))
+        return self._model.delivered[TrafficClass(cls)]
+
     def utilisation(self, t0: float | None = None, t1: float | None = None) -> float:
         """Busy fraction of [t0, t1] from the timeline (whole history by default)."""
         tl = self.timeline()
@@ -297,7 +304,7 @@ class Link:
                 # let a transfer issued right away start there (our timer, not the client, was late)
                 self._finish(model.advance(nxt))
                 if not model.active():
-                    self._credit_until = now + self.lookahead_s
+                    self._credit_until = now + self.lookahead_s + (now - nxt)
                     continue
             self._finish(model.advance(now))
 

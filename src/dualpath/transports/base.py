@@ -224,17 +224,13 @@ class Transport(abc.ABC):
         """Run one write: :class:`PeerTimeout` after ``timeout``, :class:`TransportClosed` if we close."""
         if timeout is None or not timeout >= 0:
             raise TransportError(f"timeout must be a number >= 0, got {timeout!r}")
-        scope = anyio.CancelScope()
+        scope = anyio.CancelScope(deadline=anyio.current_time() + timeout)
         self._write_scopes.add(scope)
         try:
             with scope:
-                try:
-                    with anyio.fail_after(timeout):
-                        return await fn()
-                except TimeoutError as exc:
-                    if isinstance(exc, TransportError):
-                        raise
-                    raise PeerTimeout(f"{self.name}: {what} not delivered within {timeout:g} s") from None
-            raise TransportClosed(f"{self.name}: transport closed during {what}")
+                return await fn()
+            if self._closed:
+                raise TransportClosed(f"{self.name}: transport closed during {what}")
+            raise PeerTimeout(f"{self.name}: {what} not delivered within {timeout:g} s")
         finally:
             self._write_scopes.discard(scope)

@@ -78,8 +78,9 @@ class LandingTable:
             if self._closed:
                 raise TransportClosed(f"{self.owner}: transport is closed")
             raise TransportError(f"{self.owner}: wait on tag {tag!r} that is not exposed")
-        with anyio.move_on_after(_finite(timeout)):
-            await slot.done.wait()
+        if not slot.done.is_set():
+            with anyio.move_on_after(_finite(timeout)):
+                await slot.done.wait()
         if not slot.done.is_set():
             self._withdraw(slot)
             raise PeerTimeout(f"{self.owner}: tag {tag!r} did not arrive within {timeout:g} s")

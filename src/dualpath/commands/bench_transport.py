@@ -1,0 +1,450 @@
+"""``dualpath bench transport``: each transport moving Layer-Block-sized messages against its raw baseline.
+
+Per backend and message size (64 KiB, 1 MiB, 4 MiB, 16 MiB), interleaved and repeated (medians):
+
+* ``zmq`` across two processes vs raw pyzmq PUSH/PULL with zero-copy frames between two processes;
+* ``nixl`` across two processes vs raw NIXL WRITEs (agent to agent, a window of posted transfers, notification
+  per message) between two processes;
+* ``loopback`` in one process vs a plain ``copy_`` of the same bytes.
+
+Our side is the full contract: the receiver exposes a tag per message and awaits it, the sender writes with a
+window of concurrent writes and each write returns on the receiver's acknowledgement. Then the emulated link:
+``link_accuracy`` (8 concurrent flows on a link set to X MB/s deliver X within +-5%) and ``link_priority`` (a
+high-class transfer's latency with a saturating KV load present, over its latency on an idle link; the target is
+<= 1.10). JSON: ``runs`` (one object per backend and size: ``gib_s``, ``raw_gib_s``, ``ratio``) plus the link
+cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZES = [64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", dest="json_out", help="write results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="fewer bytes and repeats (< 30 s)")
+    parser.add_argument("--backends", default="loopback,zmq,nixl", help="comma-separated (default all)")
+    parser.add_argument("--repeats", type=int, default=None, help="passes per point (default 5, quick 2)")
+    parser.add_argument("--mib-per-point", type=int, default=None, help="MiB per pass (default 256, quick 64)")
+    parser.add_argument("--no-links", action="store_true", help="skip the emulated link cases")
+
+
+# --- child processes -------------------------------------------------------------------------------------------
+
+
+class Child:
+    """A helper process speaking JSON lines (ours: dualpath.transports.peer; raw: this module's __main__)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self.n = 0
+        self.first = self.read(120)
+
+    def read(self, timeout: float = 120) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError("benchmark helper process did not answer")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark helper process exited with {self.proc.poll()}")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        self.n += 1
+        self.proc.stdin.write(json.dumps({"id": self.n, **cmd}) + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(op="exit")
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def _proto_out() -> Any:
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # libraries' prints go to stderr
+    return out
+
+
+def raw_zmq_pull() -> None:
+    """Raw baseline receiver: PULL, zero-copy frames; ``{"op": "recv", "count": N}`` -> ``done`` after N."""
+    import zmq
+
+    out = _proto_out()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.bind("tcp://127.0.0.1:*")
+    out.write(json.dumps({"address": s.getsockopt(zmq.LAST_ENDPOINT).decode()}) + "\n")
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "exit":
+            break
+        for _ in range(cmd["count"]):
+            s.recv(copy=False)
+        out.write(json.dumps({"id": cmd["id"], "ok": True}) + "\n")
+    s.close(0)
+    ctx.term()
+
+
+def _nixl_agent(name: str) -> Any:
+    os.environ.setdefault("UCX_TLS", "tcp,self,sm")
+    from nixl_cu12 import nixl_agent, nixl_agent_config  # type: ignore[import-not-found]
+
+    return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+
+
+def raw_nixl_recv(nbytes: int) -> None:
+    """Raw baseline receiver: an agent with a registered buffer; ``recv N`` -> ``done`` after N notifications."""
+    import torch
+
+    out = _proto_out()
+    agent = _nixl_agent(f"rawrecv{os.getpid()}")
+    buf = torch.zeros(nbytes, dtype=torch.uint8)
+    agent.register_memory(buf)
+    out.write(json.dumps({"md": agent.get_agent_metadata().hex(), "addr": buf.data_ptr()}) + "\n")
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "exit":
+            break
+        got = 0
+        while got < cmd["count"]:
+            notifs = agent.get_new_notifs()
+            n = sum(len(v) for v in notifs.values())
+            got += n
+            if not n:
+                time.sleep(0.0001)
+        out.write(json.dumps({"id": cmd["id"], "ok": True}) + "\n")
+
+
+# --- measurements ---------------------------------------------------------------------------------------------
+
+
+def _window(size: int) -> int:
+    """Writes in flight (an engine streams many Layer Blocks at once): ~16 MiB outstanding, 4 to 32."""
+    return max(4, min(32, (16 * MiB) // size))
+
+
+async def _ours_pass(t: Any, peer: Child, src: Any, size: int, count: int, prefix: str) -> float:
+    import anyio
+
+    t0 = time.perf_counter()
+    peer.send(op="bench", nbytes=size, count=count, prefix=prefix, timeout=120.0)
+    sem = anyio.Semaphore(_window(size))
+
+    async def one(i: int) -> None:
+        async with sem:
+            await t.write("peer", f"{prefix}{i}", src[:size], 120.0)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(count):
+            tg.start_soon(one, i)
+    reply = await anyio.to_thread.run_sync(peer.read)
+    if not reply.get("ok"):
+        raise RuntimeError(f"peer failed: {reply}")
+    return size * count / (time.perf_counter() - t0) / 2**30
+
+
+def _raw_zmq_pass(sock: Any, raw: Child, src: Any, size: int, count: int) -> float:
+    arr = src[:size].numpy()
+    t0 = time.perf_counter()
+    raw.send(op="recv", count=count)
+    for _ in range(count):
+        sock.send(arr, copy=False)
+    raw.read()
+    return size * count / (time.perf_counter() - t0) / 2**30
+
+
+def _raw_nixl_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, count: int) -> float:
+    local = agent.get_xfer_descs([(src.data_ptr(), size, 0)], "DRAM")
+    rdesc = agent.get_xfer_descs([(raw.first["addr"], size, 0)], "DRAM")
+    window = _window(size)
+    t0 = time.perf_counter()
+    raw.send(op="recv", count=count)
+    inflight: list[Any] = []
+    posted = 0
+    while posted < count or inflight:
+        while posted < count and len(inflight) < window:
+            h = agent.initialize_xfer("WRITE", local, rdesc, remote, f"m{posted}".encode())
+            if agent.transfer(h) == "ERR":
+                raise RuntimeError("raw NIXL transfer failed")
+            inflight.append(h)
+            posted += 1
+        still = []
+        for h in inflight:
+            st = agent.check_xfer_state(h)
+            if st == "PROC":
+                still.append(h)
+            elif st == "ERR":
+                raise RuntimeError("raw NIXL transfer failed")
+            else:
+                h.release()
+        inflight = still
+    raw.read()
+    return size * count / (time.perf_counter() - t0) / 2**30
+
+
+def _counts(size: int, mib: int) -> int:
+    return max(8, (mib * MiB) // size)
+
+
+async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: int) -> list[dict[str, Any]]:
+    import torch
+
+    from dualpath.transports import create_transport
+    from dualpath.transports.config import NixlTransportConfig, ZmqTransportConfig
+
+    cfg = ZmqTransportConfig() if kind == "zmq" else NixlTransportConfig()
+    buf = 4 * max(sizes)
+    peer = Child(["-m", "dualpath.transports.peer", "peer", cfg.model_dump_json(), str(buf)])
+    if kind == "zmq":
+        raw = Child(["-m", "dualpath.commands.bench_transport", "raw-zmq"])
+    else:
+        raw = Child(["-m", "dualpath.commands.bench_transport", "raw-nixl", str(buf)])
+    runs = []
+    try:
+        src = torch.randint(0, 256, (max(sizes),), dtype=torch.uint8)
+        async with create_transport(cfg, "bench") as t:
+            t.register(src)
+            await t.connect("peer", peer.first["address"])
+            if kind == "zmq":
+                import zmq
+
+                ctx = zmq.Context()
+                sock = ctx.socket(zmq.PUSH)
+                sock.connect(raw.first["address"])
+
+                def raw_pass(size: int, count: int) -> float:
+                    return _raw_zmq_pass(sock, raw, src, size, count)
+            else:
+                agent = _nixl_agent(f"rawsend{os.getpid()}")
+                agent.register_memory(src)
+                remote = agent.add_remote_agent(bytes.fromhex(raw.first["md"]))
+
+                def raw_pass(size: int, count: int) -> float:
+                    return _raw_nixl_pass(agent, remote, raw, src, size, count)
+            for size in sizes:
+                count = _counts(size, mib)
+                # warm-up (connections, allocator)
+                raw_pass(size, min(count, 16))
+                await _ours_pass(t, peer, src, size, min(count, 16), f"w{size}-")
+                ours, base = [], []
+                for r in range(repeats):
+                    base.append(raw_pass(size, count))
+                    ours.append(await _ours_pass(t, peer, src, size, count, f"r{r}s{size}-"))
+                g, rg = statistics.median(ours), statistics.median(base)
+                runs.append({"backend": kind, "size_bytes": size, "messages": count, "window": _window(size),
+                             "gib_s": round(g, 3), "raw_gib_s": round(rg, 3), "ratio": round(g / rg, 3),
+                             "baseline": "raw pyzmq PUSH/PULL zero-copy" if kind == "zmq" else "raw NIXL WRITE",
+                             "gib_s_all": [round(x, 3) for x in ours], "raw_gib_s_all": [round(x, 3) for x in base]})
+                print(f"  {kind:8s} {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  ratio {g / rg:5.2f}",
+                      flush=True)
+            if kind == "zmq":
+                sock.close(0)
+                ctx.term()
+    finally:
+        peer.close()
+        raw.close()
+    return runs
+
+
+async def bench_loopback(sizes: list[int], repeats: int, mib: int) -> list[dict[str, Any]]:
+    import torch
+
+    from dualpath.transports import create_transport
+    from dualpath.transports.config import LoopbackTransportConfig
+    from dualpath.transports.loopback import LoopbackFabric
+
+    fabric = LoopbackFabric()
+    cfg = LoopbackTransportConfig()
+    runs = []
+    async with create_transport(cfg, "a", fabric=fabric) as a, create_transport(cfg, "b", fabric=fabric) as b:
+        await a.connect("b", "b")
+        # distinct Layer Blocks into distinct landing slots (as an engine does), over pools larger than the
+        # caches, for both our path and the raw copy_
+        pool = 64 * MiB
+        src = torch.randint(0, 256, (pool,), dtype=torch.uint8)
+        dst = torch.zeros(pool, dtype=torch.uint8)
+        region = b.register(dst)
+        a.register(src)
+        for size in sizes:
+            count = _counts(size, mib)
+            slots = pool // size
+            srcs = [src[j * size:(j + 1) * size] for j in range(slots)]
+            dsts = [dst[j * size:(j + 1) * size] for j in range(slots)]
+
+            async def ours(count: int = count, size: int = size, slots: int = slots, srcs: Any = srcs) -> float:
+                t0 = time.perf_counter()
+                for i in range(count):
+                    j = i % slots
+                    b.expose("t", region, j * size, size)
+                    await a.write("b", "t", srcs[j], 10.0)
+                    await b.wait("t", 10.0)
+                return size * count / (time.perf_counter() - t0) / 2**30
+
+            def raw(count: int = count, size: int = size, slots: int = slots, srcs: Any = srcs,
+                    dsts: Any = dsts) -> float:
+                t0 = time.perf_counter()
+                for i in range(count):
+                    j = i % slots
+                    dsts[j].copy_(srcs[j])
+                return size * count / (time.perf_counter() - t0) / 2**30
+
+            raw(min(count, 16))
+            await ours(min(count, 16))
+            o, r = [], []
+            for _ in range(repeats):
+                r.append(raw())
+                o.append(await ours())
+            g, rg = statistics.median(o), statistics.median(r)
+            runs.append({"backend": "loopback", "size_bytes": size, "messages": count, "gib_s": round(g, 3),
+                         "raw_gib_s": round(rg, 3), "ratio": round(g / rg, 3), "baseline": "torch copy_",
+                         "gib_s_all": [round(x, 3) for x in o], "raw_gib_s_all": [round(x, 3) for x in r]})
+            print(f"  loopback {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  ratio {g / rg:5.2f}", flush=True)
+    return runs
+
+
+async def bench_links(quick: bool) -> list[dict[str, Any]]:
+    import anyio
+
+    from dualpath.traffic import Link
+    from dualpath.types import TrafficClass
+
+    out = []
+    rate = 200e6
+    reps = 2 if quick else 4
+    # accuracy: 8 concurrent flows of 1 MB messages for ~0.6 s
+    acc = []
+    for _ in range(reps):
+        link = Link("bench", rate)
+        n_msgs = int(rate * (0.3 if quick else 0.6) / 1e6 / 8)
+        t0 = time.perf_counter()
+
+        async def flow(link: Link = link, n_msgs: int = n_msgs) -> None:
+            for _ in range(n_msgs):
+                await link.transfer(1_000_000)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(flow)
+        acc.append(8 * n_msgs * 1e6 / (time.perf_counter() - t0))
+    delivered = statistics.median(acc)
+    out.append({"backend": "link_accuracy", "setting_mb_s": rate / 1e6, "delivered_mb_s": round(delivered / 1e6, 2),
+                "ratio": round(delivered / rate, 4), "flows": 8, "all_mb_s": [round(x / 1e6, 2) for x in acc],
+                "target": "within +-5% of the setting"})
+    print(f"  link accuracy: set {rate / 1e6:.0f} MB/s, delivered {delivered / 1e6:.1f} MB/s "
+          f"(ratio {delivered / rate:.3f})", flush=True)
+    # priority: a 4 MB high-class transfer on an idle link vs with 8 saturating KV flows
+    idle, busy, kv_during = [], [], []
+    hi_bytes = 4_000_000
+    for _ in range(reps):
+        link = Link("bench", rate)
+        t0 = time.perf_counter()
+        await link.transfer(hi_bytes, TrafficClass.HIGH)
+        idle.append(time.perf_counter() - t0)
+        link = Link("bench", rate)
+        stop = anyio.Event()
+
+        async def kv_load(link: Link = link, stop: anyio.Event = stop) -> None:
+            while not stop.is_set():
+                await link.transfer(2_000_000, TrafficClass.KV)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(kv_load)
+            await anyio.sleep(0.05)
+            kv0 = link.carried(TrafficClass.KV)
+            t0 = time.perf_counter()
+            await link.transfer(hi_bytes, TrafficClass.HIGH)
+            dt = time.perf_counter() - t0
+            busy.append(dt)
+            kv_during.append((link.carried(TrafficClass.KV) - kv0) / dt / rate)
+            stop.set()
+            tg.cancel_scope.cancel()
+    ratio = statistics.median(busy) / statistics.median(idle)
+    out.append({"backend": "link_priority", "setting_mb_s": rate / 1e6, "high_bytes": hi_bytes,
+                "idle_latency_s": round(statistics.median(idle), 5), "loaded_latency_s": round(statistics.median(busy), 5),
+                "ratio": round(ratio, 4), "kv_share_while_high": round(statistics.median(kv_during), 4),
+                "target": "loaded / idle <= 1.10; KV yields to ~1%"})
+    print(f"  link priority: high-class latency loaded/idle = {ratio:.3f}; KV share while high active "
+          f"{statistics.median(kv_during):.3f}", flush=True)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import anyio
+
+    quick = bool(getattr(args, "quick", False))
+    repeats = args.repeats or (2 if quick else 5)
+    mib = args.mib_per_point or (48 if quick else 256)
+    backends = [b.strip() for b in (args.backends or "").split(",") if b.strip()]
+    sizes = SIZES
+    runs: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+
+    async def main() -> None:
+        for kind in backends:
+            print(f"{kind}:", flush=True)
+            if kind == "loopback":
+                runs.extend(await bench_loopback(sizes, repeats, mib))
+            elif kind in ("zmq", "nixl"):
+                if kind == "nixl":
+                    try:
+                        import nixl_cu12  # type: ignore[import-not-found]  # noqa: F401
+                    except ImportError:
+                        skipped["nixl"] = "nixl extra not installed"
+                        print("  skipped: nixl extra not installed")
+                        continue
+                runs.extend(await bench_socket_backend(kind, sizes, repeats, mib))
+            else:
+                from dualpath.errors import ConfigError
+
+                raise ConfigError(f"--backends: unknown backend {kind!r} (loopback, zmq, nixl)")
+        if not args.no_links:
+            print("links:", flush=True)
+            runs.extend(await bench_links(quick))
+
+    anyio.run(main)
+    targets = {"zmq": 0.85, "nixl": 0.85, "loopback": 0.80}
+    checks = {}
+    for kind, target in targets.items():
+        rs = [r["ratio"] for r in runs if r["backend"] == kind and (kind == "loopback" or r["size_bytes"] >= MiB)]
+        if rs:
+            checks[kind] = {"min_ratio": min(rs), "target": target, "met": min(rs) >= target}
+    for r in runs:
+        if r["backend"] == "link_accuracy":
+            checks["link_accuracy"] = {"ratio": r["ratio"], "met": abs(r["ratio"] - 1) <= 0.05}
+        if r["backend"] == "link_priority":
+            checks["link_priority"] = {"ratio": r["ratio"], "met": r["ratio"] <= 1.10}
+    result = {"bench": "transport", "quick": quick, "repeats": repeats, "mib_per_point": mib, "runs": runs,
+              "checks": checks, "skipped": skipped, "cpu_count": os.cpu_count()}
+    print("checks:", json.dumps(checks))
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":  # helper processes of the raw baselines
+    if sys.argv[1] == "raw-zmq":
+        raw_zmq_pull()
+    elif sys.argv[1] == "raw-nixl":
+        raw_nixl_recv(int(sys.argv[2]))

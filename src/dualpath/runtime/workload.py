@@ -1,0 +1,121 @@
+"""The trajectories a run replays, and the checks that must fail before anything runs.
+
+Sources: the built-in CPU agentic trace (:data:`BUILTIN_SPEC`, the default of ``dualpath run``), any generator of
+:mod:`dualpath.workload.generators`, our JSONL trajectories, or a Mooncake FAST'25 trace
+(:func:`dualpath.workload.build_workload`). A trace that is empty, malformed, holds token ids outside the
+model's vocabulary, or holds a turn longer than the model's context is an error naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from dualpath.errors import WorkloadError
+from dualpath.workload import build_workload
+from dualpath.workload.arrivals import offline_arrivals, poisson_arrivals, with_arrivals
+from dualpath.workload.config import WorkloadConfig
+from dualpath.workload.generators import DatasetSpec, generate_from_spec
+from dualpath.workload.trajectory import Trajectory
+
+#: the name of the built-in trace in ``workload.dataset``
+BUILTIN_NAME = "agentic-cpu"
+
+#: A CPU-sized agentic trace: ~12 turns per agent (10-16; a narrow spread, so all agents finish together and the
+#: run's tail is short), sessions of 6.5-7.8K tokens, a task prompt of 15 % in the second turn, appends of ~600
+#: tokens and short generations (~16 tokens): the shape of the paper's traces (Table 2: context >> append >>
+#: generation) at 1/4 of the 32K dataset's length.
+BUILTIN_SPEC = DatasetSpec(
+    max_len=8192, turns_mu=math.log(12), turns_sigma=0.1, len_lo=0.8, len_hi=0.95, first_frac=0.15,
+    gen_frac=0.03, synthetic_append=32,
+)
+
+
+def load_trajectories(cfg: WorkloadConfig) -> list[Trajectory]:
+    """The trajectories ``cfg`` names (trace file, the built-in trace, or a named generator)."""
+    if cfg.trace is None and cfg.dataset == BUILTIN_NAME:
+        trajs = generate_from_spec(BUILTIN_SPEC, cfg.n_agents, seed=cfg.seed)
+        if cfg.max_turns is not None:
+            trajs = [t.truncated(None, cfg.max_turns) for t in trajs]
+        arr = (
+            offline_arrivals(len(trajs))
+            if cfg.mode == "offline"
+            else poisson_arrivals(len(trajs), cfg.rate_aps, seed=cfg.seed)
+        )
+        return with_arrivals(trajs, arr)
+    if cfg.trace is not None and not Path(cfg.trace).is_file():
+        raise WorkloadError("trace file not found", path=cfg.trace)
+    trajs = build_workload(cfg)
+    if not trajs or all(not t.turns for t in trajs):
+        raise WorkloadError("the workload holds no turn", path=cfg.trace)
+    return trajs
+
+
+def _jsonl_lines(path: str) -> dict[int, int]:
+    """Trajectory id -> line number of our JSONL file."""
+    out: dict[int, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for no, text in enumerate(f, start=1):
+            if text.strip():
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict) and isinstance(obj.get("id"), int):
+                    out.setdefault(obj["id"], no)
+    return out
+
+
+def _mooncake_line_over(path: str, max_context: int) -> int | None:
+    """The first line of a Mooncake trace whose request (input + output) exceeds ``max_context``."""
+    with open(path, encoding="utf-8") as f:
+        for no, text in enumerate(f, start=1):
+            if text.strip():
+                try:
+                    obj = json.loads(text)
+                    if int(obj["input_length"]) + int(obj["output_length"]) > max_context:
+                        return no
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return None
+
+
+def check_trajectories(
+    trajs: Sequence[Trajectory], cfg: WorkloadConfig, *, max_context: int, vocab_size: int
+) -> None:
+    """Every turn (prompt + generation) fits the model's context and its token ids its vocabulary.
+
+    Errors name the trace file and the line of the offending trajectory (JSONL) or request (Mooncake).
+    """
+    lines: dict[int, int] | None = None
+
+    def fail(t: Trajectory, msg: str) -> None:
+        nonlocal lines
+        path = cfg.trace
+        line: int | None = None
+        if path is not None and cfg.trace_format == "jsonl":
+            lines = lines if lines is not None else _jsonl_lines(path)
+            line = lines.get(t.tid)
+        elif path is not None:
+            line = _mooncake_line_over(path, max_context)
+        raise WorkloadError(f"trajectory {t.tid}: {msg}", path=path or f"<{cfg.dataset} generator>", line=line)
+
+    if cfg.trace is not None:  # check the file's own trajectories (ids as in the file), not the cycled agents
+        from dualpath.workload import load_jsonl, load_mooncake
+
+        trajs = load_jsonl(cfg.trace) if cfg.trace_format == "jsonl" else load_mooncake(cfg.trace)
+    for t in trajs:
+        total = 0
+        for i, u in enumerate(t.turns):
+            if u.append_ids and (min(u.append_ids) < 0 or max(u.append_ids) >= vocab_size):
+                fail(t, f"turn {i} has token ids outside the model's vocabulary [0, {vocab_size})")
+            total += u.append
+            if total + max(1, u.gen) > max_context:
+                fail(
+                    t,
+                    f"turn {i} needs {total} prompt + {max(1, u.gen)} generated tokens, more than the model's "
+                    f"context of {max_context} tokens",
+                )
+            total += u.gen

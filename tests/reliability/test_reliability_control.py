@@ -1,0 +1,213 @@
+"""The control plane refuses bad input before allocating for it and keeps running; CURVE refuses unknown peers;
+sockets bind to loopback by default; bad configs and bad block files get clear errors. No processes here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import msgpack
+import pytest
+import torch
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dualpath.config import load_config
+from dualpath.control.channel import Channel, CurveKeys, RemoteError
+from dualpath.control.deploy import check_deployable
+from dualpath.control.protocol import MAX_TOKENS, ProtocolError, bin_to_tokens, decode, encode, tokens_to_bin
+from dualpath.errors import ConfigError, PeerTimeout
+from dualpath.kv.keys import KeyNamespace
+from dualpath.kv.layout import KVLayout, KVSpec
+from dualpath.storage.config import PosixStorageConfig
+from dualpath.storage.posix import PosixStorage
+from dualpath.types import BlockKey
+
+
+def _env(t: str, b: object, **kw: object) -> bytes:
+    return msgpack.packb({"v": 1, "t": t, "id": 1, "re": 0, "b": b, **kw}, use_bin_type=True)
+
+
+MALFORMED = [
+    b"",
+    b"\xc1",
+    b"\x93\x01\x02\x03",
+    msgpack.packb("just a string"),
+    _env("ping", {}, extra=1),
+    msgpack.packb({"v": 2, "t": "ping", "id": 1, "re": 0, "b": {}}),
+    msgpack.packb({"v": 1, "t": 5, "id": 1, "re": 0, "b": {}}),
+    _env("no_such_type", {}),
+    _env("ping", [1, 2]),
+    _env("submit", {"session": 1, "prompt": b"\0" * 8}),  # missing gen
+    _env("submit", {"session": 1, "prompt": b"\0" * 8, "gen": 1, "evil": 1}),
+    _env("submit", {"session": -5, "prompt": b"\0" * 8, "gen": 1}),
+    _env("submit", {"session": 1, "prompt": b"\0" * 7, "gen": 1}),
+    _env("submit", {"session": 1, "prompt": "not bytes", "gen": 1}),
+    _env("submit", {"session": 1, "prompt": b"\0" * 8, "gen": True}),
+    _env("submit", {"session": 1, "prompt": b"\0" * 8, "gen": 1, "deadline_s": float("nan")}),
+    _env("submit", {"session": 1, "prompt": b"\0" * (MAX_TOKENS * 8 + 8), "gen": 1}),
+    _env("hello", {"role": "admin", "rank": 0, "node": 0, "address": "x", "pid": 1, "fingerprint": "f",
+                   "token_bytes": 1, "vocab_size": 1, "max_context": 1}),
+    _env("error", {"code": "../../etc/passwd", "message": "x"}),
+    _env("result", {"session": 1, "tokens": [1, "2"], "prompt_tokens": 1, "hit_tokens": 0, "path": "pe",
+                    "pe": 0, "de": 0, "ttft_s": 0.0, "tpot_s": 0.0, "total_s": 0.0, "retries": 0}),
+    msgpack.packb({"v": 1, "t": "ping", "id": -1, "re": 0, "b": {}}),
+    msgpack.packb({"v": 1, "t": "ping", "id": 1, "re": 0, "b": {}, 1: 2}, strict_types=False),
+    b"\xdd\xff\xff\xff\xff",  # array32 header claiming 4G elements
+    b"\xdf\xff\xff\xff\xff",  # map32 header claiming 4G entries
+    b"\xc6\xff\xff\xff\xff",  # bin32 header claiming 4 GiB
+    b"\xc7\x05\x01hello",  # an ext type
+    b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.",  # a pickle
+    b"\x91" * 100_000 + b"\xc0",  # nesting bomb
+]
+
+
+@pytest.mark.parametrize("frame", MALFORMED, ids=range(len(MALFORMED)))
+def test_malformed_frames_are_rejected(frame: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(frame)
+
+
+def test_oversized_frame_is_rejected_before_parsing() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(b"\x00" * 2048, max_bytes=1024)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=256))
+def test_random_bytes_only_ever_raise_protocol_error(data: bytes) -> None:
+    try:
+        decode(data)
+    except ProtocolError:
+        pass
+
+
+def test_valid_messages_round_trip_and_tokens_are_checked() -> None:
+    m = decode(encode("submit", {"session": 3, "prompt": tokens_to_bin([1, 2, 3]), "gen": 4}, mid=9))
+    assert (m.type, m.id, m.body["gen"]) == ("submit", 9, 4)
+    assert list(bin_to_tokens(m.body["prompt"])) == [1, 2, 3]
+    with pytest.raises(ProtocolError):
+        bin_to_tokens((-1).to_bytes(8, "little", signed=True))
+    with pytest.raises(ProtocolError):  # senders validate too
+        encode("submit", {"session": 1, "prompt": b"1", "gen": 1})
+
+
+async def _echo(peer: bytes, msg):  # type: ignore[no-untyped-def]
+    return "pong", {}
+
+
+@pytest.mark.anyio
+async def test_channel_answers_malformed_frames_and_keeps_serving() -> None:
+    async with Channel("srv", bind="tcp://127.0.0.1:0", handler=_echo) as srv:
+        assert srv.address.startswith("tcp://127.0.0.1:")
+        ctx = zmq.asyncio.Context()
+        raw = ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(srv.address)
+        try:
+            for frame in MALFORMED[:12]:
+                await raw.send(frame)
+                with anyio.fail_after(5):
+                    reply = msgpack.unpackb(await raw.recv(), raw=False)
+                assert reply["t"] == "error" and reply["b"]["code"] == "bad_message"
+        finally:
+            raw.close()
+            ctx.term()
+        assert srv.rejected == 12
+        async with Channel("cli", connect=srv.address) as cli:
+            assert (await cli.request(None, "ping", {}, 5)).type == "pong"
+
+
+@pytest.mark.anyio
+async def test_request_deadline_and_remote_errors() -> None:
+    async def handler(peer: bytes, msg):  # type: ignore[no-untyped-def]
+        if msg.type == "stats":
+            await anyio.sleep(30)
+        raise ConfigError("nope")
+
+    async with Channel("srv", bind="tcp://127.0.0.1:0", handler=handler) as srv, \
+            Channel("cli", connect=srv.address) as cli:
+        with pytest.raises(PeerTimeout):
+            await cli.request(None, "stats", {}, 0.3)
+        with pytest.raises(RemoteError) as ei:
+            await cli.request(None, "ping", {}, 5)
+        assert ei.value.code == "ConfigError"
+
+
+@pytest.mark.anyio
+async def test_curve_refuses_unauthenticated_peers() -> None:
+    spub, ssec = (k.decode() for k in zmq.curve_keypair())
+    cpub, csec = (k.decode() for k in zmq.curve_keypair())
+    opub, osec = (k.decode() for k in zmq.curve_keypair())
+    server = CurveKeys(spub, ssec, allowed=(cpub,))
+    async with Channel("srv", bind="tcp://127.0.0.1:0", curve=server, handler=_echo) as srv:
+        async with Channel("good", connect=srv.address, curve=CurveKeys(cpub, csec, server=spub)) as good:
+            assert (await good.request(None, "ping", {}, 5)).type == "pong"
+        async with Channel("stranger", connect=srv.address, curve=CurveKeys(opub, osec, server=spub)) as bad:
+            with pytest.raises(PeerTimeout):
+                await bad.request(None, "ping", {}, 1.0)
+        async with Channel("plain", connect=srv.address) as plain:  # no CURVE at all
+            with pytest.raises(PeerTimeout):
+                await plain.request(None, "ping", {}, 1.0)
+        assert srv.refused >= 1
+
+
+def test_bad_serve_configs_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="storage.kind"):
+        check_deployable(load_config(None, env={}, overrides={"transport": {"kind": "zmq"}}))
+    with pytest.raises(ConfigError, match="transport.kind"):
+        check_deployable(load_config(None, env={}, overrides={"storage": {"kind": "posix", "root": str(tmp_path)}}))
+    with pytest.raises(ConfigError, match="serve"):
+        load_config(None, env={}, overrides={"serve": {"curve_public_key": "short", "curve_secret_key": "short"}})
+    with pytest.raises(ConfigError, match="serve.*unknown key"):
+        load_config(None, env={}, overrides={"serve": {"bind_everything": True}})
+    with pytest.raises(ConfigError, match="serve.port"):
+        load_config(None, env={}, overrides={"serve": {"port": 70000}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad, env={})
+
+
+def test_engine_rank_outside_the_config_is_refused(tmp_path: Path) -> None:
+    from dualpath.control.enginehost import EngineHost
+    from dualpath.types import Role
+
+    cfg = load_config(None, env={}, overrides={"storage": {"kind": "posix", "root": str(tmp_path)},
+                                               "transport": {"kind": "zmq"}})
+    with pytest.raises(ConfigError, match="--rank 3"):
+        EngineHost(cfg, Role.DECODE, 3)
+
+
+def test_block_keys_cannot_name_a_path() -> None:
+    for text in ("../" * 21 + "x", "/etc/passwd".ljust(64, "0"), "zz" * 32, "0" * 63):
+        with pytest.raises(ValueError):
+            BlockKey.from_hex(text)
+
+
+@pytest.mark.anyio
+async def test_bad_block_files_are_never_served(tmp_path: Path) -> None:
+    layout = KVLayout(KVSpec.mha(2, 1, 8, "bfloat16"), 16)
+    ns = KeyNamespace("m", layout.spec.fingerprint(), 16)
+    keys = [BlockKey(bytes([i]) * 32) for i in range(1, 6)]
+    root = tmp_path / "kv"
+    async with PosixStorage(PosixStorageConfig(root=root), layout, ns) as st:
+        blocks = torch.randint(0, 255, (5, *layout.full_block_shape), dtype=torch.uint8)
+        assert all(s.value == "ok" for s in await st.write(keys, blocks))
+    paths = [root / k.hex[:2] / k.hex[2:4] / f"{k.hex}.kvb" for k in keys]
+    paths[0].write_bytes(b"garbage")  # truncated
+    data = bytearray(paths[1].read_bytes())
+    data[100] ^= 1  # header bit flip
+    paths[1].write_bytes(bytes(data))
+    paths[2].write_bytes(paths[3].read_bytes())  # another key's (valid) block under this name
+    (root / "zz").mkdir()
+    (root / "zz" / "notes.txt").write_text("hi")  # junk the scan must ignore
+    os.symlink("/etc/passwd", root / keys[4].hex[:2] / "passwd.kvb")
+    async with PosixStorage(PosixStorageConfig(root=root), layout, ns) as st:
+        into = torch.zeros((5, *layout.full_block_shape), dtype=torch.uint8)
+        statuses = [s.value for s in await st.read(keys, into)]
+    assert statuses[:3] != ["ok"] * 3 and all(s != "ok" for s in statuses[:3])
+    assert statuses[3:] == ["ok", "ok"]
+    assert torch.equal(into[3:], blocks[3:])

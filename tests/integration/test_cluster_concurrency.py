@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from engine_helpers import run_session, synthetic_config
 
 from dualpath.cluster import Cluster
-
-from engine_helpers import run_session, synthetic_config
 
 
 @pytest.fixture

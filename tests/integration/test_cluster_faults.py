@@ -9,14 +9,13 @@ import os
 import anyio
 import pytest
 import torch
+from engine_helpers import BT, run_session, synthetic_config
 
 from dualpath.cluster import Cluster
 from dualpath.errors import ConfigError, EngineError, ModelError
 from dualpath.storage import blockfile as bf
 from dualpath.storage.config import PosixStorageConfig
 from dualpath.transports.config import FaultsTransportConfig, ZmqTransportConfig
-
-from engine_helpers import BT, run_session, synthetic_config
 
 
 @pytest.fixture

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import BT, SESSION, hf_llama, llama_config, run_session
 
 from dualpath.cluster import Cluster
-
-from engine_helpers import BT, SESSION, hf_llama, llama_config, run_session
 
 transformers = pytest.importorskip("transformers")
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from engine_helpers import BT, synthetic_config
 
 from dualpath.cluster import Cluster
 from dualpath.engine.decode import kv_target
-
-from engine_helpers import BT, synthetic_config
 
 L, B = 4, 2 * 2 * 64 * 2  # layers, bytes per token-layer of the synthetic config (2 KV heads, dim 64, bf16)
 LB, FB = L * B, L * BT * B

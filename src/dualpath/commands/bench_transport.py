@@ -92,7 +92,8 @@ def raw_zmq_pull() -> None:
     ctx = zmq.Context()
     s = ctx.socket(zmq.PULL)
     s.bind("tcp://127.0.0.1:*")
-    out.write(json.dumps({"address": s.getsockopt(zmq.LAST_ENDPOINT).decode()}) + "\n")
+    endpoint = s.getsockopt(zmq.LAST_ENDPOINT)
+    out.write(json.dumps({"address": endpoint.decode() if isinstance(endpoint, bytes) else endpoint}) + "\n")
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "exit":

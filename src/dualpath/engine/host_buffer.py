@@ -7,6 +7,7 @@ contiguous uint8 view. ``alloc`` waits (with a deadline) while the arena is full
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -35,10 +36,8 @@ class HostBuffer:
         self.capacity = int(capacity_bytes)
         buf = torch.empty(self.capacity, dtype=torch.uint8)
         if torch.cuda.is_available():
-            try:
+            with contextlib.suppress(RuntimeError):  # pinning can fail on small hosts
                 buf = buf.pin_memory()
-            except RuntimeError:  # pragma: no cover - pinning can fail on small hosts
-                pass
         self.data = buf
         self._free: list[tuple[int, int]] = [(0, self.capacity)]  # sorted (offset, size)
         self._used = 0

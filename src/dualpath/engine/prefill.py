@@ -152,7 +152,7 @@ class PrefillEngine(Engine):
         assert self.scratch is not None and self.scratch_region is not None
         cfg = self.cfg
         transport = self.ctx.transport
-        bt = self.layout.block_tokens
+        scratch_region = self.scratch_region
         n_layers = self.layout.n_layers
         ring = self.ring
         lb = self.layer_bytes
@@ -178,7 +178,7 @@ class PrefillEngine(Engine):
             for t, o in zip(batch, offs, strict=True):
                 if t.de_hit_blocks and t.error is None:
                     first = (slot * self.slot_blocks + o + t.pe_hit_blocks) * lb
-                    transport.expose(t.tag("hit", layer), self.scratch_region, first, t.de_hit_blocks * lb)
+                    transport.expose(t.tag("hit", layer), scratch_region, first, t.de_hit_blocks * lb)
                     t.exposed[layer].set()
 
         state = await self.model.prefill_begin(seqs)

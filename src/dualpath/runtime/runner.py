@@ -151,14 +151,23 @@ def _links(cluster: Any) -> dict[str, Any]:
     return dict(getattr(ls, "links", ls))
 
 
+def _link_now(cluster: Any) -> float:
+    """Now on the clock of the cluster's links (they may count from the cluster's start)."""
+    for link in _links(cluster).values():
+        clock = getattr(link, "clock", None)
+        if clock is not None:
+            return float(clock.now())
+    return anyio.current_time()
+
+
 def _collect_links(cluster: Any, run: PolicyRun, t0: float, t1: float) -> None:
     """Totals per link and each link's timeline (``SERIES_BIN_S`` bins) into ``run.recorder``.
 
-    Link timelines are on the event loop's clock; they are moved onto ``time.perf_counter`` (the clock of the
+    Link timelines are on the links' clock (:func:`_link_now`); they are moved onto ``time.perf_counter`` (the clock of the
     request records) with the offset measured now, relative to the client's start (t = 0 when the first agent
     starts), like the request records of :func:`summarize`.
     """
-    off = time.perf_counter() - anyio.current_time() - run.client.t_start
+    off = time.perf_counter() - _link_now(cluster) - run.client.t_start
     span = max(t1 - t0, 1e-9)
     nbins = max(1, math.ceil(span / SERIES_BIN_S))
     edges = [off + t0 + i * SERIES_BIN_S for i in range(nbins + 1)]
@@ -301,7 +310,7 @@ async def run_policy(
                     max_request_tokens=cfg.cluster.kv_pool_tokens,
                 )
                 run.driver = driver.stats
-                t0_link = anyio.current_time()
+                t0_link = _link_now(cluster)
                 cb = progress.update if progress is not None else None
                 try:
                     async with driver:
@@ -319,7 +328,7 @@ async def run_policy(
                                                    on_turn=cb)
                         run.complete = True
                 finally:
-                    t1_link = anyio.current_time()
+                    t1_link = _link_now(cluster)
                     run.phases["turns"] = t1_link - t0_link
                     _collect_links(cluster, run, t0_link, t1_link)
         finally:

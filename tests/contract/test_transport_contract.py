@@ -511,7 +511,7 @@ async def test_two_processes_both_directions_and_bad_input(kind: str) -> None:
 async def test_killed_peer_ends_in_deadlines(kind: str) -> None:
     """Kill the other process while we stream to it and while we await its bytes: every write and every wait
     ends with PeerTimeout within its deadline, nothing hangs, and the source buffer is free at once."""
-    cfg = make_config(kind)
+    cfg = make_config(kind, pending_timeout_s=30.0)  # the peer holds our early writes: they are in flight
     n = 4 << 20
     peer = RemotePeer("remote", cfg, n)
     try:
@@ -522,18 +522,15 @@ async def test_killed_peer_ends_in_deadlines(kind: str) -> None:
             src = src_in(t, pattern(n, 3))
             assert (await peer.call(op="expose", tag="k0", offset=0, nbytes=n))["ok"]
             await t.write("remote", "k0", src, 20.0)
-            for i in range(1, 3):
-                peer.send(op="expose", tag=f"k{i}", offset=0, nbytes=n)
             t.expose("from-remote", region, 0, n)  # the peer will never send it
             outcomes: list[BaseException | None] = []
 
-            async def stream() -> None:
-                for i in range(1, 3):
-                    try:
-                        await t.write("remote", f"k{i}", src, 1.0)
-                        outcomes.append(None)
-                    except TransportError as exc:
-                        outcomes.append(exc)
+            async def write(tag: str) -> None:  # never exposed by the peer: held there until it dies
+                try:
+                    await t.write("remote", tag, src, 1.5)
+                    outcomes.append(None)
+                except TransportError as exc:
+                    outcomes.append(exc)
 
             async def await_remote() -> None:
                 with pytest.raises(PeerTimeout):
@@ -541,12 +538,18 @@ async def test_killed_peer_ends_in_deadlines(kind: str) -> None:
 
             t0 = anyio.current_time()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(stream)
+                for i in range(3):
+                    tg.start_soon(write, f"k{i + 1}")
                 tg.start_soon(await_remote)
-                await anyio.sleep(0.01)
+                await anyio.sleep(0.3)
                 peer.kill()
-            assert anyio.current_time() - t0 < 2 * 1.0 + 1.5
-            assert any(isinstance(o, PeerTimeout) for o in outcomes), outcomes
+            assert anyio.current_time() - t0 < 1.5 + 1.0
+            assert len(outcomes) == 3 and all(isinstance(o, TransportError) for o in outcomes), outcomes
+            # and a write after the death fails within its deadline too
+            t0 = anyio.current_time()
+            with pytest.raises(TransportError):
+                await t.write("remote", "after", src, 1.0)
+            assert anyio.current_time() - t0 < 2.0
             src.fill_(7)  # no buffer stays pinned: the source is ours again
     finally:
         peer.close()

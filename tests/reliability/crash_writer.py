@@ -25,9 +25,9 @@ import torch
 
 from dualpath.kv.keys import KeyNamespace
 from dualpath.kv.layout import KVLayout, KVSpec
+from dualpath.storage import blockfile as bf
 from dualpath.storage.config import PosixStorageConfig
 from dualpath.storage.posix import PosixStorage
-from dualpath.storage import blockfile as bf
 from dualpath.types import BlockKey
 
 LAYOUT = KVLayout(KVSpec.mha(4, 2, 64, "bfloat16"), 64)  # 64 KiB Full Blocks: writes take a while

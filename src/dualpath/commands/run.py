@@ -32,9 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON here")
     parser.add_argument("--plot", metavar="OUT.png", help="write a PNG of per-link utilisation over time")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument("--serve", metavar="ADDR",
+                        help="replay the trace against a running `dualpath serve` deployment at ADDR "
+                             "(tcp://host:port) instead of an emulated cluster")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "serve", None):
+        from dualpath.control.client import run_serve_command
+
+        return run_serve_command(args)
     from dualpath.runtime.app import RunRequest, run_command
 
     req = RunRequest(

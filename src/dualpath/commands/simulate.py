@@ -88,7 +88,7 @@ def _fmt(x: float, scale: float = 1.0, nd: int = 2) -> str:
 def _table(runs: list[dict], speed: dict[str, float]) -> None:
     hdr = (f"{'policy':12s} {'JCT s':>9s} {'req/s':>8s} {'TTFT p50':>8s} {'p99':>7s} {'TTST p50':>8s} "
            f"{'TPOT p50 ms':>11s} {'p99':>6s} {'hit':>6s} {'SNIC PE':>7s} {'SNIC DE':>7s} {'bal':>5s} "
-           f"{'PE util':>7s} {'speedup':>7s} {'wall s':>7s}")
+           f"{'PE util':>7s} {'speedup':>7s} {'wall s':>7s} {'cpu s':>6s}")
     print(hdr)
     for r in runs:
         print(f"{r['policy']:12s} {_fmt(r['jct_s'], 1, 0):>9s} {_fmt(r['throughput_req_s']):>8s} "
@@ -96,7 +96,7 @@ def _table(runs: list[dict], speed: dict[str, float]) -> None:
               f"{_fmt(r['tpot_p50_s'], 1e3, 1):>11s} {_fmt(r['tpot_p99_s'], 1e3, 1):>6s} {_fmt(r['hit_rate'], 1, 3):>6s} "
               f"{_fmt(r['snic_util_pe']):>7s} {_fmt(r['snic_util_de']):>7s} {_fmt(r['snic_balance_max_avg']):>5s} "
               f"{_fmt(r['pe_compute_util']):>7s} {_fmt(speed.get(r['policy'], float('nan'))):>7s} "
-              f"{_fmt(r['wall_s'], 1, 1):>7s}")
+              f"{_fmt(r['wall_s'], 1, 1):>7s} {_fmt(r.get('cpu_s', float('nan')), 1, 1):>6s}")
 
 
 def _plot(path: str, runs: list[dict], title: str) -> None:
@@ -130,6 +130,11 @@ def run(args: argparse.Namespace) -> int:
     if args.list_presets:
         _list_presets()
         return 0
+    if args.config:
+        from dualpath.runtime.sim2real import is_run_config, simulate_command
+
+        if is_run_config(args.config):  # the configuration of a `dualpath run`: calibrate and predict it
+            return simulate_command(args)
     from dualpath.analysis import Hardware, check_pd
     from dualpath.scheduler.policies import get_policy
     from dualpath.sim.runner import SimResult, build_scenario, capacity, simulate, speedups
@@ -174,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     result.info["wall_s"] = time.perf_counter() - t0
     if not args.capacity:
         result.speedup = speedups(result.runs)
-    print(f"{sc.name}: {sc.P}P{sc.D}D x {g} GPUs, {len(sc.trajectories)} agents, mode={sc.mode}, "
+    agents = "agents per rate" if args.capacity else f"{len(sc.trajectories)} agents"
+    print(f"{sc.name}: {sc.P}P{sc.D}D x {g} GPUs, {agents}, mode={sc.mode}, "
           f"KV {sc.kv_bytes_per_token:.0f} B/token, storage ceiling (P+D)/P = {result.ceiling:.2f}")
     _table(result.runs, result.speedup)
     if args.capacity and result.speedup:

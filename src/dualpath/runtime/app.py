@@ -212,14 +212,24 @@ async def _capacity(policy: str, one: Any, rate0: float) -> dict[str, Any]:
             "points": [p.__dict__ for p in res.points]}
 
 
+def _write_json(path: str, doc: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1, default=str)
+
+
 def run_command(req: RunRequest) -> int:
     """The whole command: run, print the report, write JSON and the plot. Returns the exit status."""
     res = execute(req)
     stream = req.out if req.out is not None else sys.stdout
     cfg = res.config
     P, D = cfg.cluster.prefill_nodes, cfg.cluster.decode_nodes
-    trajs_desc = describe(cfg, load_trajectories(cfg.workload), res.policies)
-    print(trajs_desc, file=stream)
+    extra: dict[str, Any] = {"wall_s": res.wall_s, "interrupted": res.interrupted,
+                             "config": cfg.model_dump(mode="json")}
+    if res.capacity:
+        extra["capacity"] = res.capacity
+    if req.json_out:  # written first, then again with the sim-to-real figures when asked for
+        _write_json(req.json_out, report_json(res.summaries, P, D, **extra))
+    print(describe(cfg, load_trajectories(cfg.workload), res.policies), file=stream)
     if res.capacity:
         for p, c in res.capacity.items():
             print(f"  {p}: capacity {c['capacity_aps']:.3g} agents/s under the SLO", file=stream)
@@ -230,19 +240,12 @@ def run_command(req: RunRequest) -> int:
         print(f"interrupted: {len(done)} of {len(res.policies)} policies finished"
               f" ({', '.join(done) or 'none'}); partial runs are marked (partial)", file=stream)
     print(f"wall time {res.wall_s:.1f} s", file=stream)
-    extra: dict[str, Any] = {"wall_s": res.wall_s, "interrupted": res.interrupted,
-                             "config": cfg.model_dump(mode="json")}
-    if res.capacity:
-        extra["capacity"] = res.capacity
     if req.sim and res.summaries and not res.interrupted:
         from dualpath.runtime.sim2real import sim_to_real
 
-        s2r = sim_to_real(cfg, res.policies, res.summaries, stream=stream)
-        extra["sim_to_real"] = s2r
-    if req.json_out:
-        doc = report_json(res.summaries, P, D, **extra)
-        with open(req.json_out, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, default=str)
+        extra["sim_to_real"] = sim_to_real(cfg, res.policies, res.summaries, stream=stream)
+        if req.json_out:
+            _write_json(req.json_out, report_json(res.summaries, P, D, **extra))
     if req.plot and res.summaries:
         from dualpath.metrics.plots import plot_link_utilisation
 

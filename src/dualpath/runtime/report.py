@@ -97,7 +97,9 @@ def _pct(v: Any) -> str:
 def _util(v: Any) -> str:
     if not v:
         return "-"
-    return " ".join(f"{k}:{x * 100:.0f}%" for k, x in v.items())
+    # prefill nodes first; None = an unlimited link (no utilisation)
+    items = sorted(v.items(), key=lambda kv: (not kv[0].startswith("p"), kv[0]))
+    return " ".join(f"{k}:{'-' if x is None else format(x * 100, '.0f') + '%'}" for k, x in items)
 
 
 #: (label, key, formatter) of each row of the table

@@ -572,14 +572,24 @@ class Simulation:
         self._next_turn(agent)
 
     # ---------------------------------------------------------------------------------------------------------
-    def run(self) -> Simulation:
+    def run(self, progress: Callable[[str], None] | None = None, every_s: float = 500.0) -> Simulation:
+        """Run to the end (offline) or the horizon (online); ``progress`` gets a line every ``every_s`` sim-seconds."""
         self.reqs: dict[int, Req] = {}
         sc = self.sc
         for a, traj in enumerate(sc.trajectories):
             t0 = float(getattr(traj, "arrival", 0.0)) if sc.mode == "online" else 0.0
             self.loop.at(t0, self._next_turn, a)
+        if progress is not None:
+            self._progress = progress
+            self.loop.at(every_s, self._tick, every_s)
         self.loop.run(until=sc.horizon_s)
         return self
+
+    def _tick(self, every_s: float) -> None:
+        self._progress(f"  t={self.loop.now:.0f}s: {self.completed}/{self.n_requests} requests done, "
+                       f"{self.sched.waiting()} waiting")
+        if self.completed < self.n_requests and (self.reqs or self.sched.waiting()):
+            self.loop.after(every_s, self._tick, every_s)
 
     # live requests at the end (online runs stop at the horizon)
     def unfinished(self) -> list[Req]:

@@ -141,7 +141,8 @@ def build_scenario(cfg: Any, rate_aps: float | None = None) -> SimScenario:
 def summarize(sim: Simulation, wall_s: float) -> dict[str, Any]:
     """One run's figures (the JSON ``runs`` entry)."""
     sc = sim.sc
-    end = sim.loop.now
+    # offline: rates over the run up to its last completion (a progress tick may leave the clock later)
+    end = sim.loop.now if sc.mode == "online" or not sim.rec_done else max(sim.rec_done)
     submit = np.frombuffer(sim.rec_submit, dtype=np.float64)
     ttft = np.frombuffer(sim.rec_ttft, dtype=np.float64)
     ttst = np.frombuffer(sim.rec_ttst, dtype=np.float64)
@@ -222,11 +223,13 @@ def summarize(sim: Simulation, wall_s: float) -> dict[str, Any]:
     return out
 
 
-def run_policy(sc: SimScenario, policy: str) -> dict[str, Any]:
-    """Simulate ``sc`` under ``policy`` and summarise."""
-    t0 = time.perf_counter()
-    sim = Simulation(sc, get_policy(policy)).run()
-    return summarize(sim, time.perf_counter() - t0)
+def run_policy(sc: SimScenario, policy: str, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Simulate ``sc`` under ``policy`` and summarise (``wall_s`` and ``cpu_s`` of the run included)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    sim = Simulation(sc, get_policy(policy)).run(progress)
+    out = summarize(sim, time.perf_counter() - t0)
+    out["cpu_s"] = time.process_time() - c0
+    return out
 
 
 @dataclass
@@ -260,7 +263,7 @@ def simulate(sc: SimScenario, policies: Sequence[str], progress: Callable[[str],
     for p in policies:
         if progress:
             progress(f"simulating {sc.name} policy={p} ...")
-        runs.append(run_policy(sc, p))
+        runs.append(run_policy(sc, p, progress))
     return SimResult(runs, speedups(runs), (sc.P + sc.D) / sc.P, dict(sc.info))
 
 

@@ -113,7 +113,7 @@ class _Poller(threading.Thread):
                     with contextlib.suppress(RuntimeError):
                         self.loop.call_soon_threadsafe(self.on_notif, str(agent_name), bytes(msg))
             if not busy:
-                self.wake.wait(self.interval if items else self.interval * 5)
+                self.wake.wait(self.interval)
                 self.wake.clear()
 
 

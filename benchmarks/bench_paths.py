@@ -4,7 +4,7 @@
     KV is already local (PE path: H2D from the PE buffer) versus the same request with the hit KV streamed layer
     by layer from the decode engine over an unlimited loopback link (DE path). Target: DE/PE <= 1.10.
     Measured with a real (random-init) Llama on CPU and with the synthetic model.
-(b) I/O-bound paths: storage NICs at ``--snic-gbps`` (default 0.2 GB/s = 200 MB/s), synthetic model. One
+(b) I/O-bound paths: storage NICs at ``--snic-gbps`` (default 0.1 GB/s = 100 MB/s), synthetic model. One
     request alone on the DE path vs on the PE path (target: equal within 10%); then one PE-path and one
     DE-path request at once (different nodes' SNICs: aggregate read bandwidth ~ 2 links) vs two PE-path
     requests at once (one SNIC).
@@ -45,26 +45,36 @@ def _cfg(**cluster: Any) -> DualPathConfig:
     return cfg
 
 
-def _llama() -> Any:
+LLAMA_SIZES = {
+    # CPU-sized (default) and a GPU-sized one (~250M parameters, bf16)
+    "small": {"vocab_size": 1000, "hidden_size": 256, "intermediate_size": 768, "n_layers": 6, "n_heads": 8, "n_kv_heads": 4,
+                  "head_dim": 32, "dtype": "float32"},
+    "medium": {"vocab_size": 1000, "hidden_size": 1024, "intermediate_size": 2816, "n_layers": 16, "n_heads": 16,
+                   "n_kv_heads": 8, "head_dim": 64, "dtype": "bfloat16"},
+}
+
+
+def _llama(size: str, backend: str) -> Any:
     import torch
 
     from dualpath.model.loader import build_model
     from dualpath.model.spec import ModelSpec
 
-    torch.set_num_threads(2)
-    spec = ModelSpec(architecture="llama", vocab_size=1000, hidden_size=256, intermediate_size=768, n_layers=6,
-                     n_heads=8, n_kv_heads=4, head_dim=32, max_position=8192, dtype="float32")
-    return build_model(spec, None, seed=0)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(2)
+    spec = ModelSpec(architecture="llama", max_position=32768, **LLAMA_SIZES[size])  # type: ignore[arg-type]
+    return build_model(spec, None, seed=0, backend=backend)
 
 
-async def streaming_overhead(model_kind: str, repeats: int, prompt: int, hit_frac: float) -> dict[str, Any]:
+async def streaming_overhead(model_kind: str, repeats: int, prompt: int, hit_frac: float, size: str = "small",
+                             backend: str = "auto") -> dict[str, Any]:
     cfg = _cfg()
     if model_kind == "synthetic":
         cfg.model = SyntheticModelConfig(n_layers=16, device_tflops=5.0, linear_flops_per_token=4e9,
                                          decode_step_s=0.0, max_context=65536)
         source: Any = None
     else:
-        llama = _llama()
+        llama = _llama(size, backend)
 
         def source(device: Any) -> LlamaAdapter:
             return LlamaAdapter(llama.to(device), cfg.cluster.block_tokens)
@@ -85,7 +95,7 @@ async def streaming_overhead(model_kind: str, repeats: int, prompt: int, hit_fra
                 assert r.hit_tokens == hit
                 out[path].append(r.timings.t_prefill_done - r.timings.t_prefill_start)
     pe, de = statistics.median(out["pe"]), statistics.median(out["de"])
-    return {"name": f"streaming_overhead_{model_kind}", "prompt_tokens": prompt, "hit_tokens": hit,
+    return {"name": f"streaming_overhead_{model_kind}", "device": str(c.devices[0]), "prompt_tokens": prompt, "hit_tokens": hit,
             "block_tokens": bt, "prefill_s_local": pe, "prefill_s_streamed": de, "ratio": de / pe,
             "target": "<= 1.10", "samples": out}
 
@@ -98,39 +108,48 @@ async def io_bound(repeats: int, snic_gbps: float, hit_tokens: int) -> dict[str,
     ctx_b = [1 + (i * 7919) % 31991 for i in range(hit_tokens)]
     tail = [5] * (bt // 2)
     times: dict[str, list[float]] = {"pe": [], "de": [], "pe+de": [], "pe+pe": []}
+    read_bw: dict[str, list[float]] = {"pe+de": [], "pe+pe": []}
     async with Cluster(cfg) as c:
         for ctx in (ctx_a, ctx_b):
             await c.run_turn("warm", ctx, 1, path="recompute")
         c.config.cluster.persist = False  # keep the hit the same in every repeat
         read_bytes = c.lookup(ctx_a + tail) // bt * c.layout.full_block_bytes
 
-        async def one(ctx: list[int], path: str, pe: int = 0) -> float:
-            r = await c.run_turn("s", ctx + tail, 1, path=path, pe=pe)
+        async def one(ctx: list[int], path: str, out: list[Any] | None = None) -> float:
+            r = await c.run_turn("s", ctx + tail, 1, path=path)
+            if out is not None:
+                out.append(r)
             return r.timings.t_done - r.timings.t_submit
 
-        async def pair(pa: str, pb: str) -> float:
+        async def pair(pa: str, pb: str) -> tuple[float, float]:
+            """(wall time of both turns, aggregate read bandwidth over the read phase in bytes/s)."""
+            res: list[Any] = []
             t0 = time.perf_counter()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(one, ctx_a, pa)
-                tg.start_soon(one, ctx_b, pb)
-            return time.perf_counter() - t0
+                tg.start_soon(one, ctx_a, pa, res)
+                tg.start_soon(one, ctx_b, pb, res)
+            wall = time.perf_counter() - t0
+            span = max(r.timings.t_read_done for r in res) - min(r.timings.t_submit for r in res)
+            return wall, 2 * read_bytes / span
 
         await one(ctx_a, "pe")  # warm-up
         await one(ctx_a, "de")
         for _ in range(repeats):
             times["pe"].append(await one(ctx_a, "pe"))
             times["de"].append(await one(ctx_a, "de"))
-            times["pe+de"].append(await pair("pe", "de"))
-            times["pe+pe"].append(await pair("pe", "pe"))
+            for key, (pa, pb) in (("pe+de", ("pe", "de")), ("pe+pe", ("pe", "pe"))):
+                wall, bw = await pair(pa, pb)
+                times[key].append(wall)
+                read_bw[key].append(bw)
     med = {k: statistics.median(v) for k, v in times.items()}
     link_bps = snic_gbps * 1e9
     return {
         "name": "io_bound_paths", "snic_gbps": snic_gbps, "hit_tokens": hit_tokens, "read_bytes_per_request": read_bytes,
         "seconds": med, "link_time_s": read_bytes / link_bps,
         "ratio_de_over_pe": med["de"] / med["pe"],
-        "aggregate_read_gbps_pe+de": 2 * read_bytes / med["pe+de"] / 1e9,
-        "aggregate_over_one_link_pe+de": 2 * read_bytes / med["pe+de"] / link_bps,
-        "aggregate_over_one_link_pe+pe": 2 * read_bytes / med["pe+pe"] / link_bps,
+        "aggregate_read_gbps_pe+de": statistics.median(read_bw["pe+de"]) / 1e9,
+        "aggregate_over_one_link_pe+de": statistics.median(read_bw["pe+de"]) / link_bps,
+        "aggregate_over_one_link_pe+pe": statistics.median(read_bw["pe+pe"]) / link_bps,
         "ratio_parallel_over_single": med["pe+de"] / med["pe"],
         "target": "de/pe within 10%; pe+de aggregate ~2 links", "samples": times,
     }
@@ -139,10 +158,12 @@ async def io_bound(repeats: int, snic_gbps: float, hit_tokens: int) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--snic-gbps", type=float, default=0.2)
+    ap.add_argument("--snic-gbps", type=float, default=0.1)
     ap.add_argument("--prompt", type=int, default=4096, help="prompt tokens of the streaming-overhead request")
-    ap.add_argument("--io-hit", type=int, default=8192, help="hit tokens of each I/O-bound request")
+    ap.add_argument("--io-hit", type=int, default=16384, help="hit tokens of each I/O-bound request")
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--llama-size", choices=sorted(LLAMA_SIZES), default="small")
+    ap.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto", help="attention kernels")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
 
@@ -150,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         kinds = ["synthetic"] + ([] if args.skip_llama else ["llama"])
         for kind in kinds:
-            r = await streaming_overhead(kind, args.repeats, args.prompt, 0.75)
+            r = await streaming_overhead(kind, args.repeats, args.prompt, 0.75, args.llama_size, args.backend)
             runs.append(r)
-            print(f"(a) layer-wise streaming overhead [{kind}]: prompt {r['prompt_tokens']}, hit {r['hit_tokens']}: "
+            print(f"(a) layer-wise streaming overhead [{kind}, {r['device']}]: prompt {r['prompt_tokens']}, hit {r['hit_tokens']}: "
                   f"prefill local {r['prefill_s_local'] * 1e3:.1f} ms, streamed {r['prefill_s_streamed'] * 1e3:.1f} ms"
                   f" -> ratio {r['ratio']:.3f} (target <= 1.10)")
         r = await io_bound(args.repeats, args.snic_gbps, args.io_hit)
@@ -161,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(b) I/O-bound, SNIC {args.snic_gbps} GB/s, {r['read_bytes_per_request'] / 1e6:.1f} MB read per request "
               f"(link time {r['link_time_s']:.3f} s): PE path {s['pe']:.3f} s, DE path {s['de']:.3f} s -> "
               f"DE/PE {r['ratio_de_over_pe']:.3f} (target 0.90-1.10)")
-        print(f"    PE+DE at once {s['pe+de']:.3f} s: aggregate {r['aggregate_read_gbps_pe+de']:.3f} GB/s = "
-              f"{r['aggregate_over_one_link_pe+de']:.2f} x one link (target ~2); PE+PE at once {s['pe+pe']:.3f} s = "
+        print(f"    PE+DE at once: {s['pe+de']:.3f} s end to end = {r['ratio_parallel_over_single']:.2f} x one alone; "
+              f"aggregate read {r['aggregate_read_gbps_pe+de']:.3f} GB/s = {r['aggregate_over_one_link_pe+de']:.2f} x "
+              f"one link (target ~2); PE+PE at once: {s['pe+pe']:.3f} s, read "
               f"{r['aggregate_over_one_link_pe+pe']:.2f} x one link")
         return runs
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def _cluster_defaults(cfg: DualPathConfig, cluster: dict[str, Any]) -> None:
     c.kv_pool_tokens = 2048
     c.deadline_s = 10.0
     c.prefill_max_batch_tokens = 1024
-    c.devices = "cpu"
+    c.devices = os.environ.get("DUALPATH_TEST_DEVICES", "cpu")  # "auto" on a GPU machine
     for k, v in cluster.items():
         setattr(c, k, v)
 

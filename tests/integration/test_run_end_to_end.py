@@ -115,7 +115,7 @@ def test_unknown_policy_and_bad_config_are_errors(tmp_path: Path, capsys: pytest
 
 def test_cancelled_policy_run_keeps_finished_turns_and_leaves_no_tasks(tmp_path: Path) -> None:
     cfg = load_run_config(str(_cfg(tmp_path)))
-    cfg.cluster.snic_gbps = 0.0005  # slow: the run cannot finish within the timeout
+    cfg.cluster.snic_gbps = 0.00002  # slow: the run cannot finish within the timeout
     trajs = load_trajectories(cfg.workload)
     run = PolicyRun("dualpath")
     leftover: list[asyncio.Task] = []
@@ -135,7 +135,7 @@ def test_cancelled_policy_run_keeps_finished_turns_and_leaves_no_tasks(tmp_path:
 
 @pytest.mark.slow
 def test_ctrl_c_prints_partial_table(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, TINY.replace("snic_gbps: 0.004", "snic_gbps: 0.0005"))
+    cfg = _cfg(tmp_path, TINY.replace("snic_gbps: 0.004", "snic_gbps: 0.00002"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "dualpath.cli", "run", "--config", str(cfg)],

@@ -210,3 +210,15 @@ async def test_bad_block_files_are_never_served(tmp_path: Path) -> None:
     assert statuses[:3] != ["ok"] * 3 and all(s != "ok" for s in statuses[:3])
     assert statuses[3:] == ["ok", "ok"]
     assert torch.equal(into[3:], blocks[3:])
+
+
+@pytest.mark.parametrize("text", ['{"tid": 0, "turns": [[10, 2]]}\nnot json\n', '{"tid": "x"}\n', "[1, 2]\n"])
+def test_bad_trace_for_run_serve_is_refused_before_connecting(tmp_path: Path, text: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from dualpath.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    rc = main(["run", "--serve", "tcp://127.0.0.1:9", "--trace", str(bad)])  # nothing listens there
+    assert rc == 2
+    assert "bad.jsonl" in capsys.readouterr().err

@@ -42,8 +42,8 @@ def test_as_kv_reinterprets_rows():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(n_layers=0, n_kv_heads=1, head_dim=1), dict(n_layers=1, n_kv_heads=0, head_dim=1),
-     dict(n_layers=1, n_kv_heads=1, head_dim=1, dtype="int3")],
+    [{"n_layers": 0, "n_kv_heads": 1, "head_dim": 1}, {"n_layers": 1, "n_kv_heads": 0, "head_dim": 1},
+     {"n_layers": 1, "n_kv_heads": 1, "head_dim": 1, "dtype": "int3"}],
 )
 def test_bad_specs_are_rejected(kwargs):
     with pytest.raises(ValueError):

@@ -1,18 +1,25 @@
 """``dualpath bench storage``: the posix backend against raw ``os.preadv`` over the same files, in one run.
 
 For each case (a small model's and a DeepSeek-like model's Full Block), N blocks are written through the
-posix backend (write GiB/s, against raw ``pwritev`` of the same bytes to plain files), then read into one
-preallocated host buffer, batch by batch:
+posix backend (write GiB/s, against raw ``pwritev`` of the same bytes to plain files), then read into
+preallocated host buffers. Both sides get the same concurrency: ``io_threads`` threads.
 
-* ``posix`` with checksum verification, ``posix`` without, and the raw baseline (a thread pool of the same
-  size doing ``open`` + ``os.preadv([header scratch, slot])`` + ``close`` over the same files), interleaved and
-  repeated, medians reported; page cache warm;
-* cold (page cache dropped before each pass: ``/proc/sys/vm/drop_caches`` when writable, else
-  ``posix_fadvise(DONTNEED)`` per file; the method used is in the JSON).
+* ``raw_preadv``: ``io_threads`` threads claim the N files one by one, each ``open`` + ``os.preadv([header
+  scratch, slot])`` + ``close``, into ``inflight`` x ``batch`` rotating slots (no per-batch barrier);
+* ``posix_verify`` / ``posix_noverify``: the backend (checksum verification on / off) with ``inflight``
+  read calls of ``batch`` blocks in flight at once (engines issue many reads concurrently), each call into
+  its own slots;
+* ``raw_preadv_serial`` / ``posix_verify_serial``: one batch (one call) at a time, for comparison;
+* ``checksum`` rows: xxh3-64 alone over the read buffer in ``io_threads`` threads (a second pass over
+  memory) and in one thread over one block hot in cache (compute only).
+
+Warm passes are interleaved and repeated, medians reported. Cold: page cache dropped before each pass
+(``/proc/sys/vm/drop_caches`` when writable, else ``posix_fadvise(DONTNEED)`` per file; the method is in
+the JSON).
 
 JSON: ``runs`` (one object per case x operation x method, with ``gib_s``), ``ratio`` = min over cases of
-posix-verified warm read / raw warm read, ``checksum_overhead`` = max over cases of the share of the verified
-read time that verification adds, ``(t_verify - t_noverify) / t_verify``.
+posix-verified warm read / raw warm read at equal concurrency (``concurrency`` says what it was),
+``checksum_overhead`` = max over cases of ``(t_verify - t_noverify) / t_verify`` (warm, same concurrency).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,27 +58,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small and fast (a few seconds)")
     parser.add_argument("--blocks", type=int, default=None, help="Full Blocks per case (default 256, quick 48)")
     parser.add_argument("--batch", type=int, default=32, help="blocks per read/write call (default 32)")
+    parser.add_argument("--inflight", type=int, default=4, help="read calls in flight at once (default 4)")
     parser.add_argument("--repeats", type=int, default=None, help="warm passes per method (default 5, quick 3)")
-    parser.add_argument("--io-threads", type=int, default=8, help="thread pool size, both sides (default 8)")
+    parser.add_argument("--io-threads", type=int, default=8, help="I/O threads, both sides (default 8)")
+    parser.add_argument("--stripe", type=int, default=None,
+                        help="posix verify_stripe_bytes (default: the config default; 0 = hash after the read)")
     parser.add_argument("--root", default=None, help="directory for the block files (default: a temp dir)")
     parser.add_argument("--cold", choices=["auto", "drop_caches", "fadvise", "none"], default=None,
                         help="how to make the cache cold (default auto; quick: none)")
 
 
+@dataclass(frozen=True)
+class Settings:
+    n_blocks: int
+    batch: int
+    inflight: int
+    repeats: int
+    threads: int
+    stripe: int
+    cold: str
+    quick: bool
+
+
 def run(args: argparse.Namespace) -> int:
     from dualpath.errors import ConfigError
+    from dualpath.storage.config import PosixStorageConfig
 
     quick = bool(getattr(args, "quick", False))
     n_blocks = getattr(args, "blocks", None) or (48 if quick else 256)
-    batch = max(1, min(getattr(args, "batch", 32) or 32, n_blocks))
+    batch = getattr(args, "batch", 32) or 32
+    inflight = getattr(args, "inflight", 4) or 4
     repeats = getattr(args, "repeats", None) or (3 if quick else 5)
     threads = getattr(args, "io_threads", 8) or 8
+    stripe = getattr(args, "stripe", None)
+    if stripe is None:
+        stripe = PosixStorageConfig().verify_stripe_bytes
     cold = getattr(args, "cold", None) or ("none" if quick else "auto")
-    if n_blocks <= 0 or repeats <= 0 or threads <= 0:
-        raise ConfigError("bench storage: --blocks, --repeats and --io-threads must be positive")
+    if min(n_blocks, batch, inflight, repeats, threads) <= 0 or stripe < 0:
+        raise ConfigError("bench storage: --blocks, --batch, --inflight, --repeats and --io-threads must be "
+                          "positive, --stripe >= 0")
+    batch = min(batch, n_blocks)
+    inflight = min(inflight, -(-n_blocks // batch))
+    settings = Settings(n_blocks, batch, inflight, repeats, threads, stripe, cold, quick)
     root_arg = getattr(args, "root", None)
     with tempfile.TemporaryDirectory(prefix="dualpath-bench-", dir=root_arg) as root:
-        result = _bench(root, n_blocks, batch, repeats, threads, cold, quick)
+        result = _bench(root, settings)
     _print_table(result)
     out = getattr(args, "json_out", None)
     if out:
@@ -102,6 +134,30 @@ def _raw_read(pool: ThreadPoolExecutor, threads: int, paths: list[str], target: 
                 os.close(fd)
 
     list(pool.map(chunk, range(n_chunks)))
+
+
+def _raw_read_all(pool: ThreadPoolExecutor, threads: int, paths: list[str], target: Any, header: int) -> None:
+    """``os.preadv`` of [header scratch, slot] per file, ``threads`` threads claiming files one by one; file i
+    lands in slot ``i % len(target)``."""
+    import itertools
+    import threading
+
+    claim = itertools.count().__next__
+    n, slots = len(paths), len(target)
+    local = threading.local()
+
+    def worker(_: int) -> None:
+        hdr = getattr(local, "hdr", None)
+        if hdr is None:
+            hdr = local.hdr = memoryview(bytearray(header))
+        while (i := claim()) < n:
+            fd = os.open(paths[i], os.O_RDONLY)
+            try:
+                os.preadv(fd, [hdr, memoryview(target[i % slots])], 0)
+            finally:
+                os.close(fd)
+
+    list(pool.map(worker, range(min(threads, n))))
 
 
 def _raw_write(pool: ThreadPoolExecutor, threads: int, paths: list[str], source: Any, header: bytes) -> None:
@@ -164,55 +220,77 @@ def _layout_for(case: Case) -> Any:
 
 
 class _CaseBench:
-    """One case: the block files, the preallocated buffer, and the timed passes."""
+    """One case: the block files, the preallocated buffers, and the timed passes."""
 
-    def __init__(self, case: Case, root: str, n_blocks: int, batch: int, threads: int, pool: ThreadPoolExecutor):
+    def __init__(self, case: Case, root: str, st: Settings, pool: ThreadPoolExecutor):
         import torch
 
         from dualpath.kv.keys import BlockKeyer, KeyNamespace
         from dualpath.storage import blockfile as bf
 
-        self.case, self.threads, self.pool = case, threads, pool
+        self.case, self.st, self.pool = case, st, pool
         self.layout = _layout_for(case)
         self.ns = KeyNamespace.for_layout(f"bench-{case.name}", self.layout)
-        self.keys = BlockKeyer(self.ns).keys(list(range(64 * n_blocks)))
+        self.keys = BlockKeyer(self.ns).keys(list(range(64 * st.n_blocks)))
         self.root = os.path.join(root, case.name)
         self.raw_root = os.path.join(root, case.name + "-raw")
         os.makedirs(self.raw_root)
         gen = torch.Generator().manual_seed(0)
-        self.src = torch.randint(0, 256, (batch, *self.layout.full_block_shape), dtype=torch.uint8, generator=gen)
-        self.into = self.layout.alloc_full_blocks(batch)
+        self.src = torch.randint(0, 256, (st.batch, *self.layout.full_block_shape), dtype=torch.uint8,
+                                 generator=gen)
+        # one buffer of `inflight` x `batch` slots: call c of a pass reads into slots [c*batch, (c+1)*batch)
+        self.into = self.layout.alloc_full_blocks(st.inflight * st.batch)
         self.into.fill_(0)  # fault the pages in before timing
-        self.batches = [(lo, min(lo + batch, n_blocks)) for lo in range(0, n_blocks, batch)]
+        self.flat = self.into.view(self.into.shape[0], -1).numpy()
+        self.batches = [(lo, min(lo + st.batch, st.n_blocks)) for lo in range(0, st.n_blocks, st.batch)]
         self.paths = [bf.block_path(self.root, k.hex) for k in self.keys]
-        self.raw_paths = [os.path.join(self.raw_root, f"{i}.raw") for i in range(n_blocks)]
+        self.raw_paths = [os.path.join(self.raw_root, f"{i}.raw") for i in range(st.n_blocks)]
         self.header = bf.HEADER_SIZE
 
     def storage(self, verify: bool = True) -> Any:
         from dualpath.storage import create_storage
         from dualpath.storage.config import PosixStorageConfig
 
-        cfg = PosixStorageConfig(root=Path(self.root), io_threads=self.threads, verify_checksum=verify)
+        cfg = PosixStorageConfig(root=Path(self.root), io_threads=self.st.threads, verify_checksum=verify,
+                                 verify_stripe_bytes=self.st.stripe)
         return create_storage(cfg, self.layout, self.ns)
 
-    async def posix_pass(self, s: Any, write: bool = False) -> float:
+    async def posix_pass(self, s: Any, inflight: int, write: bool = False) -> float:
+        """All batches through ``s``, ``inflight`` calls at a time (call c uses slots c*batch...)."""
+        import anyio
+
         from dualpath.storage import BlockStatus
 
+        batch, batches = self.st.batch, self.batches
+
+        async def lane(c: int) -> None:
+            buf = self.into[c * batch : (c + 1) * batch]
+            for lo, hi in batches[c::inflight]:
+                if write:
+                    st = await s.write(self.keys[lo:hi], self.src[: hi - lo])
+                else:
+                    st = await s.read(self.keys[lo:hi], buf[: hi - lo])
+                if st.count(BlockStatus.OK) != hi - lo:
+                    raise RuntimeError(f"bench storage: only {st.count(BlockStatus.OK)}/{hi - lo} blocks OK")
+
         t0 = time.perf_counter()
-        for lo, hi in self.batches:
-            if write:
-                st = await s.write(self.keys[lo:hi], self.src[: hi - lo])
-            else:
-                st = await s.read(self.keys[lo:hi], self.into[: hi - lo])
-            if st.count(BlockStatus.OK) != hi - lo:
-                raise RuntimeError(f"bench storage: only {st.count(BlockStatus.OK)}/{hi - lo} blocks OK")
+        if inflight == 1:
+            await lane(0)
+        else:
+            async with anyio.create_task_group() as tg:
+                for c in range(inflight):
+                    tg.start_soon(lane, c)
         return time.perf_counter() - t0
 
     def raw_read_pass(self) -> float:
-        target = self.into.view(self.into.shape[0], -1).numpy()
+        t0 = time.perf_counter()
+        _raw_read_all(self.pool, self.st.threads, self.paths, self.flat, self.header)
+        return time.perf_counter() - t0
+
+    def raw_read_serial_pass(self) -> float:
         t0 = time.perf_counter()
         for lo, hi in self.batches:
-            _raw_read(self.pool, self.threads, self.paths[lo:hi], target, self.header)
+            _raw_read(self.pool, self.st.threads, self.paths[lo:hi], self.flat, self.header)
         return time.perf_counter() - t0
 
     def raw_write_pass(self) -> float:
@@ -220,85 +298,139 @@ class _CaseBench:
         hdr = bytes(self.header)
         t0 = time.perf_counter()
         for lo, hi in self.batches:
-            _raw_write(self.pool, self.threads, self.raw_paths[lo:hi], source, hdr)
+            _raw_write(self.pool, self.st.threads, self.raw_paths[lo:hi], source, hdr)
         return time.perf_counter() - t0
 
-    async def warm(self, repeats: int) -> dict[str, list[float]]:
+    def hash_pass(self) -> float:
+        """xxh3-64 of as many blocks as a read pass, over the read buffer, ``threads`` threads."""
+        import itertools
+
+        import xxhash
+
+        claim = itertools.count().__next__
+        n, slots, flat = self.st.n_blocks, len(self.flat), self.flat
+
+        def worker(_: int) -> None:
+            while (i := claim()) < n:
+                xxhash.xxh3_64_intdigest(memoryview(flat[i % slots]))
+
+        t0 = time.perf_counter()
+        list(self.pool.map(worker, range(min(self.st.threads, n))))
+        return time.perf_counter() - t0
+
+    def hash_hot(self) -> float:
+        """xxh3-64 in one thread over one block hot in cache, as many times as a pass has blocks."""
+        import xxhash
+
+        mv = memoryview(self.flat[0])
+        xxhash.xxh3_64_intdigest(mv)
+        t0 = time.perf_counter()
+        for _ in range(self.st.n_blocks):
+            xxhash.xxh3_64_intdigest(mv)
+        return time.perf_counter() - t0
+
+    async def warm(self) -> dict[str, list[float]]:
+        k = self.st.inflight
         async with self.storage(True) as sv, self.storage(False) as snv:
-            times: dict[str, list[float]] = {"write_posix": [await self.posix_pass(sv, write=True)]}
+            times: dict[str, list[float]] = {"write_posix": [await self.posix_pass(sv, 1, write=True)]}
             times["write_raw"] = [self.raw_write_pass()]
-            await self.posix_pass(sv)  # warm the page cache and the worker threads
+            await self.posix_pass(sv, k)  # warm the page cache and the worker threads
             self.raw_read_pass()
-            for m in ("posix_verify", "raw_preadv", "posix_noverify"):
+            passes: dict[str, Callable[[], Awaitable[float]]] = {
+                "raw_preadv": _sync(self.raw_read_pass),
+                "posix_verify": lambda: self.posix_pass(sv, k),
+                "posix_noverify": lambda: self.posix_pass(snv, k),
+                "raw_preadv_serial": _sync(self.raw_read_serial_pass),
+                "posix_verify_serial": lambda: self.posix_pass(sv, 1),
+                "posix_noverify_serial": lambda: self.posix_pass(snv, 1),
+                "xxh3_second_pass": _sync(self.hash_pass),
+            }
+            for m in passes:
                 times[m] = []
-            for _ in range(repeats):  # interleaved, so drift hits every method alike
-                times["posix_verify"].append(await self.posix_pass(sv))
-                times["raw_preadv"].append(self.raw_read_pass())
-                times["posix_noverify"].append(await self.posix_pass(snv))
+            for _ in range(self.st.repeats):  # interleaved, so drift hits every method alike
+                for m, fn in passes.items():
+                    times[m].append(await fn())
+            times["xxh3_hot_1thread"] = [self.hash_hot()]
             return times
 
     async def cold_posix(self, method: str) -> float:
         async with self.storage(True) as s:
             _make_cold(method, self.paths)
-            return await self.posix_pass(s)
-
-    def checksum_alone(self) -> float:
-        import xxhash
-
-        flat = self.into.view(self.into.shape[0], -1).numpy()
-        t0 = time.perf_counter()
-        for lo, hi in self.batches:
-            for i in range(hi - lo):
-                xxhash.xxh3_64_intdigest(memoryview(flat[i]))
-        return time.perf_counter() - t0
+            return await self.posix_pass(s, self.st.inflight)
 
 
-def _bench(root: str, n_blocks: int, batch: int, repeats: int, threads: int, cold: str, quick: bool) -> dict[str, Any]:
+def _sync(fn: Callable[[], float]) -> Callable[[], Awaitable[float]]:
+    async def call() -> float:
+        return fn()
+
+    return call
+
+
+def _bench(root: str, st: Settings) -> dict[str, Any]:
     import anyio
 
     runs: list[dict[str, Any]] = []
     cases: dict[str, Any] = {}
     cold_used = "none"
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="raw-io")
+    pool = ThreadPoolExecutor(max_workers=st.threads, thread_name_prefix="raw-io")
+    concurrency = {"io_threads": st.threads, "raw_threads": st.threads, "inflight_calls": st.inflight,
+                   "batch": st.batch, "serial_rows": "one call (one batch) at a time"}
     for case in CASES:
-        cb = _CaseBench(case, root, n_blocks, batch, threads, pool)
+        cb = _CaseBench(case, root, st, pool)
         nbytes = cb.layout.full_block_bytes
-        gib = n_blocks * nbytes / 2**30
+        gib = st.n_blocks * nbytes / 2**30
 
         def record(op: str, method: str, seconds: float, _gib: float = gib, _case: str = case.name,
                    _nbytes: int = nbytes, **extra: Any) -> float:
             runs.append({"case": _case, "op": op, "method": method, "gib_s": round(_gib / seconds, 3),
-                         "seconds": round(seconds, 4), "blocks": n_blocks, "block_bytes": _nbytes, **extra})
+                         "seconds": round(seconds, 4), "blocks": st.n_blocks, "block_bytes": _nbytes, **extra})
             return _gib / seconds
 
-        times = anyio.run(cb.warm, repeats)
-        write_posix = record("write", "posix", times["write_posix"][0])
+        times = anyio.run(cb.warm)
+        write_posix = record("write", "posix", times["write_posix"][0], inflight=1)
         write_raw = record("write", "raw_pwritev", times["write_raw"][0])
-        warm = {m: record("read_warm", m, statistics.median(times[m]), repeats=repeats)
-                for m in ("posix_verify", "posix_noverify", "raw_preadv")}
-        xxh = record("checksum", "xxh3_64_1thread", cb.checksum_alone())
+        inflight = {"posix_verify": st.inflight, "posix_noverify": st.inflight, "posix_verify_serial": 1,
+                    "posix_noverify_serial": 1}
+        warm: dict[str, float] = {}
+        for m in ("posix_verify", "posix_noverify", "raw_preadv", "posix_verify_serial", "posix_noverify_serial",
+                  "raw_preadv_serial"):
+            extra: dict[str, Any] = {"repeats": st.repeats}
+            if m in inflight:
+                extra["inflight"] = inflight[m]
+            if m.startswith("posix_verify"):
+                extra["stripe_bytes"] = st.stripe
+            warm[m] = record("read_warm", m, statistics.median(times[m]), **extra)
+        xxh_pass = record("checksum", "xxh3_second_pass", statistics.median(times["xxh3_second_pass"]),
+                          threads=st.threads)
+        xxh_hot = record("checksum", "xxh3_hot_1thread", times["xxh3_hot_1thread"][0])
         cold_gib: dict[str, float] = {}
-        if cold != "none":
-            cold_used = _cold_method(cold, cb.paths)
+        if st.cold != "none":
+            cold_used = _cold_method(st.cold, cb.paths)
             if not cold_used.startswith("none"):
                 tp, tr = [], []
-                for _ in range(1 if quick else 2):
+                for _ in range(1 if st.quick else 2):
                     tp.append(anyio.run(cb.cold_posix, cold_used))
                     _make_cold(cold_used, cb.paths)
                     tr.append(cb.raw_read_pass())
                 cold_gib["posix_verify"] = record("read_cold", "posix_verify", statistics.median(tp),
-                                                  cold_method=cold_used)
+                                                  cold_method=cold_used, inflight=st.inflight)
                 cold_gib["raw_preadv"] = record("read_cold", "raw_preadv", statistics.median(tr),
                                                 cold_method=cold_used)
         t_v = gib / warm["posix_verify"]
         t_nv = gib / warm["posix_noverify"]
+        t_vs = gib / warm["posix_verify_serial"]
+        t_nvs = gib / warm["posix_noverify_serial"]
         cases[case.name] = {
             "description": case.description,
             "block_bytes": nbytes,
             "read_ratio_warm": round(warm["posix_verify"] / warm["raw_preadv"], 3),
             "read_ratio_warm_noverify": round(warm["posix_noverify"] / warm["raw_preadv"], 3),
+            "read_ratio_warm_serial": round(warm["posix_verify_serial"] / warm["raw_preadv_serial"], 3),
+            "read_ratio_warm_serial_noverify": round(warm["posix_noverify_serial"] / warm["raw_preadv_serial"], 3),
             "checksum_overhead": round(max(0.0, (t_v - t_nv) / t_v), 3),
-            "checksum_alone_share": round((gib / xxh) / t_v, 3),
+            "checksum_overhead_serial": round(max(0.0, (t_vs - t_nvs) / t_vs), 3),
+            "xxh3_second_pass_vs_raw_read": round(warm["raw_preadv"] / xxh_pass, 3),
+            "xxh3_hot_vs_raw_read_per_thread": round(warm["raw_preadv"] / st.threads / xxh_hot, 3),
             "write_ratio": round(write_posix / write_raw, 3),
         }
         if cold_gib:
@@ -310,12 +442,15 @@ def _bench(root: str, n_blocks: int, batch: int, repeats: int, threads: int, col
         "bench": "storage",
         "runs": runs,
         "ratio": min(c["read_ratio_warm"] for c in cases.values()),
-        "ratio_definition": "min over cases of posix read (checksum verified) / raw os.preadv read, warm page cache",
+        "ratio_definition": "min over cases of posix read (checksum verified) / raw os.preadv read, warm page "
+                            "cache, equal concurrency (see concurrency)",
         "checksum_overhead": max(c["checksum_overhead"] for c in cases.values()),
         "checksum_overhead_definition": "max over cases of (t_verify - t_noverify) / t_verify, warm reads",
+        "concurrency": concurrency,
         "cold_method": cold_used,
-        "settings": {"blocks": n_blocks, "batch": batch, "repeats": repeats, "io_threads": threads,
-                     "cpus": os.cpu_count(), "quick": quick},
+        "settings": {"blocks": st.n_blocks, "batch": st.batch, "inflight": st.inflight, "repeats": st.repeats,
+                     "io_threads": st.threads, "verify_stripe_bytes": st.stripe, "cpus": os.cpu_count(),
+                     "quick": st.quick},
         "cases": cases,
     }
 
@@ -328,12 +463,16 @@ def _rmtree(path: str) -> None:
 
 def _print_table(result: dict[str, Any]) -> None:
     w = sys.stdout.write
-    w(f"{'case':<22} {'op':<10} {'method':<16} {'GiB/s':>8}\n")
+    w(f"{'case':<22} {'op':<10} {'method':<22} {'GiB/s':>8}\n")
     for r in result["runs"]:
-        w(f"{r['case']:<22} {r['op']:<10} {r['method']:<16} {r['gib_s']:>8.2f}\n")
+        w(f"{r['case']:<22} {r['op']:<10} {r['method']:<22} {r['gib_s']:>8.2f}\n")
     for name, c in result["cases"].items():
         cold = f", cold {c['read_ratio_cold']:.2f}" if "read_ratio_cold" in c else ""
         w(f"{name}: read posix/raw warm {c['read_ratio_warm']:.2f} (no verify {c['read_ratio_warm_noverify']:.2f}"
-          f"{cold}), checksum overhead {c['checksum_overhead']:.1%}, write posix/raw {c['write_ratio']:.2f}\n")
-    w(f"ratio (min warm, verified) = {result['ratio']:.3f}; checksum overhead (max) = "
-      f"{result['checksum_overhead']:.1%}; cold method: {result['cold_method']}\n")
+          f"{cold}; one call at a time {c['read_ratio_warm_serial']:.2f}, no verify "
+          f"{c['read_ratio_warm_serial_noverify']:.2f}), checksum overhead {c['checksum_overhead']:.1%} "
+          f"(serial {c['checksum_overhead_serial']:.1%}), write posix/raw {c['write_ratio']:.2f}\n")
+    cc = result["concurrency"]
+    w(f"ratio (min warm, verified, {cc['io_threads']} threads, {cc['inflight_calls']} calls x {cc['batch']} blocks "
+      f"in flight) = {result['ratio']:.3f}; checksum overhead (max) = {result['checksum_overhead']:.1%}; "
+      f"cold method: {result['cold_method']}\n")

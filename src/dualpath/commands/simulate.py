@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["offline", "online"], help="offline (default) or online")
     parser.add_argument("--aps", type=float, help="online: agents arriving per second")
     parser.add_argument("--horizon", type=float, help="online: simulated seconds (default 3000)")
+    parser.add_argument("--warmup", type=float, help="online: start of the measured window, s (default horizon/3)")
     parser.add_argument("--capacity", action="store_true", help="online: search the max APS under the SLO")
     parser.add_argument("--aps-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                         help="capacity search bounds (default 0.02 2.0)")
@@ -65,7 +66,7 @@ def _cfg(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.preset and args.config:
         raise ConfigError("give --preset or --config, not both")
     for key, val in (("preset", args.preset), ("agents", args.agents), ("dataset", args.dataset), ("P", args.P),
-                     ("D", args.D), ("mode", args.mode), ("rate_aps", args.aps), ("horizon_s", args.horizon),
+                     ("D", args.D), ("mode", args.mode), ("rate_aps", args.aps), ("horizon_s", args.horizon), ("warmup_s", args.warmup),
                      ("seed", args.seed), ("policies", args.policies)):
         if val is not None:
             data[key] = val

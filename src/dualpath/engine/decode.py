@@ -170,20 +170,24 @@ class DecodeEngine(Engine):
             de_n = turn.de_hit_blocks
             de_fb = de_host_blocks(turn)[:de_n] if de_n else None
             ids = torch.tensor(pages, dtype=torch.int64)
+            dev = self.pool.device
+            nb = dev.type == "cuda"
             for layer in range(n_layers):
                 if de_fb is not None:
                     p0 = turn.pe_hit_blocks
-                    self.pool.write_blocks(layer, ids[p0 : p0 + de_n], de_fb[:, layer : layer + 1])
+                    staged = de_fb[:, layer : layer + 1].to(dev, non_blocking=nb)
+                    self.pool.write_blocks(layer, ids[p0 : p0 + de_n], staged)
                 off = 0
                 for s, e in turn.ship_ranges():
                     rows = recv[layer, off : off + (e - s)]
                     off += e - s
                     nfull, rem, b0 = (e - s) // bt, (e - s) % bt, s // bt
                     if nfull:
-                        self.pool.write_blocks(layer, ids[b0 : b0 + nfull], rows[: nfull * bt].view(nfull, bt, b))
+                        staged = rows[: nfull * bt].view(nfull, bt, b).to(dev, non_blocking=nb)
+                        self.pool.write_blocks(layer, ids[b0 : b0 + nfull], staged)
                     if rem:
                         page = self.pool.layer(layer)[pages[b0 + nfull]]
-                        page.view(torch.uint8).view(bt, b)[:rem].copy_(rows[nfull * bt :])
+                        page.view(torch.uint8).view(bt, b)[:rem].copy_(rows[nfull * bt :], non_blocking=nb)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
             assert turn.first_logits is not None
@@ -263,7 +267,9 @@ class DecodeEngine(Engine):
             return
         host = torch.empty((1, *self.layout.full_block_shape), dtype=torch.uint8)
         await self.ctx.links.d2h(self.name, seq.turn, self.layout.full_block_bytes)
-        self.pool.read_full_blocks([seq.pages[block]], host)
+        page = seq.pages[block]
+        for layer in range(self.layout.n_layers):
+            host[0, layer].copy_(self.pool.layer(layer)[page].view(torch.uint8).reshape(bt, -1))
         seq.pending += 1
         seq.idle = anyio.Event()
         assert self._tg is not None

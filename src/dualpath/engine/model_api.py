@@ -140,6 +140,8 @@ def _llama_prefill_begin(model: Any, seqs: list[PrefillSeq], bt: int, device: to
 def _llama_prefill_layer(model: Any, state: Any, layer: int, kv_layer: torch.Tensor) -> None:
     with torch.inference_mode():
         model.prefill_layer(layer, state, kv_layer)
+    if kv_layer.device.type == "cuda":  # the layer's KV is complete before anyone ships it
+        torch.cuda.current_stream(kv_layer.device).synchronize()
 
 
 def _llama_decode(

@@ -201,8 +201,6 @@ class PrefillEngine(Engine):
                             t.fail(exc)
                 kv = self.layout.as_kv(slot[:total_blocks])
                 await self.model.prefill_layer(state, layer, kv)
-                if self.device.type == "cuda":
-                    torch.cuda.current_stream(self.device).synchronize()
                 ships.start_soon(self._ship_layer, batch, offs, layer, slot, slot_free[layer % ring])
         logits = await self.model.prefill_end(state)
         done = time.perf_counter()

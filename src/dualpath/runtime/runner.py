@@ -42,7 +42,7 @@ SERIES_BIN_S = 0.1
 
 
 class Progress:
-    """One updating line on stderr: ``label: done/total turns, elapsed`` (at most ~10 updates per second)."""
+    """Progress on stderr: ``label  done/total turns  elapsed``, one line rewritten in place on a terminal."""
 
     def __init__(self, label: str, total: int, stream: Any = None, enabled: bool = True) -> None:
         self.label = label
@@ -53,6 +53,8 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last = 0.0
         self.started = False
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty()) if callable(isatty) else False
 
     def start(self) -> None:
         """Show the line (called once the run's checks passed and the first turn is about to start)."""
@@ -64,13 +66,15 @@ class Progress:
     def update(self, _rec: TurnRecord | None = None) -> None:
         self.done += 1
         now = time.perf_counter()
-        if self.enabled and (now - self._last >= 0.1 or self.done == self.total):
+        # a terminal gets one line rewritten ~10 times a second; a file or pipe a line every 5 s
+        if self.enabled and (now - self._last >= (0.1 if self.tty else 5.0) or self.done == self.total):
             self._last = now
             self._write()
 
     def _write(self, end: str = "") -> None:
         el = time.perf_counter() - self.t0
-        self.stream.write(f"\r  {self.label:<12} {self.done:>5}/{self.total} turns  {el:6.1f} s{end}")
+        text = f"  {self.label:<12} {self.done:>5}/{self.total} turns  {el:6.1f} s{end}"
+        self.stream.write("\r" + text if self.tty else text + ("" if end.endswith("\n") else "\n"))
         self.stream.flush()
 
     def close(self, note: str = "") -> None:
@@ -236,6 +240,8 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         record_turn(rec, i, r, run.client.t_start)
     s = rec.summary()
     snics = rec.snics()
+    # balance only means something over two or more bandwidth-limited storage NICs (not for oracle)
+    limited = len(snics) > 1 and all(x.capacity_bytes_per_s for x in snics.values())
     jct = run.client.jct if run.records else None
     thr = s["throughput"]["tokens_per_s"]
     snic = {n: v for n, v in s["links"].items() if v["kind"] == "snic"}
@@ -255,8 +261,8 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "de_path_bytes": s["bytes"]["de_path"],
         "snic_util": {n.split(".")[0]: v["mean_util"] for n, v in snic.items()},
         # busy windows only (>= half the busiest window's traffic), as the simulator computes it
-        "snic_balance": storage_balance(snics, 1.0, min_fraction=0.5) if len(snics) > 1 else None,
-        "snic_balance_all_windows": s["snic_balance"],
+        "snic_balance": storage_balance(snics, 1.0, min_fraction=0.5) if limited else None,
+        "snic_balance_all_windows": s["snic_balance"] if limited else None,
         "paths": s["paths"],
         "scheduler_rounds": run.driver.rounds,
         "scheduler_core_s": run.driver.core_s,

@@ -213,6 +213,16 @@ GPUS: dict[str, GPUPreset] = {
         hbm_efficiency=(0.90, "FMLA: 3000 GB/s memory-bound of 3.35 TB/s"),
         activation_reserve_bytes=(8e9, "assumption: HBM kept for activations/workspace (not published)"),
     ),
+    "h200": _gpu(
+        name="h200",
+        fp8_tflops=(1979.0, "same die as H100 (presets.md 2.1, secondary)"),
+        bf16_tflops=(989.0, "same die as H100 (presets.md 2.1, secondary)"),
+        hbm_bytes=(141e9, "MLC-H200: 141 GB HBM3e"),
+        hbm_bw=(4.8e12, "4.8 TB/s [secondary] (presets.md 2.1)"),
+        mfu=(350.0 / 1979.0, _MFU_SRC),
+        hbm_efficiency=(0.90, "FMLA: 3000 GB/s memory-bound of 3.35 TB/s (same fraction assumed)"),
+        activation_reserve_bytes=(8e9, "assumption: HBM kept for activations/workspace (not published)"),
+    ),
 }
 
 # ---- nodes (presets.md section 2.2, 2.3; DP 6, 9.1) -----------------------------------------------------------
@@ -273,7 +283,8 @@ SCENARIOS: dict[str, ScenarioPreset] = {
         ScenarioPreset("ds660b-2p4d-48k", "ds_v32", "h800", "hopper8", 2, 4, "48k", 2048, "Table 3 small unit"),
         ScenarioPreset("ds660b-48p96d-48k", "ds_v32", "h800", "hopper8", 48, 96, "48k", 49152, "Table 3, 1,152 GPUs"),
         ScenarioPreset("ds27b-1p1d-64k", "ds27b", "h800", "hopper8", 1, 1, "64k", 2048, "Fig. 7 DS 27B 64K"),
-        ScenarioPreset("qwen32b-1p2d-64k", "qwen25_32b", "h800", "hopper8", 1, 2, "64k", 512, "Fig. 7 Qwen 32B"),
+        ScenarioPreset("qwen32b-1p2d-64k", "qwen25_32b", "h200", "hopper8", 1, 2, "64k", 512,
+                       "Fig. 7 Qwen 32B; H200: BF16 weights (65 GB) + a 64K FP16 context do not fit an 80 GB GPU"),
         ScenarioPreset("tiny", "ds27b", "h800", "hopper8", 1, 1, "64k", 16, "smoke test"),
     )
 }

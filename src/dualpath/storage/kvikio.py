@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,67 +82,60 @@ class KvikioStorage(PosixStorage):
             torch.cuda.current_stream(slot.device).synchronize()
         return memoryview(buf.numpy())  # type: ignore[arg-type]
 
-    def _read_target(self, into: torch.Tensor) -> Any:
-        return into.view(into.shape[0], -1)
-
-    def _read_chunk(self, items: list[tuple[int, BlockKey]], target: Any) -> list[tuple[int, int]]:
-        hdr = self._tls.header_mv
+    def _block_reader(self, into: torch.Tensor) -> Callable[[tuple[int, BlockKey]], int]:
+        target = into.view(into.shape[0], -1)
+        tls = self._tls
         nbytes = self.full_block_bytes
         want = bf.HEADER_SIZE + nbytes
-        out: list[tuple[int, int]] = []
-        for i, key in items:
+
+        def read_one(item: tuple[int, BlockKey]) -> int:
+            i, key = item
             path = bf.block_path(self.root, key.hex)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                out.append((i, _MISSING))
-                continue
+                return _MISSING
             except OSError:
-                out.append((i, _FAILED))
-                continue
+                return _FAILED
             try:
                 size = os.fstat(fd).st_size
-                n = os.preadv(fd, [hdr], 0)
+                n = os.preadv(fd, [tls.header_mv], 0)
             except OSError:
-                out.append((i, _FAILED))
-                continue
+                return _FAILED
             finally:
                 os.close(fd)
-            checksum = self._checker.check(self._tls.header, key.digest) if n == bf.HEADER_SIZE else None
+            checksum = self._checker.check(tls.header, key.digest) if n == bf.HEADER_SIZE else None
             if size != want or checksum is None:
-                out.append((i, _CORRUPT))
-                continue
+                return _CORRUPT
             slot = target[i]
             try:
                 with self._kvikio.CuFile(path, "r") as f:
                     got = f.pread(self._as_array(slot), nbytes, bf.HEADER_SIZE).get()
             except FileNotFoundError:
-                out.append((i, _MISSING))
-                continue
+                return _MISSING
             except Exception:
-                out.append((i, _FAILED))
-                continue
+                return _FAILED
             if got != nbytes:
-                out.append((i, _CORRUPT))
-                continue
+                return _CORRUPT
             if self._verify and xxhash.xxh3_64_intdigest(self._host_copy(slot)) != checksum:
-                out.append((i, _CORRUPT))
-                continue
-            out.append((i, _OK))
-        return out
+                return _CORRUPT
+            return _OK
 
-    def _write_source(self, blocks: torch.Tensor) -> Any:
-        return blocks.view(blocks.shape[0], -1)
+        return read_one
 
-    def _write_chunk(self, items: list[tuple[int, BlockKey, str]], source: Any) -> list[tuple[int, int]]:
-        hdr = self._tls.header
+    def _block_writer(self, blocks: torch.Tensor) -> Callable[[tuple[int, BlockKey, str]], int]:
+        source = blocks.view(blocks.shape[0], -1)
+        tls = self._tls
         nbytes = self.full_block_bytes
-        out: list[tuple[int, int]] = []
-        for i, key, path in items:
+
+        def write_one(item: tuple[int, BlockKey, str]) -> int:
+            i, key, path = item
             slot = source[i]
-            bf.pack_header(hdr, self._ns, key.digest, nbytes, xxhash.xxh3_64_intdigest(self._host_copy(slot)))
-            out.append((i, self._write_file(path, key, [memoryview(hdr)], gpu_payload=slot)))
-        return out
+            checksum = xxhash.xxh3_64_intdigest(self._host_copy(slot))
+            bf.pack_header(tls.header, self._ns, key.digest, nbytes, checksum)
+            return self._write_file(path, key, [tls.header_mv], gpu_payload=slot)
+
+        return write_one
 
     def _write_payload(self, fd: int, tmp: str, gpu_payload: torch.Tensor) -> None:
         """Put the payload after the header with ``CuFile.pwrite`` (GPU memory to file)."""

@@ -2,8 +2,9 @@
 
 * Reads: ``os.preadv`` of [a per-thread 4 KiB header buffer, the caller's slot] in one system call, so the
   payload lands straight in the caller's preallocated tensor (no allocation per read); header and xxh3-64
-  checksum verified; run in worker threads (at most ``io_threads`` at once) with many blocks per thread hop,
-  never on the event loop.
+  checksum verified (optionally stripe by stripe while the data is hot in cache: ``verify_stripe_bytes``);
+  run in ``io_threads`` worker threads (:class:`~dualpath.storage.iopool.IOPool`) that claim blocks one by
+  one from each batch, never on the event loop; many read calls may be in flight at once.
 * Writes: a uniquely named temporary file in the block's directory (``O_EXCL``), ``pwritev`` of header and
   payload, optional ``fsync`` (``durability: fsync``, which also syncs the directory), then ``os.replace``:
   the block is visible only once complete. Stale temporary files are removed at start.
@@ -16,7 +17,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import itertools
@@ -25,12 +25,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import anyio
-import numpy as np
 import torch
 import xxhash
 
@@ -39,6 +37,7 @@ from dualpath.kv.keys import KeyNamespace
 from dualpath.kv.layout import KVLayout
 from dualpath.storage import blockfile as bf
 from dualpath.storage.base import BlockStatus, DamageKind, Storage
+from dualpath.storage.iopool import IOPool
 from dualpath.types import BlockKey
 
 _STALE_TMP_S = 600.0  # with shared_root, only temp files older than this are someone's crashed write
@@ -123,14 +122,14 @@ class PosixStorage(Storage):
         self._ns = namespace.digest
         self._file_size = bf.file_size(self.full_block_bytes)
         self._checker = bf.HeaderChecker(self._ns, self.full_block_bytes)
-        self._limiter = anyio.CapacityLimiter(config.io_threads)
         self._tls = _ThreadBuffers()
         self._index: _RootIndex | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: IOPool | None = None
         self._writing: set[BlockKey] = set()
         self._made_dirs: set[str] = set()
         self._fsync = config.durability == "fsync"
         self._verify = bool(config.verify_checksum)
+        self._stripe = int(getattr(config, "verify_stripe_bytes", 0) or 0)
         self._shared = bool(getattr(config, "shared_root", False))
         self.ignored_files = 0  # block files of another size (another layout) seen at start
 
@@ -161,14 +160,14 @@ class PosixStorage(Storage):
             if cap is not None:
                 victims = self._evict_for(0)
                 await anyio.to_thread.run_sync(self._unlink_keys, victims)
-        self._pool = ThreadPoolExecutor(max_workers=self.config.io_threads, thread_name_prefix=f"dualpath-{self.kind}")
+        self._pool = IOPool(self.config.io_threads, name=f"dualpath-{self.kind}")
         await super().start()
 
     async def close(self) -> None:
         if self._started and not self._closed:
             self._release_index()
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown()
             self._pool = None
         await super().close()
 
@@ -281,64 +280,6 @@ class PosixStorage(Storage):
             with contextlib.suppress(OSError):
                 os.unlink(bf.block_path(self.root, key.hex))
 
-    # --- thread-pool fan-out ----------------------------------------------------------------------------
-    async def _fan_out(self, fn: Callable[[list[Any]], list[tuple[int, int]]], items: list[Any]) -> list[tuple[int, int]]:
-        """Run ``fn`` over ``items`` split into at most ``io_threads`` chunks on this storage's thread pool.
-
-        Returns the concatenated ``(index, code)`` results. Under asyncio the chunks go straight to the pool
-        and the loop is woken once, when the last one ends (an anyio thread hop per chunk costs more than a
-        1.5 MB read). The wait is shielded from cancellation: the workers write into the caller's buffer, so
-        we never return before they are done.
-        """
-        if not items:
-            return []
-        n_chunks = min(len(items), self.config.io_threads)
-        chunks = [items[i::n_chunks] for i in range(n_chunks)]
-        parts: list[list[tuple[int, int]]] = [[] for _ in chunks]
-        pool = self._pool
-        try:
-            loop = asyncio.get_running_loop()  # raises under trio: use anyio's thread hop there
-        except RuntimeError:
-            pool = None
-        if pool is None:
-            async def one(c: int) -> None:
-                parts[c] = await anyio.to_thread.run_sync(fn, chunks[c], limiter=self._limiter)
-
-            with anyio.CancelScope(shield=True):
-                async with anyio.create_task_group() as tg:
-                    for c in range(n_chunks):
-                        tg.start_soon(one, c)
-            return [r for part in parts for r in part]
-
-        done: asyncio.Future[None] = loop.create_future()
-        lock = threading.Lock()
-        left = [n_chunks]
-        errors: list[BaseException] = []
-
-        def finish() -> None:
-            if not done.done():
-                if errors:
-                    done.set_exception(errors[0])
-                else:
-                    done.set_result(None)
-
-        def job(c: int) -> None:
-            try:
-                parts[c] = fn(chunks[c])
-            except BaseException as exc:  # reported to the awaiting task
-                errors.append(exc)
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                loop.call_soon_threadsafe(finish)
-
-        for c in range(n_chunks):
-            pool.submit(job, c)
-        with anyio.CancelScope(shield=True):
-            await done
-        return [r for part in parts for r in part]
-
     # --- read -------------------------------------------------------------------------------------------
     async def read(self, keys: Sequence[BlockKey], into: torch.Tensor) -> list[BlockStatus]:
         index = self._idx()
@@ -353,26 +294,26 @@ class PosixStorage(Storage):
         stats.misses += len(keys) - len(items)
         if not items:
             return out
-        target = self._read_target(into)
-        results = await self._fan_out(lambda chunk: self._read_chunk(chunk, target), items)
-        ok = [keys[i] for i, code in results if code == _OK]
-        index.touch_many(ok)
-        stats.hits += len(ok)
-        stats.reads += len(ok)
-        stats.bytes_read += len(ok) * self.full_block_bytes
-        for i, _code in results:
-            out[i] = BlockStatus.OK
-        if len(ok) == len(results):
+        codes = await self._io().run(self._block_reader(into), items)
+        n_ok = codes.count(_OK)
+        stats.hits += n_ok
+        stats.reads += n_ok
+        stats.bytes_read += n_ok * self.full_block_bytes
+        if n_ok == len(items):
+            index.touch_many([key for _i, key in items])
+            for i, _key in items:
+                out[i] = BlockStatus.OK
             return out
+        index.touch_many([key for (_i, key), code in zip(items, codes, strict=True) if code == _OK])
         corrupt: list[BlockKey] = []
-        for i, code in results:
+        for (i, key), code in zip(items, codes, strict=True):
             out[i] = _STATUS[code]
             if code == _MISSING:
-                index.remove(keys[i])
+                index.remove(key)
                 stats.misses += 1
             elif code == _CORRUPT:
-                if index.remove(keys[i]):
-                    corrupt.append(keys[i])
+                if index.remove(key):
+                    corrupt.append(key)
                 stats.corrupt += 1
             elif code != _OK:
                 stats.failed += 1
@@ -380,44 +321,73 @@ class PosixStorage(Storage):
             await anyio.to_thread.run_sync(self._unlink_keys, corrupt)
         return out
 
-    def _read_target(self, into: torch.Tensor) -> Any:
-        """What worker threads read into: a flat [n, block_bytes] numpy view of ``into`` (no copy)."""
-        return into.view(into.shape[0], -1).numpy()
+    def _io(self) -> IOPool:
+        pool = self._pool
+        if pool is None:
+            raise StorageError(f"{self.kind} storage used after close()")
+        return pool
 
-    def _read_chunk(self, items: list[tuple[int, BlockKey]], target: np.ndarray) -> list[tuple[int, int]]:
+    def _block_reader(self, into: torch.Tensor) -> Callable[[tuple[int, BlockKey]], int]:
+        """A function run in the workers: read one block ``(i, key)`` into ``into[i]``; returns a result code.
+
+        One ``preadv`` of [header scratch, slot] puts the payload straight into the caller's buffer. With
+        verification on and ``verify_stripe_bytes`` set, the payload is read in stripes of that size and each
+        stripe is fed to a streaming xxh3-64 right after its read, while it is still in the CPU cache (same
+        digest as hashing the whole payload; no second pass over memory).
+        """
+        flat = into.numpy().data.cast("B")  # zero-copy view of the caller's contiguous buffer
         tls = self._tls
-        hdr, hdr_bytes = tls.header_mv, tls.header
-        want = bf.HEADER_SIZE + self.full_block_bytes
-        check, verify, xxh3 = self._checker.check, self._verify, xxhash.xxh3_64_intdigest
-        root = self.root
-        out: list[tuple[int, int]] = []
-        for i, key in items:
-            h = key.digest.hex()
+        nbytes = self.full_block_bytes
+        hsize = bf.HEADER_SIZE
+        want = hsize + nbytes
+        check, verify, root = self._checker.check, self._verify, self.root
+        stripe = self._stripe if verify and 0 < self._stripe < nbytes else 0
+        xxh3, hasher = xxhash.xxh3_64_intdigest, xxhash.xxh3_64
+        open_, preadv, close, rdonly = os.open, os.preadv, os.close, os.O_RDONLY
+
+        def read_one(item: tuple[int, BlockKey]) -> int:
+            i, key = item
+            digest = key.digest
+            h = digest.hex()
             try:
-                fd = os.open(f"{root}/{h[0:2]}/{h[2:4]}/{h}.kvb", os.O_RDONLY)
+                fd = open_(f"{root}/{h[0:2]}/{h[2:4]}/{h}.kvb", rdonly)
             except FileNotFoundError:
-                out.append((i, _MISSING))
-                continue
+                return _MISSING
             except OSError:
-                out.append((i, _FAILED))
-                continue
+                return _FAILED
+            hdr = tls.header
+            base = i * nbytes
             try:
-                slot = memoryview(target[i])
-                n = os.preadv(fd, [hdr, slot], 0)
+                if stripe:
+                    part = flat[base : base + stripe]
+                    if preadv(fd, [tls.header_mv, part], 0) != hsize + stripe:
+                        return _CORRUPT
+                    checksum = check(hdr, digest)
+                    if checksum is None:
+                        return _CORRUPT
+                    hs = hasher(part)
+                    off = stripe
+                    while off < nbytes:
+                        end = min(off + stripe, nbytes)
+                        part = flat[base + off : base + end]
+                        if preadv(fd, [part], hsize + off) != end - off:
+                            return _CORRUPT
+                        hs.update(part)
+                        off = end
+                    return _OK if hs.intdigest() == checksum else _CORRUPT
+                slot = flat[base : base + nbytes]
+                if preadv(fd, [tls.header_mv, slot], 0) != want:
+                    return _CORRUPT
             except OSError:
-                out.append((i, _FAILED))
-                continue
+                return _FAILED
             finally:
-                os.close(fd)
-            if n != want:
-                out.append((i, _CORRUPT))
-                continue
-            checksum = check(hdr_bytes, key.digest)
+                close(fd)
+            checksum = check(hdr, digest)
             if checksum is None or (verify and xxh3(slot) != checksum):
-                out.append((i, _CORRUPT))
-                continue
-            out.append((i, _OK))
-        return out
+                return _CORRUPT
+            return _OK
+
+        return read_one
 
     # --- write ------------------------------------------------------------------------------------------
     async def write(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> list[BlockStatus]:
@@ -444,9 +414,11 @@ class PosixStorage(Storage):
             await anyio.to_thread.run_sync(self._unlink_keys, victims)
         if not todo:
             return out
-        source = self._write_source(blocks)
+        writer = self._block_writer(blocks)
+        codes: dict[int, int] = {}
         try:
-            codes = dict(await self._fan_out(lambda chunk: self._write_chunk(chunk, source), todo))
+            pool = self._io()
+            codes.update((item[0], c) for item, c in zip(todo, await pool.run(writer, todo), strict=True))
             retry = [item for item in todo if codes[item[0]] == _NOSPACE]
             if retry:  # disk full: evict one least-recently-used block per failed one, then try once more
                 more: list[BlockKey] = []
@@ -457,7 +429,7 @@ class PosixStorage(Storage):
                         self._stats.evictions += 1
                 await anyio.to_thread.run_sync(self._unlink_keys, more)
                 if more:
-                    codes.update(dict(await self._fan_out(lambda chunk: self._write_chunk(chunk, source), retry)))
+                    codes.update((item[0], c) for item, c in zip(retry, await pool.run(writer, retry), strict=True))
         finally:
             for _i, key, _path in todo:
                 index.reserved -= size
@@ -473,18 +445,18 @@ class PosixStorage(Storage):
                 self._stats.failed += 1
         return out
 
-    def _write_source(self, blocks: torch.Tensor) -> Any:
-        return blocks.view(blocks.shape[0], -1).numpy()
+    def _block_writer(self, blocks: torch.Tensor) -> Callable[[tuple[int, BlockKey, str]], int]:
+        """A function run in the workers: write block ``(i, key, path)`` from ``blocks[i]``; a result code."""
+        flat = blocks.numpy().data.cast("B")
+        tls, ns, nbytes = self._tls, self._ns, self.full_block_bytes
 
-    def _write_chunk(self, items: list[tuple[int, BlockKey, str]], source: np.ndarray) -> list[tuple[int, int]]:
-        hdr = self._tls.header
-        nbytes = self.full_block_bytes
-        out: list[tuple[int, int]] = []
-        for i, key, path in items:
-            payload = memoryview(source[i])
-            bf.pack_header(hdr, self._ns, key.digest, nbytes, bf.payload_checksum(payload))
-            out.append((i, self._write_file(path, key, [memoryview(hdr), payload])))
-        return out
+        def write_one(item: tuple[int, BlockKey, str]) -> int:
+            i, key, path = item
+            payload = flat[i * nbytes : (i + 1) * nbytes]
+            bf.pack_header(tls.header, ns, key.digest, nbytes, bf.payload_checksum(payload))
+            return self._write_file(path, key, [tls.header_mv, payload])
+
+        return write_one
 
     def _write_payload(self, fd: int, tmp: str, gpu_payload: Any) -> None:
         raise NotImplementedError  # the kvikio backend writes payloads from GPU memory

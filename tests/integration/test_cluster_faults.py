@@ -140,6 +140,6 @@ async def test_bad_input_is_refused_before_work():
             await c.run_turn("s", [1, 2, 10**6], 2)
         with pytest.raises(ModelError, match="at least one"):
             await c.run_turn("s", [], 2)
-        assert sum(c.links.bytes_by_link().values()) == 0  # nothing moved
+        assert sum(c.linkset.bytes_by_link().values()) == 0  # nothing moved
         r = await c.run_turn("s", list(range(1, 30)), 4)  # the cluster still serves
         assert len(r.token_ids) == 4

@@ -41,9 +41,9 @@ async def test_exact_bytes_per_link(path, pe_blocks):
     async with Cluster(synthetic_config(n_layers=L, snic_gbps=50.0, cnic_gbps=50.0)) as c:
         r1 = await c.run_turn("s", first, 7, path="recompute")
         prompt = first + r1.token_ids + list(range(500, 540))
-        before = c.links.bytes_by_link()
+        before = c.linkset.bytes_by_link()
         r2 = await c.run_turn("s", prompt, 20, path=path, pe_blocks=pe_blocks)
-        after = c.links.bytes_by_link()
+        after = c.linkset.bytes_by_link()
     p, g = len(prompt), 20
     h = 0 if path == "recompute" else (90 + 7) // BT * BT  # every full block of the earlier context
     hp = {"pe": h, "de": 0, "split": 2 * BT, "recompute": 0}[path]

@@ -212,3 +212,22 @@ async def test_traffic_manager_charges_the_right_links() -> None:
     assert c["cnic_out"]["bytes"] == {"high": 20 * MB, "kv": 10 * MB}
     assert c["cnic_in"]["bytes"]["kv"] == 20 * MB
     assert b.counters()["cnic_in"]["bytes"]["kv"] == 10 * MB
+
+
+def test_fluid_link_drains_at_large_clock_values():
+    # Regression: at t ~ 1e3-1e6 s a remaining step below one float ulp of t never advanced t, and the link
+    # looped forever. Every flow must complete within a bounded number of completion steps.
+    from dualpath.traffic.link import FluidLink
+
+    for t0 in (1700.0, 1e6):
+        m = FluidLink(50e9, t0=t0)
+        for fid, size in enumerate((1 << 20, (1 << 20) + 3, 3 << 20, 7)):
+            m.add(fid, size, TrafficClass.KV, t0)
+        finished: list[int] = []
+        for _ in range(50):
+            nxt = m.next_completion()
+            if nxt is None:
+                break
+            finished += m.advance(nxt)
+        assert sorted(finished) == [0, 1, 2, 3]
+        assert m.active() == 0

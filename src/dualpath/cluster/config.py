@@ -25,6 +25,11 @@ class ClusterConfig(Section):
     kv_pool_tokens: int = Field(default=65536, gt=0, description="decode engine paged KV pool size, tokens")
     layers_ahead: int = Field(default=4, ge=1, description="DE-path streaming window, in layers")
     deadline_s: float = Field(default=30.0, gt=0, description="deadline of every wait on a peer or device")
+    layerwise: bool = Field(
+        default=True,
+        description="layer-wise prefill (load layer l's hit KV just before computing it); False loads every layer "
+        "of the batch's hit KV onto the device before the first layer (the 'basic' baseline)",
+    )
     prefill_max_batch: int = Field(default=8, ge=1, description="requests per PE layer-wise forward batch")
     prefill_max_batch_tokens: int = Field(default=16384, ge=1, description="new tokens per PE forward batch")
     decode_max_batch: int = Field(default=64, ge=1, description="requests per DE decode step")

@@ -43,6 +43,7 @@ from dualpath.kv.keys import BlockKeyer, KeyNamespace
 from dualpath.kv.layout import KVLayout
 from dualpath.scheduler.state import EngineSnapshot
 from dualpath.storage.base import Storage
+from dualpath.traffic import Link
 from dualpath.transports.base import Transport
 from dualpath.types import EngineId, PathKind, Role
 
@@ -87,7 +88,7 @@ class Cluster:
         self.keyer = BlockKeyer(self.namespace)
         self.max_context = first.max_context
         self.vocab_size = first.vocab_size
-        self.links = LinkSet(cc.kv_share)
+        self.linkset = LinkSet(cc.kv_share)
         self.storage: Storage | None = None
         self.transports: dict[str, Transport] = {}
         self.pes: list[PrefillEngine] = []
@@ -121,12 +122,12 @@ class Cluster:
         cfg, cc = self.config, self.config.cluster
         for role, nodes in (("pnode", cc.prefill_nodes), ("dnode", cc.decode_nodes)):
             for i in range(nodes):
-                self.links.add_link(f"{role}{i}.snic.read", cc.snic_gbps)
-                self.links.add_link(f"{role}{i}.snic.write", cc.snic_gbps)
+                self.linkset.add_link(f"{role}{i}.snic.read", cc.snic_gbps)
+                self.linkset.add_link(f"{role}{i}.snic.write", cc.snic_gbps)
         names = [f"pe{r}" for r in range(self.n_pe)] + [f"de{r}" for r in range(self.n_de)]
         for name in names:
-            self.links.add_link(f"{name}.cnic.in", cc.cnic_gbps)
-            self.links.add_link(f"{name}.cnic.out", cc.cnic_gbps)
+            self.linkset.add_link(f"{name}.cnic.in", cc.cnic_gbps)
+            self.linkset.add_link(f"{name}.cnic.out", cc.cnic_gbps)
         self.storage = create_storage(cfg.storage, self.layout, self.namespace)
         await self.storage.start()
         try:
@@ -147,9 +148,9 @@ class Cluster:
                 rank = int(name[2:])
                 node = rank // cc.engines_per_node
                 snic = f"{'pnode' if role is Role.PREFILL else 'dnode'}{node}.snic"
-                self.links.add_engine(name, snic, f"{name}.cnic")
+                self.linkset.add_engine(name, snic, f"{name}.cnic")
                 ctx = EngineContext(cc, self.devices[i], self._model_for(self.devices[i]), self.layout,
-                                    self.keyer, self.storage, self.transports[name], self.links)
+                                    self.keyer, self.storage, self.transports[name], self.linkset)
                 eid = EngineId(role, rank, node)
                 if role is Role.PREFILL:
                     self.pes.append(PrefillEngine(eid, ctx))
@@ -194,8 +195,12 @@ class Cluster:
     def snapshots(self) -> tuple[list[EngineSnapshot], list[EngineSnapshot]]:
         return [e.snapshot() for e in self.pes], [e.snapshot() for e in self.des]
 
+    def links(self) -> dict[str, Link]:
+        """Every emulated link by name (``pnode0.snic.read``, ``pe0.cnic.in``, ...): counters, timelines."""
+        return dict(self.linkset.links)
+
     def link_stats(self) -> dict[str, dict[str, Any]]:
-        return self.links.stats()
+        return self.linkset.stats()
 
     def lookup(self, prompt_ids: Sequence[int]) -> int:
         """Hit tokens a turn with this prompt would get now (stored prefix, at least one token left to compute)."""

@@ -98,7 +98,7 @@ class DecodeEngine(Engine):
             return
         await wait_event(turn, turn.prefill_started, float("inf"), "prefill start")
         await stream_layers(
-            self.ctx.transport, self.ctx.links, self.name, f"pe{turn.pe}", turn, self.cfg.deadline_s,
+            self.ctx.transport, self.ctx.links, self.host, self.name, f"pe{turn.pe}", turn, self.cfg.deadline_s,
         )
 
     # --- receiving the prompt's KV -----------------------------------------------------------------------

@@ -55,7 +55,8 @@ class PrefillEngine(Engine):
         super().__init__(eid, ctx)
         cfg = ctx.config
         bt = self.layout.block_tokens
-        self.ring = min(cfg.layers_ahead, self.layout.n_layers - 1) + 1
+        n_layers = self.layout.n_layers
+        self.ring = min(cfg.layers_ahead, n_layers - 1) + 1 if cfg.layerwise else n_layers
         rows = min(cfg.prefill_max_batch_tokens, self.model.max_context)
         self.slot_blocks = -(-rows // bt) + cfg.prefill_max_batch
         self.scratch: torch.Tensor | None = None
@@ -63,6 +64,7 @@ class PrefillEngine(Engine):
         self.queue: deque[Turn] = deque()
         self._wake = anyio.Event()
         self.forwards = 0
+        self._inflight: list[Turn] = []  # the batch of the forward in progress
 
     @property
     def layer_bytes(self) -> int:
@@ -135,6 +137,7 @@ class PrefillEngine(Engine):
             batch = self._take_batch()
             if not batch:
                 continue
+            self._inflight = batch
             try:
                 await self._forward(batch)
             except Exception as exc:  # a model error fails the batch, not the engine
@@ -146,6 +149,7 @@ class PrefillEngine(Engine):
                     self.release(t)
                     t.pe_released.set()
                 self.forwards += 1
+                self._inflight = []
 
     # --- layer-wise forward ------------------------------------------------------------------------------
     async def _forward(self, batch: list[Turn]) -> None:
@@ -190,15 +194,11 @@ class PrefillEngine(Engine):
                     expose(j)
                     exposed_upto = j
                 slot = self.scratch[layer % ring]
-                for t, o in zip(batch, offs, strict=True):
-                    if t.error is None and t.pe_hit_blocks:
-                        await h2d_layer(self.ctx.links, self.name, t, layer, slot[o : o + t.pe_hit_blocks])
-                for t in batch:
-                    if t.error is None and t.de_hit_blocks:
-                        try:
-                            await wait_arrival(t, transport, t.tag("hit", layer), cfg.deadline_s)
-                        except Exception as exc:
-                            t.fail(exc)
+                if cfg.layerwise:
+                    await self._load_layer(batch, offs, layer)
+                elif layer == 0:  # the 'basic' baseline: every layer's hit KV on the device first
+                    for j in range(n_layers):
+                        await self._load_layer(batch, offs, j)
                 kv = self.layout.as_kv(slot[:total_blocks])
                 await self.model.prefill_layer(state, layer, kv)
                 ships.start_soon(self._ship_layer, batch, offs, layer, slot, slot_free[layer % ring])
@@ -209,6 +209,21 @@ class PrefillEngine(Engine):
                 t.first_logits = logits[i].detach().to("cpu", torch.float32)
                 t.timings.t_prefill_done = done
                 t.prefill_done.set()
+
+    async def _load_layer(self, batch: list[Turn], offs: list[int], layer: int) -> None:
+        """Bring layer ``layer``'s hit KV of every turn into its scratch slot: H2D of the PE-read blocks, then
+        the DE-streamed blocks' arrival (a failed or late arrival fails that turn only)."""
+        assert self.scratch is not None
+        slot = self.scratch[layer % self.ring]
+        for t, o in zip(batch, offs, strict=True):
+            if t.error is None and t.pe_hit_blocks:
+                await h2d_layer(self.ctx.links, self.name, t, layer, slot[o : o + t.pe_hit_blocks])
+        for t in batch:
+            if t.error is None and t.de_hit_blocks:
+                try:
+                    await wait_arrival(t, self.ctx.transport, t.tag("hit", layer), self.cfg.deadline_s)
+                except Exception as exc:
+                    t.fail(exc)
 
     async def _ship_layer(
         self, batch: list[Turn], offs: list[int], layer: int, slot: torch.Tensor, free: anyio.Event

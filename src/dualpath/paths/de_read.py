@@ -10,6 +10,7 @@ the layer's Layer Blocks (one contiguous message: doorbell batching) and write t
 
 from __future__ import annotations
 
+import anyio
 import torch
 
 from dualpath.engine.host_buffer import HostBuffer
@@ -43,21 +44,47 @@ def de_host_blocks(turn: Turn) -> torch.Tensor:
     return turn.de_host.data.view(de_blocks_planned(turn), *turn.layout.full_block_shape)
 
 
+_INLINE_GATHER_BYTES = 1 << 20
+
+
+async def _gather(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy strided Layer Blocks into a contiguous staging slot (large copies in a worker thread)."""
+    if dst.numel() <= _INLINE_GATHER_BYTES:
+        dst.copy_(src)
+    else:
+        await anyio.to_thread.run_sync(dst.copy_, src)
+
+
 async def stream_layers(
     transport: Transport,
     links: LinkSet,
+    host: HostBuffer,
     de_name: str,
     pe_name: str,
     turn: Turn,
     deadline_s: float,
 ) -> None:
-    """Send each layer of the usable DE-read hit blocks to the PE, as the PE exposes landings for them."""
+    """Send each layer of the usable DE-read hit blocks to the PE, as the PE exposes landings for them.
+
+    A layer's Layer Blocks are strided in the Full Block buffer; they are gathered into one of two staging
+    slots of the (pinned, registered) DE buffer, the next layer's gather overlapping the current layer's
+    write, so the stream keeps ahead of the PE's compute."""
     n = turn.de_hit_blocks
     if n == 0:
         return
+    layout = turn.layout
     fb = de_host_blocks(turn)[:n]
-    nbytes = n * turn.layout.layer_block_bytes
-    for layer in range(turn.layout.n_layers):
-        await wait_event(turn, turn.exposed[layer], deadline_s, f"PE landing of layer {layer}")
-        src = fb[:, layer].contiguous()
-        await links.send(de_name, pe_name, turn, nbytes, transport.write(pe_name, turn.tag("hit", layer), src, deadline_s))
+    nbytes = n * layout.layer_block_bytes
+    region = await host.alloc(2 * nbytes, deadline_s)
+    try:
+        slots = [region.data[i * nbytes : (i + 1) * nbytes].view(n, layout.block_tokens, -1) for i in range(2)]
+        await _gather(slots[0], fb[:, 0])
+        for layer in range(layout.n_layers):
+            await wait_event(turn, turn.exposed[layer], deadline_s, f"PE landing of layer {layer}")
+            io = transport.write(pe_name, turn.tag("hit", layer), slots[layer % 2], deadline_s)
+            async with anyio.create_task_group() as tg:
+                if layer + 1 < layout.n_layers:
+                    tg.start_soon(_gather, slots[(layer + 1) % 2], fb[:, layer + 1])
+                await links.send(de_name, pe_name, turn, nbytes, io)
+    finally:
+        host.free(region)

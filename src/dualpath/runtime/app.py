@@ -249,7 +249,9 @@ def run_command(req: RunRequest) -> int:
     if req.plot and res.summaries:
         from dualpath.metrics.plots import plot_link_utilisation
 
-        plot_link_utilisation({p: res.summaries[p]["metrics"] for p in order_policies(list(res.summaries))},
-                              req.plot, kinds=("snic",))
+        # panel titles show the same balance figure as the table (busy windows)
+        panels = {p: dict(res.summaries[p]["metrics"], snic_balance=res.summaries[p]["snic_balance"])
+                  for p in order_policies(list(res.summaries))}
+        plot_link_utilisation(panels, req.plot, kinds=("snic",))
         print(f"plot: {req.plot}", file=stream)
     return 130 if res.interrupted else 0

@@ -142,9 +142,9 @@ def calibrate(cfg: DualPathConfig) -> ComputeProfileFit:
     from dualpath.runtime.runner import limit_torch_threads
 
     t0 = time.perf_counter()
-    if cfg.model.kind == "synthetic":
-        limit_torch_threads()
-    with tempfile.TemporaryDirectory(prefix="dualpath-cal-") as root:
+    with limit_torch_threads(cfg.model.kind == "synthetic"), tempfile.TemporaryDirectory(
+        prefix="dualpath-cal-"
+    ) as root:
         prefill, decode = anyio.run(_measure, _unlimited(cfg, root))
     m = cfg.model
     fit = ComputeProfileFit(0.0, 0.0, 0.0, 0.0, 0.0)

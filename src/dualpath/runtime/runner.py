@@ -7,12 +7,13 @@ still has what finished. :func:`summarize` turns a run into the figures of the r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,12 +277,21 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
     return out
 
 
-def limit_torch_threads() -> None:
-    """One intra-op thread: the emulated cluster runs many small tensor ops on its event loop, where torch's
-    thread pool only adds contention (15x slower on a loaded 2-core machine)."""
+@contextlib.contextmanager
+def limit_torch_threads(enabled: bool = True) -> Iterator[None]:
+    """One intra-op thread while the block runs (restored after): the emulated cluster runs many small tensor
+    ops on its event loop, where torch's thread pool only adds contention (15x slower on a loaded 2-core
+    machine)."""
     import torch
 
-    torch.set_num_threads(1)
+    prev = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_num_threads(prev)
 
 
 ClusterFactory = Callable[[DualPathConfig], Any]
@@ -311,9 +321,27 @@ async def run_policy(
 
     File storage gets an empty directory under the configured ``storage.root`` (removed afterwards).
     """
+    with limit_torch_threads(base.model.kind == "synthetic"):
+        return await _run_policy(base, policy, trajs, run, mode=mode, rate_aps=rate_aps, slo=slo, seed=seed,
+                                 progress=progress, cluster_factory=cluster_factory,
+                                 gpu_tokens_per_s=gpu_tokens_per_s)
+
+
+async def _run_policy(
+    base: DualPathConfig,
+    policy: str,
+    trajs: Sequence[Trajectory],
+    run: PolicyRun,
+    *,
+    mode: str,
+    rate_aps: float,
+    slo: SLO | None,
+    seed: int,
+    progress: Progress | None,
+    cluster_factory: ClusterFactory,
+    gpu_tokens_per_s: float | None,
+) -> PolicyRun:
     t_wall = time.perf_counter()
-    if base.model.kind == "synthetic":
-        limit_torch_threads()
     parent = getattr(base.storage, "root", None)
     if parent is not None:
         Path(parent).mkdir(parents=True, exist_ok=True)

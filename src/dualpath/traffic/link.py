@@ -24,6 +24,7 @@ from dualpath.traffic.clock import Clock, RealClock
 from dualpath.types import TrafficClass
 
 _EPS_BYTES = 1e-3
+_MIN_STEP_S = 1e-9
 
 
 @dataclass(eq=False)
@@ -127,9 +128,14 @@ class FluidLink:
         return done
 
     def _reap(self) -> list[int]:
+        # A flow is done when what is left is below float noise in bytes, or would take less than 1 ns at its
+        # rate: at large clock values a smaller time step does not advance ``t`` at all (t + dt == t), and
+        # such a leftover would otherwise never drain.
         out = []
-        for flows in self.flows.values():
-            for fid in [fid for fid, f in flows.items() if f.remaining <= _EPS_BYTES + 1e-12 * f.nbytes]:
+        rates = self._flow_rates()
+        for cls, flows in self.flows.items():
+            tiny = rates[cls] * _MIN_STEP_S
+            for fid in [fid for fid, f in flows.items() if f.remaining <= max(_EPS_BYTES + 1e-12 * f.nbytes, tiny)]:
                 del flows[fid]
                 out.append(fid)
         return out

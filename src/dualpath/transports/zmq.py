@@ -59,6 +59,13 @@ def _land(view: torch.Tensor, buf: memoryview, verify: int | None) -> None:
     device_copy(view, src)
 
 
+_DRAIN = 256  # messages handled per wake-up of the receive loop before yielding to the event loop
+
+
+def _ack_frame(seq: int, tag: str, status: Status, reason: str = "") -> bytes:
+    return encode(Header(Kind.ACK, seq, tag, status=status, extra=reason.encode()[:4000]))
+
+
 class _Conn:
     def __init__(self, peer: str, address: str) -> None:
         self.peer = peer
@@ -178,69 +185,103 @@ class ZmqTransport(Transport):
 
     # --- receiving ------------------------------------------------------------------------------------------
     async def _recv_loop(self) -> None:
-        assert self._router is not None
+        """Await one message, then drain every message already queued without suspending (sync shadow socket,
+        one Python pass per frame) and send the acknowledgements of the batch as one message per sender."""
+        router = self._router
+        assert router is not None
+        sync = zmq.Socket.shadow(router.underlying)
         while True:
-            frames = await self._router.recv_multipart(copy=False)
-            try:
-                await self._on_message(frames)
-            except Exception as exc:  # never let one message kill the loop
-                log.error("%s: error handling a message: %r", self.name, exc)
+            ident = await router.recv()
+            acks: dict[bytes, list[bytes]] = {}
+            for _ in range(_DRAIN):
+                try:
+                    self._on_message(sync, ident, acks)
+                except Exception as exc:  # never let one message kill the loop
+                    log.error("%s: error handling a message: %r", self.name, exc)
+                try:
+                    ident = sync.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            # sent through the asyncio socket: it re-arms its edge-triggered wake-up (a sync send would not)
+            for dest, frames in acks.items():
+                with contextlib.suppress(zmq.ZMQError):
+                    await router.send_multipart([dest, *frames])
 
     async def _ack(self, ident: bytes, seq: int, tag: str, status: Status, reason: str = "") -> None:
         if self._router is None or self._closed:
             return
-        hdr = encode(Header(Kind.ACK, seq, tag, status=status, extra=reason.encode()[:4000]))
         with contextlib.suppress(zmq.ZMQError):
-            await self._router.send_multipart([ident, hdr])
+            await self._router.send_multipart([ident, _ack_frame(seq, tag, status, reason)])
 
-    async def _on_message(self, frames: list[zmq.Frame]) -> None:
-        ident = frames[0].bytes
-        if len(frames) < 2:
+    def _on_message(self, sync: zmq.Socket, ident: bytes, acks: dict[bytes, list[bytes]]) -> None:
+        """Handle the rest of one message whose identity frame was read (all its frames are queued)."""
+        frames: list[zmq.Frame] = []
+        while sync.rcvmore:
+            frames.append(sync.recv(zmq.NOBLOCK, copy=False))
+
+        def ack(seq: int, tag: str, status: Status, reason: str = "") -> None:
+            if not self._closed:
+                acks.setdefault(ident, []).append(_ack_frame(seq, tag, status, reason))
+
+        if not frames:
             self._landings.reject("?", "message without a header frame")
             return
         try:
-            hdr = decode(frames[1].buffer)
+            hdr = decode(frames[0].buffer)
         except WireError as exc:
             self._landings.reject("?", f"bad header: {exc}; nothing written")
-            await self._ack(ident, 0, "", Status.BAD, str(exc))
+            ack(0, "", Status.BAD, str(exc))
             return
         sender = hdr.extra.decode("utf-8", "replace") or "?"
-        if hdr.kind is not Kind.DATA or len(frames) != 3:
-            reason = f"unexpected {hdr.kind.name} message with {len(frames) - 1} frames; nothing written"
+        if hdr.kind is not Kind.DATA or len(frames) != 2:
+            reason = f"unexpected {hdr.kind.name} message with {len(frames)} frames; nothing written"
             self._landings.reject(sender, reason)
-            await self._ack(ident, hdr.seq, hdr.tag, Status.BAD, reason)
+            ack(hdr.seq, hdr.tag, Status.BAD, reason)
             return
-        payload = frames[2]
-        nbytes = len(payload.buffer)
+        payload = frames[1]
+        buf = payload.buffer
+        nbytes = len(buf)
         if nbytes != hdr.payload_len:
             reason = f"payload is {nbytes} bytes, header says {hdr.payload_len}; nothing written"
             self._landings.reject(sender, reason)
-            await self._ack(ident, hdr.seq, hdr.tag, Status.BAD, reason)
+            ack(hdr.seq, hdr.tag, Status.BAD, reason)
             return
         if self.checksum and hdr.checksum is None:
             reason = f"tag {hdr.tag!r} arrived without a checksum and this endpoint requires one; nothing written"
             self._landings.reject(sender, reason)
-            await self._ack(ident, hdr.seq, hdr.tag, Status.REJECTED, reason)
+            ack(hdr.seq, hdr.tag, Status.REJECTED, reason)
             return
         try:
             slot = self._landings.claim(hdr.tag, nbytes)
         except Rejected as exc:
             self._landings.reject(sender, str(exc))
-            await self._ack(ident, hdr.seq, hdr.tag, Status.REJECTED, str(exc))
+            ack(hdr.seq, hdr.tag, Status.REJECTED, str(exc))
             return
         if slot is None:
             if not self._landings.reserve_pending(nbytes):
                 reason = (f"tag {hdr.tag!r} is not exposed and the hold area is full "
                           f"({self._landings.pending_bytes}/{self._landings.max_pending_bytes} bytes); dropped")
                 self._landings.reject(sender, reason)
-                await self._ack(ident, hdr.seq, hdr.tag, Status.REJECTED, reason)
+                ack(hdr.seq, hdr.tag, Status.REJECTED, reason)
                 return
             self._spawn(self._hold(ident, sender, hdr, payload))
             return
-        if nbytes <= self.config.inline_copy_bytes and hdr.checksum is None:
-            await self._deliver(ident, sender, hdr, payload, slot)
-        else:
+        if nbytes > self.config.inline_copy_bytes or hdr.checksum is not None:
             self._spawn(self._deliver(ident, sender, hdr, payload, slot))
+            return
+        # the common case, inline: one copy into the exposed region, the ack joins the batch
+        try:
+            _land(slot.view, buf, None)
+        except Exception as exc:
+            reason = f"{self.name}: tag {hdr.tag!r}: {exc}"
+            self._landings.reject(sender, reason)
+            self._landings.finish(slot, TransportError(reason))
+            ack(hdr.seq, hdr.tag, Status.BAD, reason)
+            return
+        self._landings.finish(slot)
+        self.stats.arrivals += 1
+        self.stats.bytes_received += nbytes
+        ack(hdr.seq, hdr.tag, Status.OK)
 
     async def _hold(self, ident: bytes, sender: str, hdr: Header, payload: zmq.Frame) -> None:
         try:
@@ -327,15 +368,16 @@ class ZmqTransport(Transport):
 
     async def _read_acks(self, conn: _Conn, sock: zmq.asyncio.Socket) -> None:
         while True:
-            frames = await sock.recv_multipart()
-            try:
-                hdr = decode(frames[0])
-            except WireError as exc:
-                log.warning("%s: bad ack from %s: %s", self.name, conn.peer, exc)
-                continue
-            fut = conn.pending.pop(hdr.seq, None)
-            if fut is not None and not fut.done():
-                fut.set_result((hdr.status, hdr.extra.decode("utf-8", "replace")))
+            frames = await sock.recv_multipart()  # one or more acks (the receiver batches them)
+            for frame in frames:
+                try:
+                    hdr = decode(frame)
+                except WireError as exc:
+                    log.warning("%s: bad ack from %s: %s", self.name, conn.peer, exc)
+                    continue
+                fut = conn.pending.pop(hdr.seq, None)
+                if fut is not None and not fut.done():
+                    fut.set_result((hdr.status, hdr.extra.decode("utf-8", "replace")))
 
     async def write(self, peer: str, tag: str, src: torch.Tensor, timeout: float, *,
                     checksum: int | None = None) -> None:

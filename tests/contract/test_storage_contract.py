@@ -32,7 +32,7 @@ from dualpath.storage.config import (
 LAYOUT = KVLayout(KVSpec.mha(n_layers=4, n_kv_heads=2, head_dim=8, dtype="bfloat16"), block_tokens=16)
 NS = KeyNamespace.for_layout("contract-model", LAYOUT)
 OTHER_NS = KeyNamespace.for_layout("another-model", LAYOUT)
-PERSISTENT = {"posix", "posix-striped", "faults", "kvikio"}
+PERSISTENT = {"posix", "faults", "kvikio"}
 
 
 def _kvikio_skip_reason() -> str | None:
@@ -48,7 +48,6 @@ def _kvikio_skip_reason() -> str | None:
 BACKENDS = [
     "memory",
     "posix",
-    "posix-striped",  # posix with verify_stripe_bytes: read and hash each payload in 3 stripes (1536 B, last 1024 B)
     "faults",
     pytest.param("kvikio", marks=pytest.mark.skipif(_kvikio_skip_reason() is not None, reason=str(_kvikio_skip_reason()))),
 ]
@@ -64,8 +63,6 @@ def make_config(kind: str, root: Path, **kw):
         return MemoryStorageConfig(**kw)
     if kind == "posix":
         return PosixStorageConfig(root=root, io_threads=4, **kw)
-    if kind == "posix-striped":
-        return PosixStorageConfig(root=root, io_threads=4, verify_stripe_bytes=1536, **kw)
     if kind == "kvikio":
         return KvikioStorageConfig(root=root, io_threads=4, **kw)
     if kind == "faults":

@@ -61,8 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inflight", type=int, default=4, help="read calls in flight at once (default 4)")
     parser.add_argument("--repeats", type=int, default=None, help="warm passes per method (default 5, quick 3)")
     parser.add_argument("--io-threads", type=int, default=8, help="I/O threads, both sides (default 8)")
-    parser.add_argument("--stripe", type=int, default=None,
-                        help="posix verify_stripe_bytes (default: the config default; 0 = hash after the read)")
     parser.add_argument("--root", default=None, help="directory for the block files (default: a temp dir)")
     parser.add_argument("--cold", choices=["auto", "drop_caches", "fadvise", "none"], default=None,
                         help="how to make the cache cold (default auto; quick: none)")
@@ -75,31 +73,24 @@ class Settings:
     inflight: int
     repeats: int
     threads: int
-    stripe: int
     cold: str
     quick: bool
 
 
 def run(args: argparse.Namespace) -> int:
     from dualpath.errors import ConfigError
-    from dualpath.storage.config import PosixStorageConfig
-
     quick = bool(getattr(args, "quick", False))
     n_blocks = getattr(args, "blocks", None) or (48 if quick else 256)
     batch = getattr(args, "batch", 32) or 32
     inflight = getattr(args, "inflight", 4) or 4
     repeats = getattr(args, "repeats", None) or (3 if quick else 5)
     threads = getattr(args, "io_threads", 8) or 8
-    stripe = getattr(args, "stripe", None)
-    if stripe is None:
-        stripe = PosixStorageConfig().verify_stripe_bytes
     cold = getattr(args, "cold", None) or ("none" if quick else "auto")
-    if min(n_blocks, batch, inflight, repeats, threads) <= 0 or stripe < 0:
-        raise ConfigError("bench storage: --blocks, --batch, --inflight, --repeats and --io-threads must be "
-                          "positive, --stripe >= 0")
+    if min(n_blocks, batch, inflight, repeats, threads) <= 0:
+        raise ConfigError("bench storage: --blocks, --batch, --inflight, --repeats and --io-threads must be positive")
     batch = min(batch, n_blocks)
     inflight = min(inflight, -(-n_blocks // batch))
-    settings = Settings(n_blocks, batch, inflight, repeats, threads, stripe, cold, quick)
+    settings = Settings(n_blocks, batch, inflight, repeats, threads, cold, quick)
     root_arg = getattr(args, "root", None)
     with tempfile.TemporaryDirectory(prefix="dualpath-bench-", dir=root_arg) as root:
         result = _bench(root, settings)
@@ -251,8 +242,7 @@ class _CaseBench:
         from dualpath.storage import create_storage
         from dualpath.storage.config import PosixStorageConfig
 
-        cfg = PosixStorageConfig(root=Path(self.root), io_threads=self.st.threads, verify_checksum=verify,
-                                 verify_stripe_bytes=self.st.stripe)
+        cfg = PosixStorageConfig(root=Path(self.root), io_threads=self.st.threads, verify_checksum=verify)
         return create_storage(cfg, self.layout, self.ns)
 
     async def posix_pass(self, s: Any, inflight: int, write: bool = False) -> float:
@@ -397,8 +387,6 @@ def _bench(root: str, st: Settings) -> dict[str, Any]:
             extra: dict[str, Any] = {"repeats": st.repeats}
             if m in inflight:
                 extra["inflight"] = inflight[m]
-            if m.startswith("posix_verify"):
-                extra["stripe_bytes"] = st.stripe
             warm[m] = record("read_warm", m, statistics.median(times[m]), **extra)
         xxh_pass = record("checksum", "xxh3_second_pass", statistics.median(times["xxh3_second_pass"]),
                           threads=st.threads)
@@ -449,7 +437,7 @@ def _bench(root: str, st: Settings) -> dict[str, Any]:
         "concurrency": concurrency,
         "cold_method": cold_used,
         "settings": {"blocks": st.n_blocks, "batch": st.batch, "inflight": st.inflight, "repeats": st.repeats,
-                     "io_threads": st.threads, "verify_stripe_bytes": st.stripe, "cpus": os.cpu_count(),
+                     "io_threads": st.threads, "cpus": os.cpu_count(),
                      "quick": st.quick},
         "cases": cases,
     }

@@ -25,12 +25,6 @@ class PosixStorageConfig(Section):
     capacity_bytes: int | None = Field(default=None, gt=0)
     durability: Literal["none", "fsync"] = "none"
     verify_checksum: bool = True
-    verify_stripe_bytes: int = Field(
-        default=0,
-        ge=0,
-        description="with verify_checksum, read and hash each payload in stripes of this many bytes so each "
-        "stripe is hashed while still in the CPU cache (one memory pass instead of two); 0 = one read per block",
-    )
     io_threads: int = Field(default=8, ge=1, le=256)
     shared_root: bool = Field(
         default=False,

@@ -2,8 +2,7 @@
 
 * Reads: ``os.preadv`` of [a per-thread 4 KiB header buffer, the caller's slot] in one system call, so the
   payload lands straight in the caller's preallocated tensor (no allocation per read); header and xxh3-64
-  checksum verified (optionally stripe by stripe while the data is hot in cache: ``verify_stripe_bytes``);
-  run in ``io_threads`` worker threads (:class:`~dualpath.storage.iopool.IOPool`) that claim blocks one by
+  checksum verified; run in ``io_threads`` worker threads (:class:`~dualpath.storage.iopool.IOPool`) that claim blocks one by
   one from each batch, never on the event loop; many read calls may be in flight at once.
 * Writes: a uniquely named temporary file in the block's directory (``O_EXCL``), ``pwritev`` of header and
   payload, optional ``fsync`` (``durability: fsync``, which also syncs the directory), then ``os.replace``:
@@ -129,7 +128,6 @@ class PosixStorage(Storage):
         self._made_dirs: set[str] = set()
         self._fsync = config.durability == "fsync"
         self._verify = bool(config.verify_checksum)
-        self._stripe = int(getattr(config, "verify_stripe_bytes", 0) or 0)
         self._shared = bool(getattr(config, "shared_root", False))
         self.ignored_files = 0  # block files of another size (another layout) seen at start
 
@@ -330,10 +328,8 @@ class PosixStorage(Storage):
     def _block_reader(self, into: torch.Tensor) -> Callable[[tuple[int, BlockKey]], int]:
         """A function run in the workers: read one block ``(i, key)`` into ``into[i]``; returns a result code.
 
-        One ``preadv`` of [header scratch, slot] puts the payload straight into the caller's buffer. With
-        verification on and ``verify_stripe_bytes`` set, the payload is read in stripes of that size and each
-        stripe is fed to a streaming xxh3-64 right after its read, while it is still in the CPU cache (same
-        digest as hashing the whole payload; no second pass over memory).
+        One ``preadv`` of [header scratch, slot] puts the payload straight into the caller's buffer; the header
+        is checked, then (verification on) xxh3-64 of the slot, in the same worker while the block is recent.
         """
         flat = into.numpy().data.cast("B")  # zero-copy view of the caller's contiguous buffer
         tls = self._tls
@@ -341,8 +337,7 @@ class PosixStorage(Storage):
         hsize = bf.HEADER_SIZE
         want = hsize + nbytes
         check, verify, root = self._checker.check, self._verify, self.root
-        stripe = self._stripe if verify and 0 < self._stripe < nbytes else 0
-        xxh3, hasher = xxhash.xxh3_64_intdigest, xxhash.xxh3_64
+        xxh3 = xxhash.xxh3_64_intdigest
         open_, preadv, close, rdonly = os.open, os.preadv, os.close, os.O_RDONLY
 
         def read_one(item: tuple[int, BlockKey]) -> int:
@@ -355,26 +350,8 @@ class PosixStorage(Storage):
                 return _MISSING
             except OSError:
                 return _FAILED
-            hdr = tls.header
             base = i * nbytes
             try:
-                if stripe:
-                    part = flat[base : base + stripe]
-                    if preadv(fd, [tls.header_mv, part], 0) != hsize + stripe:
-                        return _CORRUPT
-                    checksum = check(hdr, digest)
-                    if checksum is None:
-                        return _CORRUPT
-                    hs = hasher(part)
-                    off = stripe
-                    while off < nbytes:
-                        end = min(off + stripe, nbytes)
-                        part = flat[base + off : base + end]
-                        if preadv(fd, [part], hsize + off) != end - off:
-                            return _CORRUPT
-                        hs.update(part)
-                        off = end
-                    return _OK if hs.intdigest() == checksum else _CORRUPT
                 slot = flat[base : base + nbytes]
                 if preadv(fd, [tls.header_mv, slot], 0) != want:
                     return _CORRUPT
@@ -382,7 +359,7 @@ class PosixStorage(Storage):
                 return _FAILED
             finally:
                 close(fd)
-            checksum = check(hdr, digest)
+            checksum = check(tls.header, digest)
             if checksum is None or (verify and xxh3(slot) != checksum):
                 return _CORRUPT
             return _OK

@@ -56,6 +56,8 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A flat ``uint8`` view of a contiguous tensor's bytes (no copy)."""
     if not isinstance(t, torch.Tensor):
         raise TransportError(f"expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype is torch.uint8 and t.dim() == 1 and t.is_contiguous():
+        return t  # already a flat byte view (the common case: slices of registered byte buffers)
     if not t.is_contiguous():
         raise TransportError(f"tensor of shape {tuple(t.shape)} is not contiguous; transports move contiguous bytes")
     flat = t.reshape(-1)

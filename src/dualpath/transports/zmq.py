@@ -26,7 +26,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from dualpath.errors import ConfigError, TransportError
+from dualpath.errors import ConfigError, PeerTimeout, TransportClosed, TransportError
 from dualpath.transports.base import Transport
 from dualpath.transports.config import ZmqTransportConfig
 from dualpath.transports.landing import Rejected, Slot
@@ -72,7 +72,7 @@ class _Conn:
         self.address = address
         self.sock: zmq.asyncio.Socket | None = None
         self.reader: asyncio.Task[None] | None = None
-        self.pending: dict[int, asyncio.Future[tuple[Status, str]]] = {}
+        self.pending: dict[int, asyncio.Future[tuple[Status | None, str]]] = {}
 
 
 class ZmqTransport(Transport):
@@ -388,6 +388,13 @@ class ZmqTransport(Transport):
         nbytes = int(data.numel())
         if nbytes > self.config.max_message_bytes:
             raise TransportError(f"{self.name}: {nbytes} bytes exceed max_message_bytes={self.config.max_message_bytes}")
+        hint = " (CURVE on: is our public key allowed by the peer?)" if self._curve else ""
+        what = f"write of {tag!r} to {peer!r}{hint}"
+        if data.is_cpu and (checksum is not None or not self.checksum) and await self._write_fast(
+                conn, tag, data, nbytes, checksum, timeout, what):
+            self.stats.writes += 1
+            self.stats.bytes_sent += nbytes
+            return
 
         async def send() -> None:
             host = data
@@ -397,7 +404,7 @@ class ZmqTransport(Transport):
             if csum is None and self.checksum:
                 csum = await anyio.to_thread.run_sync(checksum_of, host, limiter=self._limiter)
             seq = next(self._seq)
-            fut: asyncio.Future[tuple[Status, str]] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[tuple[Status | None, str]] = asyncio.get_running_loop().create_future()
             conn.pending[seq] = fut
             hdr = encode(Header(Kind.DATA, seq, tag, nbytes, csum, extra=self.name.encode()))
             try:
@@ -410,9 +417,61 @@ class ZmqTransport(Transport):
                     self._reset(conn, f"{self.name}: write of {tag!r} to {peer!r} timed out or was cancelled")
                 raise
             if status is not Status.OK:
-                raise TransportError(f"{self.name}: {peer!r} refused tag {tag!r} ({status.name}): {reason}")
+                raise TransportError(f"{self.name}: {peer!r} refused tag {tag!r} ({_name(status)}): {reason}")
 
-        hint = " (CURVE on: is our public key allowed by the peer?)" if self._curve else ""
-        await self._guarded(f"write of {tag!r} to {peer!r}{hint}", timeout, send)
+        await self._guarded(what, timeout, send)
         self.stats.writes += 1
         self.stats.bytes_sent += nbytes
+
+    async def _write_fast(self, conn: _Conn, tag: str, data: torch.Tensor, nbytes: int, csum: int | None,
+                          timeout: float, what: str) -> bool:
+        """The common write (host bytes, nothing to compute first) without a cancel scope: the frames are queued
+        without blocking and the acknowledgement is awaited with a timer. False when the socket would block
+        (high-water mark): the caller then takes the guarded path."""
+        if timeout is None or not timeout >= 0:
+            raise TransportError(f"timeout must be a number >= 0, got {timeout!r}")
+        self._check_open()
+        sock = conn.sock
+        assert sock is not None
+        seq = next(self._seq)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[tuple[Status | None, str]] = loop.create_future()
+        hdr = encode(Header(Kind.DATA, seq, tag, nbytes, csum, extra=self.name.encode()))
+        sent = sock.send_multipart([hdr, data.numpy()], copy=False, flags=zmq.NOBLOCK)
+        if not sent.done():  # queued behind a blocked send: let it go, take the guarded path
+            sent.cancel()
+            return False
+        if sent.exception() is not None:
+            if isinstance(sent.exception(), zmq.Again):
+                return False
+            raise TransportError(f"{self.name}: {what} failed: {sent.exception()!r}")
+        conn.pending[seq] = fut
+        timer = loop.call_later(timeout, _expire, fut)
+        try:
+            status, reason = await fut
+        except BaseException:
+            conn.pending.pop(seq, None)
+            if not self._closed and conn.sock is not None:
+                self._reset(conn, f"{self.name}: {what} was cancelled")
+            raise
+        finally:
+            timer.cancel()
+        if status is Status.OK:
+            return True
+        if self._closed:
+            raise TransportClosed(f"{self.name}: transport closed during {what}")
+        if status is None:
+            conn.pending.pop(seq, None)
+            if conn.sock is not None:
+                self._reset(conn, f"{self.name}: {what} timed out")
+            raise PeerTimeout(f"{self.name}: {what} not delivered within {timeout:g} s")
+        raise TransportError(f"{self.name}: {conn.peer!r} refused tag {tag!r} ({status.name}): {reason}")
+
+
+def _expire(fut: asyncio.Future[tuple[Status | None, str]]) -> None:
+    if not fut.done():
+        fut.set_result((None, "no acknowledgement before the deadline"))
+
+
+def _name(status: Status | None) -> str:
+    return "TIMEOUT" if status is None else status.name

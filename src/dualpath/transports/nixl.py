@@ -3,11 +3,15 @@
 Memory is registered with the local agent once per buffer (:meth:`register`). A small ZeroMQ side channel
 (binary :mod:`~dualpath.transports.wire` headers, no pickle) exchanges agent metadata on :meth:`connect` and
 runs a rendezvous per write: the sender asks for ``(tag, size)`` (REQ); the receiver answers with the landing
-address once the tag is exposed (GRANT; early requests wait there, so the bytes stay at the sender); the sender
-posts a NIXL WRITE whose notification carries ``(seq, tag, checksum)``; the receiver, on that notification,
-verifies (optional checksum), completes the slot and acknowledges (ACK); ``write`` returns on the ACK. A
-worker thread polls transfer states and notifications (NIXL's own progress thread moves the bytes), so the
-event loop never blocks. ``nixl`` is imported lazily here only (``pip install dualpath[nixl]``); ``UCX_TLS``
+address once the tag is exposed (GRANT; early requests wait there, so the bytes stay at the sender; the slot is
+claimed for this one write, so no other arrival lands there); the sender posts a NIXL WRITE (from descriptor lists
+prepared once per local span and per remote landing, :meth:`nixl_agent.prep_xfer_dlist`, and reused) whose
+notification carries ``(seq, tag, checksum)``; the receiver, on that notification, completes the slot. ``write``
+returns when NIXL reports the WRITE complete (the bytes are in the peer's slot, which was claimed for it); with a
+checksum the receiver first verifies it and acknowledges (ACK), and ``write`` returns on the ACK. Side-channel
+messages are drained in batches and answered with one message per peer. Transfer states and notifications are
+polled on the event loop while any are outstanding (NIXL's own progress thread moves the bytes), so every NIXL
+call happens on one thread. ``nixl`` is imported lazily here only (``pip install dualpath[nixl]``); ``UCX_TLS``
 defaults to ``tcp,self,sm`` when unset (CPU machines; keep ``tcp``).
 """
 
@@ -18,8 +22,7 @@ import contextlib
 import itertools
 import logging
 import os
-import threading
-from collections.abc import Callable
+from collections import OrderedDict
 from typing import Any
 
 import anyio
@@ -53,68 +56,39 @@ def _mem(t: torch.Tensor) -> tuple[str, int]:
     return ("VRAM", t.get_device()) if t.device.type == "cuda" else ("DRAM", 0)
 
 
-class _Poller(threading.Thread):
-    """Polls posted transfers and incoming notifications; resolves futures on the event loop."""
+_DRAIN = 256  # side-channel messages handled per wake-up before yielding
+_DLIST_CACHE = 512  # prepared descriptor lists kept per side (LRU)
 
-    def __init__(self, agent: Any, loop: asyncio.AbstractEventLoop, on_notif: Callable[[str, bytes], None],
-                 interval: float) -> None:
-        super().__init__(name="dualpath-nixl-poller", daemon=True)
-        self.agent, self.loop, self.on_notif, self.interval = agent, loop, on_notif, interval
-        self.xfers: dict[int, tuple[Any, asyncio.Future[str]]] = {}
-        self.lock = threading.Lock()
-        self.stop_ev = threading.Event()
-        self.wake = threading.Event()
-        self.ids = itertools.count(1)
 
-    def add(self, handle: Any, fut: asyncio.Future[str]) -> int:
-        with self.lock:
-            xid = next(self.ids)
-            self.xfers[xid] = (handle, fut)
-        self.wake.set()
-        return xid
+class _DlistCache:
+    """Prepared NIXL descriptor lists (one descriptor each) by ``(addr, nbytes, mem, dev)``, LRU-bounded."""
 
-    def abandon(self, xid: int) -> None:
-        """Stop waiting for a transfer (deadline passed): release its handle (NIXL aborts it)."""
-        with self.lock:
-            entry = self.xfers.pop(xid, None)
-        if entry is not None:
-            with contextlib.suppress(Exception):
-                entry[0].release()
+    def __init__(self, agent: Any, agent_name: str) -> None:
+        self.agent, self.agent_name = agent, agent_name
+        self.lists: OrderedDict[tuple[int, int, str, int], Any] = OrderedDict()
 
-    def _resolve(self, fut: asyncio.Future[str], state: str) -> None:
-        if not fut.done():
-            fut.set_result(state)
+    def get(self, addr: int, nbytes: int, mem: str, dev: int) -> Any:
+        key = (addr, nbytes, mem, dev)
+        handle = self.lists.get(key)
+        if handle is not None:
+            self.lists.move_to_end(key)
+            return handle
+        handle = self.agent.prep_xfer_dlist(self.agent_name, [(addr, nbytes, dev)], mem)
+        self.lists[key] = handle
+        if len(self.lists) > _DLIST_CACHE:
+            _, old = self.lists.popitem(last=False)
+            _release(old)
+        return handle
 
-    def run(self) -> None:
-        while not self.stop_ev.is_set():
-            busy = False
-            with self.lock:
-                items = list(self.xfers.items())
-            for xid, (handle, fut) in items:
-                try:
-                    state = self.agent.check_xfer_state(handle)
-                except Exception as exc:  # pragma: no cover - NIXL error path
-                    state = f"ERR {exc}"
-                if state != "PROC":
-                    busy = True
-                    with self.lock:
-                        self.xfers.pop(xid, None)
-                    with contextlib.suppress(Exception):
-                        handle.release()
-                    with contextlib.suppress(RuntimeError):
-                        self.loop.call_soon_threadsafe(self._resolve, fut, state)
-            try:
-                notifs = self.agent.get_new_notifs()
-            except Exception:  # pragma: no cover
-                notifs = {}
-            for agent_name, msgs in notifs.items():
-                for msg in msgs:
-                    busy = True
-                    with contextlib.suppress(RuntimeError):
-                        self.loop.call_soon_threadsafe(self.on_notif, str(agent_name), bytes(msg))
-            if not busy:
-                self.wake.wait(self.interval)
-                self.wake.clear()
+    def drop(self, start: int = 0, end: int = 1 << 64) -> None:
+        """Release the lists whose span starts in ``[start, end)`` (all by default)."""
+        for key in [k for k in self.lists if start <= k[0] < end]:
+            _release(self.lists.pop(key))
+
+
+def _release(handle: Any) -> None:
+    with contextlib.suppress(Exception):
+        handle.release()
 
 
 class NixlTransport(Transport):
@@ -126,7 +100,6 @@ class NixlTransport(Transport):
                          pending_timeout_s=cfg.pending_timeout_s)
         self.config = cfg
         self._agent: Any = None
-        self._poller: _Poller | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._endpoint = ""
@@ -134,6 +107,10 @@ class NixlTransport(Transport):
         self._tasks: set[asyncio.Task[None]] = set()
         self._seq = itertools.count(1)
         self._granted: dict[tuple[str, int], tuple[Slot, bytes]] = {}
+        self._inflight: dict[int, tuple[Any, asyncio.Future[str]]] = {}
+        self._xids = itertools.count(1)
+        self._work: asyncio.Event | None = None
+        self._local_dl: _DlistCache | None = None
         self._limiter = anyio.CapacityLimiter(2)
         self._md_epoch = 0
 
@@ -151,15 +128,14 @@ class NixlTransport(Transport):
         if self.config.ucx_tls is not None:
             os.environ.setdefault("UCX_TLS", self.config.ucx_tls)
         nixl_mod = _import_nixl()
-        conf = nixl_mod.nixl_agent_config(backends=[self.config.backend],
-                                          sync_mode=nixl_mod.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        # every later NIXL call of this agent happens on the event loop's thread: no agent-level locking needed
+        conf = nixl_mod.nixl_agent_config(backends=[self.config.backend])
         self._agent = await anyio.to_thread.run_sync(nixl_mod.nixl_agent, self.name, conf)
         if self.config.backend not in self._agent.backends:
             raise TransportError(f"{self.name}: NIXL backend {self.config.backend!r} is not available "
                                  f"(plugins: {self._agent.plugin_list})")
-        loop = asyncio.get_running_loop()
-        self._poller = _Poller(self._agent, loop, self._on_notif, self.config.poll_interval_s)
-        self._poller.start()
+        self._local_dl = _DlistCache(self._agent, "NIXL_INIT_AGENT")
+        self._work = asyncio.Event()
         self._ctx = zmq.asyncio.Context()
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
@@ -167,6 +143,7 @@ class NixlTransport(Transport):
         self._endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()  # type: ignore[union-attr]
         self._router = router
         self._spawn(self._recv_loop())
+        self._spawn(self._progress())
         for region in self._regions.values():
             self._register_memory(region)
         await super().start()
@@ -178,17 +155,19 @@ class NixlTransport(Transport):
         for task in list(self._tasks):
             task.cancel()
         for peer in self._peers.values():
-            peer.fail_all(Status.CLOSED, f"{self.name}: transport closed")
-            peer.sock.close(linger=0)
+            peer.close(f"{self.name}: transport closed")
         self._peers.clear()
+        for handle, fut in self._inflight.values():
+            _release(handle)
+            if not fut.done():
+                fut.set_result("ERR transport closed")
+        self._inflight.clear()
+        if self._local_dl is not None:
+            self._local_dl.drop()
         if self._router is not None:
             self._router.close(linger=0)
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
-        if self._poller is not None:
-            self._poller.stop_ev.set()
-            self._poller.wake.set()
-            await anyio.to_thread.run_sync(self._poller.join, 5.0)
         await asyncio.sleep(0)
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -210,69 +189,143 @@ class NixlTransport(Transport):
 
     def _deregister_memory(self, region: Region) -> None:
         if self._agent is not None and region.handle is not None:
+            if self._local_dl is not None:
+                self._local_dl.drop(region.addr, region.addr + region.nbytes)
             with contextlib.suppress(Exception):
                 self._agent.deregister_memory(region.handle)
             region.handle = None
 
+    # --- progress: transfer states and notifications, polled on the event loop while any are outstanding ----
+    async def _progress(self) -> None:
+        assert self._work is not None
+        agent, interval = self._agent, self.config.poll_interval_s
+        while True:
+            if not self._inflight and not self._granted:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            moved = False
+            for xid, (handle, fut) in list(self._inflight.items()):
+                try:
+                    state = agent.check_xfer_state(handle)
+                except Exception as exc:  # pragma: no cover - NIXL error path
+                    state = f"ERR {exc}"
+                if state != "PROC":
+                    moved = True
+                    del self._inflight[xid]
+                    if not fut.done():
+                        fut.set_result(state)
+            if self._granted:
+                try:
+                    notifs = agent.get_new_notifs()
+                except Exception as exc:  # pragma: no cover
+                    log.error("%s: polling NIXL notifications failed: %r", self.name, exc)
+                    notifs = {}
+                for agent_name, msgs in notifs.items():
+                    for msg in msgs:
+                        moved = True
+                        self._on_notif(str(agent_name), bytes(msg))
+                if not moved:  # forget grants whose landing was withdrawn and that never completed
+                    for key in [k for k, v in self._granted.items() if v[0].done.is_set()]:
+                        del self._granted[key]
+            await asyncio.sleep(0 if moved else interval)
+
+    def _kick(self) -> None:
+        if self._work is not None:
+            self._work.set()
+
     # --- side channel ---------------------------------------------------------------------------------------
     async def _recv_loop(self) -> None:
-        assert self._router is not None
+        """Await one message, drain the queued ones without suspending, answer each peer with one message."""
+        router = self._router
+        assert router is not None
+        sync: zmq.Socket[bytes] = zmq.Socket.shadow(router.underlying)
         while True:
-            frames = await self._router.recv_multipart()
-            try:
-                await self._on_message(frames)
-            except Exception as exc:
-                log.error("%s: error handling a side-channel message: %r", self.name, exc)
+            ident = await router.recv()
+            out: dict[bytes, list[bytes]] = {}
+            for _ in range(_DRAIN):
+                frames = [ident]
+                while sync.rcvmore:
+                    frames.append(sync.recv(zmq.NOBLOCK))
+                try:
+                    self._on_message(frames, out)
+                except Exception as exc:
+                    log.error("%s: error handling a side-channel message: %r", self.name, exc)
+                try:
+                    ident = sync.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            for dest, replies in out.items():  # through the asyncio socket: it re-arms its wake-up
+                with contextlib.suppress(zmq.ZMQError):
+                    await router.send_multipart([dest, *replies])
 
     async def _reply(self, ident: bytes, hdr: Header) -> None:
         if self._router is not None and not self._closed:
             with contextlib.suppress(zmq.ZMQError):
                 await self._router.send_multipart([ident, encode(hdr)])
 
-    async def _on_message(self, frames: list[bytes]) -> None:
+    def _on_message(self, frames: list[bytes], out: dict[bytes, list[bytes]]) -> None:
         ident = frames[0]
+
+        def reply(hdr: Header) -> None:
+            if not self._closed:
+                out.setdefault(ident, []).append(encode(hdr))
+
         try:
             if len(frames) != 2:
                 raise WireError(f"expected one header frame, got {len(frames) - 1}")
             hdr = decode(frames[1])
         except WireError as exc:
             self._landings.reject("?", f"bad side-channel message: {exc}; nothing written")
-            await self._reply(ident, Header(Kind.ACK, 0, "", status=Status.BAD, extra=str(exc).encode()))
+            reply(Header(Kind.ACK, 0, "", status=Status.BAD, extra=str(exc).encode()))
             return
-        if hdr.kind is Kind.HELLO:
+        if hdr.kind is Kind.REQ:
+            sender = hdr.extra.decode("utf-8", "replace")
+            try:
+                if self.checksum and hdr.checksum is None:
+                    raise Rejected(f"{self.name}: tag {hdr.tag!r} without a checksum, and this endpoint requires one")
+                slot = self._landings.claim(hdr.tag, hdr.payload_len)
+            except Rejected as exc:
+                self._landings.reject(sender, str(exc))
+                reply(Header(Kind.GRANT, hdr.seq, hdr.tag, status=Status.REJECTED, extra=str(exc).encode()))
+                return
+            if slot is None:  # not exposed yet: hold the request (the bytes stay at the sender)
+                self._spawn(self._grant_later(ident, sender, hdr))
+            else:
+                reply(self._grant(ident, sender, hdr, slot))
+        elif hdr.kind is Kind.HELLO:
             try:
                 remote = self._agent.add_remote_agent(hdr.extra)
                 log.debug("%s: loaded metadata of %r", self.name, remote)
             except Exception as exc:
                 reason = f"bad agent metadata: {exc}"
                 self._landings.reject("?", reason)
-                await self._reply(ident, Header(Kind.HELLO, hdr.seq, "", status=Status.BAD, extra=reason.encode()))
+                reply(Header(Kind.HELLO, hdr.seq, "", status=Status.BAD, extra=reason.encode()))
                 return
             md = self._agent.get_agent_metadata()
-            await self._reply(ident, Header(Kind.HELLO, hdr.seq, self.name, arg=self._md_epoch, extra=md))
-        elif hdr.kind is Kind.REQ:
-            self._spawn(self._grant(ident, hdr))
+            reply(Header(Kind.HELLO, hdr.seq, self.name, arg=self._md_epoch, extra=md))
         else:
             reason = f"unexpected {hdr.kind.name} on the side channel"
             self._landings.reject("?", reason)
-            await self._reply(ident, Header(Kind.ACK, hdr.seq, hdr.tag, status=Status.BAD, extra=reason.encode()))
+            reply(Header(Kind.ACK, hdr.seq, hdr.tag, status=Status.BAD, extra=reason.encode()))
 
-    async def _grant(self, ident: bytes, hdr: Header) -> None:
-        sender = hdr.extra.decode("utf-8", "replace")
+    def _grant(self, ident: bytes, sender: str, hdr: Header, slot: Slot) -> Header:
+        """Record the claimed ``slot`` as granted to ``sender``'s write ``hdr.seq``; the GRANT to send."""
+        self._granted[(sender, hdr.seq)] = (slot, ident)
+        self._kick()
+        mem, dev = _mem(slot.view)
+        return Header(Kind.GRANT, hdr.seq, hdr.tag, hdr.payload_len, arg=slot.view.data_ptr(),
+                      extra=f"{mem}:{dev}:{self._md_epoch}".encode())
+
+    async def _grant_later(self, ident: bytes, sender: str, hdr: Header) -> None:
         try:
-            if self.checksum and hdr.checksum is None:
-                raise Rejected(f"{self.name}: tag {hdr.tag!r} without a checksum, and this endpoint requires one")
             slot = await self._landings.claim_wait(hdr.tag, hdr.payload_len)
         except Rejected as exc:
             self._landings.reject(sender, str(exc))
             await self._reply(ident, Header(Kind.GRANT, hdr.seq, hdr.tag, status=Status.REJECTED,
                                             extra=str(exc).encode()))
             return
-        self._granted = {k: v for k, v in self._granted.items() if not v[0].done.is_set()}
-        self._granted[(sender, hdr.seq)] = (slot, ident)
-        mem, dev = _mem(slot.view)
-        await self._reply(ident, Header(Kind.GRANT, hdr.seq, hdr.tag, hdr.payload_len, arg=slot.view.data_ptr(),
-                                        extra=f"{mem}:{dev}:{self._md_epoch}".encode()))
+        await self._reply(ident, self._grant(ident, sender, hdr, slot))
 
     def _on_notif(self, agent_name: str, msg: bytes) -> None:
         try:
@@ -284,18 +337,24 @@ class NixlTransport(Transport):
         if entry is None:
             self._landings.reject(agent_name, f"notification for unknown transfer {hdr.seq} (tag {hdr.tag!r})")
             return
-        self._spawn(self._complete(agent_name, hdr, *entry))
+        slot, ident = entry
+        if hdr.checksum is not None:
+            self._spawn(self._complete(agent_name, hdr, slot, ident))
+            return
+        self._landings.finish(slot)  # no checksum: the sender returns on its WRITE's completion, no ACK
+        self.stats.arrivals += 1
+        self.stats.bytes_received += slot.nbytes
 
     async def _complete(self, sender: str, hdr: Header, slot: Slot, ident: bytes) -> None:
-        if hdr.checksum is not None:
-            got = await anyio.to_thread.run_sync(checksum_of, slot.view, limiter=self._limiter)
-            if got != hdr.checksum:
-                reason = f"{self.name}: checksum mismatch for tag {hdr.tag!r}; arrival discarded"
-                self._landings.reject(sender, reason)
-                self._landings.finish(slot, Rejected(reason))
-                await self._reply(ident, Header(Kind.ACK, hdr.seq, hdr.tag, status=Status.CORRUPT,
-                                                extra=reason.encode()))
-                return
+        assert hdr.checksum is not None
+        got = await anyio.to_thread.run_sync(checksum_of, slot.view, limiter=self._limiter)
+        if got != hdr.checksum:
+            reason = f"{self.name}: checksum mismatch for tag {hdr.tag!r}; arrival discarded"
+            self._landings.reject(sender, reason)
+            self._landings.finish(slot, Rejected(reason))
+            await self._reply(ident, Header(Kind.ACK, hdr.seq, hdr.tag, status=Status.CORRUPT,
+                                            extra=reason.encode()))
+            return
         self._landings.finish(slot)
         self.stats.arrivals += 1
         self.stats.bytes_received += slot.nbytes
@@ -326,6 +385,9 @@ class NixlTransport(Transport):
             raise TransportError(f"{self.name}: {p.name!r} refused our metadata: {hdr.extra.decode()}")
         p.agent_name = self._agent.add_remote_agent(hdr.extra)
         p.epoch = hdr.arg
+        if p.remote_dl is not None:
+            p.remote_dl.drop()  # prepared against the metadata just replaced
+        p.remote_dl = _DlistCache(self._agent, p.agent_name)
 
     async def write(self, peer: str, tag: str, src: torch.Tensor, timeout: float, *,
                     checksum: int | None = None) -> None:
@@ -352,34 +414,38 @@ class NixlTransport(Transport):
                 await self._hello(p)
             lmem, ldev = _mem(data)
             agent = self._agent
-            local = agent.get_xfer_descs([(data.data_ptr(), nbytes, ldev)], lmem)
-            remote = agent.get_xfer_descs([(grant.arg, nbytes, int(rdev))], rmem)
+            assert self._local_dl is not None and p.remote_dl is not None
             notif = encode(Header(Kind.DONE, seq, tag, nbytes, csum))
-            ack = p.expect(seq)
+            ack = p.expect(seq) if csum is not None else None
             try:
-                handle = agent.initialize_xfer("WRITE", local, remote, p.agent_name, notif)
+                local = self._local_dl.get(data.data_ptr(), nbytes, lmem, ldev)
+                remote = p.remote_dl.get(grant.arg, nbytes, rmem, int(rdev))
+                handle = agent.make_prepped_xfer("WRITE", local, [0], remote, [0], notif)
                 state = agent.transfer(handle)
             except Exception as exc:
                 p.pending.pop(seq, None)
                 raise TransportError(f"{self.name}: NIXL could not post the write of {tag!r} to {peer!r}: {exc}") from exc
             xid = None
             try:
-                if state != "ERR":
+                if state == "PROC":
                     done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-                    assert self._poller is not None
-                    xid = self._poller.add(handle, done)
+                    xid = next(self._xids)
+                    self._inflight[xid] = (handle, done)
+                    self._kick()
                     state = await done
                     xid = None
                 if state != "DONE":
                     raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
-                st, hdr = await ack
+                if ack is not None:
+                    st, hdr = await ack
+                    if st is not Status.OK:
+                        raise TransportError(f"{self.name}: {peer!r} rejected tag {tag!r} ({st.name}): "
+                                             f"{hdr.extra.decode('utf-8', 'replace')}")
             finally:
                 p.pending.pop(seq, None)
-                if xid is not None and self._poller is not None:
-                    self._poller.abandon(xid)
-            if st is not Status.OK:
-                raise TransportError(f"{self.name}: {peer!r} rejected tag {tag!r} ({st.name}): "
-                                     f"{hdr.extra.decode('utf-8', 'replace')}")
+                if xid is not None:  # abandoned (deadline, close): NIXL aborts it on release
+                    self._inflight.pop(xid, None)
+                _release(handle)
 
         await self._guarded(f"write of {tag!r} to {peer!r}", timeout, send)
         self.stats.writes += 1
@@ -394,6 +460,7 @@ class _Peer:
         self.owner, self.name, self.address = owner, name, address
         self.agent_name: str | None = None
         self.epoch = -1
+        self.remote_dl: _DlistCache | None = None
         self.sock = owner._ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
@@ -402,16 +469,17 @@ class _Peer:
 
     async def _read(self) -> None:
         while True:
-            frames = await self.sock.recv_multipart()
-            try:
-                hdr = decode(frames[0])
-            except WireError as exc:
-                log.warning("%s: bad reply from %s: %s", self.owner.name, self.name, exc)
-                continue
-            # GRANT and ACK share a seq: a GRANT answers the REQ future, the ACK the one registered after it
-            fut = self.pending.pop(hdr.seq, None)
-            if fut is not None and not fut.done():
-                fut.set_result((hdr.status, hdr))
+            frames = await self.sock.recv_multipart()  # one or more replies (the peer batches them)
+            for frame in frames:
+                try:
+                    hdr = decode(frame)
+                except WireError as exc:
+                    log.warning("%s: bad reply from %s: %s", self.owner.name, self.name, exc)
+                    continue
+                # GRANT and ACK share a seq: a GRANT answers the REQ future, the ACK the one registered after it
+                fut = self.pending.pop(hdr.seq, None)
+                if fut is not None and not fut.done():
+                    fut.set_result((hdr.status, hdr))
 
     def expect(self, seq: int) -> asyncio.Future[tuple[Status, Header]]:
         fut: asyncio.Future[tuple[Status, Header]] = asyncio.get_running_loop().create_future()
@@ -434,6 +502,8 @@ class _Peer:
 
     def close(self, reason: str) -> None:
         self.fail_all(Status.CLOSED, reason)
+        if self.remote_dl is not None:
+            self.remote_dl.drop()
         self.reader.cancel()
         self.sock.close(linger=0)
 

@@ -19,6 +19,7 @@ import logging
 import os
 import uuid
 import warnings
+from typing import cast
 
 import anyio
 import numpy as np
@@ -189,7 +190,7 @@ class ZmqTransport(Transport):
         one Python pass per frame) and send the acknowledgements of the batch as one message per sender."""
         router = self._router
         assert router is not None
-        sync = zmq.Socket.shadow(router.underlying)
+        sync: zmq.Socket[bytes] = zmq.Socket.shadow(router.underlying)
         while True:
             ident = await router.recv()
             acks: dict[bytes, list[bytes]] = {}
@@ -437,7 +438,7 @@ class ZmqTransport(Transport):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[Status | None, str]] = loop.create_future()
         hdr = encode(Header(Kind.DATA, seq, tag, nbytes, csum, extra=self.name.encode()))
-        sent = sock.send_multipart([hdr, data.numpy()], copy=False, flags=zmq.NOBLOCK)
+        sent = cast("asyncio.Future[object]", sock.send_multipart([hdr, data.numpy()], copy=False, flags=zmq.NOBLOCK))
         if not sent.done():  # queued behind a blocked send: let it go, take the guarded path
             sent.cancel()
             return False

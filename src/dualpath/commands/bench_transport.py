@@ -109,7 +109,9 @@ def _nixl_agent(name: str) -> Any:
     os.environ.setdefault("UCX_TLS", "tcp,self,sm")
     from nixl_cu12 import nixl_agent, nixl_agent_config  # type: ignore[import-not-found]
 
-    return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+    # the same agent configuration as our transport's default (NixlTransportConfig.progress_thread=False):
+    # NIXL's progress thread spins a core even when idle, which on a small box starves everything else
+    return nixl_agent(name, nixl_agent_config(backends=["UCX"], enable_prog_thread=False))
 
 
 def raw_nixl_recv(nbytes: int) -> None:
@@ -174,8 +176,9 @@ def _raw_zmq_pass(sock: Any, raw: Child, src: Any, size: int, count: int) -> flo
 
 
 def _raw_nixl_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, count: int) -> float:
-    local = agent.get_xfer_descs([(src.data_ptr(), size, 0)], "DRAM")
-    rdesc = agent.get_xfer_descs([(raw.first["addr"], size, 0)], "DRAM")
+    # descriptor lists prepared once and reused, as our transport does
+    local = agent.prep_xfer_dlist("NIXL_INIT_AGENT", [(src.data_ptr(), size, 0)], "DRAM")
+    rdesc = agent.prep_xfer_dlist(remote, [(raw.first["addr"], size, 0)], "DRAM")
     window = _window(size)
     t0 = time.perf_counter()
     raw.send(op="recv", count=count)
@@ -183,7 +186,7 @@ def _raw_nixl_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, cou
     posted = 0
     while posted < count or inflight:
         while posted < count and len(inflight) < window:
-            h = agent.initialize_xfer("WRITE", local, rdesc, remote, f"m{posted}".encode())
+            h = agent.make_prepped_xfer("WRITE", local, [0], rdesc, [0], f"m{posted}".encode())
             if agent.transfer(h) == "ERR":
                 raise RuntimeError("raw NIXL transfer failed")
             inflight.append(h)
@@ -199,7 +202,10 @@ def _raw_nixl_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, cou
                 h.release()
         inflight = still
     raw.read()
-    return size * count / (time.perf_counter() - t0) / 2**30
+    dt = time.perf_counter() - t0
+    local.release()
+    rdesc.release()
+    return size * count / dt / 2**30
 
 
 def _counts(size: int, mib: int) -> int:

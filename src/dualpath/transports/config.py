@@ -63,6 +63,11 @@ class NixlTransportConfig(_Common):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535, description="side-channel tcp port; 0 picks a free one")
     poll_interval_s: float = Field(default=0.0002, gt=0, description="transfer/notification poll period")
+    progress_thread: bool = Field(
+        default=False,
+        description="NIXL's own progress thread (it spins a core even when idle); off: the transport's poll "
+        "of transfer states and notifications drives progress while transfers are outstanding",
+    )
 
 
 class FaultsTransportConfig(Section):

@@ -10,8 +10,9 @@ notification carries ``(seq, tag, checksum)``; the receiver, on that notificatio
 returns when NIXL reports the WRITE complete (the bytes are in the peer's slot, which was claimed for it); with a
 checksum the receiver first verifies it and acknowledges (ACK), and ``write`` returns on the ACK. Side-channel
 messages are drained in batches and answered with one message per peer. Transfer states and notifications are
-polled on the event loop while any are outstanding (NIXL's own progress thread moves the bytes), so every NIXL
-call happens on one thread. ``nixl`` is imported lazily here only (``pip install dualpath[nixl]``); ``UCX_TLS``
+polled on the event loop while any are outstanding, so every NIXL call happens on one thread; those polls
+also drive UCX progress (NIXL's own progress thread, which spins a core even when idle, is off unless
+``progress_thread``). ``nixl`` is imported lazily here only (``pip install dualpath[nixl]``); ``UCX_TLS``
 defaults to ``tcp,self,sm`` when unset (CPU machines; keep ``tcp``).
 """
 
@@ -129,7 +130,8 @@ class NixlTransport(Transport):
             os.environ.setdefault("UCX_TLS", self.config.ucx_tls)
         nixl_mod = _import_nixl()
         # every later NIXL call of this agent happens on the event loop's thread: no agent-level locking needed
-        conf = nixl_mod.nixl_agent_config(backends=[self.config.backend])
+        conf = nixl_mod.nixl_agent_config(backends=[self.config.backend],
+                                          enable_prog_thread=self.config.progress_thread)
         self._agent = await anyio.to_thread.run_sync(nixl_mod.nixl_agent, self.name, conf)
         if self.config.backend not in self._agent.backends:
             raise TransportError(f"{self.name}: NIXL backend {self.config.backend!r} is not available "

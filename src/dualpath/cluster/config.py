@@ -31,6 +31,12 @@ class ClusterConfig(Section):
         "of the batch's hit KV onto the device before the first layer (the 'basic' baseline)",
     )
     prefill_max_batch: int = Field(default=8, ge=1, description="requests per PE layer-wise forward batch")
+    prefill_quota_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="compute quota of one PE forward batch: requests are packed FIFO while the model's predicted "
+        "prefill time stays within it (paper 7.5); None batches by prefill_max_batch(_tokens) only",
+    )
     prefill_max_batch_tokens: int = Field(default=16384, ge=1, description="new tokens per PE forward batch")
     decode_max_batch: int = Field(default=64, ge=1, description="requests per DE decode step")
     persist: bool = Field(default=True, description="DE writes every Full Block that becomes full to storage")

@@ -80,6 +80,11 @@ class LayerwiseModel(abc.ABC):
         """A model instance bound to ``device`` (may share weights with ``self`` when the device matches)."""
         return self
 
+    def predict_prefill_s(self, cached: int, new: int) -> float | None:
+        """Predicted seconds of prefilling ``new`` tokens over ``cached`` ones (all layers), or None if unknown.
+        Used by the PE's compute quota."""
+        return None
+
 
 class LlamaAdapter(LayerwiseModel):
     """Adapts :class:`dualpath.model.llama.LlamaModel` to :class:`LayerwiseModel`; compute runs in a thread.

@@ -14,6 +14,7 @@ from dualpath.engine.model_api import PrefillSeq
 from dualpath.engine.request import Turn, unwrap
 from dualpath.errors import EngineError
 from dualpath.paths.pe_read import h2d_layer, pe_read
+from dualpath.scheduler.batching import PendingPrefill, pack_forward_batch
 from dualpath.transports.base import Region, Transport
 from dualpath.types import EngineId, Role
 
@@ -110,6 +111,11 @@ class PrefillEngine(Engine):
         self._wake.set()
 
     def _take_batch(self) -> list[Turn]:
+        """The next forward batch: whole requests, FIFO, within the scratch size, ``prefill_max_batch(_tokens)``
+        and, when ``prefill_quota_s`` is set and the model can predict its time, the compute quota (paper 7.5,
+        via :func:`~dualpath.scheduler.batching.pack_forward_batch`). A request the quota would cut is not
+        chunked here: it waits for the next batch, or runs alone if it heads the queue (the simulator applies
+        chunked prefill; the runtime keeps each request's prefill in one forward)."""
         batch: list[Turn] = []
         blocks = 0
         new_tokens = 0
@@ -121,12 +127,24 @@ class PrefillEngine(Engine):
                 continue
             nb = t.prompt_blocks
             if batch and (blocks + nb > self.slot_blocks
-                          or new_tokens + t.prompt_len - t.hit_tokens > self.cfg.prefill_max_batch_tokens):
+                          or new_tokens + t.prompt_len - t.hit_tokens > self.cfg.prefill_max_batch_tokens
+                          or not self._within_quota(batch, t)):
                 break
             batch.append(self.queue.popleft())
             blocks += nb
             new_tokens += t.prompt_len - t.hit_tokens
         return batch
+
+    def _within_quota(self, batch: list[Turn], t: Turn) -> bool:
+        quota = self.cfg.prefill_quota_s
+        if quota is None:
+            return True
+        predict = self.model.predict_prefill_s
+        if predict(0, 1) is None:
+            return True
+        pending = [PendingPrefill(i, x.hit_tokens, x.prompt_len - x.hit_tokens) for i, x in enumerate([*batch, t])]
+        fb = pack_forward_batch(pending, quota, lambda cached, new: predict(cached, new) or 0.0)
+        return len(fb.chunks) == len(pending) and fb.chunks[-1].new == pending[-1].remaining
 
     async def run(self) -> None:
         while True:

@@ -97,6 +97,10 @@ class SyntheticModel(LayerwiseModel):
         return new * c.linear_flops_per_token / c.n_layers + c.attn_flops_per_key_layer * keys
 
     # --- LayerwiseModel ----------------------------------------------------------------------------------
+    def predict_prefill_s(self, cached: int, new: int) -> float | None:
+        """Exactly the time the layer sleeps add up to for this request (all layers)."""
+        return self.prefill_flops(cached, new) * self.config.n_layers / self._rate
+
     async def prefill_begin(self, seqs: Sequence[PrefillSeq]) -> Any:
         for s in seqs:
             if s.cached + s.new > self.max_context:

@@ -115,6 +115,9 @@ def policy_config(base: DualPathConfig, policy: str, storage_root: Path | None) 
     cfg.scheduler.layerwise = pol.layerwise
     if "layerwise" in type(cfg.cluster).model_fields:  # engines that can prefill without streaming
         cfg.cluster.layerwise = pol.layerwise  # type: ignore[attr-defined]
+    # the DualPath scheduler's intra-engine batching: the compute quota on each PE forward (paper 7.5); the
+    # simple-assignment baselines batch by size only, as the simulator does
+    cfg.cluster.prefill_quota_s = cfg.scheduler.compute_quota_s if pol.smart_assign else None
     if pol.oracle:
         # the bound: every KV byte still moves (the engines need it) but no link charges time for it
         cfg.cluster.snic_gbps = None

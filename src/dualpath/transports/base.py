@@ -49,6 +49,7 @@ from dualpath.errors import PeerTimeout, TransportClosed, TransportError
 from dualpath.transports.landing import LandingTable, check_tag
 
 _region_ids = itertools.count(1)
+_VIEW_CACHE = 4096  # landing views kept per region
 T = TypeVar("T")
 
 
@@ -75,6 +76,7 @@ class Region:
 
     def __post_init__(self) -> None:
         self.bytes = byte_view(self.tensor)
+        self._views: dict[tuple[int, int], torch.Tensor] = {}  # landing views by (offset, nbytes): slots recur
 
     @property
     def nbytes(self) -> int:
@@ -89,11 +91,18 @@ class Region:
         return int(self.bytes.data_ptr())
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        v = self._views.get((offset, nbytes))
+        if v is not None:
+            return v
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.nbytes:
             raise TransportError(
                 f"slot [offset={offset}, nbytes={nbytes}] does not fit region {self.id} of {self.nbytes} bytes"
             )
-        return self.bytes[offset : offset + nbytes]
+        v = self.bytes[offset : offset + nbytes]
+        if len(self._views) >= _VIEW_CACHE:
+            self._views.clear()
+        self._views[(offset, nbytes)] = v
+        return v
 
     def contains(self, t: torch.Tensor) -> bool:
         if t.device != self.device:
@@ -186,7 +195,8 @@ class Transport(abc.ABC):
     # --- receiving ------------------------------------------------------------------------------------------
     def expose(self, tag: str, region: Region, offset: int, nbytes: int) -> None:
         """Expose ``region[offset:offset+nbytes]`` (bytes) as the landing slot of one arrival under ``tag``."""
-        self._check_open()
+        if self._closed:
+            self._check_open()
         if self._regions.get(region.id) is not region:
             raise TransportError(f"{self.name}: region {region.id} is not registered with this transport")
         self._landings.expose(tag, region.view(offset, nbytes))

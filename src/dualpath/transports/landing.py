@@ -33,13 +33,40 @@ def check_tag(tag: str) -> bytes:
     return raw
 
 
-@dataclass(eq=False)
+class Done:
+    """A one-shot flag with :class:`anyio.Event`'s interface whose event is made only when someone waits (most
+    slots are done before their waiter looks: this keeps the per-message path light)."""
+
+    __slots__ = ("_set", "_event")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: anyio.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            if self._event is not None:
+                self._event.set()
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+
+@dataclass(eq=False, slots=True)
 class Slot:
     tag: str
     view: torch.Tensor  # 1-D uint8 view of the landing bytes
     state: str = "exposed"  # exposed | busy | landed | failed
     error: BaseException | None = None
-    done: anyio.Event = field(default_factory=anyio.Event)
+    done: Done = field(default_factory=Done)
     withdrawn: bool = False
 
     @property
@@ -62,18 +89,24 @@ class LandingTable:
 
     # --- receiver side --------------------------------------------------------------------------------------
     def expose(self, tag: str, view: torch.Tensor) -> None:
+        if tag in self._slots:
+            raise TransportError(f"{self.owner}: tag {tag!r} is already exposed (wait or cancel it first)")
         check_tag(tag)
         if self._closed:
             raise TransportClosed(f"{self.owner}: transport is closed")
-        if tag in self._slots:
-            raise TransportError(f"{self.owner}: tag {tag!r} is already exposed (wait or cancel it first)")
         self._slots[tag] = Slot(tag, view)
-        ev = self._exposed_events.pop(tag, None)
-        if ev is not None:
-            ev.set()
+        if self._exposed_events:
+            ev = self._exposed_events.pop(tag, None)
+            if ev is not None:
+                ev.set()
 
     async def wait(self, tag: str, timeout: float) -> None:
         slot = self._slots.get(tag)
+        if slot is not None and slot.done._set and timeout is not None and timeout >= 0:  # landed already
+            del self._slots[tag]
+            if slot.error is not None:
+                raise slot.error
+            return
         if slot is None:
             if self._closed:
                 raise TransportClosed(f"{self.owner}: transport is closed")

@@ -44,7 +44,10 @@ def _sync(t: torch.Tensor) -> None:
 
 def device_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Blocking copy of bytes between any two devices; returns when the bytes are in ``dst``."""
-    dst.copy_(src, non_blocking=dst.device.type == "cuda" and src.device.type == "cuda")
+    if not (dst.is_cuda or src.is_cuda):  # host to host: a memcpy
+        dst.copy_(src)
+        return
+    dst.copy_(src, non_blocking=dst.is_cuda and src.is_cuda)
     _sync(dst)
     if src.device != dst.device:
         _sync(src)
@@ -94,12 +97,13 @@ class LoopbackTransport(Transport):
         address = self._peers.get(peer)
         if address is None:
             raise TransportError(f"{self.name}: peer {peer!r} is not connected (call connect first)")
-        if checksum is None and data.numel() <= self.inline_copy_bytes:
+        nbytes = data.numel()
+        if checksum is None and nbytes <= self.inline_copy_bytes:
             # fast path: the landing is exposed, the copy is small: done without suspending
             ep = self.fabric.endpoints.get(address)
             if ep is not None and not ep._closed:
                 try:
-                    slot = ep._landings.claim(tag, data.numel())
+                    slot = ep._landings.claim(tag, nbytes)
                 except Rejected as exc:
                     ep._landings.reject(self.name, str(exc))
                     ep.stats.rejected += 1
@@ -112,9 +116,9 @@ class LoopbackTransport(Transport):
                         raise TransportError(f"{self.name}: copy into {peer!r} failed: {exc!r}") from exc
                     ep._landings.finish(slot)
                     ep.stats.arrivals += 1
-                    ep.stats.bytes_received += data.numel()
+                    ep.stats.bytes_received += nbytes
                     self.stats.writes += 1
-                    self.stats.bytes_sent += data.numel()
+                    self.stats.bytes_sent += nbytes
                     return
 
         async def deliver() -> None:

@@ -24,7 +24,8 @@ import itertools
 import logging
 import os
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import anyio
 import torch
@@ -85,6 +86,11 @@ class _DlistCache:
         """Release the lists whose span starts in ``[start, end)`` (all by default)."""
         for key in [k for k in self.lists if start <= k[0] < end]:
             _release(self.lists.pop(key))
+
+
+def _drop_result(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("side-channel send failed: %r", fut.exception())
 
 
 def _release(handle: Any) -> None:
@@ -273,14 +279,20 @@ class NixlTransport(Transport):
             if not self._closed:
                 out.setdefault(ident, []).append(encode(hdr))
 
-        try:
-            if len(frames) != 2:
-                raise WireError(f"expected one header frame, got {len(frames) - 1}")
-            hdr = decode(frames[1])
-        except WireError as exc:
-            self._landings.reject("?", f"bad side-channel message: {exc}; nothing written")
-            reply(Header(Kind.ACK, 0, "", status=Status.BAD, extra=str(exc).encode()))
+        if len(frames) < 2:
+            self._landings.reject("?", "side-channel message without a header frame")
+            reply(Header(Kind.ACK, 0, "", status=Status.BAD, extra=b"expected header frames, got none"))
             return
+        for frame in frames[1:]:  # a sender batches the requests of its concurrent writes
+            try:
+                hdr = decode(frame)
+            except WireError as exc:
+                self._landings.reject("?", f"bad side-channel message: {exc}; nothing written")
+                reply(Header(Kind.ACK, 0, "", status=Status.BAD, extra=str(exc).encode()))
+                continue
+            self._on_request(ident, hdr, reply)
+
+    def _on_request(self, ident: bytes, hdr: Header, reply: Callable[[Header], None]) -> None:
         if hdr.kind is Kind.REQ:
             sender = hdr.extra.decode("utf-8", "replace")
             try:
@@ -467,6 +479,7 @@ class _Peer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
         self.pending: dict[int, asyncio.Future[tuple[Status, Header]]] = {}
+        self.outbox: list[bytes] = []
         self.reader = owner._spawn(self._read())
 
     async def _read(self) -> None:
@@ -489,12 +502,23 @@ class _Peer:
         return fut
 
     async def request(self, hdr: Header) -> tuple[Status, Header]:
+        """Send ``hdr`` and await the reply with its seq. Requests made in one event-loop pass leave as one
+        message (one frame each)."""
         fut = self.expect(hdr.seq)
+        self.outbox.append(encode(hdr))
+        if len(self.outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
         try:
-            await self.sock.send_multipart([encode(hdr)])
             return await fut
         finally:
             self.pending.pop(hdr.seq, None)
+
+    def _flush(self) -> None:
+        frames, self.outbox = self.outbox, []
+        if frames and not self.sock.closed:
+            # the asyncio socket: sends at once unless at the HWM
+            sent = cast("asyncio.Future[Any]", self.sock.send_multipart(frames))
+            sent.add_done_callback(_drop_result)
 
     def fail_all(self, status: Status, reason: str) -> None:
         for seq, fut in self.pending.items():

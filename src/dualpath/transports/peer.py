@@ -76,7 +76,7 @@ async def main(name: str, config_json: str, buffer_bytes: int) -> None:
                 elif op == "bench":  # receive count messages of nbytes under tags prefix+i (window of exposes)
                     n, count = cmd["nbytes"], cmd["count"]
                     for i in range(count):
-                        t.expose(f"{cmd['prefix']}{i}", region, (i % 4) * n, n)
+                        t.expose(f"{cmd['prefix']}{i}", region, (i % cmd.get("slots", 4)) * n, n)
                     for i in range(count):
                         await t.wait(f"{cmd['prefix']}{i}", cmd["timeout"])
                 reply["ok"] = True

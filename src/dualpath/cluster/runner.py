@@ -363,7 +363,7 @@ class Cluster:
             if seq.pages:
                 with anyio.move_on_after(self.config.cluster.deadline_s):
                     await seq.idle.wait()
-                de._free_pages(seq.pages)
+                de.free_pages(seq.pages)
                 seq.pages = []
 
 

@@ -200,7 +200,7 @@ class EngineHost:
             snap = self.engine.snapshot()
             body = {"seq": max(0, snap.seq), "tok": max(0, snap.tok), "read_q": max(0, int(snap.read_q)),
                     "free_kv_tokens": max(0, int(snap.free_kv_tokens)), "inflight": len(self.turns),
-                    "tasks": len(asyncio.all_tasks()), "regions": len(self.transport._regions),
+                    "tasks": len(asyncio.all_tasks()), "regions": self.transport.registered_regions,
                     **process_gauges()}
             try:
                 await self.channel.notify(None, "heartbeat", body)
@@ -394,7 +394,7 @@ class EngineHost:
                     if seq.pages:
                         with anyio.move_on_after(self.config.cluster.deadline_s):
                             await seq.idle.wait()
-                        eng._free_pages(seq.pages)
+                        eng.free_pages(seq.pages)
                         seq.pages = []
             eng.unassign(turn)
 

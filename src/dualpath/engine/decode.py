@@ -152,7 +152,7 @@ class DecodeEngine(Engine):
             return self.pool.allocate(n)
         raise PeerTimeout(f"{self.name}: no room for {n} KV pool blocks within {self.cfg.deadline_s} s")
 
-    def _free_pages(self, pages: list[int]) -> None:
+    def free_pages(self, pages: list[int]) -> None:
         self.pool.free(pages)
         self._pool_freed.set()
         self._pool_freed = anyio.Event()
@@ -200,7 +200,7 @@ class DecodeEngine(Engine):
             seq.idle.set()
             await self._persist_prompt(seq)
         except BaseException:
-            self._free_pages(pages)
+            self.free_pages(pages)
             raise
         finally:
             self.release(turn)
@@ -335,5 +335,5 @@ class DecodeEngine(Engine):
             with anyio.move_on_after(self.cfg.deadline_s):
                 await seq.idle.wait()
         finally:
-            self._free_pages(seq.pages)
+            self.free_pages(seq.pages)
             seq.pages = []

@@ -166,6 +166,11 @@ class Transport(abc.ABC):
             raise TransportClosed(f"{self.name}: transport is closed")
 
     # --- registration ---------------------------------------------------------------------------------------
+    @property
+    def registered_regions(self) -> int:
+        """How many buffers are registered (leak checks: it must stay flat under load)."""
+        return len(self._regions)
+
     def register(self, buf: torch.Tensor) -> Region:
         """Register a contiguous buffer once; returns its :class:`Region`."""
         self._check_open()

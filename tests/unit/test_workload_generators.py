@@ -97,3 +97,19 @@ def test_build_workload_from_config(tmp_path) -> None:  # type: ignore[no-untype
     off = build_workload(WorkloadConfig(trace=str(trace), n_agents=4))
     assert [t.tid for t in off] == [0, 1, 2, 3] and off[3].turns == off[0].turns
     assert all(t.arrival == 0.0 for t in off)
+
+
+def test_more_agents_than_the_paper_dataset_replay_its_500_trajectories():
+    # Appendix A.3: more agents sample the dataset's trajectories (each with its own synthetic first round).
+    base = generate_dataset("48k", 500, seed=3)
+    many = generate_dataset("48k", 1750, seed=3)
+    assert [t.tid for t in many] == list(range(1750))
+    shapes = {tuple((x.append, x.gen) for x in t.turns) for t in base}
+    assert all(tuple((x.append, x.gen) for x in t.turns) in shapes for t in many)
+    uses = {}
+    for t in many:
+        key = tuple((x.append, x.gen) for x in t.turns)
+        uses[key] = uses.get(key, 0) + 1
+    assert len(uses) == len(shapes) and max(uses.values()) - min(uses.values()) <= 1  # balanced replay
+    # the longest session does not grow with the number of agents
+    assert max(t.total_tokens for t in many) == max(t.total_tokens for t in base)

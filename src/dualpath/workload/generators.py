@@ -28,7 +28,7 @@ MaxLen.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -48,6 +48,9 @@ class DatasetSpec:
     weight_sigma: float = 0.8
     synthetic_append: int = 64
     min_turns: int = 2
+    #: The paper's datasets hold 500 trajectories each; more agents re-use them (appendix A.3: "an existing
+    #: trajectory is sampled and a synthetic first round is prepended"). None: every agent is drawn afresh.
+    base_trajectories: int | None = None
 
 
 #: Table 2 targets: (turns, append/turn, gen/turn, total tokens, context) per MaxLen.
@@ -59,11 +62,11 @@ TABLE2: dict[str, tuple[float, float, float, float, float]] = {
 
 DATASETS: dict[str, DatasetSpec] = {
     "32k": DatasetSpec(32 * 1024, turns_mu=3.8646, turns_sigma=0.6778, len_lo=0.7500, len_hi=0.998,
-                       first_frac=0.2335, gen_frac=0.2556),
+                       first_frac=0.2335, gen_frac=0.2556, base_trajectories=500),
     "48k": DatasetSpec(48 * 1024, turns_mu=4.4269, turns_sigma=0.6879, len_lo=0.7357, len_hi=0.998,
-                       first_frac=0.1969, gen_frac=0.3318),
+                       first_frac=0.1969, gen_frac=0.3318, base_trajectories=500),
     "64k": DatasetSpec(64 * 1024, turns_mu=4.7920, turns_sigma=0.7266, len_lo=0.7097, len_hi=0.998,
-                       first_frac=0.1827, gen_frac=0.3561),
+                       first_frac=0.1827, gen_frac=0.3561, base_trajectories=500),
     "small": DatasetSpec(4096, turns_mu=2.3, turns_sigma=0.4, len_lo=0.5, len_hi=0.95, first_frac=0.2,
                          gen_frac=0.25, synthetic_append=32),
     "tiny": DatasetSpec(1024, turns_mu=1.3, turns_sigma=0.3, len_lo=0.4, len_hi=0.9, first_frac=0.25,
@@ -133,9 +136,22 @@ def generate_from_spec(
     gen_scale: float = 1.0,
     synthetic_first: bool = True,
 ) -> list[Trajectory]:
-    """``n`` trajectories of the model described in the module docstring."""
+    """``n`` trajectories of the model described in the module docstring.
+
+    With ``spec.base_trajectories`` set and ``n`` larger, the agents replay a base set of that many
+    trajectories, each used ``n / base`` times in a shuffled round-robin (the paper's way to make more agents;
+    each copy is a separate session: its synthetic first round keeps it from sharing a prefix with the others).
+    So the longest trajectory does not grow with the number of agents, as it would with fresh draws.
+    """
     if n < 0 or scale <= 0 or append_scale <= 0 or gen_scale <= 0:
         raise WorkloadError(f"need n >= 0 and positive scales, got n={n}, scale={scale}")
+    base = spec.base_trajectories
+    if base is not None and n > base:
+        pool = generate_from_spec(replace(spec, base_trajectories=None), base, seed, scale, max_len,
+                                  append_scale, gen_scale, synthetic_first)
+        order_rng = np.random.default_rng([seed, 1])
+        order = np.concatenate([order_rng.permutation(base) for _ in range(-(-n // base))])[:n]
+        return [Trajectory(i, list(pool[int(j)].turns)) for i, j in enumerate(order)]
     rng = np.random.default_rng(seed)
     cap = max_len if max_len is not None else max(8, int(spec.max_len * scale))
     synth = max(1, round(spec.synthetic_append * scale)) if synthetic_first else 0

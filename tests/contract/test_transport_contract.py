@@ -4,11 +4,8 @@ two real processes for the socket/RDMA backends (zmq, nixl), including a peer ki
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +15,7 @@ import torch
 
 from dualpath.errors import PeerTimeout, TransportClosed, TransportError
 from dualpath.transports import Transport, create_transport
+from dualpath.transports.child import JsonLineChild
 from dualpath.transports.config import (
     FaultsTransportConfig,
     LoopbackTransportConfig,
@@ -403,42 +401,18 @@ async def test_zmq_curve_admits_only_allowed_clients(caplog: pytest.LogCaptureFi
 # --- two real processes ---------------------------------------------------------------------------------------
 
 
-class RemotePeer:
+class RemotePeer(JsonLineChild):
     """A transport endpoint in a child process (dualpath.transports.peer), driven by JSON lines."""
 
     def __init__(self, name: str, config: Any, buffer_bytes: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dualpath.transports.peer", name, config.model_dump_json(), str(buffer_bytes)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
-        )
-        self.ids = iter(range(1, 1 << 30))
+        super().__init__(["-m", "dualpath.transports.peer", name, config.model_dump_json(), str(buffer_bytes)], 60)
         self.replies: dict[int, dict[str, Any]] = {}
-        first = self._readline(60)
-        self.address = first["address"]
-
-    def _readline(self, timeout: float) -> dict[str, Any]:
-        import select
-
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError("peer process did not answer")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise EOFError(f"peer process exited ({self.proc.poll()})")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def send(self, **cmd: Any) -> int:
-        cid = next(self.ids)
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"id": cid, **cmd}) + "\n")
-        self.proc.stdin.flush()
-        return cid
+        self.address = self.first["address"]
 
     async def reply(self, cid: int, _timeout: float = 30.0) -> dict[str, Any]:
         with anyio.fail_after(_timeout):
             while cid not in self.replies:
-                msg = await anyio.to_thread.run_sync(self._readline, _timeout)
+                msg = await anyio.to_thread.run_sync(self.read, _timeout)
                 self.replies[msg["id"]] = msg
         return self.replies.pop(cid)
 
@@ -448,15 +422,6 @@ class RemotePeer:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send(op="exit")
-                self.proc.wait(10)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 PROC_KINDS = ["zmq", pytest.param("nixl", marks=[pytest.mark.nixl, pytest.mark.skipif(not HAVE_NIXL, reason="nixl")])]

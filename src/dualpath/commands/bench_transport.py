@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from dualpath.transports.child import JsonLineChild
 
 KiB, MiB = 1 << 10, 1 << 20
 SLOTS = 4  # landing slots the receiver rotates over (ours and the raw NIXL baseline alike)
@@ -48,39 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --- child processes -------------------------------------------------------------------------------------------
 
 
-class Child:
+class Child(JsonLineChild):
     """A helper process speaking JSON lines (ours: dualpath.transports.peer; raw: this module's __main__)."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, bufsize=1)
-        self.n = 0
-        self.first = self.read(120)
-
-    def read(self, timeout: float = 120) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError("benchmark helper process did not answer")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"benchmark helper process exited with {self.proc.poll()}")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def send(self, **cmd: Any) -> None:
-        assert self.proc.stdin is not None
-        self.n += 1
-        self.proc.stdin.write(json.dumps({"id": self.n, **cmd}) + "\n")
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send(op="exit")
-                self.proc.wait(10)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def _proto_out() -> Any:

@@ -146,12 +146,23 @@ def test_failing_and_hanging_reads_are_recomputed(dep) -> None:
         else:
             os.mkfifo(f)  # open() blocks until a writer comes: a read that never returns
             fifos.append(f)
-    timer = threading.Timer(cfg.cluster.deadline_s + 1.0, _release_fifos, args=(fifos,))
-    timer.start()
+    # Release the hung reads once they are past the read deadline, and keep releasing: a non-blocking writer
+    # open fails (ENXIO) while no reader has the FIFO open yet, so one release can come before a slow reader.
+    stop = threading.Event()
+
+    def _releaser() -> None:
+        if stop.wait(cfg.cluster.deadline_s + 1.0):
+            return
+        while not stop.wait(0.2):
+            _release_fifos(fifos)
+
+    releaser = threading.Thread(target=_releaser, daemon=True)
+    releaser.start()
     try:
         res = replay(d.address, agents, cfg)
         assert tokens_of(res) == ref
         assert all(r.outcome.hit_tokens == 0 for r in res.records if r.turn == 0)
     finally:
-        timer.cancel()
+        stop.set()
+        releaser.join(5)
         _release_fifos(fifos)

@@ -1,8 +1,36 @@
 """dualpath: dual-path KV-cache loading for agentic LLM inference (arXiv 2602.21548), single-node first.
 
-The public API is re-exported here; importing ``dualpath`` imports neither CUDA, kvikio, NIXL nor Triton.
+The public API is what :data:`__all__` lists; ``docs/library.md`` shows it in use. Importing ``dualpath`` imports
+neither CUDA, kvikio, NIXL, ZeroMQ, transformers nor Triton: the cluster, the backends, the scheduler and the
+simulator are imported on first use of their names.
+
+* configuration: :func:`load_config` (a file, a mapping, a config object, keyword sections; ``preset="demo"``
+  is ``dualpath run``'s default), :class:`DualPathConfig`;
+* running: :class:`Session` (sync) / :class:`AsyncSession`, :func:`create_cluster` / :class:`Cluster`,
+  :func:`create_scheduler` / :class:`GlobalScheduler` / :class:`SchedulerDriver`; every turn API returns a
+  :class:`TurnResult`; :func:`run_workload` is the whole ``dualpath run`` job; :func:`run_sync`;
+* storage and transports on their own: :func:`create_storage`, :func:`create_transport`, :class:`KVLayout`,
+  :class:`KVSpec`, :class:`KeyNamespace`, :class:`BlockKeyer`, :class:`BlockKey`;
+* models: :func:`load_model`, :func:`load_tokenizer`; the simulator: :func:`simulate`,
+  :func:`scenario_from_preset`, :class:`SimScenario`;
+* errors: :class:`DualPathError` and its family.
 """
 
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+from dualpath.api import (
+    AsyncSession,
+    Session,
+    create_cluster,
+    create_scheduler,
+    load_tokenizer,
+    run_sync,
+    run_workload,
+)
 from dualpath.config import DualPathConfig, load_config
 from dualpath.errors import (
     BlockMissing,
@@ -18,6 +46,7 @@ from dualpath.errors import (
     StorageFull,
     TransportClosed,
     TransportError,
+    TransportRejected,
     WorkloadError,
 )
 from dualpath.kv.keys import BlockKeyer, KeyNamespace
@@ -26,16 +55,49 @@ from dualpath.types import BlockKey, EngineId, PathKind, Role, TrafficClass
 
 __version__ = "0.1.0"
 
+#: public names imported on first access (they pull torch-heavy or optional modules)
+_LAZY = {
+    "Cluster": "dualpath.cluster.runner",
+    "TurnResult": "dualpath.engine.request",
+    "TurnTimings": "dualpath.engine.request",
+    "SchedulerDriver": "dualpath.scheduler.driver",
+    "GlobalScheduler": "dualpath.scheduler.core",
+    "SchedulerParams": "dualpath.scheduler.params",
+    "Policy": "dualpath.scheduler.policies",
+    "POLICIES": "dualpath.scheduler.policies",
+    "get_policy": "dualpath.scheduler.policies",
+    "Storage": "dualpath.storage",
+    "create_storage": "dualpath.storage",
+    "Transport": "dualpath.transports",
+    "create_transport": "dualpath.transports",
+    "load_model": "dualpath.model.loader",
+    "simulate": "dualpath.sim",
+    "scenario_from_preset": "dualpath.sim",
+    "SimScenario": "dualpath.sim",
+    "RunRequest": "dualpath.runtime.app",
+    "RunOutcome": "dualpath.runtime.app",
+    "execute": "dualpath.runtime.app",
+}
+
+#: old names still importable from ``dualpath`` with a DeprecationWarning: name -> (module, attribute, use instead)
+_DEPRECATED: dict[str, tuple[str, str, str]] = {
+    "TurnOutcome": ("dualpath.runtime.clients", "TurnOutcome", "dualpath.TurnResult"),
+}
+
 __all__ = [
+    "POLICIES",
+    "AsyncSession",
     "BlockKey",
     "BlockKeyer",
     "BlockMissing",
+    "Cluster",
     "ConfigError",
     "CorruptBlock",
     "DualPathConfig",
     "DualPathError",
     "EngineError",
     "EngineId",
+    "GlobalScheduler",
     "KVLayout",
     "KVSpec",
     "KernelError",
@@ -43,14 +105,54 @@ __all__ = [
     "ModelError",
     "PathKind",
     "PeerTimeout",
+    "Policy",
     "Role",
+    "RunOutcome",
+    "RunRequest",
+    "SchedulerDriver",
     "SchedulerError",
+    "SchedulerParams",
+    "Session",
+    "SimScenario",
+    "Storage",
     "StorageError",
     "StorageFull",
     "TrafficClass",
+    "Transport",
     "TransportClosed",
     "TransportError",
+    "TransportRejected",
+    "TurnResult",
+    "TurnTimings",
     "WorkloadError",
     "__version__",
+    "create_cluster",
+    "create_scheduler",
+    "create_storage",
+    "create_transport",
+    "execute",
+    "get_policy",
     "load_config",
+    "load_model",
+    "load_tokenizer",
+    "run_sync",
+    "run_workload",
+    "scenario_from_preset",
+    "simulate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _DEPRECATED:
+        module, attr, instead = _DEPRECATED[name]
+        warnings.warn(f"dualpath.{name} is deprecated; use {instead}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'dualpath' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from dualpath.errors import DualPathError
 
 # command -> (module, one-line help)
@@ -22,11 +24,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("dualpath.commands.chat", "a multi-turn session with a real model through the cluster"),
     "generate": ("dualpath.commands.generate", "greedy generation with this project's model and kernels"),
     "serve": ("dualpath.commands.serve", "run engines and the scheduler as processes"),
+    "reproduce": ("dualpath.commands.reproduce", "regenerate the paper's evaluation (Figs. 7-14, Table 3) by simulation"),
+    "trace": ("dualpath.commands.trace", "request traces: shape and reuse statistics (trace stats FILE)"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "storage": ("dualpath.commands.bench_storage", "storage backend reads/writes vs raw os.preadv"),
     "transport": ("dualpath.commands.bench_transport", "transports vs raw pyzmq / NIXL / copy_, and link accuracy"),
     "kernels": ("dualpath.commands.bench_kernels", "paged attention kernels vs torch SDPA (GPU)"),
+    "http": ("dualpath.commands.bench_http", "replay a trace as chats against any OpenAI-compatible server"),
+    "serve": ("dualpath.commands.bench_serve", "the same trace in one process and as a deployment (ratio)"),
 }
 
 
@@ -70,6 +76,12 @@ def _version() -> str:
     return __version__
 
 
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+    field = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{exc.title}{'.' + field if field else ''}: {err.get('msg', 'invalid value')}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_load(module).run(args) or 0)
     except DualPathError as exc:
         print(f"dualpath: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a value set from a flag (--rate nan): one line naming the field, not a traceback
+        print(f"dualpath: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dualpath: interrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ dotted path with double underscores: ``DUALPATH_STORAGE__ROOT=/mnt/kv`` sets ``s
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from dualpath._configbase import Section
 from dualpath.cluster.config import ClusterConfig
 from dualpath.control.config import ServeConfig
 from dualpath.errors import ConfigError
+from dualpath.http.config import HttpConfig
 from dualpath.model.config import ModelConfig, SyntheticModelConfig
 from dualpath.scheduler.config import SchedulerConfig
 from dualpath.storage.config import MemoryStorageConfig, StorageConfig
@@ -39,6 +40,7 @@ class DualPathConfig(Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -108,49 +110,152 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{source}: {loc or '<root>'}: {msg}")
-    return "\n".join(lines)
-
-
+#: pydantic location parts that name a branch of a tagged or plain union, not a field
 _UNION_TAGS = {
     "memory", "posix", "kvikio", "faults", "loopback", "zmq", "nixl", "llama", "synthetic",
 }
 
+#: the message of a union field whose per-branch messages do not spell out the valid values
+_HINTS = {
+    "cluster.devices": "use 'auto', 'cpu', or a list of devices, one per engine (e.g. [cuda:0, cuda:1])",
+}
+
+
+def _is_branch(part: object) -> bool:
+    """A union-branch location part (``literal['auto','cpu']``, ``list[str]``, a backend tag), not a field."""
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith("function-"))
+
+
+def _label(loc: tuple[str, ...], provenance: Mapping[tuple[str, ...], str] | None, source: str) -> str:
+    """The source that set ``loc`` (the longest recorded prefix of it), else ``source``."""
+    if provenance:
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in provenance:
+                return provenance[loc[:n]]
+    return source
+
+
+def format_validation_error(
+    exc: ValidationError, source: str, provenance: Mapping[tuple[str, ...], str] | None = None
+) -> str:
+    """One line per invalid field, ``<source>: <dotted.field>: <message>``.
+
+    ``provenance`` maps dotted field paths to the source that set them (a file, the environment, keyword
+    overrides); a field no source set is labelled ``source``. The errors of the branches of one union field are
+    merged into one line that shows the value given.
+    """
+    merged: dict[str, list[str]] = {}
+    inputs: dict[str, object] = {}
+    labels: dict[str, str] = {}
+    for err in exc.errors():
+        parts = tuple(str(p) for p in err["loc"] if not _is_branch(p))
+        loc = ".".join(parts)
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        merged.setdefault(loc, [])
+        if msg not in merged[loc]:
+            merged[loc].append(msg)
+        inputs.setdefault(loc, err.get("input"))
+        labels.setdefault(loc, _label(parts, provenance, source))
+    lines = []
+    for loc, msgs in merged.items():
+        text = msgs[0] if len(msgs) == 1 else f"{inputs[loc]!r} is not valid ({'; or: '.join(msgs)})"
+        if loc in _HINTS and len(msgs) > 1:
+            text = f"{inputs[loc]!r} is not valid: {_HINTS[loc]}"
+        lines.append(f"{labels[loc]}: {loc or '<root>'}: {text}")
+    return "\n".join(lines)
+
+
+def _leaves(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for k, v in data.items():
+        path = (*prefix, str(k))
+        out.append(path)
+        if isinstance(v, Mapping):
+            out.extend(_leaves(v, path))
+    return out
+
+
+#: named starting points of :func:`load_config` (``preset=``); ``library`` is the plain defaults
+PRESETS = ("library", "demo")
+
+
+def _preset_data(preset: str) -> tuple[dict[str, Any], str]:
+    if preset == "library":
+        return DualPathConfig().model_dump(mode="python"), "defaults"
+    if preset == "demo":
+        from dualpath.runtime.defaults import default_config_dict
+
+        demo = _merge(DualPathConfig().model_dump(mode="python"), default_config_dict())
+        return demo, "demo preset"
+    raise ConfigError(f"preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+
+
+ConfigSource = str | Path | Mapping[str, Any] | DualPathConfig | Sequence[Any] | None
+
 
 def load_config(
-    path: str | Path | None = None,
+    source: ConfigSource = None,
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    preset: str = "library",
+    **sections: Any,
 ) -> DualPathConfig:
-    """Build the config from defaults, an optional file, ``DUALPATH_*`` variables and explicit overrides."""
-    # Start from the defaults so that a partial section (``storage: {root: ...}``) keeps its default ``kind``.
-    data: dict[str, Any] = DualPathConfig().model_dump(mode="python")
-    source = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        data = _merge(data, _read_file(path))
-        source = str(path)
+    """Build a :class:`DualPathConfig`.
+
+    Precedence, later wins: the ``preset`` (``"library"``: the plain defaults; ``"demo"``: what
+    ``dualpath run`` uses) < ``source`` < ``DUALPATH_*`` environment < ``overrides`` < keyword ``sections``.
+
+    Args:
+        source: a config file (``.yaml``/``.yml``/``.toml``/``.json``), a mapping of sections, a
+            :class:`DualPathConfig` (copied), or a list of these merged in order. A partial section keeps the
+            section's default ``kind``; changing ``kind`` drops the previous backend's fields.
+        env: the environment to read ``DUALPATH_SECTION__FIELD`` variables from (default ``os.environ``;
+            pass ``{}`` to ignore it).
+        overrides: a mapping of sections merged last (before ``sections``).
+        preset: ``"library"`` or ``"demo"``.
+        **sections: whole or partial sections by name, e.g. ``storage={"kind": "posix", "root": "/tmp/kv"}``.
+
+    Raises:
+        ConfigError: one line per invalid field, ``<source>: <dotted.path>: <message>``, where ``<source>``
+            names the file, ``DUALPATH_* environment``, ``overrides``, ``keyword arguments`` or the preset.
+    """
+    if "path" in sections and source is None:  # the old name of ``source``
+        import warnings
+
+        warnings.warn("load_config(path=...) is deprecated; pass the file as the first argument",
+                      DeprecationWarning, stacklevel=2)
+        source = sections.pop("path")
+    data, base_label = _preset_data(preset)
+    provenance: dict[tuple[str, ...], str] = {}
+    layers: list[tuple[Mapping[str, Any], str]] = []
+    for src in source if isinstance(source, list | tuple) else [source]:
+        if isinstance(src, DualPathConfig):
+            layers.append((src.model_dump(mode="python"), "config object"))
+        elif isinstance(src, Mapping):
+            layers.append((src, "dict"))
+        elif src is not None:
+            path = Path(str(src))
+            layers.append((_read_file(path), str(path)))
     env_data = _env_overrides(os.environ if env is None else env)
     if env_data:
-        data = _merge(data, env_data)
-        source = f"{source} + DUALPATH_* environment" if path is not None else "DUALPATH_* environment"
+        layers.append((env_data, "DUALPATH_* environment"))
     if overrides:
-        data = _merge(data, overrides)
+        layers.append((overrides, "overrides"))
+    if sections:
+        layers.append((sections, "keyword arguments"))
+    for layer, label in layers:
+        data = _merge(data, layer)
+        for leaf in _leaves(layer):
+            provenance[leaf] = label
     try:
         return DualPathConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, base_label, provenance)) from None
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> DualPathConfig:
+    """Validate a complete mapping of sections (no defaults merged in, no environment)."""
     try:
         return DualPathConfig.model_validate(dict(data))
     except ValidationError as exc:

@@ -50,6 +50,11 @@ class TransportClosed(TransportError):
     """The transport (or the waited-on region) was closed while a caller was waiting."""
 
 
+class TransportRejected(TransportError):
+    """An arrival was refused (size or checksum mismatch, duplicate, not exposed in time, bad header); nothing was
+    written into the landing region. Raised alike by every transport backend."""
+
+
 # --- model / kernels -----------------------------------------------------------------------------------------
 
 

@@ -26,6 +26,17 @@ class PathKind(str, enum.Enum):
     SPLIT = "split"
     RECOMPUTE = "recompute"
 
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __hash__(self) -> int:  # equal to its value ("pe"), so it must hash like it: one dict key, not two
+        return hash(self.value)
+
+    @classmethod
+    def _missing_(cls, value: object) -> PathKind:
+        valid = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"{value!r} is not a valid path; expected one of {valid}")
+
 
 class TrafficClass(str, enum.Enum):
     """Traffic classes on an emulated link: model execution (high priority) and KV (low priority)."""

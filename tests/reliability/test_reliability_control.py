@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import anyio
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualpath.config import load_config
-from dualpath.control.channel import Channel, CurveKeys, RemoteError
+from dualpath.control.channel import AuthFailed, Channel, CurveKeys, RemoteError
 from dualpath.control.deploy import check_deployable
 from dualpath.control.protocol import MAX_TOKENS, ProtocolError, bin_to_tokens, decode, encode, tokens_to_bin
 from dualpath.errors import ConfigError, PeerTimeout
@@ -144,13 +145,20 @@ async def test_curve_refuses_unauthenticated_peers() -> None:
     async with Channel("srv", bind="tcp://127.0.0.1:0", curve=server, handler=_echo) as srv:
         async with Channel("good", connect=srv.address, curve=CurveKeys(cpub, csec, server=spub)) as good:
             assert (await good.request(None, "ping", {}, 5)).type == "pong"
+        # refused peers fail fast (the handshake's answer, not a 30 s request timeout) and are told what to check
         async with Channel("stranger", connect=srv.address, curve=CurveKeys(opub, osec, server=spub)) as bad:
-            with pytest.raises(PeerTimeout):
-                await bad.request(None, "ping", {}, 1.0)
+            with anyio.fail_after(10), pytest.raises(AuthFailed, match=f"refused this CURVE key {re.escape(opub)}"):
+                await bad.request(None, "ping", {}, 600.0)
+            with anyio.fail_after(10), pytest.raises(AuthFailed):  # and keeps failing: no send without a deadline
+                await bad.notify(None, "ping", {})
         async with Channel("plain", connect=srv.address) as plain:  # no CURVE at all
-            with pytest.raises(PeerTimeout):
-                await plain.request(None, "ping", {}, 1.0)
+            with anyio.fail_after(10), pytest.raises(AuthFailed, match="requires CURVE.*serve.curve_public_key"):
+                await plain.request(None, "ping", {}, 600.0)
         assert srv.refused >= 1
+    async with Channel("plain-srv", bind="tcp://127.0.0.1:0", handler=_echo) as plain_srv, \
+            Channel("curve-cli", connect=plain_srv.address, curve=CurveKeys(cpub, csec, server=spub)) as cc:
+        with anyio.fail_after(10), pytest.raises(AuthFailed, match="the server does not"):
+            await cc.request(None, "ping", {}, 600.0)
 
 
 def test_bad_serve_configs_name_the_field(tmp_path: Path) -> None:

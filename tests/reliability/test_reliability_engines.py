@@ -126,9 +126,10 @@ def _release_fifos(fifos: list[Path]) -> None:
 
 @pytest.mark.slow
 def test_failing_and_hanging_reads_are_recomputed(dep) -> None:
-    """Half the blocks fail to read (EISDIR), half hang in open() (a FIFO) past the engines' read deadline
-    (``cluster.deadline_s``) until released. The posix backend never abandons a read that may still write
-    into the caller's buffer, so the hung read returns when released; either way the block is a miss."""
+    """Half the blocks are directories, half FIFOs (which used to hang ``open()`` past the engines' read
+    deadline). The posix backend opens only regular files (``O_NONBLOCK | O_NOFOLLOW``, then ``S_ISREG``), so
+    both are FAILED at once and leave the index; either way the block is a miss and the turn is recomputed.
+    The releaser stays as a safety net: were a read to hang again, it would be set free after the deadline."""
     d, cfg, root = dep
     agents = trace(n_agents=2, n_turns=2, append=50)
     for a in agents:

@@ -1,5 +1,5 @@
 """The storage I/O worker pool: every item exactly once, results in order, batches in flight together,
-errors re-raised, and a cancelled caller still waits for the workers (they write into its buffers)."""
+errors re-raised, and a cancelled caller abandons its job (stuck workers are replaced, shutdown is bounded)."""
 
 from __future__ import annotations
 
@@ -86,30 +86,49 @@ async def test_error_is_raised_after_every_item_ran(pool):
 
 
 @pytest.mark.anyio
-async def test_cancelled_caller_waits_for_the_workers(pool):
+async def test_cancelled_caller_abandons_the_job_and_returns(pool):
+    """The caller's deadline ends the call: items not yet started never start, items in flight that land within
+    the grace are waited for, and no item starts after run() gave control back."""
     release = threading.Event()
-    done: list[int] = []
+    started: list[int] = []
 
     def fn(x: int) -> int:
+        started.append(x)
         release.wait(10)
-        done.append(x)
         return x
 
-    async def let_go() -> None:
-        await anyio.sleep(0.05)
-        release.set()
+    with anyio.move_on_after(0.05) as scope:
+        await pool.run(fn, list(range(40)))
+    assert scope.cancelled_caught
+    n_started = len(started)
+    assert n_started <= 4  # one item per worker was in flight; the other 36 never started
+    release.set()
+    await anyio.sleep(0.1)
+    assert len(started) == n_started
+    assert await pool.run(lambda x: x + 1, list(range(8))) == list(range(1, 9))  # the pool still serves
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(let_go)
-        with anyio.move_on_after(0.01) as scope:
-            await pool.run(fn, list(range(8)))
-    assert scope.cancelled_caught or scope.cancel_called
-    assert sorted(done) == list(range(8))  # nothing still writing after run() gave control back
+
+@pytest.mark.anyio
+async def test_stuck_workers_are_retired_and_replaced():
+    """A worker stuck in an abandoned item is replaced at once; shutdown() does not wait for it forever."""
+    p = IOPool(2, name="stuck-io", grace_s=0.01)
+    hang = threading.Event()
+    try:
+        with anyio.move_on_after(0.05):
+            await p.run(lambda x: int(hang.wait(30)), [0, 1])  # both workers stuck
+        assert p.retired_workers == 2
+        serving = p.threads
+        assert len(serving) == 2 and all(t.is_alive() for t in serving)
+        assert await p.run(lambda x: x * 2, list(range(6))) == [0, 2, 4, 6, 8, 10]
+    finally:
+        p.shutdown(timeout=1.0)  # returns although the two retired workers still wait
+        hang.set()
+    assert not any(t.is_alive() for t in serving)
 
 
 def test_shutdown_joins_and_refuses_new_work():
     p = IOPool(2)
-    threads = list(p._threads)
+    threads = p.threads
     p.shutdown()
     assert not any(t.is_alive() for t in threads)
     with pytest.raises(RuntimeError, match="shut down"):

@@ -8,6 +8,7 @@ import os
 import anyio
 import pytest
 import torch
+from pydantic import ValidationError
 
 from dualpath.errors import StorageError
 from dualpath.kv.keys import BlockKeyer, KeyNamespace
@@ -40,8 +41,12 @@ def store(root, **kw):
 async def test_root_that_is_a_file_or_under_a_file_is_a_clear_error(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
+    with pytest.raises(ValidationError, match="storage.root|not a directory"):  # refused with the config now
+        PosixStorageConfig(root=f)
+    st = store(tmp_path / "later")
+    (tmp_path / "later").write_text("x")  # became a file after the config was checked: start() still says so
     with pytest.raises(StorageError, match="not a directory"):
-        await store(f).start()
+        await st.start()
     with pytest.raises(StorageError, match="cannot create root"):
         await store(f / "sub").start()
 

@@ -94,9 +94,12 @@ def test_build_workload_from_config(tmp_path) -> None:  # type: ignore[no-untype
     from pathlib import Path
 
     trace = Path(__file__).parent.parent / "data" / "trajectories_small.jsonl"
+    # a trace is served as it is: n_agents (a generator's knob) neither cycles nor truncates it
     off = build_workload(WorkloadConfig(trace=str(trace), n_agents=4))
-    assert [t.tid for t in off] == [0, 1, 2, 3] and off[3].turns == off[0].turns
+    assert [t.tid for t in off] == [0, 1, 7] and sum(t.n_turns for t in off) == 5
     assert all(t.arrival == 0.0 for t in off)
+    twice = build_workload(WorkloadConfig(trace=str(trace), n_agents=1, repeat=2))
+    assert len(twice) == 6 and [t.turns for t in twice[3:]] == [t.turns for t in off]
 
 
 def test_more_agents_than_the_paper_dataset_replay_its_500_trajectories():

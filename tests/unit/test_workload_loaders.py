@@ -8,6 +8,7 @@ import pytest
 
 from dualpath.errors import WorkloadError
 from dualpath.workload import Trajectory, Turn, load_jsonl, load_mooncake, write_jsonl
+from dualpath.workload.loaders import read_mooncake
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -95,3 +96,30 @@ def test_mooncake_bad_line(tmp_path: Path, text: str, match: str) -> None:
     with pytest.raises(WorkloadError, match=match) as ei:
         load_mooncake(p)
     assert ei.value.line == 2 and str(p) in str(ei.value)
+
+
+def test_real_world_file_variants_load_like_the_clean_file(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark, CRLF line ends, blank lines, no final newline, extra keys, float and unsorted
+    timestamps: the same requests as the clean file (both formats)."""
+    rows = ['{"timestamp": 0, "input_length": 1100, "output_length": 10, "hash_ids": [1, 2, 3]}',
+            '{"timestamp": 27, "input_length": 600, "output_length": 5, "hash_ids": [7, 8]}',
+            '{"timestamp": 3000, "input_length": 1500, "output_length": 12, "hash_ids": [1, 2, 4]}']
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("\n".join(rows) + "\n")
+    messy = tmp_path / "messy.jsonl"
+    messy.write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join([rows[2].replace('"timestamp": 3000', '"timestamp": 3000.0'),
+                                                         rows[0], rows[1][:-1] + ', "extra": {"k": 1}}'])
+                      .encode())
+    want = [(r.t, r.input_len, r.output_len, r.hash_ids) for r in read_mooncake(clean)]
+    assert [(r.t, r.input_len, r.output_len, r.hash_ids) for r in read_mooncake(messy)] == want
+    assert [len(t.turns) for t in load_mooncake(messy)] == [len(t.turns) for t in load_mooncake(clean)]
+    ours = tmp_path / "ours.jsonl"
+    ours.write_bytes(b'\xef\xbb\xbf{"id": 0, "turns": [{"append": 30, "gen": 3}]}\r\n\r\n'
+                     b'{"id": 1, "turns": [{"append": 20, "gen": 2}]}')
+    assert [[(u.append, u.gen) for u in t.turns] for t in load_jsonl(ours)] == [[(30, 3)], [(20, 2)]]
+    # a BOM anywhere but the start of the file is still an error naming the line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(rows[0].encode() + b"\n\xef\xbb\xbf" + rows[1].encode() + b"\n")
+    with pytest.raises(WorkloadError) as ei:
+        read_mooncake(bad)
+    assert ei.value.line == 2

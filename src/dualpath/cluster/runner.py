@@ -38,6 +38,7 @@ from dualpath.engine.links import LinkSet
 from dualpath.engine.model_api import LayerwiseModel, LlamaAdapter
 from dualpath.engine.prefill import PrefillEngine
 from dualpath.engine.request import Turn, TurnResult, unwrap, wait_event
+from dualpath.engine.sampling import SamplingParams
 from dualpath.errors import EngineError, ModelError, StorageError, TransportError
 from dualpath.kv.keys import BlockKeyer, KeyNamespace
 from dualpath.kv.layout import KVLayout
@@ -97,9 +98,16 @@ class Cluster:
         self._fabric: Any = None
         self._started = False
         self.failed_turns = 0
+        self._sent_before_close: dict[str, int] = {}
 
     @classmethod
-    def from_config(cls, config: DualPathConfig, *, model: ModelSource | None = None) -> Cluster:
+    def from_config(cls, config: Any = None, *, model: ModelSource | None = None) -> Cluster:
+        """A (not started) cluster from a :class:`DualPathConfig`, a config file path, a mapping of sections or
+        ``None`` (the library defaults), read as :func:`dualpath.load_config` reads them."""
+        if not isinstance(config, DualPathConfig):
+            from dualpath.config import load_config
+
+            config = load_config(config)
         return cls(config, model=model)
 
     def _model_for(self, device: torch.device) -> LayerwiseModel:
@@ -176,6 +184,8 @@ class Cluster:
         self._started = False
 
     async def _close_io(self) -> None:
+        for name, t in self.transports.items():
+            self._sent_before_close[name] = self._sent_before_close.get(name, 0) + t.stats.bytes_sent
         for t in self.transports.values():
             with anyio.CancelScope(shield=True):
                 await t.close()
@@ -201,6 +211,19 @@ class Cluster:
 
     def link_stats(self) -> dict[str, dict[str, Any]]:
         return self.linkset.stats()
+
+    def io_stats(self) -> dict[str, int]:
+        """Bytes really moved (not the bytes charged to emulated links): ``storage_read``/``storage_written``
+        by the storage backend, ``transport_sent`` by every engine's transport endpoint. Kept after close."""
+        st = self.storage.stats() if self.storage is not None else None
+        sent = dict(self._sent_before_close)
+        for name, t in self.transports.items():
+            sent[name] = sent.get(name, 0) + t.stats.bytes_sent
+        return {
+            "storage_read": st.bytes_read if st is not None else 0,
+            "storage_written": st.bytes_written if st is not None else 0,
+            "transport_sent": sum(sent.values()),
+        }
 
     def lookup(self, prompt_ids: Sequence[int]) -> int:
         """Hit tokens a turn with this prompt would get now (stored prefix, at least one token left to compute)."""
@@ -241,15 +264,22 @@ class Cluster:
     # --- turns ---------------------------------------------------------------------------------------------
     async def run_turn(
         self,
-        session: str,
+        session: Any,
         prompt_ids: Sequence[int],
         gen_tokens: int,
         pe: int = 0,
         de: int = 0,
         path: PathKind | str = PathKind.PE,
         pe_blocks: int | None = None,
+        *,
+        sampling: SamplingParams | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> TurnResult:
         """Run one turn (the full prompt: context + appended tokens) and return its tokens and timings.
+
+        ``sampling``: how the decode engine picks tokens (default greedy; see :mod:`dualpath.engine.sampling`);
+        ``on_token``: called with each token as the decode engine produces it (streaming). Cancelling the
+        caller cancels the turn on both engines and frees its buffers and pool pages.
 
         Raises :class:`EngineError` when the turn failed (a transfer failed or timed out, a peer failed); with
         ``cluster.on_transfer_failure = "recompute"`` a turn whose transfer failed is retried once with
@@ -260,7 +290,7 @@ class Cluster:
         ids = [int(t) for t in prompt_ids]
         self.check_turn(ids, gen_tokens, pe, de)
         try:
-            return await self._run(session, ids, gen_tokens, pe, de, path, pe_blocks)
+            return await self._run(session, ids, gen_tokens, pe, de, path, pe_blocks, sampling, on_token)
         except EngineError as exc:
             retry = (
                 self.config.cluster.on_transfer_failure == "recompute"
@@ -270,7 +300,7 @@ class Cluster:
             if not retry:
                 raise
             log.warning("turn of %s failed (%s); retrying with recompute", session, exc)
-            res = await self._run(session, ids, gen_tokens, pe, de, PathKind.RECOMPUTE, None)
+            res = await self._run(session, ids, gen_tokens, pe, de, PathKind.RECOMPUTE, None, sampling, on_token)
             res.retried_recompute = True
             return res
 
@@ -288,9 +318,11 @@ class Cluster:
         return keys, stored, k
 
     async def _run(self, session: str, ids: list[int], gen: int, pe_i: int, de_i: int, path: PathKind,
-                   pe_blocks: int | None) -> TurnResult:
+                   pe_blocks: int | None, sampling: SamplingParams | None = None,
+                   on_token: Callable[[int], None] | None = None) -> TurnResult:
         keys, stored, k = self._plan(ids, path, pe_blocks)
         turn = Turn(session, ids, gen, pe_i, de_i, path, keys, stored, k, self.layout)
+        turn.sampling, turn.on_token = sampling, on_token
         pe, de = self.pes[pe_i], self.des[de_i]
         pe.assign(turn)
         de.assign(turn)

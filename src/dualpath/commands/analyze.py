@@ -1,7 +1,9 @@
 """``dualpath analyze``: the bottleneck-free P/D range (paper eq. 9) and the per-link load table.
 
-Units: ``--cnic-gbps`` is the paper's B in **GB/s** (10^9 bytes/s) per direction, as in the paper's worked example
-(B = 50 GB/s = 400 Gb/s); ``--dram-gbs`` is M in GB/s; ``--snic-per-node`` is s (storage bandwidth per node = s*B).
+Units: ``--cnic-bw`` (``-B``) is the paper's B in **GB/s** (10^9 bytes/s) per direction, as in the paper's worked
+example (B = 50 GB/s = 400 Gb/s); a unit may be given: ``-B 400Gbps`` is ``-B 50GB/s`` (:mod:`dualpath.units`).
+``--dram-bw`` (``-M``) is M, likewise; ``--snic-per-node`` is s (storage bandwidth per node = s*B). The old names
+``--cnic-gbps`` and ``--dram-gbs`` still work (GB/s) and print a deprecation note.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ DEFAULT_PD = ["1/2", "1/1", "2/1"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", "-g", type=str, default="8", help="g: GPUs (engines) per node (8)")
     parser.add_argument("--snic-per-node", "-s", type=str, default="1", help="s: storage bandwidth per node / B (1)")
-    parser.add_argument("--cnic-gbps", "-B", type=str, default="50", help="B: compute NIC bandwidth, GB/s (50)")
-    parser.add_argument("--dram-gbs", "-M", type=str, default="500", help="M: host memory bandwidth per node, GB/s")
+    parser.add_argument("--cnic-bw", "-B", type=str, default=None,
+                        help="B: compute NIC bandwidth per direction: 50GB/s (default), 400Gbps, or a number in GB/s")
+    parser.add_argument("--dram-bw", "-M", type=str, default=None,
+                        help="M: host memory bandwidth per node: 500GB/s (default), or a number in GB/s")
+    parser.add_argument("--cnic-gbps", type=str, default=None, help=argparse.SUPPRESS)  # deprecated: --cnic-bw
+    parser.add_argument("--dram-gbs", type=str, default=None, help=argparse.SUPPRESS)  # deprecated: --dram-bw
     parser.add_argument(
         "--pd", action="append", default=None, help="P/D to tabulate: 2/4, 2P4D or 0.5 (repeatable; default 1/2 1 2)"
     )
@@ -27,8 +33,22 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from dualpath.analysis import LINKS, Hardware, check_pd, link_loads, parse_pd, pd_range
+    from dualpath.errors import ConfigError
+    from dualpath.units import parse_gbs
 
-    hw = Hardware.of(args.gpus_per_node, args.snic_per_node, args.cnic_gbps, args.dram_gbs)
+    def bw(new: str | None, old: str | None, new_flag: str, old_flag: str, default: str) -> str:
+        if old is not None:
+            if new is not None:
+                raise ConfigError(f"give {new_flag} or {old_flag}, not both")
+            print(f"note: {old_flag} is deprecated (its number is GB/s, not Gb/s); use {new_flag} "
+                  f"{old}GB/s or a unit such as 400Gbps", file=sys.stderr)
+            new = old
+        v = parse_gbs(new if new is not None else default, new_flag)
+        return repr(v) if v != int(v) else str(int(v))
+
+    hw = Hardware.of(args.gpus_per_node, args.snic_per_node,
+                     bw(args.cnic_bw, args.cnic_gbps, "--cnic-bw", "--cnic-gbps", "50"),
+                     bw(args.dram_bw, args.dram_gbs, "--dram-bw", "--dram-gbs", "500"))
     rng = pd_range(hw)
     print(f"g={hw.g} s={hw.s} B={hw.B} GB/s M={hw.M} GB/s")
     bounds = ", ".join(f"{k} {v}" for k, v in rng.upper_by.items())

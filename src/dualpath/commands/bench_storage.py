@@ -10,6 +10,8 @@ preallocated host buffers. Both sides get the same concurrency: ``io_threads`` t
   read calls of ``batch`` blocks in flight at once (engines issue many reads concurrently), each call into
   its own slots;
 * ``raw_preadv_serial`` / ``posix_verify_serial``: one batch (one call) at a time, for comparison;
+* CPU seconds (``time.process_time``, every thread) of each warm pass: ``cpu_ratio`` and
+  ``checksum_cpu_overhead`` say what verification costs in CPU, which other load on the box does not inflate;
 * ``checksum`` rows: xxh3-64 alone over the read buffer in ``io_threads`` threads (a second pass over
   memory) and in one thread over one block hot in cache (compute only).
 
@@ -337,9 +339,12 @@ class _CaseBench:
             }
             for m in passes:
                 times[m] = []
+                times[m + "@cpu"] = []
             for _ in range(self.st.repeats):  # interleaved, so drift hits every method alike
                 for m, fn in passes.items():
+                    c0 = time.process_time()  # CPU seconds of every thread of this process
                     times[m].append(await fn())
+                    times[m + "@cpu"].append(time.process_time() - c0)
             times["xxh3_hot_1thread"] = [self.hash_hot()]
             return times
 
@@ -404,6 +409,8 @@ def _bench(root: str, st: Settings) -> dict[str, Any]:
                                                   cold_method=cold_used, inflight=st.inflight)
                 cold_gib["raw_preadv"] = record("read_cold", "raw_preadv", statistics.median(tr),
                                                 cold_method=cold_used)
+        # CPU seconds per pass (all threads): what each method costs, robust to other processes sharing the box
+        cpu = {m: statistics.median(times[m + "@cpu"]) for m in ("posix_verify", "posix_noverify", "raw_preadv")}
         t_v = gib / warm["posix_verify"]
         t_nv = gib / warm["posix_noverify"]
         t_vs = gib / warm["posix_verify_serial"]
@@ -417,6 +424,10 @@ def _bench(root: str, st: Settings) -> dict[str, Any]:
             "read_ratio_warm_serial_noverify": round(warm["posix_noverify_serial"] / warm["raw_preadv_serial"], 3),
             "checksum_overhead": round(max(0.0, (t_v - t_nv) / t_v), 3),
             "checksum_overhead_serial": round(max(0.0, (t_vs - t_nvs) / t_vs), 3),
+            "cpu_s": {m: round(v, 4) for m, v in cpu.items()},
+            "read_cpu_ratio": round(cpu["raw_preadv"] / max(cpu["posix_verify"], 1e-9), 3),
+            "checksum_cpu_overhead": round(max(0.0, (cpu["posix_verify"] - cpu["posix_noverify"])
+                                               / max(cpu["posix_verify"], 1e-9)), 3),
             "xxh3_second_pass_vs_raw_read": round(warm["raw_preadv"] / xxh_pass, 3),
             "xxh3_hot_vs_raw_read_per_thread": round(warm["raw_preadv"] / st.threads / xxh_hot, 3),
             "write_ratio": round(write_posix / write_raw, 3),
@@ -434,6 +445,11 @@ def _bench(root: str, st: Settings) -> dict[str, Any]:
                             "cache, equal concurrency (see concurrency)",
         "checksum_overhead": max(c["checksum_overhead"] for c in cases.values()),
         "checksum_overhead_definition": "max over cases of (t_verify - t_noverify) / t_verify, warm reads",
+        "cpu_ratio": min(c["read_cpu_ratio"] for c in cases.values()),
+        "checksum_cpu_overhead": max(c["checksum_cpu_overhead"] for c in cases.values()),
+        "cpu_definition": "the same passes in CPU seconds of all threads of the process (time.process_time): "
+                          "cpu_ratio = raw CPU / posix-verified CPU, checksum_cpu_overhead = (cpu_verify - "
+                          "cpu_noverify) / cpu_verify; unlike wall time, not inflated by other processes' load",
         "concurrency": concurrency,
         "cold_method": cold_used,
         "settings": {"blocks": st.n_blocks, "batch": st.batch, "inflight": st.inflight, "repeats": st.repeats,
@@ -459,7 +475,8 @@ def _print_table(result: dict[str, Any]) -> None:
         w(f"{name}: read posix/raw warm {c['read_ratio_warm']:.2f} (no verify {c['read_ratio_warm_noverify']:.2f}"
           f"{cold}; one call at a time {c['read_ratio_warm_serial']:.2f}, no verify "
           f"{c['read_ratio_warm_serial_noverify']:.2f}), checksum overhead {c['checksum_overhead']:.1%} "
-          f"(serial {c['checksum_overhead_serial']:.1%}), write posix/raw {c['write_ratio']:.2f}\n")
+          f"(serial {c['checksum_overhead_serial']:.1%}), write posix/raw {c['write_ratio']:.2f}; CPU: raw/posix "
+          f"{c['read_cpu_ratio']:.2f}, checksum {c['checksum_cpu_overhead']:.1%}\n")
     cc = result["concurrency"]
     w(f"ratio (min warm, verified, {cc['io_threads']} threads, {cc['inflight_calls']} calls x {cc['batch']} blocks "
       f"in flight) = {result['ratio']:.3f}; checksum overhead (max) = {result['checksum_overhead']:.1%}; "

@@ -11,7 +11,10 @@ Our side is the full contract: the receiver exposes a tag per message (rotating 
 the raw NIXL receiver does) and awaits it; the sender keeps a window of concurrent writes in flight (``window``
 in the JSON: 8 to 32, each write to its own tag; loopback copies inline, one at a time, like ``copy_``) and each
 write returns once delivered (acknowledged). Both NIXL sides run agents without NIXL's spinning progress thread
-(our transport's default, ``NixlTransportConfig.progress_thread``); raw NIXL posts from prepared descriptor lists. Then the emulated link:
+(our transport's default, ``NixlTransportConfig.progress_thread``); raw NIXL posts from prepared descriptor lists.
+Each socket pass also records the CPU seconds of both processes (``cpu_s_per_gib``, ``raw_cpu_s_per_gib``,
+``cpu_ratio`` = raw / ours): on a box other work shares, wall-time ratios swing with the load, CPU cost does
+not. Then the emulated link:
 ``link_accuracy`` (8 concurrent flows on a link set to X MB/s deliver X within +-5%) and ``link_priority`` (a
 high-class transfer's latency with a saturating KV load present, over its latency on an idle link; the target is
 <= 1.10). JSON: ``runs`` (one object per backend and size: ``gib_s``, ``raw_gib_s``, ``ratio``) plus the link
@@ -123,6 +126,31 @@ def raw_nixl_recv(nbytes: int) -> None:
 
 
 # --- measurements ---------------------------------------------------------------------------------------------
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of a process so far (Linux /proc; 0.0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class _Cpu:
+    """CPU seconds of this process and one child over a pass: what a method costs, which other load on a
+    shared box does not inflate the way it inflates wall time."""
+
+    def __init__(self, child: Child) -> None:
+        self.pid = child.proc.pid
+
+    def __enter__(self) -> _Cpu:
+        self.c0, self.p0 = time.process_time(), _proc_cpu(self.pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.process_time() - self.c0 + _proc_cpu(self.pid) - self.p0
 
 
 def _window(size: int) -> int:
@@ -248,16 +276,24 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 raw_pass(size, min(count, 16))
                 await _ours_pass(t, peer, src, size, min(count, 16), f"w{size}-")
                 ours, base, landed = [], [], []
+                cpu_ours, cpu_raw = [], []
                 for r in range(repeats):
-                    base.append(raw_pass(size, count))
-                    ours.append(await _ours_pass(t, peer, src, size, count, f"r{r}s{size}-"))
+                    with _Cpu(raw) as c:
+                        base.append(raw_pass(size, count))
+                    cpu_raw.append(c.seconds)
+                    with _Cpu(peer) as c:
+                        ours.append(await _ours_pass(t, peer, src, size, count, f"r{r}s{size}-"))
+                    cpu_ours.append(c.seconds)
                     if land_pass is not None:
                         landed.append(land_pass(size, count))
                 g, rg = statistics.median(ours), statistics.median(base)
-                extra: dict[str, Any] = {}
+                gib = size * count / 2**30
+                co, cr = statistics.median(cpu_ours), statistics.median(cpu_raw)
+                extra: dict[str, Any] = {"cpu_s_per_gib": round(co / gib, 4), "raw_cpu_s_per_gib": round(cr / gib, 4),
+                                         "cpu_ratio": round(cr / co, 3) if co > 0 else None}
                 if landed:  # reference: raw PUSH/PULL whose receiver also copies each frame into a landing slot
                     lg = statistics.median(landed)
-                    extra = {"raw_land_gib_s": round(lg, 3), "ratio_vs_raw_land": round(g / lg, 3)}
+                    extra.update(raw_land_gib_s=round(lg, 3), ratio_vs_raw_land=round(g / lg, 3))
                 runs.append({"backend": kind, "size_bytes": size, "messages": count, "window": _window(size),
                              "landing_slots": SLOTS, **({"nixl_progress_thread": False} if kind == "nixl" else {}),
                              "gib_s": round(g, 3), "raw_gib_s": round(rg, 3), "ratio": round(g / rg, 3),
@@ -265,7 +301,9 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                              "gib_s_all": [round(x, 3) for x in ours], "raw_gib_s_all": [round(x, 3) for x in base],
                              **extra})
                 more = f"  (raw+landing copy {extra['raw_land_gib_s']:.2f}, ratio {extra['ratio_vs_raw_land']:.2f})" \
-                    if extra else ""
+                    if landed else ""
+                if extra["cpu_ratio"] is not None:
+                    more += f"  CPU raw/ours {extra['cpu_ratio']:.2f}"
                 print(f"  {kind:8s} {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  ratio {g / rg:5.2f}{more}",
                       flush=True)
             if kind == "zmq":

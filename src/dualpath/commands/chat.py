@@ -20,13 +20,37 @@ DEFAULT_TURNS = [
 ]
 
 
+#: chat's own settings, under a ``--config`` file (which may override them: chat says which it did)
+CHAT_DEFAULTS: dict[str, Any] = {
+    "cluster": {"block_tokens": 16, "snic_gbps": None, "kv_pool_tokens": 8192,
+                "host_buffer_bytes": 256 << 20, "prefill_max_batch_tokens": 8192},
+}
+
+
+def overridden_defaults(path: str) -> list[str]:
+    """One line per chat default that the config file ``path`` changes."""
+    from dualpath.config import _read_file
+
+    data = _read_file(Path(path))
+    out = []
+    for section, values in CHAT_DEFAULTS.items():
+        given = data.get(section)
+        if not isinstance(given, dict):
+            continue
+        for key, default in values.items():
+            if key in given and given[key] != default:
+                out.append(f"{path}: {section}.{key} = {given[key]!r} overrides chat's default {default!r}")
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="safetensors directory or .gguf file (default: embedded SmolLM2-135M)")
     parser.add_argument("--turns", help="user messages: a .txt file (one per line) or a .json list")
     parser.add_argument("--path", choices=["pe", "de", "split", "recompute"], default="de",
                         help="where each turn's hit KV is read (default: de)")
     parser.add_argument("--gen", type=int, default=24, help="tokens to generate per turn (default 24)")
-    parser.add_argument("--config", help="YAML/TOML config file (cluster, storage, transport sections)")
+    parser.add_argument("--config", help="YAML/TOML config file (cluster, storage, transport sections), merged "
+                        "over chat's own defaults (block_tokens 16, unlimited storage NIC, ...)")
     parser.add_argument("--json", dest="json_out", help="write the runs as JSON here")
     parser.add_argument("--quiet", action="store_true", help="print only the summary table")
 
@@ -103,11 +127,10 @@ def run(args: argparse.Namespace) -> int:
     if args.gen < 1:
         raise ModelError(f"--gen must be >= 1, got {args.gen}")
     turns = load_turns(args.turns, args.gen)
-    overrides: dict[str, Any] = {
-        "cluster": {"block_tokens": 16, "snic_gbps": None, "kv_pool_tokens": 8192,
-                    "host_buffer_bytes": 256 << 20, "prefill_max_batch_tokens": 8192},
-    }
-    cfg = load_config(args.config, overrides=None if args.config else overrides)
+    cfg = load_config([CHAT_DEFAULTS, args.config] if args.config else CHAT_DEFAULTS)
+    if args.config:
+        for line in overridden_defaults(args.config):
+            print(line)
     mcfg = cfg.model if isinstance(cfg.model, LlamaModelConfig) else LlamaModelConfig()
     if args.model:
         mcfg = mcfg.model_copy(update={"path": args.model})

@@ -1,7 +1,9 @@
 """``dualpath generate``: greedy generation with this project's model and kernels, to check a checkpoint.
 
 The prompt is prefilled in one chunk into a paged KV pool, then decoded one token per step through the paged
-decode kernel. ``--json OUT`` writes ``{"runs": [{"generated_ids": [...], ...}]}``.
+decode kernel (Llama/Qwen2: K/V pages; DeepSeek-V3: latent pages and absorbed MLA). ``--json OUT`` writes
+``{"runs": [{"generated_ids": [...], "kv_bytes_per_token_layer": ..., ...}]}``; for an MLA model it also
+prints the latent KV bytes per token and layer against the same attention's MHA-equivalent K/V bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="compute/KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--kv-format", choices=("auto", "fp8"), default="auto",
+                        help="KV storage: auto = the compute dtype; fp8 = FlashMLA's FP8 latent rows (DeepSeek-V3)")
     parser.add_argument("--block-tokens", type=int, default=16)
     parser.add_argument("--pool-tokens", type=int, default=None,
                         help="KV pool capacity in tokens (default: the model's max_position_embeddings)")
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise ModelError("--max-new-tokens must be >= 1")
     dtype: Any = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     cfg = LlamaModelConfig(path=args.model, dtype=dtype, random_init=args.random_init, seed=args.seed,
-                           attention_backend=args.backend)
+                           attention_backend=args.backend, kv_format=args.kv_format)
     t0 = time.perf_counter()
     model, tok = load_model(cfg, device=device, with_tokenizer=args.prompt is not None or not args.random_init)
     load_s = time.perf_counter() - t0
@@ -99,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
             f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens = {total} tokens exceeds the KV pool of "
             f"{pool_tokens} tokens (--pool-tokens, default max_position_embeddings={spec.max_position})"
         )
-    pool = KVPool(spec.kv_spec(), num_blocks=-(-total // bt), block_tokens=bt, device=device)
+    kv_spec = spec.kv_spec()
+    pool = KVPool(kv_spec, num_blocks=-(-total // bt), block_tokens=bt, device=device)
     table = pool.allocate(pool.blocks_for_tokens(total))
     eos = spec.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -131,6 +136,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"prompt {len(ids)} tokens, prefill {prefill_s * 1e3:.1f} ms, {steps} decode steps "
           f"({steps / decode_s if decode_s > 0 and steps else 0.0:.1f} tok/s), device {device}, "
           f"backend {args.backend}, dtype {dtype}", file=sys.stderr)
+    kv_bytes = kv_spec.bytes_per_token_layer
+    mha_bytes = (spec.mha_equivalent_bytes_per_token_layer() if hasattr(spec, "mha_equivalent_bytes_per_token_layer")
+                 else kv_bytes)
+    if kv_spec.attention == "mla":
+        print(f"KV per token per layer: {kv_bytes} B latent ({kv_spec.latent_format or kv_spec.dtype}) vs "
+              f"{mha_bytes} B MHA-equivalent K/V in {dtype} ({mha_bytes / kv_bytes:.1f}x smaller)", file=sys.stderr)
     if args.json_out:
         result: dict[str, Any] = {"runs": [{
             "model": args.model or "embedded:SmolLM2-135M-Instruct",
@@ -139,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
             "prompt_ids": ids, "generated_ids": out, "text": text,
             "load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s,
             "decode_tokens_per_s": steps / decode_s if decode_s > 0 and steps else None,
+            "architecture": spec.architecture, "kv_attention": kv_spec.attention,
+            "kv_format": kv_spec.latent_format or kv_spec.dtype,
+            "kv_bytes_per_token_layer": kv_bytes, "mha_equivalent_bytes_per_token_layer": mha_bytes,
+            "kv_bytes_ratio_vs_mha": kv_bytes / mha_bytes,
         }]}
         with open(args.json_out, "w") as fh:
             json.dump(result, fh, indent=2)

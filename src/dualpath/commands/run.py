@@ -21,8 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trace", help="trace file (our JSONL trajectories, or Mooncake with --trace-format)")
     parser.add_argument("--trace-format", choices=["jsonl", "mooncake"], help="format of --trace (default jsonl)")
-    parser.add_argument("--agents", type=int, help="number of agents (default from the config)")
-    parser.add_argument("--mode", choices=["offline", "online"], help="offline (default) or online")
+    parser.add_argument("--agents", type=int,
+                        help="number of agents of a generator (default from the config); with --trace: its first N "
+                             "sessions (a trace is never replayed to reach N)")
+    parser.add_argument("--max-requests", type=int, metavar="N",
+                        help="trace: serve only its first N requests (in time order); default every request")
+    parser.add_argument("--repeat", type=int, metavar="K",
+                        help="trace: serve K copies of it (copies share no content; online, one after another)")
+    parser.add_argument("--mode", choices=["offline", "online"],
+                        help="offline (default: every session at t=0, each turn when the previous one ends) or "
+                             "online (a trace at its own timestamps; a generator at --rate)")
     parser.add_argument("--rate", type=float, help="online: agents arriving per second")
     parser.add_argument("--capacity", action="store_true",
                         help="online: search the highest arrival rate that meets the TTFT/TPOT SLO, per policy")
@@ -49,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         policies=args.policies,
         trace=args.trace,
         trace_format=args.trace_format,
+        max_requests=args.max_requests,
+        repeat=args.repeat,
         agents=args.agents,
         mode=args.mode,
         rate=args.rate,

@@ -6,6 +6,7 @@
 * ``--role scheduler`` / ``--role prefill --rank N`` / ``--role decode --rank N`` runs one piece, for any
   launcher (ssh, Slurm, Kubernetes) on a multi-host cluster; engines find the scheduler at ``--scheduler ADDR``
   (default ``serve.address`` or ``tcp://serve.host:serve.port``). See docs/deployment.md.
+* ``--http [HOST:PORT]`` puts the OpenAI-compatible API in front (see commands/serve_http.py, docs/http.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bind", help="scheduler bind address (default tcp://serve.host:serve.port)")
     parser.add_argument("--address-file", help="the scheduler writes its bound address here once listening")
     parser.add_argument("--workdir", help="--role all: where the resolved config and process logs go")
+    from dualpath.commands import serve_http
+
+    serve_http.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,8 +39,16 @@ def run(args: argparse.Namespace) -> int:
     from dualpath.errors import ConfigError
     from dualpath.types import Role
 
+    if getattr(args, "http", None) is not None:  # --http: the OpenAI-compatible API (commands/serve_http.py)
+        from dualpath.commands.serve_http import run as run_http
+
+        return run_http(args)
+    from dualpath.commands.serve_http import check_http_only
+
+    check_http_only(args)
     logging.basicConfig(level=os.environ.get("DUALPATH_LOG", "WARNING"))
-    config = load_config(args.config, overrides=None if args.config else serve_defaults())
+    # a config file merges over serve's own defaults (posix storage, zmq), as `chat --config` does
+    config = load_config([serve_defaults(), args.config] if args.config else serve_defaults())
     config = check_deployable(config)
     if args.role == "all":
         from dualpath.control.launcher import run_foreground

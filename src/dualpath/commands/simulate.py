@@ -29,9 +29,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="capacity search bounds (default 0.02 2.0)")
     parser.add_argument("--iters", type=int, default=7, help="capacity bisection steps")
     parser.add_argument("--no-indexer-kv", action="store_true", help="KV blocks without the DSA indexer key")
+    parser.add_argument("--append-scale", type=float, help="multiply every turn's append length (then truncate at "
+                        "the dataset's MaxLen; paper Fig. 9)")
+    parser.add_argument("--gen-scale", type=float, help="multiply every turn's generation length (paper Fig. 9)")
+    parser.add_argument("--no-isolation", action="store_true",
+                        help="no traffic manager: model (all-to-all) and KV traffic share the compute NICs fairly")
+    parser.add_argument("--no-ep-traffic", action="store_true",
+                        help="do not model the MoE all-to-all on the compute NICs")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", dest="json_out", help="write {'runs': [...], 'speedup': {...}, 'ceiling': x}")
     parser.add_argument("--plot", help="write a PNG comparing the policies")
+    parser.add_argument("--trace", help="simulate a request trace as it is (every request; see --trace-format)")
+    parser.add_argument("--trace-format", choices=["jsonl", "mooncake"], default=None,
+                        help="format of --trace (default jsonl)")
+    parser.add_argument("--max-requests", type=int, help="trace: only its first N requests (in time order)")
+    parser.add_argument("--repeat", type=int, help="trace: K copies (no shared content between copies)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="per-engine time breakdown (compute, small batches, read/scheduler waits, queueing)")
+    parser.add_argument("--matrix", nargs="?", const="full", choices=["full", "quick"],
+                        help="the never-lose workload matrix: DualPath / max(Basic, pe_only) per cell")
+    parser.add_argument("--select", help="--matrix: only cells whose name contains this")
 
 
 def _list_presets() -> None:
@@ -72,6 +89,16 @@ def _cfg(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             data[key] = val
     if args.no_indexer_kv:
         data["include_indexer_kv"] = False
+    for key, val in (("append_scale", args.append_scale), ("gen_scale", args.gen_scale)):
+        if val is not None:
+            data[key] = val
+    if args.no_isolation or args.no_ep_traffic:
+        ov = dict(data.get("overrides") or {})
+        if args.no_isolation:
+            ov["traffic_isolation"] = False
+        if args.no_ep_traffic:
+            ov["ep_traffic"] = False
+        data["overrides"] = ov
     if args.capacity:
         data["mode"] = "online"
     try:
@@ -98,6 +125,53 @@ def _table(runs: list[dict], speed: dict[str, float]) -> None:
               f"{_fmt(r['snic_util_pe']):>7s} {_fmt(r['snic_util_de']):>7s} {_fmt(r['snic_balance_max_avg']):>5s} "
               f"{_fmt(r['pe_compute_util']):>7s} {_fmt(speed.get(r['policy'], float('nan'))):>7s} "
               f"{_fmt(r['wall_s'], 1, 1):>7s} {_fmt(r.get('cpu_s', float('nan')), 1, 1):>6s}")
+
+
+def _trace(args: argparse.Namespace, cfg):  # type: ignore[no-untyped-def]
+    """The trace of --trace (None without one); limits of --max-requests/--repeat; bad files exit 2."""
+    from dualpath.errors import ConfigError
+
+    if args.trace is None:
+        if args.max_requests is not None or args.repeat is not None or args.trace_format is not None:
+            raise ConfigError("--max-requests, --repeat and --trace-format need --trace")
+        return None
+    if args.capacity:
+        raise ConfigError("--trace: a trace is replayed at its own times; --capacity searches a generated workload")
+    if args.agents is not None or args.dataset is not None or args.aps is not None:
+        raise ConfigError("--trace serves the trace as it is: use --max-requests / --repeat, not --agents/--dataset/--aps")
+    from dualpath.workload.traces import load_trace
+
+    return load_trace(args.trace, args.trace_format or "jsonl", max_requests=args.max_requests,
+                      repeat=args.repeat or 1)
+
+
+def _breakdown_table(runs: list[dict]) -> None:
+    print("per-PE time breakdown (share of PE-seconds; small batch = compute lost to batches below the saturating size)")
+    print(f"{'policy':12s} {'compute':>8s} {'small b.':>8s} {'transfer':>8s} {'read w.':>8s} {'sched w.':>8s} "
+          f"{'no work':>8s} {'batch tok':>9s} {'queue s':>8s} {'read s':>7s} {'prefill s':>9s}")
+    for r in runs:
+        b = r.get("breakdown")
+        if not b:
+            continue
+        print(f"{r['policy']:12s} {b['compute']:8.3f} {b['small_batch']:8.3f} {b['transfer']:8.3f} "
+              f"{b['read_wait']:8.3f} {b['sched_wait']:8.3f} {b['no_work']:8.3f} {b['mean_batch_tokens']:9.0f} "
+              f"{b['req_queue_s']:8.2f} {b['req_read_s']:7.3f} {b['req_prefill_s']:9.2f}")
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    import json
+
+    from dualpath.sim.matrix import run_matrix, summary
+
+    rows = run_matrix(args.matrix == "quick", select=args.select, breakdown_dt=0.25 if args.breakdown else 0.0,
+                      progress=lambda line: print(line, flush=True))
+    s = summary(rows)
+    print(f"never-lose matrix: {s['run']} of {s['cells']} cells run; min DualPath / max(Basic, pe_only) = "
+          f"{s['min_ratio']:.3f} ({s['worst_cell']}); cells below 0.98: {', '.join(s['losing']) or 'none'}")
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as f:
+            json.dump({"rows": rows, "summary": s}, f, indent=1, default=str)
+    return 0 if not s["losing"] else 1
 
 
 def _plot(path: str, runs: list[dict], title: str) -> None:
@@ -136,11 +210,14 @@ def run(args: argparse.Namespace) -> int:
 
         if is_run_config(args.config):  # the configuration of a `dualpath run`: calibrate and predict it
             return simulate_command(args)
+    if args.matrix:
+        return _matrix(args)
     from dualpath.analysis import Hardware, check_pd
     from dualpath.scheduler.policies import get_policy
     from dualpath.sim.runner import SimResult, build_scenario, capacity, simulate, speedups
 
     cfg = _cfg(args)
+    trace = _trace(args, cfg)
     for p in cfg.policies:
         get_policy(p)  # unknown policy: clean error before any work
 
@@ -169,8 +246,16 @@ def run(args: argparse.Namespace) -> int:
         print("capacity (APS under TTFT <= 4 s, TPOT <= 50 ms): "
               + ", ".join(f"{p}={v:.3f}" for p, v in caps.items()))
     else:
-        sc = build_scenario(cfg)
-        result = simulate(sc, cfg.policies, progress=progress)
+        sc = build_scenario(cfg, trajectories=trace.trajectories if trace is not None else None)
+        if trace is not None:
+            from dualpath.workload.traces import check_fits, ideal_hit_rate
+
+            check_fits(trace, sc.de_kv_tokens, f"a decode engine's KV memory in {sc.name}")
+
+            sc.info["trace"] = {"path": trace.path, "format": trace.fmt, "note": trace.note,
+                                "ideal_hit_rate": ideal_hit_rate(trace.trajectories)}
+        bd = 0.25 if args.breakdown else 0.0
+        result = simulate(sc, cfg.policies, progress=progress, breakdown_dt=bd)
     g = sc.gpus_per_node
     hw = Hardware.of(g, sc.snic_bw / sc.cnic_bw, sc.cnic_bw / 1e9, sc.dram_bw / 1e9)
     warnings = check_pd(sc.P, sc.D, hw)
@@ -183,7 +268,18 @@ def run(args: argparse.Namespace) -> int:
     agents = "agents per rate" if args.capacity else f"{len(sc.trajectories)} agents"
     print(f"{sc.name}: {sc.P}P{sc.D}D x {g} GPUs, {agents}, mode={sc.mode}, "
           f"KV {sc.kv_bytes_per_token:.0f} B/token, storage ceiling (P+D)/P = {result.ceiling:.2f}")
+    if trace is not None:
+        ti = sc.info["trace"]
+        print(f"trace {trace.path} ({trace.fmt}): {trace.note}; {len(trace.trajectories)} sessions; "
+              f"ideal hit rate (unlimited cache) {ti['ideal_hit_rate']:.3f}; "
+              + ("online at the trace's timestamps" if sc.mode == "online" else
+                 "offline: every session at t=0, each turn when the previous one ends"))
     _table(result.runs, result.speedup)
+    if trace is not None:
+        print("hit rate achieved / ideal: " + ", ".join(
+            f"{r['policy']}={r['hit_rate']:.3f}/{sc.info['trace']['ideal_hit_rate']:.3f}" for r in result.runs))
+    if args.breakdown:
+        _breakdown_table(result.runs)
     if args.capacity and result.speedup:
         print("capacity ratio vs basic: " + ", ".join(f"{p}={v:.2f}" for p, v in result.speedup.items()))
     if args.json_out:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import os
@@ -32,8 +33,16 @@ from dualpath.errors import ConfigError, DualPathError, PeerTimeout, TransportCl
 
 log = logging.getLogger("dualpath.control")
 
+#: inside a ROUTER's handler: the authenticated CURVE public key (z85, the ZAP User-Id) of the sender, else None
+PEER_USER: contextvars.ContextVar[str | None] = contextvars.ContextVar("dualpath_peer_user", default=None)
+
 #: handler(peer identity, message) -> (reply type, reply body) or None (no reply)
 Handler = Callable[[bytes, Message], Awaitable[tuple[str, dict[str, Any]] | None]]
+
+
+class AuthFailed(DualPathError):
+    """The control-plane handshake was refused: wrong or unknown CURVE key, or a security mismatch (one side
+    uses CURVE, the other does not). The message says which setting to check."""
 
 
 class RemoteError(DualPathError):
@@ -97,6 +106,7 @@ class Channel:
         max_message_bytes: int = MAX_FRAME_BYTES,
         max_tasks: int = 4096,
         heartbeat_ms: int = 1000,
+        handshake_timeout: float = 5.0,
     ) -> None:
         if (bind is None) == (connect is None):
             raise ConfigError(f"{name}: a channel either binds or connects")
@@ -119,6 +129,11 @@ class Channel:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._send_lock = asyncio.Lock()
+        self.handshake_timeout = handshake_timeout
+        self.auth_error: AuthFailed | None = None  # a DEALER's last handshake refusal (cleared by a success)
+        self._handshake_ok: asyncio.Event | None = None
+        self._auth_failed = asyncio.Event()
+        self.on_disconnect: Callable[[], None] | None = None  # DEALER: called when the connection drops
 
     @property
     def is_router(self) -> bool:
@@ -128,6 +143,11 @@ class Channel:
     def refused(self) -> int:
         """Connections refused by CURVE authentication."""
         return self._auth.refused if self._auth is not None else 0
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a reply."""
+        return len(self._pending)
 
     @property
     def tasks(self) -> int:
@@ -156,7 +176,7 @@ class Channel:
         try:
             if self.is_router:
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+                sock.setsockopt(zmq.ROUTER_HANDOVER, 0)  # a second peer with a taken identity is refused
                 if self.curve is not None:
                     self._auth = _Auth(ctx, self.curve.allowed, self.name)
                     sock.curve_server = True
@@ -175,6 +195,8 @@ class Channel:
                     sock.curve_secretkey = self.curve.secret.encode()
                     sock.curve_publickey = self.curve.public.encode()
                 assert self.connect_addr is not None
+                self._handshake_ok = asyncio.Event()
+                monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
                 sock.connect(self.connect_addr)
                 self.address = self.connect_addr
         except (zmq.ZMQError, ValueError) as exc:
@@ -186,6 +208,8 @@ class Channel:
             raise ConfigError(f"{self.name}: cannot use control address {where!r}: {exc}") from exc
         self._sock = sock
         self._spawn(self._recv_loop())
+        if not self.is_router:
+            self._spawn(self._monitor_loop(monitor))
 
     async def close(self) -> None:
         if self._closed:
@@ -221,23 +245,117 @@ class Channel:
             log.error("%s: control task failed: %r", self.name, task.exception())
 
     # --- sending -----------------------------------------------------------------------------------------
-    async def _send(self, peer: bytes | None, data: bytes) -> None:
+    async def _send(self, peer: bytes | None, data: bytes, timeout: float = 10.0) -> None:
+        """Send one message; a DEALER first waits (within ``timeout``) for a completed handshake, so a send
+        never blocks without a deadline and an authentication refusal surfaces as :class:`AuthFailed`."""
         if self._closed or self._sock is None:
             raise TransportClosed(f"{self.name}: channel closed")
         frames = [peer, data] if self.is_router else [data]
         if self.is_router and peer is None:
             raise DualPathError(f"{self.name}: a ROUTER send needs a peer identity")
+        if not self.is_router:
+            await self.wait_handshake(timeout)
         try:
             async with self._send_lock:
-                await self._sock.send_multipart(frames)  # type: ignore[arg-type]
+                if self.is_router:
+                    await self._sock.send_multipart(frames)  # type: ignore[arg-type]
+                else:
+                    try:
+                        await asyncio.wait_for(self._sock.send_multipart(frames), timeout)  # type: ignore[arg-type]
+                    except asyncio.TimeoutError:
+                        raise PeerTimeout(f"{self.name}: could not send to {self.connect_addr} within "
+                                          f"{timeout:g} s") from None
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 who = peer.decode("utf-8", "replace") if peer else "?"
                 raise PeerGone(f"{self.name}: peer {who!r} is not connected") from None
             raise
 
-    async def notify(self, peer: bytes | None, mtype: str, body: dict[str, Any] | None = None) -> None:
-        await self._send(peer, encode(mtype, body, mid=next(self._ids), max_bytes=self.max_message_bytes))
+    async def wait_handshake(self, timeout: float) -> None:
+        """DEALER: until the connection to the server has completed its (CURVE) handshake. Raises
+        :class:`AuthFailed` at once when the server refused us, :class:`PeerTimeout` after
+        ``min(timeout, handshake_timeout)`` when nothing answered."""
+        ev = self._handshake_ok
+        if ev is None or ev.is_set():
+            return
+        if self.auth_error is not None:
+            raise self.auth_error
+        limit = min(timeout, self.handshake_timeout)
+        waiter = asyncio.ensure_future(ev.wait())
+        failed = asyncio.ensure_future(self._auth_failed.wait())
+        try:
+            await asyncio.wait({waiter, failed}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            failed.cancel()
+        if ev.is_set():
+            return
+        if self.auth_error is not None:
+            raise self.auth_error
+        raise PeerTimeout(f"{self.name}: no handshake with {self.connect_addr} within {limit:g} s "
+                          "(is the scheduler running there? serve.handshake_timeout_s)")
+
+    async def _monitor_loop(self, monitor: zmq.asyncio.Socket) -> None:
+        """Follow the DEALER's connection: handshake done, refused (auth), or lost."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        no_detail = 0
+        try:
+            while True:
+                ev = parse_monitor_message(await monitor.recv_multipart())  # type: ignore[arg-type]
+                kind, value = ev["event"], int(ev["value"])
+                assert self._handshake_ok is not None
+                if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # also a peer dying mid-handshake: twice in a row
+                    no_detail += 1
+                    if no_detail < 2:
+                        continue
+                else:
+                    no_detail = 0
+                if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.auth_error = None
+                    self._auth_failed = asyncio.Event()
+                    self._handshake_ok.set()
+                elif kind == zmq.EVENT_DISCONNECTED:
+                    self._handshake_ok.clear()
+                    if self.on_disconnect is not None:
+                        self.on_disconnect()
+                elif kind in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                              zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                    self._handshake_ok.clear()
+                    self.auth_error = AuthFailed(self._why_refused(kind, value))
+                    self._auth_failed.set()
+                    for _peer, fut in list(self._pending.values()):
+                        if not fut.done():
+                            fut.set_exception(self.auth_error)
+        finally:
+            monitor.close(linger=0)
+
+    def _why_refused(self, kind: int, value: int) -> str:
+        where = f"{self.name}: authentication with {self.connect_addr} failed"
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            key = self.curve.public if self.curve is not None else "(none)"
+            return (f"{where}: the server refused this CURVE key {key} (status {value}); check that it is one of "
+                    "the scheduler's allowed keys (serve.curve_client_public_key, serve.curve_allowed_clients, "
+                    "serve.curve_engine_public_key, serve.curve_operator_public_key)")
+        if value == _MECHANISM_MISMATCH:
+            if self.curve is None:
+                return (f"{where}: the server requires CURVE and this side has no keys; set "
+                        "serve.curve_public_key and serve.curve_client_public_key/secret_key as on the scheduler")
+            return (f"{where}: this side uses CURVE but the server does not; remove the serve.curve_* keys here "
+                    "or set them on the scheduler")
+        if self.curve is None:
+            return (f"{where}: the server requires CURVE and this side has no keys (handshake error {value:#x}); "
+                    "set serve.curve_public_key and serve.curve_client_public_key/secret_key as on the scheduler")
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            return (f"{where}: the server dropped the CURVE handshake (errno {value}): either the server does not "
+                    "use CURVE (remove the serve.curve_* keys here or set them on the scheduler) or "
+                    "serve.curve_public_key is not the scheduler's public key")
+        return (f"{where}: handshake error {value:#x}; check serve.curve_public_key (the scheduler's public key) "
+                "and this side's serve.curve_* key pair")
+
+    async def notify(self, peer: bytes | None, mtype: str, body: dict[str, Any] | None = None,
+                     timeout: float = 10.0) -> None:
+        await self._send(peer, encode(mtype, body, mid=next(self._ids), max_bytes=self.max_message_bytes), timeout)
 
     async def request(self, peer: bytes | None, mtype: str, body: dict[str, Any] | None, timeout: float) -> Message:
         """Send a request and await its reply; :class:`PeerTimeout` after ``timeout`` s, :class:`RemoteError`
@@ -247,20 +365,33 @@ class Channel:
         data = encode(mtype, body, mid=mid, max_bytes=self.max_message_bytes)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[mid] = (peer or b"", fut)
+        loop = asyncio.get_running_loop()
+        t_end = loop.time() + timeout
         try:
-            await self._send(peer, data)
+            await self._send(peer, data, timeout)  # within the deadline too (a DEALER may wait for a handshake)
             try:
-                reply = await asyncio.wait_for(asyncio.shield(fut), timeout)
+                reply = await asyncio.wait_for(asyncio.shield(fut), max(0.0, t_end - loop.time()))
             except asyncio.TimeoutError:
-                who = peer.decode("utf-8", "replace") if peer else self.connect_addr
+                who = _who(peer) if peer else self.connect_addr
                 raise PeerTimeout(f"{self.name}: no reply to {mtype!r} from {who} within {timeout:g} s") from None
         finally:
             self._pending.pop(mid, None)
             if not fut.done():
                 fut.cancel()
+            elif not fut.cancelled():
+                fut.exception()  # retrieved (an auth refusal may have failed it while we were still sending)
         if reply.type == "error":
             raise RemoteError(reply.body["code"], reply.body["message"])
         return reply
+
+    def fail_all(self, exc: BaseException) -> int:
+        """Fail every request waiting for a reply (the peer is known to be gone); returns how many."""
+        n = 0
+        for _mid, (_p, fut) in list(self._pending.items()):
+            if not fut.done():
+                fut.set_exception(exc)
+                n += 1
+        return n
 
     def fail_peer(self, peer: bytes, exc: BaseException) -> int:
         """Fail every request waiting on ``peer`` (it was declared dead); returns how many."""
@@ -274,10 +405,20 @@ class Channel:
     # --- receiving ---------------------------------------------------------------------------------------
     async def _recv_loop(self) -> None:
         assert self._sock is not None
+        track_users = self.is_router and self.curve is not None
         while True:
-            frames = await self._sock.recv_multipart(copy=True)
+            if track_users:  # the authenticated key (ZAP User-Id) of the peer, from the message's metadata
+                raw = await self._sock.recv_multipart(copy=False)
+                user: str | None = None
+                with contextlib.suppress(zmq.ZMQError):
+                    got = raw[-1].get("User-Id")
+                    user = got if isinstance(got, str) else None
+                PEER_USER.set(user)  # handler tasks spawned from here see it (they copy this context)
+                frames: list[bytes] = [bytes(f.bytes) for f in raw]
+            else:
+                frames = await self._sock.recv_multipart(copy=True)  # type: ignore[assignment]
             try:
-                self._on_frames(frames)  # type: ignore[arg-type]
+                self._on_frames(frames)
             except Exception as exc:  # never let one message stop the loop
                 log.error("%s: error handling a message: %r", self.name, exc)
 
@@ -337,10 +478,20 @@ class Channel:
             return
         if out is not None and msg.id:
             mtype, body = out
-            with contextlib.suppress(PeerGone, TransportClosed):
+            with contextlib.suppress(PeerGone, TransportClosed, PeerTimeout, AuthFailed):  # the asker is gone
                 await self._send(peer if self.is_router else None,
                                  encode(mtype, body, mid=next(self._ids), re_=msg.id,
                                         max_bytes=self.max_message_bytes))
+
+
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                     | zmq.EVENT_DISCONNECTED)
+_MECHANISM_MISMATCH = 0x11000002  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+
+
+def _who(peer: bytes) -> str:
+    return peer.decode("utf-8", "replace")
 
 
 class PeerGone(TransportClosed):

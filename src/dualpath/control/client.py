@@ -17,6 +17,7 @@ message: ``DeadlineExceeded``, ``SchedulerError``, ``InvalidTurn``, ...) or
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Sequence
@@ -25,35 +26,86 @@ from typing import Any
 import numpy as np
 
 from dualpath.config import DualPathConfig
-from dualpath.control.channel import Channel, CurveKeys
+from dualpath.control.channel import AuthFailed, Channel, CurveKeys, PeerGone
 from dualpath.control.deploy import client_curve
 from dualpath.control.protocol import MAX_FRAME_BYTES, tokens_to_bin
+from dualpath.errors import PeerTimeout
 from dualpath.runtime.clients import TurnOutcome
 
 
+class SchedulerLost(PeerGone):
+    """The scheduler died or stopped answering: every turn waiting on it failed explicitly."""
+
+
 class ServeClient:
-    """One connection to a deployment's scheduler (see the module docstring)."""
+    """One connection to a deployment's scheduler (see the module docstring).
+
+    Liveness: the client pings the scheduler every ``heartbeat_s``; a dropped connection, or ``misses`` pings in
+    a row without an answer, fails every turn in flight at once with :class:`SchedulerLost` (so a dead scheduler
+    is noticed within ``misses`` heartbeats, not at the turn's deadline). Later calls wait for the connection
+    to come back (a restarted scheduler on the same address) up to ``serve.handshake_timeout_s``."""
 
     def __init__(self, address: str, *, curve: CurveKeys | None = None, deadline_s: float = 120.0,
-                 max_message_bytes: int = MAX_FRAME_BYTES) -> None:
+                 max_message_bytes: int = MAX_FRAME_BYTES, heartbeat_s: float | None = 0.5, misses: int = 3,
+                 handshake_timeout: float = 5.0) -> None:
         self.address = address
         self.deadline_s = deadline_s
         self.channel = Channel(f"client-{os.getpid()}", connect=address, curve=curve,
-                               max_message_bytes=max_message_bytes)
+                               max_message_bytes=max_message_bytes, handshake_timeout=handshake_timeout)
+        self.channel.on_disconnect = self._on_disconnect
         self.last_path: dict[int, str] = {}
+        self.heartbeat_s = heartbeat_s
+        self.misses = misses
+        self.lost = 0  # times the scheduler was found gone
+        self._watch: asyncio.Task[None] | None = None
+        self._closing = False
 
     @classmethod
     def from_config(cls, address: str | None, config: DualPathConfig) -> ServeClient:
         sc = config.serve
         return cls(address or sc.scheduler_address(), curve=client_curve(config), deadline_s=sc.request_deadline_s,
-                   max_message_bytes=sc.max_message_bytes)
+                   max_message_bytes=sc.max_message_bytes, heartbeat_s=sc.heartbeat_s,
+                   handshake_timeout=sc.handshake_timeout_s)
 
     async def start(self) -> ServeClient:
         await self.channel.start()
+        if self.heartbeat_s:
+            self._watch = asyncio.get_running_loop().create_task(self._watchdog(self.heartbeat_s))
         return self
 
     async def close(self) -> None:
+        self._closing = True
+        if self._watch is not None:
+            self._watch.cancel()  # (a cancel can be swallowed by a wait_for finishing at that instant: bounded)
+            await asyncio.wait({self._watch}, timeout=2.0)
         await self.channel.close()
+
+    def _lose(self, why: str) -> None:
+        n = self.channel.fail_all(SchedulerLost(f"the scheduler at {self.address} {why}"))
+        if n:
+            self.lost += 1
+
+    def _on_disconnect(self) -> None:
+        self._lose("closed the connection (it died or was stopped); the turns in flight were failed")
+
+    async def _watchdog(self, period: float) -> None:
+        missed = 0
+        while not self._closing:
+            await asyncio.sleep(period)
+            if not self.channel.pending:  # nothing waits on the scheduler: no need to ask
+                missed = 0
+                continue
+            try:
+                await self.channel.request(None, "ping", {}, period)
+                missed = 0
+            except (PeerTimeout, PeerGone, AuthFailed):
+                missed += 1
+                if missed >= self.misses:
+                    self._lose(f"did not answer {missed} heartbeats ({missed * period:g} s); the turns in flight "
+                               "were failed")
+                    missed = 0
+            except Exception:  # a closing channel
+                return
 
     async def __aenter__(self) -> ServeClient:
         return await self.start()
@@ -91,8 +143,17 @@ class ServeClient:
         reply = await self.channel.request(None, "ping", {}, timeout)
         return reply.type == "pong"
 
-    async def shutdown(self, timeout: float = 10.0) -> None:
-        await self.channel.request(None, "shutdown", {}, timeout)
+    async def shutdown(self, timeout: float = 10.0, *, token: str | None = None) -> None:
+        """Stop the deployment (the operator role: its CURVE key, or ``token`` from ``serve.token_file``)."""
+        await self.channel.request(None, "shutdown", {"token": token} if token else {}, timeout)
+
+    async def cancel(self, session: int, timeout: float = 10.0) -> None:
+        """End this client's turn(s) of ``session`` now: each fails with a ``cancelled`` error."""
+        await self.channel.request(None, "cancel", {"session": int(session)}, timeout)
+
+    async def drain(self, timeout: float = 10.0, *, token: str | None = None) -> None:
+        """Refuse new turns, let the ones in flight finish (the operator role)."""
+        await self.channel.request(None, "drain", {"token": token} if token else {}, timeout)
 
 
 async def connect(address: str | None = None, config: DualPathConfig | None = None, **kw: Any) -> ServeClient:
@@ -137,27 +198,46 @@ def run_serve_command(args: Any) -> int:
 
     import anyio
 
+    from dualpath.errors import DualPathError
     from dualpath.runtime.app import RunRequest, prepare
-    from dualpath.runtime.clients import ClientResult, run_offline, run_online_into
-    from dualpath.workload.arrivals import poisson_arrivals
+    from dualpath.runtime.clients import ClientResult, run_offline_into, run_online_into
+    from dualpath.runtime.runner import online_arrivals
 
     req = RunRequest(config=args.config, policies=None, trace=args.trace, trace_format=args.trace_format,
+                     max_requests=getattr(args, "max_requests", None), repeat=getattr(args, "repeat", None),
                      agents=args.agents, mode=args.mode, rate=args.rate, capacity=False, sim=False,
                      json_out=args.json_out, plot=None, progress=False)
     cfg, _policies, trajs = prepare(req)  # the trace is checked here (clear errors with file and line)
     vocab = cfg.model.vocab_size if cfg.model.kind == "synthetic" else 49152
     w = cfg.workload
 
+    res = ClientResult([], time.perf_counter(), 0.0, 0, len(trajs))  # filled as turns finish: kept on failure
+
     async def main() -> ClientResult:
         async with await connect(args.serve, cfg) as client:
             if w.mode == "online":
-                res = ClientResult([], 0.0, 0.0, 0, len(trajs))
-                await run_online_into(client, trajs, poisson_arrivals(len(trajs), w.rate_aps, w.seed), res,
+                # a trace at its own timestamps, a generator as a Poisson process (dualpath run's rule)
+                arrivals = online_arrivals(trajs, w.rate_aps, w.seed, w.trace is not None)
+                await run_online_into(client, trajs, arrivals, res,
                                       vocab_size=vocab, seed=w.seed)
                 return res
-            return await run_offline(client, trajs, vocab_size=vocab, seed=w.seed)
+            await run_offline_into(client, trajs, res, vocab_size=vocab, seed=w.seed)
+            return res
 
-    res = anyio.run(main)
+    failure: str | None = None
+    try:
+        anyio.run(main)
+    except BaseException as exc:  # a lost scheduler, an auth refusal, a failed turn: one line + what finished
+        from dualpath.engine.request import unwrap
+
+        leaf = unwrap(exc) if not isinstance(exc, KeyboardInterrupt) else exc
+        if isinstance(leaf, KeyboardInterrupt):
+            failure = "interrupted"
+        elif isinstance(leaf, DualPathError):
+            failure = str(leaf).splitlines()[0] if str(leaf) else type(leaf).__name__
+        else:
+            raise
+        res.t_end = max(res.t_end, time.perf_counter())
     recs = res.records
     toks = sum(len(r.outcome.tokens) for r in recs)
     ttft = [r.outcome.ttft for r in recs]
@@ -166,10 +246,16 @@ def run_serve_command(args: Any) -> int:
            "tokens_per_s": toks / res.jct if res.jct > 0 else None,
            "ttft_mean_s": sum(ttft) / len(ttft) if ttft else None,
            "hit_rate": (sum(r.outcome.hit_tokens for r in recs) / max(1, sum(r.outcome.prompt_tokens for r in recs)))}
+    from dualpath.runtime.workload import workload_source
+
+    print(f"workload: {workload_source(cfg, trajs)}", file=sys.stdout)
     print(f"dualpath run --serve {args.serve}: {len(recs)} turns of {len(trajs)} agents in {res.jct:.2f} s "
           f"({run['turns_per_s'] or 0:.2f} turns/s, mean TTFT {1e3 * (run['ttft_mean_s'] or 0):.1f} ms, "
-          f"hit rate {100 * run['hit_rate']:.0f}%)", file=sys.stdout)
+          f"hit rate {100 * run['hit_rate']:.0f}%)" + (" (partial)" if failure else ""), file=sys.stdout)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"runs": [run]}, f, indent=2)
+            json.dump({"runs": [{**run, "complete": failure is None}]}, f, indent=2)
+    if failure is not None:
+        print(f"dualpath: error: {failure} ({len(recs)} turns finished, shown above)", file=sys.stderr)
+        return 2
     return 0

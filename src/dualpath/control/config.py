@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 
 from dualpath._configbase import Section
@@ -12,8 +14,11 @@ class ServeConfig(Section):
 
     Engines and clients reach the scheduler at ``tcp://{host}:{port}`` (``address`` overrides it, e.g. on
     another host). Sockets bind to loopback unless ``host`` is set. With ``curve_secret_key`` set the control
-    plane is authenticated and encrypted: the scheduler admits only ``curve_allowed_clients`` (by default the
-    one client key pair ``curve_client_*`` that engines and clients use)."""
+    plane is authenticated and encrypted: the scheduler admits only the keys it knows and maps each to a role:
+    ``curve_client_public_key`` and ``curve_allowed_clients`` are clients (submit, stats), ``curve_engine_*`` the
+    engines (hello, heartbeat, replies), ``curve_operator_*`` the operator (shutdown, drain). Without engine keys
+    the engines use the client pair (legacy; then any client could register as an engine: a warning says so).
+    Without CURVE (loopback) engines and the operator prove themselves with the secret tokens of ``token_file``."""
 
     host: str = Field(default="127.0.0.1", description="scheduler control bind address (loopback by default)")
     port: int = Field(default=7460, ge=0, le=65535, description="scheduler control port; 0 picks a free one")
@@ -27,19 +32,37 @@ class ServeConfig(Section):
     restart_engines: bool = Field(default=True, description="the launcher restarts an engine process that died")
     max_restarts: int = Field(default=10, ge=0)
     startup_timeout_s: float = Field(default=120.0, gt=0, description="deadline for every engine to say hello")
+    handshake_timeout_s: float = Field(default=5.0, gt=0, le=3600,
+                                       description="a connection must complete its (CURVE) handshake by this")
+    scheduler_restart: bool = Field(default=True, description="the launcher restarts a scheduler process that died")
+    scheduler_standby: bool = Field(
+        default=True, description="the launcher keeps a warm standby scheduler process (imports done) to take over "
+        "at once; False: a fresh process is started (seconds of imports)")
+    token_file: Path | None = Field(
+        default=None,
+        description="without CURVE: JSON file (mode 0600) of the deployment's secret engine/operator tokens; the "
+                    "launcher creates <workdir>/control.token",
+    )
     curve_public_key: str | None = None
     curve_secret_key: str | None = None
     curve_client_public_key: str | None = None
     curve_client_secret_key: str | None = None
     curve_allowed_clients: list[str] = Field(default_factory=list)
+    curve_engine_public_key: str | None = Field(default=None, description="the engines' key pair (role engine)")
+    curve_engine_secret_key: str | None = None
+    curve_operator_public_key: str | None = Field(default=None, description="the operator's key (shutdown, drain)")
+    curve_operator_secret_key: str | None = None
 
     @model_validator(mode="after")
     def _keys_in_pairs(self) -> ServeConfig:
         for a, b in (("curve_public_key", "curve_secret_key"),
-                     ("curve_client_public_key", "curve_client_secret_key")):
+                     ("curve_client_public_key", "curve_client_secret_key"),
+                     ("curve_engine_public_key", "curve_engine_secret_key")):
             if (getattr(self, a) is None) != (getattr(self, b) is None):
                 raise ValueError(f"{a} and {b} must be set together")
-        for name in ("curve_public_key", "curve_secret_key", "curve_client_public_key", "curve_client_secret_key"):
+        for name in ("curve_public_key", "curve_secret_key", "curve_client_public_key", "curve_client_secret_key",
+                     "curve_engine_public_key", "curve_engine_secret_key", "curve_operator_public_key",
+                     "curve_operator_secret_key"):
             v = getattr(self, name)
             if v is not None and len(v) != 40:
                 raise ValueError(f"{name} must be a 40-character z85 key (zmq.curve_keypair())")

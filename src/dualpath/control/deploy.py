@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,15 +58,34 @@ def engine_name(role: Role, rank: int) -> str:
     return f"{'pe' if role is Role.PREFILL else 'de'}{rank}"
 
 
+#: the control-plane roles and the messages each may send to the scheduler
+ROLES = ("client", "engine", "operator")
+
+
+def key_roles(config: DualPathConfig) -> dict[str, frozenset[str]]:
+    """With CURVE: the scheduler's map from an authenticated public key (z85, the ZAP User-Id) to its roles.
+
+    Clients: ``curve_client_public_key`` and ``curve_allowed_clients``; engines: ``curve_engine_public_key``
+    (without it, legacy: the client pair is the engines' too); operator: ``curve_operator_public_key``."""
+    s = config.serve
+    roles: dict[str, set[str]] = {}
+    for key in [*s.curve_allowed_clients, s.curve_client_public_key]:
+        if key:
+            roles.setdefault(key, set()).add("client")
+    engine_key = s.curve_engine_public_key or s.curve_client_public_key
+    if engine_key:
+        roles.setdefault(engine_key, set()).add("engine")
+    if s.curve_operator_public_key:
+        roles.setdefault(s.curve_operator_public_key, set()).add("operator")
+    return {k: frozenset(v) for k, v in roles.items()}
+
+
 def server_curve(config: DualPathConfig) -> CurveKeys | None:
     s = config.serve
     if not s.curve:
         return None
-    allowed = list(s.curve_allowed_clients)
-    if s.curve_client_public_key and s.curve_client_public_key not in allowed:
-        allowed.append(s.curve_client_public_key)
     assert s.curve_public_key is not None and s.curve_secret_key is not None
-    return CurveKeys(s.curve_public_key, s.curve_secret_key, allowed=tuple(allowed))
+    return CurveKeys(s.curve_public_key, s.curve_secret_key, allowed=tuple(key_roles(config)))
 
 
 def client_curve(config: DualPathConfig) -> CurveKeys | None:
@@ -72,6 +95,75 @@ def client_curve(config: DualPathConfig) -> CurveKeys | None:
     if not (s.curve_client_public_key and s.curve_client_secret_key):
         raise ConfigError("serve.curve_client_public_key/secret_key: needed to reach a CURVE-secured scheduler")
     return CurveKeys(s.curve_client_public_key, s.curve_client_secret_key, server=s.curve_public_key)
+
+
+def engine_curve(config: DualPathConfig) -> CurveKeys | None:
+    """The engines' CURVE pair (``curve_engine_*``; without it the client pair, legacy)."""
+    s = config.serve
+    if not s.curve:
+        return None
+    if s.curve_engine_public_key and s.curve_engine_secret_key:
+        return CurveKeys(s.curve_engine_public_key, s.curve_engine_secret_key, server=s.curve_public_key)
+    return client_curve(config)
+
+
+def operator_curve(config: DualPathConfig) -> CurveKeys | None:
+    s = config.serve
+    if not s.curve:
+        return None
+    if not (s.curve_operator_public_key and s.curve_operator_secret_key):
+        raise ConfigError("serve.curve_operator_public_key/secret_key: needed for shutdown/drain of a "
+                          "CURVE-secured scheduler")
+    return CurveKeys(s.curve_operator_public_key, s.curve_operator_secret_key, server=s.curve_public_key)
+
+
+# --- secret tokens (no CURVE: loopback) -------------------------------------------------------------------
+def create_tokens(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Write fresh secret tokens for the engine and operator roles to ``path`` (mode 0600, never overwritten
+    in place: a new file is renamed over it); returns them."""
+    tokens = {"engine": secrets.token_hex(24), "operator": secrets.token_hex(24)}
+    p = os.fspath(path)
+    tmp = f"{p}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.write(fd, json.dumps(tokens).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, p)
+    return tokens
+
+
+def load_tokens(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The tokens of ``serve.token_file``; refused unless a regular file only its owner can read or write."""
+    p = os.fspath(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise ConfigError(f"serve.token_file: cannot open {p}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"serve.token_file: {p} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(f"serve.token_file: {p} is readable by others (mode {st.st_mode & 0o777:o}); "
+                              "chmod 600 it")
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        tokens = json.loads(data)
+    except ValueError:
+        raise ConfigError(f"serve.token_file: {p} is not a JSON object of tokens") from None
+    if not isinstance(tokens, dict) or not all(isinstance(tokens.get(r), str) and len(tokens[r]) >= 16
+                                               for r in ("engine", "operator")):
+        raise ConfigError(f"serve.token_file: {p} needs string tokens 'engine' and 'operator' (16+ characters)")
+    return {"engine": tokens["engine"], "operator": tokens["operator"]}
+
+
+def token_for(config: DualPathConfig, role: str) -> str | None:
+    """This side's token for ``role`` from ``serve.token_file`` (None without one)."""
+    tf = config.serve.token_file
+    return load_tokens(tf)[role] if tf is not None else None
 
 
 @dataclass(frozen=True)

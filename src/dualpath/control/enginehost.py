@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import torch
 
 from dualpath.config import DualPathConfig, load_config
 from dualpath.control.channel import Channel, PeerGone
-from dualpath.control.deploy import check_deployable, client_curve, engine_name, engine_names
+from dualpath.control.deploy import check_deployable, engine_curve, engine_name, engine_names, token_for
 from dualpath.control.protocol import Message, bin_to_tokens
 from dualpath.engine.request import Turn, unwrap, wait_event
 from dualpath.errors import ConfigError, EngineError, PeerTimeout
@@ -92,6 +93,9 @@ class EngineHost:
         self.storage: Any = None
         self.channel: Channel | None = None
         self._stop = anyio.Event()
+        self.epoch = 0  # this incarnation's epoch, from the scheduler's welcome (0: not registered)
+        self.registrations = 0
+        self._registering = False
 
     # --- construction (mirrors Cluster.start for one engine) ---------------------------------------------
     async def _build(self) -> None:
@@ -123,6 +127,12 @@ class EngineHost:
             nm = engine_name(r, k)
             links.add_link(f"{nm}.cnic.in", cc.cnic_gbps)
             links.add_link(f"{nm}.cnic.out", cc.cnic_gbps)
+        from dualpath.traffic.nodelink import share_node_links
+
+        # the node's storage NIC is one set of links for all its engines, also across processes (link service)
+        self._node_links = await share_node_links(
+            links, f"{'pnode' if self.role is Role.PREFILL else 'dnode'}{self.node}", self.rank % cc.engines_per_node,
+            self.scheduler, cc.engines_per_node)
         for r, k, n in all_engines:  # stand-ins for the peers' links: only our own are charged for real
             nm = engine_name(r, k)
             links.add_engine(nm, f"{'pnode' if r is Role.PREFILL else 'dnode'}{n}.snic", f"{nm}.cnic")
@@ -138,6 +148,9 @@ class EngineHost:
 
     async def _close_io(self) -> None:
         with anyio.CancelScope(shield=True):
+            node_links = getattr(self, "_node_links", None)  # the node's link service or its client
+            if node_links is not None:
+                await node_links.close()
             if self.transport is not None:
                 await self.transport.close()
             if self.storage is not None:
@@ -148,9 +161,13 @@ class EngineHost:
         """Build the engine, register with the scheduler, serve until ``shutdown`` or SIGTERM."""
         await self._build()
         sc = self.config.serve
-        self.channel = Channel(self.name, connect=self.scheduler, identity=self.name.encode(),
-                               curve=client_curve(self.config), handler=self._handle,
-                               max_message_bytes=sc.max_message_bytes)
+        # an unguessable routing identity: no peer can squat it (and the scheduler refuses a second connection
+        # with a taken identity: no ROUTER_HANDOVER takeover)
+        self.channel = Channel(self.name, connect=self.scheduler,
+                               identity=f"{self.name}.{secrets.token_hex(8)}".encode(),
+                               curve=engine_curve(self.config), handler=self._handle,
+                               max_message_bytes=sc.max_message_bytes, handshake_timeout=sc.handshake_timeout_s)
+        self._token = token_for(self.config, "engine") if not sc.curve else None
         try:
             async with self.channel, anyio.create_task_group() as tg:
                 await self._hello(sc.startup_timeout_s)
@@ -167,24 +184,48 @@ class EngineHost:
         self._stop.set()
 
     async def _hello(self, timeout: float) -> None:
+        """Register (again) with the scheduler, retrying until ``timeout``; adopts the epoch it assigns."""
         assert self.channel is not None
-        welcome = await self.channel.request(None, "hello", {
+        body: dict[str, Any] = {
             "role": self.role.value, "rank": self.rank, "node": self.node,
             "address": self.transport.address, "pid": os.getpid(), "fingerprint": self.fingerprint,
             "token_bytes": self.layout.spec.bytes_per_token_layer * self.layout.n_layers,
             "vocab_size": self.engine.model.vocab_size, "max_context": self.engine.model.max_context,
-        }, timeout)
+            "epoch": self.epoch, "holds": sorted(self.turns)[: 1 << 16],
+            "stored_blocks": len(getattr(getattr(self.storage, "_index", None), "entries", ())),
+        }
+        if self._token is not None:
+            body["token"] = self._token
+        t_end = time.monotonic() + timeout
+        while True:
+            try:
+                welcome = await self.channel.request(None, "hello", body, max(0.1, t_end - time.monotonic()))
+                break
+            except (PeerTimeout, PeerGone) as exc:  # the scheduler is (re)starting: try again until the deadline
+                if time.monotonic() >= t_end:
+                    raise
+                log.info("%s: hello not answered (%s); retrying", self.name, exc)
+                await anyio.sleep(0.2)
+        self.epoch = int(welcome.body.get("epoch", 0))
+        self.registrations += 1
         await self._connect_peers(welcome.body["peers"])
 
-    async def _reregister(self) -> None:
-        for rid in list(self.turns):
-            await self._abort(rid, "the scheduler declared this engine dead")
+    async def _reregister(self, epoch: int | None) -> None:
+        """The scheduler fenced our epoch (declared us dead, or restarted): drop our turns, register again.
+        A notice for an epoch we already left is stale and ignored (one failure, one re-registration)."""
+        if self._registering or (epoch is not None and epoch != self.epoch):
+            return
+        self._registering = True
         try:
+            for rid in list(self.turns):
+                await self._abort(rid, "the scheduler fenced this engine's epoch")
             await self._hello(self.config.serve.startup_timeout_s)
-            log.warning("%s: registered again after being declared dead", self.name)
+            log.warning("%s: registered again (epoch %d)", self.name, self.epoch)
         except Exception as exc:
             log.error("%s: could not register again (%s); exiting so the launcher restarts it", self.name, exc)
             self.stop()
+        finally:
+            self._registering = False
 
     async def _connect_peers(self, peers: list[str]) -> None:
         mine = "pe" if self.role is Role.PREFILL else "de"
@@ -198,12 +239,13 @@ class EngineHost:
         period = self.config.serve.heartbeat_s
         while True:
             snap = self.engine.snapshot()
-            body = {"seq": max(0, snap.seq), "tok": max(0, snap.tok), "read_q": max(0, int(snap.read_q)),
+            body = {"epoch": self.epoch, "seq": max(0, snap.seq), "tok": max(0, snap.tok),
+                    "read_q": max(0, int(snap.read_q)),
                     "free_kv_tokens": max(0, int(snap.free_kv_tokens)), "inflight": len(self.turns),
                     "tasks": len(asyncio.all_tasks()), "regions": self.transport.registered_regions,
                     **process_gauges()}
             try:
-                await self.channel.notify(None, "heartbeat", body)
+                await self.channel.notify(None, "heartbeat", body, timeout=period)
             except Exception as exc:  # the scheduler may be restarting; keep beating
                 log.debug("%s: heartbeat not sent: %s", self.name, exc)
             await anyio.sleep(period)
@@ -253,7 +295,7 @@ class EngineHost:
                 held.logits_ready.set()
             return None
         if t == "reregister":
-            await self._reregister()
+            await self._reregister(b.get("epoch"))
             return None
         if t == "abort":
             await self._abort(b["rid"], b["reason"])

@@ -94,9 +94,11 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "total_s": F("float", lo=0.0, hi=1e9),
         "retries": F("int", lo=0, hi=1 << 16),
     },
+    "cancel": {"session": F("int", lo=0, hi=U63)},  # client: end its own turn(s) of this session now
     "stats": {},
     "stats_reply": {"data": F("map", max_len=MAX_MAP)},
-    "shutdown": {},
+    "shutdown": {"token": F("str", required=False, max_len=128)},  # operator (token: without CURVE)
+    "drain": {"token": F("str", required=False, max_len=128)},  # operator: refuse new turns, finish the others
     # --- engine <-> scheduler ---
     "hello": {
         "role": F("str", choices=("prefill", "decode")),
@@ -108,9 +110,15 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "token_bytes": F("int", lo=1, hi=1 << 40),
         "vocab_size": F("int", lo=1, hi=1 << 31),
         "max_context": F("int", lo=1, hi=1 << 31),
+        "token": F("str", required=False, max_len=128),  # the engine token (without CURVE)
+        "epoch": F("int", required=False, lo=0, hi=U63),  # the incarnation this process had (0: none yet)
+        "holds": F("ints", required=False, max_len=1 << 16, lo=0, hi=U63),  # turns (rids) it still holds
+        "stored_blocks": F("int", required=False, lo=0, hi=U63),  # blocks in its storage index
     },
-    "welcome": {"peers": F("strs", max_len=1024), "heartbeat_s": F("float", lo=0.001, hi=3600.0)},
+    "welcome": {"peers": F("strs", max_len=1024), "heartbeat_s": F("float", lo=0.001, hi=3600.0),
+                "epoch": F("int", required=False, lo=0, hi=U63)},  # this incarnation's epoch (fencing)
     "heartbeat": {
+        "epoch": F("int", required=False, lo=0, hi=U63),
         "seq": F("int", lo=0, hi=U63),
         "tok": F("int", lo=0, hi=U63),
         "read_q": F("int", lo=0, hi=U63),
@@ -149,7 +157,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "link_bytes": F("map", max_len=MAX_MAP),
     },
     "abort": {"rid": _RID, "reason": _REASON},
-    "reregister": {},  # scheduler -> engine notice: you were declared dead; drop your turns and say hello again  # notice: fail the turn locally, free its resources
+    "reregister": {"epoch": F("int", required=False, lo=0, hi=U63)},  # scheduler -> engine notice: you were declared dead; drop your turns and say hello again  # notice: fail the turn locally, free its resources
 }
 
 

@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import itertools
 import logging
 import math
 import os
 import signal
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -38,8 +40,16 @@ import anyio
 import numpy as np
 
 from dualpath.config import DualPathConfig, load_config
-from dualpath.control.channel import Channel, PeerGone, RemoteError
-from dualpath.control.deploy import check_deployable, combine_hit, plan_sides, server_curve
+from dualpath.control.channel import PEER_USER, Channel, PeerGone, RemoteError
+from dualpath.control.deploy import (
+    check_deployable,
+    combine_hit,
+    create_tokens,
+    key_roles,
+    load_tokens,
+    plan_sides,
+    server_curve,
+)
 from dualpath.control.enginehost import process_gauges
 from dualpath.control.protocol import MAX_TOKENS, Message, bin_to_tokens, tokens_to_bin
 from dualpath.errors import DualPathError, EngineError, PeerTimeout, SchedulerError, TransportError
@@ -84,6 +94,7 @@ class EngineRecord:
     reserved: dict[int, tuple[float, int]] = field(default_factory=dict)  # rid -> (t dispatched, kv tokens)
     incarnation: int = 0
     fingerprint: str = ""
+    epoch: int = 0  # fencing: messages of another epoch are dropped; a declared-dead engine re-registers
 
 
 @dataclass
@@ -252,6 +263,23 @@ class SchedulerDaemon:
         self._stop = anyio.Event()
         self._inflight = 0
         self.peak: dict[str, int] = {}
+        self.draining = False
+        self._cancels: dict[tuple[bytes, int], list[anyio.CancelScope]] = {}  # (peer, session) -> its turns
+        self._epochs = itertools.count(time.time_ns() // 1000)  # unique across scheduler restarts
+        self._rereg_sent: dict[bytes, float] = {}  # peer -> when we last asked it to register (rate limit)
+        self.key_roles = key_roles(self.config) if sc.curve else {}
+        self.tokens: dict[str, str] | None = None
+        if not sc.curve:
+            if sc.token_file is not None:
+                self.tokens = load_tokens(sc.token_file)
+            else:  # a standalone scheduler: make a deployment secret; engines need serve.token_file set to it
+                path = os.path.join(tempfile.mkdtemp(prefix="dualpath-control-"), "control.token")
+                self.tokens = create_tokens(path)
+                log.warning("no serve.token_file and no CURVE: engine/operator tokens written to %s; set "
+                            "serve.token_file to it for the engines and the operator", path)
+        elif not sc.curve_engine_public_key:
+            log.warning("serve.curve_engine_public_key is not set: engines use the client key pair, so any "
+                        "client could register as an engine; give the engines their own pair")
 
     # --- plumbing ----------------------------------------------------------------------------------------
     def engine(self, prefix: str, rank: int) -> EngineRecord | None:
@@ -333,23 +361,60 @@ class SchedulerDaemon:
             return
         rec.alive = False
         self.stats["engine_deaths"] += 1
-        log.warning("engine %s (pid %d) declared dead: %s", rec.name, rec.pid, why)
+        log.warning("engine %s (pid %d, epoch %d) declared dead: %s", rec.name, rec.pid, rec.epoch, why)
         assert self.channel is not None
         self.channel.fail_peer(rec.ident, PeerGone(f"engine {rec.name} died ({why})"))
+
+    # --- roles -------------------------------------------------------------------------------------------
+    def _key_has(self, role: str) -> bool:
+        """With CURVE: the sender's authenticated key has ``role``."""
+        return role in self.key_roles.get(PEER_USER.get() or "", frozenset())
+
+    def _token_ok(self, role: str, token: str | None) -> bool:
+        want = self.tokens.get(role) if self.tokens else None
+        return want is not None and token is not None and hmac.compare_digest(want, token)
+
+    def _bound(self, peer: bytes) -> EngineRecord | None:
+        """The registered engine this connection is (an engine's identity is bound at its hello)."""
+        name = self.by_ident.get(peer)
+        rec = self.engines.get(name) if name else None
+        return rec if rec is not None and rec.ident == peer else None
+
+    def _refuse(self, peer: bytes, t: str, role: str) -> SchedulerError:
+        self.stats["refused_messages"] += 1
+        who = PEER_USER.get() or peer.hex()[:16]
+        log.warning("refused %r from %s: only the %s role may send it", t, who, role)
+        how = (f"the sender's CURVE key is not the {role} key (serve.curve_{role}_public_key)"
+               if self.config.serve.curve else
+               f"no valid {role} token: set serve.token_file to the deployment's token file")
+        return SchedulerError(f"unauthorized: {t!r} needs the {role} role ({how})")
+
+    async def _ask_register(self, peer: bytes, epoch: int) -> None:
+        """Tell a connection that beats without a live registration to say hello (at most once per
+        dead_after_s per connection)."""
+        now = time.monotonic()
+        if now - self._rereg_sent.get(peer, -1e9) < self.config.serve.dead_after_s:
+            return
+        if len(self._rereg_sent) > 4096:
+            self._rereg_sent.clear()
+        self._rereg_sent[peer] = now
+        with contextlib.suppress(DualPathError):
+            await self.channel.notify(peer, "reregister", {"epoch": epoch})  # type: ignore[union-attr]
 
     # --- handlers ----------------------------------------------------------------------------------------
     async def _handle(self, peer: bytes, msg: Message) -> tuple[str, dict[str, Any]] | None:
         t, b = msg.type, msg.body
+        curve = self.config.serve.curve
+        if t in ("heartbeat", "started") and curve and not self._key_has("engine"):  # engine messages only
+            raise self._refuse(peer, t, "engine")
         if t == "heartbeat":
-            name = self.by_ident.get(peer)
-            rec = self.engines.get(name) if name else None
-            if rec is None or rec.ident != peer:
-                return None
-            if not rec.alive:  # back from a stall: its turns were given up; it must register again
-                if time.monotonic() - rec.hb_time > self.config.serve.dead_after_s:
-                    rec.hb_time = time.monotonic()  # ask at most once per dead_after_s
-                    with contextlib.suppress(DualPathError):
-                        await self.channel.notify(peer, "reregister", {})  # type: ignore[union-attr]
+            rec = self._bound(peer)
+            epoch = int(b.get("epoch", 0))
+            if rec is None or not rec.alive or epoch != rec.epoch:
+                # fenced: a stale incarnation (declared dead), or a scheduler restarted since it registered;
+                # its message is dropped and it is asked (once) to register again
+                self.stats["stale_messages"] += 1
+                await self._ask_register(peer, epoch)
                 return None
             rec.last_seen = time.monotonic()
             rec.hb = dict(b)
@@ -359,23 +424,55 @@ class SchedulerDaemon:
                 self.peak[key] = max(self.peak.get(key, 0), int(b[k]))
             return None
         if t == "hello":
+            if not (self._key_has("engine") if curve else self._token_ok("engine", b.get("token"))):
+                raise self._refuse(peer, t, "engine")
             return await self._hello(peer, b)
         if t == "started":
             pair = self.cluster.turn_pairs.get(b["rid"])
-            name = self.by_ident.get(peer)
+            rec = self._bound(peer)
+            name = rec.name if rec is not None and rec.alive else None
             if pair is not None and name == pair[0]:
                 de = self.engines.get(pair[1])
                 if de is not None and de.alive:
                     await self.notify(de, "started", {"rid": b["rid"]})
             return None
-        if t == "submit":
-            return await self._submit(b)
+        if t == "submit":  # clients only (not an engine's connection, not another key)
+            if (curve and not self._key_has("client")) or self._bound(peer) is not None:
+                raise self._refuse(peer, t, "client")
+            if self.draining:
+                raise SchedulerError("draining: the scheduler accepts no new turns (serve drain)")
+            turn_key = (peer, int(b["session"]))
+            with anyio.CancelScope() as scope:
+                self._cancels.setdefault(turn_key, []).append(scope)
+                try:
+                    return await self._submit(b)
+                finally:
+                    scopes = self._cancels.get(turn_key, [])
+                    if scope in scopes:
+                        scopes.remove(scope)
+                    if not scopes:
+                        self._cancels.pop(turn_key, None)
+            self.stats["cancelled"] += 1
+            raise SchedulerError(f"cancelled: session {b['session']}'s turn was cancelled by its client")
+        if t == "cancel":  # a client ends only its own turns (same connection, same session)
+            if (curve and not self._key_has("client")) or self._bound(peer) is not None:
+                raise self._refuse(peer, t, "client")
+            scopes = self._cancels.get((peer, int(b["session"])), [])
+            for sc in scopes:
+                sc.cancel()
+            return "ok", {}
         if t == "ping":
             return "pong", {"role": "scheduler"}
         if t == "stats":
             return "stats_reply", {"data": self.stats_dict()}
-        if t == "shutdown":
-            self.stop()
+        if t in ("shutdown", "drain"):
+            if not ((curve and self._key_has("operator")) or self._token_ok("operator", b.get("token"))):
+                raise self._refuse(peer, t, "operator")
+            log.warning("%s requested by the operator", t)
+            if t == "shutdown":
+                self.stop()
+            else:
+                self.draining = True
             return "ok", {}
         raise SchedulerError(f"unexpected message {t!r} at the scheduler")
 
@@ -385,28 +482,44 @@ class SchedulerDaemon:
         n = (self.config.cluster.prefill_nodes if role == "prefill" else self.config.cluster.decode_nodes)
         if rank >= n * self.config.cluster.engines_per_node:
             raise SchedulerError(f"hello from {name}: the config has no such engine")
-        if peer != name.encode():
-            raise SchedulerError(f"hello from {name}: socket identity does not match")
+        bound = self.by_ident.get(peer)
+        if bound is not None and bound != name and self.engines[bound].alive:
+            raise SchedulerError(f"hello from {name}: this connection is registered as {bound}")
         others = [r for r in self.engines.values() if r.alive and r.name != name]
         if any(r.fingerprint != b["fingerprint"] for r in others):
             raise SchedulerError(f"hello from {name}: model/layout fingerprint differs from the other engines")
         old = self.engines.get(name)
+        if old is not None and old.alive and old.ident == peer and old.pid == b["pid"]:
+            # the same live incarnation saying hello again (a late reregister notice): idempotent, no declaration
+            return "welcome", {"peers": [f"{r.name}={r.address}" for r in self.engines.values() if r.alive],
+                               "heartbeat_s": self.config.serve.heartbeat_s, "epoch": old.epoch}
         if old is not None and old.alive:
-            self._declare_dead(old, "replaced by a new process")
+            self._declare_dead(old, f"replaced by a new registration (pid {b['pid']})")
+        epoch = next(self._epochs)
         rec = EngineRecord(name, role, rank, b["node"], b["address"], b["pid"], peer, b["token_bytes"],
                            b["vocab_size"], b["max_context"], time.monotonic(),
-                           incarnation=(old.incarnation + 1) if old else 0, fingerprint=b["fingerprint"])
+                           incarnation=(old.incarnation + 1) if old else 0, fingerprint=b["fingerprint"],
+                           epoch=epoch)
         if old is not None:
             self.stats["engine_rejoins"] += 1
+            if self.by_ident.get(old.ident) == name:
+                del self.by_ident[old.ident]
+        elif b.get("epoch", 0):
+            self.stats["engines_recovered"] += 1  # registered with an earlier scheduler process
+        holds = list(b.get("holds", []))
+        if holds:  # turns of an earlier incarnation or scheduler: their clients got an explicit error already
+            self.stats["orphan_turns_reported"] += len(holds)
+        self._rereg_sent.pop(peer, None)
         self.engines[name] = rec
         self.by_ident[peer] = name
+        log.info("engine %s registered (epoch %d, pid %d, holds %d turns, %d stored blocks)", name, epoch, b["pid"],
+                 len(holds), int(b.get("stored_blocks", 0)))
         peers = [f"{r.name}={r.address}" for r in self.engines.values() if r.alive]
         for r in self.engines.values():  # the other role learns the (new) transport address
             if r.alive and r.role != role:
                 with contextlib.suppress(DualPathError):
                     await self.notify(r, "peers", {"peers": [f"{name}={b['address']}"]})
-        log.info("engine %s registered (pid %d, %s)", name, b["pid"], b["address"])
-        return "welcome", {"peers": peers, "heartbeat_s": self.config.serve.heartbeat_s}
+        return "welcome", {"peers": peers, "heartbeat_s": self.config.serve.heartbeat_s, "epoch": epoch}
 
     def _validate_submit(self, prompt: np.ndarray, gen: int) -> None:
         live = [r for r in self.engines.values() if r.alive]
@@ -508,9 +621,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config")
     p.add_argument("--bind")
     p.add_argument("--address-file")
+    p.add_argument("--standby", action="store_true",
+                   help="load everything, then wait for a line on stdin before binding (the launcher's warm spare)")
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("DUALPATH_LOG", "WARNING"))
-    anyio.run(lambda: serve_scheduler(load_config(a.config), bind=a.bind, address_file=a.address_file))
+    config = load_config(a.config)
+    if a.standby:
+        import sys
+
+        check_deployable(config)  # (this module's imports, the heavy part of a start, are done already)
+        if not sys.stdin.readline():  # EOF: the launcher went away without needing us
+            return 0
+        try:  # the launcher niced the standby while it waited; serve at normal priority if allowed
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except OSError:
+            log.warning("standby scheduler keeps niceness %d (no permission to raise its priority)",
+                        os.getpriority(os.PRIO_PROCESS, 0))
+        log.warning("standby scheduler taking over at %s", a.bind)
+    anyio.run(lambda: serve_scheduler(config, bind=a.bind, address_file=a.address_file))
     return 0
 
 

@@ -14,6 +14,7 @@ from dualpath.engine.base import Engine, EngineContext
 from dualpath.engine.host_buffer import HostRegion
 from dualpath.engine.prefill import wait_arrival
 from dualpath.engine.request import Turn, wait_event
+from dualpath.engine.sampling import Sampler
 from dualpath.errors import EngineError, PeerTimeout
 from dualpath.model.kv_pool import KVPool
 from dualpath.paths.de_read import de_host_blocks, de_read, stream_layers
@@ -37,10 +38,34 @@ class DecodeSeq:
     pending: int = 0
     idle: anyio.Event = field(default_factory=anyio.Event)  # set when no persistence is pending
     done: anyio.Event = field(default_factory=anyio.Event)
+    sampler: Sampler | None = None  # None = greedy
+    stopped: bool = False  # a stop token ended generation before gen_tokens
 
     @property
     def finished(self) -> bool:
-        return len(self.generated) >= self.turn.gen_tokens and self.kv_len >= self.target_kv
+        return (self.stopped or len(self.generated) >= self.turn.gen_tokens) and self.kv_len >= self.target_kv
+
+    @property
+    def generating(self) -> bool:
+        return not self.stopped and len(self.generated) < self.turn.gen_tokens
+
+    def pick(self, logits: torch.Tensor) -> int:
+        return int(torch.argmax(logits)) if self.sampler is None else self.sampler(logits)
+
+    def accept(self, tok: int, block_tokens: int) -> None:
+        """Append a generated token, tell the turn's listener, stop early on a stop token."""
+        self.generated.append(tok)
+        self.tokens.append(tok)
+        cb = self.turn.on_token
+        if cb is not None:
+            try:
+                cb(tok)
+            except Exception:  # a listener's bug must not stop the batch
+                log.exception("on_token listener of turn %d failed", self.turn.rid)
+        if (self.sampler is not None and tok in self.sampler.stop_ids
+                and len(self.generated) < self.turn.gen_tokens):
+            self.stopped = True
+            self.target_kv = kv_target(self.turn.prompt_len, len(self.generated), block_tokens)
 
 
 def kv_target(prompt: int, gen: int, block_tokens: int) -> int:
@@ -191,10 +216,9 @@ class DecodeEngine(Engine):
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
             assert turn.first_logits is not None
-            first = int(torch.argmax(turn.first_logits))
-            seq = DecodeSeq(turn, pages, turn.prompt_len, target, list(turn.prompt_ids) + [first],
-                            keys=list(turn.keys))
-            seq.generated.append(first)
+            seq = DecodeSeq(turn, pages, turn.prompt_len, target, list(turn.prompt_ids), keys=list(turn.keys),
+                            sampler=Sampler(turn.sampling) if turn.sampling is not None else None)
+            seq.accept(seq.pick(turn.first_logits), bt)
             if self.cfg.keep_logits:
                 seq.logits.append(turn.first_logits)
             seq.idle.set()
@@ -310,17 +334,22 @@ class DecodeEngine(Engine):
             tables[i, : len(s.pages)] = torch.tensor(s.pages, dtype=torch.int32)
         tokens = torch.tensor([s.tokens[s.kv_len] for s in batch], dtype=torch.int64)
         lens = [s.kv_len + 1 for s in batch]
-        logits = await self.model.decode_step(tokens, lens, tables, self.pool.layers)
+        step = self.model.decode_step(tokens, lens, tables, self.pool.layers)
+        ep = getattr(self.cfg, "ep_bytes_per_token", 0)
+        if ep:  # the step's MoE all-to-all on this engine's CNIC (HIGH; fair-shared with KV without isolation)
+            out = await self.ctx.links.collective(self.name, ep * len(batch), step, isolated=self.cfg.traffic_isolation)
+            assert out is not None
+            logits = out
+        else:
+            logits = await step
         self.steps += 1
         now = time.perf_counter()
         for i, s in enumerate(batch):
             s.kv_len += 1
             if s.kv_len % bt == 0:
                 await self._block_filled(s, s.kv_len // bt - 1)
-            if len(s.generated) < s.turn.gen_tokens:
-                tok = int(torch.argmax(logits[i]))
-                s.generated.append(tok)
-                s.tokens.append(tok)
+            if s.generating:
+                s.accept(s.pick(logits[i]), bt)
                 if self.cfg.keep_logits:
                     s.logits.append(logits[i].detach().to("cpu", torch.float32))
                 if len(s.generated) == 2:

@@ -115,6 +115,11 @@ class LinkSet:
         _record(turn, b.cnic_in.name, nbytes)
         return await a.send(b, nbytes, io=io)
 
+    async def collective(self, engine: str, nbytes: int, io: Awaitable[T] | None = None, *,
+                         isolated: bool = True) -> T | None:
+        """A forward's all-to-all (HIGH when ``isolated``) on the engine's CNIC, concurrent with ``io``."""
+        return await self.managers[engine].collective(nbytes, io, isolated=isolated)
+
     # --- observation -------------------------------------------------------------------------------------
     def read_q_tokens(self, engine: str) -> int:
         return self.managers[engine].read_queue()[1]

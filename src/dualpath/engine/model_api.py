@@ -4,7 +4,9 @@ Both the real Llama-family model (through :class:`LlamaAdapter`) and the synthet
 (:mod:`dualpath.model.synthetic`) implement :class:`LayerwiseModel`, so engines never special-case them.
 
 KV caches are *per layer* and paged: ``[num_blocks, block_tokens, 2, n_kv_heads, head_dim]`` of the KV dtype
-(the Layer Block layout of :mod:`dualpath.kv.layout` reinterpreted as that dtype). A prefill forward runs one
+(the Layer Block layout of :mod:`dualpath.kv.layout` reinterpreted as that dtype, ``KVLayout.as_kv``); for a
+DeepSeek-V3 model (MLA) ``[num_blocks, block_tokens, kv_lora_rank + rope_dim]`` latent rows, or uint8 FP8 latent
+rows. :class:`LlamaAdapter` drives either model class (both share the layer-wise forward). A prefill forward runs one
 layer at a time over a *one-layer scratch cache* holding the batch's blocks for that layer only; a decode step
 runs over the decode engine's whole pool (one tensor per layer).
 

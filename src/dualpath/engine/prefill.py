@@ -218,7 +218,13 @@ class PrefillEngine(Engine):
                     for j in range(n_layers):
                         await self._load_layer(batch, offs, j)
                 kv = self.layout.as_kv(slot[:total_blocks])
-                await self.model.prefill_layer(state, layer, kv)
+                fwd = self.model.prefill_layer(state, layer, kv)
+                ep = getattr(cfg, "ep_bytes_per_token", 0)
+                if ep:  # this layer's MoE all-to-all on the PE's CNIC (HIGH; fair-shared without isolation)
+                    await self.ctx.links.collective(self.name, ep * sum(s.new for s in seqs) // n_layers, fwd,
+                                                    isolated=cfg.traffic_isolation)
+                else:
+                    await fwd
                 ships.start_soon(self._ship_layer, batch, offs, layer, slot, slot_free[layer % ring])
         logits = await self.model.prefill_end(state)
         done = time.perf_counter()

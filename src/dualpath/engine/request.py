@@ -14,8 +14,9 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import torch
@@ -23,6 +24,9 @@ import torch
 from dualpath.errors import EngineError
 from dualpath.kv.layout import KVLayout
 from dualpath.types import BlockKey, PathKind
+
+if TYPE_CHECKING:
+    from dualpath.engine.sampling import SamplingParams
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -41,6 +45,7 @@ class TurnTimings:
     t_first_token: float = 0.0
     t_second_token: float = 0.0
     t_done: float = 0.0
+    t_scheduled: float = 0.0  # when a scheduler assigned the turn (0: run on the cluster directly)
 
     @property
     def ttft(self) -> float:
@@ -56,10 +61,22 @@ class TurnTimings:
 
 @dataclass
 class TurnResult:
-    """What :meth:`dualpath.cluster.Cluster.run_turn` returns."""
+    """The result of one turn: the one type every turn API returns.
+
+    :meth:`dualpath.Session.run_turn`, :meth:`dualpath.cluster.Cluster.run_turn` and
+    :meth:`dualpath.scheduler.driver.SchedulerDriver.run_turn` all return it.
+
+    * ``token_ids`` (also ``tokens``): the generated token ids, fed back into the next turn's prompt;
+    * ``prompt_tokens``, ``hit_tokens`` (the prefix whose KV was loaded from storage), ``stored_tokens`` (the
+      prefix found by the lookup: ``hit_tokens`` is smaller when a stored block was missing or corrupt);
+    * ``path``: where the hit KV was read (:class:`~dualpath.types.PathKind`); ``pe``/``de``: the engines;
+    * ``timings``: ``time.perf_counter()`` instants (:class:`TurnTimings`); :attr:`phases` has the durations;
+    * ``link_bytes`` (also ``bytes``): bytes this turn charged to each emulated link, by link name
+      (``pnode0.snic.read``, ``pe0.cnic.in``, ...).
+    """
 
     rid: int
-    session: str
+    session: Any  # str or int: whatever the caller named the session
     token_ids: list[int]
     prompt_tokens: int
     hit_tokens: int
@@ -72,6 +89,74 @@ class TurnResult:
     logits: list[torch.Tensor] | None = None  # per generated token (cluster.keep_logits)
     retried_recompute: bool = False
 
+    # --- the flat view (also what the workload clients read) -----------------------------------------------
+    @property
+    def tokens(self) -> list[int]:
+        """The generated token ids (same list as ``token_ids``)."""
+        return self.token_ids
+
+    @property
+    def bytes(self) -> dict[str, int]:
+        """Bytes charged per emulated link (same dict as ``link_bytes``)."""
+        return self.link_bytes
+
+    @property
+    def t_submit(self) -> float:
+        return self.timings.t_submit
+
+    @property
+    def t_scheduled(self) -> float | None:
+        return self.timings.t_scheduled or None
+
+    @property
+    def t_first_token(self) -> float:
+        return self.timings.t_first_token
+
+    @property
+    def t_second_token(self) -> float | None:
+        return self.timings.t_second_token or None
+
+    @property
+    def t_done(self) -> float:
+        return self.timings.t_done
+
+    @property
+    def ttft(self) -> float:
+        """Time to first token: submission (to the scheduler, or to the cluster) to the first token."""
+        return self.timings.t_first_token - self.timings.t_submit
+
+    @property
+    def ttst(self) -> float | None:
+        """First to second token (None with fewer than two tokens)."""
+        t2 = self.t_second_token
+        return None if t2 is None else t2 - self.timings.t_first_token
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first (None with fewer than two tokens)."""
+        n = len(self.token_ids)
+        return None if n < 2 else (self.timings.t_done - self.timings.t_first_token) / (n - 1)
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """Seconds spent in each phase: ``queue`` (waiting for the scheduler; 0 without one), ``read`` (storage
+        reads of the hit KV), ``prefill`` (until the PE's last layer), ``first_token``, ``decode`` (first token to
+        the last one persisted), ``total``."""
+        t = self.timings
+        start = t.t_scheduled or t.t_submit
+
+        def span(a: float, b: float) -> float:
+            return max(0.0, b - a) if a and b else 0.0
+
+        return {
+            "queue": span(t.t_submit, t.t_scheduled) if t.t_scheduled else 0.0,
+            "read": span(start, t.t_read_done),
+            "prefill": span(t.t_read_done, t.t_prefill_done),
+            "first_token": span(t.t_prefill_done, t.t_first_token),
+            "decode": span(t.t_first_token, t.t_done),
+            "total": span(t.t_submit, t.t_done),
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {
             "rid": self.rid,
@@ -79,10 +164,12 @@ class TurnResult:
             "token_ids": self.token_ids,
             "prompt_tokens": self.prompt_tokens,
             "hit_tokens": self.hit_tokens,
+            "stored_tokens": self.stored_tokens,
             "path": self.path.value,
             "pe": self.pe,
             "de": self.de,
             "timings": self.timings.to_dict(),
+            "phases": self.phases,
             "link_bytes": self.link_bytes,
         }
 
@@ -130,6 +217,9 @@ class Turn:
         self.pe_host: Any = None
         self.de_host: Any = None
         self.de_recv: Any = None
+        # how the decode engine picks tokens (None = greedy) and who hears each token as it is decoded
+        self.sampling: SamplingParams | None = None
+        self.on_token: Callable[[int], None] | None = None
 
     # --- sizes -------------------------------------------------------------------------------------------
     @property

@@ -23,12 +23,17 @@ BACKENDS = ("auto", "torch", "triton")
 
 __all__ = [
     "BACKENDS",
+    "dequantize_latent_fp8",
     "gather_layer_blocks",
+    "mla_decode_attention",
+    "mla_prefill_attention",
     "paged_decode_attention",
     "paged_prefill_attention",
+    "quantize_latent_fp8",
     "resolve_backend",
     "scatter_layer_blocks",
     "store_kv",
+    "store_latent",
 ]
 
 
@@ -46,10 +51,19 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return b
 
 
+_MODULES = {
+    "mla_decode_attention": "mla_attention",
+    "mla_prefill_attention": "mla_attention",
+    "store_latent": "fp8_latent",
+    "quantize_latent_fp8": "fp8_latent",
+    "dequantize_latent_fp8": "fp8_latent",
+}
+
+
 def _impl(name: str, backend: str | None, device: torch.device) -> Any:
     if resolve_backend(backend, device) == "torch":
         return getattr(reference, name)
-    kind = "paged_attention" if name.startswith("paged_") else "kv_copy"
+    kind = _MODULES.get(name) or ("paged_attention" if name.startswith("paged_") else "kv_copy")
     return getattr(importlib.import_module(f"dualpath.kernels.{kind}"), name)
 
 
@@ -84,3 +98,39 @@ def scatter_layer_blocks(staging: torch.Tensor, kv_layer: torch.Tensor, block_id
                          backend: str | None = None) -> None:
     """``kv_layer[block_ids[i]] = staging[i]`` for a staging buffer as accepted by :func:`gather_layer_blocks`."""
     _impl("scatter_layer_blocks", backend, kv_layer.device)(staging, kv_layer, block_ids)
+
+
+# --- MLA (DeepSeek) paged latent KV ------------------------------------------------------------------------------
+
+
+def mla_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                         scale: float, kv_lora_rank: int, *, backend: str | None = None) -> torch.Tensor:
+    """Absorbed MLA decode: ``q [B, H, R + P]`` over paged latent rows (``[NB, bt, R + P]`` float or FP8 uint8
+    rows) -> ``[B, H, R]``."""
+    return _impl("mla_decode_attention", backend, q.device)(q, kv_layer, block_tables, seq_lens, scale, kv_lora_rank)
+
+
+def mla_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                          cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor, scale: float,
+                          kv_lora_rank: int, *, backend: str | None = None) -> torch.Tensor:
+    """Absorbed MLA prefill: new tokens' ``q [Ntok, H, R + P]``, full over the cached latent prefix, causal over
+    the new rows -> ``[Ntok, H, R]``."""
+    fn = _impl("mla_prefill_attention", backend, q.device)
+    return fn(q, kv_layer, block_tables, cu_seqlens_q, seq_lens, start_pos, scale, kv_lora_rank)
+
+
+def store_latent(latent: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor, kv_lora_rank: int, *,
+                 backend: str | None = None) -> None:
+    """Write latent rows ``[N, R + P]`` at ``slot_mapping [N]`` (quantized when ``kv_layer`` holds FP8 rows)."""
+    _impl("store_latent", backend, latent.device)(latent, kv_layer, slot_mapping, kv_lora_rank)
+
+
+def quantize_latent_fp8(latent: torch.Tensor, kv_lora_rank: int, *, backend: str | None = None) -> torch.Tensor:
+    """``[N, R + P]`` -> FP8 latent rows ``uint8 [N, R + R / 32 + 2 P]`` (656 bytes for 512 + 64)."""
+    return _impl("quantize_latent_fp8", backend, latent.device)(latent, kv_lora_rank)
+
+
+def dequantize_latent_fp8(rows: torch.Tensor, kv_lora_rank: int, dtype: torch.dtype = torch.float32, *,
+                          backend: str | None = None) -> torch.Tensor:
+    """FP8 latent rows -> ``[N, R + P]`` of ``dtype``."""
+    return _impl("dequantize_latent_fp8", backend, rows.device)(rows, kv_lora_rank, dtype)

@@ -5,6 +5,8 @@ pool layer and a contiguous staging buffer (DualPath's transfer unit). Same sign
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -97,7 +99,8 @@ def _staging_2d(name: str, staging: torch.Tensor, kv: torch.Tensor, n: int) -> t
         nbytes = staging[0].numel() * staging.element_size() if n else per_block_bytes
         if nbytes != per_block_bytes:
             raise KernelError(f"{name} holds {nbytes} bytes per block, a Layer Block is {per_block_bytes}")
-    elif tuple(staging.shape[1:]) != tuple(kv.shape[1:]):
+    elif tuple(staging.shape[1:]) != tuple(kv.shape[1:]) and (  # uint8 pools (FP8 latent rows): byte views
+            kv.dtype != torch.uint8 or math.prod(staging.shape[1:]) != math.prod(kv.shape[1:])):
         raise KernelError(f"{name} has shape {tuple(staging.shape)}, expected [{n}, {', '.join(map(str, kv.shape[1:]))}]")
     if n and not staging[0].is_contiguous():
         raise KernelError(f"{name} must be contiguous within each block (strides {staging.stride()})")
@@ -107,6 +110,11 @@ def _staging_2d(name: str, staging: torch.Tensor, kv: torch.Tensor, n: int) -> t
         staging = staging.as_strided((n, per_block_bytes), (staging.stride(0), 1)).view(kv.dtype)
         return staging
     return staging.as_strided((n, kv[0].numel()), (staging.stride(0), 1))
+
+
+def _check_pages(kv_layer: object) -> torch.Tensor:
+    """A paged pool layer ``[num_blocks, *page]``: MHA ``[.., bt, 2, H, D]``, MLA ``[.., bt, latent]`` or uint8 rows."""
+    return check_tensor("kv_layer", kv_layer, dtypes=(*FLOAT_DTYPES, torch.uint8), last_contiguous=True)
 
 
 def _ids(block_ids: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
@@ -131,8 +139,8 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, ids: torch.Tensor, gather: boo
 def gather_layer_blocks(kv_layer: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``out[i] = kv_layer[block_ids[i]]``; ``out`` typed ``[n, bt, 2, H, D]`` or uint8 rows (e.g. a Full Block
     buffer's layer slice ``[n, 1, bt, bytes]``); allocated contiguous when None. Block ids are not range-checked
-    on the device: callers own their block tables."""
-    kv = check_kv_layer(kv_layer)
+    on the device: callers own their block tables. Any page shape works (MLA latent pages included)."""
+    kv = _check_pages(kv_layer)
     ids = _ids(block_ids, kv)
     n = ids.shape[0]
     if out is None:
@@ -143,7 +151,7 @@ def gather_layer_blocks(kv_layer: torch.Tensor, block_ids: torch.Tensor, out: to
 
 def scatter_layer_blocks(staging: torch.Tensor, kv_layer: torch.Tensor, block_ids: torch.Tensor) -> None:
     """``kv_layer[block_ids[i]] = staging[i]`` (staging as in :func:`gather_layer_blocks`)."""
-    kv = check_kv_layer(kv_layer)
+    kv = _check_pages(kv_layer)
     ids = _ids(block_ids, kv)
     src = _staging_2d("staging", staging, kv, ids.shape[0])
     _launch(src, _pages_2d(kv), ids, gather=False)

@@ -110,3 +110,105 @@ def _as_pool_dtype(staging: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tenso
     if staging.dtype != kv_layer.dtype:
         staging = staging.view(kv_layer.dtype)
     return staging.view(n, *kv_layer.shape[1:])
+
+
+# --- MLA: paged latent KV ---------------------------------------------------------------------------------------
+#
+# An MLA pool layer is ``kv_layer[num_blocks, block_tokens, R + P]`` of a float dtype (the normalized latent ``c``
+# of ``R = kv_lora_rank`` values, then the RoPE'd key part of ``P`` values) or, in the FP8 latent format,
+# ``uint8[num_blocks, block_tokens, R + 4 * R / 128 + 2 * P]`` rows: R float8_e4m3fn values, R / 128 fp32 scales
+# (one per 128-value tile: value = fp8 * scale), P bfloat16 RoPE values.
+
+FP8_TILE = 128
+FP8_MAX = 448.0
+
+
+def quantize_latent_fp8(latent: torch.Tensor, kv_lora_rank: int) -> torch.Tensor:
+    """``latent [N, R + P]`` (any float dtype) -> FP8 latent rows ``uint8 [N, R + R / 32 + 2 P]``.
+
+    Each 128-value tile gets ``scale = max(|x|) / 448`` (1 when the tile is all zero); the RoPE part is rounded
+    to bfloat16.
+    """
+    n, width = latent.shape
+    r, p = kv_lora_rank, width - kv_lora_rank
+    x = latent[:, :r].float().reshape(n, r // FP8_TILE, FP8_TILE)
+    amax = x.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))           # [N, R / 128]
+    q = (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(n, r)
+    out = torch.empty((n, r + 4 * (r // FP8_TILE) + 2 * p), dtype=torch.uint8, device=latent.device)
+    out[:, :r] = q.view(torch.uint8)
+    out[:, r : r + 4 * (r // FP8_TILE)] = scale.contiguous().view(torch.uint8).reshape(n, -1)
+    out[:, r + 4 * (r // FP8_TILE) :] = latent[:, r:].to(torch.bfloat16).contiguous().view(torch.uint8).reshape(n, -1)
+    return out
+
+
+def dequantize_latent_fp8(rows: torch.Tensor, kv_lora_rank: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FP8 latent rows ``uint8 [N, bytes]`` -> ``[N, R + P]`` of ``dtype`` (the inverse of the quantizer)."""
+    n = rows.shape[0]
+    r = kv_lora_rank
+    ns = r // FP8_TILE
+    p = (rows.shape[1] - r - 4 * ns) // 2
+    rows = rows.contiguous()
+    q = rows[:, :r].contiguous().view(torch.float8_e4m3fn).float().reshape(n, ns, FP8_TILE)
+    scale = rows[:, r : r + 4 * ns].contiguous().view(torch.float32)               # [N, ns]
+    rope = rows[:, r + 4 * ns : r + 4 * ns + 2 * p].contiguous().view(torch.bfloat16).float()
+    return torch.cat(((q * scale[..., None]).reshape(n, r), rope), dim=-1).to(dtype)
+
+
+def store_latent(latent: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor, kv_lora_rank: int) -> None:
+    """Write latent rows ``[N, R + P]`` into an MLA pool layer at flat slots (negative slots skipped),
+    quantizing to the FP8 latent format when the pool is uint8."""
+    bt = kv_layer.shape[1]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    slots = slots[keep]
+    rows = latent[keep]
+    if kv_layer.dtype == torch.uint8:
+        rows = quantize_latent_fp8(rows, kv_lora_rank)
+    kv_layer[slots // bt, slots % bt] = rows.to(kv_layer.dtype)
+
+
+def _seq_latent(kv_layer: torch.Tensor, table: torch.Tensor, n: int, kv_lora_rank: int) -> torch.Tensor:
+    bt = kv_layer.shape[1]
+    nb = (n + bt - 1) // bt
+    rows = kv_layer[table[:nb].long()].reshape(nb * bt, kv_layer.shape[2])[:n]
+    if rows.dtype == torch.uint8:
+        return dequantize_latent_fp8(rows, kv_lora_rank)
+    return rows.float()  # [n, R + P]
+
+
+def _mla_attend(q: torch.Tensor, kv: torch.Tensor, scale: float, r: int, mask: torch.Tensor | None) -> torch.Tensor:
+    # q [M, H, R + P] against latent rows kv [N, R + P]; values are the first R columns -> [M, H, R]
+    s = torch.einsum("mhd,nd->mhn", q.float(), kv) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.einsum("mhn,nr->mhr", torch.softmax(s, dim=-1), kv[:, :r])
+
+
+def mla_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                         scale: float, kv_lora_rank: int) -> torch.Tensor:
+    """Absorbed MLA decode: ``q [B, H, R + P]`` (the absorbed latent query, then the RoPE'd query part) over each
+    sequence's ``seq_lens[b]`` paged latent rows -> ``[B, H, R]`` (attention-weighted latents) in ``q``'s dtype."""
+    out = torch.empty((*q.shape[:2], kv_lora_rank), dtype=q.dtype, device=q.device)
+    for b in range(q.shape[0]):
+        kv = _seq_latent(kv_layer, block_tables[b], int(seq_lens[b]), kv_lora_rank)
+        out[b] = _mla_attend(q[b : b + 1], kv, scale, kv_lora_rank, None)[0].to(q.dtype)
+    return out
+
+
+def mla_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                          cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor, scale: float,
+                          kv_lora_rank: int) -> torch.Tensor:
+    """Absorbed MLA prefill with a cached prefix: new tokens' ``q [Ntok, H, R + P]`` attend fully over the cached
+    latent prefix and causally over the new rows (already stored) -> ``[Ntok, H, R]``."""
+    out = torch.empty((*q.shape[:2], kv_lora_rank), dtype=q.dtype, device=q.device)
+    for b in range(block_tables.shape[0]):
+        lo, hi = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        if hi == lo:
+            continue
+        n, start = int(seq_lens[b]), int(start_pos[b])
+        kv = _seq_latent(kv_layer, block_tables[b], n, kv_lora_rank)
+        qpos = torch.arange(start, start + hi - lo, device=q.device)
+        mask = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]
+        out[lo:hi] = _mla_attend(q[lo:hi], kv, scale, kv_lora_rank, mask).to(q.dtype)
+    return out

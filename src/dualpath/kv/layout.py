@@ -9,9 +9,12 @@ Block buffer is a view (``full[l:l+1]``), never a copy.
 Inside a Layer Block, each token's row is the model's per-layer cache entry:
 
 * ``mha`` (Llama/Qwen GQA): ``[2, n_kv_heads, head_dim]`` elements of ``dtype``: K then V;
-* ``mla`` (DeepSeek): one latent vector of ``kv_lora_rank + rope_dim`` values, plus optional extra bytes per
-  token (e.g. FP8 scales or the DSA indexer key) given by ``extra_bytes``; ``bytes_per_elem`` can be set
-  explicitly for packed formats.
+* ``mla`` (DeepSeek): one latent vector of ``kv_lora_rank + rope_dim`` values (the normalized latent, then the
+  RoPE'd key part) of ``dtype``, plus optional extra bytes per token (e.g. the DSA indexer key) given by
+  ``extra_bytes``;
+* ``mla`` with ``latent_format="fp8"`` (:meth:`KVSpec.mla_fp8`, FlashMLA's "FP8 with scale" format): per token
+  ``kv_lora_rank`` float8_e4m3fn bytes, one fp32 scale per 128 latent values, then ``rope_dim`` bfloat16 RoPE
+  values: 512 + 16 + 128 = 656 bytes for DeepSeek-V3's 512 + 64 dims. Its ``dtype`` is ``uint8``.
 
 So for ``mha`` a Layer Block reinterpreted as ``dtype`` has shape ``[block_tokens, 2, n_kv_heads, head_dim]``
 and the paged KV pool can store Layer Blocks as its pages with no layout conversion.
@@ -48,6 +51,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"unsupported KV dtype {dtype}")
 
 
+FP8_TILE = 128  # latent values per fp32 scale in the FP8 latent format
+
+
+def fp8_latent_row_bytes(kv_lora_rank: int, rope_dim: int) -> int:
+    """Bytes of one FP8 latent row: fp8 latent, fp32 scales (one per 128 values), bf16 RoPE part."""
+    return kv_lora_rank + 4 * (kv_lora_rank // FP8_TILE) + 2 * rope_dim
+
+
 @dataclass(frozen=True, slots=True)
 class KVSpec:
     """What a model stores per token per layer. Build it with :meth:`mha` or :meth:`mla`."""
@@ -59,6 +70,8 @@ class KVSpec:
     head_dim: int = 0
     latent_dim: int = 0
     extra_bytes: int = 0
+    rope_dim: int = 0
+    latent_format: str = ""  # "" (plain ``dtype`` values) or "fp8" (656-byte FlashMLA rows for 512 + 64)
 
     @classmethod
     def mha(cls, n_layers: int, n_kv_heads: int, head_dim: int, dtype: str = "bfloat16") -> KVSpec:
@@ -67,10 +80,25 @@ class KVSpec:
         return spec
 
     @classmethod
-    def mla(cls, n_layers: int, latent_dim: int, dtype: str = "bfloat16", extra_bytes: int = 0) -> KVSpec:
-        spec = cls(n_layers=n_layers, attention="mla", dtype=dtype, latent_dim=latent_dim, extra_bytes=extra_bytes)
+    def mla(cls, n_layers: int, latent_dim: int, dtype: str = "bfloat16", extra_bytes: int = 0,
+            rope_dim: int = 0) -> KVSpec:
+        spec = cls(n_layers=n_layers, attention="mla", dtype=dtype, latent_dim=latent_dim, extra_bytes=extra_bytes,
+                   rope_dim=rope_dim)
         spec.validate()
         return spec
+
+    @classmethod
+    def mla_fp8(cls, n_layers: int, kv_lora_rank: int = 512, rope_dim: int = 64, extra_bytes: int = 0) -> KVSpec:
+        """FlashMLA's FP8 latent rows: ``kv_lora_rank`` fp8 values, one fp32 scale per 128, ``rope_dim`` bf16."""
+        spec = cls(n_layers=n_layers, attention="mla", dtype="uint8", latent_dim=kv_lora_rank + rope_dim,
+                   extra_bytes=extra_bytes, rope_dim=rope_dim, latent_format="fp8")
+        spec.validate()
+        return spec
+
+    @property
+    def kv_lora_rank(self) -> int:
+        """Width of the (non-RoPE) latent part of an ``mla`` row."""
+        return self.latent_dim - self.rope_dim
 
     def validate(self) -> None:
         if self.n_layers <= 0:
@@ -82,6 +110,15 @@ class KVSpec:
         elif self.attention == "mla":
             if self.latent_dim <= 0:
                 raise ValueError("mla KV needs a positive latent_dim")
+            if not 0 <= self.rope_dim < self.latent_dim:
+                raise ValueError(f"mla rope_dim {self.rope_dim} must be in [0, latent_dim={self.latent_dim})")
+            if self.latent_format not in ("", "fp8"):
+                raise ValueError(f"unknown mla latent_format {self.latent_format!r}; expected '' or 'fp8'")
+            if self.latent_format == "fp8":
+                if self.kv_lora_rank % FP8_TILE:
+                    raise ValueError(f"fp8 latent KV needs kv_lora_rank divisible by {FP8_TILE}, got {self.kv_lora_rank}")
+                if self.dtype != "uint8":
+                    raise ValueError("fp8 latent KV rows are stored as uint8")
         else:  # pragma: no cover - guarded by Literal
             raise ValueError(f"unknown attention kind {self.attention!r}")
         if self.extra_bytes < 0:
@@ -99,7 +136,21 @@ class KVSpec:
     def bytes_per_token_layer(self) -> int:
         if self.attention == "mha":
             return 2 * self.n_kv_heads * self.head_dim * self.elem_bytes + self.extra_bytes
+        if self.latent_format == "fp8":
+            return fp8_latent_row_bytes(self.kv_lora_rank, self.rope_dim) + self.extra_bytes
         return self.latent_dim * self.elem_bytes + self.extra_bytes
+
+    @property
+    def row_elems(self) -> int:
+        """Elements of ``torch_dtype`` per token row (``[2, H, D]`` flattened for mha)."""
+        if self.attention == "mha":
+            return 2 * self.n_kv_heads * self.head_dim
+        return self.bytes_per_token_layer if self.latent_format == "fp8" else self.latent_dim
+
+    def mha_equivalent_bytes_per_token_layer(self, n_heads: int, qk_head_dim: int, v_head_dim: int,
+                                             dtype: str = "bfloat16") -> int:
+        """What the same attention would store per token and layer as plain multi-head K and V."""
+        return n_heads * (qk_head_dim + v_head_dim) * torch.empty((), dtype=dtype_from_name(dtype)).element_size()
 
     @property
     def bytes_per_token(self) -> int:
@@ -110,6 +161,7 @@ class KVSpec:
         return (
             f"{self.attention}:L{self.n_layers}:H{self.n_kv_heads}:D{self.head_dim}:"
             f"Z{self.latent_dim}:X{self.extra_bytes}:{self.dtype}"
+            + (f":R{self.rope_dim}:{self.latent_format}" if self.latent_format or self.rope_dim else "")
         )
 
 
@@ -171,11 +223,26 @@ class KVLayout:
             raise IndexError(f"layer {layer} out of range [0, {self.spec.n_layers})")
         return full_block[..., layer : layer + 1, :, :]
 
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        """One page (Layer Block) of the paged pool, typed: ``[bt, 2, H, D]`` (mha), ``[bt, latent_dim]`` (mla)
+        or ``[bt, row_bytes]`` uint8 (mla fp8)."""
+        s = self.spec
+        if s.attention == "mha":
+            return (self.block_tokens, 2, s.n_kv_heads, s.head_dim)
+        return (self.block_tokens, s.row_elems)
+
     def as_kv(self, layer_block: torch.Tensor) -> torch.Tensor:
-        """Reinterpret an ``mha`` Layer Block (or any ``[..., T, bytes]`` rows) as ``[..., T, 2, H, D]`` of dtype."""
-        if self.spec.attention != "mha" or self.spec.extra_bytes:
-            raise ValueError("as_kv is defined for mha layouts without extra bytes")
-        if layer_block.dtype != torch.uint8 or layer_block.shape[-1] != self.spec.bytes_per_token_layer:
-            raise ValueError(f"expected uint8 rows of {self.spec.bytes_per_token_layer} bytes")
-        typed = layer_block.view(self.spec.torch_dtype)
-        return typed.view(*typed.shape[:-1], 2, self.spec.n_kv_heads, self.spec.head_dim)
+        """Reinterpret Layer Block rows ``[..., T, bytes]`` as the model's cache entry: ``[..., T, 2, H, D]`` of
+        dtype (mha), ``[..., T, latent_dim]`` of dtype (mla) or the uint8 rows themselves (mla fp8)."""
+        s = self.spec
+        if s.extra_bytes:
+            raise ValueError("as_kv is defined for layouts without extra bytes")
+        if layer_block.dtype != torch.uint8 or layer_block.shape[-1] != s.bytes_per_token_layer:
+            raise ValueError(f"expected uint8 rows of {s.bytes_per_token_layer} bytes")
+        if s.attention == "mla" and s.latent_format == "fp8":
+            return layer_block
+        typed = layer_block.view(s.torch_dtype)
+        if s.attention == "mla":
+            return typed
+        return typed.view(*typed.shape[:-1], 2, s.n_kv_heads, s.head_dim)

@@ -1,5 +1,5 @@
-"""The model behind the engines: a real Llama-family decoder over paged KV (:mod:`.llama`), its architecture
-(:mod:`.spec`), loaders (:mod:`.loader`: safetensors, GGUF, random init; :mod:`.embedded`: SmolLM2), and the
+"""The model behind the engines: a real Llama-family decoder over paged KV (:mod:`.llama`), a DeepSeek-V3
+decoder (MLA + MoE) over paged latent KV (:mod:`.deepseek`), their architectures (:mod:`.spec`), loaders (:mod:`.loader`: safetensors, GGUF, random init; :mod:`.embedded`: SmolLM2), and the
 paged KV pool (:mod:`.kv_pool`). Heavy modules are imported on first attribute access."""
 
 from __future__ import annotations
@@ -9,6 +9,9 @@ from typing import Any
 
 _EXPORTS = {
     "ModelSpec": "dualpath.model.spec",
+    "DeepseekV3Spec": "dualpath.model.spec",
+    "DeepseekV3Model": "dualpath.model.deepseek",
+    "load_spec": "dualpath.model.spec",
     "LlamaModel": "dualpath.model.llama",
     "SeqBatch": "dualpath.model.llama",
     "ForwardState": "dualpath.model.llama",

@@ -1,5 +1,6 @@
-"""A paged KV pool: one tensor per layer, ``[num_blocks, block_tokens, 2, n_kv_heads, head_dim]``, and a
-free-list allocator of physical blocks.
+"""A paged KV pool: one tensor per layer, ``[num_blocks, block_tokens, 2, n_kv_heads, head_dim]`` (MHA),
+``[num_blocks, block_tokens, kv_lora_rank + rope_dim]`` (MLA latent) or ``[num_blocks, block_tokens, 656]`` uint8
+(MLA FP8 latent rows), and a free-list allocator of physical blocks.
 
 ``pool.layer(l)[b]`` is the Layer Block of block ``b`` at layer ``l``: its bytes
 (``.view(torch.uint8).reshape(block_tokens, -1)``) are exactly a :class:`~dualpath.kv.layout.KVLayout` Layer
@@ -22,8 +23,8 @@ class KVPool:
 
     def __init__(self, spec: KVSpec, num_blocks: int, block_tokens: int = 64,
                  device: str | torch.device = "cpu", *, backend: str | None = None) -> None:
-        if spec.attention != "mha" or spec.extra_bytes:
-            raise ModelError("KVPool holds mha KV without extra bytes")
+        if spec.extra_bytes:
+            raise ModelError("KVPool holds KV without extra bytes")
         if num_blocks <= 0 or block_tokens <= 0:
             raise ModelError(f"KVPool needs positive num_blocks and block_tokens, got {num_blocks}, {block_tokens}")
         self.spec = spec
@@ -31,7 +32,7 @@ class KVPool:
         self.block_tokens = block_tokens
         self.num_blocks = num_blocks
         self.backend = backend
-        self.data = torch.zeros((spec.n_layers, num_blocks, block_tokens, 2, spec.n_kv_heads, spec.head_dim),
+        self.data = torch.zeros((spec.n_layers, num_blocks, *self.layout.page_shape),
                                 dtype=spec.torch_dtype, device=device)
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._used: set[int] = set()
@@ -46,7 +47,7 @@ class KVPool:
         return self.spec.n_layers
 
     def layer(self, layer: int) -> torch.Tensor:
-        """The pages of one layer, ``[num_blocks, block_tokens, 2, H, D]`` (a view)."""
+        """The pages of one layer, ``[num_blocks, *page_shape]`` (a view)."""
         return self.data[layer]
 
     @property

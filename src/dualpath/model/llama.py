@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -206,7 +206,51 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-class LlamaModel(nn.Module):
+class LayerwiseDecoder(nn.Module):
+    """What every decoder here shares: ``prefill_begin`` / ``prefill_layer`` (model-specific) drive the
+    layer-wise forward; the whole forward, the logits and a decode step are built on them. Subclasses set
+    ``spec`` (with ``n_layers``), ``model`` (a backbone with ``embed_tokens`` and ``norm``) and ``lm_head``."""
+
+    spec: Any
+    model: Any
+    lm_head: nn.Linear
+
+    @property
+    def device(self) -> torch.device:
+        return cast(nn.Embedding, self.model.embed_tokens).weight.device
+
+    def prefill_begin(self, batch: SeqBatch) -> ForwardState:
+        raise NotImplementedError
+
+    def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def prefill_end(self, state: ForwardState, all_positions: bool = False) -> torch.Tensor:
+        """Logits ``[B, vocab]`` at each sequence's last new token (``[N, vocab]`` with ``all_positions``)."""
+        if state.next_layer != self.spec.n_layers:
+            raise ModelError(f"prefill_end after {state.next_layer} of {self.spec.n_layers} layers")
+        h = state.hidden if all_positions else state.hidden[state.batch.last_index]
+        return cast(torch.Tensor, self.lm_head(cast(nn.Module, self.model.norm)(h)).float())
+
+    # --- whole forward -----------------------------------------------------------------------------------
+    def forward(self, batch: SeqBatch, kv_layers: Sequence[torch.Tensor],
+                all_positions: bool = False) -> torch.Tensor:
+        if len(kv_layers) != self.spec.n_layers:
+            raise ModelError(f"got KV for {len(kv_layers)} layers, model has {self.spec.n_layers}")
+        state = self.prefill_begin(batch)
+        for layer in range(self.spec.n_layers):
+            self.prefill_layer(layer, state, kv_layers[layer])
+        return self.prefill_end(state, all_positions)
+
+    def decode_step(self, token_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+                    kv_layers: Sequence[torch.Tensor], block_tokens: int | None = None) -> torch.Tensor:
+        """One decode step for ``B`` sequences: token ``token_ids[b]`` at ``positions[b]`` -> ``[B, vocab]``."""
+        bt = block_tokens or int(kv_layers[0].shape[1])
+        return self.forward(SeqBatch.decode(token_ids, positions, block_tables, bt), kv_layers)
+
+
+class LlamaModel(LayerwiseDecoder):
     """Llama/Qwen2 decoder over a paged KV pool. ``backend``: kernel backend (``auto``/``torch``/``triton``)."""
 
     inv_freq: torch.Tensor
@@ -223,10 +267,6 @@ class LlamaModel(nn.Module):
         inv_freq, self._rope_scale = rope_inv_freq(spec)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.scale = spec.head_dim ** -0.5
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
 
     # --- layer-wise forward ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,27 +311,3 @@ class LlamaModel(nn.Module):
         h = state.hidden + attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
         state.hidden = h + cast(MLP, mod.mlp)(cast(RMSNorm, mod.post_attention_layernorm)(h))
         state.next_layer += 1
-
-    @torch.no_grad()
-    def prefill_end(self, state: ForwardState, all_positions: bool = False) -> torch.Tensor:
-        """Logits ``[B, vocab]`` at each sequence's last new token (``[N, vocab]`` with ``all_positions``)."""
-        if state.next_layer != self.spec.n_layers:
-            raise ModelError(f"prefill_end after {state.next_layer} of {self.spec.n_layers} layers")
-        h = state.hidden if all_positions else state.hidden[state.batch.last_index]
-        return self.lm_head(self.model.norm(h)).float()
-
-    # --- whole forward -----------------------------------------------------------------------------------
-    def forward(self, batch: SeqBatch, kv_layers: Sequence[torch.Tensor],  # type: ignore[override]
-                all_positions: bool = False) -> torch.Tensor:
-        if len(kv_layers) != self.spec.n_layers:
-            raise ModelError(f"got KV for {len(kv_layers)} layers, model has {self.spec.n_layers}")
-        state = self.prefill_begin(batch)
-        for layer in range(self.spec.n_layers):
-            self.prefill_layer(layer, state, kv_layers[layer])
-        return self.prefill_end(state, all_positions)
-
-    def decode_step(self, token_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
-                    kv_layers: Sequence[torch.Tensor], block_tokens: int | None = None) -> torch.Tensor:
-        """One greedy-decode step for ``B`` sequences: token ``token_ids[b]`` at ``positions[b]`` -> ``[B, vocab]``."""
-        bt = block_tokens or int(kv_layers[0].shape[1])
-        return self.forward(SeqBatch.decode(token_ids, positions, block_tables, bt), kv_layers)

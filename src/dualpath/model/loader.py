@@ -1,5 +1,12 @@
-"""Build a :class:`~dualpath.model.llama.LlamaModel` from a safetensors directory, a GGUF file, or seeded random
-weights, and check that a checkpoint matches its config (every tensor present, every shape right).
+"""Build a :class:`~dualpath.model.llama.LlamaModel` (Llama, Qwen2) or a
+:class:`~dualpath.model.deepseek.DeepseekV3Model` (chosen by the checkpoint's architecture) from a safetensors
+directory, a GGUF file (Llama family), or seeded random weights, and check that a checkpoint matches its config
+(every tensor present, every shape right).
+
+DeepSeek-V3 checkpoints load straight from their shards: per-expert tensors (``mlp.experts.7.gate_proj.weight``)
+or transformers' packed ones (``mlp.experts.gate_up_proj``), block-scaled FP8 weights (``weight`` float8_e4m3fn +
+``weight_scale_inv`` per 128x128 block) dequantized to the compute dtype, and multi-token-prediction layers past
+``num_hidden_layers`` ignored.
 """
 
 from __future__ import annotations
@@ -14,11 +21,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dualpath.errors import ModelError
-from dualpath.model.spec import ModelSpec
+from dualpath.model.spec import DeepseekV3Spec, ModelSpec, load_spec
 
 if TYPE_CHECKING:
     from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.deepseek import DeepseekV3Model
     from dualpath.model.llama import LlamaModel
+
+    AnyModel = LlamaModel | DeepseekV3Model
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -26,7 +36,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # --- weights in ------------------------------------------------------------------------------------------------
 
 
-def assign_weights(model: LlamaModel, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+def assign_weights(model: AnyModel, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Copy Hugging Face-named ``tensors`` into ``model``. Raises :class:`ModelError` naming the missing,
     unexpected or wrongly shaped tensors."""
     params = dict(model.named_parameters(remove_duplicate=True))
@@ -58,19 +68,22 @@ def assign_weights(model: LlamaModel, tensors: Mapping[str, torch.Tensor], sourc
             params[name].copy_(tensors[name].to(dtype=params[name].dtype))
 
 
-def init_random(model: LlamaModel, seed: int = 0, std: float = 0.02) -> None:
-    """Seeded weights, identical on every machine: N(0, std) matrices, norms 1 + N(0, 0.1), biases N(0, std)."""
+def init_random(model: AnyModel, seed: int = 0, std: float = 0.02) -> None:
+    """Seeded weights, identical on every machine: N(0, std) matrices, norms 1 + N(0, 0.1), biases N(0, std)
+    (MoE router correction biases N(0, 0.1), so that they change the routing)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(remove_duplicate=True)):
             if name.endswith("norm.weight"):
                 val = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+            elif name.endswith("e_score_correction_bias"):
+                val = 0.1 * torch.randn(p.shape, generator=gen)
             else:
                 val = std * torch.randn(p.shape, generator=gen)
             p.copy_(val.to(p.dtype))
 
 
-def state_dict_for_save(model: LlamaModel) -> dict[str, torch.Tensor]:
+def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
     """Hugging Face-named tensors (no duplicate tied head), contiguous, on CPU."""
     out = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters(remove_duplicate=True)}
     if model.spec.tie_embeddings:
@@ -78,7 +91,7 @@ def state_dict_for_save(model: LlamaModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: LlamaModel, directory: str | Path) -> Path:
+def save_pretrained(model: AnyModel, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (readable by transformers and :func:`load_safetensors_dir`)."""
     from safetensors.torch import save_file
 
@@ -259,12 +272,81 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 # --- entry points --------------------------------------------------------------------------------------------
 
 
-def build_model(spec: ModelSpec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
-                device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint") -> LlamaModel:
-    """A model on CPU filled from ``tensors`` (or seeded random weights when None), then moved to ``device``."""
-    from dualpath.model.llama import LlamaModel
+def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int] = 128) -> torch.Tensor:
+    """A block-scaled FP8 weight ``[out, in]`` (one fp32 ``scale_inv`` per ``block`` tile: an int for square
+    tiles or ``(rows, cols)`` as ``quantization_config.weight_block_size``) -> fp32."""
+    bo, bi = (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
+    out_f, in_f = w.shape
+    want = (-(-out_f // bo), -(-in_f // bi))
+    if tuple(scale_inv.shape) != want:
+        raise ModelError(f"FP8 weight {tuple(w.shape)} with {bo}x{bi} blocks needs a scale_inv of shape {want}, "
+                         f"got {tuple(scale_inv.shape)} (quantization_config.weight_block_size)")
+    s = scale_inv.float().repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
+    return w.float() * s
 
-    model = LlamaModel(spec, device="cpu", backend=backend)
+
+def fp8_block_size(hf_config: Mapping[str, Any]) -> tuple[int, int]:
+    """``quantization_config.weight_block_size`` of a checkpoint config (DeepSeek-V3 publishes [128, 128])."""
+    q = hf_config.get("quantization_config")
+    wbs = q.get("weight_block_size") if isinstance(q, dict) else None
+    if wbs is None:
+        return (128, 128)
+    if (not isinstance(wbs, list) or len(wbs) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in wbs)):
+        raise ModelError(f"quantization_config.weight_block_size must be two positive integers, got {wbs!r}")
+    return (wbs[0], wbs[1])
+
+
+def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
+                     source: str = "checkpoint", fp8_block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3 checkpoint tensors in this model's names: FP8 blocks dequantized, packed experts split,
+    multi-token-prediction layers (``model.layers.{n >= num_hidden_layers}``) dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= spec.n_layers:
+            continue
+        if name.endswith("weight_scale_inv"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            scale = tensors.get(name + "_scale_inv")
+            if scale is None:
+                raise ModelError(f"{source}: FP8 tensor {name!r} has no {name}_scale_inv")
+            try:
+                t = dequantize_block_fp8(t, scale, fp8_block)
+            except ModelError as exc:
+                raise ModelError(f"{source}: tensor {name!r}: {exc}") from None
+        if name.endswith(".mlp.experts.gate_up_proj"):  # transformers' packed layout [E, 2I, H]
+            prefix = name[: -len("gate_up_proj")]
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = gate[e]
+                out[f"{prefix}{e}.up_proj.weight"] = up[e]
+            continue
+        if name.endswith(".mlp.experts.down_proj"):      # [E, H, I]
+            prefix = name[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = t[e]
+            continue
+        out[name] = t
+    return out
+
+
+def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
+                device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
+                fp8_block: tuple[int, int] = (128, 128)) -> AnyModel:
+    """A model on CPU filled from ``tensors`` (or seeded random weights when None), then moved to ``device``."""
+    model: AnyModel
+    if isinstance(spec, DeepseekV3Spec):
+        from dualpath.model.deepseek import DeepseekV3Model
+
+        model = DeepseekV3Model(spec, device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = deepseek_tensors(spec, tensors, source, fp8_block)
+    else:
+        from dualpath.model.llama import LlamaModel
+
+        model = LlamaModel(spec, device="cpu", backend=backend)
     if tensors is None:
         init_random(model, seed)
     else:
@@ -290,7 +372,7 @@ def load_tokenizer(path: str | Path) -> Any | None:
 
 
 def load_model(config: LlamaModelConfig | None = None, device: str | torch.device = "cpu", *,
-               path: str | Path | None = None, with_tokenizer: bool = True) -> tuple[LlamaModel, Any | None]:
+               path: str | Path | None = None, with_tokenizer: bool = True) -> tuple[AnyModel, Any | None]:
     """Build the model a :class:`~dualpath.model.config.LlamaModelConfig` names (``path`` overrides its path).
 
     ``path``: a safetensors directory (sharded or not, with config.json), a ``.gguf`` file, a ``config.json``
@@ -308,14 +390,22 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
     if not p.exists():
         raise ModelError(f"model path {p} does not exist")
     tokenizer = None
+    spec: ModelSpec | DeepseekV3Spec
+    fp8_block = (128, 128)
     if p.is_file() and p.suffix == ".gguf":
+        if cfg.kv_format != "auto":
+            raise ModelError(f"{p}: kv_format {cfg.kv_format!r} needs an MLA (DeepSeek-V3) safetensors checkpoint")
         hf_cfg, tensors = read_gguf(p)
         spec = ModelSpec.from_hf_config(hf_cfg, dtype=cfg.dtype)
         weights_id = f"random:{cfg.seed}" if cfg.random_init else files_identity([p])
         model_tensors: Mapping[str, torch.Tensor] | None = None if cfg.random_init else tensors
     else:
         cfg_path = p if p.is_file() else p / "config.json"
-        spec = ModelSpec.from_hf_config(cfg_path, dtype=cfg.dtype)
+        spec = load_spec(cfg_path, dtype=cfg.dtype, kv_format=cfg.kv_format)
+        if isinstance(spec, DeepseekV3Spec):
+            from dualpath.model.spec import read_hf_config
+
+            fp8_block = fp8_block_size(read_hf_config(cfg_path)[0])
         if cfg.random_init:
             model_tensors, weights_id = None, f"random:{cfg.seed}"
         else:
@@ -326,7 +416,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
 
     spec = replace(spec, weights_id=weights_id)
     model = build_model(spec, model_tensors, seed=cfg.seed, device=device, backend=cfg.attention_backend,
-                        source=str(p))
+                        source=str(p), fp8_block=fp8_block)
     if with_tokenizer:
         tokenizer = load_tokenizer(p if p.is_dir() or p.suffix == ".gguf" else p.parent)
     return model, tokenizer

@@ -141,21 +141,7 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any] | str | Path, dtype: str | None = None) -> ModelSpec:
         """Read a Hugging Face config (a dict, a ``config.json`` path, or a directory holding one)."""
-        where = "config"
-        if not isinstance(config, dict):
-            path = Path(config)
-            if path.is_dir():
-                path = path / "config.json"
-            where = str(path)
-            try:
-                config = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise ModelError(f"model config {path} not found") from None
-            except json.JSONDecodeError as exc:
-                raise ModelError(f"{path}: not valid JSON ({exc})") from None
-            if not isinstance(config, dict):
-                raise ModelError(f"{path}: expected a JSON object")
-        cfg: dict[str, Any] = config
+        cfg, where = read_hf_config(config)
 
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
@@ -169,7 +155,7 @@ class ModelSpec:
         if arch is None:
             raise ModelError(
                 f"{where}: unsupported architecture {archs or model_type!r}; "
-                f"supported: {sorted(ARCHITECTURES)} (model_type llama, qwen2)"
+                f"supported: {sorted([*ARCHITECTURES, 'DeepseekV3ForCausalLM'])} (model_type llama, qwen2, deepseek_v3)"
             )
 
         def need(key: str) -> Any:
@@ -187,26 +173,7 @@ class ModelSpec:
         n_heads = int(need("num_attention_heads"))
         n_kv = int(cfg.get("num_key_value_heads") or n_heads)
         head_dim = int(cfg.get("head_dim") or 0) or hidden // n_heads
-        rope_params = cfg.get("rope_parameters")
-        rope_scaling = cfg.get("rope_scaling")
-        rope_theta = cfg.get("rope_theta")
-        if isinstance(rope_params, dict):  # transformers >= 5 writes rope_parameters
-            rope_theta = rope_params.get("rope_theta", rope_theta)
-            if rope_params.get("rope_type", rope_params.get("type", "default")) != "default":
-                rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-        if isinstance(rope_scaling, dict):
-            rope_scaling = dict(rope_scaling)
-            kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            rope_scaling.pop("type", None)
-            rope_scaling["rope_type"] = kind
-            if kind == "default":
-                rope_scaling = None
-            elif kind in ("llama3", "yarn"):
-                rope_scaling.setdefault("original_max_position_embeddings",
-                                        cfg.get("original_max_position_embeddings")
-                                        or cfg.get("max_position_embeddings", 2048))
-        elif rope_scaling is not None:
-            raise ModelError(f"{where}: rope_scaling must be an object or null")
+        rope_theta, rope_scaling = parse_rope(cfg, where)
         if dtype is None:
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
@@ -222,7 +189,7 @@ class ModelSpec:
             n_kv_heads=n_kv,
             head_dim=head_dim,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position=int(cfg.get("max_position_embeddings", 2048)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -233,16 +200,320 @@ class ModelSpec:
         )
 
 
+def read_hf_config(config: dict[str, Any] | str | Path) -> tuple[dict[str, Any], str]:
+    """A config dict and a name for messages, from a dict, a ``config.json`` path or a directory holding one."""
+    if isinstance(config, dict):
+        return config, "config"
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"model config {path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return cfg, str(path)
+
+
+def parse_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling or None)`` from a config's ``rope_parameters`` (transformers >= 5) or
+    ``rope_theta`` + ``rope_scaling``; yarn/llama3 get ``original_max_position_embeddings`` filled in."""
+    rope_params = cfg.get("rope_parameters")
+    rope_scaling = cfg.get("rope_scaling")
+    rope_theta = cfg.get("rope_theta")
+    if isinstance(rope_params, dict):  # transformers >= 5 writes rope_parameters
+        rope_theta = rope_params.get("rope_theta", rope_theta)
+        if rope_params.get("rope_type", rope_params.get("type", "default")) != "default":
+            rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    if isinstance(rope_scaling, dict):
+        rope_scaling = dict(rope_scaling)
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        rope_scaling.pop("type", None)
+        rope_scaling["rope_type"] = kind
+        if kind == "default":
+            rope_scaling = None
+        elif kind in ("llama3", "yarn"):
+            rope_scaling.setdefault("original_max_position_embeddings",
+                                    cfg.get("original_max_position_embeddings")
+                                    or cfg.get("max_position_embeddings", 2048))
+    elif rope_scaling is not None:
+        raise ModelError(f"{where}: rope_scaling must be an object or null")
+    return float(rope_theta if rope_theta is not None else 10000.0), rope_scaling
+
+
+def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
+              kv_format: str = "auto") -> ModelSpec | DeepseekV3Spec:
+    """The spec of a checkpoint's architecture: :class:`DeepseekV3Spec` for ``DeepseekV3ForCausalLM``,
+    :class:`ModelSpec` for the Llama family. ``kv_format``: ``auto`` (the compute dtype) or ``fp8`` (MLA only)."""
+    cfg, where = read_hf_config(config)
+    archs = cfg.get("architectures") or []
+    if "DeepseekV3ForCausalLM" in archs or (not archs and cfg.get("model_type") == "deepseek_v3"):
+        return DeepseekV3Spec.from_hf_config(cfg, dtype=dtype, kv_format=kv_format, where=where)
+    if kv_format != "auto":
+        raise ModelError(f"{where}: KV format {kv_format!r} needs an MLA (DeepSeek-V3) model")
+    return ModelSpec.from_hf_config(cfg, dtype=dtype)
+
+
+def _mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+@dataclass(frozen=True)
+class DeepseekV3Spec:
+    """Shapes and hyper-parameters of a DeepSeek-V3 decoder (MLA attention, DeepSeekMoE feed-forward).
+
+    ``kv_format``: ``auto`` stores the latent in ``dtype``; ``fp8`` stores FlashMLA's 656-byte rows (needs
+    ``kv_lora_rank`` divisible by 128).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    n_layers: int
+    n_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    rope_interleave: bool = True
+    max_position: int = 4096
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    dtype: str = "float32"
+    kv_format: str = "auto"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    weights_id: str = field(default="", compare=False)
+
+    architecture = "deepseek_v3"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "kv_lora_rank",
+                     "qk_rope_head_dim", "v_head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ModelError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.qk_nope_head_dim < 0 or self.qk_rope_head_dim % 2:
+            raise ModelError("model config: qk_nope_head_dim must be >= 0 and qk_rope_head_dim even")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ModelError(f"model config: q_lora_rank must be positive or null, got {self.q_lora_rank}")
+        if self.dtype not in _DTYPES:
+            raise ModelError(f"model dtype {self.dtype!r} unsupported; expected one of {sorted(_DTYPES)}")
+        if self.kv_format not in ("auto", "fp8"):
+            raise ModelError(f"KV format {self.kv_format!r} unsupported; expected 'auto' or 'fp8'")
+        if self.kv_format == "fp8" and self.kv_lora_rank % 128:
+            raise ModelError(f"the fp8 latent KV format needs kv_lora_rank divisible by 128, got {self.kv_lora_rank}")
+        if self.rope_type not in ("default", "linear", "yarn"):
+            raise ModelError(f"model config: rope_scaling type {self.rope_type!r} unsupported for DeepSeek-V3; "
+                             "expected default, linear or yarn")
+        if self.rope_type != "default" and "factor" not in (self.rope_scaling or {}):
+            raise ModelError(f"model config: rope_scaling of type {self.rope_type!r} needs a 'factor'")
+        if self.first_k_dense_replace < self.n_layers:
+            if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
+                raise ModelError("model config: MoE layers need positive n_routed_experts and moe_intermediate_size")
+            if self.n_group <= 0 or self.n_routed_experts % self.n_group:
+                raise ModelError(f"model config: n_routed_experts ({self.n_routed_experts}) is not a multiple of "
+                                 f"n_group ({self.n_group})")
+            if not 0 < self.topk_group <= self.n_group:
+                raise ModelError(f"model config: topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
+            if not 0 < self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group):
+                raise ModelError(f"model config: num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts "
+                                 "of the topk_group selected groups")
+            if self.n_routed_experts // self.n_group < 2:
+                raise ModelError("model config: group-limited routing needs >= 2 experts per group")
+
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def rope_type(self) -> str:
+        rs = self.rope_scaling or {}
+        return str(rs.get("rope_type", rs.get("type", "default")))
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values per token and layer in the cache: the normalized latent plus the RoPE'd key part."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """``qk_head_dim ** -0.5``, times ``mscale(factor, mscale_all_dim) ** 2`` under YaRN scaling."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling or {}
+        if self.rope_type != "default" and rs.get("mscale_all_dim"):
+            m = _mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    def with_dtype(self, dtype: str) -> DeepseekV3Spec:
+        return replace(self, dtype=dtype)
+
+    def kv_spec(self) -> KVSpec:
+        """Per token and layer: the latent row ``[kv_lora_rank + qk_rope_head_dim]`` of ``dtype``, or the
+        656-byte-style FP8 row with ``kv_format='fp8'``."""
+        if self.kv_format == "fp8":
+            return KVSpec.mla_fp8(self.n_layers, self.kv_lora_rank, self.qk_rope_head_dim)
+        return KVSpec.mla(self.n_layers, self.latent_dim, self.dtype, rope_dim=self.qk_rope_head_dim)
+
+    def mha_equivalent_bytes_per_token_layer(self) -> int:
+        """What plain multi-head K and V of this attention would take per token and layer in ``dtype``."""
+        esize = torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.n_heads * (self.qk_head_dim + self.v_head_dim) * esize
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("weights_id")
+        d["architecture"] = self.architecture
+        return d
+
+    def fingerprint(self) -> str:
+        payload = json.dumps({"spec": self.to_dict(), "weights": self.weights_id}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A ``config.json`` dict that transformers' DeepseekV3Config (and :meth:`from_hf_config`) read back."""
+        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+        cfg: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_heads,
+            "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "n_routed_experts": self.n_routed_experts,
+            "n_shared_experts": self.n_shared_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "first_k_dense_replace": self.first_k_dense_replace,
+            "rms_norm_eps": self.rms_eps,
+            "rope_parameters": rope,
+            "rope_interleave": self.rope_interleave,
+            "max_position_embeddings": self.max_position,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "torch_dtype": self.dtype,
+            "num_nextn_predict_layers": 0,
+        }
+        if self.bos_token_id is not None:
+            cfg["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            cfg["eos_token_id"] = self.eos_token_id
+        return cfg
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any] | str | Path, dtype: str | None = None, kv_format: str = "auto",
+                       where: str | None = None) -> DeepseekV3Spec:
+        cfg, name = read_hf_config(config)
+        where = where or name
+
+        def need(key: str) -> Any:
+            if key not in cfg or cfg[key] is None:
+                raise ModelError(f"{where}: missing required key {key!r}")
+            return cfg[key]
+
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
+        if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ModelError(f"{where}: scoring_func {cfg['scoring_func']!r} unsupported (DeepSeek-V3 uses 'sigmoid')")
+        if cfg.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise ModelError(f"{where}: topk_method {cfg['topk_method']!r} unsupported (DeepSeek-V3 uses 'noaux_tc')")
+        if int(cfg.get("moe_layer_freq", 1) or 1) != 1:
+            raise ModelError(f"{where}: moe_layer_freq {cfg['moe_layer_freq']!r} unsupported (DeepSeek-V3 uses 1)")
+        n_heads = int(need("num_attention_heads"))
+        # num_key_value_heads is meaningless for MLA (transformers even writes its default 128): not read
+        rope_theta, rope_scaling = parse_rope(cfg, where)
+        if dtype is None:
+            dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+            if dtype not in _DTYPES:
+                dtype = "float32"
+        q_lora = cfg.get("q_lora_rank")
+        n_layers = int(need("num_hidden_layers"))
+        return cls(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=int(need("hidden_size")),
+            intermediate_size=int(need("intermediate_size")),
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
+            n_layers=n_layers,
+            n_heads=n_heads,
+            kv_lora_rank=int(need("kv_lora_rank")),
+            qk_nope_head_dim=int(need("qk_nope_head_dim")),
+            qk_rope_head_dim=int(need("qk_rope_head_dim")),
+            v_head_dim=int(need("v_head_dim")),
+            q_lora_rank=None if q_lora is None else int(q_lora),
+            n_routed_experts=int(cfg.get("n_routed_experts") or 0),
+            n_shared_experts=int(cfg.get("n_shared_experts") or 0),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 1),
+            n_group=int(cfg.get("n_group") or 1),
+            topk_group=int(cfg.get("topk_group") or 1),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            rope_interleave=bool(cfg.get("rope_interleave", True)),
+            max_position=int(cfg.get("max_position_embeddings", 4096)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            dtype=dtype,
+            kv_format=kv_format,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+        )
+
+
 # --- rotary embeddings ------------------------------------------------------------------------------------------
 
 
 def rope_inv_freq(spec: ModelSpec) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[head_dim // 2]`` (fp32) and the cos/sin scale for ``spec``'s RoPE variant."""
-    dim = spec.head_dim
-    base = spec.rope_theta
+    return rope_frequencies(spec.head_dim, spec.rope_theta, spec.rope_scaling, spec.max_position)
+
+
+def rope_frequencies(dim: int, base: float, rope_scaling: dict[str, Any] | None,
+                     max_position: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[dim // 2]`` (fp32) and the cos/sin scale of a RoPE of ``dim`` rotary dims."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    rs = spec.rope_scaling or {}
-    kind = spec.rope_type
+    rs = rope_scaling or {}
+    kind = str(rs.get("rope_type", rs.get("type", "default")))
     scale = 1.0
     if kind == "linear":
         inv_freq = inv_freq / float(rs["factor"])
@@ -259,7 +530,7 @@ def rope_inv_freq(spec: ModelSpec) -> tuple[torch.Tensor, float]:
         inv_freq = torch.where(is_mid, mid, scaled)
     elif kind == "yarn":
         factor = float(rs["factor"])
-        orig = float(rs.get("original_max_position_embeddings", spec.max_position))
+        orig = float(rs.get("original_max_position_embeddings", max_position))
         beta_fast = float(rs.get("beta_fast") or 32)
         beta_slow = float(rs.get("beta_slow") or 1)
 

@@ -7,11 +7,14 @@ hold the largest turn. Ctrl-C cancels the running policy cleanly and prints the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,7 +24,7 @@ from dualpath.errors import ConfigError, DualPathError
 from dualpath.runtime.defaults import DEFAULT_POLICIES, load_run_config
 from dualpath.runtime.report import format_report, order_policies, report_json
 from dualpath.runtime.runner import PolicyRun, Progress, run_policy, summarize
-from dualpath.runtime.workload import check_trajectories, load_trajectories
+from dualpath.runtime.workload import check_trajectories, fit_to_workload, load_trajectories, workload_source
 from dualpath.scheduler.policies import ABLATION_LADDER, POLICIES
 from dualpath.workload.arrivals import SLO
 from dualpath.workload.trajectory import Trajectory
@@ -32,12 +35,19 @@ if sys.version_info < (3, 11):  # pragma: no cover
 
 @dataclass
 class RunRequest:
-    """What the command line asks for (None = the config's value)."""
+    """What the command line asks for (None = the config's value).
 
-    config: str | None = None
+    ``config``: a file path, a mapping of sections (both merged over the ``demo`` preset and the ``DUALPATH_*``
+    environment) or a complete :class:`DualPathConfig` (used as it is). ``out``: where :func:`execute` writes the
+    report (header and table; nothing when None) and where :func:`run_command` prints it (default stdout).
+    """
+
+    config: str | Path | Mapping[str, Any] | DualPathConfig | None = None
     policies: list[str] | None = None
     trace: str | None = None
     trace_format: str | None = None
+    max_requests: int | None = None  # trace: only its first N requests
+    repeat: int | None = None  # trace: K copies
     agents: int | None = None
     mode: str | None = None
     rate: float | None = None
@@ -46,7 +56,7 @@ class RunRequest:
     json_out: str | None = None
     plot: str | None = None
     progress: bool = True
-    out: Any = None  # stream of the report (default stdout)
+    out: Any = None  # stream of the report (execute: none; run_command: stdout)
     err: Any = None  # stream of the progress lines (default stderr)
 
 
@@ -66,6 +76,8 @@ def parse_policies(values: list[str] | None) -> list[str]:
                     raise ConfigError(f"--policy: unknown policy {m!r}; known: {', '.join(POLICIES)}, ladder")
                 if m not in names:
                     names.append(m)
+    if not names:
+        raise ConfigError(f"--policy: no policy named in {' '.join(values)!r}; known: {', '.join(POLICIES)}, ladder")
     return order_policies(names)
 
 
@@ -80,7 +92,21 @@ def apply_request(cfg: DualPathConfig, req: RunRequest) -> DualPathConfig:
     if req.agents is not None:
         if req.agents < 1:
             raise ConfigError(f"--agents must be >= 1, got {req.agents}")
-        w.n_agents = req.agents
+        if w.trace is not None:
+            w.max_agents = req.agents  # a trace: its first N sessions (never cycled to reach N)
+        else:
+            w.n_agents = req.agents
+    if req.max_requests is not None or req.repeat is not None:
+        if w.trace is None:
+            raise ConfigError("--max-requests and --repeat apply to a trace (--trace FILE)")
+        if req.max_requests is not None:
+            if req.max_requests < 1:
+                raise ConfigError(f"--max-requests must be >= 1, got {req.max_requests}")
+            w.max_requests = req.max_requests
+        if req.repeat is not None:
+            if req.repeat < 1:
+                raise ConfigError(f"--repeat must be >= 1, got {req.repeat}")
+            w.repeat = req.repeat
     if req.mode is not None:
         w.mode = req.mode  # type: ignore[assignment]
     if req.rate is not None:
@@ -100,19 +126,41 @@ def model_limits(cfg: DualPathConfig) -> tuple[int, int] | None:
     return None
 
 
+def _bw(gbps: float | None) -> str:
+    return "unlimited" if gbps is None else f"{gbps * 1e3:g} MB/s"
+
+
 def describe(cfg: DualPathConfig, trajs: list[Trajectory], policies: list[str]) -> str:
-    c, m, w = cfg.cluster, cfg.model, cfg.workload
-    bw = (lambda g: "unlimited" if g is None else f"{g * 1e3:g} MB/s")  # noqa: E731
-    model = (f"synthetic model ({m.n_layers} layers, {m.n_kv_heads}x{m.head_dim} KV heads, {m.kv_dtype})"
-             if m.kind == "synthetic" else f"llama model ({m.path or 'embedded SmolLM2-135M'})")
+    """The report's header: the cluster, then what is real (moves real bytes, computes) and what is modelled."""
+    c, m, w, st = cfg.cluster, cfg.model, cfg.workload, cfg.storage
     turns = sum(t.n_turns for t in trajs)
-    src = w.trace or f"{w.dataset} generator"
+    src = workload_source(cfg, trajs)
+    where = getattr(st, "root", None)
+    storage = f"{st.kind} storage" + (f" under {where}" if where else " (in memory)" if st.kind == "memory" else "")
+    transport = {"loopback": "in-process transport (device copies)"}.get(cfg.transport.kind,
+                                                                      f"{cfg.transport.kind} transport")
+    if m.kind == "synthetic":
+        heads = f"{m.n_kv_heads} KV head{'s' if m.n_kv_heads != 1 else ''} of dim {m.head_dim}"
+        model = f"synthetic model ({m.n_layers} layers, {heads}, {m.kv_dtype} KV)"
+        compute = (f"compute time of the synthetic model (sleeps sized by FLOPs at {m.device_tflops:g} TFLOPS, "
+                   f"a fixed {m.decode_step_s * 1e3:g} ms decode step)")
+        real_compute = "KV bytes of the synthetic model"
+    else:
+        path = getattr(m, "path", None)
+        model = f"{m.kind} model ({path or ('embedded SmolLM2-135M' if m.kind == 'llama' else 'built in')})"
+        compute = ""
+        real_compute = "the model's forward passes and KV"
+    modelled = [f"storage NICs {_bw(c.snic_gbps)} per node and compute NICs {_bw(c.cnic_gbps)} per engine "
+                f"(emulated links: bytes are charged time at these rates"
+                f"{'; unlimited for oracle' if 'oracle' in policies else ''})"]
+    if compute:
+        modelled.append(compute)
     return (
-        f"dualpath run: emulated {c.prefill_nodes}P{c.decode_nodes}D cluster ({c.engines_per_node} engine/node), "
-        f"storage NIC {bw(c.snic_gbps)} per node, compute NIC {bw(c.cnic_gbps)} per engine, "
-        f"{cfg.storage.kind} storage\n"
-        f"  {model}; workload: {src}, {len(trajs)} agents, {turns} turns, {w.mode}; "
-        f"policies: {', '.join(policies)}"
+        f"dualpath run: emulated {c.prefill_nodes}P{c.decode_nodes}D cluster on this machine "
+        f"({c.engines_per_node} engine/node, {model})\n"
+        f"  real:     {storage}, {transport}, {real_compute}, the scheduler\n"
+        f"  modelled: {'; '.join(modelled)}\n"
+        f"  workload: {src}, {len(trajs)} agents, {turns} turns, {w.mode}; policies: {', '.join(policies)}"
     )
 
 
@@ -139,6 +187,39 @@ class RunOutcome:
     capacity: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     wall_s: float = 0.0
+    io: dict[str, dict[str, int]] = field(default_factory=dict)  # per policy: bytes really moved
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat dict per policy (numbers and strings only): ready for ``pandas.DataFrame(rows)``."""
+        out = []
+        for p, s in self.summaries.items():
+            row: dict[str, Any] = {"policy": p}
+            row.update({k: v for k, v in s.items() if isinstance(v, int | float | str | bool) or v is None})
+            out.append(row)
+        return out
+
+    def turns(self) -> list[dict[str, Any]]:
+        """One flat dict per finished turn of every policy (times in seconds from the run's start)."""
+        out = []
+        for p, run in self.runs.items():
+            t0 = run.client.t_start
+            for r in run.records:
+                o = r.outcome
+                out.append({
+                    "policy": p, "agent": r.agent, "turn": r.turn, "prompt_tokens": o.prompt_tokens,
+                    "hit_tokens": o.hit_tokens, "gen_tokens": len(o.tokens), "path": str(o.path), "pe": o.pe,
+                    "de": o.de, "t_submit": o.t_submit - t0, "ttft": o.ttft, "tpot": o.tpot,
+                    "t_done": o.t_done - t0,
+                })
+        return out
+
+    def report(self) -> str:
+        """The command's text: the header and the table with the speed-up lines."""
+        cfg = self.config
+        text = describe(cfg, load_trajectories(cfg.workload), self.policies)
+        if self.summaries:
+            text += "\n" + format_report(self.summaries, cfg.cluster.prefill_nodes, cfg.cluster.decode_nodes)
+        return text
 
 
 def prepare(req: RunRequest) -> tuple[DualPathConfig, list[str], list[Trajectory]]:
@@ -146,6 +227,7 @@ def prepare(req: RunRequest) -> tuple[DualPathConfig, list[str], list[Trajectory
     cfg = apply_request(load_run_config(req.config), req)
     policies = parse_policies(req.policies)
     trajs = load_trajectories(cfg.workload)
+    cfg = fit_to_workload(cfg, trajs)  # a trace sizes the synthetic model's context and the PE scratch
     limits = model_limits(cfg)
     if limits is not None:
         check_trajectories(trajs, cfg.workload, max_context=limits[0], vocab_size=limits[1])
@@ -166,14 +248,24 @@ def execute(req: RunRequest) -> RunOutcome:
         run = run if run is not None else PolicyRun(policy)
         prog = Progress(label, total, stream=err, enabled=req.progress)
         note = ""
+        clusters: list[Any] = []
+
+        def factory(c: DualPathConfig) -> Any:
+            from dualpath.cluster import Cluster
+
+            clusters.append(Cluster(c))
+            return clusters[-1]
+
         try:
             await run_policy(cfg, policy, trajs, run, mode=mode, rate_aps=rate, slo=slo, seed=w.seed,
-                             progress=prog)
+                             progress=prog, cluster_factory=factory)
         except BaseException:
             note = "(stopped)"
             raise
         finally:
             prog.close(note)
+            if clusters:
+                out.io[label] = clusters[-1].io_stats()
         return run
 
     async def main() -> None:
@@ -194,8 +286,26 @@ def execute(req: RunRequest) -> RunOutcome:
             raise leaf from None
         raise
     out.wall_s = time.perf_counter() - t0
-    out.summaries = {p: summarize(r) for p, r in out.runs.items() if r.records}
+    out.summaries = {p: with_real_bytes(summarize(r), out.io.get(p)) for p, r in out.runs.items() if r.records}
+    if req.out is not None:
+        print(out.report(), file=req.out)
     return out
+
+
+def with_real_bytes(summary: dict[str, Any], io: Mapping[str, int] | None) -> dict[str, Any]:
+    """``summary`` with the bytes storage and transports really moved beside those charged to emulated links:
+    ``real_storage_read_bytes``, ``real_storage_written_bytes``, ``real_transport_bytes`` and
+    ``link_storage_read_bytes`` (every storage NIC's read link), ``link_cnic_bytes`` (every compute NIC, both
+    directions: transport bytes plus host-device copies, the paper's CNIC-centric rule)."""
+    links = summary.get("link_bytes") or {}
+    summary["link_storage_read_bytes"] = sum(v for k, v in links.items() if k.endswith("snic.read"))
+    summary["link_storage_write_bytes"] = sum(v for k, v in links.items() if k.endswith("snic.write"))
+    summary["link_cnic_bytes"] = sum(v for k, v in links.items() if ".cnic." in k)
+    if io is not None:
+        summary["real_storage_read_bytes"] = io.get("storage_read")
+        summary["real_storage_written_bytes"] = io.get("storage_written")
+        summary["real_transport_bytes"] = io.get("transport_sent")
+    return summary
 
 
 async def _capacity(policy: str, one: Any, rate0: float) -> dict[str, Any]:
@@ -219,7 +329,7 @@ def _write_json(path: str, doc: dict[str, Any]) -> None:
 
 def run_command(req: RunRequest) -> int:
     """The whole command: run, print the report, write JSON and the plot. Returns the exit status."""
-    res = execute(req)
+    res = execute(dataclasses.replace(req, out=None))
     stream = req.out if req.out is not None else sys.stdout
     cfg = res.config
     P, D = cfg.cluster.prefill_nodes, cfg.cluster.decode_nodes

@@ -19,51 +19,47 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import anyio
 import numpy as np
 
+from dualpath.engine.request import TurnResult, TurnTimings
 from dualpath.errors import WorkloadError
+from dualpath.types import PathKind
 from dualpath.workload.arrivals import SLO
 from dualpath.workload.trajectory import Trajectory, Turn
 
 
-@dataclass
-class TurnOutcome:
-    """What a :class:`TurnService` returns for one finished turn.
+class TurnOutcome(TurnResult):
+    """Deprecated name of :class:`dualpath.TurnResult`, kept with its flat constructor.
 
-    Times are ``time.perf_counter()`` seconds. ``tokens`` are the generated ids (fed back into the next turn).
-    ``path`` is the read side (``pe``/``de``/``split``/``recompute``); ``bytes`` the bytes moved per link kind.
+    Builds a :class:`TurnResult` from the flat fields a remote client receives (``tokens``, ``t_submit``,
+    ``t_first_token``, ...). Every turn API returns a :class:`TurnResult`; use that name in new code.
     """
 
-    session: int
-    tokens: list[int]
-    prompt_tokens: int
-    hit_tokens: int
-    t_submit: float
-    t_first_token: float
-    t_second_token: float | None
-    t_done: float
-    path: str = "pe"
-    pe: int = 0
-    de: int = 0
-    t_scheduled: float | None = None
-    bytes: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ttft(self) -> float:
-        return self.t_first_token - self.t_submit
-
-    @property
-    def ttst(self) -> float | None:
-        return None if self.t_second_token is None else self.t_second_token - self.t_first_token
-
-    @property
-    def tpot(self) -> float | None:
-        n = len(self.tokens)
-        return None if n < 2 else (self.t_done - self.t_first_token) / (n - 1)
+    def __init__(
+        self,
+        session: Any,
+        tokens: list[int],
+        prompt_tokens: int,
+        hit_tokens: int,
+        t_submit: float,
+        t_first_token: float,
+        t_second_token: float | None,
+        t_done: float,
+        path: str = "pe",
+        pe: int = 0,
+        de: int = 0,
+        t_scheduled: float | None = None,
+        bytes: dict[str, int] | None = None,  # noqa: A002 - the historical field name
+    ) -> None:
+        timings = TurnTimings(t_submit=t_submit, t_first_token=t_first_token, t_second_token=t_second_token or 0.0,
+                              t_done=t_done, t_scheduled=t_scheduled or 0.0)
+        super().__init__(rid=0, session=session, token_ids=list(tokens), prompt_tokens=prompt_tokens,
+                         hit_tokens=hit_tokens, stored_tokens=hit_tokens, path=PathKind(path), pe=pe, de=de,
+                         timings=timings, link_bytes=dict(bytes or {}))
 
 
 class TurnService(Protocol):
@@ -73,7 +69,7 @@ class TurnService(Protocol):
     (a real emulated cluster) and test doubles.
     """
 
-    async def run_turn(self, session: int, prompt_ids: np.ndarray, gen_tokens: int) -> TurnOutcome: ...
+    async def run_turn(self, session: int, prompt_ids: np.ndarray, gen_tokens: int) -> TurnResult: ...
 
 
 @dataclass
@@ -84,7 +80,7 @@ class TurnRecord:
     turn: int
     append: int
     gen: int
-    outcome: TurnOutcome
+    outcome: TurnResult
 
 
 #: called after every finished turn (progress display, metrics recording)
@@ -107,12 +103,29 @@ async def replay_agent(
     seed: int = 0,
     on_turn: TurnCallback | None = None,
     records: list[TurnRecord] | None = None,
+    t_start: float | None = None,
 ) -> list[TurnRecord]:
-    """Replay one agent's turns in order on ``service``; each turn's prompt = context + appended tokens."""
+    """Replay one agent's turns in order on ``service``; each turn's prompt = context + appended tokens.
+
+    A trace turn with ``hash_ids`` (Mooncake) sends the trace's content instead: the prompt's tokens derived
+    from its hash ids (:func:`dualpath.workload.traces.hash_prompt_tokens`), so storage sees the trace's reuse
+    across sessions. ``t_start`` (online): a turn with a trace time ``at`` is not sent before ``t_start + at``.
+    """
+    from dualpath.workload.traces import hash_prompt_tokens
+
     out = records if records is not None else []
     context = np.zeros(0, dtype=np.int64)
+    ctx_len = 0
     for i, spec in enumerate(agent.turns):
-        prompt = np.concatenate([context, append_token_ids(agent.tid, i, spec, vocab_size, seed)])
+        if t_start is not None and spec.at is not None:
+            delay = t_start + spec.at - time.perf_counter()
+            if delay > 0:
+                await anyio.sleep(delay)
+        if spec.hash_ids is not None:
+            prompt = hash_prompt_tokens(spec.hash_ids, ctx_len + spec.append, spec.hash_block, vocab_size)
+        else:
+            prompt = np.concatenate([context, append_token_ids(agent.tid, i, spec, vocab_size, seed)])
+        ctx_len += spec.append + spec.gen
         outcome = await service.run_turn(agent.tid, prompt, max(1, spec.gen))
         rec = TurnRecord(agent.tid, i, spec.append, spec.gen, outcome)
         out.append(rec)
@@ -221,7 +234,8 @@ async def run_online_into(
             if delay > 0:
                 await anyio.sleep(delay)
             await replay_agent(
-                service, agent, vocab_size=vocab_size, seed=seed, on_turn=_cb, records=result.records
+                service, agent, vocab_size=vocab_size, seed=seed, on_turn=_cb, records=result.records,
+                t_start=result.t_start,
             )
             result.agents_done += 1
 

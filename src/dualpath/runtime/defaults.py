@@ -1,4 +1,5 @@
-"""The embedded default of ``dualpath run``: an I/O-bound emulated 1P1D cluster any CPU machine can run.
+"""The ``demo`` preset, the embedded default of ``dualpath run``: an I/O-bound emulated 1P1D cluster any CPU
+machine can run (``dualpath.load_config(preset="demo")``; :data:`DEMO_CONFIG`).
 
 What makes it I/O-bound like the paper's setting (numbers in :data:`DEFAULT_CONFIG`):
 
@@ -23,9 +24,11 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dualpath.config import DualPathConfig
+    from dualpath.config import ConfigSource, DualPathConfig
 
-#: the embedded default configuration (merged under a ``--config`` file and ``DUALPATH_*`` variables)
+#: the ``demo`` preset: the embedded default of ``dualpath run`` (merged under a ``--config`` file and
+#: ``DUALPATH_*`` variables). ``dualpath.load_config(preset="demo")`` gives it; ``load_config()`` alone gives the
+#: library defaults (memory storage, 8-layer synthetic model, 1 GB/s storage NICs), built for unit-sized runs.
 DEFAULT_CONFIG: dict[str, Any] = {
     "storage": {"kind": "posix", "root": "<temp>", "durability": "none", "io_threads": 4},
     "transport": {"kind": "loopback"},
@@ -56,6 +59,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "workload": {"dataset": "agentic-cpu", "n_agents": 24, "mode": "offline", "seed": 0},
 }
 
+#: the same dict under the name it has in :func:`dualpath.load_config` (``preset="demo"``)
+DEMO_CONFIG = DEFAULT_CONFIG
+
 #: policies ``dualpath run`` compares when none is named
 DEFAULT_POLICIES = ["pe_only", "dualpath"]
 
@@ -79,23 +85,15 @@ def default_config_dict() -> dict[str, Any]:
     return d
 
 
-def load_run_config(path: str | None = None) -> DualPathConfig:
-    """The run configuration: the embedded default < ``path`` (YAML/TOML/JSON) < ``DUALPATH_*`` variables.
+def load_run_config(config: ConfigSource = None) -> DualPathConfig:
+    """The configuration of ``dualpath run``: the ``demo`` preset < ``config`` < ``DUALPATH_*`` variables.
 
-    A file only needs the keys it changes; ``storage.kind`` etc. switch backends as in :func:`load_config`.
+    ``config``: a file path (YAML/TOML/JSON; only the keys it changes), a mapping of sections (merged the same
+    way), or a complete :class:`DualPathConfig`, used as it is (the environment is not applied to it). This is
+    ``dualpath.load_config(config, preset="demo")``; ``dualpath.load_config()`` alone gives the library defaults.
     """
-    import os
-    from pathlib import Path
+    from dualpath.config import DualPathConfig, load_config
 
-    from dualpath.config import _env_overrides, _merge, _read_file, config_from_dict
-
-    data = config_from_dict(default_config_dict(), "<embedded default>").model_dump(mode="python")
-    source = "<embedded default>"
-    if path is not None:
-        data = _merge(data, _read_file(Path(path)))
-        source = str(path)
-    env = _env_overrides(os.environ)
-    if env:
-        data = _merge(data, env)
-        source += " + DUALPATH_* environment"
-    return config_from_dict(data, source)
+    if isinstance(config, DualPathConfig):
+        return config.model_copy(deep=True)
+    return load_config(config, preset="demo")

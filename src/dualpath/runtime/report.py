@@ -1,7 +1,10 @@
 """The report of ``dualpath run``: one column per policy, the speed-up against the ceiling, the JSON document.
 
 A run's figures are a flat dict (see :data:`ROWS` for the keys shown); the JSON document is
-``{"runs": [...], "speedup": ..., "ceiling": ..., ...}`` (design.md section 7).
+``{"runs": [...], "speedup": ..., "ceiling": ..., ...}`` (design.md section 7). Bytes appear twice on purpose:
+``real_*`` is what the storage backend and the transports really moved; ``link_*`` is what was charged to the
+emulated links (the time they took is modelled from the configured NIC rates). The compute NICs also carry
+host-device copies, so ``link_cnic_bytes`` exceeds the transport's bytes.
 
 * ``speedup`` = dualpath throughput / pe_only throughput (the same trace, the same cluster), or the best
   DualPath-family policy against the best PE-only one present; ``speedup_vs_basic`` the same against ``basic``.
@@ -87,7 +90,9 @@ def _s(v: Any) -> str:
 
 
 def _mb(v: Any) -> str:
-    return "-" if v is None else f"{v / 1e6:,.0f} MB"
+    if v is None:
+        return "-"
+    return f"{v / 1e6:,.0f} MB" if v >= 100e6 else f"{v / 1e6:.2f} MB"
 
 
 def _pct(v: Any) -> str:
@@ -116,6 +121,11 @@ ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("hit rate", "hit_rate", _pct),
     ("read on PE path", "pe_path_bytes", _mb),
     ("read on DE path", "de_path_bytes", _mb),
+    ("storage read: real", "real_storage_read_bytes", _mb),
+    ("storage read: SNIC links", "link_storage_read_bytes", _mb),
+    ("storage written: real", "real_storage_written_bytes", _mb),
+    ("transport: real", "real_transport_bytes", _mb),
+    ("CNIC links (in+out)", "link_cnic_bytes", _mb),
     ("SNIC utilisation", "snic_util", _util),
     ("SNIC max/avg", "snic_balance", _f(".2f")),
 ]

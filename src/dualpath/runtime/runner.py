@@ -161,14 +161,36 @@ def largest_turn(trajs: Sequence[Trajectory]) -> tuple[int, int]:
     return best
 
 
-def check_cluster_holds(cluster: Any, trajs: Sequence[Trajectory]) -> None:
-    """Raise a ConfigError before any turn runs when the cluster cannot hold the largest turn of the trace."""
-    prompt, gen = largest_turn(trajs)
+def online_arrivals(trajs: Sequence[Trajectory], rate_aps: float, seed: int = 0,
+                    from_trace: bool | None = None) -> list[float]:
+    """Online start times: a trace's own (its sessions' ``arrival``, its turns keep their ``at``), else a Poisson
+    process of ``rate_aps`` agents/s shifted so the first agent starts at 0. ``from_trace`` None: a trace when a
+    turn carries a trace time."""
+    if from_trace is None:
+        from_trace = any(t.turns and t.turns[0].at is not None for t in trajs)
+    if from_trace:
+        return [float(t.arrival) for t in trajs]
+    arrivals = poisson_arrivals(len(trajs), rate_aps, seed)
+    return [a - arrivals[0] for a in arrivals]
+
+
+def check_cluster_holds(cluster: Any, trajs: Sequence[Trajectory], trace: str | None = None) -> None:
+    """Raise before any turn runs when the cluster cannot hold the largest turn of the workload: a ConfigError,
+    or, for a ``trace`` file, a WorkloadError naming the file, the line and the turn."""
+    from dualpath.workload.traces import largest_turn as largest
+
+    prompt, gen, a, i = largest(trajs)
     if prompt == 0:
         return
     try:
         cluster.check_turn([0] * prompt, gen, 0, 0)
     except (EngineError, ModelError) as exc:
+        if trace is not None:
+            from dualpath.errors import WorkloadError
+
+            u = trajs[a].turns[i]
+            raise WorkloadError(f"session {trajs[a].tid} turn {i} ({prompt} prompt + {gen} generated tokens) does not "
+                                f"fit this cluster: {exc}", path=trace, line=u.line) from exc
         raise ConfigError(f"this cluster cannot hold the largest turn of the trace: {exc}") from exc
 
 
@@ -362,7 +384,7 @@ async def _run_policy(
             run.phases["start"] = time.perf_counter() - t_phase
             async with _Closing(cluster, run):
                 if hasattr(cluster, "check_turn"):
-                    check_cluster_holds(cluster, trajs)
+                    check_cluster_holds(cluster, trajs, base.workload.trace)
                 driver = SchedulerDriver(
                     cluster, sched, fetch_interval_s=cfg.scheduler.fetch_interval_s,
                     max_request_tokens=cfg.cluster.kv_pool_tokens,
@@ -376,8 +398,7 @@ async def _run_policy(
                     async with driver:
                         if mode == "online":
                             chk = SloCheck(slo or SLO())
-                            arrivals = poisson_arrivals(len(trajs), rate_aps, seed)
-                            arrivals = [a - arrivals[0] for a in arrivals]
+                            arrivals = online_arrivals(trajs, rate_aps, seed, base.workload.trace is not None)
                             finished = await run_online_into(
                                 driver, trajs, arrivals, run.client, vocab_size=vocab, seed=seed, on_turn=cb,
                                 stop_when=chk.hopeless,

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dualpath.errors import WorkloadError
 from dualpath.workload import build_workload
@@ -91,31 +92,86 @@ def check_trajectories(
     """
     lines: dict[int, int] | None = None
 
-    def fail(t: Trajectory, msg: str) -> None:
+    def fail(t: Trajectory, msg: str, turn: int = 0) -> None:
         nonlocal lines
         path = cfg.trace
         line: int | None = None
-        if path is not None and cfg.trace_format == "jsonl":
+        if path is not None and 0 <= turn < len(t.turns) and t.turns[turn].line is not None:
+            line = t.turns[turn].line
+        elif path is not None and cfg.trace_format == "jsonl":
             lines = lines if lines is not None else _jsonl_lines(path)
             line = lines.get(t.tid)
         elif path is not None:
             line = _mooncake_line_over(path, max_context)
         raise WorkloadError(f"trajectory {t.tid}: {msg}", path=path or f"<{cfg.dataset} generator>", line=line)
 
-    if cfg.trace is not None:  # check the file's own trajectories (ids as in the file), not the cycled agents
-        from dualpath.workload import load_jsonl, load_mooncake
-
-        trajs = load_jsonl(cfg.trace) if cfg.trace_format == "jsonl" else load_mooncake(cfg.trace)
     for t in trajs:
         total = 0
         for i, u in enumerate(t.turns):
             if u.append_ids and (min(u.append_ids) < 0 or max(u.append_ids) >= vocab_size):
-                fail(t, f"turn {i} has token ids outside the model's vocabulary [0, {vocab_size})")
+                fail(t, f"turn {i} has token ids outside the model's vocabulary [0, {vocab_size})", i)
             total += u.append
             if total + max(1, u.gen) > max_context:
                 fail(
                     t,
                     f"turn {i} needs {total} prompt + {max(1, u.gen)} generated tokens, more than the model's "
                     f"context of {max_context} tokens",
+                    i,
                 )
             total += u.gen
+
+
+def fit_to_workload(cfg: Any, trajs: Sequence[Trajectory]) -> Any:
+    """``cfg`` with an emulated cluster that holds a trace's largest turn (a copy when anything changes).
+
+    Only the synthetic model is resized (it has no trained context): its ``max_context`` grows to the largest
+    turn (prompt + generation), the PE scratch (``cluster.prefill_max_batch_tokens``) to the largest prompt, the
+    DE KV pool (``cluster.kv_pool_tokens``) and the host buffers to hold it. Nothing shrinks. A real model keeps
+    its context: a turn longer than it is an error naming the trace line (:func:`check_trajectories`).
+    """
+    from dualpath.workload.traces import largest_turn
+
+    if cfg.model.kind != "synthetic" or cfg.workload.trace is None:  # generators: the config is the user's
+        return cfg
+    prompt, gen, _, _ = largest_turn(trajs)
+    if prompt == 0:
+        return cfg
+    c, m = cfg.cluster, cfg.model
+    bt = c.block_tokens
+    need = -(-(prompt + gen) // bt) * bt
+    from dualpath.kv.layout import KVSpec
+
+    kv_bytes = (-(-prompt // bt) + 1) * bt * KVSpec.mha(m.n_layers, m.n_kv_heads, m.head_dim, m.kv_dtype).bytes_per_token
+    grow = {
+        ("model", "max_context"): need,
+        ("cluster", "prefill_max_batch_tokens"): prompt,
+        ("cluster", "kv_pool_tokens"): need + bt,
+        ("cluster", "host_buffer_bytes"): 2 * kv_bytes,
+    }
+    if all(getattr(getattr(cfg, sec), key) >= v for (sec, key), v in grow.items()):
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    for (sec, key), v in grow.items():
+        part = getattr(cfg, sec)
+        if getattr(part, key) < v:
+            setattr(part, key, v)
+    return cfg
+
+
+def workload_source(cfg: Any, trajs: Sequence[Trajectory]) -> str:
+    """The header's description of the workload: the generator, or the trace with what was kept of it, its ideal
+    hit rate and the sizes its largest turn asked for."""
+    from dualpath.workload.traces import ideal_hit_rate, largest_turn, load_trace
+
+    w = cfg.workload
+    if w.trace is None:
+        return f"{w.dataset} generator"
+    tw = load_trace(w.trace, w.trace_format, max_requests=w.max_requests, max_agents=w.max_agents, repeat=w.repeat)
+    prompt, gen, _, _ = largest_turn(trajs)
+    sized = ""
+    if cfg.model.kind == "synthetic":
+        sized = (f"; largest turn {prompt}+{gen} tokens: model context {cfg.model.max_context}, PE scratch "
+                 f"{cfg.cluster.prefill_max_batch_tokens} tokens, DE KV pool {cfg.cluster.kv_pool_tokens} tokens")
+    timing = "at the trace's timestamps" if w.mode == "online" else "sessions from t=0, next turn when one ends"
+    return (f"trace {w.trace} ({w.trace_format}: {tw.note}; ideal hit rate {ideal_hit_rate(trajs):.3f} "
+            f"(unlimited cache); {timing}{sized})")

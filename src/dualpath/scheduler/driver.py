@@ -28,8 +28,8 @@ import anyio
 import numpy as np
 from anyio.abc import TaskGroup
 
+from dualpath.engine.request import TurnResult, TurnTimings
 from dualpath.errors import EngineError, SchedulerError
-from dualpath.runtime.clients import TurnOutcome
 from dualpath.scheduler.core import GlobalScheduler
 from dualpath.scheduler.state import Assignment, EngineSnapshot, RequestInfo
 from dualpath.types import PathKind
@@ -86,29 +86,41 @@ class DriverStats:
     core_s: float = 0.0
 
 
-def _outcome(p: _Pending, res: Any) -> TurnOutcome:
-    """Convert a cluster ``TurnResult`` (duck-typed: ``token_ids``, ``timings``, ``link_bytes``, ...) into the
-    client's :class:`TurnOutcome`."""
+def _outcome(p: _Pending, res: Any) -> TurnResult:
+    """The cluster's :class:`TurnResult` with the driver's submission and scheduling instants (so ``ttft``
+    includes the wait for the scheduler); anything else duck-typed (``token_ids``/``tokens``, ``timings``,
+    ``link_bytes``/``bytes``, ...: a test double) is converted into one."""
     a = p.assignment
     assert a is not None
+    if isinstance(res, TurnResult):
+        res.session = p.session
+        res.timings.t_submit = p.t_submit
+        res.timings.t_scheduled = p.t_scheduled or 0.0
+        return res
     tm = getattr(res, "timings", res)
     tokens = [int(t) for t in getattr(res, "token_ids", None) or getattr(res, "tokens", [])]
     t_second = getattr(tm, "t_second_token", None)
-    path = getattr(res, "path", a.path)
-    return TurnOutcome(
-        session=p.session,
-        tokens=tokens,
-        prompt_tokens=int(getattr(res, "prompt_tokens", len(p.prompt_ids))),
-        hit_tokens=int(getattr(res, "hit_tokens", p.hit)),
+    link_bytes = getattr(res, "link_bytes", None) or getattr(res, "bytes", None) or {}
+    timings = TurnTimings(
         t_submit=p.t_submit,
+        t_scheduled=p.t_scheduled or 0.0,
         t_first_token=float(getattr(tm, "t_first_token", math.nan)),
-        t_second_token=float(t_second) if t_second else None,
+        t_second_token=float(t_second) if t_second else 0.0,
         t_done=float(getattr(tm, "t_done", 0.0) or time.perf_counter()),
-        path=getattr(path, "value", str(path)),
+    )
+    hit = int(getattr(res, "hit_tokens", p.hit))
+    return TurnResult(
+        rid=int(getattr(res, "rid", 0)),
+        session=p.session,
+        token_ids=tokens,
+        prompt_tokens=int(getattr(res, "prompt_tokens", len(p.prompt_ids))),
+        hit_tokens=hit,
+        stored_tokens=int(getattr(res, "stored_tokens", hit)),
+        path=PathKind(getattr(res, "path", a.path)),
         pe=a.pe,
         de=a.de,
-        t_scheduled=p.t_scheduled,
-        bytes={str(k): int(v) for k, v in dict(getattr(res, "link_bytes", None) or {}).items()},
+        timings=timings,
+        link_bytes={str(k): int(v) for k, v in dict(link_bytes).items()},
     )
 
 
@@ -166,8 +178,8 @@ class SchedulerDriver:
         return len(self._pending)
 
     # --- TurnService -------------------------------------------------------------------------------------
-    async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int) -> TurnOutcome:
-        """Schedule one turn and return when its last token is out."""
+    async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int) -> TurnResult:
+        """Schedule one turn and return when its last token is out (``ttft`` counts from this call)."""
         if self._tg is None:
             raise SchedulerError("the driver is not running (use `async with driver:`)")
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)

@@ -44,16 +44,34 @@ from dualpath.scheduler.core import GlobalScheduler
 from dualpath.scheduler.params import SchedulerParams
 from dualpath.scheduler.policies import Policy
 from dualpath.scheduler.state import EngineSnapshot, RequestInfo
+from dualpath.sim import traffic
+from dualpath.sim.compute import curve_efficiency, efficient_batch_tokens
 from dualpath.sim.events import EventLoop
 from dualpath.sim.links import KV, Link
+from dualpath.sim.measures import Meter
 from dualpath.sim.scenario import SimScenario, as_turns
 from dualpath.types import PathKind
+from dualpath.workload.traces import content_hit
+
+
+def _trace_meta(trajs: Any) -> tuple[list[Any], list[Any]]:
+    """Per agent: the turns' (hash ids, block) content keys and their request times, or None when no turn has them."""
+    keys: list[Any] = []
+    times: list[Any] = []
+    for t in trajs:
+        turns = list(getattr(t, "turns", ()))
+        k = [(u.hash_ids, u.hash_block) if getattr(u, "hash_ids", None) is not None else None for u in turns]
+        a = [getattr(u, "at", None) for u in turns]
+        keys.append(k if any(x is not None for x in k) else None)
+        times.append([x if x is not None else -1.0 for x in a] if any(x is not None for x in a) else None)
+    return keys, times
 
 
 class Req:
     __slots__ = (
         "rid", "agent", "context", "append", "hit", "gen", "prompt", "pe", "de", "path", "pe_tok", "de_tok",
-        "reads_left", "cached", "remaining", "first_chunk", "t_submit", "t_first", "t_join", "s_end",
+        "reads_left", "cached", "remaining", "first_chunk", "t_submit", "t_first", "t_join", "s_end", "t_assign",
+        "t_ready", "turn",
     )
 
     def __init__(self, rid: int, agent: int, context: int, append: int, hit: int, gen: int, t: float) -> None:
@@ -77,6 +95,9 @@ class Req:
         self.t_first = -1.0
         self.t_join = -1.0
         self.s_end = 0.0
+        self.t_assign = t
+        self.t_ready = t
+        self.turn = 0
 
 
 class Node:
@@ -98,7 +119,8 @@ class Node:
 
 
 class PE:
-    __slots__ = ("idx", "node", "seq", "tok", "pending", "busy", "cnic_r", "cnic_w", "compute_s", "batches")
+    __slots__ = ("idx", "node", "seq", "tok", "pending", "busy", "cnic_r", "cnic_w", "compute_s", "batches",
+                 "comp_start", "comp_end", "small_s", "new_tok")
 
     def __init__(self, idx: int, node: Node, cnic_r: Link, cnic_w: Link) -> None:
         self.idx = idx
@@ -111,6 +133,10 @@ class PE:
         self.cnic_w = cnic_w
         self.compute_s = 0.0
         self.batches = 0
+        self.comp_start = 0.0  # the running batch's compute interval (breakdown)
+        self.comp_end = 0.0
+        self.small_s = 0.0  # compute seconds lost to batches below the saturating size
+        self.new_tok = 0
 
 
 class DE:
@@ -174,6 +200,14 @@ class Simulation:
         # alpha: tokens one node's SNIC reads in alpha_s; beta: prompt tokens one GPU prefills in beta_s.
         trajs = [as_turns(t) for t in sc.trajectories]
         self.turns = trajs
+        # trace turns: content keys of a global prefix cache (Mooncake hash ids) and request times (online)
+        self.turn_keys, self.turn_at = _trace_meta(sc.trajectories)
+        self.stored_keys: set[int] = set()
+        self.curve = getattr(comp, "batch_curve", None)
+        # per-engine time breakdown (Simulation.breakdown); sampled every breakdown_dt sim-seconds when > 0
+        self.breakdown_dt = 0.0
+        self.bd_pe = [0.0] * 5  # compute, transfer wait, read wait, scheduler wait, no work (PE-seconds)
+        self.bd_req = [0.0] * 3  # global queue, reads, PE queue + prefill (request-seconds)
         n_turns = sum(len(t) for t in trajs)
         mean_ctx, mean_app = self._mean_request(trajs)
         k = max(1, math.ceil(6000 / max(1, mean_app)))
@@ -184,6 +218,8 @@ class Simulation:
         self.layerwise = policy.layerwise
         self.oracle = policy.oracle
         self.quota = sc.quota_s if policy.smart_assign else float("inf")
+        # never lose (docs/simulator.md): the quota does not cut a batch below the size where prefill saturates
+        self.min_batch = efficient_batch_tokens(comp, sc.max_batch_tokens) if sc.quota_floor else 0
         self.hbm_tok = None if (policy.layerwise or sc.pe_hbm_kv_tokens is None) else sc.pe_hbm_kv_tokens
         self.attn_time: Callable[[int, int], float] = comp.attention_time
         # recording
@@ -193,6 +229,8 @@ class Simulation:
         self.rec_ttst = array("d")
         self.rec_tpot = array("d")
         self.rec_done = array("d")
+        traffic.setup(self)  # inference (HIGH) traffic on the compute NICs, isolation on/off (sim/traffic.py)
+        self.meter = Meter(self)  # paper metrics (sim/measures.py): TTFT composition, attention balance, agents
         self.agent_turn = [0] * len(trajs)
         self.agent_done = array("d", [-1.0]) * len(trajs)
         self.agent_ctx = [0] * len(trajs)
@@ -238,11 +276,20 @@ class Simulation:
             self.agent_done[agent] = self.loop.now
             return
         append, gen = turns[i]
+        tat = self.turn_at[agent]
+        if tat is not None and self.sc.mode == "online" and tat[i] > self.loop.now:
+            self.loop.at(tat[i], self._next_turn, agent)  # a trace's request is not sent before its time
+            return
         ctx = self.agent_ctx[agent]
         prompt = ctx + append
         bt = self.bt
-        hit = min((ctx // bt) * bt, ((prompt - 1) // bt) * bt) if prompt > 0 else 0
+        tk = self.turn_keys[agent]
+        if tk is not None and tk[i] is not None:  # content-keyed: the longest stored prefix, any session
+            hit = min(content_hit(tk[i][0], prompt, tk[i][1], self.stored_keys), ((prompt - 1) // bt) * bt)
+        else:
+            hit = min((ctx // bt) * bt, ((prompt - 1) // bt) * bt) if prompt > 0 else 0
         req = Req(self._rid, agent, ctx, append, max(0, hit), max(1, gen), self.loop.now)
+        req.turn = i
         self._rid += 1
         self.reqs[req.rid] = req
         self.sched.submit(RequestInfo(req.rid, ctx, append, req.hit, req.gen))
@@ -264,6 +311,7 @@ class Simulation:
         if not any(e.tok <= beta for e in pes):
             return  # the core gives nothing to overloaded PEs; a PE that frees asks for a fetch again
         self.fetches += 1
+        self.meter.sample_attention(self.loop.now)
         # PEs over beta are left out of the snapshots: the core never gives them work (Algorithm 1's class C1, and
         # the least-loaded rule's cap), every engine of a node reports the node's read queue, and the window/headroom
         # counts only PEs under beta, so the decisions are identical and a fetch costs O(free PEs), not O(all PEs).
@@ -283,6 +331,7 @@ class Simulation:
             req = self.reqs[a.rid]
             pe, de = pes[a.pe], des[a.de]
             req.pe, req.de, req.path = a.pe, a.de, a.path
+            req.t_assign = self.loop.now
             pe.seq += 1
             pe.tok += req.prompt
             de.seq += 1
@@ -342,6 +391,7 @@ class Simulation:
     # prefill
     # ---------------------------------------------------------------------------------------------------------
     def _ready(self, req: Req) -> None:
+        req.t_ready = self.loop.now
         pe = self.pes[req.pe]
         pe.pending.append(req)
         if not pe.busy:
@@ -360,7 +410,10 @@ class Simulation:
                 used += r.prompt
             pending = take
         pp = [PendingPrefill(r.rid, r.cached, r.remaining) for r in pending[:64]]
-        fb = pack_forward_batch(pp, self.quota, self.attn_time, self.sc.max_batch_tokens)
+        # adaptive never-lose floor: only while the node's storage reads keep up (read queue <= alpha); when storage is
+        # the bottleneck the paper's quota applies unchanged
+        floor = self.min_batch if pe.node.read_q <= self.params.alpha_tokens else 0
+        fb = pack_forward_batch(pp, self.quota, self.attn_time, self.sc.max_batch_tokens, floor)
         by_rid = {r.rid: r for r in pending}
         return [(by_rid[c.rid], c.new) for c in fb.chunks]
 
@@ -373,9 +426,15 @@ class Simulation:
         b.compute_s = self.sc.compute.prefill_time([(r.cached, n) for r, n in chunks])
         pe.compute_s += b.compute_s
         pe.batches += 1
+        self.meter.batch_started(pe.idx, chunks)
+        new = sum(n for _, n in chunks)
+        pe.new_tok += new
+        if self.curve is not None:
+            pe.small_s += b.compute_s * (1.0 - curve_efficiency(new, self.curve) / self.curve[-1][1])
+        pe.comp_start, pe.comp_end = self.loop.now, self.loop.now + b.compute_s
         if self.oracle:
             b.left = 1
-            self.loop.after(b.compute_s, self._batch_part, b)
+            traffic.prefill_start(self, b, self._batch_part)  # compute + its all-to-all (HIGH) traffic
             return
         kvb = self.kvb
         inflows: dict[Link, float] = {}
@@ -409,7 +468,7 @@ class Simulation:
             b.left = len(flows) + 1
             for lk, nb in flows:
                 lk.start(nb, KV, self._batch_part, b)
-            self.loop.after(b.compute_s, self._batch_part, b)
+            traffic.prefill_start(self, b, self._batch_part)  # compute + its all-to-all (HIGH) traffic
         else:
             b.out = [(lk, nb) for lk, nb in out.items() if nb > 0]
             flows = [(lk, nb) for lk, nb in inflows.items() if nb > 0]
@@ -428,8 +487,9 @@ class Simulation:
     def _phase_done(self, b: Batch) -> None:
         b.phase += 1
         if b.phase == 1:  # H2D done: compute
+            b.pe.comp_start, b.pe.comp_end = self.loop.now, self.loop.now + b.compute_s
             b.left = 1
-            self.loop.after(b.compute_s, self._phase_part, b)
+            traffic.prefill_start(self, b, self._phase_part)
         elif b.phase == 2:  # compute done: ship KV out
             b.left = len(b.out)
             if not b.out:
@@ -521,6 +581,7 @@ class Simulation:
     def _retime(self, de: DE) -> None:
         n = len(de.heap)
         de.tau = self.sc.compute.decode_step_time(n, de.bytes, de.flops) if n else 0.0
+        de.tau = traffic.decode_step(self, de, n, de.tau)  # the step's all-to-all on the DE's CNIC
         de.ver += 1
         if n:
             dt = max(0.0, (de.heap[0][0] - de.S) * de.tau)
@@ -557,6 +618,7 @@ class Simulation:
         self.rec_ttst.append(t_second - r.t_submit)
         self.rec_tpot.append((now - r.t_join) / steps if steps > 0 else 0.0)
         self.rec_done.append(now)
+        self.meter.request_done(r, now)
         self.gen_tokens += r.gen
         self.completed += 1
         bt = self.bt
@@ -566,6 +628,14 @@ class Simulation:
             de.node.dram_bytes += 2 * persist
         del self.reqs[r.rid]
         agent = r.agent
+        tk = self.turn_keys[agent]
+        if tk is not None and tk[r.turn] is not None:  # the request's full input blocks are now stored
+            keys, blk = tk[r.turn]
+            self.stored_keys.update(keys[: r.prompt // blk])
+        br = self.bd_req
+        br[0] += r.t_assign - r.t_submit
+        br[1] += r.t_ready - r.t_assign
+        br[2] += r.t_first - r.t_ready
         self.agent_ctx[agent] = r.prompt + r.gen
         self.agent_turn[agent] += 1
         self._want_fetch()
@@ -582,8 +652,45 @@ class Simulation:
         if progress is not None:
             self._progress = progress
             self.loop.at(every_s, self._tick, every_s)
+        if self.breakdown_dt > 0:
+            self.loop.at(self.breakdown_dt / 2, self._sample, self.breakdown_dt)
         self.loop.run(until=sc.horizon_s)
         return self
+
+    def _sample(self, dt: float) -> None:
+        """One breakdown sample: what every PE is doing now, counted for ``dt`` seconds."""
+        now = self.loop.now
+        waiting = self.sched.waiting() > 0
+        acc = self.bd_pe
+        for pe in self.pes:
+            if pe.busy:
+                acc[0 if pe.comp_start <= now < pe.comp_end else 1] += dt
+            elif pe.seq > 0:
+                acc[2] += dt
+            else:
+                acc[3 if waiting else 4] += dt
+        if len(self.loop) and self.completed < self.n_requests:
+            self.loop.after(dt, self._sample, dt)
+
+    def breakdown(self) -> dict[str, Any]:
+        """Per-PE time shares (sampled: ``breakdown_dt`` > 0 before :meth:`run`) and per-request waits.
+
+        ``compute``: a forward is computing (``small_batch`` of it: the time lost to batches below the saturating
+        size, exact); ``transfer``: a batch waits for its KV flows (non-layer-wise H2D / KV out, or layer-wise
+        flows outlasting compute); ``read_wait``: idle, its assigned requests are still being read from storage;
+        ``sched_wait``: idle with requests waiting in the global queue (fetch interval, DE memory, thresholds);
+        ``no_work``: idle, nothing waiting. Request means: global queue, storage read, PE queue + prefill.
+        """
+        tot = sum(self.bd_pe)
+        comp = sum(p.compute_s for p in self.pes)
+        n = max(1, self.completed)
+        names = ("compute", "transfer", "read_wait", "sched_wait", "no_work")
+        out: dict[str, Any] = {k: (v / tot if tot else float("nan")) for k, v in zip(names, self.bd_pe, strict=True)}
+        out["small_batch"] = (sum(p.small_s for p in self.pes) / comp * out["compute"]) if comp and tot else float("nan")
+        batches = sum(p.batches for p in self.pes)
+        out["mean_batch_tokens"] = sum(p.new_tok for p in self.pes) / batches if batches else 0.0
+        out["req_queue_s"], out["req_read_s"], out["req_prefill_s"] = (x / n for x in self.bd_req)
+        return out
 
     def _tick(self, every_s: float) -> None:
         self._progress(f"  t={self.loop.now:.0f}s: {self.completed}/{self.n_requests} requests done, "

@@ -6,8 +6,14 @@
   / (``mfu`` x dense peak of the model's dtype x ``batch_efficiency(new tokens)``), where the efficiency curve is the
   paper's Fig. 3 (relative prefill throughput vs batch size) normalised to its saturation;
 * the PE compute quota (paper 7.5) bounds the predicted *attention* time (attention + indexer FLOPs / rate);
-* a decode step of a DE holding ``n`` requests = max(HBM bytes / (hbm_bw x hbm_efficiency), FLOPs / rate), the bytes
-  being the GPU's weights plus each request's KV read (sparse attention reads top-k entries + all indexer keys).
+* a decode step of a DE holding ``n`` requests is a per-operator roofline, the operators running one after the
+  other: the weight GEMMs take max(weights / HBM rate, n x linear FLOPs / rate) and attention takes
+  max(KV bytes read / HBM rate, attention FLOPs / rate) (sparse attention reads top-k entries + all indexer keys).
+  One roofline over the whole step (the max of the sums) would let the attention's KV reads hide under the GEMMs'
+  compute, which no kernel does. Check against DAY6 (independent of DualPath): V3 at ~92 requests per GPU (1.85k
+  tok/s at 20 tok/s per user), 5K context, EP144 gives ~41 ms per step; DeepSeek reports 45-50 ms (20-22 tok/s);
+* inference traffic: the MoE all-to-all of a forward puts ``ep_bytes_per_token`` on each GPU's compute NIC (both
+  directions) per token (:meth:`ModelPreset.ep_bytes_per_token`; zero inside one node, where it runs on NVLink).
 
 Any object with the same four methods can replace it (e.g. a profile measured on a real run, for sim-to-real).
 """
@@ -52,6 +58,16 @@ def curve_efficiency(new_tokens: float, curve: Sequence[tuple[float, float]] = B
     return y0 + (y1 - y0) * (new_tokens - x0) / (x1 - x0)
 
 
+def efficient_batch_tokens(compute: object, cap: int) -> int:
+    """New tokens per forward at which ``compute``'s prefill throughput saturates (its batch-efficiency curve's
+    last point; ``compute.efficient_batch_tokens`` when it has one), at most ``cap``; 0 when unknown."""
+    v = getattr(compute, "efficient_batch_tokens", None)
+    if v is None:
+        curve = getattr(compute, "batch_curve", None)
+        v = curve[-1][0] if curve else 0
+    return int(min(cap, float(v)))
+
+
 @dataclass
 class RooflineCompute:
     """Compute from presets; ``n_pe_gpus`` / ``n_de_gpus`` set the expert-parallel sharding of the weights."""
@@ -61,11 +77,16 @@ class RooflineCompute:
     n_pe_gpus: int
     n_de_gpus: int
     batch_curve: Sequence[tuple[float, float]] = BATCH_CURVE
+    gpus_per_node: int = 8
 
     def __post_init__(self) -> None:
         self.rate = self.gpu.flops_per_s(self.model.compute_dtype)
         self.hbm_rate = self.gpu.hbm_bw * self.gpu.hbm_efficiency
         self.de_weight_bytes = self.model.weight_bytes_per_gpu(self.n_de_gpus)
+        g = max(1, self.gpus_per_node)
+        self.pe_ep_bytes = self.model.ep_bytes_per_token(max(1, self.n_pe_gpus // g))
+        self.de_ep_bytes = self.model.ep_bytes_per_token(max(1, self.n_de_gpus // g))
+        self.linear_flops = self.model.decode_linear_flops()
 
     def prefill_time(self, chunks: Sequence[tuple[int, int]]) -> float:
         flops = 0.0
@@ -82,12 +103,22 @@ class RooflineCompute:
         return self.model.attention_flops(cached, new) / self.rate
 
     def decode_request_cost(self, context: int) -> tuple[float, float]:
-        return self.model.decode_kv_bytes(context), self.model.decode_flops(context)
+        """(KV bytes read, attention FLOPs) of one request's decode step; the linear part depends on ``n`` only."""
+        return self.model.decode_kv_bytes(context), self.model.decode_attention_flops(context)
 
     def decode_step_time(self, n: int, kv_bytes: float, flops: float) -> float:
         if n <= 0:
             return 0.0
-        return max((self.de_weight_bytes + kv_bytes) / self.hbm_rate, flops / self.rate)
+        gemm = max(self.de_weight_bytes / self.hbm_rate, n * self.linear_flops / self.rate)
+        return gemm + max(kv_bytes / self.hbm_rate, flops / self.rate)
+
+    def prefill_comm_bytes(self, new_tokens: int) -> float:
+        """All-to-all bytes a PE's forward of ``new_tokens`` puts on its compute NIC, each direction."""
+        return new_tokens * self.pe_ep_bytes
+
+    def decode_comm_bytes(self, n: int) -> float:
+        """All-to-all bytes a DE's decode step over ``n`` requests puts on its compute NIC, each direction."""
+        return n * self.de_ep_bytes
 
     def pe_free_hbm(self) -> float:
         """HBM a PE has for the KV of a non-layer-wise batch."""

@@ -29,4 +29,6 @@ class SimConfig(Section):
     warmup_s: float | None = Field(default=None, ge=0, description="online: start of the measured window")
     policies: list[str] = Field(default_factory=lambda: ["basic", "dualpath"])
     include_indexer_kv: bool | None = None
+    append_scale: float = Field(default=1.0, gt=0, description="multiply every turn's append length (Fig. 9)")
+    gen_scale: float = Field(default=1.0, gt=0, description="multiply every turn's generation length (Fig. 9)")
     overrides: dict[str, Any] = Field(default_factory=dict)

@@ -9,6 +9,13 @@ Classes (paper section 5.3): model-execution traffic (``HIGH``) and KV traffic (
 link is split by weighted round robin, ``1 - kv_share`` to HIGH and ``kv_share`` to KV (~99% / ~1%); a class alone
 gets the whole link (KV uses idle bandwidth opportunistically).
 
+Inference traffic that runs at a demanded rate for an interval (the MoE all-to-all of a forward or a decode step)
+is a HIGH *reservation* (:meth:`Link.reserve` / :meth:`Link.release`) rather than a flow. With traffic isolation
+(the paper's traffic manager, default) it takes its demand, up to ``1 - kv_share`` of the link while KV flows are
+active, and KV shares what is left. Without isolation (``isolation=False``: one class, fair sharing) it is one
+flow among the KV flows: it gets at most ``bw / (n_kv + 1)``, and :meth:`Link.high_rate_for` tells the engine how
+much of its demand it gets (a forward whose all-to-all cannot keep up takes longer).
+
 A flow that crosses several links is modelled per hop (each hop runs its own flow; the transfer completes when
 every hop has), which is exact for one bottleneck hop and optimistic when two hops are equally loaded.
 """
@@ -29,7 +36,7 @@ class Link:
 
     __slots__ = (
         "loop", "name", "bw", "kv_share", "_v", "_heaps", "_t", "_ver", "_seq", "bytes", "busy_s",
-        "window_s", "windows", "_n",
+        "window_s", "windows", "_n", "high_rate", "isolation", "high_bytes",
     )
 
     def __init__(self, loop: EventLoop, name: str, bw: float, kv_share: float = 0.01, window_s: float = 0.0) -> None:
@@ -49,22 +56,39 @@ class Link:
         self.busy_s = 0.0  # time with at least one active flow
         self.window_s = window_s  # > 0: keep bytes per time window (for max/avg balance)
         self.windows: dict[int, float] = {}
+        self.high_rate = 0.0  # reserved HIGH demand, bytes/s
+        self.isolation = True
+        self.high_bytes = 0.0  # bytes carried by reservations
 
     # -- rates ----------------------------------------------------------------------------------------------
+    def _reserved(self, n1: int) -> float:
+        """Rate the HIGH reservations get now (``n1`` active KV flows)."""
+        d = self.high_rate
+        if d <= 0:
+            return 0.0
+        if not n1:
+            return min(d, self.bw)
+        if self.isolation:
+            return min(d, self.bw * (1.0 - self.kv_share))
+        return min(d, self.bw / (n1 + 1))
+
     def _rates(self) -> tuple[float, float]:
         n0, n1 = len(self._heaps[0]), len(self._heaps[1])
+        bw = self.bw - self._reserved(n1) if self.high_rate > 0 else self.bw
         if n0 and n1:
-            return self.bw * (1.0 - self.kv_share) / n0, self.bw * self.kv_share / n1
+            return bw * (1.0 - self.kv_share) / n0, bw * self.kv_share / n1
         if n0:
-            return self.bw / n0, 0.0
+            return bw / n0, 0.0
         if n1:
-            return 0.0, self.bw / n1
+            return 0.0, bw / n1
         return 0.0, 0.0
 
     def _advance(self, t: float) -> None:
         dt = t - self._t
         if dt <= 0:
             return
+        if self.high_rate > 0:
+            self.high_bytes += self._reserved(len(self._heaps[1])) * dt
         if self._n:
             r0, r1 = self._rates()
             self._v[0] += r0 * dt
@@ -86,6 +110,34 @@ class Link:
     @property
     def active(self) -> int:
         return self._n
+
+    # -- inference traffic (HIGH reservations) --------------------------------------------------------------
+    def reserve(self, rate: float) -> None:
+        """Add ``rate`` bytes/s of HIGH demand from now on (until :meth:`release`)."""
+        if rate <= 0:
+            return
+        self._advance(self.loop.now)
+        self._t = self.loop.now
+        self.high_rate += rate
+        self._reschedule()
+
+    def release(self, rate: float) -> None:
+        """Remove ``rate`` bytes/s of HIGH demand."""
+        if rate <= 0:
+            return
+        self._advance(self.loop.now)
+        self._t = self.loop.now
+        self.high_rate = max(0.0, self.high_rate - rate)
+        if self.high_rate < 1e-9 * self.bw:
+            self.high_rate = 0.0
+        self._reschedule()
+
+    def high_rate_for(self, demand: float) -> float:
+        """The rate a new HIGH demand of ``demand`` bytes/s would get now (isolation: all of it, up to the link)."""
+        n1 = len(self._heaps[1])
+        if self.isolation or not n1:
+            return min(demand, self.bw * (1.0 - self.kv_share) if n1 else self.bw)
+        return min(demand, self.bw / (n1 + 1 + (1 if self.high_rate > 0 else 0)))
 
     # -- flows ----------------------------------------------------------------------------------------------
     def start(self, size: float, cls: int, fn: Callable[..., Any], *args: Any) -> None:
@@ -135,4 +187,4 @@ class Link:
 
     def utilisation(self, horizon_s: float) -> float:
         """Mean carried rate over ``horizon_s`` as a fraction of the bandwidth."""
-        return (self.bytes[0] + self.bytes[1]) / (self.bw * horizon_s) if horizon_s > 0 else 0.0
+        return (self.bytes[0] + self.bytes[1] + self.high_bytes) / (self.bw * horizon_s) if horizon_s > 0 else 0.0

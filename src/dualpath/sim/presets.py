@@ -44,6 +44,14 @@ class ModelPreset:
     weight_bytes_per_param: float
     compute_dtype: str
     include_indexer_kv: bool = True
+    #: expert-parallel all-to-all (inference traffic on the compute NICs): hidden size, MoE layers, routed experts
+    #: per token, the most nodes one token may be routed to (node-limited routing; 0 = no limit)
+    hidden: int = 0
+    moe_layers: int = 0
+    experts_per_token: int = 0
+    node_limit: int = 0
+    dispatch_bytes_per_elem: float = 1.0
+    combine_bytes_per_elem: float = 2.0
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -76,6 +84,29 @@ class ModelPreset:
         """HBM bytes of KV one decode step of one request reads (sparse attention reads top-k entries only)."""
         kq = min(context, self.attn_topk) if self.attn_topk else context
         return self.n_layers * (self.kv_bytes_per_token_layer * kq + self.indexer_kv_bytes_per_token_layer * context)
+
+    def decode_linear_flops(self) -> float:
+        """FLOPs of one decode token's linear layers (weights GEMMs), without attention."""
+        return self.linear_flops_per_token
+
+    def decode_attention_flops(self, context: int) -> float:
+        """Attention + indexer FLOPs of one decode token on ``context`` keys."""
+        return self.attention_flops(context, 1)
+
+    def ep_bytes_per_token(self, n_nodes: int) -> float:
+        """Bytes one token sends over its GPU's compute NIC per forward for the MoE all-to-all (dispatch + combine,
+        every MoE layer) in an EP group spanning ``n_nodes`` nodes; it receives as many. DeepEP sends a token once
+        per remote node it is routed to and fans out over NVLink inside the node (DEEPEP), so the remote part is the
+        expected number of distinct remote nodes among ``experts_per_token`` uniformly routed experts, at most
+        ``node_limit`` nodes in all (node-limited routing, V3-TR). Dispatch FP8, combine BF16 (DAY6)."""
+        if n_nodes <= 1 or self.moe_layers <= 0 or self.experts_per_token <= 0:
+            return 0.0
+        k, n = self.experts_per_token, n_nodes
+        touched = n * (1.0 - (1.0 - 1.0 / n) ** k)  # expected distinct nodes (own included)
+        if self.node_limit:
+            touched = min(touched, float(self.node_limit))
+        remote = touched * (n - 1) / n
+        return remote * self.hidden * (self.dispatch_bytes_per_elem + self.combine_bytes_per_elem) * self.moe_layers
 
     def weight_bytes_per_gpu(self, n_gpus: int) -> float:
         """Weights one GPU holds: attention/dense/shared parts replicated (attention DP), routed experts sharded
@@ -151,6 +182,12 @@ MODELS: dict[str, ModelPreset] = {
         expert_params=(653.9e9, "derived from V32-CFG: 58 MoE layers x 256 routed experts x 3*7168*2048"),
         weight_bytes_per_param=(1.0, "V32-CFG: FP8 e4m3 weights"),
         compute_dtype="fp8",
+        hidden=(7168, "V32-CFG hidden_size"),
+        moe_layers=(58, "V32-CFG: 61 layers - 3 dense (first_k_dense_replace)"),
+        experts_per_token=(8, "V32-CFG num_experts_per_tok"),
+        node_limit=(4, "V32-CFG topk_group 4 (node-limited routing, V3-TR 2.1.2: at most 4 nodes per token)"),
+        dispatch_bytes_per_elem=(1.0, "DAY6: dispatch in FP8"),
+        combine_bytes_per_elem=(2.0, "DAY6: combine in BF16"),
     ),
     "ds27b": _model(
         name="ds27b",
@@ -166,6 +203,12 @@ MODELS: dict[str, ModelPreset] = {
         expert_params=(24.64e9, "derived (presets.md 1.3): 29 MoE layers x 72 experts x 3*2560*1536"),
         weight_bytes_per_param=(1.0, "assumption: FP8 weights as V3.2"),
         compute_dtype="fp8",
+        hidden=(2560, "DP 9.1 (App. A.2)"),
+        moe_layers=(29, "DP 9.1 (App. A.2): 30 layers, 1 initial dense layer"),
+        experts_per_token=(6, "DP 9.1 (App. A.2): 6 active routed experts"),
+        node_limit=(0, "not published: no node limit assumed"),
+        dispatch_bytes_per_elem=(1.0, "assumption: as V3 (DAY6: dispatch FP8)"),
+        combine_bytes_per_elem=(2.0, "assumption: as V3 (DAY6: combine BF16)"),
     ),
     "qwen25_32b": _model(
         name="qwen25_32b",
@@ -181,6 +224,12 @@ MODELS: dict[str, ModelPreset] = {
         expert_params=(0.0, "dense model"),
         weight_bytes_per_param=(2.0, "BF16 weights (QWEN-CARD)"),
         compute_dtype="bf16",
+        hidden=(5120, "QWEN-CFG hidden_size"),
+        moe_layers=(0, "dense model: no MoE all-to-all (DP-only, DP 8)"),
+        experts_per_token=(0, "dense model"),
+        node_limit=(0, "dense model"),
+        dispatch_bytes_per_elem=(0.0, "dense model: no all-to-all"),
+        combine_bytes_per_elem=(0.0, "dense model: no all-to-all"),
     ),
 }
 

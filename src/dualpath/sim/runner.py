@@ -38,11 +38,13 @@ def _pct(a: np.ndarray, q: float) -> float:
     return float(np.percentile(a, q)) if a.size else float("nan")
 
 
-def load_trajectories(dataset: str, n: int, seed: int = 0) -> list[Any]:
-    """``n`` trajectories of a built-in dataset (the workload package's generator)."""
+def load_trajectories(dataset: str, n: int, seed: int = 0, append_scale: float = 1.0,
+                      gen_scale: float = 1.0) -> list[Any]:
+    """``n`` trajectories of a built-in dataset (the workload package's generator); the scales multiply every
+    turn's append / generation length before the trajectory is truncated at the dataset's MaxLen (paper Fig. 9)."""
     from dualpath.workload import generate_dataset  # type: ignore[attr-defined]
 
-    return list(generate_dataset(dataset, n, seed=seed))
+    return list(generate_dataset(dataset, n, seed=seed, append_scale=append_scale, gen_scale=gen_scale))
 
 
 def scenario_from_preset(
@@ -57,6 +59,8 @@ def scenario_from_preset(
     include_indexer_kv: bool | None = None,
     trajectories: Sequence[Any] | None = None,
     overrides: dict[str, Any] | None = None,
+    append_scale: float = 1.0,
+    gen_scale: float = 1.0,
 ) -> SimScenario:
     """A scenario from a named preset (``dualpath simulate --list-presets``); ``overrides`` sets SimScenario fields."""
     import dataclasses
@@ -68,11 +72,11 @@ def scenario_from_preset(
         model = dataclasses.replace(model, include_indexer_kv=include_indexer_kv)
     gpu, node = get_gpu(sp.gpu), get_node(sp.node)
     g = node.gpus
-    comp = RooflineCompute(model, gpu, n_pe_gpus=sp.P * g, n_de_gpus=sp.D * g)
+    comp = RooflineCompute(model, gpu, n_pe_gpus=sp.P * g, n_de_gpus=sp.D * g, gpus_per_node=g)
     kvb = model.kv_bytes_per_token
     n_agents = agents if agents is not None else sp.agents
     if trajectories is None:
-        trajectories = load_trajectories(dataset or sp.dataset, n_agents, seed)
+        trajectories = load_trajectories(dataset or sp.dataset, n_agents, seed, append_scale, gen_scale)
     if mode == "online":
         if rate_aps is None or rate_aps <= 0:
             raise ConfigError("online mode needs rate_aps > 0")
@@ -109,8 +113,11 @@ def scenario_from_preset(
     return sc
 
 
-def build_scenario(cfg: Any, rate_aps: float | None = None) -> SimScenario:
-    """A scenario from a :class:`~dualpath.sim.config.SimConfig` (online: ``rate_aps`` overrides the config's)."""
+def build_scenario(cfg: Any, rate_aps: float | None = None, trajectories: Sequence[Any] | None = None) -> SimScenario:
+    """A scenario from a :class:`~dualpath.sim.config.SimConfig` (online: ``rate_aps`` overrides the config's).
+
+    ``trajectories`` (a user trace): served as they are, every one to completion; online, at their own
+    ``arrival`` and turn times (no horizon, no warm-up window)."""
     if cfg.model is not None:
         if cfg.P is None or cfg.D is None:
             raise ConfigError("sim config: a model preset needs P and D (nodes)")
@@ -121,6 +128,11 @@ def build_scenario(cfg: Any, rate_aps: float | None = None) -> SimScenario:
         if cfg.P is not None or cfg.D is not None:
             sp = ScenarioPreset(sp.name, sp.model, sp.gpu, sp.node, cfg.P or sp.P, cfg.D or sp.D, sp.dataset,
                                 sp.agents, sp.note)
+    if trajectories is not None:
+        sc = scenario_from_preset(sp, trajectories=trajectories, seed=cfg.seed,
+                                  include_indexer_kv=cfg.include_indexer_kv, overrides=dict(cfg.overrides))
+        sc.mode = cfg.mode
+        return sc
     rate = rate_aps if rate_aps is not None else cfg.rate_aps
     agents = cfg.agents
     horizon = None
@@ -132,6 +144,7 @@ def build_scenario(cfg: Any, rate_aps: float | None = None) -> SimScenario:
         horizon = cfg.horizon_s
         warm = cfg.warmup_s if cfg.warmup_s is not None else cfg.horizon_s / 3
     sc = scenario_from_preset(sp, agents=agents, dataset=cfg.dataset, mode=cfg.mode, rate_aps=rate,
+                              append_scale=cfg.append_scale, gen_scale=cfg.gen_scale,
                               horizon_s=horizon, seed=cfg.seed, include_indexer_kv=cfg.include_indexer_kv,
                               overrides=dict(cfg.overrides))
     sc.warmup_s = warm
@@ -142,7 +155,8 @@ def summarize(sim: Simulation, wall_s: float) -> dict[str, Any]:
     """One run's figures (the JSON ``runs`` entry)."""
     sc = sim.sc
     # offline: rates over the run up to its last completion (a progress tick may leave the clock later)
-    end = sim.loop.now if sc.mode == "online" or not sim.rec_done else max(sim.rec_done)
+    # (a trace replayed online has no horizon: it runs to its last completion, like offline)
+    end = sim.loop.now if (sc.mode == "online" and sc.horizon_s is not None) or not sim.rec_done else max(sim.rec_done)
     submit = np.frombuffer(sim.rec_submit, dtype=np.float64)
     ttft = np.frombuffer(sim.rec_ttft, dtype=np.float64)
     ttst = np.frombuffer(sim.rec_ttst, dtype=np.float64)
@@ -189,6 +203,8 @@ def summarize(sim: Simulation, wall_s: float) -> dict[str, Any]:
         "jct_s": jct,
         "sim_time_s": end,
         "throughput_req_s": sim.completed / end if end > 0 else 0.0,
+        # when 95 % of the requests were done: the run without its drain (the last sessions, fewer than engines)
+        "done_p95_s": _pct(np.frombuffer(sim.rec_done, dtype=np.float64), 95),
         "prompt_tokens_per_s": sim.prompt_tokens / end if end > 0 else 0.0,
         "gen_tokens_per_s": sim.gen_tokens / end if end > 0 else 0.0,
         "ttft_mean_s": float(ttft_w.mean()) if ttft_w.size else float("nan"),
@@ -220,13 +236,20 @@ def summarize(sim: Simulation, wall_s: float) -> dict[str, Any]:
         "fetches": sim.fetches,
         "wall_s": wall_s,
     }
+    out.update(sim.meter.summary(end))  # TTFT composition, attention balance, online mean JCT, working set
+    if sim.breakdown_dt > 0:
+        out["breakdown"] = sim.breakdown()
     return out
 
 
-def run_policy(sc: SimScenario, policy: str, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Simulate ``sc`` under ``policy`` and summarise (``wall_s`` and ``cpu_s`` of the run included)."""
+def run_policy(sc: SimScenario, policy: str, progress: Callable[[str], None] | None = None,
+               breakdown_dt: float = 0.0) -> dict[str, Any]:
+    """Simulate ``sc`` under ``policy`` and summarise (``wall_s`` and ``cpu_s`` of the run included);
+    ``breakdown_dt`` > 0 adds the per-engine time breakdown sampled that often (``Simulation.breakdown``)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    sim = Simulation(sc, get_policy(policy)).run(progress)
+    sim = Simulation(sc, get_policy(policy))
+    sim.breakdown_dt = breakdown_dt
+    sim.run(progress)
     out = summarize(sim, time.perf_counter() - t0)
     out["cpu_s"] = time.process_time() - c0
     return out
@@ -257,13 +280,14 @@ def speedups(runs: list[dict[str, Any]], base: str = "basic") -> dict[str, float
     return out
 
 
-def simulate(sc: SimScenario, policies: Sequence[str], progress: Callable[[str], None] | None = None) -> SimResult:
+def simulate(sc: SimScenario, policies: Sequence[str], progress: Callable[[str], None] | None = None,
+             breakdown_dt: float = 0.0) -> SimResult:
     """Run every policy on ``sc``; speed-ups are vs ``basic`` when it is among them."""
     runs = []
     for p in policies:
         if progress:
             progress(f"simulating {sc.name} policy={p} ...")
-        runs.append(run_policy(sc, p, progress))
+        runs.append(run_policy(sc, p, progress, breakdown_dt=breakdown_dt))
     return SimResult(runs, speedups(runs), (sc.P + sc.D) / sc.P, dict(sc.info))
 
 

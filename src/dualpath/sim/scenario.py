@@ -74,8 +74,14 @@ class SimScenario:
     alpha_s: float = 3.0
     beta_s: float = 5.0
     quota_s: float = 0.3
+    #: never lose: the quota does not cut a PE batch below the compute's saturating batch size (docs/simulator.md)
+    quota_floor: bool = True
     z_factor: float = 1.05
     fetch_interval_s: float = 0.1
+    #: the MoE all-to-all of each forward as HIGH traffic on the compute NICs (sim/traffic.py)
+    ep_traffic: bool = True
+    #: the traffic manager: HIGH before KV on the compute NICs (off: one class, fair sharing)
+    traffic_isolation: bool = True
     max_batch_tokens: int = 16384
     mode: str = "offline"
     horizon_s: float | None = None

@@ -32,16 +32,29 @@ Blocks
     ``OK``, with the exact bytes written, verified by a per-block checksum (xxh3-64) unless verification is
     switched off by config. A missing block is ``MISSING``; a block that fails verification (checksum,
     truncated, foreign namespace or key, bad header) is ``CORRUPT``, is counted, and is dropped from the
-    store so ``lookup`` stops claiming it; an I/O error is ``FAILED``. For any status other than ``OK`` the
-    content of ``into[i]`` is unspecified and must be treated as a miss. Per-block problems never raise; only
-    misuse raises (``ValueError`` for a buffer of the wrong shape, dtype, device or layout). A read of a hit
-    refreshes that block's LRU position. Blocking I/O never runs on the event loop.
+    store so ``lookup`` stops claiming it; an I/O error is ``FAILED``. A block that cannot be read at all
+    (something other than a regular file in its place: a directory, FIFO, device, symbolic link) is ``FAILED``
+    and leaves the index too: ``lookup`` never keeps claiming a block every read of which fails. File backends
+    open only regular files (``O_NONBLOCK | O_NOFOLLOW``, then ``fstat``), so no open can block. For any status
+    other than ``OK`` the content of ``into[i]`` is unspecified and must be treated as a miss. Per-block
+    problems never raise; only misuse raises (``ValueError`` for a buffer of the wrong shape, dtype, device or
+    layout). A read of a hit refreshes that block's LRU position. Blocking I/O never runs on the event loop.
+
+    Deadlines: cancelling ``read`` (the caller's ``move_on_after``/``fail_after``) ends it at once. The
+    backend abandons the blocks not yet done (no new I/O starts for them); a worker stuck in the kernel (a
+    hung network mount) is retired and replaced, so the next read is served; ``close()`` waits for stuck
+    workers only a bounded time. Every block of a cancelled read counts as ``FAILED`` (its content is
+    unspecified); a system call already in the kernel may still land in its slot of ``into`` later, which
+    user space cannot stop, so the caller must not rely on a cancelled read's slots.
 
 ``await write(keys, blocks) -> list[BlockStatus]``
     ``blocks`` is uint8 ``[len(keys), *layout.full_block_shape]``. Each block becomes visible (to
     ``contains``/``lookup``/``read``, in this and in a restarted instance) atomically and only once it is
     complete: a crash in the middle of a write leaves the old state or nothing, never a torn block. Returns
-    ``OK`` (stored, or already stored: writing an existing key is a no-op ``OK``) or ``FAILED`` per block. A
+    ``OK`` (stored, or already stored: writing an existing key is a no-op ``OK`` once the backend has seen the
+    complete block still there; one the index holds but that vanished or was replaced is written again, and
+    ``FAILED`` plus dropped from the index if that fails) or ``FAILED`` per block. ``OK`` always means the bytes
+    are written and visible. A
     block that cannot be stored (disk full, capacity reached with nothing evictable, I/O error) is ``FAILED``
     and counted, never reported ``OK``. To make room the backend evicts least-recently-used blocks (by last
     read or write); eviction is the only way a stored block disappears apart from ``delete`` and corruption.

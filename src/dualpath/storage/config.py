@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from dualpath._configbase import Section
 
@@ -17,11 +18,31 @@ class MemoryStorageConfig(Section):
     capacity_bytes: int | None = Field(default=None, gt=0, description="LRU eviction above this; None = unbounded")
 
 
+#: pseudo file systems that can never hold block files
+_PSEUDO_FS = ("/proc", "/sys", "/dev")
+
+
+def _check_root(root: Path) -> Path:
+    """A usable block root: not inside a pseudo file system, not an existing non-directory."""
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+    real = Path(os.path.realpath(path))
+    for p in (path, real):
+        if str(p) == "/dev/shm" or str(p).startswith("/dev/shm/"):  # tmpfs: a real (memory) file system
+            continue
+        for fs in _PSEUDO_FS:
+            if str(p) == fs or str(p).startswith(fs + "/"):
+                raise ValueError(f"{root} is inside {fs} (a pseudo file system); use a directory on a real disk "
+                                 "or a shared mount")
+    if real.exists() and not real.is_dir():
+        raise ValueError(f"{root} exists and is not a directory")
+    return root
+
+
 class PosixStorageConfig(Section):
     """One file per Full Block under ``root`` (sharded subdirectories), checksummed, atomic on write."""
 
     kind: Literal["posix"] = "posix"
-    root: Path = Path("/tmp/dualpath-kv")
+    root: Annotated[Path, AfterValidator(_check_root)] = Path("/tmp/dualpath-kv")
     capacity_bytes: int | None = Field(default=None, gt=0)
     durability: Literal["none", "fsync"] = "none"
     verify_checksum: bool = True
@@ -36,7 +57,7 @@ class KvikioStorageConfig(Section):
     """GDS through kvikio's CuFile: reads and writes straight into and out of GPU memory (GPU machines only)."""
 
     kind: Literal["kvikio"] = "kvikio"
-    root: Path = Path("/tmp/dualpath-kv")
+    root: Annotated[Path, AfterValidator(_check_root)] = Path("/tmp/dualpath-kv")
     capacity_bytes: int | None = Field(default=None, gt=0)
     durability: Literal["none", "fsync"] = "none"
     verify_checksum: bool = Field(

@@ -17,6 +17,7 @@ Without kvikio, KVIKIO_COMPAT_MODE makes kvikio fall back to POSIX I/O through b
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,16 @@ from dualpath.errors import StorageError
 from dualpath.kv.keys import KeyNamespace
 from dualpath.kv.layout import KVLayout
 from dualpath.storage import blockfile as bf
-from dualpath.storage.posix import _CORRUPT, _FAILED, _MISSING, _OK, PosixStorage
+from dualpath.storage.posix import (
+    _CORRUPT,
+    _EXISTS,
+    _FAILED,
+    _MISSING,
+    _OK,
+    _READ_FLAGS,
+    _UNREADABLE,
+    PosixStorage,
+)
 from dualpath.types import BlockKey
 
 
@@ -92,13 +102,16 @@ class KvikioStorage(PosixStorage):
             i, key = item
             path = bf.block_path(self.root, key.hex)
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, _READ_FLAGS)  # no blocking open, no link followed
             except FileNotFoundError:
                 return _MISSING
             except OSError:
-                return _FAILED
+                return _UNREADABLE
             try:
-                size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return _UNREADABLE
+                size = st.st_size
                 n = os.preadv(fd, [tls.header_mv], 0)
             except OSError:
                 return _FAILED
@@ -123,13 +136,15 @@ class KvikioStorage(PosixStorage):
 
         return read_one
 
-    def _block_writer(self, blocks: torch.Tensor) -> Callable[[tuple[int, BlockKey, str]], int]:
+    def _block_writer(self, blocks: torch.Tensor) -> Callable[[tuple[int, BlockKey, str, bool]], int]:
         source = blocks.view(blocks.shape[0], -1)
         tls = self._tls
         nbytes = self.full_block_bytes
 
-        def write_one(item: tuple[int, BlockKey, str]) -> int:
-            i, key, path = item
+        def write_one(item: tuple[int, BlockKey, str, bool]) -> int:
+            i, key, path, existing = item
+            if existing and self._complete_on_disk(path):
+                return _EXISTS
             slot = source[i]
             checksum = xxhash.xxh3_64_intdigest(self._host_copy(slot))
             bf.pack_header(tls.header, self._ns, key.digest, nbytes, checksum)

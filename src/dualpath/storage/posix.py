@@ -1,5 +1,8 @@
 """Full Blocks as files under a root directory (see :mod:`dualpath.storage.blockfile` for the format).
 
+* Opens: regular files only (``O_NONBLOCK | O_NOFOLLOW``, then ``fstat`` must say ``S_ISREG``); anything
+  else where a block should be is FAILED and leaves the index. A read cancelled by its caller's deadline is
+  abandoned (:class:`~dualpath.storage.iopool.IOPool` retires and replaces a worker stuck in the kernel).
 * Reads: ``os.preadv`` of [a per-thread 4 KiB header buffer, the caller's slot] in one system call, so the
   payload lands straight in the caller's preallocated tensor (no allocation per read); header and xxh3-64
   checksum verified; run in ``io_threads`` worker threads (:class:`~dualpath.storage.iopool.IOPool`) that claim blocks one by
@@ -20,6 +23,7 @@ import contextlib
 import errno
 import itertools
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -42,15 +46,20 @@ from dualpath.types import BlockKey
 _STALE_TMP_S = 600.0  # with shared_root, only temp files older than this are someone's crashed write
 _tmp_counter = itertools.count()
 
-# worker result codes
-_OK, _MISSING, _CORRUPT, _FAILED, _NOSPACE = range(5)
+# worker result codes (_UNREADABLE: not a regular file, or open() failed: FAILED, and the block leaves the index)
+_OK, _MISSING, _CORRUPT, _FAILED, _NOSPACE, _UNREADABLE, _EXISTS = range(7)
 _STATUS = {
     _OK: BlockStatus.OK,
     _MISSING: BlockStatus.MISSING,
     _CORRUPT: BlockStatus.CORRUPT,
     _FAILED: BlockStatus.FAILED,
     _NOSPACE: BlockStatus.FAILED,
+    _UNREADABLE: BlockStatus.FAILED,
+    _EXISTS: BlockStatus.OK,
 }
+#: a block file is opened without blocking (a FIFO or device in its place cannot hang open()) and without
+#: following a symbolic link; fstat then must say it is a regular file
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 class _RootIndex:
@@ -165,7 +174,7 @@ class PosixStorage(Storage):
         if self._started and not self._closed:
             self._release_index()
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(timeout=2.0)  # bounded: a worker stuck in the kernel is left behind (daemon)
             self._pool = None
         await super().close()
 
@@ -216,8 +225,10 @@ class PosixStorage(Storage):
                             continue
                         try:
                             key = BlockKey.from_hex(name[:64])
-                            st = entry.stat()
+                            st = entry.stat(follow_symlinks=False)
                         except (ValueError, OSError):
+                            continue
+                        if not stat.S_ISREG(st.st_mode):  # a link, directory, FIFO, device: never a block
                             continue
                         if key.hex[0:2] != top.name or key.hex[2:4] != sub.name:
                             continue
@@ -245,10 +256,10 @@ class PosixStorage(Storage):
             return True
         if self._shared:
             try:
-                st = os.stat(bf.block_path(self.root, key.hex))
+                st = os.lstat(bf.block_path(self.root, key.hex))
             except OSError:
                 return False
-            if st.st_size == self._file_size:
+            if st.st_size == self._file_size and stat.S_ISREG(st.st_mode):
                 index.add(key, st.st_size)
                 return True
         return False
@@ -313,6 +324,9 @@ class PosixStorage(Storage):
                 if index.remove(key):
                     corrupt.append(key)
                 stats.corrupt += 1
+            elif code == _UNREADABLE:  # lookup must stop claiming it; what is there is not ours to delete
+                index.remove(key)
+                stats.failed += 1
             elif code != _OK:
                 stats.failed += 1
         if corrupt:
@@ -338,20 +352,23 @@ class PosixStorage(Storage):
         want = hsize + nbytes
         check, verify, root = self._checker.check, self._verify, self.root
         xxh3 = xxhash.xxh3_64_intdigest
-        open_, preadv, close, rdonly = os.open, os.preadv, os.close, os.O_RDONLY
+        open_, preadv, close, fstat, isreg = os.open, os.preadv, os.close, os.fstat, stat.S_ISREG
+        flags = _READ_FLAGS
 
         def read_one(item: tuple[int, BlockKey]) -> int:
             i, key = item
             digest = key.digest
             h = digest.hex()
-            try:
-                fd = open_(f"{root}/{h[0:2]}/{h[2:4]}/{h}.kvb", rdonly)
+            try:  # never blocks in open (a FIFO, a device), never follows a link
+                fd = open_(f"{root}/{h[0:2]}/{h[2:4]}/{h}.kvb", flags)
             except FileNotFoundError:
                 return _MISSING
             except OSError:
-                return _FAILED
+                return _UNREADABLE
             base = i * nbytes
             try:
+                if not isreg(fstat(fd).st_mode):  # a directory, FIFO, socket or device where a block should be
+                    return _UNREADABLE
                 slot = flat[base : base + nbytes]
                 if preadv(fd, [tls.header_mv, slot], 0) != want:
                     return _CORRUPT
@@ -373,11 +390,13 @@ class PosixStorage(Storage):
         out = [BlockStatus.OK] * len(keys)
         size = self._file_size
         cap = self.config.capacity_bytes
-        todo: list[tuple[int, BlockKey, str]] = []
+        todo: list[tuple[int, BlockKey, str, bool]] = []
         victims: list[BlockKey] = []
         for i, key in enumerate(keys):
             if key in self._writing or self.contains(key):
-                index.touch(key)
+                # stored already (or being stored): OK only once the worker sees the complete file on disk;
+                # a file that vanished or was replaced by something else is written again (or FAILED)
+                todo.append((i, key, bf.block_path(self.root, key.hex), True))
                 continue
             victims += self._evict_for(size)
             if cap is not None and index.used + index.reserved + size > cap:
@@ -386,7 +405,7 @@ class PosixStorage(Storage):
                 continue
             index.reserved += size
             self._writing.add(key)
-            todo.append((i, key, bf.block_path(self.root, key.hex)))
+            todo.append((i, key, bf.block_path(self.root, key.hex), False))
         if victims:
             await anyio.to_thread.run_sync(self._unlink_keys, victims)
         if not todo:
@@ -408,32 +427,51 @@ class PosixStorage(Storage):
                 if more:
                     codes.update((item[0], c) for item, c in zip(retry, await pool.run(writer, retry), strict=True))
         finally:
-            for _i, key, _path in todo:
-                index.reserved -= size
-                self._writing.discard(key)
+            for _i, key, _path, existing in todo:
+                if not existing:
+                    index.reserved -= size
+                    self._writing.discard(key)
         nbytes = self.full_block_bytes
-        for i, key, _path in todo:
-            if codes.get(i) == _OK:
-                index.add(key, size)
-                self._stats.writes += 1
-                self._stats.bytes_written += nbytes
+        for i, key, _path, existing in todo:
+            code = codes.get(i)
+            if code == _OK:
+                index.add(key, size)  # a no-op for a key already indexed (but refreshes its LRU position)
+                if not existing:
+                    self._stats.writes += 1
+                    self._stats.bytes_written += nbytes
+            elif code == _EXISTS:
+                index.touch(key)
             else:
+                if existing and key not in self._writing:
+                    index.remove(key)  # what the index claimed is not on disk and could not be written
                 out[i] = BlockStatus.FAILED
                 self._stats.failed += 1
         return out
 
-    def _block_writer(self, blocks: torch.Tensor) -> Callable[[tuple[int, BlockKey, str]], int]:
-        """A function run in the workers: write block ``(i, key, path)`` from ``blocks[i]``; a result code."""
+    def _block_writer(self, blocks: torch.Tensor) -> Callable[[tuple[int, BlockKey, str, bool]], int]:
+        """A function run in the workers: write block ``(i, key, path, existing)`` from ``blocks[i]``; a result
+        code. ``existing``: the index says it is stored; ``_EXISTS`` if a complete regular file is there, else
+        it is written."""
         flat = blocks.numpy().data.cast("B")
         tls, ns, nbytes = self._tls, self._ns, self.full_block_bytes
 
-        def write_one(item: tuple[int, BlockKey, str]) -> int:
-            i, key, path = item
+        def write_one(item: tuple[int, BlockKey, str, bool]) -> int:
+            i, key, path, existing = item
+            if existing and self._complete_on_disk(path):
+                return _EXISTS
             payload = flat[i * nbytes : (i + 1) * nbytes]
             bf.pack_header(tls.header, ns, key.digest, nbytes, bf.payload_checksum(payload))
             return self._write_file(path, key, [tls.header_mv, payload])
 
         return write_one
+
+    def _complete_on_disk(self, path: str) -> bool:
+        """A regular file of the full block size is at ``path`` (run in a worker: one ``lstat``)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == self._file_size
 
     def _write_payload(self, fd: int, tmp: str, gpu_payload: Any) -> None:
         raise NotImplementedError  # the kvikio backend writes payloads from GPU memory

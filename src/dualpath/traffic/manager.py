@@ -77,6 +77,14 @@ class TrafficManager:
         """To another engine: this CNIC out and ``dst``'s CNIC in, concurrently (with the real transfer ``io``)."""
         return await _charged(io, [(self.cnic_out, nbytes, cls, 0, True), (dst.cnic_in, nbytes, cls, 0, True)])
 
+    async def collective(self, nbytes: int, io: Awaitable[T] | None = None, *, isolated: bool = True) -> T | None:
+        """Model-execution traffic of a forward (the MoE all-to-all: ``nbytes`` out of and into this engine's
+        device over its CNIC, concurrently with the forward ``io``): the HIGH class, ahead of KV (paper 5.1).
+        ``isolated=False`` (no traffic manager) sends it as ordinary traffic, sharing the links fairly with KV;
+        the forward then waits for its all-to-all as long as KV transfers slow it down."""
+        cls = TrafficClass.HIGH if isolated else TrafficClass.KV
+        return await _charged(io, [(self.cnic_out, nbytes, cls, 0, True), (self.cnic_in, nbytes, cls, 0, True)])
+
     def read_queue(self) -> tuple[int, int]:
         """(bytes, tokens) of storage reads in flight on this engine's node."""
         return self.snic.queued_bytes, self.snic.queued_tokens

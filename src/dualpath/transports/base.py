@@ -46,7 +46,7 @@ import anyio
 import torch
 
 from dualpath.errors import PeerTimeout, TransportClosed, TransportError
-from dualpath.transports.landing import LandingTable, check_tag
+from dualpath.transports.landing import LandingTable, validate_tag
 
 _region_ids = itertools.count(1)
 _VIEW_CACHE = 4096  # landing views kept per region
@@ -233,9 +233,10 @@ class Transport(abc.ABC):
         on); the faults wrapper passes the original's to prove corruption is caught."""
 
     # helpers for backends
-    def _prepare_write(self, tag: str, src: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    def _prepare_write(self, tag: str, src: torch.Tensor) -> tuple[None, torch.Tensor]:
         self._check_open()
-        return check_tag(tag), byte_view(src)
+        validate_tag(tag)
+        return None, byte_view(src)
 
     async def _guarded(self, what: str, timeout: float, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one write: :class:`PeerTimeout` after ``timeout``, :class:`TransportClosed` if we close."""

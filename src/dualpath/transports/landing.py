@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
 
 import anyio
 import torch
 
-from dualpath.errors import PeerTimeout, TransportClosed, TransportError
+from dualpath.errors import PeerTimeout, TransportClosed, TransportError, TransportRejected
 
 log = logging.getLogger("dualpath.transports")
 
 MAX_TAG_BYTES = 1024
 
 
-class Rejected(TransportError):
-    """An arrival was refused (size mismatch, duplicate, not exposed in time, bad header); nothing was written."""
+#: an arrival was refused; the public name is :class:`dualpath.errors.TransportRejected`
+Rejected = TransportRejected
 
 
 def check_tag(tag: str) -> bytes:
@@ -31,6 +32,13 @@ def check_tag(tag: str) -> bytes:
     if len(raw) > MAX_TAG_BYTES:
         raise TransportError(f"tag {tag[:40]!r}... is {len(raw)} bytes; at most {MAX_TAG_BYTES}")
     return raw
+
+
+def validate_tag(tag: str) -> None:
+    """:func:`check_tag` without building the bytes when they cannot be too long (the per-write fast path)."""
+    if type(tag) is str and 0 < len(tag) <= MAX_TAG_BYTES // 4:  # UTF-8: at most 4 bytes per character
+        return
+    check_tag(tag)
 
 
 class Done:
@@ -86,15 +94,19 @@ class LandingTable:
         self._exposed_events: dict[str, anyio.Event] = {}
         self._closed = False
         self.rejected = 0
+        # guards the slot table and slot states against a backend's receive thread (zmq claims arrivals from its
+        # I/O thread); everything else, and every wake-up of a waiter, stays on the event loop
+        self.lock = threading.Lock()
 
     # --- receiver side --------------------------------------------------------------------------------------
     def expose(self, tag: str, view: torch.Tensor) -> None:
         if tag in self._slots:
             raise TransportError(f"{self.owner}: tag {tag!r} is already exposed (wait or cancel it first)")
-        check_tag(tag)
+        validate_tag(tag)
         if self._closed:
             raise TransportClosed(f"{self.owner}: transport is closed")
-        self._slots[tag] = Slot(tag, view)
+        with self.lock:
+            self._slots[tag] = Slot(tag, view)
         if self._exposed_events:
             ev = self._exposed_events.pop(tag, None)
             if ev is not None:
@@ -103,7 +115,8 @@ class LandingTable:
     async def wait(self, tag: str, timeout: float) -> None:
         slot = self._slots.get(tag)
         if slot is not None and slot.done._set and timeout is not None and timeout >= 0:  # landed already
-            del self._slots[tag]
+            with self.lock:
+                del self._slots[tag]
             if slot.error is not None:
                 raise slot.error
             return
@@ -117,8 +130,9 @@ class LandingTable:
         if not slot.done.is_set():
             self._withdraw(slot)
             raise PeerTimeout(f"{self.owner}: tag {tag!r} did not arrive within {timeout:g} s")
-        if self._slots.get(tag) is slot:
-            del self._slots[tag]
+        with self.lock:
+            if self._slots.get(tag) is slot:
+                del self._slots[tag]
         if slot.error is not None:
             raise slot.error
 
@@ -128,51 +142,63 @@ class LandingTable:
             self._withdraw(slot, TransportError(f"{self.owner}: landing {tag!r} was cancelled"))
 
     def _withdraw(self, slot: Slot, error: BaseException | None = None) -> None:
-        slot.withdrawn = True
-        if self._slots.get(slot.tag) is slot:
-            del self._slots[slot.tag]
-        if not slot.done.is_set():
+        with self.lock:
+            slot.withdrawn = True
+            if self._slots.get(slot.tag) is slot:
+                del self._slots[slot.tag]
+            if slot.done.is_set():
+                return
             slot.state = "failed"
             slot.error = error
-            slot.done.set()
+        slot.done.set()
 
     def is_exposed(self, tag: str) -> bool:
         return tag in self._slots
 
     def close(self) -> None:
-        self._closed = True
         err = TransportClosed(f"{self.owner}: transport closed while waiting")
-        for slot in list(self._slots.values()):
+        with self.lock:
+            self._closed = True
+            slots = list(self._slots.values())
+            self._slots.clear()
+        for slot in slots:
             if not slot.done.is_set():
                 slot.state, slot.error = "failed", err
                 slot.done.set()
-        self._slots.clear()
         for ev in self._exposed_events.values():
             ev.set()
         self._exposed_events.clear()
 
     # --- arrival side (backends) ----------------------------------------------------------------------------
-    def claim(self, tag: str, nbytes: int) -> Slot | None:
+    def claim(self, tag: str, nbytes: int, *, on_loop: bool = True) -> Slot | None:
         """The slot an arrival of ``nbytes`` under ``tag`` may write into now (marked busy), or None when the
         tag is not exposed. Raises :class:`Rejected` (nothing to be written) on a size mismatch or a duplicate;
-        a size mismatch also fails the slot, so its waiter gets the error."""
-        if self._closed:
-            raise Rejected(f"{self.owner}: transport is closed")
-        slot = self._slots.get(tag)
-        if slot is None:
-            return None
-        if slot.state != "exposed":
-            raise Rejected(f"{self.owner}: duplicate arrival for tag {tag!r} (slot is {slot.state})")
-        if nbytes != slot.nbytes:
+        a size mismatch also fails the slot, so its waiter gets the error. From a thread other than the event
+        loop pass ``on_loop=False``: the failed slot is then left to the caller (``exc.failed_slot``) to wake
+        on the loop (:meth:`finish`)."""
+        failed: Slot | None = None
+        with self.lock:
+            if self._closed:
+                raise Rejected(f"{self.owner}: transport is closed")
+            slot = self._slots.get(tag)
+            if slot is None:
+                return None
+            if slot.state != "exposed":
+                raise Rejected(f"{self.owner}: duplicate arrival for tag {tag!r} (slot is {slot.state})")
+            if nbytes == slot.nbytes:
+                slot.state = "busy"
+                return slot
             err = Rejected(
                 f"{self.owner}: size mismatch for tag {tag!r}: arrival has {nbytes} bytes, "
                 f"the exposed region has {slot.nbytes}; nothing written"
             )
             slot.state, slot.error = "failed", err
-            slot.done.set()
-            raise err
-        slot.state = "busy"
-        return slot
+            failed = slot
+        if on_loop:
+            failed.done.set()
+        else:
+            err.failed_slot = failed  # type: ignore[attr-defined]
+        raise err
 
     async def claim_wait(self, tag: str, nbytes: int, timeout: float | None = None) -> Slot:
         """:meth:`claim`, holding the arrival until the tag is exposed (at most ``timeout``, default
@@ -197,25 +223,28 @@ class LandingTable:
 
     def reserve_pending(self, nbytes: int) -> bool:
         """Account ``nbytes`` of held early arrivals; False when the hold area is full."""
-        if self.pending_bytes + nbytes > self.max_pending_bytes:
-            return False
-        self.pending_bytes += nbytes
-        return True
+        with self.lock:
+            if self.pending_bytes + nbytes > self.max_pending_bytes:
+                return False
+            self.pending_bytes += nbytes
+            return True
 
     def release_pending(self, nbytes: int) -> None:
-        self.pending_bytes -= nbytes
+        with self.lock:
+            self.pending_bytes -= nbytes
 
-    @staticmethod
-    def finish(slot: Slot, error: BaseException | None = None) -> None:
-        if slot.done.is_set():  # withdrawn (cancel/timeout/close) meanwhile
-            return
-        slot.state = "failed" if error is not None else "landed"
-        slot.error = error
+    def finish(self, slot: Slot, error: BaseException | None = None) -> None:
+        with self.lock:
+            if slot.done.is_set():  # withdrawn (cancel/timeout/close) meanwhile
+                return
+            slot.state = "failed" if error is not None else "landed"
+            slot.error = error
         slot.done.set()
 
     def reject(self, peer: str, reason: str) -> None:
         """Count and log a rejected arrival."""
-        self.rejected += 1
+        with self.lock:
+            self.rejected += 1
         log.warning("%s: rejected arrival from %s: %s", self.owner, peer, reason)
 
 

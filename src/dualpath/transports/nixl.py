@@ -25,6 +25,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
@@ -32,7 +33,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from dualpath.errors import TransportError
+from dualpath.errors import PeerTimeout, TransportError
 from dualpath.transports.base import Region, Transport
 from dualpath.transports.config import NixlTransportConfig
 from dualpath.transports.landing import Rejected, Slot
@@ -58,8 +59,44 @@ def _mem(t: torch.Tensor) -> tuple[str, int]:
     return ("VRAM", t.get_device()) if t.device.type == "cuda" else ("DRAM", 0)
 
 
+_OFFERS = 4096  # request groups remembered as granted to a sender (LRU)
+_REVOKED_KEPT = 4096  # revoked (tag, epoch) pairs remembered, so their late notifications are dropped
+_FENCE_S = 2.0  # how long a revocation waits for the sender's acknowledgement before re-registering the region
 _DRAIN = 256  # side-channel messages handled per wake-up before yielding
 _DLIST_CACHE = 512  # prepared descriptor lists kept per side (LRU)
+
+
+def _group(tag: str) -> str:
+    """The request group of ``tag``: its first two ``/``-separated fields (the engines' ``r{rid}/{what}``), or,
+    without ``/``, the tag less its trailing decimal index. Grouping only decides which landings are granted
+    together; exactly-once and the revocation fence hold for any grouping."""
+    i = tag.find("/")
+    if i >= 0:
+        j = tag.find("/", i + 1)
+        return tag if j < 0 else tag[:j]
+    return tag.rstrip("0123456789") or tag
+
+
+@dataclass(eq=False, slots=True)
+class _Grant:
+    """A landing claimed for one sender's write under a request-level ``epoch``."""
+
+    slot: Slot
+    sender: str
+    ident: bytes
+    epoch: int
+
+
+@dataclass(slots=True)
+class _Remote:
+    """A grant as the sender holds it: where to write ``tag``'s bytes, under which epoch."""
+
+    addr: int
+    nbytes: int
+    mem: str
+    dev: int
+    md_epoch: int
+    epoch: int
 
 
 class _DlistCache:
@@ -113,13 +150,20 @@ class NixlTransport(Transport):
         self._peers: dict[str, _Peer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._seq = itertools.count(1)
-        self._granted: dict[tuple[str, int], tuple[Slot, bytes]] = {}
+        self._granted: dict[str, _Grant] = {}  # by tag: landings granted to a sender, not yet notified
+        self._offers: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # request group -> (sender, its ident)
+        self._epochs = itertools.count(1)
+        self._revoking: OrderedDict[tuple[str, int], tuple[asyncio.Event, bytes]] = OrderedDict()  # -> (acked, ident)
+        self._held: dict[str, int] = {}  # tags with requests held until exposed (how many)
+        self._push: dict[bytes, list[bytes]] = {}  # grants pushed on expose, flushed once per loop pass
+        self.handshakes = 0  # REQ round trips this endpoint made as a sender (one per request group)
         self._inflight: dict[int, tuple[Any, asyncio.Future[str]]] = {}
         self._xids = itertools.count(1)
         self._work: asyncio.Event | None = None
         self._local_dl: _DlistCache | None = None
         self._limiter = anyio.CapacityLimiter(2)
         self._md_epoch = 0
+        self._fences: set[asyncio.Future[None]] = set()
 
     @property
     def address(self) -> str:
@@ -160,7 +204,7 @@ class NixlTransport(Transport):
         if self._closed:
             return
         await super().close()
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._fences]:
             task.cancel()
         for peer in self._peers.values():
             peer.close(f"{self.name}: transport closed")
@@ -233,9 +277,9 @@ class NixlTransport(Transport):
                     for msg in msgs:
                         moved = True
                         self._on_notif(str(agent_name), bytes(msg))
-                if not moved:  # forget grants whose landing was withdrawn and that never completed
-                    for key in [k for k, v in self._granted.items() if v[0].done.is_set()]:
-                        del self._granted[key]
+                if not moved:  # grants whose landing was withdrawn some other way: fence them too
+                    for tag in [k for k, v in self._granted.items() if v.slot.withdrawn]:
+                        self._revoke(tag)
             await asyncio.sleep(0 if moved else interval)
 
     def _kick(self) -> None:
@@ -294,19 +338,11 @@ class NixlTransport(Transport):
 
     def _on_request(self, ident: bytes, hdr: Header, reply: Callable[[Header], None]) -> None:
         if hdr.kind is Kind.REQ:
-            sender = hdr.extra.decode("utf-8", "replace")
-            try:
-                if self.checksum and hdr.checksum is None:
-                    raise Rejected(f"{self.name}: tag {hdr.tag!r} without a checksum, and this endpoint requires one")
-                slot = self._landings.claim(hdr.tag, hdr.payload_len)
-            except Rejected as exc:
-                self._landings.reject(sender, str(exc))
-                reply(Header(Kind.GRANT, hdr.seq, hdr.tag, status=Status.REJECTED, extra=str(exc).encode()))
-                return
-            if slot is None:  # not exposed yet: hold the request (the bytes stay at the sender)
-                self._spawn(self._grant_later(ident, sender, hdr))
-            else:
-                reply(self._grant(ident, sender, hdr, slot))
+            self._on_req(ident, hdr.extra.decode("utf-8", "replace"), hdr, reply)
+        elif hdr.kind is Kind.DONE and hdr.extra[:1] == b"R":  # a sender's acknowledgement of a revocation
+            entry = self._revoking.get((hdr.tag, hdr.arg))
+            if entry is not None:
+                entry[0].set()
         elif hdr.kind is Kind.HELLO:
             try:
                 remote = self._agent.add_remote_agent(hdr.extra)
@@ -323,23 +359,200 @@ class NixlTransport(Transport):
             self._landings.reject("?", reason)
             reply(Header(Kind.ACK, hdr.seq, hdr.tag, status=Status.BAD, extra=reason.encode()))
 
-    def _grant(self, ident: bytes, sender: str, hdr: Header, slot: Slot) -> Header:
-        """Record the claimed ``slot`` as granted to ``sender``'s write ``hdr.seq``; the GRANT to send."""
-        self._granted[(sender, hdr.seq)] = (slot, ident)
+    def _on_req(self, ident: bytes, sender: str, hdr: Header, reply: Callable[[Header], None]) -> None:
+        try:
+            if self.checksum and hdr.checksum is None:
+                raise Rejected(f"{self.name}: tag {hdr.tag!r} without a checksum, and this endpoint requires one")
+            prior = self._granted.get(hdr.tag)
+            if prior is not None and prior.sender != sender:  # granted with its group to another sender
+                self._spawn(self._steal(ident, sender, hdr, prior))
+                return
+            if prior is not None:
+                if prior.slot.nbytes == hdr.payload_len:
+                    # already granted to this sender (pushed, crossing its request): the same grant again;
+                    # the sender refuses a second write under one (tag, epoch), so it cannot land twice
+                    reply(self._grant_header(hdr.seq, hdr.tag, prior))
+                    return
+                del self._granted[hdr.tag]  # pushed, but this write has another size: nothing was written
+                err = Rejected(f"{self.name}: size mismatch for tag {hdr.tag!r}: arrival has "
+                               f"{hdr.payload_len} bytes, the exposed region has {prior.slot.nbytes}; "
+                               "nothing written")
+                self._landings.finish(prior.slot, err)
+                raise err
+            slot = self._landings.claim(hdr.tag, hdr.payload_len)
+        except Rejected as exc:
+            self._landings.reject(sender, str(exc))
+            reply(Header(Kind.GRANT, hdr.seq, hdr.tag, status=Status.REJECTED, extra=str(exc).encode()))
+            return
+        if slot is None:  # not exposed yet: hold the request (the bytes stay at the sender)
+            self._spawn(self._grant_later(ident, sender, hdr))
+        else:
+            for h in self._grant(ident, sender, hdr, slot):
+                reply(h)
+
+    async def _steal(self, ident: bytes, sender: str, hdr: Header, prior: _Grant) -> None:
+        """A request for a landing granted (with its group) to another sender: revoke that grant (fenced), then
+        answer the request as if the landing had just been exposed."""
+        fence = self._revoke(hdr.tag, force=True)
+        if fence is not None:
+            with contextlib.suppress(Exception):
+                await fence
+        slot = prior.slot
+        if slot.state == "busy" and not slot.done.is_set() and not slot.withdrawn:
+            slot.state = "exposed"
+
+        def reply(h: Header) -> None:
+            self._spawn(self._reply(ident, h))
+
+        self._on_req(ident, sender, hdr, reply)
+
+    def _grant_header(self, seq: int, tag: str, g: _Grant) -> Header:
+        mem, dev = _mem(g.slot.view)
+        return Header(Kind.GRANT, seq, tag, g.slot.nbytes, arg=g.slot.view.data_ptr(),
+                      extra=f"{mem}:{dev}:{self._md_epoch}:{g.epoch}".encode())
+
+    def _grant(self, ident: bytes, sender: str, hdr: Header, slot: Slot) -> list[Header]:
+        """Grant the claimed ``slot`` to ``sender``, and with it every other landing of the tag's request group
+        exposed now (claimed for it under the group's epoch). Later exposes of the group are pushed to the
+        sender as they happen (:meth:`_on_expose`). Returns the GRANT messages, the requested one last."""
+        group = _group(hdr.tag)
+        offer = self._offers.get(group)
+        if offer is None:
+            self._offers[group] = (sender, ident)
+            if len(self._offers) > _OFFERS:
+                self._offers.popitem(last=False)
+        else:
+            self._offers.move_to_end(group)
+        out: list[Header] = []
+        if offer is None or offer[0] == sender:
+            for tag, other in list(self._landings._slots.items()):
+                if other.state == "exposed" and tag != hdr.tag and tag not in self._held and _group(tag) == group:
+                    g = self._claim_for(tag, other, sender, ident)
+                    if g is not None:
+                        out.append(self._grant_header(0, tag, g))
+        epoch = next(self._epochs)
+        g = _Grant(slot, sender, ident, epoch)
+        self._granted[hdr.tag] = g
+        out.append(self._grant_header(hdr.seq, hdr.tag, g))
         self._kick()
-        mem, dev = _mem(slot.view)
-        return Header(Kind.GRANT, hdr.seq, hdr.tag, hdr.payload_len, arg=slot.view.data_ptr(),
-                      extra=f"{mem}:{dev}:{self._md_epoch}".encode())
+        return out
+
+    def _claim_for(self, tag: str, slot: Slot, sender: str, ident: bytes) -> _Grant | None:
+        try:
+            claimed = self._landings.claim(tag, slot.nbytes)
+        except Rejected:
+            return None
+        if claimed is None:
+            return None
+        g = _Grant(claimed, sender, ident, next(self._epochs))
+        self._granted[tag] = g
+        return g
+
+    def _on_expose(self, tag: str) -> None:
+        """A landing of a group already granted to a sender: claim it for that sender and push its grant (all
+        the pushes of one event-loop pass leave as one message)."""
+        if not self._offers:
+            return
+        offer = self._offers.get(_group(tag))
+        if offer is None or tag in self._held:
+            return
+        slot = self._landings._slots.get(tag)
+        if slot is None or slot.state != "exposed":
+            return
+        sender, ident = offer
+        g = self._claim_for(tag, slot, sender, ident)
+        if g is None:
+            return
+        self._kick()
+        box = self._push.setdefault(ident, [])
+        box.append(encode(self._grant_header(0, tag, g)))
+        if len(box) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_push, ident)
+
+    def _flush_push(self, ident: bytes) -> None:
+        frames = self._push.pop(ident, [])
+        if frames and self._router is not None and not self._closed:
+            sent = cast("asyncio.Future[Any]", self._router.send_multipart([ident, *frames]))
+            sent.add_done_callback(_drop_result)
 
     async def _grant_later(self, ident: bytes, sender: str, hdr: Header) -> None:
+        self._held[hdr.tag] = self._held.get(hdr.tag, 0) + 1  # its expose grants it here, not by a push
         try:
             slot = await self._landings.claim_wait(hdr.tag, hdr.payload_len)
         except Rejected as exc:
+            prior = self._granted.get(hdr.tag)
+            if prior is not None and prior.sender == sender and prior.slot.nbytes == hdr.payload_len:
+                await self._reply(ident, self._grant_header(hdr.seq, hdr.tag, prior))
+                return
             self._landings.reject(sender, str(exc))
             await self._reply(ident, Header(Kind.GRANT, hdr.seq, hdr.tag, status=Status.REJECTED,
                                             extra=str(exc).encode()))
             return
-        await self._reply(ident, self._grant(ident, sender, hdr, slot))
+        finally:
+            n = self._held.pop(hdr.tag, 1) - 1
+            if n > 0:
+                self._held[hdr.tag] = n
+        if self._router is not None and not self._closed:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._router.send_multipart([ident, *map(encode, self._grant(ident, sender, hdr, slot))])
+
+    # --- revocation: the fence that keeps one-sided writes out of withdrawn landings -----------------------
+    def cancel(self, tag: str) -> None:
+        super().cancel(tag)
+        self._revoke(tag)
+
+    async def wait(self, tag: str, timeout: float) -> None:
+        try:
+            await super().wait(tag, timeout)
+        except PeerTimeout:
+            fence = self._revoke(tag)
+            if fence is not None:
+                with anyio.CancelScope(shield=True):
+                    await fence
+            raise
+
+    async def settle(self) -> None:
+        """Until every revocation started by :meth:`cancel` is fenced: acknowledged by its sender, or, past the
+        deadline, its region re-registered (call before reusing the memory of cancelled landings)."""
+        for ev in list(self._fences):
+            with anyio.CancelScope(shield=True):
+                await ev
+
+    def _revoke(self, tag: str, force: bool = False) -> asyncio.Future[None] | None:
+        """Revoke the grant of the withdrawn landing ``tag`` (if one is outstanding): the sender stops using it,
+        waits for its write of it already posted, and acknowledges; until then its notification is dropped.
+        Without an acknowledgement within ``_FENCE_S`` the region is re-registered (its old remote keys
+        invalid), so a silent sender can never write into memory the caller reuses."""
+        g = self._granted.get(tag)
+        if g is None or not (g.slot.withdrawn or force):
+            return None
+        del self._granted[tag]
+        ev = asyncio.Event()
+        self._revoking[(tag, g.epoch)] = (ev, g.ident)
+        while len(self._revoking) > _REVOKED_KEPT:
+            self._revoking.popitem(last=False)
+        if self._router is not None and not self._closed:
+            sent = cast("asyncio.Future[Any]", self._router.send_multipart(
+                [g.ident, encode(Header(Kind.GRANT, 0, tag, status=Status.CLOSED, arg=g.epoch))]))
+            sent.add_done_callback(_drop_result)
+        fut = asyncio.ensure_future(self._fence(tag, g, ev))
+        self._fences.add(fut)
+        fut.add_done_callback(self._fences.discard)
+        return fut
+
+    async def _fence(self, tag: str, g: _Grant, ev: asyncio.Event) -> None:
+        with anyio.move_on_after(_FENCE_S):
+            await ev.wait()
+        if ev.is_set() or self._closed:
+            return
+        for group in [k for k, v in self._offers.items() if v[0] == g.sender]:
+            del self._offers[group]  # push nothing more to a silent sender
+        region = self.find_region(g.slot.view)
+        log.warning("%s: %r did not acknowledge the revocation of %r within %g s; re-registering its region",
+                    self.name, g.sender, tag, _FENCE_S)
+        if region is not None:
+            self._deregister_memory(region)
+            self._register_memory(region)
 
     def _on_notif(self, agent_name: str, msg: bytes) -> None:
         try:
@@ -347,11 +560,20 @@ class NixlTransport(Transport):
         except WireError as exc:
             self._landings.reject(agent_name, f"bad notification: {exc}")
             return
-        entry = self._granted.pop((agent_name, hdr.seq), None)
-        if entry is None:
-            self._landings.reject(agent_name, f"notification for unknown transfer {hdr.seq} (tag {hdr.tag!r})")
+        g = self._granted.get(hdr.tag)
+        if g is None or g.sender != agent_name or g.epoch != hdr.arg:
+            revoked = self._revoking.get((hdr.tag, hdr.arg))
+            if revoked is not None:  # posted before the sender saw the revocation: dropped
+                log.debug("%s: dropped a write of %r under revoked epoch %d", self.name, hdr.tag, hdr.arg)
+                if hdr.checksum is not None:  # the sender awaits a verdict
+                    self._spawn(self._reply(revoked[1], Header(Kind.ACK, hdr.seq, hdr.tag, status=Status.REJECTED,
+                                                               extra=b"the landing was withdrawn")))
+                return
+            self._landings.reject(agent_name, f"notification for unknown transfer {hdr.seq} (tag {hdr.tag!r}, "
+                                  f"epoch {hdr.arg})")
             return
-        slot, ident = entry
+        del self._granted[hdr.tag]
+        slot, ident = g.slot, g.ident
         if hdr.checksum is not None:
             self._spawn(self._complete(agent_name, hdr, slot, ident))
             return
@@ -419,35 +641,52 @@ class NixlTransport(Transport):
             if csum is None and self.checksum:
                 csum = await anyio.to_thread.run_sync(checksum_of, data, limiter=self._limiter)
             seq = next(self._seq)
-            status, grant = await p.request(Header(Kind.REQ, seq, tag, nbytes, csum, extra=self.name.encode()))
-            if status is not Status.OK:
-                raise TransportError(f"{self.name}: {peer!r} refused tag {tag!r} ({status.name}): "
-                                     f"{grant.extra.decode('utf-8', 'replace')}")
-            rmem, rdev, epoch = grant.extra.decode().split(":")
-            if int(epoch) > p.epoch:
+            r = p.grants.pop(tag, None)
+            if r is None or r.nbytes != nbytes:
+                # no grant pushed for this tag: one round trip (which also grants the rest of its request group)
+                self.handshakes += 1
+                status, grant = await p.request(Header(Kind.REQ, seq, tag, nbytes, csum, extra=self.name.encode()))
+                if status is not Status.OK:
+                    raise Rejected(f"{self.name}: {peer!r} refused tag {tag!r} ({status.name}): "
+                                   f"{grant.extra.decode('utf-8', 'replace')}")
+                r = _parse_grant(grant)
+                if p.grants.get(tag) is not None and p.grants[tag].epoch == r.epoch:
+                    del p.grants[tag]  # the same grant, also pushed
+            if r.md_epoch > p.epoch:
                 await self._hello(p)
+            key = (tag, r.epoch)
+            if key in p.used:
+                raise Rejected(f"{self.name}: duplicate write of tag {tag!r} to {peer!r} (one arrival per landing)")
+            if key in p.revoked:
+                raise Rejected(f"{self.name}: {peer!r} withdrew the landing of tag {tag!r}; nothing written")
+            p.used[key] = None
+            if len(p.used) > _REVOKED_KEPT:
+                p.used.popitem(last=False)
             lmem, ldev = _mem(data)
             agent = self._agent
             assert self._local_dl is not None and p.remote_dl is not None
-            notif = encode(Header(Kind.DONE, seq, tag, nbytes, csum))
+            notif = encode(Header(Kind.DONE, seq, tag, nbytes, csum, arg=r.epoch))
             ack = p.expect(seq) if csum is not None else None
+            done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
             try:
                 local = self._local_dl.get(data.data_ptr(), nbytes, lmem, ldev)
-                remote = p.remote_dl.get(grant.arg, nbytes, rmem, int(rdev))
+                remote = p.remote_dl.get(r.addr, nbytes, r.mem, r.dev)
                 handle = agent.make_prepped_xfer("WRITE", local, [0], remote, [0], notif)
                 state = agent.transfer(handle)
             except Exception as exc:
                 p.pending.pop(seq, None)
                 raise TransportError(f"{self.name}: NIXL could not post the write of {tag!r} to {peer!r}: {exc}") from exc
+            p.active[key] = done  # a revocation of this grant waits for it
             xid = None
             try:
                 if state == "PROC":
-                    done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
                     xid = next(self._xids)
                     self._inflight[xid] = (handle, done)
                     self._kick()
                     state = await done
                     xid = None
+                elif not done.done():
+                    done.set_result(state)
                 if state != "DONE":
                     raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
                 if ack is not None:
@@ -457,13 +696,21 @@ class NixlTransport(Transport):
                                              f"{hdr.extra.decode('utf-8', 'replace')}")
             finally:
                 p.pending.pop(seq, None)
+                p.active.pop(key, None)
                 if xid is not None:  # abandoned (deadline, close): NIXL aborts it on release
                     self._inflight.pop(xid, None)
+                if not done.done():
+                    done.set_result("ABANDONED")
                 _release(handle)
 
         await self._guarded(f"write of {tag!r} to {peer!r}", timeout, send)
         self.stats.writes += 1
         self.stats.bytes_sent += nbytes
+
+
+def _parse_grant(hdr: Header) -> _Remote:
+    mem, dev, md_epoch, epoch = hdr.extra.decode().split(":")
+    return _Remote(hdr.arg, hdr.payload_len, mem, int(dev), int(md_epoch), int(epoch))
 
 
 class _Peer:
@@ -480,6 +727,10 @@ class _Peer:
         self.sock.connect(address)
         self.pending: dict[int, asyncio.Future[tuple[Status, Header]]] = {}
         self.outbox: list[bytes] = []
+        self.grants: dict[str, _Remote] = {}  # pushed grants not used yet, by tag
+        self.active: dict[tuple[str, int], asyncio.Future[str]] = {}  # posted writes by (tag, epoch)
+        self.used: OrderedDict[tuple[str, int], None] = OrderedDict()  # grants written under (one write each)
+        self.revoked: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.reader = owner._spawn(self._read())
 
     async def _read(self) -> None:
@@ -491,10 +742,41 @@ class _Peer:
                 except WireError as exc:
                     log.warning("%s: bad reply from %s: %s", self.owner.name, self.name, exc)
                     continue
+                if hdr.kind is Kind.GRANT and hdr.seq == 0:  # pushed: a grant, or the revocation of one
+                    self._on_push(hdr)
+                    continue
                 # GRANT and ACK share a seq: a GRANT answers the REQ future, the ACK the one registered after it
                 fut = self.pending.pop(hdr.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result((hdr.status, hdr))
+
+    def _on_push(self, hdr: Header) -> None:
+        if hdr.status is Status.OK:
+            try:
+                self.grants[hdr.tag] = _parse_grant(hdr)
+            except (ValueError, TransportError) as exc:
+                log.warning("%s: bad pushed grant from %s: %s", self.owner.name, self.name, exc)
+            return
+        # revoked: no write of (tag, epoch) starts from now on; acknowledge once the one posted (if any) is done
+        key = (hdr.tag, hdr.arg)
+        r = self.grants.get(hdr.tag)
+        if r is not None and r.epoch == hdr.arg:
+            del self.grants[hdr.tag]
+        self.revoked[key] = None
+        if len(self.revoked) > _REVOKED_KEPT:
+            self.revoked.popitem(last=False)
+        self.owner._spawn(self._ack_revoke(hdr.tag, hdr.arg, self.active.get(key)))
+
+    async def _ack_revoke(self, tag: str, epoch: int, write: asyncio.Future[str] | None) -> None:
+        if write is not None:
+            with anyio.move_on_after(_FENCE_S):
+                await asyncio.shield(write)
+            if not write.done():
+                return  # not known to be complete: no acknowledgement (the receiver re-registers its region)
+        ack = encode(Header(Kind.DONE, 0, tag, arg=epoch, extra=b"R" + self.owner.name.encode()))
+        self.outbox.append(ack)
+        if len(self.outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def expect(self, seq: int) -> asyncio.Future[tuple[Status, Header]]:
         fut: asyncio.Future[tuple[Status, Header]] = asyncio.get_running_loop().create_future()

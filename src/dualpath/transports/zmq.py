@@ -6,7 +6,16 @@ payload as a zero-copy frame straight from the source tensor's memory. The recei
 (holding early arrivals), the size and the optional xxh3 checksum, copies the frame into the exposed region
 (one memcpy, or one host-to-device copy) and acknowledges; ``write`` returns on the acknowledgement. A write
 that is not acknowledged within its timeout resets that peer's socket (dropping queued frames, so no source
-buffer stays referenced). With CURVE keys configured the ROUTER is a CURVE server and a ZAP authenticator
+buffer stays referenced).
+
+All sockets live in one **I/O thread** per endpoint, driven by plain (blocking, GIL-releasing) zmq calls: it
+receives, claims the landing slot (the landing table is locked against this thread), copies, acknowledges, and
+hands completions to the event loop in batches (one ``call_soon_threadsafe`` per poll round). The event loop
+hands writes (and connects, resets, late acks) to the thread in order through a deque, waking it with one byte
+on an ``inproc`` PAIR per wake-up; the payload is sent zero-copy from the source tensor. (The previous design
+drove the sockets from asyncio, ``zmq.asyncio``: its wake-ups cost more than the bytes.)
+
+With CURVE keys configured the ROUTER is a CURVE server and a ZAP authenticator
 admits only ``curve_allowed_clients``; the address then carries the server key (``tcp://h:p|curve=KEY``).
 """
 
@@ -17,15 +26,17 @@ import contextlib
 import itertools
 import logging
 import os
+import threading
 import uuid
 import warnings
-from typing import cast
+from collections import deque
+from collections.abc import Callable
+from typing import Any, cast
 
 import anyio
 import numpy as np
 import torch
 import zmq
-import zmq.asyncio
 
 from dualpath.errors import ConfigError, PeerTimeout, TransportClosed, TransportError
 from dualpath.transports.base import Transport
@@ -60,20 +71,14 @@ def _land(view: torch.Tensor, buf: memoryview, verify: int | None) -> None:
     device_copy(view, src)
 
 
-_DRAIN = 256  # messages handled per wake-up of the receive loop before yielding to the event loop
+_DRAIN = 256  # messages handled per poll round of the I/O thread before its completions go to the event loop
+_WRITE, _CONNECT, _RESET, _ACK, _EXIT = b"W", b"C", b"R", b"A", b"X"  # commands, event loop -> I/O thread
+
+AckResult = tuple[Status | None, str]
 
 
 def _ack_frame(seq: int, tag: str, status: Status, reason: str = "") -> bytes:
     return encode(Header(Kind.ACK, seq, tag, status=status, extra=reason.encode()[:4000]))
-
-
-class _Conn:
-    def __init__(self, peer: str, address: str) -> None:
-        self.peer = peer
-        self.address = address
-        self.sock: zmq.asyncio.Socket | None = None
-        self.reader: asyncio.Task[None] | None = None
-        self.pending: dict[int, asyncio.Future[tuple[Status | None, str]]] = {}
 
 
 class ZmqTransport(Transport):
@@ -87,15 +92,24 @@ class ZmqTransport(Transport):
         self._curve = cfg.curve_secret_key is not None or cfg.curve_public_key is not None
         if self._curve and not (cfg.curve_secret_key and cfg.curve_public_key):
             raise ConfigError("transport.curve_secret_key and transport.curve_public_key must be set together")
-        self._ctx: zmq.asyncio.Context | None = None
-        self._router: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.Context[Any] | None = None
         self._auth: object | None = None
         self._endpoint = ""
-        self._conns: dict[str, _Conn] = {}
+        self._peers: dict[str, str] = {}  # peer -> address (event loop's view)
+        self._pending: dict[int, asyncio.Future[AckResult]] = {}  # seq -> the write awaiting its ack
+        self._seq_peer: dict[int, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._seq = itertools.count(1)
         self._limiter = anyio.CapacityLimiter(2)
         self._ipc_path: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cmd: zmq.Socket[bytes] | None = None  # event loop's end of the inproc wake-up pipe
+        self._outbox: deque[tuple[bytes, str, object, object]] = deque()  # commands for the I/O thread, in order
+        self._armed = False  # a wake-up is on its way to the I/O thread
+        self._inbox: deque[Callable[[], None]] = deque()  # completions for the event loop, in order
+        self._loop_armed = False  # a drain of _inbox is scheduled on the event loop
+        self._thread: threading.Thread | None = None
+        self._router: zmq.Socket[bytes] | None = None  # owned by the I/O thread after start()
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     @property
@@ -111,7 +125,8 @@ class ZmqTransport(Transport):
         if self._started:
             return
         cfg = self.config
-        self._ctx = zmq.asyncio.Context()
+        self._loop = asyncio.get_running_loop()
+        self._ctx = zmq.Context()
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
@@ -127,7 +142,19 @@ class ZmqTransport(Transport):
             router.bind(f"ipc://{self._ipc_path}")
         self._endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()  # type: ignore[union-attr]
         self._router = router
-        self._spawn(self._recv_loop())
+        inproc = f"inproc://dualpath-cmd-{id(self)}"
+        cmd = self._ctx.socket(zmq.PAIR)
+        cmd.setsockopt(zmq.LINGER, 0)
+        cmd.setsockopt(zmq.SNDHWM, 0)  # wake-up bytes only (commands sit in the deque)
+        cmd.bind(inproc)
+        io_end = self._ctx.socket(zmq.PAIR)
+        io_end.setsockopt(zmq.LINGER, 0)
+        io_end.setsockopt(zmq.RCVHWM, 0)
+        io_end.connect(inproc)
+        self._cmd = cmd
+        self._thread = threading.Thread(target=self._io_main, args=(router, io_end), name=f"zmq-io-{self.name}",
+                                        daemon=True)
+        self._thread.start()
         await super().start()
 
     def _start_auth(self) -> None:
@@ -144,7 +171,7 @@ class ZmqTransport(Transport):
                 return ok
 
         assert self._ctx is not None
-        auth = ThreadAuthenticator(zmq.Context.shadow(self._ctx.underlying), log=logging.getLogger("dualpath.zap"))
+        auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("dualpath.zap"))
         auth.start()
         auth.configure_curve_callback(domain="*", credentials_provider=_Keys())
         self._auth = auth
@@ -155,15 +182,15 @@ class ZmqTransport(Transport):
         await super().close()
         for task in list(self._tasks):
             task.cancel()
-        for conn in self._conns.values():
-            self._fail_pending(conn, Status.CLOSED, f"{self.name}: transport closed")
-            if conn.reader is not None:
-                conn.reader.cancel()
-            if conn.sock is not None:
-                conn.sock.close(linger=0)
-        self._conns.clear()
-        if self._router is not None:
-            self._router.close(linger=0)
+        self._fail_pending(None, Status.CLOSED, f"{self.name}: transport closed")
+        if self._cmd is not None:
+            self._armed = False
+            self._command(_EXIT, "")
+        if self._thread is not None:
+            thread = self._thread
+            await anyio.to_thread.run_sync(thread.join, 10.0)
+        if self._cmd is not None:
+            self._cmd.close(linger=0)
         if self._auth is not None:
             self._auth.stop()  # type: ignore[attr-defined]
         if self._ctx is not None:
@@ -184,59 +211,216 @@ class ZmqTransport(Transport):
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: background task failed: %r", self.name, task.exception())
 
-    # --- receiving ------------------------------------------------------------------------------------------
-    async def _recv_loop(self) -> None:
-        """Await one message, then drain every message already queued without suspending (sync shadow socket,
-        one Python pass per frame) and send the acknowledgements of the batch as one message per sender."""
-        router = self._router
-        assert router is not None
-        sync: zmq.Socket[bytes] = zmq.Socket.shadow(router.underlying)
-        while True:
-            ident = await router.recv()
-            acks: dict[bytes, list[bytes]] = {}
-            for _ in range(_DRAIN):
-                try:
-                    self._on_message(sync, ident, acks)
-                except Exception as exc:  # never let one message kill the loop
-                    log.error("%s: error handling a message: %r", self.name, exc)
-                try:
-                    ident = sync.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-            # sent through the asyncio socket: it re-arms its edge-triggered wake-up (a sync send would not)
-            for dest, frames in acks.items():
-                with contextlib.suppress(zmq.ZMQError):
-                    await router.send_multipart([dest, *frames])
+    # --- the I/O thread -------------------------------------------------------------------------------------
+    def _io_main(self, router: zmq.Socket[bytes], cmd: zmq.Socket[bytes]) -> None:
+        """Own every socket: poll the ROUTER (arrivals), the command pipe (writes, connects, resets, acks from
+        the loop) and the DEALERs (acknowledgements); hand what the event loop must see over in batches."""
+        dealers: dict[str, zmq.Socket[bytes]] = {}
+        owners: dict[zmq.Socket[bytes], str] = {}
+        self._backlog: dict[zmq.Socket[bytes], deque[tuple[int, list[Any]]]] = {}
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(cmd, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                todo: list[Callable[[], None]] = []
+                if router in events:
+                    self._io_arrivals(router, todo)
+                for sock, ev in events.items():
+                    peer = owners.get(sock)  # type: ignore[call-overload]
+                    if peer is None:
+                        continue
+                    if ev & zmq.POLLIN:
+                        self._io_acks(sock, peer, todo)  # type: ignore[arg-type]
+                    if ev & zmq.POLLOUT:
+                        self._io_flush(sock, poller, todo)  # type: ignore[arg-type]
+                if cmd in events and not self._io_commands(cmd, router, dealers, owners, poller, todo):
+                    return
+                if todo:
+                    self._to_loop(todo)
+        except Exception as exc:  # a bug or a closed context: say so, and fail what waits
+            if not self._closed:
+                log.error("%s: zmq I/O thread failed: %r", self.name, exc)
+                why = f"{self.name}: zmq I/O thread failed: {exc!r}"
+                self._to_loop([lambda: self._fail_pending(None, Status.CLOSED, why)])
+        finally:
+            for sock in dealers.values():
+                sock.close(linger=0)
+            router.close(linger=0)
+            cmd.close(linger=0)
 
-    async def _ack(self, ident: bytes, seq: int, tag: str, status: Status, reason: str = "") -> None:
-        if self._router is None or self._closed:
+    def _to_loop(self, todo: list[Callable[[], None]]) -> None:
+        """Hand completions to the event loop: queued in order, one ``call_soon_threadsafe`` (a self-pipe write)
+        only when the loop is not already due to drain the queue."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
             return
-        with contextlib.suppress(zmq.ZMQError):
-            await self._router.send_multipart([ident, _ack_frame(seq, tag, status, reason)])
+        self._inbox.extend(todo)
+        if not self._loop_armed:
+            self._loop_armed = True
+            with contextlib.suppress(RuntimeError):  # loop closed meanwhile
+                loop.call_soon_threadsafe(self._drain_inbox)
 
-    def _on_message(self, sync: zmq.Socket, ident: bytes, acks: dict[bytes, list[bytes]]) -> None:
-        """Handle the rest of one message whose identity frame was read (all its frames are queued)."""
-        frames: list[zmq.Frame] = []
-        while sync.rcvmore:
-            frames.append(sync.recv(zmq.NOBLOCK, copy=False))
+    def _drain_inbox(self) -> None:
+        self._loop_armed = False  # before draining: completions queued after this schedule another drain
+        inbox = self._inbox
+        while inbox:
+            fn = inbox.popleft()
+            try:
+                fn()
+            except Exception as exc:
+                log.error("%s: completion failed: %r", self.name, exc)
+
+    def _io_commands(self, cmd: zmq.Socket[bytes], router: zmq.Socket[bytes], dealers: dict[str, zmq.Socket[bytes]],
+                     owners: dict[zmq.Socket[bytes], str], poller: zmq.Poller,
+                     todo: list[Callable[[], None]]) -> bool:
+        """Run the event loop's commands, in order: they sit in ``_outbox``; the pipe only wakes this thread."""
+        with contextlib.suppress(zmq.Again):
+            for _ in range(_DRAIN):
+                cmd.recv(zmq.NOBLOCK)
+        self._armed = False  # before draining: a command queued after this wakes us again
+        outbox = self._outbox
+        while outbox:
+            op, peer, a, b = outbox.popleft()
+            if op == _WRITE:
+                sock = dealers.get(peer)
+                seq = cast(int, a)
+                if sock is None:
+                    todo.append(self._completion(seq, Status.CLOSED, f"peer {peer!r} has no socket"))
+                    continue
+                backlog = self._backlog.get(sock)
+                if backlog:  # keep the order behind frames that could not be queued yet
+                    backlog.append((seq, cast(list[Any], b)))
+                    continue
+                self._io_send(sock, seq, cast(list[Any], b), poller, todo)
+            elif op == _ACK:
+                with contextlib.suppress(zmq.ZMQError):
+                    router.send_multipart([cast(bytes, a), cast(bytes, b)], zmq.NOBLOCK)
+            elif op in (_CONNECT, _RESET):
+                old = dealers.pop(peer, None)
+                if old is not None:
+                    poller.unregister(old)
+                    owners.pop(old, None)
+                    self._backlog.pop(old, None)
+                    old.close(linger=0)  # drops queued frames: no source buffer stays referenced
+                address = cast(str, a)
+                if address:
+                    try:
+                        sock = self._open(peer, address)
+                    except Exception as exc:
+                        log.error("%s: cannot connect to %r at %s: %r", self.name, peer, address, exc)
+                        continue
+                    dealers[peer] = sock
+                    owners[sock] = peer
+                    poller.register(sock, zmq.POLLIN)
+            elif op == _EXIT:
+                return False
+        return True
+
+    def _io_send(self, sock: zmq.Socket[bytes], seq: int, frames: list[Any], poller: zmq.Poller,
+                 todo: list[Callable[[], None]]) -> bool:
+        """Queue one write on a DEALER; when it would block (no connection yet, e.g. a CURVE handshake that
+        fails), keep it in the peer's backlog until the socket is writable (the write's deadline bounds it)."""
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            self._backlog.setdefault(sock, deque()).append((seq, frames))
+            poller.modify(sock, zmq.POLLIN | zmq.POLLOUT)
+        except zmq.ZMQError as exc:
+            todo.append(self._completion(seq, Status.BAD, f"send failed: {exc}"))
+        return False
+
+    def _io_flush(self, sock: zmq.Socket[bytes], poller: zmq.Poller, todo: list[Callable[[], None]]) -> None:
+        backlog = self._backlog.get(sock)
+        while backlog:
+            seq, frames = backlog.popleft()
+            if seq not in self._pending:  # timed out or cancelled meanwhile
+                continue
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                backlog.appendleft((seq, frames))
+                return
+            except zmq.ZMQError as exc:
+                todo.append(self._completion(seq, Status.BAD, f"send failed: {exc}"))
+        self._backlog.pop(sock, None)
+        poller.modify(sock, zmq.POLLIN)
+
+    def _open(self, peer: str, address: str) -> zmq.Socket[bytes]:
+        assert self._ctx is not None
+        endpoint, server_key = split_address(address)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)  # zero-copy frames: queued writes cost no memory; timeouts bound them
+        if server_key is not None:
+            sock.curve_serverkey = server_key.encode()
+            sock.curve_secretkey = self.config.curve_secret_key.encode()  # type: ignore[union-attr]
+            sock.curve_publickey = self.config.curve_public_key.encode()  # type: ignore[union-attr]
+        sock.connect(endpoint)
+        return sock
+
+    def _io_acks(self, sock: zmq.Socket[bytes], peer: str, todo: list[Callable[[], None]]) -> None:
+        for _ in range(_DRAIN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            for frame in frames:  # one or more acks (the receiver batches them)
+                try:
+                    hdr = decode(frame)
+                except WireError as exc:
+                    log.warning("%s: bad ack from %s: %s", self.name, peer, exc)
+                    continue
+                todo.append(self._completion(hdr.seq, hdr.status, hdr.extra.decode("utf-8", "replace")))
+
+    def _completion(self, seq: int, status: Status | None, reason: str) -> Callable[[], None]:
+        def done() -> None:
+            fut = self._pending.pop(seq, None)
+            self._seq_peer.pop(seq, None)
+            if fut is not None and not fut.done():
+                fut.set_result((status, reason))
+        return done
+
+    def _io_arrivals(self, router: zmq.Socket[bytes], todo: list[Callable[[], None]]) -> None:
+        acks: dict[bytes, list[bytes]] = {}
+        for _ in range(_DRAIN):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            ident = frames[0].bytes
+            try:
+                self._on_message(ident, frames[1:], acks, todo)
+            except Exception as exc:  # never let one message kill the thread
+                log.error("%s: error handling a message: %r", self.name, exc)
+        for dest, ack_frames in acks.items():
+            with contextlib.suppress(zmq.ZMQError):
+                router.send_multipart([dest, *ack_frames], zmq.NOBLOCK)
+
+    def _on_message(self, ident: bytes, frames: list[zmq.Frame], acks: dict[bytes, list[bytes]],
+                    todo: list[Callable[[], None]]) -> None:
+        """Handle one message (I/O thread): check it, claim its slot, land it, acknowledge."""
 
         def ack(seq: int, tag: str, status: Status, reason: str = "") -> None:
             if not self._closed:
                 acks.setdefault(ident, []).append(_ack_frame(seq, tag, status, reason))
 
+        landings = self._landings
         if not frames:
-            self._landings.reject("?", "message without a header frame")
+            landings.reject("?", "message without a header frame")
             return
         try:
             hdr = decode(frames[0].buffer)
         except WireError as exc:
-            self._landings.reject("?", f"bad header: {exc}; nothing written")
+            landings.reject("?", f"bad header: {exc}; nothing written")
             ack(0, "", Status.BAD, str(exc))
             return
         sender = hdr.extra.decode("utf-8", "replace") or "?"
         if hdr.kind is not Kind.DATA or len(frames) != 2:
             reason = f"unexpected {hdr.kind.name} message with {len(frames)} frames; nothing written"
-            self._landings.reject(sender, reason)
+            landings.reject(sender, reason)
             ack(hdr.seq, hdr.tag, Status.BAD, reason)
             return
         payload = frames[1]
@@ -244,58 +428,70 @@ class ZmqTransport(Transport):
         nbytes = len(buf)
         if nbytes != hdr.payload_len:
             reason = f"payload is {nbytes} bytes, header says {hdr.payload_len}; nothing written"
-            self._landings.reject(sender, reason)
+            landings.reject(sender, reason)
             ack(hdr.seq, hdr.tag, Status.BAD, reason)
             return
         if self.checksum and hdr.checksum is None:
             reason = f"tag {hdr.tag!r} arrived without a checksum and this endpoint requires one; nothing written"
-            self._landings.reject(sender, reason)
+            landings.reject(sender, reason)
             ack(hdr.seq, hdr.tag, Status.REJECTED, reason)
             return
         try:
-            slot = self._landings.claim(hdr.tag, nbytes)
+            slot = landings.claim(hdr.tag, nbytes, on_loop=False)
         except Rejected as exc:
-            self._landings.reject(sender, str(exc))
+            landings.reject(sender, str(exc))
+            failed: Slot | None = getattr(exc, "failed_slot", None)
+            if failed is not None:
+                todo.append(lambda failed=failed, exc=exc: landings.finish(failed, exc))  # type: ignore[misc]
             ack(hdr.seq, hdr.tag, Status.REJECTED, str(exc))
             return
-        if slot is None:
-            if not self._landings.reserve_pending(nbytes):
+        if slot is None:  # early: hold it on the event loop until the tag is exposed (or the hold deadline)
+            if not landings.reserve_pending(nbytes):
                 reason = (f"tag {hdr.tag!r} is not exposed and the hold area is full "
-                          f"({self._landings.pending_bytes}/{self._landings.max_pending_bytes} bytes); dropped")
-                self._landings.reject(sender, reason)
+                          f"({landings.pending_bytes}/{landings.max_pending_bytes} bytes); dropped")
+                landings.reject(sender, reason)
                 ack(hdr.seq, hdr.tag, Status.REJECTED, reason)
                 return
-            self._spawn(self._hold(ident, sender, hdr, payload))
+            todo.append(lambda: self._spawn_hold(ident, sender, hdr, payload))
             return
-        if nbytes > self.config.inline_copy_bytes or hdr.checksum is not None:
-            self._spawn(self._deliver(ident, sender, hdr, payload, slot))
-            return
-        # the common case, inline: one copy into the exposed region, the ack joins the batch
+        # the common case: verify (optional), one copy into the exposed region, the ack joins the batch
         try:
-            _land(slot.view, buf, None)
+            _land(slot.view, buf, hdr.checksum)
         except Exception as exc:
             reason = f"{self.name}: tag {hdr.tag!r}: {exc}"
-            self._landings.reject(sender, reason)
-            self._landings.finish(slot, TransportError(reason))
-            ack(hdr.seq, hdr.tag, Status.BAD, reason)
+            landings.reject(sender, reason)
+            err: TransportError = Rejected(reason) if isinstance(exc, Rejected) else TransportError(reason)
+            todo.append(lambda: landings.finish(slot, err))
+            ack(hdr.seq, hdr.tag, Status.CORRUPT if isinstance(exc, Rejected) else Status.BAD, reason)
             return
+        todo.append(lambda: self._landed(slot, nbytes))
+        ack(hdr.seq, hdr.tag, Status.OK)
+
+    def _landed(self, slot: Slot, nbytes: int) -> None:
         self._landings.finish(slot)
         self.stats.arrivals += 1
         self.stats.bytes_received += nbytes
-        ack(hdr.seq, hdr.tag, Status.OK)
+
+    def _spawn_hold(self, ident: bytes, sender: str, hdr: Header, payload: zmq.Frame) -> None:
+        if self._closed:
+            self._landings.release_pending(hdr.payload_len)
+            return
+        self._spawn(self._hold(ident, sender, hdr, payload))
+
+    def _send_ack(self, ident: bytes, seq: int, tag: str, status: Status, reason: str = "") -> None:
+        if self._cmd is None or self._closed:
+            return
+        self._command(_ACK, "", ident, _ack_frame(seq, tag, status, reason))
 
     async def _hold(self, ident: bytes, sender: str, hdr: Header, payload: zmq.Frame) -> None:
         try:
             slot = await self._landings.claim_wait(hdr.tag, hdr.payload_len)
         except Rejected as exc:
             self._landings.reject(sender, str(exc))
-            await self._ack(ident, hdr.seq, hdr.tag, Status.REJECTED, str(exc))
+            self._send_ack(ident, hdr.seq, hdr.tag, Status.REJECTED, str(exc))
             return
         finally:
             self._landings.release_pending(hdr.payload_len)
-        await self._deliver(ident, sender, hdr, payload, slot)
-
-    async def _deliver(self, ident: bytes, sender: str, hdr: Header, payload: zmq.Frame, slot: Slot) -> None:
         buf = payload.buffer
         try:
             if len(buf) <= self.config.inline_copy_bytes and hdr.checksum is None:
@@ -305,168 +501,109 @@ class ZmqTransport(Transport):
         except Exception as exc:
             reason = f"{self.name}: tag {hdr.tag!r}: {exc}"
             self._landings.reject(sender, reason)
-            err = exc if isinstance(exc, TransportError) else TransportError(reason)
-            if isinstance(exc, Rejected):
-                err = Rejected(reason)
+            err = Rejected(reason) if isinstance(exc, Rejected) else TransportError(reason)
             self._landings.finish(slot, err)
-            await self._ack(ident, hdr.seq, hdr.tag, Status.CORRUPT if isinstance(exc, Rejected) else Status.BAD, reason)
+            self._send_ack(ident, hdr.seq, hdr.tag, Status.CORRUPT if isinstance(exc, Rejected) else Status.BAD,
+                           reason)
             return
-        self._landings.finish(slot)
-        self.stats.arrivals += 1
-        self.stats.bytes_received += len(buf)
-        await self._ack(ident, hdr.seq, hdr.tag, Status.OK)
+        self._landed(slot, len(buf))
+        self._send_ack(ident, hdr.seq, hdr.tag, Status.OK)
 
     # --- sending --------------------------------------------------------------------------------------------
     async def connect(self, peer: str, address: str) -> None:
         self._check_open()
         if not self._started:
             raise TransportError(f"{self.name}: start() before connect()")
-        old = self._conns.get(peer)
-        if old is not None:
-            if old.address == address:
-                return
-            self._reset(old, f"{self.name}: peer {peer!r} reconnected to {address}")
-        conn = _Conn(peer, address)
-        self._open(conn)
-        self._conns[peer] = conn
-
-    def _open(self, conn: _Conn) -> None:
-        assert self._ctx is not None
-        endpoint, server_key = split_address(conn.address)
+        if self._peers.get(peer) == address:
+            return
+        endpoint, server_key = split_address(address)
         if not endpoint.startswith(("tcp://", "ipc://")):
-            raise TransportError(f"{self.name}: peer {conn.peer!r} address {conn.address!r} is not tcp:// or ipc://")
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if server_key is not None:
-            if not self._curve:
-                sock.close(linger=0)
-                raise ConfigError(
-                    f"transport: peer {conn.peer!r} requires CURVE; set curve_secret_key/curve_public_key"
-                )
-            sock.curve_serverkey = server_key.encode()
-            sock.curve_secretkey = self.config.curve_secret_key.encode()  # type: ignore[union-attr]
-            sock.curve_publickey = self.config.curve_public_key.encode()  # type: ignore[union-attr]
-        sock.connect(endpoint)
-        conn.sock = sock
-        conn.reader = self._spawn(self._read_acks(conn, sock))
+            raise TransportError(f"{self.name}: peer {peer!r} address {address!r} is not tcp:// or ipc://")
+        if server_key is not None and not self._curve:
+            raise ConfigError(f"transport: peer {peer!r} requires CURVE; set curve_secret_key/curve_public_key")
+        if peer in self._peers:
+            self._fail_pending(peer, Status.CLOSED, f"{self.name}: peer {peer!r} reconnected to {address}")
+        self._peers[peer] = address
+        self._command(_CONNECT, peer, address)
 
-    def _fail_pending(self, conn: _Conn, status: Status, reason: str) -> None:
-        for fut in conn.pending.values():
-            if not fut.done():
+    def _command(self, op: bytes, peer: str, a: object = None, b: object = None) -> None:
+        """Queue a command for the I/O thread (a Python deque: no frame per item) and wake it if it is not
+        already due to look (one byte on the inproc pipe per wake-up, not per command)."""
+        assert self._cmd is not None
+        self._outbox.append((op, peer, a, b))
+        if not self._armed:
+            self._armed = True
+            with contextlib.suppress(zmq.ZMQError):
+                self._cmd.send(b"", zmq.NOBLOCK)
+
+    def _fail_pending(self, peer: str | None, status: Status, reason: str) -> None:
+        """Fail the writes awaiting acks (to ``peer``, or all)."""
+        for seq in [s for s, p in self._seq_peer.items() if peer is None or p == peer]:
+            self._seq_peer.pop(seq, None)
+            fut = self._pending.pop(seq, None)
+            if fut is not None and not fut.done():
                 fut.set_result((status, reason))
-        conn.pending.clear()
 
-    def _reset(self, conn: _Conn, reason: str) -> None:
+    def _reset(self, peer: str, reason: str) -> None:
         """Drop the peer's socket and every frame queued on it (releases source buffers), then reopen."""
-        self._fail_pending(conn, Status.CLOSED, reason)
-        if conn.reader is not None:
-            conn.reader.cancel()
-        if conn.sock is not None:
-            conn.sock.close(linger=0)
-        conn.sock = conn.reader = None
-        if not self._closed:
-            self._open(conn)
-
-    async def _read_acks(self, conn: _Conn, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart()  # one or more acks (the receiver batches them)
-            for frame in frames:
-                try:
-                    hdr = decode(frame)
-                except WireError as exc:
-                    log.warning("%s: bad ack from %s: %s", self.name, conn.peer, exc)
-                    continue
-                fut = conn.pending.pop(hdr.seq, None)
-                if fut is not None and not fut.done():
-                    fut.set_result((hdr.status, hdr.extra.decode("utf-8", "replace")))
+        self._fail_pending(peer, Status.CLOSED, reason)
+        if not self._closed and peer in self._peers:
+            self._command(_RESET, peer, self._peers[peer])
 
     async def write(self, peer: str, tag: str, src: torch.Tensor, timeout: float, *,
                     checksum: int | None = None) -> None:
         _, data = self._prepare_write(tag, src)
-        conn = self._conns.get(peer)
-        if conn is None:
+        if timeout is None or not timeout >= 0:
+            raise TransportError(f"timeout must be a number >= 0, got {timeout!r}")
+        if peer not in self._peers:
             raise TransportError(f"{self.name}: peer {peer!r} is not connected (call connect first)")
         nbytes = int(data.numel())
         if nbytes > self.config.max_message_bytes:
             raise TransportError(f"{self.name}: {nbytes} bytes exceed max_message_bytes={self.config.max_message_bytes}")
         hint = " (CURVE on: is our public key allowed by the peer?)" if self._curve else ""
         what = f"write of {tag!r} to {peer!r}{hint}"
-        if data.is_cpu and (checksum is not None or not self.checksum) and await self._write_fast(
-                conn, tag, data, nbytes, checksum, timeout, what):
-            self.stats.writes += 1
-            self.stats.bytes_sent += nbytes
-            return
-
-        async def send() -> None:
-            host = data
-            if data.device.type != "cpu":
-                host = await anyio.to_thread.run_sync(data.cpu, limiter=self._limiter)
-            csum = checksum
-            if csum is None and self.checksum:
-                csum = await anyio.to_thread.run_sync(checksum_of, host, limiter=self._limiter)
-            seq = next(self._seq)
-            fut: asyncio.Future[tuple[Status | None, str]] = asyncio.get_running_loop().create_future()
-            conn.pending[seq] = fut
-            hdr = encode(Header(Kind.DATA, seq, tag, nbytes, csum, extra=self.name.encode()))
-            try:
-                assert conn.sock is not None
-                await conn.sock.send_multipart([hdr, host.numpy()], copy=False)
-                status, reason = await fut
-            except BaseException:
-                conn.pending.pop(seq, None)
-                if not self._closed and conn.sock is not None:
-                    self._reset(conn, f"{self.name}: write of {tag!r} to {peer!r} timed out or was cancelled")
-                raise
-            if status is not Status.OK:
-                raise TransportError(f"{self.name}: {peer!r} refused tag {tag!r} ({_name(status)}): {reason}")
-
-        await self._guarded(what, timeout, send)
-        self.stats.writes += 1
-        self.stats.bytes_sent += nbytes
-
-    async def _write_fast(self, conn: _Conn, tag: str, data: torch.Tensor, nbytes: int, csum: int | None,
-                          timeout: float, what: str) -> bool:
-        """The common write (host bytes, nothing to compute first) without a cancel scope: the frames are queued
-        without blocking and the acknowledgement is awaited with a timer. False when the socket would block
-        (high-water mark): the caller then takes the guarded path."""
-        if timeout is None or not timeout >= 0:
-            raise TransportError(f"timeout must be a number >= 0, got {timeout!r}")
-        self._check_open()
-        sock = conn.sock
-        assert sock is not None
-        seq = next(self._seq)
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[tuple[Status | None, str]] = loop.create_future()
+        deadline = loop.time() + timeout
+        host = data
+        csum = checksum
+        if data.device.type != "cpu" or (csum is None and self.checksum):
+            async def prepare() -> None:
+                nonlocal host, csum
+                if data.device.type != "cpu":
+                    host = await anyio.to_thread.run_sync(data.cpu, limiter=self._limiter)
+                if csum is None and self.checksum:
+                    csum = await anyio.to_thread.run_sync(checksum_of, host, limiter=self._limiter)
+            await self._guarded(what, timeout, prepare)
+        self._check_open()
+        seq = next(self._seq)
+        fut: asyncio.Future[AckResult] = loop.create_future()
         hdr = encode(Header(Kind.DATA, seq, tag, nbytes, csum, extra=self.name.encode()))
-        sent = cast("asyncio.Future[object]", sock.send_multipart([hdr, data.numpy()], copy=False, flags=zmq.NOBLOCK))
-        if not sent.done():  # queued behind a blocked send: let it go, take the guarded path
-            sent.cancel()
-            return False
-        if sent.exception() is not None:
-            if isinstance(sent.exception(), zmq.Again):
-                return False
-            raise TransportError(f"{self.name}: {what} failed: {sent.exception()!r}")
-        conn.pending[seq] = fut
-        timer = loop.call_later(timeout, _expire, fut)
+        self._pending[seq] = fut
+        self._seq_peer[seq] = peer
+        timer = loop.call_at(deadline, _expire, fut)
         try:
+            self._command(_WRITE, peer, seq, [hdr, host.numpy()])
             status, reason = await fut
         except BaseException:
-            conn.pending.pop(seq, None)
-            if not self._closed and conn.sock is not None:
-                self._reset(conn, f"{self.name}: {what} was cancelled")
+            self._pending.pop(seq, None)
+            self._seq_peer.pop(seq, None)
+            if not self._closed:
+                self._reset(peer, f"{self.name}: {what} was cancelled")
             raise
         finally:
             timer.cancel()
         if status is Status.OK:
-            return True
+            self.stats.writes += 1
+            self.stats.bytes_sent += nbytes
+            return
         if self._closed:
             raise TransportClosed(f"{self.name}: transport closed during {what}")
         if status is None:
-            conn.pending.pop(seq, None)
-            if conn.sock is not None:
-                self._reset(conn, f"{self.name}: {what} timed out")
+            self._pending.pop(seq, None)
+            self._seq_peer.pop(seq, None)
+            self._reset(peer, f"{self.name}: {what} timed out")
             raise PeerTimeout(f"{self.name}: {what} not delivered within {timeout:g} s")
-        raise TransportError(f"{self.name}: {conn.peer!r} refused tag {tag!r} ({status.name}): {reason}")
+        raise Rejected(f"{self.name}: {peer!r} refused tag {tag!r} ({_name(status)}): {reason}")
 
 
 def _expire(fut: asyncio.Future[tuple[Status | None, str]]) -> None:

@@ -10,7 +10,12 @@ from dualpath._configbase import Section
 
 
 class WorkloadConfig(Section):
-    """A built-in generator (``dataset``) or a trace file, replayed offline or online."""
+    """A built-in generator (``dataset``) or a trace file, replayed offline or online.
+
+    A trace is served as it is: every request once. ``n_agents`` applies to generators only; a trace takes a
+    prefix with ``max_requests`` / ``max_agents`` and copies only with ``repeat``. Online, a trace's requests
+    keep its timestamps (``rate_aps`` is for generators).
+    """
 
     dataset: str = Field(default="tiny", description="built-in generator: 32k, 48k, 64k, or a scaled one")
     trace: str | None = None
@@ -22,3 +27,6 @@ class WorkloadConfig(Section):
     tpot_slo_s: float = Field(default=0.05, gt=0)
     seed: int = 0
     max_turns: int | None = Field(default=None, ge=1)
+    max_requests: int | None = Field(default=None, ge=1, description="trace: serve only its first N requests")
+    max_agents: int | None = Field(default=None, ge=1, description="trace: serve only its first N sessions")
+    repeat: int = Field(default=1, ge=1, description="trace: serve K copies (no shared content between copies)")

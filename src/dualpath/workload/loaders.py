@@ -4,7 +4,8 @@ Our format, one trajectory per line::
 
     {"id": 3, "arrival": 0.5, "turns": [{"append": 812, "gen": 40, "ids": [1, 2, ...]}, ...]}
 
-``arrival`` (s, default 0) and ``ids`` (the appended token ids, exactly ``append`` of them) are optional.
+``arrival`` (s, default 0), ``ids`` (the appended token ids, exactly ``append`` of them) and ``at`` (the turn's
+time in the trace, seconds; online replay does not send the turn earlier) are optional.
 Blank lines are skipped. Any malformed line raises :class:`WorkloadError` naming the file and the line.
 """
 
@@ -15,8 +16,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from dualpath.errors import WorkloadError
 from dualpath.workload.trajectory import Trajectory, Turn
@@ -34,18 +33,28 @@ def _int_field(obj: dict[str, Any], key: str, where: str, path: str, line: int, 
 
 
 def _lines(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+    """``(line number, object)`` of every non-blank line. Bytes that are not UTF-8, JSON nested too deeply to
+    parse and a line that is not an object are errors naming the file and the line."""
     p = str(path)
     try:
-        f = open(p, encoding="utf-8")  # noqa: SIM115
+        f = open(p, "rb")  # noqa: SIM115
     except OSError as e:
         raise WorkloadError(f"cannot open trace: {e.strerror}", path=p) from e
     with f:
-        for no, text in enumerate(f, start=1):
+        for no, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise WorkloadError(f"not UTF-8 text (byte {e.start} of the line)", path=p, line=no) from None
+            if no == 1 and text.startswith("\ufeff"):  # a UTF-8 byte-order mark (editors on Windows write one)
+                text = text[1:]
             if text.strip():
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise WorkloadError(f"not valid JSON ({e.msg})", path=p, line=no) from None
+                except RecursionError:
+                    raise WorkloadError("JSON nested too deeply", path=p, line=no) from None
                 if not isinstance(obj, dict):
                     raise WorkloadError("expected a JSON object", path=p, line=no)
                 yield no, obj
@@ -81,8 +90,13 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Trajectory]:
                 if len(ids) != append:
                     raise WorkloadError(f"{where}'ids' has {len(ids)} tokens, 'append' says {append}", path=p,
                                         line=no)  # fmt: skip
-            turns.append(Turn(append, gen, ids))
+            at = t.get("at")
+            if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or not at >= 0):
+                raise WorkloadError(f"{where}field 'at' must be a number of seconds >= 0, got {at!r}", path=p,
+                                    line=no)  # fmt: skip
+            turns.append(Turn(append, gen, ids, None if at is None else float(at), line=no))
         out.append(Trajectory(tid, turns, float(arrival)))
+
     return out
 
 
@@ -97,6 +111,8 @@ def write_jsonl(trajs: list[Trajectory], path: str | os.PathLike[str]) -> None:
                 d: dict[str, Any] = {"append": u.append, "gen": u.gen}
                 if u.append_ids is not None:
                     d["ids"] = u.append_ids
+                if u.at is not None:
+                    d["at"] = u.at
                 turns.append(d)
             f.write(json.dumps({"id": t.tid, "arrival": t.arrival, "turns": turns}) + "\n")
     os.replace(tmp, p)
@@ -110,44 +126,25 @@ class _Tail:
     key: tuple[int, ...]
 
 
-def _block_ids(hash_ids: list[int], start: int, stop: int, block_tokens: int, vocab: int) -> list[int]:
-    out: list[int] = []
-    for b in range(start // block_tokens, -(-stop // block_tokens)):
-        toks = np.random.default_rng(hash_ids[b] if b < len(hash_ids) else (1 << 40) + b).integers(
-            0, vocab, size=block_tokens
-        )
-        lo, hi = (
-            max(start, b * block_tokens) - b * block_tokens,
-            min(stop, (b + 1) * block_tokens) - b * block_tokens,
-        )
-        out.extend(int(x) for x in toks[lo:hi])
-    return out
+@dataclass(frozen=True)
+class MooncakeRow:
+    """One request of a Mooncake trace: its time (s from the trace's first request), its input and output
+    lengths, its blocks' hash ids and its line in the file."""
+
+    t: float
+    input_len: int
+    output_len: int
+    hash_ids: list[int]
+    line: int
 
 
-def load_mooncake(
-    path: str | os.PathLike[str], block_tokens: int = 512, with_ids: bool = False, vocab_size: int = 32000
-) -> list[Trajectory]:
-    """Trajectories from a Mooncake FAST'25 trace (``timestamp`` ms, ``input_length``, ``output_length``,
-    ``hash_ids`` of the input's ``block_tokens``-token blocks; equal hash ids mean a shared prefix). A
-    ``hash_ids`` list whose length is not ``ceil(input_length / block_tokens)`` is accepted as it is.
-
-    Grouping (the trace has no session ids; this is our heuristic): requests are read in timestamp order. A
-    request continues an earlier trajectory when its ``hash_ids`` start with all of that trajectory's last
-    request's *full* input blocks (at least one) and its input is longer than that request's input plus
-    output; the new turn's append is ``input - (previous input + previous output)``. Among candidates the
-    longest matched prefix wins, then the most recent. Otherwise the request starts a new trajectory (one turn,
-    ``append = input_length``). A shared system prompt longer than a whole earlier request can therefore
-    chain two unrelated sessions; the trace cannot tell them apart. Trajectory arrival = its first timestamp,
-    relative to the trace's first, in seconds; the trace's gaps between turns are not kept.
-
-    ``with_ids`` gives each turn token ids derived from the hash ids (a block's tokens are a pure function of
-    its hash id), so equal hash ids give equal tokens and shared prefixes hit in storage.
-    """
+def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None) -> list[MooncakeRow]:
+    """The requests of a Mooncake trace in time order (ties: file order); the first ``max_requests`` if set."""
     p = str(path)
     rows: list[tuple[float, int, int, int, list[int]]] = []
     for no, obj in _lines(p):
         ts = obj.get("timestamp")
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
             raise WorkloadError(f"field 'timestamp' must be a number, got {ts!r}" if "timestamp" in obj
                                 else "missing field 'timestamp'", path=p, line=no)  # fmt: skip
         inp = _int_field(obj, "input_length", "", p, no, minimum=1)
@@ -165,11 +162,49 @@ def load_mooncake(
             )
         rows.append((float(ts), no, inp, outp, hids))
     rows.sort(key=lambda r: (r[0], r[1]))
+    if max_requests is not None:
+        rows = rows[:max_requests]
     t0 = rows[0][0] if rows else 0.0
+    return [MooncakeRow((ts - t0) / 1000.0, inp, outp, hids, no) for ts, no, inp, outp, hids in rows]
+
+
+def _block_ids(hash_ids: list[int], start: int, stop: int, block_tokens: int, vocab: int) -> list[int]:
+    from dualpath.workload.traces import hash_prompt_tokens
+
+    return hash_prompt_tokens(hash_ids, stop, block_tokens, vocab)[start:stop].tolist()
+
+
+def load_mooncake(
+    path: str | os.PathLike[str],
+    block_tokens: int = 512,
+    with_ids: bool = False,
+    vocab_size: int = 32000,
+    max_requests: int | None = None,
+) -> list[Trajectory]:
+    """Trajectories from a Mooncake FAST'25 trace (``timestamp`` ms, ``input_length``, ``output_length``,
+    ``hash_ids`` of the input's ``block_tokens``-token blocks; equal hash ids mean equal content). A
+    ``hash_ids`` list whose length is not ``ceil(input_length / block_tokens)`` is accepted as it is.
+
+    Every request becomes one turn (``max_requests``: the first that many in time order). Each turn keeps the
+    request's time (``Turn.at``, s from the trace's first request) and its ``hash_ids``: the request's content.
+    Tokens derived from them (:func:`dualpath.workload.traces.hash_prompt_tokens`; a block's tokens are a pure
+    function of its hash id) make storage see the trace's real prefix reuse, across sessions too.
+
+    Grouping into sessions (the trace has no session ids; this is our heuristic, it decides only which turn
+    waits for which): requests are read in time order. A request continues an earlier trajectory when its
+    ``hash_ids`` start with all of that trajectory's last request's *full* input blocks (at least one) and its
+    input is longer than that request's input plus output; the new turn's append is
+    ``input - (previous input + previous output)``, so the turn's prompt length is the request's input length.
+    Among candidates the longest matched prefix wins, then the most recent. Otherwise the request starts a new
+    trajectory (``append = input_length``). Trajectory arrival = its first request's time.
+
+    ``with_ids`` also fills each turn's ``append_ids`` (the derived tokens of its appended part).
+    """
     tails: dict[tuple[int, ...], list[_Tail]] = {}
     lengths: set[int] = set()
     out: list[Trajectory] = []
-    for ts, _, inp, outp, hids in rows:
+    for row in read_mooncake(path, max_requests):
+        ts, inp, outp, hids = row.t, row.input_len, row.output_len, row.hash_ids
         match: _Tail | None = None
         for k in sorted(lengths, reverse=True):
             if k > len(hids):
@@ -182,13 +217,13 @@ def load_mooncake(
                 break
         if match is None:
             ids = _block_ids(hids, 0, inp, block_tokens, vocab_size) if with_ids else None
-            traj = Trajectory(len(out), [Turn(inp, outp, ids)], (ts - t0) / 1000.0)
+            traj = Trajectory(len(out), [Turn(inp, outp, ids, ts, hids, block_tokens, row.line)], ts)
             out.append(traj)
         else:
             traj = match.traj
             start = match.input_len + match.output_len
             ids = _block_ids(hids, start, inp, block_tokens, vocab_size) if with_ids else None
-            traj.turns.append(Turn(inp - start, outp, ids))
+            traj.turns.append(Turn(inp - start, outp, ids, ts, hids, block_tokens, row.line))
             bucket = tails[match.key]
             bucket.remove(match)
             if not bucket:

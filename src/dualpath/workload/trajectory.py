@@ -13,13 +13,25 @@ from dualpath.errors import WorkloadError
 
 @dataclass
 class Turn:
-    """``append`` new prompt tokens, then ``gen`` generated tokens. ``append_ids``: the real token ids, if known."""
+    """``append`` new prompt tokens, then ``gen`` generated tokens. ``append_ids``: the real token ids, if known.
+
+    From a trace: ``at`` is the request's time in the trace (seconds from the trace's first request; online
+    replay does not send the turn earlier), ``hash_ids`` the content keys of the whole prompt's blocks of
+    ``hash_block`` tokens (Mooncake: equal ids = equal 512-token blocks, across all requests; the prompt's tokens
+    are then derived from them, :func:`dualpath.workload.traces.hash_prompt_tokens`).
+    """
 
     append: int
     gen: int
     append_ids: list[int] | None = None
+    at: float | None = None
+    hash_ids: list[int] | None = None
+    hash_block: int = 512
+    line: int | None = field(default=None, compare=False)  # the trace file's line of this turn (error messages)
 
     def __post_init__(self) -> None:
+        if self.at is not None and not self.at >= 0:
+            raise WorkloadError(f"turn time must be >= 0 s, got {self.at}")
         if self.append < 0 or self.gen < 0:
             raise WorkloadError(f"turn needs append >= 0 and gen >= 0, got {self.append}, {self.gen}")
         if self.append_ids is not None and len(self.append_ids) != self.append:

@@ -1,0 +1,123 @@
+"""``dualpath serve --http [HOST:PORT]``: the OpenAI-compatible API (docs/http.md).
+
+* default (``http.mode: process``): start the deployment on this machine (one scheduler process and one process
+  per engine, as plain ``dualpath serve``) and put the API in front of it; with ``--scheduler ADDR`` front an
+  already running deployment instead of starting one.
+* ``--inprocess`` (``http.mode: inprocess``): the emulated cluster runs inside the HTTP server's process.
+
+With no config file the model is the embedded SmolLM2-135M-Instruct (real compute on the CPU); ``--model``
+takes any supported checkpoint (safetensors directory or .gguf). ``--api-key`` (or ``http.api_key`` /
+``DUALPATH_HTTP__API_KEY``) requires ``Authorization: Bearer <key>`` on ``/v1/*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options ``dualpath serve`` adds for ``--http`` (called from commands/serve.py)."""
+    g = parser.add_argument_group("OpenAI-compatible HTTP API")
+    g.add_argument("--http", nargs="?", const="", metavar="HOST:PORT",
+                   help="serve the OpenAI-compatible API here (default http.host:http.port, 127.0.0.1:8000)")
+    g.add_argument("--inprocess", action="store_true",
+                   help="with --http: run the emulated cluster inside the server process (http.mode: inprocess)")
+    g.add_argument("--model", help="with --http: safetensors directory or .gguf (default: embedded SmolLM2-135M)")
+    g.add_argument("--api-key", help="with --http: require 'Authorization: Bearer KEY' on /v1/*")
+    g.add_argument("--http-address-file", help="with --http: write http://HOST:PORT here once serving")
+
+
+def check_http_only(args: argparse.Namespace) -> None:
+    """The --http options make no sense without --http: say so instead of ignoring them."""
+    from dualpath.errors import ConfigError
+
+    for flag, value in (("--inprocess", args.inprocess), ("--model", args.model), ("--api-key", args.api_key),
+                        ("--http-address-file", args.http_address_file)):
+        if value:
+            raise ConfigError(f"{flag} applies to the HTTP API: add --http [HOST:PORT]")
+
+
+def http_config_overrides(mode: str) -> dict[str, Any]:
+    """Defaults of `serve --http` with no config file: the embedded real model, 16-token blocks."""
+    from dualpath.http.backend import inprocess_overrides
+
+    over = inprocess_overrides()
+    if mode == "process":
+        from dualpath.control.deploy import serve_defaults
+
+        base = serve_defaults()
+        over["storage"] = base["storage"]
+        over["transport"] = base["transport"]
+        over["cluster"] = {**over["cluster"], **base["cluster"], "snic_gbps": None}
+    return over
+
+
+def _loop_options() -> dict[str, Any]:
+    """uvloop when installed (the HTTP server's per-request overhead is mostly event-loop and parsing work)."""
+    import importlib.util
+
+    return {"use_uvloop": True} if importlib.util.find_spec("uvloop") is not None else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    import anyio
+
+    from dualpath.config import load_config
+
+    logging.basicConfig(level=os.environ.get("DUALPATH_LOG", "WARNING"))
+    mode = "inprocess" if args.inprocess else None
+    probe = load_config(args.config) if args.config else None
+    if mode is None:
+        mode = probe.http.mode if probe is not None else "process"
+    # a config file merges over serve --http's own defaults (embedded model; posix + zmq in process mode)
+    config = load_config([http_config_overrides(mode), args.config] if args.config else http_config_overrides(mode))
+    updates: dict[str, Any] = {"mode": mode}
+    if args.http:
+        from dualpath.http.server import parse_hostport
+
+        updates["host"], updates["port"] = parse_hostport(args.http, config.http.host)
+    if args.api_key:
+        updates["api_key"] = args.api_key
+    config.http = config.http.model_copy(update=updates)
+    if args.model:
+        from dualpath.model.config import LlamaModelConfig
+
+        config.model = LlamaModelConfig(path=args.model)
+    from dualpath.http.server import serve_app
+
+    if mode == "inprocess":
+        from dualpath.http.backend import InProcessBackend
+
+        anyio.run(lambda: serve_app(InProcessBackend(config), config.http, address_file=args.http_address_file),
+                  backend_options=_loop_options())
+        return 0
+    from dualpath.control.deploy import check_deployable
+    from dualpath.http.backend import RemoteBackend
+
+    config = check_deployable(config)
+    if args.scheduler:
+        anyio.run(lambda: serve_app(RemoteBackend(config, args.scheduler), config.http,
+                                    address_file=args.http_address_file), backend_options=_loop_options())
+        return 0
+    from dualpath.control.launcher import Deployment
+
+    dep = Deployment(config, bind=args.bind, workdir=args.workdir)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C (and cleans up)
+        address = dep.start()
+        print(f"dualpath serve: scheduler at {address}, {len(dep.children) - 1} engine processes; "
+              f"logs in {dep.workdir / 'logs'}", flush=True)
+        anyio.run(lambda: serve_app(RemoteBackend(config, address), config.http,
+                                    address_file=args.http_address_file), backend_options=_loop_options())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dep.stop()
+        signal.signal(signal.SIGTERM, old)
+    return 0

@@ -1,0 +1,90 @@
+"""Token sampling on the decode engine: greedy, or temperature / top-k / top-p, deterministic per seed.
+
+A turn carries :class:`SamplingParams` (``Turn.sampling``; ``None`` = greedy, the engine's default). The decode
+engine makes one :class:`Sampler` per request when the request joins its batch; the sampler owns a private
+``torch.Generator`` seeded from ``seed``, so a request's draws depend only on its own logits and seed: the same
+prompt with the same seed gives the same tokens whatever else shares the batch (up to the float differences of
+batched compute). Without a seed one is drawn from the OS at random.
+
+``stop_ids``: token ids (e.g. the tokenizer's end-of-sequence) after which the request stops early; the stop
+token itself is part of the output. ``temperature == 0`` means greedy (``argmax``), as in the OpenAI API.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from dualpath.errors import ModelError
+
+MAX_SEED = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request picks each token (see the module docstring)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0) or self.temperature > 100.0:
+            raise ModelError(f"sampling.temperature must lie in [0, 100], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ModelError(f"sampling.top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ModelError(f"sampling.top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ModelError(f"sampling.seed must lie in [0, 2^63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class Sampler:
+    """Picks the tokens of one request (see the module docstring)."""
+
+    def __init__(self, params: SamplingParams | None) -> None:
+        self.params = params or SamplingParams()
+        self.generator: torch.Generator | None = None
+        if not self.params.greedy:
+            self.generator = torch.Generator(device="cpu")
+            seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+            self.generator.manual_seed(seed)
+        self.stop_ids = frozenset(int(t) for t in self.params.stop_ids)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """The next token for one row of ``logits`` (shape ``[vocab]``)."""
+        if self.generator is None:
+            return int(torch.argmax(logits))
+        return sample(logits, self.params, self.generator)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p (nucleus) filtering; float32 on the CPU."""
+    x = logits.detach().to("cpu", torch.float32).reshape(-1) / params.temperature
+    vocab = x.numel()
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(x, params.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of the tokens ranked above each one
+        drop = before >= params.top_p  # the most likely token always survives (before = 0)
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One draw from :func:`filtered_probs` with ``generator``."""
+    probs = filtered_probs(logits, params)
+    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -1,0 +1,545 @@
+"""The ASGI app (FastAPI on uvicorn): ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
+``/metrics`` and ``/health`` over a :class:`~dualpath.http.backend.Backend`.
+
+A request's life: the body is validated by the pydantic models of :mod:`dualpath.http.schemas` (400 with an
+OpenAI-style error object naming the field); the prompt is rendered (chat template) and tokenized; a prompt
+that cannot fit the model's context with its ``max_tokens`` is refused (400 naming the limit); a request beyond
+``http.max_inflight`` gets 429 and ``Retry-After``; a backend that is not ready gets 503 and ``Retry-After``.
+The turn is submitted and the response waits for its first token, so an error before it still gets a proper
+status; the response then carries ``x-dualpath-read-path`` (``pe``, ``de``, ``split`` or ``recompute``: where
+the prompt's hit was read) and streams each token as the decode engine produces it (server-sent events) or
+returns the whole completion. A client that goes away (or a stop sequence) cancels the turn, which frees its KV
+and buffers on both engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dualpath.engine.sampling import SamplingParams
+from dualpath.errors import DualPathError, ModelError, PeerTimeout
+from dualpath.http.backend import Backend, Cancelled, GenRequest, GenResult, Job, stop_ids_of
+from dualpath.http.config import HttpConfig
+from dualpath.http.metrics import CONTENT_TYPE, HttpMetrics
+from dualpath.http.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    describe_validation,
+    error_body,
+)
+
+log = logging.getLogger("dualpath.http")
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style error object."""
+
+    def __init__(self, status: int, message: str, etype: str = "invalid_request_error", *,
+                 param: str | None = None, code: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.etype, self.param, self.code = status, message, etype, param, code
+        self.retry_after = retry_after
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse(error_body(self.message, self.etype, param=self.param, code=self.code),
+                            status_code=self.status, headers=headers)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+# --- text ------------------------------------------------------------------------------------------------------
+class Detokenizer:
+    """Turns generated ids into text deltas: holds back an incomplete UTF-8 character and any tail that could be
+    the start of a stop sequence; ends at a stop token or stop sequence (neither is part of the text)."""
+
+    def __init__(self, tokenizer: Any, stops: list[str], stop_ids: frozenset[int]) -> None:
+        self.tok = tokenizer
+        self.stops = stops
+        self.stop_ids = stop_ids
+        self.ids: list[int] = []  # every generated id (the stop token included)
+        self.text = ""
+        self.emitted = 0
+        self.finish: str | None = None
+
+    def push(self, tok: int) -> str:
+        if self.finish is not None:
+            return ""
+        self.ids.append(tok)
+        if tok in self.stop_ids:
+            self.finish = "stop"
+            return self._take(len(self.text))
+        if self.tok is None:
+            return ""
+        text = self.tok.decode([t for t in self.ids if t not in self.stop_ids], skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        self.text = text
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = text[:cut]
+            self.finish = "stop"
+            return self._take(cut)
+        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._take(len(text) - hold)
+
+    def _take(self, upto: int) -> str:
+        out = self.text[self.emitted : max(self.emitted, upto)]
+        self.emitted = max(self.emitted, upto)
+        return out
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+
+# --- the app ---------------------------------------------------------------------------------------------------
+class Server:
+    """The state behind the routes (one per app)."""
+
+    def __init__(self, backend: Backend, config: HttpConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self.metrics = HttpMetrics(backend)
+        self.ready = False
+        self.created = int(time.time())
+        self.startup_error: BaseException | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name or self.backend.model_name
+
+    # --- checks --------------------------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                           "authentication_error", code="invalid_api_key")
+
+    def check(self, req: ChatCompletionRequest | CompletionRequest) -> None:
+        """A request naming another model gets 404 ``model_not_found`` (as OpenAI answers; the model is optional);
+        a standard field whose value cannot be honoured gets 400 naming it."""
+        if req.model is not None and req.model != self.model_name:
+            raise ApiError(404, f"The model {req.model!r} does not exist; this server serves "
+                                f"{self.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+        bad = req.unsupported()
+        if bad is not None:
+            raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
+
+    def admit(self) -> None:
+        if not self.ready:
+            raise ApiError(503, "the server is starting", "server_error", code="not_ready",
+                           retry_after=self.config.retry_after_s)
+        if self.backend.inflight >= self.config.max_inflight:
+            raise ApiError(429, f"too many requests in flight ({self.config.max_inflight}, http.max_inflight); "
+                                "retry later", "rate_limit_exceeded", code="overloaded",
+                           retry_after=self.config.retry_after_s)
+
+    def sampling(self, req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+        b = self.backend
+        temp = req.temperature if req.temperature is not None else self.config.default_temperature
+        top_p = req.top_p if req.top_p is not None else 1.0
+        top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
+        if not b.supports_sampling:
+            if req.temperature not in (None, 0.0) or top_p < 1.0 or top_k > 1 or req.seed is not None:
+                raise ApiError(400, "this deployment decodes greedily: temperature must be 0 (or unset), "
+                                    "top_p 1, no top_k or seed", param="temperature")
+            temp = 0.0
+        stop_ids = () if req.ignore_eos else stop_ids_of(b.tokenizer)
+        try:
+            return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=req.seed, stop_ids=stop_ids)
+        except ModelError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def limit(self, n_prompt: int, requested: int | None, param: str) -> int:
+        ctx = self.backend.max_context
+        if requested is None:
+            requested = max(1, min(self.config.max_tokens_default, ctx - n_prompt)) if ctx else \
+                self.config.max_tokens_default
+        if ctx and n_prompt + requested > ctx:
+            raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                f"{n_prompt + requested} tokens ({n_prompt} in the prompt, {requested} in the "
+                                f"completion). Please reduce the prompt or {param}.",
+                           param=param, code="context_length_exceeded")
+        return requested
+
+    # --- prompts ------------------------------------------------------------------------------------------
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        tok = self.backend.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ApiError(400, "the served model has no chat template; use /v1/completions", param="messages")
+        messages = [m.template_dict() for m in req.messages]
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the template's own checks (e.g. roles must alternate) raise jinja errors
+            raise ApiError(400, f"messages: the model's chat template refused them: {exc}",
+                           param="messages") from None
+        return list(tok.encode(str(text), add_special_tokens=False))
+
+    def completion_prompt(self, req: CompletionRequest) -> list[int]:
+        p = req.prompt
+        if isinstance(p, list) and p and isinstance(p[0], int):
+            ids = [int(x) for x in p]
+            if self.backend.vocab_size and max(ids) >= self.backend.vocab_size:
+                raise ApiError(400, f"prompt: token id {max(ids)} is outside the vocabulary of "
+                                    f"{self.backend.vocab_size}", param="prompt")
+            return ids
+        text = p[0] if isinstance(p, list) else p
+        tok = self.backend.tokenizer
+        if tok is None:
+            raise ApiError(400, "the served model has no tokenizer; send the prompt as token ids", param="prompt")
+        return list(tok.encode(str(text)))
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Cancel ``job`` when the client goes away (the request body has been read: only a disconnect comes next)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+def _map_error(exc: BaseException, retry_after: int) -> ApiError:
+    from dualpath.control.channel import RemoteError
+
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RemoteError):
+        code = getattr(exc, "code", "")
+        msg = str(exc)
+        if code in ("InvalidTurn", "ProtocolError") or (code == "SchedulerError" and "submit:" in msg):
+            return ApiError(400, msg)
+        if code == "SchedulerError" and "busy" in msg:
+            return ApiError(429, msg, "rate_limit_exceeded", code="overloaded", retry_after=retry_after)
+        return ApiError(503, msg, "server_error", code=code or None, retry_after=retry_after)
+    if isinstance(exc, ModelError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, Cancelled):
+        return ApiError(499, str(exc), "server_error", code="cancelled")
+    msg = str(exc)
+    if isinstance(exc, DualPathError) and ("needs more KV memory" in msg or "exceeds" in msg
+                                           or "needs" in msg and "blocks" in msg):
+        return ApiError(400, msg)
+    if isinstance(exc, (PeerTimeout, TimeoutError)):
+        return ApiError(503, f"the turn did not finish in time: {msg}", "server_error", code="timeout",
+                        retry_after=retry_after)
+    log.warning("request failed: %s: %s", type(exc).__name__, msg)
+    return ApiError(503 if isinstance(exc, DualPathError) else 500, msg or type(exc).__name__, "server_error",
+                    retry_after=retry_after)
+
+
+def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
+    """The ASGI app over ``backend`` (started and closed by the app's lifespan)."""
+    cfg = config or HttpConfig()
+    server = Server(backend, cfg)
+    backend.timeout_s = cfg.request_timeout_s
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await backend.start()
+        except Exception as exc:
+            server.startup_error = exc  # serve_app raises it once uvicorn has given up
+            raise
+        server.ready = True
+        try:
+            yield
+        finally:
+            server.ready = False
+            await backend.close()
+
+    app = FastAPI(title="dualpath", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        msg, param = describe_validation(list(exc.errors()))
+        server.metrics.requests.labels(endpoint=request.url.path, code="400").inc()
+        return JSONResponse(error_body(msg, param=param), status_code=400)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        server.metrics.requests.labels(endpoint=request.url.path, code=str(exc.status)).inc()
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        etype = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), etype), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if isinstance(backend, _remote_type()):
+            await backend.stats()  # type: ignore[attr-defined]
+        h = backend.health() if server.ready else {"status": "starting"}
+        ok = server.ready and h.get("status") == "ok"
+        return JSONResponse(h, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if isinstance(backend, _remote_type()):
+            await backend.stats()  # type: ignore[attr-defined]
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        server.authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            _model_card(server)]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> JSONResponse:
+        server.authorize(request)
+        if model_id != server.model_name:
+            raise ApiError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
+        return JSONResponse(_model_card(server))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        server.authorize(request)
+        server.check(body)
+        server.admit()
+        ids = server.chat_prompt(body)
+        limit = server.limit(len(ids), body.limit(), "max_tokens")
+        return await _serve(server, request, "chat", body, ids, limit)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        server.authorize(request)
+        server.check(body)
+        server.admit()
+        ids = server.completion_prompt(body)
+        limit = server.limit(len(ids), body.limit(), "max_tokens")
+        return await _serve(server, request, "completion", body, ids, limit)
+
+    return app
+
+
+def _model_card(server: Server) -> dict[str, Any]:
+    return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "dualpath",
+            "max_model_len": server.backend.max_context}
+
+
+def _remote_type() -> type:
+    from dualpath.http.backend import RemoteBackend
+
+    return RemoteBackend
+
+
+async def _serve(server: Server, request: Request, kind: str, req: ChatCompletionRequest | CompletionRequest,
+                 ids: list[int], limit: int) -> Response:
+    sampling = server.sampling(req)
+    endpoint = request.url.path
+    m = server.metrics
+    job = server.backend.submit(GenRequest(ids, limit, sampling))
+    detok = Detokenizer(server.backend.tokenizer, req.stops(), frozenset(sampling.stop_ids))
+    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, job))
+    m.inflight.inc()
+    handed_off = False
+    try:
+        first = await job.queue.get()
+        if first[0] == "error":
+            if job.cancelled.is_set():
+                raise _ClientGone()
+            raise _map_error(first[1], server.config.retry_after_s)
+        t_first = time.perf_counter()
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        headers = {"x-dualpath-read-path": str(job.path or "")}
+        if req.stream:
+            watcher.cancel()
+            handed_off = True
+            gen = _stream(server, job, detok, first, rid, kind, req, ids, t_first)
+            return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
+        result, _t_last = await _drain(job, detok, first, server.config.retry_after_s)
+        if job.cancelled.is_set() and detok.finish is None:
+            raise _ClientGone()
+        body = _full_body(server, kind, rid, req, ids, detok, result, job)
+        headers["x-dualpath-read-path"] = str(job.path or (result.path if result else ""))
+        _observe(server, job, ids, detok, result, t_first, _t_last)
+        m.requests.labels(endpoint=endpoint, code="200").inc()
+        return JSONResponse(body, headers=headers)
+    except _ClientGone:
+        m.cancelled.inc()
+        m.requests.labels(endpoint=endpoint, code="499").inc()
+        return Response(status_code=499)
+    except BaseException:
+        job.cancel()
+        raise
+    finally:
+        if not handed_off:
+            watcher.cancel()
+            m.inflight.dec()
+
+
+async def _drain(job: Job, detok: Detokenizer, first: tuple[str, Any],
+                 retry_after: int) -> tuple[GenResult | None, float]:
+    """Consume a job to its end (non-streaming); a stop sequence cancels the rest of the turn."""
+    ev = first
+    t_last = time.perf_counter()
+    while True:
+        kind, val = ev
+        if kind == "token":
+            detok.push(val)
+            t_last = time.perf_counter()
+            if detok.finish is not None and val not in detok.stop_ids:  # a stop string: end the turn now
+                job.cancel()
+                return None, t_last
+        elif kind == "done":
+            return val, t_last
+        else:
+            if detok.finish is not None or job.cancelled.is_set():
+                return None, t_last
+            raise _map_error(val, retry_after)
+        ev = await job.queue.get()
+
+
+def _usage(ids: list[int], detok: Detokenizer, result: GenResult | None, job: Job) -> dict[str, Any]:
+    cached = result.cached_tokens if result is not None else job.cached
+    return {"prompt_tokens": len(ids), "completion_tokens": len(detok.ids),
+            "total_tokens": len(ids) + len(detok.ids), "prompt_tokens_details": {"cached_tokens": int(cached)}}
+
+
+def _finish_reason(detok: Detokenizer) -> str:
+    return detok.finish or "length"
+
+
+def _full_body(server: Server, kind: str, rid: str, req: Any, ids: list[int], detok: Detokenizer,
+               result: GenResult | None, job: Job) -> dict[str, Any]:
+    detok.flush()
+    text = detok.text
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish_reason(detok), "logprobs": None}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+        obj = "chat.completion"
+    else:
+        if getattr(req, "echo", False) and server.backend.tokenizer is not None:
+            text = server.backend.tokenizer.decode(ids, skip_special_tokens=True) + text
+        choice["text"] = text
+        obj = "text_completion"
+    if req.return_token_ids:
+        choice["token_ids"] = list(detok.ids)
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": server.model_name,
+            "choices": [choice], "usage": _usage(ids, detok, result, job),
+            "system_fingerprint": None}
+
+
+def _observe(server: Server, job: Job, ids: list[int], detok: Detokenizer, result: GenResult | None,
+             t_first: float, t_last: float) -> None:
+    n = len(detok.ids)
+    server.metrics.observe_turn(
+        prompt=len(ids), cached=result.cached_tokens if result is not None else job.cached, completion=n,
+        path=job.path or (result.path if result else "unknown"), ttft_s=t_first - job.t_submit,
+        tpot_s=(t_last - t_first) / (n - 1) if n > 1 else None)
+
+
+async def _stream(server: Server, job: Job, detok: Detokenizer, first: tuple[str, Any], rid: str, kind: str,
+                  req: Any, ids: list[int], t_first: float) -> AsyncIterator[bytes]:
+    """Server-sent events: one chunk per text delta, the finish chunk, the usage chunk, ``[DONE]``."""
+    m = server.metrics
+    created = int(time.time())
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(delta: str | None, finish: str | None = None, *, role: bool = False,
+              token_ids: list[int] | None = None) -> bytes:
+        if kind == "chat":
+            d: dict[str, Any] = {}
+            if role:
+                d["role"] = "assistant"
+            if delta is not None:
+                d["content"] = delta
+            choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        if token_ids is not None:
+            choice["token_ids"] = token_ids
+        data: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": server.model_name,
+                                "choices": [choice]}
+        if include_usage:
+            data["usage"] = None
+        return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+    result: GenResult | None = None
+    t_last = t_first
+    code = "200"
+    try:
+        if kind == "chat":
+            yield chunk("", role=True)
+        ev = first
+        while True:
+            k, val = ev
+            if k == "token":
+                # one event per decode step; tokens already waiting (a backend that delivers a turn's tokens
+                # at once) are coalesced into one event
+                delta, tids, pending, stop_string = "", [], None, False
+                while True:
+                    live = detok.finish is None
+                    delta += detok.push(val)
+                    if live and req.return_token_ids:
+                        tids.append(val)
+                    stop_string = live and detok.finish is not None and val not in detok.stop_ids
+                    if stop_string or job.queue.empty():
+                        break
+                    nxt = job.queue.get_nowait()
+                    if nxt[0] != "token":
+                        pending = nxt
+                        break
+                    val = nxt[1]
+                t_last = time.perf_counter()
+                if delta or tids:
+                    yield chunk(delta, token_ids=tids or None)
+                if stop_string:
+                    job.cancel()  # a stop string: the rest of the turn is not needed
+                    break
+                ev = pending if pending is not None else await job.queue.get()
+                continue
+            elif k == "done":
+                result = val
+                break
+            else:
+                if detok.finish is None and not job.cancelled.is_set():
+                    err = _map_error(val, server.config.retry_after_s)
+                    code = str(err.status)
+                    yield f"data: {json.dumps(error_body(err.message, err.etype, code=err.code))}\n\n".encode()
+                    yield b"data: [DONE]\n\n"
+                    return
+                break
+            ev = await job.queue.get()
+        tail = detok.flush()
+        if tail:
+            yield chunk(tail)
+        yield chunk(None if kind == "chat" else "", _finish_reason(detok))
+        if include_usage:
+            data = {"id": rid, "object": obj, "created": created, "model": server.model_name, "choices": [],
+                    "usage": _usage(ids, detok, result, job)}
+            yield f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+        _observe(server, job, ids, detok, result, t_first, t_last)
+    except BaseException:
+        code = "499"
+        m.cancelled.inc()
+        raise
+    finally:
+        job.cancel()
+        m.inflight.dec()
+        m.requests.labels(endpoint="/v1/chat/completions" if kind == "chat" else "/v1/completions",
+                          code=code).inc()

@@ -1,0 +1,426 @@
+"""What the HTTP layer generates with: the in-process cluster, or a multi-process deployment's scheduler.
+
+Both backends take a :class:`GenRequest` (prompt token ids, ``max_tokens``, sampling) and return a
+:class:`Job`: the generation in flight. Its queue yields ``("token", id)`` as the decode engine produces each
+token, then ``("done", GenResult)`` or ``("error", exception)``. :meth:`Job.cancel` (a client that went away, a
+stop sequence) ends the turn: on the in-process backend the turn is cancelled on both engines, which frees its
+host buffers and KV pool pages (``Cluster.run_turn``'s cleanup); a turn still waiting in the scheduler's queue
+is withdrawn from it.
+
+* :class:`InProcessBackend`: the emulated cluster (:class:`~dualpath.cluster.Cluster`) under the scheduler
+  driver, in this process; sampling and streaming happen in the decode engine.
+* :class:`RemoteBackend`: a running ``dualpath serve`` deployment through :class:`~dualpath.control.client.
+  ServeClient`. Its control protocol returns a turn's tokens when the turn is done and decodes greedily, so
+  tokens reach the HTTP client at the end of the turn, and requests asking for sampling are refused (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from dualpath.config import DualPathConfig
+from dualpath.engine.request import unwrap
+from dualpath.engine.sampling import SamplingParams
+from dualpath.errors import EngineError, PeerTimeout
+from dualpath.types import PathKind
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+log = logging.getLogger("dualpath.http")
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams | None = None
+
+
+@dataclass
+class GenResult:
+    tokens: list[int]
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV was loaded from storage (the hit)
+    path: str
+    ttft_s: float
+    t_done: float
+
+
+class Cancelled(EngineError):
+    """The turn was cancelled (the client went away, or a stop sequence ended it)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation in flight (see the module docstring)."""
+
+    session: int
+    request: GenRequest
+    queue: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    cancelled: anyio.Event = field(default_factory=anyio.Event)
+    path: str | None = None
+    cached: int = 0  # hit tokens, known once the turn is scheduled (the result's figure wins)
+    task: asyncio.Task[None] | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    finished: bool = False
+
+    def on_token(self, tok: int) -> None:
+        self.queue.put_nowait(("token", int(tok)))
+
+    def cancel(self) -> None:
+        """End the turn early (idempotent; a finished job is left alone)."""
+        if self.finished:
+            return
+        self.cancelled.set()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class _StreamingCluster:
+    """The cluster as the scheduler driver sees it, with each turn's sampling, token listener and cancellation
+    attached by session id (every HTTP request gets its own session id)."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+        self.jobs: dict[int, Job] = {}
+
+    def snapshots(self) -> Any:
+        return self.cluster.snapshots()
+
+    def lookup(self, prompt_ids: Any) -> int:
+        return int(self.cluster.lookup(prompt_ids))
+
+    async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int, pe: int, de: int, path: PathKind,
+                       pe_blocks: int | None = None) -> Any:
+        job = self.jobs.get(session)
+        if job is None or job.cancelled.is_set():
+            raise Cancelled(f"request {session} was cancelled before it started")
+        job.path = PathKind(path).value
+        if PathKind(path) is not PathKind.RECOMPUTE:
+            job.cached = int(self.cluster.lookup(prompt_ids))
+        result: Any = None
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def _watch() -> None:
+                    await job.cancelled.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(_watch)
+                try:
+                    result = await self.cluster.run_turn(str(session), prompt_ids, gen_tokens, pe, de, path,
+                                                         pe_blocks, sampling=job.request.sampling,
+                                                         on_token=job.on_token)
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as eg:  # the turn's own error, not the group around it
+            raise unwrap(eg) from None
+        if result is None:
+            raise Cancelled(f"request {session} was cancelled")
+        return result
+
+
+class Backend:
+    """Common surface of both backends."""
+
+    model_name: str = "dualpath"
+    max_context: int = 0
+    vocab_size: int = 0
+    tokenizer: Any = None
+    supports_sampling: bool = True
+    streams_tokens: bool = True
+
+    def __init__(self) -> None:
+        self._sessions = itertools.count(1)
+        self.inflight = 0
+        self.timeout_s = 300.0  # a request's deadline (http.request_timeout_s)
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def _generate(self, job: Job) -> Any:
+        raise NotImplementedError
+
+    def submit(self, req: GenRequest) -> Job:
+        job = Job(next(self._sessions), req)
+        job.task = asyncio.get_running_loop().create_task(self._drive(job))
+        return job
+
+    async def _drive(self, job: Job) -> None:
+        self.inflight += 1
+        try:
+            try:
+                with anyio.fail_after(self.timeout_s):
+                    res = await self._generate(job)
+            except TimeoutError:
+                job.cancelled.set()  # the turn, if already running, is cancelled on its engines
+                raise PeerTimeout(f"request {job.session} did not finish within {self.timeout_s:g} s "
+                                  "(http.request_timeout_s)") from None
+            job.queue.put_nowait(("done", res))
+        except asyncio.CancelledError:
+            job.queue.put_nowait(("error", Cancelled(f"request {job.session} was cancelled")))
+        except Exception as exc:
+            job.queue.put_nowait(("error", exc))
+        finally:
+            job.finished = True
+            self.inflight -= 1
+
+    # --- observation -------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    def gauges(self) -> dict[str, Any]:
+        """Live figures for /metrics (see :mod:`dualpath.http.metrics`)."""
+        return {}
+
+
+def _model_setup(config: DualPathConfig) -> tuple[Any, Any, str]:
+    """(llama model config, tokenizer, model name) for a llama config; the embedded model when no path."""
+    from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.loader import load_tokenizer
+
+    mcfg = config.model if isinstance(config.model, LlamaModelConfig) else LlamaModelConfig()
+    if mcfg.path is None:
+        from dualpath.model.embedded import embedded_model_path
+
+        path = embedded_model_path()
+        name = "SmolLM2-135M-Instruct"
+    else:
+        from pathlib import Path
+
+        path = Path(mcfg.path).expanduser()
+        name = path.stem if path.is_file() else path.name
+    return mcfg, load_tokenizer(path), name
+
+
+def stop_ids_of(tokenizer: Any) -> tuple[int, ...]:
+    """End-of-sequence ids of a tokenizer (its eos token, and ``<|im_end|>``/``<|eot_id|>`` when present)."""
+    if tokenizer is None:
+        return ()
+    ids: set[int] = set()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(int(x) for x in eos)
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    for name in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        if name in vocab:
+            ids.add(int(vocab[name]))
+    return tuple(sorted(ids))
+
+
+def inprocess_overrides() -> dict[str, Any]:
+    """Config defaults of the in-process HTTP server with no config file: the embedded real model, small blocks
+    so multi-turn chats hit early, room for many concurrent streams."""
+    return {
+        "model": {"kind": "llama"},
+        "cluster": {"block_tokens": 16, "snic_gbps": None, "cnic_gbps": None, "kv_pool_tokens": 65536,
+                    "host_buffer_bytes": 256 << 20, "prefill_max_batch_tokens": 8192, "prefill_max_batch": 32,
+                    "decode_max_batch": 64},
+    }
+
+
+class InProcessBackend(Backend):
+    """The emulated cluster in this process (see the module docstring)."""
+
+    def __init__(self, config: DualPathConfig, *, model: Any = None, tokenizer: Any = None,
+                 model_name: str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self._model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name or "dualpath"
+        self.cluster: Any = None
+        self.driver: Any = None
+        self.adapter: _StreamingCluster | None = None
+
+    async def start(self) -> None:
+        from dualpath.cluster import Cluster
+        from dualpath.engine.model_api import LlamaAdapter
+        from dualpath.scheduler import GlobalScheduler, SchedulerParams, get_policy
+        from dualpath.scheduler.driver import SchedulerDriver
+
+        cfg = self.config
+        factory: Any = self._model
+        if factory is None and cfg.model.kind == "llama":
+            from dualpath.model.loader import load_model
+
+            mcfg, tok, name = _model_setup(cfg)
+            model, tok2 = await anyio.to_thread.run_sync(lambda: load_model(mcfg, "cpu"))
+            self.tokenizer = self.tokenizer or tok2 or tok
+            if self.model_name == "dualpath":
+                self.model_name = name
+            bt = cfg.cluster.block_tokens
+
+            def factory(device: Any) -> Any:
+                return LlamaAdapter(model if str(device) == "cpu" else model.to(device), bt)
+
+        self.cluster = Cluster(cfg, model=factory)
+        await self.cluster.start()
+        try:
+            self.max_context = int(self.cluster.max_context)
+            self.vocab_size = int(self.cluster.vocab_size)
+            mc = cfg.model
+            gpu_tps = (mc.device_tflops * 1e12 / max(1.0, mc.linear_flops_per_token)  # type: ignore[union-attr]
+                       if mc.kind == "synthetic" else 2000.0)
+            snic = cfg.cluster.snic_gbps
+            token_bytes = self.cluster.layout.full_block_bytes // self.cluster.layout.block_tokens
+            storage_tps = (snic * 1e9 / token_bytes) if snic else 1e9
+            params = SchedulerParams.from_config(cfg.scheduler, storage_tps, gpu_tps, cfg.cluster.block_tokens)
+            sched = GlobalScheduler(get_policy(cfg.scheduler.policy, layerwise=cfg.scheduler.layerwise), params)
+            self.adapter = _StreamingCluster(self.cluster)
+            self.driver = SchedulerDriver(self.adapter, sched, fetch_interval_s=cfg.scheduler.fetch_interval_s,
+                                          max_request_tokens=cfg.cluster.kv_pool_tokens)
+            await self.driver.__aenter__()
+        except BaseException:
+            await self.cluster.close()
+            raise
+
+    async def close(self) -> None:
+        # (no shielding scope here: the driver and the cluster exit task groups they entered in start())
+        if self.driver is not None:
+            driver, self.driver = self.driver, None
+            await driver.__aexit__(None, None, None)
+        if self.cluster is not None:
+            cluster, self.cluster = self.cluster, None
+            await cluster.close()
+
+    async def _generate(self, job: Job) -> GenResult:
+        assert self.adapter is not None and self.driver is not None
+        self.adapter.jobs[job.session] = job
+        try:
+            out = await self.driver.run_turn(job.session, job.request.prompt_ids, job.request.max_tokens)
+        finally:
+            self.adapter.jobs.pop(job.session, None)
+        ttft = out.ttft if math.isfinite(out.t_first_token) else 0.0
+        return GenResult(tokens=list(out.tokens), prompt_tokens=out.prompt_tokens, cached_tokens=out.hit_tokens,
+                         path=out.path, ttft_s=ttft, t_done=out.t_done)
+
+    # --- observation -------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        ok = self.cluster is not None and self.driver is not None
+        return {"status": "ok" if ok else "starting", "mode": "inprocess",
+                "engines": {e.name: 1 if ok else 0 for e in (self.cluster.pes + self.cluster.des)} if ok else {}}
+
+    def gauges(self) -> dict[str, Any]:
+        c = self.cluster
+        if c is None:
+            return {}
+        links = {name: {"bytes": sum(link.stats.bytes.values()), "bandwidth": link.bandwidth,
+                        "busy_s": link.busy_time} for name, link in c.links().items()}
+        read_q: dict[str, float] = {}
+        for e in [*c.pes, *c.des]:
+            node = f"{'pnode' if e.name.startswith('pe') else 'dnode'}{e.eid.node}"
+            read_q[node] = max(read_q.get(node, 0.0), float(c.linkset.read_q_tokens(e.name)))
+        alive = {e.name: 1 for e in [*c.pes, *c.des]}
+        return {"links": links, "read_q_tokens": read_q, "engines_alive": alive,
+                "scheduler_queue": int(self.driver.scheduler.waiting()) if self.driver is not None else 0,
+                "free_kv_tokens": {e.name: e.free_kv_tokens() for e in c.des},
+                "host_used_bytes": {e.name: e.host.used_bytes for e in [*c.pes, *c.des]},
+                "turns_assigned": {e.name: e.seq for e in [*c.pes, *c.des]},
+                "failed_turns": c.failed_turns}
+
+
+class RemoteBackend(Backend):
+    """A ``dualpath serve`` deployment's scheduler (see the module docstring)."""
+
+    supports_sampling = False
+    streams_tokens = False
+
+    def __init__(self, config: DualPathConfig, address: str | None = None, *,
+                 stats_every_s: float = 1.0) -> None:
+        super().__init__()
+        self.config = config
+        self.address = address
+        self.client: Any = None
+        self._stats: dict[str, Any] = {}
+        self._stats_t = 0.0
+        self.stats_every_s = stats_every_s
+
+    async def start(self) -> None:
+        from dualpath.control.client import connect
+
+        if self.config.model.kind == "llama":
+            from dualpath.model.spec import load_spec
+
+            mcfg, tok, name = _model_setup(self.config)
+            self.tokenizer, self.model_name = tok, name
+            path = mcfg.path
+            if path is None:
+                from dualpath.model.embedded import embedded_model_path
+
+                path = str(embedded_model_path())
+            with contextlib.suppress(Exception):  # the scheduler checks the context again
+                from pathlib import Path
+
+                p = Path(path).expanduser()
+                if p.is_dir():
+                    spec = load_spec(p / "config.json")
+                    self.max_context = int(spec.max_position)
+                    self.vocab_size = int(spec.vocab_size)
+        else:
+            mc = self.config.model
+            self.max_context = int(mc.max_context)  # type: ignore[union-attr]
+            self.vocab_size = int(mc.vocab_size)  # type: ignore[union-attr]
+            self.model_name = "synthetic"
+        self.client = await connect(self.address, self.config)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            with anyio.CancelScope(shield=True):
+                await self.client.close()
+            self.client = None
+
+    async def _generate(self, job: Job) -> GenResult:
+        assert self.client is not None
+        out = await self.client.run_turn(job.session, job.request.prompt_ids, job.request.max_tokens)
+        job.path = out.path
+        for t in out.tokens:
+            job.on_token(t)
+        return GenResult(tokens=list(out.tokens), prompt_tokens=out.prompt_tokens, cached_tokens=out.hit_tokens,
+                         path=out.path, ttft_s=out.ttft, t_done=out.t_done)
+
+    async def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self.client is not None and now - self._stats_t > self.stats_every_s:
+            self._stats_t = now
+            try:
+                self._stats = await self.client.stats(timeout=2.0)
+            except Exception as exc:  # the scheduler may be restarting
+                log.debug("stats failed: %s", exc)
+                self._stats = {}
+        return self._stats
+
+    def health(self) -> dict[str, Any]:
+        st = self._stats
+        n = int(st.get("engines_alive", 0)) if st else 0
+        return {"status": "ok" if n > 0 else "degraded", "mode": "process", "engines_alive": n}
+
+    def gauges(self) -> dict[str, Any]:
+        st = self._stats
+        alive = {k[: -len(".alive")]: int(v) for k, v in st.items() if k.endswith(".alive")}
+        read_q: dict[str, float] = {}
+        for k, v in st.items():
+            if k.endswith(".read_q") and not k.startswith("peak."):
+                read_q[k[: -len(".read_q")]] = float(v)
+        return {"engines_alive": alive, "read_q_tokens": read_q,
+                "scheduler_queue": int(st.get("inflight", 0)) if st else 0}
+
+
+BackendFactory = Callable[[], Backend]

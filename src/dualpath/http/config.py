@@ -1,0 +1,30 @@
+"""The ``http`` section of the root config: the OpenAI-compatible front door (``dualpath serve --http``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from dualpath._configbase import Section
+
+
+class HttpConfig(Section):
+    """Where the HTTP API listens, what it calls its model, and how much it accepts at once.
+
+    ``mode``: ``process`` (default) fronts a multi-process deployment (``dualpath serve``: the scheduler and
+    one process per engine); ``inprocess`` runs the emulated cluster inside the HTTP server's process (for
+    notebooks and tests). Binds to loopback unless ``host`` is set. With ``api_key`` set every ``/v1/*``
+    request needs ``Authorization: Bearer <api_key>`` (``/health`` and ``/metrics`` stay open)."""
+
+    host: str = Field(default="127.0.0.1", description="bind address (loopback by default)")
+    port: int = Field(default=8000, ge=0, le=65535, description="port; 0 picks a free one")
+    mode: Literal["process", "inprocess"] = Field(default="process", description="multi-process or in-process")
+    api_key: str | None = Field(default=None, description="required Bearer token for /v1/* (none by default)")
+    model_name: str | None = Field(default=None, description="the id /v1/models reports (default from the model)")
+    max_inflight: int = Field(default=256, ge=1, description="requests served at once; more get 429")
+    max_tokens_default: int = Field(default=256, ge=1, description="max_tokens when a request gives none")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After on 429/503")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="a request ends by this deadline")
+    default_temperature: float = Field(default=1.0, ge=0.0, le=2.0,
+                                       description="temperature when a request gives none (OpenAI's default)")

@@ -1,0 +1,219 @@
+"""Request bodies of the OpenAI-compatible API, validated by pydantic (unknown fields are errors), and the
+OpenAI-style error object.
+
+Every field the OpenAI API defines is accepted; a value this server cannot honour (``n > 1``, ``logprobs: true``,
+tools, a non-zero penalty, ``response_format`` other than text, ...) is refused with a 400 naming the field
+rather than silently ignored (:meth:`_Sampling.unsupported`); an unknown field is a 400 too. Two extensions (as vLLM spells them):
+``ignore_eos`` (generate ``max_tokens`` tokens even past the end-of-sequence token) and ``return_token_ids``
+(each choice carries ``token_ids``, the generated ids).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # accepted; this server adds no obfuscation padding
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    # what clients resend of an earlier turn (an assistant's tool calls, a tool's answer): passed to the chat
+    # template, which renders them if it knows how
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+    annotations: list[Any] | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as a chat template expects it (``developer`` is rendered as ``system``)."""
+        d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            d["name"] = self.name
+        if self.tool_calls:
+            d["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        return d
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class _Sampling(_Strict):
+    """Fields shared by both endpoints."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    # standard fields with nothing to do here (accepted, ignored)
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    ignore_eos: bool = False
+    return_token_ids: bool = False
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """``(field, message)`` of the first standard field whose value this server cannot honour (a 400), or
+        None. Accepted values that change nothing (``n: 1``, ``logprobs: false``, a zero penalty, an empty
+        ``logit_bias``) are fine."""
+        if self.n != 1:
+            return "n", f"n: only n=1 is supported (got {self.n})"
+        for f in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, f)
+            if v:
+                return f, f"{f}: penalties are not supported (only 0; got {v})"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias: not supported (only an empty map)"
+        return None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list):
+            if len(v) > 4:
+                raise ValueError("at most 4 stop sequences")
+            if any(not s for s in v):
+                raise ValueError("stop sequences must be non-empty")
+        elif isinstance(v, str) and not v:
+            raise ValueError("a stop sequence must be non-empty")
+        return v
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        bad = super().unsupported()
+        if bad is not None:
+            return bad
+        if self.logprobs:
+            return "logprobs", "logprobs: not supported (only false)"
+        if self.top_logprobs:
+            return "top_logprobs", "top_logprobs: not supported (only 0)"
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return "response_format", (f"response_format: only type 'text' is supported (got "
+                                       f"{self.response_format.get('type')!r})")
+        if self.tools or self.functions:
+            return "tools", "tools: tool calling is not supported"
+        for f in ("tool_choice", "function_call"):
+            v = getattr(self, f)
+            if v is not None and v not in ("none", "auto"):
+                return f, f"{f}: tool calling is not supported (only 'none' or 'auto' without tools)"
+        return None
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] = Field(description="text, or a list of token ids")
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1, le=20)
+    suffix: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        bad = super().unsupported()
+        if bad is not None:
+            return bad
+        if self.logprobs is not None:
+            return "logprobs", "logprobs: not supported (only null)"
+        if self.best_of not in (None, 1):
+            return "best_of", f"best_of: only 1 is supported (got {self.best_of})"
+        if self.suffix:
+            return "suffix", "suffix: not supported"
+        return None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("the prompt is empty")
+            if all(isinstance(x, str) for x in v):
+                if len(v) != 1:
+                    raise ValueError("only one prompt per request (n=1, no batches)")
+            elif any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in v):
+                raise ValueError("token ids must be non-negative integers")
+        elif not v:
+            raise ValueError("the prompt is empty")
+        return v
+
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+
+def error_body(message: str, etype: str = "invalid_request_error", *, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """An OpenAI-style error object."""
+    return {"error": {"message": message, "type": etype, "param": param, "code": code}}
+
+
+def describe_validation(errors: list[Any]) -> tuple[str, str | None]:
+    """One line for pydantic's errors (first one named by its field path) and the offending parameter."""
+    if not errors:
+        return "invalid request", None
+    first = {"json_invalid": 0, "extra_forbidden": 1}
+    errors = sorted(errors, key=lambda e: first.get(e.get("type", ""), 2))
+    e = errors[0]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    where = ".".join(loc)
+    kind = e.get("type", "")
+    if kind == "extra_forbidden":
+        msg = f"unknown field {where!r}"
+    elif kind == "json_invalid":
+        msg = f"malformed JSON: {e.get('msg', '')}"
+        where = ""
+    elif kind == "missing":
+        msg = f"missing field {where!r}"
+    else:
+        msg = f"{where}: {e.get('msg', 'invalid value')}" if where else str(e.get("msg", "invalid value"))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return msg + more, where or None

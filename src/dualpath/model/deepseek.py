@@ -1,0 +1,228 @@
+"""A DeepSeek-V3 decoder (Multi-head Latent Attention + DeepSeekMoE) with a layer-wise forward over paged latent KV.
+
+Parameter names equal Hugging Face's (``model.layers.3.self_attn.kv_a_proj_with_mqa.weight``,
+``model.layers.3.mlp.experts.7.gate_proj.weight``, ...), so a DeepSeek-V3 checkpoint loads as is. The forward has
+the same layer-wise shape as :class:`dualpath.model.llama.LlamaModel` (``prefill_begin`` / ``prefill_layer`` /
+``prefill_end``) over the same :class:`~dualpath.model.llama.SeqBatch`, so engines drive either.
+
+The cache holds, per token and layer, one row: the normalized latent ``c`` (``kv_lora_rank`` values, after
+``kv_a_layernorm``) followed by the RoPE'd shared key part ``k_rot`` (``qk_rope_head_dim`` values) -- in the
+compute dtype, or in the FP8 latent format (656 bytes for 512 + 64). Attention runs in the *absorbed* form for
+decode and prefill alike: ``kv_b_proj``'s key half is folded into the query (``q_lat = q_nope @ W_uk``), every
+head attends to the shared latent rows as MQA with a ``kv_lora_rank + rope`` wide key and the latent as value,
+and the value half of ``kv_b_proj`` maps the result back (``o = o_lat @ W_uv^T``). Nothing is decompressed.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dualpath.errors import ModelError
+from dualpath.kernels import mla_decode_attention, mla_prefill_attention, store_latent
+from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch
+from dualpath.model.spec import DeepseekV3Spec, rope_frequencies
+
+__all__ = ["DeepseekV3Model"]
+
+_LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in DeepSeek's and HF's code
+
+
+class _FFN(nn.Module):
+    """SwiGLU MLP of a given width (dense layers, shared experts and each routed expert)."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLAttention(nn.Module):
+    def __init__(self, spec: DeepseekV3Spec) -> None:
+        super().__init__()
+        h, bias = spec.n_heads, spec.attention_bias
+        if spec.q_lora_rank is None:
+            self.q_proj = nn.Linear(spec.hidden_size, h * spec.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(spec.hidden_size, spec.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, _LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(spec.q_lora_rank, h * spec.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(spec.hidden_size, spec.kv_lora_rank + spec.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, _LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(spec.kv_lora_rank, h * (spec.qk_nope_head_dim + spec.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * spec.v_head_dim, spec.hidden_size, bias=bias)
+
+
+class Router(nn.Module):
+    """Sigmoid scores, correction bias for the choice only, group-limited top-k (``noaux_tc``). Kept in fp32."""
+
+    def __init__(self, spec: DeepseekV3Spec) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(spec.n_routed_experts, spec.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(spec.n_routed_experts), requires_grad=False)
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()                       # [N, E]
+        choice = scores + self.e_score_correction_bias.float()
+        n = x.shape[0]
+        per_group = s.n_routed_experts // s.n_group
+        group_scores = choice.view(n, s.n_group, per_group).topk(2, dim=-1)[0].sum(-1)   # [N, G]
+        group_idx = group_scores.topk(s.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        expert_mask = group_mask[:, :, None].expand(n, s.n_group, per_group).reshape(n, -1)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+        idx = choice.topk(s.num_experts_per_tok, dim=-1, sorted=False)[1]                 # [N, K]
+        w = scores.gather(1, idx)
+        if s.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return idx, w * s.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    def __init__(self, spec: DeepseekV3Spec) -> None:
+        super().__init__()
+        self.gate = Router(spec)
+        self.experts = nn.ModuleList(_FFN(spec.hidden_size, spec.moe_intermediate_size)
+                                     for _ in range(spec.n_routed_experts))
+        self.has_shared = spec.n_shared_experts > 0
+        if self.has_shared:
+            self.shared_experts = _FFN(spec.hidden_size, spec.moe_intermediate_size * spec.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, w = self.gate(x)
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():   # only the experts some token picked, in expert order
+            tok, pos = torch.where(idx == e)
+            y = cast(_FFN, self.experts[e])(x[tok]) * w[tok, pos, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        if self.has_shared:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DeepseekV3Spec, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        self.self_attn = MLAttention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        self.mlp: nn.Module = MoE(spec) if spec.is_moe_layer(layer) else _FFN(spec.hidden_size, spec.intermediate_size)
+
+
+class Backbone(nn.Module):
+    def __init__(self, spec: DeepseekV3Spec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """RoPE on the last dim of ``x [..., P]``; ``cos, sin [N, P/2]`` broadcast over the middle dims.
+
+    Interleaved checkpoints (DeepSeek's own layout) rotate pairs ``(x0, x1), (x2, x3), ...``; the result is laid
+    out de-interleaved (evens then odds), as Hugging Face does: a fixed permutation applied to both q and k,
+    so every dot product is unchanged.
+    """
+    while cos.dim() < x.dim():
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if interleave:
+        a, b = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        a, b = x[..., :half], x[..., half:]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+
+class DeepseekV3Model(LayerwiseDecoder):
+    """DeepSeek-V3 over a paged latent KV pool (``[num_blocks, bt, latent]`` per layer, or FP8 rows)."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, spec: DeepseekV3Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
+        super().__init__()
+        self.spec = spec
+        self.backend = backend
+        self.model = Backbone(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.to(device=device, dtype=spec.torch_dtype)
+        for mod in self.modules():  # the router stays in fp32 (as DeepSeek and transformers keep it)
+            if isinstance(mod, Router):
+                mod.float()
+        inv_freq, self._rope_scale = rope_frequencies(spec.qk_rope_head_dim, spec.rope_theta, spec.rope_scaling,
+                                                      spec.max_position)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.scale = spec.softmax_scale
+        self.kv_spec = spec.kv_spec()
+
+    def _check_kv(self, layer: int, kv_layer: torch.Tensor, block_tokens: int) -> None:
+        ks = self.kv_spec
+        width = ks.bytes_per_token_layer if ks.latent_format == "fp8" else ks.latent_dim
+        dt = torch.uint8 if ks.latent_format == "fp8" else self.spec.torch_dtype
+        if kv_layer.dim() != 3 or tuple(kv_layer.shape[1:]) != (block_tokens, width) or kv_layer.dtype != dt:
+            raise ModelError(f"layer {layer}: latent KV tensor {tuple(kv_layer.shape)} {kv_layer.dtype}, expected "
+                             f"[num_blocks, {block_tokens}, {width}] {dt}")
+
+    # --- layer-wise forward ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill_begin(self, batch: SeqBatch) -> ForwardState:
+        """Embed the batch's new tokens and precompute the RoPE tables (``[N, rope/2]``)."""
+        ids = batch.input_ids.to(self.device)
+        if int(ids.max()) >= self.spec.vocab_size or int(ids.min()) < 0:
+            raise ModelError(f"token id out of range [0, {self.spec.vocab_size})")
+        freqs = batch.positions.to(self.device, torch.float32)[:, None] * self.inv_freq[None, :]
+        dt = self.spec.torch_dtype
+        cos = (freqs.cos() * self._rope_scale).to(dt)
+        sin = (freqs.sin() * self._rope_scale).to(dt)
+        return ForwardState(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin)
+
+    @torch.no_grad()
+    def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
+        """Run layer ``layer`` (in order). ``kv_layer`` holds each sequence's cached latent prefix at its block
+        table; the new tokens' latent rows are written into it, then every new token attends over its prefix."""
+        if layer != state.next_layer:
+            raise ModelError(f"layer {layer} run out of order (expected layer {state.next_layer})")
+        spec, b = self.spec, state.batch
+        self._check_kv(layer, kv_layer, b.block_tokens)
+        mod = cast(DecoderLayer, self.model.layers[layer])
+        attn = cast(MLAttention, mod.self_attn)
+        x = cast(RMSNorm, mod.input_layernorm)(state.hidden)
+        n, h, r = x.shape[0], spec.n_heads, spec.kv_lora_rank
+        nope, rope, vd = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+        if spec.q_lora_rank is None:
+            q = attn.q_proj(x)
+        else:
+            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+        q = q.view(n, h, spec.qk_head_dim)
+        q_nope, q_rot = q.split([nope, rope], dim=-1)
+        ckv = attn.kv_a_proj_with_mqa(x)
+        c, k_rot = ckv.split([r, rope], dim=-1)
+        c = attn.kv_a_layernorm(c)
+        q_rot = _rotate(q_rot, state.cos, state.sin, spec.rope_interleave)
+        k_rot = _rotate(k_rot, state.cos, state.sin, spec.rope_interleave)
+        store_latent(torch.cat((c, k_rot), dim=-1), kv_layer, b.slot_mapping, r, backend=self.backend)
+        # absorbed products in fp32: a bf16 q_lat would round a kv_lora_rank-long sum per head
+        w = attn.kv_b_proj.weight.view(h, nope + vd, r).float()
+        q_lat = torch.einsum("nhd,hdr->nhr", q_nope.float(), w[:, :nope])
+        qq = torch.cat((q_lat, q_rot.float()), dim=-1).contiguous()             # [N, H, R + rope] fp32
+        if b.is_decode:
+            o_lat = mla_decode_attention(qq, kv_layer, b.block_tables, b.seq_lens, self.scale, r,
+                                         backend=self.backend)
+        else:
+            o_lat = mla_prefill_attention(qq, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
+                                          self.scale, r, backend=self.backend)
+        o = torch.einsum("nhr,hvr->nhv", o_lat, w[:, nope:]).to(x.dtype)
+        hid = state.hidden + attn.o_proj(o.reshape(n, h * vd))
+        state.hidden = hid + mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(hid))
+        state.next_layer += 1

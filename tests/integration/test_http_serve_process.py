@@ -1,0 +1,117 @@
+"""``dualpath serve --http`` in its default mode: the real command starts the multi-process deployment (scheduler
++ one process per engine) and puts the HTTP API in front. Tokens equal the in-process cluster's; the second
+turn reports cached tokens; /health and /metrics see the engines; SIGTERM stops every process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+
+from serve_util import pid_alive, tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _reference(cfg, prompt: list[int], gen: int) -> list[int]:
+    import anyio
+
+    from dualpath.cluster import Cluster
+    from dualpath.config import DualPathConfig
+
+    data = cfg.model_dump(mode="python")
+    data["storage"], data["transport"] = {"kind": "memory"}, {"kind": "loopback"}
+
+    async def main() -> list[int]:
+        async with Cluster(DualPathConfig.model_validate(data)) as c:
+            return list((await c.run_turn("ref", prompt, gen)).token_ids)
+
+    return anyio.run(main)
+
+
+def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
+    cfg = tiny_config(tmp_path / "kv")
+    cfg_file = tmp_path / "serve.json"
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+    addr = tmp_path / "http.addr"
+    out = open(tmp_path / "serve.out", "wb")  # noqa: SIM115
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
+    proc = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "serve", "--config", str(cfg_file), "--http",
+                             "127.0.0.1:0", "--api-key", "k1", "--http-address-file", str(addr),
+                             "--workdir", str(tmp_path / "work")], stdout=out, stderr=subprocess.STDOUT, env=env)
+    pids: list[int] = []
+    try:
+        t_end = time.monotonic() + 180
+        while not addr.exists() and proc.poll() is None and time.monotonic() < t_end:
+            time.sleep(0.1)
+        assert addr.exists(), (tmp_path / "serve.out").read_text()[-3000:]
+        url = addr.read_text().strip()
+        auth = {"Authorization": "Bearer k1"}
+        with httpx.Client(base_url=url, timeout=120) as cl:
+            health = cl.get("/health")
+            assert health.status_code == 200 and health.json()["engines_alive"] == 2
+            assert cl.post("/v1/completions", json={"prompt": [1, 2]}).status_code == 401
+            prompt = list(range(3, 80))
+            ref = _reference(cfg, prompt, 7)
+            body = {"prompt": prompt, "max_tokens": 7, "return_token_ids": True}
+            r = cl.post("/v1/completions", json=body, headers=auth)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == ref
+            assert r.headers["x-dualpath-read-path"] in ("pe", "de", "split", "recompute")
+            # again: the prompt's full blocks now come from storage
+            events = []
+            with cl.stream("POST", "/v1/completions", headers=auth,
+                           json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
+                assert s.status_code == 200
+                events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            chunks = [json.loads(e) for e in events[:-1]]
+            assert [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids", [])] == ref
+            assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == (len(prompt) - 1) // 16 * 16
+            # sampling is refused (this deployment decodes greedily), with a 400 error object
+            r = cl.post("/v1/completions", json={"prompt": prompt, "temperature": 0.8}, headers=auth)
+            assert r.status_code == 400 and "greedily" in r.json()["error"]["message"]
+            m = cl.get("/metrics").text
+            assert 'dualpath_engine_up{engine="pe0"} 1.0' in m and 'dualpath_engine_up{engine="de0"} 1.0' in m
+            assert "dualpath_ttft_seconds_count 2.0" in m
+            st = cl.get("/health").json()
+            assert st["status"] == "ok"
+        pids = _engine_pids(tmp_path / "work")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        out.close()
+    t_end = time.monotonic() + 10
+    while any(pid_alive(p) for p in pids) and time.monotonic() < t_end:
+        time.sleep(0.1)
+    assert not [p for p in pids if pid_alive(p)], "engine processes outlived `dualpath serve --http`"
+
+
+def _engine_pids(workdir: Path) -> list[int]:
+    """The scheduler's view of the engine pids (from its stats), via the control client."""
+    import anyio
+
+    from dualpath.control.client import ServeClient
+
+    address = (workdir / "scheduler.addr").read_text().strip()
+
+    async def main() -> list[int]:
+        async with ServeClient(address) as c:
+            st = await c.stats()
+        return [int(v) for k, v in st.items() if k.endswith(".pid")]
+
+    return anyio.run(main)

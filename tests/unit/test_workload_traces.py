@@ -1,0 +1,203 @@
+"""Traces served as they are: every request once (prefixes and copies only when asked), Mooncake hash ids as
+content (reuse across sessions), online timestamps, the ideal hit rate, `dualpath trace stats`, bad files."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dualpath.cli import main
+from dualpath.errors import WorkloadError
+from dualpath.workload import WorkloadConfig, build_workload
+from dualpath.workload.traces import (
+    COPY_SALT,
+    hash_prompt_tokens,
+    ideal_hit_rate,
+    load_trace,
+    synthetic_mooncake,
+    trace_stats,
+)
+
+DATA = Path(__file__).parent.parent / "data"
+SHARED = DATA / "mooncake_shared.jsonl"  # 4 requests, 3 sessions; a 2-block system prompt shared by all
+# hand-computed ideal (requests in time order, each storing its full input blocks on arrival):
+# A [1,2,3,4] 0; B [1,2,5] 1024; C [1,2,6] 1024; A2 [1,2,3,4,7,8] 2048 -> 4096 of 7248 input tokens
+IDEAL_SHARED = 4096 / 7248
+
+
+def test_every_request_served_once_without_cycling() -> None:
+    w = load_trace(SHARED, "mooncake")
+    assert w.requests == 4 and w.requests_in_file == 4 and w.note.endswith("(every request)")
+    assert [[(u.append, u.gen) for u in t.turns] for t in w.trajectories] == [
+        [(2048, 16), (2564 - 2064, 4)], [(1536, 8)], [(1100, 4)]]
+    # a generator's agent count does not cycle a trace up to it
+    trajs = build_workload(WorkloadConfig(trace=str(SHARED), trace_format="mooncake", n_agents=50))
+    assert sum(t.n_turns for t in trajs) == 4
+
+
+def test_prefix_and_repeat_are_explicit() -> None:
+    w = load_trace(SHARED, "mooncake", max_requests=2)
+    assert w.requests == 2 and "first 2 requests" in w.note
+    assert sorted(u.at for t in w.trajectories for u in t.turns) == [0.0, 0.0]  # the first two in time order
+    r = load_trace(SHARED, "mooncake", repeat=3)
+    assert r.requests == 12 and "repeated 3x" in r.note
+    ids = [u.hash_ids for t in r.trajectories for u in t.turns]
+    assert ids[4][0] == 1 + COPY_SALT and ids[8][0] == 1 + 2 * COPY_SALT  # copies share no content
+    assert ideal_hit_rate(r.trajectories) == pytest.approx(IDEAL_SHARED)
+    span = max(u.at for t in r.trajectories for u in t.turns if u.at is not None)
+    assert span > 2 * 40.0  # copies follow each other online
+
+
+def test_hash_ids_are_content_across_sessions() -> None:
+    w = load_trace(SHARED, "mooncake")
+    a, b = w.trajectories[0].turns[0], w.trajectories[1].turns[0]
+    ta = hash_prompt_tokens(a.hash_ids, 2048, 512, 1000)
+    tb = hash_prompt_tokens(b.hash_ids, 1536, 512, 1000)
+    assert np.array_equal(ta[:1024], tb[:1024]) and not np.array_equal(ta[1024:1536], tb[1024:1536])
+    assert ta.min() >= 1 and ta.max() < 1000
+    # a reference: each block is numpy's generator seeded with the hash id
+    ref = np.random.default_rng(2).integers(1, 1000, size=512, dtype=np.int64)
+    assert np.array_equal(ta[512:1024], ref)
+    assert ideal_hit_rate(w.trajectories) == pytest.approx(IDEAL_SHARED)
+
+
+def test_simulator_sees_cross_session_reuse_and_trace_times() -> None:
+    from dualpath.scheduler.policies import get_policy
+    from dualpath.sim.cluster import Simulation
+    from dualpath.sim.runner import scenario_from_preset
+
+    w = load_trace(SHARED, "mooncake")
+    sc = scenario_from_preset("tiny", trajectories=w.trajectories)
+    sc.mode = "online"
+    sim = Simulation(sc, get_policy("dualpath")).run()
+    assert sim.completed == 4
+    # submitted at the trace's own times (A2 waits for 40 s although A finished long before)
+    assert sorted(sim.rec_submit) == pytest.approx([0.0, 0.0, 30.0, 40.0])
+    # A and B start together (nothing stored yet); C, a new session, hits the shared system prompt; A2 its own
+    # session's four blocks: (1024 + 2048) tokens of 7248
+    assert sim.hit_tokens == 1024 + 2048 and sim.prompt_tokens == 7248
+
+
+def test_online_replay_waits_for_turn_times_and_sends_trace_content() -> None:
+    import anyio
+
+    from dualpath.runtime.clients import ClientResult, run_online_into
+    from dualpath.runtime.runner import online_arrivals
+
+    w = load_trace(SHARED, "mooncake")
+    sent: list[tuple[int, float, np.ndarray]] = []
+
+    class Recorder:  # the TurnService protocol: records what it is sent and when, answers at once
+        async def run_turn(self, session: int, prompt_ids: np.ndarray, gen_tokens: int):  # type: ignore[no-untyped-def]
+            from dualpath.runtime.clients import TurnOutcome
+
+            now = time.perf_counter()
+            sent.append((session, now, np.array(prompt_ids)))
+            return TurnOutcome(session, [7] * gen_tokens, len(prompt_ids), 0, now, now, None, now)
+
+    # the trace's times scaled down 1000x (ms instead of s) to keep the test fast
+    for t in w.trajectories:
+        t.arrival /= 1000
+        for u in t.turns:
+            u.at = None if u.at is None else u.at / 1000
+    arr = online_arrivals(w.trajectories, 1.0)
+    assert arr == [0.0, 0.0, 0.030]
+    res = ClientResult([], 0.0, 0.0, 0, 0)
+    anyio.run(lambda: run_online_into(Recorder(), w.trajectories, arr, res, vocab_size=1000))
+    t0 = res.t_start
+    by = {(s, len(p)): (t - t0, p) for s, t, p in sent}
+    assert by[(0, 2564)][0] >= 0.040 - 1e-3 and by[(2, 1100)][0] >= 0.030 - 1e-3
+    # the follow-up's prompt is the trace's content (its hash ids), not context + generated tokens
+    assert np.array_equal(by[(0, 2564)][1], hash_prompt_tokens([1, 2, 3, 4, 7, 8], 2564, 512, 1000))
+    assert np.array_equal(by[(2, 1100)][1][:1024], by[(0, 2048)][1][:1024])  # cross-session shared prefix
+
+
+def test_trace_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s = trace_stats(SHARED, "mooncake")
+    assert (s["requests"], s["sessions"]) == (4, 3)
+    assert s["input_tokens"]["max"] == 2564 and s["total_input_tokens"] == 7248
+    assert s["ideal_hit_rate"] == pytest.approx(IDEAL_SHARED)
+    assert s["arrival_rate_rps"] == pytest.approx(3 / 40.0)
+    assert s["largest_turn"] == {"prompt": 2564, "gen": 4, "tokens": 2568, "session": 0, "turn": 1, "line": 4}
+    out = tmp_path / "s.json"
+    assert main(["trace", "stats", str(SHARED), "--trace-format", "mooncake", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "requests               4" in text and "line 4" in text
+    assert json.loads(out.read_text())["sessions"] == 3
+
+
+def test_synthetic_mooncake_is_a_valid_trace(tmp_path: Path) -> None:
+    rows = synthetic_mooncake(200, seed=1)
+    p = tmp_path / "mc.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    w = load_trace(p, "mooncake")
+    assert w.requests == 200 and len(w.trajectories) < 200  # sessions were recovered
+    assert 0.2 < ideal_hit_rate(w.trajectories) < 0.95
+
+
+@pytest.mark.parametrize(
+    ("content", "fmt", "where", "what"),
+    [
+        (b'{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1]}\n\xff\xfe\n', "mooncake",
+         ":2:", "UTF-8"),
+        (b'{"id": 0, "turns": ' + b"[" * 100000 + b"]" * 100000 + b"}\n", "jsonl", ":1:", "nested"),
+        (b"\n\n", "jsonl", ":1:", "empty trace"),
+        (b'{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1]}\n'
+         b'{"timestamp": 5, "input_length": 9000000, "output_length": 2, "hash_ids": [2]}\n', "mooncake", ":2:",
+         "9000000 prompt"),
+    ],
+)
+@pytest.mark.parametrize("command", ["simulate", "trace"])
+def test_bad_traces_exit_2_naming_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes,
+                                                 fmt: str, where: str, what: str, command: str) -> None:
+    p = tmp_path / f"bad.{fmt}"
+    p.write_bytes(content)
+    if command == "trace" and what.endswith("prompt"):
+        return  # a long turn is a fact for `trace stats`, an error only where a cluster must hold it
+    argv = (["simulate", "--preset", "tiny", "--trace", str(p), "--trace-format", fmt] if command == "simulate"
+            else ["trace", "stats", str(p), "--trace-format", fmt])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{p}{where}" in err and what in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_load_trace_refuses_bad_limits() -> None:
+    with pytest.raises(WorkloadError, match="max_requests"):
+        load_trace(SHARED, "mooncake", max_requests=0)
+    with pytest.raises(WorkloadError, match="not found"):
+        load_trace(DATA / "nope.jsonl")
+
+
+def test_run_prepares_every_request_and_sizes_the_cluster(tmp_path: Path) -> None:
+    from dualpath.runtime.app import RunRequest, describe, prepare
+
+    rows = [{"timestamp": 0, "input_length": 23141, "output_length": 453, "hash_ids": list(range(46))},
+            {"timestamp": 10, "input_length": 300, "output_length": 5, "hash_ids": [0]}]
+    p = tmp_path / "long.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"storage: {{kind: posix, root: {tmp_path / 'kv'}}}\n")
+    cfg, _, trajs = prepare(RunRequest(config=str(conf), trace=str(p), trace_format="mooncake", agents=24))
+    assert len(trajs) == 2 and sum(t.n_turns for t in trajs) == 2  # not replayed into 24 agents
+    assert cfg.model.max_context >= 23141 + 453 and cfg.cluster.prefill_max_batch_tokens >= 23141
+    head = describe(cfg, trajs, ["dualpath"])
+    assert "2 of 2 requests" in head and f"model context {cfg.model.max_context}" in head
+    cfg2, _, t2 = prepare(RunRequest(config=str(conf), trace=str(p), trace_format="mooncake", max_requests=1))
+    assert sum(t.n_turns for t in t2) == 1 and "first 1 requests" in describe(cfg2, t2, ["dualpath"])
+
+
+def test_jsonl_trace_online_keeps_its_arrivals(tmp_path: Path) -> None:
+    from dualpath.runtime.runner import online_arrivals
+
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"id": 0, "arrival": 0.0, "turns": [{"append": 10, "gen": 2}, {"append": 5, "gen": 1, "at": 3.5}]}\n'
+                 '{"id": 4, "arrival": 2.0, "turns": [{"append": 7, "gen": 2}]}\n')
+    trajs = build_workload(WorkloadConfig(trace=str(p), mode="online", rate_aps=100.0))
+    assert online_arrivals(trajs, 100.0, from_trace=True) == [0.0, 2.0]
+    assert trajs[0].turns[1].at == 3.5
+    off = build_workload(WorkloadConfig(trace=str(p), mode="offline"))
+    assert [t.arrival for t in off] == [0.0, 0.0]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from dualpath.repro import SIZES, reproduce
+from dualpath.repro import SIZES, render, reproduce
 from dualpath.repro.suite import Row
 
 
@@ -55,3 +55,6 @@ def test_reproduce_report_structure(tmp_path) -> None:  # type: ignore[no-untype
     parts = r["ttft_queue_s"] + r["ttft_read_s"] + r["ttft_prefill_s"]
     assert math.isclose(parts, r["ttft_mean_s"], rel_tol=1e-6)
     assert len(out["rows"]) == len(data["rows"])
+    # the report rebuilds from results.json alone, row for row
+    again = render(str(tmp_path), plots=False, size=size)
+    assert [r.as_dict() for r in again["rows"]] == [r.as_dict() for r in out["rows"]]

@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reproduce-out", help="output directory (default reproduce-out)")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: min(2, CPUs))")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rebuild report.md and the plots from --out's results.json, simulating nothing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from dualpath.errors import ConfigError
-    from dualpath.repro import reproduce
+    from dualpath.repro import render, reproduce
 
     size = "quick" if args.quick else (args.size or "full")
     jobs = args.jobs if args.jobs is not None else max(1, min(2, os.cpu_count() or 1))
@@ -32,7 +34,10 @@ def run(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     cmd = "dualpath reproduce" + (" --quick" if size == "quick" else f" --size {size}" if size != "full" else "")
-    out = reproduce(size, args.out, jobs, plots=not args.no_plots, command=cmd, progress=progress)
+    if args.render_only:
+        out = render(args.out, plots=not args.no_plots)
+    else:
+        out = reproduce(size, args.out, jobs, plots=not args.no_plots, command=cmd, progress=progress)
     rows = out["rows"]
     judged = [r for r in rows if r.within is not None]
     print(f"{sum(1 for r in judged if r.within)}/{len(judged)} rows within tolerance "

@@ -97,6 +97,10 @@ def plots(size: Size, res: Results, out_dir: str) -> list[str]:
         for j, ds in enumerate(dss):
             ax = axes[i][j]
             agents = size.f7[m].get(ds, [])
+            if not agents:
+                ax.text(0.5, 0.5, f"not run at size {size.name}", ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
             for k, pol in enumerate(("basic", "dualpath", "oracle")):
                 ys = [res.val(_k("off", m, ds, n), pol, "jct_s") for n in agents]
                 ax.bar([x + (k - 1) * 0.27 for x in range(len(agents))], ys, 0.27, label=pol, color=COLORS[pol])

@@ -65,7 +65,8 @@ def build_model(config: DualPathConfig, device: torch.device) -> LayerwiseModel:
     from dualpath.model.loader import load_model
 
     model, _tok = load_model(mc, device, with_tokenizer=False)
-    return LlamaAdapter(model, config.cluster.block_tokens)
+    return LlamaAdapter(model, config.cluster.block_tokens, time_model=mc.time_model,
+                        time_budget_s=mc.time_model_budget_s)
 
 
 class Cluster:
@@ -122,6 +123,12 @@ class Cluster:
             self._models[device] = m
         return self._models[device]
 
+    def prefill_tokens_per_s(self, new: int = 1024) -> float | None:
+        """One PE's predicted prefill rate on ``new`` fresh tokens (for Algorithm 1's beta), or None
+        when the model predicts no time. A real model may calibrate its time model here (blocking, bounded)."""
+        m = self._model_for(self.devices[0])
+        return m.prefill_tokens_per_s(min(new, self.max_context))
+
     # --- life cycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
         from dualpath.storage import create_storage
@@ -164,6 +171,9 @@ class Cluster:
                     self.pes.append(PrefillEngine(eid, ctx))
                 else:
                     self.des.append(DecodeEngine(eid, ctx))
+            if cc.prefill_quota_s is not None:  # the quota needs the model's predicted time: calibrate it now
+                for m in {id(pe.model): pe.model for pe in self.pes}.values():
+                    await anyio.to_thread.run_sync(m.predict_prefill_s, 0, 1)
             for e in [*self.pes, *self.des]:
                 await e.start()
             self._tg = anyio.create_task_group()
@@ -387,6 +397,10 @@ class Cluster:
         if submitted:
             with anyio.move_on_after(self.config.cluster.deadline_s):
                 await turn.pe_released.wait()
+        # one-sided transports: no cancelled landing may still be written into once its memory is freed
+        await pe.ctx.transport.settle()
+        if de.ctx.transport is not pe.ctx.transport:
+            await de.ctx.transport.settle()
         pe.release(turn)
         de.release(turn)
         if seq is not None:

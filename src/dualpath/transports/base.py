@@ -219,6 +219,13 @@ class Transport(abc.ABC):
         """Withdraw the landing exposed under ``tag`` (no-op when there is none)."""
         self._landings.cancel(tag)
 
+    async def settle(self) -> None:
+        """Return once every :meth:`cancel` issued so far has taken full effect: after it, nothing lands in the
+        memory of a cancelled landing, so the caller may reuse it. A transport whose receiver copies each arrival
+        itself (loopback, zmq) is settled as soon as ``cancel`` returns; a one-sided one (nixl) waits, bounded,
+        for its senders to acknowledge the revocation."""
+        return None
+
     # --- sending --------------------------------------------------------------------------------------------
     @abc.abstractmethod
     async def connect(self, peer: str, address: str) -> None:

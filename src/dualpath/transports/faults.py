@@ -73,6 +73,9 @@ class FaultyTransport(Transport):
     def cancel(self, tag: str) -> None:
         self.inner.cancel(tag)
 
+    async def settle(self) -> None:
+        await self.inner.settle()
+
     async def connect(self, peer: str, address: str) -> None:
         await self.inner.connect(peer, address)
 

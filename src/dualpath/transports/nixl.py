@@ -1,19 +1,31 @@
 """NIXL transport: agents over UCX (RDMA where present; TCP or shared memory otherwise).
 
 Memory is registered with the local agent once per buffer (:meth:`register`). A small ZeroMQ side channel
-(binary :mod:`~dualpath.transports.wire` headers, no pickle) exchanges agent metadata on :meth:`connect` and
-runs a rendezvous per write: the sender asks for ``(tag, size)`` (REQ); the receiver answers with the landing
-address once the tag is exposed (GRANT; early requests wait there, so the bytes stay at the sender; the slot is
-claimed for this one write, so no other arrival lands there); the sender posts a NIXL WRITE (from descriptor lists
-prepared once per local span and per remote landing, :meth:`nixl_agent.prep_xfer_dlist`, and reused) whose
-notification carries ``(seq, tag, checksum)``; the receiver, on that notification, completes the slot. ``write``
-returns when NIXL reports the WRITE complete (the bytes are in the peer's slot, which was claimed for it); with a
-checksum the receiver first verifies it and acknowledges (ACK), and ``write`` returns on the ACK. Side-channel
-messages are drained in batches and answered with one message per peer. Transfer states and notifications are
-polled on the event loop while any are outstanding, so every NIXL call happens on one thread; those polls
-also drive UCX progress (NIXL's own progress thread, which spins a core even when idle, is off unless
-``progress_thread``). ``nixl`` is imported lazily here only (``pip install dualpath[nixl]``); ``UCX_TLS``
-defaults to ``tcp,self,sm`` when unset (CPU machines; keep ``tcp``).
+(binary :mod:`~dualpath.transports.wire` headers, no pickle) exchanges agent metadata on :meth:`connect` and the
+landing grants. **One handshake per request, not per write**: a sender with no grant for a tag asks for it
+``(tag, size)`` (REQ); the receiver answers with that landing's address and, in the same message, the addresses
+of every other landing of the tag's *request group* exposed now (:func:`_group`: ``r{rid}/{what}`` of the
+engines' tags), each claimed for that sender (so no other arrival lands there) under its own epoch; landings of
+the group exposed later are pushed to that sender as they are exposed (one message per event-loop pass).
+Concurrent writes of a group wait for the group's request in flight instead of asking again. The sender then
+writes each layer one-sided: a NIXL WRITE (from descriptor lists prepared once per local span and per remote
+landing, :meth:`nixl_agent.prep_xfer_dlist`, and reused) whose notification carries ``(seq, tag, epoch,
+checksum)``; the receiver, on that notification, completes the slot. A sender writes once under a grant: a second
+write of the tag asks again and is refused. ``write`` returns when NIXL reports the WRITE complete; with a
+checksum the receiver first verifies it and acknowledges (ACK), and ``write`` returns on the ACK.
+
+**Revocation fence.** When a granted landing is withdrawn before its notification (``cancel``, a timed-out
+``wait``; or another sender asks for it) the receiver revokes ``(tag, epoch)``: the sender drops the grant,
+starts no write under it, waits for the one already posted (if any) and acknowledges; notifications of a revoked
+epoch are dropped. A timed-out ``wait`` returns only after that acknowledgement; ``cancel`` (synchronous) starts
+the fence and :meth:`NixlTransport.settle` awaits every fence started. A sender that does not acknowledge within
+``_FENCE_S`` gets its groups forgotten and the landing's region is deregistered and registered again (its
+remote keys invalid; honest peers reload the metadata on their next grant), so a silent sender cannot write
+into memory the caller reuses. Side-channel messages are drained in batches and answered with one message per
+peer. Transfer states and notifications are polled on the event loop while any are outstanding, so every NIXL
+call happens on one thread; those polls also drive UCX progress (NIXL's own progress thread, which spins a
+core even when idle, is off unless ``progress_thread``). ``nixl`` is imported lazily here only (``pip install
+dualpath[nixl]``); ``UCX_TLS`` defaults to ``tcp,self,sm`` when unset (CPU machines; keep ``tcp``).
 """
 
 from __future__ import annotations
@@ -62,6 +74,7 @@ def _mem(t: torch.Tensor) -> tuple[str, int]:
 _OFFERS = 4096  # request groups remembered as granted to a sender (LRU)
 _REVOKED_KEPT = 4096  # revoked (tag, epoch) pairs remembered, so their late notifications are dropped
 _FENCE_S = 2.0  # how long a revocation waits for the sender's acknowledgement before re-registering the region
+_SPIN_S = 0.005  # a sender with writes posted polls every loop pass while they progressed this recently
 _DRAIN = 256  # side-channel messages handled per wake-up before yielding
 _DLIST_CACHE = 512  # prepared descriptor lists kept per side (LRU)
 
@@ -251,10 +264,14 @@ class NixlTransport(Transport):
     async def _progress(self) -> None:
         assert self._work is not None
         agent, interval = self._agent, self.config.poll_interval_s
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        idle = 0
         while True:
             if not self._inflight and not self._granted:
                 self._work.clear()
                 await self._work.wait()
+                last = loop.time()
                 continue
             moved = False
             for xid, (handle, fut) in list(self._inflight.items()):
@@ -277,10 +294,17 @@ class NixlTransport(Transport):
                     for msg in msgs:
                         moved = True
                         self._on_notif(str(agent_name), bytes(msg))
-                if not moved:  # grants whose landing was withdrawn some other way: fence them too
+                idle = 0 if moved else idle + 1
+                if idle % 256 == 255:  # now and then: grants whose landing was withdrawn some other way, fenced too
                     for tag in [k for k, v in self._granted.items() if v.slot.withdrawn]:
                         self._revoke(tag)
-            await asyncio.sleep(0 if moved else interval)
+            # our posted writes: poll again after one loop pass, as a raw sender spins on its transfer states (a
+            # timed asyncio sleep rounds up to the selector's 1 ms tick, a bubble under sub-millisecond writes);
+            # writes that stall (a slow peer) fall back to the timed poll after _SPIN_S without progress
+            now = loop.time()
+            if moved:
+                last = now
+            await asyncio.sleep(0 if moved or (self._inflight and now - last < _SPIN_S) else interval)
 
     def _kick(self) -> None:
         if self._work is not None:
@@ -384,8 +408,10 @@ class NixlTransport(Transport):
             self._landings.reject(sender, str(exc))
             reply(Header(Kind.GRANT, hdr.seq, hdr.tag, status=Status.REJECTED, extra=str(exc).encode()))
             return
-        if slot is None:  # not exposed yet: hold the request (the bytes stay at the sender)
+        if slot is None:  # not exposed yet: hold the request (the bytes stay at the sender), grant the rest now
             self._spawn(self._grant_later(ident, sender, hdr))
+            for h in self._pregrant(ident, sender, hdr.tag):
+                reply(h)
         else:
             for h in self._grant(ident, sender, hdr, slot):
                 reply(h)
@@ -415,7 +441,18 @@ class NixlTransport(Transport):
         """Grant the claimed ``slot`` to ``sender``, and with it every other landing of the tag's request group
         exposed now (claimed for it under the group's epoch). Later exposes of the group are pushed to the
         sender as they happen (:meth:`_on_expose`). Returns the GRANT messages, the requested one last."""
-        group = _group(hdr.tag)
+        out = self._pregrant(ident, sender, hdr.tag)
+        epoch = next(self._epochs)
+        g = _Grant(slot, sender, ident, epoch)
+        self._granted[hdr.tag] = g
+        out.append(self._grant_header(hdr.seq, hdr.tag, g))
+        self._kick()
+        return out
+
+    def _pregrant(self, ident: bytes, sender: str, tag: str) -> list[Header]:
+        """Offer ``tag``'s request group to ``sender`` (unless another sender holds it): claim every other
+        landing of the group exposed now for it; their GRANT messages (sequence 0: not a reply)."""
+        group = _group(tag)
         offer = self._offers.get(group)
         if offer is None:
             self._offers[group] = (sender, ident)
@@ -425,16 +462,12 @@ class NixlTransport(Transport):
             self._offers.move_to_end(group)
         out: list[Header] = []
         if offer is None or offer[0] == sender:
-            for tag, other in list(self._landings._slots.items()):
-                if other.state == "exposed" and tag != hdr.tag and tag not in self._held and _group(tag) == group:
-                    g = self._claim_for(tag, other, sender, ident)
+            for other_tag, other in list(self._landings._slots.items()):
+                if other.state == "exposed" and other_tag != tag and other_tag not in self._held \
+                        and _group(other_tag) == group:
+                    g = self._claim_for(other_tag, other, sender, ident)
                     if g is not None:
-                        out.append(self._grant_header(0, tag, g))
-        epoch = next(self._epochs)
-        g = _Grant(slot, sender, ident, epoch)
-        self._granted[hdr.tag] = g
-        out.append(self._grant_header(hdr.seq, hdr.tag, g))
-        self._kick()
+                        out.append(self._grant_header(0, other_tag, g))
         return out
 
     def _claim_for(self, tag: str, slot: Slot, sender: str, ident: bytes) -> _Grant | None:
@@ -446,6 +479,7 @@ class NixlTransport(Transport):
             return None
         g = _Grant(claimed, sender, ident, next(self._epochs))
         self._granted[tag] = g
+        self._kick()
         return g
 
     def _on_expose(self, tag: str) -> None:
@@ -641,11 +675,30 @@ class NixlTransport(Transport):
             if csum is None and self.checksum:
                 csum = await anyio.to_thread.run_sync(checksum_of, data, limiter=self._limiter)
             seq = next(self._seq)
-            r = p.grants.pop(tag, None)
+            r = p.grants.get(tag)
+            if r is None:
+                group = _group(tag)
+                asked = p.asking.get(group)
+                if asked is not None:  # a request of this group is on its way: its answer grants the group
+                    await asyncio.shield(asked)
+                    r = p.grants.get(tag)
+            if r is not None:
+                del p.grants[tag]
             if r is None or r.nbytes != nbytes:
                 # no grant pushed for this tag: one round trip (which also grants the rest of its request group)
                 self.handshakes += 1
-                status, grant = await p.request(Header(Kind.REQ, seq, tag, nbytes, csum, extra=self.name.encode()))
+                group = _group(tag)
+                asking = p.asking.get(group)
+                if asking is None:
+                    asking = p.asking[group] = asyncio.get_running_loop().create_future()
+                try:
+                    status, grant = await p.request(Header(Kind.REQ, seq, tag, nbytes, csum,
+                                                           extra=self.name.encode()))
+                finally:
+                    if p.asking.get(group) is asking:
+                        del p.asking[group]
+                    if not asking.done():
+                        asking.set_result(None)
                 if status is not Status.OK:
                     raise Rejected(f"{self.name}: {peer!r} refused tag {tag!r} ({status.name}): "
                                    f"{grant.extra.decode('utf-8', 'replace')}")
@@ -728,6 +781,7 @@ class _Peer:
         self.pending: dict[int, asyncio.Future[tuple[Status, Header]]] = {}
         self.outbox: list[bytes] = []
         self.grants: dict[str, _Remote] = {}  # pushed grants not used yet, by tag
+        self.asking: dict[str, asyncio.Future[None]] = {}  # request groups with a REQ in flight
         self.active: dict[tuple[str, int], asyncio.Future[str]] = {}  # posted writes by (tag, epoch)
         self.used: OrderedDict[tuple[str, int], None] = OrderedDict()  # grants written under (one write each)
         self.revoked: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -756,6 +810,9 @@ class _Peer:
                 self.grants[hdr.tag] = _parse_grant(hdr)
             except (ValueError, TransportError) as exc:
                 log.warning("%s: bad pushed grant from %s: %s", self.owner.name, self.name, exc)
+            asking = self.asking.pop(_group(hdr.tag), None)
+            if asking is not None and not asking.done():  # writers waiting on the group's request: look again
+                asking.set_result(None)
             return
         # revoked: no write of (tag, epoch) starts from now on; acknowledge once the one posted (if any) is done
         key = (hdr.tag, hdr.arg)

@@ -171,7 +171,8 @@ async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_
             harmless = {"model": "synthetic-test", "n": 1, "user": "u1", "presence_penalty": 0,
                         "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": None, "best_of": 1, "suffix": None,
                         "stop": ["zzzz"], "seed": None, "store": False, "metadata": {"k": "v"},
-                        "service_tier": "auto", "stream_options": {"include_usage": True}}
+                        "service_tier": "auto", "stream_options": {"include_usage": True}, "echo": None,
+                        "stream": None}
             r = await cl.post("/v1/completions", json={**base, **harmless})
             assert r.status_code == 200, r.text
             out = r.json()
@@ -190,12 +191,17 @@ async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_
                                  ("tool_choice", "required")):
                 r = await cl.post("/v1/chat/completions", json={"messages": msgs, field: value})
                 assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
-            ok = {"messages": msgs, "logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"},
+            ok = {"messages": msgs, "n": None, "logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"},
                   "tool_choice": "none", "parallel_tool_calls": True, "max_completion_tokens": 2}
             r = await cl.post("/v1/chat/completions", json=ok)
             assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]  # got past the checks
             r = await cl.post("/v1/chat/completions", json={**ok, "bogus": 1})
             assert r.status_code == 400 and r.json()["error"]["message"] == "unknown field 'bogus'"
+            r = await cl.post("/v1/chat/completions", json={**ok, "reasoning_effort": "low", "modalities": ["text"]})
+            assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+            image = [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]
+            r = await cl.post("/v1/chat/completions", json={**ok, "messages": [{"role": "user", "content": image}]})
+            assert r.status_code == 400 and "only text content parts" in r.json()["error"]["message"], r.text
             # another model: 404 model_not_found, as OpenAI answers
             r = await cl.post("/v1/completions", json={**base, "model": "gpt-4o"})
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

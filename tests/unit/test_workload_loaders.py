@@ -117,6 +117,9 @@ def test_real_world_file_variants_load_like_the_clean_file(tmp_path: Path) -> No
     ours.write_bytes(b'\xef\xbb\xbf{"id": 0, "turns": [{"append": 30, "gen": 3}]}\r\n\r\n'
                      b'{"id": 1, "turns": [{"append": 20, "gen": 2}]}')
     assert [[(u.append, u.gen) for u in t.turns] for t in load_jsonl(ours)] == [[(30, 3)], [(20, 2)]]
+    with pytest.raises(WorkloadError, match="--trace-format mooncake") as ei:
+        load_jsonl(messy)  # a Mooncake file read as our format: the error says which format it is
+    assert ei.value.line == 1
     # a BOM anywhere but the start of the file is still an error naming the line
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(rows[0].encode() + b"\n\xef\xbb\xbf" + rows[1].encode() + b"\n")

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="with --http: run the emulated cluster inside the server process (http.mode: inprocess)")
     g.add_argument("--model", help="with --http: safetensors directory or .gguf (default: embedded SmolLM2-135M)")
     g.add_argument("--api-key", help="with --http: require 'Authorization: Bearer KEY' on /v1/*")
+    g.add_argument("--served-model-name", metavar="NAME",
+                   help="with --http: the model id /v1/models reports and requests must name (http.model_name; "
+                        "default from the model)")
     g.add_argument("--http-address-file", help="with --http: write http://HOST:PORT here once serving")
 
 
@@ -34,7 +37,8 @@ def check_http_only(args: argparse.Namespace) -> None:
     from dualpath.errors import ConfigError
 
     for flag, value in (("--inprocess", args.inprocess), ("--model", args.model), ("--api-key", args.api_key),
-                        ("--http-address-file", args.http_address_file)):
+                        ("--http-address-file", args.http_address_file),
+                        ("--served-model-name", getattr(args, "served_model_name", None))):
         if value:
             raise ConfigError(f"{flag} applies to the HTTP API: add --http [HOST:PORT]")
 
@@ -83,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         updates["host"], updates["port"] = parse_hostport(args.http, config.http.host)
     if args.api_key:
         updates["api_key"] = args.api_key
+    if getattr(args, "served_model_name", None):
+        updates["model_name"] = args.served_model_name
     config.http = config.http.model_copy(update=updates)
     if args.model:
         from dualpath.model.config import LlamaModelConfig

@@ -8,6 +8,14 @@ multi-process deployment exactly as they drive the in-process cluster::
         out = await c.run_turn(session=1, prompt_ids=[1, 2, 3], gen_tokens=8)
         res = await run_offline(c, trajectories, vocab_size=32000)
 
+**Streaming and sampling.** ``run_turn(..., sampling=SamplingParams(...), on_token=cb)`` has the decode engine
+sample with :mod:`dualpath.engine.sampling` (the in-process code: a seeded turn gives the same tokens in both
+modes) and calls ``cb(token)`` for each token in order as the decode engine produces it (the engine sends each
+decode step's tokens; the scheduler forwards them). The final result stays authoritative: tokens it holds that
+no stream notice brought are delivered from it, so ``cb`` sees exactly the returned tokens.
+:meth:`ServeClient.stream_turn` is the same as an async iterator. A turn cancelled here (its task cancelled, or
+an iterator closed early) is cancelled at the scheduler too, which aborts it on both engines.
+
 Times in the returned :class:`~dualpath.runtime.clients.TurnOutcome` are on this process's clock
 (``perf_counter``), built from the durations the scheduler measured, so they are valid across hosts. A turn
 ends with its tokens or raises: :class:`~dualpath.control.channel.RemoteError` (the scheduler's code and
@@ -18,9 +26,12 @@ message: ``DeadlineExceeded``, ``SchedulerError``, ``InvalidTurn``, ...) or
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,13 +39,49 @@ import numpy as np
 from dualpath.config import DualPathConfig
 from dualpath.control.channel import AuthFailed, Channel, CurveKeys, PeerGone
 from dualpath.control.deploy import client_curve
-from dualpath.control.protocol import MAX_FRAME_BYTES, tokens_to_bin
-from dualpath.errors import PeerTimeout
+from dualpath.control.protocol import MAX_FRAME_BYTES, Message, sampling_body, tokens_to_bin
+from dualpath.errors import DualPathError, PeerTimeout
 from dualpath.runtime.clients import TurnOutcome
+
+log = logging.getLogger("dualpath.client")
 
 
 class SchedulerLost(PeerGone):
     """The scheduler died or stopped answering: every turn waiting on it failed explicitly."""
+
+
+class _Stream:
+    """One streamed turn's receiving side: delivers tokens to ``on_token`` once each, in order."""
+
+    def __init__(self, on_token: Callable[[int], None], on_info: Callable[[str, int], None] | None) -> None:
+        self.on_token = on_token
+        self.on_info = on_info
+        self.next = 0  # tokens delivered so far
+        self.early: dict[int, list[int]] = {}  # offset -> tokens that arrived ahead of a gap
+        self.closed = False
+
+    def deliver(self, offset: int, tokens: Sequence[int]) -> None:
+        if self.closed:
+            return
+        if offset > self.next:
+            if len(self.early) < 4096:
+                self.early[offset] = list(tokens)
+            return
+        self._emit(tokens[self.next - offset:])
+        while self.early:
+            at = min(self.early)
+            if at > self.next:
+                break
+            toks = self.early.pop(at)
+            self._emit(toks[self.next - at:])
+
+    def _emit(self, tokens: Sequence[int]) -> None:
+        for t in tokens:
+            self.next += 1
+            try:
+                self.on_token(int(t))
+            except Exception:  # a listener's bug must not break the connection
+                log.exception("on_token listener failed")
 
 
 class ServeClient:
@@ -53,6 +100,10 @@ class ServeClient:
         self.channel = Channel(f"client-{os.getpid()}", connect=address, curve=curve,
                                max_message_bytes=max_message_bytes, handshake_timeout=handshake_timeout)
         self.channel.on_disconnect = self._on_disconnect
+        self.channel.handler = self._on_message  # the scheduler's ``stream`` notices
+        self._stream_ids = itertools.count(1)
+        self._streams: dict[int, _Stream] = {}
+        self._bg: set[asyncio.Task[Any]] = set()  # cancels sent for turns cancelled here
         self.last_path: dict[int, str] = {}
         self.heartbeat_s = heartbeat_s
         self.misses = misses
@@ -75,10 +126,37 @@ class ServeClient:
 
     async def close(self) -> None:
         self._closing = True
+        if self._bg:  # cancels of turns cancelled here: let them reach the scheduler (each has a deadline)
+            await asyncio.wait(set(self._bg), timeout=5.0)
         if self._watch is not None:
             self._watch.cancel()  # (a cancel can be swallowed by a wait_for finishing at that instant: bounded)
             await asyncio.wait({self._watch}, timeout=2.0)
         await self.channel.close()
+
+    async def _on_message(self, peer: bytes, msg: Message) -> None:
+        if msg.type == "stream":
+            st = self._streams.get(int(msg.body["stream"]))
+            if st is not None:
+                if st.on_info is not None and "path" in msg.body:
+                    info, st.on_info = st.on_info, None
+                    try:
+                        info(str(msg.body["path"]), int(msg.body.get("hit_tokens", 0)))
+                    except Exception:
+                        log.exception("on_info listener failed")
+                st.deliver(int(msg.body["offset"]), msg.body["tokens"])
+        return None
+
+    def _send_cancel(self, session: int) -> None:
+        """Tell the scheduler to cancel ``session``'s turn (from a cancelled task: in the background)."""
+        task = asyncio.get_running_loop().create_task(self._cancel_quietly(session))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _cancel_quietly(self, session: int) -> None:
+        try:
+            await self.cancel(session, timeout=5.0)
+        except (DualPathError, OSError) as exc:
+            log.debug("cancel of session %d not delivered: %s", session, exc)
 
     def _lose(self, why: str) -> None:
         n = self.channel.fail_all(SchedulerLost(f"the scheduler at {self.address} {why}"))
@@ -115,17 +193,47 @@ class ServeClient:
 
     # --- API ---------------------------------------------------------------------------------------------
     async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int, *,
-                       deadline_s: float | None = None) -> TurnOutcome:
-        """Submit one turn (the whole prompt) and return once its tokens are out."""
+                       deadline_s: float | None = None, sampling: Any = None,
+                       on_token: Callable[[int], None] | None = None,
+                       on_info: Callable[[str, int], None] | None = None) -> TurnOutcome:
+        """Submit one turn (the whole prompt) and return once its tokens are out.
+
+        ``sampling``: a :class:`~dualpath.engine.sampling.SamplingParams` (default greedy); ``on_token``: called
+        with each token, in order, as the decode engine produces it (see the module docstring); ``on_info``:
+        called once, before the first streamed token, with the read path and the hit (prompt tokens read from
+        storage) of the dispatch that streams."""
         budget = self.deadline_s if deadline_s is None else deadline_s
-        t0 = time.perf_counter()
-        reply = await self.channel.request(None, "submit", {
+        body: dict[str, Any] = {
             "session": int(session), "prompt": tokens_to_bin(np.asarray(prompt_ids, dtype=np.int64)),
-            "gen": int(gen_tokens), "deadline_s": float(budget),
-        }, budget + 10.0)  # the scheduler answers by the deadline; the margin covers the wire
+            "gen": int(gen_tokens), "deadline_s": float(budget), **sampling_body(sampling),
+        }
+        stream: _Stream | None = None
+        if on_token is not None:
+            sid = next(self._stream_ids)
+            stream = self._streams[sid] = _Stream(on_token, on_info)
+            body["stream"] = sid
+        t0 = time.perf_counter()
+        try:
+            # the scheduler answers by the deadline; the margin covers the wire
+            reply = await self.channel.request(None, "submit", body, budget + 10.0)
+        except asyncio.CancelledError:
+            self._send_cancel(int(session))  # the turn is aborted on its engines, not left to run
+            raise
+        finally:
+            if stream is not None:
+                self._streams.pop(int(body["stream"]), None)
         t_end = time.perf_counter()
         b = reply.body
         tokens = [int(x) for x in b["tokens"]]
+        if stream is not None:  # the result is authoritative: what no notice brought (yet) comes from it
+            stream.early.clear()
+            if stream.on_info is not None:
+                stream.on_info(str(b["path"]), int(b["hit_tokens"]))
+            if stream.next > len(tokens):
+                log.warning("session %d: %d tokens streamed but the result holds %d", session, stream.next,
+                            len(tokens))
+            stream._emit(tokens[stream.next:])
+            stream.closed = True
         offset = max(0.0, (t_end - t0) - b["total_s"]) / 2  # half the wire time, each way
         t_first = t0 + offset + b["ttft_s"]
         return TurnOutcome(
@@ -134,6 +242,11 @@ class ServeClient:
             t_second_token=t_first + b["tpot_s"] if len(tokens) > 1 else None,
             t_done=t_end, path=str(b["path"]), pe=int(b["pe"]), de=int(b["de"]), t_scheduled=None,
         )
+
+    def stream_turn(self, session: int, prompt_ids: Any, gen_tokens: int, **kw: Any) -> TurnStream:
+        """:meth:`run_turn` as an async iterator of tokens (``async for tok in client.stream_turn(...)``);
+        the :class:`TurnOutcome` is ``.outcome`` once it is exhausted; ``aclose()`` early cancels the turn."""
+        return TurnStream(self, session, prompt_ids, gen_tokens, kw)
 
     async def stats(self, timeout: float = 10.0) -> dict[str, Any]:
         reply = await self.channel.request(None, "stats", {}, timeout)
@@ -154,6 +267,55 @@ class ServeClient:
     async def drain(self, timeout: float = 10.0, *, token: str | None = None) -> None:
         """Refuse new turns, let the ones in flight finish (the operator role)."""
         await self.channel.request(None, "drain", {"token": token} if token else {}, timeout)
+
+
+class TurnStream:
+    """A streamed turn as an async iterator (see :meth:`ServeClient.stream_turn`)."""
+
+    def __init__(self, client: ServeClient, session: int, prompt_ids: Any, gen_tokens: int,
+                 kw: dict[str, Any]) -> None:
+        self.outcome: TurnOutcome | None = None
+        self._queue: asyncio.Queue[int | None] = asyncio.Queue()
+        self._args = (client, session, prompt_ids, gen_tokens, kw)
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+
+    async def _run(self) -> None:
+        client, session, prompt_ids, gen_tokens, kw = self._args
+        try:
+            self.outcome = await client.run_turn(session, prompt_ids, gen_tokens, on_token=self._queue.put_nowait,
+                                                 **kw)
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._queue.put_nowait(None)
+
+    def __aiter__(self) -> TurnStream:
+        return self
+
+    async def __anext__(self) -> int:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        tok = await self._queue.get()  # (run_turn has the deadline: it ends, and puts None, by then)
+        if tok is None:
+            self._queue.put_nowait(None)
+            if self._error is not None:
+                raise self._error
+            raise StopAsyncIteration
+        return tok
+
+    async def aclose(self) -> None:
+        """Cancel the turn if it is still running (at the scheduler too)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({self._task}, timeout=5.0)
+
+    async def __aenter__(self) -> TurnStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 async def connect(address: str | None = None, config: DualPathConfig | None = None, **kw: Any) -> ServeClient:

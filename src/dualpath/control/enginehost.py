@@ -38,7 +38,7 @@ import torch
 from dualpath.config import DualPathConfig, load_config
 from dualpath.control.channel import Channel, PeerGone
 from dualpath.control.deploy import check_deployable, engine_curve, engine_name, engine_names, token_for
-from dualpath.control.protocol import Message, bin_to_tokens
+from dualpath.control.protocol import Message, ProtocolError, bin_to_tokens, sampling_of
 from dualpath.engine.request import Turn, unwrap, wait_event
 from dualpath.errors import ConfigError, EngineError, PeerTimeout
 from dualpath.types import EngineId, PathKind, Role
@@ -59,6 +59,7 @@ class _Held:
     logits_ready: anyio.Event = field(default_factory=anyio.Event)
     submitted: bool = False
     seq: Any = None
+    streamed: int = 0  # tokens handed to the stream buffer so far (a streamed turn on a DE)
 
 
 def process_gauges() -> dict[str, int]:
@@ -96,6 +97,10 @@ class EngineHost:
         self.epoch = 0  # this incarnation's epoch, from the scheduler's welcome (0: not registered)
         self.registrations = 0
         self._registering = False
+        # streamed turns' tokens not yet sent: rid -> (index of the first, tokens); flushed once per decode step
+        self._out: dict[int, tuple[int, list[int]]] = {}
+        self._out_ready = anyio.Event()
+        self.stream_messages = 0
 
     # --- construction (mirrors Cluster.start for one engine) ---------------------------------------------
     async def _build(self) -> None:
@@ -175,6 +180,8 @@ class EngineHost:
                 tg.start_soon(self.engine.run)
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._reaper)
+                if self.role is Role.DECODE:
+                    tg.start_soon(self._stream_flusher)
                 await self._stop.wait()
                 tg.cancel_scope.cancel()
         finally:
@@ -244,6 +251,8 @@ class EngineHost:
                     "free_kv_tokens": max(0, int(snap.free_kv_tokens)), "inflight": len(self.turns),
                     "tasks": len(asyncio.all_tasks()), "regions": self.transport.registered_regions,
                     **process_gauges()}
+            if self.role is Role.DECODE:
+                body["stream_messages"] = self.stream_messages
             try:
                 await self.channel.notify(None, "heartbeat", body, timeout=period)
             except Exception as exc:  # the scheduler may be restarting; keep beating
@@ -259,6 +268,49 @@ class EngineHost:
                 if now > held.deadline + 5.0:
                     log.warning("%s: turn %d passed its deadline; dropping it", self.name, rid)
                     await self._abort(rid, "deadline passed")
+
+    # --- token streaming (DE) ----------------------------------------------------------------------------
+    def _on_token(self, rid: int, tok: int) -> None:
+        """The decode engine produced ``tok`` for turn ``rid`` (synchronously, inside its step): buffer it."""
+        held = self.turns.get(rid)
+        if held is None:
+            return
+        entry = self._out.get(rid)
+        if entry is None:
+            self._out[rid] = (held.streamed, [int(tok)])
+        else:
+            entry[1].append(int(tok))
+        held.streamed += 1
+        self._out_ready.set()
+
+    async def _stream_flusher(self) -> None:
+        """Send the buffered tokens after each decode step: one ``tokens`` message for every streamed turn
+        that produced tokens since the last one (the step's tokens batched, not a message per token)."""
+        while True:
+            await self._out_ready.wait()
+            self._out_ready = anyio.Event()
+            await self._flush_tokens()
+
+    async def _flush_tokens(self) -> None:
+        if not self._out or self.channel is None:
+            return
+        out, self._out = self._out, {}
+        parts = [(rid, offset + j, toks[j: j + (1 << 15)])  # (message limits: 2^16 tokens, 2^12 turns)
+                 for rid, (offset, toks) in out.items() for j in range(0, len(toks), 1 << 15)]
+        timeout = max(1.0, 10 * self.config.serve.heartbeat_s)
+        while parts:
+            batch: list[tuple[int, int, list[int]]] = []
+            n = 0
+            while parts and len(batch) < (1 << 12) and n + len(parts[0][2]) <= (1 << 16):
+                batch.append(parts.pop(0))
+                n += len(batch[-1][2])
+            body = {"rids": [r for r, _, _ in batch], "offsets": [o for _, o, _ in batch],
+                    "counts": [len(t) for _, _, t in batch], "tokens": [x for _, _, t in batch for x in t]}
+            try:
+                await self.channel.notify(None, "tokens", body, timeout=timeout)
+                self.stream_messages += 1
+            except Exception as exc:  # the scheduler is gone: its final result carries every token anyway
+                log.debug("%s: streamed tokens not sent: %s", self.name, exc)
 
     # --- control messages --------------------------------------------------------------------------------
     async def _handle(self, peer: bytes, msg: Message) -> tuple[str, dict[str, Any]] | None:
@@ -330,6 +382,13 @@ class EngineHost:
         turn = Turn(str(b["session"]), ids, b["gen"], b["pe"], b["de"], PathKind(b["path"]), keys,
                     b["stored_blocks"], b["pe_blocks"], self.layout)
         turn.rid = rid  # both hosts use the scheduler's request id: transport tags agree
+        if self.role is Role.DECODE:
+            try:  # the same sampling code as in-process (engine/sampling.py, run by the decode engine)
+                turn.sampling = sampling_of(b, "begin")
+            except ProtocolError as exc:
+                raise InvalidTurn(f"{self.name}: turn {rid}: {exc}") from None
+            if b.get("stream"):
+                turn.on_token = lambda tok, _rid=rid: self._on_token(_rid, tok)
         held = _Held(turn, time.monotonic() + b["deadline_s"])
         self.turns[rid] = held
         eng.assign(turn)
@@ -388,6 +447,7 @@ class EngineHost:
         turn, eng = held.turn, self.engine
         turn.hit_blocks = min(hit, turn.stored_blocks)
         remaining = max(0.001, held.deadline - time.monotonic())
+        seq = None
         try:
             with anyio.fail_after(remaining):
                 await eng.expose_receive(turn)
@@ -396,26 +456,33 @@ class EngineHost:
                     tg.start_soon(_guard, turn, eng.receive, turn)
                     tg.start_soon(_guard, turn, wait_event, turn, held.logits_ready, float("inf"), "first token")
                 turn.check()
-                held.seq = await eng.begin_decode(turn)
-                await wait_event(turn, held.seq.done, float("inf"), "decode")
+                seq = held.seq = await eng.begin_decode(turn)
+                await wait_event(turn, seq.done, float("inf"), "decode")
                 turn.check()
-                tokens = list(held.seq.generated)
-                await eng.finish(held.seq)
+                tokens = list(seq.generated)
                 held.seq = None
+                await eng.finish(seq)
+                seq = None
+                await self._flush_tokens()  # the last streamed tokens go out before the result
         except BaseException as exc:
             await self._abort(rid, f"decode failed: {unwrap(exc)!r}")
+            if seq is not None:  # aborted while joining the batch (begin_decode): its pages are ours to free
+                with anyio.CancelScope(shield=True):
+                    await self._drop_seq(seq)
             raise _as_engine_error(self.name, rid, exc) from None
-        self.turns.pop(rid, None)
-        eng.unassign(turn)
+        if self.turns.pop(rid, None) is not None:  # (an abort that came as it finished unassigned it already)
+            eng.unassign(turn)
         return "finished", {"rid": rid, "tokens": tokens, "hit_tokens": turn.hit_tokens,
                             "link_bytes": {k: int(v) for k, v in turn.link_bytes.items()}}
 
     async def _abort(self, rid: int, reason: str) -> None:
         """Fail the turn here and free everything it holds (idempotent)."""
         held = self.turns.pop(rid, None)
+        self._out.pop(rid, None)
         if held is None:
             return
         turn, eng = held.turn, self.engine
+        turn.on_token = None
         turn.fail(EngineError(f"turn {rid} aborted: {reason}"))
         with anyio.CancelScope(shield=True):
             if self.role is Role.PREFILL:
@@ -424,21 +491,28 @@ class EngineHost:
                 if held.submitted:
                     with anyio.move_on_after(self.config.cluster.deadline_s):
                         await turn.pe_released.wait()
+                await self.transport.settle()  # nothing lands in a cancelled landing once it is freed
                 eng.release(turn)
             else:
                 if turn.de_recv is not None or turn.hit_blocks:
                     eng.cancel_receive(turn)
+                    await self.transport.settle()
                 eng.release(turn)
-                seq = held.seq
-                if seq is not None:
-                    if seq in eng.running:
-                        eng.running.remove(seq)
-                    if seq.pages:
-                        with anyio.move_on_after(self.config.cluster.deadline_s):
-                            await seq.idle.wait()
-                        eng.free_pages(seq.pages)
-                        seq.pages = []
+                if held.seq is not None:
+                    await self._drop_seq(held.seq)
             eng.unassign(turn)
+
+    async def _drop_seq(self, seq: Any) -> None:
+        """Take a decoding request out of the batch and free its pool pages (idempotent)."""
+        eng = self.engine
+        if seq in eng.running:
+            eng.running.remove(seq)
+        if seq.pages:
+            with anyio.move_on_after(self.config.cluster.deadline_s):
+                await seq.idle.wait()
+            if seq.pages:
+                eng.free_pages(seq.pages)
+                seq.pages = []
 
 
 def _as_engine_error(name: str, rid: int, exc: BaseException) -> BaseException:

@@ -81,6 +81,13 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "gen": F("int", lo=1, hi=1 << 20),
         "deadline_s": F("float", required=False, lo=0.001, hi=86400.0),
     },
+    "stream": {  # scheduler -> client notice: tokens of a streamed turn, in order (``offset`` = index of the first)
+        "stream": F("int", lo=1, hi=U63),  # the submit's stream id
+        "offset": F("int", lo=0, hi=1 << 20),
+        "tokens": F("ints", max_len=1 << 16, lo=0, hi=(1 << 31) - 1),
+        "path": F("str", required=False, max_len=16),  # on the first notice: where the hit is read
+        "hit_tokens": F("int", required=False, lo=0, hi=MAX_TOKENS),  # ... and how many prompt tokens it holds
+    },
     "result": {
         "session": F("int", lo=0, hi=U63),
         "tokens": F("ints", max_len=1 << 20, lo=0, hi=(1 << 31) - 1),
@@ -128,6 +135,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "fds": F("int", lo=0, hi=1 << 24),
         "tasks": F("int", lo=0, hi=1 << 24),
         "regions": F("int", lo=0, hi=1 << 24),
+        "stream_messages": F("int", required=False, lo=0, hi=U63),  # DE: ``tokens`` messages sent so far
     },
     "peers": {"peers": F("strs", max_len=1024)},  # "name=address" entries
     "begin": {  # both engines: create the turn, run this side's read; reply read_done
@@ -156,9 +164,57 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "hit_tokens": F("int", lo=0, hi=MAX_TOKENS),
         "link_bytes": F("map", max_len=MAX_MAP),
     },
+    "tokens": {  # DE -> scheduler notice: one decode step's tokens (or more) of its streamed turns
+        "rids": F("ints", max_len=1 << 12, lo=0, hi=U63),
+        "offsets": F("ints", max_len=1 << 12, lo=0, hi=1 << 20),  # index of each turn's first token here
+        "counts": F("ints", max_len=1 << 12, lo=1, hi=1 << 16),  # tokens of each turn, in order, in ``tokens``
+        "tokens": F("ints", max_len=1 << 16, lo=0, hi=(1 << 31) - 1),
+    },
     "abort": {"rid": _RID, "reason": _REASON},
     "reregister": {"epoch": F("int", required=False, lo=0, hi=U63)},  # scheduler -> engine notice: you were declared dead; drop your turns and say hello again  # notice: fail the turn locally, free its resources
 }
+
+
+#: how the decode engine picks tokens (optional on ``submit`` and ``begin``; absent = greedy, no early stop):
+#: the fields of :class:`dualpath.engine.sampling.SamplingParams`, range-checked again by it
+SAMPLING_FIELDS: dict[str, F] = {
+    "temperature": F("float", required=False, lo=0.0, hi=100.0),
+    "top_p": F("float", required=False, lo=0.0, hi=1.0),
+    "top_k": F("int", required=False, lo=0, hi=(1 << 31) - 1),
+    "seed": F("int", required=False, lo=0, hi=U63),
+    "stop_ids": F("ints", required=False, max_len=256, lo=0, hi=(1 << 31) - 1),
+}
+SCHEMAS["submit"].update(SAMPLING_FIELDS)
+SCHEMAS["submit"]["stream"] = F("int", required=False, lo=0, hi=U63)  # > 0: send ``stream`` notices with this id
+SCHEMAS["begin"].update(SAMPLING_FIELDS)
+SCHEMAS["begin"]["stream"] = F("bool", required=False)  # the DE sends ``tokens`` notices for this turn
+
+
+def sampling_body(params: Any) -> dict[str, Any]:
+    """The wire fields of a :class:`~dualpath.engine.sampling.SamplingParams` (``None``: none, greedy)."""
+    if params is None:
+        return {}
+    out: dict[str, Any] = {"temperature": float(params.temperature), "top_p": float(params.top_p),
+                           "top_k": int(params.top_k), "stop_ids": [int(t) for t in params.stop_ids]}
+    if params.seed is not None:
+        out["seed"] = int(params.seed)
+    return out
+
+
+def sampling_of(body: Mapping[str, Any], where: str) -> Any:
+    """The :class:`~dualpath.engine.sampling.SamplingParams` a message asks for, ``None`` when it names none;
+    a bad combination raises :class:`ProtocolError` naming the field."""
+    if not any(k in body for k in SAMPLING_FIELDS):
+        return None
+    from dualpath.engine.sampling import SamplingParams
+    from dualpath.errors import ModelError
+
+    try:
+        return SamplingParams(temperature=float(body.get("temperature", 0.0)), top_p=float(body.get("top_p", 1.0)),
+                              top_k=int(body.get("top_k", 0)), seed=body.get("seed"),
+                              stop_ids=tuple(int(t) for t in body.get("stop_ids", ())))
+    except ModelError as exc:
+        raise ProtocolError(f"{where}: {exc}") from None
 
 
 def _check(name: str, spec: F, value: Any) -> None:

@@ -51,7 +51,15 @@ from dualpath.control.deploy import (
     server_curve,
 )
 from dualpath.control.enginehost import process_gauges
-from dualpath.control.protocol import MAX_TOKENS, Message, bin_to_tokens, tokens_to_bin
+from dualpath.control.protocol import (
+    MAX_TOKENS,
+    SAMPLING_FIELDS,
+    Message,
+    ProtocolError,
+    bin_to_tokens,
+    sampling_of,
+    tokens_to_bin,
+)
 from dualpath.errors import DualPathError, EngineError, PeerTimeout, SchedulerError, TransportError
 from dualpath.scheduler import GlobalScheduler, SchedulerParams, get_policy
 from dualpath.scheduler.driver import SchedulerDriver
@@ -71,6 +79,27 @@ class EngineDied(EngineError):
 
 class DeadlineExceeded(PeerTimeout):
     """The turn did not finish by its deadline."""
+
+
+class TurnCancelled(SchedulerError):
+    """The turn's client cancelled it (``cancel``): it was aborted on its engines."""
+
+
+@dataclass(eq=False)
+class TurnCtx:
+    """One submitted turn as the scheduler tracks it: who asked, how to sample, where to stream, cancellation."""
+
+    peer: bytes
+    session: int
+    sampling: dict[str, Any]  # the submit's sampling fields, passed on to the decode engine
+    stream: int = 0  # > 0: forward the DE's tokens to ``peer`` as ``stream`` notices with this id
+    cancelled: anyio.Event = field(default_factory=anyio.Event)
+    scope: anyio.CancelScope | None = None
+    sent: int = 0  # tokens forwarded to the client (a streamed turn is not retried once the client saw tokens)
+    dispatched: int = 0  # RemoteCluster.run_turn calls in progress for it
+    done: bool = False  # the submit handler ended
+    path: str = ""  # the current dispatch's read path and hit (sent with the first streamed tokens)
+    hit_tokens: int = 0
 
 
 @dataclass
@@ -117,7 +146,9 @@ class RemoteCluster:
         self.d = daemon
         self._rids = itertools.count(1)
         self._lookup_rr = 0
+        self._pe_released: dict[int, bool] = {}  # rid -> the PE's share was given back (its prefill is done)
         self.turn_pairs: dict[int, tuple[str, str]] = {}
+        self.streams: dict[int, TurnCtx] = {}  # rid -> the turn whose DE tokens are forwarded to its client
 
     def snapshots(self) -> tuple[list[EngineSnapshot], list[EngineSnapshot]]:
         pes: list[EngineSnapshot] = []
@@ -148,6 +179,9 @@ class RemoteCluster:
                        pe_blocks: int | None = None) -> RemoteResult:
         d = self.d
         deadline = d.deadline_of(prompt_ids)
+        ctx = d.ctx_of(prompt_ids)
+        if ctx is not None and ctx.cancelled.is_set():
+            raise TurnCancelled(f"cancelled: session {session}'s turn was cancelled by its client")
         pe_rec, de_rec = d.engine("pe", pe), d.engine("de", de)
         if pe_rec is None or de_rec is None:
             raise EngineDied(f"engine pe{pe} or de{de} is not alive")
@@ -161,46 +195,22 @@ class RemoteCluster:
         de_rec.tok += n
         de_rec.reserved[rid] = (time.monotonic(), kv_need)
         self.turn_pairs[rid] = (pe_rec.name, de_rec.name)
-        pe_counted = True
+        if ctx is not None:
+            ctx.dispatched += 1
+            if ctx.stream:
+                self.streams[rid] = ctx
+        result: list[RemoteResult] = []
         try:
-            remaining = _left(deadline)
-            stored = 0
-            if path is not PathKind.RECOMPUTE:
-                looked = await d.request(pe_rec, "lookup", {"prompt": prompt}, min(remaining, 10.0))
-                stored = int(looked.body["blocks"])
-            plan = plan_sides(stored, path, pe_blocks)
-            begin = {"rid": rid, "session": int(session), "prompt": prompt, "gen": int(gen_tokens),
-                     "path": path.value, "pe": pe, "de": de, "pe_blocks": plan.pe_blocks,
-                     "stored_blocks": plan.stored_blocks, "deadline_s": max(0.001, _left(deadline))}
-            ok: dict[str, int] = {}
-
-            async def _begin(side: str, rec: EngineRecord) -> None:
-                r = await d.request(rec, "begin", begin, _left(deadline))
-                ok[side] = int(r.body["ok_blocks"])
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_begin, "pe", pe_rec)
-                tg.start_soon(_begin, "de", de_rec)
-            hit = combine_hit(ok["pe"], ok["de"], plan.pe_blocks)
-            out: dict[str, Message] = {}
-            t_first = math.nan
-
-            async def _decode() -> None:
-                out["de"] = await d.request(de_rec, "decode", {"rid": rid, "hit_blocks": hit}, _left(deadline))
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_decode)
-                pre = await d.request(pe_rec, "prefill", {"rid": rid, "hit_blocks": hit}, _left(deadline))
-                t_first = time.perf_counter()
-                pe_rec.seq -= 1
-                pe_rec.tok -= n
-                pe_counted = False
-                await d.notify(de_rec, "logits", {"rid": rid, "logits": pre.body["logits"]})
-            fin = out["de"].body
-            d.stats["paths." + path.value] += 1
-            return RemoteResult(tokens=list(fin["tokens"]), prompt_tokens=n, hit_tokens=int(fin["hit_tokens"]),
-                                t_first_token=t_first, t_second_token=None, t_done=time.perf_counter(),
-                                bytes={str(k): int(v) for k, v in fin["link_bytes"].items()})
+            async with anyio.create_task_group() as watch:
+                if ctx is not None:
+                    watch.start_soon(_cancel_on, ctx.cancelled, watch.cancel_scope)
+                result.append(await self._dispatch(rid, session, prompt, gen_tokens, pe, de, path, pe_blocks,
+                                                   pe_rec, de_rec, deadline, n, ctx))
+                watch.cancel_scope.cancel()
+            if not result:  # the client cancelled it: abort it on both engines (below), answer the client
+                d.stats["cancelled_on_engines"] += 1
+                raise TurnCancelled(f"cancelled: session {session}'s turn was cancelled by its client")
+            return result[0]
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 for rec in (pe_rec, de_rec):
@@ -209,13 +219,69 @@ class RemoteCluster:
                             await d.notify(rec, "abort", {"rid": rid, "reason": f"{type(_leaf(exc)).__name__}"})
             raise _classify(exc, pe_rec, de_rec) from None
         finally:
-            if pe_counted:
+            if not self._pe_released.pop(rid, False):  # (else _dispatch gave it back once the prefill was done)
                 pe_rec.seq -= 1
                 pe_rec.tok -= n
             de_rec.seq -= 1
             de_rec.tok -= n
             de_rec.reserved.pop(rid, None)
             self.turn_pairs.pop(rid, None)
+            self.streams.pop(rid, None)
+            if ctx is not None:
+                ctx.dispatched -= 1
+
+    async def _dispatch(self, rid: int, session: int, prompt: bytes, gen_tokens: int, pe: int, de: int,
+                        path: PathKind, pe_blocks: int | None, pe_rec: EngineRecord, de_rec: EngineRecord,
+                        deadline: float, n: int, ctx: TurnCtx | None) -> RemoteResult:
+        """The turn's control messages (begin both -> decode DE + prefill PE -> logits to the DE -> finished)."""
+        d = self.d
+        remaining = _left(deadline)
+        stored = 0
+        if path is not PathKind.RECOMPUTE:
+            looked = await d.request(pe_rec, "lookup", {"prompt": prompt}, min(remaining, 10.0))
+            stored = int(looked.body["blocks"])
+        plan = plan_sides(stored, path, pe_blocks)
+        begin = {"rid": rid, "session": int(session), "prompt": prompt, "gen": int(gen_tokens),
+                 "path": path.value, "pe": pe, "de": de, "pe_blocks": plan.pe_blocks,
+                 "stored_blocks": plan.stored_blocks, "deadline_s": max(0.001, _left(deadline))}
+        de_begin = begin if ctx is None else {**begin, **ctx.sampling, "stream": bool(ctx.stream)}
+        ok: dict[str, int] = {}
+
+        async def _begin(side: str, rec: EngineRecord) -> None:
+            body = de_begin if side == "de" else begin
+            r = await d.request(rec, "begin", body, _left(deadline))
+            ok[side] = int(r.body["ok_blocks"])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_begin, "pe", pe_rec)
+            tg.start_soon(_begin, "de", de_rec)
+        hit = combine_hit(ok["pe"], ok["de"], plan.pe_blocks)
+        if ctx is not None:
+            ctx.path, ctx.hit_tokens = path.value, hit * d.block_tokens
+        out: dict[str, Message] = {}
+        t_first = math.nan
+
+        async def _decode() -> None:
+            out["de"] = await d.request(de_rec, "decode", {"rid": rid, "hit_blocks": hit}, _left(deadline))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_decode)
+            pre = await d.request(pe_rec, "prefill", {"rid": rid, "hit_blocks": hit}, _left(deadline))
+            t_first = time.perf_counter()
+            pe_rec.seq -= 1
+            pe_rec.tok -= n
+            self._pe_released[rid] = True
+            await d.notify(de_rec, "logits", {"rid": rid, "logits": pre.body["logits"]})
+        fin = out["de"].body
+        d.stats["paths." + path.value] += 1
+        return RemoteResult(tokens=list(fin["tokens"]), prompt_tokens=n, hit_tokens=int(fin["hit_tokens"]),
+                            t_first_token=t_first, t_second_token=None, t_done=time.perf_counter(),
+                            bytes={str(k): int(v) for k, v in fin["link_bytes"].items()})
+
+
+async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _left(deadline: float) -> float:
@@ -264,7 +330,8 @@ class SchedulerDaemon:
         self._inflight = 0
         self.peak: dict[str, int] = {}
         self.draining = False
-        self._cancels: dict[tuple[bytes, int], list[anyio.CancelScope]] = {}  # (peer, session) -> its turns
+        self._cancels: dict[tuple[bytes, int], list[TurnCtx]] = {}  # (peer, session) -> its turns
+        self._ctx: dict[int, TurnCtx] = {}  # id(prompt array) -> its turn (the driver passes the array through)
         self._epochs = itertools.count(time.time_ns() // 1000)  # unique across scheduler restarts
         self._rereg_sent: dict[bytes, float] = {}  # peer -> when we last asked it to register (rate limit)
         self.key_roles = key_roles(self.config) if sc.curve else {}
@@ -285,6 +352,9 @@ class SchedulerDaemon:
     def engine(self, prefix: str, rank: int) -> EngineRecord | None:
         rec = self.engines.get(f"{prefix}{rank}")
         return rec if rec is not None and rec.alive else None
+
+    def ctx_of(self, prompt_ids: Any) -> TurnCtx | None:
+        return self._ctx.get(id(prompt_ids))
 
     def deadline_of(self, prompt_ids: Any) -> float:
         return self._deadlines.get(id(prompt_ids), time.monotonic() + self.config.serve.request_deadline_s)
@@ -442,25 +512,40 @@ class SchedulerDaemon:
             if self.draining:
                 raise SchedulerError("draining: the scheduler accepts no new turns (serve drain)")
             turn_key = (peer, int(b["session"]))
+            ctx = TurnCtx(peer, int(b["session"]), {k: b[k] for k in SAMPLING_FIELDS if k in b},
+                          stream=int(b.get("stream", 0)))
             with anyio.CancelScope() as scope:
-                self._cancels.setdefault(turn_key, []).append(scope)
+                ctx.scope = scope
+                self._cancels.setdefault(turn_key, []).append(ctx)
                 try:
-                    return await self._submit(b)
+                    return await self._submit(b, ctx)
                 finally:
-                    scopes = self._cancels.get(turn_key, [])
-                    if scope in scopes:
-                        scopes.remove(scope)
-                    if not scopes:
+                    ctx.done = True
+                    ctxs = self._cancels.get(turn_key, [])
+                    if ctx in ctxs:
+                        ctxs.remove(ctx)
+                    if not ctxs:
                         self._cancels.pop(turn_key, None)
             self.stats["cancelled"] += 1
             raise SchedulerError(f"cancelled: session {b['session']}'s turn was cancelled by its client")
         if t == "cancel":  # a client ends only its own turns (same connection, same session)
             if (curve and not self._key_has("client")) or self._bound(peer) is not None:
                 raise self._refuse(peer, t, "client")
-            scopes = self._cancels.get((peer, int(b["session"])), [])
-            for sc in scopes:
-                sc.cancel()
+            ctxs = list(self._cancels.get((peer, int(b["session"])), []))
+            for c in ctxs:
+                c.cancelled.set()  # a dispatched turn is aborted on both engines (RemoteCluster.run_turn)
+                if c.scope is not None:
+                    c.scope.cancel()  # the submit answers ``cancelled`` now
+            # answer once the turns are aborted on their engines (bounded: a stuck engine is the reaper's job)
+            with anyio.move_on_after(min(5.0, self.config.serve.request_deadline_s)):
+                while any(not c.done or c.dispatched for c in ctxs):
+                    await anyio.sleep(0.005)
             return "ok", {}
+        if t == "tokens":  # a decode engine's streamed tokens: forwarded to the turns' clients, in order
+            if curve and not self._key_has("engine"):
+                raise self._refuse(peer, t, "engine")
+            await self._forward_tokens(peer, b)
+            return None
         if t == "ping":
             return "pong", {"role": "scheduler"}
         if t == "stats":
@@ -521,6 +606,35 @@ class SchedulerDaemon:
                     await self.notify(r, "peers", {"peers": [f"{name}={b['address']}"]})
         return "welcome", {"peers": peers, "heartbeat_s": self.config.serve.heartbeat_s, "epoch": epoch}
 
+    async def _forward_tokens(self, peer: bytes, b: dict[str, Any]) -> None:
+        rec = self._bound(peer)
+        if rec is None or not rec.alive or rec.role != "decode":
+            self.stats["stale_messages"] += 1
+            return
+        rids, offsets, counts, tokens = b["rids"], b["offsets"], b["counts"], b["tokens"]
+        if not len(rids) == len(offsets) == len(counts) or sum(counts) != len(tokens):
+            raise ProtocolError("tokens: rids, offsets and counts must have one entry per turn and counts must "
+                                "add up to the length of tokens")
+        at = 0
+        assert self.channel is not None
+        for rid, offset, count in zip(rids, offsets, counts, strict=True):
+            part, at = tokens[at: at + count], at + count
+            ctx = self.cluster.streams.get(rid)
+            pair = self.cluster.turn_pairs.get(rid)
+            if ctx is None or pair is None or pair[1] != rec.name or ctx.cancelled.is_set():
+                continue  # a turn that ended (or was cancelled) meanwhile, or not this engine's
+            body: dict[str, Any] = {"stream": ctx.stream, "offset": offset, "tokens": part}
+            if not ctx.sent:
+                body.update(path=ctx.path, hit_tokens=min(ctx.hit_tokens, MAX_TOKENS))
+            ctx.sent = max(ctx.sent, offset + count)
+            self.stats["streamed_tokens"] += count
+            with contextlib.suppress(DualPathError):  # the client went away: its turn ends by cancel or deadline
+                await self.channel.notify(ctx.peer, "stream", body, timeout=5.0)
+
+    def _drop_ctx(self, key: int, ctx: TurnCtx) -> None:
+        if self._ctx.get(key) is ctx:
+            self._ctx.pop(key, None)
+
     def _validate_submit(self, prompt: np.ndarray, gen: int) -> None:
         live = [r for r in self.engines.values() if r.alive]
         if prompt.size == 0:
@@ -535,7 +649,7 @@ class SchedulerDaemon:
             if prompt.size + gen > ctx:
                 raise SchedulerError(f"submit: {prompt.size} prompt + {gen} generated tokens exceed the context of {ctx}")
 
-    async def _submit(self, b: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    async def _submit(self, b: dict[str, Any], ctx: TurnCtx) -> tuple[str, dict[str, Any]]:
         sc = self.config.serve
         if self._inflight >= sc.max_inflight:
             self.stats["busy"] += 1
@@ -543,6 +657,13 @@ class SchedulerDaemon:
         prompt = bin_to_tokens(b["prompt"])
         gen = int(b["gen"])
         self._validate_submit(prompt, gen)
+        try:
+            sampling = sampling_of(b, "submit")
+        except ProtocolError as exc:
+            raise SchedulerError(str(exc)) from None
+        vocab = min((r.vocab_size for r in self.engines.values() if r.alive), default=0)
+        if sampling is not None and vocab and any(t >= vocab for t in sampling.stop_ids):
+            raise SchedulerError(f"submit: field 'stop_ids': a token id is outside the vocabulary of {vocab}")
         budget = min(sc.request_deadline_s, float(b.get("deadline_s", sc.request_deadline_s)))
         t0 = time.perf_counter()
         deadline = time.monotonic() + budget
@@ -551,7 +672,9 @@ class SchedulerDaemon:
         retries = 0
         key = id(prompt)
         self._deadlines[key] = deadline
+        self._ctx[key] = ctx
         assert self.driver is not None
+        outcome = None
         try:
             while True:
                 outcome = None
@@ -559,7 +682,8 @@ class SchedulerDaemon:
                     try:
                         outcome = await self.driver.run_turn(int(b["session"]), prompt, gen)
                     except Exception as exc:
-                        if not _retriable(exc) or retries >= sc.max_retries or time.monotonic() >= deadline:
+                        if (not _retriable(exc) or retries >= sc.max_retries or time.monotonic() >= deadline
+                                or ctx.sent or ctx.cancelled.is_set()):  # (a client saw tokens: no re-run)
                             self.stats["failed"] += 1
                             raise
                         retries += 1
@@ -577,6 +701,12 @@ class SchedulerDaemon:
         finally:
             self._inflight -= 1
             self._deadlines.pop(key, None)
+            if outcome is None:  # failed, cancelled or late: a dispatch still running is aborted on its engines
+                ctx.cancelled.set()
+                # (kept a moment: the driver may have started the turn just before it was withdrawn)
+                asyncio.get_running_loop().call_later(2.0, self._drop_ctx, key, ctx)
+            else:
+                self._drop_ctx(key, ctx)
         self.stats["completed"] += 1
         total = time.perf_counter() - t0
         ttft = max(0.0, outcome.t_first_token - outcome.t_submit) if math.isfinite(outcome.t_first_token) else total

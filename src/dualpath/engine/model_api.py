@@ -24,6 +24,8 @@ The contract
 from __future__ import annotations
 
 import abc
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +33,10 @@ from typing import Any
 import anyio
 import torch
 
+from dualpath.engine.timemodel import LayerTimeModel
 from dualpath.kv.layout import KVSpec
+
+log = logging.getLogger("dualpath.engine")
 
 
 @dataclass(frozen=True)
@@ -87,14 +92,25 @@ class LayerwiseModel(abc.ABC):
         Used by the PE's compute quota."""
         return None
 
+    def prefill_tokens_per_s(self, new: int = 1024) -> float | None:
+        """Predicted prefill throughput of a batch of ``new`` fresh tokens (Algorithm 1's beta), or None."""
+        t = self.predict_prefill_s(0, new)
+        return new / t if t else None
+
 
 class LlamaAdapter(LayerwiseModel):
     """Adapts :class:`dualpath.model.llama.LlamaModel` to :class:`LayerwiseModel`; compute runs in a thread.
 
     One :class:`anyio.CapacityLimiter` per adapter serialises the engine's compute (one stream per device).
+
+    Time prediction (:meth:`predict_prefill_s`) comes from a :class:`~dualpath.engine.timemodel.LayerTimeModel`:
+    ``time_model="auto"`` calibrates it from measured forwards on first use (at most ``time_budget_s``; cached
+    per model fingerprint and device, see :mod:`dualpath.engine.timemodel`), ``"off"`` predicts nothing, or pass
+    a fitted model.
     """
 
-    def __init__(self, model: Any, block_tokens: int, max_context: int | None = None) -> None:
+    def __init__(self, model: Any, block_tokens: int, max_context: int | None = None, *,
+                 time_model: str | LayerTimeModel = "auto", time_budget_s: float = 2.0) -> None:
         self.model = model
         self.block_tokens = int(block_tokens)
         spec = model.spec
@@ -104,6 +120,36 @@ class LlamaAdapter(LayerwiseModel):
         self.vocab_size = int(spec.vocab_size)
         self.device = torch.device(getattr(model, "device", "cpu"))
         self._limiter = anyio.CapacityLimiter(1)
+        if isinstance(time_model, str) and time_model not in ("auto", "off"):
+            raise ValueError(f"time_model must be 'auto', 'off' or a LayerTimeModel, got {time_model!r}")
+        self._time_mode = time_model if isinstance(time_model, str) else "given"
+        self._time: LayerTimeModel | None = time_model if isinstance(time_model, LayerTimeModel) else None
+        self._time_budget_s = float(time_budget_s)
+        self._time_lock = threading.Lock()
+
+    def time_model(self) -> LayerTimeModel | None:
+        """The forward-time model (calibrated once on first call when ``time_model="auto"``), or None when off
+        or when calibration failed. Blocking: call it from a thread, or before the engine serves."""
+        if self._time_mode != "auto":
+            return self._time
+        with self._time_lock:
+            if self._time_mode == "auto":
+                from dualpath.engine.timemodel import time_model_for
+
+                try:
+                    self._time = time_model_for(
+                        self.model, self.kv_spec, self.fingerprint, self.block_tokens, self.device,
+                        max_context=self.max_context, vocab_size=self.vocab_size, budget_s=self._time_budget_s,
+                    )
+                except Exception:  # a failed calibration costs the quota, never the engine
+                    log.exception("time model calibration failed; the model predicts no time")
+                    self._time = None
+                self._time_mode = "done"
+        return self._time
+
+    def predict_prefill_s(self, cached: int, new: int) -> float | None:
+        tm = self.time_model()
+        return None if tm is None else tm.prefill_s(cached, new)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)

@@ -158,11 +158,6 @@ class Server:
         temp = req.temperature if req.temperature is not None else self.config.default_temperature
         top_p = req.top_p if req.top_p is not None else 1.0
         top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
-        if not b.supports_sampling:
-            if req.temperature not in (None, 0.0) or top_p < 1.0 or top_k > 1 or req.seed is not None:
-                raise ApiError(400, "this deployment decodes greedily: temperature must be 0 (or unset), "
-                                    "top_p 1, no top_k or seed", param="temperature")
-            temp = 0.0
         stop_ids = () if req.ignore_eos else stop_ids_of(b.tokenizer)
         try:
             return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=req.seed, stop_ids=stop_ids)

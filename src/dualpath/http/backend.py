@@ -10,8 +10,10 @@ is withdrawn from it.
 * :class:`InProcessBackend`: the emulated cluster (:class:`~dualpath.cluster.Cluster`) under the scheduler
   driver, in this process; sampling and streaming happen in the decode engine.
 * :class:`RemoteBackend`: a running ``dualpath serve`` deployment through :class:`~dualpath.control.client.
-  ServeClient`. Its control protocol returns a turn's tokens when the turn is done and decodes greedily, so
-  tokens reach the HTTP client at the end of the turn, and requests asking for sampling are refused (400).
+  ServeClient`. The sampling parameters travel in the ``submit`` to the decode engine process, which samples
+  with the same code (a seeded request gives the same tokens in both modes) and sends each decode step's tokens
+  to the scheduler, which forwards them here: they stream as they are decoded. A cancelled job (a client that
+  went away) sends ``cancel``: the scheduler aborts the turn on both engines, freeing its KV and buffers.
 """
 
 from __future__ import annotations
@@ -139,7 +141,6 @@ class Backend:
     max_context: int = 0
     vocab_size: int = 0
     tokenizer: Any = None
-    supports_sampling: bool = True
     streams_tokens: bool = True
 
     def __init__(self) -> None:
@@ -251,9 +252,10 @@ class InProcessBackend(Backend):
         self.adapter: _StreamingCluster | None = None
 
     async def start(self) -> None:
+        from dualpath.api import create_scheduler
         from dualpath.cluster import Cluster
         from dualpath.engine.model_api import LlamaAdapter
-        from dualpath.scheduler import GlobalScheduler, SchedulerParams, get_policy
+        from dualpath.scheduler import get_policy
         from dualpath.scheduler.driver import SchedulerDriver
 
         cfg = self.config
@@ -276,14 +278,10 @@ class InProcessBackend(Backend):
         try:
             self.max_context = int(self.cluster.max_context)
             self.vocab_size = int(self.cluster.vocab_size)
-            mc = cfg.model
-            gpu_tps = (mc.device_tflops * 1e12 / max(1.0, mc.linear_flops_per_token)  # type: ignore[union-attr]
-                       if mc.kind == "synthetic" else 2000.0)
-            snic = cfg.cluster.snic_gbps
-            token_bytes = self.cluster.layout.full_block_bytes // self.cluster.layout.block_tokens
-            storage_tps = (snic * 1e9 / token_bytes) if snic else 1e9
-            params = SchedulerParams.from_config(cfg.scheduler, storage_tps, gpu_tps, cfg.cluster.block_tokens)
-            sched = GlobalScheduler(get_policy(cfg.scheduler.policy, layerwise=cfg.scheduler.layerwise), params)
+            # as `dualpath run` builds it; a real model's prefill rate comes from its calibrated time model
+            gpu_tps = None if cfg.model.kind == "synthetic" else self.cluster.prefill_tokens_per_s()
+            sched = create_scheduler(cfg, policy=get_policy(cfg.scheduler.policy, layerwise=cfg.scheduler.layerwise),
+                                     gpu_tokens_per_s=gpu_tps, cluster=self.cluster)
             self.adapter = _StreamingCluster(self.cluster)
             self.driver = SchedulerDriver(self.adapter, sched, fetch_interval_s=cfg.scheduler.fetch_interval_s,
                                           max_request_tokens=cfg.cluster.kv_pool_tokens)
@@ -340,9 +338,6 @@ class InProcessBackend(Backend):
 class RemoteBackend(Backend):
     """A ``dualpath serve`` deployment's scheduler (see the module docstring)."""
 
-    supports_sampling = False
-    streams_tokens = False
-
     def __init__(self, config: DualPathConfig, address: str | None = None, *,
                  stats_every_s: float = 1.0) -> None:
         super().__init__()
@@ -389,10 +384,12 @@ class RemoteBackend(Backend):
 
     async def _generate(self, job: Job) -> GenResult:
         assert self.client is not None
-        out = await self.client.run_turn(job.session, job.request.prompt_ids, job.request.max_tokens)
+        # (the client cancels the turn at the scheduler when this task is cancelled: Job.cancel, the deadline)
+        out = await self.client.run_turn(job.session, job.request.prompt_ids, job.request.max_tokens,
+                                         sampling=job.request.sampling, on_token=job.on_token,
+                                         on_info=lambda path, hit: _set_info(job, path, hit),
+                                         deadline_s=self.timeout_s)
         job.path = out.path
-        for t in out.tokens:
-            job.on_token(t)
         return GenResult(tokens=list(out.tokens), prompt_tokens=out.prompt_tokens, cached_tokens=out.hit_tokens,
                          path=out.path, ttft_s=out.ttft, t_done=out.t_done)
 
@@ -421,6 +418,10 @@ class RemoteBackend(Backend):
                 read_q[k[: -len(".read_q")]] = float(v)
         return {"engines_alive": alive, "read_q_tokens": read_q,
                 "scheduler_queue": int(st.get("inflight", 0)) if st else 0}
+
+
+def _set_info(job: Job, path: str, hit: int) -> None:
+    job.path, job.cached = path, hit
 
 
 BackendFactory = Callable[[], Backend]

@@ -24,9 +24,23 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = None  # accepted; this server adds no obfuscation padding
 
 
-class ContentPart(_Strict):
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    """A content part; only text parts can be served (other keys of a part, e.g. ``cache_control``, are ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise ValueError(f"only text content parts are supported (got type {v!r})")
+        return v
+
+    @property
+    def value(self) -> str:
+        return self.text or ""
 
 
 class ChatMessage(_Strict):
@@ -58,7 +72,7 @@ class ChatMessage(_Strict):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.value for p in self.content)
 
 
 class _Sampling(_Strict):
@@ -71,8 +85,8 @@ class _Sampling(_Strict):
     top_k: int | None = Field(default=None, ge=-1)
     seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=128)
-    stream: bool = False
+    n: int | None = Field(default=1, ge=1, le=128)  # null: OpenAI's default, 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -89,7 +103,7 @@ class _Sampling(_Strict):
         """``(field, message)`` of the first standard field whose value this server cannot honour (a 400), or
         None. Accepted values that change nothing (``n: 1``, ``logprobs: false``, a zero penalty, an empty
         ``logit_bias``) are fine."""
-        if self.n != 1:
+        if self.n not in (None, 1):
             return "n", f"n: only n=1 is supported (got {self.n})"
         for f in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, f)
@@ -128,6 +142,15 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # hints that cannot change this server's answer (accepted, ignored)
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         bad = super().unsupported()
@@ -146,6 +169,12 @@ class ChatCompletionRequest(_Sampling):
             v = getattr(self, f)
             if v is not None and v not in ("none", "auto"):
                 return f, f"{f}: tool calling is not supported (only 'none' or 'auto' without tools)"
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            return "modalities", f"modalities: only text output is supported (got {self.modalities})"
+        if self.audio is not None:
+            return "audio", "audio: audio output is not supported"
+        if self.web_search_options is not None:
+            return "web_search_options", "web_search_options: web search is not supported"
         return None
 
     def limit(self) -> int | None:
@@ -154,7 +183,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] = Field(description="text, or a list of token ids")
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
     best_of: int | None = Field(default=None, ge=1, le=20)
     suffix: str | None = None
@@ -196,14 +225,19 @@ def error_body(message: str, etype: str = "invalid_request_error", *, param: str
     return {"error": {"message": message, "type": etype, "param": param, "code": code}}
 
 
+def _union_tag(part: Any) -> bool:
+    """A ``loc`` element naming the member of a union (``str``, ``list[ContentPart]``), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict") or "[" in part)
+
+
 def describe_validation(errors: list[Any]) -> tuple[str, str | None]:
     """One line for pydantic's errors (first one named by its field path) and the offending parameter."""
     if not errors:
         return "invalid request", None
-    first = {"json_invalid": 0, "extra_forbidden": 1}
-    errors = sorted(errors, key=lambda e: first.get(e.get("type", ""), 2))
+    first = {"json_invalid": 0, "value_error": 1, "extra_forbidden": 2}  # a validator's own message over the
+    errors = sorted(errors, key=lambda e: first.get(e.get("type", ""), 3))  # type mismatches of union members
     e = errors[0]
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body" and not _union_tag(p)]
     where = ".".join(loc)
     kind = e.get("type", "")
     if kind == "extra_forbidden":

@@ -22,6 +22,12 @@ class LlamaModelConfig(Section):
     seed: int = 0
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     kv_format: Literal["auto", "fp8"] = "auto"
+    time_model: Literal["auto", "off"] = Field(
+        default="auto",
+        description="forward-time model for the PE's compute quota and Algorithm 1's beta: 'auto' calibrates it "
+        "from measured layer forwards on first use (cached per model and device); 'off' predicts no time",
+    )
+    time_model_budget_s: float = Field(default=2.0, gt=0, description="deadline of the time model's calibration")
 
 
 class SyntheticModelConfig(Section):

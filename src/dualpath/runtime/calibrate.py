@@ -10,6 +10,9 @@ remain) measures:
   ``d0 + d1 * n``.
 
 The fit is least squares with non-negative coefficients (a coefficient the data cannot support is 0).
+
+This is the whole-run profile for sim-to-real. The engines' own per-layer forward-time model of a real model
+(what the PE's compute quota and Algorithm 1's beta use) is :mod:`dualpath.engine.timemodel`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import anyio
 import numpy as np
 
 from dualpath.config import DualPathConfig
+from dualpath.engine.timemodel import nnls
 from dualpath.types import PathKind
 
 
@@ -72,21 +76,8 @@ class ComputeProfileFit:
 
 
 def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with x >= 0 (active-set by elimination; fine for 2-3 unknowns)."""
-    n = a.shape[1]
-    best: np.ndarray | None = None
-    best_err = float("inf")
-    for mask in range(1, 1 << n):
-        cols = [i for i in range(n) if mask >> i & 1]
-        x_sub, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
-        if np.any(x_sub < 0):
-            continue
-        x = np.zeros(n)
-        x[cols] = x_sub
-        err = float(np.sum((a @ x - y) ** 2))
-        if err < best_err:
-            best, best_err = x, err
-    return best if best is not None else np.zeros(n)
+    """Least squares with x >= 0 (shared with the real model's layer time model)."""
+    return nnls(a, y)
 
 
 def _unlimited(cfg: DualPathConfig, root: str) -> DualPathConfig:

@@ -375,7 +375,11 @@ async def _run_policy(
         cfg = policy_config(base, policy, tmp)
         cluster = cluster_factory(cfg)
         bpt = cluster.layout.spec.bytes_per_token if hasattr(cluster, "layout") else kv_bytes_per_token(cfg)
-        sched = GlobalScheduler(get_policy(policy), scheduler_params(cfg, bpt, gpu_tokens_per_s))
+        tps = gpu_tokens_per_s
+        if tps is None and cfg.model.kind != "synthetic" and hasattr(cluster, "prefill_tokens_per_s"):
+            # a real model's rate comes from its calibrated time model (Algorithm 1's beta; None: the default)
+            tps = await anyio.to_thread.run_sync(cluster.prefill_tokens_per_s)
+        sched = GlobalScheduler(get_policy(policy), scheduler_params(cfg, bpt, tps))
         vocab = int(getattr(cluster, "vocab_size", 32000))
         t0_link = 0.0
         t_phase = time.perf_counter()

@@ -6,7 +6,7 @@ Our format, one trajectory per line::
 
 ``arrival`` (s, default 0), ``ids`` (the appended token ids, exactly ``append`` of them) and ``at`` (the turn's
 time in the trace, seconds; online replay does not send the turn earlier) are optional.
-Blank lines are skipped. Any malformed line raises :class:`WorkloadError` naming the file and the line.
+Blank lines, CRLF line ends and a leading UTF-8 byte-order mark are fine. Any malformed line raises :class:`WorkloadError` naming the file and the line.
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Trajectory]:
     out: list[Trajectory] = []
     seen: set[int] = set()
     for no, obj in _lines(p):
+        if "turns" not in obj and "input_length" in obj and "hash_ids" in obj:
+            raise WorkloadError("a Mooncake request (input_length, hash_ids), not a trajectory: use "
+                                "--trace-format mooncake", path=p, line=no)
         tid = _int_field(obj, "id", "", p, no)
         if tid in seen:
             raise WorkloadError(f"duplicate trajectory id {tid}", path=p, line=no)

@@ -1,0 +1,179 @@
+"""The real-model forward-time model (dualpath.engine.timemodel): the fit, its predictions against measured
+forwards of a tiny random Llama, its cache, and that the PE's compute quota and Algorithm 1's beta now use it."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dualpath.cluster import Cluster
+from dualpath.config import DualPathConfig
+from dualpath.engine import timemodel
+from dualpath.engine.model_api import LlamaAdapter
+from dualpath.engine.request import Turn
+from dualpath.engine.timemodel import (
+    LayerTimeModel,
+    fit_layer_time,
+    measure_layer_times,
+    nnls,
+    time_model_for,
+)
+from dualpath.model.loader import build_model
+from dualpath.model.spec import ModelSpec
+from dualpath.runtime.runner import scheduler_params
+from dualpath.types import PathKind
+
+BT = 16
+MAX_CTX = 1024
+HF = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 211, "hidden_size": 128,
+      "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+      "max_position_embeddings": MAX_CTX, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    return build_model(ModelSpec.from_hf_config(HF, dtype="float32"), None, seed=0)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> LayerTimeModel:
+    os.environ["DUALPATH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        ad = LlamaAdapter(tiny, BT, time_model="auto", time_budget_s=3.0)
+        tm = ad.time_model()
+    finally:
+        del os.environ["DUALPATH_CACHE"]
+    assert tm is not None
+    return tm
+
+
+# --- the fit ---------------------------------------------------------------------------------------------------
+def test_nnls_keeps_coefficients_non_negative() -> None:
+    a = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+    y = np.array([3.0, 2.0, 1.0])  # the unconstrained slope is -1
+    x = nnls(a, y)
+    assert np.all(x >= 0) and x[1] == 0 and x[0] == pytest.approx(2.0)
+
+
+def test_fit_recovers_known_coefficients_and_reports_its_error() -> None:
+    true = LayerTimeModel(a=2e-4, b=3e-6, e=5e-9, d=8e-9, n_layers=7, g=4e-7)
+    grid = [(16, 0), (256, 0), (16, 2048), (256, 2048), (64, 512), (512, 0), (128, 1024), (32, 256)]
+    exact = fit_layer_time([(n, c, true.layer_s(n, c)) for n, c in grid], 7)
+    for k in ("a", "b", "e", "d", "g"):
+        assert getattr(exact, k) == pytest.approx(getattr(true, k), rel=1e-6)
+    assert exact.rel_err_max < 1e-9 and exact.prefill_s(100, 50) == pytest.approx(7 * true.layer_s(50, 100))
+    rng = np.random.default_rng(0)
+    noisy = fit_layer_time([(n, c, true.layer_s(n, c) * rng.uniform(0.8, 1.25)) for n, c in grid], 7)
+    assert 0.0 < noisy.rel_err_median <= noisy.rel_err_max < 0.5 and noisy.loo_err_median > 0
+    few = fit_layer_time([(16, 0, 1e-3), (128, 0, 2e-3), (16, 1024, 3e-3)], 7)  # too few for n^2: d = 0
+    assert few.d == 0 and few.layer_s(128, 1024) > few.layer_s(128, 0) > few.layer_s(16, 0)
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_layer_time([(16, 0, 1.0)] * 2, 7)
+
+
+# --- against measured forwards ------------------------------------------------------------------------------------
+def test_predicts_held_out_measured_forwards(tiny: Any, calibrated: LayerTimeModel) -> None:
+    """Points off the calibration grid, measured as medians of repeats, are predicted within a factor that the
+    noise of a shared 2-core machine allows (generous; the benchmark reports the actual error)."""
+    tm = calibrated
+    assert tm.samples >= 4 and tm.n_layers == 2
+    assert tm.prefill_s(0, 0) == 0.0
+    assert 0 < tm.prefill_s(0, 64) < tm.prefill_s(0, 256) <= tm.prefill_s(768, 256)
+    held = [(48, 0), (96, 200), (200, 500), (320, 128), (80, 900)]
+    spec = LlamaAdapter(tiny, BT, time_model="off").kv_spec
+    with torch.inference_mode():
+        runs = [measure_layer_times(tiny, spec, BT, torch.device("cpu"), held, reps=5, vocab_size=211)
+                for _ in range(3)]
+    ratios = [tm.layer_s(n, c) / statistics.median(r[i][2] for r in runs) for i, (n, c) in enumerate(held)]
+    assert all(0.3 < r < 3.3 for r in ratios), ratios
+    assert 0.6 < statistics.median(ratios) < 1.67, ratios
+
+
+def test_calibration_is_cached_per_model_and_can_be_turned_off(tiny: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUALPATH_CACHE", str(tmp_path))
+    ad = LlamaAdapter(tiny, BT, time_model="off")
+    args = (tiny, ad.kv_spec, ad.fingerprint, BT, torch.device("cpu"))
+    first = time_model_for(*args, max_context=MAX_CTX, vocab_size=211, budget_s=1.0)
+    assert first is not None
+    files = list((tmp_path / "timemodel").glob("*.json"))
+    assert len(files) == 1
+    assert time_model_for(*args, max_context=MAX_CTX, vocab_size=211, budget_s=1.0) == first  # from the cache
+    monkeypatch.setattr(timemodel, "MAX_CACHED_LOO_ERR", -1.0)  # every fit "poor": used, not cached
+    elsewhere = tmp_path / "other"
+    monkeypatch.setenv("DUALPATH_CACHE", str(elsewhere))
+    assert time_model_for(*args, max_context=MAX_CTX, vocab_size=211, budget_s=1.0) is not None
+    assert not list(elsewhere.glob("timemodel/*.json"))
+    assert ad.predict_prefill_s(0, 64) is None  # time_model="off"
+    monkeypatch.setenv("DUALPATH_TIMEMODEL", "off")
+    assert time_model_for(*args, max_context=MAX_CTX, vocab_size=211) is None
+    with pytest.raises(ValueError, match="time_model"):
+        LlamaAdapter(tiny, BT, time_model="sometimes")
+
+
+# --- the quota and beta use it ------------------------------------------------------------------------------------
+def _config() -> DualPathConfig:
+    cfg = DualPathConfig()
+    c = cfg.cluster
+    c.block_tokens = BT
+    c.snic_gbps = None
+    c.cnic_gbps = None
+    c.host_buffer_bytes = 32 << 20
+    c.kv_pool_tokens = 2048
+    c.deadline_s = 10.0
+    c.prefill_max_batch = 8
+    c.prefill_max_batch_tokens = 1024
+    c.devices = "cpu"
+    return cfg
+
+
+def _turns(cluster: Cluster, n: int, prompt: int) -> list[Turn]:
+    return [Turn(f"s{i}", list(range(1, prompt + 1)), 1, 0, 0, PathKind.RECOMPUTE, [], 0, 0, cluster.layout)
+            for i in range(n)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_compute_quota_splits_batches_by_the_predicted_time(tiny: Any, calibrated: LayerTimeModel) -> None:
+    one = calibrated.prefill_s(0, 96)
+    assert one > 0
+    for mode, sizes_expected in (("given", [2, 2, 2, 1]), ("off", [7])):
+        cfg = _config()
+        cfg.cluster.prefill_quota_s = one * 2.5  # room for two requests of 96 fresh tokens
+        adapter = LlamaAdapter(tiny, BT, time_model=calibrated if mode == "given" else "off")
+        async with Cluster(cfg, model=adapter) as cluster:
+            pe = cluster.pes[0]
+            pe.queue.extend(_turns(cluster, 7, 96))
+            sizes = []
+            while pe.queue:
+                sizes.append(len(pe._take_batch()))
+            pe.queue.clear()
+        assert sizes == sizes_expected, (mode, sizes)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_cluster_with_a_quota_calibrates_before_serving(tiny: Any, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUALPATH_CACHE", str(tmp_path))
+    cfg = _config()
+    cfg.cluster.prefill_quota_s = 1.0
+    async with Cluster(cfg, model=LlamaAdapter(tiny, BT, time_model="auto", time_budget_s=1.0)):
+        assert len(list(tmp_path.glob("timemodel/*.json"))) == 1  # measured at start, not on the first batch
+
+
+def test_beta_comes_from_the_calibrated_rate(tiny: Any, calibrated: LayerTimeModel) -> None:
+    cfg = _config()
+    cluster = Cluster(cfg, model=LlamaAdapter(tiny, BT, time_model=calibrated))
+    tps = cluster.prefill_tokens_per_s()
+    assert tps == pytest.approx(calibrated.tokens_per_s(1024)) and tps > 0
+    params = scheduler_params(cfg, cluster.layout.spec.bytes_per_token, tps)
+    assert params.beta_tokens == int(tps * cfg.scheduler.beta_s)
+    off = Cluster(cfg, model=LlamaAdapter(tiny, BT, time_model="off"))
+    assert off.prefill_tokens_per_s() is None

@@ -20,32 +20,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
 
-from dualpath.config import DualPathConfig, load_config
+from dualpath.commands.bench_serve import VOCAB, bench_config  # the same deployment
+from dualpath.config import DualPathConfig
 from dualpath.control.client import ServeClient
 from dualpath.control.launcher import Deployment
 from dualpath.runtime.clients import ClientResult, run_offline, run_online_into
 from dualpath.workload.arrivals import poisson_arrivals
 from dualpath.workload.trajectory import Trajectory, Turn
 
-VOCAB = 32000
-
 
 def config(root: Path) -> DualPathConfig:
-    return load_config(None, env={}, overrides={
-        "storage": {"kind": "posix", "root": str(root)},
-        "transport": {"kind": "zmq"},
-        "model": {"kind": "synthetic", "n_layers": 4, "n_kv_heads": 2, "head_dim": 64, "vocab_size": VOCAB,
-                  "decode_step_s": 0.01, "device_tflops": 20.0, "max_context": 16384},
-        "cluster": {"block_tokens": 64, "snic_gbps": None, "devices": "cpu", "kv_pool_tokens": 65536,
-                    "host_buffer_bytes": 64 << 20},
-        "serve": {"port": 0},
-        "workload": {"ttft_slo_s": 2.0, "tpot_slo_s": 0.1},
-    })
+    """The same small deployment `dualpath bench serve` measures."""
+    return cast(DualPathConfig, bench_config(root))
 
 
 def make_trace(n: int, turns: int, seed: int, first_id: int = 0) -> list[Trajectory]:

@@ -150,13 +150,7 @@ class DeepseekV3Model(LayerwiseDecoder):
 
     def __init__(self, spec: DeepseekV3Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self.spec = spec
-        self.backend = backend
-        self.model = Backbone(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        if spec.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.to(device=device, dtype=spec.torch_dtype)
+        self._build(spec, Backbone(spec), device, backend)
         for mod in self.modules():  # the router stays in fp32 (as DeepSeek and transformers keep it)
             if isinstance(mod, Router):
                 mod.float()

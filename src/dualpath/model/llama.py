@@ -215,6 +215,17 @@ class LayerwiseDecoder(nn.Module):
     model: Any
     lm_head: nn.Linear
 
+    def _build(self, spec: Any, backbone: nn.Module, device: str | torch.device, backend: str) -> None:
+        """Set the spec, the backbone and the LM head (tied to the embeddings when the spec says so), then move
+        everything to ``device`` in the spec's dtype."""
+        self.spec = spec
+        self.backend = backend
+        self.model = backbone
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.to(device=device, dtype=spec.torch_dtype)
+
     @property
     def device(self) -> torch.device:
         return cast(nn.Embedding, self.model.embed_tokens).weight.device
@@ -257,13 +268,7 @@ class LlamaModel(LayerwiseDecoder):
 
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self.spec = spec
-        self.backend = backend
-        self.model = Backbone(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        if spec.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.to(device=device, dtype=spec.torch_dtype)
+        self._build(spec, Backbone(spec), device, backend)
         inv_freq, self._rope_scale = rope_inv_freq(spec)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.scale = spec.head_dim ** -0.5

@@ -29,8 +29,24 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _SpecCommon:
+    """What every architecture's spec derives the same way from its ``dtype`` and ``rope_scaling`` fields."""
+
+    dtype: str
+    rope_scaling: dict[str, Any] | None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def rope_type(self) -> str:
+        rs = self.rope_scaling or {}
+        return str(rs.get("rope_type", rs.get("type", "default")))
+
+
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(_SpecCommon):
     """Shapes and hyper-parameters of one decoder. ``dtype`` is the compute and KV dtype name."""
 
     architecture: str
@@ -77,15 +93,6 @@ class ModelSpec:
                     raise ModelError(f"model config: llama3 rope_scaling is missing {key!r}")
 
     # ------------------------------------------------------------------------------------------------------
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
-
-    @property
-    def rope_type(self) -> str:
-        rs = self.rope_scaling or {}
-        return str(rs.get("rope_type", rs.get("type", "default")))
-
     @property
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
@@ -262,7 +269,7 @@ def _mscale(scale: float, m: float = 1.0) -> float:
 
 
 @dataclass(frozen=True)
-class DeepseekV3Spec:
+class DeepseekV3Spec(_SpecCommon):
     """Shapes and hyper-parameters of a DeepSeek-V3 decoder (MLA attention, DeepSeekMoE feed-forward).
 
     ``kv_format``: ``auto`` stores the latent in ``dtype``; ``fp8`` stores FlashMLA's 656-byte rows (needs
@@ -338,15 +345,6 @@ class DeepseekV3Spec:
                 raise ModelError("model config: group-limited routing needs >= 2 experts per group")
 
     # ------------------------------------------------------------------------------------------------------
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
-
-    @property
-    def rope_type(self) -> str:
-        rs = self.rope_scaling or {}
-        return str(rs.get("rope_type", rs.get("type", "default")))
-
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim

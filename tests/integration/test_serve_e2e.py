@@ -18,7 +18,17 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 
-from serve_util import VOCAB, pid_alive, reference_tokens, replay, stats, tiny_config, tokens_of, trace  # noqa: E402
+from serve_util import (  # noqa: E402
+    VOCAB,
+    reference_tokens,
+    replay,
+    stats,
+    stop_process,
+    survivors,
+    tiny_config,
+    tokens_of,
+    trace,
+)
 
 from dualpath.control.channel import RemoteError  # noqa: E402
 from dualpath.control.client import ServeClient  # noqa: E402
@@ -51,18 +61,9 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         assert address and pids, f"serve did not come up: {(tmp / 'serve.out').read_text()[-3000:]}"
         yield address, cfg, proc, pids
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, signal.SIGINT)
         log.close()
-        t_end = time.monotonic() + 10
-        while any(pid_alive(p) for p in pids) and time.monotonic() < t_end:
-            time.sleep(0.1)
-        assert not [p for p in pids if pid_alive(p)], "engine processes outlived `dualpath serve`"
+        assert not survivors(pids), "engine processes outlived `dualpath serve`"
 
 
 def _try_stats(address: str, cfg) -> dict | None:

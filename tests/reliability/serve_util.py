@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +102,25 @@ def pid_alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+    """Send ``sig`` to a server process still running and wait for it; kill it past ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def survivors(pids: list[int], grace_s: float = 10.0) -> list[int]:
+    """The processes among ``pids`` still alive after up to ``grace_s`` seconds."""
+    t_end = time.monotonic() + grace_s
+    while any(pid_alive(p) for p in pids) and time.monotonic() < t_end:
+        time.sleep(0.1)
+    return [p for p in pids if pid_alive(p)]
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import anyio
 import msgpack
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from serve_util import tiny_config
 
@@ -105,8 +105,21 @@ def _ping(s: zmq.Socket) -> None:
     raise AssertionError("the scheduler stopped answering")
 
 
+def _packed(mtype: str, body: dict[str, Any]) -> bytes:
+    return msgpack.packb({"v": 1, "t": mtype, "id": 7, "re": 0, "b": body}, use_bin_type=True)
+
+
+# Always tried, whatever the seed (Hypothesis derandomizes on CI): operator and engine messages with no or a
+# wrong token, and a frame that is not msgpack, so the checks below never depend on what the draw produced.
+_KNOWN = [_packed("shutdown", {}), _packed("drain", {"token": "not-the-token"}),
+          _packed("hello", {"role": "prefill", "rank": 0, "node": 0, "address": "tcp://127.0.0.1:1", "pid": 1,
+                            "fingerprint": "x", "token_bytes": 1, "vocab_size": 1, "max_context": 1}),
+          b"\xc1 not msgpack"]
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
+@example(_KNOWN)
 @given(st.lists(st.one_of(_message(), st.binary(max_size=64)), min_size=1, max_size=6))
 def test_any_message_sequence_leaves_the_scheduler_serving_and_unchanged(scheduler, sock, frames) -> None:
     for f in frames:
@@ -119,7 +132,7 @@ def test_any_message_sequence_leaves_the_scheduler_serving_and_unchanged(schedul
 
 def test_fuzzing_reached_the_role_checks(scheduler) -> None:
     """The property above is not vacuous: its messages got past decoding and were refused by role."""
-    assert scheduler.stats["refused_messages"] > 0
+    assert scheduler.stats["refused_messages"] >= 3  # at least the three of _KNOWN
     assert scheduler.channel.rejected > 0  # type: ignore[union-attr]
 
 

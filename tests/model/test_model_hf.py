@@ -1,4 +1,4 @@
-"""Our Llama/Qwen2 over paged KV against Hugging Face transformers (full recompute) on the same random weights."""
+"""Our Llama/Mistral/Qwen2/Qwen3 over paged KV against Hugging Face transformers (full recompute) on the same random weights."""
 
 from __future__ import annotations
 
@@ -25,14 +25,18 @@ CONFIGS = {
     "qwen2": (transformers.Qwen2Config, dict(BASE, rope_theta=1000000.0, tie_word_embeddings=True)),
     "qwen2-yarn": (transformers.Qwen2Config, dict(BASE, rope_theta=1000000.0, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    "qwen3": (transformers.Qwen3Config, dict(BASE, rope_theta=1000000.0, head_dim=24, tie_word_embeddings=True)),
+    "mistral-window": (transformers.MistralConfig, dict(BASE, sliding_window=128)),
 }
+_MODELS = {transformers.LlamaConfig: transformers.LlamaForCausalLM, transformers.Qwen2Config: transformers.Qwen2ForCausalLM,
+           transformers.Qwen3Config: transformers.Qwen3ForCausalLM, transformers.MistralConfig: transformers.MistralForCausalLM}
 
 
 def _hf_model(name: str, seed: int = 0):
     cls, kw = CONFIGS[name]
     torch.manual_seed(seed)
     cfg = cls(**kw)
-    model = (transformers.LlamaForCausalLM if cls is transformers.LlamaConfig else transformers.Qwen2ForCausalLM)(cfg)
+    model = _MODELS[cls](cfg)
     with torch.no_grad():  # HF zero-inits biases and ones-inits norms: perturb so they are exercised
         for n, p in model.named_parameters():
             if n.endswith("bias") or n.endswith("norm.weight"):

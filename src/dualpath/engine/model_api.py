@@ -34,6 +34,7 @@ import anyio
 import torch
 
 from dualpath.engine.timemodel import LayerTimeModel
+from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
 
 log = logging.getLogger("dualpath.engine")
@@ -117,6 +118,11 @@ class LlamaAdapter(LayerwiseModel):
         self.kv_spec = spec.kv_spec()
         self.fingerprint = spec.fingerprint()
         self.max_context = int(max_context or spec.max_position)
+        window = getattr(spec, "sliding_window", None)
+        if window is not None and self.max_context > window:
+            raise ModelError(
+                f"model.max_context={self.max_context} exceeds the checkpoint's sliding_window of {window} tokens: "
+                f"attention past the window would differ from the model's; set model.max_context <= {window}")
         self.vocab_size = int(spec.vocab_size)
         self.device = torch.device(getattr(model, "device", "cpu"))
         self._limiter = anyio.CapacityLimiter(1)

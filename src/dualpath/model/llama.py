@@ -171,6 +171,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
         self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
         self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=False)
+        if spec.qk_norm:  # Qwen3
+            self.q_norm = RMSNorm(d, spec.rms_eps)
+            self.k_norm = RMSNorm(d, spec.rms_eps)
 
 
 class MLP(nn.Module):
@@ -262,7 +265,7 @@ class LayerwiseDecoder(nn.Module):
 
 
 class LlamaModel(LayerwiseDecoder):
-    """Llama/Qwen2 decoder over a paged KV pool. ``backend``: kernel backend (``auto``/``torch``/``triton``)."""
+    """Llama/Mistral/Qwen2/Qwen3 decoder over a paged KV pool. ``backend``: kernel backend (``auto``/``torch``/``triton``)."""
 
     inv_freq: torch.Tensor
 
@@ -304,6 +307,8 @@ class LlamaModel(LayerwiseDecoder):
         q = attn.q_proj(x).view(n, spec.n_heads, spec.head_dim)
         k = attn.k_proj(x).view(n, spec.n_kv_heads, spec.head_dim)
         v = attn.v_proj(x).view(n, spec.n_kv_heads, spec.head_dim)
+        if spec.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = state.cos[:, None, :], state.sin[:, None, :]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin

@@ -1,9 +1,12 @@
 """The architecture of a Llama-family decoder, read from a Hugging Face ``config.json`` (or GGUF metadata).
 
-Supported: ``LlamaForCausalLM`` (model_type ``llama``) and ``Qwen2ForCausalLM`` (``qwen2``): RMSNorm, RoPE
-(``default``, ``linear``, ``llama3``, ``yarn``), grouped-query attention, SwiGLU MLP, optional q/k/v bias
-(always on for Qwen2), optional tied embeddings. Anything else raises :class:`~dualpath.errors.ModelError`
-naming the key at fault.
+Supported: ``LlamaForCausalLM`` (model_type ``llama``), ``MistralForCausalLM`` (``mistral``, read as Llama),
+``Qwen2ForCausalLM`` (``qwen2``) and ``Qwen3ForCausalLM`` (``qwen3``): RMSNorm, RoPE (``default``, ``linear``,
+``llama3``, ``yarn``), grouped-query attention, SwiGLU MLP, optional q/k/v bias (always on for Qwen2), Qwen3's
+per-head q/k RMSNorm, optional tied embeddings. A sliding attention window (Mistral's ``sliding_window``, Qwen's
+``use_sliding_window``) is exact only while every sequence fits inside it, so the context is capped at the window
+(``max_position``; a larger ``model.max_context`` is refused). Anything else raises
+:class:`~dualpath.errors.ModelError` naming the key at fault.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
 }
+_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,11 +71,12 @@ class ModelSpec(_SpecCommon):
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    sliding_window: int | None = None  # the checkpoint's attention window (max_position is capped at it)
     weights_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if self.architecture not in ("llama", "qwen2"):
-            raise ModelError(f"unsupported architecture {self.architecture!r}; expected 'llama' or 'qwen2'")
+        if self.architecture not in _HF_ARCH:
+            raise ModelError(f"unsupported architecture {self.architecture!r}; expected one of {sorted(_HF_ARCH)}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
                      "head_dim"):
             if int(getattr(self, name)) <= 0:
@@ -97,6 +103,11 @@ class ModelSpec(_SpecCommon):
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
 
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: an RMSNorm over each head's query and key (before RoPE)."""
+        return self.architecture == "qwen3"
+
     def with_dtype(self, dtype: str) -> ModelSpec:
         return replace(self, dtype=dtype)
 
@@ -116,7 +127,7 @@ class ModelSpec(_SpecCommon):
 
     def to_hf_config(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers (and :meth:`from_hf_config`) read back to this spec."""
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.architecture]
+        arch = _HF_ARCH[self.architecture]
         cfg: dict[str, Any] = {
             "architectures": [arch],
             "model_type": self.architecture,
@@ -135,9 +146,15 @@ class ModelSpec(_SpecCommon):
             "hidden_act": "silu",
             "torch_dtype": self.dtype,
         }
-        if self.architecture == "llama":
+        if self.architecture in ("llama", "qwen3"):
             cfg["attention_bias"] = self.attention_bias
+        if self.architecture == "llama":
             cfg["mlp_bias"] = False
+        if self.sliding_window is not None:
+            if self.architecture == "llama":
+                cfg["sliding_window"] = self.sliding_window
+            else:
+                cfg.update(use_sliding_window=True, sliding_window=self.sliding_window, max_window_layers=0)
         if self.bos_token_id is not None:
             cfg["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
@@ -157,12 +174,13 @@ class ModelSpec(_SpecCommon):
             if a in ARCHITECTURES:
                 arch = ARCHITECTURES[a]
                 break
-        if arch is None and model_type in ("llama", "qwen2", "mistral"):
-            arch = "qwen2" if model_type == "qwen2" else "llama"
+        if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral"):
+            arch = "llama" if model_type == "mistral" else str(model_type)
         if arch is None:
             raise ModelError(
-                f"{where}: unsupported architecture {archs or model_type!r}; "
-                f"supported: {sorted([*ARCHITECTURES, 'DeepseekV3ForCausalLM'])} (model_type llama, qwen2, deepseek_v3)"
+                f"{where}: unsupported architecture {archs or model_type!r}; supported: "
+                f"{sorted([*ARCHITECTURES, 'DeepseekV3ForCausalLM'])} (model_type llama, mistral, qwen2, qwen3, "
+                "deepseek_v3)"
             )
 
         def need(key: str) -> Any:
@@ -174,8 +192,11 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
         if cfg.get("mlp_bias"):
             raise ModelError(f"{where}: mlp_bias=true is unsupported")
+        window: int | None = None
         if cfg.get("use_sliding_window") or (arch == "llama" and cfg.get("sliding_window")):
-            raise ModelError(f"{where}: sliding-window attention is unsupported")
+            window = cfg.get("sliding_window")
+            if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+                raise ModelError(f"{where}: sliding_window must be a positive integer, got {window!r}")
         hidden = int(need("hidden_size"))
         n_heads = int(need("num_attention_heads"))
         n_kv = int(cfg.get("num_key_value_heads") or n_heads)
@@ -198,12 +219,13 @@ class ModelSpec(_SpecCommon):
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position=int(cfg.get("max_position_embeddings", 2048)),
+            max_position=min(int(cfg.get("max_position_embeddings", 2048)), window or (1 << 62)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", default_bias)) or default_bias,
             dtype=dtype,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
+            sliding_window=window,
         )
 
 

@@ -18,6 +18,7 @@ from dualpath.errors import WorkloadError
 from dualpath.workload import build_workload
 from dualpath.workload.arrivals import offline_arrivals, poisson_arrivals, with_arrivals
 from dualpath.workload.config import WorkloadConfig
+from dualpath.workload.csvtrace import resolve_format
 from dualpath.workload.generators import DatasetSpec, generate_from_spec
 from dualpath.workload.trajectory import Trajectory
 
@@ -98,7 +99,7 @@ def check_trajectories(
         line: int | None = None
         if path is not None and 0 <= turn < len(t.turns) and t.turns[turn].line is not None:
             line = t.turns[turn].line
-        elif path is not None and cfg.trace_format == "jsonl":
+        elif path is not None and resolve_format(path, cfg.trace_format) == "jsonl":
             lines = lines if lines is not None else _jsonl_lines(path)
             line = lines.get(t.tid)
         elif path is not None:
@@ -173,5 +174,5 @@ def workload_source(cfg: Any, trajs: Sequence[Trajectory]) -> str:
         sized = (f"; largest turn {prompt}+{gen} tokens: model context {cfg.model.max_context}, PE scratch "
                  f"{cfg.cluster.prefill_max_batch_tokens} tokens, DE KV pool {cfg.cluster.kv_pool_tokens} tokens")
     timing = "at the trace's timestamps" if w.mode == "online" else "sessions from t=0, next turn when one ends"
-    return (f"trace {w.trace} ({w.trace_format}: {tw.note}; ideal hit rate {ideal_hit_rate(trajs):.3f} "
+    return (f"trace {w.trace} ({tw.fmt}: {tw.note}; ideal hit rate {ideal_hit_rate(trajs):.3f} "
             f"(unlimited cache); {timing}{sized})")

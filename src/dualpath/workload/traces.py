@@ -157,14 +157,16 @@ def repeat_trajectories(trajs: list[Trajectory], k: int) -> list[Trajectory]:
 
 def load_trace(
     path: str | os.PathLike[str],
-    fmt: str = "jsonl",
+    fmt: str = "auto",
     *,
     max_requests: int | None = None,
     max_agents: int | None = None,
     repeat: int = 1,
 ) -> TraceWorkload:
-    """Every request of the trace at ``path`` (``fmt`` jsonl or mooncake), or the prefix asked for, ``repeat``
-    times. Errors (missing, empty, malformed, not UTF-8) name the file and the line."""
+    """Every request of the trace at ``path`` (``fmt``: ``auto`` detects it from the first line; ``jsonl``,
+    ``mooncake`` or ``csv``), or the prefix asked for, ``repeat`` times. Errors (missing, empty, malformed, not
+    UTF-8) name the file and the line."""
+    from dualpath.workload.csvtrace import FORMATS, load_csv, resolve_format
     from dualpath.workload.loaders import load_jsonl, load_mooncake
 
     p = str(path)
@@ -174,11 +176,20 @@ def load_trace(
         raise WorkloadError(f"max_agents must be >= 1, got {max_agents}")
     if repeat < 1:
         raise WorkloadError(f"repeat must be >= 1, got {repeat}")
-    if fmt not in ("jsonl", "mooncake"):
-        raise WorkloadError(f"unknown trace format {fmt!r} (jsonl or mooncake)", path=p)
+    if fmt not in FORMATS:
+        raise WorkloadError(f"unknown trace format {fmt!r} ({', '.join(FORMATS)})", path=p)
     if not os.path.isfile(p):
         raise WorkloadError("trace file not found", path=p)
-    trajs = load_jsonl(p) if fmt == "jsonl" else load_mooncake(p)
+    fmt = resolve_format(p, fmt)
+    skipped = ""
+    if fmt == "csv":
+        table = load_csv(p)
+        trajs = table.trajectories
+        if table.skipped_lines:
+            shown = ", ".join(map(str, table.skipped_lines[:5])) + (" ..." if len(table.skipped_lines) > 5 else "")
+            skipped = f"{len(table.skipped_lines)} rows with 0 input tokens skipped (lines {shown})"
+    else:
+        trajs = load_jsonl(p) if fmt == "jsonl" else load_mooncake(p)
     n_file, s_file = _count_requests(trajs), len(trajs)
     if n_file == 0:
         raise WorkloadError("empty trace: no request in the file", path=p, line=1)
@@ -194,6 +205,8 @@ def load_trace(
     n_kept = _count_requests(trajs)
     if not notes:
         notes.append("every request")
+    if skipped:
+        notes.append(skipped)
     note = f"{n_kept} of {n_file} requests ({', '.join(notes)})"
     if repeat > 1:
         trajs = repeat_trajectories(trajs, repeat)
@@ -235,10 +248,11 @@ def check_fits(w: TraceWorkload, limit: int, what: str) -> None:
             ctx = prompt + u.gen
 
 
-def trace_stats(path: str | os.PathLike[str], fmt: str = "jsonl") -> dict[str, Any]:
+def trace_stats(path: str | os.PathLike[str], fmt: str = "auto") -> dict[str, Any]:
     """The shape of a trace: requests, sessions, input/output lengths, ideal hit rate, arrival rate, largest
     turn (``dualpath trace stats``)."""
     w = load_trace(path, fmt)
+    fmt = w.fmt
     trajs = w.trajectories
     inputs: list[int] = []
     outputs: list[int] = []

@@ -1,0 +1,160 @@
+"""Request traces as CSV tables, and telling a trace file's format from its first line.
+
+Public request traces without content come as CSV: the Azure LLM inference traces (``TIMESTAMP``,
+``ContextTokens``, ``GeneratedTokens``) and BurstGPT (``Timestamp``, ``Request tokens``, ``Response tokens``, ...).
+Columns are found by name, case and spacing ignored (:data:`TIME_COLUMNS`, :data:`INPUT_COLUMNS`,
+:data:`OUTPUT_COLUMNS`); other columns are ignored. A timestamp is a number of seconds or an ISO date-time.
+
+Such a trace says nothing about content, so every request is its own one-turn session whose prompt shares no
+block with any other: storage sees no reuse, and the hit rate is 0 (the trace is served as it is). Rows with
+0 input tokens (failed requests in BurstGPT) cannot be served; they are skipped and counted, and the count is
+in the run's header. Any other malformed cell is an error naming the file, the line and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+from dualpath.errors import WorkloadError
+from dualpath.workload.trajectory import Trajectory, Turn
+
+TIME_COLUMNS = ("timestamp", "time", "arrival_time", "arrival", "created")
+INPUT_COLUMNS = ("contexttokens", "requesttokens", "input_length", "input_tokens", "prompt_tokens", "input_len",
+                 "prompt_len")
+OUTPUT_COLUMNS = ("generatedtokens", "responsetokens", "output_length", "output_tokens", "completion_tokens",
+                  "output_len", "gen_len")
+FORMATS = ("auto", "jsonl", "mooncake", "csv")
+
+
+def _norm(name: str) -> str:
+    return "".join(name.lower().split())
+
+
+def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
+    normed = [_norm(h).replace(" ", "") for h in header]
+    for want in names:
+        for i, h in enumerate(normed):
+            if h == want:
+                return i
+    return None
+
+
+@dataclass
+class CsvTrace:
+    trajectories: list[Trajectory]
+    skipped_lines: list[int]
+
+
+def _time(cell: str, path: str, line: int, col: str) -> float:
+    try:
+        return float(cell)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(cell.strip()).timestamp()
+    except ValueError:
+        raise WorkloadError(f"column {col!r}: {cell!r} is neither seconds nor an ISO date-time", path=path,
+                            line=line) from None
+
+
+def _count(cell: str, path: str, line: int, col: str) -> int:
+    try:
+        v = float(cell)
+    except ValueError:
+        raise WorkloadError(f"column {col!r}: {cell!r} is not a token count", path=path, line=line) from None
+    if v != v or v < 0 or v != int(v):
+        raise WorkloadError(f"column {col!r}: {cell!r} is not a token count (an integer >= 0)", path=path, line=line)
+    return int(v)
+
+
+def load_csv(path: str | os.PathLike[str]) -> CsvTrace:
+    """Every row of a CSV request trace as a one-turn trajectory, in time order (ties: file order)."""
+    p = str(path)
+    try:
+        f = open(p, encoding="utf-8-sig", newline="")  # noqa: SIM115
+    except OSError as e:
+        raise WorkloadError(f"cannot open trace: {e.strerror}", path=p) from e
+    rows: list[tuple[float, int, int, int]] = []
+    skipped: list[int] = []
+    with f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise WorkloadError("empty trace: no header line", path=p, line=1)
+            ti, ii, oi = _pick(header, TIME_COLUMNS), _pick(header, INPUT_COLUMNS), _pick(header, OUTPUT_COLUMNS)
+            if ii is None or oi is None:
+                raise WorkloadError(
+                    f"CSV header {header!r} has no {'input' if ii is None else 'output'}-token column (one of "
+                    f"{', '.join(INPUT_COLUMNS if ii is None else OUTPUT_COLUMNS)}; case and spaces ignored)",
+                    path=p, line=1)
+            for row in reader:
+                no = reader.line_num
+                if not row or not any(c.strip() for c in row):
+                    continue
+                if len(row) != len(header):
+                    raise WorkloadError(f"{len(row)} cells, the header has {len(header)}", path=p, line=no)
+                t = _time(row[ti], p, no, header[ti]) if ti is not None else 0.0
+                inp = _count(row[ii], p, no, header[ii])
+                outp = _count(row[oi], p, no, header[oi])
+                if inp == 0:
+                    skipped.append(no)
+                    continue
+                rows.append((t, no, inp, outp))
+        except UnicodeDecodeError as e:
+            raise WorkloadError(f"not UTF-8 text ({e.reason})", path=p) from None
+        except csv.Error as e:
+            raise WorkloadError(f"not valid CSV ({e})", path=p, line=reader.line_num) from None
+    rows.sort()
+    t0 = rows[0][0] if rows else 0.0
+    trajs = [Trajectory(i, [Turn(inp, outp, None, t - t0, None, 512, no)], t - t0)
+             for i, (t, no, inp, outp) in enumerate(rows)]
+    return CsvTrace(trajs, skipped)
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """``jsonl``, ``mooncake`` or ``csv``, from the first non-blank line of the file at ``path``."""
+    p = str(path)
+    try:
+        with open(p, "rb") as f:
+            first = b""
+            for raw in f:
+                if raw.strip():
+                    first = raw[:1 << 20]
+                    break
+    except OSError as e:
+        raise WorkloadError(f"cannot open trace: {e.strerror}", path=p) from e
+    text = first.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
+    if not text:
+        raise WorkloadError("empty trace: no request in the file", path=p, line=1)
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            obj = None
+        if isinstance(obj, dict):
+            if "turns" in obj:
+                return "jsonl"
+            if "hash_ids" in obj or "input_length" in obj:
+                return "mooncake"
+        raise WorkloadError("cannot tell the trace's format from its first line (JSON, but neither our JSONL "
+                            "'turns' nor Mooncake 'input_length'/'hash_ids'); pass --trace-format", path=p, line=1)
+    header = next(csv.reader([text]))
+    if _pick(header, INPUT_COLUMNS) is not None and _pick(header, OUTPUT_COLUMNS) is not None:
+        return "csv"
+    raise WorkloadError(f"cannot tell the trace's format from its first line {text[:80]!r}: expected a JSON object "
+                        "(jsonl, mooncake) or a CSV header with input- and output-token columns; pass "
+                        "--trace-format", path=p, line=1)
+
+
+def resolve_format(path: str | os.PathLike[str], fmt: str | None) -> str:
+    """``fmt``, or the detected format when it is ``auto`` or None. An unknown name is an error listing them."""
+    if fmt is None or fmt == "auto":
+        return detect_format(path)
+    if fmt not in FORMATS:
+        raise WorkloadError(f"unknown trace format {fmt!r} ({', '.join(FORMATS)})", path=str(path))
+    return fmt

@@ -1,0 +1,96 @@
+"""CSV request traces (Azure LLM inference and BurstGPT column names) and the trace format told from the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dualpath.cli import main
+from dualpath.errors import WorkloadError
+from dualpath.workload.csvtrace import detect_format
+from dualpath.workload.traces import ideal_hit_rate, load_trace
+
+DATA = Path(__file__).parent.parent / "data"
+
+AZURE = """TIMESTAMP,ContextTokens,GeneratedTokens
+2023-11-16 18:15:50.1000000,1200,40
+2023-11-16 18:15:46.6805900,4808,10
+2023-11-16 18:15:47.0000000,3180,8
+"""
+BURST = """Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type
+5,ChatGPT,472,18,490,Conversation log
+45,ChatGPT,0,0,0,Conversation log
+118,GPT-4,1087,136,1223,API log
+"""
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_azure_rows_are_one_turn_sessions_in_time_order(tmp_path: Path) -> None:
+    w = load_trace(_write(tmp_path, "azure.csv", AZURE))  # auto
+    assert w.fmt == "csv" and w.requests == 3 and len(w.trajectories) == 3
+    got = [(t.turns[0].append, t.turns[0].gen, t.turns[0].line) for t in w.trajectories]
+    assert got == [(4808, 10, 3), (3180, 8, 4), (1200, 40, 2)]  # sorted by time, each row keeps its line
+    assert [t.arrival for t in w.trajectories] == pytest.approx([0.0, 0.31941, 3.41941])
+    assert ideal_hit_rate(w.trajectories) == 0.0  # no content in the trace: no reuse is invented
+
+
+def test_burstgpt_zero_token_rows_are_skipped_and_said(tmp_path: Path) -> None:
+    w = load_trace(_write(tmp_path, "burst.csv", BURST), "csv")
+    assert [t.turns[0].append for t in w.trajectories] == [472, 1087]
+    assert [t.arrival for t in w.trajectories] == [0.0, 113.0]
+    assert w.note == "2 of 2 requests (every request, 1 rows with 0 input tokens skipped (lines 3))"
+
+
+def test_simulate_and_stats_take_a_csv_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = _write(tmp_path, "burst.csv", BURST)
+    assert main(["simulate", "--preset", "tiny", "--trace", str(p), "--policy", "dualpath"]) == 0
+    out = capsys.readouterr().out
+    assert f"trace {p} (csv): 2 of 2 requests" in out
+    assert main(["trace", "stats", str(p), "--json", str(tmp_path / "s.json")]) == 0
+    import json
+
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["format"], s["requests"], s["total_input_tokens"]) == ("csv", 2, 472 + 1087)
+
+
+def test_run_prepares_a_csv_trace(tmp_path: Path) -> None:
+    from dualpath.runtime.app import RunRequest, describe, prepare
+
+    conf = _write(tmp_path, "c.yaml", f"storage: {{kind: posix, root: {tmp_path / 'kv'}}}\n")
+    cfg, _, trajs = prepare(RunRequest(config=str(conf), trace=str(_write(tmp_path, "a.csv", AZURE))))
+    assert sum(t.n_turns for t in trajs) == 3 and cfg.model.max_context >= 4808 + 10
+    assert "(csv: 3 of 3 requests" in describe(cfg, trajs, ["dualpath"])
+
+
+def test_format_is_told_from_the_first_line(tmp_path: Path) -> None:
+    assert detect_format(DATA / "mooncake_shared.jsonl") == "mooncake"
+    jl = _write(tmp_path, "t.jsonl", '\n{"id": 0, "turns": [{"append": 5, "gen": 2}]}\n')
+    assert detect_format(jl) == "jsonl"
+    assert load_trace(jl).trajectories[0].turns[0].append == 5
+    assert load_trace(DATA / "mooncake_shared.jsonl").requests == load_trace(DATA / "mooncake_shared.jsonl",
+                                                                              "mooncake").requests
+    with pytest.raises(WorkloadError, match=r"x\.json:1: cannot tell the trace's format .*pass --trace-format"):
+        detect_format(_write(tmp_path, "x.json", '{"prompt": "hi"}\n'))
+    with pytest.raises(WorkloadError, match="cannot tell the trace's format"):
+        load_trace(_write(tmp_path, "y.csv", "a,b,c\n1,2,3\n"))
+
+
+@pytest.mark.parametrize(("text", "where", "what"), [
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n1,10,2\n2,ten,2\n", ":3:", "column 'ContextTokens': 'ten'"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,10,2\n", ":2:", "neither seconds nor an ISO date-time"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n1,10\n", ":2:", "2 cells, the header has 3"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n1,-4,2\n", ":2:", "an integer >= 0"),
+    ("TIMESTAMP,ContextTokens,Tokens\n1,10,2\n", ":1:", "no output-token column"),
+])
+def test_bad_csv_exits_2_naming_file_line_and_column(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+                                                     where: str, what: str) -> None:
+    p = _write(tmp_path, "bad.csv", text)
+    assert main(["trace", "stats", str(p), "--trace-format", "csv"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{p}{where}" in err and what in err and len(err.splitlines()) == 1

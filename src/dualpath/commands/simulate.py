@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_out", help="write {'runs': [...], 'speedup': {...}, 'ceiling': x}")
     parser.add_argument("--plot", help="write a PNG comparing the policies")
     parser.add_argument("--trace", help="simulate a request trace as it is (every request; see --trace-format)")
-    parser.add_argument("--trace-format", choices=["jsonl", "mooncake"], default=None,
-                        help="format of --trace (default jsonl)")
+    parser.add_argument("--trace-format", choices=["auto", "jsonl", "mooncake", "csv"], default=None,
+                        help="format of --trace: auto (default), jsonl, mooncake or csv")
     parser.add_argument("--max-requests", type=int, help="trace: only its first N requests (in time order)")
     parser.add_argument("--repeat", type=int, help="trace: K copies (no shared content between copies)")
     parser.add_argument("--breakdown", action="store_true",
@@ -141,7 +141,7 @@ def _trace(args: argparse.Namespace, cfg):  # type: ignore[no-untyped-def]
         raise ConfigError("--trace serves the trace as it is: use --max-requests / --repeat, not --agents/--dataset/--aps")
     from dualpath.workload.traces import load_trace
 
-    return load_trace(args.trace, args.trace_format or "jsonl", max_requests=args.max_requests,
+    return load_trace(args.trace, args.trace_format or "auto", max_requests=args.max_requests,
                       repeat=args.repeat or 1)
 
 

@@ -95,45 +95,114 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def test_gguf_loader_matches_source_weights(tmp_path):
-    gguf = pytest.importorskip("gguf")
-    spec = ModelSpec.from_hf_config({**CFG, "tie_word_embeddings": True})
-    src = build_model(spec, None, seed=7)
-    path = tmp_path / "tiny.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(32)
-    w.add_feed_forward_length(48)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(64)
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+         "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _write_gguf(path, src, arch: str, rope_freqs: np.ndarray | None = None) -> None:
+    """Write ``src`` as llama.cpp's converter would (its tensor names; Q/K rows permuted for ``llama`` only)."""
+    import gguf
+
+    spec = src.spec
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(spec.n_layers)
+    w.add_context_length(spec.max_position)
+    w.add_embedding_length(spec.hidden_size)
+    w.add_feed_forward_length(spec.intermediate_size)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_key_length(spec.head_dim)
+    w.add_layer_norm_rms_eps(spec.rms_eps)
+    w.add_rope_freq_base(spec.rope_theta)
+    w.add_vocab_size(spec.vocab_size)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for name, p in src.named_parameters(remove_duplicate=True):
         arr = p.detach().numpy().astype(np.float32)
         if name == "model.embed_tokens.weight":
             gname = "token_embd.weight"
         elif name == "model.norm.weight":
             gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
         else:
             parts = name.split(".")
-            gname = f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.weight"
-            if "q_proj" in name:
-                arr = _llama_cpp_permute(arr, 4)
-            elif "k_proj" in name:
-                arr = _llama_cpp_permute(arr, 2)
+            gname = f"blk.{parts[2]}.{_GGUF['.'.join(parts[3:-1])]}.weight"
+            if arch == "llama" and "q_proj" in name:
+                arr = _llama_cpp_permute(arr, spec.n_heads)
+            elif arch == "llama" and "k_proj" in name:
+                arr = _llama_cpp_permute(arr, spec.n_kv_heads)
         w.add_tensor(gname, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_gguf_loader_matches_source_weights(tmp_path):
+    pytest.importorskip("gguf")
+    spec = ModelSpec.from_hf_config({**CFG, "tie_word_embeddings": True})
+    src = build_model(spec, None, seed=7)
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, src, "llama")
     model, _ = load_model(LlamaModelConfig(path=str(path)), with_tokenizer=False)
     assert model.spec == spec
     for (n1, p1), (_, p2) in zip(src.named_parameters(), model.named_parameters(), strict=True):
+        assert torch.equal(p1, p2), n1
+
+
+def _llama_cpp_rope_freqs(head_dim: int, theta: float, factor: float, low: float = 1.0, high: float = 4.0,
+                          old_ctx: int = 8192) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter writes for Llama 3 (written out here from its formula)."""
+    out = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / theta ** (i / head_dim)
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out)
+
+
+def test_gguf_llama3_rope_freqs_and_qwen3(tmp_path):
+    """Llama 3.x GGUF files carry their RoPE scaling as a rope_freqs tensor; Qwen3's carry q/k norms."""
+    pytest.importorskip("gguf")
+    cfg = {**CFG, "head_dim": 64, "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "rope_theta": 500000.0, "tie_word_embeddings": True}
+    for factor in (8.0, 32.0):  # Llama 3.1 and 3.2
+        rs = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+        spec = ModelSpec.from_hf_config({**cfg, "rope_scaling": rs})
+        src = build_model(spec, None, seed=3)
+        path = tmp_path / f"llama3-{factor}.gguf"
+        _write_gguf(path, src, "llama", _llama_cpp_rope_freqs(64, 500000.0, factor))
+        model, _ = load_model(LlamaModelConfig(path=str(path)), with_tokenizer=False)
+        assert model.spec == spec  # the same llama3 rope_scaling, read back from the tensor
+        ids = SeqBatch.build([[1, 5, 9, 33, 2]], [0], [[0]], 16)
+        pool = KVPool(spec.kv_spec(), num_blocks=2, block_tokens=16)
+        pool2 = KVPool(spec.kv_spec(), num_blocks=2, block_tokens=16)
+        torch.testing.assert_close(model(ids, pool.layers), src(ids, pool2.layers))
+    bad = tmp_path / "odd-rope.gguf"
+    _write_gguf(bad, src, "llama", _llama_cpp_rope_freqs(64, 500000.0, 8.0, high=2.0))
+    with pytest.raises(ModelError, match="rope_freqs.weight is not Llama 3's RoPE scaling"):
+        load_model(LlamaModelConfig(path=str(bad)), with_tokenizer=False)
+    qspec = ModelSpec.from_hf_config({**cfg, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"})
+    qsrc = build_model(qspec, None, seed=4)
+    with torch.no_grad():
+        for n, p in qsrc.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    qpath = tmp_path / "qwen3.gguf"
+    _write_gguf(qpath, qsrc, "qwen3")
+    qmodel, _ = load_model(LlamaModelConfig(path=str(qpath)), with_tokenizer=False)
+    assert qmodel.spec == qspec
+    for (n1, p1), (_, p2) in zip(qsrc.named_parameters(), qmodel.named_parameters(), strict=True):
         assert torch.equal(p1, p2), n1
 
 

@@ -158,6 +158,8 @@ _GGUF_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -177,6 +179,28 @@ def _gguf_name(name: str) -> str | None:
     return None
 
 
+_GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _llama3_from_rope_freqs(factors: Any, head_dim: int, theta: float, old_ctx: int, where: Path) -> dict[str, Any]:
+    """The ``llama3`` rope_scaling whose per-frequency divisors equal llama.cpp's ``rope_freqs`` tensor: the
+    factor is the largest divisor, low/high frequency factors Llama 3's published 1 and 4; checked, not assumed."""
+    from dualpath.model.spec import rope_frequencies
+
+    if factors.shape != (head_dim // 2,) or not (factors > 0).all():
+        raise ModelError(f"{where}: rope_freqs.weight has shape {tuple(factors.shape)}, expected ({head_dim // 2},) "
+                         "positive factors")
+    rs = {"rope_type": "llama3", "factor": float(f"{factors.max():.7g}"), "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": old_ctx}
+    base = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ours, _ = rope_frequencies(head_dim, theta, rs, old_ctx)
+    want = base / torch.from_numpy(factors)
+    if not torch.allclose(ours.to(torch.float64), want, rtol=1e-5, atol=0.0):
+        raise ModelError(f"{where}: rope_freqs.weight is not Llama 3's RoPE scaling (factor {rs['factor']}, "
+                         f"low 1, high 4, original context {old_ctx}); this RoPE variant is unsupported")
+    return rs
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs back to Hugging Face's half split)."""
     dim = w.shape[0] // n_head // 2
@@ -184,7 +208,9 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A Hugging Face config dict and dequantized fp32 tensors (HF names) from a llama/qwen2 GGUF file."""
+    """A Hugging Face config dict and dequantized fp32 tensors (HF names) from a llama/qwen2/qwen3 GGUF file.
+    Llama 3's RoPE scaling, which llama.cpp bakes into a ``rope_freqs`` tensor, is read back as ``llama3``
+    ``rope_scaling`` only when that tensor equals what those parameters give (otherwise an error)."""
     import gguf
     import numpy as np
 
@@ -201,8 +227,8 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         return default if f is None else f.contents()
 
     arch = field("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise ModelError(f"{p}: unsupported GGUF architecture {arch!r}; expected 'llama' or 'qwen2'")
+    if arch not in _GGUF_ARCHS:
+        raise ModelError(f"{p}: unsupported GGUF architecture {arch!r}; expected one of {sorted(_GGUF_ARCHS)}")
 
     def need(key: str) -> Any:
         v = field(f"{arch}.{key}")
@@ -218,10 +244,8 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     head_dim = int(field(f"{arch}.attention.key_length", 0) or field(f"{arch}.rope.dimension_count", 0)
                    or hidden // n_heads)
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise ModelError(f"{p}: GGUF with baked rope_freqs (llama3 rope scaling) is unsupported; use safetensors")
     cfg: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "architectures": [_GGUF_ARCHS[arch]],
         "model_type": arch,
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -246,6 +270,11 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             "original_max_position_embeddings": int(field(f"{arch}.rope.scaling.original_context_length", 0)
                                                     or cfg["max_position_embeddings"]),
         }
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        cfg["rope_scaling"] = _llama3_from_rope_freqs(
+            np.array(gguf.quants.dequantize(freqs.data, freqs.tensor_type), dtype=np.float64).reshape(-1),
+            head_dim, cfg["rope_theta"], int(field(f"{arch}.rope.scaling.original_context_length", 0) or 8192), p)
     for key, hf in (("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")):
         v = field(key)
         if v is not None:
@@ -253,6 +282,8 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
         hf_name = _gguf_name(t.name)
         if hf_name is None:
             raise ModelError(f"{p}: unexpected GGUF tensor {t.name!r}")

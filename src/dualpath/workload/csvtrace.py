@@ -131,19 +131,21 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     text = first.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
     if not text:
         raise WorkloadError("empty trace: no request in the file", path=p, line=1)
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         try:
             obj = json.loads(text)
         except (json.JSONDecodeError, RecursionError):
-            obj = None
-        if isinstance(obj, dict):
-            if "turns" in obj:
-                return "jsonl"
-            if "hash_ids" in obj or "input_length" in obj:
-                return "mooncake"
+            return "jsonl"  # malformed JSON: the JSONL reader names what is wrong with the line
+        if not isinstance(obj, dict) or "turns" in obj:
+            return "jsonl"
+        if "hash_ids" in obj or "input_length" in obj:
+            return "mooncake"
         raise WorkloadError("cannot tell the trace's format from its first line (JSON, but neither our JSONL "
                             "'turns' nor Mooncake 'input_length'/'hash_ids'); pass --trace-format", path=p, line=1)
-    header = next(csv.reader([text]))
+    try:
+        header = next(csv.reader([text]))
+    except csv.Error:
+        header = []
     if _pick(header, INPUT_COLUMNS) is not None and _pick(header, OUTPUT_COLUMNS) is not None:
         return "csv"
     raise WorkloadError(f"cannot tell the trace's format from its first line {text[:80]!r}: expected a JSON object "

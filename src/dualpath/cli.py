@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("dualpath.commands.chat", "a multi-turn session with a real model through the cluster"),
     "generate": ("dualpath.commands.generate", "greedy generation with this project's model and kernels"),
     "serve": ("dualpath.commands.serve", "run engines and the scheduler as processes"),
+    "ctl": ("dualpath.commands.ctl", "operator commands for a running deployment: stats, drain, stop, cancel"),
     "reproduce": ("dualpath.commands.reproduce", "regenerate the paper's evaluation (Figs. 7-14, Table 3) by simulation"),
     "trace": ("dualpath.commands.trace", "request traces: shape and reuse statistics (trace stats FILE)"),
 }

@@ -254,3 +254,58 @@ async def test_a_client_cancels_its_own_turn_only(token_cfg) -> None:
                     await owner.cancel(7)
             assert isinstance(out.get("err"), RemoteError) and "cancelled" in str(out["err"])
             assert d._inflight == 0 and d.stats["cancelled"] == 1
+
+
+async def test_an_engine_key_registers_only_as_its_own_engine(tmp_path: Path) -> None:
+    """Per-engine keys (``serve.curve_engine_keys``): pe0's key cannot say hello as pe1 (nor as de0), and pe1,
+    which has its own key, cannot be registered with the shared engine key; the legacy shared key still registers
+    an engine that has no key of its own (before the fix any engine key registered as any engine)."""
+    keys = {r: [k.decode() for k in zmq.curve_keypair()] for r in ("server", "client", "shared", "pe0", "pe1")}
+    cfg = _cfg(tmp_path, curve_public_key=keys["server"][0], curve_secret_key=keys["server"][1],
+               curve_client_public_key=keys["client"][0], curve_client_secret_key=keys["client"][1],
+               curve_engine_public_key=keys["shared"][0], curve_engine_secret_key=keys["shared"][1],
+               curve_engine_keys={"pe0": keys["pe0"][0], "pe1": keys["pe1"][0]})
+    cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"prefill_nodes": 2})})
+    with pytest.raises(ValueError, match="curve_engine_keys"):  # two engines may not share a key
+        type(cfg.serve).model_validate({**cfg.serve.model_dump(), "curve_engine_keys": {"pe0": keys["pe0"][0],
+                                                                                          "pe1": keys["pe0"][0]}})
+
+    def pair(who: str) -> CurveKeys:
+        return CurveKeys(keys[who][0], keys[who][1], server=keys["server"][0])
+
+    async with _scheduler(cfg) as d:
+        addr = d.channel.address
+        a = _Engine(addr, b"pe0.k" + secrets.token_hex(4).encode(), curve=pair("pe0"))
+        async with a.ch:
+            for claim in (_hello(rank=1), {**_hello(rank=0), "role": "decode"}):
+                with pytest.raises(RemoteError, match=r"unauthorized: 'hello' as (pe1|de0).*pe0's"):
+                    await a.ch.request(None, "hello", claim, 5)
+            assert not d.engines
+            with pytest.raises(RemoteError, match=r"node 1, but pe0 is on node 0"):  # its own name, another node
+                await a.ch.request(None, "hello", {**_hello(rank=0), "node": 1}, 5)
+            assert (await a.ch.request(None, "hello", _hello(rank=0), 5)).type == "welcome"
+            assert d.engines["pe0"].alive and d.engines["pe0"].ident == a.ch.identity
+        shared = _Engine(addr, b"pe1.s" + secrets.token_hex(4).encode(), curve=pair("shared"))
+        async with shared.ch:
+            with pytest.raises(RemoteError, match=r"unauthorized.*pe1 has its own key"):
+                await shared.ch.request(None, "hello", _hello(rank=1), 5)
+            assert "pe1" not in d.engines
+            # the shared (legacy) pair still registers an engine with no key of its own
+            assert (await shared.ch.request(None, "hello", {**_hello(rank=0), "role": "decode"}, 5)).type == "welcome"
+        b = _Engine(addr, b"pe1.k" + secrets.token_hex(4).encode(), curve=pair("pe1"))
+        async with b.ch:
+            assert (await b.ch.request(None, "hello", {**_hello(rank=1), "node": 1}, 5)).type == "welcome"
+        assert d.stats["refused_messages"] == 3
+
+
+def test_the_launcher_generates_the_engine_keys_itself(tmp_path: Path) -> None:
+    """`dualpath serve` (one machine) makes a pair per engine; engine public keys given to it are refused
+    clearly (it could not give those engines their secret keys), before any process starts."""
+    from dualpath.control.launcher import Deployment
+
+    keys = {r: [k.decode() for k in zmq.curve_keypair()] for r in ("server", "client", "pe0")}
+    cfg = _cfg(tmp_path, curve_public_key=keys["server"][0], curve_secret_key=keys["server"][1],
+               curve_client_public_key=keys["client"][0], curve_client_secret_key=keys["client"][1],
+               curve_engine_keys={"pe0": keys["pe0"][0]})
+    with pytest.raises(ConfigError, match="serve.curve_engine_keys"):
+        Deployment(cfg, workdir=tmp_path / "work")

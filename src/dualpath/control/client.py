@@ -168,8 +168,12 @@ class ServeClient:
 
     async def _watchdog(self, period: float) -> None:
         missed = 0
+        loop = asyncio.get_running_loop()
+        t_next = loop.time() + period
         while not self._closing:
-            await asyncio.sleep(period)
+            # one ping per period (an unanswered one already took its period: the next goes at once)
+            await asyncio.sleep(max(0.0, t_next - loop.time()))
+            t_next = loop.time() + period
             if not self.channel.pending:  # nothing waits on the scheduler: no need to ask
                 missed = 0
                 continue
@@ -260,9 +264,15 @@ class ServeClient:
         """Stop the deployment (the operator role: its CURVE key, or ``token`` from ``serve.token_file``)."""
         await self.channel.request(None, "shutdown", {"token": token} if token else {}, timeout)
 
-    async def cancel(self, session: int, timeout: float = 10.0) -> None:
-        """End this client's turn(s) of ``session`` now: each fails with a ``cancelled`` error."""
-        await self.channel.request(None, "cancel", {"session": int(session)}, timeout)
+    async def cancel(self, session: int, timeout: float = 10.0, *, token: str | None = None) -> int:
+        """End this client's turn(s) of ``session`` now: each fails with a ``cancelled`` error. The operator
+        (its CURVE key, or ``token`` from ``serve.token_file``) ends the session's turns of every client.
+        Returns how many turns it ended."""
+        body: dict[str, Any] = {"session": int(session)}
+        if token:
+            body["token"] = token
+        reply = await self.channel.request(None, "cancel", body, timeout)
+        return int(reply.body.get("cancelled", 0))
 
     async def drain(self, timeout: float = 10.0, *, token: str | None = None) -> None:
         """Refuse new turns, let the ones in flight finish (the operator role)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -52,6 +53,14 @@ class ServeConfig(Section):
     curve_engine_secret_key: str | None = None
     curve_operator_public_key: str | None = Field(default=None, description="the operator's key (shutdown, drain)")
     curve_operator_secret_key: str | None = None
+    curve_engine_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="per-engine CURVE public keys, engine name (pe0, de1, ...) -> key: each key may register only "
+                    "as its engine (the launcher generates a pair per engine when no engine key is set)")
+    scheduler_hung_after_s: float | None = Field(
+        default=None, gt=0, le=3600,
+        description="the launcher SIGKILLs and replaces a scheduler whose event loop has not answered its pings "
+                    "for this long (default: 5 heartbeat intervals, at least 1 s)")
 
     @model_validator(mode="after")
     def _keys_in_pairs(self) -> ServeConfig:
@@ -66,7 +75,20 @@ class ServeConfig(Section):
             v = getattr(self, name)
             if v is not None and len(v) != 40:
                 raise ValueError(f"{name} must be a 40-character z85 key (zmq.curve_keypair())")
+        for engine, key in self.curve_engine_keys.items():
+            if not re.fullmatch(r"(pe|de)[0-9]{1,5}", engine):
+                raise ValueError(f"curve_engine_keys: {engine!r} is not an engine name (pe0, de1, ...)")
+            if len(key) != 40:
+                raise ValueError(f"curve_engine_keys.{engine} must be a 40-character z85 public key")
+        if len(set(self.curve_engine_keys.values())) != len(self.curve_engine_keys):
+            raise ValueError("curve_engine_keys: two engines share a key (each engine needs its own pair)")
         return self
+
+    def hung_after_s(self) -> float:
+        """How long the scheduler's event loop may leave the launcher's pings unanswered before it is replaced."""
+        if self.scheduler_hung_after_s is not None:
+            return self.scheduler_hung_after_s
+        return max(1.0, 5 * self.heartbeat_s)
 
     @property
     def curve(self) -> bool:

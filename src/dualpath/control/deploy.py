@@ -75,9 +75,27 @@ def key_roles(config: DualPathConfig) -> dict[str, frozenset[str]]:
     engine_key = s.curve_engine_public_key or s.curve_client_public_key
     if engine_key:
         roles.setdefault(engine_key, set()).add("engine")
+    for key in s.curve_engine_keys.values():  # per-engine keys: each may register only as its engine
+        roles.setdefault(key, set()).add("engine")
     if s.curve_operator_public_key:
         roles.setdefault(s.curve_operator_public_key, set()).add("operator")
     return {k: frozenset(v) for k, v in roles.items()}
+
+
+def engine_key_names(config: DualPathConfig) -> dict[str, str]:
+    """With per-engine keys (``serve.curve_engine_keys``): public key -> the one engine it may register as."""
+    return {key: name for name, key in config.serve.curve_engine_keys.items()}
+
+
+def create_engine_keys(config: DualPathConfig) -> dict[str, tuple[str, str]]:
+    """A fresh CURVE key pair for every engine of ``config``: engine name -> (public, secret), z85 text."""
+    import zmq
+
+    out: dict[str, tuple[str, str]] = {}
+    for role, rank, _node in engine_names(config):
+        pub, sec = zmq.curve_keypair()
+        out[engine_name(role, rank)] = (pub.decode(), sec.decode())
+    return out
 
 
 def server_curve(config: DualPathConfig) -> CurveKeys | None:
@@ -98,7 +116,8 @@ def client_curve(config: DualPathConfig) -> CurveKeys | None:
 
 
 def engine_curve(config: DualPathConfig) -> CurveKeys | None:
-    """The engines' CURVE pair (``curve_engine_*``; without it the client pair, legacy)."""
+    """This engine's CURVE pair (``curve_engine_*``: its own pair when the scheduler lists it in
+    ``serve.curve_engine_keys``, else one shared by every engine; without it the client pair, legacy)."""
     s = config.serve
     if not s.curve:
         return None

@@ -4,10 +4,20 @@
 scheduler (it binds, writes its address to a file), then every engine, and waits until all engines have
 registered. A supervisor thread restarts an engine process that died (``serve.restart_engines``, at most
 ``serve.max_restarts`` times) and a scheduler that died (``serve.scheduler_restart``: on the same address; the
-engines register again with it). Without CURVE it writes the deployment's secret tokens to
-``<workdir>/control.token`` (mode 0600; ``serve.token_file``), which engines and the operator present. :meth:`Deployment.stop` sends SIGTERM, waits, then
-SIGKILLs what is left; children also get ``PR_SET_PDEATHSIG`` so they die with the launcher even if it is
-SIGKILLed: no orphans. Each child's output goes to ``<workdir>/logs/<name>.log``.
+engines register again with it), from a warm standby process when one is ready (``serve.scheduler_standby``; the
+next standby is started right after a takeover). It also pings the scheduler's event loop over the control
+channel every ``serve.heartbeat_s``: a scheduler alive but not answering for ``serve.scheduler_hung_after_s`` (SIGSTOPped,
+or its loop blocked) is SIGKILLed and replaced exactly as a dead one; a busy scheduler still answers pings (its
+turns run as tasks), so it is left alone. A scheduler that exits cleanly (the operator's ``shutdown``, SIGTERM)
+stops the deployment (:attr:`Deployment.shut_down`) instead of being restarted.
+
+Without CURVE it writes the deployment's secret tokens to ``<workdir>/control.token`` (mode 0600;
+``serve.token_file``), which engines and the operator present. With CURVE and no engine key configured it
+generates a key pair per engine: the scheduler gets every engine's public key (``serve.curve_engine_keys``), each
+engine only its own pair (in its environment). The resolved config (``<workdir>/config.json``) is mode 0600.
+:meth:`Deployment.stop` sends SIGTERM, waits, then SIGKILLs what is left; children also get ``PR_SET_PDEATHSIG``
+so they die with the launcher even if it is SIGKILLed: no orphans. Each child's output goes to
+``<workdir>/logs/<name>.log``.
 
 ``engine_env`` adds environment variables to one engine's process (e.g. ``DUALPATH_CLUSTER__SNIC_GBPS`` to make
 one node's storage link slow): the tests' fault injection uses it.
@@ -18,6 +28,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import itertools
 import json
 import logging
 import os
@@ -32,7 +43,17 @@ from pathlib import Path
 from typing import Any
 
 from dualpath.config import DualPathConfig
-from dualpath.control.deploy import check_deployable, create_tokens, engine_name, engine_names, load_tokens
+from dualpath.control.channel import CurveKeys
+from dualpath.control.deploy import (
+    check_deployable,
+    client_curve,
+    create_engine_keys,
+    create_tokens,
+    engine_name,
+    engine_names,
+    load_tokens,
+)
+from dualpath.control.protocol import ProtocolError, decode, encode
 from dualpath.errors import ConfigError, DualPathError
 
 log = logging.getLogger("dualpath.launcher")
@@ -60,6 +81,97 @@ def _standby_preexec() -> None:  # runs in the standby scheduler between fork an
 
 #: niceness of the standby scheduler until it takes over (then it asks for its priority back)
 STANDBY_NICE = 10
+
+
+class _Pinger:
+    """Pings the scheduler's event loop over its control channel (plain pyzmq, polled by the supervisor thread;
+    never blocks): :meth:`hung` says for how long no ``pong`` came back once that exceeds the limit.
+
+    Only a connection that is up counts: a stopped process or a blocked event loop keeps its connection (the
+    kernel and libzmq's I/O thread hold it) but answers nothing. A scheduler that closed its socket (shutting
+    down) is left ``gone_grace`` seconds to exit before it is taken for hung as well."""
+
+    def __init__(self, address: str, curve: CurveKeys | None, period: float, hung_after: float,
+                 first_within: float, gone_grace: float = 10.0) -> None:
+        import zmq
+
+        self.address, self.curve, self.period = address, curve, period
+        self.hung_after, self.first_within, self.gone_grace = hung_after, first_within, gone_grace
+        self._zmq = zmq
+        self._ctx = zmq.Context()
+        self._sock: Any = None
+        self._mon: Any = None
+        self._ids = itertools.count(1)
+        self.since = self.last_sent = self.last_ok = self.changed = 0.0
+        self.answered = self.up = self.was_up = False
+        self.reset(time.monotonic())
+
+    def reset(self, now: float) -> None:
+        """A new scheduler process: a fresh connection (pings queued for the old one are dropped)."""
+        zmq = self._zmq
+        self._close_sockets()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a connection that is not up
+        sock.setsockopt(zmq.SNDHWM, 4)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
+        if self.curve is not None:
+            sock.curve_serverkey = (self.curve.server or "").encode()
+            sock.curve_secretkey = self.curve.secret.encode()
+            sock.curve_publickey = self.curve.public.encode()
+        self._mon = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        sock.connect(self.address)
+        self._sock = sock
+        self.since = self.changed = now
+        self.last_sent = -1e18
+        self.answered = self.up = self.was_up = False
+
+    def hung(self, now: float) -> float | None:
+        """Seconds without an answer when that is past the limit, else None: ``hung_after`` once the process
+        has answered (``first_within`` before), counted while the connection is up; ``gone_grace`` after the
+        process closed the connection. Sends the next ping when one is due."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        zmq = self._zmq
+        while True:
+            try:
+                ev = recv_monitor_message(self._mon, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            up = ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            if up != self.up:
+                self.up, self.changed = up, now
+                self.was_up = self.was_up or up
+        while True:
+            try:
+                data = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                if decode(data, max_bytes=1 << 16).type == "pong":
+                    self.last_ok, self.answered = now, True
+            except ProtocolError:
+                continue
+        if now - self.last_sent >= self.period:
+            with contextlib.suppress(zmq.Again):
+                self._sock.send(encode("ping", {}, mid=next(self._ids)), zmq.NOBLOCK)
+            self.last_sent = now
+        if self.up or not self.was_up:  # connected (or not yet): silent since the last answer or the connection
+            silent = now - max(self.last_ok if self.answered else self.since, self.changed if self.up else 0.0)
+            limit = self.hung_after if self.answered else self.first_within
+        else:  # the process closed its socket: it is on its way out
+            silent, limit = now - self.changed, self.gone_grace
+        return silent if silent > limit else None
+
+    def _close_sockets(self) -> None:
+        for s in (self._mon, self._sock):
+            if s is not None:
+                s.close(linger=0)
+        self._mon = self._sock = None
+
+    def close(self) -> None:
+        self._close_sockets()
+        self._ctx.term()
 
 
 @dataclass
@@ -96,8 +208,22 @@ class Deployment:
             token_file = self.workdir / "control.token"
             create_tokens(token_file)
             self.config = self.config.model_copy(update={"serve": sc.model_copy(update={"token_file": token_file})})
+        # CURVE without engine keys: a fresh pair per engine; the scheduler learns the public keys from the config,
+        # each engine gets only its own pair (its environment), so an engine's key binds it to its name
+        self._engine_keys: dict[str, tuple[str, str]] = {}
+        if sc.curve and sc.curve_engine_keys:
+            raise ConfigError("serve.curve_engine_keys: `dualpath serve` (one machine) generates the engines' key "
+                              "pairs itself; remove it, or run each engine with --role and its own "
+                              "serve.curve_engine_public_key/secret_key")
+        if sc.curve and not sc.curve_engine_public_key:
+            self._engine_keys = create_engine_keys(self.config)
+            pubs = {name: pair[0] for name, pair in self._engine_keys.items()}
+            self.config = self.config.model_copy(update={"serve": sc.model_copy(update={"curve_engine_keys": pubs})})
         self.config_path = self.workdir / "config.json"
-        self.config_path.write_text(json.dumps(self.config.model_dump(mode="json")))
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold CURVE secrets
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(json.dumps(self.config.model_dump(mode="json")))
         self.address_file = self.workdir / "scheduler.addr"
         sc = self.config.serve
         self.bind = bind or f"tcp://{sc.host}:{sc.port}"
@@ -107,6 +233,11 @@ class Deployment:
         self.address = ""
         self.restarts = 0
         self.scheduler_failed = False
+        self.shut_down = False  # the scheduler exited cleanly (operator shutdown / SIGTERM): the deployment stops
+        self.standby_takeovers = 0  # scheduler failovers served by the warm standby
+        self.cold_restarts = 0  # ... by a fresh process
+        self.hung_kills = 0  # schedulers SIGKILLed because their event loop stopped answering pings
+        self._pinger: _Pinger | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -148,9 +279,12 @@ class Deployment:
         except OSError:
             sb.kill()
             return False
+        with contextlib.suppress(OSError):  # its normal priority back at once (it may still be importing)
+            os.setpriority(os.PRIO_PROCESS, sb.pid, 0)
         child.proc = sb  # type: ignore[assignment]
         child.expected_exit = False
-        self._standby_due = time.monotonic() + 10.0  # the next standby once the new scheduler is settled
+        # the next standby starts now (niced while it imports), so a second failure soon after is warm too
+        self._standby_due = time.monotonic()
         return True
 
     def _stop_standby(self) -> None:
@@ -188,14 +322,23 @@ class Deployment:
         self.address = self.address_file.read_text().strip()
         for role, rank, _node in engine_names(self.config):
             name = engine_name(role, rank)
+            extra = dict(self.engine_env.get(name, {}))
+            if name in self._engine_keys:  # this engine's own CURVE pair (the config file has only public keys);
+                pub, sec = self._engine_keys[name]  # quoted: the environment's values are parsed as YAML
+                extra["DUALPATH_SERVE__CURVE_ENGINE_PUBLIC_KEY"] = json.dumps(pub)
+                extra["DUALPATH_SERVE__CURVE_ENGINE_SECRET_KEY"] = json.dumps(sec)
             child = Child(name, [py, "-m", "dualpath.control.enginehost", "--config", str(self.config_path),
                                  "--role", role.value, "--rank", str(rank), "--scheduler", self.address],
-                          self._env(self.engine_env.get(name, {})), self.workdir / "logs" / f"{name}.log")
+                          self._env(extra), self.workdir / "logs" / f"{name}.log")
             self.children[name] = child
             self._spawn(child)
         self._wait_engines(len(self.children) - 1, t_end)
-        if self.config.serve.scheduler_restart and self.config.serve.scheduler_standby:
+        sc = self.config.serve
+        if sc.scheduler_restart and sc.scheduler_standby:
             self._standby_due = time.monotonic()
+        if sc.scheduler_restart:
+            self._pinger = _Pinger(self.address, client_curve(self.config), sc.heartbeat_s, sc.hung_after_s(),
+                                   sc.startup_timeout_s)
         self._supervisor = threading.Thread(target=self._supervise, name="dualpath-supervisor", daemon=True)
         self._supervisor.start()
         return self.address
@@ -203,20 +346,31 @@ class Deployment:
     def _wait_engines(self, n: int, t_end: float) -> None:
         import anyio
 
-        from dualpath.control.client import ServeClient, wait_ready
+        from dualpath.control.client import ServeClient
         from dualpath.control.deploy import client_curve
 
         async def _wait() -> None:
             async with ServeClient(self.address, curve=client_curve(self.config)) as c:
-                await wait_ready(c, n, max(0.1, t_end - time.monotonic()))
+                with anyio.fail_after(max(0.1, t_end - time.monotonic())):
+                    while True:
+                        if any(not ch.alive() for ch in self.children.values()):
+                            return  # a process exited at start: fail now, not at startup_timeout_s
+                        with contextlib.suppress(Exception):  # (the scheduler is still starting)
+                            if int((await c.stats(timeout=2.0)).get("engines_alive", 0)) >= n:
+                                return
+                        await anyio.sleep(0.1)
 
         try:
             anyio.run(_wait)
+            died = any(not ch.alive() for ch in self.children.values())
         except TimeoutError:
+            died = True
+        if died:
             dead = [c for c in self.children.values() if not c.alive()]
             detail = "".join(f"\n--- {c.name} ({c.log_path}):\n{self._tail(c)}" for c in dead)
             self.stop()
-            raise DualPathError(f"not every engine registered in time{detail}") from None
+            why = "a process exited before every engine registered" if dead else "not every engine registered in time"
+            raise DualPathError(f"{why}{detail}")
 
     def _tail(self, child: Child, n: int = 2000) -> str:
         try:
@@ -224,17 +378,43 @@ class Deployment:
         except OSError:
             return ""
 
+    def _check_hung(self) -> None:
+        """SIGKILL a scheduler that is alive but whose event loop stopped answering pings (the dead-scheduler
+        path below then replaces it)."""
+        sched = self.children.get("scheduler")
+        if self._pinger is None or sched is None or sched.proc is None or not sched.alive() or sched.expected_exit:
+            return
+        silent = self._pinger.hung(time.monotonic())
+        if silent is None:
+            return
+        self.hung_kills += 1
+        log.warning("the scheduler (pid %d) has not answered pings for %.2f s (serve.scheduler_hung_after_s): "
+                    "killing it", sched.proc.pid, silent)
+        sched.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            sched.proc.wait(timeout=5)
+
     def _supervise(self) -> None:
         sc = self.config.serve
         while not self._stopping.wait(0.1):
             with self._lock:
                 if self._standby_due is not None and time.monotonic() >= self._standby_due:
                     self._spawn_standby()
+                self._check_hung()
                 for child in self.children.values():
                     if child.proc is None or child.alive() or child.expected_exit:
                         continue
                     code = child.proc.returncode
                     child.exits.append(code)
+                    if child.name == "scheduler" and code == 0 and not self.shut_down:
+                        log.warning("the scheduler exited cleanly (shutdown by the operator); stopping the "
+                                    "deployment")
+                        self.shut_down = True
+                        self._standby_due = None
+                        self._stop_standby()
+                        for c in self.children.values():  # the engines follow its shutdown notice
+                            c.expected_exit = True
+                        break
                     if child.name == "scheduler":
                         if sc.scheduler_restart and child.restarts < sc.max_restarts and self.address:
                             child.restarts += 1
@@ -243,16 +423,23 @@ class Deployment:
                                         self.address)
                             child.argv = [*child.argv[: child.argv.index("--bind") + 1], self.address,
                                           *child.argv[child.argv.index("--bind") + 2 :]]  # the same address
-                            if not self._promote_standby(child):
+                            if self._promote_standby(child):
+                                self.standby_takeovers += 1
+                            else:
                                 self._spawn(child)
+                                self.cold_restarts += 1
                                 if sc.scheduler_standby:
-                                    self._standby_due = time.monotonic() + 10.0
+                                    self._standby_due = time.monotonic()
+                            if self._pinger is not None:
+                                self._pinger.reset(time.monotonic())
                             continue
                         log.error("the scheduler exited (%s); stopping the deployment", code)
                         self.scheduler_failed = True
                         child.expected_exit = True
                         continue
-                    if sc.restart_engines and child.restarts < sc.max_restarts:
+                    if code == 0:  # an engine exits cleanly only when told to (the scheduler's shutdown)
+                        child.expected_exit = True
+                    elif sc.restart_engines and child.restarts < sc.max_restarts:
                         child.restarts += 1
                         self.restarts += 1
                         log.warning("engine %s exited (%s); restart %d", child.name, code, child.restarts)
@@ -291,6 +478,9 @@ class Deployment:
         with self._lock:
             self._standby_due = None
             self._stop_standby()
+            if self._pinger is not None:
+                self._pinger.close()
+                self._pinger = None
             procs = [c for c in self.children.values() if c.alive()]
             for c in self.children.values():
                 c.expected_exit = True
@@ -341,9 +531,14 @@ def run_foreground(config: DualPathConfig, *, bind: str | None = None, workdir: 
         n = len(dep.children) - 1
         print_fn(f"dualpath serve: scheduler at {address}, {n} engine processes; logs in {dep.workdir / 'logs'}")
         print_fn(f"submit with: dualpath run --serve {address}   (Ctrl-C stops the deployment)")
-        if dep.config.serve.token_file is not None:
-            print_fn(f"engine/operator tokens (0600): {dep.config.serve.token_file}")
+        tf = dep.config.serve.token_file
+        if tf is not None:
+            print_fn(f"engine/operator tokens (0600): {tf}   (operator: dualpath ctl stats|drain|cancel|stop "
+                     f"--connect {address} --token-file {tf})")
         while not stop.wait(0.2):
+            if dep.shut_down:
+                print_fn("dualpath serve: the scheduler was shut down by the operator; stopping")
+                return 0
             if dep.scheduler_failed:
                 print_fn("dualpath serve: the scheduler exited; stopping")
                 return 1

@@ -72,7 +72,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
     # --- generic ---
     "ping": {},
     "pong": {"role": F("str", required=False, max_len=32)},
-    "ok": {},
+    "ok": {"cancelled": F("int", required=False, lo=0, hi=U63)},  # (a cancel's reply: turns it ended)
     "error": {"code": F("str", max_len=64, pattern=_NAME_RE), "message": _REASON},
     # --- client -> scheduler ---
     "submit": {
@@ -101,7 +101,10 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "total_s": F("float", lo=0.0, hi=1e9),
         "retries": F("int", lo=0, hi=1 << 16),
     },
-    "cancel": {"session": F("int", lo=0, hi=U63)},  # client: end its own turn(s) of this session now
+    "cancel": {  # client: end its own turn(s) of this session now; operator (token or key): anyone's
+        "session": F("int", lo=0, hi=U63),
+        "token": F("str", required=False, max_len=128),
+    },
     "stats": {},
     "stats_reply": {"data": F("map", max_len=MAX_MAP)},
     "shutdown": {"token": F("str", required=False, max_len=128)},  # operator (token: without CURVE)

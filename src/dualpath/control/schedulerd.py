@@ -45,6 +45,7 @@ from dualpath.control.deploy import (
     check_deployable,
     combine_hit,
     create_tokens,
+    engine_key_names,
     key_roles,
     load_tokens,
     plan_sides,
@@ -335,6 +336,7 @@ class SchedulerDaemon:
         self._epochs = itertools.count(time.time_ns() // 1000)  # unique across scheduler restarts
         self._rereg_sent: dict[bytes, float] = {}  # peer -> when we last asked it to register (rate limit)
         self.key_roles = key_roles(self.config) if sc.curve else {}
+        self.engine_keys = engine_key_names(self.config) if sc.curve else {}  # key -> the engine it may be
         self.tokens: dict[str, str] | None = None
         if not sc.curve:
             if sc.token_file is not None:
@@ -344,9 +346,12 @@ class SchedulerDaemon:
                 self.tokens = create_tokens(path)
                 log.warning("no serve.token_file and no CURVE: engine/operator tokens written to %s; set "
                             "serve.token_file to it for the engines and the operator", path)
-        elif not sc.curve_engine_public_key:
+        elif not sc.curve_engine_public_key and not sc.curve_engine_keys:
             log.warning("serve.curve_engine_public_key is not set: engines use the client key pair, so any "
                         "client could register as an engine; give the engines their own pair")
+        elif not sc.curve_engine_keys:
+            log.warning("serve.curve_engine_keys is not set: every engine shares one key pair, so any engine "
+                        "could register as another; give each engine its own pair")
 
     # --- plumbing ----------------------------------------------------------------------------------------
     def engine(self, prefix: str, rank: int) -> EngineRecord | None:
@@ -459,6 +464,25 @@ class SchedulerDaemon:
                f"no valid {role} token: set serve.token_file to the deployment's token file")
         return SchedulerError(f"unauthorized: {t!r} needs the {role} role ({how})")
 
+    def _check_engine_key(self, b: dict[str, Any]) -> None:
+        """With CURVE: a per-engine key (``serve.curve_engine_keys``) registers only as its own engine, and an
+        engine that has its own key registers only with it (not with a shared engine key)."""
+        name = f"{'pe' if b['role'] == 'prefill' else 'de'}{b['rank']}"
+        user = PEER_USER.get() or ""
+        owner = self.engine_keys.get(user)
+        if owner is None and name not in self.config.serve.curve_engine_keys:
+            return  # a shared engine key (legacy) for an engine without its own
+        if owner == name:
+            return
+        self.stats["refused_messages"] += 1
+        if owner is not None:
+            why = (f"the CURVE key {user} is {owner}'s (serve.curve_engine_keys.{owner}), so it may register only "
+                   f"as {owner}")
+        else:
+            why = (f"{name} has its own key in serve.curve_engine_keys.{name}; the key {user} may not register as it")
+        log.warning("refused a hello as %s: %s", name, why)
+        raise SchedulerError(f"unauthorized: 'hello' as {name} needs {name}'s engine key ({why})")
+
     async def _ask_register(self, peer: bytes, epoch: int) -> None:
         """Tell a connection that beats without a live registration to say hello (at most once per
         dead_after_s per connection)."""
@@ -496,6 +520,8 @@ class SchedulerDaemon:
         if t == "hello":
             if not (self._key_has("engine") if curve else self._token_ok("engine", b.get("token"))):
                 raise self._refuse(peer, t, "engine")
+            if curve:
+                self._check_engine_key(b)
             return await self._hello(peer, b)
         if t == "started":
             pair = self.cluster.turn_pairs.get(b["rid"])
@@ -528,10 +554,18 @@ class SchedulerDaemon:
                         self._cancels.pop(turn_key, None)
             self.stats["cancelled"] += 1
             raise SchedulerError(f"cancelled: session {b['session']}'s turn was cancelled by its client")
-        if t == "cancel":  # a client ends only its own turns (same connection, same session)
-            if (curve and not self._key_has("client")) or self._bound(peer) is not None:
+        if t == "cancel":  # a client ends only its own turns (same connection, same session); the operator any
+            operator = ((curve and self._key_has("operator")) or self._token_ok("operator", b.get("token")))
+            if b.get("token") is not None and not operator:
+                raise self._refuse(peer, t, "operator")
+            if not operator and ((curve and not self._key_has("client")) or self._bound(peer) is not None):
                 raise self._refuse(peer, t, "client")
-            ctxs = list(self._cancels.get((peer, int(b["session"])), []))
+            session = int(b["session"])
+            if operator:
+                ctxs = [c for (_p, s), cs in self._cancels.items() if s == session for c in cs]
+                log.warning("the operator cancels session %d (%d turns)", session, len(ctxs))
+            else:
+                ctxs = list(self._cancels.get((peer, session), []))
             for c in ctxs:
                 c.cancelled.set()  # a dispatched turn is aborted on both engines (RemoteCluster.run_turn)
                 if c.scope is not None:
@@ -540,7 +574,7 @@ class SchedulerDaemon:
             with anyio.move_on_after(min(5.0, self.config.serve.request_deadline_s)):
                 while any(not c.done or c.dispatched for c in ctxs):
                     await anyio.sleep(0.005)
-            return "ok", {}
+            return "ok", {"cancelled": len(ctxs)}
         if t == "tokens":  # a decode engine's streamed tokens: forwarded to the turns' clients, in order
             if curve and not self._key_has("engine"):
                 raise self._refuse(peer, t, "engine")
@@ -567,6 +601,9 @@ class SchedulerDaemon:
         n = (self.config.cluster.prefill_nodes if role == "prefill" else self.config.cluster.decode_nodes)
         if rank >= n * self.config.cluster.engines_per_node:
             raise SchedulerError(f"hello from {name}: the config has no such engine")
+        if b["node"] != rank // self.config.cluster.engines_per_node:  # (its node decides its storage read side)
+            raise SchedulerError(f"hello from {name}: node {b['node']}, but {name} is on node "
+                                 f"{rank // self.config.cluster.engines_per_node} (cluster.engines_per_node)")
         bound = self.by_ident.get(peer)
         if bound is not None and bound != name and self.engines[bound].alive:
             raise SchedulerError(f"hello from {name}: this connection is registered as {bound}")
@@ -721,6 +758,7 @@ class SchedulerDaemon:
     def stats_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: int(v) for k, v in self.stats.items()}
         out["inflight"] = self._inflight
+        out["draining"] = int(self.draining)
         out["engines_alive"] = sum(1 for r in self.engines.values() if r.alive)
         out["rejected_messages"] = self.channel.rejected if self.channel else 0
         out["refused_peers"] = self.channel.refused if self.channel else 0

@@ -143,18 +143,26 @@ def _turns(cluster: Cluster, n: int, prompt: int) -> list[Turn]:
 async def test_compute_quota_splits_batches_by_the_predicted_time(tiny: Any, calibrated: LayerTimeModel) -> None:
     one = calibrated.prefill_s(0, 96)
     assert one > 0
-    for mode, sizes_expected in (("given", [2, 2, 2, 1]), ("off", [7])):
+    for mode in ("given", "off"):
         cfg = _config()
-        cfg.cluster.prefill_quota_s = one * 2.5  # room for two requests of 96 fresh tokens
+        # room for two requests of 96 fresh tokens and 48 tokens of a third
+        quota = cfg.cluster.prefill_quota_s = one * 2 + calibrated.prefill_s(0, 48)
         adapter = LlamaAdapter(tiny, BT, time_model=calibrated if mode == "given" else "off")
         async with Cluster(cfg, model=adapter) as cluster:
             pe = cluster.pes[0]
             pe.queue.extend(_turns(cluster, 7, 96))
-            sizes = []
+            batches = []
             while pe.queue:
-                sizes.append(len(pe._take_batch()))
-            pe.queue.clear()
-        assert sizes == sizes_expected, (mode, sizes)
+                batch = pe._take_batch()
+                batches.append([(c.start, c.end) for c in batch])
+                pe._settle(batch)  # a request the quota cut heads the queue again
+        if mode == "off":  # no prediction: no quota, one batch of whole requests
+            assert batches == [[(0, 96)] * 7], batches
+            continue
+        assert batches[0][:2] == [(0, 96), (0, 96)] and len(batches[0]) == 3 and 48 <= batches[0][2][1] < 96, batches
+        for b in batches:
+            assert sum(calibrated.prefill_s(s, e - s) for s, e in b) <= quota
+        assert sum(e - s for b in batches for s, e in b) == 7 * 96
 
 
 @pytest.mark.anyio

@@ -64,7 +64,8 @@ class ClusterConfig(Section):
         default=None,
         gt=0,
         description="compute quota of one PE forward batch: requests are packed FIFO while the model's predicted "
-        "prefill time stays within it (paper 7.5); None batches by prefill_max_batch(_tokens) only",
+        "prefill time stays within it and the first that does not fit is chunked (paper 7.5); None batches by "
+        "prefill_max_batch(_tokens) only",
     )
     prefill_max_batch_tokens: int = Field(default=16384, ge=1, description="new tokens per PE forward batch")
     decode_max_batch: int = Field(default=64, ge=1, description="requests per DE decode step")

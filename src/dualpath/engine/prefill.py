@@ -1,10 +1,27 @@
-"""The prefill engine: PE-side reads and layer-wise prefill over batches of requests (see engine/base.py)."""
+"""The prefill engine: PE-side reads and layer-wise prefill over batches of requests (see engine/base.py).
+
+Chunked prefill (paper 7.5). When the compute quota (``cluster.prefill_quota_s``) is set and the model predicts
+its forward time, the PE packs its FIFO queue with :func:`~dualpath.scheduler.batching.pack_forward_batch`, the
+packer the simulator uses: a request the quota cuts runs its first ``n`` new tokens in this forward and heads the
+queue for the next one. A chunk computes prompt tokens ``[start, end)`` over the KV of ``[0, start)``:
+
+* the first chunk loads the storage hit as an unchunked request does (layer-wise H2D of the PE-read blocks, the
+  DE-streamed blocks' arrival); the DE streams each layer once, so nothing is read twice;
+* after each layer of a chunk that is not the last, the PE keeps the request's rows ``[0, end)`` of that layer in
+  a per-request device buffer (``Turn.pe_kv``, ``[n_layers, blocks, bt, bytes]``); a later chunk copies its prefix
+  rows from there into the scratch slot before computing the layer;
+* only the final chunk ships KV to the DE, produces the first-token logits and sets ``prefill_done``: by then
+  each layer's scratch slot holds every row of the prompt, so what is shipped (``Turn.ship_ranges``) and the DE's
+  side of the protocol are those of an unchunked request. The PE host buffer (``pe_host``) and ``pe_kv`` are
+  freed when the request's prefill ends or it fails (``release``).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import anyio
 import torch
@@ -47,6 +64,25 @@ async def wait_arrival(turn: Turn, transport: Transport, tag: str, timeout: floa
         raise error
 
 
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """One request's share of a PE forward: prompt tokens ``[start, end)`` over the KV of ``[0, start)``. ``first``:
+    the request's first forward (its storage hit is loaded now); the final chunk ends at the prompt's end."""
+
+    turn: Turn
+    start: int
+    end: int
+    first: bool
+
+    @property
+    def final(self) -> bool:
+        return self.end == self.turn.prompt_len
+
+    @property
+    def whole(self) -> bool:
+        return self.first and self.final
+
+
 class PrefillEngine(Engine):
     """Layer-wise prefill (see :mod:`dualpath.engine.base`)."""
 
@@ -65,6 +101,8 @@ class PrefillEngine(Engine):
         self.queue: deque[Turn] = deque()
         self._wake = anyio.Event()
         self.forwards = 0
+        self.chunks = 0  # forwards' shares of requests that were cut by the quota (every piece of a cut request)
+        self.chunk_bytes = 0  # device bytes held now by chunked requests' KV between their chunks
         self._inflight: list[Turn] = []  # the batch of the forward in progress
 
     @property
@@ -93,9 +131,13 @@ class PrefillEngine(Engine):
         return await pe_read(self.ctx.storage, self.ctx.links, self.name, self.host, turn, self.cfg.deadline_s)
 
     def release(self, turn: Turn) -> None:
+        """Free what the PE holds for ``turn`` (its host buffer region, its chunk KV); idempotent."""
         if turn.pe_host is not None:
             self.host.free(turn.pe_host)
             turn.pe_host = None
+        if turn.pe_kv is not None:
+            self.chunk_bytes -= turn.pe_kv.numel() * turn.pe_kv.element_size()
+            turn.pe_kv = None
 
     # --- queue -------------------------------------------------------------------------------------------
     def assign(self, turn: Turn) -> None:
@@ -110,41 +152,51 @@ class PrefillEngine(Engine):
         self.queue.append(turn)
         self._wake.set()
 
-    def _take_batch(self) -> list[Turn]:
-        """The next forward batch: whole requests, FIFO, within the scratch size, ``prefill_max_batch(_tokens)``
-        and, when ``prefill_quota_s`` is set and the model can predict its time, the compute quota (paper 7.5,
-        via :func:`~dualpath.scheduler.batching.pack_forward_batch`). A request the quota would cut is not
-        chunked here: it waits for the next batch, or runs alone if it heads the queue (the simulator applies
-        chunked prefill; the runtime keeps each request's prefill in one forward)."""
-        batch: list[Turn] = []
+    def _take_batch(self) -> list[PrefillChunk]:
+        """The next forward batch, FIFO, within the scratch size and ``prefill_max_batch(_tokens)`` (whole
+        requests: a request over those limits waits, or runs alone if it heads the queue) and, when
+        ``prefill_quota_s`` is set and the model can predict its time, the compute quota (paper 7.5, via
+        :func:`~dualpath.scheduler.batching.pack_forward_batch`): the request the quota cuts gets a chunk (at least
+        one token when it heads the queue) and ends the batch; :meth:`run` puts it back at the queue's head."""
+        batch: list[PrefillChunk] = []
         blocks = 0
         new_tokens = 0
         while self.queue and len(batch) < self.cfg.prefill_max_batch:
             t = self.queue[0]
             if t.error is not None:
                 self.queue.popleft()
+                self.release(t)
                 t.pe_released.set()
                 continue
+            start = t.prefilled or t.hit_tokens
+            left = t.prompt_len - start
             nb = t.prompt_blocks
-            if batch and (blocks + nb > self.slot_blocks
-                          or new_tokens + t.prompt_len - t.hit_tokens > self.cfg.prefill_max_batch_tokens
-                          or not self._within_quota(batch, t)):
+            if batch and (blocks + nb > self.slot_blocks or new_tokens + left > self.cfg.prefill_max_batch_tokens):
                 break
-            batch.append(self.queue.popleft())
+            n = self._quota_tokens(batch, start, left)
+            if n <= 0:
+                break
+            self.queue.popleft()
+            batch.append(PrefillChunk(t, start, start + n, first=t.prefilled == 0))
             blocks += nb
-            new_tokens += t.prompt_len - t.hit_tokens
+            new_tokens += n
+            if n < left:  # cut by the quota: nothing after it in this forward (FIFO)
+                break
         return batch
 
-    def _within_quota(self, batch: list[Turn], t: Turn) -> bool:
+    def _quota_tokens(self, batch: list[PrefillChunk], cached: int, left: int) -> int:
+        """New tokens of the next request (``cached`` tokens with KV, ``left`` to compute) that fit the compute
+        quota after ``batch``: ``left`` without a quota or a time prediction, 0 when none fit."""
         quota = self.cfg.prefill_quota_s
         if quota is None:
-            return True
+            return left
         predict = self.model.predict_prefill_s
         if predict(0, 1) is None:
-            return True
-        pending = [PendingPrefill(i, x.hit_tokens, x.prompt_len - x.hit_tokens) for i, x in enumerate([*batch, t])]
-        fb = pack_forward_batch(pending, quota, lambda cached, new: predict(cached, new) or 0.0)
-        return len(fb.chunks) == len(pending) and fb.chunks[-1].new == pending[-1].remaining
+            return left
+        pending = [PendingPrefill(i, c.start, c.end - c.start) for i, c in enumerate(batch)]
+        pending.append(PendingPrefill(len(batch), cached, left))
+        fb = pack_forward_batch(pending, quota, lambda c, n: predict(c, n) or 0.0)
+        return fb.chunks[-1].new if len(fb.chunks) == len(pending) else 0
 
     async def run(self) -> None:
         while True:
@@ -155,41 +207,62 @@ class PrefillEngine(Engine):
             batch = self._take_batch()
             if not batch:
                 continue
-            self._inflight = batch
+            self._inflight = [c.turn for c in batch]
             try:
                 await self._forward(batch)
             except Exception as exc:  # a model error fails the batch, not the engine
                 log.exception("%s: forward failed", self.name)
-                for t in batch:
-                    t.fail(exc)
+                for c in batch:
+                    c.turn.fail(exc)
             finally:
-                for t in batch:
-                    self.release(t)
-                    t.pe_released.set()
-                self.forwards += 1
-                self._inflight = []
+                self._settle(batch)
+
+    def _settle(self, batch: list[PrefillChunk]) -> None:
+        """After the forward of ``batch``: a request whose prefill ended (or failed) is released; the rest of a
+        request the quota cut goes back to the head of the queue (FIFO order kept)."""
+        for c in reversed(batch):
+            t = c.turn
+            if c.final or t.error is not None:
+                self.release(t)
+                t.pe_released.set()
+            else:
+                t.prefilled = c.end
+                self.queue.appendleft(t)
+        self.forwards += 1
+        self.chunks += sum(not c.whole for c in batch)
+        self._inflight = []
 
     # --- layer-wise forward ------------------------------------------------------------------------------
-    async def _forward(self, batch: list[Turn]) -> None:
+    async def _forward(self, chunks: list[PrefillChunk]) -> None:
         assert self.scratch is not None and self.scratch_region is not None
         cfg = self.cfg
         transport = self.ctx.transport
         scratch_region = self.scratch_region
         n_layers = self.layout.n_layers
+        bt = self.layout.block_tokens
         ring = self.ring
         lb = self.layer_bytes
         offs: list[int] = []
         seqs: list[PrefillSeq] = []
         off = 0
         now = time.perf_counter()
-        for t in batch:
+        for c in chunks:
+            t = c.turn
             offs.append(off)
-            table = torch.arange(off, off + t.prompt_blocks, dtype=torch.int32)
-            seqs.append(PrefillSeq(t.prompt[t.hit_tokens :], t.hit_tokens, table))
+            table = torch.arange(off, off + -(-c.end // bt), dtype=torch.int32)
+            seqs.append(PrefillSeq(t.prompt[c.start : c.end], c.start, table))
             off += t.prompt_blocks
-            t.timings.t_prefill_start = now
-            t.prefill_started.set()
+            if not c.final and t.pe_kv is None:  # room for the rows a later chunk attends to
+                shape = (n_layers, -(-(t.prompt_len - 1) // bt), bt, self.layout.bytes_per_token_layer)
+                t.pe_kv = torch.empty(shape, dtype=torch.uint8, device=self.device)
+                self.chunk_bytes += t.pe_kv.numel()
+            if c.first:
+                t.timings.t_prefill_start = now
+                t.prefill_started.set()
         total_blocks = off
+        # only the final chunk of each request ships KV to its DE (then every row of the prompt is in the slot)
+        final = [(c.turn, o) for c, o in zip(chunks, offs, strict=True) if c.final]
+        ship_turns, ship_offs = [t for t, _ in final], [o for _, o in final]
         slot_free = [anyio.Event() for _ in range(ring)]
         for ev in slot_free:
             ev.set()
@@ -197,8 +270,9 @@ class PrefillEngine(Engine):
 
         def expose(layer: int) -> None:
             slot = layer % ring
-            for t, o in zip(batch, offs, strict=True):
-                if t.de_hit_blocks and t.error is None:
+            for c, o in zip(chunks, offs, strict=True):
+                t = c.turn
+                if c.first and t.de_hit_blocks and t.error is None:
                     first = (slot * self.slot_blocks + o + t.pe_hit_blocks) * lb
                     transport.expose(t.tag("hit", layer), scratch_region, first, t.de_hit_blocks * lb)
                     t.exposed[layer].set()
@@ -213,10 +287,10 @@ class PrefillEngine(Engine):
                     exposed_upto = j
                 slot = self.scratch[layer % ring]
                 if cfg.layerwise:
-                    await self._load_layer(batch, offs, layer)
+                    await self._load_layer(chunks, offs, layer)
                 elif layer == 0:  # the 'basic' baseline: every layer's hit KV on the device first
                     for j in range(n_layers):
-                        await self._load_layer(batch, offs, j)
+                        await self._load_layer(chunks, offs, j)
                 kv = self.layout.as_kv(slot[:total_blocks])
                 fwd = self.model.prefill_layer(state, layer, kv)
                 ep = getattr(cfg, "ep_bytes_per_token", 0)
@@ -225,25 +299,53 @@ class PrefillEngine(Engine):
                                                     isolated=cfg.traffic_isolation)
                 else:
                     await fwd
-                ships.start_soon(self._ship_layer, batch, offs, layer, slot, slot_free[layer % ring])
+                self._keep_layer(chunks, offs, layer, slot)
+                ships.start_soon(self._ship_layer, ship_turns, ship_offs, layer, slot, slot_free[layer % ring])
         logits = await self.model.prefill_end(state)
         done = time.perf_counter()
-        for i, t in enumerate(batch):
-            if t.error is None:
+        for i, c in enumerate(chunks):
+            t = c.turn
+            if c.final and t.error is None:
                 t.first_logits = logits[i].detach().to("cpu", torch.float32)
                 t.timings.t_prefill_done = done
                 t.prefill_done.set()
 
-    async def _load_layer(self, batch: list[Turn], offs: list[int], layer: int) -> None:
-        """Bring layer ``layer``'s hit KV of every turn into its scratch slot: H2D of the PE-read blocks, then
-        the DE-streamed blocks' arrival (a failed or late arrival fails that turn only)."""
+    def _keep_layer(self, chunks: list[PrefillChunk], offs: list[int], layer: int, slot: torch.Tensor) -> None:
+        """After layer ``layer`` of a chunk that is not its request's last, keep the request's rows ``[0, end)``
+        of that layer (the hit and every chunk so far) in its device buffer for the later chunks."""
+        bt = self.layout.block_tokens
+        copied = False
+        for c, o in zip(chunks, offs, strict=True):
+            t = c.turn
+            if c.final or t.error is not None or t.pe_kv is None:
+                continue
+            b0 = 0 if c.first else c.start // bt  # (earlier blocks are in the buffer already)
+            b1 = -(-c.end // bt)
+            t.pe_kv[layer, b0:b1].copy_(slot[o + b0 : o + b1], non_blocking=True)
+            copied = True
+        if copied and slot.device.type == "cuda":  # kept before the slot is reused for a later layer
+            torch.cuda.current_stream(slot.device).synchronize()
+
+    async def _load_layer(self, chunks: list[PrefillChunk], offs: list[int], layer: int) -> None:
+        """Bring layer ``layer``'s cached KV of every chunk into its scratch slot. A first chunk: H2D of the
+        PE-read hit blocks, then the DE-streamed blocks' arrival (a failed or late arrival fails that turn only).
+        A later chunk: the rows ``[0, start)`` its request's earlier chunks kept on the device."""
         assert self.scratch is not None
+        bt = self.layout.block_tokens
         slot = self.scratch[layer % self.ring]
-        for t, o in zip(batch, offs, strict=True):
-            if t.error is None and t.pe_hit_blocks:
+        for c, o in zip(chunks, offs, strict=True):
+            t = c.turn
+            if t.error is not None:
+                continue
+            if not c.first:
+                if t.pe_kv is not None:
+                    n = -(-c.start // bt)
+                    slot[o : o + n].copy_(t.pe_kv[layer, :n], non_blocking=True)
+            elif t.pe_hit_blocks:
                 await h2d_layer(self.ctx.links, self.name, t, layer, slot[o : o + t.pe_hit_blocks])
-        for t in batch:
-            if t.error is None and t.de_hit_blocks:
+        for c in chunks:
+            t = c.turn
+            if c.first and t.error is None and t.de_hit_blocks:
                 try:
                     await wait_arrival(t, self.ctx.transport, t.tag("hit", layer), self.cfg.deadline_s)
                 except Exception as exc:

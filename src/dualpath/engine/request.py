@@ -217,6 +217,10 @@ class Turn:
         self.pe_host: Any = None
         self.de_host: Any = None
         self.de_recv: Any = None
+        # chunked prefill (PE): prompt tokens whose KV the PE holds after this turn's earlier chunks (0 before
+        # the first chunk ran), and the PE device buffer ``[n_layers, blocks, bt, bytes]`` that holds them
+        self.prefilled = 0
+        self.pe_kv: torch.Tensor | None = None
         # how the decode engine picks tokens (None = greedy) and who hears each token as it is decoded
         self.sampling: SamplingParams | None = None
         self.on_token: Callable[[int], None] | None = None

@@ -97,6 +97,7 @@ class PolicyRun:
     slo_met: bool | None = None
     error: str | None = None
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds: start, turns, close, cleanup
+    prefill: dict[str, int] = field(default_factory=dict)  # PE forwards and quota-cut chunks, summed over PEs
 
     @property
     def records(self) -> list[TurnRecord]:
@@ -292,6 +293,8 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "paths": s["paths"],
         "scheduler_rounds": run.driver.rounds,
         "scheduler_core_s": run.driver.core_s,
+        "prefill_forwards": run.prefill.get("forwards"),  # None where the engines are not in this process
+        "prefill_chunks": run.prefill.get("chunks"),
         "link_bytes": {n: v["bytes"] for n, v in run.links.items()},
         "metrics": s,
     }
@@ -416,6 +419,10 @@ async def _run_policy(
                     t1_link = _link_now(cluster)
                     run.phases["turns"] = t1_link - t0_link
                     _collect_links(cluster, run, t0_link, t1_link)
+                    pes = getattr(cluster, "pes", None) or []
+                    if pes:
+                        run.prefill = {"forwards": sum(getattr(pe, "forwards", 0) for pe in pes),
+                                       "chunks": sum(getattr(pe, "chunks", 0) for pe in pes)}
         finally:
             run.wall_s = time.perf_counter() - t_wall
     finally:

@@ -8,7 +8,10 @@ It implements :class:`dualpath.engine.model_api.LayerwiseModel` so engines drive
 * **Compute time.** A layer of a prefill batch sleeps ``flops / (device_tflops * 1e12)`` with ``flops =
   new * linear_flops_per_token / n_layers + attn_flops_per_key_layer * sum(keys seen by each new token)``; a
   decode step sleeps ``decode_step_s``. The CPU does O(tokens) work only, so I/O experiments can be far
-  larger than a CPU could really compute.
+  larger than a CPU could really compute. A prefill layer's time runs from the moment the layer is called, so
+  the CPU pass and a late wake-up are absorbed by the modelled time (a wake-up late past it is taken off the
+  next layer of the same forward): a forward costs its modelled time, not that plus the emulation's overhead
+  per layer, which would otherwise penalise every extra forward (chunked prefill, small batches).
 * **Tokens.** Every prefill layer sums the signatures of *all* positions it attends over, read from the
   cache (the hit part comes from storage or a peer), so a wrong or missing KV row changes the next token.
   The next token is a hash of that sum and the last token; logits are one-hot. A decode step reads the
@@ -18,6 +21,7 @@ It implements :class:`dualpath.engine.model_api.LayerwiseModel` so engines drive
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +60,7 @@ def signatures(layer: int, positions: torch.Tensor, token_ids: torch.Tensor) -> 
 class _SynthState:
     seqs: list[PrefillSeq]
     acc: torch.Tensor  # int64 [n_seqs]
+    late: float = 0.0  # how far the previous layer ended past its modelled end (s)
 
 
 class SyntheticModel(LayerwiseModel):
@@ -109,6 +114,7 @@ class SyntheticModel(LayerwiseModel):
 
     async def prefill_layer(self, state: Any, layer: int, kv_layer: torch.Tensor) -> None:
         st: _SynthState = state
+        t0 = time.perf_counter()
         bt = kv_layer.shape[1]
         rows = self._rows(kv_layer)
         flops = 0.0
@@ -123,7 +129,9 @@ class SyntheticModel(LayerwiseModel):
             seen = rows[idx_all, 0].sum() + rows[idx_all, self.words - 1].sum()
             st.acc[i] = _mix(st.acc[i : i + 1] + seen.cpu())[0]
             flops += self.prefill_flops(s.cached, s.new)
-        await anyio.sleep(flops / self._rate)
+        due = t0 + max(0.0, flops / self._rate - st.late)
+        await anyio.sleep(max(0.0, due - time.perf_counter()))
+        st.late = max(0.0, time.perf_counter() - due)
 
     def _logits(self, acc: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         nxt = (_mix(acc ^ (last.to(torch.int64) * _M2)) & 0x7FFFFFFF) % self.vocab_size

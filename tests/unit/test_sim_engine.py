@@ -115,3 +115,23 @@ def test_leaving_overloaded_pes_out_of_a_fetch_changes_no_decision(policy: str) 
         groups = [pes[n * 4:(n + 1) * 4] for n in range(3)]
         kept = [g for g in ([s for s in grp if s.tok <= params.beta_tokens] for grp in groups) if g]
         assert full.schedule(groups, des) == part.schedule(kept, des), trial
+
+
+def test_mean_decode_batch_counts_request_seconds_in_decode() -> None:
+    """``de_batch_mean`` x DE busy time = the request-seconds spent decoding, summed request by request."""
+    sim = Simulation(_scenario(), get_policy("dualpath"))
+    spans: list[float] = []
+    finish = sim._finish
+
+    def spy(de, r, now):  # type: ignore[no-untyped-def]
+        spans.append(now - r.t_join)
+        finish(de, r, now)
+
+    sim._finish = spy  # type: ignore[method-assign]
+    sim.run()
+    busy = sum(d.busy_s for d in sim.des)
+    assert sum(d.req_s for d in sim.des) == pytest.approx(sum(spans), rel=1e-9)
+    assert 1.0 < sum(d.req_s for d in sim.des) / busy <= 8  # 8 agents: more than one at a time, never more than all
+    one = run_policy(_scenario(trajs=_trajs(n=1)), "dualpath")
+    assert one["de_batch_mean"] == pytest.approx(1.0)  # a single agent decodes alone
+    assert one["decode_step_floor_s"] == pytest.approx(2e-3 + 1e-4)  # step_fn(1, 0, 0)

@@ -69,3 +69,17 @@ def test_simulate_cli_small_run(tmp_path, capsys) -> None:  # type: ignore[no-un
     assert [r["policy"] for r in data["runs"]] == ["basic", "dualpath"]
     assert data["ceiling"] == pytest.approx(5 / 4) and set(data["speedup"]) == {"basic", "dualpath"}
     assert "outside the bottleneck-free range" in capsys.readouterr().err  # P/D = 4 saturates a DE link
+
+
+def test_whatif_slowdowns_scale_prefill_quota_and_decode_times_exactly() -> None:
+    """The what-if knobs (not presets) multiply every prefill, quota and decode time; 1 is the sourced roofline."""
+    base = RooflineCompute(MODELS["ds_v32"], GPUS["h800"], n_pe_gpus=16, n_de_gpus=32)
+    slow = RooflineCompute(MODELS["ds_v32"], GPUS["h800"], n_pe_gpus=16, n_de_gpus=32, prefill_slowdown=1.63,
+                           decode_slowdown=2.93)
+    chunks = [(32_000, 429), (10_000, 2_000)]
+    assert slow.prefill_time(chunks) == pytest.approx(1.63 * base.prefill_time(chunks))
+    assert slow.attention_time(32_000, 429) == pytest.approx(1.63 * base.attention_time(32_000, 429))
+    kb, fl = base.decode_request_cost(33_000)
+    assert slow.decode_step_time(24, 24 * kb, 24 * fl) == pytest.approx(2.93 * base.decode_step_time(24, 24 * kb, 24 * fl))
+    with pytest.raises(ConfigError, match="slowdown"):
+        RooflineCompute(MODELS["ds_v32"], GPUS["h800"], n_pe_gpus=16, n_de_gpus=32, decode_slowdown=0.0)

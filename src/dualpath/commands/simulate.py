@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--append-scale", type=float, help="multiply every turn's append length (then truncate at "
                         "the dataset's MaxLen; paper Fig. 9)")
     parser.add_argument("--gen-scale", type=float, help="multiply every turn's generation length (paper Fig. 9)")
+    parser.add_argument("--whatif-prefill-slowdown", type=float, default=None, metavar="X",
+                        help="what-if, not a preset: every prefill (and quota) time x X (docs/simulator.md)")
+    parser.add_argument("--whatif-decode-slowdown", type=float, default=None, metavar="X",
+                        help="what-if, not a preset: every decode step time x X")
     parser.add_argument("--no-isolation", action="store_true",
                         help="no traffic manager: model (all-to-all) and KV traffic share the compute NICs fairly")
     parser.add_argument("--no-ep-traffic", action="store_true",
@@ -89,7 +93,9 @@ def _cfg(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             data[key] = val
     if args.no_indexer_kv:
         data["include_indexer_kv"] = False
-    for key, val in (("append_scale", args.append_scale), ("gen_scale", args.gen_scale)):
+    for key, val in (("append_scale", args.append_scale), ("gen_scale", args.gen_scale),
+                     ("prefill_slowdown", args.whatif_prefill_slowdown),
+                     ("decode_slowdown", args.whatif_decode_slowdown)):
         if val is not None:
             data[key] = val
     if args.no_isolation or args.no_ep_traffic:

@@ -28,11 +28,13 @@ def run_spec(
     horizon_s: float | None = None,
     warmup_s: float | None = None,
     overrides: dict[str, Any] | None = None,
+    engine: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """One simulation run (a task)."""
+    """One simulation run (a task); ``engine``: what-if slowdowns (``prefill_slowdown``, ``decode_slowdown``)."""
     return {"kind": "run", "key": key, "preset": preset, "policy": policy, "agents": agents, "P": P, "D": D,
             "dataset": dataset, "append_scale": append_scale, "gen_scale": gen_scale, "mode": mode, "aps": aps,
-            "horizon_s": horizon_s, "warmup_s": warmup_s, "overrides": dict(overrides or {})}
+            "horizon_s": horizon_s, "warmup_s": warmup_s, "overrides": dict(overrides or {}),
+            "engine": dict(engine or {})}
 
 
 def capacity_spec(key: str, preset: str, policy: str, lo: float, hi: float, iters: int, horizon_s: float,
@@ -61,8 +63,11 @@ def _scenario(spec: dict[str, Any], aps: float | None = None) -> Any:
         agents = int(spec["agents"])
     trajs = generate_dataset(dataset, agents, seed=0, append_scale=spec.get("append_scale", 1.0),
                              gen_scale=spec.get("gen_scale", 1.0))
+    eng = spec.get("engine") or {}
     sc = scenario_from_preset(sp, agents=agents, dataset=dataset, mode=mode, rate_aps=rate, horizon_s=horizon,
-                              trajectories=trajs, overrides=spec.get("overrides") or None)
+                              trajectories=trajs, overrides=spec.get("overrides") or None,
+                              prefill_slowdown=float(eng.get("prefill_slowdown", 1.0)),
+                              decode_slowdown=float(eng.get("decode_slowdown", 1.0)))
     if mode == "online":
         w = spec.get("warmup_s")
         sc.warmup_s = float(w if w is not None else float(horizon or 0.0) / 2)

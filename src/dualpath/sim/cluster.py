@@ -141,7 +141,7 @@ class PE:
 
 class DE:
     __slots__ = ("idx", "node", "seq", "tok", "free_kv", "cnic_r", "cnic_w", "heap", "S", "t", "tau", "bytes",
-                 "flops", "ver", "busy_s")
+                 "flops", "ver", "busy_s", "req_s")
 
     def __init__(self, idx: int, node: Node, cnic_r: Link, cnic_w: Link, kv_tokens: int) -> None:
         self.idx = idx
@@ -159,6 +159,7 @@ class DE:
         self.flops = 0.0
         self.ver = 0
         self.busy_s = 0.0
+        self.req_s = 0.0  # request-seconds in decode steps (mean decode batch = req_s / busy_s)
 
 
 class Batch:
@@ -562,6 +563,7 @@ class Simulation:
         if de.tau > 0:
             de.S += (now - de.t) / de.tau
             de.busy_s += now - de.t
+            de.req_s += len(de.heap) * (now - de.t)
         de.t = now
 
     def _join(self, de: DE, r: Req) -> None:

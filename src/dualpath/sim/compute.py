@@ -16,6 +16,11 @@
   directions) per token (:meth:`ModelPreset.ep_bytes_per_token`; zero inside one node, where it runs on NVLink).
 
 Any object with the same four methods can replace it (e.g. a profile measured on a real run, for sim-to-real).
+
+``prefill_slowdown`` / ``decode_slowdown`` (default 1: the sourced roofline) multiply every prefill (and quota) time /
+every decode step time. They are **what-if knobs, not presets**: ``dualpath reproduce`` uses them only in its
+labelled what-if section, to measure how the misses move when the engine runs as slowly as the paper's own figures
+imply (docs/simulator.md); no measured row of the report uses them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from dualpath.errors import ConfigError
 from dualpath.sim.presets import BATCH_CURVE, GPUPreset, ModelPreset
 
 
@@ -78,8 +84,13 @@ class RooflineCompute:
     n_de_gpus: int
     batch_curve: Sequence[tuple[float, float]] = BATCH_CURVE
     gpus_per_node: int = 8
+    prefill_slowdown: float = 1.0
+    decode_slowdown: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (self.prefill_slowdown > 0 and self.decode_slowdown > 0):
+            raise ConfigError(f"RooflineCompute: prefill_slowdown and decode_slowdown must be > 0, got "
+                              f"{self.prefill_slowdown}, {self.decode_slowdown}")
         self.rate = self.gpu.flops_per_s(self.model.compute_dtype)
         self.hbm_rate = self.gpu.hbm_bw * self.gpu.hbm_efficiency
         self.de_weight_bytes = self.model.weight_bytes_per_gpu(self.n_de_gpus)
@@ -97,10 +108,10 @@ class RooflineCompute:
             new += n
         if new <= 0:
             return 0.0
-        return flops / (self.rate * curve_efficiency(new, self.batch_curve))
+        return flops * self.prefill_slowdown / (self.rate * curve_efficiency(new, self.batch_curve))
 
     def attention_time(self, cached: int, new: int) -> float:
-        return self.model.attention_flops(cached, new) / self.rate
+        return self.model.attention_flops(cached, new) * self.prefill_slowdown / self.rate
 
     def decode_request_cost(self, context: int) -> tuple[float, float]:
         """(KV bytes read, attention FLOPs) of one request's decode step; the linear part depends on ``n`` only."""
@@ -110,7 +121,7 @@ class RooflineCompute:
         if n <= 0:
             return 0.0
         gemm = max(self.de_weight_bytes / self.hbm_rate, n * self.linear_flops / self.rate)
-        return gemm + max(kv_bytes / self.hbm_rate, flops / self.rate)
+        return (gemm + max(kv_bytes / self.hbm_rate, flops / self.rate)) * self.decode_slowdown
 
     def prefill_comm_bytes(self, new_tokens: int) -> float:
         """All-to-all bytes a PE's forward of ``new_tokens`` puts on its compute NIC, each direction."""

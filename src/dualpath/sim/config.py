@@ -31,4 +31,6 @@ class SimConfig(Section):
     include_indexer_kv: bool | None = None
     append_scale: float = Field(default=1.0, gt=0, description="multiply every turn's append length (Fig. 9)")
     gen_scale: float = Field(default=1.0, gt=0, description="multiply every turn's generation length (Fig. 9)")
+    prefill_slowdown: float = Field(default=1.0, gt=0, description="what-if, not a preset: prefill time x this")
+    decode_slowdown: float = Field(default=1.0, gt=0, description="what-if, not a preset: decode step time x this")
     overrides: dict[str, Any] = Field(default_factory=dict)

@@ -61,8 +61,12 @@ def scenario_from_preset(
     overrides: dict[str, Any] | None = None,
     append_scale: float = 1.0,
     gen_scale: float = 1.0,
+    prefill_slowdown: float = 1.0,
+    decode_slowdown: float = 1.0,
 ) -> SimScenario:
-    """A scenario from a named preset (``dualpath simulate --list-presets``); ``overrides`` sets SimScenario fields."""
+    """A scenario from a named preset (``dualpath simulate --list-presets``); ``overrides`` sets SimScenario fields.
+
+    ``prefill_slowdown`` / ``decode_slowdown``: what-if knobs of :class:`RooflineCompute` (not presets; 1 = sourced)."""
     import dataclasses
 
     sp = name if isinstance(name, ScenarioPreset) else get_scenario(name)
@@ -72,7 +76,8 @@ def scenario_from_preset(
         model = dataclasses.replace(model, include_indexer_kv=include_indexer_kv)
     gpu, node = get_gpu(sp.gpu), get_node(sp.node)
     g = node.gpus
-    comp = RooflineCompute(model, gpu, n_pe_gpus=sp.P * g, n_de_gpus=sp.D * g, gpus_per_node=g)
+    comp = RooflineCompute(model, gpu, n_pe_gpus=sp.P * g, n_de_gpus=sp.D * g, gpus_per_node=g,
+                           prefill_slowdown=prefill_slowdown, decode_slowdown=decode_slowdown)
     kvb = model.kv_bytes_per_token
     n_agents = agents if agents is not None else sp.agents
     if trajectories is None:
@@ -104,7 +109,9 @@ def scenario_from_preset(
         name=name,
         info={"preset": name, "model": model.name, "gpu": gpu.name, "node": node.name, "dataset": dataset or sp.dataset,
               "agents": len(trajectories), "include_indexer_kv": model.include_indexer_kv,
-              "kv_bytes_per_token": kvb, "effective_tflops": comp.rate / 1e12},
+              "kv_bytes_per_token": kvb, "effective_tflops": comp.rate / 1e12,
+              **({"whatif_prefill_slowdown": prefill_slowdown, "whatif_decode_slowdown": decode_slowdown}
+                 if (prefill_slowdown, decode_slowdown) != (1.0, 1.0) else {})},
     )
     for k, v in (overrides or {}).items():
         if not hasattr(sc, k):
@@ -130,7 +137,8 @@ def build_scenario(cfg: Any, rate_aps: float | None = None, trajectories: Sequen
                                 sp.agents, sp.note)
     if trajectories is not None:
         sc = scenario_from_preset(sp, trajectories=trajectories, seed=cfg.seed,
-                                  include_indexer_kv=cfg.include_indexer_kv, overrides=dict(cfg.overrides))
+                                  include_indexer_kv=cfg.include_indexer_kv, overrides=dict(cfg.overrides),
+                                  prefill_slowdown=cfg.prefill_slowdown, decode_slowdown=cfg.decode_slowdown)
         sc.mode = cfg.mode
         return sc
     rate = rate_aps if rate_aps is not None else cfg.rate_aps
@@ -146,7 +154,8 @@ def build_scenario(cfg: Any, rate_aps: float | None = None, trajectories: Sequen
     sc = scenario_from_preset(sp, agents=agents, dataset=cfg.dataset, mode=cfg.mode, rate_aps=rate,
                               append_scale=cfg.append_scale, gen_scale=cfg.gen_scale,
                               horizon_s=horizon, seed=cfg.seed, include_indexer_kv=cfg.include_indexer_kv,
-                              overrides=dict(cfg.overrides))
+                              overrides=dict(cfg.overrides), prefill_slowdown=cfg.prefill_slowdown,
+                              decode_slowdown=cfg.decode_slowdown)
     sc.warmup_s = warm
     return sc
 
@@ -188,6 +197,7 @@ def summarize(sim: Simulation, wall_s: float) -> dict[str, Any]:
     busiest = max((sum(v) for v in wins.values()), default=0.0)
     ratios = [max(v) / (sum(v) / len(v)) for v in wins.values() if sum(v) > 0 and sum(v) >= 0.5 * busiest]
     n_agents = len(sim.turns)
+    de_busy = sum(d.busy_s for d in sim.des)
     all_done = bool(np.all(done_t >= 0))
     jct = float(done_t.max()) if all_done and n_agents else float("nan")
     out = {
@@ -231,6 +241,10 @@ def summarize(sim: Simulation, wall_s: float) -> dict[str, Any]:
         if end > 0 else 0.0,
         "pe_compute_util": sum(p.compute_s for p in sim.pes) / (len(sim.pes) * end) if end > 0 else 0.0,
         "de_busy_util": sum(d.busy_s for d in sim.des) / (len(sim.des) * end) if end > 0 else 0.0,
+        # requests in a DE's decode step, averaged over the time DEs are decoding; and the step time of one request
+        # (the weights-read floor of the per-operator roofline): TPOT evidence
+        "de_batch_mean": sum(d.req_s for d in sim.des) / de_busy if de_busy > 0 else 0.0,
+        "decode_step_floor_s": sc.compute.decode_step_time(1, 0.0, 0.0),
         "pe_batches": sum(p.batches for p in sim.pes),
         "events": sim.loop.events,
         "fetches": sim.fetches,

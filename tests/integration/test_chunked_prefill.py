@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from engine_helpers import BT, SESSION, hf_llama, llama_config, run_session, synthetic_config
+from engine_helpers import BT, SESSION, hf_llama, llama_config, run_session, session_prompts, synthetic_config
 
 from dualpath.cluster import Cluster
 from dualpath.config import DualPathConfig
@@ -220,3 +220,21 @@ def test_dualpath_run_reports_its_chunks(tmp_path: Any) -> None:
     assert dp["complete"] and rr["complete"] and dp["turns"] == rr["turns"] == 9
     assert dp["prefill_chunks"] > dp["turns"] and dp["prefill_forwards"] >= dp["prefill_chunks"] // 2
     assert rr["prefill_chunks"] == 0  # round_robin packs by size only (no quota)
+
+
+@pytest.mark.anyio
+async def test_a_chunked_prefill_longer_than_the_deadline_reaches_the_de() -> None:
+    """Only the final chunk ships KV, so the DE's first layer can come the turn's whole prefill after it started:
+    a prefill several times ``deadline_s`` long, cut into many chunks, must not time out on the DE."""
+    probe = synthetic_config()
+    async with Cluster(probe) as c:
+        per_1 = c.pes[0].model.predict_prefill_s(0, SESSION[0][0])
+    assert per_1 is not None
+    cfg = synthetic_config(deadline_s=0.4)
+    assert cfg.model.kind == "synthetic"
+    cfg.model.device_tflops *= per_1 / 1.2  # the first turn's prefill: 1.2 s, three times the deadline
+    cfg.cluster.prefill_quota_s = 0.1
+    async with Cluster(cfg) as c:
+        with anyio.fail_after(60):
+            res = await c.run_turn("long", session_prompts(vocab=1000)[0], 2, path="pe")
+        assert len(res.token_ids) == 2 and c.pes[0].chunks >= 10

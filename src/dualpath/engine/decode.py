@@ -152,9 +152,21 @@ class DecodeEngine(Engine):
     async def receive(self, turn: Turn) -> None:
         await wait_event(turn, turn.prefill_started, float("inf"), "prefill start")
         t = self.ctx.transport
+        first = await self._first_arrival_deadline(turn)
         for layer in range(self.layout.n_layers):
             for part in range(len(turn.ship_ranges())):
-                await wait_arrival(turn, t, turn.tag("kv", layer, part), self.cfg.deadline_s)
+                await wait_arrival(turn, t, turn.tag("kv", layer, part), first if layer == 0 else self.cfg.deadline_s)
+
+    async def _first_arrival_deadline(self, turn: Turn) -> float:
+        """The deadline of the first layer's KV. Under the compute quota the PE may chunk the turn, and only its
+        final chunk ships KV, so the first layer can come the turn's whole prefill after it started: the deadline
+        then adds twice the predicted prefill time (the same time model the PE's quota uses)."""
+        d = self.cfg.deadline_s
+        if self.cfg.prefill_quota_s is None:
+            return d
+        new = max(1, turn.prompt_len - turn.hit_tokens)
+        pred = await anyio.to_thread.run_sync(self.model.predict_prefill_s, turn.hit_tokens, new)
+        return d + 2.0 * pred if pred else d
 
     def cancel_receive(self, turn: Turn) -> None:
         for layer in range(self.layout.n_layers):

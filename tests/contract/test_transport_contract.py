@@ -361,6 +361,49 @@ async def test_zmq_bad_header_is_rejected(caplog: pytest.LogCaptureFixture) -> N
         ctx.term()
 
 
+async def test_zmq_payload_disagreeing_with_its_header_fails_the_landing(caplog: pytest.LogCaptureFixture) -> None:
+    """The receiver lands a payload straight into the slot its header names (recv_into), so it sees the payload's
+    real size only while writing: a payload longer or shorter than its header says, or a message with extra
+    frames, fails that landing (the waiter gets the reason, never the bytes) and the next correct arrival for the
+    re-exposed tag lands whole."""
+    import zmq
+    import zmq.asyncio
+
+    from dualpath.transports.wire import Header, Kind, Status, decode, encode
+
+    async with create_transport(ZmqTransportConfig(), "rcv") as b:
+        dst = torch.zeros(64, dtype=torch.uint8)
+        region = b.register(dst)
+        ctx = zmq.asyncio.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.connect(b.address)
+        good = encode(Header(Kind.DATA, 7, "t", 64, extra=b"evil"))
+        cases = {
+            "payload is 65 bytes, header says 64": [good, b"\x02" * 65],
+            "payload is 63 bytes, header says 64": [good, b"\x02" * 63],
+            "with 3 frames": [good, b"\x02" * 64, b"more"],
+        }
+        with caplog.at_level(logging.WARNING):
+            for reason, frames in cases.items():
+                b.expose("t", region, 0, 64)
+                await s.send_multipart(frames)
+                with anyio.fail_after(5):
+                    reply = decode(await s.recv())
+                assert reply.status is Status.BAD, reason
+                assert reason in reply.extra.decode(), (reason, reply.extra)
+                with pytest.raises(TransportError, match=reason):
+                    await b.wait("t", 5.0)
+        assert "landing failed" in caplog.text
+        b.expose("t", region, 0, 64)
+        await s.send_multipart([good, b"\x01" * 64])
+        with anyio.fail_after(5):
+            assert decode(await s.recv()).status is Status.OK
+        await b.wait("t", 1.0)
+        assert torch.equal(dst, torch.ones(64, dtype=torch.uint8))
+        s.close(0)
+        ctx.term()
+
+
 async def test_zmq_curve_admits_only_allowed_clients(caplog: pytest.LogCaptureFixture) -> None:
     import zmq
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import struct
+import sys
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from dualpath.transports.wire import (
     checksum_of,
     decode,
     encode,
+    pack_acks,
+    unpack_acks,
 )
 
 
@@ -81,3 +85,59 @@ def test_landing_table_claim_rules() -> None:
     assert lt.reserve_pending(60) and not lt.reserve_pending(60)
     lt.release_pending(60)
     assert lt.reserve_pending(100)
+
+
+def test_claim_exact_claims_only_an_idle_host_slot_of_that_size() -> None:
+    """zmq writes an arrival into the slot ``claim_exact`` gives before it sees the arrival's real size, so it
+    must give nothing (and change nothing) unless the slot is idle, in host memory and exactly that size."""
+    t = torch.zeros(64, dtype=torch.uint8)
+    r = Region(t, "x")
+    host = r.host_view(16, 8)
+    assert host is not None and len(host) == 8
+    host[0] = 7
+    assert int(t[16]) == 7  # the memoryview writes the region's own bytes
+    lt = LandingTable("me", max_pending_bytes=100, pending_timeout_s=1.0)
+    assert lt.claim_exact("t", 8) is None  # not exposed
+    lt.expose("t", r.view(16, 8), host)
+    assert lt.claim_exact("t", 9) is None and lt.claim_exact("t", 7) is None  # another size: left to claim()
+    lt.expose("dev", r.view(0, 8))  # no host view (as for a device region)
+    assert lt.claim_exact("dev", 8) is None
+    assert lt.claim("dev", 8) is not None
+    slot = lt.claim_exact("t", 8)
+    assert slot is not None and slot.state == "busy" and slot.host is host
+    assert lt.claim_exact("t", 8) is None  # busy now
+    with pytest.raises(Rejected, match="duplicate"):
+        lt.claim("t", 8)
+    lt.cancel("t")
+    lt.expose("t", r.view(16, 8), host)
+    lt.close()
+    assert lt.claim_exact("t", 8) is None
+
+
+def test_ack_batches_round_trip_and_reject_damage() -> None:
+    acks = [encode(Header(Kind.ACK, 10 + i, f"tag{i}", status=st, extra=reason.encode()))
+            for i, (st, reason) in enumerate([(Status.OK, ""), (Status.REJECTED, "size mismatch"), (Status.OK, "")])]
+    assert pack_acks(acks[:1]) == acks[0]  # one ack travels as itself (what a plain DEALER test peer reads)
+    assert [(h.seq, h.tag, h.status) for h in unpack_acks(acks[0])] == [(10, "tag0", Status.OK)]
+    batch = pack_acks(acks)
+    got = unpack_acks(batch)
+    assert [(h.seq, h.tag, h.status, h.extra) for h in got] == [
+        (10, "tag0", Status.OK, b""), (11, "tag1", Status.REJECTED, b"size mismatch"), (12, "tag2", Status.OK, b"")]
+    with pytest.raises(WireError, match="truncated"):
+        unpack_acks(batch[:-3])
+    data = encode(Header(Kind.DATA, 1, "t", 4))
+    body = len(data).to_bytes(4, "little") + data
+    with pytest.raises(WireError, match="inside an ack batch"):
+        unpack_acks(encode(Header(Kind.ACKS, 0, "", payload_len=1, extra=body)))
+    with pytest.raises(WireError, match="says 2 acks"):
+        unpack_acks(encode(Header(Kind.ACKS, 0, "", payload_len=2, extra=len(acks[0]).to_bytes(4, "little") + acks[0])))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's mallopt")
+def test_zmq_receive_buffer_tuning_takes_effect_once() -> None:
+    from dualpath.transports import zmq as zt
+
+    assert zt.retain_receive_buffers() is True  # mallopt accepted both thresholds
+    assert zt.retain_receive_buffers() is True  # and it is done once per process
+    assert zt.MMAP_THRESHOLD <= 32 << 20  # glibc refuses more than HEAP_MAX_SIZE / 2

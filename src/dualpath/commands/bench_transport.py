@@ -7,6 +7,11 @@ Per backend and message size (64 KiB, 1 MiB, 4 MiB, 16 MiB), interleaved and rep
   per message) between two processes;
 * ``loopback`` in one process vs a plain ``copy_`` of the same bytes.
 
+Two references ride along with zmq (not the target's baseline): ``raw_land_gib_s``, raw PUSH/PULL whose receiver
+also copies each frame into a landing slot (the copy any zmq receiver must make: libzmq owns the receive buffer),
+and ``raw_tcp_land_gib_s`` (with its ``raw_tcp_land_cpu_s_per_gib``), one plain TCP connection whose receiver
+reads each payload straight into a landing slot: what a transport owning its data socket could reach.
+
 Our side is the full contract: the receiver exposes a tag per message (rotating over ``SLOTS`` landing slots, as
 the raw NIXL receiver does) and awaits it; the sender keeps a window of concurrent writes in flight (``window``
 in the JSON: 8 to 32, each write to its own tag; loopback copies inline, one at a time, like ``copy_``) and each
@@ -91,6 +96,56 @@ def raw_zmq_pull() -> None:
         out.write(json.dumps({"id": cmd["id"], "ok": True}) + "\n")
     s.close(0)
     ctx.term()
+
+
+def raw_tcp_recv() -> None:
+    """Reference receiver: one plain TCP connection, an 8-byte length before each message, the payload received
+    by the kernel straight into a rotating landing slot (``recv_into``, no library buffer): what a transport
+    that owned its data socket could reach. ``{"op": "recv", "count": N, "nbytes": n}`` -> ``done`` after N;
+    ``{"op": "digest", "slot": j, "nbytes": n}`` -> the sha256 of landing slot j."""
+    import hashlib
+    import socket
+
+    import numpy as np
+
+    out = _proto_out()
+    lsock = socket.create_server(("127.0.0.1", 0))
+    out.write(json.dumps({"port": lsock.getsockname()[1]}) + "\n")
+    lsock.settimeout(120.0)
+    conn, _ = lsock.accept()
+    conn.settimeout(120.0)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    land = np.zeros(0, dtype=np.uint8)
+    head = bytearray(8)
+
+    def fill(mv: memoryview) -> None:
+        got = 0
+        while got < len(mv):
+            k = conn.recv_into(mv[got:], len(mv) - got)
+            if k == 0:
+                raise ConnectionError("sender closed the connection")
+            got += k
+
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "exit":
+            break
+        n = cmd["nbytes"]
+        if cmd["op"] == "digest":  # what landed in slot j (tests)
+            digest = hashlib.sha256(land[cmd["slot"] * n:(cmd["slot"] + 1) * n].tobytes()).hexdigest()
+            out.write(json.dumps({"id": cmd["id"], "ok": True, "sha256": digest}) + "\n")
+            continue
+        if land.size < SLOTS * n:
+            land = np.zeros(SLOTS * n, dtype=np.uint8)
+        slots = [land[j * n:(j + 1) * n].data for j in range(SLOTS)]
+        for i in range(cmd["count"]):
+            fill(memoryview(head))
+            if int.from_bytes(head, "little") != n:
+                raise ValueError("raw tcp: unexpected message length")
+            fill(slots[i % SLOTS])
+        out.write(json.dumps({"id": cmd["id"], "ok": True}) + "\n")
+    conn.close()
+    lsock.close()
 
 
 def _nixl_agent(name: str) -> Any:
@@ -192,6 +247,18 @@ def _raw_zmq_pass(sock: Any, raw: Child, src: Any, size: int, count: int, land: 
     return size * count / (time.perf_counter() - t0) / 2**30
 
 
+def _raw_tcp_pass(sock: Any, raw: Child, src: Any, size: int, count: int) -> float:
+    payload = src[:size].numpy().data
+    head = size.to_bytes(8, "little")
+    t0 = time.perf_counter()
+    raw.send(op="recv", count=count, nbytes=size)
+    for _ in range(count):
+        sock.sendall(head)
+        sock.sendall(payload)
+    raw.read()
+    return size * count / (time.perf_counter() - t0) / 2**30
+
+
 def _raw_nixl_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, count: int) -> float:
     # descriptor lists prepared once and reused, as our transport does
     local = agent.prep_xfer_dlist("NIXL_INIT_AGENT", [(src.data_ptr(), size, 0)], "DRAM")
@@ -249,6 +316,8 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
             t.register(src)
             await t.connect("peer", peer.first["address"])
             land_pass: Callable[[int, int], float] | None = None
+            tcp_pass: Callable[[int, int], float] | None = None
+            tcp_child: Child | None = None
             if kind == "zmq":
                 import zmq
 
@@ -263,6 +332,17 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                     return _raw_zmq_pass(sock, raw, src, size, count, land=True)
 
                 land_pass = _land_pass
+                import socket
+
+                tcp_child = Child(["-m", "dualpath.commands.bench_transport", "raw-tcp"])
+                tcp_sock = socket.create_connection(("127.0.0.1", tcp_child.first["port"]))
+                tcp_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tcp_sock.settimeout(120.0)
+
+                def _tcp_pass(size: int, count: int) -> float:
+                    return _raw_tcp_pass(tcp_sock, tcp_child, src, size, count)
+
+                tcp_pass = _tcp_pass
             else:
                 agent = _nixl_agent(f"rawsend{os.getpid()}")
                 agent.register_memory(src)
@@ -275,7 +355,10 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 # warm-up (connections, allocator)
                 raw_pass(size, min(count, 16))
                 await _ours_pass(t, peer, src, size, min(count, 16), f"w{size}-")
-                ours, base, landed = [], [], []
+                if tcp_pass is not None:
+                    tcp_pass(size, min(count, 16))
+                ours, base, landed, tcp = [], [], [], []
+                cpu_tcp: list[float] = []
                 cpu_ours, cpu_raw = [], []
                 for r in range(repeats):
                     with _Cpu(raw) as c:
@@ -286,6 +369,10 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                     cpu_ours.append(c.seconds)
                     if land_pass is not None:
                         landed.append(land_pass(size, count))
+                    if tcp_pass is not None and tcp_child is not None:
+                        with _Cpu(tcp_child) as c:
+                            tcp.append(tcp_pass(size, count))
+                        cpu_tcp.append(c.seconds)
                 g, rg = statistics.median(ours), statistics.median(base)
                 gib = size * count / 2**30
                 co, cr = statistics.median(cpu_ours), statistics.median(cpu_raw)
@@ -294,6 +381,10 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 if landed:  # reference: raw PUSH/PULL whose receiver also copies each frame into a landing slot
                     lg = statistics.median(landed)
                     extra.update(raw_land_gib_s=round(lg, 3), ratio_vs_raw_land=round(g / lg, 3))
+                if tcp:  # reference: a plain TCP socket received straight into the landing slots
+                    tg = statistics.median(tcp)
+                    extra.update(raw_tcp_land_gib_s=round(tg, 3), raw_tcp_land_over_raw=round(tg / rg, 3),
+                                 raw_tcp_land_cpu_s_per_gib=round(statistics.median(cpu_tcp) / gib, 4))
                 runs.append({"backend": kind, "size_bytes": size, "messages": count, "window": _window(size),
                              "landing_slots": SLOTS, **({"nixl_progress_thread": False} if kind == "nixl" else {}),
                              "gib_s": round(g, 3), "raw_gib_s": round(rg, 3), "ratio": round(g / rg, 3),
@@ -302,6 +393,8 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                              **extra})
                 more = f"  (raw+landing copy {extra['raw_land_gib_s']:.2f}, ratio {extra['ratio_vs_raw_land']:.2f})" \
                     if landed else ""
+                if tcp:
+                    more += f"  (raw TCP into slots {extra['raw_tcp_land_gib_s']:.2f})"
                 if extra["cpu_ratio"] is not None:
                     more += f"  CPU raw/ours {extra['cpu_ratio']:.2f}"
                 print(f"  {kind:8s} {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  ratio {g / rg:5.2f}{more}",
@@ -309,9 +402,12 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
             if kind == "zmq":
                 sock.close(0)
                 ctx.term()
+                tcp_sock.close()
     finally:
         peer.close()
         raw.close()
+        if tcp_child is not None:
+            tcp_child.close()
     return runs
 
 
@@ -501,5 +597,7 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":  # helper processes of the raw baselines
     if sys.argv[1] == "raw-zmq":
         raw_zmq_pull()
+    elif sys.argv[1] == "raw-tcp":
+        raw_tcp_recv()
     elif sys.argv[1] == "raw-nixl":
         raw_nixl_recv(int(sys.argv[2]))

@@ -11,7 +11,10 @@ to a tag on that peer (:meth:`Transport.write`). Contract every backend keeps (t
   require ``src`` to lie inside a region registered on the sender and raise :class:`TransportError` otherwise.
 * **Exactly once, exactly sized.** An exposed tag accepts one arrival of exactly ``nbytes``. A size mismatch is
   rejected with a logged reason, nothing is written and the waiter gets :class:`TransportError`. A second
-  arrival for the same tag is rejected. After ``wait`` returns (or fails) the tag may be exposed again.
+  arrival for the same tag is rejected. After ``wait`` returns (or fails) the tag may be exposed again. A
+  **failed** landing's bytes are unspecified (never served: its waiter gets the error): a backend may have
+  written into the slot before it could tell the arrival was bad (zmq: a payload frame that disagrees with its
+  own header; nixl: a one-sided write whose checksum fails).
 * **Early arrivals are held**: a write whose tag is not exposed yet is held (at the receiver, bounded by
   ``max_pending_bytes``; or at the sender) until it is exposed, for at most ``pending_timeout_s``; then it is
   dropped with a logged reason and the sender's ``write`` fails. So callers need not order expose before write
@@ -77,6 +80,7 @@ class Region:
     def __post_init__(self) -> None:
         self.bytes = byte_view(self.tensor)
         self._views: dict[tuple[int, int], torch.Tensor] = {}  # landing views by (offset, nbytes): slots recur
+        self._host: memoryview | None = None  # the bytes as a writable memoryview (host regions), made on demand
 
     @property
     def nbytes(self) -> int:
@@ -103,6 +107,15 @@ class Region:
             self._views.clear()
         self._views[(offset, nbytes)] = v
         return v
+
+    def host_view(self, offset: int, nbytes: int) -> memoryview | None:
+        """``view(offset, nbytes)`` as a writable memoryview (what socket receives write into); None for a
+        region in device memory. Call after :meth:`view` checked the bounds."""
+        if self.bytes.device.type != "cpu":
+            return None
+        if self._host is None:
+            self._host = self.bytes.detach().numpy().data
+        return self._host[offset : offset + nbytes]
 
     def contains(self, t: torch.Tensor) -> bool:
         if t.device != self.device:
@@ -204,7 +217,7 @@ class Transport(abc.ABC):
             self._check_open()
         if self._regions.get(region.id) is not region:
             raise TransportError(f"{self.name}: region {region.id} is not registered with this transport")
-        self._landings.expose(tag, region.view(offset, nbytes))
+        self._landings.expose(tag, region.view(offset, nbytes), region.host_view(offset, nbytes))
         self._on_expose(tag)
 
     def _on_expose(self, tag: str) -> None:  # noqa: B027 - optional hook

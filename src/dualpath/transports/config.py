@@ -48,6 +48,12 @@ class ZmqTransportConfig(_Common):
     inline_copy_bytes: int = Field(
         default=4 << 20, ge=0, description="landing copies up to this size run on the event loop; larger in a thread"
     )
+    retain_receive_buffers: bool = Field(
+        default=True,
+        description="keep freed receive buffers in the process heap (glibc mallopt: mmap threshold 32 MiB, trim "
+        "threshold 256 MiB; process-wide, once) instead of returning them to the kernel after each message, so "
+        "libzmq's buffer for the next message is not page-faulted in again",
+    )
 
 
 class NixlTransportConfig(_Common):

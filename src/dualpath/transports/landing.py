@@ -76,6 +76,7 @@ class Slot:
     error: BaseException | None = None
     done: Done = field(default_factory=Done)
     withdrawn: bool = False
+    host: memoryview | None = None  # ``view`` as a writable memoryview when it is in host memory
 
     @property
     def nbytes(self) -> int:
@@ -99,14 +100,14 @@ class LandingTable:
         self.lock = threading.Lock()
 
     # --- receiver side --------------------------------------------------------------------------------------
-    def expose(self, tag: str, view: torch.Tensor) -> None:
+    def expose(self, tag: str, view: torch.Tensor, host: memoryview | None = None) -> None:
         if tag in self._slots:
             raise TransportError(f"{self.owner}: tag {tag!r} is already exposed (wait or cancel it first)")
         validate_tag(tag)
         if self._closed:
             raise TransportClosed(f"{self.owner}: transport is closed")
         with self.lock:
-            self._slots[tag] = Slot(tag, view)
+            self._slots[tag] = Slot(tag, view, host=host)
         if self._exposed_events:
             ev = self._exposed_events.pop(tag, None)
             if ev is not None:
@@ -199,6 +200,20 @@ class LandingTable:
         else:
             err.failed_slot = failed  # type: ignore[attr-defined]
         raise err
+
+    def claim_exact(self, tag: str, nbytes: int) -> Slot | None:
+        """The host-memory slot exposed under ``tag`` with exactly ``nbytes``, marked busy; None (and nothing
+        changed) when there is none, it is not idle, it has another size or it has no ``host`` view (device). A receiver
+        that writes an arrival into its slot before it can see the arrival's real size (zmq's ``recv_into``)
+        claims with this and falls back to :meth:`claim` otherwise, so every refusal :meth:`claim` makes is
+        still made before any byte is written."""
+        with self.lock:
+            slot = self._slots.get(tag)
+            if slot is None or slot.host is None or slot.state != "exposed" or len(slot.host) != nbytes \
+                    or self._closed:
+                return None
+            slot.state = "busy"
+            return slot
 
     async def claim_wait(self, tag: str, nbytes: int, timeout: float | None = None) -> Slot:
         """:meth:`claim`, holding the arrival until the tag is exposed (at most ``timeout``, default

@@ -31,6 +31,7 @@ class Kind(enum.IntEnum):
     GRANT = 4  # nixl: write them at address arg (status != OK: refused, reason follows)
     DONE = 5  # nixl: the WRITE for seq completed (checksum when flagged)
     HELLO = 6  # nixl: agent metadata in the extra bytes
+    ACKS = 7  # zmq: several ACKs in one frame (payload_len: how many; extra: each as u32 length + ACK frame)
 
 
 class Status(enum.IntEnum):
@@ -39,6 +40,11 @@ class Status(enum.IntEnum):
     CORRUPT = 2
     CLOSED = 3
     BAD = 4
+
+
+_KINDS = {int(k): k for k in Kind}  # dict lookups: an Enum call per field costs more than the whole unpack
+_STATUSES = {int(st): st for st in Status}
+_LEN = struct.Struct("<I")
 
 
 class WireError(TransportError):
@@ -76,11 +82,10 @@ def decode(buf: bytes | memoryview) -> Header:
         raise WireError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r})")
     if version != VERSION:
         raise WireError(f"unsupported header version {version} (this build speaks {VERSION})")
-    try:
-        k = Kind(kind)
-        st = Status(status)
-    except ValueError:
-        raise WireError(f"unknown message kind {kind} or status {status}") from None
+    k = _KINDS.get(kind)
+    st = _STATUSES.get(status)
+    if k is None or st is None:
+        raise WireError(f"unknown message kind {kind} or status {status}")
     if tag_len > MAX_TAG_BYTES or HEADER_BYTES + tag_len > len(mv):
         raise WireError(f"tag length {tag_len} does not fit a {len(mv)}-byte header frame")
     try:
@@ -89,6 +94,40 @@ def decode(buf: bytes | memoryview) -> Header:
         raise WireError("tag is not valid UTF-8") from None
     extra = bytes(mv[HEADER_BYTES + tag_len :])
     return Header(k, seq, tag, plen, csum if flags & FLAG_CHECKSUM else None, st, arg, extra)
+
+
+def pack_acks(acks: list[bytes]) -> bytes:
+    """One frame carrying several encoded ACK frames (a receiver acknowledges a poll round's arrivals from one
+    sender with one socket send); a single ACK goes as itself."""
+    if len(acks) == 1:
+        return acks[0]
+    body = b"".join(_LEN.pack(len(a)) + a for a in acks)
+    return encode(Header(Kind.ACKS, 0, "", payload_len=len(acks), extra=body))
+
+
+def unpack_acks(frame: bytes | memoryview) -> list[Header]:
+    """The ACK headers in a frame: a plain ACK, or the :data:`Kind.ACKS` batch :func:`pack_acks` makes."""
+    hdr = decode(frame)
+    if hdr.kind is not Kind.ACKS:
+        return [hdr]
+    body = memoryview(hdr.extra)
+    out: list[Header] = []
+    pos = 0
+    while pos < len(body):
+        if pos + _LEN.size > len(body):
+            raise WireError("truncated ack batch")
+        (n,) = _LEN.unpack_from(body, pos)
+        pos += _LEN.size
+        if pos + n > len(body):
+            raise WireError("truncated ack batch")
+        ack = decode(body[pos : pos + n])
+        if ack.kind is not Kind.ACK:
+            raise WireError(f"a {ack.kind.name} inside an ack batch")
+        out.append(ack)
+        pos += n
+    if len(out) != hdr.payload_len:
+        raise WireError(f"ack batch says {hdr.payload_len} acks, carries {len(out)}")
+    return out
 
 
 def checksum_of(data: torch.Tensor | bytes | memoryview) -> int:

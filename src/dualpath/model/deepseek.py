@@ -1,4 +1,6 @@
-"""A DeepSeek-V3 decoder (Multi-head Latent Attention + DeepSeekMoE) with a layer-wise forward over paged latent KV.
+"""A DeepSeek-V3 / DeepSeek-V2 decoder (Multi-head Latent Attention + DeepSeekMoE) with a layer-wise forward over
+paged latent KV. The two generations differ only in the MoE router (:class:`Router`; V2: softmax scores, greedy or
+group-limited greedy top-k, no correction bias) and V2's fixed interleaved RoPE layout.
 
 Parameter names equal Hugging Face's (``model.layers.3.self_attn.kv_a_proj_with_mqa.weight``,
 ``model.layers.3.mlp.experts.7.gate_proj.weight``, ...), so a DeepSeek-V3 checkpoint loads as is. The forward has
@@ -61,21 +63,39 @@ class MLAttention(nn.Module):
 
 
 class Router(nn.Module):
-    """Sigmoid scores, correction bias for the choice only, group-limited top-k (``noaux_tc``). Kept in fp32."""
+    """Picks each token's routed experts and their weights. Kept in fp32.
+
+    DeepSeek-V3 (``noaux_tc``): sigmoid scores, the correction bias shifts the choice only, groups ranked by the sum
+    of their two best biased scores. DeepSeek-V2: softmax over all experts, then ``greedy`` (plain top-k) or
+    ``group_limited_greedy`` (groups ranked by their best score); no bias, no renormalization.
+    """
 
     def __init__(self, spec: DeepseekV3Spec) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(spec.n_routed_experts, spec.hidden_size))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(spec.n_routed_experts), requires_grad=False)
+        self.e_score_correction_bias: nn.Parameter | None = None
+        if spec.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(spec.n_routed_experts), requires_grad=False)
         self.spec = spec
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()                       # [N, E]
-        choice = scores + self.e_score_correction_bias.float()
+        logits = F.linear(x.float(), self.weight.float())                                 # [N, E]
+        if self.e_score_correction_bias is not None:  # V3 (noaux_tc)
+            scores = logits.sigmoid()
+            choice = scores + self.e_score_correction_bias.float()
+        else:
+            scores = choice = logits.softmax(dim=-1)
+        if s.topk_method == "greedy":
+            idx = choice.topk(s.num_experts_per_tok, dim=-1, sorted=False)[1]
+            return idx, scores.gather(1, idx) * s.routed_scaling_factor
         n = x.shape[0]
         per_group = s.n_routed_experts // s.n_group
-        group_scores = choice.view(n, s.n_group, per_group).topk(2, dim=-1)[0].sum(-1)   # [N, G]
+        grouped = choice.view(n, s.n_group, per_group)
+        if s.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1)[0].sum(-1)                              # [N, G]
+        else:
+            group_scores = grouped.amax(dim=-1)
         group_idx = group_scores.topk(s.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
         expert_mask = group_mask[:, :, None].expand(n, s.n_group, per_group).reshape(n, -1)
@@ -144,7 +164,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: b
 
 
 class DeepseekV3Model(LayerwiseDecoder):
-    """DeepSeek-V3 over a paged latent KV pool (``[num_blocks, bt, latent]`` per layer, or FP8 rows)."""
+    """DeepSeek-V3 (or V2) over a paged latent KV pool (``[num_blocks, bt, latent]`` per layer, or FP8 rows)."""
 
     inv_freq: torch.Tensor
 

@@ -330,12 +330,15 @@ def fp8_block_size(hf_config: Mapping[str, Any]) -> tuple[int, int]:
 
 def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
                      source: str = "checkpoint", fp8_block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
-    """DeepSeek-V3 checkpoint tensors in this model's names: FP8 blocks dequantized, packed experts split,
-    multi-token-prediction layers (``model.layers.{n >= num_hidden_layers}``) dropped."""
+    """DeepSeek-V3 / V2 checkpoint tensors in this model's names: FP8 blocks dequantized, packed experts split,
+    multi-token-prediction layers (``model.layers.{n >= num_hidden_layers}``) dropped, and the empty shared-expert
+    tensors transformers' DeepseekV2 writes when ``n_shared_experts`` is 0 dropped."""
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         parts = name.split(".")
         if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= spec.n_layers:
+            continue
+        if spec.n_shared_experts == 0 and ".mlp.shared_experts." in name and t.numel() == 0:
             continue
         if name.endswith("weight_scale_inv"):
             continue

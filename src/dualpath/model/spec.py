@@ -179,8 +179,8 @@ class ModelSpec(_SpecCommon):
         if arch is None:
             raise ModelError(
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
-                f"{sorted([*ARCHITECTURES, 'DeepseekV3ForCausalLM'])} (model_type llama, mistral, qwen2, qwen3, "
-                "deepseek_v3)"
+                f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
+                "deepseek_v2, deepseek_v3)"
             )
 
         def need(key: str) -> Any:
@@ -275,15 +275,22 @@ def parse_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] |
 
 def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
               kv_format: str = "auto") -> ModelSpec | DeepseekV3Spec:
-    """The spec of a checkpoint's architecture: :class:`DeepseekV3Spec` for ``DeepseekV3ForCausalLM``,
-    :class:`ModelSpec` for the Llama family. ``kv_format``: ``auto`` (the compute dtype) or ``fp8`` (MLA only)."""
+    """The spec of a checkpoint's architecture: :class:`DeepseekV3Spec` for ``DeepseekV3ForCausalLM`` and
+    ``DeepseekV2ForCausalLM``, :class:`ModelSpec` for the Llama family. ``kv_format``: ``auto`` (the compute
+    dtype) or ``fp8`` (MLA only)."""
     cfg, where = read_hf_config(config)
     archs = cfg.get("architectures") or []
-    if "DeepseekV3ForCausalLM" in archs or (not archs and cfg.get("model_type") == "deepseek_v3"):
+    if any(a in _DEEPSEEK_ARCH for a in archs) or (not archs and cfg.get("model_type") in _DEEPSEEK_ARCH.values()):
         return DeepseekV3Spec.from_hf_config(cfg, dtype=dtype, kv_format=kv_format, where=where)
     if kv_format != "auto":
-        raise ModelError(f"{where}: KV format {kv_format!r} needs an MLA (DeepSeek-V3) model")
+        raise ModelError(f"{where}: KV format {kv_format!r} needs an MLA (DeepSeek-V2/V3) model")
     return ModelSpec.from_hf_config(cfg, dtype=dtype)
+
+
+_DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
+#: the router's top-k method each generation supports (V2: softmax scores; V3: sigmoid scores + correction bias)
+_TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy")}
+_SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax"}
 
 
 def _mscale(scale: float, m: float = 1.0) -> float:
@@ -292,8 +299,12 @@ def _mscale(scale: float, m: float = 1.0) -> float:
 
 @dataclass(frozen=True)
 class DeepseekV3Spec(_SpecCommon):
-    """Shapes and hyper-parameters of a DeepSeek-V3 decoder (MLA attention, DeepSeekMoE feed-forward).
+    """Shapes and hyper-parameters of a DeepSeek-V3 or DeepSeek-V2 decoder (MLA attention, DeepSeekMoE feed-forward).
 
+    ``model_type``: ``deepseek_v3`` (router: sigmoid scores, a correction bias for the choice, ``noaux_tc``
+    top-2-sum group-limited top-k) or ``deepseek_v2`` (router: softmax scores over all experts, ``topk_method``
+    ``greedy`` or ``group_limited_greedy`` (groups ranked by their best expert), no correction bias, no top-k
+    renormalization; RoPE always interleaved). Both scale the chosen weights by ``routed_scaling_factor``.
     ``kv_format``: ``auto`` stores the latent in ``dtype``; ``fp8`` stores FlashMLA's 656-byte rows (needs
     ``kv_lora_rank`` divisible by 128).
     """
@@ -328,11 +339,34 @@ class DeepseekV3Spec(_SpecCommon):
     kv_format: str = "auto"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    model_type: str = "deepseek_v3"
+    topk_method: str = "noaux_tc"
     weights_id: str = field(default="", compare=False)
 
-    architecture = "deepseek_v3"
+    @property
+    def architecture(self) -> str:
+        return self.model_type
+
+    @property
+    def scoring_func(self) -> str:
+        """The router's expert scores: ``sigmoid`` (V3) or ``softmax`` (V2)."""
+        return _SCORING[self.model_type]
 
     def __post_init__(self) -> None:
+        if self.model_type not in _TOPK_METHODS:
+            raise ModelError(f"model config: model_type {self.model_type!r} unsupported; expected one of "
+                             f"{sorted(_TOPK_METHODS)}")
+        if self.topk_method not in _TOPK_METHODS[self.model_type]:
+            raise ModelError(f"model config: topk_method {self.topk_method!r} unsupported for {self.model_type}; "
+                             f"expected one of {list(_TOPK_METHODS[self.model_type])}")
+        if self.model_type == "deepseek_v2":
+            if self.norm_topk_prob:
+                # transformers' DeepseekV2 ignores the key, DeepSeek's own code renormalizes and drops the scaling:
+                # no single meaning to check against (every published V2 checkpoint has false)
+                raise ModelError("model config: norm_topk_prob=true is unsupported for deepseek_v2 (expected false)")
+            if not self.rope_interleave:
+                raise ModelError("model config: rope_interleave=false is unsupported for deepseek_v2 (its RoPE "
+                                 "rotates interleaved pairs)")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "kv_lora_rank",
                      "qk_rope_head_dim", "v_head_dim"):
             if int(getattr(self, name)) <= 0:
@@ -348,23 +382,31 @@ class DeepseekV3Spec(_SpecCommon):
         if self.kv_format == "fp8" and self.kv_lora_rank % 128:
             raise ModelError(f"the fp8 latent KV format needs kv_lora_rank divisible by 128, got {self.kv_lora_rank}")
         if self.rope_type not in ("default", "linear", "yarn"):
-            raise ModelError(f"model config: rope_scaling type {self.rope_type!r} unsupported for DeepSeek-V3; "
-                             "expected default, linear or yarn")
+            raise ModelError(f"model config: rope_scaling type {self.rope_type!r} unsupported for "
+                             f"{self.model_type}; expected default, linear or yarn")
         if self.rope_type != "default" and "factor" not in (self.rope_scaling or {}):
             raise ModelError(f"model config: rope_scaling of type {self.rope_type!r} needs a 'factor'")
         if self.first_k_dense_replace < self.n_layers:
-            if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
-                raise ModelError("model config: MoE layers need positive n_routed_experts and moe_intermediate_size")
-            if self.n_group <= 0 or self.n_routed_experts % self.n_group:
-                raise ModelError(f"model config: n_routed_experts ({self.n_routed_experts}) is not a multiple of "
-                                 f"n_group ({self.n_group})")
-            if not 0 < self.topk_group <= self.n_group:
-                raise ModelError(f"model config: topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
-            if not 0 < self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group):
-                raise ModelError(f"model config: num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts "
-                                 "of the topk_group selected groups")
-            if self.n_routed_experts // self.n_group < 2:
-                raise ModelError("model config: group-limited routing needs >= 2 experts per group")
+            self._check_routing()
+
+    def _check_routing(self) -> None:
+        if self.n_routed_experts <= 0 or self.moe_intermediate_size <= 0:
+            raise ModelError("model config: MoE layers need positive n_routed_experts and moe_intermediate_size")
+        if self.topk_method == "greedy":  # plain top-k over all experts: groups play no part
+            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+                raise ModelError(f"model config: num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                                 f"[1, n_routed_experts={self.n_routed_experts}]")
+            return
+        if self.n_group <= 0 or self.n_routed_experts % self.n_group:
+            raise ModelError(f"model config: n_routed_experts ({self.n_routed_experts}) is not a multiple of "
+                             f"n_group ({self.n_group})")
+        if not 0 < self.topk_group <= self.n_group:
+            raise ModelError(f"model config: topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
+        if not 0 < self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group):
+            raise ModelError(f"model config: num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts "
+                             "of the topk_group selected groups")
+        if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
+            raise ModelError("model config: group-limited routing needs >= 2 experts per group")
 
     # ------------------------------------------------------------------------------------------------------
     @property
@@ -407,6 +449,9 @@ class DeepseekV3Spec(_SpecCommon):
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("weights_id")
+        d.pop("model_type")  # named by architecture
+        if self.model_type == "deepseek_v3":
+            d.pop("topk_method")  # V3 has one: its dict (and so its block-key namespace) is as before V2 support
         d["architecture"] = self.architecture
         return d
 
@@ -415,7 +460,8 @@ class DeepseekV3Spec(_SpecCommon):
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     def to_hf_config(self) -> dict[str, Any]:
-        """A ``config.json`` dict that transformers' DeepseekV3Config (and :meth:`from_hf_config`) read back."""
+        """A ``config.json`` dict that transformers' DeepseekV3Config / DeepseekV2Config (and :meth:`from_hf_config`)
+        read back."""
         rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope.update(self.rope_scaling)
@@ -452,6 +498,10 @@ class DeepseekV3Spec(_SpecCommon):
             "torch_dtype": self.dtype,
             "num_nextn_predict_layers": 0,
         }
+        if self.model_type == "deepseek_v2":
+            del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
+            cfg.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", topk_method=self.topk_method,
+                       scoring_func="softmax", moe_layer_freq=1)
         if self.bos_token_id is not None:
             cfg["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
@@ -469,14 +519,30 @@ class DeepseekV3Spec(_SpecCommon):
                 raise ModelError(f"{where}: missing required key {key!r}")
             return cfg[key]
 
+        archs = [a for a in cfg.get("architectures") or [] if a in _DEEPSEEK_ARCH]
+        model_type = _DEEPSEEK_ARCH[archs[0]] if archs else str(cfg.get("model_type") or "deepseek_v3")
+        if model_type not in _TOPK_METHODS:
+            raise ModelError(f"{where}: model_type {model_type!r} unsupported; expected one of {sorted(_TOPK_METHODS)}")
+        label = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2"}[model_type]
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
-        if cfg.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ModelError(f"{where}: scoring_func {cfg['scoring_func']!r} unsupported (DeepSeek-V3 uses 'sigmoid')")
-        if cfg.get("topk_method", "noaux_tc") != "noaux_tc":
-            raise ModelError(f"{where}: topk_method {cfg['topk_method']!r} unsupported (DeepSeek-V3 uses 'noaux_tc')")
+        scoring = _SCORING[model_type]
+        if cfg.get("scoring_func", scoring) != scoring:
+            raise ModelError(f"{where}: scoring_func {cfg['scoring_func']!r} unsupported ({label} uses {scoring!r})")
+        topk_method = cfg.get("topk_method", _TOPK_METHODS[model_type][0])
+        if topk_method not in _TOPK_METHODS[model_type]:
+            raise ModelError(f"{where}: topk_method {topk_method!r} unsupported ({label} uses one of "
+                             f"{list(_TOPK_METHODS[model_type])})")
         if int(cfg.get("moe_layer_freq", 1) or 1) != 1:
-            raise ModelError(f"{where}: moe_layer_freq {cfg['moe_layer_freq']!r} unsupported (DeepSeek-V3 uses 1)")
+            raise ModelError(f"{where}: moe_layer_freq {cfg['moe_layer_freq']!r} unsupported (every {label} "
+                             "checkpoint uses 1)")
+        norm_topk = cfg.get("norm_topk_prob", model_type == "deepseek_v3")
+        if model_type == "deepseek_v2" and norm_topk:
+            raise ModelError(f"{where}: norm_topk_prob=true unsupported for DeepSeek-V2 (transformers ignores it, "
+                             "DeepSeek's code renormalizes; published V2 checkpoints use false)")
+        if model_type == "deepseek_v2" and cfg.get("rope_interleave", True) is not True:
+            raise ModelError(f"{where}: rope_interleave {cfg['rope_interleave']!r} unsupported (DeepSeek-V2 rotates "
+                             "interleaved pairs)")
         n_heads = int(need("num_attention_heads"))
         # num_key_value_heads is meaningless for MLA (transformers even writes its default 128): not read
         rope_theta, rope_scaling = parse_rope(cfg, where)
@@ -503,7 +569,7 @@ class DeepseekV3Spec(_SpecCommon):
             num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 1),
             n_group=int(cfg.get("n_group") or 1),
             topk_group=int(cfg.get("topk_group") or 1),
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            norm_topk_prob=bool(norm_topk),
             routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
             first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
@@ -517,6 +583,8 @@ class DeepseekV3Spec(_SpecCommon):
             kv_format=kv_format,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
+            model_type=model_type,
+            topk_method=str(topk_method),
         )
 
 

@@ -1,7 +1,7 @@
 """``dualpath generate``: greedy generation with this project's model and kernels, to check a checkpoint.
 
 The prompt is prefilled in one chunk into a paged KV pool, then decoded one token per step through the paged
-decode kernel (Llama/Qwen2: K/V pages; DeepSeek-V3: latent pages and absorbed MLA). ``--json OUT`` writes
+decode kernel (Llama/Mistral/Qwen2/Qwen3: K/V pages; DeepSeek-V2/V3: latent pages and absorbed MLA). ``--json OUT`` writes
 ``{"runs": [{"generated_ids": [...], "kv_bytes_per_token_layer": ..., ...}]}``; for an MLA model it also
 prints the latent KV bytes per token and layer against the same attention's MHA-equivalent K/V bytes.
 """
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="compute/KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--kv-format", choices=("auto", "fp8"), default="auto",
-                        help="KV storage: auto = the compute dtype; fp8 = FlashMLA's FP8 latent rows (DeepSeek-V3)")
+                        help="KV storage: auto = the compute dtype; fp8 = FlashMLA's FP8 latent rows (DeepSeek-V2/V3)")
     parser.add_argument("--block-tokens", type=int, default=16)
     parser.add_argument("--pool-tokens", type=int, default=None,
                         help="KV pool capacity in tokens (default: the model's max_position_embeddings)")

@@ -428,7 +428,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
     fp8_block = (128, 128)
     if p.is_file() and p.suffix == ".gguf":
         if cfg.kv_format != "auto":
-            raise ModelError(f"{p}: kv_format {cfg.kv_format!r} needs an MLA (DeepSeek-V3) safetensors checkpoint")
+            raise ModelError(f"{p}: kv_format {cfg.kv_format!r} needs an MLA (DeepSeek-V2/V3) safetensors checkpoint")
         hf_cfg, tensors = read_gguf(p)
         spec = ModelSpec.from_hf_config(hf_cfg, dtype=cfg.dtype)
         weights_id = f"random:{cfg.seed}" if cfg.random_init else files_identity([p])

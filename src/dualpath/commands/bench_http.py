@@ -49,7 +49,7 @@ WORDS = tuple(_WORD_TEXT.split(" "))
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, help="trace file (sessions of turns)")
-    parser.add_argument("--trace-format", choices=["auto", "jsonl", "mooncake", "csv"], default="auto")
+    parser.add_argument("--trace-format", choices=["auto", "jsonl", "mooncake", "bailian", "csv"], default="auto")
     parser.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000 (or .../v1)")
     parser.add_argument("--mode", choices=["chat", "tokens"], default="chat",
                         help="chat: synthetic text through /v1/chat/completions; tokens: ids through /v1/completions")

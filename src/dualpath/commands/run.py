@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "pe_only, de_only, oracle, or 'ladder' for the whole ablation; default pe_only and dualpath",
     )
     parser.add_argument("--trace", help="trace file (our JSONL trajectories, or Mooncake with --trace-format)")
-    parser.add_argument("--trace-format", choices=["auto", "jsonl", "mooncake", "csv"],
-                        help="format of --trace: auto (default: from its first line), jsonl (ours), mooncake, or csv (Azure/BurstGPT-style columns)")
+    parser.add_argument("--trace-format", choices=["auto", "jsonl", "mooncake", "bailian", "csv"],
+                        help="format of --trace: auto (default: from its first line), jsonl (ours), mooncake, bailian (Qwen-Bailian sessions), or csv (Azure/BurstGPT-style columns)")
     parser.add_argument("--agents", type=int,
                         help="number of agents of a generator (default from the config); with --trace: its first N "
                              "sessions (a trace is never replayed to reach N)")

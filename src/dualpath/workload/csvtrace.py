@@ -27,7 +27,7 @@ INPUT_COLUMNS = ("contexttokens", "requesttokens", "input_length", "input_tokens
                  "prompt_len")
 OUTPUT_COLUMNS = ("generatedtokens", "responsetokens", "output_length", "output_tokens", "completion_tokens",
                   "output_len", "gen_len")
-FORMATS = ("auto", "jsonl", "mooncake", "csv")
+FORMATS = ("auto", "jsonl", "mooncake", "bailian", "csv")
 
 
 def _norm(name: str) -> str:
@@ -117,7 +117,8 @@ def load_csv(path: str | os.PathLike[str]) -> CsvTrace:
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """``jsonl``, ``mooncake`` or ``csv``, from the first non-blank line of the file at ``path``."""
+    """``jsonl``, ``mooncake``, ``bailian`` (Mooncake's fields plus ``chat_id``/``parent_chat_id``) or ``csv``,
+    from the first non-blank line of the file at ``path``."""
     p = str(path)
     try:
         with open(p, "rb") as f:
@@ -138,6 +139,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             return "jsonl"  # malformed JSON: the JSONL reader names what is wrong with the line
         if not isinstance(obj, dict) or "turns" in obj:
             return "jsonl"
+        if "chat_id" in obj and "parent_chat_id" in obj:
+            return "bailian"
         if "hash_ids" in obj or "input_length" in obj:
             return "mooncake"
         raise WorkloadError("cannot tell the trace's format from its first line (JSON, but neither our JSONL "

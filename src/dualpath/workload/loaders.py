@@ -1,4 +1,5 @@
-"""Trace files: our JSONL trajectories and the Mooncake (FAST'25) request trace.
+"""Trace files: our JSONL trajectories, the Mooncake (FAST'25) request trace and the Qwen-Bailian traces
+(ATC'25, "KVCache Cache in the Wild": explicit sessions through ``chat_id``/``parent_chat_id``).
 
 Our format, one trajectory per line::
 
@@ -141,6 +142,22 @@ class MooncakeRow:
     line: int
 
 
+#: block sizes (tokens per hash id) a content-hashed trace may use; the file's is inferred from its rows
+HASH_BLOCKS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def infer_hash_block(rows: list[tuple[int, int]], default: int = 512) -> int:
+    """Tokens per hash id of a trace, from ``(input_length, len(hash_ids))`` pairs: the candidate of
+    :data:`HASH_BLOCKS` for which most rows have ``len(hash_ids) == ceil(input_length / block)`` (ties: the
+    larger block); ``default`` when no row is conclusive. Mooncake's public traces use 512, Qwen-Bailian's 16."""
+    best, best_n = default, 0
+    for b in HASH_BLOCKS:
+        n = sum(1 for inp, k in rows if k == -(-inp // b))
+        if n > best_n or (n == best_n and n > 0 and b > best):
+            best, best_n = b, n
+    return best
+
+
 def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None) -> list[MooncakeRow]:
     """The requests of a Mooncake trace in time order (ties: file order); the first ``max_requests`` if set."""
     p = str(path)
@@ -179,7 +196,7 @@ def _block_ids(hash_ids: list[int], start: int, stop: int, block_tokens: int, vo
 
 def load_mooncake(
     path: str | os.PathLike[str],
-    block_tokens: int = 512,
+    block_tokens: int | None = None,
     with_ids: bool = False,
     vocab_size: int = 32000,
     max_requests: int | None = None,
@@ -202,11 +219,15 @@ def load_mooncake(
     trajectory (``append = input_length``). Trajectory arrival = its first request's time.
 
     ``with_ids`` also fills each turn's ``append_ids`` (the derived tokens of its appended part).
+    ``block_tokens`` None: inferred from the rows (:func:`infer_hash_block`; 512 in Mooncake's traces).
     """
     tails: dict[tuple[int, ...], list[_Tail]] = {}
     lengths: set[int] = set()
     out: list[Trajectory] = []
-    for row in read_mooncake(path, max_requests):
+    rows = read_mooncake(path, max_requests)
+    if block_tokens is None:
+        block_tokens = infer_hash_block([(r.input_len, len(r.hash_ids)) for r in rows])
+    for row in rows:
         ts, inp, outp, hids = row.t, row.input_len, row.output_len, row.hash_ids
         match: _Tail | None = None
         for k in sorted(lengths, reverse=True):
@@ -236,3 +257,55 @@ def load_mooncake(
             tails.setdefault(key, []).append(_Tail(traj, inp, outp, key))
             lengths.add(len(key))
     return out
+
+
+def load_bailian(path: str | os.PathLike[str], block_tokens: int | None = None) -> tuple[list[Trajectory], int]:
+    """Trajectories from a Qwen-Bailian trace (``chat_id``, ``parent_chat_id`` (-1: a session's first request),
+    ``timestamp`` in seconds, ``input_length``, ``output_length``, ``hash_ids`` of 16-token blocks; ``turn`` and
+    ``type`` are ignored), and how many requests could not continue their parent's session.
+
+    Sessions are the trace's own: a request continues its parent's trajectory (append = input - (parent input
+    + parent output)) when the parent is that trajectory's latest turn and the input is longer than the
+    parent's context. Otherwise (a parent missing from the file, a second child of one parent, or a context the
+    service truncated) it starts a trajectory of its own at its time, and is counted. Hash ids are content, as
+    for Mooncake; ``block_tokens`` None infers the block size from the rows (16 in the published traces)."""
+    p = str(path)
+    rows: list[tuple[float, int, int, int, int, int, list[int]]] = []
+    for no, obj in _lines(p):
+        ts = obj.get("timestamp")
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
+            raise WorkloadError(f"field 'timestamp' must be a number, got {ts!r}" if "timestamp" in obj
+                                else "missing field 'timestamp'", path=p, line=no)  # fmt: skip
+        chat = _int_field(obj, "chat_id", "", p, no)
+        parent = obj.get("parent_chat_id", -1)
+        if isinstance(parent, bool) or not isinstance(parent, int):
+            raise WorkloadError(f"field 'parent_chat_id' must be an integer (-1 for none), got {parent!r}",
+                                path=p, line=no)
+        inp = _int_field(obj, "input_length", "", p, no, minimum=1)
+        outp = _int_field(obj, "output_length", "", p, no)
+        hids = obj.get("hash_ids", [])
+        if not isinstance(hids, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hids):
+            raise WorkloadError("field 'hash_ids' must be a list of integers", path=p, line=no)
+        rows.append((float(ts), no, chat, parent, inp, outp, hids))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    if block_tokens is None:
+        block_tokens = infer_hash_block([(r[4], len(r[6])) for r in rows], default=16)
+    t0 = rows[0][0] if rows else 0.0
+    out: list[Trajectory] = []
+    last: dict[int, tuple[Trajectory, int, int]] = {}  # chat_id -> (its trajectory, its input, its output)
+    tail: dict[int, int] = {}  # trajectory id -> the chat_id of its latest turn
+    orphans = 0
+    for ts, no, chat, parent, inp, outp, hids in rows:
+        t = ts - t0
+        hit = last.get(parent) if parent >= 0 else None
+        if hit is not None and tail.get(hit[0].tid) == parent and inp > hit[1] + hit[2]:
+            traj = hit[0]
+            traj.turns.append(Turn(inp - hit[1] - hit[2], outp, None, t, hids, block_tokens, no))
+        else:
+            if parent >= 0:
+                orphans += 1
+            traj = Trajectory(len(out), [Turn(inp, outp, None, t, hids, block_tokens, no)], t)
+            out.append(traj)
+        last[chat] = (traj, inp, outp)
+        tail[traj.tid] = chat
+    return out, orphans

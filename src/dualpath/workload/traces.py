@@ -164,10 +164,10 @@ def load_trace(
     repeat: int = 1,
 ) -> TraceWorkload:
     """Every request of the trace at ``path`` (``fmt``: ``auto`` detects it from the first line; ``jsonl``,
-    ``mooncake`` or ``csv``), or the prefix asked for, ``repeat`` times. Errors (missing, empty, malformed, not
+    ``mooncake``, ``bailian`` or ``csv``), or the prefix asked for, ``repeat`` times. Errors (missing, empty, malformed, not
     UTF-8) name the file and the line."""
     from dualpath.workload.csvtrace import FORMATS, load_csv, resolve_format
-    from dualpath.workload.loaders import load_jsonl, load_mooncake
+    from dualpath.workload.loaders import load_bailian, load_jsonl, load_mooncake
 
     p = str(path)
     if max_requests is not None and max_requests < 1:
@@ -188,6 +188,11 @@ def load_trace(
         if table.skipped_lines:
             shown = ", ".join(map(str, table.skipped_lines[:5])) + (" ..." if len(table.skipped_lines) > 5 else "")
             skipped = f"{len(table.skipped_lines)} rows with 0 input tokens skipped (lines {shown})"
+    elif fmt == "bailian":
+        trajs, orphans = load_bailian(p)
+        if orphans:
+            skipped = (f"{orphans} requests start a session of their own: their parent is not in the file, has "
+                       "another child, or its context is longer than theirs")
     else:
         trajs = load_jsonl(p) if fmt == "jsonl" else load_mooncake(p)
     n_file, s_file = _count_requests(trajs), len(trajs)

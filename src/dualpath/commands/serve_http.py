@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 from typing import Any
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,17 +117,77 @@ def run(args: argparse.Namespace) -> int:
     from dualpath.control.launcher import Deployment
 
     dep = Deployment(config, bind=args.bind, workdir=args.workdir)
+    # the launcher's "stopping the deployment" record is replaced by this command's own final line
+    logging.getLogger("dualpath.launcher").addFilter(
+        lambda rec: "stopping the deployment" not in rec.getMessage())
     old = signal.getsignal(signal.SIGTERM)
+    ended: list[str] = []
     try:
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C (and cleans up)
         address = dep.start()
         print(f"dualpath serve: scheduler at {address}, {len(dep.children) - 1} engine processes; "
               f"logs in {dep.workdir / 'logs'}", flush=True)
-        anyio.run(lambda: serve_app(RemoteBackend(config, address), config.http,
-                                    address_file=args.http_address_file), backend_options=_loop_options())
+        tf = dep.config.serve.token_file
+        if tf is not None:
+            print(f"dualpath serve: operator token (0600) in {tf}   (dualpath ctl stats|drain|cancel|stop "
+                  f"--connect {address} --token-file {tf})", flush=True)
+
+        async def main() -> None:
+            from dualpath.engine.request import unwrap
+
+            stop = anyio.Event()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_watch_deployment, dep, stop, ended)
+                    await serve_app(RemoteBackend(config, address), config.http,
+                                    address_file=args.http_address_file, stop=stop)
+                    tg.cancel_scope.cancel()
+            except BaseExceptionGroup as eg:  # serve_app's own error (a clear DualPathError), not the group
+                raise unwrap(eg) from None
+
+        anyio.run(main, backend_options=_loop_options())
     except KeyboardInterrupt:
         pass
     finally:
         dep.stop()
         signal.signal(signal.SIGTERM, old)
+    if ended and ended[0] == "shutdown":
+        print("dualpath serve: the deployment was stopped by the operator (ctl stop); the HTTP API stopped too",
+              flush=True)
+        return 0
+    if ended:
+        print(f"dualpath serve: error: {ended[0]}; the HTTP API stopped (logs in {dep.workdir / 'logs'})",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+async def _watch_deployment(dep: Any, stop: Any, ended: list[str], period_s: float = 0.2) -> None:
+    """Stop the HTTP server when its deployment is over: the operator stopped it (``ctl stop``: the launcher
+    saw the scheduler exit cleanly), or it died for good (the launcher gave up on the scheduler, or every engine
+    exited with no restart left). Appends the reason to ``ended`` ("shutdown" or a one-line description)."""
+    import time
+
+    import anyio
+
+    engines_gone_since: float | None = None
+    while True:
+        if dep.shut_down:
+            ended.append("shutdown")
+            break
+        if dep.scheduler_failed:
+            sched = dep.children.get("scheduler")
+            codes = sched.exits if sched is not None else []
+            ended.append(f"the scheduler exited (exit codes {codes}) and was not restarted "
+                         f"(serve.scheduler_restart, serve.max_restarts); the deployment is down")
+            break
+        engines = [c for name, c in dep.children.items() if name != "scheduler"]
+        gone = bool(engines) and all(c.expected_exit and not c.alive() for c in engines)
+        engines_gone_since = (engines_gone_since or time.monotonic()) if gone else None
+        # (held 2 s: on an operator's stop the engines may exit just before the launcher sees the scheduler's exit)
+        if engines_gone_since is not None and time.monotonic() - engines_gone_since > 2.0:
+            ended.append("every engine process exited and none will be restarted (serve.restart_engines, "
+                         "serve.max_restarts); the deployment is down")
+            break
+        await anyio.sleep(period_s)
+    stop.set()

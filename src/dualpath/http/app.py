@@ -214,13 +214,19 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 
 
 def _map_error(exc: BaseException, retry_after: int) -> ApiError:
-    from dualpath.control.channel import RemoteError
+    from dualpath.control.channel import PeerGone, RemoteError
 
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, PeerGone):  # the scheduler died or hung (the launcher replaces it): try again shortly
+        return ApiError(503, f"the scheduler was lost while serving this request; retry: {exc}", "server_error",
+                        code="scheduler_unavailable", retry_after=retry_after)
     if isinstance(exc, RemoteError):
         code = getattr(exc, "code", "")
         msg = str(exc)
+        if code == "SchedulerError" and "draining" in msg:
+            return ApiError(503, f"the deployment is draining (dualpath ctl drain): it accepts no new requests; "
+                                 f"{msg}", "server_error", code="draining", retry_after=retry_after)
         if code in ("InvalidTurn", "ProtocolError") or (code == "SchedulerError" and "submit:" in msg):
             return ApiError(400, msg)
         if code == "SchedulerError" and "busy" in msg:
@@ -234,6 +240,9 @@ def _map_error(exc: BaseException, retry_after: int) -> ApiError:
     if isinstance(exc, DualPathError) and ("needs more KV memory" in msg or "exceeds" in msg
                                            or "needs" in msg and "blocks" in msg):
         return ApiError(400, msg)
+    if isinstance(exc, PeerTimeout) and "no handshake" in msg:  # no scheduler at the address (yet)
+        return ApiError(503, f"the scheduler is not reachable; retry: {msg}", "server_error",
+                        code="scheduler_unavailable", retry_after=retry_after)
     if isinstance(exc, (PeerTimeout, TimeoutError)):
         return ApiError(503, f"the turn did not finish in time: {msg}", "server_error", code="timeout",
                         retry_after=retry_after)
@@ -353,7 +362,7 @@ async def _serve(server: Server, request: Request, kind: str, req: ChatCompletio
     try:
         first = await job.queue.get()
         if first[0] == "error":
-            if job.cancelled.is_set():
+            if job.client_cancelled:
                 raise _ClientGone()
             raise _map_error(first[1], server.config.retry_after_s)
         t_first = time.perf_counter()
@@ -365,7 +374,7 @@ async def _serve(server: Server, request: Request, kind: str, req: ChatCompletio
             gen = _stream(server, job, detok, first, rid, kind, req, ids, t_first)
             return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
         result, _t_last = await _drain(job, detok, first, server.config.retry_after_s)
-        if job.cancelled.is_set() and detok.finish is None:
+        if job.client_cancelled and detok.finish is None:
             raise _ClientGone()
         body = _full_body(server, kind, rid, req, ids, detok, result, job)
         headers["x-dualpath-read-path"] = str(job.path or (result.path if result else ""))
@@ -401,7 +410,7 @@ async def _drain(job: Job, detok: Detokenizer, first: tuple[str, Any],
         elif kind == "done":
             return val, t_last
         else:
-            if detok.finish is not None or job.cancelled.is_set():
+            if detok.finish is not None or job.client_cancelled:
                 return None, t_last
             raise _map_error(val, retry_after)
         ev = await job.queue.get()
@@ -511,7 +520,7 @@ async def _stream(server: Server, job: Job, detok: Detokenizer, first: tuple[str
                 result = val
                 break
             else:
-                if detok.finish is None and not job.cancelled.is_set():
+                if detok.finish is None and not job.client_cancelled:
                     err = _map_error(val, server.config.retry_after_s)
                     code = str(err.status)
                     yield f"data: {json.dumps(error_body(err.message, err.etype, code=err.code))}\n\n".encode()

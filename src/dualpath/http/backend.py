@@ -14,6 +14,9 @@ is withdrawn from it.
   with the same code (a seeded request gives the same tokens in both modes) and sends each decode step's tokens
   to the scheduler, which forwards them here: they stream as they are decoded. A cancelled job (a client that
   went away) sends ``cancel``: the scheduler aborts the turn on both engines, freeing its KV and buffers.
+  A scheduler that dies or hangs fails every job in flight with ``SchedulerLost`` (the client's connection
+  monitor and heartbeats); the connection comes back by itself when the launcher's replacement binds the same
+  address, and :meth:`RemoteBackend.health` reports ``unavailable`` in between.
 """
 
 from __future__ import annotations
@@ -77,6 +80,12 @@ class Job:
     task: asyncio.Task[None] | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     finished: bool = False
+    timed_out: bool = False  # cancelled by its deadline (http.request_timeout_s), not by the client
+
+    @property
+    def client_cancelled(self) -> bool:
+        """Cancelled by the client (gone, or a stop sequence), not by the request's deadline."""
+        return self.cancelled.is_set() and not self.timed_out
 
     def on_token(self, tok: int) -> None:
         self.queue.put_nowait(("token", int(tok)))
@@ -165,13 +174,16 @@ class Backend:
     async def _drive(self, job: Job) -> None:
         self.inflight += 1
         try:
-            try:
-                with anyio.fail_after(self.timeout_s):
-                    res = await self._generate(job)
-            except TimeoutError:
+            res: Any = None
+            # (only this deadline is the request's timeout: a TimeoutError from inside, such as no handshake
+            # with a scheduler, is the backend's error and keeps its own message)
+            with anyio.move_on_after(self.timeout_s) as deadline:
+                res = await self._generate(job)
+            if deadline.cancelled_caught:
+                job.timed_out = True
                 job.cancelled.set()  # the turn, if already running, is cancelled on its engines
                 raise PeerTimeout(f"request {job.session} did not finish within {self.timeout_s:g} s "
-                                  "(http.request_timeout_s)") from None
+                                  "(http.request_timeout_s)")
             job.queue.put_nowait(("done", res))
         except asyncio.CancelledError:
             job.queue.put_nowait(("error", Cancelled(f"request {job.session} was cancelled")))
@@ -335,6 +347,10 @@ class InProcessBackend(Backend):
                 "failed_turns": c.failed_turns}
 
 
+#: how long /health waits for the scheduler's stats; a scheduler silent this long reads as unavailable
+STATS_WAIT_S = 1.0
+
+
 class RemoteBackend(Backend):
     """A ``dualpath serve`` deployment's scheduler (see the module docstring)."""
 
@@ -346,6 +362,10 @@ class RemoteBackend(Backend):
         self.client: Any = None
         self._stats: dict[str, Any] = {}
         self._stats_t = 0.0
+        self._stats_error: str | None = "no answer from the scheduler yet"
+        self._stats_since: float | None = None  # a stats request in flight since (a stalled scheduler: not ready)
+        self._stats_task: asyncio.Task[None] | None = None
+        self._gone = False  # the scheduler is known to be gone (until a stats request succeeds)
         self.stats_every_s = stats_every_s
 
     async def start(self) -> None:
@@ -375,8 +395,19 @@ class RemoteBackend(Backend):
             self.vocab_size = int(mc.vocab_size)  # type: ignore[union-attr]
             self.model_name = "synthetic"
         self.client = await connect(self.address, self.config)
+        # the connection dropped (the scheduler died or is being replaced): not ready until it answers again
+        prev = self.client.channel.on_disconnect
+
+        def _gone() -> None:
+            self._scheduler_gone("the scheduler closed the connection (it died or is being replaced)")
+            if prev is not None:
+                prev()
+
+        self.client.channel.on_disconnect = _gone
 
     async def close(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
         if self.client is not None:
             with anyio.CancelScope(shield=True):
                 await self.client.close()
@@ -393,21 +424,53 @@ class RemoteBackend(Backend):
         return GenResult(tokens=list(out.tokens), prompt_tokens=out.prompt_tokens, cached_tokens=out.hit_tokens,
                          path=out.path, ttft_s=out.ttft, t_done=out.t_done)
 
-    async def stats(self) -> dict[str, Any]:
+    def _scheduler_gone(self, why: str) -> None:
+        self._stats, self._stats_t, self._stats_error, self._gone = {}, 0.0, why, True
+
+    async def stats(self, wait_s: float = STATS_WAIT_S) -> dict[str, Any]:
+        """The scheduler's counters (for /health and /metrics), refreshed at most every ``stats_every_s`` in a
+        task of its own: this waits for the refresh at most ``wait_s``, and not at all while the scheduler is
+        known to be gone (its connection dropped, or it did not answer): /health says so at once."""
         now = time.monotonic()
-        if self.client is not None and now - self._stats_t > self.stats_every_s:
-            self._stats_t = now
-            try:
-                self._stats = await self.client.stats(timeout=2.0)
-            except Exception as exc:  # the scheduler may be restarting
-                log.debug("stats failed: %s", exc)
-                self._stats = {}
+        task = self._stats_task
+        if task is None and self.client is not None and now - self._stats_t > self.stats_every_s:
+            self._stats_t = self._stats_since = now
+            task = self._stats_task = asyncio.get_running_loop().create_task(self._refresh())
+        if task is not None and not self._gone:
+            await asyncio.wait({task}, timeout=wait_s)
         return self._stats
 
+    async def _refresh(self) -> None:
+        try:
+            assert self.client is not None
+            self._stats = await self.client.stats(timeout=min(2.0, 2 * self.stats_every_s))
+            self._stats_error, self._gone = None, False
+        except Exception as exc:  # the scheduler may be restarting
+            log.debug("stats failed: %s", exc)
+            self._scheduler_gone(f"no answer from the scheduler ({type(exc).__name__}: {exc})")
+        finally:
+            self._stats_t = time.monotonic()
+            self._stats_since = None
+            self._stats_task = None
+
     def health(self) -> dict[str, Any]:
+        """``ok`` only while the scheduler answers, is not draining, and has an engine alive."""
         st = self._stats
         n = int(st.get("engines_alive", 0)) if st else 0
-        return {"status": "ok" if n > 0 else "degraded", "mode": "process", "engines_alive": n}
+        out: dict[str, Any] = {"mode": "process", "engines_alive": n}
+        pending = self._stats_since
+        if pending is not None and time.monotonic() - pending >= STATS_WAIT_S:
+            return {**out, "status": "unavailable", "engines_alive": 0,
+                    "reason": f"the scheduler has not answered for {time.monotonic() - pending:.1f} s"}
+        if self._stats_error is not None or not st:
+            return {**out, "status": "unavailable", "engines_alive": 0,
+                    "reason": self._stats_error or "no answer from the scheduler"}
+        if int(st.get("draining", 0)):
+            return {**out, "status": "draining", "reason": "the scheduler is draining (dualpath ctl drain): "
+                                                             "no new requests"}
+        if n == 0:
+            return {**out, "status": "degraded", "reason": "no engine is alive"}
+        return {**out, "status": "ok"}
 
     def gauges(self) -> dict[str, Any]:
         st = self._stats

@@ -69,3 +69,28 @@ async def test_without_a_quota_batches_by_size_only_and_a_too_large_head_still_r
         cfg.cluster.prefill_quota_s = 1e-12  # smaller than any one token
         batch = pe._take_batch()
         assert [(c.start, c.end) for c in batch] == [(0, 1)]  # the head still progresses, one token at a time
+
+
+async def test_the_quota_never_cuts_a_batch_below_the_models_efficient_size() -> None:
+    """Never lose: where a forward has a fixed cost, small batches waste the PE, so the quota does not cut a
+    batch below the size at which the model's predicted throughput reaches 90 % of its best."""
+    from dualpath.engine.timemodel import LayerTimeModel
+
+    tm = LayerTimeModel(a=1.0, b=0.01, e=0.0, d=0.0, n_layers=1)  # 1 s per forward, 10 ms per token
+    assert tm.efficient_batch_tokens(4096) == 724  # by hand: n / (1 + 0.01 n) >= 0.9 * 4096 / 41.96, n >= 723.4
+    assert tm.efficient_batch_tokens(1024) == 456  # n / (1 + 0.01 n) >= 0.9 * 1024 / 11.24, n >= 455.4
+    assert LayerTimeModel(a=0.0, b=1.0, e=0.0, d=0.0, n_layers=3).efficient_batch_tokens(4096) == 1
+    cfg = synthetic_config(prefill_max_batch=8)
+    async with Cluster(cfg) as cluster:
+        pe = cluster.pes[0]
+        pe.model.predict_prefill_s = lambda cached, new: tm.prefill_s(cached, new)  # type: ignore[method-assign]
+        pe.model.efficient_prefill_tokens = tm.efficient_batch_tokens  # type: ignore[method-assign]
+        assert cfg.cluster.prefill_max_batch_tokens == 1024
+        cfg.cluster.prefill_quota_s = tm.prefill_s(0, 100)  # the paper's quota would cut at 100 tokens
+        pe.queue.extend(_turns(cluster, 2, 1000))
+        batch = pe._take_batch()
+        assert [(c.start, c.end) for c in batch] == [(0, 456)]  # cut at the efficient size, not at 100
+        pe._settle(batch)
+        pe.model.efficient_prefill_tokens = lambda cap: 0  # type: ignore[method-assign]
+        pe._min_tokens = None
+        assert [(c.start, c.end) for c in pe._take_batch()] == [(456, 556)]  # without the floor: the quota's 100

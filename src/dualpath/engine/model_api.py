@@ -93,6 +93,11 @@ class LayerwiseModel(abc.ABC):
         Used by the PE's compute quota."""
         return None
 
+    def efficient_prefill_tokens(self, cap: int) -> int:
+        """New tokens per forward below which prefill throughput falls off (the forward's fixed cost dominates),
+        at most ``cap``; 0 when unknown. The PE's compute quota does not cut a batch below it (never lose)."""
+        return 0
+
     def prefill_tokens_per_s(self, new: int = 1024) -> float | None:
         """Predicted prefill throughput of a batch of ``new`` fresh tokens (Algorithm 1's beta), or None."""
         t = self.predict_prefill_s(0, new)
@@ -156,6 +161,10 @@ class LlamaAdapter(LayerwiseModel):
     def predict_prefill_s(self, cached: int, new: int) -> float | None:
         tm = self.time_model()
         return None if tm is None else tm.prefill_s(cached, new)
+
+    def efficient_prefill_tokens(self, cap: int) -> int:
+        tm = self.time_model()
+        return 0 if tm is None else tm.efficient_batch_tokens(cap)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)

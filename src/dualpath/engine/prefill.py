@@ -103,6 +103,7 @@ class PrefillEngine(Engine):
         self.forwards = 0
         self.chunks = 0  # forwards' shares of requests that were cut by the quota (every piece of a cut request)
         self.chunk_bytes = 0  # device bytes held now by chunked requests' KV between their chunks
+        self._min_tokens: int | None = None  # the model's efficient batch size (the quota's floor), on first use
         self._inflight: list[Turn] = []  # the batch of the forward in progress
 
     @property
@@ -195,7 +196,9 @@ class PrefillEngine(Engine):
             return left
         pending = [PendingPrefill(i, c.start, c.end - c.start) for i, c in enumerate(batch)]
         pending.append(PendingPrefill(len(batch), cached, left))
-        fb = pack_forward_batch(pending, quota, lambda c, n: predict(c, n) or 0.0)
+        if self._min_tokens is None:  # never lose: the quota does not cut a batch below the efficient size
+            self._min_tokens = self.model.efficient_prefill_tokens(self.cfg.prefill_max_batch_tokens)
+        fb = pack_forward_batch(pending, quota, lambda c, n: predict(c, n) or 0.0, min_tokens=self._min_tokens)
         return fb.chunks[-1].new if len(fb.chunks) == len(pending) else 0
 
     async def run(self) -> None:

@@ -83,6 +83,24 @@ class LayerTimeModel:
         """Predicted seconds of a whole prefill forward (all layers) of one sequence."""
         return self.n_layers * self.layer_s(new, cached)
 
+    def efficient_batch_tokens(self, cap: int, share: float = 0.9) -> int:
+        """The fewest fresh tokens per forward (at most ``cap``) whose predicted throughput reaches ``share`` of
+        the best over ``1..cap``: below it the forward's fixed cost dominates. 1 when there is no fixed cost."""
+        cap = max(1, int(cap))
+        grid = sorted({1, cap, *(1 << k for k in range(cap.bit_length()) if (1 << k) <= cap)})
+        rate = {n: n / t if (t := self.prefill_s(0, n)) > 0 else float("inf") for n in grid}
+        best = max(rate.values())
+        lo = next(n for n in grid if rate[n] >= share * best)
+        prev = max([n for n in grid if n < lo], default=0)
+        while lo - prev > 1:  # the fewest tokens between the two grid points that still reach the share
+            mid = (lo + prev) // 2
+            t = self.prefill_s(0, mid)
+            if (mid / t if t > 0 else float("inf")) >= share * best:
+                lo = mid
+            else:
+                prev = mid
+        return lo
+
     def tokens_per_s(self, new: int = 1024) -> float:
         """Prefill throughput of a batch of ``new`` fresh tokens (for Algorithm 1's beta)."""
         t = self.prefill_s(0, new)

@@ -54,6 +54,10 @@ def test_bench_storage_quick_json(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
     data = json.loads(out.read_text())
     assert data["ratio"] > 0 and 0 <= data["checksum_overhead"] <= 1
+    assert 0 < data["verify_ceiling"] <= 1
+    for c in data["cases"].values():
+        assert c["checksum_overhead_floor"] == pytest.approx(1 - c["verify_ceiling"], abs=2e-3)
+        assert c["read_ratio_vs_ceiling"] == pytest.approx(c["read_ratio_warm"] / c["verify_ceiling"], rel=0.02)
     methods = {(r["case"], r["op"], r["method"]) for r in data["runs"]}
     for case in ("smollm2-135m", "deepseek-v32-mla-fp8"):
         for op, m in [("write", "posix"), ("read_warm", "posix_verify"), ("read_warm", "posix_noverify"),

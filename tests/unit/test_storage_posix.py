@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import anyio
 import pytest
@@ -249,3 +250,65 @@ async def test_many_reads_in_flight_into_separate_buffers(tmp_path):
         stats = s.stats()
         assert stats.hits == stats.reads == calls * rounds * n
         assert stats.bytes_read == calls * rounds * n * LAYOUT.full_block_bytes
+
+
+@pytest.mark.anyio
+async def test_one_batch_with_bad_blocks_in_the_middle_fails_only_those(tmp_path):
+    """One read call of 16 blocks over 3 workers: a flipped byte, a FIFO where a block should be, a file deleted
+    behind the index's back and a foreign header, all in the middle of the batch, fail only their own block;
+    every neighbour lands byte-exact in its own slot."""
+    n = 16
+    keys = BlockKeyer(NS).keys(list(range(n * 16)))
+    src = data(n, 21)
+    s = create_storage(PosixStorageConfig(root=tmp_path / "kv", io_threads=3), LAYOUT, NS)
+    assert isinstance(s, posix_mod.PosixStorage)
+    async with s:
+        assert await s.write(keys, src) == [BlockStatus.OK] * n
+        assert s.damage(keys[3], "flip")
+        fifo = bf.block_path(s.root, keys[7].hex)
+        os.unlink(fifo)
+        os.mkfifo(fifo)
+        os.unlink(bf.block_path(s.root, keys[10].hex))
+        assert s.damage(keys[13], "foreign")
+        out = torch.zeros((n, *LAYOUT.full_block_shape), dtype=torch.uint8)
+        st = await s.read(keys, out)
+        bad = {3: BlockStatus.CORRUPT, 7: BlockStatus.FAILED, 10: BlockStatus.MISSING, 13: BlockStatus.CORRUPT}
+        assert st == [bad.get(i, BlockStatus.OK) for i in range(n)]
+        for i in range(n):
+            if i not in bad:
+                assert torch.equal(out[i], src[i]), i
+        stats = s.stats()
+        assert (stats.hits, stats.corrupt, stats.failed, stats.misses) == (n - 4, 2, 1, 1)
+        assert [s.contains(k) for k in keys] == [i not in bad for i in range(n)]
+        assert os.path.exists(fifo)  # not ours to delete; the corrupt files are gone
+        assert not os.path.exists(bf.block_path(s.root, keys[3].hex))
+        assert not os.path.exists(bf.block_path(s.root, keys[13].hex))
+
+
+@pytest.mark.anyio
+async def test_deadline_in_the_middle_of_a_batch_abandons_the_rest(tmp_path):
+    """A read whose deadline fires while its batch is being read returns at once with the cancellation: the
+    blocks not yet started are never read (their slots stay as they were), nothing leaves the index, and the
+    next read of the same blocks is served exactly."""
+    n = 1024
+    keys = BlockKeyer(NS).keys(list(range(n * 16)))
+    src = data(n, 22)
+    s = create_storage(PosixStorageConfig(root=tmp_path / "kv", io_threads=1), LAYOUT, NS)
+    assert isinstance(s, posix_mod.PosixStorage)
+    async with s:
+        assert await s.write(keys, src) == [BlockStatus.OK] * n
+        out = torch.zeros((n, *LAYOUT.full_block_shape), dtype=torch.uint8)
+        pool = s._pool
+        assert pool is not None
+        t0 = time.monotonic()
+        with anyio.move_on_after(0) as scope:  # fires at the read's first wait: the batch has just started
+            await s.read(keys, out)
+        assert scope.cancelled_caught and time.monotonic() - t0 < 2.0
+        assert pool.abandoned_jobs == 1
+        await anyio.sleep(0.2)  # nothing of the abandoned batch starts later
+        landed = sum(bool(torch.equal(out[i], src[i])) for i in range(n))
+        assert landed < n and not out[-1].any()
+        assert s.lookup(keys) == n and s.stats().hits == 0
+        out.zero_()
+        assert await s.read(keys, out) == [BlockStatus.OK] * n
+        assert torch.equal(out, src)

@@ -130,7 +130,7 @@ class KVSpec:
 
     @property
     def elem_bytes(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.torch_dtype.itemsize
 
     @property
     def bytes_per_token_layer(self) -> int:

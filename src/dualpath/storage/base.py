@@ -131,6 +131,10 @@ class Storage(abc.ABC):
         self.layout = layout
         self.namespace = namespace
         self._stats = StorageStats()
+        # computed once: the layout derives them on every access (with a tensor allocation), which would run on
+        # the event loop for every read and write call
+        self._block_shape: tuple[int, ...] = tuple(layout.full_block_shape)
+        self._block_bytes = int(layout.full_block_bytes)
         self._started = False
         self._closed = False
 
@@ -185,12 +189,12 @@ class Storage(abc.ABC):
     # --- helpers for backends ---------------------------------------------------------------------------
     @property
     def full_block_bytes(self) -> int:
-        return self.layout.full_block_bytes
+        return self._block_bytes
 
     @property
     def block_footprint(self) -> int:
         """Bytes one stored block counts against ``capacity_bytes`` (payload plus any per-block header)."""
-        return self.layout.full_block_bytes
+        return self._block_bytes
 
     @property
     def device(self) -> torch.device:
@@ -207,7 +211,7 @@ class Storage(abc.ABC):
         self, keys: Sequence[BlockKey], buf: torch.Tensor, what: str, device_type: str | None = "cpu"
     ) -> None:
         """Raise ValueError unless ``buf`` is a contiguous uint8 ``[len(keys), *full_block_shape]`` tensor."""
-        expected = (len(keys), *self.layout.full_block_shape)
+        expected = (len(keys), *self._block_shape)
         if not isinstance(buf, torch.Tensor):
             raise ValueError(f"{what} must be a torch.Tensor, got {type(buf).__name__}")
         if buf.dtype != torch.uint8 or tuple(buf.shape) != expected:

@@ -235,8 +235,8 @@ class Transport(abc.ABC):
     async def settle(self) -> None:
         """Return once every :meth:`cancel` issued so far has taken full effect: after it, nothing lands in the
         memory of a cancelled landing, so the caller may reuse it. A transport whose receiver copies each arrival
-        itself (loopback, zmq) is settled as soon as ``cancel`` returns; a one-sided one (nixl) waits, bounded,
-        for its senders to acknowledge the revocation."""
+        itself (loopback, zmq) waits, bounded, for a copy into a cancelled landing already under way in one of its
+        threads; a one-sided one (nixl) waits, bounded, for its senders to acknowledge the revocation."""
         return None
 
     # --- sending --------------------------------------------------------------------------------------------

@@ -3,6 +3,19 @@
 Endpoints meet in a :class:`LoopbackFabric` (a name -> endpoint table; one default per process). Between two
 GPUs the copy is a device-to-device ``copy_`` (NVLink/P2P); on a CPU box it is a memcpy. Early writes are held
 at the sender (no extra memory) until the receiver exposes the tag or ``pending_timeout_s`` passes.
+
+The common cycle (the tag is exposed before the write arrives, the copy is small) is fused: ``write`` finds the
+exposed slot, copies and marks it landed in one synchronous step, without suspending, allocating an event or
+taking the landing table's lock; ``wait`` then pops the landed slot without suspending. The lock is skipped on
+purpose: it guards a landing table against a backend's receive thread (zmq), and a loopback endpoint has none;
+every loopback endpoint of a fabric is used from one event loop, and nothing can run between the claim, the
+copy and the completion of a fused write (no ``await`` in it), so a ``cancel``, a timeout or ``close`` sees the
+slot either still exposed (and withdraws it: the write is then held, never copied) or already landed.
+
+A copy above ``inline_copy_bytes`` runs in a worker thread (the event loop stays responsive). Its landing is
+claimed first; if it is withdrawn before the thread starts the copy, the copy is skipped (the write fails,
+nothing written); a copy already under way completes, and :meth:`LoopbackTransport.settle` waits for it, so
+after ``cancel`` + ``settle`` nothing lands in the cancelled memory.
 """
 
 from __future__ import annotations
@@ -10,9 +23,9 @@ from __future__ import annotations
 import anyio
 import torch
 
-from dualpath.errors import TransportError
-from dualpath.transports.base import Transport
-from dualpath.transports.landing import Rejected
+from dualpath.errors import TransportClosed, TransportError
+from dualpath.transports.base import Region, Transport, byte_view
+from dualpath.transports.landing import MAX_TAG_BYTES, Rejected, Slot, validate_tag
 from dualpath.transports.wire import checksum_of
 
 
@@ -34,6 +47,9 @@ class LoopbackFabric:
 
 
 DEFAULT_FABRIC = LoopbackFabric()
+_U8 = torch.uint8
+_FAST_TAG_CHARS = MAX_TAG_BYTES // 4  # a str this short cannot exceed MAX_TAG_BYTES in UTF-8
+_SETTLE_S = 10.0  # settle() waits at most this long for a worker thread's copy into a withdrawn landing
 _copy_limiter: anyio.CapacityLimiter | None = None
 
 
@@ -53,15 +69,20 @@ def device_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         _sync(src)
 
 
-async def copy_bytes(dst: torch.Tensor, src: torch.Tensor, inline_bytes: int) -> None:
-    """:func:`device_copy`, on the event loop when small, in a worker thread otherwise."""
+def _copy_unless_withdrawn(slot: Slot, src: torch.Tensor) -> bool:
+    """In a worker thread: :func:`device_copy` into ``slot`` unless its landing was withdrawn (cancel, a timed-out
+    wait, close) before the copy could start; False then (nothing written)."""
+    if slot.withdrawn:
+        return False
+    device_copy(slot.view, src)
+    return True
+
+
+def _limiter() -> anyio.CapacityLimiter:
     global _copy_limiter
-    if dst.numel() <= inline_bytes:
-        device_copy(dst, src)
-        return
     if _copy_limiter is None:
         _copy_limiter = anyio.CapacityLimiter(4)
-    await anyio.to_thread.run_sync(device_copy, dst, src, limiter=_copy_limiter)
+    return _copy_limiter
 
 
 class LoopbackTransport(Transport):
@@ -73,6 +94,9 @@ class LoopbackTransport(Transport):
         self.fabric = DEFAULT_FABRIC if fabric is None else fabric
         self.inline_copy_bytes = inline_copy_bytes
         self._peers: dict[str, str] = {}
+        self._peer_eps: dict[str, LoopbackTransport] = {}  # peer -> its running endpoint, found on a first write
+        self._copying: set[Slot] = set()  # landings of this endpoint a worker thread is copying into
+        self._copy_finished: anyio.Event | None = None  # set when one of those copies ends (settle waits on it)
 
     @property
     def address(self) -> str:
@@ -87,40 +111,115 @@ class LoopbackTransport(Transport):
         self.fabric.remove(self)
         await super().close()
 
+    async def settle(self) -> None:
+        """Until no copy runs into a withdrawn landing: a copy in a worker thread (above ``inline_copy_bytes``)
+        that had started when its landing was cancelled completes first (one that had not started never does).
+        Bounded: :class:`TransportError` after ``_SETTLE_S``."""
+        deadline = anyio.current_time() + _SETTLE_S
+        while any(slot.withdrawn for slot in self._copying):
+            if self._copy_finished is None:
+                self._copy_finished = anyio.Event()
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                await self._copy_finished.wait()
+            if anyio.current_time() >= deadline and any(slot.withdrawn for slot in self._copying):
+                raise TransportError(f"{self.name}: a copy into a cancelled landing did not finish within "
+                                     f"{_SETTLE_S:g} s")
+
+    def _copy_ended(self, slot: Slot) -> None:
+        self._copying.discard(slot)
+        ev, self._copy_finished = self._copy_finished, None
+        if ev is not None:
+            ev.set()
+
     async def connect(self, peer: str, address: str) -> None:
         self._check_open()
         self._peers[peer] = address
+        self._peer_eps.pop(peer, None)
+
+    def expose(self, tag: str, region: Region, offset: int, nbytes: int) -> None:
+        """As :meth:`Transport.expose`, without the slot's host memoryview (loopback copies with torch)."""
+        if self._closed:
+            self._check_open()
+        if self._regions.get(region.id) is not region:
+            raise TransportError(f"{self.name}: region {region.id} is not registered with this transport")
+        landings = self._landings
+        if type(tag) is str and 0 < len(tag) <= _FAST_TAG_CHARS and tag not in landings._slots \
+                and not landings._exposed_events:
+            # the common case, inline (no write is held for any tag; no lock: see the module docstring)
+            view = region._views.get((offset, nbytes))  # Region.view's cache, without the call when it hits
+            landings._slots[tag] = Slot(tag, region.view(offset, nbytes) if view is None else view)
+            return
+        landings.expose(tag, region.view(offset, nbytes))  # its checks and errors; wakes a held write
+
+    async def wait(self, tag: str, timeout: float) -> None:
+        slot = self._landings._slots.get(tag)
+        if slot is not None and slot.done._set and timeout is not None and timeout >= 0:
+            # landed already (a fused write): pop it without suspending (no lock: see the module docstring)
+            del self._landings._slots[tag]
+            if slot.error is not None:
+                raise slot.error
+            return
+        await self._landings.wait(tag, timeout)
 
     async def write(self, peer: str, tag: str, src: torch.Tensor, timeout: float, *,
                     checksum: int | None = None) -> None:
-        _, data = self._prepare_write(tag, src)
+        if self._closed:
+            raise TransportClosed(f"{self.name}: transport is closed")
+        if type(tag) is not str or not 0 < len(tag) <= _FAST_TAG_CHARS:
+            validate_tag(tag)
+        if type(src) is torch.Tensor and src.dtype is _U8 and src.dim() == 1 and src.is_contiguous():
+            data = src  # already a flat byte view (slices of registered byte buffers)
+        else:
+            data = byte_view(src)
+        nbytes = data.numel()
+        ep = self._peer_eps.get(peer)
+        if ep is None or ep._closed:  # first write to this peer, or it closed (a new one may run under its name)
+            ep = self._running_peer(peer)
+        if ep is not None and checksum is None and nbytes <= self.inline_copy_bytes:
+            slot = ep._landings._slots.get(tag)
+            if slot is not None and slot.state == "exposed" and slot.view.numel() == nbytes:
+                # fused fast path: claim, copy and complete in one synchronous step (see the module docstring)
+                slot.state = "busy"
+                view = slot.view
+                try:
+                    if view.is_cuda or data.is_cuda:
+                        device_copy(view, data)
+                    else:
+                        view.copy_(data)
+                except Exception as exc:
+                    ep._landings.finish(slot, TransportError(f"{ep.name}: copy failed: {exc!r}"))
+                    raise TransportError(f"{self.name}: copy into {peer!r} failed: {exc!r}") from exc
+                slot.state = "landed"
+                done = slot.done
+                if done._event is None:  # no waiter parked (the common case): no event to set
+                    done._set = True
+                else:
+                    done.set()
+                stats = ep.stats
+                stats.arrivals += 1
+                stats.bytes_received += nbytes
+                stats = self.stats
+                stats.writes += 1
+                stats.bytes_sent += nbytes
+                return
+            # not exposed yet, busy, landed or another size: the general path below (claim() rejects a
+            # duplicate or a size mismatch with its reason; an early write is held)
+        await self._write_slow(peer, self._peers[peer], tag, data, timeout, checksum)
+
+    def _running_peer(self, peer: str) -> LoopbackTransport | None:
+        """``peer``'s endpoint if it runs (remembered for the next write), else None; raises if not connected."""
         address = self._peers.get(peer)
         if address is None:
             raise TransportError(f"{self.name}: peer {peer!r} is not connected (call connect first)")
-        nbytes = data.numel()
-        if checksum is None and nbytes <= self.inline_copy_bytes:
-            # fast path: the landing is exposed, the copy is small: done without suspending
-            ep = self.fabric.endpoints.get(address)
-            if ep is not None and not ep._closed:
-                try:
-                    slot = ep._landings.claim(tag, nbytes)
-                except Rejected as exc:
-                    ep._landings.reject(self.name, str(exc))
-                    ep.stats.rejected += 1
-                    raise
-                if slot is not None:
-                    try:
-                        device_copy(slot.view, data)
-                    except Exception as exc:
-                        ep._landings.finish(slot, TransportError(f"{ep.name}: copy failed: {exc!r}"))
-                        raise TransportError(f"{self.name}: copy into {peer!r} failed: {exc!r}") from exc
-                    ep._landings.finish(slot)
-                    ep.stats.arrivals += 1
-                    ep.stats.bytes_received += nbytes
-                    self.stats.writes += 1
-                    self.stats.bytes_sent += nbytes
-                    return
+        self._peer_eps.pop(peer, None)
+        ep = self.fabric.endpoints.get(address)
+        if ep is None or ep._closed:
+            return None
+        self._peer_eps[peer] = ep
+        return ep
 
+    async def _write_slow(self, peer: str, address: str, tag: str, data: torch.Tensor, timeout: float,
+                          checksum: int | None) -> None:
         async def deliver() -> None:
             ep = self.fabric.endpoints.get(address)
             if ep is None or ep._closed:
@@ -137,7 +236,18 @@ class LoopbackTransport(Transport):
                     expect = checksum if checksum is not None else None
                     if expect is not None and checksum_of(data) != expect:
                         raise Rejected(f"{ep.name}: checksum mismatch for tag {tag!r}; arrival discarded")
-                await copy_bytes(slot.view, data, self.inline_copy_bytes)
+                if data.numel() <= self.inline_copy_bytes:
+                    device_copy(slot.view, data)  # on the loop: nothing can withdraw the slot meanwhile
+                else:  # in a worker thread; skipped if the landing is withdrawn before it starts
+                    ep._copying.add(slot)
+                    try:
+                        copied = await anyio.to_thread.run_sync(_copy_unless_withdrawn, slot, data,
+                                                                limiter=_limiter())
+                    finally:
+                        ep._copy_ended(slot)
+                    if not copied:
+                        raise Rejected(f"{ep.name}: landing {tag!r} was withdrawn before its copy started; "
+                                       "nothing written")
             except BaseException as exc:
                 err = exc if isinstance(exc, TransportError) else TransportError(f"{ep.name}: copy failed: {exc!r}")
                 if isinstance(exc, Rejected):

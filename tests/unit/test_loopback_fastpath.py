@@ -1,0 +1,277 @@
+"""The loopback transport's fused fast path (expose -> write -> wait without suspending) keeps every guarantee of
+the transport contract: exactly once, exact size, nothing lands after cancel or timeout, close wakes a held write.
+Each test checks the bytes against an independent reference (the source pattern, or zeros where nothing may
+land)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from dualpath.errors import PeerTimeout, TransportClosed, TransportError
+from dualpath.transports import Transport, create_transport
+from dualpath.transports.config import LoopbackTransportConfig
+from dualpath.transports.loopback import LoopbackFabric, LoopbackTransport
+
+pytestmark = pytest.mark.anyio
+PENDING = 0.3  # pending_timeout_s: how long a write to a tag that is not exposed is held
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _pair(**kw: Any) -> tuple[Transport, Transport]:
+    fabric = LoopbackFabric()
+    cfg = LoopbackTransportConfig(**{"pending_timeout_s": PENDING, **kw})
+    a, b = create_transport(cfg, "snd", fabric=fabric), create_transport(cfg, "rcv", fabric=fabric)
+    await a.start()
+    await b.start()
+    await a.connect("rcv", b.address)
+    return a, b
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Transport, Transport]]:
+    a, b = await _pair()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+def pattern(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 256, (n,), dtype=torch.uint8, generator=g)  # no zero byte: "nothing landed" is visible
+
+
+def run_without_suspending(coro: Coroutine[Any, Any, None]) -> None:
+    """Drive ``coro`` one step; it must finish in that step (it never suspended)."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise AssertionError("the coroutine suspended")
+
+
+async def test_exposed_cycle_completes_without_suspending(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    n = 64 << 10
+    dst = torch.zeros(4 * n, dtype=torch.uint8)
+    region = b.register(dst)
+    src = pattern(4 * n, 1)
+    for i in range(8):  # the same tag again and again, rotating over 4 slots, as the bench and an engine do
+        j = i % 4
+        b.expose("t", region, j * n, n)
+        run_without_suspending(a.write("rcv", "t", src[j * n:(j + 1) * n], 5.0))
+        run_without_suspending(b.wait("t", 5.0))
+    assert torch.equal(dst, src)
+    assert b.stats.arrivals == 8 and b.stats.bytes_received == 8 * n
+    assert a.stats.writes == 8 and a.stats.bytes_sent == 8 * n
+    # a non-byte source takes the same path: its raw bytes land
+    f = torch.linspace(-1, 1, n // 4, dtype=torch.float32)
+    b.expose("f", region, 0, n)
+    run_without_suspending(a.write("rcv", "f", f, 5.0))
+    await b.wait("f", 5.0)
+    assert torch.equal(dst[:n].view(torch.float32), f)
+
+
+async def test_two_writes_to_one_tag_land_once(pair: tuple[Transport, Transport],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    a, b = pair
+    n = 4096
+    dst = torch.zeros(n, dtype=torch.uint8)
+    region = b.register(dst)
+    first, second = pattern(n, 2), pattern(n, 3)
+    b.expose("x", region, 0, n)
+    await a.write("rcv", "x", first, 5.0)
+    # landed but not yet waited: the second arrival is a duplicate, rejected before a byte is written
+    with caplog.at_level(logging.WARNING), pytest.raises(TransportError, match="duplicate"):
+        await a.write("rcv", "x", second, 5.0)
+    assert "duplicate" in caplog.text
+    await b.wait("x", 5.0)  # the first arrival, intact
+    assert torch.equal(dst, first)
+    assert b.stats.arrivals == 1 and b.stats.rejected == 1
+    # after the wait the tag is free: a write to it is held, then dropped when it is not exposed again
+    with pytest.raises(TransportError, match="not exposed"):
+        await a.write("rcv", "x", second, 5.0)
+    assert torch.equal(dst, first)
+    # two concurrent writes to one exposed tag: exactly one lands, the other is rejected
+    b.expose("y", region, 0, n)
+    results: list[BaseException | None] = []
+
+    async def writer(src: torch.Tensor) -> None:
+        try:
+            await a.write("rcv", "y", src, 5.0)
+            results.append(None)
+        except TransportError as exc:
+            results.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer, second)
+        tg.start_soon(writer, first)
+    await b.wait("y", 5.0)
+    assert results[0] is None and isinstance(results[1], TransportError)  # the first to run won
+    assert torch.equal(dst, second)
+
+
+async def test_size_mismatch_on_the_fast_path_fails_the_landing(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    dst = torch.zeros(1024, dtype=torch.uint8)
+    region = b.register(dst)
+    b.expose("m", region, 0, 1000)
+    with pytest.raises(TransportError, match="size mismatch"):
+        run_without_suspending(a.write("rcv", "m", pattern(1024, 4), 5.0))
+    with pytest.raises(TransportError, match="size mismatch"):
+        await b.wait("m", 5.0)
+    assert torch.count_nonzero(dst) == 0
+
+
+async def test_cancel_racing_a_held_write_writes_nothing(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    n = 4096
+    dst = torch.zeros(n, dtype=torch.uint8)
+    region = b.register(dst)
+    src = pattern(n, 5)
+    outcome: list[BaseException | None] = []
+
+    async def writer() -> None:
+        try:
+            await a.write("rcv", "r", src, 5.0)
+            outcome.append(None)
+        except TransportError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer)
+        with anyio.fail_after(5):
+            while not b._landings._exposed_events:  # the write is held, waiting for "r" to be exposed
+                await anyio.sleep(0.001)
+        b.expose("r", region, 0, n)  # wakes the held write...
+        b.cancel("r")  # ...but the landing is withdrawn before it can run
+    assert len(outcome) == 1 and isinstance(outcome[0], TransportError)  # dropped at the hold deadline
+    assert torch.count_nonzero(dst) == 0
+    # a cancelled landing's wait fails; a write after the cancel never lands either
+    b.expose("s", region, 0, n)
+    b.cancel("s")
+    with pytest.raises(TransportError):
+        await a.write("rcv", "s", src, 5.0)
+    assert torch.count_nonzero(dst) == 0
+
+
+async def test_cancel_of_a_claimed_threaded_copy_settles_and_spares_the_next_exposure() -> None:
+    """A write above ``inline_copy_bytes`` claims its landing, then copies in a worker thread. A cancel between
+    the two: the copy either never starts (the write fails) or, if already under way, completes; ``settle()``
+    returns only once nothing more can land in the cancelled memory, and the tag exposed again gets nothing."""
+    a, b = await _pair(inline_copy_bytes=0)  # every copy goes to a worker thread
+    try:
+        n = 8 << 20
+        dst = torch.zeros(2 * n, dtype=torch.uint8)
+        region = b.register(dst)
+        src = pattern(n, 6)
+        b.expose("big", region, 0, n)
+        old_slot = b._landings._slots["big"]
+        waiter_err: list[BaseException] = []
+        write_err: list[BaseException | None] = []
+
+        async def waiter() -> None:
+            try:
+                await b.wait("big", 5.0)
+            except TransportError as exc:
+                waiter_err.append(exc)
+
+        async def writer() -> None:
+            try:
+                await a.write("rcv", "big", src, 5.0)
+                write_err.append(None)
+            except TransportError as exc:
+                write_err.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            tg.start_soon(writer)
+            with anyio.fail_after(5):
+                while old_slot.state == "exposed":
+                    await anyio.sleep(0)
+            # claimed; the copy's completion runs on this loop, so it cannot come between this check and the cancel
+            assert old_slot.state == "busy"
+            b.cancel("big")
+            b.expose("big", region, n, n)  # the same tag, another slot
+            with anyio.fail_after(5):
+                await b.settle()
+            settled = dst[:n].clone()
+            await anyio.sleep(0.05)
+            assert torch.equal(dst[:n], settled)  # nothing lands in the cancelled memory after settle()
+        assert torch.equal(dst[:n], settled)
+        assert len(waiter_err) == 1 and "cancelled" in str(waiter_err[0])
+        assert len(write_err) == 1
+        if write_err[0] is None:  # the copy was under way: it completed
+            assert torch.equal(settled, src)
+        else:  # it had not started: nothing written
+            assert "withdrawn" in str(write_err[0]) and torch.count_nonzero(settled) == 0
+        # the tag exposed again got nothing from the cancelled write
+        assert torch.count_nonzero(dst[n:]) == 0
+        with pytest.raises(PeerTimeout):
+            await b.wait("big", 0.05)
+        assert torch.count_nonzero(dst[n:]) == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_wait_timeout_withdraws_the_landing_before_a_fast_write(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    dst = torch.zeros(256, dtype=torch.uint8)
+    region = b.register(dst)
+    b.expose("late", region, 0, 256)
+    with pytest.raises(PeerTimeout):
+        await b.wait("late", 0.01)
+    with pytest.raises(TransportError, match="not exposed"):
+        await a.write("rcv", "late", pattern(256, 7), 5.0)
+    assert torch.count_nonzero(dst) == 0
+
+
+async def test_close_wakes_held_writes_and_refuses_new_ones() -> None:
+    a, b = await _pair(pending_timeout_s=30.0)
+    try:
+        region = b.register(torch.zeros(64, dtype=torch.uint8))
+        src = pattern(64, 8)
+        errors: list[BaseException] = []
+
+        async def writer(t: Transport, tag: str) -> None:
+            try:
+                await t.write("rcv", tag, src, 30.0)
+            except TransportError as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(5):  # closing either side wakes a write held for a tag never exposed
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer, a, "never")
+                await anyio.sleep(0.02)
+                await a.close()
+            assert len(errors) == 1 and isinstance(errors[0], TransportClosed)
+            with pytest.raises(TransportClosed):
+                await a.write("rcv", "x", src, 1.0)
+            assert isinstance(b, LoopbackTransport)
+            a2 = create_transport(LoopbackTransportConfig(pending_timeout_s=30.0), "snd2", fabric=b.fabric)
+            await a2.start()
+            await a2.connect("rcv", b.address)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer, a2, "never")
+                await anyio.sleep(0.02)
+                await b.close()
+            assert len(errors) == 2 and "closed" in str(errors[1])
+            await a2.close()
+        with pytest.raises(TransportClosed):
+            b.expose("y", region, 0, 64)
+    finally:
+        await a.close()
+        await b.close()

@@ -94,6 +94,32 @@ async def test_landings_exposed_later_are_pushed(pair: tuple) -> None:  # type: 
     assert a.handshakes == 1
 
 
+async def test_writers_waiting_on_the_request_take_pushed_grants_without_asking_again(pair: tuple) -> None:  # type: ignore[type-arg]
+    """Every layer's write starts before anything is exposed: one request goes out and is held; the landings then
+    exposed one by one are pushed while the other writers wait on that request, and each takes its own grant
+    (none asks again): one handshake, every byte in place."""
+    a, b = pair
+    dst = torch.zeros(LAYERS * SIZE, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(LAYERS * SIZE, 9)
+    a.register(src)
+
+    async def write(layer: int) -> None:
+        await a.write("rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 5.0)
+
+    async with anyio.create_task_group() as tg:
+        for layer in range(LAYERS):
+            tg.start_soon(write, layer)
+        await _until(lambda: b._held, "the request held at the receiver")
+        for layer in reversed(range(LAYERS)):  # the requested landing last: the others are pushed meanwhile
+            b.expose(_tag(layer), region, layer * SIZE, SIZE)
+            await anyio.sleep(0.01)
+    for layer in range(LAYERS):
+        await b.wait(_tag(layer), 5.0)
+    assert torch.equal(dst, src)
+    assert a.handshakes == 1
+
+
 async def test_duplicate_write_under_one_grant_is_refused(pair: tuple) -> None:  # type: ignore[type-arg]
     a, b = pair
     dst = torch.zeros(2 * SIZE, dtype=torch.uint8)

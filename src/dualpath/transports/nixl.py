@@ -1,18 +1,21 @@
 """NIXL transport: agents over UCX (RDMA where present; TCP or shared memory otherwise).
 
-Memory is registered with the local agent once per buffer (:meth:`register`). A small ZeroMQ side channel
-(binary :mod:`~dualpath.transports.wire` headers, no pickle) exchanges agent metadata on :meth:`connect` and the
-landing grants. **One handshake per request, not per write**: a sender with no grant for a tag asks for it
-``(tag, size)`` (REQ); the receiver answers with that landing's address and, in the same message, the addresses
-of every other landing of the tag's *request group* exposed now (:func:`_group`: ``r{rid}/{what}`` of the
-engines' tags), each claimed for that sender (so no other arrival lands there) under its own epoch; landings of
-the group exposed later are pushed to that sender as they are exposed (one message per event-loop pass).
-Concurrent writes of a group wait for the group's request in flight instead of asking again. The sender then
+Memory is registered with the local agent once per buffer (:meth:`register`). A small ZeroMQ side channel (binary
+:mod:`~dualpath.transports.wire` headers, no pickle) exchanges agent metadata on :meth:`connect` and the landing
+grants. **One handshake per request, not per write**: a sender with no grant for a tag asks for it ``(tag, size)``
+(REQ); the receiver answers with that landing's address and, in the same message, the addresses of every other
+landing of the tag's *request group* exposed now (:func:`_group`: ``r{rid}/{what}`` of the engines' tags), each
+claimed for that sender (so no other arrival lands there) under its own epoch; landings of the group exposed later
+are pushed to that sender as they are exposed (one message per event-loop pass). The request leaves at once (the
+group's first thing to wait on). Concurrent writes of a group wait for the group's request in flight instead of
+asking again; a grant pushed meanwhile wakes them to take it, the rest wait on for the answer. The sender then
 writes each layer one-sided: a NIXL WRITE (from descriptor lists prepared once per local span and per remote
-landing, :meth:`nixl_agent.prep_xfer_dlist`, and reused) whose notification carries ``(seq, tag, epoch,
-checksum)``; the receiver, on that notification, completes the slot. A sender writes once under a grant: a second
-write of the tag asks again and is refused. ``write`` returns when NIXL reports the WRITE complete; with a
-checksum the receiver first verifies it and acknowledges (ACK), and ``write`` returns on the ACK.
+landing, :meth:`nixl_agent.prep_xfer_dlist`, and reused) whose notification carries ``(seq, tag, epoch, checksum)``;
+the receiver, on that notification, completes the slot. A sender writes once under a grant: a second write of the
+tag asks again and is refused. ``write`` returns when NIXL reports the WRITE complete; with a checksum the receiver
+first verifies it and acknowledges (ACK), and ``write`` returns on the ACK. Without a checksum a write whose grant
+is already held posts at once, and one NIXL completes inside ``transfer`` (a local copy, e.g. UCX's CMA) returns
+with no deadline timer, future or event-loop hop (nothing can revoke it in between: one thread).
 
 **Revocation fence.** When a granted landing is withdrawn before its notification (``cancel``, a timed-out
 ``wait``; or another sender asks for it) the receiver revokes ``(tag, epoch)``: the sender drops the grant,
@@ -669,96 +672,153 @@ class NixlTransport(Transport):
             raise TransportError(f"{self.name}: the source of tag {tag!r} is not inside a registered region "
                                  "(nixl writes from registered memory: call register() on its buffer once)")
         nbytes = int(data.numel())
+        if timeout is None or not timeout >= 0:
+            raise TransportError(f"timeout must be a number >= 0, got {timeout!r}")
+        r = p.grants.get(tag)
+        if r is not None and checksum is None and not self.checksum and r.nbytes == nbytes and r.md_epoch <= p.epoch:
+            # the fast path, each layer of a granted request: no checksum (so no ACK), the grant already pushed.
+            # Post at once; a WRITE that NIXL completes inside transfer() (a local copy, e.g. UCX's CMA) returns
+            # without suspending, a timer or a future (nothing can revoke the grant in between: one thread)
+            del p.grants[tag]
+            handle, state, key, seq = self._post(p, peer, tag, data, nbytes, r, None)
+            if state == "PROC":
+                await self._guarded(f"write of {tag!r} to {peer!r}", timeout,
+                                    lambda: self._finish(p, peer, tag, handle, state, key, seq, None))
+            else:
+                try:
+                    if state != "DONE":
+                        raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
+                finally:
+                    _release(handle)
+            self.stats.writes += 1
+            self.stats.bytes_sent += nbytes
+            return
 
         async def send() -> None:
             csum = checksum
             if csum is None and self.checksum:
                 csum = await anyio.to_thread.run_sync(checksum_of, data, limiter=self._limiter)
-            seq = next(self._seq)
-            r = p.grants.get(tag)
-            if r is None:
-                group = _group(tag)
-                asked = p.asking.get(group)
-                if asked is not None:  # a request of this group is on its way: its answer grants the group
-                    await asyncio.shield(asked)
-                    r = p.grants.get(tag)
-            if r is not None:
-                del p.grants[tag]
-            if r is None or r.nbytes != nbytes:
-                # no grant pushed for this tag: one round trip (which also grants the rest of its request group)
-                self.handshakes += 1
-                group = _group(tag)
-                asking = p.asking.get(group)
-                if asking is None:
-                    asking = p.asking[group] = asyncio.get_running_loop().create_future()
-                try:
-                    status, grant = await p.request(Header(Kind.REQ, seq, tag, nbytes, csum,
-                                                           extra=self.name.encode()))
-                finally:
-                    if p.asking.get(group) is asking:
-                        del p.asking[group]
-                    if not asking.done():
-                        asking.set_result(None)
-                if status is not Status.OK:
-                    raise Rejected(f"{self.name}: {peer!r} refused tag {tag!r} ({status.name}): "
-                                   f"{grant.extra.decode('utf-8', 'replace')}")
-                r = _parse_grant(grant)
-                if p.grants.get(tag) is not None and p.grants[tag].epoch == r.epoch:
-                    del p.grants[tag]  # the same grant, also pushed
+            r = await self._grant_for(p, peer, tag, nbytes, csum)
             if r.md_epoch > p.epoch:
                 await self._hello(p)
-            key = (tag, r.epoch)
-            if key in p.used:
-                raise Rejected(f"{self.name}: duplicate write of tag {tag!r} to {peer!r} (one arrival per landing)")
-            if key in p.revoked:
-                raise Rejected(f"{self.name}: {peer!r} withdrew the landing of tag {tag!r}; nothing written")
-            p.used[key] = None
-            if len(p.used) > _REVOKED_KEPT:
-                p.used.popitem(last=False)
-            lmem, ldev = _mem(data)
-            agent = self._agent
-            assert self._local_dl is not None and p.remote_dl is not None
-            notif = encode(Header(Kind.DONE, seq, tag, nbytes, csum, arg=r.epoch))
-            ack = p.expect(seq) if csum is not None else None
-            done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            ack = None
+            if csum is not None:  # registered before the notification can be answered
+                ack = p.expect(seq := next(self._seq))
+            else:
+                seq = 0
             try:
-                local = self._local_dl.get(data.data_ptr(), nbytes, lmem, ldev)
-                remote = p.remote_dl.get(r.addr, nbytes, r.mem, r.dev)
-                handle = agent.make_prepped_xfer("WRITE", local, [0], remote, [0], notif)
-                state = agent.transfer(handle)
-            except Exception as exc:
-                p.pending.pop(seq, None)
-                raise TransportError(f"{self.name}: NIXL could not post the write of {tag!r} to {peer!r}: {exc}") from exc
-            p.active[key] = done  # a revocation of this grant waits for it
-            xid = None
-            try:
-                if state == "PROC":
-                    xid = next(self._xids)
-                    self._inflight[xid] = (handle, done)
-                    self._kick()
-                    state = await done
-                    xid = None
-                elif not done.done():
-                    done.set_result(state)
-                if state != "DONE":
-                    raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
+                handle, state, key, seq = self._post(p, peer, tag, data, nbytes, r, csum, seq)
+            except BaseException:
                 if ack is not None:
-                    st, hdr = await ack
-                    if st is not Status.OK:
-                        raise TransportError(f"{self.name}: {peer!r} rejected tag {tag!r} ({st.name}): "
-                                             f"{hdr.extra.decode('utf-8', 'replace')}")
-            finally:
-                p.pending.pop(seq, None)
-                p.active.pop(key, None)
-                if xid is not None:  # abandoned (deadline, close): NIXL aborts it on release
-                    self._inflight.pop(xid, None)
-                if not done.done():
-                    done.set_result("ABANDONED")
-                _release(handle)
+                    p.pending.pop(seq, None)
+                raise
+            await self._finish(p, peer, tag, handle, state, key, seq, ack)
 
         await self._guarded(f"write of {tag!r} to {peer!r}", timeout, send)
         self.stats.writes += 1
         self.stats.bytes_sent += nbytes
+
+    async def _grant_for(self, p: _Peer, peer: str, tag: str, nbytes: int, csum: int | None) -> _Remote:
+        """The grant to write ``tag``: pushed already, in the answer to the group's request in flight, or by a
+        request of our own (one round trip, which also grants the rest of the tag's request group)."""
+        r = p.grants.get(tag)
+        if r is None:
+            group = _group(tag)
+            asked = p.asking.get(group)
+            while r is None and asked is not None:
+                # a request of this group is on its way: its answer grants the group; a grant pushed
+                # meanwhile wakes us to look, then we wait on (the request stays the group's one round trip)
+                await asyncio.shield(asked)
+                r = p.grants.get(tag)
+                asked = p.asking.get(group)
+        if r is not None:
+            del p.grants[tag]
+            if r.nbytes == nbytes:
+                return r
+        self.handshakes += 1
+        group = _group(tag)
+        asking = p.asking.get(group)
+        if asking is None:
+            asking = p.asking[group] = asyncio.get_running_loop().create_future()
+        try:
+            status, grant = await p.request(Header(Kind.REQ, next(self._seq), tag, nbytes, csum,
+                                                   extra=self.name.encode()))
+        finally:
+            # answered (or failed): every writer waiting on the group looks again; one with no grant then asks
+            # itself (pushes may have replaced our future with a fresh one: resolve both)
+            current = p.asking.pop(group, None)
+            for fut in (asking, current):
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+        if status is not Status.OK:
+            raise Rejected(f"{self.name}: {peer!r} refused tag {tag!r} ({status.name}): "
+                           f"{grant.extra.decode('utf-8', 'replace')}")
+        r = _parse_grant(grant)
+        if p.grants.get(tag) is not None and p.grants[tag].epoch == r.epoch:
+            del p.grants[tag]  # the same grant, also pushed
+        return r
+
+    def _post(self, p: _Peer, peer: str, tag: str, data: torch.Tensor, nbytes: int, r: _Remote,
+              csum: int | None, seq: int = 0) -> tuple[Any, str, tuple[str, int], int]:
+        """Post the one WRITE under grant ``r`` (refused if already written or revoked): its handle, the state
+        ``transfer`` returned, the grant's key and the notification's seq."""
+        key = (tag, r.epoch)
+        if key in p.used:
+            raise Rejected(f"{self.name}: duplicate write of tag {tag!r} to {peer!r} (one arrival per landing)")
+        if key in p.revoked:
+            raise Rejected(f"{self.name}: {peer!r} withdrew the landing of tag {tag!r}; nothing written")
+        p.used[key] = None
+        if len(p.used) > _REVOKED_KEPT:
+            p.used.popitem(last=False)
+        if not seq:
+            seq = next(self._seq)
+        lmem, ldev = _mem(data)
+        assert self._local_dl is not None and p.remote_dl is not None
+        notif = encode(Header(Kind.DONE, seq, tag, nbytes, csum, arg=r.epoch))
+        try:
+            local = self._local_dl.get(data.data_ptr(), nbytes, lmem, ldev)
+            remote = p.remote_dl.get(r.addr, nbytes, r.mem, r.dev)
+            handle = self._agent.make_prepped_xfer("WRITE", local, [0], remote, [0], notif)
+        except Exception as exc:
+            raise TransportError(f"{self.name}: NIXL could not post the write of {tag!r} to {peer!r}: {exc}") from exc
+        try:
+            state = self._agent.transfer(handle)
+        except Exception as exc:
+            _release(handle)
+            raise TransportError(f"{self.name}: NIXL could not post the write of {tag!r} to {peer!r}: {exc}") from exc
+        return handle, state, key, seq
+
+    async def _finish(self, p: _Peer, peer: str, tag: str, handle: Any, state: str, key: tuple[str, int], seq: int,
+                      ack: asyncio.Future[tuple[Status, Header]] | None) -> None:
+        """Until the posted WRITE completes (polled by :meth:`_progress`) and, with a checksum, its ACK; the
+        handle is released in every case (NIXL aborts a transfer still posted)."""
+        done: asyncio.Future[str] | None = None
+        xid = None
+        try:
+            if state == "PROC":
+                done = asyncio.get_running_loop().create_future()
+                p.active[key] = done  # a revocation of this grant waits for it
+                xid = next(self._xids)
+                self._inflight[xid] = (handle, done)
+                self._kick()
+                state = await done
+                xid = None
+            if state != "DONE":
+                raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
+            if ack is not None:
+                st, hdr = await ack
+                if st is not Status.OK:
+                    raise TransportError(f"{self.name}: {peer!r} rejected tag {tag!r} ({st.name}): "
+                                         f"{hdr.extra.decode('utf-8', 'replace')}")
+        finally:
+            p.pending.pop(seq, None)
+            if done is not None:
+                p.active.pop(key, None)
+                if not done.done():
+                    done.set_result("ABANDONED")
+            if xid is not None:  # abandoned (deadline, close): NIXL aborts it on release
+                self._inflight.pop(xid, None)
+            _release(handle)
 
 
 def _parse_grant(hdr: Header) -> _Remote:
@@ -799,7 +859,7 @@ class _Peer:
                 if hdr.kind is Kind.GRANT and hdr.seq == 0:  # pushed: a grant, or the revocation of one
                     self._on_push(hdr)
                     continue
-                # GRANT and ACK share a seq: a GRANT answers the REQ future, the ACK the one registered after it
+                # a GRANT answers its REQ's future, an ACK its write's (each by its own seq)
                 fut = self.pending.pop(hdr.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result((hdr.status, hdr))
@@ -810,8 +870,11 @@ class _Peer:
                 self.grants[hdr.tag] = _parse_grant(hdr)
             except (ValueError, TransportError) as exc:
                 log.warning("%s: bad pushed grant from %s: %s", self.owner.name, self.name, exc)
-            asking = self.asking.pop(_group(hdr.tag), None)
-            if asking is not None and not asking.done():  # writers waiting on the group's request: look again
+            group = _group(hdr.tag)
+            asking = self.asking.get(group)
+            if asking is not None and not asking.done():
+                # writers waiting on the group's request look for their grant; the rest wait on for its answer
+                self.asking[group] = asyncio.get_running_loop().create_future()
                 asking.set_result(None)
             return
         # revoked: no write of (tag, epoch) starts from now on; acknowledge once the one posted (if any) is done
@@ -841,12 +904,12 @@ class _Peer:
         return fut
 
     async def request(self, hdr: Header) -> tuple[Status, Header]:
-        """Send ``hdr`` and await the reply with its seq. Requests made in one event-loop pass leave as one
-        message (one frame each)."""
+        """Send ``hdr`` (with any acknowledgements queued) at once and await the reply with its seq. At once:
+        a request is the first thing a group's writers wait on, and the other writes of the group, which run
+        before a deferred flush would, only wait for its answer."""
         fut = self.expect(hdr.seq)
         self.outbox.append(encode(hdr))
-        if len(self.outbox) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._flush()
         try:
             return await fut
         finally:

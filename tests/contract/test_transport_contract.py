@@ -48,6 +48,8 @@ def make_config(kind: str, **kw: Any) -> Any:
         return ZmqTransportConfig(**common)
     if kind == "zmq-ipc":
         return ZmqTransportConfig(scheme="ipc", **common)
+    if kind == "zmq-tcp":  # the opt-in data socket, for every payload size (the threshold is 0)
+        return ZmqTransportConfig(data_socket="tcp", data_socket_min_bytes=0, **common)
     if kind == "nixl":
         return NixlTransportConfig(**common)
     if kind == "faults":
@@ -55,7 +57,7 @@ def make_config(kind: str, **kw: Any) -> Any:
     raise AssertionError(kind)
 
 
-KINDS = ["loopback", "zmq", "zmq-ipc", pytest.param("nixl", marks=[pytest.mark.nixl, pytest.mark.skipif(
+KINDS = ["loopback", "zmq", "zmq-ipc", "zmq-tcp", pytest.param("nixl", marks=[pytest.mark.nixl, pytest.mark.skipif(
     not HAVE_NIXL, reason="nixl extra not installed")]), "faults"]
 
 
@@ -66,7 +68,16 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Transport,
     cfg = make_config(kind)
     async with create_transport(cfg, "snd", fabric=fabric) as a, create_transport(cfg, "rcv", fabric=fabric) as b:
         await a.connect("rcv", b.address)
+        if kind == "zmq-tcp":
+            await data_socket_up(a, "rcv")
         yield a, b
+
+
+async def data_socket_up(t: Any, peer: str) -> None:
+    """Wait until ``t``'s writes to ``peer`` travel over its data socket (so the suite tests that path)."""
+    with anyio.fail_after(10):
+        while not t.data_socket_ready(peer):
+            await anyio.sleep(0.01)
 
 
 def pattern(n: int, seed: int = 0) -> torch.Tensor:
@@ -216,12 +227,15 @@ async def test_close_wakes_every_waiter() -> None:
     assert len(errors) == 3 and all(isinstance(e, TransportClosed) for e in errors)
 
 
-@pytest.mark.parametrize("kind", ["zmq", pytest.param("nixl", marks=pytest.mark.skipif(not HAVE_NIXL, reason="nixl"))])
+@pytest.mark.parametrize("kind", ["zmq", "zmq-tcp",
+                                  pytest.param("nixl", marks=pytest.mark.skipif(not HAVE_NIXL, reason="nixl"))])
 async def test_close_wakes_pending_writer(kind: str) -> None:
     cfg = make_config(kind, pending_timeout_s=30.0)
     async with create_transport(cfg, "snd") as a, create_transport(cfg, "rcv") as b:
         b.register(torch.zeros(64, dtype=torch.uint8))
         await a.connect("rcv", b.address)
+        if kind == "zmq-tcp":
+            await data_socket_up(a, "rcv")
         src = src_in(a, pattern(64))
         async with anyio.create_task_group() as tg:
             async def writer() -> None:
@@ -252,7 +266,7 @@ def create_region_elsewhere(t: torch.Tensor) -> Any:
 # --- faults -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("inner", ["loopback", "zmq", pytest.param("nixl", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("inner", ["loopback", "zmq", "zmq-tcp", pytest.param("nixl", marks=pytest.mark.skipif(
     not HAVE_NIXL, reason="nixl"))])
 async def test_corruption_is_caught_by_checksums(inner: str, caplog: pytest.LogCaptureFixture) -> None:
     icfg = make_config(inner, checksum=True)
@@ -260,6 +274,8 @@ async def test_corruption_is_caught_by_checksums(inner: str, caplog: pytest.LogC
     fabric = LoopbackFabric()
     async with create_transport(cfg, "snd", fabric=fabric) as a, create_transport(icfg, "rcv", fabric=fabric) as b:
         await a.connect("rcv", b.address)
+        if inner == "zmq-tcp":
+            await data_socket_up(a.inner, "rcv")  # type: ignore[attr-defined]
         dst = torch.zeros(1 << 16, dtype=torch.uint8)
         region = b.register(dst)
         src = src_in(a, pattern(1 << 16, 8))
@@ -467,7 +483,7 @@ class RemotePeer(JsonLineChild):
         self.proc.wait(10)
 
 
-PROC_KINDS = ["zmq", pytest.param("nixl", marks=[pytest.mark.nixl, pytest.mark.skipif(not HAVE_NIXL, reason="nixl")])]
+PROC_KINDS = ["zmq", "zmq-tcp", pytest.param("nixl", marks=[pytest.mark.nixl, pytest.mark.skipif(not HAVE_NIXL, reason="nixl")])]
 
 
 def _sha(t: torch.Tensor) -> str:
@@ -487,6 +503,8 @@ async def test_two_processes_both_directions_and_bad_input(kind: str) -> None:
             region = t.register(dst)
             await t.connect("remote", peer.address)
             assert (await peer.call(op="connect", peer="local", address=t.address))["ok"]
+            if kind == "zmq-tcp":
+                await data_socket_up(t, "remote")
             # local -> remote, 1 MiB at an offset; the remote reports the sha of what landed
             src = src_in(t, pattern(1 << 20, 21))
             assert (await peer.call(op="expose", tag="a", offset=4096, nbytes=1 << 20))["ok"]
@@ -527,6 +545,8 @@ async def test_killed_peer_ends_in_deadlines(kind: str) -> None:
             region = t.register(torch.zeros(n, dtype=torch.uint8))
             await t.connect("remote", peer.address)
             assert (await peer.call(op="connect", peer="local", address=t.address))["ok"]
+            if kind == "zmq-tcp":
+                await data_socket_up(t, "remote")
             src = src_in(t, pattern(n, 3))
             assert (await peer.call(op="expose", tag="k0", offset=0, nbytes=n))["ok"]
             await t.write("remote", "k0", src, 20.0)

@@ -3,9 +3,12 @@
 Per backend and message size (64 KiB, 1 MiB, 4 MiB, 16 MiB), interleaved and repeated (medians):
 
 * ``zmq`` across two processes vs raw pyzmq PUSH/PULL with zero-copy frames between two processes;
+  ``zmq-tcp`` the same with the opt-in data socket (``ZmqTransportConfig.data_socket: tcp``: payloads of at least
+  ``data_socket_min_bytes`` over one plain TCP connection, received straight into the landing slot);
 * ``nixl`` across two processes vs raw NIXL WRITEs (agent to agent, a window of posted transfers, notification
   per message) between two processes;
-* ``loopback`` in one process vs a plain ``copy_`` of the same bytes.
+* ``loopback`` in one process vs a plain ``copy_`` of the same bytes, in alternating blocks (the ratio is the
+  median of per-pair ratios: robust to other load on a shared box; see :func:`bench_loopback`).
 
 Two references ride along with zmq (not the target's baseline): ``raw_land_gib_s``, raw PUSH/PULL whose receiver
 also copies each frame into a landing slot (the copy any zmq receiver must make: libzmq owns the receive buffer),
@@ -47,7 +50,9 @@ SIZES = [64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_out", help="write results as JSON here")
     parser.add_argument("--quick", action="store_true", help="fewer bytes and repeats (< 30 s)")
-    parser.add_argument("--backends", default="loopback,zmq,nixl", help="comma-separated (default all)")
+    parser.add_argument("--backends", default="loopback,zmq,nixl",
+                        help="comma-separated: loopback, zmq, zmq-tcp (zmq with its data socket), nixl "
+                             "(default loopback,zmq,nixl)")
     parser.add_argument("--repeats", type=int, default=None, help="passes per point (default 5, quick 2)")
     parser.add_argument("--mib-per-point", type=int, default=None, help="MiB per pass (default 256, quick 96)")
     parser.add_argument("--no-links", action="store_true", help="skip the emulated link cases")
@@ -302,10 +307,12 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
     from dualpath.transports import create_transport
     from dualpath.transports.config import NixlTransportConfig, ZmqTransportConfig
 
-    cfg = ZmqTransportConfig() if kind == "zmq" else NixlTransportConfig()
+    zmq_like = kind in ("zmq", "zmq-tcp")
+    cfg = ZmqTransportConfig(data_socket="tcp") if kind == "zmq-tcp" else \
+        ZmqTransportConfig() if kind == "zmq" else NixlTransportConfig()
     buf = 4 * max(sizes)
     peer = Child(["-m", "dualpath.transports.peer", "peer", cfg.model_dump_json(), str(buf)])
-    if kind == "zmq":
+    if zmq_like:
         raw = Child(["-m", "dualpath.commands.bench_transport", "raw-zmq"])
     else:
         raw = Child(["-m", "dualpath.commands.bench_transport", "raw-nixl", str(buf)])
@@ -315,10 +322,16 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
         async with create_transport(cfg, "bench") as t:
             t.register(src)
             await t.connect("peer", peer.first["address"])
+            if kind == "zmq-tcp":  # large writes go over the data socket once it is up (a few ms)
+                import anyio
+
+                with anyio.fail_after(30):
+                    while not t.data_socket_ready("peer"):  # type: ignore[attr-defined]
+                        await anyio.sleep(0.01)
             land_pass: Callable[[int, int], float] | None = None
             tcp_pass: Callable[[int, int], float] | None = None
             tcp_child: Child | None = None
-            if kind == "zmq":
+            if zmq_like:
                 import zmq
 
                 ctx = zmq.Context()
@@ -378,6 +391,8 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 co, cr = statistics.median(cpu_ours), statistics.median(cpu_raw)
                 extra: dict[str, Any] = {"cpu_s_per_gib": round(co / gib, 4), "raw_cpu_s_per_gib": round(cr / gib, 4),
                                          "cpu_ratio": round(cr / co, 3) if co > 0 else None}
+                if kind == "zmq-tcp":  # writes that took the data socket so far (all of ours at these sizes)
+                    extra["data_socket_writes"] = t.data_socket_stats["writes"]  # type: ignore[attr-defined]
                 if landed:  # reference: raw PUSH/PULL whose receiver also copies each frame into a landing slot
                     lg = statistics.median(landed)
                     extra.update(raw_land_gib_s=round(lg, 3), ratio_vs_raw_land=round(g / lg, 3))
@@ -388,7 +403,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 runs.append({"backend": kind, "size_bytes": size, "messages": count, "window": _window(size),
                              "landing_slots": SLOTS, **({"nixl_progress_thread": False} if kind == "nixl" else {}),
                              "gib_s": round(g, 3), "raw_gib_s": round(rg, 3), "ratio": round(g / rg, 3),
-                             "baseline": "raw pyzmq PUSH/PULL zero-copy" if kind == "zmq" else "raw NIXL WRITE",
+                             "baseline": "raw pyzmq PUSH/PULL zero-copy" if zmq_like else "raw NIXL WRITE",
                              "gib_s_all": [round(x, 3) for x in ours], "raw_gib_s_all": [round(x, 3) for x in base],
                              **extra})
                 more = f"  (raw+landing copy {extra['raw_land_gib_s']:.2f}, ratio {extra['ratio_vs_raw_land']:.2f})" \
@@ -399,7 +414,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                     more += f"  CPU raw/ours {extra['cpu_ratio']:.2f}"
                 print(f"  {kind:8s} {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  ratio {g / rg:5.2f}{more}",
                       flush=True)
-            if kind == "zmq":
+            if zmq_like:
                 sock.close(0)
                 ctx.term()
                 tcp_sock.close()
@@ -411,7 +426,21 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
     return runs
 
 
+def _loopback_block(size: int) -> int:
+    """Transfers per timed block of the loopback bench: ~4 MiB of copies (1 to 64), so a block lasts long enough
+    for the clock and short enough that load from other processes rarely lands in one side of a pair only."""
+    return max(1, min(64, (4 * MiB) // size))
+
+
 async def bench_loopback(sizes: list[int], repeats: int, mib: int) -> list[dict[str, Any]]:
+    """Loopback (expose + write + wait per transfer, the full contract) vs a plain ``copy_`` of the same bytes.
+
+    Both walk one shared cursor over 64 MiB pools (distinct Layer Blocks into distinct landing slots, as an engine
+    does; larger than the caches, so each side copies cold bytes), in alternating blocks of
+    :func:`_loopback_block` transfers: raw, ours, raw, ours... Each block gives a time per transfer; ``gib_s``
+    and ``raw_gib_s`` come from the medians over all blocks and ``ratio`` is the median of the per-pair ratios
+    (raw block time / the next ours block time), so load from other processes that hits a few blocks moves
+    neither. ``gib_s_all``/``raw_gib_s_all`` are the per-repeat medians."""
     import torch
 
     from dualpath.transports import create_transport
@@ -421,10 +450,9 @@ async def bench_loopback(sizes: list[int], repeats: int, mib: int) -> list[dict[
     fabric = LoopbackFabric()
     cfg = LoopbackTransportConfig()
     runs = []
+    clock = time.perf_counter_ns
     async with create_transport(cfg, "a", fabric=fabric) as a, create_transport(cfg, "b", fabric=fabric) as b:
         await a.connect("b", "b")
-        # distinct Layer Blocks into distinct landing slots (as an engine does), over pools larger than the
-        # caches, for both our path and the raw copy_
         pool = 64 * MiB
         src = torch.randint(0, 256, (pool,), dtype=torch.uint8)
         dst = torch.zeros(pool, dtype=torch.uint8)
@@ -433,38 +461,63 @@ async def bench_loopback(sizes: list[int], repeats: int, mib: int) -> list[dict[
         for size in sizes:
             count = _counts(size, mib)
             slots = pool // size
+            block = _loopback_block(size)
             srcs = [src[j * size:(j + 1) * size] for j in range(slots)]
             dsts = [dst[j * size:(j + 1) * size] for j in range(slots)]
+            cursor = 0
 
-            async def ours(count: int = count, size: int = size, slots: int = slots, srcs: Any = srcs) -> float:
-                t0 = time.perf_counter()
-                for i in range(count):
+            async def ours(block: int = block, size: int = size, slots: int = slots, srcs: Any = srcs) -> float:
+                nonlocal cursor
+                first = cursor
+                cursor += block
+                t0 = clock()
+                for i in range(first, first + block):
                     j = i % slots
                     b.expose("t", region, j * size, size)
                     await a.write("b", "t", srcs[j], 10.0)
                     await b.wait("t", 10.0)
-                return size * count / (time.perf_counter() - t0) / 2**30
+                return (clock() - t0) / block
 
-            def raw(count: int = count, size: int = size, slots: int = slots, srcs: Any = srcs,
-                    dsts: Any = dsts) -> float:
-                t0 = time.perf_counter()
-                for i in range(count):
+            def raw(block: int = block, slots: int = slots, srcs: Any = srcs, dsts: Any = dsts) -> float:
+                nonlocal cursor
+                first = cursor
+                cursor += block
+                t0 = clock()
+                for i in range(first, first + block):
                     j = i % slots
                     dsts[j].copy_(srcs[j])
-                return size * count / (time.perf_counter() - t0) / 2**30
+                return (clock() - t0) / block
 
-            raw(min(count, 16))
-            await ours(min(count, 16))
-            o, r = [], []
+            pairs = max(4, count // block)
+            for _ in range(min(pairs, 8)):  # warm-up
+                raw()
+                await ours()
+            o_all: list[float] = []
+            r_all: list[float] = []
+            o_rep, r_rep = [], []
             for _ in range(repeats):
-                r.append(raw())
-                o.append(await ours())
-            g, rg = statistics.median(o), statistics.median(r)
-            runs.append({"backend": "loopback", "size_bytes": size, "messages": count, "window": 1,
-                         "gib_s": round(g, 3),
-                         "raw_gib_s": round(rg, 3), "ratio": round(g / rg, 3), "baseline": "torch copy_",
-                         "gib_s_all": [round(x, 3) for x in o], "raw_gib_s_all": [round(x, 3) for x in r]})
-            print(f"  loopback {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  ratio {g / rg:5.2f}", flush=True)
+                o_ns, r_ns = [], []
+                for _ in range(pairs):
+                    r_ns.append(raw())
+                    o_ns.append(await ours())
+                o_all += o_ns
+                r_all += r_ns
+                o_rep.append(size / statistics.median(o_ns))  # bytes per ns
+                r_rep.append(size / statistics.median(r_ns))
+            to_gib_s = 1e9 / 2**30
+            g = size / statistics.median(o_all) * to_gib_s
+            rg = size / statistics.median(r_all) * to_gib_s
+            ratio = statistics.median(r / o for r, o in zip(r_all, o_all, strict=True))
+            runs.append({"backend": "loopback", "size_bytes": size, "messages": pairs * repeats * block, "window": 1,
+                         "block": block, "gib_s": round(g, 3), "raw_gib_s": round(rg, 3), "ratio": round(ratio, 3),
+                         "ratio_of_medians": round(g / rg, 3), "baseline": "torch copy_",
+                         "us_per_transfer": round(statistics.median(o_all) / 1e3, 3),
+                         "raw_us_per_transfer": round(statistics.median(r_all) / 1e3, 3),
+                         "gib_s_all": [round(x * to_gib_s, 3) for x in o_rep],
+                         "raw_gib_s_all": [round(x * to_gib_s, 3) for x in r_rep]})
+            print(f"  loopback {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  ratio {ratio:5.2f}"
+                  f"  ({statistics.median(o_all) / 1e3:.2f} vs {statistics.median(r_all) / 1e3:.2f} us per transfer)",
+                  flush=True)
     return runs
 
 
@@ -555,7 +608,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{kind}:", flush=True)
             if kind == "loopback":
                 runs.extend(await bench_loopback(sizes, repeats, mib))
-            elif kind in ("zmq", "nixl"):
+            elif kind in ("zmq", "zmq-tcp", "nixl"):
                 if kind == "nixl":
                     try:
                         import nixl_cu12  # type: ignore[import-not-found]  # noqa: F401
@@ -567,13 +620,13 @@ def run(args: argparse.Namespace) -> int:
             else:
                 from dualpath.errors import ConfigError
 
-                raise ConfigError(f"--backends: unknown backend {kind!r} (loopback, zmq, nixl)")
+                raise ConfigError(f"--backends: unknown backend {kind!r} (loopback, zmq, zmq-tcp, nixl)")
         if not args.no_links:
             print("links:", flush=True)
             runs.extend(await bench_links(quick))
 
     anyio.run(main)
-    targets = {"zmq": 0.85, "nixl": 0.85, "loopback": 0.80}
+    targets = {"zmq": 0.85, "zmq-tcp": 0.85, "nixl": 0.85, "loopback": 0.80}
     checks = {}
     for kind, target in targets.items():
         rs = [r["ratio"] for r in runs if r["backend"] == kind and (kind == "loopback" or r["size_bytes"] >= MiB)]

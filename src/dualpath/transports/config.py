@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dualpath._configbase import Section
 
@@ -54,6 +54,26 @@ class ZmqTransportConfig(_Common):
         "threshold 256 MiB; process-wide, once) instead of returning them to the kernel after each message, so "
         "libzmq's buffer for the next message is not page-faulted in again",
     )
+    data_socket: Literal["zmq", "tcp"] = Field(
+        default="zmq",
+        description="zmq: every payload travels over zmq. tcp (opt-in): payloads of at least data_socket_min_bytes "
+        "travel over one plain TCP connection per sender and receiver (bound to host), received straight into the "
+        "landing slot; zmq keeps small writes and the handshake, which hands out a random per-endpoint secret each "
+        "data connection must present. Not encrypted: refused together with CURVE",
+    )
+    data_socket_min_bytes: int = Field(
+        default=64 << 10, ge=0, description="with data_socket: tcp, payloads of at least this many bytes use it"
+    )
+    data_socket_connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="deadline of a data connection's TCP connect and handshake (both sides)"
+    )
+
+    @model_validator(mode="after")
+    def _data_socket_not_with_curve(self) -> ZmqTransportConfig:
+        if self.data_socket == "tcp" and (self.curve_secret_key is not None or self.curve_public_key is not None):
+            raise ValueError("data_socket='tcp' cannot be combined with CURVE (curve_secret_key / curve_public_key): "
+                             "the data socket is not encrypted; use data_socket='zmq' with CURVE")
+        return self
 
 
 class NixlTransportConfig(_Common):

@@ -21,6 +21,12 @@ hands writes (and connects, resets, late acks) to the thread in order through a 
 on an ``inproc`` PAIR per wake-up; the payload is sent zero-copy from the source tensor. (The previous design
 drove the sockets from asyncio, ``zmq.asyncio``: its wake-ups cost more than the bytes.)
 
+**Data socket** (opt-in, ``data_socket: tcp``; :mod:`dualpath.transports.zmq_data`): payloads of at least
+``data_socket_min_bytes`` go over one plain TCP connection per peer instead, driven by the event loop and
+received by the kernel straight into the landing slot; zmq keeps small writes, the handshake (a ``HELLO`` that
+hands out the receiver's data port and a random per-endpoint secret) and every write made while no data
+connection is up. Not encrypted, so refused together with CURVE.
+
 With CURVE keys configured the ROUTER is a CURVE server and a ZAP authenticator
 admits only ``curve_allowed_clients``; the address then carries the server key (``tcp://h:p|curve=KEY``).
 """
@@ -35,14 +41,13 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
-import warnings
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
 import anyio
-import numpy as np
 import torch
 import zmq
 
@@ -50,7 +55,6 @@ from dualpath.errors import ConfigError, PeerTimeout, TransportClosed, Transport
 from dualpath.transports.base import Transport
 from dualpath.transports.config import ZmqTransportConfig
 from dualpath.transports.landing import Rejected, Slot
-from dualpath.transports.loopback import device_copy
 from dualpath.transports.wire import (
     Header,
     Kind,
@@ -62,6 +66,8 @@ from dualpath.transports.wire import (
     pack_acks,
     unpack_acks,
 )
+from dualpath.transports.zmq_data import SECRET_BYTES, DataLink, DataServer, Outgoing, ack_frame
+from dualpath.transports.zmq_data import land as _land
 
 log = logging.getLogger("dualpath.transports.zmq")
 _KEY_SEP = "|curve="
@@ -73,20 +79,6 @@ def split_address(address: str) -> tuple[str, str | None]:
         endpoint, key = address.split(_KEY_SEP, 1)
         return endpoint, key
     return address, None
-
-
-def _land(view: torch.Tensor, buf: memoryview, verify: int | None) -> None:
-    """Verify (optional) then copy a received frame into a landing view (runs in a thread for big frames)."""
-    if verify is not None and checksum_of(buf) != verify:
-        raise Rejected("checksum mismatch; arrival discarded")
-    arr = np.frombuffer(buf, dtype=np.uint8)
-    if view.device.type == "cpu":
-        np.copyto(view.numpy(), arr)
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        src = torch.from_numpy(arr)
-    device_copy(view, src)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -129,15 +121,19 @@ def _discard_rest(sock: zmq.Socket[bytes]) -> int:
     return n
 
 
+_RELINK_S = 0.5  # at most one new data connection per peer this often
+DATA_SOCKET_WITH_CURVE = ("transport.data_socket='tcp' cannot be combined with CURVE (transport.curve_secret_key / "
+                          "transport.curve_public_key): the data socket is not encrypted; use data_socket='zmq'")
 _NOTHING = bytearray()  # recv_into an empty buffer discards a frame without copying it
 _DRAIN = 256  # messages handled per poll round of the I/O thread before its completions go to the event loop
 _WRITE, _CONNECT, _RESET, _ACK, _EXIT = b"W", b"C", b"R", b"A", b"X"  # commands, event loop -> I/O thread
+_HELLO = b"H"  # ask the peer (again) for its data socket
 
 AckResult = tuple[Status | None, str]
 
 
-def _ack_frame(seq: int, tag: str, status: Status, reason: str = "") -> bytes:
-    return encode(Header(Kind.ACK, seq, tag, status=status, extra=reason.encode()[:4000]))
+_ack_frame = ack_frame
+Reply = Callable[[int, str, Status, str], None]  # acknowledge (seq, tag, status, reason) to an arrival's sender
 
 
 class ZmqTransport(Transport):
@@ -151,6 +147,14 @@ class ZmqTransport(Transport):
         self._curve = cfg.curve_secret_key is not None or cfg.curve_public_key is not None
         if self._curve and not (cfg.curve_secret_key and cfg.curve_public_key):
             raise ConfigError("transport.curve_secret_key and transport.curve_public_key must be set together")
+        self._data_tcp = cfg.data_socket == "tcp"
+        if self._data_tcp and self._curve:
+            raise ConfigError(DATA_SOCKET_WITH_CURVE)
+        self._data_server: DataServer | None = None  # receiving side of the data socket (data_socket: tcp)
+        self._links: dict[str, DataLink] = {}  # peer -> our data connection to it
+        self._offers: dict[str, tuple[str, int, bytes]] = {}  # peer -> (host, port, secret) it offered
+        self._link_tried: dict[str, float] = {}  # peer -> when we last opened a data connection to it
+        self._data_writes = 0
         self._ctx: zmq.Context[Any] | None = None
         self._auth: object | None = None
         self._endpoint = ""
@@ -203,6 +207,9 @@ class ZmqTransport(Transport):
             router.bind(f"ipc://{self._ipc_path}")
         self._endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()  # type: ignore[union-attr]
         self._router = router
+        if self._data_tcp:
+            self._data_server = DataServer(self, cfg.host, max_message_bytes=cfg.max_message_bytes,
+                                           handshake_timeout_s=cfg.data_socket_connect_timeout_s)
         inproc = f"inproc://dualpath-cmd-{id(self)}"
         cmd = self._ctx.socket(zmq.PAIR)
         cmd.setsockopt(zmq.LINGER, 0)
@@ -250,6 +257,11 @@ class ZmqTransport(Transport):
         if self._thread is not None:
             thread = self._thread
             await anyio.to_thread.run_sync(thread.join, 10.0)
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        if self._data_server is not None:
+            self._data_server.close()
         if self._cmd is not None:
             self._cmd.close(linger=0)
         if self._auth is not None:
@@ -375,6 +387,14 @@ class ZmqTransport(Transport):
                     dealers[peer] = sock
                     owners[sock] = peer
                     poller.register(sock, zmq.POLLIN)
+                    if op == _CONNECT and self._data_tcp:  # ask for the peer's data socket (answered by a HELLO)
+                        hello = encode(Header(Kind.HELLO, 0, "data", extra=self.name.encode()))
+                        self._io_send(sock, 0, [hello], poller, todo)
+            elif op == _HELLO:
+                sock = dealers.get(peer)
+                if sock is not None:
+                    self._io_send(sock, 0, [encode(Header(Kind.HELLO, 0, "data", extra=self.name.encode()))],
+                                  poller, todo)
             elif op == _EXIT:
                 return False
         return True
@@ -435,6 +455,9 @@ class ZmqTransport(Transport):
                     log.warning("%s: bad ack from %s: %s", self.name, peer, exc)
                     continue
                 for hdr in hdrs:
+                    if hdr.kind is Kind.HELLO:  # the peer's answer to our HELLO: its data socket, if any
+                        todo.append(lambda hdr=hdr: self._on_offer(peer, hdr))  # type: ignore[misc]
+                        continue
                     todo.append(self._completion(hdr.seq, hdr.status, hdr.extra.decode("utf-8", "replace")))
 
     def _completion(self, seq: int, status: Status | None, reason: str) -> Callable[[], None]:
@@ -491,6 +514,12 @@ class ZmqTransport(Transport):
             ack(0, "", Status.BAD, str(exc))
             return
         sender = hdr.extra.decode("utf-8", "replace") or "?"
+        if hdr.kind is Kind.HELLO and not router.getsockopt(zmq.RCVMORE):  # a sender asks for our data socket
+            server = self._data_server
+            offer = server.offer() if server is not None else Header(Kind.HELLO, 0, "data")
+            with contextlib.suppress(zmq.ZMQError):
+                router.send_multipart([ident, encode(offer)], zmq.NOBLOCK)
+            return
         if hdr.kind is not Kind.DATA or not router.getsockopt(zmq.RCVMORE):
             reason = f"unexpected {hdr.kind.name} message with {2 + _discard_rest(router)} frames; nothing written"
             landings.reject(sender, reason)
@@ -550,7 +579,10 @@ class ZmqTransport(Transport):
                 landings.reject(sender, reason)
                 ack(hdr.seq, hdr.tag, Status.REJECTED, reason)
                 return
-            todo.append(lambda: self._spawn_hold(ident, sender, hdr, payload))
+            def reply(seq: int, tag: str, status: Status, reason: str = "") -> None:
+                self._send_ack(ident, seq, tag, status, reason)
+
+            todo.append(lambda: self._spawn_hold(reply, sender, hdr, payload.buffer))
             return
         # verify (when a checksum came), then one copy into the exposed region (host or device)
         landing = slot
@@ -571,27 +603,27 @@ class ZmqTransport(Transport):
         self.stats.arrivals += 1
         self.stats.bytes_received += nbytes
 
-    def _spawn_hold(self, ident: bytes, sender: str, hdr: Header, payload: zmq.Frame) -> None:
+    def _spawn_hold(self, reply: Reply, sender: str, hdr: Header, buf: memoryview) -> None:
         if self._closed:
             self._landings.release_pending(hdr.payload_len)
             return
-        self._spawn(self._hold(ident, sender, hdr, payload))
+        self._spawn(self._hold(reply, sender, hdr, buf))
 
     def _send_ack(self, ident: bytes, seq: int, tag: str, status: Status, reason: str = "") -> None:
         if self._cmd is None or self._closed:
             return
         self._command(_ACK, "", ident, _ack_frame(seq, tag, status, reason))
 
-    async def _hold(self, ident: bytes, sender: str, hdr: Header, payload: zmq.Frame) -> None:
+    async def _hold(self, reply: Reply, sender: str, hdr: Header, buf: memoryview) -> None:
+        """An early arrival (``buf``: its payload, received by zmq or the data socket) waits for its tag."""
         try:
             slot = await self._landings.claim_wait(hdr.tag, hdr.payload_len)
         except Rejected as exc:
             self._landings.reject(sender, str(exc))
-            self._send_ack(ident, hdr.seq, hdr.tag, Status.REJECTED, str(exc))
+            reply(hdr.seq, hdr.tag, Status.REJECTED, str(exc))
             return
         finally:
             self._landings.release_pending(hdr.payload_len)
-        buf = payload.buffer
         try:
             if len(buf) <= self.config.inline_copy_bytes and hdr.checksum is None:
                 _land(slot.view, buf, None)
@@ -602,11 +634,10 @@ class ZmqTransport(Transport):
             self._landings.reject(sender, reason)
             err = Rejected(reason) if isinstance(exc, Rejected) else TransportError(reason)
             self._landings.finish(slot, err)
-            self._send_ack(ident, hdr.seq, hdr.tag, Status.CORRUPT if isinstance(exc, Rejected) else Status.BAD,
-                           reason)
+            reply(hdr.seq, hdr.tag, Status.CORRUPT if isinstance(exc, Rejected) else Status.BAD, reason)
             return
         self._landed(slot, len(buf))
-        self._send_ack(ident, hdr.seq, hdr.tag, Status.OK)
+        reply(hdr.seq, hdr.tag, Status.OK, "")
 
     # --- sending --------------------------------------------------------------------------------------------
     async def connect(self, peer: str, address: str) -> None:
@@ -622,8 +653,66 @@ class ZmqTransport(Transport):
             raise ConfigError(f"transport: peer {peer!r} requires CURVE; set curve_secret_key/curve_public_key")
         if peer in self._peers:
             self._fail_pending(peer, Status.CLOSED, f"{self.name}: peer {peer!r} reconnected to {address}")
+        self._offers.pop(peer, None)
+        link = self._links.pop(peer, None)
+        if link is not None:
+            link.abort(f"peer {peer!r} reconnected to {address}")
         self._peers[peer] = address
         self._command(_CONNECT, peer, address)
+
+    # --- the data socket (data_socket: tcp; see dualpath.transports.zmq_data) --------------------------------
+    def _on_offer(self, peer: str, hdr: Header) -> None:
+        """A peer answered our HELLO (event loop): remember its data socket and open a connection to it."""
+        address = self._peers.get(peer)
+        if self._closed or address is None or not hdr.arg or len(hdr.extra) < SECRET_BYTES:
+            return  # it has no data socket (or we moved on): its writes stay on zmq
+        endpoint, _ = split_address(address)
+        host = hdr.extra[SECRET_BYTES:].decode("utf-8", "replace")
+        if endpoint.startswith("tcp://"):  # connect to the host we reach its zmq endpoint at
+            host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        self._offers[peer] = (host, int(hdr.arg), bytes(hdr.extra[:SECRET_BYTES]))
+        self._link_tried.pop(peer, None)
+        self._data_link(peer)
+
+    def _data_link(self, peer: str) -> DataLink | None:
+        """The ready data connection to ``peer``, or None (then the write goes over zmq). Opens one (in its own
+        thread, at most every ``_RELINK_S``) when there is an offer but no live connection."""
+        link = self._links.get(peer)
+        if link is not None and not link.dead:
+            return link if link.ready else None
+        if link is not None and link.never_opened and self._offers.get(peer) == (link.host, link.port, link.secret):
+            # refused or unreachable with this offer (the peer restarted at the same address, or is down): ask
+            # for a fresh one, once; large writes stay on zmq until it comes
+            self._offers.pop(peer, None)
+            if not self._closed and peer in self._peers:
+                self._command(_HELLO, peer)
+            return None
+        offer = self._offers.get(peer)
+        if offer is None or self._closed:
+            return None
+        now = time.monotonic()
+        if now - self._link_tried.get(peer, -_RELINK_S) < _RELINK_S:
+            return None
+        self._link_tried[peer] = now
+        host, port, secret = offer
+        self._links[peer] = DataLink(self, peer, host, port, secret,
+                                     connect_timeout_s=self.config.data_socket_connect_timeout_s)
+        return None
+
+    def data_socket_ready(self, peer: str) -> bool:
+        """Whether writes of at least ``data_socket_min_bytes`` to ``peer`` now travel over the data socket."""
+        link = self._links.get(peer)
+        if link is None or link.dead:
+            self._data_link(peer)
+            return False
+        return link.ready
+
+    @property
+    def data_socket_stats(self) -> dict[str, int]:
+        """Writes sent and arrivals landed through the data socket (zero unless ``data_socket: tcp``)."""
+        server = self._data_server
+        return {"writes": self._data_writes, "arrivals": server.arrivals if server is not None else 0}
+
 
     def _command(self, op: bytes, peer: str, a: object = None, b: object = None) -> None:
         """Queue a command for the I/O thread (a Python deque: no frame per item) and wake it if it is not
@@ -680,19 +769,37 @@ class ZmqTransport(Transport):
         self._pending[seq] = fut
         self._seq_peer[seq] = peer
         timer = loop.call_at(deadline, _expire, fut)
+        link: DataLink | None = None
+        item: Outgoing | None = None
+        if self._data_tcp and nbytes >= self.config.data_socket_min_bytes:
+            link = self._data_link(peer)
+            if link is not None:
+                item = Outgoing(seq, encode(Header(Kind.DATA, seq, tag, nbytes, csum)), host.numpy().data)
+                if link.submit(item):
+                    self._data_writes += 1
+                else:
+                    item = None
         try:
-            # the header is copied into its frame; the payload is zero-copy from ``src`` above pyzmq's copy
-            # threshold (64 KiB; each zero-copy frame costs a release message to pyzmq's collector thread)
-            self._command(_WRITE, peer, seq, [zmq.Frame(hdr), zmq.Frame(host.numpy(), copy=None)])
+            if item is None:
+                # the header is copied into its frame; the payload is zero-copy from ``src`` above pyzmq's copy
+                # threshold (64 KiB; each zero-copy frame costs a release message to pyzmq's collector thread)
+                self._command(_WRITE, peer, seq, [zmq.Frame(hdr), zmq.Frame(host.numpy(), copy=None)])
             status, reason = await fut
         except BaseException:
             self._pending.pop(seq, None)
             self._seq_peer.pop(seq, None)
-            if not self._closed:
+            if link is not None and item is not None:  # the data thread must let go of ``src`` before we return
+                link.release(item, f"{what} was cancelled")
+            elif not self._closed:
                 self._reset(peer, f"{self.name}: {what} was cancelled")
             raise
         finally:
             timer.cancel()
+        if link is not None and item is not None:
+            if status is Status.OK:
+                link.forget(seq)
+            else:
+                link.release(item, f"{what} failed: {_name(status)}")
         if status is Status.OK:
             self.stats.writes += 1
             self.stats.bytes_sent += nbytes
@@ -702,7 +809,10 @@ class ZmqTransport(Transport):
         if status is None:
             self._pending.pop(seq, None)
             self._seq_peer.pop(seq, None)
-            self._reset(peer, f"{self.name}: {what} timed out")
+            if link is not None and item is not None:  # the peer is silent on the data connection: drop it
+                link.abort(f"{what} timed out")
+            else:
+                self._reset(peer, f"{self.name}: {what} timed out")
             raise PeerTimeout(f"{self.name}: {what} not delivered within {timeout:g} s")
         raise Rejected(f"{self.name}: {peer!r} refused tag {tag!r} ({_name(status)}): {reason}")
 

@@ -30,7 +30,7 @@ class Kind(enum.IntEnum):
     REQ = 3  # nixl: may I write payload_len bytes to tag? (arg: unused)
     GRANT = 4  # nixl: write them at address arg (status != OK: refused, reason follows)
     DONE = 5  # nixl: the WRITE for seq completed (checksum when flagged)
-    HELLO = 6  # nixl: agent metadata in the extra bytes
+    HELLO = 6  # nixl: agent metadata in the extra bytes; zmq: the data socket offer (address and secret)
     ACKS = 7  # zmq: several ACKs in one frame (payload_len: how many; extra: each as u32 length + ACK frame)
 
 

@@ -96,12 +96,18 @@ def _run(ckpt_dir, dtype: str, backend: str = "torch", gen_per_turn: int = 8, bl
                          with_tokenizer=False)
     tdt = getattr(torch, dtype)
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(ckpt_dir), dtype=tdt).eval()
+    return paged_turns(ours, hf, _turns(), gen_per_turn, block_tokens)
+
+
+def paged_turns(ours, hf, turns: list[list[int]], gen_per_turn: int, block_tokens: int):
+    """Each of ``turns`` prefills its user tokens over the paged (latent) prefix, then decodes greedily. Returns
+    our and transformers' (its own DynamicCache, fed its own ids) logits at every step and both id streams."""
     pool = KVPool(ours.kv_spec, num_blocks=48, block_tokens=block_tokens)
     table = pool.allocate(48)[::-1]  # physical blocks in reverse: the block table matters
     cache = transformers.DynamicCache(config=hf.config)
     ours_logits, ref_logits, ours_ids, ref_ids = [], [], [], []
     pos = 0
-    for user in _turns():
+    for user in turns:
         chunk, ref_chunk = user, user
         for step in range(gen_per_turn + 1):
             lo = ours(SeqBatch.build([chunk], [pos], [table], block_tokens), pool.layers)[0]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
 from dualpath.model import KVPool, SeqBatch
@@ -74,26 +75,8 @@ def _turns(seed: int = 0) -> list[list[int]]:
 
 
 def _run(model, hf, gen_per_turn: int = 7, block_tokens: int = 4):
-    """Three turns, each prefilling its user tokens over the paged latent prefix then decoding greedily; our and
-    transformers' (its own DynamicCache, fed its own ids) logits at every step and both id streams."""
-    pool = KVPool(model.kv_spec, num_blocks=48, block_tokens=block_tokens)
-    table = pool.allocate(48)[::-1]  # physical blocks in reverse: the block table matters
-    cache = transformers.DynamicCache(config=hf.config)
-    ours, ref, ids, ref_ids, pos = [], [], [], [], 0
-    for user in _turns():
-        chunk, ref_chunk = user, user
-        for step in range(gen_per_turn + 1):
-            lo = model(SeqBatch.build([chunk], [pos], [table], block_tokens), pool.layers)[0]
-            with torch.no_grad():
-                ro = hf(torch.tensor([ref_chunk]), cache=cache, use_cache=True).logits[0, -1].float()
-            pos += len(chunk)
-            ours.append(lo)
-            ref.append(ro)
-            if step < gen_per_turn:
-                ids.append(int(lo.argmax()))
-                ref_ids.append(int(ro.argmax()))
-                chunk, ref_chunk = [ids[-1]], [ref_ids[-1]]
-    return torch.stack(ours), torch.stack(ref), ids, ref_ids
+    """Three turns over the paged latent prefix, ours and transformers' (see test_deepseek.paged_turns)."""
+    return paged_turns(model, hf, _turns(), gen_per_turn, block_tokens)
 
 
 def test_fp32_multi_turn_logits_and_greedy(ckpt):

@@ -92,6 +92,21 @@ def stats(address: str, config: DualPathConfig) -> dict[str, Any]:
     return anyio.run(main)
 
 
+def wait_for(pred: Any, timeout: float, what: str) -> Any:
+    """``pred()``'s first truthy value within ``timeout`` s (an exception counts as not yet: a restarting
+    scheduler); an AssertionError naming ``what`` when it never comes."""
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        try:
+            v = pred()
+        except Exception:
+            v = None
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_util import deployment, reference_tokens, replay, stats, tiny_config, tokens_of, trace
+from serve_util import deployment, reference_tokens, replay, stats, tiny_config, tokens_of, trace, wait_for
 
 from dualpath.storage.blockfile import HEADER_SIZE
 
@@ -38,14 +37,6 @@ def _reference(cfg, agents) -> dict:
     return _refs[key]
 
 
-def _wait(pred, timeout: float, what: str) -> Any:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _kill_during_replay(d, cfg, agents, victim: str) -> tuple[Any, dict, dict]:
@@ -60,7 +51,7 @@ def _kill_during_replay(d, cfg, agents, victim: str) -> tuple[Any, dict, dict]:
     before = stats(d.address, cfg)
     th = threading.Thread(target=_run)
     th.start()
-    _wait(lambda: stats(d.address, cfg).get(f"{victim}.assigned", 0) >= 1, 60, f"{victim} holding turns")
+    wait_for(lambda: stats(d.address, cfg).get(f"{victim}.assigned", 0) >= 1, 60, f"{victim} holding turns")
     d.kill(victim)
     th.join(timeout=180)
     assert not th.is_alive(), "the replay never finished: some turn waits forever"
@@ -72,7 +63,7 @@ def _kill_during_replay(d, cfg, agents, victim: str) -> tuple[Any, dict, dict]:
 @pytest.mark.parametrize("victim", ["de0", "pe1"])
 def test_engine_killed_while_serving(dep, victim: str) -> None:
     d, cfg, _ = dep
-    _wait(lambda: stats(d.address, cfg).get("engines_alive", 0) == 4, 90, "all four engines alive")
+    wait_for(lambda: stats(d.address, cfg).get("engines_alive", 0) == 4, 90, "all four engines alive")
     agents = trace(n_agents=8, n_turns=3, gen=8)
     ref = _reference(cfg, agents)
     old_pid = d.pid(victim)
@@ -83,8 +74,8 @@ def test_engine_killed_while_serving(dep, victim: str) -> None:
     assert after.get("retries", 0) > before.get("retries", 0), "the killed engine's turns were re-dispatched"
     assert after.get("failed", 0) == before.get("failed", 0)
     # the launcher restarts it; it registers again and serves
-    _wait(lambda: d.pid(victim) != old_pid, 30, "restart")
-    _wait(lambda: stats(d.address, cfg).get("engines_alive", 0) == 4, 90, f"{victim} back")
+    wait_for(lambda: d.pid(victim) != old_pid, 30, "restart")
+    wait_for(lambda: stats(d.address, cfg).get("engines_alive", 0) == 4, 90, f"{victim} back")
     more = trace(n_agents=4, n_turns=2, gen=8)
     res2 = replay(d.address, more, cfg)
     assert tokens_of(res2) == _reference(cfg, more)

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import pytest
 import zmq
-from serve_util import deployment, reference_tokens, replay, stats, tiny_config, tokens_of, trace
+from serve_util import deployment, reference_tokens, replay, stats, tiny_config, tokens_of, trace, wait_for
 
 from dualpath.control.client import SchedulerLost, ServeClient
 from dualpath.control.launcher import Deployment
@@ -48,17 +48,6 @@ def dep(tmp_path_factory: pytest.TempPathFactory):
         yield d, cfg
 
 
-def _wait(pred: Any, timeout: float, what: str) -> Any:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        try:
-            v = pred()
-        except Exception:  # the scheduler is restarting
-            v = None
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _serve_one(d: Deployment, cfg: Any) -> bool:
@@ -112,11 +101,11 @@ def test_a_hung_scheduler_is_replaced(dep) -> None:
     assert d.hung_kills == kills0 and d.pid("scheduler") == pid0 and d.restarts == 0
     out: dict[str, Any] = {}
     th = _long_turn(d, cfg, out)
-    _wait(lambda: stats(d.address, cfg).get("inflight", 0) >= 1, 30, "the turn in flight")
+    wait_for(lambda: stats(d.address, cfg).get("inflight", 0) >= 1, 30, "the turn in flight")
     d.kill("scheduler", signal.SIGSTOP)
     t_stop = time.monotonic()
     try:
-        _wait(lambda: d.hung_kills > kills0, 15, "the launcher to kill the hung scheduler")
+        wait_for(lambda: d.hung_kills > kills0, 15, "the launcher to kill the hung scheduler")
         t_killed = time.monotonic()
     finally:
         if d.hung_kills == kills0:  # (the test failed: let the process go on)
@@ -125,9 +114,9 @@ def test_a_hung_scheduler_is_replaced(dep) -> None:
     assert not th.is_alive(), "the client kept waiting on a hung scheduler"
     err = out.get("err")
     assert err is not None and isinstance(unwrap(err), SchedulerLost), f"not an explicit loss: {err!r}"
-    _wait(lambda: d.pid("scheduler") != pid0, 10, "the scheduler replaced")
+    wait_for(lambda: d.pid("scheduler") != pid0, 10, "the scheduler replaced")
     assert d.standby_takeovers == takeovers0 + 1 and d.cold_restarts == 0
-    _wait(lambda: _serve_one(d, cfg), 15, "a new turn served")
+    wait_for(lambda: _serve_one(d, cfg), 15, "a new turn served")
     serving = time.monotonic() - t_stop
     assert tokens_of(replay(d.address, trace(n_agents=1, n_turns=1, gen=24), cfg)) == {(0, 0): ref[(0, 0)]}
     hb = cfg.serve.heartbeat_s
@@ -144,8 +133,8 @@ def test_two_kills_in_quick_succession_are_both_warm(dep) -> None:
         pid = d.pid("scheduler")
         d.kill("scheduler", signal.SIGKILL)
         t_kill = time.monotonic()
-        _wait(lambda pid=pid: d.pid("scheduler") != pid, 10, "the scheduler replaced")
-        _wait(lambda: _serve_one(d, cfg), 20, "a new turn served")
+        wait_for(lambda pid=pid: d.pid("scheduler") != pid, 10, "the scheduler replaced")
+        wait_for(lambda: _serve_one(d, cfg), 20, "a new turn served")
         times.append(time.monotonic() - t_kill)
     assert d.standby_takeovers == takeovers0 + 2, "the second kill got a cold restart"
     assert d.cold_restarts == cold0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_util import deployment, reference_tokens, replay, stats, tiny_config, tokens_of, trace
+from serve_util import deployment, reference_tokens, replay, stats, tiny_config, tokens_of, trace, wait_for
 
 from dualpath.control.client import SchedulerLost
 
@@ -35,17 +35,6 @@ def dep(tmp_path_factory: pytest.TempPathFactory):
         yield d, cfg
 
 
-def _wait(pred, timeout: float, what: str) -> Any:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        try:
-            v = pred()
-        except Exception:  # the scheduler is restarting
-            v = None
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_scheduler_killed_while_serving(dep) -> None:
@@ -64,7 +53,7 @@ def test_scheduler_killed_while_serving(dep) -> None:
     old_pid = d.pid("scheduler")
     th = threading.Thread(target=_run)
     th.start()
-    _wait(lambda: stats(d.address, cfg).get("inflight", 0) >= 1, 60, "turns in flight")
+    wait_for(lambda: stats(d.address, cfg).get("inflight", 0) >= 1, 60, "turns in flight")
     d.kill("scheduler", signal.SIGKILL)
     t_kill = time.monotonic()
     th.join(timeout=120)
@@ -75,8 +64,8 @@ def test_scheduler_killed_while_serving(dep) -> None:
     assert err is not None and isinstance(unwrap(err), SchedulerLost), f"not an explicit loss: {err!r}"
     noticed = out["t_err"] - t_kill
     # the launcher restarts it; the engines register again; the same client config serves again
-    _wait(lambda: d.pid("scheduler") != old_pid, 30, "scheduler restart")
-    _wait(lambda: stats(d.address, cfg).get("engines_alive", 0) == 2, 30, "engines registered again")
+    wait_for(lambda: d.pid("scheduler") != old_pid, 30, "scheduler restart")
+    wait_for(lambda: stats(d.address, cfg).get("engines_alive", 0) == 2, 30, "engines registered again")
     serving = time.monotonic() - t_kill
     st = stats(d.address, cfg)
     assert st.get("engines_recovered", 0) == 2, "the engines did not re-register from their earlier epoch"
@@ -88,16 +77,16 @@ def test_scheduler_killed_while_serving(dep) -> None:
 
 def test_a_stalled_engine_is_declared_dead_once(dep) -> None:
     d, cfg = dep
-    _wait(lambda: stats(d.address, cfg).get("engines_alive", 0) == 2, 30, "both engines alive")
+    wait_for(lambda: stats(d.address, cfg).get("engines_alive", 0) == 2, 30, "both engines alive")
     before = stats(d.address, cfg)
     pid = d.pid("de0")
     d.kill("de0", signal.SIGSTOP)
     try:
-        _wait(lambda: stats(d.address, cfg).get("de0.alive", 1) == 0, 30, "de0 declared dead")
+        wait_for(lambda: stats(d.address, cfg).get("de0.alive", 1) == 0, 30, "de0 declared dead")
         time.sleep(3 * cfg.serve.dead_after_s)  # stays stopped for several more dead_after_s
     finally:
         d.kill("de0", signal.SIGCONT)
-    _wait(lambda: stats(d.address, cfg).get("de0.alive", 0) == 1, 30, "de0 registered again")
+    wait_for(lambda: stats(d.address, cfg).get("de0.alive", 0) == 1, 30, "de0 registered again")
     time.sleep(3 * cfg.serve.dead_after_s)  # any flapping would show up here
     after = stats(d.address, cfg)
     assert d.pid("de0") == pid, "the stalled engine was restarted instead of re-registering"
@@ -117,7 +106,7 @@ def test_run_serve_against_a_dying_scheduler_prints_one_line_and_the_partial_tab
     from dualpath.cli import main
 
     d, cfg = dep
-    _wait(lambda: stats(d.address, cfg).get("engines_alive", 0) == 2, 30, "both engines alive")
+    wait_for(lambda: stats(d.address, cfg).get("engines_alive", 0) == 2, 30, "both engines alive")
     conf = tmp_path / "client.json"
     conf.write_text(json.dumps({"model": cfg.model.model_dump(mode="json"),
                                 "serve": {"heartbeat_s": 0.1, "request_deadline_s": 60.0}}))
@@ -136,4 +125,4 @@ def test_run_serve_against_a_dying_scheduler_prints_one_line_and_the_partial_tab
     assert len(err_lines) == 1 and "scheduler" in err_lines[0], cap.err[-2000:]
     assert "Traceback" not in cap.err
     assert "(partial)" in cap.out
-    _wait(lambda: stats(d.address, cfg).get("engines_alive", 0) == 2, 30, "serving again")
+    wait_for(lambda: stats(d.address, cfg).get("engines_alive", 0) == 2, 30, "serving again")

@@ -6,6 +6,7 @@ sender, or, for a sender that never acknowledges, made unreachable by re-registe
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -45,6 +46,16 @@ def _pattern(n: int, seed: int) -> torch.Tensor:
     return torch.randint(1, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
+def _buffers(a: Any, b: Any, layers: int, seed: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """``layers`` layers of zeros registered on the receiver ``b`` (with its region) and a pattern registered
+    on the sender ``a``."""
+    dst = torch.zeros(layers * SIZE, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(layers * SIZE, seed)
+    a.register(src)
+    return dst, region, src
+
+
 def _tag(layer: int) -> str:
     return f"r7/kv/l{layer}/p0"
 
@@ -57,10 +68,7 @@ async def _until(cond: object, what: str, deadline: float = 5.0) -> None:
 
 async def test_one_handshake_for_all_layers_of_a_request(pair: tuple) -> None:  # type: ignore[type-arg]
     a, b = pair
-    dst = torch.zeros(LAYERS * SIZE, dtype=torch.uint8)
-    region = b.register(dst)
-    src = _pattern(LAYERS * SIZE, 1)
-    a.register(src)
+    dst, region, src = _buffers(a, b, LAYERS, 1)
     for layer in range(LAYERS):
         b.expose(_tag(layer), region, layer * SIZE, SIZE)
     for layer in range(LAYERS):  # layer by layer, as prefill streams them
@@ -79,10 +87,7 @@ async def test_one_handshake_for_all_layers_of_a_request(pair: tuple) -> None:  
 
 async def test_landings_exposed_later_are_pushed(pair: tuple) -> None:  # type: ignore[type-arg]
     a, b = pair
-    dst = torch.zeros(LAYERS * SIZE, dtype=torch.uint8)
-    region = b.register(dst)
-    src = _pattern(LAYERS * SIZE, 2)
-    a.register(src)
+    dst, region, src = _buffers(a, b, LAYERS, 2)
     peer = a._peers["rcv"]
     for layer in range(LAYERS):
         b.expose(_tag(layer), region, layer * SIZE, SIZE)
@@ -99,10 +104,7 @@ async def test_writers_waiting_on_the_request_take_pushed_grants_without_asking_
     exposed one by one are pushed while the other writers wait on that request, and each takes its own grant
     (none asks again): one handshake, every byte in place."""
     a, b = pair
-    dst = torch.zeros(LAYERS * SIZE, dtype=torch.uint8)
-    region = b.register(dst)
-    src = _pattern(LAYERS * SIZE, 9)
-    a.register(src)
+    dst, region, src = _buffers(a, b, LAYERS, 9)
 
     async def write(layer: int) -> None:
         await a.write("rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 5.0)
@@ -122,10 +124,7 @@ async def test_writers_waiting_on_the_request_take_pushed_grants_without_asking_
 
 async def test_duplicate_write_under_one_grant_is_refused(pair: tuple) -> None:  # type: ignore[type-arg]
     a, b = pair
-    dst = torch.zeros(2 * SIZE, dtype=torch.uint8)
-    region = b.register(dst)
-    src = _pattern(2 * SIZE, 3)
-    a.register(src)
+    dst, region, src = _buffers(a, b, 2, 3)
     b.expose(_tag(0), region, 0, SIZE)
     b.expose(_tag(1), region, SIZE, SIZE)
     await a.write("rcv", _tag(0), src[:SIZE], 5.0)
@@ -138,10 +137,7 @@ async def test_duplicate_write_under_one_grant_is_refused(pair: tuple) -> None: 
 
 async def test_cancel_mid_request_revokes_and_nothing_lands_after(pair: tuple) -> None:  # type: ignore[type-arg]
     a, b = pair
-    dst = torch.zeros(LAYERS * SIZE, dtype=torch.uint8)
-    region = b.register(dst)
-    src = _pattern(LAYERS * SIZE, 4)
-    a.register(src)
+    dst, region, src = _buffers(a, b, LAYERS, 4)
     for layer in range(LAYERS):
         b.expose(_tag(layer), region, layer * SIZE, SIZE)
     await a.write("rcv", _tag(0), src[:SIZE], 5.0)  # grants every layer
@@ -177,10 +173,7 @@ async def test_cancel_mid_request_revokes_and_nothing_lands_after(pair: tuple) -
 
 async def test_wait_timeout_revokes_before_it_returns(pair: tuple) -> None:  # type: ignore[type-arg]
     a, b = pair
-    dst = torch.zeros(2 * SIZE, dtype=torch.uint8)
-    region = b.register(dst)
-    src = _pattern(2 * SIZE, 5)
-    a.register(src)
+    dst, region, src = _buffers(a, b, 2, 5)
     b.expose(_tag(0), region, 0, SIZE)
     b.expose(_tag(1), region, SIZE, SIZE)
     await a.write("rcv", _tag(0), src[:SIZE], 5.0)
@@ -197,10 +190,7 @@ async def test_wait_timeout_revokes_before_it_returns(pair: tuple) -> None:  # t
 
 async def test_notification_of_a_revoked_grant_is_dropped(pair: tuple) -> None:  # type: ignore[type-arg]
     a, b = pair
-    dst = torch.zeros(2 * SIZE, dtype=torch.uint8)
-    region = b.register(dst)
-    src = _pattern(2 * SIZE, 6)
-    a.register(src)
+    dst, region, src = _buffers(a, b, 2, 6)
     b.expose(_tag(0), region, 0, SIZE)
     b.expose(_tag(1), region, SIZE, SIZE)
     await a.write("rcv", _tag(0), src[:SIZE], 5.0)
@@ -219,10 +209,7 @@ async def test_silent_sender_gets_its_region_reregistered(pair: tuple, monkeypat
 
     monkeypatch.setattr(nixl, "_FENCE_S", 0.3)
     a, b = pair
-    dst = torch.zeros(2 * SIZE, dtype=torch.uint8)
-    region = b.register(dst)
-    src = _pattern(2 * SIZE, 7)
-    a.register(src)
+    dst, region, src = _buffers(a, b, 2, 7)
     b.expose(_tag(0), region, 0, SIZE)
     b.expose(_tag(1), region, SIZE, SIZE)
     await a.write("rcv", _tag(0), src[:SIZE], 5.0)
@@ -249,10 +236,7 @@ async def test_second_sender_takes_a_landing_granted_to_the_first(pair: tuple) -
     """Grouping only batches grants: a landing of the group granted to one sender is revoked (acknowledged) and
     granted to another sender that asks for it; each landing still takes exactly one arrival."""
     a, b = pair
-    dst = torch.zeros(2 * SIZE, dtype=torch.uint8)
-    region = b.register(dst)
-    src = _pattern(2 * SIZE, 9)
-    a.register(src)
+    dst, region, src = _buffers(a, b, 2, 9)
     b.expose(_tag(0), region, 0, SIZE)
     b.expose(_tag(1), region, SIZE, SIZE)
     await a.write("rcv", _tag(0), src[:SIZE], 5.0)  # layer 1 is now granted to snd too

@@ -143,3 +143,65 @@ async def test_a_read_stuck_in_the_kernel_ends_at_the_deadline(tmp_path: Path, m
         closed_in = time.monotonic() - t1
         release.set()
     assert closed_in < 10, "close() waited for a worker stuck in the kernel"
+
+
+async def test_a_region_a_stuck_read_may_still_write_is_not_handed_out_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The late write of a read abandoned at its deadline must not land in another request's memory.
+
+    A host buffer holds exactly one request's region. A read into it is abandoned at its deadline while
+    ``os.preadv`` is stuck for one block; the region is freed. Before the fix the next request got the same
+    region at once, and when the stuck call returned its bytes (0xAA here) overwrote that request's KV. Now the
+    region is quarantined: a new allocation waits until the stuck call has returned, then gets it, and what it
+    reads is exactly what was stored."""
+    from dualpath.engine.host_buffer import HostBuffer
+    from dualpath.errors import PeerTimeout
+
+    root = tmp_path / "kv"
+    blocks = await _stored(root)
+    real_preadv = os.preadv
+    hung = threading.Event()
+    release = threading.Event()
+    stuck_ino = _path(root, KEYS[3]).stat().st_ino
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if os.fstat(fd).st_ino == stuck_ino and not hung.is_set():
+            hung.set()
+            release.wait(30)
+            n = 0
+            for b in buffers:  # what the kernel wrote when the hung call finally came back: late bytes
+                b[:] = b"\xaa" * len(b)
+                n += len(b)
+            return n
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    nbytes = len(KEYS) * LAYOUT.full_block_bytes
+    host = HostBuffer(nbytes, "pe0 host buffer")
+    async with PosixStorage(PosixStorageConfig(root=root, io_threads=2), LAYOUT, NS) as st:
+        a = await host.alloc(nbytes, 1.0)
+        with anyio.move_on_after(0.5) as scope:
+            await st.read(KEYS, a.data.view(len(KEYS), *LAYOUT.full_block_shape))
+        assert scope.cancelled_caught and hung.is_set()
+        host.free(a)
+        assert host.quarantined_bytes == a.nbytes, "a region a stuck read may still write was put back"
+        with pytest.raises(PeerTimeout):
+            await host.alloc(nbytes, 0.3)  # the only room is the quarantined region
+
+        got: list[object] = []
+
+        async def next_request() -> None:
+            got.append(await host.alloc(nbytes, 10.0))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(next_request)
+            await anyio.sleep(0.2)
+            assert not got, "the quarantined region was handed out while the stuck read was pending"
+            release.set()  # the stuck call returns and writes its late bytes into the quarantined region
+        c = got[0]
+        assert isinstance(c.offset, int) and c.offset == a.offset and host.quarantined_bytes == 0
+        into = c.data.view(len(KEYS), *LAYOUT.full_block_shape)
+        assert await st.read(KEYS, into) == [BlockStatus.OK] * len(KEYS)
+        await anyio.sleep(0.1)
+        assert torch.equal(into, blocks), "late bytes of an abandoned read landed in the next request's region"

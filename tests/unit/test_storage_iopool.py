@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from dualpath.storage.iopool import IOPool
+from dualpath.storage.latewrites import LATE_WRITES
 
 
 @pytest.fixture
@@ -124,6 +125,37 @@ async def test_stuck_workers_are_retired_and_replaced():
         p.shutdown(timeout=1.0)  # returns although the two retired workers still wait
         hang.set()
     assert not any(t.is_alive() for t in serving)
+
+
+@pytest.mark.anyio
+async def test_the_destination_of_a_stuck_item_is_held_until_it_returns():
+    """While a retired worker may still write, the job's destination range is held in ``LATE_WRITES`` (what the
+    host buffers consult before reusing memory); a range nobody writes late is never held."""
+    p = IOPool(2, name="late-io", grace_s=0.01)
+    hang = threading.Event()
+    done = threading.Event()
+
+    def stuck(x: int) -> int:
+        hang.wait(30)
+        done.set()
+        return x
+
+    try:
+        with anyio.move_on_after(0.05):
+            await p.run(lambda x: x, [0, 1], dest=(1 << 40, 4096))  # finishes: nothing held
+        assert not LATE_WRITES.busy(1 << 40, 4096)
+        with anyio.move_on_after(0.05):
+            await p.run(stuck, [0], dest=(1 << 41, 4096))
+        assert p.retired_workers == 1
+        assert LATE_WRITES.busy((1 << 41) + 4095, 1) and not LATE_WRITES.busy((1 << 41) + 4096, 100)
+        hang.set()
+        assert done.wait(5)
+        with anyio.fail_after(5):
+            while LATE_WRITES.busy(1 << 41, 4096):
+                await anyio.sleep(0.01)
+    finally:
+        hang.set()
+        p.shutdown(timeout=1.0)
 
 
 def test_shutdown_joins_and_refuses_new_work():

@@ -3,6 +3,10 @@
 The arena is allocated once (pinned when CUDA is present) so a transport can register it once; a region is a
 contiguous uint8 view. ``alloc`` waits (with a deadline) while the arena is full and raises
 :class:`~dualpath.errors.EngineError` at once when a request can never fit.
+
+A freed region that a storage read abandoned at its deadline may still be written by a system call stuck in the
+kernel (:mod:`dualpath.storage.latewrites`): ``free`` then quarantines it, and it returns to the free list only
+once that call has returned, so late bytes never land in another request's region.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import anyio
 import torch
 
 from dualpath.errors import EngineError, PeerTimeout
+from dualpath.storage.latewrites import LATE_WRITES
 
 _ALIGN = 64
+_QUARANTINE_POLL_S = 0.05  # how often a waiting ``alloc`` looks whether a quarantined region came free
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class HostBuffer:
         self._free: list[tuple[int, int]] = [(0, self.capacity)]  # sorted (offset, size)
         self._used = 0
         self._changed = anyio.Event()
+        self._base = buf.data_ptr()
+        self._quarantined: list[HostRegion] = []  # freed, but a stuck read may still write into them
 
     @property
     def used_bytes(self) -> int:
@@ -50,6 +58,24 @@ class HostBuffer:
     @property
     def free_bytes(self) -> int:
         return self.capacity - self._used
+
+    @property
+    def quarantined_bytes(self) -> int:
+        """Bytes freed but held back because a storage read stuck in the kernel may still write there."""
+        self._reap()
+        return sum(r.nbytes for r in self._quarantined)
+
+    def _reap(self) -> None:
+        """Put back the quarantined regions whose late writer has returned."""
+        if not self._quarantined:
+            return
+        keep = []
+        for region in self._quarantined:
+            if LATE_WRITES.busy(self._base + region.offset, region.nbytes):
+                keep.append(region)
+            else:
+                self._release(region)
+        self._quarantined = keep
 
     def _try_alloc(self, nbytes: int) -> HostRegion | None:
         size = max(_ALIGN, math.ceil(nbytes / _ALIGN) * _ALIGN)
@@ -72,15 +98,28 @@ class HostBuffer:
             )
         with anyio.move_on_after(deadline_s) as scope:
             while True:
+                self._reap()
                 region = self._try_alloc(max(nbytes, 1))
                 if region is not None:
                     return region
                 event = self._changed
-                await event.wait()
+                if self._quarantined:  # a late writer's return sets no event: look again shortly
+                    with anyio.move_on_after(_QUARANTINE_POLL_S):
+                        await event.wait()
+                else:
+                    await event.wait()
         assert scope.cancelled_caught
         raise PeerTimeout(f"{self.name}: no room for {nbytes} bytes within {deadline_s}s ({self._used} in use)")
 
     def free(self, region: HostRegion) -> None:
+        """Give ``region`` back (quarantined first while a stuck storage read may still write into it)."""
+        if LATE_WRITES.busy(self._base + region.offset, region.nbytes):
+            self._quarantined.append(region)
+            return
+        self._release(region)
+        self._reap()
+
+    def _release(self, region: HostRegion) -> None:
         size = region.nbytes
         self._used -= size
         self._free.append((region.offset, size))

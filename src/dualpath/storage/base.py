@@ -45,7 +45,9 @@ Blocks
     hung network mount) is retired and replaced, so the next read is served; ``close()`` waits for stuck
     workers only a bounded time. Every block of a cancelled read counts as ``FAILED`` (its content is
     unspecified); a system call already in the kernel may still land in its slot of ``into`` later, which
-    user space cannot stop, so the caller must not rely on a cancelled read's slots.
+    user space cannot stop, so the caller must not rely on a cancelled read's slots. Backends hold the address
+    range of ``into`` in :data:`~dualpath.storage.latewrites.LATE_WRITES` until such a call returns, and an
+    allocator that reuses memory (the engines' host buffers) keeps a held range out of reuse meanwhile.
 
 ``await write(keys, blocks) -> list[BlockStatus]``
     ``blocks`` is uint8 ``[len(keys), *layout.full_block_shape]``. Each block becomes visible (to

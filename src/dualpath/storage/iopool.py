@@ -21,7 +21,10 @@ seconds; the threads are daemons, so a stuck one never holds the process.
 The caller's buffers stay referenced by the job (so a retired worker never writes into freed memory). What a
 retired worker's system call may still write into the caller's buffer after the caller moved on is the one
 thing no user-space code can stop; callers treat every block of an abandoned read as FAILED (unspecified
-content), and the storage contract says so (:mod:`dualpath.storage.base`).
+content), and the storage contract says so (:mod:`dualpath.storage.base`). A caller that reads into a region of
+reusable memory (a host buffer carved into regions) passes its address range as ``dest``: while a retired
+worker is still inside an item, that range is held in :data:`~dualpath.storage.latewrites.LATE_WRITES`, and the
+allocator keeps it out of reuse until the call returns.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import anyio
+
+from dualpath.storage.latewrites import LATE_WRITES
 
 T = TypeVar("T")
 log = logging.getLogger("dualpath.storage")
@@ -155,9 +160,10 @@ class IOPool:
             put(job)
         return job
 
-    async def abandon(self, job: Job[Any]) -> None:
+    async def abandon(self, job: Job[Any], dest: tuple[int, int] | None = None) -> None:
         """Give up on ``job`` (its caller's deadline fired): no more of its items start; the ones running get
-        ``grace_s`` to land; workers still inside one after that are retired and replaced."""
+        ``grace_s`` to land; workers still inside one after that are retired and replaced, and ``dest``
+        (address, bytes: the memory the items write into) is held in ``LATE_WRITES`` until they return."""
         job.abandoned = True
         self.abandoned_jobs += 1
         t_end = time.monotonic() + self.grace_s
@@ -167,6 +173,9 @@ class IOPool:
         stuck = list(job.running)
         if not stuck:
             return
+        if dest is not None:
+            running = job.running
+            LATE_WRITES.hold(dest[0], dest[1], lambda: bool(running))
         with self._lock:
             for t in stuck:
                 if t in self._threads:
@@ -177,11 +186,13 @@ class IOPool:
                         self._add_worker()
         log.warning("%s: %d worker(s) stuck in I/O past the caller's deadline; replaced", self.name, len(stuck))
 
-    async def run(self, fn: Callable[[T], int], items: Sequence[T]) -> list[int]:
+    async def run(self, fn: Callable[[T], int], items: Sequence[T], dest: tuple[int, int] | None = None) -> list[int]:
         """Run ``fn`` over ``items`` in the workers and return the results in order.
 
         Cancellation (the caller's deadline) abandons the job (see the module docstring) and re-raises at once
         (after at most ``grace_s``). An exception raised by ``fn`` is re-raised here (after all items).
+        ``dest``: ``(address, nbytes)`` of the memory ``fn`` writes into, held from reuse while a retired worker
+        may still write there.
         """
         if not items:
             return []
@@ -200,7 +211,7 @@ class IOPool:
                 await asyncio.shield(fut)  # (a cancelled wait must not cancel ``fut``: it tells if the job ended)
             except BaseException:
                 if not fut.done():
-                    await self.abandon(job)
+                    await self.abandon(job, dest)
                 raise
         else:
             event = threading.Event()
@@ -209,7 +220,7 @@ class IOPool:
                 await anyio.to_thread.run_sync(event.wait, abandon_on_cancel=True)
             except BaseException:
                 if not event.is_set():
-                    await self.abandon(job)
+                    await self.abandon(job, dest)
                 raise
         if job.error is not None:
             raise job.error

@@ -303,7 +303,7 @@ class PosixStorage(Storage):
         stats.misses += len(keys) - len(items)
         if not items:
             return out
-        codes = await self._io().run(self._block_reader(into), items)
+        codes = await self._io().run(self._block_reader(into), items, (into.data_ptr(), into.nbytes))
         n_ok = codes.count(_OK)
         stats.hits += n_ok
         stats.reads += n_ok

@@ -276,3 +276,45 @@ def test_http_front_exits_when_the_deployment_dies_for_good(tmp_path: Path) -> N
     assert len(after) == 1 and "error" in after[0], text[-2000:]  # one line, no traceback
     assert "scheduler" in after[0] and "scheduler_restart" in after[0], after
     assert not pid_alive(pid)
+
+
+def test_a_front_of_a_deployment_started_elsewhere_follows_its_operators_stop(tmp_path: Path) -> None:
+    """``serve --http --scheduler ADDR`` fronts a deployment it did not start: it serves through it, and when the
+    operator stops that deployment (``ctl stop``) the front exits 0 with one line. Before, it went on answering
+    503 forever: the scheduler told its engines of the stop but not its clients."""
+    from serve_util import deployment
+
+    from dualpath.cli import main as cli
+
+    cfg = tiny_config(tmp_path / "kv", model={"decode_step_s": 0.0})
+    cfg_file = tmp_path / "serve.json"
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+    addr_file = tmp_path / "http.addr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
+    with deployment(cfg, tmp_path / "work") as dep, open(tmp_path / "front.out", "wb") as out:
+        scheduler = dep.address
+        front = subprocess.Popen(
+            [sys.executable, "-m", "dualpath.cli", "serve", "--config", str(cfg_file), "--http", "127.0.0.1:0",
+             "--http-address-file", str(addr_file), "--scheduler", scheduler],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            t_end = time.monotonic() + 120
+            while not addr_file.exists() and front.poll() is None and time.monotonic() < t_end:
+                time.sleep(0.1)
+            assert addr_file.exists(), (tmp_path / "front.out").read_text()[-2000:]
+            url = addr_file.read_text().strip()
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "ignore_eos": True},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            _health_until(url, 200, 30)
+            op = ["--connect", scheduler, "--token-file", str(tmp_path / "work" / "control.token")]
+            assert cli(["ctl", "stop", *op]) == 0
+            front.wait(timeout=30)
+        finally:
+            stop_process(front, signal.SIGTERM)
+    text = (tmp_path / "front.out").read_text(errors="replace")
+    assert front.returncode == 0, text[-2000:]
+    assert "Traceback" not in text
+    lines = text.splitlines()
+    after = lines[next(i for i, ln in enumerate(lines) if "OpenAI-compatible API at" in ln) + 1:]
+    assert len(after) == 1 and "stopped by its operator" in after[0], text[-2000:]

@@ -110,9 +110,20 @@ def run(args: argparse.Namespace) -> int:
     from dualpath.http.backend import RemoteBackend
 
     config = check_deployable(config)
-    if args.scheduler:
-        anyio.run(lambda: serve_app(RemoteBackend(config, args.scheduler), config.http,
-                                    address_file=args.http_address_file), backend_options=_loop_options())
+    if args.scheduler:  # a deployment started elsewhere: follow its operator's stop, ride out its failovers
+        backend = RemoteBackend(config, args.scheduler)
+        stop = anyio.Event()
+
+        async def front() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_remote, backend, stop)
+                await serve_app(backend, config.http, address_file=args.http_address_file, stop=stop)
+                tg.cancel_scope.cancel()
+
+        anyio.run(front, backend_options=_loop_options())
+        if stop.is_set():
+            print(f"dualpath serve: the deployment at {args.scheduler} was stopped by its operator (ctl stop); "
+                  "the HTTP API stopped too", flush=True)
         return 0
     from dualpath.control.launcher import Deployment
 
@@ -191,3 +202,16 @@ async def _watch_deployment(dep: Any, stop: Any, ended: list[str], period_s: flo
             break
         await anyio.sleep(period_s)
     stop.set()
+
+
+async def _watch_remote(backend: Any, stop: Any, period_s: float = 0.2) -> None:
+    """Set ``stop`` once the remote scheduler says its operator stopped the deployment (a crash or a failover
+    says nothing: the front answers 503 meanwhile and serves again when a scheduler is back)."""
+    import anyio
+
+    while True:
+        await anyio.sleep(period_s)
+        client = backend.client
+        if client is not None and client.stopped:
+            stop.set()
+            return

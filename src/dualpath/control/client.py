@@ -108,6 +108,7 @@ class ServeClient:
         self.heartbeat_s = heartbeat_s
         self.misses = misses
         self.lost = 0  # times the scheduler was found gone
+        self.stopped = False  # the scheduler said its operator stopped the deployment (``ctl stop``)
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -134,6 +135,10 @@ class ServeClient:
         await self.channel.close()
 
     async def _on_message(self, peer: bytes, msg: Message) -> None:
+        if msg.type == "shutdown":  # the operator stopped the deployment: nothing will come back
+            self.stopped = True
+            self._lose("was stopped by its operator (ctl stop); the turns in flight were failed")
+            return None
         if msg.type == "stream":
             st = self._streams.get(int(msg.body["stream"]))
             if st is not None:

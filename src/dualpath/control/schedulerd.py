@@ -31,7 +31,7 @@ import os
 import signal
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +68,9 @@ from dualpath.scheduler.state import EngineSnapshot
 from dualpath.types import PathKind
 
 log = logging.getLogger("dualpath.schedulerd")
+
+#: client connections remembered (by their heartbeats) to be told of an operator's stop
+_MAX_CLIENTS = 4096
 
 #: remote error codes after which a turn is re-dispatched (an engine or a transfer failed, not the request)
 RETRIABLE_CODES = {"PeerTimeout", "PeerGone", "TransportError", "TransportClosed", "EngineError", "EngineDied",
@@ -331,6 +334,8 @@ class SchedulerDaemon:
         self._inflight = 0
         self.peak: dict[str, int] = {}
         self.draining = False
+        self._clients: OrderedDict[bytes, None] = OrderedDict()  # client connections seen (told of a stop)
+        self._operator_stop = False
         self._cancels: dict[tuple[bytes, int], list[TurnCtx]] = {}  # (peer, session) -> its turns
         self._ctx: dict[int, TurnCtx] = {}  # id(prompt array) -> its turn (the driver passes the array through)
         self._epochs = itertools.count(time.time_ns() // 1000)  # unique across scheduler restarts
@@ -414,6 +419,11 @@ class SchedulerDaemon:
                     if rec.alive:
                         with contextlib.suppress(DualPathError):
                             await self.notify(rec, "shutdown", {})
+                if self._operator_stop:  # clients (an HTTP front) learn it was a stop, not a crash
+                    with anyio.move_on_after(1.0):
+                        for client in list(self._clients):
+                            with contextlib.suppress(DualPathError, OSError):
+                                await self.channel.notify(client, "shutdown", {}, timeout=0.2)
                 tg.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -581,6 +591,11 @@ class SchedulerDaemon:
             await self._forward_tokens(peer, b)
             return None
         if t == "ping":
+            if self._bound(peer) is None:  # a client's heartbeat: remember its connection (bounded)
+                self._clients[peer] = None
+                self._clients.move_to_end(peer)
+                if len(self._clients) > _MAX_CLIENTS:
+                    self._clients.popitem(last=False)
             return "pong", {"role": "scheduler"}
         if t == "stats":
             return "stats_reply", {"data": self.stats_dict()}
@@ -589,6 +604,7 @@ class SchedulerDaemon:
                 raise self._refuse(peer, t, "operator")
             log.warning("%s requested by the operator", t)
             if t == "shutdown":
+                self._operator_stop = True
                 self.stop()
             else:
                 self.draining = True

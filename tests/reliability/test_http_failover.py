@@ -230,7 +230,13 @@ def test_drain_then_stop_through_http(tmp_path: Path) -> None:
         th.start()
         assert first.wait(30), out
         op = ["--connect", srv.scheduler, "--token-file", str(srv.token_file)]
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
         assert cli(["ctl", "drain", *op]) == 0
+        # /health says so at once (the scheduler tells its clients), not at the front's next stats poll (1 s)
+        t_end = time.monotonic() + 0.5
+        while (h := httpx.get(f"{srv.url}/health", timeout=10)).json()["status"] != "draining":
+            assert time.monotonic() < t_end, h.json()
+            time.sleep(0.02)
         r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
         err = r.json()["error"]

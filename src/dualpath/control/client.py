@@ -109,6 +109,7 @@ class ServeClient:
         self.misses = misses
         self.lost = 0  # times the scheduler was found gone
         self.stopped = False  # the scheduler said its operator stopped the deployment (``ctl stop``)
+        self.drained_at: float | None = None  # when the scheduler said its operator drained it (``ctl drain``)
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -138,6 +139,9 @@ class ServeClient:
         if msg.type == "shutdown":  # the operator stopped the deployment: nothing will come back
             self.stopped = True
             self._lose("was stopped by its operator (ctl stop); the turns in flight were failed")
+            return None
+        if msg.type == "drain":
+            self.drained_at = time.monotonic()
             return None
         if msg.type == "stream":
             st = self._streams.get(int(msg.body["stream"]))

@@ -420,14 +420,22 @@ class SchedulerDaemon:
                         with contextlib.suppress(DualPathError):
                             await self.notify(rec, "shutdown", {})
                 if self._operator_stop:  # clients (an HTTP front) learn it was a stop, not a crash
-                    with anyio.move_on_after(1.0):
-                        for client in list(self._clients):
-                            with contextlib.suppress(DualPathError, OSError):
-                                await self.channel.notify(client, "shutdown", {}, timeout=0.2)
+                    await self._tell_clients("shutdown")
                 tg.cancel_scope.cancel()
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _tell_clients(self, what: str) -> None:
+        """Tell every client connection seen (an HTTP front's too) of the operator's ``shutdown`` or ``drain``;
+        best effort, within 1 s."""
+        channel = self.channel
+        if channel is None:
+            return
+        with anyio.move_on_after(1.0):
+            for client in list(self._clients):
+                with contextlib.suppress(DualPathError, OSError):
+                    await channel.notify(client, what, {}, timeout=0.2)
 
     async def _monitor(self) -> None:
         sc = self.config.serve
@@ -608,6 +616,7 @@ class SchedulerDaemon:
                 self.stop()
             else:
                 self.draining = True
+                await self._tell_clients("drain")  # so a front's /health says draining now, not at its next poll
             return "ok", {}
         raise SchedulerError(f"unexpected message {t!r} at the scheduler")
 

@@ -443,8 +443,12 @@ class RemoteBackend(Backend):
     async def _refresh(self) -> None:
         try:
             assert self.client is not None
+            asked = time.monotonic()
             self._stats = await self.client.stats(timeout=min(2.0, 2 * self.stats_every_s))
             self._stats_error, self._gone = None, False
+            drained = self.client.drained_at
+            if drained is not None and drained < asked and not int(self._stats.get("draining", 0)):
+                self.client.drained_at = None  # a scheduler that is not draining answered since (a failover)
         except Exception as exc:  # the scheduler may be restarting
             log.debug("stats failed: %s", exc)
             self._scheduler_gone(f"no answer from the scheduler ({type(exc).__name__}: {exc})")
@@ -465,7 +469,7 @@ class RemoteBackend(Backend):
         if self._stats_error is not None or not st:
             return {**out, "status": "unavailable", "engines_alive": 0,
                     "reason": self._stats_error or "no answer from the scheduler"}
-        if int(st.get("draining", 0)):
+        if int(st.get("draining", 0)) or (self.client is not None and self.client.drained_at is not None):
             return {**out, "status": "draining", "reason": "the scheduler is draining (dualpath ctl drain): "
                                                              "no new requests"}
         if n == 0:

@@ -58,6 +58,29 @@ async def test_forward_batches_respect_the_compute_quota(quota_requests: int) ->
         assert pe.chunk_bytes == 0
 
 
+async def test_a_cut_request_gives_its_host_region_back_after_its_first_chunk() -> None:
+    """The PE-read hit is loaded onto the device by a request's first chunk; the later chunks read the rows kept
+    on the device, so the host buffer region goes back as soon as the first chunk is done, not at the end."""
+    cfg = synthetic_config(prefill_max_batch=8)
+    cluster = Cluster(cfg)
+    async with cluster:
+        pe = cluster.pes[0]
+        one = pe.model.predict_prefill_s(0, 96)
+        assert one is not None
+        cfg.cluster.prefill_quota_s = one * 0.5  # every request is cut
+        (t,) = _turns(cluster, 1, 96)
+        base = pe.host.used_bytes
+        t.pe_host = await pe.host.alloc(4096, 1.0)
+        pe.queue.append(t)
+        batch = pe._take_batch()
+        assert len(batch) == 1 and batch[0].first and not batch[0].final
+        pe._settle(batch)
+        assert t.pe_host is None and pe.host.used_bytes == base, "the host region is held past the first chunk"
+        while pe.queue:
+            pe._settle(pe._take_batch())
+        assert pe.host.used_bytes == base
+
+
 async def test_without_a_quota_batches_by_size_only_and_a_too_large_head_still_runs() -> None:
     cfg = synthetic_config(prefill_max_batch=4)
     cluster = Cluster(cfg)

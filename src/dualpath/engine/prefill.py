@@ -12,8 +12,9 @@ queue for the next one. A chunk computes prompt tokens ``[start, end)`` over the
   rows from there into the scratch slot before computing the layer;
 * only the final chunk ships KV to the DE, produces the first-token logits and sets ``prefill_done``: by then
   each layer's scratch slot holds every row of the prompt, so what is shipped (``Turn.ship_ranges``) and the DE's
-  side of the protocol are those of an unchunked request. The PE host buffer (``pe_host``) and ``pe_kv`` are
-  freed when the request's prefill ends or it fails (``release``).
+  side of the protocol are those of an unchunked request. The PE host buffer region (``pe_host``) is freed
+  once the first chunk has loaded the hit onto the device (later chunks read ``pe_kv``), ``pe_kv`` when the
+  request's prefill ends or it fails (``release``).
 """
 
 from __future__ import annotations
@@ -230,6 +231,9 @@ class PrefillEngine(Engine):
                 t.pe_released.set()
             else:
                 t.prefilled = c.end
+                if c.first and t.pe_host is not None:  # only a first chunk reads the hit from the host buffer
+                    self.host.free(t.pe_host)
+                    t.pe_host = None
                 self.queue.appendleft(t)
         self.forwards += 1
         self.chunks += sum(not c.whole for c in batch)

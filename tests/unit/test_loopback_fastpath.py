@@ -84,6 +84,25 @@ async def test_exposed_cycle_completes_without_suspending(pair: tuple[Transport,
     assert torch.equal(dst[:n].view(torch.float32), f)
 
 
+@pytest.mark.parametrize("n", [1, 4095, 1 << 20, (1 << 20) + 64])
+async def test_fused_copies_either_side_of_the_memmove_limit_land_exactly(n: int) -> None:
+    """Small host copies are one memmove, larger ones torch's copy_: either way exactly the slot's bytes change,
+    from a slice at an odd offset of a larger source (its own address, not its base's)."""
+    a, b = await _pair(inline_copy_bytes=4 << 20)
+    try:
+        dst = torch.zeros(n + 200, dtype=torch.uint8)
+        region = b.register(dst)
+        src = pattern(n + 7, 3)
+        b.expose("m", region, 100, n)
+        run_without_suspending(a.write("rcv", "m", src[7:], 5.0))
+        await b.wait("m", 5.0)
+        assert torch.equal(dst[100 : 100 + n], src[7:])
+        assert not dst[:100].any() and not dst[100 + n :].any()  # not a byte outside the slot
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_two_writes_to_one_tag_land_once(pair: tuple[Transport, Transport],
                                                caplog: pytest.LogCaptureFixture) -> None:
     a, b = pair

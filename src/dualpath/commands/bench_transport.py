@@ -8,7 +8,9 @@ Per backend and message size (64 KiB, 1 MiB, 4 MiB, 16 MiB), interleaved and rep
 * ``nixl`` across two processes vs raw NIXL WRITEs (agent to agent, a window of posted transfers, notification
   per message) between two processes;
 * ``loopback`` in one process vs a plain ``copy_`` of the same bytes, in alternating blocks (the ratio is the
-  median of per-pair ratios: robust to other load on a shared box; see :func:`bench_loopback`).
+  median of per-pair ratios: robust to other load on a shared box; see :func:`bench_loopback`). A third block
+  of plain ``memmove`` calls rides along (``ratio_vs_memmove``): loopback copies small host buffers with
+  ``memmove``, so that ratio is what its contract (expose, write, wait) costs over the bare copy.
 
 Two references ride along with zmq (not the target's baseline): ``raw_land_gib_s``, raw PUSH/PULL whose receiver
 also copies each frame into a landing slot (the copy any zmq receiver must make: libzmq owns the receive buffer),
@@ -441,6 +443,8 @@ async def bench_loopback(sizes: list[int], repeats: int, mib: int) -> list[dict[
     and ``raw_gib_s`` come from the medians over all blocks and ``ratio`` is the median of the per-pair ratios
     (raw block time / the next ours block time), so load from other processes that hits a few blocks moves
     neither. ``gib_s_all``/``raw_gib_s_all`` are the per-repeat medians."""
+    from ctypes import memmove
+
     import torch
 
     from dualpath.transports import create_transport
@@ -488,18 +492,33 @@ async def bench_loopback(sizes: list[int], repeats: int, mib: int) -> list[dict[
                     dsts[j].copy_(srcs[j])
                 return (clock() - t0) / block
 
+            ptrs = [(d.data_ptr(), s_.data_ptr()) for d, s_ in zip(dsts, srcs, strict=True)]
+
+            def raw_memmove(block: int = block, slots: int = slots, size: int = size, ptrs: Any = ptrs) -> float:
+                nonlocal cursor
+                first = cursor
+                cursor += block
+                t0 = clock()
+                for i in range(first, first + block):
+                    d, s_ = ptrs[i % slots]
+                    memmove(d, s_, size)
+                return (clock() - t0) / block
+
             pairs = max(4, count // block)
             for _ in range(min(pairs, 8)):  # warm-up
                 raw()
+                raw_memmove()
                 await ours()
             o_all: list[float] = []
             r_all: list[float] = []
+            m_all: list[float] = []
             o_rep, r_rep = [], []
             for _ in range(repeats):
                 o_ns, r_ns = [], []
                 for _ in range(pairs):
                     r_ns.append(raw())
                     o_ns.append(await ours())
+                    m_all.append(raw_memmove())
                 o_all += o_ns
                 r_all += r_ns
                 o_rep.append(size / statistics.median(o_ns))  # bytes per ns
@@ -508,14 +527,18 @@ async def bench_loopback(sizes: list[int], repeats: int, mib: int) -> list[dict[
             g = size / statistics.median(o_all) * to_gib_s
             rg = size / statistics.median(r_all) * to_gib_s
             ratio = statistics.median(r / o for r, o in zip(r_all, o_all, strict=True))
+            ratio_mm = statistics.median(m / o for m, o in zip(m_all, o_all, strict=True))
             runs.append({"backend": "loopback", "size_bytes": size, "messages": pairs * repeats * block, "window": 1,
                          "block": block, "gib_s": round(g, 3), "raw_gib_s": round(rg, 3), "ratio": round(ratio, 3),
                          "ratio_of_medians": round(g / rg, 3), "baseline": "torch copy_",
+                         "ratio_vs_memmove": round(ratio_mm, 3),
+                         "raw_memmove_gib_s": round(size / statistics.median(m_all) * to_gib_s, 3),
                          "us_per_transfer": round(statistics.median(o_all) / 1e3, 3),
                          "raw_us_per_transfer": round(statistics.median(r_all) / 1e3, 3),
                          "gib_s_all": [round(x * to_gib_s, 3) for x in o_rep],
                          "raw_gib_s_all": [round(x * to_gib_s, 3) for x in r_rep]})
             print(f"  loopback {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  ratio {ratio:5.2f}"
+                  f"  (vs memmove {ratio_mm:4.2f})"
                   f"  ({statistics.median(o_all) / 1e3:.2f} vs {statistics.median(r_all) / 1e3:.2f} us per transfer)",
                   flush=True)
     return runs

@@ -94,26 +94,34 @@ async def test_two_engine_processes_share_the_node_snic_and_read_queue(tmp_path:
     server = await share_node_links(links, "pnode0", 0, scheduler, 3)
     assert isinstance(server, NodeLinkServer)
     shared = links.links["pnode0.snic.read"]
+    peak = [0]
+
+    async def watch_queue() -> None:  # from before any read starts (a read lasts ~1 s: a late look may miss it)
+        while True:
+            peak[0] = max(peak[0], shared.queued_tokens)
+            await anyio.sleep(0.005)
+
     watcher = Engine(1, scheduler, "watch")
     reader = Engine(2, scheduler, "read")
     try:
-        assert (await watcher.aread())["ready"] == "RemoteLink"
-        assert (await reader.aread())["ready"] == "RemoteLink"
-        assert (await reader.aread())["reading"] is True
-        # the other process sees the reader's read in the node's queue, and so does the serving engine
-        assert (await watcher.aread())["seen_tokens"] == TOKENS
-        with anyio.fail_after(20):
-            while shared.queued_tokens < TOKENS:
-                await anyio.sleep(0.01)
-        assert (await watcher.aread())["reading"] is True
-        # both processes' bytes crossed the one emulated link of the node
-        assert (await reader.aread())["done"] == READ
-        assert (await watcher.aread())["done"] == READ
-        assert shared.stats.bytes[TrafficClass.KV.value] == 2 * READ
-        assert shared.stats.transfers[TrafficClass.KV.value] == 2
-        with anyio.fail_after(10):
-            while shared.queued_tokens or shared.queued_bytes:
-                await anyio.sleep(0.01)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_queue)
+            assert (await watcher.aread())["ready"] == "RemoteLink"
+            assert (await reader.aread())["ready"] == "RemoteLink"
+            assert (await reader.aread())["reading"] is True
+            # the other process sees the reader's read in the node's queue, and so does the serving engine
+            assert (await watcher.aread())["seen_tokens"] == TOKENS
+            assert (await watcher.aread())["reading"] is True
+            assert peak[0] >= TOKENS
+            # both processes' bytes crossed the one emulated link of the node
+            assert (await reader.aread())["done"] == READ
+            assert (await watcher.aread())["done"] == READ
+            assert shared.stats.bytes[TrafficClass.KV.value] == 2 * READ
+            assert shared.stats.transfers[TrafficClass.KV.value] == 2
+            with anyio.fail_after(10):
+                while shared.queued_tokens or shared.queued_bytes:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
     finally:
         watcher.close()
         reader.close()

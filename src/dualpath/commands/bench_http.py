@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dualpath.workload.csvtrace import FORMATS as TRACE_FORMATS
+
 _WORD_TEXT = (
     "the of and to in is for on with as at by from that this it be are was or an not but all can more one new "
     "time year work make like use day way good first well back also just over only very after other system data "
@@ -49,7 +51,7 @@ WORDS = tuple(_WORD_TEXT.split(" "))
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, help="trace file (sessions of turns)")
-    parser.add_argument("--trace-format", choices=["auto", "jsonl", "mooncake", "bailian", "csv"], default="auto")
+    parser.add_argument("--trace-format", choices=TRACE_FORMATS, default="auto")
     parser.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000 (or .../v1)")
     parser.add_argument("--mode", choices=["chat", "tokens"], default="chat",
                         help="chat: synthetic text through /v1/chat/completions; tokens: ids through /v1/completions")

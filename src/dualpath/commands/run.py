@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from dualpath.workload.csvtrace import FORMATS as TRACE_FORMATS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML/TOML/JSON config file (merged over the embedded default)")
@@ -20,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "pe_only, de_only, oracle, or 'ladder' for the whole ablation; default pe_only and dualpath",
     )
     parser.add_argument("--trace", help="trace file (our JSONL trajectories, or Mooncake with --trace-format)")
-    parser.add_argument("--trace-format", choices=["auto", "jsonl", "mooncake", "bailian", "csv"],
-                        help="format of --trace: auto (default: from its first line), jsonl (ours), mooncake, bailian (Qwen-Bailian sessions), or csv (Azure/BurstGPT-style columns)")
+    parser.add_argument("--trace-format", choices=TRACE_FORMATS,
+                        help="format of --trace: auto (default: from its first line), jsonl (ours), mooncake, bailian (Qwen-Bailian sessions), csv (Azure/BurstGPT-style columns) or sharegpt (ShareGPT / chat-message conversations)")
     parser.add_argument("--agents", type=int,
                         help="number of agents of a generator (default from the config); with --trace: its first N "
                              "sessions (a trace is never replayed to reach N)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from dualpath.workload.csvtrace import FORMATS as TRACE_FORMATS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="named scenario (default ds660b-2p4d-64k); --list-presets shows them")
@@ -44,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_out", help="write {'runs': [...], 'speedup': {...}, 'ceiling': x}")
     parser.add_argument("--plot", help="write a PNG comparing the policies")
     parser.add_argument("--trace", help="simulate a request trace as it is (every request; see --trace-format)")
-    parser.add_argument("--trace-format", choices=["auto", "jsonl", "mooncake", "bailian", "csv"], default=None,
-                        help="format of --trace: auto (default), jsonl, mooncake, bailian or csv")
+    parser.add_argument("--trace-format", choices=TRACE_FORMATS, default=None,
+                        help="format of --trace: auto (default), jsonl, mooncake, bailian, csv or sharegpt")
     parser.add_argument("--max-requests", type=int, help="trace: only its first N requests (in time order)")
     parser.add_argument("--repeat", type=int, help="trace: K copies (no shared content between copies)")
     parser.add_argument("--breakdown", action="store_true",

@@ -1,4 +1,4 @@
-"""``dualpath trace stats F [--trace-format auto|jsonl|mooncake|bailian|csv] [--json OUT]``: the shape of a request trace.
+"""``dualpath trace stats F [--trace-format auto|jsonl|mooncake|bailian|csv|sharegpt] [--json OUT]``: the shape of a request trace.
 
 Requests, sessions, input/output length distributions, the ideal hit rate (an unlimited content-keyed prefix
 cache, :func:`dualpath.workload.traces.ideal_hit_rate`), the arrival rate and the largest turn (what a cluster
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 
+from dualpath.workload.csvtrace import FORMATS as TRACE_FORMATS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="trace_cmd", metavar="SUBCOMMAND")
     st = sub.add_parser("stats", help="requests, sessions, lengths, ideal hit rate, arrival rate, largest turn")
     st.add_argument("file", help="the trace file")
-    st.add_argument("--trace-format", choices=["auto", "jsonl", "mooncake", "bailian", "csv"], default="auto",
+    st.add_argument("--trace-format", choices=TRACE_FORMATS, default="auto",
                     help="jsonl (our trajectories) or mooncake (timestamp, input_length, output_length, hash_ids)")
     st.add_argument("--json", dest="json_out", metavar="OUT", help="also write the figures as JSON here")
 
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     if getattr(args, "trace_cmd", None) != "stats":
-        print("usage: dualpath trace stats FILE [--trace-format auto|jsonl|mooncake|bailian|csv] [--json OUT]", file=sys.stderr)
+        print("usage: dualpath trace stats FILE [--trace-format auto|jsonl|mooncake|bailian|csv|sharegpt] [--json OUT]", file=sys.stderr)
         return 2
     from dualpath.workload.traces import trace_stats
 

@@ -27,7 +27,7 @@ INPUT_COLUMNS = ("contexttokens", "requesttokens", "input_length", "input_tokens
                  "prompt_len")
 OUTPUT_COLUMNS = ("generatedtokens", "responsetokens", "output_length", "output_tokens", "completion_tokens",
                   "output_len", "gen_len")
-FORMATS = ("auto", "jsonl", "mooncake", "bailian", "csv")
+FORMATS = ("auto", "jsonl", "mooncake", "bailian", "csv", "sharegpt")
 
 
 def _norm(name: str) -> str:
@@ -117,8 +117,8 @@ def load_csv(path: str | os.PathLike[str]) -> CsvTrace:
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """``jsonl``, ``mooncake``, ``bailian`` (Mooncake's fields plus ``chat_id``/``parent_chat_id``) or ``csv``,
-    from the first non-blank line of the file at ``path``."""
+    """``jsonl``, ``mooncake``, ``bailian`` (Mooncake's fields plus ``chat_id``/``parent_chat_id``), ``csv``, or
+    ``sharegpt`` (conversations: :mod:`dualpath.workload.sharegpt`), from the start of the file at ``path``."""
     p = str(path)
     try:
         with open(p, "rb") as f:
@@ -133,6 +133,11 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if not text:
         raise WorkloadError("empty trace: no request in the file", path=p, line=1)
     if text.startswith(("{", "[")):
+        from dualpath.workload.sharegpt import looks_like_conversations
+
+        with open(p, "rb") as f:
+            if looks_like_conversations(f.read(1 << 16)):
+                return "sharegpt"
         try:
             obj = json.loads(text)
         except (json.JSONDecodeError, RecursionError):
@@ -144,7 +149,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if "hash_ids" in obj or "input_length" in obj:
             return "mooncake"
         raise WorkloadError("cannot tell the trace's format from its first line (JSON, but neither our JSONL "
-                            "'turns' nor Mooncake 'input_length'/'hash_ids'); pass --trace-format", path=p, line=1)
+                            "'turns', Mooncake 'input_length'/'hash_ids' nor ShareGPT 'conversations'/'messages'); "
+                            "pass --trace-format", path=p, line=1)
     try:
         header = next(csv.reader([text]))
     except csv.Error:

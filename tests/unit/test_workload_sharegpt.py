@@ -1,0 +1,117 @@
+"""Conversation datasets (ShareGPT, chat messages) as traces: one session per conversation, a turn per reply,
+token counts from a real tokenizer, format detection, and errors that name the file and the conversation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dualpath.errors import WorkloadError
+from dualpath.workload.csvtrace import detect_format
+from dualpath.workload.sharegpt import load_conversations
+from dualpath.workload.traces import load_trace
+
+SHAREGPT = [
+    {"id": "a", "conversations": [
+        {"from": "system", "value": "You are helpful."},
+        {"from": "human", "value": "What is the capital of France? Please answer briefly."},
+        {"from": "gpt", "value": "Paris."},
+        {"from": "human", "value": "And of Germany?"},
+        {"from": "gpt", "value": "Berlin is the capital of Germany."},
+        {"from": "human", "value": "thanks"},  # no reply after it: not a turn
+    ]},
+    {"id": "b", "conversations": [{"from": "human", "value": "hello?"}]},  # no reply at all: no session
+    {"id": "c", "conversations": [{"from": "human", "value": "Write a haiku."},
+                                  {"from": "gpt", "value": "Autumn moonlight, a worm digs silently."}]},
+]
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def test_a_conversation_is_a_session_and_each_reply_ends_a_turn(tmp_path: Path) -> None:
+    p = tmp_path / "sharegpt.json"
+    p.write_text(json.dumps(SHAREGPT, indent=2))  # pretty-printed: the first line is "["
+    assert detect_format(p) == "sharegpt"
+    conv = load_conversations(p, words)
+    assert (conv.no_reply, conv.trailing) == (1, 1)
+    a, c = conv.trajectories
+    assert [(t.append, t.gen) for t in a.turns] == [
+        (words("You are helpful.\nWhat is the capital of France? Please answer briefly."), words("Paris.")),
+        (words("And of Germany?"), words("Berlin is the capital of Germany.")),
+    ]
+    assert [(t.append, t.gen) for t in c.turns] == [(3, 6)]
+    # turn 2's prompt is the whole conversation before its reply, as a chat client sends it
+    assert a.prompt_len(1) == a.turns[0].append + a.turns[0].gen + a.turns[1].append
+
+
+def test_chat_messages_as_jsonl_with_content_parts(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "one two"}, {"type": "text",
+                                                                                        "text": "three"}]},
+                      {"role": "assistant", "content": "four five"},
+                      {"role": "tool", "content": "six"},
+                      {"role": "assistant", "content": None}]},
+        {"conversation": [{"role": "USER", "content": "x"}, {"role": "Assistant", "content": "y z"}]},
+    ]
+    p = tmp_path / "chat.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert detect_format(p) == "sharegpt"
+    conv = load_conversations(p, words)
+    assert [[(t.append, t.gen) for t in s.turns] for s in conv.trajectories] == [[(3, 2), (1, 1)], [(1, 2)]]
+
+
+def test_token_counts_are_the_tokenizers(tmp_path: Path) -> None:
+    """The default counter is the embedded SmolLM2 tokenizer: the counts equal transformers' own."""
+    transformers = pytest.importorskip("transformers")
+    from dualpath.model.embedded import embedded_model_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(embedded_model_path()))
+    p = tmp_path / "sharegpt.json"
+    p.write_text(json.dumps(SHAREGPT))
+    (a, c) = load_conversations(p).trajectories
+
+    def n(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    assert (a.turns[0].append, a.turns[0].gen) == (
+        n("You are helpful.\nWhat is the capital of France? Please answer briefly."), n("Paris."))
+    assert (c.turns[0].append, c.turns[0].gen) == (n("Write a haiku."),
+                                                    n("Autumn moonlight, a worm digs silently."))
+
+
+def test_load_trace_serves_it_and_says_what_was_left(tmp_path: Path) -> None:
+    p = tmp_path / "sharegpt.json"
+    p.write_text(json.dumps(SHAREGPT))
+    w = load_trace(p)
+    assert w.fmt == "sharegpt" and w.requests_in_file == 3 and w.sessions_in_file == 2
+    assert "1 conversations without a reply skipped" in w.note and "no reply follows" in w.note
+
+
+@pytest.mark.parametrize(("body", "where"), [
+    ([{"id": 1, "conversations": [{"value": "hi"}]}], "item #0, message 0: missing the speaker"),
+    ([{"id": 1, "conversations": [{"from": "human", "value": {"a": 1}}]}], "item #0, message 0: message content"),
+    ([{"id": 1}, {"id": 2, "conversations": []}], "item #0: no message list"),
+    ([[1, 2]], "item #0: expected a conversation object"),
+])
+def test_bad_conversations_name_the_item_and_message(tmp_path: Path, body: object, where: str) -> None:
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(body))
+    with pytest.raises(WorkloadError, match=where) as e:
+        load_trace(p, "sharegpt")
+    assert str(p) in str(e.value)
+
+
+def test_broken_files_name_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "trunc.json"
+    p.write_text('[\n  {"conversations": [\n    {"from": "human", "value": "hi"},\n')
+    with pytest.raises(WorkloadError, match=rf"{p}:\d+: not valid JSON"):
+        load_trace(p)
+    q = tmp_path / "latin1.jsonl"
+    q.write_bytes(b'{"messages": [{"role": "user", "content": "ok"}]}\n{"messages": [{"role": "user", '
+                  b'"content": "caf\xe9"}]}\n')
+    with pytest.raises(WorkloadError, match=rf"{q}:2: not UTF-8"):
+        load_trace(q)

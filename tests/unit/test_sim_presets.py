@@ -83,3 +83,22 @@ def test_whatif_slowdowns_scale_prefill_quota_and_decode_times_exactly() -> None
     assert slow.decode_step_time(24, 24 * kb, 24 * fl) == pytest.approx(2.93 * base.decode_step_time(24, 24 * kb, 24 * fl))
     with pytest.raises(ConfigError, match="slowdown"):
         RooflineCompute(MODELS["ds_v32"], GPUS["h800"], n_pe_gpus=16, n_de_gpus=32, decode_slowdown=0.0)
+
+
+def test_pe_hbm_budget_first_principles() -> None:
+    """The PE-HBM cap of full-block (non-layer-wise) prefill, from the sourced figures of presets.md (H800 80 GB,
+    DS-V3.2 FP8 weights 17.97B replicated + 653.9B routed experts over EP16 = 2P, 8 GB activation reserve, 48,068 B
+    of KV per token): 13.16 GB = 273,805 tokens, ~8 requests at the 64K dataset's mean context (32,721); layer-wise
+    prefill holds one of the 61 layers, 61x more tokens. The scenario's cap is this budget."""
+    from dualpath.sim.runner import scenario_from_preset
+
+    c = RooflineCompute(MODELS["ds_v32"], GPUS["h800"], n_pe_gpus=16, n_de_gpus=32)
+    b = c.pe_hbm_budget(context_tokens=32721)
+    free = 80e9 - (17.97e9 + 653.9e9 / 16) - 8e9
+    assert b["free"] == pytest.approx(free) and free == pytest.approx(13.161e9, rel=1e-4)
+    assert b["kv_tokens"] == pytest.approx(free / 48068) and int(b["kv_tokens"]) == 273804
+    assert b["kv_tokens_layerwise"] == pytest.approx(61 * free / 48068)
+    assert 8.0 < b["requests"] < 8.5
+    assert b["replicated_weights"] + b["expert_weights"] + b["activation_reserve"] + b["free"] == pytest.approx(80e9)
+    sc = scenario_from_preset("ds660b-2p4d-64k", agents=8)
+    assert sc.pe_hbm_kv_tokens == int(b["kv_tokens"])

@@ -275,7 +275,12 @@ CAUSES = {
     "oracle_gap": "DualPath 1P1D is at its storage bound (2 SNICs) and Oracle has no I/O; our DS 27B Oracle runs "
                   "at the roofline (DAY6 rate), so the paper's DS 27B engine must be several times slower than that "
                   "roofline (per-step costs of a small model that no sourced number gives us); the what-if engine "
-                  "(prefill 1.63x, decode 2.93x slower) brings it to 2.09",
+                  "(prefill 1.63x, decode 2.93x slower) brings it to 2.09. Our Oracle has what the paper's has (no "
+                  "reads, H2D/D2H or PD transfer): its 1-node all-to-all runs on NVLink (0.86 MB/token, ~5.5 us at "
+                  "DEEPEP's 155 GB/s vs ~40 us of compute per token, overlapped), attention and indexer FLOPs at 32-64K "
+                  "context are counted (6-10 of 14-18 GFLOP/token), decode steps grow with batch and context (weights "
+                  "floor 1.9 ms + 87 MB of KV per request at 32.7K); what is left is the 27B engine's own speed (a "
+                  "small model's lower GEMM efficiency and per-step costs), which no sourced figure gives",
     "underload": "fewer agents than the paper: the cluster is not storage-bound for the whole run, so the ratio is "
                  "below the paper's (the paper: gains grow with agents)",
     "basic_capacity": "our Basic sustains more APS than the paper's (the paper's Basic is past its capacity at 0.25 "
@@ -299,8 +304,11 @@ CAUSES = {
                  "busier at the higher load",
     "layerwise": "our Basic's forwards are arrival-limited (~1.6 requests, see the breakdown in docs/simulator.md), so "
                  "the PE-HBM cap (13.2 GB = 274K tokens on H800 under EP16; 169K with DAY6's 32 redundant prefill "
-                 "experts) never binds: capping at 169K moves Basic's JCT by -1 %; only a ~3 GB cap (66K tokens) "
-                 "would (4,122 s). What layer-wise removes here is the serial H2D/KV-out (10 % of PE time) while both "
+                 "experts; RooflineCompute.pe_hbm_budget) never binds: capping at 169K moves Basic's JCT by -1 %, and "
+                 "even every layer's KV held in BF16 (the FMLA sparse-prefill kernel's input format, 78,324 B/token: "
+                 "103K tokens) by +0.7 % (3,270 s); only a ~3 GB cap (66K tokens) would (4,122 s). Basic's H2D and "
+                 "KV-out run serially with its compute (full-block prefill cannot stage the next batch into HBM), and "
+                 "that is what layer-wise removes here (10 % of PE time) while both "
                  "sit near the PE-SNIC storage bound. The paper's own JCTs are 1.63x ours for Basic, +dual-path and "
                  "DualPath alike (5,300/3,247, 3,276/2,013, 2,882/1,763) but 1.42x for layer-wise (4,388/3,094); an "
                  "engine that slow (what-if section) lifts this step to 11 % but shrinks the other two to ~30 %, so "

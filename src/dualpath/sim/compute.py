@@ -135,6 +135,25 @@ class RooflineCompute:
         """HBM a PE has for the KV of a non-layer-wise batch."""
         return self.gpu.hbm_bytes - self.model.weight_bytes_per_gpu(self.n_pe_gpus) - self.gpu.activation_reserve_bytes
 
+    def pe_hbm_budget(self, context_tokens: float = 0.0) -> dict[str, float]:
+        """The first-principles check of the PE-HBM cap of non-layer-wise (full-block) prefill: what one PE GPU holds
+        (bytes: ``hbm``, ``replicated_weights``, ``expert_weights`` = its share of the routed experts under EP over
+        ``n_pe_gpus``, ``activation_reserve``), what is left for the batch's KV (``free``), how many KV tokens that is
+        (all layers: ``kv_tokens``; one layer, as layer-wise prefill holds: ``kv_tokens_layerwise``) and, for
+        ``context_tokens`` > 0, how many requests of that context fit (``requests``)."""
+        m = self.model
+        rep = m.replicated_params * m.weight_bytes_per_param
+        exp = m.expert_params / max(1, self.n_pe_gpus) * m.weight_bytes_per_param
+        free = self.pe_free_hbm()
+        kvb = float(m.kv_bytes_per_token)
+        out = {"hbm": self.gpu.hbm_bytes, "replicated_weights": rep, "expert_weights": exp,
+               "activation_reserve": self.gpu.activation_reserve_bytes, "free": free,
+               "kv_bytes_per_token": kvb, "kv_tokens": max(0.0, free) / kvb,
+               "kv_tokens_layerwise": max(0.0, free) / (kvb / max(1, m.n_layers))}
+        if context_tokens > 0:
+            out["requests"] = out["kv_tokens"] / context_tokens
+        return out
+
     def de_free_hbm(self) -> float:
         """HBM a DE has for decode KV."""
         return self.gpu.hbm_bytes - self.de_weight_bytes - self.gpu.activation_reserve_bytes

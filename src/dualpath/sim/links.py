@@ -121,8 +121,9 @@ class Link:
         self.high_rate += rate
         self._reschedule()
 
-    def release(self, rate: float) -> None:
-        """Remove ``rate`` bytes/s of HIGH demand."""
+    def release(self, rate: float, reschedule: bool = True) -> None:
+        """Remove ``rate`` bytes/s of HIGH demand (``reschedule=False``: the caller reschedules, e.g. by a
+        :meth:`reserve` at the same instant, which saves a stale event)."""
         if rate <= 0:
             return
         self._advance(self.loop.now)
@@ -130,7 +131,8 @@ class Link:
         self.high_rate = max(0.0, self.high_rate - rate)
         if self.high_rate < 1e-9 * self.bw:
             self.high_rate = 0.0
-        self._reschedule()
+        if reschedule:
+            self._reschedule()
 
     def high_rate_for(self, demand: float) -> float:
         """The rate a new HIGH demand of ``demand`` bytes/s would get now (isolation: all of it, up to the link)."""

@@ -67,18 +67,23 @@ def _prefill_end(pe: Any, rate: float, done: Any, b: Any) -> None:
 def decode_step(sim: Any, de: Any, n: int, tau: float) -> float:
     """The step time of DE ``de`` with ``n`` requests and compute step ``tau``, its all-to-all reserved."""
     old = sim.de_high[de.idx]
-    if old > 0:
-        de.cnic_r.release(old)
-        de.cnic_w.release(old)
+    lr, lw = de.cnic_r, de.cnic_w
+    if old > 0:  # released first (the burst rate below sees the links without it); rescheduled once, below
+        lr.release(old, reschedule=False)
+        lw.release(old, reschedule=False)
         sim.de_high[de.idx] = 0.0
-    if not sim.ep_on or n <= 0 or tau <= 0:
-        return tau
-    nbytes = sim.sc.compute.decode_comm_bytes(n)
-    if nbytes <= 0:
-        return tau
-    step = max(tau, _burst_time(de, nbytes))
-    rate = nbytes / step
-    de.cnic_r.reserve(rate)
-    de.cnic_w.reserve(rate)
-    sim.de_high[de.idx] = rate
+    step = tau
+    rate = 0.0
+    if sim.ep_on and n > 0 and tau > 0:
+        nbytes = sim.sc.compute.decode_comm_bytes(n)
+        if nbytes > 0:
+            step = max(tau, _burst_time(de, nbytes))
+            rate = nbytes / step
+    if rate > 0:
+        lr.reserve(rate)
+        lw.reserve(rate)
+        sim.de_high[de.idx] = rate
+    elif old > 0:
+        lr._reschedule()
+        lw._reschedule()
     return step

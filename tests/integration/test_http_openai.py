@@ -235,3 +235,57 @@ def test_messages_as_agent_frameworks_send_them(server):
         client.chat.completions.create(model=MODEL, messages=convo, max_tokens=2, n=2)
     assert e.value.body["param"] == "n"
     assert [m.id for m in client.models.list().data] == [MODEL] and client.models.retrieve(MODEL).id == MODEL
+
+
+def test_responses_api_keeps_the_conversation_on_the_server(server):
+    """``/v1/responses`` with ``previous_response_id``: turn 2 sends only its new input, the server prepends the
+    stored conversation (so turn 2 reuses turn 1's KV: cached tokens), and the answer equals what
+    ``/v1/chat/completions`` gives for the same whole conversation at temperature 0."""
+    client = _client(server)
+    r1 = client.responses.create(model=MODEL, input="Name a planet of the solar system.", max_output_tokens=12,
+                                 temperature=0)
+    assert r1.status in ("completed", "incomplete") and r1.output_text.strip()
+    assert r1.usage.input_tokens_details.cached_tokens == 0
+    r2 = client.responses.create(model=MODEL, input="How far is it from the Sun?", previous_response_id=r1.id,
+                                 max_output_tokens=12, temperature=0)
+    assert r2.previous_response_id == r1.id
+    assert r2.usage.input_tokens > r1.usage.input_tokens + r1.usage.output_tokens
+    assert r2.usage.input_tokens_details.cached_tokens > 0  # turn 1's conversation came from storage
+    chat = client.chat.completions.create(model=MODEL, max_tokens=12, temperature=0, messages=[
+        {"role": "user", "content": "Name a planet of the solar system."},
+        {"role": "assistant", "content": r1.output_text},
+        {"role": "user", "content": "How far is it from the Sun?"}])
+    assert r2.output_text == chat.choices[0].message.content
+    assert r2.usage.input_tokens == chat.usage.prompt_tokens
+    # stored: retrievable, then deleted; an unknown previous id is an OpenAI-style 400
+    assert client.responses.retrieve(r2.id).output_text == r2.output_text
+    client.responses.delete(r2.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r2.id)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", previous_response_id=r2.id, max_output_tokens=2)
+    assert e.value.code == "previous_response_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", max_output_tokens=2,
+                                tools=[{"type": "function", "name": "f", "parameters": {}}])
+    assert e.value.code == "unsupported_parameter"
+
+
+def test_responses_api_stream_events(server):
+    """A streamed response: OpenAI's event types in order, sequence numbers 0..n-1, deltas that add up to the
+    final text, and the same text as the same request unstreamed (temperature 0)."""
+    client = _client(server)
+    kw = {"model": MODEL, "instructions": "Answer in one short sentence.", "input": "What is the Moon?",
+          "max_output_tokens": 10, "temperature": 0}
+    events = list(client.responses.create(stream=True, **kw))
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert types[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert types[-1] in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert deltas == final.output_text == events[-4].text and deltas.strip()
+    assert final.instructions == kw["instructions"]
+    assert client.responses.create(**kw).output_text == deltas

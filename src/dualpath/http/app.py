@@ -1,5 +1,5 @@
 """The ASGI app (FastAPI on uvicorn): ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``,
-``/metrics`` and ``/health`` over a :class:`~dualpath.http.backend.Backend`.
+``/v1/responses`` (:mod:`dualpath.http.responses`), ``/metrics`` and ``/health`` over a :class:`~dualpath.http.backend.Backend`.
 
 A request's life: the body is validated by the pydantic models of :mod:`dualpath.http.schemas` (400 with an
 OpenAI-style error object naming the field); the prompt is rendered (chat template) and tokenized; a prompt
@@ -335,6 +335,9 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
         limit = server.limit(len(ids), body.limit(), "max_tokens")
         return await _serve(server, request, "completion", body, ids, limit)
 
+    from dualpath.http.responses import add_routes
+
+    add_routes(app, server)  # /v1/responses
     return app
 
 

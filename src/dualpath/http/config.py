@@ -28,3 +28,6 @@ class HttpConfig(Section):
     request_timeout_s: float = Field(default=300.0, gt=0, description="a request ends by this deadline")
     default_temperature: float = Field(default=1.0, ge=0.0, le=2.0,
                                        description="temperature when a request gives none (OpenAI's default)")
+    responses_store_max: int = Field(default=1024, ge=0,
+                                     description="stored /v1/responses conversations (previous_response_id), "
+                                                 "in memory, least recently used dropped; 0 stores none")

@@ -1,0 +1,384 @@
+"""OpenAI's Responses API (``POST /v1/responses``, ``GET``/``DELETE /v1/responses/{id}``), text in, text out.
+
+Agent frameworks built on the Responses API keep a conversation on the server: a turn sends only its new input
+and ``previous_response_id``, and the server prepends the stored conversation. That is the multi-turn reuse
+DualPath serves: the prompt of turn ``i`` is the whole conversation before it, rendered through the model's chat
+template, and its reused prefix is a storage hit.
+
+* ``input``: a string (one user message) or a list of message items (``{"role", "content"}``, optionally
+  ``"type": "message"``; content a string or ``input_text``/``output_text`` parts). ``instructions`` becomes a
+  system message of this response only (as OpenAI does: it is not carried to the next turn). Items of other
+  types (function calls and outputs, reasoning, images, files) and ``tools`` get a 400 naming the field.
+* ``previous_response_id``: a stored response (``store``, default true) whose conversation (its inputs, without
+  its instructions, and its output) comes before ``input``. An unknown id is a 400
+  ``previous_response_not_found``. The store keeps the last ``http.responses_store_max`` responses of this
+  server process (in memory; a restart forgets them).
+* ``max_output_tokens``, ``temperature``, ``top_p``; the extensions ``top_k``, ``seed`` and ``ignore_eos`` as on
+  the other endpoints. A response cut by ``max_output_tokens`` has ``status: "incomplete"``.
+* ``stream``: server-sent events with OpenAI's event types, in order: ``response.created``,
+  ``response.in_progress``, ``response.output_item.added``, ``response.content_part.added``, one
+  ``response.output_text.delta`` per decode step, ``response.output_text.done``, ``response.content_part.done``,
+  ``response.output_item.done``, then ``response.completed`` (or ``response.incomplete``); an error after the
+  stream began is a ``response.failed`` event. Each event carries ``sequence_number``.
+
+``usage`` has ``input_tokens``, ``input_tokens_details.cached_tokens`` (the storage hit), ``output_tokens`` and
+``total_tokens``; the response carries ``x-dualpath-read-path`` as the other endpoints do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from dualpath.http.backend import GenRequest, GenResult, Job
+
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class InputPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class InputItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str | None = None
+    role: Literal["user", "assistant", "system", "developer"] | None = None
+    content: str | list[InputPart] | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """The body of ``POST /v1/responses`` (unknown fields are errors, as on the other endpoints)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    input: str | list[InputItem]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool | None = False
+    store: bool | None = True
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: str | None = None
+    include: list[str] | None = None
+    service_tier: str | None = None
+    background: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_tool_calls: int | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    stream_options: dict[str, Any] | None = None
+    # extensions (as on the other endpoints)
+    top_k: int | None = Field(default=None, ge=-1)
+    seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
+    ignore_eos: bool = False
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """``(field, message)`` of the first value this server cannot honour, or None."""
+        if self.tools:
+            return "tools", "tools: tool calling is not supported"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", "tool_choice: tool calling is not supported (only 'none' or 'auto' without tools)"
+        fmt = (self.text or {}).get("format") or {}
+        if fmt.get("type", "text") != "text":
+            return "text.format", f"text.format: only type 'text' is supported (got {fmt.get('type')!r})"
+        if self.background:
+            return "background", "background: background responses are not supported"
+        if self.top_logprobs:
+            return "top_logprobs", "top_logprobs: not supported (only 0)"
+        if self.truncation not in (None, "disabled"):
+            return "truncation", "truncation: only 'disabled' is supported (a prompt that does not fit is an error)"
+        if isinstance(self.input, list):
+            for i, item in enumerate(self.input):
+                if item.type not in (None, "message"):
+                    return f"input[{i}].type", f"input[{i}]: items of type {item.type!r} are not supported " \
+                                               "(only messages)"
+                if item.role is None:
+                    return f"input[{i}].role", f"input[{i}]: a message needs a role"
+                if isinstance(item.content, list):
+                    for j, part in enumerate(item.content):
+                        if part.type not in _TEXT_PARTS:
+                            return (f"input[{i}].content[{j}].type",
+                                    f"input[{i}].content[{j}]: only text parts are supported (got {part.type!r})")
+        return None
+
+    def messages(self) -> list[dict[str, str]]:
+        """This request's input as chat messages (``developer`` as ``system``), without ``instructions``."""
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        out = []
+        for item in self.input:
+            c = item.content
+            text = c if isinstance(c, str) else "".join(p.text or "" for p in c) if c else ""
+            role = "system" if item.role == "developer" else str(item.role)
+            out.append({"role": role, "content": text})
+        return out
+
+
+class ResponseStore:
+    """The conversations of the last ``max_items`` stored responses (in memory, LRU)."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[str, tuple[list[dict[str, str]], dict[str, Any]]] = OrderedDict()
+
+    def get(self, rid: str) -> tuple[list[dict[str, str]], dict[str, Any]] | None:
+        got = self._items.get(rid)
+        if got is not None:
+            self._items.move_to_end(rid)
+        return got
+
+    def put(self, rid: str, conversation: list[dict[str, str]], body: dict[str, Any]) -> None:
+        if self.max_items <= 0:
+            return
+        self._items[rid] = (conversation, body)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def delete(self, rid: str) -> bool:
+        return self._items.pop(rid, None) is not None
+
+
+def add_routes(app: FastAPI, server: Any) -> None:
+    """``/v1/responses`` on ``app`` (``server``: the app's :class:`~dualpath.http.app.Server`)."""
+    from dualpath.http.app import ApiError
+
+    store = ResponseStore(server.config.responses_store_max)
+
+    @app.post("/v1/responses")
+    async def create(body: ResponsesRequest, request: Request) -> Response:
+        server.authorize(request)
+        if body.model is not None and body.model != server.model_name:
+            raise ApiError(404, f"The model {body.model!r} does not exist; this server serves "
+                                f"{server.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+        bad = body.unsupported()
+        if bad is not None:
+            raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
+        history: list[dict[str, str]] = []
+        if body.previous_response_id is not None:
+            prev = store.get(body.previous_response_id)
+            if prev is None:
+                raise ApiError(400, f"Previous response with id {body.previous_response_id!r} not found.",
+                               param="previous_response_id", code="previous_response_not_found")
+            history = prev[0]
+        conversation = history + body.messages()
+        system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        server.admit()
+        ids = _render(server, system + conversation)
+        limit = server.limit(len(ids), body.max_output_tokens, "max_output_tokens")
+        return await _serve(server, store, request, body, conversation, ids, limit)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve(response_id: str, request: Request) -> JSONResponse:
+        server.authorize(request)
+        got = store.get(response_id)
+        if got is None:
+            raise ApiError(404, f"Response with id {response_id!r} not found.", "not_found_error",
+                           param="response_id")
+        return JSONResponse(got[1])
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete(response_id: str, request: Request) -> JSONResponse:
+        server.authorize(request)
+        if not store.delete(response_id):
+            raise ApiError(404, f"Response with id {response_id!r} not found.", "not_found_error",
+                           param="response_id")
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+def _render(server: Any, messages: list[dict[str, str]]) -> list[int]:
+    from dualpath.http.app import ApiError
+
+    tok = server.backend.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ApiError(400, "the served model has no chat template; use /v1/completions", param="input")
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # the template's own checks (e.g. roles must alternate)
+        raise ApiError(400, f"input: the model's chat template refused the conversation: {exc}",
+                       param="input") from None
+    return list(tok.encode(str(text), add_special_tokens=False))
+
+
+def _response(server: Any, rid: str, mid: str, created: int, body: ResponsesRequest, *, status: str,
+              text: str | None, usage: dict[str, Any] | None, error: dict[str, Any] | None = None) -> dict[str, Any]:
+    output = []
+    if text is not None:
+        item_status = "completed" if status in ("completed", "incomplete") else "in_progress"
+        output.append({"type": "message", "id": mid, "status": item_status, "role": "assistant",
+                       "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
+    return {
+        "id": rid, "object": "response", "created_at": created, "status": status, "background": False,
+        "error": error,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": server.model_name,
+        "output": output, "parallel_tool_calls": bool(body.parallel_tool_calls if body.parallel_tool_calls
+                                                      is not None else True),
+        "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
+        "store": bool(body.store if body.store is not None else True),
+        "temperature": body.temperature if body.temperature is not None else server.config.default_temperature,
+        "text": {"format": {"type": "text"}}, "tool_choice": body.tool_choice or "auto", "tools": [],
+        "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": "disabled", "usage": usage,
+        "user": body.user, "metadata": body.metadata or {},
+    }
+
+
+def _usage(ids: list[int], n_out: int, result: GenResult | None, job: Job) -> dict[str, Any]:
+    cached = result.cached_tokens if result is not None else job.cached
+    return {"input_tokens": len(ids), "input_tokens_details": {"cached_tokens": int(cached)},
+            "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": len(ids) + n_out}
+
+
+async def _serve(server: Any, store: ResponseStore, request: Request, body: ResponsesRequest,
+                 conversation: list[dict[str, str]], ids: list[int], limit: int) -> Response:
+    from dualpath.http.app import Detokenizer, _ClientGone, _drain, _map_error, _observe, _watch_disconnect
+
+    sampling = server.sampling(body)
+    m = server.metrics
+    job = server.backend.submit(GenRequest(ids, limit, sampling))
+    detok = Detokenizer(server.backend.tokenizer, [], frozenset(sampling.stop_ids))
+    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, job))
+    m.inflight.inc()
+    handed_off = False
+    rid, mid, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
+    try:
+        first = await job.queue.get()
+        if first[0] == "error":
+            if job.client_cancelled:
+                raise _ClientGone()
+            raise _map_error(first[1], server.config.retry_after_s)
+        t_first = time.perf_counter()
+        headers = {"x-dualpath-read-path": str(job.path or "")}
+        if body.stream:
+            watcher.cancel()
+            handed_off = True
+            events = _events(server, store, job, detok, first, body, conversation, ids, rid, mid, created, t_first)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        result, t_last = await _drain(job, detok, first, server.config.retry_after_s)
+        if job.client_cancelled and detok.finish is None:
+            raise _ClientGone()
+        detok.flush()
+        status = "incomplete" if detok.finish is None else "completed"
+        out = _response(server, rid, mid, created, body, status=status, text=detok.text,
+                        usage=_usage(ids, len(detok.ids), result, job))
+        if body.store is not False:
+            store.put(rid, [*conversation, {"role": "assistant", "content": detok.text}], out)
+        headers["x-dualpath-read-path"] = str(job.path or (result.path if result else ""))
+        _observe(server, job, ids, detok, result, t_first, t_last)
+        m.requests.labels(endpoint="/v1/responses", code="200").inc()
+        return JSONResponse(out, headers=headers)
+    except _ClientGone:
+        m.cancelled.inc()
+        m.requests.labels(endpoint="/v1/responses", code="499").inc()
+        return Response(status_code=499)
+    except BaseException:
+        job.cancel()
+        raise
+    finally:
+        if not handed_off:
+            watcher.cancel()
+            m.inflight.dec()
+
+
+async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first: tuple[str, Any],
+                  body: ResponsesRequest, conversation: list[dict[str, str]], ids: list[int], rid: str, mid: str,
+                  created: int, t_first: float) -> AsyncIterator[bytes]:
+    """The stream of a response (see the module docstring for the events and their order)."""
+    from dualpath.http.app import _map_error, _observe
+
+    m = server.metrics
+    seq = 0
+
+    def event(etype: str, **fields: Any) -> bytes:
+        nonlocal seq
+        data = {"type": etype, "sequence_number": seq, **fields}
+        seq += 1
+        return f"event: {etype}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+    where = {"item_id": mid, "output_index": 0, "content_index": 0}
+    result: GenResult | None = None
+    t_last = t_first
+    code = "200"
+    try:
+        yield event("response.created", response=_response(server, rid, mid, created, body, status="in_progress",
+                                                            text=None, usage=None))
+        yield event("response.in_progress", response=_response(server, rid, mid, created, body,
+                                                                status="in_progress", text=None, usage=None))
+        yield event("response.output_item.added", output_index=0,
+                    item={"type": "message", "id": mid, "status": "in_progress", "role": "assistant", "content": []})
+        yield event("response.content_part.added", **where,
+                    part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        ev = first
+        while True:
+            k, val = ev
+            if k == "token":
+                delta, pending = "", None
+                while True:  # the tokens already waiting go out as one delta
+                    delta += detok.push(val)
+                    if job.queue.empty():
+                        break
+                    nxt = job.queue.get_nowait()
+                    if nxt[0] != "token":
+                        pending = nxt
+                        break
+                    val = nxt[1]
+                t_last = time.perf_counter()
+                if delta:
+                    yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
+                ev = pending if pending is not None else await job.queue.get()
+                continue
+            if k == "done":
+                result = val
+                break
+            if job.client_cancelled:
+                break
+            err = _map_error(val, server.config.retry_after_s)
+            code = str(err.status)
+            failed = _response(server, rid, mid, created, body, status="failed", text=detok.text, usage=None,
+                               error={"code": err.code or "server_error", "message": err.message})
+            yield event("response.failed", response=failed)
+            return
+        tail = detok.flush()
+        if tail:
+            yield event("response.output_text.delta", **where, delta=tail, logprobs=[])
+        text = detok.text
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        yield event("response.output_text.done", **where, text=text, logprobs=[])
+        yield event("response.content_part.done", **where, part=part)
+        yield event("response.output_item.done", output_index=0,
+                    item={"type": "message", "id": mid, "status": "completed", "role": "assistant",
+                          "content": [part]})
+        status = "incomplete" if detok.finish is None else "completed"
+        out = _response(server, rid, mid, created, body, status=status, text=text,
+                        usage=_usage(ids, len(detok.ids), result, job))
+        if body.store is not False:
+            store.put(rid, [*conversation, {"role": "assistant", "content": text}], out)
+        yield event(f"response.{status}", response=out)
+        _observe(server, job, ids, detok, result, t_first, t_last)
+    except BaseException:
+        code = "499"
+        m.cancelled.inc()
+        raise
+    finally:
+        job.cancel()
+        m.inflight.dec()
+        m.requests.labels(endpoint="/v1/responses", code=code).inc()

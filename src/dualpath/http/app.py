@@ -272,6 +272,9 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
             await backend.close()
 
     app = FastAPI(title="dualpath", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    from dualpath.http.bodylimit import BodyLimit
+
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     app.state.server = server
 
     @app.exception_handler(RequestValidationError)

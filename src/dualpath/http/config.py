@@ -31,3 +31,5 @@ class HttpConfig(Section):
     responses_store_max: int = Field(default=1024, ge=0,
                                      description="stored /v1/responses conversations (previous_response_id), "
                                                  "in memory, least recently used dropped; 0 stores none")
+    max_body_bytes: int = Field(default=32 << 20, ge=1024,
+                                description="a request body larger than this gets 413 before it is read")

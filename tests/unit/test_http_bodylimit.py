@@ -1,0 +1,58 @@
+"""``http.max_body_bytes``: a request body over the cap is refused with 413 before it is read into memory, whether
+it declares its length or streams it in chunks; a body within the cap is served as usual."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from dualpath.config import load_config
+from dualpath.http.app import create_app
+from dualpath.http.backend import InProcessBackend
+from dualpath.http.config import HttpConfig
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _client(cap: int) -> httpx.AsyncClient:
+    cfg = load_config(None, env={}, overrides={"model": {"kind": "synthetic", "n_layers": 1, "n_kv_heads": 1,
+                                                         "head_dim": 8, "vocab_size": 64},
+                                               "storage": {"kind": "memory"}, "transport": {"kind": "loopback"}})
+    app = create_app(InProcessBackend(cfg), HttpConfig(max_body_bytes=cap))  # (not started: no lifespan)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_a_declared_length_over_the_cap_is_refused_unread() -> None:
+    body = json.dumps({"prompt": "x" * 5000, "max_tokens": 1}).encode()
+    async with _client(4096) as c:
+        r = await c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and "http.max_body_bytes" in err["message"]
+
+
+async def test_a_chunked_body_is_counted_as_it_arrives() -> None:
+    sent = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(100):  # 100 KiB in 1 KiB chunks, no Content-Length
+            sent.append(1)
+            yield b" " * 1024
+
+    async with _client(4096) as c:
+        r = await c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+async def test_a_body_within_the_cap_reaches_validation() -> None:
+    async with _client(4096) as c:
+        r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "bogus": 1})
+    assert r.status_code == 400 and "unknown field 'bogus'" in r.json()["error"]["message"]

@@ -34,9 +34,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[tuple[object, object]]:
-    cfg = NixlTransportConfig(pending_timeout_s=0.5)
+@pytest.fixture(params=[False, True], ids=["loop-notifs", "notif-thread"])
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[object, object]]:
+    """Sender and receiver, the receiver's notifications polled on its event loop or on its notification thread
+    (the guarantees hold either way)."""
+    cfg = NixlTransportConfig(pending_timeout_s=0.5, notif_thread=request.param)
     async with create_transport(cfg, "snd") as a, create_transport(cfg, "rcv") as b:
         await a.connect("rcv", b.address)
         yield a, b

@@ -88,11 +88,32 @@ class NixlTransportConfig(_Common):
     ucx_tls: str | None = Field(default="tcp,self,sm", description="UCX_TLS to set if unset; None leaves it")
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535, description="side-channel tcp port; 0 picks a free one")
-    poll_interval_s: float = Field(default=0.0002, gt=0, description="transfer/notification poll period")
+    poll_interval_s: float = Field(
+        default=0.0002, gt=0, description="poll period of stalled posted writes (and of notifications without "
+        "notif_thread)"
+    )
+    notif_thread: bool = Field(
+        default=False,
+        description="poll notifications on a receiver thread (every notif_poll_s while grants are outstanding, "
+        "parked otherwise) instead of on the event loop, whose timed sleeps round up to ~1 ms; the agent then "
+        "uses NIXL's agent-wide lock. Off by default: on 2 shared cores it measured faster only at 16 MiB and "
+        "costlier in CPU than the loop's polls (bench transport, issue 16)",
+    )
+    notif_poll_s: float = Field(
+        default=0.0001, gt=0, le=0.1, description="the notification thread's nap between polls while notifications come"
+    )
+    notif_idle_poll_s: float = Field(
+        default=0.001, gt=0, le=1.0, description="its nap once 20 ms passed without one (grants still outstanding)"
+    )
     progress_thread: bool = Field(
         default=False,
-        description="NIXL's own progress thread (it spins a core even when idle); off: the transport's poll "
-        "of transfer states and notifications drives progress while transfers are outstanding",
+        description="NIXL's own UCX progress thread, created with progress_thread_delay_us (it waits for UCX events "
+        "instead of spinning); off: the transport's polls of transfer states and notifications drive progress",
+    )
+    progress_thread_delay_us: int = Field(
+        default=100, ge=1, le=1_000_000,
+        description="the NIXL progress thread's delay (NIXL's pthrDelay); 0, the Python wrapper's own choice, "
+        "spins a core even when idle, so it is not allowed",
     )
 
 

@@ -25,10 +25,20 @@ the fence and :meth:`NixlTransport.settle` awaits every fence started. A sender 
 ``_FENCE_S`` gets its groups forgotten and the landing's region is deregistered and registered again (its
 remote keys invalid; honest peers reload the metadata on their next grant), so a silent sender cannot write
 into memory the caller reuses. Side-channel messages are drained in batches and answered with one message per
-peer. Transfer states and notifications are polled on the event loop while any are outstanding, so every NIXL
-call happens on one thread; those polls also drive UCX progress (NIXL's own progress thread, which spins a
-core even when idle, is off unless ``progress_thread``). ``nixl`` is imported lazily here only (``pip install
-dualpath[nixl]``); ``UCX_TLS`` defaults to ``tcp,self,sm`` when unset (CPU machines; keep ``tcp``).
+peer.
+
+**Progress.** A sender polls its posted WRITEs' states on the event loop while any are outstanding (every loop
+pass while they progress, as a raw sender spins). A receiver polls the notifications of its outstanding grants
+on the event loop too (timed sleeps of ``poll_interval_s``, ~1 ms in practice), so every NIXL call happens on one
+thread. Opt-in, ``notif_thread``: a notification thread (:class:`_NotifPump`) polls them every ``notif_poll_s``
+(0.1 ms, a raw receiver's pace) while grants are outstanding, every ``notif_idle_poll_s`` after 20 ms without
+one, parked on an event while none is, handing batches to the loop with ``call_soon_threadsafe``; NIXL's agent
+locks nothing in its default sync mode (only with its own listener thread), so the agent is then created with
+``NIXL_THREAD_SYNC_STRICT`` (one agent-wide lock). On 2 shared cores the thread measured faster only at 16 MiB
+and used more CPU (up to 1.6x at 64 KiB; issue 16), hence off by default. These polls drive UCX progress; NIXL's own progress thread is off
+unless ``progress_thread`` (then created with ``progress_thread_delay_us``: the Python wrapper's delay 0 spins a
+core even when idle). ``nixl`` is imported lazily here only (``pip install dualpath[nixl]``); ``UCX_TLS``
+defaults to ``tcp,self,sm`` when unset (CPU machines; keep ``tcp``).
 """
 
 from __future__ import annotations
@@ -38,6 +48,9 @@ import contextlib
 import itertools
 import logging
 import os
+import sys
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +83,32 @@ def _import_nixl() -> Any:
     return nixl_mod
 
 
+_AGENT_CTOR = threading.Lock()
+
+
+def _make_agent(nixl_mod: Any, name: str, conf: Any, delay_us: int | None) -> Any:
+    """A ``nixl_agent``; with ``delay_us``, its progress thread created with that delay. The Python wrapper
+    hard-codes the delay to 0, with which NIXL's UCX progress thread never blocks (a core spun while idle); with a
+    positive one it waits for UCX events. The wrapper builds the binding's agent in its constructor, so the
+    binding's constructor is wrapped for that call only (under a lock: one agent built at a time)."""
+    if delay_us is None:
+        return nixl_mod.nixl_agent(name, conf)
+    api = sys.modules[nixl_mod.nixl_agent.__module__]
+    with _AGENT_CTOR:
+        bind = api.nixlBind
+        make = bind.nixlAgent
+
+        def with_delay(agent_name: str, agent_config: Any) -> Any:
+            agent_config.pthrDelay = delay_us
+            return make(agent_name, agent_config)
+
+        bind.nixlAgent = with_delay
+        try:
+            return nixl_mod.nixl_agent(name, conf)
+        finally:
+            bind.nixlAgent = make
+
+
 def _mem(t: torch.Tensor) -> tuple[str, int]:
     return ("VRAM", t.get_device()) if t.device.type == "cuda" else ("DRAM", 0)
 
@@ -80,6 +119,10 @@ _FENCE_S = 2.0  # how long a revocation waits for the sender's acknowledgement b
 _SPIN_S = 0.005  # a sender with writes posted polls every loop pass while they progressed this recently
 _DRAIN = 256  # side-channel messages handled per wake-up before yielding
 _DLIST_CACHE = 512  # prepared descriptor lists kept per side (LRU)
+_SCAN_S = 0.05  # how often outstanding grants are checked for landings withdrawn without a revocation
+_PUMP_IDLE_AFTER_S = 0.02  # the pump naps notif_idle_poll_s once this long without a notification
+_PUMP_PARK_S = 1.0  # a parked notification pump re-checks its stop flag this often
+_PUMP_JOIN_S = 2.0  # close() waits this long for the notification pump to end
 
 
 def _group(tag: str) -> str:
@@ -151,6 +194,65 @@ def _release(handle: Any) -> None:
         handle.release()
 
 
+class _NotifPump:
+    """The receiver's notification poller: a daemon thread that, while grants are outstanding, calls
+    ``get_new_notifs`` every ``nap_s`` (which also drives UCX progress, as a raw NIXL receiver's loop does) and hands
+    each non-empty batch to the event loop (``call_soon_threadsafe``); after ``_PUMP_IDLE_AFTER_S`` with none it
+    naps ``idle_nap_s`` instead. Paused (blocked on an event, no CPU) while no grant is outstanding. Its one agent call
+    runs concurrently with the loop thread's, so the agent is created with ``NIXL_THREAD_SYNC_STRICT`` (NIXL's
+    agent-wide lock; the default mode takes none)."""
+
+    def __init__(self, name: str, agent: Any, loop: asyncio.AbstractEventLoop,
+                 deliver: Callable[[dict[str, list[bytes]]], object], cfg: NixlTransportConfig) -> None:
+        self.agent, self.loop, self.deliver = agent, loop, deliver
+        self.nap_s, self.idle_nap_s = cfg.notif_poll_s, cfg.notif_idle_poll_s
+        self._active = threading.Event()
+        self._stopping = False
+        self.polls = 0  # get_new_notifs calls so far (tests: none while paused)
+        self.thread = threading.Thread(target=self._run, name=f"nixl-notifs-{name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def resume(self) -> None:
+        if not self._active.is_set():
+            self._active.set()
+
+    def pause(self) -> None:
+        self._active.clear()
+
+    def stop(self, timeout: float) -> bool:
+        """Stop the thread and join it (bounded); whether it ended."""
+        self._stopping = True
+        self._active.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def _run(self) -> None:
+        agent, sleep, clock = self.agent, time.sleep, time.monotonic
+        last = clock()
+        while not self._stopping:
+            if not self._active.is_set():
+                self._active.wait(_PUMP_PARK_S)  # parked: woken by resume() (a grant) or stop()
+                last = clock()
+                continue
+            self.polls += 1
+            try:
+                notifs = agent.get_new_notifs()
+            except Exception as exc:  # pragma: no cover - NIXL error path
+                log.error("polling NIXL notifications failed: %r", exc)
+                notifs = {}
+            if notifs:
+                last = clock()
+                try:
+                    self.loop.call_soon_threadsafe(self.deliver, notifs)
+                except RuntimeError:  # the loop is closed: nothing left to deliver to
+                    return
+            else:
+                sleep(self.nap_s if clock() - last < _PUMP_IDLE_AFTER_S else self.idle_nap_s)
+
+
 class NixlTransport(Transport):
     kind = "nixl"
 
@@ -180,6 +282,7 @@ class NixlTransport(Transport):
         self._limiter = anyio.CapacityLimiter(2)
         self._md_epoch = 0
         self._fences: set[asyncio.Future[None]] = set()
+        self._pump: _NotifPump | None = None
 
     @property
     def address(self) -> str:
@@ -195,10 +298,15 @@ class NixlTransport(Transport):
         if self.config.ucx_tls is not None:
             os.environ.setdefault("UCX_TLS", self.config.ucx_tls)
         nixl_mod = _import_nixl()
-        # every later NIXL call of this agent happens on the event loop's thread: no agent-level locking needed
+        # with the notification pump, two threads call the agent: NIXL's agent-wide lock (STRICT) serialises them
+        # (the default mode, without NIXL's listener thread, locks nothing); without it every NIXL call happens
+        # on the event loop's thread
+        sync = nixl_mod.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT if self.config.notif_thread else None
         conf = nixl_mod.nixl_agent_config(backends=[self.config.backend],
-                                          enable_prog_thread=self.config.progress_thread)
-        self._agent = await anyio.to_thread.run_sync(nixl_mod.nixl_agent, self.name, conf)
+                                          enable_prog_thread=self.config.progress_thread, sync_mode=sync)
+        self._agent = await anyio.to_thread.run_sync(
+            _make_agent, nixl_mod, self.name, conf,
+            self.config.progress_thread_delay_us if self.config.progress_thread else None)
         if self.config.backend not in self._agent.backends:
             raise TransportError(f"{self.name}: NIXL backend {self.config.backend!r} is not available "
                                  f"(plugins: {self._agent.plugin_list})")
@@ -212,6 +320,9 @@ class NixlTransport(Transport):
         self._router = router
         self._spawn(self._recv_loop())
         self._spawn(self._progress())
+        if self.config.notif_thread:
+            self._pump = _NotifPump(self.name, self._agent, asyncio.get_running_loop(), self._deliver, self.config)
+            self._pump.start()
         for region in self._regions.values():
             self._register_memory(region)
         await super().start()
@@ -220,6 +331,10 @@ class NixlTransport(Transport):
         if self._closed:
             return
         await super().close()
+        if self._pump is not None:  # first: no NIXL call from it while the rest is torn down
+            if not self._pump.stop(_PUMP_JOIN_S):
+                log.warning("%s: the NIXL notification thread did not stop within %g s", self.name, _PUMP_JOIN_S)
+            self._pump = None
         for task in [*self._tasks, *self._fences]:
             task.cancel()
         for peer in self._peers.values():
@@ -263,18 +378,22 @@ class NixlTransport(Transport):
                 self._agent.deregister_memory(region.handle)
             region.handle = None
 
-    # --- progress: transfer states and notifications, polled on the event loop while any are outstanding ----
+    # --- progress: transfer states on the event loop; notifications on the pump thread (or the loop) ---------
     async def _progress(self) -> None:
+        """Poll our posted WRITEs' states while any are outstanding (and, without the pump thread, the
+        notifications of outstanding grants); every ``_SCAN_S`` while grants are outstanding, revoke those whose
+        landing was withdrawn some other way."""
         assert self._work is not None
         agent, interval = self._agent, self.config.poll_interval_s
         loop = asyncio.get_running_loop()
-        last = loop.time()
-        idle = 0
+        last = scanned = loop.time()
         while True:
             if not self._inflight and not self._granted:
+                if self._pump is not None:
+                    self._pump.pause()
                 self._work.clear()
                 await self._work.wait()
-                last = loop.time()
+                last = scanned = loop.time()
                 continue
             moved = False
             for xid, (handle, fut) in list(self._inflight.items()):
@@ -287,31 +406,50 @@ class NixlTransport(Transport):
                     del self._inflight[xid]
                     if not fut.done():
                         fut.set_result(state)
+            now = loop.time()
             if self._granted:
-                try:
-                    notifs = agent.get_new_notifs()
-                except Exception as exc:  # pragma: no cover
-                    log.error("%s: polling NIXL notifications failed: %r", self.name, exc)
-                    notifs = {}
-                for agent_name, msgs in notifs.items():
-                    for msg in msgs:
-                        moved = True
-                        self._on_notif(str(agent_name), bytes(msg))
-                idle = 0 if moved else idle + 1
-                if idle % 256 == 255:  # now and then: grants whose landing was withdrawn some other way, fenced too
+                if self._pump is None:
+                    try:
+                        notifs = agent.get_new_notifs()
+                    except Exception as exc:  # pragma: no cover
+                        log.error("%s: polling NIXL notifications failed: %r", self.name, exc)
+                        notifs = {}
+                    moved = self._deliver(notifs) or moved
+                if now - scanned >= _SCAN_S:  # grants whose landing was withdrawn some other way, fenced too
+                    scanned = now
                     for tag in [k for k, v in self._granted.items() if v.slot.withdrawn]:
                         self._revoke(tag)
-            # our posted writes: poll again after one loop pass, as a raw sender spins on its transfer states (a
-            # timed asyncio sleep rounds up to the selector's 1 ms tick, a bubble under sub-millisecond writes);
-            # writes that stall (a slow peer) fall back to the timed poll after _SPIN_S without progress
-            now = loop.time()
             if moved:
                 last = now
-            await asyncio.sleep(0 if moved or (self._inflight and now - last < _SPIN_S) else interval)
+            if self._inflight or self._pump is None:
+                # our posted writes: poll again after one loop pass, as a raw sender spins on its transfer states
+                # (a timed asyncio sleep rounds up to the selector's 1 ms tick, a bubble under sub-millisecond
+                # writes); writes that stall (a slow peer) fall back to the timed poll after _SPIN_S without progress
+                await asyncio.sleep(0 if moved or (self._inflight and now - last < _SPIN_S) else interval)
+            else:  # only grants, their notifications on the pump: wake for the next scan, or for a posted write
+                self._work.clear()
+                with anyio.move_on_after(_SCAN_S):
+                    await self._work.wait()
+
+    def _deliver(self, notifs: dict[str, list[bytes]]) -> bool:
+        """Complete the landings of a batch of notifications (on the event loop); whether there were any. The
+        pump goes idle once no grant is outstanding."""
+        if self._closed:  # handed over by the pump just before close()
+            return False
+        moved = False
+        for agent_name, msgs in notifs.items():
+            for msg in msgs:
+                moved = True
+                self._on_notif(str(agent_name), bytes(msg))
+        if self._pump is not None and not self._granted:
+            self._pump.pause()
+        return moved
 
     def _kick(self) -> None:
         if self._work is not None:
             self._work.set()
+        if self._pump is not None and self._granted:
+            self._pump.resume()
 
     # --- side channel ---------------------------------------------------------------------------------------
     async def _recv_loop(self) -> None:

@@ -1,7 +1,7 @@
 """``dualpath generate``: greedy generation with this project's model and kernels, to check a checkpoint.
 
 The prompt is prefilled in one chunk into a paged KV pool, then decoded one token per step through the paged
-decode kernel (Llama/Mistral/Qwen2/Qwen3: K/V pages; DeepSeek-V2/V3: latent pages and absorbed MLA). ``--json OUT`` writes
+decode kernel (Llama/Mistral/Qwen2/Qwen3 and their MoE kin: K/V pages; DeepSeek-V2/V3: latent pages and absorbed MLA). ``--json OUT`` writes
 ``{"runs": [{"generated_ids": [...], "kv_bytes_per_token_layer": ..., ...}]}``; for an MLA model it also
 prints the latent KV bytes per token and layer against the same attention's MHA-equivalent K/V bytes.
 """

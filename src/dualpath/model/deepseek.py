@@ -26,24 +26,12 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.kernels import mla_decode_attention, mla_prefill_attention, store_latent
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch
+from dualpath.model.moe import FeedForward, dispatch_experts
 from dualpath.model.spec import DeepseekV3Spec, rope_frequencies
 
 __all__ = ["DeepseekV3Model"]
 
 _LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in DeepSeek's and HF's code
-
-
-class _FFN(nn.Module):
-    """SwiGLU MLP of a given width (dense layers, shared experts and each routed expert)."""
-
-    def __init__(self, hidden: int, inter: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MLAttention(nn.Module):
@@ -111,19 +99,15 @@ class MoE(nn.Module):
     def __init__(self, spec: DeepseekV3Spec) -> None:
         super().__init__()
         self.gate = Router(spec)
-        self.experts = nn.ModuleList(_FFN(spec.hidden_size, spec.moe_intermediate_size)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
                                      for _ in range(spec.n_routed_experts))
         self.has_shared = spec.n_shared_experts > 0
         if self.has_shared:
-            self.shared_experts = _FFN(spec.hidden_size, spec.moe_intermediate_size * spec.n_shared_experts)
+            self.shared_experts = FeedForward(spec.hidden_size, spec.moe_intermediate_size * spec.n_shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, w = self.gate(x)
-        out = torch.zeros_like(x)
-        for e in torch.unique(idx).tolist():   # only the experts some token picked, in expert order
-            tok, pos = torch.where(idx == e)
-            y = cast(_FFN, self.experts[e])(x[tok]) * w[tok, pos, None]
-            out.index_add_(0, tok, y.to(out.dtype))
+        out = dispatch_experts(x, idx, w, self.experts)
         if self.has_shared:
             out = out + self.shared_experts(x)
         return out
@@ -135,7 +119,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.self_attn = MLAttention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.mlp: nn.Module = MoE(spec) if spec.is_moe_layer(layer) else _FFN(spec.hidden_size, spec.intermediate_size)
+        self.mlp: nn.Module = (MoE(spec) if spec.is_moe_layer(layer)
+                               else FeedForward(spec.hidden_size, spec.intermediate_size))
 
 
 class Backbone(nn.Module):

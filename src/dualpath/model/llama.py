@@ -1,8 +1,12 @@
-"""A Llama-family decoder (Llama, Qwen2) with a layer-wise forward over paged KV.
+"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, and the MoE relatives Mixtral, Qwen2-MoE, Qwen3-MoE) with a
+layer-wise forward over paged KV.
 
 Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...), so a transformers
-state dict loads as is. The forward is split so that a prefill engine can wait for a layer's cached KV
-before computing that layer::
+state dict loads as is. The MoE blocks use Qwen-MoE's names for every family (``mlp.gate``,
+``mlp.experts.{i}.gate_proj/up_proj/down_proj``, ``mlp.shared_expert``, ``mlp.shared_expert_gate``); the loader
+maps Mixtral's (``block_sparse_moe``, ``w1/w3/w2``) and transformers' packed experts onto them.
+
+The forward is split so that a prefill engine can wait for a layer's cached KV before computing that layer::
 
     state = model.prefill_begin(batch)              # embeddings, positions, slot mapping
     for l in range(spec.n_layers):
@@ -21,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk
 from dualpath.model.spec import ModelSpec, rope_inv_freq
 
 __all__ = ["ForwardState", "LlamaModel", "PrefillState", "SeqBatch"]
@@ -170,37 +174,63 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(spec.hidden_size, hq * d, bias=bias)
         self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
         self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
-        self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=False)
+        self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=spec.o_bias)
         if spec.qk_norm:  # Qwen3
             self.q_norm = RMSNorm(d, spec.rms_eps)
             self.k_norm = RMSNorm(d, spec.rms_eps)
 
 
-class MLP(nn.Module):
+class MLP(FeedForward):
+    """The dense SwiGLU MLP of ``intermediate_size``."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec.hidden_size, spec.intermediate_size)
+
+
+class SparseMoE(nn.Module):
+    """Mixtral / Qwen2-MoE / Qwen3-MoE sparse block: a linear router (``gate``, in the compute dtype, as
+    transformers runs it), softmax in fp32, top-k (renormalized with ``norm_topk_prob``; Qwen rounds the weights
+    to the compute dtype, Mixtral keeps them fp32), the routed experts, and for Qwen2-MoE a shared expert scaled by
+    ``sigmoid(shared_expert_gate(x))``."""
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.top_k = spec.n_experts_per_tok
+        self.renormalize = spec.norm_topk_prob
+        self.round_weights = spec.architecture != "mixtral"
+        self.gate = nn.Linear(spec.hidden_size, spec.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
+                                     for _ in range(spec.n_experts))
+        self.shared_expert: FeedForward | None = None
+        if spec.shared_expert_intermediate_size:
+            self.shared_expert = FeedForward(spec.hidden_size, spec.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        logits = self.gate(x)
+        idx, w = softmax_topk(logits, self.top_k, self.renormalize)
+        if self.round_weights:
+            w = w.to(logits.dtype)
+        out = dispatch_experts(x, idx, w, self.experts)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.self_attn = Attention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.mlp = MLP(spec)
+        self.mlp: nn.Module = SparseMoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
 
 
 class Backbone(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
@@ -265,7 +295,8 @@ class LayerwiseDecoder(nn.Module):
 
 
 class LlamaModel(LayerwiseDecoder):
-    """Llama/Mistral/Qwen2/Qwen3 decoder over a paged KV pool. ``backend``: kernel backend (``auto``/``torch``/``triton``)."""
+    """Llama/Mistral/Qwen2/Qwen3/Mixtral/Qwen2-MoE/Qwen3-MoE decoder over a paged KV pool. ``backend``: kernel
+    backend (``auto``/``torch``/``triton``)."""
 
     inv_freq: torch.Tensor
 
@@ -319,5 +350,5 @@ class LlamaModel(LayerwiseDecoder):
             o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
                                         self.scale, backend=self.backend)
         h = state.hidden + attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
-        state.hidden = h + cast(MLP, mod.mlp)(cast(RMSNorm, mod.post_attention_layernorm)(h))
+        state.hidden = h + mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(h))
         state.next_layer += 1

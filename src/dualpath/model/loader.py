@@ -1,4 +1,4 @@
-"""Build a :class:`~dualpath.model.llama.LlamaModel` (Llama, Qwen2) or a
+"""Build a :class:`~dualpath.model.llama.LlamaModel` (Llama, Mistral, Qwen2/3, Mixtral, Qwen2/3-MoE) or a
 :class:`~dualpath.model.deepseek.DeepseekV3Model` (chosen by the checkpoint's architecture) from a safetensors
 directory, a GGUF file (Llama family), or seeded random weights, and check that a checkpoint matches its config
 (every tensor present, every shape right).
@@ -7,6 +7,11 @@ DeepSeek-V3 checkpoints load straight from their shards: per-expert tensors (``m
 or transformers' packed ones (``mlp.experts.gate_up_proj``), block-scaled FP8 weights (``weight`` float8_e4m3fn +
 ``weight_scale_inv`` per 128x128 block) dequantized to the compute dtype, and multi-token-prediction layers past
 ``num_hidden_layers`` ignored.
+
+Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints load in the per-expert layout of hub checkpoints (and of what
+transformers 5 ``save_pretrained`` writes: Mixtral's ``block_sparse_moe.experts.{i}.w1/w3/w2``, Qwen's
+``mlp.experts.{i}.gate_proj/up_proj/down_proj``) or in transformers' packed in-memory layout
+(``mlp.experts.gate_up_proj [E, 2I, H]`` + ``mlp.experts.down_proj [E, H, I]``).
 """
 
 from __future__ import annotations
@@ -84,11 +89,28 @@ def init_random(model: AnyModel, seed: int = 0, std: float = 0.02) -> None:
 
 
 def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
-    """Hugging Face-named tensors (no duplicate tied head), contiguous, on CPU."""
+    """Hugging Face-named tensors (no duplicate tied head), contiguous, on CPU; Mixtral's MoE tensors under its
+    hub names (``block_sparse_moe.gate``, ``block_sparse_moe.experts.{i}.w1/w3/w2``)."""
     out = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters(remove_duplicate=True)}
     if model.spec.tie_embeddings:
         out.pop("lm_head.weight", None)
+    if getattr(model.spec, "architecture", "") == "mixtral":
+        out = {_mixtral_hub_name(k): v for k, v in out.items()}
     return out
+
+
+_MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _mixtral_hub_name(name: str) -> str:
+    """Our MoE tensor name -> Mixtral's hub name (``.mlp.experts.3.gate_proj.`` ->
+    ``.block_sparse_moe.experts.3.w1.``)."""
+    if ".mlp." not in name:
+        return name
+    name = name.replace(".mlp.", ".block_sparse_moe.")
+    for hub, ours in _MIXTRAL_EXPERT_NAMES.items():
+        name = name.replace(f".{ours}.", f".{hub}.")
+    return name
 
 
 def save_pretrained(model: AnyModel, directory: str | Path) -> Path:
@@ -350,19 +372,48 @@ def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
                 t = dequantize_block_fp8(t, scale, fp8_block)
             except ModelError as exc:
                 raise ModelError(f"{source}: tensor {name!r}: {exc}") from None
-        if name.endswith(".mlp.experts.gate_up_proj"):  # transformers' packed layout [E, 2I, H]
-            prefix = name[: -len("gate_up_proj")]
-            gate, up = t.chunk(2, dim=1)
-            for e in range(t.shape[0]):
-                out[f"{prefix}{e}.gate_proj.weight"] = gate[e]
-                out[f"{prefix}{e}.up_proj.weight"] = up[e]
-            continue
-        if name.endswith(".mlp.experts.down_proj"):      # [E, H, I]
-            prefix = name[: -len("down_proj")]
-            for e in range(t.shape[0]):
-                out[f"{prefix}{e}.down_proj.weight"] = t[e]
-            continue
-        out[name] = t
+        if not _split_packed_experts(name, t, out, source):
+            out[name] = t
+    return out
+
+
+def _split_packed_experts(name: str, t: torch.Tensor, out: dict[str, torch.Tensor], source: str) -> bool:
+    """transformers' packed experts -> per-expert tensors in ``out``: ``mlp.experts.gate_up_proj [E, 2I, H]``
+    (gate rows first, then up) and ``mlp.experts.down_proj [E, H, I]``. False when ``name`` is not packed."""
+    for packed in ("gate_up_proj", "down_proj"):
+        if name.endswith(f".mlp.experts.{packed}"):
+            break
+    else:
+        return False
+    if t.dim() != 3 or (packed == "gate_up_proj" and t.shape[1] % 2):
+        raise ModelError(f"{source}: packed expert tensor {name!r} has shape {tuple(t.shape)}, expected "
+                         f"{'[experts, 2 * intermediate, hidden]' if packed == 'gate_up_proj' else '[experts, hidden, intermediate]'}")
+    prefix = name[: -len(packed)]
+    if packed == "gate_up_proj":
+        gate, up = t.chunk(2, dim=1)
+        for e in range(t.shape[0]):
+            out[f"{prefix}{e}.gate_proj.weight"] = gate[e]
+            out[f"{prefix}{e}.up_proj.weight"] = up[e]
+    else:
+        for e in range(t.shape[0]):
+            out[f"{prefix}{e}.down_proj.weight"] = t[e]
+    return True
+
+
+def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
+                source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint tensors in this model's names: Mixtral's ``block_sparse_moe``
+    and ``w1/w3/w2`` renamed to ``mlp`` and ``gate_proj/up_proj/down_proj``, transformers' packed experts split."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if spec.architecture == "mixtral" and ".block_sparse_moe." in name:
+            name = name.replace(".block_sparse_moe.", ".mlp.")
+            parts = name.split(".")
+            if len(parts) == 8 and parts[4] == "experts" and parts[6] in _MIXTRAL_EXPERT_NAMES:
+                parts[6] = _MIXTRAL_EXPERT_NAMES[parts[6]]
+                name = ".".join(parts)
+        if not _split_packed_experts(name, t, out, source):
+            out[name] = t
     return out
 
 
@@ -381,6 +432,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         from dualpath.model.llama import LlamaModel
 
         model = LlamaModel(spec, device="cpu", backend=backend)
+        if tensors is not None and spec.is_moe:
+            tensors = moe_tensors(spec, tensors, source)
     if tensors is None:
         init_random(model, seed)
     else:

@@ -2,8 +2,15 @@
 
 Supported: ``LlamaForCausalLM`` (model_type ``llama``), ``MistralForCausalLM`` (``mistral``, read as Llama),
 ``Qwen2ForCausalLM`` (``qwen2``) and ``Qwen3ForCausalLM`` (``qwen3``): RMSNorm, RoPE (``default``, ``linear``,
-``llama3``, ``yarn``), grouped-query attention, SwiGLU MLP, optional q/k/v bias (always on for Qwen2), Qwen3's
-per-head q/k RMSNorm, optional tied embeddings. A sliding attention window (Mistral's ``sliding_window``, Qwen's
+``llama3``, ``yarn``), grouped-query attention, SwiGLU MLP, optional q/k/v bias (always on for Qwen2; Llama and
+Qwen3 then bias ``o_proj`` too), Qwen3's per-head q/k RMSNorm, optional tied embeddings. And their softmax-router
+mixture-of-experts relatives, with the same attention: ``MixtralForCausalLM`` (``mixtral``: Mistral attention, MoE
+in every layer, top-k weights renormalized), ``Qwen2MoeForCausalLM`` (``qwen2_moe``: Qwen2 attention with
+``qkv_bias``, plus a shared expert gated by ``sigmoid(shared_expert_gate(x))``) and ``Qwen3MoeForCausalLM``
+(``qwen3_moe``: Qwen3 attention, no shared expert); the Qwen pair renormalize only with ``norm_topk_prob`` and use
+a dense MLP in ``mlp_only_layers`` and in layers off ``decoder_sparse_step``.
+
+A sliding attention window (Mistral's ``sliding_window``, Qwen's
 ``use_sliding_window``) is exact only while every sequence fits inside it, so the context is capped at the window
 (``max_position``; a larger ``model.max_context`` is refused). Anything else raises
 :class:`~dualpath.errors.ModelError` naming the key at fault.
@@ -28,8 +35,16 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "llama",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
-_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+#: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+_MOE_FIELDS = ("n_experts", "n_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+               "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,6 +87,14 @@ class ModelSpec(_SpecCommon):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     sliding_window: int | None = None  # the checkpoint's attention window (max_position is capped at it)
+    # mixture of experts (mixtral, qwen2_moe, qwen3_moe); n_experts 0 for the dense architectures
+    n_experts: int = 0
+    n_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert (0: none)
+    norm_topk_prob: bool = False              # renormalize the top-k weights to sum 1 (always for Mixtral)
+    decoder_sparse_step: int = 1              # layer l is sparse when (l + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()     # ... and it is not listed here
     weights_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +120,34 @@ class ModelSpec(_SpecCommon):
             for key in ("low_freq_factor", "high_freq_factor"):
                 if key not in (self.rope_scaling or {}):
                     raise ModelError(f"model config: llama3 rope_scaling is missing {key!r}")
+        object.__setattr__(self, "mlp_only_layers", tuple(int(x) for x in self.mlp_only_layers))
+        if self.architecture in MOE_ARCHS:
+            self._check_moe()
+        elif self.n_experts:
+            raise ModelError(f"model config: architecture {self.architecture!r} has no experts (n_experts must be 0)")
+
+    def _check_moe(self) -> None:
+        if self.n_experts <= 0:
+            raise ModelError(f"model config: {self.architecture} needs a positive number of experts "
+                             f"(num_local_experts / num_experts), got {self.n_experts}")
+        if not 0 < self.n_experts_per_tok <= self.n_experts:
+            raise ModelError(f"model config: num_experts_per_tok ({self.n_experts_per_tok}) must be in "
+                             f"[1, {self.n_experts}]")
+        if self.moe_intermediate_size <= 0:
+            raise ModelError(f"model config: moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
+        if self.decoder_sparse_step <= 0:
+            raise ModelError(f"model config: decoder_sparse_step must be positive, got {self.decoder_sparse_step}")
+        if self.shared_expert_intermediate_size < 0:
+            raise ModelError("model config: shared_expert_intermediate_size must not be negative")
+        if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size == 0:
+            raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
+                             "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
+        if self.architecture != "qwen2_moe" and self.shared_expert_intermediate_size:
+            raise ModelError(f"model config: {self.architecture} has no shared expert "
+                             f"(shared_expert_intermediate_size {self.shared_expert_intermediate_size})")
+        if self.architecture == "mixtral" and (not self.norm_topk_prob or self.decoder_sparse_step != 1
+                                               or self.mlp_only_layers):
+            raise ModelError("model config: mixtral routes every layer and renormalizes its top-k weights")
 
     # ------------------------------------------------------------------------------------------------------
     @property
@@ -105,8 +156,24 @@ class ModelSpec(_SpecCommon):
 
     @property
     def qk_norm(self) -> bool:
-        """Qwen3: an RMSNorm over each head's query and key (before RoPE)."""
-        return self.architecture == "qwen3"
+        """Qwen3 (and Qwen3-MoE): an RMSNorm over each head's query and key (before RoPE)."""
+        return self.architecture in ("qwen3", "qwen3_moe")
+
+    @property
+    def o_bias(self) -> bool:
+        """Whether ``o_proj`` has a bias: transformers' Llama, Qwen3 and Qwen3-MoE give it one with
+        ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do."""
+        return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` has the sparse MoE block (else the dense MLP of ``intermediate_size``), as
+        transformers decides it: not in ``mlp_only_layers`` and ``(layer + 1) % decoder_sparse_step == 0``."""
+        return (self.n_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     def with_dtype(self, dtype: str) -> ModelSpec:
         return replace(self, dtype=dtype)
@@ -118,6 +185,11 @@ class ModelSpec(_SpecCommon):
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("weights_id")
+        if not self.n_experts:  # dense: the dict (and so the block-key namespace) is as before MoE support
+            for key in _MOE_FIELDS:
+                d.pop(key)
+        else:
+            d["mlp_only_layers"] = list(self.mlp_only_layers)
         return d
 
     def fingerprint(self) -> str:
@@ -146,12 +218,23 @@ class ModelSpec(_SpecCommon):
             "hidden_act": "silu",
             "torch_dtype": self.dtype,
         }
-        if self.architecture in ("llama", "qwen3"):
+        if self.architecture in ("llama", "qwen3", "qwen3_moe"):
             cfg["attention_bias"] = self.attention_bias
         if self.architecture == "llama":
             cfg["mlp_bias"] = False
+        if self.architecture == "qwen2_moe":
+            cfg["qkv_bias"] = self.attention_bias
+        if self.architecture == "mixtral":
+            cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
+                       intermediate_size=self.moe_intermediate_size, router_jitter_noise=0.0)
+        elif self.architecture in MOE_ARCHS:
+            cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
+                       moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                       decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers))
+            if self.architecture == "qwen2_moe":
+                cfg["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
         if self.sliding_window is not None:
-            if self.architecture == "llama":
+            if self.architecture in ("llama", "mixtral"):
                 cfg["sliding_window"] = self.sliding_window
             else:
                 cfg.update(use_sliding_window=True, sliding_window=self.sliding_window, max_window_layers=0)
@@ -174,13 +257,13 @@ class ModelSpec(_SpecCommon):
             if a in ARCHITECTURES:
                 arch = ARCHITECTURES[a]
                 break
-        if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral"):
+        if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", *MOE_ARCHS):
             arch = "llama" if model_type == "mistral" else str(model_type)
         if arch is None:
             raise ModelError(
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
-                "deepseek_v2, deepseek_v3)"
+                "mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3)"
             )
 
         def need(key: str) -> Any:
@@ -193,7 +276,7 @@ class ModelSpec(_SpecCommon):
         if cfg.get("mlp_bias"):
             raise ModelError(f"{where}: mlp_bias=true is unsupported")
         window: int | None = None
-        if cfg.get("use_sliding_window") or (arch == "llama" and cfg.get("sliding_window")):
+        if cfg.get("use_sliding_window") or (arch in ("llama", "mixtral") and cfg.get("sliding_window")):
             window = cfg.get("sliding_window")
             if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
                 raise ModelError(f"{where}: sliding_window must be a positive integer, got {window!r}")
@@ -207,6 +290,12 @@ class ModelSpec(_SpecCommon):
             if dtype not in _DTYPES:
                 dtype = "float32"
         default_bias = arch == "qwen2"
+        bias = bool(cfg.get("attention_bias", default_bias)) or default_bias
+        if arch == "qwen2_moe":  # Qwen2-MoE names its q/k/v bias qkv_bias (on unless the config says otherwise)
+            bias = bool(cfg.get("qkv_bias", True))
+        elif arch == "mixtral":  # Mixtral's projections have no biases
+            bias = False
+        moe = _moe_fields(arch, cfg, where, need)
         return cls(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
@@ -221,12 +310,49 @@ class ModelSpec(_SpecCommon):
             rope_scaling=rope_scaling,
             max_position=min(int(cfg.get("max_position_embeddings", 2048)), window or (1 << 62)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", default_bias)) or default_bias,
+            attention_bias=bias,
             dtype=dtype,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             sliding_window=window,
+            **moe,
         )
+
+
+def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[str, Any]:
+    """The MoE fields of a mixtral / qwen2_moe / qwen3_moe config (an empty dict for the dense architectures)."""
+    if arch not in MOE_ARCHS:
+        return {}
+
+    def as_int(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ModelError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+
+    if arch == "mixtral":
+        inter = as_int("intermediate_size", need("intermediate_size"))
+        return {"n_experts": as_int("num_local_experts", need("num_local_experts")),
+                "n_experts_per_tok": as_int("num_experts_per_tok", need("num_experts_per_tok")),
+                "moe_intermediate_size": inter, "norm_topk_prob": True}
+    # Qwen3MoeConfig maps num_experts to num_local_experts, and save_pretrained writes the latter
+    key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+    if cfg.get(key) is None:
+        raise ModelError(f"{where}: missing required key 'num_experts' (or 'num_local_experts')")
+    mlp_only = cfg.get("mlp_only_layers") or []
+    if not isinstance(mlp_only, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in mlp_only):
+        raise ModelError(f"{where}: mlp_only_layers must be a list of layer indices, got {mlp_only!r}")
+    out: dict[str, Any] = {
+        "n_experts": as_int(key, need(key)),
+        "n_experts_per_tok": as_int("num_experts_per_tok", need("num_experts_per_tok")),
+        "moe_intermediate_size": as_int("moe_intermediate_size", need("moe_intermediate_size")),
+        "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+        "decoder_sparse_step": as_int("decoder_sparse_step", cfg.get("decoder_sparse_step", 1)),
+        "mlp_only_layers": tuple(mlp_only),
+    }
+    if arch == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = as_int("shared_expert_intermediate_size",
+                                                        need("shared_expert_intermediate_size"))
+    return out
 
 
 def read_hf_config(config: dict[str, Any] | str | Path) -> tuple[dict[str, Any], str]:

@@ -1,0 +1,55 @@
+"""What every mixture-of-experts feed-forward here shares: the SwiGLU expert (:class:`FeedForward`, also the dense
+MLP and shared experts) and the one expert loop (:func:`dispatch_experts`) that DeepSeek-V2/V3, Mixtral, Qwen2-MoE
+and Qwen3-MoE run after their own routers pick each token's experts and weights.
+
+The loop follows transformers' eager experts: only the experts some token picked run, in ascending expert order;
+each adds ``expert(x[tokens]) * weight`` (the product in the weight's dtype, usually fp32) into an output of
+``x``'s dtype, so the sums round in the same order as the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FeedForward", "dispatch_experts", "softmax_topk"]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of width ``inter`` (no biases)."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def dispatch_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                     experts: Sequence[nn.Module] | nn.ModuleList) -> torch.Tensor:
+    """``sum_k weights[n, k] * experts[idx[n, k]](x[n])`` for every token ``n`` of ``x [N, H]``.
+
+    ``idx [N, K]`` int expert ids, ``weights [N, K]``. Returns ``[N, H]`` in ``x``'s dtype."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(idx).tolist():   # only the experts some token picked, in expert order
+        tok, pos = torch.where(idx == e)
+        y = experts[e](x[tok]) * weights[tok, pos, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
+def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax router of Mixtral / Qwen-MoE: softmax over all experts in fp32, the ``k`` best, renormalized
+    to sum 1 when ``renormalize``. Returns ``(idx [N, k], weights [N, k] fp32)``."""
+    probs = logits.float().softmax(dim=-1)
+    w, idx = probs.topk(k, dim=-1)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return idx, w

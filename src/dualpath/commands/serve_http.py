@@ -204,14 +204,22 @@ async def _watch_deployment(dep: Any, stop: Any, ended: list[str], period_s: flo
     stop.set()
 
 
-async def _watch_remote(backend: Any, stop: Any, period_s: float = 0.2) -> None:
+async def _watch_remote(backend: Any, stop: Any, period_s: float = 0.2, keepalive_s: float = 2.0) -> None:
     """Set ``stop`` once the remote scheduler says its operator stopped the deployment (a crash or a failover
-    says nothing: the front answers 503 meanwhile and serves again when a scheduler is back)."""
+    says nothing: the front answers 503 meanwhile and serves again when a scheduler is back). Every
+    ``keepalive_s`` the front asks for the scheduler's stats, so that scheduler (or the one that replaced it)
+    knows this front as a client to tell of a stop even while no request comes."""
+    import time
+
     import anyio
 
+    t_keep = 0.0
     while True:
         await anyio.sleep(period_s)
         client = backend.client
         if client is not None and client.stopped:
             stop.set()
             return
+        if client is not None and time.monotonic() - t_keep >= keepalive_s:
+            t_keep = time.monotonic()
+            await backend.stats(wait_s=0.0)  # (starts a refresh in a task of its own; never raises)

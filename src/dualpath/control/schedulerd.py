@@ -415,12 +415,12 @@ class SchedulerDaemon:
             async with self.driver, anyio.create_task_group() as tg:
                 tg.start_soon(self._monitor)
                 await self._stop.wait()
+                if self._operator_stop:  # clients (an HTTP front) learn it was a stop, not a crash; told first,
+                    await self._tell_clients("shutdown")  # before the engines exit and the launcher reacts
                 for rec in list(self.engines.values()):
                     if rec.alive:
                         with contextlib.suppress(DualPathError):
                             await self.notify(rec, "shutdown", {})
-                if self._operator_stop:  # clients (an HTTP front) learn it was a stop, not a crash
-                    await self._tell_clients("shutdown")
                 tg.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -519,6 +519,11 @@ class SchedulerDaemon:
         curve = self.config.serve.curve
         if t in ("heartbeat", "started") and curve and not self._key_has("engine"):  # engine messages only
             raise self._refuse(peer, t, "engine")
+        if t in ("ping", "stats", "submit", "cancel") and self._bound(peer) is None:
+            self._clients[peer] = None  # a client's connection, remembered to be told of a stop (bounded)
+            self._clients.move_to_end(peer)
+            if len(self._clients) > _MAX_CLIENTS:
+                self._clients.popitem(last=False)
         if t == "heartbeat":
             rec = self._bound(peer)
             epoch = int(b.get("epoch", 0))
@@ -599,11 +604,6 @@ class SchedulerDaemon:
             await self._forward_tokens(peer, b)
             return None
         if t == "ping":
-            if self._bound(peer) is None:  # a client's heartbeat: remember its connection (bounded)
-                self._clients[peer] = None
-                self._clients.move_to_end(peer)
-                if len(self._clients) > _MAX_CLIENTS:
-                    self._clients.popitem(last=False)
             return "pong", {"role": "scheduler"}
         if t == "stats":
             return "stats_reply", {"data": self.stats_dict()}

@@ -185,3 +185,35 @@ def test_beta_comes_from_the_calibrated_rate(tiny: Any, calibrated: LayerTimeMod
     assert params.beta_tokens == int(tps * cfg.scheduler.beta_s)
     off = Cluster(cfg, model=LlamaAdapter(tiny, BT, time_model="off"))
     assert off.prefill_tokens_per_s() is None
+
+
+def test_a_model_with_dense_and_moe_layers_is_timed_over_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One dense layer and three MoE layers (as DeepSeek's first layers, Qwen-MoE's ``mlp_only_layers``): a point
+    is the layers' average (~0.25 * dense + 0.75 * MoE), not the dense layer's time, which the fastest sample
+    overall would be; every kind is sampled even when the spread of sampled layers misses it."""
+    import time
+    from types import SimpleNamespace
+
+    from dualpath.engine import model_api
+    from dualpath.kv.layout import KVSpec
+
+    class MLP:
+        pass
+
+    class SparseMoE:
+        pass
+
+    mods = [SparseMoE(), MLP(), SparseMoE(), SparseMoE()]  # (the spread of 2 samples, layers 0 and 3, misses MLP)
+    fake = SimpleNamespace(model=SimpleNamespace(layers=[SimpleNamespace(mlp=m) for m in mods]))
+    assert timemodel.layer_kinds(fake, 4) == ["SparseMoE", "MLP", "SparseMoE", "SparseMoE"]
+
+    def prefill_layer(model: Any, state: Any, layer: int, kv: Any) -> None:
+        time.sleep(0.02 if isinstance(model.model.layers[layer].mlp, SparseMoE) else 0.0)
+
+    monkeypatch.setattr(model_api, "_llama_prefill_begin", lambda *a: SimpleNamespace(next_layer=0))
+    monkeypatch.setattr(model_api, "_llama_prefill_layer", prefill_layer)
+    spec = KVSpec.mha(4, 1, 8, "float32")
+    (point,) = measure_layer_times(fake, spec, BT, torch.device("cpu"), [(16, 0)], reps=2)
+    assert 0.75 * 0.02 <= point[2] < 0.02, point  # the MoE layers' share, never the dense layer's ~0 s
+    # a model whose layers are all alike keeps the fastest sample
+    assert timemodel._layer_average([("a", 3.0), ("a", 1.0), ("a", 2.0)], {"a": 1.0}) == 1.0

@@ -44,7 +44,7 @@ log = logging.getLogger("dualpath.timemodel")
 __all__ = ["LayerTimeModel", "cache_dir", "calibrate_layer_time", "default_grid", "fit_layer_time",
            "measure_layer_times", "nnls", "time_model_for"]
 
-GRID_VERSION = 1
+GRID_VERSION = 2  # 2: points average over layer kinds (dense and MoE layers)
 #: a fit whose median leave-one-out error exceeds this is used but not cached (a start on a busy machine)
 MAX_CACHED_LOO_ERR = 0.5
 #: (new tokens, cached tokens), in measuring order: the corners first (a cut-off still leaves a fit), then more.
@@ -194,6 +194,10 @@ def measure_layer_times(model: Any, kv_spec: Any, block_tokens: int, device: tor
                         vocab_size: int = 2) -> list[tuple[int, int, float]]:
     """Seconds of one layer's forward for each ``(new, cached)`` of ``grid``: the fastest of ``reps`` samples
     (layers spread over the model's depth, one sequence), i.e. the least disturbed by other work on the machine.
+    A model whose layers differ (dense and MoE feed-forwards: DeepSeek's first layers, Qwen-MoE's
+    ``mlp_only_layers``/``decoder_sparse_step``) is sampled in every kind of layer; a point is then the average
+    over the model's layers of each kind's fastest sample (the fastest sample overall would be a dense layer's,
+    and the model's time would be underestimated).
 
     With a ``deadline`` (a ``time.perf_counter()`` value), a point stops at 3 samples once it took 1/15 of the
     time left at the start (at 1 sample past 2/15), and measuring stops at the deadline (overrunning it by at
@@ -210,20 +214,25 @@ def measure_layer_times(model: Any, kv_spec: Any, block_tokens: int, device: tor
     table = torch.arange(blocks, dtype=torch.int32)
     gen = torch.Generator().manual_seed(0)
     layers = sorted({round(i * (n_layers - 1) / max(1, reps - 1)) for i in range(reps)}) if reps > 1 else [0]
+    kinds = layer_kinds(model, n_layers)
+    for k in sorted(set(kinds)):  # at least one layer of every kind, the first kinds sampled first
+        if not any(kinds[j] == k for j in layers):
+            layers.insert(0, kinds.index(k))
+    weight = {k: kinds.count(k) / n_layers for k in set(kinds)}
 
-    def one(n: int, c: int, timed: bool) -> list[float]:
+    def one(n: int, c: int, timed: bool) -> list[tuple[str, float]]:
         ids = torch.randint(1, max(2, vocab_size), (n,), generator=gen, dtype=torch.int64)
         need = -(-(n + c) // block_tokens)
         state = _llama_prefill_begin(model, [PrefillSeq(ids, c, table[:need])], block_tokens, device)
-        out: list[float] = []
+        out: list[tuple[str, float]] = []
         start = time.perf_counter()
-        for i in range(reps if timed else 1):
+        for i in range(max(reps, len(layers)) if timed else 1):
             layer = layers[i % len(layers)]
             state.next_layer = layer  # layers are independent for timing: skip to a spread-out one
             t0 = time.perf_counter()
             _llama_prefill_layer(model, state, layer, kv)
             t1 = time.perf_counter()
-            out.append(t1 - t0)
+            out.append((kinds[layer], t1 - t0))
             # an expensive point takes 3 samples (fewer past 2/15 of the budget or the deadline), not ``reps``
             spent = t1 - start
             if deadline is not None and (t1 > deadline or spent > 2 * point_cap
@@ -237,8 +246,27 @@ def measure_layer_times(model: Any, kv_spec: Any, block_tokens: int, device: tor
     for n, c in grid:
         if deadline is not None and time.perf_counter() > deadline:
             break
-        points.append((n, c, min(one(n, c, timed=True))))
+        points.append((n, c, _layer_average(one(n, c, timed=True), weight)))
     return points
+
+
+def layer_kinds(model: Any, n_layers: int) -> list[str]:
+    """Each layer's kind (its feed-forward module's class: ``MLP``, ``SparseMoE``, ...); all alike when the model
+    does not say."""
+    mods = getattr(getattr(model, "model", None), "layers", None)
+    if mods is None or len(mods) != n_layers:
+        return ["layer"] * n_layers
+    return [type(getattr(m, "mlp", None)).__name__ for m in mods]
+
+
+def _layer_average(samples: list[tuple[str, float]], weight: dict[str, float]) -> float:
+    """Each sampled kind's fastest sample, averaged with the kinds' shares of the model's layers (renormalized
+    over the kinds sampled: a point cut short by the deadline may miss one)."""
+    best: dict[str, float] = {}
+    for k, t in samples:
+        best[k] = min(t, best.get(k, t))
+    total = sum(weight[k] for k in best)
+    return sum(weight[k] * t for k, t in best.items()) / total
 
 
 def cache_dir() -> Path:

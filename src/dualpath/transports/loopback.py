@@ -12,10 +12,11 @@ every loopback endpoint of a fabric is used from one event loop, and nothing can
 copy and the completion of a fused write (no ``await`` in it), so a ``cancel``, a timeout or ``close`` sees the
 slot either still exposed (and withdraws it: the write is then held, never copied) or already landed.
 
-The fused copy between two host buffers of up to ``_MEMMOVE_MAX`` bytes is one ``memmove`` of the two contiguous
-byte ranges (checked equal in size first): torch's ``copy_`` costs a few microseconds of dispatch on top, and for
-a tensor above its grain size it forks the copy over its intra-op threads, which on a busy host waits for a core.
-Larger copies, and any copy that involves a GPU, stay with torch.
+The fused copy between two host buffers of up to 1 MiB (128 KiB when torch has more than one intra-op thread) is
+one ``memmove`` of the two contiguous byte ranges (checked equal in size first): torch's ``copy_`` costs a few
+microseconds of dispatch on top, and for a tensor above its grain size it forks the copy over its intra-op
+threads, which on a busy host waits for a core (on idle cores that parallel copy wins for larger sizes, hence the
+lower limit with threads). Larger copies, and any copy that involves a GPU, stay with torch.
 
 A copy above ``inline_copy_bytes`` runs in a worker thread (the event loop stays responsive). Its landing is
 claimed first; if it is withdrawn before the thread starts the copy, the copy is skipped (the write fails,
@@ -35,8 +36,11 @@ from dualpath.transports.base import Region, Transport, byte_view
 from dualpath.transports.landing import MAX_TAG_BYTES, Rejected, Slot, validate_tag
 from dualpath.transports.wire import checksum_of
 
-#: a fused host-to-host copy of at most this many bytes is a plain memmove (see the module docstring)
+#: a fused host-to-host copy of at most this many bytes is a plain memmove (see the module docstring) ...
 _MEMMOVE_MAX = 1 << 20
+#: ... but only up to this many when torch has several intra-op threads: above it, on idle cores, torch's
+#: parallel copy beats one memmove (measured: benchmarks/loopback_memmove_ab.py)
+_MEMMOVE_MAX_THREADED = 128 << 10
 _memmove = ctypes.memmove
 
 
@@ -108,6 +112,7 @@ class LoopbackTransport(Transport):
         self._peer_eps: dict[str, LoopbackTransport] = {}  # peer -> its running endpoint, found on a first write
         self._copying: set[Slot] = set()  # landings of this endpoint a worker thread is copying into
         self._copy_finished: anyio.Event | None = None  # set when one of those copies ends (settle waits on it)
+        self._memmove_max = _MEMMOVE_MAX  # set at start (from torch's thread count then)
 
     @property
     def address(self) -> str:
@@ -115,6 +120,8 @@ class LoopbackTransport(Transport):
 
     async def start(self) -> None:
         self._check_open()
+        self._memmove_max = _MEMMOVE_MAX if torch.get_num_threads() <= 1 else min(_MEMMOVE_MAX,
+                                                                                  _MEMMOVE_MAX_THREADED)
         self.fabric.add(self)
         await super().start()
 
@@ -193,7 +200,7 @@ class LoopbackTransport(Transport):
                 slot.state = "busy"
                 view = slot.view
                 try:
-                    if nbytes <= _MEMMOVE_MAX and view.is_cpu and data.is_cpu:  # both contiguous, the same size
+                    if nbytes <= self._memmove_max and view.is_cpu and data.is_cpu:  # contiguous, same size
                         _memmove(view.data_ptr(), data.data_ptr(), nbytes)
                     elif view.is_cuda or data.is_cuda:
                         device_copy(view, data)

@@ -101,8 +101,10 @@ def _run(ckpt_dir, dtype: str, backend: str = "torch", gen_per_turn: int = 8, bl
 
 def paged_turns(ours, hf, turns: list[list[int]], gen_per_turn: int, block_tokens: int):
     """Each of ``turns`` prefills its user tokens over the paged (latent) prefix, then decodes greedily. Returns
-    our and transformers' (its own DynamicCache, fed its own ids) logits at every step and both id streams."""
-    pool = KVPool(ours.kv_spec, num_blocks=48, block_tokens=block_tokens)
+    our and transformers' (its own DynamicCache, fed its own ids) logits at every step and both id streams.
+    (Also used for the Llama-path MoE families: their KV spec comes from ``ours.spec``.)"""
+    kv_spec = ours.kv_spec if hasattr(ours, "kv_spec") else ours.spec.kv_spec()
+    pool = KVPool(kv_spec, num_blocks=48, block_tokens=block_tokens)
     table = pool.allocate(48)[::-1]  # physical blocks in reverse: the block table matters
     cache = transformers.DynamicCache(config=hf.config)
     ours_logits, ref_logits, ours_ids, ref_ids = [], [], [], []

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
+from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
 from dualpath.model import KVPool, ModelSpec, SeqBatch
@@ -79,33 +80,9 @@ def _turns(seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
 
 
-def _paged_turns(ours, hf, turns: list[list[int]], gen_per_turn: int, block_tokens: int = 4):
-    """Each turn prefills its user tokens over the paged prefix, then decodes greedily; transformers runs the same
-    turns over its own cache, fed its own ids. Returns both sides' logits at every step and both id streams."""
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=48, block_tokens=block_tokens)
-    table = pool.allocate(48)[::-1]  # physical blocks in reverse: the block table matters
-    cache = transformers.DynamicCache(config=hf.config)
-    ours_logits, ref_logits, ours_ids, ref_ids = [], [], [], []
-    pos = 0
-    for user in turns:
-        chunk, ref_chunk = user, user
-        for step in range(gen_per_turn + 1):
-            lo = ours(SeqBatch.build([chunk], [pos], [table], block_tokens), pool.layers)[0]
-            with torch.no_grad():
-                ro = hf(torch.tensor([ref_chunk]), cache=cache, use_cache=True).logits[0, -1].float()
-            pos += len(chunk)
-            ours_logits.append(lo)
-            ref_logits.append(ro)
-            if step < gen_per_turn:
-                ours_ids.append(int(lo.argmax()))
-                ref_ids.append(int(ro.argmax()))
-                chunk, ref_chunk = [ours_ids[-1]], [ref_ids[-1]]
-    return torch.stack(ours_logits), torch.stack(ref_logits), ours_ids, ref_ids
-
-
 def test_fp32_multi_turn_logits_and_greedy(ckpt):
     family, d, hf = ckpt
-    ours, ref, ids, ref_ids = _paged_turns(_load(d), hf, _turns(), gen_per_turn=7)
+    ours, ref, ids, ref_ids = paged_turns(_load(d), hf, _turns(), 7, 4)
     assert ref.abs().max() > 1.0  # logits of a meaningful size
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
     assert len(ids) >= 20 and ids == ref_ids
@@ -219,7 +196,7 @@ def test_our_save_pretrained_is_read_by_transformers(family, tmp_path):
 def test_triton_backend_in_a_moe_model(tmp_path_factory):
     """The Triton paged-attention kernels (interpreter on CPU) under a MoE model: still transformers' logits."""
     d, hf = _ckpt("qwen2_moe", tmp_path_factory)
-    ours, ref, ids, ref_ids = _paged_turns(_load(d, "triton"), hf, _turns()[:2], gen_per_turn=2)
+    ours, ref, ids, ref_ids = paged_turns(_load(d, "triton"), hf, _turns()[:2], 2, 4)
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
     assert ids == ref_ids
 

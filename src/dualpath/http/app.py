@@ -358,10 +358,29 @@ def _remote_type() -> type:
 async def _serve(server: Server, request: Request, kind: str, req: ChatCompletionRequest | CompletionRequest,
                  ids: list[int], limit: int) -> Response:
     sampling = server.sampling(req)
-    endpoint = request.url.path
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+
+    def stream(job: Job, detok: Detokenizer, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
+        return _stream(server, job, detok, first, rid, kind, req, ids, t_first)
+
+    def full(job: Job, detok: Detokenizer, result: GenResult | None, t_first: float, t_last: float) -> dict[str, Any]:
+        body = _full_body(server, kind, rid, req, ids, detok, result, job)
+        _observe(server, job, ids, detok, result, t_first, t_last)
+        return body
+
+    return await serve_job(server, request, request.url.path, GenRequest(ids, limit, sampling), req.stops(),
+                           bool(req.stream), stream, full)
+
+
+async def serve_job(server: Server, request: Request, endpoint: str, gen: GenRequest, stops: list[str],
+                    stream: bool, on_stream: Any, on_full: Any) -> Response:
+    """Submit ``gen`` and answer with its first event: an error status, a stream (``on_stream(job, detok,
+    first, t_first)``: the body's server-sent events, which then own the job) or, once the job ended, the JSON
+    body ``on_full(job, detok, result, t_first, t_last)``. A client that goes away cancels the job (499)."""
     m = server.metrics
-    job = server.backend.submit(GenRequest(ids, limit, sampling))
-    detok = Detokenizer(server.backend.tokenizer, req.stops(), frozenset(sampling.stop_ids))
+    assert gen.sampling is not None
+    job = server.backend.submit(gen)
+    detok = Detokenizer(server.backend.tokenizer, stops, frozenset(gen.sampling.stop_ids))
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, job))
     m.inflight.inc()
     handed_off = False
@@ -372,19 +391,17 @@ async def _serve(server: Server, request: Request, kind: str, req: ChatCompletio
                 raise _ClientGone()
             raise _map_error(first[1], server.config.retry_after_s)
         t_first = time.perf_counter()
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         headers = {"x-dualpath-read-path": str(job.path or "")}
-        if req.stream:
+        if stream:
             watcher.cancel()
             handed_off = True
-            gen = _stream(server, job, detok, first, rid, kind, req, ids, t_first)
-            return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
-        result, _t_last = await _drain(job, detok, first, server.config.retry_after_s)
+            return StreamingResponse(on_stream(job, detok, first, t_first), media_type="text/event-stream",
+                                     headers=headers)
+        result, t_last = await _drain(job, detok, first, server.config.retry_after_s)
         if job.client_cancelled and detok.finish is None:
             raise _ClientGone()
-        body = _full_body(server, kind, rid, req, ids, detok, result, job)
+        body = on_full(job, detok, result, t_first, t_last)
         headers["x-dualpath-read-path"] = str(job.path or (result.path if result else ""))
-        _observe(server, job, ids, detok, result, t_first, _t_last)
         m.requests.labels(endpoint=endpoint, code="200").inc()
         return JSONResponse(body, headers=headers)
     except _ClientGone:

@@ -27,7 +27,6 @@ template, and its reused prefix is a storage hit.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -36,7 +35,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from dualpath.http.backend import GenRequest, GenResult, Job
@@ -250,53 +249,25 @@ def _usage(ids: list[int], n_out: int, result: GenResult | None, job: Job) -> di
 
 async def _serve(server: Any, store: ResponseStore, request: Request, body: ResponsesRequest,
                  conversation: list[dict[str, str]], ids: list[int], limit: int) -> Response:
-    from dualpath.http.app import Detokenizer, _ClientGone, _drain, _map_error, _observe, _watch_disconnect
+    from dualpath.http.app import _observe, serve_job
 
-    sampling = server.sampling(body)
-    m = server.metrics
-    job = server.backend.submit(GenRequest(ids, limit, sampling))
-    detok = Detokenizer(server.backend.tokenizer, [], frozenset(sampling.stop_ids))
-    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, job))
-    m.inflight.inc()
-    handed_off = False
     rid, mid, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
-    try:
-        first = await job.queue.get()
-        if first[0] == "error":
-            if job.client_cancelled:
-                raise _ClientGone()
-            raise _map_error(first[1], server.config.retry_after_s)
-        t_first = time.perf_counter()
-        headers = {"x-dualpath-read-path": str(job.path or "")}
-        if body.stream:
-            watcher.cancel()
-            handed_off = True
-            events = _events(server, store, job, detok, first, body, conversation, ids, rid, mid, created, t_first)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        result, t_last = await _drain(job, detok, first, server.config.retry_after_s)
-        if job.client_cancelled and detok.finish is None:
-            raise _ClientGone()
+
+    def stream(job: Job, detok: Any, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
+        return _events(server, store, job, detok, first, body, conversation, ids, rid, mid, created, t_first)
+
+    def full(job: Job, detok: Any, result: GenResult | None, t_first: float, t_last: float) -> dict[str, Any]:
         detok.flush()
         status = "incomplete" if detok.finish is None else "completed"
         out = _response(server, rid, mid, created, body, status=status, text=detok.text,
                         usage=_usage(ids, len(detok.ids), result, job))
         if body.store is not False:
             store.put(rid, [*conversation, {"role": "assistant", "content": detok.text}], out)
-        headers["x-dualpath-read-path"] = str(job.path or (result.path if result else ""))
         _observe(server, job, ids, detok, result, t_first, t_last)
-        m.requests.labels(endpoint="/v1/responses", code="200").inc()
-        return JSONResponse(out, headers=headers)
-    except _ClientGone:
-        m.cancelled.inc()
-        m.requests.labels(endpoint="/v1/responses", code="499").inc()
-        return Response(status_code=499)
-    except BaseException:
-        job.cancel()
-        raise
-    finally:
-        if not handed_off:
-            watcher.cancel()
-            m.inflight.dec()
+        return out
+
+    return await serve_job(server, request, "/v1/responses", GenRequest(ids, limit, server.sampling(body)), [],
+                           bool(body.stream), stream, full)
 
 
 async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first: tuple[str, Any],

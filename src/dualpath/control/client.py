@@ -136,10 +136,9 @@ class ServeClient:
         await self.channel.close()
 
     async def _on_message(self, peer: bytes, msg: Message) -> None:
-        if msg.type == "shutdown":  # the operator stopped the deployment: nothing will come back
-            self.stopped = True
-            self._lose("was stopped by its operator (ctl stop); the turns in flight were failed")
-            return None
+        if msg.type == "shutdown":  # the operator stopped the deployment (this notice may come before the reply
+            self.stopped = True  # to the operator's own ``shutdown``: nothing in flight is failed here; the
+            return None  # connection's end or the heartbeats fail what is left)
         if msg.type == "drain":
             self.drained_at = time.monotonic()
             return None

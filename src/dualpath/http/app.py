@@ -478,6 +478,29 @@ def _observe(server: Server, job: Job, ids: list[int], detok: Detokenizer, resul
         tpot_s=(t_last - t_first) / (n - 1) if n > 1 else None)
 
 
+def coalesce(job: Job, detok: Detokenizer, val: int,
+             keep_ids: bool) -> tuple[str, list[int], tuple[str, Any] | None, bool]:
+    """Push token ``val`` and every token already waiting in ``job``'s queue: one stream event per decode step (a
+    backend that delivers a turn's tokens at once gets them coalesced). Returns the text delta, the ids pushed
+    while the text was live (``keep_ids``), the first non-token event taken from the queue (or None) and whether
+    a stop string ended the text."""
+    delta, tids, pending, stop_string = "", [], None, False
+    while True:
+        live = detok.finish is None
+        delta += detok.push(val)
+        if live and keep_ids:
+            tids.append(val)
+        stop_string = live and detok.finish is not None and val not in detok.stop_ids
+        if stop_string or job.queue.empty():
+            break
+        nxt = job.queue.get_nowait()
+        if nxt[0] != "token":
+            pending = nxt
+            break
+        val = nxt[1]
+    return delta, tids, pending, stop_string
+
+
 async def _stream(server: Server, job: Job, detok: Detokenizer, first: tuple[str, Any], rid: str, kind: str,
                   req: Any, ids: list[int], t_first: float) -> AsyncIterator[bytes]:
     """Server-sent events: one chunk per text delta, the finish chunk, the usage chunk, ``[DONE]``."""
@@ -515,22 +538,7 @@ async def _stream(server: Server, job: Job, detok: Detokenizer, first: tuple[str
         while True:
             k, val = ev
             if k == "token":
-                # one event per decode step; tokens already waiting (a backend that delivers a turn's tokens
-                # at once) are coalesced into one event
-                delta, tids, pending, stop_string = "", [], None, False
-                while True:
-                    live = detok.finish is None
-                    delta += detok.push(val)
-                    if live and req.return_token_ids:
-                        tids.append(val)
-                    stop_string = live and detok.finish is not None and val not in detok.stop_ids
-                    if stop_string or job.queue.empty():
-                        break
-                    nxt = job.queue.get_nowait()
-                    if nxt[0] != "token":
-                        pending = nxt
-                        break
-                    val = nxt[1]
+                delta, tids, pending, stop_string = coalesce(job, detok, val, bool(req.return_token_ids))
                 t_last = time.perf_counter()
                 if delta or tids:
                     yield chunk(delta, token_ids=tids or None)

@@ -274,7 +274,7 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
                   body: ResponsesRequest, conversation: list[dict[str, str]], ids: list[int], rid: str, mid: str,
                   created: int, t_first: float) -> AsyncIterator[bytes]:
     """The stream of a response (see the module docstring for the events and their order)."""
-    from dualpath.http.app import _map_error, _observe
+    from dualpath.http.app import _map_error, _observe, coalesce
 
     m = server.metrics
     seq = 0
@@ -302,16 +302,7 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
         while True:
             k, val = ev
             if k == "token":
-                delta, pending = "", None
-                while True:  # the tokens already waiting go out as one delta
-                    delta += detok.push(val)
-                    if job.queue.empty():
-                        break
-                    nxt = job.queue.get_nowait()
-                    if nxt[0] != "token":
-                        pending = nxt
-                        break
-                    val = nxt[1]
+                delta, _ids, pending, _stop = coalesce(job, detok, val, False)  # (no stop strings here)
                 t_last = time.perf_counter()
                 if delta:
                     yield event("response.output_text.delta", **where, delta=delta, logprobs=[])

@@ -50,10 +50,6 @@ class LateWrites:
         end = start + nbytes
         return any(h.start < end and start < h.end for h in self._prune())
 
-    def __len__(self) -> int:
-        """The number of ranges still held."""
-        return len(self._prune())
-
 
 #: the process's one registry (the kernel writes into process memory, whoever allocated it)
 LATE_WRITES = LateWrites()

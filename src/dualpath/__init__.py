@@ -1,7 +1,7 @@
 """dualpath: dual-path KV-cache loading for agentic LLM inference (arXiv 2602.21548), single-node first.
 
 The public API is what :data:`__all__` lists; ``docs/library.md`` shows it in use. Importing ``dualpath`` imports
-neither CUDA, kvikio, NIXL, ZeroMQ, transformers nor Triton: the cluster, the backends, the scheduler and the
+neither torch, CUDA, kvikio, NIXL, ZeroMQ, transformers nor Triton: the cluster, the backends, the scheduler and the
 simulator are imported on first use of their names.
 
 * configuration: :func:`load_config` (a file, a mapping, a config object, keyword sections; ``preset="demo"``
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dualpath.api import (
     AsyncSession,
@@ -49,14 +49,31 @@ from dualpath.errors import (
     TransportRejected,
     WorkloadError,
 )
-from dualpath.kv.keys import BlockKeyer, KeyNamespace
-from dualpath.kv.layout import KVLayout, KVSpec
 from dualpath.types import BlockKey, EngineId, PathKind, Role, TrafficClass
+
+if TYPE_CHECKING:  # the lazy names below, for type checkers and IDEs
+    from dualpath.cluster.runner import Cluster
+    from dualpath.engine.request import TurnResult, TurnTimings
+    from dualpath.kv.keys import BlockKeyer, KeyNamespace
+    from dualpath.kv.layout import KVLayout, KVSpec
+    from dualpath.model.loader import load_model
+    from dualpath.runtime.app import RunOutcome, RunRequest, execute
+    from dualpath.scheduler.core import GlobalScheduler
+    from dualpath.scheduler.driver import SchedulerDriver
+    from dualpath.scheduler.params import SchedulerParams
+    from dualpath.scheduler.policies import POLICIES, Policy, get_policy
+    from dualpath.sim import SimScenario, scenario_from_preset, simulate
+    from dualpath.storage import Storage, create_storage
+    from dualpath.transports import Transport, create_transport
 
 __version__ = "0.1.0"
 
 #: public names imported on first access (they pull torch-heavy or optional modules)
 _LAZY = {
+    "BlockKeyer": "dualpath.kv.keys",
+    "KeyNamespace": "dualpath.kv.keys",
+    "KVLayout": "dualpath.kv.layout",
+    "KVSpec": "dualpath.kv.layout",
     "Cluster": "dualpath.cluster.runner",
     "TurnResult": "dualpath.engine.request",
     "TurnTimings": "dualpath.engine.request",

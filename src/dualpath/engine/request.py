@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import torch
 
 from dualpath.errors import EngineError
-from dualpath.kv.layout import KVLayout
 from dualpath.types import BlockKey, PathKind
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only where a request is built (engines): clients import TurnResult without it
+    import torch
+
     from dualpath.engine.sampling import SamplingParams
+    from dualpath.kv.layout import KVLayout
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -193,6 +194,8 @@ class Turn:
         self.rid = next(_rids)
         self.session = session
         self.prompt_ids = prompt_ids
+        import torch
+
         self.prompt = torch.tensor(prompt_ids, dtype=torch.int64)
         self.gen_tokens = gen_tokens
         self.pe = pe

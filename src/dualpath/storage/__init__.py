@@ -1,18 +1,32 @@
 """Storage of Full Blocks: the :class:`Storage` contract and its backends, chosen by ``config.kind``.
 
-Backends are imported lazily by :func:`create_storage`, so ``import dualpath.storage`` never loads kvikio.
+Backends are imported lazily by :func:`create_storage`, so ``import dualpath.storage`` never loads kvikio; the
+contract's names (:class:`Storage`, ...) are imported on first use, so ``dualpath.storage.config`` (read by every
+config, and by command-line tools that never touch a block) does not import torch.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from dualpath.errors import StorageError
-from dualpath.kv.keys import KeyNamespace
-from dualpath.kv.layout import KVLayout
-from dualpath.storage.base import BlockStatus, Storage, StorageStats
+
+if TYPE_CHECKING:
+    from dualpath.kv.keys import KeyNamespace
+    from dualpath.kv.layout import KVLayout
+    from dualpath.storage.base import BlockStatus, Storage, StorageStats
 
 __all__ = ["BlockStatus", "Storage", "StorageStats", "create_storage"]
+_LAZY = {"BlockStatus", "Storage", "StorageStats"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module("dualpath.storage.base"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dualpath.storage' has no attribute {name!r}")
 
 
 def create_storage(config: Any, layout: KVLayout, namespace: KeyNamespace) -> Storage:

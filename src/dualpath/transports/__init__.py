@@ -7,10 +7,10 @@ fault-injecting wrapper for tests). The contract is the docstring of :mod:`dualp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from dualpath.errors import ConfigError
-from dualpath.transports.base import Region, Transport, TransportStats, byte_view
 from dualpath.transports.config import (
     FaultsTransportConfig,
     LoopbackTransportConfig,
@@ -20,9 +20,21 @@ from dualpath.transports.config import (
 )
 
 if TYPE_CHECKING:
+    from dualpath.transports.base import Region, Transport, TransportStats, byte_view
     from dualpath.transports.loopback import LoopbackFabric
 
 __all__ = ["Region", "Transport", "TransportStats", "byte_view", "create_transport"]
+#: the contract's names, imported on first use (``dualpath.transports.config`` is read by every config and must
+#: not import torch)
+_LAZY = {"Region", "Transport", "TransportStats", "byte_view"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module("dualpath.transports.base"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dualpath.transports' has no attribute {name!r}")
 
 
 def _common(config: LoopbackTransportConfig | ZmqTransportConfig | NixlTransportConfig) -> dict[str, object]:

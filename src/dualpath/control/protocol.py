@@ -186,6 +186,7 @@ SAMPLING_FIELDS: dict[str, F] = {
     "top_k": F("int", required=False, lo=0, hi=(1 << 31) - 1),
     "seed": F("int", required=False, lo=0, hi=U63),
     "stop_ids": F("ints", required=False, max_len=256, lo=0, hi=(1 << 31) - 1),
+    "min_tokens": F("int", required=False, lo=0, hi=(1 << 31) - 1),  # no stop id before this many tokens
 }
 SCHEMAS["submit"].update(SAMPLING_FIELDS)
 SCHEMAS["submit"]["stream"] = F("int", required=False, lo=0, hi=U63)  # > 0: send ``stream`` notices with this id
@@ -201,6 +202,8 @@ def sampling_body(params: Any) -> dict[str, Any]:
                            "top_k": int(params.top_k), "stop_ids": [int(t) for t in params.stop_ids]}
     if params.seed is not None:
         out["seed"] = int(params.seed)
+    if params.min_tokens:
+        out["min_tokens"] = int(params.min_tokens)
     return out
 
 
@@ -215,7 +218,8 @@ def sampling_of(body: Mapping[str, Any], where: str) -> Any:
     try:
         return SamplingParams(temperature=float(body.get("temperature", 0.0)), top_p=float(body.get("top_p", 1.0)),
                               top_k=int(body.get("top_k", 0)), seed=body.get("seed"),
-                              stop_ids=tuple(int(t) for t in body.get("stop_ids", ())))
+                              stop_ids=tuple(int(t) for t in body.get("stop_ids", ())),
+                              min_tokens=int(body.get("min_tokens", 0)))
     except ModelError as exc:
         raise ProtocolError(f"{where}: {exc}") from None
 

@@ -50,7 +50,7 @@ class DecodeSeq:
         return not self.stopped and len(self.generated) < self.turn.gen_tokens
 
     def pick(self, logits: torch.Tensor) -> int:
-        return int(torch.argmax(logits)) if self.sampler is None else self.sampler(logits)
+        return int(torch.argmax(logits)) if self.sampler is None else self.sampler(logits, len(self.generated))
 
     def accept(self, tok: int, block_tokens: int) -> None:
         """Append a generated token, tell the turn's listener, stop early on a stop token."""

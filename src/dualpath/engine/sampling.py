@@ -7,7 +7,9 @@ prompt with the same seed gives the same tokens whatever else shares the batch (
 batched compute). Without a seed one is drawn from the OS at random.
 
 ``stop_ids``: token ids (e.g. the tokenizer's end-of-sequence) after which the request stops early; the stop
-token itself is part of the output. ``temperature == 0`` means greedy (``argmax``), as in the OpenAI API.
+token itself is part of the output. ``min_tokens`` (vLLM's): while fewer tokens than that have been generated,
+the stop ids cannot be picked (their logits are masked to ``-inf`` before any filtering), so no stop token ends
+the request before ``min_tokens`` tokens. ``temperature == 0`` means greedy (``argmax``), as in the OpenAI API.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
+    min_tokens: int = 0  # no stop id is picked before this many tokens are generated
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature > 100.0:
@@ -41,6 +44,8 @@ class SamplingParams:
             raise ModelError(f"sampling.top_k must be >= 0, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ModelError(f"sampling.seed must lie in [0, 2^63), got {self.seed}")
+        if self.min_tokens < 0:
+            raise ModelError(f"sampling.min_tokens must be >= 0, got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:
@@ -58,12 +63,23 @@ class Sampler:
             seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
             self.generator.manual_seed(seed)
         self.stop_ids = frozenset(int(t) for t in self.params.stop_ids)
+        self._stop_index: torch.Tensor | None = None
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """The next token for one row of ``logits`` (shape ``[vocab]``)."""
+    def __call__(self, logits: torch.Tensor, generated: int = 0) -> int:
+        """The next token for one row of ``logits`` (shape ``[vocab]``), ``generated`` tokens having been picked
+        before it (the stop ids are masked while ``generated < min_tokens``)."""
+        if generated < self.params.min_tokens and self.stop_ids:
+            logits = self._mask_stops(logits)
         if self.generator is None:
             return int(torch.argmax(logits))
         return sample(logits, self.params, self.generator)
+
+    def _mask_stops(self, logits: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1)
+        if self._stop_index is None or self._stop_index.device != flat.device:
+            ids = sorted(t for t in self.stop_ids if t < flat.numel())
+            self._stop_index = torch.tensor(ids, dtype=torch.long, device=flat.device)
+        return flat.index_fill(0, self._stop_index, float("-inf"))
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -66,15 +66,24 @@ class _ClientGone(Exception):
 # --- text ------------------------------------------------------------------------------------------------------
 class Detokenizer:
     """Turns generated ids into text deltas: holds back an incomplete UTF-8 character and any tail that could be
-    the start of a stop sequence; ends at a stop token or stop sequence (neither is part of the text)."""
+    the start of a stop sequence; ends at a stop token or stop sequence (neither is part of the text, unless
+    ``include_stop``: then the matched stop sequence, or the stop token's text unless ``skip_special`` drops it,
+    ends the text, as vLLM's ``include_stop_str_in_output``). ``min_tokens`` (vLLM's rule): a stop sequence is
+    only looked for once more than ``min_tokens`` tokens were generated, and must end in the text after theirs.
+    ``skip_special``: leave special tokens out of the text."""
 
-    def __init__(self, tokenizer: Any, stops: list[str], stop_ids: frozenset[int]) -> None:
+    def __init__(self, tokenizer: Any, stops: list[str], stop_ids: frozenset[int], *, min_tokens: int = 0,
+                 include_stop: bool = False, skip_special: bool = True) -> None:
         self.tok = tokenizer
         self.stops = stops
         self.stop_ids = stop_ids
+        self.min_tokens = min_tokens
+        self.include_stop = include_stop
+        self.skip_special = skip_special
         self.ids: list[int] = []  # every generated id (the stop token included)
         self.text = ""
         self.emitted = 0
+        self.floor = 0  # length of the text of the first min_tokens tokens: no stop sequence may end inside it
         self.finish: str | None = None
 
     def push(self, tok: int) -> str:
@@ -83,20 +92,35 @@ class Detokenizer:
         self.ids.append(tok)
         if tok in self.stop_ids:
             self.finish = "stop"
+            if self.include_stop and self.tok is not None:  # the stop token's text, unless skipped as special
+                text = self._decode(self.ids)
+                if not text.endswith("\ufffd"):
+                    self.text = text
             return self._take(len(self.text))
         if self.tok is None:
             return ""
-        text = self.tok.decode([t for t in self.ids if t not in self.stop_ids], skip_special_tokens=True)
+        text = self._decode([t for t in self.ids if t not in self.stop_ids])
         if text.endswith("\ufffd"):
             return ""
         self.text = text
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = text[:cut]
-            self.finish = "stop"
-            return self._take(cut)
+        if len(self.ids) <= self.min_tokens:
+            self.floor = len(text)
+        elif self.stops:
+            found = [(i, i + len(s)) for s in self.stops
+                     if (i := text.find(s, max(0, self.floor - len(s) + 1))) >= 0]
+            if found:
+                start, end = min(found)
+                cut = end if self.include_stop else start
+                self.text = text[:cut]
+                self.finish = "stop"
+                return self._take(cut)
+        if self.include_stop:  # nothing is cut before a stop sequence: nothing to hold back
+            return self._take(len(text))
         hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         return self._take(len(text) - hold)
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tok.decode(ids, skip_special_tokens=self.skip_special))
 
     def _take(self, upto: int) -> str:
         out = self.text[self.emitted : max(self.emitted, upto)]
@@ -153,14 +177,16 @@ class Server:
                                 "retry later", "rate_limit_exceeded", code="overloaded",
                            retry_after=self.config.retry_after_s)
 
-    def sampling(self, req: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    def sampling(self, req: ChatCompletionRequest | CompletionRequest | Any) -> SamplingParams:
         b = self.backend
         temp = req.temperature if req.temperature is not None else self.config.default_temperature
         top_p = req.top_p if req.top_p is not None else 1.0
         top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
         stop_ids = () if req.ignore_eos else stop_ids_of(b.tokenizer)
+        min_tokens = int(getattr(req, "min_tokens", 0) or 0)
         try:
-            return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=req.seed, stop_ids=stop_ids)
+            return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=req.seed, stop_ids=stop_ids,
+                                  min_tokens=min_tokens)
         except ModelError as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -178,15 +204,46 @@ class Server:
 
     # --- prompts ------------------------------------------------------------------------------------------
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if req.continue_final_message:
+            if req.add_generation_prompt:
+                raise ApiError(400, "add_generation_prompt: must be false with continue_final_message: true (the "
+                                    "answer continues the final message instead of starting a new one)",
+                               param="add_generation_prompt")
+            last = req.messages[-1]
+            if last.role != "assistant":
+                raise ApiError(400, f"continue_final_message: the final message must be an assistant message to "
+                                    f"continue (got role {last.role!r})", param="continue_final_message")
+            if not last.text().strip():
+                raise ApiError(400, "continue_final_message: the final assistant message is empty (nothing to "
+                                    "continue; send add_generation_prompt: true instead)",
+                               param="continue_final_message")
+        return self.render_chat([m.template_dict() for m in req.messages], "messages",
+                                add_generation_prompt=req.add_generation_prompt,
+                                continue_final_message=req.continue_final_message,
+                                template_kwargs=req.chat_template_kwargs)
+
+    def render_chat(self, messages: list[dict[str, Any]], param: str, *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """The prompt ids of ``messages`` rendered by the checkpoint's chat template (``param``: the field an
+        error names). ``continue_final_message``: the rendering ends with the final message's content (the
+        template's end-of-turn text after it is cut, as transformers and vLLM do). ``template_kwargs``
+        (``chat_template_kwargs``): extra variables of the template; one of the call's own arguments is refused."""
         tok = self.backend.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
-            raise ApiError(400, "the served model has no chat template; use /v1/completions", param="messages")
-        messages = [m.template_dict() for m in req.messages]
+            raise ApiError(400, "the served model has no chat template; use /v1/completions", param=param)
+        extra = dict(template_kwargs or {})
+        reserved = _reserved_template_args(tok) if extra else frozenset()
+        for key in extra:
+            if key in reserved:
+                raise ApiError(400, f"chat_template_kwargs.{key}: {key!r} is set by the server (it is an argument "
+                                    "of apply_chat_template, not a template variable)",
+                               param=f"chat_template_kwargs.{key}")
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, **extra)
         except Exception as exc:  # the template's own checks (e.g. roles must alternate) raise jinja errors
-            raise ApiError(400, f"messages: the model's chat template refused them: {exc}",
-                           param="messages") from None
+            raise ApiError(400, f"{param}: the model's chat template refused them: {exc}", param=param) from None
         return list(tok.encode(str(text), add_special_tokens=False))
 
     def completion_prompt(self, req: CompletionRequest) -> list[int]:
@@ -202,6 +259,34 @@ class Server:
         if tok is None:
             raise ApiError(400, "the served model has no tokenizer; send the prompt as token ids", param="prompt")
         return list(tok.encode(str(text)))
+
+
+#: ``apply_chat_template`` arguments a request sets through its own fields (or the server sets): never
+#: ``chat_template_kwargs`` keys (the tokenizer's signature adds any others it has)
+_RESERVED_TEMPLATE_ARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens"})
+
+
+_reserved_by_type: dict[Any, frozenset[str]] = {}
+
+
+def _reserved_template_args(tok: Any) -> frozenset[str]:
+    """The names a ``chat_template_kwargs`` key must not take: :data:`_RESERVED_TEMPLATE_ARGS` and every named
+    argument of ``tok``'s ``apply_chat_template``."""
+    got = _reserved_by_type.get(type(tok))
+    if got is not None:
+        return got
+    import inspect
+
+    try:
+        params = inspect.signature(tok.apply_chat_template).parameters
+        own = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    except (TypeError, ValueError):  # pragma: no cover - not introspectable
+        own = set()
+    got = _reserved_by_type[type(tok)] = _RESERVED_TEMPLATE_ARGS | own
+    return got
 
 
 async def _watch_disconnect(request: Request, job: Job) -> None:
@@ -358,6 +443,9 @@ def _remote_type() -> type:
 async def _serve(server: Server, request: Request, kind: str, req: ChatCompletionRequest | CompletionRequest,
                  ids: list[int], limit: int) -> Response:
     sampling = server.sampling(req)
+    if req.min_tokens > limit:
+        raise ApiError(400, f"min_tokens: must be at most the max tokens ({limit}); got {req.min_tokens}",
+                       param="min_tokens")
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
     def stream(job: Job, detok: Detokenizer, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
@@ -369,18 +457,22 @@ async def _serve(server: Server, request: Request, kind: str, req: ChatCompletio
         return body
 
     return await serve_job(server, request, request.url.path, GenRequest(ids, limit, sampling), req.stops(),
-                           bool(req.stream), stream, full)
+                           bool(req.stream), stream, full, include_stop=req.include_stop_str_in_output,
+                           skip_special=req.skip_special_tokens)
 
 
 async def serve_job(server: Server, request: Request, endpoint: str, gen: GenRequest, stops: list[str],
-                    stream: bool, on_stream: Any, on_full: Any) -> Response:
+                    stream: bool, on_stream: Any, on_full: Any, *, include_stop: bool = False,
+                    skip_special: bool = True) -> Response:
     """Submit ``gen`` and answer with its first event: an error status, a stream (``on_stream(job, detok,
     first, t_first)``: the body's server-sent events, which then own the job) or, once the job ended, the JSON
-    body ``on_full(job, detok, result, t_first, t_last)``. A client that goes away cancels the job (499)."""
+    body ``on_full(job, detok, result, t_first, t_last)``. A client that goes away cancels the job (499).
+    ``include_stop`` / ``skip_special``: see :class:`Detokenizer` (``min_tokens`` comes from the sampling)."""
     m = server.metrics
     assert gen.sampling is not None
     job = server.backend.submit(gen)
-    detok = Detokenizer(server.backend.tokenizer, stops, frozenset(gen.sampling.stop_ids))
+    detok = Detokenizer(server.backend.tokenizer, stops, frozenset(gen.sampling.stop_ids),
+                        min_tokens=gen.sampling.min_tokens, include_stop=include_stop, skip_special=skip_special)
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, job))
     m.inflight.inc()
     handed_off = False
@@ -459,7 +551,7 @@ def _full_body(server: Server, kind: str, rid: str, req: Any, ids: list[int], de
         obj = "chat.completion"
     else:
         if getattr(req, "echo", False) and server.backend.tokenizer is not None:
-            text = server.backend.tokenizer.decode(ids, skip_special_tokens=True) + text
+            text = server.backend.tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens) + text
         choice["text"] = text
         obj = "text_completion"
     if req.return_token_ids:

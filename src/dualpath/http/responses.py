@@ -13,8 +13,9 @@ template, and its reused prefix is a storage hit.
   its instructions, and its output) comes before ``input``. An unknown id is a 400
   ``previous_response_not_found``. The store keeps the last ``http.responses_store_max`` responses of this
   server process (in memory; a restart forgets them).
-* ``max_output_tokens``, ``temperature``, ``top_p``; the extensions ``top_k``, ``seed`` and ``ignore_eos`` as on
-  the other endpoints. A response cut by ``max_output_tokens`` has ``status: "incomplete"``.
+* ``max_output_tokens``, ``temperature``, ``top_p``; the extensions ``top_k``, ``seed``, ``ignore_eos`` and
+  ``chat_template_kwargs`` as on the other endpoints. A response cut by ``max_output_tokens`` has
+  ``status: "incomplete"``.
 * ``stream``: server-sent events with OpenAI's event types, in order: ``response.created``,
   ``response.in_progress``, ``response.output_item.added``, ``response.content_part.added``, one
   ``response.output_text.delta`` per decode step, ``response.output_text.done``, ``response.content_part.done``,
@@ -89,6 +90,7 @@ class ResponsesRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=-1)
     seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
     ignore_eos: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """``(field, message)`` of the first value this server cannot honour, or None."""
@@ -181,7 +183,7 @@ def add_routes(app: FastAPI, server: Any) -> None:
         conversation = history + body.messages()
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         server.admit()
-        ids = _render(server, system + conversation)
+        ids = server.render_chat(system + conversation, "input", template_kwargs=body.chat_template_kwargs)
         limit = server.limit(len(ids), body.max_output_tokens, "max_output_tokens")
         return await _serve(server, store, request, body, conversation, ids, limit)
 
@@ -201,20 +203,6 @@ def add_routes(app: FastAPI, server: Any) -> None:
             raise ApiError(404, f"Response with id {response_id!r} not found.", "not_found_error",
                            param="response_id")
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
-
-
-def _render(server: Any, messages: list[dict[str, str]]) -> list[int]:
-    from dualpath.http.app import ApiError
-
-    tok = server.backend.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise ApiError(400, "the served model has no chat template; use /v1/completions", param="input")
-    try:
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # the template's own checks (e.g. roles must alternate)
-        raise ApiError(400, f"input: the model's chat template refused the conversation: {exc}",
-                       param="input") from None
-    return list(tok.encode(str(text), add_special_tokens=False))
 
 
 def _response(server: Any, rid: str, mid: str, created: int, body: ResponsesRequest, *, status: str,

@@ -3,9 +3,22 @@ OpenAI-style error object.
 
 Every field the OpenAI API defines is accepted; a value this server cannot honour (``n > 1``, ``logprobs: true``,
 tools, a non-zero penalty, ``response_format`` other than text, ...) is refused with a 400 naming the field
-rather than silently ignored (:meth:`_Sampling.unsupported`); an unknown field is a 400 too. Two extensions (as vLLM spells them):
-``ignore_eos`` (generate ``max_tokens`` tokens even past the end-of-sequence token) and ``return_token_ids``
-(each choice carries ``token_ids``, the generated ids).
+rather than silently ignored (:meth:`_Sampling.unsupported`); an unknown field is a 400 too.
+
+Extensions, as vLLM spells them (what serving benchmarks, Qwen3 users and agent frameworks send through the
+``openai`` client's ``extra_body``):
+
+* both endpoints: ``ignore_eos`` (generate ``max_tokens`` tokens even past the end-of-sequence token),
+  ``return_token_ids`` (each choice carries ``token_ids``, the generated ids), ``min_tokens`` (no stop token and
+  no stop string ends the answer before this many tokens: the stop ids are masked in the decode engine's
+  sampler, stop strings are only looked for in the text after the first ``min_tokens`` tokens; at most the max
+  tokens), ``include_stop_str_in_output`` (a matched stop string stays at the end of the text),
+  ``skip_special_tokens`` (default true; false keeps special tokens in the text), ``repetition_penalty`` (only
+  1.0 or null: penalties are not supported);
+* chat (and ``/v1/responses`` for the first): ``chat_template_kwargs`` (extra keyword arguments of the chat
+  template, e.g. Qwen3's ``enable_thinking``; a key that is one of ``apply_chat_template``'s own arguments is
+  refused naming ``chat_template_kwargs.<key>``), ``add_generation_prompt`` (default true) and ``continue_final_message``
+  (default false: the answer continues the final, assistant, message; needs ``add_generation_prompt: false``).
 """
 
 from __future__ import annotations
@@ -96,19 +109,27 @@ class _Sampling(_Strict):
     store: bool | None = None
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
+    # extensions (vLLM's; see the module docstring)
     ignore_eos: bool = False
     return_token_ids: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    repetition_penalty: float | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """``(field, message)`` of the first standard field whose value this server cannot honour (a 400), or
         None. Accepted values that change nothing (``n: 1``, ``logprobs: false``, a zero penalty, an empty
-        ``logit_bias``) are fine."""
+        ``logit_bias``, ``repetition_penalty: 1``) are fine."""
         if self.n not in (None, 1):
             return "n", f"n: only n=1 is supported (got {self.n})"
         for f in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, f)
             if v:
                 return f, f"{f}: penalties are not supported (only 0; got {v})"
+        if self.repetition_penalty not in (None, 1.0):
+            return "repetition_penalty", (f"repetition_penalty: penalties are not supported (only 1.0; got "
+                                          f"{self.repetition_penalty})")
         if self.logit_bias:
             return "logit_bias", "logit_bias: not supported (only an empty map)"
         return None
@@ -151,6 +172,10 @@ class ChatCompletionRequest(_Sampling):
     prediction: dict[str, Any] | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+    # extensions (vLLM's; see the module docstring)
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def unsupported(self) -> tuple[str, str] | None:
         bad = super().unsupported()

@@ -187,12 +187,12 @@ async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_
             # chat-only fields are validated before the prompt is rendered (this model has no chat template)
             msgs = [{"role": "user", "content": "hi"}]
             for field, value in (("logprobs", True), ("top_logprobs", 3), ("response_format", {"type": "json_object"}),
-                                 ("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                 ("tool_choice", "required")):
+                                 ("functions", [{"name": "f"}]), ("tool_choice", "required")):
                 r = await cl.post("/v1/chat/completions", json={"messages": msgs, field: value})
                 assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
             ok = {"messages": msgs, "n": None, "logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"},
-                  "tool_choice": "none", "parallel_tool_calls": True, "max_completion_tokens": 2}
+                  "tool_choice": "none", "parallel_tool_calls": True, "max_completion_tokens": 2,
+                  "tools": [{"type": "function", "function": {"name": "f"}}]}
             r = await cl.post("/v1/chat/completions", json=ok)
             assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]  # got past the checks
             r = await cl.post("/v1/chat/completions", json={**ok, "bogus": 1})

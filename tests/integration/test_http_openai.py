@@ -237,6 +237,40 @@ def test_messages_as_agent_frameworks_send_them(server):
     assert [m.id for m in client.models.list().data] == [MODEL] and client.models.retrieve(MODEL).id == MODEL
 
 
+def test_tools_with_the_real_model(server):
+    """Tool definitions reach the real model's prompt (SmolLM2's template has no tools: the system message carries
+    them); whatever it answers, a declared call or text, comes back the same streamed and not; ``tool_choice:
+    "none"`` is the plain chat. (The call protocol itself, with a scripted model: test_http_tools.py.)"""
+    client = _client(server)
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    msgs = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
+    kw = {"model": MODEL, "messages": msgs, "max_tokens": 24, "temperature": 0}
+    plain = client.chat.completions.create(**kw)
+    r = client.chat.completions.create(**kw, tools=tools)
+    assert r.usage.prompt_tokens > plain.usage.prompt_tokens + 40  # the schema is in the prompt
+    ch = r.choices[0]
+    calls = [(c.function.name, json.loads(c.function.arguments)) for c in ch.message.tool_calls or []]
+    if calls:
+        assert ch.finish_reason == "tool_calls" and all(n == "get_weather" and isinstance(a, dict) for n, a in calls)
+    else:
+        assert ch.finish_reason in ("stop", "length") and isinstance(ch.message.content, str)
+    content, streamed, finish = "", {}, None
+    for c in client.chat.completions.create(**kw, tools=tools, stream=True):
+        if not c.choices:
+            continue
+        content += c.choices[0].delta.content or ""
+        for tc in c.choices[0].delta.tool_calls or []:
+            streamed[tc.index] = (tc.function.name, json.loads(tc.function.arguments))
+        finish = c.choices[0].finish_reason or finish
+    assert (content or None, [streamed[i] for i in sorted(streamed)], finish) == \
+        (ch.message.content or None, calls, ch.finish_reason)
+    none = client.chat.completions.create(**kw, tools=tools, tool_choice="none")
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert none.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_responses_api_keeps_the_conversation_on_the_server(server):
     """``/v1/responses`` with ``previous_response_id``: turn 2 sends only its new input, the server prepends the
     stored conversation (so turn 2 reuses turn 1's KV: cached tokens), and the answer equals what

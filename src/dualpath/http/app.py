@@ -40,6 +40,14 @@ from dualpath.http.schemas import (
     describe_validation,
     error_body,
 )
+from dualpath.http.tools import (
+    ToolCall,
+    ToolCallReader,
+    parser_for,
+    template_takes_tools,
+    tool_dicts,
+    with_tools_in_text,
+)
 
 log = logging.getLogger("dualpath.http")
 
@@ -217,29 +225,39 @@ class Server:
                 raise ApiError(400, "continue_final_message: the final assistant message is empty (nothing to "
                                     "continue; send add_generation_prompt: true instead)",
                                param="continue_final_message")
-        return self.render_chat([m.template_dict() for m in req.messages], "messages",
-                                add_generation_prompt=req.add_generation_prompt,
+        messages = [m.template_dict() for m in req.messages]
+        tools = req.active_tools()
+        native: list[dict[str, Any]] | None = None
+        if tools:  # the template renders them, or they go into the system message (dualpath.http.tools)
+            if template_takes_tools(getattr(self.backend.tokenizer, "chat_template", None)):
+                native = tool_dicts(tools)
+            else:
+                messages = with_tools_in_text(messages, tools)
+        return self.render_chat(messages, "messages", add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message,
-                                template_kwargs=req.chat_template_kwargs)
+                                template_kwargs=req.chat_template_kwargs, tools=native)
 
     def render_chat(self, messages: list[dict[str, Any]], param: str, *, add_generation_prompt: bool = True,
-                    continue_final_message: bool = False,
-                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The prompt ids of ``messages`` rendered by the checkpoint's chat template (``param``: the field an
         error names). ``continue_final_message``: the rendering ends with the final message's content (the
         template's end-of-turn text after it is cut, as transformers and vLLM do). ``template_kwargs``
-        (``chat_template_kwargs``): extra variables of the template; one of the call's own arguments is refused."""
+        (``chat_template_kwargs``): extra variables of the template; one of the call's own arguments is refused.
+        ``tools``: tool definitions for a template that renders them."""
         tok = self.backend.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise ApiError(400, "the served model has no chat template; use /v1/completions", param=param)
         extra = dict(template_kwargs or {})
         reserved = _reserved_template_args(tok) if extra else frozenset()
-        for key in extra:
+        for key in list(extra):
             if key in reserved:
                 raise ApiError(400, f"chat_template_kwargs.{key}: {key!r} is set by the server (it is an argument "
                                     "of apply_chat_template, not a template variable)",
                                param=f"chat_template_kwargs.{key}")
         try:
+            if tools:
+                extra["tools"] = tools
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            continue_final_message=continue_final_message, **extra)
         except Exception as exc:  # the template's own checks (e.g. roles must alternate) raise jinja errors
@@ -447,12 +465,16 @@ async def _serve(server: Server, request: Request, kind: str, req: ChatCompletio
         raise ApiError(400, f"min_tokens: must be at most the max tokens ({limit}); got {req.min_tokens}",
                        param="min_tokens")
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []
+    reader = ToolCallReader(parser_for(server.config.tool_parser,
+                                       getattr(server.backend.tokenizer, "chat_template", None)),
+                            [t.function.name for t in tools]) if tools else None
 
     def stream(job: Job, detok: Detokenizer, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
-        return _stream(server, job, detok, first, rid, kind, req, ids, t_first)
+        return _stream(server, job, detok, first, rid, kind, req, ids, t_first, reader)
 
     def full(job: Job, detok: Detokenizer, result: GenResult | None, t_first: float, t_last: float) -> dict[str, Any]:
-        body = _full_body(server, kind, rid, req, ids, detok, result, job)
+        body = _full_body(server, kind, rid, req, ids, detok, result, job, reader)
         _observe(server, job, ids, detok, result, t_first, t_last)
         return body
 
@@ -537,23 +559,32 @@ def _usage(ids: list[int], detok: Detokenizer, result: GenResult | None, job: Jo
             "total_tokens": len(ids) + len(detok.ids), "prompt_tokens_details": {"cached_tokens": int(cached)}}
 
 
-def _finish_reason(detok: Detokenizer) -> str:
-    return detok.finish or "length"
+def _finish_reason(detok: Detokenizer, reader: ToolCallReader | None = None) -> str:
+    reason = detok.finish or "length"
+    return "tool_calls" if reason == "stop" and reader is not None and reader.calls else reason
 
 
 def _full_body(server: Server, kind: str, rid: str, req: Any, ids: list[int], detok: Detokenizer,
-               result: GenResult | None, job: Job) -> dict[str, Any]:
+               result: GenResult | None, job: Job, reader: ToolCallReader | None = None) -> dict[str, Any]:
     detok.flush()
     text = detok.text
-    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish_reason(detok), "logprobs": None}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "", "logprobs": None}
     if kind == "chat":
-        choice["message"] = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if reader is not None:
+            content, _ = reader.feed(text)
+            content += reader.finish()[0]
+            if reader.calls:
+                message = {"role": "assistant", "content": content or None,
+                           "tool_calls": [c.as_dict() for c in reader.calls]}
+        choice["message"] = message
         obj = "chat.completion"
     else:
         if getattr(req, "echo", False) and server.backend.tokenizer is not None:
             text = server.backend.tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens) + text
         choice["text"] = text
         obj = "text_completion"
+    choice["finish_reason"] = _finish_reason(detok, reader)
     if req.return_token_ids:
         choice["token_ids"] = list(detok.ids)
     return {"id": rid, "object": obj, "created": int(time.time()), "model": server.model_name,
@@ -594,21 +625,26 @@ def coalesce(job: Job, detok: Detokenizer, val: int,
 
 
 async def _stream(server: Server, job: Job, detok: Detokenizer, first: tuple[str, Any], rid: str, kind: str,
-                  req: Any, ids: list[int], t_first: float) -> AsyncIterator[bytes]:
-    """Server-sent events: one chunk per text delta, the finish chunk, the usage chunk, ``[DONE]``."""
+                  req: Any, ids: list[int], t_first: float,
+                  reader: ToolCallReader | None = None) -> AsyncIterator[bytes]:
+    """Server-sent events: one chunk per text delta, the finish chunk, the usage chunk, ``[DONE]``. With tools
+    (``reader``), the text goes through the tool-call reader first: content as it can be passed on, then one
+    chunk per call once its text is complete."""
     m = server.metrics
     created = int(time.time())
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def chunk(delta: str | None, finish: str | None = None, *, role: bool = False,
-              token_ids: list[int] | None = None) -> bytes:
+              token_ids: list[int] | None = None, calls: list[ToolCall] | None = None) -> bytes:
         if kind == "chat":
             d: dict[str, Any] = {}
             if role:
                 d["role"] = "assistant"
             if delta is not None:
                 d["content"] = delta
+            if calls:
+                d["tool_calls"] = [{"index": n_calls - len(calls) + i, **c.as_dict()} for i, c in enumerate(calls)]
             choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
@@ -619,6 +655,23 @@ async def _stream(server: Server, job: Job, detok: Detokenizer, first: tuple[str
         if include_usage:
             data["usage"] = None
         return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+    n_calls = 0
+
+    def text_chunks(delta: str, tids: list[int] | None = None, final: bool = False) -> list[bytes]:
+        """The chunks of a text delta: as it is, or through the tool-call reader."""
+        nonlocal n_calls
+        if reader is None:
+            return [chunk(delta, token_ids=tids)] if delta or tids else []
+        content, calls = reader.feed(delta)
+        if final:
+            more, last = reader.finish()
+            content, calls = content + more, calls + last
+        out = [chunk(content, token_ids=tids)] if content or tids else []
+        if calls:
+            n_calls += len(calls)
+            out.append(chunk(None, calls=calls))
+        return out
 
     result: GenResult | None = None
     t_last = t_first
@@ -632,8 +685,8 @@ async def _stream(server: Server, job: Job, detok: Detokenizer, first: tuple[str
             if k == "token":
                 delta, tids, pending, stop_string = coalesce(job, detok, val, bool(req.return_token_ids))
                 t_last = time.perf_counter()
-                if delta or tids:
-                    yield chunk(delta, token_ids=tids or None)
+                for c in text_chunks(delta, tids or None):
+                    yield c
                 if stop_string:
                     job.cancel()  # a stop string: the rest of the turn is not needed
                     break
@@ -651,10 +704,9 @@ async def _stream(server: Server, job: Job, detok: Detokenizer, first: tuple[str
                     return
                 break
             ev = await job.queue.get()
-        tail = detok.flush()
-        if tail:
-            yield chunk(tail)
-        yield chunk(None if kind == "chat" else "", _finish_reason(detok))
+        for c in text_chunks(detok.flush(), final=True):
+            yield c
+        yield chunk(None if kind == "chat" else "", _finish_reason(detok, reader))
         if include_usage:
             data = {"id": rid, "object": obj, "created": created, "model": server.model_name, "choices": [],
                     "usage": _usage(ids, detok, result, job)}

@@ -33,3 +33,8 @@ class HttpConfig(Section):
                                                  "in memory, least recently used dropped; 0 stores none")
     max_body_bytes: int = Field(default=32 << 20, ge=1024,
                                 description="a request body larger than this gets 413 before it is read")
+    tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        default="auto",
+        description="how tool calls are read from the generated text (dualpath.http.tools): hermes "
+                    "(<tool_call> JSON blocks: Qwen2.5/3, Hermes, and the fallback for templates without tools), "
+                    "llama3_json (a bare JSON object), auto (picked from the chat template)")

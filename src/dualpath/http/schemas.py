@@ -2,7 +2,7 @@
 OpenAI-style error object.
 
 Every field the OpenAI API defines is accepted; a value this server cannot honour (``n > 1``, ``logprobs: true``,
-tools, a non-zero penalty, ``response_format`` other than text, ...) is refused with a 400 naming the field
+``tool_choice: "required"``, a non-zero penalty, ``response_format`` other than text, ...) is refused with a 400 naming the field
 rather than silently ignored (:meth:`_Sampling.unsupported`); an unknown field is a 400 too.
 
 Extensions, as vLLM spells them (what serving benchmarks, Qwen3 users and agent frameworks send through the
@@ -26,6 +26,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dualpath.http.tools import ToolDef
 
 
 class _Strict(BaseModel):
@@ -158,7 +160,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDef] | None = None  # function calling: dualpath.http.tools
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
@@ -188,12 +190,13 @@ class ChatCompletionRequest(_Sampling):
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             return "response_format", (f"response_format: only type 'text' is supported (got "
                                        f"{self.response_format.get('type')!r})")
-        if self.tools or self.functions:
-            return "tools", "tools: tool calling is not supported"
-        for f in ("tool_choice", "function_call"):
-            v = getattr(self, f)
-            if v is not None and v not in ("none", "auto"):
-                return f, f"{f}: tool calling is not supported (only 'none' or 'auto' without tools)"
+        if self.functions:
+            return "functions", "functions: the legacy functions field is not supported; send tools"
+        if self.function_call is not None and self.function_call not in ("none", "auto"):
+            return "function_call", "function_call: the legacy field is not supported; send tools and tool_choice"
+        if self.tool_choice is not None and self.tool_choice not in ("none", "auto"):
+            return "tool_choice", (f"tool_choice: only 'auto' or 'none' (got {self.tool_choice!r}): 'required' and a "
+                                   "named function need constrained decoding, which this server does not do")
         if self.modalities is not None and set(self.modalities) - {"text"}:
             return "modalities", f"modalities: only text output is supported (got {self.modalities})"
         if self.audio is not None:
@@ -204,6 +207,10 @@ class ChatCompletionRequest(_Sampling):
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def active_tools(self) -> list[ToolDef]:
+        """The tools the model may call: none with ``tool_choice: "none"``."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
 
 
 class CompletionRequest(_Sampling):

@@ -1,0 +1,290 @@
+"""Tool (function) calling for ``/v1/chat/completions``: the request's tool definitions, how they reach the
+prompt, and how calls are read back out of the generated text.
+
+**Definitions.** ``tools`` is a list of ``{"type": "function", "function": {"name", "description",
+"parameters", "strict"}}`` (:class:`ToolDef`, validated like every request field). ``tool_choice`` ``"auto"``
+(the default when tools are given) lets the model answer or call; ``"none"`` leaves the tools out of the prompt
+and reads no call. ``"required"`` and a named function would need constrained decoding, which this server does
+not do: they are refused (400 naming ``tool_choice``) rather than not honoured.
+
+**Into the prompt.** A chat template that uses a ``tools`` variable (Qwen2.5/3, Llama 3.1+, Hermes, Mistral
+templates...) gets the definitions as ``apply_chat_template(..., tools=...)``: the checkpoint's own format.
+A template without one (the embedded SmolLM2's, for one) would drop them silently, so the definitions go into
+the system message instead (:func:`fallback_system_text`: the JSON schemas and the ``<tool_call>`` format), and
+an earlier assistant turn's calls are written into its text in the same format, so the model sees its own
+history.
+
+**Out of the text.** Which format is read is :func:`parser_for` (``http.tool_parser``; ``auto`` by default):
+
+* ``hermes``: each call is ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, anywhere in the text;
+  what is outside the tags is the message's content. An unclosed last call (the generation ended inside it) is
+  still a call if its JSON is complete.
+* ``llama3_json``: the whole answer is one JSON object ``{"name": ..., "parameters": {...}}`` (or several
+  separated by ``;``), optionally after ``<|python_tag|>``; anything else is content.
+
+A call is kept only if it parses as JSON, names a declared function and has object arguments; otherwise its text
+stays in the content, unchanged: nothing the model wrote is dropped. :class:`ToolCallReader` works on the text as
+it streams: content is passed on as soon as it cannot be the start of a call (a possible tag prefix is held
+back, as stop strings are), and each call is handed out once its closing tag (or the end) is seen, with its
+whole arguments in one delta. When at least one call was read, a ``stop`` finish becomes ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: values of ``http.tool_parser``
+TOOL_PARSERS = ("auto", "hermes", "llama3_json")
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_PYTHON_TAG = "<|python_tag|>"
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+def template_takes_tools(template: str | None) -> bool:
+    """Whether a chat template renders a ``tools`` variable (else the definitions would be dropped by it)."""
+    return bool(template) and "tools" in str(template)
+
+
+def parser_for(kind: str, template: str | None) -> str:
+    """The output format to read: ``kind`` unless ``auto``; ``auto`` is ``llama3_json`` for a Llama 3 template
+    (it speaks of ``<|python_tag|>`` / ``ipython``) and ``hermes`` otherwise (the ``<tool_call>`` tags that
+    Qwen2.5/3 and Hermes templates ask for, and that the fallback system text asks for)."""
+    if kind != "auto":
+        return kind
+    t = str(template or "")
+    if _OPEN not in t and (_PYTHON_TAG in t or "ipython" in t):
+        return "llama3_json"
+    return "hermes"
+
+
+def tool_dicts(tools: list[ToolDef]) -> list[dict[str, Any]]:
+    """The definitions as a chat template expects them (OpenAI's shape, unset keys left out)."""
+    return [t.model_dump(exclude_none=True) for t in tools]
+
+
+def fallback_system_text(tools: list[ToolDef]) -> str:
+    """What a template without tool support gets in its system message: the schemas and the call format."""
+    specs = "\n".join(json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False) for t in tools)
+    return ("You can call the functions below. Each line is one function's JSON schema:\n"
+            f"{specs}\n"
+            "To call one or more of them, answer with one block per call, each exactly\n"
+            f'{_OPEN}{{"name": "<function name>", "arguments": {{<arguments as a JSON object>}}}}{_CLOSE}\n'
+            "and nothing else. Otherwise answer normally.")
+
+
+def with_tools_in_text(messages: list[dict[str, Any]], tools: list[ToolDef]) -> list[dict[str, Any]]:
+    """``messages`` for a template without tool support: the fallback text joins (or becomes) the system message
+    and each assistant message's earlier calls are written into its content as ``<tool_call>`` blocks."""
+    text = fallback_system_text(tools)
+    out = [dict(m) for m in messages]
+    for m in out:
+        calls = m.pop("tool_calls", None)
+        if calls:
+            blocks = [_call_text(c) for c in calls]
+            m["content"] = "\n".join([m["content"], *blocks]) if m.get("content") else "\n".join(blocks)
+    if out and out[0].get("role") == "system":
+        out[0]["content"] = f"{out[0].get('content') or ''}\n\n{text}".lstrip()
+    else:
+        out.insert(0, {"role": "system", "content": text})
+    return out
+
+
+def _call_text(call: dict[str, Any]) -> str:
+    fn = call.get("function") or {}
+    args = fn.get("arguments", "{}")
+    try:
+        args_obj = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        args_obj = args
+    return f"{_OPEN}{json.dumps({'name': fn.get('name'), 'arguments': args_obj}, ensure_ascii=False)}{_CLOSE}"
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as text
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def _parse_call(text: str, names: frozenset[str]) -> ToolCall | None:
+    """One call from its JSON text, or None if it is not one (not JSON, unknown name, arguments not an object)."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or obj["name"] not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _held_prefix(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that is a proper prefix of ``tag`` (it may become the tag)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
+class ToolCallReader:
+    """Reads calls out of generated text as it arrives: :meth:`feed` each text delta, then :meth:`finish`; each
+    returns ``(content, calls)``: the content that can be passed on now and the calls completed now."""
+
+    def __init__(self, parser: str, names: list[str] | frozenset[str]) -> None:
+        if parser not in TOOL_PARSERS or parser == "auto":
+            raise ValueError(f"tool parser {parser!r}: expected hermes or llama3_json")
+        self.parser = parser
+        self.names = frozenset(names)
+        self.calls: list[ToolCall] = []
+        self._buf = ""
+        self._in_call = False
+        self._after_call = False  # blank text right after a call only separates calls: not content
+        self._json_mode: bool | None = None  # llama3_json: decided by the first non-blank text
+
+    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+        self._buf += delta
+        if self.parser == "hermes":
+            return self._hermes(final=False)
+        return self._llama(final=False)
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        if self.parser == "hermes":
+            return self._hermes(final=True)
+        return self._llama(final=True)
+
+    def _done(self, calls: list[ToolCall]) -> list[ToolCall]:
+        self.calls.extend(calls)
+        return calls
+
+    def _hermes(self, final: bool) -> tuple[str, list[ToolCall]]:
+        out: list[str] = []
+        calls: list[ToolCall] = []
+
+        def text(seg: str) -> None:
+            if self._after_call:
+                seg = seg.lstrip()
+                self._after_call = not seg
+            out.append(seg)
+
+        def call(c: ToolCall) -> None:
+            calls.append(c)
+            self._after_call = True
+
+        while True:
+            if not self._in_call:
+                i = self._buf.find(_OPEN)
+                if i < 0:
+                    keep = 0 if final else _held_prefix(self._buf, _OPEN)
+                    text(self._buf[:len(self._buf) - keep])
+                    self._buf = self._buf[len(self._buf) - keep:]
+                    break
+                text(self._buf[:i])
+                self._buf = self._buf[i + len(_OPEN):]
+                self._in_call = True
+            j = self._buf.find(_CLOSE)
+            if j < 0:
+                if final:  # the generation ended inside a call: a call if its JSON is whole, else text
+                    got = _parse_call(self._buf.strip(), self.names)
+                    if got is not None:
+                        call(got)
+                    else:
+                        text(_OPEN + self._buf)
+                    self._buf, self._in_call = "", False
+                break
+            body, self._buf = self._buf[:j], self._buf[j + len(_CLOSE):]
+            self._in_call = False
+            got = _parse_call(body.strip(), self.names)
+            if got is not None:
+                call(got)
+            else:
+                text(_OPEN + body + _CLOSE)
+        return "".join(out), self._done(calls)
+
+    def _llama(self, final: bool) -> tuple[str, list[ToolCall]]:
+        if self._json_mode is None:
+            head = self._buf.lstrip()
+            if not head:
+                return "", []
+            if head.startswith(_PYTHON_TAG) or head.startswith("{"):
+                self._json_mode = True
+            elif _PYTHON_TAG.startswith(head) and not final:
+                return "", []  # maybe the tag, not whole yet
+            else:
+                self._json_mode = False
+        if not self._json_mode:
+            text, self._buf = self._buf, ""
+            return text, []
+        if not final:
+            return "", []
+        body = self._buf.strip()
+        raw, self._buf = self._buf, ""
+        if body.startswith(_PYTHON_TAG):
+            body = body[len(_PYTHON_TAG):].strip()
+        calls: list[ToolCall] = []
+        for part in _split_objects(body):
+            call = _parse_call(part, self.names)
+            if call is None:
+                return raw, []
+            calls.append(call)
+        return ("", self._done(calls)) if calls else (raw, [])
+
+
+def _split_objects(body: str) -> list[str]:
+    """Top-level JSON objects of ``body`` separated by ``;`` (or one object); [] if it is not that shape."""
+    parts: list[str] = []
+    depth, start, in_str, esc = 0, 0, False, False
+    for i, ch in enumerate(body):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch == "{":
+            if depth == 0:
+                if body[start:i].strip() not in ("", ";"):
+                    return []
+                start = i
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                return []
+            if depth == 0:
+                parts.append(body[start:i + 1])
+                start = i + 1
+    if depth != 0 or body[start:].strip() not in ("", ";"):
+        return []
+    return parts

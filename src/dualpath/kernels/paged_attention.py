@@ -5,6 +5,7 @@ Same signatures and semantics as :mod:`dualpath.kernels.reference`. Pages are ga
 block table, so any block size works and tiles may span pages; block ids are widened to int64 before they
 are multiplied by strides (large pools do not overflow). Softmax runs in fp32 (exp2 domain).
 Under ``TRITON_INTERPRET=1`` dot operands are cast to fp32 (the interpreter's bf16 dot is wrong).
+``softcap`` (Gemma 2): scores ``softcap * tanh(scale * q.k / softcap)`` before the mask, as the torch reference.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _softcap(s, cap):
+    """``cap * tanh(s / cap)`` (tanh as ``1 - 2 / (exp(2x) + 1)``: exact at both tails, no tl.tanh in Triton)."""
+    return cap * (1.0 - 2.0 / (tl.exp(2.0 * (s / cap)) + 1.0))
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, kv_ptr, table_ptr, lens_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh,
@@ -34,8 +41,8 @@ def _decode_split_kernel(
     stride_tb,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    qk_scale,
-    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, PARTITION: tl.constexpr,
+    qk_scale, softcap,
+    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, PARTITION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -70,6 +77,8 @@ def _decode_split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if SOFTCAP:
+            s = _softcap(s, softcap) * 1.4426950408889634
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -107,9 +116,19 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
+def _scales(scale: float, softcap: float | None) -> tuple[float, float]:
+    """The kernels' ``(qk_scale, softcap)``: scores in the exp2 domain (``scale * log2 e``), or with a soft cap the
+    natural scale (the kernel caps, then multiplies by ``log2 e``)."""
+    if softcap is None:
+        return float(scale) * LOG2E, 1.0
+    if not softcap > 0:
+        raise KernelError(f"softcap must be positive, got {softcap}")
+    return float(scale), float(softcap)
+
+
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, *, partition: int | None = None,
-                           block_n: int | None = None) -> torch.Tensor:
+                           block_n: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Triton paged decode. ``q [B, Hq, D]``, ``kv_layer [NB, bt, 2, Hkv, D]``, ``block_tables [B, max_blocks]``,
     ``seq_lens [B]`` (each >= 1) -> ``[B, Hq, D]`` in ``q``'s dtype."""
     kv = check_kv_layer(kv_layer)
@@ -146,8 +165,8 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         tables.stride(0),
         po.stride(0), po.stride(1), po.stride(2),
         lse.stride(0), lse.stride(1),
-        float(scale) * LOG2E,
-        G=g, D=d, BT=bt, PARTITION=partition,
+        *_scales(scale, softcap),
+        G=g, D=d, BT=bt, PARTITION=partition, SOFTCAP=softcap is not None,
         BLOCK_G=max(16, next_pow2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
         DOT_FP32=interp, PREC=prec,
         **({} if interp else {"num_warps": 4, "num_stages": 2}),
@@ -169,8 +188,8 @@ def _prefill_kernel(
     stride_kb, stride_kt, stride_kkv, stride_kh,
     stride_tb,
     stride_on, stride_oh,
-    qk_scale,
-    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+    qk_scale, softcap,
+    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -210,6 +229,8 @@ def _prefill_kernel(
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            if SOFTCAP:
+                s = _softcap(s, softcap) * 1.4426950408889634
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -228,6 +249,8 @@ def _prefill_kernel(
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            if SOFTCAP:
+                s = _softcap(s, softcap) * 1.4426950408889634
             vis = (t[None, :] <= qpos[:, None]) & tmask[None, :]
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -243,7 +266,8 @@ def _prefill_kernel(
 
 def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
-                            scale: float, *, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                            scale: float, *, block_m: int | None = None, block_n: int | None = None,
+                            softcap: float | None = None) -> torch.Tensor:
     """Triton prefill with a cached prefix; see :func:`dualpath.kernels.reference.paged_prefill_attention`."""
     kv = check_kv_layer(kv_layer)
     dev = kv.device
@@ -284,8 +308,8 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         tables.stride(0),
         out.stride(0), out.stride(1),
-        float(scale) * LOG2E,
-        G=hq // hkv, D=d, BT=bt, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        *_scales(scale, softcap),
+        G=hq // hkv, D=d, BT=bt, SOFTCAP=softcap is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_FP32=interp, PREC=prec,
         **({} if interp else {"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}),
     )

@@ -4,7 +4,8 @@ Paged pool layout, one tensor per layer: ``kv_layer[num_blocks, block_tokens, 2,
 ``kv_layer[b]`` is the Layer Block of physical block ``b`` (index 0 of dim 2 is K, 1 is V). A sequence's
 token ``t`` lives at ``kv_layer[block_table[t // block_tokens], t % block_tokens]``; its *slot* is
 ``block_table[t // block_tokens] * block_tokens + t % block_tokens``.
-Attention is computed in fp32 and returned in ``q``'s dtype.
+Attention is computed in fp32 and returned in ``q``'s dtype. ``softcap`` (Gemma 2's ``attn_logit_softcapping``):
+the scaled scores become ``softcap * tanh(scores / softcap)`` before the mask and the softmax.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ def _seq_kv(kv_layer: torch.Tensor, table: torch.Tensor, n: int) -> tuple[torch.
     return rows[:, 0].float(), rows[:, 1].float()  # [n, Hkv, D]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
+            softcap: float | None = None) -> torch.Tensor:
     # q [M, Hq, D], k/v [N, Hkv, D]; query head h reads KV head h // (Hq // Hkv)
     m, hq, d = q.shape
     hkv = k.shape[1]
     qg = q.float().reshape(m, hkv, hq // hkv, d).permute(1, 2, 0, 3)      # [Hkv, G, M, D]
     s = torch.matmul(qg, k.permute(1, 2, 0)[:, None]) * scale            # [Hkv, G, M, N]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -38,6 +42,8 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending to its first ``seq_lens[b]`` cached tokens.
 
@@ -47,7 +53,7 @@ def paged_decode_attention(
     for b in range(q.shape[0]):
         n = int(seq_lens[b])
         k, v = _seq_kv(kv_layer, block_tables[b], n)
-        out[b] = _attend(q[b : b + 1], k, v, scale, None)[0].to(q.dtype)
+        out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap)[0].to(q.dtype)
     return out
 
 
@@ -59,6 +65,8 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,
     start_pos: torch.Tensor,
     scale: float,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Queries of each sequence's new tokens over its cached prefix (full) and its new tokens (causal).
 
@@ -75,7 +83,7 @@ def paged_prefill_attention(
         k, v = _seq_kv(kv_layer, block_tables[b], n)
         qpos = torch.arange(start, start + hi - lo, device=q.device)
         mask = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]
-        out[lo:hi] = _attend(q[lo:hi], k, v, scale, mask).to(q.dtype)
+        out[lo:hi] = _attend(q[lo:hi], k, v, scale, mask, softcap).to(q.dtype)
     return out
 
 

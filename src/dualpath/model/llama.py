@@ -1,10 +1,11 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, and the MoE relatives Mixtral, Qwen2-MoE, Qwen3-MoE) with a
-layer-wise forward over paged KV.
+"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, and the MoE relatives Mixtral, Qwen2-MoE,
+Qwen3-MoE) with a layer-wise forward over paged KV.
 
 Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...), so a transformers
 state dict loads as is. The MoE blocks use Qwen-MoE's names for every family (``mlp.gate``,
 ``mlp.experts.{i}.gate_proj/up_proj/down_proj``, ``mlp.shared_expert``, ``mlp.shared_expert_gate``); the loader
-maps Mixtral's (``block_sparse_moe``, ``w1/w3/w2``) and transformers' packed experts onto them.
+maps Mixtral's (``block_sparse_moe``, ``w1/w3/w2``) and transformers' packed experts onto them, and splits
+Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` into these modules' ``q/k/v_proj`` / ``gate_proj`` + ``up_proj``.
 
 The forward is split so that a prefill engine can wait for a layer's cached KV before computing that layer::
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
@@ -145,7 +147,7 @@ class ForwardState:
 
     batch: SeqBatch
     hidden: torch.Tensor   # [N, hidden]
-    cos: torch.Tensor      # [N, head_dim]
+    cos: torch.Tensor      # [N, rotary_dim] (head_dim unless partial RoPE)
     sin: torch.Tensor
     next_layer: int = 0
 
@@ -154,15 +156,21 @@ PrefillState = ForwardState
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """Llama's RMSNorm: normalized in fp32, cast back, times ``weight``. ``offset`` (Gemma): times ``1 + weight``
+    in fp32, then cast back (Gemma rounds once, after the scaling)."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).to(dt)
         return self.weight * h.to(dt)
 
 
@@ -181,10 +189,16 @@ class Attention(nn.Module):
 
 
 class MLP(FeedForward):
-    """The dense SwiGLU MLP of ``intermediate_size``."""
+    """The dense MLP of ``intermediate_size``: SwiGLU, or for Gemma GeGLU ``down(gelu_tanh(gate(x)) * up(x))``."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec.hidden_size, spec.intermediate_size)
+        self.gelu = spec.gemma_style
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu:
+            return cast(torch.Tensor, self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)))
+        return super().forward(x)
 
 
 class SparseMoE(nn.Module):
@@ -220,10 +234,13 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, spec.gemma_style)
         self.self_attn = Attention(spec)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, spec.gemma_style)
         self.mlp: nn.Module = SparseMoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
+        if spec.sandwich_norms:  # Gemma 2
+            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, True)
+            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, True)
 
 
 class Backbone(nn.Module):
@@ -231,12 +248,21 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, spec.gemma_style)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first ``cos.shape[-1]`` dims of each head (all of them unless partial), the rest passed."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot = x[..., :r]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, x[..., r:]), dim=-1)
 
 
 class LayerwiseDecoder(nn.Module):
@@ -295,17 +321,34 @@ class LayerwiseDecoder(nn.Module):
 
 
 class LlamaModel(LayerwiseDecoder):
-    """Llama/Mistral/Qwen2/Qwen3/Mixtral/Qwen2-MoE/Qwen3-MoE decoder over a paged KV pool. ``backend``: kernel
-    backend (``auto``/``torch``/``triton``)."""
+    """Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma/Gemma 2/Mixtral/Qwen2-MoE/Qwen3-MoE decoder over a paged KV pool. ``backend``:
+    kernel backend (``auto``/``torch``/``triton``)."""
 
     inv_freq: torch.Tensor
+    embed_scale: torch.Tensor
 
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
         self._build(spec, Backbone(spec), device, backend)
         inv_freq, self._rope_scale = rope_inv_freq(spec)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
-        self.scale = spec.head_dim ** -0.5
+        # Gemma: sqrt(hidden) as a float32 scalar rounded to the compute dtype, as GemmaTextScaledWordEmbedding
+        embed_scale = torch.tensor(spec.hidden_size ** 0.5 if spec.gemma_style else 1.0).to(spec.torch_dtype)
+        self.register_buffer("embed_scale", embed_scale.to(device), persistent=False)
+        self.scale = spec.attn_scale
+        self.softcap = spec.attn_logit_softcapping
+
+    @torch.no_grad()
+    def prefill_end(self, state: ForwardState, all_positions: bool = False) -> torch.Tensor:
+        """As :meth:`LayerwiseDecoder.prefill_end`; Gemma 2 soft-caps the logits in the compute dtype first."""
+        cap = self.spec.final_logit_softcapping
+        if cap is None:
+            return super().prefill_end(state, all_positions)
+        if state.next_layer != self.spec.n_layers:
+            raise ModelError(f"prefill_end after {state.next_layer} of {self.spec.n_layers} layers")
+        h = state.hidden if all_positions else state.hidden[state.batch.last_index]
+        logits = self.lm_head(cast(nn.Module, self.model.norm)(h))
+        return (torch.tanh(logits / cap) * cap).float()
 
     # --- layer-wise forward ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -319,7 +362,10 @@ class LlamaModel(LayerwiseDecoder):
         dt = self.spec.torch_dtype
         cos = (emb.cos() * self._rope_scale).to(dt)
         sin = (emb.sin() * self._rope_scale).to(dt)
-        return ForwardState(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin)
+        hidden = self.model.embed_tokens(ids)
+        if self.spec.gemma_style:
+            hidden = hidden * self.embed_scale.to(hidden.dtype)
+        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
@@ -341,14 +387,20 @@ class LlamaModel(LayerwiseDecoder):
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = state.cos[:, None, :], state.sin[:, None, :]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         store_kv(k, v, kv_layer, b.slot_mapping, backend=self.backend)
         if b.is_decode:
-            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, self.scale, backend=self.backend)
+            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, self.scale, backend=self.backend,
+                                       softcap=self.softcap)
         else:
             o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                        self.scale, backend=self.backend)
-        h = state.hidden + attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
-        state.hidden = h + mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(h))
+                                        self.scale, backend=self.backend, softcap=self.softcap)
+        a = attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
+        if spec.sandwich_norms:  # Gemma 2: norms on the attention output and around the MLP
+            h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)
+            m = mod.mlp(cast(RMSNorm, mod.pre_feedforward_layernorm)(h))
+            state.hidden = h + cast(RMSNorm, mod.post_feedforward_layernorm)(m)
+        else:
+            h = state.hidden + a
+            state.hidden = h + mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(h))
         state.next_layer += 1

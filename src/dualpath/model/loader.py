@@ -1,4 +1,4 @@
-"""Build a :class:`~dualpath.model.llama.LlamaModel` (Llama, Mistral, Qwen2/3, Mixtral, Qwen2/3-MoE) or a
+"""Build a :class:`~dualpath.model.llama.LlamaModel` (Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2, Mixtral, Qwen2/3-MoE) or a
 :class:`~dualpath.model.deepseek.DeepseekV3Model` (chosen by the checkpoint's architecture) from a safetensors
 directory, a GGUF file (Llama family), or seeded random weights, and check that a checkpoint matches its config
 (every tensor present, every shape right).
@@ -12,6 +12,9 @@ Mixtral, Qwen2-MoE and Qwen3-MoE checkpoints load in the per-expert layout of hu
 transformers 5 ``save_pretrained`` writes: Mixtral's ``block_sparse_moe.experts.{i}.w1/w3/w2``, Qwen's
 ``mlp.experts.{i}.gate_proj/up_proj/down_proj``) or in transformers' packed in-memory layout
 (``mlp.experts.gate_up_proj [E, 2I, H]`` + ``mlp.experts.down_proj [E, H, I]``).
+
+Phi-3 checkpoints hold fused ``self_attn.qkv_proj`` (q rows, then k, then v) and ``mlp.gate_up_proj`` (gate rows,
+then up): split at load time, fused again by :func:`save_pretrained`.
 """
 
 from __future__ import annotations
@@ -74,13 +77,15 @@ def assign_weights(model: AnyModel, tensors: Mapping[str, torch.Tensor], source:
 
 
 def init_random(model: AnyModel, seed: int = 0, std: float = 0.02) -> None:
-    """Seeded weights, identical on every machine: N(0, std) matrices, norms 1 + N(0, 0.1), biases N(0, std)
-    (MoE router correction biases N(0, 0.1), so that they change the routing)."""
+    """Seeded weights, identical on every machine: N(0, std) matrices, norms 1 + N(0, 0.1) (Gemma's, which scale
+    by ``1 + weight``, N(0, 0.1)), biases N(0, std) (MoE router correction biases N(0, 0.1), so that they change the
+    routing)."""
     gen = torch.Generator().manual_seed(seed)
+    norm_one = 0.0 if getattr(model.spec, "gemma_style", False) else 1.0
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(remove_duplicate=True)):
             if name.endswith("norm.weight"):
-                val = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+                val = norm_one + 0.1 * torch.randn(p.shape, generator=gen)
             elif name.endswith("e_score_correction_bias"):
                 val = 0.1 * torch.randn(p.shape, generator=gen)
             else:
@@ -96,6 +101,49 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
         out.pop("lm_head.weight", None)
     if getattr(model.spec, "architecture", "") == "mixtral":
         out = {_mixtral_hub_name(k): v for k, v in out.items()}
+    if getattr(model.spec, "architecture", "") == "phi3":
+        out = _fuse_phi3(out)
+    return out
+
+
+_PHI3_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+               "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _fuse_phi3(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our split Phi-3 projections -> the checkpoint's fused ``qkv_proj`` and ``gate_up_proj`` (rows concatenated)."""
+    parts_of = {part: (fused, parts) for fused, parts in _PHI3_FUSED.items() for part in parts}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        module = ".".join(name.split(".")[-3:-1])  # e.g. self_attn.q_proj
+        if module not in parts_of or not name.endswith(".weight"):
+            out[name] = t
+        elif module == parts_of[module][1][0]:  # the first part: write the fused tensor once
+            fused, parts = parts_of[module]
+            prefix = name[: -len(f"{module}.weight")]
+            out[f"{prefix}{fused}.weight"] = torch.cat([tensors[f"{prefix}{q}.weight"] for q in parts]).contiguous()
+    return out
+
+
+def phi3_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
+                 source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Phi-3 checkpoint tensors in this model's names: ``qkv_proj [(Hq + 2 Hkv) D, hidden]`` split into
+    ``q_proj`` / ``k_proj`` / ``v_proj``, ``gate_up_proj [2 I, hidden]`` into ``gate_proj`` / ``up_proj``."""
+    q_rows, kv_rows = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    sizes = {"self_attn.qkv_proj": [q_rows, kv_rows, kv_rows],
+             "mlp.gate_up_proj": [spec.intermediate_size, spec.intermediate_size]}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        fused = next((f for f in _PHI3_FUSED if name.endswith(f".{f}.weight")), None)
+        if fused is None:
+            out[name] = t
+            continue
+        if t.dim() != 2 or t.shape[0] != sum(sizes[fused]):
+            raise ModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)} but the config implies "
+                             f"({sum(sizes[fused])}, {spec.hidden_size})")
+        prefix = name[: -len(f"{fused}.weight")]
+        for part, piece in zip(_PHI3_FUSED[fused], t.split(sizes[fused]), strict=True):
+            out[f"{prefix}{part}.weight"] = piece
     return out
 
 
@@ -434,6 +482,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = LlamaModel(spec, device="cpu", backend=backend)
         if tensors is not None and spec.is_moe:
             tensors = moe_tensors(spec, tensors, source)
+        elif tensors is not None and spec.architecture == "phi3":
+            tensors = phi3_tensors(spec, tensors, source)
     if tensors is None:
         init_random(model, seed)
     else:

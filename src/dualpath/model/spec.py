@@ -10,6 +10,19 @@ in every layer, top-k weights renormalized), ``Qwen2MoeForCausalLM`` (``qwen2_mo
 (``qwen3_moe``: Qwen3 attention, no shared expert); the Qwen pair renormalize only with ``norm_topk_prob`` and use
 a dense MLP in ``mlp_only_layers`` and in layers off ``decoder_sparse_step``.
 
+Three more dense families run on the same path: ``Phi3ForCausalLM`` (``phi3``: fused ``qkv_proj`` and
+``gate_up_proj`` checkpoint tensors, split at load time and fused again by our ``save_pretrained``; no biases;
+``partial_rotary_factor`` rotates only the first ``int(head_dim * factor)`` dims of each head, as Phi-4-mini does;
+``default`` RoPE only: ``longrope`` / ``su`` scaling switches its factors by sequence length and is refused) and
+``GemmaForCausalLM`` (``gemma``: RMSNorm scaling by ``1 + weight`` in fp32, embeddings times ``sqrt(hidden_size)``
+rounded to the compute dtype, GeGLU with the tanh GELU, an explicit ``head_dim`` (256 unless the config says
+otherwise), tied embeddings by default, ``attention_bias`` on q/k/v and o). ``Gemma2ForCausalLM`` (``gemma2``) adds
+to Gemma: attention scores scaled by ``query_pre_attn_scalar ** -0.5`` and soft-capped
+(``attn_logit_softcapping * tanh(s / cap)``, in every attention backend), final logits soft-capped
+(``final_logit_softcapping``), an RMSNorm on the attention output and around the MLP (``post_attention_layernorm``,
+``pre_feedforward_layernorm``, ``post_feedforward_layernorm``), ``hidden_activation`` (not ``hidden_act``), and
+sliding-window layers in ``layer_types`` (the context is capped at the window, as for Mistral).
+
 A sliding attention window (Mistral's ``sliding_window``, Qwen's
 ``use_sliding_window``) is exact only while every sequence fits inside it, so the context is capped at the window
 (``max_position``; a larger ``model.max_context`` is refused). Anything else raises
@@ -38,9 +51,15 @@ ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
 }
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+            "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+            "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+#: Gemma 2's attention and logit settings (part of the spec's identity only when set)
+_GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 _MOE_FIELDS = ("n_experts", "n_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
@@ -87,6 +106,11 @@ class ModelSpec(_SpecCommon):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     sliding_window: int | None = None  # the checkpoint's attention window (max_position is capped at it)
+    partial_rotary_factor: float = 1.0  # phi3: RoPE rotates the first int(head_dim * factor) dims of each head
+    # gemma2: scores scaled by query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5), soft caps (None: off)
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     # mixture of experts (mixtral, qwen2_moe, qwen3_moe); n_experts 0 for the dense architectures
     n_experts: int = 0
     n_experts_per_tok: int = 0
@@ -121,6 +145,28 @@ class ModelSpec(_SpecCommon):
                 if key not in (self.rope_scaling or {}):
                     raise ModelError(f"model config: llama3 rope_scaling is missing {key!r}")
         object.__setattr__(self, "mlp_only_layers", tuple(int(x) for x in self.mlp_only_layers))
+        if self.partial_rotary_factor != 1.0:
+            if self.architecture != "phi3":
+                raise ModelError(f"model config: partial_rotary_factor is only supported for phi3, got "
+                                 f"{self.partial_rotary_factor} for {self.architecture}")
+            rot = self.rotary_dim
+            if not 0 < self.partial_rotary_factor <= 1 or rot <= 0 or rot % 2:
+                raise ModelError(f"model config: partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] "
+                                 f"and rotate an even number of dims (head_dim {self.head_dim} gives {rot})")
+        if self.architecture == "phi3" and (self.rope_type != "default" or self.attention_bias):
+            raise ModelError("model config: phi3 has no projection biases and supports only 'default' RoPE "
+                             f"(got rope_scaling type {self.rope_type!r}, attention_bias {self.attention_bias})")
+        if self.architecture == "gemma" and self.sliding_window is not None:
+            raise ModelError("model config: gemma has no sliding attention window (sliding_window must be null)")
+        for name in _GEMMA2_FIELDS:
+            value = getattr(self, name)
+            if value is not None and self.architecture != "gemma2":
+                raise ModelError(f"model config: {name} is only supported for gemma2, got {value} for "
+                                 f"{self.architecture}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ModelError(f"model config: {name} must be a positive number or null, got {value!r}")
+        if self.architecture == "gemma2" and self.query_pre_attn_scalar is None:
+            raise ModelError("model config: gemma2 needs query_pre_attn_scalar")
         if self.architecture in MOE_ARCHS:
             self._check_moe()
         elif self.n_experts:
@@ -161,9 +207,31 @@ class ModelSpec(_SpecCommon):
 
     @property
     def o_bias(self) -> bool:
-        """Whether ``o_proj`` has a bias: transformers' Llama, Qwen3 and Qwen3-MoE give it one with
+        """Whether ``o_proj`` has a bias: transformers' Llama, Qwen3, Qwen3-MoE and Gemma give it one with
         ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do."""
-        return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe")
+        return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that RoPE rotates: ``int(head_dim * partial_rotary_factor)``."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def gemma_style(self) -> bool:
+        """Gemma and Gemma 2: RMSNorm by ``1 + weight`` (in fp32), embeddings scaled by ``sqrt(hidden_size)``,
+        GeGLU (tanh GELU)."""
+        return self.architecture in ("gemma", "gemma2")
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Gemma 2: ``post_attention_layernorm`` on the attention output, ``pre_/post_feedforward_layernorm``
+        around the MLP (Llama's ``post_attention_layernorm`` is the MLP's input norm)."""
+        return self.architecture == "gemma2"
+
+    @property
+    def attn_scale(self) -> float:
+        """The attention score scale: ``query_pre_attn_scalar ** -0.5`` (Gemma 2), else ``head_dim ** -0.5``."""
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def is_moe(self) -> bool:
@@ -187,6 +255,11 @@ class ModelSpec(_SpecCommon):
         d.pop("weights_id")
         if not self.n_experts:  # dense: the dict (and so the block-key namespace) is as before MoE support
             for key in _MOE_FIELDS:
+                d.pop(key)
+        if self.partial_rotary_factor == 1.0:  # likewise as before Phi-3 support
+            d.pop("partial_rotary_factor")
+        for key in _GEMMA2_FIELDS:  # and Gemma 2 support
+            if d[key] is None:
                 d.pop(key)
         else:
             d["mlp_only_layers"] = list(self.mlp_only_layers)
@@ -218,8 +291,21 @@ class ModelSpec(_SpecCommon):
             "hidden_act": "silu",
             "torch_dtype": self.dtype,
         }
-        if self.architecture in ("llama", "qwen3", "qwen3_moe"):
+        if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2"):
             cfg["attention_bias"] = self.attention_bias
+        if self.architecture == "gemma2":
+            cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                       query_pre_attn_scalar=self.query_pre_attn_scalar,
+                       attn_logit_softcapping=self.attn_logit_softcapping,
+                       final_logit_softcapping=self.final_logit_softcapping, sliding_window=self.sliding_window)
+            if self.sliding_window is None:  # every layer full (the default alternates sliding ones); transformers
+                # builds the sliding mask regardless, so it still needs a window
+                cfg.update(layer_types=["full_attention"] * self.n_layers, sliding_window=self.max_position)
+        if self.architecture == "gemma":  # hidden_act for transformers 5, hidden_activation for 4.x
+            cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
+        if self.architecture == "phi3":
+            # Phi3Config's default pad_token_id (32000) is the padding_idx of its embedding: out of a smaller vocab
+            cfg.update(partial_rotary_factor=self.partial_rotary_factor, pad_token_id=None)
         if self.architecture == "llama":
             cfg["mlp_bias"] = False
         if self.architecture == "qwen2_moe":
@@ -234,7 +320,7 @@ class ModelSpec(_SpecCommon):
             if self.architecture == "qwen2_moe":
                 cfg["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
         if self.sliding_window is not None:
-            if self.architecture in ("llama", "mixtral"):
+            if self.architecture in ("llama", "mixtral", "phi3", "gemma2"):
                 cfg["sliding_window"] = self.sliding_window
             else:
                 cfg.update(use_sliding_window=True, sliding_window=self.sliding_window, max_window_layers=0)
@@ -257,13 +343,13 @@ class ModelSpec(_SpecCommon):
             if a in ARCHITECTURES:
                 arch = ARCHITECTURES[a]
                 break
-        if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", *MOE_ARCHS):
+        if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", *MOE_ARCHS):
             arch = "llama" if model_type == "mistral" else str(model_type)
         if arch is None:
             raise ModelError(
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
-                "mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3)"
+                "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, deepseek_v2, deepseek_v3)"
             )
 
         def need(key: str) -> Any:
@@ -271,20 +357,35 @@ class ModelSpec(_SpecCommon):
                 raise ModelError(f"{where}: missing required key {key!r}")
             return cfg[key]
 
-        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        if arch == "gemma":
+            _check_gemma(cfg, where)
+        elif arch == "gemma2":
+            _check_gemma2(cfg, where)
+        elif cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
         if cfg.get("mlp_bias"):
             raise ModelError(f"{where}: mlp_bias=true is unsupported")
         window: int | None = None
-        if cfg.get("use_sliding_window") or (arch in ("llama", "mixtral") and cfg.get("sliding_window")):
+        if arch == "gemma":  # GemmaModel masks causally only: no window key applies
+            pass
+        elif arch == "gemma2":
+            window = _gemma2_window(cfg, where)
+        elif cfg.get("use_sliding_window") or (arch in ("llama", "mixtral", "phi3") and cfg.get("sliding_window")):
             window = cfg.get("sliding_window")
             if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
                 raise ModelError(f"{where}: sliding_window must be a positive integer, got {window!r}")
         hidden = int(need("hidden_size"))
         n_heads = int(need("num_attention_heads"))
-        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+        n_kv = int(cfg.get("num_key_value_heads") or _KV_HEADS.get(arch, n_heads))  # Gemma(2)Config's defaults
         head_dim = int(cfg.get("head_dim") or 0) or hidden // n_heads
+        if arch in ("gemma", "gemma2"):  # Gemma(2)Config's head_dim defaults to 256, not hidden / heads
+            head_dim = cfg.get("head_dim", 256)
+            if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
+                raise ModelError(f"{where}: head_dim must be a positive integer, got {head_dim!r}")
         rope_theta, rope_scaling = parse_rope(cfg, where)
+        partial = 1.0
+        if arch == "phi3":
+            partial = _phi3_rope(cfg, where, rope_scaling)
         if dtype is None:
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
@@ -293,7 +394,7 @@ class ModelSpec(_SpecCommon):
         bias = bool(cfg.get("attention_bias", default_bias)) or default_bias
         if arch == "qwen2_moe":  # Qwen2-MoE names its q/k/v bias qkv_bias (on unless the config says otherwise)
             bias = bool(cfg.get("qkv_bias", True))
-        elif arch == "mixtral":  # Mixtral's projections have no biases
+        elif arch in ("mixtral", "phi3"):  # Mixtral's and Phi-3's projections have no biases
             bias = False
         moe = _moe_fields(arch, cfg, where, need)
         return cls(
@@ -305,18 +406,98 @@ class ModelSpec(_SpecCommon):
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch == "phi3" else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position=min(int(cfg.get("max_position_embeddings", 2048)), window or (1 << 62)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position=min(int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
+                             window or (1 << 62)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma", "gemma2"))),
             attention_bias=bias,
             dtype=dtype,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             sliding_window=window,
+            partial_rotary_factor=partial,
             **moe,
+            **_gemma2_fields(arch, cfg),
         )
+
+
+_MAX_POSITION = {"phi3": 4096, "gemma": 8192, "gemma2": 8192}  # config classes' defaults that differ from Llama's
+_KV_HEADS = {"gemma": 16, "gemma2": 4}
+#: Gemma2Config's defaults (a key present as null turns a soft cap off)
+_GEMMA2_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+
+
+def _gemma2_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    if arch != "gemma2":
+        return {}
+    return {key: cfg.get(key, default) for key, default in _GEMMA2_DEFAULTS.items()}
+
+
+def _check_gemma2(cfg: dict[str, Any], where: str) -> None:
+    """Gemma 2's activation is ``hidden_activation`` (transformers 5 ignores ``hidden_act`` for it)."""
+    act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ModelError(f"{where}: hidden_activation {act!r} unsupported for gemma2 (GeGLU needs 'gelu_pytorch_tanh')")
+    if cfg.get("use_bidirectional_attention"):
+        raise ModelError(f"{where}: use_bidirectional_attention=true is unsupported (a decoder attends causally)")
+
+
+def _gemma2_window(cfg: dict[str, Any], where: str) -> int | None:
+    """The window of Gemma 2's ``sliding_attention`` layers (``layer_types``; by default every other layer from
+    the first), or None when no layer slides."""
+    n_layers = cfg.get("num_hidden_layers")
+    types = cfg.get("layer_types")
+    if types is None:
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(int(n_layers or 0))]
+    if (not isinstance(types, list) or len(types) != n_layers
+            or any(t not in ("sliding_attention", "full_attention") for t in types)):
+        raise ModelError(f"{where}: layer_types must list 'sliding_attention' / 'full_attention' for each of the "
+                         f"{n_layers} layers, got {types!r}")
+    window = cfg.get("sliding_window", 4096)
+    if "sliding_attention" not in types:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise ModelError(f"{where}: sliding_window must be a positive integer, got {window!r}")
+    return window
+
+
+def _check_gemma(cfg: dict[str, Any], where: str) -> None:
+    """Gemma's activation as transformers 5 picks it: ``hidden_act`` (default ``gelu_pytorch_tanh``; the legacy
+    ``gelu`` of the original releases means the tanh approximation). transformers 4 read ``hidden_activation``
+    instead: a config where the two disagree is refused rather than guessed."""
+    act = cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act == "gelu":
+        act = "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported for gemma (GeGLU needs "
+                         "'gelu_pytorch_tanh')")
+    other = cfg.get("hidden_activation")
+    if other is not None and other != act:
+        raise ModelError(f"{where}: hidden_activation {other!r} disagrees with hidden_act {cfg.get('hidden_act')!r} "
+                         "(transformers 5 runs hidden_act, 4.x ran hidden_activation)")
+    if cfg.get("use_bidirectional_attention"):
+        raise ModelError(f"{where}: use_bidirectional_attention=true is unsupported (a decoder attends causally)")
+
+
+def _phi3_rope(cfg: dict[str, Any], where: str, rope_scaling: dict[str, Any] | None) -> float:
+    """Phi-3's ``partial_rotary_factor`` where transformers' Phi3Config finds it: in the RoPE parameters
+    (``rope_scaling`` when set, else ``rope_parameters``), else at the top level. Only ``default`` RoPE: Phi3Config
+    maps ``su`` and ``yarn`` to ``longrope``, whose short/long factors switch by sequence length (refused)."""
+    if rope_scaling is not None:
+        key = "rope_scaling" if isinstance(cfg.get("rope_scaling"), dict) else "rope_parameters"
+        raise ModelError(f"{where}: {key} type {rope_scaling.get('rope_type')!r} unsupported for phi3 (only "
+                         "'default'; longrope/su switch between short and long factors by sequence length)")
+    partial: Any = cfg.get("partial_rotary_factor", 1.0)
+    for key in ("rope_scaling", "rope_parameters"):
+        params = cfg.get(key)
+        if isinstance(params, dict) and params:
+            partial = params.get("partial_rotary_factor", partial)
+            break
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)):
+        raise ModelError(f"{where}: partial_rotary_factor must be a number, got {partial!r}")
+    return float(partial)
 
 
 def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[str, Any]:
@@ -718,8 +899,8 @@ class DeepseekV3Spec(_SpecCommon):
 
 
 def rope_inv_freq(spec: ModelSpec) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies ``[head_dim // 2]`` (fp32) and the cos/sin scale for ``spec``'s RoPE variant."""
-    return rope_frequencies(spec.head_dim, spec.rope_theta, spec.rope_scaling, spec.max_position)
+    """Inverse frequencies ``[rotary_dim // 2]`` (fp32) and the cos/sin scale for ``spec``'s RoPE variant."""
+    return rope_frequencies(spec.rotary_dim, spec.rope_theta, spec.rope_scaling, spec.max_position)
 
 
 def rope_frequencies(dim: int, base: float, rope_scaling: dict[str, Any] | None,

@@ -34,7 +34,9 @@ CONFIGS = {
 }
 
 
-def _hf_checkpoint(name: str, directory, seed: int = 0):
+def _hf_checkpoint(name: str, directory, seed: int = 0, decisive: bool = False):
+    """``decisive``: router correction biases 1.0 apart (sigmoid scores lie in (0, 1)), so the same experts win on
+    every token and no near-tie can flip between two bf16 implementations; the gate weights stay data-dependent."""
     torch.manual_seed(seed)
     hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**CONFIGS[name])).eval()
     with torch.no_grad():  # HF inits small weights, zero router bias, unit norms: widen them so all matter
@@ -47,26 +49,29 @@ def _hf_checkpoint(name: str, directory, seed: int = 0):
                 p.mul_(6.0)
         for n, b in hf.named_buffers():
             if n.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn_like(b))
+                b.copy_(torch.randperm(b.numel()).to(b.dtype) if decisive else 0.1 * torch.randn_like(b))
     hf.save_pretrained(directory, max_shard_size="100KB")  # sharded, straight from transformers
     return hf
 
 
 # Weight seeds. Under bf16 an MoE router can flip between two near-tied experts; it does so on *both* sides
-# (transformers' bf16 and ours stray equally from the fp32 logits then), so a bf16 comparison needs weights with
-# no near-tie on the tested tokens. These seeds have none; fp32 agrees for any seed.
+# (transformers' bf16 and ours stray equally from the fp32 logits then), and where a near-tie falls depends on the
+# CPU's bf16 arithmetic (a seed without one on an AVX2 machine had one on an AVX512-BF16 machine). So the bf16
+# comparison runs on "decisive" checkpoints (see _hf_checkpoint) and data-dependent routing is checked in fp32,
+# which agrees for any seed.
 SEEDS = {"q-lora": 0, "no-q-lora": 1}
 
 
 _DIRS: dict[str, object] = {}
 
 
-def _ckpt_dir(name: str, factory):
-    if name not in _DIRS:
-        d = factory.mktemp(name)
-        _hf_checkpoint(name, d, SEEDS[name])
-        _DIRS[name] = d
-    return _DIRS[name]
+def _ckpt_dir(name: str, factory, decisive: bool = False):
+    key = f"{name}-decisive" if decisive else name
+    if key not in _DIRS:
+        d = factory.mktemp(key)
+        _hf_checkpoint(name, d, SEEDS[name], decisive=decisive)
+        _DIRS[key] = d
+    return _DIRS[key]
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -89,19 +94,23 @@ def _turns(seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
 
 
-def _run(ckpt_dir, dtype: str, backend: str = "torch", gen_per_turn: int = 8, block_tokens: int = 4):
+def _run(ckpt_dir, dtype: str, backend: str = "torch", gen_per_turn: int = 8, block_tokens: int = 4,
+         teacher: bool = False):
     """Three turns: each prefills its new user tokens over the paged prefix, then decodes greedily. Returns our
-    and transformers' logits at every step and both greedy id streams (transformers fed its own ids)."""
+    and transformers' logits at every step and both greedy id streams (transformers fed its own ids; with
+    ``teacher`` both are fed transformers' ids)."""
     ours, _ = load_model(LlamaModelConfig(path=str(ckpt_dir), dtype=dtype, attention_backend=backend),
                          with_tokenizer=False)
     tdt = getattr(torch, dtype)
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(ckpt_dir), dtype=tdt).eval()
-    return paged_turns(ours, hf, _turns(), gen_per_turn, block_tokens)
+    return paged_turns(ours, hf, _turns(), gen_per_turn, block_tokens, teacher=teacher)
 
 
-def paged_turns(ours, hf, turns: list[list[int]], gen_per_turn: int, block_tokens: int):
+def paged_turns(ours, hf, turns: list[list[int]], gen_per_turn: int, block_tokens: int, *, teacher: bool = False):
     """Each of ``turns`` prefills its user tokens over the paged (latent) prefix, then decodes greedily. Returns
     our and transformers' (its own DynamicCache, fed its own ids) logits at every step and both id streams.
+    ``teacher``: we are fed transformers' ids too (a near-tie between two tokens, which bf16 rounding may break
+    either way, then cannot make the two runs compare different texts).
     (Also used for the Llama-path MoE families: their KV spec comes from ``ours.spec``.)"""
     kv_spec = ours.kv_spec if hasattr(ours, "kv_spec") else ours.spec.kv_spec()
     pool = KVPool(kv_spec, num_blocks=48, block_tokens=block_tokens)
@@ -121,7 +130,7 @@ def paged_turns(ours, hf, turns: list[list[int]], gen_per_turn: int, block_token
             if step < gen_per_turn:
                 ours_ids.append(int(lo.argmax()))
                 ref_ids.append(int(ro.argmax()))
-                chunk, ref_chunk = [ours_ids[-1]], [ref_ids[-1]]
+                chunk, ref_chunk = [ref_ids[-1] if teacher else ours_ids[-1]], [ref_ids[-1]]
             # the last step fed the last generated token, so the next turn starts with its user tokens
     return torch.stack(ours_logits), torch.stack(ref_logits), ours_ids, ref_ids
 
@@ -134,14 +143,20 @@ def test_fp32_multi_turn_logits_and_greedy(ckpt):
     assert len(ids) >= 20 and ids == ref_ids
 
 
-def test_bf16_multi_turn_logits_and_greedy(ckpt):
-    """bf16 on both sides: logits within 6% of the logit range at every step, greedy ids equal (fixed seeds: an
-    MoE router can flip on a near-tie between experts under bf16 rounding, on either side)."""
-    name, d = ckpt
-    ours, ref, ids, ref_ids = _run(d, "bfloat16")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bf16_multi_turn_logits_and_greedy(name, tmp_path_factory):
+    """bf16 on both sides: logits within 6% of the logit range at every step, greedy ids equal (on decisive
+    checkpoints: an MoE router can flip on a near-tie between experts under bf16 rounding, on either side)."""
+    d = _ckpt_dir(name, tmp_path_factory, decisive=True)
+    ours, ref, ids, ref_ids = _run(d, "bfloat16", teacher=True)
     tol = 0.06 * float(ref.abs().max())
     assert float((ours - ref).abs().max()) < tol
-    assert len(ids) >= 20 and ids == ref_ids
+    # greedy: our pick is transformers' pick, or a token transformers itself scores within bf16 noise of it
+    # (a near-tie that rounding breaks either way; found on an AVX512-BF16 CPU, not on an AVX2 one)
+    gen = [i for i in range(len(ref)) if (i % 9) != 8]  # the steps whose pick was generated (not a turn's last)
+    picks = [(ids[k], ref_ids[k], float(ref[i, ids[k]]), float(ref[i].max())) for k, i in enumerate(gen)]
+    assert len(ids) >= 20 and all(a == b or top - got < 0.02 * top for a, b, got, top in picks), picks
+    assert sum(a == b for a, b, _, _ in picks) >= len(picks) - 2
 
 
 def test_spec_reads_the_checkpoint(ckpt):

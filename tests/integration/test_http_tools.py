@@ -225,3 +225,72 @@ async def test_llama3_json_calls(tokenizer):
         assert _calls(r.choices[0].message.tool_calls) == [("get_weather", {"city": "Rome"})]
 
     await _with_server(backend, body, HttpConfig(port=0, tool_parser="llama3_json"))
+
+
+RESP_TOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"].get("description"),
+               "parameters": t["function"]["parameters"], "strict": False} for t in TOOLS]
+
+
+@pytest.mark.anyio
+async def test_responses_api_function_calls_whole_streamed_and_resent(tokenizer):
+    backend = ScriptedBackend(tokenizer, CALL_TEXT)
+
+    async def body(client: Any) -> None:
+        r = await client.responses.create(model="scripted", input="What is the weather in Paris?",
+                                          tools=RESP_TOOLS, max_output_tokens=200)
+        assert r.status == "completed" and [o.type for o in r.output] == ["message", "function_call",
+                                                                         "function_call"]
+        assert r.output_text == "I will look it up.\n"
+        calls = [(o.name, json.loads(o.arguments)) for o in r.output if o.type == "function_call"]
+        assert calls == WANT and all(o.call_id.startswith("call_") for o in r.output[1:])
+        assert [t.name for t in r.tools] == ["get_weather", "search"]
+
+        events = []
+        stream = await client.responses.create(model="scripted", input="What is the weather in Paris?",
+                                               tools=RESP_TOOLS, max_output_tokens=200, stream=True)
+        async for ev in stream:
+            events.append(ev)
+        kinds = [e.type for e in events]
+        assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "I will look it up.\n"
+        added = [e.item for e in events if e.type == "response.output_item.added"]
+        assert [a.type for a in added] == ["message", "function_call", "function_call"]
+        done_args = [(e.output_index, json.loads(e.arguments)) for e in events
+                     if e.type == "response.function_call_arguments.done"]
+        assert done_args == [(1, WANT[0][1]), (2, WANT[1][1])]
+        final = events[-1].response
+        assert [(o.name, json.loads(o.arguments)) for o in final.output if o.type == "function_call"] == WANT
+
+        # the agent runs the tools and sends the outputs with previous_response_id: the calls and outputs are
+        # in the next prompt
+        outputs = [{"type": "function_call_output", "call_id": o.call_id, "output": f"result {i}"}
+                   for i, o in enumerate(o for o in r.output if o.type == "function_call")]
+        r2 = await client.responses.create(model="scripted", previous_response_id=r.id, input=outputs,
+                                           tools=RESP_TOOLS, max_output_tokens=200)
+        assert r2.status == "completed"
+        # the same conversation sent whole (no server-kept state): the same prompt
+        whole = [{"role": "user", "content": "What is the weather in Paris?"},
+                 {"type": "message", "role": "assistant", "content": [{"type": "output_text",
+                                                                       "text": "I will look it up.\n"}]},
+                 *[{"type": "function_call", "call_id": o.call_id, "name": o.name, "arguments": o.arguments}
+                   for o in r.output if o.type == "function_call"], *outputs]
+        r3 = await client.responses.create(model="scripted", input=whole, tools=RESP_TOOLS, max_output_tokens=200,
+                                           store=False)
+        assert r3.usage.input_tokens == r2.usage.input_tokens
+        for bad, param in (([{"type": "web_search"}], "tools[0].type"),
+                           ([{"type": "function", "name": "has space"}], "tools[0]")):
+            with pytest.raises(openai.BadRequestError) as e:
+                await client.responses.create(model="scripted", input="hi", tools=bad)
+            assert e.value.body["param"] == param
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.responses.create(model="scripted", input="hi", tools=RESP_TOOLS, tool_choice="required")
+        assert e.value.body["param"] == "tool_choice"
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.responses.create(model="scripted", input=[{"type": "function_call", "call_id": "c"}])
+        assert e.value.body["param"] == "input[0]"
+
+    await _with_server(backend, body)
+    second = tokenizer.decode(backend.prompts[2])
+    assert second.count("<tool_call>") >= 3 and "result 0" in second and "result 1" in second  # (+ system text)
+    assert backend.prompts[3] == backend.prompts[2]

@@ -43,6 +43,7 @@ from dualpath.http.schemas import (
 from dualpath.http.tools import (
     ToolCall,
     ToolCallReader,
+    ToolDef,
     parser_for,
     template_takes_tools,
     tool_dicts,
@@ -225,17 +226,28 @@ class Server:
                 raise ApiError(400, "continue_final_message: the final assistant message is empty (nothing to "
                                     "continue; send add_generation_prompt: true instead)",
                                param="continue_final_message")
-        messages = [m.template_dict() for m in req.messages]
-        tools = req.active_tools()
-        native: list[dict[str, Any]] | None = None
-        if tools:  # the template renders them, or they go into the system message (dualpath.http.tools)
-            if template_takes_tools(getattr(self.backend.tokenizer, "chat_template", None)):
-                native = tool_dicts(tools)
-            else:
-                messages = with_tools_in_text(messages, tools)
+        messages, native = self.tool_prompt([m.template_dict() for m in req.messages], req.active_tools())
         return self.render_chat(messages, "messages", add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message,
                                 template_kwargs=req.chat_template_kwargs, tools=native)
+
+    def tool_prompt(self, messages: list[dict[str, Any]],
+                    tools: list[ToolDef]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """``messages`` and the ``tools`` argument of the chat template for a request with ``tools``: a template
+        that renders tools gets them; for one that does not they go into the system message
+        (:mod:`dualpath.http.tools`)."""
+        if not tools:
+            return messages, None
+        if template_takes_tools(getattr(self.backend.tokenizer, "chat_template", None)):
+            return messages, tool_dicts(tools)
+        return with_tools_in_text(messages, tools), None
+
+    def tool_reader(self, tools: list[ToolDef]) -> ToolCallReader | None:
+        """What reads the calls out of the answer to a request with ``tools`` (None without)."""
+        if not tools:
+            return None
+        template = getattr(self.backend.tokenizer, "chat_template", None)
+        return ToolCallReader(parser_for(self.config.tool_parser, template), [t.function.name for t in tools])
 
     def render_chat(self, messages: list[dict[str, Any]], param: str, *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
@@ -465,10 +477,7 @@ async def _serve(server: Server, request: Request, kind: str, req: ChatCompletio
         raise ApiError(400, f"min_tokens: must be at most the max tokens ({limit}); got {req.min_tokens}",
                        param="min_tokens")
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []
-    reader = ToolCallReader(parser_for(server.config.tool_parser,
-                                       getattr(server.backend.tokenizer, "chat_template", None)),
-                            [t.function.name for t in tools]) if tools else None
+    reader = server.tool_reader(req.active_tools() if isinstance(req, ChatCompletionRequest) else [])
 
     def stream(job: Job, detok: Detokenizer, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
         return _stream(server, job, detok, first, rid, kind, req, ids, t_first, reader)

@@ -7,8 +7,15 @@ template, and its reused prefix is a storage hit.
 
 * ``input``: a string (one user message) or a list of message items (``{"role", "content"}``, optionally
   ``"type": "message"``; content a string or ``input_text``/``output_text`` parts). ``instructions`` becomes a
-  system message of this response only (as OpenAI does: it is not carried to the next turn). Items of other
-  types (function calls and outputs, reasoning, images, files) and ``tools`` get a 400 naming the field.
+  system message of this response only (as OpenAI does: it is not carried to the next turn). ``function_call``
+  and ``function_call_output`` items (an agent resending a call and its result) become an assistant message
+  with ``tool_calls`` and a ``tool`` message. Items of other types (reasoning, images, files) get a 400 naming
+  the field.
+* ``tools``: function tools (``{"type": "function", "name", "description", "parameters", "strict"}``) with
+  ``tool_choice`` ``auto`` or ``none``, handled as on ``/v1/chat/completions`` (:mod:`dualpath.http.tools`:
+  the definitions reach the prompt, calls are read back from the text); each call is a ``function_call``
+  output item (``call_id``, ``name``, ``arguments``) after the message item (present when there is text).
+  Other tool types (web search, file search, ...) and ``tool_choice`` ``required`` or named get a 400.
 * ``previous_response_id``: a stored response (``store``, default true) whose conversation (its inputs, without
   its instructions, and its output) comes before ``input``. An unknown id is a 400
   ``previous_response_not_found``. The store keeps the last ``http.responses_store_max`` responses of this
@@ -20,7 +27,10 @@ template, and its reused prefix is a storage hit.
   ``response.in_progress``, ``response.output_item.added``, ``response.content_part.added``, one
   ``response.output_text.delta`` per decode step, ``response.output_text.done``, ``response.content_part.done``,
   ``response.output_item.done``, then ``response.completed`` (or ``response.incomplete``); an error after the
-  stream began is a ``response.failed`` event. Each event carries ``sequence_number``.
+  stream began is a ``response.failed`` event. Each event carries ``sequence_number``. With tools the message
+  item opens with its first text, and each call is ``response.output_item.added`` (a ``function_call`` item),
+  ``response.function_call_arguments.delta`` (the whole arguments), ``response.function_call_arguments.done``,
+  ``response.output_item.done``.
 
 ``usage`` has ``input_tokens``, ``input_tokens_details.cached_tokens`` (the storage hit), ``output_tokens`` and
 ``total_tokens``; the response carries ``x-dualpath-read-path`` as the other endpoints do.
@@ -40,6 +50,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from dualpath.http.backend import GenRequest, GenResult, Job
+from dualpath.http.tools import FunctionDef, ToolCall, ToolCallReader, ToolDef
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -55,6 +66,17 @@ class InputItem(BaseModel):
     type: str | None = None
     role: Literal["user", "assistant", "system", "developer"] | None = None
     content: str | list[InputPart] | None = None
+    # function_call / function_call_output items
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[InputPart] | None = None
+
+
+class FunctionTool(FunctionDef):
+    """A Responses API function tool: the function's fields at the top level."""
+
+    type: Literal["function"]
 
 
 class ResponsesRequest(BaseModel):
@@ -72,7 +94,7 @@ class ResponsesRequest(BaseModel):
     store: bool | None = True
     metadata: dict[str, Any] | None = None
     user: str | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # function tools are read by function_tools()
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     text: dict[str, Any] | None = None
@@ -94,10 +116,17 @@ class ResponsesRequest(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """``(field, message)`` of the first value this server cannot honour, or None."""
-        if self.tools:
-            return "tools", "tools: tool calling is not supported"
+        for i, t in enumerate(self.tools or []):
+            if t.get("type") != "function":
+                return f"tools[{i}].type", (f"tools[{i}]: only function tools are supported (got type "
+                                            f"{t.get('type')!r})")
+            try:
+                FunctionTool.model_validate(t)
+            except ValueError as exc:
+                return f"tools[{i}]", f"tools[{i}]: not a valid function tool: {str(exc).splitlines()[-1].strip()}"
         if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice", "tool_choice: tool calling is not supported (only 'none' or 'auto' without tools)"
+            return "tool_choice", (f"tool_choice: only 'auto' or 'none' (got {self.tool_choice!r}): 'required' and a "
+                                   "named function need constrained decoding, which this server does not do")
         fmt = (self.text or {}).get("format") or {}
         if fmt.get("type", "text") != "text":
             return "text.format", f"text.format: only type 'text' is supported (got {fmt.get('type')!r})"
@@ -109,9 +138,17 @@ class ResponsesRequest(BaseModel):
             return "truncation", "truncation: only 'disabled' is supported (a prompt that does not fit is an error)"
         if isinstance(self.input, list):
             for i, item in enumerate(self.input):
+                if item.type == "function_call":
+                    if not item.call_id or not item.name or item.arguments is None:
+                        return f"input[{i}]", f"input[{i}]: a function_call item needs call_id, name and arguments"
+                    continue
+                if item.type == "function_call_output":
+                    if not item.call_id or item.output is None:
+                        return f"input[{i}]", f"input[{i}]: a function_call_output item needs call_id and output"
+                    continue
                 if item.type not in (None, "message"):
                     return f"input[{i}].type", f"input[{i}]: items of type {item.type!r} are not supported " \
-                                               "(only messages)"
+                                               "(only messages, function_call and function_call_output)"
                 if item.role is None:
                     return f"input[{i}].role", f"input[{i}]: a message needs a role"
                 if isinstance(item.content, list):
@@ -121,17 +158,39 @@ class ResponsesRequest(BaseModel):
                                     f"input[{i}].content[{j}]: only text parts are supported (got {part.type!r})")
         return None
 
-    def messages(self) -> list[dict[str, str]]:
-        """This request's input as chat messages (``developer`` as ``system``), without ``instructions``."""
+    def function_tools(self) -> list[ToolDef]:
+        """The function tools the model may call (none with ``tool_choice: "none"``), as chat-completions tools."""
+        if self.tool_choice == "none":
+            return []
+        return [ToolDef(type="function", function=FunctionDef.model_validate(
+            {k: v for k, v in t.items() if k != "type"})) for t in self.tools or []]
+
+    def messages(self) -> list[dict[str, Any]]:
+        """This request's input as chat messages (``developer`` as ``system``), without ``instructions``:
+        ``function_call`` items are the ``tool_calls`` of the assistant message just before them (or of one of
+        their own), a ``function_call_output`` is a ``tool`` message."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
-        out = []
+        out: list[dict[str, Any]] = []
         for item in self.input:
-            c = item.content
-            text = c if isinstance(c, str) else "".join(p.text or "" for p in c) if c else ""
+            if item.type == "function_call":
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if out and out[-1]["role"] == "assistant":  # the calls of the answer just before: one turn
+                    out[-1].setdefault("tool_calls", []).append(call)
+                else:
+                    out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                continue
+            if item.type == "function_call_output":
+                out.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
+                continue
             role = "system" if item.role == "developer" else str(item.role)
-            out.append({"role": role, "content": text})
+            out.append({"role": role, "content": _text(item.content)})
         return out
+
+
+def _text(c: str | list[InputPart] | None) -> str:
+    return c if isinstance(c, str) else "".join(p.text or "" for p in c) if c else ""
 
 
 class ResponseStore:
@@ -139,15 +198,15 @@ class ResponseStore:
 
     def __init__(self, max_items: int) -> None:
         self.max_items = max_items
-        self._items: OrderedDict[str, tuple[list[dict[str, str]], dict[str, Any]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = OrderedDict()
 
-    def get(self, rid: str) -> tuple[list[dict[str, str]], dict[str, Any]] | None:
+    def get(self, rid: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
         got = self._items.get(rid)
         if got is not None:
             self._items.move_to_end(rid)
         return got
 
-    def put(self, rid: str, conversation: list[dict[str, str]], body: dict[str, Any]) -> None:
+    def put(self, rid: str, conversation: list[dict[str, Any]], body: dict[str, Any]) -> None:
         if self.max_items <= 0:
             return
         self._items[rid] = (conversation, body)
@@ -173,7 +232,7 @@ def add_routes(app: FastAPI, server: Any) -> None:
         bad = body.unsupported()
         if bad is not None:
             raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
-        history: list[dict[str, str]] = []
+        history: list[dict[str, Any]] = []
         if body.previous_response_id is not None:
             prev = store.get(body.previous_response_id)
             if prev is None:
@@ -183,7 +242,9 @@ def add_routes(app: FastAPI, server: Any) -> None:
         conversation = history + body.messages()
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         server.admit()
-        ids = server.render_chat(system + conversation, "input", template_kwargs=body.chat_template_kwargs)
+        tools = body.function_tools()
+        messages, native = server.tool_prompt(system + conversation, tools)
+        ids = server.render_chat(messages, "input", template_kwargs=body.chat_template_kwargs, tools=native)
         limit = server.limit(len(ids), body.max_output_tokens, "max_output_tokens")
         return await _serve(server, store, request, body, conversation, ids, limit)
 
@@ -205,13 +266,22 @@ def add_routes(app: FastAPI, server: Any) -> None:
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
 
+def _call_item(call: ToolCall) -> dict[str, Any]:
+    return {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}", "call_id": call.id,
+            "name": call.name, "arguments": call.arguments, "status": "completed"}
+
+
 def _response(server: Any, rid: str, mid: str, created: int, body: ResponsesRequest, *, status: str,
-              text: str | None, usage: dict[str, Any] | None, error: dict[str, Any] | None = None) -> dict[str, Any]:
+              text: str | None, usage: dict[str, Any] | None, error: dict[str, Any] | None = None,
+              calls: list[ToolCall] | None = None) -> dict[str, Any]:
+    """The response object; its output is the message (``text``; left out when None, or empty beside calls)
+    and then one ``function_call`` item per call."""
     output = []
-    if text is not None:
+    if text is not None and (text or not calls):
         item_status = "completed" if status in ("completed", "incomplete") else "in_progress"
         output.append({"type": "message", "id": mid, "status": item_status, "role": "assistant",
                        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
+    output += [_call_item(c) for c in calls or []]
     return {
         "id": rid, "object": "response", "created_at": created, "status": status, "background": False,
         "error": error,
@@ -222,7 +292,7 @@ def _response(server: Any, rid: str, mid: str, created: int, body: ResponsesRequ
         "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
         "store": bool(body.store if body.store is not None else True),
         "temperature": body.temperature if body.temperature is not None else server.config.default_temperature,
-        "text": {"format": {"type": "text"}}, "tool_choice": body.tool_choice or "auto", "tools": [],
+        "text": {"format": {"type": "text"}}, "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
         "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": "disabled", "usage": usage,
         "user": body.user, "metadata": body.metadata or {},
     }
@@ -235,22 +305,36 @@ def _usage(ids: list[int], n_out: int, result: GenResult | None, job: Job) -> di
             "total_tokens": len(ids) + n_out}
 
 
+def _turn(text: str, calls: list[ToolCall]) -> dict[str, Any]:
+    """The answer as the conversation keeps it (the next turn's history)."""
+    msg: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        msg["tool_calls"] = [c.as_dict() for c in calls]
+    return msg
+
+
 async def _serve(server: Any, store: ResponseStore, request: Request, body: ResponsesRequest,
-                 conversation: list[dict[str, str]], ids: list[int], limit: int) -> Response:
+                 conversation: list[dict[str, Any]], ids: list[int], limit: int) -> Response:
     from dualpath.http.app import _observe, serve_job
 
     rid, mid, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
+    reader: ToolCallReader | None = server.tool_reader(body.function_tools())
 
     def stream(job: Job, detok: Any, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
-        return _events(server, store, job, detok, first, body, conversation, ids, rid, mid, created, t_first)
+        return _events(server, store, job, detok, first, body, conversation, ids, rid, mid, created, t_first,
+                       reader)
 
     def full(job: Job, detok: Any, result: GenResult | None, t_first: float, t_last: float) -> dict[str, Any]:
         detok.flush()
+        text, calls = detok.text, []
+        if reader is not None:
+            text = reader.feed(text)[0] + reader.finish()[0]
+            calls = reader.calls
         status = "incomplete" if detok.finish is None else "completed"
-        out = _response(server, rid, mid, created, body, status=status, text=detok.text,
-                        usage=_usage(ids, len(detok.ids), result, job))
+        out = _response(server, rid, mid, created, body, status=status, text=text,
+                        usage=_usage(ids, len(detok.ids), result, job), calls=calls)
         if body.store is not False:
-            store.put(rid, [*conversation, {"role": "assistant", "content": detok.text}], out)
+            store.put(rid, [*conversation, _turn(text, calls)], out)
         _observe(server, job, ids, detok, result, t_first, t_last)
         return out
 
@@ -259,9 +343,10 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
 
 
 async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first: tuple[str, Any],
-                  body: ResponsesRequest, conversation: list[dict[str, str]], ids: list[int], rid: str, mid: str,
-                  created: int, t_first: float) -> AsyncIterator[bytes]:
-    """The stream of a response (see the module docstring for the events and their order)."""
+                  body: ResponsesRequest, conversation: list[dict[str, Any]], ids: list[int], rid: str, mid: str,
+                  created: int, t_first: float, reader: ToolCallReader | None = None) -> AsyncIterator[bytes]:
+    """The stream of a response (see the module docstring for the events and their order). With tools
+    (``reader``) the message item opens with its first text and the calls follow it."""
     from dualpath.http.app import _map_error, _observe, coalesce
 
     m = server.metrics
@@ -277,23 +362,44 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
     result: GenResult | None = None
     t_last = t_first
     code = "200"
+    opened = False
+    text = ""  # the message's text (without the calls' text when tools are read)
+
+    def open_message() -> list[bytes]:
+        nonlocal opened
+        opened = True
+        return [event("response.output_item.added", output_index=0,
+                      item={"type": "message", "id": mid, "status": "in_progress", "role": "assistant",
+                            "content": []}),
+                event("response.content_part.added", **where,
+                      part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
+
+    def deltas(delta: str, final: bool = False) -> list[bytes]:
+        nonlocal text
+        if reader is not None:
+            delta = reader.feed(delta)[0] + (reader.finish()[0] if final else "")
+        if not delta:
+            return []
+        text += delta
+        return [*([] if opened else open_message()),
+                event("response.output_text.delta", **where, delta=delta, logprobs=[])]
+
     try:
         yield event("response.created", response=_response(server, rid, mid, created, body, status="in_progress",
                                                             text=None, usage=None))
         yield event("response.in_progress", response=_response(server, rid, mid, created, body,
                                                                 status="in_progress", text=None, usage=None))
-        yield event("response.output_item.added", output_index=0,
-                    item={"type": "message", "id": mid, "status": "in_progress", "role": "assistant", "content": []})
-        yield event("response.content_part.added", **where,
-                    part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        if reader is None:  # plain text: the message item opens at once
+            for e in open_message():
+                yield e
         ev = first
         while True:
             k, val = ev
             if k == "token":
                 delta, _ids, pending, _stop = coalesce(job, detok, val, False)  # (no stop strings here)
                 t_last = time.perf_counter()
-                if delta:
-                    yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
+                for e in deltas(delta):
+                    yield e
                 ev = pending if pending is not None else await job.queue.get()
                 continue
             if k == "done":
@@ -303,25 +409,37 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
                 break
             err = _map_error(val, server.config.retry_after_s)
             code = str(err.status)
-            failed = _response(server, rid, mid, created, body, status="failed", text=detok.text, usage=None,
+            failed = _response(server, rid, mid, created, body, status="failed", text=text, usage=None,
                                error={"code": err.code or "server_error", "message": err.message})
             yield event("response.failed", response=failed)
             return
-        tail = detok.flush()
-        if tail:
-            yield event("response.output_text.delta", **where, delta=tail, logprobs=[])
-        text = detok.text
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        yield event("response.output_text.done", **where, text=text, logprobs=[])
-        yield event("response.content_part.done", **where, part=part)
-        yield event("response.output_item.done", output_index=0,
-                    item={"type": "message", "id": mid, "status": "completed", "role": "assistant",
-                          "content": [part]})
+        for e in deltas(detok.flush(), final=True):
+            yield e
+        calls = reader.calls if reader is not None else []
+        if opened or not calls:
+            if not opened:  # an empty answer: still one (empty) message item
+                for e in open_message():
+                    yield e
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            yield event("response.output_text.done", **where, text=text, logprobs=[])
+            yield event("response.content_part.done", **where, part=part)
+            yield event("response.output_item.done", output_index=0,
+                        item={"type": "message", "id": mid, "status": "completed", "role": "assistant",
+                              "content": [part]})
+        for i, call in enumerate(calls, start=1 if opened else 0):
+            item = _call_item(call)
+            yield event("response.output_item.added", output_index=i, item={**item, "arguments": "",
+                                                                             "status": "in_progress"})
+            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                        delta=call.arguments)
+            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                        arguments=call.arguments)
+            yield event("response.output_item.done", output_index=i, item=item)
         status = "incomplete" if detok.finish is None else "completed"
         out = _response(server, rid, mid, created, body, status=status, text=text,
-                        usage=_usage(ids, len(detok.ids), result, job))
+                        usage=_usage(ids, len(detok.ids), result, job), calls=calls)
         if body.store is not False:
-            store.put(rid, [*conversation, {"role": "assistant", "content": text}], out)
+            store.put(rid, [*conversation, _turn(text, calls)], out)
         yield event(f"response.{status}", response=out)
         _observe(server, job, ids, detok, result, t_first, t_last)
     except BaseException:

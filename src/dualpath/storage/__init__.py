@@ -7,9 +7,9 @@ config, and by command-line tools that never touch a block) does not import torc
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from dualpath._lazy import lazy_names
 from dualpath.errors import StorageError
 
 if TYPE_CHECKING:
@@ -18,15 +18,7 @@ if TYPE_CHECKING:
     from dualpath.storage.base import BlockStatus, Storage, StorageStats
 
 __all__ = ["BlockStatus", "Storage", "StorageStats", "create_storage"]
-_LAZY = {"BlockStatus", "Storage", "StorageStats"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module("dualpath.storage.base"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dualpath.storage' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, dict.fromkeys(("BlockStatus", "Storage", "StorageStats"), "dualpath.storage.base"))
 
 
 def create_storage(config: Any, layout: KVLayout, namespace: KeyNamespace) -> Storage:

@@ -7,9 +7,9 @@ fault-injecting wrapper for tests). The contract is the docstring of :mod:`dualp
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from dualpath._lazy import lazy_names
 from dualpath.errors import ConfigError
 from dualpath.transports.config import (
     FaultsTransportConfig,
@@ -26,15 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["Region", "Transport", "TransportStats", "byte_view", "create_transport"]
 #: the contract's names, imported on first use (``dualpath.transports.config`` is read by every config and must
 #: not import torch)
-_LAZY = {"Region", "Transport", "TransportStats", "byte_view"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module("dualpath.transports.base"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dualpath.transports' has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, dict.fromkeys(("Region", "Transport", "TransportStats", "byte_view"),
+                                                 "dualpath.transports.base"))
 
 
 def _common(config: LoopbackTransportConfig | ZmqTransportConfig | NixlTransportConfig) -> dict[str, object]:

@@ -1,0 +1,70 @@
+"""Random checkpoints for the comparisons against transformers: its own model on random weights, widened so that
+every weight matters (transformers initialises small weights, zero biases and unit or zero norms), written by
+its own ``save_pretrained``; each family's checkpoint is built once per test session."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Checkpoints:
+    """``families``: name -> (config class name, model class name, config kwargs) in ``transformers``."""
+
+    def __init__(self, families: dict[str, tuple[str, str, dict[str, Any]]]) -> None:
+        self.families = families
+        self._dirs: dict[str, Any] = {}
+
+    def model(self, family: str, seed: int = 0) -> Any:
+        import transformers
+
+        cfg_cls, model_cls, kw = self.families[family]
+        torch.manual_seed(seed)
+        hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                if n.endswith("norm.weight") or n.endswith("bias"):
+                    p.add_(0.1 * torch.randn_like(p))
+                else:
+                    p.mul_(6.0)
+        return hf
+
+    def get(self, family: str, factory: Any) -> tuple[Any, Any]:
+        """``(directory, model)``: the family's checkpoint written by transformers' save_pretrained."""
+        if family not in self._dirs:
+            d = factory.mktemp(family)
+            hf = self.model(family)
+            hf.save_pretrained(d)
+            self._dirs[family] = (d, hf)
+        return self._dirs[family]
+
+
+def hf_logits(hf: Any, seq: list[int]) -> torch.Tensor:
+    """transformers' logits of a full recompute of ``seq`` (fp32)."""
+    with torch.no_grad():
+        return hf(torch.tensor([seq])).logits[0].float()
+
+
+def check_batched_against_hf(ours: Any, hf: Any, seqs: list[list[int]], cuts: tuple[int, int] = (9, 3)) -> None:
+    """Two sequences with different cached prefixes (``cuts``) in one prefill batch over paged KV (one block table
+    reversed), then two batched decode steps: every logit row equals transformers' full recompute."""
+    from dualpath.model import KVPool, SeqBatch
+
+    bt = 4
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=24, block_tokens=bt)
+    seqs = [list(s) for s in seqs]
+    tables = [pool.allocate(8)[::-1], pool.allocate(8)]
+    ours(SeqBatch.build([seqs[0][:cuts[0]], seqs[1][:cuts[1]]], [0, 0], tables, bt), pool.layers)
+    batch = SeqBatch.build([seqs[0][cuts[0]:], seqs[1][cuts[1]:]], list(cuts), tables, bt)
+    got = ours(batch, pool.layers, all_positions=True)
+    for b, cut in enumerate(cuts):
+        rows = got[int(batch.cu_seqlens_q[b]): int(batch.cu_seqlens_q[b + 1])]
+        torch.testing.assert_close(rows, hf_logits(hf, seqs[b])[cut:], atol=2e-4, rtol=1e-4)
+    for _ in range(2):
+        nxt = [int(hf_logits(hf, s)[-1].argmax()) for s in seqs]
+        dl = ours.decode_step(torch.tensor(nxt), torch.tensor([len(s) for s in seqs]),
+                              torch.tensor(tables, dtype=torch.int32), pool.layers)
+        for b in range(2):
+            seqs[b].append(nxt[b])
+            torch.testing.assert_close(dl[b], hf_logits(hf, seqs[b])[-1], atol=2e-4, rtol=1e-4)

@@ -13,11 +13,14 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dualpath.kv.layout import KVLayout
 from dualpath.types import BlockKey
+
+if TYPE_CHECKING:
+    from dualpath.kv.layout import KVLayout
 
 _KEY_VERSION = "dualpath-kv-v1"
 

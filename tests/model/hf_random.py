@@ -30,6 +30,17 @@ class Checkpoints:
                     p.mul_(6.0)
         return hf
 
+    def fixture(self) -> Any:
+        """A module-scoped pytest fixture over every family: ``(family, directory, model)``."""
+        import pytest
+
+        @pytest.fixture(scope="module", params=list(self.families))
+        def ckpt(request: Any, tmp_path_factory: Any) -> tuple[str, Any, Any]:
+            d, hf = self.get(request.param, tmp_path_factory)
+            return request.param, d, hf
+
+        return ckpt
+
     def get(self, family: str, factory: Any) -> tuple[Any, Any]:
         """``(directory, model)``: the family's checkpoint written by transformers' save_pretrained."""
         if family not in self._dirs:

@@ -43,12 +43,7 @@ SPARSE_LAYERS = {"mixtral": [True, True], "qwen2_moe": [True, False, True], "qwe
 _CKPTS = Checkpoints(FAMILIES)  # written in the hub's per-expert layout; widened, so routing matters
 _hf_model = _CKPTS.model
 _ckpt = _CKPTS.get
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def ckpt(request, tmp_path_factory):
-    d, hf = _ckpt(request.param, tmp_path_factory)
-    return request.param, d, hf
+ckpt = _CKPTS.fixture()  # (family, directory, transformers' model) for every family
 
 
 def _load(d, backend: Literal["auto", "torch", "triton"] = "torch"):

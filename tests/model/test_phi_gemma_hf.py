@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from hf_random import Checkpoints, check_batched_against_hf
+from hf_random import Checkpoints, check_batched_against_hf, hf_logits
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -53,12 +53,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 _CKPTS = Checkpoints(FAMILIES)  # (Gemma's zero-init norms are widened around 0 too)
 _hf_model = _CKPTS.model
 _ckpt = _CKPTS.get
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def ckpt(request, tmp_path_factory):
-    d, hf = _ckpt(request.param, tmp_path_factory)
-    return request.param, d, hf
+ckpt = _CKPTS.fixture()  # (family, directory, transformers' model) for every family
 
 
 def _load(d, backend: Literal["auto", "torch", "triton"] = "torch",
@@ -70,11 +65,6 @@ def _load(d, backend: Literal["auto", "torch", "triton"] = "torch",
 def _turns(seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
-
-
-def _ref(hf, seq: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([seq])).logits[0].float()
 
 
 def test_fp32_multi_turn_logits_and_greedy(ckpt):
@@ -124,11 +114,11 @@ def test_gemma_bf16_rounds_as_transformers(family, tmp_path_factory):
         for name in norms:
             assert torch.equal(ours.model.get_submodule(name)(x), hf.model.get_submodule(name)(x)), name
     got = ours(batch, pool.layers, all_positions=True)
-    ref = _ref(hf, seq)
+    ref = hf_logits(hf, seq)
     assert float((got - ref).abs().max()) < 0.02 * float(ref.abs().max())
     state.next_layer = ours.spec.n_layers  # embeddings straight to the head: final norm, lm_head, soft cap
     hf.config.num_hidden_layers = 0
-    assert torch.equal(ours.prefill_end(state, all_positions=True), _ref(hf, seq))
+    assert torch.equal(ours.prefill_end(state, all_positions=True), hf_logits(hf, seq))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -214,7 +204,7 @@ def test_our_save_pretrained_is_read_by_transformers(family, tmp_path):
     ids = _turns()[0]
     pool = KVPool(spec.kv_spec(), num_blocks=4, block_tokens=4)
     ours = model(SeqBatch.build([ids], [0], [pool.allocate(3)], 4), pool.layers, all_positions=True)
-    ref = _ref(hf, ids)
+    ref = hf_logits(hf, ids)
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
     back = _load(tmp_path)
@@ -237,7 +227,7 @@ def test_gemma2_with_only_full_layers_and_no_attention_cap(tmp_path):
     ids = list(range(3, 40))
     pool = KVPool(spec.kv_spec(), num_blocks=12, block_tokens=4)
     got = model(SeqBatch.build([ids], [0], [pool.allocate(10)], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, _ref(hf, ids), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, hf_logits(hf, ids), atol=1e-5, rtol=1e-4)
     assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
 
 
@@ -392,6 +382,6 @@ async def test_phi3_serves_through_the_cluster(tmp_path_factory):
     assert layer_bytes == 2 * 2 * 16 * 4  # fp32 K and V of 2 KV heads of 16 dims
     hit = (len(FIRST) + 6) // BT * BT
     assert r2.hit_tokens == hit and r2.link_bytes["pe0.cnic.in"] == hit * 2 * layer_bytes
-    logits = _ref(hf, (prompt + r2.token_ids)[:-1])
+    logits = hf_logits(hf, (prompt + r2.token_ids)[:-1])
     assert logits[len(prompt) - 1:].argmax(-1).tolist() == r2.token_ids
     assert logits[len(FIRST) - 1: len(FIRST) + 5].argmax(-1).tolist() == r1.token_ids

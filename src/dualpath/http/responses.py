@@ -246,7 +246,7 @@ def add_routes(app: FastAPI, server: Any) -> None:
         messages, native = server.tool_prompt(system + conversation, tools)
         ids = server.render_chat(messages, "input", template_kwargs=body.chat_template_kwargs, tools=native)
         limit = server.limit(len(ids), body.max_output_tokens, "max_output_tokens")
-        return await _serve(server, store, request, body, conversation, ids, limit)
+        return await _serve(server, store, request, body, conversation, ids, limit, tools)
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve(response_id: str, request: Request) -> JSONResponse:
@@ -314,11 +314,11 @@ def _turn(text: str, calls: list[ToolCall]) -> dict[str, Any]:
 
 
 async def _serve(server: Any, store: ResponseStore, request: Request, body: ResponsesRequest,
-                 conversation: list[dict[str, Any]], ids: list[int], limit: int) -> Response:
+                 conversation: list[dict[str, Any]], ids: list[int], limit: int, tools: list[ToolDef]) -> Response:
     from dualpath.http.app import _observe, serve_job
 
     rid, mid, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
-    reader: ToolCallReader | None = server.tool_reader(body.function_tools())
+    reader: ToolCallReader | None = server.tool_reader(tools)
 
     def stream(job: Job, detok: Any, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
         return _events(server, store, job, detok, first, body, conversation, ids, rid, mid, created, t_first,

@@ -79,3 +79,13 @@ class BlockKey:
 
     def __str__(self) -> str:
         return self.hex[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model and the ``k`` most likely tokens' at its position
+    (``(id, logprob)``, most likely first): see :mod:`dualpath.engine.sampling`."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()

@@ -122,7 +122,8 @@ async def test_completions_errors_auth_and_metrics():
             assert "malformed JSON" in (await err(None, raw=b'{"prompt": [1, 2'))["message"]
             e = await err({"prompt": prompt, "max_tokens": 5000})
             assert "4096" in e["message"] and e["code"] == "context_length_exceeded"
-            assert (await err({"prompt": prompt, "n": 2}))["param"] == "n"
+            assert (await err({"prompt": prompt, "n": 129}))["param"] == "n"
+            assert (await err({"prompt": [prompt] * 3, "n": 50}))["param"] == "n"  # 150 generations
             assert "vocabulary" in (await err({"prompt": [1, 10**6]}))["message"]
             assert "temperature" in (await err({"prompt": prompt, "temperature": 3}))["message"]
             assert "chat template" in (await err({"messages": [{"role": "user", "content": "hi"}]},
@@ -169,15 +170,17 @@ async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_
             out = r.json()
             assert out["choices"][0]["token_ids"] == ref and out["model"] == "synthetic-test"
             assert out["object"] == "text_completion" and out["choices"][0]["finish_reason"] in ("stop", "length")
-            for field, value in (("n", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1.0),
-                                 ("logit_bias", {"5": 10}), ("logprobs", 1), ("best_of", 2), ("suffix", "x")):
-                r = await cl.post("/v1/completions", json={**base, field: value})
+            for field, value in (("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("logit_bias", {"5": 10}),
+                                 ("best_of", {"best_of": 1, "n": 2}), ("best_of", {"best_of": 3, "stream": True}),
+                                 ("logprobs", {"logprobs": 1, "echo": True}), ("suffix", "x")):
+                extra = value if isinstance(value, dict) and field != "logit_bias" else {field: value}
+                r = await cl.post("/v1/completions", json={**base, **extra})
                 assert r.status_code == 400, (field, r.text)
                 e = r.json()["error"]
                 assert e["param"] == field and field in e["message"] and e["code"] == "unsupported_parameter"
             # chat-only fields are validated before the prompt is rendered (this model has no chat template)
             msgs = [{"role": "user", "content": "hi"}]
-            for field, value in (("logprobs", True), ("top_logprobs", 3), ("response_format", {"type": "json_object"}),
+            for field, value in (("top_logprobs", 3), ("response_format", {"type": "json_object"}),
                                  ("functions", [{"name": "f"}]), ("tool_choice", "required")):
                 r = await cl.post("/v1/chat/completions", json={"messages": msgs, field: value})
                 assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)

@@ -212,7 +212,7 @@ def test_messages_as_agent_frameworks_send_them(server):
         client.chat.completions.create(model="gpt-4o", messages=convo, max_tokens=2)
     assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=convo, max_tokens=2, n=2)
+        client.chat.completions.create(model=MODEL, messages=convo, max_tokens=2, n=129)
     assert e.value.body["param"] == "n"
     assert [m.id for m in client.models.list().data] == [MODEL] and client.models.retrieve(MODEL).id == MODEL
 

@@ -24,6 +24,11 @@ pytestmark = pytest.mark.slow
 
 
 def _reference(cfg, prompt: list[int], gen: int, sampling=None) -> list[int]:
+    return list(_reference_turn(cfg, prompt, gen, sampling).token_ids)
+
+
+def _reference_turn(cfg, prompt: list[int], gen: int, sampling=None):
+    """The in-process cluster's :class:`TurnResult` for the same config (memory storage, loopback transport)."""
     import anyio
 
     from dualpath.cluster import Cluster
@@ -32,9 +37,9 @@ def _reference(cfg, prompt: list[int], gen: int, sampling=None) -> list[int]:
     data = cfg.model_dump(mode="python")
     data["storage"], data["transport"] = {"kind": "memory"}, {"kind": "loopback"}
 
-    async def main() -> list[int]:
+    async def main():
         async with Cluster(DualPathConfig.model_validate(data)) as c:
-            return list((await c.run_turn("ref", prompt, gen, sampling=sampling)).token_ids)
+            return await c.run_turn("ref", prompt, gen, sampling=sampling)
 
     return anyio.run(main)
 
@@ -91,6 +96,24 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
             assert "dualpath_ttft_seconds_count 3.0" in m
             st = cl.get("/health").json()
             assert st["status"] == "ok"
+            # logprobs travel from the decode engine process with each streamed token: the in-process values;
+            # n=2 samples with seeds 77 and 78
+            turns = [_reference_turn(cfg, prompt, 7, SamplingParams(temperature=0.8, top_p=0.9, seed=s, logprobs=3))
+                     for s in (77, 78)]
+            for stream in (False, True):
+                req = {**body, "temperature": 0.8, "top_p": 0.9, "seed": 77, "logprobs": 3, "n": 2, "stream": stream}
+                with cl.stream("POST", "/v1/completions", headers=auth, json=req) as s:
+                    assert s.status_code == 200
+                    raw = s.read().decode()
+                parts = [json.loads(x[6:]) for x in raw.splitlines() if x.startswith("data: {")] if stream else \
+                    [json.loads(raw)]
+                for j, turn in enumerate(turns):
+                    got = [ch for p in parts for ch in p["choices"] if ch["index"] == j]
+                    assert [t for ch in got for t in ch.get("token_ids", [])] == turn.token_ids
+                    lps = [v for ch in got if ch["logprobs"] for v in ch["logprobs"]["token_logprobs"]]
+                    assert lps == pytest.approx([x.logprob for x in turn.logprobs], abs=1e-5)
+                    tops = [t for ch in got if ch["logprobs"] for t in ch["logprobs"]["top_logprobs"]]
+                    assert [len(t) for t in tops] == [len({*(i for i, _ in x.top), x.token}) for x in turn.logprobs]
         pids = _engine_pids(tmp_path / "work")
     finally:
         stop_process(proc, signal.SIGTERM)

@@ -46,7 +46,7 @@ from dualpath.scheduler.state import EngineSnapshot
 from dualpath.storage.base import Storage
 from dualpath.traffic import Link
 from dualpath.transports.base import Transport
-from dualpath.types import EngineId, PathKind, Role
+from dualpath.types import EngineId, PathKind, Role, TokenLogprob
 
 from .devices import resolve_devices
 
@@ -284,11 +284,14 @@ class Cluster:
         *,
         sampling: SamplingParams | None = None,
         on_token: Callable[[int], None] | None = None,
+        on_logprob: Callable[[TokenLogprob], None] | None = None,
     ) -> TurnResult:
         """Run one turn (the full prompt: context + appended tokens) and return its tokens and timings.
 
         ``sampling``: how the decode engine picks tokens (default greedy; see :mod:`dualpath.engine.sampling`);
-        ``on_token``: called with each token as the decode engine produces it (streaming). Cancelling the
+        ``on_token``: called with each token as the decode engine produces it (streaming); with
+        ``sampling.logprobs`` set, ``on_logprob`` gets each token's :class:`~dualpath.engine.sampling.TokenLogprob`
+        just before it (the result's ``logprobs`` holds them all). Cancelling the
         caller cancels the turn on both engines and frees its buffers and pool pages.
 
         Raises :class:`EngineError` when the turn failed (a transfer failed or timed out, a peer failed); with
@@ -300,7 +303,7 @@ class Cluster:
         ids = [int(t) for t in prompt_ids]
         self.check_turn(ids, gen_tokens, pe, de)
         try:
-            return await self._run(session, ids, gen_tokens, pe, de, path, pe_blocks, sampling, on_token)
+            return await self._run(session, ids, gen_tokens, pe, de, path, pe_blocks, sampling, on_token, on_logprob)
         except EngineError as exc:
             retry = (
                 self.config.cluster.on_transfer_failure == "recompute"
@@ -310,7 +313,8 @@ class Cluster:
             if not retry:
                 raise
             log.warning("turn of %s failed (%s); retrying with recompute", session, exc)
-            res = await self._run(session, ids, gen_tokens, pe, de, PathKind.RECOMPUTE, None, sampling, on_token)
+            res = await self._run(session, ids, gen_tokens, pe, de, PathKind.RECOMPUTE, None, sampling, on_token,
+                                  on_logprob)
             res.retried_recompute = True
             return res
 
@@ -329,10 +333,11 @@ class Cluster:
 
     async def _run(self, session: str, ids: list[int], gen: int, pe_i: int, de_i: int, path: PathKind,
                    pe_blocks: int | None, sampling: SamplingParams | None = None,
-                   on_token: Callable[[int], None] | None = None) -> TurnResult:
+                   on_token: Callable[[int], None] | None = None,
+                   on_logprob: Callable[[TokenLogprob], None] | None = None) -> TurnResult:
         keys, stored, k = self._plan(ids, path, pe_blocks)
         turn = Turn(session, ids, gen, pe_i, de_i, path, keys, stored, k, self.layout)
-        turn.sampling, turn.on_token = sampling, on_token
+        turn.sampling, turn.on_token, turn.on_logprob = sampling, on_token, on_logprob
         pe, de = self.pes[pe_i], self.des[de_i]
         pe.assign(turn)
         de.assign(turn)
@@ -371,6 +376,7 @@ class Cluster:
                 hit_tokens=turn.hit_tokens, stored_tokens=stored * self.layout.block_tokens, path=path,
                 pe=pe_i, de=de_i, timings=turn.timings, link_bytes=dict(turn.link_bytes),
                 logits=list(seq.logits) if self.config.cluster.keep_logits else None,
+                logprobs=list(seq.logprobs) if sampling is not None and sampling.logprobs is not None else None,
             )
         except BaseException as exc:
             turn.fail(unwrap(exc))

@@ -39,9 +39,10 @@ import numpy as np
 from dualpath.config import DualPathConfig
 from dualpath.control.channel import AuthFailed, Channel, CurveKeys, PeerGone
 from dualpath.control.deploy import client_curve
-from dualpath.control.protocol import MAX_FRAME_BYTES, Message, sampling_body, tokens_to_bin
+from dualpath.control.protocol import MAX_FRAME_BYTES, Message, bin_to_logprobs, sampling_body, tokens_to_bin
 from dualpath.errors import DualPathError, PeerTimeout
 from dualpath.runtime.clients import TurnOutcome
+from dualpath.types import TokenLogprob
 
 log = logging.getLogger("dualpath.client")
 
@@ -53,32 +54,39 @@ class SchedulerLost(PeerGone):
 class _Stream:
     """One streamed turn's receiving side: delivers tokens to ``on_token`` once each, in order."""
 
-    def __init__(self, on_token: Callable[[int], None], on_info: Callable[[str, int], None] | None) -> None:
+    def __init__(self, on_token: Callable[[int], None], on_info: Callable[[str, int], None] | None,
+                 on_logprob: Callable[[TokenLogprob], None] | None = None) -> None:
         self.on_token = on_token
         self.on_info = on_info
+        self.on_logprob = on_logprob
         self.next = 0  # tokens delivered so far
-        self.early: dict[int, list[int]] = {}  # offset -> tokens that arrived ahead of a gap
+        # offset -> tokens (and their logprobs) that arrived ahead of a gap
+        self.early: dict[int, tuple[list[int], list[TokenLogprob] | None]] = {}
         self.closed = False
 
-    def deliver(self, offset: int, tokens: Sequence[int]) -> None:
+    def deliver(self, offset: int, tokens: Sequence[int], lps: Sequence[TokenLogprob] | None = None) -> None:
         if self.closed:
             return
         if offset > self.next:
             if len(self.early) < 4096:
-                self.early[offset] = list(tokens)
+                self.early[offset] = (list(tokens), None if lps is None else list(lps))
             return
-        self._emit(tokens[self.next - offset:])
+        skip = self.next - offset
+        self._emit(tokens[skip:], None if lps is None else lps[skip:])
         while self.early:
             at = min(self.early)
             if at > self.next:
                 break
-            toks = self.early.pop(at)
-            self._emit(toks[self.next - at:])
+            toks, early_lps = self.early.pop(at)
+            skip = self.next - at
+            self._emit(toks[skip:], None if early_lps is None else early_lps[skip:])
 
-    def _emit(self, tokens: Sequence[int]) -> None:
-        for t in tokens:
+    def _emit(self, tokens: Sequence[int], lps: Sequence[TokenLogprob] | None = None) -> None:
+        for i, t in enumerate(tokens):
             self.next += 1
             try:
+                if lps is not None and self.on_logprob is not None:
+                    self.on_logprob(lps[i])
                 self.on_token(int(t))
             except Exception:  # a listener's bug must not break the connection
                 log.exception("on_token listener failed")
@@ -151,7 +159,11 @@ class ServeClient:
                         info(str(msg.body["path"]), int(msg.body.get("hit_tokens", 0)))
                     except Exception:
                         log.exception("on_info listener failed")
-                st.deliver(int(msg.body["offset"]), msg.body["tokens"])
+                lps = None
+                if "lp_width" in msg.body:
+                    lps = bin_to_logprobs(int(msg.body["lp_width"]), msg.body.get("lp_ids", b""),
+                                          msg.body.get("lp_vals", b""), msg.body["tokens"], where="stream")
+                st.deliver(int(msg.body["offset"]), msg.body["tokens"], lps)
         return None
 
     def _send_cancel(self, session: int) -> None:
@@ -207,13 +219,16 @@ class ServeClient:
     async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int, *,
                        deadline_s: float | None = None, sampling: Any = None,
                        on_token: Callable[[int], None] | None = None,
-                       on_info: Callable[[str, int], None] | None = None) -> TurnOutcome:
+                       on_info: Callable[[str, int], None] | None = None,
+                       on_logprob: Callable[[TokenLogprob], None] | None = None) -> TurnOutcome:
         """Submit one turn (the whole prompt) and return once its tokens are out.
 
         ``sampling``: a :class:`~dualpath.engine.sampling.SamplingParams` (default greedy); ``on_token``: called
         with each token, in order, as the decode engine produces it (see the module docstring); ``on_info``:
         called once, before the first streamed token, with the read path and the hit (prompt tokens read from
-        storage) of the dispatch that streams."""
+        storage) of the dispatch that streams; ``on_logprob`` (with ``sampling.logprobs`` set and ``on_token``):
+        called with each streamed token's :class:`~dualpath.engine.sampling.TokenLogprob` just before the token
+        (a token that reaches the client only through the final result, never streamed, has none)."""
         budget = self.deadline_s if deadline_s is None else deadline_s
         body: dict[str, Any] = {
             "session": int(session), "prompt": tokens_to_bin(np.asarray(prompt_ids, dtype=np.int64)),
@@ -222,7 +237,7 @@ class ServeClient:
         stream: _Stream | None = None
         if on_token is not None:
             sid = next(self._stream_ids)
-            stream = self._streams[sid] = _Stream(on_token, on_info)
+            stream = self._streams[sid] = _Stream(on_token, on_info, on_logprob)
             body["stream"] = sid
         t0 = time.perf_counter()
         try:

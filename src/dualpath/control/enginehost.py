@@ -38,10 +38,10 @@ import torch
 from dualpath.config import DualPathConfig, load_config
 from dualpath.control.channel import Channel, PeerGone
 from dualpath.control.deploy import check_deployable, engine_curve, engine_name, engine_names, token_for
-from dualpath.control.protocol import Message, ProtocolError, bin_to_tokens, sampling_of
+from dualpath.control.protocol import Message, ProtocolError, bin_to_tokens, logprobs_to_bin, sampling_of
 from dualpath.engine.request import Turn, unwrap, wait_event
 from dualpath.errors import ConfigError, EngineError, PeerTimeout
-from dualpath.types import EngineId, PathKind, Role
+from dualpath.types import EngineId, PathKind, Role, TokenLogprob
 
 log = logging.getLogger("dualpath.enginehost")
 
@@ -98,7 +98,9 @@ class EngineHost:
         self.registrations = 0
         self._registering = False
         # streamed turns' tokens not yet sent: rid -> (index of the first, tokens); flushed once per decode step
-        self._out: dict[int, tuple[int, list[int]]] = {}
+        # streamed turns' tokens not sent yet: rid -> (offset of the first, tokens, their logprobs when asked)
+        self._out: dict[int, tuple[int, list[int], list[TokenLogprob]]] = {}
+        self._lp: dict[int, TokenLogprob] = {}  # a token's logprobs, heard just before the token itself
         self._out_ready = anyio.Event()
         self.stream_messages = 0
 
@@ -277,9 +279,11 @@ class EngineHost:
             return
         entry = self._out.get(rid)
         if entry is None:
-            self._out[rid] = (held.streamed, [int(tok)])
-        else:
-            entry[1].append(int(tok))
+            entry = self._out[rid] = (held.streamed, [], [])
+        entry[1].append(int(tok))
+        lp = self._lp.pop(rid, None)
+        if lp is not None:
+            entry[2].append(lp)
         held.streamed += 1
         self._out_ready.set()
 
@@ -295,17 +299,23 @@ class EngineHost:
         if not self._out or self.channel is None:
             return
         out, self._out = self._out, {}
-        parts = [(rid, offset + j, toks[j: j + (1 << 15)])  # (message limits: 2^16 tokens, 2^12 turns)
-                 for rid, (offset, toks) in out.items() for j in range(0, len(toks), 1 << 15)]
+        step = 1 << 15  # (message limits: 2^16 tokens, 2^12 turns)
+        parts = [(rid, offset + j, toks[j: j + step], lps[j: j + step])
+                 for rid, (offset, toks, lps) in out.items() for j in range(0, len(toks), step)]
         timeout = max(1.0, 10 * self.config.serve.heartbeat_s)
         while parts:
-            batch: list[tuple[int, int, list[int]]] = []
+            batch: list[tuple[int, int, list[int], list[TokenLogprob]]] = []
             n = 0
             while parts and len(batch) < (1 << 12) and n + len(parts[0][2]) <= (1 << 16):
                 batch.append(parts.pop(0))
                 n += len(batch[-1][2])
-            body = {"rids": [r for r, _, _ in batch], "offsets": [o for _, o, _ in batch],
-                    "counts": [len(t) for _, _, t in batch], "tokens": [x for _, _, t in batch for x in t]}
+            body: dict[str, Any] = {
+                "rids": [b[0] for b in batch], "offsets": [b[1] for b in batch], "counts": [len(b[2]) for b in batch],
+                "tokens": [x for b in batch for x in b[2]]}
+            if any(b[3] for b in batch):  # turns that asked for logprobs: every one of their tokens has them
+                wire = [logprobs_to_bin(b[3]) if len(b[3]) == len(b[2]) else (0, b"", b"") for b in batch]
+                body.update(lp_width=[w[0] for w in wire], lp_ids=b"".join(w[1] for w in wire),
+                            lp_vals=b"".join(w[2] for w in wire))
             try:
                 await self.channel.notify(None, "tokens", body, timeout=timeout)
                 self.stream_messages += 1
@@ -389,6 +399,8 @@ class EngineHost:
                 raise InvalidTurn(f"{self.name}: turn {rid}: {exc}") from None
             if b.get("stream"):
                 turn.on_token = lambda tok, _rid=rid: self._on_token(_rid, tok)
+                if turn.sampling is not None and turn.sampling.logprobs is not None:
+                    turn.on_logprob = lambda lp, _rid=rid: self._lp.__setitem__(_rid, lp)
         held = _Held(turn, time.monotonic() + b["deadline_s"])
         self.turns[rid] = held
         eng.assign(turn)
@@ -479,10 +491,11 @@ class EngineHost:
         """Fail the turn here and free everything it holds (idempotent)."""
         held = self.turns.pop(rid, None)
         self._out.pop(rid, None)
+        self._lp.pop(rid, None)
         if held is None:
             return
         turn, eng = held.turn, self.engine
-        turn.on_token = None
+        turn.on_token = turn.on_logprob = None
         turn.fail(EngineError(f"turn {rid} aborted: {reason}"))
         with anyio.CancelScope(shield=True):
             if self.role is Role.PREFILL:

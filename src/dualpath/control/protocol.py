@@ -13,13 +13,16 @@ plain types cross the wire. A bad message raises :class:`ProtocolError` naming t
 answers ``error`` when it can identify the sender and keeps running.
 
 Token ids travel as little-endian int64 ``bin`` (``tokens_to_bin``/``bin_to_tokens``); logits as float32 ``bin``.
+Per-token log-probabilities (a turn whose sampling asks for ``logprobs``) ride on the ``tokens`` and ``stream``
+notices: ``lp_width`` entries per token (the picked token, then its ``logprobs`` most likely), their ids as int32
+``lp_ids`` and their values as float32 ``lp_vals`` (``logprobs_to_bin``/``bin_to_logprobs``).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +39,8 @@ MAX_MAP = 256
 MAX_TOKENS = 1 << 20  # tokens of one prompt
 MAX_BIN = MAX_TOKENS * 8
 U63 = (1 << 63) - 1
+MAX_LP_WIDTH = 21  # logprob entries per streamed token: the picked one and up to 20 most likely
+MAX_LP_BIN = (1 << 16) * MAX_LP_WIDTH * 4  # a notice's tokens (at most 2^16), each with MAX_LP_WIDTH entries
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
 
@@ -87,6 +92,9 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "tokens": F("ints", max_len=1 << 16, lo=0, hi=(1 << 31) - 1),
         "path": F("str", required=False, max_len=16),  # on the first notice: where the hit is read
         "hit_tokens": F("int", required=False, lo=0, hi=MAX_TOKENS),  # ... and how many prompt tokens it holds
+        "lp_width": F("int", required=False, lo=1, hi=MAX_LP_WIDTH),  # logprob entries per token (see above)
+        "lp_ids": F("bin", required=False, max_len=MAX_LP_BIN, multiple=4),
+        "lp_vals": F("bin", required=False, max_len=MAX_LP_BIN, multiple=4),
     },
     "result": {
         "session": F("int", lo=0, hi=U63),
@@ -172,6 +180,9 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "offsets": F("ints", max_len=1 << 12, lo=0, hi=1 << 20),  # index of each turn's first token here
         "counts": F("ints", max_len=1 << 12, lo=1, hi=1 << 16),  # tokens of each turn, in order, in ``tokens``
         "tokens": F("ints", max_len=1 << 16, lo=0, hi=(1 << 31) - 1),
+        "lp_width": F("ints", required=False, max_len=1 << 12, lo=0, hi=MAX_LP_WIDTH),  # per turn; 0 = none
+        "lp_ids": F("bin", required=False, max_len=MAX_LP_BIN, multiple=4),
+        "lp_vals": F("bin", required=False, max_len=MAX_LP_BIN, multiple=4),
     },
     "abort": {"rid": _RID, "reason": _REASON},
     "reregister": {"epoch": F("int", required=False, lo=0, hi=U63)},  # scheduler -> engine notice: you were declared dead; drop your turns and say hello again  # notice: fail the turn locally, free its resources
@@ -187,6 +198,7 @@ SAMPLING_FIELDS: dict[str, F] = {
     "seed": F("int", required=False, lo=0, hi=U63),
     "stop_ids": F("ints", required=False, max_len=256, lo=0, hi=(1 << 31) - 1),
     "min_tokens": F("int", required=False, lo=0, hi=(1 << 31) - 1),  # no stop id before this many tokens
+    "logprobs": F("int", required=False, lo=0, hi=MAX_LP_WIDTH - 1),  # record logprobs, with this many top ones
 }
 SCHEMAS["submit"].update(SAMPLING_FIELDS)
 SCHEMAS["submit"]["stream"] = F("int", required=False, lo=0, hi=U63)  # > 0: send ``stream`` notices with this id
@@ -204,6 +216,8 @@ def sampling_body(params: Any) -> dict[str, Any]:
         out["seed"] = int(params.seed)
     if params.min_tokens:
         out["min_tokens"] = int(params.min_tokens)
+    if params.logprobs is not None:
+        out["logprobs"] = int(params.logprobs)
     return out
 
 
@@ -219,7 +233,8 @@ def sampling_of(body: Mapping[str, Any], where: str) -> Any:
         return SamplingParams(temperature=float(body.get("temperature", 0.0)), top_p=float(body.get("top_p", 1.0)),
                               top_k=int(body.get("top_k", 0)), seed=body.get("seed"),
                               stop_ids=tuple(int(t) for t in body.get("stop_ids", ())),
-                              min_tokens=int(body.get("min_tokens", 0)))
+                              min_tokens=int(body.get("min_tokens", 0)),
+                              logprobs=None if body.get("logprobs") is None else int(body["logprobs"]))
     except ModelError as exc:
         raise ProtocolError(f"{where}: {exc}") from None
 
@@ -393,3 +408,37 @@ def bin_to_tokens(data: bytes, *, field: str = "prompt") -> np.ndarray:
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 31):
         raise ProtocolError(f"field {field!r}: token ids must lie in [0, 2^31)")
     return arr.astype(np.int64)
+
+
+def logprobs_to_bin(lps: Sequence[Any]) -> tuple[int, bytes, bytes]:
+    """``(lp_width, lp_ids, lp_vals)`` of a turn's :class:`~dualpath.engine.sampling.TokenLogprob` list (all of
+    one turn, so of one width: 1 + the number of most likely tokens each carries)."""
+    width = 1 + len(lps[0].top) if lps else 1
+    ids = np.empty((len(lps), width), dtype="<i4")
+    vals = np.empty((len(lps), width), dtype="<f4")
+    for i, lp in enumerate(lps):
+        if 1 + len(lp.top) != width:
+            raise ProtocolError(f"logprobs: token {i} carries {len(lp.top)} most likely tokens, not {width - 1}")
+        ids[i, 0], vals[i, 0] = lp.token, lp.logprob
+        for j, (tid, val) in enumerate(lp.top, start=1):
+            ids[i, j], vals[i, j] = tid, val
+    return width, ids.tobytes(), vals.tobytes()
+
+
+def bin_to_logprobs(width: int, ids: bytes, vals: bytes, tokens: Sequence[int], *, where: str) -> list[Any]:
+    """The :class:`~dualpath.engine.sampling.TokenLogprob` of each of ``tokens`` from their wire form; a length,
+    id or value that does not fit (a NaN or positive log-probability, an entry not for its token) raises
+    :class:`ProtocolError` naming ``where``."""
+    from dualpath.types import TokenLogprob
+
+    n = len(tokens)
+    if len(ids) != n * width * 4 or len(vals) != n * width * 4:
+        raise ProtocolError(f"{where}: lp_ids and lp_vals must hold {width} entries for each of {n} tokens")
+    a = np.frombuffer(ids, dtype="<i4").reshape(n, width)
+    v = np.frombuffer(vals, dtype="<f4").reshape(n, width)
+    if n and (int(a.min()) < 0 or bool(np.isnan(v).any()) or float(v.max()) > 0.0):
+        raise ProtocolError(f"{where}: a logprob entry has a negative id or a NaN or positive value")
+    if n and not np.array_equal(a[:, 0], np.asarray(tokens, dtype=np.int64)):
+        raise ProtocolError(f"{where}: the first logprob entry of each token must be that token")
+    return [TokenLogprob(int(a[i, 0]), float(v[i, 0]),
+                         tuple((int(a[i, j]), float(v[i, j])) for j in range(1, width))) for i in range(n)]

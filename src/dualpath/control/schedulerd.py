@@ -677,15 +677,25 @@ class SchedulerDaemon:
         if not len(rids) == len(offsets) == len(counts) or sum(counts) != len(tokens):
             raise ProtocolError("tokens: rids, offsets and counts must have one entry per turn and counts must "
                                 "add up to the length of tokens")
-        at = 0
+        widths = b.get("lp_width") or [0] * len(rids)
+        lp_ids, lp_vals = b.get("lp_ids", b""), b.get("lp_vals", b"")
+        if len(widths) != len(rids) or len(lp_ids) != len(lp_vals) or \
+                len(lp_ids) != 4 * sum(c * w for c, w in zip(counts, widths, strict=True)):
+            raise ProtocolError("tokens: lp_width needs one entry per turn, and lp_ids and lp_vals 4 bytes for each "
+                                "of its turns' entries")
+        at = lp_at = 0
         assert self.channel is not None
-        for rid, offset, count in zip(rids, offsets, counts, strict=True):
+        for rid, offset, count, width in zip(rids, offsets, counts, widths, strict=True):
             part, at = tokens[at: at + count], at + count
+            lp_end = lp_at + 4 * count * width
+            lp_part, lp_at = (lp_ids[lp_at:lp_end], lp_vals[lp_at:lp_end]), lp_end
             ctx = self.cluster.streams.get(rid)
             pair = self.cluster.turn_pairs.get(rid)
             if ctx is None or pair is None or pair[1] != rec.name or ctx.cancelled.is_set():
                 continue  # a turn that ended (or was cancelled) meanwhile, or not this engine's
             body: dict[str, Any] = {"stream": ctx.stream, "offset": offset, "tokens": part}
+            if width:
+                body.update(lp_width=width, lp_ids=lp_part[0], lp_vals=lp_part[1])
             if not ctx.sent:
                 body.update(path=ctx.path, hit_tokens=min(ctx.hit_tokens, MAX_TOKENS))
             ctx.sent = max(ctx.sent, offset + count)

@@ -14,7 +14,7 @@ from dualpath.engine.base import Engine, EngineContext
 from dualpath.engine.host_buffer import HostRegion
 from dualpath.engine.prefill import wait_arrival
 from dualpath.engine.request import Turn, wait_event
-from dualpath.engine.sampling import Sampler
+from dualpath.engine.sampling import Sampler, TokenLogprob
 from dualpath.errors import EngineError, PeerTimeout
 from dualpath.model.kv_pool import KVPool
 from dualpath.paths.de_read import de_host_blocks, de_read, stream_layers
@@ -34,6 +34,7 @@ class DecodeSeq:
     tokens: list[int]  # prompt + generated
     generated: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when sampling asks
     keys: list[BlockKey] = field(default_factory=list)  # keys of the full blocks known so far
     pending: int = 0
     idle: anyio.Event = field(default_factory=anyio.Event)  # set when no persistence is pending
@@ -56,6 +57,15 @@ class DecodeSeq:
         """Append a generated token, tell the turn's listener, stop early on a stop token."""
         self.generated.append(tok)
         self.tokens.append(tok)
+        lp = self.sampler.take() if self.sampler is not None else None
+        if lp is not None:
+            self.logprobs.append(lp)
+            lcb = self.turn.on_logprob
+            if lcb is not None:
+                try:
+                    lcb(lp)
+                except Exception:  # a listener's bug must not stop the batch
+                    log.exception("on_logprob listener of turn %d failed", self.turn.rid)
         cb = self.turn.on_token
         if cb is not None:
             try:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from dualpath.errors import EngineError
-from dualpath.types import BlockKey, PathKind
+from dualpath.types import BlockKey, PathKind, TokenLogprob
 
 if TYPE_CHECKING:  # torch only where a request is built (engines): clients import TurnResult without it
     import torch
@@ -88,6 +88,7 @@ class TurnResult:
     timings: TurnTimings
     link_bytes: dict[str, int] = field(default_factory=dict)  # "pe0.cnic.in" -> bytes this turn charged
     logits: list[torch.Tensor] | None = None  # per generated token (cluster.keep_logits)
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when the sampling asked (logprobs)
     retried_recompute: bool = False
 
     # --- the flat view (also what the workload clients read) -----------------------------------------------
@@ -227,6 +228,7 @@ class Turn:
         # how the decode engine picks tokens (None = greedy) and who hears each token as it is decoded
         self.sampling: SamplingParams | None = None
         self.on_token: Callable[[int], None] | None = None
+        self.on_logprob: Callable[[TokenLogprob], None] | None = None  # before on_token (sampling.logprobs)
 
     # --- sizes -------------------------------------------------------------------------------------------
     @property

@@ -10,6 +10,11 @@ batched compute). Without a seed one is drawn from the OS at random.
 token itself is part of the output. ``min_tokens`` (vLLM's): while fewer tokens than that have been generated,
 the stop ids cannot be picked (their logits are masked to ``-inf`` before any filtering), so no stop token ends
 the request before ``min_tokens`` tokens. ``temperature == 0`` means greedy (``argmax``), as in the OpenAI API.
+
+``logprobs`` (``None``: off): the sampler records each picked token's :class:`TokenLogprob`: its log-probability
+under the model (the log-softmax of the raw logits, before ``min_tokens`` masking, temperature and filtering, as
+vLLM and OpenAI report it) and the ``logprobs`` most likely tokens' (0 to :data:`MAX_LOGPROBS`). The decode
+engine hands each to the turn's ``on_logprob`` listener before the token itself reaches ``on_token``.
 """
 
 from __future__ import annotations
@@ -20,8 +25,22 @@ from dataclasses import dataclass
 import torch
 
 from dualpath.errors import ModelError
+from dualpath.types import TokenLogprob
+
+__all__ = ["MAX_LOGPROBS", "Sampler", "SamplingParams", "TokenLogprob", "filtered_probs", "sample", "token_logprob"]
 
 MAX_SEED = (1 << 63) - 1
+MAX_LOGPROBS = 20  # most likely tokens reported with each generated token (OpenAI's top_logprobs limit)
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """The :class:`TokenLogprob` of ``token`` under one row of raw ``logits`` with its ``k`` most likely."""
+    lp = torch.log_softmax(logits.detach().reshape(-1).to(torch.float32), dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        vals, ids = torch.topk(lp, min(k, lp.numel()))
+        top = tuple(zip((int(i) for i in ids.tolist()), (float(v) for v in vals.tolist()), strict=True))
+    return TokenLogprob(int(token), float(lp[int(token)]), top)
 
 
 @dataclass(frozen=True)
@@ -34,6 +53,7 @@ class SamplingParams:
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
     min_tokens: int = 0  # no stop id is picked before this many tokens are generated
+    logprobs: int | None = None  # None: off; k: record each token's logprob and the k most likely tokens'
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature > 100.0:
@@ -46,6 +66,8 @@ class SamplingParams:
             raise ModelError(f"sampling.seed must lie in [0, 2^63), got {self.seed}")
         if self.min_tokens < 0:
             raise ModelError(f"sampling.min_tokens must be >= 0, got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ModelError(f"sampling.logprobs must lie in [0, {MAX_LOGPROBS}] (or be None), got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -64,15 +86,26 @@ class Sampler:
             self.generator.manual_seed(seed)
         self.stop_ids = frozenset(int(t) for t in self.params.stop_ids)
         self._stop_index: torch.Tensor | None = None
+        self.last: TokenLogprob | None = None  # the last pick's logprobs (params.logprobs set), until taken
 
     def __call__(self, logits: torch.Tensor, generated: int = 0) -> int:
         """The next token for one row of ``logits`` (shape ``[vocab]``), ``generated`` tokens having been picked
         before it (the stop ids are masked while ``generated < min_tokens``)."""
+        raw = logits
         if generated < self.params.min_tokens and self.stop_ids:
             logits = self._mask_stops(logits)
         if self.generator is None:
-            return int(torch.argmax(logits))
-        return sample(logits, self.params, self.generator)
+            tok = int(torch.argmax(logits))
+        else:
+            tok = sample(logits, self.params, self.generator)
+        if self.params.logprobs is not None:
+            self.last = token_logprob(raw, tok, self.params.logprobs)
+        return tok
+
+    def take(self) -> TokenLogprob | None:
+        """The last pick's :class:`TokenLogprob` (None when not recorded), once."""
+        got, self.last = self.last, None
+        return got
 
     def _mask_stops(self, logits: torch.Tensor) -> torch.Tensor:
         flat = logits.reshape(-1)

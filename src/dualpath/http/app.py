@@ -15,14 +15,13 @@ and buffers on both engines.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,7 +40,6 @@ from dualpath.http.schemas import (
     error_body,
 )
 from dualpath.http.tools import (
-    ToolCall,
     ToolCallReader,
     ToolDef,
     parser_for,
@@ -177,16 +175,19 @@ class Server:
         if bad is not None:
             raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
 
-    def admit(self) -> None:
+    def admit(self, count: int = 1) -> None:
+        """Refuse a request whose ``count`` generations would not be admitted now (503 starting, 429 full)."""
         if not self.ready:
             raise ApiError(503, "the server is starting", "server_error", code="not_ready",
                            retry_after=self.config.retry_after_s)
-        if self.backend.inflight >= self.config.max_inflight:
+        if self.backend.inflight + count > self.config.max_inflight:
             raise ApiError(429, f"too many requests in flight ({self.config.max_inflight}, http.max_inflight); "
                                 "retry later", "rate_limit_exceeded", code="overloaded",
                            retry_after=self.config.retry_after_s)
 
-    def sampling(self, req: ChatCompletionRequest | CompletionRequest | Any) -> SamplingParams:
+    def sampling(self, req: ChatCompletionRequest | CompletionRequest | Any,
+                 logprobs: int | None = None) -> SamplingParams:
+        """The request's sampling; ``logprobs``: record each token's logprobs with this many most likely."""
         b = self.backend
         temp = req.temperature if req.temperature is not None else self.config.default_temperature
         top_p = req.top_p if req.top_p is not None else 1.0
@@ -195,7 +196,7 @@ class Server:
         min_tokens = int(getattr(req, "min_tokens", 0) or 0)
         try:
             return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=req.seed, stop_ids=stop_ids,
-                                  min_tokens=min_tokens)
+                                  min_tokens=min_tokens, logprobs=logprobs)
         except ModelError as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -276,19 +277,28 @@ class Server:
             raise ApiError(400, f"{param}: the model's chat template refused them: {exc}", param=param) from None
         return list(tok.encode(str(text), add_special_tokens=False))
 
-    def completion_prompt(self, req: CompletionRequest) -> list[int]:
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        """The token ids of each prompt of a completions request (one, or a batch)."""
         p = req.prompt
-        if isinstance(p, list) and p and isinstance(p[0], int):
-            ids = [int(x) for x in p]
-            if self.backend.vocab_size and max(ids) >= self.backend.vocab_size:
-                raise ApiError(400, f"prompt: token id {max(ids)} is outside the vocabulary of "
-                                    f"{self.backend.vocab_size}", param="prompt")
-            return ids
-        text = p[0] if isinstance(p, list) else p
-        tok = self.backend.tokenizer
-        if tok is None:
-            raise ApiError(400, "the served model has no tokenizer; send the prompt as token ids", param="prompt")
-        return list(tok.encode(str(text)))
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            items: list[Any] = [p]
+        else:
+            items = list(p)
+        out = []
+        for i, item in enumerate(items):
+            where = "prompt" if len(items) == 1 else f"prompt[{i}]"
+            if isinstance(item, list):
+                ids = [int(x) for x in item]
+                if self.backend.vocab_size and max(ids) >= self.backend.vocab_size:
+                    raise ApiError(400, f"{where}: token id {max(ids)} is outside the vocabulary of "
+                                        f"{self.backend.vocab_size}", param="prompt")
+                out.append(ids)
+                continue
+            tok = self.backend.tokenizer
+            if tok is None:
+                raise ApiError(400, "the served model has no tokenizer; send the prompt as token ids", param="prompt")
+            out.append(list(tok.encode(str(item))))
+        return out
 
 
 #: ``apply_chat_template`` arguments a request sets through its own fields (or the server sets): never
@@ -319,12 +329,13 @@ def _reserved_template_args(tok: Any) -> frozenset[str]:
     return got
 
 
-async def _watch_disconnect(request: Request, job: Job) -> None:
-    """Cancel ``job`` when the client goes away (the request body has been read: only a disconnect comes next)."""
+async def _watch_disconnect(request: Request, jobs: list[Job]) -> None:
+    """Cancel ``jobs`` when the client goes away (the request body has been read: only a disconnect comes next)."""
     while True:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
-            job.cancel()
+            for job in jobs:
+                job.cancel()
             return
 
 
@@ -441,18 +452,16 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
         server.check(body)
         server.admit()
         ids = server.chat_prompt(body)
-        limit = server.limit(len(ids), body.limit(), "max_tokens")
-        return await _serve(server, request, "chat", body, ids, limit)
+        return await serve(server, request, "chat", body, [ids])
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         server.authorize(request)
         server.check(body)
         server.admit()
-        ids = server.completion_prompt(body)
-        limit = server.limit(len(ids), body.limit(), "max_tokens")
-        return await _serve(server, request, "completion", body, ids, limit)
+        return await serve(server, request, "completion", body, server.completion_prompts(body))
 
+    from dualpath.http.completions import serve
     from dualpath.http.responses import add_routes
 
     add_routes(app, server)  # /v1/responses
@@ -470,74 +479,93 @@ def _remote_type() -> type:
     return RemoteBackend
 
 
-async def _serve(server: Server, request: Request, kind: str, req: ChatCompletionRequest | CompletionRequest,
-                 ids: list[int], limit: int) -> Response:
-    sampling = server.sampling(req)
-    if req.min_tokens > limit:
-        raise ApiError(400, f"min_tokens: must be at most the max tokens ({limit}); got {req.min_tokens}",
-                       param="min_tokens")
-    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    reader = server.tool_reader(req.active_tools() if isinstance(req, ChatCompletionRequest) else [])
+@dataclass(eq=False)
+class Choice:
+    """One generation of a request: its job, the text so far, and what its response needs."""
 
-    def stream(job: Job, detok: Detokenizer, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
-        return _stream(server, job, detok, first, rid, kind, req, ids, t_first, reader)
-
-    def full(job: Job, detok: Detokenizer, result: GenResult | None, t_first: float, t_last: float) -> dict[str, Any]:
-        body = _full_body(server, kind, rid, req, ids, detok, result, job, reader)
-        _observe(server, job, ids, detok, result, t_first, t_last)
-        return body
-
-    return await serve_job(server, request, request.url.path, GenRequest(ids, limit, sampling), req.stops(),
-                           bool(req.stream), stream, full, include_stop=req.include_stop_str_in_output,
-                           skip_special=req.skip_special_tokens)
+    index: int
+    job: Job
+    detok: Detokenizer
+    reader: ToolCallReader | None = None  # reads tool calls out of the text (a chat request with tools)
+    first: tuple[str, Any] | None = None  # the job's first event
+    result: GenResult | None = None
+    t_first: float = 0.0
+    t_last: float = 0.0
+    n_calls: int = 0  # tool calls streamed so far
+    text_offset: int = 0  # characters of the text whose logprobs were streamed (completions' text_offset)
 
 
-async def serve_job(server: Server, request: Request, endpoint: str, gen: GenRequest, stops: list[str],
-                    stream: bool, on_stream: Any, on_full: Any, *, include_stop: bool = False,
-                    skip_special: bool = True) -> Response:
-    """Submit ``gen`` and answer with its first event: an error status, a stream (``on_stream(job, detok,
-    first, t_first)``: the body's server-sent events, which then own the job) or, once the job ended, the JSON
-    body ``on_full(job, detok, result, t_first, t_last)``. A client that goes away cancels the job (499).
-    ``include_stop`` / ``skip_special``: see :class:`Detokenizer` (``min_tokens`` comes from the sampling)."""
+async def serve_choices(server: Server, request: Request, endpoint: str, specs: list[tuple[GenRequest, Detokenizer]],
+                        stream: bool, on_stream: Callable[[list[Choice]], AsyncIterator[bytes]],
+                        on_full: Callable[[list[Choice]], dict[str, Any]], *,
+                        readers: list[ToolCallReader | None] | None = None) -> Response:
+    """Submit one job per ``(GenRequest, Detokenizer)`` of ``specs`` and answer once each has its first event:
+    an error status (the first choice's error; every job is cancelled), a stream (``on_stream(choices)``: the
+    body's server-sent events, which then own the jobs) or, once every job ended, the JSON body
+    ``on_full(choices)``. A client that goes away cancels every job (499)."""
     m = server.metrics
-    assert gen.sampling is not None
-    job = server.backend.submit(gen)
-    detok = Detokenizer(server.backend.tokenizer, stops, frozenset(gen.sampling.stop_ids),
-                        min_tokens=gen.sampling.min_tokens, include_stop=include_stop, skip_special=skip_special)
-    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, job))
+    choices = []
+    for i, (gen, detok) in enumerate(specs):
+        choices.append(Choice(i, server.backend.submit(gen), detok, readers[i] if readers else None))
+    jobs = [c.job for c in choices]
+    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, jobs))
     m.inflight.inc()
     handed_off = False
+    retry = server.config.retry_after_s
     try:
-        first = await job.queue.get()
-        if first[0] == "error":
-            if job.client_cancelled:
-                raise _ClientGone()
-            raise _map_error(first[1], server.config.retry_after_s)
-        t_first = time.perf_counter()
-        headers = {"x-dualpath-read-path": str(job.path or "")}
+        for c in choices:
+            c.first = first = await c.job.queue.get()
+            if first[0] == "error":
+                if c.job.client_cancelled:
+                    raise _ClientGone()
+                raise _map_error(first[1], retry)
+            c.t_first = c.t_last = time.perf_counter()
+        headers = {"x-dualpath-read-path": str(choices[0].job.path or "")}
         if stream:
             watcher.cancel()
             handed_off = True
-            return StreamingResponse(on_stream(job, detok, first, t_first), media_type="text/event-stream",
-                                     headers=headers)
-        result, t_last = await _drain(job, detok, first, server.config.retry_after_s)
-        if job.client_cancelled and detok.finish is None:
-            raise _ClientGone()
-        body = on_full(job, detok, result, t_first, t_last)
-        headers["x-dualpath-read-path"] = str(job.path or (result.path if result else ""))
+            return StreamingResponse(on_stream(choices), media_type="text/event-stream", headers=headers)
+        for c in choices:
+            assert c.first is not None
+            c.result, c.t_last = await _drain(c.job, c.detok, c.first, retry)
+            if c.job.client_cancelled and c.detok.finish is None:
+                raise _ClientGone()
+        body = on_full(choices)
+        res = choices[0].result
+        headers["x-dualpath-read-path"] = str(choices[0].job.path or (res.path if res else ""))
         m.requests.labels(endpoint=endpoint, code="200").inc()
         return JSONResponse(body, headers=headers)
     except _ClientGone:
         m.cancelled.inc()
         m.requests.labels(endpoint=endpoint, code="499").inc()
         return Response(status_code=499)
-    except BaseException:
-        job.cancel()
-        raise
     finally:
         if not handed_off:
+            for job in jobs:
+                job.cancel()  # (idempotent: a finished job is left alone)
             watcher.cancel()
             m.inflight.dec()
+
+
+async def serve_job(server: Server, request: Request, endpoint: str, gen: GenRequest, stops: list[str],
+                    stream: bool, on_stream: Any, on_full: Any, *, include_stop: bool = False,
+                    skip_special: bool = True) -> Response:
+    """:func:`serve_choices` for one generation: ``on_stream(job, detok, first, t_first)`` and ``on_full(job,
+    detok, result, t_first, t_last)``. ``include_stop`` / ``skip_special``: see :class:`Detokenizer`
+    (``min_tokens`` comes from the sampling)."""
+    assert gen.sampling is not None
+    detok = Detokenizer(server.backend.tokenizer, stops, frozenset(gen.sampling.stop_ids),
+                        min_tokens=gen.sampling.min_tokens, include_stop=include_stop, skip_special=skip_special)
+
+    def streamed(choices: list[Choice]) -> AsyncIterator[bytes]:
+        c = choices[0]
+        return cast("AsyncIterator[bytes]", on_stream(c.job, c.detok, c.first, c.t_first))
+
+    def whole(choices: list[Choice]) -> dict[str, Any]:
+        c = choices[0]
+        return cast("dict[str, Any]", on_full(c.job, c.detok, c.result, c.t_first, c.t_last))
+
+    return await serve_choices(server, request, endpoint, [(gen, detok)], stream, streamed, whole)
 
 
 async def _drain(job: Job, detok: Detokenizer, first: tuple[str, Any],
@@ -560,45 +588,6 @@ async def _drain(job: Job, detok: Detokenizer, first: tuple[str, Any],
                 return None, t_last
             raise _map_error(val, retry_after)
         ev = await job.queue.get()
-
-
-def _usage(ids: list[int], detok: Detokenizer, result: GenResult | None, job: Job) -> dict[str, Any]:
-    cached = result.cached_tokens if result is not None else job.cached
-    return {"prompt_tokens": len(ids), "completion_tokens": len(detok.ids),
-            "total_tokens": len(ids) + len(detok.ids), "prompt_tokens_details": {"cached_tokens": int(cached)}}
-
-
-def _finish_reason(detok: Detokenizer, reader: ToolCallReader | None = None) -> str:
-    reason = detok.finish or "length"
-    return "tool_calls" if reason == "stop" and reader is not None and reader.calls else reason
-
-
-def _full_body(server: Server, kind: str, rid: str, req: Any, ids: list[int], detok: Detokenizer,
-               result: GenResult | None, job: Job, reader: ToolCallReader | None = None) -> dict[str, Any]:
-    detok.flush()
-    text = detok.text
-    choice: dict[str, Any] = {"index": 0, "finish_reason": "", "logprobs": None}
-    if kind == "chat":
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        if reader is not None:
-            content, _ = reader.feed(text)
-            content += reader.finish()[0]
-            if reader.calls:
-                message = {"role": "assistant", "content": content or None,
-                           "tool_calls": [c.as_dict() for c in reader.calls]}
-        choice["message"] = message
-        obj = "chat.completion"
-    else:
-        if getattr(req, "echo", False) and server.backend.tokenizer is not None:
-            text = server.backend.tokenizer.decode(ids, skip_special_tokens=req.skip_special_tokens) + text
-        choice["text"] = text
-        obj = "text_completion"
-    choice["finish_reason"] = _finish_reason(detok, reader)
-    if req.return_token_ids:
-        choice["token_ids"] = list(detok.ids)
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": server.model_name,
-            "choices": [choice], "usage": _usage(ids, detok, result, job),
-            "system_fingerprint": None}
 
 
 def _observe(server: Server, job: Job, ids: list[int], detok: Detokenizer, result: GenResult | None,
@@ -631,103 +620,3 @@ def coalesce(job: Job, detok: Detokenizer, val: int,
             break
         val = nxt[1]
     return delta, tids, pending, stop_string
-
-
-async def _stream(server: Server, job: Job, detok: Detokenizer, first: tuple[str, Any], rid: str, kind: str,
-                  req: Any, ids: list[int], t_first: float,
-                  reader: ToolCallReader | None = None) -> AsyncIterator[bytes]:
-    """Server-sent events: one chunk per text delta, the finish chunk, the usage chunk, ``[DONE]``. With tools
-    (``reader``), the text goes through the tool-call reader first: content as it can be passed on, then one
-    chunk per call once its text is complete."""
-    m = server.metrics
-    created = int(time.time())
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    def chunk(delta: str | None, finish: str | None = None, *, role: bool = False,
-              token_ids: list[int] | None = None, calls: list[ToolCall] | None = None) -> bytes:
-        if kind == "chat":
-            d: dict[str, Any] = {}
-            if role:
-                d["role"] = "assistant"
-            if delta is not None:
-                d["content"] = delta
-            if calls:
-                d["tool_calls"] = [{"index": n_calls - len(calls) + i, **c.as_dict()} for i, c in enumerate(calls)]
-            choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-        if token_ids is not None:
-            choice["token_ids"] = token_ids
-        data: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": server.model_name,
-                                "choices": [choice]}
-        if include_usage:
-            data["usage"] = None
-        return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-    n_calls = 0
-
-    def text_chunks(delta: str, tids: list[int] | None = None, final: bool = False) -> list[bytes]:
-        """The chunks of a text delta: as it is, or through the tool-call reader."""
-        nonlocal n_calls
-        if reader is None:
-            return [chunk(delta, token_ids=tids)] if delta or tids else []
-        content, calls = reader.feed(delta)
-        if final:
-            more, last = reader.finish()
-            content, calls = content + more, calls + last
-        out = [chunk(content, token_ids=tids)] if content or tids else []
-        if calls:
-            n_calls += len(calls)
-            out.append(chunk(None, calls=calls))
-        return out
-
-    result: GenResult | None = None
-    t_last = t_first
-    code = "200"
-    try:
-        if kind == "chat":
-            yield chunk("", role=True)
-        ev = first
-        while True:
-            k, val = ev
-            if k == "token":
-                delta, tids, pending, stop_string = coalesce(job, detok, val, bool(req.return_token_ids))
-                t_last = time.perf_counter()
-                for c in text_chunks(delta, tids or None):
-                    yield c
-                if stop_string:
-                    job.cancel()  # a stop string: the rest of the turn is not needed
-                    break
-                ev = pending if pending is not None else await job.queue.get()
-                continue
-            elif k == "done":
-                result = val
-                break
-            else:
-                if detok.finish is None and not job.client_cancelled:
-                    err = _map_error(val, server.config.retry_after_s)
-                    code = str(err.status)
-                    yield f"data: {json.dumps(error_body(err.message, err.etype, code=err.code))}\n\n".encode()
-                    yield b"data: [DONE]\n\n"
-                    return
-                break
-            ev = await job.queue.get()
-        for c in text_chunks(detok.flush(), final=True):
-            yield c
-        yield chunk(None if kind == "chat" else "", _finish_reason(detok, reader))
-        if include_usage:
-            data = {"id": rid, "object": obj, "created": created, "model": server.model_name, "choices": [],
-                    "usage": _usage(ids, detok, result, job)}
-            yield f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-        _observe(server, job, ids, detok, result, t_first, t_last)
-    except BaseException:
-        code = "499"
-        m.cancelled.inc()
-        raise
-    finally:
-        job.cancel()
-        m.inflight.dec()
-        m.requests.labels(endpoint="/v1/chat/completions" if kind == "chat" else "/v1/completions",
-                          code=code).inc()

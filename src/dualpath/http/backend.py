@@ -38,7 +38,7 @@ from dualpath.config import DualPathConfig
 from dualpath.engine.request import unwrap
 from dualpath.engine.sampling import SamplingParams
 from dualpath.errors import EngineError, PeerTimeout
-from dualpath.types import PathKind
+from dualpath.types import PathKind, TokenLogprob
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -81,6 +81,7 @@ class Job:
     t_submit: float = field(default_factory=time.perf_counter)
     finished: bool = False
     timed_out: bool = False  # cancelled by its deadline (http.request_timeout_s), not by the client
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens so far (sampling.logprobs set)
 
     @property
     def client_cancelled(self) -> bool:
@@ -89,6 +90,10 @@ class Job:
 
     def on_token(self, tok: int) -> None:
         self.queue.put_nowait(("token", int(tok)))
+
+    def on_logprob(self, lp: TokenLogprob) -> None:
+        """A token's logprobs (the sampling asked for them), heard just before the token itself."""
+        self.logprobs.append(lp)
 
     def cancel(self) -> None:
         """End the turn early (idempotent; a finished job is left alone)."""
@@ -133,7 +138,7 @@ class _StreamingCluster:
                 try:
                     result = await self.cluster.run_turn(str(session), prompt_ids, gen_tokens, pe, de, path,
                                                          pe_blocks, sampling=job.request.sampling,
-                                                         on_token=job.on_token)
+                                                         on_token=job.on_token, on_logprob=job.on_logprob)
                 finally:
                     tg.cancel_scope.cancel()
         except BaseExceptionGroup as eg:  # the turn's own error, not the group around it
@@ -418,7 +423,7 @@ class RemoteBackend(Backend):
         # (the client cancels the turn at the scheduler when this task is cancelled: Job.cancel, the deadline)
         out = await self.client.run_turn(job.session, job.request.prompt_ids, job.request.max_tokens,
                                          sampling=job.request.sampling, on_token=job.on_token,
-                                         on_info=lambda path, hit: _set_info(job, path, hit),
+                                         on_logprob=job.on_logprob, on_info=lambda path, hit: _set_info(job, path, hit),
                                          deadline_s=self.timeout_s)
         job.path = out.path
         return GenResult(tokens=list(out.tokens), prompt_tokens=out.prompt_tokens, cached_tokens=out.hit_tokens,

@@ -1,9 +1,10 @@
 """Request bodies of the OpenAI-compatible API, validated by pydantic (unknown fields are errors), and the
 OpenAI-style error object.
 
-Every field the OpenAI API defines is accepted; a value this server cannot honour (``n > 1``, ``logprobs: true``,
-``tool_choice: "required"``, a non-zero penalty, ``response_format`` other than text, ...) is refused with a 400 naming the field
-rather than silently ignored (:meth:`_Sampling.unsupported`); an unknown field is a 400 too.
+Every field the OpenAI API defines is accepted; a value this server cannot honour (``tool_choice: "required"``, a
+non-zero penalty, ``response_format`` other than text, ``echo`` with ``logprobs``, ...) is refused with a 400 naming
+the field rather than silently ignored (:meth:`_Sampling.unsupported`); an unknown field is a 400 too. ``n``,
+``best_of``, ``logprobs``/``top_logprobs`` and batches of prompts: :mod:`dualpath.http.completions`.
 
 Extensions, as vLLM spells them (what serving benchmarks, Qwen3 users and agent frameworks send through the
 ``openai`` client's ``extra_body``):
@@ -121,10 +122,8 @@ class _Sampling(_Strict):
 
     def unsupported(self) -> tuple[str, str] | None:
         """``(field, message)`` of the first standard field whose value this server cannot honour (a 400), or
-        None. Accepted values that change nothing (``n: 1``, ``logprobs: false``, a zero penalty, an empty
-        ``logit_bias``, ``repetition_penalty: 1``) are fine."""
-        if self.n not in (None, 1):
-            return "n", f"n: only n=1 is supported (got {self.n})"
+        None. Accepted values that change nothing (``logprobs: false``, a zero penalty, an empty ``logit_bias``,
+        ``repetition_penalty: 1``) are fine."""
         for f in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, f)
             if v:
@@ -183,10 +182,8 @@ class ChatCompletionRequest(_Sampling):
         bad = super().unsupported()
         if bad is not None:
             return bad
-        if self.logprobs:
-            return "logprobs", "logprobs: not supported (only false)"
-        if self.top_logprobs:
-            return "top_logprobs", "top_logprobs: not supported (only 0)"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs: needs logprobs: true"
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             return "response_format", (f"response_format: only type 'text' is supported (got "
                                        f"{self.response_format.get('type')!r})")
@@ -214,9 +211,10 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] = Field(description="text, or a list of token ids")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="text, token ids, or a batch of either")
     echo: bool | None = False
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # OpenAI's limit is 5, vLLM's default 20
     best_of: int | None = Field(default=None, ge=1, le=20)
     suffix: str | None = None
 
@@ -224,10 +222,13 @@ class CompletionRequest(_Sampling):
         bad = super().unsupported()
         if bad is not None:
             return bad
-        if self.logprobs is not None:
-            return "logprobs", "logprobs: not supported (only null)"
-        if self.best_of not in (None, 1):
-            return "best_of", f"best_of: only 1 is supported (got {self.best_of})"
+        if self.echo and self.logprobs is not None:
+            return "logprobs", ("logprobs: not supported with echo: true (that needs the prompt's log-probabilities, "
+                                "which this server does not compute)")
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            return "best_of", f"best_of: must be at least n ({self.n}); got {self.best_of}"
+        if self.best_of is not None and self.best_of > (self.n or 1) and self.stream:
+            return "best_of", "best_of: must equal n when streaming (the best ones are known only at the end)"
         if self.suffix:
             return "suffix", "suffix: not supported"
         return None
@@ -239,8 +240,14 @@ class CompletionRequest(_Sampling):
             if not v:
                 raise ValueError("the prompt is empty")
             if all(isinstance(x, str) for x in v):
-                if len(v) != 1:
-                    raise ValueError("only one prompt per request (n=1, no batches)")
+                if any(not x for x in v):
+                    raise ValueError("a prompt of the batch is empty")
+            elif all(isinstance(x, list) for x in v):
+                for i, ids in enumerate(v):
+                    if not ids:
+                        raise ValueError(f"prompt {i} of the batch is empty")
+                    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in ids):
+                        raise ValueError(f"prompt {i} of the batch: token ids must be non-negative integers")
             elif any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in v):
                 raise ValueError("token ids must be non-negative integers")
         elif not v:

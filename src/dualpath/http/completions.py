@@ -1,0 +1,297 @@
+"""``/v1/chat/completions`` and ``/v1/completions``: choices, streamed or whole, with their log-probabilities.
+
+One request makes one generation per choice, all submitted at once (they run concurrently on the engines; a
+shared prompt is computed once and then hit in the KV cache):
+
+* ``n`` choices per prompt. With a ``seed``, choice ``j`` samples with ``seed + j``: the choices differ and a
+  request repeated with the same seed gives the same choices. Greedy choices are identical, as in OpenAI's API.
+* completions: a batch of prompts (a list of strings, or a list of token-id lists); prompt ``p``'s choices have
+  indices ``p * n`` to ``p * n + n - 1``.
+* completions ``best_of``: ``best_of`` generations per prompt, of which the ``n`` with the highest cumulative
+  log-probability are returned (not with ``stream``, as in OpenAI's API). The usage counts every generation.
+* ``logprobs`` (chat: ``logprobs``/``top_logprobs``; completions: ``logprobs: k``): each choice carries its
+  tokens' log-probabilities (:mod:`dualpath.http.logprobs`), the stop token's included, as ``token_ids`` does;
+  a streamed chunk carries those of its own tokens.
+
+Streaming interleaves the choices' chunks as their tokens come (each chunk names its ``index``); the usage chunk
+(``stream_options.include_usage``) and ``[DONE]`` come once every choice has finished. An error on any choice
+ends the stream with an error event; a client that goes away cancels every choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from dualpath.engine.sampling import MAX_SEED
+from dualpath.http.app import (
+    ApiError,
+    Choice,
+    Detokenizer,
+    Server,
+    _map_error,
+    _observe,
+    coalesce,
+    serve_choices,
+)
+from dualpath.http.backend import GenRequest
+from dualpath.http.logprobs import TokenText, chat_entries, completion_logprobs
+from dualpath.http.schemas import ChatCompletionRequest, CompletionRequest, error_body
+from dualpath.http.tools import ToolCall
+
+MAX_CHOICES = 128  # generations of one request (prompts x n, or x best_of)
+
+
+async def serve(server: Server, request: Request, kind: str, req: ChatCompletionRequest | CompletionRequest,
+                prompts: list[list[int]]) -> Response:
+    """Answer a validated chat (``kind`` ``chat``) or completions request whose prompts are ``prompts``."""
+    per_prompt = max(int(req.n or 1), int(getattr(req, "best_of", None) or 1))
+    if per_prompt * len(prompts) > MAX_CHOICES:
+        raise ApiError(400, f"n: {len(prompts)} prompt(s) x {per_prompt} generations exceeds the limit of "
+                            f"{MAX_CHOICES} per request", param="n")
+    server.admit(per_prompt * len(prompts))
+    top = _top(req)
+    want_lp = top is not None or per_prompt > int(req.n or 1)  # best_of ranks by cumulative logprob
+    base = server.sampling(req, logprobs=(top or 0) if want_lp else None)
+    tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []
+    specs: list[tuple[GenRequest, Detokenizer]] = []
+    limits = [server.limit(len(ids), req.limit(), "max_tokens") for ids in prompts]
+    if req.min_tokens > min(limits):
+        raise ApiError(400, f"min_tokens: must be at most the max tokens ({min(limits)}); got {req.min_tokens}",
+                       param="min_tokens")
+    for ids, limit in zip(prompts, limits, strict=True):
+        for j in range(per_prompt):
+            sampling = base if base.seed is None or j == 0 else replace(base, seed=(base.seed + j) % (MAX_SEED + 1))
+            detok = Detokenizer(server.backend.tokenizer, req.stops(), frozenset(sampling.stop_ids),
+                                min_tokens=sampling.min_tokens, include_stop=req.include_stop_str_in_output,
+                                skip_special=req.skip_special_tokens)
+            specs.append((GenRequest(ids, limit, sampling), detok))
+    out = _Answer(server, kind, req, prompts, per_prompt, top, tools)
+    return await serve_choices(server, request, request.url.path, specs, bool(req.stream), out.stream, out.full,
+                               readers=[server.tool_reader(tools) for _ in specs])
+
+
+def _top(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many most likely tokens to report with each token; None: no logprobs."""
+    if isinstance(req, ChatCompletionRequest):
+        return int(req.top_logprobs or 0) if req.logprobs else None
+    return None if req.logprobs is None else int(req.logprobs)
+
+
+class _Answer:
+    """The response to one request: whole (:meth:`full`) or streamed (:meth:`stream`)."""
+
+    def __init__(self, server: Server, kind: str, req: ChatCompletionRequest | CompletionRequest,
+                 prompts: list[list[int]], per_prompt: int, top: int | None, tools: list[Any]) -> None:
+        self.server, self.kind, self.req, self.prompts = server, kind, req, prompts
+        self.per_prompt, self.n, self.top = per_prompt, int(req.n or 1), top
+        self.rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.obj = ("chat.completion" if kind == "chat" else "text_completion")
+        self.text = TokenText(server.backend.tokenizer) if top is not None else None
+        self.created = int(time.time())
+
+    # --- shared -------------------------------------------------------------------------------------------
+    def _lps(self, c: Choice, start: int, count: int) -> list[Any]:
+        got = c.job.logprobs[start: start + count]
+        if len(got) < count:  # (a token that reached us without its logprobs: never serve a misaligned list)
+            raise ApiError(503, f"choice {c.index}: the log-probabilities of tokens {start}..{start + count - 1} "
+                                "were lost in transit; retry", "server_error", code="logprobs_lost")
+        return got
+
+    def _logprobs(self, c: Choice, start: int, count: int) -> dict[str, Any] | None:
+        """The ``logprobs`` object of tokens ``start`` .. ``start + count - 1`` of choice ``c``."""
+        if self.top is None or self.text is None:
+            return None
+        lps = self._lps(c, start, count)
+        if self.kind == "chat":
+            return {"content": chat_entries(self.text, lps, self.top), "refusal": None}
+        got = completion_logprobs(self.text, lps, self.top, c.text_offset)
+        c.text_offset += sum(len(t) for t in got["tokens"])
+        return got
+
+    def usage(self, choices: list[Choice]) -> dict[str, Any]:
+        n_prompt = sum(len(p) for p in self.prompts)
+        cached = 0
+        for p in range(len(self.prompts)):
+            c = choices[p * self.per_prompt]
+            cached += c.result.cached_tokens if c.result is not None else c.job.cached
+        n_out = sum(len(c.detok.ids) for c in choices)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+                "prompt_tokens_details": {"cached_tokens": int(cached)}}
+
+    def _observe(self, choices: list[Choice]) -> None:
+        for c in choices:
+            _observe(self.server, c.job, c.job.request.prompt_ids, c.detok, c.result, c.t_first, c.t_last)
+
+    # --- whole -------------------------------------------------------------------------------------------
+    def full(self, choices: list[Choice]) -> dict[str, Any]:
+        kept = self._best(choices)
+        out = []
+        for index, c in enumerate(kept):
+            c.detok.flush()
+            text = c.detok.text
+            choice: dict[str, Any] = {"index": index, "finish_reason": "", "logprobs": None}
+            if self.kind == "chat":
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if c.reader is not None:
+                    content, _ = c.reader.feed(text)
+                    content += c.reader.finish()[0]
+                    if c.reader.calls:
+                        message = {"role": "assistant", "content": content or None,
+                                   "tool_calls": [call.as_dict() for call in c.reader.calls]}
+                choice["message"] = message
+            else:
+                if getattr(self.req, "echo", False) and self.server.backend.tokenizer is not None:
+                    text = self.server.backend.tokenizer.decode(
+                        c.job.request.prompt_ids, skip_special_tokens=self.req.skip_special_tokens) + text
+                choice["text"] = text
+            choice["logprobs"] = self._logprobs(c, 0, len(c.detok.ids))
+            choice["finish_reason"] = _finish_reason(c)
+            if self.req.return_token_ids:
+                choice["token_ids"] = list(c.detok.ids)
+            out.append(choice)
+        self._observe(choices)
+        return {"id": self.rid, "object": self.obj, "created": self.created, "model": self.server.model_name,
+                "choices": out, "usage": self.usage(choices), "system_fingerprint": None}
+
+    def _best(self, choices: list[Choice]) -> list[Choice]:
+        """Each prompt's ``n`` choices: all of them, or with ``best_of`` the ``n`` most likely."""
+        if self.per_prompt == self.n:
+            return choices
+        kept: list[Choice] = []
+        for p in range(len(self.prompts)):
+            group = choices[p * self.per_prompt: (p + 1) * self.per_prompt]
+            ranked = sorted(group, key=lambda c: -sum(lp.logprob for lp in self._lps(c, 0, len(c.detok.ids))))
+            kept += sorted(ranked[: self.n], key=lambda c: c.index)
+        return kept
+
+    # --- streamed ----------------------------------------------------------------------------------------
+    def _chunk(self, c: Choice, delta: str | None, finish: str | None = None, *, role: bool = False,
+               token_ids: list[int] | None = None, calls: list[ToolCall] | None = None,
+               logprobs: dict[str, Any] | None = None) -> bytes:
+        if self.kind == "chat":
+            d: dict[str, Any] = {}
+            if role:
+                d["role"] = "assistant"
+            if delta is not None:
+                d["content"] = delta
+            if calls:
+                d["tool_calls"] = [{"index": c.n_calls - len(calls) + i, **call.as_dict()}
+                                   for i, call in enumerate(calls)]
+            choice: dict[str, Any] = {"index": c.index, "delta": d, "finish_reason": finish, "logprobs": logprobs}
+        else:
+            choice = {"index": c.index, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
+        if token_ids is not None:
+            choice["token_ids"] = token_ids
+        data: dict[str, Any] = {"id": self.rid, "object": self.obj + (".chunk" if self.kind == "chat" else ""),
+                                "created": self.created, "model": self.server.model_name, "choices": [choice]}
+        if self._include_usage:
+            data["usage"] = None
+        return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+    @property
+    def _include_usage(self) -> bool:
+        return bool(self.req.stream_options and self.req.stream_options.include_usage)
+
+    def _text_chunks(self, c: Choice, delta: str, tids: list[int], final: bool = False) -> list[bytes]:
+        """The chunks of a text delta (and of the tokens ``tids`` it came from): as it is, or through the
+        tool-call reader (content as it can be passed on, then one chunk per complete call)."""
+        out_ids = tids if self.req.return_token_ids and tids else None
+        lp = self._logprobs(c, len(c.detok.ids) - len(tids), len(tids)) if tids else None
+        if c.reader is None:
+            return [self._chunk(c, delta, token_ids=out_ids, logprobs=lp)] if delta or out_ids or lp else []
+        content, calls = c.reader.feed(delta)
+        if final:
+            more, last = c.reader.finish()
+            content, calls = content + more, calls + last
+        out = [self._chunk(c, content, token_ids=out_ids, logprobs=lp)] if content or out_ids or lp else []
+        if calls:
+            c.n_calls += len(calls)
+            out.append(self._chunk(c, None, calls=calls))
+        return out
+
+    async def _produce(self, c: Choice, out: asyncio.Queue[tuple[Choice, bytes | ApiError | None]]) -> None:
+        """Choice ``c``'s chunks into ``out``, then None (or the error that ended it)."""
+        job, detok = c.job, c.detok
+        try:
+            if self.kind == "chat":
+                out.put_nowait((c, self._chunk(c, "", role=True)))
+            assert c.first is not None
+            ev = c.first
+            while True:
+                k, val = ev
+                if k == "token":
+                    delta, tids, pending, stop_string = coalesce(job, detok, val, True)
+                    c.t_last = time.perf_counter()
+                    for b in self._text_chunks(c, delta, tids):
+                        out.put_nowait((c, b))
+                    if stop_string:
+                        job.cancel()  # a stop string: the rest of the turn is not needed
+                        break
+                    ev = pending if pending is not None else await job.queue.get()
+                    continue
+                if k == "done":
+                    c.result = val
+                elif detok.finish is None and not job.client_cancelled:
+                    raise _map_error(val, self.server.config.retry_after_s)
+                break
+            for b in self._text_chunks(c, detok.flush(), [], final=True):
+                out.put_nowait((c, b))
+            out.put_nowait((c, self._chunk(c, None if self.kind == "chat" else "", _finish_reason(c))))
+            out.put_nowait((c, None))
+        except ApiError as err:
+            out.put_nowait((c, err))
+
+    async def stream(self, choices: list[Choice]) -> AsyncIterator[bytes]:
+        """Server-sent events: every choice's chunks as they come, the usage chunk, ``[DONE]``."""
+        m = self.server.metrics
+        queue: asyncio.Queue[tuple[Choice, bytes | ApiError | None]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._produce(c, queue)) for c in choices]
+        code = "200"
+        try:
+            left = len(choices)
+            while left:
+                _, item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, ApiError):
+                    code = str(item.status)
+                    yield f"data: {json.dumps(error_body(item.message, item.etype, code=item.code))}\n\n".encode()
+                    yield b"data: [DONE]\n\n"
+                    return
+                else:
+                    yield item
+            if self._include_usage:
+                data = {"id": self.rid, "object": self.obj + (".chunk" if self.kind == "chat" else ""),
+                        "created": self.created, "model": self.server.model_name, "choices": [],
+                        "usage": self.usage(choices)}
+                yield f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+            self._observe(choices)
+        except BaseException:
+            code = "499"
+            m.cancelled.inc()
+            raise
+        finally:
+            for t in tasks:
+                t.cancel()
+            for c in choices:
+                c.job.cancel()
+            m.inflight.dec()
+            m.requests.labels(endpoint="/v1/chat/completions" if self.kind == "chat" else "/v1/completions",
+                              code=code).inc()
+
+
+def _finish_reason(c: Choice) -> str:
+    reason = c.detok.finish or "length"
+    return "tool_calls" if reason == "stop" and c.reader is not None and c.reader.calls else reason
+

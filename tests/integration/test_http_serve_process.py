@@ -114,6 +114,17 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
                     assert lps == pytest.approx([x.logprob for x in turn.logprobs], abs=1e-5)
                     tops = [t for ch in got if ch["logprobs"] for t in ch["logprobs"]["top_logprobs"]]
                     assert [len(t) for t in tops] == [len({*(i for i, _ in x.top), x.token}) for x in turn.logprobs]
+            # echo with logprobs: the prefill engine process computes the prompt's (a recomputed turn), and they
+            # come back with the result; max_tokens 0 scores the prompt only
+            ref_p = _reference_turn(cfg, prompt, 1, SamplingParams(logprobs=2, prompt_logprobs=2))
+            r = cl.post("/v1/completions", headers=auth, json={"prompt": prompt, "max_tokens": 0, "echo": True,
+                                                               "logprobs": 2, "temperature": 0})
+            assert r.status_code == 200, r.text
+            lp = r.json()["choices"][0]["logprobs"]
+            assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(prompt)
+            assert lp["token_logprobs"][1:] == pytest.approx([x.logprob for x in ref_p.prompt_logprobs], abs=1e-5)
+            assert lp["tokens"] == [f"<{t}>" for t in prompt]  # (the synthetic model has no tokenizer)
+            assert r.json()["usage"]["completion_tokens"] == 0
         pids = _engine_pids(tmp_path / "work")
     finally:
         stop_process(proc, signal.SIGTERM)

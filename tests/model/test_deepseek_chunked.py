@@ -80,3 +80,34 @@ async def test_chunked_mla_prefill_equals_unchunked(ckpt: Any, read_path: str) -
     assert r2.hit_tokens == 32
     want = [math.ceil((r.prompt_tokens - r.hit_tokens) / CHUNK) for r in (r1, r2)]
     assert min(want) >= 3 and runs[True][2:] == (sum(want), 0) and runs[False][2] == 0
+
+
+@pytest.mark.anyio
+async def test_prompt_logprobs_over_chunks_are_transformers_log_softmax(ckpt: Any) -> None:
+    """``prompt_logprobs`` with chunked prefill: every chunk's rows are scored, in order, and the whole prompt's
+    log-probabilities equal transformers' full forward; a prompt with a stored prefix is recomputed for them."""
+    from dualpath.engine.sampling import SamplingParams
+
+    prompt = FIRST + SECOND
+    sp = SamplingParams(logprobs=2, prompt_logprobs=3)
+    got = {}
+    for chunked in (False, True):
+        async with _cluster(ckpt, chunked) as c:
+            with anyio.fail_after(120):
+                await c.run_turn("s", prompt, 2, path="recompute")  # (its blocks are stored: a hit next time)
+                got[chunked] = await c.run_turn("s", prompt, 2, path="de", sampling=sp)
+            chunks = c.pes[0].chunks
+        assert got[chunked].hit_tokens == 0  # recomputed, whatever the path asked
+        assert (chunks > 0) == chunked
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].double(), dim=-1)
+    for chunked, res in got.items():
+        lps = res.prompt_logprobs
+        assert lps is not None and [x.token for x in lps] == prompt[1:], chunked
+        want = [float(ref[i - 1, prompt[i]]) for i in range(1, len(prompt))]
+        assert [x.logprob for x in lps] == pytest.approx(want, abs=2e-3)
+        for i, x in enumerate(lps):
+            assert [t for t, _ in x.top] == torch.topk(ref[i], 3).indices.tolist() or \
+                [v for _, v in x.top] == pytest.approx(torch.topk(ref[i], 3).values.tolist(), abs=2e-3)
+        assert res.logprobs is not None and len(res.logprobs) == 2

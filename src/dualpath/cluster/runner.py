@@ -291,7 +291,8 @@ class Cluster:
         ``sampling``: how the decode engine picks tokens (default greedy; see :mod:`dualpath.engine.sampling`);
         ``on_token``: called with each token as the decode engine produces it (streaming); with
         ``sampling.logprobs`` set, ``on_logprob`` gets each token's :class:`~dualpath.engine.sampling.TokenLogprob`
-        just before it (the result's ``logprobs`` holds them all). Cancelling the
+        just before it (the result's ``logprobs`` holds them all). With ``sampling.prompt_logprobs`` set the turn
+        is recomputed (``path`` is ignored) and the result's ``prompt_logprobs`` holds prompt tokens 1 .. n-1's. Cancelling the
         caller cancels the turn on both engines and frees its buffers and pool pages.
 
         Raises :class:`EngineError` when the turn failed (a transfer failed or timed out, a peer failed); with
@@ -300,6 +301,8 @@ class Cluster:
         if not self._started:
             raise EngineError("the cluster is not started (use 'async with cluster')")
         path = PathKind(path)
+        if sampling is not None and sampling.prompt_logprobs is not None:
+            path = PathKind.RECOMPUTE  # every prompt position is computed (a loaded position has no logits)
         ids = [int(t) for t in prompt_ids]
         self.check_turn(ids, gen_tokens, pe, de)
         try:
@@ -377,6 +380,8 @@ class Cluster:
                 pe=pe_i, de=de_i, timings=turn.timings, link_bytes=dict(turn.link_bytes),
                 logits=list(seq.logits) if self.config.cluster.keep_logits else None,
                 logprobs=list(seq.logprobs) if sampling is not None and sampling.logprobs is not None else None,
+                prompt_logprobs=list(turn.prompt_lps) if sampling is not None and sampling.prompt_logprobs is not None
+                else None,
             )
         except BaseException as exc:
             turn.fail(unwrap(exc))

@@ -263,12 +263,18 @@ class ServeClient:
             stream.closed = True
         offset = max(0.0, (t_end - t0) - b["total_s"]) / 2  # half the wire time, each way
         t_first = t0 + offset + b["ttft_s"]
-        return TurnOutcome(
+        prompt_lps = None
+        if "plp_width" in b:
+            prompt_lps = bin_to_logprobs(int(b["plp_width"]), b.get("plp_ids", b""), b.get("plp_vals", b""),
+                                         [int(x) for x in np.asarray(prompt_ids).reshape(-1)[1:]], where="result")
+        out = TurnOutcome(
             session=int(session), tokens=tokens, prompt_tokens=int(b["prompt_tokens"]),
             hit_tokens=int(b["hit_tokens"]), t_submit=t0, t_first_token=t_first,
             t_second_token=t_first + b["tpot_s"] if len(tokens) > 1 else None,
             t_done=t_end, path=str(b["path"]), pe=int(b["pe"]), de=int(b["de"]), t_scheduled=None,
         )
+        out.prompt_logprobs = prompt_lps
+        return out
 
     def stream_turn(self, session: int, prompt_ids: Any, gen_tokens: int, **kw: Any) -> TurnStream:
         """:meth:`run_turn` as an async iterator of tokens (``async for tok in client.stream_turn(...)``);

@@ -392,15 +392,14 @@ class EngineHost:
         turn = Turn(str(b["session"]), ids, b["gen"], b["pe"], b["de"], PathKind(b["path"]), keys,
                     b["stored_blocks"], b["pe_blocks"], self.layout)
         turn.rid = rid  # both hosts use the scheduler's request id: transport tags agree
-        if self.role is Role.DECODE:
-            try:  # the same sampling code as in-process (engine/sampling.py, run by the decode engine)
-                turn.sampling = sampling_of(b, "begin")
-            except ProtocolError as exc:
-                raise InvalidTurn(f"{self.name}: turn {rid}: {exc}") from None
-            if b.get("stream"):
-                turn.on_token = lambda tok, _rid=rid: self._on_token(_rid, tok)
-                if turn.sampling is not None and turn.sampling.logprobs is not None:
-                    turn.on_logprob = lambda lp, _rid=rid: self._lp.__setitem__(_rid, lp)
+        try:  # the same sampling code as in-process (engine/sampling.py: the DE samples, the PE reads
+            turn.sampling = sampling_of(b, "begin")  # prompt_logprobs)
+        except ProtocolError as exc:
+            raise InvalidTurn(f"{self.name}: turn {rid}: {exc}") from None
+        if self.role is Role.DECODE and b.get("stream"):
+            turn.on_token = lambda tok, _rid=rid: self._on_token(_rid, tok)
+            if turn.sampling is not None and turn.sampling.logprobs is not None:
+                turn.on_logprob = lambda lp, _rid=rid: self._lp.__setitem__(_rid, lp)
         held = _Held(turn, time.monotonic() + b["deadline_s"])
         self.turns[rid] = held
         eng.assign(turn)
@@ -441,7 +440,11 @@ class EngineHost:
             await self._abort(rid, f"prefill failed: {unwrap(exc)!r}")
             raise _as_engine_error(self.name, rid, exc) from None
         await self._finish_pe(rid)
-        return "prefilled", {"rid": rid, "logits": logits, "t_prefill_s": t_prefill}
+        out: dict[str, Any] = {"rid": rid, "logits": logits, "t_prefill_s": t_prefill}
+        if turn.sampling is not None and turn.sampling.prompt_logprobs is not None and turn.prompt_lps:
+            width, ids, vals = logprobs_to_bin(turn.prompt_lps)
+            out.update(plp_width=width, plp_ids=ids, plp_vals=vals)
+        return "prefilled", out
 
     async def _finish_pe(self, rid: int) -> None:
         held = self.turns.pop(rid, None)

@@ -15,7 +15,9 @@ answers ``error`` when it can identify the sender and keeps running.
 Token ids travel as little-endian int64 ``bin`` (``tokens_to_bin``/``bin_to_tokens``); logits as float32 ``bin``.
 Per-token log-probabilities (a turn whose sampling asks for ``logprobs``) ride on the ``tokens`` and ``stream``
 notices: ``lp_width`` entries per token (the picked token, then its ``logprobs`` most likely), their ids as int32
-``lp_ids`` and their values as float32 ``lp_vals`` (``logprobs_to_bin``/``bin_to_logprobs``).
+``lp_ids`` and their values as float32 ``lp_vals`` (``logprobs_to_bin``/``bin_to_logprobs``). A prompt's
+(``prompt_logprobs``) go the same way as ``plp_width``/``plp_ids``/``plp_vals`` on the PE's ``prefilled`` reply
+and the scheduler's ``result``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ MAX_BIN = MAX_TOKENS * 8
 U63 = (1 << 63) - 1
 MAX_LP_WIDTH = 21  # logprob entries per streamed token: the picked one and up to 20 most likely
 MAX_LP_BIN = (1 << 16) * MAX_LP_WIDTH * 4  # a notice's tokens (at most 2^16), each with MAX_LP_WIDTH entries
+MAX_PLP_BIN = MAX_TOKENS * MAX_LP_WIDTH * 4  # a prompt's tokens, each with MAX_LP_WIDTH entries (the frame cap rules)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
 
@@ -73,6 +76,14 @@ _REASON = F("str", max_len=MAX_STR)
 _TIME = F("float", lo=0.0, hi=1e12)
 
 #: message type -> its fields
+#: a prompt's log-probabilities (prompt tokens 1 .. n-1; sampling's ``prompt_logprobs``): PE -> scheduler on
+#: ``prefilled``, scheduler -> client on ``result``
+PROMPT_LP_FIELDS: dict[str, F] = {
+    "plp_width": F("int", required=False, lo=1, hi=MAX_LP_WIDTH),
+    "plp_ids": F("bin", required=False, max_len=MAX_PLP_BIN, multiple=4),
+    "plp_vals": F("bin", required=False, max_len=MAX_PLP_BIN, multiple=4),
+}
+
 SCHEMAS: dict[str, dict[str, F]] = {
     # --- generic ---
     "ping": {},
@@ -199,11 +210,14 @@ SAMPLING_FIELDS: dict[str, F] = {
     "stop_ids": F("ints", required=False, max_len=256, lo=0, hi=(1 << 31) - 1),
     "min_tokens": F("int", required=False, lo=0, hi=(1 << 31) - 1),  # no stop id before this many tokens
     "logprobs": F("int", required=False, lo=0, hi=MAX_LP_WIDTH - 1),  # record logprobs, with this many top ones
+    "prompt_logprobs": F("int", required=False, lo=0, hi=MAX_LP_WIDTH - 1),  # the prompt's too (PE; recomputed)
 }
 SCHEMAS["submit"].update(SAMPLING_FIELDS)
 SCHEMAS["submit"]["stream"] = F("int", required=False, lo=0, hi=U63)  # > 0: send ``stream`` notices with this id
 SCHEMAS["begin"].update(SAMPLING_FIELDS)
 SCHEMAS["begin"]["stream"] = F("bool", required=False)  # the DE sends ``tokens`` notices for this turn
+SCHEMAS["prefilled"].update(PROMPT_LP_FIELDS)
+SCHEMAS["result"].update(PROMPT_LP_FIELDS)
 
 
 def sampling_body(params: Any) -> dict[str, Any]:
@@ -218,6 +232,8 @@ def sampling_body(params: Any) -> dict[str, Any]:
         out["min_tokens"] = int(params.min_tokens)
     if params.logprobs is not None:
         out["logprobs"] = int(params.logprobs)
+    if params.prompt_logprobs is not None:
+        out["prompt_logprobs"] = int(params.prompt_logprobs)
     return out
 
 
@@ -234,7 +250,9 @@ def sampling_of(body: Mapping[str, Any], where: str) -> Any:
                               top_k=int(body.get("top_k", 0)), seed=body.get("seed"),
                               stop_ids=tuple(int(t) for t in body.get("stop_ids", ())),
                               min_tokens=int(body.get("min_tokens", 0)),
-                              logprobs=None if body.get("logprobs") is None else int(body["logprobs"]))
+                              logprobs=None if body.get("logprobs") is None else int(body["logprobs"]),
+                              prompt_logprobs=None if body.get("prompt_logprobs") is None
+                              else int(body["prompt_logprobs"]))
     except ModelError as exc:
         raise ProtocolError(f"{where}: {exc}") from None
 

@@ -104,6 +104,7 @@ class TurnCtx:
     done: bool = False  # the submit handler ended
     path: str = ""  # the current dispatch's read path and hit (sent with the first streamed tokens)
     hit_tokens: int = 0
+    prompt_lp: dict[str, Any] = field(default_factory=dict)  # the PE's plp_* fields (prompt_logprobs), for the result
 
 
 @dataclass
@@ -241,10 +242,15 @@ class RemoteCluster:
         d = self.d
         remaining = _left(deadline)
         stored = 0
+        if ctx is not None and "prompt_logprobs" in ctx.sampling:
+            path = PathKind.RECOMPUTE  # every prompt position is computed (a loaded position has no logits)
         if path is not PathKind.RECOMPUTE:
             looked = await d.request(pe_rec, "lookup", {"prompt": prompt}, min(remaining, 10.0))
             stored = int(looked.body["blocks"])
         plan = plan_sides(stored, path, pe_blocks)
+        pe_extra: dict[str, Any] = {}
+        if ctx is not None and "prompt_logprobs" in ctx.sampling:  # the PE computes them (the turn is recomputed)
+            pe_extra["prompt_logprobs"] = ctx.sampling["prompt_logprobs"]
         begin = {"rid": rid, "session": int(session), "prompt": prompt, "gen": int(gen_tokens),
                  "path": path.value, "pe": pe, "de": de, "pe_blocks": plan.pe_blocks,
                  "stored_blocks": plan.stored_blocks, "deadline_s": max(0.001, _left(deadline))}
@@ -252,7 +258,7 @@ class RemoteCluster:
         ok: dict[str, int] = {}
 
         async def _begin(side: str, rec: EngineRecord) -> None:
-            body = de_begin if side == "de" else begin
+            body = de_begin if side == "de" else {**begin, **pe_extra}
             r = await d.request(rec, "begin", body, _left(deadline))
             ok[side] = int(r.body["ok_blocks"])
 
@@ -276,6 +282,8 @@ class RemoteCluster:
             pe_rec.tok -= n
             self._pe_released[rid] = True
             await d.notify(de_rec, "logits", {"rid": rid, "logits": pre.body["logits"]})
+            if ctx is not None and pe_extra:
+                ctx.prompt_lp = {k: pre.body[k] for k in ("plp_width", "plp_ids", "plp_vals") if k in pre.body}
         fin = out["de"].body
         d.stats["paths." + path.value] += 1
         return RemoteResult(tokens=list(fin["tokens"]), prompt_tokens=n, hit_tokens=int(fin["hit_tokens"]),
@@ -788,7 +796,7 @@ class SchedulerDaemon:
         return "result", {"session": int(b["session"]), "tokens": [int(x) for x in outcome.tokens],
                           "prompt_tokens": outcome.prompt_tokens, "hit_tokens": outcome.hit_tokens,
                           "path": outcome.path, "pe": outcome.pe, "de": outcome.de, "ttft_s": ttft,
-                          "tpot_s": max(0.0, tpot), "total_s": total, "retries": retries}
+                          "tpot_s": max(0.0, tpot), "total_s": total, "retries": retries, **ctx.prompt_lp}
 
     def stats_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: int(v) for k, v in self.stats.items()}

@@ -84,6 +84,11 @@ class LayerwiseModel(abc.ABC):
         kv_layers: Sequence[torch.Tensor],
     ) -> torch.Tensor: ...
 
+    async def logits_at(self, state: Any, index: int, start: int, stop: int) -> torch.Tensor:
+        """After :meth:`prefill_end`: fp32 logits ``[stop - start, vocab]`` at new tokens ``start .. stop - 1`` of
+        sequence ``index`` of the batch (prompt log-probabilities). Models that cannot raise :class:`ModelError`."""
+        raise ModelError(f"{type(self).__name__} does not compute prompt log-probabilities (a real model does)")
+
     def with_device(self, device: torch.device) -> LayerwiseModel:
         """A model instance bound to ``device`` (may share weights with ``self`` when the device matches)."""
         return self
@@ -178,6 +183,14 @@ class LlamaAdapter(LayerwiseModel):
     async def prefill_end(self, state: Any) -> torch.Tensor:
         out = await self._run(self.model.prefill_end, state)
         return out.float()
+
+    async def logits_at(self, state: Any, index: int, start: int, stop: int) -> torch.Tensor:
+        last = state.batch.last_index
+        first = 0 if index == 0 else int(last[index - 1]) + 1  # the sequence's first row in the batch
+        if not 0 <= start <= stop <= int(last[index]) + 1 - first:
+            raise ModelError(f"logits_at: rows {start}..{stop} outside sequence {index} of the batch")
+        rows = torch.arange(first + start, first + stop, dtype=torch.int64)
+        return await self._run(self.model.logits_at, state, rows)
 
     async def decode_step(
         self,

@@ -23,6 +23,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import torch
@@ -30,7 +31,8 @@ import torch
 from dualpath.engine.base import Engine, EngineContext
 from dualpath.engine.model_api import PrefillSeq
 from dualpath.engine.request import Turn, unwrap
-from dualpath.errors import EngineError
+from dualpath.engine.sampling import rows_logprobs
+from dualpath.errors import EngineError, ModelError
 from dualpath.paths.pe_read import h2d_layer, pe_read
 from dualpath.scheduler.batching import PendingPrefill, pack_forward_batch
 from dualpath.transports.base import Region, Transport
@@ -309,6 +311,9 @@ class PrefillEngine(Engine):
                 self._keep_layer(chunks, offs, layer, slot)
                 ships.start_soon(self._ship_layer, ship_turns, ship_offs, layer, slot, slot_free[layer % ring])
         logits = await self.model.prefill_end(state)
+        for i, c in enumerate(chunks):
+            if c.turn.sampling is not None and c.turn.sampling.prompt_logprobs is not None and c.turn.error is None:
+                await self._prompt_logprobs(state, i, c)
         done = time.perf_counter()
         for i, c in enumerate(chunks):
             t = c.turn
@@ -316,6 +321,23 @@ class PrefillEngine(Engine):
                 t.first_logits = logits[i].detach().to("cpu", torch.float32)
                 t.timings.t_prefill_done = done
                 t.prefill_done.set()
+
+    async def _prompt_logprobs(self, state: Any, index: int, c: PrefillChunk) -> None:
+        """Record the logprobs of prompt tokens ``c.start + 1 .. c.end`` (each predicted by the row before it) for
+        chunk ``c``, sequence ``index`` of the forward; a request whose prompt is then incomplete fails."""
+        t = c.turn
+        assert t.sampling is not None and t.sampling.prompt_logprobs is not None
+        stop = min(c.end, t.prompt_len - 1)  # (the last position predicts the first generated token)
+        try:
+            if len(t.prompt_lps) != c.start:
+                raise ModelError(f"turn {t.rid}: prompt log-probabilities need every prompt position computed, but "
+                                 f"positions before {c.start} were not (their KV was read, not recomputed)")
+            for a in range(c.start, stop, 512):  # (a bounded [rows, vocab] at a time)
+                b = min(stop, a + 512)
+                rows = await self.model.logits_at(state, index, a - c.start, b - c.start)
+                t.prompt_lps += rows_logprobs(rows, t.prompt[a + 1: b + 1], t.sampling.prompt_logprobs)
+        except ModelError as exc:
+            t.fail(exc)
 
     def _keep_layer(self, chunks: list[PrefillChunk], offs: list[int], layer: int, slot: torch.Tensor) -> None:
         """After layer ``layer`` of a chunk that is not its request's last, keep the request's rows ``[0, end)``

@@ -89,6 +89,7 @@ class TurnResult:
     link_bytes: dict[str, int] = field(default_factory=dict)  # "pe0.cnic.in" -> bytes this turn charged
     logits: list[torch.Tensor] | None = None  # per generated token (cluster.keep_logits)
     logprobs: list[TokenLogprob] | None = None  # per generated token, when the sampling asked (logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token after the first (prompt_logprobs)
     retried_recompute: bool = False
 
     # --- the flat view (also what the workload clients read) -----------------------------------------------
@@ -229,6 +230,7 @@ class Turn:
         self.sampling: SamplingParams | None = None
         self.on_token: Callable[[int], None] | None = None
         self.on_logprob: Callable[[TokenLogprob], None] | None = None  # before on_token (sampling.logprobs)
+        self.prompt_lps: list[TokenLogprob] = []  # the PE's, for prompt tokens 1.. (sampling.prompt_logprobs)
 
     # --- sizes -------------------------------------------------------------------------------------------
     @property

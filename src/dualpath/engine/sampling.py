@@ -15,6 +15,9 @@ the request before ``min_tokens`` tokens. ``temperature == 0`` means greedy (``a
 under the model (the log-softmax of the raw logits, before ``min_tokens`` masking, temperature and filtering, as
 vLLM and OpenAI report it) and the ``logprobs`` most likely tokens' (0 to :data:`MAX_LOGPROBS`). The decode
 engine hands each to the turn's ``on_logprob`` listener before the token itself reaches ``on_token``.
+``prompt_logprobs`` (``None``: off): the prefill engine records the same for every prompt token after the first
+(:func:`rows_logprobs` over its forward's hidden states); such a turn is recomputed, never read from storage, since
+a prompt position whose KV is loaded has no forward to take logits from.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 from dualpath.errors import ModelError
 from dualpath.types import TokenLogprob
 
-__all__ = ["MAX_LOGPROBS", "Sampler", "SamplingParams", "TokenLogprob", "filtered_probs", "sample", "token_logprob"]
+__all__ = ["MAX_LOGPROBS", "Sampler", "SamplingParams", "TokenLogprob", "filtered_probs", "rows_logprobs", "sample",
+           "token_logprob"]
 
 MAX_SEED = (1 << 63) - 1
 MAX_LOGPROBS = 20  # most likely tokens reported with each generated token (OpenAI's top_logprobs limit)
@@ -54,6 +58,7 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     min_tokens: int = 0  # no stop id is picked before this many tokens are generated
     logprobs: int | None = None  # None: off; k: record each token's logprob and the k most likely tokens'
+    prompt_logprobs: int | None = None  # None: off; k: the prompt tokens' logprobs, computed by the PE
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature > 100.0:
@@ -66,12 +71,29 @@ class SamplingParams:
             raise ModelError(f"sampling.seed must lie in [0, 2^63), got {self.seed}")
         if self.min_tokens < 0:
             raise ModelError(f"sampling.min_tokens must be >= 0, got {self.min_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ModelError(f"sampling.logprobs must lie in [0, {MAX_LOGPROBS}] (or be None), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                raise ModelError(f"sampling.{name} must lie in [0, {MAX_LOGPROBS}] (or be None), got {v}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def rows_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """The :class:`TokenLogprob` of ``targets[i]`` under each row ``logits[i]`` (``[rows, vocab]``), with the ``k``
+    most likely tokens of the row."""
+    lp = torch.log_softmax(logits.detach().to(torch.float32), dim=-1)
+    tgt = targets.to(lp.device, torch.int64).reshape(-1, 1)
+    chosen = lp.gather(1, tgt).reshape(-1).tolist()
+    ids = tgt.reshape(-1).tolist()
+    if k > 0:
+        vals, top = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        tops = [tuple(zip(t, v, strict=True)) for t, v in zip(top.tolist(), vals.tolist(), strict=True)]
+    else:
+        tops = [() for _ in ids]
+    return [TokenLogprob(int(i), float(c), t) for i, c, t in zip(ids, chosen, tops, strict=True)]
 
 
 class Sampler:

@@ -185,9 +185,10 @@ class Server:
                                 "retry later", "rate_limit_exceeded", code="overloaded",
                            retry_after=self.config.retry_after_s)
 
-    def sampling(self, req: ChatCompletionRequest | CompletionRequest | Any,
-                 logprobs: int | None = None) -> SamplingParams:
-        """The request's sampling; ``logprobs``: record each token's logprobs with this many most likely."""
+    def sampling(self, req: ChatCompletionRequest | CompletionRequest | Any, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
+        """The request's sampling; ``logprobs`` / ``prompt_logprobs``: record each generated / prompt token's
+        logprobs with this many most likely."""
         b = self.backend
         temp = req.temperature if req.temperature is not None else self.config.default_temperature
         top_p = req.top_p if req.top_p is not None else 1.0
@@ -196,12 +197,14 @@ class Server:
         min_tokens = int(getattr(req, "min_tokens", 0) or 0)
         try:
             return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=req.seed, stop_ids=stop_ids,
-                                  min_tokens=min_tokens, logprobs=logprobs)
+                                  min_tokens=min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ModelError as exc:
             raise ApiError(400, str(exc)) from None
 
     def limit(self, n_prompt: int, requested: int | None, param: str) -> int:
         ctx = self.backend.max_context
+        if requested == 0:  # (echo only: one token is generated and dropped)
+            requested = 1
         if requested is None:
             requested = max(1, min(self.config.max_tokens_default, ctx - n_prompt)) if ctx else \
                 self.config.max_tokens_default

@@ -82,6 +82,7 @@ class Job:
     finished: bool = False
     timed_out: bool = False  # cancelled by its deadline (http.request_timeout_s), not by the client
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens so far (sampling.logprobs set)
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (sampling.prompt_logprobs), once done
 
     @property
     def client_cancelled(self) -> bool:
@@ -139,6 +140,7 @@ class _StreamingCluster:
                     result = await self.cluster.run_turn(str(session), prompt_ids, gen_tokens, pe, de, path,
                                                          pe_blocks, sampling=job.request.sampling,
                                                          on_token=job.on_token, on_logprob=job.on_logprob)
+                    job.prompt_logprobs = result.prompt_logprobs
                 finally:
                     tg.cancel_scope.cancel()
         except BaseExceptionGroup as eg:  # the turn's own error, not the group around it
@@ -426,6 +428,7 @@ class RemoteBackend(Backend):
                                          on_logprob=job.on_logprob, on_info=lambda path, hit: _set_info(job, path, hit),
                                          deadline_s=self.timeout_s)
         job.path = out.path
+        job.prompt_logprobs = out.prompt_logprobs
         return GenResult(tokens=list(out.tokens), prompt_tokens=out.prompt_tokens, cached_tokens=out.hit_tokens,
                          path=out.path, ttft_s=out.ttft, t_done=out.t_done)
 

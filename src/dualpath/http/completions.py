@@ -60,6 +60,8 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
     server.admit(per_prompt * len(prompts))
     top = _top(req)
     want_lp = top is not None or per_prompt > int(req.n or 1)  # best_of ranks by cumulative logprob
+    echo = bool(getattr(req, "echo", False))
+    prompt_top = top if echo else None  # echo with logprobs: the prompt's too (computed once per prompt)
     base = server.sampling(req, logprobs=(top or 0) if want_lp else None)
     tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []
     specs: list[tuple[GenRequest, Detokenizer]] = []
@@ -70,6 +72,8 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
     for ids, limit in zip(prompts, limits, strict=True):
         for j in range(per_prompt):
             sampling = base if base.seed is None or j == 0 else replace(base, seed=(base.seed + j) % (MAX_SEED + 1))
+            if j == 0 and prompt_top is not None:
+                sampling = replace(sampling, prompt_logprobs=prompt_top)
             detok = Detokenizer(server.backend.tokenizer, req.stops(), frozenset(sampling.stop_ids),
                                 min_tokens=sampling.min_tokens, include_stop=req.include_stop_str_in_output,
                                 skip_special=req.skip_special_tokens)
@@ -96,6 +100,8 @@ class _Answer:
         self.rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.obj = ("chat.completion" if kind == "chat" else "text_completion")
         self.text = TokenText(server.backend.tokenizer) if top is not None else None
+        self.echo = bool(getattr(req, "echo", False))
+        self.zero = req.max_tokens == 0  # (completions with echo: the one token generated is dropped)
         self.created = int(time.time())
 
     # --- shared -------------------------------------------------------------------------------------------
@@ -123,7 +129,7 @@ class _Answer:
         for p in range(len(self.prompts)):
             c = choices[p * self.per_prompt]
             cached += c.result.cached_tokens if c.result is not None else c.job.cached
-        n_out = sum(len(c.detok.ids) for c in choices)
+        n_out = 0 if self.zero else sum(len(c.detok.ids) for c in choices)
         return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
                 "prompt_tokens_details": {"cached_tokens": int(cached)}}
 
@@ -137,7 +143,8 @@ class _Answer:
         out = []
         for index, c in enumerate(kept):
             c.detok.flush()
-            text = c.detok.text
+            text = "" if self.zero else c.detok.text
+            n_gen = 0 if self.zero else len(c.detok.ids)
             choice: dict[str, Any] = {"index": index, "finish_reason": "", "logprobs": None}
             if self.kind == "chat":
                 message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -149,18 +156,46 @@ class _Answer:
                                    "tool_calls": [call.as_dict() for call in c.reader.calls]}
                 choice["message"] = message
             else:
-                if getattr(self.req, "echo", False) and self.server.backend.tokenizer is not None:
-                    text = self.server.backend.tokenizer.decode(
-                        c.job.request.prompt_ids, skip_special_tokens=self.req.skip_special_tokens) + text
-                choice["text"] = text
-            choice["logprobs"] = self._logprobs(c, 0, len(c.detok.ids))
-            choice["finish_reason"] = _finish_reason(c)
+                echoed = self._echo(c)
+                choice["text"] = echoed + text
+                if self.echo and self.top is not None:
+                    choice["logprobs"] = self._echo_logprobs(c, choices, n_gen)
+            if choice["logprobs"] is None:
+                choice["logprobs"] = self._logprobs(c, 0, n_gen)
+            choice["finish_reason"] = "length" if self.zero else _finish_reason(c)
             if self.req.return_token_ids:
-                choice["token_ids"] = list(c.detok.ids)
+                choice["token_ids"] = list(c.detok.ids[:n_gen])
             out.append(choice)
         self._observe(choices)
         return {"id": self.rid, "object": self.obj, "created": self.created, "model": self.server.model_name,
                 "choices": out, "usage": self.usage(choices), "system_fingerprint": None}
+
+    def _echo(self, c: Choice) -> str:
+        """The prompt's text when echoed (completions' ``echo``), else ''."""
+        tok = self.server.backend.tokenizer
+        if not self.echo or tok is None:
+            return ""
+        return str(tok.decode(c.job.request.prompt_ids, skip_special_tokens=self.req.skip_special_tokens))
+
+    def _echo_logprobs(self, c: Choice, choices: list[Choice], n_gen: int) -> dict[str, Any]:
+        """Completions ``logprobs`` over the echoed prompt and the generated tokens: the first prompt token has
+        none (``null``), as in OpenAI's API."""
+        assert self.text is not None and self.top is not None
+        source = choices[(c.index // self.per_prompt) * self.per_prompt]  # the prompt's first choice computed them
+        prompt_lps = source.job.prompt_logprobs
+        ids = c.job.request.prompt_ids
+        if prompt_lps is None or len(prompt_lps) != len(ids) - 1:
+            raise ApiError(503, f"choice {c.index}: the prompt's log-probabilities did not come back; retry",
+                           "server_error", code="logprobs_lost")
+        first = self.text(ids[0])[0]
+        rest = completion_logprobs(self.text, list(prompt_lps), self.top, len(first))
+        c.text_offset = len(first) + sum(len(t) for t in rest["tokens"])
+        gen = self._logprobs(c, 0, n_gen)
+        assert gen is not None
+        return {"tokens": [first, *rest["tokens"], *gen["tokens"]],
+                "token_logprobs": [None, *rest["token_logprobs"], *gen["token_logprobs"]],
+                "top_logprobs": [None, *rest["top_logprobs"], *gen["top_logprobs"]],
+                "text_offset": [0, *rest["text_offset"], *gen["text_offset"]]}
 
     def _best(self, choices: list[Choice]) -> list[Choice]:
         """Each prompt's ``n`` choices: all of them, or with ``best_of`` the ``n`` most likely."""
@@ -224,10 +259,15 @@ class _Answer:
         try:
             if self.kind == "chat":
                 out.put_nowait((c, self._chunk(c, "", role=True)))
+            elif self.echo:
+                out.put_nowait((c, self._chunk(c, self._echo(c))))
             assert c.first is not None
             ev = c.first
             while True:
                 k, val = ev
+                if k == "token" and self.zero:  # (max_tokens 0: the one token generated is not the answer's)
+                    ev = await job.queue.get()
+                    continue
                 if k == "token":
                     delta, tids, pending, stop_string = coalesce(job, detok, val, True)
                     c.t_last = time.perf_counter()
@@ -245,7 +285,8 @@ class _Answer:
                 break
             for b in self._text_chunks(c, detok.flush(), [], final=True):
                 out.put_nowait((c, b))
-            out.put_nowait((c, self._chunk(c, None if self.kind == "chat" else "", _finish_reason(c))))
+            finish = "length" if self.zero else _finish_reason(c)
+            out.put_nowait((c, self._chunk(c, None if self.kind == "chat" else "", finish)))
             out.put_nowait((c, None))
         except ApiError as err:
             out.put_nowait((c, err))

@@ -2,7 +2,7 @@
 OpenAI-style error object.
 
 Every field the OpenAI API defines is accepted; a value this server cannot honour (``tool_choice: "required"``, a
-non-zero penalty, ``response_format`` other than text, ``echo`` with ``logprobs``, ...) is refused with a 400 naming
+non-zero penalty, ``response_format`` other than text, ``echo`` with ``logprobs`` streamed, ...) is refused with a 400 naming
 the field rather than silently ignored (:meth:`_Sampling.unsupported`); an unknown field is a 400 too. ``n``,
 ``best_of``, ``logprobs``/``top_logprobs`` and batches of prompts: :mod:`dualpath.http.completions`.
 
@@ -213,6 +213,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="text, token ids, or a batch of either")
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: only with echo (score the prompt, generate nothing)
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=20)  # OpenAI's limit is 5, vLLM's default 20
     best_of: int | None = Field(default=None, ge=1, le=20)
@@ -222,9 +223,11 @@ class CompletionRequest(_Sampling):
         bad = super().unsupported()
         if bad is not None:
             return bad
-        if self.echo and self.logprobs is not None:
-            return "logprobs", ("logprobs: not supported with echo: true (that needs the prompt's log-probabilities, "
-                                "which this server does not compute)")
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens: 0 needs echo: true (the prompt is the whole answer)"
+        if self.echo and self.logprobs is not None and self.stream:
+            return "logprobs", ("logprobs: not supported with echo and stream (the prompt's log-probabilities come "
+                                "with the whole answer; send stream: false)")
         if self.best_of is not None and self.best_of < (self.n or 1):
             return "best_of", f"best_of: must be at least n ({self.n}); got {self.best_of}"
         if self.best_of is not None and self.best_of > (self.n or 1) and self.stream:

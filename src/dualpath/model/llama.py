@@ -300,7 +300,18 @@ class LayerwiseDecoder(nn.Module):
         """Logits ``[B, vocab]`` at each sequence's last new token (``[N, vocab]`` with ``all_positions``)."""
         if state.next_layer != self.spec.n_layers:
             raise ModelError(f"prefill_end after {state.next_layer} of {self.spec.n_layers} layers")
-        h = state.hidden if all_positions else state.hidden[state.batch.last_index]
+        return self.head(state.hidden if all_positions else state.hidden[state.batch.last_index])
+
+    @torch.no_grad()
+    def logits_at(self, state: ForwardState, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[len(rows), vocab]`` at rows ``rows`` of the batch's new tokens, after the last
+        layer (what :meth:`prefill_end` gives for the last rows; prompt log-probabilities take other rows)."""
+        if state.next_layer != self.spec.n_layers:
+            raise ModelError(f"logits_at after {state.next_layer} of {self.spec.n_layers} layers")
+        return self.head(state.hidden[rows.to(state.hidden.device)])
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: float32 logits of hidden states ``h``."""
         return cast(torch.Tensor, self.lm_head(cast(nn.Module, self.model.norm)(h)).float())
 
     # --- whole forward -----------------------------------------------------------------------------------
@@ -339,14 +350,11 @@ class LlamaModel(LayerwiseDecoder):
         self.softcap = spec.attn_logit_softcapping
 
     @torch.no_grad()
-    def prefill_end(self, state: ForwardState, all_positions: bool = False) -> torch.Tensor:
-        """As :meth:`LayerwiseDecoder.prefill_end`; Gemma 2 soft-caps the logits in the compute dtype first."""
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """As :meth:`LayerwiseDecoder.head`; Gemma 2 soft-caps the logits in the compute dtype first."""
         cap = self.spec.final_logit_softcapping
         if cap is None:
-            return super().prefill_end(state, all_positions)
-        if state.next_layer != self.spec.n_layers:
-            raise ModelError(f"prefill_end after {state.next_layer} of {self.spec.n_layers} layers")
-        h = state.hidden if all_positions else state.hidden[state.batch.last_index]
+            return super().head(h)
         logits = self.lm_head(cast(nn.Module, self.model.norm)(h))
         return (torch.tanh(logits / cap) * cap).float()
 

@@ -144,6 +144,14 @@ class SyntheticModel(LayerwiseModel):
         last = torch.stack([s.token_ids[-1].cpu() for s in st.seqs])
         return self._logits(st.acc, last)
 
+    async def logits_at(self, state: Any, index: int, start: int, stop: int) -> torch.Tensor:
+        """One-hot logits at rows ``start .. stop - 1`` of sequence ``index``: the hash of the sequence's KV sum
+        and each row's token (the last row's are :meth:`prefill_end`'s), so prompt log-probabilities are
+        deterministic and depend on the KV read."""
+        st: _SynthState = state
+        toks = st.seqs[index].token_ids[start:stop].cpu()
+        return self._logits(st.acc[index: index + 1].repeat(toks.numel()), toks)
+
     async def decode_step(
         self,
         token_ids: torch.Tensor,

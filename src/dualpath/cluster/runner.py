@@ -34,6 +34,7 @@ import torch
 from dualpath.config import DualPathConfig
 from dualpath.engine.base import EngineContext
 from dualpath.engine.decode import DecodeEngine, DecodeSeq
+from dualpath.engine.grammar import tokenizer_source
 from dualpath.engine.links import LinkSet
 from dualpath.engine.model_api import LayerwiseModel, LlamaAdapter
 from dualpath.engine.prefill import PrefillEngine
@@ -165,7 +166,8 @@ class Cluster:
                 snic = f"{'pnode' if role is Role.PREFILL else 'dnode'}{node}.snic"
                 self.linkset.add_engine(name, snic, f"{name}.cnic")
                 ctx = EngineContext(cc, self.devices[i], self._model_for(self.devices[i]), self.layout,
-                                    self.keyer, self.storage, self.transports[name], self.linkset)
+                                    self.keyer, self.storage, self.transports[name], self.linkset,
+                                    tokenizer_source(self.config))
                 eid = EngineId(role, rank, node)
                 if role is Role.PREFILL:
                     self.pes.append(PrefillEngine(eid, ctx))

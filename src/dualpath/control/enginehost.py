@@ -39,6 +39,7 @@ from dualpath.config import DualPathConfig, load_config
 from dualpath.control.channel import Channel, PeerGone
 from dualpath.control.deploy import check_deployable, engine_curve, engine_name, engine_names, token_for
 from dualpath.control.protocol import Message, ProtocolError, bin_to_tokens, logprobs_to_bin, sampling_of
+from dualpath.engine.grammar import tokenizer_source
 from dualpath.engine.request import Turn, unwrap, wait_event
 from dualpath.errors import ConfigError, EngineError, PeerTimeout
 from dualpath.types import EngineId, PathKind, Role, TokenLogprob
@@ -147,7 +148,8 @@ class EngineHost:
         await self.storage.start()
         self.transport = create_transport(cfg.transport, self.name)
         await self.transport.start()
-        ctx = EngineContext(cc, device, model, layout, BlockKeyer(namespace), self.storage, self.transport, links)
+        ctx = EngineContext(cc, device, model, layout, BlockKeyer(namespace), self.storage, self.transport, links,
+                            tokenizer_source(cfg))
         eid = EngineId(self.role, self.rank, self.node)
         self.engine = PrefillEngine(eid, ctx) if self.role is Role.PREFILL else DecodeEngine(eid, ctx)
         await self.engine.start()

@@ -211,6 +211,7 @@ SAMPLING_FIELDS: dict[str, F] = {
     "min_tokens": F("int", required=False, lo=0, hi=(1 << 31) - 1),  # no stop id before this many tokens
     "logprobs": F("int", required=False, lo=0, hi=MAX_LP_WIDTH - 1),  # record logprobs, with this many top ones
     "prompt_logprobs": F("int", required=False, lo=0, hi=MAX_LP_WIDTH - 1),  # the prompt's too (PE; recomputed)
+    "grammar": F("bin", required=False, max_len=1 << 20),  # UTF-8 llguidance grammar (constrained decoding)
 }
 SCHEMAS["submit"].update(SAMPLING_FIELDS)
 SCHEMAS["submit"]["stream"] = F("int", required=False, lo=0, hi=U63)  # > 0: send ``stream`` notices with this id
@@ -234,6 +235,8 @@ def sampling_body(params: Any) -> dict[str, Any]:
         out["logprobs"] = int(params.logprobs)
     if params.prompt_logprobs is not None:
         out["prompt_logprobs"] = int(params.prompt_logprobs)
+    if params.grammar is not None:
+        out["grammar"] = params.grammar.encode()
     return out
 
 
@@ -252,9 +255,17 @@ def sampling_of(body: Mapping[str, Any], where: str) -> Any:
                               min_tokens=int(body.get("min_tokens", 0)),
                               logprobs=None if body.get("logprobs") is None else int(body["logprobs"]),
                               prompt_logprobs=None if body.get("prompt_logprobs") is None
-                              else int(body["prompt_logprobs"]))
+                              else int(body["prompt_logprobs"]),
+                              grammar=_utf8(body["grammar"], f"{where}: grammar") if "grammar" in body else None)
     except ModelError as exc:
         raise ProtocolError(f"{where}: {exc}") from None
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{where}: not UTF-8") from None
 
 
 def _check(name: str, spec: F, value: Any) -> None:

@@ -52,6 +52,7 @@ class EngineContext:
     storage: Storage
     transport: Transport
     links: LinkSet  # the engine's traffic manager is links.managers[engine name]
+    tokenizer_source: str | None = None  # the model's tokenizer files (constrained decoding), None: none
 
 
 class Engine(abc.ABC):

@@ -15,7 +15,7 @@ from dualpath.engine.host_buffer import HostRegion
 from dualpath.engine.prefill import wait_arrival
 from dualpath.engine.request import Turn, wait_event
 from dualpath.engine.sampling import Sampler, TokenLogprob
-from dualpath.errors import EngineError, PeerTimeout
+from dualpath.errors import EngineError, ModelError, PeerTimeout
 from dualpath.model.kv_pool import KVPool
 from dualpath.paths.de_read import de_host_blocks, de_read, stream_layers
 from dualpath.types import BlockKey, EngineId, Role
@@ -72,7 +72,7 @@ class DecodeSeq:
                 cb(tok)
             except Exception:  # a listener's bug must not stop the batch
                 log.exception("on_token listener of turn %d failed", self.turn.rid)
-        if (self.sampler is not None and tok in self.sampler.stop_ids
+        if (self.sampler is not None and (tok in self.sampler.stop_ids or self.sampler.done)
                 and len(self.generated) < self.turn.gen_tokens):
             self.stopped = True
             self.target_kv = kv_target(self.turn.prompt_len, len(self.generated), block_tokens)
@@ -204,6 +204,18 @@ class DecodeEngine(Engine):
         self._pool_freed.set()
         self._pool_freed = anyio.Event()
 
+    def _sampler(self, turn: Turn) -> Sampler | None:
+        """The turn's sampler (None: greedy), with its grammar's constraint (made from this model's tokenizer)."""
+        sp = turn.sampling
+        if sp is None:
+            return None
+        constraint = None
+        if sp.grammar is not None:
+            from dualpath.engine.grammar import Constraint
+
+            constraint = Constraint(sp.grammar, self.ctx.tokenizer_source)
+        return Sampler(sp, constraint)
+
     async def begin_decode(self, turn: Turn) -> DecodeSeq:
         """Copy the prompt KV from the DE buffer into the pool (H2D), persist the prompt's new Full Blocks and
         join the decode batch. Needs the PE's first-token logits and the whole prompt KV received."""
@@ -239,7 +251,7 @@ class DecodeEngine(Engine):
                 torch.cuda.current_stream(self.device).synchronize()
             assert turn.first_logits is not None
             seq = DecodeSeq(turn, pages, turn.prompt_len, target, list(turn.prompt_ids), keys=list(turn.keys),
-                            sampler=Sampler(turn.sampling) if turn.sampling is not None else None)
+                            sampler=self._sampler(turn))
             seq.accept(seq.pick(turn.first_logits), bt)
             if self.cfg.keep_logits:
                 seq.logits.append(turn.first_logits)
@@ -371,7 +383,13 @@ class DecodeEngine(Engine):
             if s.kv_len % bt == 0:
                 await self._block_filled(s, s.kv_len // bt - 1)
             if s.generating:
-                s.accept(s.pick(logits[i]), bt)
+                try:
+                    s.accept(s.pick(logits[i]), bt)
+                except ModelError as exc:  # this request's own (its grammar): it fails, the batch goes on
+                    s.turn.fail(exc)
+                    self.running.remove(s)
+                    s.done.set()
+                    continue
                 if self.cfg.keep_logits:
                     s.logits.append(logits[i].detach().to("cpu", torch.float32))
                 if len(s.generated) == 2:

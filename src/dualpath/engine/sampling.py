@@ -18,12 +18,17 @@ engine hands each to the turn's ``on_logprob`` listener before the token itself 
 ``prompt_logprobs`` (``None``: off): the prefill engine records the same for every prompt token after the first
 (:func:`rows_logprobs` over its forward's hidden states); such a turn is recomputed, never read from storage, since
 a prompt position whose KV is loaded has no forward to take logits from.
+
+``grammar``: constrained decoding (:mod:`dualpath.engine.grammar`): the tokens the grammar does not allow next
+are masked after the ``min_tokens`` mask; once the grammar is complete the next pick is the end-of-sequence token
+(the only one allowed) and the request stops there (``Sampler.done``, even when the stop ids were dropped).
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,6 +64,7 @@ class SamplingParams:
     min_tokens: int = 0  # no stop id is picked before this many tokens are generated
     logprobs: int | None = None  # None: off; k: record each token's logprob and the k most likely tokens'
     prompt_logprobs: int | None = None  # None: off; k: the prompt tokens' logprobs, computed by the PE
+    grammar: str | None = None  # an llguidance grammar the tokens must follow (dualpath.engine.grammar)
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature > 100.0:
@@ -99,8 +105,10 @@ def rows_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[T
 class Sampler:
     """Picks the tokens of one request (see the module docstring)."""
 
-    def __init__(self, params: SamplingParams | None) -> None:
+    def __init__(self, params: SamplingParams | None, constraint: Any = None) -> None:
         self.params = params or SamplingParams()
+        self.constraint = constraint  # a dualpath.engine.grammar.Constraint when params.grammar is set
+        self.done = False  # the grammar is complete: the request ends here
         self.generator: torch.Generator | None = None
         if not self.params.greedy:
             self.generator = torch.Generator(device="cpu")
@@ -116,10 +124,17 @@ class Sampler:
         raw = logits
         if generated < self.params.min_tokens and self.stop_ids:
             logits = self._mask_stops(logits)
+        was_complete = False
+        if self.constraint is not None:
+            was_complete = self.constraint.complete  # then only the end of the sequence is allowed: the last pick
+            logits = self.constraint.mask(logits)
         if self.generator is None:
             tok = int(torch.argmax(logits))
         else:
             tok = sample(logits, self.params, self.generator)
+        if self.constraint is not None:
+            self.constraint.accept(tok)
+            self.done = was_complete
         if self.params.logprobs is not None:
             self.last = token_logprob(raw, tok, self.params.logprobs)
         return tok

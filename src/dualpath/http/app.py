@@ -42,8 +42,10 @@ from dualpath.http.schemas import (
 from dualpath.http.tools import (
     ToolCallReader,
     ToolDef,
+    chosen_function,
     parser_for,
     template_takes_tools,
+    tool_call_grammar,
     tool_dicts,
     with_tools_in_text,
 )
@@ -200,6 +202,47 @@ class Server:
                                   min_tokens=min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ModelError as exc:
             raise ApiError(400, str(exc)) from None
+
+    def grammar(self, schema: dict[str, Any] | bool, param: str, *, lark: str | None = None) -> str:
+        """The llguidance grammar of JSON values valid under ``schema`` (or of the Lark grammar ``lark``;
+        ``param``: the field a 400 names), checked against the served model's tokenizer
+        (:mod:`dualpath.engine.grammar`)."""
+        from dualpath.engine.grammar import check_grammar, json_schema_grammar, lark_grammar
+
+        tok = self.backend.tokenizer
+        if tok is None:
+            raise ApiError(400, f"{param}: structured output needs the model's tokenizer (this model has none)",
+                           param=param)
+        try:
+            grammar = lark_grammar(lark) if lark is not None else json_schema_grammar(schema)
+            problem = check_grammar(grammar, tok)
+        except ModelError as exc:
+            raise ApiError(400, f"{param}: {exc}", param=param) from None
+        if problem:
+            raise ApiError(400, f"{param}: the schema cannot be enforced: {problem}", param=param)
+        return grammar
+
+    def response_grammar(self, rf: dict[str, Any] | None, param: str = "response_format") -> str | None:
+        """The grammar a chat ``response_format`` asks for: None for text, any JSON object for ``json_object``,
+        the schema's values for ``json_schema``."""
+        kind = (rf or {}).get("type", "text")
+        if kind == "json_object":
+            return self.grammar({"type": "object"}, param)
+        if kind == "json_schema":
+            assert rf is not None
+            return self.grammar(rf["json_schema"].get("schema", {}), f"{param}.json_schema.schema")
+        return None
+
+    def tool_grammar(self, tools: list[ToolDef], choice: str | dict[str, Any] | None,
+                     parallel: bool | None) -> str | None:
+        """The grammar a ``tool_choice`` of ``required`` or a named function enforces (None for ``auto``/``none``):
+        a call in the served model's tool-call format (:func:`dualpath.http.tools.tool_call_grammar`)."""
+        if choice in (None, "auto", "none"):
+            return None
+        only = chosen_function(choice)
+        template = getattr(self.backend.tokenizer, "chat_template", None)
+        lark = tool_call_grammar(tools, parser_for(self.config.tool_parser, template), only, parallel is not False)
+        return self.grammar({}, "tool_choice", lark=lark)
 
     def limit(self, n_prompt: int, requested: int | None, param: str) -> int:
         ctx = self.backend.max_context

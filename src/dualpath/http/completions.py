@@ -63,6 +63,11 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
     echo = bool(getattr(req, "echo", False))
     prompt_top = top if echo else None  # echo with logprobs: the prompt's too (computed once per prompt)
     base = server.sampling(req, logprobs=(top or 0) if want_lp else None)
+    if isinstance(req, ChatCompletionRequest):
+        grammar = server.tool_grammar(req.tools or [], req.tool_choice, req.parallel_tool_calls) \
+            or server.response_grammar(req.response_format)
+        if grammar is not None:
+            base = replace(base, grammar=grammar)
     tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []
     specs: list[tuple[GenRequest, Detokenizer]] = []
     limits = [server.limit(len(ids), req.limit(), "max_tokens") for ids in prompts]

@@ -15,7 +15,8 @@ template, and its reused prefix is a storage hit.
   ``tool_choice`` ``auto`` or ``none``, handled as on ``/v1/chat/completions`` (:mod:`dualpath.http.tools`:
   the definitions reach the prompt, calls are read back from the text); each call is a ``function_call``
   output item (``call_id``, ``name``, ``arguments``) after the message item (present when there is text).
-  Other tool types (web search, file search, ...) and ``tool_choice`` ``required`` or named get a 400.
+  ``tool_choice`` ``required`` or a named function is enforced by constrained decoding (as on chat). Other tool
+  types (web search, file search, ...) get a 400.
 * ``previous_response_id``: a stored response (``store``, default true) whose conversation (its inputs, without
   its instructions, and its output) comes before ``input``. An unknown id is a 400
   ``previous_response_not_found``. The store keeps the last ``http.responses_store_max`` responses of this
@@ -43,6 +44,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -50,6 +52,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from dualpath.http.backend import GenRequest, GenResult, Job
+from dualpath.http.schemas import tool_choice_problem
 from dualpath.http.tools import FunctionDef, ToolCall, ToolCallReader, ToolDef
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -124,12 +127,15 @@ class ResponsesRequest(BaseModel):
                 FunctionTool.model_validate(t)
             except ValueError as exc:
                 return f"tools[{i}]", f"tools[{i}]: not a valid function tool: {str(exc).splitlines()[-1].strip()}"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice", (f"tool_choice: only 'auto' or 'none' (got {self.tool_choice!r}): 'required' and a "
-                                   "named function need constrained decoding, which this server does not do")
+        problem = tool_choice_problem(self.tool_choice, [str(t.get("name")) for t in self.tools or []])
+        if problem is not None:
+            return "tool_choice", problem
         fmt = (self.text or {}).get("format") or {}
-        if fmt.get("type", "text") != "text":
-            return "text.format", f"text.format: only type 'text' is supported (got {fmt.get('type')!r})"
+        if fmt.get("type", "text") not in ("text", "json_object", "json_schema"):
+            return "text.format", (f"text.format: type must be 'text', 'json_object' or 'json_schema' (got "
+                                   f"{fmt.get('type')!r})")
+        if fmt.get("type") == "json_schema" and not isinstance(fmt.get("schema", {}), (dict, bool)):
+            return "text.format", "text.format: 'schema' must be a JSON schema object"
         if self.background:
             return "background", "background: background responses are not supported"
         if self.top_logprobs:
@@ -292,7 +298,7 @@ def _response(server: Any, rid: str, mid: str, created: int, body: ResponsesRequ
         "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
         "store": bool(body.store if body.store is not None else True),
         "temperature": body.temperature if body.temperature is not None else server.config.default_temperature,
-        "text": {"format": {"type": "text"}}, "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
+        "text": {"format": (body.text or {}).get("format") or {"type": "text"}}, "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
         "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": "disabled", "usage": usage,
         "user": body.user, "metadata": body.metadata or {},
     }
@@ -338,7 +344,16 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
         _observe(server, job, ids, detok, result, t_first, t_last)
         return out
 
-    return await serve_job(server, request, "/v1/responses", GenRequest(ids, limit, server.sampling(body)), [],
+    sampling = server.sampling(body)
+    fmt = (body.text or {}).get("format") or {}
+    forced = server.tool_grammar(tools, body.tool_choice, body.parallel_tool_calls)
+    if forced is not None:
+        sampling = replace(sampling, grammar=forced)
+    elif fmt.get("type") == "json_object":
+        sampling = replace(sampling, grammar=server.grammar({"type": "object"}, "text.format"))
+    elif fmt.get("type") == "json_schema":
+        sampling = replace(sampling, grammar=server.grammar(fmt.get("schema", {}), "text.format.schema"))
+    return await serve_job(server, request, "/v1/responses", GenRequest(ids, limit, sampling), [],
                            bool(body.stream), stream, full)
 
 

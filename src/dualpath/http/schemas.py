@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API, validated by pydantic (unknown fields are errors), and the
 OpenAI-style error object.
 
-Every field the OpenAI API defines is accepted; a value this server cannot honour (``tool_choice: "required"``, a
-non-zero penalty, ``response_format`` other than text, ``echo`` with ``logprobs`` streamed, ...) is refused with a 400 naming
+Every field the OpenAI API defines is accepted; a value this server cannot honour (a ``tool_choice`` naming no
+tool, a non-zero penalty, ``response_format`` other than text, ``echo`` with ``logprobs`` streamed, ...) is refused with a 400 naming
 the field rather than silently ignored (:meth:`_Sampling.unsupported`); an unknown field is a 400 too. ``n``,
 ``best_of``, ``logprobs``/``top_logprobs`` and batches of prompts: :mod:`dualpath.http.completions`.
 
@@ -184,16 +184,20 @@ class ChatCompletionRequest(_Sampling):
             return bad
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs: needs logprobs: true"
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            return "response_format", (f"response_format: only type 'text' is supported (got "
-                                       f"{self.response_format.get('type')!r})")
+        if self.response_format is not None:
+            problem = response_format_problem(self.response_format)
+            if problem is not None:
+                return "response_format", problem
         if self.functions:
             return "functions", "functions: the legacy functions field is not supported; send tools"
         if self.function_call is not None and self.function_call not in ("none", "auto"):
             return "function_call", "function_call: the legacy field is not supported; send tools and tool_choice"
-        if self.tool_choice is not None and self.tool_choice not in ("none", "auto"):
-            return "tool_choice", (f"tool_choice: only 'auto' or 'none' (got {self.tool_choice!r}): 'required' and a "
-                                   "named function need constrained decoding, which this server does not do")
+        problem = tool_choice_problem(self.tool_choice, [t.function.name for t in self.tools or []])
+        if problem is not None:
+            return "tool_choice", problem
+        if self.tool_choice not in (None, "none", "auto") and (self.response_format or {}).get("type", "text") \
+                != "text":
+            return "tool_choice", "tool_choice: a forced call cannot also follow response_format (send one of them)"
         if self.modalities is not None and set(self.modalities) - {"text"}:
             return "modalities", f"modalities: only text output is supported (got {self.modalities})"
         if self.audio is not None:
@@ -259,6 +263,36 @@ class CompletionRequest(_Sampling):
 
     def limit(self) -> int | None:
         return self.max_tokens
+
+
+def tool_choice_problem(choice: str | dict[str, Any] | None, names: list[str]) -> str | None:
+    """Why a ``tool_choice`` cannot be honoured with the tools ``names`` (None: it can)."""
+    from dualpath.http.tools import chosen_function
+
+    if choice in (None, "none", "auto"):
+        return None
+    if choice == "required":
+        return None if names else "tool_choice: 'required' needs tools"
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = chosen_function(choice)
+        if name in names:
+            return None
+        return f"tool_choice: the function {name!r} is not among the tools ({names})"
+    return f"tool_choice: must be 'none', 'auto', 'required' or a function (got {choice!r})"
+
+
+def response_format_problem(rf: dict[str, Any]) -> str | None:
+    """Why a chat ``response_format`` cannot be honoured (None: it can): ``text``, ``json_object`` or
+    ``json_schema`` with a ``json_schema.schema`` object."""
+    kind = rf.get("type", "text")
+    if kind in ("text", "json_object"):
+        return None
+    if kind != "json_schema":
+        return f"response_format: type must be 'text', 'json_object' or 'json_schema' (got {kind!r})"
+    spec = rf.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+        return "response_format: json_schema must be an object whose 'schema' is a JSON schema object"
+    return None
 
 
 def error_body(message: str, etype: str = "invalid_request_error", *, param: str | None = None,

@@ -4,8 +4,11 @@ prompt, and how calls are read back out of the generated text.
 **Definitions.** ``tools`` is a list of ``{"type": "function", "function": {"name", "description",
 "parameters", "strict"}}`` (:class:`ToolDef`, validated like every request field). ``tool_choice`` ``"auto"``
 (the default when tools are given) lets the model answer or call; ``"none"`` leaves the tools out of the prompt
-and reads no call. ``"required"`` and a named function would need constrained decoding, which this server does
-not do: they are refused (400 naming ``tool_choice``) rather than not honoured.
+and reads no call. ``"required"`` (a call to any of the tools) and a named function (``{"type": "function",
+"function": {"name": ...}}``; the Responses API's ``{"type": "function", "name": ...}``) are enforced by
+constrained decoding (:func:`tool_call_grammar`, :mod:`dualpath.engine.grammar`): the answer is one call in the
+parser's format (several, one after another, when ``parallel_tool_calls`` is not false, hermes only), whose
+``arguments`` follow the function's ``parameters`` schema.
 
 **Into the prompt.** A chat template that uses a ``tools`` variable (Qwen2.5/3, Llama 3.1+, Hermes, Mistral
 templates...) gets the definitions as ``apply_chat_template(..., tools=...)``: the checkpoint's own format.
@@ -288,3 +291,37 @@ def _split_objects(body: str) -> list[str]:
     if depth != 0 or body[start:].strip() not in ("", ";"):
         return []
     return parts
+
+
+def chosen_function(choice: str | dict[str, Any] | None) -> str | None:
+    """The function a named ``tool_choice`` forces (chat's ``{"type": "function", "function": {"name"}}`` or the
+    Responses API's ``{"type": "function", "name"}``), None for a string choice."""
+    if not isinstance(choice, dict):
+        return None
+    fn = choice.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
+    return name if isinstance(name, str) else ""
+
+
+def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None, parallel: bool = True) -> str:
+    """The Lark grammar (llguidance's dialect) of an answer that is a call to one of ``tools`` (to ``only``, when
+    named) in ``parser``'s format, its arguments valid under the function's ``parameters``: ``hermes`` tags one
+    or more calls (one when not ``parallel``), ``llama3_json`` is one bare object."""
+    key = "parameters" if parser == "llama3_json" else "arguments"
+    options = []
+    for t in tools:
+        if only is not None and t.function.name != only:
+            continue
+        params = t.function.parameters if t.function.parameters is not None else {"type": "object"}
+        options.append({"type": "object", "properties": {"name": {"const": t.function.name}, key: params},
+                        "required": ["name", key], "additionalProperties": False})
+    from dualpath.engine.grammar import JSON_WHITESPACE
+
+    schema = dict(options[0]) if len(options) == 1 else {"anyOf": options}
+    schema["x-guidance"] = {"whitespace_pattern": JSON_WHITESPACE}  # (no endless whitespace: see there)
+    if parser == "llama3_json":
+        return "start: %json " + json.dumps(schema)
+    more = ' ("\\n" call)*' if parallel else ""
+    return (f"start: call{more}\n"
+            f'call: "{_OPEN}\\n" body "\\n{_CLOSE}"\n'
+            f"body: %json {json.dumps(schema)}")

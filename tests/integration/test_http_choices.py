@@ -1,6 +1,7 @@
-"""``n``, ``best_of``, batches of prompts and ``logprobs`` through the official ``openai`` client, against the
-session's real ``dualpath serve --http --inprocess`` process with the embedded SmolLM2 (tests/integration/
-conftest.py). Log-probabilities are checked against transformers' forward on the same checkpoint."""
+"""``n``, ``best_of``, batches of prompts, ``logprobs`` (generated and echoed prompt tokens), penalties and
+``logit_bias`` through the official ``openai`` client, against the session's real ``dualpath serve --http
+--inprocess`` process with the embedded SmolLM2 (tests/integration/conftest.py). Log-probabilities and penalised
+greedy answers are checked against transformers' forward on the same checkpoint."""
 
 from __future__ import annotations
 
@@ -29,11 +30,16 @@ def client(embedded_http):
 
 
 @pytest.fixture(scope="module")
-def hf_logprobs():
-    """``f(ids) -> [len(ids) - 1, vocab]`` float64 log-softmax of transformers' next-token logits."""
+def hf():
+    """transformers' model on the embedded checkpoint's files (float32)."""
     from dualpath.model.embedded import embedded_model_path
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(embedded_model_path()), dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(embedded_model_path()), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_logprobs(hf):
+    """``f(ids) -> [len(ids) - 1, vocab]`` float64 log-softmax of transformers' next-token logits."""
 
     def f(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
@@ -180,3 +186,33 @@ def test_echo_logprobs_score_the_prompt_as_eval_harnesses_ask(client, hf_logprob
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=ctx, max_tokens=0)
     assert e.value.body["param"] == "max_tokens"
+
+
+def test_penalties_and_logit_bias_follow_transformers(client, hf, hf_logprobs):
+    """Greedy answers under ``repetition_penalty`` (transformers' own logits processor on transformers' logits,
+    step by step) and ``logit_bias`` (a banned token is never picked)."""
+    prompt = [33, 28, 216, 34, 28]  # "1, 2,"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                                  extra_body={"repetition_penalty": 1.3, "ignore_eos": True,
+                                              "return_token_ids": True})
+    ids = list(prompt)
+    proc = transformers.RepetitionPenaltyLogitsProcessor(1.3)
+    for _ in range(10):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[:, -1]
+        ids.append(int(proc(torch.tensor([ids]), logits)[0].argmax()))
+    assert r.choices[0].model_extra["token_ids"] == ids[len(prompt):]
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert plain.choices[0].model_extra["token_ids"] != ids[len(prompt):]  # (the penalty changed the answer)
+    # frequency / presence penalties change the answer too; a banned token is never picked
+    first = plain.choices[0].model_extra["token_ids"][0]
+    banned = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                                       logit_bias={str(first): -100}, frequency_penalty=1.5,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    got = banned.choices[0].model_extra["token_ids"]
+    assert first not in got
+    assert got[0] == int(torch.topk(hf_logprobs(prompt + [0])[-1], 2).indices[1])  # transformers' second choice
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, logit_bias={"99999999": 1})
+    assert e.value.body["param"] == "logit_bias"

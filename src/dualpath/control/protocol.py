@@ -41,6 +41,7 @@ MAX_MAP = 256
 MAX_TOKENS = 1 << 20  # tokens of one prompt
 MAX_BIN = MAX_TOKENS * 8
 U63 = (1 << 63) - 1
+MAX_BIAS = 1 << 12  # logit_bias entries of one request
 MAX_LP_WIDTH = 21  # logprob entries per streamed token: the picked one and up to 20 most likely
 MAX_LP_BIN = (1 << 16) * MAX_LP_WIDTH * 4  # a notice's tokens (at most 2^16), each with MAX_LP_WIDTH entries
 MAX_PLP_BIN = MAX_TOKENS * MAX_LP_WIDTH * 4  # a prompt's tokens, each with MAX_LP_WIDTH entries (the frame cap rules)
@@ -212,6 +213,11 @@ SAMPLING_FIELDS: dict[str, F] = {
     "logprobs": F("int", required=False, lo=0, hi=MAX_LP_WIDTH - 1),  # record logprobs, with this many top ones
     "prompt_logprobs": F("int", required=False, lo=0, hi=MAX_LP_WIDTH - 1),  # the prompt's too (PE; recomputed)
     "grammar": F("bin", required=False, max_len=1 << 20),  # UTF-8 llguidance grammar (constrained decoding)
+    "presence_penalty": F("float", required=False, lo=-2.0, hi=2.0),
+    "frequency_penalty": F("float", required=False, lo=-2.0, hi=2.0),
+    "repetition_penalty": F("float", required=False, lo=1e-6, hi=10.0),
+    "bias_ids": F("ints", required=False, max_len=MAX_BIAS, lo=0, hi=(1 << 31) - 1),  # logit_bias: token ids
+    "bias_vals": F("bin", required=False, max_len=MAX_BIAS * 4, multiple=4),  # ... and float32 biases
 }
 SCHEMAS["submit"].update(SAMPLING_FIELDS)
 SCHEMAS["submit"]["stream"] = F("int", required=False, lo=0, hi=U63)  # > 0: send ``stream`` notices with this id
@@ -237,6 +243,14 @@ def sampling_body(params: Any) -> dict[str, Any]:
         out["prompt_logprobs"] = int(params.prompt_logprobs)
     if params.grammar is not None:
         out["grammar"] = params.grammar.encode()
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(params, name):
+            out[name] = float(getattr(params, name))
+    if params.repetition_penalty != 1.0:
+        out["repetition_penalty"] = float(params.repetition_penalty)
+    if params.logit_bias:
+        out["bias_ids"] = [int(t) for t, _ in params.logit_bias]
+        out["bias_vals"] = np.asarray([b for _, b in params.logit_bias], dtype="<f4").tobytes()
     return out
 
 
@@ -256,9 +270,20 @@ def sampling_of(body: Mapping[str, Any], where: str) -> Any:
                               logprobs=None if body.get("logprobs") is None else int(body["logprobs"]),
                               prompt_logprobs=None if body.get("prompt_logprobs") is None
                               else int(body["prompt_logprobs"]),
-                              grammar=_utf8(body["grammar"], f"{where}: grammar") if "grammar" in body else None)
+                              grammar=_utf8(body["grammar"], f"{where}: grammar") if "grammar" in body else None,
+                              presence_penalty=float(body.get("presence_penalty", 0.0)),
+                              frequency_penalty=float(body.get("frequency_penalty", 0.0)),
+                              repetition_penalty=float(body.get("repetition_penalty", 1.0)),
+                              logit_bias=_bias(body, where))
     except ModelError as exc:
         raise ProtocolError(f"{where}: {exc}") from None
+
+
+def _bias(body: Mapping[str, Any], where: str) -> tuple[tuple[int, float], ...]:
+    ids, vals = body.get("bias_ids", []), body.get("bias_vals", b"")
+    if len(vals) != 4 * len(ids):
+        raise ProtocolError(f"{where}: bias_vals must hold one float32 per entry of bias_ids")
+    return tuple(zip((int(t) for t in ids), (float(v) for v in np.frombuffer(vals, dtype="<f4")), strict=True))
 
 
 def _utf8(data: bytes, where: str) -> str:

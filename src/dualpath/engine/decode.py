@@ -214,7 +214,7 @@ class DecodeEngine(Engine):
             from dualpath.engine.grammar import Constraint
 
             constraint = Constraint(sp.grammar, self.ctx.tokenizer_source)
-        return Sampler(sp, constraint)
+        return Sampler(sp, constraint, prompt=turn.prompt_ids)
 
     async def begin_decode(self, turn: Turn) -> DecodeSeq:
         """Copy the prompt KV from the DE buffer into the pool (H2D), persist the prompt's new Full Blocks and

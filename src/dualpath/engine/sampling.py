@@ -19,6 +19,12 @@ engine hands each to the turn's ``on_logprob`` listener before the token itself 
 (:func:`rows_logprobs` over its forward's hidden states); such a turn is recomputed, never read from storage, since
 a prompt position whose KV is loaded has no forward to take logits from.
 
+Penalties and biases (OpenAI's and vLLM's, applied in vLLM's order before the ``min_tokens`` mask, the grammar,
+temperature and filtering): ``logit_bias`` adds to the named tokens' logits; ``repetition_penalty`` (Hugging
+Face's definition) divides a positive logit and multiplies a negative one of every token in the prompt or
+generated so far; ``frequency_penalty`` subtracts ``penalty x count`` and ``presence_penalty`` subtracts itself
+from the logit of every token generated so far. Log-probabilities stay those of the raw logits.
+
 ``grammar``: constrained decoding (:mod:`dualpath.engine.grammar`): the tokens the grammar does not allow next
 are masked after the ``min_tokens`` mask; once the grammar is complete the next pick is the end-of-sequence token
 (the only one allowed) and the request stops there (``Sampler.done``, even when the stop ids were dropped).
@@ -65,6 +71,16 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k: record each token's logprob and the k most likely tokens'
     prompt_logprobs: int | None = None  # None: off; k: the prompt tokens' logprobs, computed by the PE
     grammar: str | None = None  # an llguidance grammar the tokens must follow (dualpath.engine.grammar)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated before
+    frequency_penalty: float = 0.0  # ... times the number of times it was generated
+    repetition_penalty: float = 1.0  # a prompt or generated token's logit divided (> 0) or multiplied (< 0) by it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+    @property
+    def adjusts(self) -> bool:
+        """Any penalty or bias is set (the logits are adjusted before each pick)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature > 100.0:
@@ -77,6 +93,15 @@ class SamplingParams:
             raise ModelError(f"sampling.seed must lie in [0, 2^63), got {self.seed}")
         if self.min_tokens < 0:
             raise ModelError(f"sampling.min_tokens must be >= 0, got {self.min_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                raise ModelError(f"sampling.{name} must lie in [-2, 2], got {v}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ModelError(f"sampling.repetition_penalty must lie in (0, 10], got {self.repetition_penalty}")
+        for tid, bias in self.logit_bias:
+            if tid < 0 or not -100.0 <= bias <= 100.0:
+                raise ModelError(f"sampling.logit_bias: token {tid} bias {bias}: ids are >= 0, biases in [-100, 100]")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= MAX_LOGPROBS:
@@ -105,8 +130,11 @@ def rows_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[T
 class Sampler:
     """Picks the tokens of one request (see the module docstring)."""
 
-    def __init__(self, params: SamplingParams | None, constraint: Any = None) -> None:
+    def __init__(self, params: SamplingParams | None, constraint: Any = None, prompt: Any = ()) -> None:
         self.params = params or SamplingParams()
+        self.counts: dict[int, int] = {}  # generated token -> times (presence / frequency penalties)
+        # tokens the repetition penalty applies to: the prompt's and every generated one
+        self._seen: set[int] = {int(t) for t in prompt} if self.params.repetition_penalty != 1.0 else set()
         self.constraint = constraint  # a dualpath.engine.grammar.Constraint when params.grammar is set
         self.done = False  # the grammar is complete: the request ends here
         self.generator: torch.Generator | None = None
@@ -122,6 +150,8 @@ class Sampler:
         """The next token for one row of ``logits`` (shape ``[vocab]``), ``generated`` tokens having been picked
         before it (the stop ids are masked while ``generated < min_tokens``)."""
         raw = logits
+        if self.params.adjusts:
+            logits = self._adjust(logits)
         if generated < self.params.min_tokens and self.stop_ids:
             logits = self._mask_stops(logits)
         was_complete = False
@@ -137,7 +167,31 @@ class Sampler:
             self.done = was_complete
         if self.params.logprobs is not None:
             self.last = token_logprob(raw, tok, self.params.logprobs)
+        if self.params.adjusts:
+            self.counts[tok] = self.counts.get(tok, 0) + 1
+            if self.params.repetition_penalty != 1.0:
+                self._seen.add(tok)
         return tok
+
+    def _adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits after ``logit_bias``, then the repetition, frequency and presence penalties (vLLM's order
+        and definitions: OpenAI's for the last two, Hugging Face's for the repetition penalty)."""
+        p = self.params
+        x = logits.detach().reshape(-1).to(torch.float32).clone()
+        n = x.numel()
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias if t < n], dtype=torch.long)
+            vals = torch.tensor([b for t, b in p.logit_bias if t < n], dtype=torch.float32)
+            x.index_add_(0, ids.to(x.device), vals.to(x.device))
+        if p.repetition_penalty != 1.0 and self._seen:
+            ids = torch.tensor(sorted(t for t in self._seen if t < n), dtype=torch.long, device=x.device)
+            sel = x[ids]
+            x[ids] = torch.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and self.counts:
+            ids = torch.tensor([t for t in self.counts if t < n], dtype=torch.long, device=x.device)
+            cnt = torch.tensor([self.counts[t] for t in self.counts if t < n], dtype=torch.float32, device=x.device)
+            x[ids] -= p.frequency_penalty * cnt + p.presence_penalty
+        return x
 
     def take(self) -> TokenLogprob | None:
         """The last pick's :class:`TokenLogprob` (None when not recorded), once."""

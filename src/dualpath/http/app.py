@@ -197,9 +197,18 @@ class Server:
         top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
         stop_ids = () if req.ignore_eos else stop_ids_of(b.tokenizer)
         min_tokens = int(getattr(req, "min_tokens", 0) or 0)
+        bias = tuple(sorted((int(k), float(v)) for k, v in (getattr(req, "logit_bias", None) or {}).items()))
+        for tid, _ in bias:
+            if b.vocab_size and tid >= b.vocab_size:
+                raise ApiError(400, f"logit_bias: token id {tid} is outside the vocabulary of {b.vocab_size}",
+                               param="logit_bias")
         try:
             return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=req.seed, stop_ids=stop_ids,
-                                  min_tokens=min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                                  min_tokens=min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                  presence_penalty=float(getattr(req, "presence_penalty", None) or 0.0),
+                                  frequency_penalty=float(getattr(req, "frequency_penalty", None) or 0.0),
+                                  repetition_penalty=float(getattr(req, "repetition_penalty", None) or 1.0),
+                                  logit_bias=bias)
         except ModelError as exc:
             raise ApiError(400, str(exc)) from None
 

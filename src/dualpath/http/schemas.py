@@ -2,7 +2,7 @@
 OpenAI-style error object.
 
 Every field the OpenAI API defines is accepted; a value this server cannot honour (a ``tool_choice`` naming no
-tool, a non-zero penalty, ``response_format`` other than text, ``echo`` with ``logprobs`` streamed, ...) is refused with a 400 naming
+tool, ``response_format`` other than text, ``echo`` with ``logprobs`` streamed, ...) is refused with a 400 naming
 the field rather than silently ignored (:meth:`_Sampling.unsupported`); an unknown field is a 400 too. ``n``,
 ``best_of``, ``logprobs``/``top_logprobs`` and batches of prompts: :mod:`dualpath.http.completions`.
 
@@ -14,8 +14,8 @@ Extensions, as vLLM spells them (what serving benchmarks, Qwen3 users and agent 
   no stop string ends the answer before this many tokens: the stop ids are masked in the decode engine's
   sampler, stop strings are only looked for in the text after the first ``min_tokens`` tokens; at most the max
   tokens), ``include_stop_str_in_output`` (a matched stop string stays at the end of the text),
-  ``skip_special_tokens`` (default true; false keeps special tokens in the text), ``repetition_penalty`` (only
-  1.0 or null: penalties are not supported);
+  ``skip_special_tokens`` (default true; false keeps special tokens in the text), ``repetition_penalty`` (Hugging
+  Face's definition, in (0, 10]);
 * chat (and ``/v1/responses`` for the first): ``chat_template_kwargs`` (extra keyword arguments of the chat
   template, e.g. Qwen3's ``enable_thinking``; a key that is one of ``apply_chat_template``'s own arguments is
   refused naming ``chat_template_kwargs.<key>``), ``add_generation_prompt`` (default true) and ``continue_final_message``
@@ -122,17 +122,16 @@ class _Sampling(_Strict):
 
     def unsupported(self) -> tuple[str, str] | None:
         """``(field, message)`` of the first standard field whose value this server cannot honour (a 400), or
-        None. Accepted values that change nothing (``logprobs: false``, a zero penalty, an empty ``logit_bias``,
-        ``repetition_penalty: 1``) are fine."""
-        for f in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, f)
-            if v:
-                return f, f"{f}: penalties are not supported (only 0; got {v})"
-        if self.repetition_penalty not in (None, 1.0):
-            return "repetition_penalty", (f"repetition_penalty: penalties are not supported (only 1.0; got "
-                                          f"{self.repetition_penalty})")
-        if self.logit_bias:
-            return "logit_bias", "logit_bias: not supported (only an empty map)"
+        None."""
+        if self.repetition_penalty is not None and not 0.0 < self.repetition_penalty <= 10.0:
+            return "repetition_penalty", f"repetition_penalty: must lie in (0, 10] (got {self.repetition_penalty})"
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                return "logit_bias", f"logit_bias: keys are token ids (got {key!r})"
+            if not -100.0 <= bias <= 100.0:
+                return "logit_bias", f"logit_bias: {key}: biases lie in [-100, 100] (got {bias})"
+        if len(self.logit_bias or {}) > 4096:
+            return "logit_bias", "logit_bias: at most 4096 entries"
         return None
 
     @field_validator("stop")

@@ -216,3 +216,24 @@ def test_penalties_and_logit_bias_follow_transformers(client, hf, hf_logprobs):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, logit_bias={"99999999": 1})
     assert e.value.body["param"] == "logit_bias"
+
+
+def test_tokenize_and_detokenize(client, embedded_http):
+    """vLLM's ``/tokenize`` and ``/detokenize``: the ids the completion endpoints count, and back."""
+    import httpx
+
+    url, tok = embedded_http
+    with httpx.Client(base_url=url, timeout=60) as cl:
+        r = cl.post("/tokenize", json={"prompt": "The capital of France is", "return_token_strs": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["tokens"] == tok.encode("The capital of France is") and body["count"] == len(body["tokens"])
+        assert body["max_model_len"] == 8192 and body["token_strs"][1] == "Ġcapital"
+        msgs = [{"role": "user", "content": "Hi there"}]
+        chat = cl.post("/tokenize", json={"messages": msgs}).json()
+        used = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1).usage.prompt_tokens
+        assert chat["count"] == used
+        assert cl.post("/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"] == tok.decode(chat["tokens"])
+        assert cl.post("/detokenize", json={"tokens": [10 ** 7]}).status_code == 400
+        assert cl.post("/tokenize", json={"prompt": "x", "messages": msgs}).status_code == 400
+        assert cl.post("/tokenize", json={"prompt": "x", "model": "other"}).status_code == 404

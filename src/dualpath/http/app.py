@@ -36,6 +36,8 @@ from dualpath.http.metrics import CONTENT_TYPE, HttpMetrics
 from dualpath.http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     describe_validation,
     error_body,
 )
@@ -170,12 +172,16 @@ class Server:
     def check(self, req: ChatCompletionRequest | CompletionRequest) -> None:
         """A request naming another model gets 404 ``model_not_found`` (as OpenAI answers; the model is optional);
         a standard field whose value cannot be honoured gets 400 naming it."""
-        if req.model is not None and req.model != self.model_name:
-            raise ApiError(404, f"The model {req.model!r} does not exist; this server serves "
-                                f"{self.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+        self.check_model(req.model)
         bad = req.unsupported()
         if bad is not None:
             raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
+
+    def check_model(self, model: str | None) -> None:
+        """404 ``model_not_found`` for a request naming another model than the one served."""
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"The model {model!r} does not exist; this server serves "
+                                f"{self.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
 
     def admit(self, count: int = 1) -> None:
         """Refuse a request whose ``count`` generations would not be admitted now (503 starting, 429 full)."""
@@ -515,6 +521,41 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
         server.check(body)
         server.admit()
         return await serve(server, request, "completion", body, server.completion_prompts(body))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+        """vLLM's: the token ids a prompt (or chat) becomes, as the completion endpoints would count them."""
+        server.authorize(request)
+        server.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "send exactly one of prompt and messages", param="prompt")
+        tok = backend.tokenizer
+        if tok is None:
+            raise ApiError(400, "the served model has no tokenizer", param="prompt")
+        if body.messages is not None:
+            chat = ChatCompletionRequest(messages=body.messages, tools=body.tools,
+                                         add_generation_prompt=body.add_generation_prompt,
+                                         continue_final_message=body.continue_final_message,
+                                         chat_template_kwargs=body.chat_template_kwargs)
+            ids = server.chat_prompt(chat)
+        else:
+            ids = list(tok.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": backend.max_context, "tokens": ids,
+                               "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+        return JSONResponse(out)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
+        server.authorize(request)
+        server.check_model(body.model)
+        tok = backend.tokenizer
+        if tok is None:
+            raise ApiError(400, "the served model has no tokenizer", param="tokens")
+        bad = [t for t in body.tokens if t < 0 or (backend.vocab_size and t >= backend.vocab_size)]
+        if bad:
+            raise ApiError(400, f"tokens: id {bad[0]} is outside the vocabulary of {backend.vocab_size}",
+                           param="tokens")
+        return JSONResponse({"prompt": tok.decode(body.tokens)})
 
     from dualpath.http.completions import serve
     from dualpath.http.responses import add_routes

@@ -326,3 +326,24 @@ def describe_validation(errors: list[Any]) -> tuple[str, str | None]:
         msg = f"{where}: {e.get('msg', 'invalid value')}" if where else str(e.get("msg", "invalid value"))
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return msg + more, where or None
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's ``POST /tokenize``: a ``prompt`` (completions) or ``messages`` (rendered by the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)

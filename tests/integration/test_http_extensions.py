@@ -1,7 +1,7 @@
 """The vLLM-style request extensions, sent by the official ``openai`` client through ``extra_body`` to a real
 ``dualpath serve --http --inprocess`` process (the embedded SmolLM2, real compute): ``min_tokens``,
 ``chat_template_kwargs``, ``add_generation_prompt`` / ``continue_final_message``, ``include_stop_str_in_output``,
-``skip_special_tokens`` and ``repetition_penalty``; each invalid value or combination is a 400 naming the field.
+``skip_special_tokens`` and ``repetition_penalty``'s range; each invalid value or combination is a 400 naming the field.
 
 The server (shared with test_http_openai.py: tests/integration/conftest.py) serves a copy of the embedded
 checkpoint whose chat template also reads ``enable_thinking`` (as Qwen3's does: ``enable_thinking: false`` appends
@@ -201,8 +201,8 @@ def test_continue_final_message_and_add_generation_prompt(served):
 def test_skip_special_tokens_and_repetition_penalty(served):
     """``skip_special_tokens: false`` keeps special tokens in the text (transformers' decode of the same ids,
     streamed and not), true (the default) drops them; with ``include_stop_str_in_output`` the end-of-turn's own
-    text ends the answer (as vLLM does). ``repetition_penalty`` 1.0 / null are accepted, anything else is a 400
-    naming it; an unknown field is still a 400."""
+    text ends the answer (as vLLM does). ``repetition_penalty`` 1.0 / null change nothing, one outside (0, 10] is a
+    400 naming it (its effect: test_http_choices.py); an unknown field is still a 400."""
     url, tok = served
     client = _client(url)
     q = {"messages": [{"role": "user", "content": "Reply with one word: yes or no?"}], "max_tokens": 5,
@@ -229,7 +229,7 @@ def test_skip_special_tokens_and_repetition_penalty(served):
         assert r.choices[0].message.content == tok.decode(ids[:1])
     completion = {"prompt": "Hi", "max_tokens": 2}
     for call, kw in ((client.chat.completions.create, q), (client.completions.create, completion)):
-        body = _bad(call, extra_body={"repetition_penalty": 1.2}, **kw)
+        body = _bad(call, extra_body={"repetition_penalty": 20.0}, **kw)  # (outside (0, 10])
         assert body["param"] == "repetition_penalty" and body["code"] == "unsupported_parameter"
         assert _bad(call, extra_body={"no_such_field": 1}, **kw)["param"] == "no_such_field"
         assert _bad(call, extra_body={"include_stop_str_in_output": "x"}, **kw)["param"] == "include_stop_str_in_output"

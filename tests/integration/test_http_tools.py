@@ -182,12 +182,13 @@ async def test_tool_choice_none_history_and_refusals(tokenizer):
                 "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
             {"role": "tool", "tool_call_id": "call_7", "content": "18 C and sunny"}])
         assert _calls(r.choices[0].message.tool_calls) == WANT
-        for choice, param in (("required", "tool_choice"),
-                              ({"type": "function", "function": {"name": "get_weather"}}, "tool_choice")):
+        # (required / named choices are enforced by constrained decoding: test_http_structured.py, real model)
+        for choice, tools, says in (({"type": "function", "function": {"name": "nope"}}, TOOLS, "not among"),
+                                    ("required", None, "needs tools"), ("any", TOOLS, "must be")):
             with pytest.raises(openai.BadRequestError) as e:
-                await client.chat.completions.create(model="scripted", tools=TOOLS, tool_choice=choice,
+                await client.chat.completions.create(model="scripted", tools=tools, tool_choice=choice,
                                                      messages=[{"role": "user", "content": "hi"}])
-            assert e.value.body["param"] == param and "constrained decoding" in e.value.body["message"]
+            assert e.value.body["param"] == "tool_choice" and says in e.value.body["message"]
         bad = [{"type": "function", "function": {"name": "has space"}}]
         with pytest.raises(openai.BadRequestError) as e:
             await client.chat.completions.create(model="scripted", tools=bad,
@@ -275,7 +276,8 @@ async def test_responses_api_function_calls_whole_streamed_and_resent(tokenizer)
                 await client.responses.create(model="scripted", input="hi", tools=bad)
             assert e.value.body["param"] == param
         with pytest.raises(openai.BadRequestError) as e:
-            await client.responses.create(model="scripted", input="hi", tools=RESP_TOOLS, tool_choice="required")
+            await client.responses.create(model="scripted", input="hi", tools=RESP_TOOLS,
+                                          tool_choice={"type": "function", "name": "nope"})
         assert e.value.body["param"] == "tool_choice"
         with pytest.raises(openai.BadRequestError) as e:
             await client.responses.create(model="scripted", input=[{"type": "function_call", "call_id": "c"}])

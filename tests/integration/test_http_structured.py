@@ -45,15 +45,14 @@ def client(embedded_http):
 
 def test_json_schema_response_format(client):
     msgs = [{"role": "user", "content": "Describe a large city."}]
-    texts = []
-    for temperature in (0.0, 0.9):
-        r = client.beta.chat.completions.parse(model=MODEL, messages=msgs, response_format=City, max_tokens=80,
-                                               temperature=temperature, seed=5)
-        ch = r.choices[0]
-        assert ch.finish_reason == "stop", ch.message.content
-        assert isinstance(ch.message.parsed, City)
-        jsonschema.validate(json.loads(ch.message.content), City.model_json_schema())
-        texts.append(ch.message.content)
+    # (sampled picks under a grammar: tests/unit/test_grammar.py)
+    r = client.beta.chat.completions.parse(model=MODEL, messages=msgs, response_format=City, max_tokens=80,
+                                           temperature=0)
+    ch = r.choices[0]
+    assert ch.finish_reason == "stop", ch.message.content
+    assert isinstance(ch.message.parsed, City)
+    jsonschema.validate(json.loads(ch.message.content), City.model_json_schema())
+    texts = [ch.message.content]
     # streamed: the same text (greedy)
     schema = {**City.model_json_schema(), "additionalProperties": False}  # (as parse() sends it: strict)
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
@@ -102,18 +101,12 @@ def test_forced_tool_calls(client):
     # a named function is the one called, whatever the question
     named = {"type": "function", "function": {"name": "add"}}
     r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, ADD], tool_choice=named,
-                                       max_tokens=60, temperature=0.8, seed=2)
+                                       max_tokens=40, temperature=0.8, seed=2, parallel_tool_calls=False)
     calls = r.choices[0].message.tool_calls
     assert calls and {c.function.name for c in calls} == {"add"}
     for c in calls:
         jsonschema.validate(json.loads(c.function.arguments), params["add"])
-    # streamed: the calls arrive as tool_calls deltas
-    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, ADD],
-                                                 tool_choice=named, max_tokens=60, temperature=0.8, seed=2,
-                                                 stream=True))
-    streamed = [d.function for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
-    assert [(f.name, f.arguments) for f in streamed] == [(c.function.name, c.function.arguments) for c in calls]
-    # the Responses API: a function_call item
+    # (streamed calls arrive as tool_calls deltas: test_http_tools.py) the Responses API: a function_call item
     resp = client.responses.create(model=MODEL, input="Weather in Rome?", max_output_tokens=60, temperature=0,
                                    tools=[{"type": "function", "name": "get_weather",
                                            "parameters": WEATHER["function"]["parameters"]}], tool_choice="required")

@@ -204,8 +204,9 @@ class DecodeEngine(Engine):
         self._pool_freed.set()
         self._pool_freed = anyio.Event()
 
-    def _sampler(self, turn: Turn) -> Sampler | None:
-        """The turn's sampler (None: greedy), with its grammar's constraint (made from this model's tokenizer)."""
+    async def _sampler(self, turn: Turn) -> Sampler | None:
+        """The turn's sampler (None: greedy), with its grammar's constraint (made from this model's tokenizer, in
+        a worker thread: a complex grammar takes up to a second to build, and the decode loop must not wait)."""
         sp = turn.sampling
         if sp is None:
             return None
@@ -213,7 +214,7 @@ class DecodeEngine(Engine):
         if sp.grammar is not None:
             from dualpath.engine.grammar import Constraint
 
-            constraint = Constraint(sp.grammar, self.ctx.tokenizer_source)
+            constraint = await anyio.to_thread.run_sync(Constraint, sp.grammar, self.ctx.tokenizer_source)
         return Sampler(sp, constraint, prompt=turn.prompt_ids)
 
     async def begin_decode(self, turn: Turn) -> DecodeSeq:
@@ -222,6 +223,7 @@ class DecodeEngine(Engine):
         layout = self.layout
         bt, b, n_layers = layout.block_tokens, layout.bytes_per_token_layer, layout.n_layers
         target = kv_target(turn.prompt_len, turn.gen_tokens, bt)
+        sampler = await self._sampler(turn)  # (before any page is taken: a bad grammar fails the turn here)
         pages = await self._alloc_pages(-(-target // bt), turn)
         try:
             await self.ctx.links.h2d(self.name, turn, turn.prompt_len * n_layers * b)
@@ -251,7 +253,7 @@ class DecodeEngine(Engine):
                 torch.cuda.current_stream(self.device).synchronize()
             assert turn.first_logits is not None
             seq = DecodeSeq(turn, pages, turn.prompt_len, target, list(turn.prompt_ids), keys=list(turn.keys),
-                            sampler=self._sampler(turn))
+                            sampler=sampler)
             seq.accept(seq.pick(turn.first_logits), bt)
             if self.cfg.keep_logits:
                 seq.logits.append(turn.first_logits)

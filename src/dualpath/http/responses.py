@@ -47,6 +47,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Literal
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -346,13 +347,21 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
 
     sampling = server.sampling(body)
     fmt = (body.text or {}).get("format") or {}
-    forced = server.tool_grammar(tools, body.tool_choice, body.parallel_tool_calls)
-    if forced is not None:
-        sampling = replace(sampling, grammar=forced)
-    elif fmt.get("type") == "json_object":
-        sampling = replace(sampling, grammar=server.grammar({"type": "object"}, "text.format"))
-    elif fmt.get("type") == "json_schema":
-        sampling = replace(sampling, grammar=server.grammar(fmt.get("schema", {}), "text.format.schema"))
+
+    def compile_grammar() -> str | None:  # (in a worker thread: a complex schema takes a while to compile)
+        forced = server.tool_grammar(tools, body.tool_choice, body.parallel_tool_calls)
+        if forced is not None:
+            return str(forced)
+        if fmt.get("type") == "json_object":
+            return str(server.grammar({"type": "object"}, "text.format"))
+        if fmt.get("type") == "json_schema":
+            return str(server.grammar(fmt.get("schema", {}), "text.format.schema"))
+        return None
+
+    if body.tool_choice not in (None, "auto", "none") or fmt.get("type", "text") != "text":
+        grammar = await anyio.to_thread.run_sync(compile_grammar)
+        if grammar is not None:
+            sampling = replace(sampling, grammar=grammar)
     return await serve_job(server, request, "/v1/responses", GenRequest(ids, limit, sampling), [],
                            bool(body.stream), stream, full)
 

@@ -90,27 +90,33 @@ def test_responses_text_format_and_bad_schemas(client):
 
 
 def test_forced_tool_calls(client):
+    """``required`` (whichever tool), a named function (that one, whatever the question) and the Responses API's
+    ``required``: each answer is a call whose arguments follow the function's schema. The three run concurrently
+    (one decode batch: what each asserts does not depend on what shares the batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     msgs = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
     params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
-    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, ADD], tool_choice="required",
-                                       max_tokens=60, temperature=0, parallel_tool_calls=False)
-    ch = r.choices[0]
+    named = {"type": "function", "function": {"name": "add"}}
+    with ThreadPoolExecutor(3) as pool:
+        required = pool.submit(client.chat.completions.create, model=MODEL, messages=msgs, tools=[WEATHER, ADD],
+                               tool_choice="required", max_tokens=60, temperature=0, parallel_tool_calls=False)
+        forced = pool.submit(client.chat.completions.create, model=MODEL, messages=msgs, tools=[WEATHER, ADD],
+                             tool_choice=named, max_tokens=40, temperature=0.8, seed=2, parallel_tool_calls=False)
+        responses = pool.submit(client.responses.create, model=MODEL, input="Weather in Rome?", max_output_tokens=60,
+                                temperature=0, tool_choice="required",
+                                tools=[{"type": "function", "name": "get_weather",
+                                        "parameters": WEATHER["function"]["parameters"]}])
+    ch = required.result().choices[0]
     assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
     call = ch.message.tool_calls[0].function
     jsonschema.validate(json.loads(call.arguments), params[call.name])
-    # a named function is the one called, whatever the question
-    named = {"type": "function", "function": {"name": "add"}}
-    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER, ADD], tool_choice=named,
-                                       max_tokens=40, temperature=0.8, seed=2, parallel_tool_calls=False)
-    calls = r.choices[0].message.tool_calls
+    calls = forced.result().choices[0].message.tool_calls
     assert calls and {c.function.name for c in calls} == {"add"}
     for c in calls:
         jsonschema.validate(json.loads(c.function.arguments), params["add"])
-    # (streamed calls arrive as tool_calls deltas: test_http_tools.py) the Responses API: a function_call item
-    resp = client.responses.create(model=MODEL, input="Weather in Rome?", max_output_tokens=60, temperature=0,
-                                   tools=[{"type": "function", "name": "get_weather",
-                                           "parameters": WEATHER["function"]["parameters"]}], tool_choice="required")
-    items = [o for o in resp.output if o.type == "function_call"]
+    # (streamed calls arrive as tool_calls deltas: test_http_tools.py)
+    items = [o for o in responses.result().output if o.type == "function_call"]
     assert items and items[0].name == "get_weather"
     jsonschema.validate(json.loads(items[0].arguments), params["get_weather"])
     with pytest.raises(openai.BadRequestError) as e:

@@ -126,3 +126,39 @@ def test_forced_tool_calls(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=msgs, tool_choice="required")
     assert e.value.body["param"] == "tool_choice"
+
+
+def test_vllm_structured_output_extensions(client):
+    """vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` and ``structured_outputs``,
+    on both endpoints (one decode batch; each answer is checked on its own)."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["n"],
+              "additionalProperties": False}
+    chat = [{"role": "user", "content": "Pick a capital city."}]
+    asks = {
+        "choice": (client.chat.completions.create, {"messages": chat, "extra_body": {
+            "guided_choice": ["Paris", "London", "Rome"]}}),
+        "regex": (client.completions.create, {"prompt": "Call me at", "extra_body": {
+            "guided_regex": r" \d{3}-\d{4}"}}),
+        "json": (client.completions.create, {"prompt": "A number as JSON:", "extra_body": {
+            "structured_outputs": {"json": schema}}}),
+        "gbnf": (client.completions.create, {"prompt": "Answer yes or no:", "extra_body": {
+            "guided_grammar": 'root ::= " " ("yes" | "no")'}}),
+    }
+    with ThreadPoolExecutor(len(asks)) as pool:
+        futures = {k: pool.submit(fn, model=MODEL, max_tokens=24, temperature=0, **kw) for k, (fn, kw) in asks.items()}
+    out = {k: f.result().choices[0] for k, f in futures.items()}
+    assert out["choice"].message.content in ("Paris", "London", "Rome")
+    assert re.fullmatch(r" \d{3}-\d{4}", out["regex"].text), out["regex"].text
+    jsonschema.validate(json.loads(out["json"].text), schema)
+    assert out["gbnf"].text in (" yes", " no")
+    assert all(c.finish_reason == "stop" for c in out.values())
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                  extra_body={"guided_regex": "a", "guided_choice": ["b"]})
+    assert e.value.body["param"] == "guided_choice"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"guided_regex": "(?<=a)b"})
+    assert e.value.body["param"] == "guided_regex"

@@ -106,6 +106,28 @@ def lark_grammar(lark: str) -> str:
     return str(_llguidance().LLMatcher.grammar_from_lark(lark))
 
 
+def regex_grammar(regex: str) -> str:
+    """The llguidance grammar of text matching ``regex`` (Rust regex syntax, anchored at both ends)."""
+    return str(_llguidance().LLMatcher.grammar_from_regex(regex))
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """The llguidance grammar of exactly one of ``choices`` (literal strings)."""
+    return lark_grammar("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+
+
+def ebnf_grammar(text: str) -> str:
+    """The llguidance grammar of a Lark grammar or a GBNF/EBNF one (``root ::= ...``, as llama.cpp and vLLM write
+    them; converted by llguidance)."""
+    _llguidance()
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return lark_grammar(str(any_to_lark(text)))
+    except Exception as exc:  # the converter's own errors (unbalanced rules, unknown syntax)
+        raise ModelError(f"not a Lark or GBNF grammar: {exc}") from None
+
+
 def check_grammar(grammar: str, tokenizer: Any) -> str:
     """'' when ``grammar`` compiles against ``tokenizer`` (a Hugging Face tokenizer), else llguidance's error."""
     llg = _llguidance()

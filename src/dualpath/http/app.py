@@ -15,6 +15,7 @@ and buffers on both engines.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -218,10 +219,11 @@ class Server:
         except ModelError as exc:
             raise ApiError(400, str(exc)) from None
 
-    def grammar(self, schema: dict[str, Any] | bool, param: str, *, lark: str | None = None) -> str:
-        """The llguidance grammar of JSON values valid under ``schema`` (or of the Lark grammar ``lark``;
-        ``param``: the field a 400 names), checked against the served model's tokenizer
-        (:mod:`dualpath.engine.grammar`)."""
+    def grammar(self, schema: dict[str, Any] | bool, param: str, *, lark: str | None = None,
+                built: str | None = None) -> str:
+        """The llguidance grammar of JSON values valid under ``schema`` (or of the Lark grammar ``lark``, or the
+        grammar ``built`` already; ``param``: the field a 400 names), checked against the served model's
+        tokenizer (:mod:`dualpath.engine.grammar`)."""
         from dualpath.engine.grammar import check_grammar, json_schema_grammar, lark_grammar
 
         tok = self.backend.tokenizer
@@ -229,7 +231,8 @@ class Server:
             raise ApiError(400, f"{param}: structured output needs the model's tokenizer (this model has none)",
                            param=param)
         try:
-            grammar = lark_grammar(lark) if lark is not None else json_schema_grammar(schema)
+            grammar = built if built is not None else lark_grammar(lark) if lark is not None \
+                else json_schema_grammar(schema)
             problem = check_grammar(grammar, tok)
         except ModelError as exc:
             raise ApiError(400, f"{param}: {exc}", param=param) from None
@@ -247,6 +250,31 @@ class Server:
             assert rf is not None
             return self.grammar(rf["json_schema"].get("schema", {}), f"{param}.json_schema.schema")
         return None
+
+    def guided_grammar(self, req: ChatCompletionRequest | CompletionRequest) -> str | None:
+        """The grammar of vLLM's structured-output extension a request sets (``guided_json`` / ``_regex`` /
+        ``_choice`` / ``_grammar`` or ``structured_outputs``), None without."""
+        from dualpath.engine.grammar import choice_grammar, ebnf_grammar, regex_grammar
+
+        guided = req.guided()
+        if guided is None:
+            return None
+        param, kind, value = guided
+        if kind == "json":
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise ApiError(400, f"{param}: not JSON", param=param) from None
+            return self.grammar(value, param)
+        if kind == "json_object":
+            return self.grammar({"type": "object"}, param)
+        build: dict[str, Callable[[Any], str]] = {"regex": regex_grammar, "choice": choice_grammar,
+                                                  "grammar": ebnf_grammar}
+        try:
+            return self.grammar({}, param, built=build[kind](value))
+        except ModelError as exc:
+            raise ApiError(400, f"{param}: {exc}", param=param) from None
 
     def tool_grammar(self, tools: list[ToolDef], choice: str | dict[str, Any] | None,
                      parallel: bool | None) -> str | None:

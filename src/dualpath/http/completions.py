@@ -64,14 +64,17 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
     echo = bool(getattr(req, "echo", False))
     prompt_top = top if echo else None  # echo with logprobs: the prompt's too (computed once per prompt)
     base = server.sampling(req, logprobs=(top or 0) if want_lp else None)
-    if isinstance(req, ChatCompletionRequest) and (req.response_format or req.tool_choice not in (None, "auto",
-                                                                                                "none")):
-        chat = req
+    def compile_grammar() -> str | None:  # (in a worker thread: a complex schema takes a while to compile)
+        if isinstance(req, ChatCompletionRequest):
+            forced = server.tool_grammar(req.tools or [], req.tool_choice, req.parallel_tool_calls) \
+                or server.response_grammar(req.response_format)
+            if forced is not None:
+                return forced
+        return server.guided_grammar(req)
 
-        def compile_grammar() -> str | None:  # (in a worker thread: a complex schema takes a while to compile)
-            return server.tool_grammar(chat.tools or [], chat.tool_choice, chat.parallel_tool_calls) \
-                or server.response_grammar(chat.response_format)
-
+    constrained = req.guided() is not None or (isinstance(req, ChatCompletionRequest) and (
+        req.response_format or req.tool_choice not in (None, "auto", "none")))
+    if constrained:
         grammar = await anyio.to_thread.run_sync(compile_grammar)
         if grammar is not None:
             base = replace(base, grammar=grammar)

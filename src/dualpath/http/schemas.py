@@ -16,6 +16,9 @@ Extensions, as vLLM spells them (what serving benchmarks, Qwen3 users and agent 
   tokens), ``include_stop_str_in_output`` (a matched stop string stays at the end of the text),
   ``skip_special_tokens`` (default true; false keeps special tokens in the text), ``repetition_penalty`` (Hugging
   Face's definition, in (0, 10]);
+* both endpoints: ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` and
+  ``structured_outputs`` (vLLM's structured outputs; at most one, :meth:`_Sampling.guided`; enforced by the decode
+  engine's grammar, :mod:`dualpath.engine.grammar`);
 * chat (and ``/v1/responses`` for the first): ``chat_template_kwargs`` (extra keyword arguments of the chat
   template, e.g. Qwen3's ``enable_thinking``; a key that is one of ``apply_chat_template``'s own arguments is
   refused naming ``chat_template_kwargs.<key>``), ``add_generation_prompt`` (default true) and ``continue_final_message``
@@ -119,6 +122,32 @@ class _Sampling(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     repetition_penalty: float | None = None
+    # vLLM's structured-output extensions (at most one; dualpath.engine.grammar)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    def guided(self) -> tuple[str, str, Any] | None:
+        """``(field, kind, value)`` of the structured-output extension set (kind: json, regex, choice, grammar,
+        json_object), or None; more than one is a ValueError naming the second."""
+        found: list[tuple[str, str, Any]] = []
+        for kind in ("json", "regex", "choice", "grammar"):
+            v = getattr(self, f"guided_{kind}")
+            if v is not None:
+                found.append((f"guided_{kind}", kind, v))
+        for kind, v in (self.structured_outputs or {}).items():
+            if kind in ("json", "regex", "choice", "grammar") and v is not None:
+                found.append((f"structured_outputs.{kind}", kind, v))
+            elif kind == "json_object" and v:
+                found.append(("structured_outputs.json_object", "json_object", True))
+            elif v is not None and kind not in ("disable_fallback", "disable_any_whitespace",
+                                                "disable_additional_properties", "whitespace_pattern"):
+                raise ValueError(f"structured_outputs.{kind}")
+        if len(found) > 1:
+            raise ValueError(found[1][0])
+        return found[0] if found else None
 
     def unsupported(self) -> tuple[str, str] | None:
         """``(field, message)`` of the first standard field whose value this server cannot honour (a 400), or
@@ -132,6 +161,12 @@ class _Sampling(_Strict):
                 return "logit_bias", f"logit_bias: {key}: biases lie in [-100, 100] (got {bias})"
         if len(self.logit_bias or {}) > 4096:
             return "logit_bias", "logit_bias: at most 4096 entries"
+        try:
+            guided = self.guided()
+        except ValueError as exc:
+            return str(exc), f"{exc}: not supported, or a second structured-output constraint (send one)"
+        if guided is not None and guided[1] == "choice" and not all(isinstance(c, str) and c for c in guided[2]):
+            return guided[0], f"{guided[0]}: a list of non-empty strings"
         return None
 
     @field_validator("stop")
@@ -194,6 +229,11 @@ class ChatCompletionRequest(_Sampling):
         problem = tool_choice_problem(self.tool_choice, [t.function.name for t in self.tools or []])
         if problem is not None:
             return "tool_choice", problem
+        guided = self.guided()
+        if guided is not None and (self.tool_choice not in (None, "none", "auto")
+                                   or (self.response_format or {}).get("type", "text") != "text"):
+            return guided[0], f"{guided[0]}: a second structured-output constraint (with response_format or a " \
+                              "forced tool call; send one)"
         if self.tool_choice not in (None, "none", "auto") and (self.response_format or {}).get("type", "text") \
                 != "text":
             return "tool_choice", "tool_choice: a forced call cannot also follow response_format (send one of them)"

@@ -1,6 +1,7 @@
 """What the decode engine's extra sampling work costs per token with the embedded real model (SmolLM2-135M, the
 in-process cluster): token log-probabilities (top 5), penalties with a logit bias, and a JSON-schema grammar
-(llguidance token masks), each against plain greedy decoding of the same prompt, alternated ``--reps`` times.
+(llguidance token masks), each against plain greedy decoding of the same prompt, alternated ``--reps`` times;
+and the sampler alone per pick (``sampler_us_per_pick``), which is what matters where a decode step is short.
 
 The grammar run and its baseline decode the same number of tokens: the baseline is forced to the grammar run's
 length (``ignore_eos``, ``max_tokens`` = its token count), so the ratio compares time per decoded token. Prints
@@ -68,13 +69,42 @@ async def main_async(gen: int, reps: int) -> dict[str, Any]:
                     _, ms_plain = await _run(backend, ids, n, base)
                     out.setdefault("plain_same_length", []).append(ms_plain)
                 out[name].append(ms)
+        from dualpath.engine.grammar import tokenizer_source
+
+        micro = sampler_us(variants, tokenizer_source(backend.config), int(backend.vocab_size))
         med = {k: statistics.median(v) for k, v in out.items() if v}
         ref_grammar = med.get("plain_same_length", med["plain"])
         ratios = {k: med[k] / (ref_grammar if k == "json_grammar" else med["plain"])
                   for k in variants if k != "plain"}
-        return {"gen": gen, "reps": reps, "ms_per_token": med, "ratio": ratios}
+        return {"gen": gen, "reps": reps, "ms_per_token": med, "ratio": ratios, "sampler_us_per_pick": micro}
     finally:
         await backend.close()
+
+
+def sampler_us(variants: dict[str, Any], tokenizer_source: str | None, vocab: int, steps: int = 200) -> dict[str, float]:
+    """Microseconds per pick of the sampler alone (random logits of the model's vocabulary), per variant: what the
+    work costs where a decode step is short (a GPU's ~10 ms) rather than this CPU's ~100 ms."""
+    import torch
+
+    from dualpath.engine.grammar import Constraint
+    from dualpath.engine.sampling import Sampler
+
+    out = {}
+    for name, sp in variants.items():
+        g = torch.Generator().manual_seed(0)
+        rows = [torch.randn(vocab, generator=g) for _ in range(steps)]
+        constraint = Constraint(sp.grammar, tokenizer_source) if sp.grammar else None
+        sampler = Sampler(sp, constraint, prompt=list(range(64)))
+        t0 = time.perf_counter()
+        n = 0
+        for row in rows:
+            sampler(row, n)
+            sampler.take()
+            n += 1
+            if sampler.done:
+                break
+        out[name] = (time.perf_counter() - t0) / n * 1e6
+    return out
 
 
 def main() -> int:

@@ -160,6 +160,10 @@ class Constraint:
         keep[:n] = torch.from_numpy(allowed[:n])
         return flat.masked_fill(~keep.to(flat.device), float("-inf"))
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar allows ``token`` next (a few microseconds: no mask is computed)."""
+        return bool(self.matcher.validate_tokens([int(token)]) == 1)
+
     def accept(self, token: int) -> None:
         """Feed the picked token to the grammar."""
         if not self.matcher.consume_token(int(token)):

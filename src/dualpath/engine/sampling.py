@@ -155,10 +155,17 @@ class Sampler:
         if generated < self.params.min_tokens and self.stop_ids:
             logits = self._mask_stops(logits)
         was_complete = False
+        tok = -1
         if self.constraint is not None:
             was_complete = self.constraint.complete  # then only the end of the sequence is allowed: the last pick
-            logits = self.constraint.mask(logits)
-        if self.generator is None:
+            if self.generator is None:  # greedy: the argmax when the grammar allows it (the same pick, no mask)
+                best = int(torch.argmax(logits))
+                tok = best if self.constraint.allows(best) else -1
+            if tok < 0:
+                logits = self.constraint.mask(logits)
+        if tok >= 0:
+            pass
+        elif self.generator is None:
             tok = int(torch.argmax(logits))
         else:
             tok = sample(logits, self.params, self.generator)

@@ -76,7 +76,6 @@ _NAME = F("str", max_len=128, pattern=_NAME_RE)
 _REASON = F("str", max_len=MAX_STR)
 _TIME = F("float", lo=0.0, hi=1e12)
 
-#: message type -> its fields
 #: a prompt's log-probabilities (prompt tokens 1 .. n-1; sampling's ``prompt_logprobs``): PE -> scheduler on
 #: ``prefilled``, scheduler -> client on ``result``
 PROMPT_LP_FIELDS: dict[str, F] = {
@@ -85,6 +84,7 @@ PROMPT_LP_FIELDS: dict[str, F] = {
     "plp_vals": F("bin", required=False, max_len=MAX_PLP_BIN, multiple=4),
 }
 
+#: message type -> its fields
 SCHEMAS: dict[str, dict[str, F]] = {
     # --- generic ---
     "ping": {},

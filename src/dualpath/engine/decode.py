@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import torch
@@ -60,22 +62,20 @@ class DecodeSeq:
         lp = self.sampler.take() if self.sampler is not None else None
         if lp is not None:
             self.logprobs.append(lp)
-            lcb = self.turn.on_logprob
-            if lcb is not None:
-                try:
-                    lcb(lp)
-                except Exception:  # a listener's bug must not stop the batch
-                    log.exception("on_logprob listener of turn %d failed", self.turn.rid)
-        cb = self.turn.on_token
-        if cb is not None:
-            try:
-                cb(tok)
-            except Exception:  # a listener's bug must not stop the batch
-                log.exception("on_token listener of turn %d failed", self.turn.rid)
+            self._tell(self.turn.on_logprob, lp, "on_logprob")
+        self._tell(self.turn.on_token, tok, "on_token")
         if (self.sampler is not None and (tok in self.sampler.stop_ids or self.sampler.done)
                 and len(self.generated) < self.turn.gen_tokens):
             self.stopped = True
             self.target_kv = kv_target(self.turn.prompt_len, len(self.generated), block_tokens)
+
+
+    def _tell(self, listener: Callable[[Any], None] | None, value: Any, what: str) -> None:
+        if listener is not None:
+            try:
+                listener(value)
+            except Exception:  # a listener's bug must not stop the batch
+                log.exception("%s listener of turn %d failed", what, self.turn.rid)
 
 
 def kv_target(prompt: int, gen: int, block_tokens: int) -> int:

@@ -15,7 +15,6 @@ and buffers on both engines.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -45,10 +44,8 @@ from dualpath.http.schemas import (
 from dualpath.http.tools import (
     ToolCallReader,
     ToolDef,
-    chosen_function,
     parser_for,
     template_takes_tools,
-    tool_call_grammar,
     tool_dicts,
     with_tools_in_text,
 )
@@ -218,74 +215,6 @@ class Server:
                                   logit_bias=bias)
         except ModelError as exc:
             raise ApiError(400, str(exc)) from None
-
-    def grammar(self, schema: dict[str, Any] | bool, param: str, *, lark: str | None = None,
-                built: str | None = None) -> str:
-        """The llguidance grammar of JSON values valid under ``schema`` (or of the Lark grammar ``lark``, or the
-        grammar ``built`` already; ``param``: the field a 400 names), checked against the served model's
-        tokenizer (:mod:`dualpath.engine.grammar`)."""
-        from dualpath.engine.grammar import check_grammar, json_schema_grammar, lark_grammar
-
-        tok = self.backend.tokenizer
-        if tok is None:
-            raise ApiError(400, f"{param}: structured output needs the model's tokenizer (this model has none)",
-                           param=param)
-        try:
-            grammar = built if built is not None else lark_grammar(lark) if lark is not None \
-                else json_schema_grammar(schema)
-            problem = check_grammar(grammar, tok)
-        except ModelError as exc:
-            raise ApiError(400, f"{param}: {exc}", param=param) from None
-        if problem:
-            raise ApiError(400, f"{param}: the schema cannot be enforced: {problem}", param=param)
-        return grammar
-
-    def response_grammar(self, rf: dict[str, Any] | None, param: str = "response_format") -> str | None:
-        """The grammar a chat ``response_format`` asks for: None for text, any JSON object for ``json_object``,
-        the schema's values for ``json_schema``."""
-        kind = (rf or {}).get("type", "text")
-        if kind == "json_object":
-            return self.grammar({"type": "object"}, param)
-        if kind == "json_schema":
-            assert rf is not None
-            return self.grammar(rf["json_schema"].get("schema", {}), f"{param}.json_schema.schema")
-        return None
-
-    def guided_grammar(self, req: ChatCompletionRequest | CompletionRequest) -> str | None:
-        """The grammar of vLLM's structured-output extension a request sets (``guided_json`` / ``_regex`` /
-        ``_choice`` / ``_grammar`` or ``structured_outputs``), None without."""
-        from dualpath.engine.grammar import choice_grammar, ebnf_grammar, regex_grammar
-
-        guided = req.guided()
-        if guided is None:
-            return None
-        param, kind, value = guided
-        if kind == "json":
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except ValueError:
-                    raise ApiError(400, f"{param}: not JSON", param=param) from None
-            return self.grammar(value, param)
-        if kind == "json_object":
-            return self.grammar({"type": "object"}, param)
-        build: dict[str, Callable[[Any], str]] = {"regex": regex_grammar, "choice": choice_grammar,
-                                                  "grammar": ebnf_grammar}
-        try:
-            return self.grammar({}, param, built=build[kind](value))
-        except ModelError as exc:
-            raise ApiError(400, f"{param}: {exc}", param=param) from None
-
-    def tool_grammar(self, tools: list[ToolDef], choice: str | dict[str, Any] | None,
-                     parallel: bool | None) -> str | None:
-        """The grammar a ``tool_choice`` of ``required`` or a named function enforces (None for ``auto``/``none``):
-        a call in the served model's tool-call format (:func:`dualpath.http.tools.tool_call_grammar`)."""
-        if choice in (None, "auto", "none"):
-            return None
-        only = chosen_function(choice)
-        template = getattr(self.backend.tokenizer, "chat_template", None)
-        lark = tool_call_grammar(tools, parser_for(self.config.tool_parser, template), only, parallel is not False)
-        return self.grammar({}, "tool_choice", lark=lark)
 
     def limit(self, n_prompt: int, requested: int | None, param: str) -> int:
         ctx = self.backend.max_context

@@ -46,6 +46,7 @@ from dualpath.http.app import (
 from dualpath.http.backend import GenRequest
 from dualpath.http.logprobs import TokenText, chat_entries, completion_logprobs
 from dualpath.http.schemas import ChatCompletionRequest, CompletionRequest, error_body
+from dualpath.http.structured import constrained, request_grammar
 from dualpath.http.tools import ToolCall
 
 MAX_CHOICES = 128  # generations of one request (prompts x n, or x best_of)
@@ -64,18 +65,9 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
     echo = bool(getattr(req, "echo", False))
     prompt_top = top if echo else None  # echo with logprobs: the prompt's too (computed once per prompt)
     base = server.sampling(req, logprobs=(top or 0) if want_lp else None)
-    def compile_grammar() -> str | None:  # (in a worker thread: a complex schema takes a while to compile)
-        if isinstance(req, ChatCompletionRequest):
-            forced = server.tool_grammar(req.tools or [], req.tool_choice, req.parallel_tool_calls) \
-                or server.response_grammar(req.response_format)
-            if forced is not None:
-                return forced
-        return server.guided_grammar(req)
-
-    constrained = req.guided() is not None or (isinstance(req, ChatCompletionRequest) and (
-        req.response_format or req.tool_choice not in (None, "auto", "none")))
-    if constrained:
-        grammar = await anyio.to_thread.run_sync(compile_grammar)
+    if constrained(req):  # (compiled in a worker thread: a complex schema takes a while)
+        tok, parser = server.backend.tokenizer, server.config.tool_parser
+        grammar = await anyio.to_thread.run_sync(lambda: request_grammar(tok, parser, req))
         if grammar is not None:
             base = replace(base, grammar=grammar)
     tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []

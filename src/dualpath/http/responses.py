@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dualpath.http.backend import GenRequest, GenResult, Job
 from dualpath.http.schemas import tool_choice_problem
+from dualpath.http.structured import forced_tool_grammar, text_format_grammar
 from dualpath.http.tools import FunctionDef, ToolCall, ToolCallReader, ToolDef
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -349,14 +350,9 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
     fmt = (body.text or {}).get("format") or {}
 
     def compile_grammar() -> str | None:  # (in a worker thread: a complex schema takes a while to compile)
-        forced = server.tool_grammar(tools, body.tool_choice, body.parallel_tool_calls)
-        if forced is not None:
-            return str(forced)
-        if fmt.get("type") == "json_object":
-            return str(server.grammar({"type": "object"}, "text.format"))
-        if fmt.get("type") == "json_schema":
-            return str(server.grammar(fmt.get("schema", {}), "text.format.schema"))
-        return None
+        tok = server.backend.tokenizer
+        forced = forced_tool_grammar(tok, server.config.tool_parser, tools, body.tool_choice, body.parallel_tool_calls)
+        return forced if forced is not None else text_format_grammar(tok, fmt)
 
     if body.tool_choice not in (None, "auto", "none") or fmt.get("type", "text") != "text":
         grammar = await anyio.to_thread.run_sync(compile_grammar)

@@ -236,3 +236,26 @@ def test_tokenize_and_detokenize(client, embedded_http):
         assert cl.post("/detokenize", json={"tokens": [10 ** 7]}).status_code == 400
         assert cl.post("/tokenize", json={"prompt": "x", "messages": msgs}).status_code == 400
         assert cl.post("/tokenize", json={"prompt": "x", "model": "other"}).status_code == 404
+
+
+def test_responses_api_logprobs(client):
+    """``include: ["message.output_text.logprobs"]`` with ``top_logprobs``: the output text's entries, the same as
+    chat's for the same conversation, whole and streamed (each delta carrying its tokens')."""
+    msgs = [{"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                          top_logprobs=2).choices[0].logprobs.content
+    kw = {"model": MODEL, "input": "Name a colour.", "max_output_tokens": 8, "temperature": 0, "top_logprobs": 2,
+          "include": ["message.output_text.logprobs"], "store": False}
+    r = client.responses.create(**kw)
+    entries = r.output[0].content[0].logprobs
+    assert [(e.token, e.bytes) for e in entries] == [(e.token, e.bytes) for e in chat]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in chat], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in entries)
+    events = list(client.responses.create(**kw, stream=True))
+    streamed = [lp for ev in events if ev.type == "response.output_text.delta" for lp in ev.logprobs]
+    done = next(ev for ev in events if ev.type == "response.output_text.done")
+    assert [e.token for e in done.logprobs] == [e.token for e in entries]
+    assert [e.token for e in streamed] == [e.token for e in entries][:len(streamed)] and len(streamed) >= 1
+    # not asked: none
+    plain = client.responses.create(**{**kw, "include": None})
+    assert plain.output[0].content[0].logprobs == []

@@ -151,6 +151,17 @@ class Server:
         self.ready = False
         self.created = int(time.time())
         self.startup_error: BaseException | None = None
+        self._token_text: Any = None
+
+    @property
+    def token_text(self) -> Any:
+        """Token ids' text and bytes for log-probabilities (:class:`dualpath.http.logprobs.TokenText`, its cache
+        kept for the server's life)."""
+        from dualpath.http.logprobs import TokenText
+
+        if self._token_text is None or self._token_text.tok is not self.backend.tokenizer:
+            self._token_text = TokenText(self.backend.tokenizer)
+        return self._token_text
 
     @property
     def model_name(self) -> str:

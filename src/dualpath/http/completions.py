@@ -44,7 +44,7 @@ from dualpath.http.app import (
     serve_choices,
 )
 from dualpath.http.backend import GenRequest
-from dualpath.http.logprobs import TokenText, chat_entries, completion_logprobs
+from dualpath.http.logprobs import chat_entries, completion_logprobs
 from dualpath.http.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from dualpath.http.structured import constrained, request_grammar
 from dualpath.http.tools import ToolCall
@@ -106,7 +106,7 @@ class _Answer:
         self.per_prompt, self.n, self.top = per_prompt, int(req.n or 1), top
         self.rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.obj = ("chat.completion" if kind == "chat" else "text_completion")
-        self.text = TokenText(server.backend.tokenizer) if top is not None else None
+        self.text = server.token_text if top is not None else None
         self.echo = bool(getattr(req, "echo", False))
         self.zero = req.max_tokens == 0  # (completions with echo: the one token generated is dropped)
         self.created = int(time.time())

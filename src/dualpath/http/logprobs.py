@@ -122,9 +122,3 @@ def completion_logprobs(text: TokenText, lps: list[TokenLogprob], top: int, offs
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
-
-def merge_completion(into: dict[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:
-    """Two consecutive completions ``logprobs`` objects as one."""
-    if into is None:
-        return more
-    return {k: list(into[k]) + list(more[k]) for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}

@@ -140,8 +140,6 @@ class ResponsesRequest(BaseModel):
             return "text.format", "text.format: 'schema' must be a JSON schema object"
         if self.background:
             return "background", "background: background responses are not supported"
-        if self.top_logprobs:
-            return "top_logprobs", "top_logprobs: not supported (only 0)"
         if self.truncation not in (None, "disabled"):
             return "truncation", "truncation: only 'disabled' is supported (a prompt that does not fit is an error)"
         if isinstance(self.input, list):
@@ -165,6 +163,13 @@ class ResponsesRequest(BaseModel):
                             return (f"input[{i}].content[{j}].type",
                                     f"input[{i}].content[{j}]: only text parts are supported (got {part.type!r})")
         return None
+
+    def logprobs_top(self) -> int | None:
+        """How many most likely tokens each output token's logprobs carry (``top_logprobs``) when ``include``
+        asks for ``message.output_text.logprobs``; None: no logprobs."""
+        if "message.output_text.logprobs" not in (self.include or []):
+            return None
+        return int(self.top_logprobs or 0)
 
     def function_tools(self) -> list[ToolDef]:
         """The function tools the model may call (none with ``tool_choice: "none"``), as chat-completions tools."""
@@ -281,14 +286,15 @@ def _call_item(call: ToolCall) -> dict[str, Any]:
 
 def _response(server: Any, rid: str, mid: str, created: int, body: ResponsesRequest, *, status: str,
               text: str | None, usage: dict[str, Any] | None, error: dict[str, Any] | None = None,
-              calls: list[ToolCall] | None = None) -> dict[str, Any]:
+              calls: list[ToolCall] | None = None, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The response object; its output is the message (``text``; left out when None, or empty beside calls)
     and then one ``function_call`` item per call."""
     output = []
     if text is not None and (text or not calls):
         item_status = "completed" if status in ("completed", "incomplete") else "in_progress"
         output.append({"type": "message", "id": mid, "status": item_status, "role": "assistant",
-                       "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
+                       "content": [{"type": "output_text", "text": text, "annotations": [],
+                                    "logprobs": logprobs or []}]})
     output += [_call_item(c) for c in calls or []]
     return {
         "id": rid, "object": "response", "created_at": created, "status": status, "background": False,
@@ -311,6 +317,21 @@ def _usage(ids: list[int], n_out: int, result: GenResult | None, job: Job) -> di
     return {"input_tokens": len(ids), "input_tokens_details": {"cached_tokens": int(cached)},
             "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": len(ids) + n_out}
+
+
+def _entries(server: Any, body: ResponsesRequest, job: Job, start: int, count: int) -> list[dict[str, Any]] | None:
+    """The output logprob entries of tokens ``start .. start + count - 1`` (None when not asked for)."""
+    from dualpath.http.app import ApiError
+    from dualpath.http.logprobs import chat_entries
+
+    top = body.logprobs_top()
+    if top is None or not count:
+        return None
+    lps = job.logprobs[start: start + count]
+    if len(lps) < count:
+        raise ApiError(503, "the log-probabilities of some tokens were lost in transit; retry", "server_error",
+                       code="logprobs_lost")
+    return chat_entries(server.token_text, lps, top)
 
 
 def _turn(text: str, calls: list[ToolCall]) -> dict[str, Any]:
@@ -340,13 +361,14 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
             calls = reader.calls
         status = "incomplete" if detok.finish is None else "completed"
         out = _response(server, rid, mid, created, body, status=status, text=text,
-                        usage=_usage(ids, len(detok.ids), result, job), calls=calls)
+                        usage=_usage(ids, len(detok.ids), result, job), calls=calls,
+                        logprobs=_entries(server, body, job, 0, len(detok.ids)))
         if body.store is not False:
             store.put(rid, [*conversation, _turn(text, calls)], out)
         _observe(server, job, ids, detok, result, t_first, t_last)
         return out
 
-    sampling = server.sampling(body)
+    sampling = server.sampling(body, logprobs=body.logprobs_top())
     fmt = (body.text or {}).get("format") or {}
 
     def compile_grammar() -> str | None:  # (in a worker thread: a complex schema takes a while to compile)
@@ -394,15 +416,23 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
                 event("response.content_part.added", **where,
                       part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})]
 
-    def deltas(delta: str, final: bool = False) -> list[bytes]:
+    held: list[dict[str, Any]] = []  # logprob entries of tokens whose text is not out yet
+    sent: list[dict[str, Any]] = []
+
+    def deltas(delta: str, final: bool = False, n_tokens: int = 0) -> list[bytes]:
         nonlocal text
+        if n_tokens:
+            held.extend(_entries(server, body, job, len(detok.ids) - n_tokens, n_tokens) or [])
         if reader is not None:
             delta = reader.feed(delta)[0] + (reader.finish()[0] if final else "")
         if not delta:
             return []
         text += delta
+        lps = list(held)
+        held.clear()
+        sent.extend(lps)
         return [*([] if opened else open_message()),
-                event("response.output_text.delta", **where, delta=delta, logprobs=[])]
+                event("response.output_text.delta", **where, delta=delta, logprobs=lps)]
 
     try:
         yield event("response.created", response=_response(server, rid, mid, created, body, status="in_progress",
@@ -416,9 +446,9 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
         while True:
             k, val = ev
             if k == "token":
-                delta, _ids, pending, _stop = coalesce(job, detok, val, False)  # (no stop strings here)
+                delta, tids, pending, _stop = coalesce(job, detok, val, True)  # (no stop strings here)
                 t_last = time.perf_counter()
-                for e in deltas(delta):
+                for e in deltas(delta, n_tokens=len(tids)):
                     yield e
                 ev = pending if pending is not None else await job.queue.get()
                 continue
@@ -440,8 +470,9 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
             if not opened:  # an empty answer: still one (empty) message item
                 for e in open_message():
                     yield e
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            yield event("response.output_text.done", **where, text=text, logprobs=[])
+            every = sent + held
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": every}
+            yield event("response.output_text.done", **where, text=text, logprobs=every)
             yield event("response.content_part.done", **where, part=part)
             yield event("response.output_item.done", output_index=0,
                         item={"type": "message", "id": mid, "status": "completed", "role": "assistant",
@@ -457,7 +488,7 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
             yield event("response.output_item.done", output_index=i, item=item)
         status = "incomplete" if detok.finish is None else "completed"
         out = _response(server, rid, mid, created, body, status=status, text=text,
-                        usage=_usage(ids, len(detok.ids), result, job), calls=calls)
+                        usage=_usage(ids, len(detok.ids), result, job), calls=calls, logprobs=sent + held)
         if body.store is not False:
             store.put(rid, [*conversation, _turn(text, calls)], out)
         yield event(f"response.{status}", response=out)

@@ -1,7 +1,7 @@
 """``/v1/chat/completions`` and ``/v1/completions``: choices, streamed or whole, with their log-probabilities.
 
-One request makes one generation per choice, all submitted at once (they run concurrently on the engines; a
-shared prompt is computed once and then hit in the KV cache):
+One request makes one generation per choice, all submitted at once (they run concurrently on the engines, each
+prefilling the prompt: none has stored its blocks when the others start):
 
 * ``n`` choices per prompt. With a ``seed``, choice ``j`` samples with ``seed + j``: the choices differ and a
   request repeated with the same seed gives the same choices. Greedy choices are identical, as in OpenAI's API.

@@ -387,11 +387,9 @@ def load_tokenizer(model: Any = None) -> Any:
         if model.kind != "llama":
             raise ConfigError(f"model.kind: a {model.kind!r} model has no tokenizer (use kind: llama)")
         path = model.path
-    if path is None:
-        from dualpath.model.embedded import embedded_model_path
+    from dualpath.model.embedded import checkpoint_path
 
-        path = embedded_model_path()
-    tok = _load(Path(str(path)).expanduser())
+    tok = _load(checkpoint_path(path))
     if tok is None:
         raise ModelError(f"{path}: no tokenizer found (or transformers is not installed: pip install dualpath[model])")
     return tok

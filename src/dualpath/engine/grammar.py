@@ -44,15 +44,10 @@ def tokenizer_source(config: Any) -> str | None:
     """Where a config's model keeps its tokenizer (a checkpoint directory or file), None for a model without one
     (synthetic)."""
     from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.embedded import checkpoint_path
 
     model = getattr(config, "model", None)
-    if not isinstance(model, LlamaModelConfig):
-        return None
-    if model.path is None:
-        from dualpath.model.embedded import embedded_model_path
-
-        return str(embedded_model_path())
-    return str(Path(model.path).expanduser())
+    return str(checkpoint_path(model.path)) if isinstance(model, LlamaModelConfig) else None
 
 
 @functools.lru_cache(maxsize=4)

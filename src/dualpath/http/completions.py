@@ -85,7 +85,7 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
                                 min_tokens=sampling.min_tokens, include_stop=req.include_stop_str_in_output,
                                 skip_special=req.skip_special_tokens)
             specs.append((GenRequest(ids, limit, sampling), detok))
-    out = _Answer(server, kind, req, prompts, per_prompt, top, tools)
+    out = _Answer(server, kind, req, prompts, per_prompt, top)
     return await serve_choices(server, request, request.url.path, specs, bool(req.stream), out.stream, out.full,
                                readers=[server.tool_reader(tools) for _ in specs])
 
@@ -101,7 +101,7 @@ class _Answer:
     """The response to one request: whole (:meth:`full`) or streamed (:meth:`stream`)."""
 
     def __init__(self, server: Server, kind: str, req: ChatCompletionRequest | CompletionRequest,
-                 prompts: list[list[int]], per_prompt: int, top: int | None, tools: list[Any]) -> None:
+                 prompts: list[list[int]], per_prompt: int, top: int | None) -> None:
         self.server, self.kind, self.req, self.prompts = server, kind, req, prompts
         self.per_prompt, self.n, self.top = per_prompt, int(req.n or 1), top
         self.rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"

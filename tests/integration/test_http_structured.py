@@ -44,6 +44,10 @@ def client(embedded_http):
 
 
 def test_json_schema_response_format(client):
+    """The parsed answer alone, then the streamed one beside the unconstrained and ``json_object`` requests (one
+    decode batch: none of those asserts depends on what shares the batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     msgs = [{"role": "user", "content": "Describe a large city."}]
     # (sampled picks under a grammar: tests/unit/test_grammar.py)
     r = client.beta.chat.completions.parse(model=MODEL, messages=msgs, response_format=City, max_tokens=80,
@@ -52,22 +56,24 @@ def test_json_schema_response_format(client):
     assert ch.finish_reason == "stop", ch.message.content
     assert isinstance(ch.message.parsed, City)
     jsonschema.validate(json.loads(ch.message.content), City.model_json_schema())
-    texts = [ch.message.content]
-    # streamed: the same text (greedy)
     schema = {**City.model_json_schema(), "additionalProperties": False}  # (as parse() sends it: strict)
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}}
-    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, response_format=fmt, max_tokens=80,
-                                                 temperature=0, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == texts[0]
+    with ThreadPoolExecutor(3) as pool:
+        streamed = pool.submit(lambda: list(client.chat.completions.create(
+            model=MODEL, messages=msgs, response_format=fmt, max_tokens=80, temperature=0, stream=True)))
+        free = pool.submit(client.chat.completions.create, model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+        obj = pool.submit(client.chat.completions.create, model=MODEL, max_tokens=40, temperature=0,
+                          messages=[{"role": "user", "content": "Give the JSON object {\"ok\": true}."}],
+                          response_format={"type": "json_object"})
+    # streamed: the same text (greedy)
+    chunks = streamed.result()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ch.message.content
     # the same request unconstrained does not answer with that JSON
-    free = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
     with pytest.raises(ValueError):
-        City.model_validate_json(free.choices[0].message.content)
+        City.model_validate_json(free.result().choices[0].message.content)
     # json_object: any JSON object
-    r = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Give the JSON object {\"ok\": true}."}], max_tokens=40,
-        temperature=0, response_format={"type": "json_object"})
-    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+    o = obj.result().choices[0]
+    assert o.finish_reason == "stop" and isinstance(json.loads(o.message.content), dict)
 
 
 def test_responses_text_format_and_bad_schemas(client):

@@ -55,18 +55,23 @@ def reference_tokens(config: DualPathConfig, agents: list[Trajectory]) -> dict[t
     data = config.model_dump(mode="python")
     data["storage"] = {"kind": "memory"}
     data["transport"] = {"kind": "loopback"}
+    if data["model"].get("kind") == "synthetic":  # its tokens do not depend on its emulated times: no waiting
+        data["model"].update(decode_step_s=0.0, device_tflops=1e6)
     cfg = DualPathConfig.model_validate(data)
     out: dict[tuple[int, int], list[int]] = {}
 
+    async def agent(c: Any, a: Trajectory) -> None:
+        context = np.zeros(0, dtype=np.int64)
+        for i, spec in enumerate(a.turns):
+            prompt = np.concatenate([context, append_token_ids(a.tid, i, spec, VOCAB)])
+            r = await c.run_turn(str(a.tid), [int(x) for x in prompt], spec.gen)
+            out[(a.tid, i)] = list(r.token_ids)
+            context = np.concatenate([prompt, np.asarray(r.token_ids, dtype=np.int64)])
+
     async def main() -> None:
-        async with Cluster(cfg) as c:
-            for a in agents:
-                context = np.zeros(0, dtype=np.int64)
-                for i, spec in enumerate(a.turns):
-                    prompt = np.concatenate([context, append_token_ids(a.tid, i, spec, VOCAB)])
-                    r = await c.run_turn(str(a.tid), [int(x) for x in prompt], spec.gen)
-                    out[(a.tid, i)] = list(r.token_ids)
-                    context = np.concatenate([prompt, np.asarray(r.token_ids, dtype=np.int64)])
+        async with Cluster(cfg) as c, anyio.create_task_group() as tg:
+            for a in agents:  # agents are independent: their turns overlap as a deployment's do
+                tg.start_soon(agent, c, a)
 
     anyio.run(main)
     return out

@@ -29,7 +29,7 @@ def test_reproduce_report_structure(tmp_path) -> None:  # type: ignore[no-untype
         SIZES["tiny"], name="test", f7={"ds27b": {"64k": [16]}}, ablation_agents=[16], f8_agents=[16],
         f9_agents=16, append_scales=[1.0, 2.0], gen_scales=[1.0], capacity={"ds27b": (0.05, 0.4, 0, 120.0, 60.0)},
         online_horizon=(120.0, 60.0), f13_agents=16, scale_small=16)
-    out = reproduce(size, str(tmp_path), jobs=1, plots=True)
+    out = reproduce(size, str(tmp_path), jobs=2, plots=True)
     md = (tmp_path / "report.md").read_text()
     assert "| figure | setting | metric | paper | measured | ratio | within | why not | source |" in md
     for fig in ("Fig. 7", "Fig. 8", "Fig. 9", "Fig. 10", "Fig. 11", "Fig. 12 left", "Fig. 12 right", "Fig. 13",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,10 @@ def tokenizer_source(config: Any) -> str | None:
 def _lltokenizer_from_source(source: str) -> Any:
     from dualpath.model.loader import load_tokenizer
 
+    with _lock:  # the same checkpoint's tokenizer already seen in this process (an in-process server's): reuse it
+        got = _by_path.get(os.path.realpath(source))
+    if got is not None:
+        return got
     tok = load_tokenizer(Path(source))
     if tok is None:
         raise ModelError(f"constrained decoding needs the model's tokenizer; {source} has none")
@@ -61,6 +66,7 @@ def _lltokenizer_from_source(source: str) -> Any:
 
 
 _by_tokenizer: dict[int, tuple[Any, Any]] = {}
+_by_path: dict[str, Any] = {}  # a tokenizer's checkpoint (its name_or_path, resolved) -> its LLTokenizer
 
 
 def lltokenizer(tokenizer: Any) -> Any:
@@ -74,8 +80,11 @@ def lltokenizer(tokenizer: Any) -> Any:
         lt = llg.hf.from_tokenizer(tokenizer)
     except ValueError as exc:
         raise ModelError(f"constrained decoding needs a fast tokenizer: {exc}") from None
+    where = getattr(tokenizer, "name_or_path", "")
     with _lock:
         _by_tokenizer[id(tokenizer)] = (tokenizer, lt)
+        if where and os.path.isdir(where):
+            _by_path[os.path.realpath(where)] = lt
     return lt
 
 

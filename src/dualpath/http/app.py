@@ -566,24 +566,49 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
     """Submit one job per ``(GenRequest, Detokenizer)`` of ``specs`` and answer once each has its first event:
     an error status (the first choice's error; every job is cancelled), a stream (``on_stream(choices)``: the
     body's server-sent events, which then own the jobs) or, once every job ended, the JSON body
-    ``on_full(choices)``. A client that goes away cancels every job (499)."""
+    ``on_full(choices)``. A client that goes away cancels every job (499).
+
+    Choices of one prompt share its prefill (a prompt of ``http.shared_prefill_min_tokens`` or more): the first
+    is submitted at once, the others once it has its first token, by when the engines have stored the prompt's
+    Full Blocks, so each of them loads the prompt's KV instead of computing it again (``n`` / ``best_of``: one
+    prefill of the prompt, not ``n``). A shorter prompt's choices all start at once: its prefill costs less
+    than the later choices' wait."""
     m = server.metrics
-    choices = []
-    for i, (gen, detok) in enumerate(specs):
-        choices.append(Choice(i, server.backend.submit(gen), detok, readers[i] if readers else None))
-    jobs = [c.job for c in choices]
+    slots: list[Choice | None] = [None] * len(specs)
+    jobs: list[Job] = []
+    followers: dict[int, list[int]] = {}  # the first choice of a prompt -> the later choices of the same prompt
+    first_of: dict[tuple[int, ...], int] = {}
+
+    def submit(i: int) -> None:
+        gen, detok = specs[i]
+        c = Choice(i, server.backend.submit(gen), detok, readers[i] if readers else None)
+        slots[i] = c
+        jobs.append(c.job)
+
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, jobs))
     m.inflight.inc()
     handed_off = False
     retry = server.config.retry_after_s
     try:
-        for c in choices:
+        share = server.config.shared_prefill_min_tokens
+        for i, (gen, _) in enumerate(specs):
+            lead = first_of.setdefault(tuple(gen.prompt_ids), i) if len(gen.prompt_ids) >= share else i
+            if lead == i:
+                submit(i)
+            else:
+                followers.setdefault(lead, []).append(i)
+        for i in range(len(specs)):
+            c = slots[i]
+            assert c is not None  # (a later choice of a prompt is submitted when its first choice starts)
             c.first = first = await c.job.queue.get()
             if first[0] == "error":
                 if c.job.client_cancelled:
                     raise _ClientGone()
                 raise _map_error(first[1], retry)
             c.t_first = c.t_last = time.perf_counter()
+            for j in followers.pop(i, ()):
+                submit(j)
+        choices = [c for c in slots if c is not None]
         headers = {"x-dualpath-read-path": str(choices[0].job.path or "")}
         if stream:
             watcher.cancel()

@@ -33,6 +33,11 @@ class HttpConfig(Section):
                                                  "in memory, least recently used dropped; 0 stores none")
     max_body_bytes: int = Field(default=32 << 20, ge=1024,
                                 description="a request body larger than this gets 413 before it is read")
+    shared_prefill_min_tokens: int = Field(
+        default=256, ge=0,
+        description="choices of one prompt at least this long (n, best_of) share its prefill: the first is "
+                    "computed, the others start at its first token and load the prompt's KV from storage; "
+                    "0 shares every prompt's")
     tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
         default="auto",
         description="how tool calls are read from the generated text (dualpath.http.tools): hermes "

@@ -118,3 +118,17 @@ def test_token_bytes_rebuild_the_text() -> None:
     assert entries[-1]["logprob"] == FLOOR and entries[0]["top_logprobs"][0]["token"] == text(ids[0])[0]
     comp = completion_logprobs(text, lps, 1, 10)
     assert comp["text_offset"][0] == 10 and comp["tokens"] == [text(i)[0] for i in ids[:4]]
+
+
+def test_a_token_without_its_logprobs_is_a_503_never_a_shorter_list() -> None:
+    from types import SimpleNamespace
+
+    from dualpath.http.app import ApiError
+    from dualpath.http.logprobs import generated_logprobs
+
+    lps = [TokenLogprob(5, -0.5, ((5, -0.5),)), TokenLogprob(6, -1.5, ((6, -1.5),))]
+    job = SimpleNamespace(logprobs=lps)
+    assert generated_logprobs(job, 1, 1) == lps[1:]
+    with pytest.raises(ApiError) as e:
+        generated_logprobs(job, 1, 2, "choice 3: ")
+    assert e.value.status == 503 and e.value.code == "logprobs_lost" and "choice 3: " in str(e.value)

@@ -44,7 +44,7 @@ from dualpath.http.app import (
     serve_choices,
 )
 from dualpath.http.backend import GenRequest
-from dualpath.http.logprobs import chat_entries, completion_logprobs
+from dualpath.http.logprobs import chat_entries, completion_logprobs, generated_logprobs
 from dualpath.http.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from dualpath.http.structured import constrained, request_grammar
 from dualpath.http.tools import ToolCall
@@ -113,11 +113,7 @@ class _Answer:
 
     # --- shared -------------------------------------------------------------------------------------------
     def _lps(self, c: Choice, start: int, count: int) -> list[Any]:
-        got = c.job.logprobs[start: start + count]
-        if len(got) < count:  # (a token that reached us without its logprobs: never serve a misaligned list)
-            raise ApiError(503, f"choice {c.index}: the log-probabilities of tokens {start}..{start + count - 1} "
-                                "were lost in transit; retry", "server_error", code="logprobs_lost")
-        return got
+        return generated_logprobs(c.job, start, count, f"choice {c.index}: ")
 
     def _logprobs(self, c: Choice, start: int, count: int) -> dict[str, Any] | None:
         """The ``logprobs`` object of tokens ``start`` .. ``start + count - 1`` of choice ``c``."""

@@ -92,6 +92,19 @@ def _value(x: float) -> float:
     return FLOOR if math.isinf(x) and x < 0 else max(FLOOR, float(x))
 
 
+def generated_logprobs(job: Any, start: int, count: int, who: str = "") -> list[TokenLogprob]:
+    """The log-probabilities of generated tokens ``start .. start + count - 1`` of ``job`` (an HTTP backend's
+    job); a 503 (``logprobs_lost``) when some did not come with their tokens: a misaligned list is never served.
+    ``who`` names the choice in the message."""
+    got: list[TokenLogprob] = job.logprobs[start: start + count]
+    if len(got) < count:
+        from dualpath.http.app import ApiError
+
+        raise ApiError(503, f"{who}the log-probabilities of tokens {start}..{start + count - 1} were lost in "
+                            "transit; retry", "server_error", code="logprobs_lost")
+    return got
+
+
 def chat_entries(text: TokenText, lps: list[TokenLogprob], top: int) -> list[dict[str, Any]]:
     """The chat ``logprobs.content`` entries of ``lps`` with their ``top`` most likely tokens."""
     out = []

@@ -321,17 +321,12 @@ def _usage(ids: list[int], n_out: int, result: GenResult | None, job: Job) -> di
 
 def _entries(server: Any, body: ResponsesRequest, job: Job, start: int, count: int) -> list[dict[str, Any]] | None:
     """The output logprob entries of tokens ``start .. start + count - 1`` (None when not asked for)."""
-    from dualpath.http.app import ApiError
-    from dualpath.http.logprobs import chat_entries
+    from dualpath.http.logprobs import chat_entries, generated_logprobs
 
     top = body.logprobs_top()
     if top is None or not count:
         return None
-    lps = job.logprobs[start: start + count]
-    if len(lps) < count:
-        raise ApiError(503, "the log-probabilities of some tokens were lost in transit; retry", "server_error",
-                       code="logprobs_lost")
-    return chat_entries(server.token_text, lps, top)
+    return chat_entries(server.token_text, generated_logprobs(job, start, count), top)
 
 
 def _turn(text: str, calls: list[ToolCall]) -> dict[str, Any]:

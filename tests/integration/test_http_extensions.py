@@ -233,6 +233,12 @@ def test_skip_special_tokens_and_repetition_penalty(served):
         assert body["param"] == "repetition_penalty" and body["code"] == "unsupported_parameter"
         assert _bad(call, extra_body={"no_such_field": 1}, **kw)["param"] == "no_such_field"
         assert _bad(call, extra_body={"include_stop_str_in_output": "x"}, **kw)["param"] == "include_stop_str_in_output"
+        assert _bad(call, extra_body={"min_p": 1.5}, **kw)["param"] == "min_p"
+    # min_p 1: only the most likely token survives, so a sampled answer is the greedy one (its effect on the
+    # distribution, against transformers' MinPLogitsWarper: tests/unit/test_min_p.py)
+    r = client.chat.completions.create(model=MODEL, extra_body={"ignore_eos": True, "min_p": 1.0, "return_token_ids":
+                                                                True}, **{**q, "temperature": 1.5, "seed": 4})
+    assert _ids(r.choices[0]) == ids
 
 
 def test_min_tokens_travels_on_the_control_wire():

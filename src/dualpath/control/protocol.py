@@ -207,6 +207,7 @@ SAMPLING_FIELDS: dict[str, F] = {
     "temperature": F("float", required=False, lo=0.0, hi=100.0),
     "top_p": F("float", required=False, lo=0.0, hi=1.0),
     "top_k": F("int", required=False, lo=0, hi=(1 << 31) - 1),
+    "min_p": F("float", required=False, lo=0.0, hi=1.0),
     "seed": F("int", required=False, lo=0, hi=U63),
     "stop_ids": F("ints", required=False, max_len=256, lo=0, hi=(1 << 31) - 1),
     "min_tokens": F("int", required=False, lo=0, hi=(1 << 31) - 1),  # no stop id before this many tokens
@@ -233,6 +234,8 @@ def sampling_body(params: Any) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {"temperature": float(params.temperature), "top_p": float(params.top_p),
                            "top_k": int(params.top_k), "stop_ids": [int(t) for t in params.stop_ids]}
+    if params.min_p:
+        out["min_p"] = float(params.min_p)
     if params.seed is not None:
         out["seed"] = int(params.seed)
     if params.min_tokens:
@@ -264,7 +267,8 @@ def sampling_of(body: Mapping[str, Any], where: str) -> Any:
 
     try:
         return SamplingParams(temperature=float(body.get("temperature", 0.0)), top_p=float(body.get("top_p", 1.0)),
-                              top_k=int(body.get("top_k", 0)), seed=body.get("seed"),
+                              top_k=int(body.get("top_k", 0)), min_p=float(body.get("min_p", 0.0)),
+                              seed=body.get("seed"),
                               stop_ids=tuple(int(t) for t in body.get("stop_ids", ())),
                               min_tokens=int(body.get("min_tokens", 0)),
                               logprobs=None if body.get("logprobs") is None else int(body["logprobs"]),

@@ -65,6 +65,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k cut
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one's probability (0 = off)
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
     min_tokens: int = 0  # no stop id is picked before this many tokens are generated
@@ -89,6 +90,8 @@ class SamplingParams:
             raise ModelError(f"sampling.top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ModelError(f"sampling.top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ModelError(f"sampling.min_p must lie in [0, 1], got {self.min_p}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ModelError(f"sampling.seed must lie in [0, 2^63), got {self.seed}")
         if self.min_tokens < 0:
@@ -216,7 +219,8 @@ class Sampler:
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities after temperature, top-k and top-p (nucleus) filtering; float32 on the CPU."""
+    """Probabilities after temperature, top-k, top-p (nucleus) and min-p filtering, in that order (as Hugging
+    Face's and vLLM's samplers apply them); float32 on the CPU."""
     x = logits.detach().to("cpu", torch.float32).reshape(-1) / params.temperature
     vocab = x.numel()
     if 0 < params.top_k < vocab:
@@ -229,6 +233,9 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         drop = before >= params.top_p  # the most likely token always survives (before = 0)
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        probs = probs / probs.sum()
+    if params.min_p > 0.0:  # (relative to the most likely token, which always survives)
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
         probs = probs / probs.sum()
     return probs
 

@@ -218,7 +218,8 @@ class Server:
                 raise ApiError(400, f"logit_bias: token id {tid} is outside the vocabulary of {b.vocab_size}",
                                param="logit_bias")
         try:
-            return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, seed=req.seed, stop_ids=stop_ids,
+            return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k,
+                                  min_p=float(getattr(req, "min_p", None) or 0.0), seed=req.seed, stop_ids=stop_ids,
                                   min_tokens=min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                   presence_penalty=float(getattr(req, "presence_penalty", None) or 0.0),
                                   frequency_penalty=float(getattr(req, "frequency_penalty", None) or 0.0),

@@ -21,7 +21,7 @@ template, and its reused prefix is a storage hit.
   its instructions, and its output) comes before ``input``. An unknown id is a 400
   ``previous_response_not_found``. The store keeps the last ``http.responses_store_max`` responses of this
   server process (in memory; a restart forgets them).
-* ``max_output_tokens``, ``temperature``, ``top_p``; the extensions ``top_k``, ``seed``, ``ignore_eos`` and
+* ``max_output_tokens``, ``temperature``, ``top_p``; the extensions ``top_k``, ``min_p``, ``seed``, ``ignore_eos`` and
   ``chat_template_kwargs`` as on the other endpoints. A response cut by ``max_output_tokens`` has
   ``status: "incomplete"``.
 * ``stream``: server-sent events with OpenAI's event types, in order: ``response.created``,
@@ -115,6 +115,7 @@ class ResponsesRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     # extensions (as on the other endpoints)
     top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
     ignore_eos: bool = False
     chat_template_kwargs: dict[str, Any] | None = None

@@ -33,6 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dualpath.http.tools import ToolDef
 
+#: stop sequences per request: OpenAI allows 4, vLLM any number; clients written for either send more than 4
+#: (lm-eval's HumanEval task sends 5), and each costs a check per generated token, hence a bound
+MAX_STOPS = 32
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -102,6 +105,7 @@ class _Sampling(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # (vLLM / SGLang / llama.cpp extension)
     seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
     stop: str | list[str] | None = None
     n: int | None = Field(default=1, ge=1, le=128)  # null: OpenAI's default, 1
@@ -173,8 +177,8 @@ class _Sampling(_Strict):
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list):
-            if len(v) > 4:
-                raise ValueError("at most 4 stop sequences")
+            if len(v) > MAX_STOPS:
+                raise ValueError(f"at most {MAX_STOPS} stop sequences")
             if any(not s for s in v):
                 raise ValueError("stop sequences must be non-empty")
         elif isinstance(v, str) and not v:

@@ -114,6 +114,14 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
                     assert lps == pytest.approx([x.logprob for x in turn.logprobs], abs=1e-5)
                     tops = [t for ch in got if ch["logprobs"] for t in ch["logprobs"]["top_logprobs"]]
                     assert [len(t) for t in tops] == [len({*(i for i, _ in x.top), x.token}) for x in turn.logprobs]
+            # n choices of one long prompt share its prefill: the decode engine process stores the prompt's Full
+            # Blocks before the first choice's first token, and choices 1 and 2 load them
+            long_prompt = [(7 * i) % 900 + 3 for i in range(300)]
+            before = _cached_total(cl)
+            r = cl.post("/v1/completions", headers=auth, json={"prompt": long_prompt, "max_tokens": 2, "n": 3,
+                                                               "temperature": 0.5, "seed": 3})
+            assert r.status_code == 200 and len(r.json()["choices"]) == 3, r.text
+            assert _cached_total(cl) - before >= 2 * ((len(long_prompt) - 1) // 16 * 16)
             # echo with logprobs: the prefill engine process computes the prompt's (a recomputed turn), and they
             # come back with the result; max_tokens 0 scores the prompt only
             ref_p = _reference_turn(cfg, prompt, 1, SamplingParams(logprobs=2, prompt_logprobs=2))
@@ -130,6 +138,14 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
         stop_process(proc, signal.SIGTERM)
         out.close()
     assert not survivors(pids), "engine processes outlived `dualpath serve --http`"
+
+
+def _cached_total(cl: httpx.Client) -> float:
+    """The server's ``dualpath_cached_tokens_total`` (prompt tokens loaded from storage)."""
+    for line in cl.get("/metrics").text.splitlines():
+        if line.startswith("dualpath_cached_tokens_total "):
+            return float(line.split()[1])
+    raise AssertionError("no dualpath_cached_tokens_total in /metrics")
 
 
 def _engine_pids(workdir: Path) -> list[int]:

@@ -21,8 +21,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _inprocess_server import inprocess_server  # noqa: E402
 
 MC = [{"q": "The capital of France is", "choices": ["Paris", "London", "Berlin"], "gold": 0},
       {"q": "Two plus two equals", "choices": ["four", "seven", "ten"], "gold": 0},
@@ -84,31 +86,19 @@ def main() -> int:
     model_dir = str(embedded_model_path())
     tmp = Path(tempfile.mkdtemp(prefix="lm_eval_check_"))
     _write_tasks(tmp)
-    addr = tmp / "http.addr"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
-    with open(tmp / "server.out", "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "serve", "--http", "127.0.0.1:0",
-                                 "--inprocess", "--http-address-file", str(addr)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
-        try:
-            t_end = time.monotonic() + 240
-            while not addr.exists() and proc.poll() is None and time.monotonic() < t_end:
-                time.sleep(0.1)
-            url = addr.read_text().strip()
-            cmd = [args.lm_eval, "--model", "local-completions", "--model_args",
-                   f"model=SmolLM2-135M-Instruct,base_url={url}/v1/completions,tokenizer_backend=huggingface,"
-                   f"tokenizer={model_dir},num_concurrent=2,max_retries=1",
-                   "--include_path", str(tmp), "--tasks", "dp_mc,dp_gen", "--log_samples",
-                   "--output_path", str(tmp / "out")]
-            run_env = {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-            res = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=900)
-            print("\n".join(ln for ln in res.stdout.splitlines() if ln.startswith("|")))
-            if res.returncode != 0:
-                print(res.stderr[-3000:])
-                return 1
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    with inprocess_server(tmp) as url:
+        cmd = [args.lm_eval, "--model", "local-completions", "--model_args",
+               f"model=SmolLM2-135M-Instruct,base_url={url}/v1/completions,tokenizer_backend=huggingface,"
+               f"tokenizer={model_dir},num_concurrent=2,max_retries=1",
+               "--include_path", str(tmp), "--tasks", "dp_mc,dp_gen", "--log_samples",
+               "--output_path", str(tmp / "out")]
+        run_env = {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        res = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=900)
+        print("\n".join(ln for ln in res.stdout.splitlines() if ln.startswith("|")))
+        if res.returncode != 0:
+            print(res.stderr[-3000:])
+            return 1
     samples = glob.glob(str(tmp / "out" / "*" / "samples_dp_mc_*.jsonl"))[0]
     worst = _reference(samples, model_dir)
     print(f"largest |loglikelihood difference| vs transformers: {worst:.2e}")

@@ -16,9 +16,7 @@ cached, from the server's ``/metrics``), and checks that both arms give the same
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _inprocess_server import inprocess_server  # noqa: E402
 
 
 def _metric(url: str, name: str) -> float:
@@ -47,16 +48,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="shared_prefill_"))
-    addr = tmp / "http.addr"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
-    proc = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "serve", "--http", "127.0.0.1:0", "--inprocess",
-                             "--http-address-file", str(addr)], stdout=open(tmp / "server.out", "wb"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT, env=env)
-    try:
-        t_end = time.monotonic() + 240
-        while not addr.exists() and proc.poll() is None and time.monotonic() < t_end:
-            time.sleep(0.1)
-        url = addr.read_text().strip()
+    with inprocess_server(tmp) as url:
         cl = httpx.Client(base_url=url, timeout=600)
         base = {"max_tokens": args.max_tokens, "temperature": 1.0, "ignore_eos": True}
         fresh = iter(range(1, 1 << 30))
@@ -96,9 +88,6 @@ def main() -> None:
             print(f"  {arm:6s} wall {statistics.median(times[arm]):6.2f} s   prompt tokens computed "
                   f"{statistics.median(computed[arm]):8.0f}")
         print(f"  ratio each / shared (wall): {ratio:.2f}   same texts: {same}")
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 if __name__ == "__main__":

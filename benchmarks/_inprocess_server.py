@@ -1,0 +1,32 @@
+"""A ``dualpath serve --http --inprocess`` subprocess (the embedded SmolLM2) for the HTTP benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def inprocess_server(tmp: Path, *extra: str, start_timeout_s: float = 240.0) -> Iterator[str]:
+    """Start the server with its output in ``tmp/server.out``; yields its base URL; stops it on exit."""
+    addr = tmp / "http.addr"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
+    with open(tmp / "server.out", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "serve", "--http", "127.0.0.1:0",
+                                 "--inprocess", "--http-address-file", str(addr), *extra], stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
+        try:
+            t_end = time.monotonic() + start_timeout_s
+            while not addr.exists() and proc.poll() is None and time.monotonic() < t_end:
+                time.sleep(0.1)
+            if not addr.exists():
+                raise RuntimeError(f"the server did not start: see {tmp / 'server.out'}")
+            yield addr.read_text().strip()
+        finally:
+            proc.terminate()
+            proc.wait(30)

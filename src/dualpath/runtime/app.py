@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -268,13 +270,32 @@ def execute(req: RunRequest) -> RunOutcome:
                 out.io[label] = clusters[-1].io_stats()
         return run
 
-    async def main() -> None:
+    async def runs() -> None:
         for p in policies:
             if req.capacity:
                 out.capacity[p] = await _capacity(p, one, w.rate_aps)
                 continue
             out.runs[p] = PolicyRun(p)  # filled as turns finish: a cancelled run keeps what finished
             await one(p, w.mode, w.rate_aps, p, out.runs[p])
+
+    async def on_sigint(scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            async for _ in signals:
+                out.interrupted = True
+                scope.cancel()
+                return
+
+    async def main() -> None:
+        """The runs, stopped by Ctrl-C through a cancel scope: asyncio's own SIGINT handling cancels the main
+        task natively, which a cancel scope cancelled at the same moment (a deadline) can absorb, and the runs
+        would go on."""
+        if threading.current_thread() is not threading.main_thread():
+            await runs()  # (signals reach the main thread only; there, Ctrl-C is the caller's)
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(on_sigint, tg.cancel_scope)
+            await runs()
+            tg.cancel_scope.cancel()  # (the Ctrl-C watcher)
 
     try:
         anyio.run(main)

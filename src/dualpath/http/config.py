@@ -36,7 +36,7 @@ class HttpConfig(Section):
     shared_prefill_min_tokens: int = Field(
         default=256, ge=0,
         description="choices of one prompt at least this long (n, best_of) share its prefill: the first is "
-                    "computed, the others start at its first token and load the prompt's KV from storage; "
+                    "computed, the others start at its second token and load the prompt's KV from storage; "
                     "0 shares every prompt's")
     tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
         default="auto",

@@ -37,6 +37,7 @@ from dualpath.http.tools import ToolDef
 #: (lm-eval's HumanEval task sends 5), and each costs a check per generated token, hence a bound
 MAX_STOPS = 32
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -156,25 +156,18 @@ def test_n_choices_best_of_and_prompt_batches(client):
     assert chat.choices[0].message.content == chat.choices[1].message.content
 
 
-def _cached_total(url: str) -> float:
-    import httpx
-
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("dualpath_cached_tokens_total "):
-            return float(line.split()[1])
-    raise AssertionError("no dualpath_cached_tokens_total in /metrics")
-
-
 def test_n_choices_share_the_prompt_prefill(client, embedded_http):
+    from serve_util import cached_tokens_total
+
     """The choices of one prompt after the first load its KV from storage instead of computing it again: 3 choices
     of a 260-token prompt (``http.shared_prefill_min_tokens``: 256) add the second and third choices' loaded
     Full Blocks (16 tokens each) to the server's cached-token counter. Each choice still samples with seed + j
     (a lone request with seed + 2 gives choice 2's text)."""
     prompt = [1000 + 7 * i for i in range(260)]  # (no earlier test sends these ids: the first choice misses)
     kw = {"model": MODEL, "max_tokens": 4, "temperature": 1.0, "extra_body": {"ignore_eos": True}}
-    before = _cached_total(embedded_http[0])
+    before = cached_tokens_total(embedded_http[0])
     r = client.completions.create(prompt=prompt, n=3, seed=3, **kw)
-    loaded = _cached_total(embedded_http[0]) - before
+    loaded = cached_tokens_total(embedded_http[0]) - before
     assert loaded >= 2 * 256, loaded  # 16 Full Blocks of the 260 tokens, for each of choices 1 and 2
     assert r.usage.prompt_tokens_details.cached_tokens == 0  # (usage counts the first choice of a prompt)
     assert client.completions.create(prompt=prompt, seed=5, **kw).choices[0].text == r.choices[2].text

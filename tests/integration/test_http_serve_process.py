@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 
-from serve_util import stop_process, survivors, tiny_config  # noqa: E402
+from serve_util import cached_tokens_total, stop_process, survivors, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -117,11 +117,11 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
             # n choices of one long prompt share its prefill: the decode engine process stores the prompt's Full
             # Blocks before the first choice's first token, and choices 1 and 2 load them
             long_prompt = [(7 * i) % 900 + 3 for i in range(300)]
-            before = _cached_total(cl)
+            before = cached_tokens_total(url)
             r = cl.post("/v1/completions", headers=auth, json={"prompt": long_prompt, "max_tokens": 2, "n": 3,
                                                                "temperature": 0.5, "seed": 3})
             assert r.status_code == 200 and len(r.json()["choices"]) == 3, r.text
-            assert _cached_total(cl) - before >= 2 * ((len(long_prompt) - 1) // 16 * 16)
+            assert cached_tokens_total(url) - before >= 2 * ((len(long_prompt) - 1) // 16 * 16)
             # echo with logprobs: the prefill engine process computes the prompt's (a recomputed turn), and they
             # come back with the result; max_tokens 0 scores the prompt only
             ref_p = _reference_turn(cfg, prompt, 1, SamplingParams(logprobs=2, prompt_logprobs=2))
@@ -138,14 +138,6 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
         stop_process(proc, signal.SIGTERM)
         out.close()
     assert not survivors(pids), "engine processes outlived `dualpath serve --http`"
-
-
-def _cached_total(cl: httpx.Client) -> float:
-    """The server's ``dualpath_cached_tokens_total`` (prompt tokens loaded from storage)."""
-    for line in cl.get("/metrics").text.splitlines():
-        if line.startswith("dualpath_cached_tokens_total "):
-            return float(line.split()[1])
-    raise AssertionError("no dualpath_cached_tokens_total in /metrics")
 
 
 def _engine_pids(workdir: Path) -> list[int]:

@@ -156,3 +156,13 @@ def deployment(config: DualPathConfig, workdir: Path, **kw: Any) -> Iterator[Dep
         dep.stop(timeout=10.0)
         orphans = [p for p in pids if pid_alive(p)]
         assert not orphans, f"processes left behind: {orphans}"
+
+
+def cached_tokens_total(url: str) -> float:
+    """An HTTP server's ``dualpath_cached_tokens_total`` (prompt tokens loaded from storage), from ``/metrics``."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("dualpath_cached_tokens_total "):
+            return float(line.split()[1])
+    raise AssertionError("no dualpath_cached_tokens_total in /metrics")

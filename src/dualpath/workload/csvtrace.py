@@ -14,12 +14,14 @@ in the run's header. Any other malformed cell is an error naming the file, the l
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
 from datetime import datetime
 
 from dualpath.errors import WorkloadError
+from dualpath.workload.compressed import open_trace
 from dualpath.workload.trajectory import Trajectory, Turn
 
 TIME_COLUMNS = ("timestamp", "time", "arrival_time", "arrival", "created")
@@ -74,10 +76,7 @@ def _count(cell: str, path: str, line: int, col: str) -> int:
 def load_csv(path: str | os.PathLike[str]) -> CsvTrace:
     """Every row of a CSV request trace as a one-turn trajectory, in time order (ties: file order)."""
     p = str(path)
-    try:
-        f = open(p, encoding="utf-8-sig", newline="")  # noqa: SIM115
-    except OSError as e:
-        raise WorkloadError(f"cannot open trace: {e.strerror}", path=p) from e
+    f = io.TextIOWrapper(open_trace(p), encoding="utf-8-sig", newline="")
     rows: list[tuple[float, int, int, int]] = []
     skipped: list[int] = []
     with f:
@@ -120,22 +119,19 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     """``jsonl``, ``mooncake``, ``bailian`` (Mooncake's fields plus ``chat_id``/``parent_chat_id``), ``csv``, or
     ``sharegpt`` (conversations: :mod:`dualpath.workload.sharegpt`), from the start of the file at ``path``."""
     p = str(path)
-    try:
-        with open(p, "rb") as f:
-            first = b""
-            for raw in f:
-                if raw.strip():
-                    first = raw[:1 << 20]
-                    break
-    except OSError as e:
-        raise WorkloadError(f"cannot open trace: {e.strerror}", path=p) from e
+    with open_trace(p) as f:
+        first = b""
+        for raw in f:
+            if raw.strip():
+                first = raw[:1 << 20]
+                break
     text = first.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
     if not text:
         raise WorkloadError("empty trace: no request in the file", path=p, line=1)
     if text.startswith(("{", "[")):
         from dualpath.workload.sharegpt import looks_like_conversations
 
-        with open(p, "rb") as f:
+        with open_trace(p) as f:
             if looks_like_conversations(f.read(1 << 16)):
                 return "sharegpt"
         try:

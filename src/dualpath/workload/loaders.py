@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dualpath.errors import WorkloadError
+from dualpath.workload.compressed import open_trace
 from dualpath.workload.trajectory import Trajectory, Turn
 
 
@@ -37,11 +38,7 @@ def _lines(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
     """``(line number, object)`` of every non-blank line. Bytes that are not UTF-8, JSON nested too deeply to
     parse and a line that is not an object are errors naming the file and the line."""
     p = str(path)
-    try:
-        f = open(p, "rb")  # noqa: SIM115
-    except OSError as e:
-        raise WorkloadError(f"cannot open trace: {e.strerror}", path=p) from e
-    with f:
+    with open_trace(p) as f:
         for no, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8")

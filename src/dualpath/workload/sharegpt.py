@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dualpath.errors import WorkloadError
+from dualpath.workload.compressed import open_trace
 from dualpath.workload.trajectory import Trajectory, Turn
 
 #: keys under which a conversation's messages are found, in order of preference
@@ -55,11 +56,8 @@ def looks_like_conversations(head: bytes) -> bool:
 
 def _objects(p: str) -> Iterator[tuple[str, Any]]:
     """``(where, object)`` of every conversation: ``item #k`` of a JSON array, or ``line n`` of JSONL."""
-    try:
-        with open(p, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise WorkloadError(f"cannot open trace: {e.strerror}", path=p) from e
+    with open_trace(p) as f:
+        data = f.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

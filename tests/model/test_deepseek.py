@@ -215,10 +215,10 @@ def test_loads_packed_experts_fp8_weights_and_skips_mtp(qlora, tmp_path):
     loads into the same model (logits equal to the plain checkpoint's within the FP8 weight error)."""
     from safetensors.torch import load_file, save_file
 
-    from dualpath.model.loader import read_safetensors_dir
+    from dualpath.model.loader import read_weights_dir
 
     d = qlora
-    sd = read_safetensors_dir(d)
+    sd = read_weights_dir(d)
     out = {}
     for k, v in sd.items():
         if ".mlp.experts." in k:
@@ -255,9 +255,9 @@ def test_fp8_blocks_follow_quantization_config_weight_block_size(qlora, tmp_path
     equals one loaded from the same weights dequantized in pure torch; scales of the wrong shape name the tensor."""
     from safetensors.torch import save_file
 
-    from dualpath.model.loader import read_safetensors_dir
+    from dualpath.model.loader import read_weights_dir
 
-    sd = read_safetensors_dir(qlora)
+    sd = read_weights_dir(qlora)
     fp8, deq = dict(sd), dict(sd)
     name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # [40, 64]: 3x4 tiles, the last row partial
     w = sd[name]
@@ -308,7 +308,7 @@ def test_fp8_latent_kv_model(backend, tmp_path):
     """FP8 latent KV (kv_lora_rank 128 -> 148-byte rows) with fp32 compute against transformers' fp32 logits
     (teacher-forced): FP8 is lossy, so the stated tolerance is >= 80% equal argmax and a mean logit error under
     5% of the logit range."""
-    from dualpath.model.loader import build_model, read_safetensors_dir
+    from dualpath.model.loader import build_model, read_weights_dir
 
     CONFIGS["fp8"] = dict(BASE, q_lora_rank=24, kv_lora_rank=128)
     try:
@@ -317,7 +317,7 @@ def test_fp8_latent_kv_model(backend, tmp_path):
         CONFIGS.pop("fp8")
     _, ref, _, ref_ids = _run(tmp_path, "float32", gen_per_turn=4)
     spec = load_spec(tmp_path, dtype="float32", kv_format="fp8")
-    model = build_model(spec, read_safetensors_dir(tmp_path), backend=backend)
+    model = build_model(spec, read_weights_dir(tmp_path), backend=backend)
     assert model.kv_spec.bytes_per_token_layer == 128 + 4 + 2 * 8
     pool = KVPool(model.kv_spec, num_blocks=32, block_tokens=4)
     assert pool.data.dtype == torch.uint8

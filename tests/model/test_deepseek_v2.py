@@ -15,7 +15,7 @@ from test_deepseek import paged_turns
 from dualpath.errors import ModelError
 from dualpath.model import KVPool, SeqBatch
 from dualpath.model.config import LlamaModelConfig
-from dualpath.model.loader import build_model, load_model, read_safetensors_dir
+from dualpath.model.loader import build_model, load_model, read_weights_dir
 from dualpath.model.spec import DeepseekV3Spec, load_spec
 
 transformers = pytest.importorskip("transformers")
@@ -97,7 +97,7 @@ def test_router_variant_is_what_matches(ckpt):
     name, d = ckpt
     spec = load_spec(d, dtype="float32")
     assert isinstance(spec, DeepseekV3Spec)
-    tensors = read_safetensors_dir(d)
+    tensors = read_weights_dir(d)
     ids = _turns()[0] + _turns()[1]
     with torch.no_grad():
         ref = _hf(d)(torch.tensor([ids])).logits[0].float()
@@ -247,7 +247,7 @@ def test_fp8_latent_kv(tmp_path_factory):
         CONFIGS.pop("fp8")
     hf = _hf(d)
     spec = load_spec(d, dtype="float32", kv_format="fp8")
-    model = build_model(spec, read_safetensors_dir(d), backend="torch")
+    model = build_model(spec, read_weights_dir(d), backend="torch")
     assert spec.kv_spec().bytes_per_token_layer == 128 + 4 + 2 * 8
     pool = KVPool(model.kv_spec, num_blocks=16, block_tokens=4)
     assert pool.data.dtype == torch.uint8
@@ -274,7 +274,7 @@ def test_no_shared_experts_checkpoint(tmp_path):
         for p in hf.parameters():
             p.mul_(6.0)
     hf.save_pretrained(tmp_path)
-    assert any(".shared_experts." in k and v.numel() == 0 for k, v in read_safetensors_dir(tmp_path).items())
+    assert any(".shared_experts." in k and v.numel() == 0 for k, v in read_weights_dir(tmp_path).items())
     model, _ = load_model(LlamaModelConfig(path=str(tmp_path), attention_backend="torch"), with_tokenizer=False)
     ids = _turns()[0]
     pool = KVPool(model.kv_spec, num_blocks=4, block_tokens=4)

@@ -231,3 +231,65 @@ def test_sliding_window_caps_the_context_and_qwen3_roundtrips():
     assert ModelSpec.from_hf_config(qwen3.to_hf_config()) == qwen3
     names = {n for n, _ in build_model(qwen3, None, seed=0).named_parameters()}
     assert "model.layers.0.self_attn.q_norm.weight" in names and "model.layers.0.self_attn.k_norm.weight" in names
+
+
+class _RunsCode:
+    """Pickled as a call of ``pathlib.Path.touch``: what a hostile ``.bin`` would make ``torch.load`` run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pytorch_bin_checkpoint_loads_and_matches_transformers(tmp_path, shards):
+    """Older checkpoints ship ``pytorch_model.bin`` (``torch.save`` of the state dict; sharded with
+    ``pytorch_model.bin.index.json``): loaded with weights_only, the logits equal transformers' on the same
+    weights; a pickle that would run code is refused and nothing runs."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf_kw = {k: v for k, v in CFG.items() if k not in ("architectures", "model_type")}
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_kw, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(6.0)  # transformers initialises small weights: widen them so that every weight matters
+    hf.config.save_pretrained(tmp_path)
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    if shards == 1:
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    else:
+        names = sorted(sd)
+        weight_map = {}
+        for i in range(shards):
+            part = names[i::shards]
+            fname = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+            torch.save({k: sd[k] for k in part}, tmp_path / fname)
+            weight_map.update(dict.fromkeys(part, fname))
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    model, _ = load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    seq = [3, 17, 42, 5, 9, 33, 60, 1, 2, 8]
+    pool = KVPool(model.spec.kv_spec(), num_blocks=4, block_tokens=4)
+    table = pool.allocate(3)
+    got = model(SeqBatch.build([seq], [0], [table], 4), pool.layers, all_positions=True)
+    with torch.no_grad():
+        want = hf(torch.tensor([seq])).logits[0].float()
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+    bad = tmp_path / ("pytorch_model.bin" if shards == 1 else "pytorch_model-00002-of-00003.bin")
+    marker = tmp_path / "code-ran"
+    torch.save({**{k: sd[k] for k in list(sd)[:2]}, "x": _RunsCode(str(marker))}, bad)
+    with pytest.raises(ModelError, match=rf"{bad.name}: refused: the pickle holds more than tensors"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    assert not marker.exists()
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match=rf"{bad.name}: cannot read a PyTorch state dict"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    for f in tmp_path.glob("pytorch_model*"):
+        f.unlink()
+    with pytest.raises(ModelError, match=r"no weights \(\*\.safetensors, or pytorch_model\*\.bin\)"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)

@@ -1,5 +1,5 @@
 """The model behind the engines: a real Llama-family decoder over paged KV (:mod:`.llama`: Llama, Mistral, Qwen2/3, Phi-3, Gemma, Gemma 2; also Mixtral, Qwen2-MoE, Qwen3-MoE, sharing :mod:`.moe`'s expert loop), a DeepSeek-V3
-decoder (MLA + MoE) over paged latent KV (:mod:`.deepseek`), their architectures (:mod:`.spec`), loaders (:mod:`.loader`: safetensors, GGUF, random init; :mod:`.embedded`: SmolLM2), and the
+decoder (MLA + MoE) over paged latent KV (:mod:`.deepseek`), their architectures (:mod:`.spec`), loaders (:mod:`.loader`: safetensors, PyTorch ``.bin``, GGUF, random init; :mod:`.embedded`: SmolLM2), and the
 paged KV pool (:mod:`.kv_pool`). Heavy modules are imported on first attribute access."""
 
 from __future__ import annotations

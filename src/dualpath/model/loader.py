@@ -171,32 +171,66 @@ def save_pretrained(model: AnyModel, directory: str | Path) -> Path:
     return d
 
 
-# --- safetensors ---------------------------------------------------------------------------------------------
+# --- weight files: safetensors, or PyTorch's pickled state dicts ----------------------------------------------
 
 
-def safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ModelError(f"{index}: malformed shard index ({exc})") from None
-        files = sorted({directory / f for f in weight_map.values()})
-        for f in files:
-            if not f.exists():
-                raise ModelError(f"{index}: shard {f.name} is missing")
-        return files
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{directory}: no *.safetensors files")
+def _shard_index(index: Path, directory: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ModelError(f"{index}: malformed shard index ({exc})") from None
+    files = sorted({directory / f for f in weight_map.values()})
+    for f in files:
+        if not f.exists():
+            raise ModelError(f"{index}: shard {f.name} is missing")
     return files
 
 
-def read_safetensors_dir(directory: str | Path) -> dict[str, torch.Tensor]:
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files: its safetensors (``model.safetensors.index.json``'s shards, else every
+    ``*.safetensors``), or, when it has none, PyTorch's ``pytorch_model.bin`` (or the shards its
+    ``pytorch_model.bin.index.json`` names), as older checkpoints ship them."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return _shard_index(index, directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    index = directory / "pytorch_model.bin.index.json"
+    if index.exists():
+        return _shard_index(index, directory)
+    files = sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise ModelError(f"{directory}: no weights (*.safetensors, or pytorch_model*.bin)")
+    return files
+
+
+def _read_pickled_state(f: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch ``.bin`` state dict, read with ``weights_only`` (tensors and plain containers only: a pickle that
+    would run code or build other objects is refused, never executed)."""
+    import pickle
+
+    try:
+        sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(f"{f}: refused: the pickle holds more than tensors, and it is only read with "
+                         f"weights_only ({str(exc).splitlines()[0]}); convert it to safetensors") from None
+    except Exception as exc:  # a truncated zip, not a torch file at all, ...
+        raise ModelError(f"{f}: cannot read a PyTorch state dict ({exc})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ModelError(f"{f}: not a state dict (a mapping of names to tensors)")
+    return sd
+
+
+def read_weights_dir(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's :func:`weight_files`, by name."""
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(Path(directory)):
+    for f in weight_files(Path(directory)):
+        if f.suffix == ".bin":
+            out.update(_read_pickled_state(f))
+            continue
         try:
             out.update(load_file(str(f)))
         except Exception as exc:  # safetensors raises its own error types
@@ -511,7 +545,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
                path: str | Path | None = None, with_tokenizer: bool = True) -> tuple[AnyModel, Any | None]:
     """Build the model a :class:`~dualpath.model.config.LlamaModelConfig` names (``path`` overrides its path).
 
-    ``path``: a safetensors directory (sharded or not, with config.json), a ``.gguf`` file, a ``config.json``
+    ``path``: a checkpoint directory (safetensors or PyTorch ``.bin`` weights, sharded or not, with config.json), a ``.gguf`` file, a ``config.json``
     (with ``random_init``), or None for the embedded SmolLM2-135M-Instruct (converted once, cached).
     """
     from dualpath.model.config import LlamaModelConfig
@@ -542,8 +576,8 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
         if cfg.random_init:
             model_tensors, weights_id = None, f"random:{cfg.seed}"
         else:
-            files = safetensors_files(p if p.is_dir() else p.parent)
-            model_tensors = read_safetensors_dir(p if p.is_dir() else p.parent)
+            files = weight_files(p if p.is_dir() else p.parent)
+            model_tensors = read_weights_dir(p if p.is_dir() else p.parent)
             weights_id = files_identity(files)
     from dataclasses import replace
 

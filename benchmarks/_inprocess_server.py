@@ -12,10 +12,14 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def inprocess_server(tmp: Path, *extra: str, start_timeout_s: float = 240.0) -> Iterator[str]:
-    """Start the server with its output in ``tmp/server.out``; yields its base URL; stops it on exit."""
+def inprocess_server(tmp: Path, *extra: str, start_timeout_s: float = 240.0,
+                     settings: dict[str, str] | None = None) -> Iterator[str]:
+    """Start the server with its output in ``tmp/server.out``; yields its base URL; stops it on exit.
+    ``settings``: config values by dotted path (``{"http.inflight_prefix_wait_s": "0"}``), as ``DUALPATH_*``
+    variables (the caller's own ``DUALPATH_*`` variables are not passed on)."""
     addr = tmp / "http.addr"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
+    env.update({"DUALPATH_" + k.upper().replace(".", "__"): v for k, v in (settings or {}).items()})
     with open(tmp / "server.out", "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dualpath.cli", "serve", "--http", "127.0.0.1:0",
                                  "--inprocess", "--http-address-file", str(addr), *extra], stdout=out,

@@ -173,6 +173,28 @@ def test_n_choices_share_the_prompt_prefill(client, embedded_http):
     assert client.completions.create(prompt=prompt, seed=5, **kw).choices[0].text == r.choices[2].text
 
 
+def test_requests_arriving_together_share_a_long_prefix(client, embedded_http):
+    """Separate requests whose prompts share a long prefix, sent at once: the later ones wait until the first
+    has stored the prefix (``http.inflight_prefix_wait_s``), then load it instead of computing it. Each text is
+    the one the same request gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_util import metric_value
+
+    url = embedded_http[0]
+    prefix = [2000 + 11 * i for i in range(320)]  # (no other test sends these ids)
+    prompts = [prefix + [30000 + 8 * j + k for k in range(8)] for j in range(3)]  # distinct 8-token tails
+    kw = {"model": MODEL, "max_tokens": 3, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    waits0 = metric_value(url, "dualpath_prefix_waits_total")
+    with ThreadPoolExecutor(3) as pool:
+        rs = list(pool.map(lambda p: client.completions.create(prompt=p, **kw), prompts))
+    assert metric_value(url, "dualpath_prefix_waits_total") - waits0 >= 1
+    cached = sorted(r.usage.prompt_tokens_details.cached_tokens for r in rs)
+    assert cached[0] == 0 and cached[1] >= 256 and cached[2] >= 256, cached  # (320 shared: 20 Full Blocks)
+    assert [r.choices[0].text for r in rs] == [client.completions.create(prompt=p, **kw).choices[0].text
+                                               for p in prompts]
+
+
 def test_echo_logprobs_score_the_prompt_as_eval_harnesses_ask(client, hf_logprobs):
     """lm-eval's ``local-completions`` loglikelihood request: token-id prompts in a batch, ``echo``, ``logprobs:
     1``, ``max_tokens: 1``; it sums ``token_logprobs[ctxlen:-1]`` and checks each against its ``top_logprobs``."""

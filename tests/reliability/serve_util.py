@@ -158,11 +158,16 @@ def deployment(config: DualPathConfig, workdir: Path, **kw: Any) -> Iterator[Dep
         assert not orphans, f"processes left behind: {orphans}"
 
 
-def cached_tokens_total(url: str) -> float:
-    """An HTTP server's ``dualpath_cached_tokens_total`` (prompt tokens loaded from storage), from ``/metrics``."""
+def metric_value(url: str, name: str) -> float:
+    """The value of the unlabelled sample ``name`` in an HTTP server's ``/metrics``."""
     import httpx
 
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("dualpath_cached_tokens_total "):
+        if line.startswith(name + " "):
             return float(line.split()[1])
-    raise AssertionError("no dualpath_cached_tokens_total in /metrics")
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def cached_tokens_total(url: str) -> float:
+    """An HTTP server's ``dualpath_cached_tokens_total`` (prompt tokens loaded from storage), from ``/metrics``."""
+    return metric_value(url, "dualpath_cached_tokens_total")

@@ -152,6 +152,10 @@ class Server:
         self.created = int(time.time())
         self.startup_error: BaseException | None = None
         self._token_text: Any = None
+        from dualpath.http.prefix_share import InflightPrefixes
+
+        self.prefixes = InflightPrefixes(config.shared_prefill_min_tokens, config.inflight_prefix_wait_s,
+                                         self.metrics.prefix_waits.inc)
 
     @property
     def token_text(self) -> Any:
@@ -574,18 +578,23 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
     decode engine has stored the prompt's Full Blocks (it stores them between the first token and the first
     decode step), so each of them loads the prompt's KV instead of computing it again (``n`` / ``best_of``: one
     prefill of the prompt, not ``n``). A shorter prompt's choices all start at once: its prefill costs less
-    than the later choices' wait."""
+    than the later choices' wait. Separate requests do the same through ``server.prefixes``
+    (:mod:`dualpath.http.prefix_share`): a prompt sharing a long prefix with a request being prefilled is
+    submitted once that request's prefix is stored."""
     m = server.metrics
     slots: list[Choice | None] = [None] * len(specs)
     jobs: list[Job] = []
     followers: dict[int, list[int]] = {}  # the first choice of a prompt -> the later choices of the same prompt
     first_of: dict[tuple[int, ...], int] = {}
 
-    def submit(i: int) -> None:
+    def submit(i: int, keys: list[int] | None = None) -> None:
         gen, detok = specs[i]
         c = Choice(i, server.backend.submit(gen), detok, readers[i] if readers else None)
         slots[i] = c
         jobs.append(c.job)
+        lead = server.prefixes.lead(keys or [])
+        if lead is not None:
+            c.job.on_prefix_stored.append(lambda: server.prefixes.done(lead))
 
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, jobs))
     m.inflight.inc()
@@ -596,7 +605,11 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
         for i, (gen, _) in enumerate(specs):
             lead = first_of.setdefault(tuple(gen.prompt_ids), i) if len(gen.prompt_ids) >= share else i
             if lead == i:
-                submit(i)
+                recomputes = gen.sampling is not None and gen.sampling.prompt_logprobs is not None
+                keys = [] if recomputes else await server.prefixes.admit(gen.prompt_ids)
+                if watcher.done():  # the client went away while this waited for another request's prefix
+                    raise _ClientGone()
+                submit(i, keys)
             else:
                 followers.setdefault(lead, []).append(i)
         for i in range(len(specs)):

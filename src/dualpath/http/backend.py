@@ -83,6 +83,22 @@ class Job:
     timed_out: bool = False  # cancelled by its deadline (http.request_timeout_s), not by the client
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens so far (sampling.logprobs set)
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (sampling.prompt_logprobs), once done
+    #: called once, at the job's second event or its end (its prompt's Full Blocks are stored by then)
+    on_prefix_stored: list[Callable[[], None]] = field(default_factory=list)
+    events: int = 0  # events queued so far
+
+    def put(self, ev: tuple[str, Any]) -> None:
+        """Queue an event for the response."""
+        self.queue.put_nowait(ev)
+        self.events += 1
+        if self.events == 2 or ev[0] != "token":
+            self.prefix_stored()
+
+    def prefix_stored(self) -> None:
+        """Run the :attr:`on_prefix_stored` callbacks (once: later calls do nothing)."""
+        hooks, self.on_prefix_stored = self.on_prefix_stored, []
+        for hook in hooks:
+            hook()
 
     @property
     def client_cancelled(self) -> bool:
@@ -90,7 +106,7 @@ class Job:
         return self.cancelled.is_set() and not self.timed_out
 
     def on_token(self, tok: int) -> None:
-        self.queue.put_nowait(("token", int(tok)))
+        self.put(("token", int(tok)))
 
     def on_logprob(self, lp: TokenLogprob) -> None:
         """A token's logprobs (the sampling asked for them), heard just before the token itself."""
@@ -176,6 +192,7 @@ class Backend:
     def submit(self, req: GenRequest) -> Job:
         job = Job(next(self._sessions), req)
         job.task = asyncio.get_running_loop().create_task(self._drive(job))
+        job.task.add_done_callback(lambda _t: job.prefix_stored())  # (also a task cancelled before it ran)
         return job
 
     async def _drive(self, job: Job) -> None:
@@ -191,11 +208,11 @@ class Backend:
                 job.cancelled.set()  # the turn, if already running, is cancelled on its engines
                 raise PeerTimeout(f"request {job.session} did not finish within {self.timeout_s:g} s "
                                   "(http.request_timeout_s)")
-            job.queue.put_nowait(("done", res))
+            job.put(("done", res))
         except asyncio.CancelledError:
-            job.queue.put_nowait(("error", Cancelled(f"request {job.session} was cancelled")))
+            job.put(("error", Cancelled(f"request {job.session} was cancelled")))
         except Exception as exc:
-            job.queue.put_nowait(("error", exc))
+            job.put(("error", exc))
         finally:
             job.finished = True
             self.inflight -= 1

@@ -37,7 +37,13 @@ class HttpConfig(Section):
         default=256, ge=0,
         description="choices of one prompt at least this long (n, best_of) share its prefill: the first is "
                     "computed, the others start at its second token and load the prompt's KV from storage; "
-                    "0 shares every prompt's")
+                    "0 shares every prompt's; also the least prefix separate requests arriving together must share "
+                    "for the later ones to wait for the first's (inflight_prefix_wait_s)")
+    inflight_prefix_wait_s: float = Field(
+        default=30.0, ge=0,
+        description="a request sharing a prefix of at least shared_prefill_min_tokens (and 64) tokens with a "
+                    "request being prefilled waits for that prefix to be stored, at most this long, then loads it "
+                    "instead of computing it again (dualpath.http.prefix_share); 0 never waits")
     tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
         default="auto",
         description="how tool calls are read from the generated text (dualpath.http.tools): hermes "

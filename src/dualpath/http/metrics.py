@@ -99,6 +99,8 @@ class HttpMetrics:
                                      registry=r)
         self.completion_tokens = Counter("dualpath_completion_tokens", "generated tokens", registry=r)
         self.paths = Counter("dualpath_read_path", "turns by the side their hit was read on", ["path"], registry=r)
+        self.prefix_waits = Counter("dualpath_prefix_waits", "requests that waited for another request's prompt "
+                                    "prefix to be stored (http.inflight_prefix_wait_s)", registry=r)
         self.cancelled = Counter("dualpath_cancelled", "turns cancelled (client gone or stop sequence)", registry=r)
         self.hit_rate = Gauge("dualpath_hit_rate", "cached / prompt tokens since start", registry=r)
         self._prompt = 0

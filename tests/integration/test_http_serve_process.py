@@ -122,6 +122,16 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
                                                                "temperature": 0.5, "seed": 3})
             assert r.status_code == 200 and len(r.json()["choices"]) == 3, r.text
             assert cached_tokens_total(url) - before >= 2 * ((len(long_prompt) - 1) // 16 * 16)
+            # so do separate requests sent together whose prompts share a long prefix (distinct tails)
+            from concurrent.futures import ThreadPoolExecutor
+
+            fan = [[(11 * i) % 900 + 3 for i in range(300)] + [901 + j] * 4 for j in range(3)]
+            with ThreadPoolExecutor(3) as pool:
+                rs = list(pool.map(lambda p: cl.post("/v1/completions", headers=auth, json={
+                    "prompt": p, "max_tokens": 2, "temperature": 0}), fan))
+            assert all(x.status_code == 200 for x in rs), [x.text for x in rs]
+            hits = sorted(x.json()["usage"]["prompt_tokens_details"]["cached_tokens"] for x in rs)
+            assert hits[0] == 0 and hits[1] >= 288 and hits[2] >= 288, hits  # 18 Full Blocks of the shared 300
             # echo with logprobs: the prefill engine process computes the prompt's (a recomputed turn), and they
             # come back with the result; max_tokens 0 scores the prompt only
             ref_p = _reference_turn(cfg, prompt, 1, SamplingParams(logprobs=2, prompt_logprobs=2))

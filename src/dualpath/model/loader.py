@@ -437,10 +437,14 @@ def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
     multi-token-prediction layers (``model.layers.{n >= num_hidden_layers}``) dropped, and the empty shared-expert
     tensors transformers' DeepseekV2 writes when ``n_shared_experts`` is 0 dropped."""
     out: dict[str, torch.Tensor] = {}
+    if spec.model_type == "deepseek_v32":
+        _check_indexer(spec, tensors, source)
     for name, t in tensors.items():
         parts = name.split(".")
         if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= spec.n_layers:
             continue
+        if ".self_attn.indexer." in name and spec.model_type == "deepseek_v32":
+            continue  # checked above; within the context cap (index_topk) the indexer selects every key
         if spec.n_shared_experts == 0 and ".mlp.shared_experts." in name and t.numel() == 0:
             continue
         if name.endswith("weight_scale_inv"):
@@ -456,6 +460,22 @@ def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
         if not _split_packed_experts(name, t, out, source):
             out[name] = t
     return out
+
+
+def _check_indexer(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Every layer of a DeepSeek-V3.2 checkpoint has its lightning indexer, shaped as the config says."""
+    assert spec.q_lora_rank is not None
+    h, d = spec.index_n_heads, spec.index_head_dim
+    shapes = {"wq_b.weight": (h * d, spec.q_lora_rank), "wk.weight": (d, spec.hidden_size), "k_norm.weight": (d,),
+              "k_norm.bias": (d,), "weights_proj.weight": (h, spec.hidden_size)}
+    for layer in range(spec.n_layers):
+        for suffix, shape in shapes.items():
+            name = f"model.layers.{layer}.self_attn.indexer.{suffix}"
+            t = tensors.get(name)
+            if t is None:
+                raise ModelError(f"{source}: DeepSeek-V3.2 tensor {name!r} is missing")
+            if t.dtype != torch.float8_e4m3fn and tuple(t.shape) != shape:
+                raise ModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)} but the config implies {shape}")
 
 
 def _split_packed_experts(name: str, t: torch.Tensor, out: dict[str, torch.Tensor], source: str) -> bool:

@@ -349,7 +349,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError(
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
-                "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, deepseek_v2, deepseek_v3)"
+                "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, deepseek_v2, deepseek_v3, deepseek_v32)"
             )
 
         def need(key: str) -> Any:
@@ -594,10 +594,16 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
     return ModelSpec.from_hf_config(cfg, dtype=dtype)
 
 
-_DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
-#: the router's top-k method each generation supports (V2: softmax scores; V3: sigmoid scores + correction bias)
-_TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy")}
-_SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax"}
+_DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
+                  "DeepseekV32ForCausalLM": "deepseek_v32"}
+#: the router's top-k method each generation supports (V2: softmax scores; V3 and V3.2: sigmoid scores + correction
+#: bias)
+_TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy"),
+                 "deepseek_v32": ("noaux_tc",)}
+_SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid"}
+_LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2"}
+#: the fields only DeepSeek-V3.2 has (other specs leave them out of their dict: their block keys stay as they were)
+_V32_FIELDS = ("index_topk", "index_n_heads", "index_head_dim")
 
 
 def _mscale(scale: float, m: float = 1.0) -> float:
@@ -614,6 +620,13 @@ class DeepseekV3Spec(_SpecCommon):
     renormalization; RoPE always interleaved). Both scale the chosen weights by ``routed_scaling_factor``.
     ``kv_format``: ``auto`` stores the latent in ``dtype``; ``fp8`` stores FlashMLA's 656-byte rows (needs
     ``kv_lora_rank`` divisible by 128).
+
+    ``deepseek_v32`` (DeepSeek-V3.2, the paper's model): V3's MLA and MoE plus DeepSeek Sparse Attention, whose
+    lightning indexer lets each query attend to its ``index_topk`` highest-scoring keys only. While a sequence
+    holds at most ``index_topk`` tokens the indexer selects every key, and the attention is exactly V3's dense MLA;
+    the sparse selection beyond that is not implemented, so the context is capped at ``index_topk``
+    (``max_position``), as a sliding window caps a Llama-family context. The indexer's weights are read (and must
+    be there) but take no part within that cap.
     """
 
     vocab_size: int
@@ -648,6 +661,9 @@ class DeepseekV3Spec(_SpecCommon):
     eos_token_id: int | list[int] | None = None
     model_type: str = "deepseek_v3"
     topk_method: str = "noaux_tc"
+    index_topk: int = 0  # DeepSeek-V3.2's indexer (0 for V2/V3): keys each query attends to
+    index_n_heads: int = 0
+    index_head_dim: int = 0
     weights_id: str = field(default="", compare=False)
 
     @property
@@ -693,6 +709,16 @@ class DeepseekV3Spec(_SpecCommon):
                              f"{self.model_type}; expected default, linear or yarn")
         if self.rope_type != "default" and "factor" not in (self.rope_scaling or {}):
             raise ModelError(f"model config: rope_scaling of type {self.rope_type!r} needs a 'factor'")
+        if self.model_type == "deepseek_v32":
+            if min(self.index_topk, self.index_n_heads, self.index_head_dim) <= 0 or self.q_lora_rank is None:
+                raise ModelError("model config: DeepSeek-V3.2 needs positive index_topk, index_n_heads, "
+                                 "index_head_dim and a q_lora_rank")
+            if self.max_position > self.index_topk:
+                raise ModelError(f"model config: DeepSeek-V3.2's context is capped at index_topk "
+                                 f"({self.index_topk}), got max_position {self.max_position}")
+        elif self.index_topk or self.index_n_heads or self.index_head_dim:
+            raise ModelError(f"model config: index_topk/index_n_heads/index_head_dim are DeepSeek-V3.2's, not "
+                             f"{self.model_type}'s")
         if self.first_k_dense_replace < self.n_layers:
             self._check_routing()
 
@@ -759,6 +785,9 @@ class DeepseekV3Spec(_SpecCommon):
         d.pop("model_type")  # named by architecture
         if self.model_type == "deepseek_v3":
             d.pop("topk_method")  # V3 has one: its dict (and so its block-key namespace) is as before V2 support
+        if self.model_type != "deepseek_v32":
+            for name in _V32_FIELDS:
+                d.pop(name)
         d["architecture"] = self.architecture
         return d
 
@@ -805,6 +834,10 @@ class DeepseekV3Spec(_SpecCommon):
             "torch_dtype": self.dtype,
             "num_nextn_predict_layers": 0,
         }
+        if self.model_type == "deepseek_v32":
+            del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
+            cfg.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_topk=self.index_topk,
+                       index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim)
         if self.model_type == "deepseek_v2":
             del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
             cfg.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", topk_method=self.topk_method,
@@ -830,7 +863,7 @@ class DeepseekV3Spec(_SpecCommon):
         model_type = _DEEPSEEK_ARCH[archs[0]] if archs else str(cfg.get("model_type") or "deepseek_v3")
         if model_type not in _TOPK_METHODS:
             raise ModelError(f"{where}: model_type {model_type!r} unsupported; expected one of {sorted(_TOPK_METHODS)}")
-        label = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2"}[model_type]
+        label = _LABEL[model_type]
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
         scoring = _SCORING[model_type]
@@ -847,9 +880,22 @@ class DeepseekV3Spec(_SpecCommon):
         if model_type == "deepseek_v2" and norm_topk:
             raise ModelError(f"{where}: norm_topk_prob=true unsupported for DeepSeek-V2 (transformers ignores it, "
                              "DeepSeek's code renormalizes; published V2 checkpoints use false)")
-        if model_type == "deepseek_v2" and cfg.get("rope_interleave", True) is not True:
-            raise ModelError(f"{where}: rope_interleave {cfg['rope_interleave']!r} unsupported (DeepSeek-V2 rotates "
+        if model_type in ("deepseek_v2", "deepseek_v32") and cfg.get("rope_interleave", True) is not True:
+            raise ModelError(f"{where}: rope_interleave {cfg['rope_interleave']!r} unsupported ({label} rotates "
                              "interleaved pairs)")
+        first_dense = int(cfg.get("first_k_dense_replace") or 0)
+        layer_kinds = cfg.get("mlp_layer_types")
+        n_layers = int(need("num_hidden_layers"))
+        if layer_kinds is not None:  # transformers' V3.2 names each layer's MLP; only the leading-dense pattern is read
+            k = min(first_dense, n_layers)
+            if layer_kinds != ["dense"] * k + ["sparse"] * (n_layers - k):
+                raise ModelError(f"{where}: mlp_layer_types {layer_kinds!r} unsupported: expected "
+                                 f"first_k_dense_replace={first_dense} dense layers, then sparse ones")
+        index: dict[str, int] = {}
+        max_position = int(cfg.get("max_position_embeddings", 4096))
+        if model_type == "deepseek_v32":
+            index = {name: int(need(name)) for name in _V32_FIELDS}
+            max_position = min(max_position, index["index_topk"])  # exact (dense) up to index_topk: see the class
         n_heads = int(need("num_attention_heads"))
         # num_key_value_heads is meaningless for MLA (transformers even writes its default 128): not read
         rope_theta, rope_scaling = parse_rope(cfg, where)
@@ -858,7 +904,6 @@ class DeepseekV3Spec(_SpecCommon):
             if dtype not in _DTYPES:
                 dtype = "float32"
         q_lora = cfg.get("q_lora_rank")
-        n_layers = int(need("num_hidden_layers"))
         return cls(
             vocab_size=int(need("vocab_size")),
             hidden_size=int(need("hidden_size")),
@@ -878,12 +923,12 @@ class DeepseekV3Spec(_SpecCommon):
             topk_group=int(cfg.get("topk_group") or 1),
             norm_topk_prob=bool(norm_topk),
             routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
-            first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
+            first_k_dense_replace=first_dense,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             rope_interleave=bool(cfg.get("rope_interleave", True)),
-            max_position=int(cfg.get("max_position_embeddings", 4096)),
+            max_position=max_position,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             dtype=dtype,
@@ -892,6 +937,9 @@ class DeepseekV3Spec(_SpecCommon):
             eos_token_id=cfg.get("eos_token_id"),
             model_type=model_type,
             topk_method=str(topk_method),
+            index_topk=index.get("index_topk", 0),
+            index_n_heads=index.get("index_n_heads", 0),
+            index_head_dim=index.get("index_head_dim", 0),
         )
 
 

@@ -1,4 +1,5 @@
-"""A ``dualpath serve --http --inprocess`` subprocess (the embedded SmolLM2) for the HTTP benchmarks."""
+"""A ``dualpath serve --http --inprocess`` subprocess (the embedded SmolLM2) for the HTTP benchmarks, and reading
+its ``/metrics``."""
 
 from __future__ import annotations
 
@@ -34,3 +35,18 @@ def inprocess_server(tmp: Path, *extra: str, start_timeout_s: float = 240.0,
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+def metric(url: str, name: str) -> float:
+    """The unlabelled sample ``name`` of the server's ``/metrics`` (0 when absent)."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def prompt_tokens_computed(url: str) -> float:
+    """Prompt tokens the server computed so far: served minus loaded from storage."""
+    return metric(url, "dualpath_prompt_tokens_total") - metric(url, "dualpath_cached_tokens_total")

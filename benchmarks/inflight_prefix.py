@@ -25,18 +25,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _inprocess_server import inprocess_server  # noqa: E402
-
-
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
-def _computed(url: str) -> float:
-    return _metric(url, "dualpath_prompt_tokens_total") - _metric(url, "dualpath_cached_tokens_total")
+from _inprocess_server import inprocess_server, metric, prompt_tokens_computed  # noqa: E402
 
 
 def main() -> None:
@@ -79,10 +68,10 @@ def main() -> None:
         for _ in range(args.rounds):
             ps = prompts()
             for arm in ("off", "on"):
-                c0, t0 = _computed(urls[arm]), time.perf_counter()
+                c0, t0 = prompt_tokens_computed(urls[arm]), time.perf_counter()
                 texts[arm].append(send(arm, ps))
                 times[arm].append(time.perf_counter() - t0)
-                computed[arm].append(_computed(urls[arm]) - c0)
+                computed[arm].append(prompt_tokens_computed(urls[arm]) - c0)
         ratio = statistics.median(f / n for f, n in zip(times["off"], times["on"], strict=True))
         print(f"k={args.k} requests of {args.prefix_tokens} shared + {args.tail_tokens} own prompt tokens, "
               f"{args.max_tokens} tokens each, {args.rounds} rounds")
@@ -90,7 +79,7 @@ def main() -> None:
             print(f"  {arm:3s} wall {statistics.median(times[arm]):6.2f} s   prompt tokens computed "
                   f"{statistics.median(computed[arm]):8.0f}")
         print(f"  ratio off / on (wall): {ratio:.2f}   same texts: {texts['on'] == texts['off']}   "
-              f"requests held back: {_metric(urls['on'], 'dualpath_prefix_waits_total'):.0f}")
+              f"requests held back: {metric(urls['on'], 'dualpath_prefix_waits_total'):.0f}")
 
 
 if __name__ == "__main__":

@@ -26,18 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _inprocess_server import inprocess_server  # noqa: E402
-
-
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
-def _computed(url: str) -> float:
-    return _metric(url, "dualpath_prompt_tokens_total") - _metric(url, "dualpath_cached_tokens_total")
+from _inprocess_server import inprocess_server, prompt_tokens_computed  # noqa: E402
 
 
 def main() -> None:
@@ -76,10 +65,10 @@ def main() -> None:
         computed: dict[str, list[float]] = {"shared": [], "each": []}
         for _ in range(args.rounds):
             for arm, fn in (("each", each), ("shared", shared)):
-                c0, t0 = _computed(url), time.perf_counter()
+                c0, t0 = prompt_tokens_computed(url), time.perf_counter()
                 fn(prompt())
                 times[arm].append(time.perf_counter() - t0)
-                computed[arm].append(_computed(url) - c0)
+                computed[arm].append(prompt_tokens_computed(url) - c0)
         p = prompt()
         same = each(p) == shared(p)  # (the shared arm now hits everywhere: the texts must not change)
         ratio = statistics.median(e / s for e, s in zip(times["each"], times["shared"], strict=True))

@@ -98,6 +98,24 @@ def test_lark_grammar_bad_grammars_and_the_wire(tok) -> None:
         assert c.complete
         with pytest.raises(ModelError, match="not allowed"):
             c.accept(tok.encode("x")[0])
+    # tool_choice: "required" may call again (parallel calls); a named function is called exactly once
+    from dualpath.http.structured import forced_tool_grammar
+
+    call = "<tool_call>\n" + json.dumps({"name": "add", "arguments": {"a": 3}}) + "\n</tool_call>"
+    for choice, again in (("required", True), ({"type": "function", "function": {"name": "add"}}, False)):
+        c = Constraint(forced_tool_grammar(tok, "hermes", tools, choice, True), str(embedded_model_path()))
+        for t in tok.encode(call, add_special_tokens=False):
+            c.mask(torch.zeros(len(tok)))
+            c.accept(t)
+        assert c.complete != again  # (complete: nothing but the end of the sequence may follow)
+        nl = tok.encode("\n<tool_call>", add_special_tokens=False)
+        if again:
+            for t in nl:
+                c.mask(torch.zeros(len(tok)))
+                c.accept(t)
+        else:
+            with pytest.raises(ModelError, match="not allowed"):
+                c.accept(nl[0])
     assert "look-around" in check_grammar(json_schema_grammar({"type": "string", "pattern": "(?<=a)b"}), tok)
     with pytest.raises(ModelError, match="tokenizer"):
         Constraint(json_schema_grammar(SCHEMA), None)

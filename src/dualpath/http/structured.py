@@ -98,11 +98,14 @@ def guided_grammar(tokenizer: Any, req: Any) -> str | None:
 
 def forced_tool_grammar(tokenizer: Any, tool_parser: str, tools: list[ToolDef], choice: str | dict[str, Any] | None,
                         parallel: bool | None) -> str | None:
-    """The grammar a ``tool_choice`` of ``required`` or a named function enforces (None for ``auto``/``none``)."""
+    """The grammar a ``tool_choice`` of ``required`` or a named function enforces (None for ``auto``/``none``):
+    ``required`` allows several calls unless ``parallel_tool_calls`` is false; a named function is called exactly
+    once (as OpenAI and vLLM answer a named ``tool_choice``)."""
     if choice in (None, "auto", "none"):
         return None
     template = getattr(tokenizer, "chat_template", None)
-    lark = tool_call_grammar(tools, parser_for(tool_parser, template), chosen_function(choice), parallel is not False)
+    only = chosen_function(choice)
+    lark = tool_call_grammar(tools, parser_for(tool_parser, template), only, parallel is not False and only is None)
     return compile_grammar(tokenizer, "tool_choice", lark=lark)
 
 

@@ -5,7 +5,8 @@ for ``--n`` completions of a fresh ``--prompt-tokens`` prompt in two ways:
 
 * ``shared``: one request with ``n`` (the server prefills the prompt once; the other choices load its KV);
 * ``each``: ``n`` concurrent requests of one choice with seeds ``seed .. seed + n - 1`` (what the server did for
-  ``n`` before: every choice computed the whole prompt).
+  ``n`` before: every choice computed the whole prompt; the server runs with ``http.inflight_prefix_wait_s: 0``,
+  else separate requests would share the prefix too).
 
 Prints the wall time of each and the median ratio each / shared, the prompt tokens computed per arm (prompt -
 cached, from the server's ``/metrics``), and checks that both arms give the same texts on one prompt.
@@ -37,7 +38,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="shared_prefill_"))
-    with inprocess_server(tmp) as url:
+    # separate requests sharing a prefix also wait for one another (http.inflight_prefix_wait_s; measured by
+    # benchmarks/inflight_prefix.py): off here, so the `each` arm is what `n` did before it shared its prefill
+    with inprocess_server(tmp, settings={"http.inflight_prefix_wait_s": "0"}) as url:
         cl = httpx.Client(base_url=url, timeout=600)
         base = {"max_tokens": args.max_tokens, "temperature": 1.0, "ignore_eos": True}
         fresh = iter(range(1, 1 << 30))

@@ -39,8 +39,9 @@ def _compress(kind: str, data: bytes, dst: Path) -> Path:
     return dst
 
 
-def _shape(w: Any) -> list[tuple[Any, ...]]:
-    return [(t.tid, t.arrival, [(u.append, u.gen, u.line, u.append_ids, u.hash_ids) for u in t.turns]) for t in w.trajectories]
+def _shape(w: Any, lines: bool = True) -> list[tuple[Any, ...]]:
+    return [(t.tid, t.arrival, [(u.append, u.gen, u.line if lines else None, u.append_ids, u.hash_ids)
+                                for u in t.turns]) for t in w.trajectories]
 
 
 @pytest.mark.parametrize(("kind", "name"), [
@@ -116,3 +117,44 @@ def test_zstd_without_its_package_says_what_to_do(tmp_path: Path) -> None:
     else:
         with pytest.raises(WorkloadError, match=r"m\.jsonl\.zst: .*zstd"):
             load_trace(p)  # 32 zero bytes are no zstd frame
+
+
+def test_parquet_tables_load_as_their_text_files(tmp_path: Path) -> None:
+    """A Parquet table (as datasets on the Hugging Face hub come): token-count columns read as the CSV trace,
+    Mooncake rows (list-valued hash_ids) and ShareGPT conversations (list of structs) as their JSON lines."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from datetime import datetime
+
+    # Azure's columns, the timestamps as a real timestamp column
+    azure = tmp_path / "azure.csv"
+    azure.write_text(AZURE)
+    table = pa.table({"TIMESTAMP": [datetime(2023, 11, 16, 18, 15, 50, 100000),
+                                    datetime(2023, 11, 16, 18, 15, 46, 680590)],
+                      "ContextTokens": [1200, 4808], "GeneratedTokens": [40, 10]})
+    pq.write_table(table, tmp_path / "azure.parquet")
+    want, got = load_trace(azure), load_trace(tmp_path / "azure.parquet")
+    assert got.fmt == "csv" and _shape(got) == _shape(want)
+    # Mooncake rows, in small row groups (several batches)
+    rows = [json.loads(line) for line in (DATA / "mooncake_small.jsonl").read_text().splitlines() if line.strip()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet", row_group_size=2)
+    want, got = load_trace(DATA / "mooncake_small.jsonl"), load_trace(tmp_path / "m.parquet")
+    assert got.fmt == "mooncake" and _shape(got, lines=False) == _shape(want, lines=False)  # (lines: rows here)
+    # ShareGPT conversations
+    pq.write_table(pa.Table.from_pylist(json.loads(SHAREGPT)), tmp_path / "s.parquet")
+    got = load_trace(tmp_path / "s.parquet")
+    assert got.fmt == "sharegpt" and _shape(got) == _shape(load_trace(_sharegpt(tmp_path)))
+    # a bad cell names its row; a file that only starts like Parquet is an error naming it
+    rows[1]["input_length"] = -5
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "bad.parquet")
+    with pytest.raises(WorkloadError, match=r"bad\.parquet:2: .*input_length"):
+        load_trace(tmp_path / "bad.parquet")
+    (tmp_path / "torn.parquet").write_bytes(b"PAR1" + b"\0" * 64)
+    with pytest.raises(WorkloadError, match=r"torn\.parquet: not a readable Parquet file"):
+        load_trace(tmp_path / "torn.parquet")
+
+
+def _sharegpt(tmp_path: Path) -> Path:
+    p = tmp_path / "s.json"
+    p.write_text(SHAREGPT)
+    return p

@@ -7,7 +7,12 @@ name) and streams the decompressed bytes, so line numbers in errors count lines 
 * gzip (``1f 8b``), bzip2 (``BZh``) and xz (``fd 37 7a 58 5a 00``): Python's own modules;
 * zip (``PK 03 04``): the archive must hold exactly one file (its other entries are folders or macOS ``__MACOSX``
   metadata), which is read;
-* zstd (``28 b5 2f fd``): through the ``zstandard`` package when it is installed, else an error saying so.
+* zstd (``28 b5 2f fd``): through the ``zstandard`` package when it is installed, else an error saying so;
+* Parquet (``PAR1``, the format of datasets on the Hugging Face hub; through ``pyarrow``, the ``parquet``
+  extra): read in record batches and handed on as text the readers know. A table with an input-token and an
+  output-token column and no nested columns becomes CSV (:mod:`dualpath.workload.csvtrace`); any other table
+  becomes JSON lines, one object per row (Mooncake / Qwen-Bailian fields, ShareGPT ``conversations`` or chat
+  ``messages`` columns, our ``turns``). Line numbers in errors count rows (CSV: from 2, after the header).
 
 A truncated or corrupt stream is a :class:`WorkloadError` naming the file, never a partial trace served as if it
 were whole.
@@ -31,14 +36,17 @@ _BZIP2 = b"BZh"
 _XZ = b"\xfd7zXZ\x00"
 _ZIP = b"PK\x03\x04"
 _ZSTD = b"\x28\xb5\x2f\xfd"
+_PARQUET = b"PAR1"
 #: what a stream that cannot be decompressed raises, by module
 _CODEC_ERRORS: tuple[type[BaseException], ...] = (EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile,
                                                   gzip.BadGzipFile, OSError)
 
 
 def compression_of(head: bytes) -> str | None:
-    """``gzip``, ``bzip2``, ``xz``, ``zip`` or ``zstd`` from a file's first bytes; None for anything else."""
-    for magic, name in ((_GZIP, "gzip"), (_BZIP2, "bzip2"), (_XZ, "xz"), (_ZIP, "zip"), (_ZSTD, "zstd")):
+    """``gzip``, ``bzip2``, ``xz``, ``zip``, ``zstd`` or ``parquet`` from a file's first bytes; None for anything
+    else."""
+    for magic, name in ((_GZIP, "gzip"), (_BZIP2, "bzip2"), (_XZ, "xz"), (_ZIP, "zip"), (_ZSTD, "zstd"),
+                        (_PARQUET, "parquet")):
         if head.startswith(magic):
             return name
     return None
@@ -106,6 +114,59 @@ class _ZstdFrames:
         self._out = b""
 
 
+class _ParquetText:
+    """The rows of a Parquet file as CSV or JSON-lines bytes (see the module docstring), batch by batch."""
+
+    def __init__(self, raw: IO[bytes], path: str) -> None:
+        try:
+            import pyarrow.parquet as pq  # type: ignore[import-not-found, unused-ignore]
+        except ImportError:
+            raise WorkloadError("a Parquet trace, and the 'pyarrow' package is not installed: pip install "
+                                "'dualpath[parquet]' (or pyarrow), or export the table to JSON lines or CSV",
+                                path=path) from None
+        import pyarrow as pa  # type: ignore[import-not-found, unused-ignore]
+
+        from dualpath.workload.csvtrace import INPUT_COLUMNS, OUTPUT_COLUMNS, _pick
+
+        try:
+            self._file = pq.ParquetFile(raw)
+        except (pa.ArrowException, OSError) as e:
+            raise WorkloadError(f"not a readable Parquet file ({e})", path=path) from None
+        schema = self._file.schema_arrow
+        names = list(schema.names)
+        flat = not any(pa.types.is_nested(f.type) for f in schema)
+        self._csv = flat and _pick(names, INPUT_COLUMNS) is not None and _pick(names, OUTPUT_COLUMNS) is not None
+        self._batches = self._file.iter_batches(batch_size=4096)
+        self._out = self._csv_lines([names]) if self._csv else b""
+
+    @staticmethod
+    def _csv_lines(rows: list[list[Any]]) -> bytes:
+        import csv
+
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(["" if v is None else v for v in row] for row in rows)
+        return buf.getvalue().encode()
+
+    def read(self, n: int) -> bytes:
+        import json
+
+        while not self._out:
+            batch = next(self._batches, None)
+            if batch is None:
+                return b""
+            if self._csv:
+                cols = [c.to_pylist() for c in batch.columns]
+                self._out = self._csv_lines([list(r) for r in zip(*cols, strict=True)])
+            else:
+                self._out = "".join(json.dumps(row, default=str, ensure_ascii=False) + "\n"
+                                    for row in batch.to_pylist()).encode()
+        out, self._out = self._out[:n], self._out[n:]
+        return out
+
+    def close(self) -> None:
+        self._out = b""
+
+
 def _zip_member(zf: zipfile.ZipFile, p: str) -> zipfile.ZipInfo:
     files = [i for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX/")]
     if len(files) != 1:
@@ -144,6 +205,11 @@ def open_trace(path: str | os.PathLike[str]) -> IO[bytes]:
             member = _zip_member(zf, p)
             closers.insert(0, zf)
             inner = zf.open(member)
+        elif codec == "parquet":
+            inner = _ParquetText(raw, p)
+            import pyarrow as pa  # type: ignore[import-not-found, unused-ignore]
+
+            errors = (*errors, pa.ArrowException)
         else:
             try:
                 import zstandard  # type: ignore[import-not-found, unused-ignore]

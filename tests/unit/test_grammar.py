@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -124,3 +125,82 @@ def test_lark_grammar_bad_grammars_and_the_wire(tok) -> None:
     got = sampling_of(decode(encode("submit", {"session": 1, "prompt": b"\1" + b"\0" * 7, "gen": 2,
                                                **sampling_body(sp)})).body, "submit")
     assert got == sp
+
+
+def test_forced_calls_follow_parameters_with_local_refs(tok) -> None:
+    """Parameters with local ``$ref`` s (pydantic's nested models under ``$defs``, a recursive ``#``), as
+    instructor and LangChain send them, are enforced inside the call: a nested item missing a required field is
+    refused, a valid nested or recursive call completes. Alone and among several tools (``required``)."""
+    from dualpath.http.structured import forced_tool_grammar
+    from dualpath.http.tools import ToolDef
+
+    users = {"$defs": {"User": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                                "required": ["name", "age"]}},
+             "type": "object", "properties": {"users": {"type": "array", "items": {"$ref": "#/$defs/User"}}},
+             "required": ["users"]}
+    tree = {"type": "object", "properties": {"name": {"type": "string"},
+                                             "children": {"type": "array", "items": {"$ref": "#"}}},
+            "required": ["name", "children"], "additionalProperties": False}
+    tools = [ToolDef.model_validate({"type": "function", "function": {"name": n, "parameters": p}})
+             for n, p in (("users", users), ("tree", tree))]
+
+    def feed(choice: Any, text: str) -> Constraint:
+        c = Constraint(forced_tool_grammar(tok, "hermes", tools, choice, False), str(embedded_model_path()))
+        for t in tok.encode(text, add_special_tokens=False):
+            c.mask(torch.zeros(len(tok)))
+            c.accept(t)
+        return c
+
+    def call(name: str, args: dict[str, Any]) -> str:
+        return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}) + "\n</tool_call>"
+
+    good_users = call("users", {"users": [{"name": "Jason", "age": 25}, {"name": "Mary", "age": 30}]})
+    good_tree = call("tree", {"name": "a", "children": [{"name": "b", "children": []}]})
+    for choice in ({"type": "function", "function": {"name": "users"}}, "required"):
+        assert feed(choice, good_users).complete
+        with pytest.raises(ModelError, match="not allowed"):
+            feed(choice, call("users", {"users": [{"name": "Jason"}]}))  # the nested User lacks its age
+    for choice in ({"type": "function", "function": {"name": "tree"}}, "required"):
+        assert feed(choice, good_tree).complete
+        with pytest.raises(ModelError, match="not allowed"):
+            feed(choice, call("tree", {"name": "a", "children": [{"name": "b"}]}))  # a child lacks its children
+
+
+def test_objects_are_closed_unless_the_schema_says_otherwise(tok) -> None:
+    """An object schema that lists its properties and says nothing of others generates only those (vLLM's default,
+    OpenAI's strict mode); one that allows others, combines by allOf or has a property named like a keyword is
+    left as it is."""
+    from dualpath.engine.grammar import closed_objects
+
+    s = {"type": "object", "properties": {"name": {"type": "string"},
+                                          "properties": {"type": "object", "properties": {"x": {"type": "integer"}}},
+                                          "tags": {"type": "array", "items": {"type": "object",
+                                                                              "properties": {"k": {"type": "string"}}}}},
+         "$defs": {"D": {"type": "object", "properties": {"v": {}}}},
+         "anyOf": [{"type": "object", "properties": {"a": {}}}],
+         "allOf": [{"type": "object", "properties": {"b": {}}}]}
+    c = closed_objects(s)
+    assert "additionalProperties" not in c  # (it has allOf: its properties may come from there)
+    assert c["properties"]["properties"]["additionalProperties"] is False  # a property named "properties"
+    assert "additionalProperties" not in c["properties"]  # ... is not taken for a keyword of the map
+    assert c["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert c["$defs"]["D"]["additionalProperties"] is False and c["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in c["allOf"][0]
+    for open_ in ({"additionalProperties": True}, {"patternProperties": {"^x": {}}}, {"$ref": "#/$defs/D"}):
+        o = {"type": "object", "properties": {"a": {}}, **open_}
+        assert closed_objects(o) == o
+    assert closed_objects({"type": "object"}) == {"type": "object"}  # (any object: nothing listed)
+
+    def run(schema: dict[str, Any], text: str) -> Constraint:
+        c = Constraint(json_schema_grammar(schema), str(embedded_model_path()))
+        for t in tok.encode(text, add_special_tokens=False):
+            c.mask(torch.zeros(len(tok)))
+            c.accept(t)
+        return c
+
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    assert run(person, '{"name": "Jason", "age": 25}').complete
+    with pytest.raises(ModelError, match="not allowed"):
+        run(person, '{"name": "Jason", "age": 25, "gender": "m"}')
+    assert run({**person, "additionalProperties": True}, '{"name": "Jason", "age": 25, "gender": "m"}').complete

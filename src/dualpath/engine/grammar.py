@@ -94,12 +94,45 @@ def lltokenizer(tokenizer: Any) -> Any:
 JSON_WHITESPACE = "[\\n\\r]?[ \\t]{0,24}"
 
 
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+              "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref")
+
+
+def closed_objects(schema: Any, *, in_all_of: bool = False) -> Any:
+    """``schema`` with ``"additionalProperties": false`` on every object schema that lists ``properties`` and says
+    nothing of other ones, as vLLM's default backend (xgrammar's strict mode) and OpenAI's strict structured
+    outputs generate: what is generated stays valid under the schema as given, and a small model cannot wander
+    off into invented keys until ``max_tokens``. Left open: an object that says how other properties are
+    treated, one combined by ``allOf`` or ``$ref`` (a branch closed on its own would refuse its siblings'
+    properties), and one whose ``properties`` are empty."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for k, v in schema.items():
+        if k in _SUBSCHEMA_LISTS and isinstance(v, list):
+            out[k] = [closed_objects(x, in_all_of=k == "allOf") for x in v]
+        elif k in _SUBSCHEMA and isinstance(v, dict):
+            out[k] = closed_objects(v)
+        elif k in _SUBSCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: closed_objects(x) for name, x in v.items()}
+        else:
+            out[k] = v
+    props = schema.get("properties")
+    if isinstance(props, dict) and props and not in_all_of and not any(k in schema for k in _OPEN_KEYS):
+        out["additionalProperties"] = False
+    return out
+
+
 def json_schema_grammar(schema: dict[str, Any] | bool) -> str:
     """The llguidance grammar of JSON values valid under ``schema`` (``{"type": "object"}``: any object), with
-    :data:`JSON_WHITESPACE` between tokens (a schema's own ``x-guidance`` options win)."""
+    :data:`JSON_WHITESPACE` between tokens (a schema's own ``x-guidance`` options win) and its objects'
+    properties those it lists (:func:`closed_objects`)."""
     llg = _llguidance()
     try:
-        return str(llg.LLMatcher.grammar_from_json_schema(json.dumps(schema),
+        return str(llg.LLMatcher.grammar_from_json_schema(json.dumps(closed_objects(schema)),
                                                           defaults={"whitespace_pattern": JSON_WHITESPACE}))
     except ValueError as exc:
         raise ModelError(f"not a JSON schema: {exc}") from None

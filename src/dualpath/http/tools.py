@@ -303,19 +303,38 @@ def chosen_function(choice: str | dict[str, Any] | None) -> str | None:
     return name if isinstance(name, str) else ""
 
 
+def _rebase_refs(schema: Any, at: str) -> Any:
+    """``schema`` with every local ``$ref`` (``#``, ``#/...``) rewritten as if the schema sat at pointer ``at``."""
+    if isinstance(schema, dict):
+        out = {}
+        for k, v in schema.items():
+            if k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/")):
+                out[k] = at + v[1:]
+            else:
+                out[k] = _rebase_refs(v, at)
+        return out
+    if isinstance(schema, list):
+        return [_rebase_refs(v, at) for v in schema]
+    return schema
+
+
 def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None, parallel: bool = True) -> str:
     """The Lark grammar (llguidance's dialect) of an answer that is a call to one of ``tools`` (to ``only``, when
     named) in ``parser``'s format, its arguments valid under the function's ``parameters``: ``hermes`` tags one
     or more calls (one when not ``parallel``), ``llama3_json`` is one bare object."""
+    from dualpath.engine.grammar import JSON_WHITESPACE, closed_objects
+
     key = "parameters" if parser == "llama3_json" else "arguments"
     options = []
-    for t in tools:
-        if only is not None and t.function.name != only:
-            continue
+    chosen = [t for t in tools if only is None or t.function.name == only]
+    for i, t in enumerate(chosen):
         params = t.function.parameters if t.function.parameters is not None else {"type": "object"}
-        options.append({"type": "object", "properties": {"name": {"const": t.function.name}, key: params},
+        # the parameters move inside the call's schema: their local references ("#/$defs/User", pydantic's
+        # nested models) must point where they now are
+        at = f"#/properties/{key}" if len(chosen) == 1 else f"#/anyOf/{i}/properties/{key}"
+        options.append({"type": "object", "properties": {"name": {"const": t.function.name},
+                                                         key: _rebase_refs(closed_objects(params), at)},
                         "required": ["name", key], "additionalProperties": False})
-    from dualpath.engine.grammar import JSON_WHITESPACE
 
     schema: dict[str, Any] = dict(options[0]) if len(options) == 1 else {"anyOf": options}
     schema["x-guidance"] = {"whitespace_pattern": JSON_WHITESPACE}  # (no endless whitespace: see there)

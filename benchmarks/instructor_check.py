@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _checks import Checks  # noqa: E402
 from _inprocess_server import inprocess_server  # noqa: E402
 
 
@@ -39,7 +39,6 @@ def main() -> int:
     class Users(BaseModel):
         users: list[User] = Field(max_length=3)
 
-    failed = 0
     with inprocess_server(Path(tempfile.mkdtemp(prefix="instructor_"))) as url:
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         ask = {"model": model, "max_tokens": 256, "temperature": 0,
@@ -50,15 +49,8 @@ def main() -> int:
             return instructor.from_openai(openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0),
                                           mode=mode)
 
-        def check(name: str, fn: Callable[[], Any], ok: Callable[[Any], bool]) -> None:
-            nonlocal failed
-            try:
-                out = fn()
-                good = ok(out)
-            except Exception as exc:  # a check that raises is a failed check, reported with its error
-                out, good = f"{type(exc).__name__}: {str(exc)[:300]}", False
-            failed += not good
-            print(f"{'ok  ' if good else 'FAIL'} {name}: {str(out)[:160]}", flush=True)
+        check = Checks()
+
 
         for mode in ("TOOLS", "TOOLS_STRICT", "JSON", "JSON_SCHEMA"):
             check(mode, lambda m=mode: client(getattr(instructor.Mode, m)).chat.completions.create(
@@ -75,8 +67,7 @@ def main() -> int:
         check("async", lambda: asyncio.run(aclient.chat.completions.create(response_model=User, max_retries=0,
                                                                            **ask)),
               lambda u: isinstance(u, User))
-    print("all checks passed" if not failed else f"{failed} check(s) failed")
-    return 1 if failed else 0
+    return check.exit_code()
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _checks import Checks  # noqa: E402
 from _inprocess_server import inprocess_server  # noqa: E402
 
 
@@ -39,7 +39,6 @@ def main() -> int:
         """Get the weather for a city."""
         return "sunny"
 
-    failed = 0
     with inprocess_server(Path(tempfile.mkdtemp(prefix="langchain_"))) as url:
         import httpx
 
@@ -49,15 +48,8 @@ def main() -> int:
             return ChatOpenAI(base_url=f"{url}/v1", api_key="unused", model=model, max_retries=0, timeout=300,
                               **{"temperature": 0, "max_tokens": 96, **kw})
 
-        def check(name: str, fn: Callable[[], Any], ok: Callable[[Any], bool]) -> None:
-            nonlocal failed
-            try:
-                out = fn()
-                good = ok(out)
-            except Exception as exc:  # a check that raises is a failed check, reported with its error
-                out, good = f"{type(exc).__name__}: {exc}", False
-            failed += not good
-            print(f"{'ok  ' if good else 'FAIL'} {name}: {str(out)[:160]}", flush=True)
+        check = Checks()
+
 
         check("invoke", lambda: llm().invoke([SystemMessage("Be brief."), HumanMessage("Say hello.")]),
               lambda r: bool(r.content) and r.usage_metadata["input_tokens"] > 0
@@ -88,8 +80,7 @@ def main() -> int:
         check("Responses API, named tool", lambda: llm(use_responses_api=True).bind_tools(
               [get_weather], tool_choice="get_weather").invoke("Weather in Paris?"),
               lambda r: len(r.tool_calls) == 1 and r.tool_calls[0]["name"] == "get_weather")
-    print("all checks passed" if not failed else f"{failed} check(s) failed")
-    return 1 if failed else 0
+    return check.exit_code()
 
 
 if __name__ == "__main__":

@@ -84,19 +84,43 @@ class _Checked(io.RawIOBase):
         super().close()
 
 
-class _ZstdFrames:
+class _Chunks:
+    """``read(n)`` over the byte chunks :meth:`_next` produces (``b""`` once there are no more)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0
+
+    def _next(self) -> bytes:
+        raise NotImplementedError
+
+    def read(self, n: int) -> bytes:
+        while self._pos >= len(self._buf):
+            self._buf, self._pos = self._next(), 0
+            if not self._buf:
+                return b""
+        out = self._buf[self._pos:self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def close(self) -> None:
+        self._buf, self._pos = b"", 0
+
+
+class _ZstdFrames(_Chunks):
     """The decompressed bytes of every zstd frame in ``raw``; a stream that ends inside a frame raises
     :class:`EOFError` (``zstandard``'s own stream reader returns what it has then, and a partial trace would pass
     for a whole one)."""
 
     def __init__(self, zstandard: Any, raw: IO[bytes]) -> None:
+        super().__init__()
         self._dctx = zstandard.ZstdDecompressor()
         self._raw = raw
         self._frame: Any = None
-        self._out = b""
 
-    def read(self, n: int) -> bytes:
-        while not self._out:
+    def _next(self) -> bytes:
+        out = b""
+        while not out:
             chunk = self._raw.read(1 << 16)
             if not chunk:
                 if self._frame is not None and not self._frame.eof:
@@ -105,19 +129,16 @@ class _ZstdFrames:
             while chunk:  # a frame may end inside the chunk: the next one starts with what is left
                 if self._frame is None or self._frame.eof:
                     self._frame = self._dctx.decompressobj()
-                self._out += self._frame.decompress(chunk)
+                out += self._frame.decompress(chunk)
                 chunk = self._frame.unused_data if self._frame.eof else b""
-        out, self._out = self._out[:n], self._out[n:]
         return out
 
-    def close(self) -> None:
-        self._out = b""
 
-
-class _ParquetText:
+class _ParquetText(_Chunks):
     """The rows of a Parquet file as CSV or JSON-lines bytes (see the module docstring), batch by batch."""
 
     def __init__(self, raw: IO[bytes], path: str) -> None:
+        super().__init__()
         try:
             import pyarrow.parquet as pq  # type: ignore[import-not-found, unused-ignore]
         except ImportError:
@@ -137,7 +158,7 @@ class _ParquetText:
         flat = not any(pa.types.is_nested(f.type) for f in schema)
         self._csv = flat and _pick(names, INPUT_COLUMNS) is not None and _pick(names, OUTPUT_COLUMNS) is not None
         self._batches = self._file.iter_batches(batch_size=4096)
-        self._out = self._csv_lines([names]) if self._csv else b""
+        self._header = self._csv_lines([names]) if self._csv else b""
 
     @staticmethod
     def _csv_lines(rows: list[list[Any]]) -> bytes:
@@ -147,24 +168,21 @@ class _ParquetText:
         csv.writer(buf, lineterminator="\n").writerows(["" if v is None else v for v in row] for row in rows)
         return buf.getvalue().encode()
 
-    def read(self, n: int) -> bytes:
+    def _next(self) -> bytes:
         import json
 
-        while not self._out:
-            batch = next(self._batches, None)
-            if batch is None:
-                return b""
+        if self._header:
+            out, self._header = self._header, b""
+            return out
+        for batch in self._batches:  # (an empty batch gives no bytes, which would read as the end: skipped)
+            if batch.num_rows == 0:
+                continue
             if self._csv:
                 cols = [c.to_pylist() for c in batch.columns]
-                self._out = self._csv_lines([list(r) for r in zip(*cols, strict=True)])
-            else:
-                self._out = "".join(json.dumps(row, default=str, ensure_ascii=False) + "\n"
-                                    for row in batch.to_pylist()).encode()
-        out, self._out = self._out[:n], self._out[n:]
-        return out
-
-    def close(self) -> None:
-        self._out = b""
+                return self._csv_lines([list(r) for r in zip(*cols, strict=True)])
+            return "".join(json.dumps(row, default=str, ensure_ascii=False) + "\n"
+                           for row in batch.to_pylist()).encode()
+        return b""
 
 
 def _zip_member(zf: zipfile.ZipFile, p: str) -> zipfile.ZipInfo:

@@ -44,11 +44,11 @@ def make_config(kind: str, **kw: Any) -> Any:
     common = {"pending_timeout_s": PENDING, **kw}
     if kind == "loopback":
         return LoopbackTransportConfig(**common)
-    if kind == "zmq":
-        return ZmqTransportConfig(**common)
+    if kind == "zmq":  # every payload as zmq frames (CURVE and ipc endpoints; the default's data socket: zmq-tcp)
+        return ZmqTransportConfig(data_socket="zmq", **common)
     if kind == "zmq-ipc":
         return ZmqTransportConfig(scheme="ipc", **common)
-    if kind == "zmq-tcp":  # the opt-in data socket, for every payload size (the threshold is 0)
+    if kind == "zmq-tcp":  # the data socket (the default over tcp), for every payload size (the threshold is 0)
         return ZmqTransportConfig(data_socket="tcp", data_socket_min_bytes=0, **common)
     if kind == "nixl":
         return NixlTransportConfig(**common)

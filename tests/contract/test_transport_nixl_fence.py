@@ -256,3 +256,68 @@ async def test_second_sender_takes_a_landing_granted_to_the_first(pair: tuple) -
             await a.write("rcv", _tag(1), src[SIZE:], 5.0)
     await b.wait(_tag(0), 5.0)
     assert torch.equal(dst[:SIZE], src[:SIZE]) and torch.equal(dst[SIZE:], src2)
+
+
+class _StuckAgent:
+    """The sender's NIXL agent with every posted WRITE reported in progress forever (a peer that stopped
+    progressing): what the per-layer fast path's deadline and ``close`` must end."""
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+
+    def transfer(self, handle: Any) -> str:
+        self._agent.transfer(handle)
+        return "PROC"
+
+    def check_xfer_state(self, handle: Any) -> str:
+        return "PROC"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._agent, name)
+
+
+async def _granted_stuck_sender(a: Any, b: Any, layers: int) -> torch.Tensor:
+    """Layer 0 written (the grant round trip, which also grants the other layers), then ``a``'s agent stuck."""
+    dst, region, src = _buffers(a, b, layers, 5)
+    for layer in range(layers):
+        b.expose(_tag(layer), region, layer * SIZE, SIZE)
+    await a.write("rcv", _tag(0), src[:SIZE], 5.0)
+    await _until(lambda: _tag(1) in a._peers["rcv"].grants, "the pushed grant of layer 1")
+    a._agent = _StuckAgent(a._agent)
+    for task in list(a._tasks):  # the progress loop holds the agent it started with: start it again
+        if "_progress" in repr(task.get_coro()):
+            task.cancel()
+    a._spawn(a._progress())
+    return src
+
+
+async def test_a_granted_write_that_never_completes_times_out_at_its_deadline(pair: tuple) -> None:  # type: ignore[type-arg]
+    a, b = pair
+    src = await _granted_stuck_sender(a, b, 2)
+    assert a.handshakes == 1
+    # the per-layer fast path (grant held, no checksum) has no cancel scope: the progress loop ends it
+    t0 = anyio.current_time()
+    with anyio.fail_after(5), pytest.raises(PeerTimeout, match="deadline"):
+        await a.write("rcv", _tag(1), src[SIZE:2 * SIZE], 0.3)
+    assert 0.25 <= anyio.current_time() - t0 < 3.0
+    assert not a._inflight  # nothing left polled; the handle was released
+
+
+async def test_close_ends_a_granted_write_that_never_completes(pair: tuple) -> None:  # type: ignore[type-arg]
+    from dualpath.errors import TransportClosed
+
+    a, b = pair
+    src = await _granted_stuck_sender(a, b, 2)
+    errors: list[BaseException] = []
+
+    async def writer() -> None:
+        try:
+            await a.write("rcv", _tag(1), src[SIZE:2 * SIZE], 30.0)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer)
+        await _until(lambda: bool(a._inflight), "the write posted")
+        await a.close()
+    assert len(errors) == 1 and isinstance(errors[0], TransportClosed), errors

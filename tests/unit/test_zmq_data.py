@@ -119,6 +119,45 @@ async def test_handshake_then_a_frame_lands_straight_in_the_slot(rcv: Any) -> No
         c.close()
 
 
+async def test_a_large_payload_trickling_in_lands_and_the_receive_mark_comes_back(rcv: Any) -> None:
+    """A large payload arriving in uneven pieces with pauses, the last ones smaller than the receive mark the
+    reader raised for it (SO_RCVLOWAT: a wake-up per min(rest, 256 KiB) buffered, not per segment): every piece
+    is read (the mark never exceeds what is still to come), the landing completes with the exact bytes, the mark
+    is back to 1 for the next header, and a small frame right after lands too."""
+    from dualpath.transports import zmq_data
+
+    n = 600 << 10
+    dst = torch.zeros(n + 64, dtype=torch.uint8)
+    region = rcv.register(dst)
+    rcv.expose("big", region, 0, n)
+    rcv.expose("small", region, n, 64)
+    payload = bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)))
+    c = RawClient(*(await offer(rcv.address)))
+    try:
+        assert await call(c.accepted)
+        await call(c.sock.sendall, encode(Header(Kind.DATA, 1, "big", n)) + payload[:300 << 10])
+        await anyio.sleep(0.05)
+        incoming = next(iter(rcv._data_server.conns))
+        if n > zmq_data._LOWAT_MIN:  # Linux >= 5.8: the mark is raised while the rest is large
+            assert 1 < incoming.lowat <= n - (300 << 10)
+        sent = 300 << 10
+        for piece in (200 << 10, 90 << 10, 10 << 10):  # the last pieces below any mark set before them
+            await call(c.sock.sendall, payload[sent:sent + piece])
+            sent += piece
+            await anyio.sleep(0.05)
+        ack = await call(c.ack)
+        assert (ack.seq, ack.status) == (1, Status.OK)
+        await rcv.wait("big", 5.0)
+        assert bytes(dst[:n].numpy()) == payload
+        assert incoming.lowat == 1
+        await call(c.frame, 2, "small", 64, b"\x07" * 64)
+        assert (await call(c.ack)).status is Status.OK
+        await rcv.wait("small", 5.0)
+        assert torch.equal(dst[n:], torch.full((64,), 7, dtype=torch.uint8))
+    finally:
+        c.close()
+
+
 async def test_a_wrong_secret_is_refused_and_nothing_lands(rcv: Any) -> None:
     dst = torch.zeros(64, dtype=torch.uint8)
     rcv.expose("t", rcv.register(dst), 0, 64)
@@ -275,7 +314,7 @@ async def test_small_writes_and_a_receiver_without_data_socket_stay_on_zmq() -> 
     big = torch.randint(0, 256, (1 << 18,), dtype=torch.uint8)
     cfg = ZmqTransportConfig(data_socket="tcp", data_socket_min_bytes=1 << 17)
     async with ZmqTransport("snd", cfg) as snd, ZmqTransport("rcv", cfg) as b, \
-            create_transport(ZmqTransportConfig(), "plain") as plain:
+            create_transport(ZmqTransportConfig(data_socket="zmq"), "plain") as plain:
         assert isinstance(snd, ZmqTransport) and isinstance(b, ZmqTransport)
         await snd.connect("rcv", b.address)
         await snd.connect("plain", plain.address)
@@ -338,14 +377,52 @@ async def test_a_timed_out_write_resets_the_data_connection_and_the_next_write_r
 
 
 @pytest.mark.slow
-async def test_bench_zmq_tcp_backend_uses_the_data_socket() -> None:
-    """``dualpath bench transport --backends zmq-tcp`` measures the data socket (its writes go over it) against
-    raw PUSH/PULL in the same run."""
+async def test_bench_zmq_backend_measures_the_default_config_with_its_data_socket() -> None:
+    """``dualpath bench transport --backends zmq`` measures the default config, whose large writes go over the
+    data socket, against raw PUSH/PULL in the same run."""
     from dualpath.commands.bench_transport import MiB, bench_socket_backend
 
-    runs = await bench_socket_backend("zmq-tcp", [1 * MiB], 1, 8)
-    assert len(runs) == 1 and runs[0]["backend"] == "zmq-tcp"
+    runs = await bench_socket_backend("zmq", [1 * MiB], 1, 8)
+    assert len(runs) == 1 and runs[0]["backend"] == "zmq"
     assert runs[0]["data_socket_writes"] >= 8 and runs[0]["ratio"] > 0 and runs[0]["raw_gib_s"] > 0
+
+
+def test_the_data_socket_is_the_default_over_plain_tcp_only() -> None:
+    """``data_socket: auto`` (the default) takes the data socket over tcp; ipc endpoints and CURVE ones (the data
+    socket is not encrypted) keep every payload in zmq frames; an explicit choice is kept."""
+    pub, sec = zmq.curve_keypair()
+    assert ZmqTransportConfig().data_socket == "auto" and ZmqTransportConfig().uses_data_socket
+    assert not ZmqTransportConfig(scheme="ipc").uses_data_socket
+    assert not ZmqTransportConfig(curve_public_key=pub.decode(), curve_secret_key=sec.decode()).uses_data_socket
+    assert not ZmqTransportConfig(data_socket="zmq").uses_data_socket
+    assert ZmqTransportConfig(data_socket="tcp", scheme="ipc").uses_data_socket
+    with pytest.raises(ValueError, match="CURVE"):
+        ZmqTransportConfig(data_socket="tcp", curve_public_key=pub.decode(), curve_secret_key=sec.decode())
+
+
+async def test_a_default_endpoint_pair_moves_large_writes_over_the_data_socket() -> None:
+    """Two endpoints with the default config: a write of at least ``data_socket_min_bytes`` travels over the data
+    socket once it is up, a small one over zmq, and both land intact."""
+    cfg = ZmqTransportConfig(pending_timeout_s=5.0)
+    async with ZmqTransport("snd", cfg) as snd, ZmqTransport("rcv", cfg) as rcv:
+        assert isinstance(snd, ZmqTransport) and isinstance(rcv, ZmqTransport)
+        big, small = cfg.data_socket_min_bytes, 64
+        dst = torch.zeros(big + small, dtype=torch.uint8)
+        region = rcv.register(dst)
+        src = torch.randint(0, 256, (big + small,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+        snd.register(src)
+        await snd.connect("rcv", rcv.address)
+        with anyio.fail_after(10):
+            while not snd.data_socket_ready("rcv"):
+                await anyio.sleep(0.01)
+        rcv.expose("big", region, 0, big)
+        rcv.expose("small", region, big, small)
+        await snd.write("rcv", "big", src[:big], 5.0)
+        await snd.write("rcv", "small", src[big:], 5.0)
+        await rcv.wait("big", 5.0)
+        await rcv.wait("small", 5.0)
+        assert torch.equal(dst, src)
+        assert snd.data_socket_stats["writes"] == 1
 
 
 async def test_a_refused_data_connection_asks_for_a_fresh_offer(rcv: Any) -> None:

@@ -2,9 +2,10 @@
 
 Per backend and message size (64 KiB, 1 MiB, 4 MiB, 16 MiB), interleaved and repeated (medians):
 
-* ``zmq`` across two processes vs raw pyzmq PUSH/PULL with zero-copy frames between two processes;
-  ``zmq-tcp`` the same with the opt-in data socket (``ZmqTransportConfig.data_socket: tcp``: payloads of at least
-  ``data_socket_min_bytes`` over one plain TCP connection, received straight into the landing slot);
+* ``zmq`` (the default config) across two processes vs raw pyzmq PUSH/PULL with zero-copy frames between two
+  processes: over tcp its default ``data_socket: auto`` sends payloads of at least ``data_socket_min_bytes`` over
+  one plain TCP connection, received straight into the landing slot; ``zmq-frames`` the same with every payload
+  as zmq frames (``data_socket: zmq``, what CURVE and ipc endpoints use); ``zmq-tcp`` forces the data socket;
 * ``nixl`` across two processes vs raw NIXL WRITEs (agent to agent, a window of posted transfers, notification
   per message) between two processes;
 * ``loopback`` in one process vs a plain ``copy_`` of the same bytes, in alternating blocks (the ratio is the
@@ -43,7 +44,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from dualpath.transports.child import JsonLineChild
 
@@ -55,9 +56,10 @@ SIZES = [64 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_out", help="write results as JSON here")
     parser.add_argument("--quick", action="store_true", help="fewer bytes and repeats (< 30 s)")
-    parser.add_argument("--backends", default="loopback,zmq,nixl",
-                        help="comma-separated: loopback, zmq, zmq-tcp (zmq with its data socket), nixl "
-                             "(default loopback,zmq,nixl)")
+    parser.add_argument("--backends", default="loopback,zmq,zmq-frames,nixl",
+                        help="comma-separated: loopback, zmq (the default config: its data socket over tcp), "
+                             "zmq-frames (every payload as zmq frames), zmq-tcp (the data socket forced), nixl "
+                             "(default loopback,zmq,zmq-frames,nixl)")
     parser.add_argument("--repeats", type=int, default=None, help="passes per point (default 5, quick 2)")
     parser.add_argument("--mib-per-point", type=int, default=None, help="MiB per pass (default 256, quick 96)")
     parser.add_argument("--no-links", action="store_true", help="skip the emulated link cases")
@@ -309,6 +311,10 @@ def _nixl_threads(cfg: Any) -> dict[str, Any]:
             "nixl_notif_poll_s": cfg.notif_poll_s if cfg.notif_thread else None}
 
 
+# the zmq variants by their data_socket setting: the default (auto: the data socket over tcp), frames only, forced
+_ZMQ_KINDS: dict[str, Literal["auto", "zmq", "tcp"]] = {"zmq": "auto", "zmq-frames": "zmq", "zmq-tcp": "tcp"}
+
+
 def _counts(size: int, mib: int) -> int:
     return max(8, (mib * MiB) // size)
 
@@ -319,9 +325,8 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
     from dualpath.transports import create_transport
     from dualpath.transports.config import NixlTransportConfig, ZmqTransportConfig
 
-    zmq_like = kind in ("zmq", "zmq-tcp")
-    cfg = ZmqTransportConfig(data_socket="tcp") if kind == "zmq-tcp" else \
-        ZmqTransportConfig() if kind == "zmq" else NixlTransportConfig()
+    zmq_like = kind in _ZMQ_KINDS
+    cfg = ZmqTransportConfig(data_socket=_ZMQ_KINDS[kind]) if zmq_like else NixlTransportConfig()
     buf = 4 * max(sizes)
     peer = Child(["-m", "dualpath.transports.peer", "peer", cfg.model_dump_json(), str(buf)])
     if zmq_like:
@@ -334,7 +339,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
         async with create_transport(cfg, "bench") as t:
             t.register(src)
             await t.connect("peer", peer.first["address"])
-            if kind == "zmq-tcp":  # large writes go over the data socket once it is up (a few ms)
+            if zmq_like and cfg.uses_data_socket:  # type: ignore[union-attr]  # large writes take it once up
                 import anyio
 
                 with anyio.fail_after(30):
@@ -403,7 +408,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 co, cr = statistics.median(cpu_ours), statistics.median(cpu_raw)
                 extra: dict[str, Any] = {"cpu_s_per_gib": round(co / gib, 4), "raw_cpu_s_per_gib": round(cr / gib, 4),
                                          "cpu_ratio": round(cr / co, 3) if co > 0 else None}
-                if kind == "zmq-tcp":  # writes that took the data socket so far (all of ours at these sizes)
+                if zmq_like and cfg.uses_data_socket:  # type: ignore[union-attr]  # writes that took the data socket
                     extra["data_socket_writes"] = t.data_socket_stats["writes"]  # type: ignore[attr-defined]
                 if landed:  # reference: raw PUSH/PULL whose receiver also copies each frame into a landing slot
                     lg = statistics.median(landed)
@@ -641,7 +646,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{kind}:", flush=True)
             if kind == "loopback":
                 runs.extend(await bench_loopback(sizes, repeats, mib))
-            elif kind in ("zmq", "zmq-tcp", "nixl"):
+            elif kind in _ZMQ_KINDS or kind == "nixl":
                 if kind == "nixl":
                     try:
                         import nixl_cu12  # type: ignore[import-not-found]  # noqa: F401
@@ -653,13 +658,13 @@ def run(args: argparse.Namespace) -> int:
             else:
                 from dualpath.errors import ConfigError
 
-                raise ConfigError(f"--backends: unknown backend {kind!r} (loopback, zmq, zmq-tcp, nixl)")
+                raise ConfigError(f"--backends: unknown backend {kind!r} (loopback, zmq, zmq-frames, zmq-tcp, nixl)")
         if not args.no_links:
             print("links:", flush=True)
             runs.extend(await bench_links(quick))
 
     anyio.run(main)
-    targets = {"zmq": 0.85, "zmq-tcp": 0.85, "nixl": 0.85, "loopback": 0.80}
+    targets = {"zmq": 0.85, "zmq-frames": 0.85, "zmq-tcp": 0.85, "nixl": 0.85, "loopback": 0.80}
     checks = {}
     for kind, target in targets.items():
         rs = [r["ratio"] for r in runs if r["backend"] == kind and (kind == "loopback" or r["size_bytes"] >= MiB)]

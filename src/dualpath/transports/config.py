@@ -54,12 +54,13 @@ class ZmqTransportConfig(_Common):
         "threshold 256 MiB; process-wide, once) instead of returning them to the kernel after each message, so "
         "libzmq's buffer for the next message is not page-faulted in again",
     )
-    data_socket: Literal["zmq", "tcp"] = Field(
-        default="zmq",
-        description="zmq: every payload travels over zmq. tcp (opt-in): payloads of at least data_socket_min_bytes "
-        "travel over one plain TCP connection per sender and receiver (bound to host), received straight into the "
-        "landing slot; zmq keeps small writes and the handshake, which hands out a random per-endpoint secret each "
-        "data connection must present. Not encrypted: refused together with CURVE",
+    data_socket: Literal["auto", "zmq", "tcp"] = Field(
+        default="auto",
+        description="tcp: payloads of at least data_socket_min_bytes travel over one plain TCP connection per sender "
+        "and receiver (bound to host), received straight into the landing slot; zmq keeps small writes and the "
+        "handshake, which hands out a random per-endpoint secret each data connection must present. Not encrypted: "
+        "refused together with CURVE. zmq: every payload travels over zmq. auto (default): tcp when scheme is tcp and "
+        "no CURVE key is set, else zmq (faster and lighter on CPU per byte: dualpath bench transport, issue 16)",
     )
     data_socket_min_bytes: int = Field(
         default=64 << 10, ge=0, description="with data_socket: tcp, payloads of at least this many bytes use it"
@@ -67,6 +68,13 @@ class ZmqTransportConfig(_Common):
     data_socket_connect_timeout_s: float = Field(
         default=5.0, gt=0, description="deadline of a data connection's TCP connect and handshake (both sides)"
     )
+
+    @property
+    def uses_data_socket(self) -> bool:
+        """Whether large payloads take the data socket: ``tcp``, or ``auto`` over tcp without CURVE."""
+        if self.data_socket == "auto":
+            return self.scheme == "tcp" and self.curve_secret_key is None and self.curve_public_key is None
+        return self.data_socket == "tcp"
 
     @model_validator(mode="after")
     def _data_socket_not_with_curve(self) -> ZmqTransportConfig:

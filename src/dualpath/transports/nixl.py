@@ -61,7 +61,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from dualpath.errors import PeerTimeout, TransportError
+from dualpath.errors import PeerTimeout, TransportClosed, TransportError
 from dualpath.transports.base import Region, Transport
 from dualpath.transports.config import NixlTransportConfig
 from dualpath.transports.landing import Rejected, Slot
@@ -123,6 +123,7 @@ _SCAN_S = 0.05  # how often outstanding grants are checked for landings withdraw
 _PUMP_IDLE_AFTER_S = 0.02  # the pump naps notif_idle_poll_s once this long without a notification
 _PUMP_PARK_S = 1.0  # a parked notification pump re-checks its stop flag this often
 _PUMP_JOIN_S = 2.0  # close() waits this long for the notification pump to end
+_EXPIRED = "EXPIRED"  # the state _progress gives a posted WRITE still in progress at its deadline
 
 
 def _group(tag: str) -> str:
@@ -275,7 +276,8 @@ class NixlTransport(Transport):
         self._held: dict[str, int] = {}  # tags with requests held until exposed (how many)
         self._push: dict[bytes, list[bytes]] = {}  # grants pushed on expose, flushed once per loop pass
         self.handshakes = 0  # REQ round trips this endpoint made as a sender (one per request group)
-        self._inflight: dict[int, tuple[Any, asyncio.Future[str]]] = {}
+        # posted WRITEs polled by _progress: (handle, future of its final state, deadline in loop time)
+        self._inflight: dict[int, tuple[Any, asyncio.Future[str], float]] = {}
         self._xids = itertools.count(1)
         self._work: asyncio.Event | None = None
         self._local_dl: _DlistCache | None = None
@@ -340,7 +342,7 @@ class NixlTransport(Transport):
         for peer in self._peers.values():
             peer.close(f"{self.name}: transport closed")
         self._peers.clear()
-        for handle, fut in self._inflight.values():
+        for handle, fut, _ in self._inflight.values():
             _release(handle)
             if not fut.done():
                 fut.set_result("ERR transport closed")
@@ -396,17 +398,19 @@ class NixlTransport(Transport):
                 last = scanned = loop.time()
                 continue
             moved = False
-            for xid, (handle, fut) in list(self._inflight.items()):
+            now = loop.time()
+            for xid, (handle, fut, deadline) in list(self._inflight.items()):
                 try:
                     state = agent.check_xfer_state(handle)
                 except Exception as exc:  # pragma: no cover - NIXL error path
                     state = f"ERR {exc}"
+                if state == "PROC" and now >= deadline:
+                    state = _EXPIRED  # the writer raises PeerTimeout and releases the handle (NIXL aborts it)
                 if state != "PROC":
                     moved = True
                     del self._inflight[xid]
                     if not fut.done():
                         fut.set_result(state)
-            now = loop.time()
             if self._granted:
                 if self._pump is None:
                     try:
@@ -820,8 +824,16 @@ class NixlTransport(Transport):
             del p.grants[tag]
             handle, state, key, seq = self._post(p, peer, tag, data, nbytes, r, None)
             if state == "PROC":
-                await self._guarded(f"write of {tag!r} to {peer!r}", timeout,
-                                    lambda: self._finish(p, peer, tag, handle, state, key, seq, None))
+                # no cancel scope per write: _progress enforces the deadline while it polls the WRITE, and
+                # close() ends it (each layer's write of a request takes this path)
+                deadline = asyncio.get_running_loop().time() + timeout
+                try:
+                    await self._finish(p, peer, tag, handle, state, key, seq, None, deadline)
+                except TransportError:
+                    if self._closed:
+                        raise TransportClosed(f"{self.name}: transport closed during the write of {tag!r} "
+                                              f"to {peer!r}") from None
+                    raise
             else:
                 try:
                     if state != "DONE":
@@ -927,9 +939,10 @@ class NixlTransport(Transport):
         return handle, state, key, seq
 
     async def _finish(self, p: _Peer, peer: str, tag: str, handle: Any, state: str, key: tuple[str, int], seq: int,
-                      ack: asyncio.Future[tuple[Status, Header]] | None) -> None:
-        """Until the posted WRITE completes (polled by :meth:`_progress`) and, with a checksum, its ACK; the
-        handle is released in every case (NIXL aborts a transfer still posted)."""
+                      ack: asyncio.Future[tuple[Status, Header]] | None, deadline: float = float("inf")) -> None:
+        """Until the posted WRITE completes (polled by :meth:`_progress`, which ends it at ``deadline``:
+        :class:`PeerTimeout`) and, with a checksum, its ACK; the handle is released in every case (NIXL aborts
+        a transfer still posted)."""
         done: asyncio.Future[str] | None = None
         xid = None
         try:
@@ -937,10 +950,12 @@ class NixlTransport(Transport):
                 done = asyncio.get_running_loop().create_future()
                 p.active[key] = done  # a revocation of this grant waits for it
                 xid = next(self._xids)
-                self._inflight[xid] = (handle, done)
+                self._inflight[xid] = (handle, done, deadline)
                 self._kick()
                 state = await done
                 xid = None
+            if state == _EXPIRED:
+                raise PeerTimeout(f"{self.name}: write of {tag!r} to {peer!r} not delivered by its deadline")
             if state != "DONE":
                 raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
             if ack is not None:
@@ -988,6 +1003,7 @@ class _Peer:
     async def _read(self) -> None:
         while True:
             frames = await self.sock.recv_multipart()  # one or more replies (the peer batches them)
+            woken: set[str] = set()
             for frame in frames:
                 try:
                     hdr = decode(frame)
@@ -995,25 +1011,29 @@ class _Peer:
                     log.warning("%s: bad reply from %s: %s", self.owner.name, self.name, exc)
                     continue
                 if hdr.kind is Kind.GRANT and hdr.seq == 0:  # pushed: a grant, or the revocation of one
-                    self._on_push(hdr)
+                    self._on_push(hdr, woken)
                     continue
                 # a GRANT answers its REQ's future, an ACK its write's (each by its own seq)
                 fut = self.pending.pop(hdr.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result((hdr.status, hdr))
+            for group in woken:
+                asking = self.asking.get(group)
+                if asking is not None and not asking.done():
+                    # writers waiting on the group's request look for their grant (once per message, however
+                    # many grants it pushed); the rest wait on for the request's answer
+                    self.asking[group] = asyncio.get_running_loop().create_future()
+                    asking.set_result(None)
 
-    def _on_push(self, hdr: Header) -> None:
+    def _on_push(self, hdr: Header, woken: set[str]) -> None:
+        """A pushed grant (its group's waiting writers are woken by the caller, once per message) or a
+        revocation."""
         if hdr.status is Status.OK:
             try:
                 self.grants[hdr.tag] = _parse_grant(hdr)
             except (ValueError, TransportError) as exc:
                 log.warning("%s: bad pushed grant from %s: %s", self.owner.name, self.name, exc)
-            group = _group(hdr.tag)
-            asking = self.asking.get(group)
-            if asking is not None and not asking.done():
-                # writers waiting on the group's request look for their grant; the rest wait on for its answer
-                self.asking[group] = asyncio.get_running_loop().create_future()
-                asking.set_result(None)
+            woken.add(_group(hdr.tag))
             return
         # revoked: no write of (tag, epoch) starts from now on; acknowledge once the one posted (if any) is done
         key = (hdr.tag, hdr.arg)

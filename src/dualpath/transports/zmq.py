@@ -21,7 +21,8 @@ hands writes (and connects, resets, late acks) to the thread in order through a 
 on an ``inproc`` PAIR per wake-up; the payload is sent zero-copy from the source tensor. (The previous design
 drove the sockets from asyncio, ``zmq.asyncio``: its wake-ups cost more than the bytes.)
 
-**Data socket** (opt-in, ``data_socket: tcp``; :mod:`dualpath.transports.zmq_data`): payloads of at least
+**Data socket** (``data_socket: auto``, the default, over tcp without CURVE; ``tcp`` forces it, ``zmq`` turns it
+off; :mod:`dualpath.transports.zmq_data`): payloads of at least
 ``data_socket_min_bytes`` go over one plain TCP connection per peer instead, driven by the event loop and
 received by the kernel straight into the landing slot; zmq keeps small writes, the handshake (a ``HELLO`` that
 hands out the receiver's data port and a random per-endpoint secret) and every write made while no data
@@ -147,7 +148,7 @@ class ZmqTransport(Transport):
         self._curve = cfg.curve_secret_key is not None or cfg.curve_public_key is not None
         if self._curve and not (cfg.curve_secret_key and cfg.curve_public_key):
             raise ConfigError("transport.curve_secret_key and transport.curve_public_key must be set together")
-        self._data_tcp = cfg.data_socket == "tcp"
+        self._data_tcp = cfg.uses_data_socket
         if self._data_tcp and self._curve:
             raise ConfigError(DATA_SOCKET_WITH_CURVE)
         self._data_server: DataServer | None = None  # receiving side of the data socket (data_socket: tcp)

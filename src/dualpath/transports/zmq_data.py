@@ -1,4 +1,5 @@
-"""The zmq transport's opt-in data socket (``ZmqTransportConfig.data_socket: tcp``): payloads of at least
+"""The zmq transport's data socket (``ZmqTransportConfig.data_socket``: ``auto``, the default, uses it for tcp
+endpoints without CURVE; ``tcp`` forces it): payloads of at least
 ``data_socket_min_bytes`` travel over one plain TCP connection per sender -> receiver pair and are received by
 the kernel straight into the claimed landing slot (``recv_into`` on a memoryview of the slot, bounded by it), with
 no library buffer in between. zmq keeps everything else: small writes, the handshake, and every write made while
@@ -57,6 +58,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -91,6 +93,25 @@ _LEN = struct.Struct("<I")
 _PRE = struct.Struct("<4s32sH")  # magic, secret, name length; then the sender's name
 _DRAIN_CHUNK = 1 << 20
 _BUDGET = 16 << 20  # payload bytes one readiness callback reads before it yields the event loop
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    if sys.platform != "linux":
+        return False
+    try:
+        got = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return got >= (major, minor)
+
+
+# While the rest of a payload is at least _LOWAT_MIN bytes, the connection's SO_RCVLOWAT asks the kernel to report
+# it readable once min(rest, _LOWAT_MAX) bytes are buffered, not on every segment: fewer wake-ups and larger reads
+# (1 MiB payloads +30 %, 64 KiB +11 %, 16 MiB +12 % on a 2-core box, interleaved A/B). Linux >= 5.8 only: there the
+# kernel grows the receive buffer to fit the mark and reports a socket under memory pressure readable anyway, so a
+# mark can never stall a sender whose bytes do not fit (elsewhere the mark stays 1: a wake-up per segment).
+_LOWAT_MIN = 16 << 10 if _kernel_at_least(5, 8) else 1 << 62
+_LOWAT_MAX = 256 << 10
 _INLINE_BYTES = 4 << 20  # checked landings up to this size copy on the event loop; larger in a thread
 
 
@@ -223,6 +244,7 @@ class _Incoming:
         self.scratch = memoryview(bytearray(_DRAIN_CHUNK))
         self.closed = False
         self.batch: list[bytes] | None = None  # acknowledgements of one readiness callback, sent together
+        self.lowat = 1  # the connection's SO_RCVLOWAT (raised while a large payload is read: fewer wake-ups)
 
     def start(self) -> None:
         self.loop.add_reader(self.conn, self.readable)
@@ -322,8 +344,15 @@ class _Incoming:
                 budget -= k
                 if self.left == 0:
                     self._complete()
+                    if self.lowat != 1:
+                        self._set_lowat(1)
                 elif k < want:
-                    return  # short read: drained for now (level-triggered, so the reader fires again)
+                    # short read: drained for now (level-triggered, so the reader fires again); a large rest
+                    # wakes us once _LOWAT_MAX of it (or all of it) is buffered, not on every segment
+                    low = min(self.left, _LOWAT_MAX) if self.left >= _LOWAT_MIN else 1
+                    if low != self.lowat:
+                        self._set_lowat(low)
+                    return
         except BlockingIOError:
             return
         except (WireError, OSError) as exc:
@@ -331,6 +360,11 @@ class _Incoming:
         except Exception as exc:  # a bug: say so and drop the connection (its writes fail there), never spin
             log.error("%s: data connection from %r failed: %r", self.owner.name, self.peer, exc)
             self.reset(repr(exc), torn=True)
+
+    def _set_lowat(self, n: int) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            self.lowat = n
 
     def _refuse_late(self, hdr: Header | None) -> None:
         if hdr is None:

@@ -120,10 +120,11 @@ async def test_handshake_then_a_frame_lands_straight_in_the_slot(rcv: Any) -> No
 
 
 async def test_a_large_payload_trickling_in_lands_and_the_receive_mark_comes_back(rcv: Any) -> None:
-    """A large payload arriving in uneven pieces with pauses, the last ones smaller than the receive mark the
-    reader raised for it (SO_RCVLOWAT: a wake-up per min(rest, 256 KiB) buffered, not per segment): every piece
-    is read (the mark never exceeds what is still to come), the landing completes with the exact bytes, the mark
-    is back to 1 for the next header, and a small frame right after lands too."""
+    """A large payload arriving in uneven pieces with pauses. While its rest is large the reader raises the
+    connection's receive mark (SO_RCVLOWAT: a wake-up per min(rest, 256 KiB) buffered, not per segment), never above
+    what is still to come; a pause longer than the mark's wait lowers it again, so the bytes already sent land
+    while the sender waits (it could be waiting for anything of ours); the landing completes with the exact bytes,
+    the mark is back to 1 for the next header, and a small frame right after lands too."""
     from dualpath.transports import zmq_data
 
     n = 600 << 10
@@ -131,15 +132,22 @@ async def test_a_large_payload_trickling_in_lands_and_the_receive_mark_comes_bac
     region = rcv.register(dst)
     rcv.expose("big", region, 0, n)
     rcv.expose("small", region, n, 64)
-    payload = bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)))
+    payload = bytes(torch.randint(1, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)))
+    marks: list[tuple[int, int]] = []  # (mark set, payload bytes still to come then)
+    real_set = zmq_data._Incoming._set_lowat
+
+    def recording(inc: Any, value: int) -> None:
+        marks.append((value, inc.left))
+        real_set(inc, value)
+
     c = RawClient(*(await offer(rcv.address)))
     try:
+        zmq_data._Incoming._set_lowat = recording  # type: ignore[method-assign]
         assert await call(c.accepted)
         await call(c.sock.sendall, encode(Header(Kind.DATA, 1, "big", n)) + payload[:300 << 10])
-        await anyio.sleep(0.05)
-        incoming = next(iter(rcv._data_server.conns))
-        if n > zmq_data._LOWAT_MIN:  # Linux >= 5.8: the mark is raised while the rest is large
-            assert 1 < incoming.lowat <= n - (300 << 10)
+        with anyio.fail_after(5):  # the sender pauses: what it sent lands all the same
+            while torch.count_nonzero(dst[:300 << 10]) < 300 << 10:
+                await anyio.sleep(0.01)
         sent = 300 << 10
         for piece in (200 << 10, 90 << 10, 10 << 10):  # the last pieces below any mark set before them
             await call(c.sock.sendall, payload[sent:sent + piece])
@@ -149,12 +157,17 @@ async def test_a_large_payload_trickling_in_lands_and_the_receive_mark_comes_bac
         assert (ack.seq, ack.status) == (1, Status.OK)
         await rcv.wait("big", 5.0)
         assert bytes(dst[:n].numpy()) == payload
-        assert incoming.lowat == 1
+        incoming = next(iter(rcv._data_server.conns))
+        assert incoming.lowat == 1 and incoming.nudge is None
+        assert all(mark <= max(left, 1) for mark, left in marks)  # never above what is still to come
+        if n > zmq_data._LOWAT_MIN:  # Linux >= 5.8: raised while the rest was large
+            assert any(mark > 1 for mark, _ in marks)
         await call(c.frame, 2, "small", 64, b"\x07" * 64)
         assert (await call(c.ack)).status is Status.OK
         await rcv.wait("small", 5.0)
         assert torch.equal(dst[n:], torch.full((64,), 7, dtype=torch.uint8))
     finally:
+        zmq_data._Incoming._set_lowat = real_set  # type: ignore[method-assign]
         c.close()
 
 

@@ -107,11 +107,15 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 
 # While the rest of a payload is at least _LOWAT_MIN bytes, the connection's SO_RCVLOWAT asks the kernel to report
 # it readable once min(rest, _LOWAT_MAX) bytes are buffered, not on every segment: fewer wake-ups and larger reads
-# (1 MiB payloads +30 %, 64 KiB +11 %, 16 MiB +12 % on a 2-core box, interleaved A/B). Linux >= 5.8 only: there the
-# kernel grows the receive buffer to fit the mark and reports a socket under memory pressure readable anyway, so a
-# mark can never stall a sender whose bytes do not fit (elsewhere the mark stays 1: a wake-up per segment).
-_LOWAT_MIN = 16 << 10 if _kernel_at_least(5, 8) else 1 << 62
+# (interleaved A/B on a 2-core box, default config: 1 MiB payloads +7-25 %, 4 MiB +15-20 %, 16 MiB +20-45 %; an A/A
+# run of the same harness moved those sizes by <= 3 %). Linux >= 5.8 only: there the kernel grows the receive
+# buffer to fit the mark and reports a socket under memory pressure readable anyway, so a mark never stalls a sender
+# whose bytes do not fit (elsewhere the mark stays 1: a wake-up per segment). A mark no read followed within
+# _LOWAT_WAIT_S goes back to 1 (setting it wakes the reader if bytes are buffered), so a sender that pauses
+# mid-payload, waiting for anything of ours, cannot stall the reader either.
+_LOWAT_MIN = 256 << 10 if _kernel_at_least(5, 8) else 1 << 62
 _LOWAT_MAX = 256 << 10
+_LOWAT_WAIT_S = 0.002
 _INLINE_BYTES = 4 << 20  # checked landings up to this size copy on the event loop; larger in a thread
 
 
@@ -245,6 +249,7 @@ class _Incoming:
         self.closed = False
         self.batch: list[bytes] | None = None  # acknowledgements of one readiness callback, sent together
         self.lowat = 1  # the connection's SO_RCVLOWAT (raised while a large payload is read: fewer wake-ups)
+        self.nudge: asyncio.TimerHandle | None = None  # lowers a raised mark no read followed within _LOWAT_WAIT_S
 
     def start(self) -> None:
         self.loop.add_reader(self.conn, self.readable)
@@ -263,6 +268,9 @@ class _Incoming:
         if self.closed:
             return
         self.closed = True
+        if self.nudge is not None:
+            self.nudge.cancel()
+            self.nudge = None
         self.writer.stop()
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self.conn)
@@ -282,6 +290,9 @@ class _Incoming:
     def readable(self) -> None:
         """Read what the kernel has (bounded per call, so the loop stays responsive); the acknowledgements of
         what landed go back in one send (each send on loopback costs about as much as a wake-up)."""
+        if self.nudge is not None:
+            self.nudge.cancel()
+            self.nudge = None
         self.batch = []
         try:
             self._read()
@@ -352,6 +363,8 @@ class _Incoming:
                     low = min(self.left, _LOWAT_MAX) if self.left >= _LOWAT_MIN else 1
                     if low != self.lowat:
                         self._set_lowat(low)
+                    if low > 1:  # a sender that pauses mid-payload still sees its bytes land within ~2 ms
+                        self.nudge = self.loop.call_later(_LOWAT_WAIT_S, self._lower_mark)
                     return
         except BlockingIOError:
             return
@@ -360,6 +373,13 @@ class _Incoming:
         except Exception as exc:  # a bug: say so and drop the connection (its writes fail there), never spin
             log.error("%s: data connection from %r failed: %r", self.owner.name, self.peer, exc)
             self.reset(repr(exc), torn=True)
+
+    def _lower_mark(self) -> None:
+        """No read since the mark went up: back to 1 (the kernel then reports the socket readable if anything is
+        buffered), so bytes already here land even if the rest of the payload is slow to come."""
+        self.nudge = None
+        if not self.closed and self.lowat != 1:
+            self._set_lowat(1)
 
     def _set_lowat(self, n: int) -> None:
         with contextlib.suppress(OSError):

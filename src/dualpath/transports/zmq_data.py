@@ -105,16 +105,17 @@ def _kernel_at_least(major: int, minor: int) -> bool:
     return got >= (major, minor)
 
 
-# While the rest of a payload is at least _LOWAT_MIN bytes, the connection's SO_RCVLOWAT asks the kernel to report
-# it readable once min(rest, _LOWAT_MAX) bytes are buffered, not on every segment: fewer wake-ups and larger reads
-# (interleaved A/B on a 2-core box, default config: 1 MiB payloads +7-25 %, 4 MiB +15-20 %, 16 MiB +20-45 %; an A/A
-# run of the same harness moved those sizes by <= 3 %). Linux >= 5.8 only: there the kernel grows the receive
+# While at least _LOWAT_MIN bytes of a payload are still to come, the connection's SO_RCVLOWAT asks the kernel to
+# report it readable once min(rest, _LOWAT_MAX) bytes are buffered, not on every segment: fewer wake-ups and larger
+# reads (interleaved A/B on a 2-core box, default config, against no mark: 1 MiB payloads +7-25 %, 4 MiB +15-20 %,
+# 16 MiB +20-45 % with a fixed 256 KiB mark; this rest-sized mark up to 512 KiB then gave 1 MiB another +11-19 % and
+# left 4 and 16 MiB unchanged; an A/A run of the same harness moved those sizes by <= 3 %). Linux >= 5.8 only: there the kernel grows the receive
 # buffer to fit the mark and reports a socket under memory pressure readable anyway, so a mark never stalls a sender
-# whose bytes do not fit (elsewhere the mark stays 1: a wake-up per segment). A mark no read followed within
-# _LOWAT_WAIT_S goes back to 1 (setting it wakes the reader if bytes are buffered), so a sender that pauses
-# mid-payload, waiting for anything of ours, cannot stall the reader either.
-_LOWAT_MIN = 256 << 10 if _kernel_at_least(5, 8) else 1 << 62
-_LOWAT_MAX = 256 << 10
+# whose bytes do not fit (elsewhere _LOWAT_MAX is 0: the mark stays 1, a wake-up per segment). A raised mark that no read
+# follows within _LOWAT_WAIT_S goes back to 1 (setting it wakes the reader if bytes are buffered), so a sender that
+# pauses mid-payload, waiting for anything of ours, cannot stall the reader either.
+_LOWAT_MAX = 512 << 10 if _kernel_at_least(5, 8) else 0
+_LOWAT_MIN = 64 << 10
 _LOWAT_WAIT_S = 0.002
 _INLINE_BYTES = 4 << 20  # checked landings up to this size copy on the event loop; larger in a thread
 
@@ -297,6 +298,8 @@ class _Incoming:
         try:
             self._read()
         finally:
+            if self.lowat != 1 and not self.closed:  # whatever ended this read, bytes below the mark land in ~2 ms
+                self.nudge = self.loop.call_later(_LOWAT_WAIT_S, self._lower_mark)
             batch, self.batch = self.batch, None
             if batch and not self.closed:
                 self.writer.send(b"".join(batch))
@@ -359,12 +362,10 @@ class _Incoming:
                         self._set_lowat(1)
                 elif k < want:
                     # short read: drained for now (level-triggered, so the reader fires again); a large rest
-                    # wakes us once _LOWAT_MAX of it (or all of it) is buffered, not on every segment
-                    low = min(self.left, _LOWAT_MAX) if self.left >= _LOWAT_MIN else 1
+                    # wakes us once min(rest, _LOWAT_MAX) is buffered, not on every segment
+                    low = min(self.left, _LOWAT_MAX) if _LOWAT_MAX and self.left >= _LOWAT_MIN else 1
                     if low != self.lowat:
                         self._set_lowat(low)
-                    if low > 1:  # a sender that pauses mid-payload still sees its bytes land within ~2 ms
-                        self.nudge = self.loop.call_later(_LOWAT_WAIT_S, self._lower_mark)
                     return
         except BlockingIOError:
             return

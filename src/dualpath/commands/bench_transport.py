@@ -327,6 +327,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
 
     zmq_like = kind in _ZMQ_KINDS
     cfg = ZmqTransportConfig(data_socket=_ZMQ_KINDS[kind]) if zmq_like else NixlTransportConfig()
+    data_socket = isinstance(cfg, ZmqTransportConfig) and cfg.uses_data_socket
     buf = 4 * max(sizes)
     peer = Child(["-m", "dualpath.transports.peer", "peer", cfg.model_dump_json(), str(buf)])
     if zmq_like:
@@ -339,7 +340,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
         async with create_transport(cfg, "bench") as t:
             t.register(src)
             await t.connect("peer", peer.first["address"])
-            if zmq_like and cfg.uses_data_socket:  # type: ignore[union-attr]  # large writes take it once up
+            if data_socket:  # large writes take it once it is up (a few ms)
                 import anyio
 
                 with anyio.fail_after(30):
@@ -408,7 +409,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 co, cr = statistics.median(cpu_ours), statistics.median(cpu_raw)
                 extra: dict[str, Any] = {"cpu_s_per_gib": round(co / gib, 4), "raw_cpu_s_per_gib": round(cr / gib, 4),
                                          "cpu_ratio": round(cr / co, 3) if co > 0 else None}
-                if zmq_like and cfg.uses_data_socket:  # type: ignore[union-attr]  # writes that took the data socket
+                if data_socket:  # writes that took the data socket so far (all of ours at these sizes)
                     extra["data_socket_writes"] = t.data_socket_stats["writes"]  # type: ignore[attr-defined]
                 if landed:  # reference: raw PUSH/PULL whose receiver also copies each frame into a landing slot
                     lg = statistics.median(landed)

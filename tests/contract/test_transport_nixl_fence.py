@@ -12,7 +12,7 @@ import anyio
 import pytest
 import torch
 
-from dualpath.errors import PeerTimeout, TransportError
+from dualpath.errors import PeerTimeout, TransportClosed, TransportError
 from dualpath.transports import create_transport
 from dualpath.transports.config import NixlTransportConfig
 from dualpath.transports.wire import Header, Kind, encode
@@ -304,8 +304,6 @@ async def test_a_granted_write_that_never_completes_times_out_at_its_deadline(pa
 
 
 async def test_close_ends_a_granted_write_that_never_completes(pair: tuple) -> None:  # type: ignore[type-arg]
-    from dualpath.errors import TransportClosed
-
     a, b = pair
     src = await _granted_stuck_sender(a, b, 2)
     errors: list[BaseException] = []

@@ -15,7 +15,7 @@ import torch
 from dualpath.errors import PeerTimeout, TransportClosed, TransportError
 from dualpath.transports import create_transport
 from dualpath.transports.config import NixlTransportConfig
-from dualpath.transports.wire import Header, Kind, encode
+from dualpath.transports.wire import Header, Kind, decode, encode
 
 try:
     import nixl_cu12  # noqa: F401
@@ -99,6 +99,57 @@ async def test_landings_exposed_later_are_pushed(pair: tuple) -> None:  # type: 
         await b.wait(_tag(layer), 5.0)
     assert torch.equal(dst, src)
     assert a.handshakes == 1
+
+
+async def test_a_burst_of_exposes_reaches_the_sender_as_one_packed_message(pair: tuple) -> None:  # type: ignore[type-arg]
+    """Landings of a granted group exposed in one event-loop pass are pushed as one GRANTS frame, each grant
+    usable (one handshake in all); a damaged GRANTS frame is dropped whole, so no write starts under it."""
+    a, b = pair
+    dst, region, src = _buffers(a, b, LAYERS, 4)
+    peer = a._peers["rcv"]
+    b.expose(_tag(0), region, 0, SIZE)
+    await a.write("rcv", _tag(0), src[:SIZE], 5.0)  # the group's one request
+    await b.wait(_tag(0), 5.0)
+    frames: list[list[bytes]] = []
+    recv = peer.sock.recv_multipart
+
+    async def spy() -> list[bytes]:
+        got = await recv()
+        frames.append(got)
+        return got
+
+    peer.sock.recv_multipart = spy  # type: ignore[method-assign]
+    peer.reader.cancel()
+    peer.reader = a._spawn(peer._read())
+    for layer in range(1, LAYERS):  # one pass: no await between them
+        b.expose(_tag(layer), region, layer * SIZE, SIZE)
+    await _until(lambda: all(_tag(layer) in peer.grants for layer in range(1, LAYERS)), "pushed grants")
+    assert len(frames) == 1 and len(frames[0]) == 1
+    assert decode(frames[0][0]).kind is Kind.GRANTS and decode(frames[0][0]).payload_len == LAYERS - 1
+    for layer in range(1, LAYERS):
+        await a.write("rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 5.0)
+        await b.wait(_tag(layer), 5.0)
+    assert torch.equal(dst, src) and a.handshakes == 1
+    woken: set[str] = set()
+    peer._on_grants(decode(frames[0][0][:-2]), woken)  # truncated: nothing of it is taken
+    assert not woken and not peer.grants
+
+
+async def test_a_granted_write_from_a_deregistered_source_is_refused(pair: tuple) -> None:  # type: ignore[type-arg]
+    """The per-layer fast path remembers its last source region; once that region is deregistered, a write
+    from it is refused as for any unregistered source (nothing is posted from memory NIXL no longer knows)."""
+    a, b = pair
+    dst, region, src = _buffers(a, b, 3, 5)
+    for layer in range(3):
+        b.expose(_tag(layer), region, layer * SIZE, SIZE)
+    for layer in range(2):  # the request (its answer grants the other layers), then one granted write
+        await a.write("rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 5.0)
+        await b.wait(_tag(layer), 5.0)
+    assert _tag(2) in a._peers["rcv"].grants and a._src_region is not None
+    a.deregister(a.find_region(src))
+    with pytest.raises(TransportError, match="registered region"):
+        await a.write("rcv", _tag(2), src[2 * SIZE:], 5.0)
+    assert not torch.any(dst[2 * SIZE:])
 
 
 async def test_writers_waiting_on_the_request_take_pushed_grants_without_asking_again(pair: tuple) -> None:  # type: ignore[type-arg]

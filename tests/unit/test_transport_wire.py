@@ -22,7 +22,9 @@ from dualpath.transports.wire import (
     decode,
     encode,
     pack_acks,
+    pack_grants,
     unpack_acks,
+    unpack_grants,
 )
 
 
@@ -131,6 +133,27 @@ def test_ack_batches_round_trip_and_reject_damage() -> None:
         unpack_acks(encode(Header(Kind.ACKS, 0, "", payload_len=1, extra=body)))
     with pytest.raises(WireError, match="says 2 acks"):
         unpack_acks(encode(Header(Kind.ACKS, 0, "", payload_len=2, extra=len(acks[0]).to_bytes(4, "little") + acks[0])))
+
+
+def test_grant_batches_round_trip_and_reject_damage() -> None:
+    """nixl pushes a request group's grants as one GRANTS frame: every field survives, and a damaged frame is
+    refused whole (a sender never writes under half a grant)."""
+    grants = [("r7/kv/l0/p0", 0x7F00_0000_1000, 1 << 20, 11, 0, 0), ("r7/kv/é/p1", 2**63 + 5, 4096, 2**40, 1, 3)]
+    frame = pack_grants(grants, md_epoch=9)
+    hdr = decode(frame)
+    assert hdr.kind is Kind.GRANTS and hdr.seq == 0 and hdr.arg == 9 and hdr.payload_len == 2
+    assert unpack_grants(hdr) == [("r7/kv/l0/p0", 0x7F00_0000_1000, 1 << 20, 11, "DRAM", 0),
+                                  ("r7/kv/é/p1", 2**63 + 5, 4096, 2**40, "VRAM", 3)]
+    assert unpack_grants(decode(pack_grants([], 1))) == []
+    with pytest.raises(WireError, match="truncated|bad grant"):
+        unpack_grants(decode(frame[:-3]))
+    with pytest.raises(WireError, match="says 3 grants"):
+        unpack_grants(Header(Kind.GRANTS, 0, "", 3, arg=9, extra=hdr.extra))
+    entry = struct.pack("<QQQBHH", 1, 2, 3, 7, 0, 1) + b"t"  # memory kind 7: neither DRAM nor VRAM
+    with pytest.raises(WireError, match="memory kind 7"):
+        unpack_grants(Header(Kind.GRANTS, 0, "", 1, extra=entry))
+    with pytest.raises(WireError, match="UTF-8"):
+        unpack_grants(Header(Kind.GRANTS, 0, "", 1, extra=struct.pack("<QQQBHH", 1, 2, 3, 0, 0, 1) + b"\xff"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",

@@ -81,6 +81,10 @@ class Region:
         self.bytes = byte_view(self.tensor)
         self._views: dict[tuple[int, int], torch.Tensor] = {}  # landing views by (offset, nbytes): slots recur
         self._host: memoryview | None = None  # the bytes as a writable memoryview (host regions), made on demand
+        self._start = int(self.bytes.data_ptr())
+        self._end = self._start + int(self.bytes.numel())
+        #: the CUDA device index of the buffer, None in host memory
+        self.cuda_index: int | None = self.bytes.get_device() if self.bytes.is_cuda else None
 
     @property
     def nbytes(self) -> int:
@@ -116,6 +120,14 @@ class Region:
         if self._host is None:
             self._host = self.bytes.detach().numpy().data
         return self._host[offset : offset + nbytes]
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """:meth:`contains` for a flat ``uint8`` tensor, by address range and device (cheap: per write)."""
+        start = t.data_ptr()
+        if not (self._start <= start and start + t.numel() <= self._end):
+            return False
+        dev = self.cuda_index
+        return not t.is_cuda if dev is None else t.is_cuda and t.get_device() == dev
 
     def contains(self, t: torch.Tensor) -> bool:
         if t.device != self.device:

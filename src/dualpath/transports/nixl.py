@@ -65,7 +65,18 @@ from dualpath.errors import PeerTimeout, TransportClosed, TransportError
 from dualpath.transports.base import Region, Transport
 from dualpath.transports.config import NixlTransportConfig
 from dualpath.transports.landing import Rejected, Slot
-from dualpath.transports.wire import Header, Kind, Status, WireError, checksum_of, decode, encode
+from dualpath.transports.wire import (
+    Header,
+    Kind,
+    Status,
+    WireError,
+    checksum_of,
+    decode,
+    encode,
+    encode_fields,
+    pack_grants,
+    unpack_grants,
+)
 
 log = logging.getLogger("dualpath.transports.nixl")
 
@@ -123,6 +134,7 @@ _SCAN_S = 0.05  # how often outstanding grants are checked for landings withdraw
 _PUMP_IDLE_AFTER_S = 0.02  # the pump naps notif_idle_poll_s once this long without a notification
 _PUMP_PARK_S = 1.0  # a parked notification pump re-checks its stop flag this often
 _PUMP_JOIN_S = 2.0  # close() waits this long for the notification pump to end
+_U8 = torch.uint8
 _EXPIRED = "EXPIRED"  # the state _progress gives a posted WRITE still in progress at its deadline
 
 
@@ -191,8 +203,10 @@ def _drop_result(fut: asyncio.Future[Any]) -> None:
 
 
 def _release(handle: Any) -> None:
-    with contextlib.suppress(Exception):
+    try:  # noqa: SIM105 - cheaper than contextlib.suppress, once per write
         handle.release()
+    except Exception:  # released already, or NIXL refused: nothing left to do with it
+        pass
 
 
 class _NotifPump:
@@ -274,7 +288,8 @@ class NixlTransport(Transport):
         self._epochs = itertools.count(1)
         self._revoking: OrderedDict[tuple[str, int], tuple[asyncio.Event, bytes]] = OrderedDict()  # -> (acked, ident)
         self._held: dict[str, int] = {}  # tags with requests held until exposed (how many)
-        self._push: dict[bytes, list[bytes]] = {}  # grants pushed on expose, flushed once per loop pass
+        # grants pushed on expose, flushed as one GRANTS frame per sender per loop pass
+        self._push: dict[bytes, list[tuple[str, int, int, int, int, int]]] = {}
         self.handshakes = 0  # REQ round trips this endpoint made as a sender (one per request group)
         # posted WRITEs polled by _progress: (handle, future of its final state, deadline in loop time)
         self._inflight: dict[int, tuple[Any, asyncio.Future[str], float]] = {}
@@ -285,6 +300,7 @@ class NixlTransport(Transport):
         self._md_epoch = 0
         self._fences: set[asyncio.Future[None]] = set()
         self._pump: _NotifPump | None = None
+        self._src_region: Region | None = None  # the region of the last fast-path write's source
 
     @property
     def address(self) -> str:
@@ -373,6 +389,8 @@ class NixlTransport(Transport):
                                  f"{region.device}: {exc}") from exc
 
     def _deregister_memory(self, region: Region) -> None:
+        if self._src_region is region:
+            self._src_region = None  # the fast path looks sources up again (this one may be gone for good)
         if self._agent is not None and region.handle is not None:
             if self._local_dl is not None:
                 self._local_dl.drop(region.addr, region.addr + region.nbytes)
@@ -480,17 +498,17 @@ class NixlTransport(Transport):
                 with contextlib.suppress(zmq.ZMQError):
                     await router.send_multipart([dest, *replies])
 
-    async def _reply(self, ident: bytes, hdr: Header) -> None:
+    async def _reply(self, ident: bytes, hdr: Header | bytes) -> None:
         if self._router is not None and not self._closed:
             with contextlib.suppress(zmq.ZMQError):
-                await self._router.send_multipart([ident, encode(hdr)])
+                await self._router.send_multipart([ident, hdr if isinstance(hdr, bytes) else encode(hdr)])
 
     def _on_message(self, frames: list[bytes], out: dict[bytes, list[bytes]]) -> None:
         ident = frames[0]
 
-        def reply(hdr: Header) -> None:
+        def reply(hdr: Header | bytes) -> None:
             if not self._closed:
-                out.setdefault(ident, []).append(encode(hdr))
+                out.setdefault(ident, []).append(hdr if isinstance(hdr, bytes) else encode(hdr))
 
         if len(frames) < 2:
             self._landings.reject("?", "side-channel message without a header frame")
@@ -505,7 +523,7 @@ class NixlTransport(Transport):
                 continue
             self._on_request(ident, hdr, reply)
 
-    def _on_request(self, ident: bytes, hdr: Header, reply: Callable[[Header], None]) -> None:
+    def _on_request(self, ident: bytes, hdr: Header, reply: Callable[[Header | bytes], None]) -> None:
         if hdr.kind is Kind.REQ:
             self._on_req(ident, hdr.extra.decode("utf-8", "replace"), hdr, reply)
         elif hdr.kind is Kind.DONE and hdr.extra[:1] == b"R":  # a sender's acknowledgement of a revocation
@@ -528,7 +546,7 @@ class NixlTransport(Transport):
             self._landings.reject("?", reason)
             reply(Header(Kind.ACK, hdr.seq, hdr.tag, status=Status.BAD, extra=reason.encode()))
 
-    def _on_req(self, ident: bytes, sender: str, hdr: Header, reply: Callable[[Header], None]) -> None:
+    def _on_req(self, ident: bytes, sender: str, hdr: Header, reply: Callable[[Header | bytes], None]) -> None:
         try:
             if self.checksum and hdr.checksum is None:
                 raise Rejected(f"{self.name}: tag {hdr.tag!r} without a checksum, and this endpoint requires one")
@@ -555,11 +573,12 @@ class NixlTransport(Transport):
             return
         if slot is None:  # not exposed yet: hold the request (the bytes stay at the sender), grant the rest now
             self._spawn(self._grant_later(ident, sender, hdr))
-            for h in self._pregrant(ident, sender, hdr.tag):
-                reply(h)
+            pre = self._pregrant(ident, sender, hdr.tag)
+            if pre:
+                reply(pack_grants(pre, self._md_epoch))
         else:
-            for h in self._grant(ident, sender, hdr, slot):
-                reply(h)
+            for frame in self._grant(ident, sender, hdr, slot):
+                reply(frame)
 
     async def _steal(self, ident: bytes, sender: str, hdr: Header, prior: _Grant) -> None:
         """A request for a landing granted (with its group) to another sender: revoke that grant (fenced), then
@@ -572,7 +591,7 @@ class NixlTransport(Transport):
         if slot.state == "busy" and not slot.done.is_set() and not slot.withdrawn:
             slot.state = "exposed"
 
-        def reply(h: Header) -> None:
+        def reply(h: Header | bytes) -> None:
             self._spawn(self._reply(ident, h))
 
         self._on_req(ident, sender, hdr, reply)
@@ -582,21 +601,23 @@ class NixlTransport(Transport):
         return Header(Kind.GRANT, seq, tag, g.slot.nbytes, arg=g.slot.view.data_ptr(),
                       extra=f"{mem}:{dev}:{self._md_epoch}:{g.epoch}".encode())
 
-    def _grant(self, ident: bytes, sender: str, hdr: Header, slot: Slot) -> list[Header]:
+    def _grant(self, ident: bytes, sender: str, hdr: Header, slot: Slot) -> list[bytes]:
         """Grant the claimed ``slot`` to ``sender``, and with it every other landing of the tag's request group
         exposed now (claimed for it under the group's epoch). Later exposes of the group are pushed to the
-        sender as they happen (:meth:`_on_expose`). Returns the GRANT messages, the requested one last."""
-        out = self._pregrant(ident, sender, hdr.tag)
+        sender as they happen (:meth:`_on_expose`). Returns the frames: the others' grants packed in one
+        GRANTS frame (if any), then the requested one's GRANT."""
+        pre = self._pregrant(ident, sender, hdr.tag)
         epoch = next(self._epochs)
         g = _Grant(slot, sender, ident, epoch)
         self._granted[hdr.tag] = g
-        out.append(self._grant_header(hdr.seq, hdr.tag, g))
         self._kick()
+        out = [pack_grants(pre, self._md_epoch)] if pre else []
+        out.append(encode(self._grant_header(hdr.seq, hdr.tag, g)))
         return out
 
-    def _pregrant(self, ident: bytes, sender: str, tag: str) -> list[Header]:
+    def _pregrant(self, ident: bytes, sender: str, tag: str) -> list[tuple[str, int, int, int, int, int]]:
         """Offer ``tag``'s request group to ``sender`` (unless another sender holds it): claim every other
-        landing of the group exposed now for it; their GRANT messages (sequence 0: not a reply)."""
+        landing of the group exposed now for it; their grants (:func:`_grant_entry`)."""
         group = _group(tag)
         offer = self._offers.get(group)
         if offer is None:
@@ -605,14 +626,14 @@ class NixlTransport(Transport):
                 self._offers.popitem(last=False)
         else:
             self._offers.move_to_end(group)
-        out: list[Header] = []
+        out: list[tuple[str, int, int, int, int, int]] = []
         if offer is None or offer[0] == sender:
             for other_tag, other in list(self._landings._slots.items()):
                 if other.state == "exposed" and other_tag != tag and other_tag not in self._held \
                         and _group(other_tag) == group:
                     g = self._claim_for(other_tag, other, sender, ident)
                     if g is not None:
-                        out.append(self._grant_header(0, other_tag, g))
+                        out.append(_grant_entry(other_tag, g))
         return out
 
     def _claim_for(self, tag: str, slot: Slot, sender: str, ident: bytes) -> _Grant | None:
@@ -626,6 +647,16 @@ class NixlTransport(Transport):
         self._granted[tag] = g
         self._kick()
         return g
+
+    def expose(self, tag: str, region: Region, offset: int, nbytes: int) -> None:
+        """As :meth:`Transport.expose`, without the slot's host memoryview (the sender's NIXL WRITE lands the
+        bytes; this endpoint never receives into the slot itself)."""
+        if self._closed:
+            self._check_open()
+        if self._regions.get(region.id) is not region:
+            raise TransportError(f"{self.name}: region {region.id} is not registered with this transport")
+        self._landings.expose(tag, region.view(offset, nbytes))
+        self._on_expose(tag)
 
     def _on_expose(self, tag: str) -> None:
         """A landing of a group already granted to a sender: claim it for that sender and push its grant (all
@@ -642,16 +673,17 @@ class NixlTransport(Transport):
         g = self._claim_for(tag, slot, sender, ident)
         if g is None:
             return
-        self._kick()
-        box = self._push.setdefault(ident, [])
-        box.append(encode(self._grant_header(0, tag, g)))
-        if len(box) == 1:
+        box = self._push.get(ident)
+        if box is None:
+            box = self._push[ident] = []
             asyncio.get_running_loop().call_soon(self._flush_push, ident)
+        box.append(_grant_entry(tag, g))
 
     def _flush_push(self, ident: bytes) -> None:
-        frames = self._push.pop(ident, [])
-        if frames and self._router is not None and not self._closed:
-            sent = cast("asyncio.Future[Any]", self._router.send_multipart([ident, *frames]))
+        grants = self._push.pop(ident, [])
+        if grants and self._router is not None and not self._closed:
+            sent = cast("asyncio.Future[Any]", self._router.send_multipart([ident, pack_grants(grants,
+                                                                                               self._md_epoch)]))
             sent.add_done_callback(_drop_result)
 
     async def _grant_later(self, ident: bytes, sender: str, hdr: Header) -> None:
@@ -673,7 +705,7 @@ class NixlTransport(Transport):
                 self._held[hdr.tag] = n
         if self._router is not None and not self._closed:
             with contextlib.suppress(zmq.ZMQError):
-                await self._router.send_multipart([ident, *map(encode, self._grant(ident, sender, hdr, slot))])
+                await self._router.send_multipart([ident, *self._grant(ident, sender, hdr, slot)])
 
     # --- revocation: the fence that keeps one-sided writes out of withdrawn landings -----------------------
     def cancel(self, tag: str) -> None:
@@ -806,8 +838,22 @@ class NixlTransport(Transport):
 
     async def write(self, peer: str, tag: str, src: torch.Tensor, timeout: float, *,
                     checksum: int | None = None) -> None:
-        _, data = self._prepare_write(tag, src)
         p = self._peers.get(peer)
+        if p is not None and checksum is None and not self.checksum and not self._closed:
+            r = p.grants.get(tag)
+            if r is not None and type(src) is torch.Tensor and src.dtype is _U8 and src.dim() == 1 \
+                    and r.nbytes == src.numel() and r.md_epoch <= p.epoch and src.is_contiguous() \
+                    and timeout is not None and timeout >= 0:
+                # the fast path, each layer of a granted request: no checksum (so no ACK), the grant already
+                # pushed (so ``tag`` is one the receiver exposed), the source a flat byte view
+                region = self._src_region
+                if region is None or not region.holds(src):
+                    region = self._src_region = self.find_region(src)
+                if region is not None:
+                    del p.grants[tag]
+                    await self._write_granted(p, peer, tag, src, r, region, timeout)
+                    return
+        _, data = self._prepare_write(tag, src)
         if p is None or p.agent_name is None:
             raise TransportError(f"{self.name}: peer {peer!r} is not connected (call connect first)")
         if self.find_region(data) is None:
@@ -816,33 +862,6 @@ class NixlTransport(Transport):
         nbytes = int(data.numel())
         if timeout is None or not timeout >= 0:
             raise TransportError(f"timeout must be a number >= 0, got {timeout!r}")
-        r = p.grants.get(tag)
-        if r is not None and checksum is None and not self.checksum and r.nbytes == nbytes and r.md_epoch <= p.epoch:
-            # the fast path, each layer of a granted request: no checksum (so no ACK), the grant already pushed.
-            # Post at once; a WRITE that NIXL completes inside transfer() (a local copy, e.g. UCX's CMA) returns
-            # without suspending, a timer or a future (nothing can revoke the grant in between: one thread)
-            del p.grants[tag]
-            handle, state, key, seq = self._post(p, peer, tag, data, nbytes, r, None)
-            if state == "PROC":
-                # no cancel scope per write: _progress enforces the deadline while it polls the WRITE, and
-                # close() ends it (each layer's write of a request takes this path)
-                deadline = asyncio.get_running_loop().time() + timeout
-                try:
-                    await self._finish(p, peer, tag, handle, state, key, seq, None, deadline)
-                except TransportError:
-                    if self._closed:
-                        raise TransportClosed(f"{self.name}: transport closed during the write of {tag!r} "
-                                              f"to {peer!r}") from None
-                    raise
-            else:
-                try:
-                    if state != "DONE":
-                        raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
-                finally:
-                    _release(handle)
-            self.stats.writes += 1
-            self.stats.bytes_sent += nbytes
-            return
 
         async def send() -> None:
             csum = checksum
@@ -867,6 +886,33 @@ class NixlTransport(Transport):
         await self._guarded(f"write of {tag!r} to {peer!r}", timeout, send)
         self.stats.writes += 1
         self.stats.bytes_sent += nbytes
+
+    async def _write_granted(self, p: _Peer, peer: str, tag: str, data: torch.Tensor, r: _Remote, region: Region,
+                             timeout: float) -> None:
+        """Post the one WRITE under the pushed grant ``r`` (no checksum): a WRITE that NIXL completes inside
+        ``transfer`` (a local copy, e.g. UCX's CMA) returns without suspending, a timer or a future (nothing can
+        revoke the grant in between: one thread); one still in progress is polled by :meth:`_progress`, which
+        enforces the deadline (no cancel scope per write), and ``close`` ends it."""
+        nbytes = r.nbytes
+        dev = region.cuda_index
+        handle, state, key, seq = self._post(p, peer, tag, data, nbytes, r, None,
+                                             mem=("DRAM", 0) if dev is None else ("VRAM", dev))
+        if state == "PROC":
+            deadline = asyncio.get_running_loop().time() + timeout
+            try:
+                await self._finish(p, peer, tag, handle, state, key, seq, None, deadline)
+            except TransportError:
+                if self._closed:
+                    raise TransportClosed(f"{self.name}: transport closed during the write of {tag!r} "
+                                          f"to {peer!r}") from None
+                raise
+        else:
+            _release(handle)
+            if state != "DONE":
+                raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
+        stats = self.stats
+        stats.writes += 1
+        stats.bytes_sent += nbytes
 
     async def _grant_for(self, p: _Peer, peer: str, tag: str, nbytes: int, csum: int | None) -> _Remote:
         """The grant to write ``tag``: pushed already, in the answer to the group's request in flight, or by a
@@ -909,7 +955,8 @@ class NixlTransport(Transport):
         return r
 
     def _post(self, p: _Peer, peer: str, tag: str, data: torch.Tensor, nbytes: int, r: _Remote,
-              csum: int | None, seq: int = 0) -> tuple[Any, str, tuple[str, int], int]:
+              csum: int | None, seq: int = 0, *, mem: tuple[str, int] | None = None
+              ) -> tuple[Any, str, tuple[str, int], int]:
         """Post the one WRITE under grant ``r`` (refused if already written or revoked): its handle, the state
         ``transfer`` returned, the grant's key and the notification's seq."""
         key = (tag, r.epoch)
@@ -917,14 +964,15 @@ class NixlTransport(Transport):
             raise Rejected(f"{self.name}: duplicate write of tag {tag!r} to {peer!r} (one arrival per landing)")
         if key in p.revoked:
             raise Rejected(f"{self.name}: {peer!r} withdrew the landing of tag {tag!r}; nothing written")
-        p.used[key] = None
-        if len(p.used) > _REVOKED_KEPT:
-            p.used.popitem(last=False)
+        used = p.used
+        used[key] = None
+        if len(used) > _REVOKED_KEPT:
+            used.popitem(last=False)
         if not seq:
             seq = next(self._seq)
-        lmem, ldev = _mem(data)
+        lmem, ldev = _mem(data) if mem is None else mem
         assert self._local_dl is not None and p.remote_dl is not None
-        notif = encode(Header(Kind.DONE, seq, tag, nbytes, csum, arg=r.epoch))
+        notif = encode_fields(Kind.DONE, seq, tag.encode("utf-8"), nbytes, csum, Status.OK, r.epoch)
         try:
             local = self._local_dl.get(data.data_ptr(), nbytes, lmem, ldev)
             remote = p.remote_dl.get(r.addr, nbytes, r.mem, r.dev)
@@ -974,6 +1022,14 @@ class NixlTransport(Transport):
             _release(handle)
 
 
+def _grant_entry(tag: str, g: _Grant) -> tuple[str, int, int, int, int, int]:
+    """``g`` as one entry of a GRANTS frame (:func:`~dualpath.transports.wire.pack_grants`)."""
+    view = g.slot.view
+    if view.is_cuda:
+        return tag, view.data_ptr(), view.numel(), g.epoch, 1, view.get_device()
+    return tag, view.data_ptr(), view.numel(), g.epoch, 0, 0
+
+
 def _parse_grant(hdr: Header) -> _Remote:
     mem, dev, md_epoch, epoch = hdr.extra.decode().split(":")
     return _Remote(hdr.arg, hdr.payload_len, mem, int(dev), int(md_epoch), int(epoch))
@@ -1010,6 +1066,9 @@ class _Peer:
                 except WireError as exc:
                     log.warning("%s: bad reply from %s: %s", self.owner.name, self.name, exc)
                     continue
+                if hdr.kind is Kind.GRANTS:  # pushed grants, packed
+                    self._on_grants(hdr, woken)
+                    continue
                 if hdr.kind is Kind.GRANT and hdr.seq == 0:  # pushed: a grant, or the revocation of one
                     self._on_push(hdr, woken)
                     continue
@@ -1024,6 +1083,18 @@ class _Peer:
                     # many grants it pushed); the rest wait on for the request's answer
                     self.asking[group] = asyncio.get_running_loop().create_future()
                     asking.set_result(None)
+
+    def _on_grants(self, hdr: Header, woken: set[str]) -> None:
+        """Pushed grants packed in one frame (the waiting writers of their groups are woken by the caller)."""
+        try:
+            entries = unpack_grants(hdr)
+        except WireError as exc:
+            log.warning("%s: bad pushed grants from %s: %s", self.owner.name, self.name, exc)
+            return
+        grants, md_epoch = self.grants, hdr.arg
+        for tag, addr, nbytes, epoch, mem, dev in entries:
+            grants[tag] = _Remote(addr, nbytes, mem, dev, md_epoch, epoch)
+            woken.add(_group(tag))
 
     def _on_push(self, hdr: Header, woken: set[str]) -> None:
         """A pushed grant (its group's waiting writers are woken by the caller, once per message) or a

@@ -3,6 +3,10 @@
 Layout (little endian, 44 bytes): magic ``b"DPTX"``, version u8, kind u8, flags u8, status u8, tag length u16,
 reserved u16, sequence u64, payload length u64, xxh3-64 checksum u64, argument u64 (kind-specific: a remote
 address for the NIXL rendezvous); then the UTF-8 tag, then (acks only) a UTF-8 reason.
+
+:data:`Kind.GRANTS` packs many NIXL grants in one frame (:func:`pack_grants`): the header (``payload_len``: how
+many, ``arg``: the receiver's metadata epoch), then per grant ``<QQQBHH>`` (address, bytes, epoch, memory kind
+0 DRAM / 1 VRAM, device, tag length) and the UTF-8 tag.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Kind(enum.IntEnum):
     DONE = 5  # nixl: the WRITE for seq completed (checksum when flagged)
     HELLO = 6  # nixl: agent metadata in the extra bytes; zmq: the data socket offer (address and secret)
     ACKS = 7  # zmq: several ACKs in one frame (payload_len: how many; extra: each as u32 length + ACK frame)
+    GRANTS = 8  # nixl: several pushed grants in one frame (payload_len: how many; arg: metadata epoch)
 
 
 class Status(enum.IntEnum):
@@ -51,8 +56,8 @@ class WireError(TransportError):
     """A message whose header cannot be decoded (bad magic, version, kind or lengths)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+@dataclass(slots=True)
+class Header:  # not frozen: a frozen dataclass's __init__ costs ~3x (object.__setattr__ per field), per message
     kind: Kind
     seq: int
     tag: str
@@ -64,13 +69,17 @@ class Header:
 
 
 def encode(h: Header) -> bytes:
-    tag = h.tag.encode("utf-8")
+    return encode_fields(h.kind, h.seq, h.tag.encode("utf-8"), h.payload_len, h.checksum, h.status, h.arg, h.extra)
+
+
+def encode_fields(kind: int, seq: int, tag: bytes, payload_len: int = 0, checksum: int | None = None,
+                  status: int = 0, arg: int = 0, extra: bytes = b"") -> bytes:
+    """:func:`encode` from the fields, the tag already UTF-8 (a per-write path builds no :class:`Header`)."""
     if len(tag) > MAX_TAG_BYTES:
         raise TransportError(f"tag is {len(tag)} bytes; at most {MAX_TAG_BYTES}")
-    flags = FLAG_CHECKSUM if h.checksum is not None else 0
-    head = _STRUCT.pack(MAGIC, VERSION, int(h.kind), flags, int(h.status), len(tag), 0, h.seq, h.payload_len,
-                        h.checksum or 0, h.arg)
-    return head + tag + h.extra
+    flags = FLAG_CHECKSUM if checksum is not None else 0
+    return _STRUCT.pack(MAGIC, VERSION, kind, flags, status, len(tag), 0, seq, payload_len, checksum or 0,
+                        arg) + tag + extra
 
 
 def decode(buf: bytes | memoryview) -> Header:
@@ -127,6 +136,44 @@ def unpack_acks(frame: bytes | memoryview) -> list[Header]:
         pos += n
     if len(out) != hdr.payload_len:
         raise WireError(f"ack batch says {hdr.payload_len} acks, carries {len(out)}")
+    return out
+
+
+_GRANT = struct.Struct("<QQQBHH")
+MEM_KINDS = ("DRAM", "VRAM")  # a grant's memory kind on the wire: its index here
+
+
+def pack_grants(grants: list[tuple[str, int, int, int, int, int]], md_epoch: int) -> bytes:
+    """One :data:`Kind.GRANTS` frame for ``(tag, address, nbytes, epoch, memory kind index, device)`` grants."""
+    parts = []
+    for tag, addr, nbytes, epoch, mem, dev in grants:
+        raw = tag.encode("utf-8")
+        parts.append(_GRANT.pack(addr, nbytes, epoch, mem, dev, len(raw)))
+        parts.append(raw)
+    return encode_fields(Kind.GRANTS, 0, b"", len(grants), None, Status.OK, md_epoch, b"".join(parts))
+
+
+def unpack_grants(hdr: Header) -> list[tuple[str, int, int, int, str, int]]:
+    """The ``(tag, address, nbytes, epoch, memory kind, device)`` grants of a :data:`Kind.GRANTS` header;
+    :class:`WireError` on a truncated or inconsistent frame (nothing of it is used then)."""
+    body = memoryview(hdr.extra)
+    out = []
+    pos, end, size = 0, len(body), _GRANT.size
+    while pos < end:
+        if pos + size > end:
+            raise WireError("truncated grant batch")
+        addr, nbytes, epoch, mem, dev, n = _GRANT.unpack_from(body, pos)
+        pos += size
+        if n == 0 or n > MAX_TAG_BYTES or pos + n > end or mem >= len(MEM_KINDS):
+            raise WireError(f"bad grant in a batch (tag length {n}, memory kind {mem})")
+        try:
+            tag = bytes(body[pos : pos + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError("a grant's tag is not valid UTF-8") from None
+        pos += n
+        out.append((tag, addr, nbytes, epoch, MEM_KINDS[mem], dev))
+    if len(out) != hdr.payload_len:
+        raise WireError(f"grant batch says {hdr.payload_len} grants, carries {len(out)}")
     return out
 
 

@@ -628,24 +628,28 @@ class NixlTransport(Transport):
             self._offers.move_to_end(group)
         out: list[tuple[str, int, int, int, int, int]] = []
         if offer is None or offer[0] == sender:
+            held = self._held
             for other_tag, other in list(self._landings._slots.items()):
-                if other.state == "exposed" and other_tag != tag and other_tag not in self._held \
+                if other.state == "exposed" and other_tag != tag and other_tag not in held \
                         and _group(other_tag) == group:
                     g = self._claim_for(other_tag, other, sender, ident)
                     if g is not None:
                         out.append(_grant_entry(other_tag, g))
+            if out:
+                self._kick()
         return out
 
     def _claim_for(self, tag: str, slot: Slot, sender: str, ident: bytes) -> _Grant | None:
-        try:
-            claimed = self._landings.claim(tag, slot.nbytes)
-        except Rejected:
+        """Claim ``tag``'s exposed ``slot`` for ``sender`` under a fresh epoch (busy: no other arrival lands
+        there); the caller kicks the progress loop. Straight on the slot: :meth:`LandingTable.claim`'s checks
+        hold by construction (the table's own slot, exposed, sized as itself) and its lock guards against a
+        backend's receive thread, which nixl has none of (its notification thread hands over to the loop)."""
+        landings = self._landings
+        if slot.state != "exposed" or landings._closed or landings._slots.get(tag) is not slot:
             return None
-        if claimed is None:
-            return None
-        g = _Grant(claimed, sender, ident, next(self._epochs))
+        slot.state = "busy"
+        g = _Grant(slot, sender, ident, next(self._epochs))
         self._granted[tag] = g
-        self._kick()
         return g
 
     def expose(self, tag: str, region: Region, offset: int, nbytes: int) -> None:
@@ -673,6 +677,7 @@ class NixlTransport(Transport):
         g = self._claim_for(tag, slot, sender, ident)
         if g is None:
             return
+        self._kick()
         box = self._push.get(ident)
         if box is None:
             box = self._push[ident] = []

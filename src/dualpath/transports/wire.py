@@ -6,7 +6,8 @@ address for the NIXL rendezvous); then the UTF-8 tag, then (acks only) a UTF-8 r
 
 :data:`Kind.GRANTS` packs many NIXL grants in one frame (:func:`pack_grants`): the header (``payload_len``: how
 many, ``arg``: the receiver's metadata epoch), then per grant ``<QQQBHH>`` (address, bytes, epoch, memory kind
-0 DRAM / 1 VRAM, device, tag length) and the UTF-8 tag.
+0 DRAM / 1 VRAM, device, tag length in characters), then every tag, concatenated, as one UTF-8 string (one
+decode for the batch).
 """
 
 from __future__ import annotations
@@ -144,36 +145,34 @@ MEM_KINDS = ("DRAM", "VRAM")  # a grant's memory kind on the wire: its index her
 
 
 def pack_grants(grants: list[tuple[str, int, int, int, int, int]], md_epoch: int) -> bytes:
-    """One :data:`Kind.GRANTS` frame for ``(tag, address, nbytes, epoch, memory kind index, device)`` grants."""
-    parts = []
-    for tag, addr, nbytes, epoch, mem, dev in grants:
-        raw = tag.encode("utf-8")
-        parts.append(_GRANT.pack(addr, nbytes, epoch, mem, dev, len(raw)))
-        parts.append(raw)
-    return encode_fields(Kind.GRANTS, 0, b"", len(grants), None, Status.OK, md_epoch, b"".join(parts))
+    """One :data:`Kind.GRANTS` frame for ``(tag, address, nbytes, epoch, memory kind index, device)`` grants
+    (tags checked by the landing table that exposed them)."""
+    pack = _GRANT.pack
+    fixed = b"".join([pack(addr, nbytes, epoch, mem, dev, len(tag)) for tag, addr, nbytes, epoch, mem, dev in grants])
+    tags = "".join([g[0] for g in grants]).encode("utf-8")
+    return encode_fields(Kind.GRANTS, 0, b"", len(grants), None, Status.OK, md_epoch, fixed + tags)
 
 
 def unpack_grants(hdr: Header) -> list[tuple[str, int, int, int, str, int]]:
     """The ``(tag, address, nbytes, epoch, memory kind, device)`` grants of a :data:`Kind.GRANTS` header;
     :class:`WireError` on a truncated or inconsistent frame (nothing of it is used then)."""
-    body = memoryview(hdr.extra)
+    count, body = hdr.payload_len, hdr.extra
+    split = count * _GRANT.size
+    if split > len(body):
+        raise WireError(f"truncated grant batch ({len(body)} bytes for {count} grants)")
+    try:
+        tags = body[split:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("the grants' tags are not valid UTF-8") from None
     out = []
-    pos, end, size = 0, len(body), _GRANT.size
-    while pos < end:
-        if pos + size > end:
-            raise WireError("truncated grant batch")
-        addr, nbytes, epoch, mem, dev, n = _GRANT.unpack_from(body, pos)
-        pos += size
-        if n == 0 or n > MAX_TAG_BYTES or pos + n > end or mem >= len(MEM_KINDS):
+    pos = 0
+    for addr, nbytes, epoch, mem, dev, n in _GRANT.iter_unpack(body[:split]) if count else ():
+        if n == 0 or n > MAX_TAG_BYTES or mem >= len(MEM_KINDS):
             raise WireError(f"bad grant in a batch (tag length {n}, memory kind {mem})")
-        try:
-            tag = bytes(body[pos : pos + n]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise WireError("a grant's tag is not valid UTF-8") from None
+        out.append((tags[pos : pos + n], addr, nbytes, epoch, MEM_KINDS[mem], dev))
         pos += n
-        out.append((tag, addr, nbytes, epoch, MEM_KINDS[mem], dev))
-    if len(out) != hdr.payload_len:
-        raise WireError(f"grant batch says {hdr.payload_len} grants, carries {len(out)}")
+    if pos != len(tags):
+        raise WireError(f"grant batch's tags are {len(tags)} characters, its grants name {pos}")
     return out
 
 

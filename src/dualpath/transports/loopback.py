@@ -12,11 +12,13 @@ every loopback endpoint of a fabric is used from one event loop, and nothing can
 copy and the completion of a fused write (no ``await`` in it), so a ``cancel``, a timeout or ``close`` sees the
 slot either still exposed (and withdraws it: the write is then held, never copied) or already landed.
 
-The fused copy between two host buffers of up to 1 MiB (128 KiB when torch has more than one intra-op thread) is
-one ``memmove`` of the two contiguous byte ranges (checked equal in size first): torch's ``copy_`` costs a few
-microseconds of dispatch on top, and for a tensor above its grain size it forks the copy over its intra-op
-threads, which on a busy host waits for a core (on idle cores that parallel copy wins for larger sizes, hence the
-lower limit with threads). Larger copies, and any copy that involves a GPU, stay with torch.
+The fused copy between two host buffers of up to 1 MiB is one ``memmove`` of the two contiguous byte ranges
+(checked equal in size first) when torch runs one intra-op thread: torch's ``copy_`` costs a few microseconds of
+dispatch on top. With several intra-op threads torch forks a copy above its grain size (32,768 elements) over
+them, and that parallel copy beats one ``memmove`` from there up (measured on 2 cores: loopback ÷ ``copy_``
+0.71 / 0.82 / 0.87 at 64 / 128 / 256 KiB with the limit at the grain size, 0.61 / 0.57 / 0.82 with it at
+128 KiB), so the limit is then the grain size, below which torch copies serially anyway. Larger copies, and any
+copy that involves a GPU, stay with torch.
 
 A copy above ``inline_copy_bytes`` runs in a worker thread (the event loop stays responsive). Its landing is
 claimed first; if it is withdrawn before the thread starts the copy, the copy is skipped (the write fails,
@@ -38,9 +40,9 @@ from dualpath.transports.wire import checksum_of
 
 #: a fused host-to-host copy of at most this many bytes is a plain memmove (see the module docstring) ...
 _MEMMOVE_MAX = 1 << 20
-#: ... but only up to this many when torch has several intra-op threads: above it, on idle cores, torch's
-#: parallel copy beats one memmove (measured: benchmarks/loopback_memmove_ab.py)
-_MEMMOVE_MAX_THREADED = 128 << 10
+#: ... but only up to torch's grain size when it has several intra-op threads: above it torch's parallel copy
+#: beats one memmove (see the module docstring; benchmarks/loopback_memmove_ab.py)
+_MEMMOVE_MAX_THREADED = 32 << 10
 _memmove = ctypes.memmove
 
 

@@ -123,6 +123,7 @@ async def test_a_burst_of_exposes_reaches_the_sender_as_one_packed_message(pair:
     peer.reader = a._spawn(peer._read())
     for layer in range(1, LAYERS):  # one pass: no await between them
         b.expose(_tag(layer), region, layer * SIZE, SIZE)
+    assert b._landings._slots[_tag(1)].host is None  # one-sided: the slot needs no host memoryview
     await _until(lambda: all(_tag(layer) in peer.grants for layer in range(1, LAYERS)), "pushed grants")
     assert len(frames) == 1 and len(frames[0]) == 1
     assert decode(frames[0][0]).kind is Kind.GRANTS and decode(frames[0][0]).payload_len == LAYERS - 1

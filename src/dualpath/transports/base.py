@@ -149,6 +149,9 @@ class Transport(abc.ABC):
     """One endpoint of a transport; see the module docstring for the contract."""
 
     kind: str = "?"
+    #: whether a landing slot carries its host memoryview (``Slot.host``): what a backend that receives the bytes
+    #: itself writes into (zmq); a one-sided backend (nixl) never does
+    receives_into_host_views: bool = True
 
     def __init__(self, name: str, *, checksum: bool = False, max_pending_bytes: int = 256 << 20,
                  pending_timeout_s: float = 10.0) -> None:
@@ -229,7 +232,8 @@ class Transport(abc.ABC):
             self._check_open()
         if self._regions.get(region.id) is not region:
             raise TransportError(f"{self.name}: region {region.id} is not registered with this transport")
-        self._landings.expose(tag, region.view(offset, nbytes), region.host_view(offset, nbytes))
+        host = region.host_view(offset, nbytes) if self.receives_into_host_views else None
+        self._landings.expose(tag, region.view(offset, nbytes), host)
         self._on_expose(tag)
 
     def _on_expose(self, tag: str) -> None:  # noqa: B027 - optional hook

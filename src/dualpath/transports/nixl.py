@@ -270,6 +270,7 @@ class _NotifPump:
 
 class NixlTransport(Transport):
     kind = "nixl"
+    receives_into_host_views = False  # the sender's NIXL WRITE lands the bytes
 
     def __init__(self, name: str, config: NixlTransportConfig | None = None) -> None:
         cfg = config or NixlTransportConfig()
@@ -651,16 +652,6 @@ class NixlTransport(Transport):
         g = _Grant(slot, sender, ident, next(self._epochs))
         self._granted[tag] = g
         return g
-
-    def expose(self, tag: str, region: Region, offset: int, nbytes: int) -> None:
-        """As :meth:`Transport.expose`, without the slot's host memoryview (the sender's NIXL WRITE lands the
-        bytes; this endpoint never receives into the slot itself)."""
-        if self._closed:
-            self._check_open()
-        if self._regions.get(region.id) is not region:
-            raise TransportError(f"{self.name}: region {region.id} is not registered with this transport")
-        self._landings.expose(tag, region.view(offset, nbytes))
-        self._on_expose(tag)
 
     def _on_expose(self, tag: str) -> None:
         """A landing of a group already granted to a sender: claim it for that sender and push its grant (all

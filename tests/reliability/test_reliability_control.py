@@ -121,6 +121,36 @@ async def test_channel_answers_malformed_frames_and_keeps_serving() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_server_closing_right_after_its_reply_still_delivers_it() -> None:
+    """A stop is answered, then the server closes at once (the scheduler's ``ctl stop``): the reply queued before the
+    close must still reach the asker. A 32 MB reply is still being written to the socket when the close comes."""
+    asked = anyio.Event()
+    blob = os.urandom(32 << 20)
+
+    async def handler(peer: bytes, msg):  # type: ignore[no-untyped-def]
+        asked.set()
+        return "logits", {"rid": 1, "logits": blob}  # a reply type that carries a large binary field
+
+    srv = Channel("srv", bind="tcp://127.0.0.1:0", handler=handler)
+    await srv.start()
+    try:
+        async with Channel("cli", connect=srv.address) as cli, anyio.create_task_group() as tg:
+            got: list[bytes] = []
+
+            async def ask() -> None:
+                got.append((await cli.request(None, "shutdown", {}, 10)).body["logits"])
+
+            tg.start_soon(ask)
+            await asked.wait()
+            for _ in range(3):  # the handler's task queues the reply, then the server closes
+                await anyio.sleep(0)
+            await srv.close()
+        assert got == [blob]
+    finally:
+        await srv.close()
+
+
+@pytest.mark.anyio
 async def test_request_deadline_and_remote_errors() -> None:
     async def handler(peer: bytes, msg):  # type: ignore[no-untyped-def]
         if msg.type == "stats":

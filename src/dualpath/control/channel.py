@@ -224,14 +224,21 @@ class Channel:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
         if self._sock is not None:
-            self._sock.close(linger=0)
+            # a server's replies already queued still leave (a client's requests to a gone server do not wait)
+            self._sock.close(linger=_CLOSE_FLUSH_MS if self.is_router else 0)
         if self._auth is not None:
             self._auth.stop()
+        flushed: asyncio.Future[None] | None = None
         if self._ctx is not None:
-            self._ctx.destroy(linger=0)
+            if self.is_router:  # the context's end waits for that flush: in a thread, off the event loop
+                flushed = asyncio.get_running_loop().run_in_executor(None, self._ctx.destroy, 0)
+            else:
+                self._ctx.destroy(linger=0)
         if self.bind_addr and self.bind_addr.startswith("ipc://"):
             with contextlib.suppress(OSError):
                 os.unlink(self.bind_addr[len("ipc://") :])
+        if flushed is not None:
+            await flushed
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -483,6 +490,10 @@ class Channel:
                                  encode(mtype, body, mid=next(self._ids), re_=msg.id,
                                         max_bytes=self.max_message_bytes))
 
+
+#: a server (ROUTER) closing gives the replies it queued this long to leave (the answer to a ``shutdown`` is sent
+#: just before the scheduler closes); closing waits at most this long, and only while some are still queued
+_CLOSE_FLUSH_MS = 500
 
 _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL

@@ -11,6 +11,10 @@ unauthenticated peer never gets a message through. Sends to a ROUTER peer that i
 (``ROUTER_MANDATORY``); ZMTP heartbeats drop a silent TCP peer. A malformed frame is logged and counted
 (:attr:`Channel.rejected`); the sender gets an ``error`` reply when it can be identified; the loop keeps
 running. Messages larger than ``max_message_bytes`` are refused by libzmq before they are buffered.
+
+Closing: a ROUTER's replies and notices already queued still leave (up to ``_CLOSE_FLUSH_MS``, the wait in a
+worker thread), so the answer to the ``shutdown`` that stops a scheduler reaches its asker; a DEALER drops its
+queued requests at once (its server may be gone).
 """
 
 from __future__ import annotations

@@ -112,6 +112,22 @@ async def test_write_lands_exact_bytes_at_offset(pair: tuple[Transport, Transpor
     assert torch.equal(dst.view(torch.uint8)[:2000], src2)
 
 
+async def test_an_expose_naming_its_writer_is_still_a_landing_for_anyone(pair: tuple[Transport, Transport]) -> None:
+    """``expose(..., sender=)`` is a hint: the named peer's write lands exactly; a landing named for a peer that
+    never writes (or does not exist) still takes the write of the one that does."""
+    a, b = pair
+    dst = torch.zeros(3 << 12, dtype=torch.uint8)
+    region = b.register(dst)
+    src = src_in(a, pattern(3 << 12, 5))
+    b.expose("r1/hit/l0", region, 0, 1 << 12, sender="snd")
+    b.expose("r1/hit/l1", region, 1 << 12, 1 << 12, sender="nobody")
+    b.expose("r1/hit/l2", region, 2 << 12, 1 << 12, sender="rcv")  # itself: never a writer of its own landings
+    for i in range(3):
+        await a.write("rcv", f"r1/hit/l{i}", src[i << 12 : (i + 1) << 12], 5.0)
+        await b.wait(f"r1/hit/l{i}", 5.0)
+    assert torch.equal(dst, src)
+
+
 async def test_write_before_expose_is_held_until_exposed(pair: tuple[Transport, Transport]) -> None:
     a, b = pair
     dst = torch.zeros(1 << 16, dtype=torch.uint8)

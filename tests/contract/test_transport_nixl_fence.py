@@ -136,6 +136,71 @@ async def test_a_burst_of_exposes_reaches_the_sender_as_one_packed_message(pair:
     assert not woken and not peer.grants
 
 
+async def test_an_expose_naming_its_sender_hands_over_the_landing_before_any_request(pair: tuple) -> None:  # type: ignore[type-arg]
+    """Landings exposed with ``sender=`` the peer that said HELLO are claimed for it and pushed at once, in
+    messages of at most ``_PUSH_CHUNK`` grants (the first writes need not wait for the last exposes): its writes
+    need no request at all, and every byte lands once, in place."""
+    from dualpath.transports import nixl
+
+    a, b = pair
+    n = 2 * nixl._PUSH_CHUNK + 5
+    dst = torch.zeros(n * 1024, dtype=torch.uint8)
+    region = b.register(dst)
+    src = _pattern(n * 1024, 11)
+    a.register(src)
+    peer = a._peers["rcv"]
+    frames: list[list[bytes]] = []
+    recv = peer.sock.recv_multipart
+
+    async def spy() -> list[bytes]:
+        got = await recv()
+        frames.append(got)
+        return got
+
+    peer.sock.recv_multipart = spy  # type: ignore[method-assign]
+    peer.reader.cancel()
+    peer.reader = a._spawn(peer._read())
+    for i in range(n):  # one event-loop pass
+        b.expose(f"r3/hit/l{i}", region, i * 1024, 1024, sender="snd")
+    await _until(lambda: len(peer.grants) == n, "pushed grants")
+    sizes = [decode(f).payload_len for got in frames for f in got]
+    assert sizes == [nixl._PUSH_CHUNK, nixl._PUSH_CHUNK, 5]
+    for i in range(n):
+        await a.write("rcv", f"r3/hit/l{i}", src[i * 1024 : (i + 1) * 1024], 5.0)
+    for i in range(n):
+        await b.wait(f"r3/hit/l{i}", 5.0)
+    assert torch.equal(dst, src) and a.handshakes == 0
+    # a name nobody said HELLO under is no one to push to: the write asks, once for its group
+    b.expose("r4/hit/l0", region, 0, 1024, sender="nobody")
+    await a.write("rcv", "r4/hit/l0", src[:1024], 5.0)
+    await b.wait("r4/hit/l0", 5.0)
+    assert a.handshakes == 1
+
+
+async def test_a_landing_named_for_one_sender_is_taken_back_when_another_writes_it(pair: tuple) -> None:  # type: ignore[type-arg]
+    """The hint does not bind: a second sender's request for a landing pushed to the first revokes the first's
+    grant (fenced: acknowledged) and lands the second's bytes; the first's write under its old grant is refused
+    and writes nothing."""
+    a, b = pair
+    cfg = NixlTransportConfig(pending_timeout_s=0.5)
+    async with create_transport(cfg, "oth") as c:
+        await c.connect("rcv", b.address)
+        dst = torch.zeros(SIZE, dtype=torch.uint8)
+        region = b.register(dst)
+        src_a, src_c = _pattern(SIZE, 12), _pattern(SIZE, 13)
+        a.register(src_a)
+        c.register(src_c)
+        b.expose(_tag(0), region, 0, SIZE, sender="snd")
+        await _until(lambda: _tag(0) in a._peers["rcv"].grants, "pushed grant")
+        await c.write("rcv", _tag(0), src_c, 5.0)
+        await b.wait(_tag(0), 5.0)
+        assert torch.equal(dst, src_c)
+        with pytest.raises(TransportError):
+            await a.write("rcv", _tag(0), src_a, 1.0)
+        await anyio.sleep(0.05)
+        assert torch.equal(dst, src_c)
+
+
 async def test_a_granted_write_from_a_deregistered_source_is_refused(pair: tuple) -> None:  # type: ignore[type-arg]
     """The per-layer fast path remembers its last source region; once that region is deregistered, a write
     from it is refused as for any unregistered source (nothing is posted from memory NIXL no longer knows)."""

@@ -105,6 +105,25 @@ async def test_zmq_transport_and_posix_storage(tmp_path):
 
 
 @pytest.mark.anyio
+@pytest.mark.nixl
+async def test_nixl_transport_serves_every_path_with_the_same_tokens():
+    """The engines over nixl (one-sided writes, landings handed to their named writer as exposed): every read
+    path's tokens as the in-process reference's, and each DE->PE forward and PE->DE ship landed once."""
+    pytest.importorskip("nixl_cu12")
+    from dualpath.transports.config import NixlTransportConfig
+
+    want = await _reference()
+    cfg = synthetic_config()
+    cfg.transport = NixlTransportConfig()
+    async with Cluster(cfg) as c:
+        for path in ("de", "pe", "split"):
+            results = await run_session(c, path, session=path, vocab=1000)
+            assert [r.token_ids for r in results] == want
+        stats = {name: t.stats for name, t in c.transports.items()}
+        assert sum(s.writes for s in stats.values()) == sum(s.arrivals for s in stats.values()) > 0
+
+
+@pytest.mark.anyio
 async def test_persisted_blocks_hold_the_models_kv():
     """Every Full Block the DE persisted (prompt and decoded) holds exactly the synthetic model's KV rows."""
     from dualpath.model.synthetic import signatures

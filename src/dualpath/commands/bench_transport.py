@@ -231,7 +231,8 @@ async def _ours_pass(t: Any, peer: Child, src: Any, size: int, count: int, prefi
     import anyio
 
     t0 = time.perf_counter()
-    peer.send(op="bench", nbytes=size, count=count, prefix=prefix, timeout=120.0, slots=SLOTS)
+    # the receiver knows who writes (as an engine does): nixl hands us the landings as they are exposed
+    peer.send(op="bench", nbytes=size, count=count, prefix=prefix, timeout=120.0, slots=SLOTS, sender=t.name)
     data = src[:size]
     tags = [f"{prefix}{i}" for i in range(count)]
     it = iter(tags)

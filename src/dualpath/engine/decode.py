@@ -151,7 +151,7 @@ class DecodeEngine(Engine):
             for part, (s, e) in enumerate(turn.ship_ranges()):
                 view = recv[layer, off : off + (e - s)]
                 self.ctx.transport.expose(turn.tag("kv", layer, part), self.host_region, self.host_offset(view),
-                                          (e - s) * b)
+                                          (e - s) * b, sender=f"pe{turn.pe}")
                 off += e - s
 
     def recv_rows(self, turn: Turn) -> torch.Tensor:

@@ -283,7 +283,8 @@ class PrefillEngine(Engine):
                 t = c.turn
                 if c.first and t.de_hit_blocks and t.error is None:
                     first = (slot * self.slot_blocks + o + t.pe_hit_blocks) * lb
-                    transport.expose(t.tag("hit", layer), scratch_region, first, t.de_hit_blocks * lb)
+                    transport.expose(t.tag("hit", layer), scratch_region, first, t.de_hit_blocks * lb,
+                                     sender=f"de{t.de}")
                     t.exposed[layer].set()
 
         state = await self.model.prefill_begin(seqs)

@@ -226,17 +226,23 @@ class Transport(abc.ABC):
         return None
 
     # --- receiving ------------------------------------------------------------------------------------------
-    def expose(self, tag: str, region: Region, offset: int, nbytes: int) -> None:
-        """Expose ``region[offset:offset+nbytes]`` (bytes) as the landing slot of one arrival under ``tag``."""
+    def expose(self, tag: str, region: Region, offset: int, nbytes: int, *, sender: str | None = None) -> None:
+        """Expose ``region[offset:offset+nbytes]`` (bytes) as the landing slot of one arrival under ``tag``.
+
+        ``sender``: the peer expected to write it, where the caller knows (an engine does: the DE forwarding a
+        request's layers, the PE shipping its KV back), by the name that peer's endpoint has. A one-sided
+        transport (nixl) then hands that peer the landing at once, so its write needs no request round trip; the
+        others ignore it. A hint only: any connected peer may still write the landing (nixl first takes it back
+        from the named one, fenced), and exactly-once holds either way."""
         if self._closed:
             self._check_open()
         if self._regions.get(region.id) is not region:
             raise TransportError(f"{self.name}: region {region.id} is not registered with this transport")
         host = region.host_view(offset, nbytes) if self.receives_into_host_views else None
         self._landings.expose(tag, region.view(offset, nbytes), host)
-        self._on_expose(tag)
+        self._on_expose(tag, sender)
 
-    def _on_expose(self, tag: str) -> None:  # noqa: B027 - optional hook
+    def _on_expose(self, tag: str, sender: str | None) -> None:  # noqa: B027 - optional hook
         pass
 
     async def wait(self, tag: str, timeout: float) -> None:

@@ -64,8 +64,8 @@ class FaultyTransport(Transport):
     def find_region(self, t: torch.Tensor) -> Region | None:
         return self.inner.find_region(t)
 
-    def expose(self, tag: str, region: Region, offset: int, nbytes: int) -> None:
-        self.inner.expose(tag, region, offset, nbytes)
+    def expose(self, tag: str, region: Region, offset: int, nbytes: int, *, sender: str | None = None) -> None:
+        self.inner.expose(tag, region, offset, nbytes, sender=sender)
 
     async def wait(self, tag: str, timeout: float) -> None:
         await self.inner.wait(tag, timeout)

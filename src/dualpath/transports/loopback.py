@@ -156,8 +156,9 @@ class LoopbackTransport(Transport):
         self._peers[peer] = address
         self._peer_eps.pop(peer, None)
 
-    def expose(self, tag: str, region: Region, offset: int, nbytes: int) -> None:
-        """As :meth:`Transport.expose`, without the slot's host memoryview (loopback copies with torch)."""
+    def expose(self, tag: str, region: Region, offset: int, nbytes: int, *, sender: str | None = None) -> None:
+        """As :meth:`Transport.expose`, without the slot's host memoryview (loopback copies with torch; ``sender``
+        is not needed: a write finds the landing in the same process)."""
         if self._closed:
             self._check_open()
         if self._regions.get(region.id) is not region:

@@ -129,12 +129,14 @@ _REVOKED_KEPT = 4096  # revoked (tag, epoch) pairs remembered, so their late not
 _FENCE_S = 2.0  # how long a revocation waits for the sender's acknowledgement before re-registering the region
 _SPIN_S = 0.005  # a sender with writes posted polls every loop pass while they progressed this recently
 _DRAIN = 256  # side-channel messages handled per wake-up before yielding
+_PUSH_CHUNK = 32  # pushed grants leave in messages of at most this many (the first ones need not wait for the rest)
 _DLIST_CACHE = 512  # prepared descriptor lists kept per side (LRU)
 _SCAN_S = 0.05  # how often outstanding grants are checked for landings withdrawn without a revocation
 _PUMP_IDLE_AFTER_S = 0.02  # the pump naps notif_idle_poll_s once this long without a notification
 _PUMP_PARK_S = 1.0  # a parked notification pump re-checks its stop flag this often
 _PUMP_JOIN_S = 2.0  # close() waits this long for the notification pump to end
 _U8 = torch.uint8
+_DRAM = ("DRAM", 0)
 _EXPIRED = "EXPIRED"  # the state _progress gives a posted WRITE still in progress at its deadline
 
 
@@ -286,6 +288,7 @@ class NixlTransport(Transport):
         self._seq = itertools.count(1)
         self._granted: dict[str, _Grant] = {}  # by tag: landings granted to a sender, not yet notified
         self._offers: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # request group -> (sender, its ident)
+        self._idents: dict[str, bytes] = {}  # sender (agent) name -> its side-channel ident, from its HELLO
         self._epochs = itertools.count(1)
         self._revoking: OrderedDict[tuple[str, int], tuple[asyncio.Event, bytes]] = OrderedDict()  # -> (acked, ident)
         self._held: dict[str, int] = {}  # tags with requests held until exposed (how many)
@@ -535,6 +538,12 @@ class NixlTransport(Transport):
             try:
                 remote = self._agent.add_remote_agent(hdr.extra)
                 log.debug("%s: loaded metadata of %r", self.name, remote)
+                who = remote.decode("utf-8", "replace") if isinstance(remote, bytes) else str(remote)
+                idents = self._idents
+                idents.pop(who, None)
+                idents[who] = ident  # where grants for its writes go, when an expose names it
+                if len(idents) > _OFFERS:
+                    del idents[next(iter(idents))]
             except Exception as exc:
                 reason = f"bad agent metadata: {exc}"
                 self._landings.reject("?", reason)
@@ -653,18 +662,25 @@ class NixlTransport(Transport):
         self._granted[tag] = g
         return g
 
-    def _on_expose(self, tag: str) -> None:
-        """A landing of a group already granted to a sender: claim it for that sender and push its grant (all
-        the pushes of one event-loop pass leave as one message)."""
-        if not self._offers:
-            return
-        offer = self._offers.get(_group(tag))
-        if offer is None or tag in self._held:
+    def _on_expose(self, tag: str, sender: str | None) -> None:
+        """Hand a new landing to its writer ahead of any request: to ``sender`` (the caller's hint) once that peer
+        said HELLO, else to the sender its request group was granted to. Claimed for it and pushed: the pushes of
+        one event-loop pass to one sender leave as one message, or every ``_PUSH_CHUNK`` grants, so the first
+        writes start while later landings are still being exposed."""
+        ident = self._idents.get(sender) if sender is not None else None
+        if ident is None:
+            if not self._offers:
+                return
+            offer = self._offers.get(_group(tag))
+            if offer is None:
+                return
+            sender, ident = offer
+        if tag in self._held:  # a request waits for it: its answer grants it
             return
         slot = self._landings._slots.get(tag)
         if slot is None or slot.state != "exposed":
             return
-        sender, ident = offer
+        assert sender is not None
         g = self._claim_for(tag, slot, sender, ident)
         if g is None:
             return
@@ -674,6 +690,8 @@ class NixlTransport(Transport):
             box = self._push[ident] = []
             asyncio.get_running_loop().call_soon(self._flush_push, ident)
         box.append(_grant_entry(tag, g))
+        if len(box) >= _PUSH_CHUNK:
+            self._flush_push(ident)
 
     def _flush_push(self, ident: bytes) -> None:
         grants = self._push.pop(ident, [])
@@ -846,8 +864,22 @@ class NixlTransport(Transport):
                 if region is None or not region.holds(src):
                     region = self._src_region = self.find_region(src)
                 if region is not None:
+                    # post the one WRITE: one NIXL completes inside ``transfer`` (a local copy, e.g. UCX's CMA)
+                    # returns without suspending (nothing can revoke the grant in between: one thread)
                     del p.grants[tag]
-                    await self._write_granted(p, peer, tag, src, r, region, timeout)
+                    nbytes = r.nbytes
+                    dev = region.cuda_index
+                    handle, state, key, _seq = self._post(p, peer, tag, src, nbytes, r, None,
+                                                          mem=_DRAM if dev is None else ("VRAM", dev))
+                    if state == "PROC":
+                        await self._posted(p, peer, tag, handle, key, timeout)
+                    else:
+                        _release(handle)
+                        if state != "DONE":
+                            raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
+                    stats = self.stats
+                    stats.writes += 1
+                    stats.bytes_sent += nbytes
                     return
         _, data = self._prepare_write(tag, src)
         if p is None or p.agent_name is None:
@@ -883,32 +915,31 @@ class NixlTransport(Transport):
         self.stats.writes += 1
         self.stats.bytes_sent += nbytes
 
-    async def _write_granted(self, p: _Peer, peer: str, tag: str, data: torch.Tensor, r: _Remote, region: Region,
-                             timeout: float) -> None:
-        """Post the one WRITE under the pushed grant ``r`` (no checksum): a WRITE that NIXL completes inside
-        ``transfer`` (a local copy, e.g. UCX's CMA) returns without suspending, a timer or a future (nothing can
-        revoke the grant in between: one thread); one still in progress is polled by :meth:`_progress`, which
-        enforces the deadline (no cancel scope per write), and ``close`` ends it."""
-        nbytes = r.nbytes
-        dev = region.cuda_index
-        handle, state, key, seq = self._post(p, peer, tag, data, nbytes, r, None,
-                                             mem=("DRAM", 0) if dev is None else ("VRAM", dev))
-        if state == "PROC":
-            deadline = asyncio.get_running_loop().time() + timeout
-            try:
-                await self._finish(p, peer, tag, handle, state, key, seq, None, deadline)
-            except TransportError:
-                if self._closed:
-                    raise TransportClosed(f"{self.name}: transport closed during the write of {tag!r} "
-                                          f"to {peer!r}") from None
-                raise
-        else:
+    async def _posted(self, p: _Peer, peer: str, tag: str, handle: Any, key: tuple[str, int], timeout: float) -> None:
+        """Until the fast path's posted WRITE (no checksum, so no ACK) completes: polled by :meth:`_progress`, which
+        ends it at its deadline (no cancel scope per write); ``close`` ends it too. The handle is released in every
+        case (NIXL aborts a transfer still posted)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str] = loop.create_future()
+        p.active[key] = done  # a revocation of this grant waits for it
+        xid = next(self._xids)
+        inflight = self._inflight
+        inflight[xid] = (handle, done, loop.time() + timeout)
+        self._kick()
+        try:
+            state = await done
+        finally:
+            p.active.pop(key, None)
+            if not done.done():  # abandoned (the caller was cancelled): NIXL aborts it on release
+                done.set_result("ABANDONED")
+                inflight.pop(xid, None)
             _release(handle)
-            if state != "DONE":
-                raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
-        stats = self.stats
-        stats.writes += 1
-        stats.bytes_sent += nbytes
+        if state != "DONE":
+            if self._closed:
+                raise TransportClosed(f"{self.name}: transport closed during the write of {tag!r} to {peer!r}")
+            if state == _EXPIRED:
+                raise PeerTimeout(f"{self.name}: write of {tag!r} to {peer!r} not delivered by its deadline")
+            raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
 
     async def _grant_for(self, p: _Peer, peer: str, tag: str, nbytes: int, csum: int | None) -> _Remote:
         """The grant to write ``tag``: pushed already, in the answer to the group's request in flight, or by a

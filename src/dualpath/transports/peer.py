@@ -2,7 +2,7 @@
 tests and of ``dualpath bench transport``.
 
 Runs one transport endpoint and obeys JSON-line commands on stdin, answering JSON lines on stdout (``id``
-echoed). Commands: ``expose {tag, offset, nbytes}``, ``wait {tag, timeout}`` -> ``{sha}`` of the landed bytes,
+echoed). Commands: ``expose {tag, offset, nbytes[, sender]}``, ``wait {tag, timeout}`` -> ``{sha}`` of the landed bytes,
 ``connect {peer, address}``, ``write {peer, tag, nbytes, seed, timeout}`` (deterministic bytes from ``seed``),
 ``exit``. The first line printed is ``{"address": ...}``.
 Usage: ``python -m dualpath.transports.peer NAME CONFIG_JSON BUFFER_BYTES``.
@@ -61,7 +61,7 @@ async def main(name: str, config_json: str, buffer_bytes: int) -> None:
             try:
                 op = cmd["op"]
                 if op == "expose":
-                    t.expose(cmd["tag"], region, cmd["offset"], cmd["nbytes"])
+                    t.expose(cmd["tag"], region, cmd["offset"], cmd["nbytes"], sender=cmd.get("sender"))
                 elif op == "wait":
                     await t.wait(cmd["tag"], cmd["timeout"])
                     reply["sha"] = sha(buf[cmd["offset"]: cmd["offset"] + cmd["nbytes"]])
@@ -76,7 +76,8 @@ async def main(name: str, config_json: str, buffer_bytes: int) -> None:
                 elif op == "bench":  # receive count messages of nbytes under tags prefix+i (window of exposes)
                     n, count = cmd["nbytes"], cmd["count"]
                     for i in range(count):
-                        t.expose(f"{cmd['prefix']}{i}", region, (i % cmd.get("slots", 4)) * n, n)
+                        t.expose(f"{cmd['prefix']}{i}", region, (i % cmd.get("slots", 4)) * n, n,
+                                 sender=cmd.get("sender"))
                     for i in range(count):
                         await t.wait(f"{cmd['prefix']}{i}", cmd["timeout"])
                 reply["ok"] = True

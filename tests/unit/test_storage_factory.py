@@ -58,10 +58,14 @@ def test_bench_storage_quick_json(tmp_path):
     for c in data["cases"].values():
         assert c["checksum_overhead_floor"] == pytest.approx(1 - c["verify_ceiling"], abs=2e-3)
         assert c["read_ratio_vs_ceiling"] == pytest.approx(c["read_ratio_warm"] / c["verify_ceiling"], rel=0.02)
+        # the decomposition: (raw + hash) / raw times posix verified / (raw + hash) is posix verified / raw
+        assert c["raw_verified_ratio"] * c["read_ratio_vs_raw_verified"] == pytest.approx(c["read_ratio_warm"],
+                                                                                           rel=0.02)
+    assert data["raw_verified_ratio"] == min(c["raw_verified_ratio"] for c in data["cases"].values())
     methods = {(r["case"], r["op"], r["method"]) for r in data["runs"]}
     for case in ("smollm2-135m", "deepseek-v32-mla-fp8"):
         for op, m in [("write", "posix"), ("read_warm", "posix_verify"), ("read_warm", "posix_noverify"),
-                      ("read_warm", "raw_preadv")]:
+                      ("read_warm", "raw_preadv"), ("read_warm", "raw_preadv_xxh3")]:
             assert (case, op, m) in methods
     assert all(r["gib_s"] > 0 for r in data["runs"])
     assert {r["block_bytes"] for r in data["runs"]} == {30 * 64 * 768, 61 * 64 * 656}

@@ -62,6 +62,23 @@ def _tag(layer: int) -> str:
     return f"r7/kv/l{layer}/p0"
 
 
+def _record_replies(a: Any, peer: Any) -> list[list[bytes]]:
+    """Restart the sender ``a``'s reader of ``peer`` so that every message it receives is also recorded (the
+    returned list)."""
+    frames: list[list[bytes]] = []
+    recv = peer.sock.recv_multipart
+
+    async def spy() -> list[bytes]:
+        got = await recv()
+        frames.append(got)
+        return got
+
+    peer.sock.recv_multipart = spy
+    peer.reader.cancel()
+    peer.reader = a._spawn(peer._read())
+    return frames
+
+
 async def _until(cond: object, what: str, deadline: float = 5.0) -> None:
     with anyio.fail_after(deadline):
         while not cond():  # type: ignore[operator]
@@ -110,17 +127,7 @@ async def test_a_burst_of_exposes_reaches_the_sender_as_one_packed_message(pair:
     b.expose(_tag(0), region, 0, SIZE)
     await a.write("rcv", _tag(0), src[:SIZE], 5.0)  # the group's one request
     await b.wait(_tag(0), 5.0)
-    frames: list[list[bytes]] = []
-    recv = peer.sock.recv_multipart
-
-    async def spy() -> list[bytes]:
-        got = await recv()
-        frames.append(got)
-        return got
-
-    peer.sock.recv_multipart = spy  # type: ignore[method-assign]
-    peer.reader.cancel()
-    peer.reader = a._spawn(peer._read())
+    frames = _record_replies(a, peer)
     for layer in range(1, LAYERS):  # one pass: no await between them
         b.expose(_tag(layer), region, layer * SIZE, SIZE)
     assert b._landings._slots[_tag(1)].host is None  # one-sided: the slot needs no host memoryview
@@ -149,17 +156,7 @@ async def test_an_expose_naming_its_sender_hands_over_the_landing_before_any_req
     src = _pattern(n * 1024, 11)
     a.register(src)
     peer = a._peers["rcv"]
-    frames: list[list[bytes]] = []
-    recv = peer.sock.recv_multipart
-
-    async def spy() -> list[bytes]:
-        got = await recv()
-        frames.append(got)
-        return got
-
-    peer.sock.recv_multipart = spy  # type: ignore[method-assign]
-    peer.reader.cancel()
-    peer.reader = a._spawn(peer._read())
+    frames = _record_replies(a, peer)
     for i in range(n):  # one event-loop pass
         b.expose(f"r3/hit/l{i}", region, i * 1024, 1024, sender="snd")
     await _until(lambda: len(peer.grants) == n, "pushed grants")

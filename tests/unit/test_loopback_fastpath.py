@@ -190,7 +190,8 @@ async def test_cancel_of_a_claimed_threaded_copy_settles_and_spares_the_next_exp
     """A write above ``inline_copy_bytes`` claims its landing, then copies in a worker thread. A cancel between
     the two: the copy either never starts (the write fails) or, if already under way, completes; ``settle()``
     returns only once nothing more can land in the cancelled memory, and the tag exposed again gets nothing."""
-    a, b = await _pair(inline_copy_bytes=0)  # every copy goes to a worker thread
+    a, b = await _pair(inline_copy_bytes=0)  # every copy goes to a worker thread (as one involving a GPU does)
+    a._host_copy_in_steps = False  # type: ignore[attr-defined]
     try:
         n = 8 << 20
         dst = torch.zeros(2 * n, dtype=torch.uint8)
@@ -241,6 +242,56 @@ async def test_cancel_of_a_claimed_threaded_copy_settles_and_spares_the_next_exp
         with pytest.raises(PeerTimeout):
             await b.wait("big", 0.05)
         assert torch.count_nonzero(dst[n:]) == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_large_host_copy_runs_on_the_loop_in_steps_and_a_cancel_stops_it() -> None:
+    """A host write above ``inline_copy_bytes`` is copied on the event loop a step at a time: it lands exactly,
+    with no worker thread. Other tasks run between steps, so a cancel can come between two: it stops the copy,
+    the write fails, not one byte lands after ``cancel`` returns (``settle()`` has nothing to wait for), and the
+    tag exposed again gets nothing."""
+    from dualpath.transports import loopback
+
+    step = loopback._STEP_MIN
+    n = 2 * step + (1 << 20)  # three steps
+    a, b = await _pair(inline_copy_bytes=0)
+    try:
+        dst = torch.zeros(2 * n, dtype=torch.uint8)
+        region = b.register(dst)
+        src = pattern(n, 8)
+        b.expose("big", region, 0, n)
+        await a.write("rcv", "big", src, 5.0)
+        await b.wait("big", 5.0)
+        assert torch.equal(dst[:n], src)
+        assert not a._copying and not b._copying  # type: ignore[attr-defined]  # no worker thread took it
+
+        dst.zero_()
+        b.expose("big", region, 0, n)
+        slot = b._landings._slots["big"]  # type: ignore[attr-defined]
+        errors: list[BaseException] = []
+
+        async def writer() -> None:
+            try:
+                await a.write("rcv", "big", src, 5.0)
+            except TransportError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            with anyio.fail_after(5):
+                while slot.state == "exposed":  # claimed; its first step is copied in the same loop pass
+                    await anyio.sleep(0)
+            b.cancel("big")
+            after_cancel = dst[:n].clone()
+            b.expose("big", region, n, n)  # the same tag, the other half
+            with anyio.fail_after(1):
+                await b.settle()
+        assert len(errors) == 1 and "withdrawn" in str(errors[0])
+        assert torch.equal(dst[:n], after_cancel)  # nothing landed after the cancel
+        assert torch.equal(after_cancel[:step], src[:step]) and torch.count_nonzero(after_cancel[step:]) == 0
+        assert torch.count_nonzero(dst[n:]) == 0  # the new landing got nothing from the cancelled write
     finally:
         await a.close()
         await b.close()

@@ -29,7 +29,8 @@ class LoopbackTransportConfig(_Common):
 
     kind: Literal["loopback"] = "loopback"
     inline_copy_bytes: int = Field(
-        default=4 << 20, ge=0, description="copies up to this size run on the event loop; larger in a thread"
+        default=4 << 20, ge=0, description="copies up to this size run on the event loop in one step; larger host "
+        "copies in steps of this size (at least 8 MiB), yielding between; larger copies involving a GPU in a thread"
     )
 
 

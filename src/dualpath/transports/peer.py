@@ -10,6 +10,7 @@ Usage: ``python -m dualpath.transports.peer NAME CONFIG_JSON BUFFER_BYTES``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -85,9 +86,13 @@ async def main(name: str, config_json: str, buffer_bytes: int) -> None:
                 reply.update(ok=False, error=type(exc).__name__, msg=str(exc))
             await say(reply)
 
+        # commands read on the event loop (no thread hop: the raw baselines' children read stdin directly)
+        loop = asyncio.get_running_loop()
+        stdin = asyncio.StreamReader(limit=1 << 20)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
         async with anyio.create_task_group() as tg:
             while True:
-                line = await anyio.to_thread.run_sync(sys.stdin.readline)
+                line = (await stdin.readline()).decode()
                 if not line:
                     break
                 cmd = json.loads(line)

@@ -24,9 +24,9 @@ A host-to-host copy above ``inline_copy_bytes`` runs on the event loop in steps 
 about 1 ms of the loop), yielding between steps so the loop stays responsive: handing it to a worker thread and
 back costs two cross-thread wake-ups, 140-300 us on a 2-core VM, a quarter of a 16 MiB copy (loopback ÷ ``copy_``
 at 16 MiB measured 0.59-0.81 that way, 0.84-0.88 in 8 MiB steps). Steps are large because each one forks torch's
-parallel copy once, and waking its threads is not free either (4 MiB steps: 0.77-0.78). Before each step the copy checks that its landing is still exposed: after ``cancel`` (or a timed-out
-``wait``, or ``close``) returns, no further byte is written, and the write fails (what the earlier steps wrote is
-unspecified, never served). A copy above ``inline_copy_bytes`` that involves a GPU runs in a worker thread. Its
+parallel copy once, and waking its threads is not free either (4 MiB steps: 0.77-0.78). Before each step the
+copy checks that its landing is still exposed: after ``cancel`` (or a timed-out ``wait``, or ``close``) returns,
+no further byte is written, and the write fails (what the earlier steps wrote is unspecified, never served). A copy above ``inline_copy_bytes`` that involves a GPU runs in a worker thread. Its
 landing is claimed first; if it is withdrawn before the thread starts the copy, the copy is skipped (the write
 fails, nothing written); a copy already under way completes, and :meth:`LoopbackTransport.settle` waits for it,
 so after ``cancel`` + ``settle`` nothing lands in the cancelled memory.

@@ -864,15 +864,23 @@ class NixlTransport(Transport):
                 if region is None or not region.holds(src):
                     region = self._src_region = self.find_region(src)
                 if region is not None:
-                    # post the one WRITE: one NIXL completes inside ``transfer`` (a local copy, e.g. UCX's CMA)
-                    # returns without suspending (nothing can revoke the grant in between: one thread)
+                    # post the one WRITE: when NIXL completes it inside ``transfer`` (a local copy, e.g. UCX's
+                    # CMA) this returns without suspending (nothing can revoke the grant in between: one thread);
+                    # one still in progress is polled by _progress, which enforces the deadline (no cancel scope)
                     del p.grants[tag]
                     nbytes = r.nbytes
                     dev = region.cuda_index
-                    handle, state, key, _seq = self._post(p, peer, tag, src, nbytes, r, None,
-                                                          mem=_DRAM if dev is None else ("VRAM", dev))
+                    handle, state, key, seq = self._post(p, peer, tag, src, nbytes, r, None,
+                                                         mem=_DRAM if dev is None else ("VRAM", dev))
                     if state == "PROC":
-                        await self._posted(p, peer, tag, handle, key, timeout)
+                        try:
+                            await self._finish(p, peer, tag, handle, state, key, seq, None,
+                                               asyncio.get_running_loop().time() + timeout)
+                        except TransportError:
+                            if self._closed:
+                                raise TransportClosed(f"{self.name}: transport closed during the write of {tag!r} "
+                                                      f"to {peer!r}") from None
+                            raise
                     else:
                         _release(handle)
                         if state != "DONE":
@@ -914,32 +922,6 @@ class NixlTransport(Transport):
         await self._guarded(f"write of {tag!r} to {peer!r}", timeout, send)
         self.stats.writes += 1
         self.stats.bytes_sent += nbytes
-
-    async def _posted(self, p: _Peer, peer: str, tag: str, handle: Any, key: tuple[str, int], timeout: float) -> None:
-        """Until the fast path's posted WRITE (no checksum, so no ACK) completes: polled by :meth:`_progress`, which
-        ends it at its deadline (no cancel scope per write); ``close`` ends it too. The handle is released in every
-        case (NIXL aborts a transfer still posted)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[str] = loop.create_future()
-        p.active[key] = done  # a revocation of this grant waits for it
-        xid = next(self._xids)
-        inflight = self._inflight
-        inflight[xid] = (handle, done, loop.time() + timeout)
-        self._kick()
-        try:
-            state = await done
-        finally:
-            p.active.pop(key, None)
-            if not done.done():  # abandoned (the caller was cancelled): NIXL aborts it on release
-                done.set_result("ABANDONED")
-                inflight.pop(xid, None)
-            _release(handle)
-        if state != "DONE":
-            if self._closed:
-                raise TransportClosed(f"{self.name}: transport closed during the write of {tag!r} to {peer!r}")
-            if state == _EXPIRED:
-                raise PeerTimeout(f"{self.name}: write of {tag!r} to {peer!r} not delivered by its deadline")
-            raise TransportError(f"{self.name}: NIXL write of {tag!r} to {peer!r} failed: {state}")
 
     async def _grant_for(self, p: _Peer, peer: str, tag: str, nbytes: int, csum: int | None) -> _Remote:
         """The grant to write ``tag``: pushed already, in the answer to the group's request in flight, or by a

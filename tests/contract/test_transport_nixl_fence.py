@@ -15,7 +15,7 @@ import torch
 from dualpath.errors import PeerTimeout, TransportClosed, TransportError
 from dualpath.transports import create_transport
 from dualpath.transports.config import NixlTransportConfig
-from dualpath.transports.wire import Header, Kind, decode, encode
+from dualpath.transports.wire import Header, Kind, Status, decode, encode
 
 try:
     import nixl_cu12  # noqa: F401
@@ -433,3 +433,132 @@ async def test_close_ends_a_granted_write_that_never_completes(pair: tuple) -> N
         await _until(lambda: bool(a._inflight), "the write posted")
         await a.close()
     assert len(errors) == 1 and isinstance(errors[0], TransportClosed), errors
+
+
+class _PostedAgent:
+    """The sender's NIXL agent with every WRITE reported still in progress when posted (the real one polled
+    afterwards): a peer with writes in flight, whatever the copy's speed on this machine."""
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+
+    def transfer(self, handle: Any) -> str:
+        state = self._agent.transfer(handle)
+        return "PROC" if state == "DONE" else state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._agent, name)
+
+
+async def _granted_all(a: Any, b: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` landings of ``b`` exposed for ``a`` (their grants pushed and held), ``a``'s agent reporting every
+    WRITE in progress when posted."""
+    dst, region, src = _buffers(a, b, n, seed)
+    peer = a._peers["rcv"]
+    b.expose("r1/kv/l0/p0", region, 0, SIZE)  # a first write loads the receiver's agent metadata
+    await a.write("rcv", "r1/kv/l0/p0", src[:SIZE], 5.0)
+    await b.wait("r1/kv/l0/p0", 5.0)
+    dst.zero_()
+    for layer in range(n):
+        b.expose(_tag(layer), region, layer * SIZE, SIZE, sender="snd")
+    await _until(lambda: len(peer.grants) == n, "pushed grants")
+    a._agent = _PostedAgent(a._agent)
+    return dst, src
+
+
+async def test_writes_to_a_peer_with_writes_in_flight_share_one_write_and_each_lands_once(pair: tuple) -> None:  # type: ignore[type-arg]
+    """Fast-path writes issued while another is in flight to the same peer are posted together at the end of
+    the loop pass, as one NIXL WRITE whose notification names every landing: each lands once, in place."""
+    a, b = pair
+    n = 12
+    dst, src = await _granted_all(a, b, n, 21)
+    async with anyio.create_task_group() as tg:  # all in one loop pass: the first posts, the rest join
+        for layer in range(n):
+            tg.start_soon(a.write, "rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 5.0)
+    for layer in range(n):
+        await b.wait(_tag(layer), 5.0)
+    assert torch.equal(dst, src)
+    assert a.shared_writes == n - 1 and a.handshakes == 1  # the first write's, before the exposes
+    assert b.stats.arrivals == n + 1 and a.stats.writes == n + 1 and not a._peers["rcv"].active
+
+
+async def test_a_landing_revoked_while_its_write_waits_to_be_posted_gets_nothing(pair: tuple) -> None:  # type: ignore[type-arg]
+    """A revocation that reaches the sender between a write joining the batch and the batch's post refuses that
+    write (nothing of it lands); the batch's other writes land."""
+    a, b = pair
+    n, victim = 6, 3
+    dst, src = await _granted_all(a, b, n, 22)
+    peer = a._peers["rcv"]
+    errors: dict[int, BaseException] = {}
+
+    async def write(layer: int) -> None:
+        try:
+            await a.write("rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 5.0)
+        except TransportError as exc:
+            errors[layer] = exc
+
+    async def revoke() -> None:  # runs after the writers in the same loop pass: the batch is queued, not posted
+        assert peer.batch is not None
+        epoch = next(r.epoch for tag, _, r, _, _ in peer.batch.items if tag == _tag(victim))
+        peer._on_push(Header(Kind.GRANT, 0, _tag(victim), status=Status.CLOSED, arg=epoch), set())
+
+    async with anyio.create_task_group() as tg:
+        for layer in range(n):
+            tg.start_soon(write, layer)
+        tg.start_soon(revoke)
+    assert list(errors) == [victim] and "withdrew" in str(errors[victim])
+    for layer in range(n):
+        if layer != victim:
+            await b.wait(_tag(layer), 5.0)
+    await anyio.sleep(0.05)
+    assert not dst[victim * SIZE:(victim + 1) * SIZE].any()
+    keep = torch.ones(n * SIZE, dtype=torch.bool)
+    keep[victim * SIZE:(victim + 1) * SIZE] = False
+    assert torch.equal(dst[keep], src[keep])
+
+
+async def test_a_shared_write_that_never_completes_ends_every_writer_at_the_deadline(pair: tuple) -> None:  # type: ignore[type-arg]
+    a, b = pair
+    src = await _granted_stuck_sender(a, b, 4)
+    errors: list[BaseException] = []
+
+    async def write(layer: int) -> None:
+        try:
+            await a.write("rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 0.3)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for layer in (1, 2, 3):
+                tg.start_soon(write, layer)
+    assert a.shared_writes == 2
+    assert len(errors) == 3 and all(isinstance(e, PeerTimeout) for e in errors), errors
+    assert not a._inflight and not a._peers["rcv"].active
+
+
+async def test_a_batch_that_fills_up_is_posted_at_once(pair: tuple, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[type-arg]
+    """A batch is posted as soon as the next write would take it past ``_BATCH_BYTES``, so several WRITEs stay
+    in flight (and a batch's first writer does not wait for an unbounded one); every landing still lands once."""
+    from dualpath.transports import nixl
+
+    a, b = pair
+    n = 12
+    monkeypatch.setattr(nixl, "_BATCH_BYTES", 2 * SIZE)
+    dst, src = await _granted_all(a, b, n, 23)
+    posts: list[int] = []
+    init = a._agent.initialize_xfer
+
+    def counted(op: str, local: Any, remote: Any, *args: Any) -> Any:
+        posts.append(local.descCount())
+        return init(op, local, remote, *args)
+
+    a._agent.initialize_xfer = counted
+    async with anyio.create_task_group() as tg:
+        for layer in range(n):
+            tg.start_soon(a.write, "rcv", _tag(layer), src[layer * SIZE:(layer + 1) * SIZE], 5.0)
+    for layer in range(n):
+        await b.wait(_tag(layer), 5.0)
+    assert torch.equal(dst, src)
+    # the first write posts alone (nothing in flight yet); the other 11 go two per WRITE, the last one alone
+    assert posts == [2, 2, 2, 2, 2] and a.shared_writes == 10

@@ -22,8 +22,10 @@ from dualpath.transports.wire import (
     decode,
     encode,
     pack_acks,
+    pack_dones,
     pack_grants,
     unpack_acks,
+    unpack_dones,
     unpack_grants,
 )
 
@@ -154,6 +156,24 @@ def test_grant_batches_round_trip_and_reject_damage() -> None:
         unpack_grants(Header(Kind.GRANTS, 0, "", 1, extra=entry))
     with pytest.raises(WireError, match="UTF-8"):
         unpack_grants(Header(Kind.GRANTS, 0, "", 1, extra=struct.pack("<QQQBHH", 1, 2, 3, 0, 0, 1) + b"\xff"))
+
+
+def test_completion_batches_round_trip_and_reject_damage() -> None:
+    """One nixl WRITE that filled several landings is announced by one DONES notification naming each: every
+    field survives, and a damaged one is refused whole (no landing of it completes)."""
+    dones = [("r7/kv/l0/p0", 1 << 20, 11), ("r7/kv/é/p1", 4096, 2**40)]
+    hdr = decode(pack_dones(5, dones))
+    assert hdr.kind is Kind.DONES and hdr.seq == 5 and hdr.payload_len == 2 and hdr.checksum is None
+    assert unpack_dones(hdr) == dones
+    assert unpack_dones(decode(pack_dones(1, []))) == []
+    with pytest.raises(WireError, match="tags are 18 characters, its landings name 21"):
+        unpack_dones(decode(pack_dones(5, dones)[:-3]))  # the last tag cut short
+    with pytest.raises(WireError, match="truncated"):
+        unpack_dones(Header(Kind.DONES, 0, "", 4, extra=hdr.extra))  # says 4 landings, carries 2
+    with pytest.raises(WireError, match="tag length 0"):
+        unpack_dones(Header(Kind.DONES, 0, "", 1, extra=struct.pack("<QQH", 1, 2, 0)))
+    with pytest.raises(WireError, match="UTF-8"):
+        unpack_dones(Header(Kind.DONES, 0, "", 1, extra=struct.pack("<QQH", 1, 2, 1) + b"\xff"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",

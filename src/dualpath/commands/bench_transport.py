@@ -16,7 +16,11 @@ Per backend and message size (64 KiB, 1 MiB, 4 MiB, 16 MiB), interleaved and rep
 Two references ride along with zmq (not the target's baseline): ``raw_land_gib_s``, raw PUSH/PULL whose receiver
 also copies each frame into a landing slot (the copy any zmq receiver must make: libzmq owns the receive buffer),
 and ``raw_tcp_land_gib_s`` (with its ``raw_tcp_land_cpu_s_per_gib``), one plain TCP connection whose receiver
-reads each payload straight into a landing slot: what a transport owning its data socket could reach.
+reads each payload straight into a landing slot: what a transport owning its data socket could reach. One rides
+along with nixl: ``raw_batched_gib_s`` / ``ratio_vs_raw_batched``, raw NIXL posting the window as two WRITEs of
+``window // 2`` descriptors each, the shape our transport gives writes queued while others to the same peer are in
+flight (one post and one notification for many): what raw NIXL gains from batching too, so the comparison is
+also made like with like.
 
 Our side is the full contract: the receiver exposes a tag per message (rotating over ``SLOTS`` landing slots, as
 the raw NIXL receiver does) and awaits it; the sender keeps a window of concurrent writes in flight (``window``
@@ -307,6 +311,44 @@ def _raw_nixl_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, cou
     return size * count / dt / 2**30
 
 
+def _raw_nixl_batched_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, count: int) -> float:
+    """Reference: raw NIXL posting the same window as two WRITEs in flight of ``window // 2`` descriptors each
+    (one notification per WRITE), the shape our transport gives writes queued while others are in flight: what
+    raw NIXL itself gains from batching, so ``ratio_vs_raw_batched`` compares like with like."""
+    per = max(1, _window(size) // 2)
+    local = agent.prep_xfer_dlist("NIXL_INIT_AGENT", [(src.data_ptr(), size, 0)], "DRAM")
+    rdesc = agent.prep_xfer_dlist(remote, [(raw.first["addr"] + j * size, size, 0) for j in range(SLOTS)], "DRAM")
+    posts = -(-count // per)
+    t0 = time.perf_counter()
+    raw.send(op="recv", count=posts)
+    inflight: list[Any] = []
+    posted = 0
+    while posted < posts or inflight:
+        while posted < posts and len(inflight) < 2:
+            n = min(per, count - posted * per)
+            idx = [(posted * per + k) % SLOTS for k in range(n)]
+            h = agent.make_prepped_xfer("WRITE", local, [0] * n, rdesc, idx, f"b{posted}".encode())
+            if agent.transfer(h) == "ERR":
+                raise RuntimeError("raw NIXL transfer failed")
+            inflight.append(h)
+            posted += 1
+        still = []
+        for h in inflight:
+            st = agent.check_xfer_state(h)
+            if st == "PROC":
+                still.append(h)
+            elif st == "ERR":
+                raise RuntimeError("raw NIXL transfer failed")
+            else:
+                h.release()
+        inflight = still
+    raw.read()
+    dt = time.perf_counter() - t0
+    local.release()
+    rdesc.release()
+    return size * count / dt / 2**30
+
+
 def _nixl_threads(cfg: Any) -> dict[str, Any]:
     """How our nixl endpoints progressed: NIXL's own progress thread, and the notification thread's poll period
     (``None`` without it: notifications polled on the event loop)."""
@@ -351,6 +393,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                         await anyio.sleep(0.01)
             land_pass: Callable[[int, int], float] | None = None
             tcp_pass: Callable[[int, int], float] | None = None
+            batched_pass: Callable[[int, int], float] | None = None
             tcp_child: Child | None = None
             if zmq_like:
                 import zmq
@@ -384,6 +427,11 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
 
                 def raw_pass(size: int, count: int) -> float:
                     return _raw_nixl_pass(agent, remote, raw, src, size, count)
+
+                def _batched_pass(size: int, count: int) -> float:
+                    return _raw_nixl_batched_pass(agent, remote, raw, src, size, count)
+
+                batched_pass = _batched_pass
             for size in sizes:
                 count = _counts(size, mib)
                 # warm-up (connections, allocator)
@@ -391,7 +439,10 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 await _ours_pass(t, peer, src, size, min(count, 16), f"w{size}-")
                 if tcp_pass is not None:
                     tcp_pass(size, min(count, 16))
+                if batched_pass is not None:
+                    batched_pass(size, min(count, 16))
                 ours, base, landed, tcp = [], [], [], []
+                batched: list[float] = []
                 cpu_tcp: list[float] = []
                 cpu_ours, cpu_raw = [], []
                 for r in range(repeats):
@@ -407,6 +458,8 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                         with _Cpu(tcp_child) as c:
                             tcp.append(tcp_pass(size, count))
                         cpu_tcp.append(c.seconds)
+                if batched_pass is not None:  # after the alternating passes, so they run as they always did
+                    batched = [batched_pass(size, count) for _ in range(repeats)]
                 g, rg = statistics.median(ours), statistics.median(base)
                 gib = size * count / 2**30
                 co, cr = statistics.median(cpu_ours), statistics.median(cpu_raw)
@@ -417,6 +470,9 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 if landed:  # reference: raw PUSH/PULL whose receiver also copies each frame into a landing slot
                     lg = statistics.median(landed)
                     extra.update(raw_land_gib_s=round(lg, 3), ratio_vs_raw_land=round(g / lg, 3))
+                if batched:  # reference: raw NIXL with its writes batched as ours are when several are in flight
+                    bg = statistics.median(batched)
+                    extra.update(raw_batched_gib_s=round(bg, 3), ratio_vs_raw_batched=round(g / bg, 3))
                 if tcp:  # reference: a plain TCP socket received straight into the landing slots
                     tg = statistics.median(tcp)
                     extra.update(raw_tcp_land_gib_s=round(tg, 3), raw_tcp_land_over_raw=round(tg / rg, 3),
@@ -431,6 +487,8 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                     if landed else ""
                 if tcp:
                     more += f"  (raw TCP into slots {extra['raw_tcp_land_gib_s']:.2f})"
+                if batched:
+                    more += f"  (raw batched {extra['raw_batched_gib_s']:.2f}, ratio {extra['ratio_vs_raw_batched']:.2f})"
                 if extra["cpu_ratio"] is not None:
                     more += f"  CPU raw/ours {extra['cpu_ratio']:.2f}"
                 print(f"  {kind:8s} {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  ratio {g / rg:5.2f}{more}",

@@ -8,6 +8,10 @@ address for the NIXL rendezvous); then the UTF-8 tag, then (acks only) a UTF-8 r
 many, ``arg``: the receiver's metadata epoch), then per grant ``<QQQBHH>`` (address, bytes, epoch, memory kind
 0 DRAM / 1 VRAM, device, tag length in characters), then every tag, concatenated, as one UTF-8 string (one
 decode for the batch).
+
+:data:`Kind.DONES` is the notification of one NIXL WRITE that filled several landings (:func:`pack_dones`): the
+header (``payload_len``: how many), then per landing ``<QQH>`` (bytes, grant epoch, tag length in characters),
+then every tag, concatenated, as one UTF-8 string.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Kind(enum.IntEnum):
     HELLO = 6  # nixl: agent metadata in the extra bytes; zmq: the data socket offer (address and secret)
     ACKS = 7  # zmq: several ACKs in one frame (payload_len: how many; extra: each as u32 length + ACK frame)
     GRANTS = 8  # nixl: several pushed grants in one frame (payload_len: how many; arg: metadata epoch)
+    DONES = 9  # nixl: one WRITE of several landings completed (payload_len: how many; no checksum)
 
 
 class Status(enum.IntEnum):
@@ -173,6 +178,40 @@ def unpack_grants(hdr: Header) -> list[tuple[str, int, int, int, str, int]]:
         pos += n
     if pos != len(tags):
         raise WireError(f"grant batch's tags are {len(tags)} characters, its grants name {pos}")
+    return out
+
+
+_DONE = struct.Struct("<QQH")
+
+
+def pack_dones(seq: int, dones: list[tuple[str, int, int]]) -> bytes:
+    """One :data:`Kind.DONES` notification for ``(tag, nbytes, epoch)`` landings written by one WRITE."""
+    pack = _DONE.pack
+    fixed = b"".join([pack(nbytes, epoch, len(tag)) for tag, nbytes, epoch in dones])
+    tags = "".join([d[0] for d in dones]).encode("utf-8")
+    return encode_fields(Kind.DONES, seq, b"", len(dones), None, Status.OK, 0, fixed + tags)
+
+
+def unpack_dones(hdr: Header) -> list[tuple[str, int, int]]:
+    """The ``(tag, nbytes, epoch)`` landings of a :data:`Kind.DONES` header; :class:`WireError` on a truncated
+    or inconsistent one (none of it is used then)."""
+    count, body = hdr.payload_len, hdr.extra
+    split = count * _DONE.size
+    if split > len(body):
+        raise WireError(f"truncated completion batch ({len(body)} bytes for {count} landings)")
+    try:
+        tags = body[split:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("the completions' tags are not valid UTF-8") from None
+    out = []
+    pos = 0
+    for nbytes, epoch, n in _DONE.iter_unpack(body[:split]) if count else ():
+        if n == 0 or n > MAX_TAG_BYTES:
+            raise WireError(f"bad completion in a batch (tag length {n})")
+        out.append((tags[pos : pos + n], nbytes, epoch))
+        pos += n
+    if pos != len(tags):
+        raise WireError(f"completion batch's tags are {len(tags)} characters, its landings name {pos}")
     return out
 
 

@@ -42,6 +42,7 @@ cases.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -119,7 +120,6 @@ def raw_tcp_recv() -> None:
     by the kernel straight into a rotating landing slot (``recv_into``, no library buffer): what a transport
     that owned its data socket could reach. ``{"op": "recv", "count": N, "nbytes": n}`` -> ``done`` after N;
     ``{"op": "digest", "slot": j, "nbytes": n}`` -> the sha256 of landing slot j."""
-    import hashlib
     import socket
 
     import numpy as np
@@ -174,7 +174,8 @@ def _nixl_agent(name: str) -> Any:
 
 
 def raw_nixl_recv(nbytes: int) -> None:
-    """Raw baseline receiver: an agent with a registered buffer; ``recv N`` -> ``done`` after N notifications."""
+    """Raw baseline receiver: an agent with a registered buffer; ``recv N`` -> ``done`` after N notifications;
+    ``{"op": "digest", "slot": j, "nbytes": n}`` -> the sha256 of landing slot j."""
     import torch
 
     out = _proto_out()
@@ -186,6 +187,11 @@ def raw_nixl_recv(nbytes: int) -> None:
         cmd = json.loads(line)
         if cmd["op"] == "exit":
             break
+        if cmd["op"] == "digest":  # what landed in one slot (tests of the reference)
+            n = cmd["nbytes"]
+            digest = hashlib.sha256(buf[cmd["slot"] * n:(cmd["slot"] + 1) * n].numpy().tobytes()).hexdigest()
+            out.write(json.dumps({"id": cmd.get("id"), "sha256": digest}) + "\n")
+            continue
         got = 0
         while got < cmd["count"]:
             notifs = agent.get_new_notifs()
@@ -442,6 +448,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 if batched_pass is not None:
                     batched_pass(size, min(count, 16))
                 ours, base, landed, tcp = [], [], [], []
+                shared0, writes0 = getattr(t, "shared_writes", 0), t.stats.writes
                 batched: list[float] = []
                 cpu_tcp: list[float] = []
                 cpu_ours, cpu_raw = [], []
@@ -465,6 +472,8 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 co, cr = statistics.median(cpu_ours), statistics.median(cpu_raw)
                 extra: dict[str, Any] = {"cpu_s_per_gib": round(co / gib, 4), "raw_cpu_s_per_gib": round(cr / gib, 4),
                                          "cpu_ratio": round(cr / co, 3) if co > 0 else None}
+                if kind == "nixl":  # of the timed writes, those posted together with others in one WRITE
+                    extra["shared_write_fraction"] = round((t.shared_writes - shared0) / max(1, t.stats.writes - writes0), 3)
                 if data_socket:  # writes that took the data socket so far (all of ours at these sizes)
                     extra["data_socket_writes"] = t.data_socket_stats["writes"]  # type: ignore[attr-defined]
                 if landed:  # reference: raw PUSH/PULL whose receiver also copies each frame into a landing slot

@@ -473,7 +473,8 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 extra: dict[str, Any] = {"cpu_s_per_gib": round(co / gib, 4), "raw_cpu_s_per_gib": round(cr / gib, 4),
                                          "cpu_ratio": round(cr / co, 3) if co > 0 else None}
                 if kind == "nixl":  # of the timed writes, those posted together with others in one WRITE
-                    extra["shared_write_fraction"] = round((t.shared_writes - shared0) / max(1, t.stats.writes - writes0), 3)
+                    shared = getattr(t, "shared_writes", 0) - shared0
+                    extra["shared_write_fraction"] = round(shared / max(1, t.stats.writes - writes0), 3)
                 if data_socket:  # writes that took the data socket so far (all of ours at these sizes)
                     extra["data_socket_writes"] = t.data_socket_stats["writes"]  # type: ignore[attr-defined]
                 if landed:  # reference: raw PUSH/PULL whose receiver also copies each frame into a landing slot

@@ -284,6 +284,29 @@ def _raw_tcp_pass(sock: Any, raw: Child, src: Any, size: int, count: int) -> flo
     return size * count / (time.perf_counter() - t0) / 2**30
 
 
+def _reap(agent: Any, inflight: list[Any]) -> list[Any]:
+    """The raw sender's poll of its posted WRITEs: those still in progress (the others released)."""
+    still = []
+    for h in inflight:
+        st = agent.check_xfer_state(h)
+        if st == "PROC":
+            still.append(h)
+        elif st == "ERR":
+            raise RuntimeError("raw NIXL transfer failed")
+        else:
+            h.release()
+    return still
+
+
+def _raw_nixl_done(raw: Child, t0: float, local: Any, rdesc: Any, nbytes: int) -> float:
+    """GiB/s of a raw NIXL pass once its receiver counted every notification (descriptor lists released)."""
+    raw.read()
+    dt = time.perf_counter() - t0
+    local.release()
+    rdesc.release()
+    return nbytes / dt / 2**30
+
+
 def _raw_nixl_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, count: int) -> float:
     # descriptor lists prepared once and reused, as our transport does
     local = agent.prep_xfer_dlist("NIXL_INIT_AGENT", [(src.data_ptr(), size, 0)], "DRAM")
@@ -300,21 +323,8 @@ def _raw_nixl_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, cou
                 raise RuntimeError("raw NIXL transfer failed")
             inflight.append(h)
             posted += 1
-        still = []
-        for h in inflight:
-            st = agent.check_xfer_state(h)
-            if st == "PROC":
-                still.append(h)
-            elif st == "ERR":
-                raise RuntimeError("raw NIXL transfer failed")
-            else:
-                h.release()
-        inflight = still
-    raw.read()
-    dt = time.perf_counter() - t0
-    local.release()
-    rdesc.release()
-    return size * count / dt / 2**30
+        inflight = _reap(agent, inflight)
+    return _raw_nixl_done(raw, t0, local, rdesc, size * count)
 
 
 def _raw_nixl_batched_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, count: int) -> float:
@@ -338,21 +348,8 @@ def _raw_nixl_batched_pass(agent: Any, remote: str, raw: Child, src: Any, size: 
                 raise RuntimeError("raw NIXL transfer failed")
             inflight.append(h)
             posted += 1
-        still = []
-        for h in inflight:
-            st = agent.check_xfer_state(h)
-            if st == "PROC":
-                still.append(h)
-            elif st == "ERR":
-                raise RuntimeError("raw NIXL transfer failed")
-            else:
-                h.release()
-        inflight = still
-    raw.read()
-    dt = time.perf_counter() - t0
-    local.release()
-    rdesc.release()
-    return size * count / dt / 2**30
+        inflight = _reap(agent, inflight)
+    return _raw_nixl_done(raw, t0, local, rdesc, size * count)
 
 
 def _nixl_threads(cfg: Any) -> dict[str, Any]:

@@ -158,26 +158,37 @@ def pack_grants(grants: list[tuple[str, int, int, int, int, int]], md_epoch: int
     return encode_fields(Kind.GRANTS, 0, b"", len(grants), None, Status.OK, md_epoch, fixed + tags)
 
 
-def unpack_grants(hdr: Header) -> list[tuple[str, int, int, int, str, int]]:
-    """The ``(tag, address, nbytes, epoch, memory kind, device)`` grants of a :data:`Kind.GRANTS` header;
-    :class:`WireError` on a truncated or inconsistent frame (nothing of it is used then)."""
+def _tagged_entries(hdr: Header, entry: struct.Struct, what: str, items: str) -> tuple[str, list[tuple[int, ...]]]:
+    """A batch frame's fixed-size entries and its tags (one UTF-8 string), or :class:`WireError` when the body
+    is shorter than ``payload_len`` entries or the tags are not UTF-8."""
     count, body = hdr.payload_len, hdr.extra
-    split = count * _GRANT.size
+    split = count * entry.size
     if split > len(body):
-        raise WireError(f"truncated grant batch ({len(body)} bytes for {count} grants)")
+        raise WireError(f"truncated {what} batch ({len(body)} bytes for {count} {items})")
     try:
         tags = body[split:].decode("utf-8")
     except UnicodeDecodeError:
-        raise WireError("the grants' tags are not valid UTF-8") from None
+        raise WireError(f"the {what}s' tags are not valid UTF-8") from None
+    return tags, list(entry.iter_unpack(body[:split])) if count else []
+
+
+def _all_tags_named(tags: str, pos: int, what: str, items: str) -> None:
+    if pos != len(tags):
+        raise WireError(f"{what} batch's tags are {len(tags)} characters, its {items} name {pos}")
+
+
+def unpack_grants(hdr: Header) -> list[tuple[str, int, int, int, str, int]]:
+    """The ``(tag, address, nbytes, epoch, memory kind, device)`` grants of a :data:`Kind.GRANTS` header;
+    :class:`WireError` on a truncated or inconsistent frame (nothing of it is used then)."""
+    tags, entries = _tagged_entries(hdr, _GRANT, "grant", "grants")
     out = []
     pos = 0
-    for addr, nbytes, epoch, mem, dev, n in _GRANT.iter_unpack(body[:split]) if count else ():
+    for addr, nbytes, epoch, mem, dev, n in entries:
         if n == 0 or n > MAX_TAG_BYTES or mem >= len(MEM_KINDS):
             raise WireError(f"bad grant in a batch (tag length {n}, memory kind {mem})")
         out.append((tags[pos : pos + n], addr, nbytes, epoch, MEM_KINDS[mem], dev))
         pos += n
-    if pos != len(tags):
-        raise WireError(f"grant batch's tags are {len(tags)} characters, its grants name {pos}")
+    _all_tags_named(tags, pos, "grant", "grants")
     return out
 
 
@@ -195,23 +206,15 @@ def pack_dones(seq: int, dones: list[tuple[str, int, int]]) -> bytes:
 def unpack_dones(hdr: Header) -> list[tuple[str, int, int]]:
     """The ``(tag, nbytes, epoch)`` landings of a :data:`Kind.DONES` header; :class:`WireError` on a truncated
     or inconsistent one (none of it is used then)."""
-    count, body = hdr.payload_len, hdr.extra
-    split = count * _DONE.size
-    if split > len(body):
-        raise WireError(f"truncated completion batch ({len(body)} bytes for {count} landings)")
-    try:
-        tags = body[split:].decode("utf-8")
-    except UnicodeDecodeError:
-        raise WireError("the completions' tags are not valid UTF-8") from None
+    tags, entries = _tagged_entries(hdr, _DONE, "completion", "landings")
     out = []
     pos = 0
-    for nbytes, epoch, n in _DONE.iter_unpack(body[:split]) if count else ():
+    for nbytes, epoch, n in entries:
         if n == 0 or n > MAX_TAG_BYTES:
             raise WireError(f"bad completion in a batch (tag length {n})")
         out.append((tags[pos : pos + n], nbytes, epoch))
         pos += n
-    if pos != len(tags):
-        raise WireError(f"completion batch's tags are {len(tags)} characters, its landings name {pos}")
+    _all_tags_named(tags, pos, "completion", "landings")
     return out
 
 

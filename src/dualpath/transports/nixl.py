@@ -1005,24 +1005,12 @@ class NixlTransport(Transport):
               ) -> tuple[Any, str, tuple[str, int], int]:
         """Post the one WRITE under grant ``r`` (refused if already written or revoked): its handle, the state
         ``transfer`` returned, the grant's key and the notification's seq."""
-        key = (tag, r.epoch)
-        if key in p.used:
-            raise Rejected(f"{self.name}: duplicate write of tag {tag!r} to {peer!r} (one arrival per landing)")
-        if key in p.revoked:
-            raise Rejected(f"{self.name}: {peer!r} withdrew the landing of tag {tag!r}; nothing written")
-        used = p.used
-        used[key] = None
-        if len(used) > _REVOKED_KEPT:
-            used.popitem(last=False)
+        key = self._claim(p, peer, tag, r)
         if not seq:
             seq = next(self._seq)
         lmem, ldev = _mem(data) if mem is None else mem
-        assert self._local_dl is not None and p.remote_dl is not None
-        notif = encode_fields(Kind.DONE, seq, tag.encode("utf-8"), nbytes, csum, Status.OK, r.epoch)
         try:
-            local = self._local_dl.get(data.data_ptr(), nbytes, lmem, ldev)
-            remote = p.remote_dl.get(r.addr, nbytes, r.mem, r.dev)
-            handle = self._agent.make_prepped_xfer("WRITE", local, [0], remote, [0], notif)
+            handle = self._prepped_write(p, tag, data.data_ptr(), nbytes, r, csum, seq, lmem, ldev)
         except Exception as exc:
             raise TransportError(f"{self.name}: NIXL could not post the write of {tag!r} to {peer!r}: {exc}") from exc
         try:
@@ -1031,6 +1019,28 @@ class NixlTransport(Transport):
             _release(handle)
             raise TransportError(f"{self.name}: NIXL could not post the write of {tag!r} to {peer!r}: {exc}") from exc
         return handle, state, key, seq
+
+    def _claim(self, p: _Peer, peer: str, tag: str, r: _Remote) -> tuple[str, int]:
+        """Mark grant ``r`` of ``tag`` written (its key); :class:`Rejected` if it was already, or was revoked."""
+        key = (tag, r.epoch)
+        used = p.used
+        if key in used:
+            raise Rejected(f"{self.name}: duplicate write of tag {tag!r} to {peer!r} (one arrival per landing)")
+        if key in p.revoked:
+            raise Rejected(f"{self.name}: {peer!r} withdrew the landing of tag {tag!r}; nothing written")
+        used[key] = None
+        if len(used) > _REVOKED_KEPT:
+            used.popitem(last=False)
+        return key
+
+    def _prepped_write(self, p: _Peer, tag: str, addr: int, nbytes: int, r: _Remote, csum: int | None, seq: int,
+                       lmem: str, ldev: int) -> Any:
+        """The WRITE of ``nbytes`` at ``addr`` into ``r``'s landing, from the cached prepared descriptor lists,
+        its notification a :data:`Kind.DONE` (not yet transferred)."""
+        assert self._local_dl is not None and p.remote_dl is not None
+        notif = encode_fields(Kind.DONE, seq, tag.encode("utf-8"), nbytes, csum, Status.OK, r.epoch)
+        return self._agent.make_prepped_xfer("WRITE", self._local_dl.get(addr, nbytes, lmem, ldev), [0],
+                                             p.remote_dl.get(r.addr, nbytes, r.mem, r.dev), [0], notif)
 
     async def _join_batch(self, p: _Peer, peer: str, tag: str, src: torch.Tensor, r: _Remote,
                           mem: tuple[str, int], timeout: float) -> None:
@@ -1068,7 +1078,6 @@ class NixlTransport(Transport):
         batch.posted = True
         groups: dict[tuple[str, int, str, int], list[tuple[str, torch.Tensor, _Remote, tuple[str, int],
                                                           asyncio.Future[str]]]] = {}
-        used, revoked = p.used, p.revoked
         for item in batch.items:
             tag, _src, r, mem, fut = item
             if fut.done():  # its writer was cancelled before the post: the grant is left unused
@@ -1076,19 +1085,12 @@ class NixlTransport(Transport):
             if self._closed:
                 fut.set_result("ERR transport closed")
                 continue
-            key = (tag, r.epoch)
-            if key in used:
-                fut.set_exception(Rejected(f"{self.name}: duplicate write of tag {tag!r} to {peer!r} (one arrival "
-                                           "per landing)"))
+            try:
+                self._claim(p, peer, tag, r)
+            except Rejected as exc:
+                fut.set_exception(exc)
                 continue
-            if key in revoked:
-                fut.set_exception(Rejected(f"{self.name}: {peer!r} withdrew the landing of tag {tag!r}; nothing "
-                                           "written"))
-                continue
-            used[key] = None
             groups.setdefault((*mem, r.mem, r.dev), []).append(item)
-        while len(used) > _REVOKED_KEPT:
-            used.popitem(last=False)
         for (lmem, ldev, rmem, rdev), items in groups.items():
             self._post_group(p, items, lmem, ldev, rmem, rdev, batch.deadline)
 
@@ -1102,12 +1104,7 @@ class NixlTransport(Transport):
         try:
             if len(items) == 1:
                 tag, src, r, _, _ = items[0]
-                assert self._local_dl is not None and p.remote_dl is not None
-                notif = encode_fields(Kind.DONE, next(self._seq), tag.encode("utf-8"), r.nbytes, None, Status.OK,
-                                      r.epoch)
-                handle = agent.make_prepped_xfer(
-                    "WRITE", self._local_dl.get(src.data_ptr(), r.nbytes, lmem, ldev), [0],
-                    p.remote_dl.get(r.addr, r.nbytes, rmem, rdev), [0], notif)
+                handle = self._prepped_write(p, tag, src.data_ptr(), r.nbytes, r, None, next(self._seq), lmem, ldev)
             else:
                 self.shared_writes += len(items)
                 notif = pack_dones(next(self._seq), [(tag, r.nbytes, r.epoch) for tag, _, r, _, _ in items])

@@ -185,7 +185,7 @@ async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_
             # chat-only fields are validated before the prompt is rendered (this model has no chat template)
             msgs = [{"role": "user", "content": "hi"}]
             for field, value in (("top_logprobs", 3), ("response_format", {"type": "yaml"}),
-                                 ("functions", [{"name": "f"}]), ("tool_choice", "required")):
+                                 ("function_call", {"name": "f"}), ("tool_choice", "required")):
                 r = await cl.post("/v1/chat/completions", json={"messages": msgs, field: value})
                 assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
             ok = {"messages": msgs, "n": None, "logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"},
@@ -193,6 +193,9 @@ async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_
                   "tools": [{"type": "function", "function": {"name": "f"}}]}
             r = await cl.post("/v1/chat/completions", json=ok)
             assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]  # got past the checks
+            legacy = {"messages": msgs, "functions": [{"name": "f"}], "function_call": {"name": "f"}}
+            r = await cl.post("/v1/chat/completions", json=legacy)  # the deprecated function calling is read
+            assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
             r = await cl.post("/v1/chat/completions", json={**ok, "bogus": 1})
             assert r.status_code == 400 and r.json()["error"]["message"] == "unknown field 'bogus'"
             r = await cl.post("/v1/chat/completions", json={**ok, "reasoning_effort": "low", "modalities": ["text"]})

@@ -219,6 +219,69 @@ async def test_llama3_json_calls(tokenizer):
     await _with_server(backend, body, HttpConfig(port=0, tool_parser="llama3_json"))
 
 
+FUNCTIONS = [t["function"] for t in TOOLS]
+
+
+@pytest.mark.anyio
+async def test_legacy_functions_answered_as_function_call(tokenizer):
+    # the deprecated `functions` / `function_call` (older agent frameworks still send them): read as tools, and
+    # answered in their own shape, one call (the second call in the script stays content, as written)
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TOOLS_TEMPLATE
+    backend = ScriptedBackend(tok, CALL_TEXT)
+    second = '<tool_call>{"name": "search", "arguments": {"q": "Paris events"}}</tool_call>'
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None,
+                "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+               {"role": "function", "name": "get_weather", "content": "18 C and sunny"}]
+
+    async def body(client: Any) -> None:
+        r = await client.chat.completions.create(model="scripted", messages=history, functions=FUNCTIONS,
+                                                 max_tokens=200)
+        ch = r.choices[0]
+        assert ch.finish_reason == "function_call" and not ch.message.tool_calls
+        assert (ch.message.function_call.name, json.loads(ch.message.function_call.arguments)) == WANT[0]
+        assert ch.message.content == "I will look it up.\n" + second
+        content, name, args, finish = "", "", "", None
+        stream = await client.chat.completions.create(model="scripted", messages=history, functions=FUNCTIONS,
+                                                      function_call="auto", max_tokens=200, stream=True)
+        async for chunk in stream:
+            d = chunk.choices[0].delta
+            assert not d.tool_calls
+            content += d.content or ""
+            if d.function_call is not None:
+                name += d.function_call.name or ""
+                args += d.function_call.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "function_call" and (name, json.loads(args)) == WANT[0]
+        assert content == "I will look it up.\n" + second
+        # function_call "none": no definitions in the prompt, no call read
+        r = await client.chat.completions.create(model="scripted", messages=history, functions=FUNCTIONS,
+                                                 function_call="none", max_tokens=200)
+        assert r.choices[0].message.content == CALL_TEXT and r.choices[0].message.function_call is None
+        # mixed with tools, or naming a function that is not there: 400 naming the legacy field
+        for extra, param in (({"functions": FUNCTIONS, "tools": TOOLS}, "functions"),
+                             ({"functions": FUNCTIONS, "function_call": {"name": "nope"}}, "function_call"),
+                             ({"function_call": {"name": "get_weather"}, "tool_choice": "auto"}, "function_call"),
+                             ({"functions": []}, "functions")):
+            with pytest.raises(openai.BadRequestError) as e:
+                await client.chat.completions.create(model="scripted", messages=history, **extra)
+            assert param in str(e.value.body["param"]), (extra, e.value.body)
+
+    await _with_server(backend, body)
+    # the history's legacy turns reach the template as a tool call and a tool message, as transformers renders them
+    want = tok.apply_chat_template(
+        [history[0], {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_0", "type": "function", "function": history[1]["function_call"]}]},
+         {"role": "tool", "name": "get_weather", "content": "18 C and sunny"}],
+        tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert backend.prompts[0] == list(tok.encode(want, add_special_tokens=False))
+    assert "18 C and sunny" in want and '<|im_start|>tool' in want and 'Paris' in want
+    assert "get_weather" not in tok.decode(backend.prompts[2]).split("<|im_start|>user")[0]  # none: no definitions
+
+
 RESP_TOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"].get("description"),
                "parameters": t["function"]["parameters"], "strict": False} for t in TOOLS]
 

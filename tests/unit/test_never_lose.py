@@ -16,11 +16,48 @@ def test_quota_floor_packs_up_to_min_tokens() -> None:
 
     pend = [PendingPrefill(0, 0, 300), PendingPrefill(1, 0, 500)]
     assert [c.new for c in pack_forward_batch(pend, 0.1, t).chunks] == [100]
-    b = pack_forward_batch(pend, 0.1, t, min_tokens=600)
-    assert [(c.rid, c.new) for c in b.chunks] == [(0, 300), (1, 300)]
+    long = [PendingPrefill(0, 0, 300), PendingPrefill(1, 0, 1500)]
+    b = pack_forward_batch(long, 0.1, t, min_tokens=600)
+    assert [(c.rid, c.new) for c in b.chunks] == [(0, 300), (1, 300)]  # its tail (1,200) is above the floor
     # above the floor the quota rules again, and max_tokens still caps
     assert [c.new for c in pack_forward_batch(pend, 0.5, t, min_tokens=200).chunks] == [300, 200]
     assert pack_forward_batch(pend, 0.1, t, max_tokens=250, min_tokens=600).new_tokens == 250
+
+
+def test_quota_floor_leaves_no_tail_below_the_floor() -> None:
+    # cutting request 1 at the floor (300 of 500) would leave 200 tokens, a forward below the saturating size of
+    # its own when nothing is queued behind it: the batch takes the whole request instead; a lone request is not
+    # cut into floor + a sliver either
+    def t(cached: int, new: int) -> float:
+        return new * 1e-3
+
+    pend = [PendingPrefill(0, 0, 300), PendingPrefill(1, 0, 500)]
+    assert [(c.rid, c.new) for c in pack_forward_batch(pend, 0.1, t, min_tokens=600).chunks] == [(0, 300), (1, 500)]
+    assert [c.new for c in pack_forward_batch([PendingPrefill(0, 0, 700)], 0.1, t, min_tokens=600).chunks] == [700]
+    # without a floor (the paper's quota alone) the cut stays where the quota puts it
+    assert [c.new for c in pack_forward_batch([PendingPrefill(0, 0, 700)], 0.1, t).chunks] == [100]
+    # with requests queued behind it, the tail is left to join their batch (the quota's balance holds)
+    assert [(c.rid, c.new) for c in pack_forward_batch(pend + [PendingPrefill(2, 0, 900)], 0.1, t,
+                                                       min_tokens=600).chunks] == [(0, 300), (1, 300)]
+    assert [c.new for c in pack_forward_batch([PendingPrefill(0, 0, 700)], 0.1, t, min_tokens=600,
+                                              more_queued=True).chunks] == [600]
+    # max_tokens still caps: the tail is only taken when the whole request fits
+    assert pack_forward_batch([PendingPrefill(0, 0, 700)], 0.1, t, max_tokens=650, min_tokens=600).new_tokens == 600
+
+
+def test_two_request_trace_does_not_lose(tmp_path) -> None:
+    # two ~7K-token Mooncake requests at t=0 on DS 660B 2P4D: compute-bound, nothing to read; the quota used to cut
+    # each into 6,000 + a sliver, and DualPath finished 6 % after Basic
+    from dualpath.sim.runner import run_policy, scenario_from_preset
+    from dualpath.workload.traces import load_trace
+
+    f = tmp_path / "two.jsonl"
+    f.write_text('{"timestamp": 0, "input_length": 6955, "output_length": 52, "hash_ids": [0, 1, 2, 3, 4, 5, 6, 7, '
+                 '8, 9, 10, 11, 12, 13]}\n{"timestamp": 0, "input_length": 6472, "output_length": 26, "hash_ids": '
+                 '[0, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]}\n')
+    sc = scenario_from_preset("ds660b-2p4d-64k", trajectories=load_trace(f, "auto").trajectories)
+    basic, dual = (run_policy(sc, p) for p in ("basic", "dualpath"))
+    assert basic["jct_s"] / dual["jct_s"] >= 0.99, (basic["jct_s"], dual["jct_s"])
 
 
 def test_hit_workload_reaches_its_hit_rate() -> None:

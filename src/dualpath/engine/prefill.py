@@ -201,7 +201,8 @@ class PrefillEngine(Engine):
         pending.append(PendingPrefill(len(batch), cached, left))
         if self._min_tokens is None:  # never lose: the quota does not cut a batch below the efficient size
             self._min_tokens = self.model.efficient_prefill_tokens(self.cfg.prefill_max_batch_tokens)
-        fb = pack_forward_batch(pending, quota, lambda c, n: predict(c, n) or 0.0, min_tokens=self._min_tokens)
+        fb = pack_forward_batch(pending, quota, lambda c, n: predict(c, n) or 0.0, min_tokens=self._min_tokens,
+                                more_queued=len(self.queue) > 1)
         return fb.chunks[-1].new if len(fb.chunks) == len(pending) else 0
 
     async def run(self) -> None:

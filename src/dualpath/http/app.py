@@ -277,12 +277,14 @@ class Server:
             return messages, tool_dicts(tools)
         return with_tools_in_text(messages, tools), None
 
-    def tool_reader(self, tools: list[ToolDef]) -> ToolCallReader | None:
-        """What reads the calls out of the answer to a request with ``tools`` (None without)."""
+    def tool_reader(self, tools: list[ToolDef], max_calls: int | None = None) -> ToolCallReader | None:
+        """What reads the calls out of the answer to a request with ``tools`` (None without); ``max_calls``: at
+        most this many calls are read (the legacy ``functions`` API answers with one)."""
         if not tools:
             return None
         template = getattr(self.backend.tokenizer, "chat_template", None)
-        return ToolCallReader(parser_for(self.config.tool_parser, template), [t.function.name for t in tools])
+        return ToolCallReader(parser_for(self.config.tool_parser, template), [t.function.name for t in tools],
+                              max_calls)
 
     def render_chat(self, messages: list[dict[str, Any]], param: str, *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,

@@ -71,6 +71,7 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
         if grammar is not None:
             base = replace(base, grammar=grammar)
     tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []
+    legacy = isinstance(req, ChatCompletionRequest) and req.legacy_functions
     specs: list[tuple[GenRequest, Detokenizer]] = []
     limits = [server.limit(len(ids), req.limit(), "max_tokens") for ids in prompts]
     if req.min_tokens > min(limits):
@@ -87,7 +88,7 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
             specs.append((GenRequest(ids, limit, sampling), detok))
     out = _Answer(server, kind, req, prompts, per_prompt, top)
     return await serve_choices(server, request, request.url.path, specs, bool(req.stream), out.stream, out.full,
-                               readers=[server.tool_reader(tools) for _ in specs])
+                               readers=[server.tool_reader(tools, 1 if legacy else None) for _ in specs])
 
 
 def _top(req: ChatCompletionRequest | CompletionRequest) -> int | None:
@@ -110,6 +111,8 @@ class _Answer:
         self.echo = bool(getattr(req, "echo", False))
         self.zero = req.max_tokens == 0  # (completions with echo: the one token generated is dropped)
         self.created = int(time.time())
+        #: the legacy ``functions`` API: a call is answered as ``function_call`` (one), not ``tool_calls``
+        self.legacy = isinstance(req, ChatCompletionRequest) and req.legacy_functions
 
     # --- shared -------------------------------------------------------------------------------------------
     def _lps(self, c: Choice, start: int, count: int) -> list[Any]:
@@ -154,7 +157,10 @@ class _Answer:
                 if c.reader is not None:
                     content, _ = c.reader.feed(text)
                     content += c.reader.finish()[0]
-                    if c.reader.calls:
+                    if c.reader.calls and self.legacy:
+                        message = {"role": "assistant", "content": content or None,
+                                   "function_call": c.reader.calls[0].as_dict()["function"]}
+                    elif c.reader.calls:
                         message = {"role": "assistant", "content": content or None,
                                    "tool_calls": [call.as_dict() for call in c.reader.calls]}
                 choice["message"] = message
@@ -165,7 +171,7 @@ class _Answer:
                     choice["logprobs"] = self._echo_logprobs(c, choices, n_gen)
             if choice["logprobs"] is None:
                 choice["logprobs"] = self._logprobs(c, 0, n_gen)
-            choice["finish_reason"] = "length" if self.zero else _finish_reason(c)
+            choice["finish_reason"] = "length" if self.zero else _finish_reason(c, self.legacy)
             if self.req.return_token_ids:
                 choice["token_ids"] = list(c.detok.ids[:n_gen])
             out.append(choice)
@@ -221,7 +227,9 @@ class _Answer:
                 d["role"] = "assistant"
             if delta is not None:
                 d["content"] = delta
-            if calls:
+            if calls and self.legacy:  # (one call at most: the reader reads no more)
+                d["function_call"] = calls[0].as_dict()["function"]
+            elif calls:
                 d["tool_calls"] = [{"index": c.n_calls - len(calls) + i, **call.as_dict()}
                                    for i, call in enumerate(calls)]
             choice: dict[str, Any] = {"index": c.index, "delta": d, "finish_reason": finish, "logprobs": logprobs}
@@ -288,7 +296,7 @@ class _Answer:
                 break
             for b in self._text_chunks(c, detok.flush(), [], final=True):
                 out.put_nowait((c, b))
-            finish = "length" if self.zero else _finish_reason(c)
+            finish = "length" if self.zero else _finish_reason(c, self.legacy)
             out.put_nowait((c, self._chunk(c, None if self.kind == "chat" else "", finish)))
             out.put_nowait((c, None))
         except ApiError as err:
@@ -335,7 +343,9 @@ class _Answer:
                               code=code).inc()
 
 
-def _finish_reason(c: Choice) -> str:
+def _finish_reason(c: Choice, legacy: bool = False) -> str:
     reason = c.detok.finish or "length"
-    return "tool_calls" if reason == "stop" and c.reader is not None and c.reader.calls else reason
+    if reason == "stop" and c.reader is not None and c.reader.calls:
+        return "function_call" if legacy else "tool_calls"
+    return reason
 

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from dualpath.http.tools import ToolDef
+from dualpath.http.tools import FunctionDef, ToolDef
 
 #: stop sequences per request: OpenAI allows 4, vLLM any number; clients written for either send more than 4
 #: (lm-eval's HumanEval task sends 5), and each costs a check per generated token, hence a bound
@@ -66,6 +66,9 @@ class ContentPart(BaseModel):
         return self.text or ""
 
 
+_TEMPLATE_ROLES = {"developer": "system", "function": "tool"}
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
@@ -80,12 +83,17 @@ class ChatMessage(_Strict):
     annotations: list[Any] | None = None
 
     def template_dict(self) -> dict[str, Any]:
-        """The message as a chat template expects it (``developer`` is rendered as ``system``)."""
-        d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        """The message as a chat template expects it: ``developer`` is rendered as ``system``; the legacy
+        function-calling turns as tool-calling ones (an assistant's ``function_call`` as its one tool call, a
+        ``function`` message as a ``tool`` message that keeps the function's ``name``)."""
+        role = _TEMPLATE_ROLES.get(self.role, self.role)
+        d: dict[str, Any] = {"role": role, "content": self.text()}
         if self.name is not None:
             d["name"] = self.name
         if self.tool_calls:
             d["tool_calls"] = self.tool_calls
+        elif self.function_call:
+            d["tool_calls"] = [{"id": "call_0", "type": "function", "function": self.function_call}]
         if self.tool_call_id is not None:
             d["tool_call_id"] = self.tool_call_id
         return d
@@ -201,8 +209,10 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolDef] | None = None  # function calling: dualpath.http.tools
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    # the deprecated function calling: read as ``tools`` / ``tool_choice`` (:meth:`_from_functions`), answered in
+    # its own shape (``message.function_call``, finish ``function_call``)
+    functions: list[FunctionDef] | None = Field(default=None, min_length=1)
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
@@ -217,22 +227,55 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
+    _legacy: bool = PrivateAttr(default=False)
+    _legacy_problem: tuple[str, str] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _from_functions(self) -> ChatCompletionRequest:
+        """``functions`` becomes ``tools`` and ``function_call`` ``tool_choice`` (``{"name": f}``: that function),
+        with at most one call in the answer; mixed with ``tools``/``tool_choice`` it is refused (:meth:`unsupported`)."""
+        if self.functions is None and self.function_call is None:
+            return self
+        if self.tools is not None or self.tool_choice is not None:
+            field = "functions" if self.functions is not None else "function_call"
+            self._legacy_problem = (field, f"{field}: the legacy function calling cannot be mixed with tools / "
+                                           "tool_choice; send one of them")
+            return self
+        fc = self.function_call
+        if isinstance(fc, dict):
+            name = fc.get("name")
+            if set(fc) != {"name"} or not isinstance(name, str):
+                self._legacy_problem = ("function_call", "function_call: must be 'none', 'auto' or {\"name\": "
+                                                         f"<a function>}} (got {fc!r})")
+                return self
+            fc = {"type": "function", "function": {"name": name}}
+        self._legacy = True
+        self.tools = [ToolDef(type="function", function=f) for f in self.functions or []]
+        self.tool_choice = fc
+        self.parallel_tool_calls = False
+        return self
+
+    @property
+    def legacy_functions(self) -> bool:
+        """Whether the request used the legacy ``functions`` / ``function_call`` (the answer takes their shape)."""
+        return self._legacy
+
     def unsupported(self) -> tuple[str, str] | None:
         bad = super().unsupported()
         if bad is not None:
             return bad
+        if self._legacy_problem is not None:
+            return self._legacy_problem
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs: needs logprobs: true"
         if self.response_format is not None:
             problem = response_format_problem(self.response_format)
             if problem is not None:
                 return "response_format", problem
-        if self.functions:
-            return "functions", "functions: the legacy functions field is not supported; send tools"
-        if self.function_call is not None and self.function_call not in ("none", "auto"):
-            return "function_call", "function_call: the legacy field is not supported; send tools and tool_choice"
         problem = tool_choice_problem(self.tool_choice, [t.function.name for t in self.tools or []])
         if problem is not None:
+            if self._legacy:
+                return "function_call", "function_call" + problem[len("tool_choice"):]
             return "tool_choice", problem
         guided = self.guided()
         if guided is not None and (self.tool_choice not in (None, "none", "auto")

@@ -161,11 +161,13 @@ class ToolCallReader:
     """Reads calls out of generated text as it arrives: :meth:`feed` each text delta, then :meth:`finish`; each
     returns ``(content, calls)``: the content that can be passed on now and the calls completed now."""
 
-    def __init__(self, parser: str, names: list[str] | frozenset[str]) -> None:
+    def __init__(self, parser: str, names: list[str] | frozenset[str], max_calls: int | None = None) -> None:
         if parser not in TOOL_PARSERS or parser == "auto":
             raise ValueError(f"tool parser {parser!r}: expected hermes or llama3_json")
         self.parser = parser
         self.names = frozenset(names)
+        #: calls read at most (the legacy ``functions`` API answers with one); text past them is content
+        self.max_calls = max_calls
         self.calls: list[ToolCall] = []
         self._buf = ""
         self._in_call = False
@@ -203,6 +205,10 @@ class ToolCallReader:
 
         while True:
             if not self._in_call:
+                if self.max_calls is not None and len(self.calls) + len(calls) >= self.max_calls:
+                    text(self._buf)  # no further call is read: the rest is content, as written
+                    self._buf = ""
+                    break
                 i = self._buf.find(_OPEN)
                 if i < 0:
                     keep = 0 if final else _held_prefix(self._buf, _OPEN)
@@ -257,6 +263,8 @@ class ToolCallReader:
             if call is None:
                 return raw, []
             calls.append(call)
+        if self.max_calls is not None and len(calls) > self.max_calls:
+            return raw, []  # more calls than may be answered: the text as it is
         return ("", self._done(calls)) if calls else (raw, [])
 
 

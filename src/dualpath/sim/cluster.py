@@ -414,7 +414,8 @@ class Simulation:
         # adaptive never-lose floor: only while the node's storage reads keep up (read queue <= alpha); when storage is
         # the bottleneck the paper's quota applies unchanged
         floor = self.min_batch if pe.node.read_q <= self.params.alpha_tokens else 0
-        fb = pack_forward_batch(pp, self.quota, self.attn_time, self.sc.max_batch_tokens, floor)
+        fb = pack_forward_batch(pp, self.quota, self.attn_time, self.sc.max_batch_tokens, floor,
+                                more_queued=len(pending) > len(pp))
         by_rid = {r.rid: r for r in pending}
         return [(by_rid[c.rid], c.new) for c in fb.chunks]
 

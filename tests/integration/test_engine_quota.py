@@ -117,3 +117,20 @@ async def test_the_quota_never_cuts_a_batch_below_the_models_efficient_size() ->
         pe.model.efficient_prefill_tokens = lambda cap: 0  # type: ignore[method-assign]
         pe._min_tokens = None
         assert [(c.start, c.end) for c in pe._take_batch()] == [(456, 556)]  # without the floor: the quota's 100
+
+
+@pytest.mark.parametrize("queued", [1, 2])
+async def test_the_floor_leaves_the_last_request_no_tail(queued: int) -> None:
+    # the quota's floor (the model's efficient batch size, 64 tokens here) cuts a 96-token request at 64; alone in
+    # the queue its 32-token tail would be a forward of its own, so it is prefilled whole; with a request queued
+    # behind it the cut stands (the tail joins that request's batch)
+    cfg = synthetic_config(prefill_max_batch=8)
+    cluster = Cluster(cfg)
+    async with cluster:
+        pe = cluster.pes[0]
+        pe.model.efficient_prefill_tokens = lambda cap: 64  # type: ignore[method-assign]
+        cfg.cluster.prefill_quota_s = pe.model.predict_prefill_s(0, 40)
+        turns = _turns(cluster, queued, 96)
+        pe.queue.extend(turns)
+        batch = pe._take_batch()
+        assert [(c.start, c.end) for c in batch] == ([(0, 96)] if queued == 1 else [(0, 64)])

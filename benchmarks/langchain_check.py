@@ -2,7 +2,8 @@
 
 Starts ``dualpath serve --http --inprocess`` with the embedded SmolLM2 and drives it the way LangChain apps do:
 ``invoke`` (usage with ``cache_read``), ``stream`` with ``stream_usage``, ``batch``, ``bind_tools`` with a named
-``tool_choice`` (one call whose arguments parse), ``with_structured_output`` by ``json_schema``,
+``tool_choice`` (one call whose arguments parse), the legacy ``functions`` / ``function_call`` (answered as
+``function_call``), ``with_structured_output`` by ``json_schema``,
 ``function_calling`` and ``json_mode`` (each parses into the pydantic model), ``logprobs``, ``stop``, ``n``, and the
 Responses API (``use_responses_api``: text, stream, a forced tool call). Prints one line per check and exits 1 if
 any failed. Whether the 135M model answers well is not checked, only that every answer has the shape asked for.
@@ -14,6 +15,7 @@ langchain_openai is not a dependency of dualpath: install it first (``pip instal
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -61,6 +63,14 @@ def main() -> int:
               .invoke("Weather in Paris?"),
               lambda r: len(r.tool_calls) == 1 and r.tool_calls[0]["name"] == "get_weather"
               and isinstance(r.tool_calls[0]["args"].get("city"), str) and not r.content)
+        weather_fn = {"name": "get_weather", "description": "Get the weather for a city.",
+                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                     "required": ["city"]}}
+        check("legacy functions, named", lambda: llm().bind(functions=[weather_fn],
+              function_call={"name": "get_weather"}).invoke("Weather in Paris?"),
+              lambda r: r.additional_kwargs["function_call"]["name"] == "get_weather"
+              and isinstance(json.loads(r.additional_kwargs["function_call"]["arguments"]).get("city"), str)
+              and r.response_metadata["finish_reason"] == "function_call")
         for method in ("json_schema", "function_calling", "json_mode"):
             check(f"with_structured_output({method})",
                   lambda m=method: llm().with_structured_output(Person, method=m).invoke(

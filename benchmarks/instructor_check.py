@@ -2,7 +2,8 @@
 ``dualpath serve --http``.
 
 Starts ``dualpath serve --http --inprocess`` with the embedded SmolLM2 and extracts pydantic models in
-instructor's constrained modes: ``TOOLS`` and ``TOOLS_STRICT`` (a forced tool call), ``JSON`` and ``JSON_SCHEMA``
+instructor's constrained modes: ``TOOLS`` and ``TOOLS_STRICT`` (a forced tool call), ``FUNCTIONS`` (the legacy
+``functions`` with a forced ``function_call``), ``JSON`` and ``JSON_SCHEMA``
 (``response_format``), a nested model (a list of models: ``$defs`` and ``$ref`` in the tool's parameters), a
 partial stream, an iterable, and the async client. Prints one line per check and exits 1 if any failed. The
 free-text modes (``MD_JSON``, ``PARALLEL_TOOLS`` with ``tool_choice: auto``) are left out: there the output is
@@ -52,7 +53,7 @@ def main() -> int:
         check = Checks()
 
 
-        for mode in ("TOOLS", "TOOLS_STRICT", "JSON", "JSON_SCHEMA"):
+        for mode in ("TOOLS", "TOOLS_STRICT", "FUNCTIONS", "JSON", "JSON_SCHEMA"):
             check(mode, lambda m=mode: client(getattr(instructor.Mode, m)).chat.completions.create(
                 response_model=User, max_retries=0, **ask), lambda u: isinstance(u, User))
         tools = client(instructor.Mode.TOOLS)

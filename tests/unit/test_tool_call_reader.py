@@ -19,8 +19,9 @@ from dualpath.http.tools import (
 NAMES = ["get_weather", "search"]
 
 
-def read(parser: str, text: str, piece: int | None = None) -> tuple[str, list[tuple[str, dict]]]:
-    r = ToolCallReader(parser, NAMES)
+def read(parser: str, text: str, piece: int | None = None,
+         max_calls: int | None = None) -> tuple[str, list[tuple[str, dict]]]:
+    r = ToolCallReader(parser, NAMES, max_calls)
     out = []
     pieces = [text] if piece is None else [text[i:i + piece] for i in range(0, len(text), piece)]
     for p in pieces:
@@ -116,3 +117,15 @@ def test_tool_definitions_are_validated():
         ToolDef.model_validate({"type": "retrieval", "function": {"name": "x"}})
     with pytest.raises(ValueError):
         ToolDef.model_validate({"type": "function", "function": {"name": "x", "bogus": 1}})
+
+
+@pytest.mark.parametrize("piece", [None, 1, 7])
+def test_max_calls_leaves_later_calls_as_content(piece: int | None) -> None:
+    # the legacy functions API answers with one call: a second one stays in the content, as written
+    second = '<tool_call>{"name": "search", "arguments": {"q": "x"}}</tool_call>'
+    text = 'Sure.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n' + second + " ok"
+    assert read("hermes", text, piece, max_calls=1) == ("Sure.\n" + second + " ok", [("get_weather", {"city": "Oslo"})])
+    assert read("hermes", text, piece)[1] == [("get_weather", {"city": "Oslo"}), ("search", {"q": "x"})]
+    two = '{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "search", "parameters": {}}'
+    assert read("llama3_json", two, piece, max_calls=1) == (two, [])
+    assert read("llama3_json", two.split(";")[0], piece, max_calls=1)[1] == [("get_weather", {"city": "Oslo"})]

@@ -71,7 +71,6 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
         if grammar is not None:
             base = replace(base, grammar=grammar)
     tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []
-    legacy = isinstance(req, ChatCompletionRequest) and req.legacy_functions
     specs: list[tuple[GenRequest, Detokenizer]] = []
     limits = [server.limit(len(ids), req.limit(), "max_tokens") for ids in prompts]
     if req.min_tokens > min(limits):
@@ -88,7 +87,7 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
             specs.append((GenRequest(ids, limit, sampling), detok))
     out = _Answer(server, kind, req, prompts, per_prompt, top)
     return await serve_choices(server, request, request.url.path, specs, bool(req.stream), out.stream, out.full,
-                               readers=[server.tool_reader(tools, 1 if legacy else None) for _ in specs])
+                               readers=[server.tool_reader(tools, 1 if out.legacy else None) for _ in specs])
 
 
 def _top(req: ChatCompletionRequest | CompletionRequest) -> int | None:

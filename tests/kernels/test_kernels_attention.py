@@ -127,3 +127,66 @@ def test_large_physical_block_ids(device):
     torch.testing.assert_close(tri.paged_prefill_attention(qp, kv, tables, cu, lens, starts, 0.25),
                                ref.paged_prefill_attention(qp, kv, tables, cu, lens, starts, 0.25),
                                atol=2e-2, rtol=2e-2)
+
+
+def _naive_window(q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, qpos: list[int], scale: float,
+                  window: int) -> torch.Tensor:
+    """Query by query, key by key: what a sliding window means, independent of the reference's masking."""
+    bt, hq, hkv = kv.shape[1], q.shape[1], kv.shape[3]
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for i, p in enumerate(qpos):
+        keys = [t for t in range(p + 1) if p - t < window]
+        rows = torch.stack([kv[int(table[t // bt]), t % bt].float().cpu() for t in keys])  # [n, 2, Hkv, D]
+        for h in range(hq):
+            k, v = rows[:, 0, h // (hq // hkv)], rows[:, 1, h // (hq // hkv)]
+            w = torch.softmax((k @ q[i, h].float().cpu()) * scale, dim=0)
+            out[i, h] = w @ v
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40, 1000])
+def test_sliding_window_matches_naive(device, window):
+    """A window of ``w`` keys (itself included), as transformers masks it: decode and prefill (a cached prefix,
+    chunks that start inside and outside the window, query tiles whose first rows see no key of a key tile),
+    Triton and the torch reference against a key-by-key loop; a window above every length is plain attention."""
+    bt, hq, hkv, d = 16, 4, 2, 16
+    seqs = [(0, 45), (37, 9), (70, 1), (5, 30)]  # (cached, new)
+    lens = [c + n for c, n in seqs]
+    nb = sum(-(-n // bt) for n in lens) + 2
+    kv = _pool(nb, bt, hkv, d, torch.float32, device, seed=11)
+    tables = _tables(lens, bt, nb, seed=11).to(device)
+    ntok = sum(n for _, n in seqs)
+    q = torch.randn((ntok, hq, d), generator=torch.Generator().manual_seed(12)).to(device)
+    cu = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    starts = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=device)
+    want = torch.cat([_naive_window(q[int(cu[b]):int(cu[b + 1])], kv, tables[b], list(range(c, c + n)), 0.3, window)
+                      for b, (c, n) in enumerate(seqs)])
+    got_ref = ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, window=window)
+    got_tri = tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, window=window, block_m=16,
+                                          block_n=16)
+    torch.testing.assert_close(got_ref.cpu(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_tri.cpu(), want, atol=2e-5, rtol=1e-4)
+    if window >= max(lens):
+        torch.testing.assert_close(got_tri, tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3,
+                                                                        block_m=16, block_n=16), atol=2e-5, rtol=1e-4)
+    # decode: the last token of each sequence
+    qd = torch.randn((len(lens), hq, d), generator=torch.Generator().manual_seed(13)).to(device)
+    want_d = torch.cat([_naive_window(qd[b:b + 1], kv, tables[b], [n - 1], 0.3, window) for b, n in enumerate(lens)])
+    torch.testing.assert_close(ref.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window).cpu(), want_d,
+                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tri.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window, partition=32,
+                                                          block_n=16).cpu(), want_d, atol=2e-5, rtol=1e-4)
+
+
+def test_window_must_be_positive(device):
+    from dualpath.errors import KernelError
+    from dualpath.kernels import paged_decode_attention
+
+    kv = _pool(2, 16, 1, 16, torch.float32, device)
+    q = torch.zeros((1, 1, 16), device=device)
+    tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
+    lens = torch.ones(1, dtype=torch.int32, device=device)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(KernelError, match="window must be a positive int"):
+            paged_decode_attention(q, kv, tables, lens, 0.25, window=bad)

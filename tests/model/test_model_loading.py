@@ -206,25 +206,27 @@ def test_gguf_llama3_rope_freqs_and_qwen3(tmp_path):
         assert torch.equal(p1, p2), n1
 
 
-def test_sliding_window_caps_the_context_and_qwen3_roundtrips():
-    """A sliding window is exact only inside it: the spec caps the context there and the adapter refuses more."""
+def test_sliding_window_reads_and_qwen3_roundtrips():
+    """A sliding window is applied per layer (tests/model/test_sliding_window_hf.py), so it no longer caps the
+    context: the adapter serves the checkpoint's whole ``max_position_embeddings``."""
     from dualpath.engine.model_api import LlamaAdapter
 
     mistral = ModelSpec.from_hf_config({**CFG, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
                                         "sliding_window": 64})
-    assert (mistral.architecture, mistral.sliding_window, mistral.max_position) == ("llama", 64, 64)
+    assert (mistral.architecture, mistral.sliding_window, mistral.max_position) == ("llama", 64, 128)
+    assert mistral.layer_window(0) == 64
     assert ModelSpec.from_hf_config(mistral.to_hf_config()) == mistral
     assert ModelSpec.from_hf_config({**CFG, "sliding_window": None}).max_position == 128  # null: no window
     qwen = {**CFG, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 32,
             "use_sliding_window": False}
-    assert ModelSpec.from_hf_config(qwen).max_position == 128  # a window that is switched off does not count
-    assert ModelSpec.from_hf_config({**qwen, "use_sliding_window": True}).max_position == 32
+    assert ModelSpec.from_hf_config(qwen).sliding_window is None  # a window that is switched off does not count
+    on = ModelSpec.from_hf_config({**qwen, "use_sliding_window": True, "max_window_layers": 0})
+    assert (on.sliding_window, on.max_position, on.full_attention_layers) == (32, 128, ())
     with pytest.raises(ModelError, match="sliding_window must be a positive integer"):
-        ModelSpec.from_hf_config({**qwen, "use_sliding_window": True, "sliding_window": 0})
+        ModelSpec.from_hf_config({**qwen, "use_sliding_window": True, "sliding_window": 0, "max_window_layers": 0})
     model = build_model(mistral, None, seed=0)
-    with pytest.raises(ModelError, match="model.max_context=100 exceeds the checkpoint's sliding_window of 64"):
-        LlamaAdapter(model, block_tokens=16, max_context=100, time_model="off")
-    assert LlamaAdapter(model, block_tokens=16, time_model="off").max_context == 64
+    assert LlamaAdapter(model, block_tokens=16, max_context=100, time_model="off").max_context == 100
+    assert LlamaAdapter(model, block_tokens=16, time_model="off").max_context == 128
     qwen3 = ModelSpec.from_hf_config({**CFG, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
                                       "head_dim": 16})
     assert qwen3.qk_norm and not qwen3.attention_bias and qwen3.head_dim == 16

@@ -217,7 +217,7 @@ def test_reads_hub_style_configs():
     assert spec.norm_topk_prob and not spec.attention_bias and spec.sliding_window is None
     assert spec.kv_spec().bytes_per_token_layer == 2 * 8 * 128 * 2
     windowed = load_spec(dict(mixtral, sliding_window=4096))
-    assert isinstance(windowed, ModelSpec) and windowed.max_position == 4096  # the window caps the context
+    assert isinstance(windowed, ModelSpec) and windowed.max_position == 32768 and windowed.layer_window(31) == 4096
     qwen2 = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "decoder_sparse_step": 1,
              "hidden_size": 2048, "intermediate_size": 5632, "max_position_embeddings": 8192,
              "max_window_layers": 21, "moe_intermediate_size": 1408, "norm_topk_prob": False, "num_attention_heads": 16,

@@ -33,7 +33,7 @@ BASE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hi
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    # half of each 16-dim head rotated, a window (caps the context at 96), untied head
+    # half of each 16-dim head rotated, a 96-token window, untied head
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(BASE, partial_rotary_factor=0.5, sliding_window=96,
                                                    rope_theta=500.0)),
     # full RoPE on an explicit head_dim of 24 (hidden / heads is 16), tied embeddings
@@ -43,7 +43,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(BASE, hidden_size=48, head_dim=32, num_key_value_heads=1,
                                                      attention_bias=True, hidden_act="gelu")),
     # query_pre_attn_scalar 20 (not head_dim 32), caps small enough to bite at these scales, layer 0 sliding with a
-    # 64-token window (caps the context), layer 1 full
+    # 64-token window, layer 1 full
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(BASE, hidden_size=48, head_dim=32, query_pre_attn_scalar=20,
                                                        attn_logit_softcapping=4.0, final_logit_softcapping=3.0,
                                                        sliding_window=64)),
@@ -175,11 +175,12 @@ def test_specs_follow_transformers(ckpt):
     assert spec.o_bias == (family == "gemma") == (hf.model.layers[0].self_attn.o_proj.bias is not None)
     assert spec.rms_eps == hf.config.rms_norm_eps
     if family == "phi3":
-        assert (spec.rotary_dim, spec.sliding_window, spec.max_position) == (8, 96, 96)
+        assert (spec.rotary_dim, spec.sliding_window, spec.max_position) == (8, 96, 256)
     attn = hf.model.layers[0].self_attn
     assert spec.attn_scale == pytest.approx(attn.scaling, rel=1e-12)
     if family == "gemma2":
-        assert (spec.sliding_window, spec.max_position) == (64, 64) and attn.sliding_window == 64
+        assert (spec.sliding_window, spec.max_position) == (64, 256) and attn.sliding_window == 64
+        assert spec.full_attention_layers == (1,) and hf.model.layers[1].self_attn.sliding_window is None
         assert spec.attn_logit_softcapping == attn.attn_logit_softcapping == 4.0
         assert spec.final_logit_softcapping == hf.config.final_logit_softcapping == 3.0
     assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
@@ -214,8 +215,8 @@ def test_our_save_pretrained_is_read_by_transformers(family, tmp_path):
 
 
 def test_gemma2_with_only_full_layers_and_no_attention_cap(tmp_path):
-    """Gemma 2 whose ``layer_types`` are all full (its ``sliding_window`` of 16 then applies nowhere: no cap on the
-    context) and whose attention soft cap is off: 37 tokens, saved by us, equal transformers' logits."""
+    """Gemma 2 whose ``layer_types`` are all full (its ``sliding_window`` of 16 then applies nowhere) and whose
+    attention soft cap is off: 37 tokens, saved by us, equal transformers' logits."""
     kw = dict(FAMILIES["gemma2"][2], architectures=["Gemma2ForCausalLM"], sliding_window=16,
               layer_types=["full_attention"] * 2, attn_logit_softcapping=None)
     spec = ModelSpec.from_hf_config(kw)
@@ -246,7 +247,7 @@ def test_spec_identity():
 
 
 def test_reads_hub_style_configs():
-    """The keys of published configs at their real sizes: Phi-3-mini-4k (window 2047 caps the context), Phi-4-mini
+    """The keys of published configs at their real sizes: Phi-3-mini-4k (every layer slides over 2047), Phi-4-mini
     (partial RoPE 0.75 of 128 dims; its longrope scaling refused, naming the key), Gemma-2B / 7B (head_dim 256,
     hidden_act "gelu" with hidden_activation "gelu_pytorch_tanh", GemmaConfig's defaults)."""
     phi3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu", "hidden_size": 3072,
@@ -255,7 +256,8 @@ def test_reads_hub_style_configs():
             "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0, "sliding_window": 2047,
             "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 32064}
     spec = load_spec(phi3)
-    assert isinstance(spec, ModelSpec) and spec.architecture == "phi3" and spec.max_position == 2047
+    assert isinstance(spec, ModelSpec) and spec.architecture == "phi3" and spec.max_position == 4096
+    assert spec.sliding_window == 2047 and spec.full_attention_layers == ()
     assert spec.rotary_dim == spec.head_dim == 96 and not spec.attention_bias
     phi4 = dict(phi3, hidden_size=3072, num_attention_heads=24, num_key_value_heads=8, partial_rotary_factor=0.75,
                 max_position_embeddings=131072, sliding_window=262144, tie_word_embeddings=True, vocab_size=200064,
@@ -283,8 +285,9 @@ def test_reads_hub_style_configs():
               "max_position_embeddings": 8192, "num_attention_heads": 8, "num_hidden_layers": 26,
               "num_key_value_heads": 4, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
               "sliding_window": 4096, "torch_dtype": "float32", "vocab_size": 256000}
-    spec = load_spec(gemma2)  # gemma-2-2b: every other layer slides over 4096 tokens, so the context is 4096
-    assert isinstance(spec, ModelSpec) and spec.sandwich_norms and spec.max_position == 4096
+    spec = load_spec(gemma2)  # gemma-2-2b: every other layer slides over 4096 tokens; the context is 8192
+    assert isinstance(spec, ModelSpec) and spec.sandwich_norms and spec.max_position == 8192
+    assert spec.full_attention_layers == tuple(range(1, 26, 2))
     assert spec.attn_scale == 256 ** -0.5 and spec.final_logit_softcapping == 30.0
     spec = load_spec(dict(gemma2, query_pre_attn_scalar=224))
     assert isinstance(spec, ModelSpec) and spec.attn_scale == 224 ** -0.5  # as gemma-2-27b
@@ -302,7 +305,8 @@ def test_missing_keys_take_the_config_class_defaults(family):
     spec = load_spec(minimal)
     assert isinstance(spec, ModelSpec)
     assert spec.rms_eps == ref.rms_norm_eps
-    assert spec.max_position == min(ref.max_position_embeddings, getattr(ref, "sliding_window", None) or 1 << 62)
+    assert spec.max_position == ref.max_position_embeddings
+    assert spec.sliding_window == getattr(ref, "sliding_window", None)
     assert spec.tie_embeddings == ref.tie_word_embeddings and spec.n_kv_heads == ref.num_key_value_heads
     head_dim = getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads
     assert spec.head_dim == head_dim and spec.rope_theta == ref.rope_parameters["rope_theta"]
@@ -310,7 +314,6 @@ def test_missing_keys_take_the_config_class_defaults(family):
         assert (spec.query_pre_attn_scalar, spec.attn_logit_softcapping, spec.final_logit_softcapping) == (
             ref.query_pre_attn_scalar, ref.attn_logit_softcapping, ref.final_logit_softcapping)
         assert ref.layer_types[0] == "sliding_attention" and spec.sliding_window == ref.sliding_window == 4096
-        assert spec.max_position == 4096  # capped at the window
         uncapped = load_spec(dict(minimal, attn_logit_softcapping=None, final_logit_softcapping=None))
         assert isinstance(uncapped, ModelSpec) and uncapped.attn_logit_softcapping is None
         assert uncapped.fingerprint() != spec.fingerprint()

@@ -128,11 +128,6 @@ class LlamaAdapter(LayerwiseModel):
         self.kv_spec = spec.kv_spec()
         self.fingerprint = spec.fingerprint()
         self.max_context = int(max_context or spec.max_position)
-        window = getattr(spec, "sliding_window", None)
-        if window is not None and self.max_context > window:
-            raise ModelError(
-                f"model.max_context={self.max_context} exceeds the checkpoint's sliding_window of {window} tokens: "
-                f"attention past the window would differ from the model's; set model.max_context <= {window}")
         topk = getattr(spec, "index_topk", 0)
         if topk and self.max_context > topk:
             raise ModelError(

@@ -69,21 +69,30 @@ def _impl(name: str, backend: str | None, device: torch.device) -> Any:
 
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, *, backend: str | None = None,
-                           softcap: float | None = None) -> torch.Tensor:
+                           softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """``q [B, Hq, D]`` over each sequence's ``seq_lens[b]`` paged tokens -> ``[B, Hq, D]``. ``softcap``: scores
-    ``softcap * tanh(scores / softcap)`` (Gemma 2's attention-logit soft-capping)."""
+    ``softcap * tanh(scores / softcap)`` (Gemma 2's attention-logit soft-capping). ``window``: a sliding
+    attention window, the last ``window`` tokens only (None: all)."""
     fn = _impl("paged_decode_attention", backend, q.device)
-    return fn(q, kv_layer, block_tables, seq_lens, scale, softcap=softcap)
+    return fn(q, kv_layer, block_tables, seq_lens, scale, softcap=softcap, window=_window(window))
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
                             scale: float, *, backend: str | None = None,
-                            softcap: float | None = None) -> torch.Tensor:
+                            softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """New tokens ``q [Ntok, Hq, D]``: full attention over the cached prefix, causal over the new tokens.
-    ``softcap`` as for :func:`paged_decode_attention`."""
+    ``softcap`` as for :func:`paged_decode_attention`; ``window``: a query at position ``p`` sees the keys at
+    positions ``p - window + 1 .. p`` only (transformers' sliding-window mask)."""
     fn = _impl("paged_prefill_attention", backend, q.device)
-    return fn(q, kv_layer, block_tables, cu_seqlens_q, seq_lens, start_pos, scale, softcap=softcap)
+    return fn(q, kv_layer, block_tables, cu_seqlens_q, seq_lens, start_pos, scale, softcap=softcap,
+              window=_window(window))
+
+
+def _window(window: int | None) -> int | None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise KernelError(f"window must be a positive int or None, got {window!r}")
+    return window
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor, *,

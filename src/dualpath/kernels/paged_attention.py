@@ -6,6 +6,9 @@ block table, so any block size works and tiles may span pages; block ids are wid
 are multiplied by strides (large pools do not overflow). Softmax runs in fp32 (exp2 domain).
 Under ``TRITON_INTERPRET=1`` dot operands are cast to fp32 (the interpreter's bf16 dot is wrong).
 ``softcap`` (Gemma 2): scores ``softcap * tanh(scale * q.k / softcap)`` before the mask, as the torch reference.
+``window`` (a sliding attention window): a query at position ``p`` sees keys ``p - window + 1 .. p`` only. Decode
+starts each sequence's scan at its window; prefill starts each query tile's scan at its first row's window and
+masks the rest (a row whose keys in a tile are all masked keeps its running max: no NaN).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _decode_split_kernel(
     stride_tb,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    qk_scale, softcap,
+    qk_scale, softcap, window,
     G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, PARTITION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
@@ -50,8 +53,8 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
-    lo = split * PARTITION
-    hi = tl.minimum(lo + PARTITION, seq_len)
+    hi = tl.minimum(split * PARTITION + PARTITION, seq_len)
+    lo = tl.maximum(split * PARTITION, seq_len - window)  # window: the sliding window, or >= every length
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     gmask = g < G
@@ -126,9 +129,19 @@ def _scales(scale: float, softcap: float | None) -> tuple[float, float]:
     return float(scale), float(softcap)
 
 
+def _window_arg(window: int | None) -> int:
+    """The kernels' ``window`` argument: the window, or a bound above every sequence length (no window)."""
+    if window is None:
+        return 1 << 30
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise KernelError(f"window must be a positive int or None, got {window!r}")
+    return min(window, 1 << 30)
+
+
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, *, partition: int | None = None,
-                           block_n: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                           block_n: int | None = None, softcap: float | None = None,
+                           window: int | None = None) -> torch.Tensor:
     """Triton paged decode. ``q [B, Hq, D]``, ``kv_layer [NB, bt, 2, Hkv, D]``, ``block_tables [B, max_blocks]``,
     ``seq_lens [B]`` (each >= 1) -> ``[B, Hq, D]`` in ``q``'s dtype."""
     kv = check_kv_layer(kv_layer)
@@ -165,7 +178,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         tables.stride(0),
         po.stride(0), po.stride(1), po.stride(2),
         lse.stride(0), lse.stride(1),
-        *_scales(scale, softcap),
+        *_scales(scale, softcap), _window_arg(window),
         G=g, D=d, BT=bt, PARTITION=partition, SOFTCAP=softcap is not None,
         BLOCK_G=max(16, next_pow2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
         DOT_FP32=interp, PREC=prec,
@@ -188,8 +201,8 @@ def _prefill_kernel(
     stride_kb, stride_kt, stride_kkv, stride_kh,
     stride_tb,
     stride_on, stride_oh,
-    qk_scale, softcap,
-    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SOFTCAP: tl.constexpr,
+    qk_scale, softcap, window,
+    G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -219,7 +232,10 @@ def _prefill_kernel(
         # keys before the tile's first query are visible to every row: no causal mask there
         full_end = ((start + mblk * BLOCK_M) // BLOCK_N) * BLOCK_N
         end = tl.minimum(seq_len, start + (mblk + 1) * BLOCK_M)
-        for kstart in range(0, full_end, BLOCK_N):
+        first = 0
+        if WINDOW:  # keys below the tile's first row's window are visible to no row of the tile
+            first = (tl.maximum(start + mblk * BLOCK_M - window + 1, 0) // BLOCK_N) * BLOCK_N
+        for kstart in range(first, full_end, BLOCK_N):
             t = kstart + tl.arange(0, BLOCK_N)
             blk = tl.load(table_row + t // BT).to(tl.int64)
             row = blk * stride_kb + (t % BT).to(tl.int64) * stride_kt + kvh * stride_kh
@@ -231,13 +247,18 @@ def _prefill_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             if SOFTCAP:
                 s = _softcap(s, softcap) * 1.4426950408889634
+            if WINDOW:
+                s = tl.where(t[None, :] > qpos[:, None] - window, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_use = m_new
+            if WINDOW:  # a row with no visible key yet: exp2(-inf - -inf) would be NaN
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
-        for kstart in range(full_end, end, BLOCK_N):
+        for kstart in range(tl.maximum(full_end, first), end, BLOCK_N):
             t = kstart + tl.arange(0, BLOCK_N)
             tmask = t < end
             blk = tl.load(table_row + t // BT, mask=tmask, other=0).to(tl.int64)
@@ -252,13 +273,20 @@ def _prefill_kernel(
             if SOFTCAP:
                 s = _softcap(s, softcap) * 1.4426950408889634
             vis = (t[None, :] <= qpos[:, None]) & tmask[None, :]
+            if WINDOW:
+                vis = vis & (t[None, :] > qpos[:, None] - window)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_use = m_new
+            if WINDOW:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
+        if WINDOW:  # padding rows past the tile's last query may see no key at all
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_i[:, None]
         tl.store(o_ptr + qrow[:, None] * stride_on + h * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
@@ -267,7 +295,7 @@ def _prefill_kernel(
 def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
                             scale: float, *, block_m: int | None = None, block_n: int | None = None,
-                            softcap: float | None = None) -> torch.Tensor:
+                            softcap: float | None = None, window: int | None = None) -> torch.Tensor:
     """Triton prefill with a cached prefix; see :func:`dualpath.kernels.reference.paged_prefill_attention`."""
     kv = check_kv_layer(kv_layer)
     dev = kv.device
@@ -308,8 +336,9 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         tables.stride(0),
         out.stride(0), out.stride(1),
-        *_scales(scale, softcap),
-        G=hq // hkv, D=d, BT=bt, SOFTCAP=softcap is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        *_scales(scale, softcap), _window_arg(window),
+        G=hq // hkv, D=d, BT=bt, SOFTCAP=softcap is not None, WINDOW=window is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_FP32=interp, PREC=prec,
         **({} if interp else {"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}),
     )

@@ -5,7 +5,9 @@ Paged pool layout, one tensor per layer: ``kv_layer[num_blocks, block_tokens, 2,
 token ``t`` lives at ``kv_layer[block_table[t // block_tokens], t % block_tokens]``; its *slot* is
 ``block_table[t // block_tokens] * block_tokens + t % block_tokens``.
 Attention is computed in fp32 and returned in ``q``'s dtype. ``softcap`` (Gemma 2's ``attn_logit_softcapping``):
-the scaled scores become ``softcap * tanh(scores / softcap)`` before the mask and the softmax.
+the scaled scores become ``softcap * tanh(scores / softcap)`` before the mask and the softmax. ``window`` (a
+sliding attention window, as transformers masks it): a query at position ``p`` sees only the keys at positions
+``> p - window`` (``window`` keys, itself included); None: every earlier key.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def paged_decode_attention(
     scale: float,
     *,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence attending to its first ``seq_lens[b]`` cached tokens.
+    """One query token per sequence attending to its first ``seq_lens[b]`` cached tokens (the last ``window`` of
+    them with a window).
 
     ``q [B, Hq, D]``, ``block_tables [B, max_blocks]`` int32, ``seq_lens [B]`` int32 -> ``[B, Hq, D]``.
     """
@@ -53,6 +57,8 @@ def paged_decode_attention(
     for b in range(q.shape[0]):
         n = int(seq_lens[b])
         k, v = _seq_kv(kv_layer, block_tables[b], n)
+        if window is not None and n > window:
+            k, v = k[n - window:], v[n - window:]
         out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap)[0].to(q.dtype)
     return out
 
@@ -67,8 +73,10 @@ def paged_prefill_attention(
     scale: float,
     *,
     softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Queries of each sequence's new tokens over its cached prefix (full) and its new tokens (causal).
+    """Queries of each sequence's new tokens over its cached prefix (full) and its new tokens (causal); with a
+    ``window``, each query over the last ``window`` positions up to its own.
 
     ``q [Ntok, Hq, D]``: the new tokens of all sequences, concatenated; sequence ``b`` owns rows
     ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` at positions ``start_pos[b] + i``; ``seq_lens[b] = start_pos[b] +
@@ -82,7 +90,10 @@ def paged_prefill_attention(
         n, start = int(seq_lens[b]), int(start_pos[b])
         k, v = _seq_kv(kv_layer, block_tables[b], n)
         qpos = torch.arange(start, start + hi - lo, device=q.device)
-        mask = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]
+        kpos = torch.arange(n, device=q.device)[None, :]
+        mask = kpos <= qpos[:, None]
+        if window is not None:
+            mask &= kpos > qpos[:, None] - window
         out[lo:hi] = _attend(q[lo:hi], k, v, scale, mask, softcap).to(q.dtype)
     return out
 

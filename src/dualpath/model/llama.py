@@ -348,6 +348,7 @@ class LlamaModel(LayerwiseDecoder):
         self.register_buffer("embed_scale", embed_scale.to(device), persistent=False)
         self.scale = spec.attn_scale
         self.softcap = spec.attn_logit_softcapping
+        self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]  # each layer's sliding window
 
     @torch.no_grad()
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -399,10 +400,11 @@ class LlamaModel(LayerwiseDecoder):
         store_kv(k, v, kv_layer, b.slot_mapping, backend=self.backend)
         if b.is_decode:
             o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, self.scale, backend=self.backend,
-                                       softcap=self.softcap)
+                                       softcap=self.softcap, window=self.windows[layer])
         else:
             o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                        self.scale, backend=self.backend, softcap=self.softcap)
+                                        self.scale, backend=self.backend, softcap=self.softcap,
+                                        window=self.windows[layer])
         a = attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
         if spec.sandwich_norms:  # Gemma 2: norms on the attention output and around the MLP
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)

@@ -21,12 +21,16 @@ to Gemma: attention scores scaled by ``query_pre_attn_scalar ** -0.5`` and soft-
 (``attn_logit_softcapping * tanh(s / cap)``, in every attention backend), final logits soft-capped
 (``final_logit_softcapping``), an RMSNorm on the attention output and around the MLP (``post_attention_layernorm``,
 ``pre_feedforward_layernorm``, ``post_feedforward_layernorm``), ``hidden_activation`` (not ``hidden_act``), and
-sliding-window layers in ``layer_types`` (the context is capped at the window, as for Mistral).
+sliding-window layers in ``layer_types``.
 
-A sliding attention window (Mistral's ``sliding_window``, Qwen's
-``use_sliding_window``) is exact only while every sequence fits inside it, so the context is capped at the window
-(``max_position``; a larger ``model.max_context`` is refused). Anything else raises
-:class:`~dualpath.errors.ModelError` naming the key at fault.
+A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
+attends to the keys at ``p - window + 1 .. p`` (``sliding_window``; the KV of every position is still kept, so a
+prefix stays reusable). Which layers slide follows each family: every layer for Mistral (``MistralForCausalLM``;
+a ``LlamaForCausalLM`` ignores a ``sliding_window`` key, as transformers does), Mixtral, Phi-3 and Qwen3-MoE;
+``layer_types`` (or, without it, transformers' default: Qwen2/Qwen3 from ``max_window_layers`` up, Qwen2-MoE odd
+layers below it, Gemma 2 every other layer) for Qwen2, Qwen3, Qwen2-MoE and Gemma 2, only with
+``use_sliding_window`` for the Qwen families. The layers that do not slide are ``full_attention_layers``.
+Anything else raises :class:`~dualpath.errors.ModelError` naming the key at fault.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ class ModelSpec(_SpecCommon):
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    sliding_window: int | None = None  # the checkpoint's attention window (max_position is capped at it)
+    sliding_window: int | None = None  # the checkpoint's attention window (None: no layer slides) ...
+    full_attention_layers: tuple[int, ...] = ()  # ... except in these layers (Gemma 2, Qwen layer_types)
     partial_rotary_factor: float = 1.0  # phi3: RoPE rotates the first int(head_dim * factor) dims of each head
     # gemma2: scores scaled by query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5), soft caps (None: off)
     query_pre_attn_scalar: float | None = None
@@ -158,6 +163,7 @@ class ModelSpec(_SpecCommon):
                              f"(got rope_scaling type {self.rope_type!r}, attention_bias {self.attention_bias})")
         if self.architecture == "gemma" and self.sliding_window is not None:
             raise ModelError("model config: gemma has no sliding attention window (sliding_window must be null)")
+        self._check_window()
         for name in _GEMMA2_FIELDS:
             value = getattr(self, name)
             if value is not None and self.architecture != "gemma2":
@@ -171,6 +177,31 @@ class ModelSpec(_SpecCommon):
             self._check_moe()
         elif self.n_experts:
             raise ModelError(f"model config: architecture {self.architecture!r} has no experts (n_experts must be 0)")
+
+    def _check_window(self) -> None:
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+            raise ModelError(f"model config: sliding_window must be a positive integer or null, got {w!r}")
+        full = tuple(sorted({int(x) for x in self.full_attention_layers}))
+        if any(not 0 <= x < self.n_layers for x in full):
+            raise ModelError(f"model config: full_attention_layers {list(full)} must be layers of 0..{self.n_layers - 1}")
+        if full and w is None:
+            raise ModelError("model config: full_attention_layers without a sliding_window")
+        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe"):
+            raise ModelError(f"model config: {self.architecture} slides every layer or none (full_attention_layers "
+                             f"{list(full)})")
+        if len(full) == self.n_layers:  # no layer slides
+            object.__setattr__(self, "sliding_window", None)
+            full = ()
+        if w is not None and self.architecture == "llama" and self.attention_bias:
+            raise ModelError("model config: a sliding window is Mistral's, which has no attention_bias")
+        object.__setattr__(self, "full_attention_layers", full)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding attention window of layer ``layer`` (None: it attends to every earlier position)."""
+        if self.sliding_window is None or layer in self.full_attention_layers:
+            return None
+        return self.sliding_window
 
     def _check_moe(self) -> None:
         if self.n_experts <= 0:
@@ -258,6 +289,10 @@ class ModelSpec(_SpecCommon):
                 d.pop(key)
         if self.partial_rotary_factor == 1.0:  # likewise as before Phi-3 support
             d.pop("partial_rotary_factor")
+        if not self.full_attention_layers:  # and before per-layer windows
+            d.pop("full_attention_layers")
+        else:
+            d["full_attention_layers"] = list(self.full_attention_layers)
         for key in _GEMMA2_FIELDS:  # and Gemma 2 support
             if d[key] is None:
                 d.pop(key)
@@ -273,9 +308,10 @@ class ModelSpec(_SpecCommon):
     def to_hf_config(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers (and :meth:`from_hf_config`) read back to this spec."""
         arch = _HF_ARCH[self.architecture]
+        mistral = self.architecture == "llama" and self.sliding_window is not None  # Llama has no window
         cfg: dict[str, Any] = {
-            "architectures": [arch],
-            "model_type": self.architecture,
+            "architectures": ["MistralForCausalLM" if mistral else arch],
+            "model_type": "mistral" if mistral else self.architecture,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -306,7 +342,7 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "phi3":
             # Phi3Config's default pad_token_id (32000) is the padding_idx of its embedding: out of a smaller vocab
             cfg.update(partial_rotary_factor=self.partial_rotary_factor, pad_token_id=None)
-        if self.architecture == "llama":
+        if self.architecture == "llama" and not mistral:
             cfg["mlp_bias"] = False
         if self.architecture == "qwen2_moe":
             cfg["qkv_bias"] = self.attention_bias
@@ -320,10 +356,15 @@ class ModelSpec(_SpecCommon):
             if self.architecture == "qwen2_moe":
                 cfg["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
         if self.sliding_window is not None:
-            if self.architecture in ("llama", "mixtral", "phi3", "gemma2"):
-                cfg["sliding_window"] = self.sliding_window
-            else:
-                cfg.update(use_sliding_window=True, sliding_window=self.sliding_window, max_window_layers=0)
+            cfg["sliding_window"] = self.sliding_window
+            types = ["full_attention" if i in self.full_attention_layers else "sliding_attention"
+                     for i in range(self.n_layers)]
+            if self.architecture == "gemma2":
+                cfg["layer_types"] = types
+            elif self.architecture in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+                cfg.update(use_sliding_window=True, max_window_layers=0)
+                if self.architecture != "qwen3_moe":
+                    cfg["layer_types"] = types
         if self.bos_token_id is not None:
             cfg["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
@@ -365,15 +406,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
         if cfg.get("mlp_bias"):
             raise ModelError(f"{where}: mlp_bias=true is unsupported")
-        window: int | None = None
-        if arch == "gemma":  # GemmaModel masks causally only: no window key applies
-            pass
-        elif arch == "gemma2":
-            window = _gemma2_window(cfg, where)
-        elif cfg.get("use_sliding_window") or (arch in ("llama", "mixtral", "phi3") and cfg.get("sliding_window")):
-            window = cfg.get("sliding_window")
-            if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-                raise ModelError(f"{where}: sliding_window must be a positive integer, got {window!r}")
+        window, full_layers = _layer_windows(arch, cfg, archs, model_type, where)
         hidden = int(need("hidden_size"))
         n_heads = int(need("num_attention_heads"))
         n_kv = int(cfg.get("num_key_value_heads") or _KV_HEADS.get(arch, n_heads))  # Gemma(2)Config's defaults
@@ -409,14 +442,14 @@ class ModelSpec(_SpecCommon):
             rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch == "phi3" else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position=min(int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
-                             window or (1 << 62)),
+            max_position=int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma", "gemma2"))),
             attention_bias=bias,
             dtype=dtype,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             sliding_window=window,
+            full_attention_layers=full_layers,
             partial_rotary_factor=partial,
             **moe,
             **_gemma2_fields(arch, cfg),
@@ -444,23 +477,49 @@ def _check_gemma2(cfg: dict[str, Any], where: str) -> None:
         raise ModelError(f"{where}: use_bidirectional_attention=true is unsupported (a decoder attends causally)")
 
 
-def _gemma2_window(cfg: dict[str, Any], where: str) -> int | None:
-    """The window of Gemma 2's ``sliding_attention`` layers (``layer_types``; by default every other layer from
-    the first), or None when no layer slides."""
+def _window_size(cfg: dict[str, Any], where: str) -> int:
+    window = cfg.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise ModelError(f"{where}: sliding_window must be a positive integer, got {window!r}")
+    return window
+
+
+def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type: Any,
+                   where: str) -> tuple[int | None, tuple[int, ...]]:
+    """``(window, full_attention_layers)`` as transformers reads the family's config (module docstring)."""
     n_layers = cfg.get("num_hidden_layers")
+    if arch == "gemma":  # GemmaModel masks causally only: no window key applies
+        return None, ()
+    if arch in ("llama", "mixtral", "phi3", "qwen3_moe"):  # every layer or none
+        if arch == "llama" and "MistralForCausalLM" not in archs and not (not archs and model_type == "mistral"):
+            return None, ()  # transformers' Llama ignores a sliding_window key
+        if arch == "qwen3_moe" and not cfg.get("use_sliding_window"):
+            return None, ()
+        if cfg.get("sliding_window") is None:
+            return None, ()
+        return _window_size(cfg, where), ()
+    if arch in ("qwen2", "qwen3", "qwen2_moe") and not cfg.get("use_sliding_window"):
+        return None, ()
     types = cfg.get("layer_types")
     if types is None:
-        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(int(n_layers or 0))]
+        n = int(n_layers or 0)
+        if arch == "gemma2":
+            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        else:
+            mwl = cfg.get("max_window_layers", 28)
+            if not isinstance(mwl, int) or isinstance(mwl, bool):
+                raise ModelError(f"{where}: max_window_layers must be an integer, got {mwl!r}")
+            slides = (lambda i: (i + 1) % 2 == 1 and i < mwl) if arch == "qwen2_moe" else (lambda i: i >= mwl)
+            types = ["sliding_attention" if slides(i) else "full_attention" for i in range(n)]
     if (not isinstance(types, list) or len(types) != n_layers
             or any(t not in ("sliding_attention", "full_attention") for t in types)):
         raise ModelError(f"{where}: layer_types must list 'sliding_attention' / 'full_attention' for each of the "
                          f"{n_layers} layers, got {types!r}")
-    window = cfg.get("sliding_window", 4096)
     if "sliding_attention" not in types:
-        return None
-    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
-        raise ModelError(f"{where}: sliding_window must be a positive integer, got {window!r}")
-    return window
+        return None, ()
+    if arch == "gemma2" and "sliding_window" not in cfg:
+        cfg = {**cfg, "sliding_window": 4096}  # Gemma2Config's default
+    return _window_size(cfg, where), tuple(i for i, t in enumerate(types) if t == "full_attention")
 
 
 def _check_gemma(cfg: dict[str, Any], where: str) -> None:
@@ -625,7 +684,7 @@ class DeepseekV3Spec(_SpecCommon):
     lightning indexer lets each query attend to its ``index_topk`` highest-scoring keys only. While a sequence
     holds at most ``index_topk`` tokens the indexer selects every key, and the attention is exactly V3's dense MLA;
     the sparse selection beyond that is not implemented, so the context is capped at ``index_topk``
-    (``max_position``), as a sliding window caps a Llama-family context. The indexer's weights are read (and must
+    (``max_position``). The indexer's weights are read (and must
     be there) but take no part within that cap.
     """
 

@@ -1,0 +1,142 @@
+"""Sliding-window attention against transformers, past the window: every family that has one, on random weights
+saved by transformers' own ``save_pretrained``, over paged KV across several turns (prefills that start inside
+and outside the window, greedy decode steps), with which layers slide read from each family's config as
+transformers reads it (every layer; ``layer_types``; ``max_window_layers``; Qwen2-MoE's odd layers), and the
+cases where a ``sliding_window`` key must be ignored (Llama, ``use_sliding_window: false``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytest
+import torch
+from hf_random import Checkpoints, check_batched_against_hf
+from test_deepseek import paged_turns
+
+from dualpath.model import ModelSpec
+from dualpath.model.config import LlamaModelConfig
+from dualpath.model.loader import build_model, load_model, save_pretrained
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+W = 6  # tokens: far below every sequence below (turns of 11 + 5 + 7 user tokens and 4 generated each)
+BASE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+        "bos_token_id": 1, "eos_token_id": 2, "sliding_window": W}
+MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", BASE),  # every layer
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(BASE, pad_token_id=0, partial_rotary_factor=0.5)),  # every layer
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(BASE, num_local_experts=4)),  # every layer
+    # max_window_layers 1: layer 0 full, layer 1 slides (transformers' default layer_types)
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(BASE, use_sliding_window=True, max_window_layers=1)),
+    # explicit layer_types: layer 0 slides, layer 1 full
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(BASE, use_sliding_window=True, head_dim=24,
+                                                      layer_types=["sliding_attention", "full_attention"])),
+    # three layers, the default: odd-numbered ones (0, 2) below max_window_layers slide
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(BASE, **MOE, num_hidden_layers=3, num_experts=4,
+                                                                shared_expert_intermediate_size=48,
+                                                                use_sliding_window=True, max_window_layers=3)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(BASE, **MOE, num_experts=4, use_sliding_window=True)),
+    # layer 0 slides, layer 1 full (Gemma2Config's default alternation), soft caps on
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(BASE, hidden_size=48, head_dim=32, query_pre_attn_scalar=20,
+                                                       attn_logit_softcapping=4.0, final_logit_softcapping=3.0)),
+}
+SLIDING = {"mistral": [0, 1], "phi3": [0, 1], "mixtral": [0, 1], "qwen2": [1], "qwen3": [0], "qwen2_moe": [0, 2],
+           "qwen3_moe": [0, 1], "gemma2": [0]}
+
+_CKPTS = Checkpoints(FAMILIES)
+ckpt = _CKPTS.fixture()
+
+
+def _load(d, backend: Literal["torch", "triton"] = "torch"):
+    return load_model(LlamaModelConfig(path=str(d), attention_backend=backend), with_tokenizer=False)[0]
+
+
+def _turns() -> list[list[int]]:
+    g = torch.Generator().manual_seed(4)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
+
+
+def test_layers_that_slide_follow_transformers(ckpt):
+    family, d, hf = ckpt
+    model = _load(d)
+    got = [i for i in range(model.spec.n_layers) if model.spec.layer_window(i) is not None]
+    assert got == SLIDING[family]
+    for i, layer in enumerate(hf.model.layers):
+        # the families with layer_types window the layers it names; the others (Mistral, Phi-3, Mixtral,
+        # Qwen3-MoE) pass config.sliding_window to every layer's attention
+        types = getattr(hf.config, "layer_types", None)
+        hf_window = hf.config.sliding_window if types is None or types[i] == "sliding_attention" else None
+        assert getattr(layer.self_attn, "sliding_window", hf_window) == hf_window
+        assert model.windows[i] == (hf_window or None) == (W if i in SLIDING[family] else None), (family, i)
+    assert model.spec.max_position == 256  # the window no longer caps the context
+    assert ModelSpec.from_hf_config(model.spec.to_hf_config()) == model.spec
+
+
+def test_multi_turn_past_the_window_matches_transformers(ckpt):
+    """Three turns (38 tokens, six windows) prefilled over the paged prefix and decoded greedily: every logit and
+    every id equal transformers' with its own cache."""
+    family, d, hf = ckpt
+    ours, ref, ids, ref_ids = paged_turns(_load(d), hf, _turns(), 4, 4)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    assert ids == ref_ids
+
+
+def test_window_changes_the_result(ckpt):
+    """The same weights without the window give other logits past it (so the comparisons above can fail)."""
+    family, d, hf = ckpt
+    model = _load(d)
+    seq = [t for turn in _turns() for t in turn]
+    model.windows = [None] * model.spec.n_layers
+    ours, ref, _, _ = paged_turns(model, hf, [seq], 0, 4)
+    assert float((ours - ref).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_batched_and_triton(family, tmp_path_factory):
+    """Two sequences with different cached prefixes in one batch, then batched decode (the torch reference and
+    the Triton kernels through the interpreter)."""
+    d, hf = _CKPTS.get(family, tmp_path_factory)
+    seqs = [_turns()[0] + _turns()[1], _turns()[2] + _turns()[0]]
+    for backend in ("torch", "triton"):
+        check_batched_against_hf(_load(d, backend), hf, seqs, cuts=(9, 3))
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2"])
+def test_our_save_pretrained_keeps_the_window(family, tmp_path):
+    """A random model saved by us loads in transformers with the same layers sliding and the same logits past the
+    window (a windowed Llama-path spec is written as Mistral: transformers' Llama has no window)."""
+    spec = ModelSpec.from_hf_config(dict(FAMILIES[family][2], architectures=[FAMILIES[family][1]]))
+    model = build_model(spec, None, seed=2)
+    save_pretrained(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert type(hf).__name__ == FAMILIES[family][1]
+    ours, ref, ids, ref_ids = paged_turns(model, hf, _turns(), 2, 4)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_windows_transformers_ignores_are_ignored():
+    """A Llama config with a ``sliding_window`` key (transformers' Llama never slides), a Qwen config with
+    ``use_sliding_window: false``, and a Mistral config with ``sliding_window: null`` have no window."""
+    llama = ModelSpec.from_hf_config(dict(BASE, architectures=["LlamaForCausalLM"]))
+    qwen = ModelSpec.from_hf_config(dict(BASE, architectures=["Qwen2ForCausalLM"], use_sliding_window=False))
+    mistral = ModelSpec.from_hf_config(dict(BASE, architectures=["MistralForCausalLM"], sliding_window=None))
+    for spec in (llama, qwen, mistral):
+        assert spec.sliding_window is None and spec.max_position == 256
+        assert all(spec.layer_window(i) is None for i in range(spec.n_layers))
+    assert ModelSpec.from_hf_config(dict(BASE, model_type="mistral")).sliding_window == W  # no architectures key
+
+
+def test_bad_window_configs_name_the_key():
+    from dualpath.errors import ModelError
+
+    with pytest.raises(ModelError, match="sliding_window must be a positive integer"):
+        ModelSpec.from_hf_config(dict(BASE, architectures=["MistralForCausalLM"], sliding_window=0))
+    with pytest.raises(ModelError, match="layer_types must list"):
+        ModelSpec.from_hf_config(dict(FAMILIES["qwen3"][2], architectures=["Qwen3ForCausalLM"],
+                                      layer_types=["sliding_attention"]))
+    with pytest.raises(ModelError, match="max_window_layers must be an integer"):
+        ModelSpec.from_hf_config(dict(BASE, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
+                                      max_window_layers="all"))

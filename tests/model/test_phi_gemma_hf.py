@@ -353,7 +353,7 @@ def test_checkpoints_we_cannot_run_name_the_key_or_tensor(tmp_path_factory, tmp_
     with pytest.raises(ModelError, match="head_dim"):
         load_spec(dict(gemma, head_dim=None))
     with pytest.raises(ModelError, match="unsupported architecture.*GemmaForCausalLM.*Phi3ForCausalLM"):
-        load_spec(dict(gemma, architectures=["Gemma3ForCausalLM"], model_type="gemma3"))
+        load_spec(dict(gemma, architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3"))  # multimodal
     gemma2 = json.loads((_ckpt("gemma2", tmp_path_factory)[0] / "config.json").read_text())
     bad_values: list[tuple[str, Any]] = [("hidden_activation", "gelu"), ("layer_types", ["full_attention"]),
                                          ("attn_logit_softcapping", -1.0), ("query_pre_attn_scalar", None),
@@ -361,7 +361,7 @@ def test_checkpoints_we_cannot_run_name_the_key_or_tensor(tmp_path_factory, tmp_
     for key, value in bad_values:
         with pytest.raises(ModelError, match=key):
             load_spec(dict(gemma2, **{key: value}))
-    with pytest.raises(ModelError, match="final_logit_softcapping is only supported for gemma2"):
+    with pytest.raises(ModelError, match="final_logit_softcapping is only supported for gemma2 and gemma3"):
         replace(ModelSpec.from_hf_config(gemma), final_logit_softcapping=30.0)
 
 

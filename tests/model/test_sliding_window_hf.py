@@ -1,4 +1,5 @@
-"""Sliding-window attention against transformers, past the window: every family that has one, on random weights
+"""Sliding-window attention against transformers, past the window: every family that has one (and Gemma 3, whose
+sliding layers also have their own RoPE base), on random weights
 saved by transformers' own ``save_pretrained``, over paged KV across several turns (prefills that start inside
 and outside the window, greedy decode steps), with which layers slide read from each family's config as
 transformers reads it (every layer; ``layer_types``; ``max_window_layers``; Qwen2-MoE's odd layers), and the
@@ -42,9 +43,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # layer 0 slides, layer 1 full (Gemma2Config's default alternation), soft caps on
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(BASE, hidden_size=48, head_dim=32, query_pre_attn_scalar=20,
                                                        attn_logit_softcapping=4.0, final_logit_softcapping=3.0)),
+    # Gemma 3: q/k norms, layers 1 and 3 full with linear RoPE scaling (x2, base 5e4), layers 0 and 2 sliding with
+    # their own base (100: far from the full layers'), no soft caps
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        BASE, hidden_size=48, head_dim=16, num_hidden_layers=4, query_pre_attn_scalar=20,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
 }
 SLIDING = {"mistral": [0, 1], "phi3": [0, 1], "mixtral": [0, 1], "qwen2": [1], "qwen3": [0], "qwen2_moe": [0, 2],
-           "qwen3_moe": [0, 1], "gemma2": [0]}
+           "qwen3_moe": [0, 1], "gemma2": [0], "gemma3": [0, 2]}
 
 _CKPTS = Checkpoints(FAMILIES)
 ckpt = _CKPTS.fixture()
@@ -94,7 +102,7 @@ def test_window_changes_the_result(ckpt):
     assert float((ours - ref).abs().max()) > 1e-2
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
 def test_batched_and_triton(family, tmp_path_factory):
     """Two sequences with different cached prefixes in one batch, then batched decode (the torch reference and
     the Triton kernels through the interpreter)."""
@@ -104,7 +112,7 @@ def test_batched_and_triton(family, tmp_path_factory):
         check_batched_against_hf(_load(d, backend), hf, seqs, cuts=(9, 3))
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2", "gemma3"])
 def test_our_save_pretrained_keeps_the_window(family, tmp_path):
     """A random model saved by us loads in transformers with the same layers sliding and the same logits past the
     window (a windowed Llama-path spec is written as Mistral: transformers' Llama has no window)."""
@@ -140,3 +148,37 @@ def test_bad_window_configs_name_the_key():
     with pytest.raises(ModelError, match="max_window_layers must be an integer"):
         ModelSpec.from_hf_config(dict(BASE, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
                                       max_window_layers="all"))
+
+
+def test_gemma3_hub_config_reads_as_transformers_does():
+    """gemma-3-1b's config.json as published (transformers 4.50 keys: ``sliding_window_pattern``,
+    ``rope_local_base_freq``, ``rope_scaling``) and gemma-3-4b's text config (linear x8 on the full layers): which
+    layers slide, both RoPE bases and the scaling, as transformers' Gemma3TextConfig reads them."""
+    one_b = {"architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attn_logit_softcapping": None,
+             "bos_token_id": 2, "eos_token_id": [1, 106], "final_logit_softcapping": None, "head_dim": 256,
+             "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912,
+             "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+             "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+             "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000,
+             "sliding_window": 512, "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "vocab_size": 262144}
+    for cfg in (one_b, dict(one_b, rope_scaling={"factor": 8.0, "rope_type": "linear"}, num_hidden_layers=34)):
+        ref = transformers.Gemma3TextConfig.from_dict(dict(cfg))
+        spec = ModelSpec.from_hf_config(cfg)
+        full = [i for i, t in enumerate(ref.layer_types) if t == "full_attention"]
+        assert spec.architecture == "gemma3" and list(spec.full_attention_layers) == full == list(
+            range(5, cfg["num_hidden_layers"], 6))
+        assert spec.sliding_window == ref.sliding_window == 512 and spec.max_position == 32768
+        assert spec.rope_theta == ref.rope_parameters["full_attention"]["rope_theta"] == 1e6
+        assert spec.rope_local_theta == ref.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+        assert (spec.rope_scaling or {}).get("factor") == ref.rope_parameters["full_attention"].get("factor")
+        assert spec.attn_scale == 256 ** -0.5 and spec.final_logit_softcapping is None and spec.tie_embeddings
+        assert spec.qk_norm and spec.sandwich_norms and spec.gemma_style
+        assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
+    from dualpath.errors import ModelError
+
+    with pytest.raises(ModelError, match="use_bidirectional_attention"):
+        ModelSpec.from_hf_config(dict(one_b, use_bidirectional_attention=True))
+    with pytest.raises(ModelError, match="only 'default' RoPE is supported for gemma3's sliding layers"):
+        ModelSpec.from_hf_config(dict(one_b, rope_parameters={"full_attention": {"rope_theta": 1e6},
+                                                              "sliding_attention": {"rope_type": "linear",
+                                                                                    "factor": 2.0}}))

@@ -32,7 +32,7 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk
-from dualpath.model.spec import ModelSpec, rope_inv_freq
+from dualpath.model.spec import ModelSpec, rope_frequencies, rope_inv_freq
 
 __all__ = ["ForwardState", "LlamaModel", "PrefillState", "SeqBatch"]
 
@@ -150,6 +150,7 @@ class ForwardState:
     cos: torch.Tensor      # [N, rotary_dim] (head_dim unless partial RoPE)
     sin: torch.Tensor
     next_layer: int = 0
+    local: tuple[torch.Tensor, torch.Tensor] | None = None  # Gemma 3: the sliding layers' own (cos, sin)
 
 
 PrefillState = ForwardState
@@ -183,9 +184,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
         self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
         self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=spec.o_bias)
-        if spec.qk_norm:  # Qwen3
-            self.q_norm = RMSNorm(d, spec.rms_eps)
-            self.k_norm = RMSNorm(d, spec.rms_eps)
+        if spec.qk_norm:  # Qwen3; Gemma 3 (by 1 + weight)
+            self.q_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
+            self.k_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
 
 
 class MLP(FeedForward):
@@ -336,6 +337,7 @@ class LlamaModel(LayerwiseDecoder):
     kernel backend (``auto``/``torch``/``triton``)."""
 
     inv_freq: torch.Tensor
+    local_inv_freq: torch.Tensor | None
     embed_scale: torch.Tensor
 
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
@@ -343,6 +345,10 @@ class LlamaModel(LayerwiseDecoder):
         self._build(spec, Backbone(spec), device, backend)
         inv_freq, self._rope_scale = rope_inv_freq(spec)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        local = None  # Gemma 3's sliding layers: their own RoPE base
+        if spec.rope_local_theta is not None:
+            local = rope_frequencies(spec.rotary_dim, spec.rope_local_theta, None, spec.max_position)[0].to(device)
+        self.register_buffer("local_inv_freq", local, persistent=False)
         # Gemma: sqrt(hidden) as a float32 scalar rounded to the compute dtype, as GemmaTextScaledWordEmbedding
         embed_scale = torch.tensor(spec.hidden_size ** 0.5 if spec.gemma_style else 1.0).to(spec.torch_dtype)
         self.register_buffer("embed_scale", embed_scale.to(device), persistent=False)
@@ -366,15 +372,22 @@ class LlamaModel(LayerwiseDecoder):
         ids = batch.input_ids.to(self.device)
         if int(ids.max()) >= self.spec.vocab_size or int(ids.min()) < 0:
             raise ModelError(f"token id out of range [0, {self.spec.vocab_size})")
-        freqs = batch.positions.to(self.device, torch.float32)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        dt = self.spec.torch_dtype
-        cos = (emb.cos() * self._rope_scale).to(dt)
-        sin = (emb.sin() * self._rope_scale).to(dt)
+        positions = batch.positions.to(self.device, torch.float32)
+        cos, sin = self._rope_tables(positions, self.inv_freq, self._rope_scale)
+        local = None
+        if self.local_inv_freq is not None:
+            local = self._rope_tables(positions, self.local_inv_freq, 1.0)
         hidden = self.model.embed_tokens(ids)
         if self.spec.gemma_style:
             hidden = hidden * self.embed_scale.to(hidden.dtype)
-        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin)
+        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, local=local)
+
+    def _rope_tables(self, positions: torch.Tensor, inv_freq: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dt = self.spec.torch_dtype
+        return (emb.cos() * scale).to(dt), (emb.sin() * scale).to(dt)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
@@ -395,7 +408,10 @@ class LlamaModel(LayerwiseDecoder):
         v = attn.v_proj(x).view(n, spec.n_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = state.cos[:, None, :], state.sin[:, None, :]
+        cos, sin = state.cos, state.sin
+        if state.local is not None and spec.layer_window(layer) is not None:  # Gemma 3: a sliding layer's RoPE
+            cos, sin = state.local
+        cos, sin = cos[:, None, :], sin[:, None, :]
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         store_kv(k, v, kv_layer, b.slot_mapping, backend=self.backend)
         if b.is_decode:

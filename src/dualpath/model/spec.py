@@ -21,7 +21,11 @@ to Gemma: attention scores scaled by ``query_pre_attn_scalar ** -0.5`` and soft-
 (``attn_logit_softcapping * tanh(s / cap)``, in every attention backend), final logits soft-capped
 (``final_logit_softcapping``), an RMSNorm on the attention output and around the MLP (``post_attention_layernorm``,
 ``pre_feedforward_layernorm``, ``post_feedforward_layernorm``), ``hidden_activation`` (not ``hidden_act``), and
-sliding-window layers in ``layer_types``.
+sliding-window layers in ``layer_types``. ``Gemma3ForCausalLM`` (``gemma3``, model_type ``gemma3_text``: Gemma 3's
+text models) is Gemma 2 with a Gemma-style RMSNorm on each head's query and key (before RoPE), no soft caps by
+default, five sliding layers to one full (``sliding_window_pattern`` 6, or ``layer_types``) and two RoPEs: the
+full layers' (``rope_theta``, default 1e6, with ``rope_scaling``) and the sliding layers' (``rope_local_base_freq``,
+default 1e4, no scaling), or ``rope_parameters`` per layer type as transformers 5 writes them.
 
 A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
 attends to the keys at ``p - window + 1 .. p`` (``sliding_window``; the KV of every position is still kept, so a
@@ -58,10 +62,12 @@ ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "phi3",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-            "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+            "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+            "gemma3": "Gemma3ForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
@@ -112,6 +118,7 @@ class ModelSpec(_SpecCommon):
     sliding_window: int | None = None  # the checkpoint's attention window (None: no layer slides) ...
     full_attention_layers: tuple[int, ...] = ()  # ... except in these layers (Gemma 2, Qwen layer_types)
     partial_rotary_factor: float = 1.0  # phi3: RoPE rotates the first int(head_dim * factor) dims of each head
+    rope_local_theta: float | None = None  # gemma3: the sliding layers' RoPE base (default RoPE; None: one RoPE)
     # gemma2: scores scaled by query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5), soft caps (None: off)
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
@@ -166,13 +173,16 @@ class ModelSpec(_SpecCommon):
         self._check_window()
         for name in _GEMMA2_FIELDS:
             value = getattr(self, name)
-            if value is not None and self.architecture != "gemma2":
-                raise ModelError(f"model config: {name} is only supported for gemma2, got {value} for "
+            if value is not None and self.architecture not in ("gemma2", "gemma3"):
+                raise ModelError(f"model config: {name} is only supported for gemma2 and gemma3, got {value} for "
                                  f"{self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number or null, got {value!r}")
-        if self.architecture == "gemma2" and self.query_pre_attn_scalar is None:
-            raise ModelError("model config: gemma2 needs query_pre_attn_scalar")
+        if self.architecture in ("gemma2", "gemma3") and self.query_pre_attn_scalar is None:
+            raise ModelError(f"model config: {self.architecture} needs query_pre_attn_scalar")
+        if self.rope_local_theta is not None and (self.architecture != "gemma3" or not self.rope_local_theta > 0):
+            raise ModelError(f"model config: rope_local_theta is a positive base of gemma3's sliding layers, got "
+                             f"{self.rope_local_theta} for {self.architecture}")
         if self.architecture in MOE_ARCHS:
             self._check_moe()
         elif self.n_experts:
@@ -233,14 +243,15 @@ class ModelSpec(_SpecCommon):
 
     @property
     def qk_norm(self) -> bool:
-        """Qwen3 (and Qwen3-MoE): an RMSNorm over each head's query and key (before RoPE)."""
-        return self.architecture in ("qwen3", "qwen3_moe")
+        """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
+        return self.architecture in ("qwen3", "qwen3_moe", "gemma3")
 
     @property
     def o_bias(self) -> bool:
         """Whether ``o_proj`` has a bias: transformers' Llama, Qwen3, Qwen3-MoE and Gemma give it one with
         ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do."""
-        return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2")
+        return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                                                             "gemma3")
 
     @property
     def rotary_dim(self) -> int:
@@ -251,13 +262,13 @@ class ModelSpec(_SpecCommon):
     def gemma_style(self) -> bool:
         """Gemma and Gemma 2: RMSNorm by ``1 + weight`` (in fp32), embeddings scaled by ``sqrt(hidden_size)``,
         GeGLU (tanh GELU)."""
-        return self.architecture in ("gemma", "gemma2")
+        return self.architecture in ("gemma", "gemma2", "gemma3")
 
     @property
     def sandwich_norms(self) -> bool:
         """Gemma 2: ``post_attention_layernorm`` on the attention output, ``pre_/post_feedforward_layernorm``
         around the MLP (Llama's ``post_attention_layernorm`` is the MLP's input norm)."""
-        return self.architecture == "gemma2"
+        return self.architecture in ("gemma2", "gemma3")
 
     @property
     def attn_scale(self) -> float:
@@ -289,6 +300,8 @@ class ModelSpec(_SpecCommon):
                 d.pop(key)
         if self.partial_rotary_factor == 1.0:  # likewise as before Phi-3 support
             d.pop("partial_rotary_factor")
+        if self.rope_local_theta is None:  # and before Gemma 3
+            d.pop("rope_local_theta")
         if not self.full_attention_layers:  # and before per-layer windows
             d.pop("full_attention_layers")
         else:
@@ -327,9 +340,16 @@ class ModelSpec(_SpecCommon):
             "hidden_act": "silu",
             "torch_dtype": self.dtype,
         }
-        if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2"):
+        if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3"):
             cfg["attention_bias"] = self.attention_bias
-        if self.architecture == "gemma2":
+        if self.architecture == "gemma3":
+            cfg["model_type"] = "gemma3_text"
+            cfg["rope_parameters"] = {
+                "full_attention": {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta},
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": self.rope_local_theta or self.rope_theta}}
+            del cfg["rope_theta"], cfg["rope_scaling"]
+        if self.architecture in ("gemma2", "gemma3"):
             cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
                        query_pre_attn_scalar=self.query_pre_attn_scalar,
                        attn_logit_softcapping=self.attn_logit_softcapping,
@@ -359,7 +379,7 @@ class ModelSpec(_SpecCommon):
             cfg["sliding_window"] = self.sliding_window
             types = ["full_attention" if i in self.full_attention_layers else "sliding_attention"
                      for i in range(self.n_layers)]
-            if self.architecture == "gemma2":
+            if self.architecture in ("gemma2", "gemma3"):
                 cfg["layer_types"] = types
             elif self.architecture in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
                 cfg.update(use_sliding_window=True, max_window_layers=0)
@@ -384,13 +404,15 @@ class ModelSpec(_SpecCommon):
             if a in ARCHITECTURES:
                 arch = ARCHITECTURES[a]
                 break
-        if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", *MOE_ARCHS):
-            arch = "llama" if model_type == "mistral" else str(model_type)
+        if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
+                                           "gemma3_text", *MOE_ARCHS):
+            arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
             raise ModelError(
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
-                "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, deepseek_v2, deepseek_v3, deepseek_v32)"
+                "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, deepseek_v2, deepseek_v3, "
+                "deepseek_v32)"
             )
 
         def need(key: str) -> Any:
@@ -400,7 +422,7 @@ class ModelSpec(_SpecCommon):
 
         if arch == "gemma":
             _check_gemma(cfg, where)
-        elif arch == "gemma2":
+        elif arch in ("gemma2", "gemma3"):
             _check_gemma2(cfg, where)
         elif cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
@@ -411,11 +433,15 @@ class ModelSpec(_SpecCommon):
         n_heads = int(need("num_attention_heads"))
         n_kv = int(cfg.get("num_key_value_heads") or _KV_HEADS.get(arch, n_heads))  # Gemma(2)Config's defaults
         head_dim = int(cfg.get("head_dim") or 0) or hidden // n_heads
-        if arch in ("gemma", "gemma2"):  # Gemma(2)Config's head_dim defaults to 256, not hidden / heads
+        if arch in ("gemma", "gemma2", "gemma3"):  # Gemma(2/3)Config's head_dim defaults to 256, not hidden / heads
             head_dim = cfg.get("head_dim", 256)
             if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
                 raise ModelError(f"{where}: head_dim must be a positive integer, got {head_dim!r}")
-        rope_theta, rope_scaling = parse_rope(cfg, where)
+        rope_local: float | None = None
+        if arch == "gemma3":
+            rope_theta, rope_scaling, rope_local = _gemma3_rope(cfg, where)
+        else:
+            rope_theta, rope_scaling = parse_rope(cfg, where)
         partial = 1.0
         if arch == "phi3":
             partial = _phi3_rope(cfg, where, rope_scaling)
@@ -443,7 +469,7 @@ class ModelSpec(_SpecCommon):
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position=int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma", "gemma2"))),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma", "gemma2", "gemma3"))),
             attention_bias=bias,
             dtype=dtype,
             bos_token_id=cfg.get("bos_token_id"),
@@ -451,28 +477,59 @@ class ModelSpec(_SpecCommon):
             sliding_window=window,
             full_attention_layers=full_layers,
             partial_rotary_factor=partial,
+            rope_local_theta=rope_local,
             **moe,
             **_gemma2_fields(arch, cfg),
         )
 
 
-_MAX_POSITION = {"phi3": 4096, "gemma": 8192, "gemma2": 8192}  # config classes' defaults that differ from Llama's
-_KV_HEADS = {"gemma": 16, "gemma2": 4}
+_MAX_POSITION = {"phi3": 4096, "gemma": 8192, "gemma2": 8192, "gemma3": 131072}  # config classes' defaults
+_KV_HEADS = {"gemma": 16, "gemma2": 4, "gemma3": 4}
 #: Gemma2Config's defaults (a key present as null turns a soft cap off)
 _GEMMA2_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
 
+#: Gemma3TextConfig's: no soft caps
+_GEMMA3_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": None, "final_logit_softcapping": None}
+
+
 def _gemma2_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    if arch != "gemma2":
+    if arch not in ("gemma2", "gemma3"):
         return {}
-    return {key: cfg.get(key, default) for key, default in _GEMMA2_DEFAULTS.items()}
+    defaults = _GEMMA2_DEFAULTS if arch == "gemma2" else _GEMMA3_DEFAULTS
+    return {key: cfg.get(key, default) for key, default in defaults.items()}
+
+
+def _gemma3_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None, float]:
+    """Gemma 3's two RoPEs: ``(full layers' theta, their scaling, sliding layers' theta)``, from
+    ``rope_parameters`` per layer type (transformers 5) or ``rope_theta`` / ``rope_scaling`` /
+    ``rope_local_base_freq``, with Gemma3TextConfig's defaults (1e6, none, 1e4)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        full = params.get("full_attention") or {}
+        local = params.get("sliding_attention") or {}
+    else:
+        full = {"rope_theta": cfg.get("rope_theta", 1e6), **(cfg.get("rope_scaling") or {})}
+        local = {"rope_theta": cfg.get("rope_local_base_freq", 1e4)}
+    if not isinstance(full, dict) or not isinstance(local, dict):
+        raise ModelError(f"{where}: rope_parameters must map each layer type to an object")
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ModelError(f"{where}: rope_parameters.sliding_attention: only 'default' RoPE is supported for gemma3's "
+                         f"sliding layers, got {local!r}")
+    theta, scaling = parse_rope({**cfg, "rope_parameters": {"rope_theta": 1e6, **full}, "rope_scaling": None},
+                                f"{where}: rope_parameters.full_attention")
+    local_theta = local.get("rope_theta", 1e4)
+    if isinstance(local_theta, bool) or not isinstance(local_theta, (int, float)) or not local_theta > 0:
+        raise ModelError(f"{where}: the sliding layers' rope_theta must be a positive number, got {local_theta!r}")
+    return theta, scaling, float(local_theta)
 
 
 def _check_gemma2(cfg: dict[str, Any], where: str) -> None:
     """Gemma 2's activation is ``hidden_activation`` (transformers 5 ignores ``hidden_act`` for it)."""
     act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
-        raise ModelError(f"{where}: hidden_activation {act!r} unsupported for gemma2 (GeGLU needs 'gelu_pytorch_tanh')")
+        raise ModelError(f"{where}: hidden_activation {act!r} unsupported for Gemma 2 / 3 (GeGLU needs "
+                         "'gelu_pytorch_tanh')")
     if cfg.get("use_bidirectional_attention"):
         raise ModelError(f"{where}: use_bidirectional_attention=true is unsupported (a decoder attends causally)")
 
@@ -503,8 +560,11 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
     types = cfg.get("layer_types")
     if types is None:
         n = int(n_layers or 0)
-        if arch == "gemma2":
-            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        if arch in ("gemma2", "gemma3"):
+            pattern = 2 if arch == "gemma2" else cfg.get("sliding_window_pattern", 6)
+            if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
+                raise ModelError(f"{where}: sliding_window_pattern must be a positive integer, got {pattern!r}")
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
         else:
             mwl = cfg.get("max_window_layers", 28)
             if not isinstance(mwl, int) or isinstance(mwl, bool):
@@ -517,8 +577,8 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
                          f"{n_layers} layers, got {types!r}")
     if "sliding_attention" not in types:
         return None, ()
-    if arch == "gemma2" and "sliding_window" not in cfg:
-        cfg = {**cfg, "sliding_window": 4096}  # Gemma2Config's default
+    if arch in ("gemma2", "gemma3") and "sliding_window" not in cfg:
+        cfg = {**cfg, "sliding_window": 4096}  # Gemma2Config's and Gemma3TextConfig's default
     return _window_size(cfg, where), tuple(i for i, t in enumerate(types) if t == "full_attention")
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import torch
 
 
-def _seq_kv(kv_layer: torch.Tensor, table: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _seq_kv(kv_layer: torch.Tensor, table: torch.Tensor, n: int,
+            first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the sequence's tokens ``first .. n - 1`` (only their blocks are gathered), as fp32."""
     bt = kv_layer.shape[1]
-    nb = (n + bt - 1) // bt
-    rows = kv_layer[table[:nb].long()].reshape(nb * bt, *kv_layer.shape[2:])[:n]
-    return rows[:, 0].float(), rows[:, 1].float()  # [n, Hkv, D]
+    b0, nb = first // bt, (n + bt - 1) // bt
+    rows = kv_layer[table[b0:nb].long()].reshape((nb - b0) * bt, *kv_layer.shape[2:])[first - b0 * bt: n - b0 * bt]
+    return rows[:, 0].float(), rows[:, 1].float()  # [n - first, Hkv, D]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
@@ -56,9 +58,7 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
         n = int(seq_lens[b])
-        k, v = _seq_kv(kv_layer, block_tables[b], n)
-        if window is not None and n > window:
-            k, v = k[n - window:], v[n - window:]
+        k, v = _seq_kv(kv_layer, block_tables[b], n, max(0, n - window) if window is not None else 0)
         out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap)[0].to(q.dtype)
     return out
 

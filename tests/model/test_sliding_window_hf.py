@@ -182,3 +182,60 @@ def test_gemma3_hub_config_reads_as_transformers_does():
         ModelSpec.from_hf_config(dict(one_b, rope_parameters={"full_attention": {"rope_theta": 1e6},
                                                               "sliding_attention": {"rope_type": "linear",
                                                                                     "factor": 2.0}}))
+
+
+def test_gemma3_image_text_checkpoint_serves_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (a SigLIP tower, the projector, the language model) saved by
+    transformers: its text model loads (the vision tensors left out) and equals transformers' image-text model on
+    text, past the window; the other tensor layout (``model.language_model.*``) loads to the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    text = dict(BASE, hidden_size=48, head_dim=16, num_hidden_layers=3, query_pre_attn_scalar=20,
+                sliding_window_pattern=3, pad_token_id=0)
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 16, "patch_size": 8}
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=90, boi_token_index=91, eoi_token_index=92)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.add_(0.3 * torch.randn_like(p)) if n.endswith("norm.weight") else p.mul_(6.0)
+    hf.save_pretrained(tmp_path / "a")
+    model = _load(tmp_path / "a")
+    assert model.spec.architecture == "gemma3" and model.spec.full_attention_layers == (2,)
+    ours, ref, ids, ref_ids = paged_turns(model, hf, _turns(), 3, 4)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    assert ids == ref_ids
+    tensors = load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert any(k.startswith("vision_tower.") for k in tensors)
+    moved = {k.replace("language_model.model.", "model.language_model.", 1).replace("vision_tower.", "model.vision_tower.", 1)
+             .replace("multi_modal_projector.", "model.multi_modal_projector.", 1): v for k, v in tensors.items()}
+    (tmp_path / "b").mkdir()
+    save_file(moved, str(tmp_path / "b" / "model.safetensors"))
+    (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    again = _load(tmp_path / "b")
+    for name, p in model.named_parameters():
+        assert torch.equal(p, dict(again.named_parameters())[name]), name
+
+
+def test_gemma3_image_text_hub_config():
+    """gemma-3-4b-it's config.json as published: a sparse ``text_config`` over Gemma3TextConfig's defaults."""
+    hub = {"architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+           "eos_token_id": [1, 106], "image_token_index": 262144, "mm_tokens_per_image": 256, "model_type": "gemma3",
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024},
+           "torch_dtype": "bfloat16",
+           "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                             "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                             "patch_size": 14, "vision_use_head": False}}
+    ref = transformers.Gemma3Config.from_dict(dict(hub)).text_config
+    spec = ModelSpec.from_hf_config(hub)
+    assert spec.architecture == "gemma3" and spec.dtype == "bfloat16" and spec.eos_token_id == [1, 106]
+    assert (spec.vocab_size, spec.hidden_size, spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.head_dim) == (
+        ref.vocab_size, ref.hidden_size, ref.num_hidden_layers, ref.num_attention_heads, ref.num_key_value_heads,
+        ref.head_dim)
+    assert spec.sliding_window == ref.sliding_window == 1024 and spec.max_position == ref.max_position_embeddings
+    assert list(spec.full_attention_layers) == [i for i, t in enumerate(ref.layer_types) if t == "full_attention"]
+    assert spec.rope_scaling == {"factor": 8.0, "rope_type": "linear"} and spec.rope_local_theta == 1e4

@@ -518,6 +518,31 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
     return out
 
 
+#: where Gemma 3's image-text checkpoints keep the language model (transformers >= 4.52 and <= 4.51), and the
+#: vision parts a text model leaves
+_GEMMA3_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                       ("language_model.lm_head.", "lm_head."))
+_GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                           "model.multi_modal_projector.")
+
+
+def gemma3_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A Gemma 3 image-text checkpoint's language-model tensors under ``Gemma3ForCausalLM``'s names (the vision
+    tower and projector left out); a text checkpoint's tensors unchanged."""
+    if not any(k.startswith(tuple(p for p, _ in _GEMMA3_LM_PREFIXES)) for k in tensors):
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.startswith(_GEMMA3_VISION_PREFIXES):
+            continue
+        for old, new in _GEMMA3_LM_PREFIXES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        out[name] = t
+    return out
+
+
 def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
                 device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
                 fp8_block: tuple[int, int] = (128, 128)) -> AnyModel:
@@ -537,6 +562,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             tensors = moe_tensors(spec, tensors, source)
         elif tensors is not None and spec.architecture == "phi3":
             tensors = phi3_tensors(spec, tensors, source)
+        elif tensors is not None and spec.architecture == "gemma3":
+            tensors = gemma3_language_tensors(tensors)
     if tensors is None:
         init_random(model, seed)
     else:

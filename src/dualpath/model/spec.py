@@ -25,7 +25,9 @@ sliding-window layers in ``layer_types``. ``Gemma3ForCausalLM`` (``gemma3``, mod
 text models) is Gemma 2 with a Gemma-style RMSNorm on each head's query and key (before RoPE), no soft caps by
 default, five sliding layers to one full (``sliding_window_pattern`` 6, or ``layer_types``) and two RoPEs: the
 full layers' (``rope_theta``, default 1e6, with ``rope_scaling``) and the sliding layers' (``rope_local_base_freq``,
-default 1e4, no scaling), or ``rope_parameters`` per layer type as transformers 5 writes them.
+default 1e4, no scaling), or ``rope_parameters`` per layer type as transformers 5 writes them. Gemma 3's image-text
+checkpoints (``Gemma3ForConditionalGeneration``: gemma-3-4b/12b/27b) are read as their text model
+(:func:`gemma3_text_config`; the loader takes the language model's tensors and leaves the vision tower).
 
 A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
 attends to the keys at ``p - window + 1 .. p`` (``sliding_window``; the KV of every position is still kept, so a
@@ -396,6 +398,7 @@ class ModelSpec(_SpecCommon):
     def from_hf_config(cls, config: dict[str, Any] | str | Path, dtype: str | None = None) -> ModelSpec:
         """Read a Hugging Face config (a dict, a ``config.json`` path, or a directory holding one)."""
         cfg, where = read_hf_config(config)
+        cfg = gemma3_text_config(cfg, where)
 
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
@@ -652,6 +655,36 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
     if arch == "qwen2_moe":
         out["shared_expert_intermediate_size"] = as_int("shared_expert_intermediate_size",
                                                         need("shared_expert_intermediate_size"))
+    return out
+
+
+#: Gemma3TextConfig's defaults, for the sparse ``text_config`` of Gemma 3's multimodal checkpoints (gemma-3-4b-it
+#: lists only what differs from them)
+_GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                         "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}
+
+
+def is_gemma3_multimodal(cfg: dict[str, Any]) -> bool:
+    """Whether ``cfg`` is a Gemma 3 image-text checkpoint's (``Gemma3ForConditionalGeneration``)."""
+    archs = cfg.get("architectures") or []
+    return "Gemma3ForConditionalGeneration" in archs or (not archs and cfg.get("model_type") == "gemma3")
+
+
+def gemma3_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """The text model's config of a Gemma 3 image-text checkpoint (its ``text_config`` over Gemma3TextConfig's
+    defaults, read as ``Gemma3ForCausalLM``: the language model serves text; the vision tower is not loaded); any
+    other config unchanged."""
+    if not is_gemma3_multimodal(cfg):
+        return cfg
+    text = cfg.get("text_config")
+    if text is None:
+        text = {}
+    if not isinstance(text, dict):
+        raise ModelError(f"{where}: text_config must be an object")
+    out = {**_GEMMA3_TEXT_DEFAULTS, **text, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
+    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if key not in text and key in cfg:
+            out[key] = cfg[key]
     return out
 
 

@@ -88,9 +88,10 @@ def paged_prefill_attention(
         if hi == lo:
             continue
         n, start = int(seq_lens[b]), int(start_pos[b])
-        k, v = _seq_kv(kv_layer, block_tables[b], n)
+        first = 0 if window is None else max(0, start - window + 1)  # no query of the chunk sees a key before it
+        k, v = _seq_kv(kv_layer, block_tables[b], n, first)
         qpos = torch.arange(start, start + hi - lo, device=q.device)
-        kpos = torch.arange(n, device=q.device)[None, :]
+        kpos = torch.arange(first, n, device=q.device)[None, :]
         mask = kpos <= qpos[:, None]
         if window is not None:
             mask &= kpos > qpos[:, None] - window

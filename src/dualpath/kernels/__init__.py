@@ -18,6 +18,7 @@ import torch
 
 from dualpath.errors import KernelError
 from dualpath.kernels import reference
+from dualpath.kernels._checks import check_window
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -74,7 +75,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     ``softcap * tanh(scores / softcap)`` (Gemma 2's attention-logit soft-capping). ``window``: a sliding
     attention window, the last ``window`` tokens only (None: all)."""
     fn = _impl("paged_decode_attention", backend, q.device)
-    return fn(q, kv_layer, block_tables, seq_lens, scale, softcap=softcap, window=_window(window))
+    return fn(q, kv_layer, block_tables, seq_lens, scale, softcap=softcap, window=check_window(window))
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
@@ -86,13 +87,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
     positions ``p - window + 1 .. p`` only (transformers' sliding-window mask)."""
     fn = _impl("paged_prefill_attention", backend, q.device)
     return fn(q, kv_layer, block_tables, cu_seqlens_q, seq_lens, start_pos, scale, softcap=softcap,
-              window=_window(window))
-
-
-def _window(window: int | None) -> int | None:
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
-        raise KernelError(f"window must be a positive int or None, got {window!r}")
-    return window
+              window=check_window(window))
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor, *,

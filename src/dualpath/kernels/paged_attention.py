@@ -23,6 +23,7 @@ from dualpath.kernels._checks import (
     check_kv_layer,
     check_shape,
     check_tensor,
+    check_window,
     interpreting,
     next_pow2,
 )
@@ -131,11 +132,8 @@ def _scales(scale: float, softcap: float | None) -> tuple[float, float]:
 
 def _window_arg(window: int | None) -> int:
     """The kernels' ``window`` argument: the window, or a bound above every sequence length (no window)."""
-    if window is None:
-        return 1 << 30
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise KernelError(f"window must be a positive int or None, got {window!r}")
-    return min(window, 1 << 30)
+    window = check_window(window)
+    return 1 << 30 if window is None else min(window, 1 << 30)
 
 
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,

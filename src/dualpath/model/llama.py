@@ -355,6 +355,8 @@ class LlamaModel(LayerwiseDecoder):
         self.scale = spec.attn_scale
         self.softcap = spec.attn_logit_softcapping
         self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]  # each layer's sliding window
+        # Gemma 3: the layers that slide turn their keys with the local RoPE
+        self._local_rope = [local is not None and w is not None for w in self.windows]
 
     @torch.no_grad()
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -409,7 +411,7 @@ class LlamaModel(LayerwiseDecoder):
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = state.cos, state.sin
-        if state.local is not None and spec.layer_window(layer) is not None:  # Gemma 3: a sliding layer's RoPE
+        if state.local is not None and self._local_rope[layer]:  # Gemma 3: a sliding layer's RoPE
             cos, sin = state.local
         cos, sin = cos[:, None, :], sin[:, None, :]
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)

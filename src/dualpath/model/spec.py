@@ -551,7 +551,8 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
     if arch == "gemma":  # GemmaModel masks causally only: no window key applies
         return None, ()
     if arch in ("llama", "mixtral", "phi3", "qwen3_moe"):  # every layer or none
-        if arch == "llama" and "MistralForCausalLM" not in archs and not (not archs and model_type == "mistral"):
+        mistral = "MistralForCausalLM" in archs or (not archs and model_type == "mistral")
+        if arch == "llama" and not mistral:
             return None, ()  # transformers' Llama ignores a sliding_window key
         if arch == "qwen3_moe" and not cfg.get("use_sliding_window"):
             return None, ()

@@ -190,3 +190,114 @@ def test_window_must_be_positive(device):
     for bad in (0, -3, 2.5, True):
         with pytest.raises(KernelError, match="window must be a positive int"):
             paged_decode_attention(q, kv, tables, lens, 0.25, window=bad)
+
+
+def _naive_sinks(q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, qpos: list[int], scale: float,
+                 sinks: list[float], window: int | None = None) -> torch.Tensor:
+    """Query by query, key by key: a softmax over ``[scores..., sinks[h]]`` whose last (sink) column is dropped."""
+    bt, hq, hkv = kv.shape[1], q.shape[1], kv.shape[3]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i, p in enumerate(qpos):
+        keys = [t for t in range(p + 1) if window is None or p - t < window]
+        rows = torch.stack([kv[int(table[t // bt]), t % bt].double().cpu() for t in keys])  # [n, 2, Hkv, D]
+        for h in range(hq):
+            k, v = rows[:, 0, h // (hq // hkv)], rows[:, 1, h // (hq // hkv)]
+            logits = torch.cat(((k @ q[i, h].double().cpu()) * scale, torch.tensor([sinks[h]], dtype=torch.float64)))
+            out[i, h] = torch.softmax(logits, dim=0)[:-1] @ v
+    return out.float()
+
+
+def _sink_case(device: str) -> tuple:
+    """The shapes of ``test_sliding_window_matches_naive``: prefill inputs and decode queries."""
+    bt, hq, hkv, d = 16, 4, 2, 16
+    seqs = [(0, 45), (37, 9), (70, 1), (5, 30)]  # (cached, new)
+    lens = [c + n for c, n in seqs]
+    nb = sum(-(-n // bt) for n in lens) + 2
+    kv = _pool(nb, bt, hkv, d, torch.float32, device, seed=21)
+    tables = _tables(lens, bt, nb, seed=21).to(device)
+    q = torch.randn((sum(n for _, n in seqs), hq, d), generator=torch.Generator().manual_seed(22)).to(device)
+    cu = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    starts = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=device)
+    qd = torch.randn((len(lens), hq, d), generator=torch.Generator().manual_seed(23)).to(device)
+    return seqs, kv, tables, q, cu, seq_lens, starts, qd
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_sinks_match_naive(device, window):
+    """gpt-oss attention sinks, alone and with a sliding window, Triton and the torch reference against a key-by-key
+    loop: decode (split-K reduction over several partitions) and prefill (with a window of 8: chunks that start
+    inside (5, 30) and outside (37, 9) the window, query tiles whose later rows see no key of their first key tile,
+    padding rows that see no key at all); sinks of large magnitude both ways (+40 dwarfs every score: the rescale
+    must not overflow)."""
+    seqs, kv, tables, q, cu, seq_lens, starts, qd = _sink_case(device)
+    sink_list = [-30.0, 0.5, 4.0, 40.0]
+    sinks = torch.tensor(sink_list, device=device)
+    want = torch.cat([_naive_sinks(q[int(cu[b]):int(cu[b + 1])], kv, tables[b], list(range(c, c + n)), 0.3,
+                                   sink_list, window) for b, (c, n) in enumerate(seqs)])
+    got_ref = ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, window=window, sinks=sinks)
+    got_tri = tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, window=window, sinks=sinks,
+                                          block_m=16, block_n=16)
+    assert torch.isfinite(got_tri).all()
+    torch.testing.assert_close(got_ref.cpu(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_tri.cpu(), want, atol=2e-5, rtol=1e-4)
+    want_d = torch.cat([_naive_sinks(qd[b:b + 1], kv, tables[b], [c + n - 1], 0.3, sink_list, window)
+                        for b, (c, n) in enumerate(seqs)])
+    got_d = tri.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window, sinks=sinks, partition=32,
+                                       block_n=16)
+    assert torch.isfinite(got_d).all()
+    torch.testing.assert_close(ref.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window,
+                                                          sinks=sinks).cpu(), want_d, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_d.cpu(), want_d, atol=2e-5, rtol=1e-4)
+
+
+def test_very_negative_sinks_are_no_sinks(device):
+    """A sink of -1e4 (bf16: any float dtype) takes no probability: with a soft cap and a window, both backends equal
+    the reference without sinks (itself checked against Triton without sinks above)."""
+    seqs, kv, tables, q, cu, seq_lens, starts, qd = _sink_case(device)
+    sinks = torch.full((q.shape[1],), -1e4, dtype=torch.bfloat16, device=device)
+    kw = {"softcap": 5.0, "window": 7}
+    want = ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, **kw)
+    want_d = ref.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, **kw)
+    for got in (ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, sinks=sinks, **kw),
+                tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, sinks=sinks, block_m=16,
+                                            block_n=16, **kw)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    for got in (ref.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, sinks=sinks, **kw),
+                tri.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, sinks=sinks, partition=32, block_n=16, **kw)):
+        torch.testing.assert_close(got, want_d, atol=2e-5, rtol=1e-4)
+
+
+def test_sinks_bad_input(device):
+    """The dispatch functions and the Triton launchers reject malformed sinks with a KernelError naming them; a
+    valid float16 tensor dispatches to the backend."""
+    from dualpath.errors import KernelError
+    from dualpath.kernels import paged_decode_attention, paged_prefill_attention
+
+    kv = _pool(2, 16, 1, 16, torch.float32, device)
+    q = torch.randn((1, 2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
+    lens = torch.full((1,), 5, dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    starts = torch.full((1,), 4, dtype=torch.int32, device=device)
+    bad = [torch.zeros(3, device=device), torch.zeros((1, 2), device=device),
+           torch.zeros(2, dtype=torch.int32, device=device), [0.0, 1.0]]
+    for sinks in bad:
+        for backend in ("torch", "triton"):
+            with pytest.raises(KernelError, match="sinks"):
+                paged_decode_attention(q, kv, tables, lens, 0.25, backend=backend, sinks=sinks)
+            with pytest.raises(KernelError, match="sinks"):
+                paged_prefill_attention(q, kv, tables, cu, lens, starts, 0.25, backend=backend, sinks=sinks)
+        with pytest.raises(KernelError, match="sinks"):
+            tri.paged_decode_attention(q, kv, tables, lens, 0.25, sinks=sinks)
+        with pytest.raises(KernelError, match="sinks"):
+            tri.paged_prefill_attention(q, kv, tables, cu, lens, starts, 0.25, sinks=sinks)
+    sinks = torch.tensor([1.0, -2.0], dtype=torch.float16, device=device)
+    torch.testing.assert_close(paged_decode_attention(q, kv, tables, lens, 0.25, backend="torch", sinks=sinks),
+                               ref.paged_decode_attention(q, kv, tables, lens, 0.25, sinks=sinks))
+    torch.testing.assert_close(paged_decode_attention(q, kv, tables, lens, 0.25, backend="triton", sinks=sinks),
+                               ref.paged_decode_attention(q, kv, tables, lens, 0.25, sinks=sinks), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(paged_prefill_attention(q, kv, tables, cu, lens, starts, 0.25, backend="triton",
+                                                       sinks=sinks),
+                               ref.paged_prefill_attention(q, kv, tables, cu, lens, starts, 0.25, sinks=sinks),
+                               atol=2e-5, rtol=1e-4)

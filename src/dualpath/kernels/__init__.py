@@ -5,7 +5,8 @@ pure-torch reference (:mod:`.reference`). ``backend``: ``"triton"``, ``"torch"``
 Triton when the tensors are on CUDA, the torch reference otherwise). The environment variable
 ``DUALPATH_KERNELS=triton|torch`` overrides ``auto`` (e.g. ``DUALPATH_KERNELS=triton TRITON_INTERPRET=1``
 runs the Triton kernels on CPU through the interpreter: slow, tests only). Triton modules are imported
-lazily, so the torch path never imports triton.
+lazily, so the torch path never imports triton. The paged attention ops take ``softcap`` (Gemma 2's logit
+soft-capping), ``window`` (a sliding window) and ``sinks`` (gpt-oss's per-head attention sink logits, ``[Hq]``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from dualpath.errors import KernelError
 from dualpath.kernels import reference
-from dualpath.kernels._checks import check_window
+from dualpath.kernels._checks import check_sinks, check_window
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -70,24 +71,29 @@ def _impl(name: str, backend: str | None, device: torch.device) -> Any:
 
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, *, backend: str | None = None,
-                           softcap: float | None = None, window: int | None = None) -> torch.Tensor:
+                           softcap: float | None = None, window: int | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """``q [B, Hq, D]`` over each sequence's ``seq_lens[b]`` paged tokens -> ``[B, Hq, D]``. ``softcap``: scores
     ``softcap * tanh(scores / softcap)`` (Gemma 2's attention-logit soft-capping). ``window``: a sliding
-    attention window, the last ``window`` tokens only (None: all)."""
+    attention window, the last ``window`` tokens only (None: all). ``sinks``: gpt-oss's attention sinks, a float
+    ``[Hq]`` tensor on ``q``'s device: query head ``h``'s softmax gets an extra logit ``sinks[h]`` (unscaled,
+    uncapped) that weights no value (None: no sinks)."""
     fn = _impl("paged_decode_attention", backend, q.device)
-    return fn(q, kv_layer, block_tables, seq_lens, scale, softcap=softcap, window=check_window(window))
+    return fn(q, kv_layer, block_tables, seq_lens, scale, softcap=softcap, window=check_window(window),
+              sinks=check_sinks(sinks, q.shape[1], q.device))
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
                             scale: float, *, backend: str | None = None,
-                            softcap: float | None = None, window: int | None = None) -> torch.Tensor:
+                            softcap: float | None = None, window: int | None = None,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """New tokens ``q [Ntok, Hq, D]``: full attention over the cached prefix, causal over the new tokens.
-    ``softcap`` as for :func:`paged_decode_attention`; ``window``: a query at position ``p`` sees the keys at
-    positions ``p - window + 1 .. p`` only (transformers' sliding-window mask)."""
+    ``softcap`` and ``sinks`` as for :func:`paged_decode_attention`; ``window``: a query at position ``p`` sees the
+    keys at positions ``p - window + 1 .. p`` only (transformers' sliding-window mask)."""
     fn = _impl("paged_prefill_attention", backend, q.device)
     return fn(q, kv_layer, block_tables, cu_seqlens_q, seq_lens, start_pos, scale, softcap=softcap,
-              window=check_window(window))
+              window=check_window(window), sinks=check_sinks(sinks, q.shape[1], q.device))
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor, *,

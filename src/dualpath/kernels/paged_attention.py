@@ -9,6 +9,8 @@ Under ``TRITON_INTERPRET=1`` dot operands are cast to fp32 (the interpreter's bf
 ``window`` (a sliding attention window): a query at position ``p`` sees keys ``p - window + 1 .. p`` only. Decode
 starts each sequence's scan at its window; prefill starts each query tile's scan at its first row's window and
 masks the rest (a row whose keys in a tile are all masked keeps its running max: no NaN).
+``sinks`` (gpt-oss, ``[Hq]``, fp32): an extra per-head logit in the softmax denominator that weights no value,
+added by decode's split reduction and at prefill's final normalisation (rescaled to ``max(m, sink)``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dualpath.kernels._checks import (
     INT_DTYPES,
     check_kv_layer,
     check_shape,
+    check_sinks,
     check_tensor,
     check_window,
     interpreting,
@@ -100,11 +103,11 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    po_ptr, lse_ptr, out_ptr,
+    po_ptr, lse_ptr, out_ptr, sinks_ptr,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
-    NUM_SPLITS, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -113,10 +116,16 @@ def _decode_reduce_kernel(
     smask = s < NUM_SPLITS
     lse = tl.load(lse_ptr + b.to(tl.int64) * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"))
     m = tl.max(lse, 0)
+    if SINKS:  # the sink's logit (log2 domain) joins the max and the denominator, weighting no value
+        sink = tl.load(sinks_ptr + h) * 1.4426950408889634
+        m = tl.maximum(m, sink)
     w = tl.where(smask & (lse > float("-inf")), tl.exp2(lse - m), 0.0)
     po = tl.load(po_ptr + b.to(tl.int64) * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
                  mask=smask[:, None] & (d[None, :] < D), other=0.0)
-    out = tl.sum(po * w[:, None], 0) / tl.sum(w, 0)
+    den = tl.sum(w, 0)
+    if SINKS:
+        den = den + tl.exp2(sink - m)
+    out = tl.sum(po * w[:, None], 0) / den
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
@@ -139,9 +148,9 @@ def _window_arg(window: int | None) -> int:
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, *, partition: int | None = None,
                            block_n: int | None = None, softcap: float | None = None,
-                           window: int | None = None) -> torch.Tensor:
+                           window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Triton paged decode. ``q [B, Hq, D]``, ``kv_layer [NB, bt, 2, Hkv, D]``, ``block_tables [B, max_blocks]``,
-    ``seq_lens [B]`` (each >= 1) -> ``[B, Hq, D]`` in ``q``'s dtype."""
+    ``seq_lens [B]`` (each >= 1), ``sinks [Hq]`` or None -> ``[B, Hq, D]`` in ``q``'s dtype."""
     kv = check_kv_layer(kv_layer)
     dev = kv.device
     q = check_tensor("q", q, dim=3, dtypes=(kv.dtype,), device=dev, last_contiguous=True)
@@ -155,6 +164,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     lens = check_tensor("seq_lens", seq_lens, dim=1, dtypes=INT_DTYPES, device=dev)
     check_shape("seq_lens", lens, (bsz,))
     lens = lens.contiguous()
+    sinks = check_sinks(sinks, hq, dev)
     out = torch.empty_like(q)
     if bsz == 0:
         return out
@@ -183,25 +193,25 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         **({} if interp else {"num_warps": 4, "num_stages": 2}),
     )
     _decode_reduce_kernel[(bsz, hq)](
-        po, lse, out,
+        po, lse, out, lse if sinks is None else sinks.float().contiguous(),
         po.stride(0), po.stride(1), po.stride(2),
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
-        splits, D=d, BLOCK_S=next_pow2(splits), BLOCK_D=block_d,
+        splits, D=d, BLOCK_S=next_pow2(splits), BLOCK_D=block_d, SINKS=sinks is not None,
     )
     return out
 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, kv_ptr, table_ptr, cu_ptr, lens_ptr, start_ptr, o_ptr,
+    q_ptr, kv_ptr, table_ptr, cu_ptr, lens_ptr, start_ptr, o_ptr, sinks_ptr,
     stride_qn, stride_qh,
     stride_kb, stride_kt, stride_kkv, stride_kh,
     stride_tb,
     stride_on, stride_oh,
     qk_scale, softcap, window,
     G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr,
 ):
     mblk = tl.program_id(0)
@@ -283,6 +293,13 @@ def _prefill_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
+        if SINKS:  # the sink's logit joins the denominator: rescale everything to max(m_i, sink) first
+            sink = tl.load(sinks_ptr + h) * 1.4426950408889634
+            m_f = tl.maximum(m_i, sink)
+            m_f = tl.where(m_f == float("-inf"), 0.0, m_f)  # no visible key and a -inf sink
+            alpha = tl.exp2(m_i - m_f)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha + tl.exp2(sink - m_f)
         if WINDOW:  # padding rows past the tile's last query may see no key at all
             l_i = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_i[:, None]
@@ -293,8 +310,10 @@ def _prefill_kernel(
 def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
                             scale: float, *, block_m: int | None = None, block_n: int | None = None,
-                            softcap: float | None = None, window: int | None = None) -> torch.Tensor:
-    """Triton prefill with a cached prefix; see :func:`dualpath.kernels.reference.paged_prefill_attention`."""
+                            softcap: float | None = None, window: int | None = None,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton prefill with a cached prefix (``sinks [Hq]`` or None); see
+    :func:`dualpath.kernels.reference.paged_prefill_attention`."""
     kv = check_kv_layer(kv_layer)
     dev = kv.device
     q = check_tensor("q", q, dim=3, dtypes=(kv.dtype,), device=dev, last_contiguous=True)
@@ -311,6 +330,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
     check_shape("seq_lens", lens, (bsz,))
     starts = check_tensor("start_pos", start_pos, dim=1, dtypes=INT_DTYPES, device=dev).contiguous()
     check_shape("start_pos", starts, (bsz,))
+    sinks = check_sinks(sinks, hq, dev)
     out = torch.empty_like(q)
     if ntok == 0 or bsz == 0:
         return out
@@ -329,14 +349,14 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
     prec = "ieee" if kv.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(max_new, block_m), bsz, hq)
     _prefill_kernel[grid](
-        q, kv, tables, cu, lens, starts, out,
+        q, kv, tables, cu, lens, starts, out, out if sinks is None else sinks.float().contiguous(),
         q.stride(0), q.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         tables.stride(0),
         out.stride(0), out.stride(1),
         *_scales(scale, softcap), _window_arg(window),
-        G=hq // hkv, D=d, BT=bt, SOFTCAP=softcap is not None, WINDOW=window is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d,
+        G=hq // hkv, D=d, BT=bt, SOFTCAP=softcap is not None, WINDOW=window is not None,
+        SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_FP32=interp, PREC=prec,
         **({} if interp else {"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}),
     )

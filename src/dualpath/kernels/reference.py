@@ -7,7 +7,9 @@ token ``t`` lives at ``kv_layer[block_table[t // block_tokens], t % block_tokens
 Attention is computed in fp32 and returned in ``q``'s dtype. ``softcap`` (Gemma 2's ``attn_logit_softcapping``):
 the scaled scores become ``softcap * tanh(scores / softcap)`` before the mask and the softmax. ``window`` (a
 sliding attention window, as transformers masks it): a query at position ``p`` sees only the keys at positions
-``> p - window`` (``window`` keys, itself included); None: every earlier key.
+``> p - window`` (``window`` keys, itself included); None: every earlier key. ``sinks`` (gpt-oss's attention
+sinks, ``[Hq]``, used as fp32): query head ``h``'s softmax gets an extra logit ``sinks[h]`` (not scaled, not capped,
+not masked) whose probability weights no value.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _seq_kv(kv_layer: torch.Tensor, table: torch.Tensor, n: int,
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
-            softcap: float | None = None) -> torch.Tensor:
+            softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     # q [M, Hq, D], k/v [N, Hkv, D]; query head h reads KV head h // (Hq // Hkv)
     m, hq, d = q.shape
     hkv = k.shape[1]
@@ -35,7 +37,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mas
         s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    if sinks is None:
+        p = torch.softmax(s, dim=-1)
+    else:  # one extra logit per query head in the denominator; its column is dropped (it weights no value)
+        sink = sinks.float().reshape(hkv, hq // hkv, 1, 1).expand(-1, -1, m, 1)
+        p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
     o = torch.matmul(p, v.permute(1, 0, 2)[:, None])                     # [Hkv, G, M, D]
     return o.permute(2, 0, 1, 3).reshape(m, hq, d)
 
@@ -49,17 +55,19 @@ def paged_decode_attention(
     *,
     softcap: float | None = None,
     window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending to its first ``seq_lens[b]`` cached tokens (the last ``window`` of
     them with a window).
 
     ``q [B, Hq, D]``, ``block_tables [B, max_blocks]`` int32, ``seq_lens [B]`` int32 -> ``[B, Hq, D]``.
+    ``sinks [Hq]``: per-head sink logits (see the module docstring), or None.
     """
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
         n = int(seq_lens[b])
         k, v = _seq_kv(kv_layer, block_tables[b], n, max(0, n - window) if window is not None else 0)
-        out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap)[0].to(q.dtype)
+        out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap, sinks)[0].to(q.dtype)
     return out
 
 
@@ -74,13 +82,15 @@ def paged_prefill_attention(
     *,
     softcap: float | None = None,
     window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Queries of each sequence's new tokens over its cached prefix (full) and its new tokens (causal); with a
     ``window``, each query over the last ``window`` positions up to its own.
 
     ``q [Ntok, Hq, D]``: the new tokens of all sequences, concatenated; sequence ``b`` owns rows
     ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` at positions ``start_pos[b] + i``; ``seq_lens[b] = start_pos[b] +
-    new_b``. The new tokens' K/V must already be in ``kv_layer`` (see :func:`store_kv`).
+    new_b``. The new tokens' K/V must already be in ``kv_layer`` (see :func:`store_kv`). ``sinks [Hq]``: per-head
+    sink logits (see the module docstring), or None.
     """
     out = torch.empty_like(q)
     for b in range(block_tables.shape[0]):
@@ -95,7 +105,7 @@ def paged_prefill_attention(
         mask = kpos <= qpos[:, None]
         if window is not None:
             mask &= kpos > qpos[:, None] - window
-        out[lo:hi] = _attend(q[lo:hi], k, v, scale, mask, softcap).to(q.dtype)
+        out[lo:hi] = _attend(q[lo:hi], k, v, scale, mask, softcap, sinks).to(q.dtype)
     return out
 
 

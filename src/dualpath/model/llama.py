@@ -1,5 +1,5 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, and the MoE relatives Mixtral, Qwen2-MoE,
-Qwen3-MoE) with a layer-wise forward over paged KV.
+"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, Gemma 3, and the MoE relatives Mixtral,
+Qwen2-MoE, Qwen3-MoE and gpt-oss) with a layer-wise forward over paged KV.
 
 Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...), so a transformers
 state dict loads as is. The MoE blocks use Qwen-MoE's names for every family (``mlp.gate``,
@@ -31,6 +31,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from dualpath.model.gpt_oss import GptOssMoE
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk
 from dualpath.model.spec import ModelSpec, rope_frequencies, rope_inv_freq
 
@@ -158,13 +159,15 @@ PrefillState = ForwardState
 
 class RMSNorm(nn.Module):
     """Llama's RMSNorm: normalized in fp32, cast back, times ``weight``. ``offset`` (Gemma): times ``1 + weight``
-    in fp32, then cast back (Gemma rounds once, after the scaling)."""
+    in fp32, then cast back (Gemma rounds once, after the scaling). ``fp32_scale`` (gpt-oss, whose norms
+    transformers keeps in fp32): times ``weight`` in fp32, then cast back."""
 
-    def __init__(self, dim: int, eps: float, offset: bool = False) -> None:
+    def __init__(self, dim: int, eps: float, offset: bool = False, fp32_scale: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.offset = offset
+        self.fp32_scale = fp32_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
@@ -172,7 +175,14 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
             return (h * (1.0 + self.weight.float())).to(dt)
+        if self.fp32_scale:
+            return (h * self.weight.float()).to(dt)
         return self.weight * h.to(dt)
+
+
+def _norm(spec: ModelSpec, dim: int) -> RMSNorm:
+    """A layer's or the model's RMSNorm in the family's style."""
+    return RMSNorm(dim, spec.rms_eps, spec.gemma_style, fp32_scale=spec.architecture == "gpt_oss")
 
 
 class Attention(nn.Module):
@@ -187,6 +197,8 @@ class Attention(nn.Module):
         if spec.qk_norm:  # Qwen3; Gemma 3 (by 1 + weight)
             self.q_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
             self.k_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
+        if spec.attention_sinks:  # gpt-oss: one logit per query head in each softmax's denominator
+            self.sinks = nn.Parameter(torch.zeros(hq))
 
 
 class MLP(FeedForward):
@@ -235,10 +247,14 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, spec.gemma_style)
+        self.input_layernorm = _norm(spec, spec.hidden_size)
         self.self_attn = Attention(spec)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, spec.gemma_style)
-        self.mlp: nn.Module = SparseMoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
+        self.post_attention_layernorm = _norm(spec, spec.hidden_size)
+        self.mlp: nn.Module
+        if spec.architecture == "gpt_oss":
+            self.mlp = GptOssMoE(spec)
+        else:
+            self.mlp = SparseMoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
         if spec.sandwich_norms:  # Gemma 2
             self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, True)
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, True)
@@ -249,7 +265,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, spec.gemma_style)
+        self.norm = _norm(spec, spec.hidden_size)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -416,13 +432,14 @@ class LlamaModel(LayerwiseDecoder):
         cos, sin = cos[:, None, :], sin[:, None, :]
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         store_kv(k, v, kv_layer, b.slot_mapping, backend=self.backend)
+        sinks = attn.sinks if spec.attention_sinks else None
         if b.is_decode:
             o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, self.scale, backend=self.backend,
-                                       softcap=self.softcap, window=self.windows[layer])
+                                       softcap=self.softcap, window=self.windows[layer], sinks=sinks)
         else:
             o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
                                         self.scale, backend=self.backend, softcap=self.softcap,
-                                        window=self.windows[layer])
+                                        window=self.windows[layer], sinks=sinks)
         a = attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
         if spec.sandwich_norms:  # Gemma 2: norms on the attention output and around the MLP
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)

@@ -78,7 +78,7 @@ def assign_weights(model: AnyModel, tensors: Mapping[str, torch.Tensor], source:
 def init_random(model: AnyModel, seed: int = 0, std: float = 0.02) -> None:
     """Seeded weights, identical on every machine: N(0, std) matrices, norms 1 + N(0, 0.1) (Gemma's, which scale
     by ``1 + weight``, N(0, 0.1)), biases N(0, std) (MoE router correction biases N(0, 0.1), so that they change the
-    routing)."""
+    routing; gpt-oss's attention sinks N(0, 1), so that they change the attention)."""
     gen = torch.Generator().manual_seed(seed)
     norm_one = 0.0 if getattr(model.spec, "gemma_style", False) else 1.0
     with torch.no_grad():
@@ -87,6 +87,8 @@ def init_random(model: AnyModel, seed: int = 0, std: float = 0.02) -> None:
                 val = norm_one + 0.1 * torch.randn(p.shape, generator=gen)
             elif name.endswith("e_score_correction_bias"):
                 val = 0.1 * torch.randn(p.shape, generator=gen)
+            elif name.endswith("self_attn.sinks"):  # gpt-oss: sinks of the scores' order, so that they matter
+                val = torch.randn(p.shape, generator=gen)
             else:
                 val = std * torch.randn(p.shape, generator=gen)
             p.copy_(val.to(p.dtype))
@@ -543,6 +545,16 @@ def gemma3_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str,
     return out
 
 
+def gpt_oss_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A gpt-oss checkpoint's tensors with its MXFP4 experts (``*_blocks`` / ``*_scales``, as OpenAI publishes
+    them) dequantized to the dense parameters; a dense checkpoint's unchanged."""
+    if not any(name.endswith(("_blocks", "_scales")) for name in tensors):
+        return tensors
+    from dualpath.model.mxfp4 import gpt_oss_dense_experts
+
+    return gpt_oss_dense_experts(dict(tensors), spec.torch_dtype)
+
+
 def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
                 device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
                 fp8_block: tuple[int, int] = (128, 128)) -> AnyModel:
@@ -558,7 +570,9 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         from dualpath.model.llama import LlamaModel
 
         model = LlamaModel(spec, device="cpu", backend=backend)
-        if tensors is not None and spec.is_moe:
+        if tensors is not None and spec.architecture == "gpt_oss":
+            tensors = gpt_oss_tensors(spec, tensors)
+        elif tensors is not None and spec.is_moe:
             tensors = moe_tensors(spec, tensors, source)
         elif tensors is not None and spec.architecture == "phi3":
             tensors = phi3_tensors(spec, tensors, source)

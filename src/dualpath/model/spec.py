@@ -28,6 +28,11 @@ full layers' (``rope_theta``, default 1e6, with ``rope_scaling``) and the slidin
 default 1e4, no scaling), or ``rope_parameters`` per layer type as transformers 5 writes them. Gemma 3's image-text
 checkpoints (``Gemma3ForConditionalGeneration``: gemma-3-4b/12b/27b) are read as their text model
 (:func:`gemma3_text_config`; the loader takes the language model's tensors and leaves the vision tower).
+``GptOssForCausalLM`` (``gpt_oss``) is a MoE on the Llama attention path with q/k/v/o biases, a learned sink
+logit per query head in each softmax's denominator (:attr:`ModelSpec.attention_sinks`), alternating sliding and
+full layers (``layer_types``; GptOssConfig's defaults: even layers slide over 128 tokens), YaRN RoPE (base
+150,000, factor 32 over 4,096 positions, ``truncate: false``), a biased router softmaxing its top-k logits and
+packed experts with a clamped SwiGLU (``swiglu_limit``, ``swiglu_alpha``; :mod:`dualpath.model.gpt_oss`).
 
 A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
 attends to the keys at ``p - window + 1 .. p`` (``sliding_window``; the KV of every position is still kept, so a
@@ -65,15 +70,20 @@ ARCHITECTURES: dict[str, str] = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "GptOssForCausalLM": "gpt_oss",
 }
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
             "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-            "gemma3": "Gemma3ForCausalLM"}
+            "gemma3": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+#: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss")
+#: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
+_GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
 _MOE_FIELDS = ("n_experts", "n_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -133,6 +143,9 @@ class ModelSpec(_SpecCommon):
     norm_topk_prob: bool = False              # renormalize the top-k weights to sum 1 (always for Mixtral)
     decoder_sparse_step: int = 1              # layer l is sparse when (l + 1) % step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()     # ... and it is not listed here
+    # gpt-oss's experts: gate clamped above at swiglu_limit, up clamped to +-limit, glu = gate * sigmoid(alpha * gate)
+    swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
     weights_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -185,7 +198,14 @@ class ModelSpec(_SpecCommon):
         if self.rope_local_theta is not None and (self.architecture != "gemma3" or not self.rope_local_theta > 0):
             raise ModelError(f"model config: rope_local_theta is a positive base of gemma3's sliding layers, got "
                              f"{self.rope_local_theta} for {self.architecture}")
-        if self.architecture in MOE_ARCHS:
+        for name in _GPT_OSS_FIELDS:
+            value = getattr(self, name)
+            if (value is None) != (self.architecture != "gpt_oss"):
+                raise ModelError(f"model config: {name} is gpt_oss's and required there, got {value!r} for "
+                                 f"{self.architecture}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
+        if self.architecture in ALL_MOE_ARCHS:
             self._check_moe()
         elif self.n_experts:
             raise ModelError(f"model config: architecture {self.architecture!r} has no experts (n_experts must be 0)")
@@ -234,6 +254,9 @@ class ModelSpec(_SpecCommon):
         if self.architecture != "qwen2_moe" and self.shared_expert_intermediate_size:
             raise ModelError(f"model config: {self.architecture} has no shared expert "
                              f"(shared_expert_intermediate_size {self.shared_expert_intermediate_size})")
+        if self.architecture == "gpt_oss" and (not self.norm_topk_prob or self.decoder_sparse_step != 1
+                                               or self.mlp_only_layers):
+            raise ModelError("model config: gpt_oss routes every layer (softmax over its top-k logits)")
         if self.architecture == "mixtral" and (not self.norm_topk_prob or self.decoder_sparse_step != 1
                                                or self.mlp_only_layers):
             raise ModelError("model config: mixtral routes every layer and renormalizes its top-k weights")
@@ -253,7 +276,12 @@ class ModelSpec(_SpecCommon):
         """Whether ``o_proj`` has a bias: transformers' Llama, Qwen3, Qwen3-MoE and Gemma give it one with
         ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do."""
         return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2",
-                                                             "gemma3")
+                                                             "gemma3", "gpt_oss")
+
+    @property
+    def attention_sinks(self) -> bool:
+        """gpt-oss: a learned logit per query head joins each softmax's denominator (``self_attn.sinks``)."""
+        return self.architecture == "gpt_oss"
 
     @property
     def rotary_dim(self) -> int:
@@ -308,7 +336,7 @@ class ModelSpec(_SpecCommon):
             d.pop("full_attention_layers")
         else:
             d["full_attention_layers"] = list(self.full_attention_layers)
-        for key in _GEMMA2_FIELDS:  # and Gemma 2 support
+        for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS):  # and Gemma 2 and gpt-oss support
             if d[key] is None:
                 d.pop(key)
         else:
@@ -368,6 +396,16 @@ class ModelSpec(_SpecCommon):
             cfg["mlp_bias"] = False
         if self.architecture == "qwen2_moe":
             cfg["qkv_bias"] = self.attention_bias
+        if self.architecture == "gpt_oss":
+            cfg.update(attention_bias=self.attention_bias, num_local_experts=self.n_experts,
+                       num_experts_per_tok=self.n_experts_per_tok, intermediate_size=self.moe_intermediate_size,
+                       swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha,
+                       rope_parameters={**(self.rope_scaling or {"rope_type": "default"}),
+                                        "rope_theta": self.rope_theta},
+                       sliding_window=self.sliding_window,
+                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
+                                    for i in range(self.n_layers)])
+            del cfg["rope_theta"], cfg["rope_scaling"]
         if self.architecture == "mixtral":
             cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size, router_jitter_noise=0.0)
@@ -408,14 +446,14 @@ class ModelSpec(_SpecCommon):
                 arch = ARCHITECTURES[a]
                 break
         if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
-                                           "gemma3_text", *MOE_ARCHS):
+                                           "gemma3_text", *ALL_MOE_ARCHS):
             arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
             raise ModelError(
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
-                "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, deepseek_v2, deepseek_v3, "
-                "deepseek_v32)"
+                "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, deepseek_v2, "
+                "deepseek_v3, deepseek_v32)"
             )
 
         def need(key: str) -> Any:
@@ -427,6 +465,8 @@ class ModelSpec(_SpecCommon):
             _check_gemma(cfg, where)
         elif arch in ("gemma2", "gemma3"):
             _check_gemma2(cfg, where)
+        elif arch == "gpt_oss":
+            cfg = _gpt_oss_defaults(cfg)
         elif cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
         if cfg.get("mlp_bias"):
@@ -452,8 +492,8 @@ class ModelSpec(_SpecCommon):
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
                 dtype = "float32"
-        default_bias = arch == "qwen2"
-        bias = bool(cfg.get("attention_bias", default_bias)) or default_bias
+        default_bias = arch in ("qwen2", "gpt_oss")  # Qwen2 always; GptOssConfig's attention_bias defaults on
+        bias = bool(cfg.get("attention_bias", default_bias)) or arch == "qwen2"
         if arch == "qwen2_moe":  # Qwen2-MoE names its q/k/v bias qkv_bias (on unless the config says otherwise)
             bias = bool(cfg.get("qkv_bias", True))
         elif arch in ("mixtral", "phi3"):  # Mixtral's and Phi-3's projections have no biases
@@ -468,7 +508,7 @@ class ModelSpec(_SpecCommon):
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch == "phi3" else 1e-6)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "gpt_oss") else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position=int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
@@ -483,10 +523,11 @@ class ModelSpec(_SpecCommon):
             rope_local_theta=rope_local,
             **moe,
             **_gemma2_fields(arch, cfg),
+            **_gpt_oss_fields(arch, cfg, where),
         )
 
 
-_MAX_POSITION = {"phi3": 4096, "gemma": 8192, "gemma2": 8192, "gemma3": 131072}  # config classes' defaults
+_MAX_POSITION = {"phi3": 4096, "gemma": 8192, "gemma2": 8192, "gemma3": 131072, "gpt_oss": 131072}  # config classes' defaults
 _KV_HEADS = {"gemma": 16, "gemma2": 4, "gemma3": 4}
 #: Gemma2Config's defaults (a key present as null turns a soft cap off)
 _GEMMA2_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
@@ -501,6 +542,42 @@ def _gemma2_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
         return {}
     defaults = _GEMMA2_DEFAULTS if arch == "gemma2" else _GEMMA3_DEFAULTS
     return {key: cfg.get(key, default) for key, default in defaults.items()}
+
+
+#: GptOssConfig's RoPE when a config names none: YaRN x32 over 4,096 positions, base 150,000
+_GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 4096}
+
+
+def _gpt_oss_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A gpt-oss config with GptOssConfig's defaults filled in where it leaves them out: the RoPE (YaRN, base
+    150,000), the window (128) and the layer types (even layers slide, odd ones attend fully); its ``hidden_act``
+    is not read (the experts' clamped SwiGLU is fixed)."""
+    out = dict(cfg)
+    params = out.get("rope_parameters")
+    if not isinstance(params, dict) and out.get("rope_scaling") is None:
+        out["rope_parameters"] = {**_GPT_OSS_ROPE, "rope_theta": out.get("rope_theta", 150000.0)}
+    elif isinstance(params, dict) and "rope_theta" not in params and out.get("rope_theta") is None:
+        out["rope_parameters"] = {**params, "rope_theta": 150000.0}
+    out.setdefault("rope_theta", 150000.0)
+    out.setdefault("sliding_window", 128)
+    if out.get("layer_types") is None and out.get("sliding_window") is not None:
+        n = out.get("num_hidden_layers")
+        if isinstance(n, int) and not isinstance(n, bool):
+            out["layer_types"] = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    return out
+
+
+def _gpt_oss_fields(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    if arch != "gpt_oss":
+        return {}
+    out: dict[str, Any] = {}
+    for key, default in (("swiglu_limit", 7.0), ("swiglu_alpha", 1.702)):
+        value = cfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ModelError(f"{where}: {key} must be a positive number, got {value!r}")
+        out[key] = float(value)
+    return out
 
 
 def _gemma3_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None, float]:
@@ -560,6 +637,8 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
             return None, ()
         return _window_size(cfg, where), ()
     if arch in ("qwen2", "qwen3", "qwen2_moe") and not cfg.get("use_sliding_window"):
+        return None, ()
+    if arch == "gpt_oss" and cfg.get("sliding_window") is None:  # its sliding layers then attend fully
         return None, ()
     types = cfg.get("layer_types")
     if types is None:
@@ -624,8 +703,9 @@ def _phi3_rope(cfg: dict[str, Any], where: str, rope_scaling: dict[str, Any] | N
 
 
 def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[str, Any]:
-    """The MoE fields of a mixtral / qwen2_moe / qwen3_moe config (an empty dict for the dense architectures)."""
-    if arch not in MOE_ARCHS:
+    """The MoE fields of a mixtral / qwen2_moe / qwen3_moe / gpt_oss config (an empty dict for the dense
+    architectures)."""
+    if arch not in ALL_MOE_ARCHS:
         return {}
 
     def as_int(key: str, value: Any) -> int:
@@ -633,6 +713,12 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
             raise ModelError(f"{where}: {key} must be an integer, got {value!r}")
         return value
 
+    if arch == "gpt_oss":  # GptOssConfig maps num_experts to num_local_experts; experts are intermediate_size wide
+        key = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
+        return {"n_experts": as_int(key, cfg.get(key, 128)),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 4)),
+                "moe_intermediate_size": as_int("intermediate_size", need("intermediate_size")),
+                "norm_topk_prob": True}
     if arch == "mixtral":
         inter = as_int("intermediate_size", need("intermediate_size"))
         return {"n_experts": as_int("num_local_experts", need("num_local_experts")),

@@ -1,5 +1,5 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, Gemma 3, and the MoE relatives Mixtral,
-Qwen2-MoE, Qwen3-MoE and gpt-oss) with a layer-wise forward over paged KV.
+"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, Gemma 3, OLMo 2, OLMo 3, SmolLM3, Granite,
+and the MoE relatives Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss) with a layer-wise forward over paged KV.
 
 Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...), so a transformers
 state dict loads as is. The MoE blocks use Qwen-MoE's names for every family (``mlp.gate``,
@@ -182,7 +182,7 @@ class RMSNorm(nn.Module):
 
 def _norm(spec: ModelSpec, dim: int) -> RMSNorm:
     """A layer's or the model's RMSNorm in the family's style."""
-    return RMSNorm(dim, spec.rms_eps, spec.gemma_style, fp32_scale=spec.architecture == "gpt_oss")
+    return RMSNorm(dim, spec.rms_eps, spec.gemma_style, fp32_scale=spec.fp32_norm_scale)
 
 
 class Attention(nn.Module):
@@ -197,6 +197,9 @@ class Attention(nn.Module):
         if spec.qk_norm:  # Qwen3; Gemma 3 (by 1 + weight)
             self.q_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
             self.k_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
+        elif spec.qk_norm_full:  # OLMo 2 and 3: over every head at once
+            self.q_norm = _norm(spec, hq * d)
+            self.k_norm = _norm(spec, hkv * d)
         if spec.attention_sinks:  # gpt-oss: one logit per query head in each softmax's denominator
             self.sinks = nn.Parameter(torch.zeros(hq))
 
@@ -247,9 +250,12 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = _norm(spec, spec.hidden_size)
+        if not spec.post_norms:  # OLMo 2 and 3 norm a block's output, not its input
+            self.input_layernorm = _norm(spec, spec.hidden_size)
         self.self_attn = Attention(spec)
         self.post_attention_layernorm = _norm(spec, spec.hidden_size)
+        if spec.post_norms:
+            self.post_feedforward_layernorm = _norm(spec, spec.hidden_size)
         self.mlp: nn.Module
         if spec.architecture == "gpt_oss":
             self.mlp = GptOssMoE(spec)
@@ -349,8 +355,8 @@ class LayerwiseDecoder(nn.Module):
 
 
 class LlamaModel(LayerwiseDecoder):
-    """Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma/Gemma 2/Mixtral/Qwen2-MoE/Qwen3-MoE decoder over a paged KV pool. ``backend``:
-    kernel backend (``auto``/``torch``/``triton``)."""
+    """The decoder of every family in the module docstring over a paged KV pool. ``backend``: kernel backend
+    (``auto``/``torch``/``triton``)."""
 
     inv_freq: torch.Tensor
     local_inv_freq: torch.Tensor | None
@@ -371,13 +377,17 @@ class LlamaModel(LayerwiseDecoder):
         self.scale = spec.attn_scale
         self.softcap = spec.attn_logit_softcapping
         self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]  # each layer's sliding window
-        # Gemma 3: the layers that slide turn their keys with the local RoPE
+        # Gemma 3, OLMo 3: the layers that slide turn their keys with the local RoPE
         self._local_rope = [local is not None and w is not None for w in self.windows]
+        self._rope = [i not in spec.nope_layers for i in range(spec.n_layers)]  # SmolLM3: NoPE layers have none
+        self.residual_scale = spec.residual_multiplier  # Granite: each block's output scaled (None: 1)
 
     @torch.no_grad()
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """As :meth:`LayerwiseDecoder.head`; Gemma 2 soft-caps the logits in the compute dtype first."""
         cap = self.spec.final_logit_softcapping
+        if self.spec.logits_scaling is not None:  # Granite: logits divided, in the compute dtype
+            return (self.lm_head(cast(nn.Module, self.model.norm)(h)) / self.spec.logits_scaling).float()
         if cap is None:
             return super().head(h)
         logits = self.lm_head(cast(nn.Module, self.model.norm)(h))
@@ -398,6 +408,8 @@ class LlamaModel(LayerwiseDecoder):
         hidden = self.model.embed_tokens(ids)
         if self.spec.gemma_style:
             hidden = hidden * self.embed_scale.to(hidden.dtype)
+        elif self.spec.embedding_multiplier is not None:  # Granite
+            hidden = hidden * self.spec.embedding_multiplier
         return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, local=local)
 
     def _rope_tables(self, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -419,18 +431,22 @@ class LlamaModel(LayerwiseDecoder):
             raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = cast(Attention, mod.self_attn)
-        x = cast(RMSNorm, mod.input_layernorm)(state.hidden)
+        x = state.hidden if spec.post_norms else cast(RMSNorm, mod.input_layernorm)(state.hidden)
         n = x.shape[0]
-        q = attn.q_proj(x).view(n, spec.n_heads, spec.head_dim)
-        k = attn.k_proj(x).view(n, spec.n_kv_heads, spec.head_dim)
+        q, k = attn.q_proj(x), attn.k_proj(x)
+        if spec.qk_norm_full:  # OLMo 2 and 3: over the whole projections
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = q.view(n, spec.n_heads, spec.head_dim)
+        k = k.view(n, spec.n_kv_heads, spec.head_dim)
         v = attn.v_proj(x).view(n, spec.n_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = state.cos, state.sin
-        if state.local is not None and self._local_rope[layer]:  # Gemma 3: a sliding layer's RoPE
-            cos, sin = state.local
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if self._rope[layer]:
+            cos, sin = state.cos, state.sin
+            if state.local is not None and self._local_rope[layer]:  # Gemma 3, OLMo 3: a sliding layer's RoPE
+                cos, sin = state.local
+            cos, sin = cos[:, None, :], sin[:, None, :]
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         store_kv(k, v, kv_layer, b.slot_mapping, backend=self.backend)
         sinks = attn.sinks if spec.attention_sinks else None
         if b.is_decode:
@@ -445,6 +461,12 @@ class LlamaModel(LayerwiseDecoder):
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)
             m = mod.mlp(cast(RMSNorm, mod.pre_feedforward_layernorm)(h))
             state.hidden = h + cast(RMSNorm, mod.post_feedforward_layernorm)(m)
+        elif spec.post_norms:  # OLMo 2 and 3: norms on each block's output
+            h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)
+            state.hidden = h + cast(RMSNorm, mod.post_feedforward_layernorm)(mod.mlp(h))
+        elif self.residual_scale is not None:  # Granite
+            h = state.hidden + a * self.residual_scale
+            state.hidden = h + mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(h)) * self.residual_scale
         else:
             h = state.hidden + a
             state.hidden = h + mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(h))

@@ -33,6 +33,15 @@ logit per query head in each softmax's denominator (:attr:`ModelSpec.attention_s
 full layers (``layer_types``; GptOssConfig's defaults: even layers slide over 128 tokens), YaRN RoPE (base
 150,000, factor 32 over 4,096 positions, ``truncate: false``), a biased router softmaxing its top-k logits and
 packed experts with a clamped SwiGLU (``swiglu_limit``, ``swiglu_alpha``; :mod:`dualpath.model.gpt_oss`).
+Five more dense families: ``MinistralForCausalLM`` (``ministral``: Mistral's attention, sliding and full
+layers as ``layer_types`` says, every layer sliding over 4,096 tokens by default), ``Olmo2ForCausalLM``
+(``olmo2``: no norm on a block's input, ``post_attention_layernorm`` and ``post_feedforward_layernorm`` on its outputs, RMSNorms over the whole q and k projections, norms scaled in
+fp32), ``Olmo3ForCausalLM`` (``olmo3``: OLMo 2 with three sliding layers of four by default and their own plain
+RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), ``SmolLM3ForCausalLM``
+(``smollm3``: no RoPE in the layers ``no_rope_layers`` marks 0, by default every fourth; with
+``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
+embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
+``residual_multiplier``, logits divided by ``logits_scaling``).
 
 A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
 attends to the keys at ``p - window + 1 .. p`` (``sliding_window``; the KV of every position is still kept, so a
@@ -71,11 +80,18 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "GptOssForCausalLM": "gpt_oss",
+    "Olmo2ForCausalLM": "olmo2",
+    "Olmo3ForCausalLM": "olmo3",
+    "SmolLM3ForCausalLM": "smollm3",
+    "GraniteForCausalLM": "granite",
+    "MinistralForCausalLM": "ministral",
 }
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
             "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-            "gemma3": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+            "gemma3": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM", "olmo2": "Olmo2ForCausalLM",
+            "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
+            "ministral": "MinistralForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
@@ -84,6 +100,12 @@ MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss")
 #: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
 _GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
+#: Granite's scalings (GraniteConfig): embeddings times ``embedding_multiplier``, attention scores times
+#: ``attention_multiplier`` (instead of ``head_dim ** -0.5``), each block's output times ``residual_multiplier``,
+#: logits divided by ``logits_scaling``
+_GRANITE_FIELDS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
+#: OLMo 2 and 3: RMSNorms over the whole q / k projections, and norms on each block's output instead of its input
+_OLMO_ARCHS = ("olmo2", "olmo3")
 _MOE_FIELDS = ("n_experts", "n_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -146,6 +168,12 @@ class ModelSpec(_SpecCommon):
     # gpt-oss's experts: gate clamped above at swiglu_limit, up clamped to +-limit, glu = gate * sigmoid(alpha * gate)
     swiglu_limit: float | None = None
     swiglu_alpha: float | None = None
+    nope_layers: tuple[int, ...] = ()  # smollm3: layers whose queries and keys get no RoPE
+    # granite: see _GRANITE_FIELDS (None: off)
+    embedding_multiplier: float | None = None
+    attention_multiplier: float | None = None
+    residual_multiplier: float | None = None
+    logits_scaling: float | None = None
     weights_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -195,9 +223,20 @@ class ModelSpec(_SpecCommon):
                 raise ModelError(f"model config: {name} must be a positive number or null, got {value!r}")
         if self.architecture in ("gemma2", "gemma3") and self.query_pre_attn_scalar is None:
             raise ModelError(f"model config: {self.architecture} needs query_pre_attn_scalar")
-        if self.rope_local_theta is not None and (self.architecture != "gemma3" or not self.rope_local_theta > 0):
-            raise ModelError(f"model config: rope_local_theta is a positive base of gemma3's sliding layers, got "
-                             f"{self.rope_local_theta} for {self.architecture}")
+        if self.rope_local_theta is not None and (self.architecture not in ("gemma3", "olmo3")
+                                                  or not self.rope_local_theta > 0):
+            raise ModelError(f"model config: rope_local_theta is a positive base of gemma3's / olmo3's sliding layers, "
+                             f"got {self.rope_local_theta} for {self.architecture}")
+        for name in _GRANITE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and self.architecture != "granite":
+                raise ModelError(f"model config: {name} is granite's, got {value} for {self.architecture}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
+        nope = tuple(sorted({int(x) for x in self.nope_layers}))
+        if nope and (self.architecture != "smollm3" or any(not 0 <= x < self.n_layers for x in nope)):
+            raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 layers of 0..{self.n_layers - 1}")
+        object.__setattr__(self, "nope_layers", nope)
         for name in _GPT_OSS_FIELDS:
             value = getattr(self, name)
             if (value is None) != (self.architecture != "gpt_oss"):
@@ -219,7 +258,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: full_attention_layers {list(full)} must be layers of 0..{self.n_layers - 1}")
         if full and w is None:
             raise ModelError("model config: full_attention_layers without a sliding_window")
-        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe"):
+        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe", "olmo2", "granite"):
             raise ModelError(f"model config: {self.architecture} slides every layer or none (full_attention_layers "
                              f"{list(full)})")
         if len(full) == self.n_layers:  # no layer slides
@@ -272,11 +311,28 @@ class ModelSpec(_SpecCommon):
         return self.architecture in ("qwen3", "qwen3_moe", "gemma3")
 
     @property
+    def qk_norm_full(self) -> bool:
+        """OLMo 2 and 3: an RMSNorm over the whole query and key projections (all heads at once, before RoPE)."""
+        return self.architecture in _OLMO_ARCHS
+
+    @property
+    def post_norms(self) -> bool:
+        """OLMo 2 and 3: no norm on a block's input; ``post_attention_layernorm`` on the attention's output and
+        ``post_feedforward_layernorm`` on the MLP's, before each is added to the residual."""
+        return self.architecture in _OLMO_ARCHS
+
+    @property
+    def fp32_norm_scale(self) -> bool:
+        """gpt-oss, OLMo 2 and 3: RMSNorm multiplies by its weight in fp32, then rounds (transformers' norms there)."""
+        return self.architecture in ("gpt_oss", *_OLMO_ARCHS)
+
+    @property
     def o_bias(self) -> bool:
         """Whether ``o_proj`` has a bias: transformers' Llama, Qwen3, Qwen3-MoE and Gemma give it one with
         ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do."""
         return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2",
-                                                             "gemma3", "gpt_oss")
+                                                             "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
+                                                             "granite")
 
     @property
     def attention_sinks(self) -> bool:
@@ -302,7 +358,10 @@ class ModelSpec(_SpecCommon):
 
     @property
     def attn_scale(self) -> float:
-        """The attention score scale: ``query_pre_attn_scalar ** -0.5`` (Gemma 2), else ``head_dim ** -0.5``."""
+        """The attention score scale: ``attention_multiplier`` (Granite), ``query_pre_attn_scalar ** -0.5``
+        (Gemma 2), else ``head_dim ** -0.5``."""
+        if self.attention_multiplier is not None:
+            return float(self.attention_multiplier)
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
@@ -336,11 +395,17 @@ class ModelSpec(_SpecCommon):
             d.pop("full_attention_layers")
         else:
             d["full_attention_layers"] = list(self.full_attention_layers)
-        for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS):  # and Gemma 2 and gpt-oss support
+        for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS):  # and Gemma 2, gpt-oss, Granite
             if d[key] is None:
                 d.pop(key)
+        # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
+        # [] since Gemma 2 support; kept, as it is part of every stored fingerprint)
         else:
             d["mlp_only_layers"] = list(self.mlp_only_layers)
+        if not self.nope_layers:  # and before SmolLM3
+            d.pop("nope_layers")
+        else:
+            d["nope_layers"] = list(self.nope_layers)
         return d
 
     def fingerprint(self) -> str:
@@ -370,8 +435,30 @@ class ModelSpec(_SpecCommon):
             "hidden_act": "silu",
             "torch_dtype": self.dtype,
         }
-        if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3"):
+        if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
+                                 "smollm3", "granite"):
             cfg["attention_bias"] = self.attention_bias
+        if self.architecture == "olmo3":
+            cfg["rope_parameters"] = {
+                "full_attention": {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta},
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": self.rope_local_theta or self.rope_theta}}
+            del cfg["rope_theta"], cfg["rope_scaling"]
+            cfg.update(sliding_window=self.sliding_window or self.max_position,
+                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
+                                    for i in range(self.n_layers)])
+        if self.architecture == "smollm3":
+            # (SmolLM3Config's default pad_token_id, 128004, is its embedding's padding_idx: out of a smaller vocab)
+            cfg.update(no_rope_layers=[int(i not in self.nope_layers) for i in range(self.n_layers)],
+                       use_sliding_window=self.sliding_window is not None, mlp_bias=False, pad_token_id=None,
+                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
+                                    for i in range(self.n_layers)])
+        if self.architecture == "granite":
+            cfg.update({key: getattr(self, key) for key in _GRANITE_FIELDS}, mlp_bias=False)
+        if self.architecture == "ministral":
+            cfg.update(sliding_window=self.sliding_window,
+                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
+                                    for i in range(self.n_layers)])
         if self.architecture == "gemma3":
             cfg["model_type"] = "gemma3_text"
             cfg["rope_parameters"] = {
@@ -446,14 +533,15 @@ class ModelSpec(_SpecCommon):
                 arch = ARCHITECTURES[a]
                 break
         if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
-                                           "gemma3_text", *ALL_MOE_ARCHS):
+                                           "gemma3_text", "olmo2", "olmo3", "smollm3", "granite", "ministral",
+                                           *ALL_MOE_ARCHS):
             arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
             raise ModelError(
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
-                "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, deepseek_v2, "
-                "deepseek_v3, deepseek_v32)"
+                "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
+                "granite, ministral, deepseek_v2, deepseek_v3, deepseek_v32)"
             )
 
         def need(key: str) -> Any:
@@ -483,8 +571,11 @@ class ModelSpec(_SpecCommon):
         rope_local: float | None = None
         if arch == "gemma3":
             rope_theta, rope_scaling, rope_local = _gemma3_rope(cfg, where)
+        elif arch == "olmo3":
+            rope_theta, rope_scaling, rope_local = _olmo3_rope(cfg, where)
         else:
-            rope_theta, rope_scaling = parse_rope(cfg, where)
+            rope_theta, rope_scaling = parse_rope({**cfg, "rope_theta": cfg.get("rope_theta", _ROPE_THETA.get(arch))},
+                                                  where)
         partial = 1.0
         if arch == "phi3":
             partial = _phi3_rope(cfg, where, rope_scaling)
@@ -496,7 +587,7 @@ class ModelSpec(_SpecCommon):
         bias = bool(cfg.get("attention_bias", default_bias)) or arch == "qwen2"
         if arch == "qwen2_moe":  # Qwen2-MoE names its q/k/v bias qkv_bias (on unless the config says otherwise)
             bias = bool(cfg.get("qkv_bias", True))
-        elif arch in ("mixtral", "phi3"):  # Mixtral's and Phi-3's projections have no biases
+        elif arch in ("mixtral", "phi3", "ministral"):  # Mixtral's, Phi-3's and Ministral's projections have no biases
             bias = False
         moe = _moe_fields(arch, cfg, where, need)
         return cls(
@@ -508,11 +599,11 @@ class ModelSpec(_SpecCommon):
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "gpt_oss") else 1e-6)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "gpt_oss", "olmo2", "olmo3") else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position=int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma", "gemma2", "gemma3"))),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma", "gemma2", "gemma3", "smollm3"))),
             attention_bias=bias,
             dtype=dtype,
             bos_token_id=cfg.get("bos_token_id"),
@@ -524,10 +615,15 @@ class ModelSpec(_SpecCommon):
             **moe,
             **_gemma2_fields(arch, cfg),
             **_gpt_oss_fields(arch, cfg, where),
+            **_granite_fields(arch, cfg, where),
+            nope_layers=_nope_layers(arch, cfg, where),
         )
 
 
-_MAX_POSITION = {"phi3": 4096, "gemma": 8192, "gemma2": 8192, "gemma3": 131072, "gpt_oss": 131072}  # config classes' defaults
+_MAX_POSITION = {"phi3": 4096, "gemma": 8192, "gemma2": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
+                 "ministral": 131072}
+#: the config classes' RoPE base where it is not 10,000 (a config that names none)
+_ROPE_THETA = {"smollm3": 2_000_000.0}  # config classes' defaults
 _KV_HEADS = {"gemma": 16, "gemma2": 4, "gemma3": 4}
 #: Gemma2Config's defaults (a key present as null turns a soft cap off)
 _GEMMA2_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
@@ -566,6 +662,66 @@ def _gpt_oss_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
         if isinstance(n, int) and not isinstance(n, bool):
             out["layer_types"] = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
     return out
+
+
+def _granite_fields(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    if arch != "granite":
+        return {}
+    out: dict[str, Any] = {}
+    for key in _GRANITE_FIELDS:
+        value = cfg.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ModelError(f"{where}: {key} must be a positive number, got {value!r}")
+        out[key] = float(value)
+    return out
+
+
+def _smollm3_has_rope(cfg: dict[str, Any], where: str) -> list[int]:
+    """SmolLM3's ``no_rope_layers`` (1: the layer uses RoPE, 0: it does not), or SmolLM3Config's default: every
+    ``no_rope_layer_interval``-th layer (4th) without."""
+    n = cfg.get("num_hidden_layers")
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = cfg.get("no_rope_layer_interval", 4)
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
+            raise ModelError(f"{where}: no_rope_layer_interval must be a positive integer, got {interval!r}")
+        flags = [int((i + 1) % interval != 0) for i in range(int(n or 0))]
+    if (not isinstance(flags, list) or len(flags) != n
+            or any(isinstance(f, bool) or f not in (0, 1) for f in flags)):
+        raise ModelError(f"{where}: no_rope_layers must list 1 (RoPE) or 0 (none) for each of the {n} layers, got "
+                         f"{flags!r}")
+    return [int(f) for f in flags]
+
+
+def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
+    if arch != "smollm3":
+        return ()
+    return tuple(i for i, f in enumerate(_smollm3_has_rope(cfg, where)) if not f)
+
+
+def _olmo3_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None, float]:
+    """OLMo 3's two RoPEs as Olmo3Config (transformers 5) reads them: ``rope_parameters`` per layer type, or the
+    legacy ``rope_theta`` and ``rope_scaling`` for the full layers; the sliding layers' base is 500,000 unless
+    ``rope_parameters.sliding_attention`` names one, and their RoPE is plain."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+    else:
+        full = {**(cfg.get("rope_scaling") or {}), "rope_theta": cfg.get("rope_theta", 500000.0)}
+        local = {}
+    if not isinstance(full, dict) or not isinstance(local, dict):
+        raise ModelError(f"{where}: rope_parameters must map each layer type to an object")
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ModelError(f"{where}: rope_parameters.sliding_attention: only 'default' RoPE is supported for olmo3's "
+                         f"sliding layers, got {local!r}")
+    full.setdefault("rope_theta", 500000.0)
+    theta, scaling = parse_rope({**cfg, "rope_parameters": full, "rope_scaling": None},
+                                f"{where}: rope_parameters.full_attention")
+    local_theta = local.get("rope_theta", 500000.0)
+    if isinstance(local_theta, bool) or not isinstance(local_theta, (int, float)) or not local_theta > 0:
+        raise ModelError(f"{where}: the sliding layers' rope_theta must be a positive number, got {local_theta!r}")
+    return theta, scaling, float(local_theta)
 
 
 def _gpt_oss_fields(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -640,6 +796,25 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         return None, ()
     if arch == "gpt_oss" and cfg.get("sliding_window") is None:  # its sliding layers then attend fully
         return None, ()
+    if arch in ("olmo2", "granite"):  # no window in these families
+        return None, ()
+    if arch == "smollm3":  # sliding only with use_sliding_window, by default on the layers without RoPE
+        if not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
+            return None, ()
+        if cfg.get("layer_types") is None:
+            cfg = {**cfg, "layer_types": ["full_attention" if f else "sliding_attention"
+                                          for f in _smollm3_has_rope(cfg, where)]}
+    if arch == "ministral":  # MinistralConfig: a 4,096-token window, every layer sliding unless layer_types says
+        cfg = {"sliding_window": 4096, **cfg}
+        if cfg["sliding_window"] is None:
+            return None, ()
+        if cfg.get("layer_types") is None:
+            cfg = {**cfg, "layer_types": ["sliding_attention"] * int(n_layers or 0)}
+    if arch == "olmo3" and cfg.get("layer_types") is None:  # Olmo3Config: every 4th layer full
+        cfg = {**cfg, "layer_types": ["sliding_attention" if (i + 1) % 4 else "full_attention"
+                                      for i in range(int(n_layers or 0))]}
+    if arch == "olmo3" and "sliding_window" not in cfg:
+        cfg = {**cfg, "sliding_window": 4096}
     types = cfg.get("layer_types")
     if types is None:
         n = int(n_layers or 0)

@@ -1,0 +1,155 @@
+"""OLMo 2, OLMo 3, SmolLM3, Ministral and Granite against transformers on the same random weights, saved by transformers' own
+``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
+sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
+
+What each family adds to the Llama path: OLMo 2 norms each block's output instead of its input and normalises the
+whole q / k projections (fp32-scaled norms); OLMo 3 adds sliding layers (three of four) with their own RoPE base;
+SmolLM3 leaves RoPE out of every fourth layer (NoPE), optionally sliding there; Ministral is Mistral with sliding
+and full layers as ``layer_types`` says; Granite scales embeddings, scores,
+residual branches and logits."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytest
+import torch
+from hf_random import Checkpoints, check_batched_against_hf, hf_logits
+from test_deepseek import paged_turns
+
+from dualpath.errors import ModelError
+from dualpath.model import KVPool, ModelSpec, SeqBatch
+from dualpath.model.config import LlamaModelConfig
+from dualpath.model.loader import build_model, load_model, save_pretrained
+from dualpath.model.spec import load_spec
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+BASE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "num_hidden_layers": 4}
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(BASE, attention_bias=True, rope_theta=5000.0)),
+    # layers 0-2 slide over 5 tokens with base 10,000; layer 3 attends fully with YaRN x2 over base 500,000
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
+              dict(BASE, sliding_window=5, rope_parameters={
+                  "full_attention": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 500000.0,
+                                     "original_max_position_embeddings": 128},
+                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    # layer 3 has no RoPE and slides over 5 tokens; q/k/v/o biases; tied embeddings (SmolLM3Config's default)
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                dict(BASE, use_sliding_window=True, sliding_window=5, attention_bias=True, pad_token_id=None,
+                     bos_token_id=None, eos_token_id=None)),
+    # layers 0 and 2 slide over 5 tokens, 1 and 3 attend fully
+    "ministral": ("MinistralConfig", "MinistralForCausalLM",
+                  dict(BASE, sliding_window=5, head_dim=16, layer_types=["sliding_attention", "full_attention"] * 2)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                dict(BASE, embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.6,
+                     logits_scaling=2.5, attention_bias=True)),
+}
+
+_CKPTS = Checkpoints(FAMILIES)
+ckpt = _CKPTS.fixture()
+
+
+def _load(d, backend: Literal["auto", "torch", "triton"] = "torch",
+          dtype: Literal["float32", "bfloat16", "float16"] = "float32"):
+    return load_model(LlamaModelConfig(path=str(d), attention_backend=backend, dtype=dtype), with_tokenizer=False)[0]
+
+
+def _turns(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
+
+
+def test_fp32_multi_turn_logits_and_greedy(ckpt):
+    """Three turns (prefill chunks over a paged prefix, then greedy decode steps): logits at every step and the ids
+    equal transformers' with its own cache."""
+    _, d, hf = ckpt
+    ours, ref, ids, ref_ids = paged_turns(_load(d), hf, _turns(), 7, 4)
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    assert len(ids) >= 20 and ids == ref_ids
+
+
+def test_batched_sequences_and_decode_equal_transformers(ckpt):
+    _, d, hf = ckpt
+    check_batched_against_hf(_load(d), hf, [_turns(1)[0] + _turns(1)[2], _turns(2)[1]])
+
+
+def test_triton_backend_equals_transformers(ckpt):
+    """The Triton kernels (interpreted on CPU) over the same turns: NoPE, windows and Granite's score scale reach
+    them as the torch backend sees them."""
+    _, d, hf = ckpt
+    seq = sum(_turns(3), [])
+    model = _load(d, "triton")
+    pool = KVPool(model.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    table = pool.allocate(16)
+    got = torch.cat([model(SeqBatch.build([seq[:13]], [0], [table], 4), pool.layers, all_positions=True),
+                     model(SeqBatch.build([seq[13:]], [13], [table], 4), pool.layers, all_positions=True)])
+    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+
+
+def test_spec_follows_transformers(ckpt):
+    family, d, hf = ckpt
+    spec = load_spec(d)
+    assert isinstance(spec, ModelSpec) and spec.architecture == family
+    types = getattr(hf.config, "layer_types", None) or ["full_attention"] * spec.n_layers
+    window = getattr(hf.config, "sliding_window", None)
+    want = [window if t == "sliding_attention" and (family != "smollm3" or hf.config.use_sliding_window) else None
+            for t in types]
+    assert [spec.layer_window(i) for i in range(spec.n_layers)] == want
+    assert spec.tie_embeddings == bool(hf.config.tie_word_embeddings)
+    if family == "smollm3":
+        assert list(spec.nope_layers) == [i for i, f in enumerate(hf.config.no_rope_layers) if not f] == [3]
+    if family == "olmo3":
+        assert want == [5, 5, 5, None] and spec.rope_local_theta == 10000.0 and spec.rope_type == "yarn"
+    if family == "granite":
+        assert spec.attn_scale == 0.3 and spec.logits_scaling == 2.5
+    assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
+
+
+def test_bf16_teacher_forced_logits(ckpt):
+    family, d, _ = ckpt
+    ours = _load(d, dtype="bfloat16")
+    hf = getattr(transformers, FAMILIES[family][1]).from_pretrained(str(d), dtype=torch.bfloat16).eval()
+    seq = sum(_turns(5), [])
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=8, block_tokens=4)
+    table = pool.allocate(8)
+    rows = [ours(SeqBatch.build([seq[:11]], [0], [table], 4), pool.layers, all_positions=True)]
+    for p in range(11, len(seq)):
+        rows.append(ours.decode_step(torch.tensor([seq[p]]), torch.tensor([p]), torch.tensor([table], dtype=torch.int32),
+                                     pool.layers))
+    got = torch.cat(rows)
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0].float()
+    assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
+    cfg_cls, model_cls, kw = FAMILIES[family]
+    hf_cfg = getattr(transformers, cfg_cls)(**kw).to_dict()
+    ours = build_model(ModelSpec.from_hf_config(hf_cfg), None, seed=3, backend="torch")
+    save_pretrained(ours, tmp_path)
+    hf, info = getattr(transformers, model_cls).from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    seq = sum(_turns(7), [])
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type,key,value,needle", [
+    ("granite", "logits_scaling", 0, "logits_scaling"),
+    ("granite", "residual_multiplier", "x", "residual_multiplier"),
+    ("granite", "mlp_bias", True, "mlp_bias"),
+    ("smollm3", "no_rope_layers", [1, 0], "no_rope_layers"),
+    ("smollm3", "no_rope_layer_interval", 0, "no_rope_layer_interval"),
+    ("olmo3", "rope_parameters", {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}, "sliding_attention"),
+    ("olmo3", "layer_types", ["sliding_attention"], "layer_types"),
+])
+def test_bad_configs_name_the_key(model_type, key, value, needle):
+    cfg = dict(BASE, model_type=model_type, **{key: value})
+    with pytest.raises(ModelError, match=needle):
+        ModelSpec.from_hf_config(cfg)

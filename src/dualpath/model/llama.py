@@ -1,5 +1,6 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, Gemma 3, OLMo 2, OLMo 3, SmolLM3, Granite,
-and the MoE relatives Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss) with a layer-wise forward over paged KV.
+"""A Llama-family decoder (Llama, Mistral, Ministral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, Gemma 3, OLMo 2, OLMo 3, SmolLM3,
+Granite, and the MoE relatives Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss and GLM-4.5) with a layer-wise forward over
+paged KV.
 
 Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...), so a transformers
 state dict loads as is. The MoE blocks use Qwen-MoE's names for every family (``mlp.gate``,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, cast
 
 import torch
@@ -259,11 +261,26 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module
         if spec.architecture == "gpt_oss":
             self.mlp = GptOssMoE(spec)
+        elif spec.architecture == "glm4_moe" and spec.is_moe_layer(layer):
+            from dualpath.model.deepseek import MoE  # (deepseek imports this module)
+
+            self.mlp = MoE(_glm_routing(spec))  # type: ignore[arg-type]
         else:
             self.mlp = SparseMoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
         if spec.sandwich_norms:  # Gemma 2
             self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, True)
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, True)
+
+
+def _glm_routing(spec: ModelSpec) -> SimpleNamespace:
+    """GLM-4.5's MoE block is DeepSeek-V3's (sigmoid router with a correction bias and groups, routed experts,
+    shared experts): the fields :class:`dualpath.model.deepseek.MoE` reads, from a ``glm4_moe`` spec."""
+    return SimpleNamespace(
+        n_routed_experts=spec.n_experts, hidden_size=spec.hidden_size, topk_method="noaux_tc",
+        num_experts_per_tok=spec.n_experts_per_tok, n_group=spec.n_group, topk_group=spec.topk_group,
+        norm_topk_prob=spec.norm_topk_prob, routed_scaling_factor=spec.routed_scaling_factor,
+        moe_intermediate_size=spec.moe_intermediate_size,
+        n_shared_experts=spec.shared_expert_intermediate_size // spec.moe_intermediate_size)
 
 
 class Backbone(nn.Module):

@@ -505,10 +505,15 @@ def _split_packed_experts(name: str, t: torch.Tensor, out: dict[str, torch.Tenso
 
 def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
                 source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint tensors in this model's names: Mixtral's ``block_sparse_moe``
-    and ``w1/w3/w2`` renamed to ``mlp`` and ``gate_proj/up_proj/down_proj``, transformers' packed experts split."""
+    """Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5 checkpoint tensors in this model's names: Mixtral's
+    ``block_sparse_moe`` and ``w1/w3/w2`` renamed to ``mlp`` and ``gate_proj/up_proj/down_proj``, transformers'
+    packed experts split, GLM-4.5's multi-token-prediction layers dropped."""
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
+        parts = name.split(".")
+        if (spec.architecture == "glm4_moe" and len(parts) > 2 and parts[:2] == ["model", "layers"]
+                and parts[2].isdigit() and int(parts[2]) >= spec.n_layers):
+            continue  # GLM-4.5's multi-token-prediction layers (num_nextn_predict_layers): not a decoder layer
         if spec.architecture == "mixtral" and ".block_sparse_moe." in name:
             name = name.replace(".block_sparse_moe.", ".mlp.")
             parts = name.split(".")

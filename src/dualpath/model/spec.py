@@ -33,6 +33,12 @@ logit per query head in each softmax's denominator (:attr:`ModelSpec.attention_s
 full layers (``layer_types``; GptOssConfig's defaults: even layers slide over 128 tokens), YaRN RoPE (base
 150,000, factor 32 over 4,096 positions, ``truncate: false``), a biased router softmaxing its top-k logits and
 packed experts with a clamped SwiGLU (``swiglu_limit``, ``swiglu_alpha``; :mod:`dualpath.model.gpt_oss`).
+``Glm4MoeForCausalLM`` (``glm4_moe``: GLM-4.5 / 4.6) has grouped-query attention with q/k/v biases (none on
+``o_proj``), RoPE on ``partial_rotary_factor`` (0.5) of each head, optional per-head q/k RMSNorms
+(``use_qk_norm``), ``first_k_dense_replace`` dense layers, then DeepSeek-V3's MoE: sigmoid scores with a
+correction bias choosing the top ``num_experts_per_tok`` within the best ``topk_group`` of ``n_group`` groups,
+renormalized (``norm_topk_prob``) and scaled by ``routed_scaling_factor``, plus ``n_shared_experts`` shared
+experts; its multi-token-prediction layers are not decoder layers and are left out at load.
 Five more dense families: ``MinistralForCausalLM`` (``ministral``: Mistral's attention, sliding and full
 layers as ``layer_types`` says, every layer sliding over 4,096 tokens by default), ``Olmo2ForCausalLM``
 (``olmo2``: no norm on a block's input, ``post_attention_layernorm`` and ``post_feedforward_layernorm`` on its outputs, RMSNorms over the whole q and k projections, norms scaled in
@@ -85,19 +91,22 @@ ARCHITECTURES: dict[str, str] = {
     "SmolLM3ForCausalLM": "smollm3",
     "GraniteForCausalLM": "granite",
     "MinistralForCausalLM": "ministral",
+    "Glm4MoeForCausalLM": "glm4_moe",
 }
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
             "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
             "gemma3": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM", "olmo2": "Olmo2ForCausalLM",
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
-            "ministral": "MinistralForCausalLM"}
+            "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
-ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss")
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe")
+#: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
+_GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
 #: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
 _GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
 #: Granite's scalings (GraniteConfig): embeddings times ``embedding_multiplier``, attention scores times
@@ -168,6 +177,11 @@ class ModelSpec(_SpecCommon):
     # gpt-oss's experts: gate clamped above at swiglu_limit, up clamped to +-limit, glu = gate * sigmoid(alpha * gate)
     swiglu_limit: float | None = None
     swiglu_alpha: float | None = None
+    # glm4_moe: DeepSeek-V3's router over n_group groups, the best topk_group of them, weights times the factor
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float | None = None
+    use_qk_norm: bool | None = None  # glm4_moe: per-head q/k RMSNorms (before RoPE) when true
     nope_layers: tuple[int, ...] = ()  # smollm3: layers whose queries and keys get no RoPE
     # granite: see _GRANITE_FIELDS (None: off)
     embedding_multiplier: float | None = None
@@ -201,8 +215,8 @@ class ModelSpec(_SpecCommon):
                     raise ModelError(f"model config: llama3 rope_scaling is missing {key!r}")
         object.__setattr__(self, "mlp_only_layers", tuple(int(x) for x in self.mlp_only_layers))
         if self.partial_rotary_factor != 1.0:
-            if self.architecture != "phi3":
-                raise ModelError(f"model config: partial_rotary_factor is only supported for phi3, got "
+            if self.architecture not in ("phi3", "glm4_moe"):
+                raise ModelError(f"model config: partial_rotary_factor is only supported for phi3 and glm4_moe, got "
                                  f"{self.partial_rotary_factor} for {self.architecture}")
             rot = self.rotary_dim
             if not 0 < self.partial_rotary_factor <= 1 or rot <= 0 or rot % 2:
@@ -244,6 +258,10 @@ class ModelSpec(_SpecCommon):
                                  f"{self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
+        for name in (*_GROUP_ROUTER_FIELDS, "use_qk_norm"):
+            if (getattr(self, name) is None) != (self.architecture != "glm4_moe"):
+                raise ModelError(f"model config: {name} is glm4_moe's and required there, got "
+                                 f"{getattr(self, name)!r} for {self.architecture}")
         if self.architecture in ALL_MOE_ARCHS:
             self._check_moe()
         elif self.n_experts:
@@ -290,9 +308,26 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size == 0:
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
-        if self.architecture != "qwen2_moe" and self.shared_expert_intermediate_size:
+        if self.architecture not in ("qwen2_moe", "glm4_moe") and self.shared_expert_intermediate_size:
             raise ModelError(f"model config: {self.architecture} has no shared expert "
                              f"(shared_expert_intermediate_size {self.shared_expert_intermediate_size})")
+        if self.architecture == "glm4_moe":
+            assert self.n_group is not None and self.topk_group is not None
+            if self.mlp_only_layers != tuple(range(len(self.mlp_only_layers))):
+                raise ModelError(f"model config: glm4_moe's dense layers are its first first_k_dense_replace ones, "
+                                 f"got {list(self.mlp_only_layers)}")
+            if self.n_group <= 0 or self.n_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
+                raise ModelError(f"model config: n_group ({self.n_group}) must divide the {self.n_experts} experts and "
+                                 f"topk_group ({self.topk_group}) be in [1, n_group]")
+            if self.n_experts_per_tok > self.topk_group * (self.n_experts // self.n_group):
+                raise ModelError(f"model config: num_experts_per_tok ({self.n_experts_per_tok}) exceeds the experts of "
+                                 f"topk_group ({self.topk_group}) groups")
+            if self.n_experts // self.n_group < 2:
+                raise ModelError("model config: each expert group needs at least 2 experts (groups are ranked by "
+                                 "their two best scores)")
+            if self.shared_expert_intermediate_size % self.moe_intermediate_size:
+                raise ModelError("model config: glm4_moe's shared experts are n_shared_experts x "
+                                 "moe_intermediate_size wide")
         if self.architecture == "gpt_oss" and (not self.norm_topk_prob or self.decoder_sparse_step != 1
                                                or self.mlp_only_layers):
             raise ModelError("model config: gpt_oss routes every layer (softmax over its top-k logits)")
@@ -308,7 +343,7 @@ class ModelSpec(_SpecCommon):
     @property
     def qk_norm(self) -> bool:
         """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
-        return self.architecture in ("qwen3", "qwen3_moe", "gemma3")
+        return self.architecture in ("qwen3", "qwen3_moe", "gemma3") or bool(self.use_qk_norm)
 
     @property
     def qk_norm_full(self) -> bool:
@@ -395,7 +430,7 @@ class ModelSpec(_SpecCommon):
             d.pop("full_attention_layers")
         else:
             d["full_attention_layers"] = list(self.full_attention_layers)
-        for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS):  # and Gemma 2, gpt-oss, Granite
+        for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -455,6 +490,15 @@ class ModelSpec(_SpecCommon):
                                     for i in range(self.n_layers)])
         if self.architecture == "granite":
             cfg.update({key: getattr(self, key) for key in _GRANITE_FIELDS}, mlp_bias=False)
+        if self.architecture == "glm4_moe":
+            dense = len(self.mlp_only_layers)
+            cfg.update(attention_bias=self.attention_bias, n_routed_experts=self.n_experts,
+                       num_experts_per_tok=self.n_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
+                       n_shared_experts=self.shared_expert_intermediate_size // self.moe_intermediate_size,
+                       norm_topk_prob=self.norm_topk_prob, first_k_dense_replace=dense, n_group=self.n_group,
+                       topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
+                       use_qk_norm=bool(self.use_qk_norm), partial_rotary_factor=self.partial_rotary_factor,
+                       num_nextn_predict_layers=0, num_mtp_layers=0)
         if self.architecture == "ministral":
             cfg.update(sliding_window=self.sliding_window,
                        layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
@@ -534,14 +578,14 @@ class ModelSpec(_SpecCommon):
                 break
         if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
                                            "gemma3_text", "olmo2", "olmo3", "smollm3", "granite", "ministral",
-                                           *ALL_MOE_ARCHS):
+                                           *ALL_MOE_ARCHS):  # (glm4_moe among them)
             arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
             raise ModelError(
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
-                "granite, ministral, deepseek_v2, deepseek_v3, deepseek_v32)"
+                "granite, ministral, glm4_moe, deepseek_v2, deepseek_v3, deepseek_v32)"
             )
 
         def need(key: str) -> Any:
@@ -579,6 +623,8 @@ class ModelSpec(_SpecCommon):
         partial = 1.0
         if arch == "phi3":
             partial = _phi3_rope(cfg, where, rope_scaling)
+        elif arch == "glm4_moe":  # Glm4MoeConfig's default: RoPE on half of each head
+            partial = _partial_rotary(cfg, where, 0.5)
         if dtype is None:
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
@@ -599,7 +645,8 @@ class ModelSpec(_SpecCommon):
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "gpt_oss", "olmo2", "olmo3") else 1e-6)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "gpt_oss", "olmo2", "olmo3", "glm4_moe")
+                                  else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position=int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
@@ -621,7 +668,7 @@ class ModelSpec(_SpecCommon):
 
 
 _MAX_POSITION = {"phi3": 4096, "gemma": 8192, "gemma2": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
-                 "ministral": 131072}
+                 "ministral": 131072, "glm4_moe": 131072}
 #: the config classes' RoPE base where it is not 10,000 (a config that names none)
 _ROPE_THETA = {"smollm3": 2_000_000.0}  # config classes' defaults
 _KV_HEADS = {"gemma": 16, "gemma2": 4, "gemma3": 4}
@@ -866,7 +913,15 @@ def _phi3_rope(cfg: dict[str, Any], where: str, rope_scaling: dict[str, Any] | N
         key = "rope_scaling" if isinstance(cfg.get("rope_scaling"), dict) else "rope_parameters"
         raise ModelError(f"{where}: {key} type {rope_scaling.get('rope_type')!r} unsupported for phi3 (only "
                          "'default'; longrope/su switch between short and long factors by sequence length)")
-    partial: Any = cfg.get("partial_rotary_factor", 1.0)
+    return _partial_rotary(cfg, where, 1.0)
+
+
+def _partial_rotary(cfg: dict[str, Any], where: str, default: float) -> float:
+    """``partial_rotary_factor`` where transformers finds it: in the RoPE parameters (``rope_scaling`` when set,
+    else ``rope_parameters``), else at the top level, else ``default`` (the config class's)."""
+    partial: Any = cfg.get("partial_rotary_factor")
+    if partial is None:
+        partial = default
     for key in ("rope_scaling", "rope_parameters"):
         params = cfg.get(key)
         if isinstance(params, dict) and params:
@@ -888,6 +943,24 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
             raise ModelError(f"{where}: {key} must be an integer, got {value!r}")
         return value
 
+    if arch == "glm4_moe":  # DeepSeek-V3's router and shared experts; the first first_k_dense_replace layers dense
+        n_routed = as_int("n_routed_experts", cfg.get("n_routed_experts", cfg.get("num_local_experts", 128)))
+        inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 1408))
+        first_dense = as_int("first_k_dense_replace", cfg.get("first_k_dense_replace", 1))
+        if cfg.get("topk_method", "noaux_tc") != "noaux_tc" or cfg.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ModelError(f"{where}: glm4_moe routes by sigmoid scores with a correction bias (noaux_tc)")
+        factor = cfg.get("routed_scaling_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ModelError(f"{where}: routed_scaling_factor must be a positive number, got {factor!r}")
+        return {"n_experts": n_routed,
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
+                "moe_intermediate_size": inter,
+                "shared_expert_intermediate_size": inter * as_int("n_shared_experts", cfg.get("n_shared_experts", 1)),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", True)),
+                "mlp_only_layers": tuple(range(min(first_dense, int(need("num_hidden_layers"))))),
+                "n_group": as_int("n_group", cfg.get("n_group", 1)),
+                "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
+                "routed_scaling_factor": float(factor), "use_qk_norm": bool(cfg.get("use_qk_norm", False))}
     if arch == "gpt_oss":  # GptOssConfig maps num_experts to num_local_experts; experts are intermediate_size wide
         key = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
         return {"n_experts": as_int(key, cfg.get(key, 128)),

@@ -1,9 +1,11 @@
-"""OLMo 2, OLMo 3, SmolLM3, Ministral and Granite against transformers on the same random weights, saved by transformers' own
+"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS and Granite against transformers on the same random weights, saved by transformers' own
 ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
 sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
 
 What each family adds to the Llama path: OLMo 2 norms each block's output instead of its input and normalises the
-whole q / k projections (fp32-scaled norms); OLMo 3 adds sliding layers (three of four) with their own RoPE base;
+whole q / k projections (fp32-scaled norms); OLMoE keeps pre-norm blocks with whole-projection q/k norms, clips
+q/k/v and routes every layer to softmax experts; EXAONE 4 has OLMo 2's blocks with per-head q/k norms, sliding layers
+and full layers without RoPE; Seed-OSS switches o_proj's bias apart from q/k/v's; OLMo 3 adds sliding layers (three of four) with their own RoPE base;
 SmolLM3 leaves RoPE out of every fourth layer (NoPE), optionally sliding there; Ministral is Mistral with sliding
 and full layers as ``layer_types`` says; Granite scales embeddings, scores,
 residual branches and logits."""
@@ -43,6 +45,19 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # layers 0 and 2 slide over 5 tokens, 1 and 3 attend fully
     "ministral": ("MinistralConfig", "MinistralForCausalLM",
                   dict(BASE, sliding_window=5, head_dim=16, layer_types=["sliding_attention", "full_attention"] * 2)),
+    # OLMo's whole-projection q/k norms (Llama-style pre-norm blocks), q/k/v clipped, a softmax router (top 2 of 4,
+    # not renormalized) in every layer
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(BASE, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                   clip_qkv=1.5, pad_token_id=None, eos_token_id=None)),
+    # OLMo 2's output norms with per-head q/k norms; layers 0-2 slide over 5 tokens with RoPE, layer 3 attends
+    # fully without RoPE (sliding_window_pattern 4)
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(BASE, sliding_window=5, head_dim=16, bos_token_id=None,
+                                                            eos_token_id=None)),
+    # q/k/v biases with o_proj's switched on apart (attention_out_bias)
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM",
+                 dict(BASE, head_dim=16, attention_out_bias=True, pad_token_id=None, bos_token_id=None,
+                      eos_token_id=None)),
     "granite": ("GraniteConfig", "GraniteForCausalLM",
                 dict(BASE, embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.6,
                      logits_scaling=2.5, attention_bias=True)),
@@ -102,6 +117,8 @@ def test_spec_follows_transformers(ckpt):
     assert spec.tie_embeddings == bool(hf.config.tie_word_embeddings)
     if family == "smollm3":
         assert list(spec.nope_layers) == [i for i, f in enumerate(hf.config.no_rope_layers) if not f] == [3]
+    if family == "exaone4":
+        assert want == [5, 5, 5, None] and list(spec.nope_layers) == [3] and spec.qk_norm and spec.post_norms
     if family == "olmo3":
         assert want == [5, 5, 5, None] and spec.rope_local_theta == 10000.0 and spec.rope_type == "yarn"
     if family == "granite":
@@ -148,6 +165,9 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     ("smollm3", "no_rope_layer_interval", 0, "no_rope_layer_interval"),
     ("olmo3", "rope_parameters", {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}, "sliding_attention"),
     ("olmo3", "layer_types", ["sliding_attention"], "layer_types"),
+    ("exaone4", "sliding_window_pattern", "LXG", "sliding_window_pattern"),
+    ("exaone4", "layer_types", "LLLG", "layer_types"),
+    ("olmoe", "clip_qkv", -1.0, "clip_qkv"),
 ])
 def test_bad_configs_name_the_key(model_type, key, value, needle):
     cfg = dict(BASE, model_type=model_type, **{key: value})

@@ -1,5 +1,5 @@
 """A Llama-family decoder (Llama, Mistral, Ministral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, Gemma 3, OLMo 2, OLMo 3, SmolLM3,
-Granite, and the MoE relatives Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss and GLM-4.5) with a layer-wise forward over
+Granite, and the MoE relatives Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss and GLM-4.5) with a layer-wise forward over
 paged KV.
 
 Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...), so a transformers
@@ -450,12 +450,15 @@ class LlamaModel(LayerwiseDecoder):
         attn = cast(Attention, mod.self_attn)
         x = state.hidden if spec.post_norms else cast(RMSNorm, mod.input_layernorm)(state.hidden)
         n = x.shape[0]
-        q, k = attn.q_proj(x), attn.k_proj(x)
-        if spec.qk_norm_full:  # OLMo 2 and 3: over the whole projections
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if spec.qk_norm_full:  # OLMo 2 and 3, OLMoE: over the whole projections
             q, k = attn.q_norm(q), attn.k_norm(k)
+        if spec.clip_qkv is not None:  # OLMoE
+            c = spec.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         q = q.view(n, spec.n_heads, spec.head_dim)
         k = k.view(n, spec.n_kv_heads, spec.head_dim)
-        v = attn.v_proj(x).view(n, spec.n_kv_heads, spec.head_dim)
+        v = v.view(n, spec.n_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         if self._rope[layer]:

@@ -39,6 +39,13 @@ packed experts with a clamped SwiGLU (``swiglu_limit``, ``swiglu_alpha``; :mod:`
 correction bias choosing the top ``num_experts_per_tok`` within the best ``topk_group`` of ``n_group`` groups,
 renormalized (``norm_topk_prob``) and scaled by ``routed_scaling_factor``, plus ``n_shared_experts`` shared
 experts; its multi-token-prediction layers are not decoder layers and are left out at load.
+``OlmoeForCausalLM`` (``olmoe``) is a softmax-router MoE (Qwen2-MoE's router, ``num_experts`` of
+``intermediate_size`` in every layer, renormalized only with ``norm_topk_prob``) with Llama's pre-norm blocks,
+RMSNorms over the whole q and k projections and, with ``clip_qkv``, q/k/v clamped to ``+-clip_qkv``.
+``Exaone4ForCausalLM`` (``exaone4``) has OLMo 2's output norms, per-head q/k RMSNorms, sliding layers by
+``sliding_window_pattern`` (every 4th layer full, or a string like ``"LLLG"``) and, when it has a window, no RoPE
+in its full layers. ``SeedOssForCausalLM`` (``seed_oss``) is Llama with q/k/v biases and ``o_proj``'s bias
+switched apart (``attention_out_bias``).
 Five more dense families: ``MinistralForCausalLM`` (``ministral``: Mistral's attention, sliding and full
 layers as ``layer_types`` says, every layer sliding over 4,096 tokens by default), ``Olmo2ForCausalLM``
 (``olmo2``: no norm on a block's input, ``post_attention_layernorm`` and ``post_feedforward_layernorm`` on its outputs, RMSNorms over the whole q and k projections, norms scaled in
@@ -92,17 +99,22 @@ ARCHITECTURES: dict[str, str] = {
     "GraniteForCausalLM": "granite",
     "MinistralForCausalLM": "ministral",
     "Glm4MoeForCausalLM": "glm4_moe",
+    "OlmoeForCausalLM": "olmoe",
+    "Exaone4ForCausalLM": "exaone4",
+    "SeedOssForCausalLM": "seed_oss",
 }
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
             "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
             "gemma3": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM", "olmo2": "Olmo2ForCausalLM",
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
-            "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+            "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+            "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
+            "seed_oss": "SeedOssForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
 ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
@@ -182,6 +194,8 @@ class ModelSpec(_SpecCommon):
     topk_group: int | None = None
     routed_scaling_factor: float | None = None
     use_qk_norm: bool | None = None  # glm4_moe: per-head q/k RMSNorms (before RoPE) when true
+    clip_qkv: float | None = None  # olmoe: q, k and v clamped to +-clip_qkv after the q/k norms (None: off)
+    o_proj_bias: bool | None = None  # seed_oss: o_proj's bias (attention_out_bias), apart from q/k/v's
     nope_layers: tuple[int, ...] = ()  # smollm3: layers whose queries and keys get no RoPE
     # granite: see _GRANITE_FIELDS (None: off)
     embedding_multiplier: float | None = None
@@ -248,8 +262,9 @@ class ModelSpec(_SpecCommon):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
         nope = tuple(sorted({int(x) for x in self.nope_layers}))
-        if nope and (self.architecture != "smollm3" or any(not 0 <= x < self.n_layers for x in nope)):
-            raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 layers of 0..{self.n_layers - 1}")
+        if nope and (self.architecture not in ("smollm3", "exaone4") or any(not 0 <= x < self.n_layers for x in nope)):
+            raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 / exaone4 layers of "
+                             f"0..{self.n_layers - 1}")
         object.__setattr__(self, "nope_layers", nope)
         for name in _GPT_OSS_FIELDS:
             value = getattr(self, name)
@@ -258,6 +273,13 @@ class ModelSpec(_SpecCommon):
                                  f"{self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
+        if self.clip_qkv is not None and (self.architecture != "olmoe" or isinstance(self.clip_qkv, bool)
+                                          or not isinstance(self.clip_qkv, (int, float)) or not self.clip_qkv > 0):
+            raise ModelError(f"model config: clip_qkv is olmoe's, a positive number or null; got {self.clip_qkv!r} "
+                             f"for {self.architecture}")
+        if (self.o_proj_bias is None) != (self.architecture != "seed_oss"):
+            raise ModelError(f"model config: o_proj_bias (attention_out_bias) is seed_oss's and required there, got "
+                             f"{self.o_proj_bias!r} for {self.architecture}")
         for name in (*_GROUP_ROUTER_FIELDS, "use_qk_norm"):
             if (getattr(self, name) is None) != (self.architecture != "glm4_moe"):
                 raise ModelError(f"model config: {name} is glm4_moe's and required there, got "
@@ -276,7 +298,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: full_attention_layers {list(full)} must be layers of 0..{self.n_layers - 1}")
         if full and w is None:
             raise ModelError("model config: full_attention_layers without a sliding_window")
-        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe", "olmo2", "granite"):
+        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe", "olmo2", "granite", "olmoe"):
             raise ModelError(f"model config: {self.architecture} slides every layer or none (full_attention_layers "
                              f"{list(full)})")
         if len(full) == self.n_layers:  # no layer slides
@@ -343,18 +365,19 @@ class ModelSpec(_SpecCommon):
     @property
     def qk_norm(self) -> bool:
         """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
-        return self.architecture in ("qwen3", "qwen3_moe", "gemma3") or bool(self.use_qk_norm)
+        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4") or bool(self.use_qk_norm)
 
     @property
     def qk_norm_full(self) -> bool:
-        """OLMo 2 and 3: an RMSNorm over the whole query and key projections (all heads at once, before RoPE)."""
-        return self.architecture in _OLMO_ARCHS
+        """OLMo 2 and 3, OLMoE: an RMSNorm over the whole query and key projections (all heads at once, before
+        RoPE)."""
+        return self.architecture in (*_OLMO_ARCHS, "olmoe")
 
     @property
     def post_norms(self) -> bool:
-        """OLMo 2 and 3: no norm on a block's input; ``post_attention_layernorm`` on the attention's output and
-        ``post_feedforward_layernorm`` on the MLP's, before each is added to the residual."""
-        return self.architecture in _OLMO_ARCHS
+        """OLMo 2 and 3, EXAONE 4: no norm on a block's input; ``post_attention_layernorm`` on the attention's
+        output and ``post_feedforward_layernorm`` on the MLP's, before each is added to the residual."""
+        return self.architecture in (*_OLMO_ARCHS, "exaone4")
 
     @property
     def fp32_norm_scale(self) -> bool:
@@ -364,10 +387,12 @@ class ModelSpec(_SpecCommon):
     @property
     def o_bias(self) -> bool:
         """Whether ``o_proj`` has a bias: transformers' Llama, Qwen3, Qwen3-MoE and Gemma give it one with
-        ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do."""
+        ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do; Seed-OSS has its own switch."""
+        if self.o_proj_bias is not None:
+            return self.o_proj_bias
         return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
-                                                             "granite")
+                                                             "granite", "olmoe")
 
     @property
     def attention_sinks(self) -> bool:
@@ -430,7 +455,8 @@ class ModelSpec(_SpecCommon):
             d.pop("full_attention_layers")
         else:
             d["full_attention_layers"] = list(self.full_attention_layers)
-        for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm"):
+        for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
+                    "clip_qkv", "o_proj_bias"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -499,6 +525,15 @@ class ModelSpec(_SpecCommon):
                        topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
                        use_qk_norm=bool(self.use_qk_norm), partial_rotary_factor=self.partial_rotary_factor,
                        num_nextn_predict_layers=0, num_mtp_layers=0)
+        if self.architecture == "seed_oss":
+            cfg.update(attention_bias=self.attention_bias, attention_out_bias=self.o_proj_bias, mlp_bias=False,
+                       pad_token_id=None, attention_dropout=0.0, residual_dropout=0.0)
+        if self.architecture == "exaone4":
+            cfg.update(sliding_window=self.sliding_window,
+                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
+                                    for i in range(self.n_layers)])
+            if self.sliding_window is None:
+                cfg["sliding_window_pattern"] = 0
         if self.architecture == "ministral":
             cfg.update(sliding_window=self.sliding_window,
                        layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
@@ -540,6 +575,10 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "mixtral":
             cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size, router_jitter_noise=0.0)
+        elif self.architecture == "olmoe":
+            cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
+                       intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                       clip_qkv=self.clip_qkv, attention_bias=self.attention_bias, pad_token_id=None)
         elif self.architecture in MOE_ARCHS:
             cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
@@ -577,7 +616,8 @@ class ModelSpec(_SpecCommon):
                 arch = ARCHITECTURES[a]
                 break
         if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
-                                           "gemma3_text", "olmo2", "olmo3", "smollm3", "granite", "ministral",
+                                           "gemma3_text", "olmo2", "olmo3", "smollm3", "granite", "ministral", "olmoe", "exaone4",
+                                           "seed_oss",
                                            *ALL_MOE_ARCHS):  # (glm4_moe among them)
             arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
@@ -585,7 +625,7 @@ class ModelSpec(_SpecCommon):
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
-                "granite, ministral, glm4_moe, deepseek_v2, deepseek_v3, deepseek_v32)"
+                "granite, ministral, glm4_moe, olmoe, exaone4, seed_oss, deepseek_v2, deepseek_v3, deepseek_v32)"
             )
 
         def need(key: str) -> Any:
@@ -607,7 +647,8 @@ class ModelSpec(_SpecCommon):
         hidden = int(need("hidden_size"))
         n_heads = int(need("num_attention_heads"))
         n_kv = int(cfg.get("num_key_value_heads") or _KV_HEADS.get(arch, n_heads))  # Gemma(2)Config's defaults
-        head_dim = int(cfg.get("head_dim") or 0) or hidden // n_heads
+        head_dim = int(cfg.get("head_dim") or 0) or (128 if arch == "seed_oss" and "head_dim" not in cfg
+                                                      else hidden // n_heads)
         if arch in ("gemma", "gemma2", "gemma3"):  # Gemma(2/3)Config's head_dim defaults to 256, not hidden / heads
             head_dim = cfg.get("head_dim", 256)
             if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
@@ -629,11 +670,11 @@ class ModelSpec(_SpecCommon):
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
                 dtype = "float32"
-        default_bias = arch in ("qwen2", "gpt_oss")  # Qwen2 always; GptOssConfig's attention_bias defaults on
+        default_bias = arch in ("qwen2", "gpt_oss", "seed_oss")  # Qwen2 always; their config classes default on
         bias = bool(cfg.get("attention_bias", default_bias)) or arch == "qwen2"
         if arch == "qwen2_moe":  # Qwen2-MoE names its q/k/v bias qkv_bias (on unless the config says otherwise)
             bias = bool(cfg.get("qkv_bias", True))
-        elif arch in ("mixtral", "phi3", "ministral"):  # Mixtral's, Phi-3's and Ministral's projections have no biases
+        elif arch in ("mixtral", "phi3", "ministral", "exaone4"):  # these families' projections have no biases
             bias = False
         moe = _moe_fields(arch, cfg, where, need)
         return cls(
@@ -645,8 +686,8 @@ class ModelSpec(_SpecCommon):
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "gpt_oss", "olmo2", "olmo3", "glm4_moe")
-                                  else 1e-6)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "gpt_oss", "olmo2", "olmo3", "glm4_moe",
+                                                                  "olmoe", "exaone4") else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position=int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
@@ -664,11 +705,13 @@ class ModelSpec(_SpecCommon):
             **_gpt_oss_fields(arch, cfg, where),
             **_granite_fields(arch, cfg, where),
             nope_layers=_nope_layers(arch, cfg, where),
+            clip_qkv=cfg.get("clip_qkv") if arch == "olmoe" else None,
+            o_proj_bias=bool(cfg.get("attention_out_bias", False)) if arch == "seed_oss" else None,
         )
 
 
 _MAX_POSITION = {"phi3": 4096, "gemma": 8192, "gemma2": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
-                 "ministral": 131072, "glm4_moe": 131072}
+                 "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288}
 #: the config classes' RoPE base where it is not 10,000 (a config that names none)
 _ROPE_THETA = {"smollm3": 2_000_000.0}  # config classes' defaults
 _KV_HEADS = {"gemma": 16, "gemma2": 4, "gemma3": 4}
@@ -741,9 +784,33 @@ def _smollm3_has_rope(cfg: dict[str, Any], where: str) -> list[int]:
 
 
 def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
+    if arch == "exaone4":  # with a window, EXAONE 4's full-attention layers have no RoPE
+        if cfg.get("sliding_window", 4096) is None:
+            return ()
+        return tuple(i for i, t in enumerate(_exaone4_layer_types(cfg, where)) if t == "full_attention")
     if arch != "smollm3":
         return ()
     return tuple(i for i, f in enumerate(_smollm3_has_rope(cfg, where)) if not f)
+
+
+def _exaone4_layer_types(cfg: dict[str, Any], where: str) -> list[str]:
+    """EXAONE 4's ``layer_types``, or Exaone4Config's from ``sliding_window_pattern``: an integer ``p`` makes every
+    ``p``-th layer full (default 4), a string such as ``"LLLG"`` repeats from layer 0 (``L`` sliding, ``G`` full)."""
+    types = cfg.get("layer_types")
+    n = int(cfg.get("num_hidden_layers") or 0)
+    if types is not None:
+        if (not isinstance(types, list) or len(types) != n
+                or any(t not in ("sliding_attention", "full_attention") for t in types)):
+            raise ModelError(f"{where}: layer_types must list 'sliding_attention' / 'full_attention' for each of the "
+                             f"{n} layers, got {types!r}")
+        return list(types)
+    pattern = cfg.get("sliding_window_pattern", 4)
+    if isinstance(pattern, str) and pattern and set(pattern) <= {"L", "G"}:
+        return ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention" for i in range(n)]
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern <= 0:
+        raise ModelError(f"{where}: sliding_window_pattern must be a positive integer or a string of L and G, got "
+                         f"{pattern!r}")
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
 
 
 def _olmo3_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None, float]:
@@ -830,7 +897,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
     n_layers = cfg.get("num_hidden_layers")
     if arch == "gemma":  # GemmaModel masks causally only: no window key applies
         return None, ()
-    if arch in ("llama", "mixtral", "phi3", "qwen3_moe"):  # every layer or none
+    if arch in ("llama", "mixtral", "phi3", "qwen3_moe", "olmoe"):  # every layer or none
         mistral = "MistralForCausalLM" in archs or (not archs and model_type == "mistral")
         if arch == "llama" and not mistral:
             return None, ()  # transformers' Llama ignores a sliding_window key
@@ -851,6 +918,11 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         if cfg.get("layer_types") is None:
             cfg = {**cfg, "layer_types": ["full_attention" if f else "sliding_attention"
                                           for f in _smollm3_has_rope(cfg, where)]}
+    if arch == "exaone4":  # Exaone4Config: a 4,096-token window, every 4th layer full (sliding_window_pattern)
+        cfg = {"sliding_window": 4096, **cfg}
+        if cfg["sliding_window"] is None:
+            return None, ()
+        cfg = {**cfg, "layer_types": _exaone4_layer_types(cfg, where)}
     if arch == "ministral":  # MinistralConfig: a 4,096-token window, every layer sliding unless layer_types says
         cfg = {"sliding_window": 4096, **cfg}
         if cfg["sliding_window"] is None:
@@ -967,6 +1039,11 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 4)),
                 "moe_intermediate_size": as_int("intermediate_size", need("intermediate_size")),
                 "norm_topk_prob": True}
+    if arch == "olmoe":  # Qwen2-MoE's softmax router over Mixtral's experts, intermediate_size wide, every layer
+        return {"n_experts": as_int("num_experts", cfg.get("num_experts", 64)),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
+                "moe_intermediate_size": as_int("intermediate_size", need("intermediate_size")),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", False))}
     if arch == "mixtral":
         inter = as_int("intermediate_size", need("intermediate_size"))
         return {"n_experts": as_int("num_local_experts", need("num_local_experts")),

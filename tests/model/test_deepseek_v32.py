@@ -1,7 +1,9 @@
-"""DeepSeek-V3.2 checkpoints (the paper's model: V3's MLA and MoE plus the DSA lightning indexer), against
-transformers' own DeepseekV32ForCausalLM on the same random weights. Within ``index_topk`` tokens the indexer
-selects every key, so the attention is V3's dense MLA and the logits must match at every step; past it the context
-is refused (sparse selection is not implemented), and a checkpoint without its indexer is refused."""
+"""DeepSeek-V3.2 checkpoints (the paper's model: V3's MLA and MoE plus DeepSeek Sparse Attention), against
+transformers' own DeepseekV32ForCausalLM on the same random weights. ``index_topk`` is 8 here, so every sequence
+soon holds more keys than a query attends to (16 indexer heads: a key whose every head the ReLU zeroes, a score
+tie that transformers' ``topk`` breaks its own way, is then unlikely): the lightning indexer's selection (its keys kept in the KV rows)
+decides the logits at every step, turn after turn, batched, through ``generate``, through the emulated cluster's
+read paths (the keys travel with the KV) and with FP8 latent rows; a checkpoint without its indexer is refused."""
 
 from __future__ import annotations
 
@@ -27,16 +29,19 @@ CONFIG: dict[str, Any] = {
     "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 24,
     "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8,
     "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,
-    "routed_scaling_factor": 2.5, "index_topk": 64, "index_n_heads": 2, "index_head_dim": 16,
+    "routed_scaling_factor": 2.5, "index_topk": 8, "index_n_heads": 16, "index_head_dim": 16,
     "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1}
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A checkpoint saved by transformers (sharded, packed experts) with widened random weights, and its model."""
-    d = tmp_path_factory.mktemp("v32")
+    return _checkpoint(tmp_path_factory.mktemp("v32"), CONFIG)
+
+
+def _checkpoint(d, config):
     torch.manual_seed(0)
-    hf = transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config(**CONFIG)).eval()
+    hf = transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config(**config)).eval()
     with torch.no_grad():  # HF inits small weights, unit norms and a zero correction bias: widen them
         for n, p in hf.named_parameters():
             if n.endswith(("norm.weight", "norm.bias")):
@@ -49,12 +54,17 @@ def ckpt(tmp_path_factory):
     return d, hf
 
 
-def test_spec_reads_v32_and_caps_the_context_at_index_topk(ckpt):
+def test_spec_reads_v32_and_keeps_the_indexer_key_in_the_kv_rows(ckpt):
     d, _ = ckpt
     spec = load_spec(d, dtype="float32")
     assert isinstance(spec, DeepseekV3Spec) and spec.architecture == "deepseek_v32"
-    assert (spec.index_topk, spec.index_n_heads, spec.index_head_dim) == (64, 2, 16)
-    assert spec.max_position == 64 and spec.scoring_func == "sigmoid" and spec.first_k_dense_replace == 1
+    assert (spec.index_topk, spec.index_n_heads, spec.index_head_dim) == (8, 16, 16)
+    assert spec.max_position == 256 and spec.scoring_func == "sigmoid" and spec.first_k_dense_replace == 1
+    ks = spec.kv_spec()  # latent 32 + rope 8, then the 16-value indexer key
+    assert ks.row_elems == 56 and ks.bytes_per_token_layer == 56 * 4 and ks.extra_bytes == 64
+    fp8 = load_spec({**json.loads((d / "config.json").read_text()), "kv_lora_rank": 128}, dtype="bfloat16",
+                    kv_format="fp8").kv_spec()
+    assert fp8.latent_format == "fp8" and fp8.extra_bytes == 32 and fp8.bytes_per_token_layer == 128 + 4 + 16 + 32
     assert DeepseekV3Spec.from_hf_config(spec.to_hf_config(), dtype="float32") == spec
     v3 = DeepseekV3Spec.from_hf_config({**spec.to_hf_config(), "architectures": ["DeepseekV3ForCausalLM"],
                                         "model_type": "deepseek_v3"}, dtype="float32")
@@ -65,7 +75,7 @@ def test_spec_reads_v32_and_caps_the_context_at_index_topk(ckpt):
 
 
 def test_multi_turn_logits_and_greedy_equal_transformers(ckpt):
-    """Three turns over the paged latent prefix (44 tokens, within index_topk), each step's logits against
+    """Three turns over the paged latent prefix (44 tokens, five times index_topk), each step's logits against
     transformers' with its own indexed cache."""
     d, hf = ckpt
     model, _ = load_model(LlamaModelConfig(path=str(d), dtype="float32", attention_backend="torch"),
@@ -78,25 +88,30 @@ def test_multi_turn_logits_and_greedy_equal_transformers(ckpt):
     assert len(ids) == 21 and ids == ref_ids
 
 
-def test_generate_refuses_a_prompt_beyond_index_topk_and_a_checkpoint_without_its_indexer(ckpt, tmp_path, capsys):
+def test_batched_sequences_and_decode_equal_transformers(ckpt):
+    """Two sequences with different cached prefixes in one prefill batch, then two batched decode steps, all past
+    index_topk: every logit row equals transformers' full recompute of that sequence."""
+    from hf_random import check_batched_against_hf
+
+    d, hf = ckpt
+    model, _ = load_model(LlamaModelConfig(path=str(d), dtype="float32", attention_backend="torch"),
+                          with_tokenizer=False)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (23, 14)]
+    check_batched_against_hf(model, hf, seqs, cuts=(12, 9))
+
+
+def test_generate_past_index_topk_and_a_checkpoint_without_its_indexer(ckpt, tmp_path):
     from dualpath.cli import main
     from dualpath.model.loader import read_weights_dir
 
     d, hf = ckpt
-    prompt = [5, 17, 33, 2, 90, 61, 7]
+    prompt = [5, 17, 33, 2, 90, 61, 7, 44, 12, 9, 70, 3, 28]
     out = tmp_path / "gen.json"
     assert main(["generate", "--model", str(d), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "12",
                  "--ignore-eos", "--device", "cpu", "--json", str(out)]) == 0
-    want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 7:]
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 13:]
     assert json.loads(out.read_text())["runs"][0]["generated_ids"] == want.tolist()
-    assert main(["generate", "--model", str(d), "--prompt-ids", ",".join(["5"] * 60), "--max-new-tokens", "12",
-                 "--pool-tokens", "128", "--device", "cpu"]) == 2
-    assert "72 tokens exceeds the DeepSeek-V3.2 checkpoint's index_topk of 64" in capsys.readouterr().err
-    from dualpath.engine.model_api import LlamaAdapter
-
-    model, _ = load_model(LlamaModelConfig(path=str(d)), with_tokenizer=False)
-    with pytest.raises(ModelError, match=r"model\.max_context=128 exceeds the DeepSeek-V3\.2 checkpoint's index_topk"):
-        LlamaAdapter(model, 16, 128)
     from safetensors.torch import save_file
 
     stripped = tmp_path / "no-indexer"
@@ -107,3 +122,100 @@ def test_generate_refuses_a_prompt_beyond_index_topk_and_a_checkpoint_without_it
     with pytest.raises(ModelError, match=r"DeepSeek-V3.2 tensor 'model\.layers\.0\.self_attn\.indexer\.wk\.weight' "
                                          "is missing"):
         load_model(LlamaModelConfig(path=str(stripped)), with_tokenizer=False)
+
+
+def test_the_selection_decides_the_logits(ckpt):
+    """The comparisons above would catch an indexer that is ignored: attending to every key instead of the selection
+    moves the logits past index_topk."""
+    from dualpath.model import KVPool, SeqBatch
+
+    d, _ = ckpt
+    model, _ = load_model(LlamaModelConfig(path=str(d), dtype="float32", attention_backend="torch"),
+                          with_tokenizer=False)
+    seq = torch.randint(2, VOCAB, (30,), generator=torch.Generator().manual_seed(8)).tolist()
+
+    def logits() -> torch.Tensor:
+        pool = KVPool(model.spec.kv_spec(), num_blocks=16, block_tokens=4)
+        return model(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+
+    want = logits()
+    object.__setattr__(model.spec, "index_topk", 10_000)  # every key selected: dense MLA
+    try:
+        dense = logits()
+    finally:
+        object.__setattr__(model.spec, "index_topk", 8)
+    assert torch.allclose(dense[:8], want[:8], atol=1e-5)  # within index_topk keys: the same
+    assert float((dense[8:] - want[8:]).abs().max()) > 1e-2
+
+
+def test_fp8_latent_rows_carry_the_indexer_key(tmp_path_factory):
+    """With FP8 latent rows (kv_lora_rank 128 here) each row's indexer key follows in bfloat16: the keys stored
+    equal the fp32 rows' keys to bfloat16 rounding, and the model runs past index_topk (within it, with every key
+    selected, its logits stay close to transformers': the latent's FP8 rounding is the difference)."""
+    from hf_random import hf_logits
+
+    from dualpath.model import KVPool, SeqBatch
+    from dualpath.model.deepseek import _index_keys
+
+    d, hf = _checkpoint(tmp_path_factory.mktemp("v32fp8"), {**CONFIG, "kv_lora_rank": 128})
+    seq = torch.randint(2, VOCAB, (26,), generator=torch.Generator().manual_seed(9)).tolist()
+    keys, logits = {}, {}
+    for fmt in ("auto", "fp8"):
+        model, _ = load_model(LlamaModelConfig(path=str(d), dtype="float32", kv_format=fmt, attention_backend="torch"),
+                              with_tokenizer=False)
+        pool = KVPool(model.spec.kv_spec(), num_blocks=8, block_tokens=4)
+        table = pool.allocate(7)
+        logits[fmt] = model(SeqBatch.build([seq], [0], [table], 4), pool.layers, all_positions=True)
+        keys[fmt] = _index_keys(pool.layer(0), model._latent_width, torch.float32)[table].reshape(28, -1)[:26].float()
+    assert keys["fp8"].dtype == torch.float32 and keys["auto"].abs().max() > 0.5
+    torch.testing.assert_close(keys["fp8"], keys["auto"], atol=1e-2, rtol=1e-2)
+    assert torch.isfinite(logits["fp8"]).all()
+    ref = hf_logits(hf, seq)
+    assert float((logits["fp8"][:8] - ref[:8]).abs().max()) < 0.1 * float(ref.abs().max())
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_cluster_every_read_path_past_index_topk(ckpt):
+    """DeepSeek-V3.2 through the emulated cluster: the second turn's hit KV (with its indexer keys, several times
+    index_topk) is read on the PE, on the DE and forwarded layer by layer, split, or recomputed; every path gives
+    transformers' greedy tokens (teacher-forced over the whole session)."""
+    import os
+
+    from dualpath.cluster import Cluster
+    from dualpath.config import DualPathConfig
+
+    d, hf = ckpt
+    g = torch.Generator().manual_seed(5)
+    first = torch.randint(2, VOCAB, (23,), generator=g).tolist()
+    second = torch.randint(2, VOCAB, (7,), generator=g).tolist()
+
+    def config() -> DualPathConfig:
+        cfg = DualPathConfig()
+        cfg.model = LlamaModelConfig(path=str(d), dtype="float32", time_model="off")
+        c = cfg.cluster
+        c.block_tokens, c.snic_gbps, c.cnic_gbps = 4, None, None
+        c.host_buffer_bytes, c.kv_pool_tokens, c.deadline_s = 8 << 20, 256, 30.0
+        c.devices = os.environ.get("DUALPATH_TEST_DEVICES", "cpu")
+        return cfg
+
+    tokens = {}
+    for read_path in ("pe", "de", "split", "recompute"):
+        async with Cluster(config()) as c:
+            r1 = await c.run_turn("s", first, 4, path="recompute")
+            prompt = first + r1.token_ids + second
+            r2 = await c.run_turn("s", prompt, 6, path=read_path, pe_blocks=2 if read_path == "split" else None)
+        if read_path != "recompute":
+            assert r2.hit_tokens == (len(first) + 4) // 4 * 4 >= 3 * CONFIG["index_topk"]
+        tokens[read_path] = (r1.token_ids, r2.token_ids)
+    assert len({repr(t) for t in tokens.values()}) == 1, tokens
+    r1_ids, r2_ids = tokens["de"]
+    ids = first + r1_ids + second + r2_ids
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids[:-1]])).logits[0]
+    assert logits[len(first) - 1: len(first) + 3].argmax(-1).tolist() == r1_ids
+    assert logits[len(first) + 4 + len(second) - 1:].argmax(-1).tolist() == r2_ids

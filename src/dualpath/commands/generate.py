@@ -98,11 +98,6 @@ def run(args: argparse.Namespace) -> int:
     bt = args.block_tokens
     pool_tokens = args.pool_tokens or spec.max_position
     total = len(ids) + args.max_new_tokens
-    topk = getattr(spec, "index_topk", 0)
-    if topk and total > topk:
-        raise ModelError(f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens = {total} tokens exceeds the "
-                         f"DeepSeek-V3.2 checkpoint's index_topk of {topk}: past it the sparse attention's key "
-                         "selection (not implemented) would matter")
     if total > pool_tokens:
         raise ModelError(
             f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens = {total} tokens exceeds the KV pool of "

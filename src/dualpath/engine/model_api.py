@@ -128,12 +128,6 @@ class LlamaAdapter(LayerwiseModel):
         self.kv_spec = spec.kv_spec()
         self.fingerprint = spec.fingerprint()
         self.max_context = int(max_context or spec.max_position)
-        topk = getattr(spec, "index_topk", 0)
-        if topk and self.max_context > topk:
-            raise ModelError(
-                f"model.max_context={self.max_context} exceeds the DeepSeek-V3.2 checkpoint's index_topk of {topk} "
-                f"tokens: past it the sparse attention's key selection (not implemented) would matter; set "
-                f"model.max_context <= {topk}")
         self.vocab_size = int(spec.vocab_size)
         self.device = torch.device(getattr(model, "device", "cpu"))
         self._limiter = anyio.CapacityLimiter(1)

@@ -215,6 +215,15 @@ def _mla_attend(q: torch.Tensor, kv: torch.Tensor, scale: float, r: int, mask: t
     return torch.einsum("mhn,nr->mhr", torch.softmax(s, dim=-1), kv[:, :r])
 
 
+def mla_masked_attention(q: torch.Tensor, kv_layer: torch.Tensor, table: torch.Tensor, n: int, scale: float,
+                         kv_lora_rank: int, mask: torch.Tensor) -> torch.Tensor:
+    """Absorbed MLA of one sequence's queries ``q [M, H, R + P]`` over its first ``n`` paged latent rows, each query
+    seeing only the keys ``mask [M, n]`` marks (DeepSeek-V3.2's sparse selection) -> ``[M, H, R]`` in ``q``'s
+    dtype."""
+    kv = _seq_latent(kv_layer, table, n, kv_lora_rank)
+    return _mla_attend(q, kv, scale, kv_lora_rank, mask).to(q.dtype)
+
+
 def mla_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                          scale: float, kv_lora_rank: int) -> torch.Tensor:
     """Absorbed MLA decode: ``q [B, H, R + P]`` (the absorbed latent query, then the RoPE'd query part) over each

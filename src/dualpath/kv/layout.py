@@ -123,6 +123,8 @@ class KVSpec:
             raise ValueError(f"unknown attention kind {self.attention!r}")
         if self.extra_bytes < 0:
             raise ValueError("extra_bytes must be >= 0")
+        if self.attention == "mla" and self.latent_format == "" and self.extra_bytes % self.elem_bytes:
+            raise ValueError(f"mla extra_bytes ({self.extra_bytes}) must be whole {self.dtype} values")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -142,10 +144,13 @@ class KVSpec:
 
     @property
     def row_elems(self) -> int:
-        """Elements of ``torch_dtype`` per token row (``[2, H, D]`` flattened for mha)."""
+        """Elements of ``torch_dtype`` per token row (``[2, H, D]`` flattened for mha; an mla row's ``extra_bytes``
+        included, as ``dtype`` values after the latent)."""
         if self.attention == "mha":
             return 2 * self.n_kv_heads * self.head_dim
-        return self.bytes_per_token_layer if self.latent_format == "fp8" else self.latent_dim
+        if self.latent_format == "fp8":
+            return self.bytes_per_token_layer
+        return self.latent_dim + self.extra_bytes // self.elem_bytes
 
     def mha_equivalent_bytes_per_token_layer(self, n_heads: int, qk_head_dim: int, v_head_dim: int,
                                              dtype: str = "bfloat16") -> int:
@@ -236,8 +241,8 @@ class KVLayout:
         """Reinterpret Layer Block rows ``[..., T, bytes]`` as the model's cache entry: ``[..., T, 2, H, D]`` of
         dtype (mha), ``[..., T, latent_dim]`` of dtype (mla) or the uint8 rows themselves (mla fp8)."""
         s = self.spec
-        if s.extra_bytes:
-            raise ValueError("as_kv is defined for layouts without extra bytes")
+        if s.extra_bytes and s.attention == "mha":
+            raise ValueError("as_kv is defined for mha layouts without extra bytes")
         if layer_block.dtype != torch.uint8 or layer_block.shape[-1] != s.bytes_per_token_layer:
             raise ValueError(f"expected uint8 rows of {s.bytes_per_token_layer} bytes")
         if s.attention == "mla" and s.latent_format == "fp8":

@@ -10,7 +10,8 @@ from dualpath._configbase import Section
 
 
 class LlamaModelConfig(Section):
-    """A real decoder: Llama/Mistral/Qwen2/Qwen3/Phi-3/Gemma/Gemma 2, Mixtral/Qwen2-MoE/Qwen3-MoE or DeepSeek-V2/V3/V3.2 (MLA + MoE; V3.2 within its index_topk), chosen by the checkpoint's architecture. ``path``: a
+    """A real decoder of any family :mod:`dualpath.model.spec` reads (Llama and its relatives, the MoE families,
+    DeepSeek-V2/V3/V3.2 with MLA), chosen by the checkpoint's architecture. ``path``: a
     checkpoint directory (safetensors, or PyTorch ``.bin`` state dicts read with weights_only), a GGUF file, or None for the embedded SmolLM2-135M-Instruct. ``random_init``: build
     from ``path``'s config.json with seeded random weights. ``kv_format``: ``auto`` (KV in ``dtype``) or ``fp8``
     (DeepSeek-V2/V3 only: FlashMLA's FP8 latent rows, 656 bytes per token and layer for 512 + 64)."""

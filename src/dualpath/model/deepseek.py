@@ -1,6 +1,9 @@
-"""A DeepSeek-V3 / DeepSeek-V2 decoder (Multi-head Latent Attention + DeepSeekMoE) with a layer-wise forward over
-paged latent KV. The two generations differ only in the MoE router (:class:`Router`; V2: softmax scores, greedy or
-group-limited greedy top-k, no correction bias) and V2's fixed interleaved RoPE layout.
+"""A DeepSeek-V3 / DeepSeek-V2 / DeepSeek-V3.2 decoder (Multi-head Latent Attention + DeepSeekMoE) with a layer-wise
+forward over paged latent KV. V3 and V2 differ only in the MoE router (:class:`Router`; V2: softmax scores, greedy
+or group-limited greedy top-k, no correction bias) and V2's fixed interleaved RoPE layout; V3.2 adds DeepSeek
+Sparse Attention (:mod:`dualpath.model.dsa`: each layer's lightning indexer keeps a key per token in the KV row, and
+once a sequence holds more than ``index_topk`` keys each query attends to the ones its indexer selects, on the torch
+reference; below that the MLA kernels run as for V3).
 
 Parameter names equal Hugging Face's (``model.layers.3.self_attn.kv_a_proj_with_mqa.weight``,
 ``model.layers.3.mlp.experts.7.gate_proj.weight``, ...), so a DeepSeek-V3 checkpoint loads as is. The forward has
@@ -25,6 +28,8 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kernels import mla_decode_attention, mla_prefill_attention, store_latent
+from dualpath.kernels.reference import mla_masked_attention
+from dualpath.model.dsa import Indexer, selected_keys
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch
 from dualpath.model.moe import FeedForward, dispatch_experts
 from dualpath.model.spec import DeepseekV3Spec, rope_frequencies
@@ -48,6 +53,8 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, _LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(spec.kv_lora_rank, h * (spec.qk_nope_head_dim + spec.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * spec.v_head_dim, spec.hidden_size, bias=bias)
+        if spec.model_type == "deepseek_v32":  # DeepSeek Sparse Attention's lightning indexer
+            self.indexer = Indexer(spec)
 
 
 class Router(nn.Module):
@@ -113,6 +120,13 @@ class MoE(nn.Module):
         return out
 
 
+def _index_keys(kv_layer: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The indexer keys' part of a V3.2 pool layer (``[NB, bt, D]``): values after the latent, or bfloat16 bytes
+    after an FP8 row."""
+    keys = kv_layer[..., width:]
+    return keys.view(torch.bfloat16) if kv_layer.dtype == torch.uint8 else keys
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: DeepseekV3Spec, layer: int) -> None:
         super().__init__()
@@ -164,10 +178,13 @@ class DeepseekV3Model(LayerwiseDecoder):
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self.scale = spec.softmax_scale
         self.kv_spec = spec.kv_spec()
+        ks = self.kv_spec  # a row: the latent (what the MLA kernels read), then V3.2's indexer key
+        self._latent_width = ks.row_elems - (ks.extra_bytes if ks.latent_format == "fp8"
+                                             else ks.extra_bytes // ks.elem_bytes)
 
     def _check_kv(self, layer: int, kv_layer: torch.Tensor, block_tokens: int) -> None:
         ks = self.kv_spec
-        width = ks.bytes_per_token_layer if ks.latent_format == "fp8" else ks.latent_dim
+        width = ks.row_elems
         dt = torch.uint8 if ks.latent_format == "fp8" else self.spec.torch_dtype
         if kv_layer.dim() != 3 or tuple(kv_layer.shape[1:]) != (block_tokens, width) or kv_layer.dtype != dt:
             raise ModelError(f"layer {layer}: latent KV tensor {tuple(kv_layer.shape)} {kv_layer.dtype}, expected "
@@ -199,10 +216,12 @@ class DeepseekV3Model(LayerwiseDecoder):
         x = cast(RMSNorm, mod.input_layernorm)(state.hidden)
         n, h, r = x.shape[0], spec.n_heads, spec.kv_lora_rank
         nope, rope, vd = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+        q_resid = None
         if spec.q_lora_rank is None:
             q = attn.q_proj(x)
         else:
-            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+            q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
+            q = attn.q_b_proj(q_resid)
         q = q.view(n, h, spec.qk_head_dim)
         q_nope, q_rot = q.split([nope, rope], dim=-1)
         ckv = attn.kv_a_proj_with_mqa(x)
@@ -210,18 +229,59 @@ class DeepseekV3Model(LayerwiseDecoder):
         c = attn.kv_a_layernorm(c)
         q_rot = _rotate(q_rot, state.cos, state.sin, spec.rope_interleave)
         k_rot = _rotate(k_rot, state.cos, state.sin, spec.rope_interleave)
-        store_latent(torch.cat((c, k_rot), dim=-1), kv_layer, b.slot_mapping, r, backend=self.backend)
+        latent = kv_layer[..., : self._latent_width]  # (a view: the indexer keys, if any, follow in each row)
+        store_latent(torch.cat((c, k_rot), dim=-1), latent, b.slot_mapping, r, backend=self.backend)
         # absorbed products in fp32: a bf16 q_lat would round a kv_lora_rank-long sum per head
         w = attn.kv_b_proj.weight.view(h, nope + vd, r).float()
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope.float(), w[:, :nope])
         qq = torch.cat((q_lat, q_rot.float()), dim=-1).contiguous()             # [N, H, R + rope] fp32
-        if b.is_decode:
-            o_lat = mla_decode_attention(qq, kv_layer, b.block_tables, b.seq_lens, self.scale, r,
+        sparse = spec.model_type == "deepseek_v32" and self._store_index_keys(attn.indexer, x, state, kv_layer)
+        if sparse:  # some sequence holds more than index_topk keys: each query attends to its selection only
+            assert q_resid is not None  # (V3.2 has a q_lora_rank)
+            o_lat = self._sparse_attention(attn.indexer, x, q_resid, qq, state, kv_layer, latent)
+        elif b.is_decode:
+            o_lat = mla_decode_attention(qq, latent, b.block_tables, b.seq_lens, self.scale, r,
                                          backend=self.backend)
         else:
-            o_lat = mla_prefill_attention(qq, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
+            o_lat = mla_prefill_attention(qq, latent, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
                                           self.scale, r, backend=self.backend)
         o = torch.einsum("nhr,hvr->nhv", o_lat, w[:, nope:]).to(x.dtype)
         hid = state.hidden + attn.o_proj(o.reshape(n, h * vd))
         state.hidden = hid + mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(hid))
         state.next_layer += 1
+
+    def _store_index_keys(self, indexer: Indexer, x: torch.Tensor, state: ForwardState,
+                          kv_layer: torch.Tensor) -> bool:
+        """Write the new tokens' indexer keys into their rows; True when some sequence of the batch now holds more
+        than ``index_topk`` keys (its queries then attend to a selection)."""
+        b = state.batch
+        keys = indexer.keys(x, state.cos, state.sin)
+        pool = _index_keys(kv_layer, self._latent_width, x.dtype)
+        slots = b.slot_mapping.long()
+        keep = slots >= 0
+        bt = kv_layer.shape[1]
+        pool[slots[keep] // bt, slots[keep] % bt] = keys[keep].to(pool.dtype)
+        return int(b.seq_lens.max()) > self.spec.index_topk
+
+    def _sparse_attention(self, indexer: Indexer, x: torch.Tensor, q_resid: torch.Tensor, qq: torch.Tensor,
+                          state: ForwardState, kv_layer: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """Each sequence's queries over the keys its indexer selects (:func:`dualpath.model.dsa.selected_keys`),
+        on the torch reference: ``[N, H, R]`` like the MLA kernels."""
+        b, spec = state.batch, self.spec
+        iq, iw = indexer.queries(x, q_resid, state.cos, state.sin)
+        pool = _index_keys(kv_layer, self._latent_width, x.dtype)
+        bt = kv_layer.shape[1]
+        out = torch.empty((*qq.shape[:2], spec.kv_lora_rank), dtype=qq.dtype, device=qq.device)
+        cu = b.cu_seqlens_q.tolist()
+        for i in range(b.batch_size):
+            lo, hi = cu[i], cu[i + 1]
+            if hi == lo:
+                continue
+            n = int(b.seq_lens[i])
+            table = b.block_tables[i]
+            nb = -(-n // bt)
+            keys = pool[table[:nb].long()].reshape(nb * bt, -1)[:n]
+            qpos = b.positions[lo:hi].to(qq.device)
+            mask = selected_keys(iq[lo:hi], iw[lo:hi], keys, qpos, spec.index_topk)
+            out[lo:hi] = mla_masked_attention(qq[lo:hi], latent, table, n, self.scale, spec.kv_lora_rank, mask)
+        return out

@@ -37,8 +37,9 @@ class KVPool:
 
     def __init__(self, spec: KVSpec, num_blocks: int, block_tokens: int = 64,
                  device: str | torch.device = "cpu", *, backend: str | None = None) -> None:
-        if spec.extra_bytes:
-            raise ModelError("KVPool holds KV without extra bytes")
+        if spec.extra_bytes and spec.attention == "mha":
+            raise ModelError("KVPool holds mha KV without extra bytes (an mla row may carry them: DeepSeek-V3.2's "
+                             "indexer key)")
         if num_blocks <= 0 or block_tokens <= 0:
             raise ModelError(f"KVPool needs positive num_blocks and block_tokens, got {num_blocks}, {block_tokens}")
         self.spec = spec

@@ -445,8 +445,6 @@ def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
         parts = name.split(".")
         if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= spec.n_layers:
             continue
-        if ".self_attn.indexer." in name and spec.model_type == "deepseek_v32":
-            continue  # checked above; within the context cap (index_topk) the indexer selects every key
         if spec.n_shared_experts == 0 and ".mlp.shared_experts." in name and t.numel() == 0:
             continue
         if name.endswith("weight_scale_inv"):

@@ -1185,12 +1185,12 @@ class DeepseekV3Spec(_SpecCommon):
     ``kv_format``: ``auto`` stores the latent in ``dtype``; ``fp8`` stores FlashMLA's 656-byte rows (needs
     ``kv_lora_rank`` divisible by 128).
 
-    ``deepseek_v32`` (DeepSeek-V3.2, the paper's model): V3's MLA and MoE plus DeepSeek Sparse Attention, whose
-    lightning indexer lets each query attend to its ``index_topk`` highest-scoring keys only. While a sequence
-    holds at most ``index_topk`` tokens the indexer selects every key, and the attention is exactly V3's dense MLA;
-    the sparse selection beyond that is not implemented, so the context is capped at ``index_topk``
-    (``max_position``). The indexer's weights are read (and must
-    be there) but take no part within that cap.
+    ``deepseek_v32`` (DeepSeek-V3.2, the paper's model): V3's MLA and MoE plus DeepSeek Sparse Attention (DSA),
+    whose lightning indexer lets each query attend to its ``index_topk`` highest-scoring keys only. Each token's
+    indexer key (``index_head_dim`` values after the indexer's LayerNorm and RoPE) is kept in the KV row after the
+    latent (:meth:`kv_spec`: ``extra_bytes``; in ``dtype``, or bfloat16 after an FP8 row), so a reused prefix
+    carries it through both read paths. While a sequence holds at most ``index_topk`` tokens every key is selected
+    and the attention is V3's dense MLA.
     """
 
     vocab_size: int
@@ -1277,9 +1277,6 @@ class DeepseekV3Spec(_SpecCommon):
             if min(self.index_topk, self.index_n_heads, self.index_head_dim) <= 0 or self.q_lora_rank is None:
                 raise ModelError("model config: DeepSeek-V3.2 needs positive index_topk, index_n_heads, "
                                  "index_head_dim and a q_lora_rank")
-            if self.max_position > self.index_topk:
-                raise ModelError(f"model config: DeepSeek-V3.2's context is capped at index_topk "
-                                 f"({self.index_topk}), got max_position {self.max_position}")
         elif self.index_topk or self.index_n_heads or self.index_head_dim:
             raise ModelError(f"model config: index_topk/index_n_heads/index_head_dim are DeepSeek-V3.2's, not "
                              f"{self.model_type}'s")
@@ -1333,10 +1330,14 @@ class DeepseekV3Spec(_SpecCommon):
 
     def kv_spec(self) -> KVSpec:
         """Per token and layer: the latent row ``[kv_lora_rank + qk_rope_head_dim]`` of ``dtype``, or the
-        656-byte-style FP8 row with ``kv_format='fp8'``."""
+        656-byte-style FP8 row with ``kv_format='fp8'``; DeepSeek-V3.2 appends its indexer key (``extra_bytes``:
+        ``index_head_dim`` values of ``dtype``, or of bfloat16 after an FP8 row)."""
         if self.kv_format == "fp8":
-            return KVSpec.mla_fp8(self.n_layers, self.kv_lora_rank, self.qk_rope_head_dim)
-        return KVSpec.mla(self.n_layers, self.latent_dim, self.dtype, rope_dim=self.qk_rope_head_dim)
+            return KVSpec.mla_fp8(self.n_layers, self.kv_lora_rank, self.qk_rope_head_dim,
+                                  extra_bytes=2 * self.index_head_dim)
+        esize = torch.empty((), dtype=self.torch_dtype).element_size()
+        return KVSpec.mla(self.n_layers, self.latent_dim, self.dtype, rope_dim=self.qk_rope_head_dim,
+                          extra_bytes=esize * self.index_head_dim)
 
     def mha_equivalent_bytes_per_token_layer(self) -> int:
         """What plain multi-head K and V of this attention would take per token and layer in ``dtype``."""
@@ -1352,6 +1353,8 @@ class DeepseekV3Spec(_SpecCommon):
         if self.model_type != "deepseek_v32":
             for name in _V32_FIELDS:
                 d.pop(name)
+        else:  # the indexer key joined the KV rows (and the context cap went): a new block-key namespace
+            d["kv_rows"] = "latent+index_key"
         d["architecture"] = self.architecture
         return d
 
@@ -1459,7 +1462,7 @@ class DeepseekV3Spec(_SpecCommon):
         max_position = int(cfg.get("max_position_embeddings", 4096))
         if model_type == "deepseek_v32":
             index = {name: int(need(name)) for name in _V32_FIELDS}
-            max_position = min(max_position, index["index_topk"])  # exact (dense) up to index_topk: see the class
+            # (the context is no longer capped at index_topk: the indexer's selection runs beyond it)
         n_heads = int(need("num_attention_heads"))
         # num_key_value_heads is meaningless for MLA (transformers even writes its default 128): not read
         rope_theta, rope_scaling = parse_rope(cfg, where)

@@ -1,0 +1,77 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2): the lightning indexer and the keys it selects for each query.
+
+Per layer, the indexer has its own small projections (transformers' and DeepSeek's names: ``wq_b``, ``wk``,
+``k_norm``, ``weights_proj`` under ``self_attn.indexer``). Each token's indexer key is ``k_norm(wk(x))`` (a
+LayerNorm) with RoPE on its first ``qk_rope_head_dim`` values (half-split pairs, unlike MLA's interleaved ones);
+it is stored in the token's KV row after the latent (:meth:`dualpath.model.spec.DeepseekV3Spec.kv_spec`), so a
+prefix read from storage or forwarded by a decode engine brings its keys along. A query's ``index_n_heads``
+indexer queries ``wq_b(q_resid)`` (RoPE'd the same way) score every visible key ``t``::
+
+    score[t] = sum_h  w[h] * relu(q[h] . k[t] / sqrt(index_head_dim)),   w = weights_proj(x) / sqrt(index_n_heads)
+
+and the query attends to its ``index_topk`` highest-scoring keys only (every visible key while there are no more
+than that; among equal scores the earlier keys, which makes the selection independent of the batch). transformers' eager DeepseekV32 computes the same (its scores in fp32, ``topk`` over the keys with
+the future masked; its ``topk`` breaks exact ties, e.g. between keys every head's ReLU zeroed, its own way, so the
+two agree whenever the ``index_topk``-th score is not tied); DeepSeek's kernels additionally quantize to FP8 and rotate by a Hadamard transform, which
+preserves the dot products.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dualpath.model.spec import DeepseekV3Spec
+
+__all__ = ["Indexer", "selected_keys"]
+
+
+def _rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE over the first ``2 * cos.shape[-1]`` values of ``x [..., D]``, pairs ``(i, i + P/2)``."""
+    p = 2 * cos.shape[-1]
+    while cos.dim() < x.dim():
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    rot, rest = x[..., :p], x[..., p:]
+    a, b = rot[..., : p // 2], rot[..., p // 2:]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin, rest), dim=-1)
+
+
+class Indexer(nn.Module):
+    """One layer's lightning indexer (see the module docstring)."""
+
+    def __init__(self, spec: DeepseekV3Spec) -> None:
+        super().__init__()
+        assert spec.q_lora_rank is not None  # (the spec requires it for DeepSeek-V3.2)
+        h, d = spec.index_n_heads, spec.index_head_dim
+        self.n_heads, self.head_dim = h, d
+        self.wq_b = nn.Linear(spec.q_lora_rank, h * d, bias=False)
+        self.wk = nn.Linear(spec.hidden_size, d, bias=False)
+        self.k_norm = nn.LayerNorm(d, eps=1e-6)
+        self.weights_proj = nn.Linear(spec.hidden_size, h, bias=False)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Indexer keys ``[N, D]`` of the tokens ``x [N, hidden]`` (``cos, sin [N, rope/2]``)."""
+        return _rope_half(self.k_norm(self.wk(x)), cos, sin)
+
+    def queries(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q [N, H, D], weights [N, H] fp32)`` of the tokens ``x`` with their ``q_a_layernorm(q_a_proj(x))``."""
+        q = self.wq_b(q_resid).view(x.shape[0], self.n_heads, self.head_dim)
+        w = self.weights_proj(x).float() * self.n_heads ** -0.5
+        return _rope_half(q, cos, sin), w
+
+
+def selected_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, topk: int) -> torch.Tensor:
+    """Which keys each query attends to: ``[M, n]`` bool for queries ``q [M, H, D]`` (weights ``w [M, H]``) at
+    positions ``qpos [M]`` over a sequence's ``n`` keys ``keys [n, D]`` (positions ``0 .. n-1``): the ``topk``
+    highest-scoring visible keys (all of them when no more are visible)."""
+    n = keys.shape[0]
+    scores = torch.relu(torch.matmul(q.float(), keys.float().t()[None]) * q.shape[-1] ** -0.5)   # [M, H, n]
+    index = torch.matmul(w[:, None, :], scores).squeeze(1)                                      # [M, n]
+    visible = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]
+    index = index.masked_fill(~visible, float("-inf"))
+    # a stable sort, not topk: equal scores (a ReLU zeroes every head's term of many keys) go to the earlier key,
+    # so the selection does not depend on how the batch was laid out
+    pick = index.sort(dim=-1, descending=True, stable=True).indices[:, : min(topk, n)]
+    chosen = torch.zeros_like(visible).scatter_(1, pick, True)
+    return chosen & visible

@@ -219,7 +219,13 @@ def mla_masked_attention(q: torch.Tensor, kv_layer: torch.Tensor, table: torch.T
                          kv_lora_rank: int, mask: torch.Tensor) -> torch.Tensor:
     """Absorbed MLA of one sequence's queries ``q [M, H, R + P]`` over its first ``n`` paged latent rows, each query
     seeing only the keys ``mask [M, n]`` marks (DeepSeek-V3.2's sparse selection) -> ``[M, H, R]`` in ``q``'s
-    dtype."""
+    dtype. One query (a decode step) reads only its selected rows from the pool."""
+    if q.shape[0] == 1:
+        pos = mask[0].nonzero().squeeze(1)
+        bt = kv_layer.shape[1]
+        rows = kv_layer[table.long()[pos // bt], pos % bt]
+        rows = dequantize_latent_fp8(rows, kv_lora_rank) if rows.dtype == torch.uint8 else rows.float()
+        return _mla_attend(q, rows, scale, kv_lora_rank, None).to(q.dtype)
     kv = _seq_latent(kv_layer, table, n, kv_lora_rank)
     return _mla_attend(q, kv, scale, kv_lora_rank, mask).to(q.dtype)
 

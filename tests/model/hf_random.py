@@ -79,3 +79,57 @@ def check_batched_against_hf(ours: Any, hf: Any, seqs: list[list[int]], cuts: tu
         for b in range(2):
             seqs[b].append(nxt[b])
             torch.testing.assert_close(dl[b], hf_logits(hf, seqs[b])[-1], atol=2e-4, rtol=1e-4)
+
+
+def bf16_teacher_forced(ours: Any, hf: Any, seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our bf16 logits over ``seq`` (a prefill of 11 tokens, a chunk of 5 over that prefix, then teacher-forced
+    decode steps over the paged KV) and transformers' bf16 forward of the whole sequence (teacher-forced: a
+    near-tie between two greedy ids cannot fork the runs)."""
+    from dualpath.model import KVPool, SeqBatch
+
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=8, block_tokens=4)
+    table = pool.allocate(8)
+    rows = [ours(SeqBatch.build([seq[:11]], [0], [table], 4), pool.layers, all_positions=True),
+            ours(SeqBatch.build([seq[11:16]], [11], [table], 4), pool.layers, all_positions=True)]
+    tables = torch.tensor([table], dtype=torch.int32)
+    for p in range(16, len(seq)):
+        rows.append(ours.decode_step(torch.tensor([seq[p]]), torch.tensor([p]), tables, pool.layers))
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0].float()
+    return torch.cat(rows), ref
+
+
+async def cluster_read_paths(model_cfg: Any, hf: Any, first: list[int], second: list[int], min_hit: int) -> None:
+    """A two-turn session through the emulated cluster: the second turn's hit KV (at least ``min_hit`` tokens) is
+    read on the PE, on the DE and forwarded layer by layer, split, or recomputed; every path must give the same
+    tokens, and those must be transformers' greedy tokens (teacher-forced over the whole session)."""
+    import os
+
+    from dualpath.cluster import Cluster
+    from dualpath.config import DualPathConfig
+
+    def config() -> DualPathConfig:
+        cfg = DualPathConfig()
+        cfg.model = model_cfg
+        c = cfg.cluster
+        c.block_tokens, c.snic_gbps, c.cnic_gbps = 4, None, None
+        c.host_buffer_bytes, c.kv_pool_tokens, c.deadline_s = 8 << 20, 256, 30.0
+        c.devices = os.environ.get("DUALPATH_TEST_DEVICES", "cpu")
+        return cfg
+
+    tokens = {}
+    for read_path in ("pe", "de", "split", "recompute"):
+        async with Cluster(config()) as c:
+            r1 = await c.run_turn("s", first, 4, path="recompute")
+            prompt = first + r1.token_ids + second
+            r2 = await c.run_turn("s", prompt, 6, path=read_path, pe_blocks=2 if read_path == "split" else None)
+        if read_path != "recompute":
+            assert r2.hit_tokens == (len(first) + 4) // 4 * 4 >= min_hit
+        tokens[read_path] = (r1.token_ids, r2.token_ids)
+    assert len({repr(t) for t in tokens.values()}) == 1, tokens
+    r1_ids, r2_ids = tokens["de"]
+    ids = first + r1_ids + second + r2_ids
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids[:-1]])).logits[0]
+    assert logits[len(first) - 1: len(first) + 3].argmax(-1).tolist() == r1_ids
+    assert logits[len(first) + 4 + len(second) - 1:].argmax(-1).tolist() == r2_ids

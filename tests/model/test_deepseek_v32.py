@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from hf_random import cluster_read_paths
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -184,38 +185,9 @@ async def test_cluster_every_read_path_past_index_topk(ckpt):
     """DeepSeek-V3.2 through the emulated cluster: the second turn's hit KV (with its indexer keys, several times
     index_topk) is read on the PE, on the DE and forwarded layer by layer, split, or recomputed; every path gives
     transformers' greedy tokens (teacher-forced over the whole session)."""
-    import os
-
-    from dualpath.cluster import Cluster
-    from dualpath.config import DualPathConfig
-
     d, hf = ckpt
     g = torch.Generator().manual_seed(5)
     first = torch.randint(2, VOCAB, (23,), generator=g).tolist()
     second = torch.randint(2, VOCAB, (7,), generator=g).tolist()
-
-    def config() -> DualPathConfig:
-        cfg = DualPathConfig()
-        cfg.model = LlamaModelConfig(path=str(d), dtype="float32", time_model="off")
-        c = cfg.cluster
-        c.block_tokens, c.snic_gbps, c.cnic_gbps = 4, None, None
-        c.host_buffer_bytes, c.kv_pool_tokens, c.deadline_s = 8 << 20, 256, 30.0
-        c.devices = os.environ.get("DUALPATH_TEST_DEVICES", "cpu")
-        return cfg
-
-    tokens = {}
-    for read_path in ("pe", "de", "split", "recompute"):
-        async with Cluster(config()) as c:
-            r1 = await c.run_turn("s", first, 4, path="recompute")
-            prompt = first + r1.token_ids + second
-            r2 = await c.run_turn("s", prompt, 6, path=read_path, pe_blocks=2 if read_path == "split" else None)
-        if read_path != "recompute":
-            assert r2.hit_tokens == (len(first) + 4) // 4 * 4 >= 3 * CONFIG["index_topk"]
-        tokens[read_path] = (r1.token_ids, r2.token_ids)
-    assert len({repr(t) for t in tokens.values()}) == 1, tokens
-    r1_ids, r2_ids = tokens["de"]
-    ids = first + r1_ids + second + r2_ids
-    with torch.no_grad():
-        logits = hf(torch.tensor([ids[:-1]])).logits[0]
-    assert logits[len(first) - 1: len(first) + 3].argmax(-1).tolist() == r1_ids
-    assert logits[len(first) + 4 + len(second) - 1:].argmax(-1).tolist() == r2_ids
+    await cluster_read_paths(LlamaModelConfig(path=str(d), dtype="float32", time_model="off"), hf, first, second,
+                             3 * CONFIG["index_topk"])

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from hf_random import Checkpoints, check_batched_against_hf
+from hf_random import Checkpoints, bf16_teacher_forced, check_batched_against_hf, cluster_read_paths
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -120,19 +120,8 @@ def test_bf16_teacher_forced_logits(ckpt):
     """bf16 on both sides (transformers keeps the norms in fp32, and softmaxes router and attention in bf16): a
     chunked prefill, then teacher-forced decode steps over the paged KV; every row within 3% of the logit range."""
     _, d, _ = ckpt
-    ours = _load(d, dtype="bfloat16")
     hf = transformers.GptOssForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16).eval()
-    seq = sum(_turns(5), [])
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=8, block_tokens=4)
-    table = pool.allocate(8)
-    rows = [ours(SeqBatch.build([seq[:11]], [0], [table], 4), pool.layers, all_positions=True)]
-    rows.append(ours(SeqBatch.build([seq[11:16]], [11], [table], 4), pool.layers, all_positions=True))
-    for p in range(16, len(seq)):
-        tables = torch.tensor([table], dtype=torch.int32)
-        rows.append(ours.decode_step(torch.tensor([seq[p]]), torch.tensor([p]), tables, pool.layers))
-    got = torch.cat(rows)
-    with torch.no_grad():
-        ref = hf(torch.tensor([seq])).logits[0].float()
+    got, ref = bf16_teacher_forced(_load(d, dtype="bfloat16"), hf, sum(_turns(5), []))
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
 
 
@@ -171,39 +160,8 @@ def anyio_backend():
 @pytest.mark.anyio
 async def test_cluster_every_read_path_gives_transformers_tokens(tmp_path_factory):
     """gpt-oss through the emulated cluster: the second turn's hit KV (several windows long) is read on the PE, on
-    the DE and forwarded layer by layer, split, or recomputed; every path gives transformers' greedy tokens
-    (teacher-forced over the whole session)."""
-    import os
-
-    from dualpath.cluster import Cluster
-    from dualpath.config import DualPathConfig
-
+    the DE and forwarded layer by layer, split, or recomputed; every path gives transformers' greedy tokens."""
     d, hf = _CKPTS.get("gpt_oss", tmp_path_factory)
     first = sum(_turns(), [])  # 23 tokens: six blocks of 4 with the first reply, four windows of 5
-    second = [5, 17, 33, 2, 71, 64, 9]
-
-    def config() -> DualPathConfig:
-        cfg = DualPathConfig()
-        cfg.model = LlamaModelConfig(path=str(d), time_model="off")
-        c = cfg.cluster
-        c.block_tokens, c.snic_gbps, c.cnic_gbps = 4, None, None
-        c.host_buffer_bytes, c.kv_pool_tokens, c.deadline_s = 8 << 20, 256, 30.0
-        c.devices = os.environ.get("DUALPATH_TEST_DEVICES", "cpu")
-        return cfg
-
-    tokens = {}
-    for read_path in ("pe", "de", "split", "recompute"):
-        async with Cluster(config()) as c:
-            r1 = await c.run_turn("s", first, 4, path="recompute")
-            prompt = first + r1.token_ids + second
-            r2 = await c.run_turn("s", prompt, 6, path=read_path, pe_blocks=2 if read_path == "split" else None)
-        if read_path != "recompute":
-            assert r2.hit_tokens == (len(first) + 4) // 4 * 4 >= 4 * CONFIG["sliding_window"]
-        tokens[read_path] = (r1.token_ids, r2.token_ids)
-    assert len({repr(t) for t in tokens.values()}) == 1, tokens
-    r1_ids, r2_ids = tokens["de"]
-    ids = first + r1_ids + second + r2_ids
-    with torch.no_grad():
-        logits = hf(torch.tensor([ids[:-1]])).logits[0]
-    assert logits[len(first) - 1: len(first) + 3].argmax(-1).tolist() == r1_ids
-    assert logits[len(first) + 4 + len(second) - 1:].argmax(-1).tolist() == r2_ids
+    await cluster_read_paths(LlamaModelConfig(path=str(d), time_model="off"), hf, first, [5, 17, 33, 2, 71, 64, 9],
+                             4 * CONFIG["sliding_window"])

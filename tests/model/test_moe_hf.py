@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from hf_random import Checkpoints, check_batched_against_hf
+from hf_random import Checkpoints, bf16_teacher_forced, check_batched_against_hf
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -70,17 +70,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     family, d, _ = ckpt
     ours = load_model(LlamaModelConfig(path=str(d), dtype="bfloat16"), with_tokenizer=False)[0]
     hf = getattr(transformers, FAMILIES[family][1]).from_pretrained(str(d), dtype=torch.bfloat16).eval()
-    seq = sum(_turns(5), [])
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=8, block_tokens=4)
-    table = pool.allocate(8)
-    rows = [ours(SeqBatch.build([seq[:11]], [0], [table], 4), pool.layers, all_positions=True)]
-    rows.append(ours(SeqBatch.build([seq[11:16]], [11], [table], 4), pool.layers, all_positions=True))
-    for p in range(16, len(seq)):
-        tables = torch.tensor([table], dtype=torch.int32)
-        rows.append(ours.decode_step(torch.tensor([seq[p]]), torch.tensor([p]), tables, pool.layers))
-    got = torch.cat(rows)
-    with torch.no_grad():
-        ref = hf(torch.tensor([seq])).logits[0].float()
+    got, ref = bf16_teacher_forced(ours, hf, sum(_turns(5), []))
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
 
 

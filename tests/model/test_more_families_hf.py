@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from hf_random import Checkpoints, check_batched_against_hf, hf_logits
+from hf_random import Checkpoints, bf16_teacher_forced, check_batched_against_hf, hf_logits
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -128,18 +128,8 @@ def test_spec_follows_transformers(ckpt):
 
 def test_bf16_teacher_forced_logits(ckpt):
     family, d, _ = ckpt
-    ours = _load(d, dtype="bfloat16")
     hf = getattr(transformers, FAMILIES[family][1]).from_pretrained(str(d), dtype=torch.bfloat16).eval()
-    seq = sum(_turns(5), [])
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=8, block_tokens=4)
-    table = pool.allocate(8)
-    rows = [ours(SeqBatch.build([seq[:11]], [0], [table], 4), pool.layers, all_positions=True)]
-    for p in range(11, len(seq)):
-        rows.append(ours.decode_step(torch.tensor([seq[p]]), torch.tensor([p]), torch.tensor([table], dtype=torch.int32),
-                                     pool.layers))
-    got = torch.cat(rows)
-    with torch.no_grad():
-        ref = hf(torch.tensor([seq])).logits[0].float()
+    got, ref = bf16_teacher_forced(_load(d, dtype="bfloat16"), hf, sum(_turns(5), []))
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
 
 

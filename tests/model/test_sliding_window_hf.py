@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from hf_random import Checkpoints, check_batched_against_hf
+from hf_random import Checkpoints, check_batched_against_hf, cluster_read_paths
 from test_deepseek import paged_turns
 
 from dualpath.model import ModelSpec
@@ -252,37 +252,7 @@ async def test_cluster_every_path_past_the_window(family, tmp_path_factory):
     """A windowed checkpoint through the emulated cluster: the second turn's hit KV (far more than the window) is
     read on the PE, on the DE and forwarded layer by layer, split, or recomputed; every path gives transformers'
     greedy tokens (teacher-forced over the whole session)."""
-    import os
-
-    from dualpath.cluster import Cluster
-    from dualpath.config import DualPathConfig
-
     d, hf = _CKPTS.get(family, tmp_path_factory)
     first = _turns()[0] + _turns()[1] + _turns()[2]  # 23 tokens: 5 blocks of 4, four windows of 6
-    second = [5, 17, 33, 2, 71, 64, 9]
-
-    def config() -> DualPathConfig:
-        cfg = DualPathConfig()
-        cfg.model = LlamaModelConfig(path=str(d), time_model="off")
-        c = cfg.cluster
-        c.block_tokens, c.snic_gbps, c.cnic_gbps = 4, None, None
-        c.host_buffer_bytes, c.kv_pool_tokens, c.deadline_s = 8 << 20, 256, 30.0
-        c.devices = os.environ.get("DUALPATH_TEST_DEVICES", "cpu")
-        return cfg
-
-    tokens = {}
-    for read_path in ("pe", "de", "split", "recompute"):
-        async with Cluster(config()) as c:
-            r1 = await c.run_turn("s", first, 4, path="recompute")
-            prompt = first + r1.token_ids + second
-            r2 = await c.run_turn("s", prompt, 6, path=read_path, pe_blocks=2 if read_path == "split" else None)
-        if read_path != "recompute":
-            assert r2.hit_tokens == (len(first) + 4) // 4 * 4 >= 4 * W
-        tokens[read_path] = (r1.token_ids, r2.token_ids)
-    assert len({repr(t) for t in tokens.values()}) == 1, tokens
-    r1_ids, r2_ids = tokens["de"]
-    ids = first + r1_ids + second + r2_ids
-    with torch.no_grad():
-        logits = hf(torch.tensor([ids[:-1]])).logits[0]
-    assert logits[len(first) - 1: len(first) + 3].argmax(-1).tolist() == r1_ids
-    assert logits[len(first) + 4 + len(second) - 1:].argmax(-1).tolist() == r2_ids
+    await cluster_read_paths(LlamaModelConfig(path=str(d), time_model="off"), hf, first, [5, 17, 33, 2, 71, 64, 9],
+                             4 * W)

@@ -201,7 +201,8 @@ class DeepseekV3Model(LayerwiseDecoder):
         dt = self.spec.torch_dtype
         cos = (freqs.cos() * self._rope_scale).to(dt)
         sin = (freqs.sin() * self._rope_scale).to(dt)
-        return ForwardState(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin)
+        sparse = self.spec.model_type == "deepseek_v32" and int(batch.seq_lens.max()) > self.spec.index_topk
+        return ForwardState(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin, sparse=sparse)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
@@ -235,8 +236,9 @@ class DeepseekV3Model(LayerwiseDecoder):
         w = attn.kv_b_proj.weight.view(h, nope + vd, r).float()
         q_lat = torch.einsum("nhd,hdr->nhr", q_nope.float(), w[:, :nope])
         qq = torch.cat((q_lat, q_rot.float()), dim=-1).contiguous()             # [N, H, R + rope] fp32
-        sparse = spec.model_type == "deepseek_v32" and self._store_index_keys(attn.indexer, x, state, kv_layer)
-        if sparse:  # some sequence holds more than index_topk keys: each query attends to its selection only
+        if spec.model_type == "deepseek_v32":
+            self._store_index_keys(attn.indexer, x, state, kv_layer)
+        if state.sparse:  # some sequence holds more than index_topk keys: each query attends to its selection only
             assert q_resid is not None  # (V3.2 has a q_lora_rank)
             o_lat = self._sparse_attention(attn.indexer, x, q_resid, qq, state, kv_layer, latent)
         elif b.is_decode:
@@ -251,9 +253,8 @@ class DeepseekV3Model(LayerwiseDecoder):
         state.next_layer += 1
 
     def _store_index_keys(self, indexer: Indexer, x: torch.Tensor, state: ForwardState,
-                          kv_layer: torch.Tensor) -> bool:
-        """Write the new tokens' indexer keys into their rows; True when some sequence of the batch now holds more
-        than ``index_topk`` keys (its queries then attend to a selection)."""
+                          kv_layer: torch.Tensor) -> None:
+        """Write the new tokens' indexer keys into their rows."""
         b = state.batch
         keys = indexer.keys(x, state.cos, state.sin)
         pool = _index_keys(kv_layer, self._latent_width, x.dtype)
@@ -261,7 +262,6 @@ class DeepseekV3Model(LayerwiseDecoder):
         keep = slots >= 0
         bt = kv_layer.shape[1]
         pool[slots[keep] // bt, slots[keep] % bt] = keys[keep].to(pool.dtype)
-        return int(b.seq_lens.max()) > self.spec.index_topk
 
     def _sparse_attention(self, indexer: Indexer, x: torch.Tensor, q_resid: torch.Tensor, qq: torch.Tensor,
                           state: ForwardState, kv_layer: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:

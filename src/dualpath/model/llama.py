@@ -154,6 +154,7 @@ class ForwardState:
     sin: torch.Tensor
     next_layer: int = 0
     local: tuple[torch.Tensor, torch.Tensor] | None = None  # Gemma 3: the sliding layers' own (cos, sin)
+    sparse: bool = False  # DeepSeek-V3.2: some sequence holds more than index_topk keys (decided once per batch)
 
 
 PrefillState = ForwardState

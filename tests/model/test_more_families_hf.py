@@ -1,4 +1,4 @@
-"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS and Granite against transformers on the same random weights, saved by transformers' own
+"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite and GLM-4.5 against transformers on the same random weights, saved by transformers' own
 ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
 sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
 
@@ -58,12 +58,32 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM",
                  dict(BASE, head_dim=16, attention_out_bias=True, pad_token_id=None, bos_token_id=None,
                       eos_token_id=None)),
+    # half-head RoPE, q/k norms, q/k/v biases, a dense first layer, then DeepSeek-V3's MoE (grouped sigmoid router
+    # with a correction bias, a scaling factor, a shared expert); test_glm4_moe_hf.py has its own checks
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(BASE, num_hidden_layers=3, head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
+                      num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
+                      routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=0)),
     "granite": ("GraniteConfig", "GraniteForCausalLM",
                 dict(BASE, embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.6,
                      logits_scaling=2.5, attention_bias=True)),
 }
 
-_CKPTS = Checkpoints(FAMILIES)
+class _Families(Checkpoints):
+    """Widened like every family's random checkpoint; a router's correction biases (GLM-4.5) made to matter."""
+
+    def model(self, family: str, seed: int = 0) -> Any:
+        hf = super().model(family, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+                if bias is not None:
+                    bias.copy_(0.2 * torch.randn(bias.shape, generator=g))
+        return hf
+
+
+_CKPTS = _Families(FAMILIES)
 ckpt = _CKPTS.fixture()
 
 

@@ -248,7 +248,7 @@ def test_spec_identity():
 
 def test_reads_hub_style_configs():
     """The keys of published configs at their real sizes: Phi-3-mini-4k (every layer slides over 2047), Phi-4-mini
-    (partial RoPE 0.75 of 128 dims; its longrope scaling refused, naming the key), Gemma-2B / 7B (head_dim 256,
+    (partial RoPE 0.75 of 128 dims; LongRoPE), Gemma-2B / 7B (head_dim 256,
     hidden_act "gelu" with hidden_activation "gelu_pytorch_tanh", GemmaConfig's defaults)."""
     phi3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu", "hidden_size": 3072,
             "intermediate_size": 8192, "max_position_embeddings": 4096, "num_attention_heads": 32,
@@ -262,8 +262,8 @@ def test_reads_hub_style_configs():
     phi4 = dict(phi3, hidden_size=3072, num_attention_heads=24, num_key_value_heads=8, partial_rotary_factor=0.75,
                 max_position_embeddings=131072, sliding_window=262144, tie_word_embeddings=True, vocab_size=200064,
                 rope_scaling={"type": "longrope", "long_factor": [1.0] * 48, "short_factor": [1.0] * 48})
-    with pytest.raises(ModelError, match="rope_scaling type 'longrope' unsupported for phi3"):
-        load_spec(phi4)
+    spec = load_spec(phi4)  # LongRoPE: its short factors, capped at the original 4,096 (test_phi3_longrope_hf)
+    assert isinstance(spec, ModelSpec) and spec.rope_long is False and spec.context_limit == 4096
     spec = load_spec(dict(phi4, rope_scaling=None))
     assert isinstance(spec, ModelSpec) and (spec.head_dim, spec.rotary_dim) == (128, 96) and spec.tie_embeddings
     gemma = {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "bos_token_id": 2, "eos_token_id": 1,
@@ -324,14 +324,15 @@ def test_checkpoints_we_cannot_run_name_the_key_or_tensor(tmp_path_factory, tmp_
 
     d, _ = _ckpt("phi3", tmp_path_factory)
     cfg = json.loads((d / "config.json").read_text())
-    for rope, key in (({"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
-                        "rope_theta": 1e4}, "rope_parameters"),
-                      ({"type": "su", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}, "rope_scaling"),
-                      ({"type": "linear", "factor": 2.0}, "rope_scaling")):
+    for rope, key, match in (
+            ({"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 4, "rope_theta": 1e4},
+             "rope_parameters", r"rope_scaling.short_factor must be a list of 4"),  # 4 pairs of 8 rotated dims
+            ({"type": "su", "short_factor": [1.0] * 4}, "rope_scaling", "missing 'long_factor'"),
+            ({"type": "linear", "factor": 2.0}, "rope_scaling", "rope_scaling type 'linear' unsupported for phi3")):
         bad = dict(cfg, **{key: rope})
         if key == "rope_scaling":
             bad.pop("rope_parameters")
-        with pytest.raises(ModelError, match=f"{key} type .* unsupported for phi3"):
+        with pytest.raises(ModelError, match=match):
             load_spec(bad)
     for value in (0.1875, 0.0, 1.5, "half"):  # 3 rotated dims of 16 (odd), none, more than the head, not a number
         with pytest.raises(ModelError, match="partial_rotary_factor"):

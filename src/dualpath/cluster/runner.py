@@ -245,6 +245,16 @@ class Cluster:
         return self.storage.lookup(keys[:usable]) * self.layout.block_tokens
 
     # --- validation ----------------------------------------------------------------------------------------
+    def _context_hint(self) -> str:
+        """What sets a real model's context (the knob to turn), or nothing for the synthetic model."""
+        first = next(iter(self._models.values()), None)
+        spec = getattr(getattr(first, "model", None), "spec", None)
+        if spec is None or not hasattr(spec, "context_limit") or spec.context_limit != self.max_context:
+            return ""
+        from dualpath.model.spec import context_note
+
+        return f" ({context_note(spec)})"
+
     def check_turn(self, prompt_ids: Sequence[int], gen_tokens: int, pe: int, de: int) -> None:
         """Every error a turn can be refused for, raised before any work starts."""
         n = len(prompt_ids)
@@ -255,7 +265,7 @@ class Cluster:
         if n + gen_tokens > self.max_context:
             raise ModelError(
                 f"turn of {n} prompt + {gen_tokens} generated tokens = {n + gen_tokens} exceeds the model's "
-                f"context of {self.max_context} tokens"
+                f"context of {self.max_context} tokens{self._context_hint()}"
             )
         lo, hi = min(prompt_ids), max(prompt_ids)
         if lo < 0 or hi >= self.vocab_size:

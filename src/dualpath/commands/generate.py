@@ -34,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV storage: auto = the compute dtype; fp8 = FlashMLA's FP8 latent rows (DeepSeek-V2/V3)")
     parser.add_argument("--block-tokens", type=int, default=16)
     parser.add_argument("--pool-tokens", type=int, default=None,
-                        help="KV pool capacity in tokens (default: the model's max_position_embeddings)")
+                        help="KV pool capacity in tokens (default: the model's context limit)")
+    parser.add_argument("--max-context", type=int, default=None,
+                        help="the longest context served (default: max_position_embeddings; a LongRoPE model, "
+                             "Phi-3.5 / Phi-4-mini, uses its long RoPE factors only above "
+                             "original_max_position_embeddings, its default cap)")
     parser.add_argument("--random-init", action="store_true", help="seeded random weights from the config")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_out", help="write the run as JSON here")
@@ -68,12 +72,15 @@ def run(args: argparse.Namespace) -> int:
     from dualpath.model.kv_pool import KVPool
     from dualpath.model.llama import SeqBatch
     from dualpath.model.loader import load_model
+    from dualpath.model.spec import context_note
 
     if args.max_new_tokens < 1:
         raise ModelError("--max-new-tokens must be >= 1")
     dtype: Any = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if args.max_context is not None and args.max_context < 1:
+        raise ModelError("--max-context must be >= 1")
     cfg = LlamaModelConfig(path=args.model, dtype=dtype, random_init=args.random_init, seed=args.seed,
-                           attention_backend=args.backend, kv_format=args.kv_format)
+                           attention_backend=args.backend, kv_format=args.kv_format, max_context=args.max_context)
     t0 = time.perf_counter()
     model, tok = load_model(cfg, device=device, with_tokenizer=args.prompt is not None or not args.random_init)
     load_s = time.perf_counter() - t0
@@ -96,12 +103,17 @@ def run(args: argparse.Namespace) -> int:
         raise ModelError(f"prompt token id {bad[0]} is outside the vocabulary [0, {spec.vocab_size})")
 
     bt = args.block_tokens
-    pool_tokens = args.pool_tokens or spec.max_position
+    pool_tokens = args.pool_tokens or spec.context_limit
     total = len(ids) + args.max_new_tokens
+    if spec.context_limit < spec.max_position and total > spec.context_limit:  # a cap below the checkpoint's own
+        raise ModelError(
+            f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens = {total} tokens exceeds the model's "
+            f"context of {spec.context_limit} tokens ({context_note(spec)})"
+        )
     if total > pool_tokens:
         raise ModelError(
             f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens = {total} tokens exceeds the KV pool of "
-            f"{pool_tokens} tokens (--pool-tokens, default max_position_embeddings={spec.max_position})"
+            f"{pool_tokens} tokens (--pool-tokens, default the model's context, {spec.context_limit})"
         )
     kv_spec = spec.kv_spec()
     pool = KVPool(kv_spec, num_blocks=-(-total // bt), block_tokens=bt, device=device)

@@ -127,7 +127,7 @@ class LlamaAdapter(LayerwiseModel):
         spec = model.spec
         self.kv_spec = spec.kv_spec()
         self.fingerprint = spec.fingerprint()
-        self.max_context = int(max_context or spec.max_position)
+        self.max_context = int(max_context or spec.context_limit)
         self.vocab_size = int(spec.vocab_size)
         self.device = torch.device(getattr(model, "device", "cpu"))
         self._limiter = anyio.CapacityLimiter(1)

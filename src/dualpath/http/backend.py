@@ -401,8 +401,8 @@ class RemoteBackend(Backend):
 
                 p = checkpoint_path(mcfg.path)
                 if p.is_dir():
-                    spec = load_spec(p / "config.json")
-                    self.max_context = int(spec.max_position)
+                    spec = load_spec(p / "config.json", max_context=getattr(mcfg, "max_context", None))
+                    self.max_context = int(spec.context_limit)
                     self.vocab_size = int(spec.vocab_size)
         else:
             mc = self.config.model

@@ -14,7 +14,8 @@ class LlamaModelConfig(Section):
     DeepSeek-V2/V3/V3.2 with MLA), chosen by the checkpoint's architecture. ``path``: a
     checkpoint directory (safetensors, or PyTorch ``.bin`` state dicts read with weights_only), a GGUF file, or None for the embedded SmolLM2-135M-Instruct. ``random_init``: build
     from ``path``'s config.json with seeded random weights. ``kv_format``: ``auto`` (KV in ``dtype``) or ``fp8``
-    (DeepSeek-V2/V3 only: FlashMLA's FP8 latent rows, 656 bytes per token and layer for 512 + 64)."""
+    (DeepSeek-V2/V3 only: FlashMLA's FP8 latent rows, 656 bytes per token and layer for 512 + 64). ``max_context``:
+    the longest context served (see its description; LongRoPE models depend on it)."""
 
     kind: Literal["llama"] = "llama"
     path: str | None = None
@@ -23,6 +24,13 @@ class LlamaModelConfig(Section):
     seed: int = 0
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     kv_format: Literal["auto", "fp8"] = "auto"
+    max_context: int | None = Field(
+        default=None, gt=0,
+        description="the longest context (prompt + generated tokens) served; None: the checkpoint's "
+        "max_position_embeddings. For a LongRoPE checkpoint (Phi-3.5, Phi-4-mini) it also picks the RoPE factors: "
+        "up to original_max_position_embeddings (the default cap) the short ones, as transformers computes those "
+        "lengths; above it the long ones for every position, as vLLM does",
+    )
     time_model: Literal["auto", "off"] = Field(
         default="auto",
         description="forward-time model for the PE's compute quota and Algorithm 1's beta: 'auto' calibrates it "

@@ -418,6 +418,13 @@ class LlamaModel(LayerwiseDecoder):
         ids = batch.input_ids.to(self.device)
         if int(ids.max()) >= self.spec.vocab_size or int(ids.min()) < 0:
             raise ModelError(f"token id out of range [0, {self.spec.vocab_size})")
+        if self.spec.rope_long is False and int(batch.positions.max()) >= self.spec.context_limit:
+            # LongRoPE on its short factors: past original_max_position_embeddings transformers would turn every
+            # position with the long ones, which the KV already computed cannot follow; never a silent mismatch
+            from dualpath.model.spec import context_note
+
+            raise ModelError(f"position {int(batch.positions.max())} is past the model's context of "
+                             f"{self.spec.context_limit} tokens ({context_note(self.spec)})")
         positions = batch.positions.to(self.device, torch.float32)
         cos, sin = self._rope_tables(positions, self.inv_freq, self._rope_scale)
         local = None

@@ -627,12 +627,12 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
         if cfg.kv_format != "auto":
             raise ModelError(f"{p}: kv_format {cfg.kv_format!r} needs an MLA (DeepSeek-V2/V3) safetensors checkpoint")
         hf_cfg, tensors = read_gguf(p)
-        spec = ModelSpec.from_hf_config(hf_cfg, dtype=cfg.dtype)
+        spec = ModelSpec.from_hf_config(hf_cfg, dtype=cfg.dtype, max_context=cfg.max_context)
         weights_id = f"random:{cfg.seed}" if cfg.random_init else files_identity([p])
         model_tensors: Mapping[str, torch.Tensor] | None = None if cfg.random_init else tensors
     else:
         cfg_path = p if p.is_file() else p / "config.json"
-        spec = load_spec(cfg_path, dtype=cfg.dtype, kv_format=cfg.kv_format)
+        spec = load_spec(cfg_path, dtype=cfg.dtype, kv_format=cfg.kv_format, max_context=cfg.max_context)
         if isinstance(spec, DeepseekV3Spec):
             from dualpath.model.spec import read_hf_config
 

@@ -13,7 +13,10 @@ a dense MLP in ``mlp_only_layers`` and in layers off ``decoder_sparse_step``.
 Three more dense families run on the same path: ``Phi3ForCausalLM`` (``phi3``: fused ``qkv_proj`` and
 ``gate_up_proj`` checkpoint tensors, split at load time and fused again by our ``save_pretrained``; no biases;
 ``partial_rotary_factor`` rotates only the first ``int(head_dim * factor)`` dims of each head, as Phi-4-mini does;
-``default`` RoPE only: ``longrope`` / ``su`` scaling switches its factors by sequence length and is refused) and
+``default`` RoPE or LongRoPE (``longrope``, and ``su`` / ``yarn`` read as it, as Phi3Config reads them: Phi-3.5-mini,
+Phi-3-mini-128k, Phi-4-mini), whose factor set is fixed per deployment (:func:`rope_long_for`: the short factors
+with the context capped at ``original_max_position_embeddings`` unless ``max_context`` asks for more, then the long
+factors at every position) so that a stored prefix's KV never depends on the forward that computed it) and
 ``GemmaForCausalLM`` (``gemma``: RMSNorm scaling by ``1 + weight`` in fp32, embeddings times ``sqrt(hidden_size)``
 rounded to the compute dtype, GeGLU with the tanh GELU, an explicit ``head_dim`` (256 unless the config says
 otherwise), tied embeddings by default, ``attention_bias`` on q/k/v and o). ``Gemma2ForCausalLM`` (``gemma2``) adds
@@ -129,7 +132,7 @@ _GRANITE_FIELDS = ("embedding_multiplier", "attention_multiplier", "residual_mul
 _OLMO_ARCHS = ("olmo2", "olmo3")
 _MOE_FIELDS = ("n_experts", "n_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -202,6 +205,12 @@ class ModelSpec(_SpecCommon):
     attention_multiplier: float | None = None
     residual_multiplier: float | None = None
     logits_scaling: float | None = None
+    # phi3 LongRoPE (rope_scaling type longrope): which factor set turns every position, chosen once per deployment
+    # (see rope_long_for); None for every other RoPE
+    rope_long: bool | None = None
+    # the longest context this deployment serves (LlamaModelConfig.max_context; None: max_position); not part of
+    # the architecture, so not in to_dict
+    context_cap: int | None = field(default=None, compare=False)
     weights_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -221,7 +230,7 @@ class ModelSpec(_SpecCommon):
         rope_type = self.rope_type
         if rope_type not in ROPE_TYPES:
             raise ModelError(f"model config: rope_scaling type {rope_type!r} unsupported; expected {ROPE_TYPES}")
-        if rope_type != "default" and "factor" not in (self.rope_scaling or {}):
+        if rope_type not in ("default", "longrope") and "factor" not in (self.rope_scaling or {}):
             raise ModelError(f"model config: rope_scaling of type {rope_type!r} needs a 'factor'")
         if rope_type == "llama3":
             for key in ("low_freq_factor", "high_freq_factor"):
@@ -236,9 +245,13 @@ class ModelSpec(_SpecCommon):
             if not 0 < self.partial_rotary_factor <= 1 or rot <= 0 or rot % 2:
                 raise ModelError(f"model config: partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] "
                                  f"and rotate an even number of dims (head_dim {self.head_dim} gives {rot})")
-        if self.architecture == "phi3" and (self.rope_type != "default" or self.attention_bias):
-            raise ModelError("model config: phi3 has no projection biases and supports only 'default' RoPE "
-                             f"(got rope_scaling type {self.rope_type!r}, attention_bias {self.attention_bias})")
+        if self.architecture == "phi3" and (self.rope_type not in ("default", "longrope") or self.attention_bias):
+            raise ModelError("model config: phi3 has no projection biases and supports 'default' and 'longrope' "
+                             f"RoPE (got rope_scaling type {self.rope_type!r}, attention_bias {self.attention_bias})")
+        self._check_longrope()
+        cap = self.context_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+            raise ModelError(f"model config: max_context must be a positive integer or null, got {cap!r}")
         if self.architecture == "gemma" and self.sliding_window is not None:
             raise ModelError("model config: gemma has no sliding attention window (sliding_window must be null)")
         self._check_window()
@@ -288,6 +301,43 @@ class ModelSpec(_SpecCommon):
             self._check_moe()
         elif self.n_experts:
             raise ModelError(f"model config: architecture {self.architecture!r} has no experts (n_experts must be 0)")
+
+    def _check_longrope(self) -> None:
+        """A ``longrope`` RoPE (phi3 only): both factor lists, one number per rotated pair, and the chosen set."""
+        if self.rope_type != "longrope":
+            if self.rope_long is not None:
+                raise ModelError(f"model config: rope_long is for a longrope RoPE, got {self.rope_long!r} with "
+                                 f"rope_scaling type {self.rope_type!r}")
+            return
+        rs = self.rope_scaling or {}
+        if self.architecture != "phi3":
+            raise ModelError(f"model config: rope_scaling type 'longrope' is phi3's, got it for {self.architecture}")
+        for key in ("short_factor", "long_factor"):
+            f = rs.get(key)
+            if (not isinstance(f, list) or len(f) != self.rotary_dim // 2
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in f)):
+                n = len(f) if isinstance(f, list) else type(f).__name__
+                raise ModelError(f"model config: rope_scaling.{key} must be a list of {self.rotary_dim // 2} positive "
+                                 f"numbers (one per rotated pair of the {self.rotary_dim} rotary dims), got {n}")
+        orig = rs.get("original_max_position_embeddings")
+        if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+            raise ModelError(f"model config: original_max_position_embeddings must be a positive integer, got {orig!r}")
+        for key in ("factor", "attention_factor"):
+            v = rs.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                raise ModelError(f"model config: rope_scaling.{key} must be a positive number or null, got {v!r}")
+        if not isinstance(self.rope_long, bool):
+            raise ModelError(f"model config: a longrope spec needs rope_long true or false, got {self.rope_long!r}")
+
+    @property
+    def context_limit(self) -> int:
+        """The longest sequence this spec serves, in tokens: ``max_position``, capped by ``context_cap`` and, for
+        a LongRoPE model on its short factors, by ``original_max_position_embeddings`` (past it transformers would
+        switch every position to the long factors, which KV already computed cannot follow)."""
+        limit = self.max_position if self.context_cap is None else min(self.max_position, self.context_cap)
+        if self.rope_long is False:
+            limit = min(limit, int((self.rope_scaling or {})["original_max_position_embeddings"]))
+        return limit
 
     def _check_window(self) -> None:
         w = self.sliding_window
@@ -463,6 +513,9 @@ class ModelSpec(_SpecCommon):
         # [] since Gemma 2 support; kept, as it is part of every stored fingerprint)
         else:
             d["mlp_only_layers"] = list(self.mlp_only_layers)
+        d.pop("context_cap")
+        if self.rope_long is None:  # and before LongRoPE
+            d.pop("rope_long")
         if not self.nope_layers:  # and before SmolLM3
             d.pop("nope_layers")
         else:
@@ -558,6 +611,8 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "phi3":
             # Phi3Config's default pad_token_id (32000) is the padding_idx of its embedding: out of a smaller vocab
             cfg.update(partial_rotary_factor=self.partial_rotary_factor, pad_token_id=None)
+            if self.rope_type == "longrope":  # Phi3Config reads this top-level key before the RoPE dict's
+                cfg["original_max_position_embeddings"] = (self.rope_scaling or {})["original_max_position_embeddings"]
         if self.architecture == "llama" and not mistral:
             cfg["mlp_bias"] = False
         if self.architecture == "qwen2_moe":
@@ -603,8 +658,11 @@ class ModelSpec(_SpecCommon):
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf_config(cls, config: dict[str, Any] | str | Path, dtype: str | None = None) -> ModelSpec:
-        """Read a Hugging Face config (a dict, a ``config.json`` path, or a directory holding one)."""
+    def from_hf_config(cls, config: dict[str, Any] | str | Path, dtype: str | None = None,
+                       max_context: int | None = None) -> ModelSpec:
+        """Read a Hugging Face config (a dict, a ``config.json`` path, or a directory holding one).
+        ``max_context``: the longest context the deployment serves (:attr:`context_cap`; for a LongRoPE model
+        it also picks the factor set, :func:`rope_long_for`)."""
         cfg, where = read_hf_config(config)
         cfg = gemma3_text_config(cfg, where)
 
@@ -663,7 +721,7 @@ class ModelSpec(_SpecCommon):
                                                   where)
         partial = 1.0
         if arch == "phi3":
-            partial = _phi3_rope(cfg, where, rope_scaling)
+            partial, rope_scaling = _phi3_rope(cfg, where, rope_scaling)
         elif arch == "glm4_moe":  # Glm4MoeConfig's default: RoPE on half of each head
             partial = _partial_rotary(cfg, where, 0.5)
         if dtype is None:
@@ -707,6 +765,8 @@ class ModelSpec(_SpecCommon):
             nope_layers=_nope_layers(arch, cfg, where),
             clip_qkv=cfg.get("clip_qkv") if arch == "olmoe" else None,
             o_proj_bias=bool(cfg.get("attention_out_bias", False)) if arch == "seed_oss" else None,
+            rope_long=rope_long_for(rope_scaling, max_context),
+            context_cap=max_context,
         )
 
 
@@ -977,15 +1037,56 @@ def _check_gemma(cfg: dict[str, Any], where: str) -> None:
         raise ModelError(f"{where}: use_bidirectional_attention=true is unsupported (a decoder attends causally)")
 
 
-def _phi3_rope(cfg: dict[str, Any], where: str, rope_scaling: dict[str, Any] | None) -> float:
-    """Phi-3's ``partial_rotary_factor`` where transformers' Phi3Config finds it: in the RoPE parameters
-    (``rope_scaling`` when set, else ``rope_parameters``), else at the top level. Only ``default`` RoPE: Phi3Config
-    maps ``su`` and ``yarn`` to ``longrope``, whose short/long factors switch by sequence length (refused)."""
-    if rope_scaling is not None:
-        key = "rope_scaling" if isinstance(cfg.get("rope_scaling"), dict) else "rope_parameters"
-        raise ModelError(f"{where}: {key} type {rope_scaling.get('rope_type')!r} unsupported for phi3 (only "
-                         "'default'; longrope/su switch between short and long factors by sequence length)")
-    return _partial_rotary(cfg, where, 1.0)
+def _phi3_rope(cfg: dict[str, Any], where: str,
+               rope_scaling: dict[str, Any] | None) -> tuple[float, dict[str, Any] | None]:
+    """Phi-3's ``partial_rotary_factor`` (where transformers' Phi3Config finds it: in the RoPE parameters, else at
+    the top level) and its RoPE: ``default``, or ``longrope`` (Phi3Config reads ``su`` and ``yarn`` as longrope),
+    with ``original_max_position_embeddings`` taken from the top level first, then the RoPE dict, then 4,096, as
+    Phi3Config does."""
+    partial = _partial_rotary(cfg, where, 1.0)
+    if rope_scaling is None:
+        return partial, None
+    key = "rope_scaling" if isinstance(cfg.get("rope_scaling"), dict) else "rope_parameters"
+    kind = rope_scaling.get("rope_type")
+    if kind not in ("longrope", "su", "yarn"):
+        raise ModelError(f"{where}: {key} type {kind!r} unsupported for phi3 (expected 'default' or 'longrope')")
+    out = {k: v for k, v in rope_scaling.items() if k not in ("partial_rotary_factor", "rope_theta")}
+    out["rope_type"] = "longrope"
+    orig = cfg.get("original_max_position_embeddings", rope_scaling.get("original_max_position_embeddings", 4096))
+    if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+        raise ModelError(f"{where}: original_max_position_embeddings must be a positive integer, got {orig!r}")
+    out["original_max_position_embeddings"] = orig
+    for name in ("short_factor", "long_factor"):
+        if name not in out:
+            raise ModelError(f"{where}: {key} of type longrope is missing {name!r}")
+    return partial, out
+
+
+def context_note(spec: Any) -> str:
+    """What sets ``spec.context_limit``, for an error that names the knob to turn."""
+    orig = (spec.rope_scaling or {}).get("original_max_position_embeddings")
+    if getattr(spec, "rope_long", None) is False and spec.context_limit == orig:
+        return (f"a LongRoPE model on its short RoPE factors serves up to original_max_position_embeddings={orig}; "
+                "set model.max_context (dualpath generate --max-context) higher to serve longer contexts with its "
+                "long factors, at every position")
+    if spec.context_cap is not None and spec.context_limit == spec.context_cap:
+        return f"model.max_context={spec.context_cap}"
+    return f"max_position_embeddings={spec.max_position}"
+
+
+def rope_long_for(rope_scaling: dict[str, Any] | None, max_context: int | None) -> bool | None:
+    """Which of a LongRoPE model's factor sets turns every position (None when the RoPE is not longrope).
+
+    transformers picks per forward (the long set once the forward's longest sequence passes
+    ``original_max_position_embeddings``), so a prefix's keys would depend on which forward computed them, and a
+    stored Full Block could not be reused by a longer context. Here the set is fixed per deployment, as vLLM fixes
+    it: the short set (transformers' numbers exactly, the context capped at ``original_max_position_embeddings``)
+    unless ``max_context`` asks for more, then the long set for every position (transformers' numbers for any
+    sequence longer than ``original_max_position_embeddings``)."""
+    if (rope_scaling or {}).get("rope_type") != "longrope":
+        return None
+    orig = int((rope_scaling or {})["original_max_position_embeddings"])
+    return max_context is not None and int(max_context) > orig
 
 
 def _partial_rotary(cfg: dict[str, Any], where: str, default: float) -> float:
@@ -1145,17 +1246,19 @@ def parse_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] |
 
 
 def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
-              kv_format: str = "auto") -> ModelSpec | DeepseekV3Spec:
+              kv_format: str = "auto", max_context: int | None = None) -> ModelSpec | DeepseekV3Spec:
     """The spec of a checkpoint's architecture: :class:`DeepseekV3Spec` for ``DeepseekV3ForCausalLM`` and
     ``DeepseekV2ForCausalLM``, :class:`ModelSpec` for the Llama family. ``kv_format``: ``auto`` (the compute
-    dtype) or ``fp8`` (MLA only)."""
+    dtype) or ``fp8`` (MLA only). ``max_context``: the longest context served (``context_cap``; None: the
+    checkpoint's ``max_position_embeddings``)."""
     cfg, where = read_hf_config(config)
     archs = cfg.get("architectures") or []
     if any(a in _DEEPSEEK_ARCH for a in archs) or (not archs and cfg.get("model_type") in _DEEPSEEK_ARCH.values()):
-        return DeepseekV3Spec.from_hf_config(cfg, dtype=dtype, kv_format=kv_format, where=where)
+        return DeepseekV3Spec.from_hf_config(cfg, dtype=dtype, kv_format=kv_format, where=where,
+                                             max_context=max_context)
     if kv_format != "auto":
         raise ModelError(f"{where}: KV format {kv_format!r} needs an MLA (DeepSeek-V2/V3) model")
-    return ModelSpec.from_hf_config(cfg, dtype=dtype)
+    return ModelSpec.from_hf_config(cfg, dtype=dtype, max_context=max_context)
 
 
 _DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
@@ -1228,7 +1331,13 @@ class DeepseekV3Spec(_SpecCommon):
     index_topk: int = 0  # DeepSeek-V3.2's indexer (0 for V2/V3): keys each query attends to
     index_n_heads: int = 0
     index_head_dim: int = 0
+    context_cap: int | None = field(default=None, compare=False)  # as ModelSpec's (not in to_dict)
     weights_id: str = field(default="", compare=False)
+
+    @property
+    def context_limit(self) -> int:
+        """The longest sequence this spec serves: ``max_position``, capped by ``context_cap``."""
+        return self.max_position if self.context_cap is None else min(self.max_position, self.context_cap)
 
     @property
     def architecture(self) -> str:
@@ -1347,6 +1456,7 @@ class DeepseekV3Spec(_SpecCommon):
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("weights_id")
+        d.pop("context_cap")
         d.pop("model_type")  # named by architecture
         if self.model_type == "deepseek_v3":
             d.pop("topk_method")  # V3 has one: its dict (and so its block-key namespace) is as before V2 support
@@ -1417,7 +1527,7 @@ class DeepseekV3Spec(_SpecCommon):
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any] | str | Path, dtype: str | None = None, kv_format: str = "auto",
-                       where: str | None = None) -> DeepseekV3Spec:
+                       where: str | None = None, max_context: int | None = None) -> DeepseekV3Spec:
         cfg, name = read_hf_config(config)
         where = where or name
 
@@ -1507,6 +1617,7 @@ class DeepseekV3Spec(_SpecCommon):
             index_topk=index.get("index_topk", 0),
             index_n_heads=index.get("index_n_heads", 0),
             index_head_dim=index.get("index_head_dim", 0),
+            context_cap=max_context,
         )
 
 
@@ -1515,17 +1626,28 @@ class DeepseekV3Spec(_SpecCommon):
 
 def rope_inv_freq(spec: ModelSpec) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[rotary_dim // 2]`` (fp32) and the cos/sin scale for ``spec``'s RoPE variant."""
-    return rope_frequencies(spec.rotary_dim, spec.rope_theta, spec.rope_scaling, spec.max_position)
+    return rope_frequencies(spec.rotary_dim, spec.rope_theta, spec.rope_scaling, spec.max_position,
+                            long=bool(spec.rope_long))
 
 
 def rope_frequencies(dim: int, base: float, rope_scaling: dict[str, Any] | None,
-                     max_position: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies ``[dim // 2]`` (fp32) and the cos/sin scale of a RoPE of ``dim`` rotary dims."""
+                     max_position: int, long: bool = False) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[dim // 2]`` (fp32) and the cos/sin scale of a RoPE of ``dim`` rotary dims
+    (``long``: a longrope RoPE's long factor set, else its short one)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     rs = rope_scaling or {}
     kind = str(rs.get("rope_type", rs.get("type", "default")))
     scale = 1.0
-    if kind == "linear":
+    if kind == "longrope":  # LongRoPE: per-pair divisors, and a cos/sin scale from the context extension
+        orig = float(rs["original_max_position_embeddings"])
+        factors = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float64)
+        inv_freq = inv_freq / factors
+        attn = rs.get("attention_factor")
+        if attn is None:
+            factor = float(rs.get("factor") or max_position / orig)
+            attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        scale = float(attn)
+    elif kind == "linear":
         inv_freq = inv_freq / float(rs["factor"])
     elif kind == "llama3":
         factor = float(rs["factor"])

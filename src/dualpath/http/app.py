@@ -33,6 +33,7 @@ from dualpath.errors import DualPathError, ModelError, PeerTimeout
 from dualpath.http.backend import Backend, Cancelled, GenRequest, GenResult, Job, stop_ids_of
 from dualpath.http.config import HttpConfig
 from dualpath.http.metrics import CONTENT_TYPE, HttpMetrics
+from dualpath.http.reasoning import ReasoningReader, reasoning_enabled, starts_in_reasoning
 from dualpath.http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -285,6 +286,15 @@ class Server:
         template = getattr(self.backend.tokenizer, "chat_template", None)
         return ToolCallReader(parser_for(self.config.tool_parser, template), [t.function.name for t in tools],
                               max_calls)
+
+    def reasoning_reader(self, prompt_ids: list[int]) -> ReasoningReader | None:
+        """What splits a chat answer's reasoning from its content (None when ``http.reasoning_parser`` is off
+        for this tokenizer); the prompt's own text says whether the answer starts inside a ``<think>`` block."""
+        tok = self.backend.tokenizer
+        if not reasoning_enabled(self.config.reasoning_parser, tok):
+            return None
+        tail = str(tok.decode(prompt_ids[-64:], skip_special_tokens=False))
+        return ReasoningReader(starts_in_reasoning(tail))
 
     def render_chat(self, messages: list[dict[str, Any]], param: str, *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
@@ -558,6 +568,7 @@ class Choice:
     job: Job
     detok: Detokenizer
     reader: ToolCallReader | None = None  # reads tool calls out of the text (a chat request with tools)
+    thinking: ReasoningReader | None = None  # splits reasoning from content (http.reasoning_parser)
     first: tuple[str, Any] | None = None  # the job's first event
     result: GenResult | None = None
     t_first: float = 0.0
@@ -569,7 +580,8 @@ class Choice:
 async def serve_choices(server: Server, request: Request, endpoint: str, specs: list[tuple[GenRequest, Detokenizer]],
                         stream: bool, on_stream: Callable[[list[Choice]], AsyncIterator[bytes]],
                         on_full: Callable[[list[Choice]], dict[str, Any]], *,
-                        readers: list[ToolCallReader | None] | None = None) -> Response:
+                        readers: list[ToolCallReader | None] | None = None,
+                        thinkers: list[ReasoningReader | None] | None = None) -> Response:
     """Submit one job per ``(GenRequest, Detokenizer)`` of ``specs`` and answer once each has its first event:
     an error status (the first choice's error; every job is cancelled), a stream (``on_stream(choices)``: the
     body's server-sent events, which then own the jobs) or, once every job ended, the JSON body
@@ -591,7 +603,8 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
 
     def submit(i: int, keys: list[int] | None = None) -> None:
         gen, detok = specs[i]
-        c = Choice(i, server.backend.submit(gen), detok, readers[i] if readers else None)
+        c = Choice(i, server.backend.submit(gen), detok, readers[i] if readers else None,
+                   thinkers[i] if thinkers else None)
         slots[i] = c
         jobs.append(c.job)
         lead = server.prefixes.lead(keys or [])

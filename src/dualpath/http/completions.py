@@ -86,8 +86,11 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
                                 skip_special=req.skip_special_tokens)
             specs.append((GenRequest(ids, limit, sampling), detok))
     out = _Answer(server, kind, req, prompts, per_prompt, top)
+    thinkers = [server.reasoning_reader(g.prompt_ids) if kind == "chat" else None for g, _ in specs]
+    out.reasoning = any(t is not None for t in thinkers)
     return await serve_choices(server, request, request.url.path, specs, bool(req.stream), out.stream, out.full,
-                               readers=[server.tool_reader(tools, 1 if out.legacy else None) for _ in specs])
+                               readers=[server.tool_reader(tools, 1 if out.legacy else None) for _ in specs],
+                               thinkers=thinkers)
 
 
 def _top(req: ChatCompletionRequest | CompletionRequest) -> int | None:
@@ -112,6 +115,8 @@ class _Answer:
         self.created = int(time.time())
         #: the legacy ``functions`` API: a call is answered as ``function_call`` (one), not ``tool_calls``
         self.legacy = isinstance(req, ChatCompletionRequest) and req.legacy_functions
+        #: http.reasoning_parser is on for this answer: messages carry reasoning_content (dualpath.http.reasoning)
+        self.reasoning = False
 
     # --- shared -------------------------------------------------------------------------------------------
     def _lps(self, c: Choice, start: int, count: int) -> list[Any]:
@@ -152,7 +157,12 @@ class _Answer:
             n_gen = 0 if self.zero else len(c.detok.ids)
             choice: dict[str, Any] = {"index": index, "finish_reason": "", "logprobs": None}
             if self.kind == "chat":
-                message: dict[str, Any] = {"role": "assistant", "content": text}
+                thoughts = None
+                if c.thinking is not None:
+                    thoughts, text = c.thinking.feed(text)
+                    more = c.thinking.finish()
+                    thoughts, text = (thoughts + more[0]) or None, text + more[1]
+                message: dict[str, Any] = {"role": "assistant", "content": text or (None if thoughts else "")}
                 if c.reader is not None:
                     content, _ = c.reader.feed(text)
                     content += c.reader.finish()[0]
@@ -162,6 +172,8 @@ class _Answer:
                     elif c.reader.calls:
                         message = {"role": "assistant", "content": content or None,
                                    "tool_calls": [call.as_dict() for call in c.reader.calls]}
+                if self.reasoning:
+                    message.update(reasoning_content=thoughts, reasoning=thoughts)
                 choice["message"] = message
             else:
                 echoed = self._echo(c)
@@ -219,11 +231,13 @@ class _Answer:
     # --- streamed ----------------------------------------------------------------------------------------
     def _chunk(self, c: Choice, delta: str | None, finish: str | None = None, *, role: bool = False,
                token_ids: list[int] | None = None, calls: list[ToolCall] | None = None,
-               logprobs: dict[str, Any] | None = None) -> bytes:
+               logprobs: dict[str, Any] | None = None, reasoning: str | None = None) -> bytes:
         if self.kind == "chat":
             d: dict[str, Any] = {}
             if role:
                 d["role"] = "assistant"
+            if reasoning is not None:
+                d["reasoning_content"] = d["reasoning"] = reasoning
             if delta is not None:
                 d["content"] = delta
             if calls and self.legacy:  # (one call at most: the reader reads no more)
@@ -251,13 +265,23 @@ class _Answer:
         tool-call reader (content as it can be passed on, then one chunk per complete call)."""
         out_ids = tids if self.req.return_token_ids and tids else None
         lp = self._logprobs(c, len(c.detok.ids) - len(tids), len(tids)) if tids else None
+        out: list[bytes] = []
+        if c.thinking is not None:  # reasoning first, in a chunk of its own (with these tokens' ids and logprobs)
+            thoughts, delta = c.thinking.feed(delta)
+            if final:
+                held = c.thinking.finish()
+                thoughts, delta = thoughts + held[0], delta + held[1]
+            if thoughts:
+                out.append(self._chunk(c, None, token_ids=out_ids, logprobs=lp, reasoning=thoughts))
+                out_ids = lp = None
         if c.reader is None:
-            return [self._chunk(c, delta, token_ids=out_ids, logprobs=lp)] if delta or out_ids or lp else []
+            return out + ([self._chunk(c, delta, token_ids=out_ids, logprobs=lp)] if delta or out_ids or lp else [])
         content, calls = c.reader.feed(delta)
         if final:
             more, last = c.reader.finish()
             content, calls = content + more, calls + last
-        out = [self._chunk(c, content, token_ids=out_ids, logprobs=lp)] if content or out_ids or lp else []
+        if content or out_ids or lp:
+            out.append(self._chunk(c, content, token_ids=out_ids, logprobs=lp))
         if calls:
             c.n_calls += len(calls)
             out.append(self._chunk(c, None, calls=calls))

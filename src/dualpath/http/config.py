@@ -49,3 +49,9 @@ class HttpConfig(Section):
         description="how tool calls are read from the generated text (dualpath.http.tools): hermes "
                     "(<tool_call> JSON blocks: Qwen2.5/3, Hermes, and the fallback for templates without tools), "
                     "llama3_json (a bare JSON object), auto (picked from the chat template)")
+    reasoning_parser: Literal["none", "auto", "think"] = Field(
+        default="none",
+        description="chat answers' <think>...</think> text as the message's reasoning_content (and reasoning), "
+                    "apart from its content (dualpath.http.reasoning): none (the default: all content, as written), "
+                    "think (always), auto (when the tokenizer has both tags as tokens: Qwen3, QwQ, DeepSeek-R1 / "
+                    "V3.1+, GLM-4.5, SmolLM3)")

@@ -53,6 +53,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from dualpath.http.backend import GenRequest, GenResult, Job
+from dualpath.http.reasoning import ReasoningReader, reasoning_tokens
 from dualpath.http.schemas import tool_choice_problem
 from dualpath.http.structured import forced_tool_grammar, text_format_grammar
 from dualpath.http.tools import FunctionDef, ToolCall, ToolCallReader, ToolDef
@@ -285,13 +286,22 @@ def _call_item(call: ToolCall) -> dict[str, Any]:
             "name": call.name, "arguments": call.arguments, "status": "completed"}
 
 
+def _reasoning_item(rsid: str, thoughts: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "reasoning", "id": rsid, "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": thoughts}]}
+
+
 def _response(server: Any, rid: str, mid: str, created: int, body: ResponsesRequest, *, status: str,
               text: str | None, usage: dict[str, Any] | None, error: dict[str, Any] | None = None,
-              calls: list[ToolCall] | None = None, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The response object; its output is the message (``text``; left out when None, or empty beside calls)
-    and then one ``function_call`` item per call."""
+              calls: list[ToolCall] | None = None, logprobs: list[dict[str, Any]] | None = None,
+              reasoning: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The response object; its output is the reasoning item (``reasoning``: its id and text, with
+    ``http.reasoning_parser`` on), the message (``text``; left out when None, or empty beside calls or
+    reasoning) and then one ``function_call`` item per call."""
     output = []
-    if text is not None and (text or not calls):
+    if reasoning is not None:
+        output.append(_reasoning_item(*reasoning))
+    if text is not None and (text or not (calls or reasoning)):
         item_status = "completed" if status in ("completed", "incomplete") else "in_progress"
         output.append({"type": "message", "id": mid, "status": item_status, "role": "assistant",
                        "content": [{"type": "output_text", "text": text, "annotations": [],
@@ -313,10 +323,10 @@ def _response(server: Any, rid: str, mid: str, created: int, body: ResponsesRequ
     }
 
 
-def _usage(ids: list[int], n_out: int, result: GenResult | None, job: Job) -> dict[str, Any]:
+def _usage(ids: list[int], n_out: int, result: GenResult | None, job: Job, n_reasoning: int = 0) -> dict[str, Any]:
     cached = result.cached_tokens if result is not None else job.cached
     return {"input_tokens": len(ids), "input_tokens_details": {"cached_tokens": int(cached)},
-            "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": n_reasoning},
             "total_tokens": len(ids) + n_out}
 
 
@@ -344,21 +354,28 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
 
     rid, mid, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
     reader: ToolCallReader | None = server.tool_reader(tools)
+    thinking: ReasoningReader | None = server.reasoning_reader(ids)
 
     def stream(job: Job, detok: Any, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
         return _events(server, store, job, detok, first, body, conversation, ids, rid, mid, created, t_first,
-                       reader)
+                       reader, thinking)
 
     def full(job: Job, detok: Any, result: GenResult | None, t_first: float, t_last: float) -> dict[str, Any]:
         detok.flush()
-        text, calls = detok.text, []
+        text, calls, thought = detok.text, [], None
+        if thinking is not None:
+            r, text = thinking.feed(text)
+            held = thinking.finish()
+            text = text + held[1]
+            thought = (f"rs_{uuid.uuid4().hex}", r + held[0]) if r + held[0] else None
         if reader is not None:
             text = reader.feed(text)[0] + reader.finish()[0]
             calls = reader.calls
         status = "incomplete" if detok.finish is None else "completed"
+        n_think = reasoning_tokens(server.backend.tokenizer, detok.ids, thinking)
         out = _response(server, rid, mid, created, body, status=status, text=text,
-                        usage=_usage(ids, len(detok.ids), result, job), calls=calls,
-                        logprobs=_entries(server, body, job, 0, len(detok.ids)))
+                        usage=_usage(ids, len(detok.ids), result, job, n_think), calls=calls,
+                        logprobs=_entries(server, body, job, 0, len(detok.ids)), reasoning=thought)
         if body.store is not False:
             store.put(rid, [*conversation, _turn(text, calls)], out)
         _observe(server, job, ids, detok, result, t_first, t_last)
@@ -382,9 +399,12 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
 
 async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first: tuple[str, Any],
                   body: ResponsesRequest, conversation: list[dict[str, Any]], ids: list[int], rid: str, mid: str,
-                  created: int, t_first: float, reader: ToolCallReader | None = None) -> AsyncIterator[bytes]:
+                  created: int, t_first: float, reader: ToolCallReader | None = None,
+                  thinking: ReasoningReader | None = None) -> AsyncIterator[bytes]:
     """The stream of a response (see the module docstring for the events and their order). With tools
-    (``reader``) the message item opens with its first text and the calls follow it."""
+    (``reader``) the message item opens with its first text and the calls follow it. With reasoning
+    (``thinking``) a reasoning item comes first (``response.reasoning_text.delta`` events) and the message item
+    opens with the first text after it."""
     from dualpath.http.app import _map_error, _observe, coalesce
 
     m = server.metrics
@@ -402,11 +422,22 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
     code = "200"
     opened = False
     text = ""  # the message's text (without the calls' text when tools are read)
+    rsid, thoughts, thinking_open, thought_done = f"rs_{uuid.uuid4().hex}", "", False, False
+    rwhere = {"item_id": rsid, "output_index": 0, "content_index": 0}
+
+    def close_thoughts() -> list[bytes]:
+        nonlocal thought_done
+        if not thinking_open or thought_done:
+            return []
+        thought_done = True
+        return [event("response.reasoning_text.done", **rwhere, text=thoughts),
+                event("response.output_item.done", output_index=0, item=_reasoning_item(rsid, thoughts))]
 
     def open_message() -> list[bytes]:
         nonlocal opened
         opened = True
-        return [event("response.output_item.added", output_index=0,
+        where["output_index"] = 1 if thinking_open else 0
+        return [*close_thoughts(), event("response.output_item.added", output_index=where["output_index"],
                       item={"type": "message", "id": mid, "status": "in_progress", "role": "assistant",
                             "content": []}),
                 event("response.content_part.added", **where,
@@ -416,18 +447,33 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
     sent: list[dict[str, Any]] = []
 
     def deltas(delta: str, final: bool = False, n_tokens: int = 0) -> list[bytes]:
-        nonlocal text
+        nonlocal text, thoughts, thinking_open
         if n_tokens:
             held.extend(_entries(server, body, job, len(detok.ids) - n_tokens, n_tokens) or [])
+        out: list[bytes] = []
+        if thinking is not None:
+            r, delta = thinking.feed(delta)
+            if final:
+                last = thinking.finish()
+                r, delta = r + last[0], delta + last[1]
+            if r:
+                if not thinking_open:
+                    thinking_open = True
+                    out += [event("response.output_item.added", output_index=0,
+                                  item={**_reasoning_item(rsid, "", "in_progress"), "content": []}),
+                            event("response.content_part.added", **rwhere, part={"type": "reasoning_text",
+                                                                                  "text": ""})]
+                thoughts += r
+                out.append(event("response.reasoning_text.delta", **rwhere, delta=r))
         if reader is not None:
             delta = reader.feed(delta)[0] + (reader.finish()[0] if final else "")
         if not delta:
-            return []
+            return out
         text += delta
         lps = list(held)
         held.clear()
         sent.extend(lps)
-        return [*([] if opened else open_message()),
+        return [*out, *([] if opened else open_message()),
                 event("response.output_text.delta", **where, delta=delta, logprobs=lps)]
 
     try:
@@ -435,7 +481,7 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
                                                             text=None, usage=None))
         yield event("response.in_progress", response=_response(server, rid, mid, created, body,
                                                                 status="in_progress", text=None, usage=None))
-        if reader is None:  # plain text: the message item opens at once
+        if reader is None and thinking is None:  # plain text: the message item opens at once
             for e in open_message():
                 yield e
         ev = first
@@ -462,7 +508,9 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
         for e in deltas(detok.flush(), final=True):
             yield e
         calls = reader.calls if reader is not None else []
-        if opened or not calls:
+        for e in close_thoughts():
+            yield e
+        if opened or not (calls or thinking_open):
             if not opened:  # an empty answer: still one (empty) message item
                 for e in open_message():
                     yield e
@@ -470,10 +518,10 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": every}
             yield event("response.output_text.done", **where, text=text, logprobs=every)
             yield event("response.content_part.done", **where, part=part)
-            yield event("response.output_item.done", output_index=0,
+            yield event("response.output_item.done", output_index=where["output_index"],
                         item={"type": "message", "id": mid, "status": "completed", "role": "assistant",
                               "content": [part]})
-        for i, call in enumerate(calls, start=1 if opened else 0):
+        for i, call in enumerate(calls, start=int(opened) + int(thinking_open)):
             item = _call_item(call)
             yield event("response.output_item.added", output_index=i, item={**item, "arguments": "",
                                                                              "status": "in_progress"})
@@ -484,7 +532,9 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
             yield event("response.output_item.done", output_index=i, item=item)
         status = "incomplete" if detok.finish is None else "completed"
         out = _response(server, rid, mid, created, body, status=status, text=text,
-                        usage=_usage(ids, len(detok.ids), result, job), calls=calls, logprobs=sent + held)
+                        usage=_usage(ids, len(detok.ids), result, job,
+                                     reasoning_tokens(server.backend.tokenizer, detok.ids, thinking)),
+                        calls=calls, logprobs=sent + held, reasoning=(rsid, thoughts) if thinking_open else None)
         if body.store is not False:
             store.put(rid, [*conversation, _turn(text, calls)], out)
         yield event(f"response.{status}", response=out)

@@ -81,6 +81,10 @@ class ChatMessage(_Strict):
     refusal: str | None = None
     audio: dict[str, Any] | None = None
     annotations: list[Any] | None = None
+    # an earlier answer's thoughts as this API returns them (http.reasoning_parser), resent by the client: given to
+    # the chat template as reasoning_content (Qwen3's renders or drops it as it was trained to)
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     def template_dict(self) -> dict[str, Any]:
         """The message as a chat template expects it: ``developer`` is rendered as ``system``; the legacy
@@ -96,6 +100,9 @@ class ChatMessage(_Strict):
             d["tool_calls"] = [{"id": "call_0", "type": "function", "function": self.function_call}]
         if self.tool_call_id is not None:
             d["tool_call_id"] = self.tool_call_id
+        thoughts = self.reasoning_content if self.reasoning_content is not None else self.reasoning
+        if thoughts is not None:
+            d["reasoning_content"] = thoughts
         return d
 
     def text(self) -> str:

@@ -93,6 +93,11 @@ def test_load_trace_serves_it_and_says_what_was_left(tmp_path: Path) -> None:
     w = load_trace(p)
     assert w.fmt == "sharegpt" and w.requests_in_file == 3 and w.sessions_in_file == 2
     assert "1 conversations without a reply skipped" in w.note and "no reply follows" in w.note
+    # named explicitly, through the config a run is built from (as `dualpath run --trace-format sharegpt`)
+    from dualpath.workload import WorkloadConfig, build_workload
+
+    trajs = build_workload(WorkloadConfig(trace=str(p), trace_format="sharegpt"))
+    assert len(trajs) == 2 and [len(t.turns) for t in trajs] == [2, 1]
 
 
 @pytest.mark.parametrize(("body", "where"), [

@@ -19,8 +19,9 @@ class WorkloadConfig(Section):
 
     dataset: str = Field(default="tiny", description="built-in generator: 32k, 48k, 64k, or a scaled one")
     trace: str | None = None
-    trace_format: Literal["auto", "jsonl", "mooncake", "bailian", "csv"] = Field(
-        default="auto", description="format of `trace`: auto (from its first line), jsonl, mooncake, bailian or csv")
+    trace_format: Literal["auto", "jsonl", "mooncake", "bailian", "csv", "sharegpt"] = Field(
+        default="auto",
+        description="format of `trace`: auto (from its first line), jsonl, mooncake, bailian, csv or sharegpt")
     n_agents: int = Field(default=8, ge=1)
     mode: Literal["offline", "online"] = "offline"
     rate_aps: float = Field(default=1.0, gt=0, description="online: agent arrivals per second")

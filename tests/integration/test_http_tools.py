@@ -350,3 +350,50 @@ async def test_responses_api_function_calls_whole_streamed_and_resent(tokenizer)
     second = tokenizer.decode(backend.prompts[2])
     assert second.count("<tool_call>") >= 3 and "result 0" in second and "result 1" in second  # (+ system text)
     assert backend.prompts[3] == backend.prompts[2]
+
+
+#: a DeepSeek-V3.1-style template (its own words): tools rendered, earlier calls written with DeepSeek's markers
+DEEPSEEK_TEMPLATE = (
+    "{% if tools %}## Tools\n{% for t in tools %}### {{ t.function.name }}\n{{ t.function.parameters | tojson }}\n"
+    "{% endfor %}{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+    "{% if m.tool_calls %}<｜tool▁calls▁begin｜>{% for c in m.tool_calls %}<｜tool▁call▁begin｜>"
+    "{{ c.function.name }}<｜tool▁sep｜>{{ c.function.arguments }}<｜tool▁call▁end｜>{% endfor %}"
+    "<｜tool▁calls▁end｜>{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
+DEEPSEEK_TEXT = ('I will look it up.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>'
+                 '{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁call▁begin｜>search<｜tool▁sep｜>{"q": "Paris events"}'
+                 '<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+
+
+@pytest.mark.anyio
+async def test_deepseek_markers_read_back_whole_and_streamed(tokenizer):
+    """A checkpoint whose template writes DeepSeek's tool-call markers: ``auto`` reads its calls in that format,
+    whole and streamed, and a resent call reaches the template in it."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = DEEPSEEK_TEMPLATE
+    backend = ScriptedBackend(tok, DEEPSEEK_TEXT)
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+
+    async def body(client: Any) -> None:
+        r = await client.chat.completions.create(model="scripted", messages=history, tools=TOOLS, max_tokens=300)
+        ch = r.choices[0]
+        assert ch.finish_reason == "tool_calls" and ch.message.content == "I will look it up."
+        assert _calls(ch.message.tool_calls) == WANT
+        content, calls = "", {}
+        stream = await client.chat.completions.create(model="scripted", messages=history, tools=TOOLS,
+                                                      max_tokens=300, stream=True)
+        async for chunk in stream:
+            for c in chunk.choices:
+                content += c.delta.content or ""
+                for tc in c.delta.tool_calls or []:
+                    calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments))
+        assert content == "I will look it up." and [calls[i] for i in sorted(calls)] == WANT
+
+    await _with_server(backend, body)
+    prompt = tok.decode(backend.prompts[0])
+    assert '<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}' in prompt and "### search" in prompt

@@ -99,6 +99,23 @@ def test_lark_grammar_bad_grammars_and_the_wire(tok) -> None:
         assert c.complete
         with pytest.raises(ModelError, match="not allowed"):
             c.accept(tok.encode("x")[0])
+    # DeepSeek's markers, in the shape of each generation's template (V3 fences the arguments)
+    for parser, text in (("deepseek_v31", '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>add<｜tool▁sep｜>{"a": 3}'
+                                          '<｜tool▁call▁end｜><｜tool▁calls▁end｜>'),
+                         ("deepseek_v3", '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>add\n'
+                                         '```json\n{"a": 3}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>')):
+        g = lark_grammar(tool_call_grammar(tools, parser, parallel=False))
+        assert check_grammar(g, tok) == ""
+        c = Constraint(g, str(embedded_model_path()))
+        for t in tok.encode(text, add_special_tokens=False):
+            c.mask(torch.zeros(len(tok)))
+            c.accept(t)
+        assert c.complete
+        bad = Constraint(g, str(embedded_model_path()))  # arguments off the schema are refused
+        with pytest.raises(ModelError, match="not allowed"):
+            for t in tok.encode(text.replace("3", '"x"'), add_special_tokens=False):
+                bad.mask(torch.zeros(len(tok)))
+                bad.accept(t)
     # tool_choice: "required" may call again (parallel calls); a named function is called exactly once
     from dualpath.http.structured import forced_tool_grammar
 

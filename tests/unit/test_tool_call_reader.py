@@ -17,6 +17,8 @@ from dualpath.http.tools import (
 )
 
 NAMES = ["get_weather", "search"]
+B, E = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"  # DeepSeek's markers (U+FF5C, U+2581)
+CB, CE, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 
 
 def read(parser: str, text: str, piece: int | None = None,
@@ -61,6 +63,18 @@ CASES = [
     ("llama3_json", "The weather is fine.", "The weather is fine.", []),
     ("llama3_json", '{"name": "nope", "parameters": {}}', '{"name": "nope", "parameters": {}}', []),
     ("llama3_json", '{"not": "a call"} trailing', '{"not": "a call"} trailing', []),
+    # DeepSeek-V3.1's markers (either parser reads both shapes)
+    ("deepseek_v31", 'Let me check.' + B + CB + 'get_weather' + SEP + '{"city": "Paris"}' + CE
+                     + CB + 'search' + SEP + '{"q": "a<b"}' + CE + E + ' Done.',
+     "Let me check. Done.", [("get_weather", {"city": "Paris"}), ("search", {"q": "a<b"})]),
+    # DeepSeek-V3's: function<sep>NAME, then the arguments fenced as json
+    ("deepseek_v3", B + CB + 'function' + SEP + 'search\n```json\n{"q": "x"}\n```' + CE + E, "",
+     [("search", {"q": "x"})]),
+    # an undeclared function stays content (markers and all); the generation ending inside a whole call
+    ("deepseek_v31", 'a ' + B + CB + 'rm' + SEP + '{}' + CE + E + ' b', 'a ' + B + CB + 'rm' + SEP + '{}' + CE + ' b',
+     []),
+    ("deepseek_v31", B + CB + 'search' + SEP + '{"q": "y"}', "", [("search", {"q": "y"})]),
+    ("deepseek_v3", "no block, only <｜tool and ｜> signs", "no block, only <｜tool and ｜> signs", []),
 ]
 
 
@@ -87,6 +101,13 @@ def test_parser_for_a_template():
     assert parser_for("auto", llama) == "llama3_json"
     assert parser_for("auto", "{{ messages }}") == "hermes" and not template_takes_tools("{{ messages }}")
     assert parser_for("llama3_json", qwen) == "llama3_json"
+    # DeepSeek templates: V3 fences the arguments, V3.1 does not; a template that renders no tools gets the
+    # fallback system text, whose format is hermes
+    v31 = "{% for tool in tools %}{{ tool.function.name }}{% endfor %}<｜tool▁calls▁begin｜><｜tool▁sep｜>"
+    assert parser_for("auto", v31) == "deepseek_v31"
+    assert parser_for("auto", v31 + "```json") == "deepseek_v3"
+    assert parser_for("auto", "<｜tool▁calls▁begin｜>{{ messages }}") == "hermes"
+    assert parser_for("auto", "ipython <|python_tag|>{{ messages }}") == "hermes"
     with pytest.raises(ValueError, match="tool parser"):
         ToolCallReader("auto", NAMES)
 
@@ -129,3 +150,6 @@ def test_max_calls_leaves_later_calls_as_content(piece: int | None) -> None:
     two = '{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "search", "parameters": {}}'
     assert read("llama3_json", two, piece, max_calls=1) == (two, [])
     assert read("llama3_json", two.split(";")[0], piece, max_calls=1)[1] == [("get_weather", {"city": "Oslo"})]
+    ds = B + CB + 'search' + SEP + '{"q": "x"}' + CE + CB + 'get_weather' + SEP + '{}' + CE + E + "!"
+    assert read("deepseek_v31", ds, piece, max_calls=1) == (CB + 'get_weather' + SEP + '{}' + CE + E + "!",
+                                                           [("search", {"q": "x"})])

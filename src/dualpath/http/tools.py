@@ -24,6 +24,7 @@ history.
   still a call if its JSON is complete.
 * ``llama3_json``: the whole answer is one JSON object ``{"name": ..., "parameters": {...}}`` (or several
   separated by ``;``), optionally after ``<|python_tag|>``; anything else is content.
+* ``deepseek_v31`` / ``deepseek_v3``: DeepSeek's tool-call markers (:mod:`dualpath.http.tools_deepseek`).
 
 A call is kept only if it parses as JSON, names a declared function and has object arguments; otherwise its text
 stays in the content, unchanged: nothing the model wrote is dropped. :class:`ToolCallReader` works on the text as
@@ -41,8 +42,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dualpath.http.tools_deepseek import (
+    DeepSeekCallReader,
+    deepseek_grammar,
+    deepseek_style,
+    is_deepseek_template,
+)
+
 #: values of ``http.tool_parser``
-TOOL_PARSERS = ("auto", "hermes", "llama3_json")
+TOOL_PARSERS = ("auto", "hermes", "llama3_json", "deepseek_v3", "deepseek_v31")
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 
@@ -67,12 +75,18 @@ def template_takes_tools(template: str | None) -> bool:
 
 
 def parser_for(kind: str, template: str | None) -> str:
-    """The output format to read: ``kind`` unless ``auto``; ``auto`` is ``llama3_json`` for a Llama 3 template
-    (it speaks of ``<|python_tag|>`` / ``ipython``) and ``hermes`` otherwise (the ``<tool_call>`` tags that
-    Qwen2.5/3 and Hermes templates ask for, and that the fallback system text asks for)."""
+    """The output format to read: ``kind`` unless ``auto``; ``auto`` is ``hermes`` for a template that does not
+    render tools (the fallback system text asks for ``<tool_call>`` tags), DeepSeek's markers for a template that
+    writes them (:mod:`dualpath.http.tools_deepseek`: ``deepseek_v3`` when it fences the arguments, else
+    ``deepseek_v31``), ``llama3_json`` for a Llama 3 template (it speaks of ``<|python_tag|>`` / ``ipython``) and
+    ``hermes`` otherwise (the ``<tool_call>`` tags that Qwen2.5/3 and Hermes templates ask for)."""
     if kind != "auto":
         return kind
     t = str(template or "")
+    if not template_takes_tools(t):
+        return "hermes"
+    if is_deepseek_template(t):
+        return deepseek_style(t)
     if _OPEN not in t and (_PYTHON_TAG in t or "ipython" in t):
         return "llama3_json"
     return "hermes"
@@ -163,7 +177,7 @@ class ToolCallReader:
 
     def __init__(self, parser: str, names: list[str] | frozenset[str], max_calls: int | None = None) -> None:
         if parser not in TOOL_PARSERS or parser == "auto":
-            raise ValueError(f"tool parser {parser!r}: expected hermes or llama3_json")
+            raise ValueError(f"tool parser {parser!r}: expected one of {TOOL_PARSERS[1:]}")
         self.parser = parser
         self.names = frozenset(names)
         #: calls read at most (the legacy ``functions`` API answers with one); text past them is content
@@ -173,17 +187,30 @@ class ToolCallReader:
         self._in_call = False
         self._after_call = False  # blank text right after a call only separates calls: not content
         self._json_mode: bool | None = None  # llama3_json: decided by the first non-blank text
+        self._ds = DeepSeekCallReader(self.names) if parser.startswith("deepseek") else None
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
         self._buf += delta
+        if self._ds is not None:
+            return self._deepseek(final=False)
         if self.parser == "hermes":
             return self._hermes(final=False)
         return self._llama(final=False)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
+        if self._ds is not None:
+            return self._deepseek(final=True)
         if self.parser == "hermes":
             return self._hermes(final=True)
         return self._llama(final=True)
+
+    def _deepseek(self, final: bool) -> tuple[str, list[ToolCall]]:
+        assert self._ds is not None
+        self._ds.buf += self._buf
+        self._buf = ""
+        budget = None if self.max_calls is None else self.max_calls - len(self.calls)
+        text, got = self._ds.step(final, budget)
+        return text, self._done([ToolCall(name, args) for name, args in got])
 
     def _done(self, calls: list[ToolCall]) -> list[ToolCall]:
         self.calls.extend(calls)
@@ -335,6 +362,14 @@ def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None
     key = "parameters" if parser == "llama3_json" else "arguments"
     options = []
     chosen = [t for t in tools if only is None or t.function.name == only]
+    if parser.startswith("deepseek"):  # the arguments object alone, between DeepSeek's markers
+        pairs = []
+        for t in chosen:
+            params = t.function.parameters if t.function.parameters is not None else {"type": "object"}
+            args = dict(closed_objects(params))
+            args["x-guidance"] = {"whitespace_pattern": JSON_WHITESPACE}
+            pairs.append((t.function.name, args))
+        return deepseek_grammar(pairs, parser, parallel)
     for i, t in enumerate(chosen):
         params = t.function.parameters if t.function.parameters is not None else {"type": "object"}
         # the parameters move inside the call's schema: their local references ("#/$defs/User", pydantic's

@@ -397,3 +397,28 @@ async def test_deepseek_markers_read_back_whole_and_streamed(tokenizer):
     await _with_server(backend, body)
     prompt = tok.decode(backend.prompts[0])
     assert '<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}' in prompt and "### search" in prompt
+
+
+@pytest.mark.anyio
+async def test_markers_that_are_special_tokens_survive_decoding(tokenizer):
+    """A checkpoint that marks ``<tool_call>`` (or ``<think>``) as special tokens: the answer is decoded with its
+    special tokens when it is read for them, so the calls (and the thoughts) are still found; a request without
+    tools keeps skipping them."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<think>", "</think>"], special_tokens=True)
+    assert len(tok.encode("<tool_call>", add_special_tokens=False)) == 1
+    backend = ScriptedBackend(tok, "<think>hmm</think>" + CALL_TEXT)
+
+    async def body(client: Any) -> None:
+        r = await client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}],
+                                                 tools=TOOLS, max_tokens=300)
+        m = r.choices[0].message
+        assert _calls(m.tool_calls) == WANT and m.content == "I will look it up.\n"
+        assert (m.model_extra or {}).get("reasoning_content") == "hmm"
+        r = await client.completions.create(model="scripted", prompt="hi", max_tokens=300)
+        assert r.choices[0].text == "hmmI will look it up.\n" + CALL_TEXT.split("\n", 1)[1].replace(
+            "<tool_call>", "").replace("</tool_call>", "")  # read for nothing: the special tokens are skipped
+
+    await _with_server(backend, body, HttpConfig(port=0, reasoning_parser="think"))

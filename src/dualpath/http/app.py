@@ -287,6 +287,14 @@ class Server:
         return ToolCallReader(parser_for(self.config.tool_parser, template), [t.function.name for t in tools],
                               max_calls)
 
+    def keeps_specials(self, tags: tuple[str, ...]) -> bool:
+        """Whether an answer read for ``tags`` (tool-call or reasoning markers) must be decoded with its special
+        tokens: one of the tags is a special token of this tokenizer (some checkpoints mark ``<tool_call>`` or
+        ``<think>`` special), which ``skip_special_tokens`` would drop before the reader could see it."""
+        decoder = getattr(self.backend.tokenizer, "added_tokens_decoder", None) or {}
+        special = {getattr(t, "content", None) for t in decoder.values() if getattr(t, "special", False)}
+        return any(tag in special for tag in tags)
+
     def reasoning_reader(self, prompt_ids: list[int]) -> ReasoningReader | None:
         """What splits a chat answer's reasoning from its content (None when ``http.reasoning_parser`` is off
         for this tokenizer); the prompt's own text says whether the answer starts inside a ``<think>`` block."""

@@ -45,6 +45,7 @@ from dualpath.http.app import (
 )
 from dualpath.http.backend import GenRequest
 from dualpath.http.logprobs import chat_entries, completion_logprobs, generated_logprobs
+from dualpath.http.reasoning import TAGS as REASONING_TAGS
 from dualpath.http.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from dualpath.http.structured import constrained, request_grammar
 from dualpath.http.tools import ToolCall
@@ -71,6 +72,13 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
         if grammar is not None:
             base = replace(base, grammar=grammar)
     tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []
+    out = _Answer(server, kind, req, prompts, per_prompt, top)
+    readers = [server.tool_reader(tools, 1 if out.legacy else None) for _ in range(len(prompts) * per_prompt)]
+    thinkers = [server.reasoning_reader(ids) if kind == "chat" else None for ids in prompts for _ in range(per_prompt)]
+    out.reasoning = any(t is not None for t in thinkers)
+    # the markers the answer is read for must survive decoding (a checkpoint may mark them special)
+    tags = (*(readers[0].tags if readers[0] is not None else ()), *(REASONING_TAGS if out.reasoning else ()))
+    skip_special = req.skip_special_tokens and not server.keeps_specials(tags)
     specs: list[tuple[GenRequest, Detokenizer]] = []
     limits = [server.limit(len(ids), req.limit(), "max_tokens") for ids in prompts]
     if req.min_tokens > min(limits):
@@ -83,14 +91,10 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
                 sampling = replace(sampling, prompt_logprobs=prompt_top)
             detok = Detokenizer(server.backend.tokenizer, req.stops(), frozenset(sampling.stop_ids),
                                 min_tokens=sampling.min_tokens, include_stop=req.include_stop_str_in_output,
-                                skip_special=req.skip_special_tokens)
+                                skip_special=skip_special)
             specs.append((GenRequest(ids, limit, sampling), detok))
-    out = _Answer(server, kind, req, prompts, per_prompt, top)
-    thinkers = [server.reasoning_reader(g.prompt_ids) if kind == "chat" else None for g, _ in specs]
-    out.reasoning = any(t is not None for t in thinkers)
     return await serve_choices(server, request, request.url.path, specs, bool(req.stream), out.stream, out.full,
-                               readers=[server.tool_reader(tools, 1 if out.legacy else None) for _ in specs],
-                               thinkers=thinkers)
+                               readers=readers, thinkers=thinkers)
 
 
 def _top(req: ChatCompletionRequest | CompletionRequest) -> int | None:

@@ -27,6 +27,7 @@ from typing import Any
 #: values of ``http.reasoning_parser``
 REASONING_PARSERS = ("none", "auto", "think")
 OPEN, CLOSE = "<think>", "</think>"
+TAGS = (OPEN, CLOSE)
 
 
 def reasoning_enabled(parser: str, tokenizer: Any) -> bool:

@@ -53,6 +53,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from dualpath.http.backend import GenRequest, GenResult, Job
+from dualpath.http.reasoning import TAGS as REASONING_TAGS
 from dualpath.http.reasoning import ReasoningReader, reasoning_tokens
 from dualpath.http.schemas import tool_choice_problem
 from dualpath.http.structured import forced_tool_grammar, text_format_grammar
@@ -393,8 +394,9 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
         grammar = await anyio.to_thread.run_sync(compile_grammar)
         if grammar is not None:
             sampling = replace(sampling, grammar=grammar)
+    tags = (*(reader.tags if reader is not None else ()), *(REASONING_TAGS if thinking is not None else ()))
     return await serve_job(server, request, "/v1/responses", GenRequest(ids, limit, sampling), [],
-                           bool(body.stream), stream, full)
+                           bool(body.stream), stream, full, skip_special=not server.keeps_specials(tags))
 
 
 async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first: tuple[str, Any],

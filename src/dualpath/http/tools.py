@@ -43,6 +43,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dualpath.http.tools_deepseek import (
+    DEEPSEEK_TAGS,
     DeepSeekCallReader,
     deepseek_grammar,
     deepseek_style,
@@ -188,6 +189,14 @@ class ToolCallReader:
         self._after_call = False  # blank text right after a call only separates calls: not content
         self._json_mode: bool | None = None  # llama3_json: decided by the first non-blank text
         self._ds = DeepSeekCallReader(self.names) if parser.startswith("deepseek") else None
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The markers this reader looks for in the text (they must survive decoding: see
+        :meth:`dualpath.http.app.Server.keeps_specials`)."""
+        if self._ds is not None:
+            return DEEPSEEK_TAGS
+        return (_OPEN, _CLOSE) if self.parser == "hermes" else (_PYTHON_TAG,)
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
         self._buf += delta

@@ -422,3 +422,39 @@ async def test_markers_that_are_special_tokens_survive_decoding(tokenizer):
             "<tool_call>", "").replace("</tool_call>", "")  # read for nothing: the special tokens are skipped
 
     await _with_server(backend, body, HttpConfig(port=0, reasoning_parser="think"))
+
+
+@pytest.mark.anyio
+async def test_mistral_calls_read_back_whole_and_streamed(tokenizer):
+    """A Mistral v11+-style checkpoint: ``[TOOL_CALLS]`` and ``[ARGS]`` are special tokens of its tokenizer and its
+    template writes them; ``auto`` reads the calls (the answer keeps its special tokens to be read), whole and
+    streamed."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["[TOOL_CALLS]", "[ARGS]"], special_tokens=True)
+    tok.chat_template = ("{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+                         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] or '' }}{% if m.tool_calls %}"
+                         "{% for c in m.tool_calls %}[TOOL_CALLS]{{ c.function.name }}[ARGS]{{ c.function.arguments }}"
+                         "{% endfor %}{% endif %}\n{% endfor %}")
+    text = 'I will look it up.\n[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]search[ARGS]{"q": "Paris events"}'
+    backend = ScriptedBackend(tok, text)
+    assert tok.convert_tokens_to_ids("[TOOL_CALLS]") in backend.script
+
+    async def body(client: Any) -> None:
+        r = await client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}],
+                                                 tools=TOOLS, max_tokens=300)
+        m = r.choices[0].message
+        assert _calls(m.tool_calls) == WANT and m.content == "I will look it up.\n"
+        assert r.choices[0].finish_reason == "tool_calls"
+        content, calls = "", {}
+        stream = await client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}],
+                                                      tools=TOOLS, max_tokens=300, stream=True)
+        async for chunk in stream:
+            for c in chunk.choices:
+                content += c.delta.content or ""
+                for tc in c.delta.tool_calls or []:
+                    calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments))
+        assert content == "I will look it up.\n" and [calls[i] for i in sorted(calls)] == WANT
+
+    await _with_server(backend, body)

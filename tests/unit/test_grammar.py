@@ -116,6 +116,29 @@ def test_lark_grammar_bad_grammars_and_the_wire(tok) -> None:
             for t in tok.encode(text.replace("3", '"x"'), add_special_tokens=False):
                 bad.mask(torch.zeros(len(tok)))
                 bad.accept(t)
+    # Mistral's: [TOOL_CALLS] (and, from v11, [ARGS]) are special tokens, matched as such (<[id]>)
+    import copy
+
+    from dualpath.http.tools_mistral import uses_args_token
+
+    older, newer = copy.deepcopy(tok), copy.deepcopy(tok)
+    older.add_tokens(["[TOOL_CALLS]"], special_tokens=True)
+    newer.add_tokens(["[TOOL_CALLS]", "[ARGS]"], special_tokens=True)
+    for t2, text in ((older, '[TOOL_CALLS] [{"name": "add", "arguments": {"a": 3}}]'),
+                     (newer, '[TOOL_CALLS]add[ARGS]{"a": 3}')):
+        g = lark_grammar(tool_call_grammar(tools, "mistral", parallel=False, tokenizer=t2))
+        assert ("<[" in g) and uses_args_token(t2) == (t2 is newer)
+        assert check_grammar(g, t2) == "", t2
+        ids = t2.encode(text, add_special_tokens=False)
+        assert ids[0] == t2.convert_tokens_to_ids("[TOOL_CALLS]")
+        import llguidance
+
+        from dualpath.engine.grammar import lltokenizer
+
+        m = llguidance.LLMatcher(lltokenizer(t2), g)
+        assert all(m.consume_token(t) for t in ids) and m.is_accepting(), m.get_error()
+        plain = llguidance.LLMatcher(lltokenizer(t2), g)  # the marker spelled as text is not the special token
+        assert not all(plain.consume_token(t) for t in t2.encode("[TOOL_CALLS", add_special_tokens=False))
     # tool_choice: "required" may call again (parallel calls); a named function is called exactly once
     from dualpath.http.structured import forced_tool_grammar
 

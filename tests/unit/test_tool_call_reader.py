@@ -75,6 +75,16 @@ CASES = [
      []),
     ("deepseek_v31", B + CB + 'search' + SEP + '{"q": "y"}', "", [("search", {"q": "y"})]),
     ("deepseek_v3", "no block, only <｜tool and ｜> signs", "no block, only <｜tool and ｜> signs", []),
+    # Mistral before v11: one JSON array after [TOOL_CALLS]; text after it stays content
+    ("mistral", 'Sure.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "search", '
+                '"arguments": {"q": "a]b"}}] done', "Sure. done",
+     [("get_weather", {"city": "Paris"}), ("search", {"q": "a]b"})]),
+    # v11+: NAME[ARGS]{...} per call (a [CALL_ID] may come first)
+    ("mistral", 'Hi[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}[TOOL_CALLS]search[CALL_ID]a1B2c3D4e[ARGS]{"q": "}"}',
+     "Hi", [("get_weather", {"city": "Rome"}), ("search", {"q": "}"})]),
+    ("mistral", '[TOOL_CALLS]rm[ARGS]{"path": "/"} ok', '[TOOL_CALLS]rm[ARGS]{"path": "/"} ok', []),
+    ("mistral", "[TOOL_CALLS] not json at all", "[TOOL_CALLS] not json at all", []),
+    ("mistral", "a [TOOL_CALL or [TOOLS] text", "a [TOOL_CALL or [TOOLS] text", []),
 ]
 
 
@@ -108,6 +118,7 @@ def test_parser_for_a_template():
     assert parser_for("auto", v31 + "```json") == "deepseek_v3"
     assert parser_for("auto", "<｜tool▁calls▁begin｜>{{ messages }}") == "hermes"
     assert parser_for("auto", "ipython <|python_tag|>{{ messages }}") == "hermes"
+    assert parser_for("auto", "[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS][TOOL_CALLS]") == "mistral"
     with pytest.raises(ValueError, match="tool parser"):
         ToolCallReader("auto", NAMES)
 

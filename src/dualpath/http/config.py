@@ -44,11 +44,12 @@ class HttpConfig(Section):
         description="a request sharing a prefix of at least shared_prefill_min_tokens (and 64) tokens with a "
                     "request being prefilled waits for that prefix to be stored, at most this long, then loads it "
                     "instead of computing it again (dualpath.http.prefix_share); 0 never waits")
-    tool_parser: Literal["auto", "hermes", "llama3_json", "deepseek_v3", "deepseek_v31"] = Field(
+    tool_parser: Literal["auto", "hermes", "llama3_json", "deepseek_v3", "deepseek_v31", "mistral"] = Field(
         default="auto",
         description="how tool calls are read from the generated text (dualpath.http.tools): hermes "
                     "(<tool_call> JSON blocks: Qwen2.5/3, Hermes, and the fallback for templates without tools), "
-                    "llama3_json (a bare JSON object), deepseek_v3 / deepseek_v31 (DeepSeek's tool-call markers), "
+                    "llama3_json (a bare JSON object), deepseek_v3 / deepseek_v31 (DeepSeek's tool-call markers), mistral "
+                    "([TOOL_CALLS]), "
                     "auto (picked from the chat template)")
     reasoning_parser: Literal["none", "auto", "think"] = Field(
         default="none",

@@ -105,7 +105,8 @@ def forced_tool_grammar(tokenizer: Any, tool_parser: str, tools: list[ToolDef], 
         return None
     template = getattr(tokenizer, "chat_template", None)
     only = chosen_function(choice)
-    lark = tool_call_grammar(tools, parser_for(tool_parser, template), only, parallel is not False and only is None)
+    lark = tool_call_grammar(tools, parser_for(tool_parser, template), only, parallel is not False and only is None,
+                             tokenizer)
     return compile_grammar(tokenizer, "tool_choice", lark=lark)
 
 

@@ -25,6 +25,7 @@ history.
 * ``llama3_json``: the whole answer is one JSON object ``{"name": ..., "parameters": {...}}`` (or several
   separated by ``;``), optionally after ``<|python_tag|>``; anything else is content.
 * ``deepseek_v31`` / ``deepseek_v3``: DeepSeek's tool-call markers (:mod:`dualpath.http.tools_deepseek`).
+* ``mistral``: ``[TOOL_CALLS]`` and what follows it, in either generation's shape (:mod:`dualpath.http.tools_mistral`).
 
 A call is kept only if it parses as JSON, names a declared function and has object arguments; otherwise its text
 stays in the content, unchanged: nothing the model wrote is dropped. :class:`ToolCallReader` works on the text as
@@ -49,9 +50,17 @@ from dualpath.http.tools_deepseek import (
     deepseek_style,
     is_deepseek_template,
 )
+from dualpath.http.tools_mistral import (
+    MISTRAL_TAGS,
+    MistralCallReader,
+    is_mistral_template,
+    mistral_array_grammar,
+    mistral_grammar,
+    uses_args_token,
+)
 
 #: values of ``http.tool_parser``
-TOOL_PARSERS = ("auto", "hermes", "llama3_json", "deepseek_v3", "deepseek_v31")
+TOOL_PARSERS = ("auto", "hermes", "llama3_json", "deepseek_v3", "deepseek_v31", "mistral")
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 
@@ -88,6 +97,8 @@ def parser_for(kind: str, template: str | None) -> str:
         return "hermes"
     if is_deepseek_template(t):
         return deepseek_style(t)
+    if is_mistral_template(t):
+        return "mistral"
     if _OPEN not in t and (_PYTHON_TAG in t or "ipython" in t):
         return "llama3_json"
     return "hermes"
@@ -188,32 +199,36 @@ class ToolCallReader:
         self._in_call = False
         self._after_call = False  # blank text right after a call only separates calls: not content
         self._json_mode: bool | None = None  # llama3_json: decided by the first non-blank text
-        self._ds = DeepSeekCallReader(self.names) if parser.startswith("deepseek") else None
+        self._ds: DeepSeekCallReader | MistralCallReader | None = None  # the formats read by their own module
+        if parser.startswith("deepseek"):
+            self._ds = DeepSeekCallReader(self.names)
+        elif parser == "mistral":
+            self._ds = MistralCallReader(self.names)
 
     @property
     def tags(self) -> tuple[str, ...]:
         """The markers this reader looks for in the text (they must survive decoding: see
         :meth:`dualpath.http.app.Server.keeps_specials`)."""
         if self._ds is not None:
-            return DEEPSEEK_TAGS
+            return MISTRAL_TAGS if self.parser == "mistral" else DEEPSEEK_TAGS
         return (_OPEN, _CLOSE) if self.parser == "hermes" else (_PYTHON_TAG,)
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
         self._buf += delta
         if self._ds is not None:
-            return self._deepseek(final=False)
+            return self._marked(final=False)
         if self.parser == "hermes":
             return self._hermes(final=False)
         return self._llama(final=False)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         if self._ds is not None:
-            return self._deepseek(final=True)
+            return self._marked(final=True)
         if self.parser == "hermes":
             return self._hermes(final=True)
         return self._llama(final=True)
 
-    def _deepseek(self, final: bool) -> tuple[str, list[ToolCall]]:
+    def _marked(self, final: bool) -> tuple[str, list[ToolCall]]:
         assert self._ds is not None
         self._ds.buf += self._buf
         self._buf = ""
@@ -362,7 +377,8 @@ def _rebase_refs(schema: Any, at: str) -> Any:
     return schema
 
 
-def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None, parallel: bool = True) -> str:
+def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None, parallel: bool = True,
+                      tokenizer: Any = None) -> str:
     """The Lark grammar (llguidance's dialect) of an answer that is a call to one of ``tools`` (to ``only``, when
     named) in ``parser``'s format, its arguments valid under the function's ``parameters``: ``hermes`` tags one
     or more calls (one when not ``parallel``), ``llama3_json`` is one bare object."""
@@ -371,13 +387,16 @@ def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None
     key = "parameters" if parser == "llama3_json" else "arguments"
     options = []
     chosen = [t for t in tools if only is None or t.function.name == only]
-    if parser.startswith("deepseek"):  # the arguments object alone, between DeepSeek's markers
+    v11 = parser == "mistral" and uses_args_token(tokenizer)  # (else Mistral's JSON array of calls, below)
+    if parser.startswith("deepseek") or v11:  # the arguments object alone, between markers
         pairs = []
         for t in chosen:
             params = t.function.parameters if t.function.parameters is not None else {"type": "object"}
             args = dict(closed_objects(params))
             args["x-guidance"] = {"whitespace_pattern": JSON_WHITESPACE}
             pairs.append((t.function.name, args))
+        if v11:  # (its markers are the tokenizer's special tokens)
+            return mistral_grammar(tokenizer, pairs, parallel)
         return deepseek_grammar(pairs, parser, parallel)
     for i, t in enumerate(chosen):
         params = t.function.parameters if t.function.parameters is not None else {"type": "object"}
@@ -390,6 +409,8 @@ def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None
 
     schema: dict[str, Any] = dict(options[0]) if len(options) == 1 else {"anyOf": options}
     schema["x-guidance"] = {"whitespace_pattern": JSON_WHITESPACE}  # (no endless whitespace: see there)
+    if parser == "mistral":  # before v11: [TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]
+        return mistral_array_grammar(tokenizer, schema, parallel)
     if parser == "llama3_json":
         return "start: %json " + json.dumps(schema)
     more = ' ("\\n" call)*' if parallel else ""

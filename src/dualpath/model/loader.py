@@ -528,13 +528,14 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
 _GEMMA3_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                        ("language_model.lm_head.", "lm_head."))
 _GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                           "model.multi_modal_projector.")
+                           "model.multi_modal_projector.", "visual.", "model.visual.")
 
 
 def gemma3_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """A Gemma 3 image-text checkpoint's language-model tensors under ``Gemma3ForCausalLM``'s names (the vision
-    tower and projector left out); a text checkpoint's tensors unchanged."""
-    if not any(k.startswith(tuple(p for p, _ in _GEMMA3_LM_PREFIXES)) for k in tensors):
+    """An image-text checkpoint's language-model tensors under its text architecture's names (the vision tower
+    and projector left out): Gemma 3, Mistral 3, Llava, Qwen2-VL / 2.5-VL / 3-VL; a text checkpoint's tensors
+    unchanged."""
+    if not any(k.startswith((*(p for p, _ in _GEMMA3_LM_PREFIXES), *_GEMMA3_VISION_PREFIXES)) for k in tensors):
         return tensors
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
@@ -573,14 +574,14 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         from dualpath.model.llama import LlamaModel
 
         model = LlamaModel(spec, device="cpu", backend=backend)
+        if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
+            tensors = gemma3_language_tensors(tensors)
         if tensors is not None and spec.architecture == "gpt_oss":
             tensors = gpt_oss_tensors(spec, tensors)
         elif tensors is not None and spec.is_moe:
             tensors = moe_tensors(spec, tensors, source)
         elif tensors is not None and spec.architecture == "phi3":
             tensors = phi3_tensors(spec, tensors, source)
-        elif tensors is not None and spec.architecture == "gemma3":
-            tensors = gemma3_language_tensors(tensors)
     if tensors is None:
         init_random(model, seed)
     else:

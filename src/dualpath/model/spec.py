@@ -30,7 +30,9 @@ default, five sliding layers to one full (``sliding_window_pattern`` 6, or ``lay
 full layers' (``rope_theta``, default 1e6, with ``rope_scaling``) and the sliding layers' (``rope_local_base_freq``,
 default 1e4, no scaling), or ``rope_parameters`` per layer type as transformers 5 writes them. Gemma 3's image-text
 checkpoints (``Gemma3ForConditionalGeneration``: gemma-3-4b/12b/27b) are read as their text model
-(:func:`gemma3_text_config`; the loader takes the language model's tensors and leaves the vision tower).
+(:func:`gemma3_text_config`; the loader takes the language model's tensors and leaves the vision tower). So are
+the image-text checkpoints of Mistral 3 (Mistral Small 3.1 / 3.2), Llava, Qwen2-VL, Qwen2.5-VL and Qwen3-VL
+(:func:`text_model_config`: over text, M-RoPE is plain RoPE).
 ``GptOssForCausalLM`` (``gpt_oss``) is a MoE on the Llama attention path with q/k/v/o biases, a learned sink
 logit per query head in each softmax's denominator (:attr:`ModelSpec.attention_sinks`), alternating sliding and
 full layers (``layer_types``; GptOssConfig's defaults: even layers slide over 128 tokens), YaRN RoPE (base
@@ -664,7 +666,7 @@ class ModelSpec(_SpecCommon):
         ``max_context``: the longest context the deployment serves (:attr:`context_cap`; for a LongRoPE model
         it also picks the factor set, :func:`rope_long_for`)."""
         cfg, where = read_hf_config(config)
-        cfg = gemma3_text_config(cfg, where)
+        cfg = text_model_config(cfg, where)
 
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
@@ -1198,6 +1200,69 @@ def gemma3_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
         if key not in text and key in cfg:
             out[key] = cfg[key]
+    return out
+
+
+#: image-text checkpoints whose language model serves text here, by their architecture and model_type
+_IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForConditionalGeneration": "llava",
+                     "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+                     "Qwen3VLForConditionalGeneration": "qwen3_vl"}
+#: their language model's model_type -> the text architecture that runs it (M-RoPE over text alone, where every
+#: token's three position ids are equal, is the plain RoPE of the same frequencies)
+_TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM",
+                "qwen3_vl_text": "Qwen3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "ministral": "MinistralForCausalLM"}
+#: what a text_config of each image-text family is when it names no model_type
+_TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
+                      "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text"}
+
+
+def image_text_family(cfg: dict[str, Any]) -> str | None:
+    """The image-text family (``mistral3``, ``llava``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) of a config,
+    or None for any other."""
+    archs = cfg.get("architectures") or []
+    for a in archs:
+        if a in _IMAGE_TEXT_ARCHS:
+            return _IMAGE_TEXT_ARCHS[a]
+    mt = cfg.get("model_type")
+    return str(mt) if not archs and mt in _IMAGE_TEXT_ARCHS.values() else None
+
+
+def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """The language model's config of an image-text checkpoint, read as the text architecture that runs it (the
+    vision tower and projector are not loaded; requests carry text): Gemma 3 (:func:`gemma3_text_config`),
+    Mistral 3 (Mistral Small 3.1 / 3.2), Llava, Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Keys the text config leaves out
+    come from the top level (the dtype, special tokens, the embedding tying, which the top level decides when it
+    says, as transformers does); an M-RoPE (``mrope_section``) reads as the plain RoPE it is over text. Any other
+    config is returned unchanged."""
+    cfg = gemma3_text_config(cfg, where)
+    family = image_text_family(cfg)
+    if family is None:
+        return cfg
+    text = cfg.get("text_config")
+    if text is None:  # (older Qwen2-VL / 2.5-VL configs keep the language model's keys at the top level)
+        text = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "vision_config")}
+    if not isinstance(text, dict):
+        raise ModelError(f"{where}: text_config must be an object")
+    mt = str(text.get("model_type") or _TEXT_DEFAULT_TYPE[family])
+    if mt not in _TEXT_MODELS:
+        raise ModelError(f"{where}: text_config.model_type {mt!r} of a {family} checkpoint is unsupported; expected "
+                         f"one of {sorted(_TEXT_MODELS)}")
+    arch = _TEXT_MODELS[mt]
+    out = {**text, "architectures": [arch], "model_type": {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",
+                                                           "qwen3_vl_text": "qwen3"}.get(mt, mt)}
+    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if out.get(key) is None and key in cfg:
+            out[key] = cfg[key]
+    if "tie_word_embeddings" in cfg:
+        out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = out.get(key)
+        if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("type") == "mrope"):
+            plain = {k: v for k, v in rope.items() if k not in ("mrope_section", "mrope_interleaved", "type")}
+            if plain.get("rope_type", "default") in ("mrope", "default"):
+                plain["rope_type"] = "default"
+            out[key] = plain if key == "rope_parameters" else (None if plain["rope_type"] == "default" else plain)
     return out
 
 

@@ -139,6 +139,15 @@ def test_lark_grammar_bad_grammars_and_the_wire(tok) -> None:
         assert all(m.consume_token(t) for t in ids) and m.is_accepting(), m.get_error()
         plain = llguidance.LLMatcher(lltokenizer(t2), g)  # the marker spelled as text is not the special token
         assert not all(plain.consume_token(t) for t in t2.encode("[TOOL_CALLS", add_special_tokens=False))
+    # gpt-oss's harmony: <|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}
+    harmony = copy.deepcopy(tok)
+    harmony.add_tokens(["<|channel|>", "<|constrain|>", "<|message|>"], special_tokens=True)
+    g = lark_grammar(tool_call_grammar(tools, "harmony", tokenizer=harmony))
+    assert check_grammar(g, harmony) == ""
+    m = llguidance.LLMatcher(lltokenizer(harmony), g)
+    call = harmony.encode('<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a": 3}',
+                          add_special_tokens=False)
+    assert all(m.consume_token(t) for t in call) and m.is_accepting(), m.get_error()
     # tool_choice: "required" may call again (parallel calls); a named function is called exactly once
     from dualpath.http.structured import forced_tool_grammar
 

@@ -75,3 +75,32 @@ def test_prompt_and_tokenizer_decide():
     open_r = ReasoningReader(True)
     open_r.feed("aaa")
     assert reasoning_tokens(tagged, [1, 1, 1], open_r) == 3
+
+
+HARMONY = [
+    # (text, reasoning, content, calls)
+    ("<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>It is 4.",
+     "Think.", "It is 4.", []),
+    # the recipient after the role, the body unclosed (<|call|> is a stop token, so the text ends there)
+    ('<|channel|>analysis<|message|>a<|end|><|start|>assistant to=functions.search<|channel|>commentary json'
+     '<|message|>{"q": "x"}', "a", "", [("search", '{"q": "x"}')]),
+    # a preamble in commentary is content; an undeclared function's body too
+    ('<|channel|>commentary<|message|>Checking. <|end|><|start|>assistant<|channel|>commentary to=functions.rm '
+     '<|constrain|>json<|message|>{"p": 1}', "", 'Checking. {"p": 1}', []),
+    ("no markup at all <|", "", "no markup at all <|", []),
+]
+
+
+@pytest.mark.parametrize("text,reasoning,content,calls", HARMONY)
+def test_harmony_whole_and_streamed(text, reasoning, content, calls):
+    from dualpath.http.harmony import HarmonyReader
+
+    for step in (len(text), 1, 2, 7):
+        r = HarmonyReader(frozenset({"search", "get_weather"}))
+        got = ["", ""]
+        for i in range(0, len(text), step):
+            a, b = r.feed(text[i:i + step])
+            got[0] += a
+            got[1] += b
+        a, b = r.finish()
+        assert (got[0] + a, got[1] + b, r.calls) == (reasoning, content, calls), step

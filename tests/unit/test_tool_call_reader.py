@@ -119,6 +119,7 @@ def test_parser_for_a_template():
     assert parser_for("auto", "<｜tool▁calls▁begin｜>{{ messages }}") == "hermes"
     assert parser_for("auto", "ipython <|python_tag|>{{ messages }}") == "hermes"
     assert parser_for("auto", "[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS][TOOL_CALLS]") == "mistral"
+    assert parser_for("auto", "{{ tools }}<|start|>assistant<|channel|>commentary to=functions.x") == "harmony"
     with pytest.raises(ValueError, match="tool parser"):
         ToolCallReader("auto", NAMES)
 

@@ -32,6 +32,7 @@ from dualpath.engine.sampling import SamplingParams
 from dualpath.errors import DualPathError, ModelError, PeerTimeout
 from dualpath.http.backend import Backend, Cancelled, GenRequest, GenResult, Job, stop_ids_of
 from dualpath.http.config import HttpConfig
+from dualpath.http.harmony import HarmonyReader, is_harmony
 from dualpath.http.metrics import CONTENT_TYPE, HttpMetrics
 from dualpath.http.reasoning import ReasoningReader, reasoning_enabled, starts_in_reasoning
 from dualpath.http.schemas import (
@@ -286,6 +287,18 @@ class Server:
         template = getattr(self.backend.tokenizer, "chat_template", None)
         return ToolCallReader(parser_for(self.config.tool_parser, template), [t.function.name for t in tools],
                               max_calls)
+
+    def answer_readers(self, prompt_ids: list[int], tools: list[ToolDef], max_calls: int | None = None
+                       ) -> tuple[ToolCallReader | None, ReasoningReader | HarmonyReader | None]:
+        """What reads one chat answer: its tool calls (None without ``tools``) and its reasoning (None when not
+        parsed). A harmony model (gpt-oss) gets one :class:`~dualpath.http.harmony.HarmonyReader` for both,
+        whatever ``http.reasoning_parser`` says: its raw markup is no answer."""
+        tok = self.backend.tokenizer
+        if tok is not None and is_harmony(tok):
+            harmony = HarmonyReader(frozenset(t.function.name for t in tools))
+            reader = ToolCallReader("harmony", harmony.names, max_calls, harmony) if tools else None
+            return reader, harmony
+        return self.tool_reader(tools, max_calls), self.reasoning_reader(prompt_ids)
 
     def keeps_specials(self, tags: tuple[str, ...]) -> bool:
         """Whether an answer read for ``tags`` (tool-call or reasoning markers) must be decoded with its special
@@ -576,7 +589,7 @@ class Choice:
     job: Job
     detok: Detokenizer
     reader: ToolCallReader | None = None  # reads tool calls out of the text (a chat request with tools)
-    thinking: ReasoningReader | None = None  # splits reasoning from content (http.reasoning_parser)
+    thinking: ReasoningReader | HarmonyReader | None = None  # splits reasoning from content (http.reasoning_parser)
     first: tuple[str, Any] | None = None  # the job's first event
     result: GenResult | None = None
     t_first: float = 0.0
@@ -589,7 +602,7 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
                         stream: bool, on_stream: Callable[[list[Choice]], AsyncIterator[bytes]],
                         on_full: Callable[[list[Choice]], dict[str, Any]], *,
                         readers: list[ToolCallReader | None] | None = None,
-                        thinkers: list[ReasoningReader | None] | None = None) -> Response:
+                        thinkers: list[ReasoningReader | HarmonyReader | None] | None = None) -> Response:
     """Submit one job per ``(GenRequest, Detokenizer)`` of ``specs`` and answer once each has its first event:
     an error status (the first choice's error; every job is cancelled), a stream (``on_stream(choices)``: the
     body's server-sent events, which then own the jobs) or, once every job ended, the JSON body

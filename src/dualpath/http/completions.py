@@ -45,7 +45,6 @@ from dualpath.http.app import (
 )
 from dualpath.http.backend import GenRequest
 from dualpath.http.logprobs import chat_entries, completion_logprobs, generated_logprobs
-from dualpath.http.reasoning import TAGS as REASONING_TAGS
 from dualpath.http.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from dualpath.http.structured import constrained, request_grammar
 from dualpath.http.tools import ToolCall
@@ -73,11 +72,12 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
             base = replace(base, grammar=grammar)
     tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []
     out = _Answer(server, kind, req, prompts, per_prompt, top)
-    readers = [server.tool_reader(tools, 1 if out.legacy else None) for _ in range(len(prompts) * per_prompt)]
-    thinkers = [server.reasoning_reader(ids) if kind == "chat" else None for ids in prompts for _ in range(per_prompt)]
+    pairs = [server.answer_readers(ids, tools, 1 if out.legacy else None) if kind == "chat" else (None, None)
+             for ids in prompts for _ in range(per_prompt)]
+    readers, thinkers = [r for r, _ in pairs], [t for _, t in pairs]
     out.reasoning = any(t is not None for t in thinkers)
     # the markers the answer is read for must survive decoding (a checkpoint may mark them special)
-    tags = (*(readers[0].tags if readers[0] is not None else ()), *(REASONING_TAGS if out.reasoning else ()))
+    tags = (*(readers[0].tags if readers[0] is not None else ()), *(thinkers[0].tags if thinkers[0] else ()))
     skip_special = req.skip_special_tokens and not server.keeps_specials(tags)
     specs: list[tuple[GenRequest, Detokenizer]] = []
     limits = [server.limit(len(ids), req.limit(), "max_tokens") for ids in prompts]

@@ -62,6 +62,8 @@ class ReasoningReader:
     ``feed(text)`` returns ``(reasoning, content)``: what of each can be passed on now; ``finish()`` returns what
     was held back at the end. ``reasoning`` and ``content`` accumulate everything passed on."""
 
+    tags = TAGS
+
     def __init__(self, in_reasoning: bool) -> None:
         self.state = "reasoning" if in_reasoning else "start"
         self._strip_open = in_reasoning  # a model may write the block's <think> again although the prompt opened it
@@ -109,17 +111,24 @@ class ReasoningReader:
         return "", buf
 
 
-def reasoning_tokens(tokenizer: Any, ids: list[int], reader: ReasoningReader | None) -> int:
+def reasoning_tokens(tokenizer: Any, ids: list[int], reader: Any) -> int:
     """How many of an answer's tokens ``ids`` are its reasoning: those up to and including the one that completes
-    ``</think>`` (every token when the answer ended inside its block); 0 without reasoning."""
+    ``</think>`` (harmony: the analysis message's ``<|end|>``; every token when the answer ended inside its
+    reasoning); 0 without reasoning."""
     if reader is None or not reader.reasoning:
         return 0
-    if reader.state == "reasoning":
-        return len(ids)
+    close = CLOSE
+    if isinstance(reader, ReasoningReader):
+        if reader.state == "reasoning":
+            return len(ids)
+    else:  # a HarmonyReader
+        if not reader.analysis_done:
+            return len(ids)
+        close = "<|end|>"
     lo, hi = 1, len(ids)  # the shortest prefix whose text holds the closing tag
     while lo < hi:
         mid = (lo + hi) // 2
-        if CLOSE in str(tokenizer.decode(ids[:mid], skip_special_tokens=False)):
+        if close in str(tokenizer.decode(ids[:mid], skip_special_tokens=False)):
             hi = mid
         else:
             lo = mid + 1

@@ -53,7 +53,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from dualpath.http.backend import GenRequest, GenResult, Job
-from dualpath.http.reasoning import TAGS as REASONING_TAGS
+from dualpath.http.harmony import HarmonyReader
 from dualpath.http.reasoning import ReasoningReader, reasoning_tokens
 from dualpath.http.schemas import tool_choice_problem
 from dualpath.http.structured import forced_tool_grammar, text_format_grammar
@@ -354,8 +354,7 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
     from dualpath.http.app import _observe, serve_job
 
     rid, mid, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
-    reader: ToolCallReader | None = server.tool_reader(tools)
-    thinking: ReasoningReader | None = server.reasoning_reader(ids)
+    reader, thinking = server.answer_readers(ids, tools)
 
     def stream(job: Job, detok: Any, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
         return _events(server, store, job, detok, first, body, conversation, ids, rid, mid, created, t_first,
@@ -394,7 +393,7 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
         grammar = await anyio.to_thread.run_sync(compile_grammar)
         if grammar is not None:
             sampling = replace(sampling, grammar=grammar)
-    tags = (*(reader.tags if reader is not None else ()), *(REASONING_TAGS if thinking is not None else ()))
+    tags = (*(reader.tags if reader is not None else ()), *(thinking.tags if thinking is not None else ()))
     return await serve_job(server, request, "/v1/responses", GenRequest(ids, limit, sampling), [],
                            bool(body.stream), stream, full, skip_special=not server.keeps_specials(tags))
 
@@ -402,7 +401,7 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
 async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first: tuple[str, Any],
                   body: ResponsesRequest, conversation: list[dict[str, Any]], ids: list[int], rid: str, mid: str,
                   created: int, t_first: float, reader: ToolCallReader | None = None,
-                  thinking: ReasoningReader | None = None) -> AsyncIterator[bytes]:
+                  thinking: ReasoningReader | HarmonyReader | None = None) -> AsyncIterator[bytes]:
     """The stream of a response (see the module docstring for the events and their order). With tools
     (``reader``) the message item opens with its first text and the calls follow it. With reasoning
     (``thinking``) a reasoning item comes first (``response.reasoning_text.delta`` events) and the message item

@@ -102,7 +102,7 @@ class ChatMessage(_Strict):
             d["tool_call_id"] = self.tool_call_id
         thoughts = self.reasoning_content if self.reasoning_content is not None else self.reasoning
         if thoughts is not None:
-            d["reasoning_content"] = thoughts
+            d["reasoning_content"] = d["thinking"] = thoughts  # (gpt-oss's template reads "thinking")
         return d
 
     def text(self) -> str:

@@ -26,6 +26,7 @@ history.
   separated by ``;``), optionally after ``<|python_tag|>``; anything else is content.
 * ``deepseek_v31`` / ``deepseek_v3``: DeepSeek's tool-call markers (:mod:`dualpath.http.tools_deepseek`).
 * ``mistral``: ``[TOOL_CALLS]`` and what follows it, in either generation's shape (:mod:`dualpath.http.tools_mistral`).
+* ``harmony``: gpt-oss's commentary messages to ``functions.NAME`` (:mod:`dualpath.http.harmony`).
 
 A call is kept only if it parses as JSON, names a declared function and has object arguments; otherwise its text
 stays in the content, unchanged: nothing the model wrote is dropped. :class:`ToolCallReader` works on the text as
@@ -43,6 +44,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dualpath.http.harmony import CHANNEL as HARMONY_CHANNEL
+from dualpath.http.harmony import TAGS as HARMONY_TAGS
+from dualpath.http.harmony import HarmonyCallSource, HarmonyReader, harmony_grammar
 from dualpath.http.tools_deepseek import (
     DEEPSEEK_TAGS,
     DeepSeekCallReader,
@@ -56,11 +60,12 @@ from dualpath.http.tools_mistral import (
     is_mistral_template,
     mistral_array_grammar,
     mistral_grammar,
+    special_literal,
     uses_args_token,
 )
 
 #: values of ``http.tool_parser``
-TOOL_PARSERS = ("auto", "hermes", "llama3_json", "deepseek_v3", "deepseek_v31", "mistral")
+TOOL_PARSERS = ("auto", "hermes", "llama3_json", "deepseek_v3", "deepseek_v31", "mistral", "harmony")
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 
@@ -99,6 +104,8 @@ def parser_for(kind: str, template: str | None) -> str:
         return deepseek_style(t)
     if is_mistral_template(t):
         return "mistral"
+    if HARMONY_CHANNEL in t and "to=functions" in t:  # gpt-oss
+        return "harmony"
     if _OPEN not in t and (_PYTHON_TAG in t or "ipython" in t):
         return "llama3_json"
     return "hermes"
@@ -187,7 +194,8 @@ class ToolCallReader:
     """Reads calls out of generated text as it arrives: :meth:`feed` each text delta, then :meth:`finish`; each
     returns ``(content, calls)``: the content that can be passed on now and the calls completed now."""
 
-    def __init__(self, parser: str, names: list[str] | frozenset[str], max_calls: int | None = None) -> None:
+    def __init__(self, parser: str, names: list[str] | frozenset[str], max_calls: int | None = None,
+                 harmony: HarmonyReader | None = None) -> None:
         if parser not in TOOL_PARSERS or parser == "auto":
             raise ValueError(f"tool parser {parser!r}: expected one of {TOOL_PARSERS[1:]}")
         self.parser = parser
@@ -199,18 +207,21 @@ class ToolCallReader:
         self._in_call = False
         self._after_call = False  # blank text right after a call only separates calls: not content
         self._json_mode: bool | None = None  # llama3_json: decided by the first non-blank text
-        self._ds: DeepSeekCallReader | MistralCallReader | None = None  # the formats read by their own module
+        # the formats read by their own module (harmony: the answer's reader, when it already splits reasoning)
+        self._ds: DeepSeekCallReader | MistralCallReader | HarmonyCallSource | None = None
         if parser.startswith("deepseek"):
             self._ds = DeepSeekCallReader(self.names)
         elif parser == "mistral":
             self._ds = MistralCallReader(self.names)
+        elif parser == "harmony":
+            self._ds = HarmonyCallSource(self.names, harmony)
 
     @property
     def tags(self) -> tuple[str, ...]:
         """The markers this reader looks for in the text (they must survive decoding: see
         :meth:`dualpath.http.app.Server.keeps_specials`)."""
         if self._ds is not None:
-            return MISTRAL_TAGS if self.parser == "mistral" else DEEPSEEK_TAGS
+            return {"mistral": MISTRAL_TAGS, "harmony": HARMONY_TAGS}.get(self.parser, DEEPSEEK_TAGS)
         return (_OPEN, _CLOSE) if self.parser == "hermes" else (_PYTHON_TAG,)
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
@@ -388,7 +399,7 @@ def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None
     options = []
     chosen = [t for t in tools if only is None or t.function.name == only]
     v11 = parser == "mistral" and uses_args_token(tokenizer)  # (else Mistral's JSON array of calls, below)
-    if parser.startswith("deepseek") or v11:  # the arguments object alone, between markers
+    if parser.startswith("deepseek") or v11 or parser == "harmony":  # the arguments object alone, between markers
         pairs = []
         for t in chosen:
             params = t.function.parameters if t.function.parameters is not None else {"type": "object"}
@@ -397,6 +408,8 @@ def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None
             pairs.append((t.function.name, args))
         if v11:  # (its markers are the tokenizer's special tokens)
             return mistral_grammar(tokenizer, pairs, parallel)
+        if parser == "harmony":  # one call: gpt-oss ends its turn with <|call|>
+            return harmony_grammar(tokenizer, pairs, special_literal)
         return deepseek_grammar(pairs, parser, parallel)
     for i, t in enumerate(chosen):
         params = t.function.parameters if t.function.parameters is not None else {"type": "object"}

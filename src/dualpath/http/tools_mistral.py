@@ -134,7 +134,7 @@ class MistralCallReader:
         return [(name, args)], self.buf[j + end:], ""
 
 
-def _literal(tokenizer: object, tag: str) -> str:
+def special_literal(tokenizer: object, tag: str) -> str:
     """A Lark item for ``tag``: the special token itself (``<[id]>``) when the tokenizer has it as one, else text."""
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     for tid, tok in decoder.items():
@@ -154,7 +154,7 @@ def uses_args_token(tokenizer: object) -> bool:
 def mistral_grammar(tokenizer: object, options: list[tuple[str, dict[str, object]]], parallel: bool) -> str:
     """The Lark grammar (llguidance's dialect) of one call (several when ``parallel``) to one of ``options``
     (``(name, arguments schema)``) in the v11+ shape, ``[TOOL_CALLS]NAME[ARGS]{...}``."""
-    bot, args = _literal(tokenizer, BOT), _literal(tokenizer, ARGS)
+    bot, args = special_literal(tokenizer, BOT), special_literal(tokenizer, ARGS)
     more = " call*" if parallel else ""
     rules = [f"c{i}: {bot} {json.dumps(name)} {args} a{i}\na{i}: %json {json.dumps(schema)}"
              for i, (name, schema) in enumerate(options)]
@@ -165,4 +165,4 @@ def mistral_array_grammar(tokenizer: object, call_schema: dict[str, object], par
     """The same before v11: ``[TOOL_CALLS] [`` one call object (several when ``parallel``) valid under
     ``call_schema`` (``{"name", "arguments"}``) ``]``."""
     more = ' (", " call)*' if parallel else ""
-    return f'start: {_literal(tokenizer, BOT)} " [" call{more} "]"\ncall: %json {json.dumps(call_schema)}'
+    return f'start: {special_literal(tokenizer, BOT)} " [" call{more} "]"\ncall: %json {json.dumps(call_schema)}'

@@ -65,7 +65,11 @@ async def test_a_call_after_the_analysis_whole_and_streamed(harmony_tok):
         assert thoughts == "Need the weather in Paris." and content == ""
         assert calls == [("get_weather", {"city": "Paris"})]
 
+    from dualpath.http.backend import stop_ids_of
+
     backend = ScriptedBackend(harmony_tok, CALL)
+    stops = stop_ids_of(harmony_tok)  # a call ends gpt-oss's turn (<|call|>), as an answer does (<|return|>)
+    assert {harmony_tok.convert_tokens_to_ids(t) for t in ("<|call|>", "<|return|>")} <= set(stops)
     await _with_server(backend, body)
     assert "namespace functions" in harmony_tok.decode(backend.prompts[0])
 

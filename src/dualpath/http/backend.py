@@ -242,7 +242,9 @@ def _model_setup(config: DualPathConfig) -> tuple[Any, Any, str]:
 
 
 def stop_ids_of(tokenizer: Any) -> tuple[int, ...]:
-    """End-of-sequence ids of a tokenizer (its eos token, and ``<|im_end|>``/``<|eot_id|>`` when present)."""
+    """End-of-sequence ids of a tokenizer: its eos token, and the end-of-turn tokens of the families that have
+    them when present (``<|im_end|>``, Llama 3's ``<|eot_id|>`` and ``<|eom_id|>`` (after a tool call), gpt-oss's
+    ``<|return|>`` and ``<|call|>``), as their generation configs list them."""
     if tokenizer is None:
         return ()
     ids: set[int] = set()
@@ -252,7 +254,7 @@ def stop_ids_of(tokenizer: Any) -> tuple[int, ...]:
     elif isinstance(eos, list):
         ids.update(int(x) for x in eos)
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    for name in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+    for name in ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|return|>", "<|call|>"):
         if name in vocab:
             ids.add(int(vocab[name]))
     return tuple(sorted(ids))

@@ -290,8 +290,13 @@ class ServeClient:
         return reply.type == "pong"
 
     async def shutdown(self, timeout: float = 10.0, *, token: str | None = None) -> None:
-        """Stop the deployment (the operator role: its CURVE key, or ``token`` from ``serve.token_file``)."""
-        await self.channel.request(None, "shutdown", {"token": token} if token else {}, timeout)
+        """Stop the deployment (the operator role: its CURVE key, or ``token`` from ``serve.token_file``). A
+        scheduler that closes the connection before its reply arrives has stopped, as asked: that is success (a
+        refused token is still an error: it is a reply)."""
+        try:
+            await self.channel.request(None, "shutdown", {"token": token} if token else {}, timeout)
+        except SchedulerLost:
+            log.info("the scheduler at %s closed the connection while stopping (before its reply)", self.address)
 
     async def cancel(self, session: int, timeout: float = 10.0, *, token: str | None = None) -> int:
         """End this client's turn(s) of ``session`` now: each fails with a ``cancelled`` error. The operator

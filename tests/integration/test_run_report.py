@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,23 @@ def test_sim_scenario_from_run_config_uses_the_same_numbers() -> None:
     pred = predict(cfg, ["pe_only", "dualpath"], prof, trajs)
     assert pred["pe_only"]["all_done"] and pred["dualpath"]["all_done"]
     assert pred["pe_only"]["bytes_read_de_path"] == 0 and pred["dualpath"]["bytes_read_de_path"] > 0
+
+
+def test_simulate_with_a_run_config_takes_its_trace_and_refuses_scenario_flags(tmp_path: Path, capsys) -> None:
+    """``dualpath simulate --config RUN_CONFIG``: the workload flags apply (a trace replaces the config's generator);
+    the flags of the simulator's own scenarios are refused by name instead of being ignored."""
+    from dualpath.cli import main
+
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text("model: {kind: synthetic, n_layers: 2}\ncluster: {prefill_nodes: 1, decode_nodes: 1}\n"
+                       "workload: {dataset: tiny, n_agents: 2}\n")
+    trace = tmp_path / "mooncake.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": 1000 * i, "input_length": 300, "output_length": 4,
+                                         "hash_ids": [0, 1, 2 + i]}) + "\n" for i in range(5)))
+    # (the compute profile is calibrated on this machine: a few seconds)
+    assert main(["simulate", "--config", str(run_cfg), "--trace", str(trace), "--trace-format", "mooncake",
+                 "--max-requests", "4", "--policy", "pe_only"]) == 0
+    assert "4 agents, 4 turns" in capsys.readouterr().out
+    assert main(["simulate", "--config", str(run_cfg), "--preset", "tiny", "--plot", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset, --plot: not with --config" in err

@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     st = sub.add_parser("stats", help="requests, sessions, lengths, ideal hit rate, arrival rate, largest turn")
     st.add_argument("file", help="the trace file")
     st.add_argument("--trace-format", choices=TRACE_FORMATS, default="auto",
-                    help="jsonl (our trajectories) or mooncake (timestamp, input_length, output_length, hash_ids)")
+                    help="auto (default: from the first line), jsonl (our trajectories), mooncake (timestamp, "
+                         "input_length, output_length, hash_ids), bailian (Qwen-Bailian sessions), csv (Azure / "
+                         "BurstGPT columns) or sharegpt (conversations)")
     st.add_argument("--json", dest="json_out", metavar="OUT", help="also write the figures as JSON here")
 
 

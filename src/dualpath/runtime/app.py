@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -117,6 +118,10 @@ def apply_request(cfg: DualPathConfig, req: RunRequest) -> DualPathConfig:
         w.rate_aps = req.rate
     if req.capacity:
         w.mode = "online"
+    if req.json_out:  # refused now, not after the whole run
+        parent = os.path.dirname(os.path.abspath(req.json_out))
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--json: directory {parent} does not exist")
     return cfg
 
 

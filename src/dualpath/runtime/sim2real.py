@@ -128,11 +128,35 @@ def simulate_command(args: Any) -> int:
     """``dualpath simulate --config RUN_CONFIG``: calibrate on this machine, predict each policy of the run."""
     import json
 
+    from dualpath.errors import ConfigError
     from dualpath.runtime.app import RunRequest, apply_request, parse_policies
     from dualpath.runtime.defaults import load_run_config
     from dualpath.runtime.report import ceiling
 
-    cfg = apply_request(load_run_config(args.config), RunRequest(agents=getattr(args, "agents", None)))
+    # the flags of the simulator's own scenarios have no meaning for a run config: refused, not ignored
+    foreign = {"preset": "--preset", "P": "--P", "D": "--D", "aps": "--aps", "horizon": "--horizon",
+               "warmup": "--warmup", "aps_range": "--aps-range", "append_scale": "--append-scale",
+               "gen_scale": "--gen-scale", "whatif_prefill_slowdown": "--whatif-prefill-slowdown",
+               "whatif_decode_slowdown": "--whatif-decode-slowdown", "plot": "--plot"}
+    flags = {"capacity": "--capacity", "breakdown": "--breakdown", "no_isolation": "--no-isolation",
+             "no_ep_traffic": "--no-ep-traffic", "no_indexer_kv": "--no-indexer-kv"}
+    given = [flag for key, flag in foreign.items() if getattr(args, key, None) is not None]
+    given += [flag for key, flag in flags.items() if getattr(args, key, False)]
+    if getattr(args, "mode", None) == "online":
+        given.append("--mode online")
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not with --config {args.config}, the configuration of a `dualpath "
+                          "run` (it is predicted offline as that run would go; those flags shape the simulator's "
+                          "own scenarios: --preset or a config with a 'sim' section)")
+    cfg = load_run_config(args.config)
+    if getattr(args, "dataset", None) is not None:
+        cfg.workload.dataset = args.dataset
+    if getattr(args, "seed", None) is not None:
+        cfg.workload.seed = args.seed
+    cfg = apply_request(cfg, RunRequest(
+        agents=getattr(args, "agents", None), trace=getattr(args, "trace", None),
+        trace_format=getattr(args, "trace_format", None), max_requests=getattr(args, "max_requests", None),
+        repeat=getattr(args, "repeat", None)))
     policies = parse_policies(getattr(args, "policies", None))
     trajs = load_trajectories(cfg.workload)
     print(f"calibrating the compute profile of {cfg.model.kind} model on this machine ...", file=sys.stderr)

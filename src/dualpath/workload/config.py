@@ -17,7 +17,8 @@ class WorkloadConfig(Section):
     keep its timestamps (``rate_aps`` is for generators).
     """
 
-    dataset: str = Field(default="tiny", description="built-in generator: 32k, 48k, 64k, or a scaled one")
+    dataset: str = Field(default="tiny", description="built-in generator: tiny, small, 32k, 48k or 64k (the "
+                         "paper's Table 2), or agentic-cpu (dualpath run's embedded default)")
     trace: str | None = None
     trace_format: Literal["auto", "jsonl", "mooncake", "bailian", "csv", "sharegpt"] = Field(
         default="auto",

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML/TOML config file (cluster, storage, transport sections), merged "
                         "over chat's own defaults (block_tokens 16, unlimited storage NIC, ...)")
     parser.add_argument("--json", dest="json_out", help="write the runs as JSON here")
-    parser.add_argument("--quiet", action="store_true", help="print only the summary table")
+    parser.add_argument("--quiet", action="store_true", help="print each turn's figures (prompt, hit, path, TTFT), not the conversation")
 
 
 def load_turns(path: str | None, gen: int) -> list[tuple[str, int]]:

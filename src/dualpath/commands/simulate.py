@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="named scenario (default ds660b-2p4d-64k); --list-presets shows them")
     parser.add_argument("--config", help="YAML/TOML/JSON file with a 'sim' section (SimConfig)")
     parser.add_argument("--list-presets", action="store_true", help="list scenarios and preset values with sources")
-    parser.add_argument("--policy", action="append", dest="policies", help="policy (repeatable; default basic, dualpath)")
+    parser.add_argument("--policy", action="append", dest="policies",
+                        help="policy (repeatable or comma-separated; 'ladder' for the whole ablation and the oracle; "
+                             "default basic, dualpath)")
     parser.add_argument("--agents", type=int, help="number of agents (offline)")
     parser.add_argument("--dataset", help="dataset generator: 32k, 48k, 64k, small, tiny")
     parser.add_argument("--P", type=int, dest="P", help="prefill nodes (overrides the preset)")
@@ -74,6 +76,16 @@ def _list_presets() -> None:
     print(f"prefill batch efficiency: {BATCH_CURVE_SOURCE}")
 
 
+def _policies(values: list[str] | None) -> list[str] | None:
+    """``--policy`` values as ``dualpath run`` reads them: repeatable, comma-separated, ``ladder`` for the
+    ablation ladder and the oracle; None when none were given (the scenario's own)."""
+    if not values:
+        return None
+    from dualpath.runtime.app import parse_policies
+
+    return parse_policies(values)
+
+
 def _cfg(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from dualpath.errors import ConfigError
     from dualpath.sim.config import SimConfig
@@ -90,7 +102,7 @@ def _cfg(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise ConfigError("give --preset or --config, not both")
     for key, val in (("preset", args.preset), ("agents", args.agents), ("dataset", args.dataset), ("P", args.P),
                      ("D", args.D), ("mode", args.mode), ("rate_aps", args.aps), ("horizon_s", args.horizon), ("warmup_s", args.warmup),
-                     ("seed", args.seed), ("policies", args.policies)):
+                     ("seed", args.seed), ("policies", _policies(args.policies))):
         if val is not None:
             data[key] = val
     if args.no_indexer_kv:

@@ -73,6 +73,10 @@ def test_ctl_stats_cancel_drain_stop(dep, capsys: pytest.CaptureFixture[str]) ->
     token = ["--connect", d.address, "--token-file", str(d.config.serve.token_file)]
     rc, out, _err = _ctl(capsys, "stats", "--connect", d.address)
     assert rc == 0 and json.loads(out)["engines_alive"] == 2
+    # the deployment's own config.json says port 0: the port bound is read from scheduler.addr beside it
+    assert json.loads((d.workdir / "config.json").read_text())["serve"]["port"] == 0
+    rc, out, _err = _ctl(capsys, "stats", "--config", str(d.workdir / "config.json"))
+    assert rc == 0 and json.loads(out)["engines_alive"] == 2
     # cancel: another client's long turn of session 77 ends at once, explicitly
     got: dict[str, Any] = {}
 

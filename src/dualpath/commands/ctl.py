@@ -46,6 +46,15 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     sc = config.serve
     address = args.connect or sc.scheduler_address()
+    if args.connect is None and args.config and sc.address is None and sc.port == 0:
+        # a deployment's own <workdir>/config.json with port 0: the port bound is in scheduler.addr beside it
+        from pathlib import Path
+
+        bound = Path(args.config).with_name("scheduler.addr")
+        if not bound.is_file():
+            raise ConfigError(f"--config {args.config}: serve.port is 0 (any free port) and no scheduler.addr beside "
+                              "it says which was bound; pass --connect ADDRESS")
+        address = bound.read_text().strip()
     operator = args.action != "stats"
     token: str | None = None
     if sc.curve:

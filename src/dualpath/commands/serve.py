@@ -53,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
     if args.role == "all":
         from dualpath.control.launcher import run_foreground
 
-        return run_foreground(config, bind=args.bind, workdir=args.workdir)
+        if args.rank is not None or args.scheduler is not None:
+            raise ConfigError("--rank and --scheduler are for one engine (--role prefill|decode), not the whole "
+                              "deployment (--role all)")
+        return run_foreground(config, bind=args.bind, workdir=args.workdir, address_file=args.address_file)
     if args.role == "scheduler":
         from dualpath.control.schedulerd import serve_scheduler
 

@@ -517,8 +517,9 @@ class Deployment:
 
 
 def run_foreground(config: DualPathConfig, *, bind: str | None = None, workdir: str | None = None,
-                   print_fn: Any = print) -> int:
-    """`dualpath serve` (whole deployment): start, print the address, supervise until SIGINT/SIGTERM."""
+                   print_fn: Any = print, address_file: str | None = None) -> int:
+    """`dualpath serve` (whole deployment): start, print the address (and write it to ``address_file``, as
+    ``--role scheduler`` does), supervise until SIGINT/SIGTERM."""
     dep = Deployment(config, bind=bind, workdir=workdir)
     stop = threading.Event()
 
@@ -528,6 +529,11 @@ def run_foreground(config: DualPathConfig, *, bind: str | None = None, workdir: 
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         address = dep.start()
+        if address_file:
+            tmp = f"{address_file}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(address)
+            os.replace(tmp, address_file)
         n = len(dep.children) - 1
         print_fn(f"dualpath serve: scheduler at {address}, {n} engine processes; logs in {dep.workdir / 'logs'}")
         print_fn(f"submit with: dualpath run --serve {address}   (Ctrl-C stops the deployment)")

@@ -160,7 +160,8 @@ def test_ctrl_c_prints_partial_table(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_online_mode_and_capacity_search_on_the_real_cluster(tmp_path: Path) -> None:
+def test_online_mode_and_capacity_search_on_the_real_cluster(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _cfg(tmp_path)
     total = sum(t.n_turns for t in load_trajectories(load_run_config(str(cfg)).workload))
     out = tmp_path / "online.json"
@@ -168,6 +169,10 @@ def test_online_mode_and_capacity_search_on_the_real_cluster(tmp_path: Path) -> 
                  "--json", str(out), "--quiet"]) == 0
     (run,) = json.loads(out.read_text())["runs"]
     assert run["complete"] and run["turns"] == total and isinstance(run["slo_met"], bool)
+    # the SLO attainment: the share of turns meeting both bounds, printed per policy; met means >= 90 %
+    assert 0.0 <= run["slo_attainment"] <= 1.0 and run["slo_met"] == (run["slo_attainment"] >= 0.9)
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("SLO attainment")]
+    assert row and row[0].split()[-1] == f"{run['slo_attainment'] * 100:.0f}%"
     cap_out = tmp_path / "cap.json"
     assert main(["run", "--config", str(cfg), "--policy", "pe_only", "--capacity", "--rate", "4",
                  "--json", str(cap_out), "--quiet"]) == 0

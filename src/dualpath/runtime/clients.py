@@ -265,11 +265,14 @@ class SloCheck:
         b = float(np.percentile(tpot, pct)) if tpot else math.nan
         return a, b
 
-    def met(self, records: Sequence[TurnRecord]) -> bool:
+    def fraction(self, records: Sequence[TurnRecord]) -> float:
+        """The share of ``records`` meeting both bounds (0 for none): the run's SLO attainment."""
         if not records:
-            return False
-        ok = sum(1 for r in records if self.slo.met(r.outcome.ttft, r.outcome.tpot))
-        return ok >= self.attainment * len(records)
+            return 0.0
+        return sum(1 for r in records if self.slo.met(r.outcome.ttft, r.outcome.tpot)) / len(records)
+
+    def met(self, records: Sequence[TurnRecord]) -> bool:
+        return bool(records) and self.fraction(records) >= self.attainment
 
     def hopeless(self, rec: TurnRecord) -> bool:
         return rec.outcome.ttft > 2.0 * self.slo.ttft_s

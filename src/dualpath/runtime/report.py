@@ -128,7 +128,10 @@ ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("CNIC links (in+out)", "link_cnic_bytes", _mb),
     ("SNIC utilisation", "snic_util", _util),
     ("SNIC max/avg", "snic_balance", _f(".2f")),
+    ("SLO attainment", "slo_attainment", _pct),  # online runs only: turns meeting the TTFT and TPOT SLOs
 ]
+#: rows shown only when some run has the figure
+OPTIONAL_ROWS = {"slo_attainment"}
 
 
 def format_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
@@ -137,6 +140,8 @@ def format_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
     header = ["", *[n + ("" if runs[n].get("complete", True) else " (partial)") for n in names]]
     rows = [header]
     for label, key, fmt in ROWS:
+        if key in OPTIONAL_ROWS and all(runs[n].get(key) is None for n in names):
+            continue
         rows.append([label, *[fmt(runs[n].get(key)) for n in names]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []

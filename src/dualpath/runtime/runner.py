@@ -95,6 +95,7 @@ class PolicyRun:
     recorder: MetricsRecorder = field(default_factory=MetricsRecorder)
     driver: DriverStats = field(default_factory=DriverStats)
     slo_met: bool | None = None
+    slo_attainment: float | None = None  # online: the share of turns meeting the TTFT and TPOT SLOs
     error: str | None = None
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds: start, turns, close, cleanup
     prefill: dict[str, int] = field(default_factory=dict)  # PE forwards and quota-cut chunks, summed over PEs
@@ -300,6 +301,8 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
     }
     if run.slo_met is not None:
         out["slo_met"] = run.slo_met
+    if run.slo_attainment is not None:
+        out["slo_attainment"] = run.slo_attainment
     if run.error:
         out["error"] = run.error
     return out
@@ -411,6 +414,7 @@ async def _run_policy(
                                 stop_when=chk.hopeless,
                             )
                             run.slo_met = finished and chk.met(run.client.records)
+                            run.slo_attainment = chk.fraction(run.client.records)
                         else:
                             await run_offline_into(driver, trajs, run.client, vocab_size=vocab, seed=seed,
                                                    on_turn=cb)

@@ -16,7 +16,8 @@ from test_http_tools import TOOLS, ScriptedBackend, _calls, _with_server
 openai = pytest.importorskip("openai")
 
 MARKERS = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>", "<|call|>", "<|return|>"]
-TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] or '' }}<|end|>{% endfor %}"
+TEMPLATE = ("<|start|>system<|message|>Reasoning: {{ reasoning_effort or 'medium' }}<|end|>"
+            "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] or '' }}<|end|>{% endfor %}"
             "{% if tools %}<|start|>developer<|message|># Tools\nnamespace functions: "
             "{% for t in tools %} type {{ t.function.name }} = (_: any) => any; {% endfor %} "
             "(calls: <|channel|>commentary to=functions.NAME){% endif %}<|start|>assistant")
@@ -87,4 +88,17 @@ async def test_final_channel_is_the_content_and_the_responses_api(harmony_tok):
         n_think = r.usage.output_tokens_details.reasoning_tokens
         assert 0 < n_think < r.usage.output_tokens
 
-    await _with_server(ScriptedBackend(harmony_tok, ANSWER), body)
+    backend = ScriptedBackend(harmony_tok, ANSWER)
+    await _with_server(backend, body)
+    assert "Reasoning: medium" in harmony_tok.decode(backend.prompts[0])
+
+    async def effort(client: Any) -> None:  # the request's effort reaches the template's reasoning_effort
+        await client.chat.completions.create(model="scripted", max_tokens=5, reasoning_effort="high",
+                                             messages=[{"role": "user", "content": "2+2?"}])
+        await client.responses.create(model="scripted", input="2+2?", max_output_tokens=5,
+                                      reasoning={"effort": "low"})
+
+    backend = ScriptedBackend(harmony_tok, ANSWER)
+    await _with_server(backend, effort)
+    assert ["Reasoning: high" in harmony_tok.decode(p) for p in backend.prompts] == [True, False]
+    assert "Reasoning: low" in harmony_tok.decode(backend.prompts[1])

@@ -266,7 +266,8 @@ class Server:
         messages, native = self.tool_prompt([m.template_dict() for m in req.messages], req.active_tools())
         return self.render_chat(messages, "messages", add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message,
-                                template_kwargs=req.chat_template_kwargs, tools=native)
+                                template_kwargs=with_effort(req.chat_template_kwargs, req.reasoning_effort),
+                                tools=native)
 
     def tool_prompt(self, messages: list[dict[str, Any]],
                     tools: list[ToolDef]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -377,6 +378,14 @@ _RESERVED_TEMPLATE_ARGS = frozenset({
 
 
 _reserved_by_type: dict[Any, frozenset[str]] = {}
+
+
+def with_effort(template_kwargs: dict[str, Any] | None, effort: str | None) -> dict[str, Any] | None:
+    """``chat_template_kwargs`` with the request's reasoning effort as the template's ``reasoning_effort``
+    variable (gpt-oss's template reads it; others ignore it), unless the kwargs set it themselves."""
+    if effort is None:
+        return template_kwargs
+    return {"reasoning_effort": effort, **(template_kwargs or {})}
 
 
 def _reserved_template_args(tok: Any) -> frozenset[str]:

@@ -235,7 +235,7 @@ class ResponseStore:
 
 def add_routes(app: FastAPI, server: Any) -> None:
     """``/v1/responses`` on ``app`` (``server``: the app's :class:`~dualpath.http.app.Server`)."""
-    from dualpath.http.app import ApiError
+    from dualpath.http.app import ApiError, with_effort
 
     store = ResponseStore(server.config.responses_store_max)
 
@@ -260,7 +260,10 @@ def add_routes(app: FastAPI, server: Any) -> None:
         server.admit()
         tools = body.function_tools()
         messages, native = server.tool_prompt(system + conversation, tools)
-        ids = server.render_chat(messages, "input", template_kwargs=body.chat_template_kwargs, tools=native)
+        effort = (body.reasoning or {}).get("effort")
+        ids = server.render_chat(messages, "input", tools=native,
+                                 template_kwargs=with_effort(body.chat_template_kwargs,
+                                                             effort if isinstance(effort, str) else None))
         limit = server.limit(len(ids), body.max_output_tokens, "max_output_tokens")
         return await _serve(server, store, request, body, conversation, ids, limit, tools)
 

@@ -223,8 +223,9 @@ class ChatCompletionRequest(_Sampling):
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
-    # hints that cannot change this server's answer (accepted, ignored)
+    # the chat template's reasoning_effort variable (gpt-oss's template reads it; others ignore it)
     reasoning_effort: str | None = None
+    # hints that cannot change this server's answer (accepted, ignored)
     verbosity: str | None = None
     prediction: dict[str, Any] | None = None
     prompt_cache_key: str | None = None

@@ -135,3 +135,17 @@ def test_mean_decode_batch_counts_request_seconds_in_decode() -> None:
     one = run_policy(_scenario(trajs=_trajs(n=1)), "dualpath")
     assert one["de_batch_mean"] == pytest.approx(1.0)  # a single agent decodes alone
     assert one["decode_step_floor_s"] == pytest.approx(2e-3 + 1e-4)  # step_fn(1, 0, 0)
+
+
+def test_speedups_are_against_basic_else_pe_only() -> None:
+    """The simulator's speed-ups compare with ``basic`` when it ran, else with ``pe_only`` (as ``dualpath run``
+    does); none without either."""
+    from dualpath.sim.runner import speedups
+
+    def run(policy: str, jct: float) -> dict:
+        return {"policy": policy, "jct_s": jct, "prompt_tokens_per_s": 1.0}
+
+    assert speedups([run("basic", 10.0), run("pe_only", 8.0), run("dualpath", 5.0)]) == {
+        "basic": 1.0, "pe_only": 1.25, "dualpath": 2.0}
+    assert speedups([run("pe_only", 9.0), run("dualpath", 6.0)]) == {"pe_only": 1.0, "dualpath": 1.5}
+    assert speedups([run("dualpath", 6.0), run("split", 3.0)]) == {}

@@ -280,8 +280,11 @@ class SimResult:
         return {"runs": self.runs, "speedup": self.speedup, "ceiling": self.ceiling, "info": self.info}
 
 
-def speedups(runs: list[dict[str, Any]], base: str = "basic") -> dict[str, float]:
-    """JCT speed-up of each run vs ``base`` (offline); prompt throughput ratio when JCT is undefined."""
+def speedups(runs: list[dict[str, Any]], base: str | None = None) -> dict[str, float]:
+    """JCT speed-up of each run vs ``base`` (offline); prompt throughput ratio when JCT is undefined. ``base``
+    None: ``basic`` when it ran, else ``pe_only`` (the baseline ``dualpath run`` compares with)."""
+    names = [r["policy"] for r in runs]
+    base = base or next((n for n in ("basic", "pe_only") if n in names), None)
     b = next((r for r in runs if r["policy"] == base), None)
     if b is None:
         return {}
@@ -296,7 +299,7 @@ def speedups(runs: list[dict[str, Any]], base: str = "basic") -> dict[str, float
 
 def simulate(sc: SimScenario, policies: Sequence[str], progress: Callable[[str], None] | None = None,
              breakdown_dt: float = 0.0) -> SimResult:
-    """Run every policy on ``sc``; speed-ups are vs ``basic`` when it is among them."""
+    """Run every policy on ``sc``; speed-ups are vs ``basic`` when it is among them, else vs ``pe_only``."""
     runs = []
     for p in policies:
         if progress:

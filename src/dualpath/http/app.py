@@ -158,6 +158,16 @@ class Server:
 
         self.prefixes = InflightPrefixes(config.shared_prefill_min_tokens, config.inflight_prefix_wait_s,
                                          self.metrics.prefix_waits.inc)
+        # what the served tokenizer speaks, decided once per tokenizer (its vocabulary takes tens of ms to list)
+        self._speaks: tuple[Any, bool, bool] | None = None
+
+    def _tokenizer_speaks(self) -> tuple[bool, bool]:
+        """``(harmony, reasoning tags parsed)`` for the served tokenizer, cached while it stays the same."""
+        tok = self.backend.tokenizer
+        if self._speaks is None or self._speaks[0] is not tok:
+            self._speaks = (tok, tok is not None and is_harmony(tok),
+                            reasoning_enabled(self.config.reasoning_parser, tok))
+        return self._speaks[1], self._speaks[2]
 
     @property
     def token_text(self) -> Any:
@@ -294,8 +304,7 @@ class Server:
         """What reads one chat answer: its tool calls (None without ``tools``) and its reasoning (None when not
         parsed). A harmony model (gpt-oss) gets one :class:`~dualpath.http.harmony.HarmonyReader` for both,
         whatever ``http.reasoning_parser`` says: its raw markup is no answer."""
-        tok = self.backend.tokenizer
-        if tok is not None and is_harmony(tok):
+        if self._tokenizer_speaks()[0]:
             harmony = HarmonyReader(frozenset(t.function.name for t in tools))
             reader = ToolCallReader("harmony", harmony.names, max_calls, harmony) if tools else None
             return reader, harmony
@@ -313,7 +322,7 @@ class Server:
         """What splits a chat answer's reasoning from its content (None when ``http.reasoning_parser`` is off
         for this tokenizer); the prompt's own text says whether the answer starts inside a ``<think>`` block."""
         tok = self.backend.tokenizer
-        if not reasoning_enabled(self.config.reasoning_parser, tok):
+        if not self._tokenizer_speaks()[1]:
             return None
         tail = str(tok.decode(prompt_ids[-64:], skip_special_tokens=False))
         return ReasoningReader(starts_in_reasoning(tail))

@@ -21,15 +21,16 @@ CASES = [
 ]
 
 
-def _split(text: str, in_reasoning: bool, step: int) -> tuple[str, str]:
-    r = ReasoningReader(in_reasoning)
+def _split(text: str, in_reasoning: bool, step: int, reader: object = None) -> tuple[str, str]:
+    """``text`` fed to a reader (a :class:`ReasoningReader` by default) ``step`` characters at a time."""
+    r: object = reader if reader is not None else ReasoningReader(in_reasoning)
     got = ["", ""]
     for i in range(0, len(text), step):
-        a, b = r.feed(text[i:i + step])
+        a, b = r.feed(text[i:i + step])  # type: ignore[attr-defined]
         got[0] += a
         got[1] += b
-    a, b = r.finish()
-    assert (r.reasoning, r.content) == (got[0] + a, got[1] + b)
+    a, b = r.finish()  # type: ignore[attr-defined]
+    assert (r.reasoning, r.content) == (got[0] + a, got[1] + b)  # type: ignore[attr-defined]
     return got[0] + a, got[1] + b
 
 
@@ -97,10 +98,4 @@ def test_harmony_whole_and_streamed(text, reasoning, content, calls):
 
     for step in (len(text), 1, 2, 7):
         r = HarmonyReader(frozenset({"search", "get_weather"}))
-        got = ["", ""]
-        for i in range(0, len(text), step):
-            a, b = r.feed(text[i:i + step])
-            got[0] += a
-            got[1] += b
-        a, b = r.finish()
-        assert (got[0] + a, got[1] + b, r.calls) == (reasoning, content, calls), step
+        assert (*_split(text, False, step, r), r.calls) == (reasoning, content, calls), step

@@ -25,6 +25,8 @@ import json
 import re
 from typing import Any
 
+from dualpath.http.markers import held_prefix
+
 START, CHANNEL, MESSAGE, END = "<|start|>", "<|channel|>", "<|message|>", "<|end|>"
 CONSTRAIN, CALL, RETURN = "<|constrain|>", "<|call|>", "<|return|>"
 TAGS = (START, CHANNEL, MESSAGE, END, CONSTRAIN, CALL, RETURN)
@@ -42,17 +44,6 @@ def is_harmony(tokenizer: Any) -> bool:
     except Exception:
         return False
     return CHANNEL in vocab and MESSAGE in vocab
-
-
-def _held(text: str) -> int:
-    """Length of the end of ``text`` that may still become one of the markers."""
-    best = 0
-    for tag in TAGS:
-        for k in range(min(len(tag) - 1, len(text)), best, -1):
-            if tag.startswith(text[-k:]):
-                best = k
-                break
-    return best
 
 
 class HarmonyReader:
@@ -140,7 +131,7 @@ class HarmonyReader:
                 self.buf = self.buf[j:] if tag == START else self.buf[j + len(tag):]
                 self.state = "start"  # (the next message's header, or text after the messages)
                 continue
-            keep = 0 if final else _held(self.buf)
+            keep = 0 if final else held_prefix(self.buf, TAGS)
             self._emit(self.buf[:len(self.buf) - keep], out)
             self.buf = self.buf[len(self.buf) - keep:]
             if final:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dualpath.http.markers import held_prefix
+
 #: values of ``http.reasoning_parser``
 REASONING_PARSERS = ("none", "auto", "think")
 OPEN, CLOSE = "<think>", "</think>"
@@ -46,14 +48,6 @@ def reasoning_enabled(parser: str, tokenizer: Any) -> bool:
 def starts_in_reasoning(prompt_text: str) -> bool:
     """Whether a prompt (its rendered text) leaves a ``<think>`` block open for the answer to continue."""
     return prompt_text.rfind(OPEN) > prompt_text.rfind(CLOSE)
-
-
-def _held(text: str, tag: str) -> int:
-    """The length of the longest suffix of ``text`` that is a proper prefix of ``tag`` (may still become it)."""
-    for k in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
 
 
 class ReasoningReader:
@@ -91,7 +85,7 @@ class ReasoningReader:
                     r_out += buf[:i]
                     buf, self.state = buf[i + len(CLOSE):], "content"
                     continue
-                k = _held(buf, CLOSE)
+                k = held_prefix(buf, (CLOSE,))
                 r_out, buf = r_out + buf[:len(buf) - k], buf[len(buf) - k:]
                 break
             c_out, buf = c_out + buf, ""

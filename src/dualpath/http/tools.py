@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dualpath.http.harmony import CHANNEL as HARMONY_CHANNEL
 from dualpath.http.harmony import TAGS as HARMONY_TAGS
 from dualpath.http.harmony import HarmonyCallSource, HarmonyReader, harmony_grammar
+from dualpath.http.markers import held_prefix
 from dualpath.http.tools_deepseek import (
     DEEPSEEK_TAGS,
     DeepSeekCallReader,
@@ -182,14 +183,6 @@ def _parse_call(text: str, names: frozenset[str]) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def _held_prefix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a proper prefix of ``tag`` (it may become the tag)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
-
-
 class ToolCallReader:
     """Reads calls out of generated text as it arrives: :meth:`feed` each text delta, then :meth:`finish`; each
     returns ``(content, calls)``: the content that can be passed on now and the calls completed now."""
@@ -273,7 +266,7 @@ class ToolCallReader:
                     break
                 i = self._buf.find(_OPEN)
                 if i < 0:
-                    keep = 0 if final else _held_prefix(self._buf, _OPEN)
+                    keep = 0 if final else held_prefix(self._buf, (_OPEN,))
                     text(self._buf[:len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep:]
                     break

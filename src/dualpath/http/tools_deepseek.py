@@ -18,6 +18,8 @@ import json
 import re
 from typing import Any
 
+from dualpath.http.markers import held_prefix
+
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 DEEPSEEK_TAGS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)
@@ -56,17 +58,6 @@ def parse_call(body: str, names: frozenset[str]) -> tuple[str, str] | None:
     return name, json.dumps(obj, ensure_ascii=False)
 
 
-def _held(text: str, tags: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that is a proper prefix of one of ``tags``."""
-    best = 0
-    for tag in tags:
-        for k in range(min(len(tag) - 1, len(text)), best, -1):
-            if tag.startswith(text[-k:]):
-                best = k
-                break
-    return best
-
-
 class DeepSeekCallReader:
     """Streams content and completed calls out of DeepSeek-format text: :meth:`step` with ``final`` at the end.
     ``budget()`` says how many more calls may be read (None: any)."""
@@ -88,7 +79,7 @@ class DeepSeekCallReader:
                     break
                 i = self.buf.find(CALLS_BEGIN)
                 if i < 0:
-                    keep = 0 if final else _held(self.buf, (CALLS_BEGIN,))
+                    keep = 0 if final else held_prefix(self.buf, (CALLS_BEGIN,))
                     out.append(self.buf[:len(self.buf) - keep])
                     self.buf = self.buf[len(self.buf) - keep:]
                     break
@@ -114,7 +105,7 @@ class DeepSeekCallReader:
                     out.append(("" if self._block_calls else CALLS_BEGIN) + raw)
                     self._block_calls += 1
                 continue
-            if not final and (not head or _held(head, (CALL_BEGIN, CALLS_END)) == len(head)):
+            if not final and (not head or held_prefix(head, (CALL_BEGIN, CALLS_END)) == len(head)):
                 break  # blank, or the start of a marker: wait for more
             # anything else (or the end): the block is over; what follows is content, as written
             out.append(self.buf if self._block_calls else CALLS_BEGIN + self.buf)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 
+from dualpath.http.markers import held_prefix
+
 BOT, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 MISTRAL_TAGS = (BOT, ARGS, CALL_ID)
 _DECODER = json.JSONDecoder()
@@ -26,13 +28,6 @@ _DECODER = json.JSONDecoder()
 def is_mistral_template(template: str) -> bool:
     """Whether a chat template writes Mistral's ``[TOOL_CALLS]`` control token."""
     return BOT in template
-
-
-def _held(text: str, tag: str) -> int:
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
 
 
 def _value(text: str) -> tuple[object, int] | None:
@@ -73,7 +68,7 @@ class MistralCallReader:
                     break
                 i = self.buf.find(BOT)
                 if i < 0:
-                    keep = 0 if final else _held(self.buf, BOT)
+                    keep = 0 if final else held_prefix(self.buf, (BOT,))
                     out.append(self.buf[:len(self.buf) - keep])
                     self.buf = self.buf[len(self.buf) - keep:]
                     break

@@ -102,6 +102,20 @@ def _calls(message_calls: Any) -> list[tuple[str, dict[str, Any]]]:
 WANT = [("get_weather", {"city": "Paris"}), ("search", {"q": "Paris events"})]
 
 
+async def _streamed_calls(client: Any, **kw: Any) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """A streamed chat answer's content and its tool calls (each delta's name and arguments joined by index)."""
+    content, calls = "", {}
+    stream = await client.chat.completions.create(model="scripted", stream=True, **kw)
+    async for chunk in stream:
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            for tc in c.delta.tool_calls or []:
+                slot = calls.setdefault(tc.index, ["", ""])
+                slot[0] += tc.function.name or ""
+                slot[1] += tc.function.arguments or ""
+    return content, [(name, json.loads(args)) for name, args in (calls[i] for i in sorted(calls))]
+
+
 @pytest.mark.anyio
 async def test_calls_read_back_whole_and_streamed(tokenizer):
     backend = ScriptedBackend(tokenizer, CALL_TEXT)
@@ -384,15 +398,8 @@ async def test_deepseek_markers_read_back_whole_and_streamed(tokenizer):
         ch = r.choices[0]
         assert ch.finish_reason == "tool_calls" and ch.message.content == "I will look it up."
         assert _calls(ch.message.tool_calls) == WANT
-        content, calls = "", {}
-        stream = await client.chat.completions.create(model="scripted", messages=history, tools=TOOLS,
-                                                      max_tokens=300, stream=True)
-        async for chunk in stream:
-            for c in chunk.choices:
-                content += c.delta.content or ""
-                for tc in c.delta.tool_calls or []:
-                    calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments))
-        assert content == "I will look it up." and [calls[i] for i in sorted(calls)] == WANT
+        assert await _streamed_calls(client, messages=history, tools=TOOLS, max_tokens=300) == (
+            "I will look it up.", WANT)
 
     await _with_server(backend, body)
     prompt = tok.decode(backend.prompts[0])
@@ -447,14 +454,7 @@ async def test_mistral_calls_read_back_whole_and_streamed(tokenizer):
         m = r.choices[0].message
         assert _calls(m.tool_calls) == WANT and m.content == "I will look it up.\n"
         assert r.choices[0].finish_reason == "tool_calls"
-        content, calls = "", {}
-        stream = await client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}],
-                                                      tools=TOOLS, max_tokens=300, stream=True)
-        async for chunk in stream:
-            for c in chunk.choices:
-                content += c.delta.content or ""
-                for tc in c.delta.tool_calls or []:
-                    calls[tc.index] = (tc.function.name, json.loads(tc.function.arguments))
-        assert content == "I will look it up.\n" and [calls[i] for i in sorted(calls)] == WANT
+        assert await _streamed_calls(client, messages=[{"role": "user", "content": "hi"}], tools=TOOLS,
+                                     max_tokens=300) == ("I will look it up.\n", WANT)
 
     await _with_server(backend, body)

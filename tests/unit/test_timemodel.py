@@ -80,19 +80,27 @@ def test_fit_recovers_known_coefficients_and_reports_its_error() -> None:
 # --- against measured forwards ------------------------------------------------------------------------------------
 def test_predicts_held_out_measured_forwards(tiny: Any, calibrated: LayerTimeModel) -> None:
     """Points off the calibration grid, measured as medians of repeats, are predicted within a factor that the
-    noise of a shared 2-core machine allows (generous; the benchmark reports the actual error)."""
+    noise of a shared 2-core machine allows (generous; the benchmark reports the actual error).
+
+    The machine's speed drifts between the calibration and these measurements (the other test worker's load can
+    halve it), so the shape of the prediction is judged against three grid points measured in the same runs: the
+    held-out points' prediction ratios divided by theirs. The absolute level gets a looser bound of its own."""
     tm = calibrated
     assert tm.samples >= 4 and tm.n_layers == 2
     assert tm.prefill_s(0, 0) == 0.0
     assert 0 < tm.prefill_s(0, 64) < tm.prefill_s(0, 256) <= tm.prefill_s(768, 256)
     held = [(48, 0), (96, 200), (200, 500), (320, 128), (80, 900)]
+    anchors = [(128, 0), (64, 256), (256, 512)]  # on the calibration grid
     spec = LlamaAdapter(tiny, BT, time_model="off").kv_spec
     with torch.inference_mode():
-        runs = [measure_layer_times(tiny, spec, BT, torch.device("cpu"), held, reps=5, vocab_size=211)
+        runs = [measure_layer_times(tiny, spec, BT, torch.device("cpu"), held + anchors, reps=5, vocab_size=211)
                 for _ in range(3)]
-    ratios = [tm.layer_s(n, c) / statistics.median(r[i][2] for r in runs) for i, (n, c) in enumerate(held)]
-    assert all(0.3 < r < 3.3 for r in ratios), ratios
-    assert 0.6 < statistics.median(ratios) < 1.67, ratios
+    ratio = [tm.layer_s(n, c) / statistics.median(r[i][2] for r in runs) for i, (n, c) in enumerate(held + anchors)]
+    speed = statistics.median(ratio[len(held):])  # this moment's speed against the calibration's
+    assert 0.2 < speed < 5.0, ratio
+    shape = [r / speed for r in ratio[:len(held)]]
+    assert all(0.4 < r < 2.5 for r in shape), (shape, ratio)
+    assert 0.6 < statistics.median(shape) < 1.67, (shape, ratio)
 
 
 def test_calibration_is_cached_per_model_and_can_be_turned_off(tiny: Any, tmp_path: Path,

@@ -13,3 +13,13 @@ def held_prefix(text: str, tags: tuple[str, ...]) -> int:
                 best = k
                 break
     return best
+
+
+def cut_at(buf: str, marker: str, final: bool) -> tuple[str, str, bool]:
+    """``(text, rest, found)``: with ``marker`` in ``buf``, the text before it and what follows it; without, the
+    text that cannot be the start of it and the end that may still become it (held back; none once ``final``)."""
+    i = buf.find(marker)
+    if i >= 0:
+        return buf[:i], buf[i + len(marker):], True
+    keep = 0 if final else held_prefix(buf, (marker,))
+    return buf[:len(buf) - keep], buf[len(buf) - keep:], False

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dualpath.http.harmony import CHANNEL as HARMONY_CHANNEL
 from dualpath.http.harmony import TAGS as HARMONY_TAGS
 from dualpath.http.harmony import HarmonyCallSource, HarmonyReader, harmony_grammar
-from dualpath.http.markers import held_prefix
+from dualpath.http.markers import cut_at
 from dualpath.http.tools_deepseek import (
     DEEPSEEK_TAGS,
     DeepSeekCallReader,
@@ -200,44 +200,44 @@ class ToolCallReader:
         self._in_call = False
         self._after_call = False  # blank text right after a call only separates calls: not content
         self._json_mode: bool | None = None  # llama3_json: decided by the first non-blank text
-        # the formats read by their own module (harmony: the answer's reader, when it already splits reasoning)
-        self._ds: DeepSeekCallReader | MistralCallReader | HarmonyCallSource | None = None
+        # the formats read by a module of their own (harmony: the answer's reader, when it already splits reasoning)
+        self._format: DeepSeekCallReader | MistralCallReader | HarmonyCallSource | None = None
         if parser.startswith("deepseek"):
-            self._ds = DeepSeekCallReader(self.names)
+            self._format = DeepSeekCallReader(self.names)
         elif parser == "mistral":
-            self._ds = MistralCallReader(self.names)
+            self._format = MistralCallReader(self.names)
         elif parser == "harmony":
-            self._ds = HarmonyCallSource(self.names, harmony)
+            self._format = HarmonyCallSource(self.names, harmony)
 
     @property
     def tags(self) -> tuple[str, ...]:
         """The markers this reader looks for in the text (they must survive decoding: see
         :meth:`dualpath.http.app.Server.keeps_specials`)."""
-        if self._ds is not None:
+        if self._format is not None:
             return {"mistral": MISTRAL_TAGS, "harmony": HARMONY_TAGS}.get(self.parser, DEEPSEEK_TAGS)
         return (_OPEN, _CLOSE) if self.parser == "hermes" else (_PYTHON_TAG,)
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
         self._buf += delta
-        if self._ds is not None:
+        if self._format is not None:
             return self._marked(final=False)
         if self.parser == "hermes":
             return self._hermes(final=False)
         return self._llama(final=False)
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        if self._ds is not None:
+        if self._format is not None:
             return self._marked(final=True)
         if self.parser == "hermes":
             return self._hermes(final=True)
         return self._llama(final=True)
 
     def _marked(self, final: bool) -> tuple[str, list[ToolCall]]:
-        assert self._ds is not None
-        self._ds.buf += self._buf
+        assert self._format is not None
+        self._format.buf += self._buf
         self._buf = ""
         budget = None if self.max_calls is None else self.max_calls - len(self.calls)
-        text, got = self._ds.step(final, budget)
+        text, got = self._format.step(final, budget)
         return text, self._done([ToolCall(name, args) for name, args in got])
 
     def _done(self, calls: list[ToolCall]) -> list[ToolCall]:
@@ -264,14 +264,10 @@ class ToolCallReader:
                     text(self._buf)  # no further call is read: the rest is content, as written
                     self._buf = ""
                     break
-                i = self._buf.find(_OPEN)
-                if i < 0:
-                    keep = 0 if final else held_prefix(self._buf, (_OPEN,))
-                    text(self._buf[:len(self._buf) - keep])
-                    self._buf = self._buf[len(self._buf) - keep:]
+                before, self._buf, found = cut_at(self._buf, _OPEN, final)
+                text(before)
+                if not found:
                     break
-                text(self._buf[:i])
-                self._buf = self._buf[i + len(_OPEN):]
                 self._in_call = True
             j = self._buf.find(_CLOSE)
             if j < 0:

@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any
 
-from dualpath.http.markers import held_prefix
+from dualpath.http.markers import cut_at, held_prefix
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -59,8 +59,8 @@ def parse_call(body: str, names: frozenset[str]) -> tuple[str, str] | None:
 
 
 class DeepSeekCallReader:
-    """Streams content and completed calls out of DeepSeek-format text: :meth:`step` with ``final`` at the end.
-    ``budget()`` says how many more calls may be read (None: any)."""
+    """Streams content and completed calls out of DeepSeek-format text: :meth:`step` (``final`` at the end;
+    ``budget``: how many more calls may be read, None for any)."""
 
     def __init__(self, names: frozenset[str]) -> None:
         self.names = names
@@ -77,14 +77,11 @@ class DeepSeekCallReader:
                     out.append(self.buf)
                     self.buf = ""
                     break
-                i = self.buf.find(CALLS_BEGIN)
-                if i < 0:
-                    keep = 0 if final else held_prefix(self.buf, (CALLS_BEGIN,))
-                    out.append(self.buf[:len(self.buf) - keep])
-                    self.buf = self.buf[len(self.buf) - keep:]
+                text, self.buf, found = cut_at(self.buf, CALLS_BEGIN, final)
+                out.append(text)
+                if not found:
                     break
-                out.append(self.buf[:i])
-                self.buf, self.in_block, self._block_calls = self.buf[i + len(CALLS_BEGIN):], True, 0
+                self.in_block, self._block_calls = True, 0
                 continue
             head = self.buf.lstrip()
             if head.startswith(CALLS_END):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 
-from dualpath.http.markers import held_prefix
+from dualpath.http.markers import cut_at
 
 BOT, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 MISTRAL_TAGS = (BOT, ARGS, CALL_ID)
@@ -66,14 +66,11 @@ class MistralCallReader:
                     out.append(self.buf)
                     self.buf = ""
                     break
-                i = self.buf.find(BOT)
-                if i < 0:
-                    keep = 0 if final else held_prefix(self.buf, (BOT,))
-                    out.append(self.buf[:len(self.buf) - keep])
-                    self.buf = self.buf[len(self.buf) - keep:]
+                text, self.buf, found = cut_at(self.buf, BOT, final)
+                out.append(text)
+                if not found:
                     break
-                out.append(self.buf[:i])
-                self.buf, self.after_bot = self.buf[i + len(BOT):], True
+                self.after_bot = True
                 continue
             got = self._read(final, None if budget is None else budget - len(calls))
             if got is None:  # not whole yet

@@ -179,6 +179,24 @@ def test_pe_only_policy_reads_on_pe_side_only() -> None:
     assert {c[3] for c in cluster.calls} == {PathKind.PE}
 
 
+def test_a_prefix_stored_while_a_turn_waited_is_read() -> None:
+    # three sessions send one prompt at once; each DE holds one turn, so the third waits for a DE, and by the time it
+    # is assigned the first turn has stored the prompt's blocks: the core must plan its read with that hit (PE
+    # path: every hit block on the PE side), not the 0 it was submitted with
+    cluster = FakeCluster(kv_pool=80)
+    prompt = np.arange(1, 65)
+
+    async def main() -> None:
+        async with _driver(cluster, "pe_only") as drv, anyio.create_task_group() as tg:
+            for s in range(3):
+                tg.start_soon(drv.run_turn, s, prompt, 4)
+
+    anyio.run(main)
+    assert [c[5] for c in cluster.calls] == [0, 0, 64]  # the double counts every stored block
+    for _, _, _, path, pe_blocks, hit in cluster.calls:
+        assert path is PathKind.PE and pe_blocks == hit // BT
+
+
 def test_driver_respects_kv_memory_and_rejects_too_large() -> None:
     # a DE holds 120 tokens: the scheduler may never put two 60+ token requests on one DE at once
     cluster = FakeCluster(kv_pool=120)

@@ -243,3 +243,25 @@ def test_global_scheduler_oracle_and_basic() -> None:
         b.submit(req(i, 100 * (i + 1)))
     out = b.schedule([[pe(0, 0, read_q=10**6), pe(1, 1)]], [[de(0, 0)], [de(1, 1)]])
     assert [a.pe for a in out] == [0, 1, 0, 1] and all(a.path is PathKind.PE for a in out)
+
+
+def test_global_scheduler_refreshes_the_hit_as_it_assigns() -> None:
+    s = GlobalScheduler(get_policy("split"), P)
+    for i in range(3):
+        s.submit(req(i, 1000, hit=0))  # submitted before anything was stored
+    asked: list[int] = []
+
+    def refresh(r: RequestInfo) -> int:
+        asked.append(r.rid)
+        return 640 if r.rid < 2 else 0  # requests 0 and 1 find 10 stored blocks now
+
+    s.refresh_hit = refresh
+    out = s.schedule([[pe(0, 0)]], [[de(0, 1)]])
+    assert asked == [0, 1, 2]  # once per request, as it is assigned
+    # split over equal read queues: request 0 reads 5 blocks per side; request 1 then sees the queues this round's
+    # reads left (PE 320, DE 320 tokens) and splits the same way; request 2 has nothing to read
+    assert [(a.path, a.pe_blocks) for a in out] == [(PathKind.SPLIT, 5), (PathKind.SPLIT, 5), (PathKind.PE, 0)]
+    s.submit(req(7, 100))
+    s.refresh_hit = lambda r: 101  # more than the prompt: a bug in the caller, named
+    with pytest.raises(SchedulerError, match="request 7: refresh_hit gave 101"):
+        s.schedule([[pe(0, 0)]], [[de(0, 1)]])

@@ -82,6 +82,26 @@ def test_simulator_sees_cross_session_reuse_and_trace_times() -> None:
     assert sim.hit_tokens == 1024 + 2048 and sim.prompt_tokens == 7248
 
 
+def test_simulator_reads_a_prefix_stored_while_requests_queued(tmp_path: Path) -> None:
+    # 100 one-turn sessions share a 40-block system prompt and are all submitted at t=0 (offline), when nothing
+    # is stored: a request's hit is looked up again as it is assigned, so those that queued behind the first
+    # finishers read the shared prefix instead of recomputing it (looked up at submission only, every hit was 0)
+    from dualpath.scheduler.policies import get_policy
+    from dualpath.sim.cluster import Simulation
+    from dualpath.sim.runner import scenario_from_preset
+
+    f = tmp_path / "shared.jsonl"
+    f.write_text("".join(json.dumps({"timestamp": 0, "input_length": 41 * 512, "output_length": 8,
+                                     "hash_ids": [*range(1, 41), 1000 + i]}) + "\n" for i in range(100)))
+    w = load_trace(f, "mooncake")
+    assert ideal_hit_rate(w.trajectories) == pytest.approx(99 * 40 / (100 * 41))
+    for policy in ("basic", "dualpath"):
+        sim = Simulation(scenario_from_preset("tiny", trajectories=w.trajectories), get_policy(policy)).run()
+        assert sim.completed == 100 and sim.prompt_tokens == 100 * 41 * 512
+        assert sim.hit_tokens % (40 * 512) == 0  # whole shared prefixes, never a unique block
+        assert sim.hit_tokens >= 0.2 * sim.prompt_tokens, policy
+
+
 def test_online_replay_waits_for_turn_times_and_sends_trace_content() -> None:
     import anyio
 

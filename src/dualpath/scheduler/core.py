@@ -8,6 +8,12 @@ from the global waiting queue strictly FIFO; for each head request, in this orde
    ends and the request stays at the head (its PE is not charged);
 3. its read side (:func:`dualpath.scheduler.path.decide_side`), from the PE node's and the DE node's read queues.
 
+A request's ``hit`` is what was stored when it was submitted. A request that waited may find more: another
+request with the same prefix finished meanwhile (public traces share prompts across sessions, and under a queue
+the sharer is often still running at submission). With :attr:`GlobalScheduler.refresh_hit` set, the core asks it
+for the hit as of now, once per request, as the request is assigned and before its side is chosen, so what was
+stored while it waited is read instead of recomputed.
+
 The paper leaves this sequencing open. We assign PE and DE together, at once, because the DE must be known
 before the read starts (the DE read path reads into the DE's node) and its KV memory must be reserved before the
 PE ships the prompt KV; the side needs both nodes. Stopping at the first request without a DE keeps the waiting
@@ -27,7 +33,8 @@ Node ids are per role: a PE node and a DE node may share an id.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from dualpath.errors import SchedulerError
 from dualpath.scheduler.decode import (
@@ -53,6 +60,9 @@ class GlobalScheduler:
         self._queue: deque[RequestInfo] = deque()
         self._rids: set[int] = set()
         self.rr_counter = 0
+        #: the hit of a waiting request as of now (stored-prefix tokens, at most its prompt), asked once as the
+        #: request is assigned; None: the hit given at submit stands (see the module docstring)
+        self.refresh_hit: Callable[[RequestInfo], int] | None = None
 
     def submit(self, req: RequestInfo) -> None:
         """Append ``req`` to the global waiting queue."""
@@ -78,6 +88,15 @@ class GlobalScheduler:
         self._queue = deque(r for r in self._queue if r.rid != rid)
         self._rids.discard(rid)
         return True
+
+    def _refreshed(self, r: RequestInfo) -> RequestInfo:
+        assert self.refresh_hit is not None
+        hit = self.refresh_hit(r)
+        if hit == r.hit:
+            return r
+        if isinstance(hit, bool) or not isinstance(hit, int) or not 0 <= hit <= r.prompt:
+            raise SchedulerError(f"request {r.rid}: refresh_hit gave {hit!r}, need an int in 0..{r.prompt}")
+        return replace(r, hit=hit)
 
     def _window(self, pes: Sequence[EngineLoad]) -> int:
         beta = self.params.beta_tokens
@@ -138,6 +157,8 @@ class GlobalScheduler:
                 de = de_pick.pick(r)
             if de is None:
                 break
+            if self.refresh_hit is not None:
+                r = self._refreshed(r)
             a = decide_side(
                 r,
                 pe.engine,

@@ -148,6 +148,8 @@ class SchedulerDriver:
         self.stats = DriverStats()
         self._pending: dict[int, _Pending] = {}
         self._next_rid = 0
+        if scheduler.refresh_hit is None and not inspect.iscoroutinefunction(getattr(cluster, "lookup", None)):
+            scheduler.refresh_hit = self._refresh_hit  # a prefix stored while a turn waited is read (core docstring)
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
 
@@ -212,6 +214,20 @@ class SchedulerDriver:
         if p.error is not None:
             raise p.error
         return _outcome(p, p.result)
+
+    def _refresh_hit(self, r: RequestInfo) -> int:
+        """The core's ``refresh_hit`` over an in-process cluster: the turn's stored prefix as of its assignment."""
+        p = self._pending.get(r.rid)
+        if p is None:
+            return r.hit
+        hit = self.cluster.lookup(p.prompt_ids)
+        if inspect.isawaitable(hit):  # a lookup that needs the loop: the hit given at submit stands
+            close = getattr(hit, "close", None)
+            if close is not None:
+                close()
+            return r.hit
+        p.hit = min(int(hit), r.prompt)
+        return p.hit
 
     # --- the loop ----------------------------------------------------------------------------------------
     def schedule_once(self) -> list[Assignment]:

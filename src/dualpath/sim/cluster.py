@@ -23,7 +23,10 @@ The life of a request (one agent turn), as events:
    advances analytically on a step counter (one event per leave). The first token is the prefill's, the second
    comes one step after the join.
 5. **persist**: at the end the DE writes the request's new Full Blocks (counted on its node's SNIC write side;
-   writes never block reads). The agent's next turn hits every full block of its context.
+   writes never block reads). The agent's next turn hits every full block of its context. A trace's
+   content-keyed request (Mooncake ``hash_ids``) hits the longest stored prefix of its ids, whichever session
+   stored them, looked up as the scheduler assigns it (``GlobalScheduler.refresh_hit``): blocks stored while it
+   queued count.
 
 Simplifications (documented): engines of a node do not barrier per forward (the scheduler balances them);
 DRAM bandwidth is counted, not enforced (the analysis checks it); the decode KV footprint is fixed at join.
@@ -216,6 +219,8 @@ class Simulation:
         gpu_tok_s = (mean_ctx + mean_app) / t_req if t_req > 0 else 1e9
         self.params = SchedulerParams.from_rates(sc.snic_bw / kvb, gpu_tok_s, sc.alpha_s, sc.beta_s, sc.z_factor, bt)
         self.sched = GlobalScheduler(policy, self.params)
+        if any(tk is not None for tk in self.turn_keys):  # a shared prefix stored while a request waited is read
+            self.sched.refresh_hit = self._refresh_hit
         self.layerwise = policy.layerwise
         self.oracle = policy.oracle
         self.quota = sc.quota_s if policy.smart_assign else float("inf")
@@ -295,6 +300,22 @@ class Simulation:
         self.reqs[req.rid] = req
         self.sched.submit(RequestInfo(req.rid, ctx, append, req.hit, req.gen))
         self._want_fetch()
+
+    def _refresh_hit(self, info: RequestInfo) -> int:
+        """The scheduler core's ``refresh_hit``: a content-keyed request's stored prefix as of its assignment
+        (blocks another session stored while it waited count; stored blocks are never dropped, so it only
+        grows)."""
+        req = self.reqs[info.rid]
+        tk = self.turn_keys[req.agent]
+        if tk is None or tk[req.turn] is None:
+            return req.hit
+        bt = self.bt
+        hit = min(content_hit(tk[req.turn][0], req.prompt, tk[req.turn][1], self.stored_keys),
+                  ((req.prompt - 1) // bt) * bt)
+        if hit > req.hit:
+            req.hit = req.cached = hit
+            req.remaining = req.prompt - hit
+        return req.hit
 
     def _want_fetch(self) -> None:
         if self._fetch_at >= 0 or not self.sched.waiting():

@@ -102,6 +102,25 @@ def test_simulator_reads_a_prefix_stored_while_requests_queued(tmp_path: Path) -
         assert sim.hit_tokens >= 0.2 * sim.prompt_tokens, policy
 
 
+def test_simulator_stores_a_prompt_when_its_decode_starts(tmp_path: Path) -> None:
+    # A (8 blocks, 2,000 tokens to generate) decodes for seconds; B, sent at 1 s with A's 8 blocks plus one, hits
+    # them: the DE persists a prompt's full blocks as its decode starts (as the runtime's DE does), not at its end
+    from dualpath.scheduler.policies import get_policy
+    from dualpath.sim.cluster import Simulation
+    from dualpath.sim.runner import scenario_from_preset
+
+    f = tmp_path / "long_decode.jsonl"
+    f.write_text(json.dumps({"timestamp": 0, "input_length": 8 * 512, "output_length": 2000,
+                             "hash_ids": list(range(1, 9))}) + "\n"
+                 + json.dumps({"timestamp": 1000, "input_length": 9 * 512, "output_length": 4,
+                               "hash_ids": list(range(1, 10))}) + "\n")
+    sc = scenario_from_preset("tiny", trajectories=load_trace(f, "mooncake").trajectories)
+    sc.mode = "online"
+    sim = Simulation(sc, get_policy("dualpath")).run()
+    assert sorted(sim.rec_submit) == [0.0, 1.0] and max(sim.rec_done) > 2.0  # A still decoding when B arrives
+    assert sim.hit_tokens == 8 * 512
+
+
 def test_online_replay_waits_for_turn_times_and_sends_trace_content() -> None:
     import anyio
 

@@ -26,7 +26,8 @@ The life of a request (one agent turn), as events:
    writes never block reads). The agent's next turn hits every full block of its context. A trace's
    content-keyed request (Mooncake ``hash_ids``) hits the longest stored prefix of its ids, whichever session
    stored them, looked up as the scheduler assigns it (``GlobalScheduler.refresh_hit``): blocks stored while it
-   queued count.
+   queued count. A request's full input blocks count as stored from its decode start, when the runtime's DE
+   persists them (``DecodeEngine._persist_prompt``), not from its end.
 
 Simplifications (documented): engines of a node do not barrier per forward (the scheduler balances them);
 DRAM bandwidth is counted, not enforced (the analysis checks it); the decode KV footprint is fixed at join.
@@ -591,6 +592,10 @@ class Simulation:
     def _join(self, de: DE, r: Req) -> None:
         self._advance_de(de)
         r.t_join = self.loop.now
+        tk = self.turn_keys[r.agent]
+        if tk is not None and tk[r.turn] is not None:  # the DE persists the prompt's full blocks as decode starts
+            keys, blk = tk[r.turn]
+            self.stored_keys.update(keys[: r.prompt // blk])
         steps = r.gen - 1
         if steps <= 0:
             self._finish(de, r, self.loop.now + 0.0)
@@ -652,10 +657,6 @@ class Simulation:
             de.node.dram_bytes += 2 * persist
         del self.reqs[r.rid]
         agent = r.agent
-        tk = self.turn_keys[agent]
-        if tk is not None and tk[r.turn] is not None:  # the request's full input blocks are now stored
-            keys, blk = tk[r.turn]
-            self.stored_keys.update(keys[: r.prompt // blk])
         br = self.bd_req
         br[0] += r.t_assign - r.t_submit
         br[1] += r.t_ready - r.t_assign

@@ -94,3 +94,28 @@ def test_bad_csv_exits_2_naming_file_line_and_column(tmp_path: Path, capsys: pyt
     assert main(["trace", "stats", str(p), "--trace-format", "csv"]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{p}{where}" in err and what in err and len(err.splitlines()) == 1
+
+
+def test_a_prefix_is_kept_while_reading_and_equals_the_sorted_file(tmp_path: Path) -> None:
+    # rows out of time order, ties included: the first k kept while reading (memory bounded by k) are exactly the
+    # first k of the whole file sorted by (time, line), re-based on the earliest time
+    import random
+
+    from dualpath.workload.csvtrace import load_csv
+
+    rng = random.Random(3)
+    lines = ["timestamp,input_tokens,output_tokens"]
+    lines += [f"{rng.choice([5, 7, 7.5, 9, 12, 30])},{rng.randint(1, 900)},{rng.randint(1, 50)}" for _ in range(60)]
+    lines.insert(20, "8,0,0")  # a failed request: skipped, not counted
+    p = _write(tmp_path, "shuffled.csv", "\n".join(lines) + "\n")
+    whole = load_csv(p)
+    assert whole.rows == 60 and whole.skipped_lines == [21]
+
+    def rows(trajs):  # type: ignore[no-untyped-def]
+        return [(t.tid, t.arrival, t.turns[0].append, t.turns[0].gen, t.turns[0].line) for t in trajs]
+
+    for k in (1, 2, 17, 59, 60, 100):
+        part = load_csv(p, keep=k)
+        assert part.rows == 60 and rows(part.trajectories) == rows(whole.trajectories[:k]), k
+    w = load_trace(p, "csv", max_requests=17)
+    assert w.requests == 17 and w.requests_in_file == 60 and "17 of 60 requests (first 17 requests" in w.note

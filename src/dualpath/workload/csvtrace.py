@@ -14,6 +14,7 @@ in the run's header. Any other malformed cell is an error naming the file, the l
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import json
 import os
@@ -49,6 +50,7 @@ def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
 class CsvTrace:
     trajectories: list[Trajectory]
     skipped_lines: list[int]
+    rows: int = 0  # servable rows in the file (``trajectories`` holds the first ``keep`` of them when asked)
 
 
 def _time(cell: str, path: str, line: int, col: str) -> float:
@@ -73,11 +75,15 @@ def _count(cell: str, path: str, line: int, col: str) -> int:
     return int(v)
 
 
-def load_csv(path: str | os.PathLike[str]) -> CsvTrace:
-    """Every row of a CSV request trace as a one-turn trajectory, in time order (ties: file order)."""
+def load_csv(path: str | os.PathLike[str], keep: int | None = None) -> CsvTrace:
+    """Every row of a CSV request trace as a one-turn trajectory, in time order (ties: file order); with ``keep``,
+    only the first ``keep`` rows in that order. Every row is still read and checked, but memory stays bounded by
+    ``keep`` (a week-long public trace holds millions of rows)."""
     p = str(path)
     f = io.TextIOWrapper(open_trace(p), encoding="utf-8-sig", newline="")
     rows: list[tuple[float, int, int, int]] = []
+    heap: list[tuple[float, int, int, int]] = []  # with keep: the kept rows as (-t, -line, ...), a max-heap
+    n_rows = 0
     skipped: list[int] = []
     with f:
         reader = csv.reader(f)
@@ -103,16 +109,24 @@ def load_csv(path: str | os.PathLike[str]) -> CsvTrace:
                 if inp == 0:
                     skipped.append(no)
                     continue
-                rows.append((t, no, inp, outp))
+                n_rows += 1
+                if keep is None:
+                    rows.append((t, no, inp, outp))
+                elif len(heap) < keep:
+                    heapq.heappush(heap, (-t, -no, inp, outp))
+                elif (-t, -no) > heap[0][:2]:  # earlier than the latest kept row
+                    heapq.heapreplace(heap, (-t, -no, inp, outp))
         except UnicodeDecodeError as e:
             raise WorkloadError(f"not UTF-8 text ({e.reason})", path=p) from None
         except csv.Error as e:
             raise WorkloadError(f"not valid CSV ({e})", path=p, line=reader.line_num) from None
+    if keep is not None:
+        rows = [(-nt, -nno, inp, outp) for nt, nno, inp, outp in heap]
     rows.sort()
     t0 = rows[0][0] if rows else 0.0
     trajs = [Trajectory(i, [Turn(inp, outp, None, t - t0, None, 512, no)], t - t0)
              for i, (t, no, inp, outp) in enumerate(rows)]
-    return CsvTrace(trajs, skipped)
+    return CsvTrace(trajs, skipped, n_rows)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:

@@ -182,9 +182,11 @@ def load_trace(
         raise WorkloadError("trace file not found", path=p)
     fmt = resolve_format(p, fmt)
     skipped = ""
-    if fmt == "csv":
-        table = load_csv(p)
-        trajs = table.trajectories
+    n_file = None
+    if fmt == "csv":  # one request per session: the prefix asked for is kept while reading (memory bounded)
+        bounds = [b for b in (max_requests, max_agents) if b is not None]
+        table = load_csv(p, min(bounds) if bounds else None)
+        trajs, n_file = table.trajectories, table.rows
         if table.skipped_lines:
             shown = ", ".join(map(str, table.skipped_lines[:5])) + (" ..." if len(table.skipped_lines) > 5 else "")
             skipped = f"{len(table.skipped_lines)} rows with 0 input tokens skipped (lines {shown})"
@@ -206,14 +208,18 @@ def load_trace(
                        "another child, or its context is longer than theirs")
     else:
         trajs = load_jsonl(p) if fmt == "jsonl" else load_mooncake(p)
-    n_file, s_file = _count_requests(trajs), len(trajs)
+    if n_file is None:
+        n_file = _count_requests(trajs)
+    s_file = n_file if fmt == "csv" else len(trajs)
     if n_file == 0:
         raise WorkloadError("empty trace: no request in the file", path=p, line=1)
     notes: list[str] = []
-    if max_agents is not None and max_agents < len(trajs):
+    if max_agents is not None and max_agents < s_file:
         trajs = trajs[:max_agents]
         notes.append(f"first {max_agents} of {s_file} sessions")
-    if max_requests is not None and max_requests < _count_requests(trajs):
+    # (a CSV trace's rows past the prefix were never kept: count what the file had before the cut)
+    before = min(n_file, max_agents or n_file) if fmt == "csv" else _count_requests(trajs)
+    if max_requests is not None and max_requests < before:
         trajs = _prefix_requests(trajs, max_requests)
         notes.append(f"first {max_requests} requests")
     if max_agents is not None and max_agents > s_file:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from dualpath.errors import WorkloadError
 
 
-@dataclass
+@dataclass(slots=True)
 class Turn:
     """``append`` new prompt tokens, then ``gen`` generated tokens. ``append_ids``: the real token ids, if known.
 
@@ -38,7 +38,7 @@ class Turn:
             raise WorkloadError(f"turn has append={self.append} but {len(self.append_ids)} ids")
 
 
-@dataclass
+@dataclass(slots=True)
 class Trajectory:
     """One agent: ``tid``, its turns, and its arrival time in seconds (0 in offline mode)."""
 

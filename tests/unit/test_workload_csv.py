@@ -119,3 +119,36 @@ def test_a_prefix_is_kept_while_reading_and_equals_the_sorted_file(tmp_path: Pat
         assert part.rows == 60 and rows(part.trajectories) == rows(whole.trajectories[:k]), k
     w = load_trace(p, "csv", max_requests=17)
     assert w.requests == 17 and w.requests_in_file == 60 and "17 of 60 requests (first 17 requests" in w.note
+
+
+BURST_V2 = """Timestamp,Session ID,Elapsed time,Model,Request tokens,Response tokens,Total tokens,Log Type
+5,s1,2.1,ChatGPT,400,50,450,Conversation log
+7,,0.9,GPT-4,300,20,320,API log
+9,s2,1.0,ChatGPT,100,10,110,Conversation log
+30,s1,3.3,ChatGPT,520,40,560,Conversation log
+31,s2,1.2,ChatGPT,60,5,65,Conversation log
+40,s1,2.0,ChatGPT,0,0,0,Conversation log
+50,s1,4.0,ChatGPT,700,30,730,Conversation log
+"""
+
+
+def test_a_session_column_groups_rows_into_conversations(tmp_path: Path) -> None:
+    # BurstGPT v2: rows sharing a Session ID are one conversation; a follow-up whose prompt holds the conversation
+    # so far appends the difference (s1: 400+50 -> 520 appends 70; 520+40 -> 700 appends 140); s2's second prompt
+    # (60) cannot hold its first turn (100+10): no reuse is assumed, it is a session of its own; the API row
+    # (no session) is one turn; the failed row (0 tokens) is skipped
+    p = _write(tmp_path, "burst_v2.csv", BURST_V2)
+    w = load_trace(p)
+    assert w.fmt == "csv" and w.requests == 6 and w.requests_in_file == 6
+    got = [[(u.append, u.gen, u.at, u.line) for u in t.turns] for t in w.trajectories]
+    assert got == [[(400, 50, 0.0, 2), (70, 40, 25.0, 5), (140, 30, 45.0, 8)],
+                   [(300, 20, 2.0, 3)], [(100, 10, 4.0, 4)], [(60, 5, 26.0, 6)]]
+    assert [t.arrival for t in w.trajectories] == [0.0, 2.0, 4.0, 26.0]
+    assert "1 rows with 0 input tokens skipped (lines 7)" in w.note and "1 rows start a session of their own" in w.note
+    # the session's own context is reused: 450 and 560 tokens in whole 64-token blocks, of 2,080 prompt tokens
+    assert ideal_hit_rate(w.trajectories) == pytest.approx((448 + 512) / (400 + 300 + 100 + 520 + 60 + 700))
+    # a prefix of rows is a prefix of requests; --agents takes whole sessions
+    w2 = load_trace(p, max_requests=4)
+    assert w2.requests == 4 and [t.n_turns for t in w2.trajectories] == [2, 1, 1]
+    w3 = load_trace(p, max_agents=1)
+    assert w3.requests == 3 and "first 1 of 4 sessions" in w3.note

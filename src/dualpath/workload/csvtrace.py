@@ -9,6 +9,13 @@ Such a trace says nothing about content, so every request is its own one-turn se
 block with any other: storage sees no reuse, and the hit rate is 0 (the trace is served as it is). Rows with
 0 input tokens (failed requests in BurstGPT) cannot be served; they are skipped and counted, and the count is
 in the run's header. Any other malformed cell is an error naming the file, the line and the column.
+
+A trace with a session column (:data:`SESSION_COLUMNS`: BurstGPT v2's ``Session ID``, set on its conversation
+rows) groups the rows of one value into one multi-turn session, in time order. A later row is a follow-up turn
+only when its prompt holds the whole conversation so far (input tokens >= the previous turn's input + output
+tokens): it appends the difference and reuses the rest, as a chat client resending the history does. A row whose
+prompt is shorter cannot contain that history, so no reuse is assumed: it starts a session of its own, and the
+count is in the run's header. Rows with an empty session cell are one-turn sessions.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ INPUT_COLUMNS = ("contexttokens", "requesttokens", "input_length", "input_tokens
                  "prompt_len")
 OUTPUT_COLUMNS = ("generatedtokens", "responsetokens", "output_length", "output_tokens", "completion_tokens",
                   "output_len", "gen_len")
+SESSION_COLUMNS = ("sessionid", "session_id", "conversationid", "conversation_id")
 FORMATS = ("auto", "jsonl", "mooncake", "bailian", "csv", "sharegpt")
 
 
@@ -51,6 +59,8 @@ class CsvTrace:
     trajectories: list[Trajectory]
     skipped_lines: list[int]
     rows: int = 0  # servable rows in the file (``trajectories`` holds the first ``keep`` of them when asked)
+    sessions_column: bool = False  # the header names a session column (rows grouped into sessions)
+    restarted: int = 0  # session rows whose prompt cannot hold the session's history: a session of their own
 
 
 def _time(cell: str, path: str, line: int, col: str) -> float:
@@ -75,14 +85,29 @@ def _count(cell: str, path: str, line: int, col: str) -> int:
     return int(v)
 
 
+def csv_header(path: str | os.PathLike[str]) -> list[str]:
+    """The header row of the CSV trace at ``path`` (empty for an empty file)."""
+    with io.TextIOWrapper(open_trace(str(path)), encoding="utf-8-sig", newline="") as f:
+        try:
+            return next(csv.reader(f), None) or []
+        except (UnicodeDecodeError, csv.Error):
+            return []
+
+
+def has_sessions(header: list[str]) -> bool:
+    """Whether a CSV trace's header names a session column (:data:`SESSION_COLUMNS`)."""
+    return _pick(header, SESSION_COLUMNS) is not None
+
+
 def load_csv(path: str | os.PathLike[str], keep: int | None = None) -> CsvTrace:
-    """Every row of a CSV request trace as a one-turn trajectory, in time order (ties: file order); with ``keep``,
-    only the first ``keep`` rows in that order. Every row is still read and checked, but memory stays bounded by
-    ``keep`` (a week-long public trace holds millions of rows)."""
+    """The rows of a CSV request trace as trajectories, in time order (ties: file order): one-turn sessions, or
+    with a session column the module docstring's multi-turn sessions. With ``keep``, only the first ``keep`` rows
+    in that order: every row is still read and checked, but memory stays bounded by ``keep`` (a week-long public
+    trace holds millions of rows)."""
     p = str(path)
     f = io.TextIOWrapper(open_trace(p), encoding="utf-8-sig", newline="")
-    rows: list[tuple[float, int, int, int]] = []
-    heap: list[tuple[float, int, int, int]] = []  # with keep: the kept rows as (-t, -line, ...), a max-heap
+    rows: list[tuple[float, int, int, int, str]] = []
+    heap: list[tuple[float, int, int, int, str]] = []  # with keep: the kept rows as (-t, -line, ...), a max-heap
     n_rows = 0
     skipped: list[int] = []
     with f:
@@ -97,6 +122,7 @@ def load_csv(path: str | os.PathLike[str], keep: int | None = None) -> CsvTrace:
                     f"CSV header {header!r} has no {'input' if ii is None else 'output'}-token column (one of "
                     f"{', '.join(INPUT_COLUMNS if ii is None else OUTPUT_COLUMNS)}; case and spaces ignored)",
                     path=p, line=1)
+            si = _pick(header, SESSION_COLUMNS)
             for row in reader:
                 no = reader.line_num
                 if not row or not any(c.strip() for c in row):
@@ -110,23 +136,39 @@ def load_csv(path: str | os.PathLike[str], keep: int | None = None) -> CsvTrace:
                     skipped.append(no)
                     continue
                 n_rows += 1
+                sid = row[si].strip() if si is not None else ""
                 if keep is None:
-                    rows.append((t, no, inp, outp))
+                    rows.append((t, no, inp, outp, sid))
                 elif len(heap) < keep:
-                    heapq.heappush(heap, (-t, -no, inp, outp))
+                    heapq.heappush(heap, (-t, -no, inp, outp, sid))
                 elif (-t, -no) > heap[0][:2]:  # earlier than the latest kept row
-                    heapq.heapreplace(heap, (-t, -no, inp, outp))
+                    heapq.heapreplace(heap, (-t, -no, inp, outp, sid))
         except UnicodeDecodeError as e:
             raise WorkloadError(f"not UTF-8 text ({e.reason})", path=p) from None
         except csv.Error as e:
             raise WorkloadError(f"not valid CSV ({e})", path=p, line=reader.line_num) from None
     if keep is not None:
-        rows = [(-nt, -nno, inp, outp) for nt, nno, inp, outp in heap]
+        rows = [(-nt, -nno, inp, outp, sid) for nt, nno, inp, outp, sid in heap]
     rows.sort()
     t0 = rows[0][0] if rows else 0.0
-    trajs = [Trajectory(i, [Turn(inp, outp, None, t - t0, None, 512, no)], t - t0)
-             for i, (t, no, inp, outp) in enumerate(rows)]
-    return CsvTrace(trajs, skipped, n_rows)
+    trajs: list[Trajectory] = []
+    open_sessions: dict[str, tuple[Trajectory, int]] = {}  # session id -> (its trajectory, its context so far)
+    restarted = 0
+    for t, no, inp, outp, sid in rows:
+        at = t - t0
+        cur = open_sessions.get(sid) if sid else None
+        if cur is not None and inp >= cur[1]:  # the prompt holds the conversation so far: a follow-up turn
+            cur[0].turns.append(Turn(inp - cur[1], outp, None, at, None, 512, no))
+        else:
+            if cur is not None:
+                restarted += 1
+            traj = Trajectory(len(trajs), [Turn(inp, outp, None, at, None, 512, no)], at)
+            trajs.append(traj)
+            if not sid:
+                continue
+            cur = (traj, 0)
+        open_sessions[sid] = (cur[0], inp + outp)
+    return CsvTrace(trajs, skipped, n_rows, si is not None, restarted)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:

@@ -166,7 +166,7 @@ def load_trace(
     """Every request of the trace at ``path`` (``fmt``: ``auto`` detects it from the first line; ``jsonl``,
     ``mooncake``, ``bailian``, ``csv`` or ``sharegpt``), or the prefix asked for, ``repeat`` times. Errors (missing, empty, malformed, not
     UTF-8) name the file and the line."""
-    from dualpath.workload.csvtrace import FORMATS, load_csv, resolve_format
+    from dualpath.workload.csvtrace import FORMATS, csv_header, has_sessions, load_csv, resolve_format
     from dualpath.workload.loaders import load_bailian, load_jsonl, load_mooncake
 
     p = str(path)
@@ -182,14 +182,26 @@ def load_trace(
         raise WorkloadError("trace file not found", path=p)
     fmt = resolve_format(p, fmt)
     skipped = ""
-    n_file = None
-    if fmt == "csv":  # one request per session: the prefix asked for is kept while reading (memory bounded)
-        bounds = [b for b in (max_requests, max_agents) if b is not None]
-        table = load_csv(p, min(bounds) if bounds else None)
+    n_file: int | None = None
+    s_file: int | None = None
+    keep: int | None = None
+    if fmt == "csv":  # the prefix asked for is kept while reading (memory bounded)
+        if not has_sessions(csv_header(p)):  # one request per session: either bound is a prefix of rows
+            bounds = [b for b in (max_requests, max_agents) if b is not None]
+            keep = min(bounds) if bounds else None
+        elif max_agents is None:  # sessions: a prefix of rows is a prefix of requests only
+            keep = max_requests
+        table = load_csv(p, keep)
         trajs, n_file = table.trajectories, table.rows
+        s_file = n_file if not table.sessions_column else len(trajs)  # (with keep: the prefix's sessions)
+        dropped = []
         if table.skipped_lines:
             shown = ", ".join(map(str, table.skipped_lines[:5])) + (" ..." if len(table.skipped_lines) > 5 else "")
-            skipped = f"{len(table.skipped_lines)} rows with 0 input tokens skipped (lines {shown})"
+            dropped.append(f"{len(table.skipped_lines)} rows with 0 input tokens skipped (lines {shown})")
+        if table.restarted:
+            dropped.append(f"{table.restarted} rows start a session of their own: their prompt is shorter than "
+                           "their session's conversation so far")
+        skipped = "; ".join(dropped)
     elif fmt == "sharegpt":
         from dualpath.workload.sharegpt import load_conversations
 
@@ -210,7 +222,8 @@ def load_trace(
         trajs = load_jsonl(p) if fmt == "jsonl" else load_mooncake(p)
     if n_file is None:
         n_file = _count_requests(trajs)
-    s_file = n_file if fmt == "csv" else len(trajs)
+    if s_file is None:
+        s_file = len(trajs)
     if n_file == 0:
         raise WorkloadError("empty trace: no request in the file", path=p, line=1)
     notes: list[str] = []
@@ -218,7 +231,7 @@ def load_trace(
         trajs = trajs[:max_agents]
         notes.append(f"first {max_agents} of {s_file} sessions")
     # (a CSV trace's rows past the prefix were never kept: count what the file had before the cut)
-    before = min(n_file, max_agents or n_file) if fmt == "csv" else _count_requests(trajs)
+    before = _count_requests(trajs) if keep is None else min(n_file, max_agents or n_file)
     if max_requests is not None and max_requests < before:
         trajs = _prefix_requests(trajs, max_requests)
         notes.append(f"first {max_requests} requests")

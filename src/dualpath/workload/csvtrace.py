@@ -149,12 +149,13 @@ def load_csv(path: str | os.PathLike[str], keep: int | None = None) -> CsvTrace:
             raise WorkloadError(f"not valid CSV ({e})", path=p, line=reader.line_num) from None
     if keep is not None:
         rows = [(-nt, -nno, inp, outp, sid) for nt, nno, inp, outp, sid in heap]
-    rows.sort()
-    t0 = rows[0][0] if rows else 0.0
+    rows.sort(reverse=True)  # popped from the end, earliest first: each row is freed as its turn is made
+    t0 = rows[-1][0] if rows else 0.0
     trajs: list[Trajectory] = []
     open_sessions: dict[str, tuple[Trajectory, int]] = {}  # session id -> (its trajectory, its context so far)
     restarted = 0
-    for t, no, inp, outp, sid in rows:
+    while rows:
+        t, no, inp, outp, sid = rows.pop()
         at = t - t0
         cur = open_sessions.get(sid) if sid else None
         if cur is not None and inp >= cur[1]:  # the prompt holds the conversation so far: a follow-up turn

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -69,12 +70,29 @@ def content_hit(hash_ids: Sequence[int], prompt: int, block: int, stored: set[in
     return k * block
 
 
+def _context_hit(ctx: int, prompt: int, block: int) -> int:
+    """Tokens of a ``prompt`` that its session's ``ctx`` serves from an unlimited cache: its whole blocks, leaving
+    at least one token to compute."""
+    return min((ctx // block) * block, ((prompt - 1) // block) * block) if prompt > 0 else 0
+
+
 def ideal_hit_rate(trajs: Sequence[Trajectory], block: int = 64) -> float:
     """The hit rate of an unlimited cache over the whole workload, requests in time order.
 
     Turns with ``hash_ids``: content reuse across all requests (each request stores its full input blocks).
     Turns without: the session's own context (every full block of it), as the built-in datasets assume.
     """
+    if not any(u.hash_ids is not None for t in trajs for u in t.turns):
+        # session-context reuse only: each turn's hit depends on its own session, not on the order of requests
+        hit = total = 0
+        for t in trajs:
+            ctx = 0
+            for u in t.turns:
+                prompt = ctx + u.append
+                total += prompt
+                hit += _context_hit(ctx, prompt, block)
+                ctx = prompt + u.gen
+        return hit / total if total else 0.0
     turns: list[tuple[float, int, int, int]] = []  # (time, agent, turn index, prompt)
     for a, t in enumerate(trajs):
         ctx = 0
@@ -91,8 +109,7 @@ def ideal_hit_rate(trajs: Sequence[Trajectory], block: int = 64) -> float:
             hit += content_hit(u.hash_ids, prompt, u.hash_block, stored)
             stored.update(u.hash_ids[: prompt // u.hash_block])
         else:
-            ctx = prompt - u.append
-            hit += min((ctx // block) * block, ((prompt - 1) // block) * block) if prompt > 0 else 0
+            hit += _context_hit(prompt - u.append, prompt, block)
     return hit / total if total else 0.0
 
 
@@ -289,9 +306,9 @@ def trace_stats(path: str | os.PathLike[str], fmt: str = "auto") -> dict[str, An
     w = load_trace(path, fmt)
     fmt = w.fmt
     trajs = w.trajectories
-    inputs: list[int] = []
-    outputs: list[int] = []
-    times: list[float] = []
+    inputs = array("q")  # (typed arrays: a week-long CSV trace has millions of requests)
+    outputs = array("q")
+    times = array("d")
     for t in trajs:
         ctx = 0
         for u in t.turns:

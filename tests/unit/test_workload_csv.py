@@ -115,8 +115,8 @@ def test_a_prefix_is_kept_while_reading_and_equals_the_sorted_file(tmp_path: Pat
         return [(t.tid, t.arrival, t.turns[0].append, t.turns[0].gen, t.turns[0].line) for t in trajs]
 
     for k in (1, 2, 17, 59, 60, 100):
-        part = load_csv(p, keep=k)
-        assert part.rows == 60 and rows(part.trajectories) == rows(whole.trajectories[:k]), k
+        part = load_csv(p, max_requests=k)
+        assert part.rows == 60 and part.kept_prefix and rows(part.trajectories) == rows(whole.trajectories[:k]), k
     w = load_trace(p, "csv", max_requests=17)
     assert w.requests == 17 and w.requests_in_file == 60 and "17 of 60 requests (first 17 requests" in w.note
 

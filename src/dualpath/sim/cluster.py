@@ -292,7 +292,7 @@ class Simulation:
         bt = self.bt
         tk = self.turn_keys[agent]
         if tk is not None and tk[i] is not None:  # content-keyed: the longest stored prefix, any session
-            hit = min(content_hit(tk[i][0], prompt, tk[i][1], self.stored_keys), ((prompt - 1) // bt) * bt)
+            hit = self._stored_prefix(tk[i], prompt)
         else:
             hit = min((ctx // bt) * bt, ((prompt - 1) // bt) * bt) if prompt > 0 else 0
         req = Req(self._rid, agent, ctx, append, max(0, hit), max(1, gen), self.loop.now)
@@ -302,6 +302,11 @@ class Simulation:
         self.sched.submit(RequestInfo(req.rid, ctx, append, req.hit, req.gen))
         self._want_fetch()
 
+    def _stored_prefix(self, keys: tuple[list[int], int], prompt: int) -> int:
+        """Tokens of a content-keyed ``prompt`` (its ``(hash ids, block)``) stored now, in whole blocks of ours,
+        leaving at least one token to compute."""
+        return min(content_hit(keys[0], prompt, keys[1], self.stored_keys), ((prompt - 1) // self.bt) * self.bt)
+
     def _refresh_hit(self, info: RequestInfo) -> int:
         """The scheduler core's ``refresh_hit``: a content-keyed request's stored prefix as of its assignment
         (blocks another session stored while it waited count; stored blocks are never dropped, so it only
@@ -310,9 +315,7 @@ class Simulation:
         tk = self.turn_keys[req.agent]
         if tk is None or tk[req.turn] is None:
             return req.hit
-        bt = self.bt
-        hit = min(content_hit(tk[req.turn][0], req.prompt, tk[req.turn][1], self.stored_keys),
-                  ((req.prompt - 1) // bt) * bt)
+        hit = self._stored_prefix(tk[req.turn], req.prompt)
         if hit > req.hit:
             req.hit = req.cached = hit
             req.remaining = req.prompt - hit

@@ -58,8 +58,9 @@ def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
 class CsvTrace:
     trajectories: list[Trajectory]
     skipped_lines: list[int]
-    rows: int = 0  # servable rows in the file (``trajectories`` holds the first ``keep`` of them when asked)
+    rows: int = 0  # servable rows in the file
     sessions_column: bool = False  # the header names a session column (rows grouped into sessions)
+    kept_prefix: bool = False  # only a prefix of the rows was kept while reading (see load_csv)
     restarted: int = 0  # session rows whose prompt cannot hold the session's history: a session of their own
 
 
@@ -85,25 +86,16 @@ def _count(cell: str, path: str, line: int, col: str) -> int:
     return int(v)
 
 
-def csv_header(path: str | os.PathLike[str]) -> list[str]:
-    """The header row of the CSV trace at ``path`` (empty for an empty file)."""
-    with io.TextIOWrapper(open_trace(str(path)), encoding="utf-8-sig", newline="") as f:
-        try:
-            return next(csv.reader(f), None) or []
-        except (UnicodeDecodeError, csv.Error):
-            return []
-
-
-def has_sessions(header: list[str]) -> bool:
-    """Whether a CSV trace's header names a session column (:data:`SESSION_COLUMNS`)."""
-    return _pick(header, SESSION_COLUMNS) is not None
-
-
-def load_csv(path: str | os.PathLike[str], keep: int | None = None) -> CsvTrace:
+def load_csv(path: str | os.PathLike[str], max_requests: int | None = None,
+             max_agents: int | None = None) -> CsvTrace:
     """The rows of a CSV request trace as trajectories, in time order (ties: file order): one-turn sessions, or
-    with a session column the module docstring's multi-turn sessions. With ``keep``, only the first ``keep`` rows
-    in that order: every row is still read and checked, but memory stays bounded by ``keep`` (a week-long public
-    trace holds millions of rows)."""
+    with a session column the module docstring's multi-turn sessions.
+
+    Where the bounds asked for make a prefix of the rows (in that order) all that is served, only that prefix is
+    kept while reading (``kept_prefix``): ``max_requests`` or ``max_agents`` rows of one-turn sessions, or
+    ``max_requests`` rows when there are sessions and no ``max_agents`` (whose first sessions may end anywhere in
+    the file). Every row is still read and checked, but memory stays bounded by the prefix (a week-long public
+    trace holds millions of rows). The caller cuts the trajectories to the bounds, as for any trace."""
     p = str(path)
     f = io.TextIOWrapper(open_trace(p), encoding="utf-8-sig", newline="")
     rows: list[tuple[float, int, int, int, str]] = []
@@ -123,6 +115,10 @@ def load_csv(path: str | os.PathLike[str], keep: int | None = None) -> CsvTrace:
                     f"{', '.join(INPUT_COLUMNS if ii is None else OUTPUT_COLUMNS)}; case and spaces ignored)",
                     path=p, line=1)
             si = _pick(header, SESSION_COLUMNS)
+            if si is None:  # one request per session: either bound is a prefix of rows
+                keep = min((b for b in (max_requests, max_agents) if b is not None), default=None)
+            else:  # sessions: a prefix of rows is a prefix of requests only
+                keep = max_requests if max_agents is None else None
             for row in reader:
                 no = reader.line_num
                 if not row or not any(c.strip() for c in row):
@@ -169,7 +165,7 @@ def load_csv(path: str | os.PathLike[str], keep: int | None = None) -> CsvTrace:
                 continue
             cur = (traj, 0)
         open_sessions[sid] = (cur[0], inp + outp)
-    return CsvTrace(trajs, skipped, n_rows, si is not None, restarted)
+    return CsvTrace(trajs, skipped, n_rows, si is not None, keep is not None, restarted)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:

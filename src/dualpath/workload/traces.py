@@ -183,7 +183,7 @@ def load_trace(
     """Every request of the trace at ``path`` (``fmt``: ``auto`` detects it from the first line; ``jsonl``,
     ``mooncake``, ``bailian``, ``csv`` or ``sharegpt``), or the prefix asked for, ``repeat`` times. Errors (missing, empty, malformed, not
     UTF-8) name the file and the line."""
-    from dualpath.workload.csvtrace import FORMATS, csv_header, has_sessions, load_csv, resolve_format
+    from dualpath.workload.csvtrace import FORMATS, load_csv, resolve_format
     from dualpath.workload.loaders import load_bailian, load_jsonl, load_mooncake
 
     p = str(path)
@@ -201,15 +201,10 @@ def load_trace(
     skipped = ""
     n_file: int | None = None
     s_file: int | None = None
-    keep: int | None = None
+    kept_prefix = False
     if fmt == "csv":  # the prefix asked for is kept while reading (memory bounded)
-        if not has_sessions(csv_header(p)):  # one request per session: either bound is a prefix of rows
-            bounds = [b for b in (max_requests, max_agents) if b is not None]
-            keep = min(bounds) if bounds else None
-        elif max_agents is None:  # sessions: a prefix of rows is a prefix of requests only
-            keep = max_requests
-        table = load_csv(p, keep)
-        trajs, n_file = table.trajectories, table.rows
+        table = load_csv(p, max_requests, max_agents)
+        trajs, n_file, kept_prefix = table.trajectories, table.rows, table.kept_prefix
         s_file = n_file if not table.sessions_column else len(trajs)  # (with keep: the prefix's sessions)
         dropped = []
         if table.skipped_lines:
@@ -248,7 +243,7 @@ def load_trace(
         trajs = trajs[:max_agents]
         notes.append(f"first {max_agents} of {s_file} sessions")
     # (a CSV trace's rows past the prefix were never kept: count what the file had before the cut)
-    before = _count_requests(trajs) if keep is None else min(n_file, max_agents or n_file)
+    before = min(n_file, max_agents or n_file) if kept_prefix else _count_requests(trajs)
     if max_requests is not None and max_requests < before:
         trajs = _prefix_requests(trajs, max_requests)
         notes.append(f"first {max_requests} requests")

@@ -156,7 +156,9 @@ class AsyncSession:
             else:
                 sched = self._scheduler
             driver = SchedulerDriver(cluster, sched, fetch_interval_s=self.config.scheduler.fetch_interval_s,
-                                     max_request_tokens=self.config.cluster.kv_pool_tokens)
+                                     max_request_tokens=self.config.cluster.kv_pool_tokens,
+                                     inflight_prefix_min_tokens=self.config.scheduler.inflight_prefix_min_tokens,
+                                     inflight_prefix_wait_s=self.config.scheduler.inflight_prefix_wait_s)
             await driver.__aenter__()
         except BaseException:
             await cluster.__aexit__(None, None, None)

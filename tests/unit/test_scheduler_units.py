@@ -265,3 +265,39 @@ def test_global_scheduler_refreshes_the_hit_as_it_assigns() -> None:
     s.refresh_hit = lambda r: 101  # more than the prompt: a bug in the caller, named
     with pytest.raises(SchedulerError, match="request 7: refresh_hit gave 101"):
         s.schedule([[pe(0, 0)]], [[de(0, 1)]])
+
+
+@pytest.mark.parametrize("policy", ["basic", "dualpath"])  # least-loaded and the two-level DE router
+def test_global_scheduler_holds_a_request_on_one_assigned_before_it(policy: str) -> None:
+    s = GlobalScheduler(get_policy(policy), P)
+    for i in range(5):
+        s.submit(req(i, 1000))
+    computing: set[int] = set()  # rids whose "prefix" is being computed; 0 and 2 share with 1 and 3
+    shares = {1: 0, 3: 2}
+    s.hold = lambda r: shares.get(r.rid) in computing
+    seen: list[int] = []
+
+    def assigned(r: RequestInfo) -> None:
+        seen.append(r.rid)
+        computing.add(r.rid)
+
+    s.on_assign = assigned
+    out = s.schedule([[pe(0, 0), pe(1, 0)]], [[de(0, 1), de(1, 1)]])
+    # 1 is held on 0 and 3 on 2, both assigned earlier in this very round; 4 goes past them
+    assert [a.rid for a in out] == seen == [0, 2, 4]
+    assert s.waiting_rids() == [1, 3]  # the held ones keep their place and order
+    computing.clear()  # their prefixes are stored
+    assert [a.rid for a in s.schedule([[pe(0, 0)]], [[de(0, 1)]])] == [1, 3]
+    assert s.waiting() == 0
+
+
+def test_global_scheduler_passes_over_at_most_hold_scan_held_requests() -> None:
+    s = GlobalScheduler(get_policy("basic"), P)
+    for i in range(4):
+        s.submit(req(i, 100))
+    s.hold = lambda r: r.rid < 3
+    s.hold_scan = 2
+    assert s.schedule([[pe(0, 0)]], [[de(0, 1)]]) == []  # three held before request 3: the round ends at two
+    s.hold_scan = 3
+    assert [a.rid for a in s.schedule([[pe(0, 0)]], [[de(0, 1)]])] == [3]
+    assert s.waiting_rids() == [0, 1, 2]

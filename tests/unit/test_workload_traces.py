@@ -77,9 +77,11 @@ def test_simulator_sees_cross_session_reuse_and_trace_times() -> None:
     assert sim.completed == 4
     # submitted at the trace's own times (A2 waits for 40 s although A finished long before)
     assert sorted(sim.rec_submit) == pytest.approx([0.0, 0.0, 30.0, 40.0])
-    # A and B start together (nothing stored yet); C, a new session, hits the shared system prompt; A2 its own
-    # session's four blocks: (1024 + 2048) tokens of 7248
-    assert sim.hit_tokens == 1024 + 2048 and sim.prompt_tokens == 7248
+    # A and B arrive together (nothing stored yet): B waits for the system prompt A computes and reads it; C, a new
+    # session, hits it too; A2 its own session's four blocks: (1024 + 1024 + 2048) tokens of 7248
+    assert sim.hit_tokens == 1024 + 1024 + 2048 and sim.prompt_tokens == 7248
+    sc.inflight_prefix_min_tokens = None  # B computes the system prompt alongside A
+    assert Simulation(sc, get_policy("dualpath")).run().hit_tokens == 1024 + 2048
 
 
 def test_simulator_reads_a_prefix_stored_while_requests_queued(tmp_path: Path) -> None:
@@ -96,10 +98,40 @@ def test_simulator_reads_a_prefix_stored_while_requests_queued(tmp_path: Path) -
     w = load_trace(f, "mooncake")
     assert ideal_hit_rate(w.trajectories) == pytest.approx(99 * 40 / (100 * 41))
     for policy in ("basic", "dualpath"):
-        sim = Simulation(scenario_from_preset("tiny", trajectories=w.trajectories), get_policy(policy)).run()
+        sc = scenario_from_preset("tiny", trajectories=w.trajectories)
+        sc.inflight_prefix_min_tokens = None  # no request waits for the prefix another one is computing
+        sim = Simulation(sc, get_policy(policy)).run()
         assert sim.completed == 100 and sim.prompt_tokens == 100 * 41 * 512
         assert sim.hit_tokens % (40 * 512) == 0  # whole shared prefixes, never a unique block
-        assert sim.hit_tokens >= 0.2 * sim.prompt_tokens, policy
+        assert 0.2 * sim.prompt_tokens <= sim.hit_tokens < 99 * 40 * 512, policy
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_simulator_holds_requests_on_a_prefix_being_computed(tmp_path: Path, mode: str) -> None:
+    # The same 100 sessions, and 20 unrelated ones among them. By default a request that shares at least 256
+    # tokens past its stored prefix with one being prefilled waits for that one's decode start (when its prompt
+    # is stored), even among requests assigned in one round: the shared prefix is computed once, the ideal
+    # hit is reached, and the unrelated requests are not held
+    from dualpath.scheduler.policies import get_policy
+    from dualpath.sim.cluster import Simulation
+    from dualpath.sim.runner import scenario_from_preset
+
+    f = tmp_path / "shared.jsonl"
+    rows = [{"timestamp": 10 * i, "input_length": 41 * 512, "output_length": 8, "hash_ids": [*range(1, 41), 1000 + i]}
+            for i in range(100)]
+    rows[5::5] = [{"timestamp": 10 * i, "input_length": 4 * 512, "output_length": 8,
+                   "hash_ids": [5000 + 4 * i + k for k in range(4)]} for i in range(5, 100, 5)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    w = load_trace(f, "mooncake")
+    shared = 100 - 19
+    prompt = shared * 41 * 512 + 19 * 4 * 512
+    assert ideal_hit_rate(w.trajectories) == pytest.approx((shared - 1) * 40 * 512 / prompt)
+    for policy in ("basic", "dualpath"):
+        sc = scenario_from_preset("tiny", trajectories=w.trajectories)
+        sc.mode = mode
+        sim = Simulation(sc, get_policy(policy)).run()
+        assert sim.completed == 100 and sim.prompt_tokens == prompt
+        assert sim.hit_tokens == (shared - 1) * 40 * 512, policy
 
 
 def test_simulator_stores_a_prompt_when_its_decode_starts(tmp_path: Path) -> None:

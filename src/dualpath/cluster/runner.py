@@ -41,7 +41,7 @@ from dualpath.engine.prefill import PrefillEngine
 from dualpath.engine.request import Turn, TurnResult, unwrap, wait_event
 from dualpath.engine.sampling import SamplingParams
 from dualpath.errors import EngineError, ModelError, StorageError, TransportError
-from dualpath.kv.keys import BlockKeyer, KeyNamespace
+from dualpath.kv.keys import BlockKey, BlockKeyer, KeyNamespace
 from dualpath.kv.layout import KVLayout
 from dualpath.scheduler.state import EngineSnapshot
 from dualpath.storage.base import Storage
@@ -239,10 +239,24 @@ class Cluster:
 
     def lookup(self, prompt_ids: Sequence[int]) -> int:
         """Hit tokens a turn with this prompt would get now (stored prefix, at least one token left to compute)."""
-        assert self.storage is not None, "start the cluster first"
+        keys, usable = self.prompt_keys(prompt_ids)
+        return self.stored_blocks(keys[:usable]) * self.layout.block_tokens
+
+    @property
+    def block_tokens(self) -> int:
+        """Tokens per Full Block."""
+        return self.layout.block_tokens
+
+    def prompt_keys(self, prompt_ids: Sequence[int]) -> tuple[list[BlockKey], int]:
+        """The keys of a prompt's Full Blocks (those its decode engine stores), and how many of them a turn may
+        hit (at least one token is left to compute)."""
         keys = self.keyer.keys(list(prompt_ids))
-        usable = min(len(keys), max(0, (len(prompt_ids) - 1) // self.layout.block_tokens))
-        return self.storage.lookup(keys[:usable]) * self.layout.block_tokens
+        return keys, min(len(keys), max(0, (len(prompt_ids) - 1) // self.layout.block_tokens))
+
+    def stored_blocks(self, keys: Sequence[BlockKey]) -> int:
+        """How many of ``keys``, from the first, are stored now."""
+        assert self.storage is not None, "start the cluster first"
+        return self.storage.lookup(keys)
 
     # --- validation ----------------------------------------------------------------------------------------
     def _context_hint(self) -> str:

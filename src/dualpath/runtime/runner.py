@@ -294,6 +294,7 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "paths": s["paths"],
         "scheduler_rounds": run.driver.rounds,
         "scheduler_core_s": run.driver.core_s,
+        "scheduler_held": run.driver.held,  # turns that waited for a prefix another turn was computing
         "prefill_forwards": run.prefill.get("forwards"),  # None where the engines are not in this process
         "prefill_chunks": run.prefill.get("chunks"),
         "link_bytes": {n: v["bytes"] for n, v in run.links.items()},
@@ -398,6 +399,8 @@ async def _run_policy(
                 driver = SchedulerDriver(
                     cluster, sched, fetch_interval_s=cfg.scheduler.fetch_interval_s,
                     max_request_tokens=cfg.cluster.kv_pool_tokens,
+                    inflight_prefix_min_tokens=cfg.scheduler.inflight_prefix_min_tokens,
+                    inflight_prefix_wait_s=cfg.scheduler.inflight_prefix_wait_s,
                 )
                 run.driver = driver.stats
                 t0_link = _link_now(cluster)

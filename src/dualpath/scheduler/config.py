@@ -27,3 +27,12 @@ class SchedulerConfig(Section):
     )
     z_factor: float = Field(default=1.05, gt=0)
     fetch_interval_s: float = Field(default=0.005, gt=0)
+    inflight_prefix_min_tokens: int = Field(
+        default=256, ge=1,
+        description="a turn sharing at least this many tokens past its stored prefix with a turn being prefilled "
+                    "waits for that prefix to be stored (inflight_prefix_wait_s), then reads it",
+    )
+    inflight_prefix_wait_s: float = Field(
+        default=30.0, ge=0,
+        description="the longest a turn waits for a shared prefix another turn is computing; 0 never waits",
+    )

@@ -14,6 +14,15 @@ the sharer is often still running at submission). With :attr:`GlobalScheduler.re
 for the hit as of now, once per request, as the request is assigned and before its side is chosen, so what was
 stored while it waited is read instead of recomputed.
 
+A request may also be better off waiting: another request computing the same prefix now will store it at its
+decode start, and the waiting one then reads what it would otherwise compute a second time (requests of a public
+trace that arrive together with one system prompt; SGLang's in-batch prefix-caching check does the same). With
+:attr:`GlobalScheduler.hold` set, the core asks it, per round, for each request it reaches; a held request keeps
+its place and the round goes on with the requests behind it; :attr:`GlobalScheduler.on_assign` tells the caller of
+each assignment as it is made, so requests that arrive together are held on the first of them. At most :attr:`GlobalScheduler.hold_scan` held
+requests are passed over in one round (the round ends there), so a round costs O(assigned + hold_scan). The
+caller decides what is worth waiting for and for how long; the core only skips.
+
 The paper leaves this sequencing open. We assign PE and DE together, at once, because the DE must be known
 before the read starts (the DE read path reads into the DE's node) and its KV memory must be reserved before the
 PE ships the prompt KV; the side needs both nodes. Stopping at the first request without a DE keeps the waiting
@@ -63,6 +72,14 @@ class GlobalScheduler:
         #: the hit of a waiting request as of now (stored-prefix tokens, at most its prompt), asked once as the
         #: request is assigned; None: the hit given at submit stands (see the module docstring)
         self.refresh_hit: Callable[[RequestInfo], int] | None = None
+        #: whether a waiting request should wait this round (for a prefix another request is computing; see the
+        #: module docstring); None: no request is held
+        self.hold: Callable[[RequestInfo], bool] | None = None
+        #: held requests passed over at most in one round
+        self.hold_scan = 64
+        #: called with each request as it is assigned, within the round (so ``hold`` sees this round's earlier
+        #: assignments: requests that arrive together); None: not called
+        self.on_assign: Callable[[RequestInfo], None] | None = None
 
     def submit(self, req: RequestInfo) -> None:
         """Append ``req`` to the global waiting queue."""
@@ -98,22 +115,24 @@ class GlobalScheduler:
             raise SchedulerError(f"request {r.rid}: refresh_hit gave {hit!r}, need an int in 0..{r.prompt}")
         return replace(r, hit=hit)
 
-    def _window(self, pes: Sequence[EngineLoad]) -> int:
+    def _window(self, pes: Sequence[EngineLoad], cands: _Candidates) -> int:
         beta = self.params.beta_tokens
         headroom = sum(max(0, beta - e.tok) for e in pes)
         n = sum(1 for e in pes if e.tok <= beta)
-        cum = 0
-        for r in self._queue:
+        cum = i = 0
+        while (r := cands.get(i)) is not None:
             cum += r.tokens
             if cum > headroom:
                 break
             n += 1
-        return min(n, len(self._queue))
+            i += 1
+        return n
 
     def schedule(
         self, pe_groups: Sequence[Sequence[EngineSnapshot]], de_groups: Sequence[Sequence[EngineSnapshot]]
     ) -> list[Assignment]:
-        """One fetch round: assignments for a FIFO prefix of the waiting queue (the rest stays queued)."""
+        """One fetch round: assignments for a FIFO prefix of the waiting queue, held requests passed over (the rest
+        stays queued, in its order)."""
         pe_flat = [s for g in pe_groups for s in g]
         de_flat = [s for g in de_groups for s in g]
         if not self._queue or not pe_flat or not de_flat:
@@ -125,23 +144,33 @@ class GlobalScheduler:
         de_rq = node_read_q(de_flat)
         p, smart, bt = self.params, self.policy.smart_assign, self.params.block_tokens
 
+        cands = _Candidates(self._queue, self.hold, self.hold_scan)
         router = GroupRouter(de_groups_l, p) if smart else None
         routed: list[int] = []
         z: list[float] = []
         if router is not None:
             queues: list[list[RequestInfo]] = [[] for _ in de_groups_l]
-            for i in range(self._window(pes)):
-                g = router.route(self._queue[i])
+            for i in range(self._window(pes, cands)):
+                r = cands.get(i)
+                if r is None:
+                    break
+                g = router.route(r)
                 if g is None:
                     break
                 routed.append(g)
-                queues[g].append(self._queue[i])
+                queues[g].append(r)
             z = [z_threshold(g, q, p) for g, q in zip(de_groups_l, queues, strict=True)]
 
         picker = PrefillPicker(pes, pe_rq, p, use_read_q=smart)
         de_pick = None if smart else LeastLoadedDE(des, p)
         out: list[Assignment] = []
-        for i, r in enumerate(self._queue):
+        i = -1
+        while (r := cands.get(i + 1)) is not None:
+            i += 1
+            if out and cands.held_now(r):  # held on a request assigned earlier in this round
+                if cands.held > cands.scan:
+                    break
+                continue
             pe = picker.pick()
             if pe is None:
                 break
@@ -170,6 +199,8 @@ class GlobalScheduler:
                 bt,
             )
             self.rr_counter += 1
+            if self.on_assign is not None:
+                self.on_assign(r)
             pe.tok += r.tokens
             pe.seq += 1
             picker.touch(pe)
@@ -183,6 +214,61 @@ class GlobalScheduler:
                     picker.touch_node(pe.node)
                 de_rq[de.node] = de_rq.get(de.node, 0) + de_tok
             out.append(a)
-        for _ in out:
-            self._rids.discard(self._queue.popleft().rid)
+        cands.take({a.rid for a in out}, self._rids)
         return out
+
+
+class _Candidates:
+    """The waiting queue as a round sees it: requests in FIFO order, the held ones passed over (at most ``scan`` of
+    them), found lazily as the round reaches them."""
+
+    def __init__(self, queue: deque[RequestInfo], hold: Callable[[RequestInfo], bool] | None, scan: int) -> None:
+        self.queue = queue
+        self.hold = hold
+        self.scan = scan
+        self.items: list[RequestInfo] = []
+        self._it = iter(queue)  # the queue is not changed during a round (take runs after it)
+        self.held = 0
+        self.ended = False
+
+    def get(self, i: int) -> RequestInfo | None:
+        """The ``i``-th request not held, or None past the last one this round may reach."""
+        items = self.items
+        while len(items) <= i and not self.ended:
+            r = next(self._it, None)
+            if r is None:
+                self.ended = True
+                break
+            if self.hold is not None and self.hold(r):
+                self.held += 1
+                if self.held > self.scan:
+                    self.ended = True
+                continue
+            items.append(r)
+        return items[i] if i < len(items) else None
+
+    def held_now(self, r: RequestInfo) -> bool:
+        """``hold`` asked again for a request found not held earlier in the round (assignments made since may hold
+        it); counts it as held (the round ends past ``scan``)."""
+        if self.hold is None or not self.hold(r):
+            return False
+        self.held += 1
+        return True
+
+    def take(self, assigned: set[int], rids: set[int]) -> None:
+        """Remove the ``assigned`` requests from the queue; the others keep their place and order."""
+        q = self.queue
+        if not self.held:  # the assigned ones are the head of the queue
+            for _ in range(len(assigned)):
+                rids.discard(q.popleft().rid)
+            return
+        kept: list[RequestInfo] = []
+        left = set(assigned)
+        while left:
+            r = q.popleft()
+            if r.rid in left:
+                left.discard(r.rid)
+                rids.discard(r.rid)
+            else:
+                kept.append(r)
+        q.extendleft(reversed(kept))

@@ -8,6 +8,14 @@ memory), groups them by node, asks the core for assignments, and starts each ass
 its PE, DE, read side and split. The PE packs its own forward batches and chunks (``pack_forward_batch``) under
 the compute quota as requests reach it.
 
+A turn that shares at least ``inflight_prefix_min_tokens`` past its stored prefix with a turn being prefilled waits
+for that prefix to be stored (the other turn's decode engine stores its prompt as its decode starts), at most
+``inflight_prefix_wait_s``, and then reads it instead of computing it again: turns of a trace that arrive together
+with one system prompt compute it once (:attr:`GlobalScheduler.hold`). The driver tracks the blocks each assigned
+turn computes until it ends; a waiting turn goes as soon as its lookup finds them stored. This needs a cluster
+whose lookup is synchronous and that names its prompts' block keys (``prompt_keys``, ``stored_blocks``,
+``block_tokens``: the in-process :class:`dualpath.cluster.Cluster`); over any other, no turn waits.
+
 Rounds run every ``fetch_interval_s`` while requests wait; an idle loop sleeps until a request arrives, and a
 finished turn (which frees engine capacity) wakes it early. Assigned turns run in the driver's task group: a
 failure of one fails the caller's ``run_turn`` with that error; cancelling the driver cancels every turn.
@@ -74,6 +82,10 @@ class _Pending:
     t_scheduled: float | None = None
     result: Any = None
     error: BaseException | None = None
+    keys: list[Any] | None = None  # its prompt's block keys, and how many it may hit (prompt_keys), when asked
+    usable: int = 0
+    computing: list[Any] = field(default_factory=list)  # keys it computes, registered while it runs
+    t_held: float | None = None  # when it first waited for a prefix being computed
 
 
 @dataclass
@@ -82,6 +94,7 @@ class DriverStats:
 
     rounds: int = 0
     assigned: int = 0
+    held: int = 0  # turns that waited for a prefix another turn was computing
     paths: Counter[str] = field(default_factory=Counter)
     core_s: float = 0.0
 
@@ -138,9 +151,14 @@ class SchedulerDriver:
         *,
         fetch_interval_s: float = 0.005,
         max_request_tokens: int | None = None,
+        inflight_prefix_min_tokens: int = 256,
+        inflight_prefix_wait_s: float = 30.0,
     ) -> None:
         if fetch_interval_s <= 0:
             raise SchedulerError(f"fetch_interval_s must be > 0, got {fetch_interval_s}")
+        if inflight_prefix_min_tokens < 1 or inflight_prefix_wait_s < 0:
+            raise SchedulerError("inflight_prefix_min_tokens must be >= 1 and inflight_prefix_wait_s >= 0, got "
+                                 f"{inflight_prefix_min_tokens} and {inflight_prefix_wait_s}")
         self.cluster = cluster
         self.scheduler = scheduler
         self.fetch_interval_s = fetch_interval_s
@@ -150,6 +168,14 @@ class SchedulerDriver:
         self._next_rid = 0
         if scheduler.refresh_hit is None and not inspect.iscoroutinefunction(getattr(cluster, "lookup", None)):
             scheduler.refresh_hit = self._refresh_hit  # a prefix stored while a turn waited is read (core docstring)
+        self.inflight_prefix_min_tokens = inflight_prefix_min_tokens
+        self.inflight_prefix_wait_s = inflight_prefix_wait_s
+        self._computing: dict[Any, int] = {}  # block key -> assigned turns computing it (until they end)
+        self._block_tokens = int(getattr(cluster, "block_tokens", 0) or 0)
+        if (self._block_tokens > 0 and inflight_prefix_wait_s > 0 and scheduler.hold is None and scheduler.refresh_hit == self._refresh_hit
+                and callable(getattr(cluster, "prompt_keys", None))
+                and callable(getattr(cluster, "stored_blocks", None))):
+            scheduler.hold, scheduler.on_assign = self._hold, self._on_assign
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
 
@@ -220,6 +246,11 @@ class SchedulerDriver:
         p = self._pending.get(r.rid)
         if p is None:
             return r.hit
+        if self.scheduler.hold == self._hold:  # the prompt's keys are known (hashed once per turn here)
+            keys = self._prompt_keys(p)
+            p.hit = min(self.cluster.stored_blocks(keys[:p.usable]) * self._block_tokens,  # type: ignore[attr-defined]
+                        r.prompt)
+            return p.hit
         hit = self.cluster.lookup(p.prompt_ids)
         if inspect.isawaitable(hit):  # a lookup that needs the loop: the hit given at submit stands
             close = getattr(hit, "close", None)
@@ -228,6 +259,53 @@ class SchedulerDriver:
             return r.hit
         p.hit = min(int(hit), r.prompt)
         return p.hit
+
+    def _prompt_keys(self, p: _Pending) -> list[Any]:
+        if p.keys is None:
+            keys, usable = self.cluster.prompt_keys(p.prompt_ids)  # type: ignore[attr-defined]
+            p.keys, p.usable = list(keys), int(usable)
+        return p.keys
+
+    def _hold(self, r: RequestInfo) -> bool:
+        """The core's ``hold`` (module docstring): the turn's next blocks past its stored prefix, at least
+        ``inflight_prefix_min_tokens`` of them, are being computed by an assigned turn, and it has not waited
+        ``inflight_prefix_wait_s`` yet."""
+        p = self._pending.get(r.rid)
+        if p is None or not self._computing:
+            return False
+        keys = self._prompt_keys(p)
+        k = self.cluster.stored_blocks(keys[:p.usable])  # type: ignore[attr-defined]
+        n = 0
+        computing = self._computing
+        while k + n < p.usable and keys[k + n] in computing:
+            n += 1
+        if n == 0 or n * self._block_tokens < self.inflight_prefix_min_tokens:
+            return False
+        now = time.perf_counter()
+        if p.t_held is None:
+            p.t_held = now
+            self.stats.held += 1
+        return now - p.t_held < self.inflight_prefix_wait_s
+
+    def _on_assign(self, r: RequestInfo) -> None:
+        """The core's ``on_assign``: register the blocks the turn computes (past its hit) until it ends."""
+        p = self._pending.get(r.rid)
+        if p is None:
+            return
+        keys = self._prompt_keys(p)
+        p.computing = keys[r.hit // self._block_tokens:]
+        for key in p.computing:
+            self._computing[key] = self._computing.get(key, 0) + 1
+
+    def _release(self, p: _Pending) -> None:
+        computing = self._computing
+        for key in p.computing:
+            c = computing.get(key, 0) - 1
+            if c > 0:
+                computing[key] = c
+            else:
+                computing.pop(key, None)
+        p.computing = []
 
     # --- the loop ----------------------------------------------------------------------------------------
     def schedule_once(self) -> list[Assignment]:
@@ -272,5 +350,7 @@ class SchedulerDriver:
         except Exception as exc:  # the caller's run_turn raises it
             p.error = exc
         finally:
+            if p.computing:
+                self._release(p)
             p.done.set()
             self._wake.set()

@@ -75,7 +75,7 @@ class Req:
     __slots__ = (
         "rid", "agent", "context", "append", "hit", "gen", "prompt", "pe", "de", "path", "pe_tok", "de_tok",
         "reads_left", "cached", "remaining", "first_chunk", "t_submit", "t_first", "t_join", "s_end", "t_assign",
-        "t_ready", "turn",
+        "t_ready", "turn", "computing",
     )
 
     def __init__(self, rid: int, agent: int, context: int, append: int, hit: int, gen: int, t: float) -> None:
@@ -102,6 +102,7 @@ class Req:
         self.t_assign = t
         self.t_ready = t
         self.turn = 0
+        self.computing: list[int] = []  # content keys this request computes and stores at its join
 
 
 class Node:
@@ -208,6 +209,7 @@ class Simulation:
         # trace turns: content keys of a global prefix cache (Mooncake hash ids) and request times (online)
         self.turn_keys, self.turn_at = _trace_meta(sc.trajectories)
         self.stored_keys: set[int] = set()
+        self.computing: dict[int, int] = {}  # content key -> requests assigned that compute it (until their join)
         self.curve = getattr(comp, "batch_curve", None)
         # per-engine time breakdown (Simulation.breakdown); sampled every breakdown_dt sim-seconds when > 0
         self.breakdown_dt = 0.0
@@ -222,6 +224,9 @@ class Simulation:
         self.sched = GlobalScheduler(policy, self.params)
         if any(tk is not None for tk in self.turn_keys):  # a shared prefix stored while a request waited is read
             self.sched.refresh_hit = self._refresh_hit
+            if sc.inflight_prefix_min_tokens is not None:  # wait for a shared prefix being computed (_hold)
+                self.sched.hold = self._hold
+                self.sched.on_assign = self._computes
         self.layerwise = policy.layerwise
         self.oracle = policy.oracle
         self.quota = sc.quota_s if policy.smart_assign else float("inf")
@@ -320,6 +325,26 @@ class Simulation:
             req.hit = req.cached = hit
             req.remaining = req.prompt - hit
         return req.hit
+
+    def _hold(self, info: RequestInfo) -> bool:
+        """The scheduler core's ``hold``: a content-keyed request whose next blocks past its stored prefix (at least
+        ``inflight_prefix_min_tokens``, and one block) another assigned request is computing now waits until they
+        are stored (that request's join), then reads them instead of computing them again."""
+        req = self.reqs[info.rid]
+        tk = self.turn_keys[req.agent]
+        if tk is None or tk[req.turn] is None or not self.computing:
+            return False
+        keys, blk = tk[req.turn]
+        cap = (req.prompt - 1) // blk
+        stored, computing = self.stored_keys, self.computing
+        k = 0
+        while k < cap and keys[k] in stored:
+            k += 1
+        n = 0
+        while k + n < cap and keys[k + n] in computing:
+            n += 1
+        min_tok = self.sc.inflight_prefix_min_tokens
+        return n > 0 and n * blk >= (min_tok or 0)
 
     def _want_fetch(self) -> None:
         if self._fetch_at >= 0 or not self.sched.waiting():
@@ -599,6 +624,8 @@ class Simulation:
         if tk is not None and tk[r.turn] is not None:  # the DE persists the prompt's full blocks as decode starts
             keys, blk = tk[r.turn]
             self.stored_keys.update(keys[: r.prompt // blk])
+            if r.computing:
+                self._stored(r)
         steps = r.gen - 1
         if steps <= 0:
             self._finish(de, r, self.loop.now + 0.0)
@@ -609,6 +636,31 @@ class Simulation:
         r.s_end = de.S + steps
         heapq.heappush(de.heap, (r.s_end, r.rid, r))
         self._retime(de)
+
+    def _computes(self, info: RequestInfo) -> None:
+        """The core's ``on_assign``: register the content keys an assigned request computes (past its hit, up to
+        its full input blocks) until its join stores them."""
+        req = self.reqs[info.rid]
+        tk = self.turn_keys[req.agent]
+        if tk is None or tk[req.turn] is None:
+            return
+        keys, blk = tk[req.turn]
+        req.computing = keys[req.hit // blk: req.prompt // blk]
+        computing = self.computing
+        for h in req.computing:
+            computing[h] = computing.get(h, 0) + 1
+
+    def _stored(self, r: Req) -> None:
+        """A request's computed keys are stored (its join): requests held on them may go."""
+        computing = self.computing
+        for h in r.computing:
+            c = computing[h] - 1
+            if c:
+                computing[h] = c
+            else:
+                del computing[h]
+        r.computing = []
+        self._want_fetch()
 
     def _retime(self, de: DE) -> None:
         n = len(de.heap)

@@ -78,6 +78,9 @@ class SimScenario:
     quota_floor: bool = True
     z_factor: float = 1.05
     fetch_interval_s: float = 0.1
+    #: a content-keyed request that shares at least this many tokens past its stored prefix with a request being
+    #: prefilled waits for that prefix to be stored, then reads it (GlobalScheduler.hold); None: never waits
+    inflight_prefix_min_tokens: int | None = 256
     #: the MoE all-to-all of each forward as HIGH traffic on the compute NICs (sim/traffic.py)
     ep_traffic: bool = True
     #: the traffic manager: HIGH before KV on the compute NICs (off: one class, fair sharing)

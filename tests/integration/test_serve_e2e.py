@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgpack
+import numpy as np
 import pytest
 import zmq
 
@@ -138,3 +140,48 @@ def test_impossible_turns_end_with_an_explicit_error(served) -> None:
         return codes
 
     assert anyio.run(main) == ["SchedulerError", "SchedulerError"]
+
+
+def test_turns_sent_together_compute_their_shared_prefix_once(served) -> None:
+    # four clients send one 256-token prefix (the default inflight_prefix_min_tokens) with their own 16-token
+    # tails at once: one turn computes it, the scheduler holds the others until that turn's DE says the prompt is
+    # stored (``stored``), and they read it; their tokens are those an in-process cluster gives each prompt alone
+    address, cfg, _, _ = served
+    rng = np.random.default_rng(11)
+    shared = rng.integers(1, VOCAB, 256).tolist()
+    prompts = [shared + rng.integers(1, VOCAB, 16).tolist() for _ in range(4)]
+    held_before = stats(address, cfg)["held"]
+
+    async def main() -> list[Any]:
+        out: dict[int, Any] = {}
+        async with ServeClient.from_config(address, cfg) as c:
+
+            async def one(i: int) -> None:
+                out[i] = await c.run_turn(500 + i, prompts[i], 3)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(4):
+                    tg.start_soon(one, i)
+        return [out[i] for i in range(4)]
+
+    outcomes = anyio.run(main)
+    assert sorted(o.hit_tokens for o in outcomes) == [0, 256, 256, 256]
+    assert stats(address, cfg)["held"] - held_before == 3
+    alone = _in_process_tokens(cfg, prompts, 3)
+    assert [list(o.tokens) for o in outcomes] == alone
+
+
+def _in_process_tokens(cfg: Any, prompts: list[list[int]], gen: int) -> list[list[int]]:
+    from dualpath.cluster import Cluster
+
+    data = cfg.model_dump(mode="python")
+    data["storage"] = {"kind": "memory"}
+    data["transport"] = {"kind": "loopback"}
+    data["model"].update(decode_step_s=0.0, device_tflops=1e6)
+    local = type(cfg).model_validate(data)
+
+    async def main() -> list[list[int]]:
+        async with Cluster(local) as c:
+            return [list((await c.run_turn(str(i), p, gen)).token_ids) for i, p in enumerate(prompts)]
+
+    return anyio.run(main)

@@ -41,7 +41,7 @@ from dualpath.control.deploy import check_deployable, engine_curve, engine_name,
 from dualpath.control.protocol import Message, ProtocolError, bin_to_tokens, logprobs_to_bin, sampling_of
 from dualpath.engine.grammar import tokenizer_source
 from dualpath.engine.request import Turn, unwrap, wait_event
-from dualpath.errors import ConfigError, EngineError, PeerTimeout
+from dualpath.errors import ConfigError, DualPathError, EngineError, PeerTimeout
 from dualpath.types import EngineId, PathKind, Role, TokenLogprob
 
 log = logging.getLogger("dualpath.enginehost")
@@ -61,6 +61,7 @@ class _Held:
     submitted: bool = False
     seq: Any = None
     streamed: int = 0  # tokens handed to the stream buffer so far (a streamed turn on a DE)
+    notify_stored: bool = False  # a DE tells the scheduler once the prompt's blocks are stored (``stored``)
 
 
 def process_gauges() -> dict[str, int]:
@@ -402,7 +403,7 @@ class EngineHost:
             turn.on_token = lambda tok, _rid=rid: self._on_token(_rid, tok)
             if turn.sampling is not None and turn.sampling.logprobs is not None:
                 turn.on_logprob = lambda lp, _rid=rid: self._lp.__setitem__(_rid, lp)
-        held = _Held(turn, time.monotonic() + b["deadline_s"])
+        held = _Held(turn, time.monotonic() + b["deadline_s"], notify_stored=bool(b.get("notify_stored")))
         self.turns[rid] = held
         eng.assign(turn)
         try:
@@ -414,6 +415,14 @@ class EngineHost:
                 raise PeerTimeout(f"{self.name}: turn {rid}: storage read passed its deadline") from None
             raise
         return "read_done", {"rid": rid, "ok_blocks": int(ok)}
+
+    async def _notify_stored(self, rid: int) -> None:
+        """The ``stored`` notice (turns waiting for this prompt's prefix may go); lost, they go at its end."""
+        assert self.channel is not None
+        try:
+            await self.channel.notify(None, "stored", {"rid": rid})
+        except DualPathError as exc:
+            log.debug("%s: stored notice of turn %s not sent: %s", self.name, rid, exc)
 
     def _held(self, rid: int) -> _Held:
         held = self.turns.get(rid)
@@ -473,7 +482,9 @@ class EngineHost:
                     tg.start_soon(_guard, turn, eng.receive, turn)
                     tg.start_soon(_guard, turn, wait_event, turn, held.logits_ready, float("inf"), "first token")
                 turn.check()
-                seq = held.seq = await eng.begin_decode(turn)
+                seq = held.seq = await eng.begin_decode(turn)  # (it stores the prompt's blocks first)
+                if held.notify_stored:
+                    await self._notify_stored(rid)
                 await wait_event(turn, seq.done, float("inf"), "decode")
                 turn.check()
                 tokens = list(seq.generated)

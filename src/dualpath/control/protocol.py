@@ -180,6 +180,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
     "prefilled": {"rid": _RID, "logits": F("bin", max_len=1 << 26, multiple=4), "t_prefill_s": _TIME},
     "decode": {"rid": _RID, "hit_blocks": F("int", lo=0, hi=MAX_TOKENS)},  # DE: reply finished
     "started": {"rid": _RID},  # PE -> scheduler -> DE notice: the PE began the turn's forward
+    "stored": {"rid": _RID},  # DE -> scheduler notice (begin's ``notify_stored``): the prompt's blocks are stored
     "logits": {"rid": _RID, "logits": F("bin", max_len=1 << 26, multiple=4)},  # scheduler -> DE notice
     "finished": {
         "rid": _RID,
@@ -224,6 +225,7 @@ SCHEMAS["submit"].update(SAMPLING_FIELDS)
 SCHEMAS["submit"]["stream"] = F("int", required=False, lo=0, hi=U63)  # > 0: send ``stream`` notices with this id
 SCHEMAS["begin"].update(SAMPLING_FIELDS)
 SCHEMAS["begin"]["stream"] = F("bool", required=False)  # the DE sends ``tokens`` notices for this turn
+SCHEMAS["begin"]["notify_stored"] = F("bool", required=False)  # the DE sends ``stored`` once the prompt is stored
 SCHEMAS["prefilled"].update(PROMPT_LP_FIELDS)
 SCHEMAS["result"].update(PROMPT_LP_FIELDS)
 

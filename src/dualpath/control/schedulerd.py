@@ -32,7 +32,7 @@ import signal
 import tempfile
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,7 @@ from dualpath.control.protocol import (
 )
 from dualpath.errors import DualPathError, EngineError, PeerTimeout, SchedulerError, TransportError
 from dualpath.scheduler import GlobalScheduler, SchedulerParams, get_policy
-from dualpath.scheduler.driver import SchedulerDriver
+from dualpath.scheduler.driver import SchedulerDriver, turn_stored
 from dualpath.scheduler.state import EngineSnapshot
 from dualpath.types import PathKind
 
@@ -154,6 +154,27 @@ class RemoteCluster:
         self._pe_released: dict[int, bool] = {}  # rid -> the PE's share was given back (its prefill is done)
         self.turn_pairs: dict[int, tuple[str, str]] = {}
         self.streams: dict[int, TurnCtx] = {}  # rid -> the turn whose DE tokens are forwarded to its client
+        self.on_stored: dict[int, Callable[[], None]] = {}  # rid -> the driver's turn_stored, until the DE's notice
+
+    @property
+    def block_tokens(self) -> int:
+        return self.d.block_tokens
+
+    def prompt_keys(self, prompt_ids: Any) -> tuple[list[int], int]:
+        """Keys of a prompt's Full Blocks for the driver's in-flight prefixes (chained hashes of the token blocks:
+        equal keys, equal prefixes, barring a 64-bit collision, which only costs a wait; not storage's keys), and
+        how many of them a turn may hit."""
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        bt = self.d.block_tokens
+        n = int(ids.size) // bt
+        keys: list[int] = []
+        h = 0
+        raw = ids[: n * bt].tobytes()
+        step = bt * 8
+        for i in range(n):
+            h = hash((h, raw[i * step:(i + 1) * step]))
+            keys.append(h)
+        return keys, min(n, max(0, (int(ids.size) - 1) // bt))
 
     def snapshots(self) -> tuple[list[EngineSnapshot], list[EngineSnapshot]]:
         pes: list[EngineSnapshot] = []
@@ -204,6 +225,9 @@ class RemoteCluster:
             ctx.dispatched += 1
             if ctx.stream:
                 self.streams[rid] = ctx
+        stored_cb = turn_stored.get()
+        if stored_cb is not None:
+            self.on_stored[rid] = stored_cb
         result: list[RemoteResult] = []
         try:
             async with anyio.create_task_group() as watch:
@@ -232,6 +256,7 @@ class RemoteCluster:
             de_rec.reserved.pop(rid, None)
             self.turn_pairs.pop(rid, None)
             self.streams.pop(rid, None)
+            self.on_stored.pop(rid, None)
             if ctx is not None:
                 ctx.dispatched -= 1
 
@@ -255,6 +280,8 @@ class RemoteCluster:
                  "path": path.value, "pe": pe, "de": de, "pe_blocks": plan.pe_blocks,
                  "stored_blocks": plan.stored_blocks, "deadline_s": max(0.001, _left(deadline))}
         de_begin = begin if ctx is None else {**begin, **ctx.sampling, "stream": bool(ctx.stream)}
+        if rid in self.on_stored:
+            de_begin = {**de_begin, "notify_stored": True}
         ok: dict[str, int] = {}
 
         async def _begin(side: str, rec: EngineRecord) -> None:
@@ -405,7 +432,9 @@ class SchedulerDaemon:
         params = SchedulerParams.from_config(cfg.scheduler, storage_tps, gpu_tps, self.block_tokens)
         sched = GlobalScheduler(get_policy(cfg.scheduler.policy, layerwise=cfg.scheduler.layerwise), params)
         return SchedulerDriver(self.cluster, sched, fetch_interval_s=cfg.scheduler.fetch_interval_s,
-                               max_request_tokens=cfg.cluster.kv_pool_tokens)
+                               max_request_tokens=cfg.cluster.kv_pool_tokens,
+                               inflight_prefix_min_tokens=cfg.scheduler.inflight_prefix_min_tokens,
+                               inflight_prefix_wait_s=cfg.scheduler.inflight_prefix_wait_s)
 
     # --- main --------------------------------------------------------------------------------------------
     async def run(self, *, address_file: str | None = None) -> None:
@@ -525,7 +554,7 @@ class SchedulerDaemon:
     async def _handle(self, peer: bytes, msg: Message) -> tuple[str, dict[str, Any]] | None:
         t, b = msg.type, msg.body
         curve = self.config.serve.curve
-        if t in ("heartbeat", "started") and curve and not self._key_has("engine"):  # engine messages only
+        if t in ("heartbeat", "started", "stored") and curve and not self._key_has("engine"):  # engine messages only
             raise self._refuse(peer, t, "engine")
         if t in ("ping", "stats", "submit", "cancel") and self._bound(peer) is None:
             self._clients[peer] = None  # a client's connection, remembered to be told of a stop (bounded)
@@ -562,6 +591,14 @@ class SchedulerDaemon:
                 de = self.engines.get(pair[1])
                 if de is not None and de.alive:
                     await self.notify(de, "started", {"rid": b["rid"]})
+            return None
+        if t == "stored":  # from the turn's DE only: turns waiting for its prompt's prefix may go
+            pair = self.cluster.turn_pairs.get(b["rid"])
+            rec = self._bound(peer)
+            if pair is not None and rec is not None and rec.alive and rec.name == pair[1]:
+                cb = self.cluster.on_stored.pop(b["rid"], None)
+                if cb is not None:
+                    cb()
             return None
         if t == "submit":  # clients only (not an engine's connection, not another key)
             if (curve and not self._key_has("client")) or self._bound(peer) is not None:
@@ -803,6 +840,7 @@ class SchedulerDaemon:
         out["inflight"] = self._inflight
         out["draining"] = int(self.draining)
         out["engines_alive"] = sum(1 for r in self.engines.values() if r.alive)
+        out["held"] = self.driver.stats.held if self.driver is not None else 0  # waited for a prefix in flight
         out["rejected_messages"] = self.channel.rejected if self.channel else 0
         out["refused_peers"] = self.channel.refused if self.channel else 0
         out["scheduler.tasks"] = len(asyncio.all_tasks())

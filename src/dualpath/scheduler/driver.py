@@ -11,10 +11,14 @@ the compute quota as requests reach it.
 A turn that shares at least ``inflight_prefix_min_tokens`` past its stored prefix with a turn being prefilled waits
 for that prefix to be stored (the other turn's decode engine stores its prompt as its decode starts), at most
 ``inflight_prefix_wait_s``, and then reads it instead of computing it again: turns of a trace that arrive together
-with one system prompt compute it once (:attr:`GlobalScheduler.hold`). The driver tracks the blocks each assigned
-turn computes until it ends; a waiting turn goes as soon as its lookup finds them stored. This needs a cluster
-whose lookup is synchronous and that names its prompts' block keys (``prompt_keys``, ``stored_blocks``,
-``block_tokens``: the in-process :class:`dualpath.cluster.Cluster`); over any other, no turn waits.
+with one system prompt compute it once (:attr:`GlobalScheduler.hold`). The driver registers the blocks each
+assigned turn computes, and holds a turn while the blocks after its stored prefix are registered. This needs a
+cluster that names its prompts' block keys (``prompt_keys``, ``block_tokens``); over any other, no turn waits.
+Where the cluster's ``stored_blocks`` answers synchronously (the in-process :class:`dualpath.cluster.Cluster`),
+a held turn goes as soon as its lookup finds the blocks stored, and a turn's registration lasts until it ends.
+Otherwise (the deployment's :class:`~dualpath.control.schedulerd.RemoteCluster`) the cluster says when a turn's
+prompt is stored by calling :data:`turn_stored` (set for the turn's ``run_turn``); its blocks then count as
+stored for later turns' decisions (:attr:`SchedulerDriver.known_stored`, bounded) and its registration ends.
 
 Rounds run every ``fetch_interval_s`` while requests wait; an idle loop sleeps until a request arrives, and a
 finished turn (which frees engine capacity) wakes it early. Assigned turns run in the driver's task group: a
@@ -26,8 +30,9 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
@@ -41,6 +46,13 @@ from dualpath.errors import EngineError, SchedulerError
 from dualpath.scheduler.core import GlobalScheduler
 from dualpath.scheduler.state import Assignment, EngineSnapshot, RequestInfo
 from dualpath.types import PathKind
+
+#: set by the driver for each turn's ``cluster.run_turn`` (None outside one): a cluster without a synchronous
+#: ``stored_blocks`` calls it once the turn's prompt blocks are stored (see the module docstring)
+turn_stored: ContextVar[Callable[[], None] | None] = ContextVar("turn_stored", default=None)
+
+#: block keys remembered as stored from ``turn_stored`` calls (the oldest are forgotten first)
+KNOWN_STORED_MAX = 1 << 16
 
 
 class ClusterLike(Protocol):
@@ -172,9 +184,12 @@ class SchedulerDriver:
         self.inflight_prefix_wait_s = inflight_prefix_wait_s
         self._computing: dict[Any, int] = {}  # block key -> assigned turns computing it (until they end)
         self._block_tokens = int(getattr(cluster, "block_tokens", 0) or 0)
-        if (self._block_tokens > 0 and inflight_prefix_wait_s > 0 and scheduler.hold is None and scheduler.refresh_hit == self._refresh_hit
-                and callable(getattr(cluster, "prompt_keys", None))
-                and callable(getattr(cluster, "stored_blocks", None))):
+        #: the cluster answers ``stored_blocks`` synchronously (else: turn_stored calls and known_stored)
+        self._sync_stored = callable(getattr(cluster, "stored_blocks", None))
+        self.known_stored: OrderedDict[Any, None] = OrderedDict()
+        if (self._block_tokens > 0 and inflight_prefix_wait_s > 0 and scheduler.hold is None
+                and scheduler.on_assign is None and callable(getattr(cluster, "prompt_keys", None))
+                and (not self._sync_stored or scheduler.refresh_hit == self._refresh_hit)):
             scheduler.hold, scheduler.on_assign = self._hold, self._on_assign
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -246,7 +261,7 @@ class SchedulerDriver:
         p = self._pending.get(r.rid)
         if p is None:
             return r.hit
-        if self.scheduler.hold == self._hold:  # the prompt's keys are known (hashed once per turn here)
+        if self.scheduler.hold == self._hold and self._sync_stored:  # the prompt's keys are known (hashed once)
             keys = self._prompt_keys(p)
             p.hit = min(self.cluster.stored_blocks(keys[:p.usable]) * self._block_tokens,  # type: ignore[attr-defined]
                         r.prompt)
@@ -266,6 +281,18 @@ class SchedulerDriver:
             p.keys, p.usable = list(keys), int(usable)
         return p.keys
 
+    def _stored_prefix(self, p: _Pending, hit: int) -> int:
+        """Blocks of the turn's prompt stored now (the cluster's lookup), or known stored (its hit, then the
+        blocks of turns that said their prompt was stored)."""
+        keys = self._prompt_keys(p)
+        if self._sync_stored:
+            return int(self.cluster.stored_blocks(keys[:p.usable]))  # type: ignore[attr-defined]
+        k = min(hit // self._block_tokens, p.usable)
+        known = self.known_stored
+        while k < p.usable and keys[k] in known:
+            k += 1
+        return k
+
     def _hold(self, r: RequestInfo) -> bool:
         """The core's ``hold`` (module docstring): the turn's next blocks past its stored prefix, at least
         ``inflight_prefix_min_tokens`` of them, are being computed by an assigned turn, and it has not waited
@@ -274,7 +301,7 @@ class SchedulerDriver:
         if p is None or not self._computing:
             return False
         keys = self._prompt_keys(p)
-        k = self.cluster.stored_blocks(keys[:p.usable])  # type: ignore[attr-defined]
+        k = self._stored_prefix(p, r.hit)
         n = 0
         computing = self._computing
         while k + n < p.usable and keys[k + n] in computing:
@@ -288,12 +315,12 @@ class SchedulerDriver:
         return now - p.t_held < self.inflight_prefix_wait_s
 
     def _on_assign(self, r: RequestInfo) -> None:
-        """The core's ``on_assign``: register the blocks the turn computes (past its hit) until it ends."""
+        """The core's ``on_assign``: register the blocks the turn computes (past its stored prefix)."""
         p = self._pending.get(r.rid)
         if p is None:
             return
         keys = self._prompt_keys(p)
-        p.computing = keys[r.hit // self._block_tokens:]
+        p.computing = keys[max(r.hit // self._block_tokens, self._stored_prefix(p, r.hit)):]
         for key in p.computing:
             self._computing[key] = self._computing.get(key, 0) + 1
 
@@ -306,6 +333,18 @@ class SchedulerDriver:
             else:
                 computing.pop(key, None)
         p.computing = []
+
+    def _stored(self, p: _Pending) -> None:
+        """``turn_stored`` of one turn: its prompt's blocks are stored (remembered), its registration ends."""
+        if p.keys is not None:
+            known = self.known_stored
+            for key in p.keys:
+                known[key] = None
+                known.move_to_end(key)
+            while len(known) > KNOWN_STORED_MAX:
+                known.popitem(last=False)
+        self._release(p)
+        self._wake.set()
 
     # --- the loop ----------------------------------------------------------------------------------------
     def schedule_once(self) -> list[Assignment]:
@@ -343,6 +382,7 @@ class SchedulerDriver:
     async def _execute(self, p: _Pending) -> None:
         a = p.assignment
         assert a is not None
+        token = turn_stored.set(lambda: self._stored(p)) if p.computing and not self._sync_stored else None
         try:
             p.result = await self.cluster.run_turn(
                 p.session, p.prompt_ids, p.gen, a.pe, a.de, a.path, a.pe_blocks
@@ -350,6 +390,8 @@ class SchedulerDriver:
         except Exception as exc:  # the caller's run_turn raises it
             p.error = exc
         finally:
+            if token is not None:
+                turn_stored.reset(token)
             if p.computing:
                 self._release(p)
             p.done.set()

@@ -288,3 +288,64 @@ def test_capacity_search_bisects_a_known_threshold() -> None:
 
     with pytest.raises(WorkloadError):
         anyio.run(bad)
+
+
+class _RemoteLike(FakeCluster):
+    """A cluster like the deployment's: asynchronous lookup, no ``stored_blocks``; it names prompt block keys and
+    calls the driver's ``turn_stored`` once a turn's prompt is stored (after a 50 ms prefill; decode 300 ms)."""
+
+    block_tokens = BT
+
+    def __init__(self, *, notify: bool = True) -> None:
+        super().__init__()
+        self.notify = notify
+        self.starts: dict[int, float] = {}
+        self.stored_at: list[float] = []
+
+    async def lookup(self, prompt_ids: np.ndarray) -> int:  # type: ignore[override]
+        return FakeCluster.lookup(self, prompt_ids)
+
+    def prompt_keys(self, prompt_ids: np.ndarray) -> tuple[list[str], int]:
+        keys = _keys(np.asarray(prompt_ids))
+        return keys, min(len(keys), (len(prompt_ids) - 1) // BT)
+
+    async def run_turn(self, session, prompt_ids, gen_tokens, pe, de, path, pe_blocks=None):  # type: ignore[no-untyped-def]
+        from dualpath.scheduler.driver import turn_stored
+
+        t0 = anyio.current_time()
+        self.starts[session] = t0
+        hit = FakeCluster.lookup(self, prompt_ids)
+        self.calls.append((session, pe, de, path, pe_blocks, hit))
+        await anyio.sleep(0.05)
+        self.stored.update(_keys(np.asarray(prompt_ids)))
+        cb = turn_stored.get()
+        if cb is not None and self.notify:
+            self.stored_at.append(anyio.current_time())
+            cb()
+        await anyio.sleep(0.3)
+        t = anyio.current_time()
+        return _Result([1] * gen_tokens, len(prompt_ids), hit, path, _Timings(t0, t0 + 0.05, t0 + 0.06, t))
+
+
+@pytest.mark.parametrize("notify", [True, False])
+def test_turns_held_on_a_prefix_go_together_once_it_is_stored(notify: bool) -> None:
+    # four turns share 4 blocks and are submitted together to a cluster without a synchronous lookup: one computes
+    # them; the other three wait until it says its prompt is stored (else until it ends) and then all go in one
+    # round: the blocks it stored count as stored for them, so none of them waits for another reader
+    cluster = _RemoteLike(notify=notify)
+    shared = np.arange(1, 4 * BT + 1)
+    prompts = [np.concatenate([shared, np.arange(100 + 20 * s, 100 + 20 * s + BT)]) for s in range(4)]
+
+    async def main() -> int:
+        async with _driver(cluster, inflight_prefix_min_tokens=4 * BT) as drv, anyio.create_task_group() as tg:
+            for s in range(4):
+                tg.start_soon(drv.run_turn, s, prompts[s], 4)
+        return drv.stats.held
+
+    held = anyio.run(main)
+    assert held == 3
+    assert sorted(c[5] for c in cluster.calls) == [0, 4 * BT, 4 * BT, 4 * BT]
+    first = min(cluster.starts, key=cluster.starts.__getitem__)
+    later = [t for s, t in cluster.starts.items() if s != first]
+    released = cluster.starts[first] + (0.05 if notify else 0.35)
+    assert min(later) >= released and max(later) - min(later) < 0.04

@@ -392,7 +392,9 @@ class SchedulerDriver:
         finally:
             if token is not None:
                 turn_stored.reset(token)
-            if p.computing:
+            if p.computing and token is not None and p.error is None:
+                self._stored(p)  # a turn that ended well stored its prompt: as if it had said so
+            elif p.computing:
                 self._release(p)
             p.done.set()
             self._wake.set()

@@ -337,7 +337,8 @@ def test_turns_held_on_a_prefix_go_together_once_it_is_stored(notify: bool) -> N
     prompts = [np.concatenate([shared, np.arange(100 + 20 * s, 100 + 20 * s + BT)]) for s in range(4)]
 
     async def main() -> int:
-        async with _driver(cluster, inflight_prefix_min_tokens=4 * BT) as drv, anyio.create_task_group() as tg:
+        async with _driver(cluster, "pe_only", inflight_prefix_min_tokens=4 * BT) as drv, \
+                anyio.create_task_group() as tg:
             for s in range(4):
                 tg.start_soon(drv.run_turn, s, prompts[s], 4)
         return drv.stats.held
@@ -345,6 +346,8 @@ def test_turns_held_on_a_prefix_go_together_once_it_is_stored(notify: bool) -> N
     held = anyio.run(main)
     assert held == 3
     assert sorted(c[5] for c in cluster.calls) == [0, 4 * BT, 4 * BT, 4 * BT]
+    # and planned with the blocks known stored (the core's refresh_hit), not the hit of 0 they were submitted with
+    assert sorted(c[4] for c in cluster.calls) == [0, 4, 4, 4]
     first = min(cluster.starts, key=cluster.starts.__getitem__)
     later = [t for s, t in cluster.starts.items() if s != first]
     released = cluster.starts[first] + (0.05 if notify else 0.35)

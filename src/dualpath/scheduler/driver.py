@@ -191,6 +191,8 @@ class SchedulerDriver:
                 and scheduler.on_assign is None and callable(getattr(cluster, "prompt_keys", None))
                 and (not self._sync_stored or scheduler.refresh_hit == self._refresh_hit)):
             scheduler.hold, scheduler.on_assign = self._hold, self._on_assign
+            if scheduler.refresh_hit is None:  # blocks known stored since submission count for the side
+                scheduler.refresh_hit = self._refresh_known
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
 
@@ -273,6 +275,15 @@ class SchedulerDriver:
                 close()
             return r.hit
         p.hit = min(int(hit), r.prompt)
+        return p.hit
+
+    def _refresh_known(self, r: RequestInfo) -> int:
+        """The core's ``refresh_hit`` over a cluster without a synchronous lookup: the hit at submission, or the
+        prefix known stored since (turns that said their prompt was stored), whichever is longer."""
+        p = self._pending.get(r.rid)
+        if p is None:
+            return r.hit
+        p.hit = min(max(r.hit, self._stored_prefix(p, r.hit) * self._block_tokens), r.prompt)
         return p.hit
 
     def _prompt_keys(self, p: _Pending) -> list[Any]:

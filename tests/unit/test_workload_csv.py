@@ -152,3 +152,34 @@ def test_a_session_column_groups_rows_into_conversations(tmp_path: Path) -> None
     assert w2.requests == 4 and [t.n_turns for t in w2.trajectories] == [2, 1, 1]
     w3 = load_trace(p, max_agents=1)
     assert w3.requests == 3 and "first 1 of 4 sessions" in w3.note
+
+
+@pytest.mark.parametrize("sessions", [False, True])
+def test_csv_stats_in_one_pass_equal_the_trajectories_stats(tmp_path: Path, sessions: bool) -> None:
+    # `dualpath trace stats` reads a CSV in one pass, without trajectories (a week-long trace has tens of millions
+    # of rows); every number must be the one the trajectories load_csv makes give: rows out of time order, equal
+    # times, 0-input rows (skipped), 0-output rows, follow-ups, restarts, empty session cells, equal largest turns
+    import random
+
+    from dualpath.workload.traces import _workload_stats, trace_stats
+
+    rng = random.Random(3)
+    lines = ["TIMESTAMP,Session ID,ContextTokens,GeneratedTokens"]
+    ctx: dict[str, int] = {}
+    for _ in range(400):
+        sid = rng.choice(["", "a", "b", "c", "d", "e"]) if sessions else ""
+        base = ctx.get(sid, 0)
+        inp = rng.choice([0, 5, base + rng.randint(0, 300), base + rng.randint(0, 300), 700])
+        out = rng.choice([0, 1, rng.randint(1, 200)])
+        ctx[sid] = inp + out
+        lines.append(f"{rng.choice([1.0, 2.5, rng.uniform(0, 100)]):.3f},{sid},{inp},{out}")
+    text = "\n".join(lines) + "\n"
+    if not sessions:
+        text = "\n".join(",".join(c for k, c in enumerate(r.split(",")) if k != 1) for r in text.splitlines()) + "\n"
+    f = _write(tmp_path, "t.csv", text)
+    fast = trace_stats(f)
+    slow = _workload_stats(load_trace(f, "csv"))
+    assert fast == slow
+    assert fast["requests"] == sum(1 for r in lines[1:] if r.split(",")[2] != "0")
+    if sessions:
+        assert fast["sessions"] < fast["requests"] and fast["ideal_hit_rate"] > 0

@@ -25,6 +25,7 @@ import heapq
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -86,6 +87,70 @@ def _count(cell: str, path: str, line: int, col: str) -> int:
     return int(v)
 
 
+@dataclass
+class CsvScan:
+    """What one pass over a CSV trace found besides its rows (filled in as :func:`scan_csv`'s rows are read)."""
+
+    header: list[str]
+    sessions_column: bool
+    skipped_lines: list[int]
+    rows: int = 0  # servable rows read so far
+
+
+def scan_csv(path: str | os.PathLike[str]) -> tuple[CsvScan, Iterator[tuple[float, int, int, int, str]]]:
+    """The header facts and an iterator over the servable rows of a CSV trace, in file order: ``(time s, line,
+    input tokens, output tokens, session id)``. Every cell is checked; a malformed one is an error naming the file,
+    the line and the column. Rows with 0 input tokens are skipped (``skipped_lines``)."""
+    p = str(path)
+    f = io.TextIOWrapper(open_trace(p), encoding="utf-8-sig", newline="")
+    reader = csv.reader(f)
+    try:
+        try:
+            header = next(reader, None)
+        except UnicodeDecodeError as e:
+            raise WorkloadError(f"not UTF-8 text ({e.reason})", path=p) from None
+        except csv.Error as e:
+            raise WorkloadError(f"not valid CSV ({e})", path=p, line=reader.line_num) from None
+        if header is None:
+            raise WorkloadError("empty trace: no header line", path=p, line=1)
+        ti, ii, oi = _pick(header, TIME_COLUMNS), _pick(header, INPUT_COLUMNS), _pick(header, OUTPUT_COLUMNS)
+        if ii is None or oi is None:
+            raise WorkloadError(
+                f"CSV header {header!r} has no {'input' if ii is None else 'output'}-token column (one of "
+                f"{', '.join(INPUT_COLUMNS if ii is None else OUTPUT_COLUMNS)}; case and spaces ignored)",
+                path=p, line=1)
+    except BaseException:
+        f.close()
+        raise
+    si = _pick(header, SESSION_COLUMNS)
+    scan = CsvScan(header, si is not None, [])
+
+    def rows() -> Iterator[tuple[float, int, int, int, str]]:
+        skipped = scan.skipped_lines
+        with f:
+            try:
+                for row in reader:
+                    no = reader.line_num
+                    if not row or not any(c.strip() for c in row):
+                        continue
+                    if len(row) != len(header):
+                        raise WorkloadError(f"{len(row)} cells, the header has {len(header)}", path=p, line=no)
+                    t = _time(row[ti], p, no, header[ti]) if ti is not None else 0.0
+                    inp = _count(row[ii], p, no, header[ii])
+                    outp = _count(row[oi], p, no, header[oi])
+                    if inp == 0:
+                        skipped.append(no)
+                        continue
+                    scan.rows += 1
+                    yield t, no, inp, outp, (row[si].strip() if si is not None else "")
+            except UnicodeDecodeError as e:
+                raise WorkloadError(f"not UTF-8 text ({e.reason})", path=p) from None
+            except csv.Error as e:
+                raise WorkloadError(f"not valid CSV ({e})", path=p, line=reader.line_num) from None
+
+    return scan, rows()
+
+
 def load_csv(path: str | os.PathLike[str], max_requests: int | None = None,
              max_agents: int | None = None) -> CsvTrace:
     """The rows of a CSV request trace as trajectories, in time order (ties: file order): one-turn sessions, or
@@ -96,53 +161,20 @@ def load_csv(path: str | os.PathLike[str], max_requests: int | None = None,
     ``max_requests`` rows when there are sessions and no ``max_agents`` (whose first sessions may end anywhere in
     the file). Every row is still read and checked, but memory stays bounded by the prefix (a week-long public
     trace holds millions of rows). The caller cuts the trajectories to the bounds, as for any trace."""
-    p = str(path)
-    f = io.TextIOWrapper(open_trace(p), encoding="utf-8-sig", newline="")
+    scan, it = scan_csv(path)
     rows: list[tuple[float, int, int, int, str]] = []
     heap: list[tuple[float, int, int, int, str]] = []  # with keep: the kept rows as (-t, -line, ...), a max-heap
-    n_rows = 0
-    skipped: list[int] = []
-    with f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise WorkloadError("empty trace: no header line", path=p, line=1)
-            ti, ii, oi = _pick(header, TIME_COLUMNS), _pick(header, INPUT_COLUMNS), _pick(header, OUTPUT_COLUMNS)
-            if ii is None or oi is None:
-                raise WorkloadError(
-                    f"CSV header {header!r} has no {'input' if ii is None else 'output'}-token column (one of "
-                    f"{', '.join(INPUT_COLUMNS if ii is None else OUTPUT_COLUMNS)}; case and spaces ignored)",
-                    path=p, line=1)
-            si = _pick(header, SESSION_COLUMNS)
-            if si is None:  # one request per session: either bound is a prefix of rows
-                keep = min((b for b in (max_requests, max_agents) if b is not None), default=None)
-            else:  # sessions: a prefix of rows is a prefix of requests only
-                keep = max_requests if max_agents is None else None
-            for row in reader:
-                no = reader.line_num
-                if not row or not any(c.strip() for c in row):
-                    continue
-                if len(row) != len(header):
-                    raise WorkloadError(f"{len(row)} cells, the header has {len(header)}", path=p, line=no)
-                t = _time(row[ti], p, no, header[ti]) if ti is not None else 0.0
-                inp = _count(row[ii], p, no, header[ii])
-                outp = _count(row[oi], p, no, header[oi])
-                if inp == 0:
-                    skipped.append(no)
-                    continue
-                n_rows += 1
-                sid = row[si].strip() if si is not None else ""
-                if keep is None:
-                    rows.append((t, no, inp, outp, sid))
-                elif len(heap) < keep:
-                    heapq.heappush(heap, (-t, -no, inp, outp, sid))
-                elif (-t, -no) > heap[0][:2]:  # earlier than the latest kept row
-                    heapq.heapreplace(heap, (-t, -no, inp, outp, sid))
-        except UnicodeDecodeError as e:
-            raise WorkloadError(f"not UTF-8 text ({e.reason})", path=p) from None
-        except csv.Error as e:
-            raise WorkloadError(f"not valid CSV ({e})", path=p, line=reader.line_num) from None
+    if not scan.sessions_column:  # one request per session: either bound is a prefix of rows
+        keep = min((b for b in (max_requests, max_agents) if b is not None), default=None)
+    else:  # sessions: a prefix of rows is a prefix of requests only
+        keep = max_requests if max_agents is None else None
+    for t, no, inp, outp, sid in it:
+        if keep is None:
+            rows.append((t, no, inp, outp, sid))
+        elif len(heap) < keep:
+            heapq.heappush(heap, (-t, -no, inp, outp, sid))
+        elif (-t, -no) > heap[0][:2]:  # earlier than the latest kept row
+            heapq.heapreplace(heap, (-t, -no, inp, outp, sid))
     if keep is not None:
         rows = [(-nt, -nno, inp, outp, sid) for nt, nno, inp, outp, sid in heap]
     rows.sort(reverse=True)  # popped from the end, earliest first: each row is freed as its turn is made
@@ -165,7 +197,7 @@ def load_csv(path: str | os.PathLike[str], max_requests: int | None = None,
                 continue
             cur = (traj, 0)
         open_sessions[sid] = (cur[0], inp + outp)
-    return CsvTrace(trajs, skipped, n_rows, si is not None, keep is not None, restarted)
+    return CsvTrace(trajs, scan.skipped_lines, scan.rows, scan.sessions_column, keep is not None, restarted)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:

@@ -298,7 +298,15 @@ def check_fits(w: TraceWorkload, limit: int, what: str) -> None:
 def trace_stats(path: str | os.PathLike[str], fmt: str = "auto") -> dict[str, Any]:
     """The shape of a trace: requests, sessions, input/output lengths, ideal hit rate, arrival rate, largest
     turn (``dualpath trace stats``)."""
-    w = load_trace(path, fmt)
+    from dualpath.workload.csvtrace import resolve_format
+
+    if fmt in (None, "auto", "csv") and os.path.isfile(path) and resolve_format(path, fmt) == "csv":
+        return _csv_stats(str(path))
+    return _workload_stats(load_trace(path, fmt))
+
+
+def _workload_stats(w: TraceWorkload) -> dict[str, Any]:
+    """:func:`trace_stats` from a loaded trace's trajectories."""
     fmt = w.fmt
     trajs = w.trajectories
     inputs = array("q")  # (typed arrays: a week-long CSV trace has millions of requests)
@@ -329,6 +337,62 @@ def trace_stats(path: str | os.PathLike[str], fmt: str = "auto") -> dict[str, An
         big = max(rows, key=lambda r: r.input_len + max(1, r.output_len))
         out["largest_turn"]["line"] = big.line
     return out
+
+
+def _csv_stats(path: str, block: int = 64) -> dict[str, Any]:
+    """:func:`trace_stats` of a CSV trace without making its trajectories: one pass keeps 4 numbers per row (and a
+    session index with a session column), so a week-long public trace of tens of millions of rows fits in memory.
+    The numbers are those of the trajectories :func:`~dualpath.workload.csvtrace.load_csv` makes."""
+    from dualpath.workload.csvtrace import scan_csv
+
+    scan, it = scan_csv(path)
+    times, lines, inputs, outputs, sess = array("d"), array("q"), array("q"), array("q"), array("q")
+    sids: dict[str, int] = {}
+    for t, no, inp, outp, sid in it:
+        times.append(t)
+        lines.append(no)
+        inputs.append(inp)
+        outputs.append(outp)
+        sess.append(sids.setdefault(sid, len(sids)) if sid else -1)
+    n = len(inputs)
+    if n == 0:
+        raise WorkloadError("empty trace: no request in the file", path=path, line=1)
+    order = np.lexsort((np.frombuffer(lines, dtype=np.int64), np.frombuffer(times, dtype=np.float64)))
+    del lines
+    # sessions as load_csv makes them: a row continues its session when its prompt holds the conversation so far
+    open_ctx: dict[int, tuple[int, int]] = {}  # session index -> (its trajectory, its context so far)
+    turns = array("q")  # turns per trajectory, in the order they are made
+    hit = total = 0
+    best = (-1, 0, 0, -1, -1)  # (prompt + max(1, gen), -trajectory, -turn, prompt, gen): the largest turn
+    for j in order:
+        j = int(j)
+        inp, outp, k = inputs[j], outputs[j], sess[j]
+        cur = open_ctx.get(k) if k >= 0 else None
+        if cur is not None and inp >= cur[1]:
+            a, ctx = cur[0], cur[1]
+            i = turns[a]
+            turns[a] = i + 1
+        else:
+            a, ctx, i = len(turns), 0, 0
+            turns.append(1)
+        if k >= 0:
+            open_ctx[k] = (a, inp + outp)
+        total += inp
+        hit += _context_hit(ctx, inp, block)
+        key = (inp + max(1, outp), -a, -i, inp, max(1, outp))  # (as largest_turn: at least one generated)
+        if key > best:
+            best = key
+    span = max(times) - min(times)
+    return {
+        "path": path, "format": "csv", "requests": n, "sessions": len(turns),
+        "turns_per_session": _dist(turns),
+        "input_tokens": _dist(inputs), "output_tokens": _dist(outputs),
+        "total_input_tokens": int(sum(inputs)), "total_output_tokens": int(sum(outputs)),
+        "ideal_hit_rate": hit / total if total else 0.0,
+        "span_s": span, "arrival_rate_rps": (n - 1) / span if span > 0 else math.nan,
+        "largest_turn": {"prompt": best[3], "gen": best[4], "tokens": best[3] + best[4], "session": -best[1],
+                         "turn": -best[2]},
+    }
 
 
 def synthetic_mooncake(n_requests: int, seed: int = 0, *, rate_rps: float = 2.0, n_prompts: int = 16,

@@ -301,3 +301,25 @@ def test_global_scheduler_passes_over_at_most_hold_scan_held_requests() -> None:
     s.hold_scan = 3
     assert [a.rid for a in s.schedule([[pe(0, 0)]], [[de(0, 1)]])] == [3]
     assert s.waiting_rids() == [0, 1, 2]
+
+
+def test_held_requests_past_the_routed_window_keep_the_de_routing_aligned() -> None:
+    # dualpath routes a window of head requests (~11 here: beta 5000, 500-token requests) to DE groups up front and
+    # the rest on demand, by candidate index. A request past the window that a hold holds only when asked again
+    # (rids 11 and 12: a caller's hold may change its answer within a round) is passed over without a route, and
+    # those behind it are still routed and assigned
+    s = GlobalScheduler(get_policy("dualpath"), P)
+    for i in range(30):
+        s.submit(req(i, 500))
+    asks: dict[int, int] = {}
+    assigned: list[int] = []
+
+    def hold(r: RequestInfo) -> bool:
+        asks[r.rid] = asks.get(r.rid, 0) + 1
+        return (5 <= r.rid < 11 and bool(assigned)) or (r.rid in (11, 12) and asks[r.rid] > 1)
+
+    s.hold = hold
+    s.on_assign = lambda r: assigned.append(r.rid)
+    out = s.schedule([[pe(0, 0)]], [[de(0, 1)], [de(1, 2)]])
+    assert [a.rid for a in out] == assigned == [0, 1, 2, 3, 4, *range(13, 19)]
+    assert s.waiting_rids()[:8] == list(range(5, 13))

@@ -170,6 +170,8 @@ class GlobalScheduler:
             if out and cands.held_now(r):  # held on a request assigned earlier in this round
                 if cands.held > cands.scan:
                     break
+                if router is not None and i == len(routed):
+                    routed.append(-1)  # (not routed: routed[] stays indexed by candidate)
                 continue
             pe = picker.pick()
             if pe is None:

@@ -19,8 +19,8 @@ def _prompts(n: int) -> list[list[int]]:
     return [shared + torch.randint(1, 211, (16,), generator=g).tolist() for _ in range(n)]
 
 
-async def _replay(wait_s: float) -> tuple[list[int], list[list[int]], int]:
-    cfg = synthetic_config()
+async def _replay(wait_s: float, persist: bool = True) -> tuple[list[int], list[list[int]], int]:
+    cfg = synthetic_config(persist=persist)
     results: dict[int, object] = {}
     async with Cluster(cfg) as cluster:
         sched = create_scheduler(cfg, policy="dualpath", cluster=cluster)
@@ -45,3 +45,9 @@ def test_turns_sent_together_wait_for_the_prefix_one_of_them_computes() -> None:
     hits0, tokens0, held0 = anyio.run(_replay, 0.0)  # never wait: all four compute it
     assert hits0 == [0, 0, 0, 0] and held0 == 0
     assert tokens == tokens0  # only when a turn starts changed: the KV it read is the KV it would have computed
+
+
+def test_no_turn_waits_for_a_prefix_that_is_never_stored() -> None:
+    # cluster.persist off: decode engines store nothing, so waiting could only delay a turn until the other ends
+    hits, _, held = anyio.run(_replay, 30.0, False)
+    assert hits == [0, 0, 0, 0] and held == 0

@@ -247,6 +247,11 @@ class Cluster:
         """Tokens per Full Block."""
         return self.layout.block_tokens
 
+    @property
+    def persists(self) -> bool:
+        """Whether decode engines store prompts' Full Blocks (``cluster.persist``)."""
+        return bool(self.config.cluster.persist)
+
     def prompt_keys(self, prompt_ids: Sequence[int]) -> tuple[list[BlockKey], int]:
         """The keys of a prompt's Full Blocks (those its decode engine stores), and how many of them a turn may
         hit (at least one token is left to compute)."""

@@ -160,6 +160,10 @@ class RemoteCluster:
     def block_tokens(self) -> int:
         return self.d.block_tokens
 
+    @property
+    def persists(self) -> bool:
+        return bool(self.d.config.cluster.persist)
+
     def prompt_keys(self, prompt_ids: Any) -> tuple[list[int], int]:
         """Keys of a prompt's Full Blocks for the driver's in-flight prefixes (chained hashes of the token blocks:
         equal keys, equal prefixes, barring a 64-bit collision, which only costs a wait; not storage's keys), and

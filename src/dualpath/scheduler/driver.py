@@ -13,7 +13,8 @@ for that prefix to be stored (the other turn's decode engine stores its prompt a
 ``inflight_prefix_wait_s``, and then reads it instead of computing it again: turns of a trace that arrive together
 with one system prompt compute it once (:attr:`GlobalScheduler.hold`). The driver registers the blocks each
 assigned turn computes, and holds a turn while the blocks after its stored prefix are registered. This needs a
-cluster that names its prompts' block keys (``prompt_keys``, ``block_tokens``); over any other, no turn waits.
+cluster that names its prompts' block keys (``prompt_keys``, ``block_tokens``) and stores prompts (``persists``,
+if it says); over any other, no turn waits.
 Where the cluster's ``stored_blocks`` answers synchronously (the in-process :class:`dualpath.cluster.Cluster`),
 a held turn goes as soon as its lookup finds the blocks stored, and a turn's registration lasts until it ends.
 Otherwise (the deployment's :class:`~dualpath.control.schedulerd.RemoteCluster`) the cluster says when a turn's
@@ -188,6 +189,7 @@ class SchedulerDriver:
         self._sync_stored = callable(getattr(cluster, "stored_blocks", None))
         self.known_stored: OrderedDict[Any, None] = OrderedDict()
         if (self._block_tokens > 0 and inflight_prefix_wait_s > 0 and scheduler.hold is None
+                and getattr(cluster, "persists", True)  # (nothing stored: no turn would ever find the prefix)
                 and scheduler.on_assign is None and callable(getattr(cluster, "prompt_keys", None))
                 and (not self._sync_stored or scheduler.refresh_hit == self._refresh_hit)):
             scheduler.hold, scheduler.on_assign = self._hold, self._on_assign

@@ -323,3 +323,19 @@ def test_held_requests_past_the_routed_window_keep_the_de_routing_aligned() -> N
     out = s.schedule([[pe(0, 0)]], [[de(0, 1)], [de(1, 2)]])
     assert [a.rid for a in out] == assigned == [0, 1, 2, 3, 4, *range(13, 19)]
     assert s.waiting_rids()[:8] == list(range(5, 13))
+
+
+def test_inflight_keys_count_each_computing_request() -> None:
+    from dualpath.scheduler.inflight import InflightKeys
+
+    k = InflightKeys()
+    assert not k
+    k.add(["a", "b", "c"])
+    k.add(["b", "c"])  # a second request computes b and c too
+    assert k.run(["a", "b", "c", "d"], 0, 4) == 3 and k.run(["x", "b"], 1, 2) == 1 and k.run(["a", "b"], 0, 1) == 1
+    k.remove(["a", "b", "c"])  # the first is stored: b and c are still being computed by the second
+    assert "a" not in k and k.run(["a", "b", "c"], 1, 3) == 2
+    k.remove(["b", "c"])
+    assert not k
+    k.remove(["zz"])  # releasing what was never added is harmless
+    assert not k

@@ -18,10 +18,11 @@ A request may also be better off waiting: another request computing the same pre
 decode start, and the waiting one then reads what it would otherwise compute a second time (requests of a public
 trace that arrive together with one system prompt; SGLang's in-batch prefix-caching check does the same). With
 :attr:`GlobalScheduler.hold` set, the core asks it, per round, for each request it reaches; a held request keeps
-its place and the round goes on with the requests behind it; :attr:`GlobalScheduler.on_assign` tells the caller of
-each assignment as it is made, so requests that arrive together are held on the first of them. At most :attr:`GlobalScheduler.hold_scan` held
-requests are passed over in one round (the round ends there), so a round costs O(assigned + hold_scan). The
-caller decides what is worth waiting for and for how long; the core only skips.
+its place and the round goes on with the requests behind it. :attr:`GlobalScheduler.on_assign` tells the caller
+of each assignment as it is made, so requests that arrive together are held on the first of them. At most
+:attr:`GlobalScheduler.hold_scan` held requests are passed over in one round (the round ends there), so a round
+costs O(assigned + hold_scan). The caller decides what is worth waiting for and for how long (callers track the
+blocks being computed with :class:`dualpath.scheduler.inflight.InflightKeys`); the core only skips.
 
 The paper leaves this sequencing open. We assign PE and DE together, at once, because the DE must be known
 before the read starts (the DE read path reads into the DE's node) and its KV memory must be reserved before the

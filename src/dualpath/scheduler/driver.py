@@ -45,6 +45,7 @@ from anyio.abc import TaskGroup
 from dualpath.engine.request import TurnResult, TurnTimings
 from dualpath.errors import EngineError, SchedulerError
 from dualpath.scheduler.core import GlobalScheduler
+from dualpath.scheduler.inflight import InflightKeys
 from dualpath.scheduler.state import Assignment, EngineSnapshot, RequestInfo
 from dualpath.types import PathKind
 
@@ -183,7 +184,7 @@ class SchedulerDriver:
             scheduler.refresh_hit = self._refresh_hit  # a prefix stored while a turn waited is read (core docstring)
         self.inflight_prefix_min_tokens = inflight_prefix_min_tokens
         self.inflight_prefix_wait_s = inflight_prefix_wait_s
-        self._computing: dict[Any, int] = {}  # block key -> assigned turns computing it (until they end)
+        self._computing = InflightKeys()  # block keys assigned turns compute (until stored, or they end)
         self._block_tokens = int(getattr(cluster, "block_tokens", 0) or 0)
         #: the cluster answers ``stored_blocks`` synchronously (else: turn_stored calls and known_stored)
         self._sync_stored = callable(getattr(cluster, "stored_blocks", None))
@@ -314,11 +315,7 @@ class SchedulerDriver:
         if p is None or not self._computing:
             return False
         keys = self._prompt_keys(p)
-        k = self._stored_prefix(p, r.hit)
-        n = 0
-        computing = self._computing
-        while k + n < p.usable and keys[k + n] in computing:
-            n += 1
+        n = self._computing.run(keys, self._stored_prefix(p, r.hit), p.usable)
         if n == 0 or n * self._block_tokens < self.inflight_prefix_min_tokens:
             return False
         now = time.perf_counter()
@@ -334,17 +331,10 @@ class SchedulerDriver:
             return
         keys = self._prompt_keys(p)
         p.computing = keys[max(r.hit // self._block_tokens, self._stored_prefix(p, r.hit)):]
-        for key in p.computing:
-            self._computing[key] = self._computing.get(key, 0) + 1
+        self._computing.add(p.computing)
 
     def _release(self, p: _Pending) -> None:
-        computing = self._computing
-        for key in p.computing:
-            c = computing.get(key, 0) - 1
-            if c > 0:
-                computing[key] = c
-            else:
-                computing.pop(key, None)
+        self._computing.remove(p.computing)
         p.computing = []
 
     def _stored(self, p: _Pending) -> None:

@@ -45,6 +45,7 @@ from typing import Any
 from dualpath.errors import ConfigError
 from dualpath.scheduler.batching import PendingPrefill, pack_forward_batch
 from dualpath.scheduler.core import GlobalScheduler
+from dualpath.scheduler.inflight import InflightKeys
 from dualpath.scheduler.params import SchedulerParams
 from dualpath.scheduler.policies import Policy
 from dualpath.scheduler.state import EngineSnapshot, RequestInfo
@@ -209,7 +210,7 @@ class Simulation:
         # trace turns: content keys of a global prefix cache (Mooncake hash ids) and request times (online)
         self.turn_keys, self.turn_at = _trace_meta(sc.trajectories)
         self.stored_keys: set[int] = set()
-        self.computing: dict[int, int] = {}  # content key -> requests assigned that compute it (until their join)
+        self.computing = InflightKeys()  # content keys assigned requests compute (until their join stores them)
         self.curve = getattr(comp, "batch_curve", None)
         # per-engine time breakdown (Simulation.breakdown); sampled every breakdown_dt sim-seconds when > 0
         self.breakdown_dt = 0.0
@@ -335,16 +336,9 @@ class Simulation:
         if tk is None or tk[req.turn] is None or not self.computing:
             return False
         keys, blk = tk[req.turn]
-        cap = (req.prompt - 1) // blk
-        stored, computing = self.stored_keys, self.computing
-        k = 0
-        while k < cap and keys[k] in stored:
-            k += 1
-        n = 0
-        while k + n < cap and keys[k + n] in computing:
-            n += 1
-        min_tok = self.sc.inflight_prefix_min_tokens
-        return n > 0 and n * blk >= (min_tok or 0)
+        k = content_hit(keys, req.prompt, blk, self.stored_keys) // blk
+        n = self.computing.run(keys, k, (req.prompt - 1) // blk)
+        return n > 0 and n * blk >= (self.sc.inflight_prefix_min_tokens or 0)
 
     def _want_fetch(self) -> None:
         if self._fetch_at >= 0 or not self.sched.waiting():
@@ -646,19 +640,11 @@ class Simulation:
             return
         keys, blk = tk[req.turn]
         req.computing = keys[req.hit // blk: req.prompt // blk]
-        computing = self.computing
-        for h in req.computing:
-            computing[h] = computing.get(h, 0) + 1
+        self.computing.add(req.computing)
 
     def _stored(self, r: Req) -> None:
         """A request's computed keys are stored (its join): requests held on them may go."""
-        computing = self.computing
-        for h in r.computing:
-            c = computing[h] - 1
-            if c:
-                computing[h] = c
-            else:
-                del computing[h]
+        self.computing.remove(r.computing)
         r.computing = []
         self._want_fetch()
 

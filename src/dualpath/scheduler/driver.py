@@ -192,9 +192,9 @@ class SchedulerDriver:
         if (self._block_tokens > 0 and inflight_prefix_wait_s > 0 and scheduler.hold is None
                 and getattr(cluster, "persists", True)  # (nothing stored: no turn would ever find the prefix)
                 and scheduler.on_assign is None and callable(getattr(cluster, "prompt_keys", None))
-                and (not self._sync_stored or scheduler.refresh_hit == self._refresh_hit)):
+                and scheduler.refresh_hit == (self._refresh_hit if self._sync_stored else None)):
             scheduler.hold, scheduler.on_assign = self._hold, self._on_assign
-            if scheduler.refresh_hit is None:  # blocks known stored since submission count for the side
+            if not self._sync_stored:  # blocks known stored since submission count for the side
                 scheduler.refresh_hit = self._refresh_known
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
@@ -325,12 +325,12 @@ class SchedulerDriver:
         return now - p.t_held < self.inflight_prefix_wait_s
 
     def _on_assign(self, r: RequestInfo) -> None:
-        """The core's ``on_assign``: register the blocks the turn computes (past its stored prefix)."""
+        """The core's ``on_assign``: register the blocks the turn computes (past its hit, which our
+        ``refresh_hit`` has just made its stored or known-stored prefix)."""
         p = self._pending.get(r.rid)
         if p is None:
             return
-        keys = self._prompt_keys(p)
-        p.computing = keys[max(r.hit // self._block_tokens, self._stored_prefix(p, r.hit)):]
+        p.computing = self._prompt_keys(p)[r.hit // self._block_tokens:]
         self._computing.add(p.computing)
 
     def _release(self, p: _Pending) -> None:

@@ -296,9 +296,10 @@ class _RemoteLike(FakeCluster):
 
     block_tokens = BT
 
-    def __init__(self, *, notify: bool = True) -> None:
+    def __init__(self, *, notify: bool = True, fail_first: bool = False) -> None:
         super().__init__()
         self.notify = notify
+        self.fail_first = fail_first
         self.starts: dict[int, float] = {}
         self.stored_at: list[float] = []
 
@@ -317,6 +318,8 @@ class _RemoteLike(FakeCluster):
         hit = FakeCluster.lookup(self, prompt_ids)
         self.calls.append((session, pe, de, path, pe_blocks, hit))
         await anyio.sleep(0.05)
+        if self.fail_first and len(self.starts) == 1:
+            raise EngineError(f"session {session}: its decode engine died")
         self.stored.update(_keys(np.asarray(prompt_ids)))
         cb = turn_stored.get()
         if cb is not None and self.notify:
@@ -352,3 +355,32 @@ def test_turns_held_on_a_prefix_go_together_once_it_is_stored(notify: bool) -> N
     later = [t for s, t in cluster.starts.items() if s != first]
     released = cluster.starts[first] + (0.05 if notify else 0.35)
     assert min(later) >= released and max(later) - min(later) < 0.04
+
+
+def test_turns_held_on_a_turn_that_fails_go_at_its_failure_and_compute() -> None:
+    # the turn computing the shared blocks fails before they are stored: the three held on it go as it fails (not
+    # after inflight_prefix_wait_s); nothing was stored, so the first of them computes the prefix and the other two
+    # wait for it in turn, then read it
+    cluster = _RemoteLike(fail_first=True)
+    shared = np.arange(1, 4 * BT + 1)
+    prompts = [np.concatenate([shared, np.arange(100 + 20 * s, 100 + 20 * s + BT)]) for s in range(4)]
+    errors: list[BaseException] = []
+
+    async def one(drv: SchedulerDriver, s: int) -> None:
+        try:
+            await drv.run_turn(s, prompts[s], 4)
+        except EngineError as exc:
+            errors.append(exc)
+
+    async def main() -> None:
+        async with _driver(cluster, "pe_only", inflight_prefix_min_tokens=4 * BT) as drv, \
+                anyio.create_task_group() as tg:
+            for s in range(4):
+                tg.start_soon(one, drv, s)
+
+    anyio.run(main)
+    assert len(errors) == 1 and len(cluster.calls) == 4
+    first = min(cluster.starts, key=cluster.starts.__getitem__)
+    later = sorted(t for s, t in cluster.starts.items() if s != first)
+    assert later[0] - cluster.starts[first] < 1.0  # released by the failure, far before the 30 s wait
+    assert sorted(c[5] for c in cluster.calls) == [0, 0, 4 * BT, 4 * BT]

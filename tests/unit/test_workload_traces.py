@@ -110,8 +110,8 @@ def test_simulator_reads_a_prefix_stored_while_requests_queued(tmp_path: Path) -
 def test_simulator_holds_requests_on_a_prefix_being_computed(tmp_path: Path, mode: str) -> None:
     # The same 100 sessions, and 20 unrelated ones among them. By default a request that shares at least 256
     # tokens past its stored prefix with one being prefilled waits for that one's decode start (when its prompt
-    # is stored), even among requests assigned in one round: the shared prefix is computed once, the ideal
-    # hit is reached, and the unrelated requests are not held
+    # is stored), even among requests assigned in one round: the shared prefix is computed once and the ideal
+    # hit is reached (that unrelated requests go past held ones is the core's test, test_scheduler_units.py)
     from dualpath.scheduler.policies import get_policy
     from dualpath.sim.cluster import Simulation
     from dualpath.sim.runner import scenario_from_preset

@@ -345,7 +345,7 @@ def _csv_stats(path: str, block: int = 64) -> dict[str, Any]:
     The numbers are those of the trajectories :func:`~dualpath.workload.csvtrace.load_csv` makes."""
     from dualpath.workload.csvtrace import scan_csv
 
-    scan, it = scan_csv(path)
+    _, it = scan_csv(path)
     times, lines, inputs, outputs, sess = array("d"), array("q"), array("q"), array("q"), array("q")
     sids: dict[str, int] = {}
     for t, no, inp, outp, sid in it:

@@ -20,8 +20,8 @@ CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size
 
 
 def test_config_errors_name_the_problem(tmp_path):
-    with pytest.raises(ModelError, match="unsupported architecture.*GPT2"):
-        ModelSpec.from_hf_config({**CFG, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    with pytest.raises(ModelError, match="unsupported architecture.*Bloom"):  # (ALiBi, not RoPE)
+        ModelSpec.from_hf_config({**CFG, "architectures": ["BloomForCausalLM"], "model_type": "bloom"})
     bad = dict(CFG)
     del bad["hidden_size"]
     with pytest.raises(ModelError, match="missing required key 'hidden_size'"):

@@ -183,9 +183,41 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dt)
 
 
-def _norm(spec: ModelSpec, dim: int) -> RMSNorm:
-    """A layer's or the model's RMSNorm in the family's style."""
+def _norm(spec: ModelSpec, dim: int) -> nn.Module:
+    """A layer's or the model's norm in the family's style: RMSNorm, or LayerNorm with a bias for the LayerNorm
+    families (:mod:`dualpath.model.layernorm_family`)."""
+    if spec.layer_norm:
+        return nn.LayerNorm(dim, eps=spec.rms_eps)
     return RMSNorm(dim, spec.rms_eps, spec.gemma_style, fp32_scale=spec.fp32_norm_scale)
+
+
+class HeadLayerNorm(nn.Module):
+    """StableLM's query / key norms: one bias-free LayerNorm per head (``weight [heads, head_dim]``), normalized in
+    fp32 and rounded once."""
+
+    def __init__(self, heads: int, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, heads, dim]
+        h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (h * self.weight.float()).to(x.dtype)
+
+
+class PlainMLP(nn.Module):
+    """The LayerNorm families' MLP ``down(act(up(x)))`` (biases as the spec says)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        from dualpath.model.layernorm_family import activation
+
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.act = activation(str(spec.activation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.down_proj(self.act(self.up_proj(x))))
 
 
 class Attention(nn.Module):
@@ -197,7 +229,15 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
         self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
         self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=spec.o_bias)
-        if spec.qk_norm:  # Qwen3; Gemma 3 (by 1 + weight)
+        self.q_norm: nn.Module
+        self.k_norm: nn.Module
+        if spec.qk_layernorm and spec.architecture == "phi":  # one LayerNorm (with a bias) shared by every head
+            self.q_norm = nn.LayerNorm(d, eps=spec.rms_eps)
+            self.k_norm = nn.LayerNorm(d, eps=spec.rms_eps)
+        elif spec.qk_layernorm:  # StableLM: one per head
+            self.q_norm = HeadLayerNorm(hq, d, spec.rms_eps)
+            self.k_norm = HeadLayerNorm(hkv, d, spec.rms_eps)
+        elif spec.qk_norm:  # Qwen3; Gemma 3 (by 1 + weight)
             self.q_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
             self.k_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
         elif spec.qk_norm_full:  # OLMo 2 and 3: over every head at once
@@ -256,7 +296,8 @@ class DecoderLayer(nn.Module):
         if not spec.post_norms:  # OLMo 2 and 3 norm a block's output, not its input
             self.input_layernorm = _norm(spec, spec.hidden_size)
         self.self_attn = Attention(spec)
-        self.post_attention_layernorm = _norm(spec, spec.hidden_size)
+        if not spec.shared_norm_parallel:  # (Phi's attention and MLP read one input norm)
+            self.post_attention_layernorm = _norm(spec, spec.hidden_size)
         if spec.post_norms:
             self.post_feedforward_layernorm = _norm(spec, spec.hidden_size)
         self.mlp: nn.Module
@@ -266,6 +307,8 @@ class DecoderLayer(nn.Module):
             from dualpath.model.deepseek import MoE  # (deepseek imports this module)
 
             self.mlp = MoE(_glm_routing(spec))  # type: ignore[arg-type]
+        elif not spec.gated_mlp:
+            self.mlp = PlainMLP(spec)
         else:
             self.mlp = SparseMoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
         if spec.sandwich_norms:  # Gemma 2
@@ -288,6 +331,8 @@ class Backbone(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        if spec.learned_positions:  # GPT-2's wpe
+            self.embed_positions = nn.Embedding(spec.max_position, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
         self.norm = _norm(spec, spec.hidden_size)
 
@@ -321,7 +366,7 @@ class LayerwiseDecoder(nn.Module):
         self.spec = spec
         self.backend = backend
         self.model = backbone
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=bool(getattr(spec, "lm_head_bias", False)))
         if spec.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.to(device=device, dtype=spec.torch_dtype)
@@ -392,12 +437,13 @@ class LlamaModel(LayerwiseDecoder):
         # Gemma: sqrt(hidden) as a float32 scalar rounded to the compute dtype, as GemmaTextScaledWordEmbedding
         embed_scale = torch.tensor(spec.hidden_size ** 0.5 if spec.gemma_style else 1.0).to(spec.torch_dtype)
         self.register_buffer("embed_scale", embed_scale.to(device), persistent=False)
-        self.scale = spec.attn_scale
+        self.scales = [spec.layer_attn_scale(i) for i in range(spec.n_layers)]  # (GPT-2 may scale per layer)
         self.softcap = spec.attn_logit_softcapping
         self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]  # each layer's sliding window
         # Gemma 3, OLMo 3: the layers that slide turn their keys with the local RoPE
         self._local_rope = [local is not None and w is not None for w in self.windows]
-        self._rope = [i not in spec.nope_layers for i in range(spec.n_layers)]  # SmolLM3: NoPE layers have none
+        # SmolLM3: NoPE layers have none; GPT-2 none at all (learned positions)
+        self._rope = [i not in spec.nope_layers and not spec.learned_positions for i in range(spec.n_layers)]
         self.residual_scale = spec.residual_multiplier  # Granite: each block's output scaled (None: 1)
 
     @torch.no_grad()
@@ -431,6 +477,11 @@ class LlamaModel(LayerwiseDecoder):
         if self.local_inv_freq is not None:
             local = self._rope_tables(positions, self.local_inv_freq, 1.0)
         hidden = self.model.embed_tokens(ids)
+        if self.spec.learned_positions:  # GPT-2: a position past its table has no embedding
+            if int(batch.positions.max()) >= self.spec.max_position:
+                raise ModelError(f"position {int(batch.positions.max())} is past the model's "
+                                 f"{self.spec.max_position} learned positions (n_positions)")
+            hidden = hidden + self.model.embed_positions(batch.positions.to(self.device))
         if self.spec.gemma_style:
             hidden = hidden * self.embed_scale.to(hidden.dtype)
         elif self.spec.embedding_multiplier is not None:  # Granite
@@ -456,7 +507,7 @@ class LlamaModel(LayerwiseDecoder):
             raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = cast(Attention, mod.self_attn)
-        x = state.hidden if spec.post_norms else cast(RMSNorm, mod.input_layernorm)(state.hidden)
+        x = state.hidden if spec.post_norms else cast(nn.Module, mod.input_layernorm)(state.hidden)
         n = x.shape[0]
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if spec.qk_norm_full:  # OLMo 2 and 3, OLMoE: over the whole projections
@@ -467,7 +518,7 @@ class LlamaModel(LayerwiseDecoder):
         q = q.view(n, spec.n_heads, spec.head_dim)
         k = k.view(n, spec.n_kv_heads, spec.head_dim)
         v = v.view(n, spec.n_kv_heads, spec.head_dim)
-        if spec.qk_norm:
+        if spec.qk_norm or spec.qk_layernorm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         if self._rope[layer]:
             cos, sin = state.cos, state.sin
@@ -478,11 +529,12 @@ class LlamaModel(LayerwiseDecoder):
         store_kv(k, v, kv_layer, b.slot_mapping, backend=self.backend)
         sinks = attn.sinks if spec.attention_sinks else None
         if b.is_decode:
-            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, self.scale, backend=self.backend,
+            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, self.scales[layer],
+                                       backend=self.backend,
                                        softcap=self.softcap, window=self.windows[layer], sinks=sinks)
         else:
             o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                        self.scale, backend=self.backend, softcap=self.softcap,
+                                        self.scales[layer], backend=self.backend, softcap=self.softcap,
                                         window=self.windows[layer], sinks=sinks)
         a = attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
         if spec.sandwich_norms:  # Gemma 2: norms on the attention output and around the MLP
@@ -492,6 +544,14 @@ class LlamaModel(LayerwiseDecoder):
         elif spec.post_norms:  # OLMo 2 and 3: norms on each block's output
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)
             state.hidden = h + cast(RMSNorm, mod.post_feedforward_layernorm)(mod.mlp(h))
+        elif spec.layer_norm and spec.parallel_residual:
+            # the parallel residual, summed in each family's order: Phi / StableLM read the input norm's output
+            # twice, GPT-NeoX has a second norm on the block's input
+            if spec.shared_norm_parallel:
+                m = mod.mlp(x)
+                state.hidden = a + m + state.hidden if spec.architecture == "phi" else state.hidden + a + m
+            else:
+                state.hidden = mod.mlp(cast(nn.Module, mod.post_attention_layernorm)(state.hidden)) + a + state.hidden
         elif self.residual_scale is not None:  # Granite
             h = state.hidden + a * self.residual_scale
             state.hidden = h + mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(h)) * self.residual_scale

@@ -13,6 +13,10 @@ transformers 5 ``save_pretrained`` writes: Mixtral's ``block_sparse_moe.experts.
 ``mlp.experts.{i}.gate_proj/up_proj/down_proj``) or in transformers' packed in-memory layout
 (``mlp.experts.gate_up_proj [E, 2I, H]`` + ``mlp.experts.down_proj [E, H, I]``).
 
+GPT-2, GPT-NeoX, Phi, StableLM and StarCoder 2 checkpoints are renamed to our tensors (and back when saving) by
+:mod:`dualpath.model.layernorm_family`: GPT-2's transposed ``Conv1D`` weights and fused ``c_attn``, GPT-NeoX's
+per-head fused ``query_key_value``, StableLM's per-head q/k norms.
+
 Phi-3 checkpoints hold fused ``self_attn.qkv_proj`` (q rows, then k, then v) and ``mlp.gate_up_proj`` (gate rows,
 then up): split at load time, fused again by :func:`save_pretrained`.
 """
@@ -104,6 +108,10 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
         out = {_mixtral_hub_name(k): v for k, v in out.items()}
     if getattr(model.spec, "architecture", "") == "phi3":
         out = _fuse_phi3(out)
+    if getattr(model.spec, "layer_norm", False):  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2: their own names
+        from dualpath.model.layernorm_family import tensors_out
+
+        out = tensors_out(model.spec, out)  # type: ignore[arg-type]
     return out
 
 
@@ -582,6 +590,10 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             tensors = moe_tensors(spec, tensors, source)
         elif tensors is not None and spec.architecture == "phi3":
             tensors = phi3_tensors(spec, tensors, source)
+        elif tensors is not None and spec.layer_norm:
+            from dualpath.model.layernorm_family import tensors_in
+
+            tensors = tensors_in(spec, tensors)
     if tensors is None:
         init_random(model, seed)
     else:

@@ -60,6 +60,13 @@ RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), 
 ``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
 embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
 ``residual_multiplier``, logits divided by ``logits_scaling``).
+Five LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
+and tensor names): ``GPT2LMHeadModel`` (``gpt2``: learned positions, no RoPE, fused ``Conv1D`` q/k/v,
+``scale_attn_by_inverse_layer_idx``), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
+RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
+partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
+RoPE, optional per-head q/k LayerNorms and parallel block) and ``Starcoder2ForCausalLM`` (``starcoder2``: biased
+GELU MLP, optional window over every layer).
 
 A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
 attends to the keys at ``p - window + 1 .. p`` (``sliding_window``; the KV of every position is still kept, so a
@@ -84,6 +91,7 @@ import torch
 
 from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
+from dualpath.model import layernorm_family as lnf
 
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -107,6 +115,7 @@ ARCHITECTURES: dict[str, str] = {
     "OlmoeForCausalLM": "olmoe",
     "Exaone4ForCausalLM": "exaone4",
     "SeedOssForCausalLM": "seed_oss",
+    **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
 }
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
@@ -115,7 +124,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
             "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
-            "seed_oss": "SeedOssForCausalLM"}
+            "seed_oss": "SeedOssForCausalLM", **lnf.HF_ARCH}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
@@ -207,6 +216,13 @@ class ModelSpec(_SpecCommon):
     attention_multiplier: float | None = None
     residual_multiplier: float | None = None
     logits_scaling: float | None = None
+    # the LayerNorm families (gpt2, gpt_neox, phi, stablelm, starcoder2; None for every other): the MLP's
+    # activation (dualpath.model.layernorm_family.ACTIVATIONS values), a parallel residual, LayerNorms on each
+    # head's query and key, GPT-2's scores scaled by 1 / (layer + 1)
+    activation: str | None = None
+    parallel_residual: bool | None = None
+    qk_layernorm: bool | None = None
+    scale_attn_by_layer: bool | None = None
     # phi3 LongRoPE (rope_scaling type longrope): which factor set turns every position, chosen once per deployment
     # (see rope_long_for); None for every other RoPE
     rope_long: bool | None = None
@@ -239,9 +255,11 @@ class ModelSpec(_SpecCommon):
                 if key not in (self.rope_scaling or {}):
                     raise ModelError(f"model config: llama3 rope_scaling is missing {key!r}")
         object.__setattr__(self, "mlp_only_layers", tuple(int(x) for x in self.mlp_only_layers))
+        self._check_layernorm_family()
         if self.partial_rotary_factor != 1.0:
-            if self.architecture not in ("phi3", "glm4_moe"):
-                raise ModelError(f"model config: partial_rotary_factor is only supported for phi3 and glm4_moe, got "
+            if self.architecture not in ("phi3", "glm4_moe", "gpt_neox", "phi", "stablelm"):
+                raise ModelError(f"model config: partial_rotary_factor is only supported for phi3, glm4_moe, "
+                                 f"gpt_neox, phi and stablelm, got "
                                  f"{self.partial_rotary_factor} for {self.architecture}")
             rot = self.rotary_dim
             if not 0 < self.partial_rotary_factor <= 1 or rot <= 0 or rot % 2:
@@ -303,6 +321,40 @@ class ModelSpec(_SpecCommon):
             self._check_moe()
         elif self.n_experts:
             raise ModelError(f"model config: architecture {self.architecture!r} has no experts (n_experts must be 0)")
+
+    def _check_layernorm_family(self) -> None:
+        """The LayerNorm families' fields: all set for them, none for any other architecture."""
+        names = ("activation", "parallel_residual", "qk_layernorm", "scale_attn_by_layer")
+        ln = self.architecture in lnf.LN_ARCHS
+        for name in names:
+            value = getattr(self, name)
+            if (value is None) == ln:
+                raise ModelError(f"model config: {name} is the LayerNorm families' ({', '.join(lnf.LN_ARCHS)}) and "
+                                 f"required there, got {value!r} for {self.architecture}")
+            if ln and name != "activation" and not isinstance(value, bool):
+                raise ModelError(f"model config: {name} must be true or false, got {value!r}")
+        if not ln:
+            return
+        if self.activation not in set(lnf.ACTIVATIONS.values()):
+            raise ModelError(f"model config: activation {self.activation!r} unsupported; expected one of "
+                             f"{sorted(set(lnf.ACTIVATIONS.values()))}")
+        if self.architecture == "stablelm" and self.activation != "silu":
+            raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
+        fixed = {"gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False)}
+        par, qk = fixed.get(self.architecture, (None, None))
+        if (par is not None and self.parallel_residual != par) or (qk is not None and self.qk_layernorm != qk):
+            raise ModelError(f"model config: {self.architecture} has parallel_residual {par} and qk_layernorm {qk} "
+                             f"(got {self.parallel_residual}, {self.qk_layernorm})")
+        if self.scale_attn_by_layer and self.architecture != "gpt2":
+            raise ModelError("model config: scale_attn_by_layer is GPT-2's (scale_attn_by_inverse_layer_idx)")
+        if self.architecture == "gpt2" and (self.partial_rotary_factor != 1.0 or self.rope_scaling is not None):
+            raise ModelError("model config: gpt2 has learned positions, no RoPE (no partial_rotary_factor or "
+                             "rope_scaling)")
+        if self.architecture in ("gpt2", "gpt_neox") and self.n_kv_heads != self.n_heads:
+            raise ModelError(f"model config: {self.architecture} attends with every head's own key and value "
+                             "(n_kv_heads = n_heads)")
+        if self.sliding_window is not None and self.architecture != "starcoder2":
+            raise ModelError(f"model config: {self.architecture} has no sliding window")
 
     def _check_longrope(self) -> None:
         """A ``longrope`` RoPE (phi3 only): both factor lists, one number per rotated pair, and the chosen set."""
@@ -442,9 +494,51 @@ class ModelSpec(_SpecCommon):
         ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do; Seed-OSS has its own switch."""
         if self.o_proj_bias is not None:
             return self.o_proj_bias
+        if self.architecture in ("gpt2", "phi"):
+            return True
+        if self.architecture in ("gpt_neox", "starcoder2"):
+            return self.attention_bias
         return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              "granite", "olmoe")
+
+    @property
+    def layer_norm(self) -> bool:
+        """GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2: ``nn.LayerNorm`` (with a bias) instead of RMSNorm."""
+        return self.architecture in lnf.LN_ARCHS
+
+    @property
+    def learned_positions(self) -> bool:
+        """GPT-2: learned absolute position embeddings added to the token embeddings, and no RoPE."""
+        return self.architecture == "gpt2"
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the dense MLP is gated (SwiGLU / GeGLU) rather than ``down(act(up(x)))``."""
+        return not self.layer_norm or self.architecture == "stablelm"
+
+    @property
+    def mlp_bias(self) -> bool:
+        """Biases on the plain MLP's two projections: GPT-2, GPT-NeoX and Phi always, StarCoder 2 with
+        ``use_bias``."""
+        return self.architecture in ("gpt2", "gpt_neox", "phi") or (self.architecture == "starcoder2"
+                                                                     and self.attention_bias)
+
+    @property
+    def shared_norm_parallel(self) -> bool:
+        """Phi, and StableLM with a parallel residual: attention and MLP read the same ``input_layernorm``
+        output (no ``post_attention_layernorm``)."""
+        return self.architecture == "phi" or (self.architecture == "stablelm" and bool(self.parallel_residual))
+
+    @property
+    def lm_head_bias(self) -> bool:
+        """Phi's LM head has a bias."""
+        return self.architecture == "phi"
+
+    def layer_attn_scale(self, layer: int) -> float:
+        """Layer ``layer``'s score scale: :attr:`attn_scale`, divided by ``layer + 1`` for GPT-2's
+        ``scale_attn_by_inverse_layer_idx``."""
+        return self.attn_scale / (layer + 1) if self.scale_attn_by_layer else self.attn_scale
 
     @property
     def attention_sinks(self) -> bool:
@@ -508,7 +602,8 @@ class ModelSpec(_SpecCommon):
         else:
             d["full_attention_layers"] = list(self.full_attention_layers)
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
-                    "clip_qkv", "o_proj_bias"):
+                    "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
+                    "scale_attn_by_layer"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -656,6 +751,8 @@ class ModelSpec(_SpecCommon):
             cfg["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
             cfg["eos_token_id"] = self.eos_token_id
+        if self.layer_norm:
+            return lnf.hf_config(self, cfg)
         return cfg
 
     # ------------------------------------------------------------------------------------------------------
@@ -677,7 +774,7 @@ class ModelSpec(_SpecCommon):
                 break
         if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
                                            "gemma3_text", "olmo2", "olmo3", "smollm3", "granite", "ministral", "olmoe", "exaone4",
-                                           "seed_oss",
+                                           "seed_oss", *lnf.LN_ARCHS,
                                            *ALL_MOE_ARCHS):  # (glm4_moe among them)
             arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
@@ -685,7 +782,8 @@ class ModelSpec(_SpecCommon):
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
-                "granite, ministral, glm4_moe, olmoe, exaone4, seed_oss, deepseek_v2, deepseek_v3, deepseek_v32)"
+                "granite, ministral, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gpt_neox, phi, stablelm, starcoder2, "
+                "deepseek_v2, deepseek_v3, deepseek_v32)"
             )
 
         def need(key: str) -> Any:
@@ -693,7 +791,11 @@ class ModelSpec(_SpecCommon):
                 raise ModelError(f"{where}: missing required key {key!r}")
             return cfg[key]
 
-        if arch == "gemma":
+        ln_fields: dict[str, Any] = {}
+        if arch in lnf.LN_ARCHS:  # their own keys and defaults, read into the ones below
+            cfg = lnf.normalize_config(arch, cfg, where)
+            ln_fields = cfg.pop("ln_fields")
+        elif arch == "gemma":
             _check_gemma(cfg, where)
         elif arch in ("gemma2", "gemma3"):
             _check_gemma2(cfg, where)
@@ -726,6 +828,8 @@ class ModelSpec(_SpecCommon):
             partial, rope_scaling = _phi3_rope(cfg, where, rope_scaling)
         elif arch == "glm4_moe":  # Glm4MoeConfig's default: RoPE on half of each head
             partial = _partial_rotary(cfg, where, 0.5)
+        elif arch in lnf.LN_ARCHS:
+            partial = float(cfg.get("partial_rotary_factor", 1.0))
         if dtype is None:
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
@@ -736,6 +840,8 @@ class ModelSpec(_SpecCommon):
             bias = bool(cfg.get("qkv_bias", True))
         elif arch in ("mixtral", "phi3", "ministral", "exaone4"):  # these families' projections have no biases
             bias = False
+        elif arch in lnf.LN_ARCHS:
+            bias = bool(cfg["attention_bias"])
         moe = _moe_fields(arch, cfg, where, need)
         return cls(
             architecture=arch,
@@ -769,6 +875,7 @@ class ModelSpec(_SpecCommon):
             o_proj_bias=bool(cfg.get("attention_out_bias", False)) if arch == "seed_oss" else None,
             rope_long=rope_long_for(rope_scaling, max_context),
             context_cap=max_context,
+            **ln_fields,
         )
 
 
@@ -959,6 +1066,10 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
     n_layers = cfg.get("num_hidden_layers")
     if arch == "gemma":  # GemmaModel masks causally only: no window key applies
         return None, ()
+    if arch in lnf.LN_ARCHS:  # StarCoder 2 slides every layer or none; the others never
+        if arch != "starcoder2" or cfg.get("sliding_window") is None:
+            return None, ()
+        return _window_size(cfg, where), ()
     if arch in ("llama", "mixtral", "phi3", "qwen3_moe", "olmoe"):  # every layer or none
         mistral = "MistralForCausalLM" in archs or (not archs and model_type == "mistral")
         if arch == "llama" and not mistral:

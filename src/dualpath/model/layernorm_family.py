@@ -1,0 +1,326 @@
+"""The LayerNorm decoders: GPT-2, GPT-NeoX (Pythia), Phi (phi-1, phi-1.5, phi-2), StableLM and StarCoder 2.
+
+They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
+differ from Llama in the same few places, each a :class:`~dualpath.model.spec.ModelSpec` field or property:
+
+* ``nn.LayerNorm`` (with a bias) instead of RMSNorm, ``eps`` from ``layer_norm_epsilon`` / ``layer_norm_eps`` /
+  ``norm_epsilon``;
+* a plain MLP ``down(act(up(x)))`` with biases (GPT-2, GPT-NeoX, Phi; StarCoder 2 with ``use_bias``), the
+  activation named by ``activation`` (StableLM keeps Llama's SwiGLU);
+* a parallel residual (``parallel_residual``): GPT-NeoX ``x + attn(ln1(x)) + mlp(ln2(x))``; Phi, and StableLM with
+  ``use_parallel_residual``, ``x + attn(ln(x)) + mlp(ln(x))`` with one norm;
+* RoPE on ``partial_rotary_factor`` of each head (GPT-NeoX 0.25, Phi 0.5, StableLM 0.25), none in GPT-2, which
+  adds learned absolute position embeddings (``wpe``) and may scale layer ``l``'s scores by ``1 / (l + 1)``
+  (``scale_attn_by_inverse_layer_idx``);
+* LayerNorms on each head's query and key (``qk_layernorm``): Phi one LayerNorm shared by every head (with a bias),
+  StableLM one per head (no bias);
+* Phi's LM head has a bias.
+
+This module reads each family's ``config.json`` into the keys :meth:`ModelSpec.from_hf_config` reads
+(:func:`normalize_config`, with the config classes' defaults), writes it back (:func:`hf_config`), and renames
+checkpoint tensors to ours (:func:`tensors_in`: GPT-2's ``Conv1D`` weights transposed and its fused ``c_attn``
+split; GPT-NeoX's fused ``query_key_value``, interleaved per head, split; StableLM's per-head norms stacked) and
+back (:func:`tensors_out`). Buffers some checkpoints carry (causal masks ``attn.bias``, ``masked_bias``,
+``rotary_emb.inv_freq``) are dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dualpath.errors import ModelError
+
+if TYPE_CHECKING:
+    from dualpath.model.spec import ModelSpec
+
+#: Hugging Face architecture -> ours
+ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
+                 "StableLmForCausalLM": "stablelm", "Starcoder2ForCausalLM": "starcoder2"}
+HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
+LN_ARCHS = tuple(ARCHITECTURES.values())
+#: a config's activation name -> the one the MLP runs (``gelu_tanh``: GELU's tanh approximation, which
+#: ``gelu_new``, ``gelu_fast`` and ``gelu_pytorch_tanh`` all compute)
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "relu": "relu", "silu": "silu", "swish": "silu", "quick_gelu": "quick_gelu"}
+#: the config classes' defaults that decide the architecture (their sizes are required, as for every family)
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {"n_positions": 1024, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
+             "tie_word_embeddings": True},
+    "gpt_neox": {"max_position_embeddings": 2048, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
+                 "use_parallel_residual": True, "attention_bias": True, "tie_word_embeddings": False},
+    "phi": {"max_position_embeddings": 2048, "layer_norm_eps": 1e-5, "hidden_act": "gelu_new",
+            "qk_layernorm": False, "tie_word_embeddings": False},
+    "stablelm": {"max_position_embeddings": 4096, "layer_norm_eps": 1e-5, "hidden_act": "silu",
+                 "use_parallel_residual": False, "use_qkv_bias": False, "qk_layernorm": False,
+                 "tie_word_embeddings": False},
+    "starcoder2": {"max_position_embeddings": 4096, "norm_epsilon": 1e-5, "hidden_act": "gelu_pytorch_tanh",
+                   "use_bias": True, "tie_word_embeddings": True},
+}
+_PARTIAL_DEFAULT = {"gpt_neox": 0.25, "phi": 0.5, "stablelm": 0.25}
+
+
+def _flag(cfg: dict[str, Any], key: str, where: str) -> bool:
+    value = cfg[key]
+    if not isinstance(value, bool):
+        raise ModelError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _partial(arch: str, cfg: dict[str, Any], where: str) -> float:
+    """``partial_rotary_factor`` where the family's config class finds it: ``rope_parameters`` (transformers 5),
+    the top level, GPT-NeoX's legacy ``rotary_pct``, else the class default."""
+    value: Any = cfg.get("partial_rotary_factor", cfg.get("rotary_pct") if arch == "gpt_neox" else None)
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "partial_rotary_factor" in params:
+        value = params["partial_rotary_factor"]
+    if value is None:
+        value = _PARTIAL_DEFAULT.get(arch, 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ModelError(f"{where}: partial_rotary_factor must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """A LayerNorm family's config in the keys :meth:`ModelSpec.from_hf_config` reads, plus ``ln_fields`` (the
+    spec fields of this module's families). Bad values raise :class:`ModelError` naming the key."""
+    out = {**_DEFAULTS[arch], **{k: v for k, v in cfg.items() if v is not None or k in ("sliding_window",)}}
+    if arch == "gpt2":
+        for theirs, ours in (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                             ("n_head", "num_attention_heads"), ("n_positions", "max_position_embeddings"),
+                             ("layer_norm_epsilon", "rms_norm_eps"), ("activation_function", "hidden_act")):
+            if theirs in out:
+                out[ours] = out[theirs]
+        if out.get("add_cross_attention"):
+            raise ModelError(f"{where}: add_cross_attention=true is unsupported (a decoder without an encoder)")
+        if out.get("scale_attn_weights", True) is not True:
+            raise ModelError(f"{where}: scale_attn_weights=false is unsupported (scores are scaled by head_dim ** -0.5)")
+        hidden = out.get("hidden_size")
+        out["intermediate_size"] = out.get("n_inner") or (4 * hidden if isinstance(hidden, int) else None)
+        out["num_key_value_heads"] = out.get("num_attention_heads")
+        out["attention_bias"] = True
+        scale_by_layer = out.get("scale_attn_by_inverse_layer_idx", False)
+        if not isinstance(scale_by_layer, bool):
+            raise ModelError(f"{where}: scale_attn_by_inverse_layer_idx must be true or false, got {scale_by_layer!r}")
+    else:
+        scale_by_layer = False
+        eps_key = {"starcoder2": "norm_epsilon"}.get(arch, "layer_norm_eps")
+        out["rms_norm_eps"] = out[eps_key]
+    eps = out["rms_norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ModelError(f"{where}: the LayerNorm epsilon must be a positive number, got {eps!r}")
+    act = out.get("hidden_act")
+    if act not in ACTIVATIONS:
+        raise ModelError(f"{where}: activation {act!r} unsupported; expected one of {sorted(ACTIVATIONS)}")
+    if arch == "stablelm" and ACTIVATIONS[act] != "silu":
+        raise ModelError(f"{where}: hidden_act {act!r} unsupported for StableLM (its SwiGLU needs 'silu')")
+    if arch == "gpt_neox":
+        params = out.get("rope_parameters")
+        if "rotary_emb_base" in out and not (isinstance(params, dict) and "rope_theta" in params):
+            out.setdefault("rope_theta", out["rotary_emb_base"])
+        out["attention_bias"] = _flag(out, "attention_bias", where)
+    elif arch == "phi":
+        out["attention_bias"] = True
+    elif arch == "stablelm":
+        out["attention_bias"] = _flag(out, "use_qkv_bias", where)
+    elif arch == "starcoder2":
+        out["attention_bias"] = _flag(out, "use_bias", where)
+    if arch != "gpt2":
+        out["partial_rotary_factor"] = _partial(arch, out, where)
+        for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
+            if isinstance(out.get(key), dict):
+                out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
+    parallel = {"gpt2": False, "phi": True, "starcoder2": False}.get(arch)
+    if parallel is None:
+        parallel = _flag(out, "use_parallel_residual", where)
+    qk = _flag(out, "qk_layernorm", where) if arch in ("phi", "stablelm") else False
+    out["ln_fields"] = {"activation": ACTIVATIONS[act], "parallel_residual": parallel, "qk_layernorm": qk,
+                        "scale_attn_by_layer": scale_by_layer}
+    out.pop("mlp_bias", None)  # (not a key of these families; their own switch decides the MLP's biases)
+    return out
+
+
+def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
+    """The family's own ``config.json`` for ``spec`` (``base``: the Llama-style keys every spec writes)."""
+    arch = spec.architecture
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh" if arch == "starcoder2" else "gelu_new",
+           "relu": "relu", "silu": "silu", "quick_gelu": "quick_gelu"}[str(spec.activation)]
+    common: dict[str, Any] = {k: base[k] for k in ("vocab_size", "tie_word_embeddings", "torch_dtype") if k in base}
+    common.update({k: base[k] for k in ("bos_token_id", "eos_token_id") if k in base})
+    common.update(architectures=[HF_ARCH[arch]], model_type=arch, pad_token_id=None)
+    if arch == "gpt2":
+        return {**common, "n_embd": spec.hidden_size, "n_layer": spec.n_layers, "n_head": spec.n_heads,
+                "n_inner": spec.intermediate_size, "n_positions": spec.max_position,
+                "layer_norm_epsilon": spec.rms_eps, "activation_function": act,
+                "scale_attn_by_inverse_layer_idx": bool(spec.scale_attn_by_layer), "scale_attn_weights": True,
+                "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+    out: dict[str, Any] = {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+           "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
+           "max_position_embeddings": spec.max_position, "hidden_act": act,
+           "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta,
+                               "partial_rotary_factor": spec.partial_rotary_factor}}
+    if arch != "gpt_neox":
+        out["num_key_value_heads"] = spec.n_kv_heads
+    if arch == "gpt_neox":
+        out.update(layer_norm_eps=spec.rms_eps, use_parallel_residual=spec.parallel_residual,
+                   attention_bias=spec.attention_bias, hidden_dropout=0.0, attention_dropout=0.0)
+    elif arch == "phi":
+        out.update(layer_norm_eps=spec.rms_eps, qk_layernorm=spec.qk_layernorm, resid_pdrop=0.0, embd_pdrop=0.0)
+    elif arch == "stablelm":
+        out.update(layer_norm_eps=spec.rms_eps, qk_layernorm=spec.qk_layernorm, use_qkv_bias=spec.attention_bias,
+                   use_parallel_residual=spec.parallel_residual, hidden_dropout=0.0)
+    else:
+        out.update(norm_epsilon=spec.rms_eps, use_bias=spec.attention_bias, sliding_window=spec.sliding_window,
+                   residual_dropout=0.0, embedding_dropout=0.0)
+        del out["rope_parameters"]["partial_rotary_factor"]
+    return out
+
+
+# --- tensors ---------------------------------------------------------------------------------------------------
+
+#: checkpoint buffers that are not weights (causal masks, RoPE tables)
+_BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.attention\.masked_bias|"
+                      r"rotary_emb\.inv_freq)$")
+#: per family: (theirs, ours) name patterns, applied in order to every tensor name
+_RENAMES: dict[str, list[tuple[str, str]]] = {
+    "gpt2": [(r"^(transformer\.)?wte\.", "model.embed_tokens."), (r"^(transformer\.)?wpe\.", "model.embed_positions."),
+             (r"^(transformer\.)?ln_f\.", "model.norm."), (r"^(transformer\.)?h\.(\d+)\.", r"model.layers.\2."),
+             (r"\.ln_1\.", ".input_layernorm."), (r"\.ln_2\.", ".post_attention_layernorm."),
+             (r"\.attn\.c_proj\.", ".self_attn.o_proj."), (r"\.mlp\.c_fc\.", ".mlp.up_proj."),
+             (r"\.mlp\.c_proj\.", ".mlp.down_proj.")],
+    "gpt_neox": [(r"^gpt_neox\.embed_in\.", "model.embed_tokens."), (r"^gpt_neox\.final_layer_norm\.", "model.norm."),
+                 (r"^gpt_neox\.layers\.", "model.layers."), (r"^embed_out\.", "lm_head."),
+                 (r"\.attention\.dense\.", ".self_attn.o_proj."), (r"\.mlp\.dense_h_to_4h\.", ".mlp.up_proj."),
+                 (r"\.mlp\.dense_4h_to_h\.", ".mlp.down_proj.")],
+    "phi": [(r"^model\.final_layernorm\.", "model.norm."), (r"\.self_attn\.dense\.", ".self_attn.o_proj."),
+            (r"\.mlp\.fc1\.", ".mlp.up_proj."), (r"\.mlp\.fc2\.", ".mlp.down_proj."),
+            (r"\.self_attn\.q_layernorm\.", ".self_attn.q_norm."), (r"\.self_attn\.k_layernorm\.", ".self_attn.k_norm.")],
+    "stablelm": [],
+    "starcoder2": [(r"\.mlp\.c_fc\.", ".mlp.up_proj."), (r"\.mlp\.c_proj\.", ".mlp.down_proj.")],
+}
+#: ours -> theirs, for writing a checkpoint (the first spelling of each family's names)
+_OUT_RENAMES: dict[str, list[tuple[str, str]]] = {
+    "gpt2": [(r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.embed_positions\.", "transformer.wpe."),
+             (r"^model\.norm\.", "transformer.ln_f."), (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."),
+             (r"\.input_layernorm\.", ".ln_1."), (r"\.post_attention_layernorm\.", ".ln_2."),
+             (r"\.self_attn\.o_proj\.", ".attn.c_proj."), (r"\.mlp\.up_proj\.", ".mlp.c_fc."),
+             (r"\.mlp\.down_proj\.", ".mlp.c_proj.")],
+    "gpt_neox": [(r"^model\.embed_tokens\.", "gpt_neox.embed_in."), (r"^model\.norm\.", "gpt_neox.final_layer_norm."),
+                 (r"^model\.layers\.", "gpt_neox.layers."), (r"^lm_head\.", "embed_out."),
+                 (r"\.self_attn\.o_proj\.", ".attention.dense."), (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."),
+                 (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")],
+    "phi": [(r"^model\.norm\.", "model.final_layernorm."), (r"\.self_attn\.o_proj\.", ".self_attn.dense."),
+            (r"\.mlp\.up_proj\.", ".mlp.fc1."), (r"\.mlp\.down_proj\.", ".mlp.fc2."),
+            (r"\.self_attn\.q_norm\.", ".self_attn.q_layernorm."), (r"\.self_attn\.k_norm\.", ".self_attn.k_layernorm.")],
+    "stablelm": [],
+    "starcoder2": [(r"\.mlp\.up_proj\.", ".mlp.c_fc."), (r"\.mlp\.down_proj\.", ".mlp.c_proj.")],
+}
+_CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+_PER_HEAD_NORM = re.compile(r"^(.*\.self_attn\.)([qk])_layernorm\.norms\.(\d+)\.weight$")
+
+
+def _rename(name: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, repl in rules:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def _split_gpt2_qkv(name: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """GPT-2's ``c_attn`` (``Conv1D``: weight ``[hidden, 3 hidden]``, transposed here; bias ``[3 hidden]``) ->
+    our ``q_proj``, ``k_proj``, ``v_proj``: the output's thirds in that order."""
+    prefix, kind = name.rsplit(".attn.c_attn.", 1)
+    for part, chunk in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0), strict=True):
+        out[f"{prefix}.self_attn.{part}.{kind}"] = chunk.contiguous()
+
+
+def _split_neox_qkv(spec: ModelSpec, name: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """GPT-NeoX's ``query_key_value`` (rows ``[heads, 3, head_dim]``: each head's query, key and value together) ->
+    our ``q_proj``, ``k_proj``, ``v_proj`` (rows ``[heads, head_dim]`` each)."""
+    prefix, kind = name.rsplit(".attention.query_key_value.", 1)
+    h, d = spec.n_heads, spec.head_dim
+    if t.shape[0] != 3 * h * d:
+        raise ModelError(f"tensor {name!r} has {t.shape[0]} rows, the config implies {3 * h * d}")
+    parts = t.reshape(h, 3, d, *t.shape[1:])
+    for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+        out[f"{prefix}.self_attn.{part}.{kind}"] = parts[:, i].reshape(h * d, *t.shape[1:]).contiguous()
+
+
+def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LayerNorm family's checkpoint tensors in our names (see the module docstring)."""
+    arch = spec.architecture
+    out: dict[str, torch.Tensor] = {}
+    heads: dict[str, dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if _BUFFERS.search(name):
+            continue
+        if arch == "gpt2" and _CONV1D.search(name):
+            t = t.t()
+        if arch == "stablelm" and (m := _PER_HEAD_NORM.match(name)):
+            heads.setdefault(f"{m[1]}{m[2]}_norm.weight", {})[int(m[3])] = t
+            continue
+        new = _rename(name, _RENAMES[arch])
+        if arch == "gpt2" and ".attn.c_attn." in new:
+            _split_gpt2_qkv(new, t, out)
+        elif arch == "gpt_neox" and ".attention.query_key_value." in new:
+            _split_neox_qkv(spec, new, t, out)
+        else:
+            out[new.replace(".attention.", ".self_attn.") if arch == "gpt_neox" else new] = t
+    for name, per_head in heads.items():
+        if sorted(per_head) != list(range(len(per_head))):
+            raise ModelError(f"{name}: per-head norms {sorted(per_head)} are not 0..{len(per_head) - 1}")
+        out[name] = torch.stack([per_head[i] for i in range(len(per_head))])
+    return out
+
+
+def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors in the family's checkpoint names (the inverse of :func:`tensors_in`)."""
+    arch = spec.architecture
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in ours.items():
+        m = re.match(r"^(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
+        if arch in ("gpt2", "gpt_neox") and m:
+            fused.setdefault(f"{m[1]}|{m[3]}", {})[m[2]] = t
+            continue
+        if arch == "stablelm" and re.search(r"\.self_attn\.[qk]_norm\.weight$", name):
+            stem = name[: -len("_norm.weight")]
+            for h in range(t.shape[0]):
+                out[f"{stem}_layernorm.norms.{h}.weight"] = t[h].contiguous()
+            continue
+        new = _rename(name, _OUT_RENAMES[arch])
+        if arch == "gpt_neox":
+            new = new.replace(".self_attn.", ".attention.")
+        if arch == "gpt2" and _CONV1D.search(new):
+            t = t.t().contiguous()
+        out[new] = t
+    for key, parts in fused.items():
+        layer, kind = key.split("|")
+        q, k, v = parts["q"], parts["k"], parts["v"]
+        if arch == "gpt2":
+            w = torch.cat([q, k, v])
+            out[_rename(f"{layer}.attn.c_attn.{kind}", _OUT_RENAMES[arch])] = w.t().contiguous() if kind == "weight" else w
+        else:
+            h, d = spec.n_heads, spec.head_dim
+            w = torch.stack([x.reshape(h, d, *x.shape[1:]) for x in (q, k, v)], dim=1).reshape(3 * h * d, *q.shape[1:])
+            out[_rename(f"{layer}.attention.query_key_value.{kind}", _OUT_RENAMES[arch])] = w.contiguous()
+    return out
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP's activation function for an :data:`ACTIVATIONS` value."""
+    import torch.nn.functional as F
+
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name == "silu":
+        return F.silu
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    raise ModelError(f"activation {name!r} unsupported; expected one of {sorted(set(ACTIVATIONS.values()))}")

@@ -1,0 +1,243 @@
+"""GPT-2, GPT-NeoX, Phi, StableLM and StarCoder 2 against transformers on the same random weights, saved by
+transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged
+KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, checkpoints
+in older spellings, a session served by the emulated cluster, and the configs we refuse.
+
+What each family adds to the Llama path (:mod:`dualpath.model.layernorm_family`): LayerNorm with biases instead of
+RMSNorm; GPT-2 learned positions and no RoPE, fused ``Conv1D`` q/k/v, optionally scores scaled by ``1 / (layer + 1)``;
+GPT-NeoX a fused per-head q/k/v, partial RoPE and a two-norm parallel residual; Phi one norm feeding a parallel
+attention and MLP, per-head q/k LayerNorms shared by every head, and a biased LM head; StableLM SwiGLU with partial
+RoPE, per-head q/k LayerNorms of their own and optionally Phi's parallel block; StarCoder 2 a biased GELU MLP and a
+sliding window."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import pytest
+import torch
+from hf_random import (
+    Checkpoints,
+    bf16_teacher_forced,
+    check_batched_against_hf,
+    cluster_read_paths,
+    hf_logits,
+)
+from test_deepseek import paged_turns
+
+from dualpath.errors import ModelError
+from dualpath.model import KVPool, ModelSpec, SeqBatch
+from dualpath.model.config import LlamaModelConfig
+from dualpath.model.loader import build_model, load_model, save_pretrained
+from dualpath.model.spec import load_spec
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+BASE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+        "max_position_embeddings": 256, "num_hidden_layers": 3, "bos_token_id": None, "eos_token_id": None}
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # relu instead of gelu_new, and layer l's scores also scaled by 1 / (l + 1)
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 256, "n_inner": 96,
+              "activation_function": "relu", "scale_attn_by_inverse_layer_idx": True, "bos_token_id": None,
+              "eos_token_id": None}),
+    # the parallel residual with its two norms; RoPE on a quarter of each head
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE)),
+    # one norm feeding attention and MLP; RoPE on half of each head; q/k LayerNorms shared by every head
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(BASE, qk_layernorm=True)),
+    # SwiGLU, grouped-query attention, q/k/v biases, a LayerNorm per head on queries and keys
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM",
+                 dict(BASE, num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True)),
+    # every layer sliding over 5 tokens; biased GELU MLP
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(BASE, num_key_value_heads=2, sliding_window=5)),
+}
+#: variants whose only difference is a switch: the sequential GPT-NeoX block, StableLM's parallel block
+VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gpt_neox_sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, use_parallel_residual=False)),
+    "stablelm_parallel": ("StableLmConfig", "StableLmForCausalLM",
+                          dict(BASE, num_key_value_heads=2, use_parallel_residual=True)),
+}
+
+
+class _Families(Checkpoints):
+    """Widened like every family's random checkpoint, with GPT-2's ``ln_*`` norms and every LayerNorm moved off
+    one as well (their names do not end in ``norm.weight``)."""
+
+    def model(self, family: str, seed: int = 0) -> Any:
+        hf = super().model(family, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                if (".ln_" in n or "layernorm" in n or "layer_norm" in n) and n.endswith("weight"):
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+        return hf
+
+
+_CKPTS = _Families({**FAMILIES, **VARIANTS})
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def ckpt(request: Any, tmp_path_factory: Any) -> tuple[str, Any, Any]:
+    d, hf = _CKPTS.get(request.param, tmp_path_factory)
+    return request.param, d, hf
+
+
+def _load(d, backend: Literal["auto", "torch", "triton"] = "torch",
+          dtype: Literal["float32", "bfloat16", "float16"] = "float32"):
+    return load_model(LlamaModelConfig(path=str(d), attention_backend=backend, dtype=dtype), with_tokenizer=False)[0]
+
+
+def _turns(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
+
+
+def test_fp32_multi_turn_logits_and_greedy(ckpt):
+    """Three turns (prefill chunks over a paged prefix, then greedy decode steps): logits at every step and the ids
+    equal transformers' with its own cache."""
+    _, d, hf = ckpt
+    ours, ref, ids, ref_ids = paged_turns(_load(d), hf, _turns(), 7, 4)
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    assert len(ids) >= 20 and ids == ref_ids
+
+
+def test_batched_sequences_and_decode_equal_transformers(ckpt):
+    _, d, hf = ckpt
+    check_batched_against_hf(_load(d), hf, [_turns(1)[0] + _turns(1)[2], _turns(2)[1]])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_residual_variants_equal_transformers(variant, tmp_path_factory):
+    d, hf = _CKPTS.get(variant, tmp_path_factory)
+    spec = load_spec(d)
+    assert isinstance(spec, ModelSpec) and spec.parallel_residual == (variant == "stablelm_parallel")
+    check_batched_against_hf(_load(d), hf, [_turns(4)[0] + _turns(4)[1], _turns(4)[2]])
+
+
+def test_triton_backend_equals_transformers(ckpt):
+    """The Triton kernels (interpreted on CPU): GPT-2's per-layer score scale and StarCoder 2's window reach them."""
+    _, d, hf = ckpt
+    seq = sum(_turns(3), [])
+    model = _load(d, "triton")
+    pool = KVPool(model.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    table = pool.allocate(16)
+    got = torch.cat([model(SeqBatch.build([seq[:13]], [0], [table], 4), pool.layers, all_positions=True),
+                     model(SeqBatch.build([seq[13:]], [13], [table], 4), pool.layers, all_positions=True)])
+    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+
+
+def test_spec_follows_transformers(ckpt):
+    family, d, hf = ckpt
+    spec = load_spec(d)
+    assert isinstance(spec, ModelSpec) and spec.architecture == family and spec.layer_norm
+    c = hf.config
+    assert spec.tie_embeddings == bool(c.tie_word_embeddings)
+    assert spec.max_position == (c.n_positions if family == "gpt2" else c.max_position_embeddings)
+    want_partial = {"gpt2": 1.0, "starcoder2": 1.0}.get(family) or c.rope_parameters["partial_rotary_factor"]
+    assert spec.partial_rotary_factor == want_partial
+    assert spec.layer_window(0) == (5 if family == "starcoder2" else None)
+    assert spec.parallel_residual == (family in ("gpt_neox", "phi"))
+    assert [spec.layer_attn_scale(i) for i in range(3)] == (
+        [16 ** -0.5 / (i + 1) for i in range(3)] if family == "gpt2" else [16 ** -0.5] * 3)
+    assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
+
+
+def test_bf16_teacher_forced_logits(ckpt):
+    family, d, _ = ckpt
+    hf = getattr(transformers, FAMILIES[family][1]).from_pretrained(str(d), dtype=torch.bfloat16).eval()
+    got, ref = bf16_teacher_forced(_load(d, dtype="bfloat16"), hf, sum(_turns(5), []))
+    assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
+    cfg_cls, model_cls, kw = FAMILIES[family]
+    hf_cfg = getattr(transformers, cfg_cls)(**kw).to_dict()
+    ours = build_model(ModelSpec.from_hf_config(hf_cfg), None, seed=3, backend="torch")
+    save_pretrained(ours, tmp_path)
+    hf, info = getattr(transformers, model_cls).from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    seq = sum(_turns(7), [])
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
+
+
+def test_older_checkpoint_spellings_load(tmp_path_factory, tmp_path):
+    """GPT-2 tensors without the ``transformer.`` prefix and with the causal-mask buffers old checkpoints carry;
+    a GPT-NeoX config in Pythia's keys (``rotary_pct``, ``rotary_emb_base``) with its mask and RoPE buffers. Both
+    give transformers' logits."""
+    from safetensors.torch import load_file, save_file
+
+    for family in ("gpt2", "gpt_neox"):
+        d, hf = _CKPTS.get(family, tmp_path_factory)
+        old = tmp_path / family
+        old.mkdir()
+        tensors = load_file(str(d / "model.safetensors"))
+        cfg = json.loads((d / "config.json").read_text())
+        if family == "gpt2":
+            tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+            for i in range(3):
+                tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 256, 256))
+                tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        else:
+            params = cfg.pop("rope_parameters")
+            cfg.update(rotary_pct=params["partial_rotary_factor"], rotary_emb_base=params["rope_theta"])
+            for i in range(3):
+                tensors[f"gpt_neox.layers.{i}.attention.bias"] = torch.tril(torch.ones(1, 1, 256, 256)).bool()
+                tensors[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(2)
+        save_file(tensors, str(old / "model.safetensors"))
+        (old / "config.json").write_text(json.dumps(cfg))
+        seq = sum(_turns(8), [])
+        model = _load(old)
+        pool = KVPool(model.spec.kv_spec(), num_blocks=16, block_tokens=4)
+        got = model(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+        torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+
+
+def test_gpt2_position_past_its_table_is_refused(tmp_path_factory):
+    d, _ = _CKPTS.get("gpt2", tmp_path_factory)
+    model = _load(d)
+    pool = KVPool(model.spec.kv_spec(), num_blocks=8, block_tokens=64)
+    table = pool.allocate(5)
+    model(SeqBatch.build([[1]], [255], [table], 64), pool.layers)  # the last position it has
+    with pytest.raises(ModelError, match="256 learned positions"):
+        model(SeqBatch.build([[1, 2]], [255], [table], 64), pool.layers)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_cluster_read_paths_same_tokens(tmp_path_factory):
+    """A two-turn GPT-NeoX session through the emulated cluster: PE, DE, split and recompute reads give
+    transformers' greedy tokens."""
+    d, hf = _CKPTS.get("gpt_neox", tmp_path_factory)
+    first = _turns(9)[0] + _turns(9)[1]
+    await cluster_read_paths(LlamaModelConfig(path=str(d), time_model="off"), hf, first, [5, 17, 33, 2, 71, 64, 9],
+                             min_hit=16)
+
+
+@pytest.mark.parametrize("model_type,key,value,needle", [
+    ("gpt2", "activation_function", "gelu_10", "activation"),
+    ("gpt2", "add_cross_attention", True, "add_cross_attention"),
+    ("gpt2", "scale_attn_weights", False, "scale_attn_weights"),
+    ("gpt_neox", "use_parallel_residual", "yes", "use_parallel_residual"),
+    ("gpt_neox", "rotary_pct", 1.5, "partial_rotary_factor"),
+    ("phi", "layer_norm_eps", 0, "epsilon"),
+    ("phi", "qk_layernorm", 1, "qk_layernorm"),
+    ("stablelm", "hidden_act", "gelu", "hidden_act"),
+    ("starcoder2", "use_bias", "yes", "use_bias"),
+    ("starcoder2", "sliding_window", 0, "sliding_window"),
+])
+def test_bad_configs_name_the_key(model_type, key, value, needle):
+    base = {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4} if model_type == "gpt2" else dict(BASE)
+    cfg = dict(base, model_type=model_type, **{key: value})
+    with pytest.raises(ModelError, match=needle):
+        ModelSpec.from_hf_config(cfg)

@@ -1,10 +1,12 @@
-"""GPT-2, GPT-NeoX, Phi, StableLM and StarCoder 2 against transformers on the same random weights, saved by
+"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, Phi, StableLM and StarCoder 2 against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged
 KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, checkpoints
 in older spellings, a session served by the emulated cluster, and the configs we refuse.
 
 What each family adds to the Llama path (:mod:`dualpath.model.layernorm_family`): LayerNorm with biases instead of
 RMSNorm; GPT-2 learned positions and no RoPE, fused ``Conv1D`` q/k/v, optionally scores scaled by ``1 / (layer + 1)``;
+GPTBigCode GPT-2's block with one key/value head; GPT-J interleaved RoPE on part of each head (read as ours by a
+permutation of the q/k rows) and one norm feeding a parallel attention and MLP;
 GPT-NeoX a fused per-head q/k/v, partial RoPE and a two-norm parallel residual; Phi one norm feeding a parallel
 attention and MLP, per-head q/k LayerNorms shared by every head, and a biased LM head; StableLM SwiGLU with partial
 RoPE, per-head q/k LayerNorms of their own and optionally Phi's parallel block; StarCoder 2 a biased GELU MLP and a
@@ -43,6 +45,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
              {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 256, "n_inner": 96,
               "activation_function": "relu", "scale_attn_by_inverse_layer_idx": True, "bos_token_id": None,
               "eos_token_id": None}),
+    # interleaved RoPE on half of each head; parallel attention and MLP behind one norm; a biased LM head
+    "gptj": ("GPTJConfig", "GPTJForCausalLM",
+             {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 256, "n_inner": 96,
+              "rotary_dim": 8, "bos_token_id": None, "eos_token_id": None}),
+    # GPT-2's block (learned positions) with one key/value head
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                    {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 256, "n_inner": 96,
+                     "bos_token_id": None, "eos_token_id": None}),
     # the parallel residual with its two norms; RoPE on a quarter of each head
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE)),
     # one norm feeding attention and MLP; RoPE on half of each head; q/k LayerNorms shared by every head
@@ -53,8 +63,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # every layer sliding over 5 tokens; biased GELU MLP
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(BASE, num_key_value_heads=2, sliding_window=5)),
 }
-#: variants whose only difference is a switch: the sequential GPT-NeoX block, StableLM's parallel block
+#: variants whose only difference is a switch: the sequential GPT-NeoX block, StableLM's parallel block, GPTBigCode
+#: with a key/value per head (its fused q/k/v then interleaved per head)
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gpt_bigcode_mha": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                        dict(FAMILIES["gpt_bigcode"][2], multi_query=False)),
     "gpt_neox_sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, use_parallel_residual=False)),
     "stablelm_parallel": ("StableLmConfig", "StableLmForCausalLM",
                           dict(BASE, num_key_value_heads=2, use_parallel_residual=True)),
@@ -114,6 +127,7 @@ def test_residual_variants_equal_transformers(variant, tmp_path_factory):
     d, hf = _CKPTS.get(variant, tmp_path_factory)
     spec = load_spec(d)
     assert isinstance(spec, ModelSpec) and spec.parallel_residual == (variant == "stablelm_parallel")
+    assert spec.n_kv_heads == (2 if variant == "stablelm_parallel" else 4)
     check_batched_against_hf(_load(d), hf, [_turns(4)[0] + _turns(4)[1], _turns(4)[2]])
 
 
@@ -135,11 +149,15 @@ def test_spec_follows_transformers(ckpt):
     assert isinstance(spec, ModelSpec) and spec.architecture == family and spec.layer_norm
     c = hf.config
     assert spec.tie_embeddings == bool(c.tie_word_embeddings)
-    assert spec.max_position == (c.n_positions if family == "gpt2" else c.max_position_embeddings)
-    want_partial = {"gpt2": 1.0, "starcoder2": 1.0}.get(family) or c.rope_parameters["partial_rotary_factor"]
+    gpt2_keys = family in ("gpt2", "gptj", "gpt_bigcode")
+    assert spec.max_position == (c.n_positions if gpt2_keys else c.max_position_embeddings)
+    want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5}.get(family) or \
+        c.rope_parameters["partial_rotary_factor"]
     assert spec.partial_rotary_factor == want_partial
+    assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode"))
+    assert spec.n_kv_heads == {"gpt_bigcode": 1, "stablelm": 2, "starcoder2": 2}.get(family, 4)
     assert spec.layer_window(0) == (5 if family == "starcoder2" else None)
-    assert spec.parallel_residual == (family in ("gpt_neox", "phi"))
+    assert spec.parallel_residual == (family in ("gpt_neox", "phi", "gptj"))
     assert [spec.layer_attn_scale(i) for i in range(3)] == (
         [16 ** -0.5 / (i + 1) for i in range(3)] if family == "gpt2" else [16 ** -0.5] * 3)
     assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
@@ -228,6 +246,9 @@ async def test_cluster_read_paths_same_tokens(tmp_path_factory):
     ("gpt2", "activation_function", "gelu_10", "activation"),
     ("gpt2", "add_cross_attention", True, "add_cross_attention"),
     ("gpt2", "scale_attn_weights", False, "scale_attn_weights"),
+    ("gptj", "rotary_dim", 7, "rotary_dim"),
+    ("gptj", "rotary_dim", 32, "rotary_dim"),
+    ("gpt_bigcode", "multi_query", "yes", "multi_query"),
     ("gpt_neox", "use_parallel_residual", "yes", "use_parallel_residual"),
     ("gpt_neox", "rotary_pct", 1.5, "partial_rotary_factor"),
     ("phi", "layer_norm_eps", 0, "epsilon"),
@@ -237,7 +258,8 @@ async def test_cluster_read_paths_same_tokens(tmp_path_factory):
     ("starcoder2", "sliding_window", 0, "sliding_window"),
 ])
 def test_bad_configs_name_the_key(model_type, key, value, needle):
-    base = {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4} if model_type == "gpt2" else dict(BASE)
+    gpt2_keys = model_type in ("gpt2", "gptj", "gpt_bigcode")
+    base = {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4} if gpt2_keys else dict(BASE)
     cfg = dict(base, model_type=model_type, **{key: value})
     with pytest.raises(ModelError, match=needle):
         ModelSpec.from_hf_config(cfg)

@@ -1,25 +1,32 @@
-"""The LayerNorm decoders: GPT-2, GPT-NeoX (Pythia), Phi (phi-1, phi-1.5, phi-2), StableLM and StarCoder 2.
+"""The LayerNorm decoders: GPT-2, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), Phi (phi-1,
+phi-1.5, phi-2), StableLM and StarCoder 2.
 
 They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
 differ from Llama in the same few places, each a :class:`~dualpath.model.spec.ModelSpec` field or property:
 
 * ``nn.LayerNorm`` (with a bias) instead of RMSNorm, ``eps`` from ``layer_norm_epsilon`` / ``layer_norm_eps`` /
   ``norm_epsilon``;
-* a plain MLP ``down(act(up(x)))`` with biases (GPT-2, GPT-NeoX, Phi; StarCoder 2 with ``use_bias``), the
-  activation named by ``activation`` (StableLM keeps Llama's SwiGLU);
-* a parallel residual (``parallel_residual``): GPT-NeoX ``x + attn(ln1(x)) + mlp(ln2(x))``; Phi, and StableLM with
-  ``use_parallel_residual``, ``x + attn(ln(x)) + mlp(ln(x))`` with one norm;
-* RoPE on ``partial_rotary_factor`` of each head (GPT-NeoX 0.25, Phi 0.5, StableLM 0.25), none in GPT-2, which
-  adds learned absolute position embeddings (``wpe``) and may scale layer ``l``'s scores by ``1 / (l + 1)``
-  (``scale_attn_by_inverse_layer_idx``);
+* a plain MLP ``down(act(up(x)))`` with biases (GPT-2, GPT-J, GPT-NeoX, GPTBigCode, Phi; StarCoder 2 with
+  ``use_bias``), the activation named by ``activation`` (StableLM keeps Llama's SwiGLU);
+* a parallel residual (``parallel_residual``): GPT-NeoX ``x + attn(ln1(x)) + mlp(ln2(x))``; GPT-J, Phi, and StableLM
+  with ``use_parallel_residual``, ``x + attn(ln(x)) + mlp(ln(x))`` with one norm;
+* RoPE on ``partial_rotary_factor`` of each head (GPT-J ``rotary_dim``, GPT-NeoX 0.25, Phi 0.5, StableLM 0.25);
+  GPT-J rotates interleaved pairs ``(2i, 2i + 1)``, which is our half-split rotation after permuting the rotated
+  rows of ``q_proj`` and ``k_proj`` (even dims first, then odd; scores are unchanged by a permutation applied to
+  both queries and keys), so the permutation is done once at load and undone at save;
+* no RoPE in GPT-2 and GPTBigCode, which add learned absolute position embeddings (``wpe``); GPT-2 may scale layer
+  ``l``'s scores by ``1 / (l + 1)`` (``scale_attn_by_inverse_layer_idx``); GPTBigCode attends with one key/value
+  head (``multi_query``) or one per head;
 * LayerNorms on each head's query and key (``qk_layernorm``): Phi one LayerNorm shared by every head (with a bias),
   StableLM one per head (no bias);
-* Phi's LM head has a bias.
+* Phi's and GPT-J's LM heads have a bias.
 
 This module reads each family's ``config.json`` into the keys :meth:`ModelSpec.from_hf_config` reads
 (:func:`normalize_config`, with the config classes' defaults), writes it back (:func:`hf_config`), and renames
 checkpoint tensors to ours (:func:`tensors_in`: GPT-2's ``Conv1D`` weights transposed and its fused ``c_attn``
-split; GPT-NeoX's fused ``query_key_value``, interleaved per head, split; StableLM's per-head norms stacked) and
+split; GPTBigCode's ``c_attn`` split (``[q, k, v]`` with one key/value head, else per head); GPT-NeoX's fused
+``query_key_value``, interleaved per head, split; GPT-J's rotated q/k rows permuted; StableLM's per-head norms
+stacked) and
 back (:func:`tensors_out`). Buffers some checkpoints carry (causal masks ``attn.bias``, ``masked_bias``,
 ``rotary_emb.inv_freq``) are dropped.
 """
@@ -39,7 +46,12 @@ if TYPE_CHECKING:
 
 #: Hugging Face architecture -> ours
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
-                 "StableLmForCausalLM": "stablelm", "Starcoder2ForCausalLM": "starcoder2"}
+                 "StableLmForCausalLM": "stablelm", "Starcoder2ForCausalLM": "starcoder2",
+                 "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode"}
+#: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
+GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
+#: the families with learned absolute positions and no RoPE
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode")
 HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 LN_ARCHS = tuple(ARCHITECTURES.values())
 #: a config's activation name -> the one the MLP runs (``gelu_tanh``: GELU's tanh approximation, which
@@ -50,6 +62,10 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2": {"n_positions": 1024, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
              "tie_word_embeddings": True},
+    "gptj": {"n_positions": 2048, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "rotary_dim": 64,
+             "tie_word_embeddings": False},
+    "gpt_bigcode": {"n_positions": 1024, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_pytorch_tanh",
+                    "multi_query": True, "tie_word_embeddings": True},
     "gpt_neox": {"max_position_embeddings": 2048, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
                  "use_parallel_residual": True, "attention_bias": True, "tie_word_embeddings": False},
     "phi": {"max_position_embeddings": 2048, "layer_norm_eps": 1e-5, "hidden_act": "gelu_new",
@@ -84,11 +100,28 @@ def _partial(arch: str, cfg: dict[str, Any], where: str) -> float:
     return float(value)
 
 
+def _gptj_partial(cfg: dict[str, Any], where: str) -> float:
+    """GPT-J's ``rotary_dim`` (None: the whole head) as a fraction of the head, checked to give it back exactly."""
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0 or hidden % heads:
+        return 1.0  # (ModelSpec reports the sizes)
+    head_dim, rot = hidden // heads, cfg.get("rotary_dim")
+    if rot is None:
+        return 1.0
+    if isinstance(rot, bool) or not isinstance(rot, int) or not 0 < rot <= head_dim or rot % 2:
+        raise ModelError(f"{where}: rotary_dim must be an even integer in [2, {head_dim}] (the head), got {rot!r}")
+    factor = rot / head_dim
+    if int(head_dim * factor) != rot:  # pragma: no cover - float rounding of an odd ratio
+        raise ModelError(f"{where}: rotary_dim {rot} of a {head_dim}-dim head is not representable")
+    return factor
+
+
 def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """A LayerNorm family's config in the keys :meth:`ModelSpec.from_hf_config` reads, plus ``ln_fields`` (the
     spec fields of this module's families). Bad values raise :class:`ModelError` naming the key."""
-    out = {**_DEFAULTS[arch], **{k: v for k, v in cfg.items() if v is not None or k in ("sliding_window",)}}
-    if arch == "gpt2":
+    out = {**_DEFAULTS[arch], **{k: v for k, v in cfg.items() if v is not None or k in ("sliding_window",
+                                                                                         "rotary_dim")}}
+    if arch in GPT2_KEYS:
         for theirs, ours in (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
                              ("n_head", "num_attention_heads"), ("n_positions", "max_position_embeddings"),
                              ("layer_norm_epsilon", "rms_norm_eps"), ("activation_function", "hidden_act")):
@@ -101,8 +134,12 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         hidden = out.get("hidden_size")
         out["intermediate_size"] = out.get("n_inner") or (4 * hidden if isinstance(hidden, int) else None)
         out["num_key_value_heads"] = out.get("num_attention_heads")
-        out["attention_bias"] = True
-        scale_by_layer = out.get("scale_attn_by_inverse_layer_idx", False)
+        if arch == "gpt_bigcode" and _flag(out, "multi_query", where):
+            out["num_key_value_heads"] = 1
+        out["attention_bias"] = arch != "gptj"
+        if arch == "gptj":
+            out["partial_rotary_factor"] = _gptj_partial(out, where)
+        scale_by_layer = out.get("scale_attn_by_inverse_layer_idx", False) if arch == "gpt2" else False
         if not isinstance(scale_by_layer, bool):
             raise ModelError(f"{where}: scale_attn_by_inverse_layer_idx must be true or false, got {scale_by_layer!r}")
     else:
@@ -128,12 +165,12 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out["attention_bias"] = _flag(out, "use_qkv_bias", where)
     elif arch == "starcoder2":
         out["attention_bias"] = _flag(out, "use_bias", where)
-    if arch != "gpt2":
+    if arch not in GPT2_KEYS:
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
-    parallel = {"gpt2": False, "phi": True, "starcoder2": False}.get(arch)
+    parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False}.get(arch)
     if parallel is None:
         parallel = _flag(out, "use_parallel_residual", where)
     qk = _flag(out, "qk_layernorm", where) if arch in ("phi", "stablelm") else False
@@ -146,18 +183,25 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
 def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
     """The family's own ``config.json`` for ``spec`` (``base``: the Llama-style keys every spec writes)."""
     arch = spec.architecture
-    act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh" if arch == "starcoder2" else "gelu_new",
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh" if arch in ("starcoder2", "gpt_bigcode") else "gelu_new",
            "relu": "relu", "silu": "silu", "quick_gelu": "quick_gelu"}[str(spec.activation)]
+    out: dict[str, Any]
     common: dict[str, Any] = {k: base[k] for k in ("vocab_size", "tie_word_embeddings", "torch_dtype") if k in base}
     common.update({k: base[k] for k in ("bos_token_id", "eos_token_id") if k in base})
     common.update(architectures=[HF_ARCH[arch]], model_type=arch, pad_token_id=None)
-    if arch == "gpt2":
-        return {**common, "n_embd": spec.hidden_size, "n_layer": spec.n_layers, "n_head": spec.n_heads,
-                "n_inner": spec.intermediate_size, "n_positions": spec.max_position,
-                "layer_norm_epsilon": spec.rms_eps, "activation_function": act,
-                "scale_attn_by_inverse_layer_idx": bool(spec.scale_attn_by_layer), "scale_attn_weights": True,
-                "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
-    out: dict[str, Any] = {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+    if arch in GPT2_KEYS:
+        out = {**common, "n_embd": spec.hidden_size, "n_layer": spec.n_layers, "n_head": spec.n_heads,
+               "n_inner": spec.intermediate_size, "n_positions": spec.max_position,
+               "layer_norm_epsilon": spec.rms_eps, "activation_function": act,
+               "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+        if arch == "gpt2":
+            out.update(scale_attn_by_inverse_layer_idx=bool(spec.scale_attn_by_layer), scale_attn_weights=True)
+        elif arch == "gptj":
+            out["rotary_dim"] = spec.rotary_dim
+        else:
+            out.update(multi_query=spec.n_kv_heads == 1 < spec.n_heads, scale_attn_weights=True)
+        return out
+    out = {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
            "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
            "max_position_embeddings": spec.max_position, "hidden_act": act,
            "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta,
@@ -200,7 +244,12 @@ _RENAMES: dict[str, list[tuple[str, str]]] = {
             (r"\.self_attn\.q_layernorm\.", ".self_attn.q_norm."), (r"\.self_attn\.k_layernorm\.", ".self_attn.k_norm.")],
     "stablelm": [],
     "starcoder2": [(r"\.mlp\.c_fc\.", ".mlp.up_proj."), (r"\.mlp\.c_proj\.", ".mlp.down_proj.")],
+    "gptj": [(r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.ln_f\.", "model.norm."),
+             (r"^transformer\.h\.(\d+)\.", r"model.layers.\1."), (r"\.ln_1\.", ".input_layernorm."),
+             (r"\.attn\.([qkv])_proj\.", r".self_attn.\1_proj."), (r"\.attn\.out_proj\.", ".self_attn.o_proj."),
+             (r"\.mlp\.fc_in\.", ".mlp.up_proj."), (r"\.mlp\.fc_out\.", ".mlp.down_proj.")],
 }
+_RENAMES["gpt_bigcode"] = _RENAMES["gpt2"]
 #: ours -> theirs, for writing a checkpoint (the first spelling of each family's names)
 _OUT_RENAMES: dict[str, list[tuple[str, str]]] = {
     "gpt2": [(r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.embed_positions\.", "transformer.wpe."),
@@ -217,7 +266,12 @@ _OUT_RENAMES: dict[str, list[tuple[str, str]]] = {
             (r"\.self_attn\.q_norm\.", ".self_attn.q_layernorm."), (r"\.self_attn\.k_norm\.", ".self_attn.k_layernorm.")],
     "stablelm": [],
     "starcoder2": [(r"\.mlp\.up_proj\.", ".mlp.c_fc."), (r"\.mlp\.down_proj\.", ".mlp.c_proj.")],
+    "gptj": [(r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.norm\.", "transformer.ln_f."),
+             (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."), (r"\.input_layernorm\.", ".ln_1."),
+             (r"\.self_attn\.([qkv])_proj\.", r".attn.\1_proj."), (r"\.self_attn\.o_proj\.", ".attn.out_proj."),
+             (r"\.mlp\.up_proj\.", ".mlp.fc_in."), (r"\.mlp\.down_proj\.", ".mlp.fc_out.")],
 }
+_OUT_RENAMES["gpt_bigcode"] = _OUT_RENAMES["gpt2"]
 _CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _PER_HEAD_NORM = re.compile(r"^(.*\.self_attn\.)([qk])_layernorm\.norms\.(\d+)\.weight$")
 
@@ -228,24 +282,42 @@ def _rename(name: str, rules: list[tuple[str, str]]) -> str:
     return name
 
 
-def _split_gpt2_qkv(name: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-    """GPT-2's ``c_attn`` (``Conv1D``: weight ``[hidden, 3 hidden]``, transposed here; bias ``[3 hidden]``) ->
-    our ``q_proj``, ``k_proj``, ``v_proj``: the output's thirds in that order."""
+def _split_gpt2_qkv(spec: ModelSpec, name: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """GPT-2's ``c_attn`` (``Conv1D``: weight ``[hidden, 3 hidden]``, transposed here; bias ``[3 hidden]``), or
+    GPTBigCode's with one key/value head (rows ``[hidden, head_dim, head_dim]``) -> our ``q_proj``, ``k_proj``,
+    ``v_proj``: the rows in that order. (GPTBigCode with a key/value per head interleaves them as GPT-NeoX does.)"""
     prefix, kind = name.rsplit(".attn.c_attn.", 1)
-    for part, chunk in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0), strict=True):
+    if spec.architecture == "gpt_bigcode" and spec.n_kv_heads == spec.n_heads > 1:
+        _split_per_head(spec, name, t, f"{prefix}.self_attn", out)
+        return
+    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    if t.shape[0] != q + 2 * kv:
+        raise ModelError(f"tensor {name!r} has {t.shape[0]} rows, the config implies {q + 2 * kv}")
+    for part, chunk in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv], dim=0), strict=True):
         out[f"{prefix}.self_attn.{part}.{kind}"] = chunk.contiguous()
 
 
-def _split_neox_qkv(spec: ModelSpec, name: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-    """GPT-NeoX's ``query_key_value`` (rows ``[heads, 3, head_dim]``: each head's query, key and value together) ->
-    our ``q_proj``, ``k_proj``, ``v_proj`` (rows ``[heads, head_dim]`` each)."""
-    prefix, kind = name.rsplit(".attention.query_key_value.", 1)
+def _split_per_head(spec: ModelSpec, name: str, t: torch.Tensor, attn: str, out: dict[str, torch.Tensor]) -> None:
+    """A fused q/k/v whose rows are ``[heads, 3, head_dim]`` (each head's query, key and value together: GPT-NeoX's
+    ``query_key_value``, GPTBigCode's ``c_attn`` without ``multi_query``) -> our ``q_proj``, ``k_proj``,
+    ``v_proj`` (rows ``[heads, head_dim]`` each) under ``attn``."""
+    kind = name.rsplit(".", 1)[1]
     h, d = spec.n_heads, spec.head_dim
     if t.shape[0] != 3 * h * d:
         raise ModelError(f"tensor {name!r} has {t.shape[0]} rows, the config implies {3 * h * d}")
     parts = t.reshape(h, 3, d, *t.shape[1:])
     for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
-        out[f"{prefix}.self_attn.{part}.{kind}"] = parts[:, i].reshape(h * d, *t.shape[1:]).contiguous()
+        out[f"{attn}.{part}.{kind}"] = parts[:, i].reshape(h * d, *t.shape[1:]).contiguous()
+
+
+def _rotary_order(spec: ModelSpec, inverse: bool = False) -> torch.Tensor:
+    """GPT-J: the row order of a q/k projection that turns its interleaved RoPE pairs into our half-split ones
+    (each head's rotated dims: even ones, then odd ones; the rest in place), or with ``inverse`` its inverse."""
+    d, r = spec.head_dim, spec.rotary_dim
+    head = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2), torch.arange(r, d)])
+    if inverse:
+        head = torch.argsort(head)
+    return torch.cat([head + i * d for i in range(spec.n_heads)])
 
 
 def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -258,14 +330,16 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
             continue
         if arch == "gpt2" and _CONV1D.search(name):
             t = t.t()
+        if arch == "gptj" and re.search(r"\.attn\.[qk]_proj\.weight$", name):
+            t = t[_rotary_order(spec)]
         if arch == "stablelm" and (m := _PER_HEAD_NORM.match(name)):
             heads.setdefault(f"{m[1]}{m[2]}_norm.weight", {})[int(m[3])] = t
             continue
         new = _rename(name, _RENAMES[arch])
-        if arch == "gpt2" and ".attn.c_attn." in new:
-            _split_gpt2_qkv(new, t, out)
+        if arch in ("gpt2", "gpt_bigcode") and ".attn.c_attn." in new:
+            _split_gpt2_qkv(spec, new, t, out)
         elif arch == "gpt_neox" and ".attention.query_key_value." in new:
-            _split_neox_qkv(spec, new, t, out)
+            _split_per_head(spec, new, t, new.rsplit(".attention.", 1)[0] + ".self_attn", out)
         else:
             out[new.replace(".attention.", ".self_attn.") if arch == "gpt_neox" else new] = t
     for name, per_head in heads.items():
@@ -282,9 +356,11 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in ours.items():
         m = re.match(r"^(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
-        if arch in ("gpt2", "gpt_neox") and m:
+        if arch in ("gpt2", "gpt_neox", "gpt_bigcode") and m:
             fused.setdefault(f"{m[1]}|{m[3]}", {})[m[2]] = t
             continue
+        if arch == "gptj" and re.search(r"\.self_attn\.[qk]_proj\.weight$", name):
+            t = t[_rotary_order(spec, inverse=True)].contiguous()
         if arch == "stablelm" and re.search(r"\.self_attn\.[qk]_norm\.weight$", name):
             stem = name[: -len("_norm.weight")]
             for h in range(t.shape[0]):
@@ -299,13 +375,16 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
     for key, parts in fused.items():
         layer, kind = key.split("|")
         q, k, v = parts["q"], parts["k"], parts["v"]
-        if arch == "gpt2":
+        if arch == "gpt_bigcode" and spec.n_kv_heads == 1 < spec.n_heads:
+            out[_rename(f"{layer}.attn.c_attn.{kind}", _OUT_RENAMES[arch])] = torch.cat([q, k, v]).contiguous()
+        elif arch == "gpt2":
             w = torch.cat([q, k, v])
             out[_rename(f"{layer}.attn.c_attn.{kind}", _OUT_RENAMES[arch])] = w.t().contiguous() if kind == "weight" else w
         else:
             h, d = spec.n_heads, spec.head_dim
             w = torch.stack([x.reshape(h, d, *x.shape[1:]) for x in (q, k, v)], dim=1).reshape(3 * h * d, *q.shape[1:])
-            out[_rename(f"{layer}.attention.query_key_value.{kind}", _OUT_RENAMES[arch])] = w.contiguous()
+            fused_name = "attn.c_attn" if arch == "gpt_bigcode" else "attention.query_key_value"
+            out[_rename(f"{layer}.{fused_name}.{kind}", _OUT_RENAMES[arch])] = w.contiguous()
     return out
 
 

@@ -60,9 +60,11 @@ RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), 
 ``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
 embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
 ``residual_multiplier``, logits divided by ``logits_scaling``).
-Five LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
+Seven LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
 and tensor names): ``GPT2LMHeadModel`` (``gpt2``: learned positions, no RoPE, fused ``Conv1D`` q/k/v,
-``scale_attn_by_inverse_layer_idx``), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
+``scale_attn_by_inverse_layer_idx``), ``GPTBigCodeForCausalLM`` (``gpt_bigcode``: StarCoder 1, SantaCoder; GPT-2's
+block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gptj``: interleaved RoPE on
+``rotary_dim``, read as ours by permuting q/k rows at load; one norm feeding a parallel attention and MLP), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
 RoPE, optional per-head q/k LayerNorms and parallel block) and ``Starcoder2ForCausalLM`` (``starcoder2``: biased
@@ -257,9 +259,9 @@ class ModelSpec(_SpecCommon):
         object.__setattr__(self, "mlp_only_layers", tuple(int(x) for x in self.mlp_only_layers))
         self._check_layernorm_family()
         if self.partial_rotary_factor != 1.0:
-            if self.architecture not in ("phi3", "glm4_moe", "gpt_neox", "phi", "stablelm"):
+            if self.architecture not in ("phi3", "glm4_moe", "gpt_neox", "phi", "stablelm", "gptj"):
                 raise ModelError(f"model config: partial_rotary_factor is only supported for phi3, glm4_moe, "
-                                 f"gpt_neox, phi and stablelm, got "
+                                 f"gpt_neox, gptj, phi and stablelm, got "
                                  f"{self.partial_rotary_factor} for {self.architecture}")
             rot = self.rotary_dim
             if not 0 < self.partial_rotary_factor <= 1 or rot <= 0 or rot % 2:
@@ -340,19 +342,22 @@ class ModelSpec(_SpecCommon):
                              f"{sorted(set(lnf.ACTIVATIONS.values()))}")
         if self.architecture == "stablelm" and self.activation != "silu":
             raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
-        fixed = {"gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False)}
+        fixed = {"gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
+                 "gptj": (True, False), "gpt_bigcode": (False, False)}
         par, qk = fixed.get(self.architecture, (None, None))
         if (par is not None and self.parallel_residual != par) or (qk is not None and self.qk_layernorm != qk):
             raise ModelError(f"model config: {self.architecture} has parallel_residual {par} and qk_layernorm {qk} "
                              f"(got {self.parallel_residual}, {self.qk_layernorm})")
         if self.scale_attn_by_layer and self.architecture != "gpt2":
             raise ModelError("model config: scale_attn_by_layer is GPT-2's (scale_attn_by_inverse_layer_idx)")
-        if self.architecture == "gpt2" and (self.partial_rotary_factor != 1.0 or self.rope_scaling is not None):
-            raise ModelError("model config: gpt2 has learned positions, no RoPE (no partial_rotary_factor or "
-                             "rope_scaling)")
-        if self.architecture in ("gpt2", "gpt_neox") and self.n_kv_heads != self.n_heads:
+        if self.learned_positions and (self.partial_rotary_factor != 1.0 or self.rope_scaling is not None):
+            raise ModelError(f"model config: {self.architecture} has learned positions, no RoPE (no "
+                             "partial_rotary_factor or rope_scaling)")
+        if self.architecture in ("gpt2", "gpt_neox", "gptj") and self.n_kv_heads != self.n_heads:
             raise ModelError(f"model config: {self.architecture} attends with every head's own key and value "
                              "(n_kv_heads = n_heads)")
+        if self.architecture == "gpt_bigcode" and self.n_kv_heads not in (1, self.n_heads):
+            raise ModelError("model config: gpt_bigcode attends with one key/value head (multi_query) or one per head")
         if self.sliding_window is not None and self.architecture != "starcoder2":
             raise ModelError(f"model config: {self.architecture} has no sliding window")
 
@@ -494,8 +499,10 @@ class ModelSpec(_SpecCommon):
         ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do; Seed-OSS has its own switch."""
         if self.o_proj_bias is not None:
             return self.o_proj_bias
-        if self.architecture in ("gpt2", "phi"):
+        if self.architecture in ("gpt2", "gpt_bigcode", "phi"):
             return True
+        if self.architecture == "gptj":
+            return False
         if self.architecture in ("gpt_neox", "starcoder2"):
             return self.attention_bias
         return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2",
@@ -509,8 +516,8 @@ class ModelSpec(_SpecCommon):
 
     @property
     def learned_positions(self) -> bool:
-        """GPT-2: learned absolute position embeddings added to the token embeddings, and no RoPE."""
-        return self.architecture == "gpt2"
+        """GPT-2, GPTBigCode: learned absolute position embeddings added to the token embeddings, and no RoPE."""
+        return self.architecture in lnf.LEARNED_POSITIONS
 
     @property
     def gated_mlp(self) -> bool:
@@ -519,21 +526,22 @@ class ModelSpec(_SpecCommon):
 
     @property
     def mlp_bias(self) -> bool:
-        """Biases on the plain MLP's two projections: GPT-2, GPT-NeoX and Phi always, StarCoder 2 with
-        ``use_bias``."""
-        return self.architecture in ("gpt2", "gpt_neox", "phi") or (self.architecture == "starcoder2"
-                                                                     and self.attention_bias)
+        """Biases on the plain MLP's two projections: GPT-2, GPT-J, GPT-NeoX, GPTBigCode and Phi always,
+        StarCoder 2 with ``use_bias``."""
+        return self.architecture in ("gpt2", "gptj", "gpt_neox", "gpt_bigcode", "phi") or (
+            self.architecture == "starcoder2" and self.attention_bias)
 
     @property
     def shared_norm_parallel(self) -> bool:
-        """Phi, and StableLM with a parallel residual: attention and MLP read the same ``input_layernorm``
+        """GPT-J, Phi, and StableLM with a parallel residual: attention and MLP read the same ``input_layernorm``
         output (no ``post_attention_layernorm``)."""
-        return self.architecture == "phi" or (self.architecture == "stablelm" and bool(self.parallel_residual))
+        return self.architecture in ("phi", "gptj") or (self.architecture == "stablelm"
+                                                         and bool(self.parallel_residual))
 
     @property
     def lm_head_bias(self) -> bool:
-        """Phi's LM head has a bias."""
-        return self.architecture == "phi"
+        """Phi's and GPT-J's LM heads have a bias."""
+        return self.architecture in ("phi", "gptj")
 
     def layer_attn_scale(self, layer: int) -> float:
         """Layer ``layer``'s score scale: :attr:`attn_scale`, divided by ``layer + 1`` for GPT-2's
@@ -782,7 +790,8 @@ class ModelSpec(_SpecCommon):
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
-                "granite, ministral, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gpt_neox, phi, stablelm, starcoder2, "
+                "granite, ministral, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, phi, stablelm, "
+                "starcoder2, "
                 "deepseek_v2, deepseek_v3, deepseek_v32)"
             )
 

@@ -1,4 +1,4 @@
-"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, Phi, StableLM and StarCoder 2 against transformers on the same random weights, saved by
+"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM and StarCoder 2 against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged
 KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, checkpoints
 in older spellings, a session served by the emulated cluster, and the configs we refuse.
@@ -6,7 +6,8 @@ in older spellings, a session served by the emulated cluster, and the configs we
 What each family adds to the Llama path (:mod:`dualpath.model.layernorm_family`): LayerNorm with biases instead of
 RMSNorm; GPT-2 learned positions and no RoPE, fused ``Conv1D`` q/k/v, optionally scores scaled by ``1 / (layer + 1)``;
 GPTBigCode GPT-2's block with one key/value head; GPT-J interleaved RoPE on part of each head (read as ours by a
-permutation of the q/k rows) and one norm feeding a parallel attention and MLP;
+permutation of the q/k rows) and one norm feeding a parallel attention and MLP; OPT learned positions at an offset,
+queries scaled first, embeddings projected in and out, and OPT-350m's post-norm blocks;
 GPT-NeoX a fused per-head q/k/v, partial RoPE and a two-norm parallel residual; Phi one norm feeding a parallel
 attention and MLP, per-head q/k LayerNorms shared by every head, and a biased LM head; StableLM SwiGLU with partial
 RoPE, per-head q/k LayerNorms of their own and optionally Phi's parallel block; StarCoder 2 a biased GELU MLP and a
@@ -53,6 +54,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
                     {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 256, "n_inner": 96,
                      "bos_token_id": None, "eos_token_id": None}),
+    # learned positions from row 2, embeddings of 32 dims projected in and out of the hidden 64
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            dict(BASE, ffn_dim=96, word_embed_proj_dim=32, pad_token_id=None)),
     # the parallel residual with its two norms; RoPE on a quarter of each head
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE)),
     # one norm feeding attention and MLP; RoPE on half of each head; q/k LayerNorms shared by every head
@@ -66,6 +70,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 #: variants whose only difference is a switch: the sequential GPT-NeoX block, StableLM's parallel block, GPTBigCode
 #: with a key/value per head (its fused q/k/v then interleaved per head)
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # OPT-350m's blocks: the norms after each residual sum, no final norm
+    "opt_post_ln": ("OPTConfig", "OPTForCausalLM", dict(FAMILIES["opt"][2], do_layer_norm_before=False)),
     "gpt_bigcode_mha": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
                         dict(FAMILIES["gpt_bigcode"][2], multi_query=False)),
     "gpt_neox_sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, use_parallel_residual=False)),
@@ -128,6 +134,7 @@ def test_residual_variants_equal_transformers(variant, tmp_path_factory):
     spec = load_spec(d)
     assert isinstance(spec, ModelSpec) and spec.parallel_residual == (variant == "stablelm_parallel")
     assert spec.n_kv_heads == (2 if variant == "stablelm_parallel" else 4)
+    assert spec.post_layer_norm == (True if variant == "opt_post_ln" else None)
     check_batched_against_hf(_load(d), hf, [_turns(4)[0] + _turns(4)[1], _turns(4)[2]])
 
 
@@ -151,10 +158,11 @@ def test_spec_follows_transformers(ckpt):
     assert spec.tie_embeddings == bool(c.tie_word_embeddings)
     gpt2_keys = family in ("gpt2", "gptj", "gpt_bigcode")
     assert spec.max_position == (c.n_positions if gpt2_keys else c.max_position_embeddings)
-    want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5}.get(family) or \
+    want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5, "opt": 1.0}.get(family) or \
         c.rope_parameters["partial_rotary_factor"]
     assert spec.partial_rotary_factor == want_partial
-    assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode"))
+    assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt"))
+    assert spec.embed_proj_dim == (32 if family == "opt" else None)
     assert spec.n_kv_heads == {"gpt_bigcode": 1, "stablelm": 2, "starcoder2": 2}.get(family, 4)
     assert spec.layer_window(0) == (5 if family == "starcoder2" else None)
     assert spec.parallel_residual == (family in ("gpt_neox", "phi", "gptj"))
@@ -186,11 +194,11 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
 
 def test_older_checkpoint_spellings_load(tmp_path_factory, tmp_path):
     """GPT-2 tensors without the ``transformer.`` prefix and with the causal-mask buffers old checkpoints carry;
-    a GPT-NeoX config in Pythia's keys (``rotary_pct``, ``rotary_emb_base``) with its mask and RoPE buffers. Both
-    give transformers' logits."""
+    a GPT-NeoX config in Pythia's keys (``rotary_pct``, ``rotary_emb_base``) with its mask and RoPE buffers; OPT
+    tensors without the ``model.`` prefix, and its tied head written out. Each gives transformers' logits."""
     from safetensors.torch import load_file, save_file
 
-    for family in ("gpt2", "gpt_neox"):
+    for family in ("gpt2", "gpt_neox", "opt"):
         d, hf = _CKPTS.get(family, tmp_path_factory)
         old = tmp_path / family
         old.mkdir()
@@ -201,6 +209,9 @@ def test_older_checkpoint_spellings_load(tmp_path_factory, tmp_path):
             for i in range(3):
                 tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 256, 256))
                 tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        elif family == "opt":
+            tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+            tensors["lm_head.weight"] = tensors["decoder.embed_tokens.weight"].clone()
         else:
             params = cfg.pop("rope_parameters")
             cfg.update(rotary_pct=params["partial_rotary_factor"], rotary_emb_base=params["rope_theta"])
@@ -249,6 +260,9 @@ async def test_cluster_read_paths_same_tokens(tmp_path_factory):
     ("gptj", "rotary_dim", 7, "rotary_dim"),
     ("gptj", "rotary_dim", 32, "rotary_dim"),
     ("gpt_bigcode", "multi_query", "yes", "multi_query"),
+    ("opt", "layer_norm_elementwise_affine", False, "layer_norm_elementwise_affine"),
+    ("opt", "_remove_final_layer_norm", True, "_remove_final_layer_norm"),
+    ("opt", "word_embed_proj_dim", 0, "word_embed_proj_dim"),
     ("gpt_neox", "use_parallel_residual", "yes", "use_parallel_residual"),
     ("gpt_neox", "rotary_pct", 1.5, "partial_rotary_factor"),
     ("phi", "layer_norm_eps", 0, "epsilon"),

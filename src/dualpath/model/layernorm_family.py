@@ -1,4 +1,4 @@
-"""The LayerNorm decoders: GPT-2, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), Phi (phi-1,
+"""The LayerNorm decoders: GPT-2, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), OPT, Phi (phi-1,
 phi-1.5, phi-2), StableLM and StarCoder 2.
 
 They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
@@ -7,19 +7,23 @@ differ from Llama in the same few places, each a :class:`~dualpath.model.spec.Mo
 * ``nn.LayerNorm`` (with a bias) instead of RMSNorm, ``eps`` from ``layer_norm_epsilon`` / ``layer_norm_eps`` /
   ``norm_epsilon``;
 * a plain MLP ``down(act(up(x)))`` with biases (GPT-2, GPT-J, GPT-NeoX, GPTBigCode, Phi; StarCoder 2 with
-  ``use_bias``), the activation named by ``activation`` (StableLM keeps Llama's SwiGLU);
+  ``use_bias``, OPT with ``enable_bias``), the activation named by ``activation`` (StableLM keeps Llama's SwiGLU);
 * a parallel residual (``parallel_residual``): GPT-NeoX ``x + attn(ln1(x)) + mlp(ln2(x))``; GPT-J, Phi, and StableLM
   with ``use_parallel_residual``, ``x + attn(ln(x)) + mlp(ln(x))`` with one norm;
 * RoPE on ``partial_rotary_factor`` of each head (GPT-J ``rotary_dim``, GPT-NeoX 0.25, Phi 0.5, StableLM 0.25);
   GPT-J rotates interleaved pairs ``(2i, 2i + 1)``, which is our half-split rotation after permuting the rotated
   rows of ``q_proj`` and ``k_proj`` (even dims first, then odd; scores are unchanged by a permutation applied to
   both queries and keys), so the permutation is done once at load and undone at save;
-* no RoPE in GPT-2 and GPTBigCode, which add learned absolute position embeddings (``wpe``); GPT-2 may scale layer
+* no RoPE in GPT-2, GPTBigCode and OPT, which add learned absolute position embeddings (``wpe``; OPT's table is
+  indexed at position + 2); GPT-2 may scale layer
   ``l``'s scores by ``1 / (l + 1)`` (``scale_attn_by_inverse_layer_idx``); GPTBigCode attends with one key/value
   head (``multi_query``) or one per head;
 * LayerNorms on each head's query and key (``qk_layernorm``): Phi one LayerNorm shared by every head (with a bias),
   StableLM one per head (no bias);
-* Phi's and GPT-J's LM heads have a bias.
+* Phi's and GPT-J's LM heads have a bias;
+* OPT: queries scaled before the scores (as OPT computes them), embeddings of ``word_embed_proj_dim`` projected in
+  and out of the hidden size (``project_in`` / ``project_out``) where it differs, and OPT-350m's post-LayerNorm
+  blocks (``do_layer_norm_before: false``: ``ln(x + attn(x))``, ``ln(h + mlp(h))``, no final norm).
 
 This module reads each family's ``config.json`` into the keys :meth:`ModelSpec.from_hf_config` reads
 (:func:`normalize_config`, with the config classes' defaults), writes it back (:func:`hf_config`), and renames
@@ -47,11 +51,13 @@ if TYPE_CHECKING:
 #: Hugging Face architecture -> ours
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
                  "StableLmForCausalLM": "stablelm", "Starcoder2ForCausalLM": "starcoder2",
-                 "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode"}
+                 "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode", "OPTForCausalLM": "opt"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families with learned absolute positions and no RoPE
-LEARNED_POSITIONS = ("gpt2", "gpt_bigcode")
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")
+#: where each family's position table starts (OPT keeps two rows before position 0)
+POSITION_OFFSET = {"opt": 2}
 HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 LN_ARCHS = tuple(ARCHITECTURES.values())
 #: a config's activation name -> the one the MLP runs (``gelu_tanh``: GELU's tanh approximation, which
@@ -75,6 +81,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                  "tie_word_embeddings": False},
     "starcoder2": {"max_position_embeddings": 4096, "norm_epsilon": 1e-5, "hidden_act": "gelu_pytorch_tanh",
                    "use_bias": True, "tie_word_embeddings": True},
+    "opt": {"max_position_embeddings": 2048, "activation_function": "relu", "do_layer_norm_before": True,
+            "_remove_final_layer_norm": False, "enable_bias": True, "layer_norm_elementwise_affine": True,
+            "tie_word_embeddings": True},
 }
 _PARTIAL_DEFAULT = {"gpt_neox": 0.25, "phi": 0.5, "stablelm": 0.25}
 
@@ -142,6 +151,19 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         scale_by_layer = out.get("scale_attn_by_inverse_layer_idx", False) if arch == "gpt2" else False
         if not isinstance(scale_by_layer, bool):
             raise ModelError(f"{where}: scale_attn_by_inverse_layer_idx must be true or false, got {scale_by_layer!r}")
+    elif arch == "opt":
+        scale_by_layer = False
+        out.update(rms_norm_eps=1e-5, hidden_act=out["activation_function"],  # (nn.LayerNorm's default eps)
+                   intermediate_size=out.get("ffn_dim"), num_key_value_heads=out.get("num_attention_heads"),
+                   attention_bias=_flag(out, "enable_bias", where))
+        if not _flag(out, "layer_norm_elementwise_affine", where):
+            raise ModelError(f"{where}: layer_norm_elementwise_affine=false is unsupported (norms with weights)")
+        pre = _flag(out, "do_layer_norm_before", where)
+        if pre and _flag(out, "_remove_final_layer_norm", where):
+            raise ModelError(f"{where}: _remove_final_layer_norm=true is unsupported with do_layer_norm_before")
+        proj = out.get("word_embed_proj_dim", out.get("hidden_size"))
+        if isinstance(proj, bool) or not isinstance(proj, int) or proj <= 0:
+            raise ModelError(f"{where}: word_embed_proj_dim must be a positive integer, got {proj!r}")
     else:
         scale_by_layer = False
         eps_key = {"starcoder2": "norm_epsilon"}.get(arch, "layer_norm_eps")
@@ -165,17 +187,22 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out["attention_bias"] = _flag(out, "use_qkv_bias", where)
     elif arch == "starcoder2":
         out["attention_bias"] = _flag(out, "use_bias", where)
-    if arch not in GPT2_KEYS:
+    if arch not in (*GPT2_KEYS, "opt"):
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
-    parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False}.get(arch)
+    parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
+                "opt": False}.get(arch)
     if parallel is None:
         parallel = _flag(out, "use_parallel_residual", where)
     qk = _flag(out, "qk_layernorm", where) if arch in ("phi", "stablelm") else False
     out["ln_fields"] = {"activation": ACTIVATIONS[act], "parallel_residual": parallel, "qk_layernorm": qk,
                         "scale_attn_by_layer": scale_by_layer}
+    if arch == "opt":
+        proj = out.get("word_embed_proj_dim", out.get("hidden_size"))
+        out["ln_fields"].update(post_layer_norm=not out["do_layer_norm_before"],
+                                embed_proj_dim=None if proj == out.get("hidden_size") else proj)
     out.pop("mlp_bias", None)  # (not a key of these families; their own switch decides the MLP's biases)
     return out
 
@@ -201,6 +228,14 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
         else:
             out.update(multi_query=spec.n_kv_heads == 1 < spec.n_heads, scale_attn_weights=True)
         return out
+    if arch == "opt":
+        return {**common, "hidden_size": spec.hidden_size, "ffn_dim": spec.intermediate_size,
+                "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
+                "max_position_embeddings": spec.max_position, "activation_function": act,
+                "word_embed_proj_dim": spec.embed_proj_dim or spec.hidden_size,
+                "do_layer_norm_before": not spec.post_layer_norm, "enable_bias": spec.attention_bias,
+                "_remove_final_layer_norm": False, "layer_norm_elementwise_affine": True, "dropout": 0.0,
+                "attention_dropout": 0.0}
     out = {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
            "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
            "max_position_embeddings": spec.max_position, "hidden_act": act,
@@ -250,6 +285,11 @@ _RENAMES: dict[str, list[tuple[str, str]]] = {
              (r"\.mlp\.fc_in\.", ".mlp.up_proj."), (r"\.mlp\.fc_out\.", ".mlp.down_proj.")],
 }
 _RENAMES["gpt_bigcode"] = _RENAMES["gpt2"]
+_RENAMES["opt"] = [(r"^(model\.)?decoder\.final_layer_norm\.", "model.norm."), (r"^(model\.)?decoder\.", "model."),
+                   (r"\.self_attn_layer_norm\.", ".input_layernorm."),
+                   (r"(\.layers\.\d+)\.final_layer_norm\.", r"\1.post_attention_layernorm."),
+                   (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."), (r"\.fc1\.", ".mlp.up_proj."),
+                   (r"\.fc2\.", ".mlp.down_proj.")]
 #: ours -> theirs, for writing a checkpoint (the first spelling of each family's names)
 _OUT_RENAMES: dict[str, list[tuple[str, str]]] = {
     "gpt2": [(r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.embed_positions\.", "transformer.wpe."),
@@ -272,6 +312,12 @@ _OUT_RENAMES: dict[str, list[tuple[str, str]]] = {
              (r"\.mlp\.up_proj\.", ".mlp.fc_in."), (r"\.mlp\.down_proj\.", ".mlp.fc_out.")],
 }
 _OUT_RENAMES["gpt_bigcode"] = _OUT_RENAMES["gpt2"]
+_OUT_RENAMES["opt"] = [(r"^model\.norm\.", "model.decoder.final_layer_norm."),
+                       (r"^model\.(?!decoder\.)", "model.decoder."),
+                       (r"\.input_layernorm\.", ".self_attn_layer_norm."),
+                       (r"\.post_attention_layernorm\.", ".final_layer_norm."),
+                       (r"\.self_attn\.o_proj\.", ".self_attn.out_proj."), (r"\.mlp\.up_proj\.", ".fc1."),
+                       (r"\.mlp\.down_proj\.", ".fc2.")]
 _CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _PER_HEAD_NORM = re.compile(r"^(.*\.self_attn\.)([qk])_layernorm\.norms\.(\d+)\.weight$")
 

@@ -330,11 +330,15 @@ def _glm_routing(spec: ModelSpec) -> SimpleNamespace:
 class Backbone(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        if spec.learned_positions:  # GPT-2's wpe
-            self.embed_positions = nn.Embedding(spec.max_position, spec.hidden_size)
+        width = spec.embed_proj_dim or spec.hidden_size
+        self.embed_tokens = nn.Embedding(spec.vocab_size, width)
+        if spec.embed_proj_dim:  # OPT's word_embed_proj_dim: embeddings projected in, the last hidden state out
+            self.project_in = nn.Linear(width, spec.hidden_size, bias=False)
+            self.project_out = nn.Linear(spec.hidden_size, width, bias=False)
+        if spec.learned_positions:  # GPT-2's wpe (OPT's starts two rows before position 0)
+            self.embed_positions = nn.Embedding(spec.max_position + spec.position_offset, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = _norm(spec, spec.hidden_size)
+        self.norm: nn.Module | None = None if spec.post_layer_norm else _norm(spec, spec.hidden_size)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -366,7 +370,8 @@ class LayerwiseDecoder(nn.Module):
         self.spec = spec
         self.backend = backend
         self.model = backbone
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=bool(getattr(spec, "lm_head_bias", False)))
+        self.lm_head = nn.Linear(getattr(spec, "embed_proj_dim", None) or spec.hidden_size, spec.vocab_size,
+                                 bias=bool(getattr(spec, "lm_head_bias", False)))
         if spec.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.to(device=device, dtype=spec.torch_dtype)
@@ -446,15 +451,23 @@ class LlamaModel(LayerwiseDecoder):
         self._rope = [i not in spec.nope_layers and not spec.learned_positions for i in range(spec.n_layers)]
         self.residual_scale = spec.residual_multiplier  # Granite: each block's output scaled (None: 1)
 
+    def _last_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm (none after OPT-350m's post-norm blocks), then OPT's ``project_out``."""
+        if self.model.norm is not None:
+            h = self.model.norm(h)
+        if self.spec.embed_proj_dim:
+            h = self.model.project_out(h)
+        return h
+
     @torch.no_grad()
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """As :meth:`LayerwiseDecoder.head`; Gemma 2 soft-caps the logits in the compute dtype first."""
         cap = self.spec.final_logit_softcapping
+        logits = self.lm_head(self._last_hidden(h))
         if self.spec.logits_scaling is not None:  # Granite: logits divided, in the compute dtype
-            return (self.lm_head(cast(nn.Module, self.model.norm)(h)) / self.spec.logits_scaling).float()
+            return (logits / self.spec.logits_scaling).float()
         if cap is None:
-            return super().head(h)
-        logits = self.lm_head(cast(nn.Module, self.model.norm)(h))
+            return cast(torch.Tensor, logits.float())
         return (torch.tanh(logits / cap) * cap).float()
 
     # --- layer-wise forward ------------------------------------------------------------------------------
@@ -477,11 +490,14 @@ class LlamaModel(LayerwiseDecoder):
         if self.local_inv_freq is not None:
             local = self._rope_tables(positions, self.local_inv_freq, 1.0)
         hidden = self.model.embed_tokens(ids)
-        if self.spec.learned_positions:  # GPT-2: a position past its table has no embedding
+        if self.spec.embed_proj_dim:  # OPT
+            hidden = self.model.project_in(hidden)
+        if self.spec.learned_positions:  # GPT-2, OPT: a position past the table has no embedding
             if int(batch.positions.max()) >= self.spec.max_position:
                 raise ModelError(f"position {int(batch.positions.max())} is past the model's "
                                  f"{self.spec.max_position} learned positions (n_positions)")
-            hidden = hidden + self.model.embed_positions(batch.positions.to(self.device))
+            pos = batch.positions.to(self.device) + self.spec.position_offset
+            hidden = hidden + self.model.embed_positions(pos)
         if self.spec.gemma_style:
             hidden = hidden * self.embed_scale.to(hidden.dtype)
         elif self.spec.embedding_multiplier is not None:  # Granite
@@ -507,7 +523,7 @@ class LlamaModel(LayerwiseDecoder):
             raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = cast(Attention, mod.self_attn)
-        x = state.hidden if spec.post_norms else cast(nn.Module, mod.input_layernorm)(state.hidden)
+        x = state.hidden if spec.post_norms or spec.post_layer_norm else cast(nn.Module, mod.input_layernorm)(state.hidden)
         n = x.shape[0]
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if spec.qk_norm_full:  # OLMo 2 and 3, OLMoE: over the whole projections
@@ -526,15 +542,18 @@ class LlamaModel(LayerwiseDecoder):
                 cos, sin = state.local
             cos, sin = cos[:, None, :], sin[:, None, :]
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        scale = self.scales[layer]
+        if spec.scale_query_first:  # OPT scales its queries before the scores
+            q, scale = q * scale, 1.0
         store_kv(k, v, kv_layer, b.slot_mapping, backend=self.backend)
         sinks = attn.sinks if spec.attention_sinks else None
         if b.is_decode:
-            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, self.scales[layer],
+            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, scale,
                                        backend=self.backend,
                                        softcap=self.softcap, window=self.windows[layer], sinks=sinks)
         else:
             o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                        self.scales[layer], backend=self.backend, softcap=self.softcap,
+                                        scale, backend=self.backend, softcap=self.softcap,
                                         window=self.windows[layer], sinks=sinks)
         a = attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
         if spec.sandwich_norms:  # Gemma 2: norms on the attention output and around the MLP
@@ -544,6 +563,9 @@ class LlamaModel(LayerwiseDecoder):
         elif spec.post_norms:  # OLMo 2 and 3: norms on each block's output
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)
             state.hidden = h + cast(RMSNorm, mod.post_feedforward_layernorm)(mod.mlp(h))
+        elif spec.post_layer_norm:  # OPT-350m: each residual sum normed
+            h = cast(nn.Module, mod.input_layernorm)(state.hidden + a)
+            state.hidden = cast(nn.Module, mod.post_attention_layernorm)(h + mod.mlp(h))
         elif spec.layer_norm and spec.parallel_residual:
             # the parallel residual, summed in each family's order: Phi / StableLM read the input norm's output
             # twice, GPT-NeoX has a second norm on the block's input

@@ -60,11 +60,13 @@ RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), 
 ``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
 embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
 ``residual_multiplier``, logits divided by ``logits_scaling``).
-Seven LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
+Eight LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
 and tensor names): ``GPT2LMHeadModel`` (``gpt2``: learned positions, no RoPE, fused ``Conv1D`` q/k/v,
 ``scale_attn_by_inverse_layer_idx``), ``GPTBigCodeForCausalLM`` (``gpt_bigcode``: StarCoder 1, SantaCoder; GPT-2's
 block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gptj``: interleaved RoPE on
-``rotary_dim``, read as ours by permuting q/k rows at load; one norm feeding a parallel attention and MLP), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
+``rotary_dim``, read as ours by permuting q/k rows at load; one norm feeding a parallel attention and MLP),
+``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
+projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
 RoPE, optional per-head q/k LayerNorms and parallel block) and ``Starcoder2ForCausalLM`` (``starcoder2``: biased
@@ -225,6 +227,10 @@ class ModelSpec(_SpecCommon):
     parallel_residual: bool | None = None
     qk_layernorm: bool | None = None
     scale_attn_by_layer: bool | None = None
+    # OPT (None for every other): post-LayerNorm blocks (do_layer_norm_before false), and the embeddings' width
+    # where it differs from hidden_size (word_embed_proj_dim: projected in and out)
+    post_layer_norm: bool | None = None
+    embed_proj_dim: int | None = None
     # phi3 LongRoPE (rope_scaling type longrope): which factor set turns every position, chosen once per deployment
     # (see rope_long_for); None for every other RoPE
     rope_long: bool | None = None
@@ -343,7 +349,15 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "stablelm" and self.activation != "silu":
             raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
         fixed = {"gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
-                 "gptj": (True, False), "gpt_bigcode": (False, False)}
+                 "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False)}
+        if (self.post_layer_norm is None) == (self.architecture == "opt"):
+            raise ModelError(f"model config: post_layer_norm is opt's and required there, got "
+                             f"{self.post_layer_norm!r} for {self.architecture}")
+        e = self.embed_proj_dim
+        if e is not None and (self.architecture != "opt" or isinstance(e, bool) or not isinstance(e, int) or e <= 0
+                              or e == self.hidden_size):
+            raise ModelError(f"model config: embed_proj_dim is opt's word_embed_proj_dim, a positive integer other "
+                             f"than hidden_size, got {e!r} for {self.architecture}")
         par, qk = fixed.get(self.architecture, (None, None))
         if (par is not None and self.parallel_residual != par) or (qk is not None and self.qk_layernorm != qk):
             raise ModelError(f"model config: {self.architecture} has parallel_residual {par} and qk_layernorm {qk} "
@@ -353,7 +367,7 @@ class ModelSpec(_SpecCommon):
         if self.learned_positions and (self.partial_rotary_factor != 1.0 or self.rope_scaling is not None):
             raise ModelError(f"model config: {self.architecture} has learned positions, no RoPE (no "
                              "partial_rotary_factor or rope_scaling)")
-        if self.architecture in ("gpt2", "gpt_neox", "gptj") and self.n_kv_heads != self.n_heads:
+        if self.architecture in ("gpt2", "gpt_neox", "gptj", "opt") and self.n_kv_heads != self.n_heads:
             raise ModelError(f"model config: {self.architecture} attends with every head's own key and value "
                              "(n_kv_heads = n_heads)")
         if self.architecture == "gpt_bigcode" and self.n_kv_heads not in (1, self.n_heads):
@@ -503,7 +517,7 @@ class ModelSpec(_SpecCommon):
             return True
         if self.architecture == "gptj":
             return False
-        if self.architecture in ("gpt_neox", "starcoder2"):
+        if self.architecture in ("gpt_neox", "starcoder2", "opt"):
             return self.attention_bias
         return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
@@ -529,7 +543,7 @@ class ModelSpec(_SpecCommon):
         """Biases on the plain MLP's two projections: GPT-2, GPT-J, GPT-NeoX, GPTBigCode and Phi always,
         StarCoder 2 with ``use_bias``."""
         return self.architecture in ("gpt2", "gptj", "gpt_neox", "gpt_bigcode", "phi") or (
-            self.architecture == "starcoder2" and self.attention_bias)
+            self.architecture in ("starcoder2", "opt") and self.attention_bias)
 
     @property
     def shared_norm_parallel(self) -> bool:
@@ -542,6 +556,16 @@ class ModelSpec(_SpecCommon):
     def lm_head_bias(self) -> bool:
         """Phi's and GPT-J's LM heads have a bias."""
         return self.architecture in ("phi", "gptj")
+
+    @property
+    def position_offset(self) -> int:
+        """The row of the learned position table that position 0 reads (OPT: 2)."""
+        return lnf.POSITION_OFFSET.get(self.architecture, 0)
+
+    @property
+    def scale_query_first(self) -> bool:
+        """OPT multiplies its queries by the score scale before the scores (same values, its rounding)."""
+        return self.architecture == "opt"
 
     def layer_attn_scale(self, layer: int) -> float:
         """Layer ``layer``'s score scale: :attr:`attn_scale`, divided by ``layer + 1`` for GPT-2's
@@ -611,7 +635,7 @@ class ModelSpec(_SpecCommon):
             d["full_attention_layers"] = list(self.full_attention_layers)
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
-                    "scale_attn_by_layer"):
+                    "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -790,7 +814,7 @@ class ModelSpec(_SpecCommon):
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
-                "granite, ministral, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, phi, stablelm, "
+                "granite, ministral, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
                 "starcoder2, "
                 "deepseek_v2, deepseek_v3, deepseek_v32)"
             )

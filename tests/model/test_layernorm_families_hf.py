@@ -1,4 +1,4 @@
-"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM and StarCoder 2 against transformers on the same random weights, saved by
+"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere and Cohere 2 against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged
 KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, checkpoints
 in older spellings, a session served by the emulated cluster, and the configs we refuse.
@@ -7,7 +7,9 @@ What each family adds to the Llama path (:mod:`dualpath.model.layernorm_family`)
 RMSNorm; GPT-2 learned positions and no RoPE, fused ``Conv1D`` q/k/v, optionally scores scaled by ``1 / (layer + 1)``;
 GPTBigCode GPT-2's block with one key/value head; GPT-J interleaved RoPE on part of each head (read as ours by a
 permutation of the q/k rows) and one norm feeding a parallel attention and MLP; OPT learned positions at an offset,
-queries scaled first, embeddings projected in and out, and OPT-350m's post-norm blocks;
+queries scaled first, embeddings projected in and out, and OPT-350m's post-norm blocks; Cohere a bias-free fp32
+LayerNorm, a parallel SwiGLU block, interleaved RoPE (the same permutation, applied to its q/k norms and biases too)
+and scaled logits, Cohere 2 RoPE in its sliding layers only;
 GPT-NeoX a fused per-head q/k/v, partial RoPE and a two-norm parallel residual; Phi one norm feeding a parallel
 attention and MLP, per-head q/k LayerNorms shared by every head, and a biased LM head; StableLM SwiGLU with partial
 RoPE, per-head q/k LayerNorms of their own and optionally Phi's parallel block; StarCoder 2 a biased GELU MLP and a
@@ -64,6 +66,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # SwiGLU, grouped-query attention, q/k/v biases, a LayerNorm per head on queries and keys
     "stablelm": ("StableLmConfig", "StableLmForCausalLM",
                  dict(BASE, num_key_value_heads=2, qk_layernorm=True, use_qkv_bias=True)),
+    # per-head q/k norms and q/k/v/o biases (permuted with the interleaved RoPE's rows); logits halved
+    "cohere": ("CohereConfig", "CohereForCausalLM",
+               dict(BASE, num_key_value_heads=2, use_qk_norm=True, attention_bias=True, logit_scale=0.5,
+                    pad_token_id=None)),
+    # layers 0-2 slide over 5 tokens with RoPE, layer 3 attends fully without
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM",
+                dict(BASE, num_hidden_layers=4, num_key_value_heads=2, sliding_window=5, logit_scale=0.5,
+                     pad_token_id=None)),
     # every layer sliding over 5 tokens; biased GELU MLP
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(BASE, num_key_value_heads=2, sliding_window=5)),
 }
@@ -158,16 +168,19 @@ def test_spec_follows_transformers(ckpt):
     assert spec.tie_embeddings == bool(c.tie_word_embeddings)
     gpt2_keys = family in ("gpt2", "gptj", "gpt_bigcode")
     assert spec.max_position == (c.n_positions if gpt2_keys else c.max_position_embeddings)
-    want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5, "opt": 1.0}.get(family) or \
+    want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5, "opt": 1.0, "cohere": 1.0,
+                    "cohere2": 1.0}.get(family) or \
         c.rope_parameters["partial_rotary_factor"]
     assert spec.partial_rotary_factor == want_partial
     assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt"))
     assert spec.embed_proj_dim == (32 if family == "opt" else None)
-    assert spec.n_kv_heads == {"gpt_bigcode": 1, "stablelm": 2, "starcoder2": 2}.get(family, 4)
-    assert spec.layer_window(0) == (5 if family == "starcoder2" else None)
-    assert spec.parallel_residual == (family in ("gpt_neox", "phi", "gptj"))
+    assert spec.n_kv_heads == {"gpt_bigcode": 1, "stablelm": 2, "starcoder2": 2, "cohere": 2, "cohere2": 2}.get(family, 4)
+    assert spec.layer_window(0) == (5 if family in ("starcoder2", "cohere2") else None)
+    assert spec.parallel_residual == (family in ("gpt_neox", "phi", "gptj", "cohere", "cohere2"))
     assert [spec.layer_attn_scale(i) for i in range(3)] == (
         [16 ** -0.5 / (i + 1) for i in range(3)] if family == "gpt2" else [16 ** -0.5] * 3)
+    if family == "cohere2":
+        assert [spec.layer_window(i) for i in range(4)] == [5, 5, 5, None] and list(spec.nope_layers) == [3]
     assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
 
 
@@ -244,10 +257,11 @@ def anyio_backend():
 
 @pytest.mark.slow
 @pytest.mark.anyio
-async def test_cluster_read_paths_same_tokens(tmp_path_factory):
-    """A two-turn GPT-NeoX session through the emulated cluster: PE, DE, split and recompute reads give
-    transformers' greedy tokens."""
-    d, hf = _CKPTS.get("gpt_neox", tmp_path_factory)
+@pytest.mark.parametrize("family", ["gpt_neox", "cohere2"])
+async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
+    """A two-turn session through the emulated cluster (GPT-NeoX; Cohere 2: permuted q/k rows, windows, a layer
+    without RoPE): PE, DE, split and recompute reads give transformers' greedy tokens."""
+    d, hf = _CKPTS.get(family, tmp_path_factory)
     first = _turns(9)[0] + _turns(9)[1]
     await cluster_read_paths(LlamaModelConfig(path=str(d), time_model="off"), hf, first, [5, 17, 33, 2, 71, 64, 9],
                              min_hit=16)
@@ -261,6 +275,10 @@ async def test_cluster_read_paths_same_tokens(tmp_path_factory):
     ("gptj", "rotary_dim", 32, "rotary_dim"),
     ("gpt_bigcode", "multi_query", "yes", "multi_query"),
     ("opt", "layer_norm_elementwise_affine", False, "layer_norm_elementwise_affine"),
+    ("cohere", "logit_scale", 0, "logit_scale"),
+    ("cohere", "use_qk_norm", "no", "use_qk_norm"),
+    ("cohere2", "layer_types", ["sliding_attention"], "layer_types"),
+    ("cohere2", "sliding_window_pattern", 0, "sliding_window_pattern"),
     ("opt", "_remove_final_layer_norm", True, "_remove_final_layer_norm"),
     ("opt", "word_embed_proj_dim", 0, "word_embed_proj_dim"),
     ("gpt_neox", "use_parallel_residual", "yes", "use_parallel_residual"),

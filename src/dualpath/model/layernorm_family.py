@@ -1,26 +1,29 @@
 """The LayerNorm decoders: GPT-2, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), OPT, Phi (phi-1,
-phi-1.5, phi-2), StableLM and StarCoder 2.
+phi-1.5, phi-2), StableLM, StarCoder 2 and Cohere (Command R, Aya; Cohere 2: Command R7B, Command A).
 
 They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
 differ from Llama in the same few places, each a :class:`~dualpath.model.spec.ModelSpec` field or property:
 
 * ``nn.LayerNorm`` (with a bias) instead of RMSNorm, ``eps`` from ``layer_norm_epsilon`` / ``layer_norm_eps`` /
-  ``norm_epsilon``;
+  ``norm_epsilon``; Cohere's LayerNorm has no bias and runs in fp32;
 * a plain MLP ``down(act(up(x)))`` with biases (GPT-2, GPT-J, GPT-NeoX, GPTBigCode, Phi; StarCoder 2 with
   ``use_bias``, OPT with ``enable_bias``), the activation named by ``activation`` (StableLM keeps Llama's SwiGLU);
-* a parallel residual (``parallel_residual``): GPT-NeoX ``x + attn(ln1(x)) + mlp(ln2(x))``; GPT-J, Phi, and StableLM
-  with ``use_parallel_residual``, ``x + attn(ln(x)) + mlp(ln(x))`` with one norm;
+* a parallel residual (``parallel_residual``): GPT-NeoX ``x + attn(ln1(x)) + mlp(ln2(x))``; GPT-J, Phi, Cohere, and
+  StableLM with ``use_parallel_residual``, ``x + attn(ln(x)) + mlp(ln(x))`` with one norm (Cohere's MLP is
+  SwiGLU);
 * RoPE on ``partial_rotary_factor`` of each head (GPT-J ``rotary_dim``, GPT-NeoX 0.25, Phi 0.5, StableLM 0.25);
-  GPT-J rotates interleaved pairs ``(2i, 2i + 1)``, which is our half-split rotation after permuting the rotated
-  rows of ``q_proj`` and ``k_proj`` (even dims first, then odd; scores are unchanged by a permutation applied to
-  both queries and keys), so the permutation is done once at load and undone at save;
+  GPT-J and Cohere rotate interleaved pairs ``(2i, 2i + 1)``, which is our half-split rotation after permuting the
+  rotated rows of ``q_proj`` and ``k_proj`` (even dims first, then odd; scores are unchanged by a permutation
+  applied to both queries and keys; Cohere's q/k norms' weights and any q/k biases are permuted alike), so the
+  permutation is done once at load and undone at save; Cohere 2 rotates only in its sliding layers
+  (``layer_types``, by default three of four over a 4,096-token window) and none at all without a window;
 * no RoPE in GPT-2, GPTBigCode and OPT, which add learned absolute position embeddings (``wpe``; OPT's table is
   indexed at position + 2); GPT-2 may scale layer
   ``l``'s scores by ``1 / (l + 1)`` (``scale_attn_by_inverse_layer_idx``); GPTBigCode attends with one key/value
   head (``multi_query``) or one per head;
 * LayerNorms on each head's query and key (``qk_layernorm``): Phi one LayerNorm shared by every head (with a bias),
   StableLM one per head (no bias);
-* Phi's and GPT-J's LM heads have a bias;
+* Phi's and GPT-J's LM heads have a bias; Cohere's logits are multiplied by ``logit_scale``;
 * OPT: queries scaled before the scores (as OPT computes them), embeddings of ``word_embed_proj_dim`` projected in
   and out of the hidden size (``project_in`` / ``project_out``) where it differs, and OPT-350m's post-LayerNorm
   blocks (``do_layer_norm_before: false``: ``ln(x + attn(x))``, ``ln(h + mlp(h))``, no final norm).
@@ -51,13 +54,18 @@ if TYPE_CHECKING:
 #: Hugging Face architecture -> ours
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
                  "StableLmForCausalLM": "stablelm", "Starcoder2ForCausalLM": "starcoder2",
-                 "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode", "OPTForCausalLM": "opt"}
+                 "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode", "OPTForCausalLM": "opt",
+                 "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families with learned absolute positions and no RoPE
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")
 #: where each family's position table starts (OPT keeps two rows before position 0)
 POSITION_OFFSET = {"opt": 2}
+#: the families whose RoPE turns interleaved pairs (read by permuting q/k rows: see the module docstring)
+INTERLEAVED_ROPE = ("gptj", "cohere", "cohere2")
+#: Cohere's families: a bias-free LayerNorm in fp32, a SwiGLU MLP, logits times logit_scale
+COHERE = ("cohere", "cohere2")
 HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 LN_ARCHS = tuple(ARCHITECTURES.values())
 #: a config's activation name -> the one the MLP runs (``gelu_tanh``: GELU's tanh approximation, which
@@ -81,6 +89,10 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                  "tie_word_embeddings": False},
     "starcoder2": {"max_position_embeddings": 4096, "norm_epsilon": 1e-5, "hidden_act": "gelu_pytorch_tanh",
                    "use_bias": True, "tie_word_embeddings": True},
+    "cohere": {"max_position_embeddings": 8192, "layer_norm_eps": 1e-5, "hidden_act": "silu", "logit_scale": 0.0625,
+               "use_qk_norm": False, "attention_bias": False, "tie_word_embeddings": True, "rope_theta": 500000.0},
+    "cohere2": {"max_position_embeddings": 8192, "layer_norm_eps": 1e-5, "hidden_act": "silu", "logit_scale": 0.0625,
+                "attention_bias": False, "tie_word_embeddings": True, "rope_theta": 10000.0, "sliding_window": 4096},
     "opt": {"max_position_embeddings": 2048, "activation_function": "relu", "do_layer_norm_before": True,
             "_remove_final_layer_norm": False, "enable_bias": True, "layer_norm_elementwise_affine": True,
             "tie_word_embeddings": True},
@@ -123,6 +135,30 @@ def _gptj_partial(cfg: dict[str, Any], where: str) -> float:
     if int(head_dim * factor) != rot:  # pragma: no cover - float rounding of an odd ratio
         raise ModelError(f"{where}: rotary_dim {rot} of a {head_dim}-dim head is not representable")
     return factor
+
+
+def _cohere2_layers(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """Cohere 2's layers as Cohere2Config reads them: ``layer_types``, or every ``sliding_window_pattern``-th (4th)
+    layer full; RoPE in the sliding layers only (``nope_layers``: the full ones, or all without a window)."""
+    n = cfg.get("num_hidden_layers")
+    n = n if isinstance(n, int) and not isinstance(n, bool) else 0
+    types = cfg.get("layer_types")
+    if types is None:
+        pattern = cfg.get("sliding_window_pattern", 4)
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern <= 0:
+            raise ModelError(f"{where}: sliding_window_pattern must be a positive integer, got {pattern!r}")
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if (not isinstance(types, list) or len(types) != n
+            or any(t not in ("sliding_attention", "full_attention") for t in types)):
+        raise ModelError(f"{where}: layer_types must list 'sliding_attention' / 'full_attention' for each of the {n} "
+                         f"layers, got {types!r}")
+    window = cfg.get("sliding_window")
+    if window is None:
+        return {"_windows": (None, ()), "_nope_layers": tuple(range(n))}
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ModelError(f"{where}: sliding_window must be a positive integer or null, got {window!r}")
+    full = tuple(i for i, t in enumerate(types) if t == "full_attention")
+    return {"_windows": (window, full), "_nope_layers": full}
 
 
 def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -174,8 +210,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
     act = out.get("hidden_act")
     if act not in ACTIVATIONS:
         raise ModelError(f"{where}: activation {act!r} unsupported; expected one of {sorted(ACTIVATIONS)}")
-    if arch == "stablelm" and ACTIVATIONS[act] != "silu":
-        raise ModelError(f"{where}: hidden_act {act!r} unsupported for StableLM (its SwiGLU needs 'silu')")
+    if arch in ("stablelm", *COHERE) and ACTIVATIONS[act] != "silu":
+        raise ModelError(f"{where}: hidden_act {act!r} unsupported for {arch} (its SwiGLU needs 'silu')")
     if arch == "gpt_neox":
         params = out.get("rope_parameters")
         if "rotary_emb_base" in out and not (isinstance(params, dict) and "rope_theta" in params):
@@ -187,18 +223,29 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out["attention_bias"] = _flag(out, "use_qkv_bias", where)
     elif arch == "starcoder2":
         out["attention_bias"] = _flag(out, "use_bias", where)
+    elif arch in COHERE:
+        out["attention_bias"] = _flag(out, "attention_bias", where)
+        scale = out.get("logit_scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ModelError(f"{where}: logit_scale must be a positive number, got {scale!r}")
+        if arch == "cohere2":
+            out.update(_cohere2_layers(out, where))
     if arch not in (*GPT2_KEYS, "opt"):
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
     parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
-                "opt": False}.get(arch)
+                "opt": False, "cohere": True, "cohere2": True}.get(arch)
     if parallel is None:
         parallel = _flag(out, "use_parallel_residual", where)
     qk = _flag(out, "qk_layernorm", where) if arch in ("phi", "stablelm") else False
+    if arch == "cohere":
+        qk = _flag(out, "use_qk_norm", where)
     out["ln_fields"] = {"activation": ACTIVATIONS[act], "parallel_residual": parallel, "qk_layernorm": qk,
                         "scale_attn_by_layer": scale_by_layer}
+    if arch in COHERE:
+        out["ln_fields"]["logit_scale"] = float(out["logit_scale"])
     if arch == "opt":
         proj = out.get("word_embed_proj_dim", out.get("hidden_size"))
         out["ln_fields"].update(post_layer_norm=not out["do_layer_norm_before"],
@@ -227,6 +274,20 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
             out["rotary_dim"] = spec.rotary_dim
         else:
             out.update(multi_query=spec.n_kv_heads == 1 < spec.n_heads, scale_attn_weights=True)
+        return out
+    if arch in COHERE:
+        out = {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+               "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
+               "num_key_value_heads": spec.n_kv_heads, "max_position_embeddings": spec.max_position,
+               "hidden_act": act, "layer_norm_eps": spec.rms_eps, "logit_scale": spec.logit_scale,
+               "attention_bias": spec.attention_bias, "attention_dropout": 0.0,
+               "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta}}
+        if arch == "cohere":
+            out["use_qk_norm"] = spec.qk_layernorm
+        else:
+            out.update(sliding_window=spec.sliding_window,
+                       layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"
+                                    for i in range(spec.n_layers)])
         return out
     if arch == "opt":
         return {**common, "hidden_size": spec.hidden_size, "ffn_dim": spec.intermediate_size,
@@ -318,6 +379,8 @@ _OUT_RENAMES["opt"] = [(r"^model\.norm\.", "model.decoder.final_layer_norm."),
                        (r"\.post_attention_layernorm\.", ".final_layer_norm."),
                        (r"\.self_attn\.o_proj\.", ".self_attn.out_proj."), (r"\.mlp\.up_proj\.", ".fc1."),
                        (r"\.mlp\.down_proj\.", ".fc2.")]
+for _arch in COHERE:  # (their tensors have Llama's names)
+    _RENAMES[_arch] = _OUT_RENAMES[_arch] = []
 _CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _PER_HEAD_NORM = re.compile(r"^(.*\.self_attn\.)([qk])_layernorm\.norms\.(\d+)\.weight$")
 
@@ -356,14 +419,27 @@ def _split_per_head(spec: ModelSpec, name: str, t: torch.Tensor, attn: str, out:
         out[f"{attn}.{part}.{kind}"] = parts[:, i].reshape(h * d, *t.shape[1:]).contiguous()
 
 
-def _rotary_order(spec: ModelSpec, inverse: bool = False) -> torch.Tensor:
-    """GPT-J: the row order of a q/k projection that turns its interleaved RoPE pairs into our half-split ones
-    (each head's rotated dims: even ones, then odd ones; the rest in place), or with ``inverse`` its inverse."""
+def _head_order(spec: ModelSpec, inverse: bool = False) -> torch.Tensor:
+    """The order of one head's dims that turns interleaved RoPE pairs into our half-split ones (the rotated dims:
+    even ones, then odd ones; the rest in place), or with ``inverse`` its inverse."""
     d, r = spec.head_dim, spec.rotary_dim
     head = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2), torch.arange(r, d)])
-    if inverse:
-        head = torch.argsort(head)
-    return torch.cat([head + i * d for i in range(spec.n_heads)])
+    return torch.argsort(head) if inverse else head
+
+
+def _rotary_order(spec: ModelSpec, inverse: bool = False, heads: int | None = None) -> torch.Tensor:
+    """GPT-J, Cohere: the row order of a q/k projection (``heads`` heads; default the query heads) that turns its
+    interleaved RoPE pairs into our half-split ones (:func:`_head_order` per head), or its inverse."""
+    head = _head_order(spec, inverse)
+    return torch.cat([head + i * spec.head_dim for i in range(spec.n_heads if heads is None else heads)])
+
+
+def _cohere_permute(spec: ModelSpec, name: str, t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Cohere's q/k projection rows (and biases) or q/k norm weights ``[heads, head_dim]`` in our RoPE order."""
+    if name.endswith("_norm.weight"):
+        return t[..., _head_order(spec, inverse)].contiguous()
+    heads = spec.n_heads if ".q_proj." in name else spec.n_kv_heads
+    return t[_rotary_order(spec, inverse, heads)].contiguous()
 
 
 def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -378,6 +454,8 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
             t = t.t()
         if arch == "gptj" and re.search(r"\.attn\.[qk]_proj\.weight$", name):
             t = t[_rotary_order(spec)]
+        if arch in COHERE and re.search(r"\.self_attn\.[qk]_(proj\.weight|proj\.bias|norm\.weight)$", name):
+            t = _cohere_permute(spec, name, t)
         if arch == "stablelm" and (m := _PER_HEAD_NORM.match(name)):
             heads.setdefault(f"{m[1]}{m[2]}_norm.weight", {})[int(m[3])] = t
             continue
@@ -407,6 +485,8 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
             continue
         if arch == "gptj" and re.search(r"\.self_attn\.[qk]_proj\.weight$", name):
             t = t[_rotary_order(spec, inverse=True)].contiguous()
+        if arch in COHERE and re.search(r"\.self_attn\.[qk]_(proj\.weight|proj\.bias|norm\.weight)$", name):
+            t = _cohere_permute(spec, name, t, inverse=True)
         if arch == "stablelm" and re.search(r"\.self_attn\.[qk]_norm\.weight$", name):
             stem = name[: -len("_norm.weight")]
             for h in range(t.shape[0]):

@@ -186,18 +186,20 @@ class RMSNorm(nn.Module):
 def _norm(spec: ModelSpec, dim: int) -> nn.Module:
     """A layer's or the model's norm in the family's style: RMSNorm, or LayerNorm with a bias for the LayerNorm
     families (:mod:`dualpath.model.layernorm_family`)."""
+    if spec.architecture in ("cohere", "cohere2"):  # bias-free, in fp32
+        return HeadLayerNorm(0, dim, spec.rms_eps)
     if spec.layer_norm:
         return nn.LayerNorm(dim, eps=spec.rms_eps)
     return RMSNorm(dim, spec.rms_eps, spec.gemma_style, fp32_scale=spec.fp32_norm_scale)
 
 
 class HeadLayerNorm(nn.Module):
-    """StableLM's query / key norms: one bias-free LayerNorm per head (``weight [heads, head_dim]``), normalized in
-    fp32 and rounded once."""
+    """A bias-free LayerNorm normalized in fp32 and rounded once: StableLM's and Cohere's query / key norms, one per
+    head (``weight [heads, head_dim]``), and with ``heads`` 0 Cohere's hidden-state norm (``weight [dim]``)."""
 
     def __init__(self, heads: int, dim: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(heads, dim))
+        self.weight = nn.Parameter(torch.ones(heads, dim) if heads else torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, heads, dim]
@@ -234,7 +236,7 @@ class Attention(nn.Module):
         if spec.qk_layernorm and spec.architecture == "phi":  # one LayerNorm (with a bias) shared by every head
             self.q_norm = nn.LayerNorm(d, eps=spec.rms_eps)
             self.k_norm = nn.LayerNorm(d, eps=spec.rms_eps)
-        elif spec.qk_layernorm:  # StableLM: one per head
+        elif spec.qk_layernorm:  # StableLM, Cohere: one per head
             self.q_norm = HeadLayerNorm(hq, d, spec.rms_eps)
             self.k_norm = HeadLayerNorm(hkv, d, spec.rms_eps)
         elif spec.qk_norm:  # Qwen3; Gemma 3 (by 1 + weight)
@@ -464,6 +466,8 @@ class LlamaModel(LayerwiseDecoder):
         """As :meth:`LayerwiseDecoder.head`; Gemma 2 soft-caps the logits in the compute dtype first."""
         cap = self.spec.final_logit_softcapping
         logits = self.lm_head(self._last_hidden(h))
+        if self.spec.logit_scale is not None:  # Cohere
+            logits = logits * self.spec.logit_scale
         if self.spec.logits_scaling is not None:  # Granite: logits divided, in the compute dtype
             return (logits / self.spec.logits_scaling).float()
         if cap is None:

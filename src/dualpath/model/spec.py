@@ -60,12 +60,14 @@ RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), 
 ``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
 embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
 ``residual_multiplier``, logits divided by ``logits_scaling``).
-Eight LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
+Ten LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
 and tensor names): ``GPT2LMHeadModel`` (``gpt2``: learned positions, no RoPE, fused ``Conv1D`` q/k/v,
 ``scale_attn_by_inverse_layer_idx``), ``GPTBigCodeForCausalLM`` (``gpt_bigcode``: StarCoder 1, SantaCoder; GPT-2's
 block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gptj``: interleaved RoPE on
 ``rotary_dim``, read as ours by permuting q/k rows at load; one norm feeding a parallel attention and MLP),
-``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
+``CohereForCausalLM`` / ``Cohere2ForCausalLM`` (``cohere``, ``cohere2``: bias-free fp32 LayerNorm, one norm feeding a
+parallel attention and SwiGLU MLP, interleaved RoPE read by the q/k row permutation, optional per-head q/k norms,
+logits times ``logit_scale``; Cohere 2 slides three layers of four and rotates only there), ``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
 projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
@@ -89,7 +91,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -231,6 +233,7 @@ class ModelSpec(_SpecCommon):
     # where it differs from hidden_size (word_embed_proj_dim: projected in and out)
     post_layer_norm: bool | None = None
     embed_proj_dim: int | None = None
+    logit_scale: float | None = None  # cohere, cohere2: logits multiplied by it (None: every other)
     # phi3 LongRoPE (rope_scaling type longrope): which factor set turns every position, chosen once per deployment
     # (see rope_long_for); None for every other RoPE
     rope_long: bool | None = None
@@ -303,8 +306,9 @@ class ModelSpec(_SpecCommon):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
         nope = tuple(sorted({int(x) for x in self.nope_layers}))
-        if nope and (self.architecture not in ("smollm3", "exaone4") or any(not 0 <= x < self.n_layers for x in nope)):
-            raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 / exaone4 layers of "
+        if nope and (self.architecture not in ("smollm3", "exaone4", "cohere2")
+                     or any(not 0 <= x < self.n_layers for x in nope)):
+            raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 / exaone4 / cohere2 layers of "
                              f"0..{self.n_layers - 1}")
         object.__setattr__(self, "nope_layers", nope)
         for name in _GPT_OSS_FIELDS:
@@ -349,7 +353,11 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "stablelm" and self.activation != "silu":
             raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
         fixed = {"gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
-                 "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False)}
+                 "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "cohere": (True, None),
+                 "cohere2": (True, False)}
+        if (self.logit_scale is None) == (self.architecture in lnf.COHERE):
+            raise ModelError(f"model config: logit_scale is cohere's and required there, got {self.logit_scale!r} for "
+                             f"{self.architecture}")
         if (self.post_layer_norm is None) == (self.architecture == "opt"):
             raise ModelError(f"model config: post_layer_norm is opt's and required there, got "
                              f"{self.post_layer_norm!r} for {self.architecture}")
@@ -372,7 +380,7 @@ class ModelSpec(_SpecCommon):
                              "(n_kv_heads = n_heads)")
         if self.architecture == "gpt_bigcode" and self.n_kv_heads not in (1, self.n_heads):
             raise ModelError("model config: gpt_bigcode attends with one key/value head (multi_query) or one per head")
-        if self.sliding_window is not None and self.architecture != "starcoder2":
+        if self.sliding_window is not None and self.architecture not in ("starcoder2", "cohere2"):
             raise ModelError(f"model config: {self.architecture} has no sliding window")
 
     def _check_longrope(self) -> None:
@@ -517,7 +525,7 @@ class ModelSpec(_SpecCommon):
             return True
         if self.architecture == "gptj":
             return False
-        if self.architecture in ("gpt_neox", "starcoder2", "opt"):
+        if self.architecture in ("gpt_neox", "starcoder2", "opt", *lnf.COHERE):
             return self.attention_bias
         return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
@@ -536,7 +544,7 @@ class ModelSpec(_SpecCommon):
     @property
     def gated_mlp(self) -> bool:
         """Whether the dense MLP is gated (SwiGLU / GeGLU) rather than ``down(act(up(x)))``."""
-        return not self.layer_norm or self.architecture == "stablelm"
+        return not self.layer_norm or self.architecture in ("stablelm", *lnf.COHERE)
 
     @property
     def mlp_bias(self) -> bool:
@@ -549,8 +557,8 @@ class ModelSpec(_SpecCommon):
     def shared_norm_parallel(self) -> bool:
         """GPT-J, Phi, and StableLM with a parallel residual: attention and MLP read the same ``input_layernorm``
         output (no ``post_attention_layernorm``)."""
-        return self.architecture in ("phi", "gptj") or (self.architecture == "stablelm"
-                                                         and bool(self.parallel_residual))
+        return self.architecture in ("phi", "gptj", *lnf.COHERE) or (self.architecture == "stablelm"
+                                                                       and bool(self.parallel_residual))
 
     @property
     def lm_head_bias(self) -> bool:
@@ -635,7 +643,7 @@ class ModelSpec(_SpecCommon):
             d["full_attention_layers"] = list(self.full_attention_layers)
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
-                    "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim"):
+                    "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -815,6 +823,7 @@ class ModelSpec(_SpecCommon):
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
                 "granite, ministral, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
+                "cohere, cohere2, "
                 "starcoder2, "
                 "deepseek_v2, deepseek_v3, deepseek_v32)"
             )
@@ -986,6 +995,8 @@ def _smollm3_has_rope(cfg: dict[str, Any], where: str) -> list[int]:
 
 
 def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
+    if arch == "cohere2":  # (read by layernorm_family: RoPE in the sliding layers only)
+        return tuple(cfg["_nope_layers"])
     if arch == "exaone4":  # with a window, EXAONE 4's full-attention layers have no RoPE
         if cfg.get("sliding_window", 4096) is None:
             return ()
@@ -1099,6 +1110,8 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
     n_layers = cfg.get("num_hidden_layers")
     if arch == "gemma":  # GemmaModel masks causally only: no window key applies
         return None, ()
+    if arch == "cohere2":  # (read by layernorm_family)
+        return cast(tuple[int | None, tuple[int, ...]], cfg["_windows"])
     if arch in lnf.LN_ARCHS:  # StarCoder 2 slides every layer or none; the others never
         if arch != "starcoder2" or cfg.get("sliding_window") is None:
             return None, ()

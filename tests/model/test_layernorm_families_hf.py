@@ -1,4 +1,4 @@
-"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere and Cohere 2 against transformers on the same random weights, saved by
+"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere, Cohere 2 and Falcon against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged
 KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, checkpoints
 in older spellings, a session served by the emulated cluster, and the configs we refuse.
@@ -9,7 +9,8 @@ GPTBigCode GPT-2's block with one key/value head; GPT-J interleaved RoPE on part
 permutation of the q/k rows) and one norm feeding a parallel attention and MLP; OPT learned positions at an offset,
 queries scaled first, embeddings projected in and out, and OPT-350m's post-norm blocks; Cohere a bias-free fp32
 LayerNorm, a parallel SwiGLU block, interleaved RoPE (the same permutation, applied to its q/k norms and biases too)
-and scaled logits, Cohere 2 RoPE in its sliding layers only;
+and scaled logits, Cohere 2 RoPE in its sliding layers only; Falcon its three fused q/k/v layouts and its parallel blocks
+behind one norm or two;
 GPT-NeoX a fused per-head q/k/v, partial RoPE and a two-norm parallel residual; Phi one norm feeding a parallel
 attention and MLP, per-head q/k LayerNorms shared by every head, and a biased LM head; StableLM SwiGLU with partial
 RoPE, per-head q/k LayerNorms of their own and optionally Phi's parallel block; StarCoder 2 a biased GELU MLP and a
@@ -74,12 +75,22 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM",
                 dict(BASE, num_hidden_layers=4, num_key_value_heads=2, sliding_window=5, logit_scale=0.5,
                      pad_token_id=None)),
+    # Falcon 40B's new decoder: grouped fused q/k/v over 2 key/value heads, attention and MLP behind their own norms
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(BASE, ffn_hidden_size=96, new_decoder_architecture=True, num_kv_heads=2, bias=True)),
     # every layer sliding over 5 tokens; biased GELU MLP
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(BASE, num_key_value_heads=2, sliding_window=5)),
 }
 #: variants whose only difference is a switch: the sequential GPT-NeoX block, StableLM's parallel block, GPTBigCode
 #: with a key/value per head (its fused q/k/v then interleaved per head)
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # falcon-7b: one key/value head, attention and MLP behind one norm; Falcon 2: the new decoder with one norm;
+    # per-head fused q/k/v in sequential blocks
+    "falcon_7b": ("FalconConfig", "FalconForCausalLM", dict(BASE, ffn_hidden_size=96)),
+    "falcon_new1": ("FalconConfig", "FalconForCausalLM",
+                    dict(FAMILIES["falcon"][2], num_ln_in_parallel_attn=1)),
+    "falcon_mha_sequential": ("FalconConfig", "FalconForCausalLM",
+                              dict(BASE, ffn_hidden_size=96, multi_query=False, parallel_attn=False)),
     # OPT-350m's blocks: the norms after each residual sum, no final norm
     "opt_post_ln": ("OPTConfig", "OPTForCausalLM", dict(FAMILIES["opt"][2], do_layer_norm_before=False)),
     "gpt_bigcode_mha": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
@@ -142,8 +153,9 @@ def test_batched_sequences_and_decode_equal_transformers(ckpt):
 def test_residual_variants_equal_transformers(variant, tmp_path_factory):
     d, hf = _CKPTS.get(variant, tmp_path_factory)
     spec = load_spec(d)
-    assert isinstance(spec, ModelSpec) and spec.parallel_residual == (variant == "stablelm_parallel")
-    assert spec.n_kv_heads == (2 if variant == "stablelm_parallel" else 4)
+    assert isinstance(spec, ModelSpec)
+    assert spec.parallel_residual == (variant in ("stablelm_parallel", "falcon_7b", "falcon_new1"))
+    assert spec.n_kv_heads == {"stablelm_parallel": 2, "falcon_new1": 2, "falcon_7b": 1}.get(variant, 4)
     assert spec.post_layer_norm == (True if variant == "opt_post_ln" else None)
     check_batched_against_hf(_load(d), hf, [_turns(4)[0] + _turns(4)[1], _turns(4)[2]])
 
@@ -169,14 +181,15 @@ def test_spec_follows_transformers(ckpt):
     gpt2_keys = family in ("gpt2", "gptj", "gpt_bigcode")
     assert spec.max_position == (c.n_positions if gpt2_keys else c.max_position_embeddings)
     want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5, "opt": 1.0, "cohere": 1.0,
-                    "cohere2": 1.0}.get(family) or \
+                    "cohere2": 1.0, "falcon": 1.0}.get(family) or \
         c.rope_parameters["partial_rotary_factor"]
     assert spec.partial_rotary_factor == want_partial
     assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt"))
     assert spec.embed_proj_dim == (32 if family == "opt" else None)
-    assert spec.n_kv_heads == {"gpt_bigcode": 1, "stablelm": 2, "starcoder2": 2, "cohere": 2, "cohere2": 2}.get(family, 4)
+    assert spec.n_kv_heads == {"gpt_bigcode": 1, "stablelm": 2, "starcoder2": 2, "cohere": 2, "cohere2": 2,
+                               "falcon": 2}.get(family, 4)
     assert spec.layer_window(0) == (5 if family in ("starcoder2", "cohere2") else None)
-    assert spec.parallel_residual == (family in ("gpt_neox", "phi", "gptj", "cohere", "cohere2"))
+    assert spec.parallel_residual == (family in ("gpt_neox", "phi", "gptj", "cohere", "cohere2", "falcon"))
     assert [spec.layer_attn_scale(i) for i in range(3)] == (
         [16 ** -0.5 / (i + 1) for i in range(3)] if family == "gpt2" else [16 ** -0.5] * 3)
     if family == "cohere2":
@@ -276,6 +289,9 @@ async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
     ("gpt_bigcode", "multi_query", "yes", "multi_query"),
     ("opt", "layer_norm_elementwise_affine", False, "layer_norm_elementwise_affine"),
     ("cohere", "logit_scale", 0, "logit_scale"),
+    ("falcon", "alibi", True, "alibi"),
+    ("falcon", "num_ln_in_parallel_attn", 3, "num_ln_in_parallel_attn"),
+    ("falcon", "parallel_attn", "yes", "parallel_attn"),
     ("cohere", "use_qk_norm", "no", "use_qk_norm"),
     ("cohere2", "layer_types", ["sliding_attention"], "layer_types"),
     ("cohere2", "sliding_window_pattern", 0, "sliding_window_pattern"),

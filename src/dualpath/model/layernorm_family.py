@@ -1,5 +1,6 @@
 """The LayerNorm decoders: GPT-2, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), OPT, Phi (phi-1,
-phi-1.5, phi-2), StableLM, StarCoder 2 and Cohere (Command R, Aya; Cohere 2: Command R7B, Command A).
+phi-1.5, phi-2), StableLM, StarCoder 2, Cohere (Command R, Aya; Cohere 2: Command R7B, Command A) and Falcon
+(RoPE checkpoints: falcon-7b/40b/180b, Falcon 2).
 
 They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
 differ from Llama in the same few places, each a :class:`~dualpath.model.spec.ModelSpec` field or property:
@@ -8,8 +9,8 @@ differ from Llama in the same few places, each a :class:`~dualpath.model.spec.Mo
   ``norm_epsilon``; Cohere's LayerNorm has no bias and runs in fp32;
 * a plain MLP ``down(act(up(x)))`` with biases (GPT-2, GPT-J, GPT-NeoX, GPTBigCode, Phi; StarCoder 2 with
   ``use_bias``, OPT with ``enable_bias``), the activation named by ``activation`` (StableLM keeps Llama's SwiGLU);
-* a parallel residual (``parallel_residual``): GPT-NeoX ``x + attn(ln1(x)) + mlp(ln2(x))``; GPT-J, Phi, Cohere, and
-  StableLM with ``use_parallel_residual``, ``x + attn(ln(x)) + mlp(ln(x))`` with one norm (Cohere's MLP is
+* a parallel residual (``parallel_residual``): GPT-NeoX and Falcon's new decoder ``x + attn(ln1(x)) + mlp(ln2(x))``;
+  GPT-J, Phi, Cohere, Falcon 7B, and StableLM with ``use_parallel_residual``, ``x + attn(ln(x)) + mlp(ln(x))`` with one norm (Cohere's MLP is
   SwiGLU);
 * RoPE on ``partial_rotary_factor`` of each head (GPT-J ``rotary_dim``, GPT-NeoX 0.25, Phi 0.5, StableLM 0.25);
   GPT-J and Cohere rotate interleaved pairs ``(2i, 2i + 1)``, which is our half-split rotation after permuting the
@@ -24,6 +25,9 @@ differ from Llama in the same few places, each a :class:`~dualpath.model.spec.Mo
 * LayerNorms on each head's query and key (``qk_layernorm``): Phi one LayerNorm shared by every head (with a bias),
   StableLM one per head (no bias);
 * Phi's and GPT-J's LM heads have a bias; Cohere's logits are multiplied by ``logit_scale``;
+* Falcon's fused ``query_key_value``: ``[kv_heads, q_per_kv + 2, head_dim]`` rows in its new decoder
+  (``falcon_layout`` ``new2`` / ``new1``: two norms or one), ``[q heads, k, v]`` with ``multi_query``, per head
+  otherwise (``old``); ALiBi checkpoints (falcon-rw) are refused;
 * OPT: queries scaled before the scores (as OPT computes them), embeddings of ``word_embed_proj_dim`` projected in
   and out of the hidden size (``project_in`` / ``project_out``) where it differs, and OPT-350m's post-LayerNorm
   blocks (``do_layer_norm_before: false``: ``ln(x + attn(x))``, ``ln(h + mlp(h))``, no final norm).
@@ -55,7 +59,7 @@ if TYPE_CHECKING:
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
                  "StableLmForCausalLM": "stablelm", "Starcoder2ForCausalLM": "starcoder2",
                  "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode", "OPTForCausalLM": "opt",
-                 "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2"}
+                 "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2", "FalconForCausalLM": "falcon"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families with learned absolute positions and no RoPE
@@ -93,6 +97,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                "use_qk_norm": False, "attention_bias": False, "tie_word_embeddings": True, "rope_theta": 500000.0},
     "cohere2": {"max_position_embeddings": 8192, "layer_norm_eps": 1e-5, "hidden_act": "silu", "logit_scale": 0.0625,
                 "attention_bias": False, "tie_word_embeddings": True, "rope_theta": 10000.0, "sliding_window": 4096},
+    "falcon": {"max_position_embeddings": 2048, "layer_norm_epsilon": 1e-5, "activation": "gelu", "alibi": False,
+               "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "bias": False,
+               "tie_word_embeddings": True},
     "opt": {"max_position_embeddings": 2048, "activation_function": "relu", "do_layer_norm_before": True,
             "_remove_final_layer_norm": False, "enable_bias": True, "layer_norm_elementwise_affine": True,
             "tie_word_embeddings": True},
@@ -135,6 +142,39 @@ def _gptj_partial(cfg: dict[str, Any], where: str) -> float:
     if int(head_dim * factor) != rot:  # pragma: no cover - float rounding of an odd ratio
         raise ModelError(f"{where}: rotary_dim {rot} of a {head_dim}-dim head is not representable")
     return factor
+
+
+def _falcon_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """Falcon's keys (and the RefinedWeb spellings ``n_embed``, ``n_layer``, ``n_head``, ``n_head_kv``) in ours,
+    with its layout (:data:`falcon_layout` values)."""
+    out: dict[str, Any] = {}
+    for theirs, ours in (("n_embed", "hidden_size"), ("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"),
+                         ("n_head_kv", "num_kv_heads")):
+        if theirs in cfg and ours not in cfg:
+            out[ours] = cfg[theirs]
+    c = {**cfg, **out}
+    for key in ("alibi", "new_decoder_architecture", "multi_query", "parallel_attn", "bias"):
+        _flag(c, key, where)
+    if c["alibi"]:
+        raise ModelError(f"{where}: alibi=true is unsupported (ALiBi position biases; this Falcon path runs RoPE)")
+    heads = c.get("num_attention_heads")
+    n_ln = c.get("num_ln_in_parallel_attn")
+    if n_ln not in (None, 1, 2) or isinstance(n_ln, bool):
+        raise ModelError(f"{where}: num_ln_in_parallel_attn must be 1, 2 or null, got {n_ln!r}")
+    if c["new_decoder_architecture"]:
+        if not c["parallel_attn"]:
+            raise ModelError(f"{where}: new_decoder_architecture needs parallel_attn=true (as Falcon's blocks are built)")
+        kv, layout = c.get("num_kv_heads") or heads, f"new{n_ln or 2}"
+    elif n_ln == 2 and c["parallel_attn"]:
+        raise ModelError(f"{where}: num_ln_in_parallel_attn=2 needs new_decoder_architecture=true (Falcon runs its two "
+                         "norms only there)")
+    if not c["new_decoder_architecture"]:
+        kv, layout = (1 if c["multi_query"] else heads), "old"
+    hidden = c.get("hidden_size")
+    act = c["activation"]
+    return {**out, "num_key_value_heads": kv, "_falcon_layout": layout, "attention_bias": c["bias"],
+            "rms_norm_eps": c["layer_norm_epsilon"], "hidden_act": act,
+            "intermediate_size": c.get("ffn_hidden_size") or (4 * hidden if isinstance(hidden, int) else None)}
 
 
 def _cohere2_layers(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -187,6 +227,9 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         scale_by_layer = out.get("scale_attn_by_inverse_layer_idx", False) if arch == "gpt2" else False
         if not isinstance(scale_by_layer, bool):
             raise ModelError(f"{where}: scale_attn_by_inverse_layer_idx must be true or false, got {scale_by_layer!r}")
+    elif arch == "falcon":
+        scale_by_layer = False
+        out.update(_falcon_config(out, where))
     elif arch == "opt":
         scale_by_layer = False
         out.update(rms_norm_eps=1e-5, hidden_act=out["activation_function"],  # (nn.LayerNorm's default eps)
@@ -230,13 +273,15 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             raise ModelError(f"{where}: logit_scale must be a positive number, got {scale!r}")
         if arch == "cohere2":
             out.update(_cohere2_layers(out, where))
-    if arch not in (*GPT2_KEYS, "opt"):
+    if arch not in (*GPT2_KEYS, "opt", "falcon"):
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
     parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
                 "opt": False, "cohere": True, "cohere2": True}.get(arch)
+    if arch == "falcon":
+        parallel = out["parallel_attn"]
     if parallel is None:
         parallel = _flag(out, "use_parallel_residual", where)
     qk = _flag(out, "qk_layernorm", where) if arch in ("phi", "stablelm") else False
@@ -246,6 +291,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
                         "scale_attn_by_layer": scale_by_layer}
     if arch in COHERE:
         out["ln_fields"]["logit_scale"] = float(out["logit_scale"])
+    if arch == "falcon":
+        out["ln_fields"]["falcon_layout"] = out.pop("_falcon_layout")
     if arch == "opt":
         proj = out.get("word_embed_proj_dim", out.get("hidden_size"))
         out["ln_fields"].update(post_layer_norm=not out["do_layer_norm_before"],
@@ -289,6 +336,17 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
                        layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"
                                     for i in range(spec.n_layers)])
         return out
+    if arch == "falcon":
+        new = str(spec.falcon_layout).startswith("new")
+        return {**common, "hidden_size": spec.hidden_size, "num_hidden_layers": spec.n_layers,
+                "num_attention_heads": spec.n_heads, "num_kv_heads": spec.n_kv_heads,
+                "ffn_hidden_size": spec.intermediate_size, "max_position_embeddings": spec.max_position,
+                "activation": act, "layer_norm_epsilon": spec.rms_eps, "bias": spec.attention_bias, "alibi": False,
+                "new_decoder_architecture": new, "multi_query": not new and spec.n_kv_heads == 1 < spec.n_heads,
+                "parallel_attn": spec.parallel_residual,
+                "num_ln_in_parallel_attn": int(str(spec.falcon_layout)[3]) if new else None,
+                "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta},
+                "hidden_dropout": 0.0, "attention_dropout": 0.0}
     if arch == "opt":
         return {**common, "hidden_size": spec.hidden_size, "ffn_dim": spec.intermediate_size,
                 "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
@@ -379,6 +437,14 @@ _OUT_RENAMES["opt"] = [(r"^model\.norm\.", "model.decoder.final_layer_norm."),
                        (r"\.post_attention_layernorm\.", ".final_layer_norm."),
                        (r"\.self_attn\.o_proj\.", ".self_attn.out_proj."), (r"\.mlp\.up_proj\.", ".fc1."),
                        (r"\.mlp\.down_proj\.", ".fc2.")]
+_RENAMES["falcon"] = [(r"^transformer\.word_embeddings\.", "model.embed_tokens."), (r"^transformer\.ln_f\.", "model.norm."),
+                      (r"^transformer\.h\.(\d+)\.", r"model.layers.\1."), (r"\.ln_attn\.", ".input_layernorm."),
+                      (r"\.ln_mlp\.", ".post_attention_layernorm."), (r"\.self_attention\.dense\.", ".self_attn.o_proj."),
+                      (r"\.mlp\.dense_h_to_4h\.", ".mlp.up_proj."), (r"\.mlp\.dense_4h_to_h\.", ".mlp.down_proj.")]
+_OUT_RENAMES["falcon"] = [(r"^model\.embed_tokens\.", "transformer.word_embeddings."), (r"^model\.norm\.", "transformer.ln_f."),
+                          (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."),
+                          (r"\.self_attn\.o_proj\.", ".self_attention.dense."), (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."),
+                          (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")]
 for _arch in COHERE:  # (their tensors have Llama's names)
     _RENAMES[_arch] = _OUT_RENAMES[_arch] = []
 _CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
@@ -427,6 +493,28 @@ def _head_order(spec: ModelSpec, inverse: bool = False) -> torch.Tensor:
     return torch.argsort(head) if inverse else head
 
 
+def _falcon_groups(spec: ModelSpec) -> bool:
+    """Whether Falcon's fused q/k/v is grouped ``[kv_heads, q_per_kv + 2, head_dim]`` (its new decoder, or one key/
+    value head: ``[q heads..., k, v]`` is that with one group) rather than per head ``[heads, 3, head_dim]``."""
+    return str(spec.falcon_layout).startswith("new") or spec.n_kv_heads == 1
+
+
+def _split_falcon_qkv(spec: ModelSpec, name: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """Falcon's ``query_key_value`` -> our ``q_proj``, ``k_proj``, ``v_proj`` (see :func:`_falcon_groups`)."""
+    attn = name.rsplit(".self_attention.", 1)[0] + ".self_attn"
+    if not _falcon_groups(spec):
+        _split_per_head(spec, name, t, attn, out)
+        return
+    kind = name.rsplit(".", 1)[1]
+    g, per, d = spec.n_kv_heads, spec.n_heads // spec.n_kv_heads, spec.head_dim
+    if t.shape[0] != g * (per + 2) * d:
+        raise ModelError(f"tensor {name!r} has {t.shape[0]} rows, the config implies {g * (per + 2) * d}")
+    rows = t.reshape(g, per + 2, d, *t.shape[1:])
+    out[f"{attn}.q_proj.{kind}"] = rows[:, :per].reshape(g * per * d, *t.shape[1:]).contiguous()
+    out[f"{attn}.k_proj.{kind}"] = rows[:, per].reshape(g * d, *t.shape[1:]).contiguous()
+    out[f"{attn}.v_proj.{kind}"] = rows[:, per + 1].reshape(g * d, *t.shape[1:]).contiguous()
+
+
 def _rotary_order(spec: ModelSpec, inverse: bool = False, heads: int | None = None) -> torch.Tensor:
     """GPT-J, Cohere: the row order of a q/k projection (``heads`` heads; default the query heads) that turns its
     interleaved RoPE pairs into our half-split ones (:func:`_head_order` per head), or its inverse."""
@@ -462,6 +550,8 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
         new = _rename(name, _RENAMES[arch])
         if arch in ("gpt2", "gpt_bigcode") and ".attn.c_attn." in new:
             _split_gpt2_qkv(spec, new, t, out)
+        elif arch == "falcon" and ".self_attention.query_key_value." in new:
+            _split_falcon_qkv(spec, new, t, out)
         elif arch == "gpt_neox" and ".attention.query_key_value." in new:
             _split_per_head(spec, new, t, new.rsplit(".attention.", 1)[0] + ".self_attn", out)
         else:
@@ -480,7 +570,7 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in ours.items():
         m = re.match(r"^(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
-        if arch in ("gpt2", "gpt_neox", "gpt_bigcode") and m:
+        if arch in ("gpt2", "gpt_neox", "gpt_bigcode", "falcon") and m:
             fused.setdefault(f"{m[1]}|{m[3]}", {})[m[2]] = t
             continue
         if arch == "gptj" and re.search(r"\.self_attn\.[qk]_proj\.weight$", name):
@@ -493,6 +583,8 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
                 out[f"{stem}_layernorm.norms.{h}.weight"] = t[h].contiguous()
             continue
         new = _rename(name, _OUT_RENAMES[arch])
+        if arch == "falcon" and spec.falcon_layout == "new2":  # its two norms' own names
+            new = new.replace(".input_layernorm.", ".ln_attn.").replace(".post_attention_layernorm.", ".ln_mlp.")
         if arch == "gpt_neox":
             new = new.replace(".self_attn.", ".attention.")
         if arch == "gpt2" and _CONV1D.search(new):
@@ -501,7 +593,12 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
     for key, parts in fused.items():
         layer, kind = key.split("|")
         q, k, v = parts["q"], parts["k"], parts["v"]
-        if arch == "gpt_bigcode" and spec.n_kv_heads == 1 < spec.n_heads:
+        if arch == "falcon" and _falcon_groups(spec):
+            g, d = spec.n_kv_heads, spec.head_dim
+            w = torch.cat([q.reshape(g, -1, d, *q.shape[1:]), k.reshape(g, 1, d, *k.shape[1:]),
+                           v.reshape(g, 1, d, *v.shape[1:])], dim=1).reshape(-1, *q.shape[1:])
+            out[_rename(f"{layer}.self_attention.query_key_value.{kind}", _OUT_RENAMES[arch])] = w.contiguous()
+        elif arch == "gpt_bigcode" and spec.n_kv_heads == 1 < spec.n_heads:
             out[_rename(f"{layer}.attn.c_attn.{kind}", _OUT_RENAMES[arch])] = torch.cat([q, k, v]).contiguous()
         elif arch == "gpt2":
             w = torch.cat([q, k, v])
@@ -509,7 +606,8 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
         else:
             h, d = spec.n_heads, spec.head_dim
             w = torch.stack([x.reshape(h, d, *x.shape[1:]) for x in (q, k, v)], dim=1).reshape(3 * h * d, *q.shape[1:])
-            fused_name = "attn.c_attn" if arch == "gpt_bigcode" else "attention.query_key_value"
+            fused_name = {"gpt_bigcode": "attn.c_attn", "falcon": "self_attention.query_key_value"}.get(
+                arch, "attention.query_key_value")
             out[_rename(f"{layer}.{fused_name}.{kind}", _OUT_RENAMES[arch])] = w.contiguous()
     return out
 

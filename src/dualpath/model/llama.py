@@ -575,9 +575,10 @@ class LlamaModel(LayerwiseDecoder):
             # twice, GPT-NeoX has a second norm on the block's input
             if spec.shared_norm_parallel:
                 m = mod.mlp(x)
-                state.hidden = a + m + state.hidden if spec.architecture == "phi" else state.hidden + a + m
+                state.hidden = a + m + state.hidden if spec.architecture in ("phi", "falcon") else state.hidden + a + m
             else:
                 state.hidden = mod.mlp(cast(nn.Module, mod.post_attention_layernorm)(state.hidden)) + a + state.hidden
+            # (Falcon: (mlp + attn) + x, the same sums)
         elif self.residual_scale is not None:  # Granite
             h = state.hidden + a * self.residual_scale
             state.hidden = h + mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(h)) * self.residual_scale

@@ -60,14 +60,15 @@ RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), 
 ``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
 embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
 ``residual_multiplier``, logits divided by ``logits_scaling``).
-Ten LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
+Eleven LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
 and tensor names): ``GPT2LMHeadModel`` (``gpt2``: learned positions, no RoPE, fused ``Conv1D`` q/k/v,
 ``scale_attn_by_inverse_layer_idx``), ``GPTBigCodeForCausalLM`` (``gpt_bigcode``: StarCoder 1, SantaCoder; GPT-2's
 block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gptj``: interleaved RoPE on
 ``rotary_dim``, read as ours by permuting q/k rows at load; one norm feeding a parallel attention and MLP),
 ``CohereForCausalLM`` / ``Cohere2ForCausalLM`` (``cohere``, ``cohere2``: bias-free fp32 LayerNorm, one norm feeding a
 parallel attention and SwiGLU MLP, interleaved RoPE read by the q/k row permutation, optional per-head q/k norms,
-logits times ``logit_scale``; Cohere 2 slides three layers of four and rotates only there), ``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
+logits times ``logit_scale``; Cohere 2 slides three layers of four and rotates only there), ``FalconForCausalLM`` (``falcon``: RoPE checkpoints, its three fused q/k/v layouts, parallel blocks behind one
+norm or two; ALiBi refused), ``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
 projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
@@ -234,6 +235,8 @@ class ModelSpec(_SpecCommon):
     post_layer_norm: bool | None = None
     embed_proj_dim: int | None = None
     logit_scale: float | None = None  # cohere, cohere2: logits multiplied by it (None: every other)
+    # falcon: its fused q/k/v and norms (new2 / new1: the new decoder with two norms or one; old: falcon-7b's)
+    falcon_layout: str | None = None
     # phi3 LongRoPE (rope_scaling type longrope): which factor set turns every position, chosen once per deployment
     # (see rope_long_for); None for every other RoPE
     rope_long: bool | None = None
@@ -355,6 +358,14 @@ class ModelSpec(_SpecCommon):
         fixed = {"gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
                  "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "cohere": (True, None),
                  "cohere2": (True, False)}
+        if (self.falcon_layout is None) == (self.architecture == "falcon") or self.falcon_layout not in (
+                None, "new1", "new2", "old"):
+            raise ModelError(f"model config: falcon_layout is falcon's (new1, new2 or old) and required there, got "
+                             f"{self.falcon_layout!r} for {self.architecture}")
+        if self.falcon_layout in ("new1", "new2") and not self.parallel_residual:
+            raise ModelError("model config: falcon's new decoder runs attention and MLP in parallel")
+        if self.falcon_layout == "old" and self.n_kv_heads not in (1, self.n_heads):
+            raise ModelError("model config: falcon-7b's layout attends with one key/value head or one per head")
         if (self.logit_scale is None) == (self.architecture in lnf.COHERE):
             raise ModelError(f"model config: logit_scale is cohere's and required there, got {self.logit_scale!r} for "
                              f"{self.architecture}")
@@ -525,7 +536,7 @@ class ModelSpec(_SpecCommon):
             return True
         if self.architecture == "gptj":
             return False
-        if self.architecture in ("gpt_neox", "starcoder2", "opt", *lnf.COHERE):
+        if self.architecture in ("gpt_neox", "starcoder2", "opt", "falcon", *lnf.COHERE):
             return self.attention_bias
         return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
@@ -551,12 +562,14 @@ class ModelSpec(_SpecCommon):
         """Biases on the plain MLP's two projections: GPT-2, GPT-J, GPT-NeoX, GPTBigCode and Phi always,
         StarCoder 2 with ``use_bias``."""
         return self.architecture in ("gpt2", "gptj", "gpt_neox", "gpt_bigcode", "phi") or (
-            self.architecture in ("starcoder2", "opt") and self.attention_bias)
+            self.architecture in ("starcoder2", "opt", "falcon") and self.attention_bias)
 
     @property
     def shared_norm_parallel(self) -> bool:
         """GPT-J, Phi, and StableLM with a parallel residual: attention and MLP read the same ``input_layernorm``
         output (no ``post_attention_layernorm``)."""
+        if self.architecture == "falcon":  # falcon-7b's parallel block, or the new decoder with one norm
+            return bool(self.parallel_residual) and self.falcon_layout != "new2"
         return self.architecture in ("phi", "gptj", *lnf.COHERE) or (self.architecture == "stablelm"
                                                                        and bool(self.parallel_residual))
 
@@ -643,7 +656,7 @@ class ModelSpec(_SpecCommon):
             d["full_attention_layers"] = list(self.full_attention_layers)
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
-                    "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale"):
+                    "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale", "falcon_layout"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -823,7 +836,7 @@ class ModelSpec(_SpecCommon):
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
                 "granite, ministral, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
-                "cohere, cohere2, "
+                "cohere, cohere2, falcon, "
                 "starcoder2, "
                 "deepseek_v2, deepseek_v3, deepseek_v32)"
             )

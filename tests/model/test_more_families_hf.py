@@ -1,4 +1,4 @@
-"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite and GLM-4.5 against transformers on the same random weights, saved by transformers' own
+"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, GLM, GLM-4 and GLM-4.5 against transformers on the same random weights, saved by transformers' own
 ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
 sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
 
@@ -8,7 +8,8 @@ q/k/v and routes every layer to softmax experts; EXAONE 4 has OLMo 2's blocks wi
 and full layers without RoPE; Seed-OSS switches o_proj's bias apart from q/k/v's; OLMo 3 adds sliding layers (three of four) with their own RoPE base;
 SmolLM3 leaves RoPE out of every fourth layer (NoPE), optionally sliding there; Ministral is Mistral with sliding
 and full layers as ``layer_types`` says; Granite scales embeddings, scores,
-residual branches and logits."""
+residual branches and logits; GLM fuses gate/up, biases q/k/v and turns interleaved RoPE pairs on half of each head,
+GLM-4 adds norms on the attention's and MLP's outputs."""
 
 from __future__ import annotations
 
@@ -64,6 +65,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                  dict(BASE, num_hidden_layers=3, head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
                       num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
                       routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=0)),
+    # q/k/v biases, fused gate_up_proj, interleaved RoPE on half of each head (read by permuting q/k rows)
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(BASE, head_dim=16, pad_token_id=None, eos_token_id=None)),
+    # GLM's layers plus RMSNorms on the attention's and the MLP's outputs
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(BASE, head_dim=16, pad_token_id=None, eos_token_id=None)),
     "granite": ("GraniteConfig", "GraniteForCausalLM",
                 dict(BASE, embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.6,
                      logits_scaling=2.5, attention_bias=True)),

@@ -522,8 +522,9 @@ def _rotary_order(spec: ModelSpec, inverse: bool = False, heads: int | None = No
     return torch.cat([head + i * spec.head_dim for i in range(spec.n_heads if heads is None else heads)])
 
 
-def _cohere_permute(spec: ModelSpec, name: str, t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Cohere's q/k projection rows (and biases) or q/k norm weights ``[heads, head_dim]`` in our RoPE order."""
+def interleaved_to_half(spec: ModelSpec, name: str, t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """A q/k projection's rows (weight or bias) or q/k norm weights ``[heads, head_dim]`` of a model whose RoPE turns
+    interleaved pairs (Cohere, GLM) in our half-split order (``inverse``: back)."""
     if name.endswith("_norm.weight"):
         return t[..., _head_order(spec, inverse)].contiguous()
     heads = spec.n_heads if ".q_proj." in name else spec.n_kv_heads
@@ -543,7 +544,7 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
         if arch == "gptj" and re.search(r"\.attn\.[qk]_proj\.weight$", name):
             t = t[_rotary_order(spec)]
         if arch in COHERE and re.search(r"\.self_attn\.[qk]_(proj\.weight|proj\.bias|norm\.weight)$", name):
-            t = _cohere_permute(spec, name, t)
+            t = interleaved_to_half(spec, name, t)
         if arch == "stablelm" and (m := _PER_HEAD_NORM.match(name)):
             heads.setdefault(f"{m[1]}{m[2]}_norm.weight", {})[int(m[3])] = t
             continue
@@ -576,7 +577,7 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
         if arch == "gptj" and re.search(r"\.self_attn\.[qk]_proj\.weight$", name):
             t = t[_rotary_order(spec, inverse=True)].contiguous()
         if arch in COHERE and re.search(r"\.self_attn\.[qk]_(proj\.weight|proj\.bias|norm\.weight)$", name):
-            t = _cohere_permute(spec, name, t, inverse=True)
+            t = interleaved_to_half(spec, name, t, inverse=True)
         if arch == "stablelm" and re.search(r"\.self_attn\.[qk]_norm\.weight$", name):
             stem = name[: -len("_norm.weight")]
             for h in range(t.shape[0]):

@@ -313,6 +313,9 @@ class DecoderLayer(nn.Module):
             self.mlp = PlainMLP(spec)
         else:
             self.mlp = SparseMoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
+        if spec.architecture == "glm4":  # norms on the attention's and the MLP's outputs
+            self.post_self_attn_layernorm = _norm(spec, spec.hidden_size)
+            self.post_mlp_layernorm = _norm(spec, spec.hidden_size)
         if spec.sandwich_norms:  # Gemma 2
             self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, True)
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, True)
@@ -567,6 +570,10 @@ class LlamaModel(LayerwiseDecoder):
         elif spec.post_norms:  # OLMo 2 and 3: norms on each block's output
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)
             state.hidden = h + cast(RMSNorm, mod.post_feedforward_layernorm)(mod.mlp(h))
+        elif spec.architecture == "glm4":
+            h = state.hidden + cast(nn.Module, mod.post_self_attn_layernorm)(a)
+            m = mod.mlp(cast(nn.Module, mod.post_attention_layernorm)(h))
+            state.hidden = h + cast(nn.Module, mod.post_mlp_layernorm)(m)
         elif spec.post_layer_norm:  # OPT-350m: each residual sum normed
             h = cast(nn.Module, mod.input_layernorm)(state.hidden + a)
             state.hidden = cast(nn.Module, mod.post_attention_layernorm)(h + mod.mlp(h))

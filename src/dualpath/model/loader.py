@@ -109,6 +109,8 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
         out = {_mixtral_hub_name(k): v for k, v in out.items()}
     if getattr(model.spec, "architecture", "") == "phi3":
         out = _fuse_phi3(out)
+    if getattr(model.spec, "architecture", "") in ("glm", "glm4"):
+        out = _glm_hub_tensors(model.spec, out)  # type: ignore[arg-type]
     if getattr(model.spec, "layer_norm", False):  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2: their own names
         from dualpath.model.layernorm_family import tensors_out
 
@@ -120,9 +122,11 @@ _PHI3_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "s
                "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
-def _fuse_phi3(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our split Phi-3 projections -> the checkpoint's fused ``qkv_proj`` and ``gate_up_proj`` (rows concatenated)."""
-    parts_of = {part: (fused, parts) for fused, parts in _PHI3_FUSED.items() for part in parts}
+def _fuse_phi3(tensors: dict[str, torch.Tensor], fused_map: dict[str, tuple[str, ...]] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Our split Phi-3 projections -> the checkpoint's fused ``qkv_proj`` and ``gate_up_proj`` (rows concatenated);
+    ``fused_map``: which of them (default both)."""
+    parts_of = {part: (fused, parts) for fused, parts in (fused_map or _PHI3_FUSED).items() for part in parts}
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         module = ".".join(name.split(".")[-3:-1])  # e.g. self_attn.q_proj
@@ -155,6 +159,27 @@ def phi3_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
         for part, piece in zip(_PHI3_FUSED[fused], t.split(sizes[fused]), strict=True):
             out[f"{prefix}{part}.weight"] = piece
     return out
+
+
+_QK_ROWS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias")
+
+
+def glm_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
+                source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """GLM / GLM-4 checkpoint tensors in this model's names: ``gate_up_proj`` split (as Phi-3's), and the q/k rows
+    (weights and biases) of its interleaved RoPE permuted into our half-split order."""
+    from dualpath.model.layernorm_family import interleaved_to_half
+
+    out = phi3_tensors(spec, tensors, source)
+    return {k: interleaved_to_half(spec, k, v) if k.endswith(_QK_ROWS) else v for k, v in out.items()}
+
+
+def _glm_hub_tensors(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`glm_tensors`."""
+    from dualpath.model.layernorm_family import interleaved_to_half
+
+    out = {k: interleaved_to_half(spec, k, v, inverse=True) if k.endswith(_QK_ROWS) else v for k, v in tensors.items()}
+    return _fuse_phi3(out, {"mlp.gate_up_proj": _PHI3_FUSED["mlp.gate_up_proj"]})
 
 
 _MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -591,6 +616,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             tensors = moe_tensors(spec, tensors, source)
         elif tensors is not None and spec.architecture == "phi3":
             tensors = phi3_tensors(spec, tensors, source)
+        elif tensors is not None and spec.architecture in ("glm", "glm4"):
+            tensors = glm_tensors(spec, tensors, source)
         elif tensors is not None and spec.layer_norm:
             from dualpath.model.layernorm_family import tensors_in
 

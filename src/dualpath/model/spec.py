@@ -38,6 +38,10 @@ logit per query head in each softmax's denominator (:attr:`ModelSpec.attention_s
 full layers (``layer_types``; GptOssConfig's defaults: even layers slide over 128 tokens), YaRN RoPE (base
 150,000, factor 32 over 4,096 positions, ``truncate: false``), a biased router softmaxing its top-k logits and
 packed experts with a clamped SwiGLU (``swiglu_limit``, ``swiglu_alpha``; :mod:`dualpath.model.gpt_oss`).
+``GlmForCausalLM`` (``glm``: GLM-4-9B) and ``Glm4ForCausalLM`` (``glm4``: GLM-4-0414, GLM-Z1) are Llama with q/k/v
+biases, a fused ``gate_up_proj`` (split at load), RoPE on half of each head turning interleaved pairs (read as ours by
+permuting the q/k rows at load) and, for ``glm4``, RMSNorms on the attention's and the MLP's outputs
+(``post_self_attn_layernorm``, ``post_mlp_layernorm``).
 ``Glm4MoeForCausalLM`` (``glm4_moe``: GLM-4.5 / 4.6) has grouped-query attention with q/k/v biases (none on
 ``o_proj``), RoPE on ``partial_rotary_factor`` (0.5) of each head, optional per-head q/k RMSNorms
 (``use_qk_norm``), ``first_k_dense_replace`` dense layers, then DeepSeek-V3's MoE: sigmoid scores with a
@@ -122,6 +126,8 @@ ARCHITECTURES: dict[str, str] = {
     "OlmoeForCausalLM": "olmoe",
     "Exaone4ForCausalLM": "exaone4",
     "SeedOssForCausalLM": "seed_oss",
+    "GlmForCausalLM": "glm",
+    "Glm4ForCausalLM": "glm4",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
 }
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -131,7 +137,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
             "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
-            "seed_oss": "SeedOssForCausalLM", **lnf.HF_ARCH}
+            "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", **lnf.HF_ARCH}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
@@ -271,7 +277,7 @@ class ModelSpec(_SpecCommon):
         object.__setattr__(self, "mlp_only_layers", tuple(int(x) for x in self.mlp_only_layers))
         self._check_layernorm_family()
         if self.partial_rotary_factor != 1.0:
-            if self.architecture not in ("phi3", "glm4_moe", "gpt_neox", "phi", "stablelm", "gptj"):
+            if self.architecture not in ("phi3", "glm4_moe", "gpt_neox", "phi", "stablelm", "gptj", "glm", "glm4"):
                 raise ModelError(f"model config: partial_rotary_factor is only supported for phi3, glm4_moe, "
                                  f"gpt_neox, gptj, phi and stablelm, got "
                                  f"{self.partial_rotary_factor} for {self.architecture}")
@@ -543,6 +549,12 @@ class ModelSpec(_SpecCommon):
                                                              "granite", "olmoe")
 
     @property
+    def interleaved_rope(self) -> bool:
+        """GPT-J, Cohere, GLM: RoPE turns interleaved pairs; read as ours by permuting the q/k rows at load
+        (:func:`dualpath.model.layernorm_family.interleaved_to_half`)."""
+        return self.architecture in (*lnf.INTERLEAVED_ROPE, "glm", "glm4")
+
+    @property
     def layer_norm(self) -> bool:
         """GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2: ``nn.LayerNorm`` (with a bias) instead of RMSNorm."""
         return self.architecture in lnf.LN_ARCHS
@@ -758,6 +770,11 @@ class ModelSpec(_SpecCommon):
                 cfg.update(layer_types=["full_attention"] * self.n_layers, sliding_window=self.max_position)
         if self.architecture == "gemma":  # hidden_act for transformers 5, hidden_activation for 4.x
             cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
+        if self.architecture in ("glm", "glm4"):
+            cfg.update(attention_bias=self.attention_bias, pad_token_id=None,
+                       rope_parameters={**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta,
+                                        "partial_rotary_factor": self.partial_rotary_factor})
+            del cfg["rope_theta"], cfg["rope_scaling"]
         if self.architecture == "phi3":
             # Phi3Config's default pad_token_id (32000) is the padding_idx of its embedding: out of a smaller vocab
             cfg.update(partial_rotary_factor=self.partial_rotary_factor, pad_token_id=None)
@@ -827,7 +844,7 @@ class ModelSpec(_SpecCommon):
                 break
         if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
                                            "gemma3_text", "olmo2", "olmo3", "smollm3", "granite", "ministral", "olmoe", "exaone4",
-                                           "seed_oss", *lnf.LN_ARCHS,
+                                           "seed_oss", "glm", "glm4", *lnf.LN_ARCHS,
                                            *ALL_MOE_ARCHS):  # (glm4_moe among them)
             arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
@@ -835,7 +852,7 @@ class ModelSpec(_SpecCommon):
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
-                "granite, ministral, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
+                "granite, ministral, glm, glm4, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
                 "cohere, cohere2, falcon, "
                 "starcoder2, "
                 "deepseek_v2, deepseek_v3, deepseek_v32)"
@@ -864,7 +881,7 @@ class ModelSpec(_SpecCommon):
         hidden = int(need("hidden_size"))
         n_heads = int(need("num_attention_heads"))
         n_kv = int(cfg.get("num_key_value_heads") or _KV_HEADS.get(arch, n_heads))  # Gemma(2)Config's defaults
-        head_dim = int(cfg.get("head_dim") or 0) or (128 if arch == "seed_oss" and "head_dim" not in cfg
+        head_dim = int(cfg.get("head_dim") or 0) or (128 if arch in ("seed_oss", "glm", "glm4") and "head_dim" not in cfg
                                                       else hidden // n_heads)
         if arch in ("gemma", "gemma2", "gemma3"):  # Gemma(2/3)Config's head_dim defaults to 256, not hidden / heads
             head_dim = cfg.get("head_dim", 256)
@@ -881,7 +898,7 @@ class ModelSpec(_SpecCommon):
         partial = 1.0
         if arch == "phi3":
             partial, rope_scaling = _phi3_rope(cfg, where, rope_scaling)
-        elif arch == "glm4_moe":  # Glm4MoeConfig's default: RoPE on half of each head
+        elif arch in ("glm4_moe", "glm", "glm4"):  # their config classes' default: RoPE on half of each head
             partial = _partial_rotary(cfg, where, 0.5)
         elif arch in lnf.LN_ARCHS:
             partial = float(cfg.get("partial_rotary_factor", 1.0))
@@ -889,7 +906,7 @@ class ModelSpec(_SpecCommon):
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
                 dtype = "float32"
-        default_bias = arch in ("qwen2", "gpt_oss", "seed_oss")  # Qwen2 always; their config classes default on
+        default_bias = arch in ("qwen2", "gpt_oss", "seed_oss", "glm", "glm4")  # Qwen2 always; their config classes default on
         bias = bool(cfg.get("attention_bias", default_bias)) or arch == "qwen2"
         if arch == "qwen2_moe":  # Qwen2-MoE names its q/k/v bias qkv_bias (on unless the config says otherwise)
             bias = bool(cfg.get("qkv_bias", True))
@@ -934,11 +951,11 @@ class ModelSpec(_SpecCommon):
         )
 
 
-_MAX_POSITION = {"phi3": 4096, "gemma": 8192, "gemma2": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
+_MAX_POSITION = {"glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
                  "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288}
 #: the config classes' RoPE base where it is not 10,000 (a config that names none)
 _ROPE_THETA = {"smollm3": 2_000_000.0}  # config classes' defaults
-_KV_HEADS = {"gemma": 16, "gemma2": 4, "gemma3": 4}
+_KV_HEADS = {"gemma": 16, "gemma2": 4, "gemma3": 4, "glm": 2, "glm4": 2}
 #: Gemma2Config's defaults (a key present as null turns a soft cap off)
 _GEMMA2_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
@@ -1121,7 +1138,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
                    where: str) -> tuple[int | None, tuple[int, ...]]:
     """``(window, full_attention_layers)`` as transformers reads the family's config (module docstring)."""
     n_layers = cfg.get("num_hidden_layers")
-    if arch == "gemma":  # GemmaModel masks causally only: no window key applies
+    if arch in ("gemma", "glm", "glm4"):  # these models mask causally only: no window key applies
         return None, ()
     if arch == "cohere2":  # (read by layernorm_family)
         return cast(tuple[int | None, tuple[int, ...]], cfg["_windows"])

@@ -565,6 +565,28 @@ _GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vis
                            "model.multi_modal_projector.", "visual.", "model.visual.")
 
 
+#: EXAONE 3's tensor names -> Llama's (``transformer.h.3.attn.attention.q_proj`` -> ``model.layers.3.self_attn.q_proj``)
+_EXAONE_NAMES = ((r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.h\.", "model.layers."),
+                 (r"^transformer\.ln_f\.", "model.norm."), (r"\.attn\.attention\.", ".self_attn."),
+                 (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."), (r"\.ln_1\.", ".input_layernorm."),
+                 (r"\.ln_2\.", ".post_attention_layernorm."), (r"\.mlp\.c_fc_0\.", ".mlp.gate_proj."),
+                 (r"\.mlp\.c_fc_1\.", ".mlp.up_proj."), (r"\.mlp\.c_proj\.", ".mlp.down_proj."))
+
+
+def exaone_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """EXAONE 3 / 3.5 checkpoints (Llama under GPT-2-like names) in Llama's names; other tensors unchanged."""
+    if not any(k.startswith("transformer.h.") and ".attn.attention." in k for k in tensors):
+        return tensors
+    import re
+
+    out = {}
+    for name, t in tensors.items():
+        for pattern, repl in _EXAONE_NAMES:
+            name = re.sub(pattern, repl, name)
+        out[name] = t
+    return out
+
+
 def gemma3_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """An image-text checkpoint's language-model tensors under its text architecture's names (the vision tower
     and projector left out): Gemma 3, Mistral 3, Llava, Qwen2-VL / 2.5-VL / 3-VL; a text checkpoint's tensors
@@ -608,8 +630,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         from dualpath.model.llama import LlamaModel
 
         model = LlamaModel(spec, device="cpu", backend=backend)
-        if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
-            tensors = gemma3_language_tensors(tensors)
+        if tensors is not None:  # (an image-text checkpoint: its language model's tensors; EXAONE's names)
+            tensors = exaone_tensors(gemma3_language_tensors(tensors))
         if tensors is not None and spec.architecture == "gpt_oss":
             tensors = gpt_oss_tensors(spec, tensors)
         elif tensors is not None and spec.is_moe:

@@ -834,6 +834,7 @@ class ModelSpec(_SpecCommon):
         it also picks the factor set, :func:`rope_long_for`)."""
         cfg, where = read_hf_config(config)
         cfg = text_model_config(cfg, where)
+        cfg = llama_alias_config(cfg, where)
 
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
@@ -1413,6 +1414,41 @@ def image_text_family(cfg: dict[str, Any]) -> str | None:
             return _IMAGE_TEXT_ARCHS[a]
     mt = cfg.get("model_type")
     return str(mt) if not archs and mt in _IMAGE_TEXT_ARCHS.values() else None
+
+
+#: checkpoints transformers runs as Llama under other names (EXAONE 3 / 3.5, InternLM3): their config keys -> Llama's
+_LLAMA_ALIASES: dict[str, dict[str, str]] = {
+    "exaone": {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
+               "activation_function": "hidden_act"},
+    "internlm3": {"qkv_bias": "attention_bias", "bias": "mlp_bias"},
+}
+#: their config classes' defaults where Llama's differ
+_LLAMA_ALIAS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "exaone": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
+    "internlm3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6},
+}
+
+
+def llama_alias_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """An EXAONE 3 (``ExaoneForCausalLM``) or InternLM3 (``InternLM3ForCausalLM``) config as the Llama config it
+    is (transformers runs both as Llama); any other config unchanged. EXAONE's tensor names are read by the loader
+    (:func:`dualpath.model.loader.exaone_tensors`)."""
+    archs = [str(a).lower() for a in cfg.get("architectures") or []]
+    family = next((f for f in _LLAMA_ALIASES if f"{f}forcausallm" in archs), None)
+    if family is None and cfg.get("model_type") in _LLAMA_ALIASES and (not archs or archs == ["llamaforcausallm"]):
+        family = str(cfg["model_type"])  # (transformers writes LlamaForCausalLM with the family's model_type)
+    if family is None:
+        return cfg
+    out = {**_LLAMA_ALIAS_DEFAULTS[family], **cfg, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    for theirs, ours in _LLAMA_ALIASES[family].items():
+        if theirs in out:
+            value = out.pop(theirs)
+            if ours in cfg and cfg[ours] != value:
+                raise ModelError(f"{where}: {theirs} ({value!r}) and {ours} ({cfg[ours]!r}) disagree")
+            out[ours] = value
+    if family == "internlm3" and bool(out.get("attention_bias")) != bool(out.get("mlp_bias")):
+        raise ModelError(f"{where}: qkv_bias and bias must be equal (InternLM3 runs as Llama, one bias setting)")
+    return out
 
 
 def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere, Cohere 2 and Falcon against transformers on the same random weights, saved by
+"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere, Cohere 2, Falcon and Nemotron against
+transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged
 KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, checkpoints
 in older spellings, a session served by the emulated cluster, and the configs we refuse.
@@ -10,7 +11,7 @@ permutation of the q/k rows) and one norm feeding a parallel attention and MLP; 
 queries scaled first, embeddings projected in and out, and OPT-350m's post-norm blocks; Cohere a bias-free fp32
 LayerNorm, a parallel SwiGLU block, interleaved RoPE (the same permutation, applied to its q/k norms and biases too)
 and scaled logits, Cohere 2 RoPE in its sliding layers only; Falcon its three fused q/k/v layouts and its parallel blocks
-behind one norm or two;
+behind one norm or two; Nemotron LayerNorms scaling by ``1 + weight`` and a ReLU-squared MLP;
 GPT-NeoX a fused per-head q/k/v, partial RoPE and a two-norm parallel residual; Phi one norm feeding a parallel
 attention and MLP, per-head q/k LayerNorms shared by every head, and a biased LM head; StableLM SwiGLU with partial
 RoPE, per-head q/k LayerNorms of their own and optionally Phi's parallel block; StarCoder 2 a biased GELU MLP and a
@@ -78,6 +79,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # Falcon 40B's new decoder: grouped fused q/k/v over 2 key/value heads, attention and MLP behind their own norms
     "falcon": ("FalconConfig", "FalconForCausalLM",
                dict(BASE, ffn_hidden_size=96, new_decoder_architecture=True, num_kv_heads=2, bias=True)),
+    # LayerNorm by 1 + weight, ReLU-squared MLP, RoPE on half of each head, biases everywhere
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM",
+                 dict(BASE, num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True)),
     # every layer sliding over 5 tokens; biased GELU MLP
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(BASE, num_key_value_heads=2, sliding_window=5)),
 }
@@ -187,7 +191,7 @@ def test_spec_follows_transformers(ckpt):
     assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt"))
     assert spec.embed_proj_dim == (32 if family == "opt" else None)
     assert spec.n_kv_heads == {"gpt_bigcode": 1, "stablelm": 2, "starcoder2": 2, "cohere": 2, "cohere2": 2,
-                               "falcon": 2}.get(family, 4)
+                               "falcon": 2, "nemotron": 2}.get(family, 4)
     assert spec.layer_window(0) == (5 if family in ("starcoder2", "cohere2") else None)
     assert spec.parallel_residual == (family in ("gpt_neox", "phi", "gptj", "cohere", "cohere2", "falcon"))
     assert [spec.layer_attn_scale(i) for i in range(3)] == (
@@ -290,6 +294,8 @@ async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
     ("opt", "layer_norm_elementwise_affine", False, "layer_norm_elementwise_affine"),
     ("cohere", "logit_scale", 0, "logit_scale"),
     ("falcon", "alibi", True, "alibi"),
+    ("nemotron", "mlp_bias", True, "mlp_bias"),
+    ("nemotron", "hidden_act", "relu3", "activation"),
     ("falcon", "num_ln_in_parallel_attn", 3, "num_ln_in_parallel_attn"),
     ("falcon", "parallel_attn", "yes", "parallel_attn"),
     ("cohere", "use_qk_norm", "no", "use_qk_norm"),

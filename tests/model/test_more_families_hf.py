@@ -1,4 +1,5 @@
-"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, GLM, GLM-4 and GLM-4.5 against transformers on the same random weights, saved by transformers' own
+"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, Arcee, GLM, GLM-4 and GLM-4.5 against
+transformers on the same random weights, saved by transformers' own
 ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
 sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
 
@@ -9,7 +10,7 @@ and full layers without RoPE; Seed-OSS switches o_proj's bias apart from q/k/v's
 SmolLM3 leaves RoPE out of every fourth layer (NoPE), optionally sliding there; Ministral is Mistral with sliding
 and full layers as ``layer_types`` says; Granite scales embeddings, scores,
 residual branches and logits; GLM fuses gate/up, biases q/k/v and turns interleaved RoPE pairs on half of each head,
-GLM-4 adds norms on the attention's and MLP's outputs."""
+GLM-4 adds norms on the attention's and MLP's outputs; Arcee's MLP is ReLU squared, not gated."""
 
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "glm": ("GlmConfig", "GlmForCausalLM", dict(BASE, head_dim=16, pad_token_id=None, eos_token_id=None)),
     # GLM's layers plus RMSNorms on the attention's and the MLP's outputs
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(BASE, head_dim=16, pad_token_id=None, eos_token_id=None)),
+    # Llama with a ReLU-squared MLP (not gated)
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(BASE, head_dim=16, pad_token_id=None, bos_token_id=None,
+                                                      eos_token_id=None)),
     "granite": ("GraniteConfig", "GraniteForCausalLM",
                 dict(BASE, embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.6,
                      logits_scaling=2.5, attention_bias=True)),

@@ -1,14 +1,14 @@
 """The LayerNorm decoders: GPT-2, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), OPT, Phi (phi-1,
-phi-1.5, phi-2), StableLM, StarCoder 2, Cohere (Command R, Aya; Cohere 2: Command R7B, Command A) and Falcon
-(RoPE checkpoints: falcon-7b/40b/180b, Falcon 2).
+phi-1.5, phi-2), StableLM, StarCoder 2, Cohere (Command R, Aya; Cohere 2: Command R7B, Command A), Falcon
+(RoPE checkpoints: falcon-7b/40b/180b, Falcon 2) and Nemotron (Nemotron-3/4, Minitron).
 
 They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
 differ from Llama in the same few places, each a :class:`~dualpath.model.spec.ModelSpec` field or property:
 
 * ``nn.LayerNorm`` (with a bias) instead of RMSNorm, ``eps`` from ``layer_norm_epsilon`` / ``layer_norm_eps`` /
-  ``norm_epsilon``; Cohere's LayerNorm has no bias and runs in fp32;
+  ``norm_epsilon``; Cohere's LayerNorm has no bias and runs in fp32; Nemotron's scales by ``1 + weight``;
 * a plain MLP ``down(act(up(x)))`` with biases (GPT-2, GPT-J, GPT-NeoX, GPTBigCode, Phi; StarCoder 2 with
-  ``use_bias``, OPT with ``enable_bias``), the activation named by ``activation`` (StableLM keeps Llama's SwiGLU);
+  ``use_bias``, OPT with ``enable_bias``, Nemotron with ``mlp_bias``; Nemotron's activation is ``relu2``, ReLU squared), the activation named by ``activation`` (StableLM keeps Llama's SwiGLU);
 * a parallel residual (``parallel_residual``): GPT-NeoX and Falcon's new decoder ``x + attn(ln1(x)) + mlp(ln2(x))``;
   GPT-J, Phi, Cohere, Falcon 7B, and StableLM with ``use_parallel_residual``, ``x + attn(ln(x)) + mlp(ln(x))`` with one norm (Cohere's MLP is
   SwiGLU);
@@ -59,7 +59,8 @@ if TYPE_CHECKING:
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "PhiForCausalLM": "phi",
                  "StableLmForCausalLM": "stablelm", "Starcoder2ForCausalLM": "starcoder2",
                  "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode", "OPTForCausalLM": "opt",
-                 "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2", "FalconForCausalLM": "falcon"}
+                 "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2", "FalconForCausalLM": "falcon",
+                 "NemotronForCausalLM": "nemotron"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families with learned absolute positions and no RoPE
@@ -75,7 +76,7 @@ LN_ARCHS = tuple(ARCHITECTURES.values())
 #: a config's activation name -> the one the MLP runs (``gelu_tanh``: GELU's tanh approximation, which
 #: ``gelu_new``, ``gelu_fast`` and ``gelu_pytorch_tanh`` all compute)
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "relu": "relu", "silu": "silu", "swish": "silu", "quick_gelu": "quick_gelu"}
+               "relu": "relu", "silu": "silu", "swish": "silu", "quick_gelu": "quick_gelu", "relu2": "relu2"}
 #: the config classes' defaults that decide the architecture (their sizes are required, as for every family)
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2": {"n_positions": 1024, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
@@ -100,6 +101,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "falcon": {"max_position_embeddings": 2048, "layer_norm_epsilon": 1e-5, "activation": "gelu", "alibi": False,
                "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "bias": False,
                "tie_word_embeddings": True},
+    "nemotron": {"max_position_embeddings": 4096, "norm_eps": 1e-5, "hidden_act": "relu2", "attention_bias": False,
+                 "mlp_bias": False, "tie_word_embeddings": False, "partial_rotary_factor": 0.5},
     "opt": {"max_position_embeddings": 2048, "activation_function": "relu", "do_layer_norm_before": True,
             "_remove_final_layer_norm": False, "enable_bias": True, "layer_norm_elementwise_affine": True,
             "tie_word_embeddings": True},
@@ -245,7 +248,7 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             raise ModelError(f"{where}: word_embed_proj_dim must be a positive integer, got {proj!r}")
     else:
         scale_by_layer = False
-        eps_key = {"starcoder2": "norm_epsilon"}.get(arch, "layer_norm_eps")
+        eps_key = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps"}.get(arch, "layer_norm_eps")
         out["rms_norm_eps"] = out[eps_key]
     eps = out["rms_norm_eps"]
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
@@ -266,6 +269,10 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out["attention_bias"] = _flag(out, "use_qkv_bias", where)
     elif arch == "starcoder2":
         out["attention_bias"] = _flag(out, "use_bias", where)
+    elif arch == "nemotron":
+        out["attention_bias"] = _flag(out, "attention_bias", where)
+        if _flag(out, "mlp_bias", where) != out["attention_bias"]:
+            raise ModelError(f"{where}: mlp_bias and attention_bias must be equal here (one bias setting)")
     elif arch in COHERE:
         out["attention_bias"] = _flag(out, "attention_bias", where)
         scale = out.get("logit_scale")
@@ -279,7 +286,7 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
     parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
-                "opt": False, "cohere": True, "cohere2": True}.get(arch)
+                "opt": False, "cohere": True, "cohere2": True, "nemotron": False}.get(arch)
     if arch == "falcon":
         parallel = out["parallel_attn"]
     if parallel is None:
@@ -305,7 +312,7 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
     """The family's own ``config.json`` for ``spec`` (``base``: the Llama-style keys every spec writes)."""
     arch = spec.architecture
     act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh" if arch in ("starcoder2", "gpt_bigcode") else "gelu_new",
-           "relu": "relu", "silu": "silu", "quick_gelu": "quick_gelu"}[str(spec.activation)]
+           "relu": "relu", "silu": "silu", "quick_gelu": "quick_gelu", "relu2": "relu2"}[str(spec.activation)]
     out: dict[str, Any]
     common: dict[str, Any] = {k: base[k] for k in ("vocab_size", "tie_word_embeddings", "torch_dtype") if k in base}
     common.update({k: base[k] for k in ("bos_token_id", "eos_token_id") if k in base})
@@ -322,6 +329,14 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
         else:
             out.update(multi_query=spec.n_kv_heads == 1 < spec.n_heads, scale_attn_weights=True)
         return out
+    if arch == "nemotron":
+        return {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+                "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
+                "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
+                "max_position_embeddings": spec.max_position, "hidden_act": act, "norm_eps": spec.rms_eps,
+                "attention_bias": spec.attention_bias, "mlp_bias": spec.attention_bias, "attention_dropout": 0.0,
+                "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta,
+                                    "partial_rotary_factor": spec.partial_rotary_factor}}
     if arch in COHERE:
         out = {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
                "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
@@ -445,7 +460,7 @@ _OUT_RENAMES["falcon"] = [(r"^model\.embed_tokens\.", "transformer.word_embeddin
                           (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."),
                           (r"\.self_attn\.o_proj\.", ".self_attention.dense."), (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."),
                           (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")]
-for _arch in COHERE:  # (their tensors have Llama's names)
+for _arch in (*COHERE, "nemotron"):  # (their tensors have Llama's names)
     _RENAMES[_arch] = _OUT_RENAMES[_arch] = []
 _CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 _PER_HEAD_NORM = re.compile(r"^(.*\.self_attn\.)([qk])_layernorm\.norms\.(\d+)\.weight$")
@@ -627,4 +642,6 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return F.silu
     if name == "quick_gelu":
         return lambda x: x * torch.sigmoid(1.702 * x)
+    if name == "relu2":
+        return lambda x: torch.square(F.relu(x))
     raise ModelError(f"activation {name!r} unsupported; expected one of {sorted(set(ACTIVATIONS.values()))}")

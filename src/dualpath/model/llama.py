@@ -188,9 +188,18 @@ def _norm(spec: ModelSpec, dim: int) -> nn.Module:
     families (:mod:`dualpath.model.layernorm_family`)."""
     if spec.architecture in ("cohere", "cohere2"):  # bias-free, in fp32
         return HeadLayerNorm(0, dim, spec.rms_eps)
+    if spec.architecture == "nemotron":
+        return LayerNorm1P(dim, eps=spec.rms_eps)
     if spec.layer_norm:
         return nn.LayerNorm(dim, eps=spec.rms_eps)
     return RMSNorm(dim, spec.rms_eps, spec.gemma_style, fp32_scale=spec.fp32_norm_scale)
+
+
+class LayerNorm1P(nn.LayerNorm):
+    """Nemotron's LayerNorm: scaled by ``1 + weight`` (zero-centred weights), with a bias."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
 
 
 class HeadLayerNorm(nn.Module):

@@ -38,6 +38,7 @@ logit per query head in each softmax's denominator (:attr:`ModelSpec.attention_s
 full layers (``layer_types``; GptOssConfig's defaults: even layers slide over 128 tokens), YaRN RoPE (base
 150,000, factor 32 over 4,096 positions, ``truncate: false``), a biased router softmaxing its top-k logits and
 packed experts with a clamped SwiGLU (``swiglu_limit``, ``swiglu_alpha``; :mod:`dualpath.model.gpt_oss`).
+``ArceeForCausalLM`` (``arcee``: AFM) is Llama with a ReLU-squared MLP ``down(relu(up(x)) ** 2)`` (not gated).
 ``GlmForCausalLM`` (``glm``: GLM-4-9B) and ``Glm4ForCausalLM`` (``glm4``: GLM-4-0414, GLM-Z1) are Llama with q/k/v
 biases, a fused ``gate_up_proj`` (split at load), RoPE on half of each head turning interleaved pairs (read as ours by
 permuting the q/k rows at load) and, for ``glm4``, RMSNorms on the attention's and the MLP's outputs
@@ -64,7 +65,7 @@ RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), 
 ``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
 embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
 ``residual_multiplier``, logits divided by ``logits_scaling``).
-Eleven LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
+Twelve LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
 and tensor names): ``GPT2LMHeadModel`` (``gpt2``: learned positions, no RoPE, fused ``Conv1D`` q/k/v,
 ``scale_attn_by_inverse_layer_idx``), ``GPTBigCodeForCausalLM`` (``gpt_bigcode``: StarCoder 1, SantaCoder; GPT-2's
 block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gptj``: interleaved RoPE on
@@ -72,7 +73,8 @@ block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gpt
 ``CohereForCausalLM`` / ``Cohere2ForCausalLM`` (``cohere``, ``cohere2``: bias-free fp32 LayerNorm, one norm feeding a
 parallel attention and SwiGLU MLP, interleaved RoPE read by the q/k row permutation, optional per-head q/k norms,
 logits times ``logit_scale``; Cohere 2 slides three layers of four and rotates only there), ``FalconForCausalLM`` (``falcon``: RoPE checkpoints, its three fused q/k/v layouts, parallel blocks behind one
-norm or two; ALiBi refused), ``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
+norm or two; ALiBi refused), ``NemotronForCausalLM`` (``nemotron``: LayerNorm scaling by ``1 + weight``, a ReLU-squared MLP, RoPE on half of
+each head), ``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
 projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
@@ -127,6 +129,7 @@ ARCHITECTURES: dict[str, str] = {
     "Exaone4ForCausalLM": "exaone4",
     "SeedOssForCausalLM": "seed_oss",
     "GlmForCausalLM": "glm",
+    "ArceeForCausalLM": "arcee",
     "Glm4ForCausalLM": "glm4",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
 }
@@ -137,7 +140,8 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
             "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
-            "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", **lnf.HF_ARCH}
+            "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
+            **lnf.HF_ARCH}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
@@ -277,7 +281,8 @@ class ModelSpec(_SpecCommon):
         object.__setattr__(self, "mlp_only_layers", tuple(int(x) for x in self.mlp_only_layers))
         self._check_layernorm_family()
         if self.partial_rotary_factor != 1.0:
-            if self.architecture not in ("phi3", "glm4_moe", "gpt_neox", "phi", "stablelm", "gptj", "glm", "glm4"):
+            if self.architecture not in ("phi3", "glm4_moe", "gpt_neox", "phi", "stablelm", "gptj", "glm", "glm4",
+                                         "nemotron"):
                 raise ModelError(f"model config: partial_rotary_factor is only supported for phi3, glm4_moe, "
                                  f"gpt_neox, gptj, phi and stablelm, got "
                                  f"{self.partial_rotary_factor} for {self.architecture}")
@@ -349,11 +354,14 @@ class ModelSpec(_SpecCommon):
         ln = self.architecture in lnf.LN_ARCHS
         for name in names:
             value = getattr(self, name)
-            if (value is None) == ln:
+            if (value is None) == (ln or (name == "activation" and self.architecture == "arcee")):
                 raise ModelError(f"model config: {name} is the LayerNorm families' ({', '.join(lnf.LN_ARCHS)}) and "
                                  f"required there, got {value!r} for {self.architecture}")
             if ln and name != "activation" and not isinstance(value, bool):
                 raise ModelError(f"model config: {name} must be true or false, got {value!r}")
+        if self.activation is not None and self.activation not in set(lnf.ACTIVATIONS.values()):
+            raise ModelError(f"model config: activation {self.activation!r} unsupported; expected one of "
+                             f"{sorted(set(lnf.ACTIVATIONS.values()))}")
         if not ln:
             return
         if self.activation not in set(lnf.ACTIVATIONS.values()):
@@ -363,6 +371,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
         fixed = {"gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
                  "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "cohere": (True, None),
+                 "nemotron": (False, False),
                  "cohere2": (True, False)}
         if (self.falcon_layout is None) == (self.architecture == "falcon") or self.falcon_layout not in (
                 None, "new1", "new2", "old"):
@@ -542,9 +551,9 @@ class ModelSpec(_SpecCommon):
             return True
         if self.architecture == "gptj":
             return False
-        if self.architecture in ("gpt_neox", "starcoder2", "opt", "falcon", *lnf.COHERE):
+        if self.architecture in ("gpt_neox", "starcoder2", "opt", "falcon", "nemotron", *lnf.COHERE):
             return self.attention_bias
-        return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        return self.attention_bias and self.architecture in ("llama", "arcee", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              "granite", "olmoe")
 
@@ -567,6 +576,8 @@ class ModelSpec(_SpecCommon):
     @property
     def gated_mlp(self) -> bool:
         """Whether the dense MLP is gated (SwiGLU / GeGLU) rather than ``down(act(up(x)))``."""
+        if self.architecture == "arcee":  # ReLU-squared MLP, not gated
+            return False
         return not self.layer_norm or self.architecture in ("stablelm", *lnf.COHERE)
 
     @property
@@ -574,7 +585,7 @@ class ModelSpec(_SpecCommon):
         """Biases on the plain MLP's two projections: GPT-2, GPT-J, GPT-NeoX, GPTBigCode and Phi always,
         StarCoder 2 with ``use_bias``."""
         return self.architecture in ("gpt2", "gptj", "gpt_neox", "gpt_bigcode", "phi") or (
-            self.architecture in ("starcoder2", "opt", "falcon") and self.attention_bias)
+            self.architecture in ("starcoder2", "opt", "falcon", "nemotron") and self.attention_bias)
 
     @property
     def shared_norm_parallel(self) -> bool:
@@ -770,6 +781,9 @@ class ModelSpec(_SpecCommon):
                 cfg.update(layer_types=["full_attention"] * self.n_layers, sliding_window=self.max_position)
         if self.architecture == "gemma":  # hidden_act for transformers 5, hidden_activation for 4.x
             cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
+        if self.architecture == "arcee":
+            cfg.update(attention_bias=self.attention_bias, mlp_bias=False, pad_token_id=None,
+                       hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(str(self.activation), self.activation))
         if self.architecture in ("glm", "glm4"):
             cfg.update(attention_bias=self.attention_bias, pad_token_id=None,
                        rope_parameters={**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta,
@@ -845,7 +859,7 @@ class ModelSpec(_SpecCommon):
                 break
         if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
                                            "gemma3_text", "olmo2", "olmo3", "smollm3", "granite", "ministral", "olmoe", "exaone4",
-                                           "seed_oss", "glm", "glm4", *lnf.LN_ARCHS,
+                                           "seed_oss", "glm", "glm4", "arcee", *lnf.LN_ARCHS,
                                            *ALL_MOE_ARCHS):  # (glm4_moe among them)
             arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
@@ -853,8 +867,8 @@ class ModelSpec(_SpecCommon):
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
-                "granite, ministral, glm, glm4, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
-                "cohere, cohere2, falcon, "
+                "granite, ministral, arcee, glm, glm4, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
+                "cohere, cohere2, falcon, nemotron, "
                 "starcoder2, "
                 "deepseek_v2, deepseek_v3, deepseek_v32)"
             )
@@ -874,6 +888,11 @@ class ModelSpec(_SpecCommon):
             _check_gemma2(cfg, where)
         elif arch == "gpt_oss":
             cfg = _gpt_oss_defaults(cfg)
+        elif arch == "arcee":  # ArceeConfig: a ReLU-squared MLP, not gated
+            act = cfg.get("hidden_act", "relu2")
+            if act not in lnf.ACTIVATIONS:
+                raise ModelError(f"{where}: hidden_act {act!r} unsupported; expected one of {sorted(lnf.ACTIVATIONS)}")
+            ln_fields = {"activation": lnf.ACTIVATIONS[act]}
         elif cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
         if cfg.get("mlp_bias"):
@@ -1139,7 +1158,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
                    where: str) -> tuple[int | None, tuple[int, ...]]:
     """``(window, full_attention_layers)`` as transformers reads the family's config (module docstring)."""
     n_layers = cfg.get("num_hidden_layers")
-    if arch in ("gemma", "glm", "glm4"):  # these models mask causally only: no window key applies
+    if arch in ("gemma", "glm", "glm4", "arcee"):  # these models mask causally only: no window key applies
         return None, ()
     if arch == "cohere2":  # (read by layernorm_family)
         return cast(tuple[int | None, tuple[int, ...]], cfg["_windows"])

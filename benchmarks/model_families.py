@@ -1,0 +1,168 @@
+"""Every architecture this project runs, against transformers on the same random weights: logits, greedy ids, speed.
+
+For each family a random checkpoint is built and written by transformers itself (weights widened so that every one
+matters), then read by :func:`dualpath.model.loader.load_model`. The script prefills a prompt over a paged KV pool,
+decodes greedily one token per step through the paged decode path (what ``dualpath generate`` runs), and compares
+with transformers' own forward (logits at every prompt position) and ``generate`` (greedy, its own KV cache):
+
+* ``max_abs_logit_diff``: prompt logits, ours vs transformers (fp32);
+* ``greedy_equal`` / ``first_divergence``: the generated ids;
+* ``ours_tok_s`` / ``hf_tok_s`` and ``speed_ratio`` (ours / transformers): end-to-end generation on this machine,
+  both timed in the same process, alternating, median of ``--repeats``.
+
+Nothing downloads. Run: ``python benchmarks/model_families.py [--families gpt2,phi] [--json OUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+V = 512
+BASE = {"vocab_size": V, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 4, "max_position_embeddings": 512, "bos_token_id": None,
+        "eos_token_id": None, "pad_token_id": None}
+GPT2 = {"vocab_size": V, "n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 512, "bos_token_id": None,
+        "eos_token_id": None}
+#: family -> (config class, model class, config kwargs)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", BASE),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", BASE),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(BASE, head_dim=32)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(BASE, sliding_window=16)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(BASE, head_dim=32, sliding_window=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", BASE),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(GPT2, rotary_dim=16)),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", GPT2),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, num_key_value_heads=None)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(BASE, ffn_dim=256, num_key_value_heads=None)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(BASE, qk_layernorm=True)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(BASE, qk_layernorm=True)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(BASE, sliding_window=16)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(BASE, use_qk_norm=True, logit_scale=1.0)),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(BASE, sliding_window=16, logit_scale=1.0)),
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(BASE, ffn_hidden_size=256, new_decoder_architecture=True, num_kv_heads=2)),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(BASE, head_dim=32)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(BASE, head_dim=32)),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(BASE, head_dim=32)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", BASE),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", BASE),
+}
+
+
+def _hf_model(family: str) -> Any:
+    import transformers
+
+    cfg_cls, model_cls, kw = FAMILIES[family]
+    cfg = {k: v for k, v in kw.items() if v is not None or k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**cfg)).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n or ".ln_" in n or n.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.mul_(4.0)
+    return hf
+
+
+def _ours_generate(model: Any, prompt: list[int], n: int) -> list[int]:
+    from dualpath.model import KVPool, SeqBatch
+
+    bt = 16
+    total = len(prompt) + n
+    pool = KVPool(model.spec.kv_spec(), num_blocks=-(-total // bt), block_tokens=bt)
+    table = pool.allocate(pool.blocks_for_tokens(total))
+    out = [int(model(SeqBatch.build([prompt], [0], [table], bt), pool.layers).argmax(-1)[0])]
+    tables = torch.tensor([table], dtype=torch.int32)
+    pos = len(prompt)
+    while len(out) < n:
+        logits = model.decode_step(torch.tensor([out[-1]]), torch.tensor([pos]), tables, pool.layers)
+        out.append(int(logits.argmax(-1)[0]))
+        pos += 1
+    return out
+
+
+def run_family(family: str, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.loader import load_model
+
+    hf = _hf_model(family)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = load_model(LlamaModelConfig(path=d, attention_backend="torch"), with_tokenizer=False)[0]
+    prompt = torch.randint(0, V, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    from dualpath.model import KVPool, SeqBatch
+
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=-(-prompt_len // 16), block_tokens=16)
+    got = ours(SeqBatch.build([prompt], [0], [pool.allocate(-(-prompt_len // 16))], 16), pool.layers,
+               all_positions=True)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].float()
+    diff = float((got - ref).abs().max())
+
+    def hf_generate() -> list[int]:
+        with torch.no_grad():
+            ids = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)
+        return [int(x) for x in ids[0, prompt_len:]]
+
+    ours_ids, hf_ids = _ours_generate(ours, prompt, new_tokens), hf_generate()  # (warm-up as well)
+    t_ours, t_hf = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _ours_generate(ours, prompt, new_tokens)
+        t_ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        hf_generate()
+        t_hf.append(time.perf_counter() - t0)
+    first = next((i for i, (a, b) in enumerate(zip(ours_ids, hf_ids, strict=True)) if a != b), None)
+    ours_tok_s = new_tokens / statistics.median(t_ours)
+    hf_tok_s = new_tokens / statistics.median(t_hf)
+    return {"family": family, "architecture": ours.spec.architecture, "max_abs_logit_diff": diff,
+            "logit_scale": float(ref.abs().max()), "greedy_equal": first is None, "first_divergence": first,
+            "ours_tok_s": round(ours_tok_s, 1), "hf_tok_s": round(hf_tok_s, 1),
+            "speed_ratio": round(ours_tok_s / hf_tok_s, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: all)")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", dest="json_out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for family in args.families.split(","):
+        if family not in FAMILIES:
+            parser.error(f"unknown family {family!r}; expected some of {', '.join(FAMILIES)}")
+        r = run_family(family, args.prompt_len, args.new_tokens, args.repeats)
+        rows.append(r)
+        print(f"{family:12s} max|dlogit| {r['max_abs_logit_diff']:.2e} (logits up to {r['logit_scale']:5.1f})  "
+              f"greedy {'equal' if r['greedy_equal'] else 'DIVERGES at ' + str(r['first_divergence']):9s}  "
+              f"{r['ours_tok_s']:7.1f} vs {r['hf_tok_s']:7.1f} tok/s  ratio {r['speed_ratio']:.2f}", flush=True)
+    bad = [r["family"] for r in rows if not r["greedy_equal"] or r["max_abs_logit_diff"] > 1e-3]
+    summary = {"families": len(rows), "all_equal": not bad, "mismatched": bad,
+               "speed_ratio_median": statistics.median(r["speed_ratio"] for r in rows), "rows": rows,
+               "command": "python benchmarks/model_families.py " + " ".join(argv or sys.argv[1:])}
+    print(f"{len(rows)} families, {'all equal to transformers' if not bad else 'MISMATCHED: ' + ', '.join(bad)}; "
+          f"median speed ours / transformers {summary['speed_ratio_median']:.2f}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

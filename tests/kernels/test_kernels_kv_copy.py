@@ -14,7 +14,10 @@ from dualpath.kv.layout import KVLayout, KVSpec
 
 @pytest.mark.parametrize(("bt", "hkv", "d", "dtype"), [(16, 1, 16, torch.float32), (32, 3, 48, torch.bfloat16),
                                                        (64, 2, 64, torch.float16), (128, 8, 16, torch.float32)])
-def test_store_kv_matches_reference(device, bt, hkv, d, dtype):
+@pytest.mark.parametrize("skip", [True, False], ids=["a-slot-skipped", "every-slot"])
+def test_store_kv_matches_reference(device, bt, hkv, d, dtype, skip):
+    """The Triton store against the reference, with a skipped slot (the reference's masked path) and without (its
+    one-copy path): the same pool, bit for bit, and every stored row where its slot says."""
     nb, n = 7, 29
     g = torch.Generator().manual_seed(0)
     # inputs in the pool dtype, except fp16 pools fed fp32 (the cast path; the interpreter truncates fp32->bf16)
@@ -22,12 +25,19 @@ def test_store_kv_matches_reference(device, bt, hkv, d, dtype):
     k = torch.randn((n, hkv, d), generator=g).to(device=device, dtype=in_dtype)
     v = torch.randn((n, hkv, d), generator=g).to(device=device, dtype=in_dtype)
     slots = torch.randperm(nb * bt, generator=g)[:n].to(device)
-    slots[3] = -1  # skipped
+    if skip:
+        slots[3] = -1
     a = torch.zeros((nb, bt, 2, hkv, d), dtype=dtype, device=device)
     b = a.clone()
     ref.store_kv(k, v, a, slots)
     tri.store_kv(k, v, b, slots)
     assert torch.equal(a, b)
+    for i in (0, 3, n - 1):
+        s_ = int(slots[i])
+        if s_ >= 0:
+            assert torch.equal(a[s_ // bt, s_ % bt, 0], k[i].to(dtype)) and torch.equal(a[s_ // bt, s_ % bt, 1],
+                                                                                          v[i].to(dtype))
+    assert int(a.abs().sum(dim=(2, 3, 4)).ne(0).sum()) == n - int(skip)
 
 
 def test_store_kv_large_block_ids(device):

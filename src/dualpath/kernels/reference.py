@@ -113,6 +113,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapp
     """Write ``k, v [N, Hkv, D]`` into the pool at flat slots ``slot_mapping [N]`` (negative slots skipped)."""
     bt = kv_layer.shape[1]
     slots = slot_mapping.long()
+    if kv_layer.is_contiguous() and not bool((slots < 0).any()):  # one row copy per token into the flat pool
+        flat = kv_layer.view(-1, *kv_layer.shape[2:])
+        flat.index_copy_(0, slots, torch.stack((k, v), dim=1).to(kv_layer.dtype))
+        return
     keep = slots >= 0
     slots = slots[keep]
     blk, off = slots // bt, slots % bt

@@ -301,3 +301,61 @@ def test_sinks_bad_input(device):
                                                        sinks=sinks),
                                ref.paged_prefill_attention(q, kv, tables, cu, lens, starts, 0.25, sinks=sinks),
                                atol=2e-5, rtol=1e-4)
+
+
+def _naive_alibi(q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, qpos: list[int], scale: float,
+                 slopes: list[float], window: int | None = None) -> torch.Tensor:
+    """Query by query, key by key, in float64: ``softmax(scale * q.k + slope[h] * key position)`` (Bloom's form:
+    the bias of the key's absolute position; a per-query constant, so equal to ``slope * (k - p)``)."""
+    bt, hq, hkv = kv.shape[1], q.shape[1], kv.shape[3]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i, p in enumerate(qpos):
+        keys = [t for t in range(p + 1) if window is None or p - t < window]
+        rows = torch.stack([kv[int(table[t // bt]), t % bt].double().cpu() for t in keys])  # [n, 2, Hkv, D]
+        pos = torch.tensor(keys, dtype=torch.float64)
+        for h in range(hq):
+            k, v = rows[:, 0, h // (hq // hkv)], rows[:, 1, h // (hq // hkv)]
+            out[i, h] = torch.softmax((k @ q[i, h].double().cpu()) * scale + slopes[h] * pos, dim=0) @ v
+    return out.float()
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_alibi_matches_naive(device, window):
+    """ALiBi (Bloom) slopes, alone and with a window, Triton and the torch reference against a key-by-key loop over
+    the shapes of the sinks test: prefill chunks over cached prefixes, decode with a split-K reduction; slopes from
+    steep (2.0: a far key gets -100 and more) to none."""
+    seqs, kv, tables, q, cu, seq_lens, starts, qd = _sink_case(device)
+    slope_list = [2.0, 0.25, 0.0039, 0.0]
+    slopes = torch.tensor(slope_list, device=device)
+    want = torch.cat([_naive_alibi(q[int(cu[b]):int(cu[b + 1])], kv, tables[b], list(range(c, c + n)), 0.3,
+                                   slope_list, window) for b, (c, n) in enumerate(seqs)])
+    got_ref = ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, window=window, alibi=slopes)
+    got_tri = tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, window=window, alibi=slopes,
+                                          block_m=16, block_n=16)
+    torch.testing.assert_close(got_ref.cpu(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_tri.cpu(), want, atol=2e-5, rtol=1e-4)
+    want_d = torch.cat([_naive_alibi(qd[b:b + 1], kv, tables[b], [c + n - 1], 0.3, slope_list, window)
+                        for b, (c, n) in enumerate(seqs)])
+    got_d = tri.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window, alibi=slopes, partition=32,
+                                       block_n=16)
+    torch.testing.assert_close(ref.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window,
+                                                          alibi=slopes).cpu(), want_d, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_d.cpu(), want_d, atol=2e-5, rtol=1e-4)
+    no_alibi = ref.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window)
+    assert not torch.allclose(got_d, no_alibi, atol=1e-3)  # (the slopes change the result)
+
+
+def test_alibi_bad_input(device):
+    """Malformed slopes are refused by name, by the dispatch functions and the Triton launchers alike."""
+    from dualpath.errors import KernelError
+    from dualpath.kernels import paged_decode_attention
+
+    kv = _pool(2, 16, 1, 16, torch.float32, device)
+    q = torch.randn((1, 2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
+    lens = torch.full((1,), 5, dtype=torch.int32, device=device)
+    for bad in (torch.zeros(3, device=device), torch.zeros(2, dtype=torch.int32, device=device), [0.0, 1.0]):
+        with pytest.raises(KernelError, match="alibi"):
+            paged_decode_attention(q, kv, tables, lens, 0.25, alibi=bad)
+        with pytest.raises(KernelError, match="alibi"):
+            tri.paged_decode_attention(q, kv, tables, lens, 0.25, alibi=bad)

@@ -1,5 +1,5 @@
-"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere, Cohere 2, Falcon and Nemotron against
-transformers on the same random weights, saved by
+"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere, Cohere 2, Falcon, Nemotron and Bloom
+against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged
 KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, checkpoints
 in older spellings, a session served by the emulated cluster, and the configs we refuse.
@@ -11,7 +11,8 @@ permutation of the q/k rows) and one norm feeding a parallel attention and MLP; 
 queries scaled first, embeddings projected in and out, and OPT-350m's post-norm blocks; Cohere a bias-free fp32
 LayerNorm, a parallel SwiGLU block, interleaved RoPE (the same permutation, applied to its q/k norms and biases too)
 and scaled logits, Cohere 2 RoPE in its sliding layers only; Falcon its three fused q/k/v layouts and its parallel blocks
-behind one norm or two; Nemotron LayerNorms scaling by ``1 + weight`` and a ReLU-squared MLP;
+behind one norm or two; Nemotron LayerNorms scaling by ``1 + weight`` and a ReLU-squared MLP; Bloom ALiBi biases (in
+both attention backends) and a norm on the word embeddings;
 GPT-NeoX a fused per-head q/k/v, partial RoPE and a two-norm parallel residual; Phi one norm feeding a parallel
 attention and MLP, per-head q/k LayerNorms shared by every head, and a biased LM head; StableLM SwiGLU with partial
 RoPE, per-head q/k LayerNorms of their own and optionally Phi's parallel block; StarCoder 2 a biased GELU MLP and a
@@ -79,6 +80,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # Falcon 40B's new decoder: grouped fused q/k/v over 2 key/value heads, attention and MLP behind their own norms
     "falcon": ("FalconConfig", "FalconForCausalLM",
                dict(BASE, ffn_hidden_size=96, new_decoder_architecture=True, num_kv_heads=2, bias=True)),
+    # ALiBi instead of positions, a LayerNorm on the word embeddings, per-head fused q/k/v
+    "bloom": ("BloomConfig", "BloomForCausalLM",
+              {"vocab_size": VOCAB, "hidden_size": 64, "n_layer": 3, "n_head": 4, "bos_token_id": None,
+               "eos_token_id": None, "pad_token_id": None}),
     # LayerNorm by 1 + weight, ReLU-squared MLP, RoPE on half of each head, biases everywhere
     "nemotron": ("NemotronConfig", "NemotronForCausalLM",
                  dict(BASE, num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True)),
@@ -88,6 +93,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 #: variants whose only difference is a switch: the sequential GPT-NeoX block, StableLM's parallel block, GPTBigCode
 #: with a key/value per head (its fused q/k/v then interleaved per head)
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # six heads: ALiBi slopes past the largest power of two (Bloom's odd extra powers)
+    "bloom_6_heads": ("BloomConfig", "BloomForCausalLM", dict(FAMILIES["bloom"][2], hidden_size=48, n_head=6)),
     # falcon-7b: one key/value head, attention and MLP behind one norm; Falcon 2: the new decoder with one norm;
     # per-head fused q/k/v in sequential blocks
     "falcon_7b": ("FalconConfig", "FalconForCausalLM", dict(BASE, ffn_hidden_size=96)),
@@ -159,7 +166,8 @@ def test_residual_variants_equal_transformers(variant, tmp_path_factory):
     spec = load_spec(d)
     assert isinstance(spec, ModelSpec)
     assert spec.parallel_residual == (variant in ("stablelm_parallel", "falcon_7b", "falcon_new1"))
-    assert spec.n_kv_heads == {"stablelm_parallel": 2, "falcon_new1": 2, "falcon_7b": 1}.get(variant, 4)
+    assert spec.n_kv_heads == {"stablelm_parallel": 2, "falcon_new1": 2, "falcon_7b": 1, "bloom_6_heads": 6}.get(
+        variant, 4)
     assert spec.post_layer_norm == (True if variant == "opt_post_ln" else None)
     check_batched_against_hf(_load(d), hf, [_turns(4)[0] + _turns(4)[1], _turns(4)[2]])
 
@@ -183,9 +191,11 @@ def test_spec_follows_transformers(ckpt):
     c = hf.config
     assert spec.tie_embeddings == bool(c.tie_word_embeddings)
     gpt2_keys = family in ("gpt2", "gptj", "gpt_bigcode")
-    assert spec.max_position == (c.n_positions if gpt2_keys else c.max_position_embeddings)
+    assert spec.max_position == (c.n_positions if gpt2_keys else 2048 if family == "bloom"
+                                 else c.max_position_embeddings)
+    assert spec.alibi == (family == "bloom")
     want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5, "opt": 1.0, "cohere": 1.0,
-                    "cohere2": 1.0, "falcon": 1.0}.get(family) or \
+                    "cohere2": 1.0, "falcon": 1.0, "bloom": 1.0}.get(family) or \
         c.rope_parameters["partial_rotary_factor"]
     assert spec.partial_rotary_factor == want_partial
     assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt"))
@@ -225,10 +235,11 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
 def test_older_checkpoint_spellings_load(tmp_path_factory, tmp_path):
     """GPT-2 tensors without the ``transformer.`` prefix and with the causal-mask buffers old checkpoints carry;
     a GPT-NeoX config in Pythia's keys (``rotary_pct``, ``rotary_emb_base``) with its mask and RoPE buffers; OPT
-    tensors without the ``model.`` prefix, and its tied head written out. Each gives transformers' logits."""
+    tensors without the ``model.`` prefix, and its tied head written out; Bloom tensors without the ``transformer.``
+    prefix (as bloom-560m has them). Each gives transformers' logits."""
     from safetensors.torch import load_file, save_file
 
-    for family in ("gpt2", "gpt_neox", "opt"):
+    for family in ("gpt2", "gpt_neox", "opt", "bloom"):
         d, hf = _CKPTS.get(family, tmp_path_factory)
         old = tmp_path / family
         old.mkdir()
@@ -239,6 +250,8 @@ def test_older_checkpoint_spellings_load(tmp_path_factory, tmp_path):
             for i in range(3):
                 tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 256, 256))
                 tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        elif family == "bloom":
+            tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
         elif family == "opt":
             tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
             tensors["lm_head.weight"] = tensors["decoder.embed_tokens.weight"].clone()
@@ -295,6 +308,7 @@ async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
     ("cohere", "logit_scale", 0, "logit_scale"),
     ("falcon", "alibi", True, "alibi"),
     ("nemotron", "mlp_bias", True, "mlp_bias"),
+    ("bloom", "apply_residual_connection_post_layernorm", True, "apply_residual_connection_post_layernorm"),
     ("nemotron", "hidden_act", "relu3", "activation"),
     ("falcon", "num_ln_in_parallel_attn", 3, "num_ln_in_parallel_attn"),
     ("falcon", "parallel_attn", "yes", "parallel_attn"),

@@ -20,8 +20,8 @@ CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size
 
 
 def test_config_errors_name_the_problem(tmp_path):
-    with pytest.raises(ModelError, match="unsupported architecture.*Bloom"):  # (ALiBi, not RoPE)
-        ModelSpec.from_hf_config({**CFG, "architectures": ["BloomForCausalLM"], "model_type": "bloom"})
+    with pytest.raises(ModelError, match="unsupported architecture.*Mpt"):
+        ModelSpec.from_hf_config({**CFG, "architectures": ["MptForCausalLM"], "model_type": "mpt"})
     bad = dict(CFG)
     del bad["hidden_size"]
     with pytest.raises(ModelError, match="missing required key 'hidden_size'"):

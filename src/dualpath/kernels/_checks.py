@@ -20,18 +20,19 @@ def check_window(window: object) -> int | None:
     return window
 
 
-def check_sinks(sinks: object, n_heads: int, device: torch.device) -> torch.Tensor | None:
-    """Attention sinks: a float tensor ``[n_heads]`` (one logit per query head) on ``device``, or None."""
+def check_sinks(sinks: object, n_heads: int, device: torch.device, name: str = "sinks") -> torch.Tensor | None:
+    """Attention sinks (or ALiBi slopes, ``name`` ``alibi``): a float tensor ``[n_heads]`` (one per query head) on
+    ``device``, or None."""
     if sinks is None:
         return None
     if not isinstance(sinks, torch.Tensor):
-        raise KernelError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+        raise KernelError(f"{name} must be a torch.Tensor or None, got {type(sinks).__name__}")
     if sinks.dim() != 1 or sinks.shape[0] != n_heads:
-        raise KernelError(f"sinks has shape {tuple(sinks.shape)}, expected [{n_heads}] (one per query head)")
+        raise KernelError(f"{name} has shape {tuple(sinks.shape)}, expected [{n_heads}] (one per query head)")
     if not sinks.is_floating_point():
-        raise KernelError(f"sinks has dtype {sinks.dtype}, expected a float dtype")
+        raise KernelError(f"{name} has dtype {sinks.dtype}, expected a float dtype")
     if sinks.device != device:
-        raise KernelError(f"sinks is on {sinks.device}, expected {device} (all tensors on one device)")
+        raise KernelError(f"{name} is on {sinks.device}, expected {device} (all tensors on one device)")
     return sinks
 
 

@@ -9,6 +9,8 @@ Under ``TRITON_INTERPRET=1`` dot operands are cast to fp32 (the interpreter's bf
 ``window`` (a sliding attention window): a query at position ``p`` sees keys ``p - window + 1 .. p`` only. Decode
 starts each sequence's scan at its window; prefill starts each query tile's scan at its first row's window and
 masks the rest (a row whose keys in a tile are all masked keeps its running max: no NaN).
+``alibi`` (Bloom, ``[Hq]`` slopes, fp32): ``slope[h] * (key position - query position)`` added to each score, in the
+exp2 domain, after the scale and any cap, as the torch reference.
 ``sinks`` (gpt-oss, ``[Hq]``, fp32): an extra per-head logit in the softmax denominator that weights no value,
 added by decode's split reduction and at prefill's final normalisation (rescaled to ``max(m, sink)``).
 """
@@ -42,7 +44,7 @@ def _softcap(s, cap):
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, kv_ptr, table_ptr, lens_ptr, o_ptr, lse_ptr,
+    q_ptr, kv_ptr, table_ptr, lens_ptr, o_ptr, lse_ptr, alibi_ptr,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kkv, stride_kh,
     stride_tb,
@@ -51,7 +53,7 @@ def _decode_split_kernel(
     qk_scale, softcap, window,
     G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, PARTITION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -68,6 +70,8 @@ def _decode_split_kernel(
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
+    if ALIBI:  # each head's slope, in the exp2 domain
+        slope = tl.load(alibi_ptr + heads, mask=gmask, other=0.0) * 1.4426950408889634
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -86,6 +90,8 @@ def _decode_split_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if SOFTCAP:
             s = _softcap(s, softcap) * 1.4426950408889634
+        if ALIBI:  # slope * (key position - query position), the query at seq_len - 1
+            s = s + slope[:, None] * (t - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -148,9 +154,11 @@ def _window_arg(window: int | None) -> int:
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, *, partition: int | None = None,
                            block_n: int | None = None, softcap: float | None = None,
-                           window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                           window: int | None = None, sinks: torch.Tensor | None = None,
+                           alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Triton paged decode. ``q [B, Hq, D]``, ``kv_layer [NB, bt, 2, Hkv, D]``, ``block_tables [B, max_blocks]``,
-    ``seq_lens [B]`` (each >= 1), ``sinks [Hq]`` or None -> ``[B, Hq, D]`` in ``q``'s dtype."""
+    ``seq_lens [B]`` (each >= 1), ``sinks [Hq]`` or None, ``alibi [Hq]`` slopes or None -> ``[B, Hq, D]`` in
+    ``q``'s dtype."""
     kv = check_kv_layer(kv_layer)
     dev = kv.device
     q = check_tensor("q", q, dim=3, dtypes=(kv.dtype,), device=dev, last_contiguous=True)
@@ -165,6 +173,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     check_shape("seq_lens", lens, (bsz,))
     lens = lens.contiguous()
     sinks = check_sinks(sinks, hq, dev)
+    alibi = check_sinks(alibi, hq, dev, "alibi")
     out = torch.empty_like(q)
     if bsz == 0:
         return out
@@ -180,7 +189,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     block_d = next_pow2(d)
     prec = "ieee" if kv.dtype == torch.float32 else "tf32"
     _decode_split_kernel[(bsz, hkv, splits)](
-        q, kv, tables, lens, po, lse,
+        q, kv, tables, lens, po, lse, lse if alibi is None else alibi.float().contiguous(),
         q.stride(0), q.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         tables.stride(0),
@@ -189,7 +198,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         *_scales(scale, softcap), _window_arg(window),
         G=g, D=d, BT=bt, PARTITION=partition, SOFTCAP=softcap is not None,
         BLOCK_G=max(16, next_pow2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
-        DOT_FP32=interp, PREC=prec,
+        DOT_FP32=interp, PREC=prec, ALIBI=alibi is not None,
         **({} if interp else {"num_warps": 4, "num_stages": 2}),
     )
     _decode_reduce_kernel[(bsz, hq)](
@@ -204,7 +213,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, kv_ptr, table_ptr, cu_ptr, lens_ptr, start_ptr, o_ptr, sinks_ptr,
+    q_ptr, kv_ptr, table_ptr, cu_ptr, lens_ptr, start_ptr, o_ptr, sinks_ptr, alibi_ptr,
     stride_qn, stride_qh,
     stride_kb, stride_kt, stride_kkv, stride_kh,
     stride_tb,
@@ -212,7 +221,7 @@ def _prefill_kernel(
     qk_scale, softcap, window,
     G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
     SINKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr,
 ):
     mblk = tl.program_id(0)
     b = tl.program_id(1)
@@ -233,6 +242,9 @@ def _prefill_kernel(
         if DOT_FP32:
             q = q.to(tl.float32)
         qpos = start + rows
+        slope = 0.0
+        if ALIBI:  # this head's slope, in the exp2 domain
+            slope = tl.load(alibi_ptr + h) * 1.4426950408889634
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -255,6 +267,8 @@ def _prefill_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             if SOFTCAP:
                 s = _softcap(s, softcap) * 1.4426950408889634
+            if ALIBI:
+                s = s + slope * (t[None, :] - qpos[:, None]).to(tl.float32)
             if WINDOW:
                 s = tl.where(t[None, :] > qpos[:, None] - window, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -280,6 +294,8 @@ def _prefill_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             if SOFTCAP:
                 s = _softcap(s, softcap) * 1.4426950408889634
+            if ALIBI:
+                s = s + slope * (t[None, :] - qpos[:, None]).to(tl.float32)
             vis = (t[None, :] <= qpos[:, None]) & tmask[None, :]
             if WINDOW:
                 vis = vis & (t[None, :] > qpos[:, None] - window)
@@ -311,8 +327,8 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
                             scale: float, *, block_m: int | None = None, block_n: int | None = None,
                             softcap: float | None = None, window: int | None = None,
-                            sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton prefill with a cached prefix (``sinks [Hq]`` or None); see
+                            sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton prefill with a cached prefix (``sinks [Hq]`` or None, ``alibi [Hq]`` slopes or None); see
     :func:`dualpath.kernels.reference.paged_prefill_attention`."""
     kv = check_kv_layer(kv_layer)
     dev = kv.device
@@ -331,6 +347,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
     starts = check_tensor("start_pos", start_pos, dim=1, dtypes=INT_DTYPES, device=dev).contiguous()
     check_shape("start_pos", starts, (bsz,))
     sinks = check_sinks(sinks, hq, dev)
+    alibi = check_sinks(alibi, hq, dev, "alibi")
     out = torch.empty_like(q)
     if ntok == 0 or bsz == 0:
         return out
@@ -350,6 +367,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
     grid = (triton.cdiv(max_new, block_m), bsz, hq)
     _prefill_kernel[grid](
         q, kv, tables, cu, lens, starts, out, out if sinks is None else sinks.float().contiguous(),
+        out if alibi is None else alibi.float().contiguous(),
         q.stride(0), q.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         tables.stride(0),
@@ -357,7 +375,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
         *_scales(scale, softcap), _window_arg(window),
         G=hq // hkv, D=d, BT=bt, SOFTCAP=softcap is not None, WINDOW=window is not None,
         SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_FP32=interp, PREC=prec,
+        DOT_FP32=interp, PREC=prec, ALIBI=alibi is not None,
         **({} if interp else {"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}),
     )
     return out

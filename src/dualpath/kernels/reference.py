@@ -9,7 +9,9 @@ the scaled scores become ``softcap * tanh(scores / softcap)`` before the mask an
 sliding attention window, as transformers masks it): a query at position ``p`` sees only the keys at positions
 ``> p - window`` (``window`` keys, itself included); None: every earlier key. ``sinks`` (gpt-oss's attention
 sinks, ``[Hq]``, used as fp32): query head ``h``'s softmax gets an extra logit ``sinks[h]`` (not scaled, not capped,
-not masked) whose probability weights no value.
+not masked) whose probability weights no value. ``alibi`` (ALiBi slopes, ``[Hq]``, used as fp32; Bloom): query head
+``h``'s score of the key at position ``k`` from the query at ``p`` gets ``alibi[h] * (k - p)`` added after the
+scale (and the cap), before the mask.
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ def _seq_kv(kv_layer: torch.Tensor, table: torch.Tensor, n: int,
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
-            softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    # q [M, Hq, D], k/v [N, Hkv, D]; query head h reads KV head h // (Hq // Hkv)
+            softcap: float | None = None, sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
+            rel: torch.Tensor | None = None) -> torch.Tensor:
+    # q [M, Hq, D], k/v [N, Hkv, D]; query head h reads KV head h // (Hq // Hkv); rel [M, N]: key - query position
     m, hq, d = q.shape
     hkv = k.shape[1]
     qg = q.float().reshape(m, hkv, hq // hkv, d).permute(1, 2, 0, 3)      # [Hkv, G, M, D]
     s = torch.matmul(qg, k.permute(1, 2, 0)[:, None]) * scale            # [Hkv, G, M, N]
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
+    if alibi is not None and rel is not None:
+        s = s + alibi.float().reshape(hkv, hq // hkv, 1, 1) * rel.float()
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     if sinks is None:
@@ -56,6 +61,7 @@ def paged_decode_attention(
     softcap: float | None = None,
     window: int | None = None,
     sinks: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending to its first ``seq_lens[b]`` cached tokens (the last ``window`` of
     them with a window).
@@ -66,8 +72,10 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
         n = int(seq_lens[b])
-        k, v = _seq_kv(kv_layer, block_tables[b], n, max(0, n - window) if window is not None else 0)
-        out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap, sinks)[0].to(q.dtype)
+        first = max(0, n - window) if window is not None else 0
+        k, v = _seq_kv(kv_layer, block_tables[b], n, first)
+        rel = None if alibi is None else torch.arange(first - n + 1, 1, device=q.device)[None, :]
+        out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap, sinks, alibi, rel)[0].to(q.dtype)
     return out
 
 
@@ -83,6 +91,7 @@ def paged_prefill_attention(
     softcap: float | None = None,
     window: int | None = None,
     sinks: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Queries of each sequence's new tokens over its cached prefix (full) and its new tokens (causal); with a
     ``window``, each query over the last ``window`` positions up to its own.
@@ -105,7 +114,8 @@ def paged_prefill_attention(
         mask = kpos <= qpos[:, None]
         if window is not None:
             mask &= kpos > qpos[:, None] - window
-        out[lo:hi] = _attend(q[lo:hi], k, v, scale, mask, softcap, sinks).to(q.dtype)
+        rel = None if alibi is None else kpos - qpos[:, None]
+        out[lo:hi] = _attend(q[lo:hi], k, v, scale, mask, softcap, sinks, alibi, rel).to(q.dtype)
     return out
 
 

@@ -1,6 +1,6 @@
 """The LayerNorm decoders: GPT-2, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), OPT, Phi (phi-1,
 phi-1.5, phi-2), StableLM, StarCoder 2, Cohere (Command R, Aya; Cohere 2: Command R7B, Command A), Falcon
-(RoPE checkpoints: falcon-7b/40b/180b, Falcon 2) and Nemotron (Nemotron-3/4, Minitron).
+(RoPE checkpoints: falcon-7b/40b/180b, Falcon 2), Nemotron (Nemotron-3/4, Minitron) and Bloom.
 
 They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
 differ from Llama in the same few places, each a :class:`~dualpath.model.spec.ModelSpec` field or property:
@@ -24,6 +24,9 @@ differ from Llama in the same few places, each a :class:`~dualpath.model.spec.Mo
   head (``multi_query``) or one per head;
 * LayerNorms on each head's query and key (``qk_layernorm``): Phi one LayerNorm shared by every head (with a bias),
   StableLM one per head (no bias);
+* Bloom has no position embedding at all: ALiBi, a bias ``slope[h] * (key position - query position)`` on every
+  score (:func:`alibi_slopes`, as Bloom computes them; the paged attention kernels take the slopes), and a LayerNorm
+  on the word embeddings (``word_embeddings_layernorm``);
 * Phi's and GPT-J's LM heads have a bias; Cohere's logits are multiplied by ``logit_scale``;
 * Falcon's fused ``query_key_value``: ``[kv_heads, q_per_kv + 2, head_dim]`` rows in its new decoder
   (``falcon_layout`` ``new2`` / ``new1``: two norms or one), ``[q heads, k, v]`` with ``multi_query``, per head
@@ -60,9 +63,11 @@ ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "P
                  "StableLmForCausalLM": "stablelm", "Starcoder2ForCausalLM": "starcoder2",
                  "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode", "OPTForCausalLM": "opt",
                  "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2", "FalconForCausalLM": "falcon",
-                 "NemotronForCausalLM": "nemotron"}
+                 "NemotronForCausalLM": "nemotron", "BloomForCausalLM": "bloom"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
+#: the families whose positions are ALiBi biases (no RoPE, no position embedding)
+ALIBI = ("bloom",)
 #: the families with learned absolute positions and no RoPE
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")
 #: where each family's position table starts (OPT keeps two rows before position 0)
@@ -101,6 +106,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "falcon": {"max_position_embeddings": 2048, "layer_norm_epsilon": 1e-5, "activation": "gelu", "alibi": False,
                "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "bias": False,
                "tie_word_embeddings": True},
+    "bloom": {"layer_norm_epsilon": 1e-5, "apply_residual_connection_post_layernorm": False,
+              "tie_word_embeddings": True},
     "nemotron": {"max_position_embeddings": 4096, "norm_eps": 1e-5, "hidden_act": "relu2", "attention_bias": False,
                  "mlp_bias": False, "tie_word_embeddings": False, "partial_rotary_factor": 0.5},
     "opt": {"max_position_embeddings": 2048, "activation_function": "relu", "do_layer_norm_before": True,
@@ -233,6 +240,19 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
     elif arch == "falcon":
         scale_by_layer = False
         out.update(_falcon_config(out, where))
+    elif arch == "bloom":
+        scale_by_layer = False
+        if _flag(out, "apply_residual_connection_post_layernorm", where):
+            raise ModelError(f"{where}: apply_residual_connection_post_layernorm=true is unsupported")
+        for theirs, ours in (("n_embed", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                             ("n_head", "num_attention_heads")):
+            if theirs in out and ours not in cfg:
+                out[ours] = out[theirs]
+        hidden = out.get("hidden_size")
+        out.update(rms_norm_eps=out["layer_norm_epsilon"], hidden_act="gelu_new", attention_bias=True,
+                   num_key_value_heads=out.get("num_attention_heads"),
+                   intermediate_size=4 * hidden if isinstance(hidden, int) else None,
+                   max_position_embeddings=out.get("max_position_embeddings") or out.get("seq_length") or 2048)
     elif arch == "opt":
         scale_by_layer = False
         out.update(rms_norm_eps=1e-5, hidden_act=out["activation_function"],  # (nn.LayerNorm's default eps)
@@ -280,13 +300,13 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             raise ModelError(f"{where}: logit_scale must be a positive number, got {scale!r}")
         if arch == "cohere2":
             out.update(_cohere2_layers(out, where))
-    if arch not in (*GPT2_KEYS, "opt", "falcon"):
+    if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom"):
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
     parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
-                "opt": False, "cohere": True, "cohere2": True, "nemotron": False}.get(arch)
+                "opt": False, "cohere": True, "cohere2": True, "nemotron": False, "bloom": False}.get(arch)
     if arch == "falcon":
         parallel = out["parallel_attn"]
     if parallel is None:
@@ -329,6 +349,10 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
         else:
             out.update(multi_query=spec.n_kv_heads == 1 < spec.n_heads, scale_attn_weights=True)
         return out
+    if arch == "bloom":
+        return {**common, "hidden_size": spec.hidden_size, "n_layer": spec.n_layers, "n_head": spec.n_heads,
+                "layer_norm_epsilon": spec.rms_eps, "apply_residual_connection_post_layernorm": False,
+                "seq_length": spec.max_position, "hidden_dropout": 0.0, "attention_dropout": 0.0}
     if arch == "nemotron":
         return {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
                 "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
@@ -460,6 +484,16 @@ _OUT_RENAMES["falcon"] = [(r"^model\.embed_tokens\.", "transformer.word_embeddin
                           (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."),
                           (r"\.self_attn\.o_proj\.", ".self_attention.dense."), (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."),
                           (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")]
+_RENAMES["bloom"] = [(r"^(transformer\.)?word_embeddings_layernorm\.", "model.embed_norm."),
+                     (r"^(transformer\.)?word_embeddings\.", "model.embed_tokens."),
+                     (r"^(transformer\.)?ln_f\.", "model.norm."), (r"^(transformer\.)?h\.(\d+)\.", r"model.layers.\2."),
+                     (r"\.self_attention\.dense\.", ".self_attn.o_proj."),
+                     (r"\.mlp\.dense_h_to_4h\.", ".mlp.up_proj."), (r"\.mlp\.dense_4h_to_h\.", ".mlp.down_proj.")]
+_OUT_RENAMES["bloom"] = [(r"^model\.embed_norm\.", "transformer.word_embeddings_layernorm."),
+                         (r"^model\.embed_tokens\.", "transformer.word_embeddings."), (r"^model\.norm\.", "transformer.ln_f."),
+                         (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."),
+                         (r"\.self_attn\.o_proj\.", ".self_attention.dense."),
+                         (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."), (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")]
 for _arch in (*COHERE, "nemotron"):  # (their tensors have Llama's names)
     _RENAMES[_arch] = _OUT_RENAMES[_arch] = []
 _CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
@@ -568,6 +602,8 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
             _split_gpt2_qkv(spec, new, t, out)
         elif arch == "falcon" and ".self_attention.query_key_value." in new:
             _split_falcon_qkv(spec, new, t, out)
+        elif arch == "bloom" and ".self_attention.query_key_value." in new:
+            _split_per_head(spec, new, t, new.rsplit(".self_attention.", 1)[0] + ".self_attn", out)
         elif arch == "gpt_neox" and ".attention.query_key_value." in new:
             _split_per_head(spec, new, t, new.rsplit(".attention.", 1)[0] + ".self_attn", out)
         else:
@@ -586,7 +622,7 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in ours.items():
         m = re.match(r"^(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
-        if arch in ("gpt2", "gpt_neox", "gpt_bigcode", "falcon") and m:
+        if arch in ("gpt2", "gpt_neox", "gpt_bigcode", "falcon", "bloom") and m:
             fused.setdefault(f"{m[1]}|{m[3]}", {})[m[2]] = t
             continue
         if arch == "gptj" and re.search(r"\.self_attn\.[qk]_proj\.weight$", name):
@@ -622,10 +658,26 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
         else:
             h, d = spec.n_heads, spec.head_dim
             w = torch.stack([x.reshape(h, d, *x.shape[1:]) for x in (q, k, v)], dim=1).reshape(3 * h * d, *q.shape[1:])
-            fused_name = {"gpt_bigcode": "attn.c_attn", "falcon": "self_attention.query_key_value"}.get(
+            fused_name = {"gpt_bigcode": "attn.c_attn", "falcon": "self_attention.query_key_value",
+                          "bloom": "self_attention.query_key_value"}.get(
                 arch, "attention.query_key_value")
             out[_rename(f"{layer}.{fused_name}.{kind}", _OUT_RENAMES[arch])] = w.contiguous()
     return out
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes as Bloom computes them (fp32): ``2 ** (-8 / n)`` to the powers ``1 .. n`` for the
+    largest power of two ``n <= n_heads``, then the odd powers of ``2 ** (-4 / n)`` for the remaining heads."""
+    import math
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != n_heads:
+        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        rest = min(closest, n_heads - closest)
+        slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * rest, 2, dtype=torch.int32))])
+    return slopes
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -349,6 +349,8 @@ class Backbone(nn.Module):
         if spec.embed_proj_dim:  # OPT's word_embed_proj_dim: embeddings projected in, the last hidden state out
             self.project_in = nn.Linear(width, spec.hidden_size, bias=False)
             self.project_out = nn.Linear(spec.hidden_size, width, bias=False)
+        if spec.alibi:  # Bloom's word_embeddings_layernorm
+            self.embed_norm = _norm(spec, spec.hidden_size)
         if spec.learned_positions:  # GPT-2's wpe (OPT's starts two rows before position 0)
             self.embed_positions = nn.Embedding(spec.max_position + spec.position_offset, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
@@ -442,6 +444,7 @@ class LlamaModel(LayerwiseDecoder):
 
     inv_freq: torch.Tensor
     local_inv_freq: torch.Tensor | None
+    alibi_slopes: torch.Tensor | None
     embed_scale: torch.Tensor
 
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
@@ -462,7 +465,14 @@ class LlamaModel(LayerwiseDecoder):
         # Gemma 3, OLMo 3: the layers that slide turn their keys with the local RoPE
         self._local_rope = [local is not None and w is not None for w in self.windows]
         # SmolLM3: NoPE layers have none; GPT-2 none at all (learned positions)
-        self._rope = [i not in spec.nope_layers and not spec.learned_positions for i in range(spec.n_layers)]
+        self._rope = [i not in spec.nope_layers and not spec.learned_positions and not spec.alibi
+                      for i in range(spec.n_layers)]
+        slopes = None
+        if spec.alibi:  # Bloom: each query head's ALiBi slope (fp32), passed to the attention kernels
+            from dualpath.model.layernorm_family import alibi_slopes
+
+            slopes = alibi_slopes(spec.n_heads).to(device)
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.residual_scale = spec.residual_multiplier  # Granite: each block's output scaled (None: 1)
 
     def _last_hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -508,6 +518,8 @@ class LlamaModel(LayerwiseDecoder):
         hidden = self.model.embed_tokens(ids)
         if self.spec.embed_proj_dim:  # OPT
             hidden = self.model.project_in(hidden)
+        if self.spec.alibi:  # Bloom
+            hidden = self.model.embed_norm(hidden)
         if self.spec.learned_positions:  # GPT-2, OPT: a position past the table has no embedding
             if int(batch.positions.max()) >= self.spec.max_position:
                 raise ModelError(f"position {int(batch.positions.max())} is past the model's "
@@ -566,11 +578,12 @@ class LlamaModel(LayerwiseDecoder):
         if b.is_decode:
             o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, scale,
                                        backend=self.backend,
-                                       softcap=self.softcap, window=self.windows[layer], sinks=sinks)
+                                       softcap=self.softcap, window=self.windows[layer], sinks=sinks,
+                                       alibi=self.alibi_slopes)
         else:
             o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
                                         scale, backend=self.backend, softcap=self.softcap,
-                                        window=self.windows[layer], sinks=sinks)
+                                        window=self.windows[layer], sinks=sinks, alibi=self.alibi_slopes)
         a = attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
         if spec.sandwich_norms:  # Gemma 2: norms on the attention output and around the MLP
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)

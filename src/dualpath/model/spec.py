@@ -65,7 +65,7 @@ RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), 
 ``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
 embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
 ``residual_multiplier``, logits divided by ``logits_scaling``).
-Twelve LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
+Thirteen LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
 and tensor names): ``GPT2LMHeadModel`` (``gpt2``: learned positions, no RoPE, fused ``Conv1D`` q/k/v,
 ``scale_attn_by_inverse_layer_idx``), ``GPTBigCodeForCausalLM`` (``gpt_bigcode``: StarCoder 1, SantaCoder; GPT-2's
 block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gptj``: interleaved RoPE on
@@ -74,7 +74,8 @@ block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gpt
 parallel attention and SwiGLU MLP, interleaved RoPE read by the q/k row permutation, optional per-head q/k norms,
 logits times ``logit_scale``; Cohere 2 slides three layers of four and rotates only there), ``FalconForCausalLM`` (``falcon``: RoPE checkpoints, its three fused q/k/v layouts, parallel blocks behind one
 norm or two; ALiBi refused), ``NemotronForCausalLM`` (``nemotron``: LayerNorm scaling by ``1 + weight``, a ReLU-squared MLP, RoPE on half of
-each head), ``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
+each head), ``BloomForCausalLM`` (``bloom``: ALiBi score biases instead of positions, a LayerNorm on the word embeddings, the
+per-head fused q/k/v), ``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
 projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
@@ -369,7 +370,7 @@ class ModelSpec(_SpecCommon):
                              f"{sorted(set(lnf.ACTIVATIONS.values()))}")
         if self.architecture == "stablelm" and self.activation != "silu":
             raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
-        fixed = {"gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
+        fixed = {"bloom": (False, False), "gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
                  "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "cohere": (True, None),
                  "nemotron": (False, False),
                  "cohere2": (True, False)}
@@ -398,10 +399,11 @@ class ModelSpec(_SpecCommon):
                              f"(got {self.parallel_residual}, {self.qk_layernorm})")
         if self.scale_attn_by_layer and self.architecture != "gpt2":
             raise ModelError("model config: scale_attn_by_layer is GPT-2's (scale_attn_by_inverse_layer_idx)")
-        if self.learned_positions and (self.partial_rotary_factor != 1.0 or self.rope_scaling is not None):
+        if (self.learned_positions or self.alibi) and (self.partial_rotary_factor != 1.0
+                                                       or self.rope_scaling is not None):
             raise ModelError(f"model config: {self.architecture} has learned positions, no RoPE (no "
                              "partial_rotary_factor or rope_scaling)")
-        if self.architecture in ("gpt2", "gpt_neox", "gptj", "opt") and self.n_kv_heads != self.n_heads:
+        if self.architecture in ("gpt2", "gpt_neox", "gptj", "opt", "bloom") and self.n_kv_heads != self.n_heads:
             raise ModelError(f"model config: {self.architecture} attends with every head's own key and value "
                              "(n_kv_heads = n_heads)")
         if self.architecture == "gpt_bigcode" and self.n_kv_heads not in (1, self.n_heads):
@@ -547,7 +549,7 @@ class ModelSpec(_SpecCommon):
         ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do; Seed-OSS has its own switch."""
         if self.o_proj_bias is not None:
             return self.o_proj_bias
-        if self.architecture in ("gpt2", "gpt_bigcode", "phi"):
+        if self.architecture in ("gpt2", "gpt_bigcode", "phi", "bloom"):
             return True
         if self.architecture == "gptj":
             return False
@@ -574,6 +576,12 @@ class ModelSpec(_SpecCommon):
         return self.architecture in lnf.LEARNED_POSITIONS
 
     @property
+    def alibi(self) -> bool:
+        """Bloom: ALiBi score biases (:func:`dualpath.model.layernorm_family.alibi_slopes`), no RoPE, no position
+        embedding, and a LayerNorm on the word embeddings."""
+        return self.architecture in lnf.ALIBI
+
+    @property
     def gated_mlp(self) -> bool:
         """Whether the dense MLP is gated (SwiGLU / GeGLU) rather than ``down(act(up(x)))``."""
         if self.architecture == "arcee":  # ReLU-squared MLP, not gated
@@ -584,7 +592,7 @@ class ModelSpec(_SpecCommon):
     def mlp_bias(self) -> bool:
         """Biases on the plain MLP's two projections: GPT-2, GPT-J, GPT-NeoX, GPTBigCode and Phi always,
         StarCoder 2 with ``use_bias``."""
-        return self.architecture in ("gpt2", "gptj", "gpt_neox", "gpt_bigcode", "phi") or (
+        return self.architecture in ("gpt2", "gptj", "gpt_neox", "gpt_bigcode", "phi", "bloom") or (
             self.architecture in ("starcoder2", "opt", "falcon", "nemotron") and self.attention_bias)
 
     @property
@@ -868,7 +876,7 @@ class ModelSpec(_SpecCommon):
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
                 "granite, ministral, arcee, glm, glm4, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
-                "cohere, cohere2, falcon, nemotron, "
+                "cohere, cohere2, falcon, nemotron, bloom, "
                 "starcoder2, "
                 "deepseek_v2, deepseek_v3, deepseek_v32)"
             )

@@ -1,4 +1,4 @@
-"""GPT-2, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere, Cohere 2, Falcon, Nemotron and Bloom
+"""GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere, Cohere 2, Falcon, Nemotron and Bloom
 against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged
 KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, checkpoints
@@ -6,7 +6,7 @@ in older spellings, a session served by the emulated cluster, and the configs we
 
 What each family adds to the Llama path (:mod:`dualpath.model.layernorm_family`): LayerNorm with biases instead of
 RMSNorm; GPT-2 learned positions and no RoPE, fused ``Conv1D`` q/k/v, optionally scores scaled by ``1 / (layer + 1)``;
-GPTBigCode GPT-2's block with one key/value head; GPT-J interleaved RoPE on part of each head (read as ours by a
+GPTBigCode GPT-2's block with one key/value head; GPT-Neo unscaled scores and local layers over a window; GPT-J interleaved RoPE on part of each head (read as ours by a
 permutation of the q/k rows) and one norm feeding a parallel attention and MLP; OPT learned positions at an offset,
 queries scaled first, embeddings projected in and out, and OPT-350m's post-norm blocks; Cohere a bias-free fp32
 LayerNorm, a parallel SwiGLU block, interleaved RoPE (the same permutation, applied to its q/k norms and biases too)
@@ -51,6 +51,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
              {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 256, "n_inner": 96,
               "activation_function": "relu", "scale_attn_by_inverse_layer_idx": True, "bos_token_id": None,
               "eos_token_id": None}),
+    # unscaled scores; layers 1 and 3 attend over the last 5 keys only
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM",
+                {"vocab_size": VOCAB, "hidden_size": 64, "num_layers": 4, "num_heads": 4, "max_position_embeddings": 256,
+                 "attention_types": [[["global", "local"], 2]], "window_size": 5, "bos_token_id": None,
+                 "eos_token_id": None}),
     # interleaved RoPE on half of each head; parallel attention and MLP behind one norm; a biased LM head
     "gptj": ("GPTJConfig", "GPTJForCausalLM",
              {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 256, "n_inner": 96,
@@ -195,17 +200,20 @@ def test_spec_follows_transformers(ckpt):
                                  else c.max_position_embeddings)
     assert spec.alibi == (family == "bloom")
     want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5, "opt": 1.0, "cohere": 1.0,
-                    "cohere2": 1.0, "falcon": 1.0, "bloom": 1.0}.get(family) or \
+                    "cohere2": 1.0, "falcon": 1.0, "bloom": 1.0, "gpt_neo": 1.0}.get(family) or \
         c.rope_parameters["partial_rotary_factor"]
     assert spec.partial_rotary_factor == want_partial
-    assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt"))
+    assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt", "gpt_neo"))
     assert spec.embed_proj_dim == (32 if family == "opt" else None)
     assert spec.n_kv_heads == {"gpt_bigcode": 1, "stablelm": 2, "starcoder2": 2, "cohere": 2, "cohere2": 2,
                                "falcon": 2, "nemotron": 2}.get(family, 4)
     assert spec.layer_window(0) == (5 if family in ("starcoder2", "cohere2") else None)
     assert spec.parallel_residual == (family in ("gpt_neox", "phi", "gptj", "cohere", "cohere2", "falcon"))
     assert [spec.layer_attn_scale(i) for i in range(3)] == (
-        [16 ** -0.5 / (i + 1) for i in range(3)] if family == "gpt2" else [16 ** -0.5] * 3)
+        [16 ** -0.5 / (i + 1) for i in range(3)] if family == "gpt2" else [1.0] * 3 if family == "gpt_neo"
+        else [16 ** -0.5] * 3)
+    if family == "gpt_neo":
+        assert [spec.layer_window(i) for i in range(4)] == [None, 5, None, 5]
     if family == "cohere2":
         assert [spec.layer_window(i) for i in range(4)] == [5, 5, 5, None] and list(spec.nope_layers) == [3]
     assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
@@ -309,6 +317,8 @@ async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
     ("falcon", "alibi", True, "alibi"),
     ("nemotron", "mlp_bias", True, "mlp_bias"),
     ("bloom", "apply_residual_connection_post_layernorm", True, "apply_residual_connection_post_layernorm"),
+    ("gpt_neo", "attention_types", [[["global", "sparse"], 2]], "attention_types"),
+    ("gpt_neo", "window_size", 0, "window_size"),
     ("nemotron", "hidden_act", "relu3", "activation"),
     ("falcon", "num_ln_in_parallel_attn", 3, "num_ln_in_parallel_attn"),
     ("falcon", "parallel_attn", "yes", "parallel_attn"),

@@ -1,4 +1,4 @@
-"""The LayerNorm decoders: GPT-2, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), OPT, Phi (phi-1,
+"""The LayerNorm decoders: GPT-2, GPT-Neo, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), OPT, Phi (phi-1,
 phi-1.5, phi-2), StableLM, StarCoder 2, Cohere (Command R, Aya; Cohere 2: Command R7B, Command A), Falcon
 (RoPE checkpoints: falcon-7b/40b/180b, Falcon 2), Nemotron (Nemotron-3/4, Minitron) and Bloom.
 
@@ -18,8 +18,9 @@ differ from Llama in the same few places, each a :class:`~dualpath.model.spec.Mo
   applied to both queries and keys; Cohere's q/k norms' weights and any q/k biases are permuted alike), so the
   permutation is done once at load and undone at save; Cohere 2 rotates only in its sliding layers
   (``layer_types``, by default three of four over a 4,096-token window) and none at all without a window;
-* no RoPE in GPT-2, GPTBigCode and OPT, which add learned absolute position embeddings (``wpe``; OPT's table is
-  indexed at position + 2); GPT-2 may scale layer
+* no RoPE in GPT-2, GPT-Neo, GPTBigCode and OPT, which add learned absolute position embeddings (``wpe``; OPT's
+  table is indexed at position + 2); GPT-Neo does not scale its scores and alternates global layers with local ones
+  over ``window_size`` keys (``attention_types``); GPT-2 may scale layer
   ``l``'s scores by ``1 / (l + 1)`` (``scale_attn_by_inverse_layer_idx``); GPTBigCode attends with one key/value
   head (``multi_query``) or one per head;
 * LayerNorms on each head's query and key (``qk_layernorm``): Phi one LayerNorm shared by every head (with a bias),
@@ -63,13 +64,13 @@ ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "P
                  "StableLmForCausalLM": "stablelm", "Starcoder2ForCausalLM": "starcoder2",
                  "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode", "OPTForCausalLM": "opt",
                  "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2", "FalconForCausalLM": "falcon",
-                 "NemotronForCausalLM": "nemotron", "BloomForCausalLM": "bloom"}
+                 "NemotronForCausalLM": "nemotron", "BloomForCausalLM": "bloom", "GPTNeoForCausalLM": "gpt_neo"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families whose positions are ALiBi biases (no RoPE, no position embedding)
 ALIBI = ("bloom",)
 #: the families with learned absolute positions and no RoPE
-LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt")
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo")
 #: where each family's position table starts (OPT keeps two rows before position 0)
 POSITION_OFFSET = {"opt": 2}
 #: the families whose RoPE turns interleaved pairs (read by permuting q/k rows: see the module docstring)
@@ -106,6 +107,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "falcon": {"max_position_embeddings": 2048, "layer_norm_epsilon": 1e-5, "activation": "gelu", "alibi": False,
                "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "bias": False,
                "tie_word_embeddings": True},
+    "gpt_neo": {"max_position_embeddings": 2048, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
+                "window_size": 256, "tie_word_embeddings": True},
     "bloom": {"layer_norm_epsilon": 1e-5, "apply_residual_connection_post_layernorm": False,
               "tie_word_embeddings": True},
     "nemotron": {"max_position_embeddings": 4096, "norm_eps": 1e-5, "hidden_act": "relu2", "attention_bias": False,
@@ -187,6 +190,29 @@ def _falcon_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             "intermediate_size": c.get("ffn_hidden_size") or (4 * hidden if isinstance(hidden, int) else None)}
 
 
+def _gpt_neo_layers(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """GPT-Neo's global and local layers as GPTNeoConfig reads them: ``attention_types`` (``[[["global", "local"],
+    12]]``: the list repeated), or ``attention_layers``; local layers attend over ``window_size`` keys."""
+    n = cfg.get("num_hidden_layers")
+    layers = cfg.get("attention_layers")
+    types = cfg.get("attention_types")
+    if types is not None:
+        try:
+            layers = [t for kinds, times in types for _ in range(int(times)) for t in kinds]
+        except (TypeError, ValueError):
+            raise ModelError(f"{where}: attention_types must be [[[kinds...], times], ...], got {types!r}") from None
+    if layers is None:
+        layers = ["global"] * (n if isinstance(n, int) else 0)
+    if not isinstance(layers, list) or len(layers) != n or any(t not in ("global", "local") for t in layers):
+        raise ModelError(f"{where}: attention_types must give 'global' or 'local' for each of the {n} layers, got "
+                         f"{layers!r}")
+    window = cfg.get("window_size")
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ModelError(f"{where}: window_size must be a positive integer, got {window!r}")
+    full = tuple(i for i, t in enumerate(layers) if t == "global")
+    return {"_windows": (None, ()) if len(full) == len(layers) else (window, full)}
+
+
 def _cohere2_layers(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """Cohere 2's layers as Cohere2Config reads them: ``layer_types``, or every ``sliding_window_pattern``-th (4th)
     layer full; RoPE in the sliding layers only (``nope_layers``: the full ones, or all without a window)."""
@@ -240,6 +266,16 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
     elif arch == "falcon":
         scale_by_layer = False
         out.update(_falcon_config(out, where))
+    elif arch == "gpt_neo":
+        scale_by_layer = False
+        for theirs, ours in (("num_layers", "num_hidden_layers"), ("num_heads", "num_attention_heads")):
+            if theirs in out and ours not in cfg:
+                out[ours] = out[theirs]
+        hidden = out.get("hidden_size")
+        out.update(rms_norm_eps=out["layer_norm_epsilon"], hidden_act=out["activation_function"], attention_bias=False,
+                   num_key_value_heads=out.get("num_attention_heads"),
+                   intermediate_size=out.get("intermediate_size") or (4 * hidden if isinstance(hidden, int) else None),
+                   **_gpt_neo_layers(out, where))
     elif arch == "bloom":
         scale_by_layer = False
         if _flag(out, "apply_residual_connection_post_layernorm", where):
@@ -300,13 +336,14 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             raise ModelError(f"{where}: logit_scale must be a positive number, got {scale!r}")
         if arch == "cohere2":
             out.update(_cohere2_layers(out, where))
-    if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom"):
+    if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom", "gpt_neo"):
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
     parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
-                "opt": False, "cohere": True, "cohere2": True, "nemotron": False, "bloom": False}.get(arch)
+                "opt": False, "cohere": True, "cohere2": True, "nemotron": False, "bloom": False,
+                "gpt_neo": False}.get(arch)
     if arch == "falcon":
         parallel = out["parallel_attn"]
     if parallel is None:
@@ -349,6 +386,14 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
         else:
             out.update(multi_query=spec.n_kv_heads == 1 < spec.n_heads, scale_attn_weights=True)
         return out
+    if arch == "gpt_neo":
+        return {**common, "hidden_size": spec.hidden_size, "num_layers": spec.n_layers, "num_heads": spec.n_heads,
+                "intermediate_size": spec.intermediate_size, "max_position_embeddings": spec.max_position,
+                "layer_norm_epsilon": spec.rms_eps, "activation_function": act,
+                "window_size": spec.sliding_window or 256,
+                "attention_types": [[["global" if spec.layer_window(i) is None else "local"], 1]
+                                    for i in range(spec.n_layers)],
+                "embed_dropout": 0.0, "attention_dropout": 0.0, "resid_dropout": 0.0}
     if arch == "bloom":
         return {**common, "hidden_size": spec.hidden_size, "n_layer": spec.n_layers, "n_head": spec.n_heads,
                 "layer_norm_epsilon": spec.rms_eps, "apply_residual_connection_post_layernorm": False,
@@ -484,6 +529,17 @@ _OUT_RENAMES["falcon"] = [(r"^model\.embed_tokens\.", "transformer.word_embeddin
                           (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."),
                           (r"\.self_attn\.o_proj\.", ".self_attention.dense."), (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."),
                           (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")]
+_RENAMES["gpt_neo"] = [(r"^(transformer\.)?wte\.", "model.embed_tokens."), (r"^(transformer\.)?wpe\.", "model.embed_positions."),
+                       (r"^(transformer\.)?ln_f\.", "model.norm."), (r"^(transformer\.)?h\.(\d+)\.", r"model.layers.\2."),
+                       (r"\.ln_1\.", ".input_layernorm."), (r"\.ln_2\.", ".post_attention_layernorm."),
+                       (r"\.attn\.attention\.out_proj\.", ".self_attn.o_proj."), (r"\.attn\.attention\.", ".self_attn."),
+                       (r"\.mlp\.c_fc\.", ".mlp.up_proj."), (r"\.mlp\.c_proj\.", ".mlp.down_proj.")]
+_OUT_RENAMES["gpt_neo"] = [(r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.embed_positions\.", "transformer.wpe."),
+                           (r"^model\.norm\.", "transformer.ln_f."), (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."),
+                           (r"\.input_layernorm\.", ".ln_1."), (r"\.post_attention_layernorm\.", ".ln_2."),
+                           (r"\.self_attn\.o_proj\.", ".attn.attention.out_proj."), (r"\.self_attn\.", ".attn.attention."),
+                           (r"\.mlp\.up_proj\.", ".mlp.c_fc."), (r"\.mlp\.down_proj\.", ".mlp.c_proj.")]
+
 _RENAMES["bloom"] = [(r"^(transformer\.)?word_embeddings_layernorm\.", "model.embed_norm."),
                      (r"^(transformer\.)?word_embeddings\.", "model.embed_tokens."),
                      (r"^(transformer\.)?ln_f\.", "model.norm."), (r"^(transformer\.)?h\.(\d+)\.", r"model.layers.\2."),

@@ -65,7 +65,7 @@ RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), 
 ``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
 embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
 ``residual_multiplier``, logits divided by ``logits_scaling``).
-Thirteen LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
+Fourteen LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
 and tensor names): ``GPT2LMHeadModel`` (``gpt2``: learned positions, no RoPE, fused ``Conv1D`` q/k/v,
 ``scale_attn_by_inverse_layer_idx``), ``GPTBigCodeForCausalLM`` (``gpt_bigcode``: StarCoder 1, SantaCoder; GPT-2's
 block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gptj``: interleaved RoPE on
@@ -74,7 +74,8 @@ block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gpt
 parallel attention and SwiGLU MLP, interleaved RoPE read by the q/k row permutation, optional per-head q/k norms,
 logits times ``logit_scale``; Cohere 2 slides three layers of four and rotates only there), ``FalconForCausalLM`` (``falcon``: RoPE checkpoints, its three fused q/k/v layouts, parallel blocks behind one
 norm or two; ALiBi refused), ``NemotronForCausalLM`` (``nemotron``: LayerNorm scaling by ``1 + weight``, a ReLU-squared MLP, RoPE on half of
-each head), ``BloomForCausalLM`` (``bloom``: ALiBi score biases instead of positions, a LayerNorm on the word embeddings, the
+each head), ``GPTNeoForCausalLM`` (``gpt_neo``: GPT-2's block with unscaled scores and local layers over ``window_size`` keys),
+``BloomForCausalLM`` (``bloom``: ALiBi score biases instead of positions, a LayerNorm on the word embeddings, the
 per-head fused q/k/v), ``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
 projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
@@ -370,7 +371,7 @@ class ModelSpec(_SpecCommon):
                              f"{sorted(set(lnf.ACTIVATIONS.values()))}")
         if self.architecture == "stablelm" and self.activation != "silu":
             raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
-        fixed = {"bloom": (False, False), "gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
+        fixed = {"gpt_neo": (False, False), "bloom": (False, False), "gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
                  "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "cohere": (True, None),
                  "nemotron": (False, False),
                  "cohere2": (True, False)}
@@ -403,12 +404,12 @@ class ModelSpec(_SpecCommon):
                                                        or self.rope_scaling is not None):
             raise ModelError(f"model config: {self.architecture} has learned positions, no RoPE (no "
                              "partial_rotary_factor or rope_scaling)")
-        if self.architecture in ("gpt2", "gpt_neox", "gptj", "opt", "bloom") and self.n_kv_heads != self.n_heads:
+        if self.architecture in ("gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom") and self.n_kv_heads != self.n_heads:
             raise ModelError(f"model config: {self.architecture} attends with every head's own key and value "
                              "(n_kv_heads = n_heads)")
         if self.architecture == "gpt_bigcode" and self.n_kv_heads not in (1, self.n_heads):
             raise ModelError("model config: gpt_bigcode attends with one key/value head (multi_query) or one per head")
-        if self.sliding_window is not None and self.architecture not in ("starcoder2", "cohere2"):
+        if self.sliding_window is not None and self.architecture not in ("starcoder2", "cohere2", "gpt_neo"):
             raise ModelError(f"model config: {self.architecture} has no sliding window")
 
     def _check_longrope(self) -> None:
@@ -549,7 +550,7 @@ class ModelSpec(_SpecCommon):
         ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do; Seed-OSS has its own switch."""
         if self.o_proj_bias is not None:
             return self.o_proj_bias
-        if self.architecture in ("gpt2", "gpt_bigcode", "phi", "bloom"):
+        if self.architecture in ("gpt2", "gpt_neo", "gpt_bigcode", "phi", "bloom"):
             return True
         if self.architecture == "gptj":
             return False
@@ -592,7 +593,7 @@ class ModelSpec(_SpecCommon):
     def mlp_bias(self) -> bool:
         """Biases on the plain MLP's two projections: GPT-2, GPT-J, GPT-NeoX, GPTBigCode and Phi always,
         StarCoder 2 with ``use_bias``."""
-        return self.architecture in ("gpt2", "gptj", "gpt_neox", "gpt_bigcode", "phi", "bloom") or (
+        return self.architecture in ("gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_bigcode", "phi", "bloom") or (
             self.architecture in ("starcoder2", "opt", "falcon", "nemotron") and self.attention_bias)
 
     @property
@@ -652,6 +653,8 @@ class ModelSpec(_SpecCommon):
         (Gemma 2), else ``head_dim ** -0.5``."""
         if self.attention_multiplier is not None:
             return float(self.attention_multiplier)
+        if self.architecture == "gpt_neo":  # GPT-Neo does not scale its scores
+            return 1.0
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
@@ -876,7 +879,7 @@ class ModelSpec(_SpecCommon):
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
                 "granite, ministral, arcee, glm, glm4, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
-                "cohere, cohere2, falcon, nemotron, bloom, "
+                "cohere, cohere2, falcon, nemotron, bloom, gpt_neo, "
                 "starcoder2, "
                 "deepseek_v2, deepseek_v3, deepseek_v32)"
             )
@@ -1168,7 +1171,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
     n_layers = cfg.get("num_hidden_layers")
     if arch in ("gemma", "glm", "glm4", "arcee"):  # these models mask causally only: no window key applies
         return None, ()
-    if arch == "cohere2":  # (read by layernorm_family)
+    if arch in ("cohere2", "gpt_neo"):  # (read by layernorm_family)
         return cast(tuple[int | None, tuple[int, ...]], cfg["_windows"])
     if arch in lnf.LN_ARCHS:  # StarCoder 2 slides every layer or none; the others never
         if arch != "starcoder2" or cfg.get("sliding_window") is None:

@@ -1,4 +1,4 @@
-"""GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere, Cohere 2, Falcon, Nemotron and Bloom
+"""GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere, Cohere 2, Falcon, Nemotron, Bloom and MPT
 against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged
 KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, checkpoints
@@ -12,7 +12,8 @@ queries scaled first, embeddings projected in and out, and OPT-350m's post-norm 
 LayerNorm, a parallel SwiGLU block, interleaved RoPE (the same permutation, applied to its q/k norms and biases too)
 and scaled logits, Cohere 2 RoPE in its sliding layers only; Falcon its three fused q/k/v layouts and its parallel blocks
 behind one norm or two; Nemotron LayerNorms scaling by ``1 + weight`` and a ReLU-squared MLP; Bloom ALiBi biases (in
-both attention backends) and a norm on the word embeddings;
+both attention backends) and a norm on the word embeddings; MPT ALiBi with its own slopes, bias-free norms and
+projections, and clip_qkv;
 GPT-NeoX a fused per-head q/k/v, partial RoPE and a two-norm parallel residual; Phi one norm feeding a parallel
 attention and MLP, per-head q/k LayerNorms shared by every head, and a biased LM head; StableLM SwiGLU with partial
 RoPE, per-head q/k LayerNorms of their own and optionally Phi's parallel block; StarCoder 2 a biased GELU MLP and a
@@ -89,6 +90,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bloom": ("BloomConfig", "BloomForCausalLM",
               {"vocab_size": VOCAB, "hidden_size": 64, "n_layer": 3, "n_head": 4, "bos_token_id": None,
                "eos_token_id": None, "pad_token_id": None}),
+    # ALiBi with MPT's slopes, no biases anywhere, fused [q, k, v]
+    "mpt": ("MptConfig", "MptForCausalLM",
+            {"vocab_size": VOCAB, "d_model": 64, "n_heads": 4, "n_layers": 3, "max_seq_len": 256, "bos_token_id": None,
+             "eos_token_id": None, "pad_token_id": None}),
     # LayerNorm by 1 + weight, ReLU-squared MLP, RoPE on half of each head, biases everywhere
     "nemotron": ("NemotronConfig", "NemotronForCausalLM",
                  dict(BASE, num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True)),
@@ -100,6 +105,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # six heads: ALiBi slopes past the largest power of two (Bloom's odd extra powers)
     "bloom_6_heads": ("BloomConfig", "BloomForCausalLM", dict(FAMILIES["bloom"][2], hidden_size=48, n_head=6)),
+    # six heads (MPT's interleaved slopes past a power of two), q/k/v clamped to +-0.5
+    "mpt_6_heads_clip": ("MptConfig", "MptForCausalLM",
+                         dict(FAMILIES["mpt"][2], d_model=96, n_heads=6, attn_config={"clip_qkv": 0.5})),
     # falcon-7b: one key/value head, attention and MLP behind one norm; Falcon 2: the new decoder with one norm;
     # per-head fused q/k/v in sequential blocks
     "falcon_7b": ("FalconConfig", "FalconForCausalLM", dict(BASE, ffn_hidden_size=96)),
@@ -128,6 +136,10 @@ class _Families(Checkpoints):
             for n, p in hf.named_parameters():
                 if (".ln_" in n or "layernorm" in n or "layer_norm" in n) and n.endswith("weight"):
                     p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                elif family.startswith("mpt") and "norm" not in n:
+                    # MPT widened 2x, not 6x: without any bias its 6x forward is so ill-conditioned that
+                    # transformers' own bf16 logits are 12 % off its fp32 ones (2x: 2 %, ours the same)
+                    p.div_(3.0)
         return hf
 
 
@@ -171,8 +183,8 @@ def test_residual_variants_equal_transformers(variant, tmp_path_factory):
     spec = load_spec(d)
     assert isinstance(spec, ModelSpec)
     assert spec.parallel_residual == (variant in ("stablelm_parallel", "falcon_7b", "falcon_new1"))
-    assert spec.n_kv_heads == {"stablelm_parallel": 2, "falcon_new1": 2, "falcon_7b": 1, "bloom_6_heads": 6}.get(
-        variant, 4)
+    assert spec.n_kv_heads == {"stablelm_parallel": 2, "falcon_new1": 2, "falcon_7b": 1, "bloom_6_heads": 6,
+                               "mpt_6_heads_clip": 6}.get(variant, 4)
     assert spec.post_layer_norm == (True if variant == "opt_post_ln" else None)
     check_batched_against_hf(_load(d), hf, [_turns(4)[0] + _turns(4)[1], _turns(4)[2]])
 
@@ -197,10 +209,10 @@ def test_spec_follows_transformers(ckpt):
     assert spec.tie_embeddings == bool(c.tie_word_embeddings)
     gpt2_keys = family in ("gpt2", "gptj", "gpt_bigcode")
     assert spec.max_position == (c.n_positions if gpt2_keys else 2048 if family == "bloom"
-                                 else c.max_position_embeddings)
-    assert spec.alibi == (family == "bloom")
+                                 else c.max_seq_len if family == "mpt" else c.max_position_embeddings)
+    assert spec.alibi == (family in ("bloom", "mpt"))
     want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5, "opt": 1.0, "cohere": 1.0,
-                    "cohere2": 1.0, "falcon": 1.0, "bloom": 1.0, "gpt_neo": 1.0}.get(family) or \
+                    "cohere2": 1.0, "falcon": 1.0, "bloom": 1.0, "gpt_neo": 1.0, "mpt": 1.0}.get(family) or \
         c.rope_parameters["partial_rotary_factor"]
     assert spec.partial_rotary_factor == want_partial
     assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt", "gpt_neo"))
@@ -319,6 +331,9 @@ async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
     ("bloom", "apply_residual_connection_post_layernorm", True, "apply_residual_connection_post_layernorm"),
     ("gpt_neo", "attention_types", [[["global", "sparse"], 2]], "attention_types"),
     ("gpt_neo", "window_size", 0, "window_size"),
+    ("mpt", "attn_config", {"alibi": False}, "attn_config.alibi"),
+    ("mpt", "attn_config", {"qk_ln": True}, "attn_config.qk_ln"),
+    ("mpt", "attn_config", {"clip_qkv": -1.0}, "attn_config.clip_qkv"),
     ("nemotron", "hidden_act", "relu3", "activation"),
     ("falcon", "num_ln_in_parallel_attn", 3, "num_ln_in_parallel_attn"),
     ("falcon", "parallel_attn", "yes", "parallel_attn"),

@@ -20,8 +20,8 @@ CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size
 
 
 def test_config_errors_name_the_problem(tmp_path):
-    with pytest.raises(ModelError, match="unsupported architecture.*Mpt"):
-        ModelSpec.from_hf_config({**CFG, "architectures": ["MptForCausalLM"], "model_type": "mpt"})
+    with pytest.raises(ModelError, match="unsupported architecture.*Rwkv"):  # (an RNN: no KV)
+        ModelSpec.from_hf_config({**CFG, "architectures": ["RwkvForCausalLM"], "model_type": "rwkv"})
     bad = dict(CFG)
     del bad["hidden_size"]
     with pytest.raises(ModelError, match="missing required key 'hidden_size'"):

@@ -1,6 +1,6 @@
 """The LayerNorm decoders: GPT-2, GPT-Neo, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), OPT, Phi (phi-1,
 phi-1.5, phi-2), StableLM, StarCoder 2, Cohere (Command R, Aya; Cohere 2: Command R7B, Command A), Falcon
-(RoPE checkpoints: falcon-7b/40b/180b, Falcon 2), Nemotron (Nemotron-3/4, Minitron) and Bloom.
+(RoPE checkpoints: falcon-7b/40b/180b, Falcon 2), Nemotron (Nemotron-3/4, Minitron), Bloom and MPT.
 
 They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
 differ from Llama in the same few places, each a :class:`~dualpath.model.spec.ModelSpec` field or property:
@@ -25,9 +25,10 @@ differ from Llama in the same few places, each a :class:`~dualpath.model.spec.Mo
   head (``multi_query``) or one per head;
 * LayerNorms on each head's query and key (``qk_layernorm``): Phi one LayerNorm shared by every head (with a bias),
   StableLM one per head (no bias);
-* Bloom has no position embedding at all: ALiBi, a bias ``slope[h] * (key position - query position)`` on every
-  score (:func:`alibi_slopes`, as Bloom computes them; the paged attention kernels take the slopes), and a LayerNorm
-  on the word embeddings (``word_embeddings_layernorm``);
+* Bloom and MPT have no position embedding at all: ALiBi, a bias ``slope[h] * (key position - query position)`` on
+  every score (:func:`alibi_slopes`, as each computes them; the paged attention kernels take the slopes); Bloom adds a
+  LayerNorm on the word embeddings (``word_embeddings_layernorm``); MPT's LayerNorms and projections have no bias,
+  its fused ``Wqkv`` is ``[q, k, v]``, and ``clip_qkv`` clamps it;
 * Phi's and GPT-J's LM heads have a bias; Cohere's logits are multiplied by ``logit_scale``;
 * Falcon's fused ``query_key_value``: ``[kv_heads, q_per_kv + 2, head_dim]`` rows in its new decoder
   (``falcon_layout`` ``new2`` / ``new1``: two norms or one), ``[q heads, k, v]`` with ``multi_query``, per head
@@ -64,11 +65,12 @@ ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "P
                  "StableLmForCausalLM": "stablelm", "Starcoder2ForCausalLM": "starcoder2",
                  "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode", "OPTForCausalLM": "opt",
                  "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2", "FalconForCausalLM": "falcon",
-                 "NemotronForCausalLM": "nemotron", "BloomForCausalLM": "bloom", "GPTNeoForCausalLM": "gpt_neo"}
+                 "NemotronForCausalLM": "nemotron", "BloomForCausalLM": "bloom", "GPTNeoForCausalLM": "gpt_neo",
+                 "MptForCausalLM": "mpt"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families whose positions are ALiBi biases (no RoPE, no position embedding)
-ALIBI = ("bloom",)
+ALIBI = ("bloom", "mpt")
 #: the families with learned absolute positions and no RoPE
 LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo")
 #: where each family's position table starts (OPT keeps two rows before position 0)
@@ -109,6 +111,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                "tie_word_embeddings": True},
     "gpt_neo": {"max_position_embeddings": 2048, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
                 "window_size": 256, "tie_word_embeddings": True},
+    "mpt": {"max_seq_len": 2048, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
     "bloom": {"layer_norm_epsilon": 1e-5, "apply_residual_connection_post_layernorm": False,
               "tie_word_embeddings": True},
     "nemotron": {"max_position_embeddings": 4096, "norm_eps": 1e-5, "hidden_act": "relu2", "attention_bias": False,
@@ -188,6 +191,33 @@ def _falcon_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return {**out, "num_key_value_heads": kv, "_falcon_layout": layout, "attention_bias": c["bias"],
             "rms_norm_eps": c["layer_norm_epsilon"], "hidden_act": act,
             "intermediate_size": c.get("ffn_hidden_size") or (4 * hidden if isinstance(hidden, int) else None)}
+
+
+def _mpt_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """MPT's keys (``d_model``, ``n_heads``, ``n_layers``, ``max_seq_len``, ``attn_config``) in ours, as
+    transformers' MPT runs them: ALiBi with ``alibi_bias_max`` 8, an MLP of 4 x ``d_model`` (transformers ignores
+    ``expansion_ratio``), exact GELU, no biases, ``clip_qkv``; what it cannot run is refused by name."""
+    out: dict[str, Any] = {}
+    for theirs, ours in (("d_model", "hidden_size"), ("n_heads", "num_attention_heads"),
+                         ("n_layers", "num_hidden_layers"), ("max_seq_len", "max_position_embeddings")):
+        if theirs in cfg:
+            out[ours] = cfg[theirs]
+    attn = cfg.get("attn_config") or {}
+    if not isinstance(attn, dict):
+        raise ModelError(f"{where}: attn_config must be an object, got {attn!r}")
+    checks = {"alibi": True, "alibi_bias_max": 8, "qk_ln": False, "prefix_lm": False, "softmax_scale": None,
+              "attn_type": "multihead_attention", "attn_uses_sequence_id": False}
+    for key, want in checks.items():
+        if attn.get(key, want) != want:
+            raise ModelError(f"{where}: attn_config.{key}={attn[key]!r} is unsupported (supported: {want!r})")
+    clip = attn.get("clip_qkv")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        raise ModelError(f"{where}: attn_config.clip_qkv must be a positive number or null, got {clip!r}")
+    hidden = out.get("hidden_size", cfg.get("hidden_size"))
+    heads = out.get("num_attention_heads", cfg.get("num_attention_heads"))
+    return {**out, "rms_norm_eps": cfg["layer_norm_epsilon"], "hidden_act": "gelu", "attention_bias": False,
+            "num_key_value_heads": heads, "clip_qkv": None if clip is None else float(clip),
+            "intermediate_size": 4 * hidden if isinstance(hidden, int) else None}
 
 
 def _gpt_neo_layers(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -276,6 +306,9 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
                    num_key_value_heads=out.get("num_attention_heads"),
                    intermediate_size=out.get("intermediate_size") or (4 * hidden if isinstance(hidden, int) else None),
                    **_gpt_neo_layers(out, where))
+    elif arch == "mpt":
+        scale_by_layer = False
+        out.update(_mpt_config(out, where))
     elif arch == "bloom":
         scale_by_layer = False
         if _flag(out, "apply_residual_connection_post_layernorm", where):
@@ -336,14 +369,14 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             raise ModelError(f"{where}: logit_scale must be a positive number, got {scale!r}")
         if arch == "cohere2":
             out.update(_cohere2_layers(out, where))
-    if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom", "gpt_neo"):
+    if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom", "gpt_neo", "mpt"):
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
     parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
                 "opt": False, "cohere": True, "cohere2": True, "nemotron": False, "bloom": False,
-                "gpt_neo": False}.get(arch)
+                "gpt_neo": False, "mpt": False}.get(arch)
     if arch == "falcon":
         parallel = out["parallel_attn"]
     if parallel is None:
@@ -386,6 +419,13 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
         else:
             out.update(multi_query=spec.n_kv_heads == 1 < spec.n_heads, scale_attn_weights=True)
         return out
+    if arch == "mpt":
+        return {**common, "d_model": spec.hidden_size, "n_heads": spec.n_heads, "n_layers": spec.n_layers,
+                "expansion_ratio": spec.intermediate_size // spec.hidden_size, "max_seq_len": spec.max_position,
+                "layer_norm_epsilon": spec.rms_eps, "no_bias": True, "resid_pdrop": 0, "emb_pdrop": 0,
+                "attn_config": {"alibi": True, "alibi_bias_max": 8, "clip_qkv": spec.clip_qkv, "qk_ln": False,
+                                "softmax_scale": None, "prefix_lm": False, "attn_type": "multihead_attention",
+                                "attn_pdrop": 0}}
     if arch == "gpt_neo":
         return {**common, "hidden_size": spec.hidden_size, "num_layers": spec.n_layers, "num_heads": spec.n_heads,
                 "intermediate_size": spec.intermediate_size, "max_position_embeddings": spec.max_position,
@@ -529,6 +569,14 @@ _OUT_RENAMES["falcon"] = [(r"^model\.embed_tokens\.", "transformer.word_embeddin
                           (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."),
                           (r"\.self_attn\.o_proj\.", ".self_attention.dense."), (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."),
                           (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")]
+_RENAMES["mpt"] = [(r"^transformer\.wte\.", "model.embed_tokens."), (r"^transformer\.norm_f\.", "model.norm."),
+                   (r"^transformer\.blocks\.", "model.layers."), (r"\.norm_1\.", ".input_layernorm."),
+                   (r"\.norm_2\.", ".post_attention_layernorm."), (r"\.attn\.out_proj\.", ".self_attn.o_proj."),
+                   (r"\.ffn\.", ".mlp.")]
+_OUT_RENAMES["mpt"] = [(r"^model\.embed_tokens\.", "transformer.wte."), (r"^model\.norm\.", "transformer.norm_f."),
+                       (r"^model\.layers\.", "transformer.blocks."), (r"\.input_layernorm\.", ".norm_1."),
+                       (r"\.post_attention_layernorm\.", ".norm_2."), (r"\.self_attn\.o_proj\.", ".attn.out_proj."),
+                       (r"\.mlp\.", ".ffn.")]
 _RENAMES["gpt_neo"] = [(r"^(transformer\.)?wte\.", "model.embed_tokens."), (r"^(transformer\.)?wpe\.", "model.embed_positions."),
                        (r"^(transformer\.)?ln_f\.", "model.norm."), (r"^(transformer\.)?h\.(\d+)\.", r"model.layers.\2."),
                        (r"\.ln_1\.", ".input_layernorm."), (r"\.ln_2\.", ".post_attention_layernorm."),
@@ -658,6 +706,10 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
             _split_gpt2_qkv(spec, new, t, out)
         elif arch == "falcon" and ".self_attention.query_key_value." in new:
             _split_falcon_qkv(spec, new, t, out)
+        elif arch == "mpt" and ".attn.Wqkv." in new:  # [q, k, v] rows, each of hidden_size
+            attn = new.rsplit(".attn.Wqkv.", 1)[0] + ".self_attn"
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0), strict=True):
+                out[f"{attn}.{part}.{new.rsplit('.', 1)[1]}"] = chunk.contiguous()
         elif arch == "bloom" and ".self_attention.query_key_value." in new:
             _split_per_head(spec, new, t, new.rsplit(".self_attention.", 1)[0] + ".self_attn", out)
         elif arch == "gpt_neox" and ".attention.query_key_value." in new:
@@ -678,7 +730,7 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in ours.items():
         m = re.match(r"^(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
-        if arch in ("gpt2", "gpt_neox", "gpt_bigcode", "falcon", "bloom") and m:
+        if arch in ("gpt2", "gpt_neox", "gpt_bigcode", "falcon", "bloom", "mpt") and m:
             fused.setdefault(f"{m[1]}|{m[3]}", {})[m[2]] = t
             continue
         if arch == "gptj" and re.search(r"\.self_attn\.[qk]_proj\.weight$", name):
@@ -701,7 +753,9 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
     for key, parts in fused.items():
         layer, kind = key.split("|")
         q, k, v = parts["q"], parts["k"], parts["v"]
-        if arch == "falcon" and _falcon_groups(spec):
+        if arch == "mpt":
+            out[_rename(f"{layer}.attn.Wqkv.{kind}", _OUT_RENAMES[arch])] = torch.cat([q, k, v]).contiguous()
+        elif arch == "falcon" and _falcon_groups(spec):
             g, d = spec.n_kv_heads, spec.head_dim
             w = torch.cat([q.reshape(g, -1, d, *q.shape[1:]), k.reshape(g, 1, d, *k.shape[1:]),
                            v.reshape(g, 1, d, *v.shape[1:])], dim=1).reshape(-1, *q.shape[1:])
@@ -721,10 +775,19 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """ALiBi's per-head slopes as Bloom computes them (fp32): ``2 ** (-8 / n)`` to the powers ``1 .. n`` for the
-    largest power of two ``n <= n_heads``, then the odd powers of ``2 ** (-4 / n)`` for the remaining heads."""
+def alibi_slopes(n_heads: int, arch: str = "bloom") -> torch.Tensor:
+    """ALiBi's per-head slopes (fp32) as each family computes them. Bloom: ``2 ** (-8 / n)`` to the powers
+    ``1 .. n`` for the largest power of two ``n <= n_heads``, then the odd powers of ``2 ** (-4 / n)`` for the
+    remaining heads. MPT (``alibi_bias_max`` 8): ``2 ** -(8 i / m)`` for ``i = 1 .. m``, ``m`` the power of two at or
+    above ``n_heads``, the odd-indexed ones first then the even ones, the first ``n_heads``."""
     import math
+
+    if arch == "mpt":
+        m = 2 ** math.ceil(math.log2(n_heads))
+        slopes = 1.0 / torch.pow(2, torch.arange(1, m + 1, dtype=torch.int64).float() * (8 / m))
+        if m != n_heads:
+            slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+        return slopes
 
     closest = 2 ** math.floor(math.log2(n_heads))
     base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)

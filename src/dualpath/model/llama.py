@@ -190,6 +190,8 @@ def _norm(spec: ModelSpec, dim: int) -> nn.Module:
         return HeadLayerNorm(0, dim, spec.rms_eps)
     if spec.architecture == "nemotron":
         return LayerNorm1P(dim, eps=spec.rms_eps)
+    if spec.architecture == "mpt":  # bias-free
+        return nn.LayerNorm(dim, eps=spec.rms_eps, bias=False)
     if spec.layer_norm:
         return nn.LayerNorm(dim, eps=spec.rms_eps)
     return RMSNorm(dim, spec.rms_eps, spec.gemma_style, fp32_scale=spec.fp32_norm_scale)
@@ -349,7 +351,7 @@ class Backbone(nn.Module):
         if spec.embed_proj_dim:  # OPT's word_embed_proj_dim: embeddings projected in, the last hidden state out
             self.project_in = nn.Linear(width, spec.hidden_size, bias=False)
             self.project_out = nn.Linear(spec.hidden_size, width, bias=False)
-        if spec.alibi:  # Bloom's word_embeddings_layernorm
+        if spec.architecture == "bloom":  # its word_embeddings_layernorm
             self.embed_norm = _norm(spec, spec.hidden_size)
         if spec.learned_positions:  # GPT-2's wpe (OPT's starts two rows before position 0)
             self.embed_positions = nn.Embedding(spec.max_position + spec.position_offset, spec.hidden_size)
@@ -471,7 +473,7 @@ class LlamaModel(LayerwiseDecoder):
         if spec.alibi:  # Bloom: each query head's ALiBi slope (fp32), passed to the attention kernels
             from dualpath.model.layernorm_family import alibi_slopes
 
-            slopes = alibi_slopes(spec.n_heads).to(device)
+            slopes = alibi_slopes(spec.n_heads, spec.architecture).to(device)
         self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.residual_scale = spec.residual_multiplier  # Granite: each block's output scaled (None: 1)
 
@@ -518,7 +520,7 @@ class LlamaModel(LayerwiseDecoder):
         hidden = self.model.embed_tokens(ids)
         if self.spec.embed_proj_dim:  # OPT
             hidden = self.model.project_in(hidden)
-        if self.spec.alibi:  # Bloom
+        if self.spec.architecture == "bloom":
             hidden = self.model.embed_norm(hidden)
         if self.spec.learned_positions:  # GPT-2, OPT: a position past the table has no embedding
             if int(batch.positions.max()) >= self.spec.max_position:

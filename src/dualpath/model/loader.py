@@ -13,7 +13,7 @@ transformers 5 ``save_pretrained`` writes: Mixtral's ``block_sparse_moe.experts.
 ``mlp.experts.{i}.gate_proj/up_proj/down_proj``) or in transformers' packed in-memory layout
 (``mlp.experts.gate_up_proj [E, 2I, H]`` + ``mlp.experts.down_proj [E, H, I]``).
 
-GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere (1, 2), Falcon, Nemotron and Bloom checkpoints are renamed to our tensors (and back
+GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPTBigCode, OPT, Phi, StableLM, StarCoder 2, Cohere (1, 2), Falcon, Nemotron, Bloom and MPT checkpoints are renamed to our tensors (and back
 when saving) by :mod:`dualpath.model.layernorm_family`: GPT-2's transposed ``Conv1D`` weights and fused ``c_attn``,
 GPTBigCode's fused ``c_attn``, GPT-NeoX's per-head fused ``query_key_value``, GPT-J's and Cohere's interleaved-RoPE
 q/k rows permuted, Falcon's fused ``query_key_value`` in each of its layouts, StableLM's per-head q/k norms.

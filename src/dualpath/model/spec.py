@@ -65,7 +65,7 @@ RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), 
 ``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
 embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
 ``residual_multiplier``, logits divided by ``logits_scaling``).
-Fourteen LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
+Fifteen LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
 and tensor names): ``GPT2LMHeadModel`` (``gpt2``: learned positions, no RoPE, fused ``Conv1D`` q/k/v,
 ``scale_attn_by_inverse_layer_idx``), ``GPTBigCodeForCausalLM`` (``gpt_bigcode``: StarCoder 1, SantaCoder; GPT-2's
 block with one key/value head under ``multi_query``), ``GPTJForCausalLM`` (``gptj``: interleaved RoPE on
@@ -75,7 +75,8 @@ parallel attention and SwiGLU MLP, interleaved RoPE read by the q/k row permutat
 logits times ``logit_scale``; Cohere 2 slides three layers of four and rotates only there), ``FalconForCausalLM`` (``falcon``: RoPE checkpoints, its three fused q/k/v layouts, parallel blocks behind one
 norm or two; ALiBi refused), ``NemotronForCausalLM`` (``nemotron``: LayerNorm scaling by ``1 + weight``, a ReLU-squared MLP, RoPE on half of
 each head), ``GPTNeoForCausalLM`` (``gpt_neo``: GPT-2's block with unscaled scores and local layers over ``window_size`` keys),
-``BloomForCausalLM`` (``bloom``: ALiBi score biases instead of positions, a LayerNorm on the word embeddings, the
+``MptForCausalLM`` (``mpt``: ALiBi with MPT's slopes, bias-free LayerNorms and projections, fused ``[q, k, v]``,
+``clip_qkv``), ``BloomForCausalLM`` (``bloom``: ALiBi score biases instead of positions, a LayerNorm on the word embeddings, the
 per-head fused q/k/v), ``OPTForCausalLM`` (``opt``: learned positions at an offset of 2, queries scaled first, ``word_embed_proj_dim``
 projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_neox``, Pythia: fused per-head q/k/v, partial
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
@@ -334,9 +335,9 @@ class ModelSpec(_SpecCommon):
                                  f"{self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
-        if self.clip_qkv is not None and (self.architecture != "olmoe" or isinstance(self.clip_qkv, bool)
+        if self.clip_qkv is not None and (self.architecture not in ("olmoe", "mpt") or isinstance(self.clip_qkv, bool)
                                           or not isinstance(self.clip_qkv, (int, float)) or not self.clip_qkv > 0):
-            raise ModelError(f"model config: clip_qkv is olmoe's, a positive number or null; got {self.clip_qkv!r} "
+            raise ModelError(f"model config: clip_qkv is olmoe's and mpt's, a positive number or null; got {self.clip_qkv!r} "
                              f"for {self.architecture}")
         if (self.o_proj_bias is None) != (self.architecture != "seed_oss"):
             raise ModelError(f"model config: o_proj_bias (attention_out_bias) is seed_oss's and required there, got "
@@ -371,7 +372,7 @@ class ModelSpec(_SpecCommon):
                              f"{sorted(set(lnf.ACTIVATIONS.values()))}")
         if self.architecture == "stablelm" and self.activation != "silu":
             raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
-        fixed = {"gpt_neo": (False, False), "bloom": (False, False), "gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
+        fixed = {"mpt": (False, False), "gpt_neo": (False, False), "bloom": (False, False), "gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
                  "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "cohere": (True, None),
                  "nemotron": (False, False),
                  "cohere2": (True, False)}
@@ -404,7 +405,8 @@ class ModelSpec(_SpecCommon):
                                                        or self.rope_scaling is not None):
             raise ModelError(f"model config: {self.architecture} has learned positions, no RoPE (no "
                              "partial_rotary_factor or rope_scaling)")
-        if self.architecture in ("gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom") and self.n_kv_heads != self.n_heads:
+        if self.architecture in ("gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "mpt") and \
+                self.n_kv_heads != self.n_heads:
             raise ModelError(f"model config: {self.architecture} attends with every head's own key and value "
                              "(n_kv_heads = n_heads)")
         if self.architecture == "gpt_bigcode" and self.n_kv_heads not in (1, self.n_heads):
@@ -879,7 +881,7 @@ class ModelSpec(_SpecCommon):
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
                 "granite, ministral, arcee, glm, glm4, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
-                "cohere, cohere2, falcon, nemotron, bloom, gpt_neo, "
+                "cohere, cohere2, falcon, nemotron, bloom, gpt_neo, mpt, "
                 "starcoder2, "
                 "deepseek_v2, deepseek_v3, deepseek_v32)"
             )
@@ -974,7 +976,7 @@ class ModelSpec(_SpecCommon):
             **_gpt_oss_fields(arch, cfg, where),
             **_granite_fields(arch, cfg, where),
             nope_layers=_nope_layers(arch, cfg, where),
-            clip_qkv=cfg.get("clip_qkv") if arch == "olmoe" else None,
+            clip_qkv=cfg.get("clip_qkv") if arch in ("olmoe", "mpt") else None,
             o_proj_bias=bool(cfg.get("attention_out_bias", False)) if arch == "seed_oss" else None,
             rope_long=rope_long_for(rope_scaling, max_context),
             context_cap=max_context,

@@ -115,12 +115,12 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "bloom": {"layer_norm_epsilon": 1e-5, "apply_residual_connection_post_layernorm": False,
               "tie_word_embeddings": True},
     "nemotron": {"max_position_embeddings": 4096, "norm_eps": 1e-5, "hidden_act": "relu2", "attention_bias": False,
-                 "mlp_bias": False, "tie_word_embeddings": False, "partial_rotary_factor": 0.5},
+                 "mlp_bias": False, "tie_word_embeddings": False},
     "opt": {"max_position_embeddings": 2048, "activation_function": "relu", "do_layer_norm_before": True,
             "_remove_final_layer_norm": False, "enable_bias": True, "layer_norm_elementwise_affine": True,
             "tie_word_embeddings": True},
 }
-_PARTIAL_DEFAULT = {"gpt_neox": 0.25, "phi": 0.5, "stablelm": 0.25}
+_PARTIAL_DEFAULT = {"gpt_neox": 0.25, "phi": 0.5, "stablelm": 0.25, "nemotron": 0.5}
 
 
 def _flag(cfg: dict[str, Any], key: str, where: str) -> bool:
@@ -601,6 +601,9 @@ _OUT_RENAMES["bloom"] = [(r"^model\.embed_norm\.", "transformer.word_embeddings_
 for _arch in (*COHERE, "nemotron"):  # (their tensors have Llama's names)
     _RENAMES[_arch] = _OUT_RENAMES[_arch] = []
 _CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+#: the q/k tensors whose rows (or norm dims) an interleaved RoPE's permutation reorders (GPT-J's ``attn.``, ours
+#: and Cohere's ``self_attn.``)
+_QK_ROTATED = re.compile(r"\.(attn|self_attn)\.[qk]_(proj\.weight|proj\.bias|norm\.weight)$")
 _PER_HEAD_NORM = re.compile(r"^(.*\.self_attn\.)([qk])_layernorm\.norms\.(\d+)\.weight$")
 
 
@@ -668,20 +671,20 @@ def _split_falcon_qkv(spec: ModelSpec, name: str, t: torch.Tensor, out: dict[str
     out[f"{attn}.v_proj.{kind}"] = rows[:, per + 1].reshape(g * d, *t.shape[1:]).contiguous()
 
 
-def _rotary_order(spec: ModelSpec, inverse: bool = False, heads: int | None = None) -> torch.Tensor:
-    """GPT-J, Cohere: the row order of a q/k projection (``heads`` heads; default the query heads) that turns its
-    interleaved RoPE pairs into our half-split ones (:func:`_head_order` per head), or its inverse."""
+def _rotary_order(spec: ModelSpec, heads: int, inverse: bool = False) -> torch.Tensor:
+    """GPT-J, Cohere, GLM: the row order of a q/k projection of ``heads`` heads that turns its interleaved RoPE pairs
+    into our half-split ones (:func:`_head_order` per head), or its inverse."""
     head = _head_order(spec, inverse)
-    return torch.cat([head + i * spec.head_dim for i in range(spec.n_heads if heads is None else heads)])
+    return torch.cat([head + i * spec.head_dim for i in range(heads)])
 
 
 def interleaved_to_half(spec: ModelSpec, name: str, t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """A q/k projection's rows (weight or bias) or q/k norm weights ``[heads, head_dim]`` of a model whose RoPE turns
-    interleaved pairs (Cohere, GLM) in our half-split order (``inverse``: back)."""
+    interleaved pairs (GPT-J, Cohere, GLM) in our half-split order (``inverse``: back)."""
     if name.endswith("_norm.weight"):
         return t[..., _head_order(spec, inverse)].contiguous()
     heads = spec.n_heads if ".q_proj." in name else spec.n_kv_heads
-    return t[_rotary_order(spec, inverse, heads)].contiguous()
+    return t[_rotary_order(spec, heads, inverse)].contiguous()
 
 
 def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -694,9 +697,7 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
             continue
         if arch == "gpt2" and _CONV1D.search(name):
             t = t.t()
-        if arch == "gptj" and re.search(r"\.attn\.[qk]_proj\.weight$", name):
-            t = t[_rotary_order(spec)]
-        if arch in COHERE and re.search(r"\.self_attn\.[qk]_(proj\.weight|proj\.bias|norm\.weight)$", name):
+        if arch in INTERLEAVED_ROPE and _QK_ROTATED.search(name):
             t = interleaved_to_half(spec, name, t)
         if arch == "stablelm" and (m := _PER_HEAD_NORM.match(name)):
             heads.setdefault(f"{m[1]}{m[2]}_norm.weight", {})[int(m[3])] = t
@@ -733,9 +734,7 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
         if arch in ("gpt2", "gpt_neox", "gpt_bigcode", "falcon", "bloom", "mpt") and m:
             fused.setdefault(f"{m[1]}|{m[3]}", {})[m[2]] = t
             continue
-        if arch == "gptj" and re.search(r"\.self_attn\.[qk]_proj\.weight$", name):
-            t = t[_rotary_order(spec, inverse=True)].contiguous()
-        if arch in COHERE and re.search(r"\.self_attn\.[qk]_(proj\.weight|proj\.bias|norm\.weight)$", name):
+        if arch in INTERLEAVED_ROPE and _QK_ROTATED.search(name):
             t = interleaved_to_half(spec, name, t, inverse=True)
         if arch == "stablelm" and re.search(r"\.self_attn\.[qk]_norm\.weight$", name):
             stem = name[: -len("_norm.weight")]

@@ -563,12 +563,6 @@ class ModelSpec(_SpecCommon):
                                                              "granite", "olmoe")
 
     @property
-    def interleaved_rope(self) -> bool:
-        """GPT-J, Cohere, GLM: RoPE turns interleaved pairs; read as ours by permuting the q/k rows at load
-        (:func:`dualpath.model.layernorm_family.interleaved_to_half`)."""
-        return self.architecture in (*lnf.INTERLEAVED_ROPE, "glm", "glm4")
-
-    @property
     def layer_norm(self) -> bool:
         """GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2: ``nn.LayerNorm`` (with a bias) instead of RMSNorm."""
         return self.architecture in lnf.LN_ARCHS

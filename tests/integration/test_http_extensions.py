@@ -132,6 +132,26 @@ def test_min_tokens_and_include_stop_str_with_a_stop_string(served):
     assert _bad(client.completions.create, extra_body={"min_tokens": 13}, **q)["param"] == "min_tokens"
 
 
+def test_stop_token_ids_end_the_answer_before_their_text(served):
+    """``stop_token_ids`` (vLLM's): the first generated id in the list ends the answer with finish ``stop``; its
+    text is not part of the answer (it is with ``include_stop_str_in_output``); ``ignore_eos`` leaves it in force."""
+    url, tok = served
+    client = _client(url)
+    q = {"prompt": "1, 2, 3, 4,", "max_tokens": 12, "temperature": 0}
+    ids = _ids(client.completions.create(model=MODEL, extra_body={"ignore_eos": True, "return_token_ids": True},
+                                         **q).choices[0])
+    stop = ids[2]  # (the third token: the answer has a text before it)
+    at = ids.index(stop)
+    for include in (False, True):
+        extra = {"ignore_eos": True, "stop_token_ids": [stop], "return_token_ids": True,
+                 "include_stop_str_in_output": include}
+        r = client.completions.create(model=MODEL, extra_body=extra, **q)
+        want = tok.decode(ids[: at + 1] if include else ids[:at], skip_special_tokens=True)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (want, "stop"), include
+        assert _ids(r.choices[0]) == ids[: at + 1] and r.usage.completion_tokens == at + 1
+    assert _bad(client.completions.create, extra_body={"stop_token_ids": [10**9]}, **q)["param"] == "stop_token_ids"
+
+
 def test_chat_template_kwargs_reach_the_template(served):
     """``chat_template_kwargs: {"enable_thinking": false}`` renders the prompt transformers renders with that
     keyword (a different prompt from the default one); the generated ids equal those of the reference prompt

@@ -223,10 +223,26 @@ class Server:
         """The request's sampling; ``logprobs`` / ``prompt_logprobs``: record each generated / prompt token's
         logprobs with this many most likely."""
         b = self.backend
-        temp = req.temperature if req.temperature is not None else self.config.default_temperature
-        top_p = req.top_p if req.top_p is not None else 1.0
-        top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
-        stop_ids = () if req.ignore_eos else stop_ids_of(b.tokenizer)
+        # a field the request leaves out: the checkpoint's generation_config.json value (http.generation_config
+        # auto), else this server's default; an explicitly configured http.default_temperature wins over the file
+        gen = b.generation.sampling() if self.config.generation_config == "auto" else {}
+        if "default_temperature" in self.config.model_fields_set:
+            gen.pop("temperature", None)
+        temp = req.temperature if req.temperature is not None else \
+            float(gen.get("temperature", self.config.default_temperature))
+        top_p = req.top_p if req.top_p is not None else float(gen.get("top_p", 1.0))
+        top_k = req.top_k if req.top_k is not None else int(gen.get("top_k", 0))
+        top_k = max(top_k, 0)  # (-1, vLLM's spelling of "off", is 0 here)
+        min_p = getattr(req, "min_p", None)
+        min_p = float(min_p if min_p is not None else gen.get("min_p", 0.0))
+        rep = getattr(req, "repetition_penalty", None)
+        rep = float(rep if rep is not None else gen.get("repetition_penalty", 1.0))
+        stop_ids = set(() if req.ignore_eos else stop_ids_of(b.tokenizer, b.generation.eos_ids))
+        for tid in getattr(req, "stop_token_ids", None) or ():
+            if b.vocab_size and tid >= b.vocab_size:
+                raise ApiError(400, f"stop_token_ids: token id {tid} is outside the vocabulary of {b.vocab_size}",
+                               param="stop_token_ids")
+            stop_ids.add(int(tid))
         min_tokens = int(getattr(req, "min_tokens", 0) or 0)
         bias = tuple(sorted((int(k), float(v)) for k, v in (getattr(req, "logit_bias", None) or {}).items()))
         for tid, _ in bias:
@@ -235,11 +251,11 @@ class Server:
                                param="logit_bias")
         try:
             return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k,
-                                  min_p=float(getattr(req, "min_p", None) or 0.0), seed=req.seed, stop_ids=stop_ids,
+                                  min_p=min_p, seed=req.seed, stop_ids=tuple(sorted(stop_ids)),
                                   min_tokens=min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                   presence_penalty=float(getattr(req, "presence_penalty", None) or 0.0),
                                   frequency_penalty=float(getattr(req, "frequency_penalty", None) or 0.0),
-                                  repetition_penalty=float(getattr(req, "repetition_penalty", None) or 1.0),
+                                  repetition_penalty=rep,
                                   logit_bias=bias)
         except ModelError as exc:
             raise ApiError(400, str(exc)) from None
@@ -543,6 +559,12 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         server.authorize(request)
         server.check(body)
+        if backend.tokenizer is None:
+            # no text can be made: the generated ids are the answer; a stop string could never be matched
+            if body.stop is not None:
+                raise ApiError(400, "stop: the served model has no tokenizer, so a stop string cannot be matched; "
+                                    "send stop_token_ids", param="stop")
+            body.return_token_ids = True
         server.admit()
         return await serve(server, request, "completion", body, server.completion_prompts(body))
 

@@ -38,6 +38,7 @@ from dualpath.config import DualPathConfig
 from dualpath.engine.request import unwrap
 from dualpath.engine.sampling import SamplingParams
 from dualpath.errors import EngineError, PeerTimeout
+from dualpath.model.generation_config import GenerationDefaults, read_generation_defaults
 from dualpath.types import PathKind, TokenLogprob
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -173,6 +174,7 @@ class Backend:
     max_context: int = 0
     vocab_size: int = 0
     tokenizer: Any = None
+    generation: GenerationDefaults = GenerationDefaults()  # the checkpoint's end-of-sequence ids, sampling defaults
     streams_tokens: bool = True
 
     def __init__(self) -> None:
@@ -226,8 +228,9 @@ class Backend:
         return {}
 
 
-def _model_setup(config: DualPathConfig) -> tuple[Any, Any, str]:
-    """(llama model config, tokenizer, model name) for a llama config; the embedded model when no path."""
+def _model_setup(config: DualPathConfig) -> tuple[Any, Any, str, GenerationDefaults]:
+    """(llama model config, tokenizer, model name, the checkpoint's generation defaults) for a llama config; the
+    embedded model when no path."""
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.embedded import checkpoint_path
     from dualpath.model.loader import load_tokenizer
@@ -238,16 +241,17 @@ def _model_setup(config: DualPathConfig) -> tuple[Any, Any, str]:
         name = "SmolLM2-135M-Instruct"
     else:
         name = path.stem if path.is_file() else path.name
-    return mcfg, load_tokenizer(path), name
+    return mcfg, load_tokenizer(path), name, read_generation_defaults(path)
 
 
-def stop_ids_of(tokenizer: Any) -> tuple[int, ...]:
-    """End-of-sequence ids of a tokenizer: its eos token, and the end-of-turn tokens of the families that have
-    them when present (``<|im_end|>``, Llama 3's ``<|eot_id|>`` and ``<|eom_id|>`` (after a tool call), gpt-oss's
-    ``<|return|>`` and ``<|call|>``), as their generation configs list them."""
+def stop_ids_of(tokenizer: Any, eos_ids: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """End-of-sequence ids: ``eos_ids`` (the checkpoint's, from its ``generation_config.json`` or ``config.json``:
+    :mod:`dualpath.model.generation_config`), a tokenizer's eos token, and the end-of-turn tokens of the families
+    that have them when present (``<|im_end|>``, Llama 3's ``<|eot_id|>`` and ``<|eom_id|>`` (after a tool call),
+    gpt-oss's ``<|return|>`` and ``<|call|>``), as their generation configs list them."""
+    ids: set[int] = set(eos_ids)
     if tokenizer is None:
-        return ()
-    ids: set[int] = set()
+        return tuple(sorted(ids))
     eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(eos, int):
         ids.add(eos)
@@ -297,7 +301,7 @@ class InProcessBackend(Backend):
         if factory is None and cfg.model.kind == "llama":
             from dualpath.model.loader import load_model
 
-            mcfg, tok, name = _model_setup(cfg)
+            mcfg, tok, name, self.generation = _model_setup(cfg)
             model, tok2 = await anyio.to_thread.run_sync(lambda: load_model(mcfg, "cpu"))
             self.tokenizer = self.tokenizer or tok2 or tok
             if self.model_name == "dualpath":
@@ -396,7 +400,7 @@ class RemoteBackend(Backend):
         if self.config.model.kind == "llama":
             from dualpath.model.spec import load_spec
 
-            mcfg, tok, name = _model_setup(self.config)
+            mcfg, tok, name, self.generation = _model_setup(self.config)
             self.tokenizer, self.model_name = tok, name
             with contextlib.suppress(Exception):  # the scheduler checks the context again
                 from dualpath.model.embedded import checkpoint_path

@@ -27,7 +27,14 @@ class HttpConfig(Section):
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After on 429/503")
     request_timeout_s: float = Field(default=300.0, gt=0, description="a request ends by this deadline")
     default_temperature: float = Field(default=1.0, ge=0.0, le=2.0,
-                                       description="temperature when a request gives none (OpenAI's default)")
+                                       description="temperature when a request gives none (OpenAI's default); "
+                                                   "set here, it wins over the checkpoint's generation_config.json")
+    generation_config: Literal["auto", "none"] = Field(
+        default="auto",
+        description="auto: a request that gives no temperature / top_p / top_k / min_p / repetition_penalty gets "
+                    "the checkpoint's generation_config.json value (as vLLM does by default); none: this server's "
+                    "defaults (temperature default_temperature, no cut, no penalty). The checkpoint's "
+                    "end-of-sequence ids end answers either way (dualpath.model.generation_config)")
     responses_store_max: int = Field(default=1024, ge=0,
                                      description="stored /v1/responses conversations (previous_response_id), "
                                                  "in memory, least recently used dropped; 0 stores none")

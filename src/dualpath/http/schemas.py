@@ -10,7 +10,9 @@ Extensions, as vLLM spells them (what serving benchmarks, Qwen3 users and agent 
 ``openai`` client's ``extra_body``):
 
 * both endpoints: ``ignore_eos`` (generate ``max_tokens`` tokens even past the end-of-sequence token),
-  ``return_token_ids`` (each choice carries ``token_ids``, the generated ids), ``min_tokens`` (no stop token and
+  ``return_token_ids`` (each choice carries ``token_ids``, the generated ids; always, on a server whose model
+  has no tokenizer: its text is empty), ``stop_token_ids`` (more ids that end the answer, besides the model's
+  end-of-sequence ids; ``ignore_eos`` leaves these in force), ``min_tokens`` (no stop token and
   no stop string ends the answer before this many tokens: the stop ids are masked in the decode engine's
   sampler, stop strings are only looked for in the text after the first ``min_tokens`` tokens; at most the max
   tokens), ``include_stop_str_in_output`` (a matched stop string stays at the end of the text),
@@ -29,13 +31,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from dualpath.http.tools import FunctionDef, ToolDef
 
 #: stop sequences per request: OpenAI allows 4, vLLM any number; clients written for either send more than 4
 #: (lm-eval's HumanEval task sends 5), and each costs a check per generated token, hence a bound
 MAX_STOPS = 32
+#: ``stop_token_ids`` per request (the control protocol carries at most 256 stop ids, end-of-sequence ids included)
+MAX_STOP_TOKEN_IDS = 64
 
 
 class _Strict(BaseModel):
@@ -138,6 +150,7 @@ class _Sampling(_Strict):
     # extensions (vLLM's; see the module docstring)
     ignore_eos: bool = False
     return_token_ids: bool = False
+    stop_token_ids: list[NonNegativeInt] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     min_tokens: int = Field(default=0, ge=0)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True

@@ -22,6 +22,9 @@ CONFIGS = {
     "llama3-rope": (transformers.LlamaConfig, dict(BASE, num_attention_heads=8, num_key_value_heads=1, rope_theta=500000.0,
                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    # dynamic NTK: transformers' base is only rescaled past max_position_embeddings, which is also our context limit
+    "llama-dynamic": (transformers.LlamaConfig, dict(BASE, max_position_embeddings=128,
+                                                     rope_scaling={"rope_type": "dynamic", "factor": 4.0})),
     "qwen2": (transformers.Qwen2Config, dict(BASE, rope_theta=1000000.0, tie_word_embeddings=True)),
     "qwen2-yarn": (transformers.Qwen2Config, dict(BASE, rope_theta=1000000.0, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),

@@ -28,8 +28,10 @@ def test_config_errors_name_the_problem(tmp_path):
         ModelSpec.from_hf_config(bad)
     with pytest.raises(ModelError, match="not a multiple"):
         ModelSpec.from_hf_config({**CFG, "num_key_value_heads": 3})
-    with pytest.raises(ModelError, match="rope_scaling type 'dynamic'"):
-        ModelSpec.from_hf_config({**CFG, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ModelError, match="rope_scaling type 'ntk-by-parts'"):
+        ModelSpec.from_hf_config({**CFG, "rope_scaling": {"type": "ntk-by-parts", "factor": 2.0}})
+    with pytest.raises(ModelError, match="rope_scaling of type 'dynamic' needs a 'factor'"):
+        ModelSpec.from_hf_config({**CFG, "rope_scaling": {"type": "dynamic"}})
     with pytest.raises(ModelError, match="llama3 rope_scaling is missing 'low_freq_factor'"):
         ModelSpec.from_hf_config({**CFG, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     (tmp_path / "config.json").write_text("{not json")

@@ -163,7 +163,7 @@ _GRANITE_FIELDS = ("embedding_multiplier", "attention_multiplier", "residual_mul
 _OLMO_ARCHS = ("olmo2", "olmo3")
 _MOE_FIELDS = ("n_experts", "n_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -1963,6 +1963,11 @@ def rope_frequencies(dim: int, base: float, rope_scaling: dict[str, Any] | None,
         scale = float(attn)
     elif kind == "linear":
         inv_freq = inv_freq / float(rs["factor"])
+    # dynamic NTK: transformers rescales the base only for a forward whose longest sequence passes
+    # max_position_embeddings (base * (factor * len / max_position - factor + 1) ** (dim / (dim - 2))); below it the
+    # frequencies are the default's. A spec never serves past max_position (ModelSpec.context_limit), so the default
+    # frequencies are transformers' for every sequence served, and a stored prefix's KV never depends on the
+    # forward that computed it
     elif kind == "llama3":
         factor = float(rs["factor"])
         low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])

@@ -66,6 +66,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(BASE, head_dim=32)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", BASE),
     "granite": ("GraniteConfig", "GraniteForCausalLM", BASE),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(BASE, clip_qkv=8.0)),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", dict(BASE, head_dim=32)),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(BASE, head_dim=32, num_key_value_heads=2)),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM",
+                         dict(BASE, head_dim=32, rope_parameters={"rope_type": "dynamic", "alpha": 50.0,
+                                                                  "factor": 1.0, "rope_theta": 10000.0})),
 }
 
 

@@ -192,9 +192,22 @@ def _norm(spec: ModelSpec, dim: int) -> nn.Module:
         return LayerNorm1P(dim, eps=spec.rms_eps)
     if spec.architecture == "mpt":  # bias-free
         return nn.LayerNorm(dim, eps=spec.rms_eps, bias=False)
+    if spec.architecture == "olmo":  # neither weight nor bias
+        return PlainLayerNorm(dim, spec.rms_eps)
     if spec.layer_norm:
         return nn.LayerNorm(dim, eps=spec.rms_eps)
     return RMSNorm(dim, spec.rms_eps, spec.gemma_style, fp32_scale=spec.fp32_norm_scale)
+
+
+class PlainLayerNorm(nn.Module):
+    """OLMo's LayerNorm: no weight, no bias; normalized in fp32, rounded back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (self.dim,), eps=self.eps).to(x.dtype)
 
 
 class LayerNorm1P(nn.LayerNorm):
@@ -264,7 +277,7 @@ class MLP(FeedForward):
     """The dense MLP of ``intermediate_size``: SwiGLU, or for Gemma GeGLU ``down(gelu_tanh(gate(x)) * up(x))``."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec.hidden_size, spec.intermediate_size)
+        super().__init__(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.gelu = spec.gemma_style
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -564,7 +577,7 @@ class LlamaModel(LayerwiseDecoder):
         q = q.view(n, spec.n_heads, spec.head_dim)
         k = k.view(n, spec.n_kv_heads, spec.head_dim)
         v = v.view(n, spec.n_kv_heads, spec.head_dim)
-        if spec.qk_norm or spec.qk_layernorm:
+        if (spec.qk_norm or spec.qk_layernorm) and not spec.qk_norm_after_rope:
             q, k = attn.q_norm(q), attn.k_norm(k)
         if self._rope[layer]:
             cos, sin = state.cos, state.sin
@@ -572,6 +585,8 @@ class LlamaModel(LayerwiseDecoder):
                 cos, sin = state.local
             cos, sin = cos[:, None, :], sin[:, None, :]
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if spec.qk_norm_after_rope:  # Hunyuan: the rotated query and key are normed
+            q, k = attn.q_norm(q), attn.k_norm(k)
         scale = self.scales[layer]
         if spec.scale_query_first:  # OPT scales its queries before the scores
             q, scale = q * scale, 1.0

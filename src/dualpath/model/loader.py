@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dualpath.errors import ModelError
+from dualpath.model import llama_variants as lv
 from dualpath.model.spec import DeepseekV3Spec, ModelSpec, load_spec
 
 if TYPE_CHECKING:
@@ -115,6 +116,8 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
         from dualpath.model.layernorm_family import tensors_out
 
         out = tensors_out(model.spec, out)  # type: ignore[arg-type]
+    if getattr(model.spec, "architecture", "") in lv.VARIANT_ARCHS:  # OLMo, Helium, ERNIE 4.5, Hunyuan dense
+        out = lv.tensors_out(model.spec, out)  # type: ignore[arg-type]
     return out
 
 
@@ -644,6 +647,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             from dualpath.model.layernorm_family import tensors_in
 
             tensors = tensors_in(spec, tensors)
+        elif tensors is not None and spec.architecture in lv.VARIANT_ARCHS:
+            tensors = lv.tensors_in(spec, tensors)
     if tensors is None:
         init_random(model, seed)
     else:

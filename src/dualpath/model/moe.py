@@ -20,13 +20,13 @@ __all__ = ["FeedForward", "dispatch_experts", "softmax_topk"]
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of width ``inter`` (no biases)."""
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of width ``inter`` (biases on all three with ``bias``)."""
 
-    def __init__(self, hidden: int, inter: int) -> None:
+    def __init__(self, hidden: int, inter: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))

@@ -82,7 +82,11 @@ projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_ne
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
 RoPE, optional per-head q/k LayerNorms and parallel block) and ``Starcoder2ForCausalLM`` (``starcoder2``: biased
-GELU MLP, optional window over every layer).
+GELU MLP, optional window over every layer). Four Llamas with one twist each are read by
+:mod:`dualpath.model.llama_variants`: ``OlmoForCausalLM`` (``olmo``: weightless LayerNorms, ``clip_qkv``),
+``HeliumForCausalLM`` (``helium``) and ``Ernie4_5ForCausalLM`` (``ernie4_5``): interleaved RoPE over the whole head,
+biased gated MLPs; ``HunYuanDenseV1ForCausalLM`` (``hunyuan_v1_dense``: q/k norms after RoPE, a fixed NTK-alpha
+RoPE base, ``ntk_alpha``). Llama's own ``mlp_bias`` is read too (``gated_mlp_bias``).
 
 A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
 attends to the keys at ``p - window + 1 .. p`` (``sliding_window``; the KV of every position is still kept, so a
@@ -108,6 +112,7 @@ import torch
 from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
 from dualpath.model import layernorm_family as lnf
+from dualpath.model import llama_variants as lv
 
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -135,6 +140,7 @@ ARCHITECTURES: dict[str, str] = {
     "ArceeForCausalLM": "arcee",
     "Glm4ForCausalLM": "glm4",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
+    **lv.ARCHITECTURES,  # OLMo, Helium, ERNIE 4.5, Hunyuan dense (dualpath.model.llama_variants)
 }
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
@@ -144,7 +150,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
             "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
-            **lnf.HF_ARCH}
+            **lnf.HF_ARCH, **lv.HF_ARCH}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
@@ -163,7 +169,7 @@ _GRANITE_FIELDS = ("embedding_multiplier", "attention_multiplier", "residual_mul
 _OLMO_ARCHS = ("olmo2", "olmo3")
 _MOE_FIELDS = ("n_experts", "n_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "ntk_alpha")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -230,6 +236,8 @@ class ModelSpec(_SpecCommon):
     use_qk_norm: bool | None = None  # glm4_moe: per-head q/k RMSNorms (before RoPE) when true
     clip_qkv: float | None = None  # olmoe: q, k and v clamped to +-clip_qkv after the q/k norms (None: off)
     o_proj_bias: bool | None = None  # seed_oss: o_proj's bias (attention_out_bias), apart from q/k/v's
+    # biases on the gated MLP's three projections (Llama's and Helium's mlp_bias, ERNIE 4.5's use_bias); None: none
+    gated_mlp_bias: bool | None = None
     nope_layers: tuple[int, ...] = ()  # smollm3: layers whose queries and keys get no RoPE
     # granite: see _GRANITE_FIELDS (None: off)
     embedding_multiplier: float | None = None
@@ -275,8 +283,10 @@ class ModelSpec(_SpecCommon):
         rope_type = self.rope_type
         if rope_type not in ROPE_TYPES:
             raise ModelError(f"model config: rope_scaling type {rope_type!r} unsupported; expected {ROPE_TYPES}")
-        if rope_type not in ("default", "longrope") and "factor" not in (self.rope_scaling or {}):
+        if rope_type not in ("default", "longrope", "ntk_alpha") and "factor" not in (self.rope_scaling or {}):
             raise ModelError(f"model config: rope_scaling of type {rope_type!r} needs a 'factor'")
+        if rope_type == "ntk_alpha" and self.architecture != "hunyuan_v1_dense":
+            raise ModelError(f"model config: an ntk_alpha RoPE is hunyuan_v1_dense's, got it for {self.architecture}")
         if rope_type == "llama3":
             for key in ("low_freq_factor", "high_freq_factor"):
                 if key not in (self.rope_scaling or {}):
@@ -335,10 +345,15 @@ class ModelSpec(_SpecCommon):
                                  f"{self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
-        if self.clip_qkv is not None and (self.architecture not in ("olmoe", "mpt") or isinstance(self.clip_qkv, bool)
+        if self.clip_qkv is not None and (self.architecture not in ("olmoe", "mpt", "olmo")
+                                          or isinstance(self.clip_qkv, bool)
                                           or not isinstance(self.clip_qkv, (int, float)) or not self.clip_qkv > 0):
-            raise ModelError(f"model config: clip_qkv is olmoe's and mpt's, a positive number or null; got {self.clip_qkv!r} "
-                             f"for {self.architecture}")
+            raise ModelError(f"model config: clip_qkv is olmo's, olmoe's and mpt's, a positive number or null; got "
+                             f"{self.clip_qkv!r} for {self.architecture}")
+        if self.gated_mlp_bias is not None and (self.gated_mlp_bias is not True
+                                                or self.architecture not in ("llama", "helium", "ernie4_5")):
+            raise ModelError(f"model config: gated_mlp_bias (mlp_bias, use_bias) is true or null, and only for llama, "
+                             f"helium and ernie4_5; got {self.gated_mlp_bias!r} for {self.architecture}")
         if (self.o_proj_bias is None) != (self.architecture != "seed_oss"):
             raise ModelError(f"model config: o_proj_bias (attention_out_bias) is seed_oss's and required there, got "
                              f"{self.o_proj_bias!r} for {self.architecture}")
@@ -527,7 +542,13 @@ class ModelSpec(_SpecCommon):
     @property
     def qk_norm(self) -> bool:
         """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
-        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4") or bool(self.use_qk_norm)
+        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "hunyuan_v1_dense") or \
+            bool(self.use_qk_norm)
+
+    @property
+    def qk_norm_after_rope(self) -> bool:
+        """Hunyuan dense: its per-head q/k RMSNorms turn the rotated query and key (after RoPE, not before)."""
+        return self.architecture == "hunyuan_v1_dense"
 
     @property
     def qk_norm_full(self) -> bool:
@@ -544,7 +565,7 @@ class ModelSpec(_SpecCommon):
     @property
     def fp32_norm_scale(self) -> bool:
         """gpt-oss, OLMo 2 and 3: RMSNorm multiplies by its weight in fp32, then rounds (transformers' norms there)."""
-        return self.architecture in ("gpt_oss", *_OLMO_ARCHS)
+        return self.architecture in ("gpt_oss", "helium", *_OLMO_ARCHS)
 
     @property
     def o_bias(self) -> bool:
@@ -560,7 +581,8 @@ class ModelSpec(_SpecCommon):
             return self.attention_bias
         return self.attention_bias and self.architecture in ("llama", "arcee", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
-                                                             "granite", "olmoe")
+                                                             "granite", "olmoe", "olmo", "ernie4_5",
+                                                             "hunyuan_v1_dense")
 
     @property
     def layer_norm(self) -> bool:
@@ -590,7 +612,8 @@ class ModelSpec(_SpecCommon):
         """Biases on the plain MLP's two projections: GPT-2, GPT-J, GPT-NeoX, GPTBigCode and Phi always,
         StarCoder 2 with ``use_bias``."""
         return self.architecture in ("gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_bigcode", "phi", "bloom") or (
-            self.architecture in ("starcoder2", "opt", "falcon", "nemotron") and self.attention_bias)
+            self.architecture in ("starcoder2", "opt", "falcon", "nemotron") and self.attention_bias) or bool(
+            self.gated_mlp_bias)
 
     @property
     def shared_norm_parallel(self) -> bool:
@@ -686,7 +709,8 @@ class ModelSpec(_SpecCommon):
             d["full_attention_layers"] = list(self.full_attention_layers)
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
-                    "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale", "falcon_layout"):
+                    "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale", "falcon_layout",
+                    "gated_mlp_bias"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -802,7 +826,7 @@ class ModelSpec(_SpecCommon):
             if self.rope_type == "longrope":  # Phi3Config reads this top-level key before the RoPE dict's
                 cfg["original_max_position_embeddings"] = (self.rope_scaling or {})["original_max_position_embeddings"]
         if self.architecture == "llama" and not mistral:
-            cfg["mlp_bias"] = False
+            cfg["mlp_bias"] = bool(self.gated_mlp_bias)
         if self.architecture == "qwen2_moe":
             cfg["qkv_bias"] = self.attention_bias
         if self.architecture == "gpt_oss":
@@ -844,6 +868,8 @@ class ModelSpec(_SpecCommon):
             cfg["eos_token_id"] = self.eos_token_id
         if self.layer_norm:
             return lnf.hf_config(self, cfg)
+        if self.architecture in lv.VARIANT_ARCHS:
+            return lv.hf_config(self, cfg)
         return cfg
 
     # ------------------------------------------------------------------------------------------------------
@@ -866,7 +892,7 @@ class ModelSpec(_SpecCommon):
                 break
         if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
                                            "gemma3_text", "olmo2", "olmo3", "smollm3", "granite", "ministral", "olmoe", "exaone4",
-                                           "seed_oss", "glm", "glm4", "arcee", *lnf.LN_ARCHS,
+                                           "seed_oss", "glm", "glm4", "arcee", *lnf.LN_ARCHS, *lv.VARIANT_ARCHS,
                                            *ALL_MOE_ARCHS):  # (glm4_moe among them)
             arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
@@ -875,7 +901,7 @@ class ModelSpec(_SpecCommon):
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
                 "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
                 "granite, ministral, arcee, glm, glm4, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
-                "cohere, cohere2, falcon, nemotron, bloom, gpt_neo, mpt, "
+                "cohere, cohere2, falcon, nemotron, bloom, gpt_neo, mpt, olmo, helium, ernie4_5, hunyuan_v1_dense, "
                 "starcoder2, "
                 "deepseek_v2, deepseek_v3, deepseek_v32)"
             )
@@ -886,6 +912,11 @@ class ModelSpec(_SpecCommon):
             return cfg[key]
 
         ln_fields: dict[str, Any] = {}
+        if arch in lv.VARIANT_ARCHS:  # their own keys and defaults (dualpath.model.llama_variants)
+            cfg, ln_fields = lv.normalize_config(arch, cfg, where)
+        elif arch == "llama" and cfg.get("mlp_bias") is True:
+            ln_fields = {"gated_mlp_bias": True}
+            cfg = {k: v for k, v in cfg.items() if k != "mlp_bias"}
         if arch in lnf.LN_ARCHS:  # their own keys and defaults, read into the ones below
             cfg = lnf.normalize_config(arch, cfg, where)
             ln_fields = cfg.pop("ln_fields")
@@ -970,7 +1001,7 @@ class ModelSpec(_SpecCommon):
             **_gpt_oss_fields(arch, cfg, where),
             **_granite_fields(arch, cfg, where),
             nope_layers=_nope_layers(arch, cfg, where),
-            clip_qkv=cfg.get("clip_qkv") if arch in ("olmoe", "mpt") else None,
+            clip_qkv=cfg.get("clip_qkv") if arch in ("olmoe", "mpt", "olmo") else None,
             o_proj_bias=bool(cfg.get("attention_out_bias", False)) if arch == "seed_oss" else None,
             rope_long=rope_long_for(rope_scaling, max_context),
             context_cap=max_context,
@@ -1963,6 +1994,9 @@ def rope_frequencies(dim: int, base: float, rope_scaling: dict[str, Any] | None,
         scale = float(attn)
     elif kind == "linear":
         inv_freq = inv_freq / float(rs["factor"])
+    elif kind == "ntk_alpha":  # Hunyuan: a fixed NTK base, rope_theta * alpha ** (d / (d - 2))
+        big = base * float(rs["alpha"]) ** (dim / (dim - 2))
+        inv_freq = 1.0 / (big ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     # dynamic NTK: transformers rescales the base only for a forward whose longest sequence passes
     # max_position_embeddings (base * (factor * len / max_position - factor + 1) ** (dim / (dim - 2))); below it the
     # frequencies are the default's. A spec never serves past max_position (ModelSpec.context_limit), so the default

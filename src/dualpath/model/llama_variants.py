@@ -1,0 +1,161 @@
+"""Llama-shaped families with one twist each, run on the Llama path (:class:`dualpath.model.llama.LlamaModel`).
+
+* ``OlmoForCausalLM`` (``olmo``, OLMo 1 / OLMo-1.7): LayerNorms with neither weight nor bias (eps 1e-5, in
+  fp32), ``clip_qkv`` (q, k and v clamped after their projections), ``attention_bias`` on q/k/v and o.
+* ``HeliumForCausalLM`` (``helium``, Kyutai's Helium): RoPE over interleaved pairs ``(2i, 2i + 1)`` of the whole
+  head, q/k/v biases with ``attention_bias`` but none on o, ``mlp_bias`` on the gated MLP, RMSNorms scaled by their
+  weight in fp32.
+* ``Ernie4_5ForCausalLM`` (``ernie4_5``, ERNIE 4.5 dense): RoPE over interleaved pairs of the whole head (rotated in
+  fp32), ``use_bias`` on every projection (q/k/v/o and the gated MLP's three).
+* ``HunYuanDenseV1ForCausalLM`` (``hunyuan_v1_dense``, Hunyuan dense 0.5B-7B): per-head q/k RMSNorms applied
+  *after* RoPE (``query_layernorm`` / ``key_layernorm``), and its RoPE labelled ``dynamic`` with an ``alpha``,
+  which transformers reads as a fixed base ``rope_theta * alpha ** (d / (d - 2))`` (kept here as the RoPE type
+  ``ntk_alpha``; a Hunyuan ``dynamic`` RoPE without ``alpha`` is the plain dynamic one).
+
+Interleaved pairs are read as our half-split rotation by permuting the rotated rows of ``q_proj`` / ``k_proj`` (and
+their biases) at load, undone at save (:func:`dualpath.model.layernorm_family.interleaved_to_half`): scores are
+unchanged by a permutation applied to queries and keys alike, so the KV rows are stored in the permuted order.
+
+This module holds the families' config keys and defaults (:func:`normalize_config`, :func:`hf_config`) and their
+tensor names both ways (:func:`tensors_in`, :func:`tensors_out`); the forward reads ``ModelSpec`` properties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dualpath.errors import ModelError
+
+if TYPE_CHECKING:
+    from dualpath.model.spec import ModelSpec
+
+ARCHITECTURES: dict[str, str] = {
+    "OlmoForCausalLM": "olmo",
+    "HeliumForCausalLM": "helium",
+    "Ernie4_5ForCausalLM": "ernie4_5",
+    "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense",
+}
+HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
+VARIANT_ARCHS = tuple(HF_ARCH)
+#: the families whose RoPE turns interleaved pairs of the whole head
+INTERLEAVED = ("helium", "ernie4_5")
+#: their config classes' defaults where Llama's differ (a key absent from the config)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "olmo": {"max_position_embeddings": 2048},
+    "helium": {"rope_theta": 100000.0, "rms_norm_eps": 1e-8, "max_position_embeddings": 4096, "head_dim": 128},
+    "ernie4_5": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "head_dim": 128,
+                 "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "hunyuan_v1_dense": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
+}
+OLMO_NORM_EPS = 1e-5  # OlmoLayerNorm's, fixed (the config has no key for it)
+_HUNYUAN_NAMES = {"self_attn.query_layernorm.weight": "self_attn.q_norm.weight",
+                  "self_attn.key_layernorm.weight": "self_attn.k_norm.weight"}
+_QK_ROWS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias")
+
+
+def _flag(cfg: dict[str, Any], key: str, where: str) -> bool:
+    v = cfg.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise ModelError(f"{where}: {key} must be true or false, got {v!r}")
+    return v
+
+
+def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(config in Llama's keys with the family's defaults, the spec fields it sets)``."""
+    out = {**DEFAULTS[arch], **cfg}
+    fields: dict[str, Any] = {}
+    if arch == "ernie4_5":
+        use_bias = _flag(cfg, "use_bias", where)
+        out["attention_bias"] = use_bias
+        if use_bias:
+            fields["gated_mlp_bias"] = True
+        if out.get("head_dim") is None:
+            out["head_dim"] = int(out["hidden_size"]) // int(out["num_attention_heads"])
+    elif arch == "helium" and _flag(cfg, "mlp_bias", where):
+        fields["gated_mlp_bias"] = True
+    elif arch == "olmo":  # (its clip_qkv is read with OLMoE's)
+        out["rms_norm_eps"] = OLMO_NORM_EPS
+    elif arch == "hunyuan_v1_dense":
+        out = _hunyuan_rope(out, where)
+    out.pop("mlp_bias", None)  # (read above where the family has it)
+    return out, fields
+
+
+def _hunyuan_rope(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Hunyuan RoPE labelled ``dynamic`` with an ``alpha``: a fixed NTK base (``ntk_alpha``), as transformers'
+    Hunyuan rotary embedding reads it."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = cfg.get(key)
+        if not isinstance(rope, dict) or not rope.get("alpha"):
+            continue
+        if rope.get("rope_type", rope.get("type")) != "dynamic":
+            raise ModelError(f"{where}: {key}: 'alpha' belongs to a 'dynamic' (NTK-alpha) RoPE, got type "
+                             f"{rope.get('rope_type', rope.get('type'))!r}")
+        alpha = rope["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ModelError(f"{where}: {key}.alpha must be a positive number, got {alpha!r}")
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        out = {**cfg, "rope_scaling": {"rope_type": "ntk_alpha", "alpha": float(alpha)}, "rope_theta": theta}
+        out.pop("rope_parameters", None)
+        return out
+    return cfg
+
+
+def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The family's own ``config.json`` keys over the Llama-shaped ``cfg``."""
+    arch = spec.architecture
+    cfg = {**cfg, "pad_token_id": None}  # (the config classes' pad ids index the embedding: out of a small vocab)
+    if arch == "olmo":
+        cfg.update(attention_bias=spec.attention_bias, clip_qkv=spec.clip_qkv)
+        cfg.pop("rms_norm_eps")
+    elif arch == "helium":
+        cfg.update(attention_bias=spec.attention_bias, mlp_bias=bool(spec.gated_mlp_bias))
+    elif arch == "ernie4_5":
+        cfg["use_bias"] = spec.attention_bias
+    elif arch == "hunyuan_v1_dense":
+        cfg["attention_bias"] = spec.attention_bias
+        rope = spec.rope_scaling or {}
+        if rope.get("rope_type") == "ntk_alpha":
+            cfg["rope_scaling"] = {"type": "dynamic", "alpha": rope["alpha"], "factor": 1.0}
+    return cfg
+
+
+def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A family's checkpoint tensors in our names (see the module docstring)."""
+    from dualpath.model.layernorm_family import interleaved_to_half
+
+    arch = spec.architecture
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if arch in INTERLEAVED and name.endswith(_QK_ROWS):
+            t = interleaved_to_half(spec, name, t)
+        elif arch == "hunyuan_v1_dense":
+            for theirs, ours in _HUNYUAN_NAMES.items():
+                if name.endswith(theirs):
+                    name = name[: -len(theirs)] + ours
+                    break
+        out[name] = t
+    return out
+
+
+def tensors_out(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`tensors_in`."""
+    from dualpath.model.layernorm_family import interleaved_to_half
+
+    arch = spec.architecture
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if arch in INTERLEAVED and name.endswith(_QK_ROWS):
+            t = interleaved_to_half(spec, name, t, inverse=True)
+        elif arch == "hunyuan_v1_dense":
+            for theirs, ours in _HUNYUAN_NAMES.items():
+                if name.endswith(ours):
+                    name = name[: -len(ours)] + theirs
+                    break
+        out[name] = t
+    return out

@@ -1,0 +1,149 @@
+"""OLMo (1), Helium, ERNIE 4.5 and Hunyuan dense against transformers on the same random weights, saved by
+transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our
+paged KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, and
+the configs we refuse (:mod:`dualpath.model.llama_variants`).
+
+What each adds to the Llama path: OLMo's LayerNorms have neither weight nor bias and q/k/v are clipped; Helium and
+ERNIE 4.5 turn interleaved RoPE pairs of the whole head (read by permuting q/k rows at load), Helium with q/k/v
+biases but none on o and a biased gated MLP, ERNIE with biases on every projection; Hunyuan norms each head's query
+and key after RoPE, with its fixed NTK-alpha RoPE base."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytest
+import torch
+from hf_random import Checkpoints, bf16_teacher_forced, check_batched_against_hf, hf_logits
+from test_deepseek import paged_turns
+
+from dualpath.errors import ModelError
+from dualpath.model import KVPool, ModelSpec, SeqBatch
+from dualpath.model.config import LlamaModelConfig
+from dualpath.model.loader import build_model, load_model, save_pretrained
+from dualpath.model.spec import load_spec
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+BASE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 256, "num_hidden_layers": 3, "pad_token_id": None,
+        "bos_token_id": None, "eos_token_id": None}
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # weightless LayerNorms, q/k/v clipped, q/k/v/o biases
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(BASE, clip_qkv=1.5, attention_bias=True)),
+    # interleaved RoPE over the whole head, q/k/v biases (none on o), a biased gated MLP
+    "helium": ("HeliumConfig", "HeliumForCausalLM", dict(BASE, head_dim=16, attention_bias=True, mlp_bias=True,
+                                                         rms_norm_eps=1e-6)),
+    # interleaved RoPE over the whole head, biases on every projection, tied embeddings (its default)
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(BASE, head_dim=16, use_bias=True)),
+    # per-head q/k RMSNorms after RoPE, NTK-alpha RoPE (labelled dynamic), q/k/v/o biases
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM",
+                         dict(BASE, head_dim=16, attention_bias=True,
+                              rope_parameters={"rope_type": "dynamic", "alpha": 50.0, "factor": 1.0,
+                                               "rope_theta": 10000.0})),
+}
+_CKPTS = Checkpoints(FAMILIES)
+ckpt = _CKPTS.fixture()
+
+
+def _load(d, backend: Literal["auto", "torch", "triton"] = "torch",
+          dtype: Literal["float32", "bfloat16", "float16"] = "float32"):
+    return load_model(LlamaModelConfig(path=str(d), attention_backend=backend, dtype=dtype), with_tokenizer=False)[0]
+
+
+def _turns(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
+
+
+def test_fp32_multi_turn_logits_and_greedy(ckpt):
+    """Three turns (prefill chunks over a paged prefix, then greedy decode steps): logits at every step and the ids
+    equal transformers' with its own cache."""
+    _, d, hf = ckpt
+    ours, ref, ids, ref_ids = paged_turns(_load(d), hf, _turns(), 7, 4)
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    assert len(ids) >= 20 and ids == ref_ids
+
+
+def test_batched_sequences_and_decode_equal_transformers(ckpt):
+    _, d, hf = ckpt
+    check_batched_against_hf(_load(d), hf, [_turns(1)[0] + _turns(1)[2], _turns(2)[1]])
+
+
+def test_triton_backend_equals_transformers(ckpt):
+    _, d, hf = ckpt
+    seq = sum(_turns(3), [])
+    model = _load(d, "triton")
+    pool = KVPool(model.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    table = pool.allocate(16)
+    got = torch.cat([model(SeqBatch.build([seq[:13]], [0], [table], 4), pool.layers, all_positions=True),
+                     model(SeqBatch.build([seq[13:]], [13], [table], 4), pool.layers, all_positions=True)])
+    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+
+
+def test_spec_follows_transformers(ckpt):
+    family, d, hf = ckpt
+    spec = load_spec(d)
+    assert isinstance(spec, ModelSpec) and spec.architecture == family
+    assert spec.tie_embeddings == bool(hf.config.tie_word_embeddings)
+    assert spec.o_bias == (hf.model.layers[0].self_attn.o_proj.bias is not None)
+    assert spec.mlp_bias == (hf.model.layers[0].mlp.up_proj.bias is not None)
+    if family == "olmo":
+        assert spec.clip_qkv == 1.5 and not list(_load(d).model.layers[0].input_layernorm.parameters())
+    if family == "hunyuan_v1_dense":
+        assert spec.rope_scaling == {"rope_type": "ntk_alpha", "alpha": 50.0} and spec.qk_norm_after_rope
+    assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
+
+
+def test_bf16_teacher_forced_logits(ckpt):
+    family, d, _ = ckpt
+    hf = getattr(transformers, FAMILIES[family][1]).from_pretrained(str(d), dtype=torch.bfloat16).eval()
+    got, ref = bf16_teacher_forced(_load(d, dtype="bfloat16"), hf, sum(_turns(5), []))
+    assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
+    cfg_cls, model_cls, kw = FAMILIES[family]
+    hf_cfg = getattr(transformers, cfg_cls)(**kw).to_dict()
+    ours = build_model(ModelSpec.from_hf_config(hf_cfg), None, seed=3, backend="torch")
+    save_pretrained(ours, tmp_path)
+    hf, info = getattr(transformers, model_cls).from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    seq = sum(_turns(7), [])
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
+
+
+def test_llama_mlp_bias_against_transformers(tmp_path):
+    """Llama's ``mlp_bias`` (refused before): biases on the gated MLP's three projections."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(BASE, mlp_bias=True))).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("bias"):
+                p.add_(0.5 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    ours = _load(tmp_path)
+    assert ours.spec.mlp_bias and ours.spec.to_hf_config()["mlp_bias"] is True
+    seq = sum(_turns(4), [])
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type,key,value,needle", [
+    ("olmo", "clip_qkv", -1.0, "clip_qkv"),
+    ("ernie4_5", "use_bias", "yes", "use_bias"),
+    ("helium", "mlp_bias", 1, "mlp_bias"),
+    ("hunyuan_v1_dense", "rope_scaling", {"type": "linear", "factor": 2.0, "alpha": 3.0}, "alpha"),
+    ("hunyuan_v1_dense", "rope_scaling", {"type": "dynamic", "alpha": -2.0}, "alpha"),
+    ("qwen2", "rope_scaling", {"type": "ntk_alpha", "alpha": 3.0}, "ntk_alpha"),
+])
+def test_bad_configs_name_the_key(model_type, key, value, needle):
+    cfg = dict(BASE, model_type=model_type, **{key: value})
+    with pytest.raises(ModelError, match=needle):
+        ModelSpec.from_hf_config(cfg)

@@ -129,9 +129,17 @@ def test_simulator_holds_requests_on_a_prefix_being_computed(tmp_path: Path, mod
     for policy in ("basic", "dualpath"):
         sc = scenario_from_preset("tiny", trajectories=w.trajectories)
         sc.mode = mode
+        assert sc.inflight_prefix_wait_s == 30.0  # (the runtime's scheduler.inflight_prefix_wait_s default)
         sim = Simulation(sc, get_policy(policy)).run()
         assert sim.completed == 100 and sim.prompt_tokens == prompt
         assert sim.hit_tokens == (shared - 1) * 40 * 512, policy
+        # no time limit waits as long; a limit of 0 never waits: the same run as no holding at all
+        sc.inflight_prefix_wait_s = None
+        assert Simulation(sc, get_policy(policy)).run().hit_tokens == (shared - 1) * 40 * 512
+        sc.inflight_prefix_wait_s = 0.0
+        never = Simulation(sc, get_policy(policy)).run().hit_tokens
+        sc.inflight_prefix_min_tokens = None
+        assert never == Simulation(sc, get_policy(policy)).run().hit_tokens < (shared - 1) * 40 * 512, policy
 
 
 def test_simulator_stores_a_prompt_when_its_decode_starts(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ def scenario_from_run_config(
         z_factor=s.z_factor,
         fetch_interval_s=s.fetch_interval_s,
         inflight_prefix_min_tokens=s.inflight_prefix_min_tokens if s.inflight_prefix_wait_s > 0 else None,
+        inflight_prefix_wait_s=s.inflight_prefix_wait_s,
         max_batch_tokens=c.prefill_max_batch_tokens,
         mode="offline",
         ttft_slo_s=w.ttft_slo_s,

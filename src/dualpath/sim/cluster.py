@@ -76,7 +76,7 @@ class Req:
     __slots__ = (
         "rid", "agent", "context", "append", "hit", "gen", "prompt", "pe", "de", "path", "pe_tok", "de_tok",
         "reads_left", "cached", "remaining", "first_chunk", "t_submit", "t_first", "t_join", "s_end", "t_assign",
-        "t_ready", "turn", "computing",
+        "t_ready", "turn", "computing", "t_held",
     )
 
     def __init__(self, rid: int, agent: int, context: int, append: int, hit: int, gen: int, t: float) -> None:
@@ -104,6 +104,7 @@ class Req:
         self.t_ready = t
         self.turn = 0
         self.computing: list[int] = []  # content keys this request computes and stores at its join
+        self.t_held = -1.0  # when the scheduler first held it for a prefix being computed (_hold), or -1
 
 
 class Node:
@@ -330,7 +331,8 @@ class Simulation:
     def _hold(self, info: RequestInfo) -> bool:
         """The scheduler core's ``hold``: a content-keyed request whose next blocks past its stored prefix (at least
         ``inflight_prefix_min_tokens``, and one block) another assigned request is computing now waits until they
-        are stored (that request's join), then reads them instead of computing them again."""
+        are stored (that request's join), then reads them instead of computing them again; at most
+        ``inflight_prefix_wait_s`` from its first hold, as the runtime's driver waits."""
         req = self.reqs[info.rid]
         tk = self.turn_keys[req.agent]
         if tk is None or tk[req.turn] is None or not self.computing:
@@ -338,7 +340,15 @@ class Simulation:
         keys, blk = tk[req.turn]
         k = content_hit(keys, req.prompt, blk, self.stored_keys) // blk
         n = self.computing.run(keys, k, (req.prompt - 1) // blk)
-        return n > 0 and n * blk >= (self.sc.inflight_prefix_min_tokens or 0)
+        if n == 0 or n * blk < (self.sc.inflight_prefix_min_tokens or 0):
+            return False
+        limit = self.sc.inflight_prefix_wait_s
+        if limit is None:
+            return True
+        now = self.loop.now
+        if req.t_held < 0:
+            req.t_held = now
+        return now - req.t_held < limit
 
     def _want_fetch(self) -> None:
         if self._fetch_at >= 0 or not self.sched.waiting():

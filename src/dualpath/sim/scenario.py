@@ -81,6 +81,9 @@ class SimScenario:
     #: a content-keyed request that shares at least this many tokens past its stored prefix with a request being
     #: prefilled waits for that prefix to be stored, then reads it (GlobalScheduler.hold); None: never waits
     inflight_prefix_min_tokens: int | None = 256
+    #: ... at most this long (simulated seconds, from its first hold), then computes it itself (the runtime's
+    #: scheduler.inflight_prefix_wait_s); None: until that prefix is stored
+    inflight_prefix_wait_s: float | None = 30.0
     #: the MoE all-to-all of each forward as HIGH traffic on the compute NICs (sim/traffic.py)
     ep_traffic: bool = True
     #: the traffic manager: HIGH before KV on the compute NICs (off: one class, fair sharing)

@@ -72,6 +72,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM",
                          dict(BASE, head_dim=32, rope_parameters={"rope_type": "dynamic", "alpha": 50.0,
                                                                   "factor": 1.0, "rope_theta": 10000.0})),
+    "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(BASE, num_key_value_heads=4)),
 }
 
 

@@ -194,6 +194,8 @@ def _norm(spec: ModelSpec, dim: int) -> nn.Module:
         return nn.LayerNorm(dim, eps=spec.rms_eps, bias=False)
     if spec.architecture == "olmo":  # neither weight nor bias
         return PlainLayerNorm(dim, spec.rms_eps)
+    if spec.architecture == "nanochat":
+        return PlainRMSNorm(spec.rms_eps)
     if spec.layer_norm:
         return nn.LayerNorm(dim, eps=spec.rms_eps)
     return RMSNorm(dim, spec.rms_eps, spec.gemma_style, fp32_scale=spec.fp32_norm_scale)
@@ -208,6 +210,18 @@ class PlainLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.float(), (self.dim,), eps=self.eps).to(x.dtype)
+
+
+class PlainRMSNorm(nn.Module):
+    """NanoChat's RMSNorm: no weight; normalized in fp32, rounded back."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class LayerNorm1P(nn.LayerNorm):
@@ -263,6 +277,9 @@ class Attention(nn.Module):
         elif spec.qk_layernorm:  # StableLM, Cohere: one per head
             self.q_norm = HeadLayerNorm(hq, d, spec.rms_eps)
             self.k_norm = HeadLayerNorm(hkv, d, spec.rms_eps)
+        elif spec.architecture == "nanochat":  # weightless, per head
+            self.q_norm = PlainRMSNorm(spec.rms_eps)
+            self.k_norm = PlainRMSNorm(spec.rms_eps)
         elif spec.qk_norm:  # Qwen3; Gemma 3 (by 1 + weight)
             self.q_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
             self.k_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
@@ -364,7 +381,7 @@ class Backbone(nn.Module):
         if spec.embed_proj_dim:  # OPT's word_embed_proj_dim: embeddings projected in, the last hidden state out
             self.project_in = nn.Linear(width, spec.hidden_size, bias=False)
             self.project_out = nn.Linear(spec.hidden_size, width, bias=False)
-        if spec.architecture == "bloom":  # its word_embeddings_layernorm
+        if spec.architecture in ("bloom", "nanochat"):  # Bloom's word_embeddings_layernorm; NanoChat's norm
             self.embed_norm = _norm(spec, spec.hidden_size)
         if spec.learned_positions:  # GPT-2's wpe (OPT's starts two rows before position 0)
             self.embed_positions = nn.Embedding(spec.max_position + spec.position_offset, spec.hidden_size)
@@ -533,7 +550,7 @@ class LlamaModel(LayerwiseDecoder):
         hidden = self.model.embed_tokens(ids)
         if self.spec.embed_proj_dim:  # OPT
             hidden = self.model.project_in(hidden)
-        if self.spec.architecture == "bloom":
+        if self.spec.architecture in ("bloom", "nanochat"):
             hidden = self.model.embed_norm(hidden)
         if self.spec.learned_positions:  # GPT-2, OPT: a position past the table has no embedding
             if int(batch.positions.max()) >= self.spec.max_position:

@@ -11,10 +11,14 @@
   *after* RoPE (``query_layernorm`` / ``key_layernorm``), and its RoPE labelled ``dynamic`` with an ``alpha``,
   which transformers reads as a fixed base ``rope_theta * alpha ** (d / (d - 2))`` (kept here as the RoPE type
   ``ntk_alpha``; a Hunyuan ``dynamic`` RoPE without ``alpha`` is the plain dynamic one).
+* ``NanoChatForCausalLM`` (``nanochat``, Karpathy's nanochat): RMSNorms without weights (also on the embeddings
+  and on each head's query and key), RoPE turning the other way (``rotate_half`` as ``(x2, -x1)``), a ReLU-squared
+  MLP (``fc1`` / ``fc2``, not gated), final logits soft-capped (``final_logit_softcapping``, default 15).
 
 Interleaved pairs are read as our half-split rotation by permuting the rotated rows of ``q_proj`` / ``k_proj`` (and
 their biases) at load, undone at save (:func:`dualpath.model.layernorm_family.interleaved_to_half`): scores are
 unchanged by a permutation applied to queries and keys alike, so the KV rows are stored in the permuted order.
+NanoChat's reversed rotation is ours after swapping the two halves of each head's q/k rows (the same argument).
 
 This module holds the families' config keys and defaults (:func:`normalize_config`, :func:`hf_config`) and their
 tensor names both ways (:func:`tensors_in`, :func:`tensors_out`); the forward reads ``ModelSpec`` properties.
@@ -37,6 +41,7 @@ ARCHITECTURES: dict[str, str] = {
     "HeliumForCausalLM": "helium",
     "Ernie4_5ForCausalLM": "ernie4_5",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense",
+    "NanoChatForCausalLM": "nanochat",
 }
 HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
 VARIANT_ARCHS = tuple(HF_ARCH)
@@ -49,10 +54,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ernie4_5": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "head_dim": 128,
                  "num_key_value_heads": 2, "tie_word_embeddings": True},
     "hunyuan_v1_dense": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
+    "nanochat": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "hidden_act": "relu2",
+                 "final_logit_softcapping": 15.0},
 }
+#: the families whose norms have no weights (nor biases)
+WEIGHTLESS_NORMS = ("olmo", "nanochat")
 OLMO_NORM_EPS = 1e-5  # OlmoLayerNorm's, fixed (the config has no key for it)
 _HUNYUAN_NAMES = {"self_attn.query_layernorm.weight": "self_attn.q_norm.weight",
                   "self_attn.key_layernorm.weight": "self_attn.k_norm.weight"}
+_NANOCHAT_NAMES = {"mlp.fc1.weight": "mlp.up_proj.weight", "mlp.fc2.weight": "mlp.down_proj.weight",
+                   "mlp.fc1.bias": "mlp.up_proj.bias", "mlp.fc2.bias": "mlp.down_proj.bias"}
+_NAMES = {"hunyuan_v1_dense": _HUNYUAN_NAMES, "nanochat": _NANOCHAT_NAMES}
 _QK_ROWS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias")
 
 
@@ -82,6 +94,14 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
         out["rms_norm_eps"] = OLMO_NORM_EPS
     elif arch == "hunyuan_v1_dense":
         out = _hunyuan_rope(out, where)
+    elif arch == "nanochat":
+        from dualpath.model.layernorm_family import ACTIVATIONS
+
+        act = out.pop("hidden_act")
+        if act not in ACTIVATIONS:
+            raise ModelError(f"{where}: hidden_act {act!r} unsupported; expected one of {sorted(ACTIVATIONS)}")
+        fields["activation"] = ACTIVATIONS[act]
+        fields["final_logit_softcapping"] = out.pop("final_logit_softcapping")
     out.pop("mlp_bias", None)  # (read above where the family has it)
     return out, fields
 
@@ -117,6 +137,9 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg.update(attention_bias=spec.attention_bias, mlp_bias=bool(spec.gated_mlp_bias))
     elif arch == "ernie4_5":
         cfg["use_bias"] = spec.attention_bias
+    elif arch == "nanochat":
+        cfg.update(attention_bias=spec.attention_bias, final_logit_softcapping=spec.final_logit_softcapping,
+                   hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(str(spec.activation), spec.activation))
     elif arch == "hunyuan_v1_dense":
         cfg["attention_bias"] = spec.attention_bias
         rope = spec.rope_scaling or {}
@@ -134,13 +157,23 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
     for name, t in tensors.items():
         if arch in INTERLEAVED and name.endswith(_QK_ROWS):
             t = interleaved_to_half(spec, name, t)
-        elif arch == "hunyuan_v1_dense":
-            for theirs, ours in _HUNYUAN_NAMES.items():
-                if name.endswith(theirs):
-                    name = name[: -len(theirs)] + ours
-                    break
-        out[name] = t
+        elif arch == "nanochat" and name.endswith(_QK_ROWS):
+            t = _swap_halves(spec, name, t)
+        out[_rename(name, _NAMES.get(arch, {}))] = t
     return out
+
+
+def _rename(name: str, names: Mapping[str, str]) -> str:
+    for theirs, ours in names.items():
+        if name.endswith(theirs):
+            return name[: -len(theirs)] + ours
+    return name
+
+
+def _swap_halves(spec: ModelSpec, name: str, t: torch.Tensor) -> torch.Tensor:
+    """NanoChat: a q/k projection's rows (or bias) with the two halves of each head swapped (its own inverse)."""
+    heads = spec.n_heads if ".q_proj." in name else spec.n_kv_heads
+    return t.reshape(heads, 2, spec.head_dim // 2, *t.shape[1:]).flip(1).reshape(t.shape).contiguous()
 
 
 def tensors_out(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,14 +181,12 @@ def tensors_out(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[st
     from dualpath.model.layernorm_family import interleaved_to_half
 
     arch = spec.architecture
+    back = {ours: theirs for theirs, ours in _NAMES.get(arch, {}).items()}
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if arch in INTERLEAVED and name.endswith(_QK_ROWS):
             t = interleaved_to_half(spec, name, t, inverse=True)
-        elif arch == "hunyuan_v1_dense":
-            for theirs, ours in _HUNYUAN_NAMES.items():
-                if name.endswith(ours):
-                    name = name[: -len(ours)] + theirs
-                    break
-        out[name] = t
+        elif arch == "nanochat" and name.endswith(_QK_ROWS):
+            t = _swap_halves(spec, name, t)
+        out[_rename(name, back)] = t
     return out

@@ -82,11 +82,12 @@ projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_ne
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
 RoPE, optional per-head q/k LayerNorms and parallel block) and ``Starcoder2ForCausalLM`` (``starcoder2``: biased
-GELU MLP, optional window over every layer). Four Llamas with one twist each are read by
+GELU MLP, optional window over every layer). Five Llamas with one twist each are read by
 :mod:`dualpath.model.llama_variants`: ``OlmoForCausalLM`` (``olmo``: weightless LayerNorms, ``clip_qkv``),
 ``HeliumForCausalLM`` (``helium``) and ``Ernie4_5ForCausalLM`` (``ernie4_5``): interleaved RoPE over the whole head,
 biased gated MLPs; ``HunYuanDenseV1ForCausalLM`` (``hunyuan_v1_dense``: q/k norms after RoPE, a fixed NTK-alpha
-RoPE base, ``ntk_alpha``). Llama's own ``mlp_bias`` is read too (``gated_mlp_bias``).
+RoPE base, ``ntk_alpha``); ``NanoChatForCausalLM`` (``nanochat``: weightless RMSNorms, reversed RoPE, ReLU-squared MLP,
+soft-capped logits). Llama's own ``mlp_bias`` is read too (``gated_mlp_bias``).
 
 A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
 attends to the keys at ``p - window + 1 .. p`` (``sliding_window``; the KV of every position is still kept, so a
@@ -315,9 +316,10 @@ class ModelSpec(_SpecCommon):
         self._check_window()
         for name in _GEMMA2_FIELDS:
             value = getattr(self, name)
-            if value is not None and self.architecture not in ("gemma2", "gemma3"):
-                raise ModelError(f"model config: {name} is only supported for gemma2 and gemma3, got {value} for "
-                                 f"{self.architecture}")
+            if value is not None and self.architecture not in ("gemma2", "gemma3") and not (
+                    name == "final_logit_softcapping" and self.architecture == "nanochat"):
+                raise ModelError(f"model config: {name} is only supported for gemma2 and gemma3 (and nanochat's "
+                                 f"final_logit_softcapping), got {value} for {self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number or null, got {value!r}")
         if self.architecture in ("gemma2", "gemma3") and self.query_pre_attn_scalar is None:
@@ -372,7 +374,7 @@ class ModelSpec(_SpecCommon):
         ln = self.architecture in lnf.LN_ARCHS
         for name in names:
             value = getattr(self, name)
-            if (value is None) == (ln or (name == "activation" and self.architecture == "arcee")):
+            if (value is None) == (ln or (name == "activation" and self.architecture in ("arcee", "nanochat"))):
                 raise ModelError(f"model config: {name} is the LayerNorm families' ({', '.join(lnf.LN_ARCHS)}) and "
                                  f"required there, got {value!r} for {self.architecture}")
             if ln and name != "activation" and not isinstance(value, bool):
@@ -542,13 +544,14 @@ class ModelSpec(_SpecCommon):
     @property
     def qk_norm(self) -> bool:
         """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
-        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "hunyuan_v1_dense") or \
+        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "hunyuan_v1_dense", "nanochat") or \
             bool(self.use_qk_norm)
 
     @property
     def qk_norm_after_rope(self) -> bool:
-        """Hunyuan dense: its per-head q/k RMSNorms turn the rotated query and key (after RoPE, not before)."""
-        return self.architecture == "hunyuan_v1_dense"
+        """Hunyuan dense, NanoChat: their per-head q/k RMSNorms turn the rotated query and key (after RoPE, not
+        before)."""
+        return self.architecture in ("hunyuan_v1_dense", "nanochat")
 
     @property
     def qk_norm_full(self) -> bool:
@@ -582,7 +585,7 @@ class ModelSpec(_SpecCommon):
         return self.attention_bias and self.architecture in ("llama", "arcee", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              "granite", "olmoe", "olmo", "ernie4_5",
-                                                             "hunyuan_v1_dense")
+                                                             "hunyuan_v1_dense", "nanochat")
 
     @property
     def layer_norm(self) -> bool:
@@ -603,7 +606,7 @@ class ModelSpec(_SpecCommon):
     @property
     def gated_mlp(self) -> bool:
         """Whether the dense MLP is gated (SwiGLU / GeGLU) rather than ``down(act(up(x)))``."""
-        if self.architecture == "arcee":  # ReLU-squared MLP, not gated
+        if self.architecture in ("arcee", "nanochat"):  # ReLU-squared MLP, not gated
             return False
         return not self.layer_norm or self.architecture in ("stablelm", *lnf.COHERE)
 

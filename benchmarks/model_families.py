@@ -73,6 +73,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                          dict(BASE, head_dim=32, rope_parameters={"rope_type": "dynamic", "alpha": 50.0,
                                                                   "factor": 1.0, "rope_theta": 10000.0})),
     "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(BASE, num_key_value_heads=4)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
+                         dict(BASE, intermediate_size=64, num_local_experts=4, shared_intermediate_size=128,
+                              embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5,
+                              logits_scaling=2.0)),
 }
 
 

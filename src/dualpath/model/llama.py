@@ -307,7 +307,8 @@ class SparseMoE(nn.Module):
     """Mixtral / Qwen2-MoE / Qwen3-MoE sparse block: a linear router (``gate``, in the compute dtype, as
     transformers runs it), softmax in fp32, top-k (renormalized with ``norm_topk_prob``; Qwen rounds the weights
     to the compute dtype, Mixtral keeps them fp32), the routed experts, and for Qwen2-MoE a shared expert scaled by
-    ``sigmoid(shared_expert_gate(x))``."""
+    ``sigmoid(shared_expert_gate(x))`` (GraniteMoE-Shared: an ungated one). GraniteMoE's router takes the softmax of
+    the top-k logits, which is this softmax renormalized over the top k."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -318,9 +319,11 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
                                      for _ in range(spec.n_experts))
         self.shared_expert: FeedForward | None = None
+        self.shared_gate = spec.architecture == "qwen2_moe"  # (GraniteMoE-Shared's shared expert is ungated)
         if spec.shared_expert_intermediate_size:
             self.shared_expert = FeedForward(spec.hidden_size, spec.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+            if self.shared_gate:
+                self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
@@ -328,8 +331,10 @@ class SparseMoE(nn.Module):
         if self.round_weights:
             w = w.to(logits.dtype)
         out = dispatch_experts(x, idx, w, self.experts)
-        if self.shared_expert is not None:
+        if self.shared_expert is not None and self.shared_gate:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        elif self.shared_expert is not None:
+            out = out + self.shared_expert(x)
         return out
 
 

@@ -108,6 +108,8 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
         out.pop("lm_head.weight", None)
     if getattr(model.spec, "architecture", "") == "mixtral":
         out = {_mixtral_hub_name(k): v for k, v in out.items()}
+    if getattr(model.spec, "architecture", "") in ("granitemoe", "granitemoeshared"):
+        out = _granite_moe_hub_tensors(out)
     if getattr(model.spec, "architecture", "") == "phi3":
         out = _fuse_phi3(out)
     if getattr(model.spec, "architecture", "") in ("glm", "glm4"):
@@ -538,6 +540,70 @@ def _split_packed_experts(name: str, t: torch.Tensor, out: dict[str, torch.Tenso
     return True
 
 
+#: GraniteMoE's hub names (``block_sparse_moe.input_linear``: every expert's gate rows then up rows, ``[E, 2I, H]``;
+#: ``output_linear`` ``[E, H, I]``; ``router.layer``; GraniteMoE-Shared's ``shared_mlp``) -> transformers' packed
+#: names, which :func:`_split_packed_experts` splits (transformers >= 5 also writes those packed names)
+_GRANITE_MOE_NAMES = ((".block_sparse_moe.input_linear.weight", ".mlp.experts.gate_up_proj"),
+                      (".block_sparse_moe.output_linear.weight", ".mlp.experts.down_proj"),
+                      (".block_sparse_moe.router.layer.weight", ".mlp.gate.weight"),
+                      (".block_sparse_moe.router.weight", ".mlp.gate.weight"),
+                      (".block_sparse_moe.experts.gate_up_proj", ".mlp.experts.gate_up_proj"),
+                      (".block_sparse_moe.experts.down_proj", ".mlp.experts.down_proj"),
+                      (".shared_mlp.output_linear.weight", ".mlp.shared_expert.down_proj.weight"))
+
+
+def _granite_moe_in(name: str, t: torch.Tensor, out: dict[str, torch.Tensor], source: str) -> bool:
+    """A GraniteMoE tensor into ``out`` under our names (False: not one of its MoE tensors)."""
+    if name.endswith(".shared_mlp.input_linear.weight"):  # [2S, H]: the shared expert's gate rows, then up rows
+        if t.dim() != 2 or t.shape[0] % 2:
+            raise ModelError(f"{source}: {name!r} has shape {tuple(t.shape)}, expected [2 * shared_intermediate_size, "
+                             "hidden]")
+        prefix = name[: -len(".shared_mlp.input_linear.weight")] + ".mlp.shared_expert."
+        out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = t.chunk(2, dim=0)
+        return True
+    for theirs, ours in _GRANITE_MOE_NAMES:
+        if name.endswith(theirs):
+            name = name[: -len(theirs)] + ours
+            if not _split_packed_experts(name, t, out, source):
+                out[name] = t
+            return True
+    return False
+
+
+def _granite_moe_hub_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_granite_moe_in`: our per-expert tensors packed under GraniteMoE's hub names (which
+    transformers 4 and 5 both read)."""
+    import re
+
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    shared: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = re.match(r"^(.*)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name)
+        if m:
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+        elif (m := re.match(r"^(.*)\.mlp\.shared_expert\.(gate_proj|up_proj|down_proj)\.weight$", name)):
+            shared.setdefault(m.group(1), {})[m.group(2)] = t
+        elif name.endswith(".mlp.gate.weight"):
+            out[name[: -len(".mlp.gate.weight")] + ".block_sparse_moe.router.layer.weight"] = t
+        else:
+            out[name] = t
+    for (layer, part), by_e in experts.items():
+        if part == "up_proj":
+            continue
+        stacked = torch.stack([by_e[e] for e in sorted(by_e)])
+        if part == "gate_proj":
+            up = experts[(layer, "up_proj")]
+            stacked = torch.cat([stacked, torch.stack([up[e] for e in sorted(up)])], dim=1)
+            out[f"{layer}.block_sparse_moe.input_linear.weight"] = stacked.contiguous()
+        else:
+            out[f"{layer}.block_sparse_moe.output_linear.weight"] = stacked.contiguous()
+    for layer, parts in shared.items():
+        out[f"{layer}.shared_mlp.input_linear.weight"] = torch.cat([parts["gate_proj"], parts["up_proj"]]).contiguous()
+        out[f"{layer}.shared_mlp.output_linear.weight"] = parts["down_proj"]
+    return out
+
+
 def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
                 source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5 checkpoint tensors in this model's names: Mixtral's
@@ -549,6 +615,8 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
         if (spec.architecture == "glm4_moe" and len(parts) > 2 and parts[:2] == ["model", "layers"]
                 and parts[2].isdigit() and int(parts[2]) >= spec.n_layers):
             continue  # GLM-4.5's multi-token-prediction layers (num_nextn_predict_layers): not a decoder layer
+        if spec.architecture in ("granitemoe", "granitemoeshared") and _granite_moe_in(name, t, out, source):
+            continue
         if spec.architecture == "mixtral" and ".block_sparse_moe." in name:
             name = name.replace(".block_sparse_moe.", ".mlp.")
             parts = name.split(".")

@@ -2,13 +2,16 @@
 
 Supported: ``LlamaForCausalLM`` (model_type ``llama``), ``MistralForCausalLM`` (``mistral``, read as Llama),
 ``Qwen2ForCausalLM`` (``qwen2``) and ``Qwen3ForCausalLM`` (``qwen3``): RMSNorm, RoPE (``default``, ``linear``,
-``llama3``, ``yarn``), grouped-query attention, SwiGLU MLP, optional q/k/v bias (always on for Qwen2; Llama and
+``dynamic``, ``llama3``, ``yarn``), grouped-query attention, SwiGLU MLP, optional q/k/v bias (always on for Qwen2; Llama and
 Qwen3 then bias ``o_proj`` too), Qwen3's per-head q/k RMSNorm, optional tied embeddings. And their softmax-router
 mixture-of-experts relatives, with the same attention: ``MixtralForCausalLM`` (``mixtral``: Mistral attention, MoE
 in every layer, top-k weights renormalized), ``Qwen2MoeForCausalLM`` (``qwen2_moe``: Qwen2 attention with
 ``qkv_bias``, plus a shared expert gated by ``sigmoid(shared_expert_gate(x))``) and ``Qwen3MoeForCausalLM``
 (``qwen3_moe``: Qwen3 attention, no shared expert); the Qwen pair renormalize only with ``norm_topk_prob`` and use
-a dense MLP in ``mlp_only_layers`` and in layers off ``decoder_sparse_step``.
+a dense MLP in ``mlp_only_layers`` and in layers off ``decoder_sparse_step``. ``GraniteMoeForCausalLM``
+(``granitemoe``) and ``GraniteMoeSharedForCausalLM`` (``granitemoeshared``) are Granite's scalings over Mixtral's
+experts, routed by the softmax of the top-k logits; Shared adds an ungated shared expert
+(``shared_intermediate_size``).
 
 Three more dense families run on the same path: ``Phi3ForCausalLM`` (``phi3``: fused ``qkv_proj`` and
 ``gate_up_proj`` checkpoint tensors, split at load time and fused again by our ``save_pretrained``; no biases;
@@ -132,6 +135,8 @@ ARCHITECTURES: dict[str, str] = {
     "Olmo3ForCausalLM": "olmo3",
     "SmolLM3ForCausalLM": "smollm3",
     "GraniteForCausalLM": "granite",
+    "GraniteMoeForCausalLM": "granitemoe",
+    "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "MinistralForCausalLM": "ministral",
     "Glm4MoeForCausalLM": "glm4_moe",
     "OlmoeForCausalLM": "olmoe",
@@ -148,6 +153,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
             "gemma3": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM", "olmo2": "Olmo2ForCausalLM",
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
+            "granitemoe": "GraniteMoeForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
             "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
@@ -155,7 +161,10 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared")
+#: Granite's scalings and its MoE versions (GraniteMoE: Mixtral's experts under a top-k-then-softmax router; Shared:
+#: plus an ungated shared expert)
+GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
 ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
@@ -330,7 +339,7 @@ class ModelSpec(_SpecCommon):
                              f"got {self.rope_local_theta} for {self.architecture}")
         for name in _GRANITE_FIELDS:
             value = getattr(self, name)
-            if value is not None and self.architecture != "granite":
+            if value is not None and self.architecture not in GRANITE_ARCHS:
                 raise ModelError(f"model config: {name} is granite's, got {value} for {self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
@@ -477,7 +486,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: full_attention_layers {list(full)} must be layers of 0..{self.n_layers - 1}")
         if full and w is None:
             raise ModelError("model config: full_attention_layers without a sliding_window")
-        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe", "olmo2", "granite", "olmoe"):
+        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe", "olmo2", *GRANITE_ARCHS, "olmoe"):
             raise ModelError(f"model config: {self.architecture} slides every layer or none (full_attention_layers "
                              f"{list(full)})")
         if len(full) == self.n_layers:  # no layer slides
@@ -509,7 +518,7 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size == 0:
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
-        if self.architecture not in ("qwen2_moe", "glm4_moe") and self.shared_expert_intermediate_size:
+        if self.architecture not in ("qwen2_moe", "glm4_moe", "granitemoeshared") and self.shared_expert_intermediate_size:
             raise ModelError(f"model config: {self.architecture} has no shared expert "
                              f"(shared_expert_intermediate_size {self.shared_expert_intermediate_size})")
         if self.architecture == "glm4_moe":
@@ -584,7 +593,7 @@ class ModelSpec(_SpecCommon):
             return self.attention_bias
         return self.attention_bias and self.architecture in ("llama", "arcee", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
-                                                             "granite", "olmoe", "olmo", "ernie4_5",
+                                                             *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
                                                              "hunyuan_v1_dense", "nanochat")
 
     @property
@@ -776,6 +785,12 @@ class ModelSpec(_SpecCommon):
                                     for i in range(self.n_layers)])
         if self.architecture == "granite":
             cfg.update({key: getattr(self, key) for key in _GRANITE_FIELDS}, mlp_bias=False)
+        elif self.architecture in GRANITE_ARCHS:  # the MoE ones: experts intermediate_size wide, every layer
+            cfg.update({key: getattr(self, key) for key in _GRANITE_FIELDS}, attention_bias=self.attention_bias,
+                       num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
+                       intermediate_size=self.moe_intermediate_size)
+            if self.architecture == "granitemoeshared":
+                cfg["shared_intermediate_size"] = self.shared_expert_intermediate_size
         if self.architecture == "glm4_moe":
             dense = len(self.mlp_only_layers)
             cfg.update(attention_bias=self.attention_bias, n_routed_experts=self.n_experts,
@@ -849,7 +864,7 @@ class ModelSpec(_SpecCommon):
             cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
                        clip_qkv=self.clip_qkv, attention_bias=self.attention_bias, pad_token_id=None)
-        elif self.architecture in MOE_ARCHS:
+        elif self.architecture in MOE_ARCHS and self.architecture not in GRANITE_ARCHS:
             cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
                        decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers))
@@ -1057,7 +1072,7 @@ def _gpt_oss_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _granite_fields(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any]:
-    if arch != "granite":
+    if arch not in GRANITE_ARCHS:
         return {}
     out: dict[str, Any] = {}
     for key in _GRANITE_FIELDS:
@@ -1220,7 +1235,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         return None, ()
     if arch == "gpt_oss" and cfg.get("sliding_window") is None:  # its sliding layers then attend fully
         return None, ()
-    if arch in ("olmo2", "granite"):  # no window in these families
+    if arch in ("olmo2", *GRANITE_ARCHS):  # no window in these families
         return None, ()
     if arch == "smollm3":  # sliding only with use_sliding_window, by default on the layers without RoPE
         if not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
@@ -1395,6 +1410,14 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
                 "moe_intermediate_size": as_int("intermediate_size", need("intermediate_size")),
                 "norm_topk_prob": bool(cfg.get("norm_topk_prob", False))}
+    if arch in GRANITE_ARCHS:  # Mixtral's experts, intermediate_size wide, every layer; Shared's ungated expert
+        return {"n_experts": as_int("num_local_experts", cfg.get("num_local_experts", 8)),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 2)),
+                "moe_intermediate_size": as_int("intermediate_size", need("intermediate_size")),
+                "norm_topk_prob": True,
+                "shared_expert_intermediate_size": as_int("shared_intermediate_size",
+                                                          cfg.get("shared_intermediate_size", 0))
+                if arch == "granitemoeshared" else 0}
     if arch == "mixtral":
         inter = as_int("intermediate_size", need("intermediate_size"))
         return {"n_experts": as_int("num_local_experts", need("num_local_experts")),

@@ -29,6 +29,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "text_config": dict(TEXT, model_type="mistral", rope_theta=1e6), "image_token_index": 5,
         "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                           "num_attention_heads": 2, "image_size": 28, "patch_size": 14, "head_dim": 16}}),
+    # Ministral 3 (3B / 8B / 14B): a Ministral 3 language model (YaRN, queries scaled by position)
+    "ministral3": ("Mistral3Config", "Mistral3ForConditionalGeneration", {
+        "text_config": dict(TEXT, model_type="ministral3", rope_parameters={
+            "type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 32.0,
+            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}),
+        "image_token_index": 5,
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "image_size": 28, "patch_size": 14, "head_dim": 16}}),
     "llava": ("LlavaConfig", "LlavaForConditionalGeneration", {
         "text_config": dict(TEXT, model_type="llama"), "image_token_index": 5,
         "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
@@ -45,7 +53,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                           "out_hidden_size": 64, "deepstack_visual_indexes": [0]}}),
 }
-ARCH = {"mistral3": "llama", "llava": "llama", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+ARCH = {"mistral3": "llama", "ministral3": "ministral3", "llava": "llama", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
 _CKPTS = Checkpoints(FAMILIES)
 ckpt = _CKPTS.fixture()
 
@@ -83,7 +91,8 @@ def test_specs_and_configs_we_cannot_run(ckpt, tmp_path):
     assert isinstance(spec, ModelSpec) and (spec.hidden_size, spec.n_layers, spec.head_dim) == (64, 2, 16)
     text = hf.config.get_text_config()
     assert spec.rms_eps == text.rms_norm_eps and spec.attention_bias == (family == "qwen2_5_vl")
-    assert spec.rope_theta == text.rope_parameters["rope_theta"] and spec.rope_scaling is None
+    assert spec.rope_theta == text.rope_parameters["rope_theta"]
+    assert spec.rope_scaling is None if family != "ministral3" else spec.rope_type == "yarn" and spec.query_scale_beta
     if family == "qwen2_5_vl":
         old = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", **TEXT,
                "rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},

@@ -1,4 +1,4 @@
-"""OLMo (1), Helium, ERNIE 4.5, Hunyuan dense and NanoChat against transformers on the same random weights, saved by
+"""OLMo (1), Helium, ERNIE 4.5, Hunyuan dense, Ministral 3 and NanoChat against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our
 paged KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, and
 the configs we refuse (:mod:`dualpath.model.llama_variants`).
@@ -6,7 +6,7 @@ the configs we refuse (:mod:`dualpath.model.llama_variants`).
 What each adds to the Llama path: OLMo's LayerNorms have neither weight nor bias and q/k/v are clipped; Helium and
 ERNIE 4.5 turn interleaved RoPE pairs of the whole head (read by permuting q/k rows at load), Helium with q/k/v
 biases but none on o and a biased gated MLP, ERNIE with biases on every projection; Hunyuan norms each head's query
-and key after RoPE, with its fixed NTK-alpha RoPE base; NanoChat's norms have no weights, its RoPE turns the other
+and key after RoPE, with its fixed NTK-alpha RoPE base; Ministral 3 scales each query by its position; NanoChat's norms have no weights, its RoPE turns the other
 way (read by swapping the halves of each head's q/k rows), its MLP is ReLU squared and its logits soft-capped."""
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                          dict(BASE, head_dim=16, attention_bias=True,
                               rope_parameters={"rope_type": "dynamic", "alpha": 50.0, "factor": 1.0,
                                                "rope_theta": 10000.0})),
+    # Mistral's window with YaRN, and queries scaled by position past every 8 tokens (Llama 4's scaling)
+    "ministral3": ("Ministral3Config", "Ministral3ForCausalLM",
+                   dict(BASE, head_dim=16, sliding_window=6, rope_parameters={
+                       "type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 8,
+                       "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                       "llama_4_scaling_beta": 0.5})),
     # weightless RMSNorms (on the embeddings too, and per head after RoPE), RoPE turning the other way, a
     # ReLU-squared MLP, q/k/v/o biases, final logits soft-capped
     "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(BASE, attention_bias=True,
@@ -98,6 +104,8 @@ def test_spec_follows_transformers(ckpt):
     assert spec.mlp_bias == (up.bias is not None)
     if family == "olmo":
         assert spec.clip_qkv == 1.5 and not list(_load(d).model.layers[0].input_layernorm.parameters())
+    if family == "ministral3":
+        assert spec.query_scale_beta == 0.5 and spec.rope_type == "yarn" and spec.layer_window(0) == 6
     if family == "nanochat":
         assert spec.final_logit_softcapping == 4.0 and spec.activation == "relu2" and not spec.gated_mlp
     if family == "hunyuan_v1_dense":
@@ -151,6 +159,8 @@ def test_llama_mlp_bias_against_transformers(tmp_path):
     ("hunyuan_v1_dense", "rope_scaling", {"type": "dynamic", "alpha": -2.0}, "alpha"),
     ("qwen2", "rope_scaling", {"type": "ntk_alpha", "alpha": 3.0}, "ntk_alpha"),
     ("nanochat", "hidden_act", "swiglu", "hidden_act"),
+    ("ministral3", "rope_parameters", {"type": "yarn", "factor": 2.0, "llama_4_scaling_beta": -1}, "llama_4_scaling_beta"),
+    ("ministral3", "rope_parameters", {"type": "default", "llama_4_scaling_beta": 0.1}, "original_max_position"),
     ("nanochat", "final_logit_softcapping", -1.0, "final_logit_softcapping"),
 ])
 def test_bad_configs_name_the_key(model_type, key, value, needle):

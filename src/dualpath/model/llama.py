@@ -155,6 +155,7 @@ class ForwardState:
     next_layer: int = 0
     local: tuple[torch.Tensor, torch.Tensor] | None = None  # Gemma 3: the sliding layers' own (cos, sin)
     sparse: bool = False  # DeepSeek-V3.2: some sequence holds more than index_topk keys (decided once per batch)
+    q_scale: torch.Tensor | None = None  # Ministral 3: each query's position scale [N, 1, 1] (None: none)
 
 
 PrefillState = ForwardState
@@ -567,7 +568,12 @@ class LlamaModel(LayerwiseDecoder):
             hidden = hidden * self.embed_scale.to(hidden.dtype)
         elif self.spec.embedding_multiplier is not None:  # Granite
             hidden = hidden * self.spec.embedding_multiplier
-        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, local=local)
+        q_scale = None
+        if self.spec.query_scale_beta is not None:  # Ministral 3 (Llama 4's attention scaling), in fp32 then rounded
+            orig = float((self.spec.rope_scaling or {})["original_max_position_embeddings"])
+            q_scale = (1 + self.spec.query_scale_beta * torch.log(1 + torch.floor(positions / orig)))
+            q_scale = q_scale.to(self.spec.torch_dtype)[:, None, None]
+        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, local=local, q_scale=q_scale)
 
     def _rope_tables(self, positions: torch.Tensor, inv_freq: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -609,6 +615,8 @@ class LlamaModel(LayerwiseDecoder):
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if spec.qk_norm_after_rope:  # Hunyuan: the rotated query and key are normed
             q, k = attn.q_norm(q), attn.k_norm(k)
+        if state.q_scale is not None:  # Ministral 3: each query scaled by its position
+            q = q * state.q_scale
         scale = self.scales[layer]
         if spec.scale_query_first:  # OPT scales its queries before the scores
             q, scale = q * scale, 1.0

@@ -11,6 +11,10 @@
   *after* RoPE (``query_layernorm`` / ``key_layernorm``), and its RoPE labelled ``dynamic`` with an ``alpha``,
   which transformers reads as a fixed base ``rope_theta * alpha ** (d / (d - 2))`` (kept here as the RoPE type
   ``ntk_alpha``; a Hunyuan ``dynamic`` RoPE without ``alpha`` is the plain dynamic one).
+* ``Ministral3ForCausalLM`` (``ministral3``: Ministral 3, also the text model of its ``Mistral3ForConditionalGeneration``
+  checkpoints): Mistral's attention and window with YaRN, and each query scaled by its position as Llama 4 does,
+  ``1 + llama_4_scaling_beta * log(1 + floor(position / original_max_position_embeddings))`` (``query_scale_beta``;
+  only queries, so stored KV does not depend on it).
 * ``NanoChatForCausalLM`` (``nanochat``, Karpathy's nanochat): RMSNorms without weights (also on the embeddings
   and on each head's query and key), RoPE turning the other way (``rotate_half`` as ``(x2, -x1)``), a ReLU-squared
   MLP (``fc1`` / ``fc2``, not gated), final logits soft-capped (``final_logit_softcapping``, default 15).
@@ -42,6 +46,7 @@ ARCHITECTURES: dict[str, str] = {
     "Ernie4_5ForCausalLM": "ernie4_5",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense",
     "NanoChatForCausalLM": "nanochat",
+    "Ministral3ForCausalLM": "ministral3",
 }
 HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
 VARIANT_ARCHS = tuple(HF_ARCH)
@@ -54,6 +59,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ernie4_5": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "head_dim": 128,
                  "num_key_value_heads": 2, "tie_word_embeddings": True},
     "hunyuan_v1_dense": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
+    "ministral3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 262144, "head_dim": 128, "num_key_value_heads": 8},
     "nanochat": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "hidden_act": "relu2",
                  "final_logit_softcapping": 15.0},
 }
@@ -94,6 +100,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
         out["rms_norm_eps"] = OLMO_NORM_EPS
     elif arch == "hunyuan_v1_dense":
         out = _hunyuan_rope(out, where)
+    elif arch == "ministral3":
+        out, fields["query_scale_beta"] = _ministral3_rope(out, where)
     elif arch == "nanochat":
         from dualpath.model.layernorm_family import ACTIVATIONS
 
@@ -126,6 +134,32 @@ def _hunyuan_rope(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return cfg
 
 
+#: Ministral3Config's RoPE when a config gives none
+MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
+                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+
+
+def _ministral3_rope(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], float | None]:
+    """Ministral 3's RoPE parameters without the keys that are not the rotation's (``llama_4_scaling_beta``, read
+    out as the query scale, and ``max_position_embeddings``)."""
+    key = "rope_parameters" if isinstance(cfg.get("rope_parameters"), dict) else "rope_scaling"
+    rope = cfg.get(key)
+    if rope is None and cfg.get("rope_scaling") is None and cfg.get("rope_parameters") is None:
+        rope, key = dict(MINISTRAL3_ROPE), "rope_parameters"
+    if not isinstance(rope, dict):
+        return cfg, None
+    rope = {k: v for k, v in rope.items() if k != "max_position_embeddings"}
+    beta = rope.pop("llama_4_scaling_beta", None)
+    if beta is not None:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+            raise ModelError(f"{where}: {key}.llama_4_scaling_beta must be a number >= 0, got {beta!r}")
+        if not isinstance(rope.get("original_max_position_embeddings"), int):
+            raise ModelError(f"{where}: {key}.llama_4_scaling_beta needs original_max_position_embeddings (the "
+                             "positions the query scale counts in)")
+        beta = float(beta)
+    return {**cfg, key: rope}, beta
+
+
 def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
     """The family's own ``config.json`` keys over the Llama-shaped ``cfg``."""
     arch = spec.architecture
@@ -137,6 +171,12 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg.update(attention_bias=spec.attention_bias, mlp_bias=bool(spec.gated_mlp_bias))
     elif arch == "ernie4_5":
         cfg["use_bias"] = spec.attention_bias
+    elif arch == "ministral3":
+        rope = {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta}
+        if spec.query_scale_beta is not None:
+            rope["llama_4_scaling_beta"] = spec.query_scale_beta
+        cfg.update(rope_parameters=rope, sliding_window=spec.sliding_window)
+        del cfg["rope_theta"], cfg["rope_scaling"]
     elif arch == "nanochat":
         cfg.update(attention_bias=spec.attention_bias, final_logit_softcapping=spec.final_logit_softcapping,
                    hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(str(spec.activation), spec.activation))

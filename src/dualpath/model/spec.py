@@ -85,11 +85,12 @@ projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_ne
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
 RoPE, optional per-head q/k LayerNorms and parallel block) and ``Starcoder2ForCausalLM`` (``starcoder2``: biased
-GELU MLP, optional window over every layer). Five Llamas with one twist each are read by
+GELU MLP, optional window over every layer). Six Llamas with one twist each are read by
 :mod:`dualpath.model.llama_variants`: ``OlmoForCausalLM`` (``olmo``: weightless LayerNorms, ``clip_qkv``),
 ``HeliumForCausalLM`` (``helium``) and ``Ernie4_5ForCausalLM`` (``ernie4_5``): interleaved RoPE over the whole head,
 biased gated MLPs; ``HunYuanDenseV1ForCausalLM`` (``hunyuan_v1_dense``: q/k norms after RoPE, a fixed NTK-alpha
-RoPE base, ``ntk_alpha``); ``NanoChatForCausalLM`` (``nanochat``: weightless RMSNorms, reversed RoPE, ReLU-squared MLP,
+RoPE base, ``ntk_alpha``); ``Ministral3ForCausalLM`` (``ministral3``: queries scaled by position,
+``query_scale_beta``); ``NanoChatForCausalLM`` (``nanochat``: weightless RMSNorms, reversed RoPE, ReLU-squared MLP,
 soft-capped logits). Llama's own ``mlp_bias`` is read too (``gated_mlp_bias``).
 
 A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
@@ -226,6 +227,9 @@ class ModelSpec(_SpecCommon):
     rope_local_theta: float | None = None  # gemma3: the sliding layers' RoPE base (default RoPE; None: one RoPE)
     # gemma2: scores scaled by query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5), soft caps (None: off)
     query_pre_attn_scalar: float | None = None
+    # ministral3: each query times 1 + beta * log(1 + floor(position / original_max_position_embeddings)) (Llama 4's
+    # attention scaling; llama_4_scaling_beta); None: none
+    query_scale_beta: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     # mixture of experts (mixtral, qwen2_moe, qwen3_moe); n_experts 0 for the dense architectures
@@ -361,6 +365,13 @@ class ModelSpec(_SpecCommon):
                                           or not isinstance(self.clip_qkv, (int, float)) or not self.clip_qkv > 0):
             raise ModelError(f"model config: clip_qkv is olmo's, olmoe's and mpt's, a positive number or null; got "
                              f"{self.clip_qkv!r} for {self.architecture}")
+        beta = self.query_scale_beta
+        if beta is not None and (self.architecture != "ministral3" or isinstance(beta, bool)
+                                 or not isinstance(beta, (int, float)) or not beta >= 0
+                                 or "original_max_position_embeddings" not in (self.rope_scaling or {})):
+            raise ModelError(f"model config: query_scale_beta (llama_4_scaling_beta) is ministral3's, a number >= 0 "
+                             f"with a RoPE that names original_max_position_embeddings; got {beta!r} for "
+                             f"{self.architecture}")
         if self.gated_mlp_bias is not None and (self.gated_mlp_bias is not True
                                                 or self.architecture not in ("llama", "helium", "ernie4_5")):
             raise ModelError(f"model config: gated_mlp_bias (mlp_bias, use_bias) is true or null, and only for llama, "
@@ -486,7 +497,8 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: full_attention_layers {list(full)} must be layers of 0..{self.n_layers - 1}")
         if full and w is None:
             raise ModelError("model config: full_attention_layers without a sliding_window")
-        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe", "olmo2", *GRANITE_ARCHS, "olmoe"):
+        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe", "olmo2", *GRANITE_ARCHS, "olmoe",
+                                          "ministral3"):
             raise ModelError(f"model config: {self.architecture} slides every layer or none (full_attention_layers "
                              f"{list(full)})")
         if len(full) == self.n_layers:  # no layer slides
@@ -722,7 +734,7 @@ class ModelSpec(_SpecCommon):
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
                     "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale", "falcon_layout",
-                    "gated_mlp_bias"):
+                    "gated_mlp_bias", "query_scale_beta"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -986,7 +998,7 @@ class ModelSpec(_SpecCommon):
         bias = bool(cfg.get("attention_bias", default_bias)) or arch == "qwen2"
         if arch == "qwen2_moe":  # Qwen2-MoE names its q/k/v bias qkv_bias (on unless the config says otherwise)
             bias = bool(cfg.get("qkv_bias", True))
-        elif arch in ("mixtral", "phi3", "ministral", "exaone4"):  # these families' projections have no biases
+        elif arch in ("mixtral", "phi3", "ministral", "exaone4", "ministral3"):  # these families' have no biases
             bias = False
         elif arch in lnf.LN_ARCHS:
             bias = bool(cfg["attention_bias"])
@@ -1222,7 +1234,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         if arch != "starcoder2" or cfg.get("sliding_window") is None:
             return None, ()
         return _window_size(cfg, where), ()
-    if arch in ("llama", "mixtral", "phi3", "qwen3_moe", "olmoe"):  # every layer or none
+    if arch in ("llama", "mixtral", "phi3", "qwen3_moe", "olmoe", "ministral3"):  # every layer or none
         mistral = "MistralForCausalLM" in archs or (not archs and model_type == "mistral")
         if arch == "llama" and not mistral:
             return None, ()  # transformers' Llama ignores a sliding_window key
@@ -1482,7 +1494,8 @@ _IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForCo
 #: token's three position ids are equal, is the plain RoPE of the same frequencies)
 _TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM",
-                "qwen3_vl_text": "Qwen3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "ministral": "MinistralForCausalLM"}
+                "qwen3_vl_text": "Qwen3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "ministral": "MinistralForCausalLM",
+                "ministral3": "Ministral3ForCausalLM"}
 #: what a text_config of each image-text family is when it names no model_type
 _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
                       "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text"}

@@ -1,4 +1,4 @@
-"""OLMo (1), Helium, ERNIE 4.5, Hunyuan dense, Ministral 3 and NanoChat against transformers on the same random weights, saved by
+"""OLMo (1), Helium, ERNIE 4.5, Hunyuan dense, Ministral 3, VaultGemma and NanoChat against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our
 paged KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, and
 the configs we refuse (:mod:`dualpath.model.llama_variants`).
@@ -6,7 +6,8 @@ the configs we refuse (:mod:`dualpath.model.llama_variants`).
 What each adds to the Llama path: OLMo's LayerNorms have neither weight nor bias and q/k/v are clipped; Helium and
 ERNIE 4.5 turn interleaved RoPE pairs of the whole head (read by permuting q/k rows at load), Helium with q/k/v
 biases but none on o and a biased gated MLP, ERNIE with biases on every projection; Hunyuan norms each head's query
-and key after RoPE, with its fixed NTK-alpha RoPE base; Ministral 3 scales each query by its position; NanoChat's norms have no weights, its RoPE turns the other
+and key after RoPE, with its fixed NTK-alpha RoPE base; Ministral 3 scales each query by its position; VaultGemma
+is Gemma 2's attention in a Llama-shaped block; NanoChat's norms have no weights, its RoPE turns the other
 way (read by swapping the halves of each head's q/k rows), its MLP is ReLU squared and its logits soft-capped."""
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                        "type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 8,
                        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                        "llama_4_scaling_beta": 0.5})),
+    # Gemma 2's attention (scores scaled by query_pre_attn_scalar and soft-capped, every other layer sliding over 5)
+    # and final soft cap, in a block with only the input and pre-MLP norms
+    "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM",
+                   dict(BASE, head_dim=16, query_pre_attn_scalar=24, sliding_window=5, attn_logit_softcapping=3.0,
+                        final_logit_softcapping=4.0)),
     # weightless RMSNorms (on the embeddings too, and per head after RoPE), RoPE turning the other way, a
     # ReLU-squared MLP, q/k/v/o biases, final logits soft-capped
     "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(BASE, attention_bias=True,
@@ -106,6 +112,8 @@ def test_spec_follows_transformers(ckpt):
         assert spec.clip_qkv == 1.5 and not list(_load(d).model.layers[0].input_layernorm.parameters())
     if family == "ministral3":
         assert spec.query_scale_beta == 0.5 and spec.rope_type == "yarn" and spec.layer_window(0) == 6
+    if family == "vaultgemma":
+        assert [spec.layer_window(i) for i in range(3)] == [5, None, 5] and not spec.sandwich_norms
     if family == "nanochat":
         assert spec.final_logit_softcapping == 4.0 and spec.activation == "relu2" and not spec.gated_mlp
     if family == "hunyuan_v1_dense":

@@ -15,6 +15,8 @@
   checkpoints): Mistral's attention and window with YaRN, and each query scaled by its position as Llama 4 does,
   ``1 + llama_4_scaling_beta * log(1 + floor(position / original_max_position_embeddings))`` (``query_scale_beta``;
   only queries, so stored KV does not depend on it).
+* ``VaultGemmaForCausalLM`` (``vaultgemma``): Gemma 2's attention, scalings, soft caps and windows in a Llama-shaped
+  block (an input norm and a pre-MLP norm, ``pre_feedforward_layernorm``, read as Llama's ``post_attention_layernorm``).
 * ``NanoChatForCausalLM`` (``nanochat``, Karpathy's nanochat): RMSNorms without weights (also on the embeddings
   and on each head's query and key), RoPE turning the other way (``rotate_half`` as ``(x2, -x1)``), a ReLU-squared
   MLP (``fc1`` / ``fc2``, not gated), final logits soft-capped (``final_logit_softcapping``, default 15).
@@ -47,6 +49,7 @@ ARCHITECTURES: dict[str, str] = {
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense",
     "NanoChatForCausalLM": "nanochat",
     "Ministral3ForCausalLM": "ministral3",
+    "VaultGemmaForCausalLM": "vaultgemma",
 }
 HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
 VARIANT_ARCHS = tuple(HF_ARCH)
@@ -59,6 +62,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ernie4_5": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "head_dim": 128,
                  "num_key_value_heads": 2, "tie_word_embeddings": True},
     "hunyuan_v1_dense": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
+    "vaultgemma": {},  # (Gemma 2's keys and defaults, read with Gemma 2's)
     "ministral3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 262144, "head_dim": 128, "num_key_value_heads": 8},
     "nanochat": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "hidden_act": "relu2",
                  "final_logit_softcapping": 15.0},
@@ -70,7 +74,9 @@ _HUNYUAN_NAMES = {"self_attn.query_layernorm.weight": "self_attn.q_norm.weight",
                   "self_attn.key_layernorm.weight": "self_attn.k_norm.weight"}
 _NANOCHAT_NAMES = {"mlp.fc1.weight": "mlp.up_proj.weight", "mlp.fc2.weight": "mlp.down_proj.weight",
                    "mlp.fc1.bias": "mlp.up_proj.bias", "mlp.fc2.bias": "mlp.down_proj.bias"}
-_NAMES = {"hunyuan_v1_dense": _HUNYUAN_NAMES, "nanochat": _NANOCHAT_NAMES}
+#: VaultGemma's pre-MLP norm is Llama's post_attention_layernorm (it has no norm on the attention's output)
+_VAULTGEMMA_NAMES = {"pre_feedforward_layernorm.weight": "post_attention_layernorm.weight"}
+_NAMES = {"hunyuan_v1_dense": _HUNYUAN_NAMES, "nanochat": _NANOCHAT_NAMES, "vaultgemma": _VAULTGEMMA_NAMES}
 _QK_ROWS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias")
 
 

@@ -85,12 +85,13 @@ projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_ne
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
 RoPE, optional per-head q/k LayerNorms and parallel block) and ``Starcoder2ForCausalLM`` (``starcoder2``: biased
-GELU MLP, optional window over every layer). Six Llamas with one twist each are read by
+GELU MLP, optional window over every layer). Seven Llamas with one twist each are read by
 :mod:`dualpath.model.llama_variants`: ``OlmoForCausalLM`` (``olmo``: weightless LayerNorms, ``clip_qkv``),
 ``HeliumForCausalLM`` (``helium``) and ``Ernie4_5ForCausalLM`` (``ernie4_5``): interleaved RoPE over the whole head,
 biased gated MLPs; ``HunYuanDenseV1ForCausalLM`` (``hunyuan_v1_dense``: q/k norms after RoPE, a fixed NTK-alpha
 RoPE base, ``ntk_alpha``); ``Ministral3ForCausalLM`` (``ministral3``: queries scaled by position,
-``query_scale_beta``); ``NanoChatForCausalLM`` (``nanochat``: weightless RMSNorms, reversed RoPE, ReLU-squared MLP,
+``query_scale_beta``); ``VaultGemmaForCausalLM`` (``vaultgemma``: Gemma 2 without its post-attention and post-MLP
+norms); ``NanoChatForCausalLM`` (``nanochat``: weightless RMSNorms, reversed RoPE, ReLU-squared MLP,
 soft-capped logits). Llama's own ``mlp_bias`` is read too (``gated_mlp_bias``).
 
 A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
@@ -161,6 +162,9 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             **lnf.HF_ARCH, **lv.HF_ARCH}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+#: Gemma 2's attention, scalings and soft caps: Gemma 2, Gemma 3 and VaultGemma (Gemma 2's layers with only the
+#: input and pre-MLP norms, a Llama-shaped block)
+GEMMA2_LIKE = ("gemma2", "gemma3", "vaultgemma")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared")
 #: Granite's scalings and its MoE versions (GraniteMoE: Mixtral's experts under a top-k-then-softmax router; Shared:
@@ -329,13 +333,13 @@ class ModelSpec(_SpecCommon):
         self._check_window()
         for name in _GEMMA2_FIELDS:
             value = getattr(self, name)
-            if value is not None and self.architecture not in ("gemma2", "gemma3") and not (
+            if value is not None and self.architecture not in GEMMA2_LIKE and not (
                     name == "final_logit_softcapping" and self.architecture == "nanochat"):
                 raise ModelError(f"model config: {name} is only supported for gemma2 and gemma3 (and nanochat's "
                                  f"final_logit_softcapping), got {value} for {self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number or null, got {value!r}")
-        if self.architecture in ("gemma2", "gemma3") and self.query_pre_attn_scalar is None:
+        if self.architecture in GEMMA2_LIKE and self.query_pre_attn_scalar is None:
             raise ModelError(f"model config: {self.architecture} needs query_pre_attn_scalar")
         if self.rope_local_theta is not None and (self.architecture not in ("gemma3", "olmo3")
                                                   or not self.rope_local_theta > 0):
@@ -604,6 +608,7 @@ class ModelSpec(_SpecCommon):
         if self.architecture in ("gpt_neox", "starcoder2", "opt", "falcon", "nemotron", *lnf.COHERE):
             return self.attention_bias
         return self.attention_bias and self.architecture in ("llama", "arcee", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                                                             "vaultgemma",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
                                                              "hunyuan_v1_dense", "nanochat")
@@ -682,7 +687,7 @@ class ModelSpec(_SpecCommon):
     def gemma_style(self) -> bool:
         """Gemma and Gemma 2: RMSNorm by ``1 + weight`` (in fp32), embeddings scaled by ``sqrt(hidden_size)``,
         GeGLU (tanh GELU)."""
-        return self.architecture in ("gemma", "gemma2", "gemma3")
+        return self.architecture in ("gemma", *GEMMA2_LIKE)
 
     @property
     def sandwich_norms(self) -> bool:
@@ -777,7 +782,7 @@ class ModelSpec(_SpecCommon):
             "hidden_act": "silu",
             "torch_dtype": self.dtype,
         }
-        if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
+        if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", *GEMMA2_LIKE, "olmo2", "olmo3",
                                  "smollm3", "granite"):
             cfg["attention_bias"] = self.attention_bias
         if self.architecture == "olmo3":
@@ -832,7 +837,7 @@ class ModelSpec(_SpecCommon):
                 "sliding_attention": {"rope_type": "default",
                                       "rope_theta": self.rope_local_theta or self.rope_theta}}
             del cfg["rope_theta"], cfg["rope_scaling"]
-        if self.architecture in ("gemma2", "gemma3"):
+        if self.architecture in GEMMA2_LIKE:
             cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
                        query_pre_attn_scalar=self.query_pre_attn_scalar,
                        attn_logit_softcapping=self.attn_logit_softcapping,
@@ -886,7 +891,7 @@ class ModelSpec(_SpecCommon):
             cfg["sliding_window"] = self.sliding_window
             types = ["full_attention" if i in self.full_attention_layers else "sliding_attention"
                      for i in range(self.n_layers)]
-            if self.architecture in ("gemma2", "gemma3"):
+            if self.architecture in GEMMA2_LIKE:
                 cfg["layer_types"] = types
             elif self.architecture in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
                 cfg.update(use_sliding_window=True, max_window_layers=0)
@@ -920,7 +925,7 @@ class ModelSpec(_SpecCommon):
             if a in ARCHITECTURES:
                 arch = ARCHITECTURES[a]
                 break
-        if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
+        if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "vaultgemma",
                                            "gemma3_text", "olmo2", "olmo3", "smollm3", "granite", "ministral", "olmoe", "exaone4",
                                            "seed_oss", "glm", "glm4", "arcee", *lnf.LN_ARCHS, *lv.VARIANT_ARCHS,
                                            *ALL_MOE_ARCHS):  # (glm4_moe among them)
@@ -952,7 +957,7 @@ class ModelSpec(_SpecCommon):
             ln_fields = cfg.pop("ln_fields")
         elif arch == "gemma":
             _check_gemma(cfg, where)
-        elif arch in ("gemma2", "gemma3"):
+        elif arch in GEMMA2_LIKE:
             _check_gemma2(cfg, where)
         elif arch == "gpt_oss":
             cfg = _gpt_oss_defaults(cfg)
@@ -971,7 +976,7 @@ class ModelSpec(_SpecCommon):
         n_kv = int(cfg.get("num_key_value_heads") or _KV_HEADS.get(arch, n_heads))  # Gemma(2)Config's defaults
         head_dim = int(cfg.get("head_dim") or 0) or (128 if arch in ("seed_oss", "glm", "glm4") and "head_dim" not in cfg
                                                       else hidden // n_heads)
-        if arch in ("gemma", "gemma2", "gemma3"):  # Gemma(2/3)Config's head_dim defaults to 256, not hidden / heads
+        if arch in ("gemma", *GEMMA2_LIKE):  # Gemma(2/3)Config's head_dim defaults to 256, not hidden / heads
             head_dim = cfg.get("head_dim", 256)
             if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
                 raise ModelError(f"{where}: head_dim must be a positive integer, got {head_dim!r}")
@@ -1017,7 +1022,7 @@ class ModelSpec(_SpecCommon):
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position=int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma", "gemma2", "gemma3", "smollm3"))),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma", *GEMMA2_LIKE, "smollm3"))),
             attention_bias=bias,
             dtype=dtype,
             bos_token_id=cfg.get("bos_token_id"),
@@ -1039,11 +1044,11 @@ class ModelSpec(_SpecCommon):
         )
 
 
-_MAX_POSITION = {"glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
+_MAX_POSITION = {"glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "vaultgemma": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
                  "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288}
 #: the config classes' RoPE base where it is not 10,000 (a config that names none)
 _ROPE_THETA = {"smollm3": 2_000_000.0}  # config classes' defaults
-_KV_HEADS = {"gemma": 16, "gemma2": 4, "gemma3": 4, "glm": 2, "glm4": 2}
+_KV_HEADS = {"gemma": 16, "gemma2": 4, "vaultgemma": 4, "gemma3": 4, "glm": 2, "glm4": 2}
 #: Gemma2Config's defaults (a key present as null turns a soft cap off)
 _GEMMA2_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
@@ -1053,9 +1058,9 @@ _GEMMA3_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": None
 
 
 def _gemma2_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    if arch not in ("gemma2", "gemma3"):
+    if arch not in GEMMA2_LIKE:
         return {}
-    defaults = _GEMMA2_DEFAULTS if arch == "gemma2" else _GEMMA3_DEFAULTS
+    defaults = _GEMMA3_DEFAULTS if arch == "gemma3" else _GEMMA2_DEFAULTS
     return {key: cfg.get(key, default) for key, default in defaults.items()}
 
 
@@ -1274,8 +1279,8 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
     types = cfg.get("layer_types")
     if types is None:
         n = int(n_layers or 0)
-        if arch in ("gemma2", "gemma3"):
-            pattern = 2 if arch == "gemma2" else cfg.get("sliding_window_pattern", 6)
+        if arch in GEMMA2_LIKE:
+            pattern = cfg.get("sliding_window_pattern", 6) if arch == "gemma3" else 2
             if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
                 raise ModelError(f"{where}: sliding_window_pattern must be a positive integer, got {pattern!r}")
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
@@ -1291,7 +1296,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
                          f"{n_layers} layers, got {types!r}")
     if "sliding_attention" not in types:
         return None, ()
-    if arch in ("gemma2", "gemma3") and "sliding_window" not in cfg:
+    if arch in GEMMA2_LIKE and "sliding_window" not in cfg:
         cfg = {**cfg, "sliding_window": 4096}  # Gemma2Config's and Gemma3TextConfig's default
     return _window_size(cfg, where), tuple(i for i, t in enumerate(types) if t == "full_attention")
 

@@ -1,4 +1,4 @@
-"""OLMo (1), Helium, ERNIE 4.5, Hunyuan dense, Ministral 3, VaultGemma and NanoChat against transformers on the same random weights, saved by
+"""OLMo (1), Helium, ERNIE 4.5, Hunyuan dense, Ministral 3, Cwm, VaultGemma and NanoChat against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our
 paged KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, and
 the configs we refuse (:mod:`dualpath.model.llama_variants`).
@@ -6,7 +6,7 @@ the configs we refuse (:mod:`dualpath.model.llama_variants`).
 What each adds to the Llama path: OLMo's LayerNorms have neither weight nor bias and q/k/v are clipped; Helium and
 ERNIE 4.5 turn interleaved RoPE pairs of the whole head (read by permuting q/k rows at load), Helium with q/k/v
 biases but none on o and a biased gated MLP, ERNIE with biases on every projection; Hunyuan norms each head's query
-and key after RoPE, with its fixed NTK-alpha RoPE base; Ministral 3 scales each query by its position; VaultGemma
+and key after RoPE, with its fixed NTK-alpha RoPE base; Ministral 3 scales each query by its position; Cwm slides three layers of four; VaultGemma
 is Gemma 2's attention in a Llama-shaped block; NanoChat's norms have no weights, its RoPE turns the other
 way (read by swapping the halves of each head's q/k rows), its MLP is ReLU squared and its logits soft-capped."""
 
@@ -50,6 +50,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                        "type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 8,
                        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                        "llama_4_scaling_beta": 0.5})),
+    # Llama 3's RoPE; layer 0 attends fully, layers 1 and 2 slide over 5 tokens (CwmConfig's default pattern)
+    "cwm": ("CwmConfig", "CwmForCausalLM",
+            dict(BASE, head_dim=16, sliding_window=5, bos_token_id=1, rope_parameters={
+                "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 16})),
     # Gemma 2's attention (scores scaled by query_pre_attn_scalar and soft-capped, every other layer sliding over 5)
     # and final soft cap, in a block with only the input and pre-MLP norms
     "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM",
@@ -112,6 +117,8 @@ def test_spec_follows_transformers(ckpt):
         assert spec.clip_qkv == 1.5 and not list(_load(d).model.layers[0].input_layernorm.parameters())
     if family == "ministral3":
         assert spec.query_scale_beta == 0.5 and spec.rope_type == "yarn" and spec.layer_window(0) == 6
+    if family == "cwm":
+        assert [spec.layer_window(i) for i in range(3)] == [None, 5, 5] and spec.rope_type == "llama3"
     if family == "vaultgemma":
         assert [spec.layer_window(i) for i in range(3)] == [5, None, 5] and not spec.sandwich_norms
     if family == "nanochat":

@@ -15,6 +15,8 @@
   checkpoints): Mistral's attention and window with YaRN, and each query scaled by its position as Llama 4 does,
   ``1 + llama_4_scaling_beta * log(1 + floor(position / original_max_position_embeddings))`` (``query_scale_beta``;
   only queries, so stored KV does not depend on it).
+* ``CwmForCausalLM`` (``cwm``, Meta's Code World Model): Llama 3's RoPE, no biases, sliding layers by ``layer_types``
+  (by default every fourth layer from the first attends fully, the others slide over ``sliding_window``).
 * ``VaultGemmaForCausalLM`` (``vaultgemma``): Gemma 2's attention, scalings, soft caps and windows in a Llama-shaped
   block (an input norm and a pre-MLP norm, ``pre_feedforward_layernorm``, read as Llama's ``post_attention_layernorm``).
 * ``NanoChatForCausalLM`` (``nanochat``, Karpathy's nanochat): RMSNorms without weights (also on the embeddings
@@ -50,6 +52,7 @@ ARCHITECTURES: dict[str, str] = {
     "NanoChatForCausalLM": "nanochat",
     "Ministral3ForCausalLM": "ministral3",
     "VaultGemmaForCausalLM": "vaultgemma",
+    "CwmForCausalLM": "cwm",
 }
 HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
 VARIANT_ARCHS = tuple(HF_ARCH)
@@ -63,6 +66,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "num_key_value_heads": 2, "tie_word_embeddings": True},
     "hunyuan_v1_dense": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
     "vaultgemma": {},  # (Gemma 2's keys and defaults, read with Gemma 2's)
+    "cwm": {"rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "head_dim": 128, "num_key_value_heads": 8,
+            "sliding_window": 8192},
     "ministral3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 262144, "head_dim": 128, "num_key_value_heads": 8},
     "nanochat": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "hidden_act": "relu2",
                  "final_logit_softcapping": 15.0},
@@ -108,6 +113,14 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
         out = _hunyuan_rope(out, where)
     elif arch == "ministral3":
         out, fields["query_scale_beta"] = _ministral3_rope(out, where)
+    elif arch == "cwm":
+        if out.get("rope_parameters") is None and out.get("rope_scaling") is None:
+            out["rope_parameters"] = dict(CWM_ROPE)
+        if out.get("layer_types") is None:
+            out["layer_types"] = ["full_attention" if i % 4 == 0 else "sliding_attention"
+                                  for i in range(int(out.get("num_hidden_layers") or 0))]
+        if out.get("attention_bias"):
+            raise ModelError(f"{where}: attention_bias is not a Cwm key (its projections have no biases)")
     elif arch == "nanochat":
         from dualpath.model.layernorm_family import ACTIVATIONS
 
@@ -140,6 +153,9 @@ def _hunyuan_rope(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return cfg
 
 
+#: CwmConfig's RoPE when a config gives none
+CWM_ROPE = {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
 #: Ministral3Config's RoPE when a config gives none
 MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
@@ -183,6 +199,10 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
             rope["llama_4_scaling_beta"] = spec.query_scale_beta
         cfg.update(rope_parameters=rope, sliding_window=spec.sliding_window)
         del cfg["rope_theta"], cfg["rope_scaling"]
+    elif arch == "cwm":
+        cfg.update(sliding_window=spec.sliding_window or spec.max_position,
+                   layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"
+                                for i in range(spec.n_layers)])
     elif arch == "nanochat":
         cfg.update(attention_bias=spec.attention_bias, final_logit_softcapping=spec.final_logit_softcapping,
                    hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(str(spec.activation), spec.activation))

@@ -85,12 +85,13 @@ projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_ne
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
 RoPE, optional per-head q/k LayerNorms and parallel block) and ``Starcoder2ForCausalLM`` (``starcoder2``: biased
-GELU MLP, optional window over every layer). Seven Llamas with one twist each are read by
+GELU MLP, optional window over every layer). Eight Llamas with one twist each are read by
 :mod:`dualpath.model.llama_variants`: ``OlmoForCausalLM`` (``olmo``: weightless LayerNorms, ``clip_qkv``),
 ``HeliumForCausalLM`` (``helium``) and ``Ernie4_5ForCausalLM`` (``ernie4_5``): interleaved RoPE over the whole head,
 biased gated MLPs; ``HunYuanDenseV1ForCausalLM`` (``hunyuan_v1_dense``: q/k norms after RoPE, a fixed NTK-alpha
 RoPE base, ``ntk_alpha``); ``Ministral3ForCausalLM`` (``ministral3``: queries scaled by position,
-``query_scale_beta``); ``VaultGemmaForCausalLM`` (``vaultgemma``: Gemma 2 without its post-attention and post-MLP
+``query_scale_beta``); ``CwmForCausalLM`` (``cwm``: sliding layers by ``layer_types``);
+``VaultGemmaForCausalLM`` (``vaultgemma``: Gemma 2 without its post-attention and post-MLP
 norms); ``NanoChatForCausalLM`` (``nanochat``: weightless RMSNorms, reversed RoPE, ReLU-squared MLP,
 soft-capped logits). Llama's own ``mlp_bias`` is read too (``gated_mlp_bias``).
 
@@ -1003,7 +1004,7 @@ class ModelSpec(_SpecCommon):
         bias = bool(cfg.get("attention_bias", default_bias)) or arch == "qwen2"
         if arch == "qwen2_moe":  # Qwen2-MoE names its q/k/v bias qkv_bias (on unless the config says otherwise)
             bias = bool(cfg.get("qkv_bias", True))
-        elif arch in ("mixtral", "phi3", "ministral", "exaone4", "ministral3"):  # these families' have no biases
+        elif arch in ("mixtral", "phi3", "ministral", "exaone4", "ministral3", "cwm"):  # these have no biases
             bias = False
         elif arch in lnf.LN_ARCHS:
             bias = bool(cfg["attention_bias"])

@@ -197,6 +197,8 @@ def _norm(spec: ModelSpec, dim: int) -> nn.Module:
         return PlainLayerNorm(dim, spec.rms_eps)
     if spec.architecture == "nanochat":
         return PlainRMSNorm(spec.rms_eps)
+    if spec.architecture == "jais2":  # a LayerNorm with a bias, on the Llama path
+        return nn.LayerNorm(dim, eps=spec.rms_eps)
     if spec.layer_norm:
         return nn.LayerNorm(dim, eps=spec.rms_eps)
     return RMSNorm(dim, spec.rms_eps, spec.gemma_style, fp32_scale=spec.fp32_norm_scale)

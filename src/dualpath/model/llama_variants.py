@@ -15,6 +15,9 @@
   checkpoints): Mistral's attention and window with YaRN, and each query scaled by its position as Llama 4 does,
   ``1 + llama_4_scaling_beta * log(1 + floor(position / original_max_position_embeddings))`` (``query_scale_beta``;
   only queries, so stored KV does not depend on it).
+* ``Jais2ForCausalLM`` (``jais2``, Jais 2): LayerNorms with biases (``layer_norm_eps``), a ReLU-squared MLP
+  (``up_proj`` / ``down_proj``, not gated) with ``mlp_bias``, q/k/v/o biases with ``attention_bias`` (both on by
+  default).
 * ``CwmForCausalLM`` (``cwm``, Meta's Code World Model): Llama 3's RoPE, no biases, sliding layers by ``layer_types``
   (by default every fourth layer from the first attends fully, the others slide over ``sliding_window``).
 * ``VaultGemmaForCausalLM`` (``vaultgemma``): Gemma 2's attention, scalings, soft caps and windows in a Llama-shaped
@@ -53,6 +56,7 @@ ARCHITECTURES: dict[str, str] = {
     "Ministral3ForCausalLM": "ministral3",
     "VaultGemmaForCausalLM": "vaultgemma",
     "CwmForCausalLM": "cwm",
+    "Jais2ForCausalLM": "jais2",
 }
 HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
 VARIANT_ARCHS = tuple(HF_ARCH)
@@ -66,6 +70,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "num_key_value_heads": 2, "tie_word_embeddings": True},
     "hunyuan_v1_dense": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
     "vaultgemma": {},  # (Gemma 2's keys and defaults, read with Gemma 2's)
+    "jais2": {"max_position_embeddings": 8192, "hidden_act": "relu2", "attention_bias": True, "mlp_bias": True},
     "cwm": {"rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "head_dim": 128, "num_key_value_heads": 8,
             "sliding_window": 8192},
     "ministral3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 262144, "head_dim": 128, "num_key_value_heads": 8},
@@ -102,11 +107,11 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
         use_bias = _flag(cfg, "use_bias", where)
         out["attention_bias"] = use_bias
         if use_bias:
-            fields["gated_mlp_bias"] = True
+            fields["mlp_has_bias"] = True
         if out.get("head_dim") is None:
             out["head_dim"] = int(out["hidden_size"]) // int(out["num_attention_heads"])
     elif arch == "helium" and _flag(cfg, "mlp_bias", where):
-        fields["gated_mlp_bias"] = True
+        fields["mlp_has_bias"] = True
     elif arch == "olmo":  # (its clip_qkv is read with OLMoE's)
         out["rms_norm_eps"] = OLMO_NORM_EPS
     elif arch == "hunyuan_v1_dense":
@@ -121,14 +126,20 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
                                   for i in range(int(out.get("num_hidden_layers") or 0))]
         if out.get("attention_bias"):
             raise ModelError(f"{where}: attention_bias is not a Cwm key (its projections have no biases)")
-    elif arch == "nanochat":
+    elif arch in ("nanochat", "jais2"):
         from dualpath.model.layernorm_family import ACTIVATIONS
 
         act = out.pop("hidden_act")
         if act not in ACTIVATIONS:
             raise ModelError(f"{where}: hidden_act {act!r} unsupported; expected one of {sorted(ACTIVATIONS)}")
         fields["activation"] = ACTIVATIONS[act]
-        fields["final_logit_softcapping"] = out.pop("final_logit_softcapping")
+        if arch == "nanochat":
+            fields["final_logit_softcapping"] = out.pop("final_logit_softcapping")
+        else:
+            out["rms_norm_eps"] = out.pop("layer_norm_eps", 1e-5)
+            if _flag(out, "mlp_bias", where):
+                fields["mlp_has_bias"] = True
+            out["attention_bias"] = _flag(out, "attention_bias", where)
     out.pop("mlp_bias", None)  # (read above where the family has it)
     return out, fields
 
@@ -190,7 +201,7 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg.update(attention_bias=spec.attention_bias, clip_qkv=spec.clip_qkv)
         cfg.pop("rms_norm_eps")
     elif arch == "helium":
-        cfg.update(attention_bias=spec.attention_bias, mlp_bias=bool(spec.gated_mlp_bias))
+        cfg.update(attention_bias=spec.attention_bias, mlp_bias=bool(spec.mlp_has_bias))
     elif arch == "ernie4_5":
         cfg["use_bias"] = spec.attention_bias
     elif arch == "ministral3":
@@ -203,9 +214,13 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg.update(sliding_window=spec.sliding_window or spec.max_position,
                    layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"
                                 for i in range(spec.n_layers)])
-    elif arch == "nanochat":
-        cfg.update(attention_bias=spec.attention_bias, final_logit_softcapping=spec.final_logit_softcapping,
+    elif arch in ("nanochat", "jais2"):
+        cfg.update(attention_bias=spec.attention_bias,
                    hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(str(spec.activation), spec.activation))
+        if arch == "nanochat":
+            cfg["final_logit_softcapping"] = spec.final_logit_softcapping
+        else:
+            cfg.update(layer_norm_eps=cfg.pop("rms_norm_eps"), mlp_bias=bool(spec.mlp_has_bias))
     elif arch == "hunyuan_v1_dense":
         cfg["attention_bias"] = spec.attention_bias
         rope = spec.rope_scaling or {}

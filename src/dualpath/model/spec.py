@@ -85,15 +85,16 @@ projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_ne
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
 RoPE, optional per-head q/k LayerNorms and parallel block) and ``Starcoder2ForCausalLM`` (``starcoder2``: biased
-GELU MLP, optional window over every layer). Eight Llamas with one twist each are read by
+GELU MLP, optional window over every layer). Nine Llamas with one twist each are read by
 :mod:`dualpath.model.llama_variants`: ``OlmoForCausalLM`` (``olmo``: weightless LayerNorms, ``clip_qkv``),
 ``HeliumForCausalLM`` (``helium``) and ``Ernie4_5ForCausalLM`` (``ernie4_5``): interleaved RoPE over the whole head,
 biased gated MLPs; ``HunYuanDenseV1ForCausalLM`` (``hunyuan_v1_dense``: q/k norms after RoPE, a fixed NTK-alpha
 RoPE base, ``ntk_alpha``); ``Ministral3ForCausalLM`` (``ministral3``: queries scaled by position,
-``query_scale_beta``); ``CwmForCausalLM`` (``cwm``: sliding layers by ``layer_types``);
+``query_scale_beta``); ``CwmForCausalLM`` (``cwm``: sliding layers by ``layer_types``); ``Jais2ForCausalLM`` (``jais2``: biased LayerNorms,
+a biased ReLU-squared MLP);
 ``VaultGemmaForCausalLM`` (``vaultgemma``: Gemma 2 without its post-attention and post-MLP
 norms); ``NanoChatForCausalLM`` (``nanochat``: weightless RMSNorms, reversed RoPE, ReLU-squared MLP,
-soft-capped logits). Llama's own ``mlp_bias`` is read too (``gated_mlp_bias``).
+soft-capped logits). Llama's own ``mlp_bias`` is read too (``mlp_has_bias``).
 
 A sliding attention window is applied exactly as transformers applies it, per layer: a query at position ``p``
 attends to the keys at ``p - window + 1 .. p`` (``sliding_window``; the KV of every position is still kept, so a
@@ -255,8 +256,8 @@ class ModelSpec(_SpecCommon):
     use_qk_norm: bool | None = None  # glm4_moe: per-head q/k RMSNorms (before RoPE) when true
     clip_qkv: float | None = None  # olmoe: q, k and v clamped to +-clip_qkv after the q/k norms (None: off)
     o_proj_bias: bool | None = None  # seed_oss: o_proj's bias (attention_out_bias), apart from q/k/v's
-    # biases on the gated MLP's three projections (Llama's and Helium's mlp_bias, ERNIE 4.5's use_bias); None: none
-    gated_mlp_bias: bool | None = None
+    # biases on the MLP's projections (Llama's, Helium's and Jais 2's mlp_bias, ERNIE 4.5's use_bias); None: none
+    mlp_has_bias: bool | None = None
     nope_layers: tuple[int, ...] = ()  # smollm3: layers whose queries and keys get no RoPE
     # granite: see _GRANITE_FIELDS (None: off)
     embedding_multiplier: float | None = None
@@ -377,10 +378,10 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: query_scale_beta (llama_4_scaling_beta) is ministral3's, a number >= 0 "
                              f"with a RoPE that names original_max_position_embeddings; got {beta!r} for "
                              f"{self.architecture}")
-        if self.gated_mlp_bias is not None and (self.gated_mlp_bias is not True
-                                                or self.architecture not in ("llama", "helium", "ernie4_5")):
-            raise ModelError(f"model config: gated_mlp_bias (mlp_bias, use_bias) is true or null, and only for llama, "
-                             f"helium and ernie4_5; got {self.gated_mlp_bias!r} for {self.architecture}")
+        if self.mlp_has_bias is not None and (self.mlp_has_bias is not True
+                                              or self.architecture not in ("llama", "helium", "ernie4_5", "jais2")):
+            raise ModelError(f"model config: mlp_has_bias (mlp_bias, use_bias) is true or null, and only for llama, "
+                             f"helium, ernie4_5 and jais2; got {self.mlp_has_bias!r} for {self.architecture}")
         if (self.o_proj_bias is None) != (self.architecture != "seed_oss"):
             raise ModelError(f"model config: o_proj_bias (attention_out_bias) is seed_oss's and required there, got "
                              f"{self.o_proj_bias!r} for {self.architecture}")
@@ -399,7 +400,7 @@ class ModelSpec(_SpecCommon):
         ln = self.architecture in lnf.LN_ARCHS
         for name in names:
             value = getattr(self, name)
-            if (value is None) == (ln or (name == "activation" and self.architecture in ("arcee", "nanochat"))):
+            if (value is None) == (ln or (name == "activation" and self.architecture in ("arcee", "nanochat", "jais2"))):
                 raise ModelError(f"model config: {name} is the LayerNorm families' ({', '.join(lnf.LN_ARCHS)}) and "
                                  f"required there, got {value!r} for {self.architecture}")
             if ln and name != "activation" and not isinstance(value, bool):
@@ -612,7 +613,7 @@ class ModelSpec(_SpecCommon):
                                                              "vaultgemma",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
-                                                             "hunyuan_v1_dense", "nanochat")
+                                                             "hunyuan_v1_dense", "nanochat", "jais2")
 
     @property
     def layer_norm(self) -> bool:
@@ -633,7 +634,7 @@ class ModelSpec(_SpecCommon):
     @property
     def gated_mlp(self) -> bool:
         """Whether the dense MLP is gated (SwiGLU / GeGLU) rather than ``down(act(up(x)))``."""
-        if self.architecture in ("arcee", "nanochat"):  # ReLU-squared MLP, not gated
+        if self.architecture in ("arcee", "nanochat", "jais2"):  # ReLU-squared MLP, not gated
             return False
         return not self.layer_norm or self.architecture in ("stablelm", *lnf.COHERE)
 
@@ -643,7 +644,7 @@ class ModelSpec(_SpecCommon):
         StarCoder 2 with ``use_bias``."""
         return self.architecture in ("gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_bigcode", "phi", "bloom") or (
             self.architecture in ("starcoder2", "opt", "falcon", "nemotron") and self.attention_bias) or bool(
-            self.gated_mlp_bias)
+            self.mlp_has_bias)
 
     @property
     def shared_norm_parallel(self) -> bool:
@@ -740,7 +741,7 @@ class ModelSpec(_SpecCommon):
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
                     "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale", "falcon_layout",
-                    "gated_mlp_bias", "query_scale_beta"):
+                    "mlp_has_bias", "query_scale_beta"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -862,7 +863,7 @@ class ModelSpec(_SpecCommon):
             if self.rope_type == "longrope":  # Phi3Config reads this top-level key before the RoPE dict's
                 cfg["original_max_position_embeddings"] = (self.rope_scaling or {})["original_max_position_embeddings"]
         if self.architecture == "llama" and not mistral:
-            cfg["mlp_bias"] = bool(self.gated_mlp_bias)
+            cfg["mlp_bias"] = bool(self.mlp_has_bias)
         if self.architecture == "qwen2_moe":
             cfg["qkv_bias"] = self.attention_bias
         if self.architecture == "gpt_oss":
@@ -951,7 +952,7 @@ class ModelSpec(_SpecCommon):
         if arch in lv.VARIANT_ARCHS:  # their own keys and defaults (dualpath.model.llama_variants)
             cfg, ln_fields = lv.normalize_config(arch, cfg, where)
         elif arch == "llama" and cfg.get("mlp_bias") is True:
-            ln_fields = {"gated_mlp_bias": True}
+            ln_fields = {"mlp_has_bias": True}
             cfg = {k: v for k, v in cfg.items() if k != "mlp_bias"}
         if arch in lnf.LN_ARCHS:  # their own keys and defaults, read into the ones below
             cfg = lnf.normalize_config(arch, cfg, where)

@@ -77,6 +77,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                        "type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32,
                        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                        "llama_4_scaling_beta": 0.1})),
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", dict(BASE, head_dim=32)),
     "jais2": ("Jais2Config", "Jais2ForCausalLM", dict(BASE, head_dim=32)),
     "cwm": ("CwmConfig", "CwmForCausalLM", dict(BASE, head_dim=32, sliding_window=16, bos_token_id=1)),
     "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", dict(BASE, head_dim=32, sliding_window=16)),

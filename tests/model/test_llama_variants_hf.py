@@ -1,4 +1,4 @@
-"""OLMo (1), Helium, ERNIE 4.5, Hunyuan dense, Ministral 3, Jais 2, Cwm, VaultGemma and NanoChat against transformers on the same random weights, saved by
+"""OLMo (1), Helium, ERNIE 4.5, Hunyuan dense, Ministral 3, Apertus, Jais 2, Cwm, VaultGemma and NanoChat against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our
 paged KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, and
 the configs we refuse (:mod:`dualpath.model.llama_variants`).
@@ -6,7 +6,7 @@ the configs we refuse (:mod:`dualpath.model.llama_variants`).
 What each adds to the Llama path: OLMo's LayerNorms have neither weight nor bias and q/k/v are clipped; Helium and
 ERNIE 4.5 turn interleaved RoPE pairs of the whole head (read by permuting q/k rows at load), Helium with q/k/v
 biases but none on o and a biased gated MLP, ERNIE with biases on every projection; Hunyuan norms each head's query
-and key after RoPE, with its fixed NTK-alpha RoPE base; Ministral 3 scales each query by its position; Jais 2 has biased LayerNorms and a biased ReLU-squared MLP; Cwm slides three
+and key after RoPE, with its fixed NTK-alpha RoPE base; Ministral 3 scales each query by its position; Apertus's MLP activation (xIELU) has learned parameters; Jais 2 has biased LayerNorms and a biased ReLU-squared MLP; Cwm slides three
 layers of four; VaultGemma
 is Gemma 2's attention in a Llama-shaped block; NanoChat's norms have no weights, its RoPE turns the other
 way (read by swapping the halves of each head's q/k rows), its MLP is ReLU squared and its logits soft-capped."""
@@ -51,6 +51,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                        "type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 8,
                        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                        "llama_4_scaling_beta": 0.5})),
+    # per-head q/k norms, a plain MLP with xIELU (learned per layer), Llama 3's RoPE (ApertusConfig's default)
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", dict(BASE, head_dim=16)),
     # LayerNorms with biases, a biased ReLU-squared MLP, q/k/v/o biases (Jais2Config's defaults)
     "jais2": ("Jais2Config", "Jais2ForCausalLM", dict(BASE, layer_norm_eps=1e-4)),
     # Llama 3's RoPE; layer 0 attends fully, layers 1 and 2 slide over 5 tokens (CwmConfig's default pattern)
@@ -120,6 +122,8 @@ def test_spec_follows_transformers(ckpt):
         assert spec.clip_qkv == 1.5 and not list(_load(d).model.layers[0].input_layernorm.parameters())
     if family == "ministral3":
         assert spec.query_scale_beta == 0.5 and spec.rope_type == "yarn" and spec.layer_window(0) == 6
+    if family == "apertus":
+        assert spec.activation == "xielu" and spec.qk_norm and spec.rope_type == "llama3"
     if family == "jais2":
         assert spec.activation == "relu2" and spec.mlp_bias and spec.attention_bias and spec.rms_eps == 1e-4
     if family == "cwm":

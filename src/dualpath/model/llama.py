@@ -22,7 +22,7 @@ new token runs the paged decode kernel; anything else the prefill-with-prefix ke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, cast
@@ -248,6 +248,26 @@ class HeadLayerNorm(nn.Module):
         return (h * self.weight.float()).to(x.dtype)
 
 
+class XIELU(nn.Module):
+    """xIELU (Apertus's MLP activation): ``alpha_p * x^2 + beta * x`` for ``x > 0``, else
+    ``(expm1(min(x, eps)) - x) * alpha_n + beta * x``, with ``alpha_p = softplus(a_p)``, ``alpha_n = beta +
+    softplus(a_n)`` from the learned ``a_p`` / ``a_n``; ``beta`` and ``eps`` are read from the checkpoint too
+    (parameters here that are not trained, so that loading and saving carry them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.log(torch.expm1(torch.tensor(0.8))).reshape(1))
+        self.alpha_n = nn.Parameter(torch.log(torch.expm1(torch.tensor(0.3))).reshape(1))
+        self.beta = nn.Parameter(torch.tensor(0.5), requires_grad=False)
+        self.eps = nn.Parameter(torch.tensor(-1e-6), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha_p = F.softplus(self.alpha_p)
+        alpha_n = self.beta + F.softplus(self.alpha_n)
+        return torch.where(x > 0, alpha_p * x * x + self.beta * x,
+                           (torch.expm1(torch.minimum(x, self.eps)) - x) * alpha_n + self.beta * x)
+
+
 class PlainMLP(nn.Module):
     """The LayerNorm families' MLP ``down(act(up(x)))`` (biases as the spec says)."""
 
@@ -257,7 +277,12 @@ class PlainMLP(nn.Module):
 
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
-        self.act = activation(str(spec.activation))
+        self.act: Callable[[torch.Tensor], torch.Tensor]
+        if spec.activation == "xielu":  # Apertus: an activation with learned parameters (mlp.act_fn.*)
+            self.act_fn = XIELU()
+            self.act = self.act_fn
+        else:
+            self.act = activation(str(spec.activation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.down_proj(self.act(self.up_proj(x))))

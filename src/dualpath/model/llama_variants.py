@@ -15,6 +15,9 @@
   checkpoints): Mistral's attention and window with YaRN, and each query scaled by its position as Llama 4 does,
   ``1 + llama_4_scaling_beta * log(1 + floor(position / original_max_position_embeddings))`` (``query_scale_beta``;
   only queries, so stored KV does not depend on it).
+* ``ApertusForCausalLM`` (``apertus``, Swiss AI's Apertus): per-head q/k RMSNorms, a plain MLP with the xIELU
+  activation (its learned ``alpha_p`` / ``alpha_n`` and ``beta`` / ``eps`` per layer, ``mlp.act_fn.*``), Llama 3's
+  RoPE by default; its norms are named ``attention_layernorm`` / ``feedforward_layernorm``.
 * ``Jais2ForCausalLM`` (``jais2``, Jais 2): LayerNorms with biases (``layer_norm_eps``), a ReLU-squared MLP
   (``up_proj`` / ``down_proj``, not gated) with ``mlp_bias``, q/k/v/o biases with ``attention_bias`` (both on by
   default).
@@ -57,6 +60,7 @@ ARCHITECTURES: dict[str, str] = {
     "VaultGemmaForCausalLM": "vaultgemma",
     "CwmForCausalLM": "cwm",
     "Jais2ForCausalLM": "jais2",
+    "ApertusForCausalLM": "apertus",
 }
 HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
 VARIANT_ARCHS = tuple(HF_ARCH)
@@ -70,6 +74,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "num_key_value_heads": 2, "tie_word_embeddings": True},
     "hunyuan_v1_dense": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
     "vaultgemma": {},  # (Gemma 2's keys and defaults, read with Gemma 2's)
+    "apertus": {"rms_norm_eps": 1e-5, "max_position_embeddings": 65536, "hidden_act": "xielu"},
     "jais2": {"max_position_embeddings": 8192, "hidden_act": "relu2", "attention_bias": True, "mlp_bias": True},
     "cwm": {"rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "head_dim": 128, "num_key_value_heads": 8,
             "sliding_window": 8192},
@@ -86,7 +91,9 @@ _NANOCHAT_NAMES = {"mlp.fc1.weight": "mlp.up_proj.weight", "mlp.fc2.weight": "ml
                    "mlp.fc1.bias": "mlp.up_proj.bias", "mlp.fc2.bias": "mlp.down_proj.bias"}
 #: VaultGemma's pre-MLP norm is Llama's post_attention_layernorm (it has no norm on the attention's output)
 _VAULTGEMMA_NAMES = {"pre_feedforward_layernorm.weight": "post_attention_layernorm.weight"}
-_NAMES = {"hunyuan_v1_dense": _HUNYUAN_NAMES, "nanochat": _NANOCHAT_NAMES, "vaultgemma": _VAULTGEMMA_NAMES}
+_APERTUS_NAMES = {".attention_layernorm.weight": ".input_layernorm.weight",
+                  ".feedforward_layernorm.weight": ".post_attention_layernorm.weight"}
+_NAMES = {"apertus": _APERTUS_NAMES, "hunyuan_v1_dense": _HUNYUAN_NAMES, "nanochat": _NANOCHAT_NAMES, "vaultgemma": _VAULTGEMMA_NAMES}
 _QK_ROWS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias")
 
 
@@ -126,16 +133,22 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
                                   for i in range(int(out.get("num_hidden_layers") or 0))]
         if out.get("attention_bias"):
             raise ModelError(f"{where}: attention_bias is not a Cwm key (its projections have no biases)")
-    elif arch in ("nanochat", "jais2"):
+    elif arch in ("nanochat", "jais2", "apertus"):
         from dualpath.model.layernorm_family import ACTIVATIONS
 
         act = out.pop("hidden_act")
+        if arch == "apertus":
+            if out.get("rope_parameters") is None and out.get("rope_scaling") is None:
+                out["rope_parameters"] = dict(APERTUS_ROPE)
+            if act == "xielu":
+                fields["activation"] = "xielu"
+                return out, fields
         if act not in ACTIVATIONS:
             raise ModelError(f"{where}: hidden_act {act!r} unsupported; expected one of {sorted(ACTIVATIONS)}")
         fields["activation"] = ACTIVATIONS[act]
         if arch == "nanochat":
             fields["final_logit_softcapping"] = out.pop("final_logit_softcapping")
-        else:
+        elif arch == "jais2":
             out["rms_norm_eps"] = out.pop("layer_norm_eps", 1e-5)
             if _flag(out, "mlp_bias", where):
                 fields["mlp_has_bias"] = True
@@ -164,6 +177,9 @@ def _hunyuan_rope(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return cfg
 
 
+#: ApertusConfig's RoPE when a config gives none
+APERTUS_ROPE = {"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0, "original_max_position_embeddings": 8192,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 #: CwmConfig's RoPE when a config gives none
 CWM_ROPE = {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "high_freq_factor": 4.0,
             "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
@@ -214,12 +230,12 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg.update(sliding_window=spec.sliding_window or spec.max_position,
                    layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"
                                 for i in range(spec.n_layers)])
-    elif arch in ("nanochat", "jais2"):
+    elif arch in ("nanochat", "jais2", "apertus"):
         cfg.update(attention_bias=spec.attention_bias,
                    hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(str(spec.activation), spec.activation))
         if arch == "nanochat":
             cfg["final_logit_softcapping"] = spec.final_logit_softcapping
-        else:
+        elif arch == "jais2":
             cfg.update(layer_norm_eps=cfg.pop("rms_norm_eps"), mlp_bias=bool(spec.mlp_has_bias))
     elif arch == "hunyuan_v1_dense":
         cfg["attention_bias"] = spec.attention_bias

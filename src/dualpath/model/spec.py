@@ -85,13 +85,13 @@ projections, OPT-350m's post-LayerNorm blocks), ``GPTNeoXForCausalLM`` (``gpt_ne
 RoPE, a two-norm parallel residual), ``PhiForCausalLM`` (``phi``: one norm feeding a parallel attention and MLP,
 partial RoPE, optional q/k LayerNorms, a biased LM head), ``StableLmForCausalLM`` (``stablelm``: SwiGLU, partial
 RoPE, optional per-head q/k LayerNorms and parallel block) and ``Starcoder2ForCausalLM`` (``starcoder2``: biased
-GELU MLP, optional window over every layer). Nine Llamas with one twist each are read by
+GELU MLP, optional window over every layer). Ten Llamas with one twist each are read by
 :mod:`dualpath.model.llama_variants`: ``OlmoForCausalLM`` (``olmo``: weightless LayerNorms, ``clip_qkv``),
 ``HeliumForCausalLM`` (``helium``) and ``Ernie4_5ForCausalLM`` (``ernie4_5``): interleaved RoPE over the whole head,
 biased gated MLPs; ``HunYuanDenseV1ForCausalLM`` (``hunyuan_v1_dense``: q/k norms after RoPE, a fixed NTK-alpha
 RoPE base, ``ntk_alpha``); ``Ministral3ForCausalLM`` (``ministral3``: queries scaled by position,
 ``query_scale_beta``); ``CwmForCausalLM`` (``cwm``: sliding layers by ``layer_types``); ``Jais2ForCausalLM`` (``jais2``: biased LayerNorms,
-a biased ReLU-squared MLP);
+a biased ReLU-squared MLP); ``ApertusForCausalLM`` (``apertus``: q/k norms, the xIELU activation);
 ``VaultGemmaForCausalLM`` (``vaultgemma``: Gemma 2 without its post-attention and post-MLP
 norms); ``NanoChatForCausalLM`` (``nanochat``: weightless RMSNorms, reversed RoPE, ReLU-squared MLP,
 soft-capped logits). Llama's own ``mlp_bias`` is read too (``mlp_has_bias``).
@@ -400,12 +400,14 @@ class ModelSpec(_SpecCommon):
         ln = self.architecture in lnf.LN_ARCHS
         for name in names:
             value = getattr(self, name)
-            if (value is None) == (ln or (name == "activation" and self.architecture in ("arcee", "nanochat", "jais2"))):
+            if (value is None) == (ln or (name == "activation"
+                                          and self.architecture in ("arcee", "nanochat", "jais2", "apertus"))):
                 raise ModelError(f"model config: {name} is the LayerNorm families' ({', '.join(lnf.LN_ARCHS)}) and "
                                  f"required there, got {value!r} for {self.architecture}")
             if ln and name != "activation" and not isinstance(value, bool):
                 raise ModelError(f"model config: {name} must be true or false, got {value!r}")
-        if self.activation is not None and self.activation not in set(lnf.ACTIVATIONS.values()):
+        if self.activation is not None and self.activation not in set(lnf.ACTIVATIONS.values()) and not (
+                self.activation == "xielu" and self.architecture == "apertus"):
             raise ModelError(f"model config: activation {self.activation!r} unsupported; expected one of "
                              f"{sorted(set(lnf.ACTIVATIONS.values()))}")
         if not ln:
@@ -571,7 +573,8 @@ class ModelSpec(_SpecCommon):
     @property
     def qk_norm(self) -> bool:
         """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
-        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "hunyuan_v1_dense", "nanochat") or \
+        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "hunyuan_v1_dense", "nanochat",
+                                     "apertus") or \
             bool(self.use_qk_norm)
 
     @property
@@ -613,7 +616,7 @@ class ModelSpec(_SpecCommon):
                                                              "vaultgemma",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
-                                                             "hunyuan_v1_dense", "nanochat", "jais2")
+                                                             "hunyuan_v1_dense", "nanochat", "jais2", "apertus")
 
     @property
     def layer_norm(self) -> bool:
@@ -634,7 +637,7 @@ class ModelSpec(_SpecCommon):
     @property
     def gated_mlp(self) -> bool:
         """Whether the dense MLP is gated (SwiGLU / GeGLU) rather than ``down(act(up(x)))``."""
-        if self.architecture in ("arcee", "nanochat", "jais2"):  # ReLU-squared MLP, not gated
+        if self.architecture in ("arcee", "nanochat", "jais2", "apertus"):  # ReLU-squared / xIELU MLP, not gated
             return False
         return not self.layer_norm or self.architecture in ("stablelm", *lnf.COHERE)
 

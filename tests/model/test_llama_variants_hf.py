@@ -17,7 +17,13 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from hf_random import Checkpoints, bf16_teacher_forced, check_batched_against_hf, hf_logits
+from hf_random import (
+    Checkpoints,
+    bf16_teacher_forced,
+    check_batched_against_hf,
+    cluster_read_paths,
+    hf_logits,
+)
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -173,6 +179,23 @@ def test_llama_mlp_bias_against_transformers(tmp_path):
     pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
     got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
     torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+@pytest.mark.parametrize("family", ["ministral3", "helium"])
+async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
+    """A two-turn session through the emulated cluster (Ministral 3: queries scaled by position, YaRN, a window;
+    Helium: permuted q/k rows): PE, DE, split and recompute reads give transformers' greedy tokens."""
+    d, hf = _CKPTS.get(family, tmp_path_factory)
+    first = _turns(9)[0] + _turns(9)[1]
+    await cluster_read_paths(LlamaModelConfig(path=str(d), time_model="off"), hf, first, [5, 17, 33, 2, 71, 64, 9],
+                             min_hit=16)
 
 
 @pytest.mark.parametrize("model_type,key,value,needle", [

@@ -50,3 +50,21 @@ def test_generate_bad_input(checkpoint, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", "--model", str(d), "--prompt", "hello", "--max-new-tokens", "2"]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_generate_stops_at_the_generation_config_eos(checkpoint, tmp_path):
+    """An end-of-sequence id that only ``generation_config.json`` names (a chat model's end-of-turn token) ends the
+    generation there, as the HTTP front's answers end."""
+    import shutil
+
+    d, hf = checkpoint
+    prompt = [5, 17, 33, 2, 90, 61, 7]
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 7:].tolist()
+    at = next((i for i in range(2, 12) if want[i] not in want[:i]), 0)  # (this tiny model repeats one id)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(d, ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [want[at], 119]}))
+    out = tmp_path / "gen.json"
+    assert main(["generate", "--model", str(ckpt), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens",
+                 "12", "--device", "cpu", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][0]["generated_ids"] == want[: at + 1] != want

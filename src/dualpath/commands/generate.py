@@ -118,8 +118,15 @@ def run(args: argparse.Namespace) -> int:
     kv_spec = spec.kv_spec()
     pool = KVPool(kv_spec, num_blocks=-(-total // bt), block_tokens=bt, device=device)
     table = pool.allocate(pool.blocks_for_tokens(total))
+    # the end-of-sequence ids the HTTP front stops at too: config.json's, generation_config.json's (chat models'
+    # end-of-turn tokens), the tokenizer's
+    from dualpath.model.embedded import checkpoint_path
+    from dualpath.model.generation_config import read_generation_defaults, stop_ids_of
+
     eos = spec.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if not args.random_init:
+        eos_ids |= set(stop_ids_of(tok, read_generation_defaults(checkpoint_path(args.model)).eos_ids))
 
     def sync() -> None:
         if device.startswith("cuda"):

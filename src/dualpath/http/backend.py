@@ -38,7 +38,10 @@ from dualpath.config import DualPathConfig
 from dualpath.engine.request import unwrap
 from dualpath.engine.sampling import SamplingParams
 from dualpath.errors import EngineError, PeerTimeout
-from dualpath.model.generation_config import GenerationDefaults, read_generation_defaults
+from dualpath.model.generation_config import GenerationDefaults, read_generation_defaults, stop_ids_of
+
+__all__ = ["Backend", "Cancelled", "GenRequest", "GenResult", "InProcessBackend", "Job", "RemoteBackend",
+           "stop_ids_of"]
 from dualpath.types import PathKind, TokenLogprob
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -242,26 +245,6 @@ def _model_setup(config: DualPathConfig) -> tuple[Any, Any, str, GenerationDefau
     else:
         name = path.stem if path.is_file() else path.name
     return mcfg, load_tokenizer(path), name, read_generation_defaults(path)
-
-
-def stop_ids_of(tokenizer: Any, eos_ids: tuple[int, ...] = ()) -> tuple[int, ...]:
-    """End-of-sequence ids: ``eos_ids`` (the checkpoint's, from its ``generation_config.json`` or ``config.json``:
-    :mod:`dualpath.model.generation_config`), a tokenizer's eos token, and the end-of-turn tokens of the families
-    that have them when present (``<|im_end|>``, Llama 3's ``<|eot_id|>`` and ``<|eom_id|>`` (after a tool call),
-    gpt-oss's ``<|return|>`` and ``<|call|>``), as their generation configs list them."""
-    ids: set[int] = set(eos_ids)
-    if tokenizer is None:
-        return tuple(sorted(ids))
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, list):
-        ids.update(int(x) for x in eos)
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    for name in ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|return|>", "<|call|>"):
-        if name in vocab:
-            ids.add(int(vocab[name]))
-    return tuple(sorted(ids))
 
 
 def inprocess_overrides() -> dict[str, Any]:

@@ -5,8 +5,8 @@ A Hugging Face checkpoint directory may carry ``generation_config.json`` (``eos_
 ``eos_token_id`` (or its ``text_config``'s, for multimodal wrappers) is the fallback. Chat models list their
 end-of-turn tokens there (Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``, GLM-4's ``<|user|>``, Llama 3's
 ``<|eot_id|>``), which a tokenizer's single ``eos_token`` does not name; a checkpoint with no tokenizer at all
-still has them. The serving layer stops on their union with the tokenizer's (:func:`dualpath.http.backend.
-stop_ids_of`) and, as vLLM does by default, uses the sampling values as the defaults of a request that gives none.
+still has them. The serving layer and ``dualpath generate`` stop on their union with the tokenizer's
+(:func:`stop_ids_of`); the serving layer, as vLLM does by default, uses the sampling values as the defaults of a request that gives none.
 ``do_sample`` is not read (vLLM does not either): a request's own ``temperature`` decides.
 
 A file that is not JSON, or a value of the wrong type or range, is a :class:`~dualpath.errors.ModelError` naming
@@ -119,3 +119,23 @@ def read_generation_defaults(checkpoint: str | Path) -> GenerationDefaults:
         raise ModelError(f"{gen_path}: top_k must be an integer >= 0, got {top_k!r}")
     values = {key: _number(gen, key, gen_path) for key in _RANGES}
     return GenerationDefaults(eos_ids=eos or (), top_k=top_k, source=str(gen_path), **values)
+
+
+def stop_ids_of(tokenizer: Any, eos_ids: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """End-of-sequence ids: ``eos_ids`` (the checkpoint's, from its ``generation_config.json`` or ``config.json``:
+    :mod:`dualpath.model.generation_config`), a tokenizer's eos token, and the end-of-turn tokens of the families
+    that have them when present (``<|im_end|>``, Llama 3's ``<|eot_id|>`` and ``<|eom_id|>`` (after a tool call),
+    gpt-oss's ``<|return|>`` and ``<|call|>``), as their generation configs list them."""
+    ids: set[int] = set(eos_ids)
+    if tokenizer is None:
+        return tuple(sorted(ids))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(int(x) for x in eos)
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    for name in ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|return|>", "<|call|>"):
+        if name in vocab:
+            ids.add(int(vocab[name]))
+    return tuple(sorted(ids))

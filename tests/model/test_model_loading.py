@@ -297,3 +297,22 @@ def test_pytorch_bin_checkpoint_loads_and_matches_transformers(tmp_path, shards)
         f.unlink()
     with pytest.raises(ModelError, match=r"no weights \(\*\.safetensors, or pytorch_model\*\.bin\)"):
         load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+
+
+def test_every_architecture_reads_a_deep_config_without_a_window_key():
+    """A config of 40 layers and no window keys, for every architecture: Qwen's ``max_window_layers`` default (28)
+    must not make the deep layers of other families slide (it did for GLM-4.5, Seed-OSS and the one-twist Llamas:
+    "sliding_window must be a positive integer")."""
+    from dualpath.model.spec import _HF_ARCH
+
+    windowed = {"gemma2", "gemma3", "vaultgemma", "cohere2", "gpt_neo", "exaone4", "olmo3", "ministral", "cwm",
+                "gpt_oss"}  # (their config classes slide some layers by default)
+    for arch, hf_arch in sorted(_HF_ARCH.items()):
+        cfg = {"model_type": arch, "architectures": [hf_arch], "vocab_size": 100, "hidden_size": 64,
+               "intermediate_size": 96, "num_hidden_layers": 40, "num_attention_heads": 4, "num_key_value_heads": 4,
+               "num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+               "shared_expert_intermediate_size": 32, "ffn_dim": 96, "rotary_dim": 8}
+        spec = ModelSpec.from_hf_config(cfg)
+        assert spec.n_layers == 40, arch
+        if arch not in windowed:
+            assert spec.sliding_window is None and not spec.full_attention_layers, arch

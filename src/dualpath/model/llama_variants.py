@@ -82,6 +82,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "nanochat": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "hidden_act": "relu2",
                  "final_logit_softcapping": 15.0},
 }
+#: the families with sliding-window layers (the others mask causally only, whatever their config says)
+WINDOWED = ("ministral3", "cwm", "vaultgemma")
 #: the families whose norms have no weights (nor biases)
 WEIGHTLESS_NORMS = ("olmo", "nanochat")
 OLMO_NORM_EPS = 1e-5  # OlmoLayerNorm's, fixed (the config has no key for it)

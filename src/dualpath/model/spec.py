@@ -1236,7 +1236,9 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
                    where: str) -> tuple[int | None, tuple[int, ...]]:
     """``(window, full_attention_layers)`` as transformers reads the family's config (module docstring)."""
     n_layers = cfg.get("num_hidden_layers")
-    if arch in ("gemma", "glm", "glm4", "arcee"):  # these models mask causally only: no window key applies
+    if arch in ("gemma", "glm", "glm4", "arcee", "glm4_moe", "seed_oss"):  # causal only: no window key applies
+        return None, ()
+    if arch in lv.VARIANT_ARCHS and arch not in lv.WINDOWED:  # (their config classes have no window either)
         return None, ()
     if arch in ("cohere2", "gpt_neo"):  # (read by layernorm_family)
         return cast(tuple[int | None, tuple[int, ...]], cfg["_windows"])

@@ -156,6 +156,7 @@ class ForwardState:
     local: tuple[torch.Tensor, torch.Tensor] | None = None  # Gemma 3: the sliding layers' own (cos, sin)
     sparse: bool = False  # DeepSeek-V3.2: some sequence holds more than index_topk keys (decided once per batch)
     q_scale: torch.Tensor | None = None  # Ministral 3: each query's position scale [N, 1, 1] (None: none)
+    nope_scale: torch.Tensor | None = None  # Llama 4: its NoPE layers' query temperature [N, 1, 1], fp32
 
 
 PrefillState = ForwardState
@@ -379,6 +380,10 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module
         if spec.architecture == "gpt_oss":
             self.mlp = GptOssMoE(spec)
+        elif spec.architecture == "llama4_text" and spec.is_moe_layer(layer):
+            from dualpath.model.llama4 import Llama4MoE
+
+            self.mlp = Llama4MoE(spec)
         elif spec.architecture == "glm4_moe" and spec.is_moe_layer(layer):
             from dualpath.model.deepseek import MoE  # (deepseek imports this module)
 
@@ -575,6 +580,10 @@ class LlamaModel(LayerwiseDecoder):
 
             raise ModelError(f"position {int(batch.positions.max())} is past the model's context of "
                              f"{self.spec.context_limit} tokens ({context_note(self.spec)})")
+        if self.spec.attention_chunk is not None and int(batch.positions.max()) >= self.spec.context_limit:
+            raise ModelError(f"position {int(batch.positions.max())} is past the model's context of "
+                             f"{self.spec.context_limit} tokens (Llama 4's attention_chunk_size: chunked attention "
+                             "across chunks is not implemented, so a sequence must fit in one chunk)")
         positions = batch.positions.to(self.device, torch.float32)
         cos, sin = self._rope_tables(positions, self.inv_freq, self._rope_scale)
         local = None
@@ -600,13 +609,19 @@ class LlamaModel(LayerwiseDecoder):
             orig = float((self.spec.rope_scaling or {})["original_max_position_embeddings"])
             q_scale = (1 + self.spec.query_scale_beta * torch.log(1 + torch.floor(positions / orig)))
             q_scale = q_scale.to(self.spec.torch_dtype)[:, None, None]
-        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, local=local, q_scale=q_scale)
+        nope_scale = None
+        if self.spec.nope_temperature is not None:  # Llama 4's NoPE layers (attn_temperature_tuning)
+            from dualpath.model.llama4 import nope_query_scale
+
+            nope_scale = nope_query_scale(positions, self.spec.nope_temperature)[:, None, None]
+        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, local=local, q_scale=q_scale,
+                            nope_scale=nope_scale)
 
     def _rope_tables(self, positions: torch.Tensor, inv_freq: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        dt = self.spec.torch_dtype
+        dt = torch.float32 if self.spec.rope_fp32 else self.spec.torch_dtype
         return (emb.cos() * scale).to(dt), (emb.sin() * scale).to(dt)
 
     @torch.no_grad()
@@ -639,11 +654,20 @@ class LlamaModel(LayerwiseDecoder):
             if state.local is not None and self._local_rope[layer]:  # Gemma 3, OLMo 3: a sliding layer's RoPE
                 cos, sin = state.local
             cos, sin = cos[:, None, :], sin[:, None, :]
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            if spec.rope_fp32:  # (Llama 4, ERNIE 4.5: rotated in fp32, then rounded)
+                q, k = _rope(q.float(), cos, sin).to(q.dtype), _rope(k.float(), cos, sin).to(k.dtype)
+            else:
+                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if spec.qk_norm_after_rope:  # Hunyuan: the rotated query and key are normed
             q, k = attn.q_norm(q), attn.k_norm(k)
         if state.q_scale is not None:  # Ministral 3: each query scaled by its position
             q = q * state.q_scale
+        if spec.l2_qk_norm and self._rope[layer]:  # Llama 4's RoPE layers: weightless norms after RoPE
+            from dualpath.model.llama4 import l2_norm
+
+            q, k = l2_norm(q, spec.rms_eps), l2_norm(k, spec.rms_eps)
+        if state.nope_scale is not None and not self._rope[layer]:  # Llama 4's NoPE layers: query temperature
+            q = (q * state.nope_scale).to(q.dtype)
         scale = self.scales[layer]
         if spec.scale_query_first:  # OPT scales its queries before the scores
             q, scale = q * scale, 1.0

@@ -25,6 +25,7 @@
   (by default every fourth layer from the first attends fully, the others slide over ``sliding_window``).
 * ``VaultGemmaForCausalLM`` (``vaultgemma``): Gemma 2's attention, scalings, soft caps and windows in a Llama-shaped
   block (an input norm and a pre-MLP norm, ``pre_feedforward_layernorm``, read as Llama's ``post_attention_layernorm``).
+* ``Llama4ForCausalLM`` (``llama4_text``): Llama 4's text model, in :mod:`dualpath.model.llama4`.
 * ``NanoChatForCausalLM`` (``nanochat``, Karpathy's nanochat): RMSNorms without weights (also on the embeddings
   and on each head's query and key), RoPE turning the other way (``rotate_half`` as ``(x2, -x1)``), a ReLU-squared
   MLP (``fc1`` / ``fc2``, not gated), final logits soft-capped (``final_logit_softcapping``, default 15).
@@ -61,11 +62,12 @@ ARCHITECTURES: dict[str, str] = {
     "CwmForCausalLM": "cwm",
     "Jais2ForCausalLM": "jais2",
     "ApertusForCausalLM": "apertus",
+    "Llama4ForCausalLM": "llama4_text",
 }
 HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
 VARIANT_ARCHS = tuple(HF_ARCH)
 #: the families whose RoPE turns interleaved pairs of the whole head
-INTERLEAVED = ("helium", "ernie4_5")
+INTERLEAVED = ("helium", "ernie4_5", "llama4_text")
 #: their config classes' defaults where Llama's differ (a key absent from the config)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "olmo": {"max_position_embeddings": 2048},
@@ -74,6 +76,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "num_key_value_heads": 2, "tie_word_embeddings": True},
     "hunyuan_v1_dense": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
     "vaultgemma": {},  # (Gemma 2's keys and defaults, read with Gemma 2's)
+    "llama4_text": {},  # (Llama4TextConfig's keys and defaults: dualpath.model.llama4)
     "apertus": {"rms_norm_eps": 1e-5, "max_position_embeddings": 65536, "hidden_act": "xielu"},
     "jais2": {"max_position_embeddings": 8192, "hidden_act": "relu2", "attention_bias": True, "mlp_bias": True},
     "cwm": {"rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "head_dim": 128, "num_key_value_heads": 8,
@@ -110,6 +113,10 @@ def _flag(cfg: dict[str, Any], key: str, where: str) -> bool:
 
 def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(config in Llama's keys with the family's defaults, the spec fields it sets)``."""
+    if arch == "llama4_text":
+        from dualpath.model import llama4
+
+        return llama4.normalize_config(cfg, where)
     out = {**DEFAULTS[arch], **cfg}
     fields: dict[str, Any] = {}
     if arch == "ernie4_5":
@@ -215,6 +222,10 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
     """The family's own ``config.json`` keys over the Llama-shaped ``cfg``."""
     arch = spec.architecture
     cfg = {**cfg, "pad_token_id": None}  # (the config classes' pad ids index the embedding: out of a small vocab)
+    if arch == "llama4_text":
+        from dualpath.model import llama4
+
+        return llama4.hf_config(spec, cfg)
     if arch == "olmo":
         cfg.update(attention_bias=spec.attention_bias, clip_qkv=spec.clip_qkv)
         cfg.pop("rms_norm_eps")
@@ -259,6 +270,10 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
         elif arch == "nanochat" and name.endswith(_QK_ROWS):
             t = _swap_halves(spec, name, t)
         out[_rename(name, _NAMES.get(arch, {}))] = t
+    if arch == "llama4_text":
+        from dualpath.model import llama4
+
+        return llama4.tensors_in(spec, out, "checkpoint")
     return out
 
 
@@ -280,6 +295,10 @@ def tensors_out(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[st
     from dualpath.model.layernorm_family import interleaved_to_half
 
     arch = spec.architecture
+    if arch == "llama4_text":
+        from dualpath.model import llama4
+
+        tensors = llama4.tensors_out(spec, tensors)
     back = {ours: theirs for theirs, ours in _NAMES.get(arch, {}).items()}
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():

@@ -633,7 +633,8 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
 _GEMMA3_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                        ("language_model.lm_head.", "lm_head."))
 _GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                           "model.multi_modal_projector.", "visual.", "model.visual.")
+                           "model.multi_modal_projector.", "visual.", "model.visual.", "vision_model.",
+                           "model.vision_model.")
 
 
 #: EXAONE 3's tensor names -> Llama's (``transformer.h.3.attn.attention.q_proj`` -> ``model.layers.3.self_attn.q_proj``)
@@ -705,6 +706,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             tensors = exaone_tensors(gemma3_language_tensors(tensors))
         if tensors is not None and spec.architecture == "gpt_oss":
             tensors = gpt_oss_tensors(spec, tensors)
+        elif tensors is not None and spec.architecture == "llama4_text":  # (MoE, in its own layout)
+            tensors = lv.tensors_in(spec, tensors)
         elif tensors is not None and spec.is_moe:
             tensors = moe_tensors(spec, tensors, source)
         elif tensors is not None and spec.architecture == "phi3":

@@ -11,7 +11,7 @@ in every layer, top-k weights renormalized), ``Qwen2MoeForCausalLM`` (``qwen2_mo
 a dense MLP in ``mlp_only_layers`` and in layers off ``decoder_sparse_step``. ``GraniteMoeForCausalLM``
 (``granitemoe``) and ``GraniteMoeSharedForCausalLM`` (``granitemoeshared``) are Granite's scalings over Mixtral's
 experts, routed by the softmax of the top-k logits; Shared adds an ungated shared expert
-(``shared_intermediate_size``).
+(``shared_intermediate_size``). ``Llama4ForCausalLM`` (``llama4_text``) is read by :mod:`dualpath.model.llama4`.
 
 Three more dense families run on the same path: ``Phi3ForCausalLM`` (``phi3``: fused ``qkv_proj`` and
 ``gate_up_proj`` checkpoint tensors, split at load time and fused again by our ``save_pretrained``; no biases;
@@ -173,7 +173,7 @@ MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granit
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
-ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe")
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "llama4_text")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
 _GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
 #: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
@@ -253,7 +253,11 @@ class ModelSpec(_SpecCommon):
     n_group: int | None = None
     topk_group: int | None = None
     routed_scaling_factor: float | None = None
-    use_qk_norm: bool | None = None  # glm4_moe: per-head q/k RMSNorms (before RoPE) when true
+    use_qk_norm: bool | None = None  # glm4_moe: per-head q/k RMSNorms (before RoPE) when true; llama4_text: see below
+    # llama4_text: its RoPE layers' chunk (attention_chunk_size; the context is capped at it, see llama4.py) and its
+    # NoPE layers' query temperature (floor_scale, attn_scale); None for every other architecture
+    attention_chunk: int | None = None
+    nope_temperature: tuple[float, float] | None = None
     clip_qkv: float | None = None  # olmoe: q, k and v clamped to +-clip_qkv after the q/k norms (None: off)
     o_proj_bias: bool | None = None  # seed_oss: o_proj's bias (attention_out_bias), apart from q/k/v's
     # biases on the MLP's projections (Llama's, Helium's and Jais 2's mlp_bias, ERNIE 4.5's use_bias); None: none
@@ -354,11 +358,20 @@ class ModelSpec(_SpecCommon):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
         nope = tuple(sorted({int(x) for x in self.nope_layers}))
-        if nope and (self.architecture not in ("smollm3", "exaone4", "cohere2")
+        if nope and (self.architecture not in ("smollm3", "exaone4", "cohere2", "llama4_text")
                      or any(not 0 <= x < self.n_layers for x in nope)):
             raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 / exaone4 / cohere2 layers of "
                              f"0..{self.n_layers - 1}")
         object.__setattr__(self, "nope_layers", nope)
+        if self.nope_temperature is not None:
+            temp = tuple(float(x) for x in self.nope_temperature)
+            if self.architecture != "llama4_text" or len(temp) != 2 or not temp[0] > 0:
+                raise ModelError(f"model config: nope_temperature (floor_scale, attn_scale) is llama4_text's, got "
+                                 f"{self.nope_temperature!r} for {self.architecture}")
+            object.__setattr__(self, "nope_temperature", temp)
+        if self.attention_chunk is not None and (self.architecture != "llama4_text" or self.attention_chunk < 1):
+            raise ModelError(f"model config: attention_chunk (attention_chunk_size) is llama4_text's, a positive "
+                             f"integer; got {self.attention_chunk!r} for {self.architecture}")
         for name in _GPT_OSS_FIELDS:
             value = getattr(self, name)
             if (value is None) != (self.architecture != "gpt_oss"):
@@ -386,6 +399,8 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: o_proj_bias (attention_out_bias) is seed_oss's and required there, got "
                              f"{self.o_proj_bias!r} for {self.architecture}")
         for name in (*_GROUP_ROUTER_FIELDS, "use_qk_norm"):
+            if name == "use_qk_norm" and self.architecture == "llama4_text":
+                continue  # (Llama 4's: a weightless norm of q/k after RoPE on its RoPE layers)
             if (getattr(self, name) is None) != (self.architecture != "glm4_moe"):
                 raise ModelError(f"model config: {name} is glm4_moe's and required there, got "
                                  f"{getattr(self, name)!r} for {self.architecture}")
@@ -492,6 +507,8 @@ class ModelSpec(_SpecCommon):
         a LongRoPE model on its short factors, by ``original_max_position_embeddings`` (past it transformers would
         switch every position to the long factors, which KV already computed cannot follow)."""
         limit = self.max_position if self.context_cap is None else min(self.max_position, self.context_cap)
+        if self.attention_chunk is not None:  # Llama 4: every served sequence in one chunk (llama4.py)
+            limit = min(limit, self.attention_chunk)
         if self.rope_long is False:
             limit = min(limit, int((self.rope_scaling or {})["original_max_position_embeddings"]))
         return limit
@@ -538,7 +555,8 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size == 0:
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
-        if self.architecture not in ("qwen2_moe", "glm4_moe", "granitemoeshared") and self.shared_expert_intermediate_size:
+        if self.architecture not in ("qwen2_moe", "glm4_moe", "granitemoeshared", "llama4_text") and \
+                self.shared_expert_intermediate_size:
             raise ModelError(f"model config: {self.architecture} has no shared expert "
                              f"(shared_expert_intermediate_size {self.shared_expert_intermediate_size})")
         if self.architecture == "glm4_moe":
@@ -574,8 +592,17 @@ class ModelSpec(_SpecCommon):
     def qk_norm(self) -> bool:
         """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
         return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "hunyuan_v1_dense", "nanochat",
-                                     "apertus") or \
-            bool(self.use_qk_norm)
+                                     "apertus") or (bool(self.use_qk_norm) and self.architecture != "llama4_text")
+
+    @property
+    def rope_fp32(self) -> bool:
+        """Llama 4 and ERNIE 4.5 rotate queries and keys in fp32 (tables and products), then round."""
+        return self.architecture in ("llama4_text", "ernie4_5")
+
+    @property
+    def l2_qk_norm(self) -> bool:
+        """Llama 4: a weightless RMS norm of each head's query and key after RoPE, on its RoPE layers."""
+        return self.architecture == "llama4_text" and bool(self.use_qk_norm)
 
     @property
     def qk_norm_after_rope(self) -> bool:
@@ -616,7 +643,8 @@ class ModelSpec(_SpecCommon):
                                                              "vaultgemma",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
-                                                             "hunyuan_v1_dense", "nanochat", "jais2", "apertus")
+                                                             "hunyuan_v1_dense", "nanochat", "jais2", "apertus",
+                                                             "llama4_text")
 
     @property
     def layer_norm(self) -> bool:
@@ -744,7 +772,7 @@ class ModelSpec(_SpecCommon):
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
                     "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale", "falcon_layout",
-                    "mlp_has_bias", "query_scale_beta"):
+                    "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -1123,7 +1151,7 @@ def _smollm3_has_rope(cfg: dict[str, Any], where: str) -> list[int]:
 
 
 def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
-    if arch == "cohere2":  # (read by layernorm_family: RoPE in the sliding layers only)
+    if arch in ("cohere2", "llama4_text"):  # (read by layernorm_family / llama4: Cohere 2 rotates its sliding layers)
         return tuple(cfg["_nope_layers"])
     if arch == "exaone4":  # with a window, EXAONE 4's full-attention layers have no RoPE
         if cfg.get("sliding_window", 4096) is None:
@@ -1397,7 +1425,7 @@ def _partial_rotary(cfg: dict[str, Any], where: str, default: float) -> float:
 def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[str, Any]:
     """The MoE fields of a mixtral / qwen2_moe / qwen3_moe / gpt_oss config (an empty dict for the dense
     architectures)."""
-    if arch not in ALL_MOE_ARCHS:
+    if arch not in ALL_MOE_ARCHS or arch == "llama4_text":  # (Llama 4's are read by llama4.normalize_config)
         return {}
 
     def as_int(key: str, value: Any) -> int:
@@ -1501,16 +1529,16 @@ def gemma3_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 #: image-text checkpoints whose language model serves text here, by their architecture and model_type
 _IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForConditionalGeneration": "llava",
                      "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-                     "Qwen3VLForConditionalGeneration": "qwen3_vl"}
+                     "Qwen3VLForConditionalGeneration": "qwen3_vl", "Llama4ForConditionalGeneration": "llama4"}
 #: their language model's model_type -> the text architecture that runs it (M-RoPE over text alone, where every
 #: token's three position ids are equal, is the plain RoPE of the same frequencies)
 _TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM",
                 "qwen3_vl_text": "Qwen3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "ministral": "MinistralForCausalLM",
-                "ministral3": "Ministral3ForCausalLM"}
+                "ministral3": "Ministral3ForCausalLM", "llama4_text": "Llama4ForCausalLM"}
 #: what a text_config of each image-text family is when it names no model_type
 _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
-                      "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text"}
+                      "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text", "llama4": "llama4_text"}
 
 
 def image_text_family(cfg: dict[str, Any]) -> str | None:

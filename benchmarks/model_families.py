@@ -84,7 +84,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(BASE, num_key_value_heads=4)),
     "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM",
                     dict(BASE, intermediate_size=64, intermediate_size_mlp=256, num_local_experts=4,
-                         num_experts_per_tok=1, interleave_moe_layer_step=2, head_dim=32, attention_chunk_size=512)),
+                         num_experts_per_tok=1, interleave_moe_layer_step=2, head_dim=32, attention_chunk_size=32)),
     "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
                          dict(BASE, intermediate_size=64, num_local_experts=4, shared_intermediate_size=128,
                               embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5,

@@ -359,3 +359,53 @@ def test_alibi_bad_input(device):
             paged_decode_attention(q, kv, tables, lens, 0.25, alibi=bad)
         with pytest.raises(KernelError, match="alibi"):
             tri.paged_decode_attention(q, kv, tables, lens, 0.25, alibi=bad)
+
+
+@pytest.mark.parametrize("chunk,window", [(16, None), (7, None), (12, 5)])
+def test_chunked_attention_matches_naive(device, chunk, window):
+    """Llama 4's chunked attention: a query at position ``p`` sees only the keys of its own chunk (``p // chunk *
+    chunk .. p``), alone and with a window; Triton and the torch reference against a key-by-key float64 loop over
+    the shapes of the sinks test (prefill chunks over cached prefixes that start inside and across chunk
+    boundaries, query tiles spanning a boundary, decode with a split-K reduction)."""
+    seqs, kv, tables, q, cu, seq_lens, starts, qd = _sink_case(device)
+    zero = [0.0] * q.shape[1]
+
+    def naive(qs: torch.Tensor, b: int, qpos: list[int]) -> torch.Tensor:
+        out = []
+        for i, p in enumerate(qpos):  # chunk, then window: the keys a row may see, as a window from its chunk's start
+            w = p - p // chunk * chunk + 1
+            w = w if window is None else min(w, window)
+            out.append(_naive_alibi(qs[i:i + 1], kv, tables[b], [p], 0.3, zero, w))
+        return torch.cat(out)
+
+    want = torch.cat([naive(q[int(cu[b]):int(cu[b + 1])], b, list(range(c, c + n))) for b, (c, n) in enumerate(seqs)])
+    got_ref = ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, window=window, chunk=chunk)
+    got_tri = tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, window=window, chunk=chunk,
+                                          block_m=16, block_n=16)
+    torch.testing.assert_close(got_ref.cpu(), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_tri.cpu(), want, atol=2e-5, rtol=1e-4)
+    want_d = torch.cat([naive(qd[b:b + 1], b, [c + n - 1]) for b, (c, n) in enumerate(seqs)])
+    got_d = tri.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window, chunk=chunk, partition=32,
+                                       block_n=16)
+    torch.testing.assert_close(ref.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window,
+                                                          chunk=chunk).cpu(), want_d, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_d.cpu(), want_d, atol=2e-5, rtol=1e-4)
+    if window is None:  # (the chunks change the result; a window of 5 here lies within each query's chunk)
+        assert not torch.allclose(got_d, ref.paged_decode_attention(qd, kv, tables, seq_lens, 0.3), atol=1e-3)
+    assert not torch.allclose(got_tri, ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3,
+                                                                   window=window), atol=1e-3)
+
+
+def test_chunk_bad_input(device):
+    from dualpath.errors import KernelError
+    from dualpath.kernels import paged_decode_attention
+
+    kv = _pool(2, 16, 1, 16, torch.float32, device)
+    q = torch.randn((1, 2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    tables = torch.zeros((1, 1), dtype=torch.int32, device=device)
+    lens = torch.full((1,), 5, dtype=torch.int32, device=device)
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(KernelError, match="chunk"):
+            paged_decode_attention(q, kv, tables, lens, 0.25, chunk=bad)
+        with pytest.raises(KernelError, match="chunk"):
+            tri.paged_decode_attention(q, kv, tables, lens, 0.25, chunk=bad)

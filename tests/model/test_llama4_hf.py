@@ -1,10 +1,10 @@
 """Llama 4's text model (:mod:`dualpath.model.llama4`) against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our
 paged KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, the
-context cap at ``attention_chunk_size`` and bad configs.
+chunked attention and bad configs.
 
 The checkpoint has every Llama 4 feature switched on where it shows in a short sequence: interleaved RoPE on layers
-0 and 2, NoPE layers 1 and 3 whose queries get the temperature (``floor_scale`` 4, so it grows within the test's
+0 and 2, which attend within chunks of 8 tokens, NoPE layers 1 and 3 whose queries get the temperature (``floor_scale`` 4, so it grows within the test's
 positions), weightless q/k norms on the RoPE layers, MoE layers 1 and 3 (top 2 of 4 experts, each fed its
 sigmoid-scaled input, plus the shared expert) and dense layers 0 and 2 of ``intermediate_size_mlp``."""
 
@@ -30,7 +30,7 @@ CFG: dict[str, Any] = {
     "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 32, "intermediate_size_mlp": 96,
     "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
     "num_local_experts": 4, "num_experts_per_tok": 2, "interleave_moe_layer_step": 2, "no_rope_layer_interval": 2,
-    "attention_chunk_size": 64, "floor_scale": 4, "attn_scale": 0.5, "max_position_embeddings": 256,
+    "attention_chunk_size": 8, "floor_scale": 4, "attn_scale": 0.5, "max_position_embeddings": 256,
     "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
     "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
@@ -72,7 +72,7 @@ def test_triton_backend_equals_transformers(ckpt):
     torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
 
 
-def test_spec_follows_transformers_and_caps_the_context_at_the_chunk(ckpt):
+def test_spec_follows_transformers(ckpt):
     _, d, hf = ckpt
     spec = load_spec(d)
     assert isinstance(spec, ModelSpec) and spec.architecture == "llama4_text"
@@ -80,12 +80,9 @@ def test_spec_follows_transformers_and_caps_the_context_at_the_chunk(ckpt):
     assert [hasattr(layer.feed_forward, "router") for layer in hf.model.layers] == [False, True, False, True]
     assert spec.intermediate_size == 96 and spec.moe_intermediate_size == spec.shared_expert_intermediate_size == 32
     assert spec.l2_qk_norm and not spec.qk_norm and spec.nope_temperature == (4.0, 0.5)
-    assert spec.attention_chunk == 64 and spec.context_limit == 64  # (max_position_embeddings is 256)
+    assert spec.attention_chunk == 8 and spec.context_limit == 256
+    assert hf.config.layer_types == ["chunked_attention", "full_attention"] * 2
     assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
-    model = _load(d)
-    pool = KVPool(model.spec.kv_spec(), num_blocks=20, block_tokens=4)
-    with pytest.raises(ModelError, match="attention_chunk_size"):
-        model(SeqBatch.build([[1, 2]], [64], [pool.allocate(17)], 4), pool.layers)
 
 
 def test_bf16_teacher_forced_logits(ckpt):
@@ -126,6 +123,7 @@ def test_our_save_pretrained_reads_back_in_transformers(tmp_path):
     ("moe_layers", [0, 9], "moe_layers"),
     ("attention_chunk_size", 0, "attention_chunk_size"),
     ("layer_types", ["sliding_attention"] * 4, "layer_types"),
+    ("layer_types", ["chunked_attention"] * 4, "layer_types"),
     ("hidden_act", "gelu", "hidden_act"),
     ("attn_temperature_tuning", "yes", "attn_temperature_tuning"),
 ])

@@ -72,15 +72,20 @@ def _impl(name: str, backend: str | None, device: torch.device) -> Any:
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, *, backend: str | None = None,
                            softcap: float | None = None, window: int | None = None,
-                           sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
-    """``q [B, Hq, D]`` over each sequence's ``seq_lens[b]`` paged tokens -> ``[B, Hq, D]``. ``softcap``: scores
+                           sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
+                           chunk: int | None = None) -> torch.Tensor:
+    """``q [B, Hq, D]`` over each sequence's ``seq_lens[b]`` paged tokens -> ``[B, Hq, D]``. ``chunk`` (Llama 4's
+    chunked attention): a query at position ``p`` sees only the keys of its own chunk of ``chunk`` positions,
+    ``p // chunk * chunk .. p`` (None: no chunks; it combines with ``window``). ``softcap``: scores
     ``softcap * tanh(scores / softcap)`` (Gemma 2's attention-logit soft-capping). ``window``: a sliding
     attention window, the last ``window`` tokens only (None: all). ``sinks``: gpt-oss's attention sinks, a float
     ``[Hq]`` tensor on ``q``'s device: query head ``h``'s softmax gets an extra logit ``sinks[h]`` (unscaled,
     uncapped) that weights no value (None: no sinks). ``alibi``: ALiBi slopes ``[Hq]`` (Bloom): head ``h``'s score
     of the key at position ``k`` from the query at ``p`` gets ``alibi[h] * (k - p)`` added (None: none)."""
     fn = _impl("paged_decode_attention", backend, q.device)
-    kw = {} if alibi is None else {"alibi": check_sinks(alibi, q.shape[1], q.device, "alibi")}
+    kw: dict[str, Any] = {} if alibi is None else {"alibi": check_sinks(alibi, q.shape[1], q.device, "alibi")}
+    if chunk is not None:
+        kw["chunk"] = check_window(chunk, "chunk")
     return fn(q, kv_layer, block_tables, seq_lens, scale, softcap=softcap, window=check_window(window),
               sinks=check_sinks(sinks, q.shape[1], q.device), **kw)
 
@@ -89,12 +94,15 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
                             scale: float, *, backend: str | None = None,
                             softcap: float | None = None, window: int | None = None,
-                            sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+                            sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
+                            chunk: int | None = None) -> torch.Tensor:
     """New tokens ``q [Ntok, Hq, D]``: full attention over the cached prefix, causal over the new tokens.
-    ``softcap``, ``sinks`` and ``alibi`` as for :func:`paged_decode_attention`; ``window``: a query at position
+    ``softcap``, ``sinks``, ``alibi`` and ``chunk`` as for :func:`paged_decode_attention`; ``window``: a query at position
     ``p`` sees the keys at positions ``p - window + 1 .. p`` only (transformers' sliding-window mask)."""
     fn = _impl("paged_prefill_attention", backend, q.device)
-    kw = {} if alibi is None else {"alibi": check_sinks(alibi, q.shape[1], q.device, "alibi")}
+    kw: dict[str, Any] = {} if alibi is None else {"alibi": check_sinks(alibi, q.shape[1], q.device, "alibi")}
+    if chunk is not None:
+        kw["chunk"] = check_window(chunk, "chunk")
     return fn(q, kv_layer, block_tables, cu_seqlens_q, seq_lens, start_pos, scale, softcap=softcap,
               window=check_window(window), sinks=check_sinks(sinks, q.shape[1], q.device), **kw)
 

@@ -13,10 +13,10 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT_DTYPES = (torch.int32, torch.int64)
 
 
-def check_window(window: object) -> int | None:
-    """A sliding attention window: a positive int, or None (no window)."""
+def check_window(window: object, name: str = "window") -> int | None:
+    """A sliding attention window (or, ``name`` ``chunk``, an attention chunk): a positive int, or None."""
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
-        raise KernelError(f"window must be a positive int or None, got {window!r}")
+        raise KernelError(f"{name} must be a positive int or None, got {window!r}")
     return window
 
 

@@ -6,9 +6,11 @@ block table, so any block size works and tiles may span pages; block ids are wid
 are multiplied by strides (large pools do not overflow). Softmax runs in fp32 (exp2 domain).
 Under ``TRITON_INTERPRET=1`` dot operands are cast to fp32 (the interpreter's bf16 dot is wrong).
 ``softcap`` (Gemma 2): scores ``softcap * tanh(scale * q.k / softcap)`` before the mask, as the torch reference.
-``window`` (a sliding attention window): a query at position ``p`` sees keys ``p - window + 1 .. p`` only. Decode
-starts each sequence's scan at its window; prefill starts each query tile's scan at its first row's window and
-masks the rest (a row whose keys in a tile are all masked keeps its running max: no NaN).
+``window`` (a sliding attention window): a query at position ``p`` sees keys ``p - window + 1 .. p`` only; ``chunk``
+(Llama 4's chunked attention): only the keys of its own chunk, ``p // chunk * chunk .. p``. Both give each query a
+first visible key, non-decreasing in ``p``: decode starts each sequence's scan there; prefill starts each query
+tile's scan at its first row's and masks the rest (a row whose keys in a tile are all masked keeps its running
+max: no NaN).
 ``alibi`` (Bloom, ``[Hq]`` slopes, fp32): ``slope[h] * (key position - query position)`` added to each score, in the
 exp2 domain, after the scale and any cap, as the torch reference.
 ``sinks`` (gpt-oss, ``[Hq]``, fp32): an extra per-head logit in the softmax denominator that weights no value,
@@ -50,7 +52,7 @@ def _decode_split_kernel(
     stride_tb,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    qk_scale, softcap, window,
+    qk_scale, softcap, window, chunk,
     G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, PARTITION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr,
@@ -61,6 +63,7 @@ def _decode_split_kernel(
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
     hi = tl.minimum(split * PARTITION + PARTITION, seq_len)
     lo = tl.maximum(split * PARTITION, seq_len - window)  # window: the sliding window, or >= every length
+    lo = tl.maximum(lo, (seq_len - 1) // chunk * chunk)  # chunk: the query's own chunk, or >= every length
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     gmask = g < G
@@ -145,9 +148,9 @@ def _scales(scale: float, softcap: float | None) -> tuple[float, float]:
     return float(scale), float(softcap)
 
 
-def _window_arg(window: int | None) -> int:
-    """The kernels' ``window`` argument: the window, or a bound above every sequence length (no window)."""
-    window = check_window(window)
+def _window_arg(window: int | None, name: str = "window") -> int:
+    """The kernels' ``window`` (or ``chunk``) argument: the window, or a bound above every sequence length (none)."""
+    window = check_window(window, name)
     return 1 << 30 if window is None else min(window, 1 << 30)
 
 
@@ -155,7 +158,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
                            seq_lens: torch.Tensor, scale: float, *, partition: int | None = None,
                            block_n: int | None = None, softcap: float | None = None,
                            window: int | None = None, sinks: torch.Tensor | None = None,
-                           alibi: torch.Tensor | None = None) -> torch.Tensor:
+                           alibi: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """Triton paged decode. ``q [B, Hq, D]``, ``kv_layer [NB, bt, 2, Hkv, D]``, ``block_tables [B, max_blocks]``,
     ``seq_lens [B]`` (each >= 1), ``sinks [Hq]`` or None, ``alibi [Hq]`` slopes or None -> ``[B, Hq, D]`` in
     ``q``'s dtype."""
@@ -195,7 +198,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         tables.stride(0),
         po.stride(0), po.stride(1), po.stride(2),
         lse.stride(0), lse.stride(1),
-        *_scales(scale, softcap), _window_arg(window),
+        *_scales(scale, softcap), _window_arg(window), _window_arg(chunk, "chunk"),
         G=g, D=d, BT=bt, PARTITION=partition, SOFTCAP=softcap is not None,
         BLOCK_G=max(16, next_pow2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
         DOT_FP32=interp, PREC=prec, ALIBI=alibi is not None,
@@ -218,7 +221,7 @@ def _prefill_kernel(
     stride_kb, stride_kt, stride_kkv, stride_kh,
     stride_tb,
     stride_on, stride_oh,
-    qk_scale, softcap, window,
+    qk_scale, softcap, window, chunk,
     G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
     SINKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr,
@@ -253,8 +256,12 @@ def _prefill_kernel(
         full_end = ((start + mblk * BLOCK_M) // BLOCK_N) * BLOCK_N
         end = tl.minimum(seq_len, start + (mblk + 1) * BLOCK_M)
         first = 0
-        if WINDOW:  # keys below the tile's first row's window are visible to no row of the tile
-            first = (tl.maximum(start + mblk * BLOCK_M - window + 1, 0) // BLOCK_N) * BLOCK_N
+        if WINDOW:  # keys below the tile's first row's window (or chunk) are visible to no row of the tile
+            q_first = start + mblk * BLOCK_M
+            low = tl.maximum(tl.maximum(q_first - window + 1, 0), q_first // chunk * chunk)
+            first = (low // BLOCK_N) * BLOCK_N
+        lower = qpos - window + 1  # each row's first visible key (window and chunk; used with WINDOW)
+        lower = tl.maximum(lower, qpos // chunk * chunk)
         for kstart in range(first, full_end, BLOCK_N):
             t = kstart + tl.arange(0, BLOCK_N)
             blk = tl.load(table_row + t // BT).to(tl.int64)
@@ -270,7 +277,7 @@ def _prefill_kernel(
             if ALIBI:
                 s = s + slope * (t[None, :] - qpos[:, None]).to(tl.float32)
             if WINDOW:
-                s = tl.where(t[None, :] > qpos[:, None] - window, s, float("-inf"))
+                s = tl.where(t[None, :] >= lower[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
             if WINDOW:  # a row with no visible key yet: exp2(-inf - -inf) would be NaN
@@ -298,7 +305,7 @@ def _prefill_kernel(
                 s = s + slope * (t[None, :] - qpos[:, None]).to(tl.float32)
             vis = (t[None, :] <= qpos[:, None]) & tmask[None, :]
             if WINDOW:
-                vis = vis & (t[None, :] > qpos[:, None] - window)
+                vis = vis & (t[None, :] >= lower[:, None])
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
@@ -327,7 +334,8 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor,
                             scale: float, *, block_m: int | None = None, block_n: int | None = None,
                             softcap: float | None = None, window: int | None = None,
-                            sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+                            sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
+                            chunk: int | None = None) -> torch.Tensor:
     """Triton prefill with a cached prefix (``sinks [Hq]`` or None, ``alibi [Hq]`` slopes or None); see
     :func:`dualpath.kernels.reference.paged_prefill_attention`."""
     kv = check_kv_layer(kv_layer)
@@ -372,8 +380,8 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         tables.stride(0),
         out.stride(0), out.stride(1),
-        *_scales(scale, softcap), _window_arg(window),
-        G=hq // hkv, D=d, BT=bt, SOFTCAP=softcap is not None, WINDOW=window is not None,
+        *_scales(scale, softcap), _window_arg(window), _window_arg(chunk, "chunk"),
+        G=hq // hkv, D=d, BT=bt, SOFTCAP=softcap is not None, WINDOW=window is not None or chunk is not None,
         SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_FP32=interp, PREC=prec, ALIBI=alibi is not None,
         **({} if interp else {"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}),

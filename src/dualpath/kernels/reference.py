@@ -62,9 +62,10 @@ def paged_decode_attention(
     window: int | None = None,
     sinks: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending to its first ``seq_lens[b]`` cached tokens (the last ``window`` of
-    them with a window).
+    them with a window; those of its own ``chunk`` with a chunk).
 
     ``q [B, Hq, D]``, ``block_tables [B, max_blocks]`` int32, ``seq_lens [B]`` int32 -> ``[B, Hq, D]``.
     ``sinks [Hq]``: per-head sink logits (see the module docstring), or None.
@@ -73,6 +74,8 @@ def paged_decode_attention(
     for b in range(q.shape[0]):
         n = int(seq_lens[b])
         first = max(0, n - window) if window is not None else 0
+        if chunk is not None:  # the query (position n - 1) sees its own chunk only
+            first = max(first, (n - 1) // chunk * chunk)
         k, v = _seq_kv(kv_layer, block_tables[b], n, first)
         rel = None if alibi is None else torch.arange(first - n + 1, 1, device=q.device)[None, :]
         out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap, sinks, alibi, rel)[0].to(q.dtype)
@@ -92,9 +95,11 @@ def paged_prefill_attention(
     window: int | None = None,
     sinks: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Queries of each sequence's new tokens over its cached prefix (full) and its new tokens (causal); with a
-    ``window``, each query over the last ``window`` positions up to its own.
+    ``window``, each query over the last ``window`` positions up to its own; with a ``chunk``, over the positions of
+    its own chunk (``p // chunk * chunk .. p``).
 
     ``q [Ntok, Hq, D]``: the new tokens of all sequences, concatenated; sequence ``b`` owns rows
     ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` at positions ``start_pos[b] + i``; ``seq_lens[b] = start_pos[b] +
@@ -108,12 +113,16 @@ def paged_prefill_attention(
             continue
         n, start = int(seq_lens[b]), int(start_pos[b])
         first = 0 if window is None else max(0, start - window + 1)  # no query of the chunk sees a key before it
+        if chunk is not None:
+            first = max(first, start // chunk * chunk)
         k, v = _seq_kv(kv_layer, block_tables[b], n, first)
         qpos = torch.arange(start, start + hi - lo, device=q.device)
         kpos = torch.arange(first, n, device=q.device)[None, :]
         mask = kpos <= qpos[:, None]
         if window is not None:
             mask &= kpos > qpos[:, None] - window
+        if chunk is not None:
+            mask &= kpos >= (qpos // chunk * chunk)[:, None]
         rel = None if alibi is None else kpos - qpos[:, None]
         out[lo:hi] = _attend(q[lo:hi], k, v, scale, mask, softcap, sinks, alibi, rel).to(q.dtype)
     return out

@@ -532,6 +532,8 @@ class LlamaModel(LayerwiseDecoder):
         self.scales = [spec.layer_attn_scale(i) for i in range(spec.n_layers)]  # (GPT-2 may scale per layer)
         self.softcap = spec.attn_logit_softcapping
         self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]  # each layer's sliding window
+        # Llama 4: its RoPE layers attend within chunks of attention_chunk tokens
+        self.chunks = [spec.attention_chunk if i not in spec.nope_layers else None for i in range(spec.n_layers)]
         # Gemma 3, OLMo 3: the layers that slide turn their keys with the local RoPE
         self._local_rope = [local is not None and w is not None for w in self.windows]
         # SmolLM3: NoPE layers have none; GPT-2 none at all (learned positions)
@@ -580,10 +582,6 @@ class LlamaModel(LayerwiseDecoder):
 
             raise ModelError(f"position {int(batch.positions.max())} is past the model's context of "
                              f"{self.spec.context_limit} tokens ({context_note(self.spec)})")
-        if self.spec.attention_chunk is not None and int(batch.positions.max()) >= self.spec.context_limit:
-            raise ModelError(f"position {int(batch.positions.max())} is past the model's context of "
-                             f"{self.spec.context_limit} tokens (Llama 4's attention_chunk_size: chunked attention "
-                             "across chunks is not implemented, so a sequence must fit in one chunk)")
         positions = batch.positions.to(self.device, torch.float32)
         cos, sin = self._rope_tables(positions, self.inv_freq, self._rope_scale)
         local = None
@@ -677,11 +675,12 @@ class LlamaModel(LayerwiseDecoder):
             o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, scale,
                                        backend=self.backend,
                                        softcap=self.softcap, window=self.windows[layer], sinks=sinks,
-                                       alibi=self.alibi_slopes)
+                                       alibi=self.alibi_slopes, chunk=self.chunks[layer])
         else:
             o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
                                         scale, backend=self.backend, softcap=self.softcap,
-                                        window=self.windows[layer], sinks=sinks, alibi=self.alibi_slopes)
+                                        window=self.windows[layer], sinks=sinks, alibi=self.alibi_slopes,
+                                        chunk=self.chunks[layer])
         a = attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
         if spec.sandwich_norms:  # Gemma 2: norms on the attention output and around the MLP
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)

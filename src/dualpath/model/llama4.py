@@ -15,10 +15,9 @@ What it adds to Llama, as transformers runs it:
   ``intermediate_size_mlp`` wide. Experts are packed ``gate_up_proj [E, hidden, 2I]`` / ``down_proj [E, I, hidden]``
   (``x @ W``), split at load and packed again at save; the MLP is named ``feed_forward``.
 
-Its RoPE layers attend within chunks of ``attention_chunk_size`` tokens (``chunked_attention``). The kernels here
-have no chunked mask, so a Llama 4 spec serves at most ``attention_chunk_size`` tokens (``ModelSpec.context_limit``;
-8,192 by default): every served sequence lies in one chunk, where chunked attention is causal attention, so the
-logits are transformers' exactly; a longer sequence is refused with that reason.
+Its RoPE layers attend within chunks of ``attention_chunk_size`` tokens (``chunked_attention``: a query at position
+``p`` sees the keys ``p // chunk * chunk .. p``; ``ModelSpec.attention_chunk``, the attention kernels' ``chunk``), its
+NoPE layers attend to every earlier key. Stored KV does not depend on the chunking (it masks scores only).
 """
 
 from __future__ import annotations
@@ -75,8 +74,12 @@ def normalize_config(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], d
                               or any(t not in ("chunked_attention", "full_attention") for t in types)):
         raise ModelError(f"{where}: layer_types must list 'chunked_attention' / 'full_attention' for each of the "
                          f"{n} layers, got {types!r}")
-    chunked = any(t == "chunked_attention" for t in types) if types is not None else (chunk is not None and
-                                                                                     len(nope) < n)
+    chunked = chunk is not None and len(nope) < n
+    if types is not None:  # transformers' default chunks exactly the RoPE layers; another pattern is not read
+        want = ["chunked_attention" if chunked and i not in nope else "full_attention" for i in range(n)]
+        if types != want:
+            raise ModelError(f"{where}: layer_types must chunk exactly the RoPE layers (no_rope_layers 1) when "
+                             f"attention_chunk_size is set, else none: expected {want}, got {types}")
     tuning = out.get("attn_temperature_tuning", True)
     if not isinstance(tuning, bool):
         raise ModelError(f"{where}: attn_temperature_tuning must be true or false, got {tuning!r}")

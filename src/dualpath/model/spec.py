@@ -254,7 +254,7 @@ class ModelSpec(_SpecCommon):
     topk_group: int | None = None
     routed_scaling_factor: float | None = None
     use_qk_norm: bool | None = None  # glm4_moe: per-head q/k RMSNorms (before RoPE) when true; llama4_text: see below
-    # llama4_text: its RoPE layers' chunk (attention_chunk_size; the context is capped at it, see llama4.py) and its
+    # llama4_text: its RoPE layers' chunk (attention_chunk_size: each query sees its own chunk's keys) and its
     # NoPE layers' query temperature (floor_scale, attn_scale); None for every other architecture
     attention_chunk: int | None = None
     nope_temperature: tuple[float, float] | None = None
@@ -507,8 +507,6 @@ class ModelSpec(_SpecCommon):
         a LongRoPE model on its short factors, by ``original_max_position_embeddings`` (past it transformers would
         switch every position to the long factors, which KV already computed cannot follow)."""
         limit = self.max_position if self.context_cap is None else min(self.max_position, self.context_cap)
-        if self.attention_chunk is not None:  # Llama 4: every served sequence in one chunk (llama4.py)
-            limit = min(limit, self.attention_chunk)
         if self.rope_long is False:
             limit = min(limit, int((self.rope_scaling or {})["original_max_position_embeddings"]))
         return limit

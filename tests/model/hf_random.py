@@ -133,3 +133,54 @@ async def cluster_read_paths(model_cfg: Any, hf: Any, first: list[int], second: 
         logits = hf(torch.tensor([ids[:-1]])).logits[0]
     assert logits[len(first) - 1: len(first) + 3].argmax(-1).tolist() == r1_ids
     assert logits[len(first) + 4 + len(second) - 1:].argmax(-1).tolist() == r2_ids
+
+
+def load_checkpoint(d: Any, backend: str = "torch", dtype: str = "float32") -> Any:
+    """Our model of the checkpoint in ``d`` (no tokenizer)."""
+    from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.loader import load_model
+
+    return load_model(LlamaModelConfig(path=str(d), attention_backend=backend, dtype=dtype),  # type: ignore[arg-type]
+                      with_tokenizer=False)[0]
+
+
+def random_turns(vocab: int, seed: int = 0, lens: tuple[int, ...] = (11, 5, 7)) -> list[list[int]]:
+    """Turns of random token ids (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def check_turns_against_hf(ours: Any, hf: Any, turns: list[list[int]]) -> None:
+    """Three turns (prefill chunks over a paged prefix, then greedy decode steps): logits at every step and the ids
+    equal transformers' with its own cache."""
+    from test_deepseek import paged_turns
+
+    got, ref, ids, ref_ids = paged_turns(ours, hf, turns, 7, 4)
+    assert ref.abs().max() > 1.0  # logits of a meaningful size
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+    assert len(ids) >= 20 and ids == ref_ids
+
+
+def check_two_chunks_against_hf(ours: Any, hf: Any, seq: list[int], cut: int = 13) -> None:
+    """``seq`` prefilled in two chunks over one paged block table (``cut`` tokens, then the rest; one prefill when
+    ``cut`` covers it): every logit row equals transformers' full forward (the Triton kernels when ``ours`` runs
+    them)."""
+    from dualpath.model import KVPool, SeqBatch
+
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    table = pool.allocate(16)
+    parts = [(seq[:cut], 0)] + ([(seq[cut:], cut)] if cut < len(seq) else [])
+    got = torch.cat([ours(SeqBatch.build([part], [start], [table], 4), pool.layers, all_positions=True)
+                     for part, start in parts])
+    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+
+
+def check_save_reads_back(ours: Any, directory: Any, model_cls: Any, seq: list[int]) -> None:
+    """Our ``save_pretrained`` of ``ours`` loads in transformers' ``model_cls`` with no missing or unexpected
+    tensor, to the same logits over ``seq``."""
+    from dualpath.model.loader import save_pretrained
+
+    save_pretrained(ours, directory)
+    hf, info = model_cls.from_pretrained(str(directory), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    check_two_chunks_against_hf(ours, hf.eval(), seq, cut=len(seq))

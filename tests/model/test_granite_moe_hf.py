@@ -10,13 +10,19 @@ from typing import Any
 
 import pytest
 import torch
-from hf_random import Checkpoints, bf16_teacher_forced, check_batched_against_hf, hf_logits
-from test_deepseek import paged_turns
+from hf_random import (
+    Checkpoints,
+    bf16_teacher_forced,
+    check_batched_against_hf,
+    check_save_reads_back,
+    check_turns_against_hf,
+    load_checkpoint,
+    random_turns,
+)
 
 from dualpath.errors import ModelError
-from dualpath.model import KVPool, ModelSpec, SeqBatch
-from dualpath.model.config import LlamaModelConfig
-from dualpath.model.loader import build_model, load_model, save_pretrained
+from dualpath.model import ModelSpec
+from dualpath.model.loader import build_model
 from dualpath.model.spec import load_spec
 
 transformers = pytest.importorskip("transformers")
@@ -37,21 +43,16 @@ ckpt = _CKPTS.fixture()
 
 
 def _load(d, dtype: str = "float32"):
-    return load_model(LlamaModelConfig(path=str(d), attention_backend="torch", dtype=dtype),  # type: ignore[arg-type]
-                      with_tokenizer=False)[0]
+    return load_checkpoint(d, dtype=dtype)
 
 
 def _turns(seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
+    return random_turns(VOCAB, seed)
 
 
 def test_fp32_multi_turn_logits_and_greedy(ckpt):
     _, d, hf = ckpt
-    ours, ref, ids, ref_ids = paged_turns(_load(d), hf, _turns(), 7, 4)
-    assert ref.abs().max() > 1.0
-    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
-    assert len(ids) >= 20 and ids == ref_ids
+    check_turns_against_hf(_load(d), hf, _turns())
 
 
 def test_batched_sequences_and_decode_equal_transformers(ckpt):
@@ -111,13 +112,7 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
         for n, p in ours.named_parameters():
             if n.endswith("mlp.gate.weight"):
                 p.mul_(20.0)
-    save_pretrained(ours, tmp_path)
-    hf, info = getattr(transformers, model_cls).from_pretrained(str(tmp_path), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    seq = sum(_turns(7), [])
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
+    check_save_reads_back(ours, tmp_path, getattr(transformers, model_cls), sum(_turns(7), []))
 
 
 @pytest.mark.parametrize("model_type,key,value,needle", [

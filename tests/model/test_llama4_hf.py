@@ -14,13 +14,23 @@ from typing import Any
 
 import pytest
 import torch
-from hf_random import Checkpoints, bf16_teacher_forced, check_batched_against_hf, hf_logits
-from test_deepseek import paged_turns
+from hf_random import (
+    Checkpoints,
+    bf16_teacher_forced,
+    check_batched_against_hf,
+    check_save_reads_back,
+    check_turns_against_hf,
+    check_two_chunks_against_hf,
+    cluster_read_paths,
+    hf_logits,
+    load_checkpoint,
+    random_turns,
+)
 
 from dualpath.errors import ModelError
-from dualpath.model import KVPool, ModelSpec, SeqBatch
+from dualpath.model import ModelSpec
 from dualpath.model.config import LlamaModelConfig
-from dualpath.model.loader import build_model, load_model, save_pretrained
+from dualpath.model.loader import build_model
 from dualpath.model.spec import load_spec
 
 transformers = pytest.importorskip("transformers")
@@ -38,22 +48,16 @@ _CKPTS = Checkpoints({"llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", C
 ckpt = _CKPTS.fixture()
 
 
-def _load(d, backend: str = "torch", dtype: str = "float32"):
-    return load_model(LlamaModelConfig(path=str(d), attention_backend=backend, dtype=dtype),  # type: ignore[arg-type]
-                      with_tokenizer=False)[0]
+_load = load_checkpoint
 
 
 def _turns(seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
+    return random_turns(VOCAB, seed)
 
 
 def test_fp32_multi_turn_logits_and_greedy(ckpt):
     _, d, hf = ckpt
-    ours, ref, ids, ref_ids = paged_turns(_load(d), hf, _turns(), 7, 4)
-    assert ref.abs().max() > 1.0
-    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
-    assert len(ids) >= 20 and ids == ref_ids
+    check_turns_against_hf(_load(d), hf, _turns())
 
 
 def test_batched_sequences_and_decode_equal_transformers(ckpt):
@@ -63,13 +67,7 @@ def test_batched_sequences_and_decode_equal_transformers(ckpt):
 
 def test_triton_backend_equals_transformers(ckpt):
     _, d, hf = ckpt
-    seq = sum(_turns(3), [])
-    model = _load(d, "triton")
-    pool = KVPool(model.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    table = pool.allocate(16)
-    got = torch.cat([model(SeqBatch.build([seq[:13]], [0], [table], 4), pool.layers, all_positions=True),
-                     model(SeqBatch.build([seq[13:]], [13], [table], 4), pool.layers, all_positions=True)])
-    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+    check_two_chunks_against_hf(_load(d, "triton"), hf, sum(_turns(3), []))
 
 
 def test_spec_follows_transformers(ckpt):
@@ -109,13 +107,7 @@ def test_our_save_pretrained_reads_back_in_transformers(tmp_path):
         for n, p in ours.named_parameters():
             if n.endswith("mlp.router.weight"):
                 p.mul_(20.0)
-    save_pretrained(ours, tmp_path)
-    hf, info = transformers.Llama4ForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    seq = sum(_turns(7), [])
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
+    check_save_reads_back(ours, tmp_path, transformers.Llama4ForCausalLM, sum(_turns(7), []))
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -150,12 +142,9 @@ def test_image_text_checkpoint_serves_its_text_model(tmp_path):
     ours = _load(tmp_path)
     assert ours.spec.architecture == "llama4_text"
     seq = sum(_turns(8), [])
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
     with torch.no_grad():  # (its language model, a Llama4ForCausalLM: the whole model's text-only forward fails in transformers)
-        ref = hf.language_model(input_ids=torch.tensor([seq])).logits[0].float()
-    assert ref.abs().max() > 1.0
-    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+        assert hf_logits(hf.language_model, seq).abs().max() > 1.0
+    check_two_chunks_against_hf(ours, hf.language_model, seq)
 
 
 @pytest.fixture
@@ -168,7 +157,6 @@ def anyio_backend():
 async def test_cluster_read_paths_same_tokens(tmp_path_factory):
     """A two-turn session through the emulated cluster (interleaved RoPE, NoPE temperature, MoE layers): PE, DE,
     split and recompute reads give transformers' greedy tokens."""
-    from hf_random import cluster_read_paths
 
     d, hf = _CKPTS.get("llama4_text", tmp_path_factory)
     first = _turns(9)[0] + _turns(9)[1]

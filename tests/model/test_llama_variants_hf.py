@@ -13,7 +13,7 @@ way (read by swapping the halves of each head's q/k rows), its MLP is ReLU squar
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 import torch
@@ -21,15 +21,18 @@ from hf_random import (
     Checkpoints,
     bf16_teacher_forced,
     check_batched_against_hf,
+    check_save_reads_back,
+    check_turns_against_hf,
+    check_two_chunks_against_hf,
     cluster_read_paths,
-    hf_logits,
+    load_checkpoint,
+    random_turns,
 )
-from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
-from dualpath.model import KVPool, ModelSpec, SeqBatch
+from dualpath.model import ModelSpec
 from dualpath.model.config import LlamaModelConfig
-from dualpath.model.loader import build_model, load_model, save_pretrained
+from dualpath.model.loader import build_model
 from dualpath.model.spec import load_spec
 
 transformers = pytest.importorskip("transformers")
@@ -80,24 +83,16 @@ _CKPTS = Checkpoints(FAMILIES)
 ckpt = _CKPTS.fixture()
 
 
-def _load(d, backend: Literal["auto", "torch", "triton"] = "torch",
-          dtype: Literal["float32", "bfloat16", "float16"] = "float32"):
-    return load_model(LlamaModelConfig(path=str(d), attention_backend=backend, dtype=dtype), with_tokenizer=False)[0]
+_load = load_checkpoint
 
 
 def _turns(seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
+    return random_turns(VOCAB, seed)
 
 
 def test_fp32_multi_turn_logits_and_greedy(ckpt):
-    """Three turns (prefill chunks over a paged prefix, then greedy decode steps): logits at every step and the ids
-    equal transformers' with its own cache."""
     _, d, hf = ckpt
-    ours, ref, ids, ref_ids = paged_turns(_load(d), hf, _turns(), 7, 4)
-    assert ref.abs().max() > 1.0
-    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
-    assert len(ids) >= 20 and ids == ref_ids
+    check_turns_against_hf(_load(d), hf, _turns())
 
 
 def test_batched_sequences_and_decode_equal_transformers(ckpt):
@@ -107,13 +102,7 @@ def test_batched_sequences_and_decode_equal_transformers(ckpt):
 
 def test_triton_backend_equals_transformers(ckpt):
     _, d, hf = ckpt
-    seq = sum(_turns(3), [])
-    model = _load(d, "triton")
-    pool = KVPool(model.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    table = pool.allocate(16)
-    got = torch.cat([model(SeqBatch.build([seq[:13]], [0], [table], 4), pool.layers, all_positions=True),
-                     model(SeqBatch.build([seq[13:]], [13], [table], 4), pool.layers, all_positions=True)])
-    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+    check_two_chunks_against_hf(_load(d, "triton"), hf, sum(_turns(3), []))
 
 
 def test_spec_follows_transformers(ckpt):
@@ -155,13 +144,7 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     cfg_cls, model_cls, kw = FAMILIES[family]
     hf_cfg = getattr(transformers, cfg_cls)(**kw).to_dict()
     ours = build_model(ModelSpec.from_hf_config(hf_cfg), None, seed=3, backend="torch")
-    save_pretrained(ours, tmp_path)
-    hf, info = getattr(transformers, model_cls).from_pretrained(str(tmp_path), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    seq = sum(_turns(7), [])
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
+    check_save_reads_back(ours, tmp_path, getattr(transformers, model_cls), sum(_turns(7), []))
 
 
 def test_llama_mlp_bias_against_transformers(tmp_path):
@@ -176,9 +159,7 @@ def test_llama_mlp_bias_against_transformers(tmp_path):
     ours = _load(tmp_path)
     assert ours.spec.mlp_bias and ours.spec.to_hf_config()["mlp_bias"] is True
     seq = sum(_turns(4), [])
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+    check_two_chunks_against_hf(ours, hf, seq, cut=len(seq))
 
 
 @pytest.fixture

@@ -124,6 +124,12 @@ def test_sampling_defaults_from_the_checkpoint():
     assert _server(gen, default_temperature=0.3).sampling(CompletionRequest(prompt=[1])).temperature == 0.3
     s = _server(gen, generation_config="none").sampling(CompletionRequest(prompt=[1]))
     assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty) == (1.0, 1.0, 0, 0.0, 1.0)
+    # max_new_tokens is the answer's length when a request gives none (within the context), unless configured
+    with_new = GenerationDefaults(max_new_tokens=40)
+    assert _server(with_new).limit(10, None, "max_tokens") == 40
+    assert _server(with_new).limit(10, 7, "max_tokens") == 7
+    assert _server(with_new, max_tokens_default=12).limit(10, None, "max_tokens") == 12
+    assert _server(with_new, generation_config="none").limit(10, None, "max_tokens") == 256
     assert s.stop_ids == (7, 9)  # (end-of-sequence ids are not a sampling preference)
     assert _server(gen).sampling(CompletionRequest(prompt=[1], ignore_eos=True)).stop_ids == ()
 
@@ -139,6 +145,7 @@ def test_read_generation_defaults_sources_and_bad_files(tmp_path: Path):
     got = read_generation_defaults(tmp_path)
     assert got.eos_ids == (2,) and got.sampling() == {}  # null: not set; config.json's id is the fallback
     for bad, key in (({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 1.5}, "top_k"),
+                     ({"max_new_tokens": 0}, "max_new_tokens"),
                      ({"eos_token_id": [1, "x"]}, "eos_token_id"), ({"repetition_penalty": -1}, "repetition_penalty"),
                      ({"min_p": float("nan")}, "min_p")):
         (tmp_path / "generation_config.json").write_text(json.dumps(bad))

@@ -265,8 +265,12 @@ class Server:
         if requested == 0:  # (echo only: one token is generated and dropped)
             requested = 1
         if requested is None:
-            requested = max(1, min(self.config.max_tokens_default, ctx - n_prompt)) if ctx else \
-                self.config.max_tokens_default
+            default = self.config.max_tokens_default
+            gen_new = self.backend.generation.max_new_tokens
+            if gen_new is not None and self.config.generation_config == "auto" and \
+                    "max_tokens_default" not in self.config.model_fields_set:
+                default = gen_new  # the checkpoint's generation_config.json max_new_tokens, as vLLM reads it
+            requested = max(1, min(default, ctx - n_prompt)) if ctx else default
         if ctx and n_prompt + requested > ctx:
             raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                                 f"{n_prompt + requested} tokens ({n_prompt} in the prompt, {requested} in the "

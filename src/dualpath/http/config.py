@@ -31,8 +31,10 @@ class HttpConfig(Section):
                                                    "set here, it wins over the checkpoint's generation_config.json")
     generation_config: Literal["auto", "none"] = Field(
         default="auto",
-        description="auto: a request that gives no temperature / top_p / top_k / min_p / repetition_penalty gets "
-                    "the checkpoint's generation_config.json value (as vLLM does by default); none: this server's "
+        description="auto: a request that gives no temperature / top_p / top_k / min_p / repetition_penalty / "
+                    "max_tokens gets the checkpoint's generation_config.json value (max_new_tokens for max_tokens; "
+                    "as vLLM does by default; a configured default_temperature / max_tokens_default wins); none: this "
+                    "server's "
                     "defaults (temperature default_temperature, no cut, no penalty). The checkpoint's "
                     "end-of-sequence ids end answers either way (dualpath.model.generation_config)")
     responses_store_max: int = Field(default=1024, ge=0,

@@ -1,7 +1,7 @@
 """What a checkpoint says about generating with it: its end-of-sequence ids and its sampling defaults.
 
 A Hugging Face checkpoint directory may carry ``generation_config.json`` (``eos_token_id``: one id or a list;
-``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``) and always carries ``config.json``, whose
+``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``, ``max_new_tokens``) and always carries ``config.json``, whose
 ``eos_token_id`` (or its ``text_config``'s, for multimodal wrappers) is the fallback. Chat models list their
 end-of-turn tokens there (Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``, GLM-4's ``<|user|>``, Llama 3's
 ``<|eot_id|>``), which a tokenizer's single ``eos_token`` does not name; a checkpoint with no tokenizer at all
@@ -44,6 +44,7 @@ class GenerationDefaults:
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    max_new_tokens: int | None = None  # the answer's length when a request gives none
     source: str | None = None  # the file the sampling values came from
 
     def sampling(self) -> dict[str, float | int]:
@@ -118,7 +119,10 @@ def read_generation_defaults(checkpoint: str | Path) -> GenerationDefaults:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
         raise ModelError(f"{gen_path}: top_k must be an integer >= 0, got {top_k!r}")
     values = {key: _number(gen, key, gen_path) for key in _RANGES}
-    return GenerationDefaults(eos_ids=eos or (), top_k=top_k, source=str(gen_path), **values)
+    new = gen.get("max_new_tokens")
+    if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 1):
+        raise ModelError(f"{gen_path}: max_new_tokens must be an integer >= 1, got {new!r}")
+    return GenerationDefaults(eos_ids=eos or (), top_k=top_k, max_new_tokens=new, source=str(gen_path), **values)
 
 
 def stop_ids_of(tokenizer: Any, eos_ids: tuple[int, ...] = ()) -> tuple[int, ...]:

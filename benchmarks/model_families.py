@@ -41,6 +41,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", BASE),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", GPT2),
     "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(GPT2, rotary_dim=16)),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(GPT2, rotary_dim=16)),
     "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM",
                 {"vocab_size": V, "hidden_size": 128, "num_layers": 4, "num_heads": 4, "max_position_embeddings": 512,
                  "attention_types": [[["global", "local"], 2]], "window_size": 16, "bos_token_id": None,

@@ -645,6 +645,29 @@ _EXAONE_NAMES = ((r"^transformer\.wte\.", "model.embed_tokens."), (r"^transforme
                  (r"\.mlp\.c_fc_1\.", ".mlp.up_proj."), (r"\.mlp\.c_proj\.", ".mlp.down_proj."))
 
 
+def codegen_tensors(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Mapping[str, torch.Tensor]:
+    """CodeGen's fused ``attn.qkv_proj.weight`` (rows in 4 groups of ``[q, v, k]``, each group a quarter of the
+    heads) as GPT-J's ``q_proj`` / ``k_proj`` / ``v_proj``; other tensors (and GPT-J checkpoints) unchanged."""
+    if not any(k.endswith(".attn.qkv_proj.weight") for k in tensors):
+        return tensors
+    from dualpath.model.spec import CODEGEN_MP
+
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not name.endswith(".attn.qkv_proj.weight"):
+            if not name.endswith(".attn.causal_mask"):
+                out[name] = t
+            continue
+        if t.dim() != 2 or t.shape[0] % (3 * CODEGEN_MP):
+            raise ModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected [3 * hidden, hidden] "
+                             f"in {CODEGEN_MP} groups")
+        groups = t.reshape(CODEGEN_MP, 3, t.shape[0] // (3 * CODEGEN_MP), t.shape[1])
+        prefix = name[: -len("qkv_proj.weight")]
+        for i, part in enumerate(("q_proj", "v_proj", "k_proj")):
+            out[f"{prefix}{part}.weight"] = groups[:, i].reshape(-1, t.shape[1]).contiguous()
+    return out
+
+
 def exaone_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """EXAONE 3 / 3.5 checkpoints (Llama under GPT-2-like names) in Llama's names; other tensors unchanged."""
     if not any(k.startswith("transformer.h.") and ".attn.attention." in k for k in tensors):
@@ -703,7 +726,7 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
 
         model = LlamaModel(spec, device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors; EXAONE's names)
-            tensors = exaone_tensors(gemma3_language_tensors(tensors))
+            tensors = codegen_tensors(exaone_tensors(gemma3_language_tensors(tensors)), source)
         if tensors is not None and spec.architecture == "gpt_oss":
             tensors = gpt_oss_tensors(spec, tensors)
         elif tensors is not None and spec.architecture == "llama4_text":  # (MoE, in its own layout)

@@ -948,6 +948,7 @@ class ModelSpec(_SpecCommon):
         cfg, where = read_hf_config(config)
         cfg = text_model_config(cfg, where)
         cfg = llama_alias_config(cfg, where)
+        cfg = codegen_config(cfg, where)
 
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
@@ -1561,6 +1562,25 @@ _LLAMA_ALIAS_DEFAULTS: dict[str, dict[str, Any]] = {
     "exaone": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
     "internlm3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6},
 }
+
+
+#: CodeGen's fused q/k/v is split over this many groups (transformers' ``CodeGenAttention.mp_num``)
+CODEGEN_MP = 4
+
+
+def codegen_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """A CodeGen config (``CodeGenForCausalLM``: Salesforce's codegen-*) as the GPT-J config it is: the same keys,
+    block, interleaved partial RoPE and biased head; only its fused ``qkv_proj`` differs, split at load by
+    :func:`dualpath.model.loader.codegen_tensors` (so our ``save_pretrained`` writes a GPT-J checkpoint of the same
+    model). Any other config unchanged."""
+    archs = cfg.get("architectures") or []
+    if "CodeGenForCausalLM" not in archs and not (not archs and cfg.get("model_type") == "codegen"):
+        return cfg
+    heads = cfg.get("n_head", 16)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads % CODEGEN_MP:
+        raise ModelError(f"{where}: n_head must be a multiple of {CODEGEN_MP} for CodeGen's fused q/k/v, got {heads!r}")
+    out = {k: v for k, v in cfg.items() if k != "n_ctx"}
+    return {**out, "architectures": ["GPTJForCausalLM"], "model_type": "gptj"}
 
 
 def llama_alias_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:

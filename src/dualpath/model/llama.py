@@ -34,6 +34,7 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.gpt_oss import GptOssMoE
+from dualpath.model.llama4 import Llama4MoE, l2_norm, nope_query_scale
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk
 from dualpath.model.spec import ModelSpec, rope_frequencies, rope_inv_freq
 
@@ -381,8 +382,6 @@ class DecoderLayer(nn.Module):
         if spec.architecture == "gpt_oss":
             self.mlp = GptOssMoE(spec)
         elif spec.architecture == "llama4_text" and spec.is_moe_layer(layer):
-            from dualpath.model.llama4 import Llama4MoE
-
             self.mlp = Llama4MoE(spec)
         elif spec.architecture == "glm4_moe" and spec.is_moe_layer(layer):
             from dualpath.model.deepseek import MoE  # (deepseek imports this module)
@@ -609,8 +608,6 @@ class LlamaModel(LayerwiseDecoder):
             q_scale = q_scale.to(self.spec.torch_dtype)[:, None, None]
         nope_scale = None
         if self.spec.nope_temperature is not None:  # Llama 4's NoPE layers (attn_temperature_tuning)
-            from dualpath.model.llama4 import nope_query_scale
-
             nope_scale = nope_query_scale(positions, self.spec.nope_temperature)[:, None, None]
         return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, local=local, q_scale=q_scale,
                             nope_scale=nope_scale)
@@ -661,8 +658,6 @@ class LlamaModel(LayerwiseDecoder):
         if state.q_scale is not None:  # Ministral 3: each query scaled by its position
             q = q * state.q_scale
         if spec.l2_qk_norm and self._rope[layer]:  # Llama 4's RoPE layers: weightless norms after RoPE
-            from dualpath.model.llama4 import l2_norm
-
             q, k = l2_norm(q, spec.rms_eps), l2_norm(k, spec.rms_eps)
         if state.nope_scale is not None and not self._rope[layer]:  # Llama 4's NoPE layers: query temperature
             q = (q * state.nope_scale).to(q.dtype)

@@ -99,6 +99,8 @@ async def test_generation_config_eos_and_defaults_without_a_tokenizer(tmp_path: 
                     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
                 r = await cl.post("/v1/completions", json={"prompt": PROMPT, "stop_token_ids": [-1]})
                 assert r.status_code == 400 and "stop_token_ids" in r.text
+                ch = await complete(stop=[])  # (an empty list asks for nothing: served)
+                assert ch["token_ids"] == greedy[: stop_at + 1]
         finally:
             stop.set()
 

@@ -565,7 +565,7 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
         server.check(body)
         if backend.tokenizer is None:
             # no text can be made: the generated ids are the answer; a stop string could never be matched
-            if body.stop is not None:
+            if body.stops():  # (an empty list asks for nothing)
                 raise ApiError(400, "stop: the served model has no tokenizer, so a stop string cannot be matched; "
                                     "send stop_token_ids", param="stop")
             body.return_token_ids = True

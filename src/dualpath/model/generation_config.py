@@ -45,7 +45,6 @@ class GenerationDefaults:
     min_p: float | None = None
     repetition_penalty: float | None = None
     max_new_tokens: int | None = None  # the answer's length when a request gives none
-    source: str | None = None  # the file the sampling values came from
 
     def sampling(self) -> dict[str, float | int]:
         """The sampling defaults the checkpoint sets, by name (vLLM's names)."""
@@ -122,7 +121,7 @@ def read_generation_defaults(checkpoint: str | Path) -> GenerationDefaults:
     new = gen.get("max_new_tokens")
     if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 1):
         raise ModelError(f"{gen_path}: max_new_tokens must be an integer >= 1, got {new!r}")
-    return GenerationDefaults(eos_ids=eos or (), top_k=top_k, max_new_tokens=new, source=str(gen_path), **values)
+    return GenerationDefaults(eos_ids=eos or (), top_k=top_k, max_new_tokens=new, **values)
 
 
 def stop_ids_of(tokenizer: Any, eos_ids: tuple[int, ...] = ()) -> tuple[int, ...]:

@@ -156,8 +156,7 @@ class ForwardState:
     next_layer: int = 0
     local: tuple[torch.Tensor, torch.Tensor] | None = None  # Gemma 3: the sliding layers' own (cos, sin)
     sparse: bool = False  # DeepSeek-V3.2: some sequence holds more than index_topk keys (decided once per batch)
-    q_scale: torch.Tensor | None = None  # Ministral 3: each query's position scale [N, 1, 1] (None: none)
-    nope_scale: torch.Tensor | None = None  # Llama 4: its NoPE layers' query temperature [N, 1, 1], fp32
+    q_scale: torch.Tensor | None = None  # each query's position scale [N, 1, 1] (LlamaModel._query_scale), or None
 
 
 PrefillState = ForwardState
@@ -218,15 +217,14 @@ class PlainLayerNorm(nn.Module):
 
 
 class PlainRMSNorm(nn.Module):
-    """NanoChat's RMSNorm: no weight; normalized in fp32, rounded back."""
+    """NanoChat's RMSNorm: no weight; normalized in fp32, rounded back (Llama 4's ``L2Norm`` too)."""
 
     def __init__(self, eps: float) -> None:
         super().__init__()
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return l2_norm(x, self.eps)
 
 
 class LayerNorm1P(nn.LayerNorm):
@@ -538,6 +536,9 @@ class LlamaModel(LayerwiseDecoder):
         # SmolLM3: NoPE layers have none; GPT-2 none at all (learned positions)
         self._rope = [i not in spec.nope_layers and not spec.learned_positions and not spec.alibi
                       for i in range(spec.n_layers)]
+        # the layers whose queries are scaled by position (_query_scale): every one of Ministral 3's, Llama 4's NoPE ones
+        self._q_scaled = [spec.query_scale_beta is not None or (spec.nope_temperature is not None and not rope)
+                          for rope in self._rope]
         slopes = None
         if spec.alibi:  # Bloom: each query head's ALiBi slope (fp32), passed to the attention kernels
             from dualpath.model.layernorm_family import alibi_slopes
@@ -601,16 +602,21 @@ class LlamaModel(LayerwiseDecoder):
             hidden = hidden * self.embed_scale.to(hidden.dtype)
         elif self.spec.embedding_multiplier is not None:  # Granite
             hidden = hidden * self.spec.embedding_multiplier
-        q_scale = None
-        if self.spec.query_scale_beta is not None:  # Ministral 3 (Llama 4's attention scaling), in fp32 then rounded
-            orig = float((self.spec.rope_scaling or {})["original_max_position_embeddings"])
-            q_scale = (1 + self.spec.query_scale_beta * torch.log(1 + torch.floor(positions / orig)))
-            q_scale = q_scale.to(self.spec.torch_dtype)[:, None, None]
-        nope_scale = None
-        if self.spec.nope_temperature is not None:  # Llama 4's NoPE layers (attn_temperature_tuning)
-            nope_scale = nope_query_scale(positions, self.spec.nope_temperature)[:, None, None]
-        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, local=local, q_scale=q_scale,
-                            nope_scale=nope_scale)
+        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, local=local,
+                            q_scale=self._query_scale(positions))
+
+    def _query_scale(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Each query's scale by its position ``[N, 1, 1]``, applied in the layers of ``_q_scaled``: Ministral 3's
+        ``1 + beta * log(1 + floor(p / original_max_position_embeddings))`` (rounded to the compute dtype first, as
+        transformers does), or Llama 4's NoPE-layer temperature (fp32); None for every other model."""
+        spec = self.spec
+        if spec.query_scale_beta is not None:
+            orig = float((spec.rope_scaling or {})["original_max_position_embeddings"])
+            scale = 1 + spec.query_scale_beta * torch.log(1 + torch.floor(positions / orig))
+            return scale.to(spec.torch_dtype)[:, None, None]
+        if spec.nope_temperature is not None:
+            return nope_query_scale(positions, spec.nope_temperature)[:, None, None]
+        return None
 
     def _rope_tables(self, positions: torch.Tensor, inv_freq: torch.Tensor,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -655,12 +661,10 @@ class LlamaModel(LayerwiseDecoder):
                 q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if spec.qk_norm_after_rope:  # Hunyuan: the rotated query and key are normed
             q, k = attn.q_norm(q), attn.k_norm(k)
-        if state.q_scale is not None:  # Ministral 3: each query scaled by its position
-            q = q * state.q_scale
         if spec.l2_qk_norm and self._rope[layer]:  # Llama 4's RoPE layers: weightless norms after RoPE
             q, k = l2_norm(q, spec.rms_eps), l2_norm(k, spec.rms_eps)
-        if state.nope_scale is not None and not self._rope[layer]:  # Llama 4's NoPE layers: query temperature
-            q = (q * state.nope_scale).to(q.dtype)
+        if state.q_scale is not None and self._q_scaled[layer]:  # Ministral 3; Llama 4's NoPE layers
+            q = (q * state.q_scale).to(q.dtype)
         scale = self.scales[layer]
         if spec.scale_query_first:  # OPT scales its queries before the scores
             q, scale = q * scale, 1.0

@@ -87,8 +87,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 #: the families with sliding-window layers (the others mask causally only, whatever their config says)
 WINDOWED = ("ministral3", "cwm", "vaultgemma")
-#: the families whose norms have no weights (nor biases)
-WEIGHTLESS_NORMS = ("olmo", "nanochat")
 OLMO_NORM_EPS = 1e-5  # OlmoLayerNorm's, fixed (the config has no key for it)
 _HUNYUAN_NAMES = {"self_attn.query_layernorm.weight": "self_attn.q_norm.weight",
                   "self_attn.key_layernorm.weight": "self_attn.k_norm.weight"}
@@ -258,7 +256,8 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
+               source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A family's checkpoint tensors in our names (see the module docstring)."""
     from dualpath.model.layernorm_family import interleaved_to_half
 
@@ -273,7 +272,7 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
     if arch == "llama4_text":
         from dualpath.model import llama4
 
-        return llama4.tensors_in(spec, out, "checkpoint")
+        return llama4.tensors_in(spec, out, source)
     return out
 
 

@@ -118,7 +118,7 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
         from dualpath.model.layernorm_family import tensors_out
 
         out = tensors_out(model.spec, out)  # type: ignore[arg-type]
-    if getattr(model.spec, "architecture", "") in lv.VARIANT_ARCHS:  # OLMo, Helium, ERNIE 4.5, Hunyuan dense
+    if getattr(model.spec, "architecture", "") in lv.VARIANT_ARCHS:  # the one-twist Llamas and Llama 4
         out = lv.tensors_out(model.spec, out)  # type: ignore[arg-type]
     return out
 
@@ -730,7 +730,7 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         if tensors is not None and spec.architecture == "gpt_oss":
             tensors = gpt_oss_tensors(spec, tensors)
         elif tensors is not None and spec.architecture == "llama4_text":  # (MoE, in its own layout)
-            tensors = lv.tensors_in(spec, tensors)
+            tensors = lv.tensors_in(spec, tensors, source)
         elif tensors is not None and spec.is_moe:
             tensors = moe_tensors(spec, tensors, source)
         elif tensors is not None and spec.architecture == "phi3":
@@ -742,7 +742,7 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
 
             tensors = tensors_in(spec, tensors)
         elif tensors is not None and spec.architecture in lv.VARIANT_ARCHS:
-            tensors = lv.tensors_in(spec, tensors)
+            tensors = lv.tensors_in(spec, tensors, source)
     if tensors is None:
         init_random(model, seed)
     else:

@@ -150,7 +150,7 @@ ARCHITECTURES: dict[str, str] = {
     "ArceeForCausalLM": "arcee",
     "Glm4ForCausalLM": "glm4",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
-    **lv.ARCHITECTURES,  # OLMo, Helium, ERNIE 4.5, Hunyuan dense (dualpath.model.llama_variants)
+    **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
 _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
@@ -957,20 +957,13 @@ class ModelSpec(_SpecCommon):
             if a in ARCHITECTURES:
                 arch = ARCHITECTURES[a]
                 break
-        if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "vaultgemma",
-                                           "gemma3_text", "olmo2", "olmo3", "smollm3", "granite", "ministral", "olmoe", "exaone4",
-                                           "seed_oss", "glm", "glm4", "arcee", *lnf.LN_ARCHS, *lv.VARIANT_ARCHS,
-                                           *ALL_MOE_ARCHS):  # (glm4_moe among them)
+        if arch is None and model_type in _MODEL_TYPES:
             arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
             raise ModelError(
                 f"{where}: unsupported architecture {archs or model_type!r}; supported: "
-                f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type llama, mistral, qwen2, qwen3, "
-                "mixtral, qwen2_moe, qwen3_moe, phi3, gemma, gemma2, gemma3_text, gpt_oss, olmo2, olmo3, smollm3, "
-                "granite, ministral, arcee, glm, glm4, glm4_moe, olmoe, exaone4, seed_oss, gpt2, gptj, gpt_neox, gpt_bigcode, opt, phi, stablelm, "
-                "cohere, cohere2, falcon, nemotron, bloom, gpt_neo, mpt, olmo, helium, ernie4_5, hunyuan_v1_dense, "
-                "starcoder2, "
-                "deepseek_v2, deepseek_v3, deepseek_v32)"
+                f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type "
+                f"{', '.join(sorted({*_MODEL_TYPES, *_DEEPSEEK_ARCH.values()}))})"
             )
 
         def need(key: str) -> Any:
@@ -1076,6 +1069,8 @@ class ModelSpec(_SpecCommon):
         )
 
 
+#: the model_types read without an ``architectures`` list (every architecture's own; Mistral's as Llama)
+_MODEL_TYPES = ("mistral", "gemma3_text", *(a for a in _HF_ARCH if a != "gemma3"))
 _MAX_POSITION = {"glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "vaultgemma": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
                  "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288}
 #: the config classes' RoPE base where it is not 10,000 (a config that names none)

@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=4096, help="prompt tokens of the streaming-overhead request")
     ap.add_argument("--io-hit", type=int, default=16384, help="hit tokens of each I/O-bound request")
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--skip-synthetic", action="store_true", help="no synthetic-model streaming case")
+    ap.add_argument("--skip-io", action="store_true", help="no I/O-bound case (b)")
     ap.add_argument("--llama-size", choices=sorted(LLAMA_SIZES), default="small")
     ap.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto", help="attention kernels")
     ap.add_argument("--json", dest="json_out")
@@ -169,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run_all() -> list[dict[str, Any]]:
         runs = []
-        kinds = ["synthetic"] + ([] if args.skip_llama else ["llama"])
+        kinds = ([] if args.skip_synthetic else ["synthetic"]) + ([] if args.skip_llama else ["llama"])
         for kind in kinds:
             r = await streaming_overhead(kind, args.repeats, args.prompt, 0.75, args.llama_size, args.backend)
             runs.append(r)
             print(f"(a) layer-wise streaming overhead [{kind}, {r['device']}]: prompt {r['prompt_tokens']}, hit {r['hit_tokens']}: "
                   f"prefill local {r['prefill_s_local'] * 1e3:.1f} ms, streamed {r['prefill_s_streamed'] * 1e3:.1f} ms"
                   f" -> ratio {r['ratio']:.3f} (target <= 1.10)")
+        if args.skip_io:
+            return runs
         r = await io_bound(args.repeats, args.snic_gbps, args.io_hit)
         runs.append(r)
         s = r["seconds"]

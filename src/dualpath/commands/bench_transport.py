@@ -7,7 +7,8 @@ Per backend and message size (64 KiB, 1 MiB, 4 MiB, 16 MiB), interleaved and rep
   one plain TCP connection, received straight into the landing slot; ``zmq-frames`` the same with every payload
   as zmq frames (``data_socket: zmq``, what CURVE and ipc endpoints use); ``zmq-tcp`` forces the data socket;
 * ``nixl`` across two processes vs raw NIXL WRITEs (agent to agent, a window of posted transfers, notification
-  per message) between two processes;
+  per message) between two processes; with ``--device cuda`` both sides' sources and landing regions are GPU
+  memory (VRAM to VRAM; UCX's ``cuda_copy``/``cuda_ipc`` added to ``UCX_TLS``);
 * ``loopback`` in one process vs a plain ``copy_`` of the same bytes, in alternating blocks (the ratio is the
   median of per-pair ratios: robust to other load on a shared box; see :func:`bench_loopback`). A third block
   of plain ``memmove`` calls rides along (``ratio_vs_memmove``): loopback copies small host buffers with
@@ -22,6 +23,7 @@ along with nixl: ``raw_batched_gib_s`` / ``ratio_vs_raw_batched``, raw NIXL post
 flight (one post and one notification for many): what raw NIXL gains from batching too, so the comparison is
 also made like with like.
 
+Before each size, one message's landed bytes are hashed against its source (``landed_intact``).
 Our side is the full contract: the receiver exposes a tag per message (rotating over ``SLOTS`` landing slots, as
 the raw NIXL receiver does) and awaits it; the sender keeps a window of concurrent writes in flight (``window``
 in the JSON: 8 to 32, each write to its own tag; loopback copies inline, one at a time, like ``copy_``) and each
@@ -68,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="passes per point (default 5, quick 2)")
     parser.add_argument("--mib-per-point", type=int, default=None, help="MiB per pass (default 256, quick 96)")
     parser.add_argument("--no-links", action="store_true", help="skip the emulated link cases")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where sources and landing regions live (cuda: nixl only, GPU memory to GPU memory "
+                             "between two processes, with UCX's cuda_copy/cuda_ipc; default cpu)")
 
 
 # --- child processes -------------------------------------------------------------------------------------------
@@ -165,22 +170,30 @@ def raw_tcp_recv() -> None:
 
 
 def _nixl_agent(name: str) -> Any:
-    os.environ.setdefault("UCX_TLS", "tcp,self,sm")
-    from nixl_cu12 import nixl_agent, nixl_agent_config  # type: ignore[import-not-found]
+    from dualpath.transports.nixl import import_nixl, ucx_tls_with_cuda
 
+    os.environ.setdefault("UCX_TLS", ucx_tls_with_cuda("tcp,self,sm"))  # what our transport's default sets
+    nixl_mod = import_nixl()
+    if nixl_mod is None:
+        raise RuntimeError("raw NIXL baseline: no NIXL module (nixl-cu12 / nixl-cu13) installed")
     # the same agent configuration as our transport's default (NixlTransportConfig.progress_thread=False): no
     # NIXL progress thread; the receiver's own loop polls (and so drives UCX progress)
-    return nixl_agent(name, nixl_agent_config(backends=["UCX"], enable_prog_thread=False))
+    return nixl_mod.nixl_agent(name, nixl_mod.nixl_agent_config(backends=["UCX"], enable_prog_thread=False))
 
 
-def raw_nixl_recv(nbytes: int) -> None:
-    """Raw baseline receiver: an agent with a registered buffer; ``recv N`` -> ``done`` after N notifications;
-    ``{"op": "digest", "slot": j, "nbytes": n}`` -> the sha256 of landing slot j."""
+def _nixl_mem(t: Any) -> tuple[str, int]:
+    """NIXL's memory type and device id of a tensor's bytes."""
+    return ("VRAM", t.get_device()) if t.is_cuda else ("DRAM", 0)
+
+
+def raw_nixl_recv(nbytes: int, device: str = "cpu") -> None:
+    """Raw baseline receiver: an agent with a registered buffer (on ``device``); ``recv N`` -> ``done`` after N
+    notifications; ``{"op": "digest", "slot": j, "nbytes": n}`` -> the sha256 of landing slot j."""
     import torch
 
     out = _proto_out()
     agent = _nixl_agent(f"rawrecv{os.getpid()}")
-    buf = torch.zeros(nbytes, dtype=torch.uint8)
+    buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
     agent.register_memory(buf)
     out.write(json.dumps({"md": agent.get_agent_metadata().hex(), "addr": buf.data_ptr()}) + "\n")
     for line in sys.stdin:
@@ -189,7 +202,7 @@ def raw_nixl_recv(nbytes: int) -> None:
             break
         if cmd["op"] == "digest":  # what landed in one slot (tests of the reference)
             n = cmd["nbytes"]
-            digest = hashlib.sha256(buf[cmd["slot"] * n:(cmd["slot"] + 1) * n].numpy().tobytes()).hexdigest()
+            digest = hashlib.sha256(buf[cmd["slot"] * n:(cmd["slot"] + 1) * n].cpu().numpy().tobytes()).hexdigest()
             out.write(json.dumps({"id": cmd.get("id"), "sha256": digest}) + "\n")
             continue
         got = 0
@@ -307,10 +320,18 @@ def _raw_nixl_done(raw: Child, t0: float, local: Any, rdesc: Any, nbytes: int) -
     return nbytes / dt / 2**30
 
 
+def _raw_dlists(agent: Any, remote: str, raw: Child, src: Any, size: int) -> tuple[Any, Any]:
+    """Prepared descriptor lists: the source's first ``size`` bytes, and the receiver's ``SLOTS`` landing slots
+    (its buffer on the same kind of memory as ``src``)."""
+    mem, dev = _nixl_mem(src)
+    local = agent.prep_xfer_dlist("NIXL_INIT_AGENT", [(src.data_ptr(), size, dev)], mem)
+    rdesc = agent.prep_xfer_dlist(remote, [(raw.first["addr"] + j * size, size, dev) for j in range(SLOTS)], mem)
+    return local, rdesc
+
+
 def _raw_nixl_pass(agent: Any, remote: str, raw: Child, src: Any, size: int, count: int) -> float:
     # descriptor lists prepared once and reused, as our transport does
-    local = agent.prep_xfer_dlist("NIXL_INIT_AGENT", [(src.data_ptr(), size, 0)], "DRAM")
-    rdesc = agent.prep_xfer_dlist(remote, [(raw.first["addr"] + j * size, size, 0) for j in range(SLOTS)], "DRAM")
+    local, rdesc = _raw_dlists(agent, remote, raw, src, size)
     window = _window(size)
     t0 = time.perf_counter()
     raw.send(op="recv", count=count)
@@ -332,8 +353,7 @@ def _raw_nixl_batched_pass(agent: Any, remote: str, raw: Child, src: Any, size: 
     (one notification per WRITE), the shape our transport gives writes queued while others are in flight: what
     raw NIXL itself gains from batching, so ``ratio_vs_raw_batched`` compares like with like."""
     per = max(1, _window(size) // 2)
-    local = agent.prep_xfer_dlist("NIXL_INIT_AGENT", [(src.data_ptr(), size, 0)], "DRAM")
-    rdesc = agent.prep_xfer_dlist(remote, [(raw.first["addr"] + j * size, size, 0) for j in range(SLOTS)], "DRAM")
+    local, rdesc = _raw_dlists(agent, remote, raw, src, size)
     posts = -(-count // per)
     t0 = time.perf_counter()
     raw.send(op="recv", count=posts)
@@ -367,7 +387,24 @@ def _counts(size: int, mib: int) -> int:
     return max(8, (mib * MiB) // size)
 
 
-async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: int) -> list[dict[str, Any]]:
+async def _check_landed(t: Any, peer: Child, src: Any, size: int) -> None:
+    """One write of ``src[:size]`` through our transport, then the sha256 of what landed in the peer's region
+    against the source's: the benchmark's bytes arrive intact (on the GPU path too)."""
+    tag = f"check{size}"
+    peer.send(op="expose", tag=tag, offset=0, nbytes=size, sender=t.name)
+    reply = peer.read()
+    if not reply.get("ok"):
+        raise RuntimeError(f"peer failed: {reply}")
+    await t.write("peer", tag, src[:size], 60.0)
+    peer.send(op="wait", tag=tag, timeout=60.0, offset=0, nbytes=size)
+    reply = peer.read()
+    want = hashlib.sha256(src[:size].cpu().numpy().tobytes()).hexdigest()
+    if reply.get("sha") != want:
+        raise RuntimeError(f"{size} bytes: what landed differs from what was sent ({reply})")
+
+
+async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: int,
+                               device: str = "cpu") -> list[dict[str, Any]]:
     import torch
 
     from dualpath.transports import create_transport
@@ -377,14 +414,14 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
     cfg = ZmqTransportConfig(data_socket=_ZMQ_KINDS[kind]) if zmq_like else NixlTransportConfig()
     data_socket = isinstance(cfg, ZmqTransportConfig) and cfg.uses_data_socket
     buf = 4 * max(sizes)
-    peer = Child(["-m", "dualpath.transports.peer", "peer", cfg.model_dump_json(), str(buf)])
+    peer = Child(["-m", "dualpath.transports.peer", "peer", cfg.model_dump_json(), str(buf), device])
     if zmq_like:
         raw = Child(["-m", "dualpath.commands.bench_transport", "raw-zmq"])
     else:
-        raw = Child(["-m", "dualpath.commands.bench_transport", "raw-nixl", str(buf)])
+        raw = Child(["-m", "dualpath.commands.bench_transport", "raw-nixl", str(buf), device])
     runs = []
     try:
-        src = torch.randint(0, 256, (max(sizes),), dtype=torch.uint8)
+        src = torch.randint(0, 256, (max(sizes),), dtype=torch.uint8).to(device)
         async with create_transport(cfg, "bench") as t:
             t.register(src)
             await t.connect("peer", peer.first["address"])
@@ -437,6 +474,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                 batched_pass = _batched_pass
             for size in sizes:
                 count = _counts(size, mib)
+                await _check_landed(t, peer, src, size)
                 # warm-up (connections, allocator)
                 raw_pass(size, min(count, 16))
                 await _ours_pass(t, peer, src, size, min(count, 16), f"w{size}-")
@@ -484,7 +522,8 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                     tg = statistics.median(tcp)
                     extra.update(raw_tcp_land_gib_s=round(tg, 3), raw_tcp_land_over_raw=round(tg / rg, 3),
                                  raw_tcp_land_cpu_s_per_gib=round(statistics.median(cpu_tcp) / gib, 4))
-                runs.append({"backend": kind, "size_bytes": size, "messages": count, "window": _window(size),
+                runs.append({"backend": kind, "device": str(src.device), "size_bytes": size, "messages": count,
+                             "window": _window(size), "landed_intact": True,
                              "landing_slots": SLOTS, **(_nixl_threads(cfg) if kind == "nixl" else {}),
                              "gib_s": round(g, 3), "raw_gib_s": round(rg, 3), "ratio": round(g / rg, 3),
                              "baseline": "raw pyzmq PUSH/PULL zero-copy" if zmq_like else "raw NIXL WRITE",
@@ -498,8 +537,8 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
                     more += f"  (raw batched {extra['raw_batched_gib_s']:.2f}, ratio {extra['ratio_vs_raw_batched']:.2f})"
                 if extra["cpu_ratio"] is not None:
                     more += f"  CPU raw/ours {extra['cpu_ratio']:.2f}"
-                print(f"  {kind:8s} {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  ratio {g / rg:5.2f}{more}",
-                      flush=True)
+                print(f"  {kind:8s} {src.device.type:4s} {size // KiB:>6d} KiB  {g:6.2f} GiB/s  raw {rg:6.2f}  "
+                      f"ratio {g / rg:5.2f}{more}", flush=True)
             if zmq_like:
                 sock.close(0)
                 ctx.term()
@@ -709,6 +748,18 @@ def run(args: argparse.Namespace) -> int:
     sizes = SIZES
     runs: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
+    device = getattr(args, "device", "cpu") or "cpu"
+    if device == "cuda":
+        import torch
+
+        from dualpath.errors import ConfigError
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+        others = [b for b in backends if b != "nixl"]
+        if others:
+            raise ConfigError(f"--device cuda measures nixl only (GPU memory to GPU memory); drop {others} from "
+                              "--backends")
 
     async def main() -> None:
         for kind in backends:
@@ -717,13 +768,13 @@ def run(args: argparse.Namespace) -> int:
                 runs.extend(await bench_loopback(sizes, repeats, mib))
             elif kind in _ZMQ_KINDS or kind == "nixl":
                 if kind == "nixl":
-                    try:
-                        import nixl_cu12  # type: ignore[import-not-found]  # noqa: F401
-                    except ImportError:
+                    from dualpath.transports.nixl import import_nixl
+
+                    if import_nixl() is None:
                         skipped["nixl"] = "nixl extra not installed"
                         print("  skipped: nixl extra not installed")
                         continue
-                runs.extend(await bench_socket_backend(kind, sizes, repeats, mib))
+                runs.extend(await bench_socket_backend(kind, sizes, repeats, mib, device))
             else:
                 from dualpath.errors import ConfigError
 
@@ -744,7 +795,7 @@ def run(args: argparse.Namespace) -> int:
             checks["link_accuracy"] = {"ratio": r["ratio"], "met": abs(r["ratio"] - 1) <= 0.05}
         if r["backend"] == "link_priority":
             checks["link_priority"] = {"ratio": r["ratio"], "met": r["ratio"] <= 1.10}
-    result = {"bench": "transport", "quick": quick, "repeats": repeats, "mib_per_point": mib, "runs": runs,
+    result = {"bench": "transport", "device": device, "quick": quick, "repeats": repeats, "mib_per_point": mib, "runs": runs,
               "checks": checks, "skipped": skipped, "cpu_count": os.cpu_count()}
     print("checks:", json.dumps(checks))
     if args.json_out:
@@ -760,4 +811,4 @@ if __name__ == "__main__":  # helper processes of the raw baselines
     elif sys.argv[1] == "raw-tcp":
         raw_tcp_recv()
     elif sys.argv[1] == "raw-nixl":
-        raw_nixl_recv(int(sys.argv[2]))
+        raw_nixl_recv(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "cpu")

@@ -94,7 +94,10 @@ class NixlTransportConfig(_Common):
 
     kind: Literal["nixl"] = "nixl"
     backend: str = "UCX"
-    ucx_tls: str | None = Field(default="tcp,self,sm", description="UCX_TLS to set if unset; None leaves it")
+    ucx_tls: str | None = Field(
+        default="tcp,self,sm", description="UCX_TLS to set if unset (with cuda_copy,cuda_ipc added on a CUDA machine "
+        "unless it names a cuda transport); None leaves it"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535, description="side-channel tcp port; 0 picks a free one")
     poll_interval_s: float = Field(

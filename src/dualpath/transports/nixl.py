@@ -42,7 +42,8 @@ locks nothing in its default sync mode (only with its own listener thread), so t
 and used more CPU (up to 1.6x at 64 KiB; issue 16), hence off by default. These polls drive UCX progress; NIXL's own progress thread is off
 unless ``progress_thread`` (then created with ``progress_thread_delay_us``: the Python wrapper's delay 0 spins a
 core even when idle). ``nixl`` is imported lazily here only (``pip install dualpath[nixl]``); ``UCX_TLS``
-defaults to ``tcp,self,sm`` when unset (CPU machines; keep ``tcp``).
+defaults to ``tcp,self,sm`` when unset (CPU machines; keep ``tcp``), with ``cuda_copy,cuda_ipc`` added where a
+CUDA GPU is present (VRAM regions).
 """
 
 from __future__ import annotations
@@ -87,16 +88,38 @@ from dualpath.transports.wire import (
 log = logging.getLogger("dualpath.transports.nixl")
 
 
-def _import_nixl() -> Any:
-    try:
-        import nixl_cu12 as nixl_mod  # type: ignore[import-not-found]
-    except ImportError:
+# NIXL's wheels, one per CUDA major (the same API); ``nixl`` is the meta package that imports one of them
+NIXL_MODULES = ("nixl_cu12", "nixl_cu13", "nixl")
+
+
+def import_nixl() -> Any | None:
+    """The first importable NIXL module of :data:`NIXL_MODULES`, or ``None``."""
+    import importlib
+
+    for name in NIXL_MODULES:
         try:
-            import nixl as nixl_mod  # type: ignore[import-not-found,no-redef]
+            return importlib.import_module(name)
         except ImportError:
-            raise TransportError(
-                "the nixl transport needs NIXL: pip install 'dualpath[nixl]' (nixl-cu12)"
-            ) from None
+            continue
+    return None
+
+
+def ucx_tls_with_cuda(tls: str) -> str:
+    """``tls`` plus UCX's CUDA transports (``cuda_copy``: staging GPU memory; ``cuda_ipc``: GPU to GPU between
+    processes) when this machine has a CUDA GPU and ``tls`` names none: without them UCX cannot move VRAM regions.
+    A list that names a ``cuda`` transport already, or ``all``, is left as it is."""
+    names = [n.strip() for n in tls.split(",") if n.strip()]
+    if any(n == "all" or n.startswith("cuda") for n in names) or not torch.cuda.is_available():
+        return tls
+    return ",".join([*names, "cuda_copy", "cuda_ipc"])
+
+
+def _import_nixl() -> Any:
+    nixl_mod = import_nixl()
+    if nixl_mod is None:
+        raise TransportError(
+            "the nixl transport needs NIXL: pip install 'dualpath[nixl]' (nixl-cu12; nixl-cu13 on CUDA 13)"
+        )
     return nixl_mod
 
 
@@ -338,7 +361,7 @@ class NixlTransport(Transport):
         if self._started:
             return
         if self.config.ucx_tls is not None:
-            os.environ.setdefault("UCX_TLS", self.config.ucx_tls)
+            os.environ.setdefault("UCX_TLS", ucx_tls_with_cuda(self.config.ucx_tls))
         nixl_mod = _import_nixl()
         # with the notification pump, two threads call the agent: NIXL's agent-wide lock (STRICT) serialises them
         # (the default mode, without NIXL's listener thread, locks nothing); without it every NIXL call happens

@@ -5,7 +5,8 @@ Runs one transport endpoint and obeys JSON-line commands on stdin, answering JSO
 echoed). Commands: ``expose {tag, offset, nbytes[, sender]}``, ``wait {tag, timeout}`` -> ``{sha}`` of the landed bytes,
 ``connect {peer, address}``, ``write {peer, tag, nbytes, seed, timeout}`` (deterministic bytes from ``seed``),
 ``exit``. The first line printed is ``{"address": ...}``.
-Usage: ``python -m dualpath.transports.peer NAME CONFIG_JSON BUFFER_BYTES``.
+Usage: ``python -m dualpath.transports.peer NAME CONFIG_JSON BUFFER_BYTES [DEVICE]`` (DEVICE ``cpu``, the default, or
+``cuda``: the landing and source buffers in GPU memory).
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ def pattern(nbytes: int, seed: int) -> torch.Tensor:
 
 
 def sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
 def parse_config(text: str) -> TransportConfig:
     return TypeAdapter(TransportConfig).validate_python(json.loads(text))  # type: ignore[no-any-return]
 
 
-async def main(name: str, config_json: str, buffer_bytes: int) -> None:
+async def main(name: str, config_json: str, buffer_bytes: int, device: str = "cpu") -> None:
     config = parse_config(config_json)
     out_lock = anyio.Lock()
     # the protocol owns the original stdout; anything libraries print (NIXL logs) goes to stderr
@@ -51,9 +52,9 @@ async def main(name: str, config_json: str, buffer_bytes: int) -> None:
             proto.flush()
 
     async with create_transport(config, name) as t:
-        buf = torch.zeros(buffer_bytes, dtype=torch.uint8)
+        buf = torch.zeros(buffer_bytes, dtype=torch.uint8, device=device)
         region = t.register(buf)
-        src_buf = torch.zeros(buffer_bytes, dtype=torch.uint8)
+        src_buf = torch.zeros(buffer_bytes, dtype=torch.uint8, device=device)
         t.register(src_buf)
         await say({"address": t.address})
 
@@ -104,4 +105,4 @@ async def main(name: str, config_json: str, buffer_bytes: int) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "cpu")

@@ -1,0 +1,55 @@
+"""Which NIXL module the transport imports, and the UCX transports it asks for on a CUDA machine."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+
+from dualpath.transports import nixl as nixl_transport
+
+
+def test_import_nixl_takes_the_cuda13_wheel_when_the_cuda12_one_is_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.ModuleType("nixl_cu13")
+    real_import = importlib.import_module
+
+    def only_cu13(name: str, package: str | None = None) -> types.ModuleType:
+        if name == "nixl_cu13":
+            return fake
+        if name in ("nixl_cu12", "nixl"):
+            raise ImportError(name)
+        return real_import(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", only_cu13)
+    assert nixl_transport.import_nixl() is fake
+
+
+def test_import_nixl_is_none_without_any_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
+    def none(name: str, package: str | None = None) -> types.ModuleType:
+        raise ImportError(name)
+
+    monkeypatch.setattr(importlib, "import_module", none)
+    assert nixl_transport.import_nixl() is None
+    with pytest.raises(Exception, match="nixl-cu13"):
+        nixl_transport._import_nixl()
+
+
+def test_ucx_tls_gains_the_cuda_transports_only_on_a_cuda_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert nixl_transport.ucx_tls_with_cuda("tcp,self,sm") == "tcp,self,sm"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert nixl_transport.ucx_tls_with_cuda("tcp,self,sm") == "tcp,self,sm,cuda_copy,cuda_ipc"
+    assert nixl_transport.ucx_tls_with_cuda(" tcp , sm ") == "tcp,sm,cuda_copy,cuda_ipc"
+    # a list that already chooses its CUDA transports, or all of them, is the user's
+    assert nixl_transport.ucx_tls_with_cuda("tcp,cuda_copy") == "tcp,cuda_copy"
+    assert nixl_transport.ucx_tls_with_cuda("all") == "all"
+
+
+def test_the_installed_nixl_is_the_one_the_transport_uses() -> None:
+    pytest.importorskip("nixl_cu12")
+    mod = nixl_transport.import_nixl()
+    assert mod is sys.modules["nixl_cu12"]
+    assert hasattr(mod, "nixl_agent") and hasattr(mod, "nixl_agent_config")

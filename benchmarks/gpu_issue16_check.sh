@@ -34,9 +34,11 @@ python3 -c "import torch, triton, zmq, pydantic; print('torch', torch.__version_
 python3 -c "import kvikio; print('kvikio', kvikio.__version__)" || rc=1
 python3 -c "import nixl_cu13; print('nixl_cu13 ok')" || rc=1
 
-step "1. nixl VRAM -> VRAM, two processes"
-timeout 110 bash -c "$(declare -f dp); dp bench transport --backends nixl --device cuda --no-links --repeats 3 \
+step "1. nixl VRAM -> VRAM, two processes (default config, then notifications polled on a thread)"
+timeout 80 bash -c "$(declare -f dp); dp bench transport --backends nixl --device cuda --no-links --repeats 3 \
   --json '$OUT_DIR/transport_vram.json'" || rc=1
+timeout 80 bash -c "$(declare -f dp); dp bench transport --backends nixl --device cuda --no-links --repeats 3 \
+  --nixl-config '{\"notif_thread\": true}' --json '$OUT_DIR/transport_vram_notif_thread.json'" || rc=1
 
 step "2. kvikio"
 timeout 130 python3 benchmarks/gpu_kvikio_check.py --blocks 256 --repeats 5 --json "$OUT_DIR/kvikio.json" || rc=1

@@ -8,11 +8,12 @@ Steps:
 1. ``pytest tests/contract/test_storage_contract.py -k kvikio`` (the one contract suite, kvikio backend).
 2. Cross-backend format check: blocks written by posix read by kvikio and the other way round.
 3. For a small model's and a DeepSeek-like Full Block: N blocks read, page cache warm, into one preallocated
-   CUDA buffer through (a) our kvikio backend (verify on and off), against (b) posix into a pinned host buffer +
-   one H2D copy per batch, (c) raw ``os.preadv`` thread pool into pinned host + H2D, and (d) kvikio's own raw
-   read: ``CuFile.pread`` of each block's payload straight into its GPU slot from the same thread pool (no
-   header, no checks). Medians of interleaved passes. Prints ratios kvikio / (posix + H2D), kvikio / (raw + H2D)
-   and ours / kvikio raw (issue 16's "kvikio/GDS reads into GPU memory vs kvikio's own raw read").
+   CUDA buffer through (a) our kvikio backend, verify on and off, with ``io_path: auto`` (``bounce`` without
+   GDS) and forced ``gds``, against (b) posix into a pinned host buffer + one H2D copy per batch, (c) raw
+   ``os.preadv`` thread pool into pinned host + H2D, and (d) kvikio's own raw read of each block's payload
+   straight into its GPU slot (no header, no checks): ``CuFile.pread`` (kvikio's pool, as many threads as ours)
+   and ``CuFile.raw_read`` from our pool. Medians of interleaved passes. Prints ours / the faster kvikio raw
+   read (issue 16's "kvikio/GDS reads into GPU memory vs kvikio's own raw read").
 """
 
 from __future__ import annotations
@@ -119,16 +120,22 @@ async def bench_case(case: Any, root: str, n_blocks: int, batch: int, repeats: i
     nbytes = layout.full_block_bytes
     flat = gpu.view(batch, -1)
 
-    def kvikio_one(item: tuple[int, str]) -> int:
+    def kvikio_pread_one(item: tuple[int, str]) -> int:
         j, path = item
         with kvikio.CuFile(path, "r") as f:
             return int(f.pread(cupy.asarray(flat[j]), nbytes, bf.HEADER_SIZE).get())
 
-    def kvikio_raw_pass() -> float:
+    def kvikio_raw_read_one(item: tuple[int, str]) -> int:
+        j, path = item
+        with kvikio.CuFile(path, "r") as f:
+            return int(f.raw_read(cupy.asarray(flat[j]), nbytes, bf.HEADER_SIZE))
+
+    def kvikio_raw_pass(one: Any) -> float:
+        """kvikio's own read of each block's payload into its GPU slot (no header, no check), from the pool."""
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for lo, hi in batches:
-            got = list(pool.map(kvikio_one, enumerate(paths[lo:hi])))
+            got = list(pool.map(one, enumerate(paths[lo:hi])))
             if got != [nbytes] * (hi - lo):
                 raise RuntimeError(f"kvikio raw read short: {got}")
         torch.cuda.synchronize()
@@ -144,6 +151,8 @@ async def bench_case(case: Any, root: str, n_blocks: int, batch: int, repeats: i
             torch.cuda.synchronize()  # the next batch reuses the host buffer
         return time.perf_counter() - t0
 
+    # kvikio's pread queues on kvikio's own pool (1 thread by default): give it as many threads as ours
+    kvikio.defaults.set({"num_threads": threads})
     pcfg = PosixStorageConfig(root=croot, io_threads=threads)
     kcfg: dict[str, Any] = {"root": croot, "io_threads": threads}
     async with create_storage(pcfg, layout, ns) as ps:
@@ -151,41 +160,62 @@ async def bench_case(case: Any, root: str, n_blocks: int, batch: int, repeats: i
         for lo, hi in batches:
             check(await ps.write(keys[lo:hi], src[: hi - lo]), hi - lo)
         write_posix = gib / (time.perf_counter() - t0)
-        async with create_storage(KvikioStorageConfig(**kcfg), layout, ns) as kv, create_storage(
+        async with create_storage(KvikioStorageConfig(**kcfg), layout, ns) as ours, create_storage(
             KvikioStorageConfig(**kcfg, verify_checksum=False), layout, ns
-        ) as kvn:
-            await kv_pass(kvn)
-            await posix_h2d_pass(ps)
-            raw_h2d_pass()
-            kvikio_raw_pass()
-            t: dict[str, list[float]] = {"kvikio_verify": [], "kvikio_noverify": [], "posix_h2d": [], "raw_h2d": [],
-                                         "kvikio_raw": []}
-            for _ in range(repeats):
-                t["kvikio_noverify"].append(await kv_pass(kvn))
-                t["posix_h2d"].append(await posix_h2d_pass(ps))
-                t["kvikio_verify"].append(await kv_pass(kv))
-                t["raw_h2d"].append(raw_h2d_pass())
-                t["kvikio_raw"].append(kvikio_raw_pass())
-            # kvikio writes from GPU memory (new keys)
-            wkeys = BlockKeyer(ns).keys(list(range(64 * (n_blocks + batch))))[n_blocks:]
+        ) as ours_nv, create_storage(KvikioStorageConfig(**kcfg, io_path="gds"), layout, ns) as gds, create_storage(
+            KvikioStorageConfig(**kcfg, io_path="gds", verify_checksum=False), layout, ns
+        ) as gds_nv:
+            io_path = ours.io_path  # type: ignore[attr-defined]
+            methods: dict[str, Any] = {
+                "ours_verify": lambda: kv_pass(ours), "ours_noverify": lambda: kv_pass(ours_nv),
+                "gds_verify": lambda: kv_pass(gds), "gds_noverify": lambda: kv_pass(gds_nv),
+                "posix_h2d": lambda: posix_h2d_pass(ps),
+            }
+            sync_methods: dict[str, Any] = {
+                "raw_h2d": raw_h2d_pass,
+                "kvikio_pread": lambda: kvikio_raw_pass(kvikio_pread_one),
+                "kvikio_raw_read": lambda: kvikio_raw_pass(kvikio_raw_read_one),
+            }
+            for f in methods.values():  # warm-up
+                await f()
+            for g in sync_methods.values():
+                g()
+            t: dict[str, list[float]] = {m: [] for m in [*methods, *sync_methods]}
+            for _ in range(repeats):  # interleaved
+                for m, f in methods.items():
+                    t[m].append(await f())
+                for m, g in sync_methods.items():
+                    t[m].append(g())
+            # the bytes that landed on the GPU are the ones written (last batch of the last pass)
+            lo, hi = batches[-1]
+            check(await ours.read(keys[lo:hi], gpu[: hi - lo]), hi - lo)
+            if not torch.equal(gpu[: hi - lo].cpu(), src[: hi - lo]):
+                raise RuntimeError("kvikio read: the bytes on the GPU differ from those written")
+            # writes from GPU memory (new keys): ours (auto) and the gds path
             gsrc = src.cuda()
-            t0 = time.perf_counter()
-            check(await kv.write(wkeys, gsrc), batch)
-            write_kvikio = batch * layout.full_block_bytes / 2**30 / (time.perf_counter() - t0)
+            write_gib: dict[str, float] = {"posix": round(write_posix, 3)}
+            for name, store, first in (("ours_from_gpu", ours, n_blocks), ("gds_from_gpu", gds, n_blocks + batch)):
+                wkeys = BlockKeyer(ns).keys(list(range(64 * (first + batch))))[first:]
+                t0 = time.perf_counter()
+                check(await store.write(wkeys, gsrc), batch)
+                write_gib[name] = round(batch * nbytes / 2**30 / (time.perf_counter() - t0), 3)
     pool.shutdown()
     gibs = {m: gib / statistics.median(v) for m, v in t.items()}
+    raw_best = max(gibs["kvikio_pread"], gibs["kvikio_raw_read"])
     return {
         "case": case.name,
         "block_bytes": layout.full_block_bytes,
         "blocks": n_blocks,
+        "io_path_auto": io_path,
         "gib_s": {m: round(v, 3) for m, v in gibs.items()},
-        "write_gib_s": {"posix": round(write_posix, 3), "kvikio_from_gpu": round(write_kvikio, 3)},
-        "ratio_kvikio_noverify_vs_posix_h2d": round(gibs["kvikio_noverify"] / gibs["posix_h2d"], 3),
-        "ratio_kvikio_verify_vs_posix_h2d": round(gibs["kvikio_verify"] / gibs["posix_h2d"], 3),
-        "ratio_kvikio_noverify_vs_raw_h2d": round(gibs["kvikio_noverify"] / gibs["raw_h2d"], 3),
-        "ratio_posix_h2d_vs_raw_h2d": round(gibs["posix_h2d"] / gibs["raw_h2d"], 3),
-        "ratio_kvikio_noverify_vs_kvikio_raw": round(gibs["kvikio_noverify"] / gibs["kvikio_raw"], 3),
-        "ratio_kvikio_verify_vs_kvikio_raw": round(gibs["kvikio_verify"] / gibs["kvikio_raw"], 3),
+        "write_gib_s": write_gib,
+        "ratio_ours_noverify_vs_kvikio_raw": round(gibs["ours_noverify"] / raw_best, 3),
+        "ratio_ours_verify_vs_kvikio_raw": round(gibs["ours_verify"] / raw_best, 3),
+        "ratio_gds_noverify_vs_kvikio_raw": round(gibs["gds_noverify"] / raw_best, 3),
+        "ratio_gds_verify_vs_kvikio_raw": round(gibs["gds_verify"] / raw_best, 3),
+        "ratio_ours_verify_vs_posix_h2d": round(gibs["ours_verify"] / gibs["posix_h2d"], 3),
+        "ratio_ours_verify_vs_raw_h2d": round(gibs["ours_verify"] / gibs["raw_h2d"], 3),
+        "verify_cost_ours": round(1 - gibs["ours_verify"] / gibs["ours_noverify"], 3),
     }
 
 
@@ -233,14 +263,15 @@ def main() -> int:
             print(json.dumps(r))
             runs.append(r)
     result["runs"] = runs
-    result["ratio"] = min(r["ratio_kvikio_noverify_vs_posix_h2d"] for r in runs)
-    result["ratio_definition"] = "min over cases of kvikio read into GPU (no verify) / posix read + H2D copy, warm"
-    result["ratio_vs_kvikio_raw"] = min(r["ratio_kvikio_noverify_vs_kvikio_raw"] for r in runs)
-    result["ratio_verified_vs_kvikio_raw"] = min(r["ratio_kvikio_verify_vs_kvikio_raw"] for r in runs)
+    result["ratio"] = min(r["ratio_ours_verify_vs_kvikio_raw"] for r in runs)
+    result["ratio_definition"] = ("min over cases of our kvikio backend's verified read into GPU memory (io_path "
+                                  "auto) / kvikio's own raw read (the faster of pread on kvikio's pool and "
+                                  "raw_read on ours), warm page cache")
+    result["ratio_noverify"] = min(r["ratio_ours_noverify_vs_kvikio_raw"] for r in runs)
     with open(args.json_out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"ratio = {result['ratio']}; ours / kvikio raw = {result['ratio_vs_kvikio_raw']} (verified "
-          f"{result['ratio_verified_vs_kvikio_raw']}); wrote {args.json_out}")
+    print(f"ours (verified) / kvikio raw = {result['ratio']}; unverified {result['ratio_noverify']}; "
+          f"wrote {args.json_out}")
     ok = result.get("contract_suite", {}).get("returncode", 0) == 0 and all(result["cross_format"].values())
     return 0 if ok else 1
 

@@ -1,6 +1,7 @@
 """One contract suite for every Storage backend (see the contract in dualpath/storage/base.py).
 
-Backends: memory, posix, faults(inner=posix, all rates 0) and, when a CUDA GPU and kvikio are present, kvikio.
+Backends: memory, posix, faults(inner=posix, all rates 0) and, when a CUDA GPU and kvikio are present, kvikio (its
+io_path auto, and gds forced).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dualpath.storage.config import (
 LAYOUT = KVLayout(KVSpec.mha(n_layers=4, n_kv_heads=2, head_dim=8, dtype="bfloat16"), block_tokens=16)
 NS = KeyNamespace.for_layout("contract-model", LAYOUT)
 OTHER_NS = KeyNamespace.for_layout("another-model", LAYOUT)
-PERSISTENT = {"posix", "faults", "kvikio"}
+PERSISTENT = {"posix", "faults", "kvikio", "kvikio-gds"}
 
 
 def _kvikio_skip_reason() -> str | None:
@@ -50,6 +51,9 @@ BACKENDS = [
     "posix",
     "faults",
     pytest.param("kvikio", marks=pytest.mark.skipif(_kvikio_skip_reason() is not None, reason=str(_kvikio_skip_reason()))),
+    # the CuFile path forced (io_path auto takes the bounce path on a machine without GPUDirect Storage)
+    pytest.param("kvikio-gds",
+                 marks=pytest.mark.skipif(_kvikio_skip_reason() is not None, reason=str(_kvikio_skip_reason()))),
 ]
 
 
@@ -65,6 +69,8 @@ def make_config(kind: str, root: Path, **kw):
         return PosixStorageConfig(root=root, io_threads=4, **kw)
     if kind == "kvikio":
         return KvikioStorageConfig(root=root, io_threads=4, **kw)
+    if kind == "kvikio-gds":
+        return KvikioStorageConfig(root=root, io_threads=4, io_path="gds", **kw)
     if kind == "faults":
         return FaultsStorageConfig(inner=PosixStorageConfig(root=root, io_threads=4, **kw), seed=1)
     raise AssertionError(kind)

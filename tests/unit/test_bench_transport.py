@@ -1,5 +1,5 @@
-"""The raw TCP reference of ``dualpath bench transport``: its receiver lands each message, whole, in the landing
-slot the rotation names (the reference is only meaningful if it really delivers the bytes)."""
+"""``dualpath bench transport``: its raw references land each message, whole, in the landing slot the rotation
+names (a reference is only meaningful if it really delivers the bytes); its options are checked."""
 
 from __future__ import annotations
 
@@ -53,3 +53,46 @@ def test_raw_batched_nixl_reference_lands_every_message_in_its_slot() -> None:
             assert child.read(30.0)["sha256"] == want, j
     finally:
         child.close()
+
+
+def test_nixl_config_option_is_checked_and_names_the_field() -> None:
+    from dualpath.commands.bench_transport import _nixl_config_arg
+    from dualpath.errors import ConfigError
+
+    assert _nixl_config_arg(None) == {}
+    assert _nixl_config_arg('{"notif_thread": true}') == {"notif_thread": True}
+    with pytest.raises(ConfigError, match="--nixl-config: notif_thred"):
+        _nixl_config_arg('{"notif_thred": true}')
+    with pytest.raises(ConfigError, match="--nixl-config: notif_poll_s"):
+        _nixl_config_arg('{"notif_poll_s": 5}')
+    with pytest.raises(ConfigError, match="not JSON"):
+        _nixl_config_arg("{notif_thread: true}")
+    with pytest.raises(ConfigError, match="JSON object"):
+        _nixl_config_arg("[1]")
+
+
+def test_gpu_passes_are_capped_in_messages_not_bytes() -> None:
+    from dualpath.commands.bench_transport import MiB, _counts
+
+    assert _counts(MiB, 256) == 256
+    assert _counts(64 * 1024, 4096, 4096) == 4096  # 256 MiB of small messages, not 4 GiB
+    assert _counts(16 * MiB, 4096, 4096) == 256
+    assert _counts(16 * MiB, 64, 4096) == 8  # never fewer than 8
+
+
+def test_device_cuda_is_refused_without_a_gpu_or_with_other_backends() -> None:
+    import argparse
+
+    import torch
+
+    from dualpath.commands import bench_transport as bt
+    from dualpath.errors import ConfigError
+
+    args = argparse.Namespace(quick=True, repeats=None, mib_per_point=None, backends="nixl,zmq", no_links=True,
+                              json_out=None, device="cuda", nixl_config=None)
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="drop \\['zmq'\\]"):
+            bt.run(args)
+    else:
+        with pytest.raises(ConfigError, match="--device cuda: this machine has no CUDA GPU"):
+            bt.run(args)

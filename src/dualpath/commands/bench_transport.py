@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="passes per point (default 5, quick 2)")
     parser.add_argument("--mib-per-point", type=int, default=None, help="MiB per pass (default 256, quick 96)")
     parser.add_argument("--no-links", action="store_true", help="skip the emulated link cases")
+    parser.add_argument("--nixl-config", default=None,
+                        help="JSON object of NixlTransportConfig fields for our nixl endpoints, e.g. "
+                             "'{\"notif_thread\": true}' (default: the config's defaults)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where sources and landing regions live (cuda: nixl only, GPU memory to GPU memory "
                              "between two processes, with UCX's cuda_copy/cuda_ipc; default cpu)")
@@ -383,8 +386,9 @@ def _nixl_threads(cfg: Any) -> dict[str, Any]:
 _ZMQ_KINDS: dict[str, Literal["auto", "zmq", "tcp"]] = {"zmq": "auto", "zmq-frames": "zmq", "zmq-tcp": "tcp"}
 
 
-def _counts(size: int, mib: int) -> int:
-    return max(8, (mib * MiB) // size)
+def _counts(size: int, mib: int, max_messages: int | None = None) -> int:
+    n = max(8, (mib * MiB) // size)
+    return n if max_messages is None else max(8, min(n, max_messages))
 
 
 async def _check_landed(t: Any, peer: Child, src: Any, size: int) -> None:
@@ -403,15 +407,16 @@ async def _check_landed(t: Any, peer: Child, src: Any, size: int) -> None:
         raise RuntimeError(f"{size} bytes: what landed differs from what was sent ({reply})")
 
 
-async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: int,
-                               device: str = "cpu") -> list[dict[str, Any]]:
+async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: int, device: str = "cpu",
+                               nixl_config: dict[str, Any] | None = None,
+                               max_messages: int | None = None) -> list[dict[str, Any]]:
     import torch
 
     from dualpath.transports import create_transport
     from dualpath.transports.config import NixlTransportConfig, ZmqTransportConfig
 
     zmq_like = kind in _ZMQ_KINDS
-    cfg = ZmqTransportConfig(data_socket=_ZMQ_KINDS[kind]) if zmq_like else NixlTransportConfig()
+    cfg = ZmqTransportConfig(data_socket=_ZMQ_KINDS[kind]) if zmq_like else NixlTransportConfig(**(nixl_config or {}))
     data_socket = isinstance(cfg, ZmqTransportConfig) and cfg.uses_data_socket
     buf = 4 * max(sizes)
     peer = Child(["-m", "dualpath.transports.peer", "peer", cfg.model_dump_json(), str(buf), device])
@@ -473,7 +478,7 @@ async def bench_socket_backend(kind: str, sizes: list[int], repeats: int, mib: i
 
                 batched_pass = _batched_pass
             for size in sizes:
-                count = _counts(size, mib)
+                count = _counts(size, mib, max_messages)
                 await _check_landed(t, peer, src, size)
                 # warm-up (connections, allocator)
                 raw_pass(size, min(count, 16))
@@ -738,17 +743,46 @@ async def bench_links(quick: bool) -> list[dict[str, Any]]:
     return out
 
 
+def _nixl_config_arg(text: str | None) -> dict[str, Any]:
+    """``--nixl-config``: a JSON object of NixlTransportConfig fields, checked here (a ConfigError naming the
+    option and the field)."""
+    from pydantic import ValidationError
+
+    from dualpath.errors import ConfigError
+    from dualpath.transports.config import NixlTransportConfig
+
+    if not text:
+        return {}
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--nixl-config: not JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError("--nixl-config: a JSON object of NixlTransportConfig fields is expected")
+    try:
+        NixlTransportConfig(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"--nixl-config: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return fields
+
+
 def run(args: argparse.Namespace) -> int:
     import anyio
 
     quick = bool(getattr(args, "quick", False))
     repeats = args.repeats or (2 if quick else 5)
-    mib = args.mib_per_point or (96 if quick else 256)
+    device = getattr(args, "device", "cpu") or "cpu"
+    # GPU memory moves ~100x faster than DRAM over TCP/shm: a pass of 256 MiB would last well under a millisecond,
+    # about what each pass's fixed cost is (the commands to both helper processes, the last notification's
+    # poll). On cuda a pass is 4 GiB, at most 4096 messages (a few tens of ms each, as DRAM passes are)
+    mib = args.mib_per_point or (96 if quick else 4096 if device == "cuda" else 256)
+    max_messages = 4096 if device == "cuda" else None
+    nixl_config = _nixl_config_arg(getattr(args, "nixl_config", None))
     backends = [b.strip() for b in (args.backends or "").split(",") if b.strip()]
     sizes = SIZES
     runs: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
-    device = getattr(args, "device", "cpu") or "cpu"
     if device == "cuda":
         import torch
 
@@ -774,7 +808,7 @@ def run(args: argparse.Namespace) -> int:
                         skipped["nixl"] = "nixl extra not installed"
                         print("  skipped: nixl extra not installed")
                         continue
-                runs.extend(await bench_socket_backend(kind, sizes, repeats, mib, device))
+                runs.extend(await bench_socket_backend(kind, sizes, repeats, mib, device, nixl_config, max_messages))
             else:
                 from dualpath.errors import ConfigError
 
@@ -795,7 +829,7 @@ def run(args: argparse.Namespace) -> int:
             checks["link_accuracy"] = {"ratio": r["ratio"], "met": abs(r["ratio"] - 1) <= 0.05}
         if r["backend"] == "link_priority":
             checks["link_priority"] = {"ratio": r["ratio"], "met": r["ratio"] <= 1.10}
-    result = {"bench": "transport", "device": device, "quick": quick, "repeats": repeats, "mib_per_point": mib, "runs": runs,
+    result = {"bench": "transport", "device": device, "nixl_config": nixl_config, "quick": quick, "repeats": repeats, "mib_per_point": mib, "runs": runs,
               "checks": checks, "skipped": skipped, "cpu_count": os.cpu_count()}
     print("checks:", json.dumps(checks))
     if args.json_out:

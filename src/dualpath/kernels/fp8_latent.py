@@ -3,7 +3,8 @@
 An FP8 latent row (FlashMLA's "FP8 with scale" layout; 656 bytes for ``R = 512``, ``P = 64``): ``R``
 float8_e4m3fn values, ``R / 128`` fp32 scales (value = fp8 * scale, ``scale = amax(|tile|) / 448``), then ``P``
 bfloat16 RoPE values. The e4m3 encode (round to nearest even, saturating at 448) and decode are integer/bit
-operations rather than fp8 casts, so they are exact and identical on GPU and in the interpreter.
+operations rather than fp8 casts, and the divisions correctly rounded (``tl.div_rn``), so the bytes are identical
+on GPU, in the interpreter and in the torch reference.
 Same signatures as :mod:`dualpath.kernels.reference`.
 """
 
@@ -67,8 +68,10 @@ def _store_latent_kernel(
         idx = s[:, None] * 128 + c[None, :]
         x = tl.load(xrow + idx, mask=smask[:, None], other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), 1)
-        scale = tl.where(amax > 0.0, amax / 448.0, 1.0)
-        y = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+        # correctly rounded divisions (div_rn): Triton's ``/`` is an approximate division on CUDA (div.full.f32),
+        # which made the scales and codes differ from the reference's by an ulp
+        scale = tl.where(amax > 0.0, tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+        y = tl.minimum(tl.maximum(tl.div_rn(x, scale[:, None] + tl.zeros_like(x)), -448.0), 448.0)
         tl.store(kv_ptr + row + idx, _f32_to_e4m3(y).to(tl.uint8), mask=smask[:, None])
         tl.store(kvf_ptr + row // 4 + R // 4 + s, scale, mask=smask)
         p = tl.arange(0, BLOCK_P)

@@ -186,7 +186,9 @@ def quantize_latent_fp8(latent: torch.Tensor, kv_lora_rank: int) -> torch.Tensor
     r, p = kv_lora_rank, width - kv_lora_rank
     x = latent[:, :r].float().reshape(n, r // FP8_TILE, FP8_TILE)
     amax = x.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))           # [N, R / 128]
+    # divided by a tensor, not a Python scalar: on CUDA torch turns ``t / scalar`` into ``t * (1 / scalar)``, one
+    # ulp off the correctly rounded quotient the CPU and the Triton kernel (div_rn) give: the bytes differed by device
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))  # [N, R / 128]
     q = (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(n, r)
     out = torch.empty((n, r + 4 * (r // FP8_TILE) + 2 * p), dtype=torch.uint8, device=latent.device)
     out[:, :r] = q.view(torch.uint8)

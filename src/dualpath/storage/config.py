@@ -61,10 +61,17 @@ class KvikioStorageConfig(Section):
     capacity_bytes: int | None = Field(default=None, gt=0)
     durability: Literal["none", "fsync"] = "none"
     verify_checksum: bool = Field(
-        default=True, description="verify xxh3-64 of each block read (costs a device-to-host copy of the payload)"
+        default=True, description="verify xxh3-64 of each block read (on the gds path: a device-to-host copy of the "
+        "payload; on the bounce path the bytes are in host memory already)"
     )
     io_threads: int = Field(default=8, ge=1, le=256)
     shared_root: bool = False
+    io_path: Literal["auto", "gds", "bounce"] = Field(
+        default="auto", description="gds: CuFile reads/writes straight between file and GPU memory; bounce: through "
+        "a pinned host buffer per worker (posix read, verified there, one H2D copy), what cuFile and kvikio's "
+        "compatibility mode do without GPUDirect Storage anyway; auto: gds where kvikio uses cuFile and cuFile "
+        "reports GDS, else bounce"
+    )
 
 
 class FaultsStorageConfig(Section):

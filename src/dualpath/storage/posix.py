@@ -340,24 +340,33 @@ class PosixStorage(Storage):
         return pool
 
     def _block_reader(self, into: torch.Tensor) -> Callable[[tuple[int, BlockKey]], int]:
-        """A function run in the workers: read one block ``(i, key)`` into ``into[i]``; returns a result code.
-
-        One ``preadv`` of [header scratch, slot] puts the payload straight into the caller's buffer; the header
-        is checked, then (verification on) xxh3-64 of the slot, in the same worker while the block is recent.
-        """
+        """A function run in the workers: read one block ``(i, key)`` into ``into[i]``; returns a result code."""
         flat = into.numpy().data.cast("B")  # zero-copy view of the caller's contiguous buffer
-        tls = self._tls
         nbytes = self.full_block_bytes
+        read_into = self._verified_reader()
+
+        def read_one(item: tuple[int, BlockKey]) -> int:
+            i, key = item
+            return read_into(key.digest, flat[i * nbytes : (i + 1) * nbytes])
+
+        return read_one
+
+    def _verified_reader(self) -> Callable[[bytes, memoryview], int]:
+        """A function run in the workers: read the block file of a key digest, its payload into a host buffer of
+        ``full_block_bytes``; returns a result code.
+
+        One ``preadv`` of [header scratch, payload buffer]; the header is checked, then (verification on) xxh3-64
+        of the payload, in the same worker while the block is recent.
+        """
+        tls = self._tls
         hsize = bf.HEADER_SIZE
-        want = hsize + nbytes
+        want = hsize + self.full_block_bytes
         check, verify, root = self._checker.check, self._verify, self.root
         xxh3 = xxhash.xxh3_64_intdigest
         open_, preadv, close, fstat, isreg = os.open, os.preadv, os.close, os.fstat, stat.S_ISREG
         flags = _READ_FLAGS
 
-        def read_one(item: tuple[int, BlockKey]) -> int:
-            i, key = item
-            digest = key.digest
+        def read_into(digest: bytes, payload: memoryview) -> int:
             h = digest.hex()
             try:  # never blocks in open (a FIFO, a device), never follows a link
                 fd = open_(f"{root}/{h[0:2]}/{h[2:4]}/{h}.kvb", flags)
@@ -365,23 +374,21 @@ class PosixStorage(Storage):
                 return _MISSING
             except OSError:
                 return _UNREADABLE
-            base = i * nbytes
             try:
                 if not isreg(fstat(fd).st_mode):  # a directory, FIFO, socket or device where a block should be
                     return _UNREADABLE
-                slot = flat[base : base + nbytes]
-                if preadv(fd, [tls.header_mv, slot], 0) != want:
+                if preadv(fd, [tls.header_mv, payload], 0) != want:
                     return _CORRUPT
             except OSError:
                 return _FAILED
             finally:
                 close(fd)
             checksum = check(tls.header, digest)
-            if checksum is None or (verify and xxh3(slot) != checksum):
+            if checksum is None or (verify and xxh3(payload) != checksum):
                 return _CORRUPT
             return _OK
 
-        return read_one
+        return read_into
 
     # --- write ------------------------------------------------------------------------------------------
     async def write(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> list[BlockStatus]:

@@ -13,6 +13,9 @@
 #      (benchmarks/bench_paths.py: DE path / PE path prefill time, target <= 1.10)
 #   4. kernel tests natively (no TRITON_INTERPRET) and the model-vs-backend tests on CUDA
 #   5. `dualpath bench kernels` and the MLA decode/prefill bench
+#   6. (not by default) the host side on the GPU machine's cores: `dualpath bench storage`, and
+#      `dualpath bench transport` over DRAM
+# STEPS="1 2 6" runs those steps only (default "1 2 3 4 5").
 set -uo pipefail
 OUT_DIR="${1:-${OUT:-/tmp/dualpath-gpu}}"
 mkdir -p "$OUT_DIR"
@@ -34,26 +37,39 @@ python3 -c "import torch, triton, zmq, pydantic; print('torch', torch.__version_
 python3 -c "import kvikio; print('kvikio', kvikio.__version__)" || rc=1
 python3 -c "import nixl_cu13; print('nixl_cu13 ok')" || rc=1
 
-step "1. nixl VRAM -> VRAM, two processes (default config, then notifications polled on a thread)"
-timeout 80 bash -c "$(declare -f dp); dp bench transport --backends nixl --device cuda --no-links --repeats 3 \
-  --json '$OUT_DIR/transport_vram.json'" || rc=1
-timeout 80 bash -c "$(declare -f dp); dp bench transport --backends nixl --device cuda --no-links --repeats 3 \
-  --nixl-config '{\"notif_thread\": true}' --json '$OUT_DIR/transport_vram_notif_thread.json'" || rc=1
-
-step "2. kvikio"
-timeout 130 python3 benchmarks/gpu_kvikio_check.py --blocks 256 --repeats 5 --json "$OUT_DIR/kvikio.json" || rc=1
-
-step "3. layer-wise streaming overhead, real model on the GPU"
-timeout 100 python3 benchmarks/bench_paths.py --skip-synthetic --skip-io --llama-size medium --prompt 8192 \
-  --repeats 5 --json "$OUT_DIR/paths.json" || rc=1
-
-step "4. kernel tests natively"
-timeout 130 python3 -m pytest -q -p no:cacheprovider -n 8 -o addopts=-ra tests/kernels \
-  tests/model/test_model_backends.py > "$OUT_DIR/kernel_tests.log" 2>&1 || rc=1
-tail -25 "$OUT_DIR/kernel_tests.log"
-
-step "5. kernel benchmarks"
-timeout 70 bash -c "$(declare -f dp); dp bench kernels --json '$OUT_DIR/kernels.json'" || rc=1
-timeout 50 python3 benchmarks/gpu_mla_bench.py --json "$OUT_DIR/mla.json" || rc=1
+s1() {
+  step "1. nixl VRAM -> VRAM, two processes (default config, then notifications polled on the event loop)"
+  timeout 80 bash -c "$(declare -f dp); dp bench transport --backends nixl --device cuda --no-links --repeats 3 \
+    --json '$OUT_DIR/transport_vram.json'" || rc=1
+  timeout 80 bash -c "$(declare -f dp); dp bench transport --backends nixl --device cuda --no-links --repeats 3 \
+    --nixl-config '{\"notif_thread\": false}' --json '$OUT_DIR/transport_vram_loop.json'" || rc=1
+}
+s2() {
+  step "2. kvikio"
+  timeout 130 python3 benchmarks/gpu_kvikio_check.py --blocks 256 --repeats 5 --json "$OUT_DIR/kvikio.json" || rc=1
+}
+s3() {
+  step "3. layer-wise streaming overhead, real model on the GPU"
+  timeout 100 python3 benchmarks/bench_paths.py --skip-synthetic --skip-io --llama-size medium --prompt 8192 \
+    --repeats 5 --json "$OUT_DIR/paths.json" || rc=1
+}
+s4() {
+  step "4. kernel tests natively"
+  timeout 130 python3 -m pytest -q -p no:cacheprovider -n 8 -o addopts=-ra tests/kernels \
+    tests/model/test_model_backends.py > "$OUT_DIR/kernel_tests.log" 2>&1 || rc=1
+  tail -25 "$OUT_DIR/kernel_tests.log"
+}
+s5() {
+  step "5. kernel benchmarks"
+  timeout 70 bash -c "$(declare -f dp); dp bench kernels --json '$OUT_DIR/kernels.json'" || rc=1
+  timeout 50 python3 benchmarks/gpu_mla_bench.py --json "$OUT_DIR/mla.json" || rc=1
+}
+s6() {
+  step "6. the host side on this machine's 16 cores: storage (posix verified vs raw) and DRAM transports"
+  timeout 60 bash -c "$(declare -f dp); dp bench storage --json '$OUT_DIR/storage_host.json'" || rc=1
+  timeout 150 bash -c "$(declare -f dp); dp bench transport --backends loopback,zmq,nixl --no-links --repeats 3 \
+    --json '$OUT_DIR/transport_host.json'" || rc=1
+}
+for s in ${STEPS:-1 2 3 4 5}; do "s$s"; done
 step "done, rc=$rc"
 exit $rc

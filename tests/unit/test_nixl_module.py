@@ -53,3 +53,16 @@ def test_the_installed_nixl_is_the_one_the_transport_uses() -> None:
     mod = nixl_transport.import_nixl()
     assert mod is sys.modules["nixl_cu12"]
     assert hasattr(mod, "nixl_agent") and hasattr(mod, "nixl_agent_config")
+
+
+def test_notif_thread_auto_follows_the_usable_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualpath.transports import config as tconfig
+
+    monkeypatch.setattr(tconfig, "usable_cpus", lambda: 2)
+    assert tconfig.NixlTransportConfig().uses_notif_thread is False
+    assert tconfig.NixlTransportConfig(notif_thread=True).uses_notif_thread is True
+    monkeypatch.setattr(tconfig, "usable_cpus", lambda: 16)
+    assert tconfig.NixlTransportConfig().uses_notif_thread is True
+    assert tconfig.NixlTransportConfig(notif_thread=False).uses_notif_thread is False
+    with pytest.raises(ValueError, match="notif_thread"):
+        tconfig.NixlTransportConfig(notif_thread="sometimes")  # type: ignore[arg-type]

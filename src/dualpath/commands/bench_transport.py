@@ -379,7 +379,7 @@ def _nixl_threads(cfg: Any) -> dict[str, Any]:
     """How our nixl endpoints progressed: NIXL's own progress thread, and the notification thread's poll period
     (``None`` without it: notifications polled on the event loop)."""
     return {"nixl_progress_thread": cfg.progress_thread,
-            "nixl_notif_poll_s": cfg.notif_poll_s if cfg.notif_thread else None}
+            "nixl_notif_poll_s": cfg.notif_poll_s if cfg.uses_notif_thread else None}
 
 
 # the zmq variants by their data_socket setting: the default (auto: the data socket over tcp), frames only, forced

@@ -14,10 +14,11 @@ Two I/O paths (``io_path``; ``auto`` picks ``gds`` where kvikio uses cuFile and 
   header with ``pwrite`` and the payload with ``CuFile.raw_write`` into a temporary file, then rename.
   xxh3-64 has no GPU implementation here, so verifying a read (and a write's checksum) copies the payload into
   a per-thread pinned host buffer and hashes it there: one device-to-host copy per block.
-* ``bounce``: without GDS, cuFile and kvikio's compatibility mode move the bytes through host memory anyway. So
-  each worker reads the whole file into its pinned host buffer with the posix reader (header checked, payload
-  verified there, where the check costs no extra copy), then copies it to the caller's slot on its own CUDA
-  stream. Writes hash a pinned host copy of the payload and write that copy with ``pwritev``.
+* ``bounce``: without GDS, cuFile and kvikio's compatibility mode move the bytes through host memory anyway. So a
+  read is the posix read into a pinned host staging buffer (header checked and payload verified in the workers,
+  where the check costs no extra copy), then one host-to-device copy per run of good blocks into the caller's
+  buffer; a write is one device-to-host copy of the batch into staging, then the posix write (checksums there).
+  Staging buffers are reused between calls, never while a cancelled call's workers may still touch them.
 
 ``verify_checksum: false`` skips the payload hash on reads (the header is still checked: magic, namespace, key,
 length; the file size is checked too); writes always checksum.
@@ -28,9 +29,10 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import anyio
 import torch
 import xxhash
 
@@ -38,6 +40,7 @@ from dualpath.errors import StorageError
 from dualpath.kv.keys import KeyNamespace
 from dualpath.kv.layout import KVLayout
 from dualpath.storage import blockfile as bf
+from dualpath.storage.base import BlockStatus
 from dualpath.storage.posix import (
     _CORRUPT,
     _EXISTS,
@@ -67,12 +70,47 @@ def _require_kvikio() -> Any:
 
 
 class _Staging(threading.local):
-    """Per worker thread: a pinned host buffer (checksums; the bounce path's payload) and a CUDA stream, made on
-    first use."""
+    """Per worker thread: a pinned host buffer (the gds path's checksums) and a CUDA stream, made on first use."""
 
     buf: torch.Tensor | None = None
     view: memoryview | None = None
     stream: Any = None
+
+
+class _StagingPool:
+    """Pinned host buffers for the bounce path, lent one per call and reused (the smallest free one that fits)."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self._free: list[torch.Tensor] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def give(self, buf: torch.Tensor) -> None:
+        """Back to the pool: only a buffer no worker can still write (the call that took it completed)."""
+        with self._lock:
+            self._free.append(buf)
+            if len(self._free) > self._keep:  # (tensors compare elementwise: by index, not remove())
+                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
+
+
+def _ok_runs(status: Sequence[BlockStatus]) -> list[tuple[int, int]]:
+    """``[lo, hi)`` runs of consecutive OK blocks."""
+    runs: list[tuple[int, int]] = []
+    lo = None
+    for i, st in enumerate([*status, None]):
+        if st is BlockStatus.OK:
+            lo = i if lo is None else lo
+        elif lo is not None:
+            runs.append((lo, i))
+            lo = None
+    return runs
 
 
 def gds_available(kvikio: Any) -> bool:
@@ -96,6 +134,7 @@ class KvikioStorage(PosixStorage):
         super().__init__(config, layout, namespace)
         self._device = torch.device("cuda", torch.cuda.current_device())
         self._staging = _Staging()
+        self._stages = _StagingPool()
         path = config.io_path
         self.io_path: str = ("gds" if gds_available(self._kvikio) else "bounce") if path == "auto" else path
         try:
@@ -110,9 +149,10 @@ class KvikioStorage(PosixStorage):
         return self._device
 
     def _stage(self, nbytes: int) -> _Staging:
-        """This worker's staging: a pinned host buffer of ``nbytes`` and a CUDA stream of this backend's device."""
+        """This worker's staging: a pinned host buffer of ``nbytes`` (none for 0) and a CUDA stream of this
+        backend's device."""
         st = self._staging
-        if st.buf is None or st.buf.numel() != nbytes:
+        if nbytes and (st.buf is None or st.buf.numel() != nbytes):
             st.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             st.view = memoryview(st.buf.numpy()).cast("B")  # type: ignore[arg-type]
         if st.stream is None:
@@ -136,9 +176,46 @@ class KvikioStorage(PosixStorage):
         st.stream.synchronize()
         return st.view
 
+    # --- the bounce path: whole calls staged in pinned host memory --------------------------------------------
+    async def read(self, keys: Sequence[BlockKey], into: torch.Tensor) -> list[BlockStatus]:
+        if self.io_path != "bounce":
+            return await super().read(keys, into)
+        self._check_buffer(keys, into, "into", self.device_type)
+        after = self._caller_event()
+        buf = self._stages.take(into.numel())
+        host = buf[: into.numel()].view(into.shape)
+        out = await self._read_checked(keys, host)  # the posix reader: verified in host memory
+        runs = _ok_runs(out)
+        if runs:
+            await anyio.to_thread.run_sync(self._copy_runs, into, host, runs, after)
+        self._stages.give(buf)  # not on an exception or cancel: a worker may still be writing into it
+        return out
+
+    async def write(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> list[BlockStatus]:
+        if self.io_path != "bounce":
+            return await super().write(keys, blocks)
+        self._check_buffer(keys, blocks, "blocks", self.device_type)
+        after = self._caller_event()  # the caller's kernels that produced `blocks`
+        buf = self._stages.take(blocks.numel())
+        host = buf[: blocks.numel()].view(blocks.shape)
+        await anyio.to_thread.run_sync(self._copy_runs, host, blocks, [(0, len(keys))], after)
+        out = await self._write_checked(keys, host)  # the posix writer: checksums in host memory
+        self._stages.give(buf)
+        return out
+
+    def _copy_runs(self, dst: torch.Tensor, src: torch.Tensor, runs: list[tuple[int, int]], after: Any) -> None:
+        """``dst[lo:hi] = src[lo:hi]`` for each run, on this thread's stream once ``after`` is reached; returns
+        when the copies are done."""
+        st = self._stage(0)
+        st.stream.wait_event(after)
+        with torch.cuda.stream(st.stream):
+            for lo, hi in runs:
+                dst[lo:hi].copy_(src[lo:hi], non_blocking=True)
+        st.stream.synchronize()
+
     def _block_reader(self, into: torch.Tensor) -> Callable[[tuple[int, BlockKey]], int]:
-        if self.io_path == "bounce":
-            return self._bounce_reader(into)
+        if not into.is_cuda:  # the bounce path's host staging
+            return super()._block_reader(into)
         target = into.view(into.shape[0], -1)
         after = self._caller_event()
         tls = self._tls
@@ -184,37 +261,12 @@ class KvikioStorage(PosixStorage):
 
         return read_one
 
-    def _bounce_reader(self, into: torch.Tensor) -> Callable[[tuple[int, BlockKey]], int]:
-        """The ``bounce`` path: the posix reader into this worker's pinned buffer (header checked, payload
-        verified there), then one host-to-device copy into ``into[i]`` on the worker's stream."""
-        target = into.view(into.shape[0], -1)
-        nbytes = self.full_block_bytes
-        read_into = self._verified_reader()
-        after = self._caller_event()
-
-        def read_one(item: tuple[int, BlockKey]) -> int:
-            i, key = item
-            st = self._stage(nbytes)
-            assert st.buf is not None and st.view is not None
-            code = read_into(key.digest, st.view)
-            if code != _OK:
-                return code
-            try:
-                st.stream.wait_event(after)
-                with torch.cuda.stream(st.stream):
-                    target[i].copy_(st.buf, non_blocking=True)
-                st.stream.synchronize()  # the pinned buffer is reused by this worker's next block
-            except RuntimeError:
-                return _FAILED
-            return _OK
-
-        return read_one
-
     def _block_writer(self, blocks: torch.Tensor) -> Callable[[tuple[int, BlockKey, str, bool]], int]:
+        if not blocks.is_cuda:  # the bounce path's host staging
+            return super()._block_writer(blocks)
         source = blocks.view(blocks.shape[0], -1)
         tls = self._tls
         nbytes = self.full_block_bytes
-        bounce = self.io_path == "bounce"
         after = self._caller_event()  # the caller's kernels that produced `blocks`
 
         def write_one(item: tuple[int, BlockKey, str, bool]) -> int:
@@ -222,10 +274,8 @@ class KvikioStorage(PosixStorage):
             if existing and self._complete_on_disk(path):
                 return _EXISTS
             slot = source[i]
-            host = self._host_copy(slot, after)
-            bf.pack_header(tls.header, self._ns, key.digest, nbytes, xxhash.xxh3_64_intdigest(host))
-            if bounce:  # the bytes are in host memory already: write them from there
-                return self._write_file(path, key, [tls.header_mv, host])
+            checksum = xxhash.xxh3_64_intdigest(self._host_copy(slot, after))
+            bf.pack_header(tls.header, self._ns, key.digest, nbytes, checksum)
             return self._write_file(path, key, [tls.header_mv], gpu_payload=slot)
 
         return write_one

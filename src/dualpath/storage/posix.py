@@ -291,8 +291,12 @@ class PosixStorage(Storage):
 
     # --- read -------------------------------------------------------------------------------------------
     async def read(self, keys: Sequence[BlockKey], into: torch.Tensor) -> list[BlockStatus]:
-        index = self._idx()
         self._check_buffer(keys, into, "into", self.device_type)
+        return await self._read_checked(keys, into)
+
+    async def _read_checked(self, keys: Sequence[BlockKey], into: torch.Tensor) -> list[BlockStatus]:
+        """:meth:`read` once ``into`` passed its checks (``_block_reader`` fills it)."""
+        index = self._idx()
         out = [BlockStatus.MISSING] * len(keys)
         # The GIL serializes every Python step, so the per-block work here and in the workers is kept
         # minimal: at tens of GiB/s from the page cache a block's whole budget is a few tens of microseconds.
@@ -392,8 +396,12 @@ class PosixStorage(Storage):
 
     # --- write ------------------------------------------------------------------------------------------
     async def write(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> list[BlockStatus]:
-        index = self._idx()
         self._check_buffer(keys, blocks, "blocks", self.device_type)
+        return await self._write_checked(keys, blocks)
+
+    async def _write_checked(self, keys: Sequence[BlockKey], blocks: torch.Tensor) -> list[BlockStatus]:
+        """:meth:`write` once ``blocks`` passed its checks (``_block_writer`` reads it)."""
+        index = self._idx()
         out = [BlockStatus.OK] * len(keys)
         size = self._file_size
         cap = self.config.capacity_bytes

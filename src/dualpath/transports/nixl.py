@@ -34,12 +34,13 @@ peer.
 **Progress.** A sender polls its posted WRITEs' states on the event loop while any are outstanding (every loop
 pass while they progress, as a raw sender spins). A receiver polls the notifications of its outstanding grants
 on the event loop too (timed sleeps of ``poll_interval_s``, ~1 ms in practice), so every NIXL call happens on one
-thread. Opt-in, ``notif_thread``: a notification thread (:class:`_NotifPump`) polls them every ``notif_poll_s``
+thread. With ``notif_thread`` (``auto``: where the process may use at least 8 CPUs) a notification thread (:class:`_NotifPump`) polls them every ``notif_poll_s``
 (0.1 ms, a raw receiver's pace) while grants are outstanding, every ``notif_idle_poll_s`` after 20 ms without
 one, parked on an event while none is, handing batches to the loop with ``call_soon_threadsafe``; NIXL's agent
 locks nothing in its default sync mode (only with its own listener thread), so the agent is then created with
 ``NIXL_THREAD_SYNC_STRICT`` (one agent-wide lock). On 2 shared cores the thread measured faster only at 16 MiB
-and used more CPU (up to 1.6x at 64 KiB; issue 16), hence off by default. These polls drive UCX progress; NIXL's own progress thread is off
+and used more CPU (up to 1.6x at 64 KiB; issue 16), hence off there; on a 16-core H200 host (VRAM to VRAM) it
+gave 1.7-2.9x the loop's throughput, hence on there. These polls drive UCX progress; NIXL's own progress thread is off
 unless ``progress_thread`` (then created with ``progress_thread_delay_us``: the Python wrapper's delay 0 spins a
 core even when idle). ``nixl`` is imported lazily here only (``pip install dualpath[nixl]``); ``UCX_TLS``
 defaults to ``tcp,self,sm`` when unset (CPU machines; keep ``tcp``), with ``cuda_copy,cuda_ipc`` added where a
@@ -366,7 +367,7 @@ class NixlTransport(Transport):
         # with the notification pump, two threads call the agent: NIXL's agent-wide lock (STRICT) serialises them
         # (the default mode, without NIXL's listener thread, locks nothing); without it every NIXL call happens
         # on the event loop's thread
-        sync = nixl_mod.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT if self.config.notif_thread else None
+        sync = nixl_mod.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT if self.config.uses_notif_thread else None
         conf = nixl_mod.nixl_agent_config(backends=[self.config.backend],
                                           enable_prog_thread=self.config.progress_thread, sync_mode=sync)
         self._agent = await anyio.to_thread.run_sync(
@@ -385,7 +386,7 @@ class NixlTransport(Transport):
         self._router = router
         self._spawn(self._recv_loop())
         self._spawn(self._progress())
-        if self.config.notif_thread:
+        if self.config.uses_notif_thread:
             self._pump = _NotifPump(self.name, self._agent, asyncio.get_running_loop(), self._deliver, self.config)
             self._pump.start()
         for region in self._regions.values():

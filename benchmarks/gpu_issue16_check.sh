@@ -15,6 +15,7 @@
 #   5. `dualpath bench kernels` and the MLA decode/prefill bench
 #   6. (not by default) the host side on the GPU machine's cores: `dualpath bench storage`, and
 #      `dualpath bench transport` over DRAM
+#   7. (not by default) the MLA kernel tests and benchmarks/gpu_mla_sweep.py (tile / launch settings)
 # STEPS="1 2 6" runs those steps only (default "1 2 3 4 5").
 set -uo pipefail
 OUT_DIR="${1:-${OUT:-/tmp/dualpath-gpu}}"
@@ -69,6 +70,13 @@ s6() {
   timeout 60 bash -c "$(declare -f dp); dp bench storage --json '$OUT_DIR/storage_host.json'" || rc=1
   timeout 150 bash -c "$(declare -f dp); dp bench transport --backends loopback,zmq,nixl --no-links --repeats 3 \
     --json '$OUT_DIR/transport_host.json'" || rc=1
+}
+s7() {
+  step "7. MLA kernels: tests natively, then a sweep of their tile and launch settings"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -n 8 -o addopts=-ra tests/kernels/test_kernels_mla.py \
+    > "$OUT_DIR/mla_tests.log" 2>&1 || rc=1
+  tail -5 "$OUT_DIR/mla_tests.log"
+  timeout 200 python3 benchmarks/gpu_mla_sweep.py --budget-s 170 --json "$OUT_DIR/mla_sweep.json" || rc=1
 }
 for s in ${STEPS:-1 2 3 4 5}; do "s$s"; done
 step "done, rc=$rc"

@@ -47,7 +47,7 @@ def _mla_attn_kernel(
     qk_scale, PARTITION,
     H: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, FP8: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-    PREC: tl.constexpr, LOWP: tl.constexpr,
+    PREC: tl.constexpr, LOWP: tl.constexpr, NATIVE_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     mt = tl.program_id(1)
@@ -94,7 +94,10 @@ def _mla_attn_kernel(
                 raw = tl.load(kv_ptr + row[:, None] + r[None, :], mask=tmask[:, None] & rm[None, :], other=0)
                 sc = tl.load(kvf_ptr + (row // 4 + R // 4)[:, None] + (r // 128)[None, :],
                              mask=tmask[:, None] & rm[None, :], other=0.0)
-                c = _e4m3_to_f32(raw) * sc
+                if NATIVE_FP8:  # the GPU's own e4m3 conversion (exact: every e4m3 value is an fp32 value)
+                    c = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc
+                else:
+                    c = _e4m3_to_f32(raw) * sc
                 kr = tl.load(kvh_ptr + (row // 2 + R // 2 + (R // 128) * 2)[:, None] + p[None, :],
                              mask=tmask[:, None] & pm[None, :], other=0.0).to(tl.float32)
             else:
@@ -166,9 +169,15 @@ def _check_latent_pages(kv_layer: object, kv_lora_rank: int) -> tuple[torch.Tens
     return kv, p, fp8
 
 
+def _native_fp8(dev: torch.device) -> bool:
+    """The device converts e4m3 in hardware (compute capability 8.9 and up; not in the interpreter)."""
+    return dev.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(dev) >= (8, 9)
+
+
 def _launch(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, cu: torch.Tensor,
             seq_lens: torch.Tensor, start_pos: torch.Tensor, scale: float, kv_lora_rank: int, max_new: int,
-            block_m: int | None, block_n: int | None, partition: int | None = None) -> torch.Tensor:
+            block_m: int | None, block_n: int | None, partition: int | None = None,
+            num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     kv, p, fp8 = _check_latent_pages(kv_layer, kv_lora_rank)
     dev = kv.device
     r = int(kv_lora_rank)
@@ -211,7 +220,9 @@ def _launch(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
         H=h, R=r, P=p, BT=int(kv.shape[1]), FP8=fp8, SPLIT=split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_P=block_p,
         PREC="ieee" if interp else "tf32", LOWP=(not interp) and kv.dtype != torch.float32,
-        **({} if interp else {"num_warps": 8, "num_stages": 2}),  # 512-wide tiles: keep shared memory in bounds
+        NATIVE_FP8=fp8 and _native_fp8(dev),
+        # 512-wide tiles: keep shared memory in bounds
+        **({} if interp else {"num_warps": num_warps or 8, "num_stages": num_stages or 2}),
     )
     if split:
         _split_reduce_kernel[(q.shape[0], h)](
@@ -223,24 +234,26 @@ def _launch(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
 
 def mla_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                          scale: float, kv_lora_rank: int, *, block_m: int | None = None,
-                         block_n: int | None = None, partition: int | None = None) -> torch.Tensor:
+                         block_n: int | None = None, partition: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None) -> torch.Tensor:
     """``q [B, H, R + P]`` over each sequence's ``seq_lens[b]`` latent rows -> ``[B, H, R]`` in ``q``'s dtype.
-    ``partition``: keys per split-K program (default on CUDA: enough splits to fill the GPU; none otherwise)."""
+    ``partition``: keys per split-K program (default on CUDA: enough splits to fill the GPU; none otherwise);
+    ``block_m`` / ``block_n`` / ``num_warps`` / ``num_stages``: tile and launch settings (GPU tuning)."""
     bsz = int(q.shape[0])
     dev = q.device
     cu = torch.arange(bsz + 1, dtype=torch.int32, device=dev)
     lens = seq_lens.to(torch.int32)
     return _launch(q, kv_layer, block_tables, cu, lens, lens - 1, scale, kv_lora_rank, 1, block_m, block_n,
-                   partition)
+                   partition, num_warps, num_stages)
 
 
 def mla_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                           cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, start_pos: torch.Tensor, scale: float,
-                          kv_lora_rank: int, *, block_m: int | None = None,
-                          block_n: int | None = None) -> torch.Tensor:
+                          kv_lora_rank: int, *, block_m: int | None = None, block_n: int | None = None,
+                          num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """New tokens' ``q [Ntok, H, R + P]`` over the cached latent prefix (full) and the new rows (causal)."""
     cu = check_tensor("cu_seqlens_q", cu_seqlens_q, dim=1, dtypes=INT_DTYPES, device=q.device)
     check_shape("cu_seqlens_q", cu, (int(block_tables.shape[0]) + 1,))
     max_new = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
     return _launch(q, kv_layer, block_tables, cu.to(torch.int32), seq_lens, start_pos.to(torch.int32), scale,
-                   kv_lora_rank, max_new, block_m, block_n)
+                   kv_lora_rank, max_new, block_m, block_n, num_warps=num_warps, num_stages=num_stages)

@@ -202,7 +202,17 @@ class DeepseekV3Model(LayerwiseDecoder):
         cos = (freqs.cos() * self._rope_scale).to(dt)
         sin = (freqs.sin() * self._rope_scale).to(dt)
         sparse = self.spec.model_type == "deepseek_v32" and int(batch.seq_lens.max()) > self.spec.index_topk
-        return ForwardState(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin, sparse=sparse)
+        hidden = self.model.embed_tokens(ids)
+        if self.spec.scale_emb is not None:  # MiniCPM3: the scale rounded to the compute dtype, as transformers does
+            hidden = hidden * torch.tensor(self.spec.scale_emb).to(hidden.dtype)
+        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, sparse=sparse)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head (MiniCPM3 divides the normed state by ``logits_scaling`` first)."""
+        h = cast(RMSNorm, self.model.norm)(h)
+        if self.spec.logits_scaling is not None:
+            h = h / self.spec.logits_scaling
+        return cast(torch.Tensor, self.lm_head(h).float())
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
@@ -248,8 +258,11 @@ class DeepseekV3Model(LayerwiseDecoder):
             o_lat = mla_prefill_attention(qq, latent, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
                                           self.scale, r, backend=self.backend)
         o = torch.einsum("nhr,hvr->nhv", o_lat, w[:, nope:]).to(x.dtype)
-        hid = state.hidden + attn.o_proj(o.reshape(n, h * vd))
-        state.hidden = hid + mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(hid))
+        out = attn.o_proj(o.reshape(n, h * vd))
+        rs = spec.residual_scale  # MiniCPM3: each block's outputs scaled
+        hid = state.hidden + (out if rs is None else out * rs)
+        out = mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(hid))
+        state.hidden = hid + (out if rs is None else out * rs)
         state.next_layer += 1
 
     def _store_index_keys(self, indexer: Indexer, x: torch.Tensor, state: ForwardState,

@@ -1699,13 +1699,18 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
 
 
 _DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
-                  "DeepseekV32ForCausalLM": "deepseek_v32"}
+                  "DeepseekV32ForCausalLM": "deepseek_v32", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+                  "MiniCPM3ForCausalLM": "minicpm3"}
 #: the router's top-k method each generation supports (V2: softmax scores; V3 and V3.2: sigmoid scores + correction
 #: bias)
 _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy"),
-                 "deepseek_v32": ("noaux_tc",)}
-_SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid"}
-_LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2"}
+                 "deepseek_v32": ("noaux_tc",), "glm4_moe_lite": ("noaux_tc",), "minicpm3": ("noaux_tc",)}
+_SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
+            "minicpm3": "sigmoid"}
+_LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
+          "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3"}
+#: MiniCPM3's scalings (None for every other model: their dicts, and so block keys, stay as they were)
+_MINICPM_FIELDS = ("scale_emb", "residual_scale", "logits_scaling")
 #: the fields only DeepSeek-V3.2 has (other specs leave them out of their dict: their block keys stay as they were)
 _V32_FIELDS = ("index_topk", "index_n_heads", "index_head_dim")
 
@@ -1724,6 +1729,13 @@ class DeepseekV3Spec(_SpecCommon):
     renormalization; RoPE always interleaved). Both scale the chosen weights by ``routed_scaling_factor``.
     ``kv_format``: ``auto`` stores the latent in ``dtype``; ``fp8`` stores FlashMLA's 656-byte rows (needs
     ``kv_lora_rank`` divisible by 128).
+
+    ``glm4_moe_lite`` (GLM-4.7-Flash): V3's MLA and MoE as they are (transformers builds it from DeepSeek-V3's
+    attention and GLM-4.5's DeepSeek-style router), its dense layers named by ``mlp_layer_types``.
+
+    ``minicpm3`` (MiniCPM3): V2's MLA with plain (not interleaved) RoPE halves, a dense SwiGLU MLP in every layer,
+    embeddings times ``scale_emb``, each block's outputs times ``residual_scale`` (``scale_depth / sqrt(layers)``)
+    and the final hidden state divided by ``logits_scaling`` (``hidden_size / dim_model_base``) before the head.
 
     ``deepseek_v32`` (DeepSeek-V3.2, the paper's model): V3's MLA and MoE plus DeepSeek Sparse Attention (DSA),
     whose lightning indexer lets each query attend to its ``index_topk`` highest-scoring keys only. Each token's
@@ -1768,6 +1780,9 @@ class DeepseekV3Spec(_SpecCommon):
     index_topk: int = 0  # DeepSeek-V3.2's indexer (0 for V2/V3): keys each query attends to
     index_n_heads: int = 0
     index_head_dim: int = 0
+    scale_emb: float | None = None  # MiniCPM3's scalings (see the class docstring)
+    residual_scale: float | None = None
+    logits_scaling: float | None = None
     context_cap: int | None = field(default=None, compare=False)  # as ModelSpec's (not in to_dict)
     weights_id: str = field(default="", compare=False)
 
@@ -1814,10 +1829,20 @@ class DeepseekV3Spec(_SpecCommon):
             raise ModelError(f"KV format {self.kv_format!r} unsupported; expected 'auto' or 'fp8'")
         if self.kv_format == "fp8" and self.kv_lora_rank % 128:
             raise ModelError(f"the fp8 latent KV format needs kv_lora_rank divisible by 128, got {self.kv_lora_rank}")
-        if self.rope_type not in ("default", "linear", "yarn"):
+        if self.rope_type not in ("default", "linear", "yarn") and not (
+                self.model_type == "minicpm3" and self.rope_type == "longrope"):
             raise ModelError(f"model config: rope_scaling type {self.rope_type!r} unsupported for "
                              f"{self.model_type}; expected default, linear or yarn")
-        if self.rope_type != "default" and "factor" not in (self.rope_scaling or {}):
+        if self.rope_type == "longrope":
+            orig = (self.rope_scaling or {}).get("original_max_position_embeddings")
+            if orig is None or self.max_position > int(orig):
+                # past original_max_position_embeddings transformers turns every position with the long factors,
+                # which the KV already computed with the short ones cannot follow
+                raise ModelError("model config: LongRoPE is supported only within original_max_position_embeddings "
+                                 f"(its short factors); max_position_embeddings {self.max_position} exceeds {orig}")
+        if self.model_type != "minicpm3" and any(getattr(self, f) is not None for f in _MINICPM_FIELDS):
+            raise ModelError(f"model config: {'/'.join(_MINICPM_FIELDS)} are MiniCPM3's, not {self.model_type}'s")
+        if self.rope_type not in ("default", "longrope") and "factor" not in (self.rope_scaling or {}):
             raise ModelError(f"model config: rope_scaling of type {self.rope_type!r} needs a 'factor'")
         if self.model_type == "deepseek_v32":
             if min(self.index_topk, self.index_n_heads, self.index_head_dim) <= 0 or self.q_lora_rank is None:
@@ -1900,6 +1925,9 @@ class DeepseekV3Spec(_SpecCommon):
         if self.model_type != "deepseek_v32":
             for name in _V32_FIELDS:
                 d.pop(name)
+        if self.model_type != "minicpm3":
+            for name in _MINICPM_FIELDS:
+                d.pop(name)
         else:  # the indexer key joined the KV rows (and the context cap went): a new block-key namespace
             d["kv_rows"] = "latent+index_key"
         d["architecture"] = self.architecture
@@ -1952,6 +1980,20 @@ class DeepseekV3Spec(_SpecCommon):
             del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
             cfg.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_topk=self.index_topk,
                        index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim)
+        if self.model_type == "minicpm3":
+            for key in ("moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+                        "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "first_k_dense_replace",
+                        "rope_interleave", "num_nextn_predict_layers"):
+                del cfg[key]
+            assert self.scale_emb is not None and self.residual_scale is not None and self.logits_scaling
+            cfg.update(architectures=["MiniCPM3ForCausalLM"], model_type="minicpm3", scale_emb=self.scale_emb,
+                       scale_depth=self.residual_scale * math.sqrt(self.n_layers),
+                       dim_model_base=round(self.hidden_size / self.logits_scaling))  # (an int in transformers)
+        if self.model_type == "glm4_moe_lite":
+            del cfg["first_k_dense_replace"], cfg["num_nextn_predict_layers"]
+            k = min(self.first_k_dense_replace, self.n_layers)
+            cfg.update(architectures=["Glm4MoeLiteForCausalLM"], model_type="glm4_moe_lite",
+                       mlp_layer_types=["dense"] * k + ["sparse"] * (self.n_layers - k))
         if self.model_type == "deepseek_v2":
             del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
             cfg.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", topk_method=self.topk_method,
@@ -1997,9 +2039,29 @@ class DeepseekV3Spec(_SpecCommon):
         if model_type in ("deepseek_v2", "deepseek_v32") and cfg.get("rope_interleave", True) is not True:
             raise ModelError(f"{where}: rope_interleave {cfg['rope_interleave']!r} unsupported ({label} rotates "
                              "interleaved pairs)")
-        first_dense = int(cfg.get("first_k_dense_replace") or 0)
         layer_kinds = cfg.get("mlp_layer_types")
         n_layers = int(need("num_hidden_layers"))
+        minicpm: dict[str, Any] = {}
+        if model_type == "minicpm3":  # every layer dense; MiniCPM's scalings (transformers' defaults when unset)
+            if cfg.get("rope_interleave", False) is not False:
+                raise ModelError(f"{where}: rope_interleave {cfg['rope_interleave']!r} unsupported (MiniCPM3 "
+                                 "rotates halves)")
+            cfg = {**cfg, "first_k_dense_replace": n_layers, "n_routed_experts": 0, "rope_interleave": False}
+            depth = cfg.get("scale_depth")
+            base = cfg.get("dim_model_base")
+            try:
+                minicpm = {"scale_emb": float(cfg.get("scale_emb", 12)),
+                           "residual_scale": (math.sqrt(n_layers) if depth is None else float(depth)) / math.sqrt(n_layers),
+                           "logits_scaling": int(need("hidden_size")) / (int(need("hidden_size")) if base is None
+                                                                         else float(base))}
+            except (TypeError, ValueError, ZeroDivisionError):
+                raise ModelError(f"{where}: scale_emb / scale_depth / dim_model_base must be numbers "
+                                 f"(dim_model_base non-zero)") from None
+        if cfg.get("first_k_dense_replace") is None and isinstance(layer_kinds, list):
+            # GLM-4.7-Flash names each layer's MLP and has no first_k_dense_replace: its leading dense layers
+            first_dense = next((i for i, kind in enumerate(layer_kinds) if kind != "dense"), len(layer_kinds))
+        else:
+            first_dense = int(cfg.get("first_k_dense_replace") or 0)
         if layer_kinds is not None:  # transformers' V3.2 names each layer's MLP; only the leading-dense pattern is read
             k = min(first_dense, n_layers)
             if layer_kinds != ["dense"] * k + ["sparse"] * (n_layers - k):
@@ -2028,7 +2090,8 @@ class DeepseekV3Spec(_SpecCommon):
             kv_lora_rank=int(need("kv_lora_rank")),
             qk_nope_head_dim=int(need("qk_nope_head_dim")),
             qk_rope_head_dim=int(need("qk_rope_head_dim")),
-            v_head_dim=int(need("v_head_dim")),
+            v_head_dim=int(cfg.get("v_head_dim") or (int(need("hidden_size")) // n_heads if model_type == "minicpm3"
+                                                      else need("v_head_dim"))),
             q_lora_rank=None if q_lora is None else int(q_lora),
             n_routed_experts=int(cfg.get("n_routed_experts") or 0),
             n_shared_experts=int(cfg.get("n_shared_experts") or 0),
@@ -2038,12 +2101,12 @@ class DeepseekV3Spec(_SpecCommon):
             norm_topk_prob=bool(norm_topk),
             routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
             first_k_dense_replace=first_dense,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if model_type in ("glm4_moe_lite", "minicpm3") else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             rope_interleave=bool(cfg.get("rope_interleave", True)),
             max_position=max_position,
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "minicpm3")),
             attention_bias=bool(cfg.get("attention_bias", False)),
             dtype=dtype,
             kv_format=kv_format,
@@ -2055,6 +2118,7 @@ class DeepseekV3Spec(_SpecCommon):
             index_n_heads=index.get("index_n_heads", 0),
             index_head_dim=index.get("index_head_dim", 0),
             context_cap=max_context,
+            **minicpm,
         )
 
 

@@ -1,0 +1,75 @@
+"""GLM-4.7-Flash (``Glm4MoeLiteForCausalLM``: DeepSeek-V3's MLA over a paged latent cache, GLM-4.5's DeepSeek-style
+router, dense layers named by ``mlp_layer_types``) against transformers on random weights transformers wrote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_random import check_save_reads_back, check_turns_against_hf, load_checkpoint, random_turns
+
+from dualpath.errors import ModelError
+from dualpath.model.spec import DeepseekV3Spec, load_spec
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "Glm4MoeLiteForCausalLM"):
+    pytest.skip("this transformers has no Glm4MoeLite", allow_module_level=True)
+
+VOCAB = 97
+CONFIG = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+          "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 32,
+          "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8,
+          "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+          "routed_scaling_factor": 1.8, "q_lora_rank": 24, "max_position_embeddings": 256,
+          "mlp_layer_types": ["dense", "dense", "sparse", "sparse"]}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = transformers.Glm4MoeLiteForCausalLM(transformers.Glm4MoeLiteConfig(**CONFIG)).eval()
+    with torch.no_grad():  # widen transformers' small init so every weight matters; a live router bias
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.mul_(6.0)
+        for n, b in hf.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    d = tmp_path_factory.mktemp("glm4_moe_lite")
+    hf.save_pretrained(d)
+    return d, hf
+
+
+def test_reads_as_deepseek_mla_with_its_dense_layers_from_mlp_layer_types(ckpt):
+    d, _ = ckpt
+    assert "first_k_dense_replace" not in json.loads((d / "config.json").read_text())
+    spec = load_spec(d / "config.json")
+    assert isinstance(spec, DeepseekV3Spec) and spec.architecture == "glm4_moe_lite"
+    assert spec.first_k_dense_replace == 2 and [spec.is_moe_layer(i) for i in range(4)] == [False, False, True, True]
+    assert spec.scoring_func == "sigmoid" and spec.kv_spec().attention == "mla" and spec.kv_spec().latent_dim == 32 + 8
+
+
+def test_multi_turn_logits_and_greedy_equal_transformers(ckpt):
+    d, hf = ckpt
+    check_turns_against_hf(load_checkpoint(d), hf, random_turns(VOCAB))
+
+
+def test_save_reads_back_in_transformers(ckpt, tmp_path):
+    d, _ = ckpt
+    check_save_reads_back(load_checkpoint(d), tmp_path, transformers.Glm4MoeLiteForCausalLM,
+                          random_turns(VOCAB, seed=3, lens=(17,))[0])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == ["Glm4MoeLiteForCausalLM"]
+    assert saved["mlp_layer_types"] == ["dense", "dense", "sparse", "sparse"]
+
+
+def test_a_layer_pattern_other_than_leading_dense_is_refused_naming_the_key(ckpt, tmp_path):
+    d, _ = ckpt
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["mlp_layer_types"] = ["dense", "sparse", "dense", "sparse"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="mlp_layer_types"):
+        load_spec(tmp_path / "config.json")

@@ -700,6 +700,31 @@ def gemma3_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str,
     return out
 
 
+#: Kimi K2.5's vision parts, left out of its language model
+_KIMI_VISION_PREFIXES = ("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector.")
+
+
+def mla_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A Kimi K2.5 checkpoint's language-model tensors under DeepSeek-V3's names: ``language_model.model.`` (and
+    ``model.language_model.``) -> ``model.``, its decoder layers as ``model.layers.`` (transformers writes them as
+    ``blocks``), ``language_model.lm_head.`` -> ``lm_head.``; the vision tower and projector left out. A text
+    checkpoint's tensors unchanged."""
+    if not any(k.startswith(("language_model.", "model.language_model.")) for k in tensors):
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.startswith(_KIMI_VISION_PREFIXES):
+            continue
+        for old, new in _GEMMA3_LM_PREFIXES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        if name.startswith("model.blocks."):
+            name = "model.layers." + name[len("model.blocks."):]
+        out[name] = t
+    return out
+
+
 def gpt_oss_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """A gpt-oss checkpoint's tensors with its MXFP4 experts (``*_blocks`` / ``*_scales``, as OpenAI publishes
     them) dequantized to the dense parameters; a dense checkpoint's unchanged."""
@@ -719,8 +744,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         from dualpath.model.deepseek import DeepseekV3Model
 
         model = DeepseekV3Model(spec, device="cpu", backend=backend)
-        if tensors is not None:
-            tensors = deepseek_tensors(spec, tensors, source, fp8_block)
+        if tensors is not None:  # (Kimi K2.5: its language model's tensors)
+            tensors = deepseek_tensors(spec, mla_language_tensors(tensors), source, fp8_block)
     else:
         from dualpath.model.llama import LlamaModel
 

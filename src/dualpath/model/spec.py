@@ -1682,6 +1682,33 @@ def parse_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] |
     return float(rope_theta if rope_theta is not None else 10000.0), rope_scaling
 
 
+#: image-text checkpoints whose language model is a DeepSeek-V3 (MLA) decoder: Kimi K2.5 (transformers' name and the
+#: hub's remote-code name)
+_MLA_IMAGE_TEXT_ARCHS = ("Kimi_K25ForConditionalGeneration", "KimiK25ForConditionalGeneration")
+
+
+def mla_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """The language model's config of a Kimi K2.5 image-text checkpoint (its ``text_config``, a DeepSeek-V3 one,
+    served as ``DeepseekV3ForCausalLM``; the vision tower is not loaded); any other config unchanged. As
+    transformers does, the LM head is tied to the embeddings by the top-level ``tie_word_embeddings`` (true by
+    default)."""
+    archs = cfg.get("architectures") or []
+    if not any(a in _MLA_IMAGE_TEXT_ARCHS for a in archs) and not (not archs and cfg.get("model_type") == "kimi_k25"):
+        return cfg
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ModelError(f"{where}: text_config must be an object (Kimi K2.5's DeepSeek-V3 language model)")
+    if text.get("model_type", "deepseek_v3") not in ("deepseek_v3", "kimi_k2"):
+        raise ModelError(f"{where}: text_config.model_type {text['model_type']!r} unsupported (expected deepseek_v3 "
+                         "or kimi_k2)")
+    out = {**text, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+           "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True))}
+    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if key not in text and key in cfg:
+            out[key] = cfg[key]
+    return out
+
+
 def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
               kv_format: str = "auto", max_context: int | None = None) -> ModelSpec | DeepseekV3Spec:
     """The spec of a checkpoint's architecture: :class:`DeepseekV3Spec` for ``DeepseekV3ForCausalLM`` and
@@ -1689,6 +1716,7 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
     dtype) or ``fp8`` (MLA only). ``max_context``: the longest context served (``context_cap``; None: the
     checkpoint's ``max_position_embeddings``)."""
     cfg, where = read_hf_config(config)
+    cfg = mla_text_config(cfg, where)
     archs = cfg.get("architectures") or []
     if any(a in _DEEPSEEK_ARCH for a in archs) or (not archs and cfg.get("model_type") in _DEEPSEEK_ARCH.values()):
         return DeepseekV3Spec.from_hf_config(cfg, dtype=dtype, kv_format=kv_format, where=where,

@@ -51,6 +51,21 @@ class Checkpoints:
         return self._dirs[family]
 
 
+def widen_mla_moe(hf: Any) -> Any:
+    """Widen transformers' small init of a DeepSeek-style model in place so every weight matters: norms around
+    one, other weights times six, the routers' correction biases live (transformers starts them at zero)."""
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.mul_(6.0)
+        for n, b in hf.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    return hf
+
+
 def hf_logits(hf: Any, seq: list[int]) -> torch.Tensor:
     """transformers' logits of a full recompute of ``seq`` (fp32)."""
     with torch.no_grad():

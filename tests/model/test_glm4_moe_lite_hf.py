@@ -7,7 +7,13 @@ import json
 
 import pytest
 import torch
-from hf_random import check_save_reads_back, check_turns_against_hf, load_checkpoint, random_turns
+from hf_random import (
+    check_save_reads_back,
+    check_turns_against_hf,
+    load_checkpoint,
+    random_turns,
+    widen_mla_moe,
+)
 
 from dualpath.errors import ModelError
 from dualpath.model.spec import DeepseekV3Spec, load_spec
@@ -29,15 +35,7 @@ CONFIG = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "moe_
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     hf = transformers.Glm4MoeLiteForCausalLM(transformers.Glm4MoeLiteConfig(**CONFIG)).eval()
-    with torch.no_grad():  # widen transformers' small init so every weight matters; a live router bias
-        for n, p in hf.named_parameters():
-            if n.endswith("norm.weight"):
-                p.add_(0.1 * torch.randn_like(p))
-            else:
-                p.mul_(6.0)
-        for n, b in hf.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn_like(b))
+    widen_mla_moe(hf)
     d = tmp_path_factory.mktemp("glm4_moe_lite")
     hf.save_pretrained(d)
     return d, hf

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from hf_random import check_turns_against_hf, load_checkpoint, random_turns
+from hf_random import check_turns_against_hf, load_checkpoint, random_turns, widen_mla_moe
 
 from dualpath.errors import ModelError
 from dualpath.model.spec import DeepseekV3Spec, load_spec
@@ -33,15 +33,7 @@ def ckpt(request, tmp_path_factory):
                                       tie_word_embeddings=request.param == "tied")
     torch.manual_seed(0)
     hf = transformers.Kimi_K25ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # widen transformers' small init; a live router bias
-        for n, p in hf.named_parameters():
-            if n.endswith("norm.weight"):
-                p.add_(0.1 * torch.randn_like(p))
-            else:
-                p.mul_(6.0)
-        for n, b in hf.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn_like(b))
+    widen_mla_moe(hf)
     d = tmp_path_factory.mktemp(f"kimi_k25-{request.param}")
     hf.save_pretrained(d)
     return request.param, d, hf

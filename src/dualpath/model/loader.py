@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -688,16 +688,23 @@ def gemma3_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str,
     unchanged."""
     if not any(k.startswith((*(p for p, _ in _GEMMA3_LM_PREFIXES), *_GEMMA3_VISION_PREFIXES)) for k in tensors):
         return tensors
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if name.startswith(_GEMMA3_VISION_PREFIXES):
-            continue
-        for old, new in _GEMMA3_LM_PREFIXES:
-            if name.startswith(old):
-                name = new + name[len(old):]
-                break
-        out[name] = t
-    return out
+    return _language_model(tensors, _GEMMA3_VISION_PREFIXES)
+
+
+def _language_model(tensors: Mapping[str, torch.Tensor], vision: tuple[str, ...],
+                    renames: tuple[tuple[str, str], ...] = ()) -> dict[str, torch.Tensor]:
+    """An image-text checkpoint's tensors without those under ``vision``: the language model's prefix
+    (:data:`_GEMMA3_LM_PREFIXES`) replaced by the text model's, then the first of ``renames`` that applies."""
+    return {_renamed(_renamed(name, _GEMMA3_LM_PREFIXES), renames): t for name, t in tensors.items()
+            if not name.startswith(vision)}
+
+
+def _renamed(name: str, prefixes: Sequence[tuple[str, str]]) -> str:
+    """``name`` with the first ``old`` prefix of ``prefixes`` it starts with replaced by its ``new``."""
+    for old, new in prefixes:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 #: Kimi K2.5's vision parts, left out of its language model
@@ -711,18 +718,7 @@ def mla_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, to
     checkpoint's tensors unchanged."""
     if not any(k.startswith(("language_model.", "model.language_model.")) for k in tensors):
         return tensors
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if name.startswith(_KIMI_VISION_PREFIXES):
-            continue
-        for old, new in _GEMMA3_LM_PREFIXES:
-            if name.startswith(old):
-                name = new + name[len(old):]
-                break
-        if name.startswith("model.blocks."):
-            name = "model.layers." + name[len("model.blocks."):]
-        out[name] = t
-    return out
+    return _language_model(tensors, _KIMI_VISION_PREFIXES, (("model.blocks.", "model.layers."),))
 
 
 def gpt_oss_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:

@@ -165,6 +165,12 @@ def random_turns(vocab: int, seed: int = 0, lens: tuple[int, ...] = (11, 5, 7)) 
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
 
 
+def two_sequences(vocab: int) -> list[list[int]]:
+    """Two sequences of different lengths (18 and 5 tokens) for the batched comparisons."""
+    one, two = random_turns(vocab, 1), random_turns(vocab, 2)
+    return [one[0] + one[2], two[1]]
+
+
 def check_turns_against_hf(ours: Any, hf: Any, turns: list[list[int]]) -> None:
     """Three turns (prefill chunks over a paged prefix, then greedy decode steps): logits at every step and the ids
     equal transformers' with its own cache."""

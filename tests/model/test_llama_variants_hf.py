@@ -27,6 +27,7 @@ from hf_random import (
     cluster_read_paths,
     load_checkpoint,
     random_turns,
+    two_sequences,
 )
 
 from dualpath.errors import ModelError
@@ -97,7 +98,7 @@ def test_fp32_multi_turn_logits_and_greedy(ckpt):
 
 def test_batched_sequences_and_decode_equal_transformers(ckpt):
     _, d, hf = ckpt
-    check_batched_against_hf(_load(d), hf, [_turns(1)[0] + _turns(1)[2], _turns(2)[1]])
+    check_batched_against_hf(_load(d), hf, two_sequences(VOCAB))
 
 
 def test_triton_backend_equals_transformers(ckpt):

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from hf_random import Checkpoints, bf16_teacher_forced, check_batched_against_hf
+from hf_random import Checkpoints, bf16_teacher_forced, check_batched_against_hf, random_turns, two_sequences
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -51,8 +51,7 @@ def _load(d, backend: Literal["auto", "torch", "triton"] = "torch"):
 
 
 def _turns(seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
+    return random_turns(VOCAB, seed)
 
 
 def test_fp32_multi_turn_logits_and_greedy(ckpt):
@@ -95,7 +94,7 @@ def test_batched_sequences_and_decode_equal_transformers(ckpt):
     """Two sequences with different cached prefixes in one prefill batch (their tokens routed together), then two
     batched decode steps: every logit row equals transformers' full recompute of that sequence."""
     family, d, hf = ckpt
-    check_batched_against_hf(_load(d), hf, [_turns(1)[0] + _turns(1)[2], _turns(2)[1]])
+    check_batched_against_hf(_load(d), hf, two_sequences(VOCAB))
 
 
 def test_packed_expert_layout_loads_the_same(ckpt, tmp_path):

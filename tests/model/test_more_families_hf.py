@@ -18,7 +18,14 @@ from typing import Any, Literal
 
 import pytest
 import torch
-from hf_random import Checkpoints, bf16_teacher_forced, check_batched_against_hf, hf_logits
+from hf_random import (
+    Checkpoints,
+    bf16_teacher_forced,
+    check_batched_against_hf,
+    hf_logits,
+    random_turns,
+    two_sequences,
+)
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -102,8 +109,7 @@ def _load(d, backend: Literal["auto", "torch", "triton"] = "torch",
 
 
 def _turns(seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
+    return random_turns(VOCAB, seed)
 
 
 def test_fp32_multi_turn_logits_and_greedy(ckpt):
@@ -118,7 +124,7 @@ def test_fp32_multi_turn_logits_and_greedy(ckpt):
 
 def test_batched_sequences_and_decode_equal_transformers(ckpt):
     _, d, hf = ckpt
-    check_batched_against_hf(_load(d), hf, [_turns(1)[0] + _turns(1)[2], _turns(2)[1]])
+    check_batched_against_hf(_load(d), hf, two_sequences(VOCAB))
 
 
 def test_triton_backend_equals_transformers(ckpt):

@@ -16,6 +16,8 @@
 #   6. (not by default) the host side on the GPU machine's cores: `dualpath bench storage`, and
 #      `dualpath bench transport` over DRAM
 #   7. (not by default) the MLA kernel tests and benchmarks/gpu_mla_sweep.py (tile / launch settings)
+#   8. (not by default) MLA prefill, model level: absorbed vs decompressed vs auto
+#      (benchmarks/gpu_mla_prefill_forms.py), then the DeepSeek model tests and the PE staging tests
 # STEPS="1 2 6" runs those steps only (default "1 2 3 4 5").
 set -uo pipefail
 OUT_DIR="${1:-${OUT:-/tmp/dualpath-gpu}}"
@@ -77,6 +79,13 @@ s7() {
     > "$OUT_DIR/mla_tests.log" 2>&1 || rc=1
   tail -5 "$OUT_DIR/mla_tests.log"
   timeout 200 python3 benchmarks/gpu_mla_sweep.py --budget-s 170 --json "$OUT_DIR/mla_sweep.json" || rc=1
+}
+s8() {
+  step "8. MLA prefill forms (model level), then the DeepSeek model and PE staging tests"
+  timeout 150 python3 benchmarks/gpu_mla_prefill_forms.py --json "$OUT_DIR/mla_prefill_forms.json" || rc=1
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -n 8 -o addopts=-ra tests/model/test_deepseek.py \
+    tests/integration/test_pe_prefetch.py > "$OUT_DIR/model_tests.log" 2>&1 || rc=1
+  tail -5 "$OUT_DIR/model_tests.log"
 }
 for s in ${STEPS:-1 2 3 4 5}; do "s$s"; done
 step "done, rc=$rc"

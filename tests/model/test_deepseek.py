@@ -95,12 +95,15 @@ def _turns(seed: int = 0) -> list[list[int]]:
 
 
 def _run(ckpt_dir, dtype: str, backend: str = "torch", gen_per_turn: int = 8, block_tokens: int = 4,
-         teacher: bool = False):
+         teacher: bool = False, form: str = "auto"):
     """Three turns: each prefills its new user tokens over the paged prefix, then decodes greedily. Returns our
     and transformers' logits at every step and both greedy id streams (transformers fed its own ids; with
-    ``teacher`` both are fed transformers' ids)."""
-    ours, _ = load_model(LlamaModelConfig(path=str(ckpt_dir), dtype=dtype, attention_backend=backend),
-                         with_tokenizer=False)
+    ``teacher`` both are fed transformers' ids). ``form``: our prefill attention form (``auto`` takes the
+    decompressed form for the first turn and the absorbed one for the later, shorter appends, see
+    ``test_auto_prefill_form_follows_the_flops``)."""
+    ours, _ = load_model(LlamaModelConfig(path=str(ckpt_dir), dtype=dtype, attention_backend=backend,
+                                          mla_prefill=form), with_tokenizer=False)
+    assert ours.prefill_form == form
     tdt = getattr(torch, dtype)
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(ckpt_dir), dtype=tdt).eval()
     return paged_turns(ours, hf, _turns(), gen_per_turn, block_tokens, teacher=teacher)
@@ -135,9 +138,10 @@ def paged_turns(ours, hf, turns: list[list[int]], gen_per_turn: int, block_token
     return torch.stack(ours_logits), torch.stack(ref_logits), ours_ids, ref_ids
 
 
-def test_fp32_multi_turn_logits_and_greedy(ckpt):
+@pytest.mark.parametrize("form", ["auto", "absorbed", "decompressed"])
+def test_fp32_multi_turn_logits_and_greedy(ckpt, form):
     name, d = ckpt
-    ours, ref, ids, ref_ids = _run(d, "float32")
+    ours, ref, ids, ref_ids = _run(d, "float32", form=form)
     assert ref.abs().max() > 1.0  # logits of a meaningful size
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
     assert len(ids) >= 20 and ids == ref_ids
@@ -303,8 +307,34 @@ def test_triton_kernels_in_the_model(qlora):
     assert ids == ref_ids
 
 
+def test_auto_prefill_form_follows_the_flops(no_qlora):
+    """``auto`` decompresses where that takes fewer FLOPs (long appends), keeps the absorbed form for short appends
+    over a long prefix and for decode, and never expands more than ``decompress_max_bytes`` of keys and values."""
+    model, _ = load_model(LlamaModelConfig(path=str(no_qlora)), with_tokenizer=False)
+
+    def batch(new: int, start: int) -> SeqBatch:
+        return SeqBatch.build([[1] * new], [start], [list(range(64))], 4)
+
+    assert model.prefill_form == "auto"
+    assert model._decompress(batch(64, 0))  # a whole prompt
+    assert model._decompress(batch(32, 160))  # a long append
+    assert not model._decompress(batch(2, 200))  # a short append over a long prefix: absorbed
+    model.decompress_max_bytes = 200 * 4 * (16 + 8 + 16) * 4 - 1  # 200 tokens' keys and values, fp32: too much
+    assert not model._decompress(batch(64, 136)) and model._decompress(batch(64, 0))
+    model.prefill_form = "decompressed"
+    assert model._decompress(batch(2, 200))
+    model.prefill_form = "absorbed"
+    assert not model._decompress(batch(64, 0))
+
+
+@pytest.mark.parametrize("form", ["absorbed", "decompressed"])
+def test_fp8_latent_kv_both_prefill_forms(form, tmp_path):
+    """The FP8 latent run below, the prefill in each form: the decompressed one dequantizes the rows it expands."""
+    test_fp8_latent_kv_model("torch", tmp_path, form)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
-def test_fp8_latent_kv_model(backend, tmp_path):
+def test_fp8_latent_kv_model(backend, tmp_path, form="auto"):
     """FP8 latent KV (kv_lora_rank 128 -> 148-byte rows) with fp32 compute against transformers' fp32 logits
     (teacher-forced): FP8 is lossy, so the stated tolerance is >= 80% equal argmax and a mean logit error under
     5% of the logit range."""
@@ -318,6 +348,7 @@ def test_fp8_latent_kv_model(backend, tmp_path):
     _, ref, _, ref_ids = _run(tmp_path, "float32", gen_per_turn=4)
     spec = load_spec(tmp_path, dtype="float32", kv_format="fp8")
     model = build_model(spec, read_weights_dir(tmp_path), backend=backend)
+    model.prefill_form = form
     assert model.kv_spec.bytes_per_token_layer == 128 + 4 + 2 * 8
     pool = KVPool(model.kv_spec, num_blocks=32, block_tokens=4)
     assert pool.data.dtype == torch.uint8

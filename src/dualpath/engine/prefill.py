@@ -33,7 +33,7 @@ from dualpath.engine.model_api import PrefillSeq
 from dualpath.engine.request import Turn, unwrap
 from dualpath.engine.sampling import rows_logprobs
 from dualpath.errors import EngineError, ModelError
-from dualpath.paths.pe_read import h2d_layer, pe_read
+from dualpath.paths.pe_read import LayerPrefetch, h2d_layer, pe_read
 from dualpath.scheduler.batching import PendingPrefill, pack_forward_batch
 from dualpath.transports.base import Region, Transport
 from dualpath.types import EngineId, Role
@@ -108,6 +108,10 @@ class PrefillEngine(Engine):
         self.chunk_bytes = 0  # device bytes held now by chunked requests' KV between their chunks
         self._min_tokens: int | None = None  # the model's efficient batch size (the quota's floor), on first use
         self._inflight: list[Turn] = []  # the batch of the forward in progress
+        # the PE-read hit staged a layer ahead in pinned memory (pe_read.LayerPrefetch): None = on a GPU only; tests
+        # turn it on for a CPU engine (unpinned there) to check the staged bytes, benchmarks off for a baseline
+        self.stage_h2d: bool | None = None
+        self.h2d_staged = 0  # layers of PE-read hit that came through the staging
 
     @property
     def layer_bytes(self) -> int:
@@ -290,6 +294,14 @@ class PrefillEngine(Engine):
 
         state = await self.model.prefill_begin(seqs)
         async with anyio.create_task_group() as ships:
+            # on a GPU the PE-read hit is staged a layer ahead in pinned memory (gathers run in this group)
+            cuda = self.device.type == "cuda"
+            staged = cuda if self.stage_h2d is None else self.stage_h2d
+            prefetch = LayerPrefetch(ships, pin=cuda) if staged else None
+            if prefetch is not None:
+                for c in chunks:
+                    if c.first and c.turn.error is None:
+                        prefetch.start(c.turn, 0)
             for layer in range(n_layers):
                 for j in range(exposed_upto + 1, min(n_layers, layer + ring)):
                     await slot_free[j % ring].wait()
@@ -298,10 +310,10 @@ class PrefillEngine(Engine):
                     exposed_upto = j
                 slot = self.scratch[layer % ring]
                 if cfg.layerwise:
-                    await self._load_layer(chunks, offs, layer)
+                    await self._load_layer(chunks, offs, layer, prefetch)
                 elif layer == 0:  # the 'basic' baseline: every layer's hit KV on the device first
                     for j in range(n_layers):
-                        await self._load_layer(chunks, offs, j)
+                        await self._load_layer(chunks, offs, j, prefetch)
                 kv = self.layout.as_kv(slot[:total_blocks])
                 fwd = self.model.prefill_layer(state, layer, kv)
                 ep = getattr(cfg, "ep_bytes_per_token", 0)
@@ -312,6 +324,8 @@ class PrefillEngine(Engine):
                     await fwd
                 self._keep_layer(chunks, offs, layer, slot)
                 ships.start_soon(self._ship_layer, ship_turns, ship_offs, layer, slot, slot_free[layer % ring])
+        if prefetch is not None:
+            self.h2d_staged += prefetch.gathered
         logits = await self.model.prefill_end(state)
         for i, c in enumerate(chunks):
             if c.turn.sampling is not None and c.turn.sampling.prompt_logprobs is not None and c.turn.error is None:
@@ -357,7 +371,8 @@ class PrefillEngine(Engine):
         if copied and slot.device.type == "cuda":  # kept before the slot is reused for a later layer
             torch.cuda.current_stream(slot.device).synchronize()
 
-    async def _load_layer(self, chunks: list[PrefillChunk], offs: list[int], layer: int) -> None:
+    async def _load_layer(self, chunks: list[PrefillChunk], offs: list[int], layer: int,
+                          prefetch: LayerPrefetch | None = None) -> None:
         """Bring layer ``layer``'s cached KV of every chunk into its scratch slot. A first chunk: H2D of the
         PE-read hit blocks, then the DE-streamed blocks' arrival (a failed or late arrival fails that turn only).
         A later chunk: the rows ``[0, start)`` its request's earlier chunks kept on the device."""
@@ -373,7 +388,7 @@ class PrefillEngine(Engine):
                     n = -(-c.start // bt)
                     slot[o : o + n].copy_(t.pe_kv[layer, :n], non_blocking=True)
             elif t.pe_hit_blocks:
-                await h2d_layer(self.ctx.links, self.name, t, layer, slot[o : o + t.pe_hit_blocks])
+                await h2d_layer(self.ctx.links, self.name, t, layer, slot[o : o + t.pe_hit_blocks], prefetch)
         for c in chunks:
             t = c.turn
             if c.first and t.error is None and t.de_hit_blocks:

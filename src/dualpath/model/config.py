@@ -24,6 +24,13 @@ class LlamaModelConfig(Section):
     seed: int = 0
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     kv_format: Literal["auto", "fp8"] = "auto"
+    mla_prefill: Literal["auto", "absorbed", "decompressed"] = Field(
+        default="auto",
+        description="MLA checkpoints (DeepSeek-V2/V3/V3.2, MiniCPM3, GLM-4.7-Flash, Kimi): prefill attention form. "
+        "'absorbed': the latent kernels, as decode; 'decompressed': each sequence's latent expanded into per-head "
+        "keys and values, then scaled_dot_product_attention (FlashAttention on a GPU); 'auto': the one with fewer "
+        "FLOPs for the batch, absorbed where the expanded keys and values would not fit a bounded buffer",
+    )
     max_context: int | None = Field(
         default=None, gt=0,
         description="the longest context (prompt + generated tokens) served; None: the checkpoint's "

@@ -831,6 +831,8 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
     spec = replace(spec, weights_id=weights_id)
     model = build_model(spec, model_tensors, seed=cfg.seed, device=device, backend=cfg.attention_backend,
                         source=str(p), fp8_block=fp8_block)
+    if hasattr(model, "prefill_form"):  # MLA
+        model.prefill_form = cfg.mla_prefill
     if with_tokenizer:
         tokenizer = load_tokenizer(p if p.is_dir() or p.suffix == ".gguf" else p.parent)
     return model, tokenizer

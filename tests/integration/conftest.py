@@ -73,3 +73,13 @@ def embedded_http(tmp_path_factory: pytest.TempPathFactory) -> Any:
         stop_process(proc, signal.SIGTERM)
         out.close()
     assert proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Hugging Face Llama (``engine_helpers.hf_llama``) saved for the module's clusters."""
+    from engine_helpers import hf_llama
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    hf_llama(d)
+    return d

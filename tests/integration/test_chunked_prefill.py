@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from engine_helpers import BT, SESSION, hf_llama, llama_config, run_session, session_prompts, synthetic_config
+from engine_helpers import BT, SESSION, llama_config, run_session, session_prompts, synthetic_config
 
 from dualpath.cluster import Cluster
 from dualpath.config import DualPathConfig
@@ -31,13 +31,6 @@ L = 3  # layers of engine_helpers' tiny Llama
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    d = tmp_path_factory.mktemp("tiny-llama")
-    hf_llama(d)
-    return d
 
 
 def _model(cfg: DualPathConfig) -> Callable[[torch.device], LlamaAdapter]:

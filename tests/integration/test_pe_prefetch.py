@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from engine_helpers import SESSION, hf_llama, llama_config, run_session
+from engine_helpers import SESSION, llama_config, run_session
 
 from dualpath.cluster import Cluster
 from dualpath.paths.pe_read import LayerPrefetch, pe_host_blocks
@@ -23,13 +23,6 @@ L = 3  # layers of engine_helpers' tiny Llama
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    d = tmp_path_factory.mktemp("tiny-llama")
-    hf_llama(d)
-    return d
 
 
 async def _session(model_dir: Any, staged: bool, layerwise: bool) -> tuple[list[Any], int]:

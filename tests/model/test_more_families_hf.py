@@ -73,6 +73,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                  dict(BASE, num_hidden_layers=3, head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
                       num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
                       routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=0)),
+    # MiniMax-M2: OLMo 2's q/k RMSNorms over whole projections, RoPE on rotary_dim of each head, then GLM-4.5's
+    # sigmoid router with a correction bias (on the block) in one group, Mixtral's hub expert names; every layer MoE
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                   dict(BASE, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                        rotary_dim=8, pad_token_id=None, bos_token_id=None, eos_token_id=None)),
     # q/k/v biases, fused gate_up_proj, interleaved RoPE on half of each head (read by permuting q/k rows)
     "glm": ("GlmConfig", "GlmForCausalLM", dict(BASE, head_dim=16, pad_token_id=None, eos_token_id=None)),
     # GLM's layers plus RMSNorms on the attention's and the MLP's outputs
@@ -86,7 +91,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 class _Families(Checkpoints):
-    """Widened like every family's random checkpoint; a router's correction biases (GLM-4.5) made to matter."""
+    """Widened like every family's random checkpoint; a router's correction biases (GLM-4.5, MiniMax-M2) made to
+    matter."""
 
     def model(self, family: str, seed: int = 0) -> Any:
         hf = super().model(family, seed)
@@ -94,6 +100,8 @@ class _Families(Checkpoints):
         with torch.no_grad():
             for layer in hf.model.layers:
                 bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+                if bias is None:  # (MiniMax-M2 keeps it on the MoE block)
+                    bias = getattr(layer.mlp, "e_score_correction_bias", None)
                 if bias is not None:
                     bias.copy_(0.2 * torch.randn(bias.shape, generator=g))
         return hf

@@ -381,7 +381,7 @@ class DecoderLayer(nn.Module):
             self.mlp = GptOssMoE(spec)
         elif spec.architecture == "llama4_text" and spec.is_moe_layer(layer):
             self.mlp = Llama4MoE(spec)
-        elif spec.architecture == "glm4_moe" and spec.is_moe_layer(layer):
+        elif spec.architecture in ("glm4_moe", "minimax_m2") and spec.is_moe_layer(layer):
             from dualpath.model.deepseek import MoE  # (deepseek imports this module)
 
             self.mlp = MoE(_glm_routing(spec))  # type: ignore[arg-type]
@@ -399,7 +399,8 @@ class DecoderLayer(nn.Module):
 
 def _glm_routing(spec: ModelSpec) -> SimpleNamespace:
     """GLM-4.5's MoE block is DeepSeek-V3's (sigmoid router with a correction bias and groups, routed experts,
-    shared experts): the fields :class:`dualpath.model.deepseek.MoE` reads, from a ``glm4_moe`` spec."""
+    shared experts): the fields :class:`dualpath.model.deepseek.MoE` reads, from a ``glm4_moe`` spec; MiniMax-M2's
+    is the same with one group, a factor of 1 and no shared expert."""
     return SimpleNamespace(
         n_routed_experts=spec.n_experts, hidden_size=spec.hidden_size, topk_method="noaux_tc",
         num_experts_per_tok=spec.n_experts_per_tok, n_group=spec.n_group, topk_group=spec.topk_group,

@@ -108,6 +108,9 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
         out.pop("lm_head.weight", None)
     if getattr(model.spec, "architecture", "") == "mixtral":
         out = {_mixtral_hub_name(k): v for k, v in out.items()}
+    if getattr(model.spec, "architecture", "") == "minimax_m2":  # Mixtral's hub names, the bias on the block
+        out = {_mixtral_hub_name(k.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias")): v
+               for k, v in out.items()}
     if getattr(model.spec, "architecture", "") in ("granitemoe", "granitemoeshared"):
         out = _granite_moe_hub_tensors(out)
     if getattr(model.spec, "architecture", "") == "phi3":
@@ -488,17 +491,35 @@ def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
             continue
         if name.endswith("weight_scale_inv"):
             continue
-        if t.dtype == torch.float8_e4m3fn:
-            scale = tensors.get(name + "_scale_inv")
-            if scale is None:
-                raise ModelError(f"{source}: FP8 tensor {name!r} has no {name}_scale_inv")
-            try:
-                t = dequantize_block_fp8(t, scale, fp8_block)
-            except ModelError as exc:
-                raise ModelError(f"{source}: tensor {name!r}: {exc}") from None
+        t = _dequantized(name, t, tensors, source, fp8_block)
         if not _split_packed_experts(name, t, out, source):
             out[name] = t
     return out
+
+
+def _dequantized(name: str, t: torch.Tensor, tensors: Mapping[str, torch.Tensor], source: str,
+                 fp8_block: tuple[int, int]) -> torch.Tensor:
+    """``t`` itself, or, a block-scaled FP8 weight (DeepSeek's format, also MiniMax-M2's and other ``fp8``
+    ``quantization_config`` checkpoints': ``name`` in e4m3 with ``name + "_scale_inv"``), dequantized to fp32."""
+    if t.dtype != torch.float8_e4m3fn:
+        return t
+    scale = tensors.get(name + "_scale_inv")
+    if scale is None:
+        raise ModelError(f"{source}: FP8 tensor {name!r} has no {name}_scale_inv")
+    try:
+        return dequantize_block_fp8(t, scale, fp8_block)
+    except ModelError as exc:
+        raise ModelError(f"{source}: tensor {name!r}: {exc}") from None
+
+
+def fp8_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                    fp8_block: tuple[int, int] = (128, 128)) -> Mapping[str, torch.Tensor]:
+    """A checkpoint's tensors with every block-scaled FP8 weight dequantized and its ``weight_scale_inv`` dropped
+    (``tensors`` itself when it holds none)."""
+    if not any(t.dtype == torch.float8_e4m3fn for t in tensors.values()):
+        return tensors
+    return {name: _dequantized(name, t, tensors, source, fp8_block) for name, t in tensors.items()
+            if not name.endswith("weight_scale_inv")}
 
 
 def _check_indexer(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor], source: str) -> None:
@@ -612,12 +633,16 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         parts = name.split(".")
-        if (spec.architecture == "glm4_moe" and len(parts) > 2 and parts[:2] == ["model", "layers"]
+        if (spec.architecture in ("glm4_moe", "minimax_m2") and len(parts) > 2 and parts[:2] == ["model", "layers"]
                 and parts[2].isdigit() and int(parts[2]) >= spec.n_layers):
             continue  # GLM-4.5's multi-token-prediction layers (num_nextn_predict_layers): not a decoder layer
         if spec.architecture in ("granitemoe", "granitemoeshared") and _granite_moe_in(name, t, out, source):
             continue
-        if spec.architecture == "mixtral" and ".block_sparse_moe." in name:
+        if spec.architecture == "minimax_m2" and name.endswith(("mlp.e_score_correction_bias",
+                                                                  "block_sparse_moe.e_score_correction_bias")):
+            name = name[: -len("e_score_correction_bias")].replace(".block_sparse_moe.", ".mlp.") + \
+                "gate.e_score_correction_bias"  # (the block's buffer there; our router's here)
+        if spec.architecture in ("mixtral", "minimax_m2") and ".block_sparse_moe." in name:
             name = name.replace(".block_sparse_moe.", ".mlp.")
             parts = name.split(".")
             if len(parts) == 8 and parts[4] == "experts" and parts[6] in _MIXTRAL_EXPERT_NAMES:
@@ -747,7 +772,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
 
         model = LlamaModel(spec, device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors; EXAONE's names)
-            tensors = codegen_tensors(exaone_tensors(gemma3_language_tensors(tensors)), source)
+            tensors = codegen_tensors(exaone_tensors(gemma3_language_tensors(fp8_dequantized(tensors, source,
+                                                                                              fp8_block))), source)
         if tensors is not None and spec.architecture == "gpt_oss":
             tensors = gpt_oss_tensors(spec, tensors)
         elif tensors is not None and spec.architecture == "llama4_text":  # (MoE, in its own layout)
@@ -816,10 +842,9 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
     else:
         cfg_path = p if p.is_file() else p / "config.json"
         spec = load_spec(cfg_path, dtype=cfg.dtype, kv_format=cfg.kv_format, max_context=cfg.max_context)
-        if isinstance(spec, DeepseekV3Spec):
-            from dualpath.model.spec import read_hf_config
+        from dualpath.model.spec import read_hf_config
 
-            fp8_block = fp8_block_size(read_hf_config(cfg_path)[0])
+        fp8_block = fp8_block_size(read_hf_config(cfg_path)[0])
         if cfg.random_init:
             model_tensors, weights_id = None, f"random:{cfg.seed}"
         else:

@@ -52,6 +52,11 @@ permuting the q/k rows at load) and, for ``glm4``, RMSNorms on the attention's a
 correction bias choosing the top ``num_experts_per_tok`` within the best ``topk_group`` of ``n_group`` groups,
 renormalized (``norm_topk_prob``) and scaled by ``routed_scaling_factor``, plus ``n_shared_experts`` shared
 experts; its multi-token-prediction layers are not decoder layers and are left out at load.
+``MiniMaxM2ForCausalLM`` (``minimax_m2``: MiniMax-M2 / M2.1 / M2.5) has grouped-query attention with RMSNorms over
+the whole q and k projections (``qk_norm_type: per_layer``), RoPE on ``rotary_dim`` of each head, and in every
+layer GLM-4.5's router in one group (sigmoid scores, the correction bias choosing the top ``num_experts_per_tok``,
+renormalized, no scaling) over ``num_local_experts`` experts ``intermediate_size`` wide, no shared expert; the hub's
+``block_sparse_moe`` names (Mixtral's ``w1``/``w3``/``w2``, the bias on the block) or transformers' packed ones.
 ``OlmoeForCausalLM`` (``olmoe``) is a softmax-router MoE (Qwen2-MoE's router, ``num_experts`` of
 ``intermediate_size`` in every layer, renormalized only with ``norm_topk_prob``) with Llama's pre-norm blocks,
 RMSNorms over the whole q and k projections and, with ``clip_qkv``, q/k/v clamped to ``+-clip_qkv``.
@@ -143,6 +148,7 @@ ARCHITECTURES: dict[str, str] = {
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "MinistralForCausalLM": "ministral",
     "Glm4MoeForCausalLM": "glm4_moe",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
     "OlmoeForCausalLM": "olmoe",
     "Exaone4ForCausalLM": "exaone4",
     "SeedOssForCausalLM": "seed_oss",
@@ -159,7 +165,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
             "granitemoe": "GraniteMoeForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-            "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
+            "minimax_m2": "MiniMaxM2ForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
@@ -173,9 +179,11 @@ MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granit
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
-ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "llama4_text")
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "minimax_m2", "llama4_text")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
 _GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
+#: the architectures routing by it: GLM-4.5, and MiniMax-M2 (one group, factor 1, no shared expert)
+GROUP_ROUTER_ARCHS = ("glm4_moe", "minimax_m2")
 #: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
 _GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
 #: Granite's scalings (GraniteConfig): embeddings times ``embedding_multiplier``, attention scores times
@@ -318,8 +326,8 @@ class ModelSpec(_SpecCommon):
         object.__setattr__(self, "mlp_only_layers", tuple(int(x) for x in self.mlp_only_layers))
         self._check_layernorm_family()
         if self.partial_rotary_factor != 1.0:
-            if self.architecture not in ("phi3", "glm4_moe", "gpt_neox", "phi", "stablelm", "gptj", "glm", "glm4",
-                                         "nemotron"):
+            if self.architecture not in ("phi3", "glm4_moe", "minimax_m2", "gpt_neox", "phi", "stablelm", "gptj", "glm",
+                                         "glm4", "nemotron"):
                 raise ModelError(f"model config: partial_rotary_factor is only supported for phi3, glm4_moe, "
                                  f"gpt_neox, gptj, phi and stablelm, got "
                                  f"{self.partial_rotary_factor} for {self.architecture}")
@@ -401,8 +409,8 @@ class ModelSpec(_SpecCommon):
         for name in (*_GROUP_ROUTER_FIELDS, "use_qk_norm"):
             if name == "use_qk_norm" and self.architecture == "llama4_text":
                 continue  # (Llama 4's: a weightless norm of q/k after RoPE on its RoPE layers)
-            if (getattr(self, name) is None) != (self.architecture != "glm4_moe"):
-                raise ModelError(f"model config: {name} is glm4_moe's and required there, got "
+            if (getattr(self, name) is None) != (self.architecture not in GROUP_ROUTER_ARCHS):
+                raise ModelError(f"model config: {name} is glm4_moe's and minimax_m2's and required there, got "
                                  f"{getattr(self, name)!r} for {self.architecture}")
         if self.architecture in ALL_MOE_ARCHS:
             self._check_moe()
@@ -557,7 +565,11 @@ class ModelSpec(_SpecCommon):
                 self.shared_expert_intermediate_size:
             raise ModelError(f"model config: {self.architecture} has no shared expert "
                              f"(shared_expert_intermediate_size {self.shared_expert_intermediate_size})")
-        if self.architecture == "glm4_moe":
+        if self.architecture == "minimax_m2" and (self.mlp_only_layers or self.shared_expert_intermediate_size
+                                                  or self.n_group != 1 or self.use_qk_norm):
+            raise ModelError("model config: minimax_m2 routes every layer over one group of experts, with no shared "
+                             "expert (its q/k norms span whole projections: use_qk_norm false here)")
+        if self.architecture in GROUP_ROUTER_ARCHS:
             assert self.n_group is not None and self.topk_group is not None
             if self.mlp_only_layers != tuple(range(len(self.mlp_only_layers))):
                 raise ModelError(f"model config: glm4_moe's dense layers are its first first_k_dense_replace ones, "
@@ -612,7 +624,7 @@ class ModelSpec(_SpecCommon):
     def qk_norm_full(self) -> bool:
         """OLMo 2 and 3, OLMoE: an RMSNorm over the whole query and key projections (all heads at once, before
         RoPE)."""
-        return self.architecture in (*_OLMO_ARCHS, "olmoe")
+        return self.architecture in (*_OLMO_ARCHS, "olmoe", "minimax_m2")
 
     @property
     def post_norms(self) -> bool:
@@ -848,6 +860,11 @@ class ModelSpec(_SpecCommon):
                        topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
                        use_qk_norm=bool(self.use_qk_norm), partial_rotary_factor=self.partial_rotary_factor,
                        num_nextn_predict_layers=0, num_mtp_layers=0)
+        if self.architecture == "minimax_m2":  # as its checkpoints write it (MiniMaxM2Config reads rotary_dim)
+            cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
+                       intermediate_size=self.moe_intermediate_size, rotary_dim=self.rotary_dim, use_qk_norm=True,
+                       qk_norm_type="per_layer", scoring_func="sigmoid", use_routing_bias=True, pad_token_id=None,
+                       bos_token_id=None, eos_token_id=None)
         if self.architecture == "seed_oss":
             cfg.update(attention_bias=self.attention_bias, attention_out_bias=self.o_proj_bias, mlp_bias=False,
                        pad_token_id=None, attention_dropout=0.0, residual_dropout=0.0)
@@ -1018,6 +1035,8 @@ class ModelSpec(_SpecCommon):
             partial, rope_scaling = _phi3_rope(cfg, where, rope_scaling)
         elif arch in ("glm4_moe", "glm", "glm4"):  # their config classes' default: RoPE on half of each head
             partial = _partial_rotary(cfg, where, 0.5)
+        elif arch == "minimax_m2":  # MiniMax-M2's checkpoints name the rotated dims rotary_dim
+            partial = _partial_rotary(cfg, where, _minimax_rotary(cfg, where, head_dim))
         elif arch in lnf.LN_ARCHS:
             partial = float(cfg.get("partial_rotary_factor", 1.0))
         if dtype is None:
@@ -1258,7 +1277,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
                    where: str) -> tuple[int | None, tuple[int, ...]]:
     """``(window, full_attention_layers)`` as transformers reads the family's config (module docstring)."""
     n_layers = cfg.get("num_hidden_layers")
-    if arch in ("gemma", "glm", "glm4", "arcee", "glm4_moe", "seed_oss"):  # causal only: no window key applies
+    if arch in ("gemma", "glm", "glm4", "arcee", "glm4_moe", "minimax_m2", "seed_oss"):  # causal only: no window key
         return None, ()
     if arch in lv.VARIANT_ARCHS and arch not in lv.WINDOWED:  # (their config classes have no window either)
         return None, ()
@@ -1400,6 +1419,17 @@ def rope_long_for(rope_scaling: dict[str, Any] | None, max_context: int | None) 
     return max_context is not None and int(max_context) > orig
 
 
+def _minimax_rotary(cfg: dict[str, Any], where: str, head_dim: int) -> float:
+    """MiniMax-M2's ``rotary_dim`` (the leading dims of each head RoPE turns) as a fraction of ``head_dim``, as
+    MiniMaxM2Config converts it; 1.0 without one."""
+    rot = cfg.get("rotary_dim")
+    if rot is None:
+        return 1.0
+    if isinstance(rot, bool) or not isinstance(rot, int) or not 0 < rot <= head_dim:
+        raise ModelError(f"{where}: rotary_dim must be an integer in [1, head_dim={head_dim}], got {rot!r}")
+    return rot / head_dim
+
+
 def _partial_rotary(cfg: dict[str, Any], where: str, default: float) -> float:
     """``partial_rotary_factor`` where transformers finds it: in the RoPE parameters (``rope_scaling`` when set,
     else ``rope_parameters``), else at the top level, else ``default`` (the config class's)."""
@@ -1445,6 +1475,24 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "n_group": as_int("n_group", cfg.get("n_group", 1)),
                 "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
                 "routed_scaling_factor": float(factor), "use_qk_norm": bool(cfg.get("use_qk_norm", False))}
+    if arch == "minimax_m2":  # GLM-4.5's router with one group and no scaling; Mixtral's experts, every layer
+        if cfg.get("scoring_func", "sigmoid") != "sigmoid" or not cfg.get("use_routing_bias", True):
+            raise ModelError(f"{where}: minimax_m2 routes by sigmoid scores with a correction bias "
+                             f"(scoring_func {cfg.get('scoring_func')!r}, use_routing_bias {cfg.get('use_routing_bias')!r})")
+        if cfg.get("shared_intermediate_size", 0):
+            raise ModelError(f"{where}: minimax_m2 with a shared expert (shared_intermediate_size) is unsupported")
+        if cfg.get("qk_norm_type", "per_layer") != "per_layer" or not cfg.get("use_qk_norm", True):
+            raise ModelError(f"{where}: minimax_m2's q/k norms over whole projections are supported "
+                             f"(qk_norm_type 'per_layer', use_qk_norm true), got {cfg.get('qk_norm_type')!r} / "
+                             f"{cfg.get('use_qk_norm')!r}")
+        attn = cfg.get("attn_type_list")
+        if attn is not None and any(a != 1 for a in attn):
+            raise ModelError(f"{where}: minimax_m2 with linear-attention layers (attn_type_list 0) is unsupported")
+        return {"n_experts": as_int("num_local_experts", cfg.get("num_local_experts", 256)),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
+                "moe_intermediate_size": as_int("intermediate_size", need("intermediate_size")),
+                "norm_topk_prob": True, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+                "use_qk_norm": False}
     if arch == "gpt_oss":  # GptOssConfig maps num_experts to num_local_experts; experts are intermediate_size wide
         key = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
         return {"n_experts": as_int(key, cfg.get(key, 128)),

@@ -45,7 +45,7 @@ _LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in
 
 
 class MLAttention(nn.Module):
-    def __init__(self, spec: DeepseekV3Spec) -> None:
+    def __init__(self, spec: DeepseekV3Spec, layer: int = 0) -> None:
         super().__init__()
         h, bias = spec.n_heads, spec.attention_bias
         if spec.q_lora_rank is None:
@@ -58,7 +58,8 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, _LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(spec.kv_lora_rank, h * (spec.qk_nope_head_dim + spec.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * spec.v_head_dim, spec.hidden_size, bias=bias)
-        if spec.model_type == "deepseek_v32":  # DeepSeek Sparse Attention's lightning indexer
+        self.indexer: Indexer | None = None
+        if spec.has_indexer(layer):  # DeepSeek Sparse Attention's lightning indexer (GLM-5: not on shared layers)
             self.indexer = Indexer(spec)
 
 
@@ -136,7 +137,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: DeepseekV3Spec, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.self_attn = MLAttention(spec)
+        self.self_attn = MLAttention(spec, layer)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.mlp: nn.Module = (MoE(spec) if spec.is_moe_layer(layer)
                                else FeedForward(spec.hidden_size, spec.intermediate_size))
@@ -212,7 +213,7 @@ class DeepseekV3Model(LayerwiseDecoder):
         dt = self.spec.torch_dtype
         cos = (freqs.cos() * self._rope_scale).to(dt)
         sin = (freqs.sin() * self._rope_scale).to(dt)
-        sparse = self.spec.model_type == "deepseek_v32" and int(batch.seq_lens.max()) > self.spec.index_topk
+        sparse = self.spec.has_dsa and int(batch.seq_lens.max()) > self.spec.index_topk
         hidden = self.model.embed_tokens(ids)
         if self.spec.scale_emb is not None:  # MiniCPM3: the scale rounded to the compute dtype, as transformers does
             hidden = hidden * torch.tensor(self.spec.scale_emb).to(hidden.dtype)
@@ -253,7 +254,7 @@ class DeepseekV3Model(LayerwiseDecoder):
         k_rot = _rotate(k_rot, state.cos, state.sin, spec.rope_interleave)
         latent = kv_layer[..., : self._latent_width]  # (a view: the indexer keys, if any, follow in each row)
         store_latent(torch.cat((c, k_rot), dim=-1), latent, b.slot_mapping, r, backend=self.backend)
-        if spec.model_type == "deepseek_v32":
+        if attn.indexer is not None:
             self._store_index_keys(attn.indexer, x, state, kv_layer)
         if not b.is_decode and not state.sparse and self._decompress(b):
             o = self._decompressed_attention(attn, q_nope, q_rot, latent, b)
@@ -354,13 +355,18 @@ class DeepseekV3Model(LayerwiseDecoder):
         bt = kv_layer.shape[1]
         pool[slots[keep] // bt, slots[keep] % bt] = keys[keep].to(pool.dtype)
 
-    def _sparse_attention(self, indexer: Indexer, x: torch.Tensor, q_resid: torch.Tensor, qq: torch.Tensor,
+    def _sparse_attention(self, indexer: Indexer | None, x: torch.Tensor, q_resid: torch.Tensor, qq: torch.Tensor,
                           state: ForwardState, kv_layer: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """Each sequence's queries over the keys its indexer selects (:func:`dualpath.model.dsa.selected_keys`),
-        on the torch reference: ``[N, H, R]`` like the MLA kernels."""
+        on the torch reference: ``[N, H, R]`` like the MLA kernels. A layer without an indexer (GLM-5's shared
+        ones) reuses the selection of the last layer before it that has one, kept in ``state.dsa_masks``."""
         b, spec = state.batch, self.spec
-        iq, iw = indexer.queries(x, q_resid, state.cos, state.sin)
-        pool = _index_keys(kv_layer, self._latent_width, x.dtype)
+        if indexer is not None:
+            iq, iw = indexer.queries(x, q_resid, state.cos, state.sin)
+            pool = _index_keys(kv_layer, self._latent_width, x.dtype)
+            state.dsa_masks = {}
+        elif state.dsa_masks is None:
+            raise ModelError(f"layer {state.next_layer} reuses an indexer selection, but no earlier layer made one")
         bt = kv_layer.shape[1]
         out = torch.empty((*qq.shape[:2], spec.kv_lora_rank), dtype=qq.dtype, device=qq.device)
         cu = b.cu_seqlens_q.tolist()
@@ -370,9 +376,11 @@ class DeepseekV3Model(LayerwiseDecoder):
                 continue
             n = int(b.seq_lens[i])
             table = b.block_tables[i]
-            nb = -(-n // bt)
-            keys = pool[table[:nb].long()].reshape(nb * bt, -1)[:n]
-            qpos = b.positions[lo:hi].to(qq.device)
-            mask = selected_keys(iq[lo:hi], iw[lo:hi], keys, qpos, spec.index_topk)
-            out[lo:hi] = mla_masked_attention(qq[lo:hi], latent, table, n, self.scale, spec.kv_lora_rank, mask)
+            if indexer is not None:
+                nb = -(-n // bt)
+                keys = pool[table[:nb].long()].reshape(nb * bt, -1)[:n]
+                qpos = b.positions[lo:hi].to(qq.device)
+                state.dsa_masks[i] = selected_keys(iq[lo:hi], iw[lo:hi], keys, qpos, spec.index_topk)
+            out[lo:hi] = mla_masked_attention(qq[lo:hi], latent, table, n, self.scale, spec.kv_lora_rank,
+                                              state.dsa_masks[i])
         return out

@@ -1,4 +1,7 @@
-"""DeepSeek Sparse Attention (DeepSeek-V3.2): the lightning indexer and the keys it selects for each query.
+"""DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): the lightning indexer and the keys it selects for each query.
+
+GLM-5 (``glm_moe_dsa``) differs in two ways: its indexer rotates interleaved pairs, and its "shared" layers have no
+indexer and reuse the selection of the last layer before them that has one (their rows' key slot stays unused).
 
 Per layer, the indexer has its own small projections (transformers' and DeepSeek's names: ``wq_b``, ``wk``,
 ``k_norm``, ``weights_proj`` under ``self_attn.indexer``). Each token's indexer key is ``k_norm(wk(x))`` (a
@@ -26,13 +29,18 @@ from dualpath.model.spec import DeepseekV3Spec
 __all__ = ["Indexer", "selected_keys"]
 
 
-def _rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE over the first ``2 * cos.shape[-1]`` values of ``x [..., D]``, pairs ``(i, i + P/2)``."""
+def _rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False) -> torch.Tensor:
+    """RoPE over the first ``2 * cos.shape[-1]`` values of ``x [..., D]``, pairs ``(i, i + P/2)``; with
+    ``interleave`` (GLM-5's indexer) pairs ``(2i, 2i + 1)``, laid out de-interleaved as transformers does (the same
+    permutation of queries and keys: no dot product changes)."""
     p = 2 * cos.shape[-1]
     while cos.dim() < x.dim():
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     rot, rest = x[..., :p], x[..., p:]
-    a, b = rot[..., : p // 2], rot[..., p // 2:]
+    if interleave:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+    else:
+        a, b = rot[..., : p // 2], rot[..., p // 2:]
     return torch.cat((a * cos - b * sin, b * cos + a * sin, rest), dim=-1)
 
 
@@ -48,17 +56,18 @@ class Indexer(nn.Module):
         self.wk = nn.Linear(spec.hidden_size, d, bias=False)
         self.k_norm = nn.LayerNorm(d, eps=1e-6)
         self.weights_proj = nn.Linear(spec.hidden_size, h, bias=False)
+        self.interleave = spec.index_rope_interleave
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Indexer keys ``[N, D]`` of the tokens ``x [N, hidden]`` (``cos, sin [N, rope/2]``)."""
-        return _rope_half(self.k_norm(self.wk(x)), cos, sin)
+        return _rope_half(self.k_norm(self.wk(x)), cos, sin, self.interleave)
 
     def queries(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(q [N, H, D], weights [N, H] fp32)`` of the tokens ``x`` with their ``q_a_layernorm(q_a_proj(x))``."""
         q = self.wq_b(q_resid).view(x.shape[0], self.n_heads, self.head_dim)
         w = self.weights_proj(x).float() * self.n_heads ** -0.5
-        return _rope_half(q, cos, sin), w
+        return _rope_half(q, cos, sin, self.interleave), w
 
 
 def selected_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, topk: int) -> torch.Tensor:

@@ -156,6 +156,9 @@ class ForwardState:
     next_layer: int = 0
     local: tuple[torch.Tensor, torch.Tensor] | None = None  # Gemma 3: the sliding layers' own (cos, sin)
     sparse: bool = False  # DeepSeek-V3.2: some sequence holds more than index_topk keys (decided once per batch)
+    # DeepSeek Sparse Attention: each sequence's key selection [M, n] by the last layer with an indexer (GLM-5's
+    # shared layers reuse it)
+    dsa_masks: dict[int, torch.Tensor] | None = None
     q_scale: torch.Tensor | None = None  # each query's position scale [N, 1, 1] (LlamaModel._query_scale), or None
 
 

@@ -481,7 +481,7 @@ def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
     multi-token-prediction layers (``model.layers.{n >= num_hidden_layers}``) dropped, and the empty shared-expert
     tensors transformers' DeepseekV2 writes when ``n_shared_experts`` is 0 dropped."""
     out: dict[str, torch.Tensor] = {}
-    if spec.model_type == "deepseek_v32":
+    if spec.has_dsa:
         _check_indexer(spec, tensors, source)
     for name, t in tensors.items():
         parts = name.split(".")
@@ -529,6 +529,8 @@ def _check_indexer(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor], so
     shapes = {"wq_b.weight": (h * d, spec.q_lora_rank), "wk.weight": (d, spec.hidden_size), "k_norm.weight": (d,),
               "k_norm.bias": (d,), "weights_proj.weight": (h, spec.hidden_size)}
     for layer in range(spec.n_layers):
+        if not spec.has_indexer(layer):  # (GLM-5's shared layers have none)
+            continue
         for suffix, shape in shapes.items():
             name = f"model.layers.{layer}.self_attn.indexer.{suffix}"
             t = tensors.get(name)

@@ -1776,19 +1776,51 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
 
 _DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
                   "DeepseekV32ForCausalLM": "deepseek_v32", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
-                  "MiniCPM3ForCausalLM": "minicpm3"}
+                  "MiniCPM3ForCausalLM": "minicpm3", "GlmMoeDsaForCausalLM": "glm_moe_dsa"}
 #: the router's top-k method each generation supports (V2: softmax scores; V3 and V3.2: sigmoid scores + correction
 #: bias)
 _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy"),
-                 "deepseek_v32": ("noaux_tc",), "glm4_moe_lite": ("noaux_tc",), "minicpm3": ("noaux_tc",)}
+                 "deepseek_v32": ("noaux_tc",), "glm4_moe_lite": ("noaux_tc",), "minicpm3": ("noaux_tc",),
+                 "glm_moe_dsa": ("noaux_tc",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
-            "minicpm3": "sigmoid"}
+            "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
-          "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3"}
+          "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)"}
+#: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
+DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 #: MiniCPM3's scalings (None for every other model: their dicts, and so block keys, stay as they were)
 _MINICPM_FIELDS = ("scale_emb", "residual_scale", "logits_scaling")
 #: the fields only DeepSeek-V3.2 has (other specs leave them out of their dict: their block keys stay as they were)
 _V32_FIELDS = ("index_topk", "index_n_heads", "index_head_dim")
+
+
+def _glm5_shared_indexer_layers(cfg: dict[str, Any], where: str, n_layers: int) -> tuple[int, ...]:
+    """GLM-5's layers without an indexer of their own, as GlmMoeDsaConfig derives ``indexer_types``: the list
+    itself, else ``index_topk_pattern`` (``"F"`` full, ``"S"`` shared), else every layer ``i`` full where
+    ``max(i - index_skip_topk_offset + 1, 0) % index_topk_freq == 0`` (defaults 2 and 1: every layer)."""
+    kinds = cfg.get("indexer_types")
+    if kinds is None and cfg.get("index_topk_pattern") is not None:
+        pattern = cfg["index_topk_pattern"]
+        if isinstance(pattern, str):
+            if set(pattern) - {"F", "S"}:
+                raise ModelError(f"{where}: index_topk_pattern {pattern!r} must be letters F (full) and S (shared)")
+            kinds = [{"F": "full", "S": "shared"}[c] for c in pattern]
+        else:
+            kinds = list(pattern)
+    if kinds is None:
+        freq, offset = cfg.get("index_topk_freq", 1), cfg.get("index_skip_topk_offset", 2)
+        if isinstance(freq, bool) or not isinstance(freq, int) or isinstance(offset, bool) or not isinstance(offset, int):
+            raise ModelError(f"{where}: index_topk_freq / index_skip_topk_offset must be integers, got "
+                             f"{freq!r} / {offset!r}")
+        freq = max(freq, 1)
+        kinds = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]
+    if not isinstance(kinds, list) or len(kinds) != n_layers or set(kinds) - {"full", "shared"}:
+        raise ModelError(f"{where}: indexer_types must list 'full' or 'shared' for each of the {n_layers} layers, "
+                         f"got {kinds!r}")
+    if kinds and kinds[0] != "full":
+        raise ModelError(f"{where}: indexer_types: the first layer must be 'full' (a shared layer reuses an "
+                         f"earlier layer's selection), got {kinds!r}")
+    return tuple(i for i, kind in enumerate(kinds) if kind == "shared")
 
 
 def _mscale(scale: float, m: float = 1.0) -> float:
@@ -1813,6 +1845,9 @@ class DeepseekV3Spec(_SpecCommon):
     embeddings times ``scale_emb``, each block's outputs times ``residual_scale`` (``scale_depth / sqrt(layers)``)
     and the final hidden state divided by ``logits_scaling`` (``hidden_size / dim_model_base``) before the head.
 
+    ``glm_moe_dsa`` (GLM-5): V3.2 with its indexer rotating interleaved pairs and "shared" layers (``indexer_types``,
+    or ``index_topk_pattern``, or ``index_topk_freq`` / ``index_skip_topk_offset``) that have no indexer and reuse
+    the last earlier indexer's selection (``index_shared_layers``); its dense layers come from ``mlp_layer_types``.
     ``deepseek_v32`` (DeepSeek-V3.2, the paper's model): V3's MLA and MoE plus DeepSeek Sparse Attention (DSA),
     whose lightning indexer lets each query attend to its ``index_topk`` highest-scoring keys only. Each token's
     indexer key (``index_head_dim`` values after the indexer's LayerNorm and RoPE) is kept in the KV row after the
@@ -1856,6 +1891,9 @@ class DeepseekV3Spec(_SpecCommon):
     index_topk: int = 0  # DeepSeek-V3.2's indexer (0 for V2/V3): keys each query attends to
     index_n_heads: int = 0
     index_head_dim: int = 0
+    # GLM-5: the layers with no indexer of their own, which reuse the selection of the last layer before them that
+    # has one (transformers' indexer_types "shared"); empty for every other model
+    index_shared_layers: tuple[int, ...] = ()
     scale_emb: float | None = None  # MiniCPM3's scalings (see the class docstring)
     residual_scale: float | None = None
     logits_scaling: float | None = None
@@ -1920,9 +1958,14 @@ class DeepseekV3Spec(_SpecCommon):
             raise ModelError(f"model config: {'/'.join(_MINICPM_FIELDS)} are MiniCPM3's, not {self.model_type}'s")
         if self.rope_type not in ("default", "longrope") and "factor" not in (self.rope_scaling or {}):
             raise ModelError(f"model config: rope_scaling of type {self.rope_type!r} needs a 'factor'")
-        if self.model_type == "deepseek_v32":
+        object.__setattr__(self, "index_shared_layers", tuple(int(i) for i in self.index_shared_layers))
+        if self.index_shared_layers and (self.model_type != "glm_moe_dsa" or 0 in self.index_shared_layers
+                                         or not all(0 < i < self.n_layers for i in self.index_shared_layers)):
+            raise ModelError(f"model config: indexer_types: layers {list(self.index_shared_layers)} reuse an earlier "
+                             "layer's selection; only GLM-5's, and never the first layer (it has no earlier one)")
+        if self.model_type in DSA_MODEL_TYPES:
             if min(self.index_topk, self.index_n_heads, self.index_head_dim) <= 0 or self.q_lora_rank is None:
-                raise ModelError("model config: DeepSeek-V3.2 needs positive index_topk, index_n_heads, "
+                raise ModelError(f"model config: {_LABEL[self.model_type]} needs positive index_topk, index_n_heads, "
                                  "index_head_dim and a q_lora_rank")
         elif self.index_topk or self.index_n_heads or self.index_head_dim:
             raise ModelError(f"model config: index_topk/index_n_heads/index_head_dim are DeepSeek-V3.2's, not "
@@ -1972,6 +2015,20 @@ class DeepseekV3Spec(_SpecCommon):
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace and self.n_routed_experts > 0
 
+    @property
+    def has_dsa(self) -> bool:
+        """DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): a lightning indexer picks each query's keys."""
+        return self.model_type in DSA_MODEL_TYPES
+
+    def has_indexer(self, layer: int) -> bool:
+        """Whether ``layer`` runs its own indexer (GLM-5's shared layers reuse the previous one's selection)."""
+        return self.has_dsa and layer not in self.index_shared_layers
+
+    @property
+    def index_rope_interleave(self) -> bool:
+        """GLM-5's indexer rotates interleaved pairs; DeepSeek-V3.2's rotates halves."""
+        return self.model_type == "glm_moe_dsa"
+
     def with_dtype(self, dtype: str) -> DeepseekV3Spec:
         return replace(self, dtype=dtype)
 
@@ -1998,14 +2055,18 @@ class DeepseekV3Spec(_SpecCommon):
         d.pop("model_type")  # named by architecture
         if self.model_type == "deepseek_v3":
             d.pop("topk_method")  # V3 has one: its dict (and so its block-key namespace) is as before V2 support
-        if self.model_type != "deepseek_v32":
+        if self.model_type not in DSA_MODEL_TYPES:
             for name in _V32_FIELDS:
-                d.pop(name)
-        if self.model_type != "minicpm3":
-            for name in _MINICPM_FIELDS:
                 d.pop(name)
         else:  # the indexer key joined the KV rows (and the context cap went): a new block-key namespace
             d["kv_rows"] = "latent+index_key"
+        if self.model_type != "glm_moe_dsa":
+            d.pop("index_shared_layers")
+        else:
+            d["index_shared_layers"] = list(self.index_shared_layers)
+        if self.model_type != "minicpm3":
+            for name in _MINICPM_FIELDS:
+                d.pop(name)
         d["architecture"] = self.architecture
         return d
 
@@ -2056,6 +2117,14 @@ class DeepseekV3Spec(_SpecCommon):
             del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
             cfg.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_topk=self.index_topk,
                        index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim)
+        if self.model_type == "glm_moe_dsa":
+            del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
+            k = min(self.first_k_dense_replace, self.n_layers)
+            cfg.update(architectures=["GlmMoeDsaForCausalLM"], model_type="glm_moe_dsa", index_topk=self.index_topk,
+                       index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
+                       first_k_dense_replace=k, mlp_layer_types=["dense"] * k + ["sparse"] * (self.n_layers - k),
+                       indexer_types=["shared" if i in self.index_shared_layers else "full"
+                                      for i in range(self.n_layers)])
         if self.model_type == "minicpm3":
             for key in ("moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
                         "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "first_k_dense_replace",
@@ -2112,7 +2181,7 @@ class DeepseekV3Spec(_SpecCommon):
         if model_type == "deepseek_v2" and norm_topk:
             raise ModelError(f"{where}: norm_topk_prob=true unsupported for DeepSeek-V2 (transformers ignores it, "
                              "DeepSeek's code renormalizes; published V2 checkpoints use false)")
-        if model_type in ("deepseek_v2", "deepseek_v32") and cfg.get("rope_interleave", True) is not True:
+        if model_type in ("deepseek_v2", "deepseek_v32", "glm_moe_dsa") and cfg.get("rope_interleave", True) is not True:
             raise ModelError(f"{where}: rope_interleave {cfg['rope_interleave']!r} unsupported ({label} rotates "
                              "interleaved pairs)")
         layer_kinds = cfg.get("mlp_layer_types")
@@ -2133,8 +2202,9 @@ class DeepseekV3Spec(_SpecCommon):
             except (TypeError, ValueError, ZeroDivisionError):
                 raise ModelError(f"{where}: scale_emb / scale_depth / dim_model_base must be numbers "
                                  f"(dim_model_base non-zero)") from None
-        if cfg.get("first_k_dense_replace") is None and isinstance(layer_kinds, list):
-            # GLM-4.7-Flash names each layer's MLP and has no first_k_dense_replace: its leading dense layers
+        if isinstance(layer_kinds, list) and (cfg.get("first_k_dense_replace") is None or model_type == "glm_moe_dsa"):
+            # GLM-4.7-Flash names each layer's MLP and has no first_k_dense_replace; GLM-5's transformers follows
+            # mlp_layer_types over first_k_dense_replace (its config keeps the class default 3): the leading dense layers
             first_dense = next((i for i, kind in enumerate(layer_kinds) if kind != "dense"), len(layer_kinds))
         else:
             first_dense = int(cfg.get("first_k_dense_replace") or 0)
@@ -2145,8 +2215,11 @@ class DeepseekV3Spec(_SpecCommon):
                                  f"first_k_dense_replace={first_dense} dense layers, then sparse ones")
         index: dict[str, int] = {}
         max_position = int(cfg.get("max_position_embeddings", 4096))
-        if model_type == "deepseek_v32":
+        shared: tuple[int, ...] = ()
+        if model_type in DSA_MODEL_TYPES:
             index = {name: int(need(name)) for name in _V32_FIELDS}
+        if model_type == "glm_moe_dsa":
+            shared = _glm5_shared_indexer_layers(cfg, where, n_layers)
             # (the context is no longer capped at index_topk: the indexer's selection runs beyond it)
         n_heads = int(need("num_attention_heads"))
         # num_key_value_heads is meaningless for MLA (transformers even writes its default 128): not read
@@ -2177,7 +2250,8 @@ class DeepseekV3Spec(_SpecCommon):
             norm_topk_prob=bool(norm_topk),
             routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
             first_k_dense_replace=first_dense,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if model_type in ("glm4_moe_lite", "minicpm3") else 1e-6)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if model_type in ("glm4_moe_lite", "minicpm3", "glm_moe_dsa")
+                                  else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             rope_interleave=bool(cfg.get("rope_interleave", True)),
@@ -2193,6 +2267,7 @@ class DeepseekV3Spec(_SpecCommon):
             index_topk=index.get("index_topk", 0),
             index_n_heads=index.get("index_n_heads", 0),
             index_head_dim=index.get("index_head_dim", 0),
+            index_shared_layers=shared,
             context_cap=max_context,
             **minicpm,
         )

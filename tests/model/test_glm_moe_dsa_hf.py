@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_random import check_batched_against_hf, cluster_read_paths
+from hf_random import check_batched_against_hf, cluster_read_paths, widen_mla_moe
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -37,15 +37,7 @@ CONFIG: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    hf = transformers.GlmMoeDsaForCausalLM(transformers.GlmMoeDsaConfig(**CONFIG)).eval()
-    with torch.no_grad():  # widened: transformers' small init, unit norms and zero correction biases
-        for n, p in hf.named_parameters():
-            if n.endswith(("norm.weight", "norm.bias")):
-                p.add_(0.1 * torch.randn_like(p))
-            else:
-                p.mul_(6.0)
-        for layer in hf.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias.copy_(0.3 * torch.randn(8))
+    hf = widen_mla_moe(transformers.GlmMoeDsaForCausalLM(transformers.GlmMoeDsaConfig(**CONFIG)).eval())
     d = tmp_path_factory.mktemp("glm5")
     hf.save_pretrained(d)
     return d, hf

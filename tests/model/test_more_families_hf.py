@@ -78,6 +78,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
                    dict(BASE, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
                         rotary_dim=8, pad_token_id=None, bos_token_id=None, eos_token_id=None)),
+    # PhiMoE (Phi-3.5-MoE): biased LayerNorms, q/k/v/o biases, a biased LM head, Mixtral's experts under the
+    # sparsemixer top-2 router. Its picks and mask are discrete steps that bf16 rounding flips at near-ties (on
+    # either side), so here two experts (both always picked) with a narrow mask (each weight 1) keep the bf16
+    # comparison exact in kind; test_phimoe_hf.py routes among four with a wide mask in fp32
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               dict(BASE, intermediate_size=32, num_local_experts=2, attention_bias=True, lm_head_bias=True,
+                    router_jitter_noise=1e-4, pad_token_id=None, bos_token_id=None, eos_token_id=None)),
     # q/k/v biases, fused gate_up_proj, interleaved RoPE on half of each head (read by permuting q/k rows)
     "glm": ("GlmConfig", "GlmForCausalLM", dict(BASE, head_dim=16, pad_token_id=None, eos_token_id=None)),
     # GLM's layers plus RMSNorms on the attention's and the MLP's outputs

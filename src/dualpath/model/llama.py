@@ -35,7 +35,7 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.gpt_oss import GptOssMoE
 from dualpath.model.llama4 import Llama4MoE, l2_norm, nope_query_scale
-from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk
+from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk, sparsemixer_top2
 from dualpath.model.spec import ModelSpec, rope_frequencies, rope_inv_freq
 
 __all__ = ["ForwardState", "LlamaModel", "PrefillState", "SeqBatch"]
@@ -201,7 +201,7 @@ def _norm(spec: ModelSpec, dim: int) -> nn.Module:
         return PlainLayerNorm(dim, spec.rms_eps)
     if spec.architecture == "nanochat":
         return PlainRMSNorm(spec.rms_eps)
-    if spec.architecture == "jais2":  # a LayerNorm with a bias, on the Llama path
+    if spec.architecture in ("jais2", "phimoe"):  # a LayerNorm with a bias, on the Llama path
         return nn.LayerNorm(dim, eps=spec.rms_eps)
     if spec.layer_norm:
         return nn.LayerNorm(dim, eps=spec.rms_eps)
@@ -346,6 +346,7 @@ class SparseMoE(nn.Module):
         self.top_k = spec.n_experts_per_tok
         self.renormalize = spec.norm_topk_prob
         self.round_weights = spec.architecture != "mixtral"
+        self.jitter_eps = spec.router_jitter_eps  # PhiMoE's sparsemixer router (None: softmax top-k)
         self.gate = nn.Linear(spec.hidden_size, spec.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
                                      for _ in range(spec.n_experts))
@@ -358,7 +359,10 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
-        idx, w = softmax_topk(logits, self.top_k, self.renormalize)
+        if self.jitter_eps is not None:  # PhiMoE
+            idx, w = sparsemixer_top2(logits, self.jitter_eps)
+        else:
+            idx, w = softmax_topk(logits, self.top_k, self.renormalize)
         if self.round_weights:
             w = w.to(logits.dtype)
         out = dispatch_experts(x, idx, w, self.experts)

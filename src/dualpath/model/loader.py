@@ -106,7 +106,7 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
     out = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters(remove_duplicate=True)}
     if model.spec.tie_embeddings:
         out.pop("lm_head.weight", None)
-    if getattr(model.spec, "architecture", "") == "mixtral":
+    if getattr(model.spec, "architecture", "") in ("mixtral", "phimoe"):
         out = {_mixtral_hub_name(k): v for k, v in out.items()}
     if getattr(model.spec, "architecture", "") == "minimax_m2":  # Mixtral's hub names, the bias on the block
         out = {_mixtral_hub_name(k.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias")): v
@@ -644,7 +644,9 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
                                                                   "block_sparse_moe.e_score_correction_bias")):
             name = name[: -len("e_score_correction_bias")].replace(".block_sparse_moe.", ".mlp.") + \
                 "gate.e_score_correction_bias"  # (the block's buffer there; our router's here)
-        if spec.architecture in ("mixtral", "minimax_m2") and ".block_sparse_moe." in name:
+        if spec.architecture == "phimoe" and name.endswith(".mlp.router.weight"):  # (transformers' in-memory name)
+            name = name[: -len("router.weight")] + "gate.weight"
+        if spec.architecture in ("mixtral", "minimax_m2", "phimoe") and ".block_sparse_moe." in name:
             name = name.replace(".block_sparse_moe.", ".mlp.")
             parts = name.split(".")
             if len(parts) == 8 and parts[4] == "experts" and parts[6] in _MIXTRAL_EXPERT_NAMES:

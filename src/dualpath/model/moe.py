@@ -45,6 +45,21 @@ def dispatch_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
     return out
 
 
+def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's sparsemixer router at inference: the best expert, weighted by the softmax over the experts whose
+    logit is within ``2 * jitter_eps`` (relative) of the best; then the best of the others, weighted the same way
+    among the rest. Returns ``(idx [N, 2], weights [N, 2])`` in ``logits``' dtype (as transformers computes)."""
+    def pick(scores: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top, idx = masked.max(dim=-1, keepdim=True)
+        factor = logits.abs().clamp(min=top)
+        gates = masked.masked_fill((top - logits) / factor > 2 * jitter_eps, float("-inf"))
+        return idx, torch.softmax(gates, dim=-1).gather(-1, idx)
+
+    first, w1 = pick(logits, logits)
+    second, w2 = pick(logits, torch.scatter(logits, -1, first, float("-inf")))
+    return torch.cat((first, second), dim=-1), torch.cat((w1, w2), dim=-1)
+
+
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The softmax router of Mixtral / Qwen-MoE: softmax over all experts in fp32, the ``k`` best, renormalized
     to sum 1 when ``renormalize``. Returns ``(idx [N, k], weights [N, k] fp32)``."""

@@ -52,6 +52,10 @@ permuting the q/k rows at load) and, for ``glm4``, RMSNorms on the attention's a
 correction bias choosing the top ``num_experts_per_tok`` within the best ``topk_group`` of ``n_group`` groups,
 renormalized (``norm_topk_prob``) and scaled by ``routed_scaling_factor``, plus ``n_shared_experts`` shared
 experts; its multi-token-prediction layers are not decoder layers and are left out at load.
+``PhimoeForCausalLM`` (``phimoe``: Phi-3.5-MoE) is Mixtral with biased LayerNorms, q/k/v/o biases, an LM head with
+``lm_head_bias``, LongRoPE as Phi-3's but with its own cos/sin scales (``short_mscale`` / ``long_mscale``), and the
+sparsemixer router (:func:`dualpath.model.moe.sparsemixer_top2`: exactly two experts, each weighted by a softmax
+over the experts within ``2 * router_jitter_noise`` of it).
 ``MiniMaxM2ForCausalLM`` (``minimax_m2``: MiniMax-M2 / M2.1 / M2.5) has grouped-query attention with RMSNorms over
 the whole q and k projections (``qk_norm_type: per_layer``), RoPE on ``rotary_dim`` of each head, and in every
 layer GLM-4.5's router in one group (sigmoid scores, the correction bias choosing the top ``num_experts_per_tok``,
@@ -149,6 +153,7 @@ ARCHITECTURES: dict[str, str] = {
     "MinistralForCausalLM": "ministral",
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiniMaxM2ForCausalLM": "minimax_m2",
+    "PhimoeForCausalLM": "phimoe",
     "OlmoeForCausalLM": "olmoe",
     "Exaone4ForCausalLM": "exaone4",
     "SeedOssForCausalLM": "seed_oss",
@@ -165,7 +170,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
             "granitemoe": "GraniteMoeForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-            "minimax_m2": "MiniMaxM2ForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
+            "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
@@ -174,7 +179,7 @@ _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logi
 #: input and pre-MLP norms, a Llama-shaped block)
 GEMMA2_LIKE = ("gemma2", "gemma3", "vaultgemma")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe")
 #: Granite's scalings and its MoE versions (GraniteMoE: Mixtral's experts under a top-k-then-softmax router; Shared:
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
@@ -257,6 +262,9 @@ class ModelSpec(_SpecCommon):
     # gpt-oss's experts: gate clamped above at swiglu_limit, up clamped to +-limit, glu = gate * sigmoid(alpha * gate)
     swiglu_limit: float | None = None
     swiglu_alpha: float | None = None
+    # phimoe: its sparsemixer router's mask threshold (router_jitter_noise) and its LM head's bias; None elsewhere
+    router_jitter_eps: float | None = None
+    head_bias: bool | None = None
     # glm4_moe: DeepSeek-V3's router over n_group groups, the best topk_group of them, weights times the factor
     n_group: int | None = None
     topk_group: int | None = None
@@ -490,8 +498,9 @@ class ModelSpec(_SpecCommon):
                                  f"rope_scaling type {self.rope_type!r}")
             return
         rs = self.rope_scaling or {}
-        if self.architecture != "phi3":
-            raise ModelError(f"model config: rope_scaling type 'longrope' is phi3's, got it for {self.architecture}")
+        if self.architecture not in ("phi3", "phimoe"):
+            raise ModelError(f"model config: rope_scaling type 'longrope' is phi3's and phimoe's, got it for "
+                             f"{self.architecture}")
         for key in ("short_factor", "long_factor"):
             f = rs.get(key)
             if (not isinstance(f, list) or len(f) != self.rotary_dim // 2
@@ -502,7 +511,7 @@ class ModelSpec(_SpecCommon):
         orig = rs.get("original_max_position_embeddings")
         if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
             raise ModelError(f"model config: original_max_position_embeddings must be a positive integer, got {orig!r}")
-        for key in ("factor", "attention_factor"):
+        for key in ("factor", "attention_factor", "short_mscale", "long_mscale"):
             v = rs.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
                 raise ModelError(f"model config: rope_scaling.{key} must be a positive number or null, got {v!r}")
@@ -586,6 +595,17 @@ class ModelSpec(_SpecCommon):
             if self.shared_expert_intermediate_size % self.moe_intermediate_size:
                 raise ModelError("model config: glm4_moe's shared experts are n_shared_experts x "
                                  "moe_intermediate_size wide")
+        if (self.router_jitter_eps is None or self.head_bias is None) != (self.architecture != "phimoe"):
+            raise ModelError(f"model config: router_jitter_eps / head_bias (router_jitter_noise, lm_head_bias) are "
+                             f"phimoe's and required there, got {self.router_jitter_eps!r} / {self.head_bias!r} for "
+                             f"{self.architecture}")
+        if self.architecture == "phimoe" and (self.n_experts_per_tok != 2 or self.n_experts < 2
+                                              or not 0 <= float(self.router_jitter_eps or 0) < 1
+                                              or self.decoder_sparse_step != 1 or self.mlp_only_layers):
+            raise ModelError(f"model config: phimoe's sparsemixer routes every layer to exactly 2 of at least 2 "
+                             f"experts with router_jitter_noise in [0, 1); got num_experts_per_tok "
+                             f"{self.n_experts_per_tok}, {self.n_experts} experts, router_jitter_noise "
+                             f"{self.router_jitter_eps}")
         if self.architecture == "gpt_oss" and (not self.norm_topk_prob or self.decoder_sparse_step != 1
                                                or self.mlp_only_layers):
             raise ModelError("model config: gpt_oss routes every layer (softmax over its top-k logits)")
@@ -654,7 +674,7 @@ class ModelSpec(_SpecCommon):
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
                                                              "hunyuan_v1_dense", "nanochat", "jais2", "apertus",
-                                                             "llama4_text")
+                                                             "llama4_text", "phimoe")
 
     @property
     def layer_norm(self) -> bool:
@@ -698,8 +718,8 @@ class ModelSpec(_SpecCommon):
 
     @property
     def lm_head_bias(self) -> bool:
-        """Phi's and GPT-J's LM heads have a bias."""
-        return self.architecture in ("phi", "gptj")
+        """Phi's and GPT-J's LM heads have a bias; PhiMoE's with ``lm_head_bias``."""
+        return self.architecture in ("phi", "gptj") or bool(self.head_bias)
 
     @property
     def position_offset(self) -> int:
@@ -780,6 +800,7 @@ class ModelSpec(_SpecCommon):
         else:
             d["full_attention_layers"] = list(self.full_attention_layers)
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
+                    "router_jitter_eps", "head_bias",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
                     "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale", "falcon_layout",
                     "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature"):
@@ -903,6 +924,13 @@ class ModelSpec(_SpecCommon):
                        rope_parameters={**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta,
                                         "partial_rotary_factor": self.partial_rotary_factor})
             del cfg["rope_theta"], cfg["rope_scaling"]
+        if self.architecture == "phimoe":
+            cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
+                       intermediate_size=self.moe_intermediate_size, router_jitter_noise=self.router_jitter_eps,
+                       lm_head_bias=bool(self.head_bias), attention_bias=self.attention_bias, pad_token_id=None,
+                       bos_token_id=None, eos_token_id=None)
+            if self.rope_type == "longrope":
+                cfg["original_max_position_embeddings"] = (self.rope_scaling or {})["original_max_position_embeddings"]
         if self.architecture == "phi3":
             # Phi3Config's default pad_token_id (32000) is the padding_idx of its embedding: out of a smaller vocab
             cfg.update(partial_rotary_factor=self.partial_rotary_factor, pad_token_id=None)
@@ -1031,7 +1059,7 @@ class ModelSpec(_SpecCommon):
             rope_theta, rope_scaling = parse_rope({**cfg, "rope_theta": cfg.get("rope_theta", _ROPE_THETA.get(arch))},
                                                   where)
         partial = 1.0
-        if arch == "phi3":
+        if arch in ("phi3", "phimoe"):
             partial, rope_scaling = _phi3_rope(cfg, where, rope_scaling)
         elif arch in ("glm4_moe", "glm", "glm4"):  # their config classes' default: RoPE on half of each head
             partial = _partial_rotary(cfg, where, 0.5)
@@ -1061,7 +1089,7 @@ class ModelSpec(_SpecCommon):
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "gpt_oss", "olmo2", "olmo3", "glm4_moe",
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "phimoe", "gpt_oss", "olmo2", "olmo3", "glm4_moe",
                                                                   "olmoe", "exaone4") else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
@@ -1287,7 +1315,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         if arch != "starcoder2" or cfg.get("sliding_window") is None:
             return None, ()
         return _window_size(cfg, where), ()
-    if arch in ("llama", "mixtral", "phi3", "qwen3_moe", "olmoe", "ministral3"):  # every layer or none
+    if arch in ("llama", "mixtral", "phi3", "qwen3_moe", "olmoe", "ministral3", "phimoe"):  # every layer or none
         mistral = "MistralForCausalLM" in archs or (not archs and model_type == "mistral")
         if arch == "llama" and not mistral:
             return None, ()  # transformers' Llama ignores a sliding_window key
@@ -1475,6 +1503,15 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "n_group": as_int("n_group", cfg.get("n_group", 1)),
                 "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
                 "routed_scaling_factor": float(factor), "use_qk_norm": bool(cfg.get("use_qk_norm", False))}
+    if arch == "phimoe":  # Mixtral's experts under the sparsemixer router (top 2), every layer
+        jitter = cfg.get("router_jitter_noise", 0.01)
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)):
+            raise ModelError(f"{where}: router_jitter_noise must be a number, got {jitter!r}")
+        return {"n_experts": as_int("num_local_experts", cfg.get("num_local_experts", 16)),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 2)),
+                "moe_intermediate_size": as_int("intermediate_size", need("intermediate_size")),
+                "norm_topk_prob": False, "router_jitter_eps": float(jitter),
+                "head_bias": bool(cfg.get("lm_head_bias", False))}
     if arch == "minimax_m2":  # GLM-4.5's router with one group and no scaling; Mixtral's experts, every layer
         if cfg.get("scoring_func", "sigmoid") != "sigmoid" or not cfg.get("use_routing_bias", True):
             raise ModelError(f"{where}: minimax_m2 routes by sigmoid scores with a correction bias "
@@ -2295,6 +2332,8 @@ def rope_frequencies(dim: int, base: float, rope_scaling: dict[str, Any] | None,
         factors = torch.tensor(rs["long_factor" if long else "short_factor"], dtype=torch.float64)
         inv_freq = inv_freq / factors
         attn = rs.get("attention_factor")
+        if attn is None and rs.get("short_mscale") is not None:  # PhiMoE: the chosen set's own scale
+            attn = rs["long_mscale" if long else "short_mscale"]
         if attn is None:
             factor = float(rs.get("factor") or max_position / orig)
             attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))

@@ -68,14 +68,15 @@ class Router(nn.Module):
 
     DeepSeek-V3 (``noaux_tc``): sigmoid scores, the correction bias shifts the choice only, groups ranked by the sum
     of their two best biased scores. DeepSeek-V2: softmax over all experts, then ``greedy`` (plain top-k) or
-    ``group_limited_greedy`` (groups ranked by their best score); no bias, no renormalization.
+    ``group_limited_greedy`` (groups ranked by their best score); no bias, no renormalization. Mistral 4: V3's
+    grouping and renormalization over softmax scores, with no bias.
     """
 
     def __init__(self, spec: DeepseekV3Spec) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(spec.n_routed_experts, spec.hidden_size))
         self.e_score_correction_bias: nn.Parameter | None = None
-        if spec.topk_method == "noaux_tc":
+        if spec.topk_method == "noaux_tc" and spec.scoring_func == "sigmoid":  # (Mistral 4: softmax, no bias)
             self.e_score_correction_bias = nn.Parameter(torch.zeros(spec.n_routed_experts), requires_grad=False)
         self.spec = spec
 
@@ -217,7 +218,12 @@ class DeepseekV3Model(LayerwiseDecoder):
         hidden = self.model.embed_tokens(ids)
         if self.spec.scale_emb is not None:  # MiniCPM3: the scale rounded to the compute dtype, as transformers does
             hidden = hidden * torch.tensor(self.spec.scale_emb).to(hidden.dtype)
-        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, sparse=sparse)
+        q_scale = None
+        if self.spec.query_scale_beta is not None:  # 1 + beta * log(1 + floor(p / orig)), rounded as transformers
+            orig = float((self.spec.rope_scaling or {})["original_max_position_embeddings"])
+            pos = batch.positions.to(self.device, torch.float32)
+            q_scale = (1 + self.spec.query_scale_beta * torch.log(1 + torch.floor(pos / orig))).to(dt)[:, None, None]
+        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, sparse=sparse, q_scale=q_scale)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head (MiniCPM3 divides the normed state by ``logits_scaling`` first)."""
@@ -246,6 +252,8 @@ class DeepseekV3Model(LayerwiseDecoder):
             q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
             q = attn.q_b_proj(q_resid)
         q = q.view(n, h, spec.qk_head_dim)
+        if state.q_scale is not None:  # Mistral 4's position-dependent query scale
+            q = q * state.q_scale
         q_nope, q_rot = q.split([nope, rope], dim=-1)
         ckv = attn.kv_a_proj_with_mqa(x)
         c, k_rot = ckv.split([r, rope], dim=-1)

@@ -409,7 +409,7 @@ def _glm_routing(spec: ModelSpec) -> SimpleNamespace:
     shared experts): the fields :class:`dualpath.model.deepseek.MoE` reads, from a ``glm4_moe`` spec; MiniMax-M2's
     is the same with one group, a factor of 1 and no shared expert."""
     return SimpleNamespace(
-        n_routed_experts=spec.n_experts, hidden_size=spec.hidden_size, topk_method="noaux_tc",
+        n_routed_experts=spec.n_experts, hidden_size=spec.hidden_size, topk_method="noaux_tc", scoring_func="sigmoid",
         num_experts_per_tok=spec.n_experts_per_tok, n_group=spec.n_group, topk_group=spec.topk_group,
         norm_topk_prob=spec.norm_topk_prob, routed_scaling_factor=spec.routed_scaling_factor,
         moe_intermediate_size=spec.moe_intermediate_size,

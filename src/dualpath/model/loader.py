@@ -113,6 +113,8 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
                for k, v in out.items()}
     if getattr(model.spec, "architecture", "") in ("granitemoe", "granitemoeshared"):
         out = _granite_moe_hub_tensors(out)
+    if getattr(model.spec, "architecture", "") == "mistral4":  # (transformers reads Mistral 4's experts packed only)
+        out = _packed_experts(out)
     if getattr(model.spec, "architecture", "") == "phi3":
         out = _fuse_phi3(out)
     if getattr(model.spec, "architecture", "") in ("glm", "glm4"):
@@ -591,6 +593,30 @@ def _granite_moe_in(name: str, t: torch.Tensor, out: dict[str, torch.Tensor], so
                 out[name] = t
             return True
     return False
+
+
+def _packed_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_split_packed_experts`: per-expert ``mlp.experts.{e}.gate_proj/up_proj/down_proj``
+    packed as transformers' ``mlp.experts.gate_up_proj [E, 2I, H]`` (gate rows, then up) and ``down_proj``."""
+    import re
+
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name)
+        if m:
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+        else:
+            out[name] = t
+    for (prefix, part), by_e in experts.items():
+        stacked = torch.stack([by_e[e] for e in sorted(by_e)])
+        if part == "gate_proj":
+            up = experts[(prefix, "up_proj")]
+            out[f"{prefix}.gate_up_proj"] = torch.cat([stacked, torch.stack([up[e] for e in sorted(up)])],
+                                                      dim=1).contiguous()
+        elif part == "down_proj":
+            out[f"{prefix}.down_proj"] = stacked.contiguous()
+    return out
 
 
 def _granite_moe_hub_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

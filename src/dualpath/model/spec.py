@@ -1813,16 +1813,18 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
 
 _DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
                   "DeepseekV32ForCausalLM": "deepseek_v32", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
-                  "MiniCPM3ForCausalLM": "minicpm3", "GlmMoeDsaForCausalLM": "glm_moe_dsa"}
+                  "MiniCPM3ForCausalLM": "minicpm3", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
+                  "Mistral4ForCausalLM": "mistral4"}
 #: the router's top-k method each generation supports (V2: softmax scores; V3 and V3.2: sigmoid scores + correction
 #: bias)
 _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy"),
                  "deepseek_v32": ("noaux_tc",), "glm4_moe_lite": ("noaux_tc",), "minicpm3": ("noaux_tc",),
-                 "glm_moe_dsa": ("noaux_tc",)}
+                 "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
-            "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid"}
+            "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
-          "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)"}
+          "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
+          "mistral4": "Mistral 4 (mistral4)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 #: MiniCPM3's scalings (None for every other model: their dicts, and so block keys, stay as they were)
@@ -1882,6 +1884,8 @@ class DeepseekV3Spec(_SpecCommon):
     embeddings times ``scale_emb``, each block's outputs times ``residual_scale`` (``scale_depth / sqrt(layers)``)
     and the final hidden state divided by ``logits_scaling`` (``hidden_size / dim_model_base``) before the head.
 
+    ``mistral4`` (Mistral 4): V3's MLA and grouped MoE, but routed by softmax scores with no correction bias, and
+    each query scaled by ``1 + llama_4_scaling_beta * log(1 + floor(position / original_max_position_embeddings))``.
     ``glm_moe_dsa`` (GLM-5): V3.2 with its indexer rotating interleaved pairs and "shared" layers (``indexer_types``,
     or ``index_topk_pattern``, or ``index_topk_freq`` / ``index_skip_topk_offset``) that have no indexer and reuse
     the last earlier indexer's selection (``index_shared_layers``); its dense layers come from ``mlp_layer_types``.
@@ -1931,6 +1935,9 @@ class DeepseekV3Spec(_SpecCommon):
     # GLM-5: the layers with no indexer of their own, which reuse the selection of the last layer before them that
     # has one (transformers' indexer_types "shared"); empty for every other model
     index_shared_layers: tuple[int, ...] = ()
+    # Mistral 4: each query scaled by 1 + beta * log(1 + floor(position / original_max_position_embeddings)) (its
+    # RoPE parameters' llama_4_scaling_beta, as Ministral 3 / Llama 4); None for every other model
+    query_scale_beta: float | None = None
     scale_emb: float | None = None  # MiniCPM3's scalings (see the class docstring)
     residual_scale: float | None = None
     logits_scaling: float | None = None
@@ -2007,6 +2014,11 @@ class DeepseekV3Spec(_SpecCommon):
         elif self.index_topk or self.index_n_heads or self.index_head_dim:
             raise ModelError(f"model config: index_topk/index_n_heads/index_head_dim are DeepSeek-V3.2's, not "
                              f"{self.model_type}'s")
+        if self.query_scale_beta is not None and (self.model_type != "mistral4" or self.query_scale_beta < 0 or not
+                                                  isinstance((self.rope_scaling or {}).get(
+                                                      "original_max_position_embeddings"), int)):
+            raise ModelError("model config: query_scale_beta (llama_4_scaling_beta) is Mistral 4's, a number >= 0 with "
+                             "the RoPE's original_max_position_embeddings")
         if self.first_k_dense_replace < self.n_layers:
             self._check_routing()
 
@@ -2097,6 +2109,8 @@ class DeepseekV3Spec(_SpecCommon):
                 d.pop(name)
         else:  # the indexer key joined the KV rows (and the context cap went): a new block-key namespace
             d["kv_rows"] = "latent+index_key"
+        if self.query_scale_beta is None:
+            d.pop("query_scale_beta")
         if self.model_type != "glm_moe_dsa":
             d.pop("index_shared_layers")
         else:
@@ -2154,6 +2168,13 @@ class DeepseekV3Spec(_SpecCommon):
             del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
             cfg.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_topk=self.index_topk,
                        index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim)
+        if self.model_type == "mistral4":
+            del cfg["num_nextn_predict_layers"]
+            rope = dict(cfg["rope_parameters"])
+            if self.query_scale_beta is not None:
+                rope["llama_4_scaling_beta"] = self.query_scale_beta
+            cfg.update(architectures=["Mistral4ForCausalLM"], model_type="mistral4", rope_parameters=rope,
+                       pad_token_id=None)
         if self.model_type == "glm_moe_dsa":
             del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
             k = min(self.first_k_dense_replace, self.n_layers)
@@ -2260,7 +2281,14 @@ class DeepseekV3Spec(_SpecCommon):
             # (the context is no longer capped at index_topk: the indexer's selection runs beyond it)
         n_heads = int(need("num_attention_heads"))
         # num_key_value_heads is meaningless for MLA (transformers even writes its default 128): not read
+        beta = None
+        if model_type == "mistral4":  # llama_4_scaling_beta: a query scale, not part of the rotation
+            from dualpath.model.llama_variants import _ministral3_rope
+
+            cfg, beta = _ministral3_rope(cfg, where)
         rope_theta, rope_scaling = parse_rope(cfg, where)
+        if rope_scaling is not None:  # (Mistral 4 writes its rotated share; MLA rotates qk_rope_head_dim as it is)
+            rope_scaling.pop("partial_rotary_factor", None)
         if dtype is None:
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
@@ -2305,6 +2333,7 @@ class DeepseekV3Spec(_SpecCommon):
             index_n_heads=index.get("index_n_heads", 0),
             index_head_dim=index.get("index_head_dim", 0),
             index_shared_layers=shared,
+            query_scale_beta=beta,
             context_cap=max_context,
             **minicpm,
         )

@@ -66,6 +66,18 @@ def widen_mla_moe(hf: Any) -> Any:
     return hf
 
 
+def mla_checkpoint(factory: Any, name: str, model_cls: str, config_cls: str, config: dict[str, Any]) -> tuple[Any, Any]:
+    """``(directory, model)``: a DeepSeek-style random model of transformers' ``model_cls`` (seed 0), widened by
+    :func:`widen_mla_moe`, written by its ``save_pretrained`` into a fresh directory."""
+    import transformers
+
+    torch.manual_seed(0)
+    hf = widen_mla_moe(getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval())
+    d = factory.mktemp(name)
+    hf.save_pretrained(d)
+    return d, hf
+
+
 def hf_logits(hf: Any, seq: list[int]) -> torch.Tensor:
     """transformers' logits of a full recompute of ``seq`` (fp32)."""
     with torch.no_grad():

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from hf_random import (
     check_save_reads_back,
     check_turns_against_hf,
     load_checkpoint,
+    mla_checkpoint,
     random_turns,
-    widen_mla_moe,
 )
 
 from dualpath.errors import ModelError
@@ -33,12 +32,7 @@ CONFIG = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "moe_
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    hf = transformers.Glm4MoeLiteForCausalLM(transformers.Glm4MoeLiteConfig(**CONFIG)).eval()
-    widen_mla_moe(hf)
-    d = tmp_path_factory.mktemp("glm4_moe_lite")
-    hf.save_pretrained(d)
-    return d, hf
+    return mla_checkpoint(tmp_path_factory, "glm4_moe_lite", "Glm4MoeLiteForCausalLM", "Glm4MoeLiteConfig", CONFIG)
 
 
 def test_reads_as_deepseek_mla_with_its_dense_layers_from_mlp_layer_types(ckpt):

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from hf_random import check_batched_against_hf, cluster_read_paths, widen_mla_moe
+from hf_random import check_batched_against_hf, cluster_read_paths, load_checkpoint, mla_checkpoint
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
 from dualpath.model import KVPool, SeqBatch
 from dualpath.model.config import LlamaModelConfig
-from dualpath.model.loader import load_model, save_pretrained
+from dualpath.model.loader import save_pretrained
 from dualpath.model.spec import DeepseekV3Spec, load_spec
 
 transformers = pytest.importorskip("transformers")
@@ -36,16 +36,7 @@ CONFIG: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    hf = widen_mla_moe(transformers.GlmMoeDsaForCausalLM(transformers.GlmMoeDsaConfig(**CONFIG)).eval())
-    d = tmp_path_factory.mktemp("glm5")
-    hf.save_pretrained(d)
-    return d, hf
-
-
-def _load(d: Any) -> Any:
-    return load_model(LlamaModelConfig(path=str(d), dtype="float32", attention_backend="torch"),
-                      with_tokenizer=False)[0]
+    return mla_checkpoint(tmp_path_factory, "glm5", "GlmMoeDsaForCausalLM", "GlmMoeDsaConfig", CONFIG)
 
 
 def test_spec_reads_the_shared_layers_and_mlp_layer_types(ckpt):
@@ -70,7 +61,7 @@ def test_multi_turn_logits_and_greedy_equal_transformers(ckpt):
     d, hf = ckpt
     g = torch.Generator().manual_seed(0)
     turns = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
-    ours, ref, ids, ref_ids = paged_turns(_load(d), hf, turns, 7, 4)
+    ours, ref, ids, ref_ids = paged_turns(load_checkpoint(d), hf, turns, 7, 4)
     assert ref.abs().max() > 1.0
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
     assert len(ids) == 21 and ids == ref_ids
@@ -80,14 +71,14 @@ def test_batched_sequences_and_decode_equal_transformers(ckpt):
     d, hf = ckpt
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (23, 14)]
-    check_batched_against_hf(_load(d), hf, seqs, cuts=(12, 9))
+    check_batched_against_hf(load_checkpoint(d), hf, seqs, cuts=(12, 9))
 
 
 def test_the_shared_layers_reuse_the_selection(ckpt):
     """Past index_topk the shared layers' selection matters: attending densely there (a selection of every key)
     moves the logits, as the full layers' does."""
     d, _ = ckpt
-    model = _load(d)
+    model = load_checkpoint(d)
     seq = torch.randint(2, VOCAB, (30,), generator=torch.Generator().manual_seed(8)).tolist()
 
     def logits() -> torch.Tensor:
@@ -115,12 +106,12 @@ def test_save_reads_back_in_transformers(ckpt, tmp_path):
     from hf_random import hf_logits
 
     d, _ = ckpt
-    save_pretrained(_load(d), tmp_path)
+    save_pretrained(load_checkpoint(d), tmp_path)
     hf2 = transformers.GlmMoeDsaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["indexer_types"] == ["full", "shared", "full", "shared"]
     seq = torch.randint(2, VOCAB, (21,), generator=torch.Generator().manual_seed(4)).tolist()
-    model = _load(d)
+    model = load_checkpoint(d)
     pool = KVPool(model.spec.kv_spec(), num_blocks=8, block_tokens=4)
     ours = model(SeqBatch.build([seq], [0], [pool.allocate(8)], 4), pool.layers, all_positions=True)
     torch.testing.assert_close(ours, hf_logits(hf2, seq), atol=2e-4, rtol=1e-4)

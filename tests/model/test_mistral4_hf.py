@@ -15,8 +15,8 @@ from hf_random import (
     check_save_reads_back,
     check_turns_against_hf,
     load_checkpoint,
+    mla_checkpoint,
     random_turns,
-    widen_mla_moe,
 )
 
 from dualpath.errors import ModelError
@@ -39,11 +39,7 @@ CONFIG: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    hf = widen_mla_moe(transformers.Mistral4ForCausalLM(transformers.Mistral4Config(**CONFIG)).eval())
-    d = tmp_path_factory.mktemp("mistral4")
-    hf.save_pretrained(d)
-    return d, hf
+    return mla_checkpoint(tmp_path_factory, "mistral4", "Mistral4ForCausalLM", "Mistral4Config", CONFIG)
 
 
 def test_spec_reads_the_softmax_router_and_the_query_scale(ckpt):

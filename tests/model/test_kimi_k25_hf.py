@@ -72,3 +72,64 @@ def test_a_language_model_that_is_not_deepseek_is_refused(ckpt, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="text_config.model_type"):
         load_spec(tmp_path / "config.json")
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' ``pack-quantized`` layout, written out bit by bit (independently of the loader): each
+    row's symmetric int4 values plus 8, value ``i`` at bits ``4i .. 4i+3`` of the row's little-endian int32 stream."""
+    rows, cols = q.shape
+    u = (q.to(torch.int64) + 8).tolist()
+    words = []
+    for row in u:
+        row = row + [0] * (-len(row) % 8)
+        packed = []
+        for j in range(0, len(row), 8):
+            w = sum(v << (4 * k) for k, v in enumerate(row[j:j + 8]))
+            packed.append(w - (1 << 32) if w >= 1 << 31 else w)
+        words.append(packed)
+    return torch.tensor(words, dtype=torch.int32)
+
+
+def test_int4_pack_quantized_experts_load_dequantized(ckpt, tmp_path):
+    """Kimi's published weights keep the routed experts in INT4 (compressed-tensors ``pack-quantized``, symmetric,
+    one scale per group of inputs): stored so, they load as value x scale, and the model computes exactly what the
+    same checkpoint with those dequantized weights in plain float computes. A zero point is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from dualpath.model import KVPool, SeqBatch
+
+    tie, d, _ = ckpt
+    if tie == "tied":
+        pytest.skip("one checkpoint is enough")
+    tensors = load_file(str(d / "model.safetensors"))
+    packed, plain = dict(tensors), dict(tensors)
+    g = torch.Generator().manual_seed(2)
+    names = [n for n in tensors if ".mlp.experts." in n and n.endswith(("gate_proj.weight", "down_proj.weight"))]
+    assert names
+    for name in names:
+        w = tensors[name]
+        scale = (w.abs().reshape(w.shape[0], -1, 16).amax(-1) / 7 + 1e-3) * (1 + 0.1 * torch.rand(1, generator=g))
+        q = torch.clamp(torch.round(w / scale.repeat_interleave(16, dim=1)), -8, 7).to(torch.int8)
+        base = name[: -len(".weight")]
+        del packed[name]
+        packed.update({f"{base}.weight_packed": _pack_int4(q), f"{base}.weight_scale": scale.to(torch.bfloat16),
+                       f"{base}.weight_shape": torch.tensor(list(w.shape))})
+        plain[name] = q.float() * scale.to(torch.bfloat16).float().repeat_interleave(16, dim=1)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+        "group_0": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 16,
+                                "strategy": "group"}}}}
+    outs = {}
+    for kind, ts in (("packed", packed), ("plain", plain)):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "config.json").write_text(json.dumps(cfg))
+        save_file({k: v.contiguous() for k, v in ts.items()}, str(tmp_path / kind / "model.safetensors"))
+        model = load_checkpoint(tmp_path / kind)
+        pool = KVPool(model.kv_spec, num_blocks=8, block_tokens=4)
+        seq = random_turns(VOCAB, seed=5, lens=(21,))[0]
+        outs[kind] = model(SeqBatch.build([seq], [0], [pool.allocate(8)], 4), pool.layers, all_positions=True)
+    assert torch.equal(outs["packed"], outs["plain"])
+    zp = dict(packed, **{names[0][: -len(".weight")] + ".weight_zero_point": torch.zeros(1, dtype=torch.int32)})
+    save_file({k: v.contiguous() for k, v in zp.items()}, str(tmp_path / "packed" / "model.safetensors"))
+    with pytest.raises(ModelError, match="zero point"):
+        load_checkpoint(tmp_path / "packed")

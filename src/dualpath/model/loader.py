@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -514,6 +515,48 @@ def _dequantized(name: str, t: torch.Tensor, tensors: Mapping[str, torch.Tensor]
         raise ModelError(f"{source}: tensor {name!r}: {exc}") from None
 
 
+_INT4_PARTS = ("_packed", "_scale", "_shape")
+
+
+def int4_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Mapping[str, torch.Tensor]:
+    """A checkpoint's tensors with every compressed-tensors ``pack-quantized`` INT4 weight (Kimi K2 / K2.5's
+    experts) dequantized to fp32 under its plain name (``tensors`` itself when it holds none).
+
+    The format: ``<w>_packed`` int32 ``[out, ceil(in / 8)]`` holds the weight's symmetric int4 values plus 8, value
+    ``i`` of a row at bits ``4i .. 4i+3`` of the row's little-endian word stream; ``<w>_scale`` ``[out, groups]``
+    one scale per ``in / groups`` inputs; ``<w>_shape`` the weight's ``[out, in]``. The weight is value times
+    scale. An asymmetric one (``<w>_zero_point``) is refused, naming the tensor."""
+    if not any(name.endswith(".weight_packed") for name in tensors):
+        return tensors
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian host here
+        raise ModelError(f"{source}: INT4 packed weights are read on little-endian hosts only")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        base = next((name[: -len(p)] for p in _INT4_PARTS if name.endswith(".weight" + p)), None)
+        if base is None:
+            if name.endswith(".weight_zero_point") and name[: -len("_zero_point")] + "_packed" in tensors:
+                raise ModelError(f"{source}: {name!r}: asymmetric INT4 weights (a zero point) are unsupported")
+            out[name] = t
+            continue
+        if not name.endswith("_packed"):
+            if base + "_packed" not in tensors:
+                out[name] = t  # (another format's scale: not ours to read)
+            continue
+        scale, shape = tensors.get(base + "_scale"), tensors.get(base + "_shape")
+        if scale is None or shape is None:
+            raise ModelError(f"{source}: INT4 tensor {name!r} needs {base}_scale and {base}_shape")
+        rows, cols = (int(x) for x in shape.tolist())
+        if t.dtype != torch.int32 or t.dim() != 2 or tuple(t.shape) != (rows, -(-cols // 8)) or scale.dim() != 2 \
+                or scale.shape[0] != rows or not 0 < scale.shape[1] <= cols:
+            raise ModelError(f"{source}: INT4 tensor {name!r} {tuple(t.shape)} {t.dtype} with scale "
+                             f"{tuple(scale.shape)} does not fit weight_shape {[rows, cols]}")
+        nibbles = t.contiguous().view(torch.uint8)                                   # [rows, 4 * words]
+        values = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).reshape(rows, -1)[:, :cols].to(torch.int8) - 8
+        group = -(-cols // scale.shape[1])
+        out[base] = values.float() * scale.float().repeat_interleave(group, dim=1)[:, :cols]
+    return out
+
+
 def fp8_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint",
                     fp8_block: tuple[int, int] = (128, 128)) -> Mapping[str, torch.Tensor]:
     """A checkpoint's tensors with every block-scaled FP8 weight dequantized and its ``weight_scale_inv`` dropped
@@ -795,15 +838,16 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         from dualpath.model.deepseek import DeepseekV3Model
 
         model = DeepseekV3Model(spec, device="cpu", backend=backend)
-        if tensors is not None:  # (Kimi K2.5: its language model's tensors)
-            tensors = deepseek_tensors(spec, mla_language_tensors(tensors), source, fp8_block)
+        if tensors is not None:  # (Kimi K2.5: its language model's tensors; Kimi's INT4 experts)
+            tensors = deepseek_tensors(spec, mla_language_tensors(int4_dequantized(tensors, source)), source,
+                                       fp8_block)
     else:
         from dualpath.model.llama import LlamaModel
 
         model = LlamaModel(spec, device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors; EXAONE's names)
-            tensors = codegen_tensors(exaone_tensors(gemma3_language_tensors(fp8_dequantized(tensors, source,
-                                                                                              fp8_block))), source)
+            tensors = codegen_tensors(exaone_tensors(gemma3_language_tensors(fp8_dequantized(
+                int4_dequantized(tensors, source), source, fp8_block))), source)
         if tensors is not None and spec.architecture == "gpt_oss":
             tensors = gpt_oss_tensors(spec, tensors)
         elif tensors is not None and spec.architecture == "llama4_text":  # (MoE, in its own layout)

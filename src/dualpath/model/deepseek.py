@@ -223,7 +223,12 @@ class DeepseekV3Model(LayerwiseDecoder):
             orig = float((self.spec.rope_scaling or {})["original_max_position_embeddings"])
             pos = batch.positions.to(self.device, torch.float32)
             q_scale = (1 + self.spec.query_scale_beta * torch.log(1 + torch.floor(pos / orig))).to(dt)[:, None, None]
-        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, sparse=sparse, q_scale=q_scale)
+        spans = None
+        if not batch.is_decode and not sparse and self._decompress(batch):  # decided once per forward, not per layer
+            cu = batch.cu_seqlens_q.tolist()
+            spans = [(i, cu[i], cu[i + 1], n) for i, n in enumerate(batch.seq_lens.tolist()) if cu[i + 1] > cu[i]]
+        return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, sparse=sparse, q_scale=q_scale,
+                            mla_spans=spans)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head (MiniCPM3 divides the normed state by ``logits_scaling`` first)."""
@@ -264,8 +269,8 @@ class DeepseekV3Model(LayerwiseDecoder):
         store_latent(torch.cat((c, k_rot), dim=-1), latent, b.slot_mapping, r, backend=self.backend)
         if attn.indexer is not None:
             self._store_index_keys(attn.indexer, x, state, kv_layer)
-        if not b.is_decode and not state.sparse and self._decompress(b):
-            o = self._decompressed_attention(attn, q_nope, q_rot, latent, b)
+        if state.mla_spans is not None:
+            o = self._decompressed_attention(attn, q_nope, q_rot, latent, b, state.mla_spans)
         else:
             # absorbed products in fp32: a bf16 q_lat would round a kv_lora_rank-long sum per head
             w = attn.kv_b_proj.weight.view(h, nope + vd, r).float()
@@ -317,11 +322,13 @@ class DeepseekV3Model(LayerwiseDecoder):
         return decompressed < absorbed
 
     def _decompressed_attention(self, attn: MLAttention, q_nope: torch.Tensor, q_rot: torch.Tensor,
-                                latent: torch.Tensor, b: SeqBatch) -> torch.Tensor:
+                                latent: torch.Tensor, b: SeqBatch,
+                                spans: list[tuple[int, int, int, int]]) -> torch.Tensor:
         """Prefill attention in the form Hugging Face's and DeepSeek's prefill use: each sequence's latent rows
         (dequantized from FP8 if so stored) expanded by ``kv_b_proj`` into per-head keys and values, then
         ``scaled_dot_product_attention`` (FlashAttention on a GPU), causal from the bottom right (the new rows
-        see the whole cached prefix) -> ``[N, H, v_head_dim]`` in the compute dtype."""
+        see the whole cached prefix) -> ``[N, H, v_head_dim]`` in the compute dtype. ``spans``: each sequence's
+        ``(index, first new row, end, keys)`` with new rows (:meth:`prefill_begin` reads them off the batch once)."""
         spec = self.spec
         h, r, p = spec.n_heads, spec.kv_lora_rank, spec.qk_rope_head_dim
         nope, vd = spec.qk_nope_head_dim, spec.v_head_dim
@@ -329,12 +336,8 @@ class DeepseekV3Model(LayerwiseDecoder):
         bt = latent.shape[1]
         out = torch.empty((q_nope.shape[0], h, vd), dtype=dt, device=q_nope.device)
         pad = max(0, nope + p - vd)
-        cu = b.cu_seqlens_q.tolist()
-        for i, n in enumerate(b.seq_lens.tolist()):
-            lo, hi = cu[i], cu[i + 1]
+        for i, lo, hi, n in spans:
             m = hi - lo
-            if m == 0:
-                continue
             nb = -(-n // bt)
             rows = latent[b.block_tables[i, :nb].long()].reshape(nb * bt, latent.shape[2])[:n]
             if rows.dtype == torch.uint8:

@@ -159,6 +159,8 @@ class ForwardState:
     # DeepSeek Sparse Attention: each sequence's key selection [M, n] by the last layer with an indexer (GLM-5's
     # shared layers reuse it)
     dsa_masks: dict[int, torch.Tensor] | None = None
+    # MLA: each sequence's (index, first new row, end, keys) when this prefill attends in the decompressed form
+    mla_spans: list[tuple[int, int, int, int]] | None = None
     q_scale: torch.Tensor | None = None  # each query's position scale [N, 1, 1] (LlamaModel._query_scale), or None
 
 

@@ -82,7 +82,8 @@ def test_mooncake_ids_share_prefixes() -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ('{"timestamp": 0, "input_length": 10, "output_length": 1}', "hash_ids"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": 1, "delay": 5}', "not both"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": 1, "text_input": "hi"}', "exactly one of"),
         ('{"input_length": 10, "output_length": 1, "hash_ids": [1]}', "timestamp"),
         ('{"timestamp": 0, "output_length": 1, "hash_ids": [1]}', "input_length"),
         ('{"timestamp": 0, "input_length": 10, "output_length": "x", "hash_ids": [1]}', "output_length"),

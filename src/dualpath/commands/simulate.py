@@ -292,7 +292,9 @@ def run(args: argparse.Namespace) -> int:
         ti = sc.info["trace"]
         print(f"trace {trace.path} ({trace.fmt}): {trace.note}; {len(trace.trajectories)} sessions; "
               f"ideal hit rate (unlimited cache) {ti['ideal_hit_rate']:.3f}; "
-              + ("online at the trace's timestamps" if sc.mode == "online" else
+              + ("online at the trace's timestamps" + (" and think times" if any(
+                  getattr(u, "think", None) for t in trace.trajectories for u in t.turns) else "")
+                 if sc.mode == "online" else
                  "offline: every session at t=0, each turn when the previous one ends"))
     _table(result.runs, result.speedup)
     if trace is not None:

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     st.add_argument("file", help="the trace file")
     st.add_argument("--trace-format", choices=TRACE_FORMATS, default="auto",
                     help="auto (default: from the first line), jsonl (our trajectories), mooncake (timestamp, "
-                         "input_length, output_length, hash_ids), bailian (Qwen-Bailian sessions), csv (Azure / "
+                         "input_length, output_length, hash_ids; also AIPerf's session_id, delay, text_input, messages), bailian (Qwen-Bailian sessions), csv (Azure / "
                          "BurstGPT columns) or sharegpt (conversations)")
     st.add_argument("--json", dest="json_out", metavar="OUT", help="also write the figures as JSON here")
 
@@ -48,11 +48,16 @@ def run(args: argparse.Namespace) -> int:
     print(_row("input tokens", s["input_tokens"]))
     print(_row("output tokens", s["output_tokens"]))
     print(f"  total tokens           {s['total_input_tokens']} in, {s['total_output_tokens']} out")
+    across = s.get("content_keys", s["format"] == "mooncake")
     print(f"  ideal hit rate         {s['ideal_hit_rate']:.3f} (unlimited cache, content-keyed prefix reuse"
-          f"{' across all requests' if s['format'] == 'mooncake' else ' within sessions'})")
+          f"{' across all requests' if across else ' within sessions'})")
     print(f"  span                   {s['span_s']:.1f} s; arrival rate "
           + (f"{rate:.3f} requests/s" if not math.isnan(rate) else "- (all at once)"))
-    where = f" (line {lt['line']})" if "line" in lt else f" (session {lt['session']}, turn {lt['turn']})"
+    if "think_s" in s:
+        d = s["think_s"]
+        print(f"  {'think time (s)':22s} mean {d['mean']:9.2f}  p50 {d['p50']:8.2f}  p90 {d['p90']:8.2f}  p99 "
+              f"{d['p99']:8.2f}  max {d['max']:8.2f}  ({s['think_turns']} turns wait this long after their previous)")
+    where = f" (session {lt['session']}, turn {lt['turn']}" + (f", line {lt['line']})" if "line" in lt else ")")
     print(f"  largest turn           {lt['prompt']} prompt + {lt['gen']} generated = {lt['tokens']} tokens{where}")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:

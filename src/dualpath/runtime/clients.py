@@ -109,7 +109,8 @@ async def replay_agent(
 
     A trace turn with ``hash_ids`` (Mooncake) sends the trace's content instead: the prompt's tokens derived
     from its hash ids (:func:`dualpath.workload.traces.hash_prompt_tokens`), so storage sees the trace's reuse
-    across sessions. ``t_start`` (online): a turn with a trace time ``at`` is not sent before ``t_start + at``.
+    across sessions. ``t_start`` (online): a turn waits its ``think`` time after the previous turn ended (after
+    the agent started, for the first), and a turn with a trace time ``at`` is not sent before ``t_start + at``.
     """
     from dualpath.workload.traces import hash_prompt_tokens
 
@@ -117,6 +118,8 @@ async def replay_agent(
     context = np.zeros(0, dtype=np.int64)
     ctx_len = 0
     for i, spec in enumerate(agent.turns):
+        if t_start is not None and spec.think:
+            await anyio.sleep(spec.think)
         if t_start is not None and spec.at is not None:
             delay = t_start + spec.at - time.perf_counter()
             if delay > 0:

@@ -174,5 +174,7 @@ def workload_source(cfg: Any, trajs: Sequence[Trajectory]) -> str:
         sized = (f"; largest turn {prompt}+{gen} tokens: model context {cfg.model.max_context}, PE scratch "
                  f"{cfg.cluster.prefill_max_batch_tokens} tokens, DE KV pool {cfg.cluster.kv_pool_tokens} tokens")
     timing = "at the trace's timestamps" if w.mode == "online" else "sessions from t=0, next turn when one ends"
+    if w.mode == "online" and any(u.think for t in trajs for u in t.turns):
+        timing += " and think times (a turn waits its delay after its session's previous turn ended)"
     return (f"trace {w.trace} ({tw.fmt}: {tw.note}; ideal hit rate {ideal_hit_rate(trajs):.3f} "
             f"(unlimited cache); {timing}{sized})")

@@ -59,17 +59,21 @@ from dualpath.types import PathKind
 from dualpath.workload.traces import content_hit
 
 
-def _trace_meta(trajs: Any) -> tuple[list[Any], list[Any]]:
-    """Per agent: the turns' (hash ids, block) content keys and their request times, or None when no turn has them."""
+def _trace_meta(trajs: Any) -> tuple[list[Any], list[Any], list[Any]]:
+    """Per agent: the turns' (hash ids, block) content keys, their request times and their think times, or None
+    when no turn has them."""
     keys: list[Any] = []
     times: list[Any] = []
+    thinks: list[Any] = []
     for t in trajs:
         turns = list(getattr(t, "turns", ()))
         k = [(u.hash_ids, u.hash_block) if getattr(u, "hash_ids", None) is not None else None for u in turns]
         a = [getattr(u, "at", None) for u in turns]
+        th = [getattr(u, "think", None) or 0.0 for u in turns]
         keys.append(k if any(x is not None for x in k) else None)
         times.append([x if x is not None else -1.0 for x in a] if any(x is not None for x in a) else None)
-    return keys, times
+        thinks.append(th if any(th) else None)
+    return keys, times, thinks
 
 
 class Req:
@@ -209,7 +213,8 @@ class Simulation:
         trajs = [as_turns(t) for t in sc.trajectories]
         self.turns = trajs
         # trace turns: content keys of a global prefix cache (Mooncake hash ids) and request times (online)
-        self.turn_keys, self.turn_at = _trace_meta(sc.trajectories)
+        self.turn_keys, self.turn_at, self.turn_think = _trace_meta(sc.trajectories)
+        self.agent_thought = [-1] * len(self.turn_think)  # per agent: the last turn whose think time has passed
         self.stored_keys: set[int] = set()
         self.computing = InflightKeys()  # content keys assigned requests compute (until their join stores them)
         self.curve = getattr(comp, "batch_curve", None)
@@ -290,6 +295,11 @@ class Simulation:
             self.agent_done[agent] = self.loop.now
             return
         append, gen = turns[i]
+        th = self.turn_think[agent]
+        if th is not None and self.sc.mode == "online" and th[i] > 0 and self.agent_thought[agent] < i:
+            self.agent_thought[agent] = i  # a trace's think time: after the previous turn ended (or the start)
+            self.loop.at(self.loop.now + th[i], self._next_turn, agent)
+            return
         tat = self.turn_at[agent]
         if tat is not None and self.sc.mode == "online" and tat[i] > self.loop.now:
             self.loop.at(tat[i], self._next_turn, agent)  # a trace's request is not sent before its time

@@ -201,8 +201,10 @@ def load_csv(path: str | os.PathLike[str], max_requests: int | None = None,
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """``jsonl``, ``mooncake``, ``bailian`` (Mooncake's fields plus ``chat_id``/``parent_chat_id``), ``csv``, or
-    ``sharegpt`` (conversations: :mod:`dualpath.workload.sharegpt`), from the start of the file at ``path``."""
+    """``jsonl``, ``mooncake`` (also AIPerf's rows with ``text_input`` or ``messages`` and an ``output_length``:
+    :mod:`dualpath.workload.mooncake_sessions`), ``bailian`` (Mooncake's fields plus ``chat_id``/
+    ``parent_chat_id``), ``csv``, or ``sharegpt`` (conversations: :mod:`dualpath.workload.sharegpt`), from the
+    start of the file at ``path``."""
     p = str(path)
     with open_trace(p) as f:
         first = b""
@@ -216,22 +218,28 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if text.startswith(("{", "[")):
         from dualpath.workload.sharegpt import looks_like_conversations
 
-        with open_trace(p) as f:
-            if looks_like_conversations(f.read(1 << 16)):
-                return "sharegpt"
         try:
             obj = json.loads(text)
         except (json.JSONDecodeError, RecursionError):
+            obj = None
+        if isinstance(obj, dict) and "turns" not in obj and "output_length" in obj \
+                and any(k in obj for k in ("input_length", "text_input", "messages", "hash_ids")):
+            # a request row with its output length: Mooncake's, or AIPerf's mooncake_trace with text or messages
+            return "bailian" if "chat_id" in obj and "parent_chat_id" in obj else "mooncake"
+        with open_trace(p) as f:
+            if looks_like_conversations(f.read(1 << 16)):
+                return "sharegpt"
+        if obj is None:
             return "jsonl"  # malformed JSON: the JSONL reader names what is wrong with the line
         if not isinstance(obj, dict) or "turns" in obj:
             return "jsonl"
         if "chat_id" in obj and "parent_chat_id" in obj:
             return "bailian"
-        if "hash_ids" in obj or "input_length" in obj:
+        if any(k in obj for k in ("hash_ids", "input_length", "text_input")):
             return "mooncake"
         raise WorkloadError("cannot tell the trace's format from its first line (JSON, but neither our JSONL "
-                            "'turns', Mooncake 'input_length'/'hash_ids' nor ShareGPT 'conversations'/'messages'); "
-                            "pass --trace-format", path=p, line=1)
+                            "'turns', Mooncake 'input_length'/'hash_ids'/'text_input' nor ShareGPT "
+                            "'conversations'/'messages'); pass --trace-format", path=p, line=1)
     try:
         header = next(csv.reader([text]))
     except csv.Error:

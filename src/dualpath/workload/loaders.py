@@ -5,8 +5,9 @@ Our format, one trajectory per line::
 
     {"id": 3, "arrival": 0.5, "turns": [{"append": 812, "gen": 40, "ids": [1, 2, ...]}, ...]}
 
-``arrival`` (s, default 0), ``ids`` (the appended token ids, exactly ``append`` of them) and ``at`` (the turn's
-time in the trace, seconds; online replay does not send the turn earlier) are optional.
+``arrival`` (s, default 0), ``ids`` (the appended token ids, exactly ``append`` of them), ``at`` (the turn's
+time in the trace, seconds; online replay does not send the turn earlier) and ``think`` (seconds after the
+previous turn ended before online replay sends this one) are optional.
 Blank lines, CRLF line ends and a leading UTF-8 byte-order mark are fine. Any malformed line raises :class:`WorkloadError` naming the file and the line.
 """
 
@@ -95,7 +96,13 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Trajectory]:
             if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or not at >= 0):
                 raise WorkloadError(f"{where}field 'at' must be a number of seconds >= 0, got {at!r}", path=p,
                                     line=no)  # fmt: skip
-            turns.append(Turn(append, gen, ids, None if at is None else float(at), line=no))
+            think = t.get("think")
+            if think is not None and (isinstance(think, bool) or not isinstance(think, (int, float))
+                                      or not think >= 0):
+                raise WorkloadError(f"{where}field 'think' must be a number of seconds >= 0, got {think!r}",
+                                    path=p, line=no)
+            turns.append(Turn(append, gen, ids, None if at is None else float(at), line=no,
+                              think=None if think is None else float(think)))
         out.append(Trajectory(tid, turns, float(arrival)))
 
     return out
@@ -114,6 +121,8 @@ def write_jsonl(trajs: list[Trajectory], path: str | os.PathLike[str]) -> None:
                     d["ids"] = u.append_ids
                 if u.at is not None:
                     d["at"] = u.at
+                if u.think is not None:
+                    d["think"] = u.think
                 turns.append(d)
             f.write(json.dumps({"id": t.tid, "arrival": t.arrival, "turns": turns}) + "\n")
     os.replace(tmp, p)
@@ -129,10 +138,10 @@ class _Tail:
 
 @dataclass(frozen=True)
 class MooncakeRow:
-    """One request of a Mooncake trace: its time (s from the trace's first request), its input and output
-    lengths, its blocks' hash ids and its line in the file."""
+    """One request of a Mooncake trace: its time (s from the trace's first request; None when the file has no
+    timestamps), its input and output lengths, its blocks' hash ids and its line in the file."""
 
-    t: float
+    t: float | None
     input_len: int
     output_len: int
     hash_ids: list[int]
@@ -155,15 +164,27 @@ def infer_hash_block(rows: list[tuple[int, int]], default: int = 512) -> int:
     return best
 
 
-def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None) -> list[MooncakeRow]:
-    """The requests of a Mooncake trace in time order (ties: file order); the first ``max_requests`` if set."""
+def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None,
+                  objs: list[tuple[int, dict[str, Any]]] | None = None) -> list[MooncakeRow]:
+    """The requests of a Mooncake trace in time order (ties: file order); the first ``max_requests`` if set.
+    Timestamps may be left out of every row (file order then), not out of some. ``objs``: the file's
+    ``(line, object)`` rows when already read."""
     p = str(path)
     rows: list[tuple[float, int, int, int, list[int]]] = []
-    for no, obj in _lines(p):
+    timed: bool | None = None
+    for no, obj in (_lines(p) if objs is None else objs):
         ts = obj.get("timestamp")
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
+        if timed is None:
+            timed = ts is not None
+        if ts is None and not timed:
+            ts = 0.0
+        elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
             raise WorkloadError(f"field 'timestamp' must be a number, got {ts!r}" if "timestamp" in obj
-                                else "missing field 'timestamp'", path=p, line=no)  # fmt: skip
+                                else "missing field 'timestamp' (the first row has one)", path=p,
+                                line=no)  # fmt: skip
+        elif not timed:
+            raise WorkloadError("field 'timestamp' on a row when the first row has none: give every row a "
+                                "timestamp or none", path=p, line=no)
         inp = _int_field(obj, "input_length", "", p, no, minimum=1)
         outp = _int_field(obj, "output_length", "", p, no)
         hids = obj.get("hash_ids")
@@ -182,7 +203,8 @@ def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None)
     if max_requests is not None:
         rows = rows[:max_requests]
     t0 = rows[0][0] if rows else 0.0
-    return [MooncakeRow((ts - t0) / 1000.0, inp, outp, hids, no) for ts, no, inp, outp, hids in rows]
+    return [MooncakeRow((ts - t0) / 1000.0 if timed else None, inp, outp, hids, no)
+            for ts, no, inp, outp, hids in rows]
 
 
 def _block_ids(hash_ids: list[int], start: int, stop: int, block_tokens: int, vocab: int) -> list[int]:
@@ -198,7 +220,24 @@ def load_mooncake(
     vocab_size: int = 32000,
     max_requests: int | None = None,
 ) -> list[Trajectory]:
-    """Trajectories from a Mooncake FAST'25 trace (``timestamp`` ms, ``input_length``, ``output_length``,
+    """Trajectories from a Mooncake-format trace: :func:`load_mooncake_trace` without its count of restarted
+    sessions."""
+    return load_mooncake_trace(path, block_tokens, with_ids, vocab_size, max_requests)[0]
+
+
+def load_mooncake_trace(
+    path: str | os.PathLike[str],
+    block_tokens: int | None = None,
+    with_ids: bool = False,
+    vocab_size: int = 32000,
+    max_requests: int | None = None,
+) -> tuple[list[Trajectory], int]:
+    """Trajectories from a Mooncake-format trace, and how many rows had to start a session of their own.
+
+    Rows with sessions, text or messages inputs, think times, or without ``hash_ids`` (AIPerf's
+    ``mooncake_trace`` rows) are read by :mod:`dualpath.workload.mooncake_sessions` (``with_ids`` does not
+    apply; ``max_requests`` keeps the first requests in time order, else in file order). Otherwise the
+    file is a Mooncake FAST'25 trace (``timestamp`` ms, ``input_length``, ``output_length``,
     ``hash_ids`` of the input's ``block_tokens``-token blocks; equal hash ids mean equal content). A
     ``hash_ids`` list whose length is not ``ceil(input_length / block_tokens)`` is accepted as it is.
 
@@ -218,10 +257,21 @@ def load_mooncake(
     ``with_ids`` also fills each turn's ``append_ids`` (the derived tokens of its appended part).
     ``block_tokens`` None: inferred from the rows (:func:`infer_hash_block`; 512 in Mooncake's traces).
     """
+    from dualpath.workload.mooncake_sessions import is_extended, load_session_rows
+
+    objs = list(_lines(str(path)))
+    if any(is_extended(obj) for _, obj in objs):
+        st = load_session_rows(objs, path)
+        trajs = st.trajectories
+        if max_requests is not None:
+            from dualpath.workload.traces import _prefix_requests
+
+            trajs = _prefix_requests(trajs, max_requests)
+        return trajs, st.restarted
     tails: dict[tuple[int, ...], list[_Tail]] = {}
     lengths: set[int] = set()
     out: list[Trajectory] = []
-    rows = read_mooncake(path, max_requests)
+    rows = read_mooncake(path, max_requests, objs)
     if block_tokens is None:
         block_tokens = infer_hash_block([(r.input_len, len(r.hash_ids)) for r in rows])
     for row in rows:
@@ -238,7 +288,7 @@ def load_mooncake(
                 break
         if match is None:
             ids = _block_ids(hids, 0, inp, block_tokens, vocab_size) if with_ids else None
-            traj = Trajectory(len(out), [Turn(inp, outp, ids, ts, hids, block_tokens, row.line)], ts)
+            traj = Trajectory(len(out), [Turn(inp, outp, ids, ts, hids, block_tokens, row.line)], ts or 0.0)
             out.append(traj)
         else:
             traj = match.traj
@@ -253,7 +303,7 @@ def load_mooncake(
         if key:
             tails.setdefault(key, []).append(_Tail(traj, inp, outp, key))
             lengths.add(len(key))
-    return out
+    return out, 0
 
 
 def load_bailian(path: str | os.PathLike[str], block_tokens: int | None = None) -> tuple[list[Trajectory], int]:

@@ -165,7 +165,8 @@ def repeat_trajectories(trajs: list[Trajectory], k: int) -> list[Trajectory]:
         for t in trajs:
             turns = [
                 Turn(u.append, u.gen, u.append_ids, None if u.at is None else u.at + c * shift,
-                     None if u.hash_ids is None else [h + c * COPY_SALT for h in u.hash_ids], u.hash_block, u.line)
+                     None if u.hash_ids is None else [h + c * COPY_SALT for h in u.hash_ids], u.hash_block, u.line,
+                     think=u.think)
                 for u in t.turns
             ]
             out.append(Trajectory(len(out), turns, t.arrival + c * shift))
@@ -184,7 +185,7 @@ def load_trace(
     ``mooncake``, ``bailian``, ``csv`` or ``sharegpt``), or the prefix asked for, ``repeat`` times. Errors (missing, empty, malformed, not
     UTF-8) name the file and the line."""
     from dualpath.workload.csvtrace import FORMATS, load_csv, resolve_format
-    from dualpath.workload.loaders import load_bailian, load_jsonl, load_mooncake
+    from dualpath.workload.loaders import load_bailian, load_jsonl, load_mooncake_trace
 
     p = str(path)
     if max_requests is not None and max_requests < 1:
@@ -230,8 +231,13 @@ def load_trace(
         if orphans:
             skipped = (f"{orphans} requests start a session of their own: their parent is not in the file, has "
                        "another child, or its context is longer than theirs")
+    elif fmt == "mooncake":
+        trajs, restarted = load_mooncake_trace(p)
+        if restarted:
+            skipped = (f"{restarted} requests start a session of their own: their messages do not extend their "
+                       "session's previous request")
     else:
-        trajs = load_jsonl(p) if fmt == "jsonl" else load_mooncake(p)
+        trajs = load_jsonl(p)
     if n_file is None:
         n_file = _count_requests(trajs)
     if s_file is None:
@@ -330,12 +336,13 @@ def _workload_stats(w: TraceWorkload) -> dict[str, Any]:
         "span_s": span, "arrival_rate_rps": (len(inputs) - 1) / span if span > 0 else math.nan,
         "largest_turn": {"prompt": prompt, "gen": gen, "tokens": prompt + gen, "session": trajs[a].tid, "turn": i},
     }
-    if fmt == "mooncake":
-        from dualpath.workload.loaders import read_mooncake
-
-        rows = read_mooncake(w.path)
-        big = max(rows, key=lambda r: r.input_len + max(1, r.output_len))
-        out["largest_turn"]["line"] = big.line
+    if a >= 0 and trajs[a].turns[i].line is not None:
+        out["largest_turn"]["line"] = trajs[a].turns[i].line
+    out["content_keys"] = any(u.hash_ids is not None for t in trajs for u in t.turns)
+    thinks = [u.think for t in trajs for u in t.turns if u.think is not None]
+    if thinks:  # a trace's delays: seconds between a turn's end and its session's next turn
+        out["think_s"] = _dist(thinks)
+        out["think_turns"] = len(thinks)
     return out
 
 
@@ -358,12 +365,12 @@ def _csv_stats(path: str, block: int = 64) -> dict[str, Any]:
     if n == 0:
         raise WorkloadError("empty trace: no request in the file", path=path, line=1)
     order = np.lexsort((np.frombuffer(lines, dtype=np.int64), np.frombuffer(times, dtype=np.float64)))
-    del lines
     # sessions as load_csv makes them: a row continues its session when its prompt holds the conversation so far
     open_ctx: dict[int, tuple[int, int]] = {}  # session index -> (its trajectory, its context so far)
     turns = array("q")  # turns per trajectory, in the order they are made
     hit = total = 0
     best = (-1, 0, 0, -1, -1)  # (prompt + max(1, gen), -trajectory, -turn, prompt, gen): the largest turn
+    best_line = 0
     for j in order:
         j = int(j)
         inp, outp, k = inputs[j], outputs[j], sess[j]
@@ -381,7 +388,7 @@ def _csv_stats(path: str, block: int = 64) -> dict[str, Any]:
         hit += _context_hit(ctx, inp, block)
         key = (inp + max(1, outp), -a, -i, inp, max(1, outp))  # (as largest_turn: at least one generated)
         if key > best:
-            best = key
+            best, best_line = key, lines[j]
     span = max(times) - min(times)
     return {
         "path": path, "format": "csv", "requests": n, "sessions": len(turns),
@@ -391,7 +398,8 @@ def _csv_stats(path: str, block: int = 64) -> dict[str, Any]:
         "ideal_hit_rate": hit / total if total else 0.0,
         "span_s": span, "arrival_rate_rps": (n - 1) / span if span > 0 else math.nan,
         "largest_turn": {"prompt": best[3], "gen": best[4], "tokens": best[3] + best[4], "session": -best[1],
-                         "turn": -best[2]},
+                         "turn": -best[2], "line": best_line},
+        "content_keys": False,
     }
 
 

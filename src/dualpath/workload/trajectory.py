@@ -18,7 +18,9 @@ class Turn:
     From a trace: ``at`` is the request's time in the trace (seconds from the trace's first request; online
     replay does not send the turn earlier), ``hash_ids`` the content keys of the whole prompt's blocks of
     ``hash_block`` tokens (Mooncake: equal ids = equal 512-token blocks, across all requests; the prompt's tokens
-    are then derived from them, :func:`dualpath.workload.traces.hash_prompt_tokens`).
+    are then derived from them, :func:`dualpath.workload.traces.hash_prompt_tokens`), ``think`` the seconds after
+    the session's previous turn ended (or after the session started, for its first turn) before online replay
+    sends this one (a trace's ``delay``).
     """
 
     append: int
@@ -28,10 +30,13 @@ class Turn:
     hash_ids: list[int] | None = None
     hash_block: int = 512
     line: int | None = field(default=None, compare=False)  # the trace file's line of this turn (error messages)
+    think: float | None = None
 
     def __post_init__(self) -> None:
         if self.at is not None and not self.at >= 0:
             raise WorkloadError(f"turn time must be >= 0 s, got {self.at}")
+        if self.think is not None and not self.think >= 0:
+            raise WorkloadError(f"turn think time must be >= 0 s, got {self.think}")
         if self.append < 0 or self.gen < 0:
             raise WorkloadError(f"turn needs append >= 0 and gen >= 0, got {self.append}, {self.gen}")
         if self.append_ids is not None and len(self.append_ids) != self.append:

@@ -220,6 +220,19 @@ def test_an_agentic_parquet_table_loads_as_sessions(tmp_path: Path) -> None:
         [[(u.append, u.gen) for u in t.turns] for t in w.trajectories]
 
 
+def test_a_flat_parquet_table_with_think_times_reads_as_mooncake_rows(tmp_path: Path) -> None:
+    """Token counts, a session id and a delay per row: AIPerf's synthesized multi-turn rows (per-turn inputs),
+    not a CSV request table (whose session rows repeat the conversation)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"session_id": "a", "input_length": 300, "output_length": 40, "delay": None},
+            {"session_id": "a", "input_length": 150, "output_length": 20, "delay": 2000.0}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "flat.parquet")
+    w = load_trace(tmp_path / "flat.parquet")
+    assert w.fmt == "mooncake"
+    assert [(u.append, u.gen, u.think) for u in w.trajectories[0].turns] == [(300, 40, None), (150, 20, 2.0)]
+
+
 def test_online_replay_waits_the_think_time_after_the_previous_turn() -> None:
     import anyio
 

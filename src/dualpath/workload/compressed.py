@@ -156,7 +156,11 @@ class _ParquetText(_Chunks):
         schema = self._file.schema_arrow
         names = list(schema.names)
         flat = not any(pa.types.is_nested(f.type) for f in schema)
-        self._csv = flat and _pick(names, INPUT_COLUMNS) is not None and _pick(names, OUTPUT_COLUMNS) is not None
+        # a flat table of token counts reads as CSV, unless its columns are Mooncake rows as AIPerf writes them (a
+        # think time or a text input per row: their sessions are per-turn inputs, not CSV conversations)
+        aiperf = any(n in names for n in ("delay", "text_input", "messages"))
+        self._csv = flat and not aiperf and _pick(names, INPUT_COLUMNS) is not None \
+            and _pick(names, OUTPUT_COLUMNS) is not None
         self._batches = self._file.iter_batches(batch_size=4096)
         self._header = self._csv_lines([names]) if self._csv else b""
 

@@ -68,6 +68,41 @@ def test_chat_messages_as_jsonl_with_content_parts(tmp_path: Path) -> None:
     assert [[(t.append, t.gen) for t in s.turns] for s in conv.trajectories] == [[(3, 2), (1, 1)], [(1, 2)]]
 
 
+def test_agent_trajectories_are_sessions_whose_tool_calls_are_replies(tmp_path: Path) -> None:
+    """SWE-agent trajectories (role ``ai``, ``text``) and OpenHands ones (OpenAI messages: assistant ``tool_calls``,
+    ``tool`` observations), under a ``trajectory`` key: each model step ends a turn and the observations after it
+    are the next turn's new input."""
+    call = [{"id": "c1", "type": "function", "function": {"name": "bash", "arguments": "{\"cmd\": \"ls\"}"}}]
+    rows = [
+        {"instance_id": "swe-1", "trajectory": [
+            {"role": "system", "text": "you fix bugs", "mask": False, "system_prompt": None},
+            {"role": "user", "text": "issue: it crashes", "mask": False},
+            {"role": "ai", "text": "let me look", "mask": True},
+            {"role": "user", "text": "file a b c", "mask": False},
+            {"role": "ai", "text": "done", "mask": True}]},
+        {"instance_id": "oh-1", "trajectory": [
+            {"role": "system", "content": "agent", "tool_calls": None, "tool_call_id": None, "name": None},
+            {"role": "user", "content": "fix it", "tool_calls": None, "tool_call_id": None, "name": None},
+            {"role": "assistant", "content": None, "tool_calls": call, "tool_call_id": None, "name": None},
+            {"role": "tool", "content": "x.py y.py", "tool_calls": None, "tool_call_id": "c1", "name": "bash"},
+            {"role": "assistant", "content": "fixed", "tool_calls": None, "tool_call_id": None, "name": None}]},
+    ]
+    p = tmp_path / "agents.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert detect_format(p) == "sharegpt"
+    swe, oh = load_conversations(p, words).trajectories
+    assert [(t.append, t.gen) for t in swe.turns] == [(3 + 3, 3), (4, 1)]
+    # the tool call's JSON is the first reply's tokens; the observation is the next turn's input
+    assert [(t.append, t.gen) for t in oh.turns] == [(1 + 2, n_words(json.dumps(call))), (2, 1)]
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    # as published on the hub: a Parquet table, here with the trajectory stored as JSON text
+    table = pa.table({"instance_id": ["swe-1"], "trajectory": [json.dumps(rows[0]["trajectory"])]})
+    pq.write_table(table, tmp_path / "agents.parquet")
+    got = load_conversations(tmp_path / "agents.parquet", words).trajectories
+    assert [[(t.append, t.gen) for t in s.turns] for s in got] == [[(t.append, t.gen) for t in swe.turns]]
+
+
 def test_token_counts_are_the_tokenizers(tmp_path: Path) -> None:
     """The default counter is the embedded SmolLM2 tokenizer: the counts equal transformers' own."""
     transformers = pytest.importorskip("transformers")

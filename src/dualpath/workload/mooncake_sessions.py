@@ -94,21 +94,13 @@ def _number(obj: dict[str, Any], key: str, p: str, no: int, *, minimum: float | 
 
 
 def _message_text(m: Any, where: str, p: str, no: int) -> tuple[str, str]:
-    from dualpath.workload.sharegpt import _text
+    """:func:`dualpath.workload.sharegpt.message_text`, its errors naming the line."""
+    from dualpath.workload.sharegpt import message_text
 
-    if not isinstance(m, dict):
-        raise WorkloadError(f"{where}: expected an object with 'role' and 'content'", path=p, line=no)
-    role = m.get("role", m.get("from"))
-    if not isinstance(role, str):
-        raise WorkloadError(f"{where}: missing the speaker ('role')", path=p, line=no)
     try:
-        text = _text(m.get("content", m.get("value")), where, p)
+        return message_text(m, where, "")
     except WorkloadError as e:
-        raise WorkloadError(str(e).split(": ", 1)[-1], path=p, line=no) from None
-    calls = m.get("tool_calls")
-    if calls:  # the call's name and arguments are tokens of the conversation
-        text = (text + "\n" if text else "") + json.dumps(calls, ensure_ascii=False, default=str)
-    return role.lower(), text
+        raise WorkloadError(str(e).removeprefix(": "), path=p, line=no) from None
 
 
 def parse_row(obj: dict[str, Any], p: str, no: int) -> Row:

@@ -6,7 +6,10 @@ the OpenAI ``messages`` shape such as LMSYS-Chat or UltraChat exports) carry tex
 * ShareGPT: a JSON array of ``{"id": ..., "conversations": [{"from": "human", "value": "..."}, {"from": "gpt",
   ...}, ...]}``;
 * chat messages: ``{"messages": [{"role": "user", "content": "..."}, ...]}`` (or ``conversation``), as a JSON
-  array or one object per line (JSONL). ``content`` may be a list of parts; their ``text`` is joined.
+  array or one object per line (JSONL). ``content`` may be a list of parts; their ``text`` is joined;
+* agent trajectories (SWE-agent, OpenHands: ``{"trajectory": [...]}``, roles ``system``/``user``/``ai`` with
+  ``text``, or OpenAI messages whose assistant turns carry ``tool_calls`` and whose ``tool`` messages carry the
+  observations). A tool call's name and arguments count as its reply's tokens.
 
 Each conversation is one session (:class:`~dualpath.workload.trajectory.Trajectory`). Reading it in order, the
 text of every message that is not the assistant's (system, user, tool) is appended to the next turn's prompt; an
@@ -23,6 +26,7 @@ reuse of a chat lies. There are no timestamps: sessions start together (offline 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,12 +38,13 @@ from dualpath.errors import WorkloadError
 from dualpath.workload.compressed import open_trace
 from dualpath.workload.trajectory import Trajectory, Turn
 
-#: keys under which a conversation's messages are found, in order of preference
-MESSAGE_KEYS = ("conversations", "conversation", "messages")
+#: keys under which a conversation's messages are found, in order of preference (``trajectory``: agent
+#: trajectory datasets such as SWE-agent's and OpenHands')
+MESSAGE_KEYS = ("conversations", "conversation", "messages", "trajectory")
 #: message roles that end a turn (the model's reply); every other role is prompt
-ASSISTANT_ROLES = frozenset({"gpt", "assistant", "chatgpt", "bard", "bing", "model"})
+ASSISTANT_ROLES = frozenset({"gpt", "assistant", "chatgpt", "bard", "bing", "model", "ai"})
 #: the start of a file that holds conversations (a JSON array's first object, or a JSONL line)
-_SNIFF = re.compile(rb'^\s*(\[\s*)?\{.*?"(conversations|conversation|messages)"\s*:\s*\[', re.S)
+_SNIFF = re.compile(rb'^\s*(\[\s*)?\{.*?"(conversations|conversation|messages|trajectory)"\s*:\s*"?\[', re.S)
 
 
 @dataclass
@@ -98,23 +103,33 @@ def _text(content: Any, where: str, p: str) -> str:
                         f"{type(content).__name__}", path=p)
 
 
+def message_text(m: Any, at: str, p: str) -> tuple[str, str]:
+    """``(role, text)`` of one message: ``from``/``value`` (ShareGPT), ``role``/``content`` (OpenAI) or
+    ``role``/``text``; an assistant's ``tool_calls`` (their names and arguments) are part of its text."""
+    if not isinstance(m, dict):
+        raise WorkloadError(f"{at}: expected an object with 'from'/'value' or 'role'/'content'", path=p)
+    role = m.get("from", m.get("role"))
+    if not isinstance(role, str):
+        raise WorkloadError(f"{at}: missing the speaker ('from' or 'role')", path=p)
+    content = next((m[k] for k in ("value", "content", "text") if m.get(k) is not None), None)
+    text = _text(content, at, p)
+    calls = m.get("tool_calls")
+    if calls:
+        text = (text + "\n" if text else "") + json.dumps(calls, ensure_ascii=False, default=str)
+    return role.lower(), text
+
+
 def _messages(obj: Any, where: str, p: str) -> list[tuple[str, str]]:
-    """``(role, text)`` of a conversation object's messages."""
+    """``(role, text)`` of a conversation object's messages (a list, or a JSON string holding one)."""
     if not isinstance(obj, dict):
         raise WorkloadError(f"{where}: expected a conversation object, got {type(obj).__name__}", path=p)
     raw = next((obj[k] for k in MESSAGE_KEYS if k in obj), None)
+    if isinstance(raw, str) and raw.lstrip().startswith("["):  # a column that stores the list as JSON text
+        with contextlib.suppress(json.JSONDecodeError, RecursionError):  # (not JSON: refused below)
+            raw = json.loads(raw)
     if not isinstance(raw, list):
         raise WorkloadError(f"{where}: no message list (expected one of {', '.join(MESSAGE_KEYS)})", path=p)
-    out: list[tuple[str, str]] = []
-    for j, m in enumerate(raw):
-        at = f"{where}, message {j}"
-        if not isinstance(m, dict):
-            raise WorkloadError(f"{at}: expected an object with 'from'/'value' or 'role'/'content'", path=p)
-        role = m.get("from", m.get("role"))
-        if not isinstance(role, str):
-            raise WorkloadError(f"{at}: missing the speaker ('from' or 'role')", path=p)
-        out.append((role.lower(), _text(m.get("value", m.get("content")), at, p)))
-    return out
+    return [message_text(m, f"{where}, message {j}", p) for j, m in enumerate(raw)]
 
 
 def load_conversations(path: str | os.PathLike[str],

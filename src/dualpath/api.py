@@ -349,7 +349,8 @@ def run_workload(
             used as it is.
         policies: policy names (default ``pe_only`` and ``dualpath``; ``"ladder"``: the whole ablation).
         trace: a trace file, as the command's ``--trace``.
-        trace_format: ``auto`` (the default), ``jsonl``, ``mooncake`` or ``csv``, as ``--trace-format``.
+        trace_format: ``auto`` (the default), ``jsonl``, ``mooncake``, ``bailian``, ``csv``, ``sharegpt`` or
+            ``weka``, as ``--trace-format``.
         agents: the number of agents, as ``--agents``.
         progress: show the progress lines on stderr.
 

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trace", help="trace file (our JSONL trajectories, or Mooncake with --trace-format)")
     parser.add_argument("--trace-format", choices=TRACE_FORMATS,
-                        help="format of --trace: auto (default: from its first line), jsonl (ours), mooncake, bailian (Qwen-Bailian sessions), csv (Azure/BurstGPT-style columns) or sharegpt (ShareGPT / chat-message conversations)")
+                        help="format of --trace: auto (default: from its first line), jsonl (ours), mooncake, bailian (Qwen-Bailian sessions), csv (Azure/BurstGPT-style columns), sharegpt (ShareGPT / chat-message conversations / agent trajectories) or weka (kv-cache-tester / SemiAnalysis Claude Code traces)")
     parser.add_argument("--agents", type=int,
                         help="number of agents of a generator (default from the config); with --trace: its first N "
                              "sessions (a trace is never replayed to reach N)")

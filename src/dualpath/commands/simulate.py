@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", help="write a PNG comparing the policies")
     parser.add_argument("--trace", help="simulate a request trace as it is (every request; see --trace-format)")
     parser.add_argument("--trace-format", choices=TRACE_FORMATS, default=None,
-                        help="format of --trace: auto (default), jsonl, mooncake, bailian, csv or sharegpt")
+                        help="format of --trace: auto (default), jsonl, mooncake, bailian, csv, sharegpt or weka")
     parser.add_argument("--max-requests", type=int, help="trace: only its first N requests (in time order)")
     parser.add_argument("--repeat", type=int, help="trace: K copies (no shared content between copies)")
     parser.add_argument("--breakdown", action="store_true",

@@ -1,4 +1,4 @@
-"""``dualpath trace stats F [--trace-format auto|jsonl|mooncake|bailian|csv|sharegpt] [--json OUT]``: the shape of a request trace.
+"""``dualpath trace stats F [--trace-format auto|jsonl|mooncake|bailian|csv|sharegpt|weka] [--json OUT]``: the shape of a request trace.
 
 Requests, sessions, input/output length distributions, the ideal hit rate (an unlimited content-keyed prefix
 cache, :func:`dualpath.workload.traces.ideal_hit_rate`), the arrival rate and the largest turn (what a cluster
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     st.add_argument("--trace-format", choices=TRACE_FORMATS, default="auto",
                     help="auto (default: from the first line), jsonl (our trajectories), mooncake (timestamp, "
                          "input_length, output_length, hash_ids; also AIPerf's session_id, delay, text_input, messages), bailian (Qwen-Bailian sessions), csv (Azure / "
-                         "BurstGPT columns) or sharegpt (conversations)")
+                         "BurstGPT columns), sharegpt (conversations, agent trajectories) or weka (kv-cache-tester Claude Code traces)")
     st.add_argument("--json", dest="json_out", metavar="OUT", help="also write the figures as JSON here")
 
 
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     if getattr(args, "trace_cmd", None) != "stats":
-        print("usage: dualpath trace stats FILE [--trace-format auto|jsonl|mooncake|bailian|csv|sharegpt] [--json OUT]", file=sys.stderr)
+        print("usage: dualpath trace stats FILE [--trace-format auto|jsonl|mooncake|bailian|csv|sharegpt|weka] [--json OUT]", file=sys.stderr)
         return 2
     from dualpath.workload.traces import trace_stats
 

@@ -20,9 +20,9 @@ class WorkloadConfig(Section):
     dataset: str = Field(default="tiny", description="built-in generator: tiny, small, 32k, 48k or 64k (the "
                          "paper's Table 2), or agentic-cpu (dualpath run's embedded default)")
     trace: str | None = None
-    trace_format: Literal["auto", "jsonl", "mooncake", "bailian", "csv", "sharegpt"] = Field(
+    trace_format: Literal["auto", "jsonl", "mooncake", "bailian", "csv", "sharegpt", "weka"] = Field(
         default="auto",
-        description="format of `trace`: auto (from its first line), jsonl, mooncake, bailian, csv or sharegpt")
+        description="format of `trace`: auto (from its first line), jsonl, mooncake, bailian, csv, sharegpt or weka")
     n_agents: int = Field(default=8, ge=1)
     mode: Literal["offline", "online"] = "offline"
     rate_aps: float = Field(default=1.0, gt=0, description="online: agent arrivals per second")

@@ -39,7 +39,7 @@ INPUT_COLUMNS = ("contexttokens", "requesttokens", "input_length", "input_tokens
 OUTPUT_COLUMNS = ("generatedtokens", "responsetokens", "output_length", "output_tokens", "completion_tokens",
                   "output_len", "gen_len")
 SESSION_COLUMNS = ("sessionid", "session_id", "conversationid", "conversation_id")
-FORMATS = ("auto", "jsonl", "mooncake", "bailian", "csv", "sharegpt")
+FORMATS = ("auto", "jsonl", "mooncake", "bailian", "csv", "sharegpt", "weka")
 
 
 def _norm(name: str) -> str:
@@ -203,8 +203,8 @@ def load_csv(path: str | os.PathLike[str], max_requests: int | None = None,
 def detect_format(path: str | os.PathLike[str]) -> str:
     """``jsonl``, ``mooncake`` (also AIPerf's rows with ``text_input`` or ``messages`` and an ``output_length``:
     :mod:`dualpath.workload.mooncake_sessions`), ``bailian`` (Mooncake's fields plus ``chat_id``/
-    ``parent_chat_id``), ``csv``, or ``sharegpt`` (conversations: :mod:`dualpath.workload.sharegpt`), from the
-    start of the file at ``path``."""
+    ``parent_chat_id``), ``csv``, ``sharegpt`` (conversations: :mod:`dualpath.workload.sharegpt`) or ``weka``
+    (kv-cache-tester agent conversations: :mod:`dualpath.workload.weka`), from the start of the file at ``path``."""
     p = str(path)
     with open_trace(p) as f:
         first = b""
@@ -226,9 +226,15 @@ def detect_format(path: str | os.PathLike[str]) -> str:
                 and any(k in obj for k in ("input_length", "text_input", "messages", "hash_ids")):
             # a request row with its output length: Mooncake's, or AIPerf's mooncake_trace with text or messages
             return "bailian" if "chat_id" in obj and "parent_chat_id" in obj else "mooncake"
+        from dualpath.workload.weka import looks_like_weka
+
         with open_trace(p) as f:
-            if looks_like_conversations(f.read(1 << 16)):
-                return "sharegpt"
+            head = f.read(1 << 16)
+        if isinstance(obj, dict) and "requests" in obj and "block_size" in obj \
+                or (obj is None or isinstance(obj, list)) and looks_like_weka(head):
+            return "weka"  # kv-cache-tester conversations (one per line, or a pretty-printed document)
+        if looks_like_conversations(head):
+            return "sharegpt"
         if obj is None:
             return "jsonl"  # malformed JSON: the JSONL reader names what is wrong with the line
         if not isinstance(obj, dict) or "turns" in obj:

@@ -268,12 +268,19 @@ def load_mooncake_trace(
 
             trajs = _prefix_requests(trajs, max_requests)
         return trajs, st.restarted
-    tails: dict[tuple[int, ...], list[_Tail]] = {}
-    lengths: set[int] = set()
-    out: list[Trajectory] = []
     rows = read_mooncake(path, max_requests, objs)
     if block_tokens is None:
         block_tokens = infer_hash_block([(r.input_len, len(r.hash_ids)) for r in rows])
+    return group_by_hash_prefix(rows, block_tokens, with_ids, vocab_size), 0
+
+
+def group_by_hash_prefix(rows: list[MooncakeRow], block_tokens: int, with_ids: bool = False,
+                         vocab_size: int = 32000, out: list[Trajectory] | None = None) -> list[Trajectory]:
+    """Requests in time order, each one whole prompt with its content's hash ids, grouped into sessions (see
+    :func:`load_mooncake_trace`); new trajectories are appended to ``out`` (numbered after what it holds)."""
+    tails: dict[tuple[int, ...], list[_Tail]] = {}
+    lengths: set[int] = set()
+    out = [] if out is None else out
     for row in rows:
         ts, inp, outp, hids = row.t, row.input_len, row.output_len, row.hash_ids
         match: _Tail | None = None
@@ -288,13 +295,13 @@ def load_mooncake_trace(
                 break
         if match is None:
             ids = _block_ids(hids, 0, inp, block_tokens, vocab_size) if with_ids else None
-            traj = Trajectory(len(out), [Turn(inp, outp, ids, ts, hids, block_tokens, row.line)], ts or 0.0)
+            traj = Trajectory(len(out), [Turn(inp, outp, ids, ts, hids or None, block_tokens, row.line)], ts or 0.0)
             out.append(traj)
         else:
             traj = match.traj
             start = match.input_len + match.output_len
             ids = _block_ids(hids, start, inp, block_tokens, vocab_size) if with_ids else None
-            traj.turns.append(Turn(inp - start, outp, ids, ts, hids, block_tokens, row.line))
+            traj.turns.append(Turn(inp - start, outp, ids, ts, hids or None, block_tokens, row.line))
             bucket = tails[match.key]
             bucket.remove(match)
             if not bucket:
@@ -303,7 +310,7 @@ def load_mooncake_trace(
         if key:
             tails.setdefault(key, []).append(_Tail(traj, inp, outp, key))
             lengths.add(len(key))
-    return out, 0
+    return out
 
 
 def load_bailian(path: str | os.PathLike[str], block_tokens: int | None = None) -> tuple[list[Trajectory], int]:

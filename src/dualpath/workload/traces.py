@@ -173,32 +173,31 @@ def repeat_trajectories(trajs: list[Trajectory], k: int) -> list[Trajectory]:
     return out
 
 
-def load_trace(
-    path: str | os.PathLike[str],
-    fmt: str = "auto",
-    *,
-    max_requests: int | None = None,
-    max_agents: int | None = None,
-    repeat: int = 1,
-) -> TraceWorkload:
-    """Every request of the trace at ``path`` (``fmt``: ``auto`` detects it from the first line; ``jsonl``,
-    ``mooncake``, ``bailian``, ``csv`` or ``sharegpt``), or the prefix asked for, ``repeat`` times. Errors (missing, empty, malformed, not
-    UTF-8) name the file and the line."""
-    from dualpath.workload.csvtrace import FORMATS, load_csv, resolve_format
+#: file names a trace folder's shards may have (compressed ones too); anything else in the folder is left alone
+SHARD_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet", ".gz", ".bz2", ".xz", ".zst", ".zstd", ".zip")
+
+
+def trace_shards(folder: str) -> list[str]:
+    """The trace files under ``folder`` (recursively, hidden entries skipped, in path order): a dataset published as
+    shards (``data/train-00000-of-00004.parquet``, ...) or one conversation per file. None is an error."""
+    out: list[str] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(os.path.join(root, f) for f in sorted(files)
+                   if not f.startswith(".") and f.lower().endswith(SHARD_SUFFIXES))
+    if not out:
+        raise WorkloadError(f"a folder without trace files (expected names ending in {', '.join(SHARD_SUFFIXES)})",
+                            path=folder)
+    return sorted(out)
+
+
+def _read_one(p: str, fmt: str, max_requests: int | None,
+              max_agents: int | None) -> tuple[list[Trajectory], int, int, bool, str]:
+    """One file's trajectories, its requests and sessions, whether only the prefix asked for was kept (CSV), and
+    what was left out of it."""
+    from dualpath.workload.csvtrace import load_csv
     from dualpath.workload.loaders import load_bailian, load_jsonl, load_mooncake_trace
 
-    p = str(path)
-    if max_requests is not None and max_requests < 1:
-        raise WorkloadError(f"max_requests must be >= 1, got {max_requests}")
-    if max_agents is not None and max_agents < 1:
-        raise WorkloadError(f"max_agents must be >= 1, got {max_agents}")
-    if repeat < 1:
-        raise WorkloadError(f"repeat must be >= 1, got {repeat}")
-    if fmt not in FORMATS:
-        raise WorkloadError(f"unknown trace format {fmt!r} ({', '.join(FORMATS)})", path=p)
-    if not os.path.isfile(p):
-        raise WorkloadError("trace file not found", path=p)
-    fmt = resolve_format(p, fmt)
     skipped = ""
     n_file: int | None = None
     s_file: int | None = None
@@ -226,6 +225,10 @@ def load_trace(
         if conv.trailing:
             dropped.append(f"{conv.trailing} conversations end with messages no reply follows (not sent)")
         skipped = "; ".join(dropped)
+    elif fmt == "weka":
+        from dualpath.workload.weka import load_weka
+
+        trajs = load_weka(p)
     elif fmt == "bailian":
         trajs, orphans = load_bailian(p)
         if orphans:
@@ -242,6 +245,52 @@ def load_trace(
         n_file = _count_requests(trajs)
     if s_file is None:
         s_file = len(trajs)
+    return trajs, n_file, s_file, kept_prefix, skipped
+
+
+def load_trace(
+    path: str | os.PathLike[str],
+    fmt: str = "auto",
+    *,
+    max_requests: int | None = None,
+    max_agents: int | None = None,
+    repeat: int = 1,
+) -> TraceWorkload:
+    """Every request of the trace at ``path`` (``fmt``: ``auto`` detects it from the first line; ``jsonl``,
+    ``mooncake``, ``bailian``, ``csv``, ``sharegpt`` or ``weka``), or the prefix asked for, ``repeat`` times.
+    ``path`` may be a folder: its trace files (:func:`trace_shards`), all of one format, as one trace. Errors
+    (missing, empty, malformed, not UTF-8) name the file and the line."""
+    from dualpath.workload.csvtrace import FORMATS, resolve_format
+
+    p = str(path)
+    if max_requests is not None and max_requests < 1:
+        raise WorkloadError(f"max_requests must be >= 1, got {max_requests}")
+    if max_agents is not None and max_agents < 1:
+        raise WorkloadError(f"max_agents must be >= 1, got {max_agents}")
+    if repeat < 1:
+        raise WorkloadError(f"repeat must be >= 1, got {repeat}")
+    if fmt not in FORMATS:
+        raise WorkloadError(f"unknown trace format {fmt!r} ({', '.join(FORMATS)})", path=p)
+    if os.path.isdir(p):  # a dataset's shards (a Parquet dataset, a folder of conversation files)
+        shards = trace_shards(p)
+        fmt = resolve_format(shards[0], fmt)
+        trajs: list[Trajectory] = []
+        n_file, s_file, skips = 0, 0, []
+        for f in shards:
+            part, n, s_, _, skipped = _read_one(f, fmt, max_requests, max_agents)
+            base = len(trajs)
+            trajs.extend([Trajectory(base + k, t.turns, t.arrival) for k, t in enumerate(part)])
+            n_file, s_file = n_file + n, s_file + s_
+            if skipped:
+                skips.append(f"{os.path.relpath(f, p)}: {skipped}")
+        kept_prefix, skipped = False, "; ".join(skips)
+        if len(shards) > 1:
+            skipped = f"{len(shards)} files" + (f"; {skipped}" if skipped else "")
+    elif not os.path.isfile(p):
+        raise WorkloadError("trace file not found", path=p)
+    else:
+        fmt = resolve_format(p, fmt)
+        trajs, n_file, s_file, kept_prefix, skipped = _read_one(p, fmt, max_requests, max_agents)
     if n_file == 0:
         raise WorkloadError("empty trace: no request in the file", path=p, line=1)
     notes: list[str] = []

@@ -171,6 +171,12 @@ def test_bad_rows_name_the_file_and_line(tmp_path: Path, row: dict[str, Any], ma
     assert ei.value.line == 2 and str(p) in str(ei.value)
 
 
+def test_an_aiperf_multi_turn_file_is_refused_with_what_to_write_instead(tmp_path: Path) -> None:
+    p = _write(tmp_path, [{"session_id": "s", "turns": [{"text": "Hello", "delay": 0}, {"text": "Hi", "delay": 1000}]}])
+    with pytest.raises(WorkloadError, match=r"t\.jsonl:1: an AIPerf multi_turn conversation .*'text_input'"):
+        load_trace(p)
+
+
 def test_think_times_round_trip_through_our_jsonl(tmp_path: Path) -> None:
     p = _write(tmp_path, [{"session_id": "a", "input_length": 50, "output_length": 3},
                           {"session_id": "a", "input_length": 20, "output_length": 3, "delay": 1500}])

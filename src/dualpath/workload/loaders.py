@@ -68,6 +68,13 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Trajectory]:
         if "turns" not in obj and "input_length" in obj and "hash_ids" in obj:
             raise WorkloadError("a Mooncake request (input_length, hash_ids), not a trajectory: use "
                                 "--trace-format mooncake", path=p, line=no)
+        turns0 = obj.get("turns")
+        if "id" not in obj and isinstance(turns0, list) and turns0 and isinstance(turns0[0], dict) \
+                and "append" not in turns0[0] and any(k in turns0[0] for k in ("text", "texts")):
+            raise WorkloadError("an AIPerf multi_turn conversation (turns of 'text'), not a trajectory: it gives "
+                                "prompts, not a trace's output lengths; write it as Mooncake rows ('session_id', "
+                                "'text_input', 'output_length', 'delay') or as our JSONL ('id', 'turns' of "
+                                "'append'/'gen')", path=p, line=no)
         tid = _int_field(obj, "id", "", p, no)
         if tid in seen:
             raise WorkloadError(f"duplicate trajectory id {tid}", path=p, line=no)

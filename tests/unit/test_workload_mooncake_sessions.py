@@ -50,6 +50,19 @@ def test_session_rows_are_each_turns_new_input_with_think_times(tmp_path: Path) 
     assert ideal_hit_rate(trajs) == pytest.approx((640 + 512) / (600 + 790 + 600))
 
 
+def test_session_rows_that_repeat_the_whole_prompt_are_read_as_whole_prompts(tmp_path: Path) -> None:
+    """Mooncake's own convention with a session id added (each row its whole prompt, hash ids extending the
+    previous prompt's): the row appends the difference and keeps its content keys; a delta row does not."""
+    rows = [{"session_id": "w", "timestamp": 0, "input_length": 1100, "output_length": 50, "hash_ids": [1, 2, 3]},
+            {"session_id": "w", "timestamp": 9000, "input_length": 1700, "output_length": 10,
+             "hash_ids": [1, 2, 4, 5]},
+            {"session_id": "w", "timestamp": 20000, "input_length": 300, "output_length": 10, "hash_ids": [8]}]
+    (w,), _ = load_mooncake_trace(_write(tmp_path, rows))
+    assert [(u.append, u.hash_ids) for u in w.turns] == [(1100, [1, 2, 3]), (1700 - 1150, [1, 2, 4, 5]),
+                                                         (300, None)]
+    assert w.prompt_len(1) == 1700 and w.prompt_len(2) == 1700 + 10 + 300
+
+
 def test_history_messages_reuse_their_session_and_a_rewritten_history_starts_over() -> None:
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
     sys_, ask = {"role": "system", "content": "you help people"}, {"role": "user", "content": "where is it"}

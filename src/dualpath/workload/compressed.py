@@ -244,3 +244,29 @@ def open_trace(path: str | os.PathLike[str]) -> IO[bytes]:
     except BaseException:
         raw.close()
         raise
+
+
+def read_trace_text(path: str | os.PathLike[str]) -> str:
+    """The whole trace at ``path`` as text, decompressed, a leading UTF-8 byte-order mark dropped; bytes that are
+    not UTF-8 are a :class:`WorkloadError` naming the line."""
+    p = str(path)
+    with open_trace(p) as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WorkloadError("not UTF-8 text", path=p, line=data.count(b"\n", 0, e.start) + 1) from None
+    return text.lstrip("\ufeff")
+
+
+def parse_json(text: str, p: str, line: int | None = None) -> Any:
+    """``json.loads(text)``; malformed or too deeply nested JSON is a :class:`WorkloadError` naming the file and the
+    line (``line`` for one line of JSON lines, else the error's own line in ``text``)."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise WorkloadError(f"not valid JSON ({e.msg})", path=p, line=e.lineno if line is None else line) from None
+    except RecursionError:
+        raise WorkloadError("JSON nested too deeply", path=p, line=line) from None

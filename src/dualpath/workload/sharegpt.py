@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dualpath.errors import WorkloadError
-from dualpath.workload.compressed import open_trace
+from dualpath.workload.compressed import parse_json, read_trace_text
 from dualpath.workload.trajectory import Trajectory, Turn
 
 #: keys under which a conversation's messages are found, in order of preference (``trajectory``: agent
@@ -61,33 +61,14 @@ def looks_like_conversations(head: bytes) -> bool:
 
 def _objects(p: str) -> Iterator[tuple[str, Any]]:
     """``(where, object)`` of every conversation: ``item #k`` of a JSON array, or ``line n`` of JSONL."""
-    with open_trace(p) as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise WorkloadError("not UTF-8 text", path=p, line=line) from None
-    text = text.lstrip("\ufeff")
+    text = read_trace_text(p)
     if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise WorkloadError(f"not valid JSON ({e.msg})", path=p, line=e.lineno) from None
-        except RecursionError:
-            raise WorkloadError("JSON nested too deeply", path=p) from None
-        for k, item in enumerate(items):
+        for k, item in enumerate(parse_json(text, p)):
             yield f"item #{k}", item
         return
     for no, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            yield f"line {no}", json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise WorkloadError(f"not valid JSON ({e.msg})", path=p, line=no) from None
-        except RecursionError:
-            raise WorkloadError("JSON nested too deeply", path=p, line=no) from None
+        if raw.strip():
+            yield f"line {no}", parse_json(raw, p, no)
 
 
 def _text(content: Any, where: str, p: str) -> str:

@@ -34,7 +34,7 @@ import re
 from typing import Any
 
 from dualpath.errors import WorkloadError
-from dualpath.workload.compressed import open_trace
+from dualpath.workload.compressed import parse_json, read_trace_text
 from dualpath.workload.trajectory import Trajectory
 
 _MIX = 0x9E3779B97F4A7C15  # odd: h -> h * _MIX mod 2**64 is one-to-one
@@ -51,13 +51,7 @@ def looks_like_weka(head: bytes) -> bool:
 
 def _documents(p: str) -> list[tuple[int, Any]]:
     """``(line, object)`` of every conversation: one per line (JSONL), or a whole-file object or array (line 1)."""
-    with open_trace(p) as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise WorkloadError("not UTF-8 text", path=p, line=data.count(b"\n", 0, e.start) + 1) from None
-    text = text.lstrip("\ufeff")
+    text = read_trace_text(p)
     lines = text.splitlines()
     first = next((k for k, raw in enumerate(lines) if raw.strip()), None)
     if first is None:
@@ -67,22 +61,8 @@ def _documents(p: str) -> list[tuple[int, Any]]:
     except (json.JSONDecodeError, RecursionError):
         head = None
     if isinstance(head, dict):  # JSON lines: a conversation per line
-        out: list[tuple[int, Any]] = []
-        for no, raw in enumerate(lines, start=1):
-            if raw.strip():
-                try:
-                    out.append((no, json.loads(raw)))
-                except json.JSONDecodeError as e:
-                    raise WorkloadError(f"not valid JSON ({e.msg})", path=p, line=no) from None
-                except RecursionError:
-                    raise WorkloadError("JSON nested too deeply", path=p, line=no) from None
-        return out
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise WorkloadError(f"not valid JSON ({e.msg})", path=p, line=e.lineno) from None
-    except RecursionError:
-        raise WorkloadError("JSON nested too deeply", path=p) from None
+        return [(no, parse_json(raw, p, no)) for no, raw in enumerate(lines, start=1) if raw.strip()]
+    doc = parse_json(text, p)
     return [(first + 1, d) for d in (doc if isinstance(doc, list) else [doc])]
 
 

@@ -203,6 +203,15 @@ def test_think_times_round_trip_through_our_jsonl(tmp_path: Path) -> None:
         load_jsonl(out)
 
 
+def test_a_prefix_of_a_trace_with_think_times_is_taken_in_send_order(tmp_path: Path) -> None:
+    # session a: t=0, then 10 s of think; session b starts at 2 s: the first 2 requests are a's first and b's
+    p = _write(tmp_path, [{"session_id": "a", "timestamp": 0, "input_length": 50, "output_length": 3},
+                          {"session_id": "a", "input_length": 20, "output_length": 3, "delay": 10_000},
+                          {"session_id": "b", "timestamp": 2000, "input_length": 60, "output_length": 4}])
+    w = load_trace(p, max_requests=2)
+    assert [(t.arrival, len(t.turns)) for t in w.trajectories] == [(0.0, 1), (2.0, 1)]
+
+
 def test_trace_stats_report_sessions_and_think_times(tmp_path: Path) -> None:
     p = _write(tmp_path, [{"session_id": "a", "input_length": 50, "output_length": 3},
                           {"session_id": "b", "input_length": 60, "output_length": 4},

@@ -134,10 +134,23 @@ def _count_requests(trajs: Sequence[Trajectory]) -> int:
     return sum(t.n_turns for t in trajs)
 
 
+def _send_times(t: Trajectory) -> list[float]:
+    """When a session's turns would be sent if every turn took no time: a turn's trace time, else the previous
+    turn's (the session's arrival for the first) plus the turn's think time."""
+    out: list[float] = []
+    prev = t.arrival
+    for u in t.turns:
+        prev = u.at if u.at is not None else prev + (u.think or 0.0)
+        out.append(prev)
+    return out
+
+
 def _prefix_requests(trajs: list[Trajectory], n: int) -> list[Trajectory]:
-    """The first ``n`` requests: in time order when the turns carry times, else in file order."""
-    if all(u.at is not None for t in trajs for u in t.turns):
-        order = sorted(((u.at or 0.0, a, i) for a, t in enumerate(trajs) for i, u in enumerate(t.turns)))
+    """The first ``n`` requests: in time order when the turns carry times (a trace time on every turn, or think
+    times: :func:`_send_times`), else in file order."""
+    if all(u.at is not None for t in trajs for u in t.turns) \
+            or any(u.think is not None for t in trajs for u in t.turns):
+        order = sorted((x, a, i) for a, t in enumerate(trajs) for i, x in enumerate(_send_times(t)))
         keep: dict[int, int] = {}
         for _, a, i in order[:n]:
             keep[a] = max(keep.get(a, 0), i + 1)

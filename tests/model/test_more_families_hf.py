@@ -1,5 +1,5 @@
-"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, Arcee, GLM, GLM-4 and GLM-4.5 against
-transformers on the same random weights, saved by transformers' own
+"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, Arcee, GLM, GLM-4, GLM-4.5 and dots.llm1
+against transformers on the same random weights, saved by transformers' own
 ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
 sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
 
@@ -73,6 +73,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                  dict(BASE, num_hidden_layers=3, head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
                       num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
                       routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=0)),
+    # dots.llm1: Qwen3's attention (per-head q/k norms, biases on q/k/v/o) with layer 2 sliding over 5 tokens
+    # (max_window_layers), over GLM-4.5's MoE blocks after one dense layer; top-k weights not renormalized. Four
+    # experts in two groups (the router picks a group, then both its experts): with more, bf16 rounding flips
+    # near-tie picks on either side; glm4_moe routes among eight in fp32 through the same block
+    "dots1": ("Dots1Config", "Dots1ForCausalLM",
+              dict(BASE, num_hidden_layers=3, head_dim=16, moe_intermediate_size=32, n_routed_experts=4,
+                   num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=2,
+                   routed_scaling_factor=2.5, attention_bias=True, sliding_window=5, max_window_layers=2)),
     # MiniMax-M2: OLMo 2's q/k RMSNorms over whole projections, RoPE on rotary_dim of each head, then GLM-4.5's
     # sigmoid router with a correction bias (on the block) in one group, Mixtral's hub expert names; every layer MoE
     "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
@@ -208,6 +216,8 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     ("exaone4", "sliding_window_pattern", "LXG", "sliding_window_pattern"),
     ("exaone4", "layer_types", "LLLG", "layer_types"),
     ("olmoe", "clip_qkv", -1.0, "clip_qkv"),
+    ("dots1", "n_routed_experts", None, "n_routed_experts"),
+    ("dots1", "max_window_layers", "x", "max_window_layers"),
 ])
 def test_bad_configs_name_the_key(model_type, key, value, needle):
     cfg = dict(BASE, model_type=model_type, **{key: value})

@@ -36,7 +36,7 @@ from dualpath.kernels import paged_decode_attention, paged_prefill_attention, st
 from dualpath.model.gpt_oss import GptOssMoE
 from dualpath.model.llama4 import Llama4MoE, l2_norm, nope_query_scale
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk, sparsemixer_top2
-from dualpath.model.spec import ModelSpec, rope_frequencies, rope_inv_freq
+from dualpath.model.spec import GROUP_ROUTER_ARCHS, ModelSpec, rope_frequencies, rope_inv_freq
 
 __all__ = ["ForwardState", "LlamaModel", "PrefillState", "SeqBatch"]
 
@@ -390,7 +390,7 @@ class DecoderLayer(nn.Module):
             self.mlp = GptOssMoE(spec)
         elif spec.architecture == "llama4_text" and spec.is_moe_layer(layer):
             self.mlp = Llama4MoE(spec)
-        elif spec.architecture in ("glm4_moe", "minimax_m2") and spec.is_moe_layer(layer):
+        elif spec.architecture in GROUP_ROUTER_ARCHS and spec.is_moe_layer(layer):
             from dualpath.model.deepseek import MoE  # (deepseek imports this module)
 
             self.mlp = MoE(_glm_routing(spec))  # type: ignore[arg-type]

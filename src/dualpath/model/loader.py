@@ -35,7 +35,7 @@ import torch
 
 from dualpath.errors import ModelError
 from dualpath.model import llama_variants as lv
-from dualpath.model.spec import DeepseekV3Spec, ModelSpec, load_spec
+from dualpath.model.spec import GROUP_ROUTER_ARCHS, DeepseekV3Spec, ModelSpec, load_spec
 
 if TYPE_CHECKING:
     from dualpath.model.config import LlamaModelConfig
@@ -704,7 +704,7 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         parts = name.split(".")
-        if (spec.architecture in ("glm4_moe", "minimax_m2") and len(parts) > 2 and parts[:2] == ["model", "layers"]
+        if (spec.architecture in GROUP_ROUTER_ARCHS and len(parts) > 2 and parts[:2] == ["model", "layers"]
                 and parts[2].isdigit() and int(parts[2]) >= spec.n_layers):
             continue  # GLM-4.5's multi-token-prediction layers (num_nextn_predict_layers): not a decoder layer
         if spec.architecture in ("granitemoe", "granitemoeshared") and _granite_moe_in(name, t, out, source):

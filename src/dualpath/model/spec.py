@@ -52,6 +52,10 @@ permuting the q/k rows at load) and, for ``glm4``, RMSNorms on the attention's a
 correction bias choosing the top ``num_experts_per_tok`` within the best ``topk_group`` of ``n_group`` groups,
 renormalized (``norm_topk_prob``) and scaled by ``routed_scaling_factor``, plus ``n_shared_experts`` shared
 experts; its multi-token-prediction layers are not decoder layers and are left out at load.
+``Dots1ForCausalLM`` (``dots1``: rednote's dots.llm1) is Qwen3's attention (per-head q/k RMSNorms, RoPE on the whole
+head, ``attention_bias`` on q/k/v/o, sliding layers as ``layer_types`` or ``max_window_layers`` say) over GLM-4.5's
+MoE blocks (DeepSeek-V3's grouped sigmoid router with a correction bias, ``n_shared_experts`` shared experts, the
+first ``first_k_dense_replace`` layers dense; Dots1Config's defaults: none dense, top-k weights not renormalized).
 ``PhimoeForCausalLM`` (``phimoe``: Phi-3.5-MoE) is Mixtral with biased LayerNorms, q/k/v/o biases, an LM head with
 ``lm_head_bias``, LongRoPE as Phi-3's but with its own cos/sin scales (``short_mscale`` / ``long_mscale``), and the
 sparsemixer router (:func:`dualpath.model.moe.sparsemixer_top2`: exactly two experts, each weighted by a softmax
@@ -152,6 +156,7 @@ ARCHITECTURES: dict[str, str] = {
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
     "MinistralForCausalLM": "ministral",
     "Glm4MoeForCausalLM": "glm4_moe",
+    "Dots1ForCausalLM": "dots1",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "PhimoeForCausalLM": "phimoe",
     "OlmoeForCausalLM": "olmoe",
@@ -169,7 +174,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "gemma3": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM", "olmo2": "Olmo2ForCausalLM",
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
             "granitemoe": "GraniteMoeForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
-            "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+            "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH}
@@ -184,11 +189,12 @@ MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granit
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
-ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "minimax_m2", "llama4_text")
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "minimax_m2", "llama4_text")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
 _GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
-#: the architectures routing by it: GLM-4.5, and MiniMax-M2 (one group, factor 1, no shared expert)
-GROUP_ROUTER_ARCHS = ("glm4_moe", "minimax_m2")
+#: the architectures routing by it: GLM-4.5, dots.llm1 (GLM-4.5's MoE under Qwen3's attention), and MiniMax-M2 (one
+#: group, factor 1, no shared expert)
+GROUP_ROUTER_ARCHS = ("glm4_moe", "dots1", "minimax_m2")
 #: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
 _GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
 #: Granite's scalings (GraniteConfig): embeddings times ``embedding_multiplier``, attention scores times
@@ -418,7 +424,7 @@ class ModelSpec(_SpecCommon):
             if name == "use_qk_norm" and self.architecture == "llama4_text":
                 continue  # (Llama 4's: a weightless norm of q/k after RoPE on its RoPE layers)
             if (getattr(self, name) is None) != (self.architecture not in GROUP_ROUTER_ARCHS):
-                raise ModelError(f"model config: {name} is glm4_moe's and minimax_m2's and required there, got "
+                raise ModelError(f"model config: {name} is glm4_moe's, dots1's and minimax_m2's and required there, got "
                                  f"{getattr(self, name)!r} for {self.architecture}")
         if self.architecture in ALL_MOE_ARCHS:
             self._check_moe()
@@ -570,7 +576,7 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size == 0:
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
-        if self.architecture not in ("qwen2_moe", "glm4_moe", "granitemoeshared", "llama4_text") and \
+        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "granitemoeshared", "llama4_text") and \
                 self.shared_expert_intermediate_size:
             raise ModelError(f"model config: {self.architecture} has no shared expert "
                              f"(shared_expert_intermediate_size {self.shared_expert_intermediate_size})")
@@ -581,7 +587,7 @@ class ModelSpec(_SpecCommon):
         if self.architecture in GROUP_ROUTER_ARCHS:
             assert self.n_group is not None and self.topk_group is not None
             if self.mlp_only_layers != tuple(range(len(self.mlp_only_layers))):
-                raise ModelError(f"model config: glm4_moe's dense layers are its first first_k_dense_replace ones, "
+                raise ModelError(f"model config: {self.architecture}'s dense layers are its first first_k_dense_replace ones, "
                                  f"got {list(self.mlp_only_layers)}")
             if self.n_group <= 0 or self.n_experts % self.n_group or not 0 < self.topk_group <= self.n_group:
                 raise ModelError(f"model config: n_group ({self.n_group}) must divide the {self.n_experts} experts and "
@@ -593,7 +599,7 @@ class ModelSpec(_SpecCommon):
                 raise ModelError("model config: each expert group needs at least 2 experts (groups are ranked by "
                                  "their two best scores)")
             if self.shared_expert_intermediate_size % self.moe_intermediate_size:
-                raise ModelError("model config: glm4_moe's shared experts are n_shared_experts x "
+                raise ModelError(f"model config: {self.architecture}'s shared experts are n_shared_experts x "
                                  "moe_intermediate_size wide")
         if (self.router_jitter_eps is None or self.head_bias is None) != (self.architecture != "phimoe"):
             raise ModelError(f"model config: router_jitter_eps / head_bias (router_jitter_noise, lm_head_bias) are "
@@ -674,7 +680,7 @@ class ModelSpec(_SpecCommon):
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
                                                              "hunyuan_v1_dense", "nanochat", "jais2", "apertus",
-                                                             "llama4_text", "phimoe")
+                                                             "llama4_text", "phimoe", "dots1")
 
     @property
     def layer_norm(self) -> bool:
@@ -881,6 +887,15 @@ class ModelSpec(_SpecCommon):
                        topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
                        use_qk_norm=bool(self.use_qk_norm), partial_rotary_factor=self.partial_rotary_factor,
                        num_nextn_predict_layers=0, num_mtp_layers=0)
+        if self.architecture == "dots1":  # Dots1Config: the same MoE keys; Qwen3's attention (q/k norms always on)
+            cfg.update(attention_bias=self.attention_bias, n_routed_experts=self.n_experts,
+                       num_experts_per_tok=self.n_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
+                       n_shared_experts=self.shared_expert_intermediate_size // self.moe_intermediate_size,
+                       norm_topk_prob=self.norm_topk_prob, first_k_dense_replace=len(self.mlp_only_layers),
+                       n_group=self.n_group, topk_group=self.topk_group,
+                       routed_scaling_factor=self.routed_scaling_factor, sliding_window=self.sliding_window,
+                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
+                                    for i in range(self.n_layers)])
         if self.architecture == "minimax_m2":  # as its checkpoints write it (MiniMaxM2Config reads rotary_dim)
             cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size, rotary_dim=self.rotary_dim, use_qk_norm=True,
@@ -1315,6 +1330,10 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         if arch != "starcoder2" or cfg.get("sliding_window") is None:
             return None, ()
         return _window_size(cfg, where), ()
+    if arch == "dots1":  # Dots1Config: layers from max_window_layers (62) on slide over 4,096 tokens (null: none)
+        cfg = {"sliding_window": 4096, "max_window_layers": 62, **cfg}
+        if cfg["sliding_window"] is None:
+            return None, ()
     if arch in ("llama", "mixtral", "phi3", "qwen3_moe", "olmoe", "ministral3", "phimoe"):  # every layer or none
         mistral = "MistralForCausalLM" in archs or (not archs and model_type == "mistral")
         if arch == "llama" and not mistral:
@@ -1503,6 +1522,24 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "n_group": as_int("n_group", cfg.get("n_group", 1)),
                 "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
                 "routed_scaling_factor": float(factor), "use_qk_norm": bool(cfg.get("use_qk_norm", False))}
+    if arch == "dots1":  # GLM-4.5's MoE keys with Dots1Config's defaults; its attention always norms q and k
+        missing = [k for k in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts") if cfg.get(k) is None]
+        if missing:
+            raise ModelError(f"{where}: dots1 needs {', '.join(missing)} (Dots1Config has no default)")
+        factor = cfg.get("routed_scaling_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ModelError(f"{where}: routed_scaling_factor must be a positive number, got {factor!r}")
+        inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 1408))
+        first_dense = as_int("first_k_dense_replace", cfg.get("first_k_dense_replace", 0))
+        return {"n_experts": as_int("n_routed_experts", cfg["n_routed_experts"]),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg["num_experts_per_tok"]),
+                "moe_intermediate_size": inter,
+                "shared_expert_intermediate_size": inter * as_int("n_shared_experts", cfg["n_shared_experts"]),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+                "mlp_only_layers": tuple(range(min(first_dense, int(need("num_hidden_layers"))))),
+                "n_group": as_int("n_group", cfg.get("n_group", 1)),
+                "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
+                "routed_scaling_factor": float(factor), "use_qk_norm": True}
     if arch == "phimoe":  # Mixtral's experts under the sparsemixer router (top 2), every layer
         jitter = cfg.get("router_jitter_noise", 0.01)
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)):

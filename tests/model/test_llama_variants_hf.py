@@ -1,11 +1,12 @@
-"""OLMo (1), Helium, ERNIE 4.5, Hunyuan dense, Ministral 3, Apertus, Jais 2, Cwm, VaultGemma and NanoChat against transformers on the same random weights, saved by
+"""OLMo (1), Helium, ERNIE 4.5 (dense and MoE), Hunyuan dense, Ministral 3, Apertus, Jais 2, Cwm, VaultGemma and NanoChat against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our
 paged KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, and
 the configs we refuse (:mod:`dualpath.model.llama_variants`).
 
 What each adds to the Llama path: OLMo's LayerNorms have neither weight nor bias and q/k/v are clipped; Helium and
 ERNIE 4.5 turn interleaved RoPE pairs of the whole head (read by permuting q/k rows at load), Helium with q/k/v
-biases but none on o and a biased gated MLP, ERNIE with biases on every projection; Hunyuan norms each head's query
+biases but none on o and a biased gated MLP, ERNIE with biases on every projection (its MoE: an fp32 router
+choosing by scores plus a correction bias, weighting by the scores alone); Hunyuan norms each head's query
 and key after RoPE, with its fixed NTK-alpha RoPE base; Ministral 3 scales each query by its position; Apertus's MLP activation (xIELU) has learned parameters; Jais 2 has biased LayerNorms and a biased ReLU-squared MLP; Cwm slides three
 layers of four; VaultGemma
 is Gemma 2's attention in a Llama-shaped block; NanoChat's norms have no weights, its RoPE turns the other
@@ -50,6 +51,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                                                          rms_norm_eps=1e-6)),
     # interleaved RoPE over the whole head, biases on every projection, tied embeddings (its default)
     "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(BASE, head_dim=16, use_bias=True)),
+    # ERNIE 4.5's attention over MoE layers 1 and 3 (moe_layer_interval 2; layers 0 and 2 dense): an fp32 softmax
+    # router picking 2 of 4 experts by scores plus its correction bias, a biased shared expert, a biased LM head
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+                     dict(BASE, num_hidden_layers=4, use_bias=True, moe_num_experts=4, moe_k=2,
+                          moe_intermediate_size=32, moe_num_shared_experts=1, moe_layer_interval=2)),
     # per-head q/k RMSNorms after RoPE, NTK-alpha RoPE (labelled dynamic), q/k/v/o biases
     "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM",
                          dict(BASE, head_dim=16, attention_bias=True,
@@ -130,14 +136,23 @@ def test_spec_follows_transformers(ckpt):
         assert spec.final_logit_softcapping == 4.0 and spec.activation == "relu2" and not spec.gated_mlp
     if family == "hunyuan_v1_dense":
         assert spec.rope_scaling == {"rope_type": "ntk_alpha", "alpha": 50.0} and spec.qk_norm_after_rope
+    if family == "ernie4_5_moe":
+        sparse = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]
+        assert sparse == [1, 3] and [i for i in range(spec.n_layers) if spec.is_moe_layer(i)] == sparse
+        assert spec.moe_norm_min == 1e-12 and spec.lm_head_bias and spec.n_experts == 4
     assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
 
 
 def test_bf16_teacher_forced_logits(ckpt):
     family, d, _ = ckpt
     hf = getattr(transformers, FAMILIES[family][1]).from_pretrained(str(d), dtype=torch.bfloat16).eval()
-    got, ref = bf16_teacher_forced(_load(d, dtype="bfloat16"), hf, sum(_turns(5), []))
+    ours = _load(d, dtype="bfloat16")
+    got, ref = bf16_teacher_forced(ours, hf, sum(_turns(5), []))
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
+    if family == "ernie4_5_moe":  # its router's weights stay fp32 in a bf16 model, in both
+        assert hf.model.layers[1].mlp.gate.weight.dtype == torch.float32
+        assert ours.model.layers[1].mlp.gate.weight.dtype == torch.float32
+        assert ours.model.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -146,6 +161,32 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     hf_cfg = getattr(transformers, cfg_cls)(**kw).to_dict()
     ours = build_model(ModelSpec.from_hf_config(hf_cfg), None, seed=3, backend="torch")
     check_save_reads_back(ours, tmp_path, getattr(transformers, model_cls), sum(_turns(7), []))
+
+
+def test_ernie_moe_without_correction_bias_and_with_mtp_tensors(tmp_path_factory, tmp_path):
+    """An ERNIE 4.5 MoE checkpoint trained without the aux-free bias (no ``moe_statics``) and shipping its
+    multi-token-prediction block loads as transformers loads it: zero biases, the MTP tensors left out."""
+    import shutil
+
+    from hf_random import hf_logits
+    from safetensors.torch import load_file, save_file
+
+    from dualpath.model import KVPool, SeqBatch
+
+    src, _ = _CKPTS.get("ernie4_5_moe", tmp_path_factory)
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+    tensors = {k: v for k, v in load_file(str(d / "model.safetensors")).items() if "moe_statics" not in k}
+    tensors["model.mtp_block.0.input_layernorm.weight"] = torch.ones(64)
+    tensors["model.mtp_linear_proj.0.weight"] = torch.zeros(64, 128)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    ours = _load(d)
+    assert not ours.model.layers[1].mlp.moe_statics.e_score_correction_bias.any()
+    hf = transformers.Ernie4_5_MoeForCausalLM.from_pretrained(str(d)).eval()
+    seq = sum(_turns(7), [])
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
 
 
 def test_llama_mlp_bias_against_transformers(tmp_path):
@@ -183,6 +224,9 @@ async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
 @pytest.mark.parametrize("model_type,key,value,needle", [
     ("olmo", "clip_qkv", -1.0, "clip_qkv"),
     ("ernie4_5", "use_bias", "yes", "use_bias"),
+    ("ernie4_5_moe", "moe_norm_min", 0, "moe_norm_min"),
+    ("ernie4_5_moe", "moe_num_experts", [64, 64], "moe_num_experts"),
+    ("ernie4_5_moe", "moe_layer_interval", 0, "moe_layer_interval"),
     ("helium", "mlp_bias", 1, "mlp_bias"),
     ("hunyuan_v1_dense", "rope_scaling", {"type": "linear", "factor": 2.0, "alpha": 3.0}, "alpha"),
     ("hunyuan_v1_dense", "rope_scaling", {"type": "dynamic", "alpha": -2.0}, "alpha"),

@@ -336,6 +336,14 @@ class MLP(FeedForward):
         return super().forward(x)
 
 
+class _Statics(nn.Module):
+    """ERNIE 4.5 MoE's ``moe_statics``: the router's correction bias ``[1, n_experts]`` (fp32)."""
+
+    def __init__(self, n_experts: int) -> None:
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, n_experts), requires_grad=False)
+
+
 class SparseMoE(nn.Module):
     """Mixtral / Qwen2-MoE / Qwen3-MoE sparse block: a linear router (``gate``, in the compute dtype, as
     transformers runs it), softmax in fp32, top-k (renormalized with ``norm_topk_prob``; Qwen rounds the weights
@@ -347,6 +355,11 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k = spec.n_experts_per_tok
         self.renormalize = spec.norm_topk_prob
+        # ERNIE 4.5 MoE: an fp32 router (weights kept fp32, as transformers keeps them) picking by softmax scores
+        # plus a correction bias, weighted by the scores over max(their sum, moe_norm_min)
+        self.norm_min = spec.moe_norm_min
+        if self.norm_min is not None:
+            self.moe_statics = _Statics(spec.n_experts)
         self.round_weights = spec.architecture != "mixtral"
         self.jitter_eps = spec.router_jitter_eps  # PhiMoE's sparsemixer router (None: softmax top-k)
         self.gate = nn.Linear(spec.hidden_size, spec.n_experts, bias=False)
@@ -355,11 +368,19 @@ class SparseMoE(nn.Module):
         self.shared_expert: FeedForward | None = None
         self.shared_gate = spec.architecture == "qwen2_moe"  # (GraniteMoE-Shared's shared expert is ungated)
         if spec.shared_expert_intermediate_size:
-            self.shared_expert = FeedForward(spec.hidden_size, spec.shared_expert_intermediate_size)
+            self.shared_expert = FeedForward(spec.hidden_size, spec.shared_expert_intermediate_size,
+                                             bias=self.norm_min is not None and bool(spec.mlp_has_bias))
             if self.shared_gate:
                 self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_min is not None:  # ERNIE 4.5 MoE
+            probs = F.linear(x.float(), self.gate.weight.float()).softmax(dim=-1)
+            idx = (probs + self.moe_statics.e_score_correction_bias.float()).topk(self.top_k, dim=-1)[1]
+            w = probs.gather(-1, idx)
+            w = (w / w.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)).to(x.dtype)
+            out = dispatch_experts(x, idx, w, self.experts)
+            return out + self.shared_expert(x) if self.shared_expert is not None else out
         logits = self.gate(x)
         if self.jitter_eps is not None:  # PhiMoE
             idx, w = sparsemixer_top2(logits, self.jitter_eps)
@@ -468,6 +489,10 @@ class LayerwiseDecoder(nn.Module):
         if spec.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.to(device=device, dtype=spec.torch_dtype)
+        for m in self.modules():  # ERNIE 4.5 MoE's router stays fp32 (transformers' _keep_in_fp32_modules)
+            if isinstance(m, SparseMoE) and m.norm_min is not None:
+                m.gate.float()
+                m.moe_statics.float()
 
     @property
     def device(self) -> torch.device:

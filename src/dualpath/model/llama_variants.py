@@ -7,6 +7,11 @@
   weight in fp32.
 * ``Ernie4_5ForCausalLM`` (``ernie4_5``, ERNIE 4.5 dense): RoPE over interleaved pairs of the whole head (rotated in
   fp32), ``use_bias`` on every projection (q/k/v/o and the gated MLP's three).
+* ``Ernie4_5_MoeForCausalLM`` (``ernie4_5_moe``, ERNIE 4.5 MoE): ERNIE 4.5's layers with experts in layers
+  ``moe_layer_start_index`` to ``moe_layer_end_index`` every ``moe_layer_interval`` (:func:`_ernie_moe_fields`), run
+  by :class:`dualpath.model.llama.SparseMoE`: an fp32 softmax router choosing ``moe_k`` experts by its scores plus
+  the ``moe_statics`` correction bias and weighting them by the scores over ``max(sum, moe_norm_min)``, shared
+  experts with ``use_bias``, and an LM head biased with ``use_bias``.
 * ``HunYuanDenseV1ForCausalLM`` (``hunyuan_v1_dense``, Hunyuan dense 0.5B-7B): per-head q/k RMSNorms applied
   *after* RoPE (``query_layernorm`` / ``key_layernorm``), and its RoPE labelled ``dynamic`` with an ``alpha``,
   which transformers reads as a fixed base ``rope_theta * alpha ** (d / (d - 2))`` (kept here as the RoPE type
@@ -55,6 +60,7 @@ ARCHITECTURES: dict[str, str] = {
     "OlmoForCausalLM": "olmo",
     "HeliumForCausalLM": "helium",
     "Ernie4_5ForCausalLM": "ernie4_5",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense",
     "NanoChatForCausalLM": "nanochat",
     "Ministral3ForCausalLM": "ministral3",
@@ -67,13 +73,15 @@ ARCHITECTURES: dict[str, str] = {
 HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
 VARIANT_ARCHS = tuple(HF_ARCH)
 #: the families whose RoPE turns interleaved pairs of the whole head
-INTERLEAVED = ("helium", "ernie4_5", "llama4_text")
+INTERLEAVED = ("helium", "ernie4_5", "ernie4_5_moe", "llama4_text")
 #: their config classes' defaults where Llama's differ (a key absent from the config)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "olmo": {"max_position_embeddings": 2048},
     "helium": {"rope_theta": 100000.0, "rms_norm_eps": 1e-8, "max_position_embeddings": 4096, "head_dim": 128},
     "ernie4_5": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "head_dim": 128,
                  "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "ernie4_5_moe": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
+                     "num_key_value_heads": 4, "tie_word_embeddings": True},
     "hunyuan_v1_dense": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
     "vaultgemma": {},  # (Gemma 2's keys and defaults, read with Gemma 2's)
     "llama4_text": {},  # (Llama4TextConfig's keys and defaults: dualpath.model.llama4)
@@ -96,7 +104,9 @@ _NANOCHAT_NAMES = {"mlp.fc1.weight": "mlp.up_proj.weight", "mlp.fc2.weight": "ml
 _VAULTGEMMA_NAMES = {"pre_feedforward_layernorm.weight": "post_attention_layernorm.weight"}
 _APERTUS_NAMES = {".attention_layernorm.weight": ".input_layernorm.weight",
                   ".feedforward_layernorm.weight": ".post_attention_layernorm.weight"}
-_NAMES = {"apertus": _APERTUS_NAMES, "hunyuan_v1_dense": _HUNYUAN_NAMES, "nanochat": _NANOCHAT_NAMES, "vaultgemma": _VAULTGEMMA_NAMES}
+#: ERNIE 4.5 MoE's correction bias: transformers' in-memory name -> the checkpoints' (and ours)
+_ERNIE_MOE_NAMES = {"mlp.gate.moe_statics.e_score_correction_bias": "mlp.moe_statics.e_score_correction_bias"}
+_NAMES = {"apertus": _APERTUS_NAMES, "ernie4_5_moe": _ERNIE_MOE_NAMES, "hunyuan_v1_dense": _HUNYUAN_NAMES, "nanochat": _NANOCHAT_NAMES, "vaultgemma": _VAULTGEMMA_NAMES}
 _QK_ROWS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias")
 
 
@@ -117,13 +127,17 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
         return llama4.normalize_config(cfg, where)
     out = {**DEFAULTS[arch], **cfg}
     fields: dict[str, Any] = {}
-    if arch == "ernie4_5":
+    if arch in ("ernie4_5", "ernie4_5_moe"):
         use_bias = _flag(cfg, "use_bias", where)
         out["attention_bias"] = use_bias
         if use_bias:
             fields["mlp_has_bias"] = True
         if out.get("head_dim") is None:
             out["head_dim"] = int(out["hidden_size"]) // int(out["num_attention_heads"])
+        if arch == "ernie4_5_moe":
+            fields.update(_ernie_moe_fields(out, where))
+            if use_bias:
+                fields["head_bias"] = True
     elif arch == "helium" and _flag(cfg, "mlp_bias", where):
         fields["mlp_has_bias"] = True
     elif arch == "olmo":  # (its clip_qkv is read with OLMoE's)
@@ -162,6 +176,51 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
             out["attention_bias"] = _flag(out, "attention_bias", where)
     out.pop("mlp_bias", None)  # (read above where the family has it)
     return out, fields
+
+
+#: Ernie4_5_MoeConfig's MoE keys and defaults
+ERNIE_MOE_DEFAULTS: dict[str, Any] = {"moe_num_experts": 64, "moe_k": 6, "moe_intermediate_size": 1536,
+                                      "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
+                                      "moe_layer_end_index": -1, "moe_layer_interval": 1, "moe_norm_min": 1e-12}
+
+
+def _ernie_moe_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """ERNIE 4.5 MoE's sparse layers as the spec's MoE fields: experts in layers ``moe_layer_start_index`` to
+    ``moe_layer_end_index`` (-1: the last) whose index + 1 is a multiple of ``moe_layer_interval`` (the others
+    dense), ``moe_k`` of ``moe_num_experts`` plus ``moe_num_shared_experts`` shared ones."""
+    c = {**ERNIE_MOE_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    for key in ("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts",
+                "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"):
+        v = c[key]
+        if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and key != "moe_layer_end_index"):
+            raise ModelError(f"{where}: {key} must be a non-negative integer, got {v!r} (per-modality lists are "
+                             "ERNIE 4.5 VL's, whose text model is not supported)")
+    norm_min = c["moe_norm_min"]
+    if isinstance(norm_min, bool) or not isinstance(norm_min, (int, float)) or not norm_min > 0:
+        raise ModelError(f"{where}: moe_norm_min must be a positive number, got {norm_min!r}")
+    if c["moe_layer_interval"] <= 0:
+        raise ModelError(f"{where}: moe_layer_interval must be positive, got {c['moe_layer_interval']}")
+    n = int(cfg.get("num_hidden_layers") or 0)
+    start, end = c["moe_layer_start_index"], c["moe_layer_end_index"]
+    end = n - 1 if end == -1 else end
+    return {"n_experts": c["moe_num_experts"], "n_experts_per_tok": c["moe_k"],
+            "moe_intermediate_size": c["moe_intermediate_size"],
+            "shared_expert_intermediate_size": c["moe_intermediate_size"] * c["moe_num_shared_experts"],
+            "norm_topk_prob": True, "moe_norm_min": float(norm_min), "decoder_sparse_step": c["moe_layer_interval"],
+            "mlp_only_layers": tuple(i for i in range(n) if not start <= i <= end)}
+
+
+def _ernie_moe_config(spec: ModelSpec) -> dict[str, Any]:
+    """:func:`_ernie_moe_fields`'s inverse: the sparse layers' span must be contiguous to be written back."""
+    span = [i for i in range(spec.n_layers) if i not in spec.mlp_only_layers]
+    if span != list(range(span[0], span[-1] + 1)) if span else False:
+        raise ModelError(f"ernie4_5_moe: the layers with experts must be contiguous, got {span}")
+    shared = spec.shared_expert_intermediate_size // spec.moe_intermediate_size
+    return {"moe_num_experts": spec.n_experts, "moe_k": spec.n_experts_per_tok,
+            "moe_intermediate_size": spec.moe_intermediate_size, "moe_num_shared_experts": shared,
+            "moe_layer_start_index": span[0] if span else spec.n_layers,
+            "moe_layer_end_index": span[-1] if span else spec.n_layers - 1,
+            "moe_layer_interval": spec.decoder_sparse_step, "moe_norm_min": spec.moe_norm_min}
 
 
 def _hunyuan_rope(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -231,6 +290,8 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg.update(attention_bias=spec.attention_bias, mlp_bias=bool(spec.mlp_has_bias))
     elif arch == "ernie4_5":
         cfg["use_bias"] = spec.attention_bias
+    elif arch == "ernie4_5_moe":
+        cfg.update(use_bias=spec.attention_bias, **_ernie_moe_config(spec))
     elif arch == "ministral3":
         rope = {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta}
         if spec.query_scale_beta is not None:
@@ -264,11 +325,20 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
     arch = spec.architecture
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
+        if arch == "ernie4_5_moe" and ("mtp_" in name or name.startswith("mtp")):
+            continue  # its multi-token-prediction block (mtp_block, mtp_linear_proj, ...): not a decoder layer
         if arch in INTERLEAVED and name.endswith(_QK_ROWS):
             t = interleaved_to_half(spec, name, t)
         elif arch == "nanochat" and name.endswith(_QK_ROWS):
             t = _swap_halves(spec, name, t)
+        if arch == "ernie4_5_moe":  # (Qwen2-MoE's name here for the shared experts' one wide MLP)
+            name = name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
         out[_rename(name, _NAMES.get(arch, {}))] = t
+    if arch == "ernie4_5_moe":  # (trained without the aux-free bias: none stored, zeros as transformers starts it)
+        for i in range(spec.n_layers):
+            key = f"model.layers.{i}.mlp.moe_statics.e_score_correction_bias"
+            if spec.is_moe_layer(i) and f"model.layers.{i}.mlp.gate.weight" in out and key not in out:
+                out[key] = torch.zeros(1, spec.n_experts)
     if arch == "llama4_text":
         from dualpath.model import llama4
 
@@ -305,5 +375,7 @@ def tensors_out(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[st
             t = interleaved_to_half(spec, name, t, inverse=True)
         elif arch == "nanochat" and name.endswith(_QK_ROWS):
             t = _swap_halves(spec, name, t)
+        if arch == "ernie4_5_moe":
+            name = name.replace(".mlp.shared_expert.", ".mlp.shared_experts.")
         out[_rename(name, back)] = t
     return out

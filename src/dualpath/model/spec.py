@@ -189,7 +189,7 @@ MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granit
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
-ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "minimax_m2", "llama4_text")
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "minimax_m2", "llama4_text", "ernie4_5_moe")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
 _GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
 #: the architectures routing by it: GLM-4.5, dots.llm1 (GLM-4.5's MoE under Qwen3's attention), and MiniMax-M2 (one
@@ -307,6 +307,9 @@ class ModelSpec(_SpecCommon):
     # phi3 LongRoPE (rope_scaling type longrope): which factor set turns every position, chosen once per deployment
     # (see rope_long_for); None for every other RoPE
     rope_long: bool | None = None
+    # ernie4_5_moe (None for every other): the floor of the top-k weights' sum it divides by (moe_norm_min); its
+    # router also picks by softmax scores plus a correction bias (moe_statics), weighting by the scores alone
+    moe_norm_min: float | None = None
     # the longest context this deployment serves (LlamaModelConfig.max_context; None: max_position); not part of
     # the architecture, so not in to_dict
     context_cap: int | None = field(default=None, compare=False)
@@ -414,7 +417,8 @@ class ModelSpec(_SpecCommon):
                              f"with a RoPE that names original_max_position_embeddings; got {beta!r} for "
                              f"{self.architecture}")
         if self.mlp_has_bias is not None and (self.mlp_has_bias is not True
-                                              or self.architecture not in ("llama", "helium", "ernie4_5", "jais2")):
+                                              or self.architecture not in ("llama", "helium", "ernie4_5", "jais2",
+                                                                           "ernie4_5_moe")):
             raise ModelError(f"model config: mlp_has_bias (mlp_bias, use_bias) is true or null, and only for llama, "
                              f"helium, ernie4_5 and jais2; got {self.mlp_has_bias!r} for {self.architecture}")
         if (self.o_proj_bias is None) != (self.architecture != "seed_oss"):
@@ -576,7 +580,8 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size == 0:
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
-        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "granitemoeshared", "llama4_text") and \
+        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "granitemoeshared", "llama4_text",
+                                     "ernie4_5_moe") and \
                 self.shared_expert_intermediate_size:
             raise ModelError(f"model config: {self.architecture} has no shared expert "
                              f"(shared_expert_intermediate_size {self.shared_expert_intermediate_size})")
@@ -601,7 +606,13 @@ class ModelSpec(_SpecCommon):
             if self.shared_expert_intermediate_size % self.moe_intermediate_size:
                 raise ModelError(f"model config: {self.architecture}'s shared experts are n_shared_experts x "
                                  "moe_intermediate_size wide")
-        if (self.router_jitter_eps is None or self.head_bias is None) != (self.architecture != "phimoe"):
+        if (self.moe_norm_min is None) != (self.architecture != "ernie4_5_moe") or (
+                self.moe_norm_min is not None and not self.moe_norm_min > 0):
+            raise ModelError(f"model config: moe_norm_min is ernie4_5_moe's and a positive number there, got "
+                             f"{self.moe_norm_min!r} for {self.architecture}")
+        if self.head_bias is not None and self.architecture == "ernie4_5_moe":
+            pass  # (ERNIE 4.5 MoE's LM head has a bias with use_bias)
+        elif (self.router_jitter_eps is None or self.head_bias is None) != (self.architecture != "phimoe"):
             raise ModelError(f"model config: router_jitter_eps / head_bias (router_jitter_noise, lm_head_bias) are "
                              f"phimoe's and required there, got {self.router_jitter_eps!r} / {self.head_bias!r} for "
                              f"{self.architecture}")
@@ -633,7 +644,7 @@ class ModelSpec(_SpecCommon):
     @property
     def rope_fp32(self) -> bool:
         """Llama 4 and ERNIE 4.5 rotate queries and keys in fp32 (tables and products), then round."""
-        return self.architecture in ("llama4_text", "ernie4_5")
+        return self.architecture in ("llama4_text", "ernie4_5", "ernie4_5_moe")
 
     @property
     def l2_qk_norm(self) -> bool:
@@ -680,7 +691,7 @@ class ModelSpec(_SpecCommon):
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
                                                              "hunyuan_v1_dense", "nanochat", "jais2", "apertus",
-                                                             "llama4_text", "phimoe", "dots1")
+                                                             "llama4_text", "phimoe", "dots1", "ernie4_5_moe")
 
     @property
     def layer_norm(self) -> bool:
@@ -809,7 +820,7 @@ class ModelSpec(_SpecCommon):
                     "router_jitter_eps", "head_bias",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
                     "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale", "falcon_layout",
-                    "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature"):
+                    "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature", "moe_norm_min"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"
@@ -1496,7 +1507,7 @@ def _partial_rotary(cfg: dict[str, Any], where: str, default: float) -> float:
 def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[str, Any]:
     """The MoE fields of a mixtral / qwen2_moe / qwen3_moe / gpt_oss config (an empty dict for the dense
     architectures)."""
-    if arch not in ALL_MOE_ARCHS or arch == "llama4_text":  # (Llama 4's are read by llama4.normalize_config)
+    if arch not in ALL_MOE_ARCHS or arch in lv.VARIANT_ARCHS:  # (read by llama_variants.normalize_config)
         return {}
 
     def as_int(key: str, value: Any) -> int:
@@ -1523,6 +1534,8 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
                 "routed_scaling_factor": float(factor), "use_qk_norm": bool(cfg.get("use_qk_norm", False))}
     if arch == "dots1":  # GLM-4.5's MoE keys with Dots1Config's defaults; its attention always norms q and k
+        if cfg.get("n_routed_experts") is None and cfg.get("num_local_experts") is not None:  # (its attribute_map)
+            cfg = {**cfg, "n_routed_experts": cfg["num_local_experts"]}
         missing = [k for k in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts") if cfg.get(k) is None]
         if missing:
             raise ModelError(f"{where}: dots1 needs {', '.join(missing)} (Dots1Config has no default)")

@@ -1,4 +1,4 @@
-"""OLMo (1), Helium, ERNIE 4.5 (dense and MoE), Hunyuan dense, Ministral 3, Apertus, Jais 2, Cwm, VaultGemma and NanoChat against transformers on the same random weights, saved by
+"""OLMo (1), Helium, ERNIE 4.5 (dense and MoE), Hunyuan (dense and MoE), Ministral 3, Apertus, Jais 2, Cwm, VaultGemma and NanoChat against transformers on the same random weights, saved by
 transformers' own ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our
 paged KV, batched sequences, the Triton kernels, bf16, our own ``save_pretrained`` read back by transformers, and
 the configs we refuse (:mod:`dualpath.model.llama_variants`).
@@ -61,6 +61,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                          dict(BASE, head_dim=16, attention_bias=True,
                               rope_parameters={"rope_type": "dynamic", "alpha": 50.0, "factor": 1.0,
                                                "rope_theta": 10000.0})),
+    # Hunyuan dense's attention over MoE in every layer: an fp32 softmax router picking 2 of 4 experts (moe_topk
+    # given per layer), renormalized, plus an ungated shared MLP
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
+                       dict(BASE, head_dim=16, intermediate_size=32, num_experts=4, moe_topk=[2, 2, 2],
+                            attention_bias=True, rope_parameters={"rope_type": "dynamic", "alpha": 50.0, "factor": 1.0,
+                                                                  "rope_theta": 10000.0})),
     # Mistral's window with YaRN, and queries scaled by position past every 8 tokens (Llama 4's scaling)
     "ministral3": ("Ministral3Config", "Ministral3ForCausalLM",
                    dict(BASE, head_dim=16, sliding_window=6, rope_parameters={
@@ -118,7 +124,9 @@ def test_spec_follows_transformers(ckpt):
     assert isinstance(spec, ModelSpec) and spec.architecture == family
     assert spec.tie_embeddings == bool(hf.config.tie_word_embeddings)
     assert spec.o_bias == (hf.model.layers[0].self_attn.o_proj.bias is not None)
-    up = getattr(hf.model.layers[0].mlp, "up_proj", None) or hf.model.layers[0].mlp.fc1
+    mlp = hf.model.layers[0].mlp
+    mlp = getattr(mlp, "shared_mlp", mlp)  # (Hunyuan MoE: every layer's MoE, with its shared MLP)
+    up = getattr(mlp, "up_proj", None) or mlp.fc1
     assert spec.mlp_bias == (up.bias is not None)
     if family == "olmo":
         assert spec.clip_qkv == 1.5 and not list(_load(d).model.layers[0].input_layernorm.parameters())
@@ -134,7 +142,9 @@ def test_spec_follows_transformers(ckpt):
         assert [spec.layer_window(i) for i in range(3)] == [5, None, 5] and not spec.sandwich_norms
     if family == "nanochat":
         assert spec.final_logit_softcapping == 4.0 and spec.activation == "relu2" and not spec.gated_mlp
-    if family == "hunyuan_v1_dense":
+    if family == "hunyuan_v1_moe":
+        assert spec.n_experts == 4 and spec.n_experts_per_tok == 2 and spec.shared_expert_intermediate_size == 32
+    if family in ("hunyuan_v1_dense", "hunyuan_v1_moe"):
         assert spec.rope_scaling == {"rope_type": "ntk_alpha", "alpha": 50.0} and spec.qk_norm_after_rope
     if family == "ernie4_5_moe":
         sparse = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]
@@ -149,8 +159,9 @@ def test_bf16_teacher_forced_logits(ckpt):
     ours = _load(d, dtype="bfloat16")
     got, ref = bf16_teacher_forced(ours, hf, sum(_turns(5), []))
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
-    if family == "ernie4_5_moe":  # its router's weights stay fp32 in a bf16 model, in both
-        assert hf.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    if family in ("ernie4_5_moe", "hunyuan_v1_moe"):  # their routers' weights stay fp32 in a bf16 model, in both
+        gate = hf.model.layers[1].mlp.gate
+        assert getattr(gate, "wg", gate).weight.dtype == torch.float32
         assert ours.model.layers[1].mlp.gate.weight.dtype == torch.float32
         assert ours.model.layers[1].mlp.experts[0].up_proj.weight.dtype == torch.bfloat16
 
@@ -225,6 +236,8 @@ async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
     ("olmo", "clip_qkv", -1.0, "clip_qkv"),
     ("ernie4_5", "use_bias", "yes", "use_bias"),
     ("ernie4_5_moe", "moe_norm_min", 0, "moe_norm_min"),
+    ("hunyuan_v1_moe", "moe_topk", [2, 1, 2], "moe_topk"),
+    ("hunyuan_v1_moe", "num_experts", 0, "num_experts"),
     ("ernie4_5_moe", "moe_num_experts", [64, 64], "moe_num_experts"),
     ("ernie4_5_moe", "moe_layer_interval", 0, "moe_layer_interval"),
     ("helium", "mlp_bias", 1, "mlp_bias"),

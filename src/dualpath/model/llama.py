@@ -358,6 +358,7 @@ class SparseMoE(nn.Module):
         # ERNIE 4.5 MoE: an fp32 router (weights kept fp32, as transformers keeps them) picking by softmax scores
         # plus a correction bias, weighted by the scores over max(their sum, moe_norm_min)
         self.norm_min = spec.moe_norm_min
+        self.fp32_router = spec.architecture in ("ernie4_5_moe", "hunyuan_v1_moe")  # (Hunyuan's: softmax top-k)
         if self.norm_min is not None:
             self.moe_statics = _Statics(spec.n_experts)
         self.round_weights = spec.architecture != "mixtral"
@@ -381,7 +382,7 @@ class SparseMoE(nn.Module):
             w = (w / w.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)).to(x.dtype)
             out = dispatch_experts(x, idx, w, self.experts)
             return out + self.shared_expert(x) if self.shared_expert is not None else out
-        logits = self.gate(x)
+        logits = F.linear(x.float(), self.gate.weight.float()) if self.fp32_router else self.gate(x)
         if self.jitter_eps is not None:  # PhiMoE
             idx, w = sparsemixer_top2(logits, self.jitter_eps)
         else:
@@ -489,10 +490,11 @@ class LayerwiseDecoder(nn.Module):
         if spec.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.to(device=device, dtype=spec.torch_dtype)
-        for m in self.modules():  # ERNIE 4.5 MoE's router stays fp32 (transformers' _keep_in_fp32_modules)
-            if isinstance(m, SparseMoE) and m.norm_min is not None:
+        for m in self.modules():  # ERNIE 4.5 MoE's and Hunyuan MoE's routers stay fp32, as in transformers
+            if isinstance(m, SparseMoE) and m.fp32_router:
                 m.gate.float()
-                m.moe_statics.float()
+                if m.norm_min is not None:
+                    m.moe_statics.float()
 
     @property
     def device(self) -> torch.device:

@@ -16,6 +16,9 @@
   *after* RoPE (``query_layernorm`` / ``key_layernorm``), and its RoPE labelled ``dynamic`` with an ``alpha``,
   which transformers reads as a fixed base ``rope_theta * alpha ** (d / (d - 2))`` (kept here as the RoPE type
   ``ntk_alpha``; a Hunyuan ``dynamic`` RoPE without ``alpha`` is the plain dynamic one).
+* ``HunYuanMoEV1ForCausalLM`` (``hunyuan_v1_moe``, Hunyuan-A13B): Hunyuan dense's attention, then in every layer an
+  fp32 softmax router (``mlp.gate.wg``) picking ``moe_topk`` of ``num_experts`` experts, renormalized, and an
+  ungated shared MLP (``shared_mlp``), all ``intermediate_size`` wide, as transformers runs it.
 * ``Ministral3ForCausalLM`` (``ministral3``: Ministral 3, also the text model of its ``Mistral3ForConditionalGeneration``
   checkpoints): Mistral's attention and window with YaRN, and each query scaled by its position as Llama 4 does,
   ``1 + llama_4_scaling_beta * log(1 + floor(position / original_max_position_embeddings))`` (``query_scale_beta``;
@@ -62,6 +65,7 @@ ARCHITECTURES: dict[str, str] = {
     "Ernie4_5ForCausalLM": "ernie4_5",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
     "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense",
+    "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
     "NanoChatForCausalLM": "nanochat",
     "Ministral3ForCausalLM": "ministral3",
     "VaultGemmaForCausalLM": "vaultgemma",
@@ -83,6 +87,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ernie4_5_moe": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
                      "num_key_value_heads": 4, "tie_word_embeddings": True},
     "hunyuan_v1_dense": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
+    "hunyuan_v1_moe": {"rms_norm_eps": 1e-5, "max_position_embeddings": 2048},
     "vaultgemma": {},  # (Gemma 2's keys and defaults, read with Gemma 2's)
     "llama4_text": {},  # (Llama4TextConfig's keys and defaults: dualpath.model.llama4)
     "apertus": {"rms_norm_eps": 1e-5, "max_position_embeddings": 65536, "hidden_act": "xielu"},
@@ -106,7 +111,12 @@ _APERTUS_NAMES = {".attention_layernorm.weight": ".input_layernorm.weight",
                   ".feedforward_layernorm.weight": ".post_attention_layernorm.weight"}
 #: ERNIE 4.5 MoE's correction bias: transformers' in-memory name -> the checkpoints' (and ours)
 _ERNIE_MOE_NAMES = {"mlp.gate.moe_statics.e_score_correction_bias": "mlp.moe_statics.e_score_correction_bias"}
-_NAMES = {"apertus": _APERTUS_NAMES, "ernie4_5_moe": _ERNIE_MOE_NAMES, "hunyuan_v1_dense": _HUNYUAN_NAMES, "nanochat": _NANOCHAT_NAMES, "vaultgemma": _VAULTGEMMA_NAMES}
+#: Hunyuan MoE: Hunyuan dense's norms, and its router's weight under ``gate.wg``
+_HUNYUAN_MOE_NAMES = {**_HUNYUAN_NAMES, "mlp.gate.wg.weight": "mlp.gate.weight"}
+#: the shared experts' one MLP: each family's name -> ours (Qwen2-MoE's)
+_SHARED_EXPERT = {"ernie4_5_moe": ".mlp.shared_experts.", "hunyuan_v1_moe": ".mlp.shared_mlp."}
+_NAMES = {"apertus": _APERTUS_NAMES, "ernie4_5_moe": _ERNIE_MOE_NAMES, "hunyuan_v1_dense": _HUNYUAN_NAMES,
+          "hunyuan_v1_moe": _HUNYUAN_MOE_NAMES, "nanochat": _NANOCHAT_NAMES, "vaultgemma": _VAULTGEMMA_NAMES}
 _QK_ROWS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias")
 
 
@@ -142,8 +152,10 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
         fields["mlp_has_bias"] = True
     elif arch == "olmo":  # (its clip_qkv is read with OLMoE's)
         out["rms_norm_eps"] = OLMO_NORM_EPS
-    elif arch == "hunyuan_v1_dense":
+    elif arch in ("hunyuan_v1_dense", "hunyuan_v1_moe"):
         out = _hunyuan_rope(out, where)
+        if arch == "hunyuan_v1_moe":
+            fields.update(_hunyuan_moe_fields(out, where))
     elif arch == "ministral3":
         out, fields["query_scale_beta"] = _ministral3_rope(out, where)
     elif arch == "cwm":
@@ -221,6 +233,27 @@ def _ernie_moe_config(spec: ModelSpec) -> dict[str, Any]:
             "moe_layer_start_index": span[0] if span else spec.n_layers,
             "moe_layer_end_index": span[-1] if span else spec.n_layers - 1,
             "moe_layer_interval": spec.decoder_sparse_step, "moe_norm_min": spec.moe_norm_min}
+
+
+def _per_layer_int(cfg: dict[str, Any], key: str, default: int, where: str) -> int:
+    """An integer key that Hunyuan's configs may give per layer (a list): one value for every layer."""
+    v = cfg.get(key, default)
+    if isinstance(v, list) and v and all(x == v[0] for x in v):
+        v = v[0]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ModelError(f"{where}: {key} must be a positive integer (or a list of one value per layer), got {v!r}")
+    return v
+
+
+def _hunyuan_moe_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """Hunyuan MoE's experts as transformers runs them: every layer routes ``moe_topk`` of ``num_experts`` experts
+    (softmax in fp32, renormalized) of ``intermediate_size``, plus one shared MLP of the same width."""
+    inter = cfg.get("intermediate_size")
+    if isinstance(inter, bool) or not isinstance(inter, int) or inter <= 0:
+        raise ModelError(f"{where}: intermediate_size must be a positive integer, got {inter!r}")
+    return {"n_experts": _per_layer_int(cfg, "num_experts", 1, where),
+            "n_experts_per_tok": _per_layer_int(cfg, "moe_topk", 1, where),
+            "moe_intermediate_size": inter, "shared_expert_intermediate_size": inter, "norm_topk_prob": True}
 
 
 def _hunyuan_rope(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -309,8 +342,12 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
             cfg["final_logit_softcapping"] = spec.final_logit_softcapping
         elif arch == "jais2":
             cfg.update(layer_norm_eps=cfg.pop("rms_norm_eps"), mlp_bias=bool(spec.mlp_has_bias))
-    elif arch == "hunyuan_v1_dense":
+    elif arch in ("hunyuan_v1_dense", "hunyuan_v1_moe"):
         cfg["attention_bias"] = spec.attention_bias
+        if arch == "hunyuan_v1_moe":
+            if not spec.moe_intermediate_size == spec.shared_expert_intermediate_size == spec.intermediate_size:
+                raise ModelError("hunyuan_v1_moe: its experts and shared MLP are intermediate_size wide")
+            cfg.update(num_experts=spec.n_experts, moe_topk=spec.n_experts_per_tok)
         rope = spec.rope_scaling or {}
         if rope.get("rope_type") == "ntk_alpha":
             cfg["rope_scaling"] = {"type": "dynamic", "alpha": rope["alpha"], "factor": 1.0}
@@ -331,8 +368,8 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
             t = interleaved_to_half(spec, name, t)
         elif arch == "nanochat" and name.endswith(_QK_ROWS):
             t = _swap_halves(spec, name, t)
-        if arch == "ernie4_5_moe":  # (Qwen2-MoE's name here for the shared experts' one wide MLP)
-            name = name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+        if arch in _SHARED_EXPERT:  # (Qwen2-MoE's name here for the shared experts' one wide MLP)
+            name = name.replace(_SHARED_EXPERT[arch], ".mlp.shared_expert.")
         out[_rename(name, _NAMES.get(arch, {}))] = t
     if arch == "ernie4_5_moe":  # (trained without the aux-free bias: none stored, zeros as transformers starts it)
         for i in range(spec.n_layers):
@@ -375,7 +412,7 @@ def tensors_out(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[st
             t = interleaved_to_half(spec, name, t, inverse=True)
         elif arch == "nanochat" and name.endswith(_QK_ROWS):
             t = _swap_halves(spec, name, t)
-        if arch == "ernie4_5_moe":
-            name = name.replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+        if arch in _SHARED_EXPERT:
+            name = name.replace(".mlp.shared_expert.", _SHARED_EXPERT[arch])
         out[_rename(name, back)] = t
     return out

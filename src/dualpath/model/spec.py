@@ -189,7 +189,8 @@ MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granit
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
-ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "minimax_m2", "llama4_text", "ernie4_5_moe")
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "minimax_m2", "llama4_text", "ernie4_5_moe",
+                 "hunyuan_v1_moe")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
 _GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
 #: the architectures routing by it: GLM-4.5, dots.llm1 (GLM-4.5's MoE under Qwen3's attention), and MiniMax-M2 (one
@@ -334,7 +335,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: rope_scaling type {rope_type!r} unsupported; expected {ROPE_TYPES}")
         if rope_type not in ("default", "longrope", "ntk_alpha") and "factor" not in (self.rope_scaling or {}):
             raise ModelError(f"model config: rope_scaling of type {rope_type!r} needs a 'factor'")
-        if rope_type == "ntk_alpha" and self.architecture != "hunyuan_v1_dense":
+        if rope_type == "ntk_alpha" and self.architecture not in ("hunyuan_v1_dense", "hunyuan_v1_moe"):
             raise ModelError(f"model config: an ntk_alpha RoPE is hunyuan_v1_dense's, got it for {self.architecture}")
         if rope_type == "llama3":
             for key in ("low_freq_factor", "high_freq_factor"):
@@ -581,7 +582,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
         if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "granitemoeshared", "llama4_text",
-                                     "ernie4_5_moe") and \
+                                     "ernie4_5_moe", "hunyuan_v1_moe") and \
                 self.shared_expert_intermediate_size:
             raise ModelError(f"model config: {self.architecture} has no shared expert "
                              f"(shared_expert_intermediate_size {self.shared_expert_intermediate_size})")
@@ -638,7 +639,8 @@ class ModelSpec(_SpecCommon):
     @property
     def qk_norm(self) -> bool:
         """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
-        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "hunyuan_v1_dense", "nanochat",
+        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "hunyuan_v1_dense", "hunyuan_v1_moe",
+                                     "nanochat",
                                      "apertus") or (bool(self.use_qk_norm) and self.architecture != "llama4_text")
 
     @property
@@ -655,7 +657,7 @@ class ModelSpec(_SpecCommon):
     def qk_norm_after_rope(self) -> bool:
         """Hunyuan dense, NanoChat: their per-head q/k RMSNorms turn the rotated query and key (after RoPE, not
         before)."""
-        return self.architecture in ("hunyuan_v1_dense", "nanochat")
+        return self.architecture in ("hunyuan_v1_dense", "hunyuan_v1_moe", "nanochat")
 
     @property
     def qk_norm_full(self) -> bool:
@@ -690,7 +692,8 @@ class ModelSpec(_SpecCommon):
                                                              "vaultgemma",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
-                                                             "hunyuan_v1_dense", "nanochat", "jais2", "apertus",
+                                                             "hunyuan_v1_dense", "hunyuan_v1_moe", "nanochat", "jais2",
+                                                             "apertus",
                                                              "llama4_text", "phimoe", "dots1", "ernie4_5_moe")
 
     @property

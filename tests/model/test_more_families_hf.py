@@ -1,5 +1,5 @@
-"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, Arcee, GLM, GLM-4, GLM-4.5 and dots.llm1
-against transformers on the same random weights, saved by transformers' own
+"""OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, Arcee, GLM, GLM-4, GLM-4.5, dots.llm1, Solar
+Open and FlexOlmo against transformers on the same random weights, saved by transformers' own
 ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
 sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
 
@@ -81,6 +81,18 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
               dict(BASE, num_hidden_layers=3, head_dim=16, moe_intermediate_size=32, n_routed_experts=4,
                    num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=2,
                    routed_scaling_factor=2.5, attention_bias=True, sliding_window=5, max_window_layers=2)),
+    # Solar Open: Llama's attention with q/k/v biases, GLM-4.5's MoE block in every layer (2 of 4 experts in one
+    # group, its default; a shared expert; scaling); no dense width in its config. (Two groups flip a near-tie
+    # group choice in bf16 here on either side; glm4_moe routes by groups)
+    "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM",
+                   dict({k: v for k, v in BASE.items() if k != "intermediate_size"}, num_hidden_layers=3, head_dim=16,
+                        moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                        n_shared_experts=1, routed_scaling_factor=2.0, attention_bias=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # FlexOlmo: OLMo 2's blocks (output norms, whole-projection q/k norms) with OLMoE's softmax router, every layer
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM",
+                  dict(BASE, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                       attention_bias=True, pad_token_id=None, eos_token_id=None)),
     # MiniMax-M2: OLMo 2's q/k RMSNorms over whole projections, RoPE on rotary_dim of each head, then GLM-4.5's
     # sigmoid router with a correction bias (on the block) in one group, Mixtral's hub expert names; every layer MoE
     "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
@@ -187,8 +199,12 @@ def test_spec_follows_transformers(ckpt):
 def test_bf16_teacher_forced_logits(ckpt):
     family, d, _ = ckpt
     hf = getattr(transformers, FAMILIES[family][1]).from_pretrained(str(d), dtype=torch.bfloat16).eval()
-    got, ref = bf16_teacher_forced(_load(d, dtype="bfloat16"), hf, sum(_turns(5), []))
+    ours = _load(d, dtype="bfloat16")
+    got, ref = bf16_teacher_forced(ours, hf, sum(_turns(5), []))
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
+    if family in ("glm4_moe", "dots1", "solar_open"):  # DeepSeek-V3's router stays fp32 in a bf16 model, in both
+        assert hf.model.layers[-1].mlp.gate.weight.dtype == torch.float32
+        assert ours.model.layers[-1].mlp.gate.weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -217,6 +233,8 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     ("exaone4", "layer_types", "LLLG", "layer_types"),
     ("olmoe", "clip_qkv", -1.0, "clip_qkv"),
     ("dots1", "n_routed_experts", None, "n_routed_experts"),
+    ("solar_open", "rope_parameters", {"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("solar_open", "routed_scaling_factor", -1.0, "routed_scaling_factor"),
     ("dots1", "max_window_layers", "x", "max_window_layers"),
 ])
 def test_bad_configs_name_the_key(model_type, key, value, needle):

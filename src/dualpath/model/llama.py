@@ -495,6 +495,8 @@ class LayerwiseDecoder(nn.Module):
                 m.gate.float()
                 if m.norm_min is not None:
                     m.moe_statics.float()
+            elif type(m).__name__ == "Router":  # (GLM-4.5's DeepSeek-V3 router, dualpath.model.deepseek: likewise)
+                m.float()
 
     @property
     def device(self) -> torch.device:

@@ -52,6 +52,11 @@ permuting the q/k rows at load) and, for ``glm4``, RMSNorms on the attention's a
 correction bias choosing the top ``num_experts_per_tok`` within the best ``topk_group`` of ``n_group`` groups,
 renormalized (``norm_topk_prob``) and scaled by ``routed_scaling_factor``, plus ``n_shared_experts`` shared
 experts; its multi-token-prediction layers are not decoder layers and are left out at load.
+``SolarOpenForCausalLM`` (``solar_open``: Upstage's Solar Open) is Llama's attention (q/k/v biases with
+``attention_bias``, none on ``o_proj``; RoPE over whole heads) over
+GLM-4.5's MoE block in every layer; its config has no ``intermediate_size`` (no dense layer).
+``FlexOlmoForCausalLM`` (``flex_olmo``: FlexOlmo) is OLMo 2's blocks (output norms, whole-projection q/k norms)
+with OLMoE's softmax router over ``num_experts`` experts ``intermediate_size`` wide in every layer.
 ``Dots1ForCausalLM`` (``dots1``: rednote's dots.llm1) is Qwen3's attention (per-head q/k RMSNorms, RoPE on the whole
 head, ``attention_bias`` on q/k/v/o, sliding layers as ``layer_types`` or ``max_window_layers`` say) over GLM-4.5's
 MoE blocks (DeepSeek-V3's grouped sigmoid router with a correction bias, ``n_shared_experts`` shared experts, the
@@ -157,6 +162,8 @@ ARCHITECTURES: dict[str, str] = {
     "MinistralForCausalLM": "ministral",
     "Glm4MoeForCausalLM": "glm4_moe",
     "Dots1ForCausalLM": "dots1",
+    "SolarOpenForCausalLM": "solar_open",
+    "FlexOlmoForCausalLM": "flex_olmo",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "PhimoeForCausalLM": "phimoe",
     "OlmoeForCausalLM": "olmoe",
@@ -175,6 +182,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
             "granitemoe": "GraniteMoeForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
+            "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH}
@@ -184,18 +192,18 @@ _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logi
 #: input and pre-MLP norms, a Llama-shaped block)
 GEMMA2_LIKE = ("gemma2", "gemma3", "vaultgemma")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "flex_olmo")
 #: Granite's scalings and its MoE versions (GraniteMoE: Mixtral's experts under a top-k-then-softmax router; Shared:
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
-ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "minimax_m2", "llama4_text", "ernie4_5_moe",
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "minimax_m2", "llama4_text", "ernie4_5_moe",
                  "hunyuan_v1_moe")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
 _GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
-#: the architectures routing by it: GLM-4.5, dots.llm1 (GLM-4.5's MoE under Qwen3's attention), and MiniMax-M2 (one
-#: group, factor 1, no shared expert)
-GROUP_ROUTER_ARCHS = ("glm4_moe", "dots1", "minimax_m2")
+#: the architectures routing by it: GLM-4.5, dots.llm1 (GLM-4.5's MoE under Qwen3's attention), Solar Open (under
+#: Llama's, every layer), and MiniMax-M2 (one group, factor 1, no shared expert)
+GROUP_ROUTER_ARCHS = ("glm4_moe", "dots1", "solar_open", "minimax_m2")
 #: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
 _GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
 #: Granite's scalings (GraniteConfig): embeddings times ``embedding_multiplier``, attention scores times
@@ -203,7 +211,7 @@ _GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
 #: logits divided by ``logits_scaling``
 _GRANITE_FIELDS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
 #: OLMo 2 and 3: RMSNorms over the whole q / k projections, and norms on each block's output instead of its input
-_OLMO_ARCHS = ("olmo2", "olmo3")
+_OLMO_ARCHS = ("olmo2", "olmo3", "flex_olmo")
 _MOE_FIELDS = ("n_experts", "n_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "ntk_alpha")
@@ -581,7 +589,7 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size == 0:
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
-        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "granitemoeshared", "llama4_text",
+        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "solar_open", "granitemoeshared", "llama4_text",
                                      "ernie4_5_moe", "hunyuan_v1_moe") and \
                 self.shared_expert_intermediate_size:
             raise ModelError(f"model config: {self.architecture} has no shared expert "
@@ -694,7 +702,8 @@ class ModelSpec(_SpecCommon):
                                                              *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
                                                              "hunyuan_v1_dense", "hunyuan_v1_moe", "nanochat", "jais2",
                                                              "apertus",
-                                                             "llama4_text", "phimoe", "dots1", "ernie4_5_moe")
+                                                             "llama4_text", "phimoe", "dots1", "ernie4_5_moe",
+                                                             "flex_olmo")
 
     @property
     def layer_norm(self) -> bool:
@@ -901,6 +910,16 @@ class ModelSpec(_SpecCommon):
                        topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
                        use_qk_norm=bool(self.use_qk_norm), partial_rotary_factor=self.partial_rotary_factor,
                        num_nextn_predict_layers=0, num_mtp_layers=0)
+        if self.architecture == "solar_open":  # SolarOpenConfig: GLM-4.5's MoE keys, every layer; no dense width
+            cfg.pop("intermediate_size")
+            cfg.update(attention_bias=self.attention_bias, n_routed_experts=self.n_experts,
+                       num_experts_per_tok=self.n_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
+                       n_shared_experts=self.shared_expert_intermediate_size // self.moe_intermediate_size,
+                       norm_topk_prob=self.norm_topk_prob, n_group=self.n_group, topk_group=self.topk_group,
+                       routed_scaling_factor=self.routed_scaling_factor,
+                       rope_parameters={**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta,
+                                        "partial_rotary_factor": self.partial_rotary_factor})
+            del cfg["rope_theta"], cfg["rope_scaling"]
         if self.architecture == "dots1":  # Dots1Config: the same MoE keys; Qwen3's attention (q/k norms always on)
             cfg.update(attention_bias=self.attention_bias, n_routed_experts=self.n_experts,
                        num_experts_per_tok=self.n_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
@@ -982,10 +1001,12 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "mixtral":
             cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size, router_jitter_noise=0.0)
-        elif self.architecture == "olmoe":
+        elif self.architecture in ("olmoe", "flex_olmo"):
             cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
-                       clip_qkv=self.clip_qkv, attention_bias=self.attention_bias, pad_token_id=None)
+                       attention_bias=self.attention_bias, pad_token_id=None)
+            if self.architecture == "olmoe":
+                cfg["clip_qkv"] = self.clip_qkv
         elif self.architecture in MOE_ARCHS and self.architecture not in GRANITE_ARCHS:
             cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
@@ -1073,7 +1094,8 @@ class ModelSpec(_SpecCommon):
         hidden = int(need("hidden_size"))
         n_heads = int(need("num_attention_heads"))
         n_kv = int(cfg.get("num_key_value_heads") or _KV_HEADS.get(arch, n_heads))  # Gemma(2)Config's defaults
-        head_dim = int(cfg.get("head_dim") or 0) or (128 if arch in ("seed_oss", "glm", "glm4") and "head_dim" not in cfg
+        head_dim = int(cfg.get("head_dim") or 0) or (128 if arch in ("seed_oss", "glm", "glm4", "solar_open")
+                                                      and "head_dim" not in cfg
                                                       else hidden // n_heads)
         if arch in ("gemma", *GEMMA2_LIKE):  # Gemma(2/3)Config's head_dim defaults to 256, not hidden / heads
             head_dim = cfg.get("head_dim", 256)
@@ -1092,6 +1114,8 @@ class ModelSpec(_SpecCommon):
             partial, rope_scaling = _phi3_rope(cfg, where, rope_scaling)
         elif arch in ("glm4_moe", "glm", "glm4"):  # their config classes' default: RoPE on half of each head
             partial = _partial_rotary(cfg, where, 0.5)
+        elif arch == "solar_open":  # (read so that a partial one is refused: transformers rotates whole heads there)
+            partial = _partial_rotary(cfg, where, 1.0)
         elif arch == "minimax_m2":  # MiniMax-M2's checkpoints name the rotated dims rotary_dim
             partial = _partial_rotary(cfg, where, _minimax_rotary(cfg, where, head_dim))
         elif arch in lnf.LN_ARCHS:
@@ -1113,12 +1137,13 @@ class ModelSpec(_SpecCommon):
             architecture=arch,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
+            intermediate_size=int(need("intermediate_size")) if arch != "solar_open" else moe["moe_intermediate_size"],
             n_layers=int(need("num_hidden_layers")),
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "phimoe", "gpt_oss", "olmo2", "olmo3", "glm4_moe",
+                                                                  "solar_open",
                                                                   "olmoe", "exaone4") else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
@@ -1148,10 +1173,10 @@ class ModelSpec(_SpecCommon):
 #: the model_types read without an ``architectures`` list (every architecture's own; Mistral's as Llama)
 _MODEL_TYPES = ("mistral", "gemma3_text", *(a for a in _HF_ARCH if a != "gemma3"))
 _MAX_POSITION = {"glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "vaultgemma": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
-                 "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288}
+                 "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288, "solar_open": 131072, "flex_olmo": 4096}
 #: the config classes' RoPE base where it is not 10,000 (a config that names none)
-_ROPE_THETA = {"smollm3": 2_000_000.0}  # config classes' defaults
-_KV_HEADS = {"gemma": 16, "gemma2": 4, "vaultgemma": 4, "gemma3": 4, "glm": 2, "glm4": 2}
+_ROPE_THETA = {"smollm3": 2_000_000.0, "solar_open": 1_000_000.0}  # config classes' defaults
+_KV_HEADS = {"gemma": 16, "gemma2": 4, "vaultgemma": 4, "gemma3": 4, "glm": 2, "glm4": 2, "solar_open": 8}
 #: Gemma2Config's defaults (a key present as null turns a soft cap off)
 _GEMMA2_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
@@ -1334,7 +1359,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
                    where: str) -> tuple[int | None, tuple[int, ...]]:
     """``(window, full_attention_layers)`` as transformers reads the family's config (module docstring)."""
     n_layers = cfg.get("num_hidden_layers")
-    if arch in ("gemma", "glm", "glm4", "arcee", "glm4_moe", "minimax_m2", "seed_oss"):  # causal only: no window key
+    if arch in ("gemma", "glm", "glm4", "arcee", "glm4_moe", "solar_open", "minimax_m2", "seed_oss"):  # causal only
         return None, ()
     if arch in lv.VARIANT_ARCHS and arch not in lv.WINDOWED:  # (their config classes have no window either)
         return None, ()
@@ -1361,7 +1386,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         return None, ()
     if arch == "gpt_oss" and cfg.get("sliding_window") is None:  # its sliding layers then attend fully
         return None, ()
-    if arch in ("olmo2", *GRANITE_ARCHS):  # no window in these families
+    if arch in ("olmo2", "flex_olmo", *GRANITE_ARCHS):  # no window in these families
         return None, ()
     if arch == "smollm3":  # sliding only with use_sliding_window, by default on the layers without RoPE
         if not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
@@ -1536,6 +1561,19 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "n_group": as_int("n_group", cfg.get("n_group", 1)),
                 "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
                 "routed_scaling_factor": float(factor), "use_qk_norm": bool(cfg.get("use_qk_norm", False))}
+    if arch == "solar_open":  # GLM-4.5's MoE in every layer with SolarOpenConfig's defaults; no q/k norms
+        factor = cfg.get("routed_scaling_factor", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ModelError(f"{where}: routed_scaling_factor must be a positive number, got {factor!r}")
+        inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 1280))
+        return {"n_experts": as_int("n_routed_experts", cfg.get("n_routed_experts", cfg.get("num_local_experts", 128))),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
+                "moe_intermediate_size": inter,
+                "shared_expert_intermediate_size": inter * as_int("n_shared_experts", cfg.get("n_shared_experts", 1)),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", True)), "mlp_only_layers": (),
+                "n_group": as_int("n_group", cfg.get("n_group", 1)),
+                "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
+                "routed_scaling_factor": float(factor), "use_qk_norm": False}
     if arch == "dots1":  # GLM-4.5's MoE keys with Dots1Config's defaults; its attention always norms q and k
         if cfg.get("n_routed_experts") is None and cfg.get("num_local_experts") is not None:  # (its attribute_map)
             cfg = {**cfg, "n_routed_experts": cfg["num_local_experts"]}
@@ -1589,9 +1627,10 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 4)),
                 "moe_intermediate_size": as_int("intermediate_size", need("intermediate_size")),
                 "norm_topk_prob": True}
-    if arch == "olmoe":  # Qwen2-MoE's softmax router over Mixtral's experts, intermediate_size wide, every layer
-        return {"n_experts": as_int("num_experts", cfg.get("num_experts", 64)),
-                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
+    if arch in ("olmoe", "flex_olmo"):  # Qwen2-MoE's softmax router over Mixtral's experts, every layer
+        flex = arch == "flex_olmo"  # (FlexOlmoConfig's defaults: 5 of 7 experts)
+        return {"n_experts": as_int("num_experts", cfg.get("num_experts", 7 if flex else 64)),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 5 if flex else 8)),
                 "moe_intermediate_size": as_int("intermediate_size", need("intermediate_size")),
                 "norm_topk_prob": bool(cfg.get("norm_topk_prob", False))}
     if arch in GRANITE_ARCHS:  # Mixtral's experts, intermediate_size wide, every layer; Shared's ungated expert

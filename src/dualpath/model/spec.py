@@ -1906,16 +1906,16 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
 _DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
                   "DeepseekV32ForCausalLM": "deepseek_v32", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                   "MiniCPM3ForCausalLM": "minicpm3", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
-                  "Mistral4ForCausalLM": "mistral4"}
+                  "Mistral4ForCausalLM": "mistral4", "YoutuForCausalLM": "youtu"}
 #: the router's top-k method each generation supports (V2: softmax scores; V3 and V3.2: sigmoid scores + correction
 #: bias)
 _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy"),
                  "deepseek_v32": ("noaux_tc",), "glm4_moe_lite": ("noaux_tc",), "minicpm3": ("noaux_tc",),
-                 "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",)}
+                 "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",), "youtu": ("noaux_tc",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
-            "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax"}
+            "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax", "youtu": "sigmoid"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
-          "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
+          "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "youtu": "Youtu-LLM", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
           "mistral4": "Mistral 4 (mistral4)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
@@ -1975,6 +1975,9 @@ class DeepseekV3Spec(_SpecCommon):
     ``minicpm3`` (MiniCPM3): V2's MLA with plain (not interleaved) RoPE halves, a dense SwiGLU MLP in every layer,
     embeddings times ``scale_emb``, each block's outputs times ``residual_scale`` (``scale_depth / sqrt(layers)``)
     and the final hidden state divided by ``logits_scaling`` (``hidden_size / dim_model_base``) before the head.
+
+    ``youtu`` (Youtu-LLM): V3's MLA (interleaved RoPE by default) in Llama-shaped blocks with a dense SwiGLU MLP in
+    every layer and tied embeddings by default.
 
     ``mistral4`` (Mistral 4): V3's MLA and grouped MoE, but routed by softmax scores with no correction bias, and
     each query scaled by ``1 + llama_4_scaling_beta * log(1 + floor(position / original_max_position_embeddings))``.
@@ -2284,6 +2287,12 @@ class DeepseekV3Spec(_SpecCommon):
             cfg.update(architectures=["MiniCPM3ForCausalLM"], model_type="minicpm3", scale_emb=self.scale_emb,
                        scale_depth=self.residual_scale * math.sqrt(self.n_layers),
                        dim_model_base=round(self.hidden_size / self.logits_scaling))  # (an int in transformers)
+        if self.model_type == "youtu":
+            for key in ("moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+                        "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "first_k_dense_replace",
+                        "num_nextn_predict_layers"):
+                cfg.pop(key, None)
+            cfg.update(architectures=["YoutuForCausalLM"], model_type="youtu")
         if self.model_type == "glm4_moe_lite":
             del cfg["first_k_dense_replace"], cfg["num_nextn_predict_layers"]
             k = min(self.first_k_dense_replace, self.n_layers)
@@ -2363,8 +2372,11 @@ class DeepseekV3Spec(_SpecCommon):
             if layer_kinds != ["dense"] * k + ["sparse"] * (n_layers - k):
                 raise ModelError(f"{where}: mlp_layer_types {layer_kinds!r} unsupported: expected "
                                  f"first_k_dense_replace={first_dense} dense layers, then sparse ones")
+        if model_type == "youtu":  # every layer dense (YoutuConfig has no MoE keys)
+            cfg = {**cfg, "first_k_dense_replace": n_layers, "n_routed_experts": 0}
+            first_dense = n_layers
         index: dict[str, int] = {}
-        max_position = int(cfg.get("max_position_embeddings", 4096))
+        max_position = int(cfg.get("max_position_embeddings", 131072 if model_type == "youtu" else 4096))
         shared: tuple[int, ...] = ()
         if model_type in DSA_MODEL_TYPES:
             index = {name: int(need(name)) for name in _V32_FIELDS}
@@ -2413,7 +2425,7 @@ class DeepseekV3Spec(_SpecCommon):
             rope_scaling=rope_scaling,
             rope_interleave=bool(cfg.get("rope_interleave", True)),
             max_position=max_position,
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "minicpm3")),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", model_type in ("minicpm3", "youtu"))),
             attention_bias=bool(cfg.get("attention_bias", False)),
             dtype=dtype,
             kv_format=kv_format,

@@ -65,6 +65,33 @@ def test_hash_ids_are_content_across_sessions() -> None:
     assert ideal_hit_rate(w.trajectories) == pytest.approx(IDEAL_SHARED)
 
 
+def test_blocks_past_a_short_hash_id_list_are_each_requests_own() -> None:
+    """A trace listing fewer hash ids than its prompts have blocks says nothing of the rest: the runtime's replay
+    gives those blocks the request's own content, so two requests with equal listed ids share only the listed
+    blocks (as the simulator and the ideal hit rate count them), never a made-up tail."""
+    import anyio
+
+    from dualpath.runtime.clients import ClientResult, TurnOutcome, run_offline_into
+    from dualpath.workload.trajectory import Trajectory, Turn
+
+    a = hash_prompt_tokens([5, 6], 2048, 512, 1000, salt=(0, 0))
+    b = hash_prompt_tokens([5, 6], 2048, 512, 1000, salt=(1, 0))
+    assert np.array_equal(a[:1024], b[:1024]) and not np.array_equal(a[1024:1536], b[1024:1536])
+    assert np.array_equal(a, hash_prompt_tokens([5, 6], 2048, 512, 1000, salt=(0, 0)))  # a pure function
+    assert a.min() >= 1 and a.max() < 1000
+    prompts: list[np.ndarray] = []
+
+    class Recorder:  # the TurnService protocol: records each prompt
+        async def run_turn(self, session: int, prompt_ids: np.ndarray, gen_tokens: int) -> TurnOutcome:
+            prompts.append(np.asarray(prompt_ids))
+            return TurnOutcome(session, [7] * gen_tokens, len(prompt_ids), 0, 0.0, 0.0, None, 0.0)
+
+    agents = [Trajectory(k, [Turn(2048, 1, hash_ids=[5, 6], hash_block=512)]) for k in range(2)]
+    anyio.run(lambda: run_offline_into(Recorder(), agents, ClientResult([], 0.0, 0.0, 0, 0), vocab_size=1000))
+    assert len(prompts) == 2 and np.array_equal(prompts[0][:1024], prompts[1][:1024])
+    assert not np.array_equal(prompts[0][1024:1536], prompts[1][1024:1536])
+
+
 def test_simulator_sees_cross_session_reuse_and_trace_times() -> None:
     from dualpath.scheduler.policies import get_policy
     from dualpath.sim.cluster import Simulation

@@ -125,7 +125,9 @@ async def replay_agent(
             if delay > 0:
                 await anyio.sleep(delay)
         if spec.hash_ids is not None:
-            prompt = hash_prompt_tokens(spec.hash_ids, ctx_len + spec.append, spec.hash_block, vocab_size)
+            # (blocks past a short hash-id list: this request's own content, never reused)
+            prompt = hash_prompt_tokens(spec.hash_ids, ctx_len + spec.append, spec.hash_block, vocab_size,
+                                        salt=(agent.tid, i))
         else:
             prompt = np.concatenate([context, append_token_ids(agent.tid, i, spec, vocab_size, seed)])
         ctx_len += spec.append + spec.gen

@@ -45,15 +45,32 @@ def _block_tokens(h: int, block: int, vocab: int) -> np.ndarray:
     return out
 
 
+def _mix64(x: int) -> int:
+    """SplitMix64's finalizer: a stable 64-bit mix (no per-process hash seed)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFF_FFFF_FFFF_FFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFF_FFFF_FFFF_FFFF
+    return x ^ (x >> 31)
+
+
 def hash_prompt_tokens(hash_ids: Sequence[int], n_tokens: int, block: int = MOONCAKE_BLOCK,
-                       vocab: int = 32000) -> np.ndarray:
+                       vocab: int = 32000, salt: tuple[int, ...] | None = None) -> np.ndarray:
     """The first ``n_tokens`` token ids of a prompt whose ``block``-token blocks have ``hash_ids`` (ids in
-    ``[1, vocab)``). Block ``b`` is a pure function of its hash id, so equal ids give equal tokens; blocks past
-    the list get ids of their own (``2**62 + b``), shared by every prompt that long."""
+    ``[1, vocab)``). Block ``b`` is a pure function of its hash id, so equal ids give equal tokens. Blocks past
+    the list (a trace that lists fewer ids than its prompt has blocks) have no known content: with ``salt`` (the
+    request's identity) they get ids of that request's own, so they are never reused, as the simulator and
+    :func:`ideal_hit_rate` count them; without, ids shared by every prompt that long (``2**62 + b``)."""
     if n_tokens <= 0:
         return np.zeros(0, dtype=np.int64)
     nb = -(-n_tokens // block)
-    parts = [_block_tokens(int(hash_ids[b]) if b < len(hash_ids) else (1 << 62) + b, block, vocab)
+    own = 0
+    for v in salt or ():
+        own = _mix64(own ^ (int(v) & 0xFFFF_FFFF_FFFF_FFFF))
+
+    def unlisted(b: int) -> int:
+        return (1 << 62) + b if salt is None else (1 << 63) | (_mix64(own ^ b) >> 1)
+
+    parts = [_block_tokens(int(hash_ids[b]) if b < len(hash_ids) else unlisted(b), block, vocab)
              for b in range(nb)]
     return np.concatenate(parts)[:n_tokens]
 

@@ -307,3 +307,38 @@ def test_the_simulator_waits_the_think_time_online_only(tmp_path: Path) -> None:
     assert max(sim.rec_submit) == pytest.approx(first_done + 100.0)
     offline = Simulation(scenario_from_preset("tiny", trajectories=trajs), get_policy("dualpath")).run()
     assert max(offline.rec_submit) == pytest.approx(min(offline.rec_done))
+
+
+def test_a_history_trace_is_read_as_it_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A history trace repeats each session's whole conversation on every row (its size grows with the square of
+    the turns): it is read row by row, each row reduced to its new messages at once, so the memory it takes is a
+    fraction of the file's size (held whole, as before, it took several times the file), with the same turns."""
+    import random
+    import tracemalloc
+
+    rng = random.Random(0)
+    vocab = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(vocab) for _ in range(n))
+
+    rows = []
+    for s in range(40):
+        hist: list[dict[str, Any]] = [{"role": "system", "content": text(60)}]
+        for _ in range(12):
+            hist = [*hist, {"role": "user", "content": text(110)}]
+            rows.append({"session_id": f"s{s}", "messages": hist, "output_length": 50})
+            hist = [*hist, {"role": "assistant", "content": text(100)}]
+    p = _write(tmp_path, rows)
+    import dualpath.workload.sharegpt as sharegpt
+
+    monkeypatch.setattr(sharegpt, "default_counter", lambda: words)
+    tracemalloc.start()
+    try:
+        trajs, restarted = load_mooncake_trace(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert restarted == 0 and len(trajs) == 40 and all(len(t.turns) == 12 for t in trajs)
+    assert [u.append for u in trajs[0].turns] == [170] + [110] * 11  # system + user, then each new user message
+    assert peak < 0.6 * p.stat().st_size, (peak, p.stat().st_size)

@@ -13,6 +13,7 @@ Blank lines, CRLF line ends and a leading UTF-8 byte-order mark are fine. Any ma
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -266,9 +267,16 @@ def load_mooncake_trace(
     """
     from dualpath.workload.mooncake_sessions import is_extended, load_session_rows
 
-    objs = list(_lines(str(path)))
-    if any(is_extended(obj) for _, obj in objs):
-        st = load_session_rows(objs, path)
+    lines = _lines(str(path))
+    objs: list[tuple[int, dict[str, Any]]] = []  # FAST'25 rows (small) until a row says otherwise
+    for no, obj in lines:
+        if is_extended(obj):  # the rest streams, each object dropped once read (history rows are large)
+            st = load_session_rows(itertools.chain(objs, [(no, obj)], lines), path)
+            break
+        objs.append((no, obj))
+    else:
+        st = None
+    if st is not None:
         trajs = st.trajectories
         if max_requests is not None:
             from dualpath.workload.traces import _prefix_requests

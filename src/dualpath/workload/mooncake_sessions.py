@@ -43,8 +43,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dualpath.errors import WorkloadError
@@ -72,10 +72,44 @@ class Row:
     messages: tuple[tuple[str, str], ...] | None = None
     delta: bool = False
     tools: str | None = None
+    # a messages row once read against its session (:func:`compact_rows`): the texts that are its turn's input
+    # (``messages`` dropped), and whether it starts a trajectory
+    new_texts: tuple[str, ...] | None = None
+    starts: bool = False
 
     @property
     def kind(self) -> str:
         return "input_length" if self.input_len is not None else "text_input" if self.text is not None else "messages"
+
+
+def compact_rows(rows: Iterable[Row]) -> Iterator[Row]:
+    """``rows`` (file order) with each messages row reduced to its turn's new texts as it is read, so a history
+    trace (every row repeating its session's whole conversation) is held in memory as its new messages only:
+    a history row continues its session when the previous history row's messages are a prefix of its own (the
+    recorded reply right after that prefix, the previous turn's output, is not input), else it starts a
+    trajectory of its own; a delta row's messages are its input (less a leading recorded reply, past the
+    session's first row). Tools count only on a row that starts a trajectory. Only each session's last history
+    is kept."""
+    last: dict[str, tuple[tuple[str, str], ...]] = {}
+    seen: set[str] = set()
+    for r in rows:
+        key = r.session if r.session is not None else f"\0{r.line}"
+        first = key not in seen
+        seen.add(key)
+        if r.messages is None:
+            yield r
+            continue
+        if not r.delta:
+            prev = last.get(key)
+            if prev is not None and len(prev) < len(r.messages) and r.messages[:len(prev)] == prev:
+                texts, starts = tuple(t for _, t in _strip_reply(r.messages[len(prev):])), False
+            else:  # the session's first history row, or one that does not extend the last: a new trajectory
+                texts, starts = tuple(t for _, t in r.messages), True
+            last[key] = r.messages
+        else:
+            texts = tuple(t for _, t in (r.messages if first else _strip_reply(r.messages)))
+            starts = first
+        yield replace(r, messages=None, new_texts=texts, starts=starts, tools=r.tools if starts else None)
 
 
 def is_extended(obj: dict[str, Any]) -> bool:
@@ -179,6 +213,7 @@ def build_sessions(rows: list[Row], p: str, count_tokens: Callable[[list[str]], 
     """Trajectories from parsed rows (see the module docstring): one per ``session_id`` (in order of first
     appearance; a row without one is a session of its own), turns in file order. ``count_tokens``: texts ->
     token counts (default: the embedded SmolLM2 tokenizer, one batched call)."""
+    rows = list(compact_rows(rows))  # (a no-op for rows already read that way)
     sessions: dict[str, list[Row]] = {}
     for r in rows:
         sessions.setdefault(r.session if r.session is not None else f"\0{r.line}", []).append(r)
@@ -197,7 +232,6 @@ def build_sessions(rows: list[Row], p: str, count_tokens: Callable[[list[str]], 
             bad = next(r for r in rs if r.delta != rs[0].delta)
             raise WorkloadError(f"session {rs[0].session!r} mixes message modes ('delta' and 'history'); every row "
                                 "of a session uses one", path=p, line=bad.line)
-        prev: tuple[tuple[str, str], ...] | None = None
         whole: tuple[list[int], int] | None = None  # the previous turn's whole-prompt hash ids and its context
         for j, r in enumerate(rs):
             first = j == 0
@@ -212,16 +246,11 @@ def build_sessions(rows: list[Row], p: str, count_tokens: Callable[[list[str]], 
                 whole = (r.hash_ids, r.input_len + r.output_len)
             else:
                 whole = None
-            if r.messages is not None and not r.delta:
-                if prev is not None and len(prev) < len(r.messages) and r.messages[:len(prev)] == prev:
-                    texts = [t for _, t in _strip_reply(r.messages[len(prev):])]
-                else:  # the first row, or a history that does not extend the previous one: a new trajectory
-                    restarted += 0 if first else 1
-                    first = True
-                    texts = [t for _, t in r.messages]
-                prev = r.messages
-            elif r.messages is not None:
-                texts = [t for _, t in (r.messages if first else _strip_reply(r.messages))]
+            if r.kind == "messages":  # (read against its session by compact_rows)
+                assert r.new_texts is not None
+                texts = list(r.new_texts)
+                restarted += 1 if r.starts and not first else 0
+                first = r.starts
             else:
                 texts = [r.text] if r.text is not None else []
             if first and r.tools:
@@ -249,13 +278,14 @@ def build_sessions(rows: list[Row], p: str, count_tokens: Callable[[list[str]], 
     return SessionTrace(out, restarted)
 
 
-def load_session_rows(objs: list[tuple[int, dict[str, Any]]], path: str | os.PathLike[str],
+def load_session_rows(objs: Iterable[tuple[int, dict[str, Any]]], path: str | os.PathLike[str],
                       count_tokens: Callable[[list[str]], list[int]] | None = None) -> SessionTrace:
-    """:func:`build_sessions` of the ``(line, object)`` rows of a Mooncake-format file."""
+    """:func:`build_sessions` of the ``(line, object)`` rows of a Mooncake-format file (read as they come: a
+    generator keeps one parsed object at a time, :func:`compact_rows`)."""
     from dualpath.workload.loaders import infer_hash_block
 
     p = str(path)
-    rows = [parse_row(obj, p, no) for no, obj in objs]
+    rows = list(compact_rows(parse_row(obj, p, no) for no, obj in objs))
     block = infer_hash_block([(r.input_len, len(r.hash_ids)) for r in rows
                               if r.input_len is not None and r.hash_ids is not None])
     return build_sessions(rows, p, count_tokens, block)

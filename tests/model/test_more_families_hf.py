@@ -1,5 +1,5 @@
 """OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, Arcee, GLM, GLM-4, GLM-4.5, dots.llm1, Solar
-Open and FlexOlmo against transformers on the same random weights, saved by transformers' own
+Open, FlexOlmo and Trinity (afmoe) against transformers on the same random weights, saved by transformers' own
 ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
 sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
 
@@ -89,6 +89,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                         moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
                         n_shared_experts=1, routed_scaling_factor=2.0, attention_bias=True,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Trinity (afmoe): per-head q/k norms, layers 0 and 2 slide over 5 tokens with RoPE, 1 and 3 attend fully
+    # without, the attention's output gated, Gemma 2's four norms (plain), muP's embedding scale, a dense layer 0,
+    # then GLM-4.5's MoE block in one group (2 of 4 experts, a shared one, route_scale 2)
+    "afmoe": ("AfmoeConfig", "AfmoeForCausalLM",
+              dict(BASE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                   num_shared_experts=1, num_dense_layers=1, route_scale=2.0, global_attn_every_n_layers=2,
+                   sliding_window=5, mup_enabled=True, pad_token_id=None, bos_token_id=None, eos_token_id=None)),
     # FlexOlmo: OLMo 2's blocks (output norms, whole-projection q/k norms) with OLMoE's softmax router, every layer
     "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM",
                   dict(BASE, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, intermediate_size=32,
@@ -193,6 +200,9 @@ def test_spec_follows_transformers(ckpt):
         assert want == [5, 5, 5, None] and spec.rope_local_theta == 10000.0 and spec.rope_type == "yarn"
     if family == "granite":
         assert spec.attn_scale == 0.3 and spec.logits_scaling == 2.5
+    if family == "afmoe":  # RoPE on the sliding layers only; muP's sqrt(64); dense layer 0
+        assert want == [5, None, 5, None] and list(spec.nope_layers) == [1, 3] and spec.embedding_multiplier == 8.0
+        assert [spec.is_moe_layer(i) for i in range(4)] == [False, True, True, True] and spec.attn_output_gate
     assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
 
 
@@ -235,6 +245,9 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     ("dots1", "n_routed_experts", None, "n_routed_experts"),
     ("solar_open", "rope_parameters", {"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ("solar_open", "routed_scaling_factor", -1.0, "routed_scaling_factor"),
+    ("afmoe", "route_scale", 0, "route_scale"),
+    ("afmoe", "global_attn_every_n_layers", 0, "global_attn_every_n_layers"),
+    ("afmoe", "mup_enabled", "yes", "mup_enabled"),
     ("dots1", "max_window_layers", "x", "max_window_layers"),
 ])
 def test_bad_configs_name_the_key(model_type, key, value, needle):

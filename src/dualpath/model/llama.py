@@ -321,6 +321,8 @@ class Attention(nn.Module):
             self.k_norm = _norm(spec, hkv * d)
         if spec.attention_sinks:  # gpt-oss: one logit per query head in each softmax's denominator
             self.sinks = nn.Parameter(torch.zeros(hq))
+        if spec.attn_output_gate:  # Trinity: the attention's output gated per channel before o_proj
+            self.gate_proj = nn.Linear(spec.hidden_size, hq * d, bias=False)
 
 
 class MLP(FeedForward):
@@ -423,9 +425,9 @@ class DecoderLayer(nn.Module):
         if spec.architecture == "glm4":  # norms on the attention's and the MLP's outputs
             self.post_self_attn_layernorm = _norm(spec, spec.hidden_size)
             self.post_mlp_layernorm = _norm(spec, spec.hidden_size)
-        if spec.sandwich_norms:  # Gemma 2
-            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, True)
-            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, True)
+        if spec.sandwich_norms:  # Gemma 2 (by 1 + weight), Trinity
+            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, spec.gemma_style)
+            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, spec.gemma_style)
 
 
 def _glm_routing(spec: ModelSpec) -> SimpleNamespace:
@@ -719,8 +721,11 @@ class LlamaModel(LayerwiseDecoder):
                                         scale, backend=self.backend, softcap=self.softcap,
                                         window=self.windows[layer], sinks=sinks, alibi=self.alibi_slopes,
                                         chunk=self.chunks[layer])
-        a = attn.o_proj(o.reshape(n, spec.n_heads * spec.head_dim))
-        if spec.sandwich_norms:  # Gemma 2: norms on the attention output and around the MLP
+        o = o.reshape(n, spec.n_heads * spec.head_dim)
+        if spec.attn_output_gate:  # Trinity
+            o = o * torch.sigmoid(attn.gate_proj(x))
+        a = attn.o_proj(o)
+        if spec.sandwich_norms:  # Gemma 2, Trinity: norms on the attention output and around the MLP
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)
             m = mod.mlp(cast(RMSNorm, mod.pre_feedforward_layernorm)(h))
             state.hidden = h + cast(RMSNorm, mod.post_feedforward_layernorm)(m)

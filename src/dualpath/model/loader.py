@@ -114,6 +114,9 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
                for k, v in out.items()}
     if getattr(model.spec, "architecture", "") in ("granitemoe", "granitemoeshared"):
         out = _granite_moe_hub_tensors(out)
+    if getattr(model.spec, "architecture", "") == "afmoe":
+        for theirs, ours in _AFMOE_NAMES.items():
+            out = {k.replace(ours, theirs): v for k, v in out.items()}
     if getattr(model.spec, "architecture", "") == "mistral4":  # (transformers reads Mistral 4's experts packed only)
         out = _packed_experts(out)
     if getattr(model.spec, "architecture", "") == "phi3":
@@ -696,6 +699,12 @@ def _granite_moe_hub_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+#: Trinity (afmoe) tensor names -> ours (GLM-4.5's router; Gemma 2's names for the norms around the MLP), the bias
+#: first (written back in this order, it must not become the router's)
+_AFMOE_NAMES = {".mlp.expert_bias": ".mlp.gate.e_score_correction_bias", ".mlp.router.gate.": ".mlp.gate.",
+                ".pre_mlp_layernorm.": ".pre_feedforward_layernorm.", ".post_mlp_layernorm.": ".post_feedforward_layernorm."}
+
+
 def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
                 source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Mixtral / Qwen2-MoE / Qwen3-MoE / GLM-4.5 checkpoint tensors in this model's names: Mixtral's
@@ -709,6 +718,9 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
             continue  # GLM-4.5's multi-token-prediction layers (num_nextn_predict_layers): not a decoder layer
         if spec.architecture in ("granitemoe", "granitemoeshared") and _granite_moe_in(name, t, out, source):
             continue
+        if spec.architecture == "afmoe":  # Trinity's names for the router, its bias and the MLP's norms
+            for theirs, ours in _AFMOE_NAMES.items():
+                name = name.replace(theirs, ours)
         if spec.architecture == "minimax_m2" and name.endswith(("mlp.e_score_correction_bias",
                                                                   "block_sparse_moe.e_score_correction_bias")):
             name = name[: -len("e_score_correction_bias")].replace(".block_sparse_moe.", ".mlp.") + \

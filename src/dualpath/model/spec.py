@@ -57,6 +57,12 @@ experts; its multi-token-prediction layers are not decoder layers and are left o
 GLM-4.5's MoE block in every layer; its config has no ``intermediate_size`` (no dense layer).
 ``FlexOlmoForCausalLM`` (``flex_olmo``: FlexOlmo) is OLMo 2's blocks (output norms, whole-projection q/k norms)
 with OLMoE's softmax router over ``num_experts`` experts ``intermediate_size`` wide in every layer.
+``AfmoeForCausalLM`` (``afmoe``: Arcee's Trinity) has per-head q/k RMSNorms, RoPE on its sliding layers only
+(``layer_types``, else every ``global_attn_every_n_layers``-th layer full), the attention's output gated by
+``sigmoid(gate_proj(x))`` before ``o_proj``, Gemma 2's four norms per block (``pre_mlp_layernorm`` /
+``post_mlp_layernorm`` read as ``pre_/post_feedforward_layernorm``), muP's embedding scale ``sqrt(hidden_size)`` with
+``mup_enabled``, and after ``num_dense_layers`` dense layers GLM-4.5's MoE block in one group (sigmoid scores, the
+``expert_bias`` choosing, weights renormalized times ``route_scale``, shared experts).
 ``Dots1ForCausalLM`` (``dots1``: rednote's dots.llm1) is Qwen3's attention (per-head q/k RMSNorms, RoPE on the whole
 head, ``attention_bias`` on q/k/v/o, sliding layers as ``layer_types`` or ``max_window_layers`` say) over GLM-4.5's
 MoE blocks (DeepSeek-V3's grouped sigmoid router with a correction bias, ``n_shared_experts`` shared experts, the
@@ -163,6 +169,7 @@ ARCHITECTURES: dict[str, str] = {
     "Glm4MoeForCausalLM": "glm4_moe",
     "Dots1ForCausalLM": "dots1",
     "SolarOpenForCausalLM": "solar_open",
+    "AfmoeForCausalLM": "afmoe",
     "FlexOlmoForCausalLM": "flex_olmo",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "PhimoeForCausalLM": "phimoe",
@@ -182,7 +189,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
             "granitemoe": "GraniteMoeForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
-            "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM",
+            "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM", "afmoe": "AfmoeForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH}
@@ -197,13 +204,13 @@ MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granit
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
-ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "minimax_m2", "llama4_text", "ernie4_5_moe",
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "afmoe", "minimax_m2", "llama4_text", "ernie4_5_moe",
                  "hunyuan_v1_moe")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
 _GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
 #: the architectures routing by it: GLM-4.5, dots.llm1 (GLM-4.5's MoE under Qwen3's attention), Solar Open (under
-#: Llama's, every layer), and MiniMax-M2 (one group, factor 1, no shared expert)
-GROUP_ROUTER_ARCHS = ("glm4_moe", "dots1", "solar_open", "minimax_m2")
+#: Llama's, every layer), Trinity (afmoe: one group), and MiniMax-M2 (one group, factor 1, no shared expert)
+GROUP_ROUTER_ARCHS = ("glm4_moe", "dots1", "solar_open", "afmoe", "minimax_m2")
 #: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
 _GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
 #: Granite's scalings (GraniteConfig): embeddings times ``embedding_multiplier``, attention scores times
@@ -387,12 +394,13 @@ class ModelSpec(_SpecCommon):
                              f"got {self.rope_local_theta} for {self.architecture}")
         for name in _GRANITE_FIELDS:
             value = getattr(self, name)
-            if value is not None and self.architecture not in GRANITE_ARCHS:
+            if value is not None and self.architecture not in GRANITE_ARCHS and not (
+                    name == "embedding_multiplier" and self.architecture == "afmoe"):  # (Trinity's muP scale)
                 raise ModelError(f"model config: {name} is granite's, got {value} for {self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
         nope = tuple(sorted({int(x) for x in self.nope_layers}))
-        if nope and (self.architecture not in ("smollm3", "exaone4", "cohere2", "llama4_text")
+        if nope and (self.architecture not in ("smollm3", "exaone4", "cohere2", "llama4_text", "afmoe")
                      or any(not 0 <= x < self.n_layers for x in nope)):
             raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 / exaone4 / cohere2 layers of "
                              f"0..{self.n_layers - 1}")
@@ -589,7 +597,8 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size == 0:
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
-        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "solar_open", "granitemoeshared", "llama4_text",
+        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "solar_open", "afmoe", "granitemoeshared",
+                                     "llama4_text",
                                      "ernie4_5_moe", "hunyuan_v1_moe") and \
                 self.shared_expert_intermediate_size:
             raise ModelError(f"model config: {self.architecture} has no shared expert "
@@ -703,7 +712,7 @@ class ModelSpec(_SpecCommon):
                                                              "hunyuan_v1_dense", "hunyuan_v1_moe", "nanochat", "jais2",
                                                              "apertus",
                                                              "llama4_text", "phimoe", "dots1", "ernie4_5_moe",
-                                                             "flex_olmo")
+                                                             "flex_olmo", "afmoe")
 
     @property
     def layer_norm(self) -> bool:
@@ -785,7 +794,13 @@ class ModelSpec(_SpecCommon):
     def sandwich_norms(self) -> bool:
         """Gemma 2: ``post_attention_layernorm`` on the attention output, ``pre_/post_feedforward_layernorm``
         around the MLP (Llama's ``post_attention_layernorm`` is the MLP's input norm)."""
-        return self.architecture in ("gemma2", "gemma3")
+        return self.architecture in ("gemma2", "gemma3", "afmoe")
+
+    @property
+    def attn_output_gate(self) -> bool:
+        """Trinity (afmoe): the attention's output times ``sigmoid(gate_proj(x))`` (one gate per query channel,
+        from the block's normed input) before ``o_proj``."""
+        return self.architecture == "afmoe"
 
     @property
     def attn_scale(self) -> float:
@@ -910,6 +925,15 @@ class ModelSpec(_SpecCommon):
                        topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
                        use_qk_norm=bool(self.use_qk_norm), partial_rotary_factor=self.partial_rotary_factor,
                        num_nextn_predict_layers=0, num_mtp_layers=0)
+        if self.architecture == "afmoe":  # AfmoeConfig's keys
+            cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
+                       moe_intermediate_size=self.moe_intermediate_size,
+                       num_shared_experts=self.shared_expert_intermediate_size // self.moe_intermediate_size,
+                       num_dense_layers=len(self.mlp_only_layers), route_scale=self.routed_scaling_factor,
+                       attention_bias=self.attention_bias, mup_enabled=self.embedding_multiplier is not None,
+                       sliding_window=self.sliding_window,
+                       layer_types=["full_attention" if i in self.nope_layers else "sliding_attention"
+                                    for i in range(self.n_layers)])
         if self.architecture == "solar_open":  # SolarOpenConfig: GLM-4.5's MoE keys, every layer; no dense width
             cfg.pop("intermediate_size")
             cfg.update(attention_bias=self.attention_bias, n_routed_experts=self.n_experts,
@@ -1094,7 +1118,7 @@ class ModelSpec(_SpecCommon):
         hidden = int(need("hidden_size"))
         n_heads = int(need("num_attention_heads"))
         n_kv = int(cfg.get("num_key_value_heads") or _KV_HEADS.get(arch, n_heads))  # Gemma(2)Config's defaults
-        head_dim = int(cfg.get("head_dim") or 0) or (128 if arch in ("seed_oss", "glm", "glm4", "solar_open")
+        head_dim = int(cfg.get("head_dim") or 0) or (128 if arch in ("seed_oss", "glm", "glm4", "solar_open", "afmoe")
                                                       and "head_dim" not in cfg
                                                       else hidden // n_heads)
         if arch in ("gemma", *GEMMA2_LIKE):  # Gemma(2/3)Config's head_dim defaults to 256, not hidden / heads
@@ -1143,7 +1167,7 @@ class ModelSpec(_SpecCommon):
             n_kv_heads=n_kv,
             head_dim=head_dim,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "phimoe", "gpt_oss", "olmo2", "olmo3", "glm4_moe",
-                                                                  "solar_open",
+                                                                  "solar_open", "afmoe",
                                                                   "olmoe", "exaone4") else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
@@ -1173,7 +1197,8 @@ class ModelSpec(_SpecCommon):
 #: the model_types read without an ``architectures`` list (every architecture's own; Mistral's as Llama)
 _MODEL_TYPES = ("mistral", "gemma3_text", *(a for a in _HF_ARCH if a != "gemma3"))
 _MAX_POSITION = {"glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "vaultgemma": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
-                 "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288, "solar_open": 131072, "flex_olmo": 4096}
+                 "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288, "solar_open": 131072, "flex_olmo": 4096,
+                 "afmoe": 16384}
 #: the config classes' RoPE base where it is not 10,000 (a config that names none)
 _ROPE_THETA = {"smollm3": 2_000_000.0, "solar_open": 1_000_000.0}  # config classes' defaults
 _KV_HEADS = {"gemma": 16, "gemma2": 4, "vaultgemma": 4, "gemma3": 4, "glm": 2, "glm4": 2, "solar_open": 8}
@@ -1217,6 +1242,11 @@ def _gpt_oss_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _granite_fields(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    if arch == "afmoe":  # Trinity's muP input scale, the only one of these it has
+        mup = cfg.get("mup_enabled", False)
+        if not isinstance(mup, bool) and mup is not None:
+            raise ModelError(f"{where}: mup_enabled must be true or false, got {mup!r}")
+        return {"embedding_multiplier": float(cfg["hidden_size"]) ** 0.5} if mup else {}
     if arch not in GRANITE_ARCHS:
         return {}
     out: dict[str, Any] = {}
@@ -1248,6 +1278,8 @@ def _smollm3_has_rope(cfg: dict[str, Any], where: str) -> list[int]:
 def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
     if arch in ("cohere2", "llama4_text"):  # (read by layernorm_family / llama4: Cohere 2 rotates its sliding layers)
         return tuple(cfg["_nope_layers"])
+    if arch == "afmoe":  # Trinity rotates its sliding layers only (whatever its window)
+        return tuple(i for i, t in enumerate(_afmoe_layer_types(cfg, where)) if t == "full_attention")
     if arch == "exaone4":  # with a window, EXAONE 4's full-attention layers have no RoPE
         if cfg.get("sliding_window", 4096) is None:
             return ()
@@ -1255,6 +1287,17 @@ def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
     if arch != "smollm3":
         return ()
     return tuple(i for i, f in enumerate(_smollm3_has_rope(cfg, where)) if not f)
+
+
+def _afmoe_layer_types(cfg: dict[str, Any], where: str) -> list[str]:
+    """Trinity's ``layer_types``, or AfmoeConfig's: every ``global_attn_every_n_layers``-th layer (4th) full."""
+    n = int(cfg.get("num_hidden_layers") or 0)
+    if cfg.get("layer_types") is not None:
+        return list(cfg["layer_types"])  # (checked by _layer_windows)
+    every = cfg.get("global_attn_every_n_layers", 4)
+    if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+        raise ModelError(f"{where}: global_attn_every_n_layers must be a positive integer, got {every!r}")
+    return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
 
 
 def _exaone4_layer_types(cfg: dict[str, Any], where: str) -> list[str]:
@@ -1369,6 +1412,11 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         if arch != "starcoder2" or cfg.get("sliding_window") is None:
             return None, ()
         return _window_size(cfg, where), ()
+    if arch == "afmoe":  # AfmoeConfig: sliding layers by _afmoe_layer_types over 1,024 tokens (null: none)
+        cfg = {"sliding_window": 1024, **cfg}
+        if cfg["sliding_window"] is None:
+            return None, ()
+        cfg = {**cfg, "layer_types": _afmoe_layer_types(cfg, where)}
     if arch == "dots1":  # Dots1Config: layers from max_window_layers (62) on slide over 4,096 tokens (null: none)
         cfg = {"sliding_window": 4096, "max_window_layers": 62, **cfg}
         if cfg["sliding_window"] is None:
@@ -1561,6 +1609,19 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "n_group": as_int("n_group", cfg.get("n_group", 1)),
                 "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
                 "routed_scaling_factor": float(factor), "use_qk_norm": bool(cfg.get("use_qk_norm", False))}
+    if arch == "afmoe":  # AfmoeConfig's defaults: 6 of 64 experts after 1 dense layer, 2 shared, one group
+        factor = cfg.get("route_scale", 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ModelError(f"{where}: route_scale must be a positive number, got {factor!r}")
+        inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 1408))
+        dense = as_int("num_dense_layers", cfg.get("num_dense_layers", 1))
+        return {"n_experts": as_int("num_experts", cfg.get("num_experts", 64)),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 6)),
+                "moe_intermediate_size": inter,
+                "shared_expert_intermediate_size": inter * as_int("num_shared_experts",
+                                                                  cfg.get("num_shared_experts", 2)),
+                "norm_topk_prob": True, "mlp_only_layers": tuple(range(min(dense, int(need("num_hidden_layers"))))),
+                "n_group": 1, "topk_group": 1, "routed_scaling_factor": float(factor), "use_qk_norm": True}
     if arch == "solar_open":  # GLM-4.5's MoE in every layer with SolarOpenConfig's defaults; no q/k norms
         factor = cfg.get("routed_scaling_factor", 1.0)
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:

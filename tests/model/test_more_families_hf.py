@@ -1,5 +1,5 @@
 """OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, Arcee, GLM, GLM-4, GLM-4.5, dots.llm1, Solar
-Open, FlexOlmo and Trinity (afmoe) against transformers on the same random weights, saved by transformers' own
+Open, FlexOlmo, Trinity (afmoe) and K-EXAONE against transformers on the same random weights, saved by transformers' own
 ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
 sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
 
@@ -96,6 +96,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
               dict(BASE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                    num_shared_experts=1, num_dense_layers=1, route_scale=2.0, global_attn_every_n_layers=2,
                    sliding_window=5, mup_enabled=True, pad_token_id=None, bos_token_id=None, eos_token_id=None)),
+    # K-EXAONE (exaone_moe): EXAONE 4's attention (layers 0-2 slide over 5 tokens with RoPE, layer 3 attends fully
+    # without) in pre-norm blocks; a dense layer 0 (first_k_dense_replace), then GLM-4.5's MoE block (2 of 8 experts
+    # in one group, a shared one, factor 2.5)
+    "exaone_moe": ("ExaoneMoeConfig", "ExaoneMoeForCausalLM",
+                   dict(BASE, head_dim=16, sliding_window=5, moe_intermediate_size=32, num_experts=8,
+                        num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1, pad_token_id=None,
+                        bos_token_id=None, eos_token_id=None)),
     # FlexOlmo: OLMo 2's blocks (output norms, whole-projection q/k norms) with OLMoE's softmax router, every layer
     "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM",
                   dict(BASE, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, intermediate_size=32,
@@ -200,6 +207,9 @@ def test_spec_follows_transformers(ckpt):
         assert want == [5, 5, 5, None] and spec.rope_local_theta == 10000.0 and spec.rope_type == "yarn"
     if family == "granite":
         assert spec.attn_scale == 0.3 and spec.logits_scaling == 2.5
+    if family == "exaone_moe":  # EXAONE 4's windows and NoPE full layer, pre-norm blocks, dense layer 0
+        assert want == [5, 5, 5, None] and list(spec.nope_layers) == [3] and spec.qk_norm and not spec.post_norms
+        assert [spec.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
     if family == "afmoe":  # RoPE on the sliding layers only; muP's sqrt(64); dense layer 0
         assert want == [5, None, 5, None] and list(spec.nope_layers) == [1, 3] and spec.embedding_multiplier == 8.0
         assert [spec.is_moe_layer(i) for i in range(4)] == [False, True, True, True] and spec.attn_output_gate
@@ -212,7 +222,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     ours = _load(d, dtype="bfloat16")
     got, ref = bf16_teacher_forced(ours, hf, sum(_turns(5), []))
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
-    if family in ("glm4_moe", "dots1", "solar_open"):  # DeepSeek-V3's router stays fp32 in a bf16 model, in both
+    if family in ("glm4_moe", "dots1", "solar_open", "exaone_moe"):  # DeepSeek-V3's router stays fp32 in bf16, in both
         assert hf.model.layers[-1].mlp.gate.weight.dtype == torch.float32
         assert ours.model.layers[-1].mlp.gate.weight.dtype == torch.float32
 
@@ -231,6 +241,27 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
 
 
+def test_exaone_moe_leaves_its_mtp_block_out(tmp_path_factory, tmp_path):
+    """K-EXAONE ships a multi-token-prediction block (``mtp.*``) that is not a decoder layer: left out at load, as
+    transformers does, and the logits are its."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, hf = _CKPTS.get("exaone_moe", tmp_path_factory)
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors["mtp.layers.0.input_layernorm.weight"] = torch.ones(64)
+    tensors["mtp.fc.weight"] = torch.zeros(64, 128)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    seq = sum(_turns(7), [])
+    ours = _load(d)
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("model_type,key,value,needle", [
     ("granite", "logits_scaling", 0, "logits_scaling"),
     ("granite", "residual_multiplier", "x", "residual_multiplier"),
@@ -246,6 +277,7 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     ("solar_open", "rope_parameters", {"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ("solar_open", "routed_scaling_factor", -1.0, "routed_scaling_factor"),
     ("afmoe", "route_scale", 0, "route_scale"),
+    ("exaone_moe", "mlp_layer_types", ["sparse", "dense", "sparse", "sparse"], "mlp_layer_types"),
     ("afmoe", "global_attn_every_n_layers", 0, "global_attn_every_n_layers"),
     ("afmoe", "mup_enabled", "yes", "mup_enabled"),
     ("dots1", "max_window_layers", "x", "max_window_layers"),

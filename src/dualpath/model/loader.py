@@ -112,6 +112,8 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
     if getattr(model.spec, "architecture", "") == "minimax_m2":  # Mixtral's hub names, the bias on the block
         out = {_mixtral_hub_name(k.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias")): v
                for k, v in out.items()}
+    if getattr(model.spec, "architecture", "") == "exaone_moe":  # (the bias on the block, as K-EXAONE stores it)
+        out = {k.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias"): v for k, v in out.items()}
     if getattr(model.spec, "architecture", "") in ("granitemoe", "granitemoeshared"):
         out = _granite_moe_hub_tensors(out)
     if getattr(model.spec, "architecture", "") == "afmoe":
@@ -716,12 +718,14 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
         if (spec.architecture in GROUP_ROUTER_ARCHS and len(parts) > 2 and parts[:2] == ["model", "layers"]
                 and parts[2].isdigit() and int(parts[2]) >= spec.n_layers):
             continue  # GLM-4.5's multi-token-prediction layers (num_nextn_predict_layers): not a decoder layer
+        if spec.architecture == "exaone_moe" and name.startswith(("mtp.", "model.mtp.")):
+            continue  # K-EXAONE's multi-token-prediction block
         if spec.architecture in ("granitemoe", "granitemoeshared") and _granite_moe_in(name, t, out, source):
             continue
         if spec.architecture == "afmoe":  # Trinity's names for the router, its bias and the MLP's norms
             for theirs, ours in _AFMOE_NAMES.items():
                 name = name.replace(theirs, ours)
-        if spec.architecture == "minimax_m2" and name.endswith(("mlp.e_score_correction_bias",
+        if spec.architecture in ("minimax_m2", "exaone_moe") and name.endswith(("mlp.e_score_correction_bias",
                                                                   "block_sparse_moe.e_score_correction_bias")):
             name = name[: -len("e_score_correction_bias")].replace(".block_sparse_moe.", ".mlp.") + \
                 "gate.e_score_correction_bias"  # (the block's buffer there; our router's here)

@@ -63,6 +63,10 @@ with OLMoE's softmax router over ``num_experts`` experts ``intermediate_size`` w
 ``post_mlp_layernorm`` read as ``pre_/post_feedforward_layernorm``), muP's embedding scale ``sqrt(hidden_size)`` with
 ``mup_enabled``, and after ``num_dense_layers`` dense layers GLM-4.5's MoE block in one group (sigmoid scores, the
 ``expert_bias`` choosing, weights renormalized times ``route_scale``, shared experts).
+``ExaoneMoeForCausalLM`` (``exaone_moe``: K-EXAONE) is EXAONE 4's attention (per-head q/k norms, sliding layers by
+``sliding_window_pattern`` or ``layer_types``, no RoPE in the full layers when it has a window) in pre-norm blocks,
+over GLM-4.5's MoE block after the dense layers ``mlp_layer_types`` (or ``first_k_dense_replace``) names; its
+multi-token-prediction tensors (``mtp.*``) are left out at load.
 ``Dots1ForCausalLM`` (``dots1``: rednote's dots.llm1) is Qwen3's attention (per-head q/k RMSNorms, RoPE on the whole
 head, ``attention_bias`` on q/k/v/o, sliding layers as ``layer_types`` or ``max_window_layers`` say) over GLM-4.5's
 MoE blocks (DeepSeek-V3's grouped sigmoid router with a correction bias, ``n_shared_experts`` shared experts, the
@@ -170,6 +174,7 @@ ARCHITECTURES: dict[str, str] = {
     "Dots1ForCausalLM": "dots1",
     "SolarOpenForCausalLM": "solar_open",
     "AfmoeForCausalLM": "afmoe",
+    "ExaoneMoeForCausalLM": "exaone_moe",
     "FlexOlmoForCausalLM": "flex_olmo",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "PhimoeForCausalLM": "phimoe",
@@ -190,6 +195,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "granitemoe": "GraniteMoeForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
             "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM", "afmoe": "AfmoeForCausalLM",
+            "exaone_moe": "ExaoneMoeForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH}
@@ -204,13 +210,14 @@ MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granit
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
-ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "afmoe", "minimax_m2", "llama4_text", "ernie4_5_moe",
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "minimax_m2", "llama4_text", "ernie4_5_moe",
                  "hunyuan_v1_moe")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
 _GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
 #: the architectures routing by it: GLM-4.5, dots.llm1 (GLM-4.5's MoE under Qwen3's attention), Solar Open (under
-#: Llama's, every layer), Trinity (afmoe: one group), and MiniMax-M2 (one group, factor 1, no shared expert)
-GROUP_ROUTER_ARCHS = ("glm4_moe", "dots1", "solar_open", "afmoe", "minimax_m2")
+#: Llama's, every layer), Trinity (afmoe: one group), K-EXAONE (exaone_moe), and MiniMax-M2 (one group, factor 1, no
+#: shared expert)
+GROUP_ROUTER_ARCHS = ("glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "minimax_m2")
 #: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
 _GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
 #: Granite's scalings (GraniteConfig): embeddings times ``embedding_multiplier``, attention scores times
@@ -400,7 +407,7 @@ class ModelSpec(_SpecCommon):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
         nope = tuple(sorted({int(x) for x in self.nope_layers}))
-        if nope and (self.architecture not in ("smollm3", "exaone4", "cohere2", "llama4_text", "afmoe")
+        if nope and (self.architecture not in ("smollm3", "exaone4", "exaone_moe", "cohere2", "llama4_text", "afmoe")
                      or any(not 0 <= x < self.n_layers for x in nope)):
             raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 / exaone4 / cohere2 layers of "
                              f"0..{self.n_layers - 1}")
@@ -597,7 +604,8 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size == 0:
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
-        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "solar_open", "afmoe", "granitemoeshared",
+        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe",
+                                     "granitemoeshared",
                                      "llama4_text",
                                      "ernie4_5_moe", "hunyuan_v1_moe") and \
                 self.shared_expert_intermediate_size:
@@ -656,7 +664,7 @@ class ModelSpec(_SpecCommon):
     @property
     def qk_norm(self) -> bool:
         """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
-        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "hunyuan_v1_dense", "hunyuan_v1_moe",
+        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "exaone_moe", "hunyuan_v1_dense", "hunyuan_v1_moe",
                                      "nanochat",
                                      "apertus") or (bool(self.use_qk_norm) and self.architecture != "llama4_text")
 
@@ -961,7 +969,15 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "seed_oss":
             cfg.update(attention_bias=self.attention_bias, attention_out_bias=self.o_proj_bias, mlp_bias=False,
                        pad_token_id=None, attention_dropout=0.0, residual_dropout=0.0)
-        if self.architecture == "exaone4":
+        if self.architecture == "exaone_moe":  # ExaoneMoeConfig's MoE keys
+            k = len(self.mlp_only_layers)
+            cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
+                       moe_intermediate_size=self.moe_intermediate_size,
+                       num_shared_experts=self.shared_expert_intermediate_size // self.moe_intermediate_size,
+                       norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor,
+                       n_group=self.n_group, topk_group=self.topk_group, first_k_dense_replace=k,
+                       mlp_layer_types=["dense"] * k + ["sparse"] * (self.n_layers - k))
+        if self.architecture in ("exaone4", "exaone_moe"):
             cfg.update(sliding_window=self.sliding_window,
                        layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
                                     for i in range(self.n_layers)])
@@ -1152,7 +1168,7 @@ class ModelSpec(_SpecCommon):
         bias = bool(cfg.get("attention_bias", default_bias)) or arch == "qwen2"
         if arch == "qwen2_moe":  # Qwen2-MoE names its q/k/v bias qkv_bias (on unless the config says otherwise)
             bias = bool(cfg.get("qkv_bias", True))
-        elif arch in ("mixtral", "phi3", "ministral", "exaone4", "ministral3", "cwm"):  # these have no biases
+        elif arch in ("mixtral", "phi3", "ministral", "exaone4", "exaone_moe", "ministral3", "cwm"):  # no biases
             bias = False
         elif arch in lnf.LN_ARCHS:
             bias = bool(cfg["attention_bias"])
@@ -1168,7 +1184,7 @@ class ModelSpec(_SpecCommon):
             head_dim=head_dim,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "phimoe", "gpt_oss", "olmo2", "olmo3", "glm4_moe",
                                                                   "solar_open", "afmoe",
-                                                                  "olmoe", "exaone4") else 1e-6)),
+                                                                  "olmoe", "exaone4", "exaone_moe") else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position=int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
@@ -1280,7 +1296,7 @@ def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
         return tuple(cfg["_nope_layers"])
     if arch == "afmoe":  # Trinity rotates its sliding layers only (whatever its window)
         return tuple(i for i, t in enumerate(_afmoe_layer_types(cfg, where)) if t == "full_attention")
-    if arch == "exaone4":  # with a window, EXAONE 4's full-attention layers have no RoPE
+    if arch in ("exaone4", "exaone_moe"):  # with a window, EXAONE 4's full-attention layers have no RoPE
         if cfg.get("sliding_window", 4096) is None:
             return ()
         return tuple(i for i, t in enumerate(_exaone4_layer_types(cfg, where)) if t == "full_attention")
@@ -1442,7 +1458,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         if cfg.get("layer_types") is None:
             cfg = {**cfg, "layer_types": ["full_attention" if f else "sliding_attention"
                                           for f in _smollm3_has_rope(cfg, where)]}
-    if arch == "exaone4":  # Exaone4Config: a 4,096-token window, every 4th layer full (sliding_window_pattern)
+    if arch in ("exaone4", "exaone_moe"):  # a 4,096-token window, every 4th layer full (sliding_window_pattern)
         cfg = {"sliding_window": 4096, **cfg}
         if cfg["sliding_window"] is None:
             return None, ()
@@ -1609,6 +1625,29 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "n_group": as_int("n_group", cfg.get("n_group", 1)),
                 "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
                 "routed_scaling_factor": float(factor), "use_qk_norm": bool(cfg.get("use_qk_norm", False))}
+    if arch == "exaone_moe":  # ExaoneMoeConfig's defaults: 8 of 64 experts, 1 shared, factor 2.5, 1 dense layer
+        factor = cfg.get("routed_scaling_factor", 2.5)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ModelError(f"{where}: routed_scaling_factor must be a positive number, got {factor!r}")
+        n = int(need("num_hidden_layers"))
+        kinds = cfg.get("mlp_layer_types")
+        if kinds is not None:  # (transformers follows it over first_k_dense_replace)
+            k = next((i for i, kind in enumerate(kinds) if kind != "dense"), len(kinds))
+            if not isinstance(kinds, list) or kinds != ["dense"] * k + ["sparse"] * (n - k):
+                raise ModelError(f"{where}: mlp_layer_types must be 'dense' layers then 'sparse' ones, one per layer, "
+                                 f"got {kinds!r}")
+        else:
+            k = as_int("first_k_dense_replace", cfg.get("first_k_dense_replace", 1))
+        inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 1024))
+        return {"n_experts": as_int("num_experts", cfg.get("num_experts", 64)),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
+                "moe_intermediate_size": inter,
+                "shared_expert_intermediate_size": inter * as_int("num_shared_experts",
+                                                                  cfg.get("num_shared_experts", 1)),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", True)), "mlp_only_layers": tuple(range(min(k, n))),
+                "n_group": as_int("n_group", cfg.get("n_group", 1)),
+                "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
+                "routed_scaling_factor": float(factor), "use_qk_norm": True}
     if arch == "afmoe":  # AfmoeConfig's defaults: 6 of 64 experts after 1 dense layer, 2 shared, one group
         factor = cfg.get("route_scale", 1.0)
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:

@@ -139,6 +139,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -924,43 +925,31 @@ class ModelSpec(_SpecCommon):
                        intermediate_size=self.moe_intermediate_size)
             if self.architecture == "granitemoeshared":
                 cfg["shared_intermediate_size"] = self.shared_expert_intermediate_size
+        if self.architecture in _GROUP_MOE:  # GLM-4.5's MoE block under each family's keys
+            g = _GROUP_MOE[self.architecture]
+            cfg.update({g.experts: self.n_experts, "num_experts_per_tok": self.n_experts_per_tok,
+                        "moe_intermediate_size": self.moe_intermediate_size,
+                        g.shared: self.shared_expert_intermediate_size // self.moe_intermediate_size,
+                        g.factor: self.routed_scaling_factor, "attention_bias": self.attention_bias})
+            if not g.fixed:
+                cfg.update(norm_topk_prob=self.norm_topk_prob, n_group=self.n_group, topk_group=self.topk_group)
+            if g.dense:
+                cfg[g.dense] = len(self.mlp_only_layers)
+            if self.architecture in ("dots1", "afmoe"):  # (Trinity's full layers are its layers without RoPE)
+                full = [i in self.nope_layers if self.architecture == "afmoe" else self.layer_window(i) is None
+                        for i in range(self.n_layers)]
+                cfg.update(sliding_window=self.sliding_window,
+                           layer_types=["full_attention" if f else "sliding_attention" for f in full])
         if self.architecture == "glm4_moe":
-            dense = len(self.mlp_only_layers)
-            cfg.update(attention_bias=self.attention_bias, n_routed_experts=self.n_experts,
-                       num_experts_per_tok=self.n_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
-                       n_shared_experts=self.shared_expert_intermediate_size // self.moe_intermediate_size,
-                       norm_topk_prob=self.norm_topk_prob, first_k_dense_replace=dense, n_group=self.n_group,
-                       topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
-                       use_qk_norm=bool(self.use_qk_norm), partial_rotary_factor=self.partial_rotary_factor,
+            cfg.update(use_qk_norm=bool(self.use_qk_norm), partial_rotary_factor=self.partial_rotary_factor,
                        num_nextn_predict_layers=0, num_mtp_layers=0)
-        if self.architecture == "afmoe":  # AfmoeConfig's keys
-            cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
-                       moe_intermediate_size=self.moe_intermediate_size,
-                       num_shared_experts=self.shared_expert_intermediate_size // self.moe_intermediate_size,
-                       num_dense_layers=len(self.mlp_only_layers), route_scale=self.routed_scaling_factor,
-                       attention_bias=self.attention_bias, mup_enabled=self.embedding_multiplier is not None,
-                       sliding_window=self.sliding_window,
-                       layer_types=["full_attention" if i in self.nope_layers else "sliding_attention"
-                                    for i in range(self.n_layers)])
-        if self.architecture == "solar_open":  # SolarOpenConfig: GLM-4.5's MoE keys, every layer; no dense width
+        if self.architecture == "afmoe":  # (muP's embedding scale is sqrt(hidden_size): a switch in its config)
+            cfg["mup_enabled"] = self.embedding_multiplier is not None
+        if self.architecture == "solar_open":  # no dense width in SolarOpenConfig
             cfg.pop("intermediate_size")
-            cfg.update(attention_bias=self.attention_bias, n_routed_experts=self.n_experts,
-                       num_experts_per_tok=self.n_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
-                       n_shared_experts=self.shared_expert_intermediate_size // self.moe_intermediate_size,
-                       norm_topk_prob=self.norm_topk_prob, n_group=self.n_group, topk_group=self.topk_group,
-                       routed_scaling_factor=self.routed_scaling_factor,
-                       rope_parameters={**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta,
-                                        "partial_rotary_factor": self.partial_rotary_factor})
+            cfg["rope_parameters"] = {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta,
+                                      "partial_rotary_factor": self.partial_rotary_factor}
             del cfg["rope_theta"], cfg["rope_scaling"]
-        if self.architecture == "dots1":  # Dots1Config: the same MoE keys; Qwen3's attention (q/k norms always on)
-            cfg.update(attention_bias=self.attention_bias, n_routed_experts=self.n_experts,
-                       num_experts_per_tok=self.n_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
-                       n_shared_experts=self.shared_expert_intermediate_size // self.moe_intermediate_size,
-                       norm_topk_prob=self.norm_topk_prob, first_k_dense_replace=len(self.mlp_only_layers),
-                       n_group=self.n_group, topk_group=self.topk_group,
-                       routed_scaling_factor=self.routed_scaling_factor, sliding_window=self.sliding_window,
-                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
-                                    for i in range(self.n_layers)])
         if self.architecture == "minimax_m2":  # as its checkpoints write it (MiniMaxM2Config reads rotary_dim)
             cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size, rotary_dim=self.rotary_dim, use_qk_norm=True,
@@ -969,14 +958,9 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "seed_oss":
             cfg.update(attention_bias=self.attention_bias, attention_out_bias=self.o_proj_bias, mlp_bias=False,
                        pad_token_id=None, attention_dropout=0.0, residual_dropout=0.0)
-        if self.architecture == "exaone_moe":  # ExaoneMoeConfig's MoE keys
+        if self.architecture == "exaone_moe":  # (transformers follows mlp_layer_types over first_k_dense_replace)
             k = len(self.mlp_only_layers)
-            cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
-                       moe_intermediate_size=self.moe_intermediate_size,
-                       num_shared_experts=self.shared_expert_intermediate_size // self.moe_intermediate_size,
-                       norm_topk_prob=self.norm_topk_prob, routed_scaling_factor=self.routed_scaling_factor,
-                       n_group=self.n_group, topk_group=self.topk_group, first_k_dense_replace=k,
-                       mlp_layer_types=["dense"] * k + ["sparse"] * (self.n_layers - k))
+            cfg["mlp_layer_types"] = ["dense"] * k + ["sparse"] * (self.n_layers - k)
         if self.architecture in ("exaone4", "exaone_moe"):
             cfg.update(sliding_window=self.sliding_window,
                        layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
@@ -1596,6 +1580,76 @@ def _partial_rotary(cfg: dict[str, Any], where: str, default: float) -> float:
     return float(partial)
 
 
+@dataclass(frozen=True)
+class _GroupMoE:
+    """A family's keys and config-class defaults for GLM-4.5's MoE block (DeepSeek-V3's grouped sigmoid router
+    with a correction bias, shared experts, leading dense layers); a default of None: the key is required."""
+
+    experts: str
+    n_experts: int | None
+    top_k: int | None
+    inter: int
+    shared: str
+    n_shared: int | None
+    norm_topk: bool
+    dense: str | None  # the leading dense layers' key (None: every layer has experts)
+    n_dense: int
+    factor: str = "routed_scaling_factor"
+    scale: float = 1.0
+    qk_norm: bool | None = None  # None: the config's use_qk_norm (default off)
+    fixed: bool = False  # the router ignores the config's norm_topk_prob and groups (always renormalized, one group)
+
+
+_GROUP_MOE = {
+    "glm4_moe": _GroupMoE("n_routed_experts", 128, 8, 1408, "n_shared_experts", 1, True, "first_k_dense_replace", 1),
+    "dots1": _GroupMoE("n_routed_experts", None, None, 1408, "n_shared_experts", None, False, "first_k_dense_replace",
+                       0, qk_norm=True),  # (Qwen3's attention: q/k norms always)
+    "solar_open": _GroupMoE("n_routed_experts", 128, 8, 1280, "n_shared_experts", 1, True, None, 0, qk_norm=False),
+    "afmoe": _GroupMoE("num_experts", 64, 6, 1408, "num_shared_experts", 2, True, "num_dense_layers", 1,
+                       factor="route_scale", qk_norm=True, fixed=True),
+    "exaone_moe": _GroupMoE("num_experts", 64, 8, 1024, "num_shared_experts", 1, True, "first_k_dense_replace", 1,
+                            scale=2.5, qk_norm=True),
+}
+
+
+def _group_moe_fields(arch: str, cfg: dict[str, Any], where: str, n_layers: int,
+                      as_int: Callable[[str, Any], int]) -> dict[str, Any]:
+    """The MoE fields of a family running GLM-4.5's MoE block (:data:`_GROUP_MOE`): glm4_moe, dots1, solar_open,
+    afmoe (Trinity: one group), exaone_moe (K-EXAONE: dense layers by ``mlp_layer_types`` when given)."""
+    g = _GROUP_MOE[arch]
+    if cfg.get(g.experts) is None and cfg.get("num_local_experts") is not None:  # (their attribute_map's alias)
+        cfg = {**cfg, g.experts: cfg["num_local_experts"]}
+    defaults = {g.experts: g.n_experts, "num_experts_per_tok": g.top_k, g.shared: g.n_shared}
+    missing = [k for k, v in defaults.items() if v is None and cfg.get(k) is None]
+    if missing:
+        raise ModelError(f"{where}: {arch} needs {', '.join(missing)} (its config class has no default)")
+    if arch == "glm4_moe" and (cfg.get("topk_method", "noaux_tc") != "noaux_tc"
+                               or cfg.get("scoring_func", "sigmoid") != "sigmoid"):
+        raise ModelError(f"{where}: glm4_moe routes by sigmoid scores with a correction bias (noaux_tc)")
+    factor = cfg.get(g.factor, g.scale)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise ModelError(f"{where}: {g.factor} must be a positive number, got {factor!r}")
+    kinds = cfg.get("mlp_layer_types") if arch == "exaone_moe" else None
+    if kinds is not None:  # (transformers follows it over first_k_dense_replace)
+        dense = next((i for i, kind in enumerate(kinds) if kind != "dense"), len(kinds))
+        if not isinstance(kinds, list) or kinds != ["dense"] * dense + ["sparse"] * (n_layers - dense):
+            raise ModelError(f"{where}: mlp_layer_types must be 'dense' layers then 'sparse' ones, one per layer, "
+                             f"got {kinds!r}")
+    else:
+        dense = as_int(g.dense, cfg.get(g.dense, g.n_dense)) if g.dense else 0
+    inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", g.inter))
+    return {"n_experts": as_int(g.experts, cfg.get(g.experts, g.n_experts)),
+            "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", g.top_k)),
+            "moe_intermediate_size": inter,
+            "shared_expert_intermediate_size": inter * as_int(g.shared, cfg.get(g.shared, g.n_shared)),
+            "norm_topk_prob": g.norm_topk if g.fixed else bool(cfg.get("norm_topk_prob", g.norm_topk)),
+            "mlp_only_layers": tuple(range(min(dense, n_layers))),
+            "n_group": 1 if g.fixed else as_int("n_group", cfg.get("n_group", 1)),
+            "topk_group": 1 if g.fixed else as_int("topk_group", cfg.get("topk_group", 1)),
+            "routed_scaling_factor": float(factor),
+            "use_qk_norm": bool(cfg.get("use_qk_norm", False)) if g.qk_norm is None else g.qk_norm}
+
+
 def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[str, Any]:
     """The MoE fields of a mixtral / qwen2_moe / qwen3_moe / gpt_oss config (an empty dict for the dense
     architectures)."""
@@ -1607,93 +1661,8 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
             raise ModelError(f"{where}: {key} must be an integer, got {value!r}")
         return value
 
-    if arch == "glm4_moe":  # DeepSeek-V3's router and shared experts; the first first_k_dense_replace layers dense
-        n_routed = as_int("n_routed_experts", cfg.get("n_routed_experts", cfg.get("num_local_experts", 128)))
-        inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 1408))
-        first_dense = as_int("first_k_dense_replace", cfg.get("first_k_dense_replace", 1))
-        if cfg.get("topk_method", "noaux_tc") != "noaux_tc" or cfg.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ModelError(f"{where}: glm4_moe routes by sigmoid scores with a correction bias (noaux_tc)")
-        factor = cfg.get("routed_scaling_factor", 1.0)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ModelError(f"{where}: routed_scaling_factor must be a positive number, got {factor!r}")
-        return {"n_experts": n_routed,
-                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
-                "moe_intermediate_size": inter,
-                "shared_expert_intermediate_size": inter * as_int("n_shared_experts", cfg.get("n_shared_experts", 1)),
-                "norm_topk_prob": bool(cfg.get("norm_topk_prob", True)),
-                "mlp_only_layers": tuple(range(min(first_dense, int(need("num_hidden_layers"))))),
-                "n_group": as_int("n_group", cfg.get("n_group", 1)),
-                "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
-                "routed_scaling_factor": float(factor), "use_qk_norm": bool(cfg.get("use_qk_norm", False))}
-    if arch == "exaone_moe":  # ExaoneMoeConfig's defaults: 8 of 64 experts, 1 shared, factor 2.5, 1 dense layer
-        factor = cfg.get("routed_scaling_factor", 2.5)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ModelError(f"{where}: routed_scaling_factor must be a positive number, got {factor!r}")
-        n = int(need("num_hidden_layers"))
-        kinds = cfg.get("mlp_layer_types")
-        if kinds is not None:  # (transformers follows it over first_k_dense_replace)
-            k = next((i for i, kind in enumerate(kinds) if kind != "dense"), len(kinds))
-            if not isinstance(kinds, list) or kinds != ["dense"] * k + ["sparse"] * (n - k):
-                raise ModelError(f"{where}: mlp_layer_types must be 'dense' layers then 'sparse' ones, one per layer, "
-                                 f"got {kinds!r}")
-        else:
-            k = as_int("first_k_dense_replace", cfg.get("first_k_dense_replace", 1))
-        inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 1024))
-        return {"n_experts": as_int("num_experts", cfg.get("num_experts", 64)),
-                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
-                "moe_intermediate_size": inter,
-                "shared_expert_intermediate_size": inter * as_int("num_shared_experts",
-                                                                  cfg.get("num_shared_experts", 1)),
-                "norm_topk_prob": bool(cfg.get("norm_topk_prob", True)), "mlp_only_layers": tuple(range(min(k, n))),
-                "n_group": as_int("n_group", cfg.get("n_group", 1)),
-                "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
-                "routed_scaling_factor": float(factor), "use_qk_norm": True}
-    if arch == "afmoe":  # AfmoeConfig's defaults: 6 of 64 experts after 1 dense layer, 2 shared, one group
-        factor = cfg.get("route_scale", 1.0)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ModelError(f"{where}: route_scale must be a positive number, got {factor!r}")
-        inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 1408))
-        dense = as_int("num_dense_layers", cfg.get("num_dense_layers", 1))
-        return {"n_experts": as_int("num_experts", cfg.get("num_experts", 64)),
-                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 6)),
-                "moe_intermediate_size": inter,
-                "shared_expert_intermediate_size": inter * as_int("num_shared_experts",
-                                                                  cfg.get("num_shared_experts", 2)),
-                "norm_topk_prob": True, "mlp_only_layers": tuple(range(min(dense, int(need("num_hidden_layers"))))),
-                "n_group": 1, "topk_group": 1, "routed_scaling_factor": float(factor), "use_qk_norm": True}
-    if arch == "solar_open":  # GLM-4.5's MoE in every layer with SolarOpenConfig's defaults; no q/k norms
-        factor = cfg.get("routed_scaling_factor", 1.0)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ModelError(f"{where}: routed_scaling_factor must be a positive number, got {factor!r}")
-        inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 1280))
-        return {"n_experts": as_int("n_routed_experts", cfg.get("n_routed_experts", cfg.get("num_local_experts", 128))),
-                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
-                "moe_intermediate_size": inter,
-                "shared_expert_intermediate_size": inter * as_int("n_shared_experts", cfg.get("n_shared_experts", 1)),
-                "norm_topk_prob": bool(cfg.get("norm_topk_prob", True)), "mlp_only_layers": (),
-                "n_group": as_int("n_group", cfg.get("n_group", 1)),
-                "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
-                "routed_scaling_factor": float(factor), "use_qk_norm": False}
-    if arch == "dots1":  # GLM-4.5's MoE keys with Dots1Config's defaults; its attention always norms q and k
-        if cfg.get("n_routed_experts") is None and cfg.get("num_local_experts") is not None:  # (its attribute_map)
-            cfg = {**cfg, "n_routed_experts": cfg["num_local_experts"]}
-        missing = [k for k in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts") if cfg.get(k) is None]
-        if missing:
-            raise ModelError(f"{where}: dots1 needs {', '.join(missing)} (Dots1Config has no default)")
-        factor = cfg.get("routed_scaling_factor", 1.0)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
-            raise ModelError(f"{where}: routed_scaling_factor must be a positive number, got {factor!r}")
-        inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 1408))
-        first_dense = as_int("first_k_dense_replace", cfg.get("first_k_dense_replace", 0))
-        return {"n_experts": as_int("n_routed_experts", cfg["n_routed_experts"]),
-                "n_experts_per_tok": as_int("num_experts_per_tok", cfg["num_experts_per_tok"]),
-                "moe_intermediate_size": inter,
-                "shared_expert_intermediate_size": inter * as_int("n_shared_experts", cfg["n_shared_experts"]),
-                "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
-                "mlp_only_layers": tuple(range(min(first_dense, int(need("num_hidden_layers"))))),
-                "n_group": as_int("n_group", cfg.get("n_group", 1)),
-                "topk_group": as_int("topk_group", cfg.get("topk_group", 1)),
-                "routed_scaling_factor": float(factor), "use_qk_norm": True}
+    if arch in _GROUP_MOE:
+        return _group_moe_fields(arch, cfg, where, int(need("num_hidden_layers")), as_int)
     if arch == "phimoe":  # Mixtral's experts under the sparsemixer router (top 2), every layer
         jitter = cfg.get("router_jitter_noise", 0.01)
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)):

@@ -225,7 +225,7 @@ def _ernie_moe_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 def _ernie_moe_config(spec: ModelSpec) -> dict[str, Any]:
     """:func:`_ernie_moe_fields`'s inverse: the sparse layers' span must be contiguous to be written back."""
     span = [i for i in range(spec.n_layers) if i not in spec.mlp_only_layers]
-    if span != list(range(span[0], span[-1] + 1)) if span else False:
+    if span and span != list(range(span[0], span[-1] + 1)):
         raise ModelError(f"ernie4_5_moe: the layers with experts must be contiguous, got {span}")
     shared = spec.shared_expert_intermediate_size // spec.moe_intermediate_size
     return {"moe_num_experts": spec.n_experts, "moe_k": spec.n_experts_per_tok,

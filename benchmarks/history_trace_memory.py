@@ -41,8 +41,7 @@ print(n, round(time.perf_counter() - t, 2), round(resource.getrusage(resource.RU
 
 def write_trace(path: str, sessions: int, turns: int, seed: int = 0) -> None:
     rng = random.Random(seed)
-    words = ("the of and to in a is that for it as was with be by on not he this are or his from at which but "
-             "have an they you were her she there been one all would their we him").split()
+    words = ["the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you", "were", "her", "she", "there", "been", "one", "all", "would", "their", "we", "him"]
 
     def text(n: int) -> str:
         return " ".join(rng.choice(words) for _ in range(n))

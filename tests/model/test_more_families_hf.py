@@ -1,5 +1,5 @@
 """OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, Arcee, GLM, GLM-4, GLM-4.5, dots.llm1, Solar
-Open, FlexOlmo, Trinity (afmoe) and K-EXAONE against transformers on the same random weights, saved by transformers' own
+Open, FlexOlmo, Trinity (afmoe), K-EXAONE and Mellum against transformers on the same random weights, saved by transformers' own
 ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
 sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
 
@@ -103,6 +103,15 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                    dict(BASE, head_dim=16, sliding_window=5, moe_intermediate_size=32, num_experts=8,
                         num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1, pad_token_id=None,
                         bos_token_id=None, eos_token_id=None)),
+    # Mellum: Qwen3-MoE's attention and router; layers 0 and 2 slide over 5 tokens with base 10,000, 1 and 3 attend
+    # fully with base 500,000 (rope_parameters per layer type); layer 1 dense (mlp_layer_types); 2 of 4 experts
+    "mellum": ("MellumConfig", "MellumForCausalLM",
+               dict(BASE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                    sliding_window=5, layer_types=["sliding_attention", "full_attention"] * 2,
+                    mlp_layer_types=["sparse", "dense", "sparse", "sparse"], attention_bias=True,
+                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                    pad_token_id=None, bos_token_id=None, eos_token_id=None)),
     # FlexOlmo: OLMo 2's blocks (output norms, whole-projection q/k norms) with OLMoE's softmax router, every layer
     "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM",
                   dict(BASE, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, intermediate_size=32,
@@ -207,6 +216,9 @@ def test_spec_follows_transformers(ckpt):
         assert want == [5, 5, 5, None] and spec.rope_local_theta == 10000.0 and spec.rope_type == "yarn"
     if family == "granite":
         assert spec.attn_scale == 0.3 and spec.logits_scaling == 2.5
+    if family == "mellum":  # two RoPE bases by layer type; the dense layer where mlp_layer_types says
+        assert want == [5, None, 5, None] and spec.rope_theta == 500000.0 and spec.rope_local_theta == 10000.0
+        assert [spec.is_moe_layer(i) for i in range(4)] == [True, False, True, True]
     if family == "exaone_moe":  # EXAONE 4's windows and NoPE full layer, pre-norm blocks, dense layer 0
         assert want == [5, 5, 5, None] and list(spec.nope_layers) == [3] and spec.qk_norm and not spec.post_norms
         assert [spec.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
@@ -277,6 +289,8 @@ def test_exaone_moe_leaves_its_mtp_block_out(tmp_path_factory, tmp_path):
     ("solar_open", "rope_parameters", {"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ("solar_open", "routed_scaling_factor", -1.0, "routed_scaling_factor"),
     ("afmoe", "route_scale", 0, "route_scale"),
+    ("mellum", "mlp_layer_types", ["sparse", "moe", "sparse", "sparse"], "mlp_layer_types"),
+    ("mellum", "rope_parameters", {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}, "sliding"),
     ("exaone_moe", "mlp_layer_types", ["sparse", "dense", "sparse", "sparse"], "mlp_layer_types"),
     ("afmoe", "global_attn_every_n_layers", 0, "global_attn_every_n_layers"),
     ("afmoe", "mup_enabled", "yes", "mup_enabled"),

@@ -718,8 +718,8 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
         if (spec.architecture in GROUP_ROUTER_ARCHS and len(parts) > 2 and parts[:2] == ["model", "layers"]
                 and parts[2].isdigit() and int(parts[2]) >= spec.n_layers):
             continue  # GLM-4.5's multi-token-prediction layers (num_nextn_predict_layers): not a decoder layer
-        if spec.architecture == "exaone_moe" and name.startswith(("mtp.", "model.mtp.")):
-            continue  # K-EXAONE's multi-token-prediction block
+        if spec.architecture in ("exaone_moe", "mellum") and name.startswith(("mtp.", "model.mtp.")):
+            continue  # K-EXAONE's and Mellum's multi-token-prediction blocks
         if spec.architecture in ("granitemoe", "granitemoeshared") and _granite_moe_in(name, t, out, source):
             continue
         if spec.architecture == "afmoe":  # Trinity's names for the router, its bias and the MLP's norms

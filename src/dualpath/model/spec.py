@@ -67,6 +67,10 @@ with OLMoE's softmax router over ``num_experts`` experts ``intermediate_size`` w
 ``sliding_window_pattern`` or ``layer_types``, no RoPE in the full layers when it has a window) in pre-norm blocks,
 over GLM-4.5's MoE block after the dense layers ``mlp_layer_types`` (or ``first_k_dense_replace``) names; its
 multi-token-prediction tensors (``mtp.*``) are left out at load.
+``MellumForCausalLM`` (``mellum``: JetBrains' Mellum MoE) is Qwen3-MoE (per-head q/k norms, the softmax router) with
+sliding layers by ``layer_types`` (a 1,024-token window), a RoPE base per layer type (``rope_parameters``: 500,000 on
+full layers, 10,000 on sliding ones by default) and dense layers where ``mlp_layer_types`` says ``dense``; its
+multi-token-prediction tensors (``mtp.*``) are left out at load.
 ``Dots1ForCausalLM`` (``dots1``: rednote's dots.llm1) is Qwen3's attention (per-head q/k RMSNorms, RoPE on the whole
 head, ``attention_bias`` on q/k/v/o, sliding layers as ``layer_types`` or ``max_window_layers`` say) over GLM-4.5's
 MoE blocks (DeepSeek-V3's grouped sigmoid router with a correction bias, ``n_shared_experts`` shared experts, the
@@ -176,6 +180,7 @@ ARCHITECTURES: dict[str, str] = {
     "SolarOpenForCausalLM": "solar_open",
     "AfmoeForCausalLM": "afmoe",
     "ExaoneMoeForCausalLM": "exaone_moe",
+    "MellumForCausalLM": "mellum",
     "FlexOlmoForCausalLM": "flex_olmo",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "PhimoeForCausalLM": "phimoe",
@@ -196,7 +201,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "granitemoe": "GraniteMoeForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
             "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM", "afmoe": "AfmoeForCausalLM",
-            "exaone_moe": "ExaoneMoeForCausalLM",
+            "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH}
@@ -206,7 +211,8 @@ _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logi
 #: input and pre-MLP norms, a Llama-shaped block)
 GEMMA2_LIKE = ("gemma2", "gemma3", "vaultgemma")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "flex_olmo")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "flex_olmo",
+             "mellum")
 #: Granite's scalings and its MoE versions (GraniteMoE: Mixtral's experts under a top-k-then-softmax router; Shared:
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
@@ -396,7 +402,7 @@ class ModelSpec(_SpecCommon):
                 raise ModelError(f"model config: {name} must be a positive number or null, got {value!r}")
         if self.architecture in GEMMA2_LIKE and self.query_pre_attn_scalar is None:
             raise ModelError(f"model config: {self.architecture} needs query_pre_attn_scalar")
-        if self.rope_local_theta is not None and (self.architecture not in ("gemma3", "olmo3")
+        if self.rope_local_theta is not None and (self.architecture not in ("gemma3", "olmo3", "mellum")
                                                   or not self.rope_local_theta > 0):
             raise ModelError(f"model config: rope_local_theta is a positive base of gemma3's / olmo3's sliding layers, "
                              f"got {self.rope_local_theta} for {self.architecture}")
@@ -665,7 +671,7 @@ class ModelSpec(_SpecCommon):
     @property
     def qk_norm(self) -> bool:
         """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
-        return self.architecture in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "exaone_moe", "hunyuan_v1_dense", "hunyuan_v1_moe",
+        return self.architecture in ("qwen3", "qwen3_moe", "mellum", "gemma3", "exaone4", "exaone_moe", "hunyuan_v1_dense", "hunyuan_v1_moe",
                                      "nanochat",
                                      "apertus") or (bool(self.use_qk_norm) and self.architecture != "llama4_text")
 
@@ -721,7 +727,7 @@ class ModelSpec(_SpecCommon):
                                                              "hunyuan_v1_dense", "hunyuan_v1_moe", "nanochat", "jais2",
                                                              "apertus",
                                                              "llama4_text", "phimoe", "dots1", "ernie4_5_moe",
-                                                             "flex_olmo", "afmoe")
+                                                             "flex_olmo", "afmoe", "mellum")
 
     @property
     def layer_norm(self) -> bool:
@@ -902,7 +908,12 @@ class ModelSpec(_SpecCommon):
         if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", *GEMMA2_LIKE, "olmo2", "olmo3",
                                  "smollm3", "granite"):
             cfg["attention_bias"] = self.attention_bias
-        if self.architecture == "olmo3":
+        if self.architecture == "mellum":  # MellumConfig's keys (no decoder_sparse_step / mlp_only_layers)
+            cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
+                       moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                       attention_bias=self.attention_bias,
+                       mlp_layer_types=["sparse" if self.is_moe_layer(i) else "dense" for i in range(self.n_layers)])
+        if self.architecture in ("olmo3", "mellum"):
             cfg["rope_parameters"] = {
                 "full_attention": {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta},
                 "sliding_attention": {"rope_type": "default",
@@ -1031,7 +1042,7 @@ class ModelSpec(_SpecCommon):
                        attention_bias=self.attention_bias, pad_token_id=None)
             if self.architecture == "olmoe":
                 cfg["clip_qkv"] = self.clip_qkv
-        elif self.architecture in MOE_ARCHS and self.architecture not in GRANITE_ARCHS:
+        elif self.architecture in MOE_ARCHS and self.architecture not in (*GRANITE_ARCHS, "mellum"):
             cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
                        decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers))
@@ -1118,7 +1129,8 @@ class ModelSpec(_SpecCommon):
         hidden = int(need("hidden_size"))
         n_heads = int(need("num_attention_heads"))
         n_kv = int(cfg.get("num_key_value_heads") or _KV_HEADS.get(arch, n_heads))  # Gemma(2)Config's defaults
-        head_dim = int(cfg.get("head_dim") or 0) or (128 if arch in ("seed_oss", "glm", "glm4", "solar_open", "afmoe")
+        head_dim = int(cfg.get("head_dim") or 0) or (128 if arch in ("seed_oss", "glm", "glm4", "solar_open", "afmoe",
+                                                                     "mellum")
                                                       and "head_dim" not in cfg
                                                       else hidden // n_heads)
         if arch in ("gemma", *GEMMA2_LIKE):  # Gemma(2/3)Config's head_dim defaults to 256, not hidden / heads
@@ -1130,6 +1142,8 @@ class ModelSpec(_SpecCommon):
             rope_theta, rope_scaling, rope_local = _gemma3_rope(cfg, where)
         elif arch == "olmo3":
             rope_theta, rope_scaling, rope_local = _olmo3_rope(cfg, where)
+        elif arch == "mellum":
+            rope_theta, rope_scaling, rope_local = _olmo3_rope(cfg, where, local_theta=10000.0)
         else:
             rope_theta, rope_scaling = parse_rope({**cfg, "rope_theta": cfg.get("rope_theta", _ROPE_THETA.get(arch))},
                                                   where)
@@ -1198,7 +1212,7 @@ class ModelSpec(_SpecCommon):
 _MODEL_TYPES = ("mistral", "gemma3_text", *(a for a in _HF_ARCH if a != "gemma3"))
 _MAX_POSITION = {"glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "vaultgemma": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
                  "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288, "solar_open": 131072, "flex_olmo": 4096,
-                 "afmoe": 16384}
+                 "afmoe": 16384, "mellum": 131072}
 #: the config classes' RoPE base where it is not 10,000 (a config that names none)
 _ROPE_THETA = {"smollm3": 2_000_000.0, "solar_open": 1_000_000.0}  # config classes' defaults
 _KV_HEADS = {"gemma": 16, "gemma2": 4, "vaultgemma": 4, "gemma3": 4, "glm": 2, "glm4": 2, "solar_open": 8}
@@ -1320,10 +1334,12 @@ def _exaone4_layer_types(cfg: dict[str, Any], where: str) -> list[str]:
     return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
 
 
-def _olmo3_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None, float]:
+def _olmo3_rope(cfg: dict[str, Any], where: str,
+                local_theta: float = 500000.0) -> tuple[float, dict[str, Any] | None, float]:
     """OLMo 3's two RoPEs as Olmo3Config (transformers 5) reads them: ``rope_parameters`` per layer type, or the
-    legacy ``rope_theta`` and ``rope_scaling`` for the full layers; the sliding layers' base is 500,000 unless
-    ``rope_parameters.sliding_attention`` names one, and their RoPE is plain."""
+    legacy ``rope_theta`` and ``rope_scaling`` for the full layers; the sliding layers' base is ``local_theta``
+    (OLMo 3: 500,000; Mellum: 10,000) unless ``rope_parameters.sliding_attention`` names one, and their RoPE is
+    plain. The full layers' base defaults to 500,000 (both)."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
         full = dict(params.get("full_attention") or {})
@@ -1334,12 +1350,12 @@ def _olmo3_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] 
     if not isinstance(full, dict) or not isinstance(local, dict):
         raise ModelError(f"{where}: rope_parameters must map each layer type to an object")
     if local.get("rope_type", local.get("type", "default")) != "default":
-        raise ModelError(f"{where}: rope_parameters.sliding_attention: only 'default' RoPE is supported for olmo3's "
+        raise ModelError(f"{where}: rope_parameters.sliding_attention: only 'default' RoPE is supported for the "
                          f"sliding layers, got {local!r}")
     full.setdefault("rope_theta", 500000.0)
     theta, scaling = parse_rope({**cfg, "rope_parameters": full, "rope_scaling": None},
                                 f"{where}: rope_parameters.full_attention")
-    local_theta = local.get("rope_theta", 500000.0)
+    local_theta = local.get("rope_theta", local_theta)
     if isinstance(local_theta, bool) or not isinstance(local_theta, (int, float)) or not local_theta > 0:
         raise ModelError(f"{where}: the sliding layers' rope_theta must be a positive number, got {local_theta!r}")
     return theta, scaling, float(local_theta)
@@ -1412,6 +1428,13 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         if arch != "starcoder2" or cfg.get("sliding_window") is None:
             return None, ()
         return _window_size(cfg, where), ()
+    if arch == "mellum":  # MellumConfig: layer_types (all full by default) over a 1,024-token window
+        cfg = {"sliding_window": 1024, **cfg}
+        if cfg.get("layer_types") is None:
+            return None, ()
+        if cfg["sliding_window"] is None and "sliding_attention" in cfg["layer_types"]:
+            raise ModelError(f"{where}: sliding_window is null while layer_types has sliding layers (transformers "
+                             "would turn them with the sliding RoPE over every key; unsupported)")
     if arch == "afmoe":  # AfmoeConfig: sliding layers by _afmoe_layer_types over 1,024 tokens (null: none)
         cfg = {"sliding_window": 1024, **cfg}
         if cfg["sliding_window"] is None:
@@ -1663,6 +1686,18 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
 
     if arch in _GROUP_MOE:
         return _group_moe_fields(arch, cfg, where, int(need("num_hidden_layers")), as_int)
+    if arch == "mellum":  # Qwen3-MoE's router and experts; dense layers where mlp_layer_types says so
+        n = int(need("num_hidden_layers"))
+        kinds = cfg.get("mlp_layer_types") or ["sparse"] * n
+        if not isinstance(kinds, list) or len(kinds) != n or any(k not in ("dense", "sparse") for k in kinds):
+            raise ModelError(f"{where}: mlp_layer_types must list 'dense' / 'sparse' for each of the {n} layers, got "
+                             f"{kinds!r}")
+        key = "num_experts" if "num_experts" in cfg else "num_local_experts"
+        return {"n_experts": as_int(key, cfg.get(key, 64)),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 8)),
+                "moe_intermediate_size": as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 896)),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", True)),
+                "mlp_only_layers": tuple(i for i, k in enumerate(kinds) if k == "dense")}
     if arch == "phimoe":  # Mixtral's experts under the sparsemixer router (top 2), every layer
         jitter = cfg.get("router_jitter_noise", 0.01)
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)):

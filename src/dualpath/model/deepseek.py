@@ -72,6 +72,8 @@ class Router(nn.Module):
     grouping and renormalization over softmax scores, with no bias.
     """
 
+    keep_fp32 = True  # (as DeepSeek and transformers keep it; LayerwiseDecoder._build)
+
     def __init__(self, spec: DeepseekV3Spec) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(spec.n_routed_experts, spec.hidden_size))
@@ -176,10 +178,7 @@ class DeepseekV3Model(LayerwiseDecoder):
 
     def __init__(self, spec: DeepseekV3Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
-        for mod in self.modules():  # the router stays in fp32 (as DeepSeek and transformers keep it)
-            if isinstance(mod, Router):
-                mod.float()
+        self._build(spec, Backbone(spec), device, backend)  # (the router stays fp32: Router.keep_fp32)
         inv_freq, self._rope_scale = rope_frequencies(spec.qk_rope_head_dim, spec.rope_theta, spec.rope_scaling,
                                                       spec.max_position)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)

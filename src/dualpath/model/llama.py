@@ -338,8 +338,16 @@ class MLP(FeedForward):
         return super().forward(x)
 
 
+class _Fp32Linear(nn.Linear):
+    """A router's linear layer whose weights stay fp32 in a bf16 model (LayerwiseDecoder._build)."""
+
+    keep_fp32 = True
+
+
 class _Statics(nn.Module):
     """ERNIE 4.5 MoE's ``moe_statics``: the router's correction bias ``[1, n_experts]`` (fp32)."""
+
+    keep_fp32 = True
 
     def __init__(self, n_experts: int) -> None:
         super().__init__()
@@ -365,7 +373,7 @@ class SparseMoE(nn.Module):
             self.moe_statics = _Statics(spec.n_experts)
         self.round_weights = spec.architecture != "mixtral"
         self.jitter_eps = spec.router_jitter_eps  # PhiMoE's sparsemixer router (None: softmax top-k)
-        self.gate = nn.Linear(spec.hidden_size, spec.n_experts, bias=False)
+        self.gate = (_Fp32Linear if self.fp32_router else nn.Linear)(spec.hidden_size, spec.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
                                      for _ in range(spec.n_experts))
         self.shared_expert: FeedForward | None = None
@@ -492,12 +500,8 @@ class LayerwiseDecoder(nn.Module):
         if spec.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.to(device=device, dtype=spec.torch_dtype)
-        for m in self.modules():  # ERNIE 4.5 MoE's and Hunyuan MoE's routers stay fp32, as in transformers
-            if isinstance(m, SparseMoE) and m.fp32_router:
-                m.gate.float()
-                if m.norm_min is not None:
-                    m.moe_statics.float()
-            elif type(m).__name__ == "Router":  # (GLM-4.5's DeepSeek-V3 router, dualpath.model.deepseek: likewise)
+        for m in self.modules():  # the routers transformers keeps in fp32 (_keep_in_fp32_modules) stay fp32 here
+            if getattr(m, "keep_fp32", False):
                 m.float()
 
     @property

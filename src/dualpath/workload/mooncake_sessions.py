@@ -212,7 +212,7 @@ def build_sessions(rows: list[Row], p: str, count_tokens: Callable[[list[str]], 
                    block_tokens: int = 512) -> SessionTrace:
     """Trajectories from parsed rows (see the module docstring): one per ``session_id`` (in order of first
     appearance; a row without one is a session of its own), turns in file order. ``count_tokens``: texts ->
-    token counts (default: the embedded SmolLM2 tokenizer, one batched call)."""
+    token counts (default: the embedded SmolLM2 tokenizer, in batches of ``sharegpt.COUNT_CHUNK`` texts)."""
     rows = list(compact_rows(rows))  # (a no-op for rows already read that way)
     sessions: dict[str, list[Row]] = {}
     for r in rows:

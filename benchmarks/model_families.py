@@ -90,6 +90,32 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                          dict(BASE, intermediate_size=64, num_local_experts=4, shared_intermediate_size=128,
                               embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5,
                               logits_scaling=2.0)),
+    # GLM-4.5's MoE block under other attentions; ERNIE's and Hunyuan's fp32 routers; Trinity's gated attention;
+    # K-EXAONE; Mellum's RoPE base per layer type; FlexOlmo; Youtu-LLM's MLA with dense MLPs
+    "dots1": ("Dots1Config", "Dots1ForCausalLM",
+              dict(BASE, head_dim=32, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                   topk_group=1, first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.0)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+                     dict(BASE, moe_num_experts=8, moe_k=2, moe_intermediate_size=64, moe_num_shared_experts=1)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
+                       dict(BASE, head_dim=32, intermediate_size=64, num_experts=8, moe_topk=2)),
+    "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM",
+                   dict({k: v for k, v in BASE.items() if k != "intermediate_size"}, head_dim=32,
+                        moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2)),
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM",
+                  dict(BASE, intermediate_size=64, num_experts=8, num_experts_per_tok=2)),
+    "afmoe": ("AfmoeConfig", "AfmoeForCausalLM",
+              dict(BASE, head_dim=32, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                   num_shared_experts=1, sliding_window=16, global_attn_every_n_layers=2, mup_enabled=True)),
+    "exaone_moe": ("ExaoneMoeConfig", "ExaoneMoeForCausalLM",
+                   dict(BASE, head_dim=32, sliding_window=16, moe_intermediate_size=64, num_experts=8,
+                        num_experts_per_tok=2)),
+    "mellum": ("MellumConfig", "MellumForCausalLM",
+               dict(BASE, head_dim=32, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                    sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)),
+    "youtu": ("YoutuConfig", "YoutuForCausalLM",
+              dict(BASE, num_key_value_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                   v_head_dim=32, q_lora_rank=48)),
 }
 
 

@@ -70,6 +70,26 @@ def test_checkpoint_mismatch_names_the_tensor(tmp_path):
     assert model.spec.weights_id and model.spec.fingerprint()
 
 
+@pytest.mark.parametrize("quant,needle", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}, "quant_method 'gptq'"),
+    ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "quant_method 'awq'"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
+    ({"bits": 4}, "quant_method None"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "format 'float-quantized'"),
+])
+def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path, quant, needle):
+    """A GPTQ / AWQ / bitsandbytes checkpoint's packed tensors would surface as a tensor mismatch far from the
+    cause: the quantization is named instead, before any weight is read; random weights need no reading."""
+    spec = ModelSpec.from_hf_config(CFG)
+    save_pretrained(build_model(spec, None, seed=0), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": quant}))
+    with pytest.raises(ModelError, match=needle):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    model, _ = load_model(LlamaModelConfig(path=str(tmp_path), random_init=True), with_tokenizer=False)
+    assert model.spec.weights_id.startswith("random:")
+
+
 def test_random_init_is_seeded():
     spec = ModelSpec.from_hf_config(CFG)
     a, b, c = build_model(spec, None, seed=4), build_model(spec, None, seed=4), build_model(spec, None, seed=5)

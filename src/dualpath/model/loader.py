@@ -471,6 +471,29 @@ def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int | 
     return w.float() * s
 
 
+#: the ``quantization_config.quant_method`` values whose weights are dequantized at load: block-scaled FP8
+#: (DeepSeek-V3, MiniMax-M2, other ``fp8`` checkpoints), MXFP4 experts (gpt-oss), compressed-tensors' pack-quantized
+#: INT4 (Kimi K2 / K2.5)
+DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors")
+
+
+def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
+    """Refuse, naming the method, a checkpoint quantized in a format this project does not dequantize (GPTQ, AWQ,
+    bitsandbytes, ...): its packed tensors would otherwise surface as unexpected names far from the cause."""
+    q = hf_config.get("quantization_config")
+    if q is None:
+        return
+    method = q.get("quant_method") if isinstance(q, Mapping) else None
+    if not isinstance(method, str) or method.lower() not in DEQUANTIZED:
+        raise ModelError(f"{where}: quantization_config.quant_method {method!r} is not supported: weights are read "
+                         f"as they are, or dequantized at load from {', '.join(DEQUANTIZED)}; use the checkpoint's "
+                         "unquantized (or one of those) release")
+    fmt = q.get("format")
+    if method.lower() == "compressed-tensors" and fmt is not None and fmt != "pack-quantized":
+        raise ModelError(f"{where}: quantization_config.format {fmt!r} is not supported for compressed-tensors "
+                         "(its symmetric pack-quantized INT4 is)")
+
+
 def fp8_block_size(hf_config: Mapping[str, Any]) -> tuple[int, int]:
     """``quantization_config.weight_block_size`` of a checkpoint config (DeepSeek-V3 publishes [128, 128])."""
     q = hf_config.get("quantization_config")
@@ -936,7 +959,10 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
         spec = load_spec(cfg_path, dtype=cfg.dtype, kv_format=cfg.kv_format, max_context=cfg.max_context)
         from dualpath.model.spec import read_hf_config
 
-        fp8_block = fp8_block_size(read_hf_config(cfg_path)[0])
+        hf_config = read_hf_config(cfg_path)[0]
+        fp8_block = fp8_block_size(hf_config)
+        if not cfg.random_init:  # (random weights have no quantization to read)
+            check_quantization(hf_config, str(cfg_path))
         if cfg.random_init:
             model_tensors, weights_id = None, f"random:{cfg.seed}"
         else:

@@ -90,6 +90,20 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     assert model.spec.weights_id.startswith("random:")
 
 
+@pytest.mark.parametrize("cfg,needle", [
+    ({"architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text"}, "recurrent state, not per-token KV"),
+    ({"model_type": "qwen3_next"}, "recurrent state"),
+    ({"architectures": ["JambaForCausalLM"]}, "recurrent state"),
+    ({"architectures": ["Gemma3nForConditionalGeneration"]}, "share another layer's KV"),
+    ({"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}, "compressed attention"),
+])
+def test_families_refused_on_purpose_say_why(cfg, needle):
+    with pytest.raises(ModelError, match=needle):
+        ModelSpec.from_hf_config(cfg)
+    with pytest.raises(ModelError, match=r"unsupported architecture \['NoSuchForCausalLM'\]; supported"):
+        ModelSpec.from_hf_config({"architectures": ["NoSuchForCausalLM"]})
+
+
 def test_random_init_is_seeded():
     spec = ModelSpec.from_hf_config(CFG)
     a, b, c = build_model(spec, None, seed=4), build_model(spec, None, seed=4), build_model(spec, None, seed=5)

@@ -1090,8 +1090,9 @@ class ModelSpec(_SpecCommon):
         if arch is None and model_type in _MODEL_TYPES:
             arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
         if arch is None:
+            why = refusal_reason(archs, model_type)
             raise ModelError(
-                f"{where}: unsupported architecture {archs or model_type!r}; supported: "
+                f"{where}: unsupported architecture {archs or model_type!r}{f' ({why})' if why else ''}; supported: "
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type "
                 f"{', '.join(sorted({*_MODEL_TYPES, *_DEEPSEEK_ARCH.values()}))})"
             )
@@ -1206,6 +1207,34 @@ class ModelSpec(_SpecCommon):
             context_cap=max_context,
             **ln_fields,
         )
+
+
+_NO_KV = ("its linear-attention / state-space layers keep a recurrent state, not per-token KV: there are no KV "
+          "blocks to store, read or page")
+#: families refused on purpose, by model_type, with the reason (docs/models.md, "Refused, by name")
+_REFUSED = {
+    **dict.fromkeys(("rwkv", "mamba", "mamba2", "falcon_mamba", "xlstm", "recurrent_gemma", "qwen3_next", "qwen3_5",
+                     "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "jamba", "bamba", "zamba", "zamba2",
+                     "falcon_h1", "nemotron_h", "granitemoehybrid", "lfm2", "lfm2_moe", "kimi_linear", "minimax",
+                     "olmo_hybrid", "bailing_hybrid"), _NO_KV),
+    **dict.fromkeys(("gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"),
+                    "per-layer embeddings and layers that share another layer's KV are not implemented"),
+    "deepseek_v4": "its compressed attention (KV compressed across tokens) is another MLA variant, not implemented",
+    "longcat_flash": "two attention sublayers per layer and zero-computation experts are not implemented",
+}
+
+
+def refusal_reason(archs: list[str], model_type: Any) -> str | None:
+    """Why a family is refused on purpose (:data:`_REFUSED`), from its model_type or its architecture's name."""
+    if model_type in _REFUSED:
+        return _REFUSED[str(model_type)]
+    names = {a.lower().replace("_", "") for a in archs}
+    for mt, why in _REFUSED.items():
+        key = mt.replace("_", "")
+        if any(n.startswith(key) and n.endswith(("forcausallm", "forconditionalgeneration", "lmheadmodel"))
+               for n in names):
+            return why
+    return None
 
 
 #: the model_types read without an ``architectures`` list (every architecture's own; Mistral's as Llama)

@@ -91,7 +91,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                               embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5,
                               logits_scaling=2.0)),
     # GLM-4.5's MoE block under other attentions; ERNIE's and Hunyuan's fp32 routers; Trinity's gated attention;
-    # K-EXAONE; Mellum's RoPE base per layer type; FlexOlmo; Youtu-LLM's MLA with dense MLPs
+    # K-EXAONE; Mellum's RoPE base per layer type; FlexOlmo; HyperCLOVA X's Peri-LN; Youtu-LLM's MLA with dense MLPs
     "dots1": ("Dots1Config", "Dots1ForCausalLM",
               dict(BASE, head_dim=32, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
                    topk_group=1, first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.0)),
@@ -113,6 +113,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mellum": ("MellumConfig", "MellumForCausalLM",
                dict(BASE, head_dim=32, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
                     sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)),
+    "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM",
+                    dict(BASE, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=0.5)),
     "youtu": ("YoutuConfig", "YoutuForCausalLM",
               dict(BASE, num_key_value_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                    v_head_dim=32, q_lora_rank=48)),

@@ -1,5 +1,5 @@
 """OLMo 2, OLMo 3, OLMoE, EXAONE 4, SmolLM3, Ministral, Seed-OSS, Granite, Arcee, GLM, GLM-4, GLM-4.5, dots.llm1, Solar
-Open, FlexOlmo, Trinity (afmoe), K-EXAONE and Mellum against transformers on the same random weights, saved by transformers' own
+Open, FlexOlmo, Trinity (afmoe), K-EXAONE, Mellum and HyperCLOVA X against transformers on the same random weights, saved by transformers' own
 ``save_pretrained``: logits at every prefill and greedy decode step of several turns over our paged KV, batched
 sequences, bf16, our own ``save_pretrained`` read back by transformers, and the configs we refuse.
 
@@ -112,6 +112,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                     rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 500000.0},
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
                     pad_token_id=None, bos_token_id=None, eos_token_id=None)),
+    # HyperCLOVA X: Granite's scalings with the logits multiplied, the default attention_multiplier (head_dim ** -0.5)
+    # and Peri-LN (norms on the attention's and the MLP's outputs, then scaled and added)
+    "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM",
+                    dict(BASE, embedding_multiplier=3.0, residual_multiplier=0.6, logits_scaling=0.5,
+                         attention_bias=True, pad_token_id=None, bos_token_id=None, eos_token_id=None)),
     # FlexOlmo: OLMo 2's blocks (output norms, whole-projection q/k norms) with OLMoE's softmax router, every layer
     "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM",
                   dict(BASE, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, intermediate_size=32,
@@ -216,6 +221,8 @@ def test_spec_follows_transformers(ckpt):
         assert want == [5, 5, 5, None] and spec.rope_local_theta == 10000.0 and spec.rope_type == "yarn"
     if family == "granite":
         assert spec.attn_scale == 0.3 and spec.logits_scaling == 2.5
+    if family == "hyperclovax":  # Peri-LN by default; scores scaled by head_dim ** -0.5 unless the config says
+        assert spec.peri_norms and spec.sandwich_norms and spec.attn_scale == 16 ** -0.5 and spec.logits_scaling == 0.5
     if family == "mellum":  # two RoPE bases by layer type; the dense layer where mlp_layer_types says
         assert want == [5, None, 5, None] and spec.rope_theta == 500000.0 and spec.rope_local_theta == 10000.0
         assert [spec.is_moe_layer(i) for i in range(4)] == [True, False, True, True]
@@ -251,6 +258,20 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
     got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
     torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
+
+
+def test_hyperclovax_without_peri_norms_is_granite_with_logits_multiplied(tmp_path):
+    """``use_post_norm: false``: Granite's block (no norms on the sublayers' outputs), the logits still multiplied."""
+    cfg_cls, model_cls, kw = FAMILIES["hyperclovax"]
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**dict(kw, use_post_norm=False))).eval()
+    hf.save_pretrained(tmp_path)
+    ours = _load(tmp_path)
+    assert ours.spec.peri_norms is False and not ours.spec.sandwich_norms
+    seq = sum(_turns(7), [])
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
 
 
 def test_exaone_moe_leaves_its_mtp_block_out(tmp_path_factory, tmp_path):
@@ -290,6 +311,8 @@ def test_exaone_moe_leaves_its_mtp_block_out(tmp_path_factory, tmp_path):
     ("solar_open", "routed_scaling_factor", -1.0, "routed_scaling_factor"),
     ("afmoe", "route_scale", 0, "route_scale"),
     ("mellum", "mlp_layer_types", ["sparse", "moe", "sparse", "sparse"], "mlp_layer_types"),
+    ("hyperclovax", "use_post_norm", "yes", "use_post_norm"),
+    ("hyperclovax", "logits_scaling", 0, "logits_scaling"),
     ("mellum", "rope_parameters", {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}, "sliding"),
     ("exaone_moe", "mlp_layer_types", ["sparse", "dense", "sparse", "sparse"], "mlp_layer_types"),
     ("afmoe", "global_attn_every_n_layers", 0, "global_attn_every_n_layers"),

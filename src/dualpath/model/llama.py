@@ -607,7 +607,9 @@ class LlamaModel(LayerwiseDecoder):
         logits = self.lm_head(self._last_hidden(h))
         if self.spec.logit_scale is not None:  # Cohere
             logits = logits * self.spec.logit_scale
-        if self.spec.logits_scaling is not None:  # Granite: logits divided, in the compute dtype
+        if self.spec.logits_scaling is not None:  # Granite: logits divided, in the compute dtype (HyperCLOVA X: times)
+            if self.spec.architecture == "hyperclovax":
+                return (logits * self.spec.logits_scaling).float()
             return (logits / self.spec.logits_scaling).float()
         if cap is None:
             return cast(torch.Tensor, logits.float())
@@ -729,10 +731,11 @@ class LlamaModel(LayerwiseDecoder):
         if spec.attn_output_gate:  # Trinity
             o = o * torch.sigmoid(attn.gate_proj(x))
         a = attn.o_proj(o)
-        if spec.sandwich_norms:  # Gemma 2, Trinity: norms on the attention output and around the MLP
-            h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)
-            m = mod.mlp(cast(RMSNorm, mod.pre_feedforward_layernorm)(h))
-            state.hidden = h + cast(RMSNorm, mod.post_feedforward_layernorm)(m)
+        if spec.sandwich_norms:  # Gemma 2, Trinity, HyperCLOVA X: norms on the attention output and around the MLP
+            a = cast(RMSNorm, mod.post_attention_layernorm)(a)
+            h = state.hidden + (a if self.residual_scale is None else a * self.residual_scale)
+            m = cast(RMSNorm, mod.post_feedforward_layernorm)(mod.mlp(cast(RMSNorm, mod.pre_feedforward_layernorm)(h)))
+            state.hidden = h + (m if self.residual_scale is None else m * self.residual_scale)
         elif spec.post_norms:  # OLMo 2 and 3: norms on each block's output
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)
             state.hidden = h + cast(RMSNorm, mod.post_feedforward_layernorm)(mod.mlp(h))

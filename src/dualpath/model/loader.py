@@ -119,6 +119,8 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
     if getattr(model.spec, "architecture", "") == "afmoe":
         for theirs, ours in _AFMOE_NAMES.items():
             out = {k.replace(ours, theirs): v for k, v in out.items()}
+    if getattr(model.spec, "peri_norms", None):
+        out = _suffixes_renamed(out, {ours: theirs for theirs, ours in _PERI_NAMES.items()})
     if getattr(model.spec, "architecture", "") == "mistral4":  # (transformers reads Mistral 4's experts packed only)
         out = _packed_experts(out)
     if getattr(model.spec, "architecture", "") == "phi3":
@@ -724,6 +726,21 @@ def _granite_moe_hub_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+#: HyperCLOVA X's Peri-LN norms -> ours (Gemma 2's four; its pre-MLP norm keeps Llama's name there)
+_PERI_NAMES = {".post_norm1.weight": ".post_attention_layernorm.weight",
+               ".post_attention_layernorm.weight": ".pre_feedforward_layernorm.weight",
+               ".post_norm2.weight": ".post_feedforward_layernorm.weight"}
+
+
+def _suffixes_renamed(tensors: Mapping[str, torch.Tensor], suffixes: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each name's suffix in ``suffixes`` replaced once (the renames may swap names)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        old = next((s for s in suffixes if name.endswith(s)), None)
+        out[name if old is None else name[: -len(old)] + suffixes[old]] = t
+    return out
+
+
 #: Trinity (afmoe) tensor names -> ours (GLM-4.5's router; Gemma 2's names for the norms around the MLP), the bias
 #: first (written back in this order, it must not become the router's)
 _AFMOE_NAMES = {".mlp.expert_bias": ".mlp.gate.e_score_correction_bias", ".mlp.router.gate.": ".mlp.gate.",
@@ -899,6 +916,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             tensors = phi3_tensors(spec, tensors, source)
         elif tensors is not None and spec.architecture in ("glm", "glm4"):
             tensors = glm_tensors(spec, tensors, source)
+        elif tensors is not None and spec.peri_norms:  # HyperCLOVA X's Peri-LN norms
+            tensors = _suffixes_renamed(tensors, _PERI_NAMES)
         elif tensors is not None and spec.layer_norm:
             from dualpath.model.layernorm_family import tensors_in
 

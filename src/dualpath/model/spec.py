@@ -71,6 +71,11 @@ multi-token-prediction tensors (``mtp.*``) are left out at load.
 sliding layers by ``layer_types`` (a 1,024-token window), a RoPE base per layer type (``rope_parameters``: 500,000 on
 full layers, 10,000 on sliding ones by default) and dense layers where ``mlp_layer_types`` says ``dense``; its
 multi-token-prediction tensors (``mtp.*``) are left out at load.
+``HyperCLOVAXForCausalLM`` (``hyperclovax``: HyperCLOVA X SEED) is Granite's scalings with the logits multiplied (not
+divided) by ``logits_scaling``, scores scaled by ``attention_multiplier`` (default ``head_dim ** -0.5``) and, with
+``use_post_norm`` (the default), Peri-LN: RMSNorms on the attention's and the MLP's outputs before each is scaled and
+added (read as Gemma 2's four norms: ``post_norm1`` / ``post_attention_layernorm`` / ``post_norm2`` are our
+``post_attention_layernorm`` / ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm``).
 ``Dots1ForCausalLM`` (``dots1``: rednote's dots.llm1) is Qwen3's attention (per-head q/k RMSNorms, RoPE on the whole
 head, ``attention_bias`` on q/k/v/o, sliding layers as ``layer_types`` or ``max_window_layers`` say) over GLM-4.5's
 MoE blocks (DeepSeek-V3's grouped sigmoid router with a correction bias, ``n_shared_experts`` shared experts, the
@@ -181,6 +186,7 @@ ARCHITECTURES: dict[str, str] = {
     "AfmoeForCausalLM": "afmoe",
     "ExaoneMoeForCausalLM": "exaone_moe",
     "MellumForCausalLM": "mellum",
+    "HyperCLOVAXForCausalLM": "hyperclovax",
     "FlexOlmoForCausalLM": "flex_olmo",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "PhimoeForCausalLM": "phimoe",
@@ -202,6 +208,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
             "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM", "afmoe": "AfmoeForCausalLM",
             "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM",
+            "hyperclovax": "HyperCLOVAXForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH}
@@ -216,6 +223,8 @@ MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granit
 #: Granite's scalings and its MoE versions (GraniteMoE: Mixtral's experts under a top-k-then-softmax router; Shared:
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
+#: every architecture with Granite's four scalings: Granite's and HyperCLOVA X's (its logits multiplied, not divided)
+GRANITE_SCALED = (*GRANITE_ARCHS, "hyperclovax")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
 ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "minimax_m2", "llama4_text", "ernie4_5_moe",
                  "hunyuan_v1_moe")
@@ -330,6 +339,7 @@ class ModelSpec(_SpecCommon):
     # OPT (None for every other): post-LayerNorm blocks (do_layer_norm_before false), and the embeddings' width
     # where it differs from hidden_size (word_embed_proj_dim: projected in and out)
     post_layer_norm: bool | None = None
+    peri_norms: bool | None = None  # hyperclovax (None for every other): use_post_norm, Peri-LN (see sandwich_norms)
     embed_proj_dim: int | None = None
     logit_scale: float | None = None  # cohere, cohere2: logits multiplied by it (None: every other)
     # falcon: its fused q/k/v and norms (new2 / new1: the new decoder with two norms or one; old: falcon-7b's)
@@ -408,7 +418,7 @@ class ModelSpec(_SpecCommon):
                              f"got {self.rope_local_theta} for {self.architecture}")
         for name in _GRANITE_FIELDS:
             value = getattr(self, name)
-            if value is not None and self.architecture not in GRANITE_ARCHS and not (
+            if value is not None and self.architecture not in GRANITE_SCALED and not (
                     name == "embedding_multiplier" and self.architecture == "afmoe"):  # (Trinity's muP scale)
                 raise ModelError(f"model config: {name} is granite's, got {value} for {self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
@@ -578,7 +588,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: full_attention_layers {list(full)} must be layers of 0..{self.n_layers - 1}")
         if full and w is None:
             raise ModelError("model config: full_attention_layers without a sliding_window")
-        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe", "olmo2", *GRANITE_ARCHS, "olmoe",
+        if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe", "olmo2", *GRANITE_SCALED, "olmoe",
                                           "ministral3"):
             raise ModelError(f"model config: {self.architecture} slides every layer or none (full_attention_layers "
                              f"{list(full)})")
@@ -643,6 +653,9 @@ class ModelSpec(_SpecCommon):
                 self.moe_norm_min is not None and not self.moe_norm_min > 0):
             raise ModelError(f"model config: moe_norm_min is ernie4_5_moe's and a positive number there, got "
                              f"{self.moe_norm_min!r} for {self.architecture}")
+        if (self.peri_norms is None) != (self.architecture != "hyperclovax"):
+            raise ModelError(f"model config: peri_norms (use_post_norm) is hyperclovax's and required there, got "
+                             f"{self.peri_norms!r} for {self.architecture}")
         if self.head_bias is not None and self.architecture == "ernie4_5_moe":
             pass  # (ERNIE 4.5 MoE's LM head has a bias with use_bias)
         elif (self.router_jitter_eps is None or self.head_bias is None) != (self.architecture != "phimoe"):
@@ -723,7 +736,7 @@ class ModelSpec(_SpecCommon):
         return self.attention_bias and self.architecture in ("llama", "arcee", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "vaultgemma",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
-                                                             *GRANITE_ARCHS, "olmoe", "olmo", "ernie4_5",
+                                                             *GRANITE_SCALED, "olmoe", "olmo", "ernie4_5",
                                                              "hunyuan_v1_dense", "hunyuan_v1_moe", "nanochat", "jais2",
                                                              "apertus",
                                                              "llama4_text", "phimoe", "dots1", "ernie4_5_moe",
@@ -809,7 +822,7 @@ class ModelSpec(_SpecCommon):
     def sandwich_norms(self) -> bool:
         """Gemma 2: ``post_attention_layernorm`` on the attention output, ``pre_/post_feedforward_layernorm``
         around the MLP (Llama's ``post_attention_layernorm`` is the MLP's input norm)."""
-        return self.architecture in ("gemma2", "gemma3", "afmoe")
+        return self.architecture in ("gemma2", "gemma3", "afmoe") or bool(self.peri_norms)
 
     @property
     def attn_output_gate(self) -> bool:
@@ -861,7 +874,8 @@ class ModelSpec(_SpecCommon):
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
                     "router_jitter_eps", "head_bias",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
-                    "scale_attn_by_layer", "post_layer_norm", "embed_proj_dim", "logit_scale", "falcon_layout",
+                    "scale_attn_by_layer", "post_layer_norm", "peri_norms", "embed_proj_dim", "logit_scale",
+                    "falcon_layout",
                     "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature", "moe_norm_min"):
             if d[key] is None:
                 d.pop(key)
@@ -906,7 +920,7 @@ class ModelSpec(_SpecCommon):
             "torch_dtype": self.dtype,
         }
         if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", *GEMMA2_LIKE, "olmo2", "olmo3",
-                                 "smollm3", "granite"):
+                                 "smollm3", "granite", "hyperclovax"):
             cfg["attention_bias"] = self.attention_bias
         if self.architecture == "mellum":  # MellumConfig's keys (no decoder_sparse_step / mlp_only_layers)
             cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
@@ -928,8 +942,10 @@ class ModelSpec(_SpecCommon):
                        use_sliding_window=self.sliding_window is not None, mlp_bias=False, pad_token_id=None,
                        layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
                                     for i in range(self.n_layers)])
-        if self.architecture == "granite":
+        if self.architecture in ("granite", "hyperclovax"):
             cfg.update({key: getattr(self, key) for key in _GRANITE_FIELDS}, mlp_bias=False)
+            if self.architecture == "hyperclovax":
+                cfg.update(use_post_norm=bool(self.peri_norms), head_dim=self.head_dim)
         elif self.architecture in GRANITE_ARCHS:  # the MoE ones: experts intermediate_size wide, every layer
             cfg.update({key: getattr(self, key) for key in _GRANITE_FIELDS}, attention_bias=self.attention_bias,
                        num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
@@ -1290,9 +1306,16 @@ def _granite_fields(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any
         if not isinstance(mup, bool) and mup is not None:
             raise ModelError(f"{where}: mup_enabled must be true or false, got {mup!r}")
         return {"embedding_multiplier": float(cfg["hidden_size"]) ** 0.5} if mup else {}
-    if arch not in GRANITE_ARCHS:
+    if arch not in GRANITE_SCALED:
         return {}
     out: dict[str, Any] = {}
+    if arch == "hyperclovax":
+        post = cfg.get("use_post_norm", True)
+        if not isinstance(post, bool):
+            raise ModelError(f"{where}: use_post_norm must be true or false, got {post!r}")
+        out["peri_norms"] = post
+        head_dim = cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+        cfg = {"attention_multiplier": float(head_dim) ** -0.5, **{k: v for k, v in cfg.items() if v is not None}}
     for key in _GRANITE_FIELDS:
         value = cfg.get(key, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -1486,7 +1509,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         return None, ()
     if arch == "gpt_oss" and cfg.get("sliding_window") is None:  # its sliding layers then attend fully
         return None, ()
-    if arch in ("olmo2", "flex_olmo", *GRANITE_ARCHS):  # no window in these families
+    if arch in ("olmo2", "flex_olmo", *GRANITE_SCALED):  # no window in these families
         return None, ()
     if arch == "smollm3":  # sliding only with use_sliding_window, by default on the layers without RoPE
         if not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:

@@ -22,6 +22,7 @@ from hf_random import (
     Checkpoints,
     bf16_teacher_forced,
     check_batched_against_hf,
+    cluster_read_paths,
     hf_logits,
     random_turns,
     two_sequences,
@@ -258,6 +259,24 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
     got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
     torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+@pytest.mark.parametrize("family", ["afmoe", "exaone_moe"])
+async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
+    """A two-turn session through the emulated cluster (Trinity: the gated attention output, NoPE full layers,
+    windows, GLM-4.5's MoE; K-EXAONE: windows and NoPE in pre-norm blocks): PE, DE, split and recompute reads give
+    transformers' greedy tokens."""
+    d, hf = _CKPTS.get(family, tmp_path_factory)
+    first = _turns(9)[0] + _turns(9)[1]
+    await cluster_read_paths(LlamaModelConfig(path=str(d), time_model="off"), hf, first, [5, 17, 33, 2, 71, 64, 9],
+                             min_hit=16)
 
 
 def test_hyperclovax_without_peri_norms_is_granite_with_logits_multiplied(tmp_path):

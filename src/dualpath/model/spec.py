@@ -656,9 +656,9 @@ class ModelSpec(_SpecCommon):
         if (self.peri_norms is None) != (self.architecture != "hyperclovax"):
             raise ModelError(f"model config: peri_norms (use_post_norm) is hyperclovax's and required there, got "
                              f"{self.peri_norms!r} for {self.architecture}")
-        if self.head_bias is not None and self.architecture == "ernie4_5_moe":
-            pass  # (ERNIE 4.5 MoE's LM head has a bias with use_bias)
-        elif (self.router_jitter_eps is None or self.head_bias is None) != (self.architecture != "phimoe"):
+        phimoe = self.architecture == "phimoe"  # (ERNIE 4.5 MoE's LM head may have a bias too: use_bias)
+        if ((self.router_jitter_eps is None) == phimoe or (phimoe and self.head_bias is None)
+                or (self.head_bias is not None and self.architecture not in ("phimoe", "ernie4_5_moe"))):
             raise ModelError(f"model config: router_jitter_eps / head_bias (router_jitter_noise, lm_head_bias) are "
                              f"phimoe's and required there, got {self.router_jitter_eps!r} / {self.head_bias!r} for "
                              f"{self.architecture}")

@@ -103,6 +103,53 @@ async def test_fused_copies_either_side_of_the_memmove_limit_land_exactly(n: int
         await b.close()
 
 
+async def test_a_source_in_a_registered_region_is_copied_by_memoryview(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small source inside one of the sender's registered host regions (a flat slice at an odd offset, or an
+    engine's multi-dimensional byte view) is copied by one memoryview assignment, without ctypes' memmove; a
+    source only partly inside a region, inside a region registered by another endpoint, or inside one since
+    deregistered takes the memmove path. Every case lands exactly the source's bytes, and nothing else."""
+    from dualpath.transports import loopback
+
+    a, b = await _pair()
+    try:
+        n = 4096 + 3
+        dst = torch.zeros(n + 200, dtype=torch.uint8)
+        region = b.register(dst)
+        big = pattern(4 * n, 11)
+        src_region = a.register(big[: 2 * n])  # the sender's registered buffer is the first half of ``big``
+        used: list[int] = []
+        real_memmove = loopback._memmove
+
+        def counting_memmove(d: int, s: int, k: int) -> int:
+            used.append(k)
+            return real_memmove(d, s, k)
+
+        monkeypatch.setattr(loopback, "_memmove", counting_memmove)
+
+        def land(src: torch.Tensor, tag: str) -> None:
+            dst.zero_()
+            b.expose(tag, region, 100, n)
+            run_without_suspending(a.write("rcv", tag, src, 5.0))
+            run_without_suspending(b.wait(tag, 5.0))
+            assert torch.equal(dst[100 : 100 + n], src.reshape(-1))
+            assert not dst[:100].any() and not dst[100 + n :].any()
+
+        land(big[5 : 5 + n], "flat")  # inside the registered half, at an odd offset
+        land(big[n - 1 : 2 * n - 1].view(n, 1), "2d")  # a 2-D byte view, ending at the region's last byte
+        assert used == []  # both by memoryview
+        land(big[2 * n - 10 : 3 * n - 10], "straddle")  # runs 10 bytes into the registered half only
+        land(big[3 * n :], "outside")  # ``big`` past the registered half
+        own = b.register(torch.zeros(n, dtype=torch.uint8))  # registered by the receiver, not the sender
+        land(own.bytes.copy_(pattern(n, 12)), "theirs")
+        assert used == [n, n, n]
+        a.deregister(src_region)
+        land(big[5 : 5 + n], "deregistered")
+        assert used == [n, n, n, n]
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_two_writes_to_one_tag_land_once(pair: tuple[Transport, Transport],
                                                caplog: pytest.LogCaptureFixture) -> None:
     a, b = pair

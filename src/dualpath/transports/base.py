@@ -79,7 +79,8 @@ class Region:
 
     def __post_init__(self) -> None:
         self.bytes = byte_view(self.tensor)
-        self._views: dict[tuple[int, int], torch.Tensor] = {}  # landing views by (offset, nbytes): slots recur
+        # landing views by (offset, nbytes), with their memoryview in host memory (None on a GPU): slots recur
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, memoryview | None]] = {}
         self._host: memoryview | None = None  # the bytes as a writable memoryview (host regions), made on demand
         self._start = int(self.bytes.data_ptr())
         self._end = self._start + int(self.bytes.numel())
@@ -98,28 +99,38 @@ class Region:
     def addr(self) -> int:
         return int(self.bytes.data_ptr())
 
-    def view(self, offset: int, nbytes: int) -> torch.Tensor:
-        v = self._views.get((offset, nbytes))
-        if v is not None:
-            return v
+    def landing(self, offset: int, nbytes: int) -> tuple[torch.Tensor, memoryview | None]:
+        """The bytes ``[offset, offset + nbytes)`` as a flat ``uint8`` view and, in host memory, as a writable
+        memoryview (what socket receives and loopback's small copies write into; None on a GPU). Checked
+        against the region's bounds, and cached: landing slots recur."""
+        pair = self._views.get((offset, nbytes))
+        if pair is not None:
+            return pair
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.nbytes:
             raise TransportError(
                 f"slot [offset={offset}, nbytes={nbytes}] does not fit region {self.id} of {self.nbytes} bytes"
             )
-        v = self.bytes[offset : offset + nbytes]
+        host = self.host_memory()
+        pair = (self.bytes[offset : offset + nbytes], None if host is None else host[offset : offset + nbytes])
         if len(self._views) >= _VIEW_CACHE:
             self._views.clear()
-        self._views[(offset, nbytes)] = v
-        return v
+        self._views[(offset, nbytes)] = pair
+        return pair
+
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        return self.landing(offset, nbytes)[0]
 
     def host_view(self, offset: int, nbytes: int) -> memoryview | None:
-        """``view(offset, nbytes)`` as a writable memoryview (what socket receives write into); None for a
-        region in device memory. Call after :meth:`view` checked the bounds."""
-        if self.bytes.device.type != "cpu":
+        """``view(offset, nbytes)`` as a writable memoryview; None for a region in device memory."""
+        return self.landing(offset, nbytes)[1]
+
+    def host_memory(self) -> memoryview | None:
+        """The whole region as a writable byte memoryview (made once); None for a region in device memory."""
+        if self.cuda_index is not None or self.bytes.device.type != "cpu":
             return None
         if self._host is None:
             self._host = self.bytes.detach().numpy().data
-        return self._host[offset : offset + nbytes]
+        return self._host
 
     def holds(self, t: torch.Tensor) -> bool:
         """:meth:`contains` for a flat ``uint8`` tensor, by address range and device (cheap: per write)."""
@@ -238,8 +249,8 @@ class Transport(abc.ABC):
             self._check_open()
         if self._regions.get(region.id) is not region:
             raise TransportError(f"{self.name}: region {region.id} is not registered with this transport")
-        host = region.host_view(offset, nbytes) if self.receives_into_host_views else None
-        self._landings.expose(tag, region.view(offset, nbytes), host)
+        view, host = region.landing(offset, nbytes)
+        self._landings.expose(tag, view, host if self.receives_into_host_views else None)
         self._on_expose(tag, sender)
 
     def _on_expose(self, tag: str, sender: str | None) -> None:  # noqa: B027 - optional hook

@@ -23,8 +23,9 @@ host regions, copied into a host landing of its size, is cheaper still: one memo
 the two regions' cached memoryviews (CPython's memmove, without ctypes' ~0.5 us call or a flat view made first),
 up to 1 MiB, or 64 KiB with several intra-op threads (from cold memory it ties torch's parallel copy at 64 KiB and
 loses above). With that path and a hand-written ``Slot`` an expose-write-wait cycle costs 2.9 us of Python
-instead of 3.3 (``dualpath bench transport --backends loopback``: loopback ÷ ``copy_`` at 64 KiB 0.71-0.74, up
-from 0.66-0.71 in the same sitting).
+instead of 3.3 (warm, 64 B). In ``dualpath bench transport --backends loopback`` (64 KiB from cold memory, about
+8 us a copy) the difference is within this 2-core machine's run-to-run spread (A/B in
+``benchmarks/results/bench_transport_cpu2.json``, ``loopback_memoryview_ab_session25``).
 
 A host-to-host copy above ``inline_copy_bytes`` runs on the event loop in steps of that size (at least 8 MiB,
 about 1 ms of the loop), yielding between steps so the loop stays responsive: handing it to a worker thread and

@@ -36,8 +36,9 @@ from dualpath.kernels import mla_decode_attention, mla_prefill_attention, store_
 from dualpath.kernels.reference import dequantize_latent_fp8, mla_masked_attention
 from dualpath.model.dsa import Indexer, selected_keys
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch
+from dualpath.model.mla_spec import DeepseekV3Spec
 from dualpath.model.moe import FeedForward, dispatch_experts
-from dualpath.model.spec import DeepseekV3Spec, rope_frequencies
+from dualpath.model.rope import rope_frequencies
 
 __all__ = ["DeepseekV3Model"]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dualpath.model.spec import DeepseekV3Spec
+from dualpath.model.mla_spec import DeepseekV3Spec
 
 __all__ = ["Indexer", "selected_keys"]
 

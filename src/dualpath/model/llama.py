@@ -36,7 +36,8 @@ from dualpath.kernels import paged_decode_attention, paged_prefill_attention, st
 from dualpath.model.gpt_oss import GptOssMoE
 from dualpath.model.llama4 import Llama4MoE, l2_norm, nope_query_scale
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk, sparsemixer_top2
-from dualpath.model.spec import GROUP_ROUTER_ARCHS, ModelSpec, rope_frequencies, rope_inv_freq
+from dualpath.model.rope import rope_frequencies, rope_inv_freq
+from dualpath.model.spec import GROUP_ROUTER_ARCHS, ModelSpec
 
 __all__ = ["ForwardState", "LlamaModel", "PrefillState", "SeqBatch"]
 

@@ -35,7 +35,8 @@ import torch
 
 from dualpath.errors import ModelError
 from dualpath.model import llama_variants as lv
-from dualpath.model.spec import GROUP_ROUTER_ARCHS, DeepseekV3Spec, ModelSpec, load_spec
+from dualpath.model.mla_spec import DeepseekV3Spec
+from dualpath.model.spec import GROUP_ROUTER_ARCHS, ModelSpec, load_spec
 
 if TYPE_CHECKING:
     from dualpath.model.config import LlamaModelConfig
@@ -342,7 +343,7 @@ _GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3"
 def _llama3_from_rope_freqs(factors: Any, head_dim: int, theta: float, old_ctx: int, where: Path) -> dict[str, Any]:
     """The ``llama3`` rope_scaling whose per-frequency divisors equal llama.cpp's ``rope_freqs`` tensor: the
     factor is the largest divisor, low/high frequency factors Llama 3's published 1 and 4; checked, not assumed."""
-    from dualpath.model.spec import rope_frequencies
+    from dualpath.model.rope import rope_frequencies
 
     if factors.shape != (head_dim // 2,) or not (factors > 0).all():
         raise ModelError(f"{where}: rope_freqs.weight has shape {tuple(factors.shape)}, expected ({head_dim // 2},) "
@@ -976,7 +977,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
     else:
         cfg_path = p if p.is_file() else p / "config.json"
         spec = load_spec(cfg_path, dtype=cfg.dtype, kv_format=cfg.kv_format, max_context=cfg.max_context)
-        from dualpath.model.spec import read_hf_config
+        from dualpath.model.spec_common import read_hf_config
 
         hf_config = read_hf_config(cfg_path)[0]
         fp8_block = fp8_block_size(hf_config)

@@ -1,0 +1,77 @@
+"""What the spec of every architecture shares: reading a checkpoint's ``config.json``, its RoPE fields, its dtype.
+
+:class:`dualpath.model.spec.ModelSpec` (the Llama family and its relatives) and
+:class:`dualpath.model.mla_spec.DeepseekV3Spec` (the MLA decoders) both build on these.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dualpath.errors import ModelError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _SpecCommon:
+    """What every architecture's spec derives the same way from its ``dtype`` and ``rope_scaling`` fields."""
+
+    dtype: str
+    rope_scaling: dict[str, Any] | None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def rope_type(self) -> str:
+        rs = self.rope_scaling or {}
+        return str(rs.get("rope_type", rs.get("type", "default")))
+
+
+def read_hf_config(config: dict[str, Any] | str | Path) -> tuple[dict[str, Any], str]:
+    """A config dict and a name for messages, from a dict, a ``config.json`` path or a directory holding one."""
+    if isinstance(config, dict):
+        return config, "config"
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"model config {path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return cfg, str(path)
+
+
+def parse_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling or None)`` from a config's ``rope_parameters`` (transformers >= 5) or
+    ``rope_theta`` + ``rope_scaling``; yarn/llama3 get ``original_max_position_embeddings`` filled in."""
+    rope_params = cfg.get("rope_parameters")
+    rope_scaling = cfg.get("rope_scaling")
+    rope_theta = cfg.get("rope_theta")
+    if isinstance(rope_params, dict):  # transformers >= 5 writes rope_parameters
+        rope_theta = rope_params.get("rope_theta", rope_theta)
+        if rope_params.get("rope_type", rope_params.get("type", "default")) != "default":
+            rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    if isinstance(rope_scaling, dict):
+        rope_scaling = dict(rope_scaling)
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        rope_scaling.pop("type", None)
+        rope_scaling["rope_type"] = kind
+        if kind == "default":
+            rope_scaling = None
+        elif kind in ("llama3", "yarn"):
+            rope_scaling.setdefault("original_max_position_embeddings",
+                                    cfg.get("original_max_position_embeddings")
+                                    or cfg.get("max_position_embeddings", 2048))
+    elif rope_scaling is not None:
+        raise ModelError(f"{where}: rope_scaling must be an object or null")
+    return float(rope_theta if rope_theta is not None else 10000.0), rope_scaling

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_architecture_is_in_the_checkpoints_page():
-    from dualpath.model.spec import _DEEPSEEK_ARCH, _IMAGE_TEXT_ARCHS, ARCHITECTURES
+    from dualpath.model.hf_config import _IMAGE_TEXT_ARCHS
+    from dualpath.model.spec import _DEEPSEEK_ARCH, ARCHITECTURES
 
     text = (ROOT / "docs" / "models.md").read_text()
     missing = [a for a in (*ARCHITECTURES, *_DEEPSEEK_ARCH, *_IMAGE_TEXT_ARCHS) if f"`{a}`" not in text]

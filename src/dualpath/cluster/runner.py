@@ -270,7 +270,7 @@ class Cluster:
         spec = getattr(getattr(first, "model", None), "spec", None)
         if spec is None or not hasattr(spec, "context_limit") or spec.context_limit != self.max_context:
             return ""
-        from dualpath.model.spec import context_note
+        from dualpath.model.spec_common import context_note
 
         return f" ({context_note(spec)})"
 

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from dualpath.model.kv_pool import KVPool
     from dualpath.model.llama import SeqBatch
     from dualpath.model.loader import load_model
-    from dualpath.model.spec import context_note
+    from dualpath.model.spec_common import context_note
 
     if args.max_new_tokens < 1:
         raise ModelError("--max-new-tokens must be >= 1")

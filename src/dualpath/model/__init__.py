@@ -9,7 +9,7 @@ from typing import Any
 
 _EXPORTS = {
     "ModelSpec": "dualpath.model.spec",
-    "DeepseekV3Spec": "dualpath.model.spec",
+    "DeepseekV3Spec": "dualpath.model.mla_spec",
     "DeepseekV3Model": "dualpath.model.deepseek",
     "load_spec": "dualpath.model.spec",
     "LlamaModel": "dualpath.model.llama",

@@ -626,7 +626,7 @@ class LlamaModel(LayerwiseDecoder):
         if self.spec.rope_long is False and int(batch.positions.max()) >= self.spec.context_limit:
             # LongRoPE on its short factors: past original_max_position_embeddings transformers would turn every
             # position with the long ones, which the KV already computed cannot follow; never a silent mismatch
-            from dualpath.model.spec import context_note
+            from dualpath.model.spec_common import context_note
 
             raise ModelError(f"position {int(batch.positions.max())} is past the model's context of "
                              f"{self.spec.context_limit} tokens ({context_note(self.spec)})")

@@ -94,7 +94,7 @@ def normalize_config(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], d
         raise ModelError(f"{where}: hidden_act {out['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
     inter = _int(out, "intermediate_size", 8192, where, 1)
     inter_mlp = _int(out, "intermediate_size_mlp", 16384, where, 1)
-    out["_nope_layers"] = nope  # (read by spec._nope_layers, as Cohere 2's)
+    out["_nope_layers"] = nope  # (read by family_fields._nope_layers, as Cohere 2's)
     fields = {
         "use_qk_norm": qk,
         "attention_chunk": chunk if chunked else None,

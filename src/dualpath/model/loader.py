@@ -805,7 +805,7 @@ def codegen_tensors(tensors: Mapping[str, torch.Tensor], source: str = "checkpoi
     heads) as GPT-J's ``q_proj`` / ``k_proj`` / ``v_proj``; other tensors (and GPT-J checkpoints) unchanged."""
     if not any(k.endswith(".attn.qkv_proj.weight") for k in tensors):
         return tensors
-    from dualpath.model.spec import CODEGEN_MP
+    from dualpath.model.hf_config import CODEGEN_MP
 
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():

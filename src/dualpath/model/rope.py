@@ -86,3 +86,18 @@ def rope_frequencies(dim: int, base: float, rope_scaling: dict[str, Any] | None,
             attn = mscale(factor, ms) / mscale(factor, ms_all) if ms and ms_all else mscale(factor)
         scale = float(attn)
     return inv_freq.to(torch.float32), scale
+
+
+def rope_long_for(rope_scaling: dict[str, Any] | None, max_context: int | None) -> bool | None:
+    """Which of a LongRoPE model's factor sets turns every position (None when the RoPE is not longrope).
+
+    transformers picks per forward (the long set once the forward's longest sequence passes
+    ``original_max_position_embeddings``), so a prefix's keys would depend on which forward computed them, and a
+    stored Full Block could not be reused by a longer context. Here the set is fixed per deployment, as vLLM fixes
+    it: the short set (transformers' numbers exactly, the context capped at ``original_max_position_embeddings``)
+    unless ``max_context`` asks for more, then the long set for every position (transformers' numbers for any
+    sequence longer than ``original_max_position_embeddings``)."""
+    if (rope_scaling or {}).get("rope_type") != "longrope":
+        return None
+    orig = int((rope_scaling or {})["original_max_position_embeddings"])
+    return max_context is not None and int(max_context) > orig

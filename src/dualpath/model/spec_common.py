@@ -75,3 +75,15 @@ def parse_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] |
     elif rope_scaling is not None:
         raise ModelError(f"{where}: rope_scaling must be an object or null")
     return float(rope_theta if rope_theta is not None else 10000.0), rope_scaling
+
+
+def context_note(spec: Any) -> str:
+    """What sets ``spec.context_limit``, for an error that names the knob to turn."""
+    orig = (spec.rope_scaling or {}).get("original_max_position_embeddings")
+    if getattr(spec, "rope_long", None) is False and spec.context_limit == orig:
+        return (f"a LongRoPE model on its short RoPE factors serves up to original_max_position_embeddings={orig}; "
+                "set model.max_context (dualpath generate --max-context) higher to serve longer contexts with its "
+                "long factors, at every position")
+    if spec.context_cap is not None and spec.context_limit == spec.context_cap:
+        return f"model.max_context={spec.context_cap}"
+    return f"max_position_embeddings={spec.max_position}"

@@ -1,0 +1,127 @@
+"""The architectures :class:`dualpath.model.spec.ModelSpec` reads (Hugging Face class name -> our name, and back),
+the groups of them that share a mechanism, and the families refused on purpose, with the reason.
+
+Adding a family starts here: its class name in :data:`ARCHITECTURES` and :data:`_HF_ARCH`, and its name in the
+groups whose mechanisms it uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dualpath.model import layernorm_family as lnf
+from dualpath.model import llama_variants as lv
+
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "MistralForCausalLM": "llama",
+    "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "GptOssForCausalLM": "gpt_oss",
+    "Olmo2ForCausalLM": "olmo2",
+    "Olmo3ForCausalLM": "olmo3",
+    "SmolLM3ForCausalLM": "smollm3",
+    "GraniteForCausalLM": "granite",
+    "GraniteMoeForCausalLM": "granitemoe",
+    "GraniteMoeSharedForCausalLM": "granitemoeshared",
+    "MinistralForCausalLM": "ministral",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "Dots1ForCausalLM": "dots1",
+    "SolarOpenForCausalLM": "solar_open",
+    "AfmoeForCausalLM": "afmoe",
+    "ExaoneMoeForCausalLM": "exaone_moe",
+    "MellumForCausalLM": "mellum",
+    "HyperCLOVAXForCausalLM": "hyperclovax",
+    "FlexOlmoForCausalLM": "flex_olmo",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
+    "PhimoeForCausalLM": "phimoe",
+    "OlmoeForCausalLM": "olmoe",
+    "Exaone4ForCausalLM": "exaone4",
+    "SeedOssForCausalLM": "seed_oss",
+    "GlmForCausalLM": "glm",
+    "ArceeForCausalLM": "arcee",
+    "Glm4ForCausalLM": "glm4",
+    **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
+    **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
+}
+_HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+            "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+            "gemma3": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM", "olmo2": "Olmo2ForCausalLM",
+            "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
+            "granitemoe": "GraniteMoeForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
+            "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
+            "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM", "afmoe": "AfmoeForCausalLM",
+            "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM",
+            "hyperclovax": "HyperCLOVAXForCausalLM",
+            "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
+            "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
+            **lnf.HF_ARCH, **lv.HF_ARCH}
+#: Gemma 2's attention and logit settings (part of the spec's identity only when set)
+_GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+#: Gemma 2's attention, scalings and soft caps: Gemma 2, Gemma 3 and VaultGemma (Gemma 2's layers with only the
+#: input and pre-MLP norms, a Llama-shaped block)
+GEMMA2_LIKE = ("gemma2", "gemma3", "vaultgemma")
+#: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "flex_olmo",
+             "mellum")
+#: Granite's scalings and its MoE versions (GraniteMoE: Mixtral's experts under a top-k-then-softmax router; Shared:
+#: plus an ungated shared expert)
+GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
+#: every architecture with Granite's four scalings: Granite's and HyperCLOVA X's (its logits multiplied, not divided)
+GRANITE_SCALED = (*GRANITE_ARCHS, "hyperclovax")
+#: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "minimax_m2", "llama4_text", "ernie4_5_moe",
+                 "hunyuan_v1_moe")
+#: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
+_GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
+#: the architectures routing by it: GLM-4.5, dots.llm1 (GLM-4.5's MoE under Qwen3's attention), Solar Open (under
+#: Llama's, every layer), Trinity (afmoe: one group), K-EXAONE (exaone_moe), and MiniMax-M2 (one group, factor 1, no
+#: shared expert)
+GROUP_ROUTER_ARCHS = ("glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "minimax_m2")
+#: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
+_GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
+#: Granite's scalings (GraniteConfig): embeddings times ``embedding_multiplier``, attention scores times
+#: ``attention_multiplier`` (instead of ``head_dim ** -0.5``), each block's output times ``residual_multiplier``,
+#: logits divided by ``logits_scaling``
+_GRANITE_FIELDS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
+#: OLMo 2 and 3: RMSNorms over the whole q / k projections, and norms on each block's output instead of its input
+_OLMO_ARCHS = ("olmo2", "olmo3", "flex_olmo")
+_MOE_FIELDS = ("n_experts", "n_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+               "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "ntk_alpha")
+
+
+_NO_KV = ("its linear-attention / state-space layers keep a recurrent state, not per-token KV: there are no KV "
+          "blocks to store, read or page")
+#: families refused on purpose, by model_type, with the reason (docs/models.md, "Refused, by name")
+_REFUSED = {
+    **dict.fromkeys(("rwkv", "mamba", "mamba2", "falcon_mamba", "xlstm", "recurrent_gemma", "qwen3_next", "qwen3_5",
+                     "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "jamba", "bamba", "zamba", "zamba2",
+                     "falcon_h1", "nemotron_h", "granitemoehybrid", "lfm2", "lfm2_moe", "kimi_linear", "minimax",
+                     "olmo_hybrid", "bailing_hybrid"), _NO_KV),
+    **dict.fromkeys(("gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"),
+                    "per-layer embeddings and layers that share another layer's KV are not implemented"),
+    "deepseek_v4": "its compressed attention (KV compressed across tokens) is another MLA variant, not implemented",
+    "longcat_flash": "two attention sublayers per layer and zero-computation experts are not implemented",
+}
+
+
+def refusal_reason(archs: list[str], model_type: Any) -> str | None:
+    """Why a family is refused on purpose (:data:`_REFUSED`), from its model_type or its architecture's name."""
+    if model_type in _REFUSED:
+        return _REFUSED[str(model_type)]
+    names = {a.lower().replace("_", "") for a in archs}
+    for mt, why in _REFUSED.items():
+        key = mt.replace("_", "")
+        if any(n.startswith(key) and n.endswith(("forcausallm", "forconditionalgeneration", "lmheadmodel"))
+               for n in names):
+            return why
+    return None

@@ -1,0 +1,155 @@
+"""Checkpoint configs read as another architecture's: image-text checkpoints (Gemma 3, Mistral 3, Llava, Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL) as their language model, CodeGen as its Llama-shaped equivalent, and the Llama aliases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dualpath.errors import ModelError
+
+#: Gemma3TextConfig's defaults, for the sparse ``text_config`` of Gemma 3's multimodal checkpoints (gemma-3-4b-it
+#: lists only what differs from them)
+_GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                         "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}
+
+
+def is_gemma3_multimodal(cfg: dict[str, Any]) -> bool:
+    """Whether ``cfg`` is a Gemma 3 image-text checkpoint's (``Gemma3ForConditionalGeneration``)."""
+    archs = cfg.get("architectures") or []
+    return "Gemma3ForConditionalGeneration" in archs or (not archs and cfg.get("model_type") == "gemma3")
+
+
+def gemma3_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """The text model's config of a Gemma 3 image-text checkpoint (its ``text_config`` over Gemma3TextConfig's
+    defaults, read as ``Gemma3ForCausalLM``: the language model serves text; the vision tower is not loaded); any
+    other config unchanged."""
+    if not is_gemma3_multimodal(cfg):
+        return cfg
+    text = cfg.get("text_config")
+    if text is None:
+        text = {}
+    if not isinstance(text, dict):
+        raise ModelError(f"{where}: text_config must be an object")
+    out = {**_GEMMA3_TEXT_DEFAULTS, **text, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
+    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if key not in text and key in cfg:
+            out[key] = cfg[key]
+    return out
+
+
+#: image-text checkpoints whose language model serves text here, by their architecture and model_type
+_IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForConditionalGeneration": "llava",
+                     "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+                     "Qwen3VLForConditionalGeneration": "qwen3_vl", "Llama4ForConditionalGeneration": "llama4"}
+#: their language model's model_type -> the text architecture that runs it (M-RoPE over text alone, where every
+#: token's three position ids are equal, is the plain RoPE of the same frequencies)
+_TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM",
+                "qwen3_vl_text": "Qwen3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "ministral": "MinistralForCausalLM",
+                "ministral3": "Ministral3ForCausalLM", "llama4_text": "Llama4ForCausalLM"}
+#: what a text_config of each image-text family is when it names no model_type
+_TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
+                      "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text", "llama4": "llama4_text"}
+
+
+def image_text_family(cfg: dict[str, Any]) -> str | None:
+    """The image-text family (``mistral3``, ``llava``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) of a config,
+    or None for any other."""
+    archs = cfg.get("architectures") or []
+    for a in archs:
+        if a in _IMAGE_TEXT_ARCHS:
+            return _IMAGE_TEXT_ARCHS[a]
+    mt = cfg.get("model_type")
+    return str(mt) if not archs and mt in _IMAGE_TEXT_ARCHS.values() else None
+
+
+#: checkpoints transformers runs as Llama under other names (EXAONE 3 / 3.5, InternLM3): their config keys -> Llama's
+_LLAMA_ALIASES: dict[str, dict[str, str]] = {
+    "exaone": {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
+               "activation_function": "hidden_act"},
+    "internlm3": {"qkv_bias": "attention_bias", "bias": "mlp_bias"},
+}
+#: their config classes' defaults where Llama's differ
+_LLAMA_ALIAS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "exaone": {"rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
+    "internlm3": {"rope_theta": 10000.0, "rms_norm_eps": 1e-6},
+}
+
+
+#: CodeGen's fused q/k/v is split over this many groups (transformers' ``CodeGenAttention.mp_num``)
+CODEGEN_MP = 4
+
+
+def codegen_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """A CodeGen config (``CodeGenForCausalLM``: Salesforce's codegen-*) as the GPT-J config it is: the same keys,
+    block, interleaved partial RoPE and biased head; only its fused ``qkv_proj`` differs, split at load by
+    :func:`dualpath.model.loader.codegen_tensors` (so our ``save_pretrained`` writes a GPT-J checkpoint of the same
+    model). Any other config unchanged."""
+    archs = cfg.get("architectures") or []
+    if "CodeGenForCausalLM" not in archs and not (not archs and cfg.get("model_type") == "codegen"):
+        return cfg
+    heads = cfg.get("n_head", 16)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads % CODEGEN_MP:
+        raise ModelError(f"{where}: n_head must be a multiple of {CODEGEN_MP} for CodeGen's fused q/k/v, got {heads!r}")
+    out = {k: v for k, v in cfg.items() if k != "n_ctx"}
+    return {**out, "architectures": ["GPTJForCausalLM"], "model_type": "gptj"}
+
+
+def llama_alias_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """An EXAONE 3 (``ExaoneForCausalLM``) or InternLM3 (``InternLM3ForCausalLM``) config as the Llama config it
+    is (transformers runs both as Llama); any other config unchanged. EXAONE's tensor names are read by the loader
+    (:func:`dualpath.model.loader.exaone_tensors`)."""
+    archs = [str(a).lower() for a in cfg.get("architectures") or []]
+    family = next((f for f in _LLAMA_ALIASES if f"{f}forcausallm" in archs), None)
+    if family is None and cfg.get("model_type") in _LLAMA_ALIASES and (not archs or archs == ["llamaforcausallm"]):
+        family = str(cfg["model_type"])  # (transformers writes LlamaForCausalLM with the family's model_type)
+    if family is None:
+        return cfg
+    out = {**_LLAMA_ALIAS_DEFAULTS[family], **cfg, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    for theirs, ours in _LLAMA_ALIASES[family].items():
+        if theirs in out:
+            value = out.pop(theirs)
+            if ours in cfg and cfg[ours] != value:
+                raise ModelError(f"{where}: {theirs} ({value!r}) and {ours} ({cfg[ours]!r}) disagree")
+            out[ours] = value
+    if family == "internlm3" and bool(out.get("attention_bias")) != bool(out.get("mlp_bias")):
+        raise ModelError(f"{where}: qkv_bias and bias must be equal (InternLM3 runs as Llama, one bias setting)")
+    return out
+
+
+def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """The language model's config of an image-text checkpoint, read as the text architecture that runs it (the
+    vision tower and projector are not loaded; requests carry text): Gemma 3 (:func:`gemma3_text_config`),
+    Mistral 3 (Mistral Small 3.1 / 3.2), Llava, Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Keys the text config leaves out
+    come from the top level (the dtype, special tokens, the embedding tying, which the top level decides when it
+    says, as transformers does); an M-RoPE (``mrope_section``) reads as the plain RoPE it is over text. Any other
+    config is returned unchanged."""
+    cfg = gemma3_text_config(cfg, where)
+    family = image_text_family(cfg)
+    if family is None:
+        return cfg
+    text = cfg.get("text_config")
+    if text is None:  # (older Qwen2-VL / 2.5-VL configs keep the language model's keys at the top level)
+        text = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "vision_config")}
+    if not isinstance(text, dict):
+        raise ModelError(f"{where}: text_config must be an object")
+    mt = str(text.get("model_type") or _TEXT_DEFAULT_TYPE[family])
+    if mt not in _TEXT_MODELS:
+        raise ModelError(f"{where}: text_config.model_type {mt!r} of a {family} checkpoint is unsupported; expected "
+                         f"one of {sorted(_TEXT_MODELS)}")
+    arch = _TEXT_MODELS[mt]
+    out = {**text, "architectures": [arch], "model_type": {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",
+                                                           "qwen3_vl_text": "qwen3"}.get(mt, mt)}
+    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if out.get(key) is None and key in cfg:
+            out[key] = cfg[key]
+    if "tie_word_embeddings" in cfg:
+        out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = out.get(key)
+        if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("type") == "mrope"):
+            plain = {k: v for k, v in rope.items() if k not in ("mrope_section", "mrope_interleaved", "type")}
+            if plain.get("rope_type", "default") in ("mrope", "default"):
+                plain["rope_type"] = "default"
+            out[key] = plain if key == "rope_parameters" else (None if plain["rope_type"] == "default" else plain)
+    return out

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from dualpath.transports import nixl as nixl_transport
+from dualpath.transports import nixl_agent as nixl_transport
 
 
 def test_import_nixl_takes_the_cuda13_wheel_when_the_cuda12_one_is_absent(monkeypatch: pytest.MonkeyPatch) -> None:

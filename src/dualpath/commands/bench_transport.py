@@ -173,7 +173,7 @@ def raw_tcp_recv() -> None:
 
 
 def _nixl_agent(name: str) -> Any:
-    from dualpath.transports.nixl import import_nixl, ucx_tls_with_cuda
+    from dualpath.transports.nixl_agent import import_nixl, ucx_tls_with_cuda
 
     os.environ.setdefault("UCX_TLS", ucx_tls_with_cuda("tcp,self,sm"))  # what our transport's default sets
     nixl_mod = import_nixl()
@@ -802,7 +802,7 @@ def run(args: argparse.Namespace) -> int:
                 runs.extend(await bench_loopback(sizes, repeats, mib))
             elif kind in _ZMQ_KINDS or kind == "nixl":
                 if kind == "nixl":
-                    from dualpath.transports.nixl import import_nixl
+                    from dualpath.transports.nixl_agent import import_nixl
 
                     if import_nixl() is None:
                         skipped["nixl"] = "nixl extra not installed"

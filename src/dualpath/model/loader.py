@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +34,15 @@ import torch
 
 from dualpath.errors import ModelError
 from dualpath.model import llama_variants as lv
+from dualpath.model.gguf import read_gguf
 from dualpath.model.mla_spec import DeepseekV3Spec
+from dualpath.model.quant import (
+    _dequantized,
+    check_quantization,
+    fp8_block_size,
+    fp8_dequantized,
+    int4_dequantized,
+)
 from dualpath.model.spec import GROUP_ROUTER_ARCHS, ModelSpec, load_spec
 
 if TYPE_CHECKING:
@@ -307,206 +314,7 @@ def files_identity(files: list[Path]) -> str:
     return h.hexdigest()[:32]
 
 
-# --- GGUF ----------------------------------------------------------------------------------------------------
-
-_GGUF_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
-
-def _gguf_name(name: str) -> str | None:
-    if name == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    if name == "output_norm.weight":
-        return "model.norm.weight"
-    if name == "output.weight":
-        return "lm_head.weight"
-    parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
-    return None
-
-
-_GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-
-
-def _llama3_from_rope_freqs(factors: Any, head_dim: int, theta: float, old_ctx: int, where: Path) -> dict[str, Any]:
-    """The ``llama3`` rope_scaling whose per-frequency divisors equal llama.cpp's ``rope_freqs`` tensor: the
-    factor is the largest divisor, low/high frequency factors Llama 3's published 1 and 4; checked, not assumed."""
-    from dualpath.model.rope import rope_frequencies
-
-    if factors.shape != (head_dim // 2,) or not (factors > 0).all():
-        raise ModelError(f"{where}: rope_freqs.weight has shape {tuple(factors.shape)}, expected ({head_dim // 2},) "
-                         "positive factors")
-    rs = {"rope_type": "llama3", "factor": float(f"{factors.max():.7g}"), "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": old_ctx}
-    base = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    ours, _ = rope_frequencies(head_dim, theta, rs, old_ctx)
-    want = base / torch.from_numpy(factors)
-    if not torch.allclose(ours.to(torch.float64), want, rtol=1e-5, atol=0.0):
-        raise ModelError(f"{where}: rope_freqs.weight is not Llama 3's RoPE scaling (factor {rs['factor']}, "
-                         f"low 1, high 4, original context {old_ctx}); this RoPE variant is unsupported")
-    return rs
-
-
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs back to Hugging Face's half split)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
-
-
-def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A Hugging Face config dict and dequantized fp32 tensors (HF names) from a llama/qwen2/qwen3 GGUF file.
-    Llama 3's RoPE scaling, which llama.cpp bakes into a ``rope_freqs`` tensor, is read back as ``llama3``
-    ``rope_scaling`` only when that tensor equals what those parameters give (otherwise an error)."""
-    import gguf
-    import numpy as np
-
-    p = Path(path)
-    try:
-        reader = gguf.GGUFReader(str(p))
-    except FileNotFoundError:
-        raise ModelError(f"GGUF file {p} not found") from None
-    except Exception as exc:
-        raise ModelError(f"{p}: not a readable GGUF file ({exc})") from None
-
-    def field(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
-
-    arch = field("general.architecture")
-    if arch not in _GGUF_ARCHS:
-        raise ModelError(f"{p}: unsupported GGUF architecture {arch!r}; expected one of {sorted(_GGUF_ARCHS)}")
-
-    def need(key: str) -> Any:
-        v = field(f"{arch}.{key}")
-        if v is None:
-            raise ModelError(f"{p}: GGUF metadata is missing {arch}.{key}")
-        return v
-
-    hidden = int(need("embedding_length"))
-    n_heads = int(need("attention.head_count"))
-    n_kv = int(field(f"{arch}.attention.head_count_kv", n_heads))
-    tokens = field("tokenizer.ggml.tokens")
-    vocab = int(field(f"{arch}.vocab_size", 0) or (len(tokens) if tokens else 0))
-    head_dim = int(field(f"{arch}.attention.key_length", 0) or field(f"{arch}.rope.dimension_count", 0)
-                   or hidden // n_heads)
-    names = {t.name for t in reader.tensors}
-    cfg: dict[str, Any] = {
-        "architectures": [_GGUF_ARCHS[arch]],
-        "model_type": arch,
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
-        # GGUF stores float32: round back to the decimal a config.json would hold
-        "rms_norm_eps": float(f"{field(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"),
-        "rope_theta": float(f"{field(f'{arch}.rope.freq_base', 10000.0):.7g}"),
-        "max_position_embeddings": int(field(f"{arch}.context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in names,
-        "attention_bias": "blk.0.attn_q.bias" in names,
-        "torch_dtype": "float32",
-    }
-    scaling = field(f"{arch}.rope.scaling.type")
-    if scaling and scaling != "none":
-        cfg["rope_scaling"] = {
-            "rope_type": scaling,
-            "factor": float(field(f"{arch}.rope.scaling.factor", 1.0)),
-            "original_max_position_embeddings": int(field(f"{arch}.rope.scaling.original_context_length", 0)
-                                                    or cfg["max_position_embeddings"]),
-        }
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if freqs is not None:
-        cfg["rope_scaling"] = _llama3_from_rope_freqs(
-            np.array(gguf.quants.dequantize(freqs.data, freqs.tensor_type), dtype=np.float64).reshape(-1),
-            head_dim, cfg["rope_theta"], int(field(f"{arch}.rope.scaling.original_context_length", 0) or 8192), p)
-    for key, hf in (("tokenizer.ggml.bos_token_id", "bos_token_id"), ("tokenizer.ggml.eos_token_id", "eos_token_id")):
-        v = field(key)
-        if v is not None:
-            cfg[hf] = int(v)
-
-    tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            continue
-        hf_name = _gguf_name(t.name)
-        if hf_name is None:
-            raise ModelError(f"{p}: unexpected GGUF tensor {t.name!r}")
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ModelError(f"{p}: tensor {t.name}: quantization {t.tensor_type.name} unsupported") from None
-        w = torch.from_numpy(np.array(arr, dtype=np.float32))
-        if arch == "llama" and ".self_attn.q_proj." in hf_name:
-            w = _unpermute(w, n_heads)
-        elif arch == "llama" and ".self_attn.k_proj." in hf_name:
-            w = _unpermute(w, n_kv)
-        tensors[hf_name] = w
-    return cfg, tensors
-
-
 # --- entry points --------------------------------------------------------------------------------------------
-
-
-def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int] = 128) -> torch.Tensor:
-    """A block-scaled FP8 weight ``[out, in]`` (one fp32 ``scale_inv`` per ``block`` tile: an int for square
-    tiles or ``(rows, cols)`` as ``quantization_config.weight_block_size``) -> fp32."""
-    bo, bi = (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
-    out_f, in_f = w.shape
-    want = (-(-out_f // bo), -(-in_f // bi))
-    if tuple(scale_inv.shape) != want:
-        raise ModelError(f"FP8 weight {tuple(w.shape)} with {bo}x{bi} blocks needs a scale_inv of shape {want}, "
-                         f"got {tuple(scale_inv.shape)} (quantization_config.weight_block_size)")
-    s = scale_inv.float().repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
-    return w.float() * s
-
-
-#: the ``quantization_config.quant_method`` values whose weights are dequantized at load: block-scaled FP8
-#: (DeepSeek-V3, MiniMax-M2, other ``fp8`` checkpoints), MXFP4 experts (gpt-oss), compressed-tensors' pack-quantized
-#: INT4 (Kimi K2 / K2.5)
-DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors")
-
-
-def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
-    """Refuse, naming the method, a checkpoint quantized in a format this project does not dequantize (GPTQ, AWQ,
-    bitsandbytes, ...): its packed tensors would otherwise surface as unexpected names far from the cause."""
-    q = hf_config.get("quantization_config")
-    if q is None:
-        return
-    method = q.get("quant_method") if isinstance(q, Mapping) else None
-    if not isinstance(method, str) or method.lower() not in DEQUANTIZED:
-        raise ModelError(f"{where}: quantization_config.quant_method {method!r} is not supported: weights are read "
-                         f"as they are, or dequantized at load from {', '.join(DEQUANTIZED)}; use the checkpoint's "
-                         "unquantized (or one of those) release")
-    fmt = q.get("format")
-    if method.lower() == "compressed-tensors" and fmt is not None and fmt != "pack-quantized":
-        raise ModelError(f"{where}: quantization_config.format {fmt!r} is not supported for compressed-tensors "
-                         "(its symmetric pack-quantized INT4 is)")
-
-
-def fp8_block_size(hf_config: Mapping[str, Any]) -> tuple[int, int]:
-    """``quantization_config.weight_block_size`` of a checkpoint config (DeepSeek-V3 publishes [128, 128])."""
-    q = hf_config.get("quantization_config")
-    wbs = q.get("weight_block_size") if isinstance(q, dict) else None
-    if wbs is None:
-        return (128, 128)
-    if (not isinstance(wbs, list) or len(wbs) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in wbs)):
-        raise ModelError(f"quantization_config.weight_block_size must be two positive integers, got {wbs!r}")
-    return (wbs[0], wbs[1])
 
 
 def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
@@ -529,73 +337,6 @@ def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
         if not _split_packed_experts(name, t, out, source):
             out[name] = t
     return out
-
-
-def _dequantized(name: str, t: torch.Tensor, tensors: Mapping[str, torch.Tensor], source: str,
-                 fp8_block: tuple[int, int]) -> torch.Tensor:
-    """``t`` itself, or, a block-scaled FP8 weight (DeepSeek's format, also MiniMax-M2's and other ``fp8``
-    ``quantization_config`` checkpoints': ``name`` in e4m3 with ``name + "_scale_inv"``), dequantized to fp32."""
-    if t.dtype != torch.float8_e4m3fn:
-        return t
-    scale = tensors.get(name + "_scale_inv")
-    if scale is None:
-        raise ModelError(f"{source}: FP8 tensor {name!r} has no {name}_scale_inv")
-    try:
-        return dequantize_block_fp8(t, scale, fp8_block)
-    except ModelError as exc:
-        raise ModelError(f"{source}: tensor {name!r}: {exc}") from None
-
-
-_INT4_PARTS = ("_packed", "_scale", "_shape")
-
-
-def int4_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Mapping[str, torch.Tensor]:
-    """A checkpoint's tensors with every compressed-tensors ``pack-quantized`` INT4 weight (Kimi K2 / K2.5's
-    experts) dequantized to fp32 under its plain name (``tensors`` itself when it holds none).
-
-    The format: ``<w>_packed`` int32 ``[out, ceil(in / 8)]`` holds the weight's symmetric int4 values plus 8, value
-    ``i`` of a row at bits ``4i .. 4i+3`` of the row's little-endian word stream; ``<w>_scale`` ``[out, groups]``
-    one scale per ``in / groups`` inputs; ``<w>_shape`` the weight's ``[out, in]``. The weight is value times
-    scale. An asymmetric one (``<w>_zero_point``) is refused, naming the tensor."""
-    if not any(name.endswith(".weight_packed") for name in tensors):
-        return tensors
-    if sys.byteorder != "little":  # pragma: no cover - no big-endian host here
-        raise ModelError(f"{source}: INT4 packed weights are read on little-endian hosts only")
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        base = next((name[: -len(p)] for p in _INT4_PARTS if name.endswith(".weight" + p)), None)
-        if base is None:
-            if name.endswith(".weight_zero_point") and name[: -len("_zero_point")] + "_packed" in tensors:
-                raise ModelError(f"{source}: {name!r}: asymmetric INT4 weights (a zero point) are unsupported")
-            out[name] = t
-            continue
-        if not name.endswith("_packed"):
-            if base + "_packed" not in tensors:
-                out[name] = t  # (another format's scale: not ours to read)
-            continue
-        scale, shape = tensors.get(base + "_scale"), tensors.get(base + "_shape")
-        if scale is None or shape is None:
-            raise ModelError(f"{source}: INT4 tensor {name!r} needs {base}_scale and {base}_shape")
-        rows, cols = (int(x) for x in shape.tolist())
-        if t.dtype != torch.int32 or t.dim() != 2 or tuple(t.shape) != (rows, -(-cols // 8)) or scale.dim() != 2 \
-                or scale.shape[0] != rows or not 0 < scale.shape[1] <= cols:
-            raise ModelError(f"{source}: INT4 tensor {name!r} {tuple(t.shape)} {t.dtype} with scale "
-                             f"{tuple(scale.shape)} does not fit weight_shape {[rows, cols]}")
-        nibbles = t.contiguous().view(torch.uint8)                                   # [rows, 4 * words]
-        values = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).reshape(rows, -1)[:, :cols].to(torch.int8) - 8
-        group = -(-cols // scale.shape[1])
-        out[base] = values.float() * scale.float().repeat_interleave(group, dim=1)[:, :cols]
-    return out
-
-
-def fp8_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint",
-                    fp8_block: tuple[int, int] = (128, 128)) -> Mapping[str, torch.Tensor]:
-    """A checkpoint's tensors with every block-scaled FP8 weight dequantized and its ``weight_scale_inv`` dropped
-    (``tensors`` itself when it holds none)."""
-    if not any(t.dtype == torch.float8_e4m3fn for t in tensors.values()):
-        return tensors
-    return {name: _dequantized(name, t, tensors, source, fp8_block) for name, t in tensors.items()
-            if not name.endswith("weight_scale_inv")}
 
 
 def _check_indexer(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor], source: str) -> None:

@@ -1,0 +1,129 @@
+"""Quantized checkpoints: which formats are read (:data:`DEQUANTIZED`; any other is refused by name), and their
+dequantization to fp32 at load: block-scaled FP8 (DeepSeek-V3's ``weight_scale_inv`` tiles, also MiniMax-M2's and
+other ``fp8`` checkpoints') and compressed-tensors' symmetric ``pack-quantized`` INT4 (Kimi K2 / K2.5's experts).
+OpenAI's MXFP4 experts are :mod:`dualpath.model.mxfp4`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from dualpath.errors import ModelError
+
+
+def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int] = 128) -> torch.Tensor:
+    """A block-scaled FP8 weight ``[out, in]`` (one fp32 ``scale_inv`` per ``block`` tile: an int for square
+    tiles or ``(rows, cols)`` as ``quantization_config.weight_block_size``) -> fp32."""
+    bo, bi = (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
+    out_f, in_f = w.shape
+    want = (-(-out_f // bo), -(-in_f // bi))
+    if tuple(scale_inv.shape) != want:
+        raise ModelError(f"FP8 weight {tuple(w.shape)} with {bo}x{bi} blocks needs a scale_inv of shape {want}, "
+                         f"got {tuple(scale_inv.shape)} (quantization_config.weight_block_size)")
+    s = scale_inv.float().repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
+    return w.float() * s
+
+
+#: the ``quantization_config.quant_method`` values whose weights are dequantized at load: block-scaled FP8
+#: (DeepSeek-V3, MiniMax-M2, other ``fp8`` checkpoints), MXFP4 experts (gpt-oss), compressed-tensors' pack-quantized
+#: INT4 (Kimi K2 / K2.5)
+DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors")
+
+
+def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
+    """Refuse, naming the method, a checkpoint quantized in a format this project does not dequantize (GPTQ, AWQ,
+    bitsandbytes, ...): its packed tensors would otherwise surface as unexpected names far from the cause."""
+    q = hf_config.get("quantization_config")
+    if q is None:
+        return
+    method = q.get("quant_method") if isinstance(q, Mapping) else None
+    if not isinstance(method, str) or method.lower() not in DEQUANTIZED:
+        raise ModelError(f"{where}: quantization_config.quant_method {method!r} is not supported: weights are read "
+                         f"as they are, or dequantized at load from {', '.join(DEQUANTIZED)}; use the checkpoint's "
+                         "unquantized (or one of those) release")
+    fmt = q.get("format")
+    if method.lower() == "compressed-tensors" and fmt is not None and fmt != "pack-quantized":
+        raise ModelError(f"{where}: quantization_config.format {fmt!r} is not supported for compressed-tensors "
+                         "(its symmetric pack-quantized INT4 is)")
+
+
+def fp8_block_size(hf_config: Mapping[str, Any]) -> tuple[int, int]:
+    """``quantization_config.weight_block_size`` of a checkpoint config (DeepSeek-V3 publishes [128, 128])."""
+    q = hf_config.get("quantization_config")
+    wbs = q.get("weight_block_size") if isinstance(q, dict) else None
+    if wbs is None:
+        return (128, 128)
+    if (not isinstance(wbs, list) or len(wbs) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in wbs)):
+        raise ModelError(f"quantization_config.weight_block_size must be two positive integers, got {wbs!r}")
+    return (wbs[0], wbs[1])
+
+
+def _dequantized(name: str, t: torch.Tensor, tensors: Mapping[str, torch.Tensor], source: str,
+                 fp8_block: tuple[int, int]) -> torch.Tensor:
+    """``t`` itself, or, a block-scaled FP8 weight (DeepSeek's format, also MiniMax-M2's and other ``fp8``
+    ``quantization_config`` checkpoints': ``name`` in e4m3 with ``name + "_scale_inv"``), dequantized to fp32."""
+    if t.dtype != torch.float8_e4m3fn:
+        return t
+    scale = tensors.get(name + "_scale_inv")
+    if scale is None:
+        raise ModelError(f"{source}: FP8 tensor {name!r} has no {name}_scale_inv")
+    try:
+        return dequantize_block_fp8(t, scale, fp8_block)
+    except ModelError as exc:
+        raise ModelError(f"{source}: tensor {name!r}: {exc}") from None
+
+
+_INT4_PARTS = ("_packed", "_scale", "_shape")
+
+
+def int4_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Mapping[str, torch.Tensor]:
+    """A checkpoint's tensors with every compressed-tensors ``pack-quantized`` INT4 weight (Kimi K2 / K2.5's
+    experts) dequantized to fp32 under its plain name (``tensors`` itself when it holds none).
+
+    The format: ``<w>_packed`` int32 ``[out, ceil(in / 8)]`` holds the weight's symmetric int4 values plus 8, value
+    ``i`` of a row at bits ``4i .. 4i+3`` of the row's little-endian word stream; ``<w>_scale`` ``[out, groups]``
+    one scale per ``in / groups`` inputs; ``<w>_shape`` the weight's ``[out, in]``. The weight is value times
+    scale. An asymmetric one (``<w>_zero_point``) is refused, naming the tensor."""
+    if not any(name.endswith(".weight_packed") for name in tensors):
+        return tensors
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian host here
+        raise ModelError(f"{source}: INT4 packed weights are read on little-endian hosts only")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        base = next((name[: -len(p)] for p in _INT4_PARTS if name.endswith(".weight" + p)), None)
+        if base is None:
+            if name.endswith(".weight_zero_point") and name[: -len("_zero_point")] + "_packed" in tensors:
+                raise ModelError(f"{source}: {name!r}: asymmetric INT4 weights (a zero point) are unsupported")
+            out[name] = t
+            continue
+        if not name.endswith("_packed"):
+            if base + "_packed" not in tensors:
+                out[name] = t  # (another format's scale: not ours to read)
+            continue
+        scale, shape = tensors.get(base + "_scale"), tensors.get(base + "_shape")
+        if scale is None or shape is None:
+            raise ModelError(f"{source}: INT4 tensor {name!r} needs {base}_scale and {base}_shape")
+        rows, cols = (int(x) for x in shape.tolist())
+        if t.dtype != torch.int32 or t.dim() != 2 or tuple(t.shape) != (rows, -(-cols // 8)) or scale.dim() != 2 \
+                or scale.shape[0] != rows or not 0 < scale.shape[1] <= cols:
+            raise ModelError(f"{source}: INT4 tensor {name!r} {tuple(t.shape)} {t.dtype} with scale "
+                             f"{tuple(scale.shape)} does not fit weight_shape {[rows, cols]}")
+        nibbles = t.contiguous().view(torch.uint8)                                   # [rows, 4 * words]
+        values = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).reshape(rows, -1)[:, :cols].to(torch.int8) - 8
+        group = -(-cols // scale.shape[1])
+        out[base] = values.float() * scale.float().repeat_interleave(group, dim=1)[:, :cols]
+    return out
+
+
+def fp8_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                    fp8_block: tuple[int, int] = (128, 128)) -> Mapping[str, torch.Tensor]:
+    """A checkpoint's tensors with every block-scaled FP8 weight dequantized and its ``weight_scale_inv`` dropped
+    (``tensors`` itself when it holds none)."""
+    if not any(t.dtype == torch.float8_e4m3fn for t in tensors.values()):
+        return tensors
+    return {name: _dequantized(name, t, tensors, source, fp8_block) for name, t in tensors.items()
+            if not name.endswith("weight_scale_inv")}

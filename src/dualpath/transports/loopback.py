@@ -106,6 +106,14 @@ def device_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         _sync(src)
 
 
+def _flat_bytes(src: torch.Tensor) -> torch.Tensor:
+    """``src`` itself when it is already a flat contiguous byte tensor (slices of registered byte buffers), else
+    :func:`byte_view` of it (which refuses a non-contiguous one)."""
+    if type(src) is torch.Tensor and src.dtype is _U8 and src.dim() == 1 and src.is_contiguous():
+        return src
+    return byte_view(src)
+
+
 def _copy_unless_withdrawn(slot: Slot, src: torch.Tensor) -> bool:
     """In a worker thread: :func:`device_copy` into ``slot`` unless its landing was withdrawn (cancel, a timed-out
     wait, close) before the copy could start; False then (nothing written)."""
@@ -238,53 +246,42 @@ class LoopbackTransport(Transport):
         ep = self._peer_eps.get(peer)
         if ep is None or ep._closed:  # first write to this peer, or it closed (a new one may run under its name)
             ep = self._running_peer(peer)
-        if ep is not None and checksum is None and type(src) is torch.Tensor and src.dtype is _U8:
-            # the shortest path: a small source in one of this endpoint's registered host regions into an exposed
-            # host landing of its size is one memoryview slice assignment (a C memmove, without ctypes' or
-            # torch's call overhead), claimed, copied and completed in one synchronous step
-            slot = ep._landings._slots.get(tag)
-            if slot is not None and (host := slot.host) is not None and slot.state == "exposed" and src.is_cpu \
+        data: torch.Tensor | None = None
+        slot = None if ep is None or checksum is not None else ep._landings._slots.get(tag)
+        if ep is not None and slot is not None and slot.state == "exposed":
+            # fused: claim, copy and complete in one synchronous step (see the module docstring)
+            nbytes = -1
+            host = slot.host
+            if host is not None and type(src) is torch.Tensor and src.dtype is _U8 and src.is_cpu \
                     and src.is_contiguous():
-                nbytes = src.numel()
-                if nbytes == len(host) and nbytes <= self._copy_view_max:
+                # the shortest copy: a small source in one of this endpoint's registered host regions is one
+                # memoryview slice assignment (a C memmove, without ctypes' or torch's call overhead)
+                n = src.numel()
+                if n == len(host) and n <= self._copy_view_max:
                     p = src.data_ptr()
                     for start, end, mem, _ in self._host_spans:
-                        if start <= p and p + nbytes <= end:
-                            host[:] = mem[p - start : p - start + nbytes]
-                            slot.state = "landed"
-                            done = slot.done
-                            if done._event is None:  # no waiter parked (the common case): no event to set
-                                done._set = True
-                            else:
-                                done.set()
-                            stats = ep.stats
-                            stats.arrivals += 1
-                            stats.bytes_received += nbytes
-                            stats = self.stats
-                            stats.writes += 1
-                            stats.bytes_sent += nbytes
-                            return
-        if type(src) is torch.Tensor and src.dtype is _U8 and src.dim() == 1 and src.is_contiguous():
-            data = src  # already a flat byte view (slices of registered byte buffers)
-        else:
-            data = byte_view(src)
-        nbytes = data.numel()
-        if ep is not None and checksum is None and nbytes <= self.inline_copy_bytes:
-            slot = ep._landings._slots.get(tag)
-            if slot is not None and slot.state == "exposed" and slot.view.numel() == nbytes:
-                # fused path: claim, copy and complete in one synchronous step (see the module docstring)
-                slot.state = "busy"
-                view = slot.view
-                try:
-                    if nbytes <= self._memmove_max and view.is_cpu and data.is_cpu:  # contiguous, same size
-                        _memmove(view.data_ptr(), data.data_ptr(), nbytes)
-                    elif view.is_cuda or data.is_cuda:
-                        device_copy(view, data)
-                    else:
-                        view.copy_(data)
-                except Exception as exc:
-                    ep._landings.finish(slot, TransportError(f"{ep.name}: copy failed: {exc!r}"))
-                    raise TransportError(f"{self.name}: copy into {peer!r} failed: {exc!r}") from exc
+                        if start <= p and p + n <= end:
+                            host[:] = mem[p - start : p - start + n]
+                            nbytes = n
+                            break
+            if nbytes < 0:
+                data = _flat_bytes(src)
+                n = data.numel()
+                if n <= self.inline_copy_bytes and slot.view.numel() == n:
+                    slot.state = "busy"
+                    view = slot.view
+                    try:
+                        if n <= self._memmove_max and view.is_cpu and data.is_cpu:  # contiguous, same size
+                            _memmove(view.data_ptr(), data.data_ptr(), n)
+                        elif view.is_cuda or data.is_cuda:
+                            device_copy(view, data)
+                        else:
+                            view.copy_(data)
+                    except Exception as exc:
+                        ep._landings.finish(slot, TransportError(f"{ep.name}: copy failed: {exc!r}"))
+                        raise TransportError(f"{self.name}: copy into {peer!r} failed: {exc!r}") from exc
+                    nbytes = n
+            if nbytes >= 0:
                 slot.state = "landed"
                 done = slot.done
                 if done._event is None:  # no waiter parked (the common case): no event to set
@@ -298,8 +295,11 @@ class LoopbackTransport(Transport):
                 stats.writes += 1
                 stats.bytes_sent += nbytes
                 return
-            # not exposed yet, busy, landed or another size: the general path below (claim() rejects a
-            # duplicate or a size mismatch with its reason; an early write is held)
+            # larger than inline_copy_bytes, or another size: the general path below (claim() rejects a size
+            # mismatch with its reason)
+        # not exposed yet, busy or landed: the general path (an early write is held; a duplicate is rejected)
+        if data is None:
+            data = _flat_bytes(src)
         await self._write_slow(peer, self._peers[peer], tag, data, timeout, checksum)
 
     def _running_peer(self, peer: str) -> LoopbackTransport | None:

@@ -83,7 +83,7 @@ CODEGEN_MP = 4
 def codegen_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """A CodeGen config (``CodeGenForCausalLM``: Salesforce's codegen-*) as the GPT-J config it is: the same keys,
     block, interleaved partial RoPE and biased head; only its fused ``qkv_proj`` differs, split at load by
-    :func:`dualpath.model.loader.codegen_tensors` (so our ``save_pretrained`` writes a GPT-J checkpoint of the same
+    :func:`dualpath.model.tensor_names.codegen_tensors` (so our ``save_pretrained`` writes a GPT-J checkpoint of the same
     model). Any other config unchanged."""
     archs = cfg.get("architectures") or []
     if "CodeGenForCausalLM" not in archs and not (not archs and cfg.get("model_type") == "codegen"):
@@ -98,7 +98,7 @@ def codegen_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 def llama_alias_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """An EXAONE 3 (``ExaoneForCausalLM``) or InternLM3 (``InternLM3ForCausalLM``) config as the Llama config it
     is (transformers runs both as Llama); any other config unchanged. EXAONE's tensor names are read by the loader
-    (:func:`dualpath.model.loader.exaone_tensors`)."""
+    (:func:`dualpath.model.tensor_names.exaone_tensors`)."""
     archs = [str(a).lower() for a in cfg.get("architectures") or []]
     family = next((f for f in _LLAMA_ALIASES if f"{f}forcausallm" in archs), None)
     if family is None and cfg.get("model_type") in _LLAMA_ALIASES and (not archs or archs == ["llamaforcausallm"]):

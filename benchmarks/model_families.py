@@ -67,6 +67,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(BASE, head_dim=32)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", BASE),
     "granite": ("GraniteConfig", "GraniteForCausalLM", BASE),
+    "granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM",
+                    dict(BASE, sliding_window=16, layer_rope_theta=[10000.0, 50000.0, 0.0, 50000.0])),
     "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(BASE, clip_qkv=8.0)),
     "helium": ("HeliumConfig", "HeliumForCausalLM", dict(BASE, head_dim=32)),
     "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(BASE, head_dim=32, num_key_value_heads=2)),
@@ -90,6 +92,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                          dict(BASE, intermediate_size=64, num_local_experts=4, shared_intermediate_size=128,
                               embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5,
                               logits_scaling=2.0)),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM",
+                       dict(BASE, intermediate_size=64, num_local_experts=4, shared_intermediate_size=128,
+                            embedding_multiplier=2.0, attention_multiplier=0.1, residual_multiplier=0.5,
+                            logits_scaling=2.0, sliding_window=16, layer_rope_theta=[10000.0, 0.0, 10000.0, 10000.0])),
     # GLM-4.5's MoE block under other attentions; ERNIE's and Hunyuan's fp32 routers; Trinity's gated attention;
     # K-EXAONE; Mellum's RoPE base per layer type; FlexOlmo; HyperCLOVA X's Peri-LN; Youtu-LLM's MLA with dense MLPs
     "dots1": ("Dots1Config", "Dots1ForCausalLM",

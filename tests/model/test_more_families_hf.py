@@ -144,20 +144,41 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "granite": ("GraniteConfig", "GraniteForCausalLM",
                 dict(BASE, embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.6,
                      logits_scaling=2.5, attention_bias=True)),
+    # GraniteSWA (granite-swash): Granite's scalings; layer 0 attends fully (every 4th, by default), 1-3 slide over 5
+    # tokens; a RoPE base per layer: 10,000 on the full layer, 50,000 on the sliding ones, none on layer 2; gpt-oss's
+    # attention sinks (made random below); tied embeddings by default
+    "granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM",
+                    dict(BASE, embedding_multiplier=3.0, attention_multiplier=0.3, residual_multiplier=0.6,
+                         logits_scaling=2.5, attention_bias=True, sliding_window=5,
+                         layer_rope_theta=[10000.0, 50000.0, 0.0, 50000.0], pad_token_id=None, bos_token_id=None,
+                         eos_token_id=None)),
+    # GraniteMoeSWA: the same attention over GraniteMoeShared's experts (2 of 4, softmax of the top-k logits) and an
+    # ungated shared expert; layers 0 and 2 attend fully here (layer_types), layer 1 has no RoPE
+    "granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM",
+                       dict(BASE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                            shared_intermediate_size=48, embedding_multiplier=2.0, attention_multiplier=0.25,
+                            residual_multiplier=0.5, logits_scaling=1.5, sliding_window=5,
+                            layer_types=["full_attention", "sliding_attention"] * 2,
+                            layer_rope_theta=[20000.0, 0.0, 20000.0, 20000.0], pad_token_id=None, bos_token_id=None,
+                            eos_token_id=None)),
 }
 
 class _Families(Checkpoints):
-    """Widened like every family's random checkpoint; a router's correction biases (GLM-4.5, MiniMax-M2) made to
-    matter."""
+    """Widened like every family's random checkpoint; a router's correction biases (GLM-4.5, MiniMax-M2) and the
+    attention sinks (GraniteSWA; zeros as transformers makes them) made to matter."""
 
     def model(self, family: str, seed: int = 0) -> Any:
         hf = super().model(family, seed)
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for layer in hf.model.layers:
-                bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+                sinks = getattr(layer.self_attn, "sinks", None)
+                if sinks is not None:
+                    sinks.copy_(torch.randn(sinks.shape, generator=g))
+                mlp = getattr(layer, "mlp", None)  # (GraniteMoE's block is block_sparse_moe)
+                bias = getattr(getattr(mlp, "gate", None), "e_score_correction_bias", None)
                 if bias is None:  # (MiniMax-M2 keeps it on the MoE block)
-                    bias = getattr(layer.mlp, "e_score_correction_bias", None)
+                    bias = getattr(mlp, "e_score_correction_bias", None)
                 if bias is not None:
                     bias.copy_(0.2 * torch.randn(bias.shape, generator=g))
         return hf
@@ -222,6 +243,12 @@ def test_spec_follows_transformers(ckpt):
         assert want == [5, 5, 5, None] and spec.rope_local_theta == 10000.0 and spec.rope_type == "yarn"
     if family == "granite":
         assert spec.attn_scale == 0.3 and spec.logits_scaling == 2.5
+    if family == "granite_swa":  # windows by layer_types' default; one base per kind of layer, layer 2 without
+        assert want == [None, 5, 5, 5] and spec.rope_theta == 10000.0 and spec.rope_local_theta == 50000.0
+        assert list(spec.nope_layers) == [2] and spec.attention_sinks and spec.tie_embeddings
+    if family == "granitemoe_swa":  # one base for both kinds of layer: no local one
+        assert want == [None, 5, None, 5] and spec.rope_theta == 20000.0 and spec.rope_local_theta is None
+        assert list(spec.nope_layers) == [1] and spec.attention_sinks and spec.shared_expert_intermediate_size == 48
     if family == "hyperclovax":  # Peri-LN by default; scores scaled by head_dim ** -0.5 unless the config says
         assert spec.peri_norms and spec.sandwich_norms and spec.attn_scale == 16 ** -0.5 and spec.logits_scaling == 0.5
     if family == "mellum":  # two RoPE bases by layer type; the dense layer where mlp_layer_types says
@@ -318,6 +345,10 @@ def test_exaone_moe_leaves_its_mtp_block_out(tmp_path_factory, tmp_path):
     ("granite", "logits_scaling", 0, "logits_scaling"),
     ("granite", "residual_multiplier", "x", "residual_multiplier"),
     ("granite", "mlp_bias", True, "mlp_bias"),
+    ("granite_swa", "layer_rope_theta", [10000.0, 0.0], "layer_rope_theta must list"),
+    ("granite_swa", "layer_rope_theta", [10000.0, -1.0, 0.0, 0.0], "layer_rope_theta must list"),
+    ("granite_swa", "layer_rope_theta", [10000.0, 20000.0, 30000.0, 20000.0], "one RoPE base for the full layers"),
+    ("granite_swa", "sliding_window", None, "sliding_window is null"),
     ("smollm3", "no_rope_layers", [1, 0], "no_rope_layers"),
     ("smollm3", "no_rope_layer_interval", 0, "no_rope_layer_interval"),
     ("olmo3", "rope_parameters", {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}, "sliding_attention"),
@@ -342,3 +373,14 @@ def test_bad_configs_name_the_key(model_type, key, value, needle):
     cfg = dict(BASE, model_type=model_type, **{key: value})
     with pytest.raises(ModelError, match=needle):
         ModelSpec.from_hf_config(cfg)
+
+
+def test_granite_swa_second_rope_base_under_a_scaled_rope_is_refused():
+    """transformers scales each of GraniteSWA's RoPE bases; ours turns the sliding layers' base unscaled, so a
+    second base under a scaled RoPE is refused, and one base under it is read."""
+    cfg = dict(FAMILIES["granite_swa"][2], model_type="granite_swa",
+               rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ModelError, match="layer_rope_theta gives the sliding layers their own base"):
+        ModelSpec.from_hf_config(cfg)
+    spec = ModelSpec.from_hf_config(dict(cfg, layer_rope_theta=[10000.0, 10000.0, 0.0, 10000.0]))
+    assert spec.rope_type == "linear" and spec.rope_local_theta is None and spec.nope_layers == (2,)

@@ -31,6 +31,8 @@ ARCHITECTURES: dict[str, str] = {
     "GraniteForCausalLM": "granite",
     "GraniteMoeForCausalLM": "granitemoe",
     "GraniteMoeSharedForCausalLM": "granitemoeshared",
+    "GraniteSWAForCausalLM": "granite_swa",
+    "GraniteMoeSWAForCausalLM": "granitemoe_swa",
     "MinistralForCausalLM": "ministral",
     "Glm4MoeForCausalLM": "glm4_moe",
     "Dots1ForCausalLM": "dots1",
@@ -57,6 +59,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "gemma3": "Gemma3ForCausalLM", "gpt_oss": "GptOssForCausalLM", "olmo2": "Olmo2ForCausalLM",
             "olmo3": "Olmo3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
             "granitemoe": "GraniteMoeForCausalLM", "granitemoeshared": "GraniteMoeSharedForCausalLM",
+            "granite_swa": "GraniteSWAForCausalLM", "granitemoe_swa": "GraniteMoeSWAForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
             "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM", "afmoe": "AfmoeForCausalLM",
             "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM",
@@ -70,13 +73,17 @@ _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logi
 #: input and pre-MLP norms, a Llama-shaped block)
 GEMMA2_LIKE = ("gemma2", "gemma3", "vaultgemma")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "flex_olmo",
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "granitemoe_swa", "phimoe", "flex_olmo",
              "mellum")
 #: Granite's scalings and its MoE versions (GraniteMoE: Mixtral's experts under a top-k-then-softmax router; Shared:
 #: plus an ungated shared expert)
-GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared")
-#: every architecture with Granite's four scalings: Granite's and HyperCLOVA X's (its logits multiplied, not divided)
-GRANITE_SCALED = (*GRANITE_ARCHS, "hyperclovax")
+GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared", "granitemoe_swa")
+#: granite-swash (GraniteSWA, GraniteMoeSWA): Granite's blocks with sliding layers, gpt-oss's attention sinks and a
+#: RoPE base per layer
+GRANITE_SWA = ("granite_swa", "granitemoe_swa")
+#: every architecture with Granite's four scalings: Granite's, HyperCLOVA X's (its logits multiplied, not divided) and
+#: granite-swash's
+GRANITE_SCALED = (*GRANITE_ARCHS, "hyperclovax", "granite_swa")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
 ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "minimax_m2", "llama4_text", "ernie4_5_moe",
                  "hunyuan_v1_moe")

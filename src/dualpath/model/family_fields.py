@@ -20,12 +20,13 @@ from dualpath.model.archs import (
     GEMMA2_LIKE,
     GRANITE_ARCHS,
     GRANITE_SCALED,
+    GRANITE_SWA,
 )
 from dualpath.model.spec_common import parse_rope
 
 #: the model_types read without an ``architectures`` list (every architecture's own; Mistral's as Llama)
 _MODEL_TYPES = ("mistral", "gemma3_text", *(a for a in _HF_ARCH if a != "gemma3"))
-_MAX_POSITION = {"glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "vaultgemma": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
+_MAX_POSITION = {"granite_swa": 8192, "glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "vaultgemma": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
                  "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288, "solar_open": 131072, "flex_olmo": 4096,
                  "afmoe": 16384, "mellum": 131072}
 #: the config classes' RoPE base where it is not 10,000 (a config that names none)
@@ -120,9 +121,47 @@ def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
         if cfg.get("sliding_window", 4096) is None:
             return ()
         return tuple(i for i, t in enumerate(_exaone4_layer_types(cfg, where)) if t == "full_attention")
+    if arch in GRANITE_SWA:  # a RoPE base of 0 in layer_rope_theta: no RoPE there
+        return tuple(i for i, theta in enumerate(_granite_swa_thetas(cfg, where)) if theta == 0)
     if arch != "smollm3":
         return ()
     return tuple(i for i, f in enumerate(_smollm3_has_rope(cfg, where)) if not f)
+
+
+def _granite_swa_thetas(cfg: dict[str, Any], where: str) -> list[float]:
+    """GraniteSWA's ``layer_rope_theta``: one RoPE base per layer, 0 for none (default: the global base everywhere)."""
+    n = int(cfg["num_hidden_layers"])
+    thetas = cfg.get("layer_rope_theta")
+    if thetas is None:
+        return [parse_rope(cfg, where)[0]] * n
+    if (not isinstance(thetas, list) or len(thetas) != n
+            or any(isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0 for t in thetas)):
+        raise ModelError(f"{where}: layer_rope_theta must list a RoPE base >= 0 (0: none) for each of the {n} layers, "
+                         f"got {thetas!r}")
+    return [float(t) for t in thetas]
+
+
+def _granite_swa_rope(cfg: dict[str, Any], where: str, full_layers: tuple[int, ...], window: int | None
+                      ) -> tuple[float, dict[str, Any] | None, float | None]:
+    """``(rope_theta, rope_scaling, local base)`` of GraniteSWA: the RoPE bases of ``layer_rope_theta``, read as one
+    base for the full layers and one for the sliding layers (the local one, when they differ). Other layouts, and a
+    second base under a scaled RoPE (transformers scales each base; our sliding-layer RoPE is plain), are refused."""
+    _, rope_scaling = parse_rope(cfg, where)
+    thetas = _granite_swa_thetas(cfg, where)
+    slides = [window is not None and i not in full_layers for i in range(len(thetas))]
+    full = {t for t, s in zip(thetas, slides, strict=True) if t and not s}
+    sliding = {t for t, s in zip(thetas, slides, strict=True) if t and s}
+    if len(full) > 1 or len(sliding) > 1:
+        raise ModelError(f"{where}: layer_rope_theta {thetas}: one RoPE base for the full layers and one for the "
+                         "sliding layers are supported (0: no RoPE), not several per kind")
+    base = next(iter(full or sliding), 10000.0)
+    local = next(iter(sliding), base)
+    if local == base:
+        return base, rope_scaling, None
+    if rope_scaling is not None:
+        raise ModelError(f"{where}: layer_rope_theta gives the sliding layers their own base under a "
+                         f"{rope_scaling.get('rope_type')!r} RoPE; unsupported")
+    return base, None, local
 
 
 def _afmoe_layer_types(cfg: dict[str, Any], where: str) -> list[str]:
@@ -279,7 +318,14 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         return None, ()
     if arch == "gpt_oss" and cfg.get("sliding_window") is None:  # its sliding layers then attend fully
         return None, ()
-    if arch in ("olmo2", "flex_olmo", *GRANITE_SCALED):  # no window in these families
+    if arch in GRANITE_SWA:  # GraniteSWAConfig: every 4th layer (i % 4 == 0) full, the rest slide over 128 tokens
+        cfg = {"sliding_window": 128, **cfg}
+        if cfg.get("layer_types") is None:
+            cfg = {**cfg, "layer_types": ["full_attention" if i % 4 == 0 else "sliding_attention"
+                                          for i in range(int(n_layers or 0))]}
+        if cfg["sliding_window"] is None and "sliding_attention" in cfg["layer_types"]:
+            raise ModelError(f"{where}: sliding_window is null while layer_types has sliding layers (unsupported)")
+    elif arch in ("olmo2", "flex_olmo", *GRANITE_SCALED):  # no window in these families
         return None, ()
     if arch == "smollm3":  # sliding only with use_sliding_window, by default on the layers without RoPE
         if not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
@@ -540,7 +586,7 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "norm_topk_prob": True,
                 "shared_expert_intermediate_size": as_int("shared_intermediate_size",
                                                           cfg.get("shared_intermediate_size", 0))
-                if arch == "granitemoeshared" else 0}
+                if arch in ("granitemoeshared", "granitemoe_swa") else 0}
     if arch == "mixtral":
         inter = as_int("intermediate_size", need("intermediate_size"))
         return {"n_experts": as_int("num_local_experts", need("num_local_experts")),

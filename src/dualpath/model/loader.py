@@ -45,6 +45,7 @@ from dualpath.model.quant import (
 from dualpath.model.spec import ModelSpec, load_spec
 from dualpath.model.tensor_names import (
     _AFMOE_NAMES,
+    _GRANITE_MOE_V5_NAMES,
     _PERI_NAMES,
     _fuse_phi3,
     _glm_hub_tensors,
@@ -142,6 +143,8 @@ def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
         out = {k.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias"): v for k, v in out.items()}
     if getattr(model.spec, "architecture", "") in ("granitemoe", "granitemoeshared"):
         out = _granite_moe_hub_tensors(out)
+    elif getattr(model.spec, "architecture", "") == "granitemoe_swa":  # (transformers' own names: no hub ones)
+        out = _suffixes_renamed(_granite_moe_hub_tensors(out), _GRANITE_MOE_V5_NAMES)
     if getattr(model.spec, "architecture", "") == "afmoe":
         for theirs, ours in _AFMOE_NAMES.items():
             out = {k.replace(ours, theirs): v for k, v in out.items()}

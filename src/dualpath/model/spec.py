@@ -104,7 +104,11 @@ RoPE, ``rope_parameters.sliding_attention``, base 500,000 unless it names one), 
 (``smollm3``: no RoPE in the layers ``no_rope_layers`` marks 0, by default every fourth; with
 ``use_sliding_window`` those layers slide; tied embeddings by default) and ``GraniteForCausalLM`` (``granite``:
 embeddings times ``embedding_multiplier``, scores times ``attention_multiplier``, each block's output times
-``residual_multiplier``, logits divided by ``logits_scaling``).
+``residual_multiplier``, logits divided by ``logits_scaling``). ``GraniteSWAForCausalLM`` (``granite_swa``: IBM's
+granite-swash) is Granite with sliding layers by ``layer_types`` (every fourth layer full by default, 128-token
+windows), gpt-oss's attention sinks, and a RoPE base per layer (``layer_rope_theta``; 0: no RoPE), read as one base
+for the full layers and one for the sliding ones (``rope_local_theta``); ``GraniteMoeSWAForCausalLM``
+(``granitemoe_swa``) is the same attention over GraniteMoE-Shared's experts.
 Fifteen LayerNorm families run on the same path (:mod:`dualpath.model.layernorm_family`: their config keys, defaults
 and tensor names): ``GPT2LMHeadModel`` (``gpt2``: learned positions, no RoPE, fused ``Conv1D`` q/k/v,
 ``scale_attn_by_inverse_layer_idx``), ``GPTBigCodeForCausalLM`` (``gpt_bigcode``: StarCoder 1, SantaCoder; GPT-2's
@@ -168,6 +172,7 @@ from dualpath.model.archs import (
     GEMMA2_LIKE,
     GRANITE_ARCHS,
     GRANITE_SCALED,
+    GRANITE_SWA,
     GROUP_ROUTER_ARCHS,
     MOE_ARCHS,
     ROPE_TYPES,
@@ -186,6 +191,7 @@ from dualpath.model.family_fields import (
     _gpt_oss_defaults,
     _gpt_oss_fields,
     _granite_fields,
+    _granite_swa_rope,
     _layer_windows,
     _minimax_rotary,
     _moe_fields,
@@ -354,7 +360,7 @@ class ModelSpec(_SpecCommon):
                 raise ModelError(f"model config: {name} must be a positive number or null, got {value!r}")
         if self.architecture in GEMMA2_LIKE and self.query_pre_attn_scalar is None:
             raise ModelError(f"model config: {self.architecture} needs query_pre_attn_scalar")
-        if self.rope_local_theta is not None and (self.architecture not in ("gemma3", "olmo3", "mellum")
+        if self.rope_local_theta is not None and (self.architecture not in ("gemma3", "olmo3", "mellum", *GRANITE_SWA)
                                                   or not self.rope_local_theta > 0):
             raise ModelError(f"model config: rope_local_theta is a positive base of gemma3's / olmo3's sliding layers, "
                              f"got {self.rope_local_theta} for {self.architecture}")
@@ -366,7 +372,8 @@ class ModelSpec(_SpecCommon):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
         nope = tuple(sorted({int(x) for x in self.nope_layers}))
-        if nope and (self.architecture not in ("smollm3", "exaone4", "exaone_moe", "cohere2", "llama4_text", "afmoe")
+        if nope and (self.architecture not in ("smollm3", "exaone4", "exaone_moe", "cohere2", "llama4_text", "afmoe",
+                                               *GRANITE_SWA)
                      or any(not 0 <= x < self.n_layers for x in nope)):
             raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 / exaone4 / cohere2 layers of "
                              f"0..{self.n_layers - 1}")
@@ -531,7 +538,7 @@ class ModelSpec(_SpecCommon):
         if full and w is None:
             raise ModelError("model config: full_attention_layers without a sliding_window")
         if full and self.architecture in ("llama", "mixtral", "phi3", "qwen3_moe", "olmo2", *GRANITE_SCALED, "olmoe",
-                                          "ministral3"):
+                                          "ministral3") and self.architecture not in GRANITE_SWA:
             raise ModelError(f"model config: {self.architecture} slides every layer or none (full_attention_layers "
                              f"{list(full)})")
         if len(full) == self.n_layers:  # no layer slides
@@ -564,7 +571,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
         if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe",
-                                     "granitemoeshared",
+                                     "granitemoeshared", "granitemoe_swa",
                                      "llama4_text",
                                      "ernie4_5_moe", "hunyuan_v1_moe") and \
                 self.shared_expert_intermediate_size:
@@ -746,8 +753,9 @@ class ModelSpec(_SpecCommon):
 
     @property
     def attention_sinks(self) -> bool:
-        """gpt-oss: a learned logit per query head joins each softmax's denominator (``self_attn.sinks``)."""
-        return self.architecture == "gpt_oss"
+        """gpt-oss and granite-swash: a learned logit per query head joins each softmax's denominator
+        (``self_attn.sinks``; GraniteSWA writes it as the output scaled by ``sigmoid(logsumexp(scores) - sink)``)."""
+        return self.architecture in ("gpt_oss", *GRANITE_SWA)
 
     @property
     def rotary_dim(self) -> int:
@@ -862,7 +870,7 @@ class ModelSpec(_SpecCommon):
             "torch_dtype": self.dtype,
         }
         if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", *GEMMA2_LIKE, "olmo2", "olmo3",
-                                 "smollm3", "granite", "hyperclovax"):
+                                 "smollm3", "granite", "hyperclovax", "granite_swa"):
             cfg["attention_bias"] = self.attention_bias
         if self.architecture == "mellum":  # MellumConfig's keys (no decoder_sparse_step / mlp_only_layers)
             cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
@@ -884,7 +892,7 @@ class ModelSpec(_SpecCommon):
                        use_sliding_window=self.sliding_window is not None, mlp_bias=False, pad_token_id=None,
                        layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
                                     for i in range(self.n_layers)])
-        if self.architecture in ("granite", "hyperclovax"):
+        if self.architecture in ("granite", "hyperclovax", "granite_swa"):
             cfg.update({key: getattr(self, key) for key in _GRANITE_FIELDS}, mlp_bias=False)
             if self.architecture == "hyperclovax":
                 cfg.update(use_post_norm=bool(self.peri_norms), head_dim=self.head_dim)
@@ -892,8 +900,16 @@ class ModelSpec(_SpecCommon):
             cfg.update({key: getattr(self, key) for key in _GRANITE_FIELDS}, attention_bias=self.attention_bias,
                        num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
                        intermediate_size=self.moe_intermediate_size)
-            if self.architecture == "granitemoeshared":
+            if self.architecture in ("granitemoeshared", "granitemoe_swa"):
                 cfg["shared_intermediate_size"] = self.shared_expert_intermediate_size
+        if self.architecture in GRANITE_SWA:
+            local = self.rope_local_theta or self.rope_theta
+            cfg.update(sliding_window=self.sliding_window or self.max_position,
+                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
+                                    for i in range(self.n_layers)],
+                       layer_rope_theta=[0.0 if i in self.nope_layers else
+                                         self.rope_theta if self.layer_window(i) is None else local
+                                         for i in range(self.n_layers)])
         if self.architecture in _GROUP_MOE:  # GLM-4.5's MoE block under each family's keys
             g = _GROUP_MOE[self.architecture]
             cfg.update({g.experts: self.n_experts, "num_experts_per_tok": self.n_experts_per_tok,
@@ -1103,6 +1119,8 @@ class ModelSpec(_SpecCommon):
             rope_theta, rope_scaling, rope_local = _olmo3_rope(cfg, where)
         elif arch == "mellum":
             rope_theta, rope_scaling, rope_local = _olmo3_rope(cfg, where, local_theta=10000.0)
+        elif arch in GRANITE_SWA:
+            rope_theta, rope_scaling, rope_local = _granite_swa_rope(cfg, where, full_layers, window)
         else:
             rope_theta, rope_scaling = parse_rope({**cfg, "rope_theta": cfg.get("rope_theta", _ROPE_THETA.get(arch))},
                                                   where)
@@ -1141,11 +1159,13 @@ class ModelSpec(_SpecCommon):
             head_dim=head_dim,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "phimoe", "gpt_oss", "olmo2", "olmo3", "glm4_moe",
                                                                   "solar_open", "afmoe",
-                                                                  "olmoe", "exaone4", "exaone_moe") else 1e-6)),
+                                                                  "olmoe", "exaone4", "exaone_moe",
+                                                                  "granite_swa") else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position=int(cfg.get("max_position_embeddings", _MAX_POSITION.get(arch, 2048))),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma", *GEMMA2_LIKE, "smollm3"))),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch in ("gemma", *GEMMA2_LIKE, "smollm3",
+                                                                         "granite_swa"))),
             attention_bias=bias,
             dtype=dtype,
             bos_token_id=cfg.get("bos_token_id"),

@@ -169,6 +169,12 @@ _GRANITE_MOE_NAMES = ((".block_sparse_moe.input_linear.weight", ".mlp.experts.ga
                       (".shared_mlp.output_linear.weight", ".mlp.shared_expert.down_proj.weight"))
 
 
+#: GraniteMoE's hub names -> transformers 5's (GraniteMoeSWA checkpoints have only these)
+_GRANITE_MOE_V5_NAMES = {".block_sparse_moe.input_linear.weight": ".block_sparse_moe.experts.gate_up_proj",
+                         ".block_sparse_moe.output_linear.weight": ".block_sparse_moe.experts.down_proj",
+                         ".block_sparse_moe.router.layer.weight": ".block_sparse_moe.router.weight"}
+
+
 def _granite_moe_in(name: str, t: torch.Tensor, out: dict[str, torch.Tensor], source: str) -> bool:
     """A GraniteMoE tensor into ``out`` under our names (False: not one of its MoE tensors)."""
     if name.endswith(".shared_mlp.input_linear.weight"):  # [2S, H]: the shared expert's gate rows, then up rows
@@ -279,7 +285,8 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
             continue  # GLM-4.5's multi-token-prediction layers (num_nextn_predict_layers): not a decoder layer
         if spec.architecture in ("exaone_moe", "mellum") and name.startswith(("mtp.", "model.mtp.")):
             continue  # K-EXAONE's and Mellum's multi-token-prediction blocks
-        if spec.architecture in ("granitemoe", "granitemoeshared") and _granite_moe_in(name, t, out, source):
+        if spec.architecture in ("granitemoe", "granitemoeshared", "granitemoe_swa") \
+                and _granite_moe_in(name, t, out, source):
             continue
         if spec.architecture == "afmoe":  # Trinity's names for the router, its bias and the MLP's norms
             for theirs, ours in _AFMOE_NAMES.items():

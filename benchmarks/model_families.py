@@ -124,6 +124,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "youtu": ("YoutuConfig", "YoutuForCausalLM",
               dict(BASE, num_key_value_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                    v_head_dim=32, q_lora_rank=48)),
+    # A.X-K1: DeepSeek-V3's MLA and grouped sigmoid router (a dense layer 0), an RMSNorm on each MoE output
+    "axk1": ("AXK1Config", "AXK1ForCausalLM",
+             dict(BASE, num_key_value_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                  v_head_dim=32, q_lora_rank=48, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1,
+                  num_experts_per_tok=2, n_group=2, topk_group=1, mlp_layer_types=["dense"] + ["sparse"] * 3)),
 }
 
 

@@ -145,6 +145,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.mlp: nn.Module = (MoE(spec) if spec.is_moe_layer(layer)
                                else FeedForward(spec.hidden_size, spec.intermediate_size))
+        if spec.post_moe_norm and spec.is_moe_layer(layer):  # A.X-K1: an RMSNorm on the MoE block's output
+            self.post_mlp_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
 class Backbone(nn.Module):
@@ -290,6 +292,9 @@ class DeepseekV3Model(LayerwiseDecoder):
         rs = spec.residual_scale  # MiniCPM3: each block's outputs scaled
         hid = state.hidden + (out if rs is None else out * rs)
         out = mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(hid))
+        post = getattr(mod, "post_mlp_layernorm", None)
+        if post is not None:
+            out = post(out)
         state.hidden = hid + (out if rs is None else out * rs)
         state.next_layer += 1
 

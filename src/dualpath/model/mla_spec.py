@@ -49,17 +49,20 @@ def mla_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 _DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
                   "DeepseekV32ForCausalLM": "deepseek_v32", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                   "MiniCPM3ForCausalLM": "minicpm3", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
-                  "Mistral4ForCausalLM": "mistral4", "YoutuForCausalLM": "youtu"}
+                  "Mistral4ForCausalLM": "mistral4", "YoutuForCausalLM": "youtu",
+                  "AXK1ForCausalLM": "axk1"}
 #: the router's top-k method each generation supports (V2: softmax scores; V3 and V3.2: sigmoid scores + correction
 #: bias)
 _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy"),
                  "deepseek_v32": ("noaux_tc",), "glm4_moe_lite": ("noaux_tc",), "minicpm3": ("noaux_tc",),
-                 "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",), "youtu": ("noaux_tc",)}
+                 "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",), "youtu": ("noaux_tc",),
+                 "axk1": ("noaux_tc",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
-            "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax", "youtu": "sigmoid"}
+            "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax", "youtu": "sigmoid",
+            "axk1": "sigmoid"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
           "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "youtu": "Youtu-LLM", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
-          "mistral4": "Mistral 4 (mistral4)"}
+          "mistral4": "Mistral 4 (mistral4)", "axk1": "A.X-K1 (axk1)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 #: MiniCPM3's scalings (None for every other model: their dicts, and so block keys, stay as they were)
@@ -121,6 +124,11 @@ class DeepseekV3Spec(_SpecCommon):
 
     ``youtu`` (Youtu-LLM): V3's MLA (interleaved RoPE by default) in Llama-shaped blocks with a dense SwiGLU MLP in
     every layer and tied embeddings by default.
+
+    ``axk1`` (SK Telecom's A.X-K1): V3 as it is (always with a query LoRA), plus an RMSNorm on each MoE block's
+    output (``post_mlp_layernorm``, stored on the decoder layer; the released checkpoints' copies on dense layers are
+    unused and left out at load, and a checkpoint without routing correction biases routes with zeros, as
+    transformers does); its dense layers named by ``mlp_layer_types``.
 
     ``mistral4`` (Mistral 4): V3's MLA and grouped MoE, but routed by softmax scores with no correction bias, and
     each query scaled by ``1 + llama_4_scaling_beta * log(1 + floor(position / original_max_position_embeddings))``.
@@ -303,6 +311,11 @@ class DeepseekV3Spec(_SpecCommon):
         return layer >= self.first_k_dense_replace and self.n_routed_experts > 0
 
     @property
+    def post_moe_norm(self) -> bool:
+        """A.X-K1: an RMSNorm (``post_mlp_layernorm``) on each MoE block's output, shared experts included."""
+        return self.model_type == "axk1"
+
+    @property
     def has_dsa(self) -> bool:
         """DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): a lightning indexer picks each query's keys."""
         return self.model_type in DSA_MODEL_TYPES
@@ -436,10 +449,11 @@ class DeepseekV3Spec(_SpecCommon):
                         "num_nextn_predict_layers"):
                 cfg.pop(key, None)
             cfg.update(architectures=["YoutuForCausalLM"], model_type="youtu")
-        if self.model_type == "glm4_moe_lite":
+        if self.model_type in ("glm4_moe_lite", "axk1"):  # each layer's MLP named, no first_k_dense_replace
             del cfg["first_k_dense_replace"], cfg["num_nextn_predict_layers"]
             k = min(self.first_k_dense_replace, self.n_layers)
-            cfg.update(architectures=["Glm4MoeLiteForCausalLM"], model_type="glm4_moe_lite",
+            cfg.update(architectures=["Glm4MoeLiteForCausalLM" if self.model_type == "glm4_moe_lite"
+                                      else "AXK1ForCausalLM"], model_type=self.model_type,
                        mlp_layer_types=["dense"] * k + ["sparse"] * (self.n_layers - k))
         if self.model_type == "deepseek_v2":
             del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
@@ -479,7 +493,7 @@ class DeepseekV3Spec(_SpecCommon):
         if int(cfg.get("moe_layer_freq", 1) or 1) != 1:
             raise ModelError(f"{where}: moe_layer_freq {cfg['moe_layer_freq']!r} unsupported (every {label} "
                              "checkpoint uses 1)")
-        norm_topk = cfg.get("norm_topk_prob", model_type == "deepseek_v3")
+        norm_topk = cfg.get("norm_topk_prob", model_type in ("deepseek_v3", "axk1"))
         if model_type == "deepseek_v2" and norm_topk:
             raise ModelError(f"{where}: norm_topk_prob=true unsupported for DeepSeek-V2 (transformers ignores it, "
                              "DeepSeek's code renormalizes; published V2 checkpoints use false)")
@@ -519,7 +533,7 @@ class DeepseekV3Spec(_SpecCommon):
             cfg = {**cfg, "first_k_dense_replace": n_layers, "n_routed_experts": 0}
             first_dense = n_layers
         index: dict[str, int] = {}
-        max_position = int(cfg.get("max_position_embeddings", 131072 if model_type == "youtu" else 4096))
+        max_position = int(cfg.get("max_position_embeddings", {"youtu": 131072, "axk1": 32768}.get(model_type, 4096)))
         shared: tuple[int, ...] = ()
         if model_type in DSA_MODEL_TYPES:
             index = {name: int(need(name)) for name in _V32_FIELDS}
@@ -540,7 +554,9 @@ class DeepseekV3Spec(_SpecCommon):
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
                 dtype = "float32"
-        q_lora = cfg.get("q_lora_rank")
+        q_lora = cfg.get("q_lora_rank", 1536 if model_type == "axk1" else None)
+        if model_type == "axk1" and q_lora is None:
+            raise ModelError(f"{where}: q_lora_rank null unsupported (A.X-K1's attention always has a query LoRA)")
         return cls(
             vocab_size=int(need("vocab_size")),
             hidden_size=int(need("hidden_size")),

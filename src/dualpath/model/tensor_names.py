@@ -98,13 +98,19 @@ def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
                      source: str = "checkpoint", fp8_block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
     """DeepSeek-V3 / V2 checkpoint tensors in this model's names: FP8 blocks dequantized, packed experts split,
     multi-token-prediction layers (``model.layers.{n >= num_hidden_layers}``) dropped, and the empty shared-expert
-    tensors transformers' DeepseekV2 writes when ``n_shared_experts`` is 0 dropped."""
+    tensors transformers' DeepseekV2 writes when ``n_shared_experts`` is 0 dropped. A.X-K1: ``post_mlp_layernorm`` on
+    the decoder layer (or under ``mlp.``) kept for the MoE layers only, and missing correction biases zeros."""
     out: dict[str, torch.Tensor] = {}
     if spec.has_dsa:
         _check_indexer(spec, tensors, source)
     for name, t in tensors.items():
         parts = name.split(".")
         if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= spec.n_layers:
+            continue
+        if spec.post_moe_norm and name.endswith("post_mlp_layernorm.weight") and len(parts) > 3 \
+                and parts[2].isdigit():
+            if spec.is_moe_layer(int(parts[2])):  # (on the layer, as the released checkpoints and transformers store it)
+                out[f"model.layers.{parts[2]}.post_mlp_layernorm.weight"] = t
             continue
         if spec.n_shared_experts == 0 and ".mlp.shared_experts." in name and t.numel() == 0:
             continue
@@ -113,6 +119,11 @@ def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
         t = _dequantized(name, t, tensors, source, fp8_block)
         if not _split_packed_experts(name, t, out, source):
             out[name] = t
+    if spec.post_moe_norm:  # A.X-K1's released checkpoints route without correction biases: zeros, as transformers
+        for layer in range(spec.n_layers):
+            bias = f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
+            if spec.is_moe_layer(layer) and bias not in out:
+                out[bias] = torch.zeros(spec.n_routed_experts)
     return out
 
 

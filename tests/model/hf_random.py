@@ -51,6 +51,15 @@ class Checkpoints:
         return self._dirs[family]
 
 
+#: a small DeepSeek-V3-style config (MLA with a query LoRA, 2 of 8 experts in two groups, a shared expert), for the
+#: families built on it; each test sets its vocabulary and which layers are dense
+SMALL_MLA_MOE: dict[str, Any] = {
+    "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
+    "n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.8, "q_lora_rank": 24, "max_position_embeddings": 256}
+
+
 def widen_mla_moe(hf: Any) -> Any:
     """Widen transformers' small init of a DeepSeek-style model in place so every weight matters: norms around
     one, other weights times six, the routers' correction biases live (transformers starts them at zero)."""

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from hf_random import (
+    SMALL_MLA_MOE,
     check_save_reads_back,
     check_turns_against_hf,
     load_checkpoint,
@@ -22,12 +23,7 @@ if not hasattr(transformers, "Glm4MoeLiteForCausalLM"):
     pytest.skip("this transformers has no Glm4MoeLite", allow_module_level=True)
 
 VOCAB = 97
-CONFIG = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
-          "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 32,
-          "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8,
-          "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
-          "routed_scaling_factor": 1.8, "q_lora_rank": 24, "max_position_embeddings": 256,
-          "mlp_layer_types": ["dense", "dense", "sparse", "sparse"]}
+CONFIG = dict(SMALL_MLA_MOE, vocab_size=VOCAB, mlp_layer_types=["dense", "dense", "sparse", "sparse"])
 
 
 @pytest.fixture(scope="module")

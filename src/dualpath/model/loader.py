@@ -44,14 +44,7 @@ from dualpath.model.quant import (
 )
 from dualpath.model.spec import ModelSpec, load_spec
 from dualpath.model.tensor_names import (
-    _AFMOE_NAMES,
-    _GRANITE_MOE_V5_NAMES,
     _PERI_NAMES,
-    _fuse_phi3,
-    _glm_hub_tensors,
-    _granite_moe_hub_tensors,
-    _mixtral_hub_name,
-    _packed_experts,
     _suffixes_renamed,
     codegen_tensors,
     deepseek_tensors,
@@ -62,6 +55,7 @@ from dualpath.model.tensor_names import (
     mla_language_tensors,
     moe_tensors,
     phi3_tensors,
+    tensors_out,
 )
 
 if TYPE_CHECKING:
@@ -129,42 +123,12 @@ def init_random(model: AnyModel, seed: int = 0, std: float = 0.02) -> None:
 
 
 def state_dict_for_save(model: AnyModel) -> dict[str, torch.Tensor]:
-    """Hugging Face-named tensors (no duplicate tied head), contiguous, on CPU; Mixtral's MoE tensors under its
-    hub names (``block_sparse_moe.gate``, ``block_sparse_moe.experts.{i}.w1/w3/w2``)."""
+    """Hugging Face-named tensors (no duplicate tied head), contiguous, on CPU, under each family's checkpoint names
+    (:func:`~dualpath.model.tensor_names.tensors_out`: e.g. Mixtral's ``block_sparse_moe.experts.{i}.w1/w3/w2``)."""
     out = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters(remove_duplicate=True)}
     if model.spec.tie_embeddings:
         out.pop("lm_head.weight", None)
-    if getattr(model.spec, "architecture", "") in ("mixtral", "phimoe"):
-        out = {_mixtral_hub_name(k): v for k, v in out.items()}
-    if getattr(model.spec, "architecture", "") == "minimax_m2":  # Mixtral's hub names, the bias on the block
-        out = {_mixtral_hub_name(k.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias")): v
-               for k, v in out.items()}
-    if getattr(model.spec, "architecture", "") == "exaone_moe":  # (the bias on the block, as K-EXAONE stores it)
-        out = {k.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias"): v for k, v in out.items()}
-    if getattr(model.spec, "architecture", "") in ("granitemoe", "granitemoeshared"):
-        out = _granite_moe_hub_tensors(out)
-    elif getattr(model.spec, "architecture", "") == "granitemoe_swa":  # (transformers' own names: no hub ones)
-        out = _suffixes_renamed(_granite_moe_hub_tensors(out), _GRANITE_MOE_V5_NAMES)
-    if getattr(model.spec, "architecture", "") == "afmoe":
-        for theirs, ours in _AFMOE_NAMES.items():
-            out = {k.replace(ours, theirs): v for k, v in out.items()}
-    if getattr(model.spec, "peri_norms", None):
-        out = _suffixes_renamed(out, {ours: theirs for theirs, ours in _PERI_NAMES.items()})
-    if getattr(model.spec, "architecture", "") == "mistral4":  # (transformers reads Mistral 4's experts packed only)
-        out = _packed_experts(out)
-    if getattr(model.spec, "architecture", "") == "phi3":
-        out = _fuse_phi3(out)
-    if getattr(model.spec, "architecture", "") in ("glm", "glm4"):
-        out = _glm_hub_tensors(model.spec, out)  # type: ignore[arg-type]
-    if getattr(model.spec, "layer_norm", False):  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2: their own names
-        from dualpath.model.layernorm_family import tensors_out
-
-        out = tensors_out(model.spec, out)  # type: ignore[arg-type]
-    if getattr(model.spec, "architecture", "") in lv.VARIANT_ARCHS:  # the one-twist Llamas and Llama 4
-        out = lv.tensors_out(model.spec, out)  # type: ignore[arg-type]
-    return out
-
-
+    return tensors_out(model.spec, out)
 
 
 def save_pretrained(model: AnyModel, directory: str | Path) -> Path:

@@ -420,3 +420,41 @@ def gpt_oss_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> Map
     from dualpath.model.mxfp4 import gpt_oss_dense_experts
 
     return gpt_oss_dense_experts(dict(tensors), spec.torch_dtype)
+
+
+def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensor names -> the checkpoint's, as transformers reads them (what ``save_pretrained`` writes): the
+    inverse of the readers above for every family that names its tensors otherwise."""
+    from dualpath.model import llama_variants as lv
+
+    arch = getattr(spec, "architecture", "")
+    out = tensors
+    if arch in ("mixtral", "phimoe"):
+        out = {_mixtral_hub_name(k): v for k, v in out.items()}
+    if arch == "minimax_m2":  # Mixtral's hub names, the bias on the block
+        out = {_mixtral_hub_name(k.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias")): v
+               for k, v in out.items()}
+    if arch == "exaone_moe":  # (the bias on the block, as K-EXAONE stores it)
+        out = {k.replace(".mlp.gate.e_score_correction_bias", ".mlp.e_score_correction_bias"): v for k, v in out.items()}
+    if arch in ("granitemoe", "granitemoeshared"):
+        out = _granite_moe_hub_tensors(out)
+    elif arch == "granitemoe_swa":  # (transformers' own names: no hub ones)
+        out = _suffixes_renamed(_granite_moe_hub_tensors(out), _GRANITE_MOE_V5_NAMES)
+    if arch == "afmoe":
+        for theirs, ours in _AFMOE_NAMES.items():
+            out = {k.replace(ours, theirs): v for k, v in out.items()}
+    if getattr(spec, "peri_norms", None):
+        out = _suffixes_renamed(out, {ours: theirs for theirs, ours in _PERI_NAMES.items()})
+    if arch == "mistral4":  # (transformers reads Mistral 4's experts packed only)
+        out = _packed_experts(out)
+    if arch == "phi3":
+        out = _fuse_phi3(out)
+    if arch in ("glm", "glm4"):
+        out = _glm_hub_tensors(spec, out)  # type: ignore[arg-type]
+    if getattr(spec, "layer_norm", False):  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2: their own names
+        from dualpath.model.layernorm_family import tensors_out as layernorm_tensors_out
+
+        out = layernorm_tensors_out(spec, out)  # type: ignore[arg-type]
+    if arch in lv.VARIANT_ARCHS:  # the one-twist Llamas and Llama 4
+        out = lv.tensors_out(spec, out)  # type: ignore[arg-type]
+    return out

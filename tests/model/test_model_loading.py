@@ -340,8 +340,8 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
     from dualpath.model.spec import _HF_ARCH
 
     windowed = {"gemma2", "gemma3", "vaultgemma", "cohere2", "gpt_neo", "exaone4", "olmo3", "ministral", "cwm",
-                "gpt_oss", "afmoe", "exaone_moe", "granite_swa", "granitemoe_swa"}  # (their config classes slide
-    # some layers by default)
+                "gpt_oss", "afmoe", "exaone_moe", "granite_swa", "granitemoe_swa", "flint", "kolibri1"}
+    # (their config classes slide some layers by default)
     for arch, hf_arch in sorted(_HF_ARCH.items()):
         cfg = {"model_type": arch, "architectures": [hf_arch], "vocab_size": 100, "hidden_size": 64,
                "intermediate_size": 96, "num_hidden_layers": 40, "num_attention_heads": 4, "num_key_value_heads": 4,

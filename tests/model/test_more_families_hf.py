@@ -104,6 +104,26 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                    dict(BASE, head_dim=16, sliding_window=5, moe_intermediate_size=32, num_experts=8,
                         num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1, pad_token_id=None,
                         bos_token_id=None, eos_token_id=None)),
+    # Hy3 (hy_v3): Qwen3's attention (per-head q/k norms), a dense layer 0 (mlp_layer_types' default), then GLM-4.5's
+    # MoE block in one group (2 of 8 experts, a shared one, router_scaling_factor 2.5), saved under Hy3's own names
+    "hy_v3": ("HYV3Config", "HYV3ForCausalLM",
+              dict(BASE, head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                   num_shared_experts=1, router_scaling_factor=2.5)),
+    # Flint: Qwen3-MoE's attention with fp32-scaled q/k norms and attention sinks, RoPE on the sliding layer (2, over
+    # 5 tokens) only; layers 0-1 dense (mlp_only_layers' default), then an fp32 sigmoid router (2 of 4: with 8, bf16
+    # rounding flips a near-tie pick (logit gap 0.006) on either side) and an ungated shared expert
+    "flint": ("FlintConfig", "FlintForCausalLM",
+              dict(BASE, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                   shared_expert_intermediate_size=48, sliding_window=5, pad_token_id=None, bos_token_id=None,
+                   eos_token_id=None)),
+    # Kolibri 1: EXAONE 4's attention (layers 0, 1, 3 slide over 5 tokens with RoPE, layer 2 attends fully without)
+    # in GLM-4's blocks (norms on the attention's and the MLP's outputs); every layer a sigmoid router choosing by
+    # logits plus a correction bias (2 of 8, renormalized) and an ungated shared expert
+    "kolibri1": ("Kolibri1Config", "Kolibri1ForCausalLM",
+                 dict({k: v for k, v in BASE.items() if k != "intermediate_size"}, head_dim=16, moe_intermediate_size=32,
+                      num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=48, sliding_window=5,
+                      norm_topk_prob=True, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                      layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])),
     # Mellum: Qwen3-MoE's attention and router; layers 0 and 2 slide over 5 tokens with base 10,000, 1 and 3 attend
     # fully with base 500,000 (rope_parameters per layer type); layer 1 dense (mlp_layer_types); 2 of 4 experts
     "mellum": ("MellumConfig", "MellumForCausalLM",
@@ -257,6 +277,16 @@ def test_spec_follows_transformers(ckpt):
     if family == "exaone_moe":  # EXAONE 4's windows and NoPE full layer, pre-norm blocks, dense layer 0
         assert want == [5, 5, 5, None] and list(spec.nope_layers) == [3] and spec.qk_norm and not spec.post_norms
         assert [spec.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
+    if family == "hy_v3":  # q/k norms, its RoPE base by default, dense layer 0, one group, the factor
+        assert spec.qk_norm and spec.rope_theta == 11158840.0 and spec.routed_scaling_factor == 2.5
+        assert [spec.is_moe_layer(i) for i in range(4)] == [False, True, True, True] and spec.n_group == 1
+        assert spec.shared_expert_intermediate_size == 32
+    if family == "flint":  # RoPE on its sliding layer only, sinks, dense layers 0-1, fp32-scaled norms
+        assert want == [None, None, 5, None] and list(spec.nope_layers) == [0, 1, 3] and spec.attention_sinks
+        assert [spec.is_moe_layer(i) for i in range(4)] == [False, False, True, True] and spec.fp32_norm_scale
+    if family == "kolibri1":  # EXAONE 4's NoPE full layer, GLM-4's norms, every layer routed, no dense width
+        assert want == [5, 5, None, 5] and list(spec.nope_layers) == [2] and spec.glm4_norms and spec.qk_norm
+        assert all(spec.is_moe_layer(i) for i in range(4)) and spec.intermediate_size == 32
     if family == "afmoe":  # RoPE on the sliding layers only; muP's sqrt(64); dense layer 0
         assert want == [5, None, 5, None] and list(spec.nope_layers) == [1, 3] and spec.embedding_multiplier == 8.0
         assert [spec.is_moe_layer(i) for i in range(4)] == [False, True, True, True] and spec.attn_output_gate
@@ -269,7 +299,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     ours = _load(d, dtype="bfloat16")
     got, ref = bf16_teacher_forced(ours, hf, sum(_turns(5), []))
     assert float((got - ref).abs().max()) < 0.03 * float(ref.abs().max())
-    if family in ("glm4_moe", "dots1", "solar_open", "exaone_moe"):  # DeepSeek-V3's router stays fp32 in bf16, in both
+    if family in ("glm4_moe", "dots1", "solar_open", "exaone_moe", "hy_v3", "flint"):  # routers kept fp32 in bf16
         assert hf.model.layers[-1].mlp.gate.weight.dtype == torch.float32
         assert ours.model.layers[-1].mlp.gate.weight.dtype == torch.float32
 
@@ -341,6 +371,34 @@ def test_exaone_moe_leaves_its_mtp_block_out(tmp_path_factory, tmp_path):
     torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
 
 
+def test_hy_v3_reads_transformers_names_and_leaves_its_mtp_layer_out(tmp_path_factory, tmp_path):
+    """Hy3's checkpoints name its router, bias and shared experts otherwise than transformers' modules do; both
+    spellings read alike. Its multi-token-prediction layer (``model.layers.<num_hidden_layers>``) is not a decoder
+    layer: left out at load, as transformers does."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, hf = _CKPTS.get("hy_v3", tmp_path_factory)
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+    tensors = load_file(str(d / "model.safetensors"))
+    assert "model.layers.1.mlp.expert_bias" in tensors and "model.layers.1.mlp.router.gate.weight" in tensors
+    renames = {".mlp.router.gate.": ".mlp.gate.", ".mlp.expert_bias": ".mlp.e_score_correction_bias",
+               ".mlp.shared_mlp.": ".mlp.shared_experts."}
+    for old, new in renames.items():  # (layer 2 in transformers' in-memory names)
+        for name in [n for n in tensors if n.startswith("model.layers.2.") and old in n]:
+            tensors[name.replace(old, new)] = tensors.pop(name)
+    tensors["model.layers.4.input_layernorm.weight"] = torch.ones(64)
+    tensors["model.layers.4.mlp.router.gate.weight"] = torch.zeros(8, 64)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    seq = sum(_turns(7), [])
+    ours = _load(d)
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("model_type,key,value,needle", [
     ("granite", "logits_scaling", 0, "logits_scaling"),
     ("granite", "residual_multiplier", "x", "residual_multiplier"),
@@ -365,6 +423,13 @@ def test_exaone_moe_leaves_its_mtp_block_out(tmp_path_factory, tmp_path):
     ("hyperclovax", "logits_scaling", 0, "logits_scaling"),
     ("mellum", "rope_parameters", {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}, "sliding"),
     ("exaone_moe", "mlp_layer_types", ["sparse", "dense", "sparse", "sparse"], "mlp_layer_types"),
+    ("hy_v3", "mlp_layer_types", ["dense", "sparse", "dense", "sparse"], "mlp_layer_types"),
+    ("hy_v3", "router_scaling_factor", 0, "router_scaling_factor"),
+    ("flint", "layer_types", ["full_attention"] * 3, "layer_types"),
+    ("flint", "mlp_only_layers", "0,1", "mlp_only_layers"),
+    ("kolibri1", "sliding_window", None, "sliding_window is null"),
+    ("flint", "sliding_window", None, "sliding_window is null"),
+    ("kolibri1", "layer_types", ["full_attention", "global", "full_attention", "full_attention"], "layer_types"),
     ("afmoe", "global_attn_every_n_layers", 0, "global_attn_every_n_layers"),
     ("afmoe", "mup_enabled", "yes", "mup_enabled"),
     ("dots1", "max_window_layers", "x", "max_window_layers"),

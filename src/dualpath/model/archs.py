@@ -39,6 +39,9 @@ ARCHITECTURES: dict[str, str] = {
     "SolarOpenForCausalLM": "solar_open",
     "AfmoeForCausalLM": "afmoe",
     "ExaoneMoeForCausalLM": "exaone_moe",
+    "HYV3ForCausalLM": "hy_v3",
+    "FlintForCausalLM": "flint",
+    "Kolibri1ForCausalLM": "kolibri1",
     "MellumForCausalLM": "mellum",
     "HyperCLOVAXForCausalLM": "hyperclovax",
     "FlexOlmoForCausalLM": "flex_olmo",
@@ -62,7 +65,8 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "granite_swa": "GraniteSWAForCausalLM", "granitemoe_swa": "GraniteMoeSWAForCausalLM",
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
             "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM", "afmoe": "AfmoeForCausalLM",
-            "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM",
+            "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM", "hy_v3": "HYV3ForCausalLM",
+            "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
@@ -74,7 +78,10 @@ _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logi
 GEMMA2_LIKE = ("gemma2", "gemma3", "vaultgemma")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "granitemoe_swa", "phimoe", "flex_olmo",
-             "mellum")
+             "mellum", "flint", "kolibri1")
+#: Qwen3-MoE's experts under an fp32 sigmoid router (the top k by logit, plus Kolibri 1's correction bias; weights
+#: the sigmoid of those logits, renormalized with ``norm_topk_prob``) and an ungated shared expert: Flint, Kolibri 1
+SIGMOID_ROUTER_ARCHS = ("flint", "kolibri1")
 #: Granite's scalings and its MoE versions (GraniteMoE: Mixtral's experts under a top-k-then-softmax router; Shared:
 #: plus an ungated shared expert)
 GRANITE_ARCHS = ("granite", "granitemoe", "granitemoeshared", "granitemoe_swa")
@@ -85,14 +92,15 @@ GRANITE_SWA = ("granite_swa", "granitemoe_swa")
 #: granite-swash's
 GRANITE_SCALED = (*GRANITE_ARCHS, "hyperclovax", "granite_swa")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
-ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "minimax_m2", "llama4_text", "ernie4_5_moe",
+ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "hy_v3", "minimax_m2", "llama4_text",
+                 "ernie4_5_moe",
                  "hunyuan_v1_moe")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
 _GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
 #: the architectures routing by it: GLM-4.5, dots.llm1 (GLM-4.5's MoE under Qwen3's attention), Solar Open (under
-#: Llama's, every layer), Trinity (afmoe: one group), K-EXAONE (exaone_moe), and MiniMax-M2 (one group, factor 1, no
-#: shared expert)
-GROUP_ROUTER_ARCHS = ("glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "minimax_m2")
+#: Llama's, every layer), Trinity (afmoe: one group), K-EXAONE (exaone_moe), Hy3 (hy_v3: one group, under Qwen3's
+#: attention), and MiniMax-M2 (one group, factor 1, no shared expert)
+GROUP_ROUTER_ARCHS = ("glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "hy_v3", "minimax_m2")
 #: gpt-oss's clamped SwiGLU (GptOssConfig's defaults): ``swiglu_limit``, ``swiglu_alpha``
 _GPT_OSS_FIELDS = ("swiglu_limit", "swiglu_alpha")
 #: Granite's scalings (GraniteConfig): embeddings times ``embedding_multiplier``, attention scores times

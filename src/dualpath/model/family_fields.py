@@ -28,9 +28,9 @@ from dualpath.model.spec_common import parse_rope
 _MODEL_TYPES = ("mistral", "gemma3_text", *(a for a in _HF_ARCH if a != "gemma3"))
 _MAX_POSITION = {"granite_swa": 8192, "glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "vaultgemma": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
                  "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288, "solar_open": 131072, "flex_olmo": 4096,
-                 "afmoe": 16384, "mellum": 131072}
+                 "afmoe": 16384, "mellum": 131072, "hy_v3": 131072, "flint": 262144, "kolibri1": 262144}
 #: the config classes' RoPE base where it is not 10,000 (a config that names none)
-_ROPE_THETA = {"smollm3": 2_000_000.0, "solar_open": 1_000_000.0}  # config classes' defaults
+_ROPE_THETA = {"smollm3": 2_000_000.0, "solar_open": 1_000_000.0, "hy_v3": 11_158_840.0}  # config classes' defaults
 _KV_HEADS = {"gemma": 16, "gemma2": 4, "vaultgemma": 4, "gemma3": 4, "glm": 2, "glm4": 2, "solar_open": 8}
 #: Gemma2Config's defaults (a key present as null turns a soft cap off)
 _GEMMA2_DEFAULTS = {"query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
@@ -112,6 +112,22 @@ def _smollm3_has_rope(cfg: dict[str, Any], where: str) -> list[int]:
     return [int(f) for f in flags]
 
 
+def _default_layer_types(arch: str, cfg: dict[str, Any], where: str) -> list[str]:
+    """Flint's and Kolibri 1's ``layer_types``, or their config classes' patterns: Flint's first two, every fourth
+    from layer 1 and its last layer full; Kolibri 1's every fifth."""
+    n = int(cfg.get("num_hidden_layers") or 0)
+    types = cfg.get("layer_types")
+    if types is None:
+        if arch == "flint":
+            return ["full_attention" if i < 2 or i % 4 == 1 or i == n - 1 else "sliding_attention" for i in range(n)]
+        return ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(n)]
+    if not isinstance(types, list) or len(types) != n or any(t not in ("full_attention", "sliding_attention")
+                                                             for t in types):
+        raise ModelError(f"{where}: layer_types must list 'full_attention' / 'sliding_attention' for each of the {n} "
+                         f"layers, got {types!r}")
+    return types
+
+
 def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
     if arch in ("cohere2", "llama4_text"):  # (read by layernorm_family / llama4: Cohere 2 rotates its sliding layers)
         return tuple(cfg["_nope_layers"])
@@ -121,6 +137,8 @@ def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
         if cfg.get("sliding_window", 4096) is None:
             return ()
         return tuple(i for i, t in enumerate(_exaone4_layer_types(cfg, where)) if t == "full_attention")
+    if arch in ("flint", "kolibri1"):  # RoPE on the sliding layers only (both need a window: _layer_windows)
+        return tuple(i for i, t in enumerate(_default_layer_types(arch, cfg, where)) if t == "full_attention")
     if arch in GRANITE_SWA:  # a RoPE base of 0 in layer_rope_theta: no RoPE there
         return tuple(i for i, theta in enumerate(_granite_swa_thetas(cfg, where)) if theta == 0)
     if arch != "smollm3":
@@ -279,7 +297,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
                    where: str) -> tuple[int | None, tuple[int, ...]]:
     """``(window, full_attention_layers)`` as transformers reads the family's config (module docstring)."""
     n_layers = cfg.get("num_hidden_layers")
-    if arch in ("gemma", "glm", "glm4", "arcee", "glm4_moe", "solar_open", "minimax_m2", "seed_oss"):  # causal only
+    if arch in ("gemma", "glm", "glm4", "arcee", "glm4_moe", "solar_open", "minimax_m2", "seed_oss", "hy_v3"):  # causal
         return None, ()
     if arch in lv.VARIANT_ARCHS and arch not in lv.WINDOWED:  # (their config classes have no window either)
         return None, ()
@@ -301,6 +319,12 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         if cfg["sliding_window"] is None:
             return None, ()
         cfg = {**cfg, "layer_types": _afmoe_layer_types(cfg, where)}
+    if arch in ("flint", "kolibri1"):  # a 513-token window over their sliding layers (layer_types or the pattern)
+        cfg = {"sliding_window": 513, **cfg}
+        kinds = _default_layer_types(arch, cfg, where)
+        if cfg["sliding_window"] is None:  # (FlintConfig refuses it; transformers' Kolibri 1 cannot build its masks)
+            raise ModelError(f"{where}: sliding_window is null; {arch} needs a window")
+        cfg = {**cfg, "layer_types": kinds}
     if arch == "dots1":  # Dots1Config: layers from max_window_layers (62) on slide over 4,096 tokens (null: none)
         cfg = {"sliding_window": 4096, "max_window_layers": 62, **cfg}
         if cfg["sliding_window"] is None:
@@ -474,13 +498,17 @@ _GROUP_MOE = {
                        factor="route_scale", qk_norm=True, fixed=True),
     "exaone_moe": _GroupMoE("num_experts", 64, 8, 1024, "num_shared_experts", 1, True, "first_k_dense_replace", 1,
                             scale=2.5, qk_norm=True),
+    # Hy3 (HYV3Config): one group, always renormalized; dense layers by mlp_layer_types (default: layer 0)
+    "hy_v3": _GroupMoE("num_experts", 192, 8, 1536, "num_shared_experts", 1, True, None, 1,
+                       factor="router_scaling_factor", scale=2.826, qk_norm=True, fixed=True),
 }
 
 
 def _group_moe_fields(arch: str, cfg: dict[str, Any], where: str, n_layers: int,
                       as_int: Callable[[str, Any], int]) -> dict[str, Any]:
     """The MoE fields of a family running GLM-4.5's MoE block (:data:`_GROUP_MOE`): glm4_moe, dots1, solar_open,
-    afmoe (Trinity: one group), exaone_moe (K-EXAONE: dense layers by ``mlp_layer_types`` when given)."""
+    afmoe (Trinity: one group), exaone_moe (K-EXAONE) and hy_v3 (Hy3: one group): dense layers by
+    ``mlp_layer_types`` when given."""
     g = _GROUP_MOE[arch]
     if cfg.get(g.experts) is None and cfg.get("num_local_experts") is not None:  # (their attribute_map's alias)
         cfg = {**cfg, g.experts: cfg["num_local_experts"]}
@@ -494,14 +522,14 @@ def _group_moe_fields(arch: str, cfg: dict[str, Any], where: str, n_layers: int,
     factor = cfg.get(g.factor, g.scale)
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
         raise ModelError(f"{where}: {g.factor} must be a positive number, got {factor!r}")
-    kinds = cfg.get("mlp_layer_types") if arch == "exaone_moe" else None
+    kinds = cfg.get("mlp_layer_types") if arch in ("exaone_moe", "hy_v3") else None
     if kinds is not None:  # (transformers follows it over first_k_dense_replace)
         dense = next((i for i, kind in enumerate(kinds) if kind != "dense"), len(kinds))
         if not isinstance(kinds, list) or kinds != ["dense"] * dense + ["sparse"] * (n_layers - dense):
             raise ModelError(f"{where}: mlp_layer_types must be 'dense' layers then 'sparse' ones, one per layer, "
                              f"got {kinds!r}")
     else:
-        dense = as_int(g.dense, cfg.get(g.dense, g.n_dense)) if g.dense else 0
+        dense = as_int(g.dense, cfg.get(g.dense, g.n_dense)) if g.dense else g.n_dense
     inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", g.inter))
     return {"n_experts": as_int(g.experts, cfg.get(g.experts, g.n_experts)),
             "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", g.top_k)),
@@ -528,6 +556,23 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
 
     if arch in _GROUP_MOE:
         return _group_moe_fields(arch, cfg, where, int(need("num_hidden_layers")), as_int)
+    if arch in ("flint", "kolibri1"):  # (SIGMOID_ROUTER_ARCHS) an ungated shared expert; Flint's dense layers
+        flint = arch == "flint"
+        key = "num_experts" if cfg.get("num_experts") is not None else "num_local_experts"
+        mlp_only = cfg.get("mlp_only_layers", [0, 1]) if flint else []
+        if mlp_only is None:  # (FlintConfig's default)
+            mlp_only = [0, 1]
+        if not isinstance(mlp_only, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in mlp_only):
+            raise ModelError(f"{where}: mlp_only_layers must be a list of layer indices, got {mlp_only!r}")
+        return {"n_experts": as_int(key, cfg.get(key, 256 if flint else 384)),
+                "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", 6)),
+                "moe_intermediate_size": as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", 512)),
+                "norm_topk_prob": bool(cfg.get("norm_topk_prob", flint)),
+                "decoder_sparse_step": as_int("decoder_sparse_step", cfg.get("decoder_sparse_step", 1)) if flint else 1,
+                "mlp_only_layers": tuple(mlp_only),
+                "shared_expert_intermediate_size": as_int("shared_expert_intermediate_size",
+                                                          cfg.get("shared_expert_intermediate_size",
+                                                                  1024 if flint else 512))}
     if arch == "mellum":  # Qwen3-MoE's router and experts; dense layers where mlp_layer_types says so
         n = int(need("num_hidden_layers"))
         kinds = cfg.get("mlp_layer_types") or ["sparse"] * n

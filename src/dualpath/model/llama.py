@@ -33,6 +33,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from dualpath.model.archs import SIGMOID_ROUTER_ARCHS
 from dualpath.model.gpt_oss import GptOssMoE
 from dualpath.model.llama4 import Llama4MoE, l2_norm, nope_query_scale
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk, sparsemixer_top2
@@ -314,9 +315,9 @@ class Attention(nn.Module):
         elif spec.architecture == "nanochat":  # weightless, per head
             self.q_norm = PlainRMSNorm(spec.rms_eps)
             self.k_norm = PlainRMSNorm(spec.rms_eps)
-        elif spec.qk_norm:  # Qwen3; Gemma 3 (by 1 + weight)
-            self.q_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
-            self.k_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style)
+        elif spec.qk_norm:  # Qwen3; Gemma 3 (by 1 + weight); Flint (gpt-oss's norms: scaled in fp32)
+            self.q_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style, fp32_scale=spec.fp32_norm_scale)
+            self.k_norm = RMSNorm(d, spec.rms_eps, spec.gemma_style, fp32_scale=spec.fp32_norm_scale)
         elif spec.qk_norm_full:  # OLMo 2 and 3: over every head at once
             self.q_norm = _norm(spec, hq * d)
             self.k_norm = _norm(spec, hkv * d)
@@ -355,12 +356,33 @@ class _Statics(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(1, n_experts), requires_grad=False)
 
 
+class _SigmoidGate(nn.Module):
+    """Flint's and Kolibri 1's router: an fp32 linear layer (``weight``), and for Kolibri 1 a correction bias that
+    joins the logits for the choice only (``e_score_correction_bias``)."""
+
+    keep_fp32 = True
+
+    def __init__(self, hidden: int, n_experts: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_experts, hidden))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(n_experts), requires_grad=False) if bias else None
+
+    def route(self, x: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(idx [N, k], weights [N, k] fp32)``: the ``k`` best logits (plus the bias), weighted by their sigmoid."""
+        logits = F.linear(x.float(), self.weight.float())
+        choice = logits if self.e_score_correction_bias is None else logits + self.e_score_correction_bias.float()
+        idx = choice.topk(k, dim=-1)[1]
+        w = logits.gather(-1, idx).sigmoid()
+        return idx, (w / w.sum(dim=-1, keepdim=True) if renormalize else w)
+
+
 class SparseMoE(nn.Module):
     """Mixtral / Qwen2-MoE / Qwen3-MoE sparse block: a linear router (``gate``, in the compute dtype, as
     transformers runs it), softmax in fp32, top-k (renormalized with ``norm_topk_prob``; Qwen rounds the weights
     to the compute dtype, Mixtral keeps them fp32), the routed experts, and for Qwen2-MoE a shared expert scaled by
     ``sigmoid(shared_expert_gate(x))`` (GraniteMoE-Shared: an ungated one). GraniteMoE's router takes the softmax of
-    the top-k logits, which is this softmax renormalized over the top k."""
+    the top-k logits, which is this softmax renormalized over the top k. Flint and Kolibri 1 route by sigmoid
+    (:class:`_SigmoidGate`) and add an ungated shared expert."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -374,7 +396,12 @@ class SparseMoE(nn.Module):
             self.moe_statics = _Statics(spec.n_experts)
         self.round_weights = spec.architecture != "mixtral"
         self.jitter_eps = spec.router_jitter_eps  # PhiMoE's sparsemixer router (None: softmax top-k)
-        self.gate = (_Fp32Linear if self.fp32_router else nn.Linear)(spec.hidden_size, spec.n_experts, bias=False)
+        self.gate: nn.Linear | _SigmoidGate
+        self.sigmoid_router = spec.architecture in SIGMOID_ROUTER_ARCHS
+        if self.sigmoid_router:
+            self.gate = _SigmoidGate(spec.hidden_size, spec.n_experts, bias=spec.architecture == "kolibri1")
+        else:
+            self.gate = (_Fp32Linear if self.fp32_router else nn.Linear)(spec.hidden_size, spec.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
                                      for _ in range(spec.n_experts))
         self.shared_expert: FeedForward | None = None
@@ -391,6 +418,11 @@ class SparseMoE(nn.Module):
             idx = (probs + self.moe_statics.e_score_correction_bias.float()).topk(self.top_k, dim=-1)[1]
             w = probs.gather(-1, idx)
             w = (w / w.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)).to(x.dtype)
+            out = dispatch_experts(x, idx, w, self.experts)
+            return out + self.shared_expert(x) if self.shared_expert is not None else out
+        if self.sigmoid_router:  # Flint, Kolibri 1 (their weights stay fp32, as transformers computes them)
+            assert isinstance(self.gate, _SigmoidGate)
+            idx, w = self.gate.route(x, self.top_k, self.renormalize)
             out = dispatch_experts(x, idx, w, self.experts)
             return out + self.shared_expert(x) if self.shared_expert is not None else out
         logits = F.linear(x.float(), self.gate.weight.float()) if self.fp32_router else self.gate(x)
@@ -431,7 +463,7 @@ class DecoderLayer(nn.Module):
             self.mlp = PlainMLP(spec)
         else:
             self.mlp = SparseMoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
-        if spec.architecture == "glm4":  # norms on the attention's and the MLP's outputs
+        if spec.glm4_norms:  # norms on the attention's and the MLP's outputs
             self.post_self_attn_layernorm = _norm(spec, spec.hidden_size)
             self.post_mlp_layernorm = _norm(spec, spec.hidden_size)
         if spec.sandwich_norms:  # Gemma 2 (by 1 + weight), Trinity
@@ -740,7 +772,7 @@ class LlamaModel(LayerwiseDecoder):
         elif spec.post_norms:  # OLMo 2 and 3: norms on each block's output
             h = state.hidden + cast(RMSNorm, mod.post_attention_layernorm)(a)
             state.hidden = h + cast(RMSNorm, mod.post_feedforward_layernorm)(mod.mlp(h))
-        elif spec.architecture == "glm4":
+        elif spec.glm4_norms:
             h = state.hidden + cast(nn.Module, mod.post_self_attn_layernorm)(a)
             m = mod.mlp(cast(nn.Module, mod.post_attention_layernorm)(h))
             state.hidden = h + cast(nn.Module, mod.post_mlp_layernorm)(m)

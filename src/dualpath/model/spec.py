@@ -67,6 +67,20 @@ with OLMoE's softmax router over ``num_experts`` experts ``intermediate_size`` w
 ``sliding_window_pattern`` or ``layer_types``, no RoPE in the full layers when it has a window) in pre-norm blocks,
 over GLM-4.5's MoE block after the dense layers ``mlp_layer_types`` (or ``first_k_dense_replace``) names; its
 multi-token-prediction tensors (``mtp.*``) are left out at load.
+``HYV3ForCausalLM`` (``hy_v3``: Tencent's Hy3) is Qwen3's attention (per-head q/k norms before RoPE, base 11,158,840
+by default) over GLM-4.5's MoE block in one group (sigmoid scores, the correction bias choosing, weights
+renormalized times ``router_scaling_factor``, ``num_shared_experts`` shared experts) after the dense layers
+``mlp_layer_types`` names (layer 0 by default); its checkpoints name the router ``mlp.router.gate``, the bias
+``mlp.expert_bias`` and the shared experts ``mlp.shared_mlp``, and its multi-token-prediction layers (past
+``num_hidden_layers``) are left out at load.
+``FlintForCausalLM`` (``flint``) is Qwen3-MoE's attention with gpt-oss's attention sinks (``self_attn.softmax_offset``
+in its checkpoints) and fp32-scaled RMSNorms, RoPE on the sliding layers only (``layer_types``, or every fourth from
+layer 1, the first two and the last full), dense ``mlp_only_layers``, then an fp32 sigmoid router (the top k by
+logit, weighted by their sigmoid, renormalized with ``norm_topk_prob``) with an ungated shared expert.
+``Kolibri1ForCausalLM`` (``kolibri1``) is EXAONE 4's attention (per-head q/k norms, every fifth layer full and without
+RoPE) in GLM-4's blocks (``post_attn_norm`` / ``post_ffn_norm`` on the attention's and the MLP's outputs), every layer
+routed like Flint's but choosing by logit plus a correction bias (``moe.router.expert_bias``), with an ungated shared
+expert (``mlp.shared_experts``).
 ``MellumForCausalLM`` (``mellum``: JetBrains' Mellum MoE) is Qwen3-MoE (per-head q/k norms, the softmax router) with
 sliding layers by ``layer_types`` (a 1,024-token window), a RoPE base per layer type (``rope_parameters``: 500,000 on
 full layers, 10,000 on sliding ones by default) and dense layers where ``mlp_layer_types`` says ``dense``; its
@@ -176,6 +190,7 @@ from dualpath.model.archs import (
     GROUP_ROUTER_ARCHS,
     MOE_ARCHS,
     ROPE_TYPES,
+    SIGMOID_ROUTER_ARCHS,
     refusal_reason,
 )
 from dualpath.model.family_fields import (
@@ -373,7 +388,7 @@ class ModelSpec(_SpecCommon):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
         nope = tuple(sorted({int(x) for x in self.nope_layers}))
         if nope and (self.architecture not in ("smollm3", "exaone4", "exaone_moe", "cohere2", "llama4_text", "afmoe",
-                                               *GRANITE_SWA)
+                                               "flint", "kolibri1", *GRANITE_SWA)
                      or any(not 0 <= x < self.n_layers for x in nope)):
             raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 / exaone4 / cohere2 layers of "
                              f"0..{self.n_layers - 1}")
@@ -570,8 +585,8 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "qwen2_moe" and self.shared_expert_intermediate_size == 0:
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
-        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe",
-                                     "granitemoeshared", "granitemoe_swa",
+        if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "hy_v3",
+                                     "granitemoeshared", "flint", "kolibri1", "granitemoe_swa",
                                      "llama4_text",
                                      "ernie4_5_moe", "hunyuan_v1_moe") and \
                 self.shared_expert_intermediate_size:
@@ -634,7 +649,7 @@ class ModelSpec(_SpecCommon):
     def qk_norm(self) -> bool:
         """Qwen3 (and Qwen3-MoE), Gemma 3: an RMSNorm over each head's query and key (before RoPE)."""
         return self.architecture in ("qwen3", "qwen3_moe", "mellum", "gemma3", "exaone4", "exaone_moe", "hunyuan_v1_dense", "hunyuan_v1_moe",
-                                     "nanochat",
+                                     "nanochat", "hy_v3", "flint", "kolibri1",
                                      "apertus") or (bool(self.use_qk_norm) and self.architecture != "llama4_text")
 
     @property
@@ -666,9 +681,15 @@ class ModelSpec(_SpecCommon):
         return self.architecture in (*_OLMO_ARCHS, "exaone4")
 
     @property
+    def glm4_norms(self) -> bool:
+        """GLM-4, Kolibri 1: the input and pre-MLP norms of a Llama block, plus ``post_self_attn_layernorm`` on the
+        attention's output and ``post_mlp_layernorm`` on the MLP's, before each is added to the residual."""
+        return self.architecture in ("glm4", "kolibri1")
+
+    @property
     def fp32_norm_scale(self) -> bool:
         """gpt-oss, OLMo 2 and 3: RMSNorm multiplies by its weight in fp32, then rounds (transformers' norms there)."""
-        return self.architecture in ("gpt_oss", "helium", *_OLMO_ARCHS)
+        return self.architecture in ("gpt_oss", "helium", "flint", *_OLMO_ARCHS)
 
     @property
     def o_bias(self) -> bool:
@@ -689,7 +710,7 @@ class ModelSpec(_SpecCommon):
                                                              "hunyuan_v1_dense", "hunyuan_v1_moe", "nanochat", "jais2",
                                                              "apertus",
                                                              "llama4_text", "phimoe", "dots1", "ernie4_5_moe",
-                                                             "flex_olmo", "afmoe", "mellum")
+                                                             "flex_olmo", "afmoe", "mellum", "hy_v3", "flint")
 
     @property
     def layer_norm(self) -> bool:
@@ -753,9 +774,9 @@ class ModelSpec(_SpecCommon):
 
     @property
     def attention_sinks(self) -> bool:
-        """gpt-oss and granite-swash: a learned logit per query head joins each softmax's denominator
+        """gpt-oss, granite-swash and Flint: a learned logit per query head joins each softmax's denominator
         (``self_attn.sinks``; GraniteSWA writes it as the output scaled by ``sigmoid(logsumexp(scores) - sink)``)."""
-        return self.architecture in ("gpt_oss", *GRANITE_SWA)
+        return self.architecture in ("gpt_oss", "flint", *GRANITE_SWA)
 
     @property
     def rotary_dim(self) -> int:
@@ -943,7 +964,7 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "seed_oss":
             cfg.update(attention_bias=self.attention_bias, attention_out_bias=self.o_proj_bias, mlp_bias=False,
                        pad_token_id=None, attention_dropout=0.0, residual_dropout=0.0)
-        if self.architecture == "exaone_moe":  # (transformers follows mlp_layer_types over first_k_dense_replace)
+        if self.architecture in ("exaone_moe", "hy_v3"):  # (transformers follows mlp_layer_types over first_k_dense_replace)
             k = len(self.mlp_only_layers)
             cfg["mlp_layer_types"] = ["dense"] * k + ["sparse"] * (self.n_layers - k)
         if self.architecture in ("exaone4", "exaone_moe"):
@@ -1022,6 +1043,16 @@ class ModelSpec(_SpecCommon):
                        decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers))
             if self.architecture == "qwen2_moe":
                 cfg["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
+        if self.architecture in SIGMOID_ROUTER_ARCHS:  # Flint, Kolibri 1: their layer types always written
+            cfg.update(shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                       sliding_window=self.sliding_window,
+                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
+                                    for i in range(self.n_layers)])
+            if self.architecture == "kolibri1":  # (no dense width, no dense layers in Kolibri1Config)
+                for key in ("intermediate_size", "decoder_sparse_step", "mlp_only_layers"):
+                    del cfg[key]
+            else:
+                cfg["attention_bias"] = self.attention_bias
         if self.sliding_window is not None:
             cfg["sliding_window"] = self.sliding_window
             types = ["full_attention" if i in self.full_attention_layers else "sliding_attention"
@@ -1105,7 +1136,7 @@ class ModelSpec(_SpecCommon):
         n_heads = int(need("num_attention_heads"))
         n_kv = int(cfg.get("num_key_value_heads") or _KV_HEADS.get(arch, n_heads))  # Gemma(2)Config's defaults
         head_dim = int(cfg.get("head_dim") or 0) or (128 if arch in ("seed_oss", "glm", "glm4", "solar_open", "afmoe",
-                                                                     "mellum")
+                                                                     "mellum", "flint", "kolibri1")
                                                       and "head_dim" not in cfg
                                                       else hidden // n_heads)
         if arch in ("gemma", *GEMMA2_LIKE):  # Gemma(2/3)Config's head_dim defaults to 256, not hidden / heads
@@ -1143,7 +1174,7 @@ class ModelSpec(_SpecCommon):
         bias = bool(cfg.get("attention_bias", default_bias)) or arch == "qwen2"
         if arch == "qwen2_moe":  # Qwen2-MoE names its q/k/v bias qkv_bias (on unless the config says otherwise)
             bias = bool(cfg.get("qkv_bias", True))
-        elif arch in ("mixtral", "phi3", "ministral", "exaone4", "exaone_moe", "ministral3", "cwm"):  # no biases
+        elif arch in ("mixtral", "phi3", "ministral", "exaone4", "exaone_moe", "ministral3", "cwm", "kolibri1"):  # none
             bias = False
         elif arch in lnf.LN_ARCHS:
             bias = bool(cfg["attention_bias"])
@@ -1152,14 +1183,15 @@ class ModelSpec(_SpecCommon):
             architecture=arch,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")) if arch != "solar_open" else moe["moe_intermediate_size"],
+            intermediate_size=(int(need("intermediate_size")) if arch not in ("solar_open", "kolibri1")
+                               else moe["moe_intermediate_size"]),  # (no dense width in their configs)
             n_layers=int(need("num_hidden_layers")),
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
             rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if arch in ("phi3", "phimoe", "gpt_oss", "olmo2", "olmo3", "glm4_moe",
                                                                   "solar_open", "afmoe",
-                                                                  "olmoe", "exaone4", "exaone_moe",
+                                                                  "olmoe", "exaone4", "exaone_moe", "hy_v3",
                                                                   "granite_swa") else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,

@@ -281,6 +281,17 @@ def _suffixes_renamed(tensors: Mapping[str, torch.Tensor], suffixes: Mapping[str
 #: first (written back in this order, it must not become the router's)
 _AFMOE_NAMES = {".mlp.expert_bias": ".mlp.gate.e_score_correction_bias", ".mlp.router.gate.": ".mlp.gate.",
                 ".pre_mlp_layernorm.": ".pre_feedforward_layernorm.", ".post_mlp_layernorm.": ".post_feedforward_layernorm."}
+#: Flint's and Kolibri 1's tensor names -> ours (the sinks; Kolibri 1's router bias, GLM-4's output norms and its
+#: shared experts under Qwen2-MoE's name)
+_FLINT_NAMES = {".self_attn.softmax_offset": ".self_attn.sinks"}
+_KOLIBRI1_NAMES = {".moe.router.expert_bias": ".mlp.gate.e_score_correction_bias",
+                   ".post_attn_norm.": ".post_self_attn_layernorm.", ".post_ffn_norm.": ".post_mlp_layernorm.",
+                   ".mlp.shared_experts.": ".mlp.shared_expert."}
+_RENAMED = {"flint": _FLINT_NAMES, "kolibri1": _KOLIBRI1_NAMES}
+#: Hy3 (hy_v3) tensor names -> ours: Trinity's for the router and its bias, its own for the shared experts
+_HY_V3_NAMES = {".mlp.expert_bias": ".mlp.gate.e_score_correction_bias", ".mlp.router.gate.": ".mlp.gate.",
+                ".mlp.shared_mlp.": ".mlp.shared_experts."}
+_RENAMED.update(afmoe=_AFMOE_NAMES, hy_v3=_HY_V3_NAMES)
 
 
 def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
@@ -299,10 +310,9 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
         if spec.architecture in ("granitemoe", "granitemoeshared", "granitemoe_swa") \
                 and _granite_moe_in(name, t, out, source):
             continue
-        if spec.architecture == "afmoe":  # Trinity's names for the router, its bias and the MLP's norms
-            for theirs, ours in _AFMOE_NAMES.items():
-                name = name.replace(theirs, ours)
-        if spec.architecture in ("minimax_m2", "exaone_moe") and name.endswith(("mlp.e_score_correction_bias",
+        for theirs, ours in _RENAMED.get(spec.architecture, {}).items():  # each family's own names (Trinity, Hy3, ...)
+            name = name.replace(theirs, ours)
+        if spec.architecture in ("minimax_m2", "exaone_moe", "hy_v3") and name.endswith(("mlp.e_score_correction_bias",
                                                                   "block_sparse_moe.e_score_correction_bias")):
             name = name[: -len("e_score_correction_bias")].replace(".block_sparse_moe.", ".mlp.") + \
                 "gate.e_score_correction_bias"  # (the block's buffer there; our router's here)
@@ -440,9 +450,8 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         out = _granite_moe_hub_tensors(out)
     elif arch == "granitemoe_swa":  # (transformers' own names: no hub ones)
         out = _suffixes_renamed(_granite_moe_hub_tensors(out), _GRANITE_MOE_V5_NAMES)
-    if arch == "afmoe":
-        for theirs, ours in _AFMOE_NAMES.items():
-            out = {k.replace(ours, theirs): v for k, v in out.items()}
+    for theirs, ours in _RENAMED.get(arch, {}).items():
+        out = {k.replace(ours, theirs): v for k, v in out.items()}
     if getattr(spec, "peri_norms", None):
         out = _suffixes_renamed(out, {ours: theirs for theirs, ours in _PERI_NAMES.items()})
     if arch == "mistral4":  # (transformers reads Mistral 4's experts packed only)

@@ -14,6 +14,7 @@ import pytest
 from engine_helpers import synthetic_config
 from http_helpers import start_http
 
+import dualpath
 from dualpath.cluster import Cluster
 from dualpath.http.backend import InProcessBackend
 from dualpath.http.config import HttpConfig
@@ -72,6 +73,11 @@ async def test_completions_errors_auth_and_metrics():
             r = await cl.get("/v1/models", headers=AUTH)
             assert r.status_code == 200 and r.json()["data"][0]["id"] == "synthetic-test"
             assert (await cl.get("/health")).json()["status"] == "ok"
+            for probe in (cl.get("/ping"), cl.post("/ping")):  # open like /health, the same answer
+                r = await probe
+                assert r.status_code == 200 and r.json()["status"] == "ok"
+            r = await cl.get("/version")
+            assert r.status_code == 200 and r.json()["version"] == dualpath.__version__
 
             body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "return_token_ids": True}
             r = await cl.post("/v1/completions", json=body, headers=AUTH)

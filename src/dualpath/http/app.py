@@ -532,6 +532,16 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
         ok = server.ready and h.get("status") == "ok"
         return JSONResponse(h, status_code=200 if ok else 503)
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> JSONResponse:  # (vLLM's and SageMaker's liveness probe: /health's answer)
+        return await health()
+
+    @app.get("/version")
+    async def version() -> JSONResponse:  # (vLLM's: what a client checks before it benchmarks)
+        from dualpath import __version__
+
+        return JSONResponse({"version": __version__})
+
     @app.get("/metrics")
     async def metrics() -> Response:
         if isinstance(backend, _remote_type()):

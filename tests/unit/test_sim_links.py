@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from dualpath.sim.events import EventLoop
@@ -64,3 +66,34 @@ def test_event_loop_orders_by_time_then_insertion() -> None:
     loop.at(3.0, seen.append, "late")
     loop.run(until=2.0)
     assert seen == ["a", "b", "c"] and loop.now == 2.0
+
+
+class _BoundedLoop(EventLoop):
+    """An event loop that fails once more than ``left`` events were scheduled (a livelock guard)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int) -> None:
+        super().__init__()
+        self.left = left
+
+    def at(self, t: float, fn: Any, *args: Any) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise AssertionError(f"still scheduling at t={self.now}: the link reschedules at the same instant")
+        super().at(t, fn, *args)
+
+
+def test_a_remainder_below_the_clocks_resolution_finishes_the_flow() -> None:
+    """Late in a long run (t = 34,500 s: the clock resolves ~7e-12 s) a flow 0.15 byte short of its end at 50 GB/s
+    needs 3e-12 s, which the clock cannot add; it is done then, not rescheduled at the same instant forever (a
+    day-long public trace hung ``dualpath simulate --mode online`` this way)."""
+    loop = _BoundedLoop(100)
+    loop.now = 34500.0
+    link = Link(loop, "l", 5e10)
+    done: list[float] = []
+    link.start(1e5, KV, lambda: done.append(loop.now))
+    link._v[KV] = link._heaps[KV][0][0] - 0.15  # (above the 1e-6 relative tolerance of a 100 KB flow: 0.1 byte)
+    link._reschedule()
+    loop.run()
+    assert done == [34500.0]

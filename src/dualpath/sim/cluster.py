@@ -683,7 +683,9 @@ class Simulation:
         self._advance_de(de)
         h = de.heap
         done = []
-        while h and h[0][0] - de.S <= 1e-7 * (1.0 + h[0][0]):
+        now, tau = self.loop.now, de.tau
+        # done: within the step tolerance, or too close for the clock to reach (as for a link's flows)
+        while h and (h[0][0] - de.S <= 1e-7 * (1.0 + h[0][0]) or now + (h[0][0] - de.S) * tau <= now):
             _, _, r = heapq.heappop(h)
             kb, fl = self.sc.compute.decode_request_cost(r.prompt)
             de.bytes -= kb
@@ -692,7 +694,6 @@ class Simulation:
         if not h:
             de.bytes = de.flops = 0.0
             de.S = 0.0
-        now = self.loop.now
         for r in done:
             self._finish(de, r, now)
         self._retime(de)

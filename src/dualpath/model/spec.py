@@ -184,17 +184,13 @@ from dualpath.model.archs import (
     ALL_MOE_ARCHS,
     ARCHITECTURES,
     GEMMA2_LIKE,
-    GRANITE_ARCHS,
     GRANITE_SCALED,
     GRANITE_SWA,
     GROUP_ROUTER_ARCHS,
-    MOE_ARCHS,
     ROPE_TYPES,
-    SIGMOID_ROUTER_ARCHS,
     refusal_reason,
 )
 from dualpath.model.family_fields import (
-    _GROUP_MOE,
     _KV_HEADS,
     _MAX_POSITION,
     _MODEL_TYPES,
@@ -869,209 +865,11 @@ class ModelSpec(_SpecCommon):
         return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
     def to_hf_config(self) -> dict[str, Any]:
-        """A ``config.json`` dict that transformers (and :meth:`from_hf_config`) read back to this spec."""
-        arch = _HF_ARCH[self.architecture]
-        mistral = self.architecture == "llama" and self.sliding_window is not None  # Llama has no window
-        cfg: dict[str, Any] = {
-            "architectures": ["MistralForCausalLM" if mistral else arch],
-            "model_type": "mistral" if mistral else self.architecture,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "max_position_embeddings": self.max_position,
-            "tie_word_embeddings": self.tie_embeddings,
-            "hidden_act": "silu",
-            "torch_dtype": self.dtype,
-        }
-        if self.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", *GEMMA2_LIKE, "olmo2", "olmo3",
-                                 "smollm3", "granite", "hyperclovax", "granite_swa"):
-            cfg["attention_bias"] = self.attention_bias
-        if self.architecture == "mellum":  # MellumConfig's keys (no decoder_sparse_step / mlp_only_layers)
-            cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
-                       moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
-                       attention_bias=self.attention_bias,
-                       mlp_layer_types=["sparse" if self.is_moe_layer(i) else "dense" for i in range(self.n_layers)])
-        if self.architecture in ("olmo3", "mellum"):
-            cfg["rope_parameters"] = {
-                "full_attention": {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta},
-                "sliding_attention": {"rope_type": "default",
-                                      "rope_theta": self.rope_local_theta or self.rope_theta}}
-            del cfg["rope_theta"], cfg["rope_scaling"]
-            cfg.update(sliding_window=self.sliding_window or self.max_position,
-                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
-                                    for i in range(self.n_layers)])
-        if self.architecture == "smollm3":
-            # (SmolLM3Config's default pad_token_id, 128004, is its embedding's padding_idx: out of a smaller vocab)
-            cfg.update(no_rope_layers=[int(i not in self.nope_layers) for i in range(self.n_layers)],
-                       use_sliding_window=self.sliding_window is not None, mlp_bias=False, pad_token_id=None,
-                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
-                                    for i in range(self.n_layers)])
-        if self.architecture in ("granite", "hyperclovax", "granite_swa"):
-            cfg.update({key: getattr(self, key) for key in _GRANITE_FIELDS}, mlp_bias=False)
-            if self.architecture == "hyperclovax":
-                cfg.update(use_post_norm=bool(self.peri_norms), head_dim=self.head_dim)
-        elif self.architecture in GRANITE_ARCHS:  # the MoE ones: experts intermediate_size wide, every layer
-            cfg.update({key: getattr(self, key) for key in _GRANITE_FIELDS}, attention_bias=self.attention_bias,
-                       num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
-                       intermediate_size=self.moe_intermediate_size)
-            if self.architecture in ("granitemoeshared", "granitemoe_swa"):
-                cfg["shared_intermediate_size"] = self.shared_expert_intermediate_size
-        if self.architecture in GRANITE_SWA:
-            local = self.rope_local_theta or self.rope_theta
-            cfg.update(sliding_window=self.sliding_window or self.max_position,
-                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
-                                    for i in range(self.n_layers)],
-                       layer_rope_theta=[0.0 if i in self.nope_layers else
-                                         self.rope_theta if self.layer_window(i) is None else local
-                                         for i in range(self.n_layers)])
-        if self.architecture in _GROUP_MOE:  # GLM-4.5's MoE block under each family's keys
-            g = _GROUP_MOE[self.architecture]
-            cfg.update({g.experts: self.n_experts, "num_experts_per_tok": self.n_experts_per_tok,
-                        "moe_intermediate_size": self.moe_intermediate_size,
-                        g.shared: self.shared_expert_intermediate_size // self.moe_intermediate_size,
-                        g.factor: self.routed_scaling_factor, "attention_bias": self.attention_bias})
-            if not g.fixed:
-                cfg.update(norm_topk_prob=self.norm_topk_prob, n_group=self.n_group, topk_group=self.topk_group)
-            if g.dense:
-                cfg[g.dense] = len(self.mlp_only_layers)
-            if self.architecture in ("dots1", "afmoe"):  # (Trinity's full layers are its layers without RoPE)
-                full = [i in self.nope_layers if self.architecture == "afmoe" else self.layer_window(i) is None
-                        for i in range(self.n_layers)]
-                cfg.update(sliding_window=self.sliding_window,
-                           layer_types=["full_attention" if f else "sliding_attention" for f in full])
-        if self.architecture == "glm4_moe":
-            cfg.update(use_qk_norm=bool(self.use_qk_norm), partial_rotary_factor=self.partial_rotary_factor,
-                       num_nextn_predict_layers=0, num_mtp_layers=0)
-        if self.architecture == "afmoe":  # (muP's embedding scale is sqrt(hidden_size): a switch in its config)
-            cfg["mup_enabled"] = self.embedding_multiplier is not None
-        if self.architecture == "solar_open":  # no dense width in SolarOpenConfig
-            cfg.pop("intermediate_size")
-            cfg["rope_parameters"] = {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta,
-                                      "partial_rotary_factor": self.partial_rotary_factor}
-            del cfg["rope_theta"], cfg["rope_scaling"]
-        if self.architecture == "minimax_m2":  # as its checkpoints write it (MiniMaxM2Config reads rotary_dim)
-            cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
-                       intermediate_size=self.moe_intermediate_size, rotary_dim=self.rotary_dim, use_qk_norm=True,
-                       qk_norm_type="per_layer", scoring_func="sigmoid", use_routing_bias=True, pad_token_id=None,
-                       bos_token_id=None, eos_token_id=None)
-        if self.architecture == "seed_oss":
-            cfg.update(attention_bias=self.attention_bias, attention_out_bias=self.o_proj_bias, mlp_bias=False,
-                       pad_token_id=None, attention_dropout=0.0, residual_dropout=0.0)
-        if self.architecture in ("exaone_moe", "hy_v3"):  # (transformers follows mlp_layer_types over first_k_dense_replace)
-            k = len(self.mlp_only_layers)
-            cfg["mlp_layer_types"] = ["dense"] * k + ["sparse"] * (self.n_layers - k)
-        if self.architecture in ("exaone4", "exaone_moe"):
-            cfg.update(sliding_window=self.sliding_window,
-                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
-                                    for i in range(self.n_layers)])
-            if self.sliding_window is None:
-                cfg["sliding_window_pattern"] = 0
-        if self.architecture == "ministral":
-            cfg.update(sliding_window=self.sliding_window,
-                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
-                                    for i in range(self.n_layers)])
-        if self.architecture == "gemma3":
-            cfg["model_type"] = "gemma3_text"
-            cfg["rope_parameters"] = {
-                "full_attention": {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta},
-                "sliding_attention": {"rope_type": "default",
-                                      "rope_theta": self.rope_local_theta or self.rope_theta}}
-            del cfg["rope_theta"], cfg["rope_scaling"]
-        if self.architecture in GEMMA2_LIKE:
-            cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
-                       query_pre_attn_scalar=self.query_pre_attn_scalar,
-                       attn_logit_softcapping=self.attn_logit_softcapping,
-                       final_logit_softcapping=self.final_logit_softcapping, sliding_window=self.sliding_window)
-            if self.sliding_window is None:  # every layer full (the default alternates sliding ones); transformers
-                # builds the sliding mask regardless, so it still needs a window
-                cfg.update(layer_types=["full_attention"] * self.n_layers, sliding_window=self.max_position)
-        if self.architecture == "gemma":  # hidden_act for transformers 5, hidden_activation for 4.x
-            cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
-        if self.architecture == "arcee":
-            cfg.update(attention_bias=self.attention_bias, mlp_bias=False, pad_token_id=None,
-                       hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(str(self.activation), self.activation))
-        if self.architecture in ("glm", "glm4"):
-            cfg.update(attention_bias=self.attention_bias, pad_token_id=None,
-                       rope_parameters={**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta,
-                                        "partial_rotary_factor": self.partial_rotary_factor})
-            del cfg["rope_theta"], cfg["rope_scaling"]
-        if self.architecture == "phimoe":
-            cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
-                       intermediate_size=self.moe_intermediate_size, router_jitter_noise=self.router_jitter_eps,
-                       lm_head_bias=bool(self.head_bias), attention_bias=self.attention_bias, pad_token_id=None,
-                       bos_token_id=None, eos_token_id=None)
-            if self.rope_type == "longrope":
-                cfg["original_max_position_embeddings"] = (self.rope_scaling or {})["original_max_position_embeddings"]
-        if self.architecture == "phi3":
-            # Phi3Config's default pad_token_id (32000) is the padding_idx of its embedding: out of a smaller vocab
-            cfg.update(partial_rotary_factor=self.partial_rotary_factor, pad_token_id=None)
-            if self.rope_type == "longrope":  # Phi3Config reads this top-level key before the RoPE dict's
-                cfg["original_max_position_embeddings"] = (self.rope_scaling or {})["original_max_position_embeddings"]
-        if self.architecture == "llama" and not mistral:
-            cfg["mlp_bias"] = bool(self.mlp_has_bias)
-        if self.architecture == "qwen2_moe":
-            cfg["qkv_bias"] = self.attention_bias
-        if self.architecture == "gpt_oss":
-            cfg.update(attention_bias=self.attention_bias, num_local_experts=self.n_experts,
-                       num_experts_per_tok=self.n_experts_per_tok, intermediate_size=self.moe_intermediate_size,
-                       swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha,
-                       rope_parameters={**(self.rope_scaling or {"rope_type": "default"}),
-                                        "rope_theta": self.rope_theta},
-                       sliding_window=self.sliding_window,
-                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
-                                    for i in range(self.n_layers)])
-            del cfg["rope_theta"], cfg["rope_scaling"]
-        if self.architecture == "mixtral":
-            cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
-                       intermediate_size=self.moe_intermediate_size, router_jitter_noise=0.0)
-        elif self.architecture in ("olmoe", "flex_olmo"):
-            cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
-                       intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
-                       attention_bias=self.attention_bias, pad_token_id=None)
-            if self.architecture == "olmoe":
-                cfg["clip_qkv"] = self.clip_qkv
-        elif self.architecture in MOE_ARCHS and self.architecture not in (*GRANITE_ARCHS, "mellum"):
-            cfg.update(num_experts=self.n_experts, num_experts_per_tok=self.n_experts_per_tok,
-                       moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
-                       decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers))
-            if self.architecture == "qwen2_moe":
-                cfg["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
-        if self.architecture in SIGMOID_ROUTER_ARCHS:  # Flint, Kolibri 1: their layer types always written
-            cfg.update(shared_expert_intermediate_size=self.shared_expert_intermediate_size,
-                       sliding_window=self.sliding_window,
-                       layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
-                                    for i in range(self.n_layers)])
-            if self.architecture == "kolibri1":  # (no dense width, no dense layers in Kolibri1Config)
-                for key in ("intermediate_size", "decoder_sparse_step", "mlp_only_layers"):
-                    del cfg[key]
-            else:
-                cfg["attention_bias"] = self.attention_bias
-        if self.sliding_window is not None:
-            cfg["sliding_window"] = self.sliding_window
-            types = ["full_attention" if i in self.full_attention_layers else "sliding_attention"
-                     for i in range(self.n_layers)]
-            if self.architecture in GEMMA2_LIKE:
-                cfg["layer_types"] = types
-            elif self.architecture in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
-                cfg.update(use_sliding_window=True, max_window_layers=0)
-                if self.architecture != "qwen3_moe":
-                    cfg["layer_types"] = types
-        if self.bos_token_id is not None:
-            cfg["bos_token_id"] = self.bos_token_id
-        if self.eos_token_id is not None:
-            cfg["eos_token_id"] = self.eos_token_id
-        if self.layer_norm:
-            return lnf.hf_config(self, cfg)
-        if self.architecture in lv.VARIANT_ARCHS:
-            return lv.hf_config(self, cfg)
-        return cfg
+        """A ``config.json`` dict that transformers (and :meth:`from_hf_config`) read back to this spec
+        (:func:`dualpath.model.spec_out.hf_config`)."""
+        from dualpath.model.spec_out import hf_config
+
+        return hf_config(self)
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod

@@ -14,6 +14,7 @@ GLM-4 adds norms on the attention's and MLP's outputs; Arcee's MLP is ReLU squar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import pytest
@@ -304,6 +305,29 @@ def test_bf16_teacher_forced_logits(ckpt):
         assert ours.model.layers[-1].mlp.gate.weight.dtype == torch.float32
 
 
+def _assert_logits_equal(ours: Any, hf: Any) -> None:
+    """Our prefill logits at every position of one sequence equal transformers' (fp32)."""
+    seq = sum(_turns(7), [])
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
+
+
+def _edited_checkpoint(family: str, tmp_path_factory: Any, tmp_path: Any, edit: Callable[[dict[str, Any]], None]) -> Any:
+    """A copy of ``family``'s checkpoint whose tensors ``edit`` changed in place; returns its directory."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, _ = _CKPTS.get(family, tmp_path_factory)
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+    tensors = load_file(str(d / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     cfg_cls, model_cls, kw = FAMILIES[family]
@@ -312,10 +336,7 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     save_pretrained(ours, tmp_path)
     hf, info = getattr(transformers, model_cls).from_pretrained(str(tmp_path), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    seq = sum(_turns(7), [])
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf.eval(), seq), atol=2e-4, rtol=1e-4)
+    _assert_logits_equal(ours, hf)
 
 
 @pytest.fixture
@@ -344,59 +365,36 @@ def test_hyperclovax_without_peri_norms_is_granite_with_logits_multiplied(tmp_pa
     hf.save_pretrained(tmp_path)
     ours = _load(tmp_path)
     assert ours.spec.peri_norms is False and not ours.spec.sandwich_norms
-    seq = sum(_turns(7), [])
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+    _assert_logits_equal(ours, hf)
 
 
 def test_exaone_moe_leaves_its_mtp_block_out(tmp_path_factory, tmp_path):
     """K-EXAONE ships a multi-token-prediction block (``mtp.*``) that is not a decoder layer: left out at load, as
     transformers does, and the logits are its."""
-    import shutil
+    def edit(tensors: dict[str, Any]) -> None:
+        tensors["mtp.layers.0.input_layernorm.weight"] = torch.ones(64)
+        tensors["mtp.fc.weight"] = torch.zeros(64, 128)
 
-    from safetensors.torch import load_file, save_file
-
-    src, hf = _CKPTS.get("exaone_moe", tmp_path_factory)
-    d = tmp_path / "ckpt"
-    shutil.copytree(src, d)
-    tensors = load_file(str(d / "model.safetensors"))
-    tensors["mtp.layers.0.input_layernorm.weight"] = torch.ones(64)
-    tensors["mtp.fc.weight"] = torch.zeros(64, 128)
-    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    seq = sum(_turns(7), [])
-    ours = _load(d)
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+    d = _edited_checkpoint("exaone_moe", tmp_path_factory, tmp_path, edit)
+    _assert_logits_equal(_load(d), _CKPTS.get("exaone_moe", tmp_path_factory)[1])
 
 
 def test_hy_v3_reads_transformers_names_and_leaves_its_mtp_layer_out(tmp_path_factory, tmp_path):
     """Hy3's checkpoints name its router, bias and shared experts otherwise than transformers' modules do; both
     spellings read alike. Its multi-token-prediction layer (``model.layers.<num_hidden_layers>``) is not a decoder
     layer: left out at load, as transformers does."""
-    import shutil
+    def edit(tensors: dict[str, Any]) -> None:
+        assert "model.layers.1.mlp.expert_bias" in tensors and "model.layers.1.mlp.router.gate.weight" in tensors
+        renames = {".mlp.router.gate.": ".mlp.gate.", ".mlp.expert_bias": ".mlp.e_score_correction_bias",
+                   ".mlp.shared_mlp.": ".mlp.shared_experts."}
+        for old, new in renames.items():  # (layer 2 in transformers' in-memory names)
+            for name in [n for n in tensors if n.startswith("model.layers.2.") and old in n]:
+                tensors[name.replace(old, new)] = tensors.pop(name)
+        tensors["model.layers.4.input_layernorm.weight"] = torch.ones(64)
+        tensors["model.layers.4.mlp.router.gate.weight"] = torch.zeros(8, 64)
 
-    from safetensors.torch import load_file, save_file
-
-    src, hf = _CKPTS.get("hy_v3", tmp_path_factory)
-    d = tmp_path / "ckpt"
-    shutil.copytree(src, d)
-    tensors = load_file(str(d / "model.safetensors"))
-    assert "model.layers.1.mlp.expert_bias" in tensors and "model.layers.1.mlp.router.gate.weight" in tensors
-    renames = {".mlp.router.gate.": ".mlp.gate.", ".mlp.expert_bias": ".mlp.e_score_correction_bias",
-               ".mlp.shared_mlp.": ".mlp.shared_experts."}
-    for old, new in renames.items():  # (layer 2 in transformers' in-memory names)
-        for name in [n for n in tensors if n.startswith("model.layers.2.") and old in n]:
-            tensors[name.replace(old, new)] = tensors.pop(name)
-    tensors["model.layers.4.input_layernorm.weight"] = torch.ones(64)
-    tensors["model.layers.4.mlp.router.gate.weight"] = torch.zeros(8, 64)
-    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    seq = sum(_turns(7), [])
-    ours = _load(d)
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
-    got = ours(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+    d = _edited_checkpoint("hy_v3", tmp_path_factory, tmp_path, edit)
+    _assert_logits_equal(_load(d), _CKPTS.get("hy_v3", tmp_path_factory)[1])
 
 
 @pytest.mark.parametrize("model_type,key,value,needle", [

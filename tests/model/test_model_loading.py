@@ -96,6 +96,8 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     ({"architectures": ["JambaForCausalLM"]}, "recurrent state"),
     ({"architectures": ["Gemma3nForConditionalGeneration"]}, "share another layer's KV"),
     ({"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}, "compressed attention"),
+    ({"architectures": ["Qwen4ExpForCausalLM"]}, "recurrent state"),
+    ({"architectures": ["HYV4ForCausalLM"], "model_type": "hy_v4"}, "hyper-connections"),
 ])
 def test_families_refused_on_purpose_say_why(cfg, needle):
     with pytest.raises(ModelError, match=needle):

@@ -307,3 +307,46 @@ def test_jsonl_trace_online_keeps_its_arrivals(tmp_path: Path) -> None:
     assert trajs[0].turns[1].at == 3.5
     off = build_workload(WorkloadConfig(trace=str(p), mode="offline"))
     assert [t.arrival for t in off] == [0.0, 0.0]
+
+
+def test_time_scale_replays_a_trace_faster_or_slower(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``time_scale`` divides every trace time, think time and arrival (2: twice the request rate), keeps the
+    content and lengths, and applies after the prefix (taken in the trace's own time) and the copies."""
+    base = load_trace(SHARED, "mooncake", repeat=2)
+    fast = load_trace(SHARED, "mooncake", repeat=2, time_scale=4.0)
+    assert "times / 4" in fast.note
+    for t0, t1 in zip(base.trajectories, fast.trajectories, strict=True):
+        assert t1.arrival == pytest.approx(t0.arrival / 4)
+        for u0, u1 in zip(t0.turns, t1.turns, strict=True):
+            assert (u1.append, u1.gen, u1.hash_ids) == (u0.append, u0.gen, u0.hash_ids)
+            assert u1.at == pytest.approx(u0.at / 4)
+    assert max(u.at for t in fast.trajectories for u in t.turns) > 0
+    p = tmp_path / "t.jsonl"  # think times (a session's rows with delay) scale too
+    p.write_text('{"session_id": "s", "input_length": 100, "output_length": 4, "delay": 0}\n'
+                 '{"session_id": "s", "input_length": 50, "output_length": 4, "delay": 3000}\n')
+    slow = build_workload(WorkloadConfig(trace=str(p), mode="online", time_scale=0.5))
+    assert [u.think for u in slow[0].turns][1] == pytest.approx(6.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(WorkloadError, match="time_scale must be a positive number"):
+            load_trace(SHARED, "mooncake", time_scale=bad)
+    # the simulator online: at 4x, the last request (at 40 s in the trace) is sent at 10 s and served alike
+    for scale in ("1", "4"):
+        assert main(["simulate", "--trace", str(SHARED), "--mode", "online", "--policy", "basic",
+                     "--time-scale", scale, "--json", str(tmp_path / f"s{scale}.json")]) == 0
+    jct = [json.loads((tmp_path / f"s{s}.json").read_text())["runs"][0]["jct_s"] for s in ("1", "4")]
+    assert jct[0] > 40.0 and jct[1] == pytest.approx(jct[0] - 30.0, abs=0.01)
+    capsys.readouterr()
+    assert main(["simulate", "--time-scale", "2"]) == 2
+    assert "--time-scale" in capsys.readouterr().err
+    # dualpath run: --time-scale reaches the runtime's workload (and names itself when bad)
+    from dualpath.errors import ConfigError
+    from dualpath.runtime.app import RunRequest, describe, prepare
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"storage: {{kind: posix, root: {tmp_path / 'kv'}}}\n")
+    cfg, _, trajs = prepare(RunRequest(config=str(conf), trace=str(SHARED), trace_format="mooncake", mode="online",
+                                     time_scale=4.0))
+    assert max(u.at for t in trajs for u in t.turns if u.at is not None) == pytest.approx(10.0)
+    assert "times / 4" in describe(cfg, trajs, ["dualpath"])  # (the header says so)
+    with pytest.raises(ConfigError, match="--time-scale must be a positive number"):
+        prepare(RunRequest(config=str(conf), trace=str(SHARED), time_scale=0.0))

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trace: serve only its first N requests (in time order); default every request")
     parser.add_argument("--repeat", type=int, metavar="K",
                         help="trace: serve K copies of it (copies share no content; online, one after another)")
+    parser.add_argument("--time-scale", type=float, metavar="F",
+                        help="trace, online: replay its times F times faster (2: twice its request rate; 0.5: half)")
     parser.add_argument("--mode", choices=["offline", "online"],
                         help="offline (default: every session at t=0, each turn when the previous one ends) or "
                              "online (a trace at its own timestamps; a generator at --rate)")
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         trace_format=args.trace_format,
         max_requests=args.max_requests,
         repeat=args.repeat,
+        time_scale=args.time_scale,
         agents=args.agents,
         mode=args.mode,
         rate=args.rate,

@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="format of --trace: auto (default), jsonl, mooncake, bailian, csv, sharegpt or weka")
     parser.add_argument("--max-requests", type=int, help="trace: only its first N requests (in time order)")
     parser.add_argument("--repeat", type=int, help="trace: K copies (no shared content between copies)")
+    parser.add_argument("--time-scale", type=float, metavar="F",
+                        help="trace, online: its times F times faster (2: twice its request rate; 0.5: half)")
     parser.add_argument("--breakdown", action="store_true",
                         help="per-engine time breakdown (compute, small batches, read/scheduler waits, queueing)")
     parser.add_argument("--matrix", nargs="?", const="full", choices=["full", "quick"],
@@ -152,8 +154,9 @@ def _trace(args: argparse.Namespace, cfg):  # type: ignore[no-untyped-def]
     from dualpath.errors import ConfigError
 
     if args.trace is None:
-        if args.max_requests is not None or args.repeat is not None or args.trace_format is not None:
-            raise ConfigError("--max-requests, --repeat and --trace-format need --trace")
+        if args.max_requests is not None or args.repeat is not None or args.trace_format is not None \
+                or args.time_scale is not None:
+            raise ConfigError("--max-requests, --repeat, --time-scale and --trace-format need --trace")
         return None
     if args.capacity:
         raise ConfigError("--trace: a trace is replayed at its own times; --capacity searches a generated workload")
@@ -162,7 +165,7 @@ def _trace(args: argparse.Namespace, cfg):  # type: ignore[no-untyped-def]
     from dualpath.workload.traces import load_trace
 
     return load_trace(args.trace, args.trace_format or "auto", max_requests=args.max_requests,
-                      repeat=args.repeat or 1)
+                      repeat=args.repeat or 1, time_scale=1.0 if args.time_scale is None else args.time_scale)
 
 
 def _breakdown_table(runs: list[dict]) -> None:

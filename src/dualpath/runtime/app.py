@@ -51,6 +51,7 @@ class RunRequest:
     trace_format: str | None = None
     max_requests: int | None = None  # trace: only its first N requests
     repeat: int | None = None  # trace: K copies
+    time_scale: float | None = None  # trace: its times divided by this
     agents: int | None = None
     mode: str | None = None
     rate: float | None = None
@@ -99,9 +100,13 @@ def apply_request(cfg: DualPathConfig, req: RunRequest) -> DualPathConfig:
             w.max_agents = req.agents  # a trace: its first N sessions (never cycled to reach N)
         else:
             w.n_agents = req.agents
-    if req.max_requests is not None or req.repeat is not None:
+    if req.max_requests is not None or req.repeat is not None or req.time_scale is not None:
         if w.trace is None:
-            raise ConfigError("--max-requests and --repeat apply to a trace (--trace FILE)")
+            raise ConfigError("--max-requests, --repeat and --time-scale apply to a trace (--trace FILE)")
+        if req.time_scale is not None:
+            if not (math.isfinite(req.time_scale) and req.time_scale > 0):
+                raise ConfigError(f"--time-scale must be a positive number, got {req.time_scale}")
+            w.time_scale = req.time_scale
         if req.max_requests is not None:
             if req.max_requests < 1:
                 raise ConfigError(f"--max-requests must be >= 1, got {req.max_requests}")

@@ -167,7 +167,8 @@ def workload_source(cfg: Any, trajs: Sequence[Trajectory]) -> str:
     w = cfg.workload
     if w.trace is None:
         return f"{w.dataset} generator"
-    tw = load_trace(w.trace, w.trace_format, max_requests=w.max_requests, max_agents=w.max_agents, repeat=w.repeat)
+    tw = load_trace(w.trace, w.trace_format, max_requests=w.max_requests, max_agents=w.max_agents, repeat=w.repeat,
+                    time_scale=w.time_scale)
     prompt, gen, _, _ = largest_turn(trajs)
     sized = ""
     if cfg.model.kind == "synthetic":

@@ -51,7 +51,7 @@ def build_workload(cfg: WorkloadConfig, max_len: int | None = None) -> list[Traj
         from dualpath.workload.traces import load_trace
 
         w = load_trace(cfg.trace, cfg.trace_format, max_requests=cfg.max_requests, max_agents=cfg.max_agents,
-                       repeat=cfg.repeat)
+                       repeat=cfg.repeat, time_scale=cfg.time_scale)
         if cfg.mode == "offline":
             return with_arrivals(w.trajectories, offline_arrivals(len(w.trajectories)))
         return w.trajectories

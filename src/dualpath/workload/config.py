@@ -33,3 +33,6 @@ class WorkloadConfig(Section):
     max_requests: int | None = Field(default=None, ge=1, description="trace: serve only its first N requests")
     max_agents: int | None = Field(default=None, ge=1, description="trace: serve only its first N sessions")
     repeat: int = Field(default=1, ge=1, description="trace: serve K copies (no shared content between copies)")
+    time_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False,
+                              description="trace, online: replay its times this many times faster (2: twice its "
+                                          "request rate, 0.5: half)")

@@ -22,7 +22,7 @@ import math
 import os
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -182,6 +182,18 @@ def _prefix_requests(trajs: list[Trajectory], n: int) -> list[Trajectory]:
     return out
 
 
+def time_scaled(trajs: list[Trajectory], factor: float) -> list[Trajectory]:
+    """``trajs`` replayed ``factor`` times faster: every trace time, think time and session arrival divided by
+    ``factor`` (2: twice the trace's request rate; 0.5: half). Content and lengths are unchanged."""
+    if not (math.isfinite(factor) and factor > 0):
+        raise WorkloadError(f"time_scale must be a positive number, got {factor!r}")
+    if factor == 1:
+        return trajs
+    return [Trajectory(t.tid, [replace(u, at=None if u.at is None else u.at / factor,
+                                       think=None if u.think is None else u.think / factor) for u in t.turns],
+                       t.arrival / factor) for t in trajs]
+
+
 def repeat_trajectories(trajs: list[Trajectory], k: int) -> list[Trajectory]:
     """``k`` copies of ``trajs`` (see the module docstring: salted hash ids, shifted times)."""
     if k <= 1:
@@ -285,9 +297,11 @@ def load_trace(
     max_requests: int | None = None,
     max_agents: int | None = None,
     repeat: int = 1,
+    time_scale: float = 1.0,
 ) -> TraceWorkload:
     """Every request of the trace at ``path`` (``fmt``: ``auto`` detects it from the first line; ``jsonl``,
-    ``mooncake``, ``bailian``, ``csv``, ``sharegpt`` or ``weka``), or the prefix asked for, ``repeat`` times.
+    ``mooncake``, ``bailian``, ``csv``, ``sharegpt`` or ``weka``), or the prefix asked for, ``repeat`` times,
+    its times divided by ``time_scale`` (:func:`time_scaled`; the prefix is taken in the trace's own time).
     ``path`` may be a folder: its trace files (:func:`trace_shards`), all of one format, as one trace. Errors
     (missing, empty, malformed, not UTF-8) name the file and the line."""
     from dualpath.workload.csvtrace import FORMATS, resolve_format
@@ -299,6 +313,7 @@ def load_trace(
         raise WorkloadError(f"max_agents must be >= 1, got {max_agents}")
     if repeat < 1:
         raise WorkloadError(f"repeat must be >= 1, got {repeat}")
+    time_scaled([], time_scale)  # (checks it before the file is read)
     if fmt not in FORMATS:
         raise WorkloadError(f"unknown trace format {fmt!r} ({', '.join(FORMATS)})", path=p)
     if os.path.isdir(p):  # a dataset's shards (a Parquet dataset, a folder of conversation files)
@@ -343,6 +358,9 @@ def load_trace(
     if repeat > 1:
         trajs = repeat_trajectories(trajs, repeat)
         note = f"{n_kept * repeat} requests: {note} repeated {repeat}x (copies share no content)"
+    if time_scale != 1:
+        trajs = time_scaled(trajs, time_scale)
+        note = f"{note}; times / {time_scale:g}"
     return TraceWorkload(trajs, p, fmt, n_file, s_file, note)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from dualpath.errors import WorkloadError
 from dualpath.workload.compressed import open_trace
-from dualpath.workload.trajectory import Trajectory, Turn
+from dualpath.workload.trajectory import Trajectory, Turn, is_id_list
 
 
 def _int_field(obj: dict[str, Any], key: str, where: str, path: str, line: int, minimum: int = 0) -> int:
@@ -196,9 +196,7 @@ def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None,
         inp = _int_field(obj, "input_length", "", p, no, minimum=1)
         outp = _int_field(obj, "output_length", "", p, no)
         hids = obj.get("hash_ids")
-        if not isinstance(hids, list) or not all(
-            isinstance(h, int) and not isinstance(h, bool) for h in hids
-        ):
+        if not is_id_list(hids):
             raise WorkloadError(
                 "missing field 'hash_ids'"
                 if "hash_ids" not in obj
@@ -353,7 +351,7 @@ def load_bailian(path: str | os.PathLike[str], block_tokens: int | None = None) 
         inp = _int_field(obj, "input_length", "", p, no, minimum=1)
         outp = _int_field(obj, "output_length", "", p, no)
         hids = obj.get("hash_ids", [])
-        if not isinstance(hids, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hids):
+        if not is_id_list(hids):
             raise WorkloadError("field 'hash_ids' must be a list of integers", path=p, line=no)
         rows.append((float(ts), no, chat, parent, inp, outp, hids))
     rows.sort(key=lambda r: (r[0], r[1]))

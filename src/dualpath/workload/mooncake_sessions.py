@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dualpath.errors import WorkloadError
-from dualpath.workload.trajectory import Trajectory, Turn
+from dualpath.workload.trajectory import Trajectory, Turn, is_id_list
 
 #: fields that make a Mooncake-format row one of this module's (sessions, text, messages, think times)
 EXTENDED_FIELDS = ("session_id", "text_input", "messages", "delay", "payload")
@@ -166,7 +166,7 @@ def parse_row(obj: dict[str, Any], p: str, no: int) -> Row:
         if given[0] != "input_length":
             raise WorkloadError("field 'hash_ids' goes with 'input_length' (content of a synthesized prompt), not "
                                 f"with {given[0]!r}", path=p, line=no)
-        if not isinstance(hids, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hids):
+        if not is_id_list(hids):
             raise WorkloadError("field 'hash_ids' must be a list of integers", path=p, line=no)
     mode = obj.get("message_mode")
     if mode not in (None, "history", "delta"):

@@ -7,9 +7,15 @@ Replay rule (paper appendix A.3): the prompt of turn ``i`` is ``A_1, G_1, ..., A
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from dualpath.errors import WorkloadError
 
+
+def is_id_list(x: object) -> TypeGuard[list[int]]:
+    """Whether ``x`` is a list of plain integers (no booleans, no floats): a trace's ``hash_ids``. Checked by the
+    types present, in C: a trace of 200,000 rows carries tens of millions of ids."""
+    return isinstance(x, list) and set(map(type, x)) <= {int}
 
 @dataclass(slots=True)
 class Turn:

@@ -35,7 +35,7 @@ from typing import Any
 
 from dualpath.errors import WorkloadError
 from dualpath.workload.compressed import parse_json, read_trace_text
-from dualpath.workload.trajectory import Trajectory
+from dualpath.workload.trajectory import Trajectory, is_id_list
 
 _MIX = 0x9E3779B97F4A7C15  # odd: h -> h * _MIX mod 2**64 is one-to-one
 _M64 = (1 << 64) - 1
@@ -102,7 +102,7 @@ def _call(req: Any, where: str, p: str, no: int, scope: int,
     inp = _count(req, ("in", "input_length"), where, p, no, 1)
     out = _count(req, ("out", "output_length"), where, p, no, 0)
     hids = req.get("hash_ids", [])
-    if not isinstance(hids, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hids):
+    if not is_id_list(hids):
         raise WorkloadError(f"{where}: field 'hash_ids' must be a list of integers", path=p, line=no)
     if scope:  # one-to-one within a conversation; two conversations' ids meet with probability 2**-64
         hids = [((h * _MIX) & _M64) ^ scope for h in hids]

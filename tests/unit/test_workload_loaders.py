@@ -88,6 +88,9 @@ def test_mooncake_ids_share_prefixes() -> None:
         ('{"timestamp": 0, "output_length": 1, "hash_ids": [1]}', "input_length"),
         ('{"timestamp": 0, "input_length": 10, "output_length": "x", "hash_ids": [1]}', "output_length"),
         ('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": ["a"]}', "hash_ids"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1, true]}', "hash_ids"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1, 2.5]}', "hash_ids"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": 7}', "hash_ids"),
         ("{,}", "not valid JSON"),
     ],
 )

@@ -411,7 +411,7 @@ def run_serve_command(args: Any) -> int:
 
     req = RunRequest(config=args.config, policies=None, trace=args.trace, trace_format=args.trace_format,
                      max_requests=getattr(args, "max_requests", None), repeat=getattr(args, "repeat", None),
-                     agents=args.agents, mode=args.mode, rate=args.rate, capacity=False, sim=False,
+                     time_scale=getattr(args, "time_scale", None), agents=args.agents, mode=args.mode, rate=args.rate, capacity=False, sim=False,
                      json_out=args.json_out, plot=None, progress=False)
     cfg, _policies, trajs = prepare(req)  # the trace is checked here (clear errors with file and line)
     vocab = cfg.model.vocab_size if cfg.model.kind == "synthetic" else 49152

@@ -24,7 +24,7 @@ class Checkpoints:
         hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
         with torch.no_grad():
             for n, p in hf.named_parameters():
-                if n.endswith("norm.weight") or n.endswith("bias"):
+                if n.endswith(("norm.weight", "norm_1.weight", "norm_2.weight", "norm_f.weight", "bias")):  # (DBRX's)
                     p.add_(0.1 * torch.randn_like(p))
                 else:
                     p.mul_(6.0)

@@ -348,7 +348,8 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
         cfg = {"model_type": arch, "architectures": [hf_arch], "vocab_size": 100, "hidden_size": 64,
                "intermediate_size": 96, "num_hidden_layers": 40, "num_attention_heads": 4, "num_key_value_heads": 4,
                "num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-               "shared_expert_intermediate_size": 32, "ffn_dim": 96, "rotary_dim": 8, "n_shared_experts": 1}
+               "shared_expert_intermediate_size": 32, "ffn_dim": 96, "rotary_dim": 8, "n_shared_experts": 1,
+               "d_model": 64, "n_heads": 4, "n_layers": 40}  # (DBRX's and MPT's names)
         spec = ModelSpec.from_hf_config(cfg)
         assert spec.n_layers == 40, arch
         if arch not in windowed:

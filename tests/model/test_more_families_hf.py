@@ -125,6 +125,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                       num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=48, sliding_window=5,
                       norm_topk_prob=True, pad_token_id=None, bos_token_id=None, eos_token_id=None,
                       layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])),
+    # DBRX: its nested config; bias-free LayerNorms, a fused Wqkv clipped at 1.5, GQA; in every layer a softmax
+    # router (2 of 4 experts, renormalized) over its fused w1/v1/w2 experts
+    "dbrx": ("DbrxConfig", "DbrxForCausalLM",
+             dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=4, max_seq_len=256,
+                  attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 1.5},
+                  ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2})),
     # Mellum: Qwen3-MoE's attention and router; layers 0 and 2 slide over 5 tokens with base 10,000, 1 and 3 attend
     # fully with base 500,000 (rope_parameters per layer type); layer 1 dense (mlp_layer_types); 2 of 4 experts
     "mellum": ("MellumConfig", "MellumForCausalLM",
@@ -192,8 +198,8 @@ class _Families(Checkpoints):
         hf = super().model(family, seed)
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
-            for layer in hf.model.layers:
-                sinks = getattr(layer.self_attn, "sinks", None)
+            for layer in hf.model.layers if hasattr(hf, "model") else hf.transformer.blocks:  # (DBRX's)
+                sinks = getattr(getattr(layer, "self_attn", None), "sinks", None)
                 if sinks is not None:
                     sinks.copy_(torch.randn(sinks.shape, generator=g))
                 mlp = getattr(layer, "mlp", None)  # (GraniteMoE's block is block_sparse_moe)
@@ -288,6 +294,9 @@ def test_spec_follows_transformers(ckpt):
     if family == "kolibri1":  # EXAONE 4's NoPE full layer, GLM-4's norms, every layer routed, no dense width
         assert want == [5, 5, None, 5] and list(spec.nope_layers) == [2] and spec.glm4_norms and spec.qk_norm
         assert all(spec.is_moe_layer(i) for i in range(4)) and spec.intermediate_size == 32
+    if family == "dbrx":  # its nested config read as Llama's keys; every layer routed
+        assert (spec.hidden_size, spec.n_kv_heads, spec.head_dim, spec.clip_qkv) == (64, 2, 16, 1.5)
+        assert all(spec.is_moe_layer(i) for i in range(4)) and spec.n_experts == 4 and spec.norm_topk_prob
     if family == "afmoe":  # RoPE on the sliding layers only; muP's sqrt(64); dense layer 0
         assert want == [5, None, 5, None] and list(spec.nope_layers) == [1, 3] and spec.embedding_multiplier == 8.0
         assert [spec.is_moe_layer(i) for i in range(4)] == [False, True, True, True] and spec.attn_output_gate
@@ -436,6 +445,42 @@ def test_bad_configs_name_the_key(model_type, key, value, needle):
     cfg = dict(BASE, model_type=model_type, **{key: value})
     with pytest.raises(ModelError, match=needle):
         ModelSpec.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"ffn_config": {"moe_normalize_expert_weights": 2.0}}, "moe_normalize_expert_weights"),
+    ({"ffn_config": {"ffn_act_fn": {"name": "gelu"}}}, "ffn_act_fn"),
+    ({"attn_config": "x"}, "attn_config must be an object"),
+    ({"attn_config": {"kv_n_heads": 0}}, "attn_config.kv_n_heads"),
+    ({"n_layers": "4"}, "n_layers"),
+])
+def test_dbrx_bad_configs_name_the_key(change, needle):
+    with pytest.raises(ModelError, match=needle):
+        ModelSpec.from_hf_config({"architectures": ["DbrxForCausalLM"], "model_type": "dbrx", **change})
+
+
+def test_dbrx_rope_base_from_rope_parameters_else_attn_config():
+    """transformers 5 writes ``rope_parameters`` (and runs that base); an older DBRX config names its base only under
+    ``attn_config.rope_theta`` (databricks/dbrx-instruct: 500,000), which is read then. Without either: 10,000. Unset
+    ``moe_normalize_expert_weights`` (null) keeps the top-k weights unnormalized."""
+    base = {"architectures": ["DbrxForCausalLM"], "model_type": "dbrx", "d_model": 64, "n_heads": 4, "n_layers": 2}
+    old = ModelSpec.from_hf_config(dict(base, attn_config={"rope_theta": 500000.0}))
+    assert old.rope_theta == 500000.0
+    new = ModelSpec.from_hf_config(dict(base, attn_config={"rope_theta": 500000.0},
+                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+    assert new.rope_theta == 10000.0 and ModelSpec.from_hf_config(base).rope_theta == 10000.0
+    assert not ModelSpec.from_hf_config(dict(base, ffn_config={"moe_normalize_expert_weights": None})).norm_topk_prob
+
+
+def test_dbrx_with_unnormalized_expert_weights_equals_transformers(tmp_path):
+    """``moe_normalize_expert_weights: null``: the top-k softmax weights as they are (they sum below 1)."""
+    cfg_cls, model_cls, kw = FAMILIES["dbrx"]
+    kw = dict(kw, ffn_config={**kw["ffn_config"], "moe_normalize_expert_weights": None})
+    hf = Checkpoints({"dbrx": (cfg_cls, model_cls, kw)}).model("dbrx")
+    hf.save_pretrained(tmp_path)
+    ours = _load(tmp_path)
+    assert not ours.spec.norm_topk_prob
+    _assert_logits_equal(ours, hf)
 
 
 def test_granite_swa_second_rope_base_under_a_scaled_rope_is_refused():

@@ -199,7 +199,7 @@ def _norm(spec: ModelSpec, dim: int) -> nn.Module:
         return HeadLayerNorm(0, dim, spec.rms_eps)
     if spec.architecture == "nemotron":
         return LayerNorm1P(dim, eps=spec.rms_eps)
-    if spec.architecture == "mpt":  # bias-free
+    if spec.architecture in ("mpt", "dbrx"):  # bias-free
         return nn.LayerNorm(dim, eps=spec.rms_eps, bias=False)
     if spec.architecture == "olmo":  # neither weight nor bias
         return PlainLayerNorm(dim, spec.rms_eps)

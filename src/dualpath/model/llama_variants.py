@@ -33,6 +33,11 @@
   (by default every fourth layer from the first attends fully, the others slide over ``sliding_window``).
 * ``VaultGemmaForCausalLM`` (``vaultgemma``): Gemma 2's attention, scalings, soft caps and windows in a Llama-shaped
   block (an input norm and a pre-MLP norm, ``pre_feedforward_layernorm``, read as Llama's ``post_attention_layernorm``).
+* ``DbrxForCausalLM`` (``dbrx``, Databricks' DBRX): its nested config (``d_model``, ``n_heads``, ``attn_config``,
+  ``ffn_config``) read as Llama's keys; bias-free LayerNorms, a fused ``Wqkv`` split at load with ``clip_qkv``, and
+  in every layer a softmax router picking ``moe_top_k`` of ``moe_num_experts`` experts, renormalized when
+  ``moe_normalize_expert_weights`` is 1 (its experts fused as ``w1`` / ``v1`` / ``w2``, split at load). The RoPE base
+  is the top-level one transformers 5 writes (``rope_parameters``), else ``attn_config.rope_theta``.
 * ``Llama4ForCausalLM`` (``llama4_text``): Llama 4's text model, in :mod:`dualpath.model.llama4`.
 * ``NanoChatForCausalLM`` (``nanochat``, Karpathy's nanochat): RMSNorms without weights (also on the embeddings
   and on each head's query and key), RoPE turning the other way (``rotate_half`` as ``(x2, -x1)``), a ReLU-squared
@@ -72,6 +77,7 @@ ARCHITECTURES: dict[str, str] = {
     "CwmForCausalLM": "cwm",
     "Jais2ForCausalLM": "jais2",
     "ApertusForCausalLM": "apertus",
+    "DbrxForCausalLM": "dbrx",
     "Llama4ForCausalLM": "llama4_text",
 }
 HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
@@ -97,6 +103,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ministral3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 262144, "head_dim": 128, "num_key_value_heads": 8},
     "nanochat": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "hidden_act": "relu2",
                  "final_logit_softcapping": 15.0},
+    "dbrx": {},  # (its own keys: _dbrx_config)
 }
 #: the families with sliding-window layers (the others mask causally only, whatever their config says)
 WINDOWED = ("ministral3", "cwm", "vaultgemma")
@@ -137,6 +144,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
         return llama4.normalize_config(cfg, where)
     out = {**DEFAULTS[arch], **cfg}
     fields: dict[str, Any] = {}
+    if arch == "dbrx":
+        return _dbrx_config(cfg, where)
     if arch in ("ernie4_5", "ernie4_5_moe"):
         use_bias = _flag(cfg, "use_bias", where)
         out["attention_bias"] = use_bias
@@ -187,6 +196,52 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
                 fields["mlp_has_bias"] = True
             out["attention_bias"] = _flag(out, "attention_bias", where)
     out.pop("mlp_bias", None)  # (read above where the family has it)
+    return out, fields
+
+
+#: DbrxConfig's, DbrxAttentionConfig's and DbrxFFNConfig's defaults
+DBRX_DEFAULTS: dict[str, Any] = {"d_model": 2048, "n_heads": 16, "n_layers": 24, "max_seq_len": 2048, "vocab_size": 32000}
+DBRX_ATTN: dict[str, Any] = {"kv_n_heads": 1, "rope_theta": 10000.0, "clip_qkv": None}
+DBRX_FFN: dict[str, Any] = {"ffn_hidden_size": 3584, "moe_num_experts": 4, "moe_top_k": 1,
+                            "moe_normalize_expert_weights": 1.0, "ffn_act_fn": None}
+
+
+def _dbrx_config(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DBRX's nested config in Llama's keys, and its MoE fields (every layer routed)."""
+    c = {**DBRX_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    attn, ffn = cfg.get("attn_config") or {}, cfg.get("ffn_config") or {}
+    for key, part in (("attn_config", attn), ("ffn_config", ffn)):
+        if not isinstance(part, dict):
+            raise ModelError(f"{where}: {key} must be an object, got {part!r}")
+    attn, ffn = {**DBRX_ATTN, **attn}, {**DBRX_FFN, **ffn}
+    act = (ffn["ffn_act_fn"] or {}).get("name", "silu") if isinstance(ffn["ffn_act_fn"] or {}, dict) else None
+    if act not in ("silu", "swish"):
+        raise ModelError(f"{where}: ffn_config.ffn_act_fn {ffn['ffn_act_fn']!r} unsupported (its GLU experts need "
+                         "'silu')")
+    norm = ffn["moe_normalize_expert_weights"]
+    if norm not in (None, 1, 1.0) or isinstance(norm, bool):
+        raise ModelError(f"{where}: ffn_config.moe_normalize_expert_weights {norm!r} unsupported (1: the top-k "
+                         "weights renormalized; null: kept as they are)")
+    for key, part, sub in (("d_model", c, None), ("n_heads", c, None), ("n_layers", c, None),
+                           ("kv_n_heads", attn, "attn_config"), ("ffn_hidden_size", ffn, "ffn_config"),
+                           ("moe_num_experts", ffn, "ffn_config"), ("moe_top_k", ffn, "ffn_config")):
+        v = part[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            name = f"{sub}.{key}" if sub else key
+            raise ModelError(f"{where}: {name} must be a positive integer, got {v!r}")
+    out: dict[str, Any] = {
+        "vocab_size": c["vocab_size"], "hidden_size": c["d_model"], "intermediate_size": ffn["ffn_hidden_size"],
+        "num_hidden_layers": c["n_layers"], "num_attention_heads": c["n_heads"],
+        "num_key_value_heads": attn["kv_n_heads"], "max_position_embeddings": c["max_seq_len"],
+        "rms_norm_eps": 1e-5, "attention_bias": False, "clip_qkv": attn["clip_qkv"],
+        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        **{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "torch_dtype", "dtype") if k in cfg}}
+    if cfg.get("rope_parameters") is not None or cfg.get("rope_scaling") is not None or "rope_theta" in cfg:
+        out.update({k: cfg[k] for k in ("rope_parameters", "rope_scaling", "rope_theta") if k in cfg})
+    else:  # (an older checkpoint: its base under attn_config; transformers 5 would take 10,000 there)
+        out["rope_theta"] = attn["rope_theta"]
+    fields = {"n_experts": ffn["moe_num_experts"], "n_experts_per_tok": ffn["moe_top_k"],
+              "moe_intermediate_size": ffn["ffn_hidden_size"], "norm_topk_prob": norm is not None}
     return out, fields
 
 
@@ -316,6 +371,17 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
         from dualpath.model import llama4
 
         return llama4.hf_config(spec, cfg)
+    if arch == "dbrx":  # (its own nested keys, nothing of Llama's)
+        keep = ("architectures", "model_type", "vocab_size", "tie_word_embeddings", "torch_dtype", "bos_token_id",
+                "eos_token_id", "pad_token_id")
+        return {**{k: cfg[k] for k in keep if k in cfg}, "d_model": spec.hidden_size, "n_heads": spec.n_heads,
+                "n_layers": spec.n_layers, "max_seq_len": spec.max_position,
+                "attn_config": {"kv_n_heads": spec.n_kv_heads, "rope_theta": spec.rope_theta,
+                                "clip_qkv": spec.clip_qkv},
+                "ffn_config": {"ffn_hidden_size": spec.moe_intermediate_size, "moe_num_experts": spec.n_experts,
+                               "moe_top_k": spec.n_experts_per_tok, "ffn_act_fn": {"name": "silu"},
+                               "moe_normalize_expert_weights": 1.0 if spec.norm_topk_prob else None},
+                "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta}}
     if arch == "olmo":
         cfg.update(attention_bias=spec.attention_bias, clip_qkv=spec.clip_qkv)
         cfg.pop("rms_norm_eps")
@@ -360,6 +426,8 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
     from dualpath.model.layernorm_family import interleaved_to_half
 
     arch = spec.architecture
+    if arch == "dbrx":
+        return _dbrx_tensors_in(spec, tensors)
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if arch == "ernie4_5_moe" and ("mtp_" in name or name.startswith("mtp")):
@@ -383,6 +451,68 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
     return out
 
 
+#: DBRX's block tensors (after ``transformer.blocks.<i>.``) -> ours (after ``model.layers.<i>.``)
+_DBRX_NAMES = {"norm_attn_norm.norm_1.weight": "input_layernorm.weight",
+               "norm_attn_norm.norm_2.weight": "post_attention_layernorm.weight",
+               "norm_attn_norm.attn.out_proj.weight": "self_attn.o_proj.weight",
+               "ffn.router.layer.weight": "mlp.gate.weight"}
+_DBRX_TOP = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.norm_f.weight": "model.norm.weight"}
+#: DBRX's fused experts ([experts x ffn_hidden_size, d_model] each) -> each expert's projection (w2 transposed)
+_DBRX_EXPERTS = {"w1": "gate_proj", "v1": "up_proj", "w2": "down_proj"}
+
+
+def _dbrx_tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DBRX's tensors in our names: ``Wqkv`` split into q/k/v, the fused experts split per expert."""
+    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    shape = (spec.n_experts, spec.moe_intermediate_size, spec.hidden_size)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name in _DBRX_TOP or not name.startswith("transformer.blocks."):
+            out[_DBRX_TOP.get(name, name)] = t
+            continue
+        layer, rest = name[len("transformer.blocks."):].split(".", 1)
+        p = f"model.layers.{layer}."
+        if rest == "norm_attn_norm.attn.Wqkv.weight":
+            for part, w in zip(("q_proj", "k_proj", "v_proj"), t.split([q, kv, kv]), strict=True):
+                out[f"{p}self_attn.{part}.weight"] = w
+        elif rest.startswith("ffn.experts.mlp.") and rest.rsplit(".", 1)[1] in _DBRX_EXPERTS:
+            kind = rest.rsplit(".", 1)[1]
+            for e, w in enumerate(t.reshape(shape)):
+                out[f"{p}mlp.experts.{e}.{_DBRX_EXPERTS[kind]}.weight"] = w.t() if kind == "w2" else w
+        else:
+            out[p + _DBRX_NAMES.get(rest, rest)] = t
+    return out
+
+
+def _dbrx_tensors_out(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_dbrx_tensors_in`."""
+    top = {ours: theirs for theirs, ours in _DBRX_TOP.items()}
+    names = {ours: theirs for theirs, ours in _DBRX_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if name in top or not name.startswith("model.layers."):
+            out[top.get(name, name)] = t
+            continue
+        layer, rest = name[len("model.layers."):].split(".", 1)
+        if rest.startswith("mlp.experts."):
+            e, proj, _ = rest[len("mlp.experts."):].split(".")
+            kind = next(k for k, v in _DBRX_EXPERTS.items() if v == proj)
+            experts.setdefault((layer, kind), {})[int(e)] = t.t() if kind == "w2" else t
+        elif rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+            qkv.setdefault(layer, {})[rest.split(".")[1]] = t
+        else:
+            out[f"transformer.blocks.{layer}.{names.get(rest, rest)}"] = t
+    for layer, parts in qkv.items():
+        out[f"transformer.blocks.{layer}.norm_attn_norm.attn.Wqkv.weight"] = torch.cat(
+            [parts["q_proj"], parts["k_proj"], parts["v_proj"]]).contiguous()
+    for (layer, kind), by_expert in experts.items():
+        out[f"transformer.blocks.{layer}.ffn.experts.mlp.{kind}"] = torch.cat(
+            [by_expert[e] for e in sorted(by_expert)]).contiguous()
+    return out
+
+
 def _rename(name: str, names: Mapping[str, str]) -> str:
     for theirs, ours in names.items():
         if name.endswith(theirs):
@@ -401,6 +531,8 @@ def tensors_out(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[st
     from dualpath.model.layernorm_family import interleaved_to_half
 
     arch = spec.architecture
+    if arch == "dbrx":
+        return _dbrx_tensors_out(spec, tensors)
     if arch == "llama4_text":
         from dualpath.model import llama4
 

@@ -405,10 +405,10 @@ class ModelSpec(_SpecCommon):
                                  f"{self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
-        if self.clip_qkv is not None and (self.architecture not in ("olmoe", "mpt", "olmo")
+        if self.clip_qkv is not None and (self.architecture not in ("olmoe", "mpt", "olmo", "dbrx")
                                           or isinstance(self.clip_qkv, bool)
                                           or not isinstance(self.clip_qkv, (int, float)) or not self.clip_qkv > 0):
-            raise ModelError(f"model config: clip_qkv is olmo's, olmoe's and mpt's, a positive number or null; got "
+            raise ModelError(f"model config: clip_qkv is olmo's, olmoe's, mpt's and dbrx's, a positive number or null; got "
                              f"{self.clip_qkv!r} for {self.architecture}")
         beta = self.query_scale_beta
         if beta is not None and (self.architecture != "ministral3" or isinstance(beta, bool)
@@ -1009,7 +1009,7 @@ class ModelSpec(_SpecCommon):
             **_gpt_oss_fields(arch, cfg, where),
             **_granite_fields(arch, cfg, where),
             nope_layers=_nope_layers(arch, cfg, where),
-            clip_qkv=cfg.get("clip_qkv") if arch in ("olmoe", "mpt", "olmo") else None,
+            clip_qkv=cfg.get("clip_qkv") if arch in ("olmoe", "mpt", "olmo", "dbrx") else None,
             o_proj_bias=bool(cfg.get("attention_out_bias", False)) if arch == "seed_oss" else None,
             rope_long=rope_long_for(rope_scaling, max_context),
             context_cap=max_context,

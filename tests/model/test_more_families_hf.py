@@ -128,9 +128,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # DBRX: its nested config; bias-free LayerNorms, a fused Wqkv clipped at 1.5, GQA; in every layer a softmax
     # router (2 of 4 experts, renormalized) over its fused w1/v1/w2 experts
     "dbrx": ("DbrxConfig", "DbrxForCausalLM",
-             dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=4, max_seq_len=256,
-                  attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 1.5},
-                  ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2})),
+             {"vocab_size": VOCAB, "d_model": 64, "n_heads": 4, "n_layers": 4, "max_seq_len": 256,
+              "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 1.5},
+              "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}}),
     # Mellum: Qwen3-MoE's attention and router; layers 0 and 2 slide over 5 tokens with base 10,000, 1 and 3 attend
     # fully with base 500,000 (rope_parameters per layer type); layer 1 dense (mlp_layer_types); 2 of 4 experts
     "mellum": ("MellumConfig", "MellumForCausalLM",

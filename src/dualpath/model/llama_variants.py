@@ -214,8 +214,8 @@ def _dbrx_config(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[
         if not isinstance(part, dict):
             raise ModelError(f"{where}: {key} must be an object, got {part!r}")
     attn, ffn = {**DBRX_ATTN, **attn}, {**DBRX_FFN, **ffn}
-    act = (ffn["ffn_act_fn"] or {}).get("name", "silu") if isinstance(ffn["ffn_act_fn"] or {}, dict) else None
-    if act not in ("silu", "swish"):
+    act_fn = ffn["ffn_act_fn"] or {"name": "silu"}
+    if not isinstance(act_fn, dict) or act_fn.get("name", "silu") not in ("silu", "swish"):
         raise ModelError(f"{where}: ffn_config.ffn_act_fn {ffn['ffn_act_fn']!r} unsupported (its GLU experts need "
                          "'silu')")
     norm = ffn["moe_normalize_expert_weights"]

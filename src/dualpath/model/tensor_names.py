@@ -287,11 +287,11 @@ _FLINT_NAMES = {".self_attn.softmax_offset": ".self_attn.sinks"}
 _KOLIBRI1_NAMES = {".moe.router.expert_bias": ".mlp.gate.e_score_correction_bias",
                    ".post_attn_norm.": ".post_self_attn_layernorm.", ".post_ffn_norm.": ".post_mlp_layernorm.",
                    ".mlp.shared_experts.": ".mlp.shared_expert."}
-_RENAMED = {"flint": _FLINT_NAMES, "kolibri1": _KOLIBRI1_NAMES}
 #: Hy3 (hy_v3) tensor names -> ours: Trinity's for the router and its bias, its own for the shared experts
 _HY_V3_NAMES = {".mlp.expert_bias": ".mlp.gate.e_score_correction_bias", ".mlp.router.gate.": ".mlp.gate.",
                 ".mlp.shared_mlp.": ".mlp.shared_experts."}
-_RENAMED.update(afmoe=_AFMOE_NAMES, hy_v3=_HY_V3_NAMES)
+#: each family's own tensor names -> ours, renamed both ways by moe_tensors / tensors_out
+_RENAMED = {"afmoe": _AFMOE_NAMES, "hy_v3": _HY_V3_NAMES, "flint": _FLINT_NAMES, "kolibri1": _KOLIBRI1_NAMES}
 
 
 def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],

@@ -182,11 +182,15 @@ def _prefix_requests(trajs: list[Trajectory], n: int) -> list[Trajectory]:
     return out
 
 
+def _check_time_scale(factor: float) -> None:
+    if not (math.isfinite(factor) and factor > 0):
+        raise WorkloadError(f"time_scale must be a positive number, got {factor!r}")
+
+
 def time_scaled(trajs: list[Trajectory], factor: float) -> list[Trajectory]:
     """``trajs`` replayed ``factor`` times faster: every trace time, think time and session arrival divided by
     ``factor`` (2: twice the trace's request rate; 0.5: half). Content and lengths are unchanged."""
-    if not (math.isfinite(factor) and factor > 0):
-        raise WorkloadError(f"time_scale must be a positive number, got {factor!r}")
+    _check_time_scale(factor)
     if factor == 1:
         return trajs
     return [Trajectory(t.tid, [replace(u, at=None if u.at is None else u.at / factor,
@@ -313,7 +317,7 @@ def load_trace(
         raise WorkloadError(f"max_agents must be >= 1, got {max_agents}")
     if repeat < 1:
         raise WorkloadError(f"repeat must be >= 1, got {repeat}")
-    time_scaled([], time_scale)  # (checks it before the file is read)
+    _check_time_scale(time_scale)  # (before the file is read)
     if fmt not in FORMATS:
         raise WorkloadError(f"unknown trace format {fmt!r} ({', '.join(FORMATS)})", path=p)
     if os.path.isdir(p):  # a dataset's shards (a Parquet dataset, a folder of conversation files)

@@ -144,6 +144,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
              dict(BASE, num_key_value_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                   v_head_dim=32, q_lora_rank=48, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1,
                   num_experts_per_tok=2, n_group=2, topk_group=1, mlp_layer_types=["dense"] + ["sparse"] * 3)),
+    # Qwen3-VL-MoE's language model (the vision tower is built by transformers, not loaded here; text prompts)
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration",
+                     {"text_config": dict(BASE, head_dim=32, moe_intermediate_size=64, num_experts=8,
+                                          num_experts_per_tok=2),
+                      "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                        "out_hidden_size": 128, "deepstack_visual_indexes": [0]}}),
 }
 
 

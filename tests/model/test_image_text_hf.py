@@ -1,5 +1,5 @@
 """Image-text checkpoints served as their language model (text requests): Mistral 3 (Mistral Small 3.1 / 3.2),
-Llava, Qwen2.5-VL and Qwen3-VL against transformers' own image-text models on the same random weights, saved by
+Llava, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE against transformers' own image-text models on the same random weights, saved by
 transformers. Over text, Qwen's M-RoPE gives every token three equal position ids, which is the plain RoPE of the
 same frequencies: the text architecture runs it exactly. The vision tower and projector are not loaded."""
 
@@ -52,8 +52,17 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                                                 "mrope_interleaved": True}),
         "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                           "out_hidden_size": 64, "deepstack_visual_indexes": [0]}}),
+    # Qwen3-VL-MoE (Qwen3-VL-30B-A3B, -235B-A22B): Qwen3-MoE's decoder, its router always renormalized, experts
+    # packed; 2 x 24 != 64, so the hub's transposed expert layout is told apart by shape
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", {
+        "text_config": dict(TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+                                             "mrope_interleaved": True}),
+        "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                          "out_hidden_size": 64, "deepstack_visual_indexes": [0]}}),
 }
-ARCH = {"mistral3": "llama", "ministral3": "ministral3", "llava": "llama", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3"}
+ARCH = {"mistral3": "llama", "ministral3": "ministral3", "llava": "llama", "qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3",
+        "qwen3_vl_moe": "qwen3_moe"}
 _CKPTS = Checkpoints(FAMILIES)
 ckpt = _CKPTS.fixture()
 
@@ -104,3 +113,36 @@ def test_specs_and_configs_we_cannot_run(ckpt, tmp_path):
     cfg["text_config"] = dict(cfg["text_config"], model_type="mamba")
     with pytest.raises(ModelError, match="text_config.model_type 'mamba'"):
         load_spec(cfg)
+
+
+def test_qwen3_vl_moe_hub_expert_layout_and_defaults(tmp_path, tmp_path_factory):
+    """Qwen3-VL-MoE's hub checkpoints pack the experts as ``x @ w`` (``gate_up_proj [E, H, 2I]``, ``down_proj
+    [E, I, H]``), transposed from what transformers 5 writes; the same weights in that layout load (transformers
+    reads both) and give transformers' logits. A text_config that leaves keys out gets Qwen3VLMoeTextConfig's
+    defaults (not Qwen3-MoE's), and the top-k weights are always renormalized."""
+    from safetensors.torch import load_file, save_file
+
+    d, hf = _CKPTS.get("qwen3_vl_moe", tmp_path_factory)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    tensors = load_file(str(d / "model.safetensors"))
+    flipped = 0
+    for name in list(tensors):
+        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            tensors[name] = tensors[name].transpose(1, 2).contiguous()
+            flipped += 1
+    assert flipped == 4
+    save_file(tensors, str(hub / "model.safetensors"), metadata={"format": "pt"})
+    (hub / "config.json").write_text((d / "config.json").read_text())
+    seq = _ids(21, 5)
+    ref = hf_logits(hf, seq)
+    ours = _load(hub)
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=8, block_tokens=4)
+    got = ours(SeqBatch.build([seq], [0], [pool.allocate(6)], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+    sparse = {"architectures": ["Qwen3VLMoeForConditionalGeneration"], "model_type": "qwen3_vl_moe",
+              "text_config": {"num_hidden_layers": 2, "num_local_experts": 8}}
+    spec = load_spec(sparse)
+    assert isinstance(spec, ModelSpec) and spec.architecture == "qwen3_moe" and spec.norm_topk_prob
+    assert (spec.n_experts, spec.n_experts_per_tok, spec.moe_intermediate_size, spec.hidden_size) == (8, 4, 1408, 2048)
+

@@ -80,7 +80,7 @@ class _BoundedLoop(EventLoop):
     def at(self, t: float, fn: Any, *args: Any) -> None:
         self.left -= 1
         if self.left < 0:
-            raise AssertionError(f"still scheduling at t={self.now}: the link reschedules at the same instant")
+            raise AssertionError(f"still scheduling at t={self.now}: events are rescheduled at the same instant")
         super().at(t, fn, *args)
 
 
@@ -97,3 +97,26 @@ def test_a_remainder_below_the_clocks_resolution_finishes_the_flow() -> None:
     link._reschedule()
     loop.run()
     assert done == [34500.0]
+
+
+def test_a_decode_step_count_below_the_clocks_resolution_finishes_the_request(tmp_path, monkeypatch) -> None:
+    """A request served 3e10 s into an online trace (the clock resolves ~4e-6 s there) whose last decode steps
+    need less time than that: the decode engine finishes it, instead of rescheduling its step event at the same
+    instant forever."""
+    import json
+
+    import dualpath.sim.cluster as cluster
+    from dualpath.sim import scenario_from_preset, simulate
+    from dualpath.workload import load_trace
+
+    rows = [{"timestamp": 0, "input_length": 2000, "output_length": 50, "hash_ids": [1, 2, 3, 4]},
+            {"timestamp": 3 * 10**13, "input_length": 2000, "output_length": 50, "hash_ids": [1, 2, 3, 4]},
+            {"timestamp": 3 * 10**13 + 1000, "input_length": 2600, "output_length": 300,
+             "hash_ids": [1, 2, 3, 4, 5, 6]}]
+    path = tmp_path / "far.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(cluster, "EventLoop", lambda: _BoundedLoop(100_000))
+    sc = scenario_from_preset("ds660b-2p4d-64k", trajectories=load_trace(str(path), "mooncake").trajectories)
+    sc.mode = "online"
+    run = simulate(sc, ["basic"]).runs[0]
+    assert run["all_done"] and run["requests"] == 3 and 3e10 < run["jct_s"] < 3e10 + 60

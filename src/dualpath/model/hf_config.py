@@ -1,5 +1,5 @@
 """Checkpoint configs read as another architecture's: image-text checkpoints (Gemma 3, Mistral 3, Llava, Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL) as their language model, CodeGen as its Llama-shaped equivalent, and the Llama aliases."""
+Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) as their language model, CodeGen as its Llama-shaped equivalent, and the Llama aliases."""
 
 from __future__ import annotations
 
@@ -40,20 +40,32 @@ def gemma3_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 #: image-text checkpoints whose language model serves text here, by their architecture and model_type
 _IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForConditionalGeneration": "llava",
                      "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-                     "Qwen3VLForConditionalGeneration": "qwen3_vl", "Llama4ForConditionalGeneration": "llama4"}
+                     "Qwen3VLForConditionalGeneration": "qwen3_vl", "Llama4ForConditionalGeneration": "llama4",
+                     "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe"}
 #: their language model's model_type -> the text architecture that runs it (M-RoPE over text alone, where every
 #: token's three position ids are equal, is the plain RoPE of the same frequencies)
 _TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM",
                 "qwen3_vl_text": "Qwen3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "ministral": "MinistralForCausalLM",
-                "ministral3": "Ministral3ForCausalLM", "llama4_text": "Llama4ForCausalLM"}
+                "ministral3": "Ministral3ForCausalLM", "llama4_text": "Llama4ForCausalLM",
+                "qwen3_vl_moe_text": "Qwen3MoeForCausalLM"}
 #: what a text_config of each image-text family is when it names no model_type
 _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
-                      "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text", "llama4": "llama4_text"}
+                      "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text", "llama4": "llama4_text",
+                      "qwen3_vl_moe": "qwen3_vl_moe_text"}
+#: Qwen3VLMoeTextConfig's defaults (they differ from Qwen3MoeConfig's, which would otherwise fill a key the
+#: text_config leaves out); its router always renormalizes the top-k weights (no norm_topk_prob key), and it
+#: names the expert count num_local_experts or num_experts
+_QWEN3_VL_MOE_DEFAULTS = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
+                          "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+                          "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "decoder_sparse_step": 1,
+                          "moe_intermediate_size": 1408, "num_experts_per_tok": 4, "num_experts": 60,
+                          "tie_word_embeddings": True}
 
 
 def image_text_family(cfg: dict[str, Any]) -> str | None:
-    """The image-text family (``mistral3``, ``llava``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) of a config,
+    """The image-text family (``mistral3``, ``llava``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_moe``,
+    ``llama4``) of a config,
     or None for any other."""
     archs = cfg.get("architectures") or []
     for a in archs:
@@ -120,7 +132,8 @@ def llama_alias_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """The language model's config of an image-text checkpoint, read as the text architecture that runs it (the
     vision tower and projector are not loaded; requests carry text): Gemma 3 (:func:`gemma3_text_config`),
-    Mistral 3 (Mistral Small 3.1 / 3.2), Llava, Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Keys the text config leaves out
+    Mistral 3 (Mistral Small 3.1 / 3.2), Llava, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (run as Qwen3-MoE:
+    :data:`_QWEN3_VL_MOE_DEFAULTS`; its experts' hub layout is read by the loader). Keys the text config leaves out
     come from the top level (the dtype, special tokens, the embedding tying, which the top level decides when it
     says, as transformers does); an M-RoPE (``mrope_section``) reads as the plain RoPE it is over text. Any other
     config is returned unchanged."""
@@ -138,8 +151,14 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         raise ModelError(f"{where}: text_config.model_type {mt!r} of a {family} checkpoint is unsupported; expected "
                          f"one of {sorted(_TEXT_MODELS)}")
     arch = _TEXT_MODELS[mt]
+    if mt == "qwen3_vl_moe_text":
+        if text.get("num_experts") is None and text.get("num_local_experts") is not None:
+            text = {**text, "num_experts": text["num_local_experts"]}
+        text = {**_QWEN3_VL_MOE_DEFAULTS, **{k: v for k, v in text.items() if k != "num_local_experts"},
+                "norm_topk_prob": True}
     out = {**text, "architectures": [arch], "model_type": {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",
-                                                           "qwen3_vl_text": "qwen3"}.get(mt, mt)}
+                                                           "qwen3_vl_text": "qwen3",
+                                                           "qwen3_vl_moe_text": "qwen3_moe"}.get(mt, mt)}
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
         if out.get(key) is None and key in cfg:
             out[key] = cfg[key]

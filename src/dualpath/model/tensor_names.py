@@ -324,9 +324,28 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
             if len(parts) == 8 and parts[4] == "experts" and parts[6] in _MIXTRAL_EXPERT_NAMES:
                 parts[6] = _MIXTRAL_EXPERT_NAMES[parts[6]]
                 name = ".".join(parts)
+        if spec.architecture == "qwen3_moe":
+            t = _qwen3_vl_moe_experts(spec, name, t)
         if not _split_packed_experts(name, t, out, source):
             out[name] = t
     return out
+
+
+def _qwen3_vl_moe_experts(spec: ModelSpec, name: str, t: torch.Tensor) -> torch.Tensor:
+    """A packed expert tensor in Qwen3-VL-MoE's hub layout (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``:
+    ``x @ w``) as transformers' in-memory one (``[E, 2I, H]``, ``[E, H, I]``); as transformers does, it is
+    transposed only when its shape is not already the in-memory one (so a square ``H == 2I`` reads as saved by
+    transformers). Any other tensor unchanged."""
+    e, h, i = spec.n_experts, spec.hidden_size, spec.moe_intermediate_size
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        want = (e, 2 * i, h)
+    elif name.endswith(".mlp.experts.down_proj"):
+        want = (e, h, i)
+    else:
+        return t
+    if t.dim() == 3 and tuple(t.shape) != want and tuple(t.shape) == (e, want[2], want[1]):
+        return t.transpose(1, 2)
+    return t
 
 
 #: where Gemma 3's image-text checkpoints keep the language model (transformers >= 4.52 and <= 4.51), and the

@@ -1,5 +1,5 @@
 """Checkpoint configs read as another architecture's: image-text checkpoints (Gemma 3, Mistral 3, Llava, Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) as their language model, CodeGen as its Llama-shaped equivalent, and the Llama aliases."""
+Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, and the others of :data:`_IMAGE_TEXT_ARCHS`) as their language model, CodeGen as its Llama-shaped equivalent, and the Llama aliases."""
 
 from __future__ import annotations
 
@@ -41,18 +41,43 @@ def gemma3_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 _IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForConditionalGeneration": "llava",
                      "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
                      "Qwen3VLForConditionalGeneration": "qwen3_vl", "Llama4ForConditionalGeneration": "llama4",
-                     "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe"}
+                     "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe",
+                     # their language model alone is a text model run here (transformers runs it on text alone)
+                     "LlavaNextForConditionalGeneration": "llava_next",
+                     "LlavaNextVideoForConditionalGeneration": "llava_next_video",
+                     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+                     "VipLlavaForConditionalGeneration": "vipllava", "VideoLlavaForConditionalGeneration": "video_llava",
+                     "InternVLForConditionalGeneration": "internvl", "Idefics2ForConditionalGeneration": "idefics2",
+                     "Idefics3ForConditionalGeneration": "idefics3", "SmolVLMForConditionalGeneration": "smolvlm",
+                     "AyaVisionForConditionalGeneration": "aya_vision",
+                     "Cohere2VisionForConditionalGeneration": "cohere2_vision",
+                     "LightOnOcrForConditionalGeneration": "lighton_ocr", "GotOcr2ForConditionalGeneration": "got_ocr2",
+                     "JanusForConditionalGeneration": "janus", "DeepseekVLForConditionalGeneration": "deepseek_vl",
+                     "DeepseekVLHybridForConditionalGeneration": "deepseek_vl_hybrid",
+                     "Exaone4_5_ForConditionalGeneration": "exaone4_5", "QianfanOCRForConditionalGeneration": "qianfan_ocr",
+                     "Ovis2ForConditionalGeneration": "ovis2", "VideoLlama3ForConditionalGeneration": "video_llama_3",
+                     "HyperCLOVAXVisionV2ForConditionalGeneration": "hyperclovax_vision_v2"}
 #: their language model's model_type -> the text architecture that runs it (M-RoPE over text alone, where every
 #: token's three position ids are equal, is the plain RoPE of the same frequencies)
 _TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM",
                 "qwen3_vl_text": "Qwen3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "ministral": "MinistralForCausalLM",
                 "ministral3": "Ministral3ForCausalLM", "llama4_text": "Llama4ForCausalLM",
-                "qwen3_vl_moe_text": "Qwen3MoeForCausalLM"}
+                "qwen3_vl_moe_text": "Qwen3MoeForCausalLM", "cohere2": "Cohere2ForCausalLM",
+                "exaone4": "Exaone4ForCausalLM", "hyperclovax": "HyperCLOVAXForCausalLM"}
 #: what a text_config of each image-text family is when it names no model_type
 _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
                       "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text", "llama4": "llama4_text",
-                      "qwen3_vl_moe": "qwen3_vl_moe_text"}
+                      "qwen3_vl_moe": "qwen3_vl_moe_text", "llava_next": "llama", "llava_next_video": "llama",
+                      "llava_onevision": "qwen2", "vipllava": "llama", "video_llava": "llama", "internvl": "qwen2",
+                      "idefics2": "mistral", "idefics3": "llama", "smolvlm": "llama", "aya_vision": "cohere2",
+                      "cohere2_vision": "cohere2", "lighton_ocr": "qwen3", "got_ocr2": "qwen2", "janus": "llama",
+                      "deepseek_vl": "llama", "deepseek_vl_hybrid": "llama", "exaone4_5": "exaone4",
+                      "qianfan_ocr": "qwen3", "ovis2": "qwen2", "video_llama_3": "qwen2",
+                      "hyperclovax_vision_v2": "hyperclovax"}
+#: image-text families whose LM head is not followed by their Cohere 2 language model's ``logit_scale`` (transformers'
+#: Aya Vision and Command A Vision apply the head alone)
+_UNSCALED_LOGITS = ("aya_vision", "cohere2_vision")
 #: Qwen3VLMoeTextConfig's defaults (they differ from Qwen3MoeConfig's, which would otherwise fill a key the
 #: text_config leaves out); its router always renormalizes the top-k weights (no norm_topk_prob key), and it
 #: names the expert count num_local_experts or num_experts
@@ -64,8 +89,7 @@ _QWEN3_VL_MOE_DEFAULTS = {"vocab_size": 151936, "hidden_size": 2048, "intermedia
 
 
 def image_text_family(cfg: dict[str, Any]) -> str | None:
-    """The image-text family (``mistral3``, ``llava``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_moe``,
-    ``llama4``) of a config,
+    """The image-text family (``mistral3``, ``llava``, ``qwen2_vl``, ... :data:`_IMAGE_TEXT_ARCHS`) of a config,
     or None for any other."""
     archs = cfg.get("architectures") or []
     for a in archs:
@@ -164,6 +188,8 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             out[key] = cfg[key]
     if "tie_word_embeddings" in cfg:
         out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    if family in _UNSCALED_LOGITS:
+        out["logit_scale"] = 1.0
     for key in ("rope_scaling", "rope_parameters"):
         rope = out.get(key)
         if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("type") == "mrope"):

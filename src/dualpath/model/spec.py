@@ -36,7 +36,9 @@ checkpoints (``Gemma3ForConditionalGeneration``: gemma-3-4b/12b/27b) are read as
 (:func:`dualpath.model.hf_config.gemma3_text_config`; the loader takes the language model's tensors and leaves the vision tower). So are
 the image-text checkpoints of Mistral 3 (Mistral Small 3.1 / 3.2), Llava, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and
 Qwen3-VL-MoE (:func:`dualpath.model.hf_config.text_model_config`: over text, M-RoPE is plain RoPE; Qwen3-VL-MoE runs
-as ``qwen3_moe``, always renormalized, its experts read in the hub's ``x @ w`` layout or transformers' own).
+as ``qwen3_moe``, always renormalized, its experts read in the hub's ``x @ w`` layout or transformers' own), and those
+of the families whose language model is a text model here (LLaVA-NeXT, InternVL, Idefics 3, SmolVLM, Aya Vision,
+Janus, ...: ``hf_config._IMAGE_TEXT_ARCHS``).
 ``GptOssForCausalLM`` (``gpt_oss``) is a MoE on the Llama attention path with q/k/v/o biases, a learned sink
 logit per query head in each softmax's denominator (:attr:`ModelSpec.attention_sinks`), alternating sliding and
 full layers (``layer_types``; GptOssConfig's defaults: even layers slide over 128 tokens), YaRN RoPE (base

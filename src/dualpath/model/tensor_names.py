@@ -348,10 +348,10 @@ def _qwen3_vl_moe_experts(spec: ModelSpec, name: str, t: torch.Tensor) -> torch.
     return t
 
 
-#: where Gemma 3's image-text checkpoints keep the language model (transformers >= 4.52 and <= 4.51), and the
-#: vision parts a text model leaves
+#: where image-text checkpoints keep the language model (transformers >= 4.52 and <= 4.51; Idefics 2 / 3 and
+#: SmolVLM: ``model.text_model.``), and the vision parts a text model leaves
 _GEMMA3_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                       ("language_model.lm_head.", "lm_head."))
+                       ("language_model.lm_head.", "lm_head."), ("model.text_model.", "model."))
 _GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                            "model.multi_modal_projector.", "visual.", "model.visual.", "vision_model.",
                            "model.vision_model.")
@@ -402,11 +402,23 @@ def exaone_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Te
     return out
 
 
+#: Qianfan-OCR's language-model layers as transformers 5 writes them
+_QIANFAN_LAYERS = (("model.encoder.layers.", "model.layers."),)
+
+
 def gemma3_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """An image-text checkpoint's language-model tensors under its text architecture's names (the vision tower
-    and projector left out): Gemma 3, Mistral 3, Llava, Qwen2-VL / 2.5-VL / 3-VL; a text checkpoint's tensors
-    unchanged."""
-    if not any(k.startswith((*(p for p, _ in _GEMMA3_LM_PREFIXES), *_GEMMA3_VISION_PREFIXES)) for k in tensors):
+    """An image-text checkpoint's language-model tensors under its text architecture's names (every image-text
+    family :func:`dualpath.model.hf_config.text_model_config` reads); a text checkpoint's tensors unchanged. Where
+    the language model sits under its own prefix (:data:`_GEMMA3_LM_PREFIXES`), only it and the LM head are kept:
+    whatever else the checkpoint holds (vision tower, projector, Janus' image-generation head) is left out. Older
+    checkpoints that keep it at the text model's names (Qwen2-VL as transformers 4 wrote it) lose their vision
+    parts by name (:data:`_GEMMA3_VISION_PREFIXES`). Qianfan-OCR's decoder layers may sit at ``encoder.layers``
+    (transformers 5 writes its vision tower's renaming back onto the language model too, and reads either)."""
+    lm = tuple(p for p, _ in _GEMMA3_LM_PREFIXES)
+    if any(k.startswith(lm) for k in tensors):
+        return {_renamed(_renamed(name, _GEMMA3_LM_PREFIXES), _QIANFAN_LAYERS): t for name, t in tensors.items()
+                if name.startswith((*lm, "lm_head."))}
+    if not any(k.startswith(_GEMMA3_VISION_PREFIXES) for k in tensors):
         return tensors
     return _language_model(tensors, _GEMMA3_VISION_PREFIXES)
 

@@ -1,0 +1,118 @@
+"""More image-text checkpoints served as their language model: LLaVA-NeXT (and -Video), LLaVA-OneVision, VipLlava,
+Video-LLaVA, InternVL, Idefics 2 / 3, SmolVLM, Aya Vision, Command A Vision, LightOnOCR, GOT-OCR 2, Janus,
+DeepSeek-VL (and -Hybrid), EXAONE 4.5, Qianfan-OCR, Ovis 2, VideoLLaMA 3 and HyperCLOVA X Vision, against
+transformers' own image-text models on the same random weights, written by transformers. Each keeps its language
+model under its own prefix (``model.language_model.``, ``language_model.model.`` or ``model.text_model.``); the
+vision tower, projector and Janus' image-generation head are not loaded. Their configs are transformers' defaults
+with a small text model and a small vision tower."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from hf_random import Checkpoints, check_batched_against_hf
+
+from dualpath.errors import ModelError
+from dualpath.model import ModelSpec
+from dualpath.model.config import LlamaModelConfig
+from dualpath.model.loader import load_model
+from dualpath.model.spec import load_spec
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+TEXT = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "head_dim": 16,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+#: a small vision tower: these keys, where the family's vision config has them
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "depth": 1,
+          "num_heads": 2, "embed_dim": 32, "image_size": 28, "patch_size": 14, "out_hidden_size": 64,
+          "projection_dim": 32, "num_layers": 1, "head_dim": 16}
+#: family -> (its model_type, the architecture transformers and its config name, our text architecture)
+FAMILIES = {
+    "llava_next": ("LlavaNextForConditionalGeneration", "llama"),
+    "llava_next_video": ("LlavaNextVideoForConditionalGeneration", "llama"),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "qwen2"),
+    "vipllava": ("VipLlavaForConditionalGeneration", "llama"),
+    "video_llava": ("VideoLlavaForConditionalGeneration", "llama"),
+    "internvl": ("InternVLForConditionalGeneration", "qwen2"),
+    "idefics2": ("Idefics2ForConditionalGeneration", "llama"),  # (Mistral runs as Llama with its window)
+    "idefics3": ("Idefics3ForConditionalGeneration", "llama"),
+    "smolvlm": ("SmolVLMForConditionalGeneration", "llama"),
+    "aya_vision": ("AyaVisionForConditionalGeneration", "cohere2"),
+    "cohere2_vision": ("Cohere2VisionForConditionalGeneration", "cohere2"),
+    "lighton_ocr": ("LightOnOcrForConditionalGeneration", "qwen3"),
+    "got_ocr2": ("GotOcr2ForConditionalGeneration", "qwen2"),
+    "janus": ("JanusForConditionalGeneration", "llama"),
+    "deepseek_vl": ("DeepseekVLForConditionalGeneration", "llama"),
+    "deepseek_vl_hybrid": ("DeepseekVLHybridForConditionalGeneration", "llama"),
+    "exaone4_5": ("Exaone4_5_ForConditionalGeneration", "exaone4"),
+    "qianfan_ocr": ("QianfanOCRForConditionalGeneration", "qwen3"),
+    "ovis2": ("Ovis2ForConditionalGeneration", "qwen2"),
+    "video_llama_3": ("VideoLlama3ForConditionalGeneration", "qwen2"),
+    "hyperclovax_vision_v2": ("HyperCLOVAXVisionV2ForConditionalGeneration", "hyperclovax"),
+}
+
+
+def _kwargs(family: str) -> tuple[str, dict[str, Any]]:
+    """The family's config class name and its keyword arguments: transformers' defaults, the text model and the
+    vision tower made small (the default layer types dropped: they list the default's layer count)."""
+    cfg = transformers.AutoConfig.for_model(family)
+    d = cfg.to_dict()
+    text = {k: v for k, v in d["text_config"].items() if k not in ("layer_types", "max_window_layers")}
+    text.update(TEXT)
+    kw: dict[str, Any] = {"text_config": text}
+    vision = d.get("vision_config")
+    if isinstance(vision, dict):
+        kw["vision_config"] = {**vision, **{k: v for k, v in VISION.items() if k in vision}}
+    for key in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        if key in d:
+            kw[key] = VOCAB - 1 - ("video" in key)
+    return type(cfg).__name__, kw
+
+
+def _available() -> dict[str, tuple[str, str, dict[str, Any]]]:
+    out = {}
+    for family, (arch, _) in FAMILIES.items():
+        if hasattr(transformers, arch):
+            cfg_cls, kw = _kwargs(family)
+            out[family] = (cfg_cls, arch, kw)
+    return out
+
+
+_CKPTS = Checkpoints(_available())
+ckpt = _CKPTS.fixture()
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, VOCAB - 2, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_text_logits_equal_transformers_image_text_model(ckpt):
+    """Two sequences with cached prefixes in one prefill batch over paged KV, then batched decode steps: every row
+    equals transformers' image-text model on the same text."""
+    family, d, hf = ckpt
+    ours = load_model(LlamaModelConfig(path=str(d), time_model="off"), with_tokenizer=False)[0]
+    assert ours.spec.architecture == FAMILIES[family][1]
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_text = sum(p.numel() for n, p in hf.named_parameters() if "language_model" in n or "text_model" in n
+                 or n.startswith("lm_head."))
+    assert n_ours <= n_text < sum(p.numel() for p in hf.parameters())  # (the vision parts are not loaded)
+    check_batched_against_hf(ours, hf, [_ids(20, 1), _ids(14, 2)])
+
+
+def test_the_text_config_and_a_language_model_we_do_not_run(ckpt):
+    """The spec reads the text config (sizes, tying from the top level as transformers does); a text_config of a
+    family we do not run is refused by name."""
+    family, d, hf = ckpt
+    spec = load_spec(d)
+    assert isinstance(spec, ModelSpec) and (spec.hidden_size, spec.n_layers, spec.head_dim) == (64, 2, 16)
+    tied = hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    assert spec.tie_embeddings == tied
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"] = dict(cfg["text_config"], model_type="mamba")
+    with pytest.raises(ModelError, match="text_config.model_type 'mamba'"):
+        load_spec(cfg)

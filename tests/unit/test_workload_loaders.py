@@ -130,3 +130,23 @@ def test_real_world_file_variants_load_like_the_clean_file(tmp_path: Path) -> No
     with pytest.raises(WorkloadError) as ei:
         read_mooncake(bad)
     assert ei.value.line == 2
+
+
+def test_a_traces_repeated_hash_ids_share_one_object_per_value(tmp_path):
+    """Rows repeat their prefixes' ids; the loaders keep one int object per distinct id (a long trace's ids then
+    cost a list slot each), and the values are the file's."""
+    from dualpath.workload.loaders import load_bailian
+
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('{"timestamp": 0, "input_length": 1000, "output_length": 5, "hash_ids": [70001, 70002]}\n'
+                  '{"timestamp": 5, "input_length": 1500, "output_length": 5, "hash_ids": [70001, 70002, 70003]}\n')
+    a, b = read_mooncake(mc)
+    assert (a.hash_ids, b.hash_ids) == ([70001, 70002], [70001, 70002, 70003])
+    assert a.hash_ids[0] is b.hash_ids[0] and a.hash_ids[1] is b.hash_ids[1]
+    bl = tmp_path / "bl.jsonl"
+    bl.write_text('{"chat_id": 1, "parent_chat_id": -1, "timestamp": 0, "input_length": 32, "output_length": 4, '
+                  '"hash_ids": [90001, 90002]}\n{"chat_id": 2, "parent_chat_id": -1, "timestamp": 1, '
+                  '"input_length": 48, "output_length": 4, "hash_ids": [90001, 90002, 90003]}\n')
+    trajs, _ = load_bailian(bl)
+    x, y = (t.turns[0].hash_ids for t in trajs)
+    assert x == [90001, 90002] and y == [90001, 90002, 90003] and x[0] is y[0] and x[1] is y[1]

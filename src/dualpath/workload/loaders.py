@@ -22,7 +22,7 @@ from typing import Any
 
 from dualpath.errors import WorkloadError
 from dualpath.workload.compressed import open_trace
-from dualpath.workload.trajectory import Trajectory, Turn, is_id_list
+from dualpath.workload.trajectory import Trajectory, Turn, interned, is_id_list
 
 
 def _int_field(obj: dict[str, Any], key: str, where: str, path: str, line: int, minimum: int = 0) -> int:
@@ -180,6 +180,7 @@ def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None,
     p = str(path)
     rows: list[tuple[float, int, int, int, list[int]]] = []
     timed: bool | None = None
+    ids: dict[int, int] = {}
     for no, obj in (_lines(p) if objs is None else objs):
         ts = obj.get("timestamp")
         if timed is None:
@@ -204,7 +205,7 @@ def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None,
                 path=p,
                 line=no,
             )
-        rows.append((float(ts), no, inp, outp, hids))
+        rows.append((float(ts), no, inp, outp, interned(hids, ids)))
     rows.sort(key=lambda r: (r[0], r[1]))
     if max_requests is not None:
         rows = rows[:max_requests]
@@ -338,6 +339,7 @@ def load_bailian(path: str | os.PathLike[str], block_tokens: int | None = None) 
     for Mooncake; ``block_tokens`` None infers the block size from the rows (16 in the published traces)."""
     p = str(path)
     rows: list[tuple[float, int, int, int, int, int, list[int]]] = []
+    ids: dict[int, int] = {}
     for no, obj in _lines(p):
         ts = obj.get("timestamp")
         if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
@@ -353,7 +355,7 @@ def load_bailian(path: str | os.PathLike[str], block_tokens: int | None = None) 
         hids = obj.get("hash_ids", [])
         if not is_id_list(hids):
             raise WorkloadError("field 'hash_ids' must be a list of integers", path=p, line=no)
-        rows.append((float(ts), no, chat, parent, inp, outp, hids))
+        rows.append((float(ts), no, chat, parent, inp, outp, interned(hids, ids)))
     rows.sort(key=lambda r: (r[0], r[1]))
     if block_tokens is None:
         block_tokens = infer_hash_block([(r[4], len(r[6])) for r in rows], default=16)

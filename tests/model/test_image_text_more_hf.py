@@ -54,6 +54,20 @@ FAMILIES = {
     "ovis2": ("Ovis2ForConditionalGeneration", "qwen2"),
     "video_llama_3": ("VideoLlama3ForConditionalGeneration", "qwen2"),
     "hyperclovax_vision_v2": ("HyperCLOVAXVisionV2ForConditionalGeneration", "hyperclovax"),
+    # GLM-4.1V: GLM-4's blocks, head size hidden / heads, interleaved partial RoPE (M-RoPE over 4 frequencies)
+    "glm4v": ("Glm4vForConditionalGeneration", "glm4"),
+    # GLM-4.5V: GLM-4.5's MoE blocks
+    "glm4v_moe": ("Glm4vMoeForConditionalGeneration", "glm4_moe"),
+}
+#: text config keys a family needs beyond TEXT (its M-RoPE sections sized to the small heads; its experts)
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
+TEXT_EXTRA: dict[str, dict[str, Any]] = {
+    # (GLM-4.1V's config names no head_dim (GLM-4's default is 128) and its attention ignores attention_bias; its
+    # RoPE rotates every dim unless told otherwise)
+    "glm4v": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
+              "head_dim": None, "attention_bias": False},
+    "glm4v_moe": {"rope_parameters": _MROPE, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 24, "n_shared_experts": 1, "first_k_dense_replace": 1},
 }
 
 
@@ -63,7 +77,7 @@ def _kwargs(family: str) -> tuple[str, dict[str, Any]]:
     cfg = transformers.AutoConfig.for_model(family)
     d = cfg.to_dict()
     text = {k: v for k, v in d["text_config"].items() if k not in ("layer_types", "max_window_layers")}
-    text.update(TEXT)
+    text.update(TEXT, **TEXT_EXTRA.get(family, {}))
     kw: dict[str, Any] = {"text_config": text}
     vision = d.get("vision_config")
     if isinstance(vision, dict):
@@ -98,9 +112,10 @@ def test_text_logits_equal_transformers_image_text_model(ckpt):
     ours = load_model(LlamaModelConfig(path=str(d), time_model="off"), with_tokenizer=False)[0]
     assert ours.spec.architecture == FAMILIES[family][1]
     n_ours = sum(p.numel() for p in ours.parameters())
-    n_text = sum(p.numel() for n, p in hf.named_parameters() if "language_model" in n or "text_model" in n
+    state = hf.state_dict()  # (parameters and buffers: GLM-4.5V's router bias is a buffer there)
+    n_text = sum(t.numel() for n, t in state.items() if "language_model" in n or "text_model" in n
                  or n.startswith("lm_head."))
-    assert n_ours <= n_text < sum(p.numel() for p in hf.parameters())  # (the vision parts are not loaded)
+    assert n_ours <= n_text < sum(t.numel() for t in state.values())  # (the vision parts are not loaded)
     check_batched_against_hf(ours, hf, [_ids(20, 1), _ids(14, 2)])
 
 
@@ -116,3 +131,22 @@ def test_the_text_config_and_a_language_model_we_do_not_run(ckpt):
     cfg["text_config"] = dict(cfg["text_config"], model_type="mamba")
     with pytest.raises(ModelError, match="text_config.model_type 'mamba'"):
         load_spec(cfg)
+
+
+def test_glm4v_text_configs_read_as_transformers_does():
+    """GLM-4.1V's text config without head_dim (GLM-4 would take 128) has heads of hidden / heads, always q/k/v
+    biases, and RoPE over every dim unless told otherwise (the top level's factor moves into the RoPE parameters);
+    GLM-4.5V's has GLM-4.5's MoE, q/k/v biases by default and a factor of 0.5."""
+    text = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+            "intermediate_size": 96, "vocab_size": VOCAB}
+    spec = load_spec({"architectures": ["Glm4vForConditionalGeneration"],
+                      "text_config": dict(text, model_type="glm4v_text", attention_bias=False)})
+    assert isinstance(spec, ModelSpec) and spec.architecture == "glm4"
+    assert (spec.head_dim, spec.partial_rotary_factor, spec.attention_bias) == (16, 1.0, True)
+    half = load_spec({"architectures": ["Glm4vForConditionalGeneration"],
+                      "text_config": dict(text, partial_rotary_factor=0.5)})
+    assert isinstance(half, ModelSpec) and half.partial_rotary_factor == 0.5
+    moe = load_spec({"architectures": ["Glm4vMoeForConditionalGeneration"],
+                     "text_config": dict(text, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)})
+    assert isinstance(moe, ModelSpec) and moe.architecture == "glm4_moe" and moe.n_experts == 4
+    assert (moe.head_dim, moe.partial_rotary_factor, moe.attention_bias) == (16, 0.5, True)

@@ -56,7 +56,9 @@ _IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForCo
                      "DeepseekVLHybridForConditionalGeneration": "deepseek_vl_hybrid",
                      "Exaone4_5_ForConditionalGeneration": "exaone4_5", "QianfanOCRForConditionalGeneration": "qianfan_ocr",
                      "Ovis2ForConditionalGeneration": "ovis2", "VideoLlama3ForConditionalGeneration": "video_llama_3",
-                     "HyperCLOVAXVisionV2ForConditionalGeneration": "hyperclovax_vision_v2"}
+                     "HyperCLOVAXVisionV2ForConditionalGeneration": "hyperclovax_vision_v2",
+                     "Glm4vForConditionalGeneration": "glm4v", "Glm46VForConditionalGeneration": "glm46v",
+                     "Glm4vMoeForConditionalGeneration": "glm4v_moe"}
 #: their language model's model_type -> the text architecture that runs it (M-RoPE over text alone, where every
 #: token's three position ids are equal, is the plain RoPE of the same frequencies)
 _TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -64,7 +66,8 @@ _TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "q
                 "qwen3_vl_text": "Qwen3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "ministral": "MinistralForCausalLM",
                 "ministral3": "Ministral3ForCausalLM", "llama4_text": "Llama4ForCausalLM",
                 "qwen3_vl_moe_text": "Qwen3MoeForCausalLM", "cohere2": "Cohere2ForCausalLM",
-                "exaone4": "Exaone4ForCausalLM", "hyperclovax": "HyperCLOVAXForCausalLM"}
+                "exaone4": "Exaone4ForCausalLM", "hyperclovax": "HyperCLOVAXForCausalLM",
+                "glm4v_text": "Glm4ForCausalLM", "glm4v_moe_text": "Glm4MoeForCausalLM"}
 #: what a text_config of each image-text family is when it names no model_type
 _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
                       "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text", "llama4": "llama4_text",
@@ -74,7 +77,8 @@ _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen
                       "cohere2_vision": "cohere2", "lighton_ocr": "qwen3", "got_ocr2": "qwen2", "janus": "llama",
                       "deepseek_vl": "llama", "deepseek_vl_hybrid": "llama", "exaone4_5": "exaone4",
                       "qianfan_ocr": "qwen3", "ovis2": "qwen2", "video_llama_3": "qwen2",
-                      "hyperclovax_vision_v2": "hyperclovax"}
+                      "hyperclovax_vision_v2": "hyperclovax", "glm4v": "glm4v_text", "glm46v": "glm4v_text",
+                      "glm4v_moe": "glm4v_moe_text"}
 #: image-text families whose LM head is not followed by their Cohere 2 language model's ``logit_scale`` (transformers'
 #: Aya Vision and Command A Vision apply the head alone)
 _UNSCALED_LOGITS = ("aya_vision", "cohere2_vision")
@@ -153,6 +157,27 @@ def llama_alias_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+#: Glm4vMoeTextConfig's defaults where Glm4MoeConfig's differ (or it has none)
+_GLM4V_MOE_DEFAULTS = {"max_position_embeddings": 65536, "attention_bias": True, "partial_rotary_factor": 0.5}
+
+
+def _glm4v_text(mt: str, text: dict[str, Any]) -> dict[str, Any]:
+    """GLM-4.1V's language model (``glm4v_text``) as the GLM-4 it is, and GLM-4.5V's (``glm4v_moe_text``) as
+    GLM-4.5: their attention's head size is ``hidden_size // num_attention_heads`` (GLM-4.1V's always; GLM-4.5V's
+    unless the config names ``head_dim``), GLM-4.1V's q/k/v always carry biases, and a ``partial_rotary_factor``
+    that neither the RoPE parameters nor the top level name is 1.0 (GLM-4.1V) or 0.5 (GLM-4.5V)."""
+    heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
+    if mt == "glm4v_text":
+        out = {"partial_rotary_factor": 1.0, **text, "attention_bias": True}
+        if isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+            out["head_dim"] = hidden // heads
+        return out
+    out = {**_GLM4V_MOE_DEFAULTS, **text}
+    if out.get("head_dim") is None and isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+        out["head_dim"] = hidden // heads
+    return out
+
+
 def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """The language model's config of an image-text checkpoint, read as the text architecture that runs it (the
     vision tower and projector are not loaded; requests carry text): Gemma 3 (:func:`gemma3_text_config`),
@@ -180,9 +205,12 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             text = {**text, "num_experts": text["num_local_experts"]}
         text = {**_QWEN3_VL_MOE_DEFAULTS, **{k: v for k, v in text.items() if k != "num_local_experts"},
                 "norm_topk_prob": True}
+    if mt in ("glm4v_text", "glm4v_moe_text"):
+        text = _glm4v_text(mt, text)
     out = {**text, "architectures": [arch], "model_type": {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",
-                                                           "qwen3_vl_text": "qwen3",
-                                                           "qwen3_vl_moe_text": "qwen3_moe"}.get(mt, mt)}
+                                                           "qwen3_vl_text": "qwen3", "qwen3_vl_moe_text": "qwen3_moe",
+                                                           "glm4v_text": "glm4",
+                                                           "glm4v_moe_text": "glm4_moe"}.get(mt, mt)}
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
         if out.get(key) is None and key in cfg:
             out[key] = cfg[key]

@@ -58,7 +58,14 @@ _IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForCo
                      "Ovis2ForConditionalGeneration": "ovis2", "VideoLlama3ForConditionalGeneration": "video_llama_3",
                      "HyperCLOVAXVisionV2ForConditionalGeneration": "hyperclovax_vision_v2",
                      "Glm4vForConditionalGeneration": "glm4v", "Glm46VForConditionalGeneration": "glm46v",
-                     "Glm4vMoeForConditionalGeneration": "glm4v_moe"}
+                     "Glm4vMoeForConditionalGeneration": "glm4v_moe",
+                     # Qwen Omni: the thinker's language model (the whole model, or its thinker alone)
+                     "Qwen3OmniMoeForConditionalGeneration": "qwen3_omni_moe",
+                     "Qwen3OmniMoeThinkerForConditionalGeneration": "qwen3_omni_moe_thinker",
+                     "Qwen2_5OmniForConditionalGeneration": "qwen2_5_omni",
+                     "Qwen2_5OmniThinkerForConditionalGeneration": "qwen2_5_omni_thinker"}
+#: the families whose language model is in their ``thinker_config`` (the talker and vocoder are not loaded)
+_THINKER_FAMILIES = ("qwen3_omni_moe", "qwen2_5_omni")
 #: their language model's model_type -> the text architecture that runs it (M-RoPE over text alone, where every
 #: token's three position ids are equal, is the plain RoPE of the same frequencies)
 _TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -67,7 +74,8 @@ _TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "q
                 "ministral3": "Ministral3ForCausalLM", "llama4_text": "Llama4ForCausalLM",
                 "qwen3_vl_moe_text": "Qwen3MoeForCausalLM", "cohere2": "Cohere2ForCausalLM",
                 "exaone4": "Exaone4ForCausalLM", "hyperclovax": "HyperCLOVAXForCausalLM",
-                "glm4v_text": "Glm4ForCausalLM", "glm4v_moe_text": "Glm4MoeForCausalLM"}
+                "glm4v_text": "Glm4ForCausalLM", "glm4v_moe_text": "Glm4MoeForCausalLM",
+                "qwen3_omni_moe_text": "Qwen3MoeForCausalLM", "qwen2_5_omni_text": "Qwen2ForCausalLM"}
 #: what a text_config of each image-text family is when it names no model_type
 _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
                       "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text", "llama4": "llama4_text",
@@ -78,7 +86,9 @@ _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen
                       "deepseek_vl": "llama", "deepseek_vl_hybrid": "llama", "exaone4_5": "exaone4",
                       "qianfan_ocr": "qwen3", "ovis2": "qwen2", "video_llama_3": "qwen2",
                       "hyperclovax_vision_v2": "hyperclovax", "glm4v": "glm4v_text", "glm46v": "glm4v_text",
-                      "glm4v_moe": "glm4v_moe_text"}
+                      "glm4v_moe": "glm4v_moe_text", "qwen3_omni_moe": "qwen3_omni_moe_text",
+                      "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "qwen2_5_omni": "qwen2_5_omni_text",
+                      "qwen2_5_omni_thinker": "qwen2_5_omni_text"}
 #: image-text families whose LM head is not followed by their Cohere 2 language model's ``logit_scale`` (transformers'
 #: Aya Vision and Command A Vision apply the head alone)
 _UNSCALED_LOGITS = ("aya_vision", "cohere2_vision")
@@ -190,6 +200,11 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     family = image_text_family(cfg)
     if family is None:
         return cfg
+    if family in _THINKER_FAMILIES:
+        thinker = cfg.get("thinker_config")
+        if not isinstance(thinker, dict):
+            raise ModelError(f"{where}: thinker_config must be an object (the {family} model's language model)")
+        cfg = {**{k: cfg[k] for k in ("torch_dtype", "dtype") if k in cfg}, **thinker}
     text = cfg.get("text_config")
     if text is None:  # (older Qwen2-VL / 2.5-VL configs keep the language model's keys at the top level)
         text = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "vision_config")}
@@ -209,8 +224,9 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         text = _glm4v_text(mt, text)
     out = {**text, "architectures": [arch], "model_type": {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",
                                                            "qwen3_vl_text": "qwen3", "qwen3_vl_moe_text": "qwen3_moe",
-                                                           "glm4v_text": "glm4",
-                                                           "glm4v_moe_text": "glm4_moe"}.get(mt, mt)}
+                                                           "glm4v_text": "glm4", "glm4v_moe_text": "glm4_moe",
+                                                           "qwen3_omni_moe_text": "qwen3_moe",
+                                                           "qwen2_5_omni_text": "qwen2"}.get(mt, mt)}
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
         if out.get(key) is None and key in cfg:
             out[key] = cfg[key]

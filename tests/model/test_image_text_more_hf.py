@@ -82,6 +82,8 @@ def _kwargs(family: str) -> tuple[str, dict[str, Any]]:
     vision = d.get("vision_config")
     if isinstance(vision, dict):
         kw["vision_config"] = {**vision, **{k: v for k, v in VISION.items() if k in vision}}
+        if family == "ovis2":  # (its visual vocabulary's embedding table: 16,384 rows by default)
+            kw["vision_config"]["vocab_size"] = 64
     for key in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
         if key in d:
             kw[key] = VOCAB - 1 - ("video" in key)

@@ -150,3 +150,11 @@ def test_a_traces_repeated_hash_ids_share_one_object_per_value(tmp_path):
     trajs, _ = load_bailian(bl)
     x, y = (t.turns[0].hash_ids for t in trajs)
     assert x == [90001, 90002] and y == [90001, 90002, 90003] and x[0] is y[0] and x[1] is y[1]
+    from dualpath.workload.traces import load_trace
+
+    ses = tmp_path / "sessions.jsonl"  # (AIPerf's Mooncake rows with sessions)
+    ses.write_text('{"session_id": "a", "timestamp": 0, "input_length": 1000, "output_length": 5, '
+                   '"hash_ids": [80001, 80002]}\n{"session_id": "b", "timestamp": 1, "input_length": 1000, '
+                   '"output_length": 5, "hash_ids": [80001, 80003]}\n')
+    u, v = (t.turns[0].hash_ids for t in load_trace(str(ses)).trajectories)
+    assert (u, v) == ([80001, 80002], [80001, 80003]) and u[0] is v[0]

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dualpath.errors import WorkloadError
-from dualpath.workload.trajectory import Trajectory, Turn, is_id_list
+from dualpath.workload.trajectory import Trajectory, Turn, interned, is_id_list
 
 #: fields that make a Mooncake-format row one of this module's (sessions, text, messages, think times)
 EXTENDED_FIELDS = ("session_id", "text_input", "messages", "delay", "payload")
@@ -285,7 +285,13 @@ def load_session_rows(objs: Iterable[tuple[int, dict[str, Any]]], path: str | os
     from dualpath.workload.loaders import infer_hash_block
 
     p = str(path)
-    rows = list(compact_rows(parse_row(obj, p, no) for no, obj in objs))
+    ids: dict[int, int] = {}  # (one int object per distinct hash id: trajectory.interned)
+
+    def parsed(no: int, obj: dict[str, Any]) -> Row:
+        r = parse_row(obj, p, no)
+        return r if r.hash_ids is None else replace(r, hash_ids=interned(r.hash_ids, ids))
+
+    rows = list(compact_rows(parsed(no, obj) for no, obj in objs))
     block = infer_hash_block([(r.input_len, len(r.hash_ids)) for r in rows
                               if r.input_len is not None and r.hash_ids is not None])
     return build_sessions(rows, p, count_tokens, block)

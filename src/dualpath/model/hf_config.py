@@ -1,5 +1,6 @@
 """Checkpoint configs read as another architecture's: image-text checkpoints (Gemma 3, Mistral 3, Llava, Qwen2-VL,
-Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, and the others of :data:`_IMAGE_TEXT_ARCHS`) as their language model, CodeGen as its Llama-shaped equivalent, and the Llama aliases."""
+Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, and the others of :data:`_IMAGE_TEXT_ARCHS`) as their language model, CodeGen
+as its Llama-shaped equivalent, and the Llama aliases."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ _IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForCo
                      "LlavaNextForConditionalGeneration": "llava_next",
                      "LlavaNextVideoForConditionalGeneration": "llava_next_video",
                      "LlavaOnevisionForConditionalGeneration": "llava_onevision",
-                     "VipLlavaForConditionalGeneration": "vipllava", "VideoLlavaForConditionalGeneration": "video_llava",
+                     "VipLlavaForConditionalGeneration": "vipllava",
+                     "VideoLlavaForConditionalGeneration": "video_llava",
                      "InternVLForConditionalGeneration": "internvl", "Idefics2ForConditionalGeneration": "idefics2",
                      "Idefics3ForConditionalGeneration": "idefics3", "SmolVLMForConditionalGeneration": "smolvlm",
                      "AyaVisionForConditionalGeneration": "aya_vision",
@@ -54,7 +56,8 @@ _IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForCo
                      "LightOnOcrForConditionalGeneration": "lighton_ocr", "GotOcr2ForConditionalGeneration": "got_ocr2",
                      "JanusForConditionalGeneration": "janus", "DeepseekVLForConditionalGeneration": "deepseek_vl",
                      "DeepseekVLHybridForConditionalGeneration": "deepseek_vl_hybrid",
-                     "Exaone4_5_ForConditionalGeneration": "exaone4_5", "QianfanOCRForConditionalGeneration": "qianfan_ocr",
+                     "Exaone4_5_ForConditionalGeneration": "exaone4_5",
+                     "QianfanOCRForConditionalGeneration": "qianfan_ocr",
                      "Ovis2ForConditionalGeneration": "ovis2", "VideoLlama3ForConditionalGeneration": "video_llama_3",
                      "HyperCLOVAXVisionV2ForConditionalGeneration": "hyperclovax_vision_v2",
                      "Glm4vForConditionalGeneration": "glm4v", "Glm46VForConditionalGeneration": "glm46v",

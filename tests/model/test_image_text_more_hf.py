@@ -58,6 +58,10 @@ FAMILIES = {
     "glm4v": ("Glm4vForConditionalGeneration", "glm4"),
     # GLM-4.5V: GLM-4.5's MoE blocks
     "glm4v_moe": ("Glm4vMoeForConditionalGeneration", "glm4_moe"),
+    # GLM-OCR: GLM-4.1V's blocks without q/k/v biases
+    "glm_ocr": ("GlmOcrForConditionalGeneration", "glm4"),
+    # PaddleOCR-VL: ERNIE 4.5's blocks with half-split RoPE, every bias by use_bias (here on)
+    "paddleocr_vl": ("PaddleOCRVLForConditionalGeneration", "llama"),
 }
 #: text config keys a family needs beyond TEXT (its M-RoPE sections sized to the small heads; its experts)
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
@@ -66,6 +70,9 @@ TEXT_EXTRA: dict[str, dict[str, Any]] = {
     # RoPE rotates every dim unless told otherwise)
     "glm4v": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
               "head_dim": None, "attention_bias": False},
+    "glm_ocr": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}},
+    "paddleocr_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
+                     "use_bias": True},
     "glm4v_moe": {"rope_parameters": _MROPE, "n_routed_experts": 4, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 24, "n_shared_experts": 1, "first_k_dense_replace": 1},
 }
@@ -152,3 +159,22 @@ def test_glm4v_text_configs_read_as_transformers_does():
                      "text_config": dict(text, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)})
     assert isinstance(moe, ModelSpec) and moe.architecture == "glm4_moe" and moe.n_experts == 4
     assert (moe.head_dim, moe.partial_rotary_factor, moe.attention_bias) == (16, 0.5, True)
+
+
+def test_glm_ocr_and_paddleocr_text_configs_read_as_transformers_does():
+    """GLM-OCR's attention has no q/k/v biases whatever the config says and takes head_dim when named; PaddleOCR-VL's
+    language model is Llama with every bias by use_bias, ERNIE 4.5's head size (128) and RoPE base (500,000) by
+    default."""
+    text = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+            "intermediate_size": 96, "vocab_size": VOCAB}
+    ocr = load_spec({"architectures": ["GlmOcrForConditionalGeneration"], "text_config": dict(text, attention_bias=True)})
+    assert isinstance(ocr, ModelSpec) and (ocr.architecture, ocr.head_dim, ocr.attention_bias) == ("glm4", 16, False)
+    wide = load_spec({"architectures": ["GlmOcrForConditionalGeneration"], "text_config": dict(text, head_dim=32)})
+    assert isinstance(wide, ModelSpec) and wide.head_dim == 32
+    pad = load_spec({"architectures": ["PaddleOCRVLForConditionalGeneration"], "text_config": dict(text)})
+    assert isinstance(pad, ModelSpec) and pad.architecture == "llama"
+    assert (pad.head_dim, pad.rope_theta, pad.attention_bias, pad.mlp_bias) == (128, 500000.0, False, False)
+    biased = load_spec({"architectures": ["PaddleOCRVLForConditionalGeneration"],
+                        "text_config": dict(text, use_bias=True, rope_parameters={"rope_theta": 1e4})})
+    assert isinstance(biased, ModelSpec) and (biased.attention_bias, biased.mlp_bias, biased.rope_theta) == \
+        (True, True, 1e4)

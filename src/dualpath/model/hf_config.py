@@ -61,7 +61,8 @@ _IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForCo
                      "Ovis2ForConditionalGeneration": "ovis2", "VideoLlama3ForConditionalGeneration": "video_llama_3",
                      "HyperCLOVAXVisionV2ForConditionalGeneration": "hyperclovax_vision_v2",
                      "Glm4vForConditionalGeneration": "glm4v", "Glm46VForConditionalGeneration": "glm46v",
-                     "Glm4vMoeForConditionalGeneration": "glm4v_moe",
+                     "Glm4vMoeForConditionalGeneration": "glm4v_moe", "GlmOcrForConditionalGeneration": "glm_ocr",
+                     "PaddleOCRVLForConditionalGeneration": "paddleocr_vl",
                      # Qwen Omni: the thinker's language model (the whole model, or its thinker alone)
                      "Qwen3OmniMoeForConditionalGeneration": "qwen3_omni_moe",
                      "Qwen3OmniMoeThinkerForConditionalGeneration": "qwen3_omni_moe_thinker",
@@ -78,6 +79,7 @@ _TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "q
                 "qwen3_vl_moe_text": "Qwen3MoeForCausalLM", "cohere2": "Cohere2ForCausalLM",
                 "exaone4": "Exaone4ForCausalLM", "hyperclovax": "HyperCLOVAXForCausalLM",
                 "glm4v_text": "Glm4ForCausalLM", "glm4v_moe_text": "Glm4MoeForCausalLM",
+                "glm_ocr_text": "Glm4ForCausalLM", "paddleocr_vl_text": "LlamaForCausalLM",
                 "qwen3_omni_moe_text": "Qwen3MoeForCausalLM", "qwen2_5_omni_text": "Qwen2ForCausalLM"}
 #: what a text_config of each image-text family is when it names no model_type
 _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
@@ -89,7 +91,8 @@ _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen
                       "deepseek_vl": "llama", "deepseek_vl_hybrid": "llama", "exaone4_5": "exaone4",
                       "qianfan_ocr": "qwen3", "ovis2": "qwen2", "video_llama_3": "qwen2",
                       "hyperclovax_vision_v2": "hyperclovax", "glm4v": "glm4v_text", "glm46v": "glm4v_text",
-                      "glm4v_moe": "glm4v_moe_text", "qwen3_omni_moe": "qwen3_omni_moe_text",
+                      "glm4v_moe": "glm4v_moe_text", "glm_ocr": "glm_ocr_text", "paddleocr_vl": "paddleocr_vl_text",
+                      "qwen3_omni_moe": "qwen3_omni_moe_text",
                       "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "qwen2_5_omni": "qwen2_5_omni_text",
                       "qwen2_5_omni_thinker": "qwen2_5_omni_text"}
 #: image-text families whose LM head is not followed by their Cohere 2 language model's ``logit_scale`` (transformers'
@@ -175,14 +178,16 @@ _GLM4V_MOE_DEFAULTS = {"max_position_embeddings": 65536, "attention_bias": True,
 
 
 def _glm4v_text(mt: str, text: dict[str, Any]) -> dict[str, Any]:
-    """GLM-4.1V's language model (``glm4v_text``) as the GLM-4 it is, and GLM-4.5V's (``glm4v_moe_text``) as
-    GLM-4.5: their attention's head size is ``hidden_size // num_attention_heads`` (GLM-4.1V's always; GLM-4.5V's
-    unless the config names ``head_dim``), GLM-4.1V's q/k/v always carry biases, and a ``partial_rotary_factor``
-    that neither the RoPE parameters nor the top level name is 1.0 (GLM-4.1V) or 0.5 (GLM-4.5V)."""
+    """GLM-4.1V's language model (``glm4v_text``) and GLM-OCR's (``glm_ocr_text``) as the GLM-4 they are, and
+    GLM-4.5V's (``glm4v_moe_text``) as GLM-4.5: their attention's head size is ``hidden_size //
+    num_attention_heads`` (GLM-4.1V's always; the others' unless the config names ``head_dim``), GLM-4.1V's q/k/v
+    always carry biases and GLM-OCR's never, and a ``partial_rotary_factor`` that neither the RoPE parameters nor
+    the top level name is 1.0 (GLM-4.1V, GLM-OCR) or 0.5 (GLM-4.5V)."""
     heads, hidden = text.get("num_attention_heads"), text.get("hidden_size")
-    if mt == "glm4v_text":
-        out = {"partial_rotary_factor": 1.0, **text, "attention_bias": True}
-        if isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+    if mt in ("glm4v_text", "glm_ocr_text"):
+        out = {"partial_rotary_factor": 1.0, **text, "attention_bias": mt == "glm4v_text"}
+        if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and \
+                (mt == "glm4v_text" or out.get("head_dim") is None):
             out["head_dim"] = hidden // heads
         return out
     out = {**_GLM4V_MOE_DEFAULTS, **text}
@@ -223,11 +228,18 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             text = {**text, "num_experts": text["num_local_experts"]}
         text = {**_QWEN3_VL_MOE_DEFAULTS, **{k: v for k, v in text.items() if k != "num_local_experts"},
                 "norm_topk_prob": True}
-    if mt in ("glm4v_text", "glm4v_moe_text"):
+    if mt in ("glm4v_text", "glm4v_moe_text", "glm_ocr_text"):
         text = _glm4v_text(mt, text)
+    if mt == "paddleocr_vl_text":  # ERNIE 4.5's blocks with half-split RoPE: Llama, every bias by use_bias
+        bias = bool(text.get("use_bias", False))
+        text = {"head_dim": 128, "tie_word_embeddings": True, **text, "attention_bias": bias, "mlp_bias": bias}
+        rope = text.get("rope_parameters")
+        if text.get("rope_theta") is None and not (isinstance(rope, dict) and "rope_theta" in rope):
+            text["rope_theta"] = 500000.0  # (Ernie4_5Config's default)
     out = {**text, "architectures": [arch], "model_type": {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",
                                                            "qwen3_vl_text": "qwen3", "qwen3_vl_moe_text": "qwen3_moe",
                                                            "glm4v_text": "glm4", "glm4v_moe_text": "glm4_moe",
+                                                           "glm_ocr_text": "glm4", "paddleocr_vl_text": "llama",
                                                            "qwen3_omni_moe_text": "qwen3_moe",
                                                            "qwen2_5_omni_text": "qwen2"}.get(mt, mt)}
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):

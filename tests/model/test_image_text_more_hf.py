@@ -62,6 +62,9 @@ FAMILIES = {
     "glm_ocr": ("GlmOcrForConditionalGeneration", "glm4"),
     # PaddleOCR-VL: ERNIE 4.5's blocks with half-split RoPE, every bias by use_bias (here on)
     "paddleocr_vl": ("PaddleOCRVLForConditionalGeneration", "llama"),
+    # PaliGemma: Gemma; its prompt attends bidirectionally by default (refused, below), causally when its text
+    # config says so (run here)
+    "paligemma": ("PaliGemmaForConditionalGeneration", "gemma"),
 }
 #: text config keys a family needs beyond TEXT (its M-RoPE sections sized to the small heads; its experts)
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
@@ -71,6 +74,7 @@ TEXT_EXTRA: dict[str, dict[str, Any]] = {
     "glm4v": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
               "head_dim": None, "attention_bias": False},
     "glm_ocr": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}},
+    "paligemma": {"use_bidirectional_attention": False},
     "paddleocr_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
                      "use_bias": True},
     "glm4v_moe": {"rope_parameters": _MROPE, "n_routed_experts": 4, "num_experts_per_tok": 2,
@@ -178,3 +182,13 @@ def test_glm_ocr_and_paddleocr_text_configs_read_as_transformers_does():
                         "text_config": dict(text, use_bias=True, rope_parameters={"rope_theta": 1e4})})
     assert isinstance(biased, ModelSpec) and (biased.attention_bias, biased.mlp_bias, biased.rope_theta) == \
         (True, True, 1e4)
+
+
+def test_paligemmas_bidirectional_prompt_is_refused_by_name():
+    """PaliGemma's default text config lets the prompt attend both ways (transformers' logits at the first position
+    then depend on later tokens): a causal decoder cannot serve it, and says why."""
+    _, kw = _kwargs("paligemma")
+    cfg = {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
+           "text_config": dict(kw["text_config"], use_bidirectional_attention=True)}
+    with pytest.raises(ModelError, match="use_bidirectional_attention"):
+        load_spec(cfg)

@@ -98,6 +98,9 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     ({"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}, "compressed attention"),
     ({"architectures": ["Qwen4ExpForCausalLM"]}, "recurrent state"),
     ({"architectures": ["HYV4ForCausalLM"], "model_type": "hy_v4"}, "hyper-connections"),
+    ({"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama"}, "cross-attention"),
+    ({"architectures": ["BertLMHeadModel"], "model_type": "bert"}, "encoder"),
+    ({"architectures": ["WhisperForCausalLM"]}, "encoder-decoder"),
 ])
 def test_families_refused_on_purpose_say_why(cfg, needle):
     with pytest.raises(ModelError, match=needle):

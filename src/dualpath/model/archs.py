@@ -127,6 +127,14 @@ _REFUSED = {
     "deepseek_v4": "its compressed attention (KV compressed across tokens) is another MLA variant, not implemented",
     "hy_v4": "DeepSeek-V4's hyper-connections (several residual streams mixed around each layer) are not implemented",
     "longcat_flash": "two attention sublayers per layer and zero-computation experts are not implemented",
+    "mllama": "its cross-attention layers attend to the image's states between self-attention layers; not "
+              "implemented",
+    **dict.fromkeys(("bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart", "mvp",
+                     "prophetnet", "trocr", "whisper", "bert", "bert-generation", "roberta", "roberta-prelayernorm",
+                     "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "electra", "ernie", "rembert",
+                     "roc_bert", "roformer", "megatron-bert", "big_bird", "bigbird_pegasus", "xmod", "xlm"),
+                    "an encoder's or an encoder-decoder's model (its causal-LM head decodes with bidirectional or "
+                    "cross attention to an encoder), not a decoder-only LLM"),
 }
 
 

@@ -65,6 +65,8 @@ FAMILIES = {
     # PaliGemma: Gemma; its prompt attends bidirectionally by default (refused, below), causally when its text
     # config says so (run here)
     "paligemma": ("PaliGemmaForConditionalGeneration", "gemma"),
+    # Granite Docling (Idefics 3's layout): a Granite language model (its scalings)
+    "granite_docling": ("GraniteDoclingForConditionalGeneration", "granite"),
 }
 #: text config keys a family needs beyond TEXT (its M-RoPE sections sized to the small heads; its experts)
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
@@ -75,6 +77,8 @@ TEXT_EXTRA: dict[str, dict[str, Any]] = {
               "head_dim": None, "attention_bias": False},
     "glm_ocr": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}},
     "paligemma": {"use_bidirectional_attention": False},
+    "granite_docling": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3,
+                        "logits_scaling": 2.0},
     "paddleocr_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
                      "use_bias": True},
     "glm4v_moe": {"rope_parameters": _MROPE, "n_routed_experts": 4, "num_experts_per_tok": 2,

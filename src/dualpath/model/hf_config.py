@@ -64,6 +64,7 @@ _IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForCo
                      "Glm4vMoeForConditionalGeneration": "glm4v_moe", "GlmOcrForConditionalGeneration": "glm_ocr",
                      "PaddleOCRVLForConditionalGeneration": "paddleocr_vl",
                      "PaliGemmaForConditionalGeneration": "paligemma",
+                     "GraniteDoclingForConditionalGeneration": "granite_docling",
                      # Qwen Omni: the thinker's language model (the whole model, or its thinker alone)
                      "Qwen3OmniMoeForConditionalGeneration": "qwen3_omni_moe",
                      "Qwen3OmniMoeThinkerForConditionalGeneration": "qwen3_omni_moe_thinker",
@@ -82,6 +83,7 @@ _TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "q
                 "glm4v_text": "Glm4ForCausalLM", "glm4v_moe_text": "Glm4MoeForCausalLM",
                 "glm_ocr_text": "Glm4ForCausalLM", "paddleocr_vl_text": "LlamaForCausalLM",
                 "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                "granite_docling_text": "GraniteForCausalLM",
                 "qwen3_omni_moe_text": "Qwen3MoeForCausalLM", "qwen2_5_omni_text": "Qwen2ForCausalLM"}
 #: what a text_config of each image-text family is when it names no model_type
 _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
@@ -94,7 +96,7 @@ _TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen
                       "qianfan_ocr": "qwen3", "ovis2": "qwen2", "video_llama_3": "qwen2",
                       "hyperclovax_vision_v2": "hyperclovax", "glm4v": "glm4v_text", "glm46v": "glm4v_text",
                       "glm4v_moe": "glm4v_moe_text", "glm_ocr": "glm_ocr_text", "paddleocr_vl": "paddleocr_vl_text",
-                      "paligemma": "gemma",
+                      "paligemma": "gemma", "granite_docling": "granite_docling_text",
                       "qwen3_omni_moe": "qwen3_omni_moe_text",
                       "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "qwen2_5_omni": "qwen2_5_omni_text",
                       "qwen2_5_omni_thinker": "qwen2_5_omni_text"}
@@ -243,6 +245,7 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
                                                            "qwen3_vl_text": "qwen3", "qwen3_vl_moe_text": "qwen3_moe",
                                                            "glm4v_text": "glm4", "glm4v_moe_text": "glm4_moe",
                                                            "glm_ocr_text": "glm4", "paddleocr_vl_text": "llama",
+                                                           "granite_docling_text": "granite",
                                                            "qwen3_omni_moe_text": "qwen3_moe",
                                                            "qwen2_5_omni_text": "qwen2"}.get(mt, mt)}
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):

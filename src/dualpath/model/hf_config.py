@@ -38,68 +38,84 @@ def gemma3_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-#: image-text checkpoints whose language model serves text here, by their architecture and model_type
-_IMAGE_TEXT_ARCHS = {"Mistral3ForConditionalGeneration": "mistral3", "LlavaForConditionalGeneration": "llava",
-                     "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-                     "Qwen3VLForConditionalGeneration": "qwen3_vl", "Llama4ForConditionalGeneration": "llama4",
-                     "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe",
-                     # their language model alone is a text model run here (transformers runs it on text alone)
-                     "LlavaNextForConditionalGeneration": "llava_next",
-                     "LlavaNextVideoForConditionalGeneration": "llava_next_video",
-                     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
-                     "VipLlavaForConditionalGeneration": "vipllava",
-                     "VideoLlavaForConditionalGeneration": "video_llava",
-                     "InternVLForConditionalGeneration": "internvl", "Idefics2ForConditionalGeneration": "idefics2",
-                     "Idefics3ForConditionalGeneration": "idefics3", "SmolVLMForConditionalGeneration": "smolvlm",
-                     "AyaVisionForConditionalGeneration": "aya_vision",
-                     "Cohere2VisionForConditionalGeneration": "cohere2_vision",
-                     "LightOnOcrForConditionalGeneration": "lighton_ocr", "GotOcr2ForConditionalGeneration": "got_ocr2",
-                     "JanusForConditionalGeneration": "janus", "DeepseekVLForConditionalGeneration": "deepseek_vl",
-                     "DeepseekVLHybridForConditionalGeneration": "deepseek_vl_hybrid",
-                     "Exaone4_5_ForConditionalGeneration": "exaone4_5",
-                     "QianfanOCRForConditionalGeneration": "qianfan_ocr",
-                     "Ovis2ForConditionalGeneration": "ovis2", "VideoLlama3ForConditionalGeneration": "video_llama_3",
-                     "HyperCLOVAXVisionV2ForConditionalGeneration": "hyperclovax_vision_v2",
-                     "Glm4vForConditionalGeneration": "glm4v", "Glm46VForConditionalGeneration": "glm46v",
-                     "Glm4vMoeForConditionalGeneration": "glm4v_moe", "GlmOcrForConditionalGeneration": "glm_ocr",
-                     "PaddleOCRVLForConditionalGeneration": "paddleocr_vl",
-                     "PaliGemmaForConditionalGeneration": "paligemma",
-                     "GraniteDoclingForConditionalGeneration": "granite_docling",
-                     # Qwen Omni: the thinker's language model (the whole model, or its thinker alone)
-                     "Qwen3OmniMoeForConditionalGeneration": "qwen3_omni_moe",
-                     "Qwen3OmniMoeThinkerForConditionalGeneration": "qwen3_omni_moe_thinker",
-                     "Qwen2_5OmniForConditionalGeneration": "qwen2_5_omni",
-                     "Qwen2_5OmniThinkerForConditionalGeneration": "qwen2_5_omni_thinker"}
+#: image-text checkpoints whose language model serves text here: architecture -> (family, the model_type of a
+#: text_config that names none)
+_IMAGE_TEXT: dict[str, tuple[str, str]] = {
+    "Mistral3ForConditionalGeneration": ("mistral3", "mistral"),
+    "LlavaForConditionalGeneration": ("llava", "llama"),
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "qwen2_vl_text"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "qwen2_5_vl_text"),
+    "Qwen3VLForConditionalGeneration": ("qwen3_vl", "qwen3_vl_text"),
+    "Llama4ForConditionalGeneration": ("llama4", "llama4_text"),
+    "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl_moe", "qwen3_vl_moe_text"),
+    # their language model alone is a text model run here (transformers runs it on text alone)
+    "LlavaNextForConditionalGeneration": ("llava_next", "llama"),
+    "LlavaNextVideoForConditionalGeneration": ("llava_next_video", "llama"),
+    "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "qwen2"),
+    "VipLlavaForConditionalGeneration": ("vipllava", "llama"),
+    "VideoLlavaForConditionalGeneration": ("video_llava", "llama"),
+    "InternVLForConditionalGeneration": ("internvl", "qwen2"),
+    "Idefics2ForConditionalGeneration": ("idefics2", "mistral"),
+    "Idefics3ForConditionalGeneration": ("idefics3", "llama"),
+    "SmolVLMForConditionalGeneration": ("smolvlm", "llama"),
+    "AyaVisionForConditionalGeneration": ("aya_vision", "cohere2"),
+    "Cohere2VisionForConditionalGeneration": ("cohere2_vision", "cohere2"),
+    "LightOnOcrForConditionalGeneration": ("lighton_ocr", "qwen3"),
+    "GotOcr2ForConditionalGeneration": ("got_ocr2", "qwen2"),
+    "JanusForConditionalGeneration": ("janus", "llama"),
+    "DeepseekVLForConditionalGeneration": ("deepseek_vl", "llama"),
+    "DeepseekVLHybridForConditionalGeneration": ("deepseek_vl_hybrid", "llama"),
+    "Exaone4_5_ForConditionalGeneration": ("exaone4_5", "exaone4"),
+    "QianfanOCRForConditionalGeneration": ("qianfan_ocr", "qwen3"),
+    "Ovis2ForConditionalGeneration": ("ovis2", "qwen2"),
+    "VideoLlama3ForConditionalGeneration": ("video_llama_3", "qwen2"),
+    "HyperCLOVAXVisionV2ForConditionalGeneration": ("hyperclovax_vision_v2", "hyperclovax"),
+    "Glm4vForConditionalGeneration": ("glm4v", "glm4v_text"),
+    "Glm46VForConditionalGeneration": ("glm46v", "glm4v_text"),
+    "Glm4vMoeForConditionalGeneration": ("glm4v_moe", "glm4v_moe_text"),
+    "GlmOcrForConditionalGeneration": ("glm_ocr", "glm_ocr_text"),
+    "PaddleOCRVLForConditionalGeneration": ("paddleocr_vl", "paddleocr_vl_text"),
+    "PaliGemmaForConditionalGeneration": ("paligemma", "gemma"),
+    "GraniteDoclingForConditionalGeneration": ("granite_docling", "granite_docling_text"),
+    # Qwen Omni: the thinker's language model (the whole model, or its thinker alone)
+    "Qwen3OmniMoeForConditionalGeneration": ("qwen3_omni_moe", "qwen3_omni_moe_text"),
+    "Qwen3OmniMoeThinkerForConditionalGeneration": ("qwen3_omni_moe_thinker", "qwen3_omni_moe_text"),
+    "Qwen2_5OmniForConditionalGeneration": ("qwen2_5_omni", "qwen2_5_omni_text"),
+    "Qwen2_5OmniThinkerForConditionalGeneration": ("qwen2_5_omni_thinker", "qwen2_5_omni_text"),
+}
+#: the image-text family of each architecture
+_IMAGE_TEXT_ARCHS = {arch: family for arch, (family, _) in _IMAGE_TEXT.items()}
+#: what a text_config of each image-text family is when it names no model_type
+_TEXT_DEFAULT_TYPE = dict(_IMAGE_TEXT.values())
 #: the families whose language model is in their ``thinker_config`` (the talker and vocoder are not loaded)
 _THINKER_FAMILIES = ("qwen3_omni_moe", "qwen2_5_omni")
-#: their language model's model_type -> the text architecture that runs it (M-RoPE over text alone, where every
-#: token's three position ids are equal, is the plain RoPE of the same frequencies)
-_TEXT_MODELS = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM",
-                "qwen3_vl_text": "Qwen3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "ministral": "MinistralForCausalLM",
-                "ministral3": "Ministral3ForCausalLM", "llama4_text": "Llama4ForCausalLM",
-                "qwen3_vl_moe_text": "Qwen3MoeForCausalLM", "cohere2": "Cohere2ForCausalLM",
-                "exaone4": "Exaone4ForCausalLM", "hyperclovax": "HyperCLOVAXForCausalLM",
-                "glm4v_text": "Glm4ForCausalLM", "glm4v_moe_text": "Glm4MoeForCausalLM",
-                "glm_ocr_text": "Glm4ForCausalLM", "paddleocr_vl_text": "LlamaForCausalLM",
-                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                "granite_docling_text": "GraniteForCausalLM",
-                "qwen3_omni_moe_text": "Qwen3MoeForCausalLM", "qwen2_5_omni_text": "Qwen2ForCausalLM"}
-#: what a text_config of each image-text family is when it names no model_type
-_TEXT_DEFAULT_TYPE = {"mistral3": "mistral", "llava": "llama", "qwen2_vl": "qwen2_vl_text",
-                      "qwen2_5_vl": "qwen2_5_vl_text", "qwen3_vl": "qwen3_vl_text", "llama4": "llama4_text",
-                      "qwen3_vl_moe": "qwen3_vl_moe_text", "llava_next": "llama", "llava_next_video": "llama",
-                      "llava_onevision": "qwen2", "vipllava": "llama", "video_llava": "llama", "internvl": "qwen2",
-                      "idefics2": "mistral", "idefics3": "llama", "smolvlm": "llama", "aya_vision": "cohere2",
-                      "cohere2_vision": "cohere2", "lighton_ocr": "qwen3", "got_ocr2": "qwen2", "janus": "llama",
-                      "deepseek_vl": "llama", "deepseek_vl_hybrid": "llama", "exaone4_5": "exaone4",
-                      "qianfan_ocr": "qwen3", "ovis2": "qwen2", "video_llama_3": "qwen2",
-                      "hyperclovax_vision_v2": "hyperclovax", "glm4v": "glm4v_text", "glm46v": "glm4v_text",
-                      "glm4v_moe": "glm4v_moe_text", "glm_ocr": "glm_ocr_text", "paddleocr_vl": "paddleocr_vl_text",
-                      "paligemma": "gemma", "granite_docling": "granite_docling_text",
-                      "qwen3_omni_moe": "qwen3_omni_moe_text",
-                      "qwen3_omni_moe_thinker": "qwen3_omni_moe_text", "qwen2_5_omni": "qwen2_5_omni_text",
-                      "qwen2_5_omni_thinker": "qwen2_5_omni_text"}
+#: their language model's model_type -> (the text architecture that runs it, its model_type there) (M-RoPE over
+#: text alone, where every token's three position ids are equal, is the plain RoPE of the same frequencies)
+_TEXT_MODELS: dict[str, tuple[str, str]] = {
+    "mistral": ("MistralForCausalLM", "mistral"),
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen2_vl_text": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen2_5_vl_text": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3_vl_text": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "ministral": ("MinistralForCausalLM", "ministral"),
+    "ministral3": ("Ministral3ForCausalLM", "ministral3"),
+    "llama4_text": ("Llama4ForCausalLM", "llama4_text"),
+    "qwen3_vl_moe_text": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "cohere2": ("Cohere2ForCausalLM", "cohere2"),
+    "exaone4": ("Exaone4ForCausalLM", "exaone4"),
+    "hyperclovax": ("HyperCLOVAXForCausalLM", "hyperclovax"),
+    "glm4v_text": ("Glm4ForCausalLM", "glm4"),
+    "glm4v_moe_text": ("Glm4MoeForCausalLM", "glm4_moe"),
+    "glm_ocr_text": ("Glm4ForCausalLM", "glm4"),
+    "paddleocr_vl_text": ("LlamaForCausalLM", "llama"),
+    "gemma": ("GemmaForCausalLM", "gemma"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "granite_docling_text": ("GraniteForCausalLM", "granite"),
+    "qwen3_omni_moe_text": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "qwen2_5_omni_text": ("Qwen2ForCausalLM", "qwen2"),
+}
 #: image-text families whose LM head is not followed by their Cohere 2 language model's ``logit_scale`` (transformers'
 #: Aya Vision and Command A Vision apply the head alone)
 _UNSCALED_LOGITS = ("aya_vision", "cohere2_vision")
@@ -227,7 +243,7 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if mt not in _TEXT_MODELS:
         raise ModelError(f"{where}: text_config.model_type {mt!r} of a {family} checkpoint is unsupported; expected "
                          f"one of {sorted(_TEXT_MODELS)}")
-    arch = _TEXT_MODELS[mt]
+    arch, model_type = _TEXT_MODELS[mt]
     if mt == "qwen3_vl_moe_text":
         if text.get("num_experts") is None and text.get("num_local_experts") is not None:
             text = {**text, "num_experts": text["num_local_experts"]}
@@ -241,13 +257,7 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         rope = text.get("rope_parameters")
         if text.get("rope_theta") is None and not (isinstance(rope, dict) and "rope_theta" in rope):
             text["rope_theta"] = 500000.0  # (Ernie4_5Config's default)
-    out = {**text, "architectures": [arch], "model_type": {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2",
-                                                           "qwen3_vl_text": "qwen3", "qwen3_vl_moe_text": "qwen3_moe",
-                                                           "glm4v_text": "glm4", "glm4v_moe_text": "glm4_moe",
-                                                           "glm_ocr_text": "glm4", "paddleocr_vl_text": "llama",
-                                                           "granite_docling_text": "granite",
-                                                           "qwen3_omni_moe_text": "qwen3_moe",
-                                                           "qwen2_5_omni_text": "qwen2"}.get(mt, mt)}
+    out = {**text, "architectures": [arch], "model_type": model_type}
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
         if out.get(key) is None and key in cfg:
             out[key] = cfg[key]

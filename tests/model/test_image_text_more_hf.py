@@ -1,10 +1,11 @@
 """More image-text checkpoints served as their language model: LLaVA-NeXT (and -Video), LLaVA-OneVision, VipLlava,
 Video-LLaVA, InternVL, Idefics 2 / 3, SmolVLM, Aya Vision, Command A Vision, LightOnOCR, GOT-OCR 2, Janus,
-DeepSeek-VL (and -Hybrid), EXAONE 4.5, Qianfan-OCR, Ovis 2, VideoLLaMA 3 and HyperCLOVA X Vision, against
-transformers' own image-text models on the same random weights, written by transformers. Each keeps its language
-model under its own prefix (``model.language_model.``, ``language_model.model.`` or ``model.text_model.``); the
-vision tower, projector and Janus' image-generation head are not loaded. Their configs are transformers' defaults
-with a small text model and a small vision tower."""
+DeepSeek-VL (and -Hybrid), EXAONE 4.5, Qianfan-OCR, Ovis 2, VideoLLaMA 3, HyperCLOVA X Vision, GLM-4.1V, GLM-4.5V,
+GLM-OCR, PaddleOCR-VL, PaliGemma and Granite Docling, against transformers' own image-text models on the same
+random weights, written by transformers. Most keep their language model under its own prefix
+(``model.language_model.``, ``language_model.model.`` or ``model.text_model.``); the vision tower, projector and
+Janus' image-generation head are not loaded. Their configs are transformers' defaults with a small text model
+(:data:`TEXT`, plus what a family needs: :data:`TEXT_EXTRA`) and a small vision tower."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ TEXT = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hi
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "depth": 1,
           "num_heads": 2, "embed_dim": 32, "image_size": 28, "patch_size": 14, "out_hidden_size": 64,
           "projection_dim": 32, "num_layers": 1, "head_dim": 16}
-#: family -> (its model_type, the architecture transformers and its config name, our text architecture)
+#: model_type -> (its architecture, the text architecture it runs as here)
 FAMILIES = {
     "llava_next": ("LlavaNextForConditionalGeneration", "llama"),
     "llava_next_video": ("LlavaNextVideoForConditionalGeneration", "llama"),

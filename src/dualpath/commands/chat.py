@@ -99,7 +99,10 @@ class _Conversation:
         self.templated = bool(getattr(tokenizer, "chat_template", None))
 
     def _render(self, messages: list[dict[str, str]], gen_prompt: bool) -> str:
-        return str(self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt))
+        from dualpath.model.chat_format import template_messages
+
+        return str(self.tok.apply_chat_template(template_messages(self.tok, list(messages)), tokenize=False,
+                                                add_generation_prompt=gen_prompt))
 
     def append_user(self, text: str, first: bool) -> list[int]:
         before = self._render(self.messages, False) if (self.templated and self.messages) else ""

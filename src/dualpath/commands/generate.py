@@ -89,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
         if tok is None:
             raise ModelError(f"model {args.model or 'embedded'} has no tokenizer: use --prompt-ids")
         if args.chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                          tokenize=True)
+            from dualpath.model.chat_format import template_messages
+
+            ids = tok.apply_chat_template(template_messages(tok, [{"role": "user", "content": args.prompt}]),
+                                          add_generation_prompt=True, tokenize=True)
             if not isinstance(ids, list):
                 ids = ids["input_ids"]
         else:

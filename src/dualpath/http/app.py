@@ -51,6 +51,7 @@ from dualpath.http.tools import (
     tool_dicts,
     with_tools_in_text,
 )
+from dualpath.model.chat_format import template_messages
 
 log = logging.getLogger("dualpath.http")
 
@@ -368,7 +369,8 @@ class Server:
         try:
             if tools:
                 extra["tools"] = tools
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+            text = tok.apply_chat_template(template_messages(tok, messages), tokenize=False,
+                                           add_generation_prompt=add_generation_prompt,
                                            continue_final_message=continue_final_message, **extra)
         except Exception as exc:  # the template's own checks (e.g. roles must alternate) raise jinja errors
             raise ApiError(400, f"{param}: the model's chat template refused them: {exc}", param=param) from None

@@ -283,9 +283,44 @@ def load_tokenizer(path: str | Path) -> Any | None:
         if p.is_file() and p.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
         if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
-            return AutoTokenizer.from_pretrained(str(p))
+            tok = AutoTokenizer.from_pretrained(str(p))
+        else:
+            return None
     except Exception as exc:
         raise ModelError(f"{p}: cannot load the tokenizer ({exc})") from None
+    if not getattr(tok, "chat_template", None):
+        template = processor_chat_template(p)
+        if template is not None:
+            tok.chat_template = template
+    return tok
+
+
+#: where an image-text checkpoint's processor keeps its chat template when the tokenizer's config does not have it
+_PROCESSOR_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json")
+
+
+def processor_chat_template(directory: Path) -> str | dict[str, str] | None:
+    """The chat template an image-text checkpoint keeps for its processor beside the tokenizer (transformers'
+    ``AutoTokenizer`` does not read it, ``AutoProcessor`` does): ``chat_template.jinja``, ``chat_template.json``
+    (``{"chat_template": ...}``) or ``processor_config.json``'s ``chat_template``, the first found; None when there
+    is none. A file that is not valid JSON is a :class:`ModelError` naming it."""
+    for name in _PROCESSOR_TEMPLATE_FILES:
+        f = directory / name
+        if not f.is_file():
+            continue
+        text = f.read_text(encoding="utf-8")
+        if name.endswith(".jinja"):
+            return text
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            raise ModelError(f"{f}: not valid JSON ({exc})") from None
+        template = obj.get("chat_template") if isinstance(obj, dict) else None
+        named = isinstance(template, dict) and all(isinstance(v, str) for v in template.values())
+        if template is not None and not (isinstance(template, str) or named):
+            raise ModelError(f"{f}: chat_template must be a string (or named strings), got {type(template).__name__}")
+        if template:
+            return template  # type: ignore[no-any-return]
     return None
 
 

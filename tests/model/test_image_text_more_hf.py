@@ -68,6 +68,8 @@ FAMILIES = {
     "paligemma": ("PaliGemmaForConditionalGeneration", "gemma"),
     # Granite Docling (Idefics 3's layout): a Granite language model (its scalings)
     "granite_docling": ("GraniteDoclingForConditionalGeneration", "granite"),
+    # HunYuan-VL: HunYuan's dense model (q/k norms after RoPE), M-RoPE over text alone
+    "hunyuan_vl": ("HunYuanVLForConditionalGeneration", "hunyuan_v1_dense"),
 }
 #: text config keys a family needs beyond TEXT (its M-RoPE sections sized to the small heads; its experts)
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
@@ -78,6 +80,7 @@ TEXT_EXTRA: dict[str, dict[str, Any]] = {
               "head_dim": None, "attention_bias": False},
     "glm_ocr": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}},
     "paligemma": {"use_bidirectional_attention": False},
+    "hunyuan_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2, 2]}},
     "granite_docling": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3,
                         "logits_scaling": 2.0},
     "paddleocr_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},

@@ -68,6 +68,8 @@ FAMILIES = {
     "paligemma": ("PaliGemmaForConditionalGeneration", "gemma"),
     # Granite Docling (Idefics 3's layout): a Granite language model (its scalings)
     "granite_docling": ("GraniteDoclingForConditionalGeneration", "granite"),
+    # Granite 4 Vision (LLaVA-NeXT's layout, deepstack projectors): a Granite language model
+    "granite4_vision": ("Granite4VisionForConditionalGeneration", "granite"),
     # HunYuan-VL: HunYuan's dense model (q/k norms after RoPE), M-RoPE over text alone
     "hunyuan_vl": ("HunYuanVLForConditionalGeneration", "hunyuan_v1_dense"),
 }
@@ -83,10 +85,23 @@ TEXT_EXTRA: dict[str, dict[str, Any]] = {
     "hunyuan_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2, 2]}},
     "granite_docling": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3,
                         "logits_scaling": 2.0},
+    "granite4_vision": {"embedding_multiplier": 3.0, "residual_multiplier": 0.7, "logits_scaling": 0.5},
     "paddleocr_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
                      "use_bias": True},
     "glm4v_moe": {"rope_parameters": _MROPE, "n_routed_experts": 4, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 24, "n_shared_experts": 1, "first_k_dense_replace": 1},
+}
+
+
+#: vision config keys a family needs beyond VISION (Ovis 2's visual vocabulary: 16,384 rows by default; Granite 4
+#: Vision's Q-Former takes a head per 64 vision channels)
+VISION_EXTRA: dict[str, dict[str, Any]] = {
+    "ovis2": {"vocab_size": 64},
+    "granite4_vision": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2},
+}
+#: top-level config keys a family needs (Granite 4 Vision's deepstack map and Q-Former window over 2 vision layers)
+TOP_EXTRA: dict[str, dict[str, Any]] = {
+    "granite4_vision": {"deepstack_layer_map": [[0, 1]], "downsample_rate": "1/2", "spatial_target_layers": [0, 1, 0, 1]},
 }
 
 
@@ -100,12 +115,12 @@ def _kwargs(family: str) -> tuple[str, dict[str, Any]]:
     kw: dict[str, Any] = {"text_config": text}
     vision = d.get("vision_config")
     if isinstance(vision, dict):
-        kw["vision_config"] = {**vision, **{k: v for k, v in VISION.items() if k in vision}}
-        if family == "ovis2":  # (its visual vocabulary's embedding table: 16,384 rows by default)
-            kw["vision_config"]["vocab_size"] = 64
+        kw["vision_config"] = {**vision, **{k: v for k, v in VISION.items() if k in vision},
+                               **VISION_EXTRA.get(family, {})}
     for key in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
         if key in d:
             kw[key] = VOCAB - 1 - ("video" in key)
+    kw.update(TOP_EXTRA.get(family, {}))
     return type(cfg).__name__, kw
 
 

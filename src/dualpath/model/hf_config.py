@@ -77,6 +77,7 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     "PaddleOCRVLForConditionalGeneration": ("paddleocr_vl", "paddleocr_vl_text"),
     "PaliGemmaForConditionalGeneration": ("paligemma", "gemma"),
     "GraniteDoclingForConditionalGeneration": ("granite_docling", "granite_docling_text"),
+    "Granite4VisionForConditionalGeneration": ("granite4_vision", "granite4_vision_text"),
     "HunYuanVLForConditionalGeneration": ("hunyuan_vl", "hunyuan_vl_text"),
     # Qwen Omni: the thinker's language model (the whole model, or its thinker alone)
     "Qwen3OmniMoeForConditionalGeneration": ("qwen3_omni_moe", "qwen3_omni_moe_text"),
@@ -114,6 +115,7 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "gemma": ("GemmaForCausalLM", "gemma"),
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "granite_docling_text": ("GraniteForCausalLM", "granite"),
+    "granite4_vision_text": ("GraniteForCausalLM", "granite"),
     "hunyuan_vl_text": ("HunYuanDenseV1ForCausalLM", "hunyuan_v1_dense"),
     "qwen3_omni_moe_text": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "qwen2_5_omni_text": ("Qwen2ForCausalLM", "qwen2"),

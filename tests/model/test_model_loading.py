@@ -101,6 +101,7 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     ({"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama"}, "cross-attention"),
     ({"architectures": ["BertLMHeadModel"], "model_type": "bert"}, "encoder"),
     ({"architectures": ["WhisperForCausalLM"]}, "encoder-decoder"),
+    ({"architectures": ["MiniCPMV4_6ForConditionalGeneration"], "model_type": "minicpmv4_6"}, "recurrent state"),
 ])
 def test_families_refused_on_purpose_say_why(cfg, needle):
     with pytest.raises(ModelError, match=needle):

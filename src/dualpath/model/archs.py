@@ -121,7 +121,9 @@ _REFUSED = {
     **dict.fromkeys(("rwkv", "mamba", "mamba2", "falcon_mamba", "xlstm", "recurrent_gemma", "qwen3_next", "qwen3_5",
                      "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "jamba", "bamba", "zamba", "zamba2",
                      "falcon_h1", "nemotron_h", "granitemoehybrid", "lfm2", "lfm2_moe", "kimi_linear", "minimax",
-                     "olmo_hybrid", "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3"), _NO_KV),
+                     "olmo_hybrid", "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
+                     # image-text checkpoints whose language model is one of them (Qwen3.5, Nemotron-H)
+                     "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "nemotron_h_omni"), _NO_KV),
     **dict.fromkeys(("gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"),
                     "per-layer embeddings and layers that share another layer's KV are not implemented"),
     "deepseek_v4": "its compressed attention (KV compressed across tokens) is another MLA variant, not implemented",

@@ -83,3 +83,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("tiny-llama")
     hf_llama(d)
     return d
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The event loop the ``anyio``-marked tests of this directory run on."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    """The embedded SmolLM2 tokenizer, one per test module (tests that change its template copy it first)."""
+    from dualpath import load_tokenizer
+
+    return load_tokenizer()

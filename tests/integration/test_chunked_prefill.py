@@ -28,11 +28,6 @@ CHUNK = 12
 L = 3  # layers of engine_helpers' tiny Llama
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _model(cfg: DualPathConfig) -> Callable[[torch.device], LlamaAdapter]:
     """The real checkpoint with a fixed time model (1 s per token and layer), so the quota's cuts are exact."""
     tm = LayerTimeModel(a=0.0, b=1.0, e=0.0, d=0.0, n_layers=L)

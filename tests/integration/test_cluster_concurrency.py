@@ -10,11 +10,6 @@ from engine_helpers import run_session, synthetic_config
 from dualpath.cluster import Cluster
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_concurrent_sessions_on_many_engines():
     n = 6

@@ -18,11 +18,6 @@ from dualpath.storage.config import PosixStorageConfig
 from dualpath.transports.config import FaultsTransportConfig, ZmqTransportConfig
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 async def _reference(path: str = "recompute") -> list[list[int]]:
     async with Cluster(synthetic_config()) as c:
         return [r.token_ids for r in await run_session(c, path, vocab=1000)]

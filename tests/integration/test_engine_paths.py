@@ -14,11 +14,6 @@ transformers = pytest.importorskip("transformers")
 PATHS = [("pe", None), ("de", None), ("split", 1), ("recompute", None)]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")

@@ -12,11 +12,6 @@ from dualpath.types import PathKind
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _turns(cluster: Cluster, n: int, prompt: int) -> list[Turn]:
     layout = cluster.layout
     return [Turn(f"s{i}", list(range(1, prompt + 1)), 1, 0, 0, PathKind.RECOMPUTE, [], 0, 0, layout) for i in range(n)]

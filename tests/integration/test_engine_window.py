@@ -9,11 +9,6 @@ from engine_helpers import run_session, synthetic_config
 from dualpath.cluster import Cluster
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_window_and_layerwise_switch_give_the_same_tokens():
     async with Cluster(synthetic_config()) as c:

@@ -23,11 +23,6 @@ KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def _config(decode_step_s: float = 0.0):
     cfg = synthetic_config(kv_pool_tokens=16384, host_buffer_bytes=64 << 20, decode_max_batch=64)
     cfg.model.decode_step_s = decode_step_s  # type: ignore[union-attr]

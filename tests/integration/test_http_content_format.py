@@ -30,18 +30,6 @@ BOTH_TEMPLATE = ("{% for message in messages %}[{{ message['role'] }}] {% if mes
                  "{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from dualpath import load_tokenizer
-
-    return load_tokenizer()
-
-
 def _with_template(tokenizer: Any, template: str) -> Any:
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = template

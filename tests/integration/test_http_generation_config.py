@@ -26,11 +26,6 @@ PROMPT = [5, 17, 42, 99, 7, 150, 33, 8, 61, 120, 3, 77]
 N = 10
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def _greedy(model, prompt: list[int], n: int) -> list[int]:
     """transformers' greedy continuation, one full forward per token (no end-of-sequence id)."""
     ids = list(prompt)

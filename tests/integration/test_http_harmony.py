@@ -26,11 +26,6 @@ CALL = ('<|channel|>analysis<|message|>Need the weather in Paris.<|end|><|start|
 ANSWER = "<|channel|>analysis<|message|>Simple.<|end|><|start|>assistant<|channel|>final<|message|>It is 4."
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def harmony_tok():
     from dualpath import load_tokenizer

@@ -21,18 +21,6 @@ ON = HttpConfig(port=0, reasoning_parser="think")
 MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from dualpath import load_tokenizer
-
-    return load_tokenizer()
-
-
 def _extra(obj: Any, name: str) -> Any:
     return (obj.model_extra or {}).get(name, getattr(obj, name, None))
 

@@ -17,11 +17,6 @@ from dualpath.config import load_config
 from dualpath.http.backend import RemoteBackend
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

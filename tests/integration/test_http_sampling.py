@@ -15,11 +15,6 @@ from dualpath.engine.sampling import Sampler, SamplingParams, filtered_probs
 from dualpath.errors import ModelError
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def _reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     """Independent numpy version of the filter chain (sort once, cut, renormalise)."""
     x = logits.astype(np.float64) / temperature

@@ -42,18 +42,6 @@ TOOLS_TEMPLATE = (
     "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from dualpath import load_tokenizer
-
-    return load_tokenizer()
-
-
 class ScriptedBackend(Backend):
     """Test double of the generation backend: every request "generates" ``text`` (then the end-of-sequence
     token), one token at a time, and the prompts it was given are kept."""

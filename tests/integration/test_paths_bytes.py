@@ -12,11 +12,6 @@ L, B = 4, 2 * 2 * 64 * 2  # layers, bytes per token-layer of the synthetic confi
 LB, FB = L * B, L * BT * B
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def expected(path: str, p: int, h: int, hp: int, g: int) -> dict[str, int]:
     """The table in dualpath.engine.links for prompt p, hit h (hp of it read on the PE side), g generated."""
     hd = h - hp

@@ -20,11 +20,6 @@ pytest.importorskip("transformers")
 L = 3  # layers of engine_helpers' tiny Llama
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def _session(model_dir: Any, staged: bool, layerwise: bool) -> tuple[list[Any], int]:
     cfg = llama_config(model_dir, keep_logits=True, layerwise=layerwise)
     async with Cluster(cfg) as c:

@@ -150,6 +150,20 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                                           num_experts_per_tok=2),
                       "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                                         "out_hidden_size": 128, "deepstack_visual_indexes": [0]}}),
+    # ERNIE 4.5 VL's language model: its text experts (the vision ones and their router are built, not loaded)
+    "ernie4_5_vl_moe": ("Ernie4_5_VLMoeConfig", "Ernie4_5_VLMoeForConditionalGeneration",
+                        {"text_config": dict(BASE, moe_intermediate_size=[64, 32], moe_num_experts=8, moe_k=2,
+                                             moe_num_shared_experts=1,
+                                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                              "mrope_section": [6, 6, 4]}),
+                         "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2}}),
+    # Phi-4-multimodal's Phi-3 decoder (partial RoPE; its image and audio embedders built, not loaded)
+    "phi4_multimodal": ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM",
+                        dict(BASE, partial_rotary_factor=0.75,
+                             vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                            "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+                             audio_config={"hidden_size": 32, "intermediate_size": 64, "num_blocks": 1,
+                                           "num_attention_heads": 2})),
 }
 
 

@@ -1,10 +1,10 @@
 """More image-text checkpoints served as their language model: LLaVA-NeXT (and -Video), LLaVA-OneVision, VipLlava,
 Video-LLaVA, InternVL, Idefics 2 / 3, SmolVLM, Aya Vision, Command A Vision, LightOnOCR, GOT-OCR 2, Janus,
 DeepSeek-VL (and -Hybrid), EXAONE 4.5, Qianfan-OCR, Ovis 2, VideoLLaMA 3, HyperCLOVA X Vision, GLM-4.1V, GLM-4.5V,
-GLM-OCR, PaddleOCR-VL, PaliGemma and Granite Docling, against transformers' own image-text models on the same
-random weights, written by transformers. Most keep their language model under its own prefix
-(``model.language_model.``, ``language_model.model.`` or ``model.text_model.``); the vision tower, projector and
-Janus' image-generation head are not loaded. Their configs are transformers' defaults with a small text model
+GLM-OCR, PaddleOCR-VL, PaliGemma, Granite Docling, Granite 4 Vision, HunYuan-VL, ERNIE 4.5 VL and Phi-4-multimodal,
+against transformers' own image-text models on the same random weights, written by transformers. Most keep their
+language model under its own prefix (``model.language_model.``, ``language_model.model.`` or ``model.text_model.``);
+the vision tower, projector and Janus' image-generation head are not loaded. Their configs are transformers' defaults with a small text model
 (:data:`TEXT`, plus what a family needs: :data:`TEXT_EXTRA`) and a small vision tower."""
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ FAMILIES = {
     "granite4_vision": ("Granite4VisionForConditionalGeneration", "granite"),
     # HunYuan-VL: HunYuan's dense model (q/k norms after RoPE), M-RoPE over text alone
     "hunyuan_vl": ("HunYuanVLForConditionalGeneration", "hunyuan_v1_dense"),
+    # ERNIE 4.5 VL: ERNIE 4.5 MoE with its text experts (the hub's layout: the routers transposed, the vision
+    # router, biases and experts beside the text ones), interleaved RoPE (3D over text alone)
+    "ernie4_5_vl_moe": ("Ernie4_5_VLMoeForConditionalGeneration", "ernie4_5_moe"),
 }
 #: text config keys a family needs beyond TEXT (its M-RoPE sections sized to the small heads; its experts)
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
@@ -90,6 +93,10 @@ TEXT_EXTRA: dict[str, dict[str, Any]] = {
                      "use_bias": True},
     "glm4v_moe": {"rope_parameters": _MROPE, "n_routed_experts": 4, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 24, "n_shared_experts": 1, "first_k_dense_replace": 1},
+    # (a sparse layer first, then a dense one: not the default's order; the vision experts narrower)
+    "ernie4_5_vl_moe": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
+                        "moe_intermediate_size": [24, 16], "moe_k": 2, "moe_num_experts": 4,
+                        "moe_num_shared_experts": 1, "mlp_layer_types": ["sparse", "dense"], "use_bias": True},
 }
 
 
@@ -215,3 +222,77 @@ def test_paligemmas_bidirectional_prompt_is_refused_by_name():
            "text_config": dict(kw["text_config"], use_bidirectional_attention=True)}
     with pytest.raises(ModelError, match="use_bidirectional_attention"):
         load_spec(cfg)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Ernie4_5_VLMoeForConditionalGeneration"), reason="no ERNIE 4.5 VL")
+def test_ernie_vl_reads_its_text_routers_bias_and_experts_in_either_layout(tmp_path):
+    """ERNIE 4.5 VL's text and vision routers each carry a correction bias that picks the experts: with distinct
+    biases, the text router's (the first row as saved; ``text_moe`` in memory) must be the one read. Both the hub's
+    layout (routers transposed, vision experts after the text ones) and transformers' in-memory names load."""
+    from safetensors.torch import save_file
+
+    hf = _CKPTS.model("ernie4_5_vl_moe", seed=3)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.5)
+    hub = tmp_path / "hub"
+    hf.save_pretrained(hub)
+    seqs = [_ids(20, 5), _ids(14, 6)]
+    ours = load_model(LlamaModelConfig(path=str(hub), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, hf, seqs)
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    (memory / "config.json").write_text((hub / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    assert any(".mlp.text_moe." in k for k in state) and any(".mlp.vision_moe." in k for k in state)
+    save_file(state, str(memory / "model.safetensors"))
+    ours = load_model(LlamaModelConfig(path=str(memory), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, hf, seqs)
+
+
+def test_ernie_vl_text_configs_read_as_transformers_does():
+    """ERNIE 4.5 VL's text config: the text experts' width from its per-modality list, the first layer dense by
+    default, tied embeddings and no LM-head bias by default; malformed lists are refused by key."""
+    text = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 3,
+            "intermediate_size": 96, "vocab_size": VOCAB, "moe_num_experts": 4, "moe_k": 2, "use_bias": True}
+    arch = ["Ernie4_5_VLMoeForConditionalGeneration"]
+    spec = load_spec({"architectures": arch, "text_config": dict(text, moe_intermediate_size=[24, 16])})
+    assert isinstance(spec, ModelSpec) and spec.architecture == "ernie4_5_moe"
+    assert (spec.moe_intermediate_size, spec.mlp_only_layers, spec.tie_embeddings) == (24, (0,), True)
+    assert spec.attention_bias and not spec.lm_head_bias
+    assert [spec.is_moe_layer(i) for i in range(3)] == [False, True, True]
+    default = load_spec({"architectures": arch, "text_config": dict(text)})
+    assert isinstance(default, ModelSpec) and default.moe_intermediate_size == 1536
+    with pytest.raises(ModelError, match="moe_intermediate_size must list two"):
+        load_spec({"architectures": arch, "text_config": dict(text, moe_intermediate_size=24)})
+    with pytest.raises(ModelError, match="mlp_layer_types must list"):
+        load_spec({"architectures": arch, "text_config": dict(text, mlp_layer_types=["dense", "sparse"])})
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Phi4MultimodalForCausalLM"), reason="no Phi-4-multimodal")
+def test_phi4_multimodal_serves_its_phi3_decoder(tmp_path):
+    """Phi-4-multimodal keeps Phi-3's config at the top level beside its vision and audio configs, and its image and
+    audio embedders under ``model.embed_tokens_extend.``: its decoder (partial RoPE, tied embeddings here) equals
+    transformers' on text; a config that leaves out what Phi4MultimodalConfig's defaults say reads them, not
+    Phi-3's."""
+    cfg = transformers.Phi4MultimodalConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        partial_rotary_factor=0.75, tie_word_embeddings=True,
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 28, "patch_size": 14},
+        audio_config={"hidden_size": 32, "intermediate_size": 64, "num_blocks": 1, "num_attention_heads": 2})
+    torch.manual_seed(4)
+    hf = transformers.Phi4MultimodalForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.mul_(4.0) if "norm" not in name else p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
+    assert (ours.spec.architecture, ours.spec.partial_rotary_factor, ours.spec.tie_embeddings) == ("phi3", 0.75, True)
+    check_batched_against_hf(ours, hf, [_ids(20, 7), _ids(14, 8)])
+    sparse = {"architectures": ["Phi4MultimodalForCausalLM"], "model_type": "phi4_multimodal", "hidden_size": 64,
+              "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 16}
+    spec = load_spec(sparse)
+    assert isinstance(spec, ModelSpec) and (spec.vocab_size, spec.n_kv_heads) == (200064, 8)

@@ -102,12 +102,24 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     ({"architectures": ["BertLMHeadModel"], "model_type": "bert"}, "encoder"),
     ({"architectures": ["WhisperForCausalLM"]}, "encoder-decoder"),
     ({"architectures": ["MiniCPMV4_6ForConditionalGeneration"], "model_type": "minicpmv4_6"}, "recurrent state"),
+    ({"architectures": ["XLMRobertaForCausalLM"]}, "encoder"),
+    ({"architectures": ["Lfm2VlForConditionalGeneration"], "model_type": "lfm2_vl"}, "recurrent state"),
 ])
 def test_families_refused_on_purpose_say_why(cfg, needle):
     with pytest.raises(ModelError, match=needle):
         ModelSpec.from_hf_config(cfg)
     with pytest.raises(ModelError, match=r"unsupported architecture \['NoSuchForCausalLM'\]; supported"):
         ModelSpec.from_hf_config({"architectures": ["NoSuchForCausalLM"]})
+
+
+@pytest.mark.parametrize("arch", ["MiniMaxM3VLForConditionalGeneration", "ErnieMoeVariantForCausalLM",
+                                  "MambaVisionForConditionalGeneration"])
+def test_a_family_is_refused_by_name_only_when_its_name_is_that_familys(arch):
+    """A refused family's name followed by more than a head's name is another family (MiniMax-M3's attention is
+    not MiniMax's linear attention; no ERNIE decoder is BERT-like ERNIE): it is unsupported, with no borrowed
+    reason."""
+    with pytest.raises(ModelError, match=rf"unsupported architecture \['{arch}'\]; supported"):
+        ModelSpec.from_hf_config({"architectures": [arch]})
 
 
 def test_random_init_is_seeded():

@@ -122,12 +122,14 @@ _REFUSED = {
                      "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "jamba", "bamba", "zamba", "zamba2",
                      "falcon_h1", "nemotron_h", "granitemoehybrid", "lfm2", "lfm2_moe", "kimi_linear", "minimax",
                      "olmo_hybrid", "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
-                     # image-text checkpoints whose language model is one of them (Qwen3.5, Nemotron-H)
-                     "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "nemotron_h_omni"), _NO_KV),
-    **dict.fromkeys(("gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"),
+                     # image-text checkpoints whose language model is one of them (Qwen3.5, Nemotron-H, LFM2 / 3)
+                     "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "nemotron_h_omni", "lfm2_vl", "lfm3_vl"), _NO_KV),
+    **dict.fromkeys(("gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text",
+                     "gemma4_assistant", "gemma4_unified_assistant"),
                     "per-layer embeddings and layers that share another layer's KV are not implemented"),
     "deepseek_v4": "its compressed attention (KV compressed across tokens) is another MLA variant, not implemented",
-    "hy_v4": "DeepSeek-V4's hyper-connections (several residual streams mixed around each layer) are not implemented",
+    **dict.fromkeys(("hy_v4", "hy_v4_vl"), "DeepSeek-V4's hyper-connections (several residual streams mixed around "
+                                           "each layer) are not implemented"),
     "longcat_flash": "two attention sublayers per layer and zero-computation experts are not implemented",
     "mllama": "its cross-attention layers attend to the image's states between self-attention layers; not "
               "implemented",
@@ -141,13 +143,21 @@ _REFUSED = {
 
 
 def refusal_reason(archs: list[str], model_type: Any) -> str | None:
-    """Why a family is refused on purpose (:data:`_REFUSED`), from its model_type or its architecture's name."""
+    """Why a family is refused on purpose (:data:`_REFUSED`), from its model_type or, without one, its architecture's
+    name: the model_type's letters and digits followed by a head's name, nothing between (``Mamba2ForCausalLM`` is
+    ``mamba2``'s; ``Ernie4_5_VLMoeForConditionalGeneration`` is not ``ernie``'s)."""
     if model_type in _REFUSED:
         return _REFUSED[str(model_type)]
-    names = {a.lower().replace("_", "") for a in archs}
+    names = {_letters(a) for a in archs}
     for mt, why in _REFUSED.items():
-        key = mt.replace("_", "")
-        if any(n.startswith(key) and n.endswith(("forcausallm", "forconditionalgeneration", "lmheadmodel"))
-               for n in names):
+        key = _letters(mt)
+        if any(n == key + head for n in names for head in _HEADS):
             return why
     return None
+
+
+_HEADS = ("forcausallm", "forconditionalgeneration", "lmheadmodel")
+
+
+def _letters(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())

@@ -79,6 +79,11 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     "GraniteDoclingForConditionalGeneration": ("granite_docling", "granite_docling_text"),
     "Granite4VisionForConditionalGeneration": ("granite4_vision", "granite4_vision_text"),
     "HunYuanVLForConditionalGeneration": ("hunyuan_vl", "hunyuan_vl_text"),
+    # ERNIE 4.5 VL: ERNIE 4.5 MoE with its text experts (a text token never reaches the vision experts)
+    "Ernie4_5_VLMoeForConditionalGeneration": ("ernie4_5_vl_moe", "ernie4_5_vl_moe_text"),
+    "Ernie4_5_VL_MoeForConditionalGeneration": ("ernie4_5_vl_moe", "ernie4_5_vl_moe_text"),
+    # Phi-4-multimodal: Phi-3's decoder (its config at the top level; the image and audio embedders not loaded)
+    "Phi4MultimodalForCausalLM": ("phi4_multimodal", "phi4_multimodal_text"),
     # Qwen Omni: the thinker's language model (the whole model, or its thinker alone)
     "Qwen3OmniMoeForConditionalGeneration": ("qwen3_omni_moe", "qwen3_omni_moe_text"),
     "Qwen3OmniMoeThinkerForConditionalGeneration": ("qwen3_omni_moe_thinker", "qwen3_omni_moe_text"),
@@ -119,7 +124,13 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "hunyuan_vl_text": ("HunYuanDenseV1ForCausalLM", "hunyuan_v1_dense"),
     "qwen3_omni_moe_text": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "qwen2_5_omni_text": ("Qwen2ForCausalLM", "qwen2"),
+    "ernie4_5_vl_moe_text": ("Ernie4_5_MoeForCausalLM", "ernie4_5_moe"),
+    "phi4_multimodal_text": ("Phi3ForCausalLM", "phi3"),
 }
+#: Phi4MultimodalConfig's defaults where Phi3Config's differ
+_PHI4_MM_DEFAULTS = {"vocab_size": 200064, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                     "original_max_position_embeddings": 4096, "bos_token_id": 199999, "pad_token_id": 199999,
+                     "eos_token_id": [199999, 200020]}
 #: image-text families whose LM head is not followed by their Cohere 2 language model's ``logit_scale`` (transformers'
 #: Aya Vision and Command A Vision apply the head alone)
 _UNSCALED_LOGITS = ("aya_vision", "cohere2_vision")
@@ -221,6 +232,26 @@ def _glm4v_text(mt: str, text: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ernie_vl_text(text: dict[str, Any], where: str) -> dict[str, Any]:
+    """ERNIE 4.5 VL's language model as the ERNIE 4.5 MoE it is on text: its ``moe_intermediate_size`` lists the text
+    and the vision experts' widths (the text experts' is kept; ``[1536, 512]`` by default), ``mlp_layer_types``
+    says which layers are dense (by default the first), its embeddings are tied by default and its LM head has no
+    bias whatever ``use_bias`` says."""
+    out = {"tie_word_embeddings": True, **text, "lm_head_bias": False}
+    sizes = out.get("moe_intermediate_size")
+    if sizes is None:
+        sizes = [1536, 512]
+    if not (isinstance(sizes, list) and len(sizes) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in sizes)):
+        raise ModelError(f"{where}: text_config.moe_intermediate_size must list two positive integers (the text "
+                         f"and the vision experts' widths), got {sizes!r}")
+    out["moe_intermediate_size"] = sizes[0]
+    n = out.get("num_hidden_layers", 28)
+    if out.get("mlp_layer_types") is None and isinstance(n, int):
+        out["mlp_layer_types"] = ["dense"] + ["sparse"] * (n - 1)
+    return out
+
+
 def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """The language model's config of an image-text checkpoint, read as the text architecture that runs it (the
     vision tower and projector are not loaded; requests carry text): Gemma 3 (:func:`gemma3_text_config`),
@@ -240,7 +271,8 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         cfg = {**{k: cfg[k] for k in ("torch_dtype", "dtype") if k in cfg}, **thinker}
     text = cfg.get("text_config")
     if text is None:  # (older Qwen2-VL / 2.5-VL configs keep the language model's keys at the top level)
-        text = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "vision_config")}
+        text = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "vision_config",
+                                                           "audio_config")}
     if not isinstance(text, dict):
         raise ModelError(f"{where}: text_config must be an object")
     mt = str(text.get("model_type") or _TEXT_DEFAULT_TYPE[family])
@@ -255,6 +287,10 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
                 "norm_topk_prob": True}
     if mt in ("glm4v_text", "glm4v_moe_text", "glm_ocr_text"):
         text = _glm4v_text(mt, text)
+    if mt == "phi4_multimodal_text":
+        text = {**_PHI4_MM_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k != "eos_token_id"}}
+    if mt == "ernie4_5_vl_moe_text":
+        text = _ernie_vl_text(text, where)
     if mt == "paddleocr_vl_text":  # ERNIE 4.5's blocks with half-split RoPE: Llama, every bias by use_bias
         bias = bool(text.get("use_bias", False))
         text = {"head_dim": 128, "tie_word_embeddings": True, **text, "attention_bias": bias, "mlp_bias": bias}

@@ -155,8 +155,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
             out["head_dim"] = int(out["hidden_size"]) // int(out["num_attention_heads"])
         if arch == "ernie4_5_moe":
             fields.update(_ernie_moe_fields(out, where))
-            if use_bias:
-                fields["head_bias"] = True
+            if use_bias:  # (ERNIE 4.5 VL's LM head has none: lm_head_bias false, from hf_config)
+                fields["head_bias"] = _flag({"lm_head_bias": True, **cfg}, "lm_head_bias", where)
     elif arch == "helium" and _flag(cfg, "mlp_bias", where):
         fields["mlp_has_bias"] = True
     elif arch == "olmo":  # (its clip_qkv is read with OLMoE's)
@@ -261,7 +261,8 @@ def _ernie_moe_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         v = c[key]
         if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and key != "moe_layer_end_index"):
             raise ModelError(f"{where}: {key} must be a non-negative integer, got {v!r} (per-modality lists are "
-                             "ERNIE 4.5 VL's, whose text model is not supported)")
+                             "the original ERNIE 4.5 VL config's; transformers' keeps the language model's keys in "
+                             "its text_config)")
     norm_min = c["moe_norm_min"]
     if isinstance(norm_min, bool) or not isinstance(norm_min, (int, float)) or not norm_min > 0:
         raise ModelError(f"{where}: moe_norm_min must be a positive number, got {norm_min!r}")
@@ -270,11 +271,18 @@ def _ernie_moe_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     n = int(cfg.get("num_hidden_layers") or 0)
     start, end = c["moe_layer_start_index"], c["moe_layer_end_index"]
     end = n - 1 if end == -1 else end
+    step, dense = c["moe_layer_interval"], tuple(i for i in range(n) if not start <= i <= end)
+    types = cfg.get("mlp_layer_types")  # (ERNIE 4.5 VL's language model: each layer's MLP by name)
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n or any(t not in ("dense", "sparse") for t in types):
+            raise ModelError(f"{where}: mlp_layer_types must list 'dense' or 'sparse' for each of the {n} layers, "
+                             f"got {types!r}")
+        step, dense = 1, tuple(i for i, t in enumerate(types) if t == "dense")
     return {"n_experts": c["moe_num_experts"], "n_experts_per_tok": c["moe_k"],
             "moe_intermediate_size": c["moe_intermediate_size"],
             "shared_expert_intermediate_size": c["moe_intermediate_size"] * c["moe_num_shared_experts"],
-            "norm_topk_prob": True, "moe_norm_min": float(norm_min), "decoder_sparse_step": c["moe_layer_interval"],
-            "mlp_only_layers": tuple(i for i in range(n) if not start <= i <= end)}
+            "norm_topk_prob": True, "moe_norm_min": float(norm_min), "decoder_sparse_step": step,
+            "mlp_only_layers": dense}
 
 
 def _ernie_moe_config(spec: ModelSpec) -> dict[str, Any]:
@@ -390,6 +398,9 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
     elif arch == "ernie4_5":
         cfg["use_bias"] = spec.attention_bias
     elif arch == "ernie4_5_moe":
+        if spec.attention_bias and not spec.head_bias:
+            raise ModelError("ernie4_5_moe: biased projections under an LM head without a bias (ERNIE 4.5 VL's) "
+                             "cannot be written as an ERNIE 4.5 MoE checkpoint, whose use_bias sets both")
         cfg.update(use_bias=spec.attention_bias, **_ernie_moe_config(spec))
     elif arch == "ministral3":
         rope = {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta}
@@ -428,6 +439,8 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
     arch = spec.architecture
     if arch == "dbrx":
         return _dbrx_tensors_in(spec, tensors)
+    if arch == "ernie4_5_moe":
+        tensors = _ernie_vl_tensors(spec, tensors, source)
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         if arch == "ernie4_5_moe" and ("mtp_" in name or name.startswith("mtp")):
@@ -448,6 +461,39 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
         from dualpath.model import llama4
 
         return llama4.tensors_in(spec, out, source)
+    return out
+
+
+def _ernie_vl_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor], source: str) -> Mapping[str, torch.Tensor]:
+    """ERNIE 4.5 VL's language model in ERNIE 4.5 MoE's names, with its text experts only. As saved (the hub's layout,
+    which transformers writes back): each MoE layer's router ``mlp.gate.weight`` transposed (``[hidden, experts]``),
+    the vision router as ``mlp.gate.weight_1``, both correction biases stacked (``[2, experts]``: text first), the
+    text experts ``mlp.experts.<0..E-1>`` followed by the vision ones. As transformers holds them in memory: under
+    ``mlp.text_moe.`` and ``mlp.vision_moe.``. Any other checkpoint's tensors unchanged."""
+    hub = any(n.endswith(".mlp.gate.weight_1") for n in tensors)
+    if not hub and not any(".mlp.text_moe." in n for n in tensors):
+        return tensors
+    e, h = spec.n_experts, spec.hidden_size
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(".mlp.gate.weight_1") or ".mlp.vision_moe." in name:
+            continue  # (the vision experts' router and experts: no text token reaches them)
+        name = name.replace(".mlp.text_moe.", ".mlp.")
+        if hub and name.endswith(".mlp.gate.weight"):
+            if tuple(t.shape) != (h, e):
+                raise ModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected [{h}, {e}] (ERNIE "
+                                 "4.5 VL's router, stored transposed)")
+            t = t.t()
+        elif hub and name.endswith(".mlp.moe_statics.e_score_correction_bias"):
+            if tuple(t.shape) != (2, e):
+                raise ModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected [2, {e}] (the text "
+                                 "and the vision routers' biases)")
+            t = t[:1]
+        elif hub and ".mlp.experts." in name:
+            index = name.split(".mlp.experts.", 1)[1].split(".", 1)[0]
+            if index.isdigit() and int(index) >= e:
+                continue  # (a vision expert)
+        out[name] = t
     return out
 
 

@@ -272,6 +272,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
     return model.to(device).eval()
 
 
+#: a model directory has a tokenizer when it holds one of these: transformers' own files, or only the tokenizer's
+#: model as older repos ship it (a SentencePiece or tiktoken ``tokenizer.model``, GPT-2's ``vocab.json`` and
+#: ``merges.txt``, T5's ``spiece.model``), the class then told by ``config.json``
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                    "tokenizer.tiktoken")
+
+
 def load_tokenizer(path: str | Path) -> Any | None:
     """The Hugging Face tokenizer of a model directory or GGUF file, or None (no tokenizer, or no transformers)."""
     p = Path(path)
@@ -282,7 +289,7 @@ def load_tokenizer(path: str | Path) -> Any | None:
     try:
         if p.is_file() and p.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-        if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
+        if any((p / name).exists() for name in _TOKENIZER_FILES):
             tok = AutoTokenizer.from_pretrained(str(p))
         else:
             return None

@@ -355,7 +355,8 @@ _GEMMA3_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.mod
                        ("thinker.model.", "model."), ("thinker.lm_head.", "lm_head."))
 _GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                            "model.multi_modal_projector.", "visual.", "model.visual.", "vision_model.",
-                           "model.vision_model.", "audio_tower.", "model.audio_tower.", "mlp_AR.", "vit.")
+                           "model.vision_model.", "audio_tower.", "model.audio_tower.", "mlp_AR.", "vit.",
+                           "resampler_model.", "model.resampler_model.", "model.embed_tokens_extend.")
 
 
 #: EXAONE 3's tensor names -> Llama's (``transformer.h.3.attn.attention.q_proj`` -> ``model.layers.3.self_attn.q_proj``)

@@ -82,6 +82,9 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     # ERNIE 4.5 VL: ERNIE 4.5 MoE with its text experts (a text token never reaches the vision experts)
     "Ernie4_5_VLMoeForConditionalGeneration": ("ernie4_5_vl_moe", "ernie4_5_vl_moe_text"),
     "Ernie4_5_VL_MoeForConditionalGeneration": ("ernie4_5_vl_moe", "ernie4_5_vl_moe_text"),
+    # Apertus 1.5: Apertus with a wider vocabulary (visual and audio codes) and its LM head pruned to the text ids
+    "Apertus1p5ForConditionalGeneration": ("apertus1p5", "apertus1p5_text"),
+    "Apertus1p5TextForCausalLM": ("apertus1p5_text", "apertus1p5_text"),
     # Phi-4-multimodal: Phi-3's decoder (its config at the top level; the image and audio embedders not loaded)
     "Phi4MultimodalForCausalLM": ("phi4_multimodal", "phi4_multimodal_text"),
     # Qwen Omni: the thinker's language model (the whole model, or its thinker alone)
@@ -126,6 +129,7 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "qwen2_5_omni_text": ("Qwen2ForCausalLM", "qwen2"),
     "ernie4_5_vl_moe_text": ("Ernie4_5_MoeForCausalLM", "ernie4_5_moe"),
     "phi4_multimodal_text": ("Phi3ForCausalLM", "phi3"),
+    "apertus1p5_text": ("ApertusForCausalLM", "apertus"),
 }
 #: Phi4MultimodalConfig's defaults where Phi3Config's differ
 _PHI4_MM_DEFAULTS = {"vocab_size": 200064, "num_key_value_heads": 8, "max_position_embeddings": 131072,
@@ -287,6 +291,10 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
                 "norm_topk_prob": True}
     if mt in ("glm4v_text", "glm4v_moe_text", "glm_ocr_text"):
         text = _glm4v_text(mt, text)
+    if mt == "apertus1p5_text":  # (Apertus1p5TextConfig's vocabulary; a head as wide as it is unpruned)
+        text = {"vocab_size": 266752, **text}
+        if text.get("output_vocab_size") == text["vocab_size"]:
+            text["output_vocab_size"] = None
     if mt == "phi4_multimodal_text":
         text = {**_PHI4_MM_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k != "eos_token_id"}}
     if mt == "ernie4_5_vl_moe_text":

@@ -528,7 +528,8 @@ class LayerwiseDecoder(nn.Module):
         self.spec = spec
         self.backend = backend
         self.model = backbone
-        self.lm_head = nn.Linear(getattr(spec, "embed_proj_dim", None) or spec.hidden_size, spec.vocab_size,
+        self.lm_head = nn.Linear(getattr(spec, "embed_proj_dim", None) or spec.hidden_size,
+                                 getattr(spec, "output_vocab_size", None) or spec.vocab_size,
                                  bias=bool(getattr(spec, "lm_head_bias", False)))
         if spec.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -635,18 +636,23 @@ class LlamaModel(LayerwiseDecoder):
 
     @torch.no_grad()
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """As :meth:`LayerwiseDecoder.head`; Gemma 2 soft-caps the logits in the compute dtype first."""
+        """As :meth:`LayerwiseDecoder.head`; Gemma 2 soft-caps the logits in the compute dtype first. A pruned LM
+        head (Apertus 1.5's ``output_vocab_size``) gives the ids past it -inf: every row is ``vocab_size`` wide."""
         cap = self.spec.final_logit_softcapping
         logits = self.lm_head(self._last_hidden(h))
         if self.spec.logit_scale is not None:  # Cohere
             logits = logits * self.spec.logit_scale
         if self.spec.logits_scaling is not None:  # Granite: logits divided, in the compute dtype (HyperCLOVA X: times)
             if self.spec.architecture == "hyperclovax":
-                return (logits * self.spec.logits_scaling).float()
-            return (logits / self.spec.logits_scaling).float()
-        if cap is None:
-            return cast(torch.Tensor, logits.float())
-        return (torch.tanh(logits / cap) * cap).float()
+                logits = logits * self.spec.logits_scaling
+            else:
+                logits = logits / self.spec.logits_scaling
+        elif cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        out = logits.float()
+        if self.spec.output_vocab_size is not None:
+            out = F.pad(out, (0, self.spec.vocab_size - self.spec.output_vocab_size), value=float("-inf"))
+        return cast(torch.Tensor, out)
 
     # --- layer-wise forward ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -182,6 +182,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
         if arch == "apertus":
             if out.get("rope_parameters") is None and out.get("rope_scaling") is None:
                 out["rope_parameters"] = dict(APERTUS_ROPE)
+            if out.get("output_vocab_size") is not None:  # (Apertus 1.5's pruned LM head)
+                fields["output_vocab_size"] = out.pop("output_vocab_size")
             if act == "xielu":
                 fields["activation"] = "xielu"
                 return out, fields
@@ -419,6 +421,9 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
             cfg["final_logit_softcapping"] = spec.final_logit_softcapping
         elif arch == "jais2":
             cfg.update(layer_norm_eps=cfg.pop("rms_norm_eps"), mlp_bias=bool(spec.mlp_has_bias))
+        elif spec.output_vocab_size is not None:  # (a pruned head: Apertus 1.5's text model reads it)
+            cfg.update(architectures=["Apertus1p5TextForCausalLM"], model_type="apertus1p5_text",
+                       output_vocab_size=spec.output_vocab_size)
     elif arch in ("hunyuan_v1_dense", "hunyuan_v1_moe"):
         cfg["attention_bias"] = spec.attention_bias
         if arch == "hunyuan_v1_moe":

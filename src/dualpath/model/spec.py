@@ -312,6 +312,9 @@ class ModelSpec(_SpecCommon):
     # ernie4_5_moe (None for every other): the floor of the top-k weights' sum it divides by (moe_norm_min); its
     # router also picks by softmax scores plus a correction bias (moe_statics), weighting by the scores alone
     moe_norm_min: float | None = None
+    # apertus (Apertus 1.5; None for every other and for an unpruned head): the LM head's rows, a prefix of the
+    # vocabulary (the multimodal token rows pruned); the ids past it are inputs only, never generated
+    output_vocab_size: int | None = None
     # the longest context this deployment serves (LlamaModelConfig.max_context; None: max_position); not part of
     # the architecture, so not in to_dict
     context_cap: int | None = field(default=None, compare=False)
@@ -344,6 +347,13 @@ class ModelSpec(_SpecCommon):
                     raise ModelError(f"model config: llama3 rope_scaling is missing {key!r}")
         object.__setattr__(self, "mlp_only_layers", tuple(int(x) for x in self.mlp_only_layers))
         self._check_layernorm_family()
+        if self.output_vocab_size is not None and (
+                self.architecture != "apertus" or isinstance(self.output_vocab_size, bool)
+                or not isinstance(self.output_vocab_size, int) or not 0 < self.output_vocab_size < self.vocab_size
+                or self.tie_embeddings):
+            raise ModelError(f"model config: output_vocab_size (a pruned LM head) is Apertus 1.5's, below vocab_size "
+                             f"({self.vocab_size}) and with untied embeddings; got {self.output_vocab_size!r} for "
+                             f"{self.architecture} (tie_word_embeddings {self.tie_embeddings})")
         if self.partial_rotary_factor != 1.0:
             if self.architecture not in ("phi3", "glm4_moe", "minimax_m2", "gpt_neox", "phi", "stablelm", "gptj", "glm",
                                          "glm4", "nemotron"):
@@ -846,7 +856,8 @@ class ModelSpec(_SpecCommon):
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
                     "scale_attn_by_layer", "post_layer_norm", "peri_norms", "embed_proj_dim", "logit_scale",
                     "falcon_layout",
-                    "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature", "moe_norm_min"):
+                    "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature", "moe_norm_min",
+                    "output_vocab_size"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"

@@ -108,6 +108,12 @@ async def test_completions_errors_auth_and_metrics():
             a = (await cl.post("/v1/completions", json=sb, headers=AUTH)).json()["choices"][0]["token_ids"]
             b = (await cl.post("/v1/completions", json=sb, headers=AUTH)).json()["choices"][0]["token_ids"]
             assert a == b and a != ref
+            # a negative seed (vLLM takes any 64-bit one; UIs send -1) is a fixed seed too: folded into [0, 2^63)
+            neg = {**sb, "seed": -1}
+            c = (await cl.post("/v1/completions", json=neg, headers=AUTH)).json()["choices"][0]["token_ids"]
+            top = (await cl.post("/v1/completions", json={**sb, "seed": (1 << 63) - 1},
+                                 headers=AUTH)).json()["choices"][0]["token_ids"]
+            assert c == top and c != a
 
             # errors: OpenAI error objects with status 400 naming the field / the limit
             async def err(payload, path="/v1/completions", raw=None):
@@ -124,6 +130,7 @@ async def test_completions_errors_auth_and_metrics():
             e = await err({"prompt": prompt, "max_tokens": 5000})
             assert "4096" in e["message"] and e["code"] == "context_length_exceeded"
             assert (await err({"prompt": prompt, "n": 129}))["param"] == "n"
+            assert (await err({"prompt": prompt, "seed": 1 << 64}))["param"] == "seed"
             assert (await err({"prompt": [prompt] * 3, "n": 50}))["param"] == "n"  # 150 generations
             assert "vocabulary" in (await err({"prompt": [1, 10**6]}))["message"]
             assert "temperature" in (await err({"prompt": prompt, "temperature": 3}))["message"]

@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dualpath.http.backend import GenRequest, GenResult, Job
 from dualpath.http.harmony import HarmonyReader
 from dualpath.http.reasoning import ReasoningReader, reasoning_tokens
-from dualpath.http.schemas import tool_choice_problem
+from dualpath.http.schemas import Seed, tool_choice_problem
 from dualpath.http.structured import forced_tool_grammar, text_format_grammar
 from dualpath.http.tools import FunctionDef, ToolCall, ToolCallReader, ToolDef
 
@@ -118,7 +118,7 @@ class ResponsesRequest(BaseModel):
     # extensions (as on the other endpoints)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
+    seed: Seed | None = None
     ignore_eos: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 

@@ -29,9 +29,10 @@ Extensions, as vLLM spells them (what serving benchmarks, Qwen3 users and agent 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -48,6 +49,9 @@ from dualpath.http.tools import FunctionDef, ToolDef
 MAX_STOPS = 32
 #: ``stop_token_ids`` per request (the control protocol carries at most 256 stop ids, end-of-sequence ids included)
 MAX_STOP_TOKEN_IDS = 64
+#: a request's ``seed``: any 64-bit integer, as vLLM takes it (UIs send -1), folded into the sampler's
+#: [0, 2^63) (the same seed, the same draws)
+Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 64) - 1), AfterValidator(lambda s: s % (1 << 63))]
 
 
 class _Strict(BaseModel):
@@ -134,7 +138,7 @@ class _Sampling(_Strict):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # (vLLM / SGLang / llama.cpp extension)
-    seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     n: int | None = Field(default=1, ge=1, le=128)  # null: OpenAI's default, 1
     stream: bool | None = False

@@ -1,8 +1,8 @@
 """More image-text checkpoints served as their language model: LLaVA-NeXT (and -Video), LLaVA-OneVision, VipLlava,
 Video-LLaVA, InternVL, Idefics 2 / 3, SmolVLM, Aya Vision, Command A Vision, LightOnOCR, GOT-OCR 2, Janus,
 DeepSeek-VL (and -Hybrid), EXAONE 4.5, Qianfan-OCR, Ovis 2, VideoLLaMA 3, HyperCLOVA X Vision, GLM-4.1V, GLM-4.5V,
-GLM-OCR, PaddleOCR-VL, PaliGemma, Granite Docling, Granite 4 Vision, HunYuan-VL, ERNIE 4.5 VL and Phi-4-multimodal,
-against transformers' own image-text models on the same random weights, written by transformers. Most keep their
+GLM-OCR, PaddleOCR-VL, PaliGemma, Granite Docling, Granite 4 Vision, HunYuan-VL, ERNIE 4.5 VL, Emu3 and Phi-4-multimodal
+(FastVLM and PerceptionLM, whose timm vision towers cannot be built here, from their text model's weights), against transformers' own image-text models on the same random weights, written by transformers. Most keep their
 language model under its own prefix (``model.language_model.``, ``language_model.model.`` or ``model.text_model.``);
 the vision tower, projector and Janus' image-generation head are not loaded. Their configs are transformers' defaults with a small text model
 (:data:`TEXT`, plus what a family needs: :data:`TEXT_EXTRA`) and a small vision tower."""
@@ -75,6 +75,8 @@ FAMILIES = {
     # ERNIE 4.5 VL: ERNIE 4.5 MoE with its text experts (the hub's layout: the routers transposed, the vision
     # router, biases and experts beside the text ones), interleaved RoPE (3D over text alone)
     "ernie4_5_vl_moe": ("Ernie4_5_VLMoeForConditionalGeneration", "ernie4_5_moe"),
+    # Emu3: a Llama beside its VQ image tokenizer (under model.text_model.)
+    "emu3": ("Emu3ForConditionalGeneration", "llama"),
 }
 #: text config keys a family needs beyond TEXT (its M-RoPE sections sized to the small heads; its experts)
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
@@ -108,6 +110,10 @@ VISION_EXTRA: dict[str, dict[str, Any]] = {
 }
 #: top-level config keys a family needs (Granite 4 Vision's deepstack map and Q-Former window over 2 vision layers)
 TOP_EXTRA: dict[str, dict[str, Any]] = {
+    "emu3": {"vq_config": {"codebook_size": 8, "embed_dim": 4, "latent_channels": 4, "base_channels": 32,
+                           "channel_multiplier": [1], "num_res_blocks": 1, "attn_resolutions": [],
+                           "hidden_size": 32, "num_attention_heads": 1},
+             "vocabulary_map": {"<|extra_200|>": 93, "<image>": 94, "<|visual token 000000|>": 95}},
     "granite4_vision": {"deepstack_layer_map": [[0, 1]], "downsample_rate": "1/2", "spatial_target_layers": [0, 1, 0, 1]},
 }
 
@@ -296,3 +302,36 @@ def test_phi4_multimodal_serves_its_phi3_decoder(tmp_path):
               "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 16}
     spec = load_spec(sparse)
     assert isinstance(spec, ModelSpec) and (spec.vocab_size, spec.n_kv_heads) == (200064, 8)
+
+
+@pytest.mark.parametrize("family,arch,text_arch", [
+    ("fast_vlm", "FastVlmForConditionalGeneration", "Qwen2ForCausalLM"),
+    ("perception_lm", "PerceptionLMForConditionalGeneration", "LlamaForCausalLM")])
+def test_llava_layout_checkpoints_whose_vision_tower_needs_timm(tmp_path, family, arch, text_arch):
+    """FastVLM and PerceptionLM keep LLaVA's layout (``model.language_model.``, the vision tower and projector beside
+    it, the LM head at the top) over a Qwen2 / Llama language model; their vision towers are timm models, so the
+    checkpoint is written here from transformers' text model (the reference) under those names, with vision
+    tensors beside it, and its config is transformers' own config class for the family."""
+    from safetensors.torch import save_file
+
+    cfg = transformers.AutoConfig.for_model(family)
+    text = {k: v for k, v in cfg.to_dict()["text_config"].items() if k not in ("layer_types", "max_window_layers")}
+    text.update(TEXT)
+    text_cfg = transformers.AutoConfig.for_model(text["model_type"], **{k: v for k, v in text.items()
+                                                                        if k != "model_type"})
+    torch.manual_seed(9)
+    hf = getattr(transformers, text_arch)(text_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.add_(0.1 * torch.randn_like(p)) if "norm" in name else p.mul_(4.0)
+    state = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v.contiguous()
+             for k, v in hf.state_dict().items()}
+    state["model.vision_tower.timm_model.stem.weight"] = torch.zeros(4, 3)
+    state["model.multi_modal_projector.linear_1.weight"] = torch.zeros(64, 4)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    top = type(cfg)(text_config=text).to_dict()
+    top["architectures"] = [arch]
+    (tmp_path / "config.json").write_text(json.dumps(top))
+    ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
+    assert ours.spec.architecture == text["model_type"]
+    check_batched_against_hf(ours, hf, [_ids(20, 3), _ids(14, 4)])

@@ -104,6 +104,8 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     ({"architectures": ["MiniCPMV4_6ForConditionalGeneration"], "model_type": "minicpmv4_6"}, "recurrent state"),
     ({"architectures": ["XLMRobertaForCausalLM"]}, "encoder"),
     ({"architectures": ["Lfm2VlForConditionalGeneration"], "model_type": "lfm2_vl"}, "recurrent state"),
+    ({"architectures": ["Glm5NextForConditionalGeneration"], "model_type": "glm5_next"}, "recurrent state"),
+    ({"model_type": "diffusion_gemma"}, "diffusion language model"),
 ])
 def test_families_refused_on_purpose_say_why(cfg, needle):
     with pytest.raises(ModelError, match=needle):

@@ -123,7 +123,12 @@ _REFUSED = {
                      "falcon_h1", "nemotron_h", "granitemoehybrid", "lfm2", "lfm2_moe", "kimi_linear", "minimax",
                      "olmo_hybrid", "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
                      # image-text checkpoints whose language model is one of them (Qwen3.5, Nemotron-H, LFM2 / 3)
-                     "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "nemotron_h_omni", "lfm2_vl", "lfm3_vl"), _NO_KV),
+                     "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "nemotron_h_omni", "lfm2_vl", "lfm3_vl",
+                     # short-convolution / linear-attention state: Inkling, ZAYA1 (its CCA), GLM-5.3-Flash (KDA)
+                     "inkling_text", "inkling_mm_model", "inkling2", "inkling2_text", "inkling2_loop",
+                     "inkling2_loop_text", "zaya", "glm5_next", "glm5_next_text"), _NO_KV),
+    "diffusion_gemma": "a diffusion language model (it denoises blocks of tokens attending both ways), not an "
+                       "autoregressive decoder",
     **dict.fromkeys(("gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text",
                      "gemma4_assistant", "gemma4_unified_assistant"),
                     "per-layer embeddings and layers that share another layer's KV are not implemented"),

@@ -85,6 +85,12 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     # Apertus 1.5: Apertus with a wider vocabulary (visual and audio codes) and its LM head pruned to the text ids
     "Apertus1p5ForConditionalGeneration": ("apertus1p5", "apertus1p5_text"),
     "Apertus1p5TextForCausalLM": ("apertus1p5_text", "apertus1p5_text"),
+    # FastVLM, PerceptionLM: LLaVA's layout over Qwen2 / Llama; Emu3: a Llama over text and image-code tokens (its
+    # VQ tokenizer not loaded), also as its text model alone
+    "FastVlmForConditionalGeneration": ("fast_vlm", "qwen2"),
+    "PerceptionLMForConditionalGeneration": ("perception_lm", "llama"),
+    "Emu3ForConditionalGeneration": ("emu3", "emu3_text_model"),
+    "Emu3ForCausalLM": ("emu3_text_model", "emu3_text_model"),
     # Phi-4-multimodal: Phi-3's decoder (its config at the top level; the image and audio embedders not loaded)
     "Phi4MultimodalForCausalLM": ("phi4_multimodal", "phi4_multimodal_text"),
     # Qwen Omni: the thinker's language model (the whole model, or its thinker alone)
@@ -130,7 +136,12 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "ernie4_5_vl_moe_text": ("Ernie4_5_MoeForCausalLM", "ernie4_5_moe"),
     "phi4_multimodal_text": ("Phi3ForCausalLM", "phi3"),
     "apertus1p5_text": ("ApertusForCausalLM", "apertus"),
+    "emu3_text_model": ("LlamaForCausalLM", "llama"),
 }
+#: Emu3TextConfig's defaults where LlamaConfig's differ
+_EMU3_TEXT_DEFAULTS = {"vocab_size": 184622, "intermediate_size": 14336, "num_key_value_heads": 8,
+                       "max_position_embeddings": 9216, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+                       "pad_token_id": 151643, "bos_token_id": 151849, "eos_token_id": 151850}
 #: Phi4MultimodalConfig's defaults where Phi3Config's differ
 _PHI4_MM_DEFAULTS = {"vocab_size": 200064, "num_key_value_heads": 8, "max_position_embeddings": 131072,
                      "original_max_position_embeddings": 4096, "bos_token_id": 199999, "pad_token_id": 199999,
@@ -295,6 +306,12 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         text = {"vocab_size": 266752, **text}
         if text.get("output_vocab_size") == text["vocab_size"]:
             text["output_vocab_size"] = None
+    if mt == "emu3_text_model":
+        rope = text.get("rope_parameters")
+        defaults = dict(_EMU3_TEXT_DEFAULTS)
+        if isinstance(rope, dict) and "rope_theta" in rope or text.get("rope_scaling") is not None:
+            del defaults["rope_theta"]
+        text = {**defaults, **{k: v for k, v in text.items() if v is not None}}
     if mt == "phi4_multimodal_text":
         text = {**_PHI4_MM_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k != "eos_token_id"}}
     if mt == "ernie4_5_vl_moe_text":

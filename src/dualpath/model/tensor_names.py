@@ -349,10 +349,12 @@ def _qwen3_vl_moe_experts(spec: ModelSpec, name: str, t: torch.Tensor) -> torch.
 
 
 #: where image-text checkpoints keep the language model (transformers >= 4.52 and <= 4.51; Idefics 2 / 3 and
-#: SmolVLM: ``model.text_model.``), and the vision parts a text model leaves
+#: SmolVLM: ``model.text_model.``; Qwen Omni: ``thinker.``; Emu3: ``text_model.``), and the vision parts a text
+#: model leaves
 _GEMMA3_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                        ("language_model.lm_head.", "lm_head."), ("model.text_model.", "model."),
-                       ("thinker.model.", "model."), ("thinker.lm_head.", "lm_head."))
+                       ("thinker.model.", "model."), ("thinker.lm_head.", "lm_head."),
+                       ("text_model.model.", "model."), ("text_model.lm_head.", "lm_head."))
 _GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                            "model.multi_modal_projector.", "visual.", "model.visual.", "vision_model.",
                            "model.vision_model.", "audio_tower.", "model.audio_tower.", "mlp_AR.", "vit.",

@@ -1,12 +1,12 @@
-"""More image-text checkpoints served as their language model: LLaVA-NeXT (and -Video), LLaVA-OneVision, VipLlava, Video-
-LLaVA, InternVL, Idefics 2 / 3, SmolVLM, Aya Vision, Command A Vision, LightOnOCR, GOT-OCR 2, Janus, DeepSeek-VL (and
--Hybrid), EXAONE 4.5, Qianfan-OCR, Ovis 2, VideoLLaMA 3, HyperCLOVA X Vision, GLM-4.1V, GLM-4.5V, GLM-OCR, PaddleOCR-
-VL, PaliGemma, Granite Docling, Granite 4 Vision, HunYuan-VL, ERNIE 4.5 VL, Emu3 and Phi-4-multimodal (FastVLM and
-PerceptionLM, whose timm vision towers cannot be built here, from their text model's weights), against transformers'
-own image-text models on the same random weights, written by transformers. Most keep their language model under its
-own prefix (``model.language_model.``, ``language_model.model.`` or ``model.text_model.``); the vision tower,
-projector and Janus' image-generation head are not loaded. Their configs are transformers' defaults with a small text
-model (:data:`TEXT`, plus what a family needs: :data:`TEXT_EXTRA`) and a small vision tower."""
+"""More image-text checkpoints served as their language model: LLaVA-NeXT (and -Video), LLaVA-OneVision, VipLlava,
+Video-LLaVA, InternVL, Idefics 2 / 3, SmolVLM, Aya Vision, Command A Vision, LightOnOCR, GOT-OCR 2, Janus, DeepSeek-VL
+(and -Hybrid), EXAONE 4.5, Qianfan-OCR, Ovis 2, VideoLLaMA 3, HyperCLOVA X Vision, GLM-4.1V, GLM-4.5V, GLM-OCR,
+PaddleOCR-VL, PaliGemma, Granite Docling, Granite 4 Vision, HunYuan-VL, ERNIE 4.5 VL, Emu3 and Phi-4-multimodal
+(FastVLM and PerceptionLM, whose timm vision towers cannot be built here, from their text model's weights), against
+transformers' own image-text models on the same random weights, written by transformers. Most keep their language
+model under its own prefix (``model.language_model.``, ``language_model.model.`` or ``model.text_model.``); the vision
+tower, projector and Janus' image-generation head are not loaded. Their configs are transformers' defaults with a
+small text model (:data:`TEXT`, plus what a family needs: :data:`TEXT_EXTRA`) and a small vision tower."""
 
 from __future__ import annotations
 

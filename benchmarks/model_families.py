@@ -157,6 +157,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                               "mrope_section": [6, 6, 4]}),
                          "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2}}),
+    # Command A+: Cohere 2's parallel block over dense prefix layers and softmax-routed experts with a shared one
+    "cohere2_moe": ("Cohere2MoeConfig", "Cohere2MoeForCausalLM",
+                    dict(BASE, head_dim=32, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                         num_shared_experts=1, prefix_dense_intermediate_size=128, first_k_dense_replace=1,
+                         sliding_window=16, logit_scale=1.0)),
     # Phi-4-multimodal's Phi-3 decoder (partial RoPE; its image and audio embedders built, not loaded)
     "phi4_multimodal": ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM",
                         dict(BASE, partial_rotary_factor=0.75,

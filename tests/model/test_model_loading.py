@@ -359,7 +359,7 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
     "sliding_window must be a positive integer")."""
     from dualpath.model.spec import _HF_ARCH
 
-    windowed = {"gemma2", "gemma3", "vaultgemma", "cohere2", "gpt_neo", "exaone4", "olmo3", "ministral", "cwm",
+    windowed = {"gemma2", "gemma3", "vaultgemma", "cohere2", "cohere2_moe", "gpt_neo", "exaone4", "olmo3", "ministral", "cwm",
                 "gpt_oss", "afmoe", "exaone_moe", "granite_swa", "granitemoe_swa", "flint", "kolibri1"}
     # (their config classes slide some layers by default)
     for arch, hf_arch in sorted(_HF_ARCH.items()):

@@ -94,7 +94,7 @@ GRANITE_SCALED = (*GRANITE_ARCHS, "hyperclovax", "granite_swa")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
 ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "hy_v3", "minimax_m2", "llama4_text",
                  "ernie4_5_moe", "dbrx",
-                 "hunyuan_v1_moe")
+                 "hunyuan_v1_moe", "cohere2_moe")
 #: GLM-4.5's DeepSeek-V3 router (sigmoid scores, a correction bias for the choice, groups, a scaling factor)
 _GROUP_ROUTER_FIELDS = ("n_group", "topk_group", "routed_scaling_factor")
 #: the architectures routing by it: GLM-4.5, dots.llm1 (GLM-4.5's MoE under Qwen3's attention), Solar Open (under

@@ -129,7 +129,8 @@ def _default_layer_types(arch: str, cfg: dict[str, Any], where: str) -> list[str
 
 
 def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
-    if arch in ("cohere2", "llama4_text"):  # (read by layernorm_family / llama4: Cohere 2 rotates its sliding layers)
+    if arch in ("cohere2", "cohere2_moe", "llama4_text"):  # (read by layernorm_family / llama4: Cohere 2 rotates its
+        # sliding layers)
         return tuple(cfg["_nope_layers"])
     if arch == "afmoe":  # Trinity rotates its sliding layers only (whatever its window)
         return tuple(i for i, t in enumerate(_afmoe_layer_types(cfg, where)) if t == "full_attention")
@@ -301,7 +302,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         return None, ()
     if arch in lv.VARIANT_ARCHS and arch not in lv.WINDOWED:  # (their config classes have no window either)
         return None, ()
-    if arch in ("cohere2", "gpt_neo"):  # (read by layernorm_family)
+    if arch in ("cohere2", "cohere2_moe", "gpt_neo"):  # (read by layernorm_family)
         return cast(tuple[int | None, tuple[int, ...]], cfg["_windows"])
     if arch in lnf.LN_ARCHS:  # StarCoder 2 slides every layer or none; the others never
         if arch != "starcoder2" or cfg.get("sliding_window") is None:
@@ -546,7 +547,8 @@ def _group_moe_fields(arch: str, cfg: dict[str, Any], where: str, n_layers: int,
 def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[str, Any]:
     """The MoE fields of a mixtral / qwen2_moe / qwen3_moe / gpt_oss config (an empty dict for the dense
     architectures)."""
-    if arch not in ALL_MOE_ARCHS or arch in lv.VARIANT_ARCHS:  # (read by llama_variants.normalize_config)
+    if arch not in ALL_MOE_ARCHS or arch in lv.VARIANT_ARCHS or arch in lnf.LN_ARCHS:  # (read by
+        # llama_variants.normalize_config, layernorm_family.normalize_config)
         return {}
 
     def as_int(key: str, value: Any) -> int:

@@ -66,7 +66,7 @@ ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "P
                  "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode", "OPTForCausalLM": "opt",
                  "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2", "FalconForCausalLM": "falcon",
                  "NemotronForCausalLM": "nemotron", "BloomForCausalLM": "bloom", "GPTNeoForCausalLM": "gpt_neo",
-                 "MptForCausalLM": "mpt"}
+                 "MptForCausalLM": "mpt", "Cohere2MoeForCausalLM": "cohere2_moe"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families whose positions are ALiBi biases (no RoPE, no position embedding)
@@ -76,9 +76,10 @@ LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo")
 #: where each family's position table starts (OPT keeps two rows before position 0)
 POSITION_OFFSET = {"opt": 2}
 #: the families whose RoPE turns interleaved pairs (read by permuting q/k rows: see the module docstring)
-INTERLEAVED_ROPE = ("gptj", "cohere", "cohere2")
-#: Cohere's families: a bias-free LayerNorm in fp32, a SwiGLU MLP, logits times logit_scale
-COHERE = ("cohere", "cohere2")
+INTERLEAVED_ROPE = ("gptj", "cohere", "cohere2", "cohere2_moe")
+#: Cohere's families: a bias-free LayerNorm in fp32 (Command A+'s MoE: or an RMSNorm), a SwiGLU MLP, logits times
+#: logit_scale
+COHERE = ("cohere", "cohere2", "cohere2_moe")
 HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 LN_ARCHS = tuple(ARCHITECTURES.values())
 #: a config's activation name -> the one the MLP runs (``gelu_tanh``: GELU's tanh approximation, which
@@ -106,6 +107,13 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                "use_qk_norm": False, "attention_bias": False, "tie_word_embeddings": True, "rope_theta": 500000.0},
     "cohere2": {"max_position_embeddings": 8192, "layer_norm_eps": 1e-5, "hidden_act": "silu", "logit_scale": 0.0625,
                 "attention_bias": False, "tie_word_embeddings": True, "rope_theta": 10000.0, "sliding_window": 4096},
+    # Cohere2MoeConfig's (Command A+): Cohere 2's, with head_dim 128, experts and dense prefix layers
+    "cohere2_moe": {"max_position_embeddings": 8192, "layer_norm_eps": 1e-5, "hidden_act": "silu",
+                    "logit_scale": 0.0625, "attention_bias": False, "tie_word_embeddings": True, "rope_theta": 10000.0,
+                    "sliding_window": 4096, "head_dim": 128, "num_experts": 8, "num_experts_per_tok": 2,
+                    "num_shared_experts": 0, "shared_expert_combination_strategy": "average",
+                    "expert_selection_fn": "softmax", "norm_topk_prob": True, "prefix_dense_sliding_window_pattern": 1,
+                    "sliding_window_pattern": 4},
     "falcon": {"max_position_embeddings": 2048, "layer_norm_epsilon": 1e-5, "activation": "gelu", "alibi": False,
                "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "bias": False,
                "tie_word_embeddings": True},
@@ -267,6 +275,94 @@ def _cohere2_layers(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return {"_windows": (window, full), "_nope_layers": full}
 
 
+def _int_key(cfg: dict[str, Any], key: str, where: str, low: int = 1) -> int:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ModelError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def _cohere2_moe(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """Command A+'s layers as Cohere2MoeConfig reads them: ``layer_types`` (else the first ``first_k_dense_replace``
+    layers full every ``prefix_dense_sliding_window_pattern``-th, the rest every ``sliding_window_pattern``-th),
+    ``mlp_layer_types`` (else those first layers dense); RoPE on the sliding layers, and on the dense layers when
+    the prefix pattern is 1 (transformers' ``force_rope``). Its MoE: the top ``num_experts_per_tok`` of
+    ``num_experts`` by router logit, weighted by their softmax (or, with ``expert_selection_fn: sigmoid``, their
+    sigmoid, renormalized with ``norm_topk_prob``); experts ``intermediate_size`` wide, ``num_shared_experts``
+    shared ones in one MLP, summed or averaged with the routed output; dense layers
+    ``prefix_dense_intermediate_size`` wide (else ``intermediate_size``). Returns the config's updates, with the
+    spec fields under ``_moe``."""
+    n = _int_key(cfg, "num_hidden_layers", where)
+    k = cfg.get("first_k_dense_replace", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ModelError(f"{where}: first_k_dense_replace must be an integer in [0, {n}], got {k!r}")
+    prefix = _int_key(cfg, "prefix_dense_sliding_window_pattern", where)
+    types = cfg.get("layer_types")
+    if types is None:
+        pattern = _int_key(cfg, "sliding_window_pattern", where)
+        types = ["sliding_attention" if (i + 1) % prefix else "full_attention" for i in range(k)] + \
+                ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n - k)]
+    kinds = cfg.get("mlp_layer_types")
+    if kinds is None:
+        kinds = ["dense" if i < k else "sparse" for i in range(n)]
+    if (not isinstance(types, list) or len(types) != n
+            or any(t not in ("sliding_attention", "full_attention") for t in types)):
+        raise ModelError(f"{where}: layer_types must list 'sliding_attention' / 'full_attention' for each of the {n} "
+                         f"layers, got {types!r}")
+    if not isinstance(kinds, list) or len(kinds) != n or any(t not in ("dense", "sparse") for t in kinds):
+        raise ModelError(f"{where}: mlp_layer_types must list 'dense' / 'sparse' for each of the {n} layers, got "
+                         f"{kinds!r}")
+    window = cfg.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise ModelError(f"{where}: sliding_window must be a positive integer or null, got {window!r}")
+    full = tuple(i for i, t in enumerate(types) if t == "full_attention")
+    rope = {i for i, t in enumerate(types) if window is not None and t == "sliding_attention"}
+    if prefix == 1:
+        rope |= {i for i, t in enumerate(kinds) if t == "dense"}
+    select = cfg.get("expert_selection_fn")
+    if select not in ("softmax", "sigmoid"):
+        raise ModelError(f"{where}: expert_selection_fn must be 'softmax' or 'sigmoid', got {select!r}")
+    mix = cfg.get("shared_expert_combination_strategy")
+    if mix not in ("sum", "average"):
+        raise ModelError(f"{where}: shared_expert_combination_strategy must be 'sum' or 'average', got {mix!r}")
+    width = _int_key(cfg, "intermediate_size", where)
+    dense = cfg.get("prefix_dense_intermediate_size")
+    dense = width if dense is None else _int_key(cfg, "prefix_dense_intermediate_size", where)
+    shared = _int_key(cfg, "num_shared_experts", where, low=0)
+    norm = cfg.get("norm_topk_prob")
+    if not isinstance(norm, bool):
+        raise ModelError(f"{where}: norm_topk_prob must be true or false, got {norm!r}")
+    return {"_windows": (None, ()) if window is None else (window, full),
+            "_nope_layers": tuple(i for i in range(n) if i not in rope), "intermediate_size": dense,
+            "_moe": {"n_experts": _int_key(cfg, "num_experts", where),
+                     "n_experts_per_tok": _int_key(cfg, "num_experts_per_tok", where),
+                     "moe_intermediate_size": width, "shared_expert_intermediate_size": width * shared,
+                     "norm_topk_prob": norm or select == "softmax", "decoder_sparse_step": 1,
+                     "mlp_only_layers": tuple(i for i, t in enumerate(kinds) if t == "dense"),
+                     "expert_selection": select, "shared_expert_average": mix == "average",
+                     "rms_norms": bool(cfg.pop("_rms"))}}
+
+
+def _cohere2_moe_out(spec: ModelSpec) -> dict[str, Any]:
+    """:func:`_cohere2_moe`'s inverse: Cohere2MoeConfig's keys for ``spec`` (its dense full-attention layers rotate
+    all or none: that is the prefix pattern's 1 or not)."""
+    dense = [i for i in range(spec.n_layers) if not spec.is_moe_layer(i)]
+    full_dense = {i for i in dense if spec.layer_window(i) is None}
+    roped = {i for i in full_dense if i not in spec.nope_layers}
+    if roped and roped != full_dense:
+        raise ModelError("cohere2_moe: its dense full-attention layers must all rotate or none (the prefix pattern)")
+    shared = spec.shared_expert_intermediate_size // spec.moe_intermediate_size
+    norm = {"rms_norm_eps": spec.rms_eps} if spec.rms_norms else {"layer_norm_eps": spec.rms_eps,
+                                                                 "rms_norm_eps": None}
+    return {"head_dim": spec.head_dim, "intermediate_size": spec.moe_intermediate_size,
+            "prefix_dense_intermediate_size": spec.intermediate_size, "num_experts": spec.n_experts,
+            "num_experts_per_tok": spec.n_experts_per_tok, "num_shared_experts": shared,
+            "shared_expert_combination_strategy": "average" if spec.shared_expert_average else "sum",
+            "expert_selection_fn": spec.expert_selection, "norm_topk_prob": spec.norm_topk_prob,
+            "mlp_layer_types": ["dense" if i in dense else "sparse" for i in range(spec.n_layers)],
+            "prefix_dense_sliding_window_pattern": 1 if roped or not full_dense else 2, **norm}
+
+
 def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """A LayerNorm family's config in the keys :meth:`ModelSpec.from_hf_config` reads, plus ``ln_fields`` (the
     spec fields of this module's families). Bad values raise :class:`ModelError` naming the key."""
@@ -338,6 +434,9 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
     else:
         scale_by_layer = False
         eps_key = {"starcoder2": "norm_epsilon", "nemotron": "norm_eps"}.get(arch, "layer_norm_eps")
+        if arch == "cohere2_moe":  # (RMSNorms instead of LayerNorms when it names their epsilon)
+            out["_rms"] = out.get("rms_norm_eps") is not None
+            eps_key = "rms_norm_eps" if out["_rms"] else eps_key
         out["rms_norm_eps"] = out[eps_key]
     eps = out["rms_norm_eps"]
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
@@ -369,13 +468,15 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             raise ModelError(f"{where}: logit_scale must be a positive number, got {scale!r}")
         if arch == "cohere2":
             out.update(_cohere2_layers(out, where))
+        elif arch == "cohere2_moe":
+            out.update(_cohere2_moe(out, where))
     if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom", "gpt_neo", "mpt"):
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
     parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
-                "opt": False, "cohere": True, "cohere2": True, "nemotron": False, "bloom": False,
+                "opt": False, "cohere": True, "cohere2": True, "cohere2_moe": True, "nemotron": False, "bloom": False,
                 "gpt_neo": False, "mpt": False}.get(arch)
     if arch == "falcon":
         parallel = out["parallel_attn"]
@@ -388,6 +489,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
                         "scale_attn_by_layer": scale_by_layer}
     if arch in COHERE:
         out["ln_fields"]["logit_scale"] = float(out["logit_scale"])
+    if arch == "cohere2_moe":
+        out["ln_fields"].update(out.pop("_moe"))
     if arch == "falcon":
         out["ln_fields"]["falcon_layout"] = out.pop("_falcon_layout")
     if arch == "opt":
@@ -459,6 +562,8 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
             out.update(sliding_window=spec.sliding_window,
                        layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"
                                     for i in range(spec.n_layers)])
+        if arch == "cohere2_moe":
+            out.update(_cohere2_moe_out(spec))
         return out
     if arch == "falcon":
         new = str(spec.falcon_layout).startswith("new")

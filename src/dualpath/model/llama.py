@@ -195,8 +195,8 @@ class RMSNorm(nn.Module):
 def _norm(spec: ModelSpec, dim: int) -> nn.Module:
     """A layer's or the model's norm in the family's style: RMSNorm, or LayerNorm with a bias for the LayerNorm
     families (:mod:`dualpath.model.layernorm_family`)."""
-    if spec.architecture in ("cohere", "cohere2"):  # bias-free, in fp32
-        return HeadLayerNorm(0, dim, spec.rms_eps)
+    if spec.architecture in ("cohere", "cohere2", "cohere2_moe"):  # bias-free, in fp32 (Command A+'s: or RMSNorms)
+        return RMSNorm(dim, spec.rms_eps) if spec.rms_norms else HeadLayerNorm(0, dim, spec.rms_eps)
     if spec.architecture == "nemotron":
         return LayerNorm1P(dim, eps=spec.rms_eps)
     if spec.architecture in ("mpt", "dbrx"):  # bias-free
@@ -360,15 +360,19 @@ class _SigmoidGate(nn.Module):
     """Flint's and Kolibri 1's router: an fp32 linear layer (``weight``), and for Kolibri 1 a correction bias that
     joins the logits for the choice only (``e_score_correction_bias``)."""
 
-    keep_fp32 = True
-
-    def __init__(self, hidden: int, n_experts: int, bias: bool) -> None:
+    def __init__(self, hidden: int, n_experts: int, bias: bool, fp32: bool = True) -> None:
         super().__init__()
+        self.keep_fp32 = fp32  # (Command A+'s sigmoid router runs in the compute dtype)
         self.weight = nn.Parameter(torch.zeros(n_experts, hidden))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(n_experts), requires_grad=False) if bias else None
 
     def route(self, x: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(idx [N, k], weights [N, k] fp32)``: the ``k`` best logits (plus the bias), weighted by their sigmoid."""
+        if not self.keep_fp32:  # (Command A+: the top k of the logits in the compute dtype, their sigmoid there)
+            logits = F.linear(x, self.weight)
+            top, idx = logits.topk(k, dim=-1)
+            w = top.sigmoid()
+            return idx, (w / w.sum(dim=-1, keepdim=True) if renormalize else w)
         logits = F.linear(x.float(), self.weight.float())
         choice = logits if self.e_score_correction_bias is None else logits + self.e_score_correction_bias.float()
         idx = choice.topk(k, dim=-1)[1]
@@ -397,9 +401,11 @@ class SparseMoE(nn.Module):
         self.round_weights = spec.architecture != "mixtral"
         self.jitter_eps = spec.router_jitter_eps  # PhiMoE's sparsemixer router (None: softmax top-k)
         self.gate: nn.Linear | _SigmoidGate
-        self.sigmoid_router = spec.architecture in SIGMOID_ROUTER_ARCHS
+        self.sigmoid_router = spec.architecture in SIGMOID_ROUTER_ARCHS or spec.expert_selection == "sigmoid"
+        self.shared_average = bool(spec.shared_expert_average)  # (Command A+'s default: (routed + shared) / 2)
         if self.sigmoid_router:
-            self.gate = _SigmoidGate(spec.hidden_size, spec.n_experts, bias=spec.architecture == "kolibri1")
+            self.gate = _SigmoidGate(spec.hidden_size, spec.n_experts, bias=spec.architecture == "kolibri1",
+                                     fp32=spec.architecture in SIGMOID_ROUTER_ARCHS)
         else:
             self.gate = (_Fp32Linear if self.fp32_router else nn.Linear)(spec.hidden_size, spec.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
@@ -424,7 +430,7 @@ class SparseMoE(nn.Module):
             assert isinstance(self.gate, _SigmoidGate)
             idx, w = self.gate.route(x, self.top_k, self.renormalize)
             out = dispatch_experts(x, idx, w, self.experts)
-            return out + self.shared_expert(x) if self.shared_expert is not None else out
+            return self._with_shared(x, out)
         logits = F.linear(x.float(), self.gate.weight.float()) if self.fp32_router else self.gate(x)
         if self.jitter_eps is not None:  # PhiMoE
             idx, w = sparsemixer_top2(logits, self.jitter_eps)
@@ -435,9 +441,14 @@ class SparseMoE(nn.Module):
         out = dispatch_experts(x, idx, w, self.experts)
         if self.shared_expert is not None and self.shared_gate:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        elif self.shared_expert is not None:
-            out = out + self.shared_expert(x)
-        return out
+            return out
+        return self._with_shared(x, out)
+
+    def _with_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The routed output plus the ungated shared expert's, or their mean (Command A+'s ``average``)."""
+        if self.shared_expert is None:
+            return out
+        return (out + self.shared_expert(x)) / 2 if self.shared_average else out + self.shared_expert(x)
 
 
 class DecoderLayer(nn.Module):

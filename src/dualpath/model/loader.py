@@ -249,9 +249,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             tensors = gpt_oss_tensors(spec, tensors)
         elif tensors is not None and spec.architecture == "llama4_text":  # (MoE, in its own layout)
             tensors = lv.tensors_in(spec, tensors, source)
-        elif tensors is not None and spec.is_moe:  # (ERNIE 4.5 MoE: its interleaved RoPE rows first)
+        elif tensors is not None and spec.is_moe:  # (ERNIE 4.5 MoE, Command A+: their interleaved RoPE rows first)
             if spec.architecture in lv.VARIANT_ARCHS:
                 tensors = lv.tensors_in(spec, tensors, source)
+            elif spec.layer_norm:
+                from dualpath.model.layernorm_family import tensors_in as layernorm_tensors_in
+
+                tensors = layernorm_tensors_in(spec, tensors)
             tensors = moe_tensors(spec, tensors, source)
         elif tensors is not None and spec.architecture == "phi3":
             tensors = phi3_tensors(spec, tensors, source)

@@ -315,6 +315,12 @@ class ModelSpec(_SpecCommon):
     # apertus (Apertus 1.5; None for every other and for an unpruned head): the LM head's rows, a prefix of the
     # vocabulary (the multimodal token rows pruned); the ids past it are inputs only, never generated
     output_vocab_size: int | None = None
+    # cohere2_moe (Command A+; None for every other): its router's weights (softmax or sigmoid of the top-k logits),
+    # whether the shared experts' output is averaged with the routed one (else summed), and RMSNorms instead of
+    # Cohere's LayerNorms
+    expert_selection: str | None = None
+    shared_expert_average: bool | None = None
+    rms_norms: bool | None = None
     # the longest context this deployment serves (LlamaModelConfig.max_context; None: max_position); not part of
     # the architecture, so not in to_dict
     context_cap: int | None = field(default=None, compare=False)
@@ -347,6 +353,12 @@ class ModelSpec(_SpecCommon):
                     raise ModelError(f"model config: llama3 rope_scaling is missing {key!r}")
         object.__setattr__(self, "mlp_only_layers", tuple(int(x) for x in self.mlp_only_layers))
         self._check_layernorm_family()
+        cohere_moe = (self.expert_selection, self.shared_expert_average, self.rms_norms)
+        if (self.architecture == "cohere2_moe") != (None not in cohere_moe) or (
+                self.expert_selection not in (None, "softmax", "sigmoid")
+                or any(v is not None and not isinstance(v, bool) for v in cohere_moe[1:])):
+            raise ModelError(f"model config: expert_selection / shared_expert_average / rms_norms are cohere2_moe's "
+                             f"and required there, got {cohere_moe!r} for {self.architecture}")
         if self.output_vocab_size is not None and (
                 self.architecture != "apertus" or isinstance(self.output_vocab_size, bool)
                 or not isinstance(self.output_vocab_size, int) or not 0 < self.output_vocab_size < self.vocab_size
@@ -396,7 +408,8 @@ class ModelSpec(_SpecCommon):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
         nope = tuple(sorted({int(x) for x in self.nope_layers}))
-        if nope and (self.architecture not in ("smollm3", "exaone4", "exaone_moe", "cohere2", "llama4_text", "afmoe",
+        if nope and (self.architecture not in ("smollm3", "exaone4", "exaone_moe", "cohere2", "cohere2_moe",
+                                               "llama4_text", "afmoe",
                                                "flint", "kolibri1", *GRANITE_SWA)
                      or any(not 0 <= x < self.n_layers for x in nope)):
             raise ModelError(f"model config: nope_layers {list(nope)} must be smollm3 / exaone4 / cohere2 layers of "
@@ -475,7 +488,7 @@ class ModelSpec(_SpecCommon):
         fixed = {"mpt": (False, False), "gpt_neo": (False, False), "bloom": (False, False), "gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
                  "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "cohere": (True, None),
                  "nemotron": (False, False),
-                 "cohere2": (True, False)}
+                 "cohere2": (True, False), "cohere2_moe": (True, False)}
         if (self.falcon_layout is None) == (self.architecture == "falcon") or self.falcon_layout not in (
                 None, "new1", "new2", "old"):
             raise ModelError(f"model config: falcon_layout is falcon's (new1, new2 or old) and required there, got "
@@ -511,7 +524,8 @@ class ModelSpec(_SpecCommon):
                              "(n_kv_heads = n_heads)")
         if self.architecture == "gpt_bigcode" and self.n_kv_heads not in (1, self.n_heads):
             raise ModelError("model config: gpt_bigcode attends with one key/value head (multi_query) or one per head")
-        if self.sliding_window is not None and self.architecture not in ("starcoder2", "cohere2", "gpt_neo"):
+        if self.sliding_window is not None and self.architecture not in ("starcoder2", "cohere2", "cohere2_moe",
+                                                                         "gpt_neo"):
             raise ModelError(f"model config: {self.architecture} has no sliding window")
 
     def _check_longrope(self) -> None:
@@ -595,7 +609,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError("model config: shared_expert_intermediate_size must be positive for qwen2_moe "
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
         if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "hy_v3",
-                                     "granitemoeshared", "flint", "kolibri1", "granitemoe_swa",
+                                     "granitemoeshared", "flint", "kolibri1", "granitemoe_swa", "cohere2_moe",
                                      "llama4_text",
                                      "ernie4_5_moe", "hunyuan_v1_moe") and \
                 self.shared_expert_intermediate_size:
@@ -857,7 +871,7 @@ class ModelSpec(_SpecCommon):
                     "scale_attn_by_layer", "post_layer_norm", "peri_norms", "embed_proj_dim", "logit_scale",
                     "falcon_layout",
                     "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature", "moe_norm_min",
-                    "output_vocab_size"):
+                    "output_vocab_size", "expert_selection", "shared_expert_average", "rms_norms"):
             if d[key] is None:
                 d.pop(key)
         # (this for loop has never broken, so its else has always run: a dense spec's dict keeps "mlp_only_layers"

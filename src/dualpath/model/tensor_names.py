@@ -291,7 +291,8 @@ _KOLIBRI1_NAMES = {".moe.router.expert_bias": ".mlp.gate.e_score_correction_bias
 _HY_V3_NAMES = {".mlp.expert_bias": ".mlp.gate.e_score_correction_bias", ".mlp.router.gate.": ".mlp.gate.",
                 ".mlp.shared_mlp.": ".mlp.shared_experts."}
 #: each family's own tensor names -> ours, renamed both ways by moe_tensors / tensors_out
-_RENAMED = {"afmoe": _AFMOE_NAMES, "hy_v3": _HY_V3_NAMES, "flint": _FLINT_NAMES, "kolibri1": _KOLIBRI1_NAMES}
+_RENAMED = {"afmoe": _AFMOE_NAMES, "hy_v3": _HY_V3_NAMES, "flint": _FLINT_NAMES, "kolibri1": _KOLIBRI1_NAMES,
+            "cohere2_moe": {".mlp.shared_experts.": ".mlp.shared_expert."}}
 
 
 def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],

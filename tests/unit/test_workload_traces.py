@@ -4,6 +4,7 @@ content (reuse across sessions), online timestamps, the ideal hit rate, `dualpat
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dualpath.errors import WorkloadError
 from dualpath.workload import WorkloadConfig, build_workload
 from dualpath.workload.traces import (
     COPY_SALT,
+    _prefix_requests,
     hash_prompt_tokens,
     ideal_hit_rate,
     load_trace,
@@ -350,3 +352,51 @@ def test_time_scale_replays_a_trace_faster_or_slower(tmp_path: Path, capsys: pyt
     assert "times / 4" in describe(cfg, trajs, ["dualpath"])  # (the header says so)
     with pytest.raises(ConfigError, match="--time-scale must be a positive number"):
         prepare(RunRequest(config=str(conf), trace=str(SHARED), time_scale=0.0))
+
+
+def _shape(trajs):
+    """Each trajectory's turns as (append, gen, at, line, hash ids), in order (session numbers aside)."""
+    return [[(u.append, u.gen, u.at, u.line, u.hash_ids) for u in t.turns] for t in trajs]
+
+
+def _rows_out_of_order(rng: random.Random, n: int, bailian: bool) -> list[dict]:
+    """Content-hashed rows whose sessions share prefixes, written out of time order with tied timestamps; Bailian's
+    with parents (some missing, some with a second child)."""
+    rows, open_ = [], []
+    for i in range(n):
+        t = (i // 3) * 7  # (three rows share each timestamp)
+        if open_ and rng.random() < 0.6:
+            k = rng.randrange(len(open_))
+            chat, ids, ctx = open_[k]
+            ids = ids + [rng.randrange(10**6) for _ in range(rng.randint(1, 3))]
+            parent = chat if rng.random() < 0.9 else 10**7 + i  # (some parents are not in the file)
+            if rng.random() > 0.8:
+                del open_[k]  # (and its next child, if any, will be a second child)
+        else:
+            ids, parent = [rng.randrange(10**6) for _ in range(rng.randint(1, 4))], -1
+        inp = len(ids) * 16 - rng.randrange(8)
+        row = {"timestamp": t, "input_length": inp, "output_length": rng.randint(1, 9), "hash_ids": ids}
+        if bailian:
+            row.update(chat_id=i, parent_chat_id=parent, turn=1, type="text")
+        else:
+            row["timestamp"] = t * 1000
+        rows.append(row)
+        open_.append((i, ids, inp))
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["mooncake", "bailian"])
+def test_a_prefix_kept_while_streaming_equals_the_whole_file_cut(tmp_path, fmt):
+    """--max-requests N on a Mooncake or Qwen-Bailian trace keeps the N earliest rows as the file streams by (memory
+    for N rows): the sessions, turns, times and content equal those of the whole file loaded and then cut to its
+    first N requests, for rows out of time order and tied timestamps; the header still counts the whole file."""
+    rng = random.Random(7)
+    p = tmp_path / f"t.{fmt}.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in _rows_out_of_order(rng, 240, fmt == "bailian")))
+    whole = load_trace(p, fmt)
+    assert whole.requests == 240 and len(whole.trajectories) < 200  # (sessions of several turns)
+    for n in (1, 2, 5, 37, 100, 239, 240, 500):
+        cut = load_trace(p, fmt, max_requests=n)
+        assert _shape(cut.trajectories) == _shape(_prefix_requests(whole.trajectories, n)), n
+        assert cut.note.startswith(f"{min(n, 240)} of 240 requests")

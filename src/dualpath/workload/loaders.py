@@ -13,12 +13,13 @@ Blank lines, CRLF line ends and a leading UTF-8 byte-order mark are fine. Any ma
 
 from __future__ import annotations
 
-import itertools
+import heapq
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from dualpath.errors import WorkloadError
 from dualpath.workload.compressed import open_trace
@@ -160,38 +161,118 @@ class MooncakeRow:
 HASH_BLOCKS = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def infer_hash_block(rows: list[tuple[int, int]], default: int = 512) -> int:
+class HashBlockVotes:
+    """:func:`infer_hash_block` row by row: for each candidate of :data:`HASH_BLOCKS`, how many rows have
+    ``len(hash_ids) == ceil(input_length / block)`` (so a file streamed once, and cut to a prefix, infers what the
+    whole file says)."""
+
+    def __init__(self) -> None:
+        self.n = dict.fromkeys(HASH_BLOCKS, 0)
+
+    def add(self, inp: int, k: int) -> None:
+        for b in HASH_BLOCKS:
+            if k == -(-inp // b):
+                self.n[b] += 1
+
+    def best(self, default: int = 512) -> int:
+        """The candidate most rows fit (ties: the larger block); ``default`` when no row is conclusive."""
+        best, best_n = default, 0
+        for b in HASH_BLOCKS:
+            if self.n[b] > best_n or (self.n[b] == best_n and best_n > 0 and b > best):
+                best, best_n = b, self.n[b]
+        return best
+
+
+def infer_hash_block(rows: Iterable[tuple[int, int]], default: int = 512) -> int:
     """Tokens per hash id of a trace, from ``(input_length, len(hash_ids))`` pairs: the candidate of
     :data:`HASH_BLOCKS` for which most rows have ``len(hash_ids) == ceil(input_length / block)`` (ties: the
     larger block); ``default`` when no row is conclusive. Mooncake's public traces use 512, Qwen-Bailian's 16."""
-    best, best_n = default, 0
-    for b in HASH_BLOCKS:
-        n = sum(1 for inp, k in rows if k == -(-inp // b))
-        if n > best_n or (n == best_n and n > 0 and b > best):
-            best, best_n = b, n
-    return best
+    votes = HashBlockVotes()
+    for inp, k in rows:
+        votes.add(inp, k)
+    return votes.best(default)
+
+
+_Row = TypeVar("_Row", bound=tuple[Any, ...])
+
+
+def earliest(rows: Iterable[_Row], n: int | None, keep: Any = None) -> tuple[list[_Row], int]:
+    """Rows ``(time, line, ...)`` in time order (ties: line order), all of them or the ``n`` earliest (kept as they
+    stream by: memory for ``n`` rows, whatever the file's length), and how many rows there were. ``keep``: applied
+    to a row when it is kept (a trace's hash ids interned then, not for rows passed over)."""
+    def kept_(r: _Row) -> _Row:
+        return r if keep is None else cast(_Row, keep(r))
+
+    if n is None:
+        out = [kept_(r) for r in rows]
+        out.sort(key=lambda r: (r[0], r[1]))
+        return out, len(out)
+    heap: list[tuple[tuple[float, int], _Row]] = []  # (the negated (time, line): the latest kept row on top)
+    total = 0
+    for r in rows:
+        total += 1
+        key = (-r[0], -r[1])
+        if len(heap) < n:
+            heapq.heappush(heap, (key, kept_(r)))
+        elif key > heap[0][0]:
+            heapq.heapreplace(heap, (key, kept_(r)))
+    kept = [r for _, r in heap]
+    kept.sort(key=lambda r: (r[0], r[1]))
+    return kept, total
+
+
+class _AIPerfRow(Exception):
+    """A row of AIPerf's Mooncake shape met while streaming FAST'25 rows: the file is read again as such."""
 
 
 def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None,
-                  objs: list[tuple[int, dict[str, Any]]] | None = None) -> list[MooncakeRow]:
+                  objs: Iterable[tuple[int, dict[str, Any]]] | None = None) -> list[MooncakeRow]:
     """The requests of a Mooncake trace in time order (ties: file order); the first ``max_requests`` if set.
     Timestamps may be left out of every row (file order then), not out of some. ``objs``: the file's
     ``(line, object)`` rows when already read."""
+    return read_mooncake_counted(path, max_requests, objs)[0]
+
+
+def read_mooncake_counted(path: str | os.PathLike[str], max_requests: int | None = None,
+                          objs: Iterable[tuple[int, dict[str, Any]]] | None = None,
+                          votes: HashBlockVotes | None = None,
+                          stop_at_aiperf: bool = False) -> tuple[list[MooncakeRow], int, bool]:
+    """:func:`read_mooncake`, with how many rows the file has and whether it has timestamps; the first
+    ``max_requests`` are kept as the rows stream by (memory for that many rows: a trace of millions of rows cut
+    to a prefix is never held whole). ``votes`` counts every row's hash-id block fit; ``stop_at_aiperf`` raises
+    :class:`_AIPerfRow` at a row of AIPerf's shape."""
     p = str(path)
-    rows: list[tuple[float, int, int, int, list[int]]] = []
-    timed: bool | None = None
     ids: dict[int, int] = {}
-    for no, obj in (_lines(p) if objs is None else objs):
+    timed: list[bool | None] = [None]
+    rows, total = earliest(_fast25_rows(p, _lines(p) if objs is None else objs, timed, votes, stop_at_aiperf),
+                           max_requests, keep=lambda r: (*r[:4], interned(r[4], ids)))
+    t0 = rows[0][0] if rows else 0.0
+    return ([MooncakeRow((ts - t0) / 1000.0 if timed[0] else None, inp, outp, hids, no)
+             for ts, no, inp, outp, hids in rows], total, bool(timed[0]))
+
+
+def _fast25_rows(p: str, objs: Iterable[tuple[int, dict[str, Any]]], timed: list[bool | None],
+                 votes: HashBlockVotes | None,
+                 stop_at_aiperf: bool = False) -> Iterator[tuple[float, int, int, int, list[int]]]:
+    """The validated ``(timestamp, line, input, output, hash_ids)`` of each FAST'25 row (``timed[0]``: whether the
+    first row had a timestamp); with ``stop_at_aiperf``, :class:`_AIPerfRow` at a row of AIPerf's shape."""
+    from dualpath.workload.mooncake_sessions import is_extended
+
+    for no, obj in objs:
+        if stop_at_aiperf and is_extended(obj):
+            raise _AIPerfRow
         ts = obj.get("timestamp")
+        if timed[0] is None:
+            timed[0] = ts is not None
         if timed is None:
             timed = ts is not None
-        if ts is None and not timed:
+        if ts is None and not timed[0]:
             ts = 0.0
         elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
             raise WorkloadError(f"field 'timestamp' must be a number, got {ts!r}" if "timestamp" in obj
                                 else "missing field 'timestamp' (the first row has one)", path=p,
                                 line=no)  # fmt: skip
-        elif not timed:
+        elif not timed[0]:
             raise WorkloadError("field 'timestamp' on a row when the first row has none: give every row a "
                                 "timestamp or none", path=p, line=no)
         inp = _int_field(obj, "input_length", "", p, no, minimum=1)
@@ -205,13 +286,9 @@ def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None,
                 path=p,
                 line=no,
             )
-        rows.append((float(ts), no, inp, outp, interned(hids, ids)))
-    rows.sort(key=lambda r: (r[0], r[1]))
-    if max_requests is not None:
-        rows = rows[:max_requests]
-    t0 = rows[0][0] if rows else 0.0
-    return [MooncakeRow((ts - t0) / 1000.0 if timed else None, inp, outp, hids, no)
-            for ts, no, inp, outp, hids in rows]
+        if votes is not None:
+            votes.add(inp, len(hids))
+        yield float(ts), no, inp, outp, hids
 
 
 def _block_ids(hash_ids: list[int], start: int, stop: int, block_tokens: int, vocab: int) -> list[int]:
@@ -239,7 +316,22 @@ def load_mooncake_trace(
     vocab_size: int = 32000,
     max_requests: int | None = None,
 ) -> tuple[list[Trajectory], int]:
-    """Trajectories from a Mooncake-format trace, and how many rows had to start a session of their own.
+    """:func:`mooncake_trace` without the file's request count."""
+    trajs, restarted, _ = mooncake_trace(path, block_tokens, with_ids, vocab_size, max_requests)
+    return trajs, restarted
+
+
+def mooncake_trace(
+    path: str | os.PathLike[str],
+    block_tokens: int | None = None,
+    with_ids: bool = False,
+    vocab_size: int = 32000,
+    max_requests: int | None = None,
+) -> tuple[list[Trajectory], int, int]:
+    """Trajectories from a Mooncake-format trace, how many rows had to start a session of their own, and how many
+    requests the file has. FAST'25 rows cut to ``max_requests`` are cut as they stream by: whatever the file's
+    length, only that many rows are kept (the sessions of the first requests are grouped from those requests
+    alone, as a request only continues an earlier one).
 
     Rows with sessions, text or messages inputs, think times, or without ``hash_ids`` (AIPerf's
     ``mooncake_trace`` rows) are read by :mod:`dualpath.workload.mooncake_sessions` (``with_ids`` does not
@@ -264,28 +356,19 @@ def load_mooncake_trace(
     ``with_ids`` also fills each turn's ``append_ids`` (the derived tokens of its appended part).
     ``block_tokens`` None: inferred from the rows (:func:`infer_hash_block`; 512 in Mooncake's traces).
     """
-    from dualpath.workload.mooncake_sessions import is_extended, load_session_rows
+    from dualpath.workload.mooncake_sessions import load_session_rows
+    from dualpath.workload.traces import _count_requests, _prefix_requests
 
-    lines = _lines(str(path))
-    objs: list[tuple[int, dict[str, Any]]] = []  # FAST'25 rows (small) until a row says otherwise
-    for no, obj in lines:
-        if is_extended(obj):  # the rest streams, each object dropped once read (history rows are large)
-            st = load_session_rows(itertools.chain(objs, [(no, obj)], lines), path)
-            break
-        objs.append((no, obj))
-    else:
-        st = None
-    if st is not None:
-        trajs = st.trajectories
-        if max_requests is not None:
-            from dualpath.workload.traces import _prefix_requests
-
-            trajs = _prefix_requests(trajs, max_requests)
-        return trajs, st.restarted
-    rows = read_mooncake(path, max_requests, objs)
+    votes = HashBlockVotes()
+    try:
+        rows, total, _ = read_mooncake_counted(path, max_requests, votes=votes, stop_at_aiperf=True)
+    except _AIPerfRow:  # (read again from the start as AIPerf's rows, each object dropped once read)
+        st = load_session_rows(_lines(str(path)), path)
+        trajs, total = st.trajectories, _count_requests(st.trajectories)
+        return (trajs if max_requests is None else _prefix_requests(trajs, max_requests)), st.restarted, total
     if block_tokens is None:
-        block_tokens = infer_hash_block([(r.input_len, len(r.hash_ids)) for r in rows])
-    return group_by_hash_prefix(rows, block_tokens, with_ids, vocab_size), 0
+        block_tokens = votes.best()
+    return group_by_hash_prefix(rows, block_tokens, with_ids, vocab_size), 0, total
 
 
 def group_by_hash_prefix(rows: list[MooncakeRow], block_tokens: int, with_ids: bool = False,
@@ -328,6 +411,13 @@ def group_by_hash_prefix(rows: list[MooncakeRow], block_tokens: int, with_ids: b
 
 
 def load_bailian(path: str | os.PathLike[str], block_tokens: int | None = None) -> tuple[list[Trajectory], int]:
+    """:func:`bailian_trace` without the file's request count."""
+    trajs, orphans, _ = bailian_trace(path, block_tokens)
+    return trajs, orphans
+
+
+def bailian_trace(path: str | os.PathLike[str], block_tokens: int | None = None,
+                  max_requests: int | None = None) -> tuple[list[Trajectory], int, int]:
     """Trajectories from a Qwen-Bailian trace (``chat_id``, ``parent_chat_id`` (-1: a session's first request),
     ``timestamp`` in seconds, ``input_length``, ``output_length``, ``hash_ids`` of 16-token blocks; ``turn`` and
     ``type`` are ignored), and how many requests could not continue their parent's session.
@@ -336,29 +426,16 @@ def load_bailian(path: str | os.PathLike[str], block_tokens: int | None = None) 
     + parent output)) when the parent is that trajectory's latest turn and the input is longer than the
     parent's context. Otherwise (a parent missing from the file, a second child of one parent, or a context the
     service truncated) it starts a trajectory of its own at its time, and is counted. Hash ids are content, as
-    for Mooncake; ``block_tokens`` None infers the block size from the rows (16 in the published traces)."""
+    for Mooncake; ``block_tokens`` None infers the block size from the rows (16 in the published traces). Also how
+    many requests the file has: ``max_requests`` keeps the first requests in time order as the rows stream by
+    (memory for that many; a parent always precedes its child, so their sessions are those of the whole file).
+    Requests counted as starting a session of their own are those kept."""
     p = str(path)
-    rows: list[tuple[float, int, int, int, int, int, list[int]]] = []
+    votes = HashBlockVotes()
     ids: dict[int, int] = {}
-    for no, obj in _lines(p):
-        ts = obj.get("timestamp")
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
-            raise WorkloadError(f"field 'timestamp' must be a number, got {ts!r}" if "timestamp" in obj
-                                else "missing field 'timestamp'", path=p, line=no)  # fmt: skip
-        chat = _int_field(obj, "chat_id", "", p, no)
-        parent = obj.get("parent_chat_id", -1)
-        if isinstance(parent, bool) or not isinstance(parent, int):
-            raise WorkloadError(f"field 'parent_chat_id' must be an integer (-1 for none), got {parent!r}",
-                                path=p, line=no)
-        inp = _int_field(obj, "input_length", "", p, no, minimum=1)
-        outp = _int_field(obj, "output_length", "", p, no)
-        hids = obj.get("hash_ids", [])
-        if not is_id_list(hids):
-            raise WorkloadError("field 'hash_ids' must be a list of integers", path=p, line=no)
-        rows.append((float(ts), no, chat, parent, inp, outp, interned(hids, ids)))
-    rows.sort(key=lambda r: (r[0], r[1]))
+    rows, total = earliest(_bailian_rows(p, votes), max_requests, keep=lambda r: (*r[:6], interned(r[6], ids)))
     if block_tokens is None:
-        block_tokens = infer_hash_block([(r[4], len(r[6])) for r in rows], default=16)
+        block_tokens = votes.best(default=16)
     t0 = rows[0][0] if rows else 0.0
     out: list[Trajectory] = []
     last: dict[int, tuple[Trajectory, int, int]] = {}  # chat_id -> (its trajectory, its input, its output)
@@ -377,4 +454,25 @@ def load_bailian(path: str | os.PathLike[str], block_tokens: int | None = None) 
             out.append(traj)
         last[chat] = (traj, inp, outp)
         tail[traj.tid] = chat
-    return out, orphans
+    return out, orphans, total
+
+
+def _bailian_rows(p: str, votes: HashBlockVotes) -> Iterator[tuple[float, int, int, int, int, int, list[int]]]:
+    """The validated ``(timestamp, line, chat_id, parent_chat_id, input, output, hash_ids)`` of each row."""
+    for no, obj in _lines(p):
+        ts = obj.get("timestamp")
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
+            raise WorkloadError(f"field 'timestamp' must be a number, got {ts!r}" if "timestamp" in obj
+                                else "missing field 'timestamp'", path=p, line=no)  # fmt: skip
+        chat = _int_field(obj, "chat_id", "", p, no)
+        parent = obj.get("parent_chat_id", -1)
+        if isinstance(parent, bool) or not isinstance(parent, int):
+            raise WorkloadError(f"field 'parent_chat_id' must be an integer (-1 for none), got {parent!r}",
+                                path=p, line=no)
+        inp = _int_field(obj, "input_length", "", p, no, minimum=1)
+        outp = _int_field(obj, "output_length", "", p, no)
+        hids = obj.get("hash_ids", [])
+        if not is_id_list(hids):
+            raise WorkloadError("field 'hash_ids' must be a list of integers", path=p, line=no)
+        votes.add(inp, len(hids))
+        yield float(ts), no, chat, parent, inp, outp, hids

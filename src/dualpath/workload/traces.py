@@ -164,12 +164,13 @@ def _send_times(t: Trajectory) -> list[float]:
 
 def _prefix_requests(trajs: list[Trajectory], n: int) -> list[Trajectory]:
     """The first ``n`` requests: in time order when the turns carry times (a trace time on every turn, or think
-    times: :func:`_send_times`), else in file order."""
+    times: :func:`_send_times`; ties: file order), else in file order."""
     if all(u.at is not None for t in trajs for u in t.turns) \
             or any(u.think is not None for t in trajs for u in t.turns):
-        order = sorted((x, a, i) for a, t in enumerate(trajs) for i, x in enumerate(_send_times(t)))
+        order = sorted((x, t.turns[i].line or 0, a, i) for a, t in enumerate(trajs)
+                       for i, x in enumerate(_send_times(t)))
         keep: dict[int, int] = {}
-        for _, a, i in order[:n]:
+        for _, _, a, i in order[:n]:
             keep[a] = max(keep.get(a, 0), i + 1)
         return [Trajectory(t.tid, t.turns[: keep[a]], t.arrival) for a, t in enumerate(trajs) if a in keep]
     out: list[Trajectory] = []
@@ -239,10 +240,10 @@ def trace_shards(folder: str) -> list[str]:
 
 def _read_one(p: str, fmt: str, max_requests: int | None,
               max_agents: int | None) -> tuple[list[Trajectory], int, int, bool, str]:
-    """One file's trajectories, its requests and sessions, whether only the prefix asked for was kept (CSV), and
-    what was left out of it."""
+    """One file's trajectories, its requests and sessions, whether only the prefix asked for was kept (CSV,
+    Mooncake, Qwen-Bailian), and what was left out of it."""
     from dualpath.workload.csvtrace import load_csv
-    from dualpath.workload.loaders import load_bailian, load_jsonl, load_mooncake_trace
+    from dualpath.workload.loaders import bailian_trace, load_jsonl, mooncake_trace
 
     skipped = ""
     n_file: int | None = None
@@ -275,16 +276,19 @@ def _read_one(p: str, fmt: str, max_requests: int | None,
         from dualpath.workload.weka import load_weka
 
         trajs = load_weka(p)
-    elif fmt == "bailian":
-        trajs, orphans = load_bailian(p)
-        if orphans:
-            skipped = (f"{orphans} requests start a session of their own: their parent is not in the file, has "
-                       "another child, or its context is longer than theirs")
-    elif fmt == "mooncake":
-        trajs, restarted = load_mooncake_trace(p)
-        if restarted:
-            skipped = (f"{restarted} requests start a session of their own: their messages do not extend their "
-                       "session's previous request")
+    elif fmt in ("bailian", "mooncake"):  # the first requests kept as the rows stream by (memory bounded)
+        keep = max_requests if max_agents is None else None
+        kept_prefix = keep is not None
+        if fmt == "bailian":
+            trajs, orphans, n_file = bailian_trace(p, max_requests=keep)
+            if orphans:
+                skipped = (f"{orphans} requests start a session of their own: their parent is not in the file, "
+                           "has another child, or its context is longer than theirs")
+        else:
+            trajs, restarted, n_file = mooncake_trace(p, max_requests=keep)
+            if restarted:
+                skipped = (f"{restarted} requests start a session of their own: their messages do not extend "
+                           "their session's previous request")
     else:
         trajs = load_jsonl(p)
     if n_file is None:

@@ -12,7 +12,7 @@ fi
 if [ "$(uname -s)" = "Linux" ] && ! "$PY" -c "import triton" >/dev/null 2>&1; then
   pipi "triton==3.7.1"
 fi
-if ! "$PY" -c "import dualpath, zmq, transformers, gguf, nixl_cu12, matplotlib, hypothesis, llguidance, jsonschema, pyarrow, xdist, sentencepiece, google.protobuf, tiktoken" >/dev/null 2>&1 \
+if ! "$PY" -c "import dualpath, zmq, transformers, gguf, nixl_cu12, matplotlib, hypothesis, llguidance, jsonschema, pyarrow, xdist, sentencepiece, google.protobuf, tiktoken, compressed_tensors" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .setup-stamp ]; then
   pipi -e ".[dev,model,nixl,plot,parquet]"
   touch .setup-stamp

@@ -75,7 +75,7 @@ def test_checkpoint_mismatch_names_the_tensor(tmp_path):
     ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "quant_method 'awq'"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
     ({"bits": 4}, "quant_method None"),
-    ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "format 'float-quantized'"),
+    ({"quant_method": "compressed-tensors", "format": "marlin-24"}, "format 'marlin-24'"),
 ])
 def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path, quant, needle):
     """A GPTQ / AWQ / bitsandbytes checkpoint's packed tensors would surface as a tensor mismatch far from the

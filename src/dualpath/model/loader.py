@@ -38,9 +38,11 @@ from dualpath.model.gguf import read_gguf
 from dualpath.model.mla_spec import DeepseekV3Spec
 from dualpath.model.quant import (
     check_quantization,
+    ct_block_size,
     fp8_block_size,
     fp8_dequantized,
     int4_dequantized,
+    scaled_dequantized,
 )
 from dualpath.model.spec import ModelSpec, load_spec
 from dualpath.model.tensor_names import (
@@ -228,9 +230,13 @@ def files_identity(files: list[Path]) -> str:
 
 def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
                 device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
-                fp8_block: tuple[int, int] = (128, 128)) -> AnyModel:
-    """A model on CPU filled from ``tensors`` (or seeded random weights when None), then moved to ``device``."""
+                fp8_block: tuple[int, int] = (128, 128), ct_block: tuple[int, int] | None = None) -> AnyModel:
+    """A model on CPU filled from ``tensors`` (or seeded random weights when None), then moved to ``device``.
+    ``fp8_block`` / ``ct_block``: the tiles of block-scaled FP8 weights (``weight_block_size``) and of
+    compressed-tensors' ``block`` strategy (``block_structure``)."""
     model: AnyModel
+    if tensors is not None:  # (compressed-tensors' FP8 / INT8 weights: value x scale)
+        tensors = scaled_dequantized(tensors, source, ct_block)
     if isinstance(spec, DeepseekV3Spec):
         from dualpath.model.deepseek import DeepseekV3Model
 
@@ -352,7 +358,8 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
         raise ModelError(f"model path {p} does not exist")
     tokenizer = None
     spec: ModelSpec | DeepseekV3Spec
-    fp8_block = (128, 128)
+    fp8_block: tuple[int, int] = (128, 128)
+    ct_block: tuple[int, int] | None = None
     if p.is_file() and p.suffix == ".gguf":
         if cfg.kv_format != "auto":
             raise ModelError(f"{p}: kv_format {cfg.kv_format!r} needs an MLA (DeepSeek-V2/V3) safetensors checkpoint")
@@ -366,7 +373,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
         from dualpath.model.spec_common import read_hf_config
 
         hf_config = read_hf_config(cfg_path)[0]
-        fp8_block = fp8_block_size(hf_config)
+        fp8_block, ct_block = fp8_block_size(hf_config), ct_block_size(hf_config)
         if not cfg.random_init:  # (random weights have no quantization to read)
             check_quantization(hf_config, str(cfg_path))
         if cfg.random_init:
@@ -379,7 +386,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
 
     spec = replace(spec, weights_id=weights_id)
     model = build_model(spec, model_tensors, seed=cfg.seed, device=device, backend=cfg.attention_backend,
-                        source=str(p), fp8_block=fp8_block)
+                        source=str(p), fp8_block=fp8_block, ct_block=ct_block)
     if hasattr(model, "prefill_form"):  # MLA
         model.prefill_form = cfg.mla_prefill
     if with_tokenizer:

@@ -1,7 +1,9 @@
 """Quantized checkpoints: which formats are read (:data:`DEQUANTIZED`; any other is refused by name), and their
 dequantization to fp32 at load: block-scaled FP8 (DeepSeek-V3's ``weight_scale_inv`` tiles, also MiniMax-M2's and
-other ``fp8`` checkpoints') and compressed-tensors' symmetric ``pack-quantized`` INT4 (Kimi K2 / K2.5's experts).
-OpenAI's MXFP4 experts are :mod:`dualpath.model.mxfp4`."""
+other ``fp8`` checkpoints'), compressed-tensors' symmetric ``pack-quantized`` INT4 (Kimi K2 / K2.5's experts) and
+its ``float-quantized`` FP8 / ``int-quantized`` and ``naive-quantized`` INT8 weights (the W8A8 and W8A16
+checkpoints vLLM serves: RedHatAI's ``-FP8-dynamic``, ``-quantized.w8a8``, ...). Activations run unquantized, as vLLM
+runs those weights on a GPU without FP8 (W8A16). OpenAI's MXFP4 experts are :mod:`dualpath.model.mxfp4`."""
 
 from __future__ import annotations
 
@@ -31,6 +33,73 @@ def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int | 
 #: (DeepSeek-V3, MiniMax-M2, other ``fp8`` checkpoints), MXFP4 experts (gpt-oss), compressed-tensors' pack-quantized
 #: INT4 (Kimi K2 / K2.5)
 DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors")
+#: compressed-tensors' formats read here: INT4 packed in int32 words, FP8 (e4m3) and INT8 weights with their scales
+CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "naive-quantized")
+#: a compressed-tensors checkpoint's activation and KV-cache scales (unused: activations and KV run unquantized)
+_CT_RUNTIME_SCALES = (".input_scale", ".input_zero_point", ".output_scale", ".k_scale", ".v_scale")
+
+
+def ct_block_size(hf_config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The ``block_structure`` of a compressed-tensors config's weights (its ``block`` strategy), or None."""
+    q = hf_config.get("quantization_config")
+    groups = q.get("config_groups") if isinstance(q, Mapping) else None
+    for group in (groups.values() if isinstance(groups, Mapping) else ()):
+        w = group.get("weights") if isinstance(group, Mapping) else None
+        bs = w.get("block_structure") if isinstance(w, Mapping) else None
+        if bs is not None:
+            if (not isinstance(bs, list) or len(bs) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in bs)):
+                raise ModelError(f"quantization_config weights.block_structure must be two positive integers, got "
+                                 f"{bs!r}")
+            return (bs[0], bs[1])
+    return None
+
+
+def scaled_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                       block: tuple[int, int] | None = None) -> Mapping[str, torch.Tensor]:
+    """A checkpoint's tensors with every compressed-tensors FP8 or INT8 weight (``<w>`` in e4m3 or int8 beside
+    ``<w>_scale``) dequantized to fp32 as value x scale, the scale one per tensor, per output row, per group of
+    inputs (``[out, groups]``) or per ``block`` tile (the ``block`` strategy); activation and KV-cache scales are
+    dropped (``tensors`` itself when it holds no such weight). An asymmetric weight (``<w>_zero_point``) is refused,
+    naming it."""
+    if not any(name.endswith(".weight_scale") and name[: -len("_scale")] in tensors
+               and tensors[name[: -len("_scale")]].dtype in (torch.float8_e4m3fn, torch.int8) for name in tensors):
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(_CT_RUNTIME_SCALES):
+            continue
+        scale = tensors.get(name + "_scale")
+        if name.endswith(".weight_scale") and name[: -len("_scale")] in tensors:
+            continue  # (read with its weight)
+        if scale is None or t.dtype not in (torch.float8_e4m3fn, torch.int8):
+            out[name] = t
+            continue
+        zp = tensors.get(name + "_zero_point")
+        if zp is not None and bool(torch.any(zp != 0)):
+            raise ModelError(f"{source}: {name}_zero_point: asymmetric quantized weights are unsupported")
+        out[name] = _scaled(name, t, scale, block, source)
+        out.pop(name + "_zero_point", None)
+    return {k: v for k, v in out.items() if not k.endswith(".weight_zero_point")}
+
+
+def _scaled(name: str, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
+            source: str) -> torch.Tensor:
+    if w.dim() != 2:
+        raise ModelError(f"{source}: quantized tensor {name!r} has shape {tuple(w.shape)}, expected [out, in]")
+    rows, cols = w.shape
+    s = scale.float()
+    if s.numel() == 1:  # per tensor
+        return w.float() * s.reshape(())
+    if s.dim() == 2 and s.shape[0] == rows and cols % s.shape[1] == 0:  # per output row (1 column) or per group
+        return w.float() * s.repeat_interleave(cols // s.shape[1], dim=1)
+    if block is not None and s.dim() == 2:
+        try:
+            return dequantize_block_fp8(w, s, block)
+        except ModelError as exc:
+            raise ModelError(f"{source}: tensor {name!r}: {exc}") from None
+    raise ModelError(f"{source}: {name}_scale {tuple(scale.shape)} fits neither a tensor, a row, a group nor a "
+                     f"block scale of the weight {tuple(w.shape)} (quantization_config weights.block_structure)")
 
 
 def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
@@ -45,9 +114,9 @@ def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
                          f"as they are, or dequantized at load from {', '.join(DEQUANTIZED)}; use the checkpoint's "
                          "unquantized (or one of those) release")
     fmt = q.get("format")
-    if method.lower() == "compressed-tensors" and fmt is not None and fmt != "pack-quantized":
+    if method.lower() == "compressed-tensors" and fmt is not None and fmt not in CT_FORMATS:
         raise ModelError(f"{where}: quantization_config.format {fmt!r} is not supported for compressed-tensors "
-                         "(its symmetric pack-quantized INT4 is)")
+                         f"(its symmetric {', '.join(CT_FORMATS)} weights are)")
 
 
 def fp8_block_size(hf_config: Mapping[str, Any]) -> tuple[int, int]:

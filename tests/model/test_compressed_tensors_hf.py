@@ -1,0 +1,135 @@
+"""compressed-tensors' FP8 and INT8 checkpoints (the ``float-quantized``, ``int-quantized`` and ``naive-quantized``
+formats vLLM serves: W8A8-FP8, W8A8-INT8, W8A16), written by the compressed-tensors library itself from a random
+transformers model, for each weight strategy (per tensor, per channel, per group, per block), with static activation
+and KV-cache scales beside them. The reference is the library's own decompression of the same checkpoint into
+transformers' model: our logits over the dequantized weights must equal it (activations run unquantized)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from hf_random import check_batched_against_hf, two_sequences
+
+from dualpath.errors import ModelError
+from dualpath.model.config import LlamaModelConfig
+from dualpath.model.loader import load_model
+
+transformers = pytest.importorskip("transformers")
+ct = pytest.importorskip("compressed_tensors")
+from compressed_tensors.compressors import ModelCompressor  # noqa: E402
+from compressed_tensors.quantization import (  # noqa: E402
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    apply_quantization_config,
+)
+from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
+
+VOCAB = 97
+FP8 = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
+INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False}
+#: name -> (format, weight args, static input activations, a KV-cache scheme)
+KINDS: dict[str, tuple[str, dict[str, Any], bool, bool]] = {
+    "fp8_channel_dynamic": ("float-quantized", dict(FP8, strategy="channel"), False, False),
+    "fp8_tensor_static_kv": ("float-quantized", dict(FP8, strategy="tensor"), True, True),
+    "fp8_block": ("float-quantized", dict(FP8, strategy="block", block_structure=[16, 32]), False, False),
+    "int8_channel": ("int-quantized", dict(INT8, strategy="channel"), False, False),
+    "int8_group": ("naive-quantized", dict(INT8, strategy="group", group_size=16), False, False),
+}
+
+
+def _extrema(w: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min / max a calibration would observe for each scale of ``w`` under ``args``' strategy."""
+    if args.strategy == "channel":
+        return w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    if args.strategy == "tensor":
+        return w.amin(), w.amax()
+    if args.strategy == "group":
+        g = w.unflatten(1, (-1, args.group_size))
+        return g.amin(-1), g.amax(-1)
+    b0, b1 = args.block_structure
+    g = w.reshape(w.shape[0] // b0, b0, w.shape[1] // b1, b1)
+    return g.amin((1, 3)), g.amax((1, 3))
+
+
+def _checkpoint(d: Any, kind: str) -> Any:
+    """A random Llama quantized and written by compressed-tensors; returns transformers' model holding the weights
+    the library decompresses from it."""
+    fmt, wargs, static_input, kv = KINDS[kind]
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(4.0)
+    args = QuantizationArgs(**wargs)
+    inputs = QuantizationArgs(**dict(FP8, strategy="tensor")) if static_input else None
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=inputs)
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=fmt,
+                            kv_cache_scheme=QuantizationArgs(**dict(FP8, strategy="tensor")) if kv else None)
+    apply_quantization_config(model, qc)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                scale, _ = calculate_qparams(*_extrema(module.weight.float(), args), args)
+                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+            for key in ("input_scale", "k_scale", "v_scale"):
+                if hasattr(module, key):
+                    getattr(module, key).fill_(0.37)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(d)
+    compressor.update_config(str(d))
+    if kv:  # (the library writes the KV-cache scales from its calibration hooks; hub checkpoints carry them so)
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(d / "model.safetensors"))
+        for i in range(cfg.num_hidden_layers):
+            for key in ("k_scale", "v_scale"):
+                tensors[f"model.layers.{i}.self_attn.{key}"] = torch.tensor(0.37)
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    compressor.decompress_model(model)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if k in ref.state_dict()}, strict=True)
+    return ref
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_quantized_weights_equal_the_librarys_own_decompression(tmp_path, kind):
+    ref = _checkpoint(tmp_path, kind)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
+    want = "F8_E4M3" if KINDS[kind][0] == "float-quantized" else "I8"
+    assert stored["model.layers.0.mlp.up_proj.weight"] == want and "model.layers.0.mlp.up_proj.weight_scale" in stored
+    if KINDS[kind][2]:
+        assert "model.layers.0.mlp.up_proj.input_scale" in stored and "model.layers.0.self_attn.k_scale" in stored
+    ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, ref, two_sequences(VOCAB))
+
+
+def test_unsupported_formats_and_asymmetric_weights_are_refused(tmp_path):
+    """A compressed-tensors format not read here (NVFP4, 2:4 sparse Marlin) is refused by name before any weight is
+    read; a weight with a non-zero zero point (asymmetric) names the tensor."""
+    _checkpoint(tmp_path, "int8_channel")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    bad = dict(cfg, quantization_config=dict(cfg["quantization_config"], format="nvfp4-pack-quantized"))
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match="format 'nvfp4-pack-quantized'"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.1.self_attn.o_proj.weight_zero_point"
+    tensors[name] = torch.ones(64, 1, dtype=torch.int8)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelError, match="o_proj.weight_zero_point: asymmetric"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)

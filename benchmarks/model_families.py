@@ -162,6 +162,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                     dict(BASE, head_dim=32, intermediate_size=64, num_experts=8, num_experts_per_tok=2,
                          num_shared_experts=1, prefix_dense_intermediate_size=128, first_k_dense_replace=1,
                          sliding_window=16, logit_scale=1.0)),
+    # Aria's language model: Llama attention over softmax top-k experts (stored x @ w) and a shared MLP
+    "aria_text": ("AriaTextConfig", "AriaTextForCausalLM",
+                  dict(BASE, intermediate_size=64, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1)),
     # Phi-4-multimodal's Phi-3 decoder (partial RoPE; its image and audio embedders built, not loaded)
     "phi4_multimodal": ("Phi4MultimodalConfig", "Phi4MultimodalForCausalLM",
                         dict(BASE, partial_rotary_factor=0.75,

@@ -226,3 +226,25 @@ def check_save_reads_back(ours: Any, directory: Any, model_cls: Any, seq: list[i
     hf, info = model_cls.from_pretrained(str(directory), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     check_two_chunks_against_hf(ours, hf.eval(), seq, cut=len(seq))
+
+
+def routing_margins(hf: Any, seq: list[int], k: int, router_of: Any) -> torch.Tensor:
+    """Per token of ``seq``, the smallest gap (relative to the largest logit) between the k-th and the next router
+    logit over the MoE layers of transformers' fp32 forward (``router_of(layer)``: the layer's router module, whose
+    first output is the router logits; None for a dense layer). Below a few percent, bf16 rounding of the hidden
+    state can pick the other expert on either side: bf16 comparisons leave those tokens out."""
+    gaps: list[torch.Tensor] = []
+
+    def hook(module: Any, args: Any, out: Any) -> None:
+        logits = out[0] if isinstance(out, tuple) else out
+        top = logits.float().reshape(-1, logits.shape[-1]).topk(k + 1, dim=-1).values
+        gaps.append((top[:, k - 1] - top[:, k]) / top.abs().max(dim=-1).values)
+
+    routers = [r for r in (router_of(layer) for layer in hf.model.layers) if r is not None]
+    hooks = [r.register_forward_hook(hook) for r in routers]
+    try:
+        hf_logits(hf, seq)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(gaps).min(dim=0).values

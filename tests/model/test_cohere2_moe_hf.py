@@ -19,9 +19,9 @@ from hf_random import (
     check_save_reads_back,
     check_turns_against_hf,
     check_two_chunks_against_hf,
-    hf_logits,
     load_checkpoint,
     random_turns,
+    routing_margins,
     two_sequences,
 )
 
@@ -86,25 +86,6 @@ def test_spec_follows_transformers(ckpt):
     assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec
 
 
-def _routing_margins(hf: Any, seq: list[int]) -> torch.Tensor:
-    """Per token of ``seq``, the smallest gap (relative to the largest logit) between the k-th and the next router
-    logit over the MoE layers of transformers' fp32 forward: below about 5% bf16 rounding of the hidden state can pick
-    the other expert, on either side."""
-    k, gaps = hf.config.num_experts_per_tok, []
-
-    def hook(module: Any, args: Any, out: Any) -> None:
-        top = out[0].float().topk(k + 1, dim=-1).values
-        gaps.append((top[:, k - 1] - top[:, k]) / top.abs().max(dim=-1).values)
-
-    hooks = [layer.mlp.gate.register_forward_hook(hook) for layer in hf.model.layers if hasattr(layer.mlp, "gate")]
-    try:
-        hf_logits(hf, seq)
-    finally:
-        for h in hooks:
-            h.remove()
-    return torch.stack(gaps).min(dim=0).values
-
-
 def test_bf16_teacher_forced_logits(ckpt):
     """bf16 on both sides, teacher-forced: every row within 3% of the logit range of transformers' bf16 forward.
     Where two router logits nearly tie (random experts: often, in some layer) bf16 rounding alone flips the pick on
@@ -114,7 +95,8 @@ def test_bf16_teacher_forced_logits(ckpt):
     hf = transformers.Cohere2MoeForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16).eval()
     seq = sum(random_turns(VOCAB, 5), [])
     got, ref = bf16_teacher_forced(load_checkpoint(d, dtype="bfloat16"), hf, seq)
-    rows = _routing_margins(hf32, seq) > 0.05
+    k = hf32.config.num_experts_per_tok
+    rows = routing_margins(hf32, seq, k, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
     assert int(rows.sum()) >= len(seq) // 2
     err = (got - ref).abs().max(dim=1).values
     assert float(err[rows].max()) < 0.03 * float(ref.abs().max())

@@ -53,6 +53,7 @@ ARCHITECTURES: dict[str, str] = {
     "GlmForCausalLM": "glm",
     "ArceeForCausalLM": "arcee",
     "Glm4ForCausalLM": "glm4",
+    "AriaTextForCausalLM": "aria_text",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -66,7 +67,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "ministral": "MinistralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "dots1": "Dots1ForCausalLM",
             "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM", "afmoe": "AfmoeForCausalLM",
             "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM", "hy_v3": "HYV3ForCausalLM",
-            "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM",
+            "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM", "aria_text": "AriaTextForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
@@ -78,7 +79,7 @@ _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logi
 GEMMA2_LIKE = ("gemma2", "gemma3", "vaultgemma")
 #: the softmax-router MoE architectures (their MoE fields are part of the spec's identity)
 MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared", "granitemoe_swa", "phimoe", "flex_olmo",
-             "mellum", "flint", "kolibri1")
+             "mellum", "flint", "kolibri1", "aria_text")
 #: Qwen3-MoE's experts under an fp32 sigmoid router (the top k by logit, plus Kolibri 1's correction bias; weights
 #: the sigmoid of those logits, renormalized with ``norm_topk_prob``) and an ungated shared expert: Flint, Kolibri 1
 SIGMOID_ROUTER_ARCHS = ("flint", "kolibri1")

@@ -298,7 +298,8 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
                    where: str) -> tuple[int | None, tuple[int, ...]]:
     """``(window, full_attention_layers)`` as transformers reads the family's config (module docstring)."""
     n_layers = cfg.get("num_hidden_layers")
-    if arch in ("gemma", "glm", "glm4", "arcee", "glm4_moe", "solar_open", "minimax_m2", "seed_oss", "hy_v3"):  # causal
+    if arch in ("gemma", "glm", "glm4", "arcee", "glm4_moe", "solar_open", "minimax_m2", "seed_oss", "hy_v3",
+                "aria_text"):  # causal
         return None, ()
     if arch in lv.VARIANT_ARCHS and arch not in lv.WINDOWED:  # (their config classes have no window either)
         return None, ()
@@ -575,6 +576,16 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                 "shared_expert_intermediate_size": as_int("shared_expert_intermediate_size",
                                                           cfg.get("shared_expert_intermediate_size",
                                                                   1024 if flint else 512))}
+    if arch == "aria_text":  # Aria: every layer's experts intermediate_size wide, top-k then softmax, a shared MLP
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported for aria_text (its shared "
+                             "experts' activation; the routed ones are always SiLU)")
+        width = as_int("intermediate_size", cfg.get("intermediate_size", 4096))
+        return {"n_experts": as_int("moe_num_experts", cfg.get("moe_num_experts", 8)),
+                "n_experts_per_tok": as_int("moe_topk", cfg.get("moe_topk", 2)), "moe_intermediate_size": width,
+                "norm_topk_prob": True,
+                "shared_expert_intermediate_size": width * as_int("moe_num_shared_experts",
+                                                                  cfg.get("moe_num_shared_experts", 2))}
     if arch == "mellum":  # Qwen3-MoE's router and experts; dense layers where mlp_layer_types says so
         n = int(need("num_hidden_layers"))
         kinds = cfg.get("mlp_layer_types") or ["sparse"] * n

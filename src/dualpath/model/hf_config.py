@@ -91,6 +91,8 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     "PerceptionLMForConditionalGeneration": ("perception_lm", "llama"),
     "Emu3ForConditionalGeneration": ("emu3", "emu3_text_model"),
     "Emu3ForCausalLM": ("emu3_text_model", "emu3_text_model"),
+    # Aria: its MoE language model (the vision tower and cross-attention projector not loaded)
+    "AriaForConditionalGeneration": ("aria", "aria_text"),
     # Phi-4-multimodal: Phi-3's decoder (its config at the top level; the image and audio embedders not loaded)
     "Phi4MultimodalForCausalLM": ("phi4_multimodal", "phi4_multimodal_text"),
     # Qwen Omni: the thinker's language model (the whole model, or its thinker alone)
@@ -137,6 +139,7 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "phi4_multimodal_text": ("Phi3ForCausalLM", "phi3"),
     "apertus1p5_text": ("ApertusForCausalLM", "apertus"),
     "emu3_text_model": ("LlamaForCausalLM", "llama"),
+    "aria_text": ("AriaTextForCausalLM", "aria_text"),
 }
 #: Emu3TextConfig's defaults where LlamaConfig's differ
 _EMU3_TEXT_DEFAULTS = {"vocab_size": 184622, "intermediate_size": 14336, "num_key_value_heads": 8,

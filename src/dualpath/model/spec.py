@@ -610,6 +610,7 @@ class ModelSpec(_SpecCommon):
                              "(every Qwen2-MoE layer has a shared expert; a MoE without one is qwen3_moe)")
         if self.architecture not in ("qwen2_moe", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "hy_v3",
                                      "granitemoeshared", "flint", "kolibri1", "granitemoe_swa", "cohere2_moe",
+                                     "aria_text",
                                      "llama4_text",
                                      "ernie4_5_moe", "hunyuan_v1_moe") and \
                 self.shared_expert_intermediate_size:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from dualpath.errors import ModelError
 from dualpath.model import layernorm_family as lnf
 from dualpath.model import llama_variants as lv
 from dualpath.model.archs import (
@@ -192,6 +193,13 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
                    attention_bias=spec.attention_bias, pad_token_id=None)
         if spec.architecture == "olmoe":
             cfg["clip_qkv"] = spec.clip_qkv
+    elif spec.architecture == "aria_text":  # (AriaTextConfig: the experts' width is intermediate_size)
+        if spec.shared_expert_intermediate_size % spec.moe_intermediate_size or spec.mlp_only_layers \
+                or spec.decoder_sparse_step != 1 or spec.intermediate_size != spec.moe_intermediate_size:
+            raise ModelError("aria_text: every layer has experts intermediate_size wide and n x that shared")
+        cfg.update(moe_num_experts=spec.n_experts, moe_topk=spec.n_experts_per_tok,
+                   moe_num_shared_experts=spec.shared_expert_intermediate_size // spec.moe_intermediate_size,
+                   attention_bias=spec.attention_bias)
     elif spec.architecture in MOE_ARCHS and spec.architecture not in (*GRANITE_ARCHS, "mellum"):
         cfg.update(num_experts=spec.n_experts, num_experts_per_tok=spec.n_experts_per_tok,
                    moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=spec.norm_topk_prob,

@@ -292,7 +292,13 @@ _HY_V3_NAMES = {".mlp.expert_bias": ".mlp.gate.e_score_correction_bias", ".mlp.r
                 ".mlp.shared_mlp.": ".mlp.shared_experts."}
 #: each family's own tensor names -> ours, renamed both ways by moe_tensors / tensors_out
 _RENAMED = {"afmoe": _AFMOE_NAMES, "hy_v3": _HY_V3_NAMES, "flint": _FLINT_NAMES, "kolibri1": _KOLIBRI1_NAMES,
-            "cohere2_moe": {".mlp.shared_experts.": ".mlp.shared_expert."}}
+            "cohere2_moe": {".mlp.shared_experts.": ".mlp.shared_expert."},
+            "aria_text": {".mlp.shared_experts.": ".mlp.shared_expert.", ".mlp.router.": ".mlp.gate."}}
+#: Aria's experts as its checkpoints store them (``x @ w``: ``fc1 [E, H, 2I]``, gate columns then up; ``fc2 [E, I,
+#: H]``; transformers keeps the same layout in memory under its packed names) -> transformers' packed ``w @ x`` names
+_ARIA_EXPERTS = {".mlp.experts.fc1.weight": ".mlp.experts.gate_up_proj", ".mlp.experts.fc2.weight": ".mlp.experts.down_proj",
+                 ".mlp.experts.gate_up_proj": ".mlp.experts.gate_up_proj",
+                 ".mlp.experts.down_proj": ".mlp.experts.down_proj"}
 
 
 def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
@@ -327,6 +333,11 @@ def moe_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
                 name = ".".join(parts)
         if spec.architecture == "qwen3_moe":
             t = _qwen3_vl_moe_experts(spec, name, t)
+        if spec.architecture == "aria_text":
+            for theirs, ours in _ARIA_EXPERTS.items():
+                if name.endswith(theirs) and t.dim() == 3:
+                    name, t = name[: -len(theirs)] + ours, t.transpose(1, 2)
+                    break
         if not _split_packed_experts(name, t, out, source):
             out[name] = t
     return out
@@ -492,6 +503,11 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         out = _suffixes_renamed(out, {ours: theirs for theirs, ours in _PERI_NAMES.items()})
     if arch == "mistral4":  # (transformers reads Mistral 4's experts packed only)
         out = _packed_experts(out)
+    if arch == "aria_text":  # (its checkpoints' x @ w experts)
+        out = {k.replace(".mlp.experts.gate_up_proj", ".mlp.experts.fc1.weight")
+               .replace(".mlp.experts.down_proj", ".mlp.experts.fc2.weight"): v.transpose(1, 2).contiguous()
+               if k.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")) else v
+               for k, v in _packed_experts(out).items()}
     if arch == "phi3":
         out = _fuse_phi3(out)
     if arch in ("glm", "glm4"):

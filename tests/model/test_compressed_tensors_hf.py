@@ -2,7 +2,8 @@
 formats vLLM serves: W8A8-FP8, W8A8-INT8, W8A16), written by the compressed-tensors library itself from a random
 transformers model, for each weight strategy (per tensor, per channel, per group, per block), with static activation
 and KV-cache scales beside them. The reference is the library's own decompression of the same checkpoint into
-transformers' model: our logits over the dequantized weights must equal it (activations run unquantized)."""
+transformers' model: our logits over the dequantized weights must equal it (activations run unquantized). FBGEMM's
+per-row and NVIDIA ModelOpt's per-tensor FP8 checkpoints are written here in their layouts."""
 
 from __future__ import annotations
 
@@ -133,3 +134,53 @@ def test_unsupported_formats_and_asymmetric_weights_are_refused(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelError, match="o_proj.weight_zero_point: asymmetric"):
         load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+
+
+def _fp8_checkpoint(d: Any, per_row: bool, quant: dict[str, Any], extra: dict[str, torch.Tensor]) -> Any:
+    """A random Llama whose linear weights are stored in e4m3 with their scales as FBGEMM (one per row, ``[out,
+    1]``) or NVIDIA ModelOpt (one per tensor) export them; transformers' model over the same dequantized weights is
+    the reference."""
+    from safetensors.torch import save_file
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(1)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" not in name:
+                p.mul_(4.0)
+            if name.endswith("_proj.weight"):
+                amax = p.abs().amax(dim=1, keepdim=True) if per_row else p.abs().amax().reshape(())
+                scale = (amax / torch.finfo(torch.float8_e4m3fn).max).float()
+                q = (p / scale).to(torch.float8_e4m3fn)
+                p.copy_(q.float() * scale)  # (the reference holds exactly what the checkpoint stores)
+                tensors[name], tensors[name + "_scale"] = q, scale
+            else:
+                tensors[name] = p.detach().clone()
+    save_file({**tensors, **extra}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(dict(cfg.to_dict(), architectures=["LlamaForCausalLM"],
+                                                   quantization_config=quant)))
+    return ref
+
+
+@pytest.mark.parametrize("layout", ["fbgemm_fp8", "modelopt"])
+def test_fbgemm_and_modelopt_fp8_weights(tmp_path, layout):
+    """FBGEMM's per-row FP8 (Meta's Llama 3.1 405B FP8; ``quant_method: fbgemm_fp8``) and ModelOpt's per-tensor FP8
+    with its activation and KV-cache scales (``quant_method: modelopt``) read as the weights they store."""
+    if layout == "fbgemm_fp8":
+        ref = _fp8_checkpoint(tmp_path, True, {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}, {})
+    else:
+        extra = {f"model.layers.{i}.self_attn.{p}_proj.{p}_scale": torch.tensor(0.5) for i in range(2) for p in "kv"}
+        extra.update({f"model.layers.{i}.mlp.up_proj.input_scale": torch.tensor(0.25) for i in range(2)})
+        ref = _fp8_checkpoint(tmp_path, False, {"quant_method": "modelopt", "quant_algo": "FP8",
+                                                "kv_cache_quant_algo": "FP8"}, extra)
+    ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, ref, two_sequences(VOCAB))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    if layout == "modelopt":  # (ModelOpt's 4-bit formats are not read: refused by name)
+        cfg["quantization_config"]["quant_algo"] = "NVFP4"
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ModelError, match="quant_algo 'NVFP4'"):
+            load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)

@@ -30,13 +30,15 @@ def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int | 
 
 
 #: the ``quantization_config.quant_method`` values whose weights are dequantized at load: block-scaled FP8
-#: (DeepSeek-V3, MiniMax-M2, other ``fp8`` checkpoints), MXFP4 experts (gpt-oss), compressed-tensors' pack-quantized
-#: INT4 (Kimi K2 / K2.5)
-DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors")
+#: (DeepSeek-V3, MiniMax-M2, other ``fp8`` checkpoints), MXFP4 experts (gpt-oss), compressed-tensors' INT4 / FP8 /
+#: INT8 (Kimi K2 / K2.5, vLLM's W8A8 and W8A16 checkpoints), FBGEMM's per-row FP8 (Meta's Llama 3.1 405B FP8) and
+#: NVIDIA ModelOpt's FP8 (a scale per tensor), both read as compressed-tensors' FP8 weights
+DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors", "fbgemm_fp8", "modelopt")
 #: compressed-tensors' formats read here: INT4 packed in int32 words, FP8 (e4m3) and INT8 weights with their scales
 CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "naive-quantized")
 #: a compressed-tensors checkpoint's activation and KV-cache scales (unused: activations and KV run unquantized)
-_CT_RUNTIME_SCALES = (".input_scale", ".input_zero_point", ".output_scale", ".k_scale", ".v_scale")
+_CT_RUNTIME_SCALES = (".input_scale", ".input_zero_point", ".output_scale", ".k_scale", ".v_scale",
+                      ".input_scale_ub")
 
 
 def ct_block_size(hf_config: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -113,6 +115,10 @@ def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
         raise ModelError(f"{where}: quantization_config.quant_method {method!r} is not supported: weights are read "
                          f"as they are, or dequantized at load from {', '.join(DEQUANTIZED)}; use the checkpoint's "
                          "unquantized (or one of those) release")
+    algo = q.get("quant_algo")
+    if method.lower() == "modelopt" and algo not in ("FP8", None):
+        raise ModelError(f"{where}: quantization_config.quant_algo {algo!r} is not supported for modelopt (its FP8 "
+                         "weights are)")
     fmt = q.get("format")
     if method.lower() == "compressed-tensors" and fmt is not None and fmt not in CT_FORMATS:
         raise ModelError(f"{where}: quantization_config.format {fmt!r} is not supported for compressed-tensors "

@@ -72,7 +72,8 @@ def scaled_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "check
         if name.endswith(_CT_RUNTIME_SCALES):
             continue
         scale = tensors.get(name + "_scale")
-        if name.endswith(".weight_scale") and name[: -len("_scale")] in tensors:
+        weight = tensors.get(name[: -len("_scale")]) if name.endswith(".weight_scale") else None
+        if weight is not None and weight.dtype in (torch.float8_e4m3fn, torch.int8):
             continue  # (read with its weight)
         if scale is None or t.dtype not in (torch.float8_e4m3fn, torch.int8):
             out[name] = t

@@ -264,8 +264,6 @@ def _fast25_rows(p: str, objs: Iterable[tuple[int, dict[str, Any]]], timed: list
         ts = obj.get("timestamp")
         if timed[0] is None:
             timed[0] = ts is not None
-        if timed is None:
-            timed = ts is not None
         if ts is None and not timed[0]:
             ts = 0.0
         elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:

@@ -314,7 +314,7 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         defaults = dict(_EMU3_TEXT_DEFAULTS)
         if isinstance(rope, dict) and "rope_theta" in rope or text.get("rope_scaling") is not None:
             del defaults["rope_theta"]
-        text = {**defaults, **{k: v for k, v in text.items() if v is not None}}
+        text = {**defaults, **text}
     if mt == "phi4_multimodal_text":
         text = {**_PHI4_MM_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k != "eos_token_id"}}
     if mt == "ernie4_5_vl_moe_text":

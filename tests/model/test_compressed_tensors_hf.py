@@ -1,9 +1,10 @@
 """compressed-tensors' FP8 and INT8 checkpoints (the ``float-quantized``, ``int-quantized`` and ``naive-quantized``
-formats vLLM serves: W8A8-FP8, W8A8-INT8, W8A16), written by the compressed-tensors library itself from a random
-transformers model, for each weight strategy (per tensor, per channel, per group, per block), with static activation
-and KV-cache scales beside them. The reference is the library's own decompression of the same checkpoint into
-transformers' model: our logits over the dequantized weights must equal it (activations run unquantized). FBGEMM's
-per-row and NVIDIA ModelOpt's per-tensor FP8 checkpoints are written here in their layouts."""
+formats vLLM serves: W8A16, W8A8-FP8, W8A8-INT8), written by the compressed-tensors library itself from a random
+transformers model. Weights only, for each weight strategy (per tensor, per channel, per group, per block, with
+KV-cache scales beside them): the reference is the library's own decompression of the checkpoint into transformers'
+model. With their inputs quantized too (W8A8: per token or static per tensor): the reference is transformers' own
+run of the checkpoint. FBGEMM's per-row and NVIDIA ModelOpt's per-tensor FP8 checkpoints are written here in their
+layouts."""
 
 from __future__ import annotations
 
@@ -32,13 +33,13 @@ from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E40
 VOCAB = 97
 FP8 = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
 INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False}
-#: name -> (format, weight args, static input activations, a KV-cache scheme)
-KINDS: dict[str, tuple[str, dict[str, Any], bool, bool]] = {
-    "fp8_channel_dynamic": ("float-quantized", dict(FP8, strategy="channel"), False, False),
-    "fp8_tensor_static_kv": ("float-quantized", dict(FP8, strategy="tensor"), True, True),
-    "fp8_block": ("float-quantized", dict(FP8, strategy="block", block_structure=[16, 32]), False, False),
-    "int8_channel": ("int-quantized", dict(INT8, strategy="channel"), False, False),
-    "int8_group": ("naive-quantized", dict(INT8, strategy="group", group_size=16), False, False),
+#: weights only (W8A16): name -> (format, weight args, KV-cache scales beside them)
+KINDS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "fp8_channel": ("float-quantized", dict(FP8, strategy="channel"), False),
+    "fp8_tensor_kv": ("float-quantized", dict(FP8, strategy="tensor"), True),
+    "fp8_block": ("float-quantized", dict(FP8, strategy="block", block_structure=[16, 32]), False),
+    "int8_channel": ("int-quantized", dict(INT8, strategy="channel"), False),
+    "int8_group": ("naive-quantized", dict(INT8, strategy="group", group_size=16), False),
 }
 
 
@@ -59,7 +60,7 @@ def _extrema(w: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, tor
 def _checkpoint(d: Any, kind: str) -> Any:
     """A random Llama quantized and written by compressed-tensors; returns transformers' model holding the weights
     the library decompresses from it."""
-    fmt, wargs, static_input, kv = KINDS[kind]
+    fmt, wargs, kv = KINDS[kind]
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                    bos_token_id=1, eos_token_id=2)
@@ -70,8 +71,7 @@ def _checkpoint(d: Any, kind: str) -> Any:
             if "norm" not in name:
                 p.mul_(4.0)
     args = QuantizationArgs(**wargs)
-    inputs = QuantizationArgs(**dict(FP8, strategy="tensor")) if static_input else None
-    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=inputs)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
     qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=fmt,
                             kv_cache_scheme=QuantizationArgs(**dict(FP8, strategy="tensor")) if kv else None)
     apply_quantization_config(model, qc)
@@ -80,9 +80,6 @@ def _checkpoint(d: Any, kind: str) -> Any:
             if hasattr(module, "weight_scale"):
                 scale, _ = calculate_qparams(*_extrema(module.weight.float(), args), args)
                 module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
-            for key in ("input_scale", "k_scale", "v_scale"):
-                if hasattr(module, key):
-                    getattr(module, key).fill_(0.37)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.save_pretrained(d)
@@ -111,7 +108,7 @@ def test_quantized_weights_equal_the_librarys_own_decompression(tmp_path, kind):
     want = "F8_E4M3" if KINDS[kind][0] == "float-quantized" else "I8"
     assert stored["model.layers.0.mlp.up_proj.weight"] == want and "model.layers.0.mlp.up_proj.weight_scale" in stored
     if KINDS[kind][2]:
-        assert "model.layers.0.mlp.up_proj.input_scale" in stored and "model.layers.0.self_attn.k_scale" in stored
+        assert "model.layers.0.self_attn.k_scale" in stored
     ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
     check_batched_against_hf(ours, ref, two_sequences(VOCAB))
 
@@ -124,6 +121,13 @@ def test_unsupported_formats_and_asymmetric_weights_are_refused(tmp_path):
     bad = dict(cfg, quantization_config=dict(cfg["quantization_config"], format="nvfp4-pack-quantized"))
     (tmp_path / "config.json").write_text(json.dumps(bad))
     with pytest.raises(ModelError, match="format 'nvfp4-pack-quantized'"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    groups = cfg["quantization_config"]["config_groups"]  # (4-bit inputs in groups: not read here)
+    nvfp4_inputs = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "dynamic": "local"}
+    bad = dict(cfg, quantization_config=dict(cfg["quantization_config"], config_groups={
+        "group_0": dict(groups["group_0"], input_activations=nvfp4_inputs)}))
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match=r"config_groups\.group_0\.input_activations"):
         load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     from safetensors.torch import load_file, save_file
@@ -184,3 +188,82 @@ def test_fbgemm_and_modelopt_fp8_weights(tmp_path, layout):
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(ModelError, match="quant_algo 'NVFP4'"):
             load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+
+
+#: W8A8 checkpoints: name -> (format, weight args, input activation args)
+W8A8: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "fp8_dynamic": ("float-quantized", dict(FP8, strategy="channel"), dict(FP8, strategy="token", dynamic=True)),
+    "int8_dynamic": ("int-quantized", dict(INT8, strategy="channel"), dict(INT8, strategy="token", dynamic=True)),
+    "fp8_static": ("float-quantized", dict(FP8, strategy="tensor"), dict(FP8, strategy="tensor")),
+}
+
+
+def _w8a8_checkpoint(d: Any, kind: str) -> None:
+    """A random Llama quantized by compressed-tensors with its inputs quantized too (static scales: calibrated on a
+    forward of the unquantized model), written by the library."""
+    fmt, wargs, iargs = W8A8[kind]
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(4.0)
+    amax: dict[str, float] = {}  # (each layer's input range over a calibration forward)
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: amax.__setitem__(n, float(a[0].abs().amax())))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model(torch.arange(3, 40)[None])
+    for h in hooks:
+        h.remove()
+    args = QuantizationArgs(**wargs)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=QuantizationArgs(**iargs))
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                                                        format=fmt))
+    with torch.no_grad():
+        for n, module in model.named_modules():
+            if hasattr(module, "weight_scale"):
+                scale, _ = calculate_qparams(*_extrema(module.weight.float(), args), args)
+                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+            if hasattr(module, "input_scale"):
+                module.input_scale.fill_(amax[n] / 448.0)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(d)
+    compressor.update_config(str(d))
+
+
+def _prefill(model: Any, seq: list[int]) -> torch.Tensor:
+    """Our logits at every position of ``seq``, prefilled in one piece (as transformers computes it)."""
+    from dualpath.model import KVPool, SeqBatch
+
+    pool = KVPool(model.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    return model(SeqBatch.build([seq], [0], [pool.allocate(8)], 4), pool.layers, all_positions=True)
+
+
+@pytest.mark.parametrize("kind", list(W8A8))
+def test_w8a8_inputs_are_quantized_as_transformers_runs_them(tmp_path, kind):
+    """A W8A8 checkpoint's layers quantize their inputs (FP8 or INT8; per token from each input, or per tensor from
+    the stored input_scale) before their weights multiply them: a prefill's logits equal transformers' own run of
+    the checkpoint (compressed-tensors decompressing it) on most positions to float rounding, where the weights
+    alone are off by percents everywhere. Where a float-rounding difference (a different summation order) crosses a
+    rounding boundary of an 8-bit input, that value moves by a step: so the largest difference is bounded by 1% of
+    the logit range, and chunked and batched over paged KV by 3%."""
+    from hf_random import hf_logits
+
+    _w8a8_checkpoint(tmp_path, kind)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
+    seqs = two_sequences(VOCAB)
+    refs = [hf_logits(hf, s) for s in seqs]
+    for seq, ref in zip(seqs, refs, strict=True):
+        diff = (_prefill(ours, seq) - ref).abs().max(dim=1).values
+        assert float(diff.median()) < 1e-5 and float(diff.max()) < 0.01 * float(ref.abs().max())
+    check_batched_against_hf(ours, hf, seqs, atol=0.03 * float(refs[0].abs().max()), rtol=0.0)
+    cfg = json.loads((tmp_path / "config.json").read_text())  # (the same weights, inputs left as they are)
+    cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"] = None
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    plain = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
+    assert float((_prefill(plain, seqs[0]) - refs[0]).abs().max(dim=1).values.median()) > 1e-3

@@ -34,6 +34,8 @@ import torch
 
 from dualpath.errors import ModelError
 from dualpath.model import llama_variants as lv
+from dualpath.model.act_quant import ActivationQuant, activation_quant, quantized_layers
+from dualpath.model.act_quant import install as install_activation_quant
 from dualpath.model.gguf import read_gguf
 from dualpath.model.mla_spec import DeepseekV3Spec
 from dualpath.model.quant import (
@@ -46,7 +48,9 @@ from dualpath.model.quant import (
 )
 from dualpath.model.spec import ModelSpec, load_spec
 from dualpath.model.tensor_names import (
+    _GEMMA3_LM_PREFIXES,
     _PERI_NAMES,
+    _renamed,
     _suffixes_renamed,
     codegen_tensors,
     deepseek_tensors,
@@ -230,11 +234,18 @@ def files_identity(files: list[Path]) -> str:
 
 def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
                 device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
-                fp8_block: tuple[int, int] = (128, 128), ct_block: tuple[int, int] | None = None) -> AnyModel:
+                fp8_block: tuple[int, int] = (128, 128), ct_block: tuple[int, int] | None = None,
+                act_quant: ActivationQuant | None = None) -> AnyModel:
     """A model on CPU filled from ``tensors`` (or seeded random weights when None), then moved to ``device``.
     ``fp8_block`` / ``ct_block``: the tiles of block-scaled FP8 weights (``weight_block_size``) and of
-    compressed-tensors' ``block`` strategy (``block_structure``)."""
+    compressed-tensors' ``block`` strategy (``block_structure``). ``act_quant``: the input quantization of the
+    checkpoint's quantized layers (:mod:`dualpath.model.act_quant`)."""
     model: AnyModel
+    quantized: tuple[set[str], dict[str, torch.Tensor]] = (set(), {})
+    if tensors is not None and act_quant is not None:  # (read before the scales are dropped)
+        layers, scales = quantized_layers(tensors)
+        quantized = ({_renamed(n, _GEMMA3_LM_PREFIXES) for n in layers},
+                     {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
     if tensors is not None:  # (compressed-tensors' FP8 / INT8 weights: value x scale)
         tensors = scaled_dequantized(tensors, source, ct_block)
     if isinstance(spec, DeepseekV3Spec):
@@ -279,6 +290,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         init_random(model, seed)
     else:
         assign_weights(model, tensors, source)
+    if act_quant is not None and quantized[0]:
+        install_activation_quant(model, act_quant, quantized[0], quantized[1], source)
     return model.to(device).eval()
 
 
@@ -360,6 +373,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
     spec: ModelSpec | DeepseekV3Spec
     fp8_block: tuple[int, int] = (128, 128)
     ct_block: tuple[int, int] | None = None
+    act_quant: ActivationQuant | None = None
     if p.is_file() and p.suffix == ".gguf":
         if cfg.kv_format != "auto":
             raise ModelError(f"{p}: kv_format {cfg.kv_format!r} needs an MLA (DeepSeek-V2/V3) safetensors checkpoint")
@@ -376,6 +390,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
         fp8_block, ct_block = fp8_block_size(hf_config), ct_block_size(hf_config)
         if not cfg.random_init:  # (random weights have no quantization to read)
             check_quantization(hf_config, str(cfg_path))
+            act_quant = activation_quant(hf_config, str(cfg_path))
         if cfg.random_init:
             model_tensors, weights_id = None, f"random:{cfg.seed}"
         else:
@@ -386,7 +401,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
 
     spec = replace(spec, weights_id=weights_id)
     model = build_model(spec, model_tensors, seed=cfg.seed, device=device, backend=cfg.attention_backend,
-                        source=str(p), fp8_block=fp8_block, ct_block=ct_block)
+                        source=str(p), fp8_block=fp8_block, ct_block=ct_block, act_quant=act_quant)
     if hasattr(model, "prefill_form"):  # MLA
         model.prefill_form = cfg.mla_prefill
     if with_tokenizer:

@@ -105,6 +105,8 @@ def _smollm3_has_rope(cfg: dict[str, Any], where: str) -> list[int]:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
             raise ModelError(f"{where}: no_rope_layer_interval must be a positive integer, got {interval!r}")
         flags = [int((i + 1) % interval != 0) for i in range(int(n or 0))]
+    if isinstance(flags, list) and isinstance(n, int) and len(flags) > n:
+        flags = flags[:n]  # (transformers reads a layer's own entry: a longer list's tail is never read)
     if (not isinstance(flags, list) or len(flags) != n
             or any(isinstance(f, bool) or f not in (0, 1) for f in flags)):
         raise ModelError(f"{where}: no_rope_layers must list 1 (RoPE) or 0 (none) for each of the {n} layers, got "
@@ -153,6 +155,8 @@ def _granite_swa_thetas(cfg: dict[str, Any], where: str) -> list[float]:
     thetas = cfg.get("layer_rope_theta")
     if thetas is None:
         return [parse_rope(cfg, where)[0]] * n
+    if isinstance(thetas, list) and len(thetas) > n:
+        thetas = thetas[:n]  # (transformers reads a layer's own entry: a longer list's tail is never read)
     if (not isinstance(thetas, list) or len(thetas) != n
             or any(isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0 for t in thetas)):
         raise ModelError(f"{where}: layer_rope_theta must list a RoPE base >= 0 (0: none) for each of the {n} layers, "

@@ -81,6 +81,11 @@ INTERLEAVED_ROPE = ("gptj", "cohere", "cohere2", "cohere2_moe")
 #: logit_scale
 COHERE = ("cohere", "cohere2", "cohere2_moe")
 HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
+#: the families whose transformers attention sizes a head as ``hidden_size // num_attention_heads`` whatever the
+#: config says, and those with no grouped keys and values at all (a ``num_key_value_heads`` key is not theirs)
+_HEAD_FROM_HIDDEN = ("gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "mpt", "stablelm",
+                     "falcon")
+_ALL_HEADS_KV = ("gpt_neox", "gpt_neo", "opt", "bloom", "mpt")
 LN_ARCHS = tuple(ARCHITECTURES.values())
 #: a config's activation name -> the one the MLP runs (``gelu_tanh``: GELU's tanh approximation, which
 #: ``gelu_new``, ``gelu_fast`` and ``gelu_pytorch_tanh`` all compute)
@@ -368,6 +373,10 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
     spec fields of this module's families). Bad values raise :class:`ModelError` naming the key."""
     out = {**_DEFAULTS[arch], **{k: v for k, v in cfg.items() if v is not None or k in ("sliding_window",
                                                                                          "rotary_dim")}}
+    if arch in _HEAD_FROM_HIDDEN:  # (their attention's head is hidden_size // heads: a stray head_dim key is unread)
+        out.pop("head_dim", None)
+    if arch in _ALL_HEADS_KV:  # (and every head has its own keys and values)
+        out.pop("num_key_value_heads", None)
     if arch in GPT2_KEYS:
         for theirs, ours in (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
                              ("n_head", "num_attention_heads"), ("n_positions", "max_position_embeddings"),

@@ -373,7 +373,10 @@ class ModelSpec(_SpecCommon):
                                  f"gpt_neox, gptj, phi and stablelm, got "
                                  f"{self.partial_rotary_factor} for {self.architecture}")
             rot = self.rotary_dim
-            if not 0 < self.partial_rotary_factor <= 1 or rot <= 0 or rot % 2:
+            # (an odd count: transformers takes ceil(rot / 2) frequencies over rot and turns twice that many dims;
+            # so does RoPE here, by the width of its tables. The families read by permuting q/k rows need it even)
+            if not 0 < self.partial_rotary_factor <= 1 or rot <= 0 or (
+                    rot % 2 and self.architecture in ("gptj", "glm", "glm4")):
                 raise ModelError(f"model config: partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] "
                                  f"and rotate an even number of dims (head_dim {self.head_dim} gives {rot})")
         if self.architecture == "phi3" and (self.rope_type not in ("default", "longrope") or self.attention_bias):
@@ -539,12 +542,13 @@ class ModelSpec(_SpecCommon):
         if self.architecture not in ("phi3", "phimoe"):
             raise ModelError(f"model config: rope_scaling type 'longrope' is phi3's and phimoe's, got it for "
                              f"{self.architecture}")
+        pairs = (self.rotary_dim + 1) // 2  # (one frequency per rotated pair; an odd count rounds up)
         for key in ("short_factor", "long_factor"):
             f = rs.get(key)
-            if (not isinstance(f, list) or len(f) != self.rotary_dim // 2
+            if (not isinstance(f, list) or len(f) != pairs
                     or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in f)):
                 n = len(f) if isinstance(f, list) else type(f).__name__
-                raise ModelError(f"model config: rope_scaling.{key} must be a list of {self.rotary_dim // 2} positive "
+                raise ModelError(f"model config: rope_scaling.{key} must be a list of {pairs} positive "
                                  f"numbers (one per rotated pair of the {self.rotary_dim} rotary dims), got {n}")
         orig = rs.get("original_max_position_embeddings")
         if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:

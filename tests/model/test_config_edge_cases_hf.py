@@ -1,0 +1,66 @@
+"""Configs as small random checkpoints come, each against transformers on the same weights written by it: a partial
+RoPE whose rotated dims are odd (transformers takes ceil(n / 2) frequencies over n and turns twice that many dims),
+keys a family's transformers code never reads (a ``head_dim`` or ``num_key_value_heads`` where the head is
+``hidden_size // heads`` and every head has its own keys), and per-layer lists longer than the model (transformers
+reads each layer's own entry)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hf_random import check_batched_against_hf, two_sequences
+
+from dualpath.model.config import LlamaModelConfig
+from dualpath.model.loader import load_model
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+COMMON = {"vocab_size": VOCAB, "max_position_embeddings": 128, "pad_token_id": None, "bos_token_id": None,
+          "eos_token_id": None, "num_hidden_layers": 2}
+_GQA = {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64}
+_SMALL = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96}
+_GLM4_MOE = {**_GQA, "head_dim": 10, "moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2,
+             "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "partial_rotary_factor": 0.5}
+CASES: dict[str, tuple[str, str, dict[str, Any], int | None]] = {
+    # (config class, model class, config keys, the rotated dims we must read): a 12-dim head's quarter is 3
+    "gpt_neox_odd_rope": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                          {"hidden_size": 48, "num_attention_heads": 4, "intermediate_size": 64, "rotary_pct": 0.25},
+                          3),
+    "phi3_odd_rope": ("Phi3Config", "Phi3ForCausalLM", {**_GQA, "partial_rotary_factor": 0.25}, 3),
+    "nemotron_odd_rope": ("NemotronConfig", "NemotronForCausalLM", {**_GQA, "partial_rotary_factor": 0.25}, 3),
+    "glm4_moe_odd_rope": ("Glm4MoeConfig", "Glm4MoeForCausalLM", _GLM4_MOE, 5),
+    # keys the family's code never reads
+    "gpt2_stray_keys": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 64, "n_head": 4, "n_layer": 2,
+                                                          "n_positions": 128, "head_dim": 8,
+                                                          "num_key_value_heads": 2}, None),
+    "opt_stray_keys": ("OPTConfig", "OPTForCausalLM", {"hidden_size": 64, "num_attention_heads": 4, "ffn_dim": 96,
+                                                       "head_dim": 8, "num_key_value_heads": 1}, None),
+    "bloom_stray_keys": ("BloomConfig", "BloomForCausalLM", {"hidden_size": 64, "n_head": 4, "n_layer": 2,
+                                                             "head_dim": 8, "num_key_value_heads": 2}, None),
+    # per-layer lists as the config class defaults them for its own (deeper) model
+    "smollm3_long_no_rope_layers": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                                    {**_SMALL, "no_rope_layers": [1, 0, 1, 1, 0, 1]}, None),
+    "granite_swa_long_thetas": ("GraniteSWAConfig", "GraniteSWAForCausalLM",
+                                {**_SMALL, "layer_rope_theta": [0.0, 5e5, 1e4, 1e4]}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_small_random_configs_equal_transformers(tmp_path, case):
+    cfg_cls, model_cls, kw, rotated = CASES[case]
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"no {model_cls} in this transformers")
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kw})
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.add_(0.1 * torch.randn_like(p)) if ("norm" in name or name.endswith("bias")) else p.mul_(4.0)
+    hf.save_pretrained(tmp_path)
+    ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
+    if rotated is not None:
+        assert ours.spec.rotary_dim == rotated
+    check_batched_against_hf(ours, hf, two_sequences(VOCAB))

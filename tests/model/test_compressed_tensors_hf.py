@@ -57,10 +57,8 @@ def _extrema(w: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, tor
     return g.amin((1, 3)), g.amax((1, 3))
 
 
-def _checkpoint(d: Any, kind: str) -> Any:
-    """A random Llama quantized and written by compressed-tensors; returns transformers' model holding the weights
-    the library decompresses from it."""
-    fmt, wargs, kv = KINDS[kind]
+def _random_llama() -> tuple[Any, Any]:
+    """A small Llama's config and transformers' model on seeded random weights (all but the norms scaled up)."""
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                    bos_token_id=1, eos_token_id=2)
@@ -70,6 +68,14 @@ def _checkpoint(d: Any, kind: str) -> Any:
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.mul_(4.0)
+    return cfg, model
+
+
+def _checkpoint(d: Any, kind: str) -> Any:
+    """A random Llama quantized and written by compressed-tensors; returns transformers' model holding the weights
+    the library decompresses from it."""
+    fmt, wargs, kv = KINDS[kind]
+    cfg, model = _random_llama()
     args = QuantizationArgs(**wargs)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=fmt,
@@ -202,15 +208,7 @@ def _w8a8_checkpoint(d: Any, kind: str) -> None:
     """A random Llama quantized by compressed-tensors with its inputs quantized too (static scales: calibrated on a
     forward of the unquantized model), written by the library."""
     fmt, wargs, iargs = W8A8[kind]
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.mul_(4.0)
+    _, model = _random_llama()
     amax: dict[str, float] = {}  # (each layer's input range over a calibration forward)
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: amax.__setitem__(n, float(a[0].abs().amax())))
              for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

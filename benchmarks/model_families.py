@@ -172,6 +172,17 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                                             "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
                              audio_config={"hidden_size": 32, "intermediate_size": 64, "num_blocks": 1,
                                            "num_attention_heads": 2})),
+    # Gemma 4 (E2B-like): wider full layers with keys as values, shared-KV layers, per-layer embeddings, a MoE block
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+               dict(BASE, num_hidden_layers=6, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
+                    attention_k_eq_v=True, sliding_window=16, hidden_size_per_layer_input=16,
+                    layer_types=["sliding_attention", "full_attention"] * 3,
+                    vocab_size_per_layer_input=V, num_kv_shared_layers=2, use_double_wide_mlp=True,
+                    enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=64,
+                    final_logit_softcapping=30.0)),
+    # Gemma 4 31B-like: dense, full layers twice as wide
+    "gemma4_dense": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+                     dict(BASE, head_dim=32, global_head_dim=64, sliding_window=16, hidden_size_per_layer_input=0)),
 }
 
 

@@ -54,6 +54,8 @@ ARCHITECTURES: dict[str, str] = {
     "ArceeForCausalLM": "arcee",
     "Glm4ForCausalLM": "glm4",
     "AriaTextForCausalLM": "aria_text",
+    "Gemma4ForCausalLM": "gemma4_text",  # (dualpath.model.gemma4)
+    "Gemma4UnifiedForCausalLM": "gemma4_text",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -68,6 +70,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "solar_open": "SolarOpenForCausalLM", "flex_olmo": "FlexOlmoForCausalLM", "afmoe": "AfmoeForCausalLM",
             "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM", "hy_v3": "HYV3ForCausalLM",
             "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM", "aria_text": "AriaTextForCausalLM",
+            "gemma4_text": "Gemma4ForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
@@ -130,9 +133,9 @@ _REFUSED = {
                      "inkling2_loop_text", "zaya", "glm5_next", "glm5_next_text"), _NO_KV),
     "diffusion_gemma": "a diffusion language model (it denoises blocks of tokens attending both ways), not an "
                        "autoregressive decoder",
-    **dict.fromkeys(("gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text",
-                     "gemma4_assistant", "gemma4_unified_assistant"),
-                    "per-layer embeddings and layers that share another layer's KV are not implemented"),
+    **dict.fromkeys(("gemma3n", "gemma3n_text"), "its AltUp residual streams and Laurel blocks are not implemented"),
+    **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"),
+                    "a draft model that attends with its target model's keys and values, not a model on its own"),
     "deepseek_v4": "its compressed attention (KV compressed across tokens) is another MLA variant, not implemented",
     **dict.fromkeys(("hy_v4", "hy_v4_vl"), "DeepSeek-V4's hyper-connections (several residual streams mixed around "
                                            "each layer) are not implemented"),

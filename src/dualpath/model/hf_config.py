@@ -47,6 +47,8 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "qwen2_5_vl_text"),
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "qwen3_vl_text"),
     "Llama4ForConditionalGeneration": ("llama4", "llama4_text"),
+    "Gemma4ForConditionalGeneration": ("gemma4", "gemma4_text"),
+    "Gemma4UnifiedForConditionalGeneration": ("gemma4_unified", "gemma4_unified_text"),
     "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl_moe", "qwen3_vl_moe_text"),
     # their language model alone is a text model run here (transformers runs it on text alone)
     "LlavaNextForConditionalGeneration": ("llava_next", "llama"),
@@ -140,6 +142,8 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "apertus1p5_text": ("ApertusForCausalLM", "apertus"),
     "emu3_text_model": ("LlamaForCausalLM", "llama"),
     "aria_text": ("AriaTextForCausalLM", "aria_text"),
+    "gemma4_text": ("Gemma4ForCausalLM", "gemma4_text"),
+    "gemma4_unified_text": ("Gemma4UnifiedForCausalLM", "gemma4_unified_text"),
 }
 #: Emu3TextConfig's defaults where LlamaConfig's differ
 _EMU3_TEXT_DEFAULTS = {"vocab_size": 184622, "intermediate_size": 14336, "num_key_value_heads": 8,

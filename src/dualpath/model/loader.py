@@ -28,7 +28,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -67,9 +67,10 @@ from dualpath.model.tensor_names import (
 if TYPE_CHECKING:
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.deepseek import DeepseekV3Model
+    from dualpath.model.gemma4 import Gemma4Model
     from dualpath.model.llama import LlamaModel
 
-    AnyModel = LlamaModel | DeepseekV3Model
+    AnyModel = LlamaModel | DeepseekV3Model | Gemma4Model
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -255,6 +256,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         if tensors is not None:  # (Kimi K2.5: its language model's tensors; Kimi's INT4 experts)
             tensors = deepseek_tensors(spec, mla_language_tensors(int4_dequantized(tensors, source)), source,
                                        fp8_block)
+    elif spec.architecture == "gemma4_text":
+        from dualpath.model import gemma4
+
+        model = gemma4.Gemma4Model(cast(gemma4.Gemma4Spec, spec), device="cpu", backend=backend)
+        if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
+            tensors = gemma4.tensors_in(cast(gemma4.Gemma4Spec, spec), gemma3_language_tensors(tensors))
     else:
         from dualpath.model.llama import LlamaModel
 
@@ -288,6 +295,10 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             tensors = lv.tensors_in(spec, tensors, source)
     if tensors is None:
         init_random(model, seed)
+        if spec.architecture == "gemma4_text":
+            from dualpath.model.gemma4 import random_init_overrides
+
+            random_init_overrides(model, torch.Generator().manual_seed(seed + 1))  # type: ignore[arg-type]
     else:
         assign_weights(model, tensors, source)
     if act_quant is not None and quantized[0]:

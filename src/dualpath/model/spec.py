@@ -392,7 +392,7 @@ class ModelSpec(_SpecCommon):
         for name in _GEMMA2_FIELDS:
             value = getattr(self, name)
             if value is not None and self.architecture not in GEMMA2_LIKE and not (
-                    name == "final_logit_softcapping" and self.architecture == "nanochat"):
+                    name == "final_logit_softcapping" and self.architecture in ("nanochat", "gemma4_text")):
                 raise ModelError(f"model config: {name} is only supported for gemma2 and gemma3 (and nanochat's "
                                  f"final_logit_softcapping), got {value} for {self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
@@ -924,7 +924,7 @@ class ModelSpec(_SpecCommon):
                 arch = ARCHITECTURES[a]
                 break
         if arch is None and model_type in _MODEL_TYPES:
-            arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(str(model_type), str(model_type))
+            arch = {"mistral": "llama", "gemma3_text": "gemma3", "gemma4_unified_text": "gemma4_text"}.get(str(model_type), str(model_type))
         if arch is None:
             why = refusal_reason(archs, model_type)
             raise ModelError(
@@ -932,6 +932,11 @@ class ModelSpec(_SpecCommon):
                 f"{sorted([*ARCHITECTURES, *_DEEPSEEK_ARCH])} (model_type "
                 f"{', '.join(sorted({*_MODEL_TYPES, *_DEEPSEEK_ARCH.values()}))})"
             )
+
+        if arch == "gemma4_text":  # (its own spec: per-layer KV shapes, shared KV, per-layer embeddings)
+            from dualpath.model.gemma4 import spec_from_config
+
+            return spec_from_config(cfg, where, dtype, max_context)
 
         def need(key: str) -> Any:
             if key not in cfg or cfg[key] is None:

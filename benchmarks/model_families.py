@@ -172,6 +172,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                                             "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
                              audio_config={"hidden_size": 32, "intermediate_size": 64, "num_blocks": 1,
                                            "num_attention_heads": 2})),
+    # Persimmon: fused per-head q/k/v, shared q/k LayerNorms, half-head RoPE, ReLU-squared MLP
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(BASE)),
+    # GPT-1 (post-norm blocks), BioGPT and XGLM (fairseq's decoder: scaled embeddings, learned or sinusoidal positions)
+    "openai-gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", dict(GPT2, afn="gelu")),
+    "biogpt": ("BioGptConfig", "BioGptForCausalLM", dict(BASE, pad_token_id=1)),
+    "xglm": ("XGLMConfig", "XGLMForCausalLM",
+             {"vocab_size": V, "d_model": 128, "num_layers": 4, "attention_heads": 4, "ffn_dim": 256,
+              "max_position_embeddings": 512, "bos_token_id": None, "eos_token_id": None}),
     # Gemma 4 (E2B-like): wider full layers with keys as values, shared-KV layers, per-layer embeddings, a MoE block
     "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM",
                dict(BASE, num_hidden_layers=6, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
@@ -180,6 +188,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                     vocab_size_per_layer_input=V, num_kv_shared_layers=2, use_double_wide_mlp=True,
                     enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=64,
                     final_logit_softcapping=30.0)),
+    # MiMo-V2-Flash: sliding layers with twice the KV heads and sinks, values narrower than keys, grouped router
+    "mimo_v2_flash": ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM",
+                      dict(BASE, num_attention_heads=8, head_dim=48, v_head_dim=32, sliding_window=16,
+                           moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                           topk_group=1)),
     # Gemma 4 31B-like: dense, full layers twice as wide
     "gemma4_dense": ("Gemma4TextConfig", "Gemma4ForCausalLM",
                      dict(BASE, head_dim=32, global_head_dim=64, sliding_window=16, hidden_size_per_layer_input=0)),

@@ -78,6 +78,9 @@ FAMILIES = {
     "ernie4_5_vl_moe": ("Ernie4_5_VLMoeForConditionalGeneration", "ernie4_5_moe"),
     # Emu3: a Llama beside its VQ image tokenizer (under model.text_model.)
     "emu3": ("Emu3ForConditionalGeneration", "llama"),
+    # Fuyu: a Persimmon language model (LayerNorm q/k norms, ReLU-squared MLP, fused per-head q/k/v) beside its
+    # linear patch embedder
+    "fuyu": ("FuyuForCausalLM", "persimmon"),
 }
 #: text config keys a family needs beyond TEXT (its M-RoPE sections sized to the small heads; its experts)
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}

@@ -101,6 +101,17 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                  dict(BASE, num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True)),
     # every layer sliding over 5 tokens; biased GELU MLP
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(BASE, num_key_value_heads=2, sliding_window=5)),
+    # Persimmon: GPT-NeoX's fused per-head q/k/v in sequential blocks, shared q/k LayerNorms, ReLU-squared MLP
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(BASE)),
+    # GPT-1: the norms after each residual sum (no final norm), learned positions, GPT-2's Conv1D tensors
+    "openai-gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel",
+                   {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 256}),
+    # fairseq's decoder: embeddings scaled by sqrt(hidden) before learned positions from row 2
+    "biogpt": ("BioGptConfig", "BioGptForCausalLM", dict(BASE, pad_token_id=1)),
+    # XGLM: the same with sinusoidal positions (a buffer), queries scaled before the scores
+    "xglm": ("XGLMConfig", "XGLMForCausalLM",
+             {"vocab_size": VOCAB, "d_model": 64, "num_layers": 3, "attention_heads": 4, "ffn_dim": 96,
+              "max_position_embeddings": 256, "bos_token_id": None, "eos_token_id": None}),
 }
 #: variants whose only difference is a switch: the sequential GPT-NeoX block, StableLM's parallel block, GPTBigCode
 #: with a key/value per head (its fused q/k/v then interleaved per head)
@@ -163,10 +174,27 @@ def _turns(seed: int = 0) -> list[list[int]]:
     return random_turns(VOCAB, seed)
 
 
+class _Recompute:
+    """transformers' OpenAI GPT keeps no KV cache: each call recomputes the whole sequence so far (the logits of
+    the new tokens returned)."""
+
+    def __init__(self, hf: Any) -> None:
+        self.hf, self.config, self.seen = hf, hf.config, []
+
+    def __call__(self, ids: torch.Tensor, **_: Any) -> Any:
+        from types import SimpleNamespace
+
+        self.seen += ids[0].tolist()
+        with torch.no_grad():
+            return SimpleNamespace(logits=self.hf(torch.tensor([self.seen])).logits[:, -ids.shape[1]:])
+
+
 def test_fp32_multi_turn_logits_and_greedy(ckpt):
     """Three turns (prefill chunks over a paged prefix, then greedy decode steps): logits at every step and the ids
-    equal transformers' with its own cache."""
-    _, d, hf = ckpt
+    equal transformers' with its own cache (OpenAI GPT, which has none: its full recompute)."""
+    family, d, hf = ckpt
+    if family == "openai-gpt":
+        hf = _Recompute(hf)
     ours, ref, ids, ref_ids = paged_turns(_load(d), hf, _turns(), 7, 4)
     assert ref.abs().max() > 1.0
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
@@ -208,15 +236,19 @@ def test_spec_follows_transformers(ckpt):
     assert isinstance(spec, ModelSpec) and spec.architecture == family and spec.layer_norm
     c = hf.config
     assert spec.tie_embeddings == bool(c.tie_word_embeddings)
-    gpt2_keys = family in ("gpt2", "gptj", "gpt_bigcode")
+    gpt2_keys = family in ("gpt2", "gptj", "gpt_bigcode", "openai-gpt")
     assert spec.max_position == (c.n_positions if gpt2_keys else 2048 if family == "bloom"
                                  else c.max_seq_len if family == "mpt" else c.max_position_embeddings)
     assert spec.alibi == (family in ("bloom", "mpt"))
     want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5, "opt": 1.0, "cohere": 1.0,
-                    "cohere2": 1.0, "falcon": 1.0, "bloom": 1.0, "gpt_neo": 1.0, "mpt": 1.0}.get(family) or \
+                    "cohere2": 1.0, "falcon": 1.0, "bloom": 1.0, "gpt_neo": 1.0, "mpt": 1.0, "openai-gpt": 1.0,
+                    "biogpt": 1.0, "xglm": 1.0, "persimmon": 0.5}.get(family) or \
         c.rope_parameters["partial_rotary_factor"]
     assert spec.partial_rotary_factor == want_partial
-    assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt", "gpt_neo"))
+    assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt", "gpt_neo", "openai-gpt", "biogpt",
+                                                 "xglm"))
+    assert spec.post_layer_norm == (True if family == "openai-gpt" else False if family == "opt" else None)
+    assert spec.embedding_multiplier == (8.0 if family in ("biogpt", "xglm") else None)  # (sqrt(64))
     assert spec.embed_proj_dim == (32 if family == "opt" else None)
     assert spec.n_kv_heads == {"gpt_bigcode": 1, "stablelm": 2, "starcoder2": 2, "cohere": 2, "cohere2": 2,
                                "falcon": 2, "nemotron": 2}.get(family, 4)

@@ -360,7 +360,8 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
     from dualpath.model.spec import _HF_ARCH
 
     windowed = {"gemma2", "gemma3", "vaultgemma", "cohere2", "cohere2_moe", "gpt_neo", "exaone4", "olmo3", "ministral", "cwm",
-                "gpt_oss", "afmoe", "exaone_moe", "granite_swa", "granitemoe_swa", "flint", "kolibri1", "gemma4_text"}
+                "gpt_oss", "afmoe", "exaone_moe", "granite_swa", "granitemoe_swa", "flint", "kolibri1", "gemma4_text",
+                "mimo_v2_flash"}
     # (their config classes slide some layers by default)
     for arch, hf_arch in sorted(_HF_ARCH.items()):
         cfg = {"model_type": arch, "architectures": [hf_arch], "vocab_size": 100, "hidden_size": 64,
@@ -368,6 +369,8 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
                "num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                "shared_expert_intermediate_size": 32, "ffn_dim": 96, "rotary_dim": 8, "n_shared_experts": 1,
                "d_model": 64, "n_heads": 4, "n_layers": 40}  # (DBRX's and MPT's names)
+        if arch == "mimo_v2_flash":  # (its sliding layers have twice the KV heads: they must divide the heads)
+            cfg["num_key_value_heads"] = 2
         spec = ModelSpec.from_hf_config(cfg)
         assert spec.n_layers == 40, arch
         if arch not in windowed:

@@ -48,6 +48,7 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "qwen3_vl_text"),
     "Llama4ForConditionalGeneration": ("llama4", "llama4_text"),
     "Gemma4ForConditionalGeneration": ("gemma4", "gemma4_text"),
+    "FuyuForCausalLM": ("fuyu", "persimmon"),
     "Gemma4UnifiedForConditionalGeneration": ("gemma4_unified", "gemma4_unified_text"),
     "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl_moe", "qwen3_vl_moe_text"),
     # their language model alone is a text model run here (transformers runs it on text alone)
@@ -143,6 +144,7 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "emu3_text_model": ("LlamaForCausalLM", "llama"),
     "aria_text": ("AriaTextForCausalLM", "aria_text"),
     "gemma4_text": ("Gemma4ForCausalLM", "gemma4_text"),
+    "persimmon": ("PersimmonForCausalLM", "persimmon"),
     "gemma4_unified_text": ("Gemma4UnifiedForCausalLM", "gemma4_unified_text"),
 }
 #: Emu3TextConfig's defaults where LlamaConfig's differ

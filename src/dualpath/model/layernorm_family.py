@@ -1,6 +1,7 @@
 """The LayerNorm decoders: GPT-2, GPT-Neo, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), OPT, Phi (phi-1,
 phi-1.5, phi-2), StableLM, StarCoder 2, Cohere (Command R, Aya; Cohere 2: Command R7B, Command A), Falcon
-(RoPE checkpoints: falcon-7b/40b/180b, Falcon 2), Nemotron (Nemotron-3/4, Minitron), Bloom and MPT.
+(RoPE checkpoints: falcon-7b/40b/180b, Falcon 2), Nemotron (Nemotron-3/4, Minitron), Bloom, MPT, Persimmon (and Fuyu's
+language model), OpenAI GPT (GPT-1), BioGPT and XGLM.
 
 They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
 differ from Llama in the same few places, each a :class:`~dualpath.model.spec.ModelSpec` field or property:
@@ -23,7 +24,8 @@ differ from Llama in the same few places, each a :class:`~dualpath.model.spec.Mo
   over ``window_size`` keys (``attention_types``); GPT-2 may scale layer
   ``l``'s scores by ``1 / (l + 1)`` (``scale_attn_by_inverse_layer_idx``); GPTBigCode attends with one key/value
   head (``multi_query``) or one per head;
-* LayerNorms on each head's query and key (``qk_layernorm``): Phi one LayerNorm shared by every head (with a bias),
+* LayerNorms on each head's query and key (``qk_layernorm``): Phi and Persimmon one LayerNorm shared by every head
+  (with a bias),
   StableLM one per head (no bias);
 * Bloom and MPT have no position embedding at all: ALiBi, a bias ``slope[h] * (key position - query position)`` on
   every score (:func:`alibi_slopes`, as each computes them; the paged attention kernels take the slopes); Bloom adds a
@@ -35,7 +37,10 @@ differ from Llama in the same few places, each a :class:`~dualpath.model.spec.Mo
   otherwise (``old``); ALiBi checkpoints (falcon-rw) are refused;
 * OPT: queries scaled before the scores (as OPT computes them), embeddings of ``word_embed_proj_dim`` projected in
   and out of the hidden size (``project_in`` / ``project_out``) where it differs, and OPT-350m's post-LayerNorm
-  blocks (``do_layer_norm_before: false``: ``ln(x + attn(x))``, ``ln(h + mlp(h))``, no final norm).
+  blocks (``do_layer_norm_before: false``: ``ln(x + attn(x))``, ``ln(h + mlp(h))``, no final norm); OpenAI GPT's
+  blocks are those, over GPT-2's tensors;
+* BioGPT and XGLM (fairseq's decoder): token embeddings times ``sqrt(hidden_size)`` (``scale_embedding``) before the
+  positions are added, from row 2 of a learned table (BioGPT) or of fairseq's sinusoids (XGLM, a buffer).
 
 This module reads each family's ``config.json`` into the keys :meth:`ModelSpec.from_hf_config` reads
 (:func:`normalize_config`, with the config classes' defaults), writes it back (:func:`hf_config`), and renames
@@ -66,15 +71,21 @@ ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "P
                  "GPTJForCausalLM": "gptj", "GPTBigCodeForCausalLM": "gpt_bigcode", "OPTForCausalLM": "opt",
                  "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2", "FalconForCausalLM": "falcon",
                  "NemotronForCausalLM": "nemotron", "BloomForCausalLM": "bloom", "GPTNeoForCausalLM": "gpt_neo",
-                 "MptForCausalLM": "mpt", "Cohere2MoeForCausalLM": "cohere2_moe"}
+                 "MptForCausalLM": "mpt", "Cohere2MoeForCausalLM": "cohere2_moe", "OpenAIGPTLMHeadModel": "openai-gpt",
+                 "BioGptForCausalLM": "biogpt", "XGLMForCausalLM": "xglm", "PersimmonForCausalLM": "persimmon"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families whose positions are ALiBi biases (no RoPE, no position embedding)
 ALIBI = ("bloom", "mpt")
 #: the families with learned absolute positions and no RoPE
-LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo")
-#: where each family's position table starts (OPT keeps two rows before position 0)
-POSITION_OFFSET = {"opt": 2}
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo", "openai-gpt", "biogpt", "xglm")
+#: of those, the families whose position table is fairseq's sinusoids (a buffer, not a weight: XGLM)
+SINUSOIDAL = ("xglm",)
+#: where each family's position table starts (OPT, BioGPT and XGLM keep two rows before position 0)
+POSITION_OFFSET = {"opt": 2, "biogpt": 2, "xglm": 2}
+#: the families whose token embeddings are scaled (by sqrt(hidden_size), ``scale_embedding``) before the positions
+#: are added
+SCALED_EMBEDDINGS = ("biogpt", "xglm")
 #: the families whose RoPE turns interleaved pairs (read by permuting q/k rows: see the module docstring)
 INTERLEAVED_ROPE = ("gptj", "cohere", "cohere2", "cohere2_moe")
 #: Cohere's families: a bias-free LayerNorm in fp32 (Command A+'s MoE: or an RMSNorm), a SwiGLU MLP, logits times
@@ -84,8 +95,10 @@ HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 #: the families whose transformers attention sizes a head as ``hidden_size // num_attention_heads`` whatever the
 #: config says, and those with no grouped keys and values at all (a ``num_key_value_heads`` key is not theirs)
 _HEAD_FROM_HIDDEN = ("gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "mpt", "stablelm",
-                     "falcon")
-_ALL_HEADS_KV = ("gpt_neox", "gpt_neo", "opt", "bloom", "mpt")
+                     "falcon", "openai-gpt", "biogpt", "xglm", "persimmon")
+_ALL_HEADS_KV = ("gpt_neox", "gpt_neo", "opt", "bloom", "mpt", "openai-gpt", "biogpt", "xglm", "persimmon")
+#: OpenAI GPT's ``afn`` -> the activation its MLP runs (its "gelu" is GELU's tanh approximation)
+_OPENAI_GPT_ACT = {"gelu": "gelu_new", "relu": "relu", "silu": "silu", "swish": "silu"}
 LN_ARCHS = tuple(ARCHITECTURES.values())
 #: a config's activation name -> the one the MLP runs (``gelu_tanh``: GELU's tanh approximation, which
 #: ``gelu_new``, ``gelu_fast`` and ``gelu_pytorch_tanh`` all compute)
@@ -129,11 +142,18 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
               "tie_word_embeddings": True},
     "nemotron": {"max_position_embeddings": 4096, "norm_eps": 1e-5, "hidden_act": "relu2", "attention_bias": False,
                  "mlp_bias": False, "tie_word_embeddings": False},
+    "persimmon": {"max_position_embeddings": 16384, "layer_norm_eps": 1e-5, "hidden_act": "relu2",
+                  "qk_layernorm": True, "tie_word_embeddings": False, "use_parallel_residual": False},
+    "openai-gpt": {"n_positions": 512, "afn": "gelu", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
+    "biogpt": {"max_position_embeddings": 1024, "hidden_act": "gelu", "scale_embedding": True,
+               "tie_word_embeddings": True},
+    "xglm": {"max_position_embeddings": 2048, "activation_function": "gelu", "scale_embedding": True,
+             "tie_word_embeddings": True},
     "opt": {"max_position_embeddings": 2048, "activation_function": "relu", "do_layer_norm_before": True,
             "_remove_final_layer_norm": False, "enable_bias": True, "layer_norm_elementwise_affine": True,
             "tie_word_embeddings": True},
 }
-_PARTIAL_DEFAULT = {"gpt_neox": 0.25, "phi": 0.5, "stablelm": 0.25, "nemotron": 0.5}
+_PARTIAL_DEFAULT = {"gpt_neox": 0.25, "phi": 0.5, "stablelm": 0.25, "nemotron": 0.5, "persimmon": 0.5}
 
 
 def _flag(cfg: dict[str, Any], key: str, where: str) -> bool:
@@ -204,6 +224,31 @@ def _falcon_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return {**out, "num_key_value_heads": kv, "_falcon_layout": layout, "attention_bias": c["bias"],
             "rms_norm_eps": c["layer_norm_epsilon"], "hidden_act": act,
             "intermediate_size": c.get("ffn_hidden_size") or (4 * hidden if isinstance(hidden, int) else None)}
+
+
+def _fairseq_like_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """OpenAI GPT's, BioGPT's and XGLM's keys in ours, as transformers builds them: every head its own key and value,
+    biased projections, an MLP of 4 x ``n_embd`` (OpenAI GPT) or ``intermediate_size`` / ``ffn_dim``; BioGPT's and
+    XGLM's LayerNorms with nn.LayerNorm's default epsilon (1e-5: BioGPT's ``layer_norm_eps`` is never read)."""
+    names = {"openai-gpt": (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                            ("n_head", "num_attention_heads"), ("n_positions", "max_position_embeddings"),
+                            ("layer_norm_epsilon", "rms_norm_eps")),
+             "xglm": (("d_model", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                      ("attention_heads", "num_attention_heads"), ("ffn_dim", "intermediate_size"),
+                      ("activation_function", "hidden_act"))}.get(arch, ())
+    out = {ours: cfg[theirs] for theirs, ours in names if theirs in cfg}
+    c = {**cfg, **out}
+    if arch == "openai-gpt":
+        afn = c.get("afn")
+        if afn not in _OPENAI_GPT_ACT:
+            raise ModelError(f"{where}: afn {afn!r} unsupported; expected one of {sorted(_OPENAI_GPT_ACT)}")
+        hidden = c.get("hidden_size")
+        out.update(hidden_act=_OPENAI_GPT_ACT[afn], intermediate_size=4 * hidden if isinstance(hidden, int) else None)
+    else:
+        out["rms_norm_eps"] = 1e-5
+    if arch == "xglm" and c.get("add_cross_attention"):
+        raise ModelError(f"{where}: add_cross_attention=true is unsupported (a decoder without an encoder)")
+    return {**out, "num_key_value_heads": c.get("num_attention_heads"), "attention_bias": True}
 
 
 def _mpt_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -398,6 +443,9 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         scale_by_layer = out.get("scale_attn_by_inverse_layer_idx", False) if arch == "gpt2" else False
         if not isinstance(scale_by_layer, bool):
             raise ModelError(f"{where}: scale_attn_by_inverse_layer_idx must be true or false, got {scale_by_layer!r}")
+    elif arch in ("openai-gpt", "biogpt", "xglm"):
+        scale_by_layer = False
+        out.update(_fairseq_like_config(arch, out, where))
     elif arch == "falcon":
         scale_by_layer = False
         out.update(_falcon_config(out, where))
@@ -460,7 +508,7 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         if "rotary_emb_base" in out and not (isinstance(params, dict) and "rope_theta" in params):
             out.setdefault("rope_theta", out["rotary_emb_base"])
         out["attention_bias"] = _flag(out, "attention_bias", where)
-    elif arch == "phi":
+    elif arch in ("phi", "persimmon"):
         out["attention_bias"] = True
     elif arch == "stablelm":
         out["attention_bias"] = _flag(out, "use_qkv_bias", where)
@@ -479,19 +527,20 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             out.update(_cohere2_layers(out, where))
         elif arch == "cohere2_moe":
             out.update(_cohere2_moe(out, where))
-    if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom", "gpt_neo", "mpt"):
+    if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom", "gpt_neo", "mpt", "openai-gpt", "biogpt", "xglm"):
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
     parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
+                "openai-gpt": False, "biogpt": False, "xglm": False,
                 "opt": False, "cohere": True, "cohere2": True, "cohere2_moe": True, "nemotron": False, "bloom": False,
                 "gpt_neo": False, "mpt": False}.get(arch)
     if arch == "falcon":
         parallel = out["parallel_attn"]
     if parallel is None:
         parallel = _flag(out, "use_parallel_residual", where)
-    qk = _flag(out, "qk_layernorm", where) if arch in ("phi", "stablelm") else False
+    qk = _flag(out, "qk_layernorm", where) if arch in ("phi", "stablelm", "persimmon") else False
     if arch == "cohere":
         qk = _flag(out, "use_qk_norm", where)
     out["ln_fields"] = {"activation": ACTIVATIONS[act], "parallel_residual": parallel, "qk_layernorm": qk,
@@ -502,6 +551,11 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out["ln_fields"].update(out.pop("_moe"))
     if arch == "falcon":
         out["ln_fields"]["falcon_layout"] = out.pop("_falcon_layout")
+    if arch == "openai-gpt":  # (each residual sum normed, no final norm)
+        out["ln_fields"]["post_layer_norm"] = True
+    if arch in SCALED_EMBEDDINGS and _flag(out, "scale_embedding", where):
+        hidden = out.get("hidden_size")
+        out["ln_fields"]["embedding_multiplier"] = float(hidden) ** 0.5 if isinstance(hidden, int) else None
     if arch == "opt":
         proj = out.get("word_embed_proj_dim", out.get("hidden_size"))
         out["ln_fields"].update(post_layer_norm=not out["do_layer_norm_before"],
@@ -531,6 +585,27 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
         else:
             out.update(multi_query=spec.n_kv_heads == 1 < spec.n_heads, scale_attn_weights=True)
         return out
+    if arch == "openai-gpt":
+        afn = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}.get(str(spec.activation))
+        if afn is None or spec.intermediate_size != 4 * spec.hidden_size:
+            raise ModelError(f"openai-gpt: its MLP is 4 x n_embd wide with gelu (tanh), relu or silu, got "
+                             f"{spec.intermediate_size} and {spec.activation}")
+        return {**common, "n_embd": spec.hidden_size, "n_layer": spec.n_layers, "n_head": spec.n_heads,
+                "n_positions": spec.max_position, "afn": afn, "layer_norm_epsilon": spec.rms_eps,
+                "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+    if arch in ("biogpt", "xglm"):
+        if spec.rms_eps != 1e-5:
+            raise ModelError(f"{arch}: its LayerNorms use epsilon 1e-5, got {spec.rms_eps}")
+        scaled = {"scale_embedding": spec.embedding_multiplier is not None}
+        if arch == "biogpt":
+            return {**common, **scaled, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+                    "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
+                    "max_position_embeddings": spec.max_position, "hidden_act": act, "hidden_dropout_prob": 0.0,
+                    "attention_probs_dropout_prob": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0}
+        return {**common, **scaled, "d_model": spec.hidden_size, "ffn_dim": spec.intermediate_size,
+                "num_layers": spec.n_layers, "attention_heads": spec.n_heads,
+                "max_position_embeddings": spec.max_position, "activation_function": act, "dropout": 0.0,
+                "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0}
     if arch == "mpt":
         return {**common, "d_model": spec.hidden_size, "n_heads": spec.n_heads, "n_layers": spec.n_layers,
                 "expansion_ratio": spec.intermediate_size // spec.hidden_size, "max_seq_len": spec.max_position,
@@ -598,9 +673,12 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
            "max_position_embeddings": spec.max_position, "hidden_act": act,
            "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta,
                                "partial_rotary_factor": spec.partial_rotary_factor}}
-    if arch != "gpt_neox":
+    if arch not in ("gpt_neox", "persimmon"):
         out["num_key_value_heads"] = spec.n_kv_heads
-    if arch == "gpt_neox":
+    if arch == "persimmon":
+        out.update(layer_norm_eps=spec.rms_eps, qk_layernorm=spec.qk_layernorm, hidden_dropout=0.0,
+                   attention_dropout=0.0)
+    elif arch == "gpt_neox":
         out.update(layer_norm_eps=spec.rms_eps, use_parallel_residual=spec.parallel_residual,
                    attention_bias=spec.attention_bias, hidden_dropout=0.0, attention_dropout=0.0)
     elif arch == "phi":
@@ -617,9 +695,9 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
 
 # --- tensors ---------------------------------------------------------------------------------------------------
 
-#: checkpoint buffers that are not weights (causal masks, RoPE tables)
+#: checkpoint buffers that are not weights (causal masks, RoPE tables, XGLM's sinusoids, position ids)
 _BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.attention\.masked_bias|"
-                      r"rotary_emb\.inv_freq)$")
+                      r"rotary_emb\.inv_freq|embed_positions\.weights|position_ids)$")
 #: per family: (theirs, ours) name patterns, applied in order to every tensor name
 _RENAMES: dict[str, list[tuple[str, str]]] = {
     "gpt2": [(r"^(transformer\.)?wte\.", "model.embed_tokens."), (r"^(transformer\.)?wpe\.", "model.embed_positions."),
@@ -702,6 +780,40 @@ _OUT_RENAMES["gpt_neo"] = [(r"^model\.embed_tokens\.", "transformer.wte."), (r"^
                            (r"\.self_attn\.o_proj\.", ".attn.attention.out_proj."), (r"\.self_attn\.", ".attn.attention."),
                            (r"\.mlp\.up_proj\.", ".mlp.c_fc."), (r"\.mlp\.down_proj\.", ".mlp.c_proj.")]
 
+#: Persimmon (and Fuyu's language model): GPT-NeoX's fused per-head q/k/v under Llama-like names
+_RENAMES["persimmon"] = [(r"^model\.final_layernorm\.", "model.norm."), (r"\.self_attn\.dense\.", ".self_attn.o_proj."),
+                         (r"\.self_attn\.q_layernorm\.", ".self_attn.q_norm."),
+                         (r"\.self_attn\.k_layernorm\.", ".self_attn.k_norm."),
+                         (r"\.mlp\.dense_h_to_4h\.", ".mlp.up_proj."), (r"\.mlp\.dense_4h_to_h\.", ".mlp.down_proj.")]
+_OUT_RENAMES["persimmon"] = [(r"^model\.norm\.", "model.final_layernorm."), (r"\.self_attn\.o_proj\.", ".self_attn.dense."),
+                             (r"\.self_attn\.q_norm\.", ".self_attn.q_layernorm."),
+                             (r"\.self_attn\.k_norm\.", ".self_attn.k_layernorm."),
+                             (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."), (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")]
+_RENAMES["openai-gpt"] = [(r"^(transformer\.)?tokens_embed\.", "model.embed_tokens."),
+                          (r"^(transformer\.)?positions_embed\.", "model.embed_positions."),
+                          (r"^(transformer\.)?h\.(\d+)\.", r"model.layers.\2."), (r"\.ln_1\.", ".input_layernorm."),
+                          (r"\.ln_2\.", ".post_attention_layernorm."), (r"\.attn\.c_proj\.", ".self_attn.o_proj."),
+                          (r"\.mlp\.c_fc\.", ".mlp.up_proj."), (r"\.mlp\.c_proj\.", ".mlp.down_proj.")]
+_OUT_RENAMES["openai-gpt"] = [(r"^model\.embed_tokens\.", "transformer.tokens_embed."),
+                              (r"^model\.embed_positions\.", "transformer.positions_embed."),
+                              (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."), (r"\.input_layernorm\.", ".ln_1."),
+                              (r"\.post_attention_layernorm\.", ".ln_2."), (r"\.self_attn\.o_proj\.", ".attn.c_proj."),
+                              (r"\.mlp\.up_proj\.", ".mlp.c_fc."), (r"\.mlp\.down_proj\.", ".mlp.c_proj.")]
+#: BioGPT's and XGLM's fairseq names (BioGPT under ``biogpt.`` with its ``output_projection`` head)
+_FAIRSEQ_LAYERS = [(r"\.self_attn_layer_norm\.", ".input_layernorm."),
+                   (r"(\.layers\.\d+)\.final_layer_norm\.", r"\1.post_attention_layernorm."),
+                   (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."), (r"(\.layers\.\d+)\.fc1\.", r"\1.mlp.up_proj."),
+                   (r"(\.layers\.\d+)\.fc2\.", r"\1.mlp.down_proj.")]
+_FAIRSEQ_LAYERS_OUT = [(r"\.input_layernorm\.", ".self_attn_layer_norm."),
+                       (r"\.post_attention_layernorm\.", ".final_layer_norm."),
+                       (r"\.self_attn\.o_proj\.", ".self_attn.out_proj."), (r"\.mlp\.up_proj\.", ".fc1."),
+                       (r"\.mlp\.down_proj\.", ".fc2.")]
+_RENAMES["biogpt"] = [(r"^biogpt\.layer_norm\.", "model.norm."), (r"^biogpt\.", "model."),
+                      (r"^output_projection\.", "lm_head."), *_FAIRSEQ_LAYERS]
+_OUT_RENAMES["biogpt"] = [(r"^model\.norm\.", "biogpt.layer_norm."), (r"^model\.", "biogpt."),
+                          (r"^lm_head\.", "output_projection."), *_FAIRSEQ_LAYERS_OUT]
+_RENAMES["xglm"] = [(r"^model\.layer_norm\.", "model.norm."), *_FAIRSEQ_LAYERS]
+_OUT_RENAMES["xglm"] = [(r"^model\.norm\.", "model.layer_norm."), *_FAIRSEQ_LAYERS_OUT]
 _RENAMES["bloom"] = [(r"^(transformer\.)?word_embeddings_layernorm\.", "model.embed_norm."),
                      (r"^(transformer\.)?word_embeddings\.", "model.embed_tokens."),
                      (r"^(transformer\.)?ln_f\.", "model.norm."), (r"^(transformer\.)?h\.(\d+)\.", r"model.layers.\2."),
@@ -809,7 +921,7 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
     for name, t in tensors.items():
         if _BUFFERS.search(name):
             continue
-        if arch == "gpt2" and _CONV1D.search(name):
+        if arch in ("gpt2", "openai-gpt") and _CONV1D.search(name):
             t = t.t()
         if arch in INTERLEAVED_ROPE and _QK_ROTATED.search(name):
             t = interleaved_to_half(spec, name, t)
@@ -817,7 +929,7 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
             heads.setdefault(f"{m[1]}{m[2]}_norm.weight", {})[int(m[3])] = t
             continue
         new = _rename(name, _RENAMES[arch])
-        if arch in ("gpt2", "gpt_bigcode") and ".attn.c_attn." in new:
+        if arch in ("gpt2", "gpt_bigcode", "openai-gpt") and ".attn.c_attn." in new:
             _split_gpt2_qkv(spec, new, t, out)
         elif arch == "falcon" and ".self_attention.query_key_value." in new:
             _split_falcon_qkv(spec, new, t, out)
@@ -829,6 +941,8 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
             _split_per_head(spec, new, t, new.rsplit(".self_attention.", 1)[0] + ".self_attn", out)
         elif arch == "gpt_neox" and ".attention.query_key_value." in new:
             _split_per_head(spec, new, t, new.rsplit(".attention.", 1)[0] + ".self_attn", out)
+        elif arch == "persimmon" and ".self_attn.query_key_value." in new:
+            _split_per_head(spec, new, t, new.rsplit(".self_attn.", 1)[0] + ".self_attn", out)
         else:
             out[new.replace(".attention.", ".self_attn.") if arch == "gpt_neox" else new] = t
     for name, per_head in heads.items():
@@ -845,7 +959,7 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in ours.items():
         m = re.match(r"^(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
-        if arch in ("gpt2", "gpt_neox", "gpt_bigcode", "falcon", "bloom", "mpt") and m:
+        if arch in ("gpt2", "gpt_neox", "gpt_bigcode", "falcon", "bloom", "mpt", "openai-gpt", "persimmon") and m:
             fused.setdefault(f"{m[1]}|{m[3]}", {})[m[2]] = t
             continue
         if arch in INTERLEAVED_ROPE and _QK_ROTATED.search(name):
@@ -860,7 +974,7 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
             new = new.replace(".input_layernorm.", ".ln_attn.").replace(".post_attention_layernorm.", ".ln_mlp.")
         if arch == "gpt_neox":
             new = new.replace(".self_attn.", ".attention.")
-        if arch == "gpt2" and _CONV1D.search(new):
+        if arch in ("gpt2", "openai-gpt") and _CONV1D.search(new):
             t = t.t().contiguous()
         out[new] = t
     for key, parts in fused.items():
@@ -875,14 +989,15 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
             out[_rename(f"{layer}.self_attention.query_key_value.{kind}", _OUT_RENAMES[arch])] = w.contiguous()
         elif arch == "gpt_bigcode" and spec.n_kv_heads == 1 < spec.n_heads:
             out[_rename(f"{layer}.attn.c_attn.{kind}", _OUT_RENAMES[arch])] = torch.cat([q, k, v]).contiguous()
-        elif arch == "gpt2":
+        elif arch in ("gpt2", "openai-gpt"):
             w = torch.cat([q, k, v])
             out[_rename(f"{layer}.attn.c_attn.{kind}", _OUT_RENAMES[arch])] = w.t().contiguous() if kind == "weight" else w
         else:
             h, d = spec.n_heads, spec.head_dim
             w = torch.stack([x.reshape(h, d, *x.shape[1:]) for x in (q, k, v)], dim=1).reshape(3 * h * d, *q.shape[1:])
             fused_name = {"gpt_bigcode": "attn.c_attn", "falcon": "self_attention.query_key_value",
-                          "bloom": "self_attention.query_key_value"}.get(
+                          "bloom": "self_attention.query_key_value",
+                          "persimmon": "self_attn.query_key_value"}.get(
                 arch, "attention.query_key_value")
             out[_rename(f"{layer}.{fused_name}.{kind}", _OUT_RENAMES[arch])] = w.contiguous()
     return out

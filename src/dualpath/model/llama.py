@@ -35,6 +35,7 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.archs import SIGMOID_ROUTER_ARCHS
 from dualpath.model.gpt_oss import GptOssMoE
+from dualpath.model.layernorm_family import SCALED_EMBEDDINGS
 from dualpath.model.llama4 import Llama4MoE, l2_norm, nope_query_scale
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk, sparsemixer_top2
 from dualpath.model.rope import rope_frequencies, rope_inv_freq
@@ -306,7 +307,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=spec.o_bias)
         self.q_norm: nn.Module
         self.k_norm: nn.Module
-        if spec.qk_layernorm and spec.architecture == "phi":  # one LayerNorm (with a bias) shared by every head
+        if spec.qk_layernorm and spec.architecture in ("phi", "persimmon"):  # one LayerNorm (bias) shared by every head
             self.q_norm = nn.LayerNorm(d, eps=spec.rms_eps)
             self.k_norm = nn.LayerNorm(d, eps=spec.rms_eps)
         elif spec.qk_layernorm:  # StableLM, Cohere: one per head
@@ -494,6 +495,30 @@ def _glm_routing(spec: ModelSpec) -> SimpleNamespace:
         n_shared_experts=spec.shared_expert_intermediate_size // spec.moe_intermediate_size)
 
 
+class SinusoidalPositions(nn.Module):
+    """fairseq's sinusoidal position table (XGLM): row ``p`` is ``[sin(p w_i), cos(p w_i)]`` with
+    ``w_i = exp(-i log(10000) / (dim / 2 - 1))``, computed in fp32 and held in the model's dtype, as transformers
+    holds its buffer (row 1, the padding id's, is zero; positions read from row 2)."""
+
+    weight: torch.Tensor
+
+    def __init__(self, rows: int, dim: int, padding_row: int = 1) -> None:
+        super().__init__()
+        import math
+
+        half = dim // 2
+        freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -(math.log(10000) / (half - 1)))
+        angles = torch.arange(rows, dtype=torch.int64).float()[:, None] * freq[None, :]
+        table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+        if dim % 2:
+            table = torch.cat([table, torch.zeros(rows, 1)], dim=1)
+        table[padding_row] = 0
+        self.register_buffer("weight", table, persistent=False)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight[rows]
+
+
 class Backbone(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -504,7 +529,10 @@ class Backbone(nn.Module):
             self.project_out = nn.Linear(spec.hidden_size, width, bias=False)
         if spec.architecture in ("bloom", "nanochat"):  # Bloom's word_embeddings_layernorm; NanoChat's norm
             self.embed_norm = _norm(spec, spec.hidden_size)
-        if spec.learned_positions:  # GPT-2's wpe (OPT's starts two rows before position 0)
+        self.embed_positions: nn.Module
+        if spec.architecture == "xglm":  # fairseq's sinusoids (a buffer, not a weight), from row 2
+            self.embed_positions = SinusoidalPositions(spec.max_position + spec.position_offset, spec.hidden_size)
+        elif spec.learned_positions:  # GPT-2's wpe (OPT's starts two rows before position 0)
             self.embed_positions = nn.Embedding(spec.max_position + spec.position_offset, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
         self.norm: nn.Module | None = None if spec.post_layer_norm else _norm(spec, spec.hidden_size)
@@ -689,6 +717,9 @@ class LlamaModel(LayerwiseDecoder):
             hidden = self.model.project_in(hidden)
         if self.spec.architecture in ("bloom", "nanochat"):
             hidden = self.model.embed_norm(hidden)
+        scaled_first = self.spec.architecture in SCALED_EMBEDDINGS and self.spec.embedding_multiplier is not None
+        if scaled_first:  # BioGPT, XGLM: the tokens' embeddings scaled, then the positions added
+            hidden = hidden * self.spec.embedding_multiplier
         if self.spec.learned_positions:  # GPT-2, OPT: a position past the table has no embedding
             if int(batch.positions.max()) >= self.spec.max_position:
                 raise ModelError(f"position {int(batch.positions.max())} is past the model's "
@@ -697,7 +728,7 @@ class LlamaModel(LayerwiseDecoder):
             hidden = hidden + self.model.embed_positions(pos)
         if self.spec.gemma_style:
             hidden = hidden * self.embed_scale.to(hidden.dtype)
-        elif self.spec.embedding_multiplier is not None:  # Granite
+        elif self.spec.embedding_multiplier is not None and not scaled_first:  # Granite
             hidden = hidden * self.spec.embedding_multiplier
         return ForwardState(batch=batch, hidden=hidden, cos=cos, sin=sin, local=local,
                             q_scale=self._query_scale(positions))

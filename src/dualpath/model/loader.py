@@ -69,8 +69,9 @@ if TYPE_CHECKING:
     from dualpath.model.deepseek import DeepseekV3Model
     from dualpath.model.gemma4 import Gemma4Model
     from dualpath.model.llama import LlamaModel
+    from dualpath.model.mimo_v2 import MiMoV2Model
 
-    AnyModel = LlamaModel | DeepseekV3Model | Gemma4Model
+    AnyModel = LlamaModel | DeepseekV3Model | Gemma4Model | MiMoV2Model
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -262,6 +263,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = gemma4.Gemma4Model(cast(gemma4.Gemma4Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = gemma4.tensors_in(cast(gemma4.Gemma4Spec, spec), gemma3_language_tensors(tensors))
+    elif spec.architecture == "mimo_v2_flash":
+        from dualpath.model import mimo_v2
+
+        model = mimo_v2.MiMoV2Model(cast(mimo_v2.MiMoV2Spec, spec), device="cpu", backend=backend)
+        if tensors is not None:  # (block-scaled FP8 weights, as the hub's checkpoint holds them)
+            tensors = mimo_v2.tensors_in(cast(mimo_v2.MiMoV2Spec, spec), fp8_dequantized(tensors, source, fp8_block),
+                                         source)
     else:
         from dualpath.model.llama import LlamaModel
 

@@ -368,6 +368,7 @@ class ModelSpec(_SpecCommon):
                              f"{self.architecture} (tie_word_embeddings {self.tie_embeddings})")
         if self.partial_rotary_factor != 1.0:
             if self.architecture not in ("phi3", "glm4_moe", "minimax_m2", "gpt_neox", "phi", "stablelm", "gptj", "glm",
+                                         "persimmon",
                                          "glm4", "nemotron"):
                 raise ModelError(f"model config: partial_rotary_factor is only supported for phi3, glm4_moe, "
                                  f"gpt_neox, gptj, phi and stablelm, got "
@@ -406,7 +407,8 @@ class ModelSpec(_SpecCommon):
         for name in _GRANITE_FIELDS:
             value = getattr(self, name)
             if value is not None and self.architecture not in GRANITE_SCALED and not (
-                    name == "embedding_multiplier" and self.architecture == "afmoe"):  # (Trinity's muP scale)
+                    name == "embedding_multiplier" and self.architecture in ("afmoe", *lnf.SCALED_EMBEDDINGS)):
+                # (Trinity's muP scale; BioGPT's and XGLM's sqrt(hidden_size), before the positions)
                 raise ModelError(f"model config: {name} is granite's, got {value} for {self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
@@ -489,7 +491,8 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "stablelm" and self.activation != "silu":
             raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
         fixed = {"mpt": (False, False), "gpt_neo": (False, False), "bloom": (False, False), "gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
-                 "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "cohere": (True, None),
+                 "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "openai-gpt": (False, False), "persimmon": (False, None),
+                 "biogpt": (False, False), "xglm": (False, False), "cohere": (True, None),
                  "nemotron": (False, False),
                  "cohere2": (True, False), "cohere2_moe": (True, False)}
         if (self.falcon_layout is None) == (self.architecture == "falcon") or self.falcon_layout not in (
@@ -503,7 +506,7 @@ class ModelSpec(_SpecCommon):
         if (self.logit_scale is None) == (self.architecture in lnf.COHERE):
             raise ModelError(f"model config: logit_scale is cohere's and required there, got {self.logit_scale!r} for "
                              f"{self.architecture}")
-        if (self.post_layer_norm is None) == (self.architecture == "opt"):
+        if (self.post_layer_norm is None) == (self.architecture in ("opt", "openai-gpt")):
             raise ModelError(f"model config: post_layer_norm is opt's and required there, got "
                              f"{self.post_layer_norm!r} for {self.architecture}")
         e = self.embed_proj_dim
@@ -521,7 +524,8 @@ class ModelSpec(_SpecCommon):
                                                        or self.rope_scaling is not None):
             raise ModelError(f"model config: {self.architecture} has learned positions, no RoPE (no "
                              "partial_rotary_factor or rope_scaling)")
-        if self.architecture in ("gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "mpt") and \
+        if self.architecture in ("gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "mpt", "openai-gpt", "biogpt",
+                                 "xglm") and \
                 self.n_kv_heads != self.n_heads:
             raise ModelError(f"model config: {self.architecture} attends with every head's own key and value "
                              "(n_kv_heads = n_heads)")
@@ -725,7 +729,8 @@ class ModelSpec(_SpecCommon):
         ``attention_bias``; Mistral, Qwen2, Mixtral and Qwen2-MoE never do; Seed-OSS has its own switch."""
         if self.o_proj_bias is not None:
             return self.o_proj_bias
-        if self.architecture in ("gpt2", "gpt_neo", "gpt_bigcode", "phi", "bloom"):
+        if self.architecture in ("gpt2", "gpt_neo", "gpt_bigcode", "phi", "bloom", "openai-gpt", "biogpt", "xglm",
+                                 "persimmon"):
             return True
         if self.architecture == "gptj":
             return False
@@ -767,7 +772,8 @@ class ModelSpec(_SpecCommon):
     def mlp_bias(self) -> bool:
         """Biases on the plain MLP's two projections: GPT-2, GPT-J, GPT-NeoX, GPTBigCode and Phi always,
         StarCoder 2 with ``use_bias``."""
-        return self.architecture in ("gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_bigcode", "phi", "bloom") or (
+        return self.architecture in ("gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_bigcode", "phi", "bloom",
+                                     "openai-gpt", "biogpt", "xglm", "persimmon") or (
             self.architecture in ("starcoder2", "opt", "falcon", "nemotron") and self.attention_bias) or bool(
             self.mlp_has_bias)
 
@@ -793,7 +799,7 @@ class ModelSpec(_SpecCommon):
     @property
     def scale_query_first(self) -> bool:
         """OPT multiplies its queries by the score scale before the scores (same values, its rounding)."""
-        return self.architecture == "opt"
+        return self.architecture in ("opt", "xglm")
 
     def layer_attn_scale(self, layer: int) -> float:
         """Layer ``layer``'s score scale: :attr:`attn_scale`, divided by ``layer + 1`` for GPT-2's
@@ -937,6 +943,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model.gemma4 import spec_from_config
 
             return spec_from_config(cfg, where, dtype, max_context)
+        if arch == "mimo_v2_flash":  # (its own spec: KV heads by layer type, narrower values, sinks)
+            from dualpath.model import mimo_v2
+
+            return mimo_v2.spec_from_config(cfg, where, dtype, max_context)
 
         def need(key: str) -> Any:
             if key not in cfg or cfg[key] is None:

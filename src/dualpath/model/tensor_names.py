@@ -503,6 +503,8 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         out = _suffixes_renamed(out, {ours: theirs for theirs, ours in _PERI_NAMES.items()})
     if arch == "mistral4":  # (transformers reads Mistral 4's experts packed only)
         out = _packed_experts(out)
+    if arch == "mimo_v2_flash":  # (the hub's name of its sliding layers' sinks)
+        out = {k.replace(".self_attn.sinks", ".self_attn.attention_sink_bias"): v for k, v in out.items()}
     if arch == "aria_text":  # (its checkpoints' x @ w experts)
         out = {k.replace(".mlp.experts.gate_up_proj", ".mlp.experts.fc1.weight")
                .replace(".mlp.experts.down_proj", ".mlp.experts.fc2.weight"): v.transpose(1, 2).contiguous()

@@ -172,6 +172,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                                             "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
                              audio_config={"hidden_size": 32, "intermediate_size": 64, "num_blocks": 1,
                                            "num_attention_heads": 2})),
+    # BitNet b1.58 (unquantized): sub-norms before o_proj and down_proj, ReLU-squared GLU
+    "bitnet": ("BitNetConfig", "BitNetForCausalLM", BASE),
+    # GPT-NeoX-Japanese: no biases but the last layer's output projection's
+    "gpt_neox_japanese": ("GPTNeoXJapaneseConfig", "GPTNeoXJapaneseForCausalLM",
+                          {"vocab_size": V, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                           "intermediate_multiple_size": 2, "max_position_embeddings": 512, "bos_token_id": None,
+                           "eos_token_id": None}),
     # Persimmon: fused per-head q/k/v, shared q/k LayerNorms, half-head RoPE, ReLU-squared MLP
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(BASE)),
     # GPT-1 (post-norm blocks), BioGPT and XGLM (fairseq's decoder: scaled embeddings, learned or sinusoidal positions)

@@ -103,6 +103,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(BASE, num_key_value_heads=2, sliding_window=5)),
     # Persimmon: GPT-NeoX's fused per-head q/k/v in sequential blocks, shared q/k LayerNorms, ReLU-squared MLP
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(BASE)),
+    # GPT-NeoX-Japanese: GPT-NeoX's sequential block with no biases but the last layer's output projection's
+    "gpt_neox_japanese": ("GPTNeoXJapaneseConfig", "GPTNeoXJapaneseForCausalLM",
+                          {"vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                           "intermediate_multiple_size": 2, "max_position_embeddings": 256,
+                           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                               "partial_rotary_factor": 0.5},
+                           "bos_token_id": None, "eos_token_id": None}),
     # GPT-1: the norms after each residual sum (no final norm), learned positions, GPT-2's Conv1D tensors
     "openai-gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel",
                    {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 256}),

@@ -91,6 +91,8 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # ReLU-squared MLP, q/k/v/o biases, final logits soft-capped
     "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(BASE, attention_bias=True,
                                                                final_logit_softcapping=4.0)),
+    # RMSNorms over the attention's output and the MLP's product (before o_proj / down_proj), ReLU-squared GLU
+    "bitnet": ("BitNetConfig", "BitNetForCausalLM", dict(BASE)),
 }
 _CKPTS = Checkpoints(FAMILIES)
 ckpt = _CKPTS.fixture()
@@ -140,6 +142,8 @@ def test_spec_follows_transformers(ckpt):
         assert [spec.layer_window(i) for i in range(3)] == [None, 5, 5] and spec.rope_type == "llama3"
     if family == "vaultgemma":
         assert [spec.layer_window(i) for i in range(3)] == [5, None, 5] and not spec.sandwich_norms
+    if family == "bitnet":
+        assert spec.activation == "relu2" and hasattr(_load(d).model.layers[0].self_attn, "attn_sub_norm")
     if family == "nanochat":
         assert spec.final_logit_softcapping == 4.0 and spec.activation == "relu2" and not spec.gated_mlp
     if family == "hunyuan_v1_moe":
@@ -253,3 +257,12 @@ def test_bad_configs_name_the_key(model_type, key, value, needle):
     cfg = dict(BASE, model_type=model_type, **{key: value})
     with pytest.raises(ModelError, match=needle):
         ModelSpec.from_hf_config(cfg)
+
+
+def test_bitnets_ternary_packed_checkpoints_are_refused_by_name():
+    """BitNet b1.58's released checkpoints pack ternary weights (``quant_method: bitnet``): refused, named."""
+    from dualpath.model.quant import check_quantization
+
+    with pytest.raises(ModelError, match="quant_method 'bitnet' is not supported"):
+        check_quantization({"quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear"}},
+                           "config.json")

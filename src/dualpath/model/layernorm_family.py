@@ -1,7 +1,8 @@
 """The LayerNorm decoders: GPT-2, GPT-Neo, GPT-J, GPT-NeoX (Pythia), GPTBigCode (StarCoder 1, SantaCoder), OPT, Phi (phi-1,
 phi-1.5, phi-2), StableLM, StarCoder 2, Cohere (Command R, Aya; Cohere 2: Command R7B, Command A), Falcon
 (RoPE checkpoints: falcon-7b/40b/180b, Falcon 2), Nemotron (Nemotron-3/4, Minitron), Bloom, MPT, Persimmon (and Fuyu's
-language model), OpenAI GPT (GPT-1), BioGPT and XGLM.
+language model), GPT-NeoX-Japanese (GPT-NeoX's fused q/k/v, no biases but its last layer's output projection's),
+OpenAI GPT (GPT-1), BioGPT and XGLM.
 
 They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
 differ from Llama in the same few places, each a :class:`~dualpath.model.spec.ModelSpec` field or property:
@@ -72,7 +73,8 @@ ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "P
                  "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2", "FalconForCausalLM": "falcon",
                  "NemotronForCausalLM": "nemotron", "BloomForCausalLM": "bloom", "GPTNeoForCausalLM": "gpt_neo",
                  "MptForCausalLM": "mpt", "Cohere2MoeForCausalLM": "cohere2_moe", "OpenAIGPTLMHeadModel": "openai-gpt",
-                 "BioGptForCausalLM": "biogpt", "XGLMForCausalLM": "xglm", "PersimmonForCausalLM": "persimmon"}
+                 "BioGptForCausalLM": "biogpt", "XGLMForCausalLM": "xglm", "PersimmonForCausalLM": "persimmon",
+                 "GPTNeoXJapaneseForCausalLM": "gpt_neox_japanese"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families whose positions are ALiBi biases (no RoPE, no position embedding)
@@ -95,8 +97,9 @@ HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 #: the families whose transformers attention sizes a head as ``hidden_size // num_attention_heads`` whatever the
 #: config says, and those with no grouped keys and values at all (a ``num_key_value_heads`` key is not theirs)
 _HEAD_FROM_HIDDEN = ("gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "mpt", "stablelm",
-                     "falcon", "openai-gpt", "biogpt", "xglm", "persimmon")
-_ALL_HEADS_KV = ("gpt_neox", "gpt_neo", "opt", "bloom", "mpt", "openai-gpt", "biogpt", "xglm", "persimmon")
+                     "falcon", "openai-gpt", "biogpt", "xglm", "persimmon", "gpt_neox_japanese")
+_ALL_HEADS_KV = ("gpt_neox", "gpt_neo", "opt", "bloom", "mpt", "openai-gpt", "biogpt", "xglm", "persimmon",
+                 "gpt_neox_japanese")
 #: OpenAI GPT's ``afn`` -> the activation its MLP runs (its "gelu" is GELU's tanh approximation)
 _OPENAI_GPT_ACT = {"gelu": "gelu_new", "relu": "relu", "silu": "silu", "swish": "silu"}
 LN_ARCHS = tuple(ARCHITECTURES.values())
@@ -142,6 +145,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
               "tie_word_embeddings": True},
     "nemotron": {"max_position_embeddings": 4096, "norm_eps": 1e-5, "hidden_act": "relu2", "attention_bias": False,
                  "mlp_bias": False, "tie_word_embeddings": False},
+    "gpt_neox_japanese": {"max_position_embeddings": 2048, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
+                          "intermediate_multiple_size": 4, "tie_word_embeddings": True, "use_parallel_residual": False},
     "persimmon": {"max_position_embeddings": 16384, "layer_norm_eps": 1e-5, "hidden_act": "relu2",
                   "qk_layernorm": True, "tie_word_embeddings": False, "use_parallel_residual": False},
     "openai-gpt": {"n_positions": 512, "afn": "gelu", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
@@ -166,7 +171,8 @@ def _flag(cfg: dict[str, Any], key: str, where: str) -> bool:
 def _partial(arch: str, cfg: dict[str, Any], where: str) -> float:
     """``partial_rotary_factor`` where the family's config class finds it: ``rope_parameters`` (transformers 5),
     the top level, GPT-NeoX's legacy ``rotary_pct``, else the class default."""
-    value: Any = cfg.get("partial_rotary_factor", cfg.get("rotary_pct") if arch == "gpt_neox" else None)
+    value: Any = cfg.get("partial_rotary_factor",
+                         cfg.get("rotary_pct") if arch in ("gpt_neox", "gpt_neox_japanese") else None)
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and "partial_rotary_factor" in params:
         value = params["partial_rotary_factor"]
@@ -510,6 +516,14 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out["attention_bias"] = _flag(out, "attention_bias", where)
     elif arch in ("phi", "persimmon"):
         out["attention_bias"] = True
+    elif arch == "gpt_neox_japanese":  # (no biases but the last layer's output projection's)
+        mult, hidden = out.get("intermediate_multiple_size"), out.get("hidden_size")
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not mult > 0:
+            raise ModelError(f"{where}: intermediate_multiple_size must be a positive number, got {mult!r}")
+        params = out.get("rope_parameters")
+        if "rotary_emb_base" in out and not (isinstance(params, dict) and "rope_theta" in params):
+            out.setdefault("rope_theta", out["rotary_emb_base"])
+        out.update(attention_bias=False, intermediate_size=int(hidden * mult) if isinstance(hidden, int) else None)
     elif arch == "stablelm":
         out["attention_bias"] = _flag(out, "use_qkv_bias", where)
     elif arch == "starcoder2":
@@ -673,10 +687,18 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
            "max_position_embeddings": spec.max_position, "hidden_act": act,
            "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta,
                                "partial_rotary_factor": spec.partial_rotary_factor}}
-    if arch not in ("gpt_neox", "persimmon"):
+    if arch not in ("gpt_neox", "persimmon", "gpt_neox_japanese"):
         out["num_key_value_heads"] = spec.n_kv_heads
     if arch == "persimmon":
         out.update(layer_norm_eps=spec.rms_eps, qk_layernorm=spec.qk_layernorm, hidden_dropout=0.0,
+                   attention_dropout=0.0)
+    elif arch == "gpt_neox_japanese":
+        if spec.intermediate_size % spec.hidden_size:  # (GPTNeoXJapaneseConfig's multiple is an integer)
+            raise ModelError("gpt_neox_japanese: intermediate_size must be a whole multiple of hidden_size "
+                             f"(intermediate_multiple_size), got {spec.intermediate_size} / {spec.hidden_size}")
+        mult = spec.intermediate_size // spec.hidden_size
+        del out["intermediate_size"]
+        out.update(layer_norm_eps=spec.rms_eps, intermediate_multiple_size=mult, hidden_dropout=0.0,
                    attention_dropout=0.0)
     elif arch == "gpt_neox":
         out.update(layer_norm_eps=spec.rms_eps, use_parallel_residual=spec.parallel_residual,
@@ -789,6 +811,20 @@ _OUT_RENAMES["persimmon"] = [(r"^model\.norm\.", "model.final_layernorm."), (r"\
                              (r"\.self_attn\.q_norm\.", ".self_attn.q_layernorm."),
                              (r"\.self_attn\.k_norm\.", ".self_attn.k_layernorm."),
                              (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."), (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")]
+_RENAMES["gpt_neox_japanese"] = [(r"^gpt_neox_japanese\.embed_in\.", "model.embed_tokens."),
+                                 (r"^gpt_neox_japanese\.final_layer_norm\.", "model.norm."),
+                                 (r"^gpt_neox_japanese\.layers\.", "model.layers."), (r"^embed_out\.", "lm_head."),
+                                 (r"\.attention\.dense_bias$", ".self_attn.o_proj.bias"),
+                                 (r"\.attention\.dense\.", ".self_attn.o_proj."),
+                                 (r"\.mlp\.dense_h_to_4h\.", ".mlp.up_proj."),
+                                 (r"\.mlp\.dense_4h_to_h\.", ".mlp.down_proj.")]
+_OUT_RENAMES["gpt_neox_japanese"] = [(r"^model\.embed_tokens\.", "gpt_neox_japanese.embed_in."),
+                                     (r"^model\.norm\.", "gpt_neox_japanese.final_layer_norm."),
+                                     (r"^model\.layers\.", "gpt_neox_japanese.layers."), (r"^lm_head\.", "embed_out."),
+                                     (r"\.self_attn\.o_proj\.bias$", ".attention.dense_bias"),
+                                     (r"\.self_attn\.o_proj\.", ".attention.dense."),
+                                     (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."),
+                                     (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")]
 _RENAMES["openai-gpt"] = [(r"^(transformer\.)?tokens_embed\.", "model.embed_tokens."),
                           (r"^(transformer\.)?positions_embed\.", "model.embed_positions."),
                           (r"^(transformer\.)?h\.(\d+)\.", r"model.layers.\2."), (r"\.ln_1\.", ".input_layernorm."),
@@ -939,12 +975,12 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
                 out[f"{attn}.{part}.{new.rsplit('.', 1)[1]}"] = chunk.contiguous()
         elif arch == "bloom" and ".self_attention.query_key_value." in new:
             _split_per_head(spec, new, t, new.rsplit(".self_attention.", 1)[0] + ".self_attn", out)
-        elif arch == "gpt_neox" and ".attention.query_key_value." in new:
+        elif arch in ("gpt_neox", "gpt_neox_japanese") and ".attention.query_key_value." in new:
             _split_per_head(spec, new, t, new.rsplit(".attention.", 1)[0] + ".self_attn", out)
         elif arch == "persimmon" and ".self_attn.query_key_value." in new:
             _split_per_head(spec, new, t, new.rsplit(".self_attn.", 1)[0] + ".self_attn", out)
         else:
-            out[new.replace(".attention.", ".self_attn.") if arch == "gpt_neox" else new] = t
+            out[new.replace(".attention.", ".self_attn.") if arch in ("gpt_neox", "gpt_neox_japanese") else new] = t
     for name, per_head in heads.items():
         if sorted(per_head) != list(range(len(per_head))):
             raise ModelError(f"{name}: per-head norms {sorted(per_head)} are not 0..{len(per_head) - 1}")
@@ -959,7 +995,8 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in ours.items():
         m = re.match(r"^(.*)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
-        if arch in ("gpt2", "gpt_neox", "gpt_bigcode", "falcon", "bloom", "mpt", "openai-gpt", "persimmon") and m:
+        if arch in ("gpt2", "gpt_neox", "gpt_bigcode", "falcon", "bloom", "mpt", "openai-gpt", "persimmon",
+                    "gpt_neox_japanese") and m:
             fused.setdefault(f"{m[1]}|{m[3]}", {})[m[2]] = t
             continue
         if arch in INTERLEAVED_ROPE and _QK_ROTATED.search(name):
@@ -972,7 +1009,7 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
         new = _rename(name, _OUT_RENAMES[arch])
         if arch == "falcon" and spec.falcon_layout == "new2":  # its two norms' own names
             new = new.replace(".input_layernorm.", ".ln_attn.").replace(".post_attention_layernorm.", ".ln_mlp.")
-        if arch == "gpt_neox":
+        if arch in ("gpt_neox", "gpt_neox_japanese"):
             new = new.replace(".self_attn.", ".attention.")
         if arch in ("gpt2", "openai-gpt") and _CONV1D.search(new):
             t = t.t().contiguous()

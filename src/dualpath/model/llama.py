@@ -297,14 +297,16 @@ class PlainMLP(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, layer: int = 0) -> None:
         super().__init__()
         hq, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
         bias = spec.attention_bias
         self.q_proj = nn.Linear(spec.hidden_size, hq * d, bias=bias)
         self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
         self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
-        self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=spec.o_bias)
+        # (GPT-NeoX-Japanese: only the last layer's output projection has a bias)
+        o_bias = spec.o_bias or (spec.architecture == "gpt_neox_japanese" and layer == spec.n_layers - 1)
+        self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=o_bias)
         self.q_norm: nn.Module
         self.k_norm: nn.Module
         if spec.qk_layernorm and spec.architecture in ("phi", "persimmon"):  # one LayerNorm (bias) shared by every head
@@ -326,6 +328,8 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.zeros(hq))
         if spec.attn_output_gate:  # Trinity: the attention's output gated per channel before o_proj
             self.gate_proj = nn.Linear(spec.hidden_size, hq * d, bias=False)
+        if spec.architecture == "bitnet":  # an RMSNorm over the attention's output, before o_proj
+            self.attn_sub_norm = RMSNorm(hq * d, spec.rms_eps)
 
 
 class MLP(FeedForward):
@@ -339,6 +343,21 @@ class MLP(FeedForward):
         if self.gelu:
             return cast(torch.Tensor, self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)))
         return super().forward(x)
+
+
+class BitNetMLP(FeedForward):
+    """BitNet's gated MLP: ``down(norm(act(gate(x)) * up(x)))``, an RMSNorm (``ffn_sub_norm``) before ``down_proj``,
+    the activation by ``hidden_act`` (ReLU squared by default)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from dualpath.model.layernorm_family import activation
+
+        super().__init__(spec.hidden_size, spec.intermediate_size)
+        self.ffn_sub_norm = RMSNorm(spec.intermediate_size, spec.rms_eps)
+        self.act = activation(str(spec.activation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.down_proj(self.ffn_sub_norm(self.act(self.gate_proj(x)) * self.up_proj(x))))
 
 
 class _Fp32Linear(nn.Linear):
@@ -457,7 +476,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         if not spec.post_norms:  # OLMo 2 and 3 norm a block's output, not its input
             self.input_layernorm = _norm(spec, spec.hidden_size)
-        self.self_attn = Attention(spec)
+        self.self_attn = Attention(spec, layer)
         if not spec.shared_norm_parallel:  # (Phi's attention and MLP read one input norm)
             self.post_attention_layernorm = _norm(spec, spec.hidden_size)
         if spec.post_norms:
@@ -471,6 +490,8 @@ class DecoderLayer(nn.Module):
             from dualpath.model.deepseek import MoE  # (deepseek imports this module)
 
             self.mlp = MoE(_glm_routing(spec))  # type: ignore[arg-type]
+        elif spec.architecture == "bitnet":
+            self.mlp = BitNetMLP(spec)
         elif not spec.gated_mlp:
             self.mlp = PlainMLP(spec)
         else:
@@ -809,6 +830,8 @@ class LlamaModel(LayerwiseDecoder):
                                         window=self.windows[layer], sinks=sinks, alibi=self.alibi_slopes,
                                         chunk=self.chunks[layer])
         o = o.reshape(n, spec.n_heads * spec.head_dim)
+        if spec.architecture == "bitnet":
+            o = attn.attn_sub_norm(o)
         if spec.attn_output_gate:  # Trinity
             o = o * torch.sigmoid(attn.gate_proj(x))
         a = attn.o_proj(o)

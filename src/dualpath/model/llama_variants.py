@@ -39,6 +39,10 @@
   ``moe_normalize_expert_weights`` is 1 (its experts fused as ``w1`` / ``v1`` / ``w2``, split at load). The RoPE base
   is the top-level one transformers 5 writes (``rope_parameters``), else ``attn_config.rope_theta``.
 * ``Llama4ForCausalLM`` (``llama4_text``): Llama 4's text model, in :mod:`dualpath.model.llama4`.
+* ``BitNetForCausalLM`` (``bitnet``, Microsoft's BitNet b1.58, unquantized): an RMSNorm over the attention's output
+  before ``o_proj`` (``attn_sub_norm``) and over the gated MLP's product before ``down_proj`` (``ffn_sub_norm``), the
+  MLP's activation by ``hidden_act`` (ReLU squared by default). Its ternary-packed checkpoints
+  (``quant_method: bitnet``) are refused by name.
 * ``NanoChatForCausalLM`` (``nanochat``, Karpathy's nanochat): RMSNorms without weights (also on the embeddings
   and on each head's query and key), RoPE turning the other way (``rotate_half`` as ``(x2, -x1)``), a ReLU-squared
   MLP (``fc1`` / ``fc2``, not gated), final logits soft-capped (``final_logit_softcapping``, default 15).
@@ -79,6 +83,7 @@ ARCHITECTURES: dict[str, str] = {
     "ApertusForCausalLM": "apertus",
     "DbrxForCausalLM": "dbrx",
     "Llama4ForCausalLM": "llama4_text",
+    "BitNetForCausalLM": "bitnet",
 }
 HF_ARCH: dict[str, str] = {arch: name for name, arch in ARCHITECTURES.items()}
 VARIANT_ARCHS = tuple(HF_ARCH)
@@ -104,6 +109,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "nanochat": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "hidden_act": "relu2",
                  "final_logit_softcapping": 15.0},
     "dbrx": {},  # (its own keys: _dbrx_config)
+    "bitnet": {"rms_norm_eps": 1e-5, "hidden_act": "relu2", "rope_theta": 500000.0, "num_key_value_heads": 5},
 }
 #: the families with sliding-window layers (the others mask causally only, whatever their config says)
 WINDOWED = ("ministral3", "cwm", "vaultgemma")
@@ -175,7 +181,7 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
                                   for i in range(int(out.get("num_hidden_layers") or 0))]
         if out.get("attention_bias"):
             raise ModelError(f"{where}: attention_bias is not a Cwm key (its projections have no biases)")
-    elif arch in ("nanochat", "jais2", "apertus"):
+    elif arch in ("nanochat", "jais2", "apertus", "bitnet"):
         from dualpath.model.layernorm_family import ACTIVATIONS
 
         act = out.pop("hidden_act")
@@ -414,7 +420,7 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg.update(sliding_window=spec.sliding_window or spec.max_position,
                    layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"
                                 for i in range(spec.n_layers)])
-    elif arch in ("nanochat", "jais2", "apertus"):
+    elif arch in ("nanochat", "jais2", "apertus", "bitnet"):
         cfg.update(attention_bias=spec.attention_bias,
                    hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(str(spec.activation), spec.activation))
         if arch == "nanochat":

@@ -368,7 +368,7 @@ class ModelSpec(_SpecCommon):
                              f"{self.architecture} (tie_word_embeddings {self.tie_embeddings})")
         if self.partial_rotary_factor != 1.0:
             if self.architecture not in ("phi3", "glm4_moe", "minimax_m2", "gpt_neox", "phi", "stablelm", "gptj", "glm",
-                                         "persimmon",
+                                         "persimmon", "gpt_neox_japanese",
                                          "glm4", "nemotron"):
                 raise ModelError(f"model config: partial_rotary_factor is only supported for phi3, glm4_moe, "
                                  f"gpt_neox, gptj, phi and stablelm, got "
@@ -474,7 +474,8 @@ class ModelSpec(_SpecCommon):
         for name in names:
             value = getattr(self, name)
             if (value is None) == (ln or (name == "activation"
-                                          and self.architecture in ("arcee", "nanochat", "jais2", "apertus"))):
+                                          and self.architecture in ("arcee", "nanochat", "jais2", "apertus",
+                                                                    "bitnet"))):
                 raise ModelError(f"model config: {name} is the LayerNorm families' ({', '.join(lnf.LN_ARCHS)}) and "
                                  f"required there, got {value!r} for {self.architecture}")
             if ln and name != "activation" and not isinstance(value, bool):
@@ -492,6 +493,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
         fixed = {"mpt": (False, False), "gpt_neo": (False, False), "bloom": (False, False), "gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
                  "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "openai-gpt": (False, False), "persimmon": (False, None),
+                 "gpt_neox_japanese": (False, False),
                  "biogpt": (False, False), "xglm": (False, False), "cohere": (True, None),
                  "nemotron": (False, False),
                  "cohere2": (True, False), "cohere2_moe": (True, False)}
@@ -525,7 +527,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: {self.architecture} has learned positions, no RoPE (no "
                              "partial_rotary_factor or rope_scaling)")
         if self.architecture in ("gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "mpt", "openai-gpt", "biogpt",
-                                 "xglm") and \
+                                 "xglm", "gpt_neox_japanese") and \
                 self.n_kv_heads != self.n_heads:
             raise ModelError(f"model config: {self.architecture} attends with every head's own key and value "
                              "(n_kv_heads = n_heads)")

@@ -181,6 +181,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                            "eos_token_id": None}),
     # Persimmon: fused per-head q/k/v, shared q/k LayerNorms, half-head RoPE, ReLU-squared MLP
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(BASE)),
+    # CTRL: its sinusoids after scaled embeddings, a biased LM head over tied embeddings
+    "ctrl": ("CTRLConfig", "CTRLLMHeadModel",
+             {"vocab_size": V, "n_embd": 128, "n_layer": 4, "n_head": 4, "dff": 256, "n_positions": 512}),
     # GPT-1 (post-norm blocks), BioGPT and XGLM (fairseq's decoder: scaled embeddings, learned or sinusoidal positions)
     "openai-gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", dict(GPT2, afn="gelu")),
     "biogpt": ("BioGptConfig", "BioGptForCausalLM", dict(BASE, pad_token_id=1)),

@@ -110,6 +110,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                "partial_rotary_factor": 0.5},
                            "bos_token_id": None, "eos_token_id": None}),
+    # CTRL: its own sinusoids, embeddings scaled by sqrt(hidden) first, a ReLU MLP, a biased LM head on tied weights
+    "ctrl": ("CTRLConfig", "CTRLLMHeadModel",
+             {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "dff": 96, "n_positions": 256}),
     # GPT-1: the norms after each residual sum (no final norm), learned positions, GPT-2's Conv1D tensors
     "openai-gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel",
                    {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 256}),
@@ -243,19 +246,20 @@ def test_spec_follows_transformers(ckpt):
     assert isinstance(spec, ModelSpec) and spec.architecture == family and spec.layer_norm
     c = hf.config
     assert spec.tie_embeddings == bool(c.tie_word_embeddings)
-    gpt2_keys = family in ("gpt2", "gptj", "gpt_bigcode", "openai-gpt")
+    gpt2_keys = family in ("gpt2", "gptj", "gpt_bigcode", "openai-gpt", "ctrl")
     assert spec.max_position == (c.n_positions if gpt2_keys else 2048 if family == "bloom"
                                  else c.max_seq_len if family == "mpt" else c.max_position_embeddings)
     assert spec.alibi == (family in ("bloom", "mpt"))
     want_partial = {"gpt2": 1.0, "gpt_bigcode": 1.0, "starcoder2": 1.0, "gptj": 0.5, "opt": 1.0, "cohere": 1.0,
                     "cohere2": 1.0, "falcon": 1.0, "bloom": 1.0, "gpt_neo": 1.0, "mpt": 1.0, "openai-gpt": 1.0,
-                    "biogpt": 1.0, "xglm": 1.0, "persimmon": 0.5}.get(family) or \
+                    "biogpt": 1.0, "xglm": 1.0, "persimmon": 0.5, "ctrl": 1.0}.get(family) or \
         c.rope_parameters["partial_rotary_factor"]
     assert spec.partial_rotary_factor == want_partial
     assert spec.learned_positions == (family in ("gpt2", "gpt_bigcode", "opt", "gpt_neo", "openai-gpt", "biogpt",
-                                                 "xglm"))
+                                                 "xglm", "ctrl"))
     assert spec.post_layer_norm == (True if family == "openai-gpt" else False if family == "opt" else None)
-    assert spec.embedding_multiplier == (8.0 if family in ("biogpt", "xglm") else None)  # (sqrt(64))
+    assert spec.embedding_multiplier == (8.0 if family in ("biogpt", "xglm", "ctrl") else None)  # (sqrt(64))
+    assert spec.lm_head_bias == (family in ("phi", "gptj", "ctrl"))
     assert spec.embed_proj_dim == (32 if family == "opt" else None)
     assert spec.n_kv_heads == {"gpt_bigcode": 1, "stablelm": 2, "starcoder2": 2, "cohere": 2, "cohere2": 2,
                                "falcon": 2, "nemotron": 2}.get(family, 4)
@@ -389,10 +393,16 @@ async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
     ("stablelm", "hidden_act", "gelu", "hidden_act"),
     ("starcoder2", "use_bias", "yes", "use_bias"),
     ("starcoder2", "sliding_window", 0, "sliding_window"),
+    ("openai-gpt", "afn", "tanh", "afn 'tanh' unsupported"),
+    ("ctrl", "layer_norm_epsilon", 1e-5, "layer_norm_epsilon 1e-05 unsupported for ctrl"),
+    ("xglm", "add_cross_attention", True, "add_cross_attention"),
+    ("biogpt", "scale_embedding", "yes", "scale_embedding"),
+    ("gpt_neox_japanese", "intermediate_multiple_size", 0, "intermediate_multiple_size"),
+    ("persimmon", "qk_layernorm", "yes", "qk_layernorm"),
 ])
 def test_bad_configs_name_the_key(model_type, key, value, needle):
-    gpt2_keys = model_type in ("gpt2", "gptj", "gpt_bigcode")
-    base = {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4} if gpt2_keys else dict(BASE)
+    gpt2_keys = model_type in ("gpt2", "gptj", "gpt_bigcode", "openai-gpt", "ctrl")
+    base = {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 4, "dff": 96} if gpt2_keys else dict(BASE)
     cfg = dict(base, model_type=model_type, **{key: value})
     with pytest.raises(ModelError, match=needle):
         ModelSpec.from_hf_config(cfg)

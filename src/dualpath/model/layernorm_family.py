@@ -2,7 +2,7 @@
 phi-1.5, phi-2), StableLM, StarCoder 2, Cohere (Command R, Aya; Cohere 2: Command R7B, Command A), Falcon
 (RoPE checkpoints: falcon-7b/40b/180b, Falcon 2), Nemotron (Nemotron-3/4, Minitron), Bloom, MPT, Persimmon (and Fuyu's
 language model), GPT-NeoX-Japanese (GPT-NeoX's fused q/k/v, no biases but its last layer's output projection's),
-OpenAI GPT (GPT-1), BioGPT and XGLM.
+OpenAI GPT (GPT-1), BioGPT, XGLM and CTRL.
 
 They share the Llama path's paged attention and layer-wise forward (:class:`dualpath.model.llama.LlamaModel`) and
 differ from Llama in the same few places, each a :class:`~dualpath.model.spec.ModelSpec` field or property:
@@ -41,7 +41,8 @@ differ from Llama in the same few places, each a :class:`~dualpath.model.spec.Mo
   blocks (``do_layer_norm_before: false``: ``ln(x + attn(x))``, ``ln(h + mlp(h))``, no final norm); OpenAI GPT's
   blocks are those, over GPT-2's tensors;
 * BioGPT and XGLM (fairseq's decoder): token embeddings times ``sqrt(hidden_size)`` (``scale_embedding``) before the
-  positions are added, from row 2 of a learned table (BioGPT) or of fairseq's sinusoids (XGLM, a buffer).
+  positions are added, from row 2 of a learned table (BioGPT) or of fairseq's sinusoids (XGLM, a buffer); CTRL
+  likewise, with its own sinusoids from row 0, a ReLU MLP and a biased LM head over the tied embeddings.
 
 This module reads each family's ``config.json`` into the keys :meth:`ModelSpec.from_hf_config` reads
 (:func:`normalize_config`, with the config classes' defaults), writes it back (:func:`hf_config`), and renames
@@ -74,20 +75,20 @@ ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "P
                  "NemotronForCausalLM": "nemotron", "BloomForCausalLM": "bloom", "GPTNeoForCausalLM": "gpt_neo",
                  "MptForCausalLM": "mpt", "Cohere2MoeForCausalLM": "cohere2_moe", "OpenAIGPTLMHeadModel": "openai-gpt",
                  "BioGptForCausalLM": "biogpt", "XGLMForCausalLM": "xglm", "PersimmonForCausalLM": "persimmon",
-                 "GPTNeoXJapaneseForCausalLM": "gpt_neox_japanese"}
+                 "GPTNeoXJapaneseForCausalLM": "gpt_neox_japanese", "CTRLLMHeadModel": "ctrl"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families whose positions are ALiBi biases (no RoPE, no position embedding)
 ALIBI = ("bloom", "mpt")
 #: the families with learned absolute positions and no RoPE
-LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo", "openai-gpt", "biogpt", "xglm")
-#: of those, the families whose position table is fairseq's sinusoids (a buffer, not a weight: XGLM)
-SINUSOIDAL = ("xglm",)
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "gpt_neo", "openai-gpt", "biogpt", "xglm", "ctrl")
+#: of those, the families whose position table is sinusoids (a buffer, not a weight): XGLM's (fairseq's), CTRL's
+SINUSOIDAL = ("xglm", "ctrl")
 #: where each family's position table starts (OPT, BioGPT and XGLM keep two rows before position 0)
 POSITION_OFFSET = {"opt": 2, "biogpt": 2, "xglm": 2}
-#: the families whose token embeddings are scaled (by sqrt(hidden_size), ``scale_embedding``) before the positions
-#: are added
-SCALED_EMBEDDINGS = ("biogpt", "xglm")
+#: the families whose token embeddings are scaled (by sqrt(hidden_size): BioGPT's and XGLM's with
+#: ``scale_embedding``, CTRL's always) before the positions are added
+SCALED_EMBEDDINGS = ("biogpt", "xglm", "ctrl")
 #: the families whose RoPE turns interleaved pairs (read by permuting q/k rows: see the module docstring)
 INTERLEAVED_ROPE = ("gptj", "cohere", "cohere2", "cohere2_moe")
 #: Cohere's families: a bias-free LayerNorm in fp32 (Command A+'s MoE: or an RMSNorm), a SwiGLU MLP, logits times
@@ -97,9 +98,9 @@ HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 #: the families whose transformers attention sizes a head as ``hidden_size // num_attention_heads`` whatever the
 #: config says, and those with no grouped keys and values at all (a ``num_key_value_heads`` key is not theirs)
 _HEAD_FROM_HIDDEN = ("gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "mpt", "stablelm",
-                     "falcon", "openai-gpt", "biogpt", "xglm", "persimmon", "gpt_neox_japanese")
+                     "falcon", "openai-gpt", "biogpt", "xglm", "persimmon", "gpt_neox_japanese", "ctrl")
 _ALL_HEADS_KV = ("gpt_neox", "gpt_neo", "opt", "bloom", "mpt", "openai-gpt", "biogpt", "xglm", "persimmon",
-                 "gpt_neox_japanese")
+                 "gpt_neox_japanese", "ctrl")
 #: OpenAI GPT's ``afn`` -> the activation its MLP runs (its "gelu" is GELU's tanh approximation)
 _OPENAI_GPT_ACT = {"gelu": "gelu_new", "relu": "relu", "silu": "silu", "swish": "silu"}
 LN_ARCHS = tuple(ARCHITECTURES.values())
@@ -149,6 +150,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                           "intermediate_multiple_size": 4, "tie_word_embeddings": True, "use_parallel_residual": False},
     "persimmon": {"max_position_embeddings": 16384, "layer_norm_eps": 1e-5, "hidden_act": "relu2",
                   "qk_layernorm": True, "tie_word_embeddings": False, "use_parallel_residual": False},
+    "ctrl": {"n_positions": 256, "layer_norm_epsilon": 1e-6, "tie_word_embeddings": True},
     "openai-gpt": {"n_positions": 512, "afn": "gelu", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
     "biogpt": {"max_position_embeddings": 1024, "hidden_act": "gelu", "scale_embedding": True,
                "tie_word_embeddings": True},
@@ -241,7 +243,10 @@ def _fairseq_like_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str
                             ("layer_norm_epsilon", "rms_norm_eps")),
              "xglm": (("d_model", "hidden_size"), ("num_layers", "num_hidden_layers"),
                       ("attention_heads", "num_attention_heads"), ("ffn_dim", "intermediate_size"),
-                      ("activation_function", "hidden_act"))}.get(arch, ())
+                      ("activation_function", "hidden_act")),
+             "ctrl": (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads"),
+                      ("n_positions", "max_position_embeddings"), ("dff", "intermediate_size"),
+                      ("layer_norm_epsilon", "rms_norm_eps"))}.get(arch, ())
     out = {ours: cfg[theirs] for theirs, ours in names if theirs in cfg}
     c = {**cfg, **out}
     if arch == "openai-gpt":
@@ -250,6 +255,11 @@ def _fairseq_like_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str
             raise ModelError(f"{where}: afn {afn!r} unsupported; expected one of {sorted(_OPENAI_GPT_ACT)}")
         hidden = c.get("hidden_size")
         out.update(hidden_act=_OPENAI_GPT_ACT[afn], intermediate_size=4 * hidden if isinstance(hidden, int) else None)
+    elif arch == "ctrl":  # (its blocks' LayerNorms have epsilon 1e-6 whatever the config says; the final one its)
+        if c.get("rms_norm_eps") != 1e-6:
+            raise ModelError(f"{where}: layer_norm_epsilon {c.get('rms_norm_eps')!r} unsupported for ctrl (its blocks' "
+                             f"norms use 1e-6 whatever it says; only the final norm reads it)")
+        out["hidden_act"] = "relu"
     else:
         out["rms_norm_eps"] = 1e-5
     if arch == "xglm" and c.get("add_cross_attention"):
@@ -449,7 +459,7 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         scale_by_layer = out.get("scale_attn_by_inverse_layer_idx", False) if arch == "gpt2" else False
         if not isinstance(scale_by_layer, bool):
             raise ModelError(f"{where}: scale_attn_by_inverse_layer_idx must be true or false, got {scale_by_layer!r}")
-    elif arch in ("openai-gpt", "biogpt", "xglm"):
+    elif arch in ("openai-gpt", "biogpt", "xglm", "ctrl"):
         scale_by_layer = False
         out.update(_fairseq_like_config(arch, out, where))
     elif arch == "falcon":
@@ -541,13 +551,13 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             out.update(_cohere2_layers(out, where))
         elif arch == "cohere2_moe":
             out.update(_cohere2_moe(out, where))
-    if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom", "gpt_neo", "mpt", "openai-gpt", "biogpt", "xglm"):
+    if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom", "gpt_neo", "mpt", "openai-gpt", "biogpt", "xglm", "ctrl"):
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
             if isinstance(out.get(key), dict):
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
     parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
-                "openai-gpt": False, "biogpt": False, "xglm": False,
+                "openai-gpt": False, "biogpt": False, "xglm": False, "ctrl": False,
                 "opt": False, "cohere": True, "cohere2": True, "cohere2_moe": True, "nemotron": False, "bloom": False,
                 "gpt_neo": False, "mpt": False}.get(arch)
     if arch == "falcon":
@@ -567,7 +577,7 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out["ln_fields"]["falcon_layout"] = out.pop("_falcon_layout")
     if arch == "openai-gpt":  # (each residual sum normed, no final norm)
         out["ln_fields"]["post_layer_norm"] = True
-    if arch in SCALED_EMBEDDINGS and _flag(out, "scale_embedding", where):
+    if arch in SCALED_EMBEDDINGS and (arch == "ctrl" or _flag(out, "scale_embedding", where)):
         hidden = out.get("hidden_size")
         out["ln_fields"]["embedding_multiplier"] = float(hidden) ** 0.5 if isinstance(hidden, int) else None
     if arch == "opt":
@@ -607,6 +617,10 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
         return {**common, "n_embd": spec.hidden_size, "n_layer": spec.n_layers, "n_head": spec.n_heads,
                 "n_positions": spec.max_position, "afn": afn, "layer_norm_epsilon": spec.rms_eps,
                 "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+    if arch == "ctrl":
+        return {**common, "n_embd": spec.hidden_size, "n_layer": spec.n_layers, "n_head": spec.n_heads,
+                "n_positions": spec.max_position, "dff": spec.intermediate_size, "layer_norm_epsilon": spec.rms_eps,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0}
     if arch in ("biogpt", "xglm"):
         if spec.rms_eps != 1e-5:
             raise ModelError(f"{arch}: its LayerNorms use epsilon 1e-5, got {spec.rms_eps}")
@@ -719,7 +733,7 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
 
 #: checkpoint buffers that are not weights (causal masks, RoPE tables, XGLM's sinusoids, position ids)
 _BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.attention\.masked_bias|"
-                      r"rotary_emb\.inv_freq|embed_positions\.weights|position_ids)$")
+                      r"rotary_emb\.inv_freq|embed_positions\.weights|position_ids|transformer\.pos_encoding)$")
 #: per family: (theirs, ours) name patterns, applied in order to every tensor name
 _RENAMES: dict[str, list[tuple[str, str]]] = {
     "gpt2": [(r"^(transformer\.)?wte\.", "model.embed_tokens."), (r"^(transformer\.)?wpe\.", "model.embed_positions."),
@@ -825,6 +839,17 @@ _OUT_RENAMES["gpt_neox_japanese"] = [(r"^model\.embed_tokens\.", "gpt_neox_japan
                                      (r"\.self_attn\.o_proj\.", ".attention.dense."),
                                      (r"\.mlp\.up_proj\.", ".mlp.dense_h_to_4h."),
                                      (r"\.mlp\.down_proj\.", ".mlp.dense_4h_to_h.")]
+_RENAMES["ctrl"] = [(r"^transformer\.w\.", "model.embed_tokens."), (r"^transformer\.layernorm\.", "model.norm."),
+                    (r"^transformer\.h\.(\d+)\.", r"model.layers.\1."), (r"\.multi_head_attention\.W([qkv])\.", r".self_attn.\1_proj."),
+                    (r"\.multi_head_attention\.dense\.", ".self_attn.o_proj."), (r"\.ffn\.0\.", ".mlp.up_proj."),
+                    (r"\.ffn\.2\.", ".mlp.down_proj."), (r"\.layernorm1\.", ".input_layernorm."),
+                    (r"\.layernorm2\.", ".post_attention_layernorm.")]
+_OUT_RENAMES["ctrl"] = [(r"^model\.embed_tokens\.", "transformer.w."), (r"^model\.norm\.", "transformer.layernorm."),
+                        (r"^model\.layers\.(\d+)\.", r"transformer.h.\1."),
+                        (r"\.self_attn\.([qkv])_proj\.", r".multi_head_attention.W\1."),
+                        (r"\.self_attn\.o_proj\.", ".multi_head_attention.dense."), (r"\.mlp\.up_proj\.", ".ffn.0."),
+                        (r"\.mlp\.down_proj\.", ".ffn.2."), (r"\.input_layernorm\.", ".layernorm1."),
+                        (r"\.post_attention_layernorm\.", ".layernorm2.")]
 _RENAMES["openai-gpt"] = [(r"^(transformer\.)?tokens_embed\.", "model.embed_tokens."),
                           (r"^(transformer\.)?positions_embed\.", "model.embed_positions."),
                           (r"^(transformer\.)?h\.(\d+)\.", r"model.layers.\2."), (r"\.ln_1\.", ".input_layernorm."),

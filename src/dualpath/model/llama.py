@@ -35,7 +35,7 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.archs import SIGMOID_ROUTER_ARCHS
 from dualpath.model.gpt_oss import GptOssMoE
-from dualpath.model.layernorm_family import SCALED_EMBEDDINGS
+from dualpath.model.layernorm_family import SCALED_EMBEDDINGS, SINUSOIDAL
 from dualpath.model.llama4 import Llama4MoE, l2_norm, nope_query_scale
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk, sparsemixer_top2
 from dualpath.model.rope import rope_frequencies, rope_inv_freq
@@ -517,17 +517,25 @@ def _glm_routing(spec: ModelSpec) -> SimpleNamespace:
 
 
 class SinusoidalPositions(nn.Module):
-    """fairseq's sinusoidal position table (XGLM): row ``p`` is ``[sin(p w_i), cos(p w_i)]`` with
-    ``w_i = exp(-i log(10000) / (dim / 2 - 1))``, computed in fp32 and held in the model's dtype, as transformers
-    holds its buffer (row 1, the padding id's, is zero; positions read from row 2)."""
+    """A sinusoidal position table, computed in fp32 and held in the model's dtype, as transformers holds its buffer.
+    fairseq's (XGLM): row ``p`` is ``[sin(p w_i), cos(p w_i)]`` with ``w_i = exp(-i log(10000) / (dim / 2 - 1))``,
+    row 1 (the padding id's) zero, positions read from row 2. ``ctrl``: ``w_i = 10000 ** (-2 i / dim)``, positions
+    from row 0."""
 
     weight: torch.Tensor
 
-    def __init__(self, rows: int, dim: int, padding_row: int = 1) -> None:
+    def __init__(self, rows: int, dim: int, padding_row: int = 1, ctrl: bool = False) -> None:
         super().__init__()
         import math
 
         half = dim // 2
+        if ctrl:  # (its angle_defn: pos / 10000 ** (2 (i // 2) / dim), the even columns' sines, the odd ones' cosines)
+            i = torch.arange(dim, dtype=torch.int64).float()
+            angles = torch.arange(rows, dtype=torch.int64).float()[:, None] * (
+                1 / torch.pow(10000, (2 * (i // 2)) / dim))[None, :]
+            self.register_buffer("weight", torch.cat([torch.sin(angles[:, 0::2]), torch.cos(angles[:, 1::2])], dim=-1),
+                                 persistent=False)
+            return
         freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -(math.log(10000) / (half - 1)))
         angles = torch.arange(rows, dtype=torch.int64).float()[:, None] * freq[None, :]
         table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
@@ -551,8 +559,9 @@ class Backbone(nn.Module):
         if spec.architecture in ("bloom", "nanochat"):  # Bloom's word_embeddings_layernorm; NanoChat's norm
             self.embed_norm = _norm(spec, spec.hidden_size)
         self.embed_positions: nn.Module
-        if spec.architecture == "xglm":  # fairseq's sinusoids (a buffer, not a weight), from row 2
-            self.embed_positions = SinusoidalPositions(spec.max_position + spec.position_offset, spec.hidden_size)
+        if spec.architecture in SINUSOIDAL:  # XGLM's (fairseq's, from row 2) or CTRL's sinusoids: a buffer
+            self.embed_positions = SinusoidalPositions(spec.max_position + spec.position_offset, spec.hidden_size,
+                                                       ctrl=spec.architecture == "ctrl")
         elif spec.learned_positions:  # GPT-2's wpe (OPT's starts two rows before position 0)
             self.embed_positions = nn.Embedding(spec.max_position + spec.position_offset, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))

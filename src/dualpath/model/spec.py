@@ -492,7 +492,7 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "stablelm" and self.activation != "silu":
             raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
         fixed = {"mpt": (False, False), "gpt_neo": (False, False), "bloom": (False, False), "gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
-                 "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "openai-gpt": (False, False), "persimmon": (False, None),
+                 "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "openai-gpt": (False, False), "persimmon": (False, None), "ctrl": (False, False),
                  "gpt_neox_japanese": (False, False),
                  "biogpt": (False, False), "xglm": (False, False), "cohere": (True, None),
                  "nemotron": (False, False),
@@ -527,7 +527,7 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: {self.architecture} has learned positions, no RoPE (no "
                              "partial_rotary_factor or rope_scaling)")
         if self.architecture in ("gpt2", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "mpt", "openai-gpt", "biogpt",
-                                 "xglm", "gpt_neox_japanese") and \
+                                 "xglm", "gpt_neox_japanese", "ctrl") and \
                 self.n_kv_heads != self.n_heads:
             raise ModelError(f"model config: {self.architecture} attends with every head's own key and value "
                              "(n_kv_heads = n_heads)")
@@ -732,7 +732,7 @@ class ModelSpec(_SpecCommon):
         if self.o_proj_bias is not None:
             return self.o_proj_bias
         if self.architecture in ("gpt2", "gpt_neo", "gpt_bigcode", "phi", "bloom", "openai-gpt", "biogpt", "xglm",
-                                 "persimmon"):
+                                 "persimmon", "ctrl"):
             return True
         if self.architecture == "gptj":
             return False
@@ -775,7 +775,7 @@ class ModelSpec(_SpecCommon):
         """Biases on the plain MLP's two projections: GPT-2, GPT-J, GPT-NeoX, GPTBigCode and Phi always,
         StarCoder 2 with ``use_bias``."""
         return self.architecture in ("gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_bigcode", "phi", "bloom",
-                                     "openai-gpt", "biogpt", "xglm", "persimmon") or (
+                                     "openai-gpt", "biogpt", "xglm", "persimmon", "ctrl") or (
             self.architecture in ("starcoder2", "opt", "falcon", "nemotron") and self.attention_bias) or bool(
             self.mlp_has_bias)
 
@@ -791,7 +791,7 @@ class ModelSpec(_SpecCommon):
     @property
     def lm_head_bias(self) -> bool:
         """Phi's and GPT-J's LM heads have a bias; PhiMoE's with ``lm_head_bias``."""
-        return self.architecture in ("phi", "gptj") or bool(self.head_bias)
+        return self.architecture in ("phi", "gptj", "ctrl") or bool(self.head_bias)
 
     @property
     def position_offset(self) -> int:

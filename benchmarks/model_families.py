@@ -190,6 +190,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "xglm": ("XGLMConfig", "XGLMForCausalLM",
              {"vocab_size": V, "d_model": 128, "num_layers": 4, "attention_heads": 4, "ffn_dim": 256,
               "max_position_embeddings": 512, "bos_token_id": None, "eos_token_id": None}),
+    # ModernBERT decoder (Ettin): normed embeddings, global / local layers, GLU MLP, ModernBERT's prediction head
+    "modernbert_decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM",
+                           dict(BASE, local_attention=32, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                                cls_token_id=2, sep_token_id=1)),
     # Gemma 4 (E2B-like): wider full layers with keys as values, shared-KV layers, per-layer embeddings, a MoE block
     "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM",
                dict(BASE, num_hidden_layers=6, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,

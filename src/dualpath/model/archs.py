@@ -57,6 +57,7 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma4ForCausalLM": "gemma4_text",  # (dualpath.model.gemma4)
     "Gemma4UnifiedForCausalLM": "gemma4_text",
     "MiMoV2FlashForCausalLM": "mimo_v2_flash",  # (dualpath.model.mimo_v2)
+    "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -72,6 +73,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM", "hy_v3": "HYV3ForCausalLM",
             "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM", "aria_text": "AriaTextForCausalLM",
             "gemma4_text": "Gemma4ForCausalLM", "mimo_v2_flash": "MiMoV2FlashForCausalLM",
+            "modernbert-decoder": "ModernBertDecoderForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",

@@ -70,8 +70,9 @@ if TYPE_CHECKING:
     from dualpath.model.gemma4 import Gemma4Model
     from dualpath.model.llama import LlamaModel
     from dualpath.model.mimo_v2 import MiMoV2Model
+    from dualpath.model.modernbert_decoder import ModernBertDecoderModel
 
-    AnyModel = LlamaModel | DeepseekV3Model | Gemma4Model | MiMoV2Model
+    AnyModel = LlamaModel | DeepseekV3Model | Gemma4Model | MiMoV2Model | ModernBertDecoderModel
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -270,6 +271,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         if tensors is not None:  # (block-scaled FP8 weights, as the hub's checkpoint holds them)
             tensors = mimo_v2.tensors_in(cast(mimo_v2.MiMoV2Spec, spec), fp8_dequantized(tensors, source, fp8_block),
                                          source)
+    elif spec.architecture == "modernbert-decoder":
+        from dualpath.model import modernbert_decoder as mbd
+
+        model = mbd.ModernBertDecoderModel(cast(mbd.ModernBertDecoderSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = mbd.tensors_in(tensors)
     else:
         from dualpath.model.llama import LlamaModel
 

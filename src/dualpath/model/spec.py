@@ -949,6 +949,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import mimo_v2
 
             return mimo_v2.spec_from_config(cfg, where, dtype, max_context)
+        if arch == "modernbert-decoder":  # (its own spec: ModernBERT's norms, GLU, prediction head)
+            from dualpath.model import modernbert_decoder
+
+            return modernbert_decoder.spec_from_config(cfg, where, dtype, max_context)
 
         def need(key: str) -> Any:
             if key not in cfg or cfg[key] is None:

@@ -503,6 +503,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         out = _suffixes_renamed(out, {ours: theirs for theirs, ours in _PERI_NAMES.items()})
     if arch == "mistral4":  # (transformers reads Mistral 4's experts packed only)
         out = _packed_experts(out)
+    if arch == "modernbert-decoder":  # (its embeddings', final norm's, prediction head's and decoder's names)
+        from dualpath.model.modernbert_decoder import tensors_out as modernbert_out
+
+        out = modernbert_out(out)
     if arch == "mimo_v2_flash":  # (the hub's name of its sliding layers' sinks)
         out = {k.replace(".self_attn.sinks", ".self_attn.attention_sink_bias"): v for k, v in out.items()}
     if arch == "aria_text":  # (its checkpoints' x @ w experts)

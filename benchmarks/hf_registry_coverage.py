@@ -5,7 +5,7 @@ config (``architectures`` set to the registry's class).
 Each model type lands in one of four classes:
 
 * ``runs``: a spec is built (the exactness of each family is what ``tests/model/`` checks against transformers);
-* ``refused``: a :class:`~dualpath.errors.ModelError` that names why (linear-attention state, AltUp residual streams,
+* ``refused``: a :class:`~dualpath.errors.ModelError` that names why (linear-attention state, draft models,
   cross-attention, ...);
 * ``not_implemented``: refused as an unknown architecture (no reason beyond the list of supported ones);
 * ``default_config_error``: transformers' own default config is not one we can run (e.g. a head size whose RoPE

@@ -207,6 +207,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                       dict(BASE, num_attention_heads=8, head_dim=48, v_head_dim=32, sliding_window=16,
                            moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
                            topk_group=1)),
+    # Gemma 3n (E2B-like): AltUp's four streams, Laurel, sparse gates, per-layer embeddings, shared-KV layers
+    "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM",
+                dict(BASE, num_hidden_layers=6, head_dim=32, sliding_window=16, hidden_size_per_layer_input=16,
+                     vocab_size_per_layer_input=V, num_kv_shared_layers=2, laurel_rank=16,
+                     activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0],
+                     layer_types=["sliding_attention", "full_attention"] * 3)),
     # Gemma 4 31B-like: dense, full layers twice as wide
     "gemma4_dense": ("Gemma4TextConfig", "Gemma4ForCausalLM",
                      dict(BASE, head_dim=32, global_head_dim=64, sliding_window=16, hidden_size_per_layer_input=0)),

@@ -202,11 +202,11 @@ def test_configs_it_cannot_run_are_refused_by_key(change, match):
         load_spec({"architectures": ["Gemma4ForCausalLM"], **DENSE, **change})
 
 
-def test_the_assistant_and_gemma3n_are_refused_with_the_reason():
-    with pytest.raises(ModelError, match="draft model"):
-        load_spec({"architectures": ["Gemma4AssistantForCausalLM"], "model_type": "gemma4_assistant"})
-    with pytest.raises(ModelError, match="AltUp"):
-        load_spec({"architectures": ["Gemma3nForCausalLM"], "model_type": "gemma3n_text"})
+def test_the_assistant_models_are_refused_with_the_reason():
+    for arch, model_type in (("Gemma4AssistantForCausalLM", "gemma4_assistant"),
+                             ("Gemma4UnifiedAssistantForCausalLM", "gemma4_unified_assistant")):
+        with pytest.raises(ModelError, match="draft model"):
+            load_spec({"architectures": [arch], "model_type": model_type})
 
 
 @pytest.fixture

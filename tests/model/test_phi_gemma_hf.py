@@ -354,7 +354,7 @@ def test_checkpoints_we_cannot_run_name_the_key_or_tensor(tmp_path_factory, tmp_
     with pytest.raises(ModelError, match="head_dim"):
         load_spec(dict(gemma, head_dim=None))
     with pytest.raises(ModelError, match="unsupported architecture.*GemmaForCausalLM.*Phi3ForCausalLM"):
-        load_spec(dict(gemma, architectures=["Gemma3nForCausalLM"], model_type="gemma3n_text"))
+        load_spec(dict(gemma, architectures=["Gemma3ForSomethingElse"], model_type="gemma3_other"))
     gemma2 = json.loads((_ckpt("gemma2", tmp_path_factory)[0] / "config.json").read_text())
     bad_values: list[tuple[str, Any]] = [("hidden_activation", "gelu"), ("layer_types", ["full_attention"]),
                                          ("attn_logit_softcapping", -1.0), ("query_pre_attn_scalar", None),

@@ -56,6 +56,7 @@ ARCHITECTURES: dict[str, str] = {
     "AriaTextForCausalLM": "aria_text",
     "Gemma4ForCausalLM": "gemma4_text",  # (dualpath.model.gemma4)
     "Gemma4UnifiedForCausalLM": "gemma4_text",
+    "Gemma3nForCausalLM": "gemma3n_text",  # (dualpath.model.gemma3n)
     "MiMoV2FlashForCausalLM": "mimo_v2_flash",  # (dualpath.model.mimo_v2)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
@@ -73,6 +74,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM", "hy_v3": "HYV3ForCausalLM",
             "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM", "aria_text": "AriaTextForCausalLM",
             "gemma4_text": "Gemma4ForCausalLM", "mimo_v2_flash": "MiMoV2FlashForCausalLM",
+            "gemma3n_text": "Gemma3nForCausalLM",
             "modernbert-decoder": "ModernBertDecoderForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
@@ -136,7 +138,6 @@ _REFUSED = {
                      "inkling2_loop_text", "zaya", "glm5_next", "glm5_next_text"), _NO_KV),
     "diffusion_gemma": "a diffusion language model (it denoises blocks of tokens attending both ways), not an "
                        "autoregressive decoder",
-    **dict.fromkeys(("gemma3n", "gemma3n_text"), "its AltUp residual streams and Laurel blocks are not implemented"),
     **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"),
                     "a draft model that attends with its target model's keys and values, not a model on its own"),
     "deepseek_v4": "its compressed attention (KV compressed across tokens) is another MLA variant, not implemented",

@@ -49,6 +49,7 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     "Llama4ForConditionalGeneration": ("llama4", "llama4_text"),
     "Gemma4ForConditionalGeneration": ("gemma4", "gemma4_text"),
     "FuyuForCausalLM": ("fuyu", "persimmon"),
+    "Gemma3nForConditionalGeneration": ("gemma3n", "gemma3n_text"),
     "Gemma4UnifiedForConditionalGeneration": ("gemma4_unified", "gemma4_unified_text"),
     "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl_moe", "qwen3_vl_moe_text"),
     # their language model alone is a text model run here (transformers runs it on text alone)
@@ -145,6 +146,7 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "aria_text": ("AriaTextForCausalLM", "aria_text"),
     "gemma4_text": ("Gemma4ForCausalLM", "gemma4_text"),
     "persimmon": ("PersimmonForCausalLM", "persimmon"),
+    "gemma3n_text": ("Gemma3nForCausalLM", "gemma3n_text"),
     "gemma4_unified_text": ("Gemma4UnifiedForCausalLM", "gemma4_unified_text"),
 }
 #: Emu3TextConfig's defaults where LlamaConfig's differ

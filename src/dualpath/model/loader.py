@@ -67,12 +67,13 @@ from dualpath.model.tensor_names import (
 if TYPE_CHECKING:
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.deepseek import DeepseekV3Model
+    from dualpath.model.gemma3n import Gemma3nModel
     from dualpath.model.gemma4 import Gemma4Model
     from dualpath.model.llama import LlamaModel
     from dualpath.model.mimo_v2 import MiMoV2Model
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
 
-    AnyModel = LlamaModel | DeepseekV3Model | Gemma4Model | MiMoV2Model | ModernBertDecoderModel
+    AnyModel = LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -264,6 +265,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = gemma4.Gemma4Model(cast(gemma4.Gemma4Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = gemma4.tensors_in(cast(gemma4.Gemma4Spec, spec), gemma3_language_tensors(tensors))
+    elif spec.architecture == "gemma3n_text":
+        from dualpath.model import gemma3n
+
+        model = gemma3n.Gemma3nModel(cast(gemma3n.Gemma3nSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
+            tensors = gemma3n.tensors_in(cast(gemma3n.Gemma3nSpec, spec), gemma3_language_tensors(tensors))
     elif spec.architecture == "mimo_v2_flash":
         from dualpath.model import mimo_v2
 
@@ -314,6 +321,10 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             from dualpath.model.gemma4 import random_init_overrides
 
             random_init_overrides(model, torch.Generator().manual_seed(seed + 1))  # type: ignore[arg-type]
+        elif spec.architecture == "gemma3n_text":
+            from dualpath.model.gemma3n import random_init_overrides as gemma3n_init
+
+            gemma3n_init(model, torch.Generator().manual_seed(seed + 1))  # type: ignore[arg-type]
     else:
         assign_weights(model, tensors, source)
     if act_quant is not None and quantized[0]:

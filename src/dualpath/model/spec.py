@@ -393,7 +393,7 @@ class ModelSpec(_SpecCommon):
         for name in _GEMMA2_FIELDS:
             value = getattr(self, name)
             if value is not None and self.architecture not in GEMMA2_LIKE and not (
-                    name == "final_logit_softcapping" and self.architecture in ("nanochat", "gemma4_text")):
+                    name == "final_logit_softcapping" and self.architecture in ("nanochat", "gemma4_text", "gemma3n_text")):
                 raise ModelError(f"model config: {name} is only supported for gemma2 and gemma3 (and nanochat's "
                                  f"final_logit_softcapping), got {value} for {self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
@@ -945,6 +945,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model.gemma4 import spec_from_config
 
             return spec_from_config(cfg, where, dtype, max_context)
+        if arch == "gemma3n_text":  # (Gemma 4's attention and per-layer embeddings, AltUp streams, Laurel)
+            from dualpath.model import gemma3n
+
+            return gemma3n.spec_from_config(cfg, where, dtype, max_context)
         if arch == "mimo_v2_flash":  # (its own spec: KV heads by layer type, narrower values, sinks)
             from dualpath.model import mimo_v2
 

@@ -213,6 +213,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                      vocab_size_per_layer_input=V, num_kv_shared_layers=2, laurel_rank=16,
                      activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.0, 0.0],
                      layer_types=["sliding_attention", "full_attention"] * 3)),
+    # Laguna: query heads per layer, softplus-gated attention output, soft-capped sigmoid router, shared expert
+    "laguna": ("LagunaConfig", "LagunaForCausalLM",
+               dict(BASE, head_dim=32, num_attention_heads_per_layer=[4, 8, 2, 4], sliding_window=16,
+                    layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+                    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                    shared_expert_intermediate_size=64, moe_router_logit_softcapping=3.0)),
     # Gemma 4 31B-like: dense, full layers twice as wide
     "gemma4_dense": ("Gemma4TextConfig", "Gemma4ForCausalLM",
                      dict(BASE, head_dim=32, global_head_dim=64, sliding_window=16, hidden_size_per_layer_input=0)),

@@ -81,6 +81,9 @@ FAMILIES = {
     # Fuyu: a Persimmon language model (LayerNorm q/k norms, ReLU-squared MLP, fused per-head q/k/v) beside its
     # linear patch embedder
     "fuyu": ("FuyuForCausalLM", "persimmon"),
+    # NVIDIA Cosmos 3: Omni is Qwen3-VL; Edge a Llama attention over a ReLU-squared MLP (fc1 / fc2), run as Arcee's
+    "cosmos3_omni": ("Cosmos3OmniForConditionalGeneration", "qwen3"),
+    "cosmos3_edge": ("Cosmos3EdgeForConditionalGeneration", "arcee"),
 }
 #: text config keys a family needs beyond TEXT (its M-RoPE sections sized to the small heads; its experts)
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]}
@@ -92,6 +95,10 @@ TEXT_EXTRA: dict[str, dict[str, Any]] = {
     "glm_ocr": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}},
     "paligemma": {"use_bidirectional_attention": False},
     "hunyuan_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2, 2]}},
+    "cosmos3_omni": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                         "mrope_interleaved": True}},
+    "cosmos3_edge": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
+                     "hidden_act": "relu2"},
     "granite_docling": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3,
                         "logits_scaling": 2.0},
     "granite4_vision": {"embedding_multiplier": 3.0, "residual_multiplier": 0.7, "logits_scaling": 0.5},
@@ -339,3 +346,31 @@ def test_llava_layout_checkpoints_whose_vision_tower_needs_timm(tmp_path, family
     ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
     assert ours.spec.architecture == text["model_type"]
     check_batched_against_hf(ours, hf, [_ids(20, 3), _ids(14, 4)])
+
+
+def test_cosmos3_unified_checkpoints_leave_their_generator_and_towers_out(tmp_path_factory, tmp_path):
+    """Cosmos 3's unified checkpoints interleave the generator tower's parameters with the reasoner's (its MoT copies
+    of attention and MLP, cross-modal projections) and carry sound / action towers: left out, as transformers leaves
+    them; the reasoner gives the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    if "cosmos3_edge" not in _CKPTS.families:
+        pytest.skip("no Cosmos 3 in this transformers")
+    d, hf = _CKPTS.get("cosmos3_edge", tmp_path_factory)
+    state = load_file(str(d / "model.safetensors"))
+    extra = {"model.language_model.layers.0.self_attn.add_q_proj.weight": torch.zeros(4, 4),
+             "model.language_model.layers.1.mlp_moe_gen.fc1.weight": torch.zeros(4, 4),
+             "model.language_model.layers.0.input_layernorm_moe_gen.weight": torch.zeros(4),
+             "model.language_model.norm_moe_gen.weight": torch.zeros(4), "time_embedder.linear_1.weight": torch.zeros(4),
+             "proj_out.weight": torch.zeros(4), "action_modality_embed": torch.zeros(4),
+             "audio_proj_in.weight": torch.zeros(4)}
+    save_file({**state, **extra}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, hf, [_ids(20, 5), _ids(14, 6)])
+    # (the same tensors under another architecture are not dropped: named, not silently lost)
+    cfg = json.loads((d / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen3VLForConditionalGeneration"],
+                                                      "model_type": "qwen3_vl"}))
+    with pytest.raises(ModelError):
+        load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)

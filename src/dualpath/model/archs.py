@@ -58,6 +58,7 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma4UnifiedForCausalLM": "gemma4_text",
     "Gemma3nForCausalLM": "gemma3n_text",  # (dualpath.model.gemma3n)
     "MiMoV2FlashForCausalLM": "mimo_v2_flash",  # (dualpath.model.mimo_v2)
+    "LagunaForCausalLM": "laguna",  # (dualpath.model.laguna)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
@@ -74,7 +75,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM", "hy_v3": "HYV3ForCausalLM",
             "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM", "aria_text": "AriaTextForCausalLM",
             "gemma4_text": "Gemma4ForCausalLM", "mimo_v2_flash": "MiMoV2FlashForCausalLM",
-            "gemma3n_text": "Gemma3nForCausalLM",
+            "gemma3n_text": "Gemma3nForCausalLM", "laguna": "LagunaForCausalLM",
             "modernbert-decoder": "ModernBertDecoderForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",

@@ -49,6 +49,8 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     "Llama4ForConditionalGeneration": ("llama4", "llama4_text"),
     "Gemma4ForConditionalGeneration": ("gemma4", "gemma4_text"),
     "FuyuForCausalLM": ("fuyu", "persimmon"),
+    "Cosmos3OmniForConditionalGeneration": ("cosmos3_omni", "qwen3_vl_text"),
+    "Cosmos3EdgeForConditionalGeneration": ("cosmos3_edge", "cosmos3_edge_text"),
     "Gemma3nForConditionalGeneration": ("gemma3n", "gemma3n_text"),
     "Gemma4UnifiedForConditionalGeneration": ("gemma4_unified", "gemma4_unified_text"),
     "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl_moe", "qwen3_vl_moe_text"),
@@ -146,6 +148,7 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "aria_text": ("AriaTextForCausalLM", "aria_text"),
     "gemma4_text": ("Gemma4ForCausalLM", "gemma4_text"),
     "persimmon": ("PersimmonForCausalLM", "persimmon"),
+    "cosmos3_edge_text": ("ArceeForCausalLM", "arcee"),
     "gemma3n_text": ("Gemma3nForCausalLM", "gemma3n_text"),
     "gemma4_unified_text": ("Gemma4UnifiedForCausalLM", "gemma4_unified_text"),
 }
@@ -153,6 +156,11 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
 _EMU3_TEXT_DEFAULTS = {"vocab_size": 184622, "intermediate_size": 14336, "num_key_value_heads": 8,
                        "max_position_embeddings": 9216, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
                        "pad_token_id": 151643, "bos_token_id": 151849, "eos_token_id": 151850}
+#: Cosmos3EdgeTextConfig's defaults where ArceeConfig's differ
+_COSMOS3_EDGE_DEFAULTS = {"vocab_size": 131072, "hidden_size": 2048, "intermediate_size": 9216, "num_hidden_layers": 28,
+                          "num_attention_heads": 16, "num_key_value_heads": 8, "hidden_act": "relu2",
+                          "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "head_dim": 128,
+                          "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 11, "tie_word_embeddings": False}
 #: Phi4MultimodalConfig's defaults where Phi3Config's differ
 _PHI4_MM_DEFAULTS = {"vocab_size": 200064, "num_key_value_heads": 8, "max_position_embeddings": 131072,
                      "original_max_position_embeddings": 4096, "bos_token_id": 199999, "pad_token_id": 199999,
@@ -323,6 +331,14 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         if isinstance(rope, dict) and "rope_theta" in rope or text.get("rope_scaling") is not None:
             del defaults["rope_theta"]
         text = {**defaults, **text}
+    if mt == "cosmos3_edge_text":  # (Cosmos3EdgeTextConfig's defaults: Llama's attention, a ReLU-squared MLP)
+        text = {**_COSMOS3_EDGE_DEFAULTS, **text}
+        rope = text.get("rope_parameters")
+        if not (isinstance(rope, dict) and "rope_theta" in rope) and text.get("rope_theta") is None:
+            text["rope_theta"] = 100_000_000.0
+        if text.get("mlp_bias"):
+            raise ModelError(f"{where}: text_config.mlp_bias=true is not supported for cosmos3_edge (its MLP runs as "
+                             "Arcee's, without biases)")
     if mt == "phi4_multimodal_text":
         text = {**_PHI4_MM_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k != "eos_token_id"}}
     if mt == "ernie4_5_vl_moe_text":

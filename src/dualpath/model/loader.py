@@ -53,6 +53,7 @@ from dualpath.model.tensor_names import (
     _renamed,
     _suffixes_renamed,
     codegen_tensors,
+    cosmos3_language_tensors,
     deepseek_tensors,
     exaone_tensors,
     gemma3_language_tensors,
@@ -69,11 +70,13 @@ if TYPE_CHECKING:
     from dualpath.model.deepseek import DeepseekV3Model
     from dualpath.model.gemma3n import Gemma3nModel
     from dualpath.model.gemma4 import Gemma4Model
+    from dualpath.model.laguna import LagunaModel
     from dualpath.model.llama import LlamaModel
     from dualpath.model.mimo_v2 import MiMoV2Model
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
 
-    AnyModel = LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
+    AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
+                | LagunaModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -271,6 +274,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = gemma3n.Gemma3nModel(cast(gemma3n.Gemma3nSpec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = gemma3n.tensors_in(cast(gemma3n.Gemma3nSpec, spec), gemma3_language_tensors(tensors))
+    elif spec.architecture == "laguna":
+        from dualpath.model import laguna
+
+        model = laguna.LagunaModel(cast(laguna.LagunaSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = laguna.tensors_in(fp8_dequantized(tensors, source, fp8_block), source)
     elif spec.architecture == "mimo_v2_flash":
         from dualpath.model import mimo_v2
 
@@ -432,7 +441,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
             model_tensors, weights_id = None, f"random:{cfg.seed}"
         else:
             files = weight_files(p if p.is_dir() else p.parent)
-            model_tensors = read_weights_dir(p if p.is_dir() else p.parent)
+            model_tensors = cosmos3_language_tensors(hf_config, read_weights_dir(p if p.is_dir() else p.parent))
             weights_id = files_identity(files)
     from dataclasses import replace
 

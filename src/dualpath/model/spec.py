@@ -949,6 +949,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import gemma3n
 
             return gemma3n.spec_from_config(cfg, where, dtype, max_context)
+        if arch == "laguna":  # (its own spec: query heads per layer, gated attention, its MoE)
+            from dualpath.model import laguna
+
+            return laguna.spec_from_config(cfg, where, dtype, max_context)
         if arch == "mimo_v2_flash":  # (its own spec: KV heads by layer type, narrower values, sinks)
             from dualpath.model import mimo_v2
 

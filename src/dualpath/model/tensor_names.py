@@ -7,7 +7,9 @@ permuted, and the parts of image-text and multi-token-prediction checkpoints tha
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -455,6 +457,49 @@ def _renamed(name: str, prefixes: Sequence[tuple[str, str]]) -> str:
     return name
 
 
+#: NVIDIA Cosmos 3's unified checkpoints: the generator (image / video diffusion) tower's parameters interleaved
+#: with the reasoner's (its MoT attention and MLP "moe_gen" copies, cross-modal projections) and its sound / action
+#: towers, which transformers does not load either (its ``_keys_to_ignore_on_load_unexpected``)
+_COSMOS3_UNLOADED = re.compile(
+    r"(\.add_[qkv]_proj\.|\.to_add_out\.|\.norm_added_[qk]\.|\.k_norm_und_for_gen\.|moe_gen|"
+    r"^(model\.language_model\.)?(proj_(in|out)|time_embedder|audio_proj_(in|out)|action_proj_(in|out))\.|"
+    r"^(model\.language_model\.)?(audio|action)_modality_embed$)")
+_COSMOS3_ARCHS = ("Cosmos3OmniForConditionalGeneration", "Cosmos3EdgeForConditionalGeneration")
+
+
+#: Cosmos 3's reasoner as its checkpoints name it (Diffusers-style attention) -> the text model's names
+_COSMOS3_NAMES = ((".self_attn.to_q.", ".self_attn.q_proj."), (".self_attn.to_k.", ".self_attn.k_proj."),
+                  (".self_attn.to_v.", ".self_attn.v_proj."), (".self_attn.to_out.", ".self_attn.o_proj."),
+                  (".self_attn.norm_q.", ".self_attn.q_norm."), (".self_attn.norm_k.", ".self_attn.k_norm."),
+                  (".mlp.fc1.", ".mlp.up_proj."), (".mlp.fc2.", ".mlp.down_proj."))
+
+
+def cosmos3_language_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+                             ) -> Mapping[str, torch.Tensor]:
+    """A Cosmos 3 checkpoint's reasoner (its language model) under the text model's names: at the top level
+    (``embed_tokens.``, ``layers.``, ``norm.``, as its checkpoints keep it) or under ``model.language_model.``, its
+    Diffusers-style attention names read as ours, Cosmos 3 Edge's MLP ``fc1`` / ``fc2`` as the ReLU-squared MLP it
+    runs as (Arcee's ``up_proj`` / ``down_proj``); the vision tower and the generator, sound and action towers
+    (:data:`_COSMOS3_UNLOADED`) left out, as transformers leaves them. Any other checkpoint's tensors unchanged."""
+    archs = hf_config.get("architectures") or []
+    if not any(a in _COSMOS3_ARCHS for a in archs):
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        if _COSMOS3_UNLOADED.search(name):
+            continue
+        if name.startswith(("embed_tokens.", "layers.", "norm.")):
+            name = "model." + name
+        elif name.startswith("model.language_model."):
+            name = "model." + name[len("model.language_model."):]
+        elif not name.startswith("lm_head."):
+            continue  # (the vision tower and its projector)
+        for theirs, ours in _COSMOS3_NAMES:
+            name = name.replace(theirs, ours)
+        out[name] = t
+    return out
+
+
 #: Kimi K2.5's vision parts, left out of its language model
 _KIMI_VISION_PREFIXES = ("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector.")
 
@@ -507,6 +552,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.modernbert_decoder import tensors_out as modernbert_out
 
         out = modernbert_out(out)
+    if arch == "laguna":  # (the hub's shared-expert and correction-bias names)
+        from dualpath.model.laguna import tensors_out as laguna_out
+
+        out = laguna_out(out)
     if arch == "mimo_v2_flash":  # (the hub's name of its sliding layers' sinks)
         out = {k.replace(".self_attn.sinks", ".self_attn.attention_sink_bias"): v for k, v in out.items()}
     if arch == "aria_text":  # (its checkpoints' x @ w experts)

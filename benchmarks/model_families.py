@@ -179,6 +179,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                           {"vocab_size": V, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                            "intermediate_multiple_size": 2, "max_position_embeddings": 512, "bos_token_id": None,
                            "eos_token_id": None}),
+    # DiffLlama: differential attention (two value halves per head)
+    "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", dict(BASE, num_attention_heads=8, num_key_value_heads=4,
+                                                                   head_dim=16)),
     # Persimmon: fused per-head q/k/v, shared q/k LayerNorms, half-head RoPE, ReLU-squared MLP
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(BASE)),
     # CTRL: its sinusoids after scaled embeddings, a biased LM head over tied embeddings

@@ -93,6 +93,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                                                                final_logit_softcapping=4.0)),
     # RMSNorms over the attention's output and the MLP's product (before o_proj / down_proj), ReLU-squared GLU
     "bitnet": ("BitNetConfig", "BitNetForCausalLM", dict(BASE)),
+    # differential attention: two value halves per head, lambda per layer, a weightless RMS norm; q/k/v/o biases
+    "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM",
+                  dict(BASE, num_attention_heads=8, num_key_value_heads=4, head_dim=16, attention_bias=True)),
 }
 _CKPTS = Checkpoints(FAMILIES)
 ckpt = _CKPTS.fixture()
@@ -142,6 +145,8 @@ def test_spec_follows_transformers(ckpt):
         assert [spec.layer_window(i) for i in range(3)] == [None, 5, 5] and spec.rope_type == "llama3"
     if family == "vaultgemma":
         assert [spec.layer_window(i) for i in range(3)] == [5, None, 5] and not spec.sandwich_norms
+    if family == "diffllama":  # (its pages: keys padded, value pairs)
+        assert (spec.kv_spec().n_kv_heads, spec.kv_spec().head_dim) == (4, 32) and spec.o_bias
     if family == "bitnet":
         assert spec.activation == "relu2" and hasattr(_load(d).model.layers[0].self_attn, "attn_sub_norm")
     if family == "nanochat":

@@ -303,7 +303,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
     """``(window, full_attention_layers)`` as transformers reads the family's config (module docstring)."""
     n_layers = cfg.get("num_hidden_layers")
     if arch in ("gemma", "glm", "glm4", "arcee", "glm4_moe", "solar_open", "minimax_m2", "seed_oss", "hy_v3",
-                "aria_text"):  # causal
+                "aria_text", "diffllama"):  # causal
         return None, ()
     if arch in lv.VARIANT_ARCHS and arch not in lv.WINDOWED:  # (their config classes have no window either)
         return None, ()

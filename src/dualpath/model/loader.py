@@ -296,7 +296,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
     else:
         from dualpath.model.llama import LlamaModel
 
-        model = LlamaModel(spec, device="cpu", backend=backend)
+        if spec.architecture == "diffllama":  # (Llama's blocks and tensors, differential attention)
+            from dualpath.model.diffllama import DiffLlamaModel
+
+            model = DiffLlamaModel(spec, device="cpu", backend=backend)
+        else:
+            model = LlamaModel(spec, device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors; EXAONE's names)
             tensors = codegen_tensors(exaone_tensors(gemma3_language_tensors(fp8_dequantized(
                 int4_dequantized(tensors, source), source, fp8_block))), source)

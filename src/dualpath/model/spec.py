@@ -738,7 +738,7 @@ class ModelSpec(_SpecCommon):
             return False
         if self.architecture in ("gpt_neox", "starcoder2", "opt", "falcon", "nemotron", *lnf.COHERE):
             return self.attention_bias
-        return self.attention_bias and self.architecture in ("llama", "arcee", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        return self.attention_bias and self.architecture in ("llama", "diffllama", "arcee", "qwen3", "qwen3_moe", "gemma", "gemma2",
                                                              "vaultgemma",
                                                              "gemma3", "gpt_oss", "olmo2", "olmo3", "smollm3",
                                                              *GRANITE_SCALED, "olmoe", "olmo", "ernie4_5",
@@ -949,6 +949,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import gemma3n
 
             return gemma3n.spec_from_config(cfg, where, dtype, max_context)
+        if arch == "diffllama" and cls is ModelSpec:  # (Llama's keys; its KV pages hold value pairs)
+            from dualpath.model.diffllama import DiffLlamaSpec
+
+            return DiffLlamaSpec.from_hf_config(cfg, dtype=dtype, max_context=max_context)
         if arch == "laguna":  # (its own spec: query heads per layer, gated attention, its MoE)
             from dualpath.model import laguna
 

@@ -46,7 +46,7 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
         "hidden_act": "silu",
         "torch_dtype": spec.dtype,
     }
-    if spec.architecture in ("llama", "qwen3", "qwen3_moe", "gemma", *GEMMA2_LIKE, "olmo2", "olmo3",
+    if spec.architecture in ("llama", "diffllama", "qwen3", "qwen3_moe", "gemma", *GEMMA2_LIKE, "olmo2", "olmo3",
                              "smollm3", "granite", "hyperclovax", "granite_swa"):
         cfg["attention_bias"] = spec.attention_bias
     if spec.architecture == "mellum":  # MellumConfig's keys (no decoder_sparse_step / mlp_only_layers)

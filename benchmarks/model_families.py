@@ -222,6 +222,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
                     layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
                     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                     shared_expert_intermediate_size=64, moe_router_logit_softcapping=3.0)),
+    # JetMoE: attention experts (per-slot queries over shared keys and values) and GLU MLP experts
+    "jetmoe": ("JetMoeConfig", "JetMoeForCausalLM",
+               {"vocab_size": V, "hidden_size": 128, "intermediate_size": 128, "num_hidden_layers": 4,
+                "num_key_value_heads": 2, "kv_channels": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "max_position_embeddings": 512, "bos_token_id": None, "eos_token_id": None}),
     # Gemma 4 31B-like: dense, full layers twice as wide
     "gemma4_dense": ("Gemma4TextConfig", "Gemma4ForCausalLM",
                      dict(BASE, head_dim=32, global_head_dim=64, sliding_window=16, hidden_size_per_layer_input=0)),

@@ -55,6 +55,7 @@ ARCHITECTURES: dict[str, str] = {
     "Glm4ForCausalLM": "glm4",
     "AriaTextForCausalLM": "aria_text",
     "DiffLlamaForCausalLM": "diffllama",  # (dualpath.model.diffllama)
+    "JetMoeForCausalLM": "jetmoe",  # (dualpath.model.jetmoe)
     "Gemma4ForCausalLM": "gemma4_text",  # (dualpath.model.gemma4)
     "Gemma4UnifiedForCausalLM": "gemma4_text",
     "Gemma3nForCausalLM": "gemma3n_text",  # (dualpath.model.gemma3n)
@@ -77,6 +78,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM", "aria_text": "AriaTextForCausalLM",
             "gemma4_text": "Gemma4ForCausalLM", "mimo_v2_flash": "MiMoV2FlashForCausalLM",
             "gemma3n_text": "Gemma3nForCausalLM", "laguna": "LagunaForCausalLM", "diffllama": "DiffLlamaForCausalLM",
+            "jetmoe": "JetMoeForCausalLM",
             "modernbert-decoder": "ModernBertDecoderForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",

@@ -274,6 +274,10 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = gemma3n.Gemma3nModel(cast(gemma3n.Gemma3nSpec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = gemma3n.tensors_in(cast(gemma3n.Gemma3nSpec, spec), gemma3_language_tensors(tensors))
+    elif spec.architecture == "jetmoe":
+        from dualpath.model import jetmoe
+
+        model = jetmoe.JetMoeModel(cast(jetmoe.JetMoeSpec, spec), device="cpu", backend=backend)
     elif spec.architecture == "laguna":
         from dualpath.model import laguna
 

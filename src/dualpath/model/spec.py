@@ -953,6 +953,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model.diffllama import DiffLlamaSpec
 
             return DiffLlamaSpec.from_hf_config(cfg, dtype=dtype, max_context=max_context)
+        if arch == "jetmoe":  # (its own spec: attention and MLP experts)
+            from dualpath.model import jetmoe
+
+            return jetmoe.spec_from_config(cfg, where, dtype, max_context)
         if arch == "laguna":  # (its own spec: query heads per layer, gated attention, its MoE)
             from dualpath.model import laguna
 

@@ -170,6 +170,7 @@ def test_the_unified_text_model(tmp_path):
     {"per_layer_config": {"1": {"head_dim": 24, "num_key_value_heads": 1}, "3": {"num_key_value_heads": 4,
                                                                                "head_dim": 24}}},
     {"layer_types": ["sliding_attention"] * 4},  # (the last layer forced to full attention)
+    {"hidden_size_per_layer_input": 0},  # (0: no per-layer embeddings; absent: 256 of them)
 ])
 def test_per_layer_kv_shapes_as_transformers_reads_them(extra, tmp_path):
     """Each layer's (KV heads, head_dim) is what transformers' heterogeneous config gives it, from a config.json
@@ -180,6 +181,7 @@ def test_per_layer_kv_shapes_as_transformers_reads_them(extra, tmp_path):
     want = tuple((hf.per_layer_config[i].num_key_value_heads, hf.per_layer_config[i].head_dim) for i in range(4))
     spec = load_spec(tmp_path)
     assert spec.layer_kv == want and spec.layer_types == tuple(hf.layer_types)
+    assert spec.ple_size == (hf.hidden_size_per_layer_input or 0)
 
 
 @pytest.mark.parametrize("change, match", [

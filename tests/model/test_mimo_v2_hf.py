@@ -107,6 +107,8 @@ def test_config_defaults_as_transformers_reads_them(tmp_path):
     assert spec.dense_layers == tuple(i for i, m in enumerate(hf.mlp_layer_types) if m == "dense")
     assert spec.rope_by_type == {t: (p["rope_theta"], p.get("partial_rotary_factor", 0.334))
                                  for t, p in hf.rope_parameters.items()}
+    assert spec.value_scale == 0.707  # (absent: MiMoV2FlashConfig's default; an explicit null: no scaling)
+    assert load_spec({**cfg, "attention_value_scale": None}).value_scale == 1.0
 
 
 @pytest.mark.parametrize("change, match", [

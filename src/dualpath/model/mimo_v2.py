@@ -139,7 +139,9 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
 
     if cfg.get("sliding_window_size") is not None:  # (the hub's key: the window past the query itself)
         cfg = {**cfg, "sliding_window": _int(cfg, "sliding_window_size", where) + 1}
-    cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k == "eos_token_id"}}
+    # (an explicit null attention_value_scale means no scaling, as transformers reads it; absent, 0.707)
+    cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k in ("eos_token_id",
+                                                                              "attention_value_scale")}}
     if cfg.get("num_local_experts") is not None and "n_routed_experts" not in cfg:
         cfg["n_routed_experts"] = cfg["num_local_experts"]
     if cfg.get("hidden_act") not in ("silu", "swish"):

@@ -1,0 +1,388 @@
+"""Random small configurations of the families with the most switches, against transformers.
+
+For each family, ``--seeds`` random configurations (layer counts and types, head shapes, biases, activations, RoPE
+variants, experts, shared-KV layers, ... drawn from each config class's own keys) are built by transformers,
+their weights widened so that every one matters, written by its ``save_pretrained`` and read by
+:func:`dualpath.model.loader.load_model`; a 17-token prompt is prefilled over paged KV in two chunks and the logits
+compared with transformers' forward. A row is ``ok`` within 1e-3 of the logit range. The tests check a few
+hand-picked configurations per family; this looks for the combinations between them (it found MiMo-V2-Flash's
+explicit ``attention_value_scale: null``, which transformers reads as no scaling).
+
+Nothing downloads. Run: ``python benchmarks/random_configs_vs_hf.py [--families gemma4,mimo] [--seeds 10]
+[--json OUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+V = 97
+FAMILIES = (
+    "gemma4",
+    "gemma3n",
+    "mimo",
+    "laguna",
+    "modernbert",
+    "jetmoe",
+    "diffllama",
+    "openai-gpt",
+    "biogpt",
+    "xglm",
+    "ctrl",
+    "persimmon",
+    "neoxjp",
+    "bitnet",
+)
+
+
+def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
+    """A random configuration of ``fam``: (config class, model class, keyword arguments)."""
+    L = r.choice([2, 3, 4, 5, 6])
+    types = [r.choice(["sliding_attention", "full_attention"]) for _ in range(L)]
+    if fam == "gemma4":
+        types[-1] = "full_attention"
+        shared = r.choice([0, 0, 1, 2]) if L >= 4 else 0
+        kw = {
+            "vocab_size": V,
+            "hidden_size": 64,
+            "intermediate_size": r.choice([32, 48]),
+            "num_hidden_layers": L,
+            "num_attention_heads": 4,
+            "num_key_value_heads": r.choice([1, 2, 4]),
+            "head_dim": r.choice([8, 16]),
+            "global_head_dim": r.choice([8, 16, 32]),
+            "num_global_key_value_heads": r.choice([1, 2]),
+            "attention_k_eq_v": r.random() < 0.5,
+            "sliding_window": r.choice([3, 5, 8]),
+            "layer_types": types,
+            "hidden_size_per_layer_input": r.choice([0, 4, 8]),
+            "vocab_size_per_layer_input": V,
+            "num_kv_shared_layers": shared,
+            "use_double_wide_mlp": r.random() < 0.5,
+            "enable_moe_block": r.random() < 0.4,
+            "num_experts": 4,
+            "top_k_experts": r.choice([1, 2]),
+            "moe_intermediate_size": 16,
+            "final_logit_softcapping": r.choice([None, 10.0]),
+            "rope_parameters": {
+                "full_attention": {
+                    "rope_type": r.choice(["proportional", "default"]),
+                    "partial_rotary_factor": r.choice([0.25, 0.5, 1.0]),
+                    "rope_theta": r.choice([1e4, 1e6]),
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        }
+        if kw["rope_parameters"]["full_attention"]["rope_type"] == "default":
+            del kw["rope_parameters"]["full_attention"]["partial_rotary_factor"]
+        return "Gemma4TextConfig", "Gemma4ForCausalLM", kw
+    if fam == "gemma3n":
+        shared = r.choice([0, 1, 2]) if L >= 4 else 0
+        kw = {
+            "vocab_size": V,
+            "vocab_size_per_layer_input": r.choice([V, 90]),
+            "hidden_size": 64,
+            "hidden_size_per_layer_input": r.choice([4, 8]),
+            "intermediate_size": [r.choice([32, 64]) for _ in range(L)],
+            "num_hidden_layers": L,
+            "num_attention_heads": 4,
+            "num_key_value_heads": r.choice([1, 2]),
+            "head_dim": 16,
+            "sliding_window": r.choice([3, 6]),
+            "layer_types": types,
+            "num_kv_shared_layers": shared,
+            "laurel_rank": r.choice([4, 8]),
+            "altup_num_inputs": r.choice([2, 3, 4]),
+            "altup_active_idx": 0,
+            "altup_correct_scale": r.random() < 0.5,
+            "activation_sparsity_pattern": [r.choice([0.0, 0.9]) for _ in range(L)],
+        }
+        return "Gemma3nTextConfig", "Gemma3nForCausalLM", kw
+    if fam == "mimo":
+        kw = {
+            "vocab_size": V,
+            "hidden_size": 64,
+            "intermediate_size": 64,
+            "num_hidden_layers": L,
+            "num_attention_heads": 8,
+            "num_key_value_heads": r.choice([1, 2]),
+            "head_dim": r.choice([16, 24]),
+            "v_head_dim": r.choice([8, 16]),
+            "sliding_window": r.choice([3, 6]),
+            "layer_types": types,
+            "moe_intermediate_size": 16,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_group": r.choice([1, 2]),
+            "topk_group": 1,
+            "routed_scaling_factor": r.choice([1.0, 2.0]),
+            "attention_value_scale": r.choice([None, 0.5]),
+            "norm_topk_prob": r.random() < 0.5,
+            "pad_token_id": None,
+            "eos_token_id": None,
+            "bos_token_id": None,
+        }
+        return "MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", kw
+    if fam == "laguna":
+        kw = {
+            "vocab_size": V,
+            "hidden_size": 64,
+            "intermediate_size": 64,
+            "num_hidden_layers": L,
+            "num_attention_heads": 4,
+            "num_attention_heads_per_layer": [r.choice([2, 4, 6]) for _ in range(L)],
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "sliding_window": r.choice([3, 6]),
+            "layer_types": types,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 24,
+            "moe_routed_scaling_factor": r.choice([1.0, 2.5]),
+            "moe_router_logit_softcapping": r.choice([0.0, 2.0]),
+            "gating": r.choice([True, "per-element"]),
+        }
+        return "LagunaConfig", "LagunaForCausalLM", kw
+    if fam == "modernbert":
+        kw = {
+            "vocab_size": V,
+            "hidden_size": 64,
+            "intermediate_size": 48,
+            "num_hidden_layers": L,
+            "num_attention_heads": 4,
+            "local_attention": r.choice([4, 6, 10]),
+            "global_attn_every_n_layers": r.choice([1, 2, 3]),
+            "norm_bias": r.random() < 0.5,
+            "attention_bias": r.random() < 0.5,
+            "mlp_bias": r.random() < 0.5,
+            "classifier_bias": r.random() < 0.5,
+            "decoder_bias": r.random() < 0.5,
+            "tie_word_embeddings": r.random() < 0.5,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "bos_token_id": 2,
+            "cls_token_id": 2,
+            "sep_token_id": 1,
+        }
+        return "ModernBertDecoderConfig", "ModernBertDecoderForCausalLM", kw
+    if fam == "jetmoe":
+        kw = {
+            "vocab_size": V,
+            "hidden_size": 64,
+            "intermediate_size": 48,
+            "num_hidden_layers": L,
+            "num_key_value_heads": r.choice([1, 2, 4]),
+            "kv_channels": r.choice([8, 16]),
+            "num_local_experts": r.choice([2, 4]),
+            "num_experts_per_tok": r.choice([1, 2]),
+        }
+        return "JetMoeConfig", "JetMoeForCausalLM", kw
+    if fam == "diffllama":
+        kw = {
+            "vocab_size": V,
+            "hidden_size": 64,
+            "intermediate_size": 48,
+            "num_hidden_layers": L,
+            "num_attention_heads": r.choice([4, 8]),
+            "num_key_value_heads": r.choice([2, 4]),
+            "head_dim": r.choice([8, 16]),
+            "attention_bias": r.random() < 0.5,
+        }
+        if kw["num_attention_heads"] % kw["num_key_value_heads"]:
+            kw["num_key_value_heads"] = 2
+        return "DiffLlamaConfig", "DiffLlamaForCausalLM", kw
+    if fam == "openai-gpt":
+        return (
+            "OpenAIGPTConfig",
+            "OpenAIGPTLMHeadModel",
+            {
+                "vocab_size": V,
+                "n_embd": 64,
+                "n_layer": L,
+                "n_head": r.choice([2, 4, 8]),
+                "n_positions": 64,
+                "afn": r.choice(["gelu", "relu", "silu"]),
+                "layer_norm_epsilon": r.choice([1e-5, 1e-3]),
+            },
+        )
+    if fam == "biogpt":
+        return (
+            "BioGptConfig",
+            "BioGptForCausalLM",
+            {
+                "vocab_size": V,
+                "hidden_size": 64,
+                "num_hidden_layers": L,
+                "num_attention_heads": r.choice([2, 4]),
+                "intermediate_size": r.choice([32, 96]),
+                "max_position_embeddings": 64,
+                "scale_embedding": r.random() < 0.5,
+                "hidden_act": r.choice(["gelu", "relu", "gelu_new"]),
+                "pad_token_id": 1,
+            },
+        )
+    if fam == "xglm":
+        return (
+            "XGLMConfig",
+            "XGLMForCausalLM",
+            {
+                "vocab_size": V,
+                "d_model": 64,
+                "num_layers": L,
+                "attention_heads": r.choice([2, 4]),
+                "ffn_dim": r.choice([32, 96]),
+                "max_position_embeddings": 64,
+                "scale_embedding": r.random() < 0.5,
+                "activation_function": r.choice(["gelu", "relu"]),
+            },
+        )
+    if fam == "ctrl":
+        return (
+            "CTRLConfig",
+            "CTRLLMHeadModel",
+            {
+                "vocab_size": V,
+                "n_embd": r.choice([64, 48]),
+                "n_layer": L,
+                "n_head": r.choice([2, 4]),
+                "dff": r.choice([32, 96]),
+                "n_positions": 64,
+            },
+        )
+    if fam == "persimmon":
+        return (
+            "PersimmonConfig",
+            "PersimmonForCausalLM",
+            {
+                "vocab_size": V,
+                "hidden_size": 64,
+                "num_hidden_layers": L,
+                "num_attention_heads": r.choice([2, 4]),
+                "intermediate_size": 96,
+                "max_position_embeddings": 64,
+                "qk_layernorm": r.random() < 0.5,
+                "hidden_act": r.choice(["relu2", "gelu"]),
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1e4,
+                    "partial_rotary_factor": r.choice([0.25, 0.5, 1.0]),
+                },
+            },
+        )
+    if fam == "neoxjp":
+        return (
+            "GPTNeoXJapaneseConfig",
+            "GPTNeoXJapaneseForCausalLM",
+            {
+                "vocab_size": V,
+                "hidden_size": 64,
+                "num_hidden_layers": L,
+                "num_attention_heads": r.choice([2, 4]),
+                "intermediate_multiple_size": r.choice([1, 2, 4]),
+                "max_position_embeddings": 64,
+                "hidden_act": r.choice(["gelu", "relu"]),
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 1e4,
+                    "partial_rotary_factor": r.choice([0.5, 1.0]),
+                },
+            },
+        )
+    if fam == "bitnet":
+        return (
+            "BitNetConfig",
+            "BitNetForCausalLM",
+            {
+                "vocab_size": V,
+                "hidden_size": 64,
+                "num_hidden_layers": L,
+                "num_attention_heads": 4,
+                "num_key_value_heads": r.choice([1, 2, 4]),
+                "intermediate_size": 96,
+                "max_position_embeddings": 64,
+                "hidden_act": r.choice(["relu2", "silu"]),
+                "bos_token_id": None,
+                "eos_token_id": None,
+            },
+        )
+    raise KeyError(fam)
+
+
+def run(fam: str, seed: int) -> dict[str, Any]:
+    """One random configuration of ``fam`` against transformers."""
+    import transformers
+
+    from dualpath.model import KVPool, SeqBatch
+    from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.loader import load_model
+
+    cfg_cls, model_cls, kw = gen(fam, random.Random(seed))
+    row: dict[str, Any] = {"family": fam, "seed": seed, "config": kw}
+    torch.manual_seed(seed)
+    try:
+        hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kw)).eval()
+    except Exception as exc:  # (a combination transformers itself refuses)
+        return {**row, "status": "transformers refuses", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        try:
+            ours = load_model(
+                LlamaModelConfig(path=d, attention_backend="torch", time_model="off"), with_tokenizer=False
+            )[0]
+        except Exception as exc:
+            return {**row, "status": "load failed", "detail": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    seq = torch.randint(0, V, (17,), generator=torch.Generator().manual_seed(seed)).tolist()
+    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    table = pool.allocate(16)
+    got = torch.cat(
+        [
+            ours(SeqBatch.build([seq[:9]], [0], [table], 4), pool.layers, all_positions=True),
+            ours(SeqBatch.build([seq[9:]], [9], [table], 4), pool.layers, all_positions=True),
+        ]
+    )
+    with torch.no_grad():
+        ref = hf(torch.tensor([seq])).logits[0].float()
+    err, top = float((got - ref).abs().max()), float(ref.abs().max())
+    return {
+        **row,
+        "status": "ok" if err < 1e-3 * max(1.0, top) else "mismatch",
+        "max_abs_logit_diff": err,
+        "logit_scale": top,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: all)")
+    parser.add_argument("--seeds", type=int, default=10, help="random configurations per family")
+    parser.add_argument("--json", dest="json_out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for fam in args.families.split(","):
+        for seed in range(args.seeds):
+            row = run(fam, seed)
+            rows.append(row)
+            extra = f" {row['max_abs_logit_diff']:.2e}" if "max_abs_logit_diff" in row else f" {row.get('detail', '')}"
+            print(f"{fam:12s} seed {seed:3d}  {row['status']}{extra}", flush=True)
+    bad = [r for r in rows if r["status"] in ("mismatch", "load failed")]
+    print(f"{len(rows)} configurations, {len(bad)} mismatched or failed to load")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"rows": rows, "bad": len(bad)}, indent=2, default=str))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

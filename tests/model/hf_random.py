@@ -250,3 +250,18 @@ def routing_margins(hf: Any, seq: list[int], k: int, router_of: Any) -> torch.Te
         for h in hooks:
             h.remove()
     return torch.stack(gaps).min(dim=0).values
+
+
+def check_bf16_as_close_as_transformers(got: torch.Tensor, ref: torch.Tensor, fp32: torch.Tensor,
+                                        rows: torch.Tensor | None = None, mean_ratio: float = 1.3,
+                                        max_ratio: float | None = 1.5) -> None:
+    """Our bf16 logits ``got`` are as close to transformers' fp32 logits ``fp32`` as its own bf16 logits ``ref``
+    are (per-row max error: mean within ``mean_ratio`` of its, max within ``max_ratio``), over ``rows`` (all when
+    None). For random models whose bf16 rounding alone moves logits by a large part of their range, on both sides."""
+    ours_err = (got - fp32).abs().max(dim=1).values
+    their_err = (ref - fp32).abs().max(dim=1).values
+    if rows is not None:
+        ours_err, their_err = ours_err[rows], their_err[rows]
+    assert float(ours_err.mean()) <= mean_ratio * float(their_err.mean()), (ours_err, their_err)
+    if max_ratio is not None:
+        assert float(ours_err.max()) <= max_ratio * float(their_err.max()), (ours_err, their_err)

@@ -63,13 +63,9 @@ class DiffLlamaModel(LlamaModel):
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        if layer != state.next_layer:
-            raise ModelError(f"layer {layer} run out of order (expected layer {state.next_layer})")
         spec, b = self.spec, state.batch
         hq, hkv, d = spec.n_heads, spec.n_kv_heads, spec.head_dim
-        exp = (b.block_tokens, 2, hkv, 2 * d)
-        if kv_layer.dim() != 5 or tuple(kv_layer.shape[1:]) != exp:
-            raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
+        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, hkv, 2 * d))
         mod = cast(Any, self.model.layers[layer])
         attn = mod.self_attn
         x = mod.input_layernorm(state.hidden)

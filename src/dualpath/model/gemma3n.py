@@ -34,7 +34,8 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import Attention, Gemma4Spec, Gemma4State, Norm, rope_inv_freq
-from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, _rope
+from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, _rope, rope_tables
+from dualpath.model.spec_common import cfg_int, config_dtype
 
 ARCH = "gemma3n_text"
 TYPES = ("sliding_attention", "full_attention")
@@ -93,24 +94,18 @@ class Gemma3nSpec(Gemma4Spec):
 # --- config in and out ---------------------------------------------------------------------------------------
 
 
-def _int(cfg: Mapping[str, Any], key: str, where: str, minimum: int = 1) -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ModelError(f"{where}: {key} must be an integer >= {minimum}, got {v!r}")
-    return v
 
 
 def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> Gemma3nSpec:
     """The spec of a Gemma 3n text config (its keys over Gemma3nTextConfig's defaults, read as its
     ``__post_init__`` reads them)."""
-    from dualpath.model.spec_common import _DTYPES as DTYPES
 
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k == "final_logit_softcapping"}}
     act = cfg.get("hidden_activation") or cfg.get("hidden_act")
     if act not in _ACTIVATIONS:
         raise ModelError(f"{where}: hidden_activation {act!r} unsupported; expected one of {sorted(_ACTIVATIONS)}")
-    n = _int(cfg, "num_hidden_layers", where)
+    n = cfg_int(cfg, "num_hidden_layers", where)
     width = cfg["intermediate_size"]
     widths = width if isinstance(width, list) else [width] * n
     if len(widths) != n or any(isinstance(w, bool) or not isinstance(w, int) for w in widths):
@@ -145,21 +140,18 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                 raise ModelError(f"{where}: rope_parameters.{t}.{name} must be a positive number, got {v!r}")
         rope_types[t] = {"rope_type": kind, "rope_theta": float(theta), "factor": float(factor),
                          "partial_rotary_factor": 1.0}
-    window = _int(cfg, "sliding_window", where)
-    heads, dim = _int(cfg, "num_key_value_heads", where), _int(cfg, "head_dim", where)
-    if dtype is None:
-        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-        if dtype not in DTYPES:
-            dtype = "float32"
+    window = cfg_int(cfg, "sliding_window", where)
+    heads, dim = cfg_int(cfg, "num_key_value_heads", where), cfg_int(cfg, "head_dim", where)
+    dtype = config_dtype(cfg, dtype)
     correct = cfg.get("altup_correct_scale")
     if not isinstance(correct, bool):
         raise ModelError(f"{where}: altup_correct_scale must be true or false, got {correct!r}")
     return Gemma3nSpec(
-        architecture=ARCH, vocab_size=_int(cfg, "vocab_size", where), hidden_size=_int(cfg, "hidden_size", where),
-        intermediate_size=max(widths), n_layers=n, n_heads=_int(cfg, "num_attention_heads", where),
+        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        intermediate_size=max(widths), n_layers=n, n_heads=cfg_int(cfg, "num_attention_heads", where),
         n_kv_heads=heads, head_dim=dim, rms_eps=float(cfg["rms_norm_eps"]),
         rope_theta=rope_types["full_attention"]["rope_theta"],
-        max_position=_int(cfg, "max_position_embeddings", where), tie_embeddings=bool(cfg["tie_word_embeddings"]),
+        max_position=cfg_int(cfg, "max_position_embeddings", where), tie_embeddings=bool(cfg["tie_word_embeddings"]),
         attention_bias=bool(cfg["attention_bias"]), dtype=dtype, bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         sliding_window=window if "sliding_attention" in types else None,
@@ -167,12 +159,12 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         if "sliding_attention" in types else (),
         final_logit_softcapping=cfg.get("final_logit_softcapping"), context_cap=max_context,
         layer_types=tuple(types), layer_kv=((heads, dim),) * n,
-        kv_shared_layers=_int(cfg, "num_kv_shared_layers", where, 0),
-        ple_size=_int(cfg, "hidden_size_per_layer_input", where),
-        ple_vocab=_int(cfg, "vocab_size_per_layer_input", where), gelu_approx=_ACTIVATIONS[str(act)],
-        rope_types=rope_types, altup_inputs=_int(cfg, "altup_num_inputs", where),
-        altup_active=_int(cfg, "altup_active_idx", where, 0), altup_correct_scale=correct,
-        laurel_rank=_int(cfg, "laurel_rank", where), intermediate_sizes=tuple(widths), sparsity=tuple(sparsity),
+        kv_shared_layers=cfg_int(cfg, "num_kv_shared_layers", where, 0),
+        ple_size=cfg_int(cfg, "hidden_size_per_layer_input", where),
+        ple_vocab=cfg_int(cfg, "vocab_size_per_layer_input", where), gelu_approx=_ACTIVATIONS[str(act)],
+        rope_types=rope_types, altup_inputs=cfg_int(cfg, "altup_num_inputs", where),
+        altup_active=cfg_int(cfg, "altup_active_idx", where, 0), altup_correct_scale=correct,
+        laurel_rank=cfg_int(cfg, "laurel_rank", where), intermediate_sizes=tuple(widths), sparsity=tuple(sparsity),
     )
 
 
@@ -340,11 +332,7 @@ class Gemma3nModel(LayerwiseDecoder):
         if int(ids.max()) >= spec.vocab_size or int(ids.min()) < 0:
             raise ModelError(f"token id out of range [0, {spec.vocab_size})")
         positions = batch.positions.to(dev, torch.float32)
-        tables = {}
-        for t, inv in self.inv_freq.items():
-            freqs = positions[:, None] * inv.to(dev)[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            tables[t] = (emb.cos().to(dt), emb.sin().to(dt))
+        tables = rope_tables(positions, self.inv_freq, dt)
         m, n = self.model, ids.shape[0]
         embeds = m.embed_tokens(ids) * self.embed_scale.to(dev)
         ple_ids = torch.where(ids < spec.ple_vocab, ids, torch.zeros_like(ids))  # (soft tokens: row 0)
@@ -360,13 +348,9 @@ class Gemma3nModel(LayerwiseDecoder):
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        if layer != state.next_layer:
-            raise ModelError(f"layer {layer} run out of order (expected layer {state.next_layer})")
         st = cast(Gemma3nState, state)
         spec, b = self.spec, state.batch
-        exp = (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim)
-        if kv_layer.dim() != 5 or tuple(kv_layer.shape[1:]) != exp:
-            raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
+        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn, alt = mod.self_attn, mod.altup
         pred = alt.predict(cast(torch.Tensor, st.streams))

@@ -43,8 +43,9 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
-from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, _rope
+from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, _rope, rope_tables
 from dualpath.model.spec import ModelSpec
+from dualpath.model.spec_common import cfg_int, config_dtype
 
 ARCH = "gemma4_text"
 TYPES = ("sliding_attention", "full_attention")
@@ -161,11 +162,6 @@ def layer_view(kv_layer: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
 # --- config in -----------------------------------------------------------------------------------------------
 
 
-def _int(cfg: Mapping[str, Any], key: str, where: str, minimum: int = 0) -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ModelError(f"{where}: {key} must be an integer >= {minimum}, got {v!r}")
-    return v
 
 
 def _layer_types(cfg: dict[str, Any], n: int, where: str) -> list[str]:
@@ -179,7 +175,7 @@ def _layer_types(cfg: dict[str, Any], n: int, where: str) -> list[str]:
 
 
 def _layer_kv(cfg: dict[str, Any], types: list[str], where: str) -> list[tuple[int, int]]:
-    heads, dim = _int(cfg, "num_key_value_heads", where, 1), _int(cfg, "head_dim", where, 1)
+    heads, dim = cfg_int(cfg, "num_key_value_heads", where, 1), cfg_int(cfg, "head_dim", where, 1)
     per_layer = cfg.get("per_layer_config")
     out = [(heads, dim)] * len(types)
     if per_layer is not None:  # transformers 5: sparse overrides by layer index
@@ -197,14 +193,14 @@ def _layer_kv(cfg: dict[str, Any], types: list[str], where: str) -> list[tuple[i
             if extra:
                 raise ModelError(f"{where}: per_layer_config[{key!r}] overrides {extra}; only {list(_LAYER_KEYS)} "
                                  f"per layer are supported")
-            out[i] = (_int({**{"num_key_value_heads": heads}, **over}, "num_key_value_heads", where, 1),
-                      _int({**{"head_dim": dim}, **over}, "head_dim", where, 1))
+            out[i] = (cfg_int({**{"num_key_value_heads": heads}, **over}, "num_key_value_heads", where, 1),
+                      cfg_int({**{"head_dim": dim}, **over}, "head_dim", where, 1))
         return out
     gdim = cfg.get("global_head_dim", 512)  # (Gemma4TextConfig's default, whatever head_dim is)
-    gdim = _int({"global_head_dim": gdim}, "global_head_dim", where, 1)
+    gdim = cfg_int({"global_head_dim": gdim}, "global_head_dim", where, 1)
     gheads = cfg.get("num_global_key_value_heads") if cfg.get("attention_k_eq_v") else None
     if gheads is not None:
-        gheads = _int({"num_global_key_value_heads": gheads}, "num_global_key_value_heads", where, 1)
+        gheads = cfg_int({"num_global_key_value_heads": gheads}, "num_global_key_value_heads", where, 1)
     return [(gheads or heads, gdim) if t == "full_attention" else (heads, dim) for t in types]
 
 
@@ -240,7 +236,6 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> Gemma4Spec:
     """The spec of a Gemma 4 text config (its keys over Gemma4TextConfig's defaults; a ``gemma4_unified_text``
     config over Gemma4UnifiedTextConfig's, which has no per-layer embeddings or MoE block)."""
-    from dualpath.model.spec_common import _DTYPES as DTYPES
 
     given = {k: v for k, v in cfg.items() if v is not None or k in ("final_logit_softcapping", "sliding_window")}
     if is_unified(cfg):
@@ -253,31 +248,28 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     act = cfg.get("hidden_activation") or cfg.get("hidden_act")
     if act not in _ACTIVATIONS:
         raise ModelError(f"{where}: hidden_activation {act!r} unsupported; expected one of {sorted(_ACTIVATIONS)}")
-    n = _int(cfg, "num_hidden_layers", where, 1)
+    n = cfg_int(cfg, "num_hidden_layers", where, 1)
     types = _layer_types(cfg, n, where)
     layer_kv = _layer_kv(cfg, types, where)
     window = cfg.get("sliding_window")
     if window is not None:
-        window = _int(cfg, "sliding_window", where, 1)
+        window = cfg_int(cfg, "sliding_window", where, 1)
     moe = bool(cfg.get("enable_moe_block"))
-    if dtype is None:
-        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-        if dtype not in DTYPES:
-            dtype = "float32"
+    dtype = config_dtype(cfg, dtype)
     ple = cfg.get("hidden_size_per_layer_input") or 0
     cap = cfg.get("final_logit_softcapping")
     return Gemma4Spec(
         architecture=ARCH,
-        vocab_size=_int(cfg, "vocab_size", where, 1),
-        hidden_size=_int(cfg, "hidden_size", where, 1),
-        intermediate_size=_int(cfg, "intermediate_size", where, 1),
+        vocab_size=cfg_int(cfg, "vocab_size", where, 1),
+        hidden_size=cfg_int(cfg, "hidden_size", where, 1),
+        intermediate_size=cfg_int(cfg, "intermediate_size", where, 1),
         n_layers=n,
-        n_heads=_int(cfg, "num_attention_heads", where, 1),
-        n_kv_heads=_int(cfg, "num_key_value_heads", where, 1),
-        head_dim=_int(cfg, "head_dim", where, 1),
+        n_heads=cfg_int(cfg, "num_attention_heads", where, 1),
+        n_kv_heads=cfg_int(cfg, "num_key_value_heads", where, 1),
+        head_dim=cfg_int(cfg, "head_dim", where, 1),
         rms_eps=float(cfg["rms_norm_eps"]),
         rope_theta=_rope_types(cfg, types, where)[types[-1]]["rope_theta"],
-        max_position=_int(cfg, "max_position_embeddings", where, 1),
+        max_position=cfg_int(cfg, "max_position_embeddings", where, 1),
         tie_embeddings=bool(cfg["tie_word_embeddings"]),
         attention_bias=bool(cfg["attention_bias"]),
         dtype=dtype,
@@ -291,13 +283,13 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         layer_types=tuple(types),
         layer_kv=tuple(layer_kv),
         k_eq_v=bool(cfg.get("attention_k_eq_v")),
-        kv_shared_layers=_int(cfg, "num_kv_shared_layers", where),
-        ple_size=_int({"hidden_size_per_layer_input": ple}, "hidden_size_per_layer_input", where),
-        ple_vocab=_int(cfg, "vocab_size_per_layer_input", where, 1) if ple else 0,
+        kv_shared_layers=cfg_int(cfg, "num_kv_shared_layers", where, 0),
+        ple_size=cfg_int({"hidden_size_per_layer_input": ple}, "hidden_size_per_layer_input", where, 0),
+        ple_vocab=cfg_int(cfg, "vocab_size_per_layer_input", where, 1) if ple else 0,
         double_wide_mlp=bool(cfg.get("use_double_wide_mlp")),
-        moe_experts=_int(cfg, "num_experts", where, 1) if moe else 0,
-        moe_top_k=_int(cfg, "top_k_experts", where, 1) if moe else 0,
-        moe_width=_int(cfg, "moe_intermediate_size", where, 1) if moe else 0,
+        moe_experts=cfg_int(cfg, "num_experts", where, 1) if moe else 0,
+        moe_top_k=cfg_int(cfg, "top_k_experts", where, 1) if moe else 0,
+        moe_width=cfg_int(cfg, "moe_intermediate_size", where, 1) if moe else 0,
         gelu_approx=_ACTIVATIONS[str(act)],
         rope_types=_rope_types(cfg, types, where),
     )
@@ -524,11 +516,7 @@ class Gemma4Model(LayerwiseDecoder):
                              f"(vocab_size_per_layer_input {spec.ple_vocab})")
         dt = spec.torch_dtype
         positions = batch.positions.to(self.device, torch.float32)
-        tables = {}
-        for t, inv in self.inv_freq.items():
-            freqs = positions[:, None] * inv.to(self.device)[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            tables[t] = (emb.cos().to(dt), emb.sin().to(dt))
+        tables = rope_tables(positions, self.inv_freq, dt)
         embed = self.model.embed_tokens(ids)
         hidden = embed * self.embed_scale.to(self.device, embed.dtype)
         per_layer = None
@@ -544,14 +532,10 @@ class Gemma4Model(LayerwiseDecoder):
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
         """Run layer ``layer`` (in order) over pages shaped as :meth:`Gemma4Spec.kv_spec` says."""
-        if layer != state.next_layer:
-            raise ModelError(f"layer {layer} run out of order (expected layer {state.next_layer})")
         st = cast(Gemma4State, state)
         spec, b = self.spec, state.batch
         page = spec.kv_spec()
-        exp = (b.block_tokens, 2, page.n_kv_heads, page.head_dim)
-        if kv_layer.dim() != 5 or tuple(kv_layer.shape[1:]) != exp:
-            raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
+        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, page.n_kv_heads, page.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = mod.self_attn
         heads, dim = spec.layer_kv[layer]

@@ -16,7 +16,6 @@ builds them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -28,6 +27,7 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.llama import ForwardState, LlamaModel, RMSNorm, _rope
 from dualpath.model.spec import ModelSpec
+from dualpath.model.spec_common import cfg_int, config_dtype
 
 ARCH = "jetmoe"
 #: JetMoeConfig's defaults
@@ -65,40 +65,31 @@ class JetMoeSpec(ModelSpec):
         }
 
 
-def _int(cfg: Mapping[str, Any], key: str, where: str) -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ModelError(f"{where}: {key} must be a positive integer, got {v!r}")
-    return v
 
 
 def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> JetMoeSpec:
     """The spec of a JetMoE config (its keys over JetMoeConfig's defaults)."""
-    from dualpath.model.spec_common import _DTYPES as DTYPES
     from dualpath.model.spec_common import parse_rope
 
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     if cfg.get("activation_function") not in ("silu", "swish"):
         raise ModelError(f"{where}: activation_function {cfg.get('activation_function')!r} unsupported (its GLU "
                          f"experts need 'silu')")
-    kv, top_k = _int(cfg, "num_key_value_heads", where), _int(cfg, "num_experts_per_tok", where)
+    kv, top_k = cfg_int(cfg, "num_key_value_heads", where), cfg_int(cfg, "num_experts_per_tok", where)
     theta, scaling = parse_rope(cfg, where)
-    if dtype is None:
-        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-        if dtype not in DTYPES:
-            dtype = "float32"
+    dtype = config_dtype(cfg, dtype)
     eps = cfg.get("rms_norm_eps")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ModelError(f"{where}: rms_norm_eps must be a positive number, got {eps!r}")
     return JetMoeSpec(
-        architecture=ARCH, vocab_size=_int(cfg, "vocab_size", where), hidden_size=_int(cfg, "hidden_size", where),
-        intermediate_size=_int(cfg, "intermediate_size", where), n_layers=_int(cfg, "num_hidden_layers", where),
-        n_heads=kv * top_k, n_kv_heads=kv, head_dim=_int(cfg, "kv_channels", where), rms_eps=float(eps),
-        rope_theta=theta, rope_scaling=scaling, max_position=_int(cfg, "max_position_embeddings", where),
+        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=cfg_int(cfg, "num_hidden_layers", where),
+        n_heads=kv * top_k, n_kv_heads=kv, head_dim=cfg_int(cfg, "kv_channels", where), rms_eps=float(eps),
+        rope_theta=theta, rope_scaling=scaling, max_position=cfg_int(cfg, "max_position_embeddings", where),
         tie_embeddings=bool(cfg["tie_word_embeddings"]), dtype=dtype, bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"), context_cap=max_context,
-        moe_experts=_int(cfg, "num_local_experts", where), moe_top_k=top_k,
+        moe_experts=cfg_int(cfg, "num_local_experts", where), moe_top_k=top_k,
     )
 
 
@@ -199,13 +190,9 @@ class JetMoeModel(LlamaModel):
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        if layer != state.next_layer:
-            raise ModelError(f"layer {layer} run out of order (expected layer {state.next_layer})")
         spec, b = cast(JetMoeSpec, self.spec), state.batch
         h, d, k = spec.n_kv_heads, spec.head_dim, spec.moe_top_k
-        exp = (b.block_tokens, 2, h, d)
-        if kv_layer.dim() != 5 or tuple(kv_layer.shape[1:]) != exp:
-            raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
+        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, h, d))
         mod = cast(DecoderLayer, self.model.layers[layer])
         moa = mod.self_attention.experts
         x = mod.input_layernorm(state.hidden)

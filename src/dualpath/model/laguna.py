@@ -27,9 +27,10 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
-from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch, _rope
+from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch, _rope, rope_tables
 from dualpath.model.moe import FeedForward
 from dualpath.model.spec import ModelSpec
+from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 
 ARCH = "laguna"
 TYPES = ("sliding_attention", "full_attention")
@@ -94,24 +95,13 @@ class LagunaSpec(ModelSpec):
 # --- config in and out ---------------------------------------------------------------------------------------
 
 
-def _int(cfg: Mapping[str, Any], key: str, where: str, minimum: int = 1) -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ModelError(f"{where}: {key} must be an integer >= {minimum}, got {v!r}")
-    return v
 
 
-def _num(cfg: Mapping[str, Any], key: str, where: str, minimum: float = 0.0) -> float:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < minimum:
-        raise ModelError(f"{where}: {key} must be a number >= {minimum}, got {v!r}")
-    return float(v)
 
 
 def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> LagunaSpec:
     """The spec of a Laguna config (its keys over LagunaConfig's defaults)."""
-    from dualpath.model.spec_common import _DTYPES as DTYPES
 
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     if cfg.get("hidden_act") not in ("silu", "swish"):
@@ -121,7 +111,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     gating = cfg.get("gating")
     if gating not in (True, "per-head", "per-element"):
         raise ModelError(f"{where}: gating must be true, 'per-head' or 'per-element', got {gating!r}")
-    n = _int(cfg, "num_hidden_layers", where)
+    n = cfg_int(cfg, "num_hidden_layers", where)
     types = cfg.get("layer_types") or ["full_attention"] * n
     if not isinstance(types, list) or len(types) != n or any(t not in TYPES for t in types):
         raise ModelError(f"{where}: layer_types must name 'sliding_attention' or 'full_attention' for each of the "
@@ -130,7 +120,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if not isinstance(mlp, list) or len(mlp) != n or any(m not in ("dense", "sparse") for m in mlp):
         raise ModelError(f"{where}: mlp_layer_types must name 'dense' or 'sparse' for each of the {n} layers, got "
                          f"{mlp!r}")
-    heads = cfg.get("num_attention_heads_per_layer") or [_int(cfg, "num_attention_heads", where)] * n
+    heads = cfg.get("num_attention_heads_per_layer") or [cfg_int(cfg, "num_attention_heads", where)] * n
     if not isinstance(heads, list) or len(heads) != n or any(
             isinstance(h, bool) or not isinstance(h, int) for h in heads):
         raise ModelError(f"{where}: num_attention_heads_per_layer must give an integer for each of the {n} layers, "
@@ -143,31 +133,29 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         p = rope.get(t)
         if not isinstance(p, dict) or p.get("rope_type", p.get("type", "default")) != "default":
             raise ModelError(f"{where}: rope_parameters.{t}: only a 'default' RoPE is supported for laguna, got {p!r}")
-        rope_by_type[t] = (_num(p, "rope_theta", where), _num({"f": p.get("partial_rotary_factor", 1.0)}, "f", where))
-    if dtype is None:
-        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-        if dtype not in DTYPES:
-            dtype = "float32"
-    window = _int(cfg, "sliding_window", where)
+        partial = {"partial_rotary_factor": p.get("partial_rotary_factor", 1.0)}
+        rope_by_type[t] = (cfg_num(p, "rope_theta", where), cfg_num(partial, "partial_rotary_factor", where))
+    dtype = config_dtype(cfg, dtype)
+    window = cfg_int(cfg, "sliding_window", where)
     sparse = "sparse" in mlp
     return LagunaSpec(
-        architecture=ARCH, vocab_size=_int(cfg, "vocab_size", where), hidden_size=_int(cfg, "hidden_size", where),
-        intermediate_size=_int(cfg, "intermediate_size", where), n_layers=n, n_heads=max(heads),
-        n_kv_heads=_int(cfg, "num_key_value_heads", where), head_dim=_int(cfg, "head_dim", where),
-        rms_eps=_num(cfg, "rms_norm_eps", where), rope_theta=next(iter(rope_by_type.values()))[0],
-        max_position=_int(cfg, "max_position_embeddings", where), tie_embeddings=bool(cfg["tie_word_embeddings"]),
+        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=max(heads),
+        n_kv_heads=cfg_int(cfg, "num_key_value_heads", where), head_dim=cfg_int(cfg, "head_dim", where),
+        rms_eps=cfg_num(cfg, "rms_norm_eps", where), rope_theta=next(iter(rope_by_type.values()))[0],
+        max_position=cfg_int(cfg, "max_position_embeddings", where), tie_embeddings=bool(cfg["tie_word_embeddings"]),
         attention_bias=bool(cfg["attention_bias"]), dtype=dtype, bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"), sliding_window=window if "sliding_attention" in types else None,
         full_attention_layers=tuple(i for i, t in enumerate(types) if t == "full_attention")
         if "sliding_attention" in types else (),
         context_cap=max_context, layer_types=tuple(types), layer_heads=tuple(heads), rope_by_type=rope_by_type,
         gate_per_head=gating != "per-element", dense_layers=tuple(i for i, m in enumerate(mlp) if m == "dense"),
-        moe_experts=_int(cfg, "num_experts", where) if sparse else 0,
-        moe_top_k=_int(cfg, "num_experts_per_tok", where) if sparse else 0,
-        moe_width=_int(cfg, "moe_intermediate_size", where) if sparse else 0,
-        shared_width=_int(cfg, "shared_expert_intermediate_size", where) if sparse else 0,
-        moe_scale=_num(cfg, "moe_routed_scaling_factor", where),
-        router_softcap=_num(cfg, "moe_router_logit_softcapping", where),
+        moe_experts=cfg_int(cfg, "num_experts", where) if sparse else 0,
+        moe_top_k=cfg_int(cfg, "num_experts_per_tok", where) if sparse else 0,
+        moe_width=cfg_int(cfg, "moe_intermediate_size", where) if sparse else 0,
+        shared_width=cfg_int(cfg, "shared_expert_intermediate_size", where) if sparse else 0,
+        moe_scale=cfg_num(cfg, "moe_routed_scaling_factor", where),
+        router_softcap=cfg_num(cfg, "moe_router_logit_softcapping", where, positive=False),
     )
 
 
@@ -289,23 +277,15 @@ class LagunaModel(LayerwiseDecoder):
         if int(ids.max()) >= spec.vocab_size or int(ids.min()) < 0:
             raise ModelError(f"token id out of range [0, {spec.vocab_size})")
         positions = batch.positions.to(self.device, torch.float32)
-        tables = {}
-        for t, inv in self.inv_freq.items():
-            freqs = positions[:, None] * inv.to(self.device)[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            tables[t] = (emb.cos().to(spec.torch_dtype), emb.sin().to(spec.torch_dtype))
+        tables = rope_tables(positions, self.inv_freq, spec.torch_dtype)
         cos, sin = next(iter(tables.values()))
         return LagunaState(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin, tables=tables)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        if layer != state.next_layer:
-            raise ModelError(f"layer {layer} run out of order (expected layer {state.next_layer})")
         st = cast(LagunaState, state)
         spec, b = self.spec, state.batch
-        exp = (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim)
-        if kv_layer.dim() != 5 or tuple(kv_layer.shape[1:]) != exp:
-            raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
+        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = mod.self_attn
         x = mod.input_layernorm(st.hidden)

@@ -22,7 +22,7 @@ new token runs the paged decode kernel; anything else the prefill-with-prefix ke
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, cast
@@ -568,6 +568,18 @@ class Backbone(nn.Module):
         self.norm: nn.Module | None = None if spec.post_layer_norm else _norm(spec, spec.hidden_size)
 
 
+def rope_tables(positions: torch.Tensor, inv_freqs: Mapping[str, torch.Tensor],
+                dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer type's ``(cos, sin)`` ``[N, 2 * len(inv_freq)]`` at fp32 ``positions``, rounded to ``dtype`` (the
+    families with a RoPE per layer type: Gemma 3n / 4, MiMo-V2-Flash, Laguna, the ModernBERT decoder)."""
+    out = {}
+    for kind, inv in inv_freqs.items():
+        freqs = positions[:, None] * inv.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        out[kind] = (emb.cos().to(dtype), emb.sin().to(dtype))
+    return out
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -613,6 +625,15 @@ class LayerwiseDecoder(nn.Module):
 
     def prefill_begin(self, batch: SeqBatch) -> ForwardState:
         raise NotImplementedError
+
+    @staticmethod
+    def check_layer(layer: int, state: ForwardState, kv_layer: torch.Tensor, page: tuple[int, ...]) -> None:
+        """Layers run in order, each over a ``[num_blocks, *page]`` KV tensor; else a :class:`ModelError`."""
+        if layer != state.next_layer:
+            raise ModelError(f"layer {layer} run out of order (expected layer {state.next_layer})")
+        if kv_layer.dim() != 1 + len(page) or tuple(kv_layer.shape[1:]) != tuple(page):
+            raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, "
+                             f"{tuple(page)}]")
 
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
         raise NotImplementedError

@@ -34,9 +34,10 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch, _rope
+from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch, _rope, rope_tables
 from dualpath.model.moe import FeedForward
 from dualpath.model.spec import ModelSpec
+from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 
 ARCH = "mimo_v2_flash"
 TYPES = ("sliding_attention", "full_attention")
@@ -118,27 +119,16 @@ class MiMoV2Spec(ModelSpec):
 # --- config in and out ---------------------------------------------------------------------------------------
 
 
-def _int(cfg: Mapping[str, Any], key: str, where: str, minimum: int = 1) -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ModelError(f"{where}: {key} must be an integer >= {minimum}, got {v!r}")
-    return v
 
 
-def _num(cfg: Mapping[str, Any], key: str, where: str) -> float:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise ModelError(f"{where}: {key} must be a positive number, got {v!r}")
-    return float(v)
 
 
 def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> MiMoV2Spec:
     """The spec of a MiMo-V2-Flash config (its keys over MiMoV2FlashConfig's defaults)."""
-    from dualpath.model.spec_common import _DTYPES as DTYPES
 
     if cfg.get("sliding_window_size") is not None:  # (the hub's key: the window past the query itself)
-        cfg = {**cfg, "sliding_window": _int(cfg, "sliding_window_size", where) + 1}
+        cfg = {**cfg, "sliding_window": cfg_int(cfg, "sliding_window_size", where) + 1}
     # (an explicit null attention_value_scale means no scaling, as transformers reads it; absent, 0.707)
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k in ("eos_token_id",
                                                                               "attention_value_scale")}}
@@ -146,7 +136,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         cfg["n_routed_experts"] = cfg["num_local_experts"]
     if cfg.get("hidden_act") not in ("silu", "swish"):
         raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
-    n = _int(cfg, "num_hidden_layers", where)
+    n = cfg_int(cfg, "num_hidden_layers", where)
     types = cfg.get("layer_types") or ["full_attention" if i == 0 or not (i + 1) % 6 else "sliding_attention"
                                        for i in range(n)]
     mlp = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
@@ -162,35 +152,32 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         if not isinstance(p, dict) or p.get("rope_type", p.get("type", "default")) != "default":
             raise ModelError(f"{where}: rope_parameters.{t}: only a 'default' RoPE is supported for mimo_v2_flash, "
                              f"got {p!r}")
-        rope_by_type[t] = (_num({"rope_theta": p.get("rope_theta", _ROPE_DEFAULTS[t])}, "rope_theta", where),
-                           _num({"partial_rotary_factor": p.get("partial_rotary_factor", 0.334)},
+        rope_by_type[t] = (cfg_num({"rope_theta": p.get("rope_theta", _ROPE_DEFAULTS[t])}, "rope_theta", where),
+                           cfg_num({"partial_rotary_factor": p.get("partial_rotary_factor", 0.334)},
                                 "partial_rotary_factor", where))
     scale = cfg.get("attention_value_scale")
-    if dtype is None:
-        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-        if dtype not in DTYPES:
-            dtype = "float32"
+    dtype = config_dtype(cfg, dtype)
     sparse = "sparse" in mlp
-    window = _int(cfg, "sliding_window", where)
+    window = cfg_int(cfg, "sliding_window", where)
     return MiMoV2Spec(
-        architecture=ARCH, vocab_size=_int(cfg, "vocab_size", where), hidden_size=_int(cfg, "hidden_size", where),
-        intermediate_size=_int(cfg, "intermediate_size", where), n_layers=n,
-        n_heads=_int(cfg, "num_attention_heads", where), n_kv_heads=_int(cfg, "num_key_value_heads", where),
-        head_dim=_int(cfg, "head_dim", where), rms_eps=_num(cfg, "rms_norm_eps", where),
-        rope_theta=rope_by_type["full_attention"][0], max_position=_int(cfg, "max_position_embeddings", where),
+        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n,
+        n_heads=cfg_int(cfg, "num_attention_heads", where), n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
+        head_dim=cfg_int(cfg, "head_dim", where), rms_eps=cfg_num(cfg, "rms_norm_eps", where),
+        rope_theta=rope_by_type["full_attention"][0], max_position=cfg_int(cfg, "max_position_embeddings", where),
         tie_embeddings=bool(cfg["tie_word_embeddings"]), attention_bias=bool(cfg["attention_bias"]), dtype=dtype,
         bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
         sliding_window=window if "sliding_attention" in types else None,
         full_attention_layers=tuple(i for i, t in enumerate(types) if t == "full_attention")
         if "sliding_attention" in types else (),
-        context_cap=max_context, layer_types=tuple(types), v_head_dim=_int(cfg, "v_head_dim", where),
-        value_scale=1.0 if scale is None else _num(cfg, "attention_value_scale", where),
+        context_cap=max_context, layer_types=tuple(types), v_head_dim=cfg_int(cfg, "v_head_dim", where),
+        value_scale=1.0 if scale is None else cfg_num(cfg, "attention_value_scale", where),
         dense_layers=tuple(i for i, m in enumerate(mlp) if m == "dense"), rope_by_type=rope_by_type,
-        moe_experts=_int(cfg, "n_routed_experts", where) if sparse else 0,
-        moe_top_k=_int(cfg, "num_experts_per_tok", where) if sparse else 0,
-        moe_width=_int(cfg, "moe_intermediate_size", where) if sparse else 0,
-        moe_groups=(_int(cfg, "n_group", where), _int(cfg, "topk_group", where)) if sparse else (1, 1),
-        moe_renormalize=bool(cfg["norm_topk_prob"]), moe_scale=_num(cfg, "routed_scaling_factor", where),
+        moe_experts=cfg_int(cfg, "n_routed_experts", where) if sparse else 0,
+        moe_top_k=cfg_int(cfg, "num_experts_per_tok", where) if sparse else 0,
+        moe_width=cfg_int(cfg, "moe_intermediate_size", where) if sparse else 0,
+        moe_groups=(cfg_int(cfg, "n_group", where), cfg_int(cfg, "topk_group", where)) if sparse else (1, 1),
+        moe_renormalize=bool(cfg["norm_topk_prob"]), moe_scale=cfg_num(cfg, "routed_scaling_factor", where),
     )
 
 
@@ -277,24 +264,16 @@ class MiMoV2Model(LayerwiseDecoder):
         if int(ids.max()) >= spec.vocab_size or int(ids.min()) < 0:
             raise ModelError(f"token id out of range [0, {spec.vocab_size})")
         positions = batch.positions.to(self.device, torch.float32)
-        tables = {}
-        for t, inv in self.inv_freq.items():
-            freqs = positions[:, None] * inv.to(self.device)[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            tables[t] = (emb.cos().to(spec.torch_dtype), emb.sin().to(spec.torch_dtype))
+        tables = rope_tables(positions, self.inv_freq, spec.torch_dtype)
         cos, sin = tables["full_attention"]
         return MiMoV2State(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin, tables=tables)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
         """Run layer ``layer`` (in order) over pages shaped as :meth:`MiMoV2Spec.kv_spec` says."""
-        if layer != state.next_layer:
-            raise ModelError(f"layer {layer} run out of order (expected layer {state.next_layer})")
         st = cast(MiMoV2State, state)
         spec, b = self.spec, state.batch
-        exp = (b.block_tokens, 2, 2 * spec.n_kv_heads, spec.head_dim)
-        if kv_layer.dim() != 5 or tuple(kv_layer.shape[1:]) != exp:
-            raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
+        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, 2 * spec.n_kv_heads, spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = cast(Attention, mod.self_attn)
         heads, d, dv = spec.layer_heads(layer), spec.head_dim, spec.v_head_dim

@@ -29,8 +29,9 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
-from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, _rope
+from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, _rope, rope_tables
 from dualpath.model.spec import ModelSpec
+from dualpath.model.spec_common import cfg_bool, cfg_int, config_dtype
 
 ARCH = "modernbert-decoder"
 TYPES = ("sliding_attention", "full_attention")
@@ -89,18 +90,8 @@ class ModernBertDecoderSpec(ModelSpec):
 # --- config in and out ---------------------------------------------------------------------------------------
 
 
-def _int(cfg: Mapping[str, Any], key: str, where: str, minimum: int = 1) -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ModelError(f"{where}: {key} must be an integer >= {minimum}, got {v!r}")
-    return v
 
 
-def _bool(cfg: Mapping[str, Any], key: str, where: str) -> bool:
-    v = cfg.get(key)
-    if not isinstance(v, bool):
-        raise ModelError(f"{where}: {key} must be true or false, got {v!r}")
-    return v
 
 
 def _act(cfg: Mapping[str, Any], key: str, where: str) -> str:
@@ -116,13 +107,12 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> ModernBertDecoderSpec:
     """The spec of a ModernBERT decoder config (its keys over ModernBertDecoderConfig's defaults, read as its
     ``__post_init__`` reads them)."""
-    from dualpath.model.spec_common import _DTYPES as DTYPES
 
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k == "local_attention"}}
-    n = _int(cfg, "num_hidden_layers", where)
+    n = cfg_int(cfg, "num_hidden_layers", where)
     types = cfg.get("layer_types")
     if types is None:
-        every = _int({"global_attn_every_n_layers": cfg.get("global_attn_every_n_layers", 3)},
+        every = cfg_int({"global_attn_every_n_layers": cfg.get("global_attn_every_n_layers", 3)},
                      "global_attn_every_n_layers", where)
         types = ["sliding_attention" if i % every else "full_attention" for i in range(n)]
     if not isinstance(types, list) or len(types) != n or any(t not in TYPES for t in types):
@@ -152,30 +142,28 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
             raise ModelError(f"{where}: rope_parameters.{t}.rope_theta must be a positive number, got {theta!r}")
         thetas[t] = float(theta)
-    if dtype is None:
-        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
-        if dtype not in DTYPES:
-            dtype = "float32"
-    hidden, heads = _int(cfg, "hidden_size", where), _int(cfg, "num_attention_heads", where)
+    dtype = config_dtype(cfg, dtype)
+    hidden, heads = cfg_int(cfg, "hidden_size", where), cfg_int(cfg, "num_attention_heads", where)
     if hidden % heads:
         raise ModelError(f"{where}: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads})")
     eps = cfg.get("norm_eps")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ModelError(f"{where}: norm_eps must be a positive number, got {eps!r}")
     return ModernBertDecoderSpec(
-        architecture=ARCH, vocab_size=_int(cfg, "vocab_size", where), hidden_size=hidden,
-        intermediate_size=_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads, n_kv_heads=heads,
+        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads, n_kv_heads=heads,
         head_dim=hidden // heads, rms_eps=float(eps), rope_theta=thetas["full_attention"],
-        max_position=_int(cfg, "max_position_embeddings", where),
-        tie_embeddings=_bool(cfg, "tie_word_embeddings", where), attention_bias=_bool(cfg, "attention_bias", where),
+        max_position=cfg_int(cfg, "max_position_embeddings", where),
+        tie_embeddings=cfg_bool(cfg, "tie_word_embeddings", where),
+        attention_bias=cfg_bool(cfg, "attention_bias", where),
         dtype=dtype, bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
         sliding_window=window,
         full_attention_layers=tuple(i for i, t in enumerate(types) if t == "full_attention") if window else (),
         context_cap=max_context, layer_types=tuple(types), rope_by_type=thetas,
         hidden_activation=_act(cfg, "hidden_activation", where),
-        head_activation=_act(cfg, "classifier_activation", where), norm_bias=_bool(cfg, "norm_bias", where),
-        mlp_bias_=_bool(cfg, "mlp_bias", where), head_dense_bias=_bool(cfg, "classifier_bias", where),
-        decoder_bias=_bool(cfg, "decoder_bias", where),
+        head_activation=_act(cfg, "classifier_activation", where), norm_bias=cfg_bool(cfg, "norm_bias", where),
+        mlp_bias_=cfg_bool(cfg, "mlp_bias", where), head_dense_bias=cfg_bool(cfg, "classifier_bias", where),
+        decoder_bias=cfg_bool(cfg, "decoder_bias", where),
     )
 
 
@@ -199,8 +187,8 @@ def hf_config(spec: ModernBertDecoderSpec) -> dict[str, Any]:
         "classifier_bias": spec.head_dense_bias, "classifier_activation": head,
         "local_attention": 2 * (spec.sliding_window or 64), "layer_types": list(spec.layer_types),
         "tie_word_embeddings": spec.tie_embeddings, "bos_token_id": spec.bos_token_id,
-        "eos_token_id": spec.eos_token_id, **_special_ids(spec.vocab_size), "dtype": spec.dtype, "rope_parameters": {t: {"rope_type": "default", "rope_theta": theta}
-                                                 for t, theta in spec.rope_by_type.items()},
+        "eos_token_id": spec.eos_token_id, **_special_ids(spec.vocab_size), "dtype": spec.dtype,
+        "rope_parameters": {t: {"rope_type": "default", "rope_theta": theta} for t, theta in spec.rope_by_type.items()},
     }
 
 
@@ -296,24 +284,16 @@ class ModernBertDecoderModel(LayerwiseDecoder):
         if int(ids.max()) >= spec.vocab_size or int(ids.min()) < 0:
             raise ModelError(f"token id out of range [0, {spec.vocab_size})")
         positions = batch.positions.to(self.device, torch.float32)
-        tables = {}
-        for t, inv in self.inv_freq.items():
-            freqs = positions[:, None] * inv.to(self.device)[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            tables[t] = (emb.cos().to(spec.torch_dtype), emb.sin().to(spec.torch_dtype))
+        tables = rope_tables(positions, self.inv_freq, spec.torch_dtype)
         hidden = self.model.embed_norm(self.model.embed_tokens(ids))
         cos, sin = tables["full_attention"]
         return ModernBertState(batch=batch, hidden=hidden, cos=cos, sin=sin, tables=tables)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        if layer != state.next_layer:
-            raise ModelError(f"layer {layer} run out of order (expected layer {state.next_layer})")
         st = cast(ModernBertState, state)
         spec, b = self.spec, state.batch
-        exp = (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim)
-        if kv_layer.dim() != 5 or tuple(kv_layer.shape[1:]) != exp:
-            raise ModelError(f"layer {layer}: KV tensor shape {tuple(kv_layer.shape)}, expected [num_blocks, {exp}]")
+        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = mod.attn
         x = st.hidden if mod.attn_norm is None else mod.attn_norm(st.hidden)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,39 @@ import torch
 from dualpath.errors import ModelError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cfg_int(cfg: Mapping[str, Any], key: str, where: str, minimum: int = 1) -> int:
+    """``cfg[key]``, an integer >= ``minimum`` (not a bool), or a :class:`ModelError` naming the key."""
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ModelError(f"{where}: {key} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def cfg_num(cfg: Mapping[str, Any], key: str, where: str, positive: bool = True) -> float:
+    """``cfg[key]``, a number > 0 (``positive``) or >= 0, or a :class:`ModelError` naming the key."""
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 if positive else v >= 0):
+        raise ModelError(f"{where}: {key} must be a {'positive number' if positive else 'number >= 0'}, got {v!r}")
+    return float(v)
+
+
+def cfg_bool(cfg: Mapping[str, Any], key: str, where: str) -> bool:
+    """``cfg[key]``, true or false, or a :class:`ModelError` naming the key."""
+    v = cfg.get(key)
+    if not isinstance(v, bool):
+        raise ModelError(f"{where}: {key} must be true or false, got {v!r}")
+    return v
+
+
+def config_dtype(cfg: Mapping[str, Any], dtype: str | None) -> str:
+    """The compute dtype: ``dtype`` when given, else the config's (``torch_dtype`` / ``dtype``), float32 when it names
+    none this project runs."""
+    if dtype is not None:
+        return dtype
+    named = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    return named if named in _DTYPES else "float32"
 
 
 class _SpecCommon:

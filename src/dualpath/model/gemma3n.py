@@ -328,9 +328,7 @@ class Gemma3nModel(LayerwiseDecoder):
     @torch.no_grad()
     def prefill_begin(self, batch: SeqBatch) -> ForwardState:
         spec, dev, dt = self.spec, self.device, self.spec.torch_dtype
-        ids = batch.input_ids.to(dev)
-        if int(ids.max()) >= spec.vocab_size or int(ids.min()) < 0:
-            raise ModelError(f"token id out of range [0, {spec.vocab_size})")
+        ids = self.checked_ids(batch)
         positions = batch.positions.to(dev, torch.float32)
         tables = rope_tables(positions, self.inv_freq, dt)
         m, n = self.model, ids.shape[0]

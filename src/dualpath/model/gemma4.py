@@ -43,7 +43,7 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
-from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, _rope, rope_tables
+from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, TypedRopeState, _rope, rope_tables
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, config_dtype
 
@@ -473,11 +473,9 @@ def rope_inv_freq(params: Mapping[str, Any], dim: int) -> torch.Tensor:
 
 
 @dataclass
-class Gemma4State(ForwardState):
-    """:class:`ForwardState` plus each layer type's RoPE tables, the per-layer inputs and the keys and values the
-    shared layers read."""
+class Gemma4State(TypedRopeState):
+    """:class:`TypedRopeState` plus the per-layer inputs and the keys and values the shared layers read."""
 
-    tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     per_layer: torch.Tensor | None = None  # [N, layers, P]
     shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -508,9 +506,7 @@ class Gemma4Model(LayerwiseDecoder):
     @torch.no_grad()
     def prefill_begin(self, batch: SeqBatch) -> ForwardState:
         spec = self.spec
-        ids = batch.input_ids.to(self.device)
-        if int(ids.max()) >= spec.vocab_size or int(ids.min()) < 0:
-            raise ModelError(f"token id out of range [0, {spec.vocab_size})")
+        ids = self.checked_ids(batch)
         if spec.ple_size and int(ids.max()) >= spec.ple_vocab:
             raise ModelError(f"token id {int(ids.max())} is past the per-layer embeddings' vocabulary "
                              f"(vocab_size_per_layer_input {spec.ple_vocab})")

@@ -23,7 +23,7 @@ new token runs the paged decode kernel; anything else the prefill-with-prefix ke
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -568,6 +568,18 @@ class Backbone(nn.Module):
         self.norm: nn.Module | None = None if spec.post_layer_norm else _norm(spec, spec.hidden_size)
 
 
+def default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """RoPE's inverse frequencies ``theta ** (-2i / dim)`` over ``dim`` rotated dims (fp32)."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+@dataclass
+class TypedRopeState(ForwardState):
+    """:class:`ForwardState` plus each layer type's RoPE tables (:func:`rope_tables`)."""
+
+    tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
 def rope_tables(positions: torch.Tensor, inv_freqs: Mapping[str, torch.Tensor],
                 dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Each layer type's ``(cos, sin)`` ``[N, 2 * len(inv_freq)]`` at fp32 ``positions``, rounded to ``dtype`` (the
@@ -625,6 +637,13 @@ class LayerwiseDecoder(nn.Module):
 
     def prefill_begin(self, batch: SeqBatch) -> ForwardState:
         raise NotImplementedError
+
+    def checked_ids(self, batch: SeqBatch) -> torch.Tensor:
+        """The batch's token ids on the model's device; a :class:`ModelError` for one outside the vocabulary."""
+        ids = batch.input_ids.to(self.device)
+        if int(ids.max()) >= self.spec.vocab_size or int(ids.min()) < 0:
+            raise ModelError(f"token id out of range [0, {self.spec.vocab_size})")
+        return ids
 
     @staticmethod
     def check_layer(layer: int, state: ForwardState, kv_layer: torch.Tensor, page: tuple[int, ...]) -> None:

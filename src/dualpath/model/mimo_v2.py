@@ -34,7 +34,16 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch, _rope, rope_tables
+from dualpath.model.llama import (
+    ForwardState,
+    LayerwiseDecoder,
+    RMSNorm,
+    SeqBatch,
+    TypedRopeState,
+    _rope,
+    default_inv_freq,
+    rope_tables,
+)
 from dualpath.model.moe import FeedForward
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
@@ -239,11 +248,6 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
-@dataclass
-class MiMoV2State(ForwardState):
-    tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-
 class MiMoV2Model(LayerwiseDecoder):
     """MiMo-V2-Flash's decoder (module docstring) over a paged KV pool."""
 
@@ -254,24 +258,22 @@ class MiMoV2Model(LayerwiseDecoder):
         self.inv_freq = {}
         for t, (theta, partial) in spec.rope_by_type.items():
             dim = int(spec.head_dim * partial)
-            self.inv_freq[t] = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            self.inv_freq[t] = default_inv_freq(theta, dim)
         self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]
 
     @torch.no_grad()
     def prefill_begin(self, batch: SeqBatch) -> ForwardState:
         spec = self.spec
-        ids = batch.input_ids.to(self.device)
-        if int(ids.max()) >= spec.vocab_size or int(ids.min()) < 0:
-            raise ModelError(f"token id out of range [0, {spec.vocab_size})")
+        ids = self.checked_ids(batch)
         positions = batch.positions.to(self.device, torch.float32)
         tables = rope_tables(positions, self.inv_freq, spec.torch_dtype)
         cos, sin = tables["full_attention"]
-        return MiMoV2State(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin, tables=tables)
+        return TypedRopeState(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin, tables=tables)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
         """Run layer ``layer`` (in order) over pages shaped as :meth:`MiMoV2Spec.kv_spec` says."""
-        st = cast(MiMoV2State, state)
+        st = cast(TypedRopeState, state)
         spec, b = self.spec, state.batch
         self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, 2 * spec.n_kv_heads, spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])

@@ -29,7 +29,15 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
-from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, _rope, rope_tables
+from dualpath.model.llama import (
+    ForwardState,
+    LayerwiseDecoder,
+    SeqBatch,
+    TypedRopeState,
+    _rope,
+    default_inv_freq,
+    rope_tables,
+)
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_bool, cfg_int, config_dtype
 
@@ -256,11 +264,6 @@ class HeadTransform(nn.Module):
         return cast(torch.Tensor, self.norm(self.act(self.dense(x))))
 
 
-@dataclass
-class ModernBertState(ForwardState):
-    tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-
 class ModernBertDecoderModel(LayerwiseDecoder):
     """The ModernBERT decoder (module docstring) over a paged KV pool."""
 
@@ -270,8 +273,7 @@ class ModernBertDecoderModel(LayerwiseDecoder):
         self._build(spec, Backbone(spec), device, backend)
         self.spec: ModernBertDecoderSpec = spec
         d = spec.head_dim
-        self.inv_freq = {t: 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-                         for t, theta in spec.rope_by_type.items()}
+        self.inv_freq = {t: default_inv_freq(theta, d) for t, theta in spec.rope_by_type.items()}
         self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -280,18 +282,16 @@ class ModernBertDecoderModel(LayerwiseDecoder):
     @torch.no_grad()
     def prefill_begin(self, batch: SeqBatch) -> ForwardState:
         spec = self.spec
-        ids = batch.input_ids.to(self.device)
-        if int(ids.max()) >= spec.vocab_size or int(ids.min()) < 0:
-            raise ModelError(f"token id out of range [0, {spec.vocab_size})")
+        ids = self.checked_ids(batch)
         positions = batch.positions.to(self.device, torch.float32)
         tables = rope_tables(positions, self.inv_freq, spec.torch_dtype)
         hidden = self.model.embed_norm(self.model.embed_tokens(ids))
         cos, sin = tables["full_attention"]
-        return ModernBertState(batch=batch, hidden=hidden, cos=cos, sin=sin, tables=tables)
+        return TypedRopeState(batch=batch, hidden=hidden, cos=cos, sin=sin, tables=tables)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(ModernBertState, state)
+        st = cast(TypedRopeState, state)
         spec, b = self.spec, state.batch
         self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])

@@ -693,6 +693,29 @@ class LayerwiseDecoder(nn.Module):
         return self.forward(SeqBatch.decode(token_ids, positions, block_tables, bt), kv_layers)
 
 
+class TypedRopeDecoder(LayerwiseDecoder):
+    """A decoder with a RoPE per layer type (its spec's ``rope_by_type``: type -> base, or (base, partial factor))
+    and windows by layer: :meth:`prefill_begin` embeds (:meth:`embed`) and builds every type's tables (MiMo-V2-Flash,
+    Laguna, the ModernBERT decoder)."""
+
+    def _typed_rope(self, spec: Any) -> None:
+        self.inv_freq: dict[str, torch.Tensor] = {}
+        for kind, rope in spec.rope_by_type.items():
+            theta, partial = rope if isinstance(rope, tuple) else (rope, 1.0)
+            self.inv_freq[kind] = default_inv_freq(theta, int(spec.head_dim * partial))
+        self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.model.embed_tokens(ids))
+
+    @torch.no_grad()
+    def prefill_begin(self, batch: SeqBatch) -> ForwardState:
+        ids = self.checked_ids(batch)
+        tables = rope_tables(batch.positions.to(self.device, torch.float32), self.inv_freq, self.spec.torch_dtype)
+        cos, sin = next(iter(tables.values()))
+        return TypedRopeState(batch=batch, hidden=self.embed(ids), cos=cos, sin=sin, tables=tables)
+
+
 class LlamaModel(LayerwiseDecoder):
     """The decoder of every family in the module docstring over a paged KV pool. ``backend``: kernel backend
     (``auto``/``torch``/``triton``)."""

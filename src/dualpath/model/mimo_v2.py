@@ -36,13 +36,10 @@ from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.llama import (
     ForwardState,
-    LayerwiseDecoder,
     RMSNorm,
-    SeqBatch,
+    TypedRopeDecoder,
     TypedRopeState,
     _rope,
-    default_inv_freq,
-    rope_tables,
 )
 from dualpath.model.moe import FeedForward
 from dualpath.model.spec import ModelSpec
@@ -248,27 +245,14 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
-class MiMoV2Model(LayerwiseDecoder):
+class MiMoV2Model(TypedRopeDecoder):
     """MiMo-V2-Flash's decoder (module docstring) over a paged KV pool."""
 
     def __init__(self, spec: MiMoV2Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
         self._build(spec, Backbone(spec), device, backend)
         self.spec: MiMoV2Spec = spec
-        self.inv_freq = {}
-        for t, (theta, partial) in spec.rope_by_type.items():
-            dim = int(spec.head_dim * partial)
-            self.inv_freq[t] = default_inv_freq(theta, dim)
-        self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]
-
-    @torch.no_grad()
-    def prefill_begin(self, batch: SeqBatch) -> ForwardState:
-        spec = self.spec
-        ids = self.checked_ids(batch)
-        positions = batch.positions.to(self.device, torch.float32)
-        tables = rope_tables(positions, self.inv_freq, spec.torch_dtype)
-        cos, sin = tables["full_attention"]
-        return TypedRopeState(batch=batch, hidden=self.model.embed_tokens(ids), cos=cos, sin=sin, tables=tables)
+        self._typed_rope(spec)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:

@@ -31,12 +31,9 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.llama import (
     ForwardState,
-    LayerwiseDecoder,
-    SeqBatch,
+    TypedRopeDecoder,
     TypedRopeState,
     _rope,
-    default_inv_freq,
-    rope_tables,
 )
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_bool, cfg_int, config_dtype
@@ -264,7 +261,7 @@ class HeadTransform(nn.Module):
         return cast(torch.Tensor, self.norm(self.act(self.dense(x))))
 
 
-class ModernBertDecoderModel(LayerwiseDecoder):
+class ModernBertDecoderModel(TypedRopeDecoder):
     """The ModernBERT decoder (module docstring) over a paged KV pool."""
 
     def __init__(self, spec: ModernBertDecoderSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
@@ -272,22 +269,13 @@ class ModernBertDecoderModel(LayerwiseDecoder):
         self.head_transform = HeadTransform(spec)
         self._build(spec, Backbone(spec), device, backend)
         self.spec: ModernBertDecoderSpec = spec
-        d = spec.head_dim
-        self.inv_freq = {t: default_inv_freq(theta, d) for t, theta in spec.rope_by_type.items()}
-        self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]
+        self._typed_rope(spec)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.lm_head(self.head_transform(self.model.norm(h))).float())
 
-    @torch.no_grad()
-    def prefill_begin(self, batch: SeqBatch) -> ForwardState:
-        spec = self.spec
-        ids = self.checked_ids(batch)
-        positions = batch.positions.to(self.device, torch.float32)
-        tables = rope_tables(positions, self.inv_freq, spec.torch_dtype)
-        hidden = self.model.embed_norm(self.model.embed_tokens(ids))
-        cos, sin = tables["full_attention"]
-        return TypedRopeState(batch=batch, hidden=hidden, cos=cos, sin=sin, tables=tables)
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.model.embed_norm(self.model.embed_tokens(ids)))
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:

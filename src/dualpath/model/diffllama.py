@@ -51,6 +51,9 @@ def lambda_init(layer: int) -> float:
 class DiffLlamaModel(LlamaModel):
     """Llama's decoder with differential attention (module docstring)."""
 
+    _first: torch.Tensor
+    _second: torch.Tensor
+
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__(spec, device, backend)
         for layer in self.model.layers:
@@ -59,7 +62,9 @@ class DiffLlamaModel(LlamaModel):
                 attn.register_parameter(name, nn.Parameter(torch.zeros(spec.head_dim, device=self.device,
                                                                        dtype=spec.torch_dtype)))
         h2 = spec.n_kv_heads // 2
-        self._pairs = (torch.arange(spec.n_kv_heads) % h2, h2 + torch.arange(spec.n_kv_heads) % h2)
+        heads = torch.arange(spec.n_kv_heads, device=device) % h2  # (each KV head's value pair: first, second half)
+        self.register_buffer("_first", heads, persistent=False)
+        self.register_buffer("_second", h2 + heads, persistent=False)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
@@ -74,8 +79,7 @@ class DiffLlamaModel(LlamaModel):
         q = _rope(attn.q_proj(x).view(n, hq, d), cos, sin)
         k = _rope(attn.k_proj(x).view(n, hkv, d), cos, sin)
         v = attn.v_proj(x).view(n, hkv, d)
-        first, second = (i.to(v.device) for i in self._pairs)
-        store_kv(F.pad(k, (0, d)), torch.cat([v[:, first], v[:, second]], dim=-1), kv_layer, b.slot_mapping,
+        store_kv(F.pad(k, (0, d)), torch.cat([v[:, self._first], v[:, self._second]], dim=-1), kv_layer, b.slot_mapping,
                  backend=self.backend)
         qp, scale = F.pad(q, (0, d)), d ** -0.5
         if b.is_decode:

@@ -493,8 +493,9 @@ class Gemma4Model(LayerwiseDecoder):
         self.embed_scale = torch.tensor(spec.hidden_size ** 0.5).to(dt)
         self.ple_scale = torch.tensor(spec.ple_size ** 0.5).to(dt) if spec.ple_size else None
         self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]
-        # the non-shared layers some shared layer reads
+        # the non-shared layers some shared layer reads; the pages' shape (the widest layer's)
         self._sources = {spec.kv_source(i) for i in range(spec.first_shared, spec.n_layers)}
+        self._page = spec.kv_spec()
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.model.norm(h))
@@ -530,8 +531,7 @@ class Gemma4Model(LayerwiseDecoder):
         """Run layer ``layer`` (in order) over pages shaped as :meth:`Gemma4Spec.kv_spec` says."""
         st = cast(Gemma4State, state)
         spec, b = self.spec, state.batch
-        page = spec.kv_spec()
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, page.n_kv_heads, page.head_dim))
+        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, self._page.n_kv_heads, self._page.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = mod.self_attn
         heads, dim = spec.layer_kv[layer]

@@ -172,6 +172,9 @@ class Backbone(nn.Module):
 class JetMoeModel(LlamaModel):
     """JetMoE's decoder (module docstring) on the Llama path's embeddings, RoPE tables and head."""
 
+    _to_grouped: torch.Tensor
+    _from_grouped: torch.Tensor
+
     def __init__(self, spec: JetMoeSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         nn.Module.__init__(self)
         from dualpath.model.rope import rope_inv_freq
@@ -185,8 +188,9 @@ class JetMoeModel(LlamaModel):
         self.residual_scale = None
         k, h = spec.moe_top_k, spec.n_kv_heads
         # its query head e * h + g -> the grouped layout's g * k + e (and back)
-        self._to_grouped = torch.tensor([e * h + g for g in range(h) for e in range(k)])
-        self._from_grouped = torch.argsort(self._to_grouped)
+        to_grouped = torch.tensor([e * h + g for g in range(h) for e in range(k)], device=device)
+        self.register_buffer("_to_grouped", to_grouped, persistent=False)
+        self.register_buffer("_from_grouped", torch.argsort(to_grouped), persistent=False)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
@@ -207,14 +211,14 @@ class JetMoeModel(LlamaModel):
         q = _rope(q.view(n, k * h, d), cos, sin)
         kk = _rope(kk.reshape(n, h, d), cos, sin)
         store_kv(kk, v.reshape(n, h, d), kv_layer, b.slot_mapping, backend=self.backend)
-        qg = q[:, self._to_grouped.to(q.device)]
+        qg = q[:, self._to_grouped]
         scale = d ** -0.5
         if b.is_decode:
             o = paged_decode_attention(qg, kv_layer, b.block_tables, b.seq_lens, scale, backend=self.backend)
         else:
             o = paged_prefill_attention(qg, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos, scale,
                                         backend=self.backend)
-        o = o[:, self._from_grouped.to(o.device)].reshape(n, k, h * d)
+        o = o[:, self._from_grouped].reshape(n, k, h * d)
         a = torch.zeros_like(x)
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)

@@ -173,6 +173,16 @@ async def cluster_read_paths(model_cfg: Any, hf: Any, first: list[int], second: 
     assert logits[len(first) + 4 + len(second) - 1:].argmax(-1).tolist() == r2_ids
 
 
+async def cluster_two_turns(d: Any, hf: Any, vocab: int) -> None:
+    """:func:`cluster_read_paths` on the checkpoint in ``d``: a 16-token first turn (random ids below ``vocab``) and
+    a 7-token second one, at least 16 tokens hit."""
+    from dualpath.model.config import LlamaModelConfig
+
+    first = random_turns(vocab, 9)[0] + random_turns(vocab, 9)[1]
+    await cluster_read_paths(LlamaModelConfig(path=str(d), time_model="off"), hf, first, [5, 17, 33, 2, 71, 64, 9],
+                             min_hit=16)
+
+
 def load_checkpoint(d: Any, backend: str = "torch", dtype: str = "float32") -> Any:
     """Our model of the checkpoint in ``d`` (no tokenizer)."""
     from dualpath.model.config import LlamaModelConfig

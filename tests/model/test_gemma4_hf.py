@@ -19,7 +19,7 @@ from hf_random import (
     check_save_reads_back,
     check_turns_against_hf,
     check_two_chunks_against_hf,
-    cluster_read_paths,
+    cluster_two_turns,
     hf_logits,
     load_checkpoint,
     random_turns,
@@ -220,6 +220,4 @@ async def test_cluster_read_paths_same_tokens(tmp_path_factory):
     """A two-turn session through the emulated cluster (every Gemma 4 mechanism, shared-KV layers' pages read back
     from storage): PE, DE, split and recompute reads give transformers' greedy tokens."""
     d, hf = _CKPTS.get("full", tmp_path_factory)
-    first = random_turns(VOCAB, 9)[0] + random_turns(VOCAB, 9)[1]
-    await cluster_read_paths(LlamaModelConfig(path=str(d), time_model="off"), hf, first, [5, 17, 33, 2, 71, 64, 9],
-                             min_hit=16)
+    await cluster_two_turns(d, hf, VOCAB)

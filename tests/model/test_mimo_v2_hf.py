@@ -15,7 +15,7 @@ from hf_random import (
     check_save_reads_back,
     check_turns_against_hf,
     check_two_chunks_against_hf,
-    cluster_read_paths,
+    cluster_two_turns,
     hf_logits,
     load_checkpoint,
     random_turns,
@@ -25,7 +25,6 @@ from hf_random import (
 
 from dualpath.errors import ModelError
 from dualpath.model import ModelSpec
-from dualpath.model.config import LlamaModelConfig
 from dualpath.model.loader import build_model
 from dualpath.model.spec import load_spec
 
@@ -133,6 +132,4 @@ async def test_cluster_read_paths_same_tokens(tmp_path_factory):
     """A two-turn session through the emulated cluster: PE, DE, split and recompute reads give transformers'
     greedy tokens."""
     d, hf = _CKPTS.get("mimo_v2_flash", tmp_path_factory)
-    first = random_turns(VOCAB, 9)[0] + random_turns(VOCAB, 9)[1]
-    await cluster_read_paths(LlamaModelConfig(path=str(d), time_model="off"), hf, first, [5, 17, 33, 2, 71, 64, 9],
-                             min_hit=16)
+    await cluster_two_turns(d, hf, VOCAB)

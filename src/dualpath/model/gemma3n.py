@@ -33,7 +33,7 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
-from dualpath.model.gemma4 import Attention, Gemma4Spec, Gemma4State, Norm, rope_inv_freq
+from dualpath.model.gemma4 import Attention, Gemma4Model, Gemma4Spec, Gemma4State, Norm, rope_inv_freq
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, _rope, rope_tables
 from dualpath.model.spec_common import cfg_int, config_dtype
 
@@ -318,12 +318,7 @@ class Gemma3nModel(LayerwiseDecoder):
         self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]
         self._sources = {spec.kv_source(i) for i in range(spec.first_shared, spec.n_layers)}
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.model.norm(h))
-        cap = self.spec.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return cast(torch.Tensor, logits.float())
+    head = Gemma4Model.head  # (the final norm, the LM head, the final soft cap)
 
     @torch.no_grad()
     def prefill_begin(self, batch: SeqBatch) -> ForwardState:

@@ -33,13 +33,23 @@ from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E40
 VOCAB = 97
 FP8 = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
 INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False}
-#: weights only (W8A16): name -> (format, weight args, KV-cache scales beside them)
+ASYM = {"type": "int", "symmetric": False, "dynamic": False}
+#: weights only (W8A16, W4A16, ...): name -> (format, weight args, KV-cache scales beside them)
 KINDS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "fp8_channel": ("float-quantized", dict(FP8, strategy="channel"), False),
     "fp8_tensor_kv": ("float-quantized", dict(FP8, strategy="tensor"), True),
     "fp8_block": ("float-quantized", dict(FP8, strategy="block", block_structure=[16, 32]), False),
     "int8_channel": ("int-quantized", dict(INT8, strategy="channel"), False),
     "int8_group": ("naive-quantized", dict(INT8, strategy="group", group_size=16), False),
+    "int8_channel_asym": ("int-quantized", dict(ASYM, num_bits=8, strategy="channel"), False),
+    "int8_group_asym": ("naive-quantized", dict(ASYM, num_bits=8, strategy="group", group_size=16), False),
+    # packed (llm-compressor's W4A16 and W4A16_ASYM and other widths)
+    "int4_group": ("pack-quantized", dict(INT8, num_bits=4, strategy="group", group_size=16), False),
+    "int4_group_asym": ("pack-quantized", dict(ASYM, num_bits=4, strategy="group", group_size=32), False),
+    "int4_channel_asym": ("pack-quantized", dict(ASYM, num_bits=4, strategy="channel"), False),
+    "int3_group_asym": ("pack-quantized", dict(ASYM, num_bits=3, strategy="group", group_size=32), False),
+    "int2_group": ("pack-quantized", dict(INT8, num_bits=2, strategy="group", group_size=16), False),
+    "int8_packed_channel": ("pack-quantized", dict(INT8, strategy="channel"), False),
 }
 
 
@@ -111,17 +121,20 @@ def test_quantized_weights_equal_the_librarys_own_decompression(tmp_path, kind):
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
-    want = "F8_E4M3" if KINDS[kind][0] == "float-quantized" else "I8"
-    assert stored["model.layers.0.mlp.up_proj.weight"] == want and "model.layers.0.mlp.up_proj.weight_scale" in stored
+    fmt, wargs = KINDS[kind][:2]
+    w = "model.layers.0.mlp.up_proj.weight" + ("_packed" if fmt == "pack-quantized" else "")
+    assert stored[w] == {"float-quantized": "F8_E4M3", "pack-quantized": "I32"}.get(fmt, "I8")
+    assert "model.layers.0.mlp.up_proj.weight_scale" in stored
+    assert ("model.layers.0.mlp.up_proj.weight_zero_point" in stored) == (not wargs["symmetric"])
     if KINDS[kind][2]:
         assert "model.layers.0.self_attn.k_scale" in stored
     ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
     check_batched_against_hf(ours, ref, two_sequences(VOCAB))
 
 
-def test_unsupported_formats_and_asymmetric_weights_are_refused(tmp_path):
+def test_unsupported_formats_and_misfit_zero_points_are_refused(tmp_path):
     """A compressed-tensors format not read here (NVFP4, 2:4 sparse Marlin) is refused by name before any weight is
-    read; a weight with a non-zero zero point (asymmetric) names the tensor."""
+    read; a zero point that fits no scale of its weight names the tensor."""
     _checkpoint(tmp_path, "int8_channel")
     cfg = json.loads((tmp_path / "config.json").read_text())
     bad = dict(cfg, quantization_config=dict(cfg["quantization_config"], format="nvfp4-pack-quantized"))
@@ -140,9 +153,9 @@ def test_unsupported_formats_and_asymmetric_weights_are_refused(tmp_path):
 
     tensors = load_file(str(tmp_path / "model.safetensors"))
     name = "model.layers.1.self_attn.o_proj.weight_zero_point"
-    tensors[name] = torch.ones(64, 1, dtype=torch.int8)
+    tensors[name] = torch.ones(64, 3, dtype=torch.int8)  # (one scale per row)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ModelError, match="o_proj.weight_zero_point: asymmetric"):
+    with pytest.raises(ModelError, match=r"o_proj.weight_zero_point \(64, 3\) does not fit"):
         load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
 
 

@@ -93,7 +93,7 @@ def _pack_int4(q: torch.Tensor) -> torch.Tensor:
 def test_int4_pack_quantized_experts_load_dequantized(ckpt, tmp_path):
     """Kimi's published weights keep the routed experts in INT4 (compressed-tensors ``pack-quantized``, symmetric,
     one scale per group of inputs): stored so, they load as value x scale, and the model computes exactly what the
-    same checkpoint with those dequantized weights in plain float computes. A zero point is refused."""
+    same checkpoint with those dequantized weights in plain float computes. A zero point that fits no group of its weight is refused, naming it."""
     from safetensors.torch import load_file, save_file
 
     from dualpath.model import KVPool, SeqBatch
@@ -129,7 +129,7 @@ def test_int4_pack_quantized_experts_load_dequantized(ckpt, tmp_path):
         seq = random_turns(VOCAB, seed=5, lens=(21,))[0]
         outs[kind] = model(SeqBatch.build([seq], [0], [pool.allocate(8)], 4), pool.layers, all_positions=True)
     assert torch.equal(outs["packed"], outs["plain"])
-    zp = dict(packed, **{names[0][: -len(".weight")] + ".weight_zero_point": torch.zeros(1, dtype=torch.int32)})
+    zp = dict(packed, **{names[0][: -len(".weight")] + ".weight_zero_point": torch.zeros(3, 5, dtype=torch.int32)})
     save_file({k: v.contiguous() for k, v in zp.items()}, str(tmp_path / "packed" / "model.safetensors"))
-    with pytest.raises(ModelError, match="zero point"):
+    with pytest.raises(ModelError, match=r"weight_zero_point \(3, 5\) torch.int32 does not fit"):
         load_checkpoint(tmp_path / "packed")

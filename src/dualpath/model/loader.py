@@ -37,13 +37,15 @@ from dualpath.model import llama_variants as lv
 from dualpath.model.act_quant import ActivationQuant, activation_quant, quantized_layers
 from dualpath.model.act_quant import install as install_activation_quant
 from dualpath.model.gguf import read_gguf
+from dualpath.model.int_quant import IntQuant
+from dualpath.model.int_quant import dequantized as int_dequantized
+from dualpath.model.int_quant import int_quant as int_quant_of
 from dualpath.model.mla_spec import DeepseekV3Spec
 from dualpath.model.quant import (
     check_quantization,
     ct_block_size,
     fp8_block_size,
     fp8_dequantized,
-    int4_dequantized,
     scaled_dequantized,
 )
 from dualpath.model.spec import ModelSpec, load_spec
@@ -79,6 +81,8 @@ if TYPE_CHECKING:
                 | LagunaModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+#: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
+CONV1D_ARCHS = ("gpt2", "openai-gpt")
 
 
 # --- weights in ------------------------------------------------------------------------------------------------
@@ -94,7 +98,9 @@ def assign_weights(model: AnyModel, tensors: Mapping[str, torch.Tensor], source:
     if tied:
         given.discard("lm_head.weight")
     missing = sorted(expected - given)
-    unexpected = sorted(given - expected)
+    unexpected = sorted(k for k in given - expected  # (GPTQ writers keep a bias-less layer's zero bias)
+                        if not (k.endswith(".bias") and k[: -len("bias")] + "weight" in params
+                                and not bool(torch.any(tensors[k] != 0))))
     if missing or unexpected:
         parts = []
         if missing:
@@ -242,25 +248,27 @@ def files_identity(files: list[Path]) -> str:
 def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
                 device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
                 fp8_block: tuple[int, int] = (128, 128), ct_block: tuple[int, int] | None = None,
-                act_quant: ActivationQuant | None = None) -> AnyModel:
+                act_quant: ActivationQuant | None = None, int_quant: IntQuant | None = None) -> AnyModel:
     """A model on CPU filled from ``tensors`` (or seeded random weights when None), then moved to ``device``.
     ``fp8_block`` / ``ct_block``: the tiles of block-scaled FP8 weights (``weight_block_size``) and of
     compressed-tensors' ``block`` strategy (``block_structure``). ``act_quant``: the input quantization of the
-    checkpoint's quantized layers (:mod:`dualpath.model.act_quant`)."""
+    checkpoint's quantized layers (:mod:`dualpath.model.act_quant`). ``int_quant``: the format of its packed integer
+    weights (GPTQ, AWQ, compressed-tensors' ``pack-quantized``; :mod:`dualpath.model.int_quant`)."""
     model: AnyModel
     quantized: tuple[set[str], dict[str, torch.Tensor]] = (set(), {})
     if tensors is not None and act_quant is not None:  # (read before the scales are dropped)
         layers, scales = quantized_layers(tensors)
         quantized = ({_renamed(n, _GEMMA3_LM_PREFIXES) for n in layers},
                      {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
-    if tensors is not None:  # (compressed-tensors' FP8 / INT8 weights: value x scale)
-        tensors = scaled_dequantized(tensors, source, ct_block)
+    if tensors is not None:  # (packed integers; compressed-tensors' FP8 / INT8 weights: value x scale)
+        tensors = scaled_dequantized(int_dequantized(tensors, int_quant, source, spec.architecture in CONV1D_ARCHS),
+                                     source, ct_block)
     if isinstance(spec, DeepseekV3Spec):
         from dualpath.model.deepseek import DeepseekV3Model
 
         model = DeepseekV3Model(spec, device="cpu", backend=backend)
         if tensors is not None:  # (Kimi K2.5: its language model's tensors; Kimi's INT4 experts)
-            tensors = deepseek_tensors(spec, mla_language_tensors(int4_dequantized(tensors, source)), source,
+            tensors = deepseek_tensors(spec, mla_language_tensors(tensors), source,
                                        fp8_block)
     elif spec.architecture == "gemma4_text":
         from dualpath.model import gemma4
@@ -308,7 +316,7 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             model = LlamaModel(spec, device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors; EXAONE's names)
             tensors = codegen_tensors(exaone_tensors(gemma3_language_tensors(fp8_dequantized(
-                int4_dequantized(tensors, source), source, fp8_block))), source)
+                tensors, source, fp8_block))), source)
         if tensors is not None and spec.architecture == "gpt_oss":
             tensors = gpt_oss_tensors(spec, tensors)
         elif tensors is not None and spec.architecture == "llama4_text":  # (MoE, in its own layout)
@@ -429,6 +437,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
     fp8_block: tuple[int, int] = (128, 128)
     ct_block: tuple[int, int] | None = None
     act_quant: ActivationQuant | None = None
+    iq: IntQuant | None = None
     if p.is_file() and p.suffix == ".gguf":
         if cfg.kv_format != "auto":
             raise ModelError(f"{p}: kv_format {cfg.kv_format!r} needs an MLA (DeepSeek-V2/V3) safetensors checkpoint")
@@ -446,6 +455,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
         if not cfg.random_init:  # (random weights have no quantization to read)
             check_quantization(hf_config, str(cfg_path))
             act_quant = activation_quant(hf_config, str(cfg_path))
+            iq = int_quant_of(hf_config, str(cfg_path))
         if cfg.random_init:
             model_tensors, weights_id = None, f"random:{cfg.seed}"
         else:
@@ -456,7 +466,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
 
     spec = replace(spec, weights_id=weights_id)
     model = build_model(spec, model_tensors, seed=cfg.seed, device=device, backend=cfg.attention_backend,
-                        source=str(p), fp8_block=fp8_block, ct_block=ct_block, act_quant=act_quant)
+                        source=str(p), fp8_block=fp8_block, ct_block=ct_block, act_quant=act_quant, int_quant=iq)
     if hasattr(model, "prefill_form"):  # MLA
         model.prefill_form = cfg.mla_prefill
     if with_tokenizer:

@@ -1,13 +1,13 @@
 """Quantized checkpoints: which formats are read (:data:`DEQUANTIZED`; any other is refused by name), and their
 dequantization to fp32 at load: block-scaled FP8 (DeepSeek-V3's ``weight_scale_inv`` tiles, also MiniMax-M2's and
-other ``fp8`` checkpoints'), compressed-tensors' symmetric ``pack-quantized`` INT4 (Kimi K2 / K2.5's experts) and
-its ``float-quantized`` FP8 / ``int-quantized`` and ``naive-quantized`` INT8 weights (the W8A8 and W8A16
-checkpoints vLLM serves: RedHatAI's ``-FP8-dynamic``, ``-quantized.w8a8``, ...). Activations run unquantized, as vLLM
+other ``fp8`` checkpoints') and compressed-tensors' ``float-quantized`` FP8 / ``int-quantized`` and
+``naive-quantized`` INT8 weights, symmetric or with zero points (the W8A8 and W8A16 checkpoints vLLM serves:
+RedHatAI's ``-FP8-dynamic``, ``-quantized.w8a8``, ...). Packed integer weights (GPTQ, AWQ, compressed-tensors'
+``pack-quantized``) are :mod:`dualpath.model.int_quant`. Activations run unquantized, as vLLM
 runs those weights on a GPU without FP8 (W8A16). OpenAI's MXFP4 experts are :mod:`dualpath.model.mxfp4`."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,10 +31,12 @@ def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int | 
 
 #: the ``quantization_config.quant_method`` values whose weights are dequantized at load: block-scaled FP8
 #: (DeepSeek-V3, MiniMax-M2, other ``fp8`` checkpoints), MXFP4 experts (gpt-oss), compressed-tensors' INT4 / FP8 /
-#: INT8 (Kimi K2 / K2.5, vLLM's W8A8 and W8A16 checkpoints), FBGEMM's per-row FP8 (Meta's Llama 3.1 405B FP8) and
-#: NVIDIA ModelOpt's FP8 (a scale per tensor), both read as compressed-tensors' FP8 weights
-DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors", "fbgemm_fp8", "modelopt")
-#: compressed-tensors' formats read here: INT4 packed in int32 words, FP8 (e4m3) and INT8 weights with their scales
+#: INT8 (Kimi K2 / K2.5, vLLM's W8A8 and W8A16 checkpoints), FBGEMM's per-row FP8 (Meta's Llama 3.1 405B FP8),
+#: NVIDIA ModelOpt's FP8 (a scale per tensor), both read as compressed-tensors' FP8 weights, and GPTQ's and AWQ's
+#: packed integers (:mod:`dualpath.model.int_quant`)
+DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors", "fbgemm_fp8", "modelopt", "gptq", "awq")
+#: compressed-tensors' formats read here: 1- to 8-bit integers packed in int32 words, FP8 (e4m3) and INT8 weights
+#: with their scales
 CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "naive-quantized")
 #: a compressed-tensors checkpoint's activation and KV-cache scales (unused: activations and KV run unquantized)
 _CT_RUNTIME_SCALES = (".input_scale", ".input_zero_point", ".output_scale", ".k_scale", ".v_scale",
@@ -62,8 +64,8 @@ def scaled_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "check
     """A checkpoint's tensors with every compressed-tensors FP8 or INT8 weight (``<w>`` in e4m3 or int8 beside
     ``<w>_scale``) dequantized to fp32 as value x scale, the scale one per tensor, per output row, per group of
     inputs (``[out, groups]``) or per ``block`` tile (the ``block`` strategy); activation and KV-cache scales are
-    dropped (``tensors`` itself when it holds no such weight). An asymmetric weight (``<w>_zero_point``) is refused,
-    naming it."""
+    dropped (``tensors`` itself when it holds no such weight). An asymmetric INT8 weight's ``<w>_zero_point`` (one
+    per scale) is subtracted first: value ``(q - zero) x scale``."""
     if not any(name.endswith(".weight_scale") and name[: -len("_scale")] in tensors
                and tensors[name[: -len("_scale")]].dtype in (torch.float8_e4m3fn, torch.int8) for name in tensors):
         return tensors
@@ -80,10 +82,24 @@ def scaled_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "check
             continue
         zp = tensors.get(name + "_zero_point")
         if zp is not None and bool(torch.any(zp != 0)):
-            raise ModelError(f"{source}: {name}_zero_point: asymmetric quantized weights are unsupported")
+            t = _minus_zero_point(name, t, zp, scale, source)
         out[name] = _scaled(name, t, scale, block, source)
         out.pop(name + "_zero_point", None)
     return {k: v for k, v in out.items() if not k.endswith(".weight_zero_point")}
+
+
+def _minus_zero_point(name: str, w: torch.Tensor, zp: torch.Tensor, scale: torch.Tensor,
+                      source: str) -> torch.Tensor:
+    """An INT8 weight ``[out, in]`` minus its zero points (one per tensor, row or group, as its scale), in int32."""
+    if w.dtype != torch.int8 or w.dim() != 2 or zp.numel() not in (1, scale.numel()) \
+            or (zp.numel() > 1 and w.shape[1] % (zp.numel() // w.shape[0] or 1)):
+        raise ModelError(f"{source}: {name}_zero_point {tuple(zp.shape)} does not fit {name}_scale "
+                         f"{tuple(scale.shape)} of the {w.dtype} weight {tuple(w.shape)} (zero points are read for "
+                         "INT8 weights, one per scale)")
+    if zp.numel() == 1:
+        return w.to(torch.int32) - int(zp.reshape(()))
+    z = zp.to(torch.int32).reshape(w.shape[0], -1)
+    return w.to(torch.int32) - z.repeat_interleave(w.shape[1] // z.shape[1], dim=1)
 
 
 def _scaled(name: str, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
@@ -120,10 +136,13 @@ def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
     if method.lower() == "modelopt" and algo not in ("FP8", None):
         raise ModelError(f"{where}: quantization_config.quant_algo {algo!r} is not supported for modelopt (its FP8 "
                          "weights are)")
+    from dualpath.model.int_quant import int_quant
+
+    int_quant(hf_config, where)  # (GPTQ's and AWQ's layout fields)
     fmt = q.get("format")
     if method.lower() == "compressed-tensors" and fmt is not None and fmt not in CT_FORMATS:
         raise ModelError(f"{where}: quantization_config.format {fmt!r} is not supported for compressed-tensors "
-                         f"(its symmetric {', '.join(CT_FORMATS)} weights are)")
+                         f"(its {', '.join(CT_FORMATS)} weights are)")
 
 
 def fp8_block_size(hf_config: Mapping[str, Any]) -> tuple[int, int]:
@@ -151,48 +170,6 @@ def _dequantized(name: str, t: torch.Tensor, tensors: Mapping[str, torch.Tensor]
         return dequantize_block_fp8(t, scale, fp8_block)
     except ModelError as exc:
         raise ModelError(f"{source}: tensor {name!r}: {exc}") from None
-
-
-_INT4_PARTS = ("_packed", "_scale", "_shape")
-
-
-def int4_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Mapping[str, torch.Tensor]:
-    """A checkpoint's tensors with every compressed-tensors ``pack-quantized`` INT4 weight (Kimi K2 / K2.5's
-    experts) dequantized to fp32 under its plain name (``tensors`` itself when it holds none).
-
-    The format: ``<w>_packed`` int32 ``[out, ceil(in / 8)]`` holds the weight's symmetric int4 values plus 8, value
-    ``i`` of a row at bits ``4i .. 4i+3`` of the row's little-endian word stream; ``<w>_scale`` ``[out, groups]``
-    one scale per ``in / groups`` inputs; ``<w>_shape`` the weight's ``[out, in]``. The weight is value times
-    scale. An asymmetric one (``<w>_zero_point``) is refused, naming the tensor."""
-    if not any(name.endswith(".weight_packed") for name in tensors):
-        return tensors
-    if sys.byteorder != "little":  # pragma: no cover - no big-endian host here
-        raise ModelError(f"{source}: INT4 packed weights are read on little-endian hosts only")
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        base = next((name[: -len(p)] for p in _INT4_PARTS if name.endswith(".weight" + p)), None)
-        if base is None:
-            if name.endswith(".weight_zero_point") and name[: -len("_zero_point")] + "_packed" in tensors:
-                raise ModelError(f"{source}: {name!r}: asymmetric INT4 weights (a zero point) are unsupported")
-            out[name] = t
-            continue
-        if not name.endswith("_packed"):
-            if base + "_packed" not in tensors:
-                out[name] = t  # (another format's scale: not ours to read)
-            continue
-        scale, shape = tensors.get(base + "_scale"), tensors.get(base + "_shape")
-        if scale is None or shape is None:
-            raise ModelError(f"{source}: INT4 tensor {name!r} needs {base}_scale and {base}_shape")
-        rows, cols = (int(x) for x in shape.tolist())
-        if t.dtype != torch.int32 or t.dim() != 2 or tuple(t.shape) != (rows, -(-cols // 8)) or scale.dim() != 2 \
-                or scale.shape[0] != rows or not 0 < scale.shape[1] <= cols:
-            raise ModelError(f"{source}: INT4 tensor {name!r} {tuple(t.shape)} {t.dtype} with scale "
-                             f"{tuple(scale.shape)} does not fit weight_shape {[rows, cols]}")
-        nibbles = t.contiguous().view(torch.uint8)                                   # [rows, 4 * words]
-        values = torch.stack((nibbles & 0xF, nibbles >> 4), dim=-1).reshape(rows, -1)[:, :cols].to(torch.int8) - 8
-        group = -(-cols // scale.shape[1])
-        out[base] = values.float() * scale.float().repeat_interleave(group, dim=1)[:, :cols]
-    return out
 
 
 def fp8_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint",

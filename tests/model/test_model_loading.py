@@ -74,12 +74,13 @@ def test_checkpoint_mismatch_names_the_tensor(tmp_path):
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
     ({"quant_method": "awq", "bits": 4, "version": "gemv_fast"}, "version 'gemv_fast'"),
     ({"quant_method": "hqq", "nbits": 4}, "quant_method 'hqq'"),
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
+    ({"quant_method": "quanto", "weights": "int4"}, "quant_method 'quanto'"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "int4"}, "bnb_4bit_quant_type"),
     ({"bits": 4}, "quant_method None"),
     ({"quant_method": "compressed-tensors", "format": "marlin-24"}, "format 'marlin-24'"),
 ])
 def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path, quant, needle):
-    """A checkpoint in a format not read here (bitsandbytes, HQQ, GPTQ repacked for Marlin, AWQ's GEMV layouts)
+    """A checkpoint in a format not read here (Quanto, HQQ, GPTQ repacked for Marlin, AWQ's GEMV layouts)
     would surface as a tensor mismatch far from the cause: the quantization is named instead, before any weight is
     read; random weights need no reading."""
     spec = ModelSpec.from_hf_config(CFG)

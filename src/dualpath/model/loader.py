@@ -36,6 +36,7 @@ from dualpath.errors import ModelError
 from dualpath.model import llama_variants as lv
 from dualpath.model.act_quant import ActivationQuant, activation_quant, quantized_layers
 from dualpath.model.act_quant import install as install_activation_quant
+from dualpath.model.bnb_quant import bnb_dequantized
 from dualpath.model.gguf import read_gguf
 from dualpath.model.int_quant import IntQuant
 from dualpath.model.int_quant import dequantized as int_dequantized
@@ -260,9 +261,9 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         layers, scales = quantized_layers(tensors)
         quantized = ({_renamed(n, _GEMMA3_LM_PREFIXES) for n in layers},
                      {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
-    if tensors is not None:  # (packed integers; compressed-tensors' FP8 / INT8 weights: value x scale)
-        tensors = scaled_dequantized(int_dequantized(tensors, int_quant, source, spec.architecture in CONV1D_ARCHS),
-                                     source, ct_block)
+    if tensors is not None:  # (bitsandbytes, packed integers; compressed-tensors' FP8 / INT8 weights: value x scale)
+        tensors = scaled_dequantized(int_dequantized(bnb_dequantized(tensors, source), int_quant, source,
+                                                     spec.architecture in CONV1D_ARCHS), source, ct_block)
     if isinstance(spec, DeepseekV3Spec):
         from dualpath.model.deepseek import DeepseekV3Model
 

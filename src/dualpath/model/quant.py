@@ -32,9 +32,10 @@ def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int | 
 #: the ``quantization_config.quant_method`` values whose weights are dequantized at load: block-scaled FP8
 #: (DeepSeek-V3, MiniMax-M2, other ``fp8`` checkpoints), MXFP4 experts (gpt-oss), compressed-tensors' INT4 / FP8 /
 #: INT8 (Kimi K2 / K2.5, vLLM's W8A8 and W8A16 checkpoints), FBGEMM's per-row FP8 (Meta's Llama 3.1 405B FP8),
-#: NVIDIA ModelOpt's FP8 (a scale per tensor), both read as compressed-tensors' FP8 weights, and GPTQ's and AWQ's
-#: packed integers (:mod:`dualpath.model.int_quant`)
-DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors", "fbgemm_fp8", "modelopt", "gptq", "awq")
+#: NVIDIA ModelOpt's FP8 (a scale per tensor), both read as compressed-tensors' FP8 weights, GPTQ's and AWQ's
+#: packed integers (:mod:`dualpath.model.int_quant`) and bitsandbytes' NF4 / FP4 / LLM.int8 weights
+#: (:mod:`dualpath.model.bnb_quant`)
+DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors", "fbgemm_fp8", "modelopt", "gptq", "awq", "bitsandbytes")
 #: compressed-tensors' formats read here: 1- to 8-bit integers packed in int32 words, FP8 (e4m3) and INT8 weights
 #: with their scales
 CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "naive-quantized")
@@ -139,6 +140,10 @@ def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
     from dualpath.model.int_quant import int_quant
 
     int_quant(hf_config, where)  # (GPTQ's and AWQ's layout fields)
+    if method.lower() == "bitsandbytes":
+        from dualpath.model.bnb_quant import check_bnb_config
+
+        check_bnb_config(q, where)
     fmt = q.get("format")
     if method.lower() == "compressed-tensors" and fmt is not None and fmt not in CT_FORMATS:
         raise ModelError(f"{where}: quantization_config.format {fmt!r} is not supported for compressed-tensors "

@@ -256,3 +256,22 @@ def test_packed_weight_groups_follow_g_idx():
     contiguous = dict(tensors)
     del contiguous[base + "_g_idx"]
     assert not torch.equal(dequantized(contiguous, q)[base], got)
+
+
+def test_packed_weights_load_into_a_bf16_model_as_their_fp32_dequantization_rounded():
+    """In a bf16 model each dequantized weight is its fp32 dequantization rounded once (kept in the model's dtype
+    as it is made, so the host never holds the whole checkpoint in fp32)."""
+    from dualpath.model.bnb_quant import bnb_dequantized
+
+    d = GPTQ / "llama_4bit_actorder" / "checkpoint"
+    fp32 = _load(d)
+    bf16 = load_model(LlamaModelConfig(path=str(d), dtype="bfloat16", time_model="off"), with_tokenizer=False)[0]
+    p32, p16 = dict(fp32.named_parameters()), dict(bf16.named_parameters())
+    name = next(n for n in p32 if n.endswith("down_proj.weight"))
+    assert p16[name].dtype == torch.bfloat16 and torch.equal(p16[name], p32[name].to(torch.bfloat16))
+    t = load_file(str(d / "model.safetensors"))
+    q = int_quant(json.loads((d / "config.json").read_text()), "c")
+    assert dequantized(t, q, dtype=torch.bfloat16)["lm_head.weight"].dtype == torch.bfloat16
+    bnb = load_file(str(Path(__file__).parents[1] / "data" / "bnb" / "llama_int8" / "checkpoint" / "model.safetensors"))
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(bnb_dequantized(bnb, dtype=torch.bfloat16)[w], bnb_dequantized(bnb)[w].to(torch.bfloat16))

@@ -92,9 +92,10 @@ def is_bnb(tensors: Mapping[str, torch.Tensor]) -> bool:
     return any(_STATE in name or name.endswith(".SCB") for name in tensors)
 
 
-def bnb_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Mapping[str, torch.Tensor]:
-    """``tensors`` with every bitsandbytes 4-bit or 8-bit weight dequantized to fp32 under its own name and its
-    statistics dropped (``tensors`` itself when it holds none)."""
+def bnb_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                    dtype: torch.dtype = torch.float32) -> Mapping[str, torch.Tensor]:
+    """``tensors`` with every bitsandbytes 4-bit or 8-bit weight dequantized (in fp32, kept in ``dtype``) under its
+    own name and its statistics dropped (``tensors`` itself when it holds none)."""
     if not is_bnb(tensors):
         return tensors
     out: dict[str, torch.Tensor] = {}
@@ -102,7 +103,7 @@ def bnb_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoi
     for name in tensors:
         if _STATE in name:
             w = name.split(_STATE)[0]
-            out[w] = _weight_4bit(w, name, tensors, source)
+            out[w] = _weight_4bit(w, name, tensors, source).to(dtype)
             drop.update([name, *(w + p for p in _4BIT_PARTS)])
         elif name.endswith(".SCB"):
             m = name[: -len(".SCB")]
@@ -111,7 +112,7 @@ def bnb_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoi
             if w8 is None or w8.dtype != torch.int8 or w8.dim() != 2 or w8.shape[0] != scb.numel():
                 raise ModelError(f"{source}: bitsandbytes 8-bit {name!r} ({scb.numel()} rows) needs the int8 weight "
                                  f"{m}.weight [rows, in], got {None if w8 is None else (tuple(w8.shape), w8.dtype)}")
-            out[m + ".weight"] = w8.float() * (scb / 127.0).unsqueeze(1)
+            out[m + ".weight"] = (w8.float() * (scb / 127.0).unsqueeze(1)).to(dtype)
             drop.update([name, m + ".weight_format"])
     for name, t in tensors.items():
         if name not in drop and name not in out:

@@ -288,11 +288,12 @@ def _ct_weight(base: str, tensors: Mapping[str, torch.Tensor], widths: tuple[int
 
 
 def dequantized(tensors: Mapping[str, torch.Tensor], q: IntQuant | None, source: str = "checkpoint",
-                conv1d: bool = False) -> Mapping[str, torch.Tensor]:
-    """``tensors`` with every GPTQ, AWQ or compressed-tensors packed weight replaced by its fp32 dequantization
-    under the module's plain ``.weight`` name (``tensors`` itself when it holds none). Without a config (``q`` None)
-    packed compressed-tensors weights are read as 4-bit, Kimi K2's width. ``conv1d``: the modules are GPT-2's
-    ``Conv1D`` (weights stored ``[in, out]``)."""
+                conv1d: bool = False, dtype: torch.dtype = torch.float32) -> Mapping[str, torch.Tensor]:
+    """``tensors`` with every GPTQ, AWQ or compressed-tensors packed weight replaced by its dequantization (computed
+    in fp32, kept in ``dtype``: the model's, so that the host holds one weight in fp32 at a time) under the
+    module's plain ``.weight`` name (``tensors`` itself when it holds none). Without a config (``q`` None) packed
+    compressed-tensors weights are read as 4-bit, Kimi K2's width. ``conv1d``: the modules are GPT-2's ``Conv1D``
+    (weights stored ``[in, out]``)."""
     has_q = any(name.endswith(".qweight") for name in tensors)
     has_ct = any(name.endswith(".weight_packed") for name in tensors)
     if not has_q and not has_ct:
@@ -310,12 +311,12 @@ def dequantized(tensors: Mapping[str, torch.Tensor], q: IntQuant | None, source:
             m = name[: -len(".qweight")]
             assert q is not None
             w = _gptq_weight(m, tensors, q, source) if q.method == "gptq" else _awq_weight(m, tensors, q, source)
-            out[m + ".weight"] = w.t().contiguous() if conv1d else w
+            out[m + ".weight"] = (w.t().contiguous() if conv1d else w).to(dtype)
             drop.update(m + s for s in (".qweight", ".qzeros", ".scales", ".g_idx"))
         elif name.endswith(".weight_packed"):
             base = name[: -len("_packed")]
             widths = q.bits if q is not None and q.method == "compressed-tensors" else (4,)
-            out[base] = _ct_weight(base, tensors, widths, source)
+            out[base] = _ct_weight(base, tensors, widths, source).to(dtype)
             drop.update(base + p for p in _CT_PARTS)
     for name, t in tensors.items():
         if name not in drop and name not in out:

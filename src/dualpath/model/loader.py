@@ -262,8 +262,9 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         quantized = ({_renamed(n, _GEMMA3_LM_PREFIXES) for n in layers},
                      {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
     if tensors is not None:  # (bitsandbytes, packed integers; compressed-tensors' FP8 / INT8 weights: value x scale)
-        tensors = scaled_dequantized(int_dequantized(bnb_dequantized(tensors, source), int_quant, source,
-                                                     spec.architecture in CONV1D_ARCHS), source, ct_block)
+        wdtype = spec.torch_dtype  # (each packed weight kept in the model's dtype once dequantized)
+        tensors = scaled_dequantized(int_dequantized(bnb_dequantized(tensors, source, wdtype), int_quant, source,
+                                                     spec.architecture in CONV1D_ARCHS, wdtype), source, ct_block)
     if isinstance(spec, DeepseekV3Spec):
         from dualpath.model.deepseek import DeepseekV3Model
 

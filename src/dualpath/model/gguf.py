@@ -1,6 +1,11 @@
 """GGUF checkpoints (llama.cpp's single-file format: the embedded SmolLM2 ships as one) read into a Hugging Face
-``config.json`` and this project's tensor names: Llama, Qwen2 and Qwen3, unquantized or dequantized by the
-``gguf`` package, Llama 3's RoPE factors recovered from ``rope_freqs``, and llama.cpp's q/k row permutation undone."""
+``config.json`` and Hugging Face tensor names, every tensor unquantized or dequantized by the ``gguf`` package.
+Architectures (llama.cpp's names): ``llama`` (also Mistral's; Llama 3's RoPE factors recovered from ``rope_freqs``,
+llama.cpp's q/k row permutation undone), ``qwen2``, ``qwen3``, ``qwen2moe`` and ``qwen3moe`` (stacked experts split
+per expert; a shared expert and its gate), ``phi3`` (fused q/k/v and gate/up kept fused for Phi-3's loader;
+LongRoPE from ``rope_factors_long`` / ``rope_factors_short``), ``gemma2`` and ``gemma3`` (the ``1 + weight`` norms
+llama.cpp stores taken back to Gemma's ``weight``; soft caps, window and attention scale as llama.cpp reads them).
+What llama.cpp's converter writes is undone here as its reader (``llama-model.cpp``) reads it."""
 
 from __future__ import annotations
 
@@ -26,7 +31,22 @@ _GGUF_NAMES = {
 }
 
 
-def _gguf_name(name: str) -> str | None:
+#: per-architecture names where they differ from Llama's
+_ARCH_NAMES: dict[str, dict[str, str]] = {
+    "qwen2moe": {"ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+                 "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                 "ffn_down_shexp": "mlp.shared_expert.down_proj"},
+    "qwen3moe": {"ffn_gate_inp": "mlp.gate"},
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "gemma2": {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+}
+_ARCH_NAMES["gemma3"] = _ARCH_NAMES["gemma2"]
+#: stacked experts ``[E, out, in]`` -> one tensor per expert
+_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+
+
+def _gguf_name(name: str, arch: str = "llama") -> str | None:
     if name == "token_embd.weight":
         return "model.embed_tokens.weight"
     if name == "output_norm.weight":
@@ -34,12 +54,19 @@ def _gguf_name(name: str) -> str | None:
     if name == "output.weight":
         return "lm_head.weight"
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    names = {**_GGUF_NAMES, **_ARCH_NAMES.get(arch, {})}
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     return None
 
 
-_GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+#: llama.cpp's architecture -> (Hugging Face architecture, model_type)
+_GGUF_ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+               "qwen3": ("Qwen3ForCausalLM", "qwen3"), "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+               "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "phi3": ("Phi3ForCausalLM", "phi3"),
+               "gemma2": ("Gemma2ForCausalLM", "gemma2"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
+#: llama.cpp's layer counts of the Gemma 2 / 3 27B models, whose queries it scales by hidden / heads
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 def _llama3_from_rope_freqs(factors: Any, head_dim: int, theta: float, old_ctx: int, where: Path) -> dict[str, Any]:
@@ -87,7 +114,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         return default if f is None else f.contents()
 
     arch = field("general.architecture")
-    if arch not in _GGUF_ARCHS:
+    if not isinstance(arch, str) or arch not in _GGUF_ARCHS:
         raise ModelError(f"{p}: unsupported GGUF architecture {arch!r}; expected one of {sorted(_GGUF_ARCHS)}")
 
     def need(key: str) -> Any:
@@ -101,12 +128,14 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     n_kv = int(field(f"{arch}.attention.head_count_kv", n_heads))
     tokens = field("tokenizer.ggml.tokens")
     vocab = int(field(f"{arch}.vocab_size", 0) or (len(tokens) if tokens else 0))
-    head_dim = int(field(f"{arch}.attention.key_length", 0) or field(f"{arch}.rope.dimension_count", 0)
-                   or hidden // n_heads)
+    rope_dims = int(field(f"{arch}.rope.dimension_count", 0))
+    partial = arch == "phi3"  # (Phi-3's rope.dimension_count is its rotary part, not the head)
+    head_dim = int(field(f"{arch}.attention.key_length", 0) or (0 if partial else rope_dims) or hidden // n_heads)
     names = {t.name for t in reader.tensors}
+    hf_arch, model_type = _GGUF_ARCHS[arch]
     cfg: dict[str, Any] = {
-        "architectures": [_GGUF_ARCHS[arch]],
-        "model_type": arch,
+        "architectures": [hf_arch],
+        "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
@@ -130,6 +159,19 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             "original_max_position_embeddings": int(field(f"{arch}.rope.scaling.original_context_length", 0)
                                                     or cfg["max_position_embeddings"]),
         }
+    cfg.update(_arch_config(arch, field, need, cfg, rope_dims, p))
+    by_name = {t.name: t for t in reader.tensors}
+
+    def floats(name: str) -> list[float]:
+        t = by_name[name]
+        return [float(f"{x:.7g}") for x in np.array(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(-1)]
+
+    if "rope_factors_long.weight" in by_name:  # (Phi-3's LongRoPE, as llama.cpp stores its factor lists)
+        if "rope_factors_short.weight" not in by_name:
+            raise ModelError(f"{p}: rope_factors_long.weight without rope_factors_short.weight")
+        cfg["rope_scaling"] = {"rope_type": "longrope", "long_factor": floats("rope_factors_long.weight"),
+                               "short_factor": floats("rope_factors_short.weight")}
+        cfg["original_max_position_embeddings"] = int(need("rope.scaling.original_context_length"))
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:
         cfg["rope_scaling"] = _llama3_from_rope_freqs(
@@ -142,19 +184,75 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
+        if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
             continue
-        hf_name = _gguf_name(t.name)
-        if hf_name is None:
-            raise ModelError(f"{p}: unexpected GGUF tensor {t.name!r}")
+        parts = t.name.split(".")
+        experts = _EXPERTS.get(parts[2]) if len(parts) == 4 and parts[0] == "blk" else None
+        hf_name = _gguf_name(t.name, arch)
+        if hf_name is None and experts is None:
+            raise ModelError(f"{p}: unexpected GGUF tensor {t.name!r} for architecture {arch!r}")
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ModelError(f"{p}: tensor {t.name}: quantization {t.tensor_type.name} unsupported") from None
         w = torch.from_numpy(np.array(arr, dtype=np.float32))
+        if experts is not None:  # ([experts, out, in] -> one weight per expert)
+            n_exp = int(cfg.get("num_experts", 0))
+            if w.dim() != 3 or w.shape[0] != n_exp:
+                raise ModelError(f"{p}: tensor {t.name} has shape {tuple(w.shape)}, expected [{n_exp}, out, in] "
+                                 f"({arch}.expert_count)")
+            for e in range(n_exp):
+                tensors[f"model.layers.{parts[1]}.mlp.experts.{e}.{experts}.{parts[3]}"] = w[e].clone()
+            continue
+        assert hf_name is not None
         if arch == "llama" and ".self_attn.q_proj." in hf_name:
             w = _unpermute(w, n_heads)
         elif arch == "llama" and ".self_attn.k_proj." in hf_name:
             w = _unpermute(w, n_kv)
+        elif arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
+            w = w - 1.0  # (llama.cpp stores Gemma's norms as 1 + weight)
+        elif hf_name.endswith("mlp.shared_expert_gate.weight"):
+            w = w.reshape(1, -1)
         tensors[hf_name] = w
     return cfg, tensors
+
+
+def _arch_config(arch: str, field: Any, need: Any, cfg: dict[str, Any], rope_dims: int, p: Path) -> dict[str, Any]:
+    """The config fields of one architecture beyond Llama's, as llama.cpp reads them from the metadata."""
+    out: dict[str, Any] = {}
+    if arch in ("qwen2moe", "qwen3moe"):
+        out.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
+                   moe_intermediate_size=int(field(f"{arch}.expert_feed_forward_length", 0)
+                                             or cfg["intermediate_size"]),
+                   # (llama.cpp renormalizes Qwen3-MoE's top-k weights and not Qwen2-MoE's)
+                   norm_topk_prob=bool(field(f"{arch}.expert_weights_norm", arch == "qwen3moe")),
+                   decoder_sparse_step=1, mlp_only_layers=[])
+        if arch == "qwen2moe":
+            out["shared_expert_intermediate_size"] = int(need("expert_shared_feed_forward_length"))
+    elif arch == "phi3":
+        if rope_dims and rope_dims != cfg["head_dim"]:
+            out["partial_rotary_factor"] = rope_dims / cfg["head_dim"]
+        window = field(f"{arch}.attention.sliding_window")
+        out["sliding_window"] = int(window) if window else None
+    elif arch in ("gemma2", "gemma3"):
+        head_dim = cfg["head_dim"]
+        big = cfg["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]  # (llama.cpp's 27B query scale)
+        out["query_pre_attn_scalar"] = cfg["hidden_size"] // cfg["num_attention_heads"] if big else head_dim
+        window = field(f"{arch}.attention.sliding_window")
+        if window:
+            out["sliding_window"] = int(window)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping") if arch == "gemma2" else ():
+            v = field(f"{arch}.{key}")  # (absent: llama.cpp's defaults, Gemma 2's 50 and 30, as transformers')
+            if v is not None:
+                out[key] = float(f"{v:.7g}")
+        if arch == "gemma3":
+            out["rope_local_base_freq"] = float(f"{field(f'{arch}.rope.freq_base_swa', 10000.0):.7g}")
+            pattern = field(f"{arch}.attention.sliding_window_pattern")
+            if isinstance(pattern, list):  # (one flag per layer: sliding or not)
+                if len(pattern) != cfg["num_hidden_layers"]:
+                    raise ModelError(f"{p}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for "
+                                     f"{cfg['num_hidden_layers']} layers")
+                out["layer_types"] = ["sliding_attention" if f else "full_attention" for f in pattern]
+            elif pattern is not None:
+                out["sliding_window_pattern"] = int(pattern)
+    return out

@@ -1,0 +1,248 @@
+"""GGUF files of more families (``dualpath.model.gguf``): Qwen2-MoE, Qwen3-MoE, Phi-3 (with LongRoPE and a partial
+rotary head), Gemma 2 and Gemma 3, each written from a random transformers model as llama.cpp's converter writes it
+(the ``gguf`` package's own Hugging Face -> GGUF name map, ``gguf.get_tensor_name_map``; stacked experts; Gemma's
+norms stored as ``1 + weight``; the metadata keys llama.cpp reads). Two independent checks per family: transformers'
+own GGUF reader (``load_gguf_checkpoint``) reads the file back into exactly the source model's tensors, so the file
+is what transformers expects of llama.cpp; and our model read from the file gives the source model's logits over
+paged KV (batched prefill and decode), in fp32 and, for one family, from Q8_0-quantized tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hf_random import check_batched_against_hf, two_sequences
+
+from dualpath.errors import ModelError
+from dualpath.model.config import LlamaModelConfig
+from dualpath.model.loader import load_model
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+V = 97
+BASE = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+#: name -> (llama.cpp architecture, config class, model class, config kwargs)
+FAMILIES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "qwen2moe": ("qwen2moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                 {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                      "shared_expert_intermediate_size": 48, "tie_word_embeddings": False}),
+    "qwen3moe": ("qwen3moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                 {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
+                      "head_dim": 24, "tie_word_embeddings": False}),
+    "phi3_longrope": ("phi3", "Phi3Config", "Phi3ForCausalLM",
+                      {"partial_rotary_factor": 0.75, "original_max_position_embeddings": 64, "tie_word_embeddings": False,
+                           "rope_scaling": {"type": "longrope", "long_factor": [1.0 + 0.25 * i for i in range(6)],
+                                         "short_factor": [1.0 + 0.05 * i for i in range(6)]}}),
+    "gemma2": ("gemma2", "Gemma2Config", "Gemma2ForCausalLM",
+               {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8, "num_hidden_layers": 3}),
+    "gemma3": ("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM",
+               {"head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8, "num_hidden_layers": 7,
+                    "rope_theta": 1e6, "rope_local_base_freq": 1e4}),
+}
+
+
+def _hf_model(name: str) -> Any:
+    _, cfg_cls, model_cls, kw = FAMILIES[name]
+    cfg = getattr(transformers, cfg_cls)(**{**BASE, **kw})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight") or n.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.mul_(6.0)
+    return model
+
+
+def write_gguf(path: Path, model: Any, arch: str, qtype: Any = None) -> None:
+    """``model`` as llama.cpp's converter writes it: names by the gguf package's own map, experts stacked, Gemma's
+    norms plus one, its metadata keys; each tensor in ``qtype`` (F32 when None) where it quantizes."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    rope = cfg.rope_parameters if isinstance(getattr(cfg, "rope_parameters", None), dict) else {}
+    if "full_attention" in rope:  # (Gemma 3: one set per layer type)
+        w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
+    else:
+        w.add_rope_freq_base(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    if arch == "phi3":
+        w.add_rope_dimension_count(int(head_dim * cfg.partial_rotary_factor))
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        scaling = cfg.rope_parameters
+        w.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))
+        if cfg.sliding_window:
+            w.add_sliding_window(cfg.sliding_window)
+    else:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch in ("qwen2moe", "qwen3moe"):
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if arch in ("gemma2", "gemma3"):
+        w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
+                                     cfg.num_hidden_layers)
+
+    def add(name: str, arr: np.ndarray) -> None:
+        arr = arr.astype(np.float32)
+        if qtype is not None and arr.ndim >= 2 and arr.shape[-1] % 32 == 0:
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, arr)
+
+    for hf_name, t in model.state_dict().items():
+        arr = t.detach().float().numpy()
+        if arch in ("gemma2", "gemma3") and hf_name == "lm_head.weight":
+            continue  # (tied)
+        if arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
+            arr = arr + 1.0
+        if hf_name.endswith("mlp.experts.gate_up_proj"):  # transformers' packed experts [E, 2I, H]
+            bid = hf_name.split(".")[2]
+            gate, up = np.split(arr, 2, axis=1)
+            add(f"blk.{bid}.ffn_gate_exps.weight", gate)
+            add(f"blk.{bid}.ffn_up_exps.weight", up)
+            continue
+        if hf_name.endswith("mlp.experts.down_proj"):
+            add(f"blk.{hf_name.split('.')[2]}.ffn_down_exps.weight", arr)
+            continue
+        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert gname is not None, hf_name
+        add(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def written(request: Any, tmp_path_factory: Any) -> tuple[str, Any, Path]:
+    name = request.param
+    model = _hf_model(name)
+    path = tmp_path_factory.mktemp(name) / f"{name}.gguf"
+    write_gguf(path, model, FAMILIES[name][0])
+    return name, model, path
+
+
+def test_transformers_reads_the_file_back_as_the_source_tensors(written):
+    """The writer is llama.cpp's convention as transformers' own GGUF reader undoes it (Phi-3's LongRoPE factors
+    and the experts aside: transformers 5.24 reads neither back for these models)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    name, model, path = written
+    if name in ("qwen2moe", "qwen3moe"):
+        pytest.skip("transformers 5.24 maps stacked experts to its own packed layout only for its default sizes")
+    got = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    want = model.state_dict()
+    compared = 0
+    for k, v in got.items():
+        if k in want:
+            torch.testing.assert_close(torch.as_tensor(v).float(), want[k].float(), atol=1e-6, rtol=0, msg=k)
+            compared += 1
+    assert compared >= len(want) - 1  # (Gemma's tied LM head is not in the file)
+
+
+def test_gguf_model_gives_the_source_models_logits(written):
+    name, model, path = written
+    ours = load_model(LlamaModelConfig(path=str(path), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, model, two_sequences(V))
+
+
+def test_gemma2_27b_layer_count_sets_llama_cpps_query_scale(tmp_path):
+    """llama.cpp scales Gemma 2 / 3 27B queries by hidden / heads (its 46 / 62 layers), the others by the head
+    width; the config read from the file says so."""
+    from dualpath.model.gguf import read_gguf
+
+    model = _hf_model("gemma2")
+    path = tmp_path / "g.gguf"
+    write_gguf(path, model, "gemma2")
+    cfg, _ = read_gguf(path)
+    assert cfg["query_pre_attn_scalar"] == 32 and cfg["attn_logit_softcapping"] == 50.0
+    w = gguf.GGUFWriter(str(tmp_path / "g27.gguf"), "gemma2")
+    for add, v in ((w.add_block_count, 46), (w.add_context_length, 64), (w.add_embedding_length, 4608),
+                   (w.add_feed_forward_length, 64), (w.add_head_count, 32), (w.add_head_count_kv, 16),
+                   (w.add_key_length, 128), (w.add_vocab_size, 8)):
+        add(v)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4608), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg27, _ = read_gguf(tmp_path / "g27.gguf")
+    assert (cfg27["head_dim"], cfg27["query_pre_attn_scalar"]) == (128, 144)
+
+
+def test_quantized_moe_gguf_reads_as_its_dequantized_tensors(tmp_path):
+    """Q8_0 tensors (stacked experts included) read as gguf's own dequantization of them: the model equals the
+    source model with those dequantized weights."""
+    model = _hf_model("qwen3moe")
+    path = tmp_path / "q8.gguf"
+    write_gguf(path, model, "qwen3moe", gguf.GGMLQuantizationType.Q8_0)
+    reader = gguf.GGUFReader(str(path))
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 and t.name.endswith("_exps.weight")
+               for t in reader.tensors)
+    deq = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+           for t in reader.tensors}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            for proj, g in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+                getattr(attn, proj).weight.copy_(deq[f"blk.{i}.{g}.weight"])
+            layer.mlp.gate.weight.copy_(deq[f"blk.{i}.ffn_gate_inp.weight"])
+            layer.mlp.experts.gate_up_proj.copy_(torch.cat((deq[f"blk.{i}.ffn_gate_exps.weight"],
+                                                             deq[f"blk.{i}.ffn_up_exps.weight"]), dim=1))
+            layer.mlp.experts.down_proj.copy_(deq[f"blk.{i}.ffn_down_exps.weight"])
+        model.model.embed_tokens.weight.copy_(deq["token_embd.weight"])
+        model.lm_head.weight.copy_(deq["output.weight"])
+    ours = load_model(LlamaModelConfig(path=str(path), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, model, two_sequences(V))
+
+
+def test_gguf_family_refusals(tmp_path):
+    model = _hf_model("qwen2moe")
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model, "qwen2moe")
+    reader_bytes = path.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(bad), "qwen2moe")
+    for add, v in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 64),
+                   (w.add_feed_forward_length, 64), (w.add_head_count, 4), (w.add_vocab_size, 8)):
+        add(v)
+    w.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelError, match="GGUF metadata is missing qwen2moe.expert_count"):
+        load_model(LlamaModelConfig(path=str(bad)), with_tokenizer=False)
+    w = gguf.GGUFWriter(str(bad), "mamba")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelError, match="unsupported GGUF architecture 'mamba'"):
+        load_model(LlamaModelConfig(path=str(bad)), with_tokenizer=False)
+    assert path.read_bytes() == reader_bytes

@@ -4,7 +4,10 @@ Architectures (llama.cpp's names): ``llama`` (also Mistral's; Llama 3's RoPE fac
 llama.cpp's q/k row permutation undone), ``qwen2``, ``qwen3``, ``qwen2moe`` and ``qwen3moe`` (stacked experts split
 per expert; a shared expert and its gate), ``phi3`` (fused q/k/v and gate/up kept fused for Phi-3's loader;
 LongRoPE from ``rope_factors_long`` / ``rope_factors_short``), ``gemma2`` and ``gemma3`` (the ``1 + weight`` norms
-llama.cpp stores taken back to Gemma's ``weight``; soft caps, window and attention scale as llama.cpp reads them).
+llama.cpp stores taken back to Gemma's ``weight``; soft caps, window and attention scale as llama.cpp reads them),
+``olmo2``, ``granite`` (q/k permuted as Llama's; its four scalings), ``starcoder2``, ``nemotron`` (``1 + weight``
+norms), ``stablelm`` (per-head q/k norms stacked ``[heads, dim]``) and ``gpt2`` (``Conv1D`` weights stored
+transposed).
 What llama.cpp's converter writes is undone here as its reader (``llama-model.cpp``) reads it."""
 
 from __future__ import annotations
@@ -42,18 +45,35 @@ _ARCH_NAMES: dict[str, dict[str, str]] = {
                "post_ffw_norm": "post_feedforward_layernorm"},
 }
 _ARCH_NAMES["gemma3"] = _ARCH_NAMES["gemma2"]
+_ARCH_NAMES["olmo2"] = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_ARCH_NAMES["starcoder2"] = {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+#: GPT-2's names (its own prefix); its Conv1D weights are stored transposed by llama.cpp
+_GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
+             "output": "lm_head"}
+_GPT2_BLOCK = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
+               "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+#: architectures whose norms llama.cpp stores as ``1 + weight``
+_PLUS_ONE_NORMS = ("gemma2", "gemma3", "nemotron")
 #: stacked experts ``[E, out, in]`` -> one tensor per expert
 _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 
 def _gguf_name(name: str, arch: str = "llama") -> str | None:
+    parts = name.split(".")
+    if arch == "gpt2":
+        if len(parts) == 2 and parts[0] in _GPT2_TOP:
+            return f"{_GPT2_TOP[parts[0]]}.{parts[1]}"
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GPT2_BLOCK:
+            return f"transformer.h.{parts[1]}.{_GPT2_BLOCK[parts[2]]}.{parts[3]}"
+        return None
     if name == "token_embd.weight":
         return "model.embed_tokens.weight"
     if name == "output_norm.weight":
         return "model.norm.weight"
     if name == "output.weight":
         return "lm_head.weight"
-    parts = name.split(".")
+    if name in ("output_norm.bias", "output.bias"):
+        return "model.norm.bias" if name == "output_norm.bias" else "lm_head.bias"
     names = {**_GGUF_NAMES, **_ARCH_NAMES.get(arch, {})}
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in names:
         return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
@@ -64,7 +84,14 @@ def _gguf_name(name: str, arch: str = "llama") -> str | None:
 _GGUF_ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
                "qwen3": ("Qwen3ForCausalLM", "qwen3"), "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
                "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "phi3": ("Phi3ForCausalLM", "phi3"),
-               "gemma2": ("Gemma2ForCausalLM", "gemma2"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
+               "gemma2": ("Gemma2ForCausalLM", "gemma2"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+               "olmo2": ("Olmo2ForCausalLM", "olmo2"), "granite": ("GraniteForCausalLM", "granite"),
+               "starcoder2": ("Starcoder2ForCausalLM", "starcoder2"), "nemotron": ("NemotronForCausalLM", "nemotron"),
+               "stablelm": ("StableLmForCausalLM", "stablelm"), "gpt2": ("GPT2LMHeadModel", "gpt2")}
+#: architectures llama.cpp converts as Llama's, q/k rows permuted into interleaved RoPE pairs
+_PERMUTED = ("llama", "granite")
+#: architectures with LayerNorms (``attention.layer_norm_epsilon``) instead of RMSNorms
+_LAYER_NORM = ("starcoder2", "nemotron", "stablelm", "gpt2")
 #: llama.cpp's layer counts of the Gemma 2 / 3 27B models, whose queries it scales by hidden / heads
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
@@ -129,7 +156,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     tokens = field("tokenizer.ggml.tokens")
     vocab = int(field(f"{arch}.vocab_size", 0) or (len(tokens) if tokens else 0))
     rope_dims = int(field(f"{arch}.rope.dimension_count", 0))
-    partial = arch == "phi3"  # (Phi-3's rope.dimension_count is its rotary part, not the head)
+    partial = arch in ("phi3", "nemotron", "stablelm")  # (rope.dimension_count is the rotary part, not the head)
     head_dim = int(field(f"{arch}.attention.key_length", 0) or (0 if partial else rope_dims) or hidden // n_heads)
     names = {t.name for t in reader.tensors}
     hf_arch, model_type = _GGUF_ARCHS[arch]
@@ -159,7 +186,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             "original_max_position_embeddings": int(field(f"{arch}.rope.scaling.original_context_length", 0)
                                                     or cfg["max_position_embeddings"]),
         }
-    cfg.update(_arch_config(arch, field, need, cfg, rope_dims, p))
+    cfg.update(_arch_config(arch, field, need, cfg, rope_dims, p, names))
     by_name = {t.name: t for t in reader.tensors}
 
     def floats(name: str) -> list[float]:
@@ -205,19 +232,31 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
                 tensors[f"model.layers.{parts[1]}.mlp.experts.{e}.{experts}.{parts[3]}"] = w[e].clone()
             continue
         assert hf_name is not None
-        if arch == "llama" and ".self_attn.q_proj." in hf_name:
+        if arch in _PERMUTED and ".self_attn.q_proj." in hf_name:
             w = _unpermute(w, n_heads)
-        elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+        elif arch in _PERMUTED and ".self_attn.k_proj." in hf_name:
             w = _unpermute(w, n_kv)
-        elif arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
-            w = w - 1.0  # (llama.cpp stores Gemma's norms as 1 + weight)
+        elif arch in _PLUS_ONE_NORMS and hf_name.endswith("norm.weight"):
+            w = w - 1.0  # (llama.cpp stores these norms as 1 + weight)
         elif hf_name.endswith("mlp.shared_expert_gate.weight"):
             w = w.reshape(1, -1)
+        elif arch == "gpt2" and w.dim() == 2 and hf_name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            w = w.t().contiguous()  # (back to Conv1D's [in, out])
+        elif arch == "stablelm" and hf_name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")):
+            heads = n_heads if ".q_norm." in hf_name else n_kv  # ([heads, dim]: one LayerNorm per head)
+            if w.dim() != 2 or w.shape[0] != heads:
+                raise ModelError(f"{p}: tensor {t.name} has shape {tuple(w.shape)}, expected [{heads}, head_dim]")
+            side = "q" if ".q_norm." in hf_name else "k"
+            for h in range(heads):
+                tensors[hf_name.replace(f"self_attn.{side}_norm.", f"self_attn.{side}_layernorm.norms.{h}.")] = \
+                    w[h].clone()
+            continue
         tensors[hf_name] = w
     return cfg, tensors
 
 
-def _arch_config(arch: str, field: Any, need: Any, cfg: dict[str, Any], rope_dims: int, p: Path) -> dict[str, Any]:
+def _arch_config(arch: str, field: Any, need: Any, cfg: dict[str, Any], rope_dims: int, p: Path,
+                 names: set[str]) -> dict[str, Any]:
     """The config fields of one architecture beyond Llama's, as llama.cpp reads them from the metadata."""
     out: dict[str, Any] = {}
     if arch in ("qwen2moe", "qwen3moe"):
@@ -234,6 +273,28 @@ def _arch_config(arch: str, field: Any, need: Any, cfg: dict[str, Any], rope_dim
             out["partial_rotary_factor"] = rope_dims / cfg["head_dim"]
         window = field(f"{arch}.attention.sliding_window")
         out["sliding_window"] = int(window) if window else None
+    elif arch in _LAYER_NORM:
+        eps = float(f"{field(f'{arch}.attention.layer_norm_epsilon', 1e-5):.7g}")
+        if rope_dims and rope_dims != cfg["head_dim"]:
+            out["partial_rotary_factor"] = rope_dims / cfg["head_dim"]
+        if arch == "starcoder2":
+            out.update(norm_epsilon=eps, use_bias="blk.0.attn_q.bias" in names, sliding_window=None)
+        elif arch == "nemotron":
+            out["norm_eps"] = eps
+        elif arch == "stablelm":
+            out.update(layer_norm_eps=eps, use_qkv_bias="blk.0.attn_q.bias" in names,
+                       qk_layernorm="blk.0.attn_q_norm.weight" in names,
+                       use_parallel_residual="blk.0.ffn_norm.weight" not in names)
+        elif arch == "gpt2":
+            out.update(n_embd=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"], n_head=cfg["num_attention_heads"],
+                       n_positions=cfg["max_position_embeddings"], n_inner=cfg["intermediate_size"],
+                       layer_norm_epsilon=eps)
+    elif arch == "granite":
+        for key, hf in (("attention.scale", "attention_multiplier"), ("embedding_scale", "embedding_multiplier"),
+                        ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling")):
+            v = field(f"{arch}.{key}")
+            if v is not None:
+                out[hf] = float(f"{v:.7g}")
     elif arch in ("gemma2", "gemma3"):
         head_dim = cfg["head_dim"]
         big = cfg["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]  # (llama.cpp's 27B query scale)

@@ -42,6 +42,7 @@ from dualpath.model.int_quant import IntQuant
 from dualpath.model.int_quant import dequantized as int_dequantized
 from dualpath.model.int_quant import int_quant as int_quant_of
 from dualpath.model.mla_spec import DeepseekV3Spec
+from dualpath.model.mlx_quant import MlxQuant, mlx_dequantized, mlx_quant
 from dualpath.model.quant import (
     check_quantization,
     ct_block_size,
@@ -249,12 +250,14 @@ def files_identity(files: list[Path]) -> str:
 def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
                 device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
                 fp8_block: tuple[int, int] = (128, 128), ct_block: tuple[int, int] | None = None,
-                act_quant: ActivationQuant | None = None, int_quant: IntQuant | None = None) -> AnyModel:
+                act_quant: ActivationQuant | None = None, int_quant: IntQuant | None = None,
+                mlx: MlxQuant | None = None) -> AnyModel:
     """A model on CPU filled from ``tensors`` (or seeded random weights when None), then moved to ``device``.
     ``fp8_block`` / ``ct_block``: the tiles of block-scaled FP8 weights (``weight_block_size``) and of
     compressed-tensors' ``block`` strategy (``block_structure``). ``act_quant``: the input quantization of the
     checkpoint's quantized layers (:mod:`dualpath.model.act_quant`). ``int_quant``: the format of its packed integer
-    weights (GPTQ, AWQ, compressed-tensors' ``pack-quantized``; :mod:`dualpath.model.int_quant`)."""
+    weights (GPTQ, AWQ, compressed-tensors' ``pack-quantized``; :mod:`dualpath.model.int_quant`). ``mlx``: an
+    mlx-lm checkpoint's ``quantization`` (:mod:`dualpath.model.mlx_quant`)."""
     model: AnyModel
     quantized: tuple[set[str], dict[str, torch.Tensor]] = (set(), {})
     if tensors is not None and act_quant is not None:  # (read before the scales are dropped)
@@ -263,8 +266,9 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
                      {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
     if tensors is not None:  # (bitsandbytes, packed integers; compressed-tensors' FP8 / INT8 weights: value x scale)
         wdtype = spec.torch_dtype  # (each packed weight kept in the model's dtype once dequantized)
-        tensors = scaled_dequantized(int_dequantized(bnb_dequantized(tensors, source, wdtype), int_quant, source,
-                                                     spec.architecture in CONV1D_ARCHS, wdtype), source, ct_block)
+        tensors = mlx_dequantized(bnb_dequantized(tensors, source, wdtype), mlx, source, wdtype)
+        tensors = scaled_dequantized(int_dequantized(tensors, int_quant, source, spec.architecture in CONV1D_ARCHS,
+                                                     wdtype), source, ct_block)
     if isinstance(spec, DeepseekV3Spec):
         from dualpath.model.deepseek import DeepseekV3Model
 
@@ -440,6 +444,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
     ct_block: tuple[int, int] | None = None
     act_quant: ActivationQuant | None = None
     iq: IntQuant | None = None
+    mq: MlxQuant | None = None
     if p.is_file() and p.suffix == ".gguf":
         if cfg.kv_format != "auto":
             raise ModelError(f"{p}: kv_format {cfg.kv_format!r} needs an MLA (DeepSeek-V2/V3) safetensors checkpoint")
@@ -458,6 +463,7 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
             check_quantization(hf_config, str(cfg_path))
             act_quant = activation_quant(hf_config, str(cfg_path))
             iq = int_quant_of(hf_config, str(cfg_path))
+            mq = mlx_quant(hf_config, str(cfg_path))
         if cfg.random_init:
             model_tensors, weights_id = None, f"random:{cfg.seed}"
         else:
@@ -468,7 +474,8 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
 
     spec = replace(spec, weights_id=weights_id)
     model = build_model(spec, model_tensors, seed=cfg.seed, device=device, backend=cfg.attention_backend,
-                        source=str(p), fp8_block=fp8_block, ct_block=ct_block, act_quant=act_quant, int_quant=iq)
+                        source=str(p), fp8_block=fp8_block, ct_block=ct_block, act_quant=act_quant, int_quant=iq,
+                        mlx=mq)
     if hasattr(model, "prefill_form"):  # MLA
         model.prefill_form = cfg.mla_prefill
     if with_tokenizer:

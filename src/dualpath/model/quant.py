@@ -126,6 +126,11 @@ def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
     """Refuse, naming the method, a checkpoint quantized in a format this project does not dequantize (GPTQ, AWQ,
     bitsandbytes, ...): its packed tensors would otherwise surface as unexpected names far from the cause."""
     q = hf_config.get("quantization_config")
+    if hf_config.get("quantization") is not None and (not isinstance(q, Mapping) or q.get("quant_method") is None):
+        from dualpath.model.mlx_quant import mlx_quant  # (mlx-lm writes its config under both keys)
+
+        mlx_quant(hf_config, where)
+        return
     if q is None:
         return
     method = q.get("quant_method") if isinstance(q, Mapping) else None

@@ -1,5 +1,6 @@
 """GGUF files of more families (``dualpath.model.gguf``): Qwen2-MoE, Qwen3-MoE, Phi-3 (with LongRoPE and a partial
-rotary head), Gemma 2 and Gemma 3, each written from a random transformers model as llama.cpp's converter writes it
+rotary head), Gemma, Gemma 2, Gemma 3, OLMo 2, Granite, StarCoder 2, Nemotron, StableLM, GPT-2, SmolLM3 and Mixtral,
+each written from a random transformers model as llama.cpp's converter writes it
 (the ``gguf`` package's own Hugging Face -> GGUF name map, ``gguf.get_tensor_name_map``; stacked experts; Gemma's
 norms stored as ``1 + weight``; the metadata keys llama.cpp reads). Two independent checks per family: transformers'
 own GGUF reader (``load_gguf_checkpoint``) reads the file back into exactly the source model's tensors, so the file
@@ -55,11 +56,15 @@ FAMILIES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "stablelm": ("stablelm", "StableLmConfig", "StableLmForCausalLM",
                  {"partial_rotary_factor": 0.25, "qk_layernorm": True, "use_qkv_bias": True, **UNTIED}),
     "gpt2": ("gpt2", "GPT2Config", "GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}),
+    "gemma": ("gemma", "GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "mixtral": ("llama", "MixtralConfig", "MixtralForCausalLM",
+                {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, **UNTIED}),
+    "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", {"num_hidden_layers": 4, **UNTIED}),
 }
 #: llama.cpp's architectures converted as Llama's: q/k rows permuted into interleaved RoPE pairs
-PERMUTED = ("granite",)
+PERMUTED = ("granite", "llama", "smollm3")
 #: llama.cpp's architectures whose norms it stores as 1 + weight
-PLUS_ONE = ("gemma2", "gemma3", "nemotron")
+PLUS_ONE = ("gemma", "gemma2", "gemma3", "nemotron")
 LAYER_NORM = ("starcoder2", "nemotron", "stablelm", "gpt2")
 
 
@@ -85,9 +90,10 @@ def _partial(cfg: Any) -> float:
     return float(getattr(cfg, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0)
 
 
-def write_gguf(path: Path, model: Any, arch: str, qtype: Any = None) -> None:
+def write_gguf(path: Path, model: Any, arch: str, qtype: Any = None, per_expert: bool = False) -> None:
     """``model`` as llama.cpp's converter writes it: names by the gguf package's own map, experts stacked, Gemma's
-    norms plus one, its metadata keys; each tensor in ``qtype`` (F32 when None) where it quantizes."""
+    norms plus one, its metadata keys; each tensor in ``qtype`` (F32 when None) where it quantizes. ``per_expert``:
+    experts one tensor each (``blk.N.ffn_gate.E``), as llama.cpp wrote Mixtral before stacking them."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -130,6 +136,9 @@ def write_gguf(path: Path, model: Any, arch: str, qtype: Any = None) -> None:
     elif arch not in ("nemotron", "stablelm", "gpt2"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if arch == "llama" and hasattr(cfg, "num_local_experts"):  # (Mixtral)
+        w.add_expert_count(cfg.num_local_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch in ("qwen2moe", "qwen3moe"):
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
@@ -154,7 +163,7 @@ def write_gguf(path: Path, model: Any, arch: str, qtype: Any = None) -> None:
     stacked: dict[str, list[np.ndarray]] = {}
     for hf_name, t in model.state_dict().items():
         arr = t.detach().float().numpy()
-        if arch in ("gemma2", "gemma3") and hf_name == "lm_head.weight":
+        if arch in ("gemma", "gemma2", "gemma3") and hf_name == "lm_head.weight":
             continue  # (tied)
         if arch in PLUS_ONE and hf_name.endswith("norm.weight"):
             arr = arr + 1.0
@@ -167,14 +176,16 @@ def write_gguf(path: Path, model: Any, arch: str, qtype: Any = None) -> None:
             bid, side = hf_name.split(".")[2], "q" if ".q_layernorm." in hf_name else "k"
             stacked.setdefault(f"blk.{bid}.attn_{side}_norm.weight", []).append(arr)
             continue
-        if hf_name.endswith("mlp.experts.gate_up_proj"):  # transformers' packed experts [E, 2I, H]
+        if hf_name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):  # transformers' packed experts
             bid = hf_name.split(".")[2]
-            gate, up = np.split(arr, 2, axis=1)
-            add(f"blk.{bid}.ffn_gate_exps.weight", gate)
-            add(f"blk.{bid}.ffn_up_exps.weight", up)
-            continue
-        if hf_name.endswith("mlp.experts.down_proj"):
-            add(f"blk.{hf_name.split('.')[2]}.ffn_down_exps.weight", arr)
+            parts = dict(zip(("gate", "up"), np.split(arr, 2, axis=1), strict=True)) if "gate_up" in hf_name \
+                else {"down": arr}
+            for proj, stack in parts.items():
+                if per_expert:
+                    for e in range(stack.shape[0]):
+                        add(f"blk.{bid}.ffn_{proj}.{e}.weight", stack[e])
+                else:
+                    add(f"blk.{bid}.ffn_{proj}_exps.weight", stack)
             continue
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gname is not None, hf_name
@@ -204,8 +215,8 @@ def test_transformers_reads_the_file_back_as_the_source_tensors(written):
     name, model, path = written
     if name in ("qwen2moe", "qwen3moe"):
         pytest.skip("transformers 5.24 maps stacked experts to its own packed layout only for its default sizes")
-    if name in ("olmo2", "granite"):
-        pytest.skip(f"transformers 5.24 reads no {name} GGUF file")
+    if name in ("olmo2", "granite", "gemma", "smollm3", "mixtral"):
+        pytest.skip(f"transformers 5.24 reads no {name} GGUF file (Mixtral: not its experts)")
     got = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     want = model.state_dict()
     compared = 0
@@ -219,6 +230,15 @@ def test_transformers_reads_the_file_back_as_the_source_tensors(written):
 
 def test_gguf_model_gives_the_source_models_logits(written):
     name, model, path = written
+    ours = load_model(LlamaModelConfig(path=str(path), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, model, two_sequences(V))
+
+
+def test_older_mixtral_files_with_one_tensor_per_expert(tmp_path):
+    model = _hf_model("mixtral")
+    path = tmp_path / "mixtral-per-expert.gguf"
+    write_gguf(path, model, "llama", per_expert=True)
+    assert "blk.1.ffn_up.3.weight" in {t.name for t in gguf.GGUFReader(str(path)).tensors}
     ours = load_model(LlamaModelConfig(path=str(path), time_model="off"), with_tokenizer=False)[0]
     check_batched_against_hf(ours, model, two_sequences(V))
 

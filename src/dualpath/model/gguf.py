@@ -6,8 +6,9 @@ per expert; a shared expert and its gate), ``phi3`` (fused q/k/v and gate/up kep
 LongRoPE from ``rope_factors_long`` / ``rope_factors_short``), ``gemma2`` and ``gemma3`` (the ``1 + weight`` norms
 llama.cpp stores taken back to Gemma's ``weight``; soft caps, window and attention scale as llama.cpp reads them),
 ``olmo2``, ``granite`` (q/k permuted as Llama's; its four scalings), ``starcoder2``, ``nemotron`` (``1 + weight``
-norms), ``stablelm`` (per-head q/k norms stacked ``[heads, dim]``) and ``gpt2`` (``Conv1D`` weights stored
-transposed).
+norms), ``stablelm`` (per-head q/k norms stacked ``[heads, dim]``), ``gpt2`` (``Conv1D`` weights stored
+transposed), ``gemma`` (``1 + weight`` norms), ``smollm3`` (q/k permuted) and Mixtral (a ``llama`` file with
+``expert_count``: stacked experts, or one tensor per expert in older files).
 What llama.cpp's converter writes is undone here as its reader (``llama-model.cpp``) reads it."""
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _ARCH_NAMES: dict[str, dict[str, str]] = {
                  "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
                  "ffn_down_shexp": "mlp.shared_expert.down_proj"},
     "qwen3moe": {"ffn_gate_inp": "mlp.gate"},
+    "llama": {"ffn_gate_inp": "mlp.gate"},  # (Mixtral: llama.cpp writes it as a Llama with experts)
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
     "gemma2": {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
                "post_ffw_norm": "post_feedforward_layernorm"},
@@ -53,7 +55,7 @@ _GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe"
 _GPT2_BLOCK = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_norm": "ln_2",
                "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
 #: architectures whose norms llama.cpp stores as ``1 + weight``
-_PLUS_ONE_NORMS = ("gemma2", "gemma3", "nemotron")
+_PLUS_ONE_NORMS = ("gemma", "gemma2", "gemma3", "nemotron")
 #: stacked experts ``[E, out, in]`` -> one tensor per expert
 _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
@@ -87,9 +89,10 @@ _GGUF_ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausal
                "gemma2": ("Gemma2ForCausalLM", "gemma2"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
                "olmo2": ("Olmo2ForCausalLM", "olmo2"), "granite": ("GraniteForCausalLM", "granite"),
                "starcoder2": ("Starcoder2ForCausalLM", "starcoder2"), "nemotron": ("NemotronForCausalLM", "nemotron"),
-               "stablelm": ("StableLmForCausalLM", "stablelm"), "gpt2": ("GPT2LMHeadModel", "gpt2")}
+               "stablelm": ("StableLmForCausalLM", "stablelm"), "gpt2": ("GPT2LMHeadModel", "gpt2"),
+               "gemma": ("GemmaForCausalLM", "gemma"), "smollm3": ("SmolLM3ForCausalLM", "smollm3")}
 #: architectures llama.cpp converts as Llama's, q/k rows permuted into interleaved RoPE pairs
-_PERMUTED = ("llama", "granite")
+_PERMUTED = ("llama", "granite", "smollm3")
 #: architectures with LayerNorms (``attention.layer_norm_epsilon``) instead of RMSNorms
 _LAYER_NORM = ("starcoder2", "nemotron", "stablelm", "gpt2")
 #: llama.cpp's layer counts of the Gemma 2 / 3 27B models, whose queries it scales by hidden / heads
@@ -215,6 +218,12 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             continue
         parts = t.name.split(".")
         experts = _EXPERTS.get(parts[2]) if len(parts) == 4 and parts[0] == "blk" else None
+        if len(parts) == 5 and parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down") \
+                and parts[3].isdigit() and "num_local_experts" in cfg:  # (older Mixtral files: one tensor per expert)
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            tensors[f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{parts[2][4:]}_proj.{parts[4]}"] = \
+                torch.from_numpy(np.array(arr, dtype=np.float32))
+            continue
         hf_name = _gguf_name(t.name, arch)
         if hf_name is None and experts is None:
             raise ModelError(f"{p}: unexpected GGUF tensor {t.name!r} for architecture {arch!r}")
@@ -224,7 +233,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             raise ModelError(f"{p}: tensor {t.name}: quantization {t.tensor_type.name} unsupported") from None
         w = torch.from_numpy(np.array(arr, dtype=np.float32))
         if experts is not None:  # ([experts, out, in] -> one weight per expert)
-            n_exp = int(cfg.get("num_experts", 0))
+            n_exp = int(cfg.get("num_experts", cfg.get("num_local_experts", 0)))
             if w.dim() != 3 or w.shape[0] != n_exp:
                 raise ModelError(f"{p}: tensor {t.name} has shape {tuple(w.shape)}, expected [{n_exp}, out, in] "
                                  f"({arch}.expert_count)")
@@ -259,6 +268,9 @@ def _arch_config(arch: str, field: Any, need: Any, cfg: dict[str, Any], rope_dim
                  names: set[str]) -> dict[str, Any]:
     """The config fields of one architecture beyond Llama's, as llama.cpp reads them from the metadata."""
     out: dict[str, Any] = {}
+    if arch == "llama" and field(f"{arch}.expert_count"):  # (Mixtral)
+        out.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                   num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")))
     if arch in ("qwen2moe", "qwen3moe"):
         out.update(num_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")),
                    moe_intermediate_size=int(field(f"{arch}.expert_feed_forward_length", 0)

@@ -124,8 +124,9 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A Hugging Face config dict and dequantized fp32 tensors (HF names) from a llama/qwen2/qwen3 GGUF file.
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A Hugging Face config dict and dequantized tensors (HF names; each computed in fp32, then kept in ``dtype``,
+    the model's, so that the host holds one tensor in fp32 at a time) from a GGUF file.
     Llama 3's RoPE scaling, which llama.cpp bakes into a ``rope_freqs`` tensor, is read back as ``llama3``
     ``rope_scaling`` only when that tensor equals what those parameters give (otherwise an error)."""
     import gguf
@@ -222,7 +223,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
                 and parts[3].isdigit() and "num_local_experts" in cfg:  # (older Mixtral files: one tensor per expert)
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
             tensors[f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{parts[2][4:]}_proj.{parts[4]}"] = \
-                torch.from_numpy(np.array(arr, dtype=np.float32))
+                torch.from_numpy(np.array(arr, dtype=np.float32)).to(dtype)
             continue
         hf_name = _gguf_name(t.name, arch)
         if hf_name is None and experts is None:
@@ -238,7 +239,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
                 raise ModelError(f"{p}: tensor {t.name} has shape {tuple(w.shape)}, expected [{n_exp}, out, in] "
                                  f"({arch}.expert_count)")
             for e in range(n_exp):
-                tensors[f"model.layers.{parts[1]}.mlp.experts.{e}.{experts}.{parts[3]}"] = w[e].clone()
+                tensors[f"model.layers.{parts[1]}.mlp.experts.{e}.{experts}.{parts[3]}"] = w[e].to(dtype, copy=True)
             continue
         assert hf_name is not None
         if arch in _PERMUTED and ".self_attn.q_proj." in hf_name:
@@ -258,9 +259,9 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             side = "q" if ".q_norm." in hf_name else "k"
             for h in range(heads):
                 tensors[hf_name.replace(f"self_attn.{side}_norm.", f"self_attn.{side}_layernorm.norms.{h}.")] = \
-                    w[h].clone()
+                    w[h].to(dtype, copy=True)
             continue
-        tensors[hf_name] = w
+        tensors[hf_name] = w.to(dtype)
     return cfg, tensors
 
 

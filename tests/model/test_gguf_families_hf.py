@@ -319,3 +319,15 @@ def test_gguf_family_refusals(tmp_path):
     with pytest.raises(ModelError, match="unsupported GGUF architecture 'mamba'"):
         load_model(LlamaModelConfig(path=str(bad)), with_tokenizer=False)
     assert path.read_bytes() == reader_bytes
+
+
+def test_gguf_tensors_load_into_a_bf16_model_rounded_once(written):
+    """Read for a bf16 model, each tensor is its fp32 reading rounded once (Gemma's norms after the minus one)."""
+    name, _, path = written
+    if name not in ("gemma2", "qwen2moe"):
+        pytest.skip("one dense and one MoE family are enough")
+    fp32 = load_model(LlamaModelConfig(path=str(path), time_model="off"), with_tokenizer=False)[0]
+    bf16 = load_model(LlamaModelConfig(path=str(path), dtype="bfloat16", time_model="off"), with_tokenizer=False)[0]
+    p16 = dict(bf16.named_parameters())
+    for n, p in fp32.named_parameters():
+        assert p16[n].dtype == torch.bfloat16 and torch.equal(p16[n], p.to(torch.bfloat16)), n

@@ -188,12 +188,17 @@ def _fp8_checkpoint(d: Any, per_row: bool, quant: dict[str, Any], extra: dict[st
     return ref
 
 
-@pytest.mark.parametrize("layout", ["fbgemm_fp8", "modelopt"])
+@pytest.mark.parametrize("layout", ["fbgemm_fp8", "modelopt", "autofp8"])
 def test_fbgemm_and_modelopt_fp8_weights(tmp_path, layout):
-    """FBGEMM's per-row FP8 (Meta's Llama 3.1 405B FP8; ``quant_method: fbgemm_fp8``) and ModelOpt's per-tensor FP8
-    with its activation and KV-cache scales (``quant_method: modelopt``) read as the weights they store."""
+    """FBGEMM's per-row FP8 (Meta's Llama 3.1 405B FP8; ``quant_method: fbgemm_fp8``), ModelOpt's per-tensor FP8
+    with its activation and KV-cache scales (``quant_method: modelopt``) and AutoFP8's per-tensor FP8 with static
+    input scales (``quant_method: fp8`` without ``weight_block_size``: Neural Magic's ``-FP8`` releases) read as the
+    weights they store."""
     if layout == "fbgemm_fp8":
         ref = _fp8_checkpoint(tmp_path, True, {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}, {})
+    elif layout == "autofp8":
+        extra = {f"model.layers.{i}.mlp.up_proj.input_scale": torch.tensor(0.25) for i in range(2)}
+        ref = _fp8_checkpoint(tmp_path, False, {"quant_method": "fp8", "activation_scheme": "static"}, extra)
     else:
         extra = {f"model.layers.{i}.self_attn.{p}_proj.{p}_scale": torch.tensor(0.5) for i in range(2) for p in "kv"}
         extra.update({f"model.layers.{i}.mlp.up_proj.input_scale": torch.tensor(0.25) for i in range(2)})

@@ -378,3 +378,22 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
         assert spec.n_layers == 40, arch
         if arch not in windowed:
             assert spec.sliding_window is None and not spec.full_attention_layers, arch
+
+
+def test_mistrals_consolidated_file_beside_the_hf_weights_is_not_read(tmp_path):
+    """Mistral's repositories ship their own ``consolidated.safetensors`` (its names) beside the Hugging Face
+    ``model.safetensors``: the Hugging Face file is read, alone; a directory with only the consolidated file is
+    read as it is (and refused by its names)."""
+    from safetensors.torch import save_file
+
+    spec = ModelSpec.from_hf_config(CFG)
+    src = build_model(spec, None, seed=3)
+    save_pretrained(src, tmp_path)
+    save_file({"layers.0.attention.wq.weight": torch.zeros(4, 4)}, str(tmp_path / "consolidated.safetensors"))
+    model, _ = load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+    for (n, p1), (_, p2) in zip(src.named_parameters(), model.named_parameters(), strict=True):
+        assert torch.equal(p1, p2), n
+    for f in tmp_path.glob("model*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelError, match="unexpected 1 tensor"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)

@@ -180,12 +180,16 @@ def _shard_index(index: Path, directory: Path) -> list[Path]:
 
 def weight_files(directory: Path) -> list[Path]:
     """The checkpoint's weight files: its safetensors (``model.safetensors.index.json``'s shards, else every
-    ``*.safetensors``), or, when it has none, PyTorch's ``pytorch_model.bin`` (or the shards its
+    ``*.safetensors`` but Mistral's ``consolidated*.safetensors``, its own format shipped beside the Hugging Face one,
+    when others are there), or, when it has none, PyTorch's ``pytorch_model.bin`` (or the shards its
     ``pytorch_model.bin.index.json`` names), as older checkpoints ship them."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         return _shard_index(index, directory)
     files = sorted(directory.glob("*.safetensors"))
+    hf_files = [f for f in files if not f.name.startswith("consolidated")]
+    if hf_files:
+        return hf_files
     if files:
         return files
     index = directory / "pytorch_model.bin.index.json"

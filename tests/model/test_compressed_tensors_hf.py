@@ -50,6 +50,11 @@ KINDS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "int3_group_asym": ("pack-quantized", dict(ASYM, num_bits=3, strategy="group", group_size=32), False),
     "int2_group": ("pack-quantized", dict(INT8, num_bits=2, strategy="group", group_size=16), False),
     "int8_packed_channel": ("pack-quantized", dict(INT8, strategy="channel"), False),
+    # 4-, 6- and 8-bit floats (llm-compressor's NVFP4A16 / MXFP4A16 / MXFP6A16 / MXFP8A16 presets)
+    "nvfp4": ("nvfp4-pack-quantized", {"preset": "NVFP4A16"}, False),
+    "mxfp4": ("mxfp4-pack-quantized", {"preset": "MXFP4A16"}, False),
+    "mxfp6": ("mxfp6-pack-quantized", {"preset": "MXFP6A16"}, False),
+    "mxfp8": ("mxfp8-quantized", {"preset": "MXFP8A16"}, False),
 }
 
 
@@ -59,12 +64,31 @@ def _extrema(w: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, tor
         return w.amin(1, keepdim=True), w.amax(1, keepdim=True)
     if args.strategy == "tensor":
         return w.amin(), w.amax()
-    if args.strategy == "group":
+    if args.strategy in ("group", "tensor_group"):
         g = w.unflatten(1, (-1, args.group_size))
         return g.amin(-1), g.amax(-1)
     b0, b1 = args.block_structure
     g = w.reshape(w.shape[0] // b0, b0, w.shape[1] // b1, b1)
     return g.amin((1, 3)), g.amax((1, 3))
+
+
+def _calibrate(model: Any, args: QuantizationArgs) -> None:
+    """Each quantized module's weight scales (and NVFP4's global scale) from its weight's extrema, as a calibration
+    would set them."""
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                lo, hi = _extrema(module.weight.float(), args)
+                gscale = None
+                if hasattr(module, "weight_global_scale"):  # (NVFP4: one global scale per tensor)
+                    from compressed_tensors.quantization.utils import generate_gparam
+
+                    gscale = generate_gparam(module.weight.float().amin(), module.weight.float().amax())
+                    # a power of two, so that the library's bf16 decompression is exact and comparable
+                    gscale = torch.exp2(torch.round(torch.log2(gscale)))
+                    module.weight_global_scale.copy_(gscale.reshape(module.weight_global_scale.shape))
+                scale, _ = calculate_qparams(lo, hi, args, global_scale=gscale)
+                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype))
 
 
 def _random_llama() -> tuple[Any, Any]:
@@ -86,16 +110,19 @@ def _checkpoint(d: Any, kind: str) -> Any:
     the library decompresses from it."""
     fmt, wargs, kv = KINDS[kind]
     cfg, model = _random_llama()
-    args = QuantizationArgs(**wargs)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    if "preset" in wargs:
+        from compressed_tensors.quantization import preset_name_to_scheme
+
+        scheme = preset_name_to_scheme(wargs["preset"], ["Linear"])
+        assert scheme.weights is not None and scheme.input_activations is None
+        args = scheme.weights
+    else:
+        args = QuantizationArgs(**wargs)
+        scheme = QuantizationScheme(targets=["Linear"], weights=args)
     qc = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=fmt,
                             kv_cache_scheme=QuantizationArgs(**dict(FP8, strategy="tensor")) if kv else None)
     apply_quantization_config(model, qc)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "weight_scale"):
-                scale, _ = calculate_qparams(*_extrema(module.weight.float(), args), args)
-                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+    _calibrate(model, args)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
     model.save_pretrained(d)
@@ -122,10 +149,11 @@ def test_quantized_weights_equal_the_librarys_own_decompression(tmp_path, kind):
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
     fmt, wargs = KINDS[kind][:2]
-    w = "model.layers.0.mlp.up_proj.weight" + ("_packed" if fmt == "pack-quantized" else "")
-    assert stored[w] == {"float-quantized": "F8_E4M3", "pack-quantized": "I32"}.get(fmt, "I8")
+    w = "model.layers.0.mlp.up_proj.weight" + ("_packed" if fmt.endswith("pack-quantized") else "")
+    want = {"float-quantized": "F8_E4M3", "pack-quantized": "I32", "mxfp8-quantized": "F8_E4M3"}
+    assert stored[w] == want.get(fmt, "U8" if fmt.endswith("fp4-pack-quantized") or fmt.startswith("mxfp6") else "I8")
     assert "model.layers.0.mlp.up_proj.weight_scale" in stored
-    assert ("model.layers.0.mlp.up_proj.weight_zero_point" in stored) == (not wargs["symmetric"])
+    assert ("model.layers.0.mlp.up_proj.weight_zero_point" in stored) == (not wargs.get("symmetric", True))
     if KINDS[kind][2]:
         assert "model.layers.0.self_attn.k_scale" in stored
     ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
@@ -133,13 +161,13 @@ def test_quantized_weights_equal_the_librarys_own_decompression(tmp_path, kind):
 
 
 def test_unsupported_formats_and_misfit_zero_points_are_refused(tmp_path):
-    """A compressed-tensors format not read here (NVFP4, 2:4 sparse Marlin) is refused by name before any weight is
+    """A compressed-tensors format not read here (2:4 sparse Marlin) is refused by name before any weight is
     read; a zero point that fits no scale of its weight names the tensor."""
     _checkpoint(tmp_path, "int8_channel")
     cfg = json.loads((tmp_path / "config.json").read_text())
-    bad = dict(cfg, quantization_config=dict(cfg["quantization_config"], format="nvfp4-pack-quantized"))
+    bad = dict(cfg, quantization_config=dict(cfg["quantization_config"], format="marlin-24"))
     (tmp_path / "config.json").write_text(json.dumps(bad))
-    with pytest.raises(ModelError, match="format 'nvfp4-pack-quantized'"):
+    with pytest.raises(ModelError, match="format 'marlin-24'"):
         load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
     groups = cfg["quantization_config"]["config_groups"]  # (4-bit inputs in groups: not read here)
     nvfp4_inputs = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "dynamic": "local"}
@@ -238,11 +266,9 @@ def _w8a8_checkpoint(d: Any, kind: str) -> None:
     scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=QuantizationArgs(**iargs))
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
                                                         format=fmt))
+    _calibrate(model, args)
     with torch.no_grad():
         for n, module in model.named_modules():
-            if hasattr(module, "weight_scale"):
-                scale, _ = calculate_qparams(*_extrema(module.weight.float(), args), args)
-                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
             if hasattr(module, "input_scale"):
                 module.input_scale.fill_(amax[n] / 448.0)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)

@@ -295,7 +295,7 @@ def dequantized(tensors: Mapping[str, torch.Tensor], q: IntQuant | None, source:
     compressed-tensors weights are read as 4-bit, Kimi K2's width. ``conv1d``: the modules are GPT-2's ``Conv1D``
     (weights stored ``[in, out]``)."""
     has_q = any(name.endswith(".qweight") for name in tensors)
-    has_ct = any(name.endswith(".weight_packed") for name in tensors)
+    has_ct = any(name.endswith(".weight_packed") and t.dtype == torch.int32 for name, t in tensors.items())
     if not has_q and not has_ct:
         return tensors
     if sys.byteorder != "little":  # pragma: no cover - no big-endian host here
@@ -313,7 +313,7 @@ def dequantized(tensors: Mapping[str, torch.Tensor], q: IntQuant | None, source:
             w = _gptq_weight(m, tensors, q, source) if q.method == "gptq" else _awq_weight(m, tensors, q, source)
             out[m + ".weight"] = (w.t().contiguous() if conv1d else w).to(dtype)
             drop.update(m + s for s in (".qweight", ".qzeros", ".scales", ".g_idx"))
-        elif name.endswith(".weight_packed"):
+        elif name.endswith(".weight_packed") and tensors[name].dtype == torch.int32:
             base = name[: -len("_packed")]
             widths = q.bits if q is not None and q.method == "compressed-tensors" else (4,)
             out[base] = _ct_weight(base, tensors, widths, source).to(dtype)

@@ -43,6 +43,7 @@ from dualpath.model.int_quant import dequantized as int_dequantized
 from dualpath.model.int_quant import int_quant as int_quant_of
 from dualpath.model.mla_spec import DeepseekV3Spec
 from dualpath.model.mlx_quant import MlxQuant, mlx_dequantized, mlx_quant
+from dualpath.model.mx_quant import mx_dequantized
 from dualpath.model.quant import (
     check_quantization,
     ct_block_size,
@@ -270,7 +271,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
                      {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
     if tensors is not None:  # (bitsandbytes, packed integers; compressed-tensors' FP8 / INT8 weights: value x scale)
         wdtype = spec.torch_dtype  # (each packed weight kept in the model's dtype once dequantized)
-        tensors = mlx_dequantized(bnb_dequantized(tensors, source, wdtype), mlx, source, wdtype)
+        tensors = mx_dequantized(mlx_dequantized(bnb_dequantized(tensors, source, wdtype), mlx, source, wdtype), source,
+                                 wdtype)
         tensors = scaled_dequantized(int_dequantized(tensors, int_quant, source, spec.architecture in CONV1D_ARCHS,
                                                      wdtype), source, ct_block)
     if isinstance(spec, DeepseekV3Spec):

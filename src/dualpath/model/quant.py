@@ -38,7 +38,8 @@ def dequantize_block_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int | 
 DEQUANTIZED = ("fp8", "mxfp4", "compressed-tensors", "fbgemm_fp8", "modelopt", "gptq", "awq", "bitsandbytes")
 #: compressed-tensors' formats read here: 1- to 8-bit integers packed in int32 words, FP8 (e4m3) and INT8 weights
 #: with their scales
-CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "naive-quantized")
+CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "naive-quantized", "nvfp4-pack-quantized",
+              "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized")
 #: a compressed-tensors checkpoint's activation and KV-cache scales (unused: activations and KV run unquantized)
 _CT_RUNTIME_SCALES = (".input_scale", ".input_zero_point", ".output_scale", ".k_scale", ".v_scale",
                       ".input_scale_ub")

@@ -235,11 +235,52 @@ def test_fbgemm_and_modelopt_fp8_weights(tmp_path, layout):
     ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
     check_batched_against_hf(ours, ref, two_sequences(VOCAB))
     cfg = json.loads((tmp_path / "config.json").read_text())
-    if layout == "modelopt":  # (ModelOpt's 4-bit formats are not read: refused by name)
-        cfg["quantization_config"]["quant_algo"] = "NVFP4"
+    if layout == "modelopt":  # (ModelOpt's INT4 AWQ formats are not read: refused by name)
+        cfg["quantization_config"]["quant_algo"] = "W4A8_AWQ"
         (tmp_path / "config.json").write_text(json.dumps(cfg))
-        with pytest.raises(ModelError, match="quant_algo 'NVFP4'"):
+        with pytest.raises(ModelError, match="quant_algo 'W4A8_AWQ'"):
             load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)
+
+
+def test_modelopt_nvfp4_reads_as_compressed_tensors_converts_it(tmp_path):
+    """NVIDIA ModelOpt's NVFP4 layout (FP4 bytes as ``weight``, ``weight_scale``, ``weight_scale_2`` = 1 / the global
+    scale, input and KV-cache scales beside them), made from a compressed-tensors NVFP4 checkpoint the library wrote:
+    compressed-tensors' own ModelOpt converter accepts it and gives back that checkpoint's tensors, and ours reads it
+    as the library decompresses the original."""
+    from compressed_tensors.entrypoints.convert import convert_checkpoint
+    from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter
+    from safetensors.torch import load_file, save_file
+
+    ct_dir, mo_dir, back = tmp_path / "ct", tmp_path / "modelopt", tmp_path / "back"
+    ct_dir.mkdir()
+    ref = _checkpoint(ct_dir, "nvfp4")
+    ct = load_file(str(ct_dir / "model.safetensors"))
+    mo: dict[str, torch.Tensor] = {}
+    for name, t in ct.items():
+        if name.endswith(".weight_packed"):
+            mo[name[: -len("_packed")]] = t
+        elif name.endswith(".weight_global_scale"):
+            mo[name[: -len("global_scale")] + "scale_2"] = 1 / t
+            mo[name[: -len("weight_global_scale")] + "input_scale"] = torch.tensor([0.5])
+        else:
+            mo[name] = t
+    for i in range(2):
+        for p in "kv":
+            mo[f"model.layers.{i}.self_attn.{p}_proj.{p}_scale"] = torch.tensor(0.25)
+    mo_dir.mkdir()
+    save_file(mo, str(mo_dir / "model.safetensors"))
+    cfg = json.loads((ct_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                                  "exclude_modules": ["lm_head"]}
+    (mo_dir / "config.json").write_text(json.dumps(cfg))
+    kv = QuantizationArgs(**dict(FP8, strategy="tensor"))
+    convert_checkpoint(str(mo_dir), str(back), ModelOptNvfp4Converter(ignore=["lm_head"], kv_cache_scheme=kv),
+                       max_workers=1, device="cpu")
+    round_trip = load_file(str(back / "model.safetensors"))
+    for name, t in ct.items():
+        assert torch.equal(round_trip[name], t), name
+    ours = load_model(LlamaModelConfig(path=str(mo_dir), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, ref, two_sequences(VOCAB))
 
 
 #: W8A8 checkpoints: name -> (format, weight args, input activation args)

@@ -11,6 +11,11 @@ quantizes its inputs to 4 bits is refused by :mod:`dualpath.model.act_quant`).
 - Scales: MX formats one E8M0 exponent (uint8, ``2^(s - 127)``) per 32 inputs in ``<w>_scale``; NVFP4 one E4M3
   scale per 16 inputs, divided by the tensor's ``<w>_global_scale``.
 
+NVIDIA ModelOpt's NVFP4 checkpoints (``quant_method: modelopt``, ``quant_algo: NVFP4``) hold the same values under
+other names: the FP4 bytes as ``<w>`` (uint8), the E4M3 scales as ``<w>_scale`` and the global scale's inverse as
+``<w>_scale_2`` (``weight = fp4 x scale x scale_2``); their input and KV-cache scales are dropped (inputs run
+unquantized, as vLLM runs these weights on a GPU without FP4 arithmetic).
+
 Checked against the library's own compression and decompression of checkpoints it wrote
 (``tests/model/test_compressed_tensors_hf.py``)."""
 
@@ -27,6 +32,8 @@ MX_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp6-pack-quanti
 _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _E2M3 = torch.tensor([m / 8 for m in range(8)] + [(1 + m / 8) * 2 ** e for e in range(3) for m in range(8)])
 _MX_GROUP = 32
+#: activation and KV-cache scales beside such weights (inputs and KV run unquantized)
+_RUNTIME_SCALES = (".input_scale", ".input_global_scale", ".k_scale", ".v_scale")
 
 
 def _fp4(packed: torch.Tensor) -> torch.Tensor:
@@ -59,7 +66,7 @@ def _mx_scale(scale: torch.Tensor) -> torch.Tensor:
 
 def is_mx(tensors: Mapping[str, torch.Tensor]) -> bool:
     return any(name.endswith(".weight_scale") and t.dtype == torch.uint8 for name, t in tensors.items()) or any(
-        name.endswith(".weight_global_scale") for name in tensors)
+        name.endswith((".weight_global_scale", ".weight_scale_2")) for name in tensors)
 
 
 def mx_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint",
@@ -75,7 +82,14 @@ def mx_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoin
             continue
         base = name[: -len("_scale")]
         packed, plain, gscale = tensors.get(base + "_packed"), tensors.get(base), tensors.get(base + "_global_scale")
-        if gscale is not None:  # NVFP4: FP4 values, E4M3 scales per 16 inputs over a global scale
+        scale_2 = tensors.get(base + "_scale_2")
+        if scale_2 is not None:  # ModelOpt's NVFP4: FP4 bytes under the weight's own name
+            if plain is None or plain.dtype != torch.uint8 or plain.dim() != 2 or scale_2.numel() != 1:
+                raise ModelError(f"{source}: ModelOpt NVFP4 weight {base!r} needs {base} as uint8 [out, in / 2] and "
+                                 f"one {base}_scale_2")
+            w = _grouped(_fp4(plain), scale.float() * scale_2.float().reshape(()), base, source)
+            drop.update((base, name, base + "_scale_2", base[: -len("weight")] + "input_scale"))
+        elif gscale is not None:  # NVFP4: FP4 values, E4M3 scales per 16 inputs over a global scale
             if packed is None or packed.dtype != torch.uint8 or packed.dim() != 2 or gscale.numel() != 1:
                 raise ModelError(f"{source}: NVFP4 weight {base!r} needs {base}_packed (uint8 [out, in / 2]) and "
                                  f"one {base}_global_scale")
@@ -104,6 +118,6 @@ def mx_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoin
     if not out:
         return tensors
     for name, t in tensors.items():
-        if name not in drop and name not in out:
+        if name not in drop and name not in out and not name.endswith(_RUNTIME_SCALES):
             out[name] = t
     return out

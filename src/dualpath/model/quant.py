@@ -140,9 +140,9 @@ def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
                          f"as they are, or dequantized at load from {', '.join(DEQUANTIZED)}; use the checkpoint's "
                          "unquantized (or one of those) release")
     algo = q.get("quant_algo")
-    if method.lower() == "modelopt" and algo not in ("FP8", None):
+    if method.lower() == "modelopt" and algo not in ("FP8", "NVFP4", None):
         raise ModelError(f"{where}: quantization_config.quant_algo {algo!r} is not supported for modelopt (its FP8 "
-                         "weights are)")
+                         "and NVFP4 weights are)")
     from dualpath.model.int_quant import int_quant
 
     int_quant(hf_config, where)  # (GPTQ's and AWQ's layout fields)

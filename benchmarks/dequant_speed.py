@@ -3,7 +3,7 @@ unquantized fp16 checkpoint's weight needs anyway (fp16 -> fp32) in the same run
 
 One Llama-7B-sized MLP weight (``--out`` x ``--in``, 11008 x 4096 by default) in each layout, from random packed
 words: GPTQ 4-bit in groups of 128 (contiguous, and act order), 3-bit and 8-bit; AWQ 4-bit; compressed-tensors
-4-bit with zero points. Each row: best of ``--repeat`` wall times, weights per second, and the ratio of its time to
+4-bit with zero points, NVFP4 and MXFP4; MLX 4-bit. Each row: best of ``--repeat`` wall times, weights per second, and the ratio of its time to
 the fp16 cast's. Run: ``python benchmarks/dequant_speed.py [--json OUT]``.
 """
 
@@ -17,10 +17,28 @@ from typing import Any
 import torch
 
 from dualpath.model.int_quant import IntQuant, dequantized
+from dualpath.model.mlx_quant import MlxQuant, mlx_dequantized
+from dualpath.model.mx_quant import mx_dequantized
 
 
 def _words(*shape: int) -> torch.Tensor:
     return torch.randint(-2 ** 31, 2 ** 31 - 1, shape, dtype=torch.int32)
+
+
+def _bytes(*shape: int) -> torch.Tensor:
+    return torch.randint(0, 256, shape, dtype=torch.uint8)
+
+
+def other_cases(n_out: int, n_in: int) -> dict[str, Any]:
+    """Readers other than ``int_quant.dequantized``: name -> a call that dequantizes one weight."""
+    nv = {"m.weight_packed": _bytes(n_out, n_in // 2), "m.weight_global_scale": torch.tensor([448.0 * 6]),
+          "m.weight_scale": (torch.rand(n_out, n_in // 16) + 0.5).to(torch.float8_e4m3fn)}
+    mx = {"m.weight_packed": _bytes(n_out, n_in // 2), "m.weight_scale": torch.randint(120, 130, (n_out, n_in // 32),
+                                                                                      dtype=torch.uint8)}
+    mlx = {"m.weight": _words(n_out, n_in // 8).view(torch.uint32), "m.scales": torch.rand(n_out, n_in // 64).half(),
+           "m.biases": torch.rand(n_out, n_in // 64).half()}
+    return {"ct_nvfp4": lambda: mx_dequantized(nv), "ct_mxfp4": lambda: mx_dequantized(mx),
+            "mlx_4bit": lambda: mlx_dequantized(mlx, MlxQuant(4, 64))}
 
 
 def cases(n_out: int, n_in: int, group: int = 128) -> dict[str, tuple[dict[str, torch.Tensor], IntQuant]]:
@@ -63,6 +81,9 @@ def main() -> None:
     rows = [{"case": "fp16_cast (baseline)", "s": base, "mweights_per_s": n / base / 1e6, "ratio": 1.0}]
     for name, (tensors, q) in cases(a.n_out, a.n_in).items():
         t = best(lambda tensors=tensors, q=q: dequantized(tensors, q), a.repeat)
+        rows.append({"case": name, "s": t, "mweights_per_s": n / t / 1e6, "ratio": t / base})
+    for name, call in other_cases(a.n_out, a.n_in).items():
+        t = best(call, a.repeat)
         rows.append({"case": name, "s": t, "mweights_per_s": n / t / 1e6, "ratio": t / base})
     print(f"{'case':<24} {'ms':>8} {'M weights/s':>12} {'time / fp16 cast':>17}")
     for r in rows:

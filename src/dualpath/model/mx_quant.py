@@ -36,10 +36,18 @@ _MX_GROUP = 32
 _RUNTIME_SCALES = (".input_scale", ".input_global_scale", ".k_scale", ".v_scale")
 
 
-def _fp4(packed: torch.Tensor) -> torch.Tensor:
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1).long()
+def _fp4_pairs() -> torch.Tensor:
+    """The two FP4 values of every byte, ``[256, 2]``: the low nibble's first."""
+    codes = torch.stack((torch.arange(256) & 0x0F, torch.arange(256) >> 4), dim=-1)
     values = _E2M1[codes & 0x7]
     return torch.where(codes & 0x8 != 0, -values, values)
+
+
+_FP4_PAIRS = _fp4_pairs()
+
+
+def _fp4(packed: torch.Tensor) -> torch.Tensor:
+    return _FP4_PAIRS[packed.long()].reshape(packed.shape[0], -1)
 
 
 def _fp6(packed: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """GGUF files of more families (``dualpath.model.gguf``): Qwen2-MoE, Qwen3-MoE, Phi-3 (with LongRoPE and a partial
-rotary head), Gemma, Gemma 2, Gemma 3, OLMo 2, Granite, StarCoder 2, Nemotron, StableLM, GPT-2, SmolLM3 and Mixtral,
-each written from a random transformers model as llama.cpp's converter writes it
+rotary head), Gemma, Gemma 2, Gemma 3, OLMo 2, Granite, StarCoder 2, Nemotron, StableLM, GPT-2, SmolLM3, Mixtral and
+DeepSeek-V3 / V2 (``deepseek2``, its own writer below), each written from a random transformers model as llama.cpp's converter writes it
 (the ``gguf`` package's own Hugging Face -> GGUF name map, ``gguf.get_tensor_name_map``; stacked experts; Gemma's
 norms stored as ``1 + weight``; the metadata keys llama.cpp reads). Two independent checks per family: transformers'
 own GGUF reader (``load_gguf_checkpoint``) reads the file back into exactly the source model's tensors, so the file
@@ -331,3 +331,121 @@ def test_gguf_tensors_load_into_a_bf16_model_rounded_once(written):
     p16 = dict(bf16.named_parameters())
     for n, p in fp32.named_parameters():
         assert p16[n].dtype == torch.bfloat16 and torch.equal(p16[n], p.to(torch.bfloat16)), n
+
+
+#: a small DeepSeek-V3 (MLA with a query LoRA, sigmoid router with a correction bias in two groups, a shared expert)
+DS_CONFIG = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+             "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 32,
+             "q_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+             "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+             "routed_scaling_factor": 1.8, "first_k_dense_replace": 1, "max_position_embeddings": 256,
+             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def write_deepseek2_gguf(path: Path, model: Any, split_kv_b: bool, mtp: bool = False) -> None:
+    """A DeepSeek-V3 model as llama.cpp's converter writes ``deepseek2``: MLA as MQA over the latent (one KV head,
+    ``key_length`` = kv_lora + rope, the MLA widths in ``key_length_mla`` / ``value_length_mla``), ``kv_b_proj``
+    split into ``attn_k_b`` (each head transposed) and ``attn_v_b`` (or kept whole as older files do), experts
+    stacked, the router's correction bias as ``exp_probs_b``, YaRN's ``mscale_all_dim`` as its log multiplier
+    (x 0.1); ``mtp``: one multi-token-prediction block past the decoder's, as ``nextn_predict_layers``."""
+    cfg = model.config
+    v3 = isinstance(cfg, transformers.DeepseekV3Config)
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w.add_block_count(cfg.num_hidden_layers + int(mtp))
+    if mtp:
+        w.add_nextn_predict_layers(1)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    if cfg.q_lora_rank:
+        w.add_q_lora_rank(cfg.q_lora_rank)
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    if split_kv_b:
+        w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        w.add_value_length(cfg.kv_lora_rank)
+        w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        w.add_value_length_mla(cfg.v_head_dim)
+    else:
+        w.add_key_length(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        w.add_value_length(cfg.v_head_dim)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_weights_norm(bool(getattr(cfg, "norm_topk_prob", False)))
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
+    if cfg.n_group:
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
+    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, cfg.num_hidden_layers)
+    heads, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    for hf_name, t in model.state_dict().items():
+        arr = t.detach().float().numpy()
+        bid = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else None
+        if hf_name.endswith("mlp.experts.gate_up_proj"):
+            gate, up = np.split(arr, 2, axis=1)
+            w.add_tensor(f"blk.{bid}.ffn_gate_exps.weight", gate)
+            w.add_tensor(f"blk.{bid}.ffn_up_exps.weight", up)
+        elif hf_name.endswith("mlp.experts.down_proj"):
+            w.add_tensor(f"blk.{bid}.ffn_down_exps.weight", arr)
+        elif hf_name.endswith("e_score_correction_bias"):
+            w.add_tensor(f"blk.{bid}.exp_probs_b.bias", arr)
+        elif hf_name.endswith("kv_b_proj.weight") and split_kv_b:
+            kv_b = arr.reshape(heads, nope + v, -1)
+            w.add_tensor(f"blk.{bid}.attn_k_b.weight", np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1)))
+            w.add_tensor(f"blk.{bid}.attn_v_b.weight", np.ascontiguousarray(kv_b[:, nope:]))
+        else:
+            gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            assert gname is not None, hf_name
+            w.add_tensor(gname, arr)
+            if mtp and bid == str(cfg.num_hidden_layers - 1) and gname.endswith("attn_norm.weight"):
+                w.add_tensor(gname.replace(f"blk.{bid}.", f"blk.{cfg.num_hidden_layers}."), arr + 1.0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+         "mscale": 0.7, "mscale_all_dim": 0.7, "beta_fast": 32.0, "beta_slow": 1.0}
+#: name -> (transformers model / config class, config changes, kv_b_proj split, an MTP block in the file)
+DS_VARIANTS = {
+    "v3_k_b_v_b_yarn_mtp": ("DeepseekV3", {"rope_parameters": _YARN, "max_position_embeddings": 256}, True, True),
+    "v3_kv_b": ("DeepseekV3", {}, False, False),
+    "v2_lite_softmax": ("DeepseekV2", {"q_lora_rank": None, "n_group": None, "topk_group": None,
+                                       "n_routed_experts": 8, "routed_scaling_factor": 1.0}, False, False),
+}
+
+
+@pytest.mark.parametrize("variant", list(DS_VARIANTS))
+def test_deepseek2_gguf_gives_the_source_models_logits(tmp_path, variant):
+    """DeepSeek-V3 (and V2-Lite, its softmax router) written as llama.cpp's ``deepseek2`` (the paper's model family):
+    multi-turn logits and greedy ids over our paged latent KV equal transformers' on the source model."""
+    from hf_random import check_turns_against_hf, random_turns, widen_mla_moe
+
+    family, changes, split_kv_b, mtp = DS_VARIANTS[variant]
+    torch.manual_seed(0)
+    cfg = {**DS_CONFIG, **changes}
+    if family == "DeepseekV2":
+        cfg = {k: v for k, v in cfg.items() if k not in ("n_group", "topk_group")}
+    hf = widen_mla_moe(getattr(transformers, f"{family}ForCausalLM")(
+        getattr(transformers, f"{family}Config")(**cfg)).eval())
+    path = tmp_path / "ds.gguf"
+    write_deepseek2_gguf(path, hf, split_kv_b, mtp)
+    ours = load_model(LlamaModelConfig(path=str(path), time_model="off"), with_tokenizer=False)[0]
+    assert type(ours).__name__ == "DeepseekV3Model"
+    check_turns_against_hf(ours, hf, random_turns(V))

@@ -7,8 +7,11 @@ LongRoPE from ``rope_factors_long`` / ``rope_factors_short``), ``gemma2`` and ``
 llama.cpp stores taken back to Gemma's ``weight``; soft caps, window and attention scale as llama.cpp reads them),
 ``olmo2``, ``granite`` (q/k permuted as Llama's; its four scalings), ``starcoder2``, ``nemotron`` (``1 + weight``
 norms), ``stablelm`` (per-head q/k norms stacked ``[heads, dim]``), ``gpt2`` (``Conv1D`` weights stored
-transposed), ``gemma`` (``1 + weight`` norms), ``smollm3`` (q/k permuted) and Mixtral (a ``llama`` file with
-``expert_count``: stacked experts, or one tensor per expert in older files).
+transposed), ``gemma`` (``1 + weight`` norms), ``smollm3`` (q/k permuted), Mixtral (a ``llama`` file with
+``expert_count``: stacked experts, or one tensor per expert in older files) and ``deepseek2`` (DeepSeek-V3, or V2
+with its softmax router: MLA's ``kv_b_proj`` rebuilt from ``attn_k_b`` / ``attn_v_b`` or read whole, the widths from
+``key_length_mla`` / ``value_length_mla`` where the file stores MLA absorbed, multi-token-prediction blocks left out,
+YaRN's ``mscale_all_dim`` from its log multiplier).
 What llama.cpp's converter writes is undone here as its reader (``llama-model.cpp``) reads it."""
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ _ARCH_NAMES: dict[str, dict[str, str]] = {
                "post_ffw_norm": "post_feedforward_layernorm"},
 }
 _ARCH_NAMES["gemma3"] = _ARCH_NAMES["gemma2"]
+_ARCH_NAMES["deepseek2"] = {"attn_q": "self_attn.q_proj", "attn_q_a": "self_attn.q_a_proj",
+                            "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
+                            "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+                            "attn_kv_b": "self_attn.kv_b_proj", "ffn_gate_inp": "mlp.gate",
+                            "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                            "ffn_down_shexp": "mlp.shared_experts.down_proj"}
 _ARCH_NAMES["olmo2"] = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
 _ARCH_NAMES["starcoder2"] = {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
 #: GPT-2's names (its own prefix); its Conv1D weights are stored transposed by llama.cpp
@@ -90,7 +99,8 @@ _GGUF_ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausal
                "olmo2": ("Olmo2ForCausalLM", "olmo2"), "granite": ("GraniteForCausalLM", "granite"),
                "starcoder2": ("Starcoder2ForCausalLM", "starcoder2"), "nemotron": ("NemotronForCausalLM", "nemotron"),
                "stablelm": ("StableLmForCausalLM", "stablelm"), "gpt2": ("GPT2LMHeadModel", "gpt2"),
-               "gemma": ("GemmaForCausalLM", "gemma"), "smollm3": ("SmolLM3ForCausalLM", "smollm3")}
+               "gemma": ("GemmaForCausalLM", "gemma"), "smollm3": ("SmolLM3ForCausalLM", "smollm3"),
+               "deepseek2": ("DeepseekV3ForCausalLM", "deepseek_v3")}
 #: architectures llama.cpp converts as Llama's, q/k rows permuted into interleaved RoPE pairs
 _PERMUTED = ("llama", "granite", "smollm3")
 #: architectures with LayerNorms (``attention.layer_norm_epsilon``) instead of RMSNorms
@@ -213,28 +223,39 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dic
         if v is not None:
             cfg[hf] = int(v)
 
-    tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
-            continue
-        parts = t.name.split(".")
-        experts = _EXPERTS.get(parts[2]) if len(parts) == 4 and parts[0] == "blk" else None
-        if len(parts) == 5 and parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down") \
-                and parts[3].isdigit() and "num_local_experts" in cfg:  # (older Mixtral files: one tensor per expert)
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-            tensors[f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{parts[2][4:]}_proj.{parts[4]}"] = \
-                torch.from_numpy(np.array(arr, dtype=np.float32)).to(dtype)
-            continue
-        hf_name = _gguf_name(t.name, arch)
-        if hf_name is None and experts is None:
-            raise ModelError(f"{p}: unexpected GGUF tensor {t.name!r} for architecture {arch!r}")
+    def read(t: Any) -> torch.Tensor:
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ModelError(f"{p}: tensor {t.name}: quantization {t.tensor_type.name} unsupported") from None
-        w = torch.from_numpy(np.array(arr, dtype=np.float32))
+        return torch.from_numpy(np.array(arr, dtype=np.float32))
+
+    tensors: dict[str, torch.Tensor] = {}
+    kv_halves: dict[str, dict[str, torch.Tensor]] = {}  # (DeepSeek: kv_b_proj split into k_b and v_b)
+    for t in reader.tensors:
+        if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
+            continue
+        parts = t.name.split(".")
+        if parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) >= cfg["num_hidden_layers"]:
+            continue  # (DeepSeek's multi-token-prediction layers: not decoder layers)
+        if arch == "deepseek2" and len(parts) == 4 and parts[2] in ("exp_probs_b", "attn_k_b", "attn_v_b"):
+            if parts[2] == "exp_probs_b":
+                tensors[f"model.layers.{parts[1]}.mlp.gate.e_score_correction_bias"] = read(t).reshape(-1).to(dtype)
+            else:
+                kv_halves.setdefault(parts[1], {})[parts[2]] = read(t)
+            continue
+        experts = _EXPERTS.get(parts[2]) if len(parts) == 4 and parts[0] == "blk" else None
+        if len(parts) == 5 and parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down") \
+                and parts[3].isdigit() and "num_local_experts" in cfg:  # (older Mixtral files: one tensor per expert)
+            tensors[f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{parts[2][4:]}_proj.{parts[4]}"] = \
+                read(t).to(dtype)
+            continue
+        hf_name = _gguf_name(t.name, arch)
+        if hf_name is None and experts is None:
+            raise ModelError(f"{p}: unexpected GGUF tensor {t.name!r} for architecture {arch!r}")
+        w = read(t)
         if experts is not None:  # ([experts, out, in] -> one weight per expert)
-            n_exp = int(cfg.get("num_experts", cfg.get("num_local_experts", 0)))
+            n_exp = int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0)
             if w.dim() != 3 or w.shape[0] != n_exp:
                 raise ModelError(f"{p}: tensor {t.name} has shape {tuple(w.shape)}, expected [{n_exp}, out, in] "
                                  f"({arch}.expert_count)")
@@ -262,13 +283,65 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dic
                     w[h].to(dtype, copy=True)
             continue
         tensors[hf_name] = w.to(dtype)
+    for bid, halves in kv_halves.items():
+        tensors[f"model.layers.{bid}.self_attn.kv_b_proj.weight"] = _kv_b(halves, cfg, p, bid).to(dtype)
     return cfg, tensors
+
+
+def _kv_b(halves: dict[str, torch.Tensor], cfg: dict[str, Any], p: Path, bid: str) -> torch.Tensor:
+    """DeepSeek's ``kv_b_proj`` ``[heads (nope + v), kv_lora]`` from llama.cpp's ``attn_k_b`` ``[heads, kv_lora,
+    nope]`` (transposed per head) and ``attn_v_b`` ``[heads, v, kv_lora]``."""
+    k_b, v_b = halves.get("attn_k_b"), halves.get("attn_v_b")
+    heads, lora = cfg["num_attention_heads"], cfg["kv_lora_rank"]
+    nope, v = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    if k_b is None or v_b is None or tuple(k_b.shape) != (heads, lora, nope) or tuple(v_b.shape) != (heads, v, lora):
+        raise ModelError(f"{p}: blk.{bid}.attn_k_b / attn_v_b have shapes "
+                         f"{None if k_b is None else tuple(k_b.shape)} / {None if v_b is None else tuple(v_b.shape)}, "
+                         f"expected ({heads}, {lora}, {nope}) / ({heads}, {v}, {lora})")
+    return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(heads * (nope + v), lora)
+
+
+def _deepseek2_config(field: Any, need: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V2 / V3's config from llama.cpp's ``deepseek2`` metadata: MLA's ranks and head widths (the
+    ``key_length_mla`` / ``value_length_mla`` of files that store MLA in its absorbed form, else ``key_length`` /
+    ``value_length``), the MoE block, and YaRN (its log multiplier is 0.1 x ``mscale_all_dim``)."""
+    a = "deepseek2"
+    rope = int(need("rope.dimension_count"))
+    key = int(field(f"{a}.attention.key_length_mla", 0) or need("attention.key_length"))
+    value = int(field(f"{a}.attention.value_length_mla", 0) or need("attention.value_length"))
+    nextn = int(field(f"{a}.nextn_predict_layers", 0) or 0)
+    sigmoid = int(field(f"{a}.expert_gating_func", 1) or 1) == 2  # (llama.cpp: 1 softmax, 2 sigmoid)
+    q_lora = field(f"{a}.attention.q_lora_rank")
+    groups = int(field(f"{a}.expert_group_count", 1) or 1)
+    out: dict[str, Any] = {
+        "num_hidden_layers": cfg["num_hidden_layers"] - nextn, "num_key_value_heads": cfg["num_attention_heads"],
+        "kv_lora_rank": int(need("attention.kv_lora_rank")), "q_lora_rank": int(q_lora) if q_lora else None,
+        "qk_rope_head_dim": rope, "qk_nope_head_dim": key - rope, "v_head_dim": value, "head_dim": rope,
+        "first_k_dense_replace": int(field(f"{a}.leading_dense_block_count", 0) or 0),
+        "moe_intermediate_size": int(need("expert_feed_forward_length")),
+        "n_routed_experts": int(need("expert_count")), "n_shared_experts": int(field(f"{a}.expert_shared_count", 0) or 0),
+        "num_experts_per_tok": int(need("expert_used_count")),
+        "routed_scaling_factor": float(f"{field(f'{a}.expert_weights_scale', 1.0):.7g}"),
+        "norm_topk_prob": bool(field(f"{a}.expert_weights_norm", False)),
+        "n_group": groups, "topk_group": int(field(f"{a}.expert_group_used_count", groups) or groups),
+    }
+    if not sigmoid:  # (DeepSeek-V2's softmax router)
+        out.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+                   topk_method="group_limited_greedy" if groups > 1 else "greedy", scoring_func="softmax",
+                   num_experts_per_tok=out["num_experts_per_tok"])
+    rs = cfg.get("rope_scaling")
+    if isinstance(rs, dict) and rs.get("rope_type") == "yarn":
+        mscale = float(f"{field(f'{a}.rope.scaling.yarn_log_multiplier', 0.0) / 0.1:.7g}")
+        rs.update(type="yarn", mscale=mscale, mscale_all_dim=mscale, beta_fast=32, beta_slow=1)
+    return out
 
 
 def _arch_config(arch: str, field: Any, need: Any, cfg: dict[str, Any], rope_dims: int, p: Path,
                  names: set[str]) -> dict[str, Any]:
     """The config fields of one architecture beyond Llama's, as llama.cpp reads them from the metadata."""
     out: dict[str, Any] = {}
+    if arch == "deepseek2":
+        return _deepseek2_config(field, need, cfg)
     if arch == "llama" and field(f"{arch}.expert_count"):  # (Mixtral)
         out.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
                    num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")))

@@ -452,10 +452,8 @@ def load_model(config: LlamaModelConfig | None = None, device: str | torch.devic
     iq: IntQuant | None = None
     mq: MlxQuant | None = None
     if p.is_file() and p.suffix == ".gguf":
-        if cfg.kv_format != "auto":
-            raise ModelError(f"{p}: kv_format {cfg.kv_format!r} needs an MLA (DeepSeek-V2/V3) safetensors checkpoint")
         hf_cfg, tensors = read_gguf(p, getattr(torch, cfg.dtype))  # (each tensor kept in the model's dtype)
-        spec = ModelSpec.from_hf_config(hf_cfg, dtype=cfg.dtype, max_context=cfg.max_context)
+        spec = load_spec(hf_cfg, dtype=cfg.dtype, kv_format=cfg.kv_format, max_context=cfg.max_context)
         weights_id = f"random:{cfg.seed}" if cfg.random_init else files_identity([p])
         model_tensors: Mapping[str, torch.Tensor] | None = None if cfg.random_init else tensors
     else:

@@ -1,6 +1,6 @@
 """GGUF files of more families (``dualpath.model.gguf``): Qwen2-MoE, Qwen3-MoE, Phi-3 (with LongRoPE and a partial
-rotary head), Gemma, Gemma 2, Gemma 3, OLMo 2, Granite, StarCoder 2, Nemotron, StableLM, GPT-2, SmolLM3, Mixtral and
-DeepSeek-V3 / V2 (``deepseek2``, its own writer below), each written from a random transformers model as llama.cpp's converter writes it
+rotary head), Gemma, Gemma 2, Gemma 3, OLMo 2, Granite, StarCoder 2, Nemotron, StableLM, GPT-2, SmolLM3, Mixtral,
+GLM-4.5 and DeepSeek-V3 / V2 (``deepseek2``, its own writer below), each written from a random transformers model as llama.cpp's converter writes it
 (the ``gguf`` package's own Hugging Face -> GGUF name map, ``gguf.get_tensor_name_map``; stacked experts; Gemma's
 norms stored as ``1 + weight``; the metadata keys llama.cpp reads). Two independent checks per family: transformers'
 own GGUF reader (``load_gguf_checkpoint``) reads the file back into exactly the source model's tensors, so the file
@@ -60,6 +60,11 @@ FAMILIES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "mixtral": ("llama", "MixtralConfig", "MixtralForCausalLM",
                 {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, **UNTIED}),
     "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", {"num_hidden_layers": 4, **UNTIED}),
+    "glm4moe": ("glm4moe", "Glm4MoeConfig", "Glm4MoeForCausalLM",
+                {"moe_intermediate_size": 32, "head_dim": 16, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                 "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
+                 "routed_scaling_factor": 1.5, "use_qk_norm": True, "attention_bias": True,
+                 "partial_rotary_factor": 0.25, **UNTIED}),
 }
 #: llama.cpp's architectures converted as Llama's: q/k rows permuted into interleaved RoPE pairs
 PERMUTED = ("granite", "llama", "smollm3")
@@ -81,6 +86,9 @@ def _hf_model(name: str) -> Any:
                 p.add_(0.1 * torch.randn_like(p))
             else:
                 p.mul_(6.0)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):  # (transformers starts the router's bias at zero)
+                b.copy_(0.1 * torch.randn_like(b))
     return model
 
 
@@ -118,8 +126,19 @@ def write_gguf(path: Path, model: Any, arch: str, qtype: Any = None, per_expert:
         w.add_rope_freq_base(rope["full_attention"]["rope_theta"])
     else:
         w.add_rope_freq_base(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    if arch in ("nemotron", "stablelm"):
+    if arch in ("nemotron", "stablelm", "glm4moe"):
         w.add_rope_dimension_count(int(head_dim * _partial(cfg)))
+    if arch == "glm4moe":  # (the sigmoid-routed MoE block, as llama.cpp's GLM-4.5 converter writes it)
+        w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+        w.add_expert_count(cfg.n_routed_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_shared_count(cfg.n_shared_experts)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_weights_scale(cfg.routed_scaling_factor)
+        w.add_expert_weights_norm(cfg.norm_topk_prob)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
     if arch == "granite":
         w.add_attention_scale(cfg.attention_multiplier)
         w.add_embedding_scale(cfg.embedding_multiplier)
@@ -172,6 +191,9 @@ def write_gguf(path: Path, model: Any, arch: str, qtype: Any = None, per_expert:
             arr = arr.reshape(heads, 2, arr.shape[0] // heads // 2, *arr.shape[1:]).swapaxes(1, 2).reshape(arr.shape)
         if arch == "gpt2" and arr.ndim == 2 and hf_name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
             arr = arr.T  # (llama.cpp stores Conv1D weights as [out, in])
+        if hf_name.endswith("mlp.gate.e_score_correction_bias"):
+            add(f"blk.{hf_name.split('.')[2]}.exp_probs_b.bias", arr)
+            continue
         if "_layernorm.norms." in hf_name:  # (StableLM's per-head norms, stacked [heads, dim] by llama.cpp)
             bid, side = hf_name.split(".")[2], "q" if ".q_layernorm." in hf_name else "k"
             stacked.setdefault(f"blk.{bid}.attn_{side}_norm.weight", []).append(arr)
@@ -215,7 +237,7 @@ def test_transformers_reads_the_file_back_as_the_source_tensors(written):
     name, model, path = written
     if name in ("qwen2moe", "qwen3moe"):
         pytest.skip("transformers 5.24 maps stacked experts to its own packed layout only for its default sizes")
-    if name in ("olmo2", "granite", "gemma", "smollm3", "mixtral"):
+    if name in ("olmo2", "granite", "gemma", "smollm3", "mixtral", "glm4moe"):
         pytest.skip(f"transformers 5.24 reads no {name} GGUF file (Mixtral: not its experts)")
     got = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     want = model.state_dict()

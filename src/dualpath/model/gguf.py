@@ -8,7 +8,8 @@ llama.cpp stores taken back to Gemma's ``weight``; soft caps, window and attenti
 ``olmo2``, ``granite`` (q/k permuted as Llama's; its four scalings), ``starcoder2``, ``nemotron`` (``1 + weight``
 norms), ``stablelm`` (per-head q/k norms stacked ``[heads, dim]``), ``gpt2`` (``Conv1D`` weights stored
 transposed), ``gemma`` (``1 + weight`` norms), ``smollm3`` (q/k permuted), Mixtral (a ``llama`` file with
-``expert_count``: stacked experts, or one tensor per expert in older files) and ``deepseek2`` (DeepSeek-V3, or V2
+``expert_count``: stacked experts, or one tensor per expert in older files), ``glm4moe`` (GLM-4.5: partial RoPE,
+the sigmoid-routed MoE block, its multi-token-prediction blocks left out) and ``deepseek2`` (DeepSeek-V3, or V2
 with its softmax router: MLA's ``kv_b_proj`` rebuilt from ``attn_k_b`` / ``attn_v_b`` or read whole, the widths from
 ``key_length_mla`` / ``value_length_mla`` where the file stores MLA absorbed, multi-token-prediction blocks left out,
 YaRN's ``mscale_all_dim`` from its log multiplier).
@@ -50,6 +51,9 @@ _ARCH_NAMES: dict[str, dict[str, str]] = {
                "post_ffw_norm": "post_feedforward_layernorm"},
 }
 _ARCH_NAMES["gemma3"] = _ARCH_NAMES["gemma2"]
+_ARCH_NAMES["glm4moe"] = {"post_attention_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.gate",
+                          "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                          "ffn_down_shexp": "mlp.shared_experts.down_proj"}
 _ARCH_NAMES["deepseek2"] = {"attn_q": "self_attn.q_proj", "attn_q_a": "self_attn.q_a_proj",
                             "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
                             "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
@@ -100,7 +104,7 @@ _GGUF_ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausal
                "starcoder2": ("Starcoder2ForCausalLM", "starcoder2"), "nemotron": ("NemotronForCausalLM", "nemotron"),
                "stablelm": ("StableLmForCausalLM", "stablelm"), "gpt2": ("GPT2LMHeadModel", "gpt2"),
                "gemma": ("GemmaForCausalLM", "gemma"), "smollm3": ("SmolLM3ForCausalLM", "smollm3"),
-               "deepseek2": ("DeepseekV3ForCausalLM", "deepseek_v3")}
+               "deepseek2": ("DeepseekV3ForCausalLM", "deepseek_v3"), "glm4moe": ("Glm4MoeForCausalLM", "glm4_moe")}
 #: architectures llama.cpp converts as Llama's, q/k rows permuted into interleaved RoPE pairs
 _PERMUTED = ("llama", "granite", "smollm3")
 #: architectures with LayerNorms (``attention.layer_norm_epsilon``) instead of RMSNorms
@@ -170,7 +174,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dic
     tokens = field("tokenizer.ggml.tokens")
     vocab = int(field(f"{arch}.vocab_size", 0) or (len(tokens) if tokens else 0))
     rope_dims = int(field(f"{arch}.rope.dimension_count", 0))
-    partial = arch in ("phi3", "nemotron", "stablelm")  # (rope.dimension_count is the rotary part, not the head)
+    partial = arch in ("phi3", "nemotron", "stablelm", "glm4moe")  # (rope.dimension_count: the rotary part)
     head_dim = int(field(f"{arch}.attention.key_length", 0) or (0 if partial else rope_dims) or hidden // n_heads)
     names = {t.name for t in reader.tensors}
     hf_arch, model_type = _GGUF_ARCHS[arch]
@@ -238,7 +242,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dic
         parts = t.name.split(".")
         if parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) >= cfg["num_hidden_layers"]:
             continue  # (DeepSeek's multi-token-prediction layers: not decoder layers)
-        if arch == "deepseek2" and len(parts) == 4 and parts[2] in ("exp_probs_b", "attn_k_b", "attn_v_b"):
+        if arch in ("deepseek2", "glm4moe") and len(parts) == 4 and parts[2] in ("exp_probs_b", "attn_k_b", "attn_v_b"):
             if parts[2] == "exp_probs_b":
                 tensors[f"model.layers.{parts[1]}.mlp.gate.e_score_correction_bias"] = read(t).reshape(-1).to(dtype)
             else:
@@ -301,6 +305,30 @@ def _kv_b(halves: dict[str, torch.Tensor], cfg: dict[str, Any], p: Path, bid: st
     return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(heads * (nope + v), lora)
 
 
+def _routed_moe(a: str, field: Any, need: Any) -> dict[str, Any]:
+    """The sigmoid-routed MoE block's fields DeepSeek-V3 and GLM-4.5 share, from llama.cpp's metadata."""
+    groups = int(field(f"{a}.expert_group_count", 1) or 1)
+    return {"first_k_dense_replace": int(field(f"{a}.leading_dense_block_count", 0) or 0),
+            "moe_intermediate_size": int(need("expert_feed_forward_length")),
+            "n_routed_experts": int(need("expert_count")),
+            "n_shared_experts": int(field(f"{a}.expert_shared_count", 0) or 0),
+            "num_experts_per_tok": int(need("expert_used_count")),
+            "routed_scaling_factor": float(f"{field(f'{a}.expert_weights_scale', 1.0):.7g}"),
+            "norm_topk_prob": bool(field(f"{a}.expert_weights_norm", False)),
+            "n_group": groups, "topk_group": int(field(f"{a}.expert_group_used_count", groups) or groups)}
+
+
+def _glm4moe_config(field: Any, need: Any, cfg: dict[str, Any], rope_dims: int, names: set[str]) -> dict[str, Any]:
+    """GLM-4.5's config from llama.cpp's ``glm4moe`` metadata: partial RoPE, optional q/k norms, the routed MoE
+    block; its multi-token-prediction blocks (``nextn_predict_layers``) left out."""
+    nextn = int(field("glm4moe.nextn_predict_layers", 0) or 0)
+    out = {"num_hidden_layers": cfg["num_hidden_layers"] - nextn, "use_qk_norm": "blk.0.attn_q_norm.weight" in names,
+           **_routed_moe("glm4moe", field, need)}
+    if rope_dims and rope_dims != cfg["head_dim"]:
+        out["partial_rotary_factor"] = rope_dims / cfg["head_dim"]
+    return out
+
+
 def _deepseek2_config(field: Any, need: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     """DeepSeek-V2 / V3's config from llama.cpp's ``deepseek2`` metadata: MLA's ranks and head widths (the
     ``key_length_mla`` / ``value_length_mla`` of files that store MLA in its absorbed form, else ``key_length`` /
@@ -312,23 +340,14 @@ def _deepseek2_config(field: Any, need: Any, cfg: dict[str, Any]) -> dict[str, A
     nextn = int(field(f"{a}.nextn_predict_layers", 0) or 0)
     sigmoid = int(field(f"{a}.expert_gating_func", 1) or 1) == 2  # (llama.cpp: 1 softmax, 2 sigmoid)
     q_lora = field(f"{a}.attention.q_lora_rank")
-    groups = int(field(f"{a}.expert_group_count", 1) or 1)
     out: dict[str, Any] = {
         "num_hidden_layers": cfg["num_hidden_layers"] - nextn, "num_key_value_heads": cfg["num_attention_heads"],
         "kv_lora_rank": int(need("attention.kv_lora_rank")), "q_lora_rank": int(q_lora) if q_lora else None,
         "qk_rope_head_dim": rope, "qk_nope_head_dim": key - rope, "v_head_dim": value, "head_dim": rope,
-        "first_k_dense_replace": int(field(f"{a}.leading_dense_block_count", 0) or 0),
-        "moe_intermediate_size": int(need("expert_feed_forward_length")),
-        "n_routed_experts": int(need("expert_count")), "n_shared_experts": int(field(f"{a}.expert_shared_count", 0) or 0),
-        "num_experts_per_tok": int(need("expert_used_count")),
-        "routed_scaling_factor": float(f"{field(f'{a}.expert_weights_scale', 1.0):.7g}"),
-        "norm_topk_prob": bool(field(f"{a}.expert_weights_norm", False)),
-        "n_group": groups, "topk_group": int(field(f"{a}.expert_group_used_count", groups) or groups),
-    }
+        **_routed_moe(a, field, need)}
     if not sigmoid:  # (DeepSeek-V2's softmax router)
-        out.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
-                   topk_method="group_limited_greedy" if groups > 1 else "greedy", scoring_func="softmax",
-                   num_experts_per_tok=out["num_experts_per_tok"])
+        out.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", scoring_func="softmax",
+                   topk_method="group_limited_greedy" if out["n_group"] > 1 else "greedy")
     rs = cfg.get("rope_scaling")
     if isinstance(rs, dict) and rs.get("rope_type") == "yarn":
         mscale = float(f"{field(f'{a}.rope.scaling.yarn_log_multiplier', 0.0) / 0.1:.7g}")
@@ -342,6 +361,8 @@ def _arch_config(arch: str, field: Any, need: Any, cfg: dict[str, Any], rope_dim
     out: dict[str, Any] = {}
     if arch == "deepseek2":
         return _deepseek2_config(field, need, cfg)
+    if arch == "glm4moe":
+        return _glm4moe_config(field, need, cfg, rope_dims, names)
     if arch == "llama" and field(f"{arch}.expert_count"):  # (Mixtral)
         out.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
                    num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")))

@@ -1,6 +1,6 @@
 """GGUF files of more families (``dualpath.model.gguf``): Qwen2-MoE, Qwen3-MoE, Phi-3 (with LongRoPE and a partial
 rotary head), Gemma, Gemma 2, Gemma 3, OLMo 2, Granite, StarCoder 2, Nemotron, StableLM, GPT-2, SmolLM3, Mixtral,
-GLM-4.5 and DeepSeek-V3 / V2 (``deepseek2``, its own writer below), each written from a random transformers model as llama.cpp's converter writes it
+GLM-4.5, gpt-oss and DeepSeek-V3 / V2 (these two with their own writers below), each written from a random transformers model as llama.cpp's converter writes it
 (the ``gguf`` package's own Hugging Face -> GGUF name map, ``gguf.get_tensor_name_map``; stacked experts; Gemma's
 norms stored as ``1 + weight``; the metadata keys llama.cpp reads). Two independent checks per family: transformers'
 own GGUF reader (``load_gguf_checkpoint``) reads the file back into exactly the source model's tensors, so the file
@@ -471,3 +471,96 @@ def test_deepseek2_gguf_gives_the_source_models_logits(tmp_path, variant):
     ours = load_model(LlamaModelConfig(path=str(path), time_model="off"), with_tokenizer=False)[0]
     assert type(ours).__name__ == "DeepseekV3Model"
     check_turns_against_hf(ours, hf, random_turns(V))
+
+
+def write_gpt_oss_gguf(path: Path, model: Any, qtype: Any = None) -> None:
+    """A gpt-oss model as llama.cpp's converter writes ``gpt-oss``: transformers' packed experts split (gate the
+    even columns of ``gate_up_proj``, up the odd ones, each stored ``[E, I, hidden]``; ``down_proj`` stored ``[E,
+    hidden, I]``), the sinks as ``attn_sinks.weight``, the router as ``ffn_gate_inp``, YaRN's factor and original
+    context; the experts in ``qtype`` (MXFP4, as the published files hold them) when given."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "gpt-oss")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_expert_count(cfg.num_local_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_feed_forward_length(cfg.intermediate_size)
+    w.add_sliding_window(cfg.sliding_window)
+    rope = cfg.rope_parameters
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT_OSS, cfg.num_hidden_layers)
+
+    def add(name: str, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if qtype is not None and name.endswith("_exps.weight"):
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, arr)
+
+    for hf_name, t in model.state_dict().items():
+        arr = t.detach().float().numpy()
+        bid = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else None
+        if hf_name.endswith("experts.gate_up_proj"):
+            add(f"blk.{bid}.ffn_gate_exps.weight", arr[..., 0::2].transpose(0, 2, 1))
+            add(f"blk.{bid}.ffn_up_exps.weight", arr[..., 1::2].transpose(0, 2, 1))
+        elif hf_name.endswith("experts.gate_up_proj_bias"):
+            add(f"blk.{bid}.ffn_gate_exps.bias", arr[..., 0::2])
+            add(f"blk.{bid}.ffn_up_exps.bias", arr[..., 1::2])
+        elif hf_name.endswith("experts.down_proj"):
+            add(f"blk.{bid}.ffn_down_exps.weight", arr.transpose(0, 2, 1))
+        elif hf_name.endswith("experts.down_proj_bias"):
+            add(f"blk.{bid}.ffn_down_exps.bias", arr)
+        elif hf_name.endswith("self_attn.sinks"):
+            add(f"blk.{bid}.attn_sinks.weight", arr)
+        else:
+            gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            assert gname is not None, hf_name
+            add(gname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+GPT_OSS = {"vocab_size": V, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
+           "num_experts_per_tok": 2, "sliding_window": 8, "max_position_embeddings": 256, "pad_token_id": 0,
+           "bos_token_id": 1, "eos_token_id": 2}
+
+
+@pytest.mark.parametrize("mxfp4", [False, True], ids=["f32", "mxfp4_experts"])
+def test_gpt_oss_gguf_gives_the_source_models_logits(tmp_path, mxfp4):
+    """gpt-oss written as llama.cpp's ``gpt-oss`` (sinks, alternating windows, YaRN, biased router and experts):
+    the logits equal transformers' on the source model; with MXFP4 experts, on the source model holding gguf's own
+    dequantization of them."""
+    torch.manual_seed(0)
+    hf = transformers.GptOssForCausalLM(transformers.GptOssConfig(**GPT_OSS)).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or "bias" in n or "sinks" in n) else p.mul_(6.0)
+    path = tmp_path / "oss.gguf"
+    qtype = gguf.GGMLQuantizationType.MXFP4 if mxfp4 else None
+    write_gpt_oss_gguf(path, hf, qtype)
+    if mxfp4:  # (the reference holds the experts as gguf dequantizes its MXFP4 blocks)
+        deq = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+               for t in gguf.GGUFReader(str(path)).tensors if t.name.endswith("_exps.weight")}
+        assert any(t.tensor_type == qtype for t in gguf.GGUFReader(str(path)).tensors)
+        with torch.no_grad():
+            for i, layer in enumerate(hf.model.layers):
+                gu = layer.mlp.experts.gate_up_proj
+                gu[..., 0::2] = deq[f"blk.{i}.ffn_gate_exps.weight"].transpose(1, 2)
+                gu[..., 1::2] = deq[f"blk.{i}.ffn_up_exps.weight"].transpose(1, 2)
+                layer.mlp.experts.down_proj.copy_(deq[f"blk.{i}.ffn_down_exps.weight"].transpose(1, 2))
+    ours = load_model(LlamaModelConfig(path=str(path), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, hf, two_sequences(V))

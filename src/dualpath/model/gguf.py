@@ -9,7 +9,9 @@ llama.cpp stores taken back to Gemma's ``weight``; soft caps, window and attenti
 norms), ``stablelm`` (per-head q/k norms stacked ``[heads, dim]``), ``gpt2`` (``Conv1D`` weights stored
 transposed), ``gemma`` (``1 + weight`` norms), ``smollm3`` (q/k permuted), Mixtral (a ``llama`` file with
 ``expert_count``: stacked experts, or one tensor per expert in older files), ``glm4moe`` (GLM-4.5: partial RoPE,
-the sigmoid-routed MoE block, its multi-token-prediction blocks left out) and ``deepseek2`` (DeepSeek-V3, or V2
+the sigmoid-routed MoE block, its multi-token-prediction blocks left out), ``gpt-oss`` (its experts packed back into
+transformers' interleaved ``gate_up_proj``; sinks; YaRN as gpt-oss's config keeps it, untruncated) and
+``deepseek2`` (DeepSeek-V3, or V2
 with its softmax router: MLA's ``kv_b_proj`` rebuilt from ``attn_k_b`` / ``attn_v_b`` or read whole, the widths from
 ``key_length_mla`` / ``value_length_mla`` where the file stores MLA absorbed, multi-token-prediction blocks left out,
 YaRN's ``mscale_all_dim`` from its log multiplier).
@@ -54,6 +56,7 @@ _ARCH_NAMES["gemma3"] = _ARCH_NAMES["gemma2"]
 _ARCH_NAMES["glm4moe"] = {"post_attention_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.gate",
                           "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
                           "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+_ARCH_NAMES["gpt-oss"] = {"post_attention_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.router"}
 _ARCH_NAMES["deepseek2"] = {"attn_q": "self_attn.q_proj", "attn_q_a": "self_attn.q_a_proj",
                             "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
                             "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
@@ -104,7 +107,8 @@ _GGUF_ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausal
                "starcoder2": ("Starcoder2ForCausalLM", "starcoder2"), "nemotron": ("NemotronForCausalLM", "nemotron"),
                "stablelm": ("StableLmForCausalLM", "stablelm"), "gpt2": ("GPT2LMHeadModel", "gpt2"),
                "gemma": ("GemmaForCausalLM", "gemma"), "smollm3": ("SmolLM3ForCausalLM", "smollm3"),
-               "deepseek2": ("DeepseekV3ForCausalLM", "deepseek_v3"), "glm4moe": ("Glm4MoeForCausalLM", "glm4_moe")}
+               "deepseek2": ("DeepseekV3ForCausalLM", "deepseek_v3"), "glm4moe": ("Glm4MoeForCausalLM", "glm4_moe"),
+               "gpt-oss": ("GptOssForCausalLM", "gpt_oss")}
 #: architectures llama.cpp converts as Llama's, q/k rows permuted into interleaved RoPE pairs
 _PERMUTED = ("llama", "granite", "smollm3")
 #: architectures with LayerNorms (``attention.layer_norm_epsilon``) instead of RMSNorms
@@ -236,12 +240,19 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dic
 
     tensors: dict[str, torch.Tensor] = {}
     kv_halves: dict[str, dict[str, torch.Tensor]] = {}  # (DeepSeek: kv_b_proj split into k_b and v_b)
+    oss_experts: dict[str, dict[str, torch.Tensor]] = {}  # (gpt-oss: gate and up split out of its packed experts)
     for t in reader.tensors:
         if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"):
             continue
         parts = t.name.split(".")
         if parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) >= cfg["num_hidden_layers"]:
             continue  # (DeepSeek's multi-token-prediction layers: not decoder layers)
+        if arch == "gpt-oss" and len(parts) == 4 and (parts[2] in _EXPERTS or parts[2] == "attn_sinks"):
+            if parts[2] == "attn_sinks":
+                tensors[f"model.layers.{parts[1]}.self_attn.sinks"] = read(t).reshape(-1).to(dtype)
+            else:  # (assembled into transformers' packed experts below)
+                oss_experts.setdefault(parts[1], {})[f"{parts[2]}.{parts[3]}"] = read(t)
+            continue
         if arch in ("deepseek2", "glm4moe") and len(parts) == 4 and parts[2] in ("exp_probs_b", "attn_k_b", "attn_v_b"):
             if parts[2] == "exp_probs_b":
                 tensors[f"model.layers.{parts[1]}.mlp.gate.e_score_correction_bias"] = read(t).reshape(-1).to(dtype)
@@ -289,7 +300,31 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dic
         tensors[hf_name] = w.to(dtype)
     for bid, halves in kv_halves.items():
         tensors[f"model.layers.{bid}.self_attn.kv_b_proj.weight"] = _kv_b(halves, cfg, p, bid).to(dtype)
+    for bid, parts_of in oss_experts.items():
+        tensors.update({k: v.to(dtype) for k, v in _oss_experts(parts_of, cfg, p, bid).items()})
     return cfg, tensors
+
+
+def _oss_experts(t: dict[str, torch.Tensor], cfg: dict[str, Any], p: Path, bid: str) -> dict[str, torch.Tensor]:
+    """gpt-oss's experts in transformers' packed layout from llama.cpp's: ``gate_up_proj`` ``[E, hidden, 2 I]``
+    with gate and up interleaved column by column (llama.cpp splits them into ``ffn_gate_exps`` / ``ffn_up_exps``
+    ``[E, I, hidden]``), its bias likewise, ``down_proj`` ``[E, I, hidden]`` (``ffn_down_exps`` ``[E, hidden, I]``)."""
+    n_exp, width, hidden = cfg["num_local_experts"], cfg["intermediate_size"], cfg["hidden_size"]
+    want = {"ffn_gate_exps.weight": (n_exp, width, hidden), "ffn_up_exps.weight": (n_exp, width, hidden),
+            "ffn_down_exps.weight": (n_exp, hidden, width), "ffn_gate_exps.bias": (n_exp, width),
+            "ffn_up_exps.bias": (n_exp, width), "ffn_down_exps.bias": (n_exp, hidden)}
+    for k, shape in want.items():
+        if k not in t or tuple(t[k].shape) != shape:
+            raise ModelError(f"{p}: blk.{bid}.{k} has shape {None if k not in t else tuple(t[k].shape)}, expected "
+                             f"{shape} ({'gpt-oss'}.expert_count, expert_feed_forward_length)")
+    gate_up = torch.empty(n_exp, hidden, 2 * width)
+    gate_up[..., 0::2], gate_up[..., 1::2] = t["ffn_gate_exps.weight"].transpose(1, 2), t["ffn_up_exps.weight"].transpose(1, 2)
+    bias = torch.empty(n_exp, 2 * width)
+    bias[:, 0::2], bias[:, 1::2] = t["ffn_gate_exps.bias"], t["ffn_up_exps.bias"]
+    pre = f"model.layers.{bid}.mlp.experts."
+    return {pre + "gate_up_proj": gate_up, pre + "gate_up_proj_bias": bias,
+            pre + "down_proj": t["ffn_down_exps.weight"].transpose(1, 2).contiguous(),
+            pre + "down_proj_bias": t["ffn_down_exps.bias"]}
 
 
 def _kv_b(halves: dict[str, torch.Tensor], cfg: dict[str, Any], p: Path, bid: str) -> torch.Tensor:
@@ -363,6 +398,14 @@ def _arch_config(arch: str, field: Any, need: Any, cfg: dict[str, Any], rope_dim
         return _deepseek2_config(field, need, cfg)
     if arch == "glm4moe":
         return _glm4moe_config(field, need, cfg, rope_dims, names)
+    if arch == "gpt-oss":  # (the experts' width is its intermediate size; YaRN as its config keeps it, untruncated)
+        out = {"num_local_experts": int(need("expert_count")), "num_experts_per_tok": int(need("expert_used_count")),
+               "intermediate_size": int(need("expert_feed_forward_length")),
+               "sliding_window": int(need("attention.sliding_window"))}
+        rs = cfg.get("rope_scaling")
+        if isinstance(rs, dict) and rs.get("rope_type") == "yarn":
+            rs.update(beta_fast=32.0, beta_slow=1.0, truncate=False)
+        return out
     if arch == "llama" and field(f"{arch}.expert_count"):  # (Mixtral)
         out.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
                    num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")))

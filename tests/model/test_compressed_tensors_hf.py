@@ -350,3 +350,36 @@ def test_w8a8_inputs_are_quantized_as_transformers_runs_them(tmp_path, kind):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     plain = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
     assert float((_prefill(plain, seqs[0]) - refs[0]).abs().max(dim=1).values.median()) > 1e-3
+
+
+def test_mixed_precision_groups_each_read_in_their_format(tmp_path):
+    """A ``mixed-precision`` checkpoint (llm-compressor's per-group formats: FP8 attention, packed INT4 MLPs, written by
+    the library) reads as the library decompresses it; a group in a format not read here is refused by its key."""
+    cfg, model = _random_llama()
+    fp8 = QuantizationArgs(**dict(FP8, strategy="channel"))
+    w4 = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=16)
+    groups = {"group_0": QuantizationScheme(targets=["re:.*self_attn.*"], weights=fp8, format="float-quantized"),
+              "group_1": QuantizationScheme(targets=["re:.*mlp.*"], weights=w4, format="pack-quantized")}
+    apply_quantization_config(model, QuantizationConfig(config_groups=groups, ignore=["lm_head"],
+                                                        format="mixed-precision"))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "weight_scale"):
+                args = fp8 if "self_attn" in name else w4
+                scale, _ = calculate_qparams(*_extrema(module.weight.float(), args), args)
+                module.weight_scale.copy_(scale.reshape(module.weight_scale.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=None)
+    compressor.compress_model(model)
+    model.save_pretrained(tmp_path)
+    compressor.update_config(str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["quantization_config"]["format"] == "mixed-precision"
+    compressor.decompress_model(model)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if k in ref.state_dict()}, strict=True)
+    ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
+    check_batched_against_hf(ours, ref, two_sequences(VOCAB))
+    saved["quantization_config"]["config_groups"]["group_1"]["format"] = "marlin-24"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ModelError, match=r"config_groups.group_1.format 'marlin-24'"):
+        load_model(LlamaModelConfig(path=str(tmp_path)), with_tokenizer=False)

@@ -151,9 +151,16 @@ def check_quantization(hf_config: Mapping[str, Any], where: str) -> None:
 
         check_bnb_config(q, where)
     fmt = q.get("format")
-    if method.lower() == "compressed-tensors" and fmt is not None and fmt not in CT_FORMATS:
+    if method.lower() == "compressed-tensors" and fmt == "mixed-precision":  # (a format per config group)
+        groups = q.get("config_groups")
+        for name, group in (groups.items() if isinstance(groups, Mapping) else ()):
+            gfmt = group.get("format") if isinstance(group, Mapping) else None
+            if gfmt not in CT_FORMATS:
+                raise ModelError(f"{where}: quantization_config.config_groups.{name}.format {gfmt!r} is not "
+                                 f"supported for compressed-tensors (its {', '.join(CT_FORMATS)} weights are)")
+    elif method.lower() == "compressed-tensors" and fmt is not None and fmt not in CT_FORMATS:
         raise ModelError(f"{where}: quantization_config.format {fmt!r} is not supported for compressed-tensors "
-                         f"(its {', '.join(CT_FORMATS)} weights are)")
+                         f"(its {', '.join(CT_FORMATS)} weights are, and mixed-precision groups of them)")
 
 
 def fp8_block_size(hf_config: Mapping[str, Any]) -> tuple[int, int]:

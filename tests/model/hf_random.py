@@ -275,3 +275,27 @@ def check_bf16_as_close_as_transformers(got: torch.Tensor, ref: torch.Tensor, fp
     assert float(ours_err.mean()) <= mean_ratio * float(their_err.mean()), (ours_err, their_err)
     if max_ratio is not None:
         assert float(ours_err.max()) <= max_ratio * float(their_err.max()), (ours_err, their_err)
+
+
+def prefill_all(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Our logits at every position of each row of ``ids``, the rows prefilled together in one batch."""
+    from dualpath.model import KVPool, SeqBatch
+
+    pool = KVPool(model.spec.kv_spec(), num_blocks=32, block_tokens=4)
+    seqs = [row.tolist() for row in ids]
+    batch = SeqBatch.build(seqs, [0] * len(seqs), [pool.allocate(8) for _ in seqs], 4)
+    return model(batch, pool.layers, all_positions=True).reshape(len(seqs), ids.shape[1], -1)
+
+
+def check_fixture_logits(fixture: Any) -> None:
+    """A checkpoint fixture written by another tool (``fixture/checkpoint``) gives the logits that tool's side
+    recorded beside it (``fixture/reference.safetensors``: ``ids`` and ``logits``), batched, in fp32."""
+    from safetensors.torch import load_file
+
+    from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.loader import load_model
+
+    ref = load_file(str(fixture / "reference.safetensors"))
+    ours = load_model(LlamaModelConfig(path=str(fixture / "checkpoint"), time_model="off"), with_tokenizer=False)[0]
+    assert ref["logits"].abs().max() > 1.0  # (logits of a meaningful size)
+    torch.testing.assert_close(prefill_all(ours, ref["ids"]), ref["logits"], atol=2e-4, rtol=1e-4)

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from hf_random import check_fixture_logits
 from safetensors.torch import load_file, save_file
-from test_int_quant_hf import _prefill_all
 
 from dualpath.errors import ModelError
 from dualpath.model.bnb_quant import bnb_dequantized
@@ -32,10 +32,7 @@ def _load(d: Any) -> Any:
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_bnb_checkpoint_gives_transformers_logits(name):
-    ref = load_file(str(BNB / name / "reference.safetensors"))
-    got = _prefill_all(_load(BNB / name / "checkpoint"), ref["ids"])
-    assert ref["logits"].abs().max() > 1.0
-    torch.testing.assert_close(got, ref["logits"], atol=2e-4, rtol=1e-4)
+    check_fixture_logits(BNB / name)
 
 
 def test_nf4_fixture_holds_double_quantization_and_unquantized_modules():

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_random import check_batched_against_hf, two_sequences
+from hf_random import check_batched_against_hf, check_fixture_logits, prefill_all, two_sequences
 
 from dualpath.errors import ModelError
 from dualpath.model.config import LlamaModelConfig
@@ -35,16 +35,6 @@ FIXTURES = ("llama_4bit_actorder", "llama_mixed_v2", "gpt2_4bit")
 
 def _load(d: Any) -> Any:
     return load_model(LlamaModelConfig(path=str(d), time_model="off"), with_tokenizer=False)[0]
-
-
-def _prefill_all(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    """Our logits at every position of each row of ``ids``, the rows prefilled together in one batch."""
-    from dualpath.model import KVPool, SeqBatch
-
-    pool = KVPool(model.spec.kv_spec(), num_blocks=32, block_tokens=4)
-    seqs = [row.tolist() for row in ids]
-    batch = SeqBatch.build(seqs, [0] * len(seqs), [pool.allocate(8) for _ in seqs], 4)
-    return model(batch, pool.layers, all_positions=True).reshape(len(seqs), ids.shape[1], -1)
 
 
 # --- the bit streams -------------------------------------------------------------------------------------------
@@ -68,11 +58,7 @@ def test_unpack_bits_reads_compressed_tensors_packing(bits):
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_gptq_checkpoint_gives_the_logits_of_autogptqs_own_dequantization(name):
-    ref = load_file(str(GPTQ / name / "reference.safetensors"))
-    ours = _load(GPTQ / name / "checkpoint")
-    got = _prefill_all(ours, ref["ids"])
-    assert ref["logits"].abs().max() > 1.0
-    torch.testing.assert_close(got, ref["logits"], atol=2e-4, rtol=1e-4)
+    check_fixture_logits(GPTQ / name)
 
 
 def test_gptq_layouts_are_read_as_stored(tmp_path):
@@ -86,13 +72,13 @@ def test_gptq_layouts_are_read_as_stored(tmp_path):
     (d / "config.json").write_text(json.dumps(dict(cfg, quantization_config=dict(
         cfg["quantization_config"], checkpoint_format="gptq_v2"))))
     ref = load_file(str(src / "reference.safetensors"))
-    assert not torch.allclose(_prefill_all(_load(d), ref["ids"]), ref["logits"], atol=1e-2)
+    assert not torch.allclose(prefill_all(_load(d), ref["ids"]), ref["logits"], atol=1e-2)
     t = load_file(str(src / "checkpoint" / "model.safetensors"))
     g_idx = t["model.layers.0.mlp.down_proj.g_idx"]
     assert not torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=torch.int32) // 32)  # (act order)
     save_file({k: v for k, v in t.items() if not k.endswith(".g_idx")}, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(cfg))
-    assert not torch.allclose(_prefill_all(_load(d), ref["ids"]), ref["logits"], atol=1e-2)
+    assert not torch.allclose(prefill_all(_load(d), ref["ids"]), ref["logits"], atol=1e-2)
 
 
 def test_gptq_refusals_name_the_key_or_tensor(tmp_path):
@@ -170,15 +156,9 @@ def _awq_quantize(w: torch.Tensor, group: int, zero_point: bool) -> tuple[torch.
 
 
 def _awq_checkpoint(d: Path, zero_point: bool, group: int = 32) -> None:
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" not in n:
-                p.mul_(4.0)
+    from test_compressed_tensors_hf import _random_llama
+
+    _, model = _random_llama()
     model.save_pretrained(d)
     tensors = load_file(str(d / "model.safetensors"))
     for n, mod in model.named_modules():

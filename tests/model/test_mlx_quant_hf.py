@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import torch
+from hf_random import check_fixture_logits
 from safetensors.torch import load_file, save_file
-from test_int_quant_hf import _prefill_all
 
 from dualpath.errors import ModelError
 from dualpath.model.config import LlamaModelConfig
@@ -31,10 +31,7 @@ def _load(d: Any, dtype: str = "float32") -> Any:
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_mlx_checkpoint_gives_the_logits_of_mlxs_own_dequantization(name):
-    ref = load_file(str(MLX / name / "reference.safetensors"))
-    got = _prefill_all(_load(MLX / name / "checkpoint"), ref["ids"])
-    assert ref["logits"].abs().max() > 1.0
-    torch.testing.assert_close(got, ref["logits"], atol=2e-4, rtol=1e-4)
+    check_fixture_logits(MLX / name)
 
 
 def test_mlx_fixtures_hold_what_they_name():

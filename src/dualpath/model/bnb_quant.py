@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from dualpath.errors import ModelError
+from dualpath.model.int_quant import replaced
 
 _STATE = ".quant_state.bitsandbytes__"
 _4BIT_PARTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
@@ -114,10 +115,7 @@ def bnb_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoi
                                  f"{m}.weight [rows, in], got {None if w8 is None else (tuple(w8.shape), w8.dtype)}")
             out[m + ".weight"] = (w8.float() * (scb / 127.0).unsqueeze(1)).to(dtype)
             drop.update([name, m + ".weight_format"])
-    for name, t in tensors.items():
-        if name not in drop and name not in out:
-            out[name] = t
-    return out
+    return replaced(tensors, out, drop)
 
 
 def check_bnb_config(q: Mapping[str, Any], where: str) -> None:

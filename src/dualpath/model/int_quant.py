@@ -318,7 +318,14 @@ def dequantized(tensors: Mapping[str, torch.Tensor], q: IntQuant | None, source:
             widths = q.bits if q is not None and q.method == "compressed-tensors" else (4,)
             out[base] = _ct_weight(base, tensors, widths, source).to(dtype)
             drop.update(base + p for p in _CT_PARTS)
+    return replaced(tensors, out, drop)
+
+
+def replaced(tensors: Mapping[str, torch.Tensor], new: dict[str, torch.Tensor], drop: set[str],
+             also_drop: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """``new`` plus every tensor of ``tensors`` it does not replace, but those named in ``drop`` or ending with one
+    of ``also_drop`` (a dequantizer's result: the weights it made, the checkpoint's others as they are)."""
     for name, t in tensors.items():
-        if name not in drop and name not in out:
-            out[name] = t
-    return out
+        if name not in drop and name not in new and not (also_drop and name.endswith(also_drop)):
+            new[name] = t
+    return new

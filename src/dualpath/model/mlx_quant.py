@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dualpath.errors import ModelError
-from dualpath.model.int_quant import unpack_bits
+from dualpath.model.int_quant import replaced, unpack_bits
 
 _BITS = (2, 3, 4, 5, 6, 8)
 
@@ -112,7 +112,4 @@ def mlx_dequantized(tensors: Mapping[str, torch.Tensor], q: MlxQuant | None, sou
         w = values * scales.float().unsqueeze(-1) + biases.float().unsqueeze(-1)
         out[m + ".weight"] = w.reshape(rows, n_in).to(dtype)
         drop.update((name, m + ".biases", m + ".weight"))
-    for name, t in tensors.items():
-        if name not in drop and name not in out:
-            out[name] = t
-    return out
+    return replaced(tensors, out, drop)

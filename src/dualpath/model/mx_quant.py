@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from dualpath.errors import ModelError
+from dualpath.model.int_quant import replaced
 
 #: compressed-tensors formats read here
 MX_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp6-pack-quantized", "mxfp8-quantized")
@@ -125,7 +126,4 @@ def mx_dequantized(tensors: Mapping[str, torch.Tensor], source: str = "checkpoin
         out[base] = w.to(dtype)
     if not out:
         return tensors
-    for name, t in tensors.items():
-        if name not in drop and name not in out and not name.endswith(_RUNTIME_SCALES):
-            out[name] = t
-    return out
+    return replaced(tensors, out, drop, _RUNTIME_SCALES)

@@ -131,8 +131,8 @@ def _default_layer_types(arch: str, cfg: dict[str, Any], where: str) -> list[str
 
 
 def _nope_layers(arch: str, cfg: dict[str, Any], where: str) -> tuple[int, ...]:
-    if arch in ("cohere2", "cohere2_moe", "llama4_text"):  # (read by layernorm_family / llama4: Cohere 2 rotates its
-        # sliding layers)
+    if arch in ("cohere2", "cohere2_moe", "cohere_compass_text", "llama4_text"):  # (read by layernorm_family /
+        # llama4: Cohere 2 rotates its sliding layers, Cohere Compass the layer types its rope_parameters name)
         return tuple(cfg["_nope_layers"])
     if arch == "afmoe":  # Trinity rotates its sliding layers only (whatever its window)
         return tuple(i for i, t in enumerate(_afmoe_layer_types(cfg, where)) if t == "full_attention")
@@ -307,7 +307,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
         return None, ()
     if arch in lv.VARIANT_ARCHS and arch not in lv.WINDOWED:  # (their config classes have no window either)
         return None, ()
-    if arch in ("cohere2", "cohere2_moe", "gpt_neo"):  # (read by layernorm_family)
+    if arch in ("cohere2", "cohere2_moe", "cohere_compass_text", "gpt_neo"):  # (read by layernorm_family)
         return cast(tuple[int | None, tuple[int, ...]], cfg["_windows"])
     if arch in lnf.LN_ARCHS:  # StarCoder 2 slides every layer or none; the others never
         if arch != "starcoder2" or cfg.get("sliding_window") is None:

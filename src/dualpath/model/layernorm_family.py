@@ -75,7 +75,8 @@ ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPTNeoXForCausalLM": "gpt_neox", "P
                  "NemotronForCausalLM": "nemotron", "BloomForCausalLM": "bloom", "GPTNeoForCausalLM": "gpt_neo",
                  "MptForCausalLM": "mpt", "Cohere2MoeForCausalLM": "cohere2_moe", "OpenAIGPTLMHeadModel": "openai-gpt",
                  "BioGptForCausalLM": "biogpt", "XGLMForCausalLM": "xglm", "PersimmonForCausalLM": "persimmon",
-                 "GPTNeoXJapaneseForCausalLM": "gpt_neox_japanese", "CTRLLMHeadModel": "ctrl"}
+                 "GPTNeoXJapaneseForCausalLM": "gpt_neox_japanese", "CTRLLMHeadModel": "ctrl",
+                 "CohereCompassForCausalLM": "cohere_compass_text"}
 #: the families with GPT-2's config keys (``n_embd``, ``n_layer``, ...) and learned or no positions
 GPT2_KEYS = ("gpt2", "gptj", "gpt_bigcode")
 #: the families whose positions are ALiBi biases (no RoPE, no position embedding)
@@ -93,12 +94,13 @@ SCALED_EMBEDDINGS = ("biogpt", "xglm", "ctrl")
 INTERLEAVED_ROPE = ("gptj", "cohere", "cohere2", "cohere2_moe")
 #: Cohere's families: a bias-free LayerNorm in fp32 (Command A+'s MoE: or an RMSNorm), a SwiGLU MLP, logits times
 #: logit_scale
-COHERE = ("cohere", "cohere2", "cohere2_moe")
+COHERE = ("cohere", "cohere2", "cohere2_moe", "cohere_compass_text")
 HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
 #: the families whose transformers attention sizes a head as ``hidden_size // num_attention_heads`` whatever the
 #: config says, and those with no grouped keys and values at all (a ``num_key_value_heads`` key is not theirs)
 _HEAD_FROM_HIDDEN = ("gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom", "mpt", "stablelm",
-                     "falcon", "openai-gpt", "biogpt", "xglm", "persimmon", "gpt_neox_japanese", "ctrl")
+                     "falcon", "openai-gpt", "biogpt", "xglm", "persimmon", "gpt_neox_japanese", "ctrl",
+                     "cohere_compass_text")
 _ALL_HEADS_KV = ("gpt_neox", "gpt_neo", "opt", "bloom", "mpt", "openai-gpt", "biogpt", "xglm", "persimmon",
                  "gpt_neox_japanese", "ctrl")
 #: OpenAI GPT's ``afn`` -> the activation its MLP runs (its "gelu" is GELU's tanh approximation)
@@ -129,6 +131,11 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                "use_qk_norm": False, "attention_bias": False, "tie_word_embeddings": True, "rope_theta": 500000.0},
     "cohere2": {"max_position_embeddings": 8192, "layer_norm_eps": 1e-5, "hidden_act": "silu", "logit_scale": 0.0625,
                 "attention_bias": False, "tie_word_embeddings": True, "rope_theta": 10000.0, "sliding_window": 4096},
+    # CohereCompassTextConfig's: Cohere 2's block with RoPE per layer type (half-split), every layer full by default,
+    # no logit scale
+    "cohere_compass_text": {"max_position_embeddings": 8192, "layer_norm_eps": 1e-5, "hidden_act": "silu",
+                            "logit_scale": None, "attention_bias": False, "tie_word_embeddings": True,
+                            "sliding_window": 4096},
     # Cohere2MoeConfig's (Command A+): Cohere 2's, with head_dim 128, experts and dense prefix layers
     "cohere2_moe": {"max_position_embeddings": 8192, "layer_norm_eps": 1e-5, "hidden_act": "silu",
                     "logit_scale": 0.0625, "attention_bias": False, "tie_word_embeddings": True, "rope_theta": 10000.0,
@@ -341,6 +348,45 @@ def _cohere2_layers(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return {"_windows": (window, full), "_nope_layers": full}
 
 
+def _compass_layers(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """Cohere Compass's layers as CohereCompassTextConfig reads them: ``layer_types`` (default: every layer full),
+    the sliding ones over ``sliding_window``; ``rope_parameters`` keyed by layer type, None for a type without RoPE
+    (``nope_layers``). One RoPE is read for the layers that rotate (types with different ones are refused); its
+    M-RoPE sections are the plain RoPE over text, where a token's three position ids are equal."""
+    n = cfg.get("num_hidden_layers")
+    n = n if isinstance(n, int) and not isinstance(n, bool) else 0
+    types = cfg.get("layer_types")
+    types = ["full_attention"] * n if types is None else types
+    if (not isinstance(types, list) or len(types) != n
+            or any(t not in ("sliding_attention", "full_attention") for t in types)):
+        raise ModelError(f"{where}: layer_types must list 'sliding_attention' / 'full_attention' for each of the {n} "
+                         f"layers, got {types!r}")
+    params = cfg.get("rope_parameters")
+    missing = sorted({t for t in types if not isinstance(params, dict) or t not in params})
+    if missing:
+        raise ModelError(f"{where}: rope_parameters must hold each layer type's RoPE (an object, or null for none), "
+                         f"missing {missing} (as transformers' CohereCompass model needs them)")
+    assert isinstance(params, dict)
+    used = {t: params[t] for t in set(types)}
+    roped = []
+    for t, p in sorted(used.items()):
+        if p is not None and not isinstance(p, dict):
+            raise ModelError(f"{where}: rope_parameters.{t} must be an object or null, got {p!r}")
+        if p is not None:
+            roped.append({k: v for k, v in p.items() if k not in ("mrope_section", "mrope_interleaved")})
+    if any(r != roped[0] for r in roped):
+        raise ModelError(f"{where}: rope_parameters differ between layer types {sorted(used)}; one RoPE for the "
+                         "layers that rotate is read here")
+    nope = tuple(i for i, t in enumerate(types) if used[t] is None)
+    window = cfg.get("sliding_window")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if sliding and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise ModelError(f"{where}: sliding_window must be a positive integer for sliding layers, got {window!r}")
+    full = tuple(i for i, t in enumerate(types) if t == "full_attention")
+    return {"_windows": (window, full) if sliding else (None, ()), "_nope_layers": nope,
+            "rope_parameters": roped[0] if roped else {"rope_type": "default", "rope_theta": 10000.0}}
+
+
 def _int_key(cfg: dict[str, Any], key: str, where: str, low: int = 1) -> int:
     v = cfg.get(key)
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -544,6 +590,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             raise ModelError(f"{where}: mlp_bias and attention_bias must be equal here (one bias setting)")
     elif arch in COHERE:
         out["attention_bias"] = _flag(out, "attention_bias", where)
+        if arch == "cohere_compass_text" and out.get("logit_scale") is None:
+            out["logit_scale"] = 1.0  # (None: logits as they are)
         scale = out.get("logit_scale")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ModelError(f"{where}: logit_scale must be a positive number, got {scale!r}")
@@ -551,6 +599,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
             out.update(_cohere2_layers(out, where))
         elif arch == "cohere2_moe":
             out.update(_cohere2_moe(out, where))
+        elif arch == "cohere_compass_text":
+            out.update(_compass_layers(out, where))
     if arch not in (*GPT2_KEYS, "opt", "falcon", "bloom", "gpt_neo", "mpt", "openai-gpt", "biogpt", "xglm", "ctrl"):
         out["partial_rotary_factor"] = _partial(arch, out, where)
         for key in ("rope_parameters", "rope_scaling"):  # (read above; not a RoPE scaling parameter)
@@ -558,7 +608,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
                 out[key] = {k: v for k, v in out[key].items() if k != "partial_rotary_factor"}
     parallel = {"gpt2": False, "gpt_bigcode": False, "gptj": True, "phi": True, "starcoder2": False,
                 "openai-gpt": False, "biogpt": False, "xglm": False, "ctrl": False,
-                "opt": False, "cohere": True, "cohere2": True, "cohere2_moe": True, "nemotron": False, "bloom": False,
+                "opt": False, "cohere": True, "cohere2": True, "cohere2_moe": True, "cohere_compass_text": True,
+                "nemotron": False, "bloom": False,
                 "gpt_neo": False, "mpt": False}.get(arch)
     if arch == "falcon":
         parallel = out["parallel_attn"]
@@ -670,6 +721,17 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
                "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta}}
         if arch == "cohere":
             out["use_qk_norm"] = spec.qk_layernorm
+        elif arch == "cohere_compass_text":  # (RoPE keyed by layer type; null for a type that does not rotate)
+            types = ["full_attention" if spec.layer_window(i) is None else "sliding_attention"
+                     for i in range(spec.n_layers)]
+            rope = out.pop("rope_parameters")
+            by_type: dict[str, Any] = {}
+            for i, t in enumerate(types):
+                if by_type.setdefault(t, None if i in spec.nope_layers else rope) != (None if i in spec.nope_layers
+                                                                                      else rope):
+                    raise ModelError(f"cohere_compass_text: the {t} layers must all rotate or none")
+            out.update(sliding_window=spec.sliding_window or 4096, layer_types=types, rope_parameters=by_type,
+                       head_dim=spec.head_dim)
         else:
             out.update(sliding_window=spec.sliding_window,
                        layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"

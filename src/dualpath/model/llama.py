@@ -196,7 +196,7 @@ class RMSNorm(nn.Module):
 def _norm(spec: ModelSpec, dim: int) -> nn.Module:
     """A layer's or the model's norm in the family's style: RMSNorm, or LayerNorm with a bias for the LayerNorm
     families (:mod:`dualpath.model.layernorm_family`)."""
-    if spec.architecture in ("cohere", "cohere2", "cohere2_moe"):  # bias-free, in fp32 (Command A+'s: or RMSNorms)
+    if spec.architecture in ("cohere", "cohere2", "cohere2_moe", "cohere_compass_text"):  # bias-free, in fp32 (Command A+'s: or RMSNorms)
         return RMSNorm(dim, spec.rms_eps) if spec.rms_norms else HeadLayerNorm(0, dim, spec.rms_eps)
     if spec.architecture == "nemotron":
         return LayerNorm1P(dim, eps=spec.rms_eps)

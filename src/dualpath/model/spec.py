@@ -414,6 +414,7 @@ class ModelSpec(_SpecCommon):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
         nope = tuple(sorted({int(x) for x in self.nope_layers}))
         if nope and (self.architecture not in ("smollm3", "exaone4", "exaone_moe", "cohere2", "cohere2_moe",
+                                               "cohere_compass_text",
                                                "llama4_text", "afmoe",
                                                "flint", "kolibri1", *GRANITE_SWA)
                      or any(not 0 <= x < self.n_layers for x in nope)):
@@ -496,7 +497,7 @@ class ModelSpec(_SpecCommon):
                  "gpt_neox_japanese": (False, False),
                  "biogpt": (False, False), "xglm": (False, False), "cohere": (True, None),
                  "nemotron": (False, False),
-                 "cohere2": (True, False), "cohere2_moe": (True, False)}
+                 "cohere2": (True, False), "cohere2_moe": (True, False), "cohere_compass_text": (True, False)}
         if (self.falcon_layout is None) == (self.architecture == "falcon") or self.falcon_layout not in (
                 None, "new1", "new2", "old"):
             raise ModelError(f"model config: falcon_layout is falcon's (new1, new2 or old) and required there, got "
@@ -534,7 +535,7 @@ class ModelSpec(_SpecCommon):
         if self.architecture == "gpt_bigcode" and self.n_kv_heads not in (1, self.n_heads):
             raise ModelError("model config: gpt_bigcode attends with one key/value head (multi_query) or one per head")
         if self.sliding_window is not None and self.architecture not in ("starcoder2", "cohere2", "cohere2_moe",
-                                                                         "gpt_neo"):
+                                                                         "cohere_compass_text", "gpt_neo"):
             raise ModelError(f"model config: {self.architecture} has no sliding window")
 
     def _check_longrope(self) -> None:

@@ -48,10 +48,8 @@ def mlx_quant(hf_config: Mapping[str, Any], where: str) -> MlxQuant | None:
     """The mlx-lm ``quantization`` of a checkpoint config (None when it has none); a mode or field not read here is
     refused, naming the key."""
     q = hf_config.get("quantization")
-    if q is None:
-        return None
-    if not isinstance(q, Mapping):
-        raise ModelError(f"{where}: quantization must be an object (mlx-lm's group_size / bits), got {q!r}")
+    if not isinstance(q, Mapping) or not ("bits" in q or "group_size" in q):
+        return None  # (not mlx-lm's: it always writes both)
     mode = q.get("mode", "affine")
     if mode != "affine":
         raise ModelError(f"{where}: quantization.mode {mode!r} is not read (MLX's affine mode is)")

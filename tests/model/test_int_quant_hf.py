@@ -255,3 +255,26 @@ def test_packed_weights_load_into_a_bf16_model_as_their_fp32_dequantization_roun
     bnb = load_file(str(Path(__file__).parents[1] / "data" / "bnb" / "llama_int8" / "checkpoint" / "model.safetensors"))
     w = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(bnb_dequantized(bnb, dtype=torch.bfloat16)[w], bnb_dequantized(bnb)[w].to(torch.bfloat16))
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_awq_checkpoint_through_the_cluster_read_paths(tmp_path):
+    """An AWQ checkpoint served through the emulated cluster: a two-turn session gives transformers' greedy tokens
+    (on compressed-tensors' conversion of it) on every read path (PE, DE, split, recompute)."""
+    from compressed_tensors.entrypoints.convert import convert_checkpoint
+    from compressed_tensors.entrypoints.convert.converters import AutoAWQConverter
+    from hf_random import cluster_two_turns
+
+    awq, ct = tmp_path / "awq", tmp_path / "ct"
+    _awq_checkpoint(awq, True)
+    qcfg = json.loads((awq / "config.json").read_text())["quantization_config"]
+    convert_checkpoint(str(awq), str(ct), AutoAWQConverter.from_autoawq_config(qcfg), max_workers=1, device="cpu")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(ct), quantization_config=transformers.CompressedTensorsConfig(run_compressed=False)).eval().float()
+    await cluster_two_turns(awq, ref, 97)

@@ -51,6 +51,10 @@ class MLAttention(nn.Module):
         h, bias = spec.n_heads, spec.attention_bias
         if spec.q_lora_rank is None:
             self.q_proj = nn.Linear(spec.hidden_size, h * spec.qk_head_dim, bias=False)
+        elif spec.q_gate:  # A.X-K2: queries and output gates from [normed latent, latent] (its checkpoints' q_b_proj)
+            self.q_a_proj = nn.Linear(spec.hidden_size, spec.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, _LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(2 * spec.q_lora_rank, h * (spec.qk_head_dim + spec.v_head_dim), bias=False)
         else:
             self.q_a_proj = nn.Linear(spec.hidden_size, spec.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(spec.q_lora_rank, _LATENT_NORM_EPS)
@@ -137,12 +141,30 @@ def _index_keys(kv_layer: torch.Tensor, width: int, dtype: torch.dtype) -> torch
     return keys.view(torch.bfloat16) if kv_layer.dtype == torch.uint8 else keys
 
 
+class GatedRMSNorm(nn.Module):
+    """A.X-K2's norm: ``y = RMSNorm(x)``, then ``y * sigmoid(W_up(silu(W_down(y))))`` (the gate in fp32)."""
+
+    def __init__(self, hidden: int, rank: int, eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(hidden, eps)
+        self.W_down = nn.Linear(hidden, rank, bias=False)
+        self.W_up = nn.Linear(rank, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        return (y * torch.sigmoid(self.W_up(F.silu(self.W_down(y))).float())).to(y.dtype)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: DeepseekV3Spec, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        gated = spec.gated_norm_rank  # (A.X-K2: before attention, and before each MoE block)
+        self.input_layernorm: nn.Module = (GatedRMSNorm(spec.hidden_size, gated, spec.rms_eps) if gated
+                                           else RMSNorm(spec.hidden_size, spec.rms_eps))
         self.self_attn = MLAttention(spec, layer)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        self.post_attention_layernorm: nn.Module = (
+            GatedRMSNorm(spec.hidden_size, gated, spec.rms_eps) if gated and spec.is_moe_layer(layer)
+            else RMSNorm(spec.hidden_size, spec.rms_eps))
         self.mlp: nn.Module = (MoE(spec) if spec.is_moe_layer(layer)
                                else FeedForward(spec.hidden_size, spec.intermediate_size))
         if spec.post_moe_norm and spec.is_moe_layer(layer):  # A.X-K1: an RMSNorm on the MoE block's output
@@ -249,16 +271,20 @@ class DeepseekV3Model(LayerwiseDecoder):
         self._check_kv(layer, kv_layer, b.block_tokens)
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = cast(MLAttention, mod.self_attn)
-        x = cast(RMSNorm, mod.input_layernorm)(state.hidden)
+        x = mod.input_layernorm(state.hidden)
         n, h, r = x.shape[0], spec.n_heads, spec.kv_lora_rank
         nope, rope, vd = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
-        q_resid = None
+        q_resid = gate = None
         if spec.q_lora_rank is None:
             q = attn.q_proj(x)
+        elif spec.q_gate:  # A.X-K2
+            c = attn.q_a_proj(x)
+            q_resid = attn.q_a_layernorm(c)
+            q, gate = attn.q_b_proj(torch.cat((q_resid, c), dim=-1)).view(n, h, -1).split([spec.qk_head_dim, vd], -1)
         else:
             q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
             q = attn.q_b_proj(q_resid)
-        q = q.view(n, h, spec.qk_head_dim)
+        q = q.reshape(n, h, spec.qk_head_dim)
         if state.q_scale is not None:  # Mistral 4's position-dependent query scale
             q = q * state.q_scale
         q_nope, q_rot = q.split([nope, rope], dim=-1)
@@ -288,10 +314,12 @@ class DeepseekV3Model(LayerwiseDecoder):
                 o_lat = mla_prefill_attention(qq, latent, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
                                               self.scale, r, backend=self.backend)
             o = torch.einsum("nhr,hvr->nhv", o_lat, w[:, nope:]).to(x.dtype)
+        if gate is not None:  # (A.X-K2: each head's output scaled by the sigmoid of its gate, in fp32)
+            o = (o * torch.sigmoid(gate.float())).to(o.dtype)
         out = attn.o_proj(o.reshape(n, h * vd))
         rs = spec.residual_scale  # MiniCPM3: each block's outputs scaled
         hid = state.hidden + (out if rs is None else out * rs)
-        out = mod.mlp(cast(RMSNorm, mod.post_attention_layernorm)(hid))
+        out = mod.mlp(mod.post_attention_layernorm(hid))
         post = getattr(mod, "post_mlp_layernorm", None)
         if post is not None:
             out = post(out)

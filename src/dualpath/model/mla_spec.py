@@ -50,21 +50,21 @@ _DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM
                   "DeepseekV32ForCausalLM": "deepseek_v32", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                   "MiniCPM3ForCausalLM": "minicpm3", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
                   "Mistral4ForCausalLM": "mistral4", "YoutuForCausalLM": "youtu",
-                  "AXK1ForCausalLM": "axk1"}
+                  "AXK1ForCausalLM": "axk1", "AXK2ForCausalLM": "axk2"}
 #: the router's top-k method each generation supports (V2: softmax scores; V3 and V3.2: sigmoid scores + correction
 #: bias)
 _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy"),
                  "deepseek_v32": ("noaux_tc",), "glm4_moe_lite": ("noaux_tc",), "minicpm3": ("noaux_tc",),
                  "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",), "youtu": ("noaux_tc",),
-                 "axk1": ("noaux_tc",)}
+                 "axk1": ("noaux_tc",), "axk2": ("noaux_tc",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
             "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax", "youtu": "sigmoid",
-            "axk1": "sigmoid"}
+            "axk1": "sigmoid", "axk2": "sigmoid"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
           "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "youtu": "Youtu-LLM", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
-          "mistral4": "Mistral 4 (mistral4)", "axk1": "A.X-K1 (axk1)"}
+          "mistral4": "Mistral 4 (mistral4)", "axk1": "A.X-K1 (axk1)", "axk2": "A.X-K2 (axk2)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
-DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
+DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2")
 #: MiniCPM3's scalings (None for every other model: their dicts, and so block keys, stay as they were)
 _MINICPM_FIELDS = ("scale_emb", "residual_scale", "logits_scaling")
 #: the fields only DeepSeek-V3.2 has (other specs leave them out of their dict: their block keys stay as they were)
@@ -184,6 +184,8 @@ class DeepseekV3Spec(_SpecCommon):
     # Mistral 4: each query scaled by 1 + beta * log(1 + floor(position / original_max_position_embeddings)) (its
     # RoPE parameters' llama_4_scaling_beta, as Ministral 3 / Llama 4); None for every other model
     query_scale_beta: float | None = None
+    # A.X-K2: the width of its gated RMSNorms' gate (0 for every other model: their dicts stay as they were)
+    gated_norm_rank: int = 0
     scale_emb: float | None = None  # MiniCPM3's scalings (see the class docstring)
     residual_scale: float | None = None
     logits_scaling: float | None = None
@@ -316,6 +318,12 @@ class DeepseekV3Spec(_SpecCommon):
         return self.model_type == "axk1"
 
     @property
+    def q_gate(self) -> bool:
+        """A.X-K2: one projection of ``[q_a_layernorm(c), c]`` (``c = q_a_proj(x)``) gives each head's query and a
+        gate whose sigmoid scales the head's attention output before ``o_proj``."""
+        return self.model_type == "axk2"
+
+    @property
     def has_dsa(self) -> bool:
         """DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): a lightning indexer picks each query's keys."""
         return self.model_type in DSA_MODEL_TYPES
@@ -369,6 +377,8 @@ class DeepseekV3Spec(_SpecCommon):
         if self.model_type != "minicpm3":
             for name in _MINICPM_FIELDS:
                 d.pop(name)
+        if self.model_type != "axk2":
+            d.pop("gated_norm_rank")
         d["architecture"] = self.architecture
         return d
 
@@ -419,6 +429,13 @@ class DeepseekV3Spec(_SpecCommon):
             del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
             cfg.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_topk=self.index_topk,
                        index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim)
+        if self.model_type == "axk2":
+            del cfg["rope_interleave"], cfg["num_nextn_predict_layers"], cfg["first_k_dense_replace"]
+            k = min(self.first_k_dense_replace, self.n_layers)
+            cfg.update(architectures=["AXK2ForCausalLM"], model_type="axk2", index_topk=self.index_topk,
+                       index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
+                       gated_norm_rank=self.gated_norm_rank,
+                       mlp_layer_types=["dense"] * k + ["sparse"] * (self.n_layers - k))
         if self.model_type == "mistral4":
             del cfg["num_nextn_predict_layers"]
             rope = dict(cfg["rope_parameters"])
@@ -493,11 +510,14 @@ class DeepseekV3Spec(_SpecCommon):
         if int(cfg.get("moe_layer_freq", 1) or 1) != 1:
             raise ModelError(f"{where}: moe_layer_freq {cfg['moe_layer_freq']!r} unsupported (every {label} "
                              "checkpoint uses 1)")
-        norm_topk = cfg.get("norm_topk_prob", model_type in ("deepseek_v3", "axk1"))
+        norm_topk = cfg.get("norm_topk_prob", model_type in ("deepseek_v3", "axk1", "axk2"))
+        if model_type == "axk2" and cfg.get("rope_interleave") is None:  # (A.X-K2's MLA always rotates pairs)
+            cfg = {**cfg, "rope_interleave": True}
         if model_type == "deepseek_v2" and norm_topk:
             raise ModelError(f"{where}: norm_topk_prob=true unsupported for DeepSeek-V2 (transformers ignores it, "
                              "DeepSeek's code renormalizes; published V2 checkpoints use false)")
-        if model_type in ("deepseek_v2", "deepseek_v32", "glm_moe_dsa") and cfg.get("rope_interleave", True) is not True:
+        if model_type in ("deepseek_v2", "deepseek_v32", "glm_moe_dsa", "axk2") and \
+                cfg.get("rope_interleave", True) is not True:
             raise ModelError(f"{where}: rope_interleave {cfg['rope_interleave']!r} unsupported ({label} rotates "
                              "interleaved pairs)")
         layer_kinds = cfg.get("mlp_layer_types")
@@ -533,7 +553,8 @@ class DeepseekV3Spec(_SpecCommon):
             cfg = {**cfg, "first_k_dense_replace": n_layers, "n_routed_experts": 0}
             first_dense = n_layers
         index: dict[str, int] = {}
-        max_position = int(cfg.get("max_position_embeddings", {"youtu": 131072, "axk1": 32768}.get(model_type, 4096)))
+        max_position = int(cfg.get("max_position_embeddings", {"youtu": 131072, "axk1": 32768,
+                                                                "axk2": 131072}.get(model_type, 4096)))
         shared: tuple[int, ...] = ()
         if model_type in DSA_MODEL_TYPES:
             index = {name: int(need(name)) for name in _V32_FIELDS}
@@ -554,9 +575,14 @@ class DeepseekV3Spec(_SpecCommon):
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
                 dtype = "float32"
-        q_lora = cfg.get("q_lora_rank", 1536 if model_type == "axk1" else None)
-        if model_type == "axk1" and q_lora is None:
-            raise ModelError(f"{where}: q_lora_rank null unsupported (A.X-K1's attention always has a query LoRA)")
+        q_lora = cfg.get("q_lora_rank", {"axk1": 1536, "axk2": 384}.get(model_type))
+        if model_type in ("axk1", "axk2") and q_lora is None:
+            raise ModelError(f"{where}: q_lora_rank null unsupported ({label}'s attention always has a query LoRA)")
+        gated = 0
+        if model_type == "axk2":
+            gated = cfg.get("gated_norm_rank", 16)
+            if isinstance(gated, bool) or not isinstance(gated, int) or gated <= 0:
+                raise ModelError(f"{where}: gated_norm_rank must be a positive integer, got {gated!r}")
         return cls(
             vocab_size=int(need("vocab_size")),
             hidden_size=int(need("hidden_size")),
@@ -597,6 +623,7 @@ class DeepseekV3Spec(_SpecCommon):
             index_head_dim=index.get("index_head_dim", 0),
             index_shared_layers=shared,
             query_scale_beta=beta,
+            gated_norm_rank=gated,
             context_cap=max_context,
             **minicpm,
         )

@@ -1,6 +1,6 @@
 """GGUF files of more families (``dualpath.model.gguf``): Qwen2-MoE, Qwen3-MoE, Phi-3 (with LongRoPE and a partial
 rotary head), Gemma, Gemma 2, Gemma 3, OLMo 2, Granite, StarCoder 2, Nemotron, StableLM, GPT-2, SmolLM3, Mixtral,
-GLM-4.5, gpt-oss and DeepSeek-V3 / V2 (these two with their own writers below), each written from a random transformers model as llama.cpp's converter writes it
+GLM-4.5, Command R, Command R7B, gpt-oss and DeepSeek-V3 / V2 (these two with their own writers below), each written from a random transformers model as llama.cpp's converter writes it
 (the ``gguf`` package's own Hugging Face -> GGUF name map, ``gguf.get_tensor_name_map``; stacked experts; Gemma's
 norms stored as ``1 + weight``; the metadata keys llama.cpp reads). Two independent checks per family: transformers'
 own GGUF reader (``load_gguf_checkpoint``) reads the file back into exactly the source model's tensors, so the file
@@ -60,6 +60,10 @@ FAMILIES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "mixtral": ("llama", "MixtralConfig", "MixtralForCausalLM",
                 {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, **UNTIED}),
     "smollm3": ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", {"num_hidden_layers": 4, **UNTIED}),
+    "command_r": ("command-r", "CohereConfig", "CohereForCausalLM",
+                  {"logit_scale": 0.25, "use_qk_norm": True, "head_dim": 16}),
+    "cohere2": ("cohere2", "Cohere2Config", "Cohere2ForCausalLM",
+                {"logit_scale": 0.5, "sliding_window": 6, "num_hidden_layers": 4, "head_dim": 16}),
     "glm4moe": ("glm4moe", "Glm4MoeConfig", "Glm4MoeForCausalLM",
                 {"moe_intermediate_size": 32, "head_dim": 16, "n_routed_experts": 8, "num_experts_per_tok": 2,
                  "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
@@ -70,7 +74,7 @@ FAMILIES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 PERMUTED = ("granite", "llama", "smollm3")
 #: llama.cpp's architectures whose norms it stores as 1 + weight
 PLUS_ONE = ("gemma", "gemma2", "gemma3", "nemotron")
-LAYER_NORM = ("starcoder2", "nemotron", "stablelm", "gpt2")
+LAYER_NORM = ("starcoder2", "nemotron", "stablelm", "gpt2", "command-r", "cohere2")
 
 
 def _hf_model(name: str) -> Any:
@@ -164,8 +168,10 @@ def write_gguf(path: Path, model: Any, arch: str, qtype: Any = None, per_expert:
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         if arch == "qwen2moe":
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    if arch in ("gemma2", "gemma3"):
+    if arch in ("gemma2", "gemma3", "cohere2"):
         w.add_sliding_window(cfg.sliding_window)
+    if arch in ("command-r", "cohere2"):
+        w.add_logit_scale(cfg.logit_scale)
     if arch == "gemma2":
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -182,7 +188,7 @@ def write_gguf(path: Path, model: Any, arch: str, qtype: Any = None, per_expert:
     stacked: dict[str, list[np.ndarray]] = {}
     for hf_name, t in model.state_dict().items():
         arr = t.detach().float().numpy()
-        if arch in ("gemma", "gemma2", "gemma3") and hf_name == "lm_head.weight":
+        if arch in ("gemma", "gemma2", "gemma3", "command-r", "cohere2") and hf_name == "lm_head.weight":
             continue  # (tied)
         if arch in PLUS_ONE and hf_name.endswith("norm.weight"):
             arr = arr + 1.0
@@ -237,7 +243,7 @@ def test_transformers_reads_the_file_back_as_the_source_tensors(written):
     name, model, path = written
     if name in ("qwen2moe", "qwen3moe"):
         pytest.skip("transformers 5.24 maps stacked experts to its own packed layout only for its default sizes")
-    if name in ("olmo2", "granite", "gemma", "smollm3", "mixtral", "glm4moe"):
+    if name in ("olmo2", "granite", "gemma", "smollm3", "mixtral", "glm4moe", "command_r", "cohere2"):
         pytest.skip(f"transformers 5.24 reads no {name} GGUF file (Mixtral: not its experts)")
     got = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     want = model.state_dict()

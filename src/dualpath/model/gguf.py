@@ -10,7 +10,9 @@ norms), ``stablelm`` (per-head q/k norms stacked ``[heads, dim]``), ``gpt2`` (``
 transposed), ``gemma`` (``1 + weight`` norms), ``smollm3`` (q/k permuted), Mixtral (a ``llama`` file with
 ``expert_count``: stacked experts, or one tensor per expert in older files), ``glm4moe`` (GLM-4.5: partial RoPE,
 the sigmoid-routed MoE block, its multi-token-prediction blocks left out), ``gpt-oss`` (its experts packed back into
-transformers' interleaved ``gate_up_proj``; sinks; YaRN as gpt-oss's config keeps it, untruncated) and
+transformers' interleaved ``gate_up_proj``; sinks; YaRN as gpt-oss's config keeps it, untruncated), ``command-r``
+and ``cohere2`` (Command R / R7B: their interleaved RoPE as transformers' checkpoints hold it, ``logit_scale``,
+per-head q/k norms, Command R7B's window) and
 ``deepseek2`` (DeepSeek-V3, or V2
 with its softmax router: MLA's ``kv_b_proj`` rebuilt from ``attn_k_b`` / ``attn_v_b`` or read whole, the widths from
 ``key_length_mla`` / ``value_length_mla`` where the file stores MLA absorbed, multi-token-prediction blocks left out,
@@ -108,11 +110,12 @@ _GGUF_ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausal
                "stablelm": ("StableLmForCausalLM", "stablelm"), "gpt2": ("GPT2LMHeadModel", "gpt2"),
                "gemma": ("GemmaForCausalLM", "gemma"), "smollm3": ("SmolLM3ForCausalLM", "smollm3"),
                "deepseek2": ("DeepseekV3ForCausalLM", "deepseek_v3"), "glm4moe": ("Glm4MoeForCausalLM", "glm4_moe"),
-               "gpt-oss": ("GptOssForCausalLM", "gpt_oss")}
+               "gpt-oss": ("GptOssForCausalLM", "gpt_oss"), "command-r": ("CohereForCausalLM", "cohere"),
+               "cohere2": ("Cohere2ForCausalLM", "cohere2")}
 #: architectures llama.cpp converts as Llama's, q/k rows permuted into interleaved RoPE pairs
 _PERMUTED = ("llama", "granite", "smollm3")
 #: architectures with LayerNorms (``attention.layer_norm_epsilon``) instead of RMSNorms
-_LAYER_NORM = ("starcoder2", "nemotron", "stablelm", "gpt2")
+_LAYER_NORM = ("starcoder2", "nemotron", "stablelm", "gpt2", "command-r", "cohere2")
 #: llama.cpp's layer counts of the Gemma 2 / 3 27B models, whose queries it scales by hidden / heads
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
@@ -435,6 +438,13 @@ def _arch_config(arch: str, field: Any, need: Any, cfg: dict[str, Any], rope_dim
             out.update(layer_norm_eps=eps, use_qkv_bias="blk.0.attn_q.bias" in names,
                        qk_layernorm="blk.0.attn_q_norm.weight" in names,
                        use_parallel_residual="blk.0.ffn_norm.weight" not in names)
+        elif arch in ("command-r", "cohere2"):  # (its interleaved RoPE stored as transformers' checkpoint has it)
+            out.update(layer_norm_eps=eps, logit_scale=float(f"{field(f'{arch}.logit_scale', 0.0625):.7g}"))
+            if arch == "command-r":
+                out["use_qk_norm"] = "blk.0.attn_q_norm.weight" in names
+            else:
+                window = field(f"{arch}.attention.sliding_window")
+                out["sliding_window"] = int(window) if window else None
         elif arch == "gpt2":
             out.update(n_embd=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"], n_head=cfg["num_attention_heads"],
                        n_positions=cfg["max_position_embeddings"], n_inner=cfg["intermediate_size"],

@@ -374,6 +374,8 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
                "d_model": 64, "n_heads": 4, "n_layers": 40}  # (DBRX's and MPT's names)
         if arch == "mimo_v2_flash":  # (its sliding layers have twice the KV heads: they must divide the heads)
             cfg["num_key_value_heads"] = 2
+        if arch == "cohere_compass_text":  # (its RoPE is keyed by layer type: transformers needs each type's)
+            cfg["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
         spec = ModelSpec.from_hf_config(cfg)
         assert spec.n_layers == 40, arch
         if arch not in windowed:

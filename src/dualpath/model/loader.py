@@ -252,6 +252,19 @@ def files_identity(files: list[Path]) -> str:
 # --- entry points --------------------------------------------------------------------------------------------
 
 
+def _weights_dequantized(tensors: Mapping[str, torch.Tensor], spec: ModelSpec | DeepseekV3Spec, source: str,
+                         ct_block: tuple[int, int] | None, int_quant: IntQuant | None,
+                         mlx: MlxQuant | None) -> Mapping[str, torch.Tensor]:
+    """A checkpoint's tensors with every quantized weight in the formats read at this point dequantized:
+    bitsandbytes, MLX, compressed-tensors' NVFP4 / MX floats, packed integers (GPTQ, AWQ, ``pack-quantized``), then
+    compressed-tensors' FP8 / INT8 (value x scale); each kept in the model's dtype once made."""
+    wdtype = spec.torch_dtype
+    tensors = mx_dequantized(mlx_dequantized(bnb_dequantized(tensors, source, wdtype), mlx, source, wdtype), source,
+                             wdtype)
+    tensors = int_dequantized(tensors, int_quant, source, spec.architecture in CONV1D_ARCHS, wdtype)
+    return scaled_dequantized(tensors, source, ct_block)
+
+
 def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
                 device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
                 fp8_block: tuple[int, int] = (128, 128), ct_block: tuple[int, int] | None = None,
@@ -269,19 +282,14 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         layers, scales = quantized_layers(tensors)
         quantized = ({_renamed(n, _GEMMA3_LM_PREFIXES) for n in layers},
                      {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
-    if tensors is not None:  # (bitsandbytes, packed integers; compressed-tensors' FP8 / INT8 weights: value x scale)
-        wdtype = spec.torch_dtype  # (each packed weight kept in the model's dtype once dequantized)
-        tensors = mx_dequantized(mlx_dequantized(bnb_dequantized(tensors, source, wdtype), mlx, source, wdtype), source,
-                                 wdtype)
-        tensors = scaled_dequantized(int_dequantized(tensors, int_quant, source, spec.architecture in CONV1D_ARCHS,
-                                                     wdtype), source, ct_block)
+    if tensors is not None:
+        tensors = _weights_dequantized(tensors, spec, source, ct_block, int_quant, mlx)
     if isinstance(spec, DeepseekV3Spec):
         from dualpath.model.deepseek import DeepseekV3Model
 
         model = DeepseekV3Model(spec, device="cpu", backend=backend)
         if tensors is not None:  # (Kimi K2.5: its language model's tensors; Kimi's INT4 experts)
-            tensors = deepseek_tensors(spec, mla_language_tensors(tensors), source,
-                                       fp8_block)
+            tensors = deepseek_tensors(spec, mla_language_tensors(tensors), source, fp8_block)
     elif spec.architecture == "gemma4_text":
         from dualpath.model import gemma4
 

@@ -61,6 +61,7 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma3nForCausalLM": "gemma3n_text",  # (dualpath.model.gemma3n)
     "MiMoV2FlashForCausalLM": "mimo_v2_flash",  # (dualpath.model.mimo_v2)
     "LagunaForCausalLM": "laguna",  # (dualpath.model.laguna)
+    "BeamForCausalLM": "beam",  # (dualpath.model.beam)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
@@ -77,7 +78,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "exaone_moe": "ExaoneMoeForCausalLM", "mellum": "MellumForCausalLM", "hy_v3": "HYV3ForCausalLM",
             "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM", "aria_text": "AriaTextForCausalLM",
             "gemma4_text": "Gemma4ForCausalLM", "mimo_v2_flash": "MiMoV2FlashForCausalLM",
-            "gemma3n_text": "Gemma3nForCausalLM", "laguna": "LagunaForCausalLM", "diffllama": "DiffLlamaForCausalLM",
+            "gemma3n_text": "Gemma3nForCausalLM", "laguna": "LagunaForCausalLM", "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
             "jetmoe": "JetMoeForCausalLM",
             "modernbert-decoder": "ModernBertDecoderForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",

@@ -71,6 +71,7 @@ from dualpath.model.tensor_names import (
 )
 
 if TYPE_CHECKING:
+    from dualpath.model.beam import BeamModel
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.deepseek import DeepseekV3Model
     from dualpath.model.gemma3n import Gemma3nModel
@@ -81,7 +82,7 @@ if TYPE_CHECKING:
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
-                | LagunaModel)
+                | LagunaModel | BeamModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -306,6 +307,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         from dualpath.model import jetmoe
 
         model = jetmoe.JetMoeModel(cast(jetmoe.JetMoeSpec, spec), device="cpu", backend=backend)
+    elif spec.architecture == "beam":
+        from dualpath.model import beam
+
+        model = beam.BeamModel(cast(beam.BeamSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = beam.tensors_in(tensors, source)
     elif spec.architecture == "laguna":
         from dualpath.model import laguna
 

@@ -958,6 +958,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import jetmoe
 
             return jetmoe.spec_from_config(cfg, where, dtype, max_context)
+        if arch == "beam":  # (its own spec: NoPE full layers, gated attention, depth-scaled residuals, its MoE)
+            from dualpath.model import beam
+
+            return beam.spec_from_config(cfg, where, dtype, max_context)
         if arch == "laguna":  # (its own spec: query heads per layer, gated attention, its MoE)
             from dualpath.model import laguna
 

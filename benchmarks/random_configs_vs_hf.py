@@ -40,6 +40,9 @@ FAMILIES = (
     "persimmon",
     "neoxjp",
     "bitnet",
+    "beam",
+    "cohere_compass",
+    "axk2",
 )
 
 
@@ -131,6 +134,43 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "bos_token_id": None,
         }
         return "MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", kw
+    if fam == "beam":
+        types[-1] = "full_attention"
+        mlp = ["dense"] + [r.choice(["dense", "sparse"]) for _ in range(L - 1)]
+        kw = {
+            "vocab_size": V, "hidden_size": 64, "intermediate_size": r.choice([32, 64]), "num_hidden_layers": L,
+            "num_attention_heads": 4, "num_key_value_heads": r.choice([1, 2, 4]), "head_dim": r.choice([8, 16]),
+            "sliding_window": r.choice([3, 5, 8]), "layer_types": types, "mlp_layer_types": mlp,
+            "moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": r.choice([1, 2]),
+            "n_group": r.choice([1, 2, 4]), "topk_group": 1, "norm_topk_prob": r.random() < 0.5,
+            "routed_scaling_factor": r.choice([1.0, 2.5]), "final_logit_softcapping": r.choice([None, 5.0, 30.0]),
+            "attention_bias": r.random() < 0.3,
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": r.choice([1e4, 1e6])},
+                                "full_attention": None},
+        }
+        return "BeamConfig", "BeamForCausalLM", kw
+    if fam == "cohere_compass":
+        rope = {"rope_type": "default", "rope_theta": r.choice([1e4, 5e5])}
+        nope = r.choice(["sliding_attention", "full_attention", None])
+        kw = {
+            "vocab_size": V, "hidden_size": 64, "intermediate_size": r.choice([32, 96]), "num_hidden_layers": L,
+            "num_attention_heads": 4, "num_key_value_heads": r.choice([1, 2, 4]), "sliding_window": r.choice([3, 6]),
+            "layer_types": types, "logit_scale": r.choice([None, 0.25]), "attention_bias": r.random() < 0.3,
+            "tie_word_embeddings": r.random() < 0.5,
+            "rope_parameters": {t: (None if t == nope else rope) for t in ("sliding_attention", "full_attention")},
+        }
+        return "CohereCompassTextConfig", "CohereCompassForCausalLM", kw
+    if fam == "axk2":
+        kw = {
+            "vocab_size": V, "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 16,
+            "num_hidden_layers": L, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "q_lora_rank": r.choice([16, 24]), "kv_lora_rank": r.choice([16, 32]), "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8, "v_head_dim": r.choice([8, 16]), "n_routed_experts": 8, "n_shared_experts": 1,
+            "num_experts_per_tok": 2, "gated_norm_rank": r.choice([4, 8]), "index_topk": r.choice([8, 64]),
+            "index_n_heads": 16, "index_head_dim": 16, "routed_scaling_factor": r.choice([1.0, 2.5]),
+            "mlp_layer_types": ["dense"] + ["sparse"] * (L - 1), "pad_token_id": 0,
+        }
+        return "AXK2Config", "AXK2ForCausalLM", kw
     if fam == "laguna":
         kw = {
             "vocab_size": V,

@@ -52,7 +52,10 @@ class _BeamCheckpoints(Checkpoints):
 
 _CKPTS = _BeamCheckpoints({"beam": ("BeamConfig", "BeamForCausalLM", CONFIG),
                            "no_softcap": ("BeamConfig", "BeamForCausalLM",
-                                          dict(CONFIG, final_logit_softcapping=None, routed_scaling_factor=1.5))})
+                                          dict(CONFIG, final_logit_softcapping=None, routed_scaling_factor=1.5)),
+                           # (every layer full: no layer type rotates; random_configs_vs_hf.py found it unread)
+                           "all_full": ("BeamConfig", "BeamForCausalLM",
+                                        dict(CONFIG, layer_types=["full_attention"] * 4))})
 ckpt = _CKPTS.fixture()
 
 
@@ -67,9 +70,13 @@ def test_spec_and_our_save_pretrained(ckpt, tmp_path):
     family, d, _ = ckpt
     ours = load_checkpoint(d)
     spec = ours.spec
-    assert spec.rope_by_type == {"sliding_attention": 10000.0} and spec.dense_layers == (0,)
-    assert [spec.layer_window(i) for i in range(4)] == [5, None, 5, None]
-    assert spec.logit_softcap == (5.0 if family == "beam" else None)
+    assert spec.dense_layers == (0,)
+    if family == "all_full":
+        assert spec.rope_by_type == {} and spec.sliding_window is None
+    else:
+        assert spec.rope_by_type == {"sliding_attention": 10000.0}
+        assert [spec.layer_window(i) for i in range(4)] == [5, None, 5, None]
+    assert spec.logit_softcap == (None if family == "no_softcap" else 5.0)
     check_save_reads_back(ours, tmp_path, transformers.BeamForCausalLM, sum(random_turns(VOCAB, 7), []))
 
 

@@ -712,7 +712,8 @@ class TypedRopeDecoder(LayerwiseDecoder):
     def prefill_begin(self, batch: SeqBatch) -> ForwardState:
         ids = self.checked_ids(batch)
         tables = rope_tables(batch.positions.to(self.device, torch.float32), self.inv_freq, self.spec.torch_dtype)
-        cos, sin = next(iter(tables.values()))
+        none = torch.empty(batch.positions.shape[0], 0, device=self.device, dtype=self.spec.torch_dtype)
+        cos, sin = next(iter(tables.values()), (none, none))  # (Beam: no layer type may rotate)
         return TypedRopeState(batch=batch, hidden=self.embed(ids), cos=cos, sin=sin, tables=tables)
 
 

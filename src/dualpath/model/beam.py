@@ -35,7 +35,7 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
 from dualpath.model.spec import ModelSpec
-from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
+from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
 
 ARCH = "beam"
 TYPES = ("sliding_attention", "full_attention")
@@ -100,17 +100,10 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if cfg.get("hidden_act") not in ("silu", "swish"):
         raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
     n = cfg_int(cfg, "num_hidden_layers", where)
-    types = cfg.get("layer_types")
-    if types is None:  # (every sixth layer full, and the last one)
-        types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
-        types[-1] = "full_attention"
-    if not isinstance(types, list) or len(types) != n or any(t not in TYPES for t in types):
-        raise ModelError(f"{where}: layer_types must name 'sliding_attention' or 'full_attention' for each of the "
-                         f"{n} layers, got {types!r}")
-    mlp = cfg.get("mlp_layer_types") or ["dense"] * min(3, n) + ["sparse"] * (n - min(3, n))
-    if not isinstance(mlp, list) or len(mlp) != n or any(m not in ("dense", "sparse") for m in mlp):
-        raise ModelError(f"{where}: mlp_layer_types must name 'dense' or 'sparse' for each of the {n} layers, got "
-                         f"{mlp!r}")
+    default = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]  # (and the last full)
+    types = cfg_kinds(cfg, "layer_types", n, TYPES, where, default[:-1] + ["full_attention"])
+    mlp = cfg_kinds(cfg, "mlp_layer_types", n, ("dense", "sparse"), where,
+                    ["dense"] * min(3, n) + ["sparse"] * (n - min(3, n)))
     rope = cfg.get("rope_parameters") or _ROPE
     if not isinstance(rope, dict) or any(t not in rope for t in set(types)):
         raise ModelError(f"{where}: rope_parameters must hold each layer type's RoPE (an object, or null for none), "

@@ -36,7 +36,7 @@ from dualpath.model.llama import (
 )
 from dualpath.model.moe import FeedForward
 from dualpath.model.spec import ModelSpec
-from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
+from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
 
 ARCH = "laguna"
 TYPES = ("sliding_attention", "full_attention")
@@ -118,14 +118,8 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if gating not in (True, "per-head", "per-element"):
         raise ModelError(f"{where}: gating must be true, 'per-head' or 'per-element', got {gating!r}")
     n = cfg_int(cfg, "num_hidden_layers", where)
-    types = cfg.get("layer_types") or ["full_attention"] * n
-    if not isinstance(types, list) or len(types) != n or any(t not in TYPES for t in types):
-        raise ModelError(f"{where}: layer_types must name 'sliding_attention' or 'full_attention' for each of the "
-                         f"{n} layers, got {types!r}")
-    mlp = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
-    if not isinstance(mlp, list) or len(mlp) != n or any(m not in ("dense", "sparse") for m in mlp):
-        raise ModelError(f"{where}: mlp_layer_types must name 'dense' or 'sparse' for each of the {n} layers, got "
-                         f"{mlp!r}")
+    types = cfg_kinds(cfg, "layer_types", n, TYPES, where, ["full_attention"] * n)
+    mlp = cfg_kinds(cfg, "mlp_layer_types", n, ("dense", "sparse"), where, ["dense"] + ["sparse"] * (n - 1))
     heads = cfg.get("num_attention_heads_per_layer") or [cfg_int(cfg, "num_attention_heads", where)] * n
     if not isinstance(heads, list) or len(heads) != n or any(
             isinstance(h, bool) or not isinstance(h, int) for h in heads):

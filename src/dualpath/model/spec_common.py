@@ -42,6 +42,18 @@ def cfg_bool(cfg: Mapping[str, Any], key: str, where: str) -> bool:
     return v
 
 
+def cfg_kinds(cfg: Mapping[str, Any], key: str, n: int, allowed: tuple[str, ...], where: str,
+              default: list[str]) -> list[str]:
+    """``cfg[key]`` (``default`` when absent or null): one of ``allowed`` for each of the ``n`` layers (a config's
+    ``layer_types`` / ``mlp_layer_types``), or a :class:`ModelError` naming the key."""
+    kinds = cfg.get(key)
+    kinds = default if kinds is None else kinds
+    if not isinstance(kinds, list) or len(kinds) != n or any(k not in allowed for k in kinds):
+        raise ModelError(f"{where}: {key} must name {' or '.join(repr(a) for a in allowed)} for each of the {n} "
+                         f"layers, got {kinds!r}")
+    return kinds
+
+
 def config_dtype(cfg: Mapping[str, Any], dtype: str | None) -> str:
     """The compute dtype: ``dtype`` when given, else the config's (``torch_dtype`` / ``dtype``), float32 when it names
     none this project runs."""

@@ -98,11 +98,6 @@ def test_config_defaults_and_refusals(tmp_path):
             load_spec(tmp_path / "config.json")
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_cluster_read_paths_same_tokens(tmp_path_factory):

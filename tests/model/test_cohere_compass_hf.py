@@ -80,11 +80,6 @@ def test_rope_per_layer_type_read_as_transformers_needs_it(tmp_path):
             load_spec(tmp_path / "config.json")
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_cluster_read_paths_same_tokens(tmp_path_factory):

@@ -27,11 +27,6 @@ FIRST = [int(t) for t in torch.randint(0, 97, (37,), generator=torch.Generator()
 SECOND = [5, 17, 33, 2, 71, 64, 9, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from test_deepseek import _ckpt_dir

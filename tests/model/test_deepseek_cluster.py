@@ -18,11 +18,6 @@ BT = 16
 L = 3
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from test_deepseek import _ckpt_dir

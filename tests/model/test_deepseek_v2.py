@@ -211,11 +211,6 @@ def test_unsupported_values_name_the_key(key, value, tmp_path):
         load_spec(tmp_path)
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_cluster_read_paths_same_tokens(tmp_path_factory):
     """A V2-Lite-shaped checkpoint through the emulated cluster (``load_model`` on the saved dir): the PE and DE

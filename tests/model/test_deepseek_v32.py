@@ -175,11 +175,6 @@ def test_fp8_latent_rows_carry_the_indexer_key(tmp_path_factory):
     assert float((logits["fp8"][:8] - ref[:8]).abs().max()) < 0.1 * float(ref.abs().max())
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_cluster_every_read_path_past_index_topk(ckpt):
     """DeepSeek-V3.2 through the emulated cluster: the second turn's hit KV (with its indexer keys, several times

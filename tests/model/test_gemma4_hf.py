@@ -209,11 +209,6 @@ def test_the_assistant_models_are_refused_with_the_reason():
             load_spec({"architectures": [arch], "model_type": model_type})
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_cluster_read_paths_same_tokens(tmp_path_factory):

@@ -129,11 +129,6 @@ def test_bad_configs_name_the_key(ckpt, key, value, needle):
         DeepseekV3Spec.from_hf_config({**cfg, key: value})
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_cluster_every_read_path_past_index_topk(ckpt):
     d, hf = ckpt

@@ -158,11 +158,6 @@ def test_bad_configs_name_the_key(key, value, needle):
         ModelSpec.from_hf_config(cfg)
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_cluster_every_read_path_gives_transformers_tokens(tmp_path_factory):
     """gpt-oss through the emulated cluster: the second turn's hit KV (several windows long) is read on the PE, on

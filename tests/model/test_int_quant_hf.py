@@ -257,11 +257,6 @@ def test_packed_weights_load_into_a_bf16_model_as_their_fp32_dequantization_roun
     assert torch.equal(bnb_dequantized(bnb, dtype=torch.bfloat16)[w], bnb_dequantized(bnb)[w].to(torch.bfloat16))
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_awq_checkpoint_through_the_cluster_read_paths(tmp_path):

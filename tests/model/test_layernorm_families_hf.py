@@ -344,11 +344,6 @@ def test_gpt2_position_past_its_table_is_refused(tmp_path_factory):
         model(SeqBatch.build([[1, 2]], [255], [table], 64), pool.layers)
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.parametrize("family", ["gpt_neox", "cohere2"])

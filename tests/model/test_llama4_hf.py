@@ -148,11 +148,6 @@ def test_image_text_checkpoint_serves_its_text_model(tmp_path):
     check_two_chunks_against_hf(ours, hf.language_model, seq)
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_cluster_read_paths_same_tokens(tmp_path_factory):

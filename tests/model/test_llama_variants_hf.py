@@ -224,11 +224,6 @@ def test_llama_mlp_bias_against_transformers(tmp_path):
     check_two_chunks_against_hf(ours, hf, seq, cut=len(seq))
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.parametrize("family", ["ministral3", "helium"])

@@ -98,11 +98,6 @@ def test_configs_it_cannot_run_are_refused_by_key(change, match):
         load_spec({"architectures": ["ModernBertDecoderForCausalLM"], **CONFIG, **change})
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_cluster_read_paths_same_tokens(tmp_path_factory):

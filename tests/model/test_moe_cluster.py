@@ -11,11 +11,6 @@ from test_deepseek_cluster import BT, FIRST, _session
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from test_moe_hf import _ckpt

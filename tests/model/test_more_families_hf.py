@@ -348,11 +348,6 @@ def test_our_save_pretrained_reads_back_in_transformers(family, tmp_path):
     _assert_logits_equal(ours, hf)
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.parametrize("family", ["afmoe", "exaone_moe"])

@@ -169,11 +169,6 @@ def test_hub_configs_and_bad_longrope_configs():
         load_spec(dict(phi35, original_max_position_embeddings="4k"))
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_every_cluster_read_path_on_the_long_factors(ckpt):
     """``model.max_context`` reaches the engines: a session past the original context through the emulated cluster

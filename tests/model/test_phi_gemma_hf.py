@@ -366,12 +366,6 @@ def test_checkpoints_we_cannot_run_name_the_key_or_tensor(tmp_path_factory, tmp_
         replace(ModelSpec.from_hf_config(gemma), final_logit_softcapping=30.0)
 
 
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_phi3_serves_through_the_cluster(tmp_path_factory):
     """A Phi-3 checkpoint (partial RoPE, fused weights split at load) through the emulated cluster: the PE-read and

@@ -241,11 +241,6 @@ def test_gemma3_image_text_hub_config():
     assert spec.rope_scaling == {"factor": 8.0, "rope_type": "linear"} and spec.rope_local_theta == 1e4
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 async def test_cluster_every_path_past_the_window(family, tmp_path_factory):

@@ -43,6 +43,8 @@ FAMILIES = (
     "beam",
     "cohere_compass",
     "axk2",
+    "qwen3_5",
+    "qwen3_next",
 )
 
 
@@ -337,6 +339,32 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
                 },
             },
         )
+    if fam in ("qwen3_5", "qwen3_next"):  # hybrid: Gated DeltaNet layers over state pages
+        hk = r.choice([1, 2])
+        kw = {
+            "vocab_size": V,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": L,
+            "num_attention_heads": r.choice([2, 4]),
+            "num_key_value_heads": r.choice([1, 2]),
+            "head_dim": r.choice([8, 16]),
+            "linear_num_key_heads": hk,
+            "linear_num_value_heads": hk * r.choice([1, 2, 3]),
+            "linear_key_head_dim": r.choice([4, 8]),
+            "linear_value_head_dim": r.choice([4, 6, 8]),
+            "linear_conv_kernel_dim": r.choice([1, 2, 4]),
+            "max_position_embeddings": 64,
+            "layer_types": [r.choice(["linear_attention", "full_attention"]) for _ in range(L)],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                "partial_rotary_factor": r.choice([0.25, 0.5, 1.0])},
+        }
+        if fam == "qwen3_5":
+            return "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", kw
+        kw.update(num_experts=r.choice([4, 8]), num_experts_per_tok=2, moe_intermediate_size=32,
+                  shared_expert_intermediate_size=r.choice([0, 48]), norm_topk_prob=r.random() < 0.5,
+                  decoder_sparse_step=r.choice([1, 2]))
+        return "Qwen3NextConfig", "Qwen3NextForCausalLM", kw
     if fam == "bitnet":
         return (
             "BitNetConfig",
@@ -361,6 +389,7 @@ def run(fam: str, seed: int) -> dict[str, Any]:
     """One random configuration of ``fam`` against transformers."""
     import transformers
 
+    from dualpath.engine.model_api import paged_kv_spec
     from dualpath.model import KVPool, SeqBatch
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.loader import load_model
@@ -374,6 +403,8 @@ def run(fam: str, seed: int) -> dict[str, Any]:
         return {**row, "status": "transformers refuses", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}
     with torch.no_grad():
         for n, p in hf.named_parameters():
+            if n.endswith(("A_log", "dt_bias")):  # (x3 would make the linear layers' state forget at once)
+                continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
@@ -384,7 +415,7 @@ def run(fam: str, seed: int) -> dict[str, Any]:
         except Exception as exc:
             return {**row, "status": "load failed", "detail": f"{type(exc).__name__}: {str(exc)[:300]}"}
     seq = torch.randint(0, V, (17,), generator=torch.Generator().manual_seed(seed)).tolist()
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=16, block_tokens=4)
     table = pool.allocate(16)
     got = torch.cat(
         [

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from dualpath.engine.model_api import paged_kv_spec
+
 
 class Checkpoints:
     """``families``: name -> (config class name, model class name, config kwargs) in ``transformers``."""
@@ -101,7 +103,7 @@ def check_batched_against_hf(ours: Any, hf: Any, seqs: list[list[int]], cuts: tu
     from dualpath.model import KVPool, SeqBatch
 
     bt = 4
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=24, block_tokens=bt)
+    pool = KVPool(paged_kv_spec(ours.spec, bt), num_blocks=24, block_tokens=bt)
     seqs = [list(s) for s in seqs]
     tables = [pool.allocate(8)[::-1], pool.allocate(8)]
     ours(SeqBatch.build([seqs[0][:cuts[0]], seqs[1][:cuts[1]]], [0, 0], tables, bt), pool.layers)
@@ -125,7 +127,7 @@ def bf16_teacher_forced(ours: Any, hf: Any, seq: list[int]) -> tuple[torch.Tenso
     near-tie between two greedy ids cannot fork the runs)."""
     from dualpath.model import KVPool, SeqBatch
 
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=8, block_tokens=4)
+    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=8, block_tokens=4)
     table = pool.allocate(8)
     rows = [ours(SeqBatch.build([seq[:11]], [0], [table], 4), pool.layers, all_positions=True),
             ours(SeqBatch.build([seq[11:16]], [11], [table], 4), pool.layers, all_positions=True)]
@@ -221,7 +223,7 @@ def check_two_chunks_against_hf(ours: Any, hf: Any, seq: list[int], cut: int = 1
     them)."""
     from dualpath.model import KVPool, SeqBatch
 
-    pool = KVPool(ours.spec.kv_spec(), num_blocks=16, block_tokens=4)
+    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=16, block_tokens=4)
     table = pool.allocate(16)
     parts = [(seq[:cut], 0)] + ([(seq[cut:], cut)] if cut < len(seq) else [])
     got = torch.cat([ours(SeqBatch.build([part], [start], [table], 4), pool.layers, all_positions=True)
@@ -281,7 +283,7 @@ def prefill_all(model: Any, ids: torch.Tensor) -> torch.Tensor:
     """Our logits at every position of each row of ``ids``, the rows prefilled together in one batch."""
     from dualpath.model import KVPool, SeqBatch
 
-    pool = KVPool(model.spec.kv_spec(), num_blocks=32, block_tokens=4)
+    pool = KVPool(paged_kv_spec(model.spec, 4), num_blocks=32, block_tokens=4)
     seqs = [row.tolist() for row in ids]
     batch = SeqBatch.build(seqs, [0] * len(seqs), [pool.allocate(8) for _ in seqs], 4)
     return model(batch, pool.layers, all_positions=True).reshape(len(seqs), ids.shape[1], -1)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from dualpath.engine.model_api import paged_kv_spec
 from dualpath.errors import ModelError
 from dualpath.model import KVPool, SeqBatch
 from dualpath.model.config import LlamaModelConfig
@@ -115,7 +116,7 @@ def paged_turns(ours, hf, turns: list[list[int]], gen_per_turn: int, block_token
     ``teacher``: we are fed transformers' ids too (a near-tie between two tokens, which bf16 rounding may break
     either way, then cannot make the two runs compare different texts).
     (Also used for the Llama-path MoE families: their KV spec comes from ``ours.spec``.)"""
-    kv_spec = ours.kv_spec if hasattr(ours, "kv_spec") else ours.spec.kv_spec()
+    kv_spec = ours.kv_spec if hasattr(ours, "kv_spec") else paged_kv_spec(ours.spec, block_tokens)
     pool = KVPool(kv_spec, num_blocks=48, block_tokens=block_tokens)
     table = pool.allocate(48)[::-1]  # physical blocks in reverse: the block table matters
     cache = transformers.DynamicCache(config=hf.config)

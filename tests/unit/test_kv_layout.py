@@ -57,3 +57,21 @@ def test_layer_view_checks_range_and_shape():
         layout.layer_view(full, 2)
     with pytest.raises(ValueError):
         layout.layer_view(full.float(), 0)
+
+
+@pytest.mark.parametrize("state_pages", [False, True])
+@pytest.mark.parametrize("prompt, hit, pe_blocks", [(10, 1, 1), (10, 2, 0), (8, 1, 0), (13, 2, 1)])
+def test_a_state_page_ships_whole(state_pages, prompt, hit, pe_blocks):
+    """With state pages (a hybrid model's linear layers keep their state in pages) the PE ships the prompt's last
+    block whole; otherwise only the prompt's rows. The rows before are the same either way."""
+    from dualpath.engine.request import Turn
+    from dualpath.types import PathKind
+
+    layout = KVLayout(KVSpec.mha(2, 1, 4, "float32", state_pages=state_pages), block_tokens=4)
+    turn = Turn("s", list(range(prompt)), 1, 0, 0, PathKind.PE, [], 0, pe_blocks, layout)
+    turn.hit_blocks = hit
+    ranges = turn.ship_ranges()
+    end = -(-prompt // 4) * 4 if state_pages else prompt
+    assert ranges[-1] == (0 if pe_blocks >= hit else hit * 4, end)
+    assert turn.ship_rows == end - (hit - min(pe_blocks, hit)) * 4
+    assert (":state-pages" in layout.spec.fingerprint()) == state_pages

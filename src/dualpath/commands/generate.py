@@ -117,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
             f"prompt of {len(ids)} tokens + {args.max_new_tokens} new tokens = {total} tokens exceeds the KV pool of "
             f"{pool_tokens} tokens (--pool-tokens, default the model's context, {spec.context_limit})"
         )
-    kv_spec = spec.kv_spec()
+    from dualpath.engine.model_api import paged_kv_spec
+
+    kv_spec = paged_kv_spec(spec, bt)
     pool = KVPool(kv_spec, num_blocks=-(-total // bt), block_tokens=bt, device=device)
     table = pool.allocate(pool.blocks_for_tokens(total))
     # the end-of-sequence ids the HTTP front stops at too: config.json's, generation_config.json's (chat models'

@@ -109,6 +109,13 @@ class LayerwiseModel(abc.ABC):
         return new / t if t else None
 
 
+def paged_kv_spec(spec: Any, block_tokens: int) -> KVSpec:
+    """A model spec's KV layout for pages of ``block_tokens`` tokens: a hybrid model's state page must hold its
+    recurrent state, so its row width depends on the page's length (``spec.paged_kv_spec``); others' does not."""
+    paged = getattr(spec, "paged_kv_spec", None)
+    return paged(block_tokens) if paged is not None else spec.kv_spec()
+
+
 class LlamaAdapter(LayerwiseModel):
     """Adapts :class:`dualpath.model.llama.LlamaModel` to :class:`LayerwiseModel`; compute runs in a thread.
 
@@ -125,7 +132,7 @@ class LlamaAdapter(LayerwiseModel):
         self.model = model
         self.block_tokens = int(block_tokens)
         spec = model.spec
-        self.kv_spec = spec.kv_spec()
+        self.kv_spec = paged_kv_spec(spec, self.block_tokens)
         self.fingerprint = spec.fingerprint()
         self.max_context = int(max_context or spec.context_limit)
         self.vocab_size = int(spec.vocab_size)

@@ -261,16 +261,19 @@ class Turn:
         return self.hit_blocks - self.pe_hit_blocks
 
     def ship_ranges(self) -> list[tuple[int, int]]:
-        """Token rows the PE ships to the DE after each layer (the rows the DE does not already hold)."""
+        """Token rows the PE ships to the DE after each layer (the rows the DE does not already hold). With state
+        pages (:attr:`KVSpec.state_pages`) the last range runs to the end of the prompt's last block: a state page
+        is whole or useless."""
         bt = self.bt
+        end = self.prompt_blocks * bt if self.layout.spec.state_pages else self.prompt_len
         ranges: list[tuple[int, int]] = []
         if self.pe_hit_blocks:
             ranges.append((0, self.pe_hit_blocks * bt))
         start = self.hit_blocks * bt
         if ranges and ranges[-1][1] == start:
-            ranges[-1] = (ranges[-1][0], self.prompt_len)
+            ranges[-1] = (ranges[-1][0], end)
         else:
-            ranges.append((start, self.prompt_len))
+            ranges.append((start, end))
         return ranges
 
     @property

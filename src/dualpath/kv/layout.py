@@ -18,6 +18,11 @@ Inside a Layer Block, each token's row is the model's per-layer cache entry:
 
 So for ``mha`` a Layer Block reinterpreted as ``dtype`` has shape ``[block_tokens, 2, n_kv_heads, head_dim]``
 and the paged KV pool can store Layer Blocks as its pages with no layout conversion.
+
+``state_pages`` (hybrid models: Qwen3.5, Qwen3-Next): some layers keep a recurrent state instead of per-token KV.
+Such a layer's page holds the state after the last token written in its block (:mod:`dualpath.model.gated_delta`),
+so a Full Block carries the state at its end, and a page is only meaningful whole: what moves between engines
+moves whole pages (``Turn.ship_ranges``).
 """
 
 from __future__ import annotations
@@ -72,10 +77,13 @@ class KVSpec:
     extra_bytes: int = 0
     rope_dim: int = 0
     latent_format: str = ""  # "" (plain ``dtype`` values) or "fp8" (656-byte FlashMLA rows for 512 + 64)
+    state_pages: bool = False  # some layers' pages hold a recurrent state, not rows (module docstring)
 
     @classmethod
-    def mha(cls, n_layers: int, n_kv_heads: int, head_dim: int, dtype: str = "bfloat16") -> KVSpec:
-        spec = cls(n_layers=n_layers, attention="mha", dtype=dtype, n_kv_heads=n_kv_heads, head_dim=head_dim)
+    def mha(cls, n_layers: int, n_kv_heads: int, head_dim: int, dtype: str = "bfloat16",
+            state_pages: bool = False) -> KVSpec:
+        spec = cls(n_layers=n_layers, attention="mha", dtype=dtype, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                   state_pages=state_pages)
         spec.validate()
         return spec
 
@@ -167,6 +175,7 @@ class KVSpec:
             f"{self.attention}:L{self.n_layers}:H{self.n_kv_heads}:D{self.head_dim}:"
             f"Z{self.latent_dim}:X{self.extra_bytes}:{self.dtype}"
             + (f":R{self.rope_dim}:{self.latent_format}" if self.latent_format or self.rope_dim else "")
+            + (":state-pages" if self.state_pages else "")
         )
 
 

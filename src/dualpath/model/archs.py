@@ -12,6 +12,9 @@ from typing import Any
 from dualpath.model import layernorm_family as lnf
 from dualpath.model import llama_variants as lv
 
+#: Qwen's hybrid decoders (dualpath.model.qwen_hybrid): our name -> the Hugging Face class
+HYBRID_HF_ARCH = {"qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+                  "qwen3_next": "Qwen3NextForCausalLM"}
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
@@ -63,6 +66,7 @@ ARCHITECTURES: dict[str, str] = {
     "LagunaForCausalLM": "laguna",  # (dualpath.model.laguna)
     "BeamForCausalLM": "beam",  # (dualpath.model.beam)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
+    **{hf: ours for ours, hf in HYBRID_HF_ARCH.items()},  # Qwen3.5, Qwen3.5-MoE, Qwen3-Next (dualpath.model.qwen_hybrid)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -84,7 +88,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "hyperclovax": "HyperCLOVAXForCausalLM",
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
-            **lnf.HF_ARCH, **lv.HF_ARCH}
+            **lnf.HF_ARCH, **lv.HF_ARCH, **HYBRID_HF_ARCH}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: Gemma 2's attention, scalings and soft caps: Gemma 2, Gemma 3 and VaultGemma (Gemma 2's layers with only the
@@ -132,12 +136,12 @@ _NO_KV = ("its linear-attention / state-space layers keep a recurrent state, not
           "blocks to store, read or page")
 #: families refused on purpose, by model_type, with the reason (docs/models.md, "Refused, by name")
 _REFUSED = {
-    **dict.fromkeys(("rwkv", "mamba", "mamba2", "falcon_mamba", "xlstm", "recurrent_gemma", "qwen3_next", "qwen3_5",
-                     "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "jamba", "bamba", "zamba", "zamba2",
+    **dict.fromkeys(("rwkv", "mamba", "mamba2", "falcon_mamba", "xlstm", "recurrent_gemma", "jamba", "bamba", "zamba",
+                     "zamba2",
                      "falcon_h1", "nemotron_h", "granitemoehybrid", "lfm2", "lfm2_moe", "kimi_linear", "minimax",
                      "olmo_hybrid", "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
-                     # image-text checkpoints whose language model is one of them (Qwen3.5, Nemotron-H, LFM2 / 3)
-                     "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "nemotron_h_omni", "lfm2_vl", "lfm3_vl",
+                     # image-text checkpoints whose language model is one of them (Nemotron-H, LFM2 / 3)
+                     "nemotron_h_omni", "lfm2_vl", "lfm3_vl",
                      # short-convolution / linear-attention state: Inkling, ZAYA1 (its CCA), GLM-5.3-Flash (KDA)
                      "inkling_text", "inkling_mm_model", "inkling2", "inkling2_text", "inkling2_loop",
                      "inkling2_loop_text", "zaya", "glm5_next", "glm5_next_text"), _NO_KV),

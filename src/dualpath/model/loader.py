@@ -80,9 +80,10 @@ if TYPE_CHECKING:
     from dualpath.model.llama import LlamaModel
     from dualpath.model.mimo_v2 import MiMoV2Model
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
+    from dualpath.model.qwen_hybrid import HybridModel
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
-                | LagunaModel | BeamModel)
+                | LagunaModel | BeamModel | HybridModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -313,6 +314,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = beam.BeamModel(cast(beam.BeamSpec, spec), device="cpu", backend=backend)
         if tensors is not None:
             tensors = beam.tensors_in(tensors, source)
+    elif spec.architecture in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):
+        from dualpath.model import qwen_hybrid as qh
+
+        model = qh.HybridModel(cast(qh.HybridSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
+            tensors = qh.tensors_in(cast(qh.HybridSpec, spec), gemma3_language_tensors(
+                fp8_dequantized(tensors, source, fp8_block)), source)
     elif spec.architecture == "laguna":
         from dualpath.model import laguna
 

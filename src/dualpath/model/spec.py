@@ -962,6 +962,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import beam
 
             return beam.spec_from_config(cfg, where, dtype, max_context)
+        if arch in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):  # (linear-attention layers: state pages)
+            from dualpath.model import qwen_hybrid
+
+            return qwen_hybrid.spec_from_config(arch, cfg, where, dtype, max_context)
         if arch == "laguna":  # (its own spec: query heads per layer, gated attention, its MoE)
             from dualpath.model import laguna
 

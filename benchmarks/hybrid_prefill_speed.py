@@ -1,0 +1,98 @@
+"""Prefill speed of a hybrid (Gated DeltaNet) model over state pages against transformers' eager forward over the same
+weights, and what state pages cost in bytes.
+
+A random Qwen3.5 (``--hidden`` wide, 8 layers: 6 linear, 2 full attention) saved by transformers; one prompt of
+``--tokens`` tokens prefilled at each block size (the delta rule runs one closed-form segment per block, so the
+block size sets how many segments run), timed best of ``--repeats``, and the same prompt through transformers
+(best of ``--repeats``) in the same run; the last-token logits are compared. It also prints the page layout's
+bytes per token for transformers' default Qwen3-Next config (the 80B-A3B shape) at several block sizes.
+
+Run: ``python benchmarks/hybrid_prefill_speed.py [--tokens 2048] [--json OUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from typing import Any
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", dest="json_out")
+    args = parser.parse_args(argv)
+
+    import torch
+    import transformers
+
+    from dualpath.engine.model_api import paged_kv_spec
+    from dualpath.model import KVPool, SeqBatch
+    from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.loader import load_model
+    from dualpath.model.spec import load_spec
+
+    torch.set_num_threads(args.threads)
+    h = args.hidden
+    cfg = transformers.Qwen3_5TextConfig(
+        vocab_size=2048, hidden_size=h, intermediate_size=3 * h, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
+        linear_value_head_dim=64)
+    torch.manual_seed(0)
+    hf = transformers.Qwen3_5ForCausalLM(cfg).eval()
+    d = tempfile.mkdtemp()
+    hf.save_pretrained(d)
+    ours = load_model(LlamaModelConfig(path=d, attention_backend="torch", dtype="float32"), with_tokenizer=False)[0]
+    ids = torch.randint(0, 2048, (args.tokens,)).tolist()
+
+    def best(fn: Any) -> tuple[float, Any]:
+        t, out = float("inf"), None
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            t = min(t, time.perf_counter() - t0)
+        return t, out
+
+    with torch.no_grad():
+        t_hf, ref = best(lambda: hf(torch.tensor([ids])).logits[0, -1])
+    runs = []
+    for bt in args.blocks:
+        spec = paged_kv_spec(ours.spec, bt)
+        pool = KVPool(spec, num_blocks=args.tokens // bt + 2, block_tokens=bt)
+        table = pool.allocate(-(-args.tokens // bt))
+        t, out = best(lambda: ours(SeqBatch.build([ids], [0], [table], bt), pool.layers)[0])  # noqa: B023
+        row = {"block_tokens": bt, "ours_s": round(t, 4), "transformers_s": round(t_hf, 4),
+               "speed_vs_transformers": round(t_hf / t, 3), "max_logit_diff": float((out - ref).abs().max()),
+               "bytes_per_token_layer": spec.bytes_per_token_layer}
+        runs.append(row)
+        print(f"{args.tokens} tokens, {bt}-token blocks: ours {t:.3f} s, transformers {t_hf:.3f} s -> "
+              f"{t_hf / t:.2f}x; logits within {row['max_logit_diff']:.1e}")
+
+    big = transformers.Qwen3NextConfig().to_dict()
+    big.update(architectures=["Qwen3NextForCausalLM"], dtype="bfloat16")
+    spec80 = load_spec(big)
+    attn = 2 * spec80.n_kv_heads * spec80.head_dim * 2
+    sizes = []
+    for bt in (16, 64, 256, 512, 1024):
+        kv = spec80.paged_kv_spec(bt)  # type: ignore[attr-defined]
+        sizes.append({"block_tokens": bt, "bytes_per_token_layer": kv.bytes_per_token_layer,
+                      "bytes_per_token": kv.bytes_per_token, "vs_attention_rows": round(kv.bytes_per_token_layer / attn, 2)})
+        print(f"Qwen3-Next-80B-A3B shape, bf16, {bt}-token blocks: {kv.bytes_per_token_layer} B per token and layer "
+              f"({kv.bytes_per_token_layer / attn:.1f}x an attention row of {attn} B)")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"command": "python benchmarks/hybrid_prefill_speed.py " + " ".join(argv or []),
+                       "tokens": args.tokens, "hidden": h, "threads": args.threads, "runs": runs,
+                       "qwen3_next_80b_state_bytes_per_layer": spec80.state_bytes,  # type: ignore[attr-defined]
+                       "qwen3_next_80b_page_rows": sizes}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

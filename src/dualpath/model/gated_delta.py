@@ -1,0 +1,97 @@
+"""The gated delta rule (Gated DeltaNet: Qwen3-Next's and Qwen3.5's linear-attention layers) over state pages.
+
+A linear-attention layer keeps, per sequence, a recurrent state ``S [Hv, Dk, Dv]`` and the last ``K - 1`` inputs of
+its causal depthwise convolution (``conv [C, K - 1]``), instead of per-token keys and values. Token ``t`` (keys and
+queries L2-normalized, queries scaled by ``Dk ** -0.5``; decay ``g_t <= 0``, rate ``beta_t``)::
+
+    S <- exp(g_t) * S;   S <- S + k_t (beta_t * (v_t - S^T k_t))^T;   o_t = S^T q_t
+
+**State pages.** The paged KV pool holds the state in the layer's pages (:attr:`KVSpec.state_pages`): the page of
+block ``b`` holds, in fp32, ``conv`` then ``S`` *after the last token written in block b*. A forward over positions
+``[s, e)`` reads the state after ``s - 1`` from the page of block ``(s - 1) // bt`` (zeros when ``s = 0``) and writes
+one snapshot at every block boundary it crosses and at ``e - 1``. So a Full Block's page holds the state at its end
+(what storage keeps and the next turn's hit starts from), the partial last block's page holds the current state
+(what decoding continues from), and a page moves between engines whole.
+
+:func:`delta_segment` runs one segment in closed form (the UT transform: one triangular solve per segment, the
+DeltaNet papers' chunked form); segments never cross a block boundary, so every snapshot is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dualpath.errors import ModelError
+
+__all__ = ["delta_segment", "delta_step", "l2norm", "state_bytes", "state_views"]
+
+
+def state_bytes(conv_dim: int, kernel: int, heads_v: int, dk: int, dv: int) -> int:
+    """Bytes of one layer's state in a page: fp32 ``conv [C, K - 1]`` then fp32 ``S [Hv, Dk, Dv]``."""
+    return 4 * (conv_dim * (kernel - 1) + heads_v * dk * dv)
+
+
+def state_views(kv_layer: torch.Tensor, conv_dim: int, kernel: int, heads_v: int, dk: int,
+                dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(conv [nb, C, K - 1], S [nb, Hv, Dk, Dv])`` fp32 views of each page of a layer's ``[nb, *page]`` tensor
+    (no copy; a :class:`ModelError` when the pages are not contiguous or too small for the state)."""
+    nb = kv_layer.shape[0]
+    try:
+        raw = kv_layer.view(nb, -1).view(torch.uint8)
+    except RuntimeError as exc:
+        raise ModelError(f"a state page must be one contiguous page per block: {exc}") from None
+    need = state_bytes(conv_dim, kernel, heads_v, dk, dv)
+    if raw.shape[1] < need:
+        raise ModelError(f"a page of {raw.shape[1]} bytes cannot hold a linear-attention state of {need} bytes; "
+                         f"use larger blocks (cluster.block_tokens) or the model's paged_kv_spec")
+    f32 = raw[:, :need].view(torch.float32)
+    nc = conv_dim * (kernel - 1)
+    return f32[:, :nc].view(nb, conv_dim, kernel - 1), f32[:, nc:].view(nb, heads_v, dk, dv)
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum(x^2) + eps)`` over the last dim (the normalization Gated DeltaNet applies to q and k)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def delta_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                  s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment of ``L`` tokens from state ``s0 [H, Dk, Dv]``: ``q, k [H, L, Dk]`` (normalized, q scaled),
+    ``v [H, L, Dv]``, ``g, beta [H, L]``, all fp32. Returns ``(o [H, L, Dv], state after the last token)``.
+
+    With ``G`` the cumulative sum of ``g`` and ``A[t, i] = beta_t (k_t . k_i) exp(G_t - G_i)`` for ``i < t``, the
+    corrections ``u_t = beta_t (v_t - S_{t-1}'^T k_t)`` solve ``(I + A) U = beta V - (beta exp(G) K) s0``; then
+    ``o_t = exp(G_t) s0^T q_t + sum_{i <= t} exp(G_t - G_i) (q_t . k_i) u_i`` and the state is
+    ``exp(G_L) s0 + sum_i exp(G_L - G_i) k_i u_i^T``."""
+    n = q.shape[1]
+    gc = g.cumsum(dim=-1)
+    diff = gc[:, :, None] - gc[:, None, :]  # G_t - G_i
+    below = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
+    decay = diff.masked_fill(~below, float("-inf")).exp()  # (masked before exp: G_t - G_i > 0 above)
+    a = beta[:, :, None] * (k @ k.transpose(-1, -2)) * decay
+    eg = gc.exp()
+    rhs = beta[:, :, None] * v - (beta * eg)[:, :, None] * (k @ s0)
+    u = torch.linalg.solve_triangular(a + torch.eye(n, dtype=a.dtype, device=a.device), rhs, upper=False,
+                                      unitriangular=True)
+    causal = diff.masked_fill(~(below | torch.eye(n, dtype=torch.bool, device=q.device)), float("-inf")).exp()
+    o = eg[:, :, None] * (q @ s0) + ((q @ k.transpose(-1, -2)) * causal) @ u
+    last = gc[:, -1:]
+    s1 = last.exp()[:, :, None] * s0 + (k * (last - gc).exp()[:, :, None]).transpose(-1, -2) @ u
+    return o, s1
+
+
+def delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+               s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token for each of ``B`` sequences: ``q, k [B, H, Dk]``, ``v [B, H, Dv]``, ``g, beta [B, H]``, state
+    ``s [B, H, Dk, Dv]`` (fp32). Returns ``(o [B, H, Dv], new state)``."""
+    s = s * g.exp()[:, :, None, None]
+    mem = (s * k[:, :, :, None]).sum(dim=-2)
+    s = s + k[:, :, :, None] * ((v - mem) * beta[:, :, None])[:, :, None, :]
+    return (s * q[:, :, :, None]).sum(dim=-2), s
+
+
+def causal_conv(x_ext: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal convolution then SiLU: ``x_ext [C, K - 1 + L]`` (the state's ``K - 1`` inputs first),
+    ``weight [C, K]`` -> ``[C, L]``."""
+    return F.silu(F.conv1d(x_ext[None], weight[:, None, :], groups=weight.shape[0])[0])

@@ -6,12 +6,7 @@ queries L2-normalized, queries scaled by ``Dk ** -0.5``; decay ``g_t <= 0``, rat
 
     S <- exp(g_t) * S;   S <- S + k_t (beta_t * (v_t - S^T k_t))^T;   o_t = S^T q_t
 
-**State pages.** The paged KV pool holds the state in the layer's pages (:attr:`KVSpec.state_pages`): the page of
-block ``b`` holds, in fp32, ``conv`` then ``S`` *after the last token written in block b*. A forward over positions
-``[s, e)`` reads the state after ``s - 1`` from the page of block ``(s - 1) // bt`` (zeros when ``s = 0``) and writes
-one snapshot at every block boundary it crosses and at ``e - 1``. So a Full Block's page holds the state at its end
-(what storage keeps and the next turn's hit starts from), the partial last block's page holds the current state
-(what decoding continues from), and a page moves between engines whole.
+The state lives in the layer's pages (:mod:`dualpath.model.state_pages`).
 
 :func:`delta_segment` runs one segment in closed form (the UT transform: one triangular solve per segment, the
 DeltaNet papers' chunked form); segments never cross a block boundary, so every snapshot is exact.
@@ -20,34 +15,8 @@ DeltaNet papers' chunked form); segments never cross a block boundary, so every 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from dualpath.errors import ModelError
-
-__all__ = ["delta_segment", "delta_step", "l2norm", "state_bytes", "state_views"]
-
-
-def state_bytes(conv_dim: int, kernel: int, heads_v: int, dk: int, dv: int) -> int:
-    """Bytes of one layer's state in a page: fp32 ``conv [C, K - 1]`` then fp32 ``S [Hv, Dk, Dv]``."""
-    return 4 * (conv_dim * (kernel - 1) + heads_v * dk * dv)
-
-
-def state_views(kv_layer: torch.Tensor, conv_dim: int, kernel: int, heads_v: int, dk: int,
-                dv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(conv [nb, C, K - 1], S [nb, Hv, Dk, Dv])`` fp32 views of each page of a layer's ``[nb, *page]`` tensor
-    (no copy; a :class:`ModelError` when the pages are not contiguous or too small for the state)."""
-    nb = kv_layer.shape[0]
-    try:
-        raw = kv_layer.view(nb, -1).view(torch.uint8)
-    except RuntimeError as exc:
-        raise ModelError(f"a state page must be one contiguous page per block: {exc}") from None
-    need = state_bytes(conv_dim, kernel, heads_v, dk, dv)
-    if raw.shape[1] < need:
-        raise ModelError(f"a page of {raw.shape[1]} bytes cannot hold a linear-attention state of {need} bytes; "
-                         f"use larger blocks (cluster.block_tokens) or the model's paged_kv_spec")
-    f32 = raw[:, :need].view(torch.float32)
-    nc = conv_dim * (kernel - 1)
-    return f32[:, :nc].view(nb, conv_dim, kernel - 1), f32[:, nc:].view(nb, heads_v, dk, dv)
+__all__ = ["delta_segment", "delta_step", "l2norm"]
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -89,9 +58,3 @@ def delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     mem = (s * k[:, :, :, None]).sum(dim=-2)
     s = s + k[:, :, :, None] * ((v - mem) * beta[:, :, None])[:, :, None, :]
     return (s * q[:, :, :, None]).sum(dim=-2), s
-
-
-def causal_conv(x_ext: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Depthwise causal convolution then SiLU: ``x_ext [C, K - 1 + L]`` (the state's ``K - 1`` inputs first),
-    ``weight [C, K]`` -> ``[C, L]``."""
-    return F.silu(F.conv1d(x_ext[None], weight[:, None, :], groups=weight.shape[0])[0])

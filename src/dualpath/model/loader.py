@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     from dualpath.model.deepseek import DeepseekV3Model
     from dualpath.model.gemma3n import Gemma3nModel
     from dualpath.model.gemma4 import Gemma4Model
+    from dualpath.model.granite_hybrid import GraniteHybridModel
     from dualpath.model.laguna import LagunaModel
     from dualpath.model.llama import LlamaModel
     from dualpath.model.mimo_v2 import MiMoV2Model
@@ -83,7 +84,7 @@ if TYPE_CHECKING:
     from dualpath.model.qwen_hybrid import HybridModel
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
-                | LagunaModel | BeamModel | HybridModel)
+                | LagunaModel | BeamModel | HybridModel | GraniteHybridModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -314,6 +315,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = beam.BeamModel(cast(beam.BeamSpec, spec), device="cpu", backend=backend)
         if tensors is not None:
             tensors = beam.tensors_in(tensors, source)
+    elif spec.architecture == "granitemoehybrid":
+        from dualpath.model import granite_hybrid as gh
+
+        model = gh.GraniteHybridModel(cast(gh.GraniteHybridSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = gh.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):
         from dualpath.model import qwen_hybrid as qh
 

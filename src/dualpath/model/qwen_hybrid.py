@@ -35,25 +35,23 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
 from dualpath.model.archs import HYBRID_HF_ARCH
-from dualpath.model.gated_delta import (
-    causal_conv,
-    delta_segment,
-    delta_step,
-    l2norm,
-    state_bytes,
-    state_views,
-)
+from dualpath.model.gated_delta import delta_segment, delta_step, l2norm
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, TypedRopeDecoder, TypedRopeState, _rope
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
+from dualpath.model.state_pages import (
+    decode_states,
+    scan_sequences,
+    state_bytes,
+    state_views,
+    widened_kv_spec,
+)
 
 HF_ARCH = HYBRID_HF_ARCH
 ARCHS = tuple(HF_ARCH)
 TYPES = ("linear_attention", "full_attention")
-#: the longest delta-rule segment (its cost grows with the square of its length; transformers' chunk is 64 too)
-SEGMENT = 64
 #: the block size :meth:`HybridSpec.kv_spec` sizes state pages for (a deployment passes its own)
 DEFAULT_STATE_BLOCK = 64
 #: the configs' defaults (Qwen3_5TextConfig; Qwen3NextConfig and Qwen3_5MoeTextConfig differ where listed)
@@ -131,12 +129,8 @@ class HybridSpec(ModelSpec):
     def paged_kv_spec(self, block_tokens: int) -> KVSpec:
         """The page layout for blocks of ``block_tokens`` tokens: rows of ``[2, H, head_dim]`` with ``H`` the KV
         heads, or more where a page of them would not hold a linear layer's state."""
-        if block_tokens <= 0:
-            raise ModelError(f"block_tokens must be positive, got {block_tokens}")
-        elem = torch.empty((), dtype=self.torch_dtype).element_size()
-        per_head = 2 * self.head_dim * elem * block_tokens  # bytes of one KV head's K and V over a page
-        heads = max(self.n_kv_heads, -(-self.state_bytes // per_head))
-        return KVSpec.mha(self.n_layers, heads, self.head_dim, self.dtype, state_pages=True)
+        return widened_kv_spec(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype, self.state_bytes,
+                               block_tokens)
 
     def kv_spec(self) -> KVSpec:
         return self.paged_kv_spec(DEFAULT_STATE_BLOCK)
@@ -276,58 +270,24 @@ class GatedDeltaNet(nn.Module):
         beta = self.in_proj_b(x).sigmoid().float()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
         weight = self.conv1d.weight[:, 0]
-        bt = batch.block_tokens
         if batch.is_decode:
-            core = self._decode(mixed, beta, g, batch, conv_pages, rec_pages, weight)
+            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, mixed, weight, None)
+            q, k, v = self._qkv(conv)
+            core, s1 = delta_step(q, k, v, g, beta, s0)
+            commit(s1)
         else:
             core = torch.empty(x.shape[0], self.hv, self.dv, dtype=torch.float32, device=x.device)
-            cu, starts = batch.cu_seqlens_q.tolist(), batch.start_pos.tolist()
-            tables = batch.block_tables.tolist()
-            for i, start in enumerate(starts):
-                r0, r1 = cu[i], cu[i + 1]
-                table = tables[i]
-                conv0, s = self._state_before(start, table, bt, conv_pages, rec_pages, x)
-                ext = torch.cat((conv0.to(mixed.dtype), mixed[r0:r1].t()), dim=1)  # [C, K - 1 + L]
-                q, k, v = self._qkv(causal_conv(ext, weight).t())
-                t0, n = 0, r1 - r0
-                while t0 < n:  # segments that end at a block boundary, at the chunk's end or after SEGMENT tokens
-                    t1 = min(n, t0 + bt - (start + t0) % bt, t0 + SEGMENT)
-                    o, s = delta_segment(q[t0:t1].transpose(0, 1), k[t0:t1].transpose(0, 1),
-                                         v[t0:t1].transpose(0, 1), g[r0 + t0:r0 + t1].t(), beta[r0 + t0:r0 + t1].t(), s)
-                    core[r0 + t0:r0 + t1] = o.transpose(0, 1)
-                    page = table[(start + t1 - 1) // bt]
-                    rec_pages[page] = s
-                    conv_pages[page] = ext[:, t1:t1 + self.kernel - 1].float()
-                    t0 = t1
+
+            def run(conv: torch.Tensor, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
+                q, k, v = self._qkv(conv)
+                o, s = delta_segment(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g[a:b].t(),
+                                     beta[a:b].t(), s)
+                core[a:b] = o.transpose(0, 1)
+                return s
+
+            scan_sequences(batch, conv_pages, rec_pages, mixed, weight, None, run)
         out = self.norm(core.to(x.dtype).reshape(-1, self.dv), self.in_proj_z(x).reshape(-1, self.dv))
         return cast(torch.Tensor, self.out_proj(out.reshape(x.shape[0], -1)))
-
-    def _state_before(self, start: int, table: list[int], bt: int, conv_pages: torch.Tensor, rec_pages: torch.Tensor,
-                      x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The state after position ``start - 1`` (a copy), zeros at the sequence's start."""
-        if start == 0:
-            return (torch.zeros(self.conv_dim, self.kernel - 1, device=x.device),
-                    torch.zeros(self.hv, self.dk, self.dv, device=x.device))
-        page = table[(start - 1) // bt]
-        return conv_pages[page].clone(), rec_pages[page].clone()
-
-    def _decode(self, mixed: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, batch: SeqBatch,
-                conv_pages: torch.Tensor, rec_pages: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """One token per sequence, the whole batch at once."""
-        bt, pos = batch.block_tokens, batch.positions
-        tables = batch.block_tables.to(torch.int64)
-        prev = tables.gather(1, ((pos - 1).clamp(min=0) // bt)[:, None])[:, 0]
-        fresh = (pos == 0)[:, None, None]
-        conv0 = torch.where(fresh, 0.0, conv_pages[prev])
-        s0 = torch.where(fresh[..., None], 0.0, rec_pages[prev])
-        ext = torch.cat((conv0.to(mixed.dtype), mixed[:, :, None]), dim=2)  # [B, C, K]
-        conv = F.silu((ext.float() * weight.float()[None]).sum(dim=-1).to(mixed.dtype))
-        q, k, v = self._qkv(conv)
-        o, s1 = delta_step(q, k, v, g, beta, s0)
-        cur = tables.gather(1, (pos // bt)[:, None])[:, 0]
-        rec_pages[cur] = s1
-        conv_pages[cur] = ext[:, :, 1:].float()
-        return o
 
 
 class Attention(nn.Module):

@@ -962,6 +962,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import beam
 
             return beam.spec_from_config(cfg, where, dtype, max_context)
+        if arch == "granitemoehybrid":  # (Mamba-2 layers: state pages)
+            from dualpath.model import granite_hybrid
+
+            return granite_hybrid.spec_from_config(cfg, where, dtype, max_context)
         if arch in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):  # (linear-attention layers: state pages)
             from dualpath.model import qwen_hybrid
 

@@ -79,6 +79,17 @@ class _SpecCommon:
         return str(rs.get("rope_type", rs.get("type", "default")))
 
 
+_SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _special_float(obj: dict[str, Any]) -> Any:
+    """transformers 5 writes a float JSON cannot hold as ``{"__float__": "Infinity"}`` (Granite 4's
+    ``time_step_limit``): read back as the float."""
+    if len(obj) == 1 and isinstance(obj.get("__float__"), str) and obj["__float__"] in _SPECIAL_FLOATS:
+        return _SPECIAL_FLOATS[obj["__float__"]]
+    return obj
+
+
 def read_hf_config(config: dict[str, Any] | str | Path) -> tuple[dict[str, Any], str]:
     """A config dict and a name for messages, from a dict, a ``config.json`` path or a directory holding one."""
     if isinstance(config, dict):
@@ -87,7 +98,7 @@ def read_hf_config(config: dict[str, Any] | str | Path) -> tuple[dict[str, Any],
     if path.is_dir():
         path = path / "config.json"
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(), object_hook=_special_float)
     except FileNotFoundError:
         raise ModelError(f"model config {path} not found") from None
     except json.JSONDecodeError as exc:

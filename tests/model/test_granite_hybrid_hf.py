@@ -1,0 +1,134 @@
+"""Granite 4.0 hybrid (``GraniteMoeHybridForCausalLM``: Mamba-2 layers and attention layers, Granite's scalings, a
+softmax-over-top-k MoE plus a shared MLP) against transformers on the same random weights, saved by transformers.
+The Mamba-2 layers' state lives in state pages: logits at every prefill and decode step, batched sequences with
+different cached prefixes, Triton, bf16, a hit from a stored Full Block's page, our save_pretrained read back by
+transformers, and a two-turn session through the emulated cluster on every read path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hf_random import (
+    Checkpoints,
+    bf16_teacher_forced,
+    check_batched_against_hf,
+    check_bf16_as_close_as_transformers,
+    check_save_reads_back,
+    check_turns_against_hf,
+    check_two_chunks_against_hf,
+    cluster_two_turns,
+    hf_logits,
+    load_checkpoint,
+    random_turns,
+    two_sequences,
+)
+
+from dualpath.engine.model_api import paged_kv_spec
+from dualpath.errors import ModelError
+from dualpath.model import KVPool, SeqBatch
+from dualpath.model.granite_hybrid import GraniteHybridSpec
+from dualpath.model.loader import build_model
+from dualpath.model.spec import load_spec
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "GraniteMoeHybridForCausalLM"):
+    pytest.skip("no Granite 4.0 hybrid in this transformers", allow_module_level=True)
+
+VOCAB = 101
+CONFIG: dict[str, Any] = {
+    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "shared_intermediate_size": 24, "layer_types": ["mamba", "attention", "mamba", "mamba"], "mamba_n_heads": 4,
+    "mamba_n_groups": 2, "mamba_d_state": 8, "mamba_expand": 2, "mamba_d_conv": 4, "max_position_embeddings": 256,
+    "embedding_multiplier": 1.5, "residual_multiplier": 0.7, "attention_multiplier": 0.3, "logits_scaling": 2.0,
+    "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+
+
+class _GraniteCheckpoints(Checkpoints):
+    def model(self, family: str, seed: int = 0) -> Any:
+        hf = super().model(family, seed)
+        g = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():  # decays that keep the state for several tokens (x6 would make it forget at once)
+            for layer in hf.model.layers:
+                if layer.mamba is not None:
+                    layer.mamba.A_log.copy_(torch.empty(4).uniform_(-2.0, 0.0, generator=g))
+                    layer.mamba.dt_bias.copy_(torch.randn(4, generator=g) - 1.0)
+        return hf
+
+
+_CKPTS = _GraniteCheckpoints({
+    "nope_moe": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", CONFIG),
+    "rope_dense": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
+                   {**CONFIG, "position_embedding_type": "rope", "num_local_experts": 0, "mamba_n_groups": 1,
+                    "mamba_conv_bias": False, "mamba_proj_bias": True}),
+})
+ckpt = _CKPTS.fixture()
+
+
+def test_fp32_multi_turn_logits_batches_and_triton(ckpt):
+    _, d, hf = ckpt
+    check_turns_against_hf(load_checkpoint(d), hf, random_turns(VOCAB, 0))
+    check_batched_against_hf(load_checkpoint(d), hf, two_sequences(VOCAB))
+    check_two_chunks_against_hf(load_checkpoint(d, "triton"), hf, sum(random_turns(VOCAB, 3), []))
+
+
+def test_a_hit_starts_from_the_stored_full_blocks_state(tmp_path_factory):
+    d, hf = _CKPTS.get("nope_moe", tmp_path_factory)
+    ours = load_checkpoint(d)
+    seq = sum(random_turns(VOCAB, 4), [])
+    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=24, block_tokens=4)
+    first, second = pool.allocate(8), pool.allocate(8)
+    ours(SeqBatch.build([seq[:11]], [0], [first], 4), pool.layers)
+    ours.decode_step(torch.tensor([seq[11]]), torch.tensor([11]), torch.tensor([first], dtype=torch.int32),
+                     pool.layers)
+    for layer in pool.layers:
+        layer[second[:3]] = layer[first[:3]]
+    got = ours(SeqBatch.build([seq[12:]], [12], [second], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, hf_logits(hf, seq)[12:], atol=2e-4, rtol=1e-4)
+    for layer, kind in enumerate(ours.spec.layer_types):  # (and the state matters)
+        if kind == "linear_attention":
+            pool.layers[layer][second[2]].zero_()
+    got = ours(SeqBatch.build([seq[12:]], [12], [second], 4), pool.layers, all_positions=True)
+    assert float((got - hf_logits(hf, seq)[12:]).abs().max()) > 0.05
+
+
+def test_spec_and_our_save_pretrained(ckpt, tmp_path):
+    family, d, _ = ckpt
+    spec = load_spec(d)
+    assert isinstance(spec, GraniteHybridSpec)
+    assert spec.layer_types == ("linear_attention", "full_attention", "linear_attention", "linear_attention")
+    assert spec.scales == (1.5, 0.7, 0.3, 2.0) and spec.mamba_inner == 64
+    assert bool(spec.rope_by_type) == (family == "rope_dense") and bool(spec.experts) == (family == "nope_moe")
+    assert load_spec(spec.to_hf_config()) == spec
+    ours = build_model(spec, None, seed=3, backend="torch")
+    check_save_reads_back(ours, tmp_path, transformers.GraniteMoeHybridForCausalLM, sum(random_turns(VOCAB, 7), []))
+
+
+def test_bf16_teacher_forced_logits(tmp_path_factory):
+    d, hf32 = _CKPTS.get("rope_dense", tmp_path_factory)
+    hf = transformers.GraniteMoeHybridForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16).eval()
+    seq = sum(random_turns(VOCAB, 5), [])
+    got, ref = bf16_teacher_forced(load_checkpoint(d, dtype="bfloat16"), hf, seq)
+    check_bf16_as_close_as_transformers(got, ref, hf_logits(hf32, seq))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"time_step_limit": [0.0, 10.0]}, "time_step_limit"),
+    ({"layer_types": ["mamba", "mlp", "mamba", "mamba"]}, "layer_types must name"),
+    ({"mamba_n_heads": 5}, "mamba_n_heads"),
+    ({"position_embedding_type": "alibi"}, "position_embedding_type"),
+])
+def test_configs_it_cannot_run_are_refused_by_key(change, match):
+    with pytest.raises(ModelError, match=match):
+        load_spec({"architectures": ["GraniteMoeHybridForCausalLM"], "model_type": "granitemoehybrid", **CONFIG,
+                   **change})
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_cluster_read_paths_same_tokens(tmp_path_factory):
+    d, hf = _CKPTS.get("nope_moe", tmp_path_factory)
+    await cluster_two_turns(d, hf, VOCAB)

@@ -45,6 +45,8 @@ FAMILIES = (
     "axk2",
     "qwen3_5",
     "qwen3_next",
+    "granitemoehybrid",
+    "nemotron_h",
 )
 
 
@@ -365,6 +367,35 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
                   shared_expert_intermediate_size=r.choice([0, 48]), norm_topk_prob=r.random() < 0.5,
                   decoder_sparse_step=r.choice([1, 2]))
         return "Qwen3NextConfig", "Qwen3NextForCausalLM", kw
+    if fam == "granitemoehybrid":  # Mamba-2 and attention layers, Granite's scalings and MoE
+        groups = r.choice([1, 2])
+        return "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": L,
+            "num_attention_heads": 4, "num_key_value_heads": r.choice([1, 2, 4]),
+            "num_local_experts": r.choice([0, 4]), "num_experts_per_tok": 2, "shared_intermediate_size": 24,
+            "layer_types": [r.choice(["mamba", "attention"]) for _ in range(L)],
+            "mamba_n_heads": groups * r.choice([2, 4]), "mamba_n_groups": groups, "mamba_d_state": r.choice([4, 8]),
+            "mamba_expand": r.choice([1, 2]), "mamba_d_conv": r.choice([2, 4]), "mamba_conv_bias": r.random() < 0.5,
+            "mamba_proj_bias": r.random() < 0.5, "position_embedding_type": r.choice([None, "rope"]),
+            "embedding_multiplier": r.choice([1.0, 2.0]), "residual_multiplier": r.choice([1.0, 0.5]),
+            "attention_multiplier": r.choice([0.25, 0.5]), "logits_scaling": r.choice([1.0, 3.0]),
+            "max_position_embeddings": 64,
+        }
+    if fam == "nemotron_h":  # Mamba-2, attention, MLP and MoE blocks
+        groups = r.choice([1, 2])
+        n_group = r.choice([1, 2])
+        return "NemotronHConfig", "NemotronHForCausalLM", {
+            "vocab_size": V, "hidden_size": 32,
+            "layers_block_type": [r.choice(["linear_attention", "full_attention", "mlp", "moe"]) for _ in range(L)],
+            "num_attention_heads": 4, "num_key_value_heads": r.choice([1, 2]), "head_dim": 8, "intermediate_size": 24,
+            "mamba_num_heads": groups * r.choice([2, 4]), "mamba_head_dim": r.choice([4, 8]),
+            "ssm_state_size": r.choice([4, 8]), "n_groups": groups, "conv_kernel": r.choice([2, 4]),
+            "use_conv_bias": r.random() < 0.5, "use_bias": r.random() < 0.5, "mlp_bias": r.random() < 0.5,
+            "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+            "moe_shared_expert_intermediate_size": 12, "n_group": n_group, "topk_group": 1,
+            "norm_topk_prob": r.random() < 0.5, "routed_scaling_factor": r.choice([1.0, 2.5]),
+            "moe_latent_size": r.choice([None, 16]), "max_position_embeddings": 64,
+        }
     if fam == "bitnet":
         return (
             "BitNetConfig",
@@ -424,7 +455,7 @@ def run(fam: str, seed: int) -> dict[str, Any]:
         ]
     )
     with torch.no_grad():
-        ref = hf(torch.tensor([seq])).logits[0].float()
+        ref = hf(torch.tensor([seq]), use_cache=False).logits[0].float()  # (an all-Mamba Granite's cache fails)
     err, top = float((got - ref).abs().max()), float(ref.abs().max())
     return {
         **row,

@@ -376,6 +376,8 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
             cfg["num_key_value_heads"] = 2
         if arch == "beam":  # (its 4 experts in BeamConfig's default 8 groups would not divide)
             cfg.update(n_group=1, topk_group=1)
+        if arch == "nemotron_h":  # (its depth is its block list's: num_hidden_layers is ignored, as transformers does)
+            cfg["layers_block_type"] = ["linear_attention", "full_attention"] * 20
         if arch == "cohere_compass_text":  # (its RoPE is keyed by layer type: transformers needs each type's)
             cfg["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
         spec = ModelSpec.from_hf_config(cfg)

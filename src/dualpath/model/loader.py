@@ -81,10 +81,12 @@ if TYPE_CHECKING:
     from dualpath.model.llama import LlamaModel
     from dualpath.model.mimo_v2 import MiMoV2Model
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
+    from dualpath.model.nemotron_h import NemotronHModel
     from dualpath.model.qwen_hybrid import HybridModel
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
-                | LagunaModel | BeamModel | HybridModel | GraniteHybridModel)
+                | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
+                | NemotronHModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -315,6 +317,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = beam.BeamModel(cast(beam.BeamSpec, spec), device="cpu", backend=backend)
         if tensors is not None:
             tensors = beam.tensors_in(tensors, source)
+    elif spec.architecture == "nemotron_h":
+        from dualpath.model import nemotron_h as nh
+
+        model = nh.NemotronHModel(cast(nh.NemotronHSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = nh.tensors_in(fp8_dequantized(tensors, source, fp8_block), source)
     elif spec.architecture == "granitemoehybrid":
         from dualpath.model import granite_hybrid as gh
 

@@ -69,8 +69,9 @@ class Mamba2Mixer(nn.Module):
     """The mixer over state pages. ``heads`` x ``head_dim`` = ``inner`` channels; ``groups`` x ``state`` for B, C."""
 
     def __init__(self, hidden: int, inner: int, heads: int, groups: int, state: int, kernel: int, eps: float, *,
-                 conv_bias: bool, proj_bias: bool) -> None:
+                 conv_bias: bool, proj_bias: bool, dt_min: float = 0.0) -> None:
         super().__init__()
+        self.dt_min = dt_min  # (Nemotron-H: a prefill's dt clamped below, as transformers' chunked scan does)
         self.inner, self.heads, self.groups, self.state, self.kernel = inner, heads, groups, state, kernel
         self.head_dim = inner // heads
         self.conv_dim = inner + 2 * groups * state
@@ -112,6 +113,8 @@ class Mamba2Mixer(nn.Module):
             commit(s1)
             y = (y + x * d[:, None]).to(h.dtype)
         else:
+            if self.dt_min > 0:
+                dt = dt.clamp(min=self.dt_min)
             y = torch.empty(h.shape[0], self.heads, self.head_dim, dtype=torch.float32, device=h.device)
 
             def run(conv: torch.Tensor, r0: int, r1: int, s: torch.Tensor) -> torch.Tensor:

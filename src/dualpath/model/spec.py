@@ -962,6 +962,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import beam
 
             return beam.spec_from_config(cfg, where, dtype, max_context)
+        if arch == "nemotron_h":  # (Mamba-2, attention, MLP and MoE blocks: state pages)
+            from dualpath.model import nemotron_h
+
+            return nemotron_h.spec_from_config(cfg, where, dtype, max_context)
         if arch == "granitemoehybrid":  # (Mamba-2 layers: state pages)
             from dualpath.model import granite_hybrid
 

@@ -552,6 +552,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.modernbert_decoder import tensors_out as modernbert_out
 
         out = modernbert_out(out)
+    if arch == "nemotron_h":  # (its backbone.* names)
+        from dualpath.model.nemotron_h import tensors_out as nemotron_h_out
+
+        out = nemotron_h_out(out)
     if arch in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):  # (Qwen3-Next's packed projections)
         from dualpath.model.qwen_hybrid import tensors_out as hybrid_out
 

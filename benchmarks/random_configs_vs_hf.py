@@ -47,6 +47,7 @@ FAMILIES = (
     "qwen3_next",
     "granitemoehybrid",
     "nemotron_h",
+    "lfm2",
 )
 
 
@@ -396,6 +397,23 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "norm_topk_prob": r.random() < 0.5, "routed_scaling_factor": r.choice([1.0, 2.5]),
             "moe_latent_size": r.choice([None, 16]), "max_position_embeddings": 64,
         }
+    if fam == "lfm2":  # short convolutions and attention; LFM2-MoE's experts
+        moe = r.random() < 0.5
+        kw = {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": r.choice([48, 96]), "num_hidden_layers": L,
+            "num_attention_heads": 4, "num_key_value_heads": r.choice([1, 2, 4]),
+            "layer_types": [r.choice(["conv", "full_attention"]) for _ in range(L)],
+            "conv_L_cache": r.choice([2, 3, 4]), "conv_bias": r.random() < 0.5,
+            "tie_word_embeddings": r.random() < 0.5, "max_position_embeddings": 64,
+        }
+        if not moe:
+            kw.update(block_multiple_of=r.choice([8, 16]), block_auto_adjust_ff_dim=r.random() < 0.7,
+                      block_ffn_dim_multiplier=r.choice([1.0, 1.5, 0.75]))
+            return "Lfm2Config", "Lfm2ForCausalLM", kw
+        kw.update(num_dense_layers=r.choice([0, 1, 2]), num_experts=8, num_experts_per_tok=2,
+                  moe_intermediate_size=16, use_expert_bias=r.random() < 0.5, norm_topk_prob=r.random() < 0.5,
+                  routed_scaling_factor=r.choice([1.0, 2.0]))
+        return "Lfm2MoeConfig", "Lfm2MoeForCausalLM", kw
     if fam == "bitnet":
         return (
             "BitNetConfig",

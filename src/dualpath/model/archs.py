@@ -66,9 +66,11 @@ ARCHITECTURES: dict[str, str] = {
     "LagunaForCausalLM": "laguna",  # (dualpath.model.laguna)
     "BeamForCausalLM": "beam",  # (dualpath.model.beam)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
-    **{hf: ours for ours, hf in HYBRID_HF_ARCH.items()},
+    **{hf: ours for ours, hf in HYBRID_HF_ARCH.items()},  # Qwen3.5, Qwen3.5-MoE, Qwen3-Next (dualpath.model.qwen_hybrid)
     "GraniteMoeHybridForCausalLM": "granitemoehybrid",  # (dualpath.model.granite_hybrid)
-    "NemotronHForCausalLM": "nemotron_h",  # (dualpath.model.nemotron_h)  # Qwen3.5, Qwen3.5-MoE, Qwen3-Next (dualpath.model.qwen_hybrid)
+    "NemotronHForCausalLM": "nemotron_h",  # (dualpath.model.nemotron_h)
+    "Lfm2ForCausalLM": "lfm2",  # (dualpath.model.lfm2)
+    "Lfm2MoeForCausalLM": "lfm2_moe",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -91,7 +93,8 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH, **HYBRID_HF_ARCH,
-            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
+            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "nemotron_h": "NemotronHForCausalLM",
+            "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: Gemma 2's attention, scalings and soft caps: Gemma 2, Gemma 3 and VaultGemma (Gemma 2's layers with only the
@@ -141,10 +144,10 @@ _NO_KV = ("its linear-attention / state-space layers keep a recurrent state, not
 _REFUSED = {
     **dict.fromkeys(("rwkv", "mamba", "mamba2", "falcon_mamba", "xlstm", "recurrent_gemma", "jamba", "bamba", "zamba",
                      "zamba2",
-                     "falcon_h1", "lfm2", "lfm2_moe", "kimi_linear", "minimax",
+                     "falcon_h1", "kimi_linear", "minimax",
                      "olmo_hybrid", "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
-                     # image-text checkpoints whose language model is one of them (Nemotron-H, LFM2 / 3)
-                     "nemotron_h_omni", "lfm2_vl", "lfm3_vl",
+                     # image-text checkpoints whose language model is one of them (Nemotron-H Omni, LFM3)
+                     "nemotron_h_omni", "lfm3_vl",
                      # short-convolution / linear-attention state: Inkling, ZAYA1 (its CCA), GLM-5.3-Flash (KDA)
                      "inkling_text", "inkling_mm_model", "inkling2", "inkling2_text", "inkling2_loop",
                      "inkling2_loop_text", "zaya", "glm5_next", "glm5_next_text"), _NO_KV),

@@ -59,6 +59,7 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     "MiniCPMV4_6ForConditionalGeneration": ("minicpmv4_6", "qwen3_5_text"),
     "MiniCPMV4_7ForConditionalGeneration": ("minicpmv4_7", "qwen3_5_text"),
     "MiniCPMOcrForConditionalGeneration": ("minicpm_ocr", "qwen3_5_text"),
+    "Lfm2VlForConditionalGeneration": ("lfm2_vl", "lfm2"),
     # their language model alone is a text model run here (transformers runs it on text alone)
     "LlavaNextForConditionalGeneration": ("llava_next", "llama"),
     "LlavaNextVideoForConditionalGeneration": ("llava_next_video", "llama"),
@@ -134,6 +135,7 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "llama4_text": ("Llama4ForCausalLM", "llama4_text"),
     "qwen3_vl_moe_text": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "qwen3_5_text": ("Qwen3_5ForCausalLM", "qwen3_5_text"),
+    "lfm2": ("Lfm2ForCausalLM", "lfm2"),
     "qwen3_5_moe_text": ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text"),
     "cohere2": ("Cohere2ForCausalLM", "cohere2"),
     "cohere_compass_text": ("CohereCompassForCausalLM", "cohere_compass_text"),

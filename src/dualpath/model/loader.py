@@ -78,6 +78,7 @@ if TYPE_CHECKING:
     from dualpath.model.gemma4 import Gemma4Model
     from dualpath.model.granite_hybrid import GraniteHybridModel
     from dualpath.model.laguna import LagunaModel
+    from dualpath.model.lfm2 import Lfm2Model
     from dualpath.model.llama import LlamaModel
     from dualpath.model.mimo_v2 import MiMoV2Model
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
@@ -86,7 +87,7 @@ if TYPE_CHECKING:
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
-                | NemotronHModel)
+                | NemotronHModel | Lfm2Model)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -317,6 +318,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = beam.BeamModel(cast(beam.BeamSpec, spec), device="cpu", backend=backend)
         if tensors is not None:
             tensors = beam.tensors_in(tensors, source)
+    elif spec.architecture in ("lfm2", "lfm2_moe"):
+        from dualpath.model import lfm2
+
+        model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
+        if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
+            tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
     elif spec.architecture == "nemotron_h":
         from dualpath.model import nemotron_h as nh
 

@@ -962,6 +962,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import beam
 
             return beam.spec_from_config(cfg, where, dtype, max_context)
+        if arch in ("lfm2", "lfm2_moe"):  # (short-convolution layers: state pages)
+            from dualpath.model import lfm2
+
+            return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
         if arch == "nemotron_h":  # (Mamba-2, attention, MLP and MoE blocks: state pages)
             from dualpath.model import nemotron_h
 

@@ -48,10 +48,12 @@ def state_views(kv_layer: torch.Tensor, conv_dim: int, kernel: int, heads_v: int
     return f32[:, :nc].view(nb, conv_dim, kernel - 1), f32[:, nc:].view(nb, heads_v, dk, dv)
 
 
-def causal_conv(x_ext: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Depthwise causal convolution (plus ``bias``) then SiLU: ``x_ext [C, K - 1 + L]`` (the state's ``K - 1`` inputs
-    first), ``weight [C, K]`` -> ``[C, L]``."""
-    return F.silu(F.conv1d(x_ext[None], weight[:, None, :], bias, groups=weight.shape[0])[0])
+def causal_conv(x_ext: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                silu: bool = True) -> torch.Tensor:
+    """Depthwise causal convolution (plus ``bias``) then SiLU (unless ``silu`` is false): ``x_ext [C, K - 1 + L]``
+    (the state's ``K - 1`` inputs first), ``weight [C, K]`` -> ``[C, L]``."""
+    out = F.conv1d(x_ext[None], weight[:, None, :], bias, groups=weight.shape[0])[0]
+    return F.silu(out) if silu else out
 
 
 #: the longest segment a recurrent layer runs in one closed form (its cost grows with the square of its length)
@@ -72,7 +74,7 @@ def widened_kv_spec(n_layers: int, n_kv_heads: int, head_dim: int, dtype: str, s
 
 
 def scan_sequences(batch: Any, conv_pages: torch.Tensor, rec_pages: torch.Tensor, mixed: torch.Tensor,
-                   weight: torch.Tensor, bias: torch.Tensor | None, run: Callable[..., Any]) -> None:
+                   weight: torch.Tensor, bias: torch.Tensor | None, run: Callable[..., Any], silu: bool = True) -> None:
     """A prefill batch through a recurrent layer over its state pages (module docstring). For each sequence: its
     state after the cached positions, the convolution over ``mixed [N, C]`` (that state's inputs first), then
     segments that end at a block boundary, the chunk's end or after :data:`SEGMENT` tokens:
@@ -89,7 +91,7 @@ def scan_sequences(batch: Any, conv_pages: torch.Tensor, rec_pages: torch.Tensor
             page = table[(start - 1) // bt]
             conv0, s = conv_pages[page].clone(), rec_pages[page].clone()
         ext = torch.cat((conv0.to(mixed.dtype), mixed[r0:r1].t()), dim=1)  # [C, K - 1 + L]
-        conv = causal_conv(ext, weight, bias).t()
+        conv = causal_conv(ext, weight, bias, silu).t()
         t0, n = 0, r1 - r0
         while t0 < n:
             t1 = min(n, t0 + bt - (start + t0) % bt, t0 + SEGMENT)
@@ -101,7 +103,7 @@ def scan_sequences(batch: Any, conv_pages: torch.Tensor, rec_pages: torch.Tensor
 
 
 def decode_states(batch: Any, conv_pages: torch.Tensor, rec_pages: torch.Tensor, mixed: torch.Tensor,
-                  weight: torch.Tensor, bias: torch.Tensor | None
+                  weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]]:
     """One token per sequence: ``(conv [B, C], state before [B, ...], commit)``; ``commit(new_state)`` writes the
     state and the convolution's inputs into the page of each token's block."""
@@ -121,4 +123,5 @@ def decode_states(batch: Any, conv_pages: torch.Tensor, rec_pages: torch.Tensor,
         rec_pages[cur] = s1
         conv_pages[cur] = ext[:, :, 1:].float()
 
-    return F.silu(out.to(mixed.dtype)), s0, commit
+    out = out.to(mixed.dtype)
+    return (F.silu(out) if silu else out), s0, commit

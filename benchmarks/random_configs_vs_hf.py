@@ -48,6 +48,8 @@ FAMILIES = (
     "granitemoehybrid",
     "nemotron_h",
     "lfm2",
+    "bamba",
+    "mamba2",
 )
 
 
@@ -396,6 +398,27 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "moe_shared_expert_intermediate_size": 12, "n_group": n_group, "topk_group": 1,
             "norm_topk_prob": r.random() < 0.5, "routed_scaling_factor": r.choice([1.0, 2.5]),
             "moe_latent_size": r.choice([None, 16]), "max_position_embeddings": 64,
+        }
+    if fam == "bamba":  # Mamba-2 and attention layers (RoPE on half of each head), Llama's MLP
+        groups = r.choice([1, 2])
+        return "BambaConfig", "BambaForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": L,
+            "num_attention_heads": 4, "num_key_value_heads": r.choice([1, 2, 4]),
+            "attn_layer_indices": sorted(r.sample(range(L), r.randint(1, L))),
+            "mamba_n_heads": groups * r.choice([2, 4]), "mamba_n_groups": groups, "mamba_d_state": r.choice([4, 8]),
+            "mamba_expand": r.choice([1, 2]), "mamba_d_conv": r.choice([2, 4]), "mamba_conv_bias": r.random() < 0.5,
+            "mamba_proj_bias": r.random() < 0.5, "mlp_bias": r.random() < 0.5, "attention_bias": r.random() < 0.5,
+            "max_position_embeddings": 64,
+        }
+    if fam == "mamba2":  # Mamba-2 blocks only
+        groups = r.choice([1, 2])
+        heads = groups * r.choice([2, 4])
+        expand = r.choice([1, 2])
+        return "Mamba2Config", "Mamba2ForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "num_hidden_layers": L, "num_heads": heads,
+            "head_dim": 32 * expand // heads, "expand": expand, "state_size": r.choice([4, 8]), "n_groups": groups,
+            "conv_kernel": r.choice([2, 4]), "use_bias": r.random() < 0.5, "use_conv_bias": r.random() < 0.5,
+            "tie_word_embeddings": r.random() < 0.5,
         }
     if fam == "lfm2":  # short convolutions and attention; LFM2-MoE's experts
         moe = r.random() < 0.5

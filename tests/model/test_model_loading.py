@@ -94,7 +94,7 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
 
 
 @pytest.mark.parametrize("cfg,needle", [
-    ({"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2"}, "recurrent state, not per-token KV"),
+    ({"architectures": ["MambaForCausalLM"], "model_type": "mamba"}, "recurrent state, not per-token KV"),
     ({"model_type": "falcon_h1"}, "recurrent state"),
     ({"architectures": ["JambaForCausalLM"]}, "recurrent state"),
     ({"architectures": ["Gemma4AssistantForCausalLM"]}, "draft model"),
@@ -376,6 +376,8 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
             cfg["num_key_value_heads"] = 2
         if arch == "beam":  # (its 4 experts in BeamConfig's default 8 groups would not divide)
             cfg.update(n_group=1, topk_group=1)
+        if arch == "mamba2":  # (its heads must tile expand x hidden_size)
+            cfg.update(num_heads=8, head_dim=16, n_groups=2)
         if arch == "nemotron_h":  # (its depth is its block list's: num_hidden_layers is ignored, as transformers does)
             cfg["layers_block_type"] = ["linear_attention", "full_attention"] * 20
         if arch == "cohere_compass_text":  # (its RoPE is keyed by layer type: transformers needs each type's)

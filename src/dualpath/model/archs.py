@@ -68,7 +68,9 @@ ARCHITECTURES: dict[str, str] = {
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **{hf: ours for ours, hf in HYBRID_HF_ARCH.items()},  # Qwen3.5, Qwen3.5-MoE, Qwen3-Next (dualpath.model.qwen_hybrid)
     "GraniteMoeHybridForCausalLM": "granitemoehybrid",  # (dualpath.model.granite_hybrid)
+    "BambaForCausalLM": "bamba",
     "NemotronHForCausalLM": "nemotron_h",  # (dualpath.model.nemotron_h)
+    "Mamba2ForCausalLM": "mamba2",
     "Lfm2ForCausalLM": "lfm2",  # (dualpath.model.lfm2)
     "Lfm2MoeForCausalLM": "lfm2_moe",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
@@ -93,7 +95,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH, **HYBRID_HF_ARCH,
-            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "nemotron_h": "NemotronHForCausalLM",
+            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "bamba": "BambaForCausalLM", "nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM",
             "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
@@ -142,7 +144,7 @@ _NO_KV = ("its linear-attention / state-space layers keep a recurrent state, not
           "blocks to store, read or page")
 #: families refused on purpose, by model_type, with the reason (docs/models.md, "Refused, by name")
 _REFUSED = {
-    **dict.fromkeys(("rwkv", "mamba", "mamba2", "falcon_mamba", "xlstm", "recurrent_gemma", "jamba", "bamba", "zamba",
+    **dict.fromkeys(("rwkv", "mamba", "falcon_mamba", "xlstm", "recurrent_gemma", "jamba", "zamba",
                      "zamba2",
                      "falcon_h1", "kimi_linear", "minimax",
                      "olmo_hybrid", "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",

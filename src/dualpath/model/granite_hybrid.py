@@ -7,6 +7,10 @@ attention (scores scaled by ``attention_multiplier``; RoPE only with ``position_
 then a feed-forward: softmax over the top-k router logits of ``num_local_experts`` experts (none when 0) plus a
 shared SwiGLU MLP (``shared_mlp``, fused ``input_linear``). Granite's scalings: embeddings times
 ``embedding_multiplier``, each block's output times ``residual_multiplier``, logits divided by ``logits_scaling``.
+
+IBM's Bamba (``BambaForCausalLM``, model_type ``bamba``) is the same stack without the scalings and the MoE: Mamba-2
+layers and attention layers (``attn_layer_indices``; RoPE on half of each head, as transformers hard-codes it), each
+followed by a Llama SwiGLU (``feed_forward``) behind ``pre_ff_layernorm``.
 """
 
 from __future__ import annotations
@@ -25,11 +29,18 @@ from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
+from dualpath.model.moe import FeedForward
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import state_bytes, widened_kv_spec
 
 ARCH = "granitemoehybrid"
+BAMBA = "bamba"
+#: BambaConfig's defaults, where they differ
+BAMBA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 128000, "intermediate_size": 14336, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 262144, "num_local_experts": 0, "mlp_bias": False, "attn_layer_indices": None,
+}
 #: GraniteMoeHybridConfig's defaults
 DEFAULTS: dict[str, Any] = {
     "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -66,6 +77,7 @@ class GraniteHybridSpec(ModelSpec):
     experts: int = 0
     top_k: int = 0
     shared_width: int = 0
+    mlp_bias: bool = False  # (Bamba's feed-forward)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,9 +115,19 @@ class GraniteHybridSpec(ModelSpec):
 
 
 def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
-                     max_context: int | None = None) -> GraniteHybridSpec:
-    """The spec of a Granite 4.0 hybrid config (its keys over GraniteMoeHybridConfig's defaults)."""
-    cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+                     max_context: int | None = None, arch: str = ARCH) -> GraniteHybridSpec:
+    """The spec of a Granite 4.0 hybrid or Bamba config (its keys over the config class' defaults)."""
+    bamba = arch == BAMBA
+    cfg = {**DEFAULTS, **(BAMBA_DEFAULTS if bamba else {}), **{k: v for k, v in cfg.items() if v is not None}}
+    if bamba:
+        n = cfg_int(cfg, "num_hidden_layers", where)
+        idx = cfg.get("attn_layer_indices") or []
+        if not isinstance(idx, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in idx):
+            raise ModelError(f"{where}: attn_layer_indices must be a list of layer indices, got {idx!r}")
+        cfg = {**cfg, "layer_types": ["attention" if i in idx else "mamba" for i in range(n)],
+               "position_embedding_type": "rope", "num_local_experts": 0}
+        for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            cfg[key] = 1.0
     if cfg.get("hidden_act") not in ("silu", "swish"):
         raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (the MLPs and the convolution "
                          f"need 'silu')")
@@ -129,7 +151,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
             raise ModelError(f"{where}: rope_parameters: only a 'default' RoPE is supported for {ARCH}, got "
                              f"{params!r}")
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope = {"full_attention": (cfg_num({"rope_theta": theta}, "rope_theta", where), 1.0)}
+        rope = {"full_attention": (cfg_num({"rope_theta": theta}, "rope_theta", where), 0.5 if bamba else 1.0)}
     elif pos not in (None, "nope"):
         raise ModelError(f"{where}: position_embedding_type must be 'rope' or null, got {pos!r}")
     inner = cfg_int(cfg, "mamba_expand", where) * hidden
@@ -139,12 +161,14 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         raise ModelError(f"{where}: mamba_d_head ({d_head}) x mamba_n_heads ({mheads}) must equal mamba_expand x "
                          f"hidden_size ({inner})")
     experts = cfg_int(cfg, "num_local_experts", where, minimum=0)
+    head_dim = cfg_int({"head_dim": cfg.get("head_dim") or hidden // heads}, "head_dim", where)
+    if bamba:
+        cfg["attention_multiplier"] = head_dim ** -0.5
     return GraniteHybridSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=arch, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads,
         n_kv_heads=cfg_int({"k": cfg.get("num_key_value_heads") or heads}, "k", where),
-        head_dim=cfg_int({"head_dim": cfg.get("head_dim") or hidden // heads}, "head_dim", where),
-        rms_eps=cfg_num(cfg, "rms_norm_eps", where), max_position=cfg_int(cfg, "max_position_embeddings", where),
+        head_dim=head_dim, rms_eps=cfg_num(cfg, "rms_norm_eps", where), max_position=cfg_int(cfg, "max_position_embeddings", where),
         tie_embeddings=bool(cfg["tie_word_embeddings"]), attention_bias=bool(cfg["attention_bias"]),
         dtype=config_dtype(cfg, dtype), bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
         context_cap=max_context, layer_types=tuple(_KINDS[k] for k in kinds), rope_by_type=rope,
@@ -155,13 +179,30 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         mamba_kernel=cfg_int(cfg, "mamba_d_conv", where), mamba_conv_bias=bool(cfg["mamba_conv_bias"]),
         mamba_proj_bias=bool(cfg["mamba_proj_bias"]), experts=experts,
         top_k=cfg_int(cfg, "num_experts_per_tok", where) if experts else 0,
-        shared_width=cfg_int(cfg, "shared_intermediate_size", where),
+        shared_width=0 if bamba else cfg_int(cfg, "shared_intermediate_size", where),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
     )
 
 
 def hf_config(spec: GraniteHybridSpec) -> dict[str, Any]:
     """A ``config.json`` that transformers (and :func:`spec_from_config`) read back to ``spec``."""
     emb, res, att, logits = spec.scales
+    if spec.architecture == BAMBA:
+        return {
+            "architectures": ["BambaForCausalLM"], "model_type": BAMBA, "vocab_size": spec.vocab_size,
+            "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+            "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
+            "num_key_value_heads": spec.n_kv_heads, "hidden_act": "silu", "max_position_embeddings": spec.max_position,
+            "rms_norm_eps": spec.rms_eps, "tie_word_embeddings": spec.tie_embeddings,
+            "attention_bias": spec.attention_bias, "mlp_bias": spec.mlp_bias,
+            "attn_layer_indices": [i for i, t in enumerate(spec.layer_types) if t == "full_attention"],
+            "mamba_n_heads": spec.mamba_heads, "mamba_n_groups": spec.mamba_groups,
+            "mamba_d_state": spec.mamba_state, "mamba_d_head": spec.mamba_inner // spec.mamba_heads,
+            "mamba_d_conv": spec.mamba_kernel, "mamba_expand": spec.mamba_inner // spec.hidden_size,
+            "mamba_conv_bias": spec.mamba_conv_bias, "mamba_proj_bias": spec.mamba_proj_bias,
+            "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_by_type["full_attention"][0]},
+            "bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id, "dtype": spec.dtype,
+        }
     cfg: dict[str, Any] = {
         "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": ARCH, "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
@@ -248,7 +289,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: GraniteHybridSpec, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        if spec.architecture == BAMBA:  # (Bamba's feed-forward and its norm's name)
+            self.pre_ff_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
+            self.feed_forward = FeedForward(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        else:
+            self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         if spec.layer_types[layer] == "linear_attention":
             self.mamba = Mamba2Mixer(spec.hidden_size, spec.mamba_inner, spec.mamba_heads, spec.mamba_groups,
                                      spec.mamba_state, spec.mamba_kernel, spec.rms_eps,
@@ -257,7 +302,8 @@ class DecoderLayer(nn.Module):
             self.self_attn = Attention(spec)
         if spec.experts:
             self.block_sparse_moe = MoE(spec)
-        self.shared_mlp = SharedMLP(spec.hidden_size, spec.shared_width)
+        if spec.architecture != BAMBA:
+            self.shared_mlp = SharedMLP(spec.hidden_size, spec.shared_width)
 
 
 class Backbone(nn.Module):
@@ -311,11 +357,14 @@ class GraniteHybridModel(TypedRopeDecoder):
                                             backend=self.backend)
             out = attn.o_proj(o.reshape(n, hq * d))
         h = st.hidden + out * res
-        y = mod.post_attention_layernorm(h)
-        ff = mod.shared_mlp(y)
-        if spec.experts:
-            ff = mod.block_sparse_moe(y) + ff
-        st.hidden = h + ff * res
+        if spec.architecture == BAMBA:
+            st.hidden = h + mod.feed_forward(mod.pre_ff_layernorm(h))
+        else:
+            y = mod.post_attention_layernorm(h)
+            ff = mod.shared_mlp(y)
+            if spec.experts:
+                ff = mod.block_sparse_moe(y) + ff
+            st.hidden = h + ff * res
         state.next_layer += 1
 
 
@@ -323,11 +372,22 @@ class GraniteHybridModel(TypedRopeDecoder):
 
 
 def tensors_in(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors under our (the hub's) names: transformers' in-memory MoE names mapped back."""
+    """A checkpoint's tensors under our (the hub's) names: transformers' in-memory MoE names mapped back; Bamba's
+    ``final_layernorm``."""
     out = {}
     for name, t in tensors.items():
+        if name.startswith("model.final_layernorm."):
+            name = "model.norm." + name[len("model.final_layernorm."):]
         for theirs, ours in _NAMES:
             if name.endswith(theirs):
                 name = name[: -len(theirs)] + ours
         out[name] = t
     return out
+
+
+def tensors_out(spec: GraniteHybridSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors under the checkpoint's names (Bamba's ``final_layernorm``)."""
+    if spec.architecture != BAMBA:
+        return dict(tensors)
+    return {("model.final_layernorm." + k[len("model.norm."):] if k.startswith("model.norm.") else k): t
+            for k, t in tensors.items()}

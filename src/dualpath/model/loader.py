@@ -324,13 +324,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
-    elif spec.architecture == "nemotron_h":
+    elif spec.architecture in ("nemotron_h", "mamba2"):
         from dualpath.model import nemotron_h as nh
 
         model = nh.NemotronHModel(cast(nh.NemotronHSpec, spec), device="cpu", backend=backend)
         if tensors is not None:
             tensors = nh.tensors_in(fp8_dequantized(tensors, source, fp8_block), source)
-    elif spec.architecture == "granitemoehybrid":
+    elif spec.architecture in ("granitemoehybrid", "bamba"):
         from dualpath.model import granite_hybrid as gh
 
         model = gh.GraniteHybridModel(cast(gh.GraniteHybridSpec, spec), device="cpu", backend=backend)

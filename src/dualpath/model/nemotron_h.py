@@ -14,6 +14,9 @@ Every block is one mixer behind an RMS norm (weights scaled in fp32) and a resid
 
 The checkpoint's names (``backbone.embeddings``, ``backbone.norm_f``, per-expert tensors) are read and written; its
 multi-token-prediction layers (``mtp.*``) are left out, as transformers leaves them.
+
+Mamba-2 language models (``Mamba2ForCausalLM``, model_type ``mamba2``: Mamba-Codestral, ...) are the same stack with
+only Mamba-2 blocks, the same names, norms that round before scaling and no ``dt`` clamp (:func:`mamba2_spec`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class NemotronHSpec(ModelSpec):
     router_topk_groups: int = 1
     renormalize: bool = True
     routed_scale: float = 1.0
+    norm_fp32_scale: bool = True  # (Mamba2ForCausalLM's norms scale after rounding to the input's dtype)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -173,8 +177,57 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     )
 
 
+#: Mamba2Config's defaults
+MAMBA2_DEFAULTS: dict[str, Any] = {
+    "num_heads": 128, "head_dim": 64, "vocab_size": 32768, "hidden_size": 4096, "state_size": 128,
+    "num_hidden_layers": 64, "layer_norm_epsilon": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "expand": 2,
+    "conv_kernel": 4, "n_groups": 8, "use_bias": False, "use_conv_bias": True, "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+
+
+def mamba2_spec(cfg: dict[str, Any], where: str, dtype: str | None = None,
+                max_context: int | None = None) -> NemotronHSpec:
+    """A Mamba-2 language model's config (its keys over Mamba2Config's defaults) as a stack of Mamba-2 blocks."""
+    cfg = {**MAMBA2_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    if cfg.get("hidden_act") not in ("silu", "swish"):
+        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    limit = cfg.get("time_step_limit")
+    if limit is not None and (not isinstance(limit, (list, tuple)) or len(limit) != 2
+                              or float(limit[0]) != 0.0 or float(limit[1]) != float("inf")):
+        raise ModelError(f"{where}: time_step_limit {limit!r} is not supported (only the default (0, inf), which "
+                         f"transformers' decode step also assumes)")
+    if cfg.get("rms_norm") is False or cfg.get("norm_before_gate") is True:
+        raise ModelError(f"{where}: rms_norm=false / norm_before_gate=true are not supported (transformers' Mamba-2 "
+                         f"mixer always norms after the gate)")
+    hidden, heads, head_dim = (cfg_int(cfg, k, where) for k in ("hidden_size", "num_heads", "head_dim"))
+    inner = cfg_int(cfg, "expand", where) * hidden
+    if heads * head_dim != inner:
+        raise ModelError(f"{where}: num_heads ({heads}) x head_dim ({head_dim}) must equal expand x hidden_size "
+                         f"({inner})")
+    n = cfg_int(cfg, "num_hidden_layers", where)
+    return NemotronHSpec(
+        architecture="mamba2", vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden, intermediate_size=1,
+        n_layers=n, n_heads=1, n_kv_heads=1, head_dim=64, rms_eps=cfg_num(cfg, "layer_norm_epsilon", where),
+        max_position=1 << 20, tie_embeddings=bool(cfg["tie_word_embeddings"]), dtype=config_dtype(cfg, dtype),
+        bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"), context_cap=max_context,
+        layer_types=("linear_attention",) * n, mamba_heads=heads, mamba_head_dim=head_dim,
+        mamba_groups=cfg_int(cfg, "n_groups", where), mamba_state=cfg_int(cfg, "state_size", where),
+        mamba_kernel=cfg_int(cfg, "conv_kernel", where), conv_bias=bool(cfg["use_conv_bias"]),
+        proj_bias=bool(cfg["use_bias"]), dt_min=0.0, norm_fp32_scale=False,
+    )
+
+
 def hf_config(spec: NemotronHSpec) -> dict[str, Any]:
     """A ``config.json`` that transformers (and :func:`spec_from_config`) read back to ``spec``."""
+    if spec.architecture == "mamba2":
+        return {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "vocab_size": spec.vocab_size,
+                "hidden_size": spec.hidden_size, "num_hidden_layers": spec.n_layers, "num_heads": spec.mamba_heads,
+                "head_dim": spec.mamba_head_dim, "expand": spec.mamba_heads * spec.mamba_head_dim // spec.hidden_size,
+                "state_size": spec.mamba_state, "n_groups": spec.mamba_groups, "conv_kernel": spec.mamba_kernel,
+                "use_bias": spec.proj_bias, "use_conv_bias": spec.conv_bias, "layer_norm_epsilon": spec.rms_eps,
+                "tie_word_embeddings": spec.tie_embeddings, "bos_token_id": spec.bos_token_id,
+                "eos_token_id": spec.eos_token_id, "dtype": spec.dtype}
     cfg: dict[str, Any] = {
         "architectures": ["NemotronHForCausalLM"], "model_type": ARCH, "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden_size, "layers_block_type": list(spec.layer_types),
@@ -272,7 +325,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, spec: NemotronHSpec, layer: int) -> None:
         super().__init__()
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=True)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=spec.norm_fp32_scale)
         kind = spec.layer_types[layer]
         self.mixer: nn.Module
         if kind == "linear_attention":
@@ -292,7 +345,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=True)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=spec.norm_fp32_scale)
 
 
 class NemotronHModel(TypedRopeDecoder):

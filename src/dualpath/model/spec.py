@@ -966,14 +966,15 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
-        if arch == "nemotron_h":  # (Mamba-2, attention, MLP and MoE blocks: state pages)
+        if arch in ("nemotron_h", "mamba2"):  # (Mamba-2, attention, MLP and MoE blocks: state pages)
             from dualpath.model import nemotron_h
 
-            return nemotron_h.spec_from_config(cfg, where, dtype, max_context)
-        if arch == "granitemoehybrid":  # (Mamba-2 layers: state pages)
+            read = nemotron_h.mamba2_spec if arch == "mamba2" else nemotron_h.spec_from_config
+            return read(cfg, where, dtype, max_context)
+        if arch in ("granitemoehybrid", "bamba"):  # (Mamba-2 layers: state pages)
             from dualpath.model import granite_hybrid
 
-            return granite_hybrid.spec_from_config(cfg, where, dtype, max_context)
+            return granite_hybrid.spec_from_config(cfg, where, dtype, max_context, arch)
         if arch in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):  # (linear-attention layers: state pages)
             from dualpath.model import qwen_hybrid
 

@@ -552,7 +552,11 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.modernbert_decoder import tensors_out as modernbert_out
 
         out = modernbert_out(out)
-    if arch == "nemotron_h":  # (its backbone.* names)
+    if arch == "bamba":  # (its final_layernorm)
+        from dualpath.model.granite_hybrid import tensors_out as granite_hybrid_out
+
+        out = granite_hybrid_out(spec, out)  # type: ignore[arg-type]
+    if arch in ("nemotron_h", "mamba2"):  # (their backbone.* names)
         from dualpath.model.nemotron_h import tensors_out as nemotron_h_out
 
         out = nemotron_h_out(out)

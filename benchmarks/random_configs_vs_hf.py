@@ -50,6 +50,7 @@ FAMILIES = (
     "lfm2",
     "bamba",
     "mamba2",
+    "mamba",
 )
 
 
@@ -409,6 +410,14 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "mamba_expand": r.choice([1, 2]), "mamba_d_conv": r.choice([2, 4]), "mamba_conv_bias": r.random() < 0.5,
             "mamba_proj_bias": r.random() < 0.5, "mlp_bias": r.random() < 0.5, "attention_bias": r.random() < 0.5,
             "max_position_embeddings": 64,
+        }
+    if fam == "mamba":  # Mamba (selective scan) or Falcon-Mamba (B, C, dt normalized)
+        name = "FalconMamba" if r.random() < 0.5 else "Mamba"
+        return f"{name}Config", f"{name}ForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "num_hidden_layers": L, "state_size": r.choice([4, 8, 16]),
+            "expand": r.choice([1, 2]), "conv_kernel": r.choice([2, 4]), "use_bias": r.random() < 0.5,
+            "use_conv_bias": r.random() < 0.5, "time_step_rank": r.choice(["auto", 3, 8]),
+            "tie_word_embeddings": r.random() < 0.5,
         }
     if fam == "mamba2":  # Mamba-2 blocks only
         groups = r.choice([1, 2])

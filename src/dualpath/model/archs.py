@@ -71,6 +71,8 @@ ARCHITECTURES: dict[str, str] = {
     "BambaForCausalLM": "bamba",
     "NemotronHForCausalLM": "nemotron_h",  # (dualpath.model.nemotron_h)
     "Mamba2ForCausalLM": "mamba2",
+    "MambaForCausalLM": "mamba",  # (dualpath.model.mamba1)
+    "FalconMambaForCausalLM": "falcon_mamba",
     "Lfm2ForCausalLM": "lfm2",  # (dualpath.model.lfm2)
     "Lfm2MoeForCausalLM": "lfm2_moe",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
@@ -95,7 +97,8 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "minimax_m2": "MiniMaxM2ForCausalLM", "phimoe": "PhimoeForCausalLM", "olmoe": "OlmoeForCausalLM", "exaone4": "Exaone4ForCausalLM",
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH, **HYBRID_HF_ARCH,
-            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "bamba": "BambaForCausalLM", "nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM",
+            "granitemoehybrid": "GraniteMoeHybridForCausalLM", "bamba": "BambaForCausalLM", "nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM", "mamba": "MambaForCausalLM",
+            "falcon_mamba": "FalconMambaForCausalLM",
             "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
@@ -144,7 +147,7 @@ _NO_KV = ("its linear-attention / state-space layers keep a recurrent state, not
           "blocks to store, read or page")
 #: families refused on purpose, by model_type, with the reason (docs/models.md, "Refused, by name")
 _REFUSED = {
-    **dict.fromkeys(("rwkv", "mamba", "falcon_mamba", "xlstm", "recurrent_gemma", "jamba", "zamba",
+    **dict.fromkeys(("rwkv", "xlstm", "recurrent_gemma", "jamba", "zamba",
                      "zamba2",
                      "falcon_h1", "kimi_linear", "minimax",
                      "olmo_hybrid", "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",

@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     from dualpath.model.laguna import LagunaModel
     from dualpath.model.lfm2 import Lfm2Model
     from dualpath.model.llama import LlamaModel
+    from dualpath.model.mamba1 import Mamba1Model
     from dualpath.model.mimo_v2 import MiMoV2Model
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
     from dualpath.model.nemotron_h import NemotronHModel
@@ -87,7 +88,7 @@ if TYPE_CHECKING:
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
-                | NemotronHModel | Lfm2Model)
+                | NemotronHModel | Lfm2Model | Mamba1Model)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -324,6 +325,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture in ("mamba", "falcon_mamba"):
+        from dualpath.model import mamba1
+
+        model = mamba1.Mamba1Model(cast(mamba1.Mamba1Spec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = mamba1.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture in ("nemotron_h", "mamba2"):
         from dualpath.model import nemotron_h as nh
 

@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch in ("mamba", "falcon_mamba"):  # (selective-scan blocks: state pages)
+            from dualpath.model import mamba1
+
+            return mamba1.spec_from_config(arch, cfg, where, dtype, max_context)
         if arch in ("nemotron_h", "mamba2"):  # (Mamba-2, attention, MLP and MoE blocks: state pages)
             from dualpath.model import nemotron_h
 

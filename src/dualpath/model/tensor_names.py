@@ -556,7 +556,7 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.granite_hybrid import tensors_out as granite_hybrid_out
 
         out = granite_hybrid_out(spec, out)  # type: ignore[arg-type]
-    if arch in ("nemotron_h", "mamba2"):  # (their backbone.* names)
+    if arch in ("nemotron_h", "mamba2", "mamba", "falcon_mamba"):  # (their backbone.* names)
         from dualpath.model.nemotron_h import tensors_out as nemotron_h_out
 
         out = nemotron_h_out(out)

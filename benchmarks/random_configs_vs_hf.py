@@ -51,6 +51,7 @@ FAMILIES = (
     "bamba",
     "mamba2",
     "mamba",
+    "jamba",
 )
 
 
@@ -418,6 +419,18 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "expand": r.choice([1, 2]), "conv_kernel": r.choice([2, 4]), "use_bias": r.random() < 0.5,
             "use_conv_bias": r.random() < 0.5, "time_step_rank": r.choice(["auto", 3, 8]),
             "tie_word_embeddings": r.random() < 0.5,
+        }
+    if fam == "jamba":  # Mamba and attention layers, MoE every few layers
+        ap = r.choice([1, 2, 3])
+        ep = r.choice([1, 2])
+        return "JambaConfig", "JambaForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": L,
+            "num_attention_heads": 4, "num_key_value_heads": r.choice([1, 2, 4]), "num_experts": r.choice([1, 4]),
+            "num_experts_per_tok": 1, "attn_layer_period": ap, "attn_layer_offset": r.randrange(ap),
+            "expert_layer_period": ep, "expert_layer_offset": r.randrange(ep), "mamba_d_state": r.choice([4, 8]),
+            "mamba_expand": r.choice([1, 2]), "mamba_d_conv": r.choice([2, 4]), "mamba_dt_rank": r.choice(["auto", 3]),
+            "mamba_conv_bias": r.random() < 0.5, "mamba_proj_bias": r.random() < 0.5,
+            "tie_word_embeddings": r.random() < 0.5, "max_position_embeddings": 64,
         }
     if fam == "mamba2":  # Mamba-2 blocks only
         groups = r.choice([1, 2])

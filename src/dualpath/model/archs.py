@@ -73,6 +73,7 @@ ARCHITECTURES: dict[str, str] = {
     "Mamba2ForCausalLM": "mamba2",
     "MambaForCausalLM": "mamba",  # (dualpath.model.mamba1)
     "FalconMambaForCausalLM": "falcon_mamba",
+    "JambaForCausalLM": "jamba",  # (dualpath.model.jamba)
     "Lfm2ForCausalLM": "lfm2",  # (dualpath.model.lfm2)
     "Lfm2MoeForCausalLM": "lfm2_moe",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
@@ -98,7 +99,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "seed_oss": "SeedOssForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "arcee": "ArceeForCausalLM",
             **lnf.HF_ARCH, **lv.HF_ARCH, **HYBRID_HF_ARCH,
             "granitemoehybrid": "GraniteMoeHybridForCausalLM", "bamba": "BambaForCausalLM", "nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM", "mamba": "MambaForCausalLM",
-            "falcon_mamba": "FalconMambaForCausalLM",
+            "falcon_mamba": "FalconMambaForCausalLM", "jamba": "JambaForCausalLM",
             "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
@@ -147,7 +148,7 @@ _NO_KV = ("its linear-attention / state-space layers keep a recurrent state, not
           "blocks to store, read or page")
 #: families refused on purpose, by model_type, with the reason (docs/models.md, "Refused, by name")
 _REFUSED = {
-    **dict.fromkeys(("rwkv", "xlstm", "recurrent_gemma", "jamba", "zamba",
+    **dict.fromkeys(("rwkv", "xlstm", "recurrent_gemma", "zamba",
                      "zamba2",
                      "falcon_h1", "kimi_linear", "minimax",
                      "olmo_hybrid", "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",

@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from dualpath.model.gemma3n import Gemma3nModel
     from dualpath.model.gemma4 import Gemma4Model
     from dualpath.model.granite_hybrid import GraniteHybridModel
+    from dualpath.model.jamba import JambaModel
     from dualpath.model.laguna import LagunaModel
     from dualpath.model.lfm2 import Lfm2Model
     from dualpath.model.llama import LlamaModel
@@ -88,7 +89,7 @@ if TYPE_CHECKING:
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
-                | NemotronHModel | Lfm2Model | Mamba1Model)
+                | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -325,6 +326,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "jamba":
+        from dualpath.model import jamba
+
+        model = jamba.JambaModel(cast(jamba.JambaSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = jamba.tensors_in(fp8_dequantized(tensors, source, fp8_block), source)
     elif spec.architecture in ("mamba", "falcon_mamba"):
         from dualpath.model import mamba1
 

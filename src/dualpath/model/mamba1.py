@@ -113,24 +113,34 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class MambaMixer(nn.Module):
-    def __init__(self, spec: Mamba1Spec) -> None:
+    """The selective-scan mixer (module docstring). ``norms``: ``falcon`` (weightless RMS norms of dt, B, C at
+    ``eps``), ``jamba`` (RMS norms with weights: ``dt_layernorm``, ``b_layernorm``, ``c_layernorm``) or none."""
+
+    def __init__(self, hidden: int, inner: int, state: int, kernel: int, rank: int, *, proj_bias: bool,
+                 conv_bias: bool, norms: str = "", eps: float = 1e-6) -> None:
         super().__init__()
-        d, k = spec.inner, spec.kernel
-        self.inner, self.state, self.kernel, self.rank = d, spec.state, k, spec.dt_rank
-        self.eps = spec.mixer_rms_eps
-        self.conv1d = nn.Conv1d(d, d, k, groups=d, bias=spec.conv_bias, padding=k - 1)
-        self.in_proj = nn.Linear(spec.hidden_size, 2 * d, bias=spec.proj_bias)
-        self.x_proj = nn.Linear(d, spec.dt_rank + 2 * spec.state, bias=False)
-        self.dt_proj = nn.Linear(spec.dt_rank, d, bias=True)
-        self.A_log = nn.Parameter(torch.zeros(d, spec.state))
+        d, k = inner, kernel
+        self.inner, self.state, self.kernel, self.rank = d, state, k, rank
+        self.norms, self.eps = norms, eps
+        self.conv1d = nn.Conv1d(d, d, k, groups=d, bias=conv_bias, padding=k - 1)
+        self.in_proj = nn.Linear(hidden, 2 * d, bias=proj_bias)
+        self.x_proj = nn.Linear(d, rank + 2 * state, bias=False)
+        self.dt_proj = nn.Linear(rank, d, bias=True)
+        self.A_log = nn.Parameter(torch.zeros(d, state))
         self.D = nn.Parameter(torch.ones(d))
-        self.out_proj = nn.Linear(d, spec.hidden_size, bias=spec.proj_bias)
+        self.out_proj = nn.Linear(d, hidden, bias=proj_bias)
+        if norms == "jamba":
+            self.dt_layernorm = RMSNorm(rank, eps)
+            self.b_layernorm = RMSNorm(state, eps)
+            self.c_layernorm = RMSNorm(state, eps)
 
     def _selective(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Convolved ``x [..., D]`` -> ``(dt before softplus [..., D], B, C [..., N])`` as transformers computes them."""
         step, b, c = self.x_proj(x).split((self.rank, self.state, self.state), dim=-1)
-        if self.eps is not None:
+        if self.norms == "falcon":
             step, b, c = _rms(step, self.eps), _rms(b, self.eps), _rms(c, self.eps)
+        elif self.norms == "jamba":
+            step, b, c = self.dt_layernorm(step), self.b_layernorm(b), self.c_layernorm(c)
         return step @ self.dt_proj.weight.t(), b, c
 
     def forward(self, h: torch.Tensor, batch: Any, kv_layer: torch.Tensor) -> torch.Tensor:
@@ -168,7 +178,10 @@ class Block(nn.Module):
     def __init__(self, spec: Mamba1Spec) -> None:
         super().__init__()
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.mixer = MambaMixer(spec)
+        self.mixer = MambaMixer(spec.hidden_size, spec.inner, spec.state, spec.kernel, spec.dt_rank,
+                                proj_bias=spec.proj_bias, conv_bias=spec.conv_bias,
+                                norms="falcon" if spec.mixer_rms_eps is not None else "",
+                                eps=spec.mixer_rms_eps or 1e-6)
 
 
 class Backbone(nn.Module):

@@ -552,6 +552,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.modernbert_decoder import tensors_out as modernbert_out
 
         out = modernbert_out(out)
+    if arch == "jamba":  # (its final_layernorm)
+        from dualpath.model.jamba import tensors_out as jamba_out
+
+        out = jamba_out(out)
     if arch == "bamba":  # (its final_layernorm)
         from dualpath.model.granite_hybrid import tensors_out as granite_hybrid_out
 

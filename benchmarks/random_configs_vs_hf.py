@@ -52,6 +52,7 @@ FAMILIES = (
     "mamba2",
     "mamba",
     "jamba",
+    "olmo_hybrid",
 )
 
 
@@ -419,6 +420,18 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "expand": r.choice([1, 2]), "conv_kernel": r.choice([2, 4]), "use_bias": r.random() < 0.5,
             "use_conv_bias": r.random() < 0.5, "time_step_rank": r.choice(["auto", 3, 8]),
             "tie_word_embeddings": r.random() < 0.5,
+        }
+    if fam == "olmo_hybrid":  # Gated DeltaNet (separate projections) and post-norm attention layers
+        hk = r.choice([1, 2])
+        return "OlmoHybridConfig", "OlmoHybridForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": L,
+            "num_attention_heads": 4, "num_key_value_heads": r.choice([1, 2, 4]), "linear_num_key_heads": hk,
+            "linear_num_value_heads": hk * r.choice([1, 2]), "linear_key_head_dim": r.choice([4, 8]),
+            "linear_value_head_dim": r.choice([4, 8, 12]), "linear_conv_kernel_dim": r.choice([2, 4]),
+            "linear_allow_neg_eigval": r.random() < 0.5,
+            "layer_types": [r.choice(["linear_attention", "full_attention"]) for _ in range(L)],
+            "rope_parameters": {"rope_type": "default", "rope_theta": r.choice([None, 10000.0])},
+            "max_position_embeddings": 64, "pad_token_id": None,
         }
     if fam == "jamba":  # Mamba and attention layers, MoE every few layers
         ap = r.choice([1, 2, 3])

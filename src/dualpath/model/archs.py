@@ -74,6 +74,7 @@ ARCHITECTURES: dict[str, str] = {
     "MambaForCausalLM": "mamba",  # (dualpath.model.mamba1)
     "FalconMambaForCausalLM": "falcon_mamba",
     "JambaForCausalLM": "jamba",  # (dualpath.model.jamba)
+    "OlmoHybridForCausalLM": "olmo_hybrid",  # (dualpath.model.olmo_hybrid)
     "Lfm2ForCausalLM": "lfm2",  # (dualpath.model.lfm2)
     "Lfm2MoeForCausalLM": "lfm2_moe",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
@@ -100,6 +101,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             **lnf.HF_ARCH, **lv.HF_ARCH, **HYBRID_HF_ARCH,
             "granitemoehybrid": "GraniteMoeHybridForCausalLM", "bamba": "BambaForCausalLM", "nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM", "mamba": "MambaForCausalLM",
             "falcon_mamba": "FalconMambaForCausalLM", "jamba": "JambaForCausalLM",
+            "olmo_hybrid": "OlmoHybridForCausalLM",
             "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
@@ -151,7 +153,7 @@ _REFUSED = {
     **dict.fromkeys(("rwkv", "xlstm", "recurrent_gemma", "zamba",
                      "zamba2",
                      "falcon_h1", "kimi_linear", "minimax",
-                     "olmo_hybrid", "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
+                     "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
                      # image-text checkpoints whose language model is one of them (Nemotron-H Omni, LFM3)
                      "nemotron_h_omni", "lfm3_vl",
                      # short-convolution / linear-attention state: Inkling, ZAYA1 (its CCA), GLM-5.3-Flash (KDA)

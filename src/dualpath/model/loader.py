@@ -85,11 +85,13 @@ if TYPE_CHECKING:
     from dualpath.model.mimo_v2 import MiMoV2Model
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
     from dualpath.model.nemotron_h import NemotronHModel
+    from dualpath.model.olmo_hybrid import OlmoHybridModel
     from dualpath.model.qwen_hybrid import HybridModel
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
-                | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel)
+                | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
+                | OlmoHybridModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -326,6 +328,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "olmo_hybrid":
+        from dualpath.model import olmo_hybrid
+
+        model = olmo_hybrid.OlmoHybridModel(cast(olmo_hybrid.OlmoHybridSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = olmo_hybrid.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "jamba":
         from dualpath.model import jamba
 

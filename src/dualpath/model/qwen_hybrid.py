@@ -253,6 +253,7 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_z = nn.Linear(spec.hidden_size, value_dim, bias=False)
         self.in_proj_b = nn.Linear(spec.hidden_size, self.hv, bias=False)
         self.in_proj_a = nn.Linear(spec.hidden_size, self.hv, bias=False)
+        self.beta_scale = 1.0  # (OLMo Hybrid's linear_allow_neg_eigval: 2)
 
     def _qkv(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Convolved ``[L, C]`` -> fp32 ``q, k [L, Hv, Dk]`` (normalized, q scaled; key heads repeated) and
@@ -267,7 +268,7 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, batch: SeqBatch, kv_layer: torch.Tensor) -> torch.Tensor:
         conv_pages, rec_pages = state_views(kv_layer, self.conv_dim, self.kernel, self.hv, self.dk, self.dv)
         mixed = self.in_proj_qkv(x)
-        beta = self.in_proj_b(x).sigmoid().float()
+        beta = (self.in_proj_b(x).sigmoid() * self.beta_scale).float()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
         weight = self.conv1d.weight[:, 0]
         if batch.is_decode:

@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "olmo_hybrid":  # (Gated DeltaNet layers: state pages)
+            from dualpath.model import olmo_hybrid
+
+            return olmo_hybrid.spec_from_config(cfg, where, dtype, max_context)
         if arch == "jamba":  # (selective-scan and attention layers: state pages)
             from dualpath.model import jamba
 

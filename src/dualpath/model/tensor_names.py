@@ -552,6 +552,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.modernbert_decoder import tensors_out as modernbert_out
 
         out = modernbert_out(out)
+    if arch == "olmo_hybrid":  # (its linear layers' separate projections)
+        from dualpath.model.olmo_hybrid import tensors_out as olmo_hybrid_out
+
+        out = olmo_hybrid_out(spec, out)  # type: ignore[arg-type]
     if arch == "jamba":  # (its final_layernorm)
         from dualpath.model.jamba import tensors_out as jamba_out
 

@@ -146,8 +146,8 @@ _MOE_FIELDS = ("n_experts", "n_experts_per_tok", "moe_intermediate_size", "share
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "ntk_alpha")
 
 
-_NO_KV = ("its linear-attention / state-space layers keep a recurrent state, not per-token KV: there are no KV "
-          "blocks to store, read or page")
+_NO_KV = ("its recurrent state layers (this family's linear attention / state space / recurrence) are not "
+          "implemented; the hybrids that run keep such a state in state pages (docs/models.md)")
 #: families refused on purpose, by model_type, with the reason (docs/models.md, "Refused, by name")
 _REFUSED = {
     **dict.fromkeys(("rwkv", "xlstm", "recurrent_gemma", "zamba",

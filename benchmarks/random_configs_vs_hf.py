@@ -53,6 +53,7 @@ FAMILIES = (
     "mamba",
     "jamba",
     "olmo_hybrid",
+    "falcon_h1",
 )
 
 
@@ -420,6 +421,23 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "expand": r.choice([1, 2]), "conv_kernel": r.choice([2, 4]), "use_bias": r.random() < 0.5,
             "use_conv_bias": r.random() < 0.5, "time_step_rank": r.choice(["auto", 3, 8]),
             "tie_word_embeddings": r.random() < 0.5,
+        }
+    if fam == "falcon_h1":  # attention and Mamba-2 side by side, muP multipliers
+        groups = r.choice([1, 2])
+        return "FalconH1Config", "FalconH1ForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": L,
+            "num_attention_heads": 4, "num_key_value_heads": r.choice([1, 2, 4]), "mamba_d_ssm": r.choice([None, 32]),
+            "mamba_expand": r.choice([1, 2]), "mamba_n_heads": groups * r.choice([2, 4]), "mamba_n_groups": groups,
+            "mamba_d_state": r.choice([4, 8]), "mamba_d_conv": r.choice([2, 4]), "mamba_rms_norm": r.random() < 0.5,
+            "mamba_norm_before_gate": r.random() < 0.5, "mamba_conv_bias": r.random() < 0.5,
+            "mamba_proj_bias": r.random() < 0.5, "projectors_bias": r.random() < 0.5,
+            "mlp_multipliers": [r.choice([0.5, 1.0]), r.choice([1.0, 2.0])],
+            "ssm_multipliers": [r.choice([0.5, 1.0, 1.5]) for _ in range(5)],
+            "key_multiplier": r.choice([0.5, 1.0]), "attention_in_multiplier": r.choice([1.0, 1.5]),
+            "attention_out_multiplier": r.choice([0.5, 1.0]), "ssm_in_multiplier": r.choice([1.0, 1.5]),
+            "ssm_out_multiplier": r.choice([0.5, 1.0]), "embedding_multiplier": r.choice([1.0, 2.0]),
+            "lm_head_multiplier": r.choice([0.5, 1.0]), "tie_word_embeddings": r.random() < 0.5,
+            "max_position_embeddings": 64,
         }
     if fam == "olmo_hybrid":  # Gated DeltaNet (separate projections) and post-norm attention layers
         hk = r.choice([1, 2])

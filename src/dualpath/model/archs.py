@@ -75,6 +75,7 @@ ARCHITECTURES: dict[str, str] = {
     "FalconMambaForCausalLM": "falcon_mamba",
     "JambaForCausalLM": "jamba",  # (dualpath.model.jamba)
     "OlmoHybridForCausalLM": "olmo_hybrid",  # (dualpath.model.olmo_hybrid)
+    "FalconH1ForCausalLM": "falcon_h1",  # (dualpath.model.falcon_h1)
     "Lfm2ForCausalLM": "lfm2",  # (dualpath.model.lfm2)
     "Lfm2MoeForCausalLM": "lfm2_moe",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
@@ -101,7 +102,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             **lnf.HF_ARCH, **lv.HF_ARCH, **HYBRID_HF_ARCH,
             "granitemoehybrid": "GraniteMoeHybridForCausalLM", "bamba": "BambaForCausalLM", "nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM", "mamba": "MambaForCausalLM",
             "falcon_mamba": "FalconMambaForCausalLM", "jamba": "JambaForCausalLM",
-            "olmo_hybrid": "OlmoHybridForCausalLM",
+            "olmo_hybrid": "OlmoHybridForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
             "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
@@ -152,7 +153,7 @@ _NO_KV = ("its recurrent state layers (this family's linear attention / state sp
 _REFUSED = {
     **dict.fromkeys(("rwkv", "xlstm", "recurrent_gemma", "zamba",
                      "zamba2",
-                     "falcon_h1", "kimi_linear", "minimax",
+                     "kimi_linear", "minimax",
                      "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
                      # image-text checkpoints whose language model is one of them (Nemotron-H Omni, LFM3)
                      "nemotron_h_omni", "lfm3_vl",

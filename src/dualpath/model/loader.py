@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from dualpath.model.beam import BeamModel
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.deepseek import DeepseekV3Model
+    from dualpath.model.falcon_h1 import FalconH1Model
     from dualpath.model.gemma3n import Gemma3nModel
     from dualpath.model.gemma4 import Gemma4Model
     from dualpath.model.granite_hybrid import GraniteHybridModel
@@ -91,7 +92,7 @@ if TYPE_CHECKING:
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
-                | OlmoHybridModel)
+                | OlmoHybridModel | FalconH1Model)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -328,6 +329,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "falcon_h1":
+        from dualpath.model import falcon_h1
+
+        model = falcon_h1.FalconH1Model(cast(falcon_h1.FalconH1Spec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = falcon_h1.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "olmo_hybrid":
         from dualpath.model import olmo_hybrid
 

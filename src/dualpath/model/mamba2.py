@@ -69,7 +69,7 @@ class Mamba2Mixer(nn.Module):
     """The mixer over state pages. ``heads`` x ``head_dim`` = ``inner`` channels; ``groups`` x ``state`` for B, C."""
 
     def __init__(self, hidden: int, inner: int, heads: int, groups: int, state: int, kernel: int, eps: float, *,
-                 conv_bias: bool, proj_bias: bool, dt_min: float = 0.0) -> None:
+                 conv_bias: bool, proj_bias: bool, dt_min: float = 0.0, out_bias: bool | None = None) -> None:
         super().__init__()
         self.dt_min = dt_min  # (Nemotron-H: a prefill's dt clamped below, as transformers' chunked scan does)
         self.inner, self.heads, self.groups, self.state, self.kernel = inner, heads, groups, state, kernel
@@ -82,7 +82,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(heads))
         self.D = nn.Parameter(torch.ones(heads))
         self.norm = GroupedGatedRMSNorm(inner, groups, eps)
-        self.out_proj = nn.Linear(inner, hidden, bias=proj_bias)
+        self.out_proj = nn.Linear(inner, hidden, bias=proj_bias if out_bias is None else out_bias)
 
     @property
     def state_bytes(self) -> int:
@@ -98,10 +98,19 @@ class Mamba2Mixer(nn.Module):
         c = c.reshape(*lead, self.groups, self.state).repeat_interleave(rep, dim=-2)
         return x.reshape(*lead, self.heads, self.head_dim), b, c
 
-    def forward(self, h: torch.Tensor, batch: Any, kv_layer: torch.Tensor) -> torch.Tensor:
-        conv_pages, rec_pages = state_views(kv_layer, self.conv_dim, self.kernel, self.heads, self.head_dim,
-                                            self.state)
-        z, xbc, dt_raw = self.in_proj(h).split((self.inner, self.conv_dim, self.heads), dim=-1)
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """``in_proj`` (Falcon-H1 scales around it)."""
+        return cast(torch.Tensor, self.in_proj(h))
+
+    def gate_and_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``y * silu(z)`` normalized (Falcon-H1 has its own orders)."""
+        return cast(torch.Tensor, self.norm(y, z))
+
+    def forward(self, h: torch.Tensor, batch: Any, kv_layer: torch.Tensor,
+                pages: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        conv_pages, rec_pages = pages if pages is not None else state_views(
+            kv_layer, self.conv_dim, self.kernel, self.heads, self.head_dim, self.state)
+        z, xbc, dt_raw = self.project(h).split((self.inner, self.conv_dim, self.heads), dim=-1)
         a_log = -self.A_log.float().exp()
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         d = self.D.float()
@@ -126,5 +135,5 @@ class Mamba2Mixer(nn.Module):
                 return s
 
             scan_sequences(batch, conv_pages, rec_pages, xbc, weight, bias, run)
-        out = self.norm(y.reshape(h.shape[0], self.inner), z)
+        out = self.gate_and_norm(y.reshape(h.shape[0], self.inner), z)
         return cast(torch.Tensor, self.out_proj(out.to(h.dtype)))

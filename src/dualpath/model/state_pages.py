@@ -48,6 +48,21 @@ def state_views(kv_layer: torch.Tensor, conv_dim: int, kernel: int, heads_v: int
     return f32[:, :nc].view(nb, conv_dim, kernel - 1), f32[:, nc:].view(nb, heads_v, dk, dv)
 
 
+def split_page(kv_layer: torch.Tensor, heads: int, head_dim: int, conv_dim: int, kernel: int, heads_v: int,
+               dk: int, dv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer with both attention and a recurrent state (Falcon-H1): ``(kv [nb, bt, 2, heads, head_dim], conv,
+    S)``: the page's first ``bt x 2 x heads x head_dim`` values are the block's KV rows (a view with the page's
+    stride), the rest holds the state (:func:`state_views`)."""
+    nb, bt = kv_layer.shape[0], kv_layer.shape[1]
+    try:
+        flat = kv_layer.view(nb, -1)
+    except RuntimeError as exc:
+        raise ModelError(f"a state page must be one contiguous page per block: {exc}") from None
+    n = bt * 2 * heads * head_dim
+    conv, rec = state_views(flat[:, n:], conv_dim, kernel, heads_v, dk, dv)
+    return flat[:, :n].view(nb, bt, 2, heads, head_dim), conv, rec
+
+
 def causal_conv(x_ext: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 silu: bool = True) -> torch.Tensor:
     """Depthwise causal convolution (plus ``bias``) then SiLU (unless ``silu`` is false): ``x_ext [C, K - 1 + L]``
@@ -61,15 +76,17 @@ SEGMENT = 64
 
 
 def widened_kv_spec(n_layers: int, n_kv_heads: int, head_dim: int, dtype: str, state_bytes: int,
-                    block_tokens: int) -> KVSpec:
+                    block_tokens: int, both: bool = False) -> KVSpec:
     """The page layout of a hybrid model for blocks of ``block_tokens`` tokens: rows of ``[2, H, head_dim]`` with
     ``H`` the attention layers' KV heads, or more where a page of them would not hold a recurrent layer's
-    ``state_bytes`` (one layout for every layer: attention layers use the front of each row)."""
+    ``state_bytes`` (one layout for every layer: attention layers use the front of each row). ``both`` (Falcon-H1:
+    attention and a recurrent state in every layer): a page holds the KV rows and, after them, the state
+    (:func:`split_page`)."""
     if block_tokens <= 0:
         raise ModelError(f"block_tokens must be positive, got {block_tokens}")
     elem = torch.empty((), dtype=dtype_from_name(dtype)).element_size()
     per_head = 2 * head_dim * elem * block_tokens  # bytes of one KV head's K and V over a page
-    heads = max(n_kv_heads, -(-state_bytes // per_head))
+    heads = n_kv_heads + -(-state_bytes // per_head) if both else max(n_kv_heads, -(-state_bytes // per_head))
     return KVSpec.mha(n_layers, heads, head_dim, dtype, state_pages=True)
 
 

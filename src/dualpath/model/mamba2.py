@@ -81,7 +81,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(heads))
         self.A_log = nn.Parameter(torch.zeros(heads))
         self.D = nn.Parameter(torch.ones(heads))
-        self.norm = GroupedGatedRMSNorm(inner, groups, eps)
+        self.norm: nn.Module = GroupedGatedRMSNorm(inner, groups, eps)
         self.out_proj = nn.Linear(inner, hidden, bias=proj_bias if out_bias is None else out_bias)
 
     @property

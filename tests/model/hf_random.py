@@ -301,3 +301,60 @@ def check_fixture_logits(fixture: Any) -> None:
     ours = load_model(LlamaModelConfig(path=str(fixture / "checkpoint"), time_model="off"), with_tokenizer=False)[0]
     assert ref["logits"].abs().max() > 1.0  # (logits of a meaningful size)
     torch.testing.assert_close(prefill_all(ours, ref["ids"]), ref["logits"], atol=2e-4, rtol=1e-4)
+
+
+def keep_recurrent_state(hf: Any, seed: int = 0) -> Any:
+    """Decays that keep a recurrent layer's state for several tokens (``Checkpoints``' widening x6 would make
+    Mamba / Gated DeltaNet layers forget at once): every ``A_log`` in [-2, 0], every ``dt_bias`` (or Mamba's
+    ``dt_proj.bias``) around -1."""
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for module in hf.modules():
+            a_log = getattr(module, "A_log", None)
+            if isinstance(a_log, torch.nn.Parameter):
+                a_log.copy_(torch.empty(a_log.shape).uniform_(-2.0, 0.0, generator=g))
+                bias = getattr(module, "dt_bias", None)
+                if bias is None and getattr(module, "dt_proj", None) is not None:
+                    bias = module.dt_proj.bias
+                if bias is not None:
+                    bias.copy_(torch.randn(bias.shape, generator=g) - 1.0)
+    return hf
+
+
+class RecurrentCheckpoints(Checkpoints):
+    """:class:`Checkpoints` of hybrid / recurrent families: :func:`keep_recurrent_state` applied."""
+
+    def model(self, family: str, seed: int = 0) -> Any:
+        return keep_recurrent_state(super().model(family, seed), seed)
+
+
+def check_hit_from_stored_state(ours: Any, hf: Any, vocab: int, state_part: Any = None) -> None:
+    """A second sequence whose first three blocks are copies of another's (the third filled by a decode step: a
+    storage hit) continues from their pages and gives transformers' logits, as it does from the first two (a
+    snapshot the prefill took inside its chunk); with the recurrent layers' part of the third page zeroed
+    (``state_part(page) -> tensor``, default: the whole page of every recurrent layer) it does not."""
+    from dualpath.model import KVPool, SeqBatch
+
+    seq = sum(random_turns(vocab, 4), [])
+    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=32, block_tokens=4)
+    first, second = pool.allocate(8), pool.allocate(8)
+    ours(SeqBatch.build([seq[:11]], [0], [first], 4), pool.layers)
+    ours.decode_step(torch.tensor([seq[11]]), torch.tensor([11]), torch.tensor([first], dtype=torch.int32),
+                     pool.layers)
+    for layer in pool.layers:
+        layer[second[:3]] = layer[first[:3]]
+    full = hf_logits(hf, seq)
+    ref = full[12:]
+    got = ours(SeqBatch.build([seq[12:]], [12], [second], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+    third = pool.allocate(8)
+    for layer in pool.layers:
+        layer[third[:2]] = layer[first[:2]]
+    got = ours(SeqBatch.build([seq[8:]], [8], [third], 4), pool.layers, all_positions=True)
+    torch.testing.assert_close(got, full[8:], atol=2e-4, rtol=1e-4)
+    for layer, kind in enumerate(ours.spec.layer_types):
+        if kind != "full_attention" or state_part is not None:
+            page = pool.layers[layer][second[2]]
+            (state_part(page) if state_part is not None else page).zero_()
+    got = ours(SeqBatch.build([seq[12:]], [12], [second], 4), pool.layers, all_positions=True)
+    assert float((got - ref).abs().max()) > 0.05

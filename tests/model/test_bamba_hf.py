@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
-    Checkpoints,
+    RecurrentCheckpoints,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
@@ -39,19 +39,8 @@ CONFIG: dict[str, Any] = {
     "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
-class _BambaCheckpoints(Checkpoints):
-    def model(self, family: str, seed: int = 0) -> Any:
-        hf = super().model(family, seed)
-        g = torch.Generator().manual_seed(seed + 7)
-        with torch.no_grad():  # decays that keep the state for several tokens
-            for layer in hf.model.layers:
-                if getattr(layer, "mamba", None) is not None:
-                    layer.mamba.A_log.copy_(torch.empty(4).uniform_(-2.0, 0.0, generator=g))
-                    layer.mamba.dt_bias.copy_(torch.randn(4, generator=g) - 1.0)
-        return hf
 
-
-_CKPTS = _BambaCheckpoints({
+_CKPTS = RecurrentCheckpoints({
     "bamba": ("BambaConfig", "BambaForCausalLM", CONFIG),
     "biases": ("BambaConfig", "BambaForCausalLM", {**CONFIG, "attn_layer_indices": [0, 3], "mlp_bias": True,
                                                    "attention_bias": True, "mamba_proj_bias": True}),

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
-    Checkpoints,
+    RecurrentCheckpoints,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
@@ -41,20 +41,8 @@ CONFIG: dict[str, Any] = {
     "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
-class _JambaCheckpoints(Checkpoints):
-    def model(self, family: str, seed: int = 0) -> Any:
-        hf = super().model(family, seed)
-        g = torch.Generator().manual_seed(seed + 7)
-        with torch.no_grad():  # decays that keep the state for several tokens
-            for layer in hf.model.layers:
-                mamba = getattr(layer, "mamba", None)
-                if mamba is not None:
-                    mamba.A_log.copy_(torch.empty(mamba.A_log.shape).uniform_(-2.0, 0.0, generator=g))
-                    mamba.dt_proj.bias.copy_(torch.randn(mamba.dt_proj.bias.shape, generator=g) - 1.0)
-        return hf
 
-
-_CKPTS = _JambaCheckpoints({"jamba": ("JambaConfig", "JambaForCausalLM", CONFIG)})
+_CKPTS = RecurrentCheckpoints({"jamba": ("JambaConfig", "JambaForCausalLM", CONFIG)})
 ckpt = _CKPTS.fixture()
 
 

@@ -16,6 +16,7 @@ from hf_random import (
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
+    check_hit_from_stored_state,
     check_save_reads_back,
     check_turns_against_hf,
     check_two_chunks_against_hf,
@@ -26,9 +27,7 @@ from hf_random import (
     two_sequences,
 )
 
-from dualpath.engine.model_api import paged_kv_spec
 from dualpath.errors import ModelError
-from dualpath.model import KVPool, SeqBatch
 from dualpath.model.lfm2 import Lfm2Spec
 from dualpath.model.loader import build_model
 from dualpath.model.spec import load_spec
@@ -79,23 +78,9 @@ def test_fp32_multi_turn_logits_batches_and_triton(ckpt):
 
 
 def test_a_hit_starts_from_the_stored_full_blocks_state(tmp_path_factory):
+    """Full Blocks copied from another sequence (a storage hit) carry the state at their end; zeroed, they do not."""
     d, hf = _CKPTS.get("lfm2", tmp_path_factory)
-    ours = load_checkpoint(d)
-    seq = sum(random_turns(VOCAB, 4), [])
-    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=24, block_tokens=4)
-    first, second = pool.allocate(8), pool.allocate(8)
-    ours(SeqBatch.build([seq[:11]], [0], [first], 4), pool.layers)
-    ours.decode_step(torch.tensor([seq[11]]), torch.tensor([11]), torch.tensor([first], dtype=torch.int32),
-                     pool.layers)
-    for layer in pool.layers:
-        layer[second[:3]] = layer[first[:3]]
-    got = ours(SeqBatch.build([seq[12:]], [12], [second], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf, seq)[12:], atol=2e-4, rtol=1e-4)
-    for layer, kind in enumerate(ours.spec.layer_types):  # (and the state matters)
-        if kind == "conv":
-            pool.layers[layer][second[2]].zero_()
-    got = ours(SeqBatch.build([seq[12:]], [12], [second], 4), pool.layers, all_positions=True)
-    assert float((got - hf_logits(hf, seq)[12:]).abs().max()) > 0.05
+    check_hit_from_stored_state(load_checkpoint(d), hf, VOCAB)
 
 
 def test_spec_and_our_save_pretrained(ckpt, tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
-    Checkpoints,
+    RecurrentCheckpoints,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
@@ -38,18 +38,8 @@ CONFIG: dict[str, Any] = {
     "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
-class _MambaCheckpoints(Checkpoints):
-    def model(self, family: str, seed: int = 0) -> Any:
-        hf = super().model(family, seed)
-        g = torch.Generator().manual_seed(seed + 7)
-        with torch.no_grad():  # decays that keep the state for several tokens
-            for layer in hf.backbone.layers:
-                layer.mixer.A_log.copy_(torch.empty(layer.mixer.A_log.shape).uniform_(-2.0, 0.0, generator=g))
-                layer.mixer.dt_proj.bias.copy_(torch.randn(layer.mixer.dt_proj.bias.shape, generator=g) - 1.0)
-        return hf
 
-
-_CKPTS = _MambaCheckpoints({
+_CKPTS = RecurrentCheckpoints({
     "mamba": ("MambaConfig", "MambaForCausalLM", CONFIG),
     "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM",
                      {**CONFIG, "tie_word_embeddings": False, "use_bias": True, "time_step_rank": 3}),

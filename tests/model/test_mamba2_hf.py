@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
-    Checkpoints,
+    RecurrentCheckpoints,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
@@ -38,18 +38,8 @@ CONFIG: dict[str, Any] = {
     "pad_token_id": None}
 
 
-class _Mamba2Checkpoints(Checkpoints):
-    def model(self, family: str, seed: int = 0) -> Any:
-        hf = super().model(family, seed)
-        g = torch.Generator().manual_seed(seed + 7)
-        with torch.no_grad():  # decays that keep the state for several tokens
-            for layer in hf.backbone.layers:
-                layer.mixer.A_log.copy_(torch.empty(8).uniform_(-2.0, 0.0, generator=g))
-                layer.mixer.dt_bias.copy_(torch.randn(8, generator=g) - 1.0)
-        return hf
 
-
-_CKPTS = _Mamba2Checkpoints({
+_CKPTS = RecurrentCheckpoints({
     "mamba2": ("Mamba2Config", "Mamba2ForCausalLM", CONFIG),
     "tied_bias": ("Mamba2Config", "Mamba2ForCausalLM",
                   {**CONFIG, "tie_word_embeddings": True, "use_bias": True, "use_conv_bias": False}),

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
-    Checkpoints,
+    RecurrentCheckpoints,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
+    check_hit_from_stored_state,
     check_save_reads_back,
     check_turns_against_hf,
     check_two_chunks_against_hf,
@@ -26,9 +27,7 @@ from hf_random import (
     two_sequences,
 )
 
-from dualpath.engine.model_api import paged_kv_spec
 from dualpath.errors import ModelError
-from dualpath.model import KVPool, SeqBatch
 from dualpath.model.loader import build_model
 from dualpath.model.nemotron_h import NemotronHSpec
 from dualpath.model.spec import load_spec
@@ -48,16 +47,13 @@ CONFIG: dict[str, Any] = {
     "max_position_embeddings": 256, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
-class _NemotronCheckpoints(Checkpoints):
+class _NemotronCheckpoints(RecurrentCheckpoints):
     def model(self, family: str, seed: int = 0) -> Any:
         hf = super().model(family, seed)
-        g = torch.Generator().manual_seed(seed + 7)
-        with torch.no_grad():  # decays that keep the state; correction biases that change the choice
+        g = torch.Generator().manual_seed(seed + 11)
+        with torch.no_grad():  # (correction biases that change the choice: transformers starts them at zero)
             for layer in hf.model.layers:
-                if layer.block_type == "linear_attention":
-                    layer.mixer.A_log.copy_(torch.empty(4).uniform_(-2.0, 0.0, generator=g))
-                    layer.mixer.dt_bias.copy_(torch.randn(4, generator=g) - 1.0)
-                elif layer.block_type == "moe":
+                if layer.block_type == "moe":
                     layer.mixer.gate.e_score_correction_bias.copy_(0.1 * torch.randn(8, generator=g))
         return hf
 
@@ -80,23 +76,9 @@ def test_fp32_multi_turn_logits_batches_and_triton(ckpt):
 
 
 def test_a_hit_starts_from_the_stored_full_blocks_state(tmp_path_factory):
+    """Full Blocks copied from another sequence (a storage hit) carry the state at their end; zeroed, they do not."""
     d, hf = _CKPTS.get("moe", tmp_path_factory)
-    ours = load_checkpoint(d)
-    seq = sum(random_turns(VOCAB, 4), [])
-    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=24, block_tokens=4)
-    first, second = pool.allocate(8), pool.allocate(8)
-    ours(SeqBatch.build([seq[:11]], [0], [first], 4), pool.layers)
-    ours.decode_step(torch.tensor([seq[11]]), torch.tensor([11]), torch.tensor([first], dtype=torch.int32),
-                     pool.layers)
-    for layer in pool.layers:
-        layer[second[:3]] = layer[first[:3]]
-    got = ours(SeqBatch.build([seq[12:]], [12], [second], 4), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf, seq)[12:], atol=2e-4, rtol=1e-4)
-    for layer, kind in enumerate(ours.spec.layer_types):  # (and the state matters)
-        if kind == "linear_attention":
-            pool.layers[layer][second[2]].zero_()
-    got = ours(SeqBatch.build([seq[12:]], [12], [second], 4), pool.layers, all_positions=True)
-    assert float((got - hf_logits(hf, seq)[12:]).abs().max()) > 0.05
+    check_hit_from_stored_state(load_checkpoint(d), hf, VOCAB)
 
 
 def test_spec_and_our_save_pretrained(ckpt, tmp_path):

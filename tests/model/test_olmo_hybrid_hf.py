@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
-    Checkpoints,
+    RecurrentCheckpoints,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
@@ -42,20 +42,8 @@ CONFIG: dict[str, Any] = {
     "pad_token_id": None}
 
 
-class _OlmoCheckpoints(Checkpoints):
-    def model(self, family: str, seed: int = 0) -> Any:
-        hf = super().model(family, seed)
-        g = torch.Generator().manual_seed(seed + 7)
-        with torch.no_grad():  # decays that keep the state for several tokens
-            for layer in hf.model.layers:
-                la = getattr(layer, "linear_attn", None)
-                if la is not None:
-                    la.A_log.copy_(torch.empty(la.A_log.shape).uniform_(0.02, 0.5, generator=g).log())
-                    la.dt_bias.copy_(0.5 * torch.randn(la.dt_bias.shape, generator=g))
-        return hf
 
-
-_CKPTS = _OlmoCheckpoints({
+_CKPTS = RecurrentCheckpoints({
     "nope": ("OlmoHybridConfig", "OlmoHybridForCausalLM", CONFIG),
     "rope": ("OlmoHybridConfig", "OlmoHybridForCausalLM",
              {**CONFIG, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},

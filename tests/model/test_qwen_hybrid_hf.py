@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
-    Checkpoints,
+    RecurrentCheckpoints,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
+    check_hit_from_stored_state,
     check_save_reads_back,
     check_turns_against_hf,
     check_two_chunks_against_hf,
@@ -49,20 +50,8 @@ CONFIG: dict[str, Any] = {
 MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}
 
 
-class _HybridCheckpoints(Checkpoints):
-    def model(self, family: str, seed: int = 0) -> Any:
-        hf = super().model(family, seed)
-        g = torch.Generator().manual_seed(seed + 7)
-        with torch.no_grad():  # decays that keep the state for several tokens (x6 would make it forget at once)
-            for layer in hf.model.layers:
-                la = getattr(layer, "linear_attn", None)
-                if la is not None:
-                    la.A_log.copy_(torch.empty(la.A_log.shape).uniform_(0.02, 0.5, generator=g).log())
-                    la.dt_bias.copy_(0.5 * torch.randn(la.dt_bias.shape, generator=g))
-        return hf
 
-
-_CKPTS = _HybridCheckpoints({
+_CKPTS = RecurrentCheckpoints({
     "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", CONFIG),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", {**CONFIG, **MOE, "mlp_only_layers": [1]}),
     # (a zero-width shared expert: transformers builds it anyway, with empty tensors)
@@ -78,43 +67,12 @@ def test_fp32_multi_turn_logits_batches_and_triton(ckpt):
     check_two_chunks_against_hf(load_checkpoint(d, "triton"), hf, sum(random_turns(VOCAB, 3), []))
 
 
-def test_the_state_carries_information(tmp_path_factory):
-    """The random model's linear layers remember: with their state zeroed at a chunk boundary the logits move
-    (so the comparisons above check the state, not a model that forgets at once)."""
-    d, hf = _CKPTS.get("qwen3_5", tmp_path_factory)
-    ours = load_checkpoint(d)
-    seq = sum(random_turns(VOCAB, 3), [])
-    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=16, block_tokens=4)
-    table = pool.allocate(16)
-    ours(SeqBatch.build([seq[:12]], [0], [table], 4), pool.layers)
-    for layer, kind in enumerate(ours.spec.layer_types):
-        if kind == "linear_attention":
-            pool.layers[layer][table[2]].zero_()
-    got = ours(SeqBatch.build([seq[12:]], [12], [table], 4), pool.layers, all_positions=True)
-    assert float((got - hf_logits(hf, seq)[12:]).abs().max()) > 0.05
 
 
 def test_a_hit_starts_from_the_stored_full_blocks_state(tmp_path_factory):
-    """A second sequence whose first two blocks are copies of another's Full Blocks (a storage hit), whose prefill
-    ran past them, continues from their pages' state (the state at the second block's end) and gives transformers'
-    logits; the pages hold it after a decode step crossed the block too."""
+    """Full Blocks copied from another sequence (a storage hit) carry the state at their end; zeroed, they do not."""
     d, hf = _CKPTS.get("qwen3_next", tmp_path_factory)
-    ours = load_checkpoint(d)
-    seq = sum(random_turns(VOCAB, 4), [])
-    bt = 4
-    pool = KVPool(paged_kv_spec(ours.spec, bt), num_blocks=24, block_tokens=bt)
-    first, second = pool.allocate(8), pool.allocate(8)
-    ours(SeqBatch.build([seq[:11]], [0], [first], bt), pool.layers)  # blocks 0, 1 full, 2 partial
-    ours.decode_step(torch.tensor([seq[11]]), torch.tensor([11]), torch.tensor([first], dtype=torch.int32),
-                     pool.layers)  # (fills block 2 by a decode step)
-    for layer in pool.layers:
-        layer[second[:3]] = layer[first[:3]]
-    got = ours(SeqBatch.build([seq[12:]], [12], [second], bt), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf, seq)[12:], atol=2e-4, rtol=1e-4)
-    for layer in pool.layers:
-        layer[second[:2]] = layer[first[:2]]
-    got = ours(SeqBatch.build([seq[8:]], [8], [second], bt), pool.layers, all_positions=True)
-    torch.testing.assert_close(got, hf_logits(hf, seq)[8:], atol=2e-4, rtol=1e-4)
+    check_hit_from_stored_state(load_checkpoint(d), hf, VOCAB)
 
 
 def test_blocks_longer_than_a_segment(tmp_path_factory):

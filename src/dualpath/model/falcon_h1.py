@@ -24,13 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
-from dualpath.kv.layout import KVSpec
-from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
-from dualpath.model.state_pages import split_page, state_bytes, widened_kv_spec
+from dualpath.model.state_pages import split_page, state_bytes
 
 ARCH = "falcon_h1"
 #: FalconH1Config's defaults
@@ -50,7 +49,8 @@ _SCALES = ("embedding_multiplier", "lm_head_multiplier", "key_multiplier", "atte
 
 
 @dataclass(frozen=True)
-class FalconH1Spec(ModelSpec):
+class FalconH1Spec(StatePagesSpec, ModelSpec):
+    both_in_page = True  # (attention and a state in every layer)
     layer_types: tuple[str, ...] = ()
     rope_by_type: dict[str, tuple[float, float]] = field(default_factory=dict)
     scales: dict[str, float] = field(default_factory=dict)  # (_SCALES)
@@ -72,13 +72,6 @@ class FalconH1Spec(ModelSpec):
     def state_bytes(self) -> int:
         return state_bytes(self.mamba_inner + 2 * self.mamba_groups * self.mamba_state, self.mamba_kernel,
                            self.mamba_heads, self.mamba_inner // self.mamba_heads, self.mamba_state)
-
-    def paged_kv_spec(self, block_tokens: int) -> KVSpec:
-        return widened_kv_spec(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype, self.state_bytes,
-                               block_tokens, both=True)
-
-    def kv_spec(self) -> KVSpec:
-        return self.paged_kv_spec(64)
 
     def to_hf_config(self) -> dict[str, Any]:
         return {
@@ -236,14 +229,13 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
-class FalconH1Model(TypedRopeDecoder):
+class FalconH1Model(HybridDecoder):
     """Falcon-H1 (module docstring) over a paged KV pool whose pages hold KV rows and a Mamba state."""
 
     def __init__(self, spec: FalconH1Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec), device, backend)
         self.spec: FalconH1Spec = spec
-        self._typed_rope(spec)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.model.embed_tokens(ids)) * self.spec.scales["embedding_multiplier"]
@@ -253,12 +245,10 @@ class FalconH1Model(TypedRopeDecoder):
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st, mod = self.begin_layer(layer, state, kv_layer)
+        mod = cast(DecoderLayer, mod)
         spec, b, s = self.spec, state.batch, self.spec.scales
         d, hq, hkv = spec.head_dim, spec.n_heads, spec.n_kv_heads
-        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else hkv
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, max(heads, hkv), d))
-        mod = cast(DecoderLayer, self.model.layers[layer])
         mixer = mod.mamba
         kv, conv_pages, rec_pages = split_page(kv_layer, hkv, d, mixer.conv_dim, mixer.kernel, mixer.heads,
                                                mixer.head_dim, mixer.state)
@@ -271,12 +261,7 @@ class FalconH1Model(TypedRopeDecoder):
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = _rope(attn.q_proj(xa).view(n, hq, d), cos, sin)
         k = _rope(attn.k_proj(xa).view(n, hkv, d) * s["key_multiplier"], cos, sin)
-        store_kv(k, attn.v_proj(xa).view(n, hkv, d), kv, b.slot_mapping, backend=self.backend)
-        if b.is_decode:
-            o = paged_decode_attention(q, kv, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend)
-        else:
-            o = paged_prefill_attention(q, kv, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos, d ** -0.5,
-                                        backend=self.backend)
+        o = self.attend(q, k, attn.v_proj(xa).view(n, hkv, d), kv, b, d ** -0.5)
         a = attn.o_proj(o.reshape(n, hq * d)) * s["attention_out_multiplier"]
         h = st.hidden + (m + a)
         st.hidden = h + mod.feed_forward(mod.pre_ff_layernorm(h))

@@ -24,15 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
-from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
 from dualpath.model.moe import FeedForward
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
-from dualpath.model.state_pages import state_bytes, widened_kv_spec
+from dualpath.model.state_pages import state_bytes
 
 ARCH = "granitemoehybrid"
 BAMBA = "bamba"
@@ -61,7 +60,7 @@ _NAMES = ((".block_sparse_moe.experts.gate_up_proj", ".block_sparse_moe.input_li
 
 
 @dataclass(frozen=True)
-class GraniteHybridSpec(ModelSpec):
+class GraniteHybridSpec(StatePagesSpec, ModelSpec):
     """A :class:`ModelSpec` (the attention layers' shape, Granite's scalings) plus the Mamba-2 layers' and MoE's."""
 
     layer_types: tuple[str, ...] = ()
@@ -99,13 +98,6 @@ class GraniteHybridSpec(ModelSpec):
         conv = self.mamba_inner + 2 * self.mamba_groups * self.mamba_state
         return state_bytes(conv, self.mamba_kernel, self.mamba_heads, self.mamba_inner // self.mamba_heads,
                            self.mamba_state)
-
-    def paged_kv_spec(self, block_tokens: int) -> KVSpec:
-        return widened_kv_spec(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype, self.state_bytes,
-                               block_tokens)
-
-    def kv_spec(self) -> KVSpec:
-        return self.paged_kv_spec(64)
 
     def to_hf_config(self) -> dict[str, Any]:
         return hf_config(self)
@@ -314,14 +306,13 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
-class GraniteHybridModel(TypedRopeDecoder):
+class GraniteHybridModel(HybridDecoder):
     """Granite 4.0 hybrid (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: GraniteHybridSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec), device, backend)
         self.spec: GraniteHybridSpec = spec
-        self._typed_rope(spec)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.model.embed_tokens(ids)) * self.spec.scales[0]
@@ -331,12 +322,10 @@ class GraniteHybridModel(TypedRopeDecoder):
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st, mod = self.begin_layer(layer, state, kv_layer)
+        mod = cast(DecoderLayer, mod)
         spec, b = self.spec, state.batch
         d = spec.head_dim
-        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else spec.n_kv_heads
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, max(heads, spec.n_kv_heads), d))
-        mod = cast(DecoderLayer, self.model.layers[layer])
         _, res, att, _ = spec.scales
         x = mod.input_layernorm(st.hidden)
         if spec.layer_types[layer] == "linear_attention":
@@ -349,12 +338,7 @@ class GraniteHybridModel(TypedRopeDecoder):
                 cos, sin = st.tables["full_attention"]
                 q, k = _rope(q, cos[:, None, :], sin[:, None, :]), _rope(k, cos[:, None, :], sin[:, None, :])
             kv = layer_view(kv_layer, hkv, d)
-            store_kv(k, attn.v_proj(x).view(n, hkv, d), kv, b.slot_mapping, backend=self.backend)
-            if b.is_decode:
-                o = paged_decode_attention(q, kv, b.block_tables, b.seq_lens, att, backend=self.backend)
-            else:
-                o = paged_prefill_attention(q, kv, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos, att,
-                                            backend=self.backend)
+            o = self.attend(q, k, attn.v_proj(x).view(n, hkv, d), kv, b, att)
             out = attn.o_proj(o.reshape(n, hq * d))
         h = st.hidden + out * res
         if spec.architecture == BAMBA:

@@ -19,15 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
-from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.mamba1 import MambaMixer
 from dualpath.model.moe import FeedForward, dispatch_experts
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
-from dualpath.model.state_pages import state_bytes, widened_kv_spec
+from dualpath.model.state_pages import state_bytes
 
 ARCH = "jamba"
 #: JambaConfig's defaults
@@ -42,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class JambaSpec(ModelSpec):
+class JambaSpec(StatePagesSpec, ModelSpec):
     layer_types: tuple[str, ...] = ()
     rope_by_type: dict[str, tuple[float, float]] = field(default_factory=dict)
     moe_layers: tuple[int, ...] = ()
@@ -67,13 +66,6 @@ class JambaSpec(ModelSpec):
     @property
     def state_bytes(self) -> int:
         return state_bytes(self.inner, self.kernel, 1, self.inner, self.state)
-
-    def paged_kv_spec(self, block_tokens: int) -> KVSpec:
-        return widened_kv_spec(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype, self.state_bytes,
-                               block_tokens)
-
-    def kv_spec(self) -> KVSpec:
-        return self.paged_kv_spec(64)
 
     def to_hf_config(self) -> dict[str, Any]:
         ap, ao, ep, eo = self.periods
@@ -178,38 +170,28 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
-class JambaModel(TypedRopeDecoder):
+class JambaModel(HybridDecoder):
     """Jamba (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: JambaSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec), device, backend)
         self.spec: JambaSpec = spec
-        self._typed_rope(spec)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st, mod = self.begin_layer(layer, state, kv_layer)
+        mod = cast(DecoderLayer, mod)
         spec, b = self.spec, state.batch
         d = spec.head_dim
-        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else spec.n_kv_heads
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, max(heads, spec.n_kv_heads), d))
-        mod = cast(DecoderLayer, self.model.layers[layer])
         x = mod.input_layernorm(st.hidden)
         if spec.layer_types[layer] == "linear_attention":
             out = cast(MambaMixer, mod.mamba)(x, b, kv_layer)
         else:
             attn = cast(Attention, mod.self_attn)
             n, hq, hkv = x.shape[0], spec.n_heads, spec.n_kv_heads
-            q = attn.q_proj(x).view(n, hq, d)
-            kv = layer_view(kv_layer, hkv, d)
-            store_kv(attn.k_proj(x).view(n, hkv, d), attn.v_proj(x).view(n, hkv, d), kv, b.slot_mapping,
-                     backend=self.backend)
-            if b.is_decode:
-                o = paged_decode_attention(q, kv, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend)
-            else:
-                o = paged_prefill_attention(q, kv, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                            d ** -0.5, backend=self.backend)
+            o = self.attend(attn.q_proj(x).view(n, hq, d), attn.k_proj(x).view(n, hkv, d),
+                            attn.v_proj(x).view(n, hkv, d), layer_view(kv_layer, hkv, d), b, d ** -0.5)
             out = attn.o_proj(o.reshape(n, hq * d))
         h = st.hidden + out
         st.hidden = h + mod.feed_forward(mod.pre_ff_layernorm(h))

@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
-from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import (
@@ -34,7 +33,6 @@ from dualpath.model.state_pages import (
     scan_sequences,
     state_bytes,
     state_views,
-    widened_kv_spec,
 )
 
 ARCH = "lfm2"
@@ -49,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class Lfm2Spec(ModelSpec):
+class Lfm2Spec(StatePagesSpec, ModelSpec):
     """A :class:`ModelSpec` (``intermediate_size``: the SwiGLU's width as built) plus the layer kinds and the
     convolutions' fields."""
 
@@ -82,13 +80,6 @@ class Lfm2Spec(ModelSpec):
     @property
     def state_bytes(self) -> int:
         return state_bytes(self.hidden_size, self.conv_taps, 0, 1, 1)
-
-    def paged_kv_spec(self, block_tokens: int) -> KVSpec:
-        return widened_kv_spec(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype, self.state_bytes,
-                               block_tokens)
-
-    def kv_spec(self) -> KVSpec:
-        return self.paged_kv_spec(64)
 
     def to_hf_config(self) -> dict[str, Any]:
         return hf_config(self)
@@ -301,26 +292,23 @@ class Backbone(nn.Module):
         self.embedding_norm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
-class Lfm2Model(TypedRopeDecoder):
+class Lfm2Model(HybridDecoder):
     """LFM2 (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: Lfm2Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec), device, backend)
         self.spec: Lfm2Spec = spec
-        self._typed_rope(spec)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.lm_head(self.model.embedding_norm(h)).float())
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st, mod = self.begin_layer(layer, state, kv_layer)
+        mod = cast(DecoderLayer, mod)
         spec, b = self.spec, state.batch
         d = spec.head_dim
-        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else spec.n_kv_heads
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, max(heads, spec.n_kv_heads), d))
-        mod = cast(DecoderLayer, self.model.layers[layer])
         x = mod.operator_norm(st.hidden)
         if spec.layer_types[layer] == "conv":
             out = cast(ShortConv, mod.conv)(x, b, kv_layer)
@@ -332,12 +320,7 @@ class Lfm2Model(TypedRopeDecoder):
             q = _rope(attn.q_layernorm(attn.q_proj(x).view(n, hq, d)), cos, sin)
             k = _rope(attn.k_layernorm(attn.k_proj(x).view(n, hkv, d)), cos, sin)
             kv = layer_view(kv_layer, hkv, d)
-            store_kv(k, attn.v_proj(x).view(n, hkv, d), kv, b.slot_mapping, backend=self.backend)
-            if b.is_decode:
-                o = paged_decode_attention(q, kv, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend)
-            else:
-                o = paged_prefill_attention(q, kv, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos, d ** -0.5,
-                                            backend=self.backend)
+            o = self.attend(q, k, attn.v_proj(x).view(n, hkv, d), kv, b, d ** -0.5)
             out = attn.out_proj(o.reshape(n, hq * d))
         h = st.hidden + out
         st.hidden = h + mod.feed_forward(mod.ffn_norm(h))

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kv.layout import KVSpec
-from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import (
@@ -32,7 +32,6 @@ from dualpath.model.state_pages import (
     scan_sequences,
     state_bytes,
     state_views,
-    widened_kv_spec,
 )
 
 #: MambaConfig's defaults (FalconMambaConfig's: the same, plus ``mixer_rms_eps``)
@@ -45,7 +44,7 @@ HF_ARCH = {"mamba": "MambaForCausalLM", "falcon_mamba": "FalconMambaForCausalLM"
 
 
 @dataclass(frozen=True)
-class Mamba1Spec(ModelSpec):
+class Mamba1Spec(StatePagesSpec, ModelSpec):
     """A :class:`ModelSpec` (``hidden_size``, vocabulary, norms; its attention fields unused) plus the mixer's."""
 
     layer_types: tuple[str, ...] = ()
@@ -61,12 +60,6 @@ class Mamba1Spec(ModelSpec):
     @property
     def state_bytes(self) -> int:
         return state_bytes(self.inner, self.kernel, 1, self.inner, self.state)
-
-    def paged_kv_spec(self, block_tokens: int) -> KVSpec:
-        return widened_kv_spec(self.n_layers, 1, 64, self.dtype, self.state_bytes, block_tokens)
-
-    def kv_spec(self) -> KVSpec:
-        return self.paged_kv_spec(64)
 
     def to_hf_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
@@ -192,23 +185,18 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
-class Mamba1Model(TypedRopeDecoder):
+class Mamba1Model(HybridDecoder):
     """Mamba / Falcon-Mamba (module docstring) over state pages."""
 
     def __init__(self, spec: Mamba1Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec), device, backend)
         self.spec: Mamba1Spec = spec
-        self._typed_rope(spec)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
-        b = state.batch
-        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else 1
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, heads, 64))
-        block = cast(Block, self.model.layers[layer])
-        st.hidden = st.hidden + cast(MambaMixer, block.mixer)(block.norm(st.hidden), b, kv_layer)
+        st, block = self.begin_layer(layer, state, kv_layer)
+        st.hidden = st.hidden + cast(MambaMixer, block.mixer)(block.norm(st.hidden), state.batch, kv_layer)
         state.next_layer += 1
 
 

@@ -30,14 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
-from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.mamba2 import Mamba2Mixer
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
-from dualpath.model.state_pages import state_bytes, widened_kv_spec
+from dualpath.model.state_pages import state_bytes
 
 ARCH = "nemotron_h"
 KINDS = ("linear_attention", "full_attention", "mlp", "moe")
@@ -60,7 +59,7 @@ _ALIASES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_
 
 
 @dataclass(frozen=True)
-class NemotronHSpec(ModelSpec):
+class NemotronHSpec(StatePagesSpec, ModelSpec):
     """A :class:`ModelSpec` (the attention layers' shape) plus each block's kind, the Mamba-2 and MoE fields."""
 
     layer_types: tuple[str, ...] = ()
@@ -105,13 +104,6 @@ class NemotronHSpec(ModelSpec):
         inner = self.mamba_heads * self.mamba_head_dim
         return state_bytes(inner + 2 * self.mamba_groups * self.mamba_state, self.mamba_kernel, self.mamba_heads,
                            self.mamba_head_dim, self.mamba_state)
-
-    def paged_kv_spec(self, block_tokens: int) -> KVSpec:
-        return widened_kv_spec(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype, self.state_bytes,
-                               block_tokens)
-
-    def kv_spec(self) -> KVSpec:
-        return self.paged_kv_spec(64)
 
     def to_hf_config(self) -> dict[str, Any]:
         return hf_config(self)
@@ -348,23 +340,20 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=spec.norm_fp32_scale)
 
 
-class NemotronHModel(TypedRopeDecoder):
+class NemotronHModel(HybridDecoder):
     """Nemotron-H (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: NemotronHSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec), device, backend)
         self.spec: NemotronHSpec = spec
-        self._typed_rope(spec)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st, block = self.begin_layer(layer, state, kv_layer)
+        block = cast(Block, block)
         spec, b = self.spec, state.batch
         d = spec.head_dim
-        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else spec.n_kv_heads
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, max(heads, spec.n_kv_heads), d))
-        block = cast(Block, self.model.layers[layer])
         x = block.norm(st.hidden)
         kind = spec.layer_types[layer]
         if kind == "linear_attention":
@@ -372,15 +361,8 @@ class NemotronHModel(TypedRopeDecoder):
         elif kind == "full_attention":
             attn = cast(Attention, block.mixer)
             n, hq, hkv = x.shape[0], spec.n_heads, spec.n_kv_heads
-            q = attn.q_proj(x).view(n, hq, d)
-            kv = layer_view(kv_layer, hkv, d)
-            store_kv(attn.k_proj(x).view(n, hkv, d), attn.v_proj(x).view(n, hkv, d), kv, b.slot_mapping,
-                     backend=self.backend)
-            if b.is_decode:
-                o = paged_decode_attention(q, kv, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend)
-            else:
-                o = paged_prefill_attention(q, kv, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                            d ** -0.5, backend=self.backend)
+            o = self.attend(attn.q_proj(x).view(n, hq, d), attn.k_proj(x).view(n, hkv, d),
+                            attn.v_proj(x).view(n, hkv, d), layer_view(kv_layer, hkv, d), b, d ** -0.5)
             out = attn.o_proj(o.reshape(n, hq * d))
         else:
             out = block.mixer(x)

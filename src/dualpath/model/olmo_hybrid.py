@@ -21,15 +21,14 @@ import torch
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
-from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.moe import FeedForward
 from dualpath.model.qwen_hybrid import GatedDeltaNet
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
-from dualpath.model.state_pages import state_bytes, widened_kv_spec
+from dualpath.model.state_pages import state_bytes
 
 ARCH = "olmo_hybrid"
 TYPES = ("linear_attention", "full_attention")
@@ -43,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class OlmoHybridSpec(ModelSpec):
+class OlmoHybridSpec(StatePagesSpec, ModelSpec):
     layer_types: tuple[str, ...] = ()
     rope_by_type: dict[str, tuple[float, float]] = field(default_factory=dict)  # empty: no RoPE
     lin_k_heads: int = 0
@@ -67,13 +66,6 @@ class OlmoHybridSpec(ModelSpec):
     @property
     def state_bytes(self) -> int:
         return state_bytes(self.conv_dim, self.conv_kernel, self.lin_v_heads, self.lin_k_dim, self.lin_v_dim)
-
-    def paged_kv_spec(self, block_tokens: int) -> KVSpec:
-        return widened_kv_spec(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype, self.state_bytes,
-                               block_tokens)
-
-    def kv_spec(self) -> KVSpec:
-        return self.paged_kv_spec(64)
 
     def to_hf_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
@@ -173,23 +165,20 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
-class OlmoHybridModel(TypedRopeDecoder):
+class OlmoHybridModel(HybridDecoder):
     """OLMo Hybrid (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: OlmoHybridSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec), device, backend)
         self.spec: OlmoHybridSpec = spec
-        self._typed_rope(spec)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st, mod = self.begin_layer(layer, state, kv_layer)
+        mod = cast(DecoderLayer, mod)
         spec, b = self.spec, state.batch
         d = spec.head_dim
-        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else spec.n_kv_heads
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, max(heads, spec.n_kv_heads), d))
-        mod = cast(DecoderLayer, self.model.layers[layer])
         if spec.layer_types[layer] == "linear_attention":
             h = st.hidden + cast(GatedDeltaNet, mod.linear_attn)(mod.input_layernorm(st.hidden), b, kv_layer)
             st.hidden = h + mod.mlp(mod.post_attention_layernorm(h))
@@ -204,12 +193,7 @@ class OlmoHybridModel(TypedRopeDecoder):
                 cos, sin = cos[:, None, :].float(), sin[:, None, :].float()
                 q, k = _rope(q.float(), cos, sin).to(q.dtype), _rope(k.float(), cos, sin).to(k.dtype)
             kv = layer_view(kv_layer, hkv, d)
-            store_kv(k, attn.v_proj(x).view(n, hkv, d), kv, b.slot_mapping, backend=self.backend)
-            if b.is_decode:
-                o = paged_decode_attention(q, kv, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend)
-            else:
-                o = paged_prefill_attention(q, kv, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                            d ** -0.5, backend=self.backend)
+            o = self.attend(q, k, attn.v_proj(x).view(n, hkv, d), kv, b, d ** -0.5)
             h = x + mod.post_attention_layernorm(attn.o_proj(o.reshape(n, hq * d)))
             st.hidden = h + mod.post_feedforward_layernorm(mod.mlp(h))
         state.next_layer += 1

@@ -32,12 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
-from dualpath.kv.layout import KVSpec
 from dualpath.model.archs import HYBRID_HF_ARCH
 from dualpath.model.gated_delta import delta_segment, delta_step, l2norm
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, TypedRopeDecoder, TypedRopeState, _rope
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, _rope
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
@@ -46,14 +45,11 @@ from dualpath.model.state_pages import (
     scan_sequences,
     state_bytes,
     state_views,
-    widened_kv_spec,
 )
 
 HF_ARCH = HYBRID_HF_ARCH
 ARCHS = tuple(HF_ARCH)
 TYPES = ("linear_attention", "full_attention")
-#: the block size :meth:`HybridSpec.kv_spec` sizes state pages for (a deployment passes its own)
-DEFAULT_STATE_BLOCK = 64
 #: the configs' defaults (Qwen3_5TextConfig; Qwen3NextConfig and Qwen3_5MoeTextConfig differ where listed)
 DEFAULTS: dict[str, Any] = {
     "vocab_size": 248320, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
@@ -75,7 +71,7 @@ _ROPE_THETA = 10000.0
 
 
 @dataclass(frozen=True)
-class HybridSpec(ModelSpec):
+class HybridSpec(StatePagesSpec, ModelSpec):
     """A :class:`ModelSpec` (its attention layers' shape) plus the linear layers' and the MoE's fields."""
 
     layer_types: tuple[str, ...] = ()
@@ -125,15 +121,6 @@ class HybridSpec(ModelSpec):
     def state_bytes(self) -> int:
         """Bytes of one linear layer's state (what its page must hold)."""
         return state_bytes(self.conv_dim, self.conv_kernel, self.lin_v_heads, self.lin_k_dim, self.lin_v_dim)
-
-    def paged_kv_spec(self, block_tokens: int) -> KVSpec:
-        """The page layout for blocks of ``block_tokens`` tokens: rows of ``[2, H, head_dim]`` with ``H`` the KV
-        heads, or more where a page of them would not hold a linear layer's state."""
-        return widened_kv_spec(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype, self.state_bytes,
-                               block_tokens)
-
-    def kv_spec(self) -> KVSpec:
-        return self.paged_kv_spec(DEFAULT_STATE_BLOCK)
 
     def to_hf_config(self) -> dict[str, Any]:
         return hf_config(self)
@@ -345,23 +332,20 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, offset=True)
 
 
-class HybridModel(TypedRopeDecoder):
+class HybridModel(HybridDecoder):
     """Qwen3.5 / Qwen3.5-MoE / Qwen3-Next (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: HybridSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec), device, backend)
         self.spec: HybridSpec = spec
-        self._typed_rope(spec)
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st, mod = self.begin_layer(layer, state, kv_layer)
+        mod = cast(DecoderLayer, mod)
         spec, b = self.spec, state.batch
         d = spec.head_dim
-        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else spec.n_kv_heads
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, max(heads, spec.n_kv_heads), d))
-        mod = cast(DecoderLayer, self.model.layers[layer])
         x = mod.input_layernorm(st.hidden)
         if spec.layer_types[layer] == "linear_attention":
             h = st.hidden + cast(GatedDeltaNet, mod.linear_attn)(x, b, kv_layer)
@@ -374,12 +358,7 @@ class HybridModel(TypedRopeDecoder):
             q = _rope(attn.q_norm(q), cos, sin)
             k = _rope(attn.k_norm(attn.k_proj(x).view(n, hkv, d)), cos, sin)
             kv = layer_view(kv_layer, hkv, d)
-            store_kv(k, attn.v_proj(x).view(n, hkv, d), kv, b.slot_mapping, backend=self.backend)
-            if b.is_decode:
-                o = paged_decode_attention(q, kv, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend)
-            else:
-                o = paged_prefill_attention(q, kv, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos, d ** -0.5,
-                                            backend=self.backend)
+            o = self.attend(q, k, attn.v_proj(x).view(n, hkv, d), kv, b, d ** -0.5)
             o = o.reshape(n, hq * d) * torch.sigmoid(gate.reshape(n, hq * d))
             h = st.hidden + attn.o_proj(o)
         st.hidden = h + mod.mlp(mod.post_attention_layernorm(h))

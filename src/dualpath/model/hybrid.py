@@ -1,0 +1,68 @@
+"""What the hybrid decoders share (recurrent layers over state pages, :mod:`dualpath.model.state_pages`, beside
+attention layers): the page layout from a spec's ``state_bytes`` (:class:`StatePagesSpec`), and the decoder's setup,
+per-layer checks and paged attention (:class:`HybridDecoder`)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from dualpath.kv.layout import KVSpec
+from dualpath.model.llama import ForwardState, SeqBatch, TypedRopeDecoder, TypedRopeState
+from dualpath.model.state_pages import widened_kv_spec
+
+#: the block size :meth:`StatePagesSpec.kv_spec` sizes state pages for (a deployment passes its own)
+DEFAULT_STATE_BLOCK = 64
+
+
+class StatePagesSpec:
+    """Mixed into a hybrid model's spec (a :class:`~dualpath.model.spec.ModelSpec` with a ``state_bytes``
+    property): its page layout for a block size. ``both_in_page``: every layer has attention and a state (Falcon-H1),
+    so a page holds both."""
+
+    both_in_page = False
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one recurrent layer's state (each spec says)."""
+        raise NotImplementedError
+
+    def paged_kv_spec(self, block_tokens: int) -> KVSpec:
+        return widened_kv_spec(self.n_layers, self.n_kv_heads, self.head_dim, self.dtype, self.state_bytes,
+                               block_tokens, both=self.both_in_page)
+
+    def kv_spec(self) -> KVSpec:
+        return self.paged_kv_spec(DEFAULT_STATE_BLOCK)
+
+
+class HybridDecoder(TypedRopeDecoder):
+    """A :class:`TypedRopeDecoder` whose layers' pages may hold states (rows widened past the KV heads)."""
+
+    def _setup(self, spec: Any, backbone: nn.Module, device: str | torch.device, backend: str) -> None:
+        self._build(spec, backbone, device, backend)
+        self.spec = spec
+        self._typed_rope(spec)
+
+    def begin_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> tuple[TypedRopeState, Any]:
+        """Check the layer's order and page shape; ``(state, the layer's module)``."""
+        spec, b = self.spec, state.batch
+        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else spec.n_kv_heads
+        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, max(heads, spec.n_kv_heads), spec.head_dim))
+        return cast(TypedRopeState, state), self.model.layers[layer]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, batch: SeqBatch,
+               scale: float) -> torch.Tensor:
+        """Store the new tokens' ``k, v`` in the pages ``kv`` (a layer's ``[nb, bt, 2, H, D]`` view) and attend:
+        ``[N, Hq, D]``."""
+        store_kv(k, v, kv, batch.slot_mapping, backend=self.backend)
+        if batch.is_decode:
+            return paged_decode_attention(q, kv, batch.block_tables, batch.seq_lens, scale, backend=self.backend)
+        return paged_prefill_attention(q, kv, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, batch.start_pos,
+                                       scale, backend=self.backend)

@@ -205,3 +205,53 @@ async def test_cluster_read_paths_same_tokens(tmp_path_factory, family):
     greedy tokens (the state travels in whole pages from storage, DE to PE and PE to DE)."""
     d, hf = _CKPTS.get(family, tmp_path_factory)
     await cluster_two_turns(d, hf, VOCAB)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("read_path", ["pe", "de"])
+async def test_chunked_prefill_equals_unchunked(tmp_path_factory, read_path):
+    """The runtime PE's chunked prefill under the compute quota (chunks of 10 tokens over 16-token blocks: a chunk
+    ends inside a block, its state kept in the page the next chunk starts from) gives the unchunked run's tokens
+    and logits, on both read paths."""
+    import math
+    import os
+
+    import anyio
+
+    from dualpath.cluster import Cluster
+    from dualpath.config import DualPathConfig
+    from dualpath.engine.model_api import LlamaAdapter
+    from dualpath.engine.timemodel import LayerTimeModel
+    from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.loader import load_model
+
+    d, _ = _CKPTS.get("qwen3_next", tmp_path_factory)
+    first = torch.randint(0, VOCAB, (37,), generator=torch.Generator().manual_seed(7)).tolist()
+    second = torch.randint(0, VOCAB, (21,), generator=torch.Generator().manual_seed(8)).tolist()
+    runs = {}
+    for chunked in (False, True):
+        cfg = DualPathConfig()
+        mc = cfg.model = LlamaModelConfig(path=str(d))
+        c = cfg.cluster
+        c.block_tokens, c.snic_gbps, c.cnic_gbps, c.host_buffer_bytes = 16, None, None, 64 << 20
+        c.kv_pool_tokens, c.deadline_s, c.prefill_max_batch_tokens, c.keep_logits = 512, 30.0, 512, True
+        c.layers_ahead = 1  # (layers share scratch slots: later chunks must restore their pages)
+        c.devices = os.environ.get("DUALPATH_TEST_DEVICES", "cpu")
+        c.prefill_quota_s = 4 * 10.5 if chunked else None
+        tm = LayerTimeModel(a=0.0, b=1.0, e=0.0, d=0.0, n_layers=4)
+
+        def build(device: torch.device, mc: Any = mc, tm: Any = tm) -> LlamaAdapter:
+            return LlamaAdapter(load_model(mc, device, with_tokenizer=False)[0], 16, time_model=tm)
+
+        async with Cluster(cfg, model=build) as cl:
+            with anyio.fail_after(120):
+                r1 = await cl.run_turn("s", first, 4, path="recompute")
+                r2 = await cl.run_turn("s", first + r1.token_ids + second, 5, path=read_path)
+            runs[chunked] = (r1, r2, cl.pes[0].chunks)
+    for a, b in zip(runs[True][:2], runs[False][:2], strict=True):
+        assert a.token_ids == b.token_ids and a.hit_tokens == b.hit_tokens
+        for x, y in zip(a.logits, b.logits, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    r1, r2 = runs[True][:2]
+    assert r2.hit_tokens == 32
+    assert runs[True][2] == sum(math.ceil((r.prompt_tokens - r.hit_tokens) / 10) for r in (r1, r2)) >= 6

@@ -54,6 +54,7 @@ FAMILIES = (
     "jamba",
     "olmo_hybrid",
     "falcon_h1",
+    "minimax",
 )
 
 
@@ -421,6 +422,17 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "expand": r.choice([1, 2]), "conv_kernel": r.choice([2, 4]), "use_bias": r.random() < 0.5,
             "use_conv_bias": r.random() < 0.5, "time_step_rank": r.choice(["auto", 3, 8]),
             "tie_word_embeddings": r.random() < 0.5,
+        }
+    if fam == "minimax":  # lightning and softmax attention, scaled residuals, MoE
+        return "MiniMaxConfig", "MiniMaxForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 24, "num_hidden_layers": L,
+            "num_attention_heads": 4, "num_key_value_heads": r.choice([1, 2, 4]), "head_dim": r.choice([8, 16]),
+            "num_local_experts": 4, "num_experts_per_tok": r.choice([1, 2]),
+            "layer_types": [r.choice(["linear_attention", "full_attention"]) for _ in range(L)],
+            **{k: r.choice([0.5, 1.0, 1.5]) for k in ("full_attn_alpha_factor", "full_attn_beta_factor",
+                                                     "linear_attn_alpha_factor", "linear_attn_beta_factor",
+                                                     "mlp_alpha_factor", "mlp_beta_factor")},
+            "max_position_embeddings": 64,
         }
     if fam == "falcon_h1":  # attention and Mamba-2 side by side, muP multipliers
         groups = r.choice([1, 2])

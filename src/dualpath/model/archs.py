@@ -76,6 +76,7 @@ ARCHITECTURES: dict[str, str] = {
     "JambaForCausalLM": "jamba",  # (dualpath.model.jamba)
     "OlmoHybridForCausalLM": "olmo_hybrid",  # (dualpath.model.olmo_hybrid)
     "FalconH1ForCausalLM": "falcon_h1",  # (dualpath.model.falcon_h1)
+    "MiniMaxForCausalLM": "minimax",  # (dualpath.model.minimax)
     "Lfm2ForCausalLM": "lfm2",  # (dualpath.model.lfm2)
     "Lfm2MoeForCausalLM": "lfm2_moe",
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
@@ -103,6 +104,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "granitemoehybrid": "GraniteMoeHybridForCausalLM", "bamba": "BambaForCausalLM", "nemotron_h": "NemotronHForCausalLM", "mamba2": "Mamba2ForCausalLM", "mamba": "MambaForCausalLM",
             "falcon_mamba": "FalconMambaForCausalLM", "jamba": "JambaForCausalLM",
             "olmo_hybrid": "OlmoHybridForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
+            "minimax": "MiniMaxForCausalLM",
             "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
@@ -153,7 +155,7 @@ _NO_KV = ("its recurrent state layers (this family's linear attention / state sp
 _REFUSED = {
     **dict.fromkeys(("rwkv", "xlstm", "recurrent_gemma", "zamba",
                      "zamba2",
-                     "kimi_linear", "minimax",
+                     "kimi_linear",
                      "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
                      # image-text checkpoints whose language model is one of them (Nemotron-H Omni, LFM3)
                      "nemotron_h_omni", "lfm3_vl",

@@ -84,6 +84,7 @@ if TYPE_CHECKING:
     from dualpath.model.llama import LlamaModel
     from dualpath.model.mamba1 import Mamba1Model
     from dualpath.model.mimo_v2 import MiMoV2Model
+    from dualpath.model.minimax import MiniMaxModel
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
     from dualpath.model.nemotron_h import NemotronHModel
     from dualpath.model.olmo_hybrid import OlmoHybridModel
@@ -92,7 +93,7 @@ if TYPE_CHECKING:
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
-                | OlmoHybridModel | FalconH1Model)
+                | OlmoHybridModel | FalconH1Model | MiniMaxModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -329,6 +330,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "minimax":
+        from dualpath.model import minimax
+
+        model = minimax.MiniMaxModel(cast(minimax.MiniMaxSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = minimax.tensors_in(fp8_dequantized(tensors, source, fp8_block), source)
     elif spec.architecture == "falcon_h1":
         from dualpath.model import falcon_h1
 

@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "minimax":  # (lightning attention layers: state pages)
+            from dualpath.model import minimax
+
+            return minimax.spec_from_config(cfg, where, dtype, max_context)
         if arch == "falcon_h1":  # (attention and Mamba-2 in every layer: KV rows and a state in each page)
             from dualpath.model import falcon_h1
 

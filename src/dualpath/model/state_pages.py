@@ -90,51 +90,62 @@ def widened_kv_spec(n_layers: int, n_kv_heads: int, head_dim: int, dtype: str, s
     return KVSpec.mha(n_layers, heads, head_dim, dtype, state_pages=True)
 
 
-def scan_sequences(batch: Any, conv_pages: torch.Tensor, rec_pages: torch.Tensor, mixed: torch.Tensor,
-                   weight: torch.Tensor, bias: torch.Tensor | None, run: Callable[..., Any], silu: bool = True) -> None:
+def scan_sequences(batch: Any, conv_pages: torch.Tensor | None, rec_pages: torch.Tensor, mixed: torch.Tensor,
+                   weight: torch.Tensor | None, bias: torch.Tensor | None, run: Callable[..., Any],
+                   silu: bool = True) -> None:
     """A prefill batch through a recurrent layer over its state pages (module docstring). For each sequence: its
     state after the cached positions, the convolution over ``mixed [N, C]`` (that state's inputs first), then
     segments that end at a block boundary, the chunk's end or after :data:`SEGMENT` tokens:
     ``s = run(conv_rows [L, C], row0, row1, s)`` (``row0:row1`` the segment's rows in the batch; ``run`` stores its
-    own output), each followed by a snapshot into the page of the segment's last token."""
-    bt, k = batch.block_tokens, weight.shape[1]
+    own output), each followed by a snapshot into the page of the segment's last token. Without a convolution
+    (``weight`` and ``conv_pages`` None: MiniMax's lightning attention) ``mixed`` goes to ``run`` as it is."""
+    bt, k = batch.block_tokens, (weight.shape[1] if weight is not None else 1)
     cu, starts, tables = batch.cu_seqlens_q.tolist(), batch.start_pos.tolist(), batch.block_tables.tolist()
     for i, start in enumerate(starts):
         r0, r1, table = cu[i], cu[i + 1], tables[i]
         if start == 0:
-            conv0 = torch.zeros(conv_pages.shape[1:], device=mixed.device)
+            conv0 = torch.zeros(mixed.shape[1], k - 1, device=mixed.device)
             s = torch.zeros(rec_pages.shape[1:], device=mixed.device)
         else:
             page = table[(start - 1) // bt]
-            conv0, s = conv_pages[page].clone(), rec_pages[page].clone()
+            conv0 = (conv_pages[page].clone() if conv_pages is not None
+                     else torch.zeros(mixed.shape[1], 0, device=mixed.device))
+            s = rec_pages[page].clone()
         ext = torch.cat((conv0.to(mixed.dtype), mixed[r0:r1].t()), dim=1)  # [C, K - 1 + L]
-        conv = causal_conv(ext, weight, bias, silu).t()
+        conv = causal_conv(ext, weight, bias, silu).t() if weight is not None else mixed[r0:r1]
         t0, n = 0, r1 - r0
         while t0 < n:
             t1 = min(n, t0 + bt - (start + t0) % bt, t0 + SEGMENT)
             s = run(conv[t0:t1], r0 + t0, r0 + t1, s)
             page = table[(start + t1 - 1) // bt]
             rec_pages[page] = s
-            conv_pages[page] = ext[:, t1:t1 + k - 1].float()
+            if conv_pages is not None:
+                conv_pages[page] = ext[:, t1:t1 + k - 1].float()
             t0 = t1
 
 
-def decode_states(batch: Any, conv_pages: torch.Tensor, rec_pages: torch.Tensor, mixed: torch.Tensor,
-                  weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = True
+def decode_states(batch: Any, conv_pages: torch.Tensor | None, rec_pages: torch.Tensor, mixed: torch.Tensor,
+                  weight: torch.Tensor | None, bias: torch.Tensor | None, silu: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]]:
     """One token per sequence: ``(conv [B, C], state before [B, ...], commit)``; ``commit(new_state)`` writes the
-    state and the convolution's inputs into the page of each token's block."""
+    state and the convolution's inputs into the page of each token's block. Without a convolution (``weight`` and
+    ``conv_pages`` None) ``mixed`` comes back as it is."""
     bt, pos = batch.block_tokens, batch.positions
     tables = batch.block_tables.to(torch.int64)
     prev = tables.gather(1, ((pos - 1).clamp(min=0) // bt)[:, None])[:, 0]
+    s0 = torch.where((pos == 0).view(-1, *([1] * (rec_pages.dim() - 1))), 0.0, rec_pages[prev])
+    cur = tables.gather(1, (pos // bt)[:, None])[:, 0]
+    if conv_pages is None or weight is None:
+        def commit_state(s1: torch.Tensor) -> None:
+            rec_pages[cur] = s1
+
+        return mixed, s0, commit_state
     fresh = (pos == 0).view(-1, *([1] * (conv_pages.dim() - 1)))
     conv0 = torch.where(fresh, 0.0, conv_pages[prev])
-    s0 = torch.where(fresh.view(-1, *([1] * (rec_pages.dim() - 1))), 0.0, rec_pages[prev])
     ext = torch.cat((conv0.to(mixed.dtype), mixed[:, :, None]), dim=2)  # [B, C, K]
     out = (ext.float() * weight.float()[None]).sum(dim=-1)
     if bias is not None:
         out = out + bias.float()
-    cur = tables.gather(1, (pos // bt)[:, None])[:, 0]
 
     def commit(s1: torch.Tensor) -> None:
         rec_pages[cur] = s1

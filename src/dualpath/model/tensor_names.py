@@ -556,6 +556,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.olmo_hybrid import tensors_out as olmo_hybrid_out
 
         out = olmo_hybrid_out(spec, out)  # type: ignore[arg-type]
+    if arch == "minimax":  # (transformers' saved decay buffers)
+        from dualpath.model.minimax import tensors_out as minimax_out
+
+        out = minimax_out(spec, out)  # type: ignore[arg-type]
     if arch == "falcon_h1":  # (its final_layernorm)
         from dualpath.model.falcon_h1 import tensors_out as falcon_h1_out
 

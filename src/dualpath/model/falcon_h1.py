@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
 from dualpath.model.spec import ModelSpec
@@ -270,10 +270,8 @@ class FalconH1Model(HybridDecoder):
 
 def tensors_in(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The checkpoint's ``final_layernorm`` as ours."""
-    return {("model.norm." + k[len("model.final_layernorm."):] if k.startswith("model.final_layernorm.") else k): v
-            for k, v in tensors.items()}
+    return final_norm_in(tensors)
 
 
 def tensors_out(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {("model.final_layernorm." + k[len("model.norm."):] if k.startswith("model.norm.") else k): v
-            for k, v in tensors.items()}
+    return final_norm_out(tensors)

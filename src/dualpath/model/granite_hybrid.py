@@ -25,7 +25,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
 from dualpath.model.moe import FeedForward
@@ -359,9 +359,7 @@ def tensors_in(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors under our (the hub's) names: transformers' in-memory MoE names mapped back; Bamba's
     ``final_layernorm``."""
     out = {}
-    for name, t in tensors.items():
-        if name.startswith("model.final_layernorm."):
-            name = "model.norm." + name[len("model.final_layernorm."):]
+    for name, t in final_norm_in(tensors).items():
         for theirs, ours in _NAMES:
             if name.endswith(theirs):
                 name = name[: -len(theirs)] + ours
@@ -373,5 +371,4 @@ def tensors_out(spec: GraniteHybridSpec, tensors: Mapping[str, torch.Tensor]) ->
     """Our tensors under the checkpoint's names (Bamba's ``final_layernorm``)."""
     if spec.architecture != BAMBA:
         return dict(tensors)
-    return {("model.final_layernorm." + k[len("model.norm."):] if k.startswith("model.norm.") else k): t
-            for k, t in tensors.items()}
+    return final_norm_out(tensors)

@@ -4,6 +4,7 @@ per-layer checks and paged attention (:class:`HybridDecoder`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
@@ -66,3 +67,15 @@ class HybridDecoder(TypedRopeDecoder):
             return paged_decode_attention(q, kv, batch.block_tables, batch.seq_lens, scale, backend=self.backend)
         return paged_prefill_attention(q, kv, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, batch.start_pos,
                                        scale, backend=self.backend)
+
+
+def final_norm_in(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's ``model.final_layernorm.*`` (Bamba, Jamba, Falcon-H1) under our ``model.norm.*``."""
+    return {("model.norm." + k[len("model.final_layernorm."):] if k.startswith("model.final_layernorm.") else k): v
+            for k, v in tensors.items()}
+
+
+def final_norm_out(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our ``model.norm.*`` under the checkpoint's ``model.final_layernorm.*``."""
+    return {("model.final_layernorm." + k[len("model.norm."):] if k.startswith("model.norm.") else k): v
+            for k, v in tensors.items()}

@@ -20,7 +20,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.hybrid import HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
 from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.mamba1 import MambaMixer
 from dualpath.model.moe import FeedForward, dispatch_experts
@@ -198,18 +198,12 @@ class JambaModel(HybridDecoder):
         state.next_layer += 1
 
 
-_NAMES = (("model.final_layernorm.", "model.norm."),)
-
-
 def tensors_in(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under our names (``final_layernorm``; transformers' packed experts split)."""
     from dualpath.model.tensor_names import _split_packed_experts
 
     out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        for theirs, ours in _NAMES:
-            if name.startswith(theirs):
-                name = ours + name[len(theirs):]
+    for name, t in final_norm_in(tensors).items():
         name = name.replace(".feed_forward.experts.", ".mlp.experts.") if name.endswith(
             (".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj")) else name
         if _split_packed_experts(name, t, out, source):
@@ -219,5 +213,4 @@ def tensors_in(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, to
 
 
 def tensors_out(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {(theirs + k[len(ours):] if k.startswith(ours) else k): v
-            for k, v in tensors.items() for theirs, ours in _NAMES}
+    return final_norm_out(tensors)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
+from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
 from dualpath.model.spec import ModelSpec
@@ -221,20 +221,13 @@ class DecoderLayer(nn.Module):
         self.feed_forward = MLP(spec)
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: FalconH1Spec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-
 
 class FalconH1Model(HybridDecoder):
     """Falcon-H1 (module docstring) over a paged KV pool whose pages hold KV rows and a Mamba state."""
 
     def __init__(self, spec: FalconH1Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._setup(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec, lambda _: DecoderLayer(spec)), device, backend)
         self.spec: FalconH1Spec = spec
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
+from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
 from dualpath.model.moe import FeedForward
@@ -298,20 +298,13 @@ class DecoderLayer(nn.Module):
             self.shared_mlp = SharedMLP(spec.hidden_size, spec.shared_width)
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: GraniteHybridSpec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-
 
 class GraniteHybridModel(HybridDecoder):
     """Granite 4.0 hybrid (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: GraniteHybridSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._setup(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec, lambda i: DecoderLayer(spec, i)), device, backend)
         self.spec: GraniteHybridSpec = spec
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

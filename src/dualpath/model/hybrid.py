@@ -4,7 +4,7 @@ per-layer checks and paged attention (:class:`HybridDecoder`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
@@ -12,7 +12,7 @@ from torch import nn
 
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
-from dualpath.model.llama import ForwardState, SeqBatch, TypedRopeDecoder, TypedRopeState
+from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, TypedRopeDecoder, TypedRopeState
 from dualpath.model.state_pages import widened_kv_spec
 
 #: the block size :meth:`StatePagesSpec.kv_spec` sizes state pages for (a deployment passes its own)
@@ -79,3 +79,14 @@ def final_norm_out(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     """Our ``model.norm.*`` under the checkpoint's ``model.final_layernorm.*``."""
     return {("model.final_layernorm." + k[len("model.norm."):] if k.startswith("model.norm.") else k): v
             for k, v in tensors.items()}
+
+
+class Backbone(nn.Module):
+    """A hybrid decoder's embeddings, its layers (``make_layer(i)`` for each of ``spec.n_layers``) and its final
+    ``norm`` (an RMS norm at ``spec.rms_eps`` unless given)."""
+
+    def __init__(self, spec: Any, make_layer: Callable[[int], nn.Module], norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(make_layer(i) for i in range(spec.n_layers))
+        self.norm = norm if norm is not None else RMSNorm(spec.hidden_size, spec.rms_eps)

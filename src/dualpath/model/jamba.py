@@ -20,7 +20,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
+from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
 from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.mamba1 import MambaMixer
 from dualpath.model.moe import FeedForward, dispatch_experts
@@ -162,20 +162,13 @@ class DecoderLayer(nn.Module):
                                         else FeedForward(spec.hidden_size, spec.intermediate_size))
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: JambaSpec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-
 
 class JambaModel(HybridDecoder):
     """Jamba (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: JambaSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._setup(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec, lambda i: DecoderLayer(spec, i)), device, backend)
         self.spec: JambaSpec = spec
 
     @torch.no_grad()

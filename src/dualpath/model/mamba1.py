@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
 from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
@@ -177,20 +177,13 @@ class Block(nn.Module):
                                 eps=spec.mixer_rms_eps or 1e-6)
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: Mamba1Spec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-
 
 class Mamba1Model(HybridDecoder):
     """Mamba / Falcon-Mamba (module docstring) over state pages."""
 
     def __init__(self, spec: Mamba1Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._setup(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec, lambda _: Block(spec)), device, backend)
         self.spec: Mamba1Spec = spec
 
     @torch.no_grad()

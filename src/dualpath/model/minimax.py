@@ -22,7 +22,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
 from dualpath.model.lfm2 import FeedForward
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import ssd_segment, ssd_step
@@ -191,20 +191,13 @@ class DecoderLayer(nn.Module):
         self.block_sparse_moe = MoE(spec)
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: MiniMaxSpec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-
 
 class MiniMaxModel(HybridDecoder):
     """MiniMax (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: MiniMaxSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._setup(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec, lambda i: DecoderLayer(spec, i)), device, backend)
         self.spec: MiniMaxSpec = spec
 
     @torch.no_grad()

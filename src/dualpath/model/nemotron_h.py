@@ -31,7 +31,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
 from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.mamba2 import Mamba2Mixer
 from dualpath.model.spec import ModelSpec
@@ -332,20 +332,14 @@ class Block(nn.Module):
             self.mixer = MoE(spec)
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: NemotronHSpec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=spec.norm_fp32_scale)
-
 
 class NemotronHModel(HybridDecoder):
     """Nemotron-H (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: NemotronHSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._setup(spec, Backbone(spec), device, backend)
+        norm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=spec.norm_fp32_scale)
+        self._setup(spec, Backbone(spec, lambda i: Block(spec, i), norm), device, backend)
         self.spec: NemotronHSpec = spec
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.moe import FeedForward
 from dualpath.model.qwen_hybrid import GatedDeltaNet
@@ -157,20 +157,13 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: OlmoHybridSpec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-
 
 class OlmoHybridModel(HybridDecoder):
     """OLMo Hybrid (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: OlmoHybridSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._setup(spec, Backbone(spec), device, backend)
+        self._setup(spec, Backbone(spec, lambda i: DecoderLayer(spec, i)), device, backend)
         self.spec: OlmoHybridSpec = spec
 
     @torch.no_grad()

@@ -35,7 +35,7 @@ from dualpath.errors import ModelError
 from dualpath.model.archs import HYBRID_HF_ARCH
 from dualpath.model.gated_delta import delta_segment, delta_step, l2norm
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, _rope
 from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk
 from dualpath.model.spec import ModelSpec
@@ -324,20 +324,14 @@ class DecoderLayer(nn.Module):
                                else FeedForward(spec.hidden_size, spec.intermediate_size))
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: HybridSpec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, offset=True)
-
 
 class HybridModel(HybridDecoder):
     """Qwen3.5 / Qwen3.5-MoE / Qwen3-Next (module docstring) over a paged KV pool with state pages."""
 
     def __init__(self, spec: HybridSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._setup(spec, Backbone(spec), device, backend)
+        norm = RMSNorm(spec.hidden_size, spec.rms_eps, offset=True)
+        self._setup(spec, Backbone(spec, lambda i: DecoderLayer(spec, i), norm), device, backend)
         self.spec: HybridSpec = spec
 
     @torch.no_grad()

@@ -55,6 +55,7 @@ FAMILIES = (
     "olmo_hybrid",
     "falcon_h1",
     "minimax",
+    "kimi_linear",
 )
 
 
@@ -434,6 +435,22 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
                                                      "mlp_alpha_factor", "mlp_beta_factor")},
             "max_position_embeddings": 64,
         }
+    if fam == "kimi_linear":  # NoPE MLA and KDA layers, DeepSeek's MoE
+        groups = r.choice([1, 2, 4])
+        heads = r.choice([1, 2, 4])
+        return "KimiLinearConfig", "KimiLinearForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+            "num_hidden_layers": L, "num_attention_heads": r.choice([2, 4]), "kv_lora_rank": r.choice([16, 32]),
+            "q_lora_rank": r.choice([None, 24]), "qk_nope_head_dim": r.choice([8, 16]),
+            "qk_rope_head_dim": r.choice([4, 8]), "v_head_dim": r.choice([8, 16]), "num_experts": 8,
+            "num_experts_per_token": r.choice([1, 2]), "num_shared_experts": r.choice([0, 1, 2]),
+            "num_expert_group": groups, "topk_group": r.randint(1, groups), "moe_renormalize": r.random() < 0.5,
+            "routed_scaling_factor": r.choice([1.0, 2.446]), "attention_bias": r.random() < 0.5,
+            "linear_num_heads": heads, "linear_head_dim": r.choice([4, 8]), "linear_conv_kernel_dim": r.choice([2, 3, 4]),
+            "layer_types": [r.choice(["linear_attention", "full_attention"]) for _ in range(L)],
+            "mlp_layer_types": (lambda k: ["dense"] * k + ["sparse"] * (L - k))(r.randint(0, L)),
+            "tie_word_embeddings": r.random() < 0.5, "model_max_length": 64, "pad_token_id": None,
+        }
     if fam == "falcon_h1":  # attention and Mamba-2 side by side, muP multipliers
         groups = r.choice([1, 2])
         return "FalconH1Config", "FalconH1ForCausalLM", {
@@ -543,6 +560,10 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             if n.endswith(("A_log", "dt_bias")):  # (x3 would make the linear layers' state forget at once)
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
+        if fam == "kimi_linear":  # (DeepSeek's routers' correction biases, which transformers starts at zero)
+            for n, b in hf.named_buffers():
+                if n.endswith("e_score_correction_bias"):
+                    b.copy_(0.1 * torch.randn_like(b))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         try:

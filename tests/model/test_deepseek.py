@@ -116,7 +116,8 @@ def paged_turns(ours, hf, turns: list[list[int]], gen_per_turn: int, block_token
     ``teacher``: we are fed transformers' ids too (a near-tie between two tokens, which bf16 rounding may break
     either way, then cannot make the two runs compare different texts).
     (Also used for the Llama-path MoE families: their KV spec comes from ``ours.spec``.)"""
-    kv_spec = ours.kv_spec if hasattr(ours, "kv_spec") else paged_kv_spec(ours.spec, block_tokens)
+    kv_spec = (ours.kv_spec if hasattr(ours, "kv_spec") and not hasattr(ours.spec, "paged_kv_spec")
+               else paged_kv_spec(ours.spec, block_tokens))  # (Kimi Linear: pages sized for the block)
     pool = KVPool(kv_spec, num_blocks=48, block_tokens=block_tokens)
     table = pool.allocate(48)[::-1]  # physical blocks in reverse: the block table matters
     cache = transformers.DynamicCache(config=hf.config)

@@ -19,7 +19,8 @@ Inside a Layer Block, each token's row is the model's per-layer cache entry:
 So for ``mha`` a Layer Block reinterpreted as ``dtype`` has shape ``[block_tokens, 2, n_kv_heads, head_dim]``
 and the paged KV pool can store Layer Blocks as its pages with no layout conversion.
 
-``state_pages`` (hybrid models: Qwen3.5, Qwen3-Next): some layers keep a recurrent state instead of per-token KV.
+``state_pages`` (hybrid models: Qwen3.5, Qwen3-Next; with ``mla`` rows, Kimi Linear): some layers keep a recurrent
+state instead of per-token KV.
 Such a layer's page holds the state after the last token written in its block (:mod:`dualpath.model.gated_delta`),
 so a Full Block carries the state at its end, and a page is only meaningful whole: what moves between engines
 moves whole pages (``Turn.ship_ranges``).
@@ -89,9 +90,9 @@ class KVSpec:
 
     @classmethod
     def mla(cls, n_layers: int, latent_dim: int, dtype: str = "bfloat16", extra_bytes: int = 0,
-            rope_dim: int = 0) -> KVSpec:
+            rope_dim: int = 0, state_pages: bool = False) -> KVSpec:
         spec = cls(n_layers=n_layers, attention="mla", dtype=dtype, latent_dim=latent_dim, extra_bytes=extra_bytes,
-                   rope_dim=rope_dim)
+                   rope_dim=rope_dim, state_pages=state_pages)
         spec.validate()
         return spec
 

@@ -155,11 +155,10 @@ _NO_KV = ("its recurrent state layers (this family's linear attention / state sp
 _REFUSED = {
     **dict.fromkeys(("rwkv", "xlstm", "recurrent_gemma", "zamba",
                      "zamba2",
-                     "kimi_linear",
                      "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
                      # image-text checkpoints whose language model is one of them (Nemotron-H Omni, LFM3)
                      "nemotron_h_omni", "lfm3_vl",
-                     # short-convolution / linear-attention state: Inkling, ZAYA1 (its CCA), GLM-5.3-Flash (KDA)
+                     # short-convolution / linear-attention state: Inkling, ZAYA1 (its CCA), GLM-5.3-Flash (KDA with hyper-connections)
                      "inkling_text", "inkling_mm_model", "inkling2", "inkling2_text", "inkling2_loop",
                      "inkling2_loop_text", "zaya", "glm5_next", "glm5_next_text"), _NO_KV),
     "diffusion_gemma": "a diffusion language model (it denoises blocks of tokens attending both ways), not an "

@@ -201,9 +201,11 @@ class DeepseekV3Model(LayerwiseDecoder):
 
     inv_freq: torch.Tensor
 
-    def __init__(self, spec: DeepseekV3Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
+    def __init__(self, spec: DeepseekV3Spec, device: str | torch.device = "cpu", backend: str = "auto",
+                 backbone: nn.Module | None = None) -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)  # (the router stays fp32: Router.keep_fp32)
+        # (the router stays fp32: Router.keep_fp32; Kimi Linear passes its own layers)
+        self._build(spec, backbone if backbone is not None else Backbone(spec), device, backend)
         inv_freq, self._rope_scale = rope_frequencies(spec.qk_rope_head_dim, spec.rope_theta, spec.rope_scaling,
                                                       spec.max_position)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)

@@ -1138,6 +1138,10 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
     cfg, where = read_hf_config(config)
     cfg = mla_text_config(cfg, where)
     archs = cfg.get("architectures") or []
+    if "KimiLinearForCausalLM" in archs or (not archs and cfg.get("model_type") == "kimi_linear"):
+        from dualpath.model import kimi_linear  # (MLA and KDA layers: state pages in latent rows)
+
+        return kimi_linear.spec_from_config(cfg, where, dtype, kv_format, max_context)
     if any(a in _DEEPSEEK_ARCH for a in archs) or (not archs and cfg.get("model_type") in _DEEPSEEK_ARCH.values()):
         return DeepseekV3Spec.from_hf_config(cfg, dtype=dtype, kv_format=kv_format, where=where,
                                              max_context=max_context)

@@ -552,6 +552,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.modernbert_decoder import tensors_out as modernbert_out
 
         out = modernbert_out(out)
+    if arch == "kimi_linear":  # (Mixtral's names for its MoE blocks)
+        from dualpath.model.kimi_linear import tensors_out as kimi_linear_out
+
+        out = kimi_linear_out(spec, out)  # type: ignore[arg-type]
     if arch == "olmo_hybrid":  # (its linear layers' separate projections)
         from dualpath.model.olmo_hybrid import tensors_out as olmo_hybrid_out
 

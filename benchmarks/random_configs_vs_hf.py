@@ -56,6 +56,7 @@ FAMILIES = (
     "falcon_h1",
     "minimax",
     "kimi_linear",
+    "bailing_hybrid",
 )
 
 
@@ -451,6 +452,26 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "mlp_layer_types": (lambda k: ["dense"] * k + ["sparse"] * (L - k))(r.randint(0, L)),
             "tie_word_embeddings": r.random() < 0.5, "model_max_length": 64, "pad_token_id": None,
         }
+    if fam == "bailing_hybrid":  # KDA (bounded or softplus decay) and RoPE'd, head-gated MLA, DeepSeek's MoE
+        groups = r.choice([1, 2, 4])
+        rope: dict[str, Any] = r.choice([
+            {"rope_type": "default", "rope_theta": r.choice([10000.0, 6e6])},
+            {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+             "mscale_all_dim": r.choice([0.0, 1.0]), "beta_fast": 32, "beta_slow": 1}])
+        return "BailingHybridConfig", "BailingHybridForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+            "num_hidden_layers": L, "num_attention_heads": r.choice([2, 4]), "head_dim": r.choice([4, 8]),
+            "kv_lora_rank": r.choice([16, 32]), "q_lora_rank": r.choice([None, 24]),
+            "qk_nope_head_dim": r.choice([8, 16]), "qk_rope_head_dim": r.choice([4, 8]),
+            "v_head_dim": r.choice([8, 16]), "num_experts": 8, "num_experts_per_token": r.choice([1, 2]),
+            "num_shared_experts": r.choice([0, 1]), "num_expert_group": groups, "topk_group": r.randint(1, groups),
+            "moe_renormalize": r.random() < 0.5, "routed_scaling_factor": r.choice([1.0, 2.5]),
+            "attention_bias": r.random() < 0.5, "short_conv_kernel_size": r.choice([2, 3, 4]),
+            "kda_safe_gate": r.random() < 0.6, "kda_lower_bound": r.choice([-5.0, -2.0]),
+            "layer_types": [r.choice(["linear_attention", "full_attention"]) for _ in range(L)],
+            "first_k_dense_replace": r.randint(0, L), "rope_parameters": rope,
+            "tie_word_embeddings": r.random() < 0.5, "model_max_length": 64, "pad_token_id": None,
+        }
     if fam == "falcon_h1":  # attention and Mamba-2 side by side, muP multipliers
         groups = r.choice([1, 2])
         return "FalconH1Config", "FalconH1ForCausalLM", {
@@ -560,7 +581,7 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             if n.endswith(("A_log", "dt_bias")):  # (x3 would make the linear layers' state forget at once)
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
-        if fam == "kimi_linear":  # (DeepSeek's routers' correction biases, which transformers starts at zero)
+        if fam in ("kimi_linear", "bailing_hybrid"):  # (DeepSeek's routers' correction biases: transformers' are 0)
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))

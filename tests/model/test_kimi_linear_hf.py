@@ -118,6 +118,7 @@ def test_spec_and_our_save_pretrained(ckpt, tmp_path):
     ours = build_model(spec, None, seed=3, backend="torch")
     assert isinstance(ours, KimiLinearModel)
     check_save_reads_back(ours, tmp_path, transformers.KimiLinearForCausalLM, sum(random_turns(VOCAB, 7), []))
+    assert _names(tmp_path) == _names(d)  # (our save_pretrained writes the names transformers writes)
 
 
 def test_the_released_config_form_reads_as_transformers_reads_it(tmp_path):
@@ -157,9 +158,39 @@ def test_bf16_teacher_forced_logits(tmp_path_factory):
     assert hf.model.layers[0].self_attn.forget_gate.dt_bias.dtype == torch.float32
     ours = load_checkpoint(d, dtype="bfloat16")
     assert ours.model.layers[0].self_attn.dt_bias.dtype == torch.float32
+    check_bf16_kda_layer(ours, hf)
     seq = sum(random_turns(VOCAB, 5), [])
     got, ref = bf16_teacher_forced(ours, hf, seq)
     check_bf16_as_close_as_transformers(got, ref, hf_logits(hf32, seq), rows=_decisive_routing(hf32, seq))
+
+
+def _names(d: Any) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def check_bf16_kda_layer(ours: Any, hf: Any) -> None:
+    """The first KDA layer in bf16, on one bf16 input, against transformers' (no cache, one 23-token prefill): the
+    decay equal bit for bit and the output within one bf16 step of its scale (the same roundings, in the same
+    places: a convolution output or a decay left unrounded moves it by several)."""
+    from dualpath.engine.model_api import paged_kv_spec
+    from dualpath.model import KVPool, SeqBatch
+
+    layer = ours.spec.layer_types.index("linear_attention")
+    x = torch.randn(1, 23, ours.spec.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
+    theirs = hf.model.layers[layer].self_attn
+    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=8, block_tokens=4)
+    batch = SeqBatch.build([list(range(23))], [0], [pool.allocate(8)], 4)
+    mine = ours.model.layers[layer].self_attn
+    with torch.no_grad():
+        ref = theirs(x)
+        got = mine(x[0], batch, pool.layers[layer])
+        assert torch.equal(mine.decay(x[0]), theirs.forget_gate(x)[0].float())
+    ref = (ref[0] if isinstance(ref, tuple) else ref)[0].float()
+    assert ref.abs().max() > 0.5
+    torch.testing.assert_close(got.float(), ref, atol=0.01 * float(ref.abs().max()) / 1.5, rtol=0)
 
 
 def _decisive_routing(hf: Any, seq: list[int]) -> torch.Tensor:
@@ -183,7 +214,7 @@ def _decisive_routing(hf: Any, seq: list[int]) -> torch.Tensor:
         for h in hooks:
             h.remove()
     rows = torch.stack(gaps).min(dim=0).values > 0.02
-    assert int(rows.sum()) >= len(seq) // 2
+    assert int(rows.sum()) >= len(seq) // 3  # (enough rows left to compare)
     return rows
 
 

@@ -155,7 +155,7 @@ _NO_KV = ("its recurrent state layers (this family's linear attention / state sp
 _REFUSED = {
     **dict.fromkeys(("rwkv", "xlstm", "recurrent_gemma", "zamba",
                      "zamba2",
-                     "bailing_hybrid", "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
+                     "qwen4_exp", "qwen4_exp_text", "lara_mini", "lfm3",
                      # image-text checkpoints whose language model is one of them (Nemotron-H Omni, LFM3)
                      "nemotron_h_omni", "lfm3_vl",
                      # short-convolution / linear-attention state: Inkling, ZAYA1 (its CCA), GLM-5.3-Flash (KDA with hyper-connections)

@@ -318,6 +318,9 @@ class DeepseekV3Model(LayerwiseDecoder):
             o = torch.einsum("nhr,hvr->nhv", o_lat, w[:, nope:]).to(x.dtype)
         if gate is not None:  # (A.X-K2: each head's output scaled by the sigmoid of its gate, in fp32)
             o = (o * torch.sigmoid(gate.float())).to(o.dtype)
+        head_gate = getattr(attn, "g_proj", None)
+        if head_gate is not None:  # (Bailing hybrid: one gate per head, its sigmoid rounded to the compute dtype)
+            o = o * torch.sigmoid(head_gate(x).float()).to(o.dtype)[..., None]
         out = attn.o_proj(o.reshape(n, h * vd))
         rs = spec.residual_scale  # MiniCPM3: each block's outputs scaled
         hid = state.hidden + (out if rs is None else out * rs)

@@ -1,6 +1,9 @@
-"""Moonshot's Kimi Linear (``KimiLinearForCausalLM``, model_type ``kimi_linear``), as transformers runs it: DeepSeek-V3's
+"""The KDA hybrids, as transformers runs them: Moonshot's Kimi Linear (``KimiLinearForCausalLM``, model_type
+``kimi_linear``) and inclusionAI's Ling 3 hybrids (``BailingHybridForCausalLM``, ``bailing_hybrid``). DeepSeek-V3's
 MLA and MoE (:mod:`dualpath.model.deepseek`) in some layers, Kimi Delta Attention (KDA) in the others, over one paged
 pool whose pages hold MLA's latent rows or a KDA layer's state (state pages, :mod:`dualpath.model.state_pages`).
+
+Kimi Linear:
 
 * **MLA layers** (``layer_types`` ``full_attention``; the released checkpoints name them in ``linear_attn_config``'s
   1-indexed ``full_attn_layers``): DeepSeek-V3's latent attention with no position encoding at all (``mla_use_nope``:
@@ -16,6 +19,14 @@ pool whose pages hold MLA's latent rows or a KDA layer's state (state pages, :mo
 * **MLPs**: dense SwiGLU in the first ``first_k_dense_replace`` layers (``mlp_layer_types`` ``dense``), then
   DeepSeek-V3's MoE (sigmoid router with correction bias, ``num_experts_per_token`` of ``num_experts``, shared
   experts), stored as Mixtral's ``block_sparse_moe.experts.N.w1 / w2 / w3``.
+
+Bailing hybrid (what differs): the MLA layers rotate the shared key part (DeepSeek's interleaved RoPE) and gate each
+head's output by ``sigmoid(g_proj(x))``; the KDA gates are full-width projections (``f_proj``, ``g_proj``), the
+decay bounded by default (``kda_safe_gate``: ``kda_lower_bound * sigmoid(exp(A_log) * (f + dt_bias))``, else
+Kimi's) and rounded to the compute dtype, the convolutions, ``A_log`` and ``dt_bias`` kept in fp32; one in every
+``layer_group_size`` layers is MLA; KDA heads and width are the attention's (``num_attention_heads``, ``head_dim``).
+Its checkpoints name ``model.word_embeddings``, ``layers.N.attention.*`` (``dense`` for ``o_proj``) and
+``mlp.gate.expert_bias``; multi-token-prediction layers after the last are left out.
 
 A page holds ``block_tokens`` latent rows, widened (``extra_bytes`` after each latent) until the page holds a KDA
 layer's fp32 state: :meth:`KimiLinearSpec.paged_kv_spec` for the deployment's block size. MLA layers read the front
@@ -44,6 +55,7 @@ from dualpath.model.spec_common import cfg_int, cfg_kinds
 from dualpath.model.state_pages import decode_states, scan_sequences, state_bytes, state_views
 
 ARCH = "kimi_linear"
+BAILING = "bailing_hybrid"
 TYPES = ("linear_attention", "full_attention")
 #: KimiLinearConfig's defaults, under DeepSeek-V3's key names
 DEFAULTS: dict[str, Any] = {
@@ -69,6 +81,12 @@ class KimiLinearSpec(DeepseekV3Spec):
     lin_heads: int = 0
     lin_dim: int = 0
     conv_kernel: int = 4
+    gate_lower_bound: float | None = None  # Bailing's kda_safe_gate: the decay's lower bound (None: Kimi's decay)
+
+    @property
+    def kimi(self) -> bool:
+        """Kimi Linear (no RoPE, low-rank KDA gates); else Bailing hybrid."""
+        return self.model_type == ARCH
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,8 +98,11 @@ class KimiLinearSpec(DeepseekV3Spec):
             raise ModelError("model config: linear_num_heads, linear_head_dim and linear_conv_kernel_dim must be "
                              f"positive, got {self.lin_heads}, {self.lin_dim}, {self.conv_kernel}")
         if self.kv_format != "auto":
-            raise ModelError(f"KV format {self.kv_format!r} unsupported for Kimi Linear (its pages hold KDA states "
-                             "too; only 'auto')")
+            raise ModelError(f"KV format {self.kv_format!r} unsupported for {self.model_type} (its pages hold KDA "
+                             "states too; only 'auto')")
+        if self.gate_lower_bound is not None and (self.kimi or not self.gate_lower_bound < 0):
+            raise ModelError(f"model config: kda_lower_bound must be negative (Bailing hybrid's), got "
+                             f"{self.gate_lower_bound}")
 
     @property
     def conv_dim(self) -> int:
@@ -107,6 +128,30 @@ class KimiLinearSpec(DeepseekV3Spec):
 
     def to_hf_config(self) -> dict[str, Any]:
         k = min(self.first_k_dense_replace, self.n_layers)
+        if not self.kimi:
+            rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+            return {
+                "architectures": ["BailingHybridForCausalLM"], "model_type": BAILING, "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "moe_intermediate_size": self.moe_intermediate_size, "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_heads, "head_dim": self.lin_dim,
+                "kv_lora_rank": self.kv_lora_rank, "q_lora_rank": self.q_lora_rank,
+                "qk_nope_head_dim": self.qk_nope_head_dim, "qk_rope_head_dim": self.qk_rope_head_dim,
+                "v_head_dim": self.v_head_dim, "num_experts": self.n_routed_experts,
+                "num_experts_per_token": self.num_experts_per_tok, "num_shared_experts": self.n_shared_experts,
+                "num_expert_group": self.n_group, "topk_group": self.topk_group,
+                "moe_renormalize": self.norm_topk_prob, "routed_scaling_factor": self.routed_scaling_factor,
+                "rms_norm_eps": self.rms_eps, "model_max_length": self.max_position,
+                "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
+                "hidden_act": "silu", "dtype": self.dtype, "layer_types": list(self.layer_types),
+                "mlp_layer_types": ["dense"] * k + ["sparse"] * (self.n_layers - k), "first_k_dense_replace": k,
+                "short_conv_kernel_size": self.conv_kernel, "linear_head_dim": self.lin_dim,
+                "linear_num_heads": self.lin_heads, "linear_conv_kernel_dim": self.conv_kernel,
+                "kda_safe_gate": self.gate_lower_bound is not None,
+                "kda_lower_bound": self.gate_lower_bound if self.gate_lower_bound is not None else -5.0,
+                "rope_parameters": rope, "num_nextn_predict_layers": 0, "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id, "pad_token_id": None,
+            }
         return {
             "architectures": ["KimiLinearForCausalLM"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
@@ -166,16 +211,65 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None, 
     norm.pop("first_k_dense_replace", None)
     for key in ("rope_parameters", "rope_scaling", "rope_theta"):  # (no RoPE)
         norm.pop(key, None)
-    # transformers' KimiLinearForCausalLM ties nothing (its _tied_weights_keys is empty): lm_head is read whatever
-    # tie_word_embeddings says
-    norm["tie_word_embeddings"] = False
-    base = DeepseekV3Spec.from_hf_config({**norm, "architectures": ["KimiLinearForCausalLM"], "model_type": ARCH,
-                                          "rope_interleave": False},
+    return _spec(norm, ARCH, types, where, dtype, kv_format, max_context, interleave=False)
+
+
+def _spec(norm: dict[str, Any], model_type: str, types: list[str], where: str, dtype: str | None, kv_format: str,
+          max_context: int | None, interleave: bool, lower_bound: float | None = None) -> KimiLinearSpec:
+    """The spec of a normalized config (DeepSeek-V3's key names plus ``linear_*``): DeepSeek-V3's reading of the
+    MLA and MoE keys, then the KDA layers'. Neither family's transformers class ties the head to the embeddings
+    (``_tied_weights_keys`` empty): ``lm_head`` is read whatever ``tie_word_embeddings`` says."""
+    arch = {ARCH: "KimiLinearForCausalLM", BAILING: "BailingHybridForCausalLM"}[model_type]
+    base = DeepseekV3Spec.from_hf_config({**norm, "architectures": [arch], "model_type": model_type,
+                                          "rope_interleave": interleave, "tie_word_embeddings": False},
                                          dtype=dtype, kv_format="auto", where=where, max_context=max_context)
     return KimiLinearSpec(**{f.name: getattr(base, f.name) for f in fields(DeepseekV3Spec) if f.name != "kv_format"},
                           layer_types=tuple(types), lin_heads=cfg_int(norm, "linear_num_heads", where),
                           lin_dim=cfg_int(norm, "linear_head_dim", where),
-                          conv_kernel=cfg_int(norm, "linear_conv_kernel_dim", where), kv_format=kv_format)
+                          conv_kernel=cfg_int(norm, "linear_conv_kernel_dim", where), kv_format=kv_format,
+                          gate_lower_bound=lower_bound)
+
+
+#: BailingHybridConfig's defaults, under DeepSeek-V3's key names
+BAILING_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 157184, "hidden_size": 2560, "intermediate_size": 6144, "moe_intermediate_size": 768,
+    "num_hidden_layers": 42, "num_attention_heads": 32, "n_routed_experts": 512, "num_experts_per_tok": 8,
+    "n_shared_experts": 1, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+    "first_k_dense_replace": 2, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6, "kv_lora_rank": 512,
+    "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_theta": 6e6,
+    "head_dim": 128, "short_conv_kernel_size": 4, "layer_group_size": 6, "kda_safe_gate": True,
+    "kda_lower_bound": -5.0, "bos_token_id": None, "eos_token_id": 156895,
+}
+
+
+def bailing_spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None, kv_format: str = "auto",
+                             max_context: int | None = None) -> KimiLinearSpec:
+    """The spec of a Bailing hybrid (Ling 3) config over BailingHybridConfig's defaults: the KDA layers' heads and
+    width are ``linear_num_heads`` / ``linear_head_dim`` where the config has them (transformers writes them), else
+    the attention's (``num_attention_heads``, ``head_dim``), their kernel ``short_conv_kernel_size``; the
+    last of every ``layer_group_size`` layers is MLA unless ``layer_types`` says otherwise."""
+    norm = {**BAILING_DEFAULTS, **{_KEYS.get(k, k): v for k, v in cfg.items() if v is not None or k == "q_lora_rank"}}
+    n = cfg_int(norm, "num_hidden_layers", where)
+    group = cfg_int(norm, "layer_group_size", where)
+    types = cfg_kinds(norm, "layer_types", n, TYPES, where,
+                      ["full_attention" if (i + 1) % group == 0 else "linear_attention" for i in range(n)])
+    if norm.get("mlp_layer_types") is None:
+        first = cfg_int(norm, "first_k_dense_replace", where, minimum=0)
+        norm["mlp_layer_types"] = ["dense" if i < first else "sparse" for i in range(n)]
+    norm.pop("first_k_dense_replace", None)
+    # (BailingHybridConfig derives these from the attention's keys; a config it saved carries them, and they win
+    # there: its head_dim is by then DeepSeek-V3's qk_rope_head_dim)
+    for ours, theirs in (("linear_num_heads", "num_attention_heads"), ("linear_head_dim", "head_dim"),
+                         ("linear_conv_kernel_dim", "short_conv_kernel_size")):
+        norm.setdefault(ours, norm[theirs])
+    bound = None
+    if bool(norm["kda_safe_gate"]):
+        lb = norm["kda_lower_bound"]
+        if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not lb < 0:
+            raise ModelError(f"{where}: kda_lower_bound must be a negative number (the decay's floor in log space), "
+                             f"got {lb!r}")
+        bound = float(lb)
+    return _spec(norm, BAILING, types, where, dtype, kv_format, max_context, interleave=True, lower_bound=bound)
 
 
 # --- modules -------------------------------------------------------------------------------------------------
@@ -202,21 +296,40 @@ class KimiDeltaAttention(nn.Module):
         super().__init__()
         h, d, hidden, k = spec.lin_heads, spec.lin_dim, spec.hidden_size, spec.conv_kernel
         self.heads, self.dim, self.kernel = h, d, k
+        self.kimi, self.bound = spec.kimi, spec.gate_lower_bound
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden, h * d, bias=False) for _ in range(3))
         self.q_conv1d, self.k_conv1d, self.v_conv1d = (
             nn.Conv1d(h * d, h * d, k, groups=h * d, bias=False, padding=k - 1) for _ in range(3))
-        self.f_a_proj = nn.Linear(hidden, d, bias=False)
-        self.f_b_proj = nn.Linear(d, h * d, bias=False)
+        if spec.kimi:  # (low-rank gates through one head's width)
+            self.f_a_proj = nn.Linear(hidden, d, bias=False)
+            self.f_b_proj = nn.Linear(d, h * d, bias=False)
+            self.g_a_proj = nn.Linear(hidden, d, bias=False)
+            self.g_b_proj = nn.Linear(d, h * d, bias=False)
+        else:
+            self.f_proj = nn.Linear(hidden, h * d, bias=False)
+            self.g_proj = nn.Linear(hidden, h * d, bias=False)
         self.dt_bias = nn.Parameter(torch.zeros(h * d))
-        self.A_log = nn.Parameter(torch.zeros(1, 1, h, 1))
+        self.A_log = nn.Parameter(torch.zeros((1, 1, h, 1) if spec.kimi else (h,)))
         self.b_proj = nn.Linear(hidden, h, bias=False)
-        self.g_a_proj = nn.Linear(hidden, d, bias=False)
-        self.g_b_proj = nn.Linear(d, h * d, bias=False)
         self.o_norm = GatedNorm(d, spec.rms_eps)
         self.o_proj = nn.Linear(h * d, hidden, bias=False)
 
+    def decay(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel log decay ``[N, H, D]`` (fp32): Kimi's ``-exp(A_log) softplus(f + dt_bias)``, or
+        Bailing's bounded ``lower_bound * sigmoid(exp(A_log) (f + dt_bias))`` rounded to the compute dtype."""
+        h, d = self.heads, self.dim
+        f = self.f_b_proj(self.f_a_proj(x)) if self.kimi else self.f_proj(x)
+        f = (f.float() + self.dt_bias.float()).view(-1, h, d)
+        rate = self.A_log.float().exp().view(1, h, 1)
+        if self.kimi:  # (softplus as transformers writes it: log(1 + exp), linear past 20)
+            return -rate * torch.where(f > 20.0, f, torch.log(1.0 + torch.exp(f)))
+        g = self.bound * torch.sigmoid(rate * f) if self.bound is not None else -rate * F.softplus(f)
+        return g.to(x.dtype).float()
+
     def _qkv(self, conv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Convolved ``[L, 3 H D]`` -> fp32 ``q`` (normalized, scaled), ``k`` (normalized), ``v``, each ``[L, H, D]``."""
+        """Convolved ``[L, 3 H D]`` -> fp32 ``q`` (normalized, scaled), ``k`` (normalized), ``v``, each ``[L, H, D]``
+        (rounded to the compute dtype first, as transformers' convolution returns them)."""
+        conv = conv.to(self.o_proj.weight.dtype)
         q, k, v = (t.reshape(t.shape[0], self.heads, self.dim).float() for t in conv.split(self.heads * self.dim, -1))
         return l2norm(q) * self.dim ** -0.5, l2norm(k), v
 
@@ -225,8 +338,8 @@ class KimiDeltaAttention(nn.Module):
         conv_pages, rec_pages = state_views(kv_layer, 3 * h * d, self.kernel, h, d, d)
         mixed = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
         weight = torch.cat((self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight))[:, 0]
-        f = (self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()).view(-1, h, d)
-        g = -self.A_log.float().exp().view(1, h, 1) * torch.where(f > 20.0, f, F.softplus(f))  # [N, H, D]
+        mixed = mixed.to(weight.dtype)  # (Bailing's convolutions run in fp32, their output rounded back in _qkv)
+        g = self.decay(x)
         beta = torch.sigmoid(self.b_proj(x)).float()
         if batch.is_decode:
             conv, s0, commit = decode_states(batch, conv_pages, rec_pages, mixed, weight, None)
@@ -244,8 +357,8 @@ class KimiDeltaAttention(nn.Module):
                 return s
 
             scan_sequences(batch, conv_pages, rec_pages, mixed, weight, None, run)
-        gate = self.g_b_proj(self.g_a_proj(x)).view(-1, h, d)
-        out = self.o_norm(core.to(x.dtype), gate)
+        gate = self.g_b_proj(self.g_a_proj(x)) if self.kimi else self.g_proj(x)
+        out = self.o_norm(core.to(x.dtype), gate.view(-1, h, d))
         return cast(torch.Tensor, self.o_proj(out.reshape(x.shape[0], h * d)))
 
 
@@ -263,9 +376,17 @@ class Backbone(nn.Module):
     def __init__(self, spec: KimiLinearSpec) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(KdaLayer(spec, i) if kind == "linear_attention" else DecoderLayer(spec, i)
+        self.layers = nn.ModuleList(KdaLayer(spec, i) if kind == "linear_attention" else _mla_layer(spec, i)
                                     for i, kind in enumerate(spec.layer_types))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
+
+
+def _mla_layer(spec: KimiLinearSpec, layer: int) -> DecoderLayer:
+    """DeepSeek-V3's layer; Bailing's attention also gates each head's output (``g_proj``, one logit per head)."""
+    mod = DecoderLayer(spec, layer)
+    if not spec.kimi:
+        mod.self_attn.g_proj = nn.Linear(spec.hidden_size, spec.n_heads, bias=False)
+    return mod
 
 
 class KimiLinearModel(DeepseekV3Model):
@@ -274,9 +395,13 @@ class KimiLinearModel(DeepseekV3Model):
     def __init__(self, spec: KimiLinearSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__(spec, device=device, backend=backend, backbone=Backbone(spec))
         self.spec: KimiLinearSpec = spec
-        for layer in self.model.layers:  # (transformers keeps the forget gate's bias in fp32)
-            if isinstance(layer, KdaLayer):
-                layer.self_attn.dt_bias.data = layer.self_attn.dt_bias.data.float()
+        for layer in self.model.layers:  # (transformers keeps the forget gate's bias in fp32; Bailing's also its
+            if isinstance(layer, KdaLayer):  # convolutions and A_log)
+                kda = layer.self_attn
+                kept = [kda.dt_bias] + ([] if spec.kimi else [kda.A_log, kda.q_conv1d.weight, kda.k_conv1d.weight,
+                                                              kda.v_conv1d.weight])
+                for p in kept:
+                    p.data = p.data.float()
 
     def _check_kv(self, layer: int, kv_layer: torch.Tensor, block_tokens: int) -> None:
         """Rows of at least the latent's width (widened for the pool's block size: :meth:`KimiLinearSpec.paged_kv_spec`)."""
@@ -289,10 +414,12 @@ class KimiLinearModel(DeepseekV3Model):
 
     @torch.no_grad()
     def prefill_begin(self, batch: SeqBatch) -> ForwardState:
-        """:meth:`DeepseekV3Model.prefill_begin` with identity rotations (no RoPE: ``cos`` 1, ``sin`` 0)."""
+        """:meth:`DeepseekV3Model.prefill_begin`; Kimi Linear's with identity rotations (no RoPE: ``cos`` 1, ``sin``
+        0)."""
         state = super().prefill_begin(batch)
-        state.cos = torch.ones_like(state.cos)
-        state.sin = torch.zeros_like(state.sin)
+        if self.spec.kimi:
+            state.cos = torch.ones_like(state.cos)
+            state.sin = torch.zeros_like(state.sin)
         return state
 
     @torch.no_grad()
@@ -313,36 +440,57 @@ class KimiLinearModel(DeepseekV3Model):
 # --- tensors in and out --------------------------------------------------------------------------------------
 
 _EXPERTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+#: Bailing's checkpoint names -> ours (what transformers' conversion renames)
+_BAILING = ((".attention.", ".self_attn."), (".self_attn.dense.", ".self_attn.o_proj."),
+            (".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"))
 
 
-def tensors_in(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The checkpoint's names as ours: ``block_sparse_moe`` as ``mlp``, its experts' ``w1 / w3 / w2`` as
-    ``gate_proj / up_proj / down_proj``; multi-token-prediction layers and other extras are left for the loader
-    to name."""
+def tensors_in(spec: KimiLinearSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's names as ours. Kimi Linear: ``block_sparse_moe`` as ``mlp``, its experts' ``w1 / w3 / w2``
+    as ``gate_proj / up_proj / down_proj``. Bailing: ``word_embeddings``, ``attention``, ``dense`` and
+    ``expert_bias`` (:data:`_BAILING`). Both: transformers' in-memory names too (the forget gate's tensors under
+    ``forget_gate.``, the three convolutions packed in one ``conv1d``). Multi-token-prediction layers and packed
+    experts are left for :func:`dualpath.model.tensor_names.deepseek_tensors`."""
     out: dict[str, torch.Tensor] = {}
+    width = spec.lin_heads * spec.lin_dim
     for name, t in tensors.items():
-        name = name.replace(".block_sparse_moe.", ".mlp.")
+        if not spec.kimi:
+            if name.startswith("model.word_embeddings."):
+                name = "model.embed_tokens." + name[len("model.word_embeddings."):]
+            for theirs, ours in _BAILING:
+                name = name.replace(theirs, ours)
+        name = name.replace(".block_sparse_moe.", ".mlp.").replace(".self_attn.forget_gate.", ".self_attn.")
         parts = name.split(".")
         if len(parts) == 8 and parts[4] == "experts" and parts[6] in _EXPERTS:
             parts[6] = _EXPERTS[parts[6]]
             name = ".".join(parts)
+        if name.endswith(".self_attn.conv1d.weight") and t.shape[0] == 3 * width:
+            for p, part in zip("qkv", t.split(width), strict=True):
+                out[name.replace(".conv1d.", f".{p}_conv1d.")] = part
+            continue
         out[name] = t
     return out
 
 
 def tensors_out(spec: KimiLinearSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our tensors under the checkpoint's names (what transformers' ``save_pretrained`` writes; with no shared
-    experts, the zero-width ones transformers builds and expects)."""
+    """Our tensors under the names transformers' ``save_pretrained`` writes (Kimi Linear: every MLP, dense ones too,
+    under ``block_sparse_moe``; with no shared experts, the zero-width ones transformers builds and expects)."""
     back = {ours: theirs for theirs, ours in _EXPERTS.items()}
+    moe = "block_sparse_moe" if spec.kimi else "mlp"
     out: dict[str, torch.Tensor] = {}
     if spec.n_shared_experts == 0:
         hidden, dt = spec.hidden_size, spec.torch_dtype
         for i in range(spec.n_layers):
             if spec.is_moe_layer(i):
                 for proj, shape in (("gate_proj", (0, hidden)), ("up_proj", (0, hidden)), ("down_proj", (hidden, 0))):
-                    out[f"model.layers.{i}.block_sparse_moe.shared_experts.{proj}.weight"] = torch.empty(shape, dtype=dt)
+                    out[f"model.layers.{i}.{moe}.shared_experts.{proj}.weight"] = torch.empty(shape, dtype=dt)
     for name, t in tensors.items():
-        if ".mlp.experts." in name or ".mlp.gate." in name or ".mlp.shared_experts." in name:
+        if not spec.kimi:
+            if name.startswith("model.embed_tokens."):
+                name = "model.word_embeddings." + name[len("model.embed_tokens."):]
+            for theirs, ours in reversed(_BAILING):
+                name = name.replace(ours, theirs)
+        elif ".mlp." in name:  # (transformers writes the dense layers' MLPs under block_sparse_moe too)
             name = name.replace(".mlp.", ".block_sparse_moe.")
             parts = name.split(".")
             if len(parts) == 8 and parts[4] == "experts" and parts[6] in back:

@@ -296,12 +296,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
                      {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
     if tensors is not None:
         tensors = _weights_dequantized(tensors, spec, source, ct_block, int_quant, mlx)
-    if spec.architecture == "kimi_linear":
+    if spec.architecture in ("kimi_linear", "bailing_hybrid"):
         from dualpath.model import kimi_linear
 
-        model = kimi_linear.KimiLinearModel(cast(kimi_linear.KimiLinearSpec, spec), device="cpu", backend=backend)
+        kspec = cast(kimi_linear.KimiLinearSpec, spec)
+        model = kimi_linear.KimiLinearModel(kspec, device="cpu", backend=backend)
         if tensors is not None:
-            tensors = deepseek_tensors(cast(DeepseekV3Spec, spec), kimi_linear.tensors_in(tensors), source, fp8_block)
+            tensors = deepseek_tensors(kspec, kimi_linear.tensors_in(kspec, tensors), source, fp8_block)
     elif isinstance(spec, DeepseekV3Spec):
         from dualpath.model.deepseek import DeepseekV3Model
 

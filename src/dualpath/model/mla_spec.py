@@ -50,20 +50,22 @@ _DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM
                   "DeepseekV32ForCausalLM": "deepseek_v32", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                   "MiniCPM3ForCausalLM": "minicpm3", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
                   "Mistral4ForCausalLM": "mistral4", "YoutuForCausalLM": "youtu",
-                  "AXK1ForCausalLM": "axk1", "AXK2ForCausalLM": "axk2", "KimiLinearForCausalLM": "kimi_linear"}
+                  "AXK1ForCausalLM": "axk1", "AXK2ForCausalLM": "axk2", "KimiLinearForCausalLM": "kimi_linear",
+                  "BailingHybridForCausalLM": "bailing_hybrid"}
 #: the router's top-k method each generation supports (V2: softmax scores; V3 and V3.2: sigmoid scores + correction
 #: bias)
 _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy"),
                  "deepseek_v32": ("noaux_tc",), "glm4_moe_lite": ("noaux_tc",), "minicpm3": ("noaux_tc",),
                  "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",), "youtu": ("noaux_tc",),
-                 "axk1": ("noaux_tc",), "axk2": ("noaux_tc",), "kimi_linear": ("noaux_tc",)}
+                 "axk1": ("noaux_tc",), "axk2": ("noaux_tc",), "kimi_linear": ("noaux_tc",),
+                 "bailing_hybrid": ("noaux_tc",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
             "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax", "youtu": "sigmoid",
-            "axk1": "sigmoid", "axk2": "sigmoid", "kimi_linear": "sigmoid"}
+            "axk1": "sigmoid", "axk2": "sigmoid", "kimi_linear": "sigmoid", "bailing_hybrid": "sigmoid"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
           "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "youtu": "Youtu-LLM", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
           "mistral4": "Mistral 4 (mistral4)", "axk1": "A.X-K1 (axk1)", "axk2": "A.X-K2 (axk2)",
-          "kimi_linear": "Kimi Linear (kimi_linear)"}
+          "kimi_linear": "Kimi Linear (kimi_linear)", "bailing_hybrid": "Bailing hybrid (bailing_hybrid)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2")
 #: MiniCPM3's scalings (None for every other model: their dicts, and so block keys, stay as they were)

@@ -1142,6 +1142,10 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
         from dualpath.model import kimi_linear  # (MLA and KDA layers: state pages in latent rows)
 
         return kimi_linear.spec_from_config(cfg, where, dtype, kv_format, max_context)
+    if "BailingHybridForCausalLM" in archs or (not archs and cfg.get("model_type") == "bailing_hybrid"):
+        from dualpath.model import kimi_linear  # (Kimi Linear's layers, RoPE'd and gated MLA)
+
+        return kimi_linear.bailing_spec_from_config(cfg, where, dtype, kv_format, max_context)
     if any(a in _DEEPSEEK_ARCH for a in archs) or (not archs and cfg.get("model_type") in _DEEPSEEK_ARCH.values()):
         return DeepseekV3Spec.from_hf_config(cfg, dtype=dtype, kv_format=kv_format, where=where,
                                              max_context=max_context)

@@ -552,7 +552,7 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.modernbert_decoder import tensors_out as modernbert_out
 
         out = modernbert_out(out)
-    if arch == "kimi_linear":  # (Mixtral's names for its MoE blocks)
+    if arch in ("kimi_linear", "bailing_hybrid"):  # (Kimi's Mixtral-named MoE blocks; Bailing's names)
         from dualpath.model.kimi_linear import tensors_out as kimi_linear_out
 
         out = kimi_linear_out(spec, out)  # type: ignore[arg-type]

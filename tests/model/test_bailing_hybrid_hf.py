@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
-    RecurrentCheckpoints,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,

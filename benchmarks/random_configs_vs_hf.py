@@ -57,6 +57,7 @@ FAMILIES = (
     "minimax",
     "kimi_linear",
     "bailing_hybrid",
+    "lfm3",
 )
 
 
@@ -451,6 +452,22 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "layer_types": [r.choice(["linear_attention", "full_attention"]) for _ in range(L)],
             "mlp_layer_types": (lambda k: ["dense"] * k + ["sparse"] * (L - k))(r.randint(0, L)),
             "tie_word_embeddings": r.random() < 0.5, "model_max_length": 64, "pad_token_id": None,
+        }
+    if fam == "lfm3":  # short convolutions, full and sliding attention with their own RoPEs, gates, sandwich norms
+        heads = r.choice([2, 4])
+        full: dict[str, Any] = r.choice([
+            {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": r.choice([0.25, 0.5, 1.0])},
+            {"rope_type": "default", "rope_theta": r.choice([1e4, 1e6])}])
+        return "Lfm3Config", "Lfm3ForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": r.choice([32, 48]), "num_hidden_layers": L,
+            "num_attention_heads": heads, "num_key_value_heads": r.choice([1, heads // 2, heads]),
+            "head_dim": r.choice([8, 16]), "conv_L_cache": r.choice([2, 3, 4, 7]), "conv_bias": r.random() < 0.5,
+            "sliding_window": r.choice([3, 5, 8]), "use_sandwich_norm": r.random() < 0.6,
+            "use_attention_gate": r.random() < 0.6, "attention_bias": r.random() < 0.3,
+            "layer_types": [r.choice(["conv", "full_attention", "sliding_attention"]) for _ in range(L)],
+            "rope_parameters": {"full_attention": full,
+                                "sliding_attention": {"rope_type": "default", "rope_theta": r.choice([1e4, 5e5])}},
+            "tie_word_embeddings": r.random() < 0.5, "max_position_embeddings": 64, "pad_token_id": None,
         }
     if fam == "bailing_hybrid":  # KDA (bounded or softplus decay) and RoPE'd, head-gated MLA, DeepSeek's MoE
         groups = r.choice([1, 2, 4])

@@ -106,7 +106,7 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     ({"architectures": ["WhisperForCausalLM"]}, "encoder-decoder"),
     ({"architectures": ["NemotronHOmniForConditionalGeneration"], "model_type": "nemotron_h_omni"}, "recurrent state"),
     ({"architectures": ["XLMRobertaForCausalLM"]}, "encoder"),
-    ({"architectures": ["Lfm3VlForConditionalGeneration"], "model_type": "lfm3_vl"}, "recurrent state"),
+    ({"architectures": ["ZambaForCausalLM"], "model_type": "zamba"}, "recurrent state"),
     ({"architectures": ["Glm5NextForConditionalGeneration"], "model_type": "glm5_next"}, "recurrent state"),
     ({"model_type": "diffusion_gemma"}, "diffusion language model"),
 ])

@@ -10,6 +10,14 @@ convolution layer's only state is its last ``conv_L_cache - 1`` inputs, kept in 
 feed-forwards are SwiGLUs of ``intermediate_size``, the others experts chosen by sigmoid scores plus an
 ``expert_bias`` (``use_expert_bias``), weighted by the scores (renormalized with ``norm_topk_prob``, times
 ``routed_scaling_factor``).
+
+LFM3 (``Lfm3ForCausalLM``, ``lfm3``): LFM2's convolution layers beside full attention and sliding attention
+(``sliding_attention`` over the last ``sliding_window`` positions), a RoPE per attention type (by default RoPE base
+10,000 for the sliding layers, and a ``proportional`` one for the full layers: the first ``partial_rotary_factor`` of
+each head's frequency pairs turn, the rest keep frequency 0), applied in fp32; Qwen3's attention names (``q_norm``,
+``k_norm``, ``o_proj``, biases by ``attention_bias``) with each head's output times ``sigmoid(gate_proj(x))``
+(``use_attention_gate``); RMS norms on each operator's and feed-forward's output (``use_sandwich_norm``); the SwiGLU
+``intermediate_size`` wide as configured.
 """
 
 from __future__ import annotations
@@ -23,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.model.gemma4 import layer_view
+from dualpath.model.gemma4 import layer_view, rope_inv_freq
 from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
-from dualpath.model.llama import ForwardState, RMSNorm, _rope
+from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, TypedRopeState, _rope, rope_tables
 from dualpath.model.spec import ModelSpec
-from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
+from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
 from dualpath.model.state_pages import (
     decode_states,
     scan_sequences,
@@ -37,6 +45,9 @@ from dualpath.model.state_pages import (
 
 ARCH = "lfm2"
 MOE_ARCH = "lfm2_moe"
+ARCH3 = "lfm3"
+#: the layer kinds LFM3 has (LFM2: conv and full_attention)
+KINDS3 = ("conv", "full_attention", "sliding_attention")
 #: Lfm2Config's defaults
 DEFAULTS: dict[str, Any] = {
     "vocab_size": 65536, "hidden_size": 2560, "intermediate_size": 12288, "num_hidden_layers": 32,
@@ -63,13 +74,21 @@ class Lfm2Spec(StatePagesSpec, ModelSpec):
     expert_bias: bool = True
     renormalize: bool = True
     routed_scale: float = 1.0
+    window: int | None = None  # LFM3: its sliding_attention layers' window
+    proportional: tuple[str, ...] = ()  # LFM3: the attention types whose RoPE is proportional
+    sandwich: bool = False  # LFM3: RMS norms on each operator's and feed-forward's output
+    attn_gate: bool = False  # LFM3: each head's output times sigmoid(gate_proj(x))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if len(self.layer_types) != self.n_layers or any(t not in ("conv", "full_attention") for t in self.layer_types):
-            raise ModelError(f"model config: layer_types must name 'conv' or 'full_attention' for each of the "
+        object.__setattr__(self, "proportional", tuple(self.proportional))
+        kinds = KINDS3 if self.architecture == ARCH3 else ("conv", "full_attention")
+        if len(self.layer_types) != self.n_layers or any(t not in kinds for t in self.layer_types):
+            raise ModelError(f"model config: layer_types must name one of {list(kinds)} for each of the "
                              f"{self.n_layers} layers, got {list(self.layer_types)}")
+        if "sliding_attention" in self.layer_types and not (isinstance(self.window, int) and self.window > 0):
+            raise ModelError(f"model config: sliding_attention layers need a positive sliding_window, got {self.window}")
         if self.conv_taps < 1:
             raise ModelError(f"model config: conv_L_cache must be >= 1, got {self.conv_taps}")
         if self.architecture == MOE_ARCH and self.dense_layers < self.n_layers and not (
@@ -80,6 +99,10 @@ class Lfm2Spec(StatePagesSpec, ModelSpec):
     @property
     def state_bytes(self) -> int:
         return state_bytes(self.hidden_size, self.conv_taps, 0, 1, 1)
+
+    def layer_window(self, layer: int) -> int | None:
+        """LFM3's sliding layers' window (None for every other layer)."""
+        return self.window if self.layer_types[layer] == "sliding_attention" else None
 
     def to_hf_config(self) -> dict[str, Any]:
         return hf_config(self)
@@ -160,8 +183,85 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     )
 
 
+#: Lfm3Config's defaults, where they differ from LFM2's
+LFM3_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 128000, "hidden_size": 2048, "intermediate_size": 7680, "num_hidden_layers": 24,
+    "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 128, "conv_L_cache": 7, "sliding_window": 256,
+    "use_sandwich_norm": True, "use_attention_gate": True, "attention_bias": False, "bos_token_id": 124894,
+    "eos_token_id": 124900,
+}
+_LFM3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+              "full_attention": {"rope_type": "proportional", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5}}
+
+
+def lfm3_spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
+                          max_context: int | None = None) -> Lfm2Spec:
+    """The spec of an LFM3 config (its keys over Lfm3Config's defaults; ``rms_norm_eps`` read as ``norm_eps``; a
+    RoPE object per attention type the layers have)."""
+    cfg = {**DEFAULTS, **LFM3_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k == "sliding_window"}}
+    if "rms_norm_eps" in cfg:
+        cfg["norm_eps"] = cfg.pop("rms_norm_eps")
+    n = cfg_int(cfg, "num_hidden_layers", where)
+    default = ["full_attention" if i % 4 == 2 else "sliding_attention" if i % 4 == 0 and i > 0 else "conv"
+               for i in range(n)]
+    kinds = cfg_kinds(cfg, "layer_types", n, KINDS3, where, default)
+    rope = cfg.get("rope_parameters") or _LFM3_ROPE
+    if not isinstance(rope, dict):
+        raise ModelError(f"{where}: rope_parameters must be an object, got {rope!r}")
+    per_type = rope  # (one object per attention type: transformers' Lfm3 reads no other form)
+    rope_by_type: dict[str, tuple[float, float]] = {}
+    proportional: list[str] = []
+    for kind in ("full_attention", "sliding_attention"):
+        if kind not in kinds:
+            continue
+        p = per_type.get(kind)
+        if not isinstance(p, dict):
+            raise ModelError(f"{where}: rope_parameters needs an object for {kind!r}, got {p!r}")
+        rtype = p.get("rope_type", p.get("type", "default"))
+        if rtype not in ("default", "proportional") or p.get("factor", 1.0) != 1.0:
+            raise ModelError(f"{where}: rope_parameters.{kind}: only a 'default' or 'proportional' RoPE without "
+                             f"a factor is supported for {ARCH3}, got {p!r}")
+        partial = p.get("partial_rotary_factor", 1.0) if rtype == "proportional" else 1.0
+        rope_by_type[kind] = (cfg_num(p, "rope_theta", where), cfg_num({"partial_rotary_factor": partial},
+                                                                       "partial_rotary_factor", where))
+        if rtype == "proportional":
+            proportional.append(kind)
+    hidden, heads = cfg_int(cfg, "hidden_size", where), cfg_int(cfg, "num_attention_heads", where)
+    window = cfg.get("sliding_window")
+    return Lfm2Spec(
+        architecture=ARCH3, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads,
+        n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
+        head_dim=cfg_int({"head_dim": cfg.get("head_dim") or hidden // heads}, "head_dim", where),
+        rms_eps=cfg_num(cfg, "norm_eps", where), max_position=cfg_int(cfg, "max_position_embeddings", where),
+        tie_embeddings=bool(cfg["tie_word_embeddings"]), attention_bias=bool(cfg["attention_bias"]),
+        dtype=config_dtype(cfg, dtype), bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+        context_cap=max_context, layer_types=tuple(kinds), rope_by_type=rope_by_type,
+        conv_taps=cfg_int(cfg, "conv_L_cache", where), conv_bias=bool(cfg["conv_bias"]),
+        ff_config=(cfg_int(cfg, "intermediate_size", where), False, None, 1),
+        window=window if "sliding_attention" in kinds else None, proportional=tuple(proportional),
+        sandwich=bool(cfg["use_sandwich_norm"]), attn_gate=bool(cfg["use_attention_gate"]),
+    )
+
+
 def hf_config(spec: Lfm2Spec) -> dict[str, Any]:
     """A ``config.json`` that transformers (and :func:`spec_from_config`) read back to ``spec``."""
+    if spec.architecture == ARCH3:
+        return {
+            "architectures": ["Lfm3ForCausalLM"], "model_type": ARCH3, "vocab_size": spec.vocab_size,
+            "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+            "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
+            "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
+            "max_position_embeddings": spec.max_position, "norm_eps": spec.rms_eps,
+            "tie_word_embeddings": spec.tie_embeddings, "conv_bias": spec.conv_bias, "conv_L_cache": spec.conv_taps,
+            "layer_types": list(spec.layer_types), "sliding_window": spec.window if spec.window else 256,
+            "use_sandwich_norm": spec.sandwich, "use_attention_gate": spec.attn_gate,
+            "attention_bias": spec.attention_bias, "bos_token_id": spec.bos_token_id,
+            "eos_token_id": spec.eos_token_id, "dtype": spec.dtype, "pad_token_id": None,
+            "rope_parameters": {kind: {"rope_type": "proportional", "rope_theta": theta, "partial_rotary_factor": part}
+                                if kind in spec.proportional else {"rope_type": "default", "rope_theta": theta}
+                                for kind, (theta, part) in spec.rope_by_type.items()} or _LFM3_ROPE,
+        }
     configured, auto, mult, multiple = spec.ff_config
     cfg: dict[str, Any] = {
         "architectures": ["Lfm2MoeForCausalLM" if spec.architecture == MOE_ARCH else "Lfm2ForCausalLM"],
@@ -229,6 +329,22 @@ class Attention(nn.Module):
         self.k_layernorm = RMSNorm(d, spec.rms_eps)
 
 
+class Attention3(nn.Module):
+    """LFM3's attention: Qwen3's names, an optional per-head output gate (``gate_proj``)."""
+
+    def __init__(self, spec: Lfm2Spec) -> None:
+        super().__init__()
+        h, hkv, d, bias = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.attention_bias
+        self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=bias)
+        self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
+        self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
+        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(d, spec.rms_eps)
+        self.k_norm = RMSNorm(d, spec.rms_eps)
+        if spec.attn_gate:
+            self.gate_proj = nn.Linear(spec.hidden_size, h, bias=False)
+
+
 class FeedForward(nn.Module):
     def __init__(self, hidden: int, width: int) -> None:
         super().__init__()
@@ -276,12 +392,15 @@ class DecoderLayer(nn.Module):
         if spec.layer_types[layer] == "conv":
             self.conv = ShortConv(spec)
         else:
-            self.self_attn = Attention(spec)
+            self.self_attn = Attention3(spec) if spec.architecture == ARCH3 else Attention(spec)
         self.feed_forward: nn.Module = (
             MoE(spec) if spec.architecture == MOE_ARCH and layer >= spec.dense_layers
             else FeedForward(spec.hidden_size, spec.intermediate_size))
         self.operator_norm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.ffn_norm = RMSNorm(spec.hidden_size, spec.rms_eps)
+        if spec.sandwich:
+            self.post_operator_norm = RMSNorm(spec.hidden_size, spec.rms_eps)
+            self.post_ffn_norm = RMSNorm(spec.hidden_size, spec.rms_eps)
 
 
 class Backbone(nn.Module):
@@ -299,6 +418,19 @@ class Lfm2Model(HybridDecoder):
         super().__init__()
         self._setup(spec, Backbone(spec), device, backend)
         self.spec: Lfm2Spec = spec
+        for kind in spec.proportional:  # (LFM3's full layers: the pairs past partial_rotary_factor do not turn)
+            theta, partial = spec.rope_by_type[kind]
+            self.inv_freq[kind] = rope_inv_freq({"rope_type": "proportional", "rope_theta": theta,
+                                                 "partial_rotary_factor": partial}, spec.head_dim)
+
+    @torch.no_grad()
+    def prefill_begin(self, batch: SeqBatch) -> ForwardState:
+        """LFM3 rotates in fp32 (its tables stay fp32, q and k are rounded after the rotation)."""
+        state = super().prefill_begin(batch)
+        if self.spec.architecture == ARCH3:
+            cast(TypedRopeState, state).tables = rope_tables(batch.positions.to(self.device, torch.float32),
+                                                             self.inv_freq, torch.float32)
+        return state
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.lm_head(self.model.embedding_norm(h)).float())
@@ -312,6 +444,8 @@ class Lfm2Model(HybridDecoder):
         x = mod.operator_norm(st.hidden)
         if spec.layer_types[layer] == "conv":
             out = cast(ShortConv, mod.conv)(x, b, kv_layer)
+        elif spec.architecture == ARCH3:
+            out = self._attention3(cast(Attention3, mod.self_attn), x, layer, st, kv_layer)
         else:
             attn = cast(Attention, mod.self_attn)
             n, hq, hkv = x.shape[0], spec.n_heads, spec.n_kv_heads
@@ -322,9 +456,28 @@ class Lfm2Model(HybridDecoder):
             kv = layer_view(kv_layer, hkv, d)
             o = self.attend(q, k, attn.v_proj(x).view(n, hkv, d), kv, b, d ** -0.5)
             out = attn.out_proj(o.reshape(n, hq * d))
+        if spec.sandwich:
+            out = mod.post_operator_norm(out)
         h = st.hidden + out
-        st.hidden = h + mod.feed_forward(mod.ffn_norm(h))
+        ff = mod.feed_forward(mod.ffn_norm(h))
+        st.hidden = h + (mod.post_ffn_norm(ff) if spec.sandwich else ff)
         state.next_layer += 1
+
+    def _attention3(self, attn: Attention3, x: torch.Tensor, layer: int, st: TypedRopeState,
+                    kv_layer: torch.Tensor) -> torch.Tensor:
+        """LFM3's attention: per-head q / k norms, RoPE of the layer's type in fp32, the layer's window, each head's
+        output gated."""
+        spec, b = self.spec, st.batch
+        n, hq, hkv, d = x.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
+        cos, sin = st.tables[spec.layer_types[layer]]
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q = _rope(attn.q_norm(attn.q_proj(x).view(n, hq, d)).float(), cos, sin).to(x.dtype)
+        k = _rope(attn.k_norm(attn.k_proj(x).view(n, hkv, d)).float(), cos, sin).to(x.dtype)
+        kv = layer_view(kv_layer, hkv, d)
+        o = self.attend(q, k, attn.v_proj(x).view(n, hkv, d), kv, b, d ** -0.5, window=self.windows[layer])
+        if spec.attn_gate:
+            o = o * torch.sigmoid(attn.gate_proj(x))[..., None]
+        return cast(torch.Tensor, attn.o_proj(o.reshape(n, hq * d)))
 
 
 def tensors_in(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -332,6 +485,7 @@ def tensors_in(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, to
     as the hub holds them (``experts.N.w1/w3/w2``), transformers' packed ``gate_up_proj`` / ``down_proj`` split."""
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
+        name = name.replace(".self_attn.g_proj.", ".self_attn.gate_proj.")  # (LFM3's gate, transformers' name in memory)
         if name.endswith((".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj")):
             if t.dim() != 3 or (name.endswith("gate_up_proj") and t.shape[1] % 2):
                 raise ModelError(f"{source}: packed expert tensor {name!r} has shape {tuple(t.shape)}")

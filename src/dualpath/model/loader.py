@@ -331,7 +331,7 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = beam.BeamModel(cast(beam.BeamSpec, spec), device="cpu", backend=backend)
         if tensors is not None:
             tensors = beam.tensors_in(tensors, source)
-    elif spec.architecture in ("lfm2", "lfm2_moe"):
+    elif spec.architecture in ("lfm2", "lfm2_moe", "lfm3"):
         from dualpath.model import lfm2
 
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)

@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "lfm3":  # (LFM2's convolutions beside full and sliding attention)
+            from dualpath.model import lfm2
+
+            return lfm2.lfm3_spec_from_config(cfg, where, dtype, max_context)
         if arch == "minimax":  # (lightning attention layers: state pages)
             from dualpath.model import minimax
 

@@ -58,6 +58,7 @@ FAMILIES = (
     "kimi_linear",
     "bailing_hybrid",
     "lfm3",
+    "lara_mini",
 )
 
 
@@ -452,6 +453,22 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "layer_types": [r.choice(["linear_attention", "full_attention"]) for _ in range(L)],
             "mlp_layer_types": (lambda k: ["dense"] * k + ["sparse"] * (L - k))(r.randint(0, L)),
             "tie_word_embeddings": r.random() < 0.5, "model_max_length": 64, "pad_token_id": None,
+        }
+    if fam == "lara_mini":  # Gated DeltaNet, sliding (RoPE) and full (NoPE) attention, fp32-routed MoE + shared expert
+        hk = r.choice([1, 2])
+        heads = r.choice([2, 4])
+        return "LaraMiniConfig", "LaraMiniForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "num_hidden_layers": L, "num_attention_heads": heads,
+            "num_key_value_heads": r.choice([1, heads]), "head_dim": r.choice([8, 16]),
+            "sliding_window": r.choice([3, 5, 8]), "linear_num_key_heads": hk,
+            "linear_num_value_heads": hk * r.choice([1, 2]), "linear_key_head_dim": r.choice([4, 8]),
+            "linear_value_head_dim": r.choice([4, 8, 12]), "linear_conv_kernel_dim": r.choice([2, 3, 4]),
+            "num_experts": 8, "num_experts_per_tok": r.choice([1, 2, 3]), "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": r.choice([0, 16]), "norm_topk_prob": r.random() < 0.5,
+            "attention_bias": r.random() < 0.3, "tie_word_embeddings": r.random() < 0.5,
+            "layer_types": [r.choice(["linear_attention", "sliding_attention", "full_attention"]) for _ in range(L)],
+            "rope_parameters": {"rope_type": "default", "rope_theta": r.choice([1e4, 5e5])},
+            "max_position_embeddings": 64, "pad_token_id": None, "eos_token_id": None,
         }
     if fam == "lfm3":  # short convolutions, full and sliding attention with their own RoPEs, gates, sandwich norms
         heads = r.choice([2, 4])

@@ -358,3 +358,15 @@ def check_hit_from_stored_state(ours: Any, hf: Any, vocab: int, state_part: Any 
             (state_part(page) if state_part is not None else page).zero_()
     got = ours(SeqBatch.build([seq[12:]], [12], [second], 4), pool.layers, all_positions=True)
     assert float((got - ref).abs().max()) > 0.05
+
+
+def assert_same_bf16_rounding(got: torch.Tensor, ref: torch.Tensor, max_fraction: float = 0.02) -> None:
+    """``got`` and ``ref`` (bf16 results of the same module on the same input) round alike: at most ``max_fraction``
+    of the elements differ (a different accumulation order may flip a rare rounding), none by more than one bf16 step
+    at the scale of ``ref``. A rounding done elsewhere (a weight multiplied before or after the cast, a router in
+    another precision) changes a quarter or more of them."""
+    got, ref = got.float(), ref.float()
+    assert got.shape == ref.shape and ref.abs().max() > 0.1
+    differ = float((got != ref).float().mean())
+    assert differ <= max_fraction, f"{differ:.1%} of the elements round differently"
+    assert float((got - ref).abs().max()) <= 2.0 ** -7 * float(ref.abs().max())

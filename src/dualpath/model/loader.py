@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     from dualpath.model.granite_hybrid import GraniteHybridModel
     from dualpath.model.jamba import JambaModel
     from dualpath.model.laguna import LagunaModel
+    from dualpath.model.lara_mini import LaraMiniModel
     from dualpath.model.lfm2 import Lfm2Model
     from dualpath.model.llama import LlamaModel
     from dualpath.model.mamba1 import Mamba1Model
@@ -93,7 +94,7 @@ if TYPE_CHECKING:
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
-                | OlmoHybridModel | FalconH1Model | MiniMaxModel)
+                | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -337,6 +338,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "lara_mini":
+        from dualpath.model import lara_mini
+
+        lspec = cast(lara_mini.LaraMiniSpec, spec)
+        model = lara_mini.LaraMiniModel(lspec, device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = lara_mini.tensors_in(lspec, fp8_dequantized(tensors, source, fp8_block), source)
     elif spec.architecture == "minimax":
         from dualpath.model import minimax
 

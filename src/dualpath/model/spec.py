@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "lara_mini":  # (Gated DeltaNet, sliding and NoPE full attention, MoE)
+            from dualpath.model import lara_mini
+
+            return lara_mini.spec_from_config(cfg, where, dtype, max_context)
         if arch == "lfm3":  # (LFM2's convolutions beside full and sliding attention)
             from dualpath.model import lfm2
 

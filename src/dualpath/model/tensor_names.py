@@ -556,6 +556,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.kimi_linear import tensors_out as kimi_linear_out
 
         out = kimi_linear_out(spec, out)  # type: ignore[arg-type]
+    if arch == "lara_mini":  # (its fused in_proj, out_norm, packed experts)
+        from dualpath.model.lara_mini import tensors_out as lara_mini_out
+
+        out = lara_mini_out(out)
     if arch == "olmo_hybrid":  # (its linear layers' separate projections)
         from dualpath.model.olmo_hybrid import tensors_out as olmo_hybrid_out
 

@@ -1,13 +1,15 @@
-"""Prefill speed of a hybrid (Gated DeltaNet) model over state pages against transformers' eager forward over the same
-weights, and what state pages cost in bytes.
+"""Prefill speed of a hybrid (Gated DeltaNet, or Kimi Delta Attention) model over state pages against transformers'
+eager forward over the same weights, and what state pages cost in bytes.
 
-A random Qwen3.5 (``--hidden`` wide, 8 layers: 6 linear, 2 full attention) saved by transformers; one prompt of
+A random Qwen3.5 (``--family qwen3_5``: ``--hidden`` wide, 8 layers: 6 linear, 2 full attention; ``--family
+kimi_linear``: Kimi Linear, 6 KDA layers and 2 MLA layers, 4 experts) saved by transformers; one prompt of
 ``--tokens`` tokens prefilled at each block size (the delta rule runs one closed-form segment per block, so the
 block size sets how many segments run), timed best of ``--repeats``, and the same prompt through transformers
 (best of ``--repeats``) in the same run; the last-token logits are compared. It also prints the page layout's
-bytes per token for transformers' default Qwen3-Next config (the 80B-A3B shape) at several block sizes.
+bytes per token for transformers' default Qwen3-Next config (the 80B-A3B shape), or Kimi Linear's (the 48B-A3B
+shape), at several block sizes.
 
-Run: ``python benchmarks/hybrid_prefill_speed.py [--tokens 2048] [--json OUT]``.
+Run: ``python benchmarks/hybrid_prefill_speed.py [--family qwen3_5|kimi_linear] [--tokens 2048] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--family", choices=("qwen3_5", "kimi_linear"), default="qwen3_5")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args(argv)
 
@@ -40,12 +43,19 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     h = args.hidden
-    cfg = transformers.Qwen3_5TextConfig(
-        vocab_size=2048, hidden_size=h, intermediate_size=3 * h, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
-        linear_value_head_dim=64)
     torch.manual_seed(0)
-    hf = transformers.Qwen3_5ForCausalLM(cfg).eval()
+    if args.family == "kimi_linear":
+        kinds = ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * 2
+        hf = transformers.KimiLinearForCausalLM(transformers.KimiLinearConfig(
+            vocab_size=2048, hidden_size=h, intermediate_size=3 * h, moe_intermediate_size=h, num_hidden_layers=8,
+            num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32,
+            v_head_dim=64, num_experts=4, num_experts_per_token=2, linear_num_heads=8, linear_head_dim=64,
+            layer_types=kinds, pad_token_id=None, model_max_length=args.tokens + 16)).eval()
+    else:
+        hf = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(
+            vocab_size=2048, hidden_size=h, intermediate_size=3 * h, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
+            linear_key_head_dim=64, linear_value_head_dim=64)).eval()
     d = tempfile.mkdtemp()
     hf.save_pretrained(d)
     ours = load_model(LlamaModelConfig(path=d, attention_backend="torch", dtype="float32"), with_tokenizer=False)[0]
@@ -74,23 +84,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.tokens} tokens, {bt}-token blocks: ours {t:.3f} s, transformers {t_hf:.3f} s -> "
               f"{t_hf / t:.2f}x; logits within {row['max_logit_diff']:.1e}")
 
-    big = transformers.Qwen3NextConfig().to_dict()
-    big.update(architectures=["Qwen3NextForCausalLM"], dtype="bfloat16")
+    if args.family == "kimi_linear":
+        big = transformers.KimiLinearConfig().to_dict()
+        big.update(architectures=["KimiLinearForCausalLM"], dtype="bfloat16")
+        label = "Kimi-Linear-48B-A3B"
+    else:
+        big = transformers.Qwen3NextConfig().to_dict()
+        big.update(architectures=["Qwen3NextForCausalLM"], dtype="bfloat16")
+        label = "Qwen3-Next-80B-A3B"
     spec80 = load_spec(big)
-    attn = 2 * spec80.n_kv_heads * spec80.head_dim * 2
+    attn = (2 * spec80.latent_dim if args.family == "kimi_linear"  # type: ignore[union-attr]
+            else 2 * spec80.n_kv_heads * spec80.head_dim * 2)  # (bf16: an MLA latent row, or K and V)
     sizes = []
     for bt in (16, 64, 256, 512, 1024):
         kv = spec80.paged_kv_spec(bt)  # type: ignore[attr-defined]
         sizes.append({"block_tokens": bt, "bytes_per_token_layer": kv.bytes_per_token_layer,
                       "bytes_per_token": kv.bytes_per_token, "vs_attention_rows": round(kv.bytes_per_token_layer / attn, 2)})
-        print(f"Qwen3-Next-80B-A3B shape, bf16, {bt}-token blocks: {kv.bytes_per_token_layer} B per token and layer "
+        print(f"{label} shape, bf16, {bt}-token blocks: {kv.bytes_per_token_layer} B per token and layer "
               f"({kv.bytes_per_token_layer / attn:.1f}x an attention row of {attn} B)")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"command": "python benchmarks/hybrid_prefill_speed.py " + " ".join(argv or []),
-                       "tokens": args.tokens, "hidden": h, "threads": args.threads, "runs": runs,
-                       "qwen3_next_80b_state_bytes_per_layer": spec80.state_bytes,  # type: ignore[attr-defined]
-                       "qwen3_next_80b_page_rows": sizes}, f, indent=1)
+                       "family": args.family, "tokens": args.tokens, "hidden": h, "threads": args.threads,
+                       "runs": runs, "shape": label,
+                       "state_bytes_per_layer": spec80.state_bytes,  # type: ignore[union-attr]
+                       "page_rows": sizes}, f, indent=1)
     return 0
 
 

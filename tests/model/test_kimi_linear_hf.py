@@ -87,6 +87,24 @@ def test_both_mla_prefill_forms_over_widened_rows(form, tmp_path_factory):
     check_two_chunks_against_hf(ours, hf, sum(random_turns(VOCAB, 5), []), cut=9)
 
 
+def test_a_long_segment_runs_in_short_closed_forms(tmp_path_factory):
+    """In 64-token blocks a 45-token prompt is one segment of the scan, which the KDA layers run as closed forms of
+    at most ``KDA_SEGMENT`` tokens, the state carried between them; then a 2-token chunk over it."""
+    from dualpath.engine.model_api import paged_kv_spec
+    from dualpath.model import KVPool, SeqBatch
+    from dualpath.model.kimi_linear import KDA_SEGMENT
+
+    d, hf = _CKPTS.get("no_q_lora", tmp_path_factory)
+    ours = load_checkpoint(d)
+    seq = sum(random_turns(VOCAB, 8, lens=(20, 15, 12)), [])
+    assert 2 * KDA_SEGMENT < 45 < 64
+    pool = KVPool(paged_kv_spec(ours.spec, 64), num_blocks=2, block_tokens=64)
+    table = pool.allocate(1)
+    got = torch.cat([ours(SeqBatch.build([seq[:45]], [0], [table], 64), pool.layers, all_positions=True),
+                     ours(SeqBatch.build([seq[45:]], [45], [table], 64), pool.layers, all_positions=True)])
+    torch.testing.assert_close(got, hf_logits(hf, seq), atol=2e-4, rtol=1e-4)
+
+
 def test_a_hit_continues_from_the_stored_state(tmp_path_factory):
     d, hf = _CKPTS.get("no_q_lora", tmp_path_factory)
     check_hit_from_stored_state(load_checkpoint(d), hf, VOCAB)

@@ -56,6 +56,9 @@ from dualpath.model.state_pages import decode_states, scan_sequences, state_byte
 
 ARCH = "kimi_linear"
 BAILING = "bailing_hybrid"
+#: the longest segment one KDA closed form runs (its per-channel pair weights grow as L^2 x head_dim; 16 ran a
+#: 1,024-token prefill fastest on 2 cores: ``benchmarks/hybrid_prefill_speed.py --family kimi_linear``)
+KDA_SEGMENT = 16
 TYPES = ("linear_attention", "full_attention")
 #: KimiLinearConfig's defaults, under DeepSeek-V3's key names
 DEFAULTS: dict[str, Any] = {
@@ -350,10 +353,12 @@ class KimiDeltaAttention(nn.Module):
             core = torch.empty(x.shape[0], h, d, dtype=torch.float32, device=x.device)
 
             def run(conv: torch.Tensor, a: int, b: int, s: torch.Tensor) -> torch.Tensor:
-                q, k, v = self._qkv(conv)
-                o, s = kda_segment(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g[a:b].transpose(0, 1),
-                                   beta[a:b].t(), s)
-                core[a:b] = o.transpose(0, 1)
+                q, k, v = (t.transpose(0, 1) for t in self._qkv(conv))
+                for lo in range(0, b - a, KDA_SEGMENT):  # (its pair weights are [H, L, L, D]: short segments)
+                    hi = min(b - a, lo + KDA_SEGMENT)
+                    o, s = kda_segment(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], g[a + lo:a + hi].transpose(0, 1),
+                                       beta[a + lo:a + hi].t(), s)
+                    core[a + lo:a + hi] = o.transpose(0, 1)
                 return s
 
             scan_sequences(batch, conv_pages, rec_pages, mixed, weight, None, run)

@@ -370,3 +370,20 @@ def assert_same_bf16_rounding(got: torch.Tensor, ref: torch.Tensor, max_fraction
     differ = float((got != ref).float().mean())
     assert differ <= max_fraction, f"{differ:.1%} of the elements round differently"
     assert float((got - ref).abs().max()) <= 2.0 ** -7 * float(ref.abs().max())
+
+
+def check_long_segments(ours: Any, hf: Any, vocab: int) -> None:
+    """In 64-token blocks: a 45-token prefill (one segment of the scan, past what 4-token blocks ever run), a
+    2-token chunk over it and a decode step: every logit row equals transformers' full forward."""
+    from dualpath.model import KVPool, SeqBatch
+
+    seq = sum(random_turns(vocab, 8, lens=(20, 15, 13)), [])
+    pool = KVPool(paged_kv_spec(ours.spec, 64), num_blocks=2, block_tokens=64)
+    table = pool.allocate(1)
+    rows = [ours(SeqBatch.build([seq[:45]], [0], [table], 64), pool.layers, all_positions=True),
+            ours(SeqBatch.build([seq[45:47]], [45], [table], 64), pool.layers, all_positions=True),
+            ours.decode_step(torch.tensor([seq[47]]), torch.tensor([47]), torch.tensor([table], dtype=torch.int32),
+                             pool.layers)]
+    ref = hf_logits(hf, seq)
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(torch.cat(rows), ref, atol=2e-4, rtol=1e-4)

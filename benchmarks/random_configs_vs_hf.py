@@ -59,6 +59,7 @@ FAMILIES = (
     "bailing_hybrid",
     "lfm3",
     "lara_mini",
+    "recurrent_gemma",
 )
 
 
@@ -454,6 +455,19 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "mlp_layer_types": (lambda k: ["dense"] * k + ["sparse"] * (L - k))(r.randint(0, L)),
             "tie_word_embeddings": r.random() < 0.5, "model_max_length": 64, "pad_token_id": None,
         }
+    if fam == "recurrent_gemma":  # RG-LRU recurrent blocks beside local attention (partial RoPE), soft-capped logits
+        heads = r.choice([2, 4])
+        return "RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": r.choice([32, 64]), "num_hidden_layers": L,
+            "num_attention_heads": heads, "num_key_value_heads": r.choice([1, heads]),
+            "lru_width": heads * r.choice([8, 12]), "attention_window_size": r.choice([3, 5, 8]),
+            "conv1d_width": r.choice([2, 3, 4]), "logits_soft_cap": r.choice([5.0, 30.0]),
+            "block_types": [r.choice(["recurrent", "attention"]) for _ in range(r.choice([1, 2, 3]))],
+            "attention_bias": r.random() < 0.5, "tie_word_embeddings": r.random() < 0.5,
+            "rope_parameters": {"rope_type": "default", "rope_theta": r.choice([1e4, 5e5]),
+                                "partial_rotary_factor": r.choice([0.25, 0.5, 1.0])},
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        }
     if fam == "lara_mini":  # Gated DeltaNet, sliding (RoPE) and full (NoPE) attention, fp32-routed MoE + shared expert
         hk = r.choice([1, 2])
         heads = r.choice([2, 4])
@@ -612,7 +626,7 @@ def run(fam: str, seed: int) -> dict[str, Any]:
         return {**row, "status": "transformers refuses", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}
     with torch.no_grad():
         for n, p in hf.named_parameters():
-            if n.endswith(("A_log", "dt_bias")):  # (x3 would make the linear layers' state forget at once)
+            if n.endswith(("A_log", "dt_bias", "recurrent_param")):  # (x3 would make the state forget at once)
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
         if fam in ("kimi_linear", "bailing_hybrid"):  # (DeepSeek's routers' correction biases: transformers' are 0)

@@ -90,11 +90,13 @@ if TYPE_CHECKING:
     from dualpath.model.nemotron_h import NemotronHModel
     from dualpath.model.olmo_hybrid import OlmoHybridModel
     from dualpath.model.qwen_hybrid import HybridModel
+    from dualpath.model.recurrent_gemma import RecurrentGemmaModel
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
-                | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel)
+                | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
+                | RecurrentGemmaModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -338,6 +340,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "recurrent_gemma":
+        from dualpath.model import recurrent_gemma as rg
+
+        model = rg.RecurrentGemmaModel(cast(rg.RecurrentGemmaSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = rg.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "lara_mini":
         from dualpath.model import lara_mini
 

@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "recurrent_gemma":  # (RG-LRU recurrent blocks beside local attention)
+            from dualpath.model import recurrent_gemma
+
+            return recurrent_gemma.spec_from_config(cfg, where, dtype, max_context)
         if arch == "lara_mini":  # (Gated DeltaNet, sliding and NoPE full attention, MoE)
             from dualpath.model import lara_mini
 

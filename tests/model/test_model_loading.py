@@ -95,7 +95,7 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
 
 @pytest.mark.parametrize("cfg,needle", [
     ({"architectures": ["RwkvForCausalLM"], "model_type": "rwkv"}, "recurrent state layers .* are not implemented"),
-    ({"model_type": "recurrent_gemma"}, "recurrent state"),
+    ({"model_type": "xlstm"}, "recurrent state"),
     ({"architectures": ["ZambaForCausalLM"]}, "recurrent state"),
     ({"architectures": ["Gemma4AssistantForCausalLM"]}, "draft model"),
     ({"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4"}, "compressed attention"),

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
@@ -80,6 +81,37 @@ def final_norm_out(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     """Our ``model.norm.*`` under the checkpoint's ``model.final_layernorm.*``."""
     return {("model.final_layernorm." + k[len("model.norm."):] if k.startswith("model.norm.") else k): v
             for k, v in tensors.items()}
+
+
+class FloatGatedNorm(nn.Module):
+    """A linear layer's output norm as Kimi Linear, Bailing hybrid and Lara-mini apply it: per-head RMS norm in fp32,
+    times ``weight`` in fp32, times ``act(gate)`` (``sigmoid`` or ``silu``), back to the input's dtype."""
+
+    def __init__(self, dim: int, eps: float, act: str = "sigmoid") -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.act = torch.sigmoid if act == "sigmoid" else F.silu
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = self.weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))
+        return (h * self.act(gate.float())).to(x.dtype)
+
+
+class NormedAttention(nn.Module):
+    """Qwen3's attention projections: ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` (biases by
+    ``attention_bias``) and per-head ``q_norm`` / ``k_norm`` (weights multiplied in fp32 with ``fp32_scale``)."""
+
+    def __init__(self, spec: Any, fp32_scale: bool = False) -> None:
+        super().__init__()
+        h, hkv, d, bias = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.attention_bias
+        self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=bias)
+        self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
+        self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
+        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(d, spec.rms_eps, fp32_scale=fp32_scale)
+        self.k_norm = RMSNorm(d, spec.rms_eps, fp32_scale=fp32_scale)
 
 
 class Backbone(nn.Module):

@@ -47,7 +47,7 @@ from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
 from dualpath.model.deepseek import DecoderLayer, DeepseekV3Model, MoE
 from dualpath.model.gated_delta import delta_step, kda_segment, l2norm
-from dualpath.model.hybrid import DEFAULT_STATE_BLOCK
+from dualpath.model.hybrid import DEFAULT_STATE_BLOCK, FloatGatedNorm
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch
 from dualpath.model.mla_spec import DeepseekV3Spec
 from dualpath.model.moe import FeedForward
@@ -278,20 +278,6 @@ def bailing_spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None 
 # --- modules -------------------------------------------------------------------------------------------------
 
 
-class GatedNorm(nn.Module):
-    """Per-head RMS norm in fp32, times ``weight`` (in fp32) and ``sigmoid(gate)``, back to the input's dtype."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = self.weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))
-        return (h * torch.sigmoid(gate.float())).to(x.dtype)
-
-
 class KimiDeltaAttention(nn.Module):
     """A KDA layer over state pages (module docstring); its tensors under the checkpoints' names."""
 
@@ -314,7 +300,7 @@ class KimiDeltaAttention(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(h * d))
         self.A_log = nn.Parameter(torch.zeros((1, 1, h, 1) if spec.kimi else (h,)))
         self.b_proj = nn.Linear(hidden, h, bias=False)
-        self.o_norm = GatedNorm(d, spec.rms_eps)
+        self.o_norm = FloatGatedNorm(d, spec.rms_eps)
         self.o_proj = nn.Linear(h * d, hidden, bias=False)
 
     def decay(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
-from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
+from dualpath.model.hybrid import Backbone, FloatGatedNorm, HybridDecoder, NormedAttention, StatePagesSpec
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.moe import FeedForward, dispatch_experts
 from dualpath.model.qwen_hybrid import GatedDeltaNet
@@ -150,32 +150,6 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
 # --- modules -------------------------------------------------------------------------------------------------
 
 
-class FloatGatedNorm(nn.Module):
-    """The linear layers' output norm: per-head RMS norm in fp32, times ``weight`` in fp32, times ``silu(gate)``."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = self.weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps))
-        return (h * F.silu(gate.float())).to(x.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, spec: LaraMiniSpec) -> None:
-        super().__init__()
-        h, hkv, d, bias = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.attention_bias
-        self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=bias)
-        self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
-        self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
-        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(d, spec.rms_eps, fp32_scale=True)
-        self.k_norm = RMSNorm(d, spec.rms_eps, fp32_scale=True)
-
-
 class MoE(nn.Module):
     """Softmax top-k experts routed in fp32, plus an ungated shared SwiGLU."""
 
@@ -200,9 +174,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=True)
         if spec.layer_types[layer] == "linear_attention":
             self.linear_attn = GatedDeltaNet(spec)  # type: ignore[arg-type]
-            self.linear_attn.norm = FloatGatedNorm(spec.lin_v_dim, spec.rms_eps)  # type: ignore[assignment]
+            self.linear_attn.norm = FloatGatedNorm(spec.lin_v_dim, spec.rms_eps, "silu")  # type: ignore[assignment]
         else:
-            self.self_attn = Attention(spec)
+            self.self_attn = NormedAttention(spec, fp32_scale=True)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=True)
         self.mlp = MoE(spec)
 
@@ -227,7 +201,7 @@ class LaraMiniModel(HybridDecoder):
         if kind == "linear_attention":
             out = cast(GatedDeltaNet, mod.linear_attn)(x, b, kv_layer)
         else:
-            attn = cast(Attention, mod.self_attn)
+            attn = cast(NormedAttention, mod.self_attn)
             n, hq, hkv, d = x.shape[0], spec.n_heads, spec.n_kv_heads, spec.head_dim
             q = attn.q_norm(attn.q_proj(x).view(n, hq, d))
             k = attn.k_norm(attn.k_proj(x).view(n, hkv, d))

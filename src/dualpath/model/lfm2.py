@@ -32,7 +32,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view, rope_inv_freq
-from dualpath.model.hybrid import HybridDecoder, StatePagesSpec
+from dualpath.model.hybrid import HybridDecoder, NormedAttention, StatePagesSpec
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, TypedRopeState, _rope, rope_tables
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
@@ -329,20 +329,13 @@ class Attention(nn.Module):
         self.k_layernorm = RMSNorm(d, spec.rms_eps)
 
 
-class Attention3(nn.Module):
+class Attention3(NormedAttention):
     """LFM3's attention: Qwen3's names, an optional per-head output gate (``gate_proj``)."""
 
     def __init__(self, spec: Lfm2Spec) -> None:
-        super().__init__()
-        h, hkv, d, bias = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.attention_bias
-        self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=bias)
-        self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
-        self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=bias)
-        self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(d, spec.rms_eps)
-        self.k_norm = RMSNorm(d, spec.rms_eps)
+        super().__init__(spec)
         if spec.attn_gate:
-            self.gate_proj = nn.Linear(spec.hidden_size, h, bias=False)
+            self.gate_proj = nn.Linear(spec.hidden_size, spec.n_heads, bias=False)
 
 
 class FeedForward(nn.Module):

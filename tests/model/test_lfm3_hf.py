@@ -13,6 +13,7 @@ import pytest
 import torch
 from hf_random import (
     Checkpoints,
+    assert_same_bf16_rounding,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
@@ -102,6 +103,30 @@ def test_transformers_in_memory_gate_name_reads_too(tmp_path_factory, tmp_path):
     shutil.copy(d / "config.json", tmp_path / "config.json")
     save_file(renamed, str(tmp_path / "model.safetensors"))
     check_two_chunks_against_hf(load_checkpoint(tmp_path), hf, sum(random_turns(VOCAB, 6), []))
+
+
+@pytest.mark.parametrize("first", ["full_attention", "sliding_attention"])
+def test_bf16_keys_round_as_transformers_does(tmp_path, first):
+    """In bf16 the keys a prefill stores in the first layer (its input is the same on both sides) equal
+    transformers' cached keys: the same norms, and RoPE (the full layers' proportional one, the sliding layers'
+    default one) turned in fp32 before the rounding."""
+    from dualpath.engine.model_api import paged_kv_spec
+    from dualpath.model import KVPool, SeqBatch
+    from dualpath.model.gemma4 import layer_view
+
+    cfg = {**CONFIG, "layer_types": [first, "conv", "conv", "conv", "conv"], "sliding_window": 32}
+    Checkpoints({"first": ("Lfm3Config", "Lfm3ForCausalLM", cfg)}).model("first").save_pretrained(tmp_path)
+    hf = transformers.Lfm3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval()
+    ours = load_checkpoint(tmp_path, dtype="bfloat16")
+    seq = list(range(3, 26))
+    cache = transformers.DynamicCache(config=hf.config)
+    with torch.no_grad():
+        hf(torch.tensor([seq]), cache=cache, use_cache=True)
+    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=8, block_tokens=4)
+    table = pool.allocate(6)
+    ours(SeqBatch.build([seq], [0], [table], 4), pool.layers)
+    keys = layer_view(pool.layers[0], 2, 8)[table][:, :, 0].reshape(-1, 2, 8)[:23]
+    assert_same_bf16_rounding(keys, cache.layers[0].keys[0].transpose(0, 1))
 
 
 def test_bf16_teacher_forced_logits(tmp_path_factory):

@@ -60,6 +60,7 @@ FAMILIES = (
     "lfm3",
     "lara_mini",
     "recurrent_gemma",
+    "zamba2",
 )
 
 
@@ -454,6 +455,21 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "layer_types": [r.choice(["linear_attention", "full_attention"]) for _ in range(L)],
             "mlp_layer_types": (lambda k: ["dense"] * k + ["sparse"] * (L - k))(r.randint(0, L)),
             "tie_word_embeddings": r.random() < 0.5, "model_max_length": 64, "pad_token_id": None,
+        }
+    if fam == "zamba2":  # Mamba-2 blocks and shared transformer blocks with per-invocation adapters
+        heads = r.choice([2, 4])
+        adapters = r.random() < 0.5
+        mheads = r.choice([2, 4, 8])
+        return "Zamba2Config", "Zamba2ForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "num_hidden_layers": L,
+            "layers_block_type": [r.choice(["mamba", "hybrid"]) for _ in range(L)], "mamba_d_state": r.choice([4, 8]),
+            "mamba_d_conv": r.choice([2, 4]), "mamba_expand": r.choice([1, 2]), "n_mamba_heads": mheads,
+            "mamba_ngroups": r.choice([g for g in (1, 2) if mheads % g == 0]), "num_attention_heads": heads,
+            "num_key_value_heads": heads if adapters else r.choice([1, heads]), "num_mem_blocks": r.choice([1, 2, 3]),
+            "use_shared_attention_adapter": adapters, "adapter_rank": r.choice([2, 4]),
+            "intermediate_size": r.choice([32, 48]), "add_bias_linear": r.random() < 0.5,
+            "use_mem_rope": r.random() < 0.5, "time_step_min": r.choice([0.001, 0.3]),
+            "tie_word_embeddings": r.random() < 0.5, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
         }
     if fam == "recurrent_gemma":  # RG-LRU recurrent blocks beside local attention (partial RoPE), soft-capped logits
         heads = r.choice([2, 4])

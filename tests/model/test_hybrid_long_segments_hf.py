@@ -13,7 +13,7 @@ from hf_random import check_long_segments, load_checkpoint
 MODULES = ("test_qwen_hybrid_hf", "test_olmo_hybrid_hf", "test_granite_hybrid_hf", "test_bamba_hf",
            "test_nemotron_h_hf", "test_mamba2_hf", "test_mamba1_hf", "test_jamba_hf", "test_falcon_h1_hf",
            "test_minimax_hf", "test_lfm2_hf", "test_lfm3_hf", "test_lara_mini_hf", "test_kimi_linear_hf",
-           "test_bailing_hybrid_hf", "test_recurrent_gemma_hf")
+           "test_bailing_hybrid_hf", "test_recurrent_gemma_hf", "test_zamba2_hf")
 
 
 @pytest.mark.parametrize("module", MODULES)

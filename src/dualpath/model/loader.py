@@ -91,12 +91,13 @@ if TYPE_CHECKING:
     from dualpath.model.olmo_hybrid import OlmoHybridModel
     from dualpath.model.qwen_hybrid import HybridModel
     from dualpath.model.recurrent_gemma import RecurrentGemmaModel
+    from dualpath.model.zamba2 import Zamba2Model
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
-                | RecurrentGemmaModel)
+                | RecurrentGemmaModel | Zamba2Model)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -340,6 +341,14 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "zamba2":
+        from dualpath.model import zamba2
+
+        zspec = cast(zamba2.Zamba2Spec, spec)
+        own = zamba2.untied_layers(zspec, tensors if tensors is not None else ())
+        model = zamba2.Zamba2Model(zspec, device="cpu", backend=backend, own_blocks=own)
+        if tensors is not None:
+            tensors = zamba2.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "recurrent_gemma":
         from dualpath.model import recurrent_gemma as rg
 

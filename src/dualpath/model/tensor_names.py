@@ -556,6 +556,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.kimi_linear import tensors_out as kimi_linear_out
 
         out = kimi_linear_out(spec, out)  # type: ignore[arg-type]
+    if arch == "zamba2":  # (its final_layernorm)
+        from dualpath.model.zamba2 import tensors_out as zamba2_out
+
+        out = zamba2_out(spec, out)  # type: ignore[arg-type]
     if arch == "recurrent_gemma":  # (its final_norm)
         from dualpath.model.recurrent_gemma import tensors_out as recurrent_gemma_out
 

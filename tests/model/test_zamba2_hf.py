@@ -104,6 +104,7 @@ def test_configs_it_cannot_run_are_refused_by_key():
     base = {"architectures": ["Zamba2ForCausalLM"], "model_type": "zamba2", **CONFIG}
     for change, match in (({"num_key_value_heads": 2}, "use_shared_attention_adapter"),
                           ({"layers_block_type": ["mamba", "attention"] * 3}, "layers_block_type"),
+                          ({"layers_block_type": ["mamba", "hybrid"] * 4}, "num_hidden_layers"),
                           ({"hidden_act": "silu"}, "hidden_act"),
                           ({"use_long_context": True}, "use_long_context"),
                           ({"n_mamba_heads": 3}, "n_mamba_heads")):

@@ -122,7 +122,7 @@ class Zamba2Spec(StatePagesSpec, ModelSpec):
 def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> Zamba2Spec:
     """The spec of a Zamba2 config (its keys over Zamba2Config's defaults, its derived sizes as transformers derives
-    them)."""
+    them; ``layers_block_type`` names every one of ``num_hidden_layers``, as transformers checks)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     if cfg.get("hidden_act") != "gelu":
         raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'gelu')")
@@ -131,12 +131,12 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     n, hidden = cfg_int(cfg, "num_hidden_layers", where), cfg_int(cfg, "hidden_size", where)
     heads = cfg_int(cfg, "num_attention_heads", where)
     kinds = cfg.get("layers_block_type") or cfg.get("layer_types")
-    if kinds is None:  # (Zamba2Config's default: a hybrid layer every sixth from the seventh)
+    if kinds is None:  # (Zamba2Config's default: 54 layers, which num_hidden_layers must then be)
         kinds = ["mamba"] + (["mamba"] * 5 + ["hybrid"]) * 7 + ["mamba"] * 4 + ["hybrid"] + ["mamba"] * 3 + \
             ["hybrid"] + ["mamba"] * 2
     if not isinstance(kinds, list) or len(kinds) != n or any(k not in (*_MAMBA, "hybrid") for k in kinds):
-        raise ModelError(f"{where}: layers_block_type must name 'mamba' or 'hybrid' for each of the {n} layers, got "
-                         f"{kinds!r}")
+        raise ModelError(f"{where}: layers_block_type must name 'mamba' or 'hybrid' for each of the {n} layers "
+                         f"(num_hidden_layers), got {kinds!r}")
     rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
     if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ModelError(f"{where}: rope_parameters: only a 'default' RoPE is supported for {ARCH}, got {rope!r}")

@@ -217,6 +217,16 @@ def check_turns_against_hf(ours: Any, hf: Any, turns: list[list[int]]) -> None:
     assert len(ids) >= 20 and ids == ref_ids
 
 
+def check_paged_paths_against_hf(d: Any, hf: Any, vocab: int) -> None:
+    """The checkpoint in ``d`` against transformers' ``hf`` on the three paged paths every family shares: turns of
+    chunked prefills and greedy decode steps (:func:`check_turns_against_hf`), two sequences batched over different
+    cached prefixes (:func:`check_batched_against_hf`) and a two-chunk prefill on the Triton kernels
+    (:func:`check_two_chunks_against_hf`)."""
+    check_turns_against_hf(load_checkpoint(d), hf, random_turns(vocab, 0))
+    check_batched_against_hf(load_checkpoint(d), hf, two_sequences(vocab))
+    check_two_chunks_against_hf(load_checkpoint(d, "triton"), hf, sum(random_turns(vocab, 3), []))
+
+
 def check_two_chunks_against_hf(ours: Any, hf: Any, seq: list[int], cut: int = 13) -> None:
     """``seq`` prefilled in two chunks over one paged block table (``cut`` tokens, then the rest; one prefill when
     ``cut`` covers it): every logit row equals transformers' full forward (the Triton kernels when ``ours`` runs

@@ -13,17 +13,14 @@ import torch
 from hf_random import (
     Checkpoints,
     bf16_teacher_forced,
-    check_batched_against_hf,
     check_bf16_as_close_as_transformers,
+    check_paged_paths_against_hf,
     check_save_reads_back,
-    check_turns_against_hf,
-    check_two_chunks_against_hf,
     cluster_two_turns,
     hf_logits,
     load_checkpoint,
     random_turns,
     routing_margins,
-    two_sequences,
 )
 
 from dualpath.errors import ModelError
@@ -61,9 +58,7 @@ ckpt = _CKPTS.fixture()
 
 def test_fp32_multi_turn_logits_batches_and_triton(ckpt):
     _, d, hf = ckpt
-    check_turns_against_hf(load_checkpoint(d), hf, random_turns(VOCAB, 0))
-    check_batched_against_hf(load_checkpoint(d), hf, two_sequences(VOCAB))
-    check_two_chunks_against_hf(load_checkpoint(d, "triton"), hf, sum(random_turns(VOCAB, 3), []))
+    check_paged_paths_against_hf(d, hf, VOCAB)
 
 
 def test_spec_and_our_save_pretrained(ckpt, tmp_path):

@@ -61,6 +61,7 @@ FAMILIES = (
     "lara_mini",
     "recurrent_gemma",
     "zamba2",
+    "deepseek_v4",
 )
 
 
@@ -471,6 +472,28 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "use_mem_rope": r.random() < 0.5, "time_step_min": r.choice([0.001, 0.3]),
             "tie_word_embeddings": r.random() < 0.5, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
         }
+    if fam == "deepseek_v4":  # sliding / CSA / HCA attention, hyper-connections, hash and scored experts
+        kinds = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
+        heads, d, n_exp, partial = r.choice([2, 4]), r.choice([8, 16]), r.choice([4, 6]), r.choice([0.5, 1.0])
+        return "DeepseekV4Config", "DeepseekV4ForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "moe_intermediate_size": r.choice([8, 16]), "num_hidden_layers": L,
+            "num_attention_heads": heads, "num_key_value_heads": 1, "head_dim": d, "q_lora_rank": r.choice([8, 16]),
+            "n_routed_experts": n_exp, "num_experts_per_tok": r.choice([1, 2, 3]),
+            "layer_types": [r.choice(kinds) for _ in range(L)],
+            "mlp_layer_types": [r.choice(["moe", "hash_moe"]) for _ in range(L)],
+            "compress_rates": {kinds[1]: r.choice([2, 4]), kinds[2]: r.choice([4, 8])},
+            "hc_mult": r.choice([1, 2, 4]), "hc_sinkhorn_iters": r.choice([1, 3, 20]),
+            "sliding_window": r.choice([3, 5, 8]), "o_groups": r.choice([1, 2]), "o_lora_rank": r.choice([4, 8]),
+            "index_n_heads": r.choice([4, 8]), "index_topk": r.choice([1, 2, 3, 8]),
+            "index_head_dim": r.choice([8, 12]) if d * partial <= 8 else r.choice([16, 24]),  # (holds the rotation)
+            "partial_rotary_factor": partial, "scoring_func": r.choice(["sqrtsoftplus", "sigmoid"]),
+            "routed_scaling_factor": r.choice([1.0, 2.5]), "swiglu_limit": r.choice([0.5, 10.0]),
+            "tie_word_embeddings": r.random() < 0.3, "rope_theta": r.choice([1e4, 5e5]),
+            "compress_rope_theta": r.choice([1e4, 1.6e5]),
+            **({"rope_parameters": {"rope_type": "yarn", "factor": r.choice([2.0, 16.0]),
+                                    "original_max_position_embeddings": 64}} if r.random() < 0.5 else {}),
+            "max_position_embeddings": 1024, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        }
     if fam == "recurrent_gemma":  # RG-LRU recurrent blocks beside local attention (partial RoPE), soft-capped logits
         heads = r.choice([2, 4])
         return "RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", {
@@ -645,10 +668,18 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             if n.endswith(("A_log", "dt_bias", "recurrent_param")):  # (x3 would make the state forget at once)
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
-        if fam in ("kimi_linear", "bailing_hybrid"):  # (DeepSeek's routers' correction biases: transformers' are 0)
+        if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4"):  # (correction biases: transformers' are 0)
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))
+        if fam == "deepseek_v4":  # (sinks, position and mHC biases: transformers' are 0; hash tables: expert 0)
+            for n, p in hf.named_parameters():
+                if n.endswith(("sinks", "position_bias", ".base", "hc_base")):
+                    p.copy_(torch.randn_like(p))
+            k, e = hf.config.num_experts_per_tok, hf.config.n_routed_experts
+            for n, b in hf.named_buffers():
+                if n.endswith("tid2eid"):
+                    b.copy_(torch.stack([torch.randperm(e)[:k] for _ in range(b.shape[0])]))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         try:

@@ -83,6 +83,7 @@ ARCHITECTURES: dict[str, str] = {
     "LaraMiniForCausalLM": "lara_mini",  # (dualpath.model.lara_mini)
     "RecurrentGemmaForCausalLM": "recurrent_gemma",  # (dualpath.model.recurrent_gemma)
     "Zamba2ForCausalLM": "zamba2",  # (dualpath.model.zamba2)
+    "DeepseekV4ForCausalLM": "deepseek_v4",  # (dualpath.model.deepseek_v4)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -111,7 +112,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "minimax": "MiniMaxForCausalLM",
             "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM", "lfm3": "Lfm3ForCausalLM",
             "lara_mini": "LaraMiniForCausalLM", "recurrent_gemma": "RecurrentGemmaForCausalLM",
-            "zamba2": "Zamba2ForCausalLM"}
+            "zamba2": "Zamba2ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: Gemma 2's attention, scalings and soft caps: Gemma 2, Gemma 3 and VaultGemma (Gemma 2's layers with only the
@@ -170,7 +171,6 @@ _REFUSED = {
                        "autoregressive decoder",
     **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"),
                     "a draft model that attends with its target model's keys and values, not a model on its own"),
-    "deepseek_v4": "its compressed attention (KV compressed across tokens) is another MLA variant, not implemented",
     **dict.fromkeys(("hy_v4", "hy_v4_vl"), "DeepSeek-V4's hyper-connections (several residual streams mixed around "
                                            "each layer) are not implemented"),
     "longcat_flash": "two attention sublayers per layer and zero-computation experts are not implemented",

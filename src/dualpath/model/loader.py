@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from dualpath.model.beam import BeamModel
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.deepseek import DeepseekV3Model
+    from dualpath.model.deepseek_v4 import DeepseekV4Model
     from dualpath.model.falcon_h1 import FalconH1Model
     from dualpath.model.gemma3n import Gemma3nModel
     from dualpath.model.gemma4 import Gemma4Model
@@ -97,7 +98,7 @@ if TYPE_CHECKING:
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
-                | RecurrentGemmaModel | Zamba2Model)
+                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -349,6 +350,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = zamba2.Zamba2Model(zspec, device="cpu", backend=backend, own_blocks=own)
         if tensors is not None:
             tensors = zamba2.tensors_in(fp8_dequantized(tensors, source, fp8_block))
+    elif spec.architecture == "deepseek_v4":
+        from dualpath.model import deepseek_v4
+
+        model = deepseek_v4.DeepseekV4Model(cast(deepseek_v4.DeepseekV4Spec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = deepseek_v4.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "recurrent_gemma":
         from dualpath.model import recurrent_gemma as rg
 
@@ -476,6 +483,10 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             from dualpath.model.gemma3n import random_init_overrides as gemma3n_init
 
             gemma3n_init(model, torch.Generator().manual_seed(seed + 1))  # type: ignore[arg-type]
+        elif spec.architecture == "deepseek_v4":
+            from dualpath.model.deepseek_v4 import random_init_overrides as deepseek_v4_init
+
+            deepseek_v4_init(model, torch.Generator().manual_seed(seed + 1))  # type: ignore[arg-type]
     else:
         assign_weights(model, tensors, source)
     if act_quant is not None and quantized[0]:

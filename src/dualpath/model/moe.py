@@ -9,7 +9,7 @@ each adds ``expert(x[tokens]) * weight`` (the product in the weight's dtype, usu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
@@ -33,7 +33,7 @@ class FeedForward(nn.Module):
 
 
 def dispatch_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                     experts: Sequence[nn.Module] | nn.ModuleList) -> torch.Tensor:
+                     experts: Sequence[Callable[[torch.Tensor], torch.Tensor]] | nn.ModuleList) -> torch.Tensor:
     """``sum_k weights[n, k] * experts[idx[n, k]](x[n])`` for every token ``n`` of ``x [N, H]``.
 
     ``idx [N, K]`` int expert ids, ``weights [N, K]``. Returns ``[N, H]`` in ``x``'s dtype."""

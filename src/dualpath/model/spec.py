@@ -970,6 +970,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import zamba2
 
             return zamba2.spec_from_config(cfg, where, dtype, max_context)
+        if arch == "deepseek_v4":  # (compressed attention, hyper-connections, hash-routed experts)
+            from dualpath.model import deepseek_v4
+
+            return deepseek_v4.spec_from_config(cfg, where, dtype, max_context)
         if arch == "recurrent_gemma":  # (RG-LRU recurrent blocks beside local attention)
             from dualpath.model import recurrent_gemma
 

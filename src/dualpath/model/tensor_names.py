@@ -560,6 +560,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.zamba2 import tensors_out as zamba2_out
 
         out = zamba2_out(spec, out)  # type: ignore[arg-type]
+    if arch == "deepseek_v4":  # (the released checkpoints' names, as transformers writes them)
+        from dualpath.model.deepseek_v4 import tensors_out as deepseek_v4_out
+
+        out = deepseek_v4_out(out)
     if arch == "recurrent_gemma":  # (its final_norm)
         from dualpath.model.recurrent_gemma import tensors_out as recurrent_gemma_out
 

@@ -379,6 +379,8 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
             cfg.update(num_heads=8, head_dim=16, n_groups=2)
         if arch == "nemotron_h":  # (its depth is its block list's: num_hidden_layers is ignored, as transformers does)
             cfg["layers_block_type"] = ["linear_attention", "full_attention"] * 20
+        if arch == "deepseek_v4":  # (one key/value head, shared)
+            cfg["num_key_value_heads"] = 1
         if arch == "zamba2":  # (its block list must name every layer, as transformers checks)
             cfg["layers_block_type"] = ["mamba", "hybrid"] * 20
         if arch == "cohere_compass_text":  # (its RoPE is keyed by layer type: transformers needs each type's)

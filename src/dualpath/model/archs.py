@@ -171,8 +171,8 @@ _REFUSED = {
                        "autoregressive decoder",
     **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"),
                     "a draft model that attends with its target model's keys and values, not a model on its own"),
-    **dict.fromkeys(("hy_v4", "hy_v4_vl"), "DeepSeek-V4's hyper-connections (several residual streams mixed around "
-                                           "each layer) are not implemented"),
+    **dict.fromkeys(("hy_v4", "hy_v4_vl"), "GLM-5's sparse MLA under DeepSeek-V4's hyper-connections (several residual "
+                                           "streams mixed around each layer) is not implemented"),
     "longcat_flash": "two attention sublayers per layer and zero-computation experts are not implemented",
     "mllama": "its cross-attention layers attend to the image's states between self-attention layers; not "
               "implemented",

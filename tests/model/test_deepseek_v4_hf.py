@@ -105,6 +105,17 @@ def test_fp32_turns_batches_and_64_token_blocks(ckpt):
         check_two_chunks_against_hf(load_checkpoint(d), hf, seq, cut=cut)
 
 
+def test_query_tiles_give_the_same_logits(tmp_path_factory, monkeypatch):
+    """A prefill attends in tiles of queries, each over its own band of the window: with 5-query tiles (tiles
+    that start and end inside windows and blocks) every logit row still equals transformers'."""
+    from dualpath.model import deepseek_v4
+
+    monkeypatch.setattr(deepseek_v4, "_TILE", 5)
+    d, hf = _CKPTS.get("flash", tmp_path_factory)
+    check_long_segments(load_checkpoint(d), hf, VOCAB)
+    check_two_chunks_against_hf(load_checkpoint(d), hf, sum(random_turns(VOCAB, 3, lens=(11, 9, 10)), []), cut=7)
+
+
 def test_the_compressed_entries_and_the_indexer_choose_what_is_attended(tmp_path_factory):
     """The checkpoint's own logits differ once a query may see every closed entry (no indexer choice), and once the
     entries are zeroed: the comparisons above hold only with both right."""

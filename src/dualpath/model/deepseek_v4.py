@@ -514,6 +514,9 @@ class Backbone(nn.Module):
         self.hc_head = HyperHead(spec)
 
 
+#: queries attended together in a prefill (each tile's keys: its band of the window, then the entries)
+_TILE = 128
+
 #: parameters transformers keeps in fp32 in a bf16 model (``_keep_in_fp32_modules_strict``)
 _FP32 = ("attn_hc.", "ffn_hc.", "hc_head.", "self_attn.sinks", "position_bias", "e_score_correction_bias",
          "q_a_norm.", "kv_norm.", "input_layernorm.", "post_attention_layernorm.", "model.norm.")
@@ -609,10 +612,7 @@ class DeepseekV4Model(LayerwiseDecoder):
             table = tables[i]
             p1 = p0 + (r1 - r0)
             qpos = pos[r0:r1]
-            lo = max(0, p0 - spec.window + 1)
-            kpos = torch.arange(lo, p1, device=x.device)
-            keys = _get(rows, table, kpos, bt, parts["kv"])
-            mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - spec.window)
+            entries, emask = None, None
             if comp is not None:
                 m = spec.ratio(layer)
                 self._close_windows(layer, comp, rows, table, p0, p1, bt)
@@ -624,9 +624,16 @@ class DeepseekV4Model(LayerwiseDecoder):
                     ix = cast(CsaCompressor, comp).indexer
                     emask = emask & self._selected(ix, q_res[r0:r1], x[r0:r1], st, r0, r1, rows, table, wpos, emask,
                                                    parts)
-                keys = torch.cat((keys, entries))
-                mask = torch.cat((mask, emask), dim=1)
-            out[r0:r1] = self._softmax_attend(q[r0:r1], keys, mask, attn.sinks)
+            for t0 in range(0, r1 - r0, _TILE):  # (query tiles: each attends to its own band of the window)
+                t1 = min(r1 - r0, t0 + _TILE)
+                kpos = torch.arange(max(0, p0 + t0 - spec.window + 1), p0 + t1, device=x.device)
+                keys = _get(rows, table, kpos, bt, parts["kv"])
+                qp = qpos[t0:t1]
+                mask = (kpos[None, :] <= qp[:, None]) & (kpos[None, :] > qp[:, None] - spec.window)
+                if entries is not None and emask is not None:
+                    keys = torch.cat((keys, entries))
+                    mask = torch.cat((mask, emask[t0:t1]), dim=1)
+                out[r0 + t0:r0 + t1] = self._softmax_attend(q[r0 + t0:r0 + t1], keys, mask, attn.sinks)
         out = rope_tail(out, cos, -sin)
         g = spec.o_groups
         grouped = out.reshape(n, g, -1).transpose(0, 1)  # [G, N, H D / G]

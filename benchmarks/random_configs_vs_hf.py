@@ -62,6 +62,7 @@ FAMILIES = (
     "recurrent_gemma",
     "zamba2",
     "deepseek_v4",
+    "zamba",
 )
 
 
@@ -472,6 +473,18 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "use_mem_rope": r.random() < 0.5, "time_step_min": r.choice([0.001, 0.3]),
             "tie_word_embeddings": r.random() < 0.5, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
         }
+    if fam == "zamba":  # multi-head Mamba-1 blocks and one shared transformer block on [hidden, embeddings]
+        heads, mheads = r.choice([2, 4]), r.choice([1, 2, 4])
+        return "ZambaConfig", "ZambaForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": r.choice([32, 48]), "num_hidden_layers": L,
+            "num_attention_heads": heads, "num_key_value_heads": r.choice([1, heads]),
+            "layers_block_type": [r.choice(["mamba", "hybrid"]) for _ in range(L)], "n_mamba_heads": mheads,
+            "mamba_d_state": r.choice([4, 8]), "mamba_d_conv": r.choice([2, 3, 4]), "mamba_expand": r.choice([1, 2]),
+            "mamba_dt_rank": r.choice(["auto", 3]), "mamba_conv_bias": r.random() < 0.5,
+            "mamba_proj_bias": r.random() < 0.5, "tie_word_embeddings": r.random() < 0.5,
+            **({"attention_head_dim": r.choice([8, 12])} if r.random() < 0.3 else {}),
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        }
     if fam == "deepseek_v4":  # sliding / CSA / HCA attention, hyper-connections, hash and scored experts
         kinds = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
         heads, d, n_exp, partial = r.choice([2, 4]), r.choice([8, 16]), r.choice([4, 6]), r.choice([0.5, 1.0])
@@ -665,7 +678,7 @@ def run(fam: str, seed: int) -> dict[str, Any]:
         return {**row, "status": "transformers refuses", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}
     with torch.no_grad():
         for n, p in hf.named_parameters():
-            if n.endswith(("A_log", "dt_bias", "recurrent_param")):  # (x3 would make the state forget at once)
+            if n.endswith(("A_log", "dt_bias", "recurrent_param", "dt_proj_bias")):  # (x3: the state would forget at once)
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
         if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4"):  # (correction biases: transformers' are 0)

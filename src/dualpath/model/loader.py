@@ -92,13 +92,14 @@ if TYPE_CHECKING:
     from dualpath.model.olmo_hybrid import OlmoHybridModel
     from dualpath.model.qwen_hybrid import HybridModel
     from dualpath.model.recurrent_gemma import RecurrentGemmaModel
+    from dualpath.model.zamba import ZambaModel
     from dualpath.model.zamba2 import Zamba2Model
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
-                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model)
+                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -342,6 +343,14 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "zamba":
+        from dualpath.model import zamba
+
+        zv1 = cast(zamba.ZambaSpec, spec)
+        model = zamba.ZambaModel(zv1, device="cpu", backend=backend,
+                                 own_blocks=zamba.untied_layers(zv1, None if tensors is None else list(tensors)))
+        if tensors is not None:
+            tensors = zamba.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "zamba2":
         from dualpath.model import zamba2
 

@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "zamba":  # (multi-head Mamba-1 blocks, one shared transformer block)
+            from dualpath.model import zamba
+
+            return zamba.spec_from_config(cfg, where, dtype, max_context)
         if arch == "zamba2":  # (Mamba-2 blocks, shared transformer blocks with adapters)
             from dualpath.model import zamba2
 

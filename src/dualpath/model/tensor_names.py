@@ -556,6 +556,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.kimi_linear import tensors_out as kimi_linear_out
 
         out = kimi_linear_out(spec, out)  # type: ignore[arg-type]
+    if arch == "zamba":  # (its final_layernorm)
+        from dualpath.model.zamba import tensors_out as zamba_out
+
+        out = zamba_out(out)
     if arch == "zamba2":  # (its final_layernorm)
         from dualpath.model.zamba2 import tensors_out as zamba2_out
 

@@ -63,6 +63,7 @@ FAMILIES = (
     "zamba2",
     "deepseek_v4",
     "zamba",
+    "rwkv",
 )
 
 
@@ -473,6 +474,13 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "use_mem_rope": r.random() < 0.5, "time_step_min": r.choice([0.001, 0.3]),
             "tie_word_embeddings": r.random() < 0.5, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
         }
+    if fam == "rwkv":  # RWKV-4: token shifts and the WKV recurrence, inference rescaling
+        return "RwkvConfig", "RwkvForCausalLM", {
+            "vocab_size": V, "hidden_size": r.choice([16, 32]), "num_hidden_layers": L,
+            "intermediate_size": r.choice([None, 24, 64]), "rescale_every": r.choice([0, 1, 2, 6]),
+            "layer_norm_epsilon": r.choice([1e-5, 1e-3]), "tie_word_embeddings": r.random() < 0.5,
+            "context_length": 128, "bos_token_id": None, "eos_token_id": None,
+        }
     if fam == "zamba":  # multi-head Mamba-1 blocks and one shared transformer block on [hidden, embeddings]
         heads, mheads = r.choice([2, 4]), r.choice([1, 2, 4])
         return "ZambaConfig", "ZambaForCausalLM", {
@@ -685,6 +693,14 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))
+        if fam == "rwkv":  # (a remembering recurrence, token shifts in [0, 1], embeddings N(0, 1))
+            for n, p in hf.named_parameters():
+                if n.endswith("time_decay"):
+                    p.copy_(torch.empty_like(p).uniform_(-3.0, 0.0))
+                elif n.endswith("time_first") or n.endswith("embeddings.weight"):
+                    p.copy_(torch.randn_like(p))
+                elif ".time_mix_" in n:
+                    p.copy_(torch.rand_like(p))
         if fam == "deepseek_v4":  # (sinks, position and mHC biases: transformers' are 0; hash tables: expert 0)
             for n, p in hf.named_parameters():
                 if n.endswith(("sinks", "position_bias", ".base", "hc_base")):

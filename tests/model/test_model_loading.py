@@ -20,8 +20,8 @@ CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size
 
 
 def test_config_errors_name_the_problem(tmp_path):
-    with pytest.raises(ModelError, match="unsupported architecture.*Rwkv"):  # (an RNN: no KV)
-        ModelSpec.from_hf_config({**CFG, "architectures": ["RwkvForCausalLM"], "model_type": "rwkv"})
+    with pytest.raises(ModelError, match="unsupported architecture.*xLSTM"):  # (a recurrent model: no KV)
+        ModelSpec.from_hf_config({**CFG, "architectures": ["xLSTMForCausalLM"], "model_type": "xlstm"})
     bad = dict(CFG)
     del bad["hidden_size"]
     with pytest.raises(ModelError, match="missing required key 'hidden_size'"):
@@ -94,7 +94,7 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
 
 
 @pytest.mark.parametrize("cfg,needle", [
-    ({"architectures": ["RwkvForCausalLM"], "model_type": "rwkv"}, "recurrent state layers .* are not implemented"),
+    ({"architectures": ["xLSTMForCausalLM"], "model_type": "xlstm"}, "recurrent state layers .* are not implemented"),
     ({"model_type": "xlstm"}, "recurrent state"),
     ({"architectures": ["Gemma4AssistantForCausalLM"]}, "draft model"),
     ({"architectures": ["Qwen4ExpForCausalLM"]}, "recurrent state"),

@@ -85,6 +85,7 @@ ARCHITECTURES: dict[str, str] = {
     "Zamba2ForCausalLM": "zamba2",  # (dualpath.model.zamba2)
     "DeepseekV4ForCausalLM": "deepseek_v4",  # (dualpath.model.deepseek_v4)
     "ZambaForCausalLM": "zamba",  # (dualpath.model.zamba)
+    "RwkvForCausalLM": "rwkv",  # (dualpath.model.rwkv)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -114,7 +115,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM", "lfm3": "Lfm3ForCausalLM",
             "lara_mini": "LaraMiniForCausalLM", "recurrent_gemma": "RecurrentGemmaForCausalLM",
             "zamba2": "Zamba2ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM",
-            "zamba": "ZambaForCausalLM"}
+            "zamba": "ZambaForCausalLM", "rwkv": "RwkvForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: Gemma 2's attention, scalings and soft caps: Gemma 2, Gemma 3 and VaultGemma (Gemma 2's layers with only the
@@ -162,7 +163,7 @@ _NO_KV = ("its recurrent state layers (this family's linear attention / state sp
           "implemented; the hybrids that run keep such a state in state pages (docs/models.md)")
 #: families refused on purpose, by model_type, with the reason (docs/models.md, "Refused, by name")
 _REFUSED = {
-    **dict.fromkeys(("rwkv", "xlstm",
+    **dict.fromkeys(("xlstm",
                      "qwen4_exp", "qwen4_exp_text",
                      # image-text checkpoints whose language model is one of them (Nemotron-H Omni, LFM3)
                      "nemotron_h_omni",

@@ -92,6 +92,7 @@ if TYPE_CHECKING:
     from dualpath.model.olmo_hybrid import OlmoHybridModel
     from dualpath.model.qwen_hybrid import HybridModel
     from dualpath.model.recurrent_gemma import RecurrentGemmaModel
+    from dualpath.model.rwkv import RwkvModel
     from dualpath.model.zamba import ZambaModel
     from dualpath.model.zamba2 import Zamba2Model
 
@@ -99,7 +100,7 @@ if TYPE_CHECKING:
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
-                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel)
+                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -343,6 +344,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "rwkv":
+        from dualpath.model import rwkv
+
+        model = rwkv.RwkvModel(cast(rwkv.RwkvSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = rwkv.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "zamba":
         from dualpath.model import zamba
 

@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "rwkv":  # (RWKV-4: token shifts and the WKV recurrence in state pages)
+            from dualpath.model import rwkv
+
+            return rwkv.spec_from_config(cfg, where, dtype, max_context)
         if arch == "zamba":  # (multi-head Mamba-1 blocks, one shared transformer block)
             from dualpath.model import zamba
 

@@ -556,6 +556,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.kimi_linear import tensors_out as kimi_linear_out
 
         out = kimi_linear_out(spec, out)  # type: ignore[arg-type]
+    if arch == "rwkv":  # (its rwkv.* and head names)
+        from dualpath.model.rwkv import tensors_out as rwkv_out
+
+        out = rwkv_out(out)
     if arch == "zamba":  # (its final_layernorm)
         from dualpath.model.zamba import tensors_out as zamba_out
 

@@ -64,6 +64,7 @@ FAMILIES = (
     "deepseek_v4",
     "zamba",
     "rwkv",
+    "zaya",
 )
 
 
@@ -474,6 +475,19 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "use_mem_rope": r.random() < 0.5, "time_step_min": r.choice([0.001, 0.3]),
             "tie_word_embeddings": r.random() < 0.5, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
         }
+    if fam == "zaya":  # compressed convolutional attention, MLP router with a skip class, fp32 residual scalings
+        hkv = r.choice([1, 2])
+        return "ZayaConfig", "ZayaForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "num_hidden_layers": L, "num_attention_heads": hkv * r.choice([1, 2]),
+            "num_key_value_heads": hkv, "head_dim": r.choice([8, 12]), "moe_intermediate_size": r.choice([8, 16]),
+            "num_experts": r.choice([2, 4]), "num_experts_per_tok": 1, "router_hidden_size": r.choice([8, 16]),
+            "layer_types": [r.choice(["hybrid", "hybrid_sliding"]) for _ in range(L)], "sliding_window": r.choice([3, 6]),
+            "cca_time0": r.choice([1, 2, 3]), "cca_time1": r.choice([1, 2]), "attention_bias": r.random() < 0.3,
+            "lm_head_bias": r.random() < 0.3, "tie_word_embeddings": r.random() < 0.5,
+            "rope_parameters": {t: {"rope_type": "default", "rope_theta": r.choice([1e4, 5e6]),
+                                    "partial_rotary_factor": r.choice([0.5, 1.0])} for t in ("hybrid", "hybrid_sliding")},
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        }
     if fam == "rwkv":  # RWKV-4: token shifts and the WKV recurrence, inference rescaling
         return "RwkvConfig", "RwkvForCausalLM", {
             "vocab_size": V, "hidden_size": r.choice([16, 32]), "num_hidden_layers": L,
@@ -692,6 +706,13 @@ def run(fam: str, seed: int) -> dict[str, Any]:
         if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4"):  # (correction biases: transformers' are 0)
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
+                    b.copy_(0.1 * torch.randn_like(b))
+        if fam == "zaya":  # (key scales: transformers' are 0; balancing biases: 0 and -1 for the skip class)
+            for n, p in hf.named_parameters():
+                if n.endswith("temp"):
+                    p.copy_(1 + 0.3 * torch.randn_like(p))
+            for n, b in hf.named_buffers():
+                if n.endswith("balancing_biases"):
                     b.copy_(0.1 * torch.randn_like(b))
         if fam == "rwkv":  # (a remembering recurrence, token shifts in [0, 1], embeddings N(0, 1))
             for n, p in hf.named_parameters():

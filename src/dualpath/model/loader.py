@@ -95,12 +95,13 @@ if TYPE_CHECKING:
     from dualpath.model.rwkv import RwkvModel
     from dualpath.model.zamba import ZambaModel
     from dualpath.model.zamba2 import Zamba2Model
+    from dualpath.model.zaya import ZayaModel
 
     AnyModel = (LlamaModel | DeepseekV3Model | Gemma4Model | Gemma3nModel | MiMoV2Model | ModernBertDecoderModel
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
-                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel)
+                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -344,6 +345,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "zaya":
+        from dualpath.model import zaya
+
+        model = zaya.ZayaModel(cast(zaya.ZayaSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = zaya.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "rwkv":
         from dualpath.model import rwkv
 

@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "zaya":  # (compressed convolutional attention: a convolution state beside the KV rows)
+            from dualpath.model import zaya
+
+            return zaya.spec_from_config(cfg, where, dtype, max_context)
         if arch == "rwkv":  # (RWKV-4: token shifts and the WKV recurrence in state pages)
             from dualpath.model import rwkv
 

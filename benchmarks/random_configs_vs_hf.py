@@ -65,6 +65,7 @@ FAMILIES = (
     "zamba",
     "rwkv",
     "zaya",
+    "inkling",
 )
 
 
@@ -475,6 +476,21 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "use_mem_rope": r.random() < 0.5, "time_step_min": r.choice([0.001, 0.3]),
             "tie_word_embeddings": r.random() < 0.5, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
         }
+    if fam == "inkling":  # relative logits, short convolutions, full / sliding heads, a router with shared sinks
+        swa_kv, full_kv = r.choice([1, 2]), r.choice([1, 2])
+        return "InklingTextConfig", "InklingForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "num_hidden_layers": L, "num_attention_heads": full_kv * r.choice([1, 2]),
+            "num_key_value_heads": full_kv, "head_dim": r.choice([8, 12]),
+            "swa_num_attention_heads": swa_kv * r.choice([1, 2]), "swa_num_key_value_heads": swa_kv,
+            "swa_head_dim": r.choice([8, 16]), "sliding_window_size": r.choice([3, 6]), "d_rel": r.choice([2, 4]),
+            "rel_extent": r.choice([4, 12]), "conv_kernel_size": r.choice([2, 3, 4]),
+            "layer_types": [r.choice(["hybrid", "hybrid_sliding"]) for _ in range(L)],
+            "mlp_layer_types": [r.choice(["dense", "sparse"]) for _ in range(L)], "intermediate_size": 24,
+            "moe_intermediate_size": 16, "n_routed_experts": r.choice([2, 4]), "num_experts_per_tok": r.choice([1, 2]),
+            "n_shared_experts": r.choice([1, 2]), "route_scale": r.choice([1.0, 8.0]),
+            "log_scaling_n_floor": r.choice([None, 3]), "logits_mup_width_multiplier": r.choice([0.5, 2.0]),
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        }
     if fam == "zaya":  # compressed convolutional attention, MLP router with a skip class, fp32 residual scalings
         hkv = r.choice([1, 2])
         return "ZayaConfig", "ZayaForCausalLM", {
@@ -704,6 +720,15 @@ def run(fam: str, seed: int) -> dict[str, Any]:
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
         if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4"):  # (correction biases: transformers' are 0)
+            for n, b in hf.named_buffers():
+                if n.endswith("e_score_correction_bias"):
+                    b.copy_(0.1 * torch.randn_like(b))
+        if fam == "inkling":  # (relative logit banks and convolutions that matter, a live correction bias)
+            for n, p in hf.named_parameters():
+                if n.endswith("rel_logits_proj.proj"):
+                    p.copy_(torch.randn_like(p))
+                elif "sconv" in n:
+                    p.copy_(0.3 * torch.randn_like(p))
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))

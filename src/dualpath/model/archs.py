@@ -87,6 +87,7 @@ ARCHITECTURES: dict[str, str] = {
     "ZambaForCausalLM": "zamba",  # (dualpath.model.zamba)
     "RwkvForCausalLM": "rwkv",  # (dualpath.model.rwkv)
     "ZayaForCausalLM": "zaya",  # (dualpath.model.zaya)
+    "InklingForCausalLM": "inkling_text",  # (dualpath.model.inkling)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -117,7 +118,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "lara_mini": "LaraMiniForCausalLM", "recurrent_gemma": "RecurrentGemmaForCausalLM",
             "zamba2": "Zamba2ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM",
             "zamba": "ZambaForCausalLM", "rwkv": "RwkvForCausalLM",
-            "zaya": "ZayaForCausalLM"}
+            "zaya": "ZayaForCausalLM", "inkling_text": "InklingForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: Gemma 2's attention, scalings and soft caps: Gemma 2, Gemma 3 and VaultGemma (Gemma 2's layers with only the
@@ -169,8 +170,8 @@ _REFUSED = {
                      "qwen4_exp", "qwen4_exp_text",
                      # image-text checkpoints whose language model is one of them (Nemotron-H Omni, LFM3)
                      "nemotron_h_omni",
-                     # short-convolution / linear-attention state: Inkling, GLM-5.3-Flash (KDA with hyper-connections)
-                     "inkling_text", "inkling_mm_model", "inkling2", "inkling2_text", "inkling2_loop",
+                     # short-convolution / linear-attention state: Inkling 2, GLM-5.3-Flash (KDA with hyper-connections)
+                     "inkling2", "inkling2_text", "inkling2_loop",
                      "inkling2_loop_text", "glm5_next", "glm5_next_text"), _NO_KV),
     "diffusion_gemma": "a diffusion language model (it denoises blocks of tokens attending both ways), not an "
                        "autoregressive decoder",

@@ -61,6 +61,7 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     "MiniCPMOcrForConditionalGeneration": ("minicpm_ocr", "qwen3_5_text"),
     "Lfm2VlForConditionalGeneration": ("lfm2_vl", "lfm2"),
     "Lfm3VlForConditionalGeneration": ("lfm3_vl", "lfm3"),
+    "InklingForConditionalGeneration": ("inkling_mm_model", "inkling_text"),
     # their language model alone is a text model run here (transformers runs it on text alone)
     "LlavaNextForConditionalGeneration": ("llava_next", "llama"),
     "LlavaNextVideoForConditionalGeneration": ("llava_next_video", "llama"),
@@ -138,6 +139,7 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "qwen3_5_text": ("Qwen3_5ForCausalLM", "qwen3_5_text"),
     "lfm2": ("Lfm2ForCausalLM", "lfm2"),
     "lfm3": ("Lfm3ForCausalLM", "lfm3"),
+    "inkling_text": ("InklingForCausalLM", "inkling_text"),
     "qwen3_5_moe_text": ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text"),
     "cohere2": ("Cohere2ForCausalLM", "cohere2"),
     "cohere_compass_text": ("CohereCompassForCausalLM", "cohere_compass_text"),

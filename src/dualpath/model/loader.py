@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from dualpath.model.gemma3n import Gemma3nModel
     from dualpath.model.gemma4 import Gemma4Model
     from dualpath.model.granite_hybrid import GraniteHybridModel
+    from dualpath.model.inkling import InklingModel
     from dualpath.model.jamba import JambaModel
     from dualpath.model.laguna import LagunaModel
     from dualpath.model.lara_mini import LaraMiniModel
@@ -101,7 +102,7 @@ if TYPE_CHECKING:
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
-                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel)
+                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -345,6 +346,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "inkling_text":
+        from dualpath.model import inkling
+
+        model = inkling.InklingModel(cast(inkling.InklingSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
+            tensors = inkling.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "zaya":
         from dualpath.model import zaya
 

@@ -78,7 +78,7 @@ class ZayaSpec(StatePagesSpec, ModelSpec):
         if self.head_dim % 2 or self.cca_time0 < 1 or self.cca_time1 < 1:
             raise ModelError(f"model config: head_dim ({self.head_dim}) must be even (values are half current, half "
                              f"delayed) and cca_time0 / cca_time1 positive")
-        for t in set(self.layer_types):
+        for t in dict.fromkeys(self.layer_types):
             theta, partial = self.rope_by_type.get(t, (0.0, 0.0))
             if not theta > 0 or not 0 < partial <= 1 or int(self.head_dim * partial) < 2:
                 raise ModelError(f"model config: rope_parameters.{t} needs a positive rope_theta and a "
@@ -140,12 +140,13 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if not isinstance(rope, dict):
         raise ModelError(f"{where}: rope_parameters must be a mapping, got {rope!r}")
     rope_by_type: dict[str, tuple[float, float]] = {}
-    for t in set(types):
+    for t in dict.fromkeys(types):  # (in the layers' order: the first type at fault is the one named)
         p = rope.get(t)
         if not isinstance(p, dict) or p.get("rope_type", p.get("type", "default")) != "default":
             raise ModelError(f"{where}: rope_parameters.{t}: a 'default' RoPE per layer type is supported, got {p!r}")
         partial = {"partial_rotary_factor": p.get("partial_rotary_factor", 1.0)}
-        rope_by_type[t] = (cfg_num(p, "rope_theta", where), cfg_num(partial, "partial_rotary_factor", where))
+        at = f"{where}: rope_parameters.{t}"
+        rope_by_type[t] = (cfg_num(p, "rope_theta", at), cfg_num(partial, "partial_rotary_factor", at))
     window = cfg.get("sliding_window")
     return ZayaSpec(
         architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),

@@ -125,10 +125,64 @@ def test_spec_and_our_save_pretrained(ckpt, tmp_path):
     assert _names(tmp_path) == _names(d)
 
 
+def _interleaved(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``gate_0 .. gate_{I-1}, up_0 .. up_{I-1}`` along ``dim`` as the released checkpoints' ``gate_0, up_0, ...``."""
+    shape = list(t.shape)
+    shape[dim:dim + 1] = [2, shape[dim] // 2]
+    return t.reshape(shape).transpose(dim, dim + 1).reshape(t.shape).contiguous()
+
+
+def test_the_released_image_text_names(tmp_path_factory, tmp_path):
+    """The released image-text checkpoint's layout, written here from the text checkpoint (``model.llm.*``, ``wq_du``
+    ..., gate and up rows interleaved in ``w13``, a vision tensor beside): the text model's logits. (The next test
+    has transformers write it, where scipy is installed.)"""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    d, hf = _CKPTS.get("inkling", tmp_path_factory)
+    names = {"self_attn.q_proj.": "attn.wq_du.", "self_attn.k_proj.": "attn.wk_dv.", "self_attn.v_proj.": "attn.wv_dv.",
+             "self_attn.r_proj.": "attn.wr_du.", "self_attn.o_proj.": "attn.wo_ud.", "self_attn.q_norm.": "attn.q_norm.",
+             "self_attn.k_norm.": "attn.k_norm.", "self_attn.k_sconv.conv1d.": "attn.k_sconv.",
+             "self_attn.v_sconv.conv1d.": "attn.v_sconv.", "self_attn.rel_logits_proj.": "attn.rel_logits_proj.",
+             "attn_sconv.conv1d.": "attn_sconv.", "mlp_sconv.conv1d.": "mlp_sconv.",
+             "post_attention_layernorm.": "mlp_norm.", "input_layernorm.": "attn_norm.",
+             "mlp.gate.e_score_correction_bias": "mlp.gate.bias", "mlp.experts.down_proj": "mlp.experts.w2_weight",
+             "mlp.down_proj.weight": "mlp.w2_md.weight", "mlp.shared_experts.down_proj": "mlp.shared_experts.shared_w2_weight"}
+    text = load_file(str(d / "model.safetensors"))
+    hub: dict[str, torch.Tensor] = {"model.visual.final_norm.weight": torch.ones(4)}
+    top = {"model.embed_tokens.weight": "model.llm.embed.weight", "lm_head.weight": "model.llm.unembed.weight",
+           "model.embed_tokens.embed_norm.weight": "model.llm.embed_norm.weight", "model.norm.weight": "model.llm.norm.weight"}
+    for k, v in text.items():
+        if k in top:
+            hub[top[k]] = v
+            continue
+        k = "model.llm." + k[len("model."):]
+        if k.endswith("mlp.experts.gate_up_proj"):
+            hub[k.replace("gate_up_proj", "w13_weight")] = _interleaved(v, 1)
+        elif k.endswith("mlp.shared_experts.gate_proj"):
+            up = text["model." + k[len("model.llm."):].replace("gate_proj", "up_proj")]
+            hub[k.replace("gate_proj", "shared_w13_weight")] = _interleaved(torch.cat((v, up), dim=1), 1)
+        elif k.endswith("mlp.gate_proj.weight"):
+            up = text["model." + k[len("model.llm."):].replace("gate_proj", "up_proj")]
+            hub[k.replace("gate_proj.weight", "w13_dn.weight")] = _interleaved(torch.cat((v, up), dim=0), 0)
+        elif not k.endswith(("up_proj", "up_proj.weight")):
+            for ours, theirs in names.items():
+                k = k.replace(ours, theirs)
+            hub[k] = v
+    save_file(hub, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["InklingForConditionalGeneration"], "model_type": "inkling_mm_model",
+        "text_config": {**CONFIG, "model_type": "inkling_text"}}))
+    assert load_spec(tmp_path) == load_spec(d)
+    check_two_chunks_against_hf(load_checkpoint(tmp_path), hf, sum(random_turns(VOCAB, 3), []), cut=6)
+
+
 def test_the_image_text_checkpoints_language_model(tmp_path_factory, tmp_path):
     """An ``InklingForConditionalGeneration`` checkpoint (written by transformers: the released names,
     ``model.llm.*``, gate and up rows interleaved) serves its language model: the text model's logits on the same
     weights."""
+    pytest.importorskip("scipy")  # (transformers' Inkling image-text model imports it)
     d, hf = _CKPTS.get("inkling", tmp_path_factory)
     cfg = transformers.InklingConfig(
         text_config=dict(CONFIG),

@@ -44,7 +44,7 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch
-from dualpath.model.moe import dispatch_experts
+from dualpath.model.moe import dispatch_packed
 from dualpath.model.rope import rope_frequencies
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
@@ -433,19 +433,6 @@ class ClampedMlp(nn.Module):
         return cast(torch.Tensor, self.down_proj(F.silu(g) * u))
 
 
-class _Expert:
-    """Expert ``e`` of the packed tensors, as :func:`dispatch_experts` calls it."""
-
-    def __init__(self, experts: Experts, e: int) -> None:
-        self.experts, self.e = experts, e
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        ex = self.experts
-        g, u = F.linear(x, ex.gate_up_proj[self.e]).chunk(2, dim=-1)
-        y = F.silu(g.clamp(max=ex.limit)) * u.clamp(min=-ex.limit, max=ex.limit)
-        return F.linear(y, ex.down_proj[self.e])
-
-
 class Experts(nn.Module):
     def __init__(self, spec: DeepseekV4Spec) -> None:
         super().__init__()
@@ -455,7 +442,7 @@ class Experts(nn.Module):
         self.limit = spec.limit
 
     def run(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return dispatch_experts(x, idx, weights, [_Expert(self, e) for e in range(self.gate_up_proj.shape[0])])
+        return dispatch_packed(x, idx, weights, self.gate_up_proj, self.down_proj, self.limit)
 
 
 class Router(nn.Module):

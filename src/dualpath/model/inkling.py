@@ -35,7 +35,7 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch
-from dualpath.model.moe import dispatch_experts
+from dualpath.model.moe import dispatch_packed
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 
@@ -277,15 +277,6 @@ class SharedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(s, h, i))
 
 
-class _Expert:
-    def __init__(self, ex: Experts, e: int) -> None:
-        self.ex, self.e = ex, e
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = F.linear(x, self.ex.gate_up_proj[self.e]).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, self.ex.down_proj[self.e])
-
-
 class Moe(nn.Module):
     def __init__(self, spec: InklingSpec) -> None:
         super().__init__()
@@ -305,7 +296,7 @@ class Moe(nn.Module):
         w = torch.exp(lp - torch.logsumexp(lp, dim=-1, keepdim=True)) * self.route_scale * g.global_scale.float()
         w = w.to(x.dtype)
         ex = self.experts
-        out = dispatch_experts(x, idx, w[..., :self.k], [_Expert(ex, e) for e in range(ex.gate_up_proj.shape[0])])
+        out = dispatch_packed(x, idx, w[..., :self.k], ex.gate_up_proj, ex.down_proj)
         se = self.shared_experts
         gam = w[..., self.k:].t()[:, :, None]  # [S, N, 1]
         xs = x[None].expand(self.n_shared, -1, -1)

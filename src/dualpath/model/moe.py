@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeedForward", "dispatch_experts", "softmax_topk"]
+__all__ = ["FeedForward", "dispatch_experts", "dispatch_packed", "softmax_topk"]
 
 
 class FeedForward(nn.Module):
@@ -43,6 +43,26 @@ def dispatch_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
         y = experts[e](x[tok]) * weights[tok, pos, None]
         out.index_add_(0, tok, y.to(out.dtype))
     return out
+
+
+class _PackedExpert:
+    """Expert ``e`` of packed ``gate_up [E, 2I, H]`` / ``down [E, H, I]`` tensors: ``down(silu(gate) * up)``, the
+    gate clamped above and the up projection to +-``limit`` when given (DeepSeek-V4's)."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, e: int, limit: float | None) -> None:
+        self.gate_up, self.down, self.e, self.limit = gate_up, down, e, limit
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = F.linear(x, self.gate_up[self.e]).chunk(2, dim=-1)
+        if self.limit is not None:
+            g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
+        return F.linear(F.silu(g) * u, self.down[self.e])
+
+
+def dispatch_packed(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """:func:`dispatch_experts` over packed SwiGLU experts (transformers' ``gate_up_proj`` / ``down_proj``)."""
+    return dispatch_experts(x, idx, weights, [_PackedExpert(gate_up, down, e, limit) for e in range(gate_up.shape[0])])
 
 
 def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:

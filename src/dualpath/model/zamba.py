@@ -33,7 +33,7 @@ from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeState
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import decode_states, scan_sequences, split_page, state_bytes
-from dualpath.model.zamba2 import Zamba2State
+from dualpath.model.zamba2 import HybridBlocks, Zamba2State
 
 ARCH = "zamba"
 #: ZambaConfig's defaults
@@ -48,7 +48,7 @@ _MAMBA = ("mamba", "linear_attention")
 
 
 @dataclass(frozen=True)
-class ZambaSpec(StatePagesSpec, ModelSpec):
+class ZambaSpec(HybridBlocks, StatePagesSpec, ModelSpec):
     """A :class:`ModelSpec` (the shared attention's heads and its MLP; ``head_dim`` is ``attention_head_dim``) plus
     the Mamba blocks' fields."""
 
@@ -75,14 +75,6 @@ class ZambaSpec(StatePagesSpec, ModelSpec):
         if self.attention_width != 2 * self.hidden_size:
             raise ModelError(f"model config: attention_hidden_size ({self.attention_width}) must be 2 x hidden_size "
                              f"({2 * self.hidden_size}): the shared block reads [hidden, embeddings]")
-
-    @property
-    def hybrid_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == "hybrid")
-
-    @property
-    def mamba_inner(self) -> int:
-        return self.mamba_expand * self.hidden_size
 
     @property
     def state_bytes(self) -> int:

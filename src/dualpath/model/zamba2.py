@@ -47,8 +47,24 @@ DEFAULTS: dict[str, Any] = {
 _MAMBA = ("mamba", "linear_attention")
 
 
+class HybridBlocks:
+    """What Zamba's and Zamba2's specs share: the layers with a shared transformer block and the Mamba width."""
+
+    layer_types: tuple[str, ...]
+    mamba_expand: int
+    hidden_size: int
+
+    @property
+    def hybrid_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "hybrid")
+
+    @property
+    def mamba_inner(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+
 @dataclass(frozen=True)
-class Zamba2Spec(StatePagesSpec, ModelSpec):
+class Zamba2Spec(HybridBlocks, StatePagesSpec, ModelSpec):
     """A :class:`ModelSpec` (the shared attention's heads, ``2 x hidden / heads`` wide, and its MLP) plus the Mamba
     blocks' and the shared blocks' fields."""
 
@@ -82,14 +98,6 @@ class Zamba2Spec(StatePagesSpec, ModelSpec):
             raise ModelError(f"model config: use_shared_attention_adapter needs num_key_value_heads = "
                              f"num_attention_heads (its adapters add a {2 * self.hidden_size}-wide term to k and v; "
                              f"transformers cannot run {self.n_kv_heads} of {self.n_heads} either)")
-
-    @property
-    def hybrid_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.layer_types) if t == "hybrid")
-
-    @property
-    def mamba_inner(self) -> int:
-        return self.mamba_expand * self.hidden_size
 
     @property
     def state_bytes(self) -> int:

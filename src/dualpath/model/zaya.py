@@ -33,7 +33,7 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, TypedRopeState, _rope
-from dualpath.model.moe import dispatch_experts
+from dualpath.model.moe import dispatch_packed
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import split_page
@@ -240,15 +240,6 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(spec.experts, spec.hidden_size, spec.intermediate_size))
 
 
-class _Expert:
-    def __init__(self, ex: Experts, e: int) -> None:
-        self.ex, self.e = ex, e
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = F.linear(x, self.ex.gate_up_proj[self.e]).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, self.ex.down_proj[self.e])
-
-
 class Moe(nn.Module):
     def __init__(self, spec: ZayaSpec, layer: int) -> None:
         super().__init__()
@@ -376,7 +367,7 @@ class ZayaModel(HybridDecoder):
         skip = idx == gate.experts  # (the skip class: no expert, nothing added)
         w, idx = w.masked_fill(skip, 0), idx.masked_fill(skip, 0)
         ex = moe.experts
-        return dispatch_experts(x, idx, w, [_Expert(ex, e) for e in range(ex.gate_up_proj.shape[0])])
+        return dispatch_packed(x, idx, w, ex.gate_up_proj, ex.down_proj)
 
 
 def tensors_in(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -654,11 +654,12 @@ class DeepseekV4Model(LayerwiseDecoder):
         closing = torch.arange(w0, w1, device=dev) * m + (m - 1)
         overlap = spec.layer_types[layer] == CSA
         e = self._entries(comp, rows, table, w0, w1, m, bt, parts["ckv"], parts["cgate"], spec.head_dim, overlap)
-        _put_seq(rows, table, closing, bt, parts["entry"], e)
+        pages, offs = table[closing // bt], closing % bt
+        _put(rows, pages, offs, parts["entry"], e)
         if overlap:
             ix = cast(CsaCompressor, comp).indexer
             e = self._entries(ix, rows, table, w0, w1, m, bt, parts["ikv"], parts["igate"], spec.index_dim, True)
-            _put_seq(rows, table, closing, bt, parts["ientry"], e)
+            _put(rows, pages, offs, parts["ientry"], e)
 
     def _entries(self, comp: Compressor, rows: torch.Tensor, table: torch.Tensor, w0: int, w1: int, m: int, bt: int,
                  kv_part: tuple[int, int], gate_part: tuple[int, int], dim: int, overlap: bool) -> torch.Tensor:
@@ -714,11 +715,6 @@ def _put(rows: torch.Tensor, pages: torch.Tensor, offs: torch.Tensor, part: tupl
 def _get(rows: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, bt: int,
          part: tuple[int, int]) -> torch.Tensor:
     return rows[table[positions // bt], positions % bt, part[0]:part[1]]
-
-
-def _put_seq(rows: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, bt: int, part: tuple[int, int],
-             values: torch.Tensor) -> None:
-    rows[table[positions // bt], positions % bt, part[0]:part[1]] = values.to(rows.dtype)
 
 
 def random_init_overrides(model: DeepseekV4Model, gen: torch.Generator) -> None:

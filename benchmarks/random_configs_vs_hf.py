@@ -66,6 +66,7 @@ FAMILIES = (
     "rwkv",
     "zaya",
     "inkling",
+    "dory",
 )
 
 
@@ -476,6 +477,18 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "use_mem_rope": r.random() < 0.5, "time_step_min": r.choice([0.001, 0.3]),
             "tie_word_embeddings": r.random() < 0.5, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
         }
+    if fam == "dory":  # nGPT on the unit sphere, a looped middle section (a page layer per pass)
+        n_in = r.choice([0, 1])
+        n_out = r.choice([0, 1]) if L - n_in > 1 else 0
+        heads = r.choice([2, 4])
+        return "DoryConfig", "DoryForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": r.choice([32, 48]), "num_hidden_layers": L,
+            "num_attention_heads": heads, "num_key_value_heads": r.choice([1, heads]), "head_dim": r.choice([8, 16]),
+            "sliding_window": r.choice([3, 6]), "n_input_layers": n_in, "n_output_layers": n_out,
+            "n_recurrent_loops": r.choice([1, 2, 3]), "tie_word_embeddings": r.random() < 0.3,
+            "layer_types": [r.choice(["sliding_attention", "full_attention"]) for _ in range(L)],
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        }
     if fam == "inkling":  # relative logits, short convolutions, full / sliding heads, a router with shared sinks
         swa_kv, full_kv = r.choice([1, 2]), r.choice([1, 2])
         return "InklingTextConfig", "InklingForCausalLM", {
@@ -723,6 +736,13 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))
+        if fam == "dory":  # (the nGPT scales drawn around transformers' starting values; logits of a visible size)
+            init = hf.config.initializer_range
+            for n, p in hf.named_parameters():
+                if n.endswith("logit_scale"):
+                    p.copy_(init * (4 + torch.randn_like(p)))
+                elif n.endswith(("sqk", "s_gate", "lambda_1", "lambda_2")):
+                    p.copy_(init * (1 + 0.3 * torch.randn_like(p)))
         if fam == "inkling":  # (relative logit banks and convolutions that matter, a live correction bias)
             for n, p in hf.named_parameters():
                 if n.endswith("rel_logits_proj.proj"):

@@ -88,6 +88,7 @@ ARCHITECTURES: dict[str, str] = {
     "RwkvForCausalLM": "rwkv",  # (dualpath.model.rwkv)
     "ZayaForCausalLM": "zaya",  # (dualpath.model.zaya)
     "InklingForCausalLM": "inkling_text",  # (dualpath.model.inkling)
+    "DoryForCausalLM": "dory",  # (dualpath.model.dory)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -118,7 +119,8 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "lara_mini": "LaraMiniForCausalLM", "recurrent_gemma": "RecurrentGemmaForCausalLM",
             "zamba2": "Zamba2ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM",
             "zamba": "ZambaForCausalLM", "rwkv": "RwkvForCausalLM",
-            "zaya": "ZayaForCausalLM", "inkling_text": "InklingForCausalLM"}
+            "zaya": "ZayaForCausalLM", "inkling_text": "InklingForCausalLM",
+            "dory": "DoryForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: Gemma 2's attention, scalings and soft caps: Gemma 2, Gemma 3 and VaultGemma (Gemma 2's layers with only the

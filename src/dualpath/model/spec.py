@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "dory":  # (a looped nGPT decoder: a layer of pages per layer pass)
+            from dualpath.model import dory
+
+            return dory.spec_from_config(cfg, where, dtype, max_context)
         if arch == "inkling_text":  # (relative logits, short convolutions: their states after the KV rows)
             from dualpath.model import inkling
 

@@ -568,6 +568,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.zamba2 import tensors_out as zamba2_out
 
         out = zamba2_out(spec, out)  # type: ignore[arg-type]
+    if arch == "dory":  # (its backbone / embeddings / g_proj names)
+        from dualpath.model.dory import tensors_out as dory_out
+
+        out = dory_out(out)
     if arch == "deepseek_v4":  # (the released checkpoints' names, as transformers writes them)
         from dualpath.model.deepseek_v4 import tensors_out as deepseek_v4_out
 

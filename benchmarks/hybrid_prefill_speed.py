@@ -2,14 +2,16 @@
 eager forward over the same weights, and what state pages cost in bytes.
 
 A random Qwen3.5 (``--family qwen3_5``: ``--hidden`` wide, 8 layers: 6 linear, 2 full attention; ``--family
-kimi_linear``: Kimi Linear, 6 KDA layers and 2 MLA layers, 4 experts) saved by transformers; one prompt of
+kimi_linear``: Kimi Linear, 6 KDA layers and 2 MLA layers, 4 experts; ``--family qwen4_exp``: Qwen4-Exp, 6 linear
+layers (two with n-gram embeddings) and 2 QSA attention layers, 4 experts, 3 residual streams) saved by transformers; one prompt of
 ``--tokens`` tokens prefilled at each block size (the delta rule runs one closed-form segment per block, so the
 block size sets how many segments run), timed best of ``--repeats``, and the same prompt through transformers
 (best of ``--repeats``) in the same run; the last-token logits are compared. It also prints the page layout's
-bytes per token for transformers' default Qwen3-Next config (the 80B-A3B shape), or Kimi Linear's (the 48B-A3B
-shape), at several block sizes.
+bytes per token for transformers' default Qwen3-Next config (the 80B-A3B shape), Kimi Linear's (the 48B-A3B
+shape) or Qwen4-Exp's (its default config plus what it lacks, assumed: QSA fields with a 128-wide indexer head,
+Qwen3.5's partial RoPE, one PLE layer), at several block sizes.
 
-Run: ``python benchmarks/hybrid_prefill_speed.py [--family qwen3_5|kimi_linear] [--tokens 2048] [--json OUT]``.
+Run: ``python benchmarks/hybrid_prefill_speed.py [--family qwen3_5|kimi_linear|qwen4_exp] [--tokens 2048] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--family", choices=("qwen3_5", "kimi_linear"), default="qwen3_5")
+    parser.add_argument("--family", choices=("qwen3_5", "kimi_linear", "qwen4_exp"), default="qwen3_5")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args(argv)
 
@@ -51,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
             num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32,
             v_head_dim=64, num_experts=4, num_experts_per_token=2, linear_num_heads=8, linear_head_dim=64,
             layer_types=kinds, pad_token_id=None, model_max_length=args.tokens + 16)).eval()
+    elif args.family == "qwen4_exp":
+        kinds = ["linear_attention", "linear_attention", "linear_attention", "indexed_attention"] * 2
+        hf = transformers.Qwen4ExpForCausalLM(transformers.Qwen4ExpTextConfig(
+            vocab_size=2048, hidden_size=h, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+            head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
+            linear_value_head_dim=64, moe_intermediate_size=h, shared_expert_intermediate_size=h, num_experts=4,
+            num_experts_per_tok=2, hc_count=3, hc_lowrank=64, ple_layer_ids=[1, 5], ple_embed_dim=h // 2,
+            heads_per_ngram=2, ngram_vocab_size_base=4096, split_ngram_parts=4, indexer_n_heads=8, indexer_kv_heads=1,
+            indexer_head_dim=64, indexer_budget=512, indexer_compress_ratio=16, eos_token_id=2, layer_types=kinds,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5})).eval()
     else:
         hf = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(
             vocab_size=2048, hidden_size=h, intermediate_size=3 * h, num_hidden_layers=8, num_attention_heads=8,
@@ -88,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         big = transformers.KimiLinearConfig().to_dict()
         big.update(architectures=["KimiLinearForCausalLM"], dtype="bfloat16")
         label = "Kimi-Linear-48B-A3B"
+    elif args.family == "qwen4_exp":
+        big = transformers.Qwen4ExpTextConfig(
+            indexer_n_heads=32, indexer_kv_heads=1, indexer_head_dim=128, indexer_budget=2048,
+            indexer_compress_ratio=64, ple_layer_ids=[1], eos_token_id=248044,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}).to_dict()
+        big.update(architectures=["Qwen4ExpForCausalLM"], dtype="bfloat16")
+        label = "Qwen4-Exp (default config)"
     else:
         big = transformers.Qwen3NextConfig().to_dict()
         big.update(architectures=["Qwen3NextForCausalLM"], dtype="bfloat16")

@@ -67,6 +67,7 @@ FAMILIES = (
     "zaya",
     "inkling",
     "dory",
+    "qwen4_exp",
 )
 
 
@@ -477,6 +478,31 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "use_mem_rope": r.random() < 0.5, "time_step_min": r.choice([0.001, 0.3]),
             "tie_word_embeddings": r.random() < 0.5, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
         }
+    if fam == "qwen4_exp":  # hyper-connections, QSA block selection, n-gram embeddings on linear layers
+        types = [r.choice(["linear_attention", "indexed_attention"]) for _ in range(L)]
+        linear = [i + 1 for i, t in enumerate(types) if t == "linear_attention"]
+        ngram, hpn = r.choice([2, 3, 4]), r.choice([1, 2])
+        ratio = r.choice([2, 3, 4])
+        hkv, hd = r.choice([1, 2]), r.choice([8, 16])
+        return "Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "num_hidden_layers": L, "layer_types": types,
+            "num_attention_heads": hkv * r.choice([1, 2]), "num_key_value_heads": hkv, "head_dim": hd,
+            "linear_conv_kernel_dim": r.choice([2, 3, 4]), "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+            "linear_num_key_heads": r.choice([1, 2]), "linear_num_value_heads": 4, "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": r.choice([8, 16]), "num_experts": r.choice([2, 4]),
+            "num_experts_per_tok": r.choice([1, 2]), "norm_topk_prob": r.random() < 0.7, "hc_count": r.choice([2, 3]),
+            "hc_lowrank": r.choice([4, 8]), "output_gate_type": r.choice([None, "sigmoid", "silu"]),
+            "ple_layer_ids": r.sample(linear, r.choice([0, min(1, len(linear)), min(2, len(linear))])),
+            "ple_embed_dim": (ngram - 1) * hpn * r.choice([2, 4]), "ngram_size": ngram, "heads_per_ngram": hpn,
+            "ple_conv_kernel_size": r.choice([2, 3, 4]), "ngram_vocab_size_base": r.choice([30, 60]),
+            "make_ngram_vocab_size_divisible_by": r.choice([1, 8]), "split_ngram_parts": r.choice([1, 3, 4]),
+            "seed": r.choice([0, 1234]), "indexer_n_heads": r.choice([1, 2, 4, 16]), "indexer_kv_heads": 1,
+            "indexer_head_dim": r.choice([8, 16]), "indexer_compress_ratio": ratio,
+            "indexer_budget": ratio * r.choice([1, 2, 3]), "tie_word_embeddings": r.random() < 0.3,
+            "rope_parameters": {"rope_type": "default", "rope_theta": r.choice([1e4, 5e5]),
+                                "partial_rotary_factor": r.choice([0.25, 0.5])},
+            "eos_token_id": r.choice([3, [3, 4]]), "pad_token_id": None, "bos_token_id": None,
+        }
     if fam == "dory":  # nGPT on the unit sphere, a looped middle section (a page layer per pass)
         n_in = r.choice([0, 1])
         n_out = r.choice([0, 1]) if L - n_in > 1 else 0
@@ -743,6 +769,12 @@ def run(fam: str, seed: int) -> dict[str, Any]:
                     p.copy_(init * (4 + torch.randn_like(p)))
                 elif n.endswith(("sqk", "s_gate", "lambda_1", "lambda_2")):
                     p.copy_(init * (1 + 0.3 * torch.randn_like(p)))
+        if fam == "qwen4_exp":  # (norms around 1 + 0, PLE convolutions: transformers' are 0; ids with the EOS)
+            for n, p in hf.named_parameters():
+                if "norm" in n and n.endswith("weight") and p.dim() == 1:
+                    p.copy_(0.2 * torch.randn_like(p))
+                elif n.endswith("ple.conv1d.weight"):
+                    p.copy_(0.3 * torch.randn_like(p))
         if fam == "inkling":  # (relative logit banks and convolutions that matter, a live correction bias)
             for n, p in hf.named_parameters():
                 if n.endswith("rel_logits_proj.proj"):
@@ -784,6 +816,8 @@ def run(fam: str, seed: int) -> dict[str, Any]:
         except Exception as exc:
             return {**row, "status": "load failed", "detail": f"{type(exc).__name__}: {str(exc)[:300]}"}
     seq = torch.randint(0, V, (17,), generator=torch.Generator().manual_seed(seed)).tolist()
+    if fam == "qwen4_exp":  # (end-of-sequence tokens inside the prompt: the n-grams restart after them)
+        seq[4] = seq[10] = 3
     pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=16, block_tokens=4)
     table = pool.allocate(16)
     got = torch.cat(

@@ -97,7 +97,7 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     ({"architectures": ["xLSTMForCausalLM"], "model_type": "xlstm"}, "recurrent state layers .* are not implemented"),
     ({"model_type": "xlstm"}, "recurrent state"),
     ({"architectures": ["Gemma4AssistantForCausalLM"]}, "draft model"),
-    ({"architectures": ["Qwen4ExpForCausalLM"]}, "recurrent state"),
+    ({"architectures": ["Inkling2ForCausalLM"]}, "recurrent state"),
     ({"architectures": ["HYV4ForCausalLM"], "model_type": "hy_v4"}, "hyper-connections"),
     ({"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama"}, "cross-attention"),
     ({"architectures": ["BertLMHeadModel"], "model_type": "bert"}, "encoder"),
@@ -381,6 +381,9 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
             cfg["num_key_value_heads"] = 1
         if arch == "zamba2":  # (its block list must name every layer, as transformers checks)
             cfg["layers_block_type"] = ["mamba", "hybrid"] * 20
+        if arch == "qwen4_exp_text":  # (its attention layers' QSA indexer: transformers has no default for it)
+            cfg.update(indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, head_dim=16,
+                       indexer_compress_ratio=4)
         if arch == "cohere_compass_text":  # (its RoPE is keyed by layer type: transformers needs each type's)
             cfg["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
         spec = ModelSpec.from_hf_config(cfg)

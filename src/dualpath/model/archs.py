@@ -89,6 +89,7 @@ ARCHITECTURES: dict[str, str] = {
     "ZayaForCausalLM": "zaya",  # (dualpath.model.zaya)
     "InklingForCausalLM": "inkling_text",  # (dualpath.model.inkling)
     "DoryForCausalLM": "dory",  # (dualpath.model.dory)
+    "Qwen4ExpForCausalLM": "qwen4_exp_text",  # (dualpath.model.qwen4_exp)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -120,7 +121,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "zamba2": "Zamba2ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM",
             "zamba": "ZambaForCausalLM", "rwkv": "RwkvForCausalLM",
             "zaya": "ZayaForCausalLM", "inkling_text": "InklingForCausalLM",
-            "dory": "DoryForCausalLM"}
+            "dory": "DoryForCausalLM", "qwen4_exp_text": "Qwen4ExpForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: Gemma 2's attention, scalings and soft caps: Gemma 2, Gemma 3 and VaultGemma (Gemma 2's layers with only the
@@ -169,7 +170,6 @@ _NO_KV = ("its recurrent state layers (this family's linear attention / state sp
 #: families refused on purpose, by model_type, with the reason (docs/models.md, "Refused, by name")
 _REFUSED = {
     **dict.fromkeys(("xlstm",
-                     "qwen4_exp", "qwen4_exp_text",
                      # image-text checkpoints whose language model is one of them (Nemotron-H Omni, LFM3)
                      "nemotron_h_omni",
                      # short-convolution / linear-attention state: Inkling 2, GLM-5.3-Flash (KDA with hyper-connections)

@@ -62,6 +62,7 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     "Lfm2VlForConditionalGeneration": ("lfm2_vl", "lfm2"),
     "Lfm3VlForConditionalGeneration": ("lfm3_vl", "lfm3"),
     "InklingForConditionalGeneration": ("inkling_mm_model", "inkling_text"),
+    "Qwen4ExpForConditionalGeneration": ("qwen4_exp", "qwen4_exp_text"),
     # their language model alone is a text model run here (transformers runs it on text alone)
     "LlavaNextForConditionalGeneration": ("llava_next", "llama"),
     "LlavaNextVideoForConditionalGeneration": ("llava_next_video", "llama"),
@@ -140,6 +141,7 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "lfm2": ("Lfm2ForCausalLM", "lfm2"),
     "lfm3": ("Lfm3ForCausalLM", "lfm3"),
     "inkling_text": ("InklingForCausalLM", "inkling_text"),
+    "qwen4_exp_text": ("Qwen4ExpForCausalLM", "qwen4_exp_text"),
     "qwen3_5_moe_text": ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text"),
     "cohere2": ("Cohere2ForCausalLM", "cohere2"),
     "cohere_compass_text": ("CohereCompassForCausalLM", "cohere_compass_text"),

@@ -92,6 +92,7 @@ if TYPE_CHECKING:
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
     from dualpath.model.nemotron_h import NemotronHModel
     from dualpath.model.olmo_hybrid import OlmoHybridModel
+    from dualpath.model.qwen4_exp import Qwen4ExpModel
     from dualpath.model.qwen_hybrid import HybridModel
     from dualpath.model.recurrent_gemma import RecurrentGemmaModel
     from dualpath.model.rwkv import RwkvModel
@@ -103,7 +104,7 @@ if TYPE_CHECKING:
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
-                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel | DoryModel)
+                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel | DoryModel | Qwen4ExpModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -347,6 +348,14 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "qwen4_exp_text":
+        from dualpath.model import qwen4_exp
+
+        q4 = cast(qwen4_exp.Qwen4ExpSpec, spec)
+        model = qwen4_exp.Qwen4ExpModel(q4, device="cpu", backend=backend)
+        if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
+            tensors = qwen4_exp.tensors_in(q4, gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)),
+                                           source)
     elif spec.architecture == "dory":
         from dualpath.model import dory
 

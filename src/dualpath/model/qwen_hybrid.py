@@ -208,18 +208,19 @@ def hf_config(spec: HybridSpec) -> dict[str, Any]:
 
 class GatedRMSNorm(nn.Module):
     """Per-head RMS norm of the linear layers' output, times ``weight`` (rounded to the input's dtype), times
-    ``silu(gate)`` in fp32 (as transformers' ``RMSNormGated``)."""
+    ``act(gate)`` in fp32 (as transformers' ``RMSNormGated``; ``act`` SiLU, or Qwen4-Exp's ``output_gate_type``)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.act: Any = F.silu
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * h.to(dt) * F.silu(gate.float())).to(dt)
+        return (self.weight * h.to(dt) * self.act(gate.float())).to(dt)
 
 
 class GatedDeltaNet(nn.Module):

@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "qwen4_exp_text":  # (Qwen3.5's layers under hyper-connections; QSA attention; n-gram embeddings)
+            from dualpath.model import qwen4_exp
+
+            return qwen4_exp.spec_from_config(cfg, where, dtype, max_context)
         if arch == "dory":  # (a looped nGPT decoder: a layer of pages per layer pass)
             from dualpath.model import dory
 

@@ -612,6 +612,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.qwen_hybrid import tensors_out as hybrid_out
 
         out = hybrid_out(spec, out)  # type: ignore[arg-type]
+    if arch == "qwen4_exp_text":  # (the n-gram tables' shards and hash buffers)
+        from dualpath.model.qwen4_exp import tensors_out as qwen4_exp_out
+
+        out = qwen4_exp_out(spec, out)  # type: ignore[arg-type]
     if arch == "laguna":  # (the hub's shared-expert and correction-bias names)
         from dualpath.model.laguna import tensors_out as laguna_out
 

@@ -68,6 +68,8 @@ FAMILIES = (
     "inkling",
     "dory",
     "qwen4_exp",
+    "hy_v4",
+    "doge",
 )
 
 
@@ -478,6 +480,34 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "use_mem_rope": r.random() < 0.5, "time_step_min": r.choice([0.001, 0.3]),
             "tie_word_embeddings": r.random() < 0.5, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
         }
+    if fam == "doge":  # dynamic mask attention (key biases, a kept window), residual scales; dense (transformers'
+        # CDMoE routes a multi-token forward across tokens: test_doge_hf.py compares it with its generation instead)
+        heads = r.choice([2, 4])
+        return "DogeConfig", "DogeForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": r.choice([32, 48]), "num_hidden_layers": L,
+            "num_attention_heads": heads, "num_key_value_heads": r.choice([1, heads]),
+            "keep_window_size": r.choice([4, 8, 64]), "sliding_window": r.choice([None, 6, 12]),
+            "attention_bias": r.random() < 0.3, "mlp_bias": r.random() < 0.3, "tie_word_embeddings": r.random() < 0.3,
+            "rope_parameters": {"rope_type": "default", "rope_theta": r.choice([1e4, 5e5])},
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        }
+    if fam == "hy_v4":  # sparse MLA with sinks and gates, shared indexers, hyper-connections, clamped experts
+        kinds = ["full"] + [r.choice(["full", "shared"]) for _ in range(L - 1)]
+        dense = r.choice([0, 1, min(2, L)])
+        return "HYV4Config", "HYV4ForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+            "num_hidden_layers": L, "num_attention_heads": r.choice([2, 4]), "q_lora_rank": r.choice([8, 16]),
+            "kv_lora_rank": r.choice([8, 16]), "qk_nope_head_dim": r.choice([4, 8]), "qk_rope_head_dim": r.choice([4, 8]),
+            "v_head_dim": r.choice([4, 8]), "n_routed_experts": 4, "n_shared_experts": r.choice([1, 2]),
+            "num_experts_per_tok": r.choice([1, 2]), "n_group": r.choice([1, 2]), "topk_group": 1,
+            "routed_scaling_factor": r.choice([1.0, 2.5]), "norm_topk_prob": r.random() < 0.7,
+            "index_topk": r.choice([4, 6, 32]), "index_n_heads": 16, "index_head_dim": r.choice([8, 16]),
+            "indexer_types": kinds, "mlp_layer_types": ["dense"] * dense + ["sparse"] * (L - dense),
+            "hc_mult": r.choice([1, 2, 4]), "hc_magnitude": r.choice([1.0, 2.0]), "hc_eps": r.choice([1e-6, 0.05]),
+            "swiglu_limit": r.choice([0.5, 10.0]), "tie_word_embeddings": r.random() < 0.2,
+            "attention_bias": r.random() < 0.2, "max_position_embeddings": 64,
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        }
     if fam == "qwen4_exp":  # hyper-connections, QSA block selection, n-gram embeddings on linear layers
         types = [r.choice(["linear_attention", "indexed_attention"]) for _ in range(L)]
         linear = [i + 1 for i, t in enumerate(types) if t == "linear_attention"]
@@ -769,6 +799,19 @@ def run(fam: str, seed: int) -> dict[str, Any]:
                     p.copy_(init * (4 + torch.randn_like(p)))
                 elif n.endswith(("sqk", "s_gate", "lambda_1", "lambda_2")):
                     p.copy_(init * (1 + 0.3 * torch.randn_like(p)))
+        if fam == "doge":  # (each KV head's A: transformers' zeros make every key's bias 1)
+            for n, p in hf.named_parameters():
+                if n.endswith(".A"):
+                    p.copy_(0.3 * torch.randn_like(p))
+        if fam == "hy_v4":  # (sinks and hyper-connection biases: transformers' are 0; correction biases live)
+            for n, p in hf.named_parameters():
+                if n.endswith(("sinks", ".base", "hc_base")):
+                    p.copy_(torch.randn_like(p))
+                elif n.endswith(("_hc.scale", "hc_scale")):
+                    p.copy_(0.5 + 0.2 * torch.randn_like(p))
+            for n, b in hf.named_buffers():
+                if n.endswith("e_score_correction_bias"):
+                    b.copy_(0.1 * torch.randn_like(b))
         if fam == "qwen4_exp":  # (norms around 1 + 0, PLE convolutions: transformers' are 0; ids with the EOS)
             for n, p in hf.named_parameters():
                 if "norm" in n and n.endswith("weight") and p.dim() == 1:

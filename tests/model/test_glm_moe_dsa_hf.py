@@ -88,11 +88,11 @@ def test_the_shared_layers_reuse_the_selection(ckpt):
     want = logits()
     real = model._sparse_attention
 
-    def dense_on_shared(indexer, x, q_resid, qq, state, kv_layer, latent):
+    def dense_on_shared(indexer, x, q_resid, qq, state, kv_layer, latent, sinks=None):
         if indexer is None:  # a shared layer: every visible key (causal) instead of the reused selection
             state.dsa_masks = {i: torch.ones_like(m).tril(m.shape[1] - m.shape[0])
                                for i, m in state.dsa_masks.items()}
-        return real(indexer, x, q_resid, qq, state, kv_layer, latent)
+        return real(indexer, x, q_resid, qq, state, kv_layer, latent, sinks)
 
     model._sparse_attention = dense_on_shared
     try:

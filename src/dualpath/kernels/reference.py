@@ -232,27 +232,33 @@ def _seq_latent(kv_layer: torch.Tensor, table: torch.Tensor, n: int, kv_lora_ran
     return rows.float()  # [n, R + P]
 
 
-def _mla_attend(q: torch.Tensor, kv: torch.Tensor, scale: float, r: int, mask: torch.Tensor | None) -> torch.Tensor:
-    # q [M, H, R + P] against latent rows kv [N, R + P]; values are the first R columns -> [M, H, R]
+def _mla_attend(q: torch.Tensor, kv: torch.Tensor, scale: float, r: int, mask: torch.Tensor | None,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
+    # q [M, H, R + P] against latent rows kv [N, R + P]; values are the first R columns -> [M, H, R]; sinks [H]: a
+    # logit per head in each softmax's denominator (Hy4's)
     s = torch.einsum("mhd,nd->mhn", q.float(), kv) * scale
     if mask is not None:
         s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    if sinks is not None:
+        s = torch.cat((s, sinks.float()[None, :, None].expand(s.shape[0], -1, 1)), dim=-1)
+        return torch.einsum("mhn,nr->mhr", torch.softmax(s, dim=-1)[..., :-1], kv[:, :r])
     return torch.einsum("mhn,nr->mhr", torch.softmax(s, dim=-1), kv[:, :r])
 
 
 def mla_masked_attention(q: torch.Tensor, kv_layer: torch.Tensor, table: torch.Tensor, n: int, scale: float,
-                         kv_lora_rank: int, mask: torch.Tensor) -> torch.Tensor:
+                         kv_lora_rank: int, mask: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA of one sequence's queries ``q [M, H, R + P]`` over its first ``n`` paged latent rows, each query
-    seeing only the keys ``mask [M, n]`` marks (DeepSeek-V3.2's sparse selection) -> ``[M, H, R]`` in ``q``'s
-    dtype. One query (a decode step) reads only its selected rows from the pool."""
+    seeing only the keys ``mask [M, n]`` marks (DeepSeek-V3.2's sparse selection, or the causal mask) -> ``[M, H,
+    R]`` in ``q``'s dtype; ``sinks [H]``: a logit per head in each softmax's denominator (Hy4). One query (a decode
+    step) reads only its selected rows from the pool."""
     if q.shape[0] == 1:
         pos = mask[0].nonzero().squeeze(1)
         bt = kv_layer.shape[1]
         rows = kv_layer[table.long()[pos // bt], pos % bt]
         rows = dequantize_latent_fp8(rows, kv_lora_rank) if rows.dtype == torch.uint8 else rows.float()
-        return _mla_attend(q, rows, scale, kv_lora_rank, None).to(q.dtype)
+        return _mla_attend(q, rows, scale, kv_lora_rank, None, sinks).to(q.dtype)
     kv = _seq_latent(kv_layer, table, n, kv_lora_rank)
-    return _mla_attend(q, kv, scale, kv_lora_rank, mask).to(q.dtype)
+    return _mla_attend(q, kv, scale, kv_lora_rank, mask, sinks).to(q.dtype)
 
 
 def mla_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,

@@ -90,6 +90,7 @@ ARCHITECTURES: dict[str, str] = {
     "InklingForCausalLM": "inkling_text",  # (dualpath.model.inkling)
     "DoryForCausalLM": "dory",  # (dualpath.model.dory)
     "Qwen4ExpForCausalLM": "qwen4_exp_text",  # (dualpath.model.qwen4_exp)
+    "DogeForCausalLM": "doge",  # (dualpath.model.doge)
     **lnf.ARCHITECTURES,  # GPT-2, GPT-NeoX, Phi, StableLM, StarCoder 2 (dualpath.model.layernorm_family)
     **lv.ARCHITECTURES,  # the one-twist Llamas and Llama 4 (dualpath.model.llama_variants)
 }
@@ -121,7 +122,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "zamba2": "Zamba2ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM",
             "zamba": "ZambaForCausalLM", "rwkv": "RwkvForCausalLM",
             "zaya": "ZayaForCausalLM", "inkling_text": "InklingForCausalLM",
-            "dory": "DoryForCausalLM", "qwen4_exp_text": "Qwen4ExpForCausalLM"}
+            "dory": "DoryForCausalLM", "qwen4_exp_text": "Qwen4ExpForCausalLM", "doge": "DogeForCausalLM"}
 #: Gemma 2's attention and logit settings (part of the spec's identity only when set)
 _GEMMA2_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 #: Gemma 2's attention, scalings and soft caps: Gemma 2, Gemma 3 and VaultGemma (Gemma 2's layers with only the
@@ -179,8 +180,6 @@ _REFUSED = {
                        "autoregressive decoder",
     **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"),
                     "a draft model that attends with its target model's keys and values, not a model on its own"),
-    **dict.fromkeys(("hy_v4", "hy_v4_vl"), "GLM-5's sparse MLA under DeepSeek-V4's hyper-connections (several residual "
-                                           "streams mixed around each layer) is not implemented"),
     "longcat_flash": "two attention sublayers per layer and zero-computation experts are not implemented",
     "mllama": "its cross-attention layers attend to the image's states between self-attention layers; not "
               "implemented",

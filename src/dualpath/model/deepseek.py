@@ -42,7 +42,6 @@ from dualpath.model.rope import rope_frequencies
 
 __all__ = ["DeepseekV3Model"]
 
-_LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the default eps in DeepSeek's and HF's code
 
 
 class MLAttention(nn.Module):
@@ -53,19 +52,22 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(spec.hidden_size, h * spec.qk_head_dim, bias=False)
         elif spec.q_gate:  # A.X-K2: queries and output gates from [normed latent, latent] (its checkpoints' q_b_proj)
             self.q_a_proj = nn.Linear(spec.hidden_size, spec.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, _LATENT_NORM_EPS)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, spec.latent_norm_eps)
             self.q_b_proj = nn.Linear(2 * spec.q_lora_rank, h * (spec.qk_head_dim + spec.v_head_dim), bias=False)
         else:
             self.q_a_proj = nn.Linear(spec.hidden_size, spec.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, _LATENT_NORM_EPS)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank, spec.latent_norm_eps)
             self.q_b_proj = nn.Linear(spec.q_lora_rank, h * spec.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(spec.hidden_size, spec.kv_lora_rank + spec.qk_rope_head_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, _LATENT_NORM_EPS)
+        self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, spec.latent_norm_eps)
         self.kv_b_proj = nn.Linear(spec.kv_lora_rank, h * (spec.qk_nope_head_dim + spec.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * spec.v_head_dim, spec.hidden_size, bias=bias)
         self.indexer: Indexer | None = None
         if spec.has_indexer(layer):  # DeepSeek Sparse Attention's lightning indexer (GLM-5: not on shared layers)
             self.indexer = Indexer(spec)
+        if spec.head_gates_and_sinks:  # Hy4: a sigmoid gate per output channel, a sink logit per head
+            self.gate_proj = nn.Linear(spec.hidden_size, h * spec.v_head_dim, bias=False)
+            self.sinks = nn.Parameter(torch.zeros(h))
 
 
 class Router(nn.Module):
@@ -128,10 +130,24 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, w = self.gate(x)
-        out = dispatch_experts(x, idx, w, self.experts)
+        limit = getattr(self.gate.spec, "swiglu_limit", 0)  # (Hy4: the routed experts' SwiGLU clamped)
+        experts = [_Clamped(cast(FeedForward, e), limit) for e in self.experts] if limit else self.experts
+        out = dispatch_experts(x, idx, w, experts)
         if self.has_shared:
             out = out + self.shared_experts(x)
         return out
+
+
+class _Clamped:
+    """A routed expert with its SwiGLU clamped (Hy4): the gate above ``limit``, the up projection to +-``limit``."""
+
+    def __init__(self, ff: FeedForward, limit: float) -> None:
+        self.ff, self.limit = ff, limit
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.ff.gate_proj(x).clamp(max=self.limit)
+        u = self.ff.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return cast(torch.Tensor, self.ff.down_proj(F.silu(g) * u))
 
 
 def _index_keys(kv_layer: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -272,8 +288,21 @@ class DeepseekV3Model(LayerwiseDecoder):
         spec, b = self.spec, state.batch
         self._check_kv(layer, kv_layer, b.block_tokens)
         mod = cast(DecoderLayer, self.model.layers[layer])
-        attn = cast(MLAttention, mod.self_attn)
-        x = mod.input_layernorm(state.hidden)
+        out = self.attention(cast(MLAttention, mod.self_attn), mod.input_layernorm(state.hidden), state, kv_layer)
+        rs = spec.residual_scale  # MiniCPM3: each block's outputs scaled
+        hid = state.hidden + (out if rs is None else out * rs)
+        out = mod.mlp(mod.post_attention_layernorm(hid))
+        post = getattr(mod, "post_mlp_layernorm", None)
+        if post is not None:
+            out = post(out)
+        state.hidden = hid + (out if rs is None else out * rs)
+        state.next_layer += 1
+
+    def attention(self, attn: MLAttention, x: torch.Tensor, state: ForwardState,
+                  kv_layer: torch.Tensor) -> torch.Tensor:
+        """One layer's attention over the normed hidden states ``x``: the new tokens' latent rows (and indexer keys)
+        written into ``kv_layer``, then every new token attends over its prefix -> ``o_proj``'s output."""
+        spec, b = self.spec, state.batch
         n, h, r = x.shape[0], spec.n_heads, spec.kv_lora_rank
         nope, rope, vd = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
         q_resid = gate = None
@@ -299,7 +328,8 @@ class DeepseekV3Model(LayerwiseDecoder):
         store_latent(torch.cat((c, k_rot), dim=-1), latent, b.slot_mapping, r, backend=self.backend)
         if attn.indexer is not None:
             self._store_index_keys(attn.indexer, x, state, kv_layer)
-        if state.mla_spans is not None:
+        sinks = cast(torch.Tensor | None, getattr(attn, "sinks", None))
+        if state.mla_spans is not None and sinks is None:
             o = self._decompressed_attention(attn, q_nope, q_rot, latent, b, state.mla_spans)
         else:
             # absorbed products in fp32: a bf16 q_lat would round a kv_lora_rank-long sum per head
@@ -308,7 +338,9 @@ class DeepseekV3Model(LayerwiseDecoder):
             qq = torch.cat((q_lat, q_rot.float()), dim=-1).contiguous()             # [N, H, R + rope] fp32
             if state.sparse:  # a sequence holds more than index_topk keys: each query attends to its selection only
                 assert q_resid is not None  # (V3.2 has a q_lora_rank)
-                o_lat = self._sparse_attention(attn.indexer, x, q_resid, qq, state, kv_layer, latent)
+                o_lat = self._sparse_attention(attn.indexer, x, q_resid, qq, state, kv_layer, latent, sinks)
+            elif sinks is not None:  # (Hy4: a sink per head in each softmax; on the torch reference)
+                o_lat = self._sink_attention(qq, latent, b, sinks)
             elif b.is_decode:
                 o_lat = mla_decode_attention(qq, latent, b.block_tables, b.seq_lens, self.scale, r,
                                              backend=self.backend)
@@ -321,15 +353,27 @@ class DeepseekV3Model(LayerwiseDecoder):
         head_gate = getattr(attn, "g_proj", None)
         if head_gate is not None:  # (Bailing hybrid: one gate per head, its sigmoid rounded to the compute dtype)
             o = o * torch.sigmoid(head_gate(x).float()).to(o.dtype)[..., None]
-        out = attn.o_proj(o.reshape(n, h * vd))
-        rs = spec.residual_scale  # MiniCPM3: each block's outputs scaled
-        hid = state.hidden + (out if rs is None else out * rs)
-        out = mod.mlp(mod.post_attention_layernorm(hid))
-        post = getattr(mod, "post_mlp_layernorm", None)
-        if post is not None:
-            out = post(out)
-        state.hidden = hid + (out if rs is None else out * rs)
-        state.next_layer += 1
+        channel_gate = getattr(attn, "gate_proj", None)
+        if channel_gate is not None:  # (Hy4: a gate per output channel, in the compute dtype)
+            o = o * torch.sigmoid(channel_gate(x).view(n, h, vd))
+        return cast(torch.Tensor, attn.o_proj(o.reshape(n, h * vd)))
+
+    def _sink_attention(self, qq: torch.Tensor, latent: torch.Tensor, b: SeqBatch,
+                        sinks: torch.Tensor) -> torch.Tensor:
+        """Absorbed attention with a sink logit per head (Hy4), causal over each sequence's keys, on the torch
+        reference: ``[N, H, R]`` like the MLA kernels."""
+        out = torch.empty((*qq.shape[:2], self.spec.kv_lora_rank), dtype=qq.dtype, device=qq.device)
+        cu = b.cu_seqlens_q.tolist()
+        for i in range(b.batch_size):
+            lo, hi = cu[i], cu[i + 1]
+            if hi == lo:
+                continue
+            n = int(b.seq_lens[i])
+            qpos = b.positions[lo:hi].to(qq.device)
+            mask = torch.arange(n, device=qq.device)[None, :] <= qpos[:, None]
+            out[lo:hi] = mla_masked_attention(qq[lo:hi], latent, b.block_tables[i], n, self.scale,
+                                              self.spec.kv_lora_rank, mask, sinks)
+        return out
 
     def _decompress(self, b: SeqBatch) -> bool:
         """Whether this prefill attends in the decompressed form (:meth:`_decompressed_attention`): ``prefill_form``
@@ -405,7 +449,8 @@ class DeepseekV3Model(LayerwiseDecoder):
         pool[slots[keep] // bt, slots[keep] % bt] = keys[keep].to(pool.dtype)
 
     def _sparse_attention(self, indexer: Indexer | None, x: torch.Tensor, q_resid: torch.Tensor, qq: torch.Tensor,
-                          state: ForwardState, kv_layer: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+                          state: ForwardState, kv_layer: torch.Tensor, latent: torch.Tensor,
+                          sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Each sequence's queries over the keys its indexer selects (:func:`dualpath.model.dsa.selected_keys`),
         on the torch reference: ``[N, H, R]`` like the MLA kernels. A layer without an indexer (GLM-5's shared
         ones) reuses the selection of the last layer before it that has one, kept in ``state.dsa_masks``."""
@@ -431,5 +476,5 @@ class DeepseekV3Model(LayerwiseDecoder):
                 qpos = b.positions[lo:hi].to(qq.device)
                 state.dsa_masks[i] = selected_keys(iq[lo:hi], iw[lo:hi], keys, qpos, spec.index_topk)
             out[lo:hi] = mla_masked_attention(qq[lo:hi], latent, table, n, self.scale, spec.kv_lora_rank,
-                                              state.dsa_masks[i])
+                                              state.dsa_masks[i], sinks)
         return out

@@ -29,13 +29,18 @@ from dualpath.model.mla_spec import DeepseekV3Spec
 __all__ = ["Indexer", "selected_keys"]
 
 
-def _rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False) -> torch.Tensor:
-    """RoPE over the first ``2 * cos.shape[-1]`` values of ``x [..., D]``, pairs ``(i, i + P/2)``; with
-    ``interleave`` (GLM-5's indexer) pairs ``(2i, 2i + 1)``, laid out de-interleaved as transformers does (the same
-    permutation of queries and keys: no dot product changes)."""
+def _rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False,
+               tail: bool = False) -> torch.Tensor:
+    """RoPE over the first ``2 * cos.shape[-1]`` values of ``x [..., D]`` (the last ones with ``tail``: Hy4's
+    indexer), pairs ``(i, i + P/2)``; with ``interleave`` (GLM-5's indexer) pairs ``(2i, 2i + 1)``, laid out
+    de-interleaved as transformers does (the same permutation of queries and keys: no dot product changes)."""
     p = 2 * cos.shape[-1]
     while cos.dim() < x.dim():
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if tail:
+        rest, rot = x[..., :x.shape[-1] - p], x[..., x.shape[-1] - p:]
+        a, b = (rot[..., 0::2], rot[..., 1::2]) if interleave else (rot[..., : p // 2], rot[..., p // 2:])
+        return torch.cat((rest, a * cos - b * sin, b * cos + a * sin), dim=-1)
     rot, rest = x[..., :p], x[..., p:]
     if interleave:
         a, b = rot[..., 0::2], rot[..., 1::2]
@@ -54,20 +59,22 @@ class Indexer(nn.Module):
         self.n_heads, self.head_dim = h, d
         self.wq_b = nn.Linear(spec.q_lora_rank, h * d, bias=False)
         self.wk = nn.Linear(spec.hidden_size, d, bias=False)
-        self.k_norm = nn.LayerNorm(d, eps=1e-6)
+        # (Hy4's LayerNorm takes the config's rms_norm_eps; it and weights_proj stay fp32 in a bf16 model there)
+        self.k_norm = nn.LayerNorm(d, eps=spec.rms_eps if spec.index_rope_tail else 1e-6)
         self.weights_proj = nn.Linear(spec.hidden_size, h, bias=False)
-        self.interleave = spec.index_rope_interleave
+        self.interleave, self.tail = spec.index_rope_interleave, spec.index_rope_tail
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Indexer keys ``[N, D]`` of the tokens ``x [N, hidden]`` (``cos, sin [N, rope/2]``)."""
-        return _rope_half(self.k_norm(self.wk(x)), cos, sin, self.interleave)
+        k = self.k_norm(self.wk(x).to(self.k_norm.weight.dtype)).to(x.dtype)
+        return _rope_half(k, cos, sin, self.interleave, self.tail)
 
     def queries(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(q [N, H, D], weights [N, H] fp32)`` of the tokens ``x`` with their ``q_a_layernorm(q_a_proj(x))``."""
         q = self.wq_b(q_resid).view(x.shape[0], self.n_heads, self.head_dim)
-        w = self.weights_proj(x).float() * self.n_heads ** -0.5
-        return _rope_half(q, cos, sin, self.interleave), w
+        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5
+        return _rope_half(q, cos, sin, self.interleave, self.tail), w
 
 
 def selected_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, qpos: torch.Tensor, topk: int) -> torch.Tensor:

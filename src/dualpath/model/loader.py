@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.deepseek import DeepseekV3Model
     from dualpath.model.deepseek_v4 import DeepseekV4Model
+    from dualpath.model.doge import DogeModel
     from dualpath.model.dory import DoryModel
     from dualpath.model.falcon_h1 import FalconH1Model
     from dualpath.model.gemma3n import Gemma3nModel
@@ -104,7 +105,8 @@ if TYPE_CHECKING:
                 | LagunaModel | BeamModel | HybridModel | GraniteHybridModel
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
-                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel | DoryModel | Qwen4ExpModel)
+                | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel | DoryModel | Qwen4ExpModel
+                | DogeModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -317,7 +319,16 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
     elif isinstance(spec, DeepseekV3Spec):
         from dualpath.model.deepseek import DeepseekV3Model
 
-        model = DeepseekV3Model(spec, device="cpu", backend=backend)
+        if spec.model_type in ("hy_v4", "hy_v4_vl_text"):  # (hyper-connections around GLM-5's sparse MLA)
+            from dualpath.model.hy_v4 import HyV4Model
+
+            model = HyV4Model(spec, device="cpu", backend=backend)
+            if tensors is not None:
+                from dualpath.model.hy_v4 import tensors_in as hy_v4_in
+
+                tensors = hy_v4_in(dict(mla_language_tensors(tensors)))
+        else:
+            model = DeepseekV3Model(spec, device="cpu", backend=backend)
         if tensors is not None:  # (Kimi K2.5: its language model's tensors; Kimi's INT4 experts)
             tensors = deepseek_tensors(spec, mla_language_tensors(tensors), source, fp8_block)
     elif spec.architecture == "gemma4_text":
@@ -348,6 +359,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "doge":
+        from dualpath.model import doge
+
+        model = doge.DogeModel(cast(doge.DogeSpec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = doge.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "qwen4_exp_text":
         from dualpath.model import qwen4_exp
 

@@ -22,6 +22,7 @@ from dualpath.model.spec_common import _DTYPES, _SpecCommon, parse_rope, read_hf
 #: image-text checkpoints whose language model is a DeepSeek-V3 (MLA) decoder: Kimi K2.5 (transformers' name and the
 #: hub's remote-code name)
 _MLA_IMAGE_TEXT_ARCHS = ("Kimi_K25ForConditionalGeneration", "KimiK25ForConditionalGeneration")
+_HY_VL_ARCH = "HYV4VLForConditionalGeneration"
 
 
 def mla_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -30,6 +31,8 @@ def mla_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     transformers does, the LM head is tied to the embeddings by the top-level ``tie_word_embeddings`` (true by
     default)."""
     archs = cfg.get("architectures") or []
+    if _HY_VL_ARCH in archs or (not archs and cfg.get("model_type") == "hy_v4_vl"):
+        return _hy_vl_text_config(cfg, where)
     if not any(a in _MLA_IMAGE_TEXT_ARCHS for a in archs) and not (not archs and cfg.get("model_type") == "kimi_k25"):
         return cfg
     text = cfg.get("text_config")
@@ -46,39 +49,73 @@ def mla_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def _hy_vl_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """Hy4-VL's language model (``text_config``, model_type ``hy_v4_vl_text``): Hy4's layers with RoPE over
+    interleaved pairs (in the attention and the indexer), latent norms at ``rms_norm_eps`` (the text model's keep
+    1e-6), and M-RoPE, which over text alone (every token's three position ids equal) is the plain RoPE of the same
+    frequencies (``mrope_section`` dropped)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ModelError(f"{where}: text_config must be an object (Hy4-VL's language model)")
+    if text.get("model_type", "hy_v4_vl_text") != "hy_v4_vl_text":
+        raise ModelError(f"{where}: text_config.model_type {text['model_type']!r} unsupported (expected "
+                         "hy_v4_vl_text)")
+    out = {**text, "architectures": [], "model_type": "hy_v4_vl_text",
+           "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))}
+    rope = out.get("rope_parameters")
+    if isinstance(rope, dict):
+        out["rope_parameters"] = {k: v for k, v in rope.items() if k not in ("mrope_section", "mrope_interleaved")}
+    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if key not in text and key in cfg:
+            out[key] = cfg[key]
+    return out
+
+
 _DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",
                   "DeepseekV32ForCausalLM": "deepseek_v32", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                   "MiniCPM3ForCausalLM": "minicpm3", "GlmMoeDsaForCausalLM": "glm_moe_dsa",
                   "Mistral4ForCausalLM": "mistral4", "YoutuForCausalLM": "youtu",
                   "AXK1ForCausalLM": "axk1", "AXK2ForCausalLM": "axk2", "KimiLinearForCausalLM": "kimi_linear",
-                  "BailingHybridForCausalLM": "bailing_hybrid"}
+                  "BailingHybridForCausalLM": "bailing_hybrid", "HYV4ForCausalLM": "hy_v4"}
 #: the router's top-k method each generation supports (V2: softmax scores; V3 and V3.2: sigmoid scores + correction
 #: bias)
 _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_limited_greedy"),
                  "deepseek_v32": ("noaux_tc",), "glm4_moe_lite": ("noaux_tc",), "minicpm3": ("noaux_tc",),
                  "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",), "youtu": ("noaux_tc",),
                  "axk1": ("noaux_tc",), "axk2": ("noaux_tc",), "kimi_linear": ("noaux_tc",),
-                 "bailing_hybrid": ("noaux_tc",)}
+                 "bailing_hybrid": ("noaux_tc",), "hy_v4": ("noaux_tc",), "hy_v4_vl_text": ("noaux_tc",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
             "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax", "youtu": "sigmoid",
-            "axk1": "sigmoid", "axk2": "sigmoid", "kimi_linear": "sigmoid", "bailing_hybrid": "sigmoid"}
+            "axk1": "sigmoid", "axk2": "sigmoid", "kimi_linear": "sigmoid", "bailing_hybrid": "sigmoid",
+            "hy_v4": "sigmoid", "hy_v4_vl_text": "sigmoid"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
           "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "youtu": "Youtu-LLM", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
           "mistral4": "Mistral 4 (mistral4)", "axk1": "A.X-K1 (axk1)", "axk2": "A.X-K2 (axk2)",
-          "kimi_linear": "Kimi Linear (kimi_linear)", "bailing_hybrid": "Bailing hybrid (bailing_hybrid)"}
+          "kimi_linear": "Kimi Linear (kimi_linear)", "bailing_hybrid": "Bailing hybrid (bailing_hybrid)",
+          "hy_v4": "Hy4 (hy_v4)", "hy_v4_vl_text": "Hy4-VL's language model (hy_v4_vl_text)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
-DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2")
+DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text")
+#: Hy4 and Hy4-VL's language model (hyper-connections, head gates and sinks, clamped experts)
+HY_TYPES = ("hy_v4", "hy_v4_vl_text")
+#: the models whose DSA layers may reuse an earlier layer's selection ("shared" in ``indexer_types``)
+_SHARED_INDEXER_TYPES = ("glm_moe_dsa", *HY_TYPES)
+#: Hy4's fields (hyper-connections, the experts' clamp): other specs leave them out of their dict
+_HY_FIELDS = ("hc_mult", "hc_magnitude", "hc_eps", "swiglu_limit")
 #: MiniCPM3's scalings (None for every other model: their dicts, and so block keys, stay as they were)
 _MINICPM_FIELDS = ("scale_emb", "residual_scale", "logits_scaling")
 #: the fields only DeepSeek-V3.2 has (other specs leave them out of their dict: their block keys stay as they were)
 _V32_FIELDS = ("index_topk", "index_n_heads", "index_head_dim")
 
 
-def _glm5_shared_indexer_layers(cfg: dict[str, Any], where: str, n_layers: int) -> tuple[int, ...]:
+def _glm5_shared_indexer_layers(cfg: dict[str, Any], where: str, n_layers: int,
+                                hy: bool = False) -> tuple[int, ...]:
     """GLM-5's layers without an indexer of their own, as GlmMoeDsaConfig derives ``indexer_types``: the list
     itself, else ``index_topk_pattern`` (``"F"`` full, ``"S"`` shared), else every layer ``i`` full where
-    ``max(i - index_skip_topk_offset + 1, 0) % index_topk_freq == 0`` (defaults 2 and 1: every layer)."""
+    ``max(i - index_skip_topk_offset + 1, 0) % index_topk_freq == 0`` (defaults 2 and 1: every layer). ``hy``
+    (Hy4, HYV4Config): the list, else layer 0 and every fourth from layer 1 full."""
     kinds = cfg.get("indexer_types")
+    if kinds is None and hy:
+        kinds = ["full" if i == 0 or (i - 1) % 4 == 0 else "shared" for i in range(n_layers)]
     if kinds is None and cfg.get("index_topk_pattern") is not None:
         pattern = cfg["index_topk_pattern"]
         if isinstance(pattern, str):
@@ -189,6 +226,12 @@ class DeepseekV3Spec(_SpecCommon):
     query_scale_beta: float | None = None
     # A.X-K2: the width of its gated RMSNorms' gate (0 for every other model: their dicts stay as they were)
     gated_norm_rank: int = 0
+    # Hy4: residual streams mixed around each sublayer (0: none), the post-gate's magnitude and epsilon, and the
+    # routed experts' SwiGLU clamp (0: none)
+    hc_mult: int = 0
+    hc_magnitude: float = 2.0
+    hc_eps: float = 1e-6
+    swiglu_limit: float = 0.0
     scale_emb: float | None = None  # MiniCPM3's scalings (see the class docstring)
     residual_scale: float | None = None
     logits_scaling: float | None = None
@@ -254,10 +297,15 @@ class DeepseekV3Spec(_SpecCommon):
         if self.rope_type not in ("default", "longrope") and "factor" not in (self.rope_scaling or {}):
             raise ModelError(f"model config: rope_scaling of type {self.rope_type!r} needs a 'factor'")
         object.__setattr__(self, "index_shared_layers", tuple(int(i) for i in self.index_shared_layers))
-        if self.index_shared_layers and (self.model_type != "glm_moe_dsa" or 0 in self.index_shared_layers
+        if self.index_shared_layers and (self.model_type not in _SHARED_INDEXER_TYPES or 0 in self.index_shared_layers
                                          or not all(0 < i < self.n_layers for i in self.index_shared_layers)):
             raise ModelError(f"model config: indexer_types: layers {list(self.index_shared_layers)} reuse an earlier "
-                             "layer's selection; only GLM-5's, and never the first layer (it has no earlier one)")
+                             "layer's selection; only GLM-5's and Hy4's, and never the first layer (it has no "
+                             "earlier one)")
+        if self.model_type in HY_TYPES and self.hc_mult < 1:
+            raise ModelError(f"model config: hc_mult must be >= 1, got {self.hc_mult}")
+        if self.model_type not in HY_TYPES and (self.hc_mult or self.swiglu_limit):
+            raise ModelError(f"model config: hc_mult / swiglu_limit are Hy4's, not {self.model_type}'s")
         if self.model_type in DSA_MODEL_TYPES:
             if min(self.index_topk, self.index_n_heads, self.index_head_dim) <= 0 or self.q_lora_rank is None:
                 raise ModelError(f"model config: {_LABEL[self.model_type]} needs positive index_topk, index_n_heads, "
@@ -337,8 +385,25 @@ class DeepseekV3Spec(_SpecCommon):
 
     @property
     def index_rope_interleave(self) -> bool:
-        """GLM-5's indexer rotates interleaved pairs; DeepSeek-V3.2's rotates halves."""
-        return self.model_type == "glm_moe_dsa"
+        """GLM-5's indexer (and Hy4-VL's) rotates interleaved pairs; DeepSeek-V3.2's rotates halves."""
+        return self.model_type in ("glm_moe_dsa", "hy_v4_vl_text")
+
+    @property
+    def index_rope_tail(self) -> bool:
+        """Hy4's indexer rotates the last ``qk_rope_head_dim`` values of each head (the others their first)."""
+        return self.model_type in HY_TYPES
+
+    @property
+    def head_gates_and_sinks(self) -> bool:
+        """Hy4: each head's output scaled by ``sigmoid(gate_proj(x))`` per channel, and a learned sink logit per head
+        in each softmax's denominator."""
+        return self.model_type in HY_TYPES
+
+    @property
+    def latent_norm_eps(self) -> float:
+        """The query and key latents' RMS norms' epsilon: 1e-6 (DeepSeek's and transformers' default), the config's
+        ``rms_norm_eps`` for Hy4-VL's language model."""
+        return self.rms_eps if self.model_type == "hy_v4_vl_text" else 1e-6
 
     def with_dtype(self, dtype: str) -> DeepseekV3Spec:
         return replace(self, dtype=dtype)
@@ -373,7 +438,7 @@ class DeepseekV3Spec(_SpecCommon):
             d["kv_rows"] = "latent+index_key"
         if self.query_scale_beta is None:
             d.pop("query_scale_beta")
-        if self.model_type != "glm_moe_dsa":
+        if self.model_type not in _SHARED_INDEXER_TYPES:
             d.pop("index_shared_layers")
         else:
             d["index_shared_layers"] = list(self.index_shared_layers)
@@ -382,6 +447,9 @@ class DeepseekV3Spec(_SpecCommon):
                 d.pop(name)
         if self.model_type != "axk2":
             d.pop("gated_norm_rank")
+        if self.model_type not in HY_TYPES:
+            for name in _HY_FIELDS:
+                d.pop(name)
         d["architecture"] = self.architecture
         return d
 
@@ -454,6 +522,22 @@ class DeepseekV3Spec(_SpecCommon):
                        first_k_dense_replace=k, mlp_layer_types=["dense"] * k + ["sparse"] * (self.n_layers - k),
                        indexer_types=["shared" if i in self.index_shared_layers else "full"
                                       for i in range(self.n_layers)])
+        if self.model_type in HY_TYPES:
+            del cfg["rope_interleave"], cfg["num_nextn_predict_layers"], cfg["first_k_dense_replace"]
+            k = min(self.first_k_dense_replace, self.n_layers)
+            cfg.update(architectures=["HYV4ForCausalLM"], model_type="hy_v4", index_topk=self.index_topk,
+                       index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
+                       mlp_layer_types=["dense"] * k + ["sparse"] * (self.n_layers - k),
+                       indexer_types=["shared" if i in self.index_shared_layers else "full"
+                                      for i in range(self.n_layers)],
+                       hc_mult=self.hc_mult, hc_magnitude=self.hc_magnitude, hc_eps=self.hc_eps,
+                       swiglu_limit=self.swiglu_limit, pad_token_id=None, bos_token_id=self.bos_token_id,
+                       eos_token_id=self.eos_token_id)  # (HYV4Config's defaults lie past a small vocabulary)
+            if self.model_type == "hy_v4_vl_text":  # (its image-text config: the language model's alone reads so)
+                del cfg["architectures"]
+                text = {**cfg, "model_type": "hy_v4_vl_text"}
+                cfg = {"architectures": [_HY_VL_ARCH], "model_type": "hy_v4_vl", "text_config": text,
+                       "tie_word_embeddings": self.tie_embeddings}
         if self.model_type == "minicpm3":
             for key in ("moe_intermediate_size", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
                         "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "first_k_dense_replace",
@@ -490,6 +574,7 @@ class DeepseekV3Spec(_SpecCommon):
                        where: str | None = None, max_context: int | None = None) -> DeepseekV3Spec:
         cfg, name = read_hf_config(config)
         where = where or name
+        cfg = mla_text_config(cfg, where)
 
         def need(key: str) -> Any:
             if key not in cfg or cfg[key] is None:
@@ -513,7 +598,14 @@ class DeepseekV3Spec(_SpecCommon):
         if int(cfg.get("moe_layer_freq", 1) or 1) != 1:
             raise ModelError(f"{where}: moe_layer_freq {cfg['moe_layer_freq']!r} unsupported (every {label} "
                              "checkpoint uses 1)")
-        norm_topk = cfg.get("norm_topk_prob", model_type in ("deepseek_v3", "axk1", "axk2"))
+        if model_type in HY_TYPES:  # (num_local_experts names n_routed_experts; RoPE over halves, or Hy4-VL's pairs)
+            if cfg.get("n_routed_experts") is None and cfg.get("num_local_experts") is not None:
+                cfg = {**cfg, "n_routed_experts": cfg["num_local_experts"]}
+            cfg = {**cfg, "rope_interleave": model_type == "hy_v4_vl_text"}
+            if cfg.get("mlp_layer_types") is None:
+                n = int(need("num_hidden_layers"))
+                cfg["mlp_layer_types"] = ["dense"] * min(1, n) + ["sparse"] * max(n - 1, 0)
+        norm_topk = cfg.get("norm_topk_prob", model_type in ("deepseek_v3", "axk1", "axk2", *HY_TYPES))
         if model_type == "axk2" and cfg.get("rope_interleave") is None:  # (A.X-K2's MLA always rotates pairs)
             cfg = {**cfg, "rope_interleave": True}
         if model_type == "deepseek_v2" and norm_topk:
@@ -541,7 +633,8 @@ class DeepseekV3Spec(_SpecCommon):
             except (TypeError, ValueError, ZeroDivisionError):
                 raise ModelError(f"{where}: scale_emb / scale_depth / dim_model_base must be numbers "
                                  f"(dim_model_base non-zero)") from None
-        if isinstance(layer_kinds, list) and (cfg.get("first_k_dense_replace") is None or model_type == "glm_moe_dsa"):
+        if isinstance(layer_kinds, list) and (cfg.get("first_k_dense_replace") is None
+                                              or model_type in ("glm_moe_dsa", *HY_TYPES)):
             # GLM-4.7-Flash names each layer's MLP and has no first_k_dense_replace; GLM-5's transformers follows
             # mlp_layer_types over first_k_dense_replace (its config keeps the class default 3): the leading dense layers
             first_dense = next((i for i, kind in enumerate(layer_kinds) if kind != "dense"), len(layer_kinds))
@@ -557,12 +650,13 @@ class DeepseekV3Spec(_SpecCommon):
             first_dense = n_layers
         index: dict[str, int] = {}
         max_position = int(cfg.get("max_position_embeddings", {"youtu": 131072, "axk1": 32768,
-                                                                "axk2": 131072}.get(model_type, 4096)))
+                                                                "axk2": 131072, "hy_v4": 262144,
+                                                                "hy_v4_vl_text": 262144}.get(model_type, 4096)))
         shared: tuple[int, ...] = ()
         if model_type in DSA_MODEL_TYPES:
             index = {name: int(need(name)) for name in _V32_FIELDS}
-        if model_type == "glm_moe_dsa":
-            shared = _glm5_shared_indexer_layers(cfg, where, n_layers)
+        if model_type in _SHARED_INDEXER_TYPES:
+            shared = _glm5_shared_indexer_layers(cfg, where, n_layers, hy=model_type in HY_TYPES)
             # (the context is no longer capped at index_topk: the indexer's selection runs beyond it)
         n_heads = int(need("num_attention_heads"))
         # num_key_value_heads is meaningless for MLA (transformers even writes its default 128): not read
@@ -578,9 +672,23 @@ class DeepseekV3Spec(_SpecCommon):
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
             if dtype not in _DTYPES:
                 dtype = "float32"
-        q_lora = cfg.get("q_lora_rank", {"axk1": 1536, "axk2": 384}.get(model_type))
-        if model_type in ("axk1", "axk2") and q_lora is None:
+        q_lora = cfg.get("q_lora_rank", {"axk1": 1536, "axk2": 384, "hy_v4": 1536,
+                                         "hy_v4_vl_text": 2048}.get(model_type))
+        if model_type in ("axk1", "axk2", *HY_TYPES) and q_lora is None:
             raise ModelError(f"{where}: q_lora_rank null unsupported ({label}'s attention always has a query LoRA)")
+        hy: dict[str, Any] = {}
+        if model_type in HY_TYPES:
+            try:
+                hy = {"hc_mult": int(cfg.get("hc_mult", 4)), "hc_magnitude": float(cfg.get("hc_magnitude", 2.0)),
+                      "hc_eps": float(cfg.get("hc_eps", 1e-6)), "swiglu_limit": float(cfg.get("swiglu_limit", 10.0))}
+            except (TypeError, ValueError):
+                raise ModelError(f"{where}: hc_mult / hc_magnitude / hc_eps / swiglu_limit must be numbers") from None
+            if not hy["swiglu_limit"] > 0:
+                # (HYV4Config says a limit <= 0 disables the clamp; transformers' experts clamp with it anyway,
+                # zeroing every routed expert at 0: the two disagree, so neither is guessed)
+                raise ModelError(f"{where}: swiglu_limit {hy['swiglu_limit']} unsupported: the clamp of the routed "
+                                 "experts needs a positive limit (transformers clamps with a limit <= 0 too, which "
+                                 "its config documents as no clamp)")
         gated = 0
         if model_type == "axk2":
             gated = cfg.get("gated_norm_rank", 16)
@@ -607,8 +715,8 @@ class DeepseekV3Spec(_SpecCommon):
             norm_topk_prob=bool(norm_topk),
             routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
             first_k_dense_replace=first_dense,
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if model_type in ("glm4_moe_lite", "minicpm3", "glm_moe_dsa")
-                                  else 1e-6)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5 if model_type in ("glm4_moe_lite", "minicpm3", "glm_moe_dsa",
+                                                                          *HY_TYPES) else 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             rope_interleave=bool(cfg.get("rope_interleave", True)),
@@ -628,5 +736,6 @@ class DeepseekV3Spec(_SpecCommon):
             query_scale_beta=beta,
             gated_norm_rank=gated,
             context_cap=max_context,
+            **hy,
             **minicpm,
         )

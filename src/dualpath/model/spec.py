@@ -966,6 +966,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import lfm2
 
             return lfm2.spec_from_config(cfg, where, dtype, max_context, arch)
+        if arch == "doge":  # (dynamic mask attention: a bias per key in each row; learned residual scales; CDMoE)
+            from dualpath.model import doge
+
+            return doge.spec_from_config(cfg, where, dtype, max_context)
         if arch == "qwen4_exp_text":  # (Qwen3.5's layers under hyper-connections; QSA attention; n-gram embeddings)
             from dualpath.model import qwen4_exp
 
@@ -1190,7 +1194,8 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
         from dualpath.model import kimi_linear  # (Kimi Linear's layers, RoPE'd and gated MLA)
 
         return kimi_linear.bailing_spec_from_config(cfg, where, dtype, kv_format, max_context)
-    if any(a in _DEEPSEEK_ARCH for a in archs) or (not archs and cfg.get("model_type") in _DEEPSEEK_ARCH.values()):
+    if any(a in _DEEPSEEK_ARCH for a in archs) or (not archs and cfg.get("model_type") in (*_DEEPSEEK_ARCH.values(),
+                                                                                           "hy_v4_vl_text")):
         return DeepseekV3Spec.from_hf_config(cfg, dtype=dtype, kv_format=kv_format, where=where,
                                              max_context=max_context)
     if kv_format != "auto":

@@ -501,7 +501,8 @@ def cosmos3_language_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str,
 
 
 #: Kimi K2.5's vision parts, left out of its language model
-_KIMI_VISION_PREFIXES = ("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector.")
+_KIMI_VISION_PREFIXES = ("vision_tower.", "mm_projector.", "model.vision_tower.", "model.mm_projector.",
+                         "vit.")  # (Hy4-VL's tower, under its released name)
 
 
 def mla_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
@@ -509,7 +510,7 @@ def mla_language_tensors(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, to
     ``model.language_model.``) -> ``model.``, its decoder layers as ``model.layers.`` (transformers writes them as
     ``blocks``), ``language_model.lm_head.`` -> ``lm_head.``; the vision tower and projector left out. A text
     checkpoint's tensors unchanged."""
-    if not any(k.startswith(("language_model.", "model.language_model.")) for k in tensors):
+    if not any(k.startswith(("language_model.", "model.language_model.", "vit.")) for k in tensors):
         return tensors
     return _language_model(tensors, _KIMI_VISION_PREFIXES, (("model.blocks.", "model.layers."),))
 
@@ -548,6 +549,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         out = _suffixes_renamed(out, {ours: theirs for theirs, ours in _PERI_NAMES.items()})
     if arch == "mistral4":  # (transformers reads Mistral 4's experts packed only)
         out = _packed_experts(out)
+    if arch in ("hy_v4", "hy_v4_vl_text"):  # (experts packed; the released names, as transformers writes them)
+        from dualpath.model.hy_v4 import tensors_out as hy_v4_out
+
+        out = hy_v4_out(out)
     if arch == "modernbert-decoder":  # (its embeddings', final norm's, prediction head's and decoder's names)
         from dualpath.model.modernbert_decoder import tensors_out as modernbert_out
 

@@ -70,6 +70,7 @@ FAMILIES = (
     "qwen4_exp",
     "hy_v4",
     "doge",
+    "glm5_next",
 )
 
 
@@ -480,6 +481,30 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "use_mem_rope": r.random() < 0.5, "time_step_min": r.choice([0.001, 0.3]),
             "tie_word_embeddings": r.random() < 0.5, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
         }
+    if fam == "glm5_next":  # KDA and pooled-selection MLA under hyper-connections (the image-text checkpoint)
+        types = [r.choice(["linear_attention", "indexed_attention"]) for _ in range(L)]
+        kinds = []
+        for i, t in enumerate(types):  # (a shared MLA layer right after another MLA layer only, as transformers needs)
+            shared = t != "linear_attention" and i > 0 and types[i - 1] != "linear_attention" and r.random() < 0.5
+            kinds.append("shared" if shared else "full")
+        dense = r.choice([0, 1, min(2, L)])
+        kpool = r.choice([2, 3, 4])
+        return "Glm5NextConfig", "Glm5NextForConditionalGeneration", {"text_config": {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+            "num_hidden_layers": L, "num_attention_heads": (heads := r.choice([2, 4])), "num_key_value_heads": heads,
+            "q_lora_rank": r.choice([8, 16]), "kv_lora_rank": r.choice([8, 16]), "qk_nope_head_dim": r.choice([4, 8]),
+            "qk_rope_head_dim": 0, "v_head_dim": r.choice([4, 8]), "n_routed_experts": 4,
+            "n_shared_experts": r.choice([1, 2]), "num_experts_per_tok": r.choice([1, 2]),
+            "routed_scaling_factor": r.choice([1.0, 2.5]), "index_topk": kpool * r.choice([1, 2]),
+            "index_head_dim": r.choice([8, 16]), "index_n_heads": 16, "index_kpool": kpool,
+            "linear_head_dim": r.choice([4, 8]), "linear_num_heads": r.choice([2, 4]),
+            "linear_conv_kernel_dim": r.choice([2, 3, 4]), "linear_lower_bound": r.choice([None, -5.0, -2.0]),
+            "hc_mult": r.choice([1, 2, 3]), "hc_sinkhorn_iters": r.choice([1, 5, 20]),
+            "swiglu_limit": r.choice([0.5, 10.0]), "layer_types": types, "indexer_types": kinds,
+            "mlp_layer_types": ["dense"] * dense + ["sparse"] * (L - dense), "max_position_embeddings": 64,
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
+            "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                              "out_hidden_size": 32}}
     if fam == "doge":  # dynamic mask attention (key biases, a kept window), residual scales; dense (transformers'
         # CDMoE routes a multi-token forward across tokens: test_doge_hf.py compares it with its generation instead)
         heads = r.choice([2, 4])
@@ -799,6 +824,13 @@ def run(fam: str, seed: int) -> dict[str, Any]:
                     p.copy_(init * (4 + torch.randn_like(p)))
                 elif n.endswith(("sqk", "s_gate", "lambda_1", "lambda_2")):
                     p.copy_(init * (1 + 0.3 * torch.randn_like(p)))
+        if fam == "glm5_next":  # (pooling positions and stream biases: transformers' are 0; correction biases live)
+            for n, p in hf.named_parameters():
+                if n.endswith(("_hc.base", "index_kpool_compress_ape")):
+                    p.copy_(torch.randn_like(p))
+            for n, b in hf.named_buffers():
+                if n.endswith("e_score_correction_bias"):
+                    b.copy_(0.1 * torch.randn_like(b))
         if fam == "doge":  # (each KV head's A: transformers' zeros make every key's bias 1)
             for n, p in hf.named_parameters():
                 if n.endswith(".A"):

@@ -104,7 +104,7 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     ({"architectures": ["WhisperForCausalLM"]}, "encoder-decoder"),
     ({"architectures": ["NemotronHOmniForConditionalGeneration"], "model_type": "nemotron_h_omni"}, "recurrent state"),
     ({"architectures": ["XLMRobertaForCausalLM"]}, "encoder"),
-    ({"architectures": ["Glm5NextForConditionalGeneration"], "model_type": "glm5_next"}, "recurrent state"),
+    ({"architectures": ["Inkling2ForConditionalGeneration"], "model_type": "inkling2"}, "recurrent state"),
     ({"model_type": "diffusion_gemma"}, "diffusion language model"),
 ])
 def test_families_refused_on_purpose_say_why(cfg, needle):

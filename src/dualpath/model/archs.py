@@ -175,7 +175,7 @@ _REFUSED = {
                      "nemotron_h_omni",
                      # short-convolution / linear-attention state: Inkling 2, GLM-5.3-Flash (KDA with hyper-connections)
                      "inkling2", "inkling2_text", "inkling2_loop",
-                     "inkling2_loop_text", "glm5_next", "glm5_next_text"), _NO_KV),
+                     "inkling2_loop_text"), _NO_KV),
     "diffusion_gemma": "a diffusion language model (it denoises blocks of tokens attending both ways), not an "
                        "autoregressive decoder",
     **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"),

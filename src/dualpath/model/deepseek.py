@@ -34,7 +34,7 @@ from torch.nn.attention.bias import causal_lower_right
 from dualpath.errors import ModelError
 from dualpath.kernels import mla_decode_attention, mla_prefill_attention, store_latent
 from dualpath.kernels.reference import dequantize_latent_fp8, mla_masked_attention
-from dualpath.model.dsa import Indexer, selected_keys
+from dualpath.model.dsa import Indexer, pooled_selection, selected_keys
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch
 from dualpath.model.mla_spec import DeepseekV3Spec
 from dualpath.model.moe import FeedForward, dispatch_experts
@@ -256,7 +256,8 @@ class DeepseekV3Model(LayerwiseDecoder):
         dt = self.spec.torch_dtype
         cos = (freqs.cos() * self._rope_scale).to(dt)
         sin = (freqs.sin() * self._rope_scale).to(dt)
-        sparse = self.spec.has_dsa and int(batch.seq_lens.max()) > self.spec.index_topk
+        # (GLM-5.3-Flash's pooled selection decides even short prompts' attention, on the torch reference)
+        sparse = self.spec.has_dsa and (self.spec.index_kpool > 0 or int(batch.seq_lens.max()) > self.spec.index_topk)
         hidden = self.model.embed_tokens(ids)
         if self.spec.scale_emb is not None:  # MiniCPM3: the scale rounded to the compute dtype, as transformers does
             hidden = hidden * torch.tensor(self.spec.scale_emb).to(hidden.dtype)
@@ -442,7 +443,7 @@ class DeepseekV3Model(LayerwiseDecoder):
         """Write the new tokens' indexer keys into their rows."""
         b = state.batch
         keys = indexer.keys(x, state.cos, state.sin)
-        pool = _index_keys(kv_layer, self._latent_width, x.dtype)
+        pool = _index_keys(kv_layer, self._latent_width, x.dtype)[..., :self.spec.index_row]
         slots = b.slot_mapping.long()
         keep = slots >= 0
         bt = kv_layer.shape[1]
@@ -457,7 +458,7 @@ class DeepseekV3Model(LayerwiseDecoder):
         b, spec = state.batch, self.spec
         if indexer is not None:
             iq, iw = indexer.queries(x, q_resid, state.cos, state.sin)
-            pool = _index_keys(kv_layer, self._latent_width, x.dtype)
+            pool = _index_keys(kv_layer, self._latent_width, x.dtype)[..., :spec.index_row]
             state.dsa_masks = {}
         elif state.dsa_masks is None:
             raise ModelError(f"layer {state.next_layer} reuses an indexer selection, but no earlier layer made one")
@@ -474,7 +475,11 @@ class DeepseekV3Model(LayerwiseDecoder):
                 nb = -(-n // bt)
                 keys = pool[table[:nb].long()].reshape(nb * bt, -1)[:n]
                 qpos = b.positions[lo:hi].to(qq.device)
-                state.dsa_masks[i] = selected_keys(iq[lo:hi], iw[lo:hi], keys, qpos, spec.index_topk)
+                if indexer.kpool:  # (GLM-5.3-Flash: pools of keys, plus each query's open pool)
+                    state.dsa_masks[i] = pooled_selection(iq[lo:hi], iw[lo:hi], keys, indexer.index_kpool_compress_ape,
+                                                          qpos, spec.index_topk, indexer.kpool)
+                else:
+                    state.dsa_masks[i] = selected_keys(iq[lo:hi], iw[lo:hi], keys, qpos, spec.index_topk)
             out[lo:hi] = mla_masked_attention(qq[lo:hi], latent, table, n, self.scale, spec.kv_lora_rank,
                                               state.dsa_masks[i], sinks)
         return out

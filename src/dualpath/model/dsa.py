@@ -22,11 +22,12 @@ preserves the dot products.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dualpath.model.mla_spec import DeepseekV3Spec
 
-__all__ = ["Indexer", "selected_keys"]
+__all__ = ["Indexer", "pooled_selection", "selected_keys"]
 
 
 def _rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False,
@@ -63,11 +64,18 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(d, eps=spec.rms_eps if spec.index_rope_tail else 1e-6)
         self.weights_proj = nn.Linear(spec.hidden_size, h, bias=False)
         self.interleave, self.tail = spec.index_rope_interleave, spec.index_rope_tail
+        self.kpool = spec.index_kpool
+        if self.kpool:  # (GLM-5.3-Flash: keys pooled over kpool tokens by a softmax gate per channel)
+            self.index_kpool_compress_ape = nn.Parameter(torch.zeros(self.kpool, d))
+            self.index_kpool_compress_gate = nn.Parameter(torch.zeros(d, spec.hidden_size))
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Indexer keys ``[N, D]`` of the tokens ``x [N, hidden]`` (``cos, sin [N, rope/2]``)."""
         k = self.k_norm(self.wk(x).to(self.k_norm.weight.dtype)).to(x.dtype)
-        return _rope_half(k, cos, sin, self.interleave, self.tail)
+        k = _rope_half(k, cos, sin, self.interleave, self.tail)
+        if self.kpool:  # (the pooling gate's logits follow the key in the row)
+            k = torch.cat((k, F.linear(x, self.index_kpool_compress_gate)), dim=-1)
+        return k
 
     def queries(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,4 +98,33 @@ def selected_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, qpos: to
     # so the selection does not depend on how the batch was laid out
     pick = index.sort(dim=-1, descending=True, stable=True).indices[:, : min(topk, n)]
     chosen = torch.zeros_like(visible).scatter_(1, pick, True)
+    return chosen & visible
+
+
+def pooled_selection(q: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, ape: torch.Tensor, qpos: torch.Tensor,
+                     topk: int, kpool: int) -> torch.Tensor:
+    """GLM-5.3-Flash's selection: ``[M, n]`` bool for queries ``q [M, H, D]`` (weights ``w [M, H]``) at positions
+    ``qpos`` over a sequence's ``n`` indexer rows ``rows [n, 2 D]`` (each token's key, then its pooling gate's
+    logits). Complete pools of ``kpool`` tokens from the first get one key each, the tokens' keys weighted by a
+    softmax over the pool of ``gate + ape`` per channel; a query scores the pools it has seen whole
+    (``sum_h w[h] relu(q[h] . key / sqrt(D))``), keeps the ``topk // kpool`` best, and sees their tokens plus its own
+    open pool's tokens up to itself."""
+    n, d = rows.shape[0], q.shape[-1]
+    pools = n // kpool
+    visible = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]
+    tail = torch.arange(n, device=q.device)[None, :] >= ((qpos + 1) // kpool * kpool)[:, None]
+    chosen = visible & tail
+    if pools == 0:
+        return chosen
+    keys, gates = rows[: pools * kpool, :d].view(pools, kpool, d), rows[: pools * kpool, d:].view(pools, kpool, d)
+    probs = (gates.float() + ape.float()[None]).softmax(dim=1).to(keys.dtype)
+    pooled = (probs * keys).sum(dim=1)                                                          # [P, D]
+    scores = torch.relu(torch.matmul(q.float(), pooled.float().t()[None]) * d ** -0.5)         # [M, H, P]
+    index = torch.matmul(w[:, None, :], scores).squeeze(1)                                      # [M, P]
+    closed = (torch.arange(pools, device=q.device)[None, :] + 1) * kpool <= (qpos[:, None] + 1)
+    index = index.masked_fill(~closed, torch.finfo(index.dtype).min)
+    pick = index.topk(min(topk // kpool, pools), dim=-1).indices
+    kept = torch.zeros_like(closed).scatter_(1, pick, True) & closed                            # [M, P]
+    by_token = kept.repeat_interleave(kpool, dim=1)
+    chosen[:, : pools * kpool] |= by_token
     return chosen & visible

@@ -56,6 +56,7 @@ from dualpath.model.state_pages import decode_states, scan_sequences, state_byte
 
 ARCH = "kimi_linear"
 BAILING = "bailing_hybrid"
+GLM5_NEXT = "glm5_next_text"
 #: the longest segment one KDA closed form runs (its per-channel pair weights grow as L^2 x head_dim; 16 ran a
 #: 1,024-token prefill fastest on 2 cores: ``benchmarks/hybrid_prefill_speed.py --family kimi_linear``)
 KDA_SEGMENT = 16
@@ -88,8 +89,18 @@ class KimiLinearSpec(DeepseekV3Spec):
 
     @property
     def kimi(self) -> bool:
-        """Kimi Linear (no RoPE, low-rank KDA gates); else Bailing hybrid."""
+        """Kimi Linear (no RoPE, low-rank KDA gates); else Bailing hybrid or GLM-5.3-Flash."""
         return self.model_type == ARCH
+
+    @property
+    def low_rank_gates(self) -> bool:
+        """The KDA gates through one head's width (``f_a_proj`` / ``f_b_proj``, ``g_a_proj`` / ``g_b_proj``): Kimi
+        Linear's and GLM-5.3-Flash's; Bailing's are full-width projections."""
+        return self.model_type in (ARCH, GLM5_NEXT)
+
+    def has_indexer(self, layer: int) -> bool:
+        """Only MLA layers have an indexer (GLM-5.3-Flash's ``indexer_types`` names every layer)."""
+        return self.layer_types[layer] == "full_attention" and super().has_indexer(layer)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,7 +133,7 @@ class KimiLinearSpec(DeepseekV3Spec):
         if block_tokens <= 0:
             raise ModelError(f"block_tokens must be positive, got {block_tokens}")
         esize = self.torch_dtype.itemsize
-        row = max(self.latent_dim, -(-self.state_bytes // (block_tokens * esize)))
+        row = max(self.latent_dim + self.index_row, -(-self.state_bytes // (block_tokens * esize)))
         return KVSpec.mla(self.n_layers, self.latent_dim, self.dtype, rope_dim=self.qk_rope_head_dim,
                           extra_bytes=esize * (row - self.latent_dim), state_pages=True)
 
@@ -131,6 +142,10 @@ class KimiLinearSpec(DeepseekV3Spec):
 
     def to_hf_config(self) -> dict[str, Any]:
         k = min(self.first_k_dense_replace, self.n_layers)
+        if self.model_type == GLM5_NEXT:
+            from dualpath.model.glm5_next import hf_config
+
+            return hf_config(self)
         if not self.kimi:
             rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
             return {
@@ -222,8 +237,8 @@ def _spec(norm: dict[str, Any], model_type: str, types: list[str], where: str, d
     """The spec of a normalized config (DeepSeek-V3's key names plus ``linear_*``): DeepSeek-V3's reading of the
     MLA and MoE keys, then the KDA layers'. Neither family's transformers class ties the head to the embeddings
     (``_tied_weights_keys`` empty): ``lm_head`` is read whatever ``tie_word_embeddings`` says."""
-    arch = {ARCH: "KimiLinearForCausalLM", BAILING: "BailingHybridForCausalLM"}[model_type]
-    base = DeepseekV3Spec.from_hf_config({**norm, "architectures": [arch], "model_type": model_type,
+    arch = {ARCH: ["KimiLinearForCausalLM"], BAILING: ["BailingHybridForCausalLM"], GLM5_NEXT: []}[model_type]
+    base = DeepseekV3Spec.from_hf_config({**norm, "architectures": arch, "model_type": model_type,
                                           "rope_interleave": interleave, "tie_word_embeddings": False},
                                          dtype=dtype, kv_format="auto", where=where, max_context=max_context)
     return KimiLinearSpec(**{f.name: getattr(base, f.name) for f in fields(DeepseekV3Spec) if f.name != "kv_format"},
@@ -289,7 +304,7 @@ class KimiDeltaAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden, h * d, bias=False) for _ in range(3))
         self.q_conv1d, self.k_conv1d, self.v_conv1d = (
             nn.Conv1d(h * d, h * d, k, groups=h * d, bias=False, padding=k - 1) for _ in range(3))
-        if spec.kimi:  # (low-rank gates through one head's width)
+        if spec.low_rank_gates:  # (through one head's width)
             self.f_a_proj = nn.Linear(hidden, d, bias=False)
             self.f_b_proj = nn.Linear(d, h * d, bias=False)
             self.g_a_proj = nn.Linear(hidden, d, bias=False)
@@ -299,6 +314,7 @@ class KimiDeltaAttention(nn.Module):
             self.g_proj = nn.Linear(hidden, h * d, bias=False)
         self.dt_bias = nn.Parameter(torch.zeros(h * d))
         self.A_log = nn.Parameter(torch.zeros((1, 1, h, 1) if spec.kimi else (h,)))
+        self.low_rank, self.round_decay = spec.low_rank_gates, spec.model_type == BAILING
         self.b_proj = nn.Linear(hidden, h, bias=False)
         self.o_norm = FloatGatedNorm(d, spec.rms_eps)
         self.o_proj = nn.Linear(h * d, hidden, bias=False)
@@ -307,13 +323,13 @@ class KimiDeltaAttention(nn.Module):
         """The per-channel log decay ``[N, H, D]`` (fp32): Kimi's ``-exp(A_log) softplus(f + dt_bias)``, or
         Bailing's bounded ``lower_bound * sigmoid(exp(A_log) (f + dt_bias))`` rounded to the compute dtype."""
         h, d = self.heads, self.dim
-        f = self.f_b_proj(self.f_a_proj(x)) if self.kimi else self.f_proj(x)
+        f = self.f_b_proj(self.f_a_proj(x)) if self.low_rank else self.f_proj(x)
         f = (f.float() + self.dt_bias.float()).view(-1, h, d)
         rate = self.A_log.float().exp().view(1, h, 1)
-        if self.kimi:  # (softplus as transformers writes it: log(1 + exp), linear past 20)
+        if self.kimi or (self.bound is None and self.low_rank):  # (softplus as transformers writes it)
             return -rate * torch.where(f > 20.0, f, torch.log(1.0 + torch.exp(f)))
         g = self.bound * torch.sigmoid(rate * f) if self.bound is not None else -rate * F.softplus(f)
-        return g.to(x.dtype).float()
+        return g.to(x.dtype).float() if self.round_decay else g  # (Bailing's rounded; GLM-5.3-Flash's fp32)
 
     def _qkv(self, conv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Convolved ``[L, 3 H D]`` -> fp32 ``q`` (normalized, scaled), ``k`` (normalized), ``v``, each ``[L, H, D]``
@@ -348,7 +364,7 @@ class KimiDeltaAttention(nn.Module):
                 return s
 
             scan_sequences(batch, conv_pages, rec_pages, mixed, weight, None, run)
-        gate = self.g_b_proj(self.g_a_proj(x)) if self.kimi else self.g_proj(x)
+        gate = self.g_b_proj(self.g_a_proj(x)) if self.low_rank else self.g_proj(x)
         out = self.o_norm(core.to(x.dtype), gate.view(-1, h, d))
         return cast(torch.Tensor, self.o_proj(out.reshape(x.shape[0], h * d)))
 
@@ -375,7 +391,7 @@ class Backbone(nn.Module):
 def _mla_layer(spec: KimiLinearSpec, layer: int) -> DecoderLayer:
     """DeepSeek-V3's layer; Bailing's attention also gates each head's output (``g_proj``, one logit per head)."""
     mod = DecoderLayer(spec, layer)
-    if not spec.kimi:
+    if spec.model_type == BAILING:
         mod.self_attn.g_proj = nn.Linear(spec.hidden_size, spec.n_heads, bias=False)
     return mod
 
@@ -445,7 +461,7 @@ def tensors_in(spec: KimiLinearSpec, tensors: Mapping[str, torch.Tensor]) -> dic
     out: dict[str, torch.Tensor] = {}
     width = spec.lin_heads * spec.lin_dim
     for name, t in tensors.items():
-        if not spec.kimi:
+        if spec.model_type == BAILING:
             if name.startswith("model.word_embeddings."):
                 name = "model.embed_tokens." + name[len("model.word_embeddings."):]
             for theirs, ours in _BAILING:
@@ -476,12 +492,12 @@ def tensors_out(spec: KimiLinearSpec, tensors: Mapping[str, torch.Tensor]) -> di
                 for proj, shape in (("gate_proj", (0, hidden)), ("up_proj", (0, hidden)), ("down_proj", (hidden, 0))):
                     out[f"model.layers.{i}.{moe}.shared_experts.{proj}.weight"] = torch.empty(shape, dtype=dt)
     for name, t in tensors.items():
-        if not spec.kimi:
+        if spec.model_type == BAILING:
             if name.startswith("model.embed_tokens."):
                 name = "model.word_embeddings." + name[len("model.embed_tokens."):]
             for theirs, ours in reversed(_BAILING):
                 name = name.replace(ours, theirs)
-        elif ".mlp." in name:  # (transformers writes the dense layers' MLPs under block_sparse_moe too)
+        elif spec.kimi and ".mlp." in name:  # (transformers writes the dense layers' MLPs under block_sparse_moe too)
             name = name.replace(".mlp.", ".block_sparse_moe.")
             parts = name.split(".")
             if len(parts) == 8 and parts[4] == "experts" and parts[6] in back:

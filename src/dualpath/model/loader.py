@@ -309,7 +309,14 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
                      {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
     if tensors is not None:
         tensors = _weights_dequantized(tensors, spec, source, ct_block, int_quant, mlx)
-    if spec.architecture in ("kimi_linear", "bailing_hybrid"):
+    if spec.architecture == "glm5_next_text":
+        from dualpath.model import glm5_next, kimi_linear
+
+        gspec = cast(kimi_linear.KimiLinearSpec, spec)
+        model = glm5_next.Glm5NextModel(gspec, device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = deepseek_tensors(gspec, glm5_next.tensors_in(gspec, tensors), source, fp8_block)
+    elif spec.architecture in ("kimi_linear", "bailing_hybrid"):
         from dualpath.model import kimi_linear
 
         kspec = cast(kimi_linear.KimiLinearSpec, spec)

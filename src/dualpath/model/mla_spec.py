@@ -83,24 +83,28 @@ _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_
                  "deepseek_v32": ("noaux_tc",), "glm4_moe_lite": ("noaux_tc",), "minicpm3": ("noaux_tc",),
                  "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",), "youtu": ("noaux_tc",),
                  "axk1": ("noaux_tc",), "axk2": ("noaux_tc",), "kimi_linear": ("noaux_tc",),
-                 "bailing_hybrid": ("noaux_tc",), "hy_v4": ("noaux_tc",), "hy_v4_vl_text": ("noaux_tc",)}
+                 "bailing_hybrid": ("noaux_tc",), "hy_v4": ("noaux_tc",), "hy_v4_vl_text": ("noaux_tc",),
+                 "glm5_next_text": ("noaux_tc",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
             "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax", "youtu": "sigmoid",
             "axk1": "sigmoid", "axk2": "sigmoid", "kimi_linear": "sigmoid", "bailing_hybrid": "sigmoid",
-            "hy_v4": "sigmoid", "hy_v4_vl_text": "sigmoid"}
+            "hy_v4": "sigmoid", "hy_v4_vl_text": "sigmoid", "glm5_next_text": "sigmoid"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
           "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "youtu": "Youtu-LLM", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
           "mistral4": "Mistral 4 (mistral4)", "axk1": "A.X-K1 (axk1)", "axk2": "A.X-K2 (axk2)",
           "kimi_linear": "Kimi Linear (kimi_linear)", "bailing_hybrid": "Bailing hybrid (bailing_hybrid)",
-          "hy_v4": "Hy4 (hy_v4)", "hy_v4_vl_text": "Hy4-VL's language model (hy_v4_vl_text)"}
+          "hy_v4": "Hy4 (hy_v4)", "hy_v4_vl_text": "Hy4-VL's language model (hy_v4_vl_text)",
+          "glm5_next_text": "GLM-5.3-Flash's language model (glm5_next_text)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
-DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text")
+DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text", "glm5_next_text")
 #: Hy4 and Hy4-VL's language model (hyper-connections, head gates and sinks, clamped experts)
 HY_TYPES = ("hy_v4", "hy_v4_vl_text")
 #: the models whose DSA layers may reuse an earlier layer's selection ("shared" in ``indexer_types``)
-_SHARED_INDEXER_TYPES = ("glm_moe_dsa", *HY_TYPES)
-#: Hy4's fields (hyper-connections, the experts' clamp): other specs leave them out of their dict
-_HY_FIELDS = ("hc_mult", "hc_magnitude", "hc_eps", "swiglu_limit")
+_SHARED_INDEXER_TYPES = ("glm_moe_dsa", *HY_TYPES, "glm5_next_text")
+#: the models with hyper-connections and clamped experts (Hy4's kind, GLM-5.3-Flash's Sinkhorn-mixed kind)
+HC_TYPES = (*HY_TYPES, "glm5_next_text")
+#: their fields: other specs leave them out of their dict
+_HY_FIELDS = ("hc_mult", "hc_magnitude", "hc_eps", "swiglu_limit", "hc_iters", "index_kpool")
 #: MiniCPM3's scalings (None for every other model: their dicts, and so block keys, stay as they were)
 _MINICPM_FIELDS = ("scale_emb", "residual_scale", "logits_scaling")
 #: the fields only DeepSeek-V3.2 has (other specs leave them out of their dict: their block keys stay as they were)
@@ -232,6 +236,9 @@ class DeepseekV3Spec(_SpecCommon):
     hc_magnitude: float = 2.0
     hc_eps: float = 1e-6
     swiglu_limit: float = 0.0
+    # GLM-5.3-Flash: the Sinkhorn iterations of its stream mixing, and its indexer's pool of keys (0: none)
+    hc_iters: int = 0
+    index_kpool: int = 0
     scale_emb: float | None = None  # MiniCPM3's scalings (see the class docstring)
     residual_scale: float | None = None
     logits_scaling: float | None = None
@@ -269,6 +276,8 @@ class DeepseekV3Spec(_SpecCommon):
                                  "rotates interleaved pairs)")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "kv_lora_rank",
                      "qk_rope_head_dim", "v_head_dim"):
+            if name == "qk_rope_head_dim" and self.model_type == "glm5_next_text":
+                continue  # (GLM-5.3-Flash's MLA keys have no rotated part at all)
             if int(getattr(self, name)) <= 0:
                 raise ModelError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.qk_nope_head_dim < 0 or self.qk_rope_head_dim % 2:
@@ -302,9 +311,9 @@ class DeepseekV3Spec(_SpecCommon):
             raise ModelError(f"model config: indexer_types: layers {list(self.index_shared_layers)} reuse an earlier "
                              "layer's selection; only GLM-5's and Hy4's, and never the first layer (it has no "
                              "earlier one)")
-        if self.model_type in HY_TYPES and self.hc_mult < 1:
+        if self.model_type in HC_TYPES and self.hc_mult < 1:
             raise ModelError(f"model config: hc_mult must be >= 1, got {self.hc_mult}")
-        if self.model_type not in HY_TYPES and (self.hc_mult or self.swiglu_limit):
+        if self.model_type not in HC_TYPES and (self.hc_mult or self.swiglu_limit):
             raise ModelError(f"model config: hc_mult / swiglu_limit are Hy4's, not {self.model_type}'s")
         if self.model_type in DSA_MODEL_TYPES:
             if min(self.index_topk, self.index_n_heads, self.index_head_dim) <= 0 or self.q_lora_rank is None:
@@ -402,8 +411,8 @@ class DeepseekV3Spec(_SpecCommon):
     @property
     def latent_norm_eps(self) -> float:
         """The query and key latents' RMS norms' epsilon: 1e-6 (DeepSeek's and transformers' default), the config's
-        ``rms_norm_eps`` for Hy4-VL's language model."""
-        return self.rms_eps if self.model_type == "hy_v4_vl_text" else 1e-6
+        ``rms_norm_eps`` for Hy4-VL's and GLM-5.3-Flash's language models."""
+        return self.rms_eps if self.model_type in ("hy_v4_vl_text", "glm5_next_text") else 1e-6
 
     def with_dtype(self, dtype: str) -> DeepseekV3Spec:
         return replace(self, dtype=dtype)
@@ -417,7 +426,12 @@ class DeepseekV3Spec(_SpecCommon):
                                   extra_bytes=2 * self.index_head_dim)
         esize = torch.empty((), dtype=self.torch_dtype).element_size()
         return KVSpec.mla(self.n_layers, self.latent_dim, self.dtype, rope_dim=self.qk_rope_head_dim,
-                          extra_bytes=esize * self.index_head_dim)
+                          extra_bytes=esize * self.index_row)
+
+    @property
+    def index_row(self) -> int:
+        """Values of a token's indexer entry in its row: the key, and GLM-5.3-Flash's pooling gate after it."""
+        return self.index_head_dim * (2 if self.index_kpool else 1)
 
     def mha_equivalent_bytes_per_token_layer(self) -> int:
         """What plain multi-head K and V of this attention would take per token and layer in ``dtype``."""
@@ -447,7 +461,7 @@ class DeepseekV3Spec(_SpecCommon):
                 d.pop(name)
         if self.model_type != "axk2":
             d.pop("gated_norm_rank")
-        if self.model_type not in HY_TYPES:
+        if self.model_type not in HC_TYPES:
             for name in _HY_FIELDS:
                 d.pop(name)
         d["architecture"] = self.architecture
@@ -677,10 +691,13 @@ class DeepseekV3Spec(_SpecCommon):
         if model_type in ("axk1", "axk2", *HY_TYPES) and q_lora is None:
             raise ModelError(f"{where}: q_lora_rank null unsupported ({label}'s attention always has a query LoRA)")
         hy: dict[str, Any] = {}
-        if model_type in HY_TYPES:
+        if model_type in HC_TYPES:
             try:
                 hy = {"hc_mult": int(cfg.get("hc_mult", 4)), "hc_magnitude": float(cfg.get("hc_magnitude", 2.0)),
                       "hc_eps": float(cfg.get("hc_eps", 1e-6)), "swiglu_limit": float(cfg.get("swiglu_limit", 10.0))}
+                if model_type == "glm5_next_text":
+                    hy.update(hc_iters=int(cfg.get("hc_sinkhorn_iters", 20)), index_kpool=int(cfg.get("index_kpool", 16)))
+                    del hy["hc_magnitude"]
             except (TypeError, ValueError):
                 raise ModelError(f"{where}: hc_mult / hc_magnitude / hc_eps / swiglu_limit must be numbers") from None
             if not hy["swiglu_limit"] > 0:

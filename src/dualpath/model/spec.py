@@ -1190,6 +1190,12 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
         from dualpath.model import kimi_linear  # (MLA and KDA layers: state pages in latent rows)
 
         return kimi_linear.spec_from_config(cfg, where, dtype, kv_format, max_context)
+    if "Glm5NextForConditionalGeneration" in archs or (not archs and cfg.get("model_type") in ("glm5_next",
+                                                                                              "glm5_next_text")):
+        from dualpath.model import glm5_next  # (KDA and pooled-selection MLA under hyper-connections)
+
+        text = glm5_next.text_config(cfg, where) if "text_config" in cfg else cfg
+        return glm5_next.spec_from_config(text, where, dtype, kv_format, max_context)
     if "BailingHybridForCausalLM" in archs or (not archs and cfg.get("model_type") == "bailing_hybrid"):
         from dualpath.model import kimi_linear  # (Kimi Linear's layers, RoPE'd and gated MLA)
 

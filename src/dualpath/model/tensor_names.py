@@ -561,6 +561,11 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.kimi_linear import tensors_out as kimi_linear_out
 
         out = kimi_linear_out(spec, out)  # type: ignore[arg-type]
+    if arch == "glm5_next_text":  # (Kimi Linear's KDA names; the image-text checkpoint's language model)
+        from dualpath.model.glm5_next import tensors_out as glm5_next_out
+        from dualpath.model.kimi_linear import tensors_out as kda_out
+
+        out = glm5_next_out(kda_out(spec, out))  # type: ignore[arg-type]
     if arch == "rwkv":  # (its rwkv.* and head names)
         from dualpath.model.rwkv import tensors_out as rwkv_out
 

@@ -34,8 +34,6 @@ CONFIG: dict[str, Any] = {
     "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8,
     "n_shared_experts": 1, "num_experts_per_tok": 2, "mlp_layer_types": ["dense", "sparse", "sparse"],
     "routed_scaling_factor": 2.5, "gated_norm_rank": 8, "index_topk": 8, "index_head_dim": 16,
-    # (16 indexer heads: with few, a ReLU zeroes every head's score of many keys, and transformers' topk breaks the
-    # ties its own way; see dualpath.model.dsa)
     "index_n_heads": 16,
     "max_position_embeddings": 256, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 

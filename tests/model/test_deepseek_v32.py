@@ -1,7 +1,6 @@
 """DeepSeek-V3.2 checkpoints (the paper's model: V3's MLA and MoE plus DeepSeek Sparse Attention), against
 transformers' own DeepseekV32ForCausalLM on the same random weights. ``index_topk`` is 8 here, so every sequence
-soon holds more keys than a query attends to (16 indexer heads: a key whose every head the ReLU zeroes, a score
-tie that transformers' ``topk`` breaks its own way, is then unlikely): the lightning indexer's selection (its keys kept in the KV rows)
+soon holds more keys than a query attends to: the lightning indexer's selection (its keys kept in the KV rows)
 decides the logits at every step, turn after turn, batched, through ``generate``, through the emulated cluster's
 read paths (the keys travel with the KV) and with FP8 latent rows; a checkpoint without its indexer is refused."""
 
@@ -53,6 +52,21 @@ def _checkpoint(d, config):
             layer.mlp.gate.e_score_correction_bias.copy_(0.3 * torch.randn(CONFIG["n_routed_experts"]))
     hf.save_pretrained(d, max_shard_size="100KB")
     return d, hf
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_tied_scores_keep_the_keys_transformers_keeps(tmp_path, heads):
+    """With one or two indexer heads the ReLU zeroes every head's term of many keys, so scores tie at the
+    ``index_topk``-th place all the time: the keys kept are still transformers' (its ``topk`` over the same rows),
+    turn after turn of chunks and decode steps."""
+    from hf_random import load_checkpoint
+
+    d, hf = _checkpoint(tmp_path, {**CONFIG, "index_n_heads": heads})
+    g = torch.Generator().manual_seed(0)
+    turns = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (11, 5, 7)]
+    ours, ref, ids, ref_ids = paged_turns(load_checkpoint(d), hf, turns, 7, 4)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    assert ids == ref_ids
 
 
 def test_spec_reads_v32_and_keeps_the_indexer_key_in_the_kv_rows(ckpt):

@@ -13,10 +13,13 @@ indexer queries ``wq_b(q_resid)`` (RoPE'd the same way) score every visible key 
     score[t] = sum_h  w[h] * relu(q[h] . k[t] / sqrt(index_head_dim)),   w = weights_proj(x) / sqrt(index_n_heads)
 
 and the query attends to its ``index_topk`` highest-scoring keys only (every visible key while there are no more
-than that; among equal scores the earlier keys, which makes the selection independent of the batch). transformers' eager DeepseekV32 computes the same (its scores in fp32, ``topk`` over the keys with
-the future masked; its ``topk`` breaks exact ties, e.g. between keys every head's ReLU zeroed, its own way, so the
-two agree whenever the ``index_topk``-th score is not tied); DeepSeek's kernels additionally quantize to FP8 and rotate by a Hadamard transform, which
-preserves the dot products.
+than that). transformers' eager DeepseekV32 computes the same: its scores in fp32, ``topk`` over each query's row of
+the keys so far with the future masked. The selection here is that ``topk`` over the same rows (a sequence's keys
+so far: a chunk's queries see the prefix and the chunk, as transformers' cached forward does), so where scores tie
+exactly (a ReLU zeroes every head's term of many keys, common with few indexer heads) the same keys are kept; with
+1 or 2 indexer heads the logits over turns of chunks and decode steps equal transformers' (``test_deepseek_v32.py``;
+a stable sort keeping the earlier keys, used before, differed by up to 6 logits there). DeepSeek's kernels
+additionally quantize to FP8 and rotate by a Hadamard transform, which preserves the dot products.
 """
 
 from __future__ import annotations
@@ -94,9 +97,9 @@ def selected_keys(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, qpos: to
     index = torch.matmul(w[:, None, :], scores).squeeze(1)                                      # [M, n]
     visible = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]
     index = index.masked_fill(~visible, float("-inf"))
-    # a stable sort, not topk: equal scores (a ReLU zeroes every head's term of many keys) go to the earlier key,
-    # so the selection does not depend on how the batch was laid out
-    pick = index.sort(dim=-1, descending=True, stable=True).indices[:, : min(topk, n)]
+    # transformers' own top-k over the same rows (each query's scores over the sequence's keys so far, the hidden
+    # ones at -inf): equal scores (a ReLU zeroes every head's term of many keys) then go as its go, row by row
+    pick = index.topk(min(topk, n), dim=-1).indices
     chosen = torch.zeros_like(visible).scatter_(1, pick, True)
     return chosen & visible
 

@@ -397,3 +397,17 @@ def check_long_segments(ours: Any, hf: Any, vocab: int) -> None:
     ref = hf_logits(hf, seq)
     assert ref.abs().max() > 1.0
     torch.testing.assert_close(torch.cat(rows), ref, atol=2e-4, rtol=1e-4)
+
+
+def dense_on_shared(sparse: Any) -> Any:
+    """A DSA model's ``_sparse_attention`` (``sparse``) whose shared layers (no indexer of their own) attend to every
+    visible key instead of the selection they reuse: what the tests of GLM-5, Hy4 and GLM-5.3-Flash compare with to
+    show that the reuse matters."""
+
+    def attend(indexer: Any, x: Any, q_resid: Any, qq: Any, state: Any, kv_layer: Any, latent: Any,
+               sinks: Any = None) -> Any:
+        if indexer is None:
+            state.dsa_masks = {i: torch.ones_like(m).tril(m.shape[1] - m.shape[0]) for i, m in state.dsa_masks.items()}
+        return sparse(indexer, x, q_resid, qq, state, kv_layer, latent, sinks)
+
+    return attend

@@ -22,6 +22,7 @@ from hf_random import (
     check_turns_against_hf,
     check_two_chunks_against_hf,
     cluster_two_turns,
+    dense_on_shared,
     hf_logits,
     keep_recurrent_state,
     load_checkpoint,
@@ -143,14 +144,7 @@ def test_the_pooled_selection_and_its_reuse_matter(ckpt, monkeypatch):
     assert torch.allclose(moved[:11], ref[:11], atol=2e-4) and float((moved[11:] - ref[11:]).abs().max()) > 0.05
     monkeypatch.setattr(deepseek, "pooled_selection", real)
     model = load_checkpoint(d)
-    sparse = model._sparse_attention
-
-    def dense_on_shared(indexer, x, q_resid, qq, state, kv_layer, latent, sinks=None):
-        if indexer is None:
-            state.dsa_masks = {i: torch.ones_like(m).tril(m.shape[1] - m.shape[0]) for i, m in state.dsa_masks.items()}
-        return sparse(indexer, x, q_resid, qq, state, kv_layer, latent, sinks)
-
-    model._sparse_attention = dense_on_shared
+    model._sparse_attention = dense_on_shared(model._sparse_attention)
     assert float((run(model)[11:] - ref[11:]).abs().max()) > 0.05
 
 

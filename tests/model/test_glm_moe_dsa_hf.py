@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from hf_random import check_batched_against_hf, cluster_read_paths, load_checkpoint, mla_checkpoint
+from hf_random import (
+    check_batched_against_hf,
+    cluster_read_paths,
+    dense_on_shared,
+    load_checkpoint,
+    mla_checkpoint,
+)
 from test_deepseek import paged_turns
 
 from dualpath.errors import ModelError
@@ -86,15 +92,7 @@ def test_the_shared_layers_reuse_the_selection(ckpt):
         return model(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
 
     want = logits()
-    real = model._sparse_attention
-
-    def dense_on_shared(indexer, x, q_resid, qq, state, kv_layer, latent, sinks=None):
-        if indexer is None:  # a shared layer: every visible key (causal) instead of the reused selection
-            state.dsa_masks = {i: torch.ones_like(m).tril(m.shape[1] - m.shape[0])
-                               for i, m in state.dsa_masks.items()}
-        return real(indexer, x, q_resid, qq, state, kv_layer, latent, sinks)
-
-    model._sparse_attention = dense_on_shared
+    model._sparse_attention = dense_on_shared(model._sparse_attention)
     try:
         moved = logits()
     finally:

@@ -16,6 +16,7 @@ from hf_random import (
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
     cluster_read_paths,
+    dense_on_shared,
     hf_logits,
     load_checkpoint,
     routing_margins,
@@ -123,15 +124,7 @@ def test_sinks_and_the_shared_selection_matter(ckpt):
         return model(SeqBatch.build([seq], [0], [pool.allocate(16)], 4), pool.layers, all_positions=True)
 
     want = logits()
-    real = model._sparse_attention
-
-    def dense_on_shared(indexer, x, q_resid, qq, state, kv_layer, latent, sinks=None):
-        if indexer is None:
-            state.dsa_masks = {i: torch.ones_like(m).tril(m.shape[1] - m.shape[0])
-                               for i, m in state.dsa_masks.items()}
-        return real(indexer, x, q_resid, qq, state, kv_layer, latent, sinks)
-
-    model._sparse_attention = dense_on_shared
+    model._sparse_attention = dense_on_shared(model._sparse_attention)
     try:
         moved = logits()
     finally:

@@ -577,10 +577,8 @@ class DeepseekV4Model(LayerwiseDecoder):
         rows = kv_layer.flatten(2)  # [nb, bt, row]: every part of a token's row
         bt = b.block_tokens
         tables = b.block_tables.to(x.device, torch.int64)
-        seq_of = torch.repeat_interleave(torch.arange(len(b.start_pos), device=x.device),
-                                         (b.cu_seqlens_q[1:] - b.cu_seqlens_q[:-1]).to(x.device).long())
         pos = b.positions.to(x.device)
-        pages, offs = tables[seq_of, pos // bt], pos % bt
+        pages, offs = b.page_offsets(x.device)
         _put(rows, pages, offs, parts["kv"], kv)
         comp = cast(Compressor | None, attn.compressor)
         if comp is not None:

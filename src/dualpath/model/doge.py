@@ -243,10 +243,8 @@ class DogeModel(TypedRopeDecoder):
         dt = torch.exp(attn.A * F.softplus(attn.dt_proj(v.reshape(n, hkv * d))))  # [N, Hkv]: each key's bias
         bt = b.block_tokens
         tables = b.block_tables.to(x.device, torch.int64)
-        seq_of = torch.repeat_interleave(torch.arange(len(b.start_pos), device=x.device),
-                                         (b.cu_seqlens_q[1:] - b.cu_seqlens_q[:-1]).to(x.device).long())
         pos = b.positions.to(x.device)
-        pages, offs = tables[seq_of, pos // bt], pos % bt
+        pages, offs = b.page_offsets(x.device)
         kv_layer[pages, offs, 0, :hkv] = k.to(kv_layer.dtype)
         kv_layer[pages, offs, 1, :hkv] = v.to(kv_layer.dtype)
         kv_layer[pages, offs, :, hkv:hkv + e] = F.pad(dt, (0, 2 * e * d - hkv)).view(n, 2, e, d).to(kv_layer.dtype)

@@ -71,6 +71,12 @@ class SeqBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def page_offsets(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each new token's ``(page, offset in the page)`` on ``device`` (its slot, split): where the families that
+        write their own rows (DeepSeek-V4, Qwen4-Exp, Doge) put them."""
+        slots = self.slot_mapping.to(device, torch.int64)
+        return slots // self.block_tokens, slots % self.block_tokens
+
     @classmethod
     def build(cls, tokens: Sequence[Sequence[int]], start_pos: Sequence[int], block_tables: Sequence[Sequence[int]],
               block_tokens: int, device: str | torch.device = "cpu") -> SeqBatch:

@@ -290,6 +290,20 @@ def _weights_dequantized(tensors: Mapping[str, torch.Tensor], spec: ModelSpec | 
     return scaled_dequantized(tensors, source, ct_block)
 
 
+#: the families built as ``module.Model(spec)`` whose checkpoint names go through ``module.tensors_in(tensors)``
+_PLAIN_FAMILIES: dict[str, tuple[str, str]] = {
+    "doge": ("doge", "DogeModel"),
+    "dory": ("dory", "DoryModel"),
+    "inkling_text": ("inkling", "InklingModel"),
+    "zaya": ("zaya", "ZayaModel"),
+    "rwkv": ("rwkv", "RwkvModel"),
+    "deepseek_v4": ("deepseek_v4", "DeepseekV4Model"),
+    "falcon_h1": ("falcon_h1", "FalconH1Model"),
+    "olmo_hybrid": ("olmo_hybrid", "OlmoHybridModel"),
+    "recurrent_gemma": ("recurrent_gemma", "RecurrentGemmaModel"),
+}
+
+
 def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
                 device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
                 fp8_block: tuple[int, int] = (128, 128), ct_block: tuple[int, int] | None = None,
@@ -338,6 +352,14 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             model = DeepseekV3Model(spec, device="cpu", backend=backend)
         if tensors is not None:  # (Kimi K2.5: its language model's tensors; Kimi's INT4 experts)
             tensors = deepseek_tensors(spec, mla_language_tensors(tensors), source, fp8_block)
+    elif spec.architecture in _PLAIN_FAMILIES:
+        import importlib
+
+        module_name, class_name = _PLAIN_FAMILIES[spec.architecture]
+        family = importlib.import_module(f"dualpath.model.{module_name}")
+        model = getattr(family, class_name)(spec, device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = family.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "gemma4_text":
         from dualpath.model import gemma4
 
@@ -366,12 +388,6 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = lfm2.Lfm2Model(cast(lfm2.Lfm2Spec, spec), device="cpu", backend=backend)
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = lfm2.tensors_in(gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)), source)
-    elif spec.architecture == "doge":
-        from dualpath.model import doge
-
-        model = doge.DogeModel(cast(doge.DogeSpec, spec), device="cpu", backend=backend)
-        if tensors is not None:
-            tensors = doge.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "qwen4_exp_text":
         from dualpath.model import qwen4_exp
 
@@ -380,30 +396,6 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = qwen4_exp.tensors_in(q4, gemma3_language_tensors(fp8_dequantized(tensors, source, fp8_block)),
                                            source)
-    elif spec.architecture == "dory":
-        from dualpath.model import dory
-
-        model = dory.DoryModel(cast(dory.DorySpec, spec), device="cpu", backend=backend)
-        if tensors is not None:
-            tensors = dory.tensors_in(fp8_dequantized(tensors, source, fp8_block))
-    elif spec.architecture == "inkling_text":
-        from dualpath.model import inkling
-
-        model = inkling.InklingModel(cast(inkling.InklingSpec, spec), device="cpu", backend=backend)
-        if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
-            tensors = inkling.tensors_in(fp8_dequantized(tensors, source, fp8_block))
-    elif spec.architecture == "zaya":
-        from dualpath.model import zaya
-
-        model = zaya.ZayaModel(cast(zaya.ZayaSpec, spec), device="cpu", backend=backend)
-        if tensors is not None:
-            tensors = zaya.tensors_in(fp8_dequantized(tensors, source, fp8_block))
-    elif spec.architecture == "rwkv":
-        from dualpath.model import rwkv
-
-        model = rwkv.RwkvModel(cast(rwkv.RwkvSpec, spec), device="cpu", backend=backend)
-        if tensors is not None:
-            tensors = rwkv.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "zamba":
         from dualpath.model import zamba
 
@@ -420,18 +412,6 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = zamba2.Zamba2Model(zspec, device="cpu", backend=backend, own_blocks=own)
         if tensors is not None:
             tensors = zamba2.tensors_in(fp8_dequantized(tensors, source, fp8_block))
-    elif spec.architecture == "deepseek_v4":
-        from dualpath.model import deepseek_v4
-
-        model = deepseek_v4.DeepseekV4Model(cast(deepseek_v4.DeepseekV4Spec, spec), device="cpu", backend=backend)
-        if tensors is not None:
-            tensors = deepseek_v4.tensors_in(fp8_dequantized(tensors, source, fp8_block))
-    elif spec.architecture == "recurrent_gemma":
-        from dualpath.model import recurrent_gemma as rg
-
-        model = rg.RecurrentGemmaModel(cast(rg.RecurrentGemmaSpec, spec), device="cpu", backend=backend)
-        if tensors is not None:
-            tensors = rg.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "lara_mini":
         from dualpath.model import lara_mini
 
@@ -445,18 +425,6 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = minimax.MiniMaxModel(cast(minimax.MiniMaxSpec, spec), device="cpu", backend=backend)
         if tensors is not None:
             tensors = minimax.tensors_in(fp8_dequantized(tensors, source, fp8_block), source)
-    elif spec.architecture == "falcon_h1":
-        from dualpath.model import falcon_h1
-
-        model = falcon_h1.FalconH1Model(cast(falcon_h1.FalconH1Spec, spec), device="cpu", backend=backend)
-        if tensors is not None:
-            tensors = falcon_h1.tensors_in(fp8_dequantized(tensors, source, fp8_block))
-    elif spec.architecture == "olmo_hybrid":
-        from dualpath.model import olmo_hybrid
-
-        model = olmo_hybrid.OlmoHybridModel(cast(olmo_hybrid.OlmoHybridSpec, spec), device="cpu", backend=backend)
-        if tensors is not None:
-            tensors = olmo_hybrid.tensors_in(fp8_dequantized(tensors, source, fp8_block))
     elif spec.architecture == "jamba":
         from dualpath.model import jamba
 

@@ -71,6 +71,7 @@ FAMILIES = (
     "hy_v4",
     "doge",
     "glm5_next",
+    "longcat_flash",
 )
 
 
@@ -505,6 +506,20 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
             "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
                               "out_hidden_size": 32}}
+    if fam == "longcat_flash":  # two MLA sublayers per layer, a shortcut MoE with zero (identity) experts
+        rope = r.choice([4, 8])
+        return "LongcatFlashConfig", "LongcatFlashForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "ffn_hidden_size": r.choice([32, 48]),
+            "expert_ffn_hidden_size": r.choice([8, 16]), "num_layers": r.choice([1, 2, 3]),
+            "num_attention_heads": r.choice([2, 4]), "q_lora_rank": r.choice([8, 16]), "kv_lora_rank": r.choice([8, 16]),
+            "qk_nope_head_dim": r.choice([4, 8]), "qk_rope_head_dim": rope, "head_dim": rope,
+            "v_head_dim": r.choice([4, 8]), "n_routed_experts": (n := r.choice([2, 4])),
+            "zero_expert_num": (z := r.choice([0, 1, 3])), "moe_topk": r.randint(2, n + z),  # (transformers' experts fail at 1)
+            "routed_scaling_factor": r.choice([1.0, 6.0]), "attention_bias": r.random() < 0.3,
+            "tie_word_embeddings": r.random() < 0.3, "max_position_embeddings": 64,
+            "rope_parameters": {"rope_type": "default", "rope_theta": r.choice([1e4, 1e7])},
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        }
     if fam == "doge":  # dynamic mask attention (key biases, a kept window), residual scales; dense (transformers'
         # CDMoE routes a multi-token forward across tokens: test_doge_hf.py compares it with its generation instead)
         heads = r.choice([2, 4])
@@ -813,7 +828,7 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             if n.endswith(("A_log", "dt_bias", "recurrent_param", "dt_proj_bias")):  # (x3: the state would forget at once)
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
-        if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4"):  # (correction biases: transformers' are 0)
+        if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4", "longcat_flash"):  # (correction biases: 0)
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))

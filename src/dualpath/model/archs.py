@@ -180,7 +180,6 @@ _REFUSED = {
                        "autoregressive decoder",
     **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"),
                     "a draft model that attends with its target model's keys and values, not a model on its own"),
-    "longcat_flash": "two attention sublayers per layer and zero-computation experts are not implemented",
     "mllama": "its cross-attention layers attend to the image's states between self-attention layers; not "
               "implemented",
     **dict.fromkeys(("bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart", "mvp",

@@ -317,12 +317,17 @@ class DeepseekV3Model(LayerwiseDecoder):
             q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
             q = attn.q_b_proj(q_resid)
         q = q.reshape(n, h, spec.qk_head_dim)
+        lora_scales = spec.mla_lora_scales
+        if lora_scales is not None:  # (LongCat-Flash: the query and key latents' LoRA scalings)
+            q = q * lora_scales[0]
         if state.q_scale is not None:  # Mistral 4's position-dependent query scale
             q = q * state.q_scale
         q_nope, q_rot = q.split([nope, rope], dim=-1)
         ckv = attn.kv_a_proj_with_mqa(x)
         c, k_rot = ckv.split([r, rope], dim=-1)
         c = attn.kv_a_layernorm(c)
+        if lora_scales is not None:
+            c = c * lora_scales[1]
         q_rot = _rotate(q_rot, state.cos, state.sin, spec.rope_interleave)
         k_rot = _rotate(k_rot, state.cos, state.sin, spec.rope_interleave)
         latent = kv_layer[..., : self._latent_width]  # (a view: the indexer keys, if any, follow in each row)

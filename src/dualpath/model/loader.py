@@ -337,6 +337,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = kimi_linear.KimiLinearModel(kspec, device="cpu", backend=backend)
         if tensors is not None:
             tensors = deepseek_tensors(kspec, kimi_linear.tensors_in(kspec, tensors), source, fp8_block)
+    elif spec.architecture == "longcat_flash":
+        from dualpath.model import longcat_flash
+
+        lcspec = cast(longcat_flash.LongcatFlashSpec, spec)
+        model = longcat_flash.LongcatFlashModel(lcspec, device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = longcat_flash.tensors_in(lcspec, deepseek_tensors(lcspec, tensors, source, fp8_block))
     elif isinstance(spec, DeepseekV3Spec):
         from dualpath.model.deepseek import DeepseekV3Model
 

@@ -84,17 +84,19 @@ _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_
                  "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",), "youtu": ("noaux_tc",),
                  "axk1": ("noaux_tc",), "axk2": ("noaux_tc",), "kimi_linear": ("noaux_tc",),
                  "bailing_hybrid": ("noaux_tc",), "hy_v4": ("noaux_tc",), "hy_v4_vl_text": ("noaux_tc",),
-                 "glm5_next_text": ("noaux_tc",)}
+                 "glm5_next_text": ("noaux_tc",), "longcat_flash": ("greedy",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
             "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax", "youtu": "sigmoid",
             "axk1": "sigmoid", "axk2": "sigmoid", "kimi_linear": "sigmoid", "bailing_hybrid": "sigmoid",
-            "hy_v4": "sigmoid", "hy_v4_vl_text": "sigmoid", "glm5_next_text": "sigmoid"}
+            "hy_v4": "sigmoid", "hy_v4_vl_text": "sigmoid", "glm5_next_text": "sigmoid",
+            "longcat_flash": "softmax"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
           "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "youtu": "Youtu-LLM", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
           "mistral4": "Mistral 4 (mistral4)", "axk1": "A.X-K1 (axk1)", "axk2": "A.X-K2 (axk2)",
           "kimi_linear": "Kimi Linear (kimi_linear)", "bailing_hybrid": "Bailing hybrid (bailing_hybrid)",
           "hy_v4": "Hy4 (hy_v4)", "hy_v4_vl_text": "Hy4-VL's language model (hy_v4_vl_text)",
-          "glm5_next_text": "GLM-5.3-Flash's language model (glm5_next_text)"}
+          "glm5_next_text": "GLM-5.3-Flash's language model (glm5_next_text)",
+          "longcat_flash": "LongCat-Flash (longcat_flash)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text", "glm5_next_text")
 #: Hy4 and Hy4-VL's language model (hyper-connections, head gates and sinks, clamped experts)
@@ -407,6 +409,11 @@ class DeepseekV3Spec(_SpecCommon):
         """Hy4: each head's output scaled by ``sigmoid(gate_proj(x))`` per channel, and a learned sink logit per head
         in each softmax's denominator."""
         return self.model_type in HY_TYPES
+
+    @property
+    def mla_lora_scales(self) -> tuple[float, float] | None:
+        """The queries' and the normed key latent's scalings (LongCat-Flash's; None for every other model)."""
+        return None
 
     @property
     def latent_norm_eps(self) -> float:

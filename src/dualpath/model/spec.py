@@ -1196,6 +1196,10 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
 
         text = glm5_next.text_config(cfg, where) if "text_config" in cfg else cfg
         return glm5_next.spec_from_config(text, where, dtype, kv_format, max_context)
+    if "LongcatFlashForCausalLM" in archs or (not archs and cfg.get("model_type") == "longcat_flash"):
+        from dualpath.model import longcat_flash  # (two MLA sublayers per layer, zero experts)
+
+        return longcat_flash.spec_from_config(cfg, where, dtype, kv_format, max_context)
     if "BailingHybridForCausalLM" in archs or (not archs and cfg.get("model_type") == "bailing_hybrid"):
         from dualpath.model import kimi_linear  # (Kimi Linear's layers, RoPE'd and gated MLA)
 

@@ -553,6 +553,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.hy_v4 import tensors_out as hy_v4_out
 
         out = hy_v4_out(out)
+    if arch == "longcat_flash":  # (the zero experts' unused gate / up projections, which transformers reads)
+        from dualpath.model.longcat_flash import tensors_out as longcat_out
+
+        out = longcat_out(spec, out)  # type: ignore[arg-type]
     if arch == "modernbert-decoder":  # (its embeddings', final norm's, prediction head's and decoder's names)
         from dualpath.model.modernbert_decoder import tensors_out as modernbert_out
 

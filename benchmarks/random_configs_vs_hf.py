@@ -72,6 +72,7 @@ FAMILIES = (
     "doge",
     "glm5_next",
     "longcat_flash",
+    "mistral_large4",
 )
 
 
@@ -506,6 +507,33 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
             "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
                               "out_hidden_size": 32}}
+    if fam == "mistral_large4":  # DSA MLA without a query LoRA, NoPE and latent-sharing layers (image-text checkpoint)
+        rope_on = [int(r.random() < 0.7) for _ in range(L)]
+        sources: list[int] = []
+        for i in range(L):  # (a sharing layer names the latest earlier owner of its RoPE kind, as transformers needs)
+            owners = [j for j in range(i) if sources[j] == j and rope_on[j] == rope_on[i]]
+            sources.append(owners[-1] if owners and r.random() < 0.4 else i)
+        dense = r.choice([0, 1, min(2, L)])
+        groups = r.choice([1, 2])
+        return "MistralLarge4Config", "MistralLarge4ForConditionalGeneration", {"text_config": {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+            "num_hidden_layers": L, "num_attention_heads": (heads := r.choice([2, 4])), "num_key_value_heads": heads,
+            "n_routed_experts": 4, "n_shared_experts": r.choice([0, 1, 2]), "num_experts_per_tok": 2,
+            "n_group": groups, "topk_group": 1 if groups == 1 else r.choice([1, 2]),
+            "routed_scaling_factor": r.choice([1.0, 2.5]), "kv_lora_rank": r.choice([8, 16]),
+            "qk_rope_head_dim": r.choice([4, 8]), "qk_nope_head_dim": r.choice([4, 8]), "v_head_dim": r.choice([4, 8]),
+            "index_topk": r.choice([4, 8, 64]), "index_head_dim": 16, "index_n_heads": 16,
+            "no_rope_layers": rope_on, "kv_source_layers": sources,
+            "indexer_types": ["full"] + [r.choice(["full", "shared"]) for _ in range(L - 1)],
+            "mlp_layer_types": ["dense"] * dense + ["sparse"] * (L - dense), "attention_bias": r.random() < 0.3,
+            "final_logit_softcapping": r.choice([5.0, 30.0]), "max_position_embeddings": 64,
+            "rope_parameters": r.choice([{"rope_type": "default", "rope_theta": 1e4},
+                                         {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                          "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+                                          "attention_factor": 1.0}]),
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
+            "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "head_dim": 8}}
     if fam == "longcat_flash":  # two MLA sublayers per layer, a shortcut MoE with zero (identity) experts
         rope = r.choice([4, 8])
         return "LongcatFlashConfig", "LongcatFlashForCausalLM", {
@@ -846,6 +874,10 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))
+        if fam == "mistral_large4":  # (query scalings and LeRoPE's alpha: transformers' are inert)
+            for n, p in hf.named_parameters():
+                if n.endswith(("softmax_scaling.scale", "rotary_emb.alpha")):
+                    p.copy_(0.3 * torch.randn_like(p))
         if fam == "doge":  # (each KV head's A: transformers' zeros make every key's bias 1)
             for n, p in hf.named_parameters():
                 if n.endswith(".A"):

@@ -171,7 +171,9 @@ class ForwardState:
     # MLA: each sequence's (index, first new row, end, keys) when this prefill attends in the decompressed form
     mla_spans: list[tuple[int, int, int, int]] | None = None
     q_scale: torch.Tensor | None = None  # each query's position scale [N, 1, 1] (LlamaModel._query_scale), or None
-    carry: torch.Tensor | None = None  # LongCat-Flash: a layer's shortcut-MoE output, from its first sublayer to its second
+    # a family's values carried between layers (LongCat-Flash: a layer's shortcut-MoE output, from its first
+    # sublayer to its second; Mistral Large 4: the KV-source layers' new latent rows)
+    carry: Any = None
 
 
 PrefillState = ForwardState

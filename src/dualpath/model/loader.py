@@ -337,6 +337,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = kimi_linear.KimiLinearModel(kspec, device="cpu", backend=backend)
         if tensors is not None:
             tensors = deepseek_tensors(kspec, kimi_linear.tensors_in(kspec, tensors), source, fp8_block)
+    elif spec.architecture == "mistral_large4_text":
+        from dualpath.model import mistral_large4
+
+        mspec = cast(mistral_large4.MistralLarge4Spec, spec)
+        model = mistral_large4.MistralLarge4Model(mspec, device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = deepseek_tensors(mspec, mistral_large4.tensors_in(tensors), source, fp8_block)
     elif spec.architecture == "longcat_flash":
         from dualpath.model import longcat_flash
 

@@ -84,25 +84,28 @@ _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_
                  "glm_moe_dsa": ("noaux_tc",), "mistral4": ("noaux_tc",), "youtu": ("noaux_tc",),
                  "axk1": ("noaux_tc",), "axk2": ("noaux_tc",), "kimi_linear": ("noaux_tc",),
                  "bailing_hybrid": ("noaux_tc",), "hy_v4": ("noaux_tc",), "hy_v4_vl_text": ("noaux_tc",),
-                 "glm5_next_text": ("noaux_tc",), "longcat_flash": ("greedy",)}
+                 "glm5_next_text": ("noaux_tc",), "longcat_flash": ("greedy",),
+                 "mistral_large4_text": ("noaux_tc",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
             "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax", "youtu": "sigmoid",
             "axk1": "sigmoid", "axk2": "sigmoid", "kimi_linear": "sigmoid", "bailing_hybrid": "sigmoid",
             "hy_v4": "sigmoid", "hy_v4_vl_text": "sigmoid", "glm5_next_text": "sigmoid",
-            "longcat_flash": "softmax"}
+            "longcat_flash": "softmax", "mistral_large4_text": "softmax"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
           "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "youtu": "Youtu-LLM", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
           "mistral4": "Mistral 4 (mistral4)", "axk1": "A.X-K1 (axk1)", "axk2": "A.X-K2 (axk2)",
           "kimi_linear": "Kimi Linear (kimi_linear)", "bailing_hybrid": "Bailing hybrid (bailing_hybrid)",
           "hy_v4": "Hy4 (hy_v4)", "hy_v4_vl_text": "Hy4-VL's language model (hy_v4_vl_text)",
           "glm5_next_text": "GLM-5.3-Flash's language model (glm5_next_text)",
-          "longcat_flash": "LongCat-Flash (longcat_flash)"}
+          "longcat_flash": "LongCat-Flash (longcat_flash)",
+          "mistral_large4_text": "Mistral Large 4's language model (mistral_large4_text)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
-DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text", "glm5_next_text")
+DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text", "glm5_next_text",
+                   "mistral_large4_text")
 #: Hy4 and Hy4-VL's language model (hyper-connections, head gates and sinks, clamped experts)
 HY_TYPES = ("hy_v4", "hy_v4_vl_text")
 #: the models whose DSA layers may reuse an earlier layer's selection ("shared" in ``indexer_types``)
-_SHARED_INDEXER_TYPES = ("glm_moe_dsa", *HY_TYPES, "glm5_next_text")
+_SHARED_INDEXER_TYPES = ("glm_moe_dsa", *HY_TYPES, "glm5_next_text", "mistral_large4_text")
 #: the models with hyper-connections and clamped experts (Hy4's kind, GLM-5.3-Flash's Sinkhorn-mixed kind)
 HC_TYPES = (*HY_TYPES, "glm5_next_text")
 #: their fields: other specs leave them out of their dict
@@ -318,7 +321,8 @@ class DeepseekV3Spec(_SpecCommon):
         if self.model_type not in HC_TYPES and (self.hc_mult or self.swiglu_limit):
             raise ModelError(f"model config: hc_mult / swiglu_limit are Hy4's, not {self.model_type}'s")
         if self.model_type in DSA_MODEL_TYPES:
-            if min(self.index_topk, self.index_n_heads, self.index_head_dim) <= 0 or self.q_lora_rank is None:
+            if min(self.index_topk, self.index_n_heads, self.index_head_dim) <= 0 or (
+                    self.q_lora_rank is None and self.model_type != "mistral_large4_text"):
                 raise ModelError(f"model config: {_LABEL[self.model_type]} needs positive index_topk, index_n_heads, "
                                  "index_head_dim and a q_lora_rank")
         elif self.index_topk or self.index_n_heads or self.index_head_dim:
@@ -397,7 +401,7 @@ class DeepseekV3Spec(_SpecCommon):
     @property
     def index_rope_interleave(self) -> bool:
         """GLM-5's indexer (and Hy4-VL's) rotates interleaved pairs; DeepSeek-V3.2's rotates halves."""
-        return self.model_type in ("glm_moe_dsa", "hy_v4_vl_text")
+        return self.model_type in ("glm_moe_dsa", "hy_v4_vl_text", "mistral_large4_text")
 
     @property
     def index_rope_tail(self) -> bool:
@@ -419,7 +423,7 @@ class DeepseekV3Spec(_SpecCommon):
     def latent_norm_eps(self) -> float:
         """The query and key latents' RMS norms' epsilon: 1e-6 (DeepSeek's and transformers' default), the config's
         ``rms_norm_eps`` for Hy4-VL's and GLM-5.3-Flash's language models."""
-        return self.rms_eps if self.model_type in ("hy_v4_vl_text", "glm5_next_text") else 1e-6
+        return self.rms_eps if self.model_type in ("hy_v4_vl_text", "glm5_next_text", "mistral_large4_text") else 1e-6
 
     def with_dtype(self, dtype: str) -> DeepseekV3Spec:
         return replace(self, dtype=dtype)

@@ -1196,6 +1196,11 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
 
         text = glm5_next.text_config(cfg, where) if "text_config" in cfg else cfg
         return glm5_next.spec_from_config(text, where, dtype, kv_format, max_context)
+    if "MistralLarge4ForConditionalGeneration" in archs or (not archs and cfg.get("model_type") in (
+            "mistral_large4", "mistral_large4_text")):
+        from dualpath.model import mistral_large4  # (DSA MLA, no query LoRA, NoPE and latent-sharing layers)
+
+        return mistral_large4.spec_from_config(cfg, where, dtype, kv_format, max_context)
     if "LongcatFlashForCausalLM" in archs or (not archs and cfg.get("model_type") == "longcat_flash"):
         from dualpath.model import longcat_flash  # (two MLA sublayers per layer, zero experts)
 

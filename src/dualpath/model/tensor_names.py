@@ -131,9 +131,9 @@ def deepseek_tensors(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor],
 
 def _check_indexer(spec: DeepseekV3Spec, tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """Every layer of a DeepSeek-V3.2 checkpoint has its lightning indexer, shaped as the config says."""
-    assert spec.q_lora_rank is not None
     h, d = spec.index_n_heads, spec.index_head_dim
-    shapes = {"wq_b.weight": (h * d, spec.q_lora_rank), "wk.weight": (d, spec.hidden_size), "k_norm.weight": (d,),
+    # (Mistral Large 4's indexer queries come from the hidden state: its attention has no query LoRA)
+    shapes = {"wq_b.weight": (h * d, spec.q_lora_rank or spec.hidden_size), "wk.weight": (d, spec.hidden_size), "k_norm.weight": (d,),
               "k_norm.bias": (d,), "weights_proj.weight": (h, spec.hidden_size)}
     for layer in range(spec.n_layers):
         if not spec.has_indexer(layer):  # (GLM-5's shared layers have none)
@@ -553,6 +553,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.hy_v4 import tensors_out as hy_v4_out
 
         out = hy_v4_out(out)
+    if arch == "mistral_large4_text":  # (the released names, experts one by one, as transformers writes them)
+        from dualpath.model.mistral_large4 import tensors_out as mistral_large4_out
+
+        out = mistral_large4_out(out)
     if arch == "longcat_flash":  # (the zero experts' unused gate / up projections, which transformers reads)
         from dualpath.model.longcat_flash import tensors_out as longcat_out
 

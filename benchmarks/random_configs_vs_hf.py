@@ -73,6 +73,7 @@ FAMILIES = (
     "glm5_next",
     "longcat_flash",
     "mistral_large4",
+    "minimax_m3",
 )
 
 
@@ -507,6 +508,27 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
             "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
                               "out_hidden_size": 32}}
+    if fam == "minimax_m3":  # block-sparse layers selecting per indexer head, clamped SwiGLUs (image-text checkpoint)
+        heads = r.choice([2, 4])
+        local = r.choice([0, 1, 2])
+        dense = r.choice([0, 1, min(2, L)])
+        return "MiniMaxM3VLConfig", "MiniMaxM3SparseForConditionalGeneration", {"text_config": {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": L,
+            "num_attention_heads": heads, "num_key_value_heads": r.choice([1, 2]), "head_dim": (hd := r.choice([8, 16])),
+            "rotary_dim": r.choice([hd, 64]),
+            "rope_parameters": {"rope_type": "default", "rope_theta": r.choice([1e4, 5e6]),
+                                "partial_rotary_factor": r.choice([0.5, 1.0])},
+            "num_local_experts": 4, "num_experts_per_tok": r.choice([1, 2]), "dense_intermediate_size": 24,
+            "shared_intermediate_size": r.choice([8, 16]), "routed_scaling_factor": r.choice([1.0, 2.0]),
+            "swiglu_alpha": r.choice([1.0, 1.702]), "swiglu_limit": r.choice([1.0, 7.0]),
+            "index_n_heads": r.choice([h for h in (1, 2) if heads % h == 0]), "index_head_dim": 16,
+            "index_block_size": r.choice([2, 4]), "index_topk_blocks": local + r.choice([1, 2]),
+            "index_local_blocks": local,
+            "layer_types": [r.choice(["full_attention", "minimax_m3_sparse"]) for _ in range(L)],
+            "mlp_layer_types": ["dense"] * dense + ["sparse"] * (L - dense), "tie_word_embeddings": r.random() < 0.3,
+            "max_position_embeddings": 64, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
+            "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                              "num_attention_heads": 2}}
     if fam == "mistral_large4":  # DSA MLA without a query LoRA, NoPE and latent-sharing layers (image-text checkpoint)
         rope_on = [int(r.random() < 0.7) for _ in range(L)]
         sources: list[int] = []
@@ -856,7 +878,7 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             if n.endswith(("A_log", "dt_bias", "recurrent_param", "dt_proj_bias")):  # (x3: the state would forget at once)
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
-        if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4", "longcat_flash"):  # (correction biases: 0)
+        if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4", "longcat_flash", "minimax_m3"):  # (biases: 0)
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))

@@ -101,6 +101,9 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     # Apertus 1.5: Apertus with a wider vocabulary (visual and audio codes) and its LM head pruned to the text ids
     "Apertus1p5ForConditionalGeneration": ("apertus1p5", "apertus1p5_text"),
     "Apertus1p5TextForCausalLM": ("apertus1p5_text", "apertus1p5_text"),
+    # MiniMax-M3: its language model (dualpath.model.minimax_m3), or the text model alone
+    "MiniMaxM3SparseForConditionalGeneration": ("minimax_m3_vl", "minimax_m3_vl_text"),
+    "MiniMaxM3VLForCausalLM": ("minimax_m3_vl_text", "minimax_m3_vl_text"),
     # FastVLM, PerceptionLM: LLaVA's layout over Qwen2 / Llama; Emu3: a Llama over text and image-code tokens (its
     # VQ tokenizer not loaded), also as its text model alone
     "FastVlmForConditionalGeneration": ("fast_vlm", "qwen2"),
@@ -161,6 +164,7 @@ _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "ernie4_5_vl_moe_text": ("Ernie4_5_MoeForCausalLM", "ernie4_5_moe"),
     "phi4_multimodal_text": ("Phi3ForCausalLM", "phi3"),
     "apertus1p5_text": ("ApertusForCausalLM", "apertus"),
+    "minimax_m3_vl_text": ("MiniMaxM3VLForCausalLM", "minimax_m3_vl_text"),
     "emu3_text_model": ("LlamaForCausalLM", "llama"),
     "aria_text": ("AriaTextForCausalLM", "aria_text"),
     "gemma4_text": ("Gemma4ForCausalLM", "gemma4_text"),

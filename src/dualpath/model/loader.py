@@ -90,6 +90,7 @@ if TYPE_CHECKING:
     from dualpath.model.mamba1 import Mamba1Model
     from dualpath.model.mimo_v2 import MiMoV2Model
     from dualpath.model.minimax import MiniMaxModel
+    from dualpath.model.minimax_m3 import MiniMaxM3Model
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
     from dualpath.model.nemotron_h import NemotronHModel
     from dualpath.model.olmo_hybrid import OlmoHybridModel
@@ -106,7 +107,7 @@ if TYPE_CHECKING:
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
                 | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel | DoryModel | Qwen4ExpModel
-                | DogeModel)
+                | DogeModel | MiniMaxM3Model)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -470,6 +471,12 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = qh.tensors_in(cast(qh.HybridSpec, spec), gemma3_language_tensors(
                 fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "minimax_m3_vl_text":
+        from dualpath.model import minimax_m3
+
+        model = minimax_m3.MiniMaxM3Model(cast(minimax_m3.MiniMaxM3Spec, spec), device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = minimax_m3.tensors_in(fp8_dequantized(tensors, source, fp8_block), source)
     elif spec.architecture == "laguna":
         from dualpath.model import laguna
 

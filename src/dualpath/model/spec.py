@@ -369,7 +369,7 @@ class ModelSpec(_SpecCommon):
         if self.partial_rotary_factor != 1.0:
             if self.architecture not in ("phi3", "glm4_moe", "minimax_m2", "gpt_neox", "phi", "stablelm", "gptj", "glm",
                                          "persimmon", "gpt_neox_japanese",
-                                         "glm4", "nemotron"):
+                                         "glm4", "nemotron", "minimax_m3_vl_text"):
                 raise ModelError(f"model config: partial_rotary_factor is only supported for phi3, glm4_moe, "
                                  f"gpt_neox, gptj, phi and stablelm, got "
                                  f"{self.partial_rotary_factor} for {self.architecture}")
@@ -1047,6 +1047,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import qwen_hybrid
 
             return qwen_hybrid.spec_from_config(arch, cfg, where, dtype, max_context)
+        if arch == "minimax_m3_vl_text":  # (its own spec: block-sparse layers, clamped SwiGLUs, its MoE)
+            from dualpath.model import minimax_m3
+
+            return minimax_m3.spec_from_config(cfg, where, dtype, max_context)
         if arch == "laguna":  # (its own spec: query heads per layer, gated attention, its MoE)
             from dualpath.model import laguna
 

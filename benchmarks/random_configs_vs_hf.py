@@ -74,6 +74,7 @@ FAMILIES = (
     "longcat_flash",
     "mistral_large4",
     "minimax_m3",
+    "step3p7",
 )
 
 
@@ -508,6 +509,27 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
             "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
                               "out_hidden_size": 32}}
+    if fam == "step3p7":  # gated GQA, heads and RoPE per layer type, clamped SwiGLUs (image-text checkpoint)
+        kv = r.choice([1, 2])
+        dense = r.choice([0, 1, min(3, L)])
+        return "Step3p7Config", "Step3p7ForConditionalGeneration", {"text_config": {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 24, "num_hidden_layers": L,
+            "num_attention_heads": kv * r.choice([1, 2]), "num_sliding_attention_heads": kv * r.choice([1, 2, 3]),
+            "num_key_value_heads": kv, "head_dim": r.choice([8, 16]), "sliding_window": r.choice([3, 6, 64]),
+            "layer_types": [r.choice(["sliding_attention", "full_attention"]) for _ in range(L)],
+            "mlp_layer_types": ["dense"] * dense + ["sparse"] * (L - dense), "moe_intermediate_size": 8,
+            "share_expert_dim": r.choice([8, 16]), "n_routed_experts": 4, "num_experts_per_tok": r.choice([1, 2]),
+            "moe_router_scaling_factor": r.choice([1.0, 2.0]), "gating": r.choice([True, "per-head"]),
+            "query_pre_attn_scalar": r.choice([None, 12]), "mlp_bias": r.random() < 0.3,
+            "attention_bias": r.random() < 0.3,
+            "swiglu_limits": [r.choice([0, 0.5, 7.0]) for _ in range(L)],
+            "swiglu_limits_shared": [r.choice([0, 0.5, 7.0]) for _ in range(L)],
+            "rope_parameters": {t: {"rope_type": "default", "rope_theta": r.choice([1e4, 5e5]),
+                                    "partial_rotary_factor": r.choice([0.5, 1.0])}
+                                for t in ("sliding_attention", "full_attention")},
+            "tie_word_embeddings": r.random() < 0.3, "max_position_embeddings": 64, "pad_token_id": 0},
+            "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                              "num_attention_heads": 2}}
     if fam == "minimax_m3":  # block-sparse layers selecting per indexer head, clamped SwiGLUs (image-text checkpoint)
         heads = r.choice([2, 4])
         local = r.choice([0, 1, 2])
@@ -878,7 +900,7 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             if n.endswith(("A_log", "dt_bias", "recurrent_param", "dt_proj_bias")):  # (x3: the state would forget at once)
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
-        if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4", "longcat_flash", "minimax_m3"):  # (biases: 0)
+        if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4", "longcat_flash", "minimax_m3", "step3p7"):
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))

@@ -98,6 +98,7 @@ if TYPE_CHECKING:
     from dualpath.model.qwen_hybrid import HybridModel
     from dualpath.model.recurrent_gemma import RecurrentGemmaModel
     from dualpath.model.rwkv import RwkvModel
+    from dualpath.model.step3p7 import Step3p7Model
     from dualpath.model.zamba import ZambaModel
     from dualpath.model.zamba2 import Zamba2Model
     from dualpath.model.zaya import ZayaModel
@@ -107,7 +108,7 @@ if TYPE_CHECKING:
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
                 | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel | DoryModel | Qwen4ExpModel
-                | DogeModel | MiniMaxM3Model)
+                | DogeModel | MiniMaxM3Model | Step3p7Model)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -471,6 +472,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = qh.tensors_in(cast(qh.HybridSpec, spec), gemma3_language_tensors(
                 fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "step3p5":
+        from dualpath.model import step3p7
+
+        s37 = cast(step3p7.Step3p7Spec, spec)
+        model = step3p7.Step3p7Model(s37, device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = step3p7.tensors_in(s37, fp8_dequantized(tensors, source, fp8_block), source)
     elif spec.architecture == "minimax_m3_vl_text":
         from dualpath.model import minimax_m3
 

@@ -1047,6 +1047,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import qwen_hybrid
 
             return qwen_hybrid.spec_from_config(arch, cfg, where, dtype, max_context)
+        if arch == "step3p5":  # (Step 3.7's language model: gated GQA, heads and RoPE per layer type, clamped MoE)
+            from dualpath.model import step3p7
+
+            return step3p7.spec_from_config(cfg, where, dtype, max_context)
         if arch == "minimax_m3_vl_text":  # (its own spec: block-sparse layers, clamped SwiGLUs, its MoE)
             from dualpath.model import minimax_m3
 
@@ -1205,6 +1209,12 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
         from dualpath.model import mistral_large4  # (DSA MLA, no query LoRA, NoPE and latent-sharing layers)
 
         return mistral_large4.spec_from_config(cfg, where, dtype, kv_format, max_context)
+    if "Step3p7ForConditionalGeneration" in archs or (not archs and cfg.get("model_type") in ("step3p7", "step3p5")):
+        from dualpath.model import step3p7  # (gated GQA with per-layer-type heads and RoPE, clamped MoE)
+
+        if kv_format != "auto":
+            raise ModelError(f"{where}: KV format {kv_format!r} needs an MLA (DeepSeek-V2/V3) model")
+        return step3p7.spec_from_config(cfg, where, dtype, max_context)
     if "LongcatFlashForCausalLM" in archs or (not archs and cfg.get("model_type") == "longcat_flash"):
         from dualpath.model import longcat_flash  # (two MLA sublayers per layer, zero experts)
 

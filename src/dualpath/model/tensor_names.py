@@ -634,6 +634,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.qwen4_exp import tensors_out as qwen4_exp_out
 
         out = qwen4_exp_out(spec, out)  # type: ignore[arg-type]
+    if arch == "step3p5":  # (the released layout: experts stacked, moe.* and share_expert.*)
+        from dualpath.model.step3p7 import tensors_out as step3p7_out
+
+        out = step3p7_out(out)
     if arch == "minimax_m3_vl_text":  # (the text model's names: experts packed)
         from dualpath.model.minimax_m3 import tensors_out as minimax_m3_out
 

@@ -75,6 +75,7 @@ FAMILIES = (
     "mistral_large4",
     "minimax_m3",
     "step3p7",
+    "hrm_text",
 )
 
 
@@ -509,6 +510,15 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
             "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
                               "out_hidden_size": 32}}
+    if fam == "hrm_text":  # two stacks looped in cycles, each invocation its own KV; gated MHA, weightless norms
+        return "HrmTextConfig", "HrmTextForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": r.choice([32, 48]), "num_hidden_layers": r.choice([1, 2]),
+            "num_attention_heads": r.choice([2, 4]), "head_dim": r.choice([8, 16]), "H_cycles": r.choice([1, 2]),
+            "L_cycles": r.choice([0, 1, 2]), "attention_bias": r.random() < 0.3, "mlp_bias": r.random() < 0.3,
+            "initializer_range": r.choice([0.02, 0.1]), "embedding_scale": r.choice([None, 1.0]),
+            "tie_word_embeddings": r.random() < 0.3, "max_position_embeddings": 64,
+            "rope_parameters": {"rope_type": "default", "rope_theta": r.choice([1e4, 1e6])},
+        }
     if fam == "step3p7":  # gated GQA, heads and RoPE per layer type, clamped SwiGLUs (image-text checkpoint)
         kv = r.choice([1, 2])
         dense = r.choice([0, 1, min(3, L)])

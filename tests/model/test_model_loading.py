@@ -386,8 +386,10 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
         if arch == "cohere_compass_text":  # (its RoPE is keyed by layer type: transformers needs each type's)
             cfg["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
         spec = ModelSpec.from_hf_config(cfg)
-        # (Dory's n_layers counts layer passes: its recurrent section once per loop)
-        assert (len(spec.module_types) if arch == "dory" else spec.n_layers) == 40, arch
+        # (Dory's and HRM-Text's n_layers count layer passes: Dory's recurrent section once per loop, each HRM stack
+        # once per invocation)
+        depth = {"dory": lambda s: len(s.module_types), "hrm_text": lambda s: s.per_stack}.get(arch, lambda s: s.n_layers)
+        assert depth(spec) == 40, arch
         if arch not in windowed:
             assert spec.sliding_window is None and not spec.full_attention_layers, arch
 

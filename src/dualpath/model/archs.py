@@ -66,6 +66,7 @@ ARCHITECTURES: dict[str, str] = {
     "LagunaForCausalLM": "laguna",  # (dualpath.model.laguna)
     "MiniMaxM3VLForCausalLM": "minimax_m3_vl_text",  # (dualpath.model.minimax_m3)
     "Step3p7ForConditionalGeneration": "step3p5",  # (dualpath.model.step3p7: its language model)
+    "HrmTextForCausalLM": "hrm_text",  # (dualpath.model.hrm_text)
     "BeamForCausalLM": "beam",  # (dualpath.model.beam)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **{hf: ours for ours, hf in HYBRID_HF_ARCH.items()},  # Qwen3.5, Qwen3.5-MoE, Qwen3-Next (dualpath.model.qwen_hybrid)
@@ -109,7 +110,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM", "aria_text": "AriaTextForCausalLM",
             "gemma4_text": "Gemma4ForCausalLM", "mimo_v2_flash": "MiMoV2FlashForCausalLM",
             "gemma3n_text": "Gemma3nForCausalLM", "laguna": "LagunaForCausalLM", "minimax_m3_vl_text": "MiniMaxM3VLForCausalLM",
-            "step3p5": "Step3p7ForConditionalGeneration", "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
+            "step3p5": "Step3p7ForConditionalGeneration", "hrm_text": "HrmTextForCausalLM", "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
             "jetmoe": "JetMoeForCausalLM",
             "modernbert-decoder": "ModernBertDecoderForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",

@@ -81,6 +81,7 @@ if TYPE_CHECKING:
     from dualpath.model.gemma3n import Gemma3nModel
     from dualpath.model.gemma4 import Gemma4Model
     from dualpath.model.granite_hybrid import GraniteHybridModel
+    from dualpath.model.hrm_text import HrmTextModel
     from dualpath.model.inkling import InklingModel
     from dualpath.model.jamba import JambaModel
     from dualpath.model.laguna import LagunaModel
@@ -108,7 +109,7 @@ if TYPE_CHECKING:
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
                 | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel | DoryModel | Qwen4ExpModel
-                | DogeModel | MiniMaxM3Model | Step3p7Model)
+                | DogeModel | MiniMaxM3Model | Step3p7Model | HrmTextModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -303,6 +304,7 @@ _PLAIN_FAMILIES: dict[str, tuple[str, str]] = {
     "falcon_h1": ("falcon_h1", "FalconH1Model"),
     "olmo_hybrid": ("olmo_hybrid", "OlmoHybridModel"),
     "recurrent_gemma": ("recurrent_gemma", "RecurrentGemmaModel"),
+    "hrm_text": ("hrm_text", "HrmTextModel"),
 }
 
 

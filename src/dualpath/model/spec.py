@@ -1047,6 +1047,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import qwen_hybrid
 
             return qwen_hybrid.spec_from_config(arch, cfg, where, dtype, max_context)
+        if arch == "hrm_text":  # (its own spec: two stacks looped in cycles, each invocation a pool layer)
+            from dualpath.model import hrm_text
+
+            return hrm_text.spec_from_config(cfg, where, dtype, max_context)
         if arch == "step3p5":  # (Step 3.7's language model: gated GQA, heads and RoPE per layer type, clamped MoE)
             from dualpath.model import step3p7
 

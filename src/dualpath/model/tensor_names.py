@@ -634,6 +634,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.qwen4_exp import tensors_out as qwen4_exp_out
 
         out = qwen4_exp_out(spec, out)  # type: ignore[arg-type]
+    if arch == "hrm_text":  # (the released fused gqkv_proj / gate_up_proj)
+        from dualpath.model.hrm_text import tensors_out as hrm_text_out
+
+        out = hrm_text_out(out)
     if arch == "step3p5":  # (the released layout: experts stacked, moe.* and share_expert.*)
         from dualpath.model.step3p7 import tensors_out as step3p7_out
 

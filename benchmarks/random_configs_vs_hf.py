@@ -76,6 +76,7 @@ FAMILIES = (
     "minimax_m3",
     "step3p7",
     "hrm_text",
+    "dots3_note",
 )
 
 
@@ -510,6 +511,26 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
             "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
                               "out_hidden_size": 32}}
+    if fam == "dots3_note":  # indexed, dense and sliding MLA layers with their own shapes; LoRA-scaled latents, gates
+        types = [r.choice(["indexed_attention", "full_attention", "sliding_attention"]) for _ in range(L)]
+        dense = r.choice([0, 1, min(2, L)])
+        groups = r.choice([1, 2])
+        return "Dots3NoteTextConfig", "Dots3NoteForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+            "num_hidden_layers": L, "num_attention_heads": (heads := r.choice([2, 4])), "num_key_value_heads": heads,
+            "n_routed_experts": 4, "n_shared_experts": r.choice([1, 2]), "num_experts_per_tok": 2, "n_group": groups,
+            "topk_group": 1, "routed_scaling_factor": r.choice([1.0, 2.5]), "norm_topk_prob": r.random() < 0.7,
+            "kv_lora_rank": r.choice([8, 16]), "q_lora_rank": r.choice([8, 16]), "qk_rope_head_dim": (rp := r.choice([4, 8])),
+            "qk_nope_head_dim": (nope := r.choice([4, 8])), "head_dim": rp + nope, "v_head_dim": r.choice([4, 8]),
+            "index_topk": r.choice([4, 8, 64]), "index_head_dim": 16, "index_n_heads": 16,
+            "shared_experts_intermediate_size": r.choice([8, 16]), "layer_types": types, "use_dsa": None,
+            "mlp_layer_types": ["dense"] * dense + ["sparse"] * (L - dense), "sliding_window": r.choice([3, 6]),
+            "swa_num_attention_heads": (sh := r.choice([1, 2])), "swa_num_key_value_heads": sh,
+            "swa_q_lora_rank": r.choice([8, 12]), "swa_kv_lora_rank": r.choice([8, 20]),
+            "swa_head_dim": (sn := r.choice([4, 12])) + rp, "swa_qk_nope_head_dim": sn, "swa_v_head_dim": 8,
+            "tie_word_embeddings": r.random() < 0.3, "max_position_embeddings": 64, "pad_token_id": None,
+            "bos_token_id": None, "eos_token_id": None,
+        }
     if fam == "hrm_text":  # two stacks looped in cycles, each invocation its own KV; gated MHA, weightless norms
         return "HrmTextConfig", "HrmTextForCausalLM", {
             "vocab_size": V, "hidden_size": 32, "intermediate_size": r.choice([32, 48]), "num_hidden_layers": r.choice([1, 2]),
@@ -910,7 +931,8 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             if n.endswith(("A_log", "dt_bias", "recurrent_param", "dt_proj_bias")):  # (x3: the state would forget at once)
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
-        if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4", "longcat_flash", "minimax_m3", "step3p7"):
+        if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4", "longcat_flash", "minimax_m3", "step3p7",
+                   "dots3_note"):
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))

@@ -341,6 +341,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         model = kimi_linear.KimiLinearModel(kspec, device="cpu", backend=backend)
         if tensors is not None:
             tensors = deepseek_tensors(kspec, kimi_linear.tensors_in(kspec, tensors), source, fp8_block)
+    elif spec.architecture == "dots3_note_text":
+        from dualpath.model import dots3_note
+
+        d3 = cast(dots3_note.Dots3NoteSpec, spec)
+        model = dots3_note.Dots3NoteModel(d3, device="cpu", backend=backend)
+        if tensors is not None:
+            tensors = deepseek_tensors(d3, dots3_note.tensors_in(d3, tensors), source, fp8_block)
     elif spec.architecture == "mistral_large4_text":
         from dualpath.model import mistral_large4
 

@@ -85,12 +85,12 @@ _TOPK_METHODS = {"deepseek_v3": ("noaux_tc",), "deepseek_v2": ("greedy", "group_
                  "axk1": ("noaux_tc",), "axk2": ("noaux_tc",), "kimi_linear": ("noaux_tc",),
                  "bailing_hybrid": ("noaux_tc",), "hy_v4": ("noaux_tc",), "hy_v4_vl_text": ("noaux_tc",),
                  "glm5_next_text": ("noaux_tc",), "longcat_flash": ("greedy",),
-                 "mistral_large4_text": ("noaux_tc",)}
+                 "mistral_large4_text": ("noaux_tc",), "dots3_note_text": ("noaux_tc",)}
 _SCORING = {"deepseek_v3": "sigmoid", "deepseek_v2": "softmax", "deepseek_v32": "sigmoid", "glm4_moe_lite": "sigmoid",
             "minicpm3": "sigmoid", "glm_moe_dsa": "sigmoid", "mistral4": "softmax", "youtu": "sigmoid",
             "axk1": "sigmoid", "axk2": "sigmoid", "kimi_linear": "sigmoid", "bailing_hybrid": "sigmoid",
             "hy_v4": "sigmoid", "hy_v4_vl_text": "sigmoid", "glm5_next_text": "sigmoid",
-            "longcat_flash": "softmax", "mistral_large4_text": "softmax"}
+            "longcat_flash": "softmax", "mistral_large4_text": "softmax", "dots3_note_text": "sigmoid"}
 _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_v32": "DeepSeek-V3.2",
           "glm4_moe_lite": "GLM-4.7-Flash (glm4_moe_lite)", "minicpm3": "MiniCPM3", "youtu": "Youtu-LLM", "glm_moe_dsa": "GLM-5 (glm_moe_dsa)",
           "mistral4": "Mistral 4 (mistral4)", "axk1": "A.X-K1 (axk1)", "axk2": "A.X-K2 (axk2)",
@@ -98,10 +98,11 @@ _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_
           "hy_v4": "Hy4 (hy_v4)", "hy_v4_vl_text": "Hy4-VL's language model (hy_v4_vl_text)",
           "glm5_next_text": "GLM-5.3-Flash's language model (glm5_next_text)",
           "longcat_flash": "LongCat-Flash (longcat_flash)",
-          "mistral_large4_text": "Mistral Large 4's language model (mistral_large4_text)"}
+          "mistral_large4_text": "Mistral Large 4's language model (mistral_large4_text)",
+          "dots3_note_text": "dots3-note (dots3_note_text)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text", "glm5_next_text",
-                   "mistral_large4_text")
+                   "mistral_large4_text", "dots3_note_text")
 #: Hy4 and Hy4-VL's language model (hyper-connections, head gates and sinks, clamped experts)
 HY_TYPES = ("hy_v4", "hy_v4_vl_text")
 #: the models whose DSA layers may reuse an earlier layer's selection ("shared" in ``indexer_types``)
@@ -401,7 +402,7 @@ class DeepseekV3Spec(_SpecCommon):
     @property
     def index_rope_interleave(self) -> bool:
         """GLM-5's indexer (and Hy4-VL's) rotates interleaved pairs; DeepSeek-V3.2's rotates halves."""
-        return self.model_type in ("glm_moe_dsa", "hy_v4_vl_text", "mistral_large4_text")
+        return self.model_type in ("glm_moe_dsa", "hy_v4_vl_text", "mistral_large4_text", "dots3_note_text")
 
     @property
     def index_rope_tail(self) -> bool:

@@ -1213,6 +1213,11 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
         from dualpath.model import mistral_large4  # (DSA MLA, no query LoRA, NoPE and latent-sharing layers)
 
         return mistral_large4.spec_from_config(cfg, where, dtype, kv_format, max_context)
+    if any(a in ("Dots3NoteForCausalLM", "Dots3NoteForConditionalGeneration") for a in archs) or (
+            not archs and cfg.get("model_type") in ("dots3_note", "dots3_note_text")):
+        from dualpath.model import dots3_note  # (MLA layers of three kinds and their own shapes)
+
+        return dots3_note.spec_from_config(cfg, where, dtype, kv_format, max_context)
     if "Step3p7ForConditionalGeneration" in archs or (not archs and cfg.get("model_type") in ("step3p7", "step3p5")):
         from dualpath.model import step3p7  # (gated GQA with per-layer-type heads and RoPE, clamped MoE)
 

@@ -105,6 +105,12 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     ({"architectures": ["XLMRobertaForCausalLM"]}, "encoder"),
     ({"architectures": ["Inkling2ForConditionalGeneration"], "model_type": "inkling2"}, "recurrent state"),
     ({"model_type": "diffusion_gemma"}, "diffusion language model"),
+    ({"architectures": ["Florence2ForConditionalGeneration"], "model_type": "florence2"}, "encoder-decoder model"),
+    ({"architectures": ["IdeficsForVisionText2Text"], "model_type": "idefics"}, "cross-attention"),
+    ({"architectures": ["MusicgenForCausalLM"], "model_type": "musicgen"}, "audio model"),
+    ({"architectures": ["XLNetLMHeadModel"], "model_type": "xlnet"}, "permutation language model"),
+    ({"architectures": ["ReformerModelWithLMHead"], "model_type": "reformer"}, "LSH"),
+    ({"architectures": ["BltForCausalLM"], "model_type": "blt"}, "byte-level"),
 ])
 def test_families_refused_on_purpose_say_why(cfg, needle):
     with pytest.raises(ModelError, match=needle):

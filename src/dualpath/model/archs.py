@@ -186,6 +186,21 @@ _REFUSED = {
                     "a draft model that attends with its target model's keys and values, not a model on its own"),
     "mllama": "its cross-attention layers attend to the image's states between self-attention layers; not "
               "implemented",
+    **dict.fromkeys(("idefics", "evolla"),
+                    "its cross-attention layers attend to another modality's states (images, proteins) between "
+                    "self-attention layers; not implemented"),
+    **dict.fromkeys(("florence2", "pix2struct", "t5gemma2", "udop", "vision-encoder-decoder", "pp_formulanet"),
+                    "an encoder-decoder model (its decoder cross-attends to an encoder's states), not a decoder-only "
+                    "LLM"),
+    **dict.fromkeys(("musicgen", "musicgen_melody", "moshi", "moss_transcribe_diarize"),
+                    "an audio model (parallel codebook streams, or speech in, text out through an audio encoder), "
+                    "not a text decoder"),
+    "blt": "a byte-level model whose local encoder and decoder cross-attend to patch states between a global "
+           "transformer; its per-token state is not one KV row per layer; not implemented",
+    "reformer": "LSH and chunked local attention over reversible layers: no per-token KV cache to store or move",
+    "xlnet": "a permutation language model (two-stream attention with relative positions and a memory), not a causal "
+             "decoder with a KV cache",
+    "pi0": "a robot action policy (flow-matching action expert beside a vision-language prefix), not a text decoder",
     **dict.fromkeys(("bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart", "mvp",
                      "prophetnet", "trocr", "whisper", "bert", "bert-generation", "roberta", "roberta-prelayernorm",
                      "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "electra", "ernie", "rembert",

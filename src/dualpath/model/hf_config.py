@@ -101,6 +101,11 @@ _IMAGE_TEXT: dict[str, tuple[str, str]] = {
     # Apertus 1.5: Apertus with a wider vocabulary (visual and audio codes) and its LM head pruned to the text ids
     "Apertus1p5ForConditionalGeneration": ("apertus1p5", "apertus1p5_text"),
     "Apertus1p5TextForCausalLM": ("apertus1p5_text", "apertus1p5_text"),
+    # BLIP-2 and InstructBLIP: their language model (OPT, or a Llama such as Vicuna) alone; without an image the
+    # Q-Former's query embeddings are not part of the prompt
+    "Blip2ForConditionalGeneration": ("blip-2", "opt"),
+    "InstructBlipForConditionalGeneration": ("instructblip", "opt"),
+    "InstructBlipVideoForConditionalGeneration": ("instructblipvideo", "opt"),
     # MiniMax-M3: its language model (dualpath.model.minimax_m3), or the text model alone
     "MiniMaxM3SparseForConditionalGeneration": ("minimax_m3_vl", "minimax_m3_vl_text"),
     "MiniMaxM3VLForCausalLM": ("minimax_m3_vl_text", "minimax_m3_vl_text"),
@@ -131,6 +136,7 @@ _THINKER_FAMILIES = ("qwen3_omni_moe", "qwen2_5_omni")
 _TEXT_MODELS: dict[str, tuple[str, str]] = {
     "mistral": ("MistralForCausalLM", "mistral"),
     "llama": ("LlamaForCausalLM", "llama"),
+    "opt": ("OPTForCausalLM", "opt"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen2_vl_text": ("Qwen2ForCausalLM", "qwen2"),
     "qwen2_5_vl_text": ("Qwen2ForCausalLM", "qwen2"),

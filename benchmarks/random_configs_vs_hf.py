@@ -77,7 +77,26 @@ FAMILIES = (
     "step3p7",
     "hrm_text",
     "dots3_note",
+    "deepseek_ocr2",
 )
+
+
+def transformers_small_ocr2_vision() -> dict[str, Any]:
+    """DeepSeek-OCR 2's vision config shrunk to one small layer per tower (its defaults build large towers)."""
+    import transformers
+
+    vc = transformers.DeepseekOcr2Config().vision_config.to_dict()
+    for sub in ("sam_config", "encoder_config"):
+        c = vc[sub]
+        for key, value in (("hidden_size", 16), ("intermediate_size", 32), ("num_hidden_layers", 1),
+                           ("num_attention_heads", 2), ("num_key_value_heads", 2), ("output_channels", 16),
+                           ("mlp_dim", 32), ("global_attn_indexes", [0]), ("image_size", 64),
+                           ("downsample_channels", [16, 16])):
+            if key in c:
+                c[key] = value
+        if isinstance(c.get("layer_types"), list):
+            c["layer_types"] = c["layer_types"][:1]
+    return vc
 
 
 def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
@@ -511,6 +530,21 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
             "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
                               "out_hidden_size": 32}}
+    if fam == "deepseek_ocr2":  # DeepSeek-V2's MoE decoder with Llama's attention (the image-text checkpoint)
+        groups = r.choice([1, 2, 4])
+        dense = r.choice([0, 1, min(2, L)])
+        vision = transformers_small_ocr2_vision()
+        return "DeepseekOcr2Config", "DeepseekOcr2ForConditionalGeneration", {"vision_config": vision, "text_config": {
+            "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+            "num_hidden_layers": L, "num_attention_heads": (heads := r.choice([2, 4])),
+            "num_key_value_heads": r.choice([h for h in (1, 2, 4) if heads % h == 0]), "n_routed_experts": 8,
+            "n_shared_experts": r.choice([0, 1, 2]), "num_experts_per_tok": r.choice([1, 2]),
+            "topk_method": "group_limited_greedy" if groups > 1 else "greedy", "n_group": groups,
+            "topk_group": r.randint(1, groups), "routed_scaling_factor": r.choice([1.0, 2.0]),
+            "attention_bias": r.random() < 0.3, "mlp_layer_types": ["dense"] * dense + ["sparse"] * (L - dense),
+            "tie_word_embeddings": r.random() < 0.3, "max_position_embeddings": 64,
+            "rope_parameters": {"rope_type": "default", "rope_theta": r.choice([1e4, 1e6])},
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}}
     if fam == "dots3_note":  # indexed, dense and sliding MLA layers with their own shapes; LoRA-scaled latents, gates
         types = [r.choice(["indexed_attention", "full_attention", "sliding_attention"]) for _ in range(L)]
         dense = r.choice([0, 1, min(2, L)])

@@ -389,6 +389,8 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
         if arch == "qwen4_exp_text":  # (its attention layers' QSA indexer: transformers has no default for it)
             cfg.update(indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, head_dim=16,
                        indexer_compress_ratio=4)
+        if arch == "deepseek_ocr2_text":  # (its MLP per layer: transformers has no default for it)
+            cfg["mlp_layer_types"] = ["dense"] + ["sparse"] * 39
         if arch == "cohere_compass_text":  # (its RoPE is keyed by layer type: transformers needs each type's)
             cfg["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
         spec = ModelSpec.from_hf_config(cfg)

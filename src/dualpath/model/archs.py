@@ -67,6 +67,7 @@ ARCHITECTURES: dict[str, str] = {
     "MiniMaxM3VLForCausalLM": "minimax_m3_vl_text",  # (dualpath.model.minimax_m3)
     "Step3p7ForConditionalGeneration": "step3p5",  # (dualpath.model.step3p7: its language model)
     "HrmTextForCausalLM": "hrm_text",  # (dualpath.model.hrm_text)
+    "DeepseekOcr2ForConditionalGeneration": "deepseek_ocr2_text",  # (dualpath.model.deepseek_ocr2)
     "BeamForCausalLM": "beam",  # (dualpath.model.beam)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **{hf: ours for ours, hf in HYBRID_HF_ARCH.items()},  # Qwen3.5, Qwen3.5-MoE, Qwen3-Next (dualpath.model.qwen_hybrid)
@@ -110,7 +111,8 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "flint": "FlintForCausalLM", "kolibri1": "Kolibri1ForCausalLM", "aria_text": "AriaTextForCausalLM",
             "gemma4_text": "Gemma4ForCausalLM", "mimo_v2_flash": "MiMoV2FlashForCausalLM",
             "gemma3n_text": "Gemma3nForCausalLM", "laguna": "LagunaForCausalLM", "minimax_m3_vl_text": "MiniMaxM3VLForCausalLM",
-            "step3p5": "Step3p7ForConditionalGeneration", "hrm_text": "HrmTextForCausalLM", "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
+            "step3p5": "Step3p7ForConditionalGeneration", "hrm_text": "HrmTextForCausalLM",
+            "deepseek_ocr2_text": "DeepseekOcr2ForConditionalGeneration", "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
             "jetmoe": "JetMoeForCausalLM",
             "modernbert-decoder": "ModernBertDecoderForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",
@@ -200,6 +202,8 @@ _REFUSED = {
     "reformer": "LSH and chunked local attention over reversible layers: no per-token KV cache to store or move",
     "xlnet": "a permutation language model (two-stream attention with relative positions and a memory), not a causal "
              "decoder with a KV cache",
+    "unlimited_ocr": "its attention keeps the whole prompt (image and text) plus a window of the tokens generated "
+                     "since, a mask that depends on where the prompt ended; not implemented",
     "pi0": "a robot action policy (flow-matching action expert beside a vision-language prefix), not a text decoder",
     **dict.fromkeys(("bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart", "mvp",
                      "prophetnet", "trocr", "whisper", "bert", "bert-generation", "roberta", "roberta-prelayernorm",

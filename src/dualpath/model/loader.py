@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from dualpath.model.beam import BeamModel
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.deepseek import DeepseekV3Model
+    from dualpath.model.deepseek_ocr2 import DeepseekOcr2Model
     from dualpath.model.deepseek_v4 import DeepseekV4Model
     from dualpath.model.doge import DogeModel
     from dualpath.model.dory import DoryModel
@@ -109,7 +110,7 @@ if TYPE_CHECKING:
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
                 | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel | DoryModel | Qwen4ExpModel
-                | DogeModel | MiniMaxM3Model | Step3p7Model | HrmTextModel)
+                | DogeModel | MiniMaxM3Model | Step3p7Model | HrmTextModel | DeepseekOcr2Model)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -481,6 +482,13 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         if tensors is not None:  # (an image-text checkpoint: its language model's tensors)
             tensors = qh.tensors_in(cast(qh.HybridSpec, spec), gemma3_language_tensors(
                 fp8_dequantized(tensors, source, fp8_block)), source)
+    elif spec.architecture == "deepseek_ocr2_text":
+        from dualpath.model import deepseek_ocr2
+
+        model = deepseek_ocr2.DeepseekOcr2Model(cast(deepseek_ocr2.DeepseekOcr2Spec, spec), device="cpu",
+                                                backend=backend)
+        if tensors is not None:
+            tensors = deepseek_ocr2.tensors_in(fp8_dequantized(tensors, source, fp8_block), source)
     elif spec.architecture == "step3p5":
         from dualpath.model import step3p7
 

@@ -158,7 +158,8 @@ def text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     for key in ("torch_dtype", "dtype"):
         if key not in text and key in cfg:
             out[key] = cfg[key]
-    out["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    # (the image-text model ties its head by its own config's key, False by default; never by the text config's)
+    out["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     return out
 
 

@@ -1047,6 +1047,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import qwen_hybrid
 
             return qwen_hybrid.spec_from_config(arch, cfg, where, dtype, max_context)
+        if arch == "deepseek_ocr2_text":  # (DeepSeek-V2's decoder with Llama's attention)
+            from dualpath.model import deepseek_ocr2
+
+            return deepseek_ocr2.spec_from_config(cfg, where, dtype, max_context)
         if arch == "hrm_text":  # (its own spec: two stacks looped in cycles, each invocation a pool layer)
             from dualpath.model import hrm_text
 

@@ -78,6 +78,7 @@ FAMILIES = (
     "hrm_text",
     "dots3_note",
     "deepseek_ocr2",
+    "muse_glimmer",
 )
 
 
@@ -530,6 +531,22 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
             "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
                               "out_hidden_size": 32}}
+    if fam == "muse_glimmer":  # Gemma 2's norms around gated QK-normed attention, NoPE full layers, capped logits
+        types = [r.choice(["sliding_attention", "full_attention"]) for _ in range(L)]
+        return "MuseGlimmerConfig", "MuseGlimmerForConditionalGeneration", {
+            "projector_hidden_size": 16, "out_hidden_size": 16,
+            "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "layer_types": ["full_attention"]},
+            "text_config": {
+                "vocab_size": V, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": L,
+                "num_attention_heads": (heads := r.choice([2, 4])),
+                "num_key_value_heads": r.choice([h for h in (1, 2) if heads % h == 0]), "head_dim": r.choice([8, 16]),
+                "sliding_window": r.choice([3, 6, 64]), "layer_types": types,
+                "layer_rope_theta": [r.choice([0, 1e4]) for _ in range(L)],
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+                "qk_scale_factor": r.choice([1.0, 3.87]), "output_multiplier": r.choice([0.2, 1.0]),
+                "final_logit_softcapping": r.choice([5.0, 20.0]), "attention_bias": r.random() < 0.3,
+                "max_position_embeddings": 64, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}}
     if fam == "deepseek_ocr2":  # DeepSeek-V2's MoE decoder with Llama's attention (the image-text checkpoint)
         groups = r.choice([1, 2, 4])
         dense = r.choice([0, 1, min(2, L)])

@@ -94,6 +94,7 @@ if TYPE_CHECKING:
     from dualpath.model.minimax import MiniMaxModel
     from dualpath.model.minimax_m3 import MiniMaxM3Model
     from dualpath.model.modernbert_decoder import ModernBertDecoderModel
+    from dualpath.model.muse_glimmer import MuseGlimmerModel
     from dualpath.model.nemotron_h import NemotronHModel
     from dualpath.model.olmo_hybrid import OlmoHybridModel
     from dualpath.model.qwen4_exp import Qwen4ExpModel
@@ -110,7 +111,8 @@ if TYPE_CHECKING:
                 | NemotronHModel | Lfm2Model | Mamba1Model | JambaModel
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
                 | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel | DoryModel | Qwen4ExpModel
-                | DogeModel | MiniMaxM3Model | Step3p7Model | HrmTextModel | DeepseekOcr2Model)
+                | DogeModel | MiniMaxM3Model | Step3p7Model | HrmTextModel | DeepseekOcr2Model
+                | MuseGlimmerModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -306,6 +308,7 @@ _PLAIN_FAMILIES: dict[str, tuple[str, str]] = {
     "olmo_hybrid": ("olmo_hybrid", "OlmoHybridModel"),
     "recurrent_gemma": ("recurrent_gemma", "RecurrentGemmaModel"),
     "hrm_text": ("hrm_text", "HrmTextModel"),
+    "muse_glimmer_text": ("muse_glimmer", "MuseGlimmerModel"),
 }
 
 

@@ -79,6 +79,7 @@ FAMILIES = (
     "dots3_note",
     "deepseek_ocr2",
     "muse_glimmer",
+    "muse_spark",
 )
 
 
@@ -531,6 +532,19 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
             "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
                               "out_hidden_size": 32}}
+    if fam == "muse_spark":  # Muse Glimmer plus residual gates, normed head outputs, pooled and normed experts
+        _, _, glimmer = gen("muse_glimmer", r)
+        dense = r.choice([0, 1, min(2, L)])
+        text = {**glimmer["text_config"], "moe_intermediate_size": r.choice([8, 16]), "num_local_experts": 4,
+                "num_experts_per_tok": r.choice([1, 2]), "moe_hidden_size": r.choice([16, 24]),
+                "routed_scaling_factor": r.choice([1.0, 2.0]), "residual_gate_temperature": r.choice([0.3, 1.0]),
+                "mlp_layer_types": None}
+        text["mlp_layer_types"] = ["dense"] * min(dense, text["num_hidden_layers"]) + ["sparse"] * max(
+            text["num_hidden_layers"] - dense, 0)
+        return "MuseSparkConfig", "MuseSparkForConditionalGeneration", {
+            **{k: v for k, v in glimmer.items() if k != "text_config"}, "text_config": text,
+            "audio_config": {"hidden_sizes": [8, 16], "depths": [1, 1], "patch_sizes": [2, 2], "num_hidden_layers": 2,
+                             "out_hidden_size": 32}}
     if fam == "muse_glimmer":  # Gemma 2's norms around gated QK-normed attention, NoPE full layers, capped logits
         types = [r.choice(["sliding_attention", "full_attention"]) for _ in range(L)]
         return "MuseGlimmerConfig", "MuseGlimmerForConditionalGeneration", {
@@ -983,7 +997,7 @@ def run(fam: str, seed: int) -> dict[str, Any]:
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(3.0)
         if fam in ("kimi_linear", "bailing_hybrid", "deepseek_v4", "longcat_flash", "minimax_m3", "step3p7",
-                   "dots3_note"):
+                   "dots3_note", "muse_spark"):
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))
@@ -1001,6 +1015,10 @@ def run(fam: str, seed: int) -> dict[str, Any]:
             for n, b in hf.named_buffers():
                 if n.endswith("e_score_correction_bias"):
                     b.copy_(0.1 * torch.randn_like(b))
+        if fam == "muse_spark":  # (residual gates: transformers' start near 0; norms around 1 + 0)
+            for n, p in hf.named_parameters():
+                if n.endswith("residual_gate.gate"):
+                    p.copy_(0.5 * torch.randn_like(p))
         if fam == "mistral_large4":  # (query scalings and LeRoPE's alpha: transformers' are inert)
             for n, p in hf.named_parameters():
                 if n.endswith(("softmax_scaling.scale", "rotary_emb.alpha")):

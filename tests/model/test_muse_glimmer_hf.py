@@ -121,3 +121,81 @@ def test_bad_configs_name_the_key(ckpt, key, value, needle):
 async def test_cluster_every_read_path(ckpt):
     d, hf = ckpt
     await cluster_two_turns(d, hf, VOCAB)
+
+
+# --- Muse Spark: the MoE variant (pooled experts with a normed output each, residual gates, a normed head output) --
+
+SPARK_TEXT: dict[str, Any] = {
+    **TEXT, "moe_intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "moe_hidden_size": 24,
+    "mlp_layer_types": ["dense", "sparse", "sparse", "sparse", "sparse"], "residual_gate_temperature": 0.5}
+SPARK_AUDIO: dict[str, Any] = {"hidden_sizes": [8, 16], "depths": [1, 1], "patch_sizes": [2, 2],
+                               "num_hidden_layers": 2, "out_hidden_size": 64}
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory):
+    """transformers' Muse Spark, its language model's norms and residual gates N(0, 0.3), other weights x3, live
+    correction biases, the head x8."""
+    torch.manual_seed(0)
+    hf = transformers.MuseSparkForConditionalGeneration(transformers.MuseSparkConfig(
+        text_config=SPARK_TEXT, vision_config=VISION, audio_config=SPARK_AUDIO, projector_hidden_size=16,
+        out_hidden_size=16)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in hf.model.language_model.named_parameters():
+            if "norm" in n or n.endswith("residual_gate.gate"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.mul_(3.0)
+        for n, b in hf.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+        hf.lm_head.weight.mul_(8.0)
+    d = tmp_path_factory.mktemp("muse_spark")
+    hf.save_pretrained(d)
+    return d, hf
+
+
+class _SparkView:
+    def __init__(self, hf: Any) -> None:
+        self.hf, self.model = hf, hf.model.language_model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.hf(*args, **kwargs)
+
+
+def test_spark_turns_batches_and_saving_equal_transformers(spark, tmp_path):
+    d, hf = spark
+    spec = load_spec(d)
+    assert spec.architecture == "muse_spark_text" and spec.spark and spec.dense_layers == (0,)
+    assert load_spec(spec.to_hf_config()) == spec
+    check_turns_against_hf(load_checkpoint(d), hf, random_turns(VOCAB, 0))
+    check_batched_against_hf(load_checkpoint(d), hf, two_sequences(VOCAB))
+    ours = load_checkpoint(d)
+    assert ours.model.layers[1].post_attention_residual_gate.gate.dtype == torch.float32
+    save_pretrained(ours, tmp_path)
+    text = json.loads((tmp_path / "config.json").read_text())["text_config"]  # (our text model; its towers small)
+    cfg = transformers.MuseSparkConfig(text_config=text, vision_config=VISION, audio_config=SPARK_AUDIO,
+                                       projector_hidden_size=16, out_hidden_size=16)
+    hf2, info = transformers.MuseSparkForConditionalGeneration.from_pretrained(
+        str(tmp_path), config=cfg, dtype=torch.float32, output_loading_info=True)
+    assert not info["unexpected_keys"] and all("vision" in k or "audio" in k for k in info["missing_keys"]), info
+    check_two_chunks_against_hf(ours, hf2.eval(), random_turns(VOCAB, 7, (15,))[0], cut=15)
+
+
+def test_spark_bf16_teacher_forced_logits(spark):
+    from hf_random import routing_margins
+
+    d, hf32 = spark
+    hf = transformers.MuseSparkForConditionalGeneration.from_pretrained(str(d), dtype=torch.bfloat16).eval()
+    seq = sum(random_turns(VOCAB, 5), [])
+    got, ref = bf16_teacher_forced(load_checkpoint(d, dtype="bfloat16"), hf, seq)
+    rows = routing_margins(_SparkView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
+    assert int(rows.sum()) >= len(seq) // 3
+    check_bf16_as_close_as_transformers(got, ref, hf_logits(hf32, seq), rows=rows)
+
+
+@pytest.mark.anyio
+async def test_spark_cluster_every_read_path(spark):
+    d, hf = spark
+    await cluster_two_turns(d, hf, VOCAB)

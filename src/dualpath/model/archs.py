@@ -69,6 +69,7 @@ ARCHITECTURES: dict[str, str] = {
     "HrmTextForCausalLM": "hrm_text",  # (dualpath.model.hrm_text)
     "DeepseekOcr2ForConditionalGeneration": "deepseek_ocr2_text",  # (dualpath.model.deepseek_ocr2)
     "MuseGlimmerForConditionalGeneration": "muse_glimmer_text",  # (dualpath.model.muse_glimmer)
+    "MuseSparkForConditionalGeneration": "muse_spark_text",  # (dualpath.model.muse_glimmer: its MoE variant)
     "BeamForCausalLM": "beam",  # (dualpath.model.beam)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **{hf: ours for ours, hf in HYBRID_HF_ARCH.items()},  # Qwen3.5, Qwen3.5-MoE, Qwen3-Next (dualpath.model.qwen_hybrid)
@@ -114,7 +115,8 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "gemma3n_text": "Gemma3nForCausalLM", "laguna": "LagunaForCausalLM", "minimax_m3_vl_text": "MiniMaxM3VLForCausalLM",
             "step3p5": "Step3p7ForConditionalGeneration", "hrm_text": "HrmTextForCausalLM",
             "deepseek_ocr2_text": "DeepseekOcr2ForConditionalGeneration",
-            "muse_glimmer_text": "MuseGlimmerForConditionalGeneration", "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
+            "muse_glimmer_text": "MuseGlimmerForConditionalGeneration",
+            "muse_spark_text": "MuseSparkForConditionalGeneration", "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
             "jetmoe": "JetMoeForCausalLM",
             "modernbert-decoder": "ModernBertDecoderForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",

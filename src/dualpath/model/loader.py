@@ -309,6 +309,7 @@ _PLAIN_FAMILIES: dict[str, tuple[str, str]] = {
     "recurrent_gemma": ("recurrent_gemma", "RecurrentGemmaModel"),
     "hrm_text": ("hrm_text", "HrmTextModel"),
     "muse_glimmer_text": ("muse_glimmer", "MuseGlimmerModel"),
+    "muse_spark_text": ("muse_glimmer", "MuseGlimmerModel"),
 }
 
 

@@ -36,6 +36,8 @@ __all__ = ["ARCH", "MuseGlimmerModel", "MuseGlimmerSpec", "spec_from_config", "t
 
 ARCH = "muse_glimmer_text"
 ARCHITECTURE = "MuseGlimmerForConditionalGeneration"
+SPARK = "muse_spark_text"
+SPARK_ARCHITECTURE = "MuseSparkForConditionalGeneration"
 TYPES = ("sliding_attention", "full_attention")
 #: MuseGlimmerTextConfig's defaults
 DEFAULTS: dict[str, Any] = {
@@ -58,6 +60,18 @@ class MuseGlimmerSpec(ModelSpec):
     output_multiplier: float = 1.0
     logit_softcap: float = 0.0
     rope_by_type: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Muse Spark (model_type muse_spark_text): its MoE layers and residual gates (0 / empty for Muse Glimmer)
+    dense_layers: tuple[int, ...] = ()
+    moe_experts: int = 0
+    moe_top_k: int = 0
+    moe_width: int = 0
+    moe_hidden: int = 0
+    moe_scale: float = 1.0
+    gate_temperature: float = 0.0
+
+    @property
+    def spark(self) -> bool:
+        return self.architecture == SPARK
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,6 +82,14 @@ class MuseGlimmerSpec(ModelSpec):
                              f"the {self.n_layers} layers, got {list(self.layer_types)}")
         if self.logit_softcap < 0:
             raise ModelError(f"model config: final_logit_softcapping must be >= 0, got {self.logit_softcap}")
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if self.spark and len(self.dense_layers) < self.n_layers and not (
+                0 < self.moe_top_k <= self.moe_experts and min(self.moe_width, self.moe_hidden) > 0):
+            raise ModelError(f"model config: the MoE layers need 1 <= num_experts_per_tok ({self.moe_top_k}) <= "
+                             f"num_local_experts ({self.moe_experts}) and positive moe_intermediate_size and "
+                             "moe_hidden_size")
+        if self.spark and not self.gate_temperature > 0:
+            raise ModelError(f"model config: residual_gate_temperature must be positive, got {self.gate_temperature}")
 
     def to_hf_config(self) -> dict[str, Any]:
         text = {
@@ -84,17 +106,41 @@ class MuseGlimmerSpec(ModelSpec):
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": None,
             "dtype": self.dtype,
         }
+        if self.spark:
+            del text["hidden_activation"]
+            text.update(model_type=SPARK, hidden_act="silu", num_local_experts=self.moe_experts or 1,
+                        num_experts_per_tok=self.moe_top_k or 1, moe_intermediate_size=self.moe_width or 1,
+                        moe_hidden_size=self.moe_hidden or 1, routed_scaling_factor=self.moe_scale,
+                        residual_gate_temperature=self.gate_temperature,
+                        mlp_layer_types=["dense" if i in self.dense_layers else "sparse"
+                                         for i in range(self.n_layers)])
+            return {"architectures": [SPARK_ARCHITECTURE], "model_type": "muse_spark", "text_config": text,
+                    "tie_word_embeddings": self.tie_embeddings, "dtype": self.dtype}
         return {"architectures": [ARCHITECTURE], "model_type": "muse_glimmer", "text_config": text,
                 "tie_word_embeddings": self.tie_embeddings, "dtype": self.dtype}
 
 
+#: MuseSparkTextConfig's defaults over Muse Glimmer's
+SPARK_DEFAULTS: dict[str, Any] = {
+    **DEFAULTS, "hidden_size": 8192, "intermediate_size": 16384, "num_hidden_layers": 62, "num_attention_heads": 128,
+    "num_key_value_heads": 16, "head_dim": 64, "hidden_act": "silu", "max_position_embeddings": 1048576,
+    "qk_scale_factor": 5.4730064863875, "output_multiplier": 0.1767766952966369, "moe_intermediate_size": 4096,
+    "num_local_experts": 256, "num_experts_per_tok": 8, "routed_scaling_factor": 1.0, "moe_hidden_size": 4096,
+    "residual_gate_temperature": 0.3, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+}
+
+
 def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
-                     max_context: int | None = None) -> MuseGlimmerSpec:
-    """The spec of a Muse Glimmer config (the image-text checkpoint's ``text_config`` over its defaults)."""
+                     max_context: int | None = None, spark: bool = False) -> MuseGlimmerSpec:
+    """The spec of a Muse Glimmer (or, ``spark``, Muse Spark) config: the image-text checkpoint's ``text_config``
+    over its defaults."""
     text = cfg.get("text_config", cfg)
     if not isinstance(text, dict):
         raise ModelError(f"{where}: text_config must be an object (Muse Glimmer's language model)")
-    norm = {**DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
+    norm = {**(SPARK_DEFAULTS if spark else DEFAULTS), **{k: v for k, v in text.items() if v is not None}}
+    if spark:
+        norm.pop("hidden_activation", None)
+        norm["hidden_activation"] = norm.get("hidden_act")
     for key in ("torch_dtype", "dtype"):
         if key in cfg and key not in text:
             norm[key] = cfg[key]
@@ -122,7 +168,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                          "every rotating layer at rope_theta, so which base is meant is not guessed")
     window = cfg_int(norm, "sliding_window", where)
     return MuseGlimmerSpec(
-        architecture=ARCH, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
+        architecture=SPARK if spark else ARCH, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
         intermediate_size=cfg_int(norm, "intermediate_size", where), n_layers=n,
         n_heads=cfg_int(norm, "num_attention_heads", where), n_kv_heads=cfg_int(norm, "num_key_value_heads", where),
         head_dim=cfg_int(norm, "head_dim", where), rms_eps=cfg_num(norm, "rms_norm_eps", where), rope_theta=theta,
@@ -137,7 +183,20 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         qk_scale=cfg_num(norm, "qk_scale_factor", where), post_norm_eps=cfg_num(norm, "post_norm_eps", where),
         output_multiplier=cfg_num(norm, "output_multiplier", where),
         logit_softcap=cfg_num(norm, "final_logit_softcapping", where, positive=False),
-        rope_by_type={"all": (theta, 1.0)})
+        rope_by_type={"all": (theta, 1.0)}, **(_spark_fields(norm, n, where) if spark else {}))
+
+
+def _spark_fields(norm: dict[str, Any], n: int, where: str) -> dict[str, Any]:
+    """Muse Spark's MoE and residual-gate fields."""
+    mlp = cfg_kinds(norm, "mlp_layer_types", n, ("dense", "sparse"), where, ["sparse"] * n)
+    sparse = "sparse" in mlp
+    return {"dense_layers": tuple(i for i, m in enumerate(mlp) if m == "dense"),
+            "moe_experts": cfg_int(norm, "num_local_experts", where) if sparse else 0,
+            "moe_top_k": cfg_int(norm, "num_experts_per_tok", where) if sparse else 0,
+            "moe_width": cfg_int(norm, "moe_intermediate_size", where) if sparse else 0,
+            "moe_hidden": cfg_int(norm, "moe_hidden_size", where) if sparse else 0,
+            "moe_scale": cfg_num(norm, "routed_scaling_factor", where),
+            "gate_temperature": cfg_num(norm, "residual_gate_temperature", where)}
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -168,23 +227,109 @@ class MLP(nn.Module):
         return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
-class DecoderLayer(nn.Module):
+class ScaledFirstNorm(nn.Module):
+    """Muse Spark's input-scaled RMS norm: ``x * (1 + weight)`` rounded to ``x``'s dtype, then normalized."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = (x.float() * (1.0 + self.weight).float()).to(x.dtype)
+        return _rms(scaled, self.eps)
+
+
+class ResidualGate(nn.Module):
+    """``alpha * residual + beta * h`` with ``beta = sigmoid(w)``, ``alpha = sqrt(max(sigmoid(-w) (1 + beta), eps))``,
+    ``w = gate / temperature`` (in fp32, as transformers keeps it)."""
+
+    def __init__(self, spec: MuseGlimmerSpec, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(spec.hidden_size))
+        self.temperature, self.eps = spec.gate_temperature, eps
+
+    def forward(self, residual: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        w = self.gate.float() / self.temperature
+        beta = torch.sigmoid(w)
+        alpha = torch.sqrt(torch.clamp(torch.sigmoid(-w) * (1.0 + beta), min=self.eps))
+        return (alpha * residual + beta * h).to(residual.dtype)
+
+
+class SparkRouter(nn.Module):
+    keep_fp32 = True
+
     def __init__(self, spec: MuseGlimmerSpec) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(spec.moe_experts, spec.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(spec.moe_experts), requires_grad=False)
+        self.k, self.mult, self.scale = spec.moe_top_k, spec.output_multiplier, spec.moe_scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()) * self.mult)
+        idx = torch.topk(scores + self.e_score_correction_bias.float(), self.k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
+        return idx, w / (w.sum(dim=-1, keepdim=True) + 1e-15) * self.scale
+
+
+class SparkExperts(nn.Module):
+    """Packed SwiGLU experts at ``moe_hidden_size`` (transformers' layout), each output normed by the shared
+    ``post_expert_norm`` before its weight."""
+
+    def __init__(self, spec: MuseGlimmerSpec) -> None:
+        super().__init__()
+        e, m, i = spec.moe_experts, spec.moe_hidden, spec.moe_width
+        self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, m))
+        self.down_proj = nn.Parameter(torch.zeros(e, m, i))
+        self.post_expert_norm = ScaledFirstNorm(m, spec.post_norm_eps)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():
+            tok, slot = torch.where(idx == e)
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = self.post_expert_norm(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))
+        return out
+
+
+class SparkMoE(nn.Module):
+    def __init__(self, spec: MuseGlimmerSpec) -> None:
+        super().__init__()
+        self.gate = SparkRouter(spec)
+        self.pre_expert_proj = nn.Linear(spec.hidden_size, spec.moe_hidden, bias=False)
+        self.pre_expert_norm = RMSNorm(spec.moe_hidden, spec.rms_eps, offset=True)
+        self.experts = SparkExperts(spec)
+        self.post_expert_proj = nn.Linear(spec.moe_hidden, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, w = self.gate(x)
+        return cast(torch.Tensor, self.post_expert_proj(self.experts(
+            self.pre_expert_norm(self.pre_expert_proj(x)), idx, w)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: MuseGlimmerSpec, layer: int = 0) -> None:
         super().__init__()
         h = spec.hidden_size
         self.input_layernorm = RMSNorm(h, spec.rms_eps, offset=True)
         self.self_attn = Attention(spec)
-        self.post_attention_layernorm = RMSNorm(h, spec.post_norm_eps, offset=True)
         self.pre_feedforward_layernorm = RMSNorm(h, spec.rms_eps, offset=True)
-        self.mlp = MLP(spec)
-        self.post_feedforward_layernorm = RMSNorm(h, spec.post_norm_eps, offset=True)
+        self.mlp: nn.Module = SparkMoE(spec) if spec.spark and layer not in spec.dense_layers else MLP(spec)
+        if spec.spark:  # (a weightless norm after attention, an input-scaled one after the MLP, residual gates)
+            self.post_feedforward_layernorm: nn.Module = ScaledFirstNorm(h, spec.post_norm_eps)
+            self.post_attention_residual_gate = ResidualGate(spec)
+            self.post_feedforward_residual_gate = ResidualGate(spec)
+        else:
+            self.post_attention_layernorm = RMSNorm(h, spec.post_norm_eps, offset=True)
+            self.post_feedforward_layernorm = RMSNorm(h, spec.post_norm_eps, offset=True)
 
 
 class Backbone(nn.Module):
     def __init__(self, spec: MuseGlimmerSpec) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=True)
 
 
@@ -196,6 +341,10 @@ class MuseGlimmerModel(TypedRopeDecoder):
         self._build(spec, Backbone(spec), device, backend)
         self.spec: MuseGlimmerSpec = spec
         self._typed_rope(spec)
+        with torch.no_grad():  # (transformers keeps the residual gates in fp32)
+            for name, p in self.named_parameters():
+                if name.endswith("residual_gate.gate"):
+                    p.data = p.data.float()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return _rms(self.model.embed_tokens(ids), self.spec.rms_eps)
@@ -228,14 +377,22 @@ class MuseGlimmerModel(TypedRopeDecoder):
         else:
             o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
                                         d ** -0.5, backend=self.backend, window=self.windows[layer])
+        if spec.spark:  # (Muse Spark: each head's output RMS-normed without a weight first)
+            o = _rms(o, spec.rms_eps)
         o = o.reshape(n, hq * d) * torch.sigmoid(attn.gate_proj(x))
-        h = st.hidden + mod.post_attention_layernorm(attn.o_proj(o))
-        st.hidden = h + mod.post_feedforward_layernorm(mod.mlp(mod.pre_feedforward_layernorm(h)))
+        if spec.spark:
+            h = mod.post_attention_residual_gate(st.hidden, _rms(attn.o_proj(o), spec.post_norm_eps))
+            out = mod.post_feedforward_layernorm(mod.mlp(mod.pre_feedforward_layernorm(h)))
+            st.hidden = mod.post_feedforward_residual_gate(h, out)
+        else:
+            h = st.hidden + mod.post_attention_layernorm(attn.o_proj(o))
+            st.hidden = h + mod.post_feedforward_layernorm(mod.mlp(mod.pre_feedforward_layernorm(h)))
         state.next_layer += 1
 
 
 _OTHER = ("model.vision_tower.", "model.multi_modal_projector.", "model.vision_adapter.", "model.vision_projection.",
-          "vision_tower.", "multi_modal_projector.")
+          "model.audio_tower.", "model.audio_adapter.", "model.audio_projection.", "vision_tower.",
+          "multi_modal_projector.", "audio_tower.")
 
 
 def tensors_in(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

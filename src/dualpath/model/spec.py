@@ -1047,10 +1047,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import qwen_hybrid
 
             return qwen_hybrid.spec_from_config(arch, cfg, where, dtype, max_context)
-        if arch == "muse_glimmer_text":  # (Gemma 2's blocks around gated, QK-normed attention; soft-capped logits)
+        if arch in ("muse_glimmer_text", "muse_spark_text"):  # (gated QK-normed attention; Spark: MoE, gates)
             from dualpath.model import muse_glimmer
 
-            return muse_glimmer.spec_from_config(cfg, where, dtype, max_context)
+            return muse_glimmer.spec_from_config(cfg, where, dtype, max_context, spark=arch == "muse_spark_text")
         if arch == "deepseek_ocr2_text":  # (DeepSeek-V2's decoder with Llama's attention)
             from dualpath.model import deepseek_ocr2
 

@@ -634,7 +634,7 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.qwen4_exp import tensors_out as qwen4_exp_out
 
         out = qwen4_exp_out(spec, out)  # type: ignore[arg-type]
-    if arch == "muse_glimmer_text":  # (the image-text model's names: model.language_model.)
+    if arch in ("muse_glimmer_text", "muse_spark_text"):  # (the image-text model's names: model.language_model.)
         from dualpath.model.muse_glimmer import tensors_out as muse_glimmer_out
 
         out = muse_glimmer_out(out)

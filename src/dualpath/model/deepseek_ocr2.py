@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
 from dualpath.model.moe import FeedForward, dispatch_experts
 from dualpath.model.spec import ModelSpec
@@ -226,12 +225,7 @@ class DeepseekOcr2Model(TypedRopeDecoder):
         cos, sin = st.tables["all"]
         q = _rope(attn.q_proj(x).view(n, hq, d), cos[:, None, :], sin[:, None, :])
         k = _rope(attn.k_proj(x).view(n, hkv, d), cos[:, None, :], sin[:, None, :])
-        store_kv(k, attn.v_proj(x).view(n, hkv, d), kv_layer, b.slot_mapping, backend=self.backend)
-        if b.is_decode:
-            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend)
-        else:
-            o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                        d ** -0.5, backend=self.backend)
+        o = self.attend(q, k, attn.v_proj(x).view(n, hkv, d), kv_layer, b, d ** -0.5)
         h = st.hidden + attn.o_proj(o.reshape(n, hq * d))
         st.hidden = h + mod.mlp(mod.post_attention_layernorm(h))
         state.next_layer += 1

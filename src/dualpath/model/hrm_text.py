@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.llama import ForwardState, SeqBatch, TypedRopeDecoder, TypedRopeState, _rope
 from dualpath.model.moe import FeedForward
 from dualpath.model.spec import ModelSpec
@@ -205,12 +204,7 @@ class HrmTextModel(TypedRopeDecoder):
         cos, sin = st.tables["all"]
         q = _rope(attn.q_proj(hn).view(n, hq, d), cos[:, None, :], sin[:, None, :])
         k = _rope(attn.k_proj(hn).view(n, hq, d), cos[:, None, :], sin[:, None, :])
-        store_kv(k, attn.v_proj(hn).view(n, hq, d), kv_layer, b.slot_mapping, backend=self.backend)
-        if b.is_decode:
-            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend)
-        else:
-            o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                        d ** -0.5, backend=self.backend)
+        o = self.attend(q, k, attn.v_proj(hn).view(n, hq, d), kv_layer, b, d ** -0.5)
         o = torch.sigmoid(attn.gate_proj(hn)).view(n, hq, d) * o
         x = x + attn.o_proj(o.reshape(n, hq * d))
         x = x + blk.mlp(_rms(x, spec.rms_eps))

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
-from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, TypedRopeDecoder, TypedRopeState
+from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState
 from dualpath.model.state_pages import widened_kv_spec
 
 #: the block size :meth:`StatePagesSpec.kv_spec` sizes state pages for (a deployment passes its own)
@@ -59,16 +58,6 @@ class HybridDecoder(TypedRopeDecoder):
         self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, max(heads, spec.n_kv_heads), spec.head_dim))
         return cast(TypedRopeState, state), self.model.layers[layer]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, batch: SeqBatch,
-               scale: float, window: int | None = None) -> torch.Tensor:
-        """Store the new tokens' ``k, v`` in the pages ``kv`` (a layer's ``[nb, bt, 2, H, D]`` view) and attend
-        (over the last ``window`` positions, when given): ``[N, Hq, D]``."""
-        store_kv(k, v, kv, batch.slot_mapping, backend=self.backend)
-        if batch.is_decode:
-            return paged_decode_attention(q, kv, batch.block_tables, batch.seq_lens, scale, backend=self.backend,
-                                          window=window)
-        return paged_prefill_attention(q, kv, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, batch.start_pos,
-                                       scale, backend=self.backend, window=window)
 
 
 def final_norm_in(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

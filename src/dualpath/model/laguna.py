@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.llama import (
     ForwardState,
     RMSNorm,
@@ -274,13 +273,7 @@ class LagunaModel(TypedRopeDecoder):
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = _rope(attn.q_norm(attn.q_proj(x).view(n, hq, d)), cos, sin)
         k = _rope(attn.k_norm(attn.k_proj(x).view(n, hkv, d)), cos, sin)
-        store_kv(k, attn.v_proj(x).view(n, hkv, d), kv_layer, b.slot_mapping, backend=self.backend)
-        if b.is_decode:
-            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend,
-                                       window=self.windows[layer])
-        else:
-            o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                        d ** -0.5, backend=self.backend, window=self.windows[layer])
+        o = self.attend(q, k, attn.v_proj(x).view(n, hkv, d), kv_layer, b, d ** -0.5, window=self.windows[layer])
         gate = F.softplus(attn.g_proj(x).float()).to(o.dtype)
         o = o * gate[:, :, None] if spec.gate_per_head else o.reshape(n, hq * d) * gate
         h = st.hidden + attn.o_proj(o.reshape(n, hq * d))

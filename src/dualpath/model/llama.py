@@ -717,6 +717,17 @@ class TypedRopeDecoder(LayerwiseDecoder):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.model.embed_tokens(ids))
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, batch: SeqBatch,
+               scale: float, window: int | None = None) -> torch.Tensor:
+        """Store the new tokens' ``k, v`` in the pages ``kv`` (a layer's ``[nb, bt, 2, H, D]`` view) and attend
+        (over the last ``window`` positions, when given): ``[N, Hq, D]``."""
+        store_kv(k, v, kv, batch.slot_mapping, backend=self.backend)
+        if batch.is_decode:
+            return paged_decode_attention(q, kv, batch.block_tables, batch.seq_lens, scale, backend=self.backend,
+                                          window=window)
+        return paged_prefill_attention(q, kv, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, batch.start_pos,
+                                       scale, backend=self.backend, window=window)
+
     @torch.no_grad()
     def prefill_begin(self, batch: SeqBatch) -> ForwardState:
         ids = self.checked_ids(batch)

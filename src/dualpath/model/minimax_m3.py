@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
 from dualpath.model.family_fields import _partial_rotary
 from dualpath.model.gemma4 import layer_view
@@ -344,13 +343,7 @@ class MiniMaxM3Model(TypedRopeDecoder):
         k = _rope(attn.k_norm(attn.k_proj(x).view(n, hkv, d)), cos[:, None, :], sin[:, None, :])
         v = attn.v_proj(x).view(n, hkv, d)
         if attn.indexer is None:
-            kv = layer_view(kv_layer, hkv, d)
-            store_kv(k, v, kv, b.slot_mapping, backend=self.backend)
-            if b.is_decode:
-                o = paged_decode_attention(q, kv, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend)
-            else:
-                o = paged_prefill_attention(q, kv, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                            d ** -0.5, backend=self.backend)
+            o = self.attend(q, k, v, layer_view(kv_layer, hkv, d), b, d ** -0.5)
         else:
             o = self._sparse(attn.indexer, x, q, k, v, st, kv_layer)
         h = st.hidden + attn.o_proj(o.reshape(n, hq * d))

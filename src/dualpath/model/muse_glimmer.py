@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, parse_rope
@@ -370,13 +369,7 @@ class MuseGlimmerModel(TypedRopeDecoder):
         if layer not in spec.unrotated:
             cos, sin = st.tables["all"]
             q, k = _rope(q, cos[:, None, :], sin[:, None, :]), _rope(k, cos[:, None, :], sin[:, None, :])
-        store_kv(k, attn.v_proj(x).view(n, hkv, d), kv_layer, b.slot_mapping, backend=self.backend)
-        if b.is_decode:
-            o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, d ** -0.5, backend=self.backend,
-                                       window=self.windows[layer])
-        else:
-            o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
-                                        d ** -0.5, backend=self.backend, window=self.windows[layer])
+        o = self.attend(q, k, attn.v_proj(x).view(n, hkv, d), kv_layer, b, d ** -0.5, window=self.windows[layer])
         if spec.spark:  # (Muse Spark: each head's output RMS-normed without a weight first)
             o = _rms(o, spec.rms_eps)
         o = o.reshape(n, hq * d) * torch.sigmoid(attn.gate_proj(x))

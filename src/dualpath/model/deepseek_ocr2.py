@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
+from dualpath.model.hybrid import Backbone
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
 from dualpath.model.moe import FeedForward, dispatch_experts
 from dualpath.model.spec import ModelSpec
@@ -196,20 +197,12 @@ class DecoderLayer(nn.Module):
                                else MoE(spec))
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: DeepseekOcr2Spec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps)
-
-
 class DeepseekOcr2Model(TypedRopeDecoder):
     """DeepSeek-OCR 2's language model (module docstring) over a paged KV pool."""
 
     def __init__(self, spec: DeepseekOcr2Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        self._build(spec, Backbone(spec, lambda i: DecoderLayer(spec, i)), device, backend)
         self.spec: DeepseekOcr2Spec = spec
         self._typed_rope(spec)
 

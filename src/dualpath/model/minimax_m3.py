@@ -41,6 +41,7 @@ from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
 from dualpath.model.family_fields import _partial_rotary
 from dualpath.model.gemma4 import layer_view
+from dualpath.model.hybrid import Backbone
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, parse_rope
@@ -311,20 +312,13 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = (DenseMLP(spec, spec.intermediate_size) if layer in spec.dense_layers else MoE(spec))
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: MiniMaxM3Spec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = _gemma_norm(spec.hidden_size, spec.rms_eps)
-
-
 class MiniMaxM3Model(TypedRopeDecoder):
     """MiniMax-M3's language model (module docstring) over a paged KV pool."""
 
     def __init__(self, spec: MiniMaxM3Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        backbone = Backbone(spec, lambda i: DecoderLayer(spec, i), norm=_gemma_norm(spec.hidden_size, spec.rms_eps))
+        self._build(spec, backbone, device, backend)
         self.spec: MiniMaxM3Spec = spec
         self._typed_rope(spec)
 

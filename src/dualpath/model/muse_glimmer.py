@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
+from dualpath.model.hybrid import Backbone
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, parse_rope
@@ -324,20 +325,13 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(h, spec.post_norm_eps, offset=True)
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: MuseGlimmerSpec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=True)
-
-
 class MuseGlimmerModel(TypedRopeDecoder):
     """Muse Glimmer's language model (module docstring) over a paged KV pool."""
 
     def __init__(self, spec: MuseGlimmerSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        final = RMSNorm(spec.hidden_size, spec.rms_eps, fp32_scale=True)  # (by weight, not 1 + weight)
+        self._build(spec, Backbone(spec, lambda i: DecoderLayer(spec, i), norm=final), device, backend)
         self.spec: MuseGlimmerSpec = spec
         self._typed_rope(spec)
         with torch.no_grad():  # (transformers keeps the residual gates in fp32)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
+from dualpath.model.hybrid import Backbone
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
@@ -341,20 +342,13 @@ class DecoderLayer(nn.Module):
                                           spec.mlp_bias) if layer in spec.dense_layers else MoE(spec, layer))
 
 
-class Backbone(nn.Module):
-    def __init__(self, spec: Step3p7Spec) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm = _norm(spec.hidden_size, spec.rms_eps)
-
-
 class Step3p7Model(TypedRopeDecoder):
     """Step 3.7's language model (module docstring) over a paged KV pool."""
 
     def __init__(self, spec: Step3p7Spec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
         super().__init__()
-        self._build(spec, Backbone(spec), device, backend)
+        backbone = Backbone(spec, lambda i: DecoderLayer(spec, i), norm=_norm(spec.hidden_size, spec.rms_eps))
+        self._build(spec, backbone, device, backend)
         self.spec: Step3p7Spec = spec
         self._typed_rope(spec)
 

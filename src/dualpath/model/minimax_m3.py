@@ -43,6 +43,7 @@ from dualpath.model.family_fields import _partial_rotary
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import Backbone
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
+from dualpath.model.moe import SigmoidBiasRouter, dispatch_experts
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, parse_rope
 
@@ -248,25 +249,10 @@ class Expert(nn.Module):
         return cast(torch.Tensor, self.down_proj(_clamped_glu(gate_up, self.alpha, self.limit)))
 
 
-class Router(nn.Module):
-    def __init__(self, spec: MiniMaxM3Spec) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(spec.moe_experts, spec.hidden_size))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(spec.moe_experts), requires_grad=False)
-        self.k = spec.moe_top_k
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weights [N, k] fp32, expert ids [N, k])``."""
-        scores = torch.sigmoid(F.linear(x.to(self.weight.dtype), self.weight).float())
-        idx = torch.topk(scores + self.e_score_correction_bias, self.k, dim=-1, sorted=False)[1]
-        w = scores.gather(1, idx)
-        return w / w.sum(dim=-1, keepdim=True), idx
-
-
 class MoE(nn.Module):
     def __init__(self, spec: MiniMaxM3Spec) -> None:
         super().__init__()
-        self.gate = Router(spec)
+        self.gate = SigmoidBiasRouter(spec.hidden_size, spec.moe_experts, spec.moe_top_k)
         self.experts = nn.ModuleList(Expert(spec) for _ in range(spec.moe_experts))
         self.shared_experts = DenseMLP(spec, spec.shared_width)
         self.scale = spec.moe_scale
@@ -274,11 +260,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.shared_experts(x)
         w, idx = self.gate(x)
-        out = torch.zeros_like(x)
-        for e in torch.unique(idx).tolist():
-            tok, slot = torch.where(idx == e)
-            out.index_add_(0, tok, (self.experts[e](x[tok]) * w[tok, slot, None]).to(out.dtype))
-        return out * self.scale + shared
+        return dispatch_experts(x, idx, w, self.experts) * self.scale + shared
 
 
 class Indexer(nn.Module):

@@ -45,6 +45,23 @@ def dispatch_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
     return out
 
 
+class SigmoidBiasRouter(nn.Module):
+    """MiniMax-M3's and Step 3.7's router: logits in the weight's dtype, their sigmoid in fp32 plus a correction bias
+    for the choice only, the chosen scores renormalized: ``(weights [N, k] fp32, expert ids [N, k])``."""
+
+    def __init__(self, hidden: int, n_experts: int, k: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_experts, hidden))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(n_experts), requires_grad=False)
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(F.linear(x.to(self.weight.dtype), self.weight).float())
+        idx = torch.topk(scores + self.e_score_correction_bias, self.k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
+        return w / w.sum(dim=-1, keepdim=True), idx
+
+
 class _PackedExpert:
     """Expert ``e`` of packed ``gate_up [E, 2I, H]`` / ``down [E, H, I]`` tensors: ``down(silu(gate) * up)``, the
     gate clamped above and the up projection to +-``limit`` when given (DeepSeek-V4's)."""

@@ -411,3 +411,30 @@ def dense_on_shared(sparse: Any) -> Any:
         return sparse(indexer, x, q_resid, qq, state, kv_layer, latent, sinks)
 
     return attend
+
+
+class LanguageModelView:
+    """An image-text model called as it is, its language model's layers as ``model.layers`` (what
+    :func:`routing_margins` hooks)."""
+
+    def __init__(self, hf: Any) -> None:
+        self.hf, self.model = hf, hf.model.language_model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.hf(*args, **kwargs)
+
+
+def check_text_config_refused(directory: Any, key: str, value: Any, needle: str) -> None:
+    """The image-text checkpoint in ``directory`` with its ``text_config[key]`` set to ``value`` is refused by
+    :func:`dualpath.model.spec.load_spec` with a :class:`ModelError` matching ``needle``."""
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    from dualpath.errors import ModelError
+    from dualpath.model.spec import load_spec
+
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    with pytest.raises(ModelError, match=needle):
+        load_spec({**cfg, "text_config": {**cfg["text_config"], key: value}})

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
+    LanguageModelView,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
+    check_text_config_refused,
     check_turns_against_hf,
     check_two_chunks_against_hf,
     cluster_two_turns,
@@ -42,12 +44,6 @@ TEXT: dict[str, Any] = {
     "max_position_embeddings": 256, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
 
 
-class _LanguageModelView:
-    def __init__(self, hf: Any) -> None:
-        self.hf, self.model = hf, hf.model.language_model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.hf(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +123,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     hf = transformers.DeepseekOcr2ForConditionalGeneration.from_pretrained(str(d), dtype=torch.bfloat16).eval()
     seq = sum(random_turns(VOCAB, 5), [])
     got, ref = bf16_teacher_forced(load_checkpoint(d, dtype="bfloat16"), hf, seq)
-    rows = routing_margins(_LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
+    rows = routing_margins(LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
     assert int(rows.sum()) >= len(seq) // 3
     check_bf16_as_close_as_transformers(got, ref, hf_logits(hf32, seq), rows=rows)
 
@@ -140,10 +136,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     ("num_attention_heads", 5, "multiple of num_attention_heads"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):
-    d, _ = ckpt
-    cfg = json.loads((d / "config.json").read_text())
-    with pytest.raises(ModelError, match=needle):
-        load_spec({**cfg, "text_config": {**cfg["text_config"], key: value}})
+    check_text_config_refused(ckpt[0], key, value, needle)
 
 
 def test_unlimited_ocr_is_refused_with_its_reason():

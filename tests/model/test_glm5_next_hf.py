@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
+    LanguageModelView,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
     check_hit_from_stored_state,
     check_long_segments,
+    check_text_config_refused,
     check_turns_against_hf,
     check_two_chunks_against_hf,
     cluster_two_turns,
@@ -32,7 +34,6 @@ from hf_random import (
 )
 
 from dualpath.engine.model_api import paged_kv_spec
-from dualpath.errors import ModelError
 from dualpath.model import KVPool, SeqBatch
 from dualpath.model.kimi_linear import KimiLinearSpec
 from dualpath.model.loader import save_pretrained
@@ -57,15 +58,6 @@ TEXT: dict[str, Any] = {
 VISION: dict[str, Any] = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 64}
 
 
-class _LanguageModelView:
-    """The image-text model called as it is, its language model's layers as ``model.layers`` (what
-    :func:`hf_random.routing_margins` hooks)."""
-
-    def __init__(self, hf: Any) -> None:
-        self.hf, self.model = hf, hf.model.language_model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.hf(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +161,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     hf = transformers.Glm5NextForConditionalGeneration.from_pretrained(str(d), dtype=torch.bfloat16).eval()
     seq = sum(random_turns(VOCAB, 5), [])
     got, ref = bf16_teacher_forced(load_checkpoint(d, dtype="bfloat16"), hf, seq)
-    rows = routing_margins(_LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
+    rows = routing_margins(LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
     assert int(rows.sum()) >= len(seq) // 2
     check_bf16_as_close_as_transformers(got, ref, hf_logits(hf32, seq), rows=rows)
 
@@ -182,10 +174,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     ("swiglu_limit", 0.0, "swiglu_limit"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):
-    d, _ = ckpt
-    cfg = json.loads((d / "config.json").read_text())
-    with pytest.raises(ModelError, match=needle):
-        load_spec({**cfg, "text_config": {**cfg["text_config"], key: value}})
+    check_text_config_refused(ckpt[0], key, value, needle)
 
 
 @pytest.mark.slow

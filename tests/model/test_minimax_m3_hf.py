@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
+    LanguageModelView,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
     check_save_reads_back,
+    check_text_config_refused,
     check_turns_against_hf,
     check_two_chunks_against_hf,
     cluster_two_turns,
@@ -26,7 +28,6 @@ from hf_random import (
     two_sequences,
 )
 
-from dualpath.errors import ModelError
 from dualpath.model import KVPool, SeqBatch
 from dualpath.model.minimax_m3 import MiniMaxM3Model, MiniMaxM3Spec
 from dualpath.model.spec import load_spec
@@ -49,14 +50,6 @@ TEXT: dict[str, Any] = {
 VISION: dict[str, Any] = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
-class _LanguageModelView:
-    """The image-text model called as it is, its language model's layers as ``model.layers``."""
-
-    def __init__(self, hf: Any) -> None:
-        self.hf, self.model = hf, hf.model.language_model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.hf(*args, **kwargs)
 
 
 def _widen(lm: Any) -> None:
@@ -174,7 +167,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     hf = transformers.MiniMaxM3SparseForConditionalGeneration.from_pretrained(str(d), dtype=torch.bfloat16).eval()
     seq = sum(random_turns(VOCAB, 5), [])
     got, ref = bf16_teacher_forced(ours, hf, seq)
-    rows = routing_margins(_LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
+    rows = routing_margins(LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
     assert int(rows.sum()) >= len(seq) // 3
     check_bf16_as_close_as_transformers(got, ref, hf_logits(hf32, seq), rows=rows)
 
@@ -190,10 +183,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "only 'default'"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):
-    d, _ = ckpt
-    cfg = json.loads((d / "config.json").read_text())
-    with pytest.raises(ModelError, match=needle):
-        load_spec({**cfg, "text_config": {**cfg["text_config"], key: value}})
+    check_text_config_refused(ckpt[0], key, value, needle)
 
 
 @pytest.mark.anyio

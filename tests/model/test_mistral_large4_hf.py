@@ -7,15 +7,16 @@ is 6: from the seventh token on the selection decides the logits."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 import torch
 from hf_random import (
+    LanguageModelView,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
+    check_text_config_refused,
     check_turns_against_hf,
     check_two_chunks_against_hf,
     cluster_two_turns,
@@ -28,7 +29,6 @@ from hf_random import (
     widen_mla_moe,
 )
 
-from dualpath.errors import ModelError
 from dualpath.model import KVPool, SeqBatch
 from dualpath.model.loader import save_pretrained
 from dualpath.model.mistral_large4 import MistralLarge4Spec
@@ -55,14 +55,6 @@ VISION: dict[str, Any] = {"hidden_size": 16, "intermediate_size": 32, "num_hidde
                           "head_dim": 8}
 
 
-class _LanguageModelView:
-    """The image-text model called as it is, its language model's layers as ``model.layers``."""
-
-    def __init__(self, hf: Any) -> None:
-        self.hf, self.model = hf, hf.model.language_model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.hf(*args, **kwargs)
 
 
 def _checkpoint(d: Any, text: dict[str, Any]) -> tuple[Any, Any]:
@@ -183,7 +175,7 @@ def test_bf16_teacher_forced_logits(tmp_path):
     hf = transformers.MistralLarge4ForConditionalGeneration.from_pretrained(str(d), dtype=torch.bfloat16).eval()
     seq = sum(random_turns(VOCAB, 5), [])
     got, ref = bf16_teacher_forced(ours, hf, seq)
-    rows = routing_margins(_LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
+    rows = routing_margins(LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
     assert int(rows.sum()) >= len(seq) // 3
     check_bf16_as_close_as_transformers(got, ref, hf_logits(hf32, seq), rows=rows)
 
@@ -200,10 +192,7 @@ def test_bf16_teacher_forced_logits(tmp_path):
     ("final_logit_softcapping", -1.0, "final_logit_softcapping"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):
-    d, _ = ckpt
-    cfg = json.loads((d / "config.json").read_text())
-    with pytest.raises(ModelError, match=needle):
-        load_spec({**cfg, "text_config": {**cfg["text_config"], key: value}})
+    check_text_config_refused(ckpt[0], key, value, needle)
 
 
 @pytest.mark.anyio

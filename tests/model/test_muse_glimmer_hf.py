@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import torch
 from hf_random import (
+    LanguageModelView,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
+    check_text_config_refused,
     check_turns_against_hf,
     check_two_chunks_against_hf,
     cluster_two_turns,
@@ -23,7 +25,6 @@ from hf_random import (
     two_sequences,
 )
 
-from dualpath.errors import ModelError
 from dualpath.model.loader import save_pretrained
 from dualpath.model.muse_glimmer import MuseGlimmerSpec
 from dualpath.model.spec import load_spec
@@ -111,10 +112,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     ("hidden_activation", "gelu_pytorch_tanh", "hidden_activation"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):
-    d, _ = ckpt
-    cfg = json.loads((d / "config.json").read_text())
-    with pytest.raises(ModelError, match=needle):
-        load_spec({**cfg, "text_config": {**cfg["text_config"], key: value}})
+    check_text_config_refused(ckpt[0], key, value, needle)
 
 
 @pytest.mark.anyio
@@ -156,12 +154,6 @@ def spark(tmp_path_factory):
     return d, hf
 
 
-class _SparkView:
-    def __init__(self, hf: Any) -> None:
-        self.hf, self.model = hf, hf.model.language_model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.hf(*args, **kwargs)
 
 
 def test_spark_turns_batches_and_saving_equal_transformers(spark, tmp_path):
@@ -190,7 +182,7 @@ def test_spark_bf16_teacher_forced_logits(spark):
     hf = transformers.MuseSparkForConditionalGeneration.from_pretrained(str(d), dtype=torch.bfloat16).eval()
     seq = sum(random_turns(VOCAB, 5), [])
     got, ref = bf16_teacher_forced(load_checkpoint(d, dtype="bfloat16"), hf, seq)
-    rows = routing_margins(_SparkView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
+    rows = routing_margins(LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
     assert int(rows.sum()) >= len(seq) // 3
     check_bf16_as_close_as_transformers(got, ref, hf_logits(hf32, seq), rows=rows)
 

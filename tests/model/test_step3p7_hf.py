@@ -6,15 +6,16 @@ expert; against transformers' image-text model on random weights it wrote (the r
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 import torch
 from hf_random import (
+    LanguageModelView,
     bf16_teacher_forced,
     check_batched_against_hf,
     check_bf16_as_close_as_transformers,
+    check_text_config_refused,
     check_turns_against_hf,
     check_two_chunks_against_hf,
     cluster_two_turns,
@@ -25,7 +26,6 @@ from hf_random import (
     two_sequences,
 )
 
-from dualpath.errors import ModelError
 from dualpath.model import KVPool, SeqBatch
 from dualpath.model.loader import save_pretrained
 from dualpath.model.spec import load_spec
@@ -50,12 +50,6 @@ TEXT: dict[str, Any] = {
 VISION: dict[str, Any] = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
-class _LanguageModelView:
-    def __init__(self, hf: Any) -> None:
-        self.hf, self.model = hf, hf.model.language_model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.hf(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +170,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     hf = transformers.Step3p7ForConditionalGeneration.from_pretrained(str(d), dtype=torch.bfloat16).eval()
     seq = sum(random_turns(VOCAB, 5), [])
     got, ref = bf16_teacher_forced(ours, hf, seq)
-    rows = routing_margins(_LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
+    rows = routing_margins(LanguageModelView(hf32), seq, 2, lambda layer: getattr(layer.mlp, "gate", None)) > 0.05
     assert int(rows.sum()) >= len(seq) // 3
     check_bf16_as_close_as_transformers(got, ref, hf_logits(hf32, seq), rows=rows)
 
@@ -192,10 +186,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     ("per_layer_config", {"1": {"head_dim": 8}}, "per_layer_config"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):
-    d, _ = ckpt
-    cfg = json.loads((d / "config.json").read_text())
-    with pytest.raises(ModelError, match=needle):
-        load_spec({**cfg, "text_config": {**cfg["text_config"], key: value}})
+    check_text_config_refused(ckpt[0], key, value, needle)
 
 
 @pytest.mark.anyio

@@ -214,8 +214,7 @@ def _gemma_norm(dim: int, eps: float) -> RMSNorm:
     return RMSNorm(dim, eps, offset=True)
 
 
-def _clamped_glu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
+def _clamped_glu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1.0) * (gate * torch.sigmoid(gate * alpha))
@@ -231,7 +230,8 @@ class DenseMLP(nn.Module):
         self.alpha, self.limit = spec.glu_alpha, spec.glu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(_clamped_glu(self.gate_up_proj(x), self.alpha, self.limit)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return cast(torch.Tensor, self.down_proj(_clamped_glu(gate, up, self.alpha, self.limit)))
 
 
 class Expert(nn.Module):
@@ -245,8 +245,8 @@ class Expert(nn.Module):
         self.alpha, self.limit = spec.glu_alpha, spec.glu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
-        return cast(torch.Tensor, self.down_proj(_clamped_glu(gate_up, self.alpha, self.limit)))
+        glu = _clamped_glu(self.gate_proj(x), self.up_proj(x), self.alpha, self.limit)
+        return cast(torch.Tensor, self.down_proj(glu))
 
 
 class MoE(nn.Module):

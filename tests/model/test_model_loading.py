@@ -366,7 +366,8 @@ def test_every_architecture_reads_a_deep_config_without_a_window_key():
 
     windowed = {"gemma2", "gemma3", "vaultgemma", "cohere2", "cohere2_moe", "gpt_neo", "exaone4", "olmo3", "ministral", "cwm",
                 "gpt_oss", "afmoe", "exaone_moe", "granite_swa", "granitemoe_swa", "flint", "kolibri1", "gemma4_text",
-                "mimo_v2_flash", "modernbert-decoder", "gemma3n_text", "beam", "muse_glimmer_text"}
+                "mimo_v2_flash", "modernbert-decoder", "gemma3n_text", "beam", "muse_glimmer_text",
+                "muse_spark_text"}
     # (their config classes slide some layers by default)
     for arch, hf_arch in sorted(_HF_ARCH.items()):
         cfg = {"model_type": arch, "architectures": [hf_arch], "vocab_size": 100, "hidden_size": 64,

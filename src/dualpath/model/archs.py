@@ -70,6 +70,7 @@ ARCHITECTURES: dict[str, str] = {
     "DeepseekOcr2ForConditionalGeneration": "deepseek_ocr2_text",  # (dualpath.model.deepseek_ocr2)
     "MuseGlimmerForConditionalGeneration": "muse_glimmer_text",  # (dualpath.model.muse_glimmer)
     "MuseSparkForConditionalGeneration": "muse_spark_text",  # (dualpath.model.muse_glimmer: its MoE variant)
+    "ChameleonForConditionalGeneration": "chameleon",  # (dualpath.model.chameleon)
     "BeamForCausalLM": "beam",  # (dualpath.model.beam)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **{hf: ours for ours, hf in HYBRID_HF_ARCH.items()},  # Qwen3.5, Qwen3.5-MoE, Qwen3-Next (dualpath.model.qwen_hybrid)
@@ -116,7 +117,8 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "step3p5": "Step3p7ForConditionalGeneration", "hrm_text": "HrmTextForCausalLM",
             "deepseek_ocr2_text": "DeepseekOcr2ForConditionalGeneration",
             "muse_glimmer_text": "MuseGlimmerForConditionalGeneration",
-            "muse_spark_text": "MuseSparkForConditionalGeneration", "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
+            "muse_spark_text": "MuseSparkForConditionalGeneration",
+            "chameleon": "ChameleonForConditionalGeneration", "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
             "jetmoe": "JetMoeForCausalLM",
             "modernbert-decoder": "ModernBertDecoderForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",

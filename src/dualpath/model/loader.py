@@ -72,6 +72,7 @@ from dualpath.model.tensor_names import (
 
 if TYPE_CHECKING:
     from dualpath.model.beam import BeamModel
+    from dualpath.model.chameleon import ChameleonModel
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.deepseek import DeepseekV3Model
     from dualpath.model.deepseek_ocr2 import DeepseekOcr2Model
@@ -112,7 +113,7 @@ if TYPE_CHECKING:
                 | OlmoHybridModel | FalconH1Model | MiniMaxModel | LaraMiniModel
                 | RecurrentGemmaModel | Zamba2Model | DeepseekV4Model | ZambaModel | RwkvModel | ZayaModel | InklingModel | DoryModel | Qwen4ExpModel
                 | DogeModel | MiniMaxM3Model | Step3p7Model | HrmTextModel | DeepseekOcr2Model
-                | MuseGlimmerModel)
+                | MuseGlimmerModel | ChameleonModel)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 #: families whose linear layers are GPT-2's ``Conv1D`` (weights stored ``[in, out]``)
@@ -310,6 +311,7 @@ _PLAIN_FAMILIES: dict[str, tuple[str, str]] = {
     "hrm_text": ("hrm_text", "HrmTextModel"),
     "muse_glimmer_text": ("muse_glimmer", "MuseGlimmerModel"),
     "muse_spark_text": ("muse_glimmer", "MuseGlimmerModel"),
+    "chameleon": ("chameleon", "ChameleonModel"),
 }
 
 

@@ -1047,6 +1047,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import qwen_hybrid
 
             return qwen_hybrid.spec_from_config(arch, cfg, where, dtype, max_context)
+        if arch == "chameleon":  # (per-head q/k LayerNorms, swin norm, image tokens masked out of the logits)
+            from dualpath.model import chameleon
+
+            return chameleon.spec_from_config(cfg, where, dtype, max_context)
         if arch in ("muse_glimmer_text", "muse_spark_text"):  # (gated QK-normed attention; Spark: MoE, gates)
             from dualpath.model import muse_glimmer
 

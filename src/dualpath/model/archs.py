@@ -197,7 +197,8 @@ _REFUSED = {
     **dict.fromkeys(("idefics", "evolla"),
                     "its cross-attention layers attend to another modality's states (images, proteins) between "
                     "self-attention layers; not implemented"),
-    **dict.fromkeys(("florence2", "pix2struct", "t5gemma2", "udop", "vision-encoder-decoder", "pp_formulanet"),
+    **dict.fromkeys(("florence2", "pix2struct", "t5gemma2", "udop", "vision-encoder-decoder", "pp_formulanet",
+                     "blip"),
                     "an encoder-decoder model (its decoder cross-attends to an encoder's states), not a decoder-only "
                     "LLM"),
     **dict.fromkeys(("musicgen", "musicgen_melody", "moshi", "moss_transcribe_diarize"),

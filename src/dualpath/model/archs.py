@@ -211,6 +211,8 @@ _REFUSED = {
              "decoder with a KV cache",
     "unlimited_ocr": "its attention keeps the whole prompt (image and text) plus a window of the tokens generated "
                      "since, a mask that depends on where the prompt ended; not implemented",
+    "kosmos-2": "a grounded image-text model that has no text-only mode: transformers' forward requires the image "
+                "(pixel_values or image_embeds, placed by image_embeds_position_mask), and requests here carry text",
     "pi0": "a robot action policy (flow-matching action expert beside a vision-language prefix), not a text decoder",
     **dict.fromkeys(("bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart", "mvp",
                      "prophetnet", "trocr", "whisper", "bert", "bert-generation", "roberta", "roberta-prelayernorm",

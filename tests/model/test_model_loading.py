@@ -153,6 +153,29 @@ def test_pool_and_batch_errors():
         model.prefill_layer(1, state, pool.layer(1))
 
 
+@pytest.mark.parametrize("cfg,row_heads", [
+    ({"architectures": ["ChameleonForConditionalGeneration"], "model_type": "chameleon"}, 2),
+    ({"architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash", "v_head_dim": 8, "n_routed_experts": 4,
+      "num_experts_per_tok": 2, "moe_intermediate_size": 16, "n_group": 1, "topk_group": 1}, 4),
+])
+def test_typed_rope_layers_check_order_and_page_rows(cfg, row_heads):
+    """A per-layer-type RoPE decoder's layer-wise step refuses a layer run out of order, and pages whose rows are
+    not its own (``row_heads`` heads: the KV heads, or twice them for MiMo-V2-Flash's sliding layers)."""
+    spec = ModelSpec.from_hf_config({**cfg, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+                                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                     "head_dim": 8})
+    model = build_model(spec, None)
+    pool = KVPool(spec.kv_spec(), num_blocks=2, block_tokens=16)
+    assert pool.layer(0).shape[3] == row_heads
+    state = model.prefill_begin(SeqBatch.build([[1, 2]], [0], [[0]], 16))
+    with pytest.raises(ModelError, match="layer 1 run out of order"):
+        model.prefill_layer(1, state, pool.layer(1))
+    with pytest.raises(ModelError, match=rf"layer 0: KV tensor shape .*expected \[num_blocks, \(16, 2, {row_heads}, 8\)\]"):
+        model.prefill_layer(0, state, pool.layer(0)[:, :, :, :1])
+    model.prefill_layer(0, state, pool.layer(0))
+    assert state.next_layer == 1
+
+
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     # convert_hf_to_gguf.py's LlamaModel.permute (HF half-split RoPE rows -> interleaved pairs)
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

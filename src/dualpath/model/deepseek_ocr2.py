@@ -24,7 +24,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone
-from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
+from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, _rope
 from dualpath.model.moe import FeedForward, dispatch_experts
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, parse_rope
@@ -208,9 +208,8 @@ class DeepseekOcr2Model(TypedRopeDecoder):
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st = self.layer_state(layer, state, kv_layer)
         spec, b = self.spec, state.batch
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = mod.self_attn
         x = mod.input_layernorm(st.hidden)

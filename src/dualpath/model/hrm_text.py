@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.model.llama import ForwardState, SeqBatch, TypedRopeDecoder, TypedRopeState, _rope
+from dualpath.model.llama import ForwardState, SeqBatch, TypedRopeDecoder, _rope
 from dualpath.model.moe import FeedForward
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype, parse_rope
@@ -188,9 +188,8 @@ class HrmTextModel(TypedRopeDecoder):
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st = self.layer_state(layer, state, kv_layer)
         spec, b = self.spec, state.batch
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, spec.n_heads, spec.head_dim))
         high, module, first, last = spec.invocation(layer)
         carry = st.carry
         if first:  # (L: z_L + z_H; H: z_H + z_L)

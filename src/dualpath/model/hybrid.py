@@ -5,7 +5,7 @@ per-layer checks and paged attention (:class:`HybridDecoder`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +53,8 @@ class HybridDecoder(TypedRopeDecoder):
 
     def begin_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> tuple[TypedRopeState, Any]:
         """Check the layer's order and page shape; ``(state, the layer's module)``."""
-        spec, b = self.spec, state.batch
-        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else spec.n_kv_heads
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, max(heads, spec.n_kv_heads), spec.head_dim))
-        return cast(TypedRopeState, state), self.model.layers[layer]
+        heads = int(kv_layer.shape[3]) if kv_layer.dim() == 5 else self.spec.n_kv_heads
+        return self.layer_state(layer, state, kv_layer, max(heads, self.spec.n_kv_heads)), self.model.layers[layer]
 
 
 

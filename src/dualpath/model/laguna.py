@@ -30,7 +30,6 @@ from dualpath.model.llama import (
     ForwardState,
     RMSNorm,
     TypedRopeDecoder,
-    TypedRopeState,
     _rope,
 )
 from dualpath.model.moe import FeedForward
@@ -262,9 +261,8 @@ class LagunaModel(TypedRopeDecoder):
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st = self.layer_state(layer, state, kv_layer)
         spec, b = self.spec, state.batch
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = mod.self_attn
         x = mod.input_layernorm(st.hidden)

@@ -714,6 +714,15 @@ class TypedRopeDecoder(LayerwiseDecoder):
             self.inv_freq[kind] = default_inv_freq(theta, int(spec.head_dim * partial))
         self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]
 
+    def layer_state(self, layer: int, state: ForwardState, kv_layer: torch.Tensor,
+                    row_heads: int | None = None) -> TypedRopeState:
+        """``state`` as a :class:`TypedRopeState`, once ``kv_layer`` is checked to be layer ``layer``'s pages, in
+        order: rows of ``[block_tokens, 2, row_heads, head_dim]`` (``row_heads``: the KV heads unless a family stores
+        more per row)."""
+        heads = self.spec.n_kv_heads if row_heads is None else row_heads
+        self.check_layer(layer, state, kv_layer, (state.batch.block_tokens, 2, heads, self.spec.head_dim))
+        return cast(TypedRopeState, state)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.model.embed_tokens(ids))
 

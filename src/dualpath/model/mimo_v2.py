@@ -38,7 +38,6 @@ from dualpath.model.llama import (
     ForwardState,
     RMSNorm,
     TypedRopeDecoder,
-    TypedRopeState,
     _rope,
 )
 from dualpath.model.moe import FeedForward
@@ -257,9 +256,8 @@ class MiMoV2Model(TypedRopeDecoder):
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
         """Run layer ``layer`` (in order) over pages shaped as :meth:`MiMoV2Spec.kv_spec` says."""
-        st = cast(TypedRopeState, state)
+        st = self.layer_state(layer, state, kv_layer, 2 * self.spec.n_kv_heads)
         spec, b = self.spec, state.batch
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, 2 * spec.n_kv_heads, spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = cast(Attention, mod.self_attn)
         heads, d, dv = spec.layer_heads(layer), spec.head_dim, spec.v_head_dim

@@ -306,10 +306,8 @@ class MiniMaxM3Model(TypedRopeDecoder):
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st = self.layer_state(layer, state, kv_layer, self.spec.n_kv_heads + self.spec.idx_heads_in_row)
         spec, b = self.spec, state.batch
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, spec.n_kv_heads + spec.idx_heads_in_row,
-                                                  spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = mod.self_attn
         x = mod.input_layernorm(st.hidden)

@@ -32,7 +32,6 @@ from dualpath.kernels import paged_decode_attention, paged_prefill_attention, st
 from dualpath.model.llama import (
     ForwardState,
     TypedRopeDecoder,
-    TypedRopeState,
     _rope,
 )
 from dualpath.model.spec import ModelSpec
@@ -279,9 +278,8 @@ class ModernBertDecoderModel(TypedRopeDecoder):
 
     @torch.no_grad()
     def prefill_layer(self, layer: int, state: ForwardState, kv_layer: torch.Tensor) -> None:
-        st = cast(TypedRopeState, state)
+        st = self.layer_state(layer, state, kv_layer)
         spec, b = self.spec, state.batch
-        self.check_layer(layer, state, kv_layer, (b.block_tokens, 2, spec.n_kv_heads, spec.head_dim))
         mod = cast(DecoderLayer, self.model.layers[layer])
         attn = mod.attn
         x = st.hidden if mod.attn_norm is None else mod.attn_norm(st.hidden)

@@ -438,3 +438,39 @@ def check_text_config_refused(directory: Any, key: str, value: Any, needle: str)
     cfg = json.loads((Path(directory) / "config.json").read_text())
     with pytest.raises(ModelError, match=needle):
         load_spec({**cfg, "text_config": {**cfg["text_config"], key: value}})
+
+
+class WidenedLogits:
+    """transformers' model with its logits widened to ``width`` columns as ours are where the LM head is narrower
+    than the embedding (Apertus 1.5's pruned head, Molmo2's image tokens): -inf past the head's rows."""
+
+    def __init__(self, hf: Any, width: int) -> None:
+        self.hf, self.config, self.width = hf, hf.config, width
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from types import SimpleNamespace
+
+        out = self.hf(*args, **kwargs)
+        logits = out.logits.float()
+        logits = torch.nn.functional.pad(logits, (0, self.width - logits.shape[-1]), value=float("-inf"))
+        return SimpleNamespace(logits=logits, cache=getattr(out, "cache", None))
+
+    def eval(self) -> WidenedLogits:
+        self.hf.eval()
+        return self
+
+    @staticmethod
+    def loader(width: int, check: Any = None) -> Any:
+        """An object whose ``from_pretrained(path, **kw)`` is transformers' auto causal-LM class reading ``path``,
+        widened (what :func:`check_save_reads_back` loads); ``check(model)`` asserts what was read."""
+        from types import SimpleNamespace
+
+        def from_pretrained(path: str, **kwargs: Any) -> tuple[WidenedLogits, Any]:
+            import transformers
+
+            hf, info = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            if check is not None:
+                check(hf)
+            return WidenedLogits(hf, width), info
+
+        return SimpleNamespace(from_pretrained=from_pretrained)

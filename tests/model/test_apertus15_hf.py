@@ -6,13 +6,13 @@ does not have, and equal transformers' rows elsewhere, at every prefill and deco
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from hf_random import (
     Checkpoints,
+    WidenedLogits,
     check_batched_against_hf,
     check_save_reads_back,
     check_turns_against_hf,
@@ -38,36 +38,20 @@ _CKPTS = Checkpoints({"apertus1p5_text": ("Apertus1p5TextConfig", "Apertus1p5Tex
 ckpt = _CKPTS.fixture()
 
 
-class _Widened:
-    """transformers' model with its logits widened to the vocabulary as ours are (-inf past the pruned head)."""
+def _widened(hf: Any) -> WidenedLogits:
+    return WidenedLogits(hf, VOCAB)
 
-    def __init__(self, hf: Any) -> None:
-        self.hf, self.config = hf, hf.config
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.hf(*args, **kwargs)
-        logits = torch.nn.functional.pad(out.logits.float(), (0, VOCAB - HEAD), value=float("-inf"))
-        return SimpleNamespace(logits=logits, cache=getattr(out, "cache", None))
-
-    def eval(self) -> _Widened:
-        self.hf.eval()
-        return self
-
-    @staticmethod
-    def from_pretrained(path: str, **kwargs: Any) -> tuple[_Widened, Any]:
-        """The model transformers' auto class reads from ``path`` (Apertus 1.5, by its config), widened (what
-        check_save_reads_back loads)."""
-        hf, info = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        assert type(hf).__name__ == "Apertus1p5TextForCausalLM" and hf.lm_head.weight.shape[0] == HEAD
-        return _Widened(hf), info
+def _read_back(hf: Any) -> None:
+    assert type(hf).__name__ == "Apertus1p5TextForCausalLM" and hf.lm_head.weight.shape[0] == HEAD
 
 
 def test_logits_equal_transformers_and_the_pruned_ids_are_never_picked(ckpt):
     _, d, hf = ckpt
     ours = load_checkpoint(d)
     assert ours.spec.output_vocab_size == HEAD and tuple(ours.lm_head.weight.shape) == (HEAD, 64)
-    check_turns_against_hf(ours, _Widened(hf), random_turns(HEAD, 0))
-    check_batched_against_hf(ours, _Widened(hf), two_sequences(VOCAB))
+    check_turns_against_hf(ours, _widened(hf), random_turns(HEAD, 0))
+    check_batched_against_hf(ours, _widened(hf), two_sequences(VOCAB))
     from dualpath.model import KVPool, SeqBatch
 
     pool = KVPool(ours.spec.kv_spec(), num_blocks=8, block_tokens=4)
@@ -85,7 +69,7 @@ def test_spec_and_our_save_pretrained_read_back_in_transformers(ckpt, tmp_path):
     assert spec.to_dict()["output_vocab_size"] == HEAD
     assert "output_vocab_size" not in load_spec({**CFG, "architectures": ["ApertusForCausalLM"],
                                                  "output_vocab_size": None}).to_dict()
-    check_save_reads_back(load_checkpoint(d), tmp_path, _Widened, random_turns(HEAD, 7)[0])
+    check_save_reads_back(load_checkpoint(d), tmp_path, WidenedLogits.loader(VOCAB, _read_back), random_turns(HEAD, 7)[0])
 
 
 def test_the_text_configs_and_bad_heads():
@@ -125,4 +109,4 @@ def test_the_image_text_checkpoint_serves_its_language_model(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
     assert (ours.spec.architecture, ours.spec.output_vocab_size) == ("apertus", HEAD)
-    check_batched_against_hf(ours, _Widened(hf), two_sequences(VOCAB))
+    check_batched_against_hf(ours, _widened(hf), two_sequences(VOCAB))

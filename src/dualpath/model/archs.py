@@ -71,6 +71,7 @@ ARCHITECTURES: dict[str, str] = {
     "MuseGlimmerForConditionalGeneration": "muse_glimmer_text",  # (dualpath.model.muse_glimmer)
     "MuseSparkForConditionalGeneration": "muse_spark_text",  # (dualpath.model.muse_glimmer: its MoE variant)
     "ChameleonForConditionalGeneration": "chameleon",  # (dualpath.model.chameleon)
+    "Molmo2ForConditionalGeneration": "molmo2_text",  # (dualpath.model.molmo2: its language model)
     "BeamForCausalLM": "beam",  # (dualpath.model.beam)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **{hf: ours for ours, hf in HYBRID_HF_ARCH.items()},  # Qwen3.5, Qwen3.5-MoE, Qwen3-Next (dualpath.model.qwen_hybrid)
@@ -118,7 +119,8 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "deepseek_ocr2_text": "DeepseekOcr2ForConditionalGeneration",
             "muse_glimmer_text": "MuseGlimmerForConditionalGeneration",
             "muse_spark_text": "MuseSparkForConditionalGeneration",
-            "chameleon": "ChameleonForConditionalGeneration", "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
+            "chameleon": "ChameleonForConditionalGeneration", "molmo2_text": "Molmo2ForConditionalGeneration",
+            "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
             "jetmoe": "JetMoeForCausalLM",
             "modernbert-decoder": "ModernBertDecoderForCausalLM",
             "hyperclovax": "HyperCLOVAXForCausalLM",

@@ -772,8 +772,8 @@ class LlamaModel(LayerwiseDecoder):
         self.windows = [spec.layer_window(i) for i in range(spec.n_layers)]  # each layer's sliding window
         # Llama 4: its RoPE layers attend within chunks of attention_chunk tokens
         self.chunks = [spec.attention_chunk if i not in spec.nope_layers else None for i in range(spec.n_layers)]
-        # Gemma 3, OLMo 3: the layers that slide turn their keys with the local RoPE
-        self._local_rope = [local is not None and w is not None for w in self.windows]
+        # Gemma 3, OLMo 3: the layers that slide turn their keys with the local RoPE (Molmo2: the unscaled layers)
+        self._local_rope = [local is not None and spec.local_rope_layer(i) for i in range(spec.n_layers)]
         # SmolLM3: NoPE layers have none; GPT-2 none at all (learned positions)
         self._rope = [i not in spec.nope_layers and not spec.learned_positions and not spec.alibi
                       for i in range(spec.n_layers)]

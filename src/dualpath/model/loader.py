@@ -541,6 +541,10 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
                 tensors, source, fp8_block))), source)
         if tensors is not None and spec.architecture == "gpt_oss":
             tensors = gpt_oss_tensors(spec, tensors)
+        elif tensors is not None and spec.architecture == "molmo2_text":  # (its released layout, fused projections)
+            from dualpath.model import molmo2
+
+            tensors = molmo2.tensors_in(cast(molmo2.Molmo2Spec, spec), tensors, source)
         elif tensors is not None and spec.architecture == "llama4_text":  # (MoE, in its own layout)
             tensors = lv.tensors_in(spec, tensors, source)
         elif tensors is not None and spec.is_moe:  # (ERNIE 4.5 MoE, Command A+: their interleaved RoPE rows first)

@@ -360,10 +360,10 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: expert_selection / shared_expert_average / rms_norms are cohere2_moe's "
                              f"and required there, got {cohere_moe!r} for {self.architecture}")
         if self.output_vocab_size is not None and (
-                self.architecture != "apertus" or isinstance(self.output_vocab_size, bool)
+                self.architecture not in ("apertus", "molmo2_text") or isinstance(self.output_vocab_size, bool)
                 or not isinstance(self.output_vocab_size, int) or not 0 < self.output_vocab_size < self.vocab_size
                 or self.tie_embeddings):
-            raise ModelError(f"model config: output_vocab_size (a pruned LM head) is Apertus 1.5's, below vocab_size "
+            raise ModelError(f"model config: output_vocab_size (a pruned LM head) is Apertus 1.5's and Molmo2's, below vocab_size "
                              f"({self.vocab_size}) and with untied embeddings; got {self.output_vocab_size!r} for "
                              f"{self.architecture} (tie_word_embeddings {self.tie_embeddings})")
         if self.partial_rotary_factor != 1.0:
@@ -400,7 +400,8 @@ class ModelSpec(_SpecCommon):
                 raise ModelError(f"model config: {name} must be a positive number or null, got {value!r}")
         if self.architecture in GEMMA2_LIKE and self.query_pre_attn_scalar is None:
             raise ModelError(f"model config: {self.architecture} needs query_pre_attn_scalar")
-        if self.rope_local_theta is not None and (self.architecture not in ("gemma3", "olmo3", "mellum", *GRANITE_SWA)
+        if self.rope_local_theta is not None and (self.architecture not in ("gemma3", "olmo3", "mellum", *GRANITE_SWA,
+                                                                            "molmo2_text")
                                                   or not self.rope_local_theta > 0):
             raise ModelError(f"model config: rope_local_theta is a positive base of gemma3's / olmo3's sliding layers, "
                              f"got {self.rope_local_theta} for {self.architecture}")
@@ -596,6 +597,11 @@ class ModelSpec(_SpecCommon):
         if w is not None and self.architecture == "llama" and self.attention_bias:
             raise ModelError("model config: a sliding window is Mistral's, which has no attention_bias")
         object.__setattr__(self, "full_attention_layers", full)
+
+    def local_rope_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` turns the local RoPE (``rope_local_theta``, plain) instead of the model's: the
+        sliding layers of Gemma 3 and OLMo 3 (Molmo2: the layers outside ``rope_scaling_layers``)."""
+        return self.layer_window(layer) is not None
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding attention window of layer ``layer`` (None: it attends to every earlier position)."""
@@ -1055,6 +1061,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import muse_glimmer
 
             return muse_glimmer.spec_from_config(cfg, where, dtype, max_context, spark=arch == "muse_spark_text")
+        if arch == "molmo2_text":  # (Qwen3's or OLMo's q/k norms, output norms, a RoPE per layer, a wider embedding)
+            from dualpath.model import molmo2
+
+            return molmo2.spec_from_config(cfg, where, dtype, max_context)
         if arch == "deepseek_ocr2_text":  # (DeepSeek-V2's decoder with Llama's attention)
             from dualpath.model import deepseek_ocr2
 

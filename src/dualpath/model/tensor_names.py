@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -642,6 +642,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.deepseek_ocr2 import tensors_out as deepseek_ocr2_out
 
         out = deepseek_ocr2_out(out)
+    if arch == "molmo2_text":  # (the released layout, fused att_proj / ff_proj, as transformers writes it)
+        from dualpath.model import molmo2
+
+        return molmo2.tensors_out(cast(molmo2.Molmo2Spec, spec), out)
     if arch == "hrm_text":  # (the released fused gqkv_proj / gate_up_proj)
         from dualpath.model.hrm_text import tensors_out as hrm_text_out
 

@@ -81,6 +81,7 @@ FAMILIES = (
     "muse_glimmer",
     "muse_spark",
     "molmo2",
+    "kosmos2_5",
 )
 
 
@@ -562,6 +563,17 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
                 "qk_scale_factor": r.choice([1.0, 3.87]), "output_multiplier": r.choice([0.2, 1.0]),
                 "final_logit_softcapping": r.choice([5.0, 20.0]), "attention_bias": r.random() < 0.3,
                 "max_position_embeddings": 64, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}}
+    if fam == "kosmos2_5":  # fairseq's decoder: sinusoids from the padding id, a segment embedding, an MLP LayerNorm
+        return "Kosmos2_5Config", "Kosmos2_5ForConditionalGeneration", {
+            "vision_config": {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "head_dim": 8, "patch_embed_hidden_size": 12},
+            "latent_query_num": 2,
+            "text_config": {
+                "vocab_size": V, "embed_dim": 32, "ffn_dim": r.choice([32, 48]), "layers": L,
+                "attention_heads": r.choice([2, 4, 8]), "max_position_embeddings": 64,
+                "activation_function": r.choice(["gelu", "gelu_new", "relu", "silu"]),
+                "scale_embedding": r.random() < 0.5, "tie_word_embeddings": r.random() < 0.5,
+                "pad_token_id": r.choice([0, 1, 5]), "bos_token_id": None, "eos_token_id": None}}
     if fam == "molmo2":  # Qwen3's or OLMo's q/k norms, norms before or after, image tokens, a RoPE per layer
         rope: dict[str, Any] = r.choice([
             {"rope_type": "default", "rope_theta": 1e4},
@@ -1103,6 +1115,9 @@ def run(fam: str, seed: int) -> dict[str, Any]:
     seq = torch.randint(0, V, (17,), generator=torch.Generator().manual_seed(seed)).tolist()
     if fam == "qwen4_exp":  # (end-of-sequence tokens inside the prompt: the n-grams restart after them)
         seq[4] = seq[10] = 3
+    if fam == "kosmos2_5":  # (no padding id: transformers' positions after one depend on how the prompt is cut)
+        pad = hf.config.text_config.pad_token_id
+        seq = [t if t != pad else pad + 1 for t in seq]
     pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=16, block_tokens=4)
     table = pool.allocate(16)
     got = torch.cat(

@@ -1061,6 +1061,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import muse_glimmer
 
             return muse_glimmer.spec_from_config(cfg, where, dtype, max_context, spark=arch == "muse_spark_text")
+        if arch == "kosmos2_5_text":  # (fairseq's decoder: sinusoids from the padding id, a segment embedding)
+            from dualpath.model import kosmos2_5
+
+            return kosmos2_5.spec_from_config(cfg, where, dtype, max_context)
         if arch == "molmo2_text":  # (Qwen3's or OLMo's q/k norms, output norms, a RoPE per layer, a wider embedding)
             from dualpath.model import molmo2
 

@@ -642,6 +642,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.deepseek_ocr2 import tensors_out as deepseek_ocr2_out
 
         out = deepseek_ocr2_out(out)
+    if arch == "kosmos2_5_text":  # (the image-text model's text_model.*, its final norm model.layer_norm)
+        from dualpath.model import kosmos2_5
+
+        return kosmos2_5.tensors_out(out)
     if arch == "molmo2_text":  # (the released layout, fused att_proj / ff_proj, as transformers writes it)
         from dualpath.model import molmo2
 

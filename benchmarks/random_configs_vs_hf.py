@@ -82,6 +82,7 @@ FAMILIES = (
     "muse_spark",
     "molmo2",
     "kosmos2_5",
+    "git",
 )
 
 
@@ -563,6 +564,14 @@ def gen(fam: str, r: random.Random) -> tuple[str, str, dict[str, Any]]:
                 "qk_scale_factor": r.choice([1.0, 3.87]), "output_multiplier": r.choice([0.2, 1.0]),
                 "final_logit_softcapping": r.choice([5.0, 20.0]), "attention_bias": r.random() < 0.3,
                 "max_position_embeddings": 64, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}}
+    if fam == "git":  # BERT's post-LayerNorm blocks made causal, learned positions, a biased head tied or not
+        return "GitConfig", "GitForCausalLM", {
+            "vocab_size": V, "hidden_size": 32, "num_hidden_layers": L, "num_attention_heads": r.choice([2, 4, 8]),
+            "intermediate_size": r.choice([32, 48]), "max_position_embeddings": 64,
+            "hidden_act": r.choice(["gelu", "gelu_new", "relu", "silu"]), "layer_norm_eps": r.choice([1e-12, 1e-5]),
+            "tie_word_embeddings": r.random() < 0.5, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+            "vision_config": {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "image_size": 16, "patch_size": 8}}
     if fam == "kosmos2_5":  # fairseq's decoder: sinusoids from the padding id, a segment embedding, an MLP LayerNorm
         return "Kosmos2_5Config", "Kosmos2_5ForConditionalGeneration", {
             "vision_config": {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,

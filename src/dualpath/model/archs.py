@@ -73,6 +73,7 @@ ARCHITECTURES: dict[str, str] = {
     "ChameleonForConditionalGeneration": "chameleon",  # (dualpath.model.chameleon)
     "Molmo2ForConditionalGeneration": "molmo2_text",  # (dualpath.model.molmo2: its language model)
     "Kosmos2_5ForConditionalGeneration": "kosmos2_5_text",  # (dualpath.model.kosmos2_5: its language model)
+    "GitForCausalLM": "git",  # (dualpath.model.git: its text decoder)
     "BeamForCausalLM": "beam",  # (dualpath.model.beam)
     "ModernBertDecoderForCausalLM": "modernbert-decoder",  # (dualpath.model.modernbert_decoder)
     **{hf: ours for ours, hf in HYBRID_HF_ARCH.items()},  # Qwen3.5, Qwen3.5-MoE, Qwen3-Next (dualpath.model.qwen_hybrid)
@@ -121,7 +122,7 @@ _HF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "
             "muse_glimmer_text": "MuseGlimmerForConditionalGeneration",
             "muse_spark_text": "MuseSparkForConditionalGeneration",
             "chameleon": "ChameleonForConditionalGeneration", "molmo2_text": "Molmo2ForConditionalGeneration",
-            "kosmos2_5_text": "Kosmos2_5ForConditionalGeneration",
+            "kosmos2_5_text": "Kosmos2_5ForConditionalGeneration", "git": "GitForCausalLM",
             "beam": "BeamForCausalLM", "diffllama": "DiffLlamaForCausalLM",
             "jetmoe": "JetMoeForCausalLM",
             "modernbert-decoder": "ModernBertDecoderForCausalLM",

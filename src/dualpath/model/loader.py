@@ -313,6 +313,7 @@ _PLAIN_FAMILIES: dict[str, tuple[str, str]] = {
     "muse_spark_text": ("muse_glimmer", "MuseGlimmerModel"),
     "chameleon": ("chameleon", "ChameleonModel"),
     "kosmos2_5_text": ("kosmos2_5", "Kosmos25Model"),
+    "git": ("git", "GitModel"),
 }
 
 

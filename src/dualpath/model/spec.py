@@ -1061,6 +1061,10 @@ class ModelSpec(_SpecCommon):
             from dualpath.model import muse_glimmer
 
             return muse_glimmer.spec_from_config(cfg, where, dtype, max_context, spark=arch == "muse_spark_text")
+        if arch == "git":  # (BERT's post-LayerNorm blocks made causal, learned positions, a biased head)
+            from dualpath.model import git
+
+            return git.spec_from_config(cfg, where, dtype, max_context)
         if arch == "kosmos2_5_text":  # (fairseq's decoder: sinusoids from the padding id, a segment embedding)
             from dualpath.model import kosmos2_5
 

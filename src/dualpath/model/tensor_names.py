@@ -642,6 +642,10 @@ def tensors_out(spec: ModelSpec | DeepseekV3Spec, tensors: dict[str, torch.Tenso
         from dualpath.model.deepseek_ocr2 import tensors_out as deepseek_ocr2_out
 
         out = deepseek_ocr2_out(out)
+    if arch == "git":  # (BERT's names under git.*; the head is output.*)
+        from dualpath.model import git
+
+        return git.tensors_out(out)
     if arch == "kosmos2_5_text":  # (the image-text model's text_model.*, its final norm model.layer_norm)
         from dualpath.model import kosmos2_5
 

@@ -113,12 +113,34 @@ def test_a_checkpoint_quantized_in_an_unread_format_is_refused_by_name(tmp_path,
     ({"architectures": ["XLNetLMHeadModel"], "model_type": "xlnet"}, "permutation language model"),
     ({"architectures": ["ReformerModelWithLMHead"], "model_type": "reformer"}, "LSH"),
     ({"architectures": ["BltForCausalLM"], "model_type": "blt"}, "byte-level"),
+    ({"architectures": ["CpmAntForCausalLM"], "model_type": "cpmant"}, "attends both ways"),
 ])
 def test_families_refused_on_purpose_say_why(cfg, needle):
     with pytest.raises(ModelError, match=needle):
         ModelSpec.from_hf_config(cfg)
     with pytest.raises(ModelError, match=r"unsupported architecture \['NoSuchForCausalLM'\]; supported"):
         ModelSpec.from_hf_config({"architectures": ["NoSuchForCausalLM"]})
+
+
+def test_cpmant_is_refused_because_its_input_attends_both_ways():
+    """The reason CPM-Ant is refused holds: in transformers' own model the logits of a sequence's first tokens
+    change when tokens are appended after them, so their keys and values cannot be cached."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "CpmAntForCausalLM"):
+        pytest.skip("no CPM-Ant in this transformers")
+    cfg = transformers.CpmAntConfig(vocab_size=97, hidden_size=32, num_attention_heads=4, dim_head=8, dim_ff=48,
+                                    num_hidden_layers=2, prompt_types=3, prompt_length=4, segment_types=3,
+                                    position_bias_num_buckets=32, position_bias_max_distance=64)
+    torch.manual_seed(0)
+    hf = transformers.CpmAntForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3)
+        short = hf(torch.tensor([[5, 6]])).logits[0]
+        longer = hf(torch.tensor([[5, 6, 7, 8, 9]])).logits[0, :2]
+    assert float((short - longer).abs().max()) > 0.1
+    with pytest.raises(ModelError, match="attends both ways"):
+        ModelSpec.from_hf_config(cfg.to_dict() | {"architectures": ["CpmAntForCausalLM"]})
 
 
 @pytest.mark.parametrize("arch", ["MiniMaxM3VLForConditionalGeneration", "ErnieMoeVariantForCausalLM",

@@ -218,6 +218,9 @@ _REFUSED = {
                      "since, a mask that depends on where the prompt ended; not implemented",
     "kosmos-2": "a grounded image-text model that has no text-only mode: transformers' forward requires the image "
                 "(pixel_values or image_embeds, placed by image_embeds_position_mask), and requests here carry text",
+    "cpmant": "its input attends both ways (transformers builds CPM-Ant's mask with every token as context, so a "
+              "token's keys and values change as the sequence grows): no KV cache to keep or move, and transformers' "
+              "own cached decode fails",
     "pi0": "a robot action policy (flow-matching action expert beside a vision-language prefix), not a text decoder",
     **dict.fromkeys(("bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart", "mvp",
                      "prophetnet", "trocr", "whisper", "bert", "bert-generation", "roberta", "roberta-prelayernorm",

@@ -94,6 +94,12 @@ def test_spec_reads_each_variant(variant):
     assert spec.pad_token_id == _pad(name) and spec.position_offset == _pad(name) + 1
     assert spec.tie_embeddings == VARIANTS[name].get("tie_word_embeddings", True)
     assert load_spec(spec.to_hf_config()) == spec
+    text = spec.to_hf_config()["text_config"]  # (the text config alone, under its attribute_map's names too)
+    assert load_spec(text) == spec
+    aliased = {**{k: v for k, v in text.items() if k not in ("embed_dim", "layers", "attention_heads")},
+               "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "architectures": [
+                   "Kosmos2_5ForConditionalGeneration"]}
+    assert load_spec(aliased) == spec
 
 
 def test_each_variant_equals_transformers(variant):
@@ -185,6 +191,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     ("pad_token_id", None, "pad_token_id is null"),
     ("activation_function", "tanh", "activation_function 'tanh' unsupported"),
     ("embed_dim", 30, r"embed_dim \(30\) must be a multiple of attention_heads"),
+    ("hidden_size", 48, r"hidden_size \(48\) and embed_dim \(32\) disagree"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):
     cfg = load_spec(ckpt[0]).to_hf_config()

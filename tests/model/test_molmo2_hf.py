@@ -103,6 +103,9 @@ def test_spec_reads_each_variant(variant):
     assert spec.vocab_size == _width(text) and spec.output_vocab_size == (VOCAB if _width(text) > VOCAB else None)
     assert not spec.tie_embeddings and spec.unscaled_layers == () and spec.rope_theta == 500.0
     assert load_spec(spec.to_hf_config()) == spec
+    cfg = spec.to_hf_config()
+    assert load_spec({k: v for k, v in cfg.items() if k != "architectures"}) == spec  # (by model_type alone)
+    assert load_spec(cfg["text_config"]) == spec  # (the text config alone)
 
 
 def test_each_variant_equals_transformers(variant):

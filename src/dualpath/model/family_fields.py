@@ -25,7 +25,7 @@ from dualpath.model.archs import (
 from dualpath.model.spec_common import parse_rope
 
 #: the model_types read without an ``architectures`` list (every architecture's own; Mistral's as Llama)
-_MODEL_TYPES = ("mistral", "gemma3_text", "gemma4_unified_text", *(a for a in _HF_ARCH if a != "gemma3"))
+_MODEL_TYPES = ("mistral", "gemma3_text", "gemma4_unified_text", "kosmos_2_5_text_model", "kosmos-2.5", "molmo2", *(a for a in _HF_ARCH if a != "gemma3"))
 _MAX_POSITION = {"granite_swa": 8192, "glm": 131072, "glm4": 131072, "phi3": 4096, "gemma": 8192, "gemma2": 8192, "vaultgemma": 8192, "gemma3": 131072, "gpt_oss": 131072, "smollm3": 32768,
                  "ministral": 131072, "glm4_moe": 131072, "seed_oss": 524288, "solar_open": 131072, "flex_olmo": 4096,
                  "afmoe": 16384, "mellum": 131072, "hy_v3": 131072, "flint": 262144, "kolibri1": 262144}

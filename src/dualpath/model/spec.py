@@ -939,7 +939,9 @@ class ModelSpec(_SpecCommon):
                 arch = ARCHITECTURES[a]
                 break
         if arch is None and model_type in _MODEL_TYPES:
-            arch = {"mistral": "llama", "gemma3_text": "gemma3", "gemma4_unified_text": "gemma4_text"}.get(str(model_type), str(model_type))
+            arch = {"mistral": "llama", "gemma3_text": "gemma3", "gemma4_unified_text": "gemma4_text",
+                    "kosmos_2_5_text_model": "kosmos2_5_text", "kosmos-2.5": "kosmos2_5_text",
+                    "molmo2": "molmo2_text"}.get(str(model_type), str(model_type))
         if arch is None:
             why = refusal_reason(archs, model_type)
             raise ModelError(

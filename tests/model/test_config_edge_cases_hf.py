@@ -64,3 +64,26 @@ def test_small_random_configs_equal_transformers(tmp_path, case):
     if rotated is not None:
         assert ours.spec.rotary_dim == rotated
     check_batched_against_hf(ours, hf, two_sequences(VOCAB))
+
+
+@pytest.mark.parametrize("cfg_cls,sizes", [
+    ("DeepseekV3Config", {}),
+    ("DeepseekV32Config", {"index_topk": 8, "index_n_heads": 4, "index_head_dim": 16}),
+])
+def test_a_deepseek_config_naming_only_its_sizes_reads_as_transformers_fills_it(cfg_cls, sizes):
+    """A DeepSeek-V3 (or V3.2) config that names only its sizes is read with DeepseekV3Config's defaults (256
+    routed experts, 8 per token in 8 groups of which 4 are kept, one shared expert, a 2.5 scale, three dense layers
+    first, BOS 0 and EOS 1): the same spec as transformers' own config object written out in full."""
+    from dualpath.model.spec import load_spec
+
+    if not hasattr(transformers, cfg_cls):
+        pytest.skip(f"no {cfg_cls} in this transformers")
+    minimal = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+               "num_attention_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 24, "qk_rope_head_dim": 8,
+               "qk_nope_head_dim": 16, "v_head_dim": 16, **sizes}
+    full = getattr(transformers, cfg_cls)(**minimal).to_dict()
+    model_type = full["model_type"]
+    spec = load_spec({"model_type": model_type, **minimal})
+    assert spec == load_spec(full)
+    assert (spec.n_routed_experts, spec.num_experts_per_tok, spec.n_shared_experts, spec.first_k_dense_replace,
+            spec.eos_token_id) == (256, 8, 1, 3, 1)

@@ -392,3 +392,50 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
                 plain["rope_type"] = "default"
             out[key] = plain if key == "rope_parameters" else (None if plain["rope_type"] == "default" else plain)
     return out
+
+
+#: Sarvam's families, which transformers runs as other architectures (its auto classes map their model types):
+#: ``sarvam_moe`` as GLM-4.5 (its released tensor names read by :func:`dualpath.model.tensor_names.sarvam_tensors`)
+#: and ``sarvam_mla`` as DeepSeek-V3; model_type -> (that architecture, its model_type, SarvamMoEConfig's /
+#: SarvamMLAConfig's defaults where they differ from that architecture's config class)
+_SARVAM: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "sarvam_moe": ("Glm4MoeForCausalLM", "glm4_moe", {
+        "vocab_size": 262144, "intermediate_size": 8192, "num_hidden_layers": 19, "num_attention_heads": 64,
+        "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "moe_intermediate_size": 1024, "num_experts_per_tok": 6,
+        "routed_scaling_factor": 2.5, "use_qk_norm": True, "eos_token_id": 1, "pad_token_id": 0, "head_dim": 64,
+        "partial_rotary_factor": 1.0}),
+    "sarvam_mla": ("DeepseekV3ForCausalLM", "deepseek_v3", {
+        "vocab_size": 262144, "hidden_size": 4096, "intermediate_size": 16384, "num_hidden_layers": 32,
+        "num_attention_heads": 64, "num_key_value_heads": 64, "n_routed_experts": 128, "q_lora_rank": None,
+        "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1}),
+}
+#: their config classes' other names for keys (their attribute_map)
+_SARVAM_ALIASES = {"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts",
+                   "num_shared_experts": "n_shared_experts", "num_mtp_layers": "num_nextn_predict_layers",
+                   "use_qkv_bias": "attention_bias"}
+#: their RoPE base by default (SarvamMLA's is DeepSeek-V3's)
+_SARVAM_THETA = {"sarvam_moe": 8000000.0}
+
+
+def sarvam_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Sarvam config (model_type ``sarvam_moe`` or ``sarvam_mla``, whatever its ``architectures`` name) as the
+    GLM-4.5 or DeepSeek-V3 config transformers runs it as: its attribute_map's names read as that family's, its
+    config class's defaults where they differ; any other config unchanged."""
+    mt = cfg.get("model_type")
+    if mt not in _SARVAM:
+        return cfg
+    arch, model_type, defaults = _SARVAM[str(mt)]
+    out = dict(cfg)
+    for theirs, ours in _SARVAM_ALIASES.items():
+        if theirs in out:
+            value = out.pop(theirs)
+            if out.get(ours) is not None and out[ours] != value:
+                raise ModelError(f"{where}: {theirs} ({value!r}) and {ours} ({out[ours]!r}) disagree")
+            out[ours] = value
+    rope = out.get("rope_parameters")
+    named = (isinstance(rope, dict) and "rope_theta" in rope) or out.get("rope_theta") is not None
+    if mt in _SARVAM_THETA and not named:
+        out["rope_theta"] = _SARVAM_THETA[str(mt)]
+    if isinstance(rope, dict) and "partial_rotary_factor" in rope:
+        defaults = {k: v for k, v in defaults.items() if k != "partial_rotary_factor"}
+    return {**defaults, **out, "architectures": [arch], "model_type": model_type}

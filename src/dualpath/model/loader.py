@@ -67,6 +67,7 @@ from dualpath.model.tensor_names import (
     mla_language_tensors,
     moe_tensors,
     phi3_tensors,
+    sarvam_tensors,
     tensors_out,
 )
 
@@ -550,6 +551,8 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
         elif tensors is not None and spec.architecture == "llama4_text":  # (MoE, in its own layout)
             tensors = lv.tensors_in(spec, tensors, source)
         elif tensors is not None and spec.is_moe:  # (ERNIE 4.5 MoE, Command A+: their interleaved RoPE rows first)
+            if spec.architecture == "glm4_moe":  # (Sarvam-MoE's released names, as transformers reads them)
+                tensors = sarvam_tensors(spec, tensors, source)
             if spec.architecture in lv.VARIANT_ARCHS:
                 tensors = lv.tensors_in(spec, tensors, source)
             elif spec.layer_norm:

@@ -101,6 +101,10 @@ _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_
           "mistral_large4_text": "Mistral Large 4's language model (mistral_large4_text)",
           "dots3_note_text": "dots3-note (dots3_note_text)"}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
+#: DeepseekV3Config's (and V3.2's) defaults for the MoE and special-token keys a config may leave out
+_V3_DEFAULTS: dict[str, Any] = {"n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+                                "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4, "moe_intermediate_size": 2048,
+                                "first_k_dense_replace": 3, "bos_token_id": 0, "eos_token_id": 1}
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text", "glm5_next_text",
                    "mistral_large4_text", "dots3_note_text")
 #: Hy4 and Hy4-VL's language model (hyper-connections, head gates and sinks, clamped experts)
@@ -612,6 +616,11 @@ class DeepseekV3Spec(_SpecCommon):
         if model_type not in _TOPK_METHODS:
             raise ModelError(f"{where}: model_type {model_type!r} unsupported; expected one of {sorted(_TOPK_METHODS)}")
         label = _LABEL[model_type]
+        if model_type in ("deepseek_v3", "deepseek_v32"):  # (DeepseekV3Config's defaults for the keys it leaves out)
+            fill = dict(_V3_DEFAULTS)
+            if cfg.get("mlp_layer_types") is not None:
+                del fill["first_k_dense_replace"]
+            cfg = {**fill, **cfg}
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
         scoring = _SCORING[model_type]
@@ -631,7 +640,7 @@ class DeepseekV3Spec(_SpecCommon):
             if cfg.get("mlp_layer_types") is None:
                 n = int(need("num_hidden_layers"))
                 cfg["mlp_layer_types"] = ["dense"] * min(1, n) + ["sparse"] * max(n - 1, 0)
-        norm_topk = cfg.get("norm_topk_prob", model_type in ("deepseek_v3", "axk1", "axk2", *HY_TYPES))
+        norm_topk = cfg.get("norm_topk_prob", model_type in ("deepseek_v3", "deepseek_v32", "axk1", "axk2", *HY_TYPES))
         if model_type == "axk2" and cfg.get("rope_interleave") is None:  # (A.X-K2's MLA always rotates pairs)
             cfg = {**cfg, "rope_interleave": True}
         if model_type == "deepseek_v2" and norm_topk:
@@ -677,7 +686,8 @@ class DeepseekV3Spec(_SpecCommon):
         index: dict[str, int] = {}
         max_position = int(cfg.get("max_position_embeddings", {"youtu": 131072, "axk1": 32768,
                                                                 "axk2": 131072, "hy_v4": 262144,
-                                                                "hy_v4_vl_text": 262144}.get(model_type, 4096)))
+                                                                "hy_v4_vl_text": 262144,
+                                                                "deepseek_v32": 163840}.get(model_type, 4096)))
         shared: tuple[int, ...] = ()
         if model_type in DSA_MODEL_TYPES:
             index = {name: int(need(name)) for name in _V32_FIELDS}

@@ -64,6 +64,40 @@ def phi3_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
 _QK_ROWS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias")
 
 
+#: Sarvam-MoE's released names in a block -> GLM-4.5's (transformers' conversion of ``sarvam_moe``)
+_SARVAM_NAMES = ((".attention.dense.", ".self_attn.o_proj."), (".attention.query_layernorm.", ".self_attn.q_norm."),
+                 (".attention.key_layernorm.", ".self_attn.k_norm."),
+                 (".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"))
+
+
+def sarvam_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
+                   source: str = "checkpoint") -> Mapping[str, torch.Tensor]:
+    """A Sarvam-MoE checkpoint's released names (``model.word_embeddings``, ``attention.query_key_value`` fused
+    ``[q | k | v]``, ``attention.dense``, ``query_layernorm`` / ``key_layernorm``, ``mlp.gate.expert_bias``) as
+    GLM-4.5's, as transformers reads them; a checkpoint without them unchanged."""
+    if "model.word_embeddings.weight" not in tensors and not any(".attention.query_key_value." in k for k in tensors):
+        return tensors
+    sizes = [spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim]
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.startswith("model.word_embeddings."):
+            name = "model.embed_tokens." + name[len("model.word_embeddings."):]
+        if ".attention.query_key_value." in name:
+            if t.shape[0] != sum(sizes):
+                raise ModelError(f"{source}: {name} has {t.shape[0]} rows, expected {sum(sizes)} (q, k, v: "
+                                 f"{' + '.join(map(str, sizes))})")
+            stem, kind = name.split(".attention.query_key_value.")
+            for part, rows in zip(("q", "k", "v"), torch.split(t, sizes, dim=0), strict=True):
+                out[f"{stem}.self_attn.{part}_proj.{kind}"] = rows
+            continue
+        for old, new in _SARVAM_NAMES:
+            if old in name:
+                name = name.replace(old, new)
+                break
+        out[name] = t
+    return out
+
+
 def glm_tensors(spec: ModelSpec, tensors: Mapping[str, torch.Tensor],
                 source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """GLM / GLM-4 checkpoint tensors in this model's names: ``gate_up_proj`` split (as Phi-3's), and the q/k rows

@@ -1,0 +1,201 @@
+"""Every model type of transformers' causal-LM and image-text registries that runs here, shrunk and compared with
+transformers' logits.
+
+``hf_registry_coverage.py`` checks that a spec is built from each type's default config; the tests and
+``random_configs_vs_hf.py`` compare logits for the families they name. This sweeps the rest: each type's default
+config (``AutoConfig.for_model``) is shrunk by one generic rule (widths, layer counts, heads, experts, vocabulary and
+the per-layer lists cut to the new layer count, in its own config's key names and in every sub-config), built by
+transformers with its weights widened so that every one matters (matrices x3, norms and biases moved off their
+init), written by its ``save_pretrained`` and read by :func:`dualpath.model.loader.load_model`; a 17-token prompt is
+prefilled over paged KV in two chunks, then one decode step, and both compared with transformers' forward.
+
+A row is ``ok`` within 1e-3 of the logit range, ``mismatch`` otherwise; ``shrink refused`` when transformers (or
+our reader) refuses the shrunk config (a family whose keys the generic rule does not fit; the family's own tests
+cover it), ``load failed`` when transformers built and saved a model we cannot read, ``transformers cannot read its
+save`` when transformers' own ``from_pretrained`` misses weights of what it wrote too (ShieldGemma 2 as the
+image-text class). Nothing downloads. Run:
+``python benchmarks/registry_logits_vs_hf.py [--types llama,gpt2] [--json OUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+V = 97
+#: the generic shrink: each key, wherever a config (or sub-config) has it, set to this value
+_SIZES: dict[str, int] = {
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "dim": 64, "model_dim": 64,
+    "intermediate_size": 96, "ffn_dim": 96, "n_inner": 96, "ffn_hidden_size": 96, "dim_ff": 96,
+    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "attention_heads": 4, "num_heads": 4,
+    "num_key_value_heads": 2, "n_kv_heads": 2, "num_kv_heads": 2, "multi_query_group_num": 2,
+    "head_dim": 16, "kv_channels": 16,
+    "vocab_size": V, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "seq_length": 128,
+    "moe_intermediate_size": 32, "expert_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+    "num_experts": 4, "n_routed_experts": 4, "num_local_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "moe_k": 2,
+    "sliding_window": 6, "window_size": 6, "attention_window_size": 6,
+}
+#: the special token ids dropped when past the new vocabulary (image and other marker ids are kept: a text prompt
+#: never holds them)
+_SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "layers")
+_LAYERS = 3
+
+
+def shrink(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with every size of :data:`_SIZES` set, layer counts set to :data:`_LAYERS` and each list as long as
+    the old layer count cut to the new one; the special token ids past the new vocabulary dropped; applied to every
+    sub-config (``text_config``, ``vision_config``, ...)."""
+    out = dict(cfg)
+    old = next((out[k] for k in _LAYER_KEYS if isinstance(out.get(k), int) and not isinstance(out.get(k), bool)), None)
+    for key in _LAYER_KEYS:
+        if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
+            out[key] = _LAYERS
+    for key, value in list(out.items()):
+        if key in ("id2label", "label2id") or not isinstance(key, str):
+            continue
+        if isinstance(value, dict):
+            out[key] = shrink(value)
+        elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = min(value, _SIZES[key]) if key in ("sliding_window", "window_size") else _SIZES[key]
+        elif isinstance(value, list) and old is not None and len(value) == old and old != _LAYERS:
+            out[key] = value[-_LAYERS:]  # (the last layers: a pattern ending in a full layer keeps it)
+        elif key in _SPECIAL and isinstance(value, int) and value >= V:
+            out[key] = None
+        elif key in _SPECIAL and isinstance(value, list):
+            out[key] = [v for v in value if isinstance(v, int) and v < V] or None
+    if isinstance(out.get("num_attention_heads"), int) and isinstance(out.get("num_key_value_heads"), int):
+        out["num_key_value_heads"] = min(out["num_key_value_heads"], out["num_attention_heads"])
+    if isinstance(out.get("kv_lora_rank"), int):  # (MLA: its latent and head widths, RoPE part of the head)
+        out.update(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, head_dim=8)
+        if isinstance(out.get("num_key_value_heads"), int):  # (every head reads the latent)
+            out["num_key_value_heads"] = out.get("num_attention_heads", 4)
+        if isinstance(out.get("q_lora_rank"), int):
+            out["q_lora_rank"] = 24
+        if "qk_head_dim" in out:
+            out["qk_head_dim"] = 24
+        for key, value in (("index_head_dim", 16), ("index_n_heads", 16), ("index_topk", 8)):
+            if key in out:
+                out[key] = value
+    if isinstance(out.get("hybrid_layer_ids"), list) and isinstance(out.get("layers_block_type"), list):  # (Zamba2)
+        out["hybrid_layer_ids"] = [i for i, t in enumerate(out["layers_block_type"]) if t == "hybrid"]
+    if isinstance(out.get("first_k_dense_replace"), int):  # (one dense layer first, as the layer list says)
+        out["first_k_dense_replace"] = 1
+        if isinstance(out.get("mlp_layer_types"), list):
+            out["mlp_layer_types"] = ["dense"] + ["sparse"] * (_LAYERS - 1)
+    if isinstance(out.get("n_group"), int) and out["n_group"] > 1:  # (groups of the 4 experts)
+        out.update(n_group=2, topk_group=1)
+    for key in ("rope_parameters", "rope_scaling"):  # (M-RoPE sections: half the new head width)
+        rope = out.get(key)
+        if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and rope["mrope_section"]:
+            n = len(rope["mrope_section"])
+            half = int(out.get("head_dim") or 16) // 2
+            out[key] = {**rope, "mrope_section": [half - (n - 1) * (half // n)] + [half // n] * (n - 1)}
+    return out
+
+
+def run(model_type: str, arch: str) -> dict[str, Any]:
+    """One registry type, shrunk, against transformers."""
+    import transformers
+    from transformers import AutoConfig
+
+    from dualpath.engine.model_api import paged_kv_spec
+    from dualpath.errors import ModelError
+    from dualpath.model import KVPool, SeqBatch
+    from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.loader import load_model
+
+    row: dict[str, Any] = {"model_type": model_type, "architecture": arch}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = AutoConfig.for_model(model_type).to_dict()
+            kw = shrink({k: v for k, v in base.items() if k not in ("transformers_version", "architectures")})
+            cfg = type(AutoConfig.for_model(model_type)).from_dict(kw)
+            torch.manual_seed(0)
+            hf = getattr(transformers, arch)(cfg).eval()
+    except Exception as exc:
+        return {**row, "status": "shrink refused", "detail": f"transformers: {type(exc).__name__}: {str(exc)[:200]}"}
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith(("A_log", "dt_bias", "recurrent_param", "dt_proj_bias")):
+                continue
+            p.add_(0.1 * torch.randn_like(p)) if ("norm" in n.lower() or n.endswith("bias")) else p.mul_(3.0)
+    seq = torch.randint(3, V, (17,), generator=torch.Generator().manual_seed(1)).tolist()
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            hf.save_pretrained(d)
+        except Exception as exc:
+            return {**row, "status": "shrink refused", "detail": f"save: {type(exc).__name__}: {str(exc)[:200]}"}
+        try:
+            ours = load_model(LlamaModelConfig(path=d, attention_backend="torch", time_model="off"),
+                              with_tokenizer=False)[0]
+        except Exception as exc:
+            status = "load failed" if "does not match the model config" in str(exc) or not isinstance(
+                exc, ModelError) else "shrink refused"
+            if status == "load failed":  # (does transformers read back what it wrote?)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    _, info = getattr(transformers, arch).from_pretrained(d, output_loading_info=True)
+                if info["missing_keys"]:
+                    status = "transformers cannot read its save"
+            return {**row, "status": status, "detail": f"ours: {type(exc).__name__}: {str(exc)[:300]}"}
+    try:
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq]), use_cache=False).logits[0].float()
+    except Exception as exc:
+        return {**row, "status": "shrink refused", "detail": f"transformers forward: {type(exc).__name__}: {str(exc)[:200]}"}
+    pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=16, block_tokens=4)
+    table = pool.allocate(16)
+    got = torch.cat([ours(SeqBatch.build([seq[:9]], [0], [table], 4), pool.layers, all_positions=True),
+                     ours(SeqBatch.build([seq[9:16]], [9], [table], 4), pool.layers, all_positions=True),
+                     ours.decode_step(torch.tensor([seq[16]]), torch.tensor([16]),
+                                      torch.tensor([table], dtype=torch.int32), pool.layers)])
+    if got.shape[-1] > ref.shape[-1]:  # (a head narrower than the embedding: our ids past it are -inf)
+        if not torch.isinf(got[:, ref.shape[-1]:]).all():
+            return {**row, "status": "mismatch", "detail": "ids past the LM head are live"}
+        got = got[:, : ref.shape[-1]]
+    err, top = float((got - ref).abs().max()), float(ref.abs().max())
+    return {**row, "status": "ok" if err < 1e-3 * max(1.0, top) else "mismatch", "max_abs_logit_diff": err,
+            "logit_scale": top, "family": type(ours.spec).__name__ + ":" + ours.spec.architecture}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--types", help="comma-separated model types (default: every registry type that runs)")
+    parser.add_argument("--json", dest="json_out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_registry_coverage import classify
+
+    runs: dict[str, str] = {}
+    for reg in classify()["registries"].values():
+        for r in reg["runs"]:
+            runs.setdefault(r["model_type"], r["architecture"])
+    types = args.types.split(",") if args.types else sorted(runs)
+    rows = []
+    for t in types:
+        row = run(t, runs[t])
+        rows.append(row)
+        extra = f" {row['max_abs_logit_diff']:.2e}" if "max_abs_logit_diff" in row else f" {row.get('detail', '')[:150]}"
+        print(f"{t:28s} {row['status']}{extra}", flush=True)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"{len(rows)} types: {counts}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"counts": counts, "rows": rows}, indent=2, default=str))
+    return 1 if counts.get("mismatch") or counts.get("load failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

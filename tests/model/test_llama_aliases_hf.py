@@ -70,9 +70,13 @@ def test_read_as_llama_equals_transformers(family, tmp_path):
         assert any(".attn.attention.q_proj." in k for k in load_file(str(tmp_path / "model.safetensors")))
 
 
-def test_disagreeing_keys_are_refused():
-    with pytest.raises(ModelError, match="num_layers .* and num_hidden_layers"):
-        ModelSpec.from_hf_config(dict(BASE, architectures=["ExaoneForCausalLM"], model_type="exaone", num_layers=3))
+def test_disagreeing_keys_are_read_as_transformers_reads_them():
+    """EXAONE's alias (``num_layers``) beside the key it names is the one read, as transformers' ExaoneConfig sets
+    it; InternLM3's two bias switches must agree (it runs as Llama, one bias setting)."""
+    spec = ModelSpec.from_hf_config(dict(BASE, architectures=["ExaoneForCausalLM"], model_type="exaone", num_layers=3))
+    assert spec.n_layers == 3
+    if hasattr(transformers, "ExaoneConfig"):
+        assert transformers.ExaoneConfig.from_dict(dict(BASE, num_layers=3)).num_hidden_layers == 3
     with pytest.raises(ModelError, match="qkv_bias and bias must be equal"):
         ModelSpec.from_hf_config(dict(BASE, architectures=["InternLM3ForCausalLM"], model_type="internlm3",
                                       qkv_bias=True, bias=False))

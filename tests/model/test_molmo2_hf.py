@@ -203,7 +203,6 @@ def test_bf16_teacher_forced_logits(ckpt):
     ("hidden_act", "gelu", "hidden_act"),
     ("qk_norm_type", "layer", "qk_norm_type"),
     ("rope_scaling_layers", [0, 5], "rope_scaling_layers must list layer indices 0..2"),
-    ("qkv_bias", True, r"qkv_bias \(True\) and attention_bias \(False\) disagree"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):
     cfg = load_spec(ckpt[0]).to_hf_config()

@@ -409,29 +409,19 @@ _SARVAM: dict[str, tuple[str, str, dict[str, Any]]] = {
         "num_attention_heads": 64, "num_key_value_heads": 64, "n_routed_experts": 128, "q_lora_rank": None,
         "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1}),
 }
-#: their config classes' other names for keys (their attribute_map)
-_SARVAM_ALIASES = {"num_local_experts": "n_routed_experts", "num_experts": "n_routed_experts",
-                   "num_shared_experts": "n_shared_experts", "num_mtp_layers": "num_nextn_predict_layers",
-                   "use_qkv_bias": "attention_bias"}
 #: their RoPE base by default (SarvamMLA's is DeepSeek-V3's)
 _SARVAM_THETA = {"sarvam_moe": 8000000.0}
 
 
 def sarvam_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """A Sarvam config (model_type ``sarvam_moe`` or ``sarvam_mla``, whatever its ``architectures`` name) as the
-    GLM-4.5 or DeepSeek-V3 config transformers runs it as: its attribute_map's names read as that family's, its
-    config class's defaults where they differ; any other config unchanged."""
+    GLM-4.5 or DeepSeek-V3 config transformers runs it as: its attribute_map's names read as that family's
+    (:func:`canonical_keys`), its config class's defaults where they differ; any other config unchanged."""
     mt = cfg.get("model_type")
     if mt not in _SARVAM:
         return cfg
     arch, model_type, defaults = _SARVAM[str(mt)]
-    out = dict(cfg)
-    for theirs, ours in _SARVAM_ALIASES.items():
-        if theirs in out:
-            value = out.pop(theirs)
-            if out.get(ours) is not None and out[ours] != value:
-                raise ModelError(f"{where}: {theirs} ({value!r}) and {ours} ({out[ours]!r}) disagree")
-            out[ours] = value
+    out = canonical_keys(cfg, where)  # (their attribute_map's names)
     rope = out.get("rope_parameters")
     named = (isinstance(rope, dict) and "rope_theta" in rope) or out.get("rope_theta") is not None
     if mt in _SARVAM_THETA and not named:
@@ -439,3 +429,23 @@ def sarvam_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if isinstance(rope, dict) and "partial_rotary_factor" in rope:
         defaults = {k: v for k, v in defaults.items() if k != "partial_rotary_factor"}
     return {**defaults, **out, "architectures": [arch], "model_type": model_type}
+
+
+def canonical_keys(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """``cfg`` with each key its config class reads under another name (:data:`ATTRIBUTE_MAPS` of its model_type,
+    e.g. Mixtral's ``num_experts`` for ``num_local_experts``) moved to that name, in the config and in its
+    ``text_config`` / ``thinker_config`` (by their own model_type). Where a config gives both, the alias's value is
+    the one read, as transformers 5 reads it (its config classes set the attribute from the alias last)."""
+    from dualpath.model.attribute_maps import ATTRIBUTE_MAPS
+
+    aliases = ATTRIBUTE_MAPS.get(str(cfg.get("model_type")), {})
+    out = dict(cfg)
+    for alias, key in aliases.items():
+        if alias in out:
+            value = out.pop(alias)
+            if value is not None or key not in out:
+                out[key] = value
+    for sub in ("text_config", "thinker_config"):
+        if isinstance(out.get(sub), dict):
+            out[sub] = canonical_keys(out[sub], f"{where}: {sub}")
+    return out

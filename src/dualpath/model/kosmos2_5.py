@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
+from dualpath.model.hf_config import canonical_keys
 from dualpath.model.hybrid import Backbone
 from dualpath.model.llama import ForwardState, SinusoidalPositions, TypedRopeDecoder
 from dualpath.model.spec import ModelSpec
@@ -49,8 +50,6 @@ DEFAULTS: dict[str, Any] = {
     "attention_heads": 16, "activation_function": "gelu", "layer_norm_eps": 1e-5, "scale_embedding": True,
     "tie_word_embeddings": True, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
 }
-#: Kosmos2_5TextConfig's other names for its keys (its attribute_map)
-_ALIASES = {"num_attention_heads": "attention_heads", "hidden_size": "embed_dim", "num_hidden_layers": "layers"}
 #: the activations ``activation_function`` may name (transformers' ACT2FN names -> torch)
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                 "silu": "silu", "swish": "silu"}
@@ -106,13 +105,8 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         text = {}
     if not isinstance(text, dict):
         raise ModelError(f"{where}: text_config must be an object (Kosmos-2.5's language model)")
-    text = dict(text)
-    for theirs, ours in _ALIASES.items():  # (Kosmos2_5TextConfig's attribute_map)
-        if theirs in text:
-            value = text.pop(theirs)
-            if text.get(ours) is not None and text[ours] != value:
-                raise ModelError(f"{where}: text_config.{theirs} ({value!r}) and {ours} ({text[ours]!r}) disagree")
-            text[ours] = value
+    # (Kosmos2_5TextConfig's attribute_map, for a text config that names no model_type too)
+    text = canonical_keys({**text, "model_type": "kosmos_2_5_text_model"}, where)
     norm = {**DEFAULTS, **{k: v for k, v in text.items() if v is not None or k == "pad_token_id"}}
     for key in ("torch_dtype", "dtype"):
         if key in cfg and key not in text:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from dualpath.errors import ModelError
+from dualpath.model.hf_config import canonical_keys
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype, parse_rope
 
@@ -49,8 +50,6 @@ DEFAULTS: dict[str, Any] = {
     "intermediate_size": 12288, "hidden_act": "silu", "max_position_embeddings": 36864, "rms_norm_eps": 1e-6,
     "norm_after": False, "rope_theta": 10000.0,
 }
-#: Molmo2TextConfig's other names for its keys (the released checkpoints' config.json)
-_ALIASES = {"qkv_bias": "attention_bias", "layer_norm_eps": "rms_norm_eps"}
 #: the placeholder vision tower and adapter written beside the language model by :meth:`Molmo2Spec.to_hf_config`:
 #: the written checkpoint holds no vision weights, so transformers builds this one-layer tower (randomly
 #: initialized) instead of its 25-layer default
@@ -125,13 +124,8 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         text = {}
     if not isinstance(text, dict):
         raise ModelError(f"{where}: text_config must be an object (Molmo2's language model)")
-    text = dict(text)
-    for theirs, ours in _ALIASES.items():
-        if theirs in text:
-            value = text.pop(theirs)
-            if text.get(ours) is not None and text[ours] != value:
-                raise ModelError(f"{where}: text_config.{theirs} ({value!r}) and {ours} ({text[ours]!r}) disagree")
-            text[ours] = value
+    # (Molmo2TextConfig's attribute_map, for a text config that names no model_type too)
+    text = canonical_keys({**text, "model_type": ARCH}, where)
     norm = {**DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id"):
         if text.get(key) is None and cfg.get(key) is not None:

@@ -215,6 +215,7 @@ from dualpath.model.family_fields import (
     _phi3_rope,
 )
 from dualpath.model.hf_config import (
+    canonical_keys,
     codegen_config,
     llama_alias_config,
     sarvam_config,
@@ -928,7 +929,7 @@ class ModelSpec(_SpecCommon):
         ``max_context``: the longest context the deployment serves (:attr:`context_cap`; for a LongRoPE model
         it also picks the factor set, :func:`rope_long_for`)."""
         cfg, where = read_hf_config(config)
-        cfg = text_model_config(sarvam_config(cfg, where), where)
+        cfg = text_model_config(sarvam_config(canonical_keys(cfg, where), where), where)
         cfg = llama_alias_config(cfg, where)
         cfg = codegen_config(cfg, where)
 
@@ -1229,7 +1230,7 @@ def load_spec(config: dict[str, Any] | str | Path, dtype: str | None = None,
     dtype) or ``fp8`` (MLA only). ``max_context``: the longest context served (``context_cap``; None: the
     checkpoint's ``max_position_embeddings``)."""
     cfg, where = read_hf_config(config)
-    cfg = mla_text_config(sarvam_config(cfg, where), where)
+    cfg = mla_text_config(sarvam_config(canonical_keys(cfg, where), where), where)
     archs = cfg.get("architectures") or []
     if "KimiLinearForCausalLM" in archs or (not archs and cfg.get("model_type") == "kimi_linear"):
         from dualpath.model import kimi_linear  # (MLA and KDA layers: state pages in latent rows)

@@ -43,9 +43,9 @@ _SIZES: dict[str, int] = {
     "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "moe_k": 2,
     "sliding_window": 6, "window_size": 6, "attention_window_size": 6,
 }
-#: the special token ids dropped when past the new vocabulary (image and other marker ids are kept: a text prompt
-#: never holds them)
-_SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
+#: the special token ids moved into the new vocabulary (to their index here: ids 0-4, below every prompt id) when
+#: past it (image and other marker ids are kept: a text prompt never holds them)
+_SPECIAL = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "layers")
 _LAYERS = 3
 
@@ -68,8 +68,8 @@ def shrink(cfg: dict[str, Any]) -> dict[str, Any]:
             out[key] = min(value, _SIZES[key]) if key in ("sliding_window", "window_size") else _SIZES[key]
         elif isinstance(value, list) and old is not None and len(value) == old and old != _LAYERS:
             out[key] = value[-_LAYERS:]  # (the last layers: a pattern ending in a full layer keeps it)
-        elif key in _SPECIAL and isinstance(value, int) and value >= V:
-            out[key] = None
+        elif key in _SPECIAL and isinstance(value, int) and value >= V:  # (a small id: some classes need an int)
+            out[key] = _SPECIAL.index(key)
         elif key in _SPECIAL and isinstance(value, list):
             out[key] = [v for v in value if isinstance(v, int) and v < V] or None
     if isinstance(out.get("num_attention_heads"), int) and isinstance(out.get("num_key_value_heads"), int):
@@ -129,7 +129,7 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
             if n.endswith(("A_log", "dt_bias", "recurrent_param", "dt_proj_bias")):
                 continue
             p.add_(0.1 * torch.randn_like(p)) if ("norm" in n.lower() or n.endswith("bias")) else p.mul_(3.0)
-    seq = torch.randint(3, V, (17,), generator=torch.Generator().manual_seed(1)).tolist()
+    seq = torch.randint(5, V, (17,), generator=torch.Generator().manual_seed(1)).tolist()
     with tempfile.TemporaryDirectory() as d:
         try:
             hf.save_pretrained(d)

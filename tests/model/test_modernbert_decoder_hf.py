@@ -15,6 +15,7 @@ from hf_random import (
     bf16_teacher_forced,
     check_paged_paths_against_hf,
     check_save_reads_back,
+    check_turns_against_hf,
     cluster_two_turns,
     load_checkpoint,
     random_turns,
@@ -79,6 +80,22 @@ def test_hub_configs_read_as_transformers_reads_them(tmp_path):
     assert spec.layer_types == tuple(hf.layer_types) and spec.sliding_window == hf.sliding_window == 16
     assert spec.rope_by_type == {t: p["rope_theta"] for t, p in hf.rope_parameters.items()}
     assert spec.rope_by_type == {"full_attention": 50000.0, "sliding_attention": 2000.0}
+
+
+def test_a_saved_sliding_window_over_local_attention(tmp_path_factory):
+    """transformers derives the window from ``local_attention`` (half of it), then sets a saved ``sliding_window``
+    key over it: a config whose two disagree attends over the saved window, here and there."""
+    cfg = transformers.ModernBertDecoderConfig.from_dict({**CONFIG, "sliding_window": 3})
+    assert cfg.sliding_window == 3 and cfg.local_attention == 10
+    torch.manual_seed(0)
+    hf = transformers.ModernBertDecoderForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.add_(0.1 * torch.randn_like(p)) if ("norm" in n or n.endswith("bias")) else p.mul_(6.0)
+    d = tmp_path_factory.mktemp("modernbert_window")
+    hf.save_pretrained(d)
+    assert load_spec(d).sliding_window == 3
+    check_turns_against_hf(load_checkpoint(d), hf, random_turns(VOCAB, 0))
 
 
 @pytest.mark.parametrize("change, match", [

@@ -123,12 +123,16 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         raise ModelError(f"{where}: layer_types must name 'sliding_attention' or 'full_attention' for each of the "
                          f"{n} layers, got {types!r}")
     local = cfg.get("local_attention")
+    saved = cfg.get("sliding_window")  # (transformers derives it from local_attention, then a saved key overrides it)
     window: int | None = None
     if "sliding_attention" in types:
-        if isinstance(local, bool) or not isinstance(local, int) or local < 2:
+        if isinstance(saved, int) and not isinstance(saved, bool) and saved > 0:
+            window = saved
+        elif isinstance(local, bool) or not isinstance(local, int) or local < 2:
             raise ModelError(f"{where}: local_attention must be an integer >= 2 (its sliding layers attend over "
                              f"local_attention // 2 tokens), got {local!r}")
-        window = local // 2
+        else:
+            window = local // 2
     rope = cfg.get("rope_parameters")
     if rope is None:
         rope = {}
@@ -189,7 +193,8 @@ def hf_config(spec: ModernBertDecoderSpec) -> dict[str, Any]:
         "max_position_embeddings": spec.max_position, "norm_eps": spec.rms_eps, "norm_bias": spec.norm_bias,
         "attention_bias": spec.attention_bias, "mlp_bias": spec.mlp_bias_, "decoder_bias": spec.decoder_bias,
         "classifier_bias": spec.head_dense_bias, "classifier_activation": head,
-        "local_attention": 2 * (spec.sliding_window or 64), "layer_types": list(spec.layer_types),
+        "local_attention": 2 * (spec.sliding_window or 64), "sliding_window": spec.sliding_window or 64,
+        "layer_types": list(spec.layer_types),
         "tie_word_embeddings": spec.tie_embeddings, "bos_token_id": spec.bos_token_id,
         "eos_token_id": spec.eos_token_id, **_special_ids(spec.vocab_size), "dtype": spec.dtype,
         "rope_parameters": {t: {"rope_type": "default", "rope_theta": theta} for t, theta in spec.rope_by_type.items()},

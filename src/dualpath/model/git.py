@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone
+from dualpath.model.layernorm_family import ACTIVATIONS, activation
 from dualpath.model.llama import ForwardState, TypedRopeDecoder
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
@@ -40,9 +40,6 @@ DEFAULTS: dict[str, Any] = {
     "intermediate_size": 3072, "hidden_act": "gelu", "max_position_embeddings": 1024, "layer_norm_eps": 1e-12,
     "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102,
 }
-#: the activations ``hidden_act`` may name (transformers' ACT2FN names -> ours)
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-                "silu": "silu", "swish": "silu"}
 #: the placeholder vision config written by :meth:`GitSpec.to_hf_config` (no vision weights are written)
 _VISION_PLACEHOLDER: dict[str, Any] = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
                                        "num_attention_heads": 2, "image_size": 16, "patch_size": 8}
@@ -56,9 +53,9 @@ class GitSpec(ModelSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.act not in _ACTIVATIONS:
+        if self.act not in ACTIVATIONS:
             raise ModelError(f"model config: hidden_act {self.act!r} unsupported; expected one of "
-                             f"{sorted(_ACTIVATIONS)}")
+                             f"{sorted(ACTIVATIONS)}")
 
     @property
     def rope_by_type(self) -> dict[str, tuple[float, float]]:
@@ -84,9 +81,9 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> GitSpec:
     """The spec of a GIT config over GitConfig's defaults."""
     norm = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if norm.get("hidden_act") not in _ACTIVATIONS:
+    if norm.get("hidden_act") not in ACTIVATIONS:
         raise ModelError(f"{where}: hidden_act {norm.get('hidden_act')!r} unsupported; expected one of "
-                         f"{sorted(_ACTIVATIONS)}")
+                         f"{sorted(ACTIVATIONS)}")
     if norm.get("position_embedding_type", "absolute") != "absolute":
         raise ModelError(f"{where}: position_embedding_type {norm['position_embedding_type']!r} unsupported "
                          "(transformers' GIT reads absolute positions only)")
@@ -118,15 +115,6 @@ class DecoderLayer(nn.Module):
         self.out_norm = nn.LayerNorm(h, eps=eps)
 
 
-def _act(name: str, x: torch.Tensor) -> torch.Tensor:
-    kind = _ACTIVATIONS[name]
-    if kind == "gelu":
-        return F.gelu(x)
-    if kind == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    return F.relu(x) if kind == "relu" else F.silu(x)
-
-
 class GitModel(TypedRopeDecoder):
     """GIT's text decoder (module docstring) over a paged KV pool."""
 
@@ -138,6 +126,7 @@ class GitModel(TypedRopeDecoder):
         self._build(spec, backbone, device, backend)
         self.spec: GitSpec = spec
         self._typed_rope(spec)
+        self.act = activation(ACTIVATIONS[spec.act])
 
     @torch.no_grad()
     def prefill_begin(self, batch: Any) -> ForwardState:
@@ -159,7 +148,7 @@ class GitModel(TypedRopeDecoder):
         o = self.attend(mod.query(x).view(n, h, d), mod.key(x).view(n, h, d), mod.value(x).view(n, h, d), kv_layer, b,
                         d ** -0.5)
         a = mod.attn_norm(mod.attn_out(o.reshape(n, h * d)) + x)
-        st.hidden = mod.out_norm(mod.mlp_out(_act(spec.act, mod.mlp_in(a))) + a)
+        st.hidden = mod.out_norm(mod.mlp_out(self.act(mod.mlp_in(a))) + a)
         state.next_layer += 1
 
 

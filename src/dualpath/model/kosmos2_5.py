@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.hf_config import canonical_keys
 from dualpath.model.hybrid import Backbone
+from dualpath.model.layernorm_family import ACTIVATIONS, activation
 from dualpath.model.llama import ForwardState, SinusoidalPositions, TypedRopeDecoder
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
@@ -50,9 +50,6 @@ DEFAULTS: dict[str, Any] = {
     "attention_heads": 16, "activation_function": "gelu", "layer_norm_eps": 1e-5, "scale_embedding": True,
     "tie_word_embeddings": True, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
 }
-#: the activations ``activation_function`` may name (transformers' ACT2FN names -> torch)
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-                "silu": "silu", "swish": "silu"}
 #: the placeholder vision tower written by :meth:`Kosmos25Spec.to_hf_config` (no vision weights are written)
 _VISION_PLACEHOLDER: dict[str, Any] = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
                                        "num_attention_heads": 2, "head_dim": 8, "patch_embed_hidden_size": 16}
@@ -68,9 +65,9 @@ class Kosmos25Spec(ModelSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.act not in _ACTIVATIONS:
+        if self.act not in ACTIVATIONS:
             raise ModelError(f"model config: activation_function {self.act!r} unsupported; expected one of "
-                             f"{sorted(_ACTIVATIONS)}")
+                             f"{sorted(ACTIVATIONS)}")
         if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int) or self.pad_token_id < 0:
             raise ModelError(f"model config: pad_token_id must be a non-negative integer (the origin of Kosmos-2.5's "
                              f"positions; transformers cannot build them without one), got {self.pad_token_id!r}")
@@ -114,9 +111,9 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if norm.get("pad_token_id") is None:
         raise ModelError(f"{where}: text_config.pad_token_id is null: Kosmos-2.5's positions count from the padding "
                          "id, and transformers cannot build them without one")
-    if norm.get("activation_function") not in _ACTIVATIONS:
+    if norm.get("activation_function") not in ACTIVATIONS:
         raise ModelError(f"{where}: text_config.activation_function {norm.get('activation_function')!r} unsupported; "
-                         f"expected one of {sorted(_ACTIVATIONS)}")
+                         f"expected one of {sorted(ACTIVATIONS)}")
     hidden, heads = cfg_int(norm, "embed_dim", where), cfg_int(norm, "attention_heads", where)
     if hidden % heads:
         raise ModelError(f"{where}: text_config.embed_dim ({hidden}) must be a multiple of attention_heads ({heads})")
@@ -148,19 +145,10 @@ class FFN(nn.Module):
         self.fc1 = nn.Linear(spec.hidden_size, spec.intermediate_size)
         self.ffn_layernorm = nn.LayerNorm(spec.intermediate_size, eps=spec.rms_eps)
         self.fc2 = nn.Linear(spec.intermediate_size, spec.hidden_size)
-        self.act = _ACTIVATIONS[spec.act]
+        self.act = activation(ACTIVATIONS[spec.act])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if self.act == "gelu":
-            h = F.gelu(h)
-        elif self.act == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        elif self.act == "relu":
-            h = F.relu(h)
-        else:
-            h = F.silu(h)
-        return cast(torch.Tensor, self.fc2(self.ffn_layernorm(h)))
+        return cast(torch.Tensor, self.fc2(self.ffn_layernorm(self.act(self.fc1(x)))))
 
 
 class DecoderLayer(nn.Module):

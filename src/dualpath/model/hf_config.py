@@ -415,13 +415,13 @@ _SARVAM_THETA = {"sarvam_moe": 8000000.0}
 
 def sarvam_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """A Sarvam config (model_type ``sarvam_moe`` or ``sarvam_mla``, whatever its ``architectures`` name) as the
-    GLM-4.5 or DeepSeek-V3 config transformers runs it as: its attribute_map's names read as that family's
-    (:func:`canonical_keys`), its config class's defaults where they differ; any other config unchanged."""
+    GLM-4.5 or DeepSeek-V3 config transformers runs it as, its config class's defaults where they differ (its
+    attribute_map's names are read first, by :func:`canonical_keys`); any other config unchanged."""
     mt = cfg.get("model_type")
     if mt not in _SARVAM:
         return cfg
     arch, model_type, defaults = _SARVAM[str(mt)]
-    out = canonical_keys(cfg, where)  # (their attribute_map's names)
+    out = dict(cfg)  # (their attribute_map's names already read: canonical_keys runs first)
     rope = out.get("rope_parameters")
     named = (isinstance(rope, dict) and "rope_theta" in rope) or out.get("rope_theta") is not None
     if mt in _SARVAM_THETA and not named:

@@ -100,11 +100,11 @@ _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_
           "longcat_flash": "LongCat-Flash (longcat_flash)",
           "mistral_large4_text": "Mistral Large 4's language model (mistral_large4_text)",
           "dots3_note_text": "dots3-note (dots3_note_text)"}
-#: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
 #: DeepseekV3Config's (and V3.2's) defaults for the MoE and special-token keys a config may leave out
 _V3_DEFAULTS: dict[str, Any] = {"n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
                                 "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4, "moe_intermediate_size": 2048,
                                 "first_k_dense_replace": 3, "bos_token_id": 0, "eos_token_id": 1}
+#: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text", "glm5_next_text",
                    "mistral_large4_text", "dots3_note_text")
 #: Hy4 and Hy4-VL's language model (hyper-connections, head gates and sinks, clamped experts)

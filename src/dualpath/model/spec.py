@@ -405,7 +405,8 @@ class ModelSpec(_SpecCommon):
         if self.rope_local_theta is not None and (self.architecture not in ("gemma3", "olmo3", "mellum", *GRANITE_SWA,
                                                                             "molmo2_text")
                                                   or not self.rope_local_theta > 0):
-            raise ModelError(f"model config: rope_local_theta is a positive base of gemma3's / olmo3's sliding layers, "
+            raise ModelError(f"model config: rope_local_theta is a positive base of gemma3's / olmo3's sliding layers "
+                             f"(molmo2's unscaled ones), "
                              f"got {self.rope_local_theta} for {self.architecture}")
         for name in _GRANITE_FIELDS:
             value = getattr(self, name)

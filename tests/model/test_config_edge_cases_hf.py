@@ -69,11 +69,15 @@ def test_small_random_configs_equal_transformers(tmp_path, case):
 @pytest.mark.parametrize("cfg_cls,sizes", [
     ("DeepseekV3Config", {}),
     ("DeepseekV32Config", {"index_topk": 8, "index_n_heads": 4, "index_head_dim": 16}),
+    ("MiniCPM3Config", {}),
+    ("YoutuConfig", {}),
 ])
 def test_a_deepseek_config_naming_only_its_sizes_reads_as_transformers_fills_it(cfg_cls, sizes):
-    """A DeepSeek-V3 (or V3.2) config that names only its sizes is read with DeepseekV3Config's defaults (256
-    routed experts, 8 per token in 8 groups of which 4 are kept, one shared expert, a 2.5 scale, three dense layers
-    first, BOS 0 and EOS 1): the same spec as transformers' own config object written out in full."""
+    """An MLA config that names only its sizes is read with its config class's defaults: the same spec as
+    transformers' own config object written out in full. DeepSeek-V3 / V3.2: 256 routed experts, 8 per token in 8
+    groups of which 4 are kept, one shared expert, a 2.5 scale, three dense layers first, BOS 0 and EOS 1; MiniCPM3:
+    its residual (``scale_depth`` 1.4) and logit (``dim_model_base`` 256) scalings, 32,768 positions; Youtu-LLM: its
+    special tokens."""
     from dualpath.model.spec import load_spec
 
     if not hasattr(transformers, cfg_cls):
@@ -85,5 +89,8 @@ def test_a_deepseek_config_naming_only_its_sizes_reads_as_transformers_fills_it(
     model_type = full["model_type"]
     spec = load_spec({"model_type": model_type, **minimal})
     assert spec == load_spec(full)
-    assert (spec.n_routed_experts, spec.num_experts_per_tok, spec.n_shared_experts, spec.first_k_dense_replace,
-            spec.eos_token_id) == (256, 8, 1, 3, 1)
+    if cfg_cls.startswith("Deepseek"):
+        assert (spec.n_routed_experts, spec.num_experts_per_tok, spec.n_shared_experts, spec.first_k_dense_replace,
+                spec.eos_token_id) == (256, 8, 1, 3, 1)
+    if cfg_cls == "MiniCPM3Config":
+        assert (spec.residual_scale, spec.logits_scaling) == (pytest.approx(0.7), 0.25)

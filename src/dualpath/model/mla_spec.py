@@ -104,6 +104,8 @@ _LABEL = {"deepseek_v3": "DeepSeek-V3", "deepseek_v2": "DeepSeek-V2", "deepseek_
 _V3_DEFAULTS: dict[str, Any] = {"n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
                                 "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4, "moe_intermediate_size": 2048,
                                 "first_k_dense_replace": 3, "bos_token_id": 0, "eos_token_id": 1}
+#: (BOS, EOS) of the config classes of MiniCPM3 and Youtu-LLM, where a config leaves them out
+_SPECIAL_IDS: dict[str, tuple[int, int]] = {"minicpm3": (1, 2), "youtu": (128000, 128001)}
 #: the models with DeepSeek Sparse Attention (a lightning indexer; its key in each KV row)
 DSA_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4", "hy_v4_vl_text", "glm5_next_text",
                    "mistral_large4_text", "dots3_note_text")
@@ -621,6 +623,8 @@ class DeepseekV3Spec(_SpecCommon):
             if cfg.get("mlp_layer_types") is not None:
                 del fill["first_k_dense_replace"]
             cfg = {**fill, **cfg}
+        elif model_type in _SPECIAL_IDS:  # (their config classes' special tokens, where a config names none)
+            cfg = {**dict(zip(("bos_token_id", "eos_token_id"), _SPECIAL_IDS[model_type], strict=True)), **cfg}
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
         scoring = _SCORING[model_type]
@@ -658,8 +662,8 @@ class DeepseekV3Spec(_SpecCommon):
                 raise ModelError(f"{where}: rope_interleave {cfg['rope_interleave']!r} unsupported (MiniCPM3 "
                                  "rotates halves)")
             cfg = {**cfg, "first_k_dense_replace": n_layers, "n_routed_experts": 0, "rope_interleave": False}
-            depth = cfg.get("scale_depth")
-            base = cfg.get("dim_model_base")
+            depth = cfg.get("scale_depth", 1.4)  # (MiniCPM3Config's defaults; null: sqrt(layers) and the width)
+            base = cfg.get("dim_model_base", 256)
             try:
                 minicpm = {"scale_emb": float(cfg.get("scale_emb", 12)),
                            "residual_scale": (math.sqrt(n_layers) if depth is None else float(depth)) / math.sqrt(n_layers),
@@ -687,7 +691,8 @@ class DeepseekV3Spec(_SpecCommon):
         max_position = int(cfg.get("max_position_embeddings", {"youtu": 131072, "axk1": 32768,
                                                                 "axk2": 131072, "hy_v4": 262144,
                                                                 "hy_v4_vl_text": 262144,
-                                                                "deepseek_v32": 163840}.get(model_type, 4096)))
+                                                                "deepseek_v32": 163840,
+                                                                "minicpm3": 32768}.get(model_type, 4096)))
         shared: tuple[int, ...] = ()
         if model_type in DSA_MODEL_TYPES:
             index = {name: int(need(name)) for name in _V32_FIELDS}

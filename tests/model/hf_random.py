@@ -474,3 +474,21 @@ class WidenedLogits:
             return WidenedLogits(hf, width), info
 
         return SimpleNamespace(from_pretrained=from_pretrained)
+
+
+def widen_language_model(hf: Any, moved: tuple[str, ...] = ("norm",), skip: tuple[str, ...] = (),
+                         only: tuple[str, ...] = ()) -> Any:
+    """transformers' image-text (or captioning) model with its language model's weights widened so that every one
+    matters: the parameters whose names hold one of ``moved`` (its norms) or end in ``bias`` moved N(0, 0.2) about
+    their init (seeded), every other one x3; the parameters under ``skip`` (or outside ``only``) left as they are
+    (the vision towers, which a text prompt never runs)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if (skip and n.startswith(skip)) or (only and not n.startswith(only)):
+                continue
+            if any(m in n for m in moved) or n.endswith("bias"):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.mul_(3.0)
+    return hf

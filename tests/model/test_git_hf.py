@@ -20,6 +20,7 @@ from hf_random import (
     load_checkpoint,
     random_turns,
     two_sequences,
+    widen_language_model,
 )
 
 from dualpath.errors import ModelError
@@ -47,16 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def _checkpoint(factory: Any, name: str, extra: dict[str, Any]) -> tuple[Any, Any]:
     """transformers' model, its decoder's LayerNorms and biases N(0, 0.2) about their init, other weights x3."""
     torch.manual_seed(0)
-    hf = transformers.GitForCausalLM(transformers.GitConfig(**CONFIG, **extra)).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if n.startswith(("git.image_encoder.", "git.visual_projection.")):
-                continue
-            if "LayerNorm" in n or n.endswith("bias"):
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.mul_(3.0)
+    hf = widen_language_model(transformers.GitForCausalLM(transformers.GitConfig(**CONFIG, **extra)).eval(),
+                              moved=("LayerNorm",), skip=("git.image_encoder.", "git.visual_projection."))
     d = factory.mktemp(f"git_{name}")
     hf.save_pretrained(d)
     return d, hf

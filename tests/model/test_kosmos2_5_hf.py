@@ -21,6 +21,7 @@ from hf_random import (
     load_checkpoint,
     random_turns,
     two_sequences,
+    widen_language_model,
 )
 
 from dualpath.errors import ModelError
@@ -51,16 +52,8 @@ def _checkpoint(factory: Any, name: str, text: dict[str, Any]) -> tuple[Any, Any
     other weights x3."""
     torch.manual_seed(0)
     cfg = transformers.Kosmos2_5Config(text_config={**TEXT, **text}, vision_config=VISION, latent_query_num=2)
-    hf = transformers.Kosmos2_5ForConditionalGeneration(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if not n.startswith("text_model."):
-                continue
-            if "norm" in n or n.endswith("bias") or "segment_emb" in n:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.mul_(3.0)
+    hf = widen_language_model(transformers.Kosmos2_5ForConditionalGeneration(cfg).eval(),
+                              moved=("norm", "segment_emb"), only=("text_model.",))
     d = factory.mktemp(f"kosmos2_5_{name}")
     hf.save_pretrained(d)
     return d, hf

@@ -21,6 +21,7 @@ from hf_random import (
     load_checkpoint,
     random_turns,
     two_sequences,
+    widen_language_model,
 )
 
 from dualpath.errors import ModelError
@@ -60,16 +61,8 @@ def _checkpoint(factory: Any, name: str, text: dict[str, Any]) -> tuple[Any, Any
     """transformers' model, its language model's norms N(0, 0.2) about their init and other weights x3."""
     torch.manual_seed(0)
     cfg = transformers.Molmo2Config(text_config={**TEXT, **text}, vision_config=VISION, adapter_config=ADAPTER)
-    hf = transformers.Molmo2ForConditionalGeneration(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if n.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
-                continue
-            if "norm" in n or n.endswith("bias"):
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.mul_(3.0)
+    hf = widen_language_model(transformers.Molmo2ForConditionalGeneration(cfg).eval(),
+                              skip=("model.vision_tower.", "model.multi_modal_projector."))
     d = factory.mktemp(f"molmo2_{name}")
     hf.save_pretrained(d)
     return d, hf

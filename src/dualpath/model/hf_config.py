@@ -432,10 +432,11 @@ def sarvam_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def canonical_keys(cfg: dict[str, Any], where: str) -> dict[str, Any]:
-    """``cfg`` with each key its config class reads under another name (:data:`ATTRIBUTE_MAPS` of its model_type,
-    e.g. Mixtral's ``num_experts`` for ``num_local_experts``) moved to that name, in the config and in its
-    ``text_config`` / ``thinker_config`` (by their own model_type). Where a config gives both, the alias's value is
-    the one read, as transformers 5 reads it (its config classes set the attribute from the alias last)."""
+    """``cfg`` read as its config class reads it: each key the class reads under another name (:data:`ATTRIBUTE_MAPS`
+    of its model_type, e.g. Mixtral's ``num_experts`` for ``num_local_experts``) moved to that name, and each key it
+    leaves out that the class gives a default (:func:`with_class_defaults`), in the config and in its ``text_config``
+    / ``thinker_config`` (by their own model_type). Where a config gives both names, the alias's value is the one
+    read, as transformers 5 reads it (its config classes set the attribute from the alias last)."""
     from dualpath.model.attribute_maps import ATTRIBUTE_MAPS
 
     aliases = ATTRIBUTE_MAPS.get(str(cfg.get("model_type")), {})
@@ -445,7 +446,46 @@ def canonical_keys(cfg: dict[str, Any], where: str) -> dict[str, Any]:
             value = out.pop(alias)
             if value is not None or key not in out:
                 out[key] = value
+    out = with_class_defaults(out)
     for sub in ("text_config", "thinker_config"):
         if isinstance(out.get(sub), dict):
             out[sub] = canonical_keys(out[sub], f"{where}: {sub}")
+    return out
+
+
+#: the RoPE keys transformers 5 reads as they are, and legacy ones a class converts (GPT-NeoX, StableLM, Persimmon)
+_ROPE_KEYS = ("rope_theta", "rope_parameters", "rope_scaling")
+_LEGACY_ROPE_KEYS = ("rotary_pct", "rotary_emb_base", "rotary_base", "rope_base", "rope_pct", "rotary_percentage")
+
+
+def with_class_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with each key of :data:`~dualpath.model.class_defaults.CLASS_DEFAULTS` for its model_type that it leaves
+    out set to its config class's default, as transformers builds the config (a Mistral config without
+    ``sliding_window`` attends over 4,096 tokens, a GLM-4 one without ``rms_norm_eps`` normalizes with 1.5625e-7,
+    Mixtral's RoPE base is 1e6). A key given as null stays null. The RoPE: a config that names no ``rope_theta``,
+    ``rope_parameters`` or ``rope_scaling`` gets the class's whole default RoPE (its base, and its scaling where the
+    class has one, e.g. Mistral 4's YaRN); one whose RoPE parameters leave out the base gets the class's base; one with a
+    legacy RoPE key its class converts (GPT-NeoX's ``rotary_pct`` / ``rotary_emb_base``, DBRX's
+    ``attn_config.rope_theta``) is left to its family's reader. A config without a model_type is left as it is."""
+    from dualpath.model.class_defaults import CLASS_DEFAULTS
+
+    defaults = CLASS_DEFAULTS.get(str(cfg.get("model_type")))
+    if not defaults:
+        return cfg
+    out = dict(cfg)
+    for key, value in defaults.items():
+        if key not in ("rope_theta", "rope_parameters", "first_k_dense_replace") and key not in out:
+            out[key] = value
+    if "first_k_dense_replace" in defaults and "first_k_dense_replace" not in out and "mlp_layer_types" not in out:
+        out["first_k_dense_replace"] = defaults["first_k_dense_replace"]
+    legacy = any(k in _LEGACY_ROPE_KEYS for k in out) or any(
+        isinstance(v, dict) and "rope_theta" in v for k, v in out.items() if k not in _ROPE_KEYS)
+    if "rope_theta" in defaults and not legacy:
+        rope = next((out[k] for k in ("rope_parameters", "rope_scaling") if k in out), None)
+        if "rope_theta" not in out and rope is None and "rope_parameters" in defaults:
+            out["rope_parameters"] = dict(defaults["rope_parameters"])
+        elif "rope_theta" not in out and not (isinstance(rope, dict) and "rope_theta" in rope):
+            nested = isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values())
+            if not nested:
+                out["rope_theta"] = defaults["rope_theta"]
     return out

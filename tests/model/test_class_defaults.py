@@ -1,0 +1,214 @@
+"""Config keys a checkpoint leaves out read as transformers' config classes fill them: the table
+(``dualpath.model.class_defaults``) is the installed transformers', and for every registry type read here a config that
+keeps only its sizes (and special tokens) reads to the spec of the config transformers builds from it.
+
+Run as a script, this file prints the table module from the installed transformers:
+``python tests/model/test_class_defaults.py > src/dualpath/model/class_defaults.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import warnings
+from typing import Any
+
+import pytest
+
+from dualpath.model.class_defaults import CLASS_DEFAULTS
+from dualpath.model.hf_config import with_class_defaults
+from dualpath.model.spec import load_spec
+
+#: the keys whose class defaults are read (behaviour, not sizes: a size a config leaves out stays an error)
+FILL_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon",
+             "max_position_embeddings", "sliding_window", "use_sliding_window", "max_window_layers",
+             "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias",
+             "rope_interleave", "q_lora_rank", "n_shared_experts", "num_experts_per_tok", "routed_scaling_factor",
+             "n_group", "topk_group", "norm_topk_prob", "scoring_func", "topk_method", "index_topk", "index_head_dim",
+             "index_n_heads", "embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier",
+             "decoder_sparse_step", "moe_layer_freq", "first_k_dense_replace", "logit_scale", "use_qk_norm",
+             "final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar")
+#: other sizes, to tell a default derived from the sizes (left out of the table) from a fixed one
+_SMALL = {"vocab_size": 97, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 96}
+
+
+def derive(cls: Any) -> dict[str, Any]:
+    """The table's entry for a config class: each key of :data:`FILL_KEYS` that is a field of the class whose default
+    (not null) its instances keep, at the default sizes and at others (a value derived from other keys is not its
+    default: ModernBERT's window from ``local_attention``); the RoPE base of a default RoPE that is one dict (and the whole dict where it is more
+    than a base); the count of leading dense layers of a default ``mlp_layer_types`` (the legacy
+    ``first_k_dense_replace`` it is derived from)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = cls().to_dict()
+        try:
+            b = cls(**_SMALL).to_dict()
+        except Exception:  # (a class whose checks reject other sizes: its defaults as they are)
+            b = a
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    out = {k: a[k] for k in FILL_KEYS if a.get(k) is not None and a[k] == b.get(k) == fields.get(k, a)}
+    ra, rb = a.get("rope_parameters"), b.get("rope_parameters")
+    if isinstance(ra, dict) and not any(isinstance(v, dict) for v in ra.values()) and ra == rb \
+            and ra.get("rope_theta") is not None:
+        out["rope_theta"] = ra["rope_theta"]
+        if set(ra) - {"rope_theta", "rope_type"} or ra.get("rope_type", "default") != "default":
+            out["rope_parameters"] = ra
+    la, lb = a.get("mlp_layer_types"), b.get("mlp_layer_types")
+    if isinstance(la, list) and isinstance(lb, list) and "first_k_dense_replace" not in out:
+        k = next((i for i, t in enumerate(la) if t != "dense"), len(la))
+        if k < len(la) and all(t == "sparse" for t in la[k:]) and lb == ["dense"] * min(k, 3) + ["sparse"] * (3 - min(k, 3)):
+            out["first_k_dense_replace"] = k
+    return out
+
+
+def _registry_types() -> list[tuple[str, str]]:
+    """(model_type, architecture) of both registries (a type in both, e.g. Llama 4, twice)."""
+    from transformers.models.auto import modeling_auto
+
+    return [(model_type, arch)
+            for mapping in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                            modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+            for model_type, arch in mapping.items()]
+
+
+def _read_types() -> list[str]:
+    """Every registry type whose default config we read, with its text and thinker configs' types."""
+    from transformers import AutoConfig
+
+    from dualpath.errors import ModelError
+
+    types: dict[str, None] = {}
+    for model_type, arch in _registry_types():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cfg = AutoConfig.for_model(model_type)
+            load_spec({**cfg.to_dict(), "architectures": [arch]})
+        except (ModelError, Exception):  # (refused, or transformers cannot build its own default)
+            continue
+        types[model_type] = None
+        for sub in ("text_config", "thinker_config"):
+            obj = getattr(cfg, sub, None)
+            if obj is not None and not isinstance(obj, dict):
+                types[obj.model_type] = None
+                inner = getattr(obj, "text_config", None)
+                if inner is not None and not isinstance(inner, dict):
+                    types[inner.model_type] = None
+    return list(types)
+
+
+def test_the_table_is_the_installed_transformers():
+    pytest.importorskip("transformers")
+    from transformers import CONFIG_MAPPING
+
+    checked = 0
+    for model_type, defaults in CLASS_DEFAULTS.items():
+        assert model_type in CONFIG_MAPPING, model_type
+        assert derive(CONFIG_MAPPING[model_type]) == defaults, model_type
+        checked += 1
+    assert checked >= 200
+    assert {"mistral", "qwen2", "glm4", "mixtral", "deepseek_v3", "qwen2_vl_text"} <= set(CLASS_DEFAULTS)
+
+
+#: the sizes a config keeps (with its special tokens and model_type); every other key is left out
+_SIZE_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+              "vocab_size", "head_dim", "n_embd", "n_layer", "n_head", "n_inner", "d_model", "num_layers", "n_positions",
+              "ffn_dim", "num_heads", "dff", "n_heads", "n_layers", "attention_heads", "expansion_ratio", "num_experts",
+              "n_routed_experts", "num_local_experts", "moe_intermediate_size", "shared_expert_intermediate_size",
+              "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "index_head_dim", "index_n_heads",
+              "model_type"}
+#: types whose layer pattern is a list the class checks against the layer count (GPT-Neo's attention_types)
+_NOT_SIZES_ONLY = {"gpt_neo"}
+
+
+def _sizes_only(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in cfg.items() if k in _SIZE_KEYS or k.endswith(("token_id", "token_ids", "token_index"))}
+    for sub in ("text_config", "thinker_config"):
+        if isinstance(cfg.get(sub), dict):
+            out[sub] = _sizes_only(cfg[sub])
+    return out
+
+
+def test_a_config_that_keeps_only_its_sizes_reads_as_transformers_builds_it():
+    """Every registry type read here: its default config cut to its sizes and special tokens (its text config too)
+    reads to the same spec as the full config transformers builds from that cut one. 61 of 226 read differently or
+    were refused before the class defaults (Mistral's 4,096-token window, GLM-4's epsilon, Mixtral's and Qwen2-VL's RoPE base,
+    DeepSeek-V3.2's indexer, GLM-4.7-Flash's routing, Granite-Docling's multipliers, ...)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoConfig
+
+    from dualpath.errors import ModelError
+
+    checked, bad = 0, []
+    for model_type, arch in _registry_types():
+        if model_type in _NOT_SIZES_ONLY:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                full = {**AutoConfig.for_model(model_type).to_dict(), "architectures": [arch]}
+            load_spec(full)
+        except (ModelError, Exception):
+            continue
+        cut = {**_sizes_only(full), "architectures": [arch]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = AutoConfig.for_model(model_type, **{k: v for k, v in cut.items() if k != "model_type"})
+        ref = load_spec({**built.to_dict(), "architectures": [arch]})
+        if load_spec(cut) != ref:
+            bad.append((model_type, arch))
+        checked += 1
+    assert not bad
+    assert checked >= 200
+
+
+def test_a_mistral_config_without_a_window_slides_over_4096_tokens_and_null_turns_it_off():
+    base = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "vocab_size": 97, "hidden_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96}
+    spec = load_spec(base)
+    assert spec.sliding_window == 4096 and spec.rms_eps == 1e-6 and spec.max_position == 131072
+    assert load_spec({**base, "sliding_window": None}).sliding_window is None
+    assert load_spec({**base, "sliding_window": 7}).sliding_window == 7
+
+
+def test_the_rope_base_comes_from_the_class_unless_the_config_names_one():
+    mixtral = {"model_type": "mixtral", "vocab_size": 97, "hidden_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96, "num_local_experts": 4}
+    assert with_class_defaults(mixtral)["rope_theta"] == 1e6
+    assert with_class_defaults({**mixtral, "rope_theta": 5.0})["rope_theta"] == 5.0
+    assert "rope_theta" not in with_class_defaults({**mixtral, "rope_parameters": {"rope_theta": 7.0}})
+    scaled = with_class_defaults({**mixtral, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert scaled["rope_theta"] == 1e6 and "rope_parameters" not in scaled
+    # a class whose default RoPE is scaled (Mistral 4: YaRN) gives the whole RoPE only to a config naming none
+    m4 = with_class_defaults({"model_type": "mistral4"})
+    assert m4["rope_parameters"]["rope_type"] == "yarn" and m4["rope_parameters"]["factor"] == 128.0
+    assert "rope_parameters" not in with_class_defaults({"model_type": "mistral4", "rope_theta": 3.0})
+
+
+def test_a_glm4_config_without_an_epsilon_and_a_config_without_a_model_type():
+    glm4 = {"model_type": "glm4", "architectures": ["Glm4ForCausalLM"], "vocab_size": 97, "hidden_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96}
+    assert load_spec(glm4).rms_eps == 1.5625e-07
+    plain = {k: v for k, v in glm4.items() if k != "model_type"}
+    assert with_class_defaults(plain) == plain
+
+
+def test_deepseek_style_classes_give_their_leading_dense_layers():
+    cfg = with_class_defaults({"model_type": "glm4_moe_lite"})
+    assert cfg["first_k_dense_replace"] == 1 and cfg["routed_scaling_factor"] == 1.8 and cfg["norm_topk_prob"] is True
+    assert "first_k_dense_replace" not in with_class_defaults({"model_type": "glm4_moe_lite",
+                                                               "mlp_layer_types": ["sparse"]})
+
+
+def _module_source(table: dict[str, dict[str, Any]]) -> str:
+    head = sys.modules["dualpath.model.class_defaults"].__doc__ or ""
+    lines = [f'"""{head}"""', "", "from __future__ import annotations", "", "from typing import Any", "",
+             "#: model_type -> {key: its config class's default}", "CLASS_DEFAULTS: dict[str, dict[str, Any]] = {"]
+    lines += [f"    {mt!r}: {table[mt]!r},".replace("'", '"') for mt in sorted(table)]
+    return "\n".join([*lines, "}"]) + "\n"
+
+
+if __name__ == "__main__":
+    from transformers import CONFIG_MAPPING
+
+    print(_module_source({mt: d for mt in _read_types() if (d := derive(CONFIG_MAPPING[mt]))}), end="")

@@ -104,7 +104,8 @@ def test_configs_it_cannot_run_are_refused_by_key():
                           ({"layers_block_type": ["mamba", "hybrid"] * 4}, "num_hidden_layers"),
                           ({"hidden_act": "silu"}, "hidden_act"),
                           ({"use_long_context": True}, "use_long_context"),
-                          ({"n_mamba_heads": 3}, "n_mamba_heads")):
+                          ({"n_mamba_heads": 3}, "n_mamba_heads"),
+                          ({"attention_hidden_size": 2 * CONFIG["hidden_size"] + 8}, "attention_hidden_size")):
         with pytest.raises(ModelError, match=match):
             load_spec({**base, **change})
 

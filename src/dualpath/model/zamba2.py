@@ -145,6 +145,10 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if not isinstance(kinds, list) or len(kinds) != n or any(k not in (*_MAMBA, "hybrid") for k in kinds):
         raise ModelError(f"{where}: layers_block_type must name 'mamba' or 'hybrid' for each of the {n} layers "
                          f"(num_hidden_layers), got {kinds!r}")
+    width = cfg.get("attention_hidden_size")
+    if width is not None and width != 2 * hidden:  # (transformers sizes the shared block by it and fails on others)
+        raise ModelError(f"{where}: attention_hidden_size ({width!r}) must be 2 x hidden_size ({2 * hidden}): the "
+                         "shared block reads [hidden, embeddings]")
     rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
     if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ModelError(f"{where}: rope_parameters: only a 'default' RoPE is supported for {ARCH}, got {rope!r}")

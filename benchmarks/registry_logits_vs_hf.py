@@ -40,7 +40,7 @@ _SIZES: dict[str, int] = {
     "vocab_size": V, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "seq_length": 128,
     "moe_intermediate_size": 32, "expert_intermediate_size": 32, "shared_expert_intermediate_size": 48,
     "num_experts": 4, "n_routed_experts": 4, "num_local_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "moe_k": 2,
+    "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "top_k": 2, "moe_k": 2,
     "sliding_window": 6, "window_size": 6, "attention_window_size": 6,
 }
 #: the special token ids moved into the new vocabulary (to their index here: ids 0-4, below every prompt id) when
@@ -48,6 +48,9 @@ _SIZES: dict[str, int] = {
 _SPECIAL = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "layers")
 _LAYERS = 3
+#: text models whose M-RoPE sections the class defaults when the config names none (set to the new head here)
+_MROPE_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text", "glm4v_text", "glm4v_moe_text", "glm_ocr_text",
+                "paddleocr_vl_text", "qwen2_5_omni_text")
 
 
 def shrink(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -91,14 +94,40 @@ def shrink(cfg: dict[str, Any]) -> dict[str, Any]:
         out["first_k_dense_replace"] = 1
         if isinstance(out.get("mlp_layer_types"), list):
             out["mlp_layer_types"] = ["dense"] + ["sparse"] * (_LAYERS - 1)
-    if isinstance(out.get("n_group"), int) and out["n_group"] > 1:  # (groups of the 4 experts)
-        out.update(n_group=2, topk_group=1)
-    for key in ("rope_parameters", "rope_scaling"):  # (M-RoPE sections: half the new head width)
+    for group in ("n_group", "num_expert_group"):  # (groups of the 4 experts)
+        if isinstance(out.get(group), int) and out[group] > 1:
+            out.update({group: 2, "topk_group": 1})
+    if "head_dim" in out and out["head_dim"] is None and isinstance(out.get("num_attention_heads"), int):
+        out["head_dim"] = 16  # (a class that derives no head width from a null one: HunYuan, Ministral)
+    if "num_experts_per_tok" in out and out["num_experts_per_tok"] is None and "n_routed_experts" in out:
+        out["num_experts_per_tok"] = 2  # (DeepSeek-V2's class default, null, which its own router cannot take)
+    if "num_key_value_heads" in out and out["num_key_value_heads"] is None and "num_attention_heads" in out:
+        out["num_key_value_heads"] = 2  # (Nemotron's class default, null, which its own attention cannot take)
+    for key in ("rope_parameters", "rope_scaling"):  # (M-RoPE sections: half the new rotated width)
         rope = out.get(key)
-        if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and rope["mrope_section"]:
-            n = len(rope["mrope_section"])
-            half = int(out.get("head_dim") or 16) // 2
+        if isinstance(rope, dict) and (isinstance(rope.get("mrope_section"), list) and rope["mrope_section"]
+                                       or out.get("model_type") in _MROPE_TYPES):
+            n = len(rope.get("mrope_section") or [0, 0, 0])
+            half = int(int(out.get("head_dim") or 16) * rope.get("partial_rotary_factor", 1.0)) // 2
             out[key] = {**rope, "mrope_section": [half - (n - 1) * (half // n)] + [half // n] * (n - 1)}
+    if isinstance(out.get("moe_layers"), list) and old is not None:  # (layer indices: those left, else the last)
+        out["moe_layers"] = [i for i in out["moe_layers"] if isinstance(i, int) and i < _LAYERS] or [_LAYERS - 1]
+    if isinstance(out.get("rotary_dim"), int) and out["rotary_dim"] > 16:  # (within the new head)
+        out["rotary_dim"] = 8
+    if isinstance(out.get("per_layer_config"), dict):  # (per-layer overrides of the layers left)
+        out["per_layer_config"] = {k: v for k, v in out["per_layer_config"].items()
+                                   if str(k).isdigit() and int(k) < _LAYERS}
+    if isinstance(out.get("indexer_types"), list) and old is not None and isinstance(cfg.get("indexer_types"), list):
+        out["indexer_types"] = cfg["indexer_types"][:_LAYERS]  # (the first layer selects, the others may share)
+    if isinstance(out.get("v_head_dim"), int) and "kv_lora_rank" not in out and out["v_head_dim"] > 16:
+        out["v_head_dim"] = 16
+    if out.get("model_type") == "deepseek_v4":  # (one shared key/value head)
+        out["num_key_value_heads"] = 1
+    if isinstance(out.get("attention_hidden_size"), int):  # (Zamba's shared block reads [hidden, embeddings])
+        out["attention_hidden_size"] = 128 if str(out.get("model_type")).startswith("zamba") else 64
+    if out.get("model_type") == "zamba2":  # (widths its class derives from the sizes: derived again)
+        for key in ("attention_head_dim", "mamba_headdim", "kv_channels", "num_query_groups"):
+            out.pop(key, None)
     return out
 
 

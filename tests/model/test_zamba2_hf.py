@@ -68,6 +68,20 @@ def test_a_prefill_clamps_dt_at_time_step_min_and_a_decode_step_does_not(tmp_pat
     check_two_chunks_against_hf(load_checkpoint(tmp_path), hf, sum(random_turns(VOCAB, 3), []))
 
 
+def test_an_attention_head_dim_of_its_own_is_read_as_transformers_reads_it(tmp_path):
+    """``attention_head_dim`` sizes the shared block's heads (transformers reads it; it derives ``2 x hidden / heads``
+    only when the key is left out), here half that, without adapters (with them it is refused: transformers fails);
+    our save_pretrained writes it back."""
+    hf = RecurrentCheckpoints({"narrow": ("Zamba2Config", "Zamba2ForCausalLM",
+                                          {**CONFIG, "attention_head_dim": 8,
+                                           "use_shared_attention_adapter": False})}).model("narrow")
+    assert hf.config.attention_head_dim == 8
+    hf.save_pretrained(tmp_path)
+    spec = load_spec(tmp_path)
+    assert spec.head_dim == 8 and load_spec(spec.to_hf_config()) == spec
+    check_two_chunks_against_hf(load_checkpoint(tmp_path), hf, sum(random_turns(VOCAB, 3), []))
+
+
 def test_a_hit_continues_from_the_stored_state(tmp_path_factory):
     d, hf = _CKPTS.get("adapters", tmp_path_factory)
     check_hit_from_stored_state(load_checkpoint(d), hf, VOCAB)
@@ -105,7 +119,9 @@ def test_configs_it_cannot_run_are_refused_by_key():
                           ({"hidden_act": "silu"}, "hidden_act"),
                           ({"use_long_context": True}, "use_long_context"),
                           ({"n_mamba_heads": 3}, "n_mamba_heads"),
-                          ({"attention_hidden_size": 2 * CONFIG["hidden_size"] + 8}, "attention_hidden_size")):
+                          ({"attention_hidden_size": 2 * CONFIG["hidden_size"] + 8}, "attention_hidden_size"),
+                          ({"mamba_headdim": 8}, "mamba_headdim"),
+                          ({"attention_head_dim": 8}, "attention_head_dim")):
         with pytest.raises(ModelError, match=match):
             load_spec({**base, **change})
 

@@ -94,6 +94,10 @@ class Zamba2Spec(HybridBlocks, StatePagesSpec, ModelSpec):
                              f"({self.mamba_heads}), and those into mamba_ngroups ({self.mamba_groups})")
         if self.mem_blocks < 1 or self.adapter_rank < 1:
             raise ModelError("model config: num_mem_blocks and adapter_rank must be positive")
+        if self.attn_adapters and self.n_heads * self.head_dim != 2 * self.hidden_size:
+            raise ModelError(f"model config: use_shared_attention_adapter needs num_attention_heads x attention_head_dim "
+                             f"({self.n_heads} x {self.head_dim}) = 2 x hidden_size ({2 * self.hidden_size}): each "
+                             "adapter adds to q, k and v the block's input width (transformers fails on any other)")
         if self.attn_adapters and self.n_kv_heads != self.n_heads:
             raise ModelError(f"model config: use_shared_attention_adapter needs num_key_value_heads = "
                              f"num_attention_heads (its adapters add a {2 * self.hidden_size}-wide term to k and v; "
@@ -114,7 +118,8 @@ class Zamba2Spec(HybridBlocks, StatePagesSpec, ModelSpec):
             "architectures": ["Zamba2ForCausalLM"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "max_position_embeddings": self.max_position,
+            "num_key_value_heads": self.n_kv_heads, "attention_head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position,
             "layers_block_type": list(self.layer_types), "mamba_d_state": self.mamba_state,
             "mamba_d_conv": self.mamba_kernel, "mamba_expand": self.mamba_expand, "mamba_ngroups": self.mamba_groups,
             "n_mamba_heads": self.mamba_heads, "time_step_min": self.dt_min, "add_bias_linear": self.proj_bias,
@@ -145,6 +150,11 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if not isinstance(kinds, list) or len(kinds) != n or any(k not in (*_MAMBA, "hybrid") for k in kinds):
         raise ModelError(f"{where}: layers_block_type must name 'mamba' or 'hybrid' for each of the {n} layers "
                          f"(num_hidden_layers), got {kinds!r}")
+    mamba_head = cfg.get("mamba_headdim")
+    if mamba_head is not None and mamba_head * cfg.get("n_mamba_heads", 0) != cfg.get("mamba_expand", 0) * hidden:
+        raise ModelError(f"{where}: mamba_headdim ({mamba_head!r}) must be mamba_expand x hidden_size / n_mamba_heads "
+                         f"({cfg.get('mamba_expand')} x {hidden} / {cfg.get('n_mamba_heads')}; transformers fails on "
+                         "any other)")
     width = cfg.get("attention_hidden_size")
     if width is not None and width != 2 * hidden:  # (transformers sizes the shared block by it and fails on others)
         raise ModelError(f"{where}: attention_hidden_size ({width!r}) must be 2 x hidden_size ({2 * hidden}): the "
@@ -156,7 +166,8 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int({"i": cfg.get("intermediate_size") or 4 * hidden}, "i", where), n_layers=n,
         n_heads=heads, n_kv_heads=cfg_int({"k": cfg.get("num_key_value_heads") or heads}, "k", where),
-        head_dim=2 * hidden // heads, rms_eps=cfg_num(cfg, "rms_norm_eps", where),
+        head_dim=cfg_int({"attention_head_dim": cfg.get("attention_head_dim") or 2 * hidden // heads},
+                         "attention_head_dim", where), rms_eps=cfg_num(cfg, "rms_norm_eps", where),
         rope_theta=cfg_num({"rope_theta": rope.get("rope_theta", 10000.0)}, "rope_theta", where),
         max_position=cfg_int(cfg, "max_position_embeddings", where), tie_embeddings=bool(cfg["tie_word_embeddings"]),
         dtype=config_dtype(cfg, dtype), bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),

@@ -13,8 +13,9 @@ import warnings
 from typing import Any
 
 import pytest
+import torch
 
-from dualpath.model.class_defaults import CLASS_DEFAULTS
+from dualpath.model.class_defaults import CLASS_DEFAULTS, NEVER_TIED, TIE_FROM_TEXT
 from dualpath.model.hf_config import with_class_defaults
 from dualpath.model.spec import load_spec
 
@@ -71,8 +72,9 @@ def _registry_types() -> list[tuple[str, str]]:
             for model_type, arch in mapping.items()]
 
 
-def _read_types() -> list[str]:
-    """Every registry type whose default config we read, with its text and thinker configs' types."""
+def _read_types(arches: dict[str, None] | None = None) -> list[str]:
+    """Every registry type whose default config we read, with its text and thinker configs' types (``arches``, when
+    given, collects the architectures read)."""
     from transformers import AutoConfig
 
     from dualpath.errors import ModelError
@@ -87,6 +89,8 @@ def _read_types() -> list[str]:
         except (ModelError, Exception):  # (refused, or transformers cannot build its own default)
             continue
         types[model_type] = None
+        if arches is not None:
+            arches[arch] = None
         for sub in ("text_config", "thinker_config"):
             obj = getattr(cfg, sub, None)
             if obj is not None and not isinstance(obj, dict):
@@ -95,6 +99,29 @@ def _read_types() -> list[str]:
                 if inner is not None and not isinstance(inner, dict):
                     types[inner.model_type] = None
     return list(types)
+
+
+def tie_from_text(cls: Any) -> bool:
+    """Whether a composite config class ties the embeddings when its text config says so although its own
+    ``tie_word_embeddings`` is false (transformers 5's forward of pre-v5 saves: Llava, Qwen2-VL, GLM-4.1V, ...)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = cls().get_text_config()
+        if text is None or text is cls():
+            return False
+        try:
+            cfg = cls(tie_word_embeddings=False, text_config={"model_type": text.model_type, "tie_word_embeddings": True})
+        except Exception:  # (a class that cannot take a text config this way)
+            return False
+    return bool(cfg.tie_word_embeddings)
+
+
+def never_tied(arch: str) -> bool:
+    """Whether transformers' model class declares no tied weights (an empty ``_tied_weights_keys``): its head is its
+    own whatever the config says."""
+    import transformers
+
+    return getattr(getattr(transformers, arch, None), "_tied_weights_keys", None) == {}
 
 
 def test_the_table_is_the_installed_transformers():
@@ -108,6 +135,12 @@ def test_the_table_is_the_installed_transformers():
         checked += 1
     assert checked >= 200
     assert {"mistral", "qwen2", "glm4", "mixtral", "deepseek_v3", "qwen2_vl_text"} <= set(CLASS_DEFAULTS)
+    for model_type in TIE_FROM_TEXT:
+        assert tie_from_text(CONFIG_MAPPING[model_type]), model_type
+    assert {"llava", "qwen2_vl", "glm4v"} <= set(TIE_FROM_TEXT) and "gemma3" not in TIE_FROM_TEXT
+    for arch in NEVER_TIED:
+        assert never_tied(arch), arch
+    assert "Cosmos3EdgeForConditionalGeneration" in NEVER_TIED
 
 
 #: the sizes a config keeps (with its special tokens and model_type); every other key is left out
@@ -200,15 +233,58 @@ def test_deepseek_style_classes_give_their_leading_dense_layers():
                                                                "mlp_layer_types": ["sparse"]})
 
 
-def _module_source(table: dict[str, dict[str, Any]]) -> str:
+@pytest.mark.parametrize("model_type,arch", [
+    ("llava", "LlavaForConditionalGeneration"), ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    ("gemma3", "Gemma3ForConditionalGeneration"), ("mistral3", "Mistral3ForConditionalGeneration"),
+    ("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration")])
+def test_an_image_text_checkpoint_ties_its_head_as_transformers_ties_it(model_type, arch):
+    """The outer and the text config's ``tie_word_embeddings`` in every combination (each true, false or left out):
+    our spec ties the head exactly when transformers' model does. Llava and Qwen2-VL tie when either says so, Gemma 3
+    and Mistral 3 by the outer key alone (its class default when left out; Gemma 3's text key was read before the
+    outer one), Cosmos3 Edge never (it was read as tied when the outer key said so)."""
+    pytest.importorskip("transformers")
+    import transformers
+    from transformers import AutoConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text_type = AutoConfig.for_model(model_type).get_text_config().model_type
+        for outer in (True, False, None):
+            for inner in (True, False, None):
+                text = {"model_type": text_type, "vocab_size": 97, "hidden_size": 64, "intermediate_size": 96,
+                        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128}
+                if inner is not None:
+                    text["tie_word_embeddings"] = inner
+                raw = {"model_type": model_type, "architectures": [arch], "text_config": text}
+                if outer is not None:
+                    raw["tie_word_embeddings"] = outer
+                cfg = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k not in (
+                    "model_type", "architectures")})
+                with torch.device("meta"):
+                    model = getattr(transformers, arch)(cfg)
+                theirs = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+                assert load_spec(raw).tie_embeddings == theirs, (outer, inner)
+                assert load_spec({**cfg.to_dict(), "architectures": [arch]}).tie_embeddings == theirs, (outer, inner)
+
+
+def _module_source(table: dict[str, dict[str, Any]], tie_text: list[str], untied: list[str]) -> str:
     head = sys.modules["dualpath.model.class_defaults"].__doc__ or ""
     lines = [f'"""{head}"""', "", "from __future__ import annotations", "", "from typing import Any", "",
              "#: model_type -> {key: its config class's default}", "CLASS_DEFAULTS: dict[str, dict[str, Any]] = {"]
     lines += [f"    {mt!r}: {table[mt]!r},".replace("'", '"') for mt in sorted(table)]
-    return "\n".join([*lines, "}"]) + "\n"
+    lines += ["}", "#: composite model types whose config ties the embeddings when its text config does, whatever its own",
+              "#: ``tie_word_embeddings`` says (transformers 5 forwards pre-v5 saves' text-level key)",
+              f"TIE_FROM_TEXT: frozenset[str] = frozenset({sorted(tie_text)!r})".replace("'", '"'),
+              "#: architectures whose model class ties nothing (its head is its own whatever the config says)",
+              f"NEVER_TIED: frozenset[str] = frozenset({sorted(untied)!r})".replace("'", '"')]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
     from transformers import CONFIG_MAPPING
 
-    print(_module_source({mt: d for mt in _read_types() if (d := derive(CONFIG_MAPPING[mt]))}), end="")
+    arches: dict[str, None] = {}
+    read = _read_types(arches)
+    print(_module_source({mt: d for mt in read if (d := derive(CONFIG_MAPPING[mt]))},
+                         [mt for mt in read if tie_from_text(CONFIG_MAPPING[mt])],
+                         [a for a in arches if never_tied(a)]), end="")

@@ -94,3 +94,17 @@ def test_a_deepseek_config_naming_only_its_sizes_reads_as_transformers_fills_it(
                 spec.eos_token_id) == (256, 8, 1, 3, 1)
     if cfg_cls == "MiniCPM3Config":
         assert (spec.residual_scale, spec.logits_scaling) == (pytest.approx(0.7), 0.25)
+
+
+@pytest.mark.parametrize("model_type,arch", [
+    ("deepseek_v2", "DeepseekV2ForCausalLM"), ("minicpm3", "MiniCPM3ForCausalLM"), ("cwm", "CwmForCausalLM")])
+def test_an_mlp_bias_transformers_would_add_is_refused_by_name(model_type, arch):
+    """These families' transformers code biases the MLP when ``mlp_bias`` is true; such a config was read as if
+    unbiased (its checkpoint then failed on the unexpected tensors without naming the key). Refused by name."""
+    from dualpath.errors import ModelError
+    from dualpath.model.spec import load_spec
+
+    cfg = {**transformers.AutoConfig.for_model(model_type).to_dict(), "architectures": [arch]}
+    load_spec({**cfg, "mlp_bias": False})
+    with pytest.raises(ModelError, match="mlp_bias"):
+        load_spec({**cfg, "mlp_bias": True})

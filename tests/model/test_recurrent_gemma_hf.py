@@ -101,6 +101,18 @@ def test_bf16_teacher_forced_logits(tmp_path_factory):
     check_bf16_as_close_as_transformers(got, ref, hf_logits(hf32, seq))
 
 
+def test_a_head_dim_of_its_own_is_read_as_transformers_reads_it(tmp_path):
+    """``head_dim`` sizes the attention heads (transformers reads it; ``hidden / heads`` only when left out), here
+    twice that; our save_pretrained writes it back."""
+    hf = _Checkpoints({"wide": ("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM",
+                                {**CONFIG, "head_dim": 16})}).model("wide")
+    assert hf.config.head_dim == 16
+    hf.save_pretrained(tmp_path)
+    spec = load_spec(tmp_path)
+    assert spec.head_dim == 16 and load_spec(spec.to_hf_config()) == spec
+    check_two_chunks_against_hf(load_checkpoint(tmp_path), hf, sum(random_turns(VOCAB, 3), []))
+
+
 def test_configs_it_cannot_run_are_refused_by_key():
     base = {"architectures": ["RecurrentGemmaForCausalLM"], "model_type": "recurrent_gemma", **CONFIG}
     for change, match in (({"block_types": ["recurrent", "mlp"]}, "block_types"),

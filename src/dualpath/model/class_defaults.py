@@ -245,3 +245,8 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "zamba2": {"rms_norm_eps": 1e-05, "max_position_embeddings": 4096, "tie_word_embeddings": True, "hidden_act": "gelu", "rope_theta": 10000.0},
     "zaya": {"rms_norm_eps": 1e-05, "max_position_embeddings": 131072, "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False, "num_experts_per_tok": 1},
 }
+#: composite model types whose config ties the embeddings when its text config does, whatever its own
+#: ``tie_word_embeddings`` says (transformers 5 forwards pre-v5 saves' text-level key)
+TIE_FROM_TEXT: frozenset[str] = frozenset(["fast_vlm", "glm4v", "glm4v_moe", "glm_ocr", "hunyuan_vl", "llava", "llava_next_video", "llava_onevision", "minimax_m3_vl", "paddleocr_vl", "qwen2_5_vl", "qwen2_vl", "shieldgemma2", "video_llama_3"])
+#: architectures whose model class ties nothing (its head is its own whatever the config says)
+NEVER_TIED: frozenset[str] = frozenset(["BailingHybridForCausalLM", "Cosmos3EdgeForConditionalGeneration", "InklingForCausalLM", "InklingForConditionalGeneration", "KimiLinearForCausalLM", "NemotronHForCausalLM"])

@@ -203,6 +203,9 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
             if _flag(out, "mlp_bias", where):
                 fields["mlp_has_bias"] = True
             out["attention_bias"] = _flag(out, "attention_bias", where)
+    if arch == "cwm" and out.get("mlp_bias") is True:
+        raise ModelError(f"{where}: mlp_bias=true is unsupported for cwm (transformers biases its MLP; Meta's "
+                         "checkpoints have none)")
     out.pop("mlp_bias", None)  # (read above where the family has it)
     return out, fields
 

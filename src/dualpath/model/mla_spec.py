@@ -627,6 +627,9 @@ class DeepseekV3Spec(_SpecCommon):
             cfg = {**dict(zip(("bos_token_id", "eos_token_id"), _SPECIAL_IDS[model_type], strict=True)), **cfg}
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
+        if cfg.get("mlp_bias") is True and model_type in ("deepseek_v2", "minicpm3"):
+            raise ModelError(f"{where}: mlp_bias=true is unsupported for {label} (transformers biases its MLPs; "
+                             "published checkpoints have none)")
         scoring = _SCORING[model_type]
         if cfg.get("scoring_func", scoring) != scoring:
             raise ModelError(f"{where}: scoring_func {cfg['scoring_func']!r} unsupported ({label} uses {scoring!r})")

@@ -136,9 +136,7 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
     import transformers
     from transformers import AutoConfig
 
-    from dualpath.engine.model_api import paged_kv_spec
     from dualpath.errors import ModelError
-    from dualpath.model import KVPool, SeqBatch
     from dualpath.model.config import LlamaModelConfig
     from dualpath.model.loader import load_model
 
@@ -182,19 +180,31 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
             ref = hf(torch.tensor([seq]), use_cache=False).logits[0].float()
     except Exception as exc:
         return {**row, "status": "shrink refused", "detail": f"transformers forward: {type(exc).__name__}: {str(exc)[:200]}"}
+    return {**row, **compare(ours, ref, seq), "family": type(ours.spec).__name__ + ":" + ours.spec.architecture}
+
+
+def compare(ours: Any, ref: torch.Tensor, seq: list[int]) -> dict[str, Any]:
+    """Our model's logits over ``seq`` (two prefill chunks over paged KV, then a decode step) against transformers'
+    ``ref``: ``status`` ok within 1e-3 of the logit range, else mismatch."""
+    from dualpath.engine.model_api import paged_kv_spec
+    from dualpath.model import KVPool, SeqBatch
+
     pool = KVPool(paged_kv_spec(ours.spec, 4), num_blocks=16, block_tokens=4)
     table = pool.allocate(16)
-    got = torch.cat([ours(SeqBatch.build([seq[:9]], [0], [table], 4), pool.layers, all_positions=True),
-                     ours(SeqBatch.build([seq[9:16]], [9], [table], 4), pool.layers, all_positions=True),
-                     ours.decode_step(torch.tensor([seq[16]]), torch.tensor([16]),
-                                      torch.tensor([table], dtype=torch.int32), pool.layers)])
+    with torch.no_grad():
+        got = torch.cat([ours(SeqBatch.build([seq[:9]], [0], [table], 4), pool.layers, all_positions=True),
+                         ours(SeqBatch.build([seq[9:16]], [9], [table], 4), pool.layers, all_positions=True),
+                         ours.decode_step(torch.tensor([seq[16]]), torch.tensor([16]),
+                                          torch.tensor([table], dtype=torch.int32), pool.layers)])
     if got.shape[-1] > ref.shape[-1]:  # (a head narrower than the embedding: our ids past it are -inf)
         if not torch.isinf(got[:, ref.shape[-1]:]).all():
-            return {**row, "status": "mismatch", "detail": "ids past the LM head are live"}
+            return {"status": "mismatch", "detail": "ids past the LM head are live"}
         got = got[:, : ref.shape[-1]]
+    if got.shape != ref.shape:
+        return {"status": "mismatch", "detail": f"logits shaped {tuple(got.shape)}, transformers' {tuple(ref.shape)}"}
     err, top = float((got - ref).abs().max()), float(ref.abs().max())
-    return {**row, "status": "ok" if err < 1e-3 * max(1.0, top) else "mismatch", "max_abs_logit_diff": err,
-            "logit_scale": top, "family": type(ours.spec).__name__ + ":" + ours.spec.architecture}
+    return {"status": "ok" if err < 1e-3 * max(1.0, top) else "mismatch", "max_abs_logit_diff": err,
+            "logit_scale": top}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,6 +199,22 @@ def test_the_text_config_and_a_language_model_we_do_not_run(ckpt):
         load_spec(cfg)
 
 
+def test_an_untied_hyperclovax_vision_head_is_read_where_transformers_writes_it(tmp_path):
+    """HyperCLOVA X Vision with ``tie_word_embeddings: false``: transformers writes its head under
+    ``model.language_model.lm_head`` (the released layout, which it renames on load), where it was not read (the
+    checkpoint failed to load)."""
+    if not hasattr(transformers, "HyperCLOVAXVisionV2ForConditionalGeneration"):
+        pytest.skip("no HyperCLOVA X Vision in this transformers")
+    cfg_cls, kw = _kwargs("hyperclovax_vision_v2")
+    hf = Checkpoints({"untied": (cfg_cls, "HyperCLOVAXVisionV2ForConditionalGeneration",
+                                 {**kw, "tie_word_embeddings": False})}).model("untied")
+    assert hf.get_output_embeddings().weight is not hf.get_input_embeddings().weight
+    hf.save_pretrained(tmp_path)
+    ours = load_model(LlamaModelConfig(path=str(tmp_path), time_model="off"), with_tokenizer=False)[0]
+    assert not ours.spec.tie_embeddings
+    check_batched_against_hf(ours, hf, [_ids(20, 1), _ids(14, 2)])
+
+
 def test_glm4v_text_configs_read_as_transformers_does():
     """GLM-4.1V's text config without head_dim (GLM-4 would take 128) has heads of hidden / heads, always q/k/v
     biases, and RoPE over every dim unless told otherwise (the top level's factor moves into the RoPE parameters);

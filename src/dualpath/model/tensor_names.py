@@ -399,7 +399,8 @@ def _qwen3_vl_moe_experts(spec: ModelSpec, name: str, t: torch.Tensor) -> torch.
 #: where image-text checkpoints keep the language model (transformers >= 4.52 and <= 4.51; Idefics 2 / 3 and
 #: SmolVLM: ``model.text_model.``; Qwen Omni: ``thinker.``; Emu3: ``text_model.``), and the vision parts a text
 #: model leaves
-_GEMMA3_LM_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+_GEMMA3_LM_PREFIXES = (("model.language_model.lm_head.", "lm_head."),  # (HyperCLOVA X Vision's untied head)
+                       ("model.language_model.", "model."), ("language_model.model.", "model."),
                        ("language_model.lm_head.", "lm_head."), ("model.text_model.", "model."),
                        ("thinker.model.", "model."), ("thinker.lm_head.", "lm_head."),
                        ("text_model.model.", "model."), ("text_model.lm_head.", "lm_head."))

@@ -1,0 +1,220 @@
+"""Every scalar config key, moved one at a time, read as transformers reads it: over every registry type that
+``registry_logits_vs_hf.py`` compares.
+
+For each such type, its shrunk config (that script's :func:`shrink`) and each scalar key in it (and in its text
+config) moved (an integer doubled, a float x1.7, a flag flipped). transformers builds its model from the moved config
+and takes the original model's weights where the shapes agree (fresh ones where they do not). Then:
+
+* our spec of the moved config equals the original's (our reader ignores the key): transformers' language-model
+  shapes and logits must not move either, else the key is reported ``ignored`` (a checkpoint that sets it would be
+  misread, or fail to load without naming the key);
+* our spec moved (our reader reads the key): transformers saves that model, our loader reads it, and our logits (two
+  prefill chunks and a decode step over paged KV) must equal transformers' within 1e-3 of their range, else the key
+  is reported ``misread``. A move that our reader or transformers refuses is counted as refused.
+
+Keys that only steer weight initialisation, training or the vision / audio side, and context lengths and special
+tokens, are not moved. Nothing downloads. Run:
+``python benchmarks/config_keys_vs_hf.py [--types llama,zamba2] [--json OUT]``.
+
+Found by it so far, and fixed (the ignored keys at first, then both directions: of 2,410 moves over 178 types, 1,973
+read and equal to transformers', one misread: HyperCLOVA X Vision's untied head, which transformers writes under
+``model.language_model.lm_head``; Doge's MoE differs from transformers' multi-token forward by design, :data:`_KNOWN`): Zamba2's ``attention_head_dim`` and RecurrentGemma's ``head_dim`` (derived from the
+widths whatever the config said), Gemma 3's outer ``tie_word_embeddings`` (a text-level key overrode it), and an
+``mlp_bias`` that DeepSeek-V2, MiniCPM3 and Cwm's transformers code would add (now refused by name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from registry_logits_vs_hf import V, shrink  # noqa: E402
+
+#: key name parts never moved: initialisation, training, bookkeeping, special tokens, context length, the towers
+_SKIP = ("init", "dropout", "pdrop", "use_cache", "token_id", "token_index", "output_", "return_dict", "chunk_size_feed",
+         "is_encoder_decoder", "num_labels", "dtype", "pretraining_tp", "vision", "audio", "image", "video",
+         "vocab_size", "mm_", "projector", "spatial", "temporal", "patch", "max_position", "n_positions",
+         "seq_length", "model_max_length", "aux_loss", "loss", "logits_to_keep", "mtp", "nextn", "cache", "label",
+         "time_step_max", "time_step_floor", "time_step_scale", "rescale_prenorm_residual", "a_log_min",
+         "a_log_max", "downsample", "scale_factor", "merger", "num_channels", "latent_query", "out_hidden_size",
+         "alignment_intermediate")
+#: moves whose transformers reference is not what ours must equal, each with the test that checks ours instead
+_KNOWN = {("doge", "is_moe"): "transformers' multi-token forward mixes CDMoE router logits across tokens; ours equals "
+                               "its generation, one token at a time (test_doge_hf.py)"}
+#: parameter name parts of the towers (their shapes may follow a moved key without touching the language model)
+_TOWERS = ("vision", "visual", "image", "audio", "projector", "multi_modal", "mm_", "patch", "vit", "merger",
+           "connector", "resampler", "aligner", "tower")
+
+
+def _moved(value: Any) -> Any:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value * 2 if value > 0 else value + 1
+    if isinstance(value, float):
+        return value * 1.7 if value != 0 else 0.3
+    return None
+
+
+def _model(model_type: str, arch: str, cfg: dict[str, Any]) -> Any:
+    import transformers
+    from transformers import AutoConfig
+
+    obj = type(AutoConfig.for_model(model_type)).from_dict(copy.deepcopy(cfg))
+    torch.manual_seed(0)
+    return getattr(transformers, arch)(obj).eval()
+
+
+def run(model_type: str, arch: str) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from dualpath.model.spec import load_spec
+
+    row: dict[str, Any] = {"model_type": model_type, "architecture": arch, "ignored": [], "misread": []}
+    counts = {"read": 0, "ignored": 0, "refused": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoConfig.for_model(model_type).to_dict()
+        kw = shrink({k: v for k, v in base.items() if k not in ("transformers_version", "architectures")})
+        try:
+            ref_model = _model(model_type, arch, kw)
+            with torch.no_grad():
+                for n, p in ref_model.named_parameters():
+                    p.add_(0.1 * torch.randn_like(p)) if ("norm" in n.lower() or n.endswith("bias")) else p.mul_(3.0)
+            weights = ref_model.state_dict()
+            seq = torch.randint(5, V, (17,), generator=torch.Generator().manual_seed(1)).tolist()
+            with torch.no_grad():
+                ref = ref_model(torch.tensor([seq]), use_cache=False).logits[0].float()
+            spec0 = load_spec({**type(AutoConfig.for_model(model_type)).from_dict(copy.deepcopy(kw)).to_dict(),
+                               "architectures": [arch]})
+        except Exception as exc:
+            return {**row, "status": "skipped", "detail": f"{type(exc).__name__}: {str(exc)[:160]}"}
+        paths: list[tuple[str, ...]] = [()] + [(s,) for s in ("text_config",) if isinstance(kw.get(s), dict)]
+        for path in paths:
+            level = kw
+            for p in path:
+                level = level[p]
+            for key, value in list(level.items()):
+                new = _moved(value)
+                if new is None or any(s in key for s in _SKIP):
+                    continue
+                variant = copy.deepcopy(kw)
+                target = variant
+                for p in path:
+                    target = target[p]
+                target[key] = new
+                name = ".".join((*path, key))
+                try:
+                    full = type(AutoConfig.for_model(model_type)).from_dict(copy.deepcopy(variant)).to_dict()
+                    model = _model(model_type, arch, variant)
+                    read = load_spec({**full, "architectures": [arch]}) != spec0
+                except Exception:
+                    counts["refused"] += 1  # (refused by us or by transformers: the key is not silently ignored)
+                    continue
+                state = model.state_dict()
+                if read:
+                    model.load_state_dict({n: (weights[n] if n in weights and weights[n].shape == t.shape else t)
+                                           for n, t in state.items()})
+                    verdict = _read_key(model, seq)
+                    if verdict is None:
+                        counts["refused"] += 1
+                    elif verdict["status"] == "ok":
+                        counts["read"] += 1
+                    elif (model_type, name) in _KNOWN:
+                        row.setdefault("known", []).append({"key": name, "why": _KNOWN[(model_type, name)], **verdict})
+                    else:
+                        row["misread"].append({"key": name, "from": value, "to": new, **verdict})
+                    continue
+                counts["ignored"] += 1
+                lm_shapes = [n for n, t in state.items() if n in weights and t.shape != weights[n].shape
+                             and not any(s in n.lower() for s in _TOWERS)]
+                if lm_shapes:
+                    row["ignored"].append({"key": name, "from": value, "to": new, "why": f"shapes: {lm_shapes[:3]}"})
+                    continue
+                model.load_state_dict({n: (weights[n] if n in weights and weights[n].shape == t.shape else t)
+                                       for n, t in state.items()})
+                try:
+                    with torch.no_grad():
+                        got = model(torch.tensor([seq]), use_cache=False).logits[0].float()
+                except Exception:
+                    continue
+                if got.shape != ref.shape or not torch.allclose(got, ref, atol=1e-4, rtol=1e-4):
+                    diff = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
+                    row["ignored"].append({"key": name, "from": value, "to": new, "why": f"logits moved {diff:.3g}"})
+    status = "misread keys" if row["misread"] else "ignored keys" if row["ignored"] else "ok"
+    return {**row, "status": status, "keys": counts}
+
+
+def _read_key(model: Any, seq: list[int]) -> dict[str, Any] | None:
+    """transformers' ``model`` saved, read by our loader, compared (None: transformers cannot run it on text, or we
+    refuse it by name)."""
+    import tempfile
+
+    from registry_logits_vs_hf import compare
+
+    from dualpath.errors import ModelError
+    from dualpath.model.config import LlamaModelConfig
+    from dualpath.model.loader import load_model
+
+    try:
+        with torch.no_grad():
+            ref = model(torch.tensor([seq]), use_cache=False).logits[0].float()
+    except Exception:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        try:
+            ours = load_model(LlamaModelConfig(path=d, attention_backend="torch", time_model="off"),
+                              with_tokenizer=False)[0]
+        except ModelError as exc:
+            if "does not match the model config" in str(exc):
+                return {"status": "load failed", "detail": str(exc)[:200]}
+            return None
+    return compare(ours, ref, seq)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--types", help="comma-separated model types (default: every 'ok' row of "
+                    "benchmarks/results/registry_logits_vs_hf.json)")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    rows_in = json.loads((Path(__file__).parent / "results" / "registry_logits_vs_hf.json").read_text())["rows"]
+    todo = [(r["model_type"], r["architecture"]) for r in rows_in if r["status"] == "ok"]
+    if args.types:
+        want = set(args.types.split(","))
+        todo = [t for t in todo if t[0] in want]
+    rows = []
+    for model_type, arch in todo:
+        row = run(model_type, arch)
+        rows.append(row)
+        if row["status"] != "ok":
+            print(f"{model_type:28s} {row['status']}: {row['misread'] or row['ignored'] or row.get('detail')}",
+                  flush=True)
+    counts: dict[str, int] = {}
+    keys = {"read": 0, "ignored": 0, "refused": 0}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        for k in keys:
+            keys[k] += r.get("keys", {}).get(k, 0)
+    print(f"{len(rows)} types: {counts}; keys moved: {keys} (read: by us, our logits then equal transformers'; ignored: by our reader; refused: by either side)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": "python benchmarks/config_keys_vs_hf.py --json OUT",
+                                               "counts": counts, "keys": keys, "rows": rows},
+                                              indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

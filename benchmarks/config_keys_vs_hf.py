@@ -1,8 +1,9 @@
 """Every scalar config key, moved one at a time, read as transformers reads it: over every registry type that
 ``registry_logits_vs_hf.py`` compares.
 
-For each such type, its shrunk config (that script's :func:`shrink`) and each scalar key in it (and in its text
-config) moved (an integer doubled, a float x1.7, a flag flipped). transformers builds its model from the moved config
+For each such type, its shrunk config (that script's :func:`shrink`) and each key in it, in its text config and in
+their RoPE parameters moved (an integer doubled, a float x1.7, a flag flipped, an activation swapped, a per-layer list
+of kinds rotated: :func:`_moved`). transformers builds its model from the moved config
 and takes the original model's weights where the shapes agree (fresh ones where they do not). Then:
 
 * our spec of the moved config equals the original's (our reader ignores the key): transformers' language-model
@@ -16,11 +17,13 @@ Keys that only steer weight initialisation, training or the vision / audio side,
 tokens, are not moved. Nothing downloads. Run:
 ``python benchmarks/config_keys_vs_hf.py [--types llama,zamba2] [--json OUT]``.
 
-Found by it so far, and fixed (the ignored keys at first, then both directions: of 2,410 moves over 178 types, 1,973
-read and equal to transformers', one misread: HyperCLOVA X Vision's untied head, which transformers writes under
-``model.language_model.lm_head``; Doge's MoE differs from transformers' multi-token forward by design, :data:`_KNOWN`): Zamba2's ``attention_head_dim`` and RecurrentGemma's ``head_dim`` (derived from the
-widths whatever the config said), Gemma 3's outer ``tie_word_embeddings`` (a text-level key overrode it), and an
-``mlp_bias`` that DeepSeek-V2, MiniCPM3 and Cwm's transformers code would add (now refused by name).
+Found by it, and fixed: Zamba2's ``attention_head_dim`` and RecurrentGemma's ``head_dim`` (derived from the widths
+whatever the config said), Gemma 3's outer ``tie_word_embeddings`` (a text-level key overrode it), an ``mlp_bias`` that
+DeepSeek-V2's, MiniCPM3's and Cwm's transformers code would add (now refused by name), and HyperCLOVA X Vision's
+untied head, which transformers writes under ``model.language_model.lm_head``; with activations, per-layer kind lists
+and RoPE parameters moved too, DeepSeek-V4's compressed layers' own ``partial_rotary_factor`` and Qwen2-MoE's sliding
+``layer_types`` without ``use_sliding_window`` (a window of 0 in transformers), both now refused by name. Doge's MoE
+differs from transformers' multi-token forward by design (:data:`_KNOWN`).
 """
 
 from __future__ import annotations
@@ -54,7 +57,23 @@ _TOWERS = ("vision", "visual", "image", "audio", "projector", "multi_modal", "mm
            "connector", "resampler", "aligner", "tower")
 
 
-def _moved(value: Any) -> Any:
+#: activations swapped by a move (each to one every family here can run)
+_ACT_SWAP = {"silu": "gelu_pytorch_tanh", "swish": "gelu_pytorch_tanh", "gelu": "silu", "gelu_pytorch_tanh": "silu",
+             "gelu_new": "silu", "relu2": "silu", "relu": "silu", "gelu_fast": "silu"}
+#: layer kinds swapped by a move in a per-layer list whose entries are all one kind
+_KIND_SWAP = {"full_attention": "sliding_attention", "sliding_attention": "full_attention", "dense": "sparse",
+              "sparse": "dense", "attention": "mamba", "mamba": "attention", "recurrent": "attention"}
+
+
+def _moved(value: Any, key: str = "") -> Any:
+    """The moved value: a flag flipped, an integer doubled, a float x1.7, an activation swapped (``*act*`` keys), a
+    per-layer list of kinds rotated by one (or its first entry swapped where all are one kind); None: not moved."""
+    if isinstance(value, str):
+        return _ACT_SWAP.get(value) if "act" in key else None
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        if len(set(value)) > 1:
+            return value[1:] + value[:1]
+        return [_KIND_SWAP[value[0]], *value[1:]] if value[0] in _KIND_SWAP else None
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
@@ -97,13 +116,12 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
                                "architectures": [arch]})
         except Exception as exc:
             return {**row, "status": "skipped", "detail": f"{type(exc).__name__}: {str(exc)[:160]}"}
-        paths: list[tuple[str, ...]] = [()] + [(s,) for s in ("text_config",) if isinstance(kw.get(s), dict)]
-        for path in paths:
+        for path in _levels(kw):
             level = kw
             for p in path:
                 level = level[p]
             for key, value in list(level.items()):
-                new = _moved(value)
+                new = _moved(value, key)
                 if new is None or any(s in key for s in _SKIP):
                     continue
                 variant = copy.deepcopy(kw)
@@ -151,6 +169,20 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
                     row["ignored"].append({"key": name, "from": value, "to": new, "why": f"logits moved {diff:.3g}"})
     status = "misread keys" if row["misread"] else "ignored keys" if row["ignored"] else "ok"
     return {**row, "status": status, "keys": counts}
+
+
+def _levels(kw: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The dicts whose keys are moved: the config, its text config, and in each their RoPE parameters (and a RoPE
+    per layer type inside them)."""
+    out: list[tuple[str, ...]] = []
+    for base in [()] + [(s,) for s in ("text_config",) if isinstance(kw.get(s), dict)]:
+        out.append(base)
+        level = kw if not base else kw[base[0]]
+        for key, value in level.items():
+            if "rope" in key and isinstance(value, dict):
+                out.append((*base, key))
+                out += [(*base, key, k) for k, v in value.items() if isinstance(v, dict)]
+    return out
 
 
 def _read_key(model: Any, seq: list[int]) -> dict[str, Any] | None:

@@ -196,7 +196,11 @@ def test_configs_it_cannot_run_are_refused_by_key():
                           ({"scoring_func": "softmax"}, "scoring_func"),
                           ({"hidden_act": "gelu"}, "hidden_act"),
                           ({"compress_ratios": [0, 5, 128, 4], "layer_types": None}, "compress_ratios"),
-                          ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, "rope_parameters")):
+                          ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, "rope_parameters"),
+                          ({"rope_parameters": {"main": {"rope_type": "default", "rope_theta": 1e4},
+                                                "compress": {"rope_type": "default", "rope_theta": 1.6e5,
+                                                             "partial_rotary_factor": 0.3}}},
+                           "compress.partial_rotary_factor")):
         with pytest.raises(ModelError, match=match):
             load_spec({**base, **change})
 

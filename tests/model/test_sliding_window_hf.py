@@ -148,6 +148,14 @@ def test_bad_window_configs_name_the_key():
     with pytest.raises(ModelError, match="max_window_layers must be an integer"):
         ModelSpec.from_hf_config(dict(BASE, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
                                       max_window_layers="all"))
+    # (Qwen2-MoE: sliding layer types with use_sliding_window false slide over 0 tokens in transformers; Qwen2's
+    # attend fully, as ours)
+    moe = dict(BASE, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", use_sliding_window=False,
+               layer_types=["sliding_attention"] + ["full_attention"] * (BASE["num_hidden_layers"] - 1),
+               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    with pytest.raises(ModelError, match="window of 0 tokens"):
+        ModelSpec.from_hf_config(moe)
+    assert ModelSpec.from_hf_config(dict(moe, architectures=["Qwen2ForCausalLM"], model_type="qwen2")).sliding_window is None
 
 
 def test_gemma3_hub_config_reads_as_transformers_does():

@@ -245,6 +245,10 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         partial = cfg["qk_rope_head_dim"] / head_dim if cfg.get("qk_rope_head_dim") else 64 / 512
     if main.get("rope_type", "default") != "default":
         raise ModelError(f"{where}: rope_parameters.main: the sliding layers' RoPE must be 'default', got {main!r}")
+    if nested and comp.get("partial_rotary_factor", partial) != partial:
+        raise ModelError(f"{where}: rope_parameters.compress.partial_rotary_factor "
+                         f"({comp['partial_rotary_factor']!r}) must equal the main RoPE's ({partial!r}): every layer "
+                         "rotates the same qk_rope_head_dim channels")
     kind = comp.get("rope_type", comp.get("type", "default"))
     if kind not in ("default", "yarn"):
         raise ModelError(f"{where}: rope_parameters.compress: rope_type {kind!r} unsupported (default or yarn)")

@@ -345,6 +345,9 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
             return None, ()
         return _window_size(cfg, where), ()
     if arch in ("qwen2", "qwen3", "qwen2_moe") and not cfg.get("use_sliding_window"):
+        if arch == "qwen2_moe" and "sliding_attention" in (cfg.get("layer_types") or ()):
+            raise ModelError(f"{where}: layer_types names sliding layers while use_sliding_window is false "
+                             "(transformers' Qwen2-MoE then slides them over a window of 0 tokens)")
         return None, ()
     if arch == "gpt_oss" and cfg.get("sliding_window") is None:  # its sliding layers then attend fully
         return None, ()

@@ -35,6 +35,7 @@ _SIZES: dict[str, int] = {
     "hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "dim": 64, "model_dim": 64,
     "intermediate_size": 96, "ffn_dim": 96, "n_inner": 96, "ffn_hidden_size": 96, "dim_ff": 96,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "attention_heads": 4, "num_heads": 4,
+    "encoder_attention_heads": 4, "encoder_ffn_dim": 96, "encoder_layers": 1,
     "num_key_value_heads": 2, "n_kv_heads": 2, "num_kv_heads": 2, "multi_query_group_num": 2,
     "head_dim": 16, "kv_channels": 16,
     "vocab_size": V, "max_position_embeddings": 128, "n_positions": 128, "n_ctx": 128, "seq_length": 128,
@@ -125,6 +126,20 @@ def shrink(cfg: dict[str, Any]) -> dict[str, Any]:
         out["num_key_value_heads"] = 1
     if isinstance(out.get("attention_hidden_size"), int):  # (Zamba's shared block reads [hidden, embeddings])
         out["attention_hidden_size"] = 128 if str(out.get("model_type")).startswith("zamba") else 64
+    if isinstance(out.get("mamba_d_head"), int):  # (Mamba-2 heads of 16 filling mamba_expand x hidden)
+        out.update(mamba_n_heads=int(out.get("mamba_expand", 2)) * 64 // 16, mamba_d_head=16, mamba_n_groups=1,
+                   mamba_d_state=16, mamba_chunk_size=8)
+        if isinstance(out.get("mamba_d_ssm"), int):  # (Falcon-H1 names the inner width the heads fill)
+            out["mamba_d_ssm"] = out["mamba_n_heads"] * 16
+    if out.get("model_type") == "mamba2":
+        out.update(num_heads=int(out.get("expand", 2)) * 64 // 16, head_dim=16, n_groups=1, state_size=16,
+                   chunk_size=8)
+    if isinstance(out.get("num_kv_shared_layers"), int):  # (Gemma 3n: the last layer reads an earlier one's KV)
+        out["num_kv_shared_layers"] = 1
+        if isinstance(out.get("layer_types"), list):  # (of a kind an earlier layer writes)
+            out["layer_types"] = ["sliding_attention", "full_attention", "full_attention"]
+    if isinstance(out.get("index_kpool"), int):  # (GLM-5.3-Flash: pools of 4, a top-k of two pools)
+        out.update(index_kpool=4, index_topk=8)
     if out.get("model_type") == "zamba2":  # (widths its class derives from the sizes: derived again)
         for key in ("attention_head_dim", "mamba_headdim", "kv_channels", "num_query_groups"):
             out.pop(key, None)

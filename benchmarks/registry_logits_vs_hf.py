@@ -140,6 +140,14 @@ def shrink(cfg: dict[str, Any]) -> dict[str, Any]:
             out["layer_types"] = ["sliding_attention", "full_attention", "full_attention"]
     if isinstance(out.get("index_kpool"), int):  # (GLM-5.3-Flash: pools of 4, a top-k of two pools)
         out.update(index_kpool=4, index_topk=8)
+    if out.get("model_type") == "lfm2_moe" and out.get("layer_types") is None:  # (its class leaves them null)
+        out["layer_types"] = ["conv", "full_attention", "conv"]
+    if out.get("model_type") == "step3p5" and out.get("sliding_window") is None:  # (its default names no window,
+        out.update(sliding_window=6,  # which transformers' masks need; a sliding layer between full ones)
+                   layer_types=["full_attention", "sliding_attention", "full_attention"])
+    rope = out.get("rope_parameters")
+    if isinstance(out.get("kv_lora_rank"), int) and isinstance(rope, dict) and rope.get("partial_rotary_factor"):
+        out["head_dim"] = int(out["qk_rope_head_dim"] / rope["partial_rotary_factor"])  # (Mistral 4: RoPE part)
     if out.get("model_type") == "zamba2":  # (widths its class derives from the sizes: derived again)
         for key in ("attention_head_dim", "mamba_headdim", "kv_channels", "num_query_groups"):
             out.pop(key, None)

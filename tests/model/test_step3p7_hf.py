@@ -103,6 +103,14 @@ def test_spec_reads_the_image_text_config(ckpt):
     assert ours.layer_heads == (2, 4, 2, 4) and ours.expert_limits == (0, 0, 0, 1.0)
     assert {t: (p["rope_theta"], p.get("partial_rotary_factor", 1.0)) for t, p in theirs.rope_parameters.items()} \
         == ours.rope_by_type
+    # a per_layer_config that is given is every override there is: the sliding head count builds one only when it is
+    # left out (transformers' model then has 4 heads in every layer; the count was read over it before)
+    given = {**TEXT, "per_layer_config": {"2": {"num_attention_heads": 2}}}
+    theirs_heads = [a.num_attention_heads if hasattr(a, "num_attention_heads") else a.q_proj.out_features // 16
+                    for a in (layer.self_attn for layer in transformers.Step3p7ForConditionalGeneration(
+                        transformers.Step3p7Config(text_config=given, vision_config=VISION)).model.language_model.layers)]
+    assert load_spec({"architectures": ["Step3p7ForConditionalGeneration"], "text_config": given}).layer_heads \
+        == tuple(theirs_heads) == (4, 4, 2, 4)
 
 
 def test_turns_batches_and_the_triton_kernels_equal_transformers(ckpt):

@@ -140,6 +140,11 @@ def shrink(cfg: dict[str, Any]) -> dict[str, Any]:
             out["layer_types"] = ["sliding_attention", "full_attention", "full_attention"]
     if isinstance(out.get("index_kpool"), int):  # (GLM-5.3-Flash: pools of 4, a top-k of two pools)
         out.update(index_kpool=4, index_topk=8)
+    if isinstance(out.get("attention_types"), list):  # (GPT-Neo: global, local, global)
+        out.update(attention_types=[[["global", "local"], 1], [["global"], 1]],
+                   attention_layers=["global", "local", "global"])
+    if isinstance(out.get("num_layers_per_stack"), int):  # (HRM-Text: 1 layer x 1 H-cycle x (2 L-cycles + 1))
+        out.update(num_layers_per_stack=1, H_cycles=1, L_cycles=2, L_bp_cycles=[2])
     if out.get("model_type") == "lfm2_moe" and out.get("layer_types") is None:  # (its class leaves them null)
         out["layer_types"] = ["conv", "full_attention", "conv"]
     if out.get("model_type") == "step3p5" and out.get("sliding_window") is None:  # (its default names no window,

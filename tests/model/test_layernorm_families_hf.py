@@ -270,6 +270,11 @@ def test_spec_follows_transformers(ckpt):
         else [16 ** -0.5] * 3)
     if family == "gpt_neo":
         assert [spec.layer_window(i) for i in range(4)] == [None, 5, None, 5]
+        # (an attention_layers key wins over attention_types, as GPTNeoConfig sets it after expanding them)
+        cfg = {**json.loads((d / "config.json").read_text()), "attention_layers": ["local", "global", "global", "local"]}
+        assert list(transformers.GPTNeoConfig(**{k: v for k, v in cfg.items() if k != "architectures"}
+                                              ).attention_layers) == cfg["attention_layers"]
+        assert [ModelSpec.from_hf_config(cfg).layer_window(i) for i in range(4)] == [5, None, None, 5]
     if family == "cohere2":
         assert [spec.layer_window(i) for i in range(4)] == [5, 5, 5, None] and list(spec.nope_layers) == [3]
     assert ModelSpec.from_hf_config(spec.to_hf_config()) == spec

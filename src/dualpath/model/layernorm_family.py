@@ -302,12 +302,13 @@ def _mpt_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _gpt_neo_layers(cfg: dict[str, Any], where: str) -> dict[str, Any]:
-    """GPT-Neo's global and local layers as GPTNeoConfig reads them: ``attention_types`` (``[[["global", "local"],
-    12]]``: the list repeated), or ``attention_layers``; local layers attend over ``window_size`` keys."""
+    """GPT-Neo's global and local layers as GPTNeoConfig reads them: ``attention_layers`` where a config gives it
+    (it is set after the class expands ``attention_types``, so it wins), else ``attention_types``
+    (``[[["global", "local"], 12]]``: the list repeated); local layers attend over ``window_size`` keys."""
     n = cfg.get("num_hidden_layers")
     layers = cfg.get("attention_layers")
     types = cfg.get("attention_types")
-    if types is not None:
+    if types is not None and layers is None:
         try:
             layers = [t for kinds, times in types for _ in range(int(times)) for t in kinds]
         except (TypeError, ValueError):

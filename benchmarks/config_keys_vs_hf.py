@@ -142,8 +142,7 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
                     continue
                 state = model.state_dict()
                 if read:
-                    model.load_state_dict({n: (weights[n] if n in weights and weights[n].shape == t.shape else t)
-                                           for n, t in state.items()})
+                    _take_weights(model, state, weights)
                     verdict = _read_key(model, seq)
                     if verdict is None:
                         counts["refused"] += 1
@@ -160,8 +159,7 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
                 if lm_shapes:
                     row["ignored"].append({"key": name, "from": value, "to": new, "why": f"shapes: {lm_shapes[:3]}"})
                     continue
-                model.load_state_dict({n: (weights[n] if n in weights and weights[n].shape == t.shape else t)
-                                       for n, t in state.items()})
+                _take_weights(model, state, weights)
                 try:
                     with torch.no_grad():
                         got = model(torch.tensor([seq]), use_cache=False).logits[0].float()
@@ -172,6 +170,12 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
                     row["ignored"].append({"key": name, "from": value, "to": new, "why": f"logits moved {diff:.3g}"})
     status = "misread keys" if row["misread"] else "ignored keys" if row["ignored"] else "ok"
     return {**row, "status": status, "keys": counts}
+
+
+def _take_weights(model: Any, state: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """``model`` given the original model's ``weights`` wherever the shapes agree (its own ``state`` elsewhere)."""
+    model.load_state_dict({n: (weights[n] if n in weights and weights[n].shape == t.shape else t)
+                           for n, t in state.items()})
 
 
 def _levels(kw: dict[str, Any]) -> list[tuple[str, ...]]:

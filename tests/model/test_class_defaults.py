@@ -137,6 +137,7 @@ def test_the_table_is_the_installed_transformers():
     assert {"mistral", "qwen2", "glm4", "mixtral", "deepseek_v3", "qwen2_vl_text"} <= set(CLASS_DEFAULTS)
     for model_type in TIE_FROM_TEXT:
         assert tie_from_text(CONFIG_MAPPING[model_type]), model_type
+    assert {mt for mt in CLASS_DEFAULTS if tie_from_text(CONFIG_MAPPING[mt])} <= TIE_FROM_TEXT  # (none missing)
     assert {"llava", "qwen2_vl", "glm4v"} <= set(TIE_FROM_TEXT) and "gemma3" not in TIE_FROM_TEXT
     for arch in NEVER_TIED:
         assert never_tied(arch), arch

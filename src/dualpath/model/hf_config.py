@@ -41,18 +41,19 @@ def gemma3_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def composite_tie(cfg: dict[str, Any], text: dict[str, Any]) -> bool | None:
+def composite_tie(cfg: dict[str, Any], text: dict[str, Any], own: dict[str, Any] | None = None) -> bool | None:
     """Whether an image-text checkpoint ties its LM head to the embeddings, as transformers 5 decides it: by the
     outer config's ``tie_word_embeddings`` (its class's default where the config leaves it out:
     :func:`with_class_defaults` has filled it), or by either that and the text config's for the classes that
     forward a pre-v5 save's text-level key (:data:`~dualpath.model.class_defaults.TIE_FROM_TEXT`: Llava, Qwen2-VL,
     GLM-4.1V, ...); never for a model class that ties nothing (:data:`~dualpath.model.class_defaults.NEVER_TIED`:
-    Cosmos3 Edge). None: the outer config has no say (the text config's key stands)."""
+    Cosmos3 Edge). ``own``: the config holding the outer key when it is not ``cfg`` (an Omni model's thinker).
+    None: the outer config has no say (the text config's key stands)."""
     from dualpath.model.class_defaults import NEVER_TIED, TIE_FROM_TEXT
 
     if any(a in NEVER_TIED for a in cfg.get("architectures") or []):
         return False
-    outer = cfg.get("tie_word_embeddings")
+    outer = (cfg if own is None else own).get("tie_word_embeddings")
     if outer is None:
         return None
     if cfg.get("model_type") in TIE_FROM_TEXT:
@@ -403,8 +404,7 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
         if out.get(key) is None and key in cfg:
             out[key] = cfg[key]
-    tie = composite_tie(outer if family not in _THINKER_FAMILIES else {**cfg, "architectures": outer.get(
-        "architectures"), "model_type": outer.get("model_type")}, text)
+    tie = composite_tie(outer, text, own=cfg)
     if tie is not None:
         out["tie_word_embeddings"] = tie
     if family in _UNSCALED_LOGITS:

@@ -191,12 +191,12 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     mlp = cfg_kinds(norm, "mlp_layer_types", n, ("dense", "sparse"), where, default_mlp)
     full_heads = cfg_int(norm, "num_attention_heads", where)
     sliding_heads = norm.get("num_sliding_attention_heads")
-    if sliding_heads is None:
+    if "per_layer_config" in norm:  # (transformers derives it from the sliding head count only when it is left out;
+        sliding_heads = full_heads  # given, it is every override there is)
+    elif sliding_heads is None:
         other = norm.get("attention_other_setting") or {}
         sliding_heads = other.get("num_attention_heads", full_heads) if isinstance(other, dict) else full_heads
     heads = [sliding_heads if t == "sliding_attention" else full_heads for t in types]
-    if "per_layer_config" in norm:  # (transformers derives it from the sliding head count only when it is left out;
-        heads = [full_heads] * n  # given, it is every override there is)
     per_layer = norm.get("per_layer_config") or {}
     if not isinstance(per_layer, dict):
         raise ModelError(f"{where}: per_layer_config must be an object of layer -> overrides")

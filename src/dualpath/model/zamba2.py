@@ -150,11 +150,12 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if not isinstance(kinds, list) or len(kinds) != n or any(k not in (*_MAMBA, "hybrid") for k in kinds):
         raise ModelError(f"{where}: layers_block_type must name 'mamba' or 'hybrid' for each of the {n} layers "
                          f"(num_hidden_layers), got {kinds!r}")
-    mamba_head = cfg.get("mamba_headdim")
-    if mamba_head is not None and mamba_head * cfg.get("n_mamba_heads", 0) != cfg.get("mamba_expand", 0) * hidden:
-        raise ModelError(f"{where}: mamba_headdim ({mamba_head!r}) must be mamba_expand x hidden_size / n_mamba_heads "
-                         f"({cfg.get('mamba_expand')} x {hidden} / {cfg.get('n_mamba_heads')}; transformers fails on "
-                         "any other)")
+    if cfg.get("mamba_headdim") is not None:
+        head, n_heads = cfg_int(cfg, "mamba_headdim", where), cfg_int(cfg, "n_mamba_heads", where)
+        expand = cfg_int(cfg, "mamba_expand", where)
+        if head * n_heads != expand * hidden:
+            raise ModelError(f"{where}: mamba_headdim ({head}) must be mamba_expand x hidden_size / n_mamba_heads "
+                             f"({expand} x {hidden} / {n_heads}; transformers fails on any other)")
     width = cfg.get("attention_hidden_size")
     if width is not None and width != 2 * hidden:  # (transformers sizes the shared block by it and fails on others)
         raise ModelError(f"{where}: attention_hidden_size ({width!r}) must be 2 x hidden_size ({2 * hidden}): the "

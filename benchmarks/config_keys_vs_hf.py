@@ -1,8 +1,8 @@
 """Every scalar config key, moved one at a time, read as transformers reads it: over every registry type that
 ``registry_logits_vs_hf.py`` compares.
 
-For each such type, its shrunk config (that script's :func:`shrink`) and each key in it, in its text config and in
-their RoPE parameters moved (an integer doubled, a float x1.7 or an epsilon x1e4, a flag flipped, an activation
+For each such type, its shrunk config (that script's :func:`shrink`) and each key in it, in its text config, in
+their RoPE parameters, in each ``per_layer_config`` override and in DBRX's ``attn_config`` / ``ffn_config`` moved (an integer doubled, a float x1.7 or an epsilon x1e4, a flag flipped, an activation
 swapped, a per-layer list of kinds rotated: :func:`_moved`). transformers builds its model from the moved config
 and takes the original model's weights where the shapes agree (fresh ones where they do not). Then:
 
@@ -22,7 +22,9 @@ whatever the config said), Gemma 3's outer ``tie_word_embeddings`` (a text-level
 DeepSeek-V2's, MiniCPM3's and Cwm's transformers code would add (now refused by name), and HyperCLOVA X Vision's
 untied head, which transformers writes under ``model.language_model.lm_head``; with activations, per-layer kind lists
 and RoPE parameters moved too, DeepSeek-V4's compressed layers' own ``partial_rotary_factor`` and Qwen2-MoE's sliding
-``layer_types`` without ``use_sliding_window`` (a window of 0 in transformers), both now refused by name. Doge's MoE
+``layer_types`` without ``use_sliding_window`` (a window of 0 in transformers), both now refused by name; over the
+types the shrink fits since, Llama 4's head tying (its outer ``tie_word_embeddings`` read, which transformers leaves
+to the text config) and GLM-5.3-Flash's (its outer key ignored here). Doge's MoE
 differs from transformers' multi-token forward by design (:data:`_KNOWN`).
 """
 
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from registry_logits_vs_hf import V, shrink  # noqa: E402
+from registry_logits_vs_hf import V, reference_logits, shrink  # noqa: E402
 
 #: key name parts never moved: initialisation, training, bookkeeping, special tokens, context length, the towers
 _SKIP = ("init", "dropout", "pdrop", "use_cache", "token_id", "token_index", "output_", "return_dict", "chunk_size_feed",
@@ -54,7 +56,7 @@ _KNOWN = {("doge", "is_moe"): "transformers' multi-token forward mixes CDMoE rou
                                "its generation, one token at a time (test_doge_hf.py)"}
 #: parameter name parts of the towers (their shapes may follow a moved key without touching the language model)
 _TOWERS = ("vision", "visual", "image", "audio", "projector", "multi_modal", "mm_", "patch", "vit", "merger",
-           "connector", "resampler", "aligner", "tower")
+           "connector", "resampler", "aligner", "tower", "qformer", "query_tokens")
 
 
 #: activations swapped by a move (each to one every family here can run)
@@ -114,7 +116,7 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
             weights = ref_model.state_dict()
             seq = torch.randint(5, V, (17,), generator=torch.Generator().manual_seed(1)).tolist()
             with torch.no_grad():
-                ref = ref_model(torch.tensor([seq]), use_cache=False).logits[0].float()
+                ref = reference_logits(ref_model, seq)
             spec0 = load_spec({**type(AutoConfig.for_model(model_type)).from_dict(copy.deepcopy(kw)).to_dict(),
                                "architectures": [arch]})
         except Exception as exc:
@@ -162,7 +164,7 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
                 _take_weights(model, state, weights)
                 try:
                     with torch.no_grad():
-                        got = model(torch.tensor([seq]), use_cache=False).logits[0].float()
+                        got = reference_logits(model, seq)
                 except Exception:
                     continue
                 if got.shape != ref.shape or not torch.allclose(got, ref, atol=1e-4, rtol=1e-4):
@@ -178,17 +180,26 @@ def _take_weights(model: Any, state: dict[str, torch.Tensor], weights: dict[str,
                            for n, t in state.items()})
 
 
+#: sub-dicts of a language model's config whose keys are moved too (DBRX's attention and MoE, Kimi Linear's KDA)
+_SUB_LEVELS = ("attn_config", "ffn_config", "linear_attn_config")
+
+
 def _levels(kw: dict[str, Any]) -> list[tuple[str, ...]]:
     """The dicts whose keys are moved: the config, its text config, and in each their RoPE parameters (and a RoPE
-    per layer type inside them)."""
+    per layer type inside them), each layer's ``per_layer_config`` overrides and :data:`_SUB_LEVELS`."""
     out: list[tuple[str, ...]] = []
     for base in [()] + [(s,) for s in ("text_config",) if isinstance(kw.get(s), dict)]:
         out.append(base)
         level = kw if not base else kw[base[0]]
         for key, value in level.items():
-            if "rope" in key and isinstance(value, dict):
-                out.append((*base, key))
+            if not isinstance(value, dict):
+                continue
+            if "rope" in key or key == "per_layer_config":
+                if "rope" in key:
+                    out.append((*base, key))
                 out += [(*base, key, k) for k, v in value.items() if isinstance(v, dict)]
+            elif key in _SUB_LEVELS:
+                out.append((*base, key))
     return out
 
 
@@ -205,7 +216,7 @@ def _read_key(model: Any, seq: list[int]) -> dict[str, Any] | None:
 
     try:
         with torch.no_grad():
-            ref = model(torch.tensor([seq]), use_cache=False).logits[0].float()
+            ref = reference_logits(model, seq)
     except Exception:
         return None
     with tempfile.TemporaryDirectory() as d:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from dualpath.model.class_defaults import CLASS_DEFAULTS, NEVER_TIED, TIE_FROM_TEXT
+from dualpath.model.class_defaults import CLASS_DEFAULTS, NEVER_TIED, TIE_BY_TEXT, TIE_FROM_TEXT
 from dualpath.model.hf_config import with_class_defaults
 from dualpath.model.spec import load_spec
 
@@ -72,9 +72,9 @@ def _registry_types() -> list[tuple[str, str]]:
             for model_type, arch in mapping.items()]
 
 
-def _read_types(arches: dict[str, None] | None = None) -> list[str]:
+def _read_types(arches: dict[str, str] | None = None) -> list[str]:
     """Every registry type whose default config we read, with its text and thinker configs' types (``arches``, when
-    given, collects the architectures read)."""
+    given, collects the architectures read, each with its model type)."""
     from transformers import AutoConfig
 
     from dualpath.errors import ModelError
@@ -90,7 +90,7 @@ def _read_types(arches: dict[str, None] | None = None) -> list[str]:
             continue
         types[model_type] = None
         if arches is not None:
-            arches[arch] = None
+            arches[arch] = model_type
         for sub in ("text_config", "thinker_config"):
             obj = getattr(cfg, sub, None)
             if obj is not None and not isinstance(obj, dict):
@@ -116,12 +116,46 @@ def tie_from_text(cls: Any) -> bool:
     return bool(cfg.tie_word_embeddings)
 
 
-def never_tied(arch: str) -> bool:
-    """Whether transformers' model class declares no tied weights (an empty ``_tied_weights_keys``): its head is its
-    own whatever the config says."""
+def head_owners(arch: str, model_type: str) -> list[str] | None:
+    """The modules of transformers' ``arch`` (built on the meta device from ``model_type``'s default config) that
+    tie its LM head: each a model that holds the head and declares tied weights ('' the model itself; an inner
+    name, such as Llama 4's ``language_model``, a model built from the text config, which alone decides). None: the
+    class has no head to tie, or transformers cannot build its own default (DBRX's)."""
     import transformers
+    from transformers import AutoConfig, PreTrainedModel
 
-    return getattr(getattr(transformers, arch, None), "_tied_weights_keys", None) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                model = getattr(transformers, arch)(AutoConfig.for_model(model_type))
+        except Exception:
+            return None
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    owners = []
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and module._tied_weights_keys:
+            try:
+                if module.get_output_embeddings() is head:
+                    owners.append(name)
+            except (AttributeError, NotImplementedError):
+                continue
+    return owners
+
+
+def never_tied(arch: str, model_type: str) -> bool:
+    """Whether nothing in transformers' model class ties its head (an empty or absent ``_tied_weights_keys``
+    wherever the head is held): the head is its own whatever the config says."""
+    return head_owners(arch, model_type) == []
+
+
+def tied_by_text(arch: str, model_type: str) -> bool:
+    """Whether ``arch`` ties its head only through an inner model built from its text config (Llama 4's, BLIP-2's
+    ``language_model``): the text config's ``tie_word_embeddings`` decides, the outer one has no say."""
+    owners = head_owners(arch, model_type)
+    return bool(owners) and "" not in owners
 
 
 def test_the_table_is_the_installed_transformers():
@@ -139,9 +173,13 @@ def test_the_table_is_the_installed_transformers():
         assert tie_from_text(CONFIG_MAPPING[model_type]), model_type
     assert {mt for mt in CLASS_DEFAULTS if tie_from_text(CONFIG_MAPPING[mt])} <= TIE_FROM_TEXT  # (none missing)
     assert {"llava", "qwen2_vl", "glm4v"} <= set(TIE_FROM_TEXT) and "gemma3" not in TIE_FROM_TEXT
+    registry = {arch: model_type for model_type, arch in _registry_types()}
     for arch in NEVER_TIED:
-        assert never_tied(arch), arch
-    assert "Cosmos3EdgeForConditionalGeneration" in NEVER_TIED
+        assert never_tied(arch, registry[arch]), arch
+    for arch in TIE_BY_TEXT:
+        assert tied_by_text(arch, registry[arch]), arch
+    assert {"Cosmos3EdgeForConditionalGeneration", "MuseSparkForConditionalGeneration"} <= NEVER_TIED
+    assert {"Llama4ForConditionalGeneration", "Blip2ForConditionalGeneration"} <= TIE_BY_TEXT
 
 
 #: the sizes a config keeps (with its special tokens and model_type); every other key is left out
@@ -268,7 +306,8 @@ def test_an_image_text_checkpoint_ties_its_head_as_transformers_ties_it(model_ty
                 assert load_spec({**cfg.to_dict(), "architectures": [arch]}).tie_embeddings == theirs, (outer, inner)
 
 
-def _module_source(table: dict[str, dict[str, Any]], tie_text: list[str], untied: list[str]) -> str:
+def _module_source(table: dict[str, dict[str, Any]], tie_text: list[str], untied: list[str],
+                   by_text: list[str]) -> str:
     head = sys.modules["dualpath.model.class_defaults"].__doc__ or ""
     lines = [f'"""{head}"""', "", "from __future__ import annotations", "", "from typing import Any", "",
              "#: model_type -> {key: its config class's default}", "CLASS_DEFAULTS: dict[str, dict[str, Any]] = {"]
@@ -277,15 +316,19 @@ def _module_source(table: dict[str, dict[str, Any]], tie_text: list[str], untied
               "#: ``tie_word_embeddings`` says (transformers 5 forwards pre-v5 saves' text-level key)",
               f"TIE_FROM_TEXT: frozenset[str] = frozenset({sorted(tie_text)!r})".replace("'", '"'),
               "#: architectures whose model class ties nothing (its head is its own whatever the config says)",
-              f"NEVER_TIED: frozenset[str] = frozenset({sorted(untied)!r})".replace("'", '"')]
+              f"NEVER_TIED: frozenset[str] = frozenset({sorted(untied)!r})".replace("'", '"'),
+              "#: architectures whose head is tied by an inner model built from the text config (its",
+              "#: ``language_model``): the text config's ``tie_word_embeddings`` decides, the outer one has no say",
+              f"TIE_BY_TEXT: frozenset[str] = frozenset({sorted(by_text)!r})".replace("'", '"')]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
     from transformers import CONFIG_MAPPING
 
-    arches: dict[str, None] = {}
+    arches: dict[str, str] = {}
     read = _read_types(arches)
     print(_module_source({mt: d for mt in read if (d := derive(CONFIG_MAPPING[mt]))},
                          [mt for mt in read if tie_from_text(CONFIG_MAPPING[mt])],
-                         [a for a in arches if never_tied(a)]), end="")
+                         [a for a, mt in arches.items() if never_tied(a, mt)],
+                         [a for a, mt in arches.items() if tied_by_text(a, mt)]), end="")

@@ -4,16 +4,62 @@ shrunk Qwen2 config moved one at a time is either read (our logits then equal tr
 
 from __future__ import annotations
 
+import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import config_keys_vs_hf  # noqa: E402
 import registry_logits_vs_hf  # noqa: E402
+
+_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "registry_logits_vs_hf.json"
+#: every type the logits sweep passes (``benchmarks/results/registry_logits_vs_hf.json``)
+_OK = [(r["model_type"], r["architecture"]) for r in json.loads(_RESULTS.read_text())["rows"] if r["status"] == "ok"]
+
+
+@pytest.mark.parametrize("model_type,arch", _OK)
+def test_the_head_is_tied_as_transformers_ties_it(model_type, arch):
+    """For every type the logits sweep passes, its shrunk config with ``tie_word_embeddings`` true, false or left
+    out (at the top and in its text config, each combination): our spec ties the LM head to the embeddings exactly
+    when transformers' model does, read from the raw config and from transformers' save of it. Found by it: Llama 4
+    and BLIP-2 (their text config decides), GLM-5.3-Flash (its top-level key does), Muse Spark (never)."""
+    import transformers
+    from transformers import AutoConfig
+
+    from dualpath.model.spec import load_spec
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoConfig.for_model(model_type)
+        kw = registry_logits_vs_hf.shrink({k: v for k, v in base.to_dict().items()
+                                           if k not in ("transformers_version", "architectures")})
+        composite, checked = isinstance(kw.get("text_config"), dict), 0
+        for outer in (True, False, None):
+            for inner in (True, False, None) if composite else (None,):
+                raw = {k: v for k, v in kw.items() if k != "tie_word_embeddings"}
+                if composite:
+                    raw["text_config"] = {k: v for k, v in kw["text_config"].items() if k != "tie_word_embeddings"}
+                    if inner is not None:
+                        raw["text_config"]["tie_word_embeddings"] = inner
+                if outer is not None:
+                    raw["tie_word_embeddings"] = outer
+                try:
+                    cfg = type(base).from_dict(dict(raw))
+                except Exception:  # (a combination transformers refuses: DBRX ties nothing, by validation)
+                    continue
+                checked += 1
+                with torch.device("meta"):
+                    model = getattr(transformers, arch)(cfg)
+                theirs = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+                assert load_spec({**raw, "architectures": [arch]}).tie_embeddings == theirs, (outer, inner)
+                assert load_spec({**cfg.to_dict(), "architectures": [arch]}).tie_embeddings == theirs, (outer, inner)
+    assert checked >= 2
 
 
 @pytest.mark.parametrize("model_type,arch", [("qwen2", "Qwen2ForCausalLM"), ("gemma3_text", "Gemma3ForCausalLM")])
@@ -43,3 +89,18 @@ def test_a_misread_key_is_reported(monkeypatch):
     monkeypatch.setattr(loader_module, "load_spec", stuck)
     row = config_keys_vs_hf.run("qwen2", "Qwen2ForCausalLM")
     assert [m["key"] for m in row["misread"]] == ["rms_norm_eps"]
+
+
+def test_the_shrink_keeps_the_per_layer_overrides_of_the_layers_left():
+    """A ``per_layer_config`` is cut as the per-layer lists are (the last layers, renumbered), its sizes kept apart
+    from the base ones, and every layer of a kind given that kind's override: Gemma 4's full layers keep a head
+    wider than its sliding ones, as in the released configs."""
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model("gemma4_text").to_dict()
+    out = registry_logits_vs_hf.shrink(base)
+    kinds = out["layer_types"]
+    assert len(kinds) == 3 and "full_attention" in kinds and "sliding_attention" in kinds
+    over = {int(k): v for k, v in out["per_layer_config"].items()}
+    assert sorted(over) == [i for i, t in enumerate(kinds) if t == "full_attention"]
+    assert all(v["head_dim"] != out["head_dim"] for v in over.values())

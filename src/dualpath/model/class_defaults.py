@@ -249,4 +249,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
 #: ``tie_word_embeddings`` says (transformers 5 forwards pre-v5 saves' text-level key)
 TIE_FROM_TEXT: frozenset[str] = frozenset(["fast_vlm", "glm4v", "glm4v_moe", "glm_ocr", "hunyuan_vl", "llava", "llava_next_video", "llava_onevision", "minimax_m3_vl", "paddleocr_vl", "qwen2_5_vl", "qwen2_vl", "shieldgemma2", "video_llama_3"])
 #: architectures whose model class ties nothing (its head is its own whatever the config says)
-NEVER_TIED: frozenset[str] = frozenset(["BailingHybridForCausalLM", "Cosmos3EdgeForConditionalGeneration", "InklingForCausalLM", "InklingForConditionalGeneration", "KimiLinearForCausalLM", "NemotronHForCausalLM"])
+NEVER_TIED: frozenset[str] = frozenset(["BailingHybridForCausalLM", "Cosmos3EdgeForConditionalGeneration", "InklingForCausalLM", "InklingForConditionalGeneration", "KimiLinearForCausalLM", "Molmo2ForConditionalGeneration", "MuseSparkForConditionalGeneration", "NemotronHForCausalLM"])
+#: architectures whose head is tied by an inner model built from the text config (its
+#: ``language_model``): the text config's ``tie_word_embeddings`` decides, the outer one has no say
+TIE_BY_TEXT: frozenset[str] = frozenset(["Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration", "InstructBlipVideoForConditionalGeneration", "Kosmos2_5ForConditionalGeneration", "Llama4ForConditionalGeneration"])

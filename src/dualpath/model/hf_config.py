@@ -47,12 +47,17 @@ def composite_tie(cfg: dict[str, Any], text: dict[str, Any], own: dict[str, Any]
     :func:`with_class_defaults` has filled it), or by either that and the text config's for the classes that
     forward a pre-v5 save's text-level key (:data:`~dualpath.model.class_defaults.TIE_FROM_TEXT`: Llava, Qwen2-VL,
     GLM-4.1V, ...); never for a model class that ties nothing (:data:`~dualpath.model.class_defaults.NEVER_TIED`:
-    Cosmos3 Edge). ``own``: the config holding the outer key when it is not ``cfg`` (an Omni model's thinker).
-    None: the outer config has no say (the text config's key stands)."""
-    from dualpath.model.class_defaults import NEVER_TIED, TIE_FROM_TEXT
+    Cosmos3 Edge, Muse Spark). ``own``: the config holding the outer key when it is not ``cfg`` (an Omni model's
+    thinker). None: the outer config has no say (the text config's key stands): it leaves the key out, or its class
+    ties the head inside a language model built from the text config
+    (:data:`~dualpath.model.class_defaults.TIE_BY_TEXT`: Llama 4, BLIP-2)."""
+    from dualpath.model.class_defaults import NEVER_TIED, TIE_BY_TEXT, TIE_FROM_TEXT
 
-    if any(a in NEVER_TIED for a in cfg.get("architectures") or []):
+    archs = cfg.get("architectures") or []
+    if any(a in NEVER_TIED for a in archs):
         return False
+    if any(a in TIE_BY_TEXT for a in archs):
+        return None
     outer = (cfg if own is None else own).get("tie_word_embeddings")
     if outer is None:
         return None

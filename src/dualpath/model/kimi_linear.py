@@ -235,11 +235,14 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None, 
 def _spec(norm: dict[str, Any], model_type: str, types: list[str], where: str, dtype: str | None, kv_format: str,
           max_context: int | None, interleave: bool, lower_bound: float | None = None) -> KimiLinearSpec:
     """The spec of a normalized config (DeepSeek-V3's key names plus ``linear_*``): DeepSeek-V3's reading of the
-    MLA and MoE keys, then the KDA layers'. Neither family's transformers class ties the head to the embeddings
-    (``_tied_weights_keys`` empty): ``lm_head`` is read whatever ``tie_word_embeddings`` says."""
+    MLA and MoE keys, then the KDA layers'. Neither Kimi Linear's nor Bailing's transformers class ties the head to
+    the embeddings (``_tied_weights_keys`` empty): ``lm_head`` is read whatever ``tie_word_embeddings`` says.
+    GLM-5.3-Flash's image-text class ties it when its outer ``tie_word_embeddings`` says so (which
+    :func:`dualpath.model.glm5_next.text_config` has put in ``norm``)."""
     arch = {ARCH: ["KimiLinearForCausalLM"], BAILING: ["BailingHybridForCausalLM"], GLM5_NEXT: []}[model_type]
+    tie = model_type == GLM5_NEXT and bool(norm.get("tie_word_embeddings"))
     base = DeepseekV3Spec.from_hf_config({**norm, "architectures": arch, "model_type": model_type,
-                                          "rope_interleave": interleave, "tie_word_embeddings": False},
+                                          "rope_interleave": interleave, "tie_word_embeddings": tie},
                                          dtype=dtype, kv_format="auto", where=where, max_context=max_context)
     return KimiLinearSpec(**{f.name: getattr(base, f.name) for f in fields(DeepseekV3Spec) if f.name != "kv_format"},
                           layer_types=tuple(types), lin_heads=cfg_int(norm, "linear_num_heads", where),

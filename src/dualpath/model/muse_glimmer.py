@@ -144,8 +144,11 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     for key in ("torch_dtype", "dtype"):
         if key in cfg and key not in text:
             norm[key] = cfg[key]
-    if text is not cfg:  # (the image-text model ties its head by its own config's key)
-        norm["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
+    if text is not cfg:  # (the image-text model ties its head by its own config's key; Muse Spark's never does)
+        from dualpath.model.hf_config import composite_tie
+
+        outer = {"architectures": [SPARK_ARCHITECTURE if spark else ARCHITECTURE], **cfg}
+        norm["tie_word_embeddings"] = bool(composite_tie(outer, text) or False)
     if norm.get("hidden_activation", norm.get("hidden_act")) not in ("silu", "swish"):
         raise ModelError(f"{where}: hidden_activation {norm.get('hidden_activation')!r} unsupported (SwiGLU needs "
                          "'silu')")

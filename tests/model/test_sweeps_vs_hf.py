@@ -54,8 +54,11 @@ def test_the_head_is_tied_as_transformers_ties_it(model_type, arch):
                 except Exception:  # (a combination transformers refuses: DBRX ties nothing, by validation)
                     continue
                 checked += 1
-                with torch.device("meta"):
-                    model = getattr(transformers, arch)(cfg)
+                try:
+                    with torch.device("meta"):
+                        model = getattr(transformers, arch)(cfg)
+                except ModuleNotFoundError as exc:  # (a class that needs a package not installed: Inkling, scipy)
+                    pytest.skip(f"transformers' {arch} needs {exc.name}")
                 theirs = model.get_output_embeddings().weight is model.get_input_embeddings().weight
                 assert load_spec({**raw, "architectures": [arch]}).tie_embeddings == theirs, (outer, inner)
                 assert load_spec({**cfg.to_dict(), "architectures": [arch]}).tie_embeddings == theirs, (outer, inner)

@@ -13,8 +13,9 @@ and takes the original model's weights where the shapes agree (fresh ones where 
   prefill chunks and a decode step over paged KV) must equal transformers' within 1e-3 of their range, else the key
   is reported ``misread``. A move that our reader or transformers refuses is counted as refused.
 
-Keys that only steer weight initialisation, training or the vision / audio side, and context lengths and special
-tokens, are not moved. Nothing downloads. Run:
+Keys that only steer weight initialisation, training or the vision / audio side, and special tokens, are not moved
+(context lengths are: 17 tokens are far below any of them, so a RoPE scaled by the context length is what they
+check). Nothing downloads. Run:
 ``python benchmarks/config_keys_vs_hf.py [--types llama,zamba2] [--json OUT]``.
 
 Found by it, and fixed: Zamba2's ``attention_head_dim`` and RecurrentGemma's ``head_dim`` (derived from the widths
@@ -43,11 +44,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from registry_logits_vs_hf import V, reference_logits, shrink  # noqa: E402
 
-#: key name parts never moved: initialisation, training, bookkeeping, special tokens, context length, the towers
+#: key name parts never moved: initialisation, training, bookkeeping, special tokens, the towers
 _SKIP = ("init", "dropout", "pdrop", "use_cache", "token_id", "token_index", "output_", "return_dict", "chunk_size_feed",
          "is_encoder_decoder", "num_labels", "dtype", "pretraining_tp", "vision", "audio", "image", "video",
-         "vocab_size", "mm_", "projector", "spatial", "temporal", "patch", "max_position", "n_positions",
-         "seq_length", "model_max_length", "aux_loss", "loss", "logits_to_keep", "mtp", "nextn", "cache", "label",
+         "vocab_size", "mm_", "projector", "spatial", "temporal", "patch",
+         "model_max_length", "aux_loss", "loss", "logits_to_keep", "mtp", "nextn", "cache", "label",
          "time_step_max", "time_step_floor", "time_step_scale", "rescale_prenorm_residual", "a_log_min",
          "a_log_max", "downsample", "scale_factor", "merger", "num_channels", "latent_query", "out_hidden_size",
          "alignment_intermediate")

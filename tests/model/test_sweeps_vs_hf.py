@@ -107,3 +107,48 @@ def test_the_shrink_keeps_the_per_layer_overrides_of_the_layers_left():
     over = {int(k): v for k, v in out["per_layer_config"].items()}
     assert sorted(over) == [i for i, t in enumerate(kinds) if t == "full_attention"]
     assert all(v["head_dim"] != out["head_dim"] for v in over.values())
+
+
+def _v4_style(cfg: dict) -> dict:
+    """``cfg`` as transformers 4 wrote it: ``rope_parameters`` as a top-level ``rope_theta`` (and
+    ``partial_rotary_factor``) plus ``rope_scaling`` (null for the default RoPE), ``dtype`` as ``torch_dtype``; in
+    every sub-config. A RoPE per layer type has no v4 form and is kept."""
+    out: dict = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and key.endswith("_config"):
+            out[key] = _v4_style(value)
+        elif key == "rope_parameters" and isinstance(value, dict) and not any(
+                isinstance(v, dict) for v in value.values()):
+            rope = dict(value)
+            for moved in ("rope_theta", "partial_rotary_factor"):
+                if moved in rope:
+                    out[moved] = rope.pop(moved)
+            kind = rope.get("rope_type", "default")
+            out["rope_scaling"] = None if set(rope) <= {"rope_type"} and kind == "default" else {**rope, "type": kind}
+        elif key == "dtype":
+            out["torch_dtype"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def test_a_transformers_4_config_reads_as_its_transformers_5_form():
+    """Every type the logits sweep passes, its shrunk config saved by transformers 5 and rewritten as transformers 4
+    wrote it (:func:`_v4_style`, which transformers 5 converts back on reading, a leftover ``type`` key aside): our
+    spec of both is the same."""
+    from transformers import AutoConfig
+
+    from dualpath.model.spec import load_spec
+
+    moved = 0
+    for model_type, arch in _OK:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = AutoConfig.for_model(model_type)
+            kw = registry_logits_vs_hf.shrink({k: v for k, v in base.to_dict().items()
+                                               if k not in ("transformers_version", "architectures")})
+            cfg = type(base).from_dict({**kw, "dtype": "float32"}).to_dict()
+        old = _v4_style(cfg)
+        moved += json.dumps(old).count('"rope_parameters"') < json.dumps(cfg).count('"rope_parameters"')
+        assert load_spec({**old, "architectures": [arch]}) == load_spec({**cfg, "architectures": [arch]}), model_type
+    assert moved > 150  # (most types' RoPE, at the top or in the text config, had a v4 form)

@@ -152,3 +152,30 @@ def test_a_transformers_4_config_reads_as_its_transformers_5_form():
         moved += json.dumps(old).count('"rope_parameters"') < json.dumps(cfg).count('"rope_parameters"')
         assert load_spec({**old, "architectures": [arch]}) == load_spec({**cfg, "architectures": [arch]}), model_type
     assert moved > 150  # (most types' RoPE, at the top or in the text config, had a v4 form)
+
+
+def test_the_dtype_a_config_names_is_the_compute_dtype():
+    """Every type the logits sweep passes, its shrunk config saved by transformers 5 with ``dtype`` bfloat16 or
+    float16: our spec computes in it, and in a composite config whose text config names none (transformers 5 writes
+    a sub-config's unset dtype as null) also when only the text config names it. Found by it: ten image-text readers
+    (Gemma 3, Kimi K2.5, Step 3.7, Mistral Large 4, ...) took a null text-level dtype over the outer one and computed
+    in float32."""
+    from transformers import AutoConfig
+
+    from dualpath.model.spec import load_spec
+
+    composites = 0
+    for model_type, arch in _OK:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = AutoConfig.for_model(model_type)
+            kw = registry_logits_vs_hf.shrink({k: v for k, v in base.to_dict().items()
+                                               if k not in ("transformers_version", "architectures")})
+            for dtype in ("bfloat16", "float16"):
+                cfg = type(base).from_dict({**kw, "dtype": dtype}).to_dict()
+                assert load_spec({**cfg, "architectures": [arch]}).dtype == dtype, (model_type, dtype)
+                if isinstance(cfg.get("text_config"), dict):
+                    composites += 1
+                    inner = {**cfg, "dtype": None, "text_config": {**cfg["text_config"], "dtype": dtype}}
+                    assert load_spec({**inner, "architectures": [arch]}).dtype == dtype, (model_type, dtype, "text")
+    assert composites > 100

@@ -27,7 +27,7 @@ from dualpath.model.hybrid import Backbone
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, _rope
 from dualpath.model.moe import FeedForward, dispatch_experts
 from dualpath.model.spec import ModelSpec
-from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, parse_rope
+from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, inherit_outer, parse_rope
 
 __all__ = ["ARCH", "DeepseekOcr2Model", "DeepseekOcr2Spec", "spec_from_config", "tensors_in", "tensors_out"]
 
@@ -102,9 +102,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if not isinstance(text, dict):
         raise ModelError(f"{where}: text_config must be an object (DeepSeek-OCR 2's language model)")
     norm = {**DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
-    for key in ("torch_dtype", "dtype"):
-        if key in cfg and key not in text:
-            norm[key] = cfg[key]
+    inherit_outer(norm, text, cfg)
     if text is not cfg:  # (the image-text model ties its head by its own config's key, never by the text config's)
         norm["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     if norm.get("hidden_act") not in ("silu", "swish"):

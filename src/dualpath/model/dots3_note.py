@@ -39,7 +39,7 @@ from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch
 from dualpath.model.mla_spec import DeepseekV3Spec
 from dualpath.model.moe import FeedForward, dispatch_experts
 from dualpath.model.rope import rope_frequencies
-from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, parse_rope
+from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, inherit_outer, parse_rope
 
 __all__ = ["ARCH", "Dots3NoteModel", "Dots3NoteSpec", "spec_from_config", "tensors_in"]
 
@@ -174,9 +174,7 @@ def text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(text, dict):
         raise ModelError(f"{where}: text_config must be an object (dots3-note's language model)")
     out = dict(text)
-    for key in ("torch_dtype", "dtype"):
-        if key not in text and key in cfg:
-            out[key] = cfg[key]
+    inherit_outer(out, text, cfg)
     if "tie_word_embeddings" in cfg:
         out["tie_word_embeddings"] = cfg["tie_word_embeddings"]
     return out

@@ -40,7 +40,7 @@ from dualpath.model.kimi_linear import (
 )
 from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.moe import FeedForward
-from dualpath.model.spec_common import cfg_int, cfg_kinds
+from dualpath.model.spec_common import cfg_int, cfg_kinds, inherit_outer
 
 #: Glm5NextTextConfig's defaults, under DeepSeek-V3's key names
 DEFAULTS: dict[str, Any] = {
@@ -64,9 +64,7 @@ def text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if text.get("model_type", GLM5_NEXT) != GLM5_NEXT:
         raise ModelError(f"{where}: text_config.model_type {text['model_type']!r} unsupported (expected {GLM5_NEXT})")
     out = dict(text)
-    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id"):
-        if key not in text and key in cfg:
-            out[key] = cfg[key]
+    inherit_outer(out, text, cfg, ("torch_dtype", "dtype", "bos_token_id", "eos_token_id"))
     out["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     return out
 

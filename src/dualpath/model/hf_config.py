@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from dualpath.errors import ModelError
+from dualpath.model.spec_common import inherit_outer
 
 #: Gemma3TextConfig's defaults, for the sparse ``text_config`` of Gemma 3's multimodal checkpoints (gemma-3-4b-it
 #: lists only what differs from them)
@@ -32,9 +33,7 @@ def gemma3_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(text, dict):
         raise ModelError(f"{where}: text_config must be an object")
     out = {**_GEMMA3_TEXT_DEFAULTS, **text, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
-    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
-        if key not in text and key in cfg:
-            out[key] = cfg[key]
+    inherit_outer(out, text, cfg, ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"))
     tie = composite_tie(cfg, text)
     if tie is not None:
         out["tie_word_embeddings"] = tie

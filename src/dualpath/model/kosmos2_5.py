@@ -38,7 +38,7 @@ from dualpath.model.hybrid import Backbone
 from dualpath.model.layernorm_family import ACTIVATIONS, activation
 from dualpath.model.llama import ForwardState, SinusoidalPositions, TypedRopeDecoder
 from dualpath.model.spec import ModelSpec
-from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
+from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype, inherit_outer
 
 __all__ = ["ARCH", "Kosmos25Model", "Kosmos25Spec", "spec_from_config", "tensors_in", "tensors_out"]
 
@@ -105,9 +105,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     # (Kosmos2_5TextConfig's attribute_map, for a text config that names no model_type too)
     text = canonical_keys({**text, "model_type": "kosmos_2_5_text_model"}, where)
     norm = {**DEFAULTS, **{k: v for k, v in text.items() if v is not None or k == "pad_token_id"}}
-    for key in ("torch_dtype", "dtype"):
-        if key in cfg and key not in text:
-            norm[key] = cfg[key]
+    inherit_outer(norm, text, cfg)
     if norm.get("pad_token_id") is None:
         raise ModelError(f"{where}: text_config.pad_token_id is null: Kosmos-2.5's positions count from the padding "
                          "id, and transformers cannot build them without one")

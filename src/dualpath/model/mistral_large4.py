@@ -46,7 +46,7 @@ from dualpath.model.dsa import _rope_half
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch
 from dualpath.model.mla_spec import DeepseekV3Spec, _glm5_shared_indexer_layers
 from dualpath.model.moe import FeedForward
-from dualpath.model.spec_common import cfg_int, cfg_num, parse_rope
+from dualpath.model.spec_common import cfg_int, cfg_num, inherit_outer, parse_rope
 
 __all__ = ["ARCH", "MistralLarge4Model", "MistralLarge4Spec", "spec_from_config", "tensors_in", "tensors_out"]
 
@@ -155,9 +155,7 @@ def text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if text.get("model_type", ARCH) != ARCH:
         raise ModelError(f"{where}: text_config.model_type {text['model_type']!r} unsupported (expected {ARCH})")
     out = dict(text)
-    for key in ("torch_dtype", "dtype"):
-        if key not in text and key in cfg:
-            out[key] = cfg[key]
+    inherit_outer(out, text, cfg)
     # (the image-text model ties its head by its own config's key, False by default; never by the text config's)
     out["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     return out

@@ -17,7 +17,7 @@ import torch
 
 from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
-from dualpath.model.spec_common import _DTYPES, _SpecCommon, parse_rope, read_hf_config
+from dualpath.model.spec_common import _DTYPES, _SpecCommon, inherit_outer, parse_rope, read_hf_config
 
 #: image-text checkpoints whose language model is a DeepSeek-V3 (MLA) decoder: Kimi K2.5 (transformers' name and the
 #: hub's remote-code name)
@@ -43,10 +43,7 @@ def mla_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
                          "or kimi_k2)")
     out = {**text, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
            "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True))}
-    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
-        if key not in text and key in cfg:
-            out[key] = cfg[key]
-    return out
+    return inherit_outer(out, text, cfg, ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"))
 
 
 def _hy_vl_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -65,10 +62,7 @@ def _hy_vl_text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     rope = out.get("rope_parameters")
     if isinstance(rope, dict):
         out["rope_parameters"] = {k: v for k, v in rope.items() if k not in ("mrope_section", "mrope_interleaved")}
-    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
-        if key not in text and key in cfg:
-            out[key] = cfg[key]
-    return out
+    return inherit_outer(out, text, cfg, ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"))
 
 
 _DEEPSEEK_ARCH = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2",

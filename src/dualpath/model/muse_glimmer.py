@@ -30,7 +30,7 @@ from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, _rope
 from dualpath.model.spec import ModelSpec
-from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, parse_rope
+from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, inherit_outer, parse_rope
 
 __all__ = ["ARCH", "MuseGlimmerModel", "MuseGlimmerSpec", "spec_from_config", "tensors_in", "tensors_out"]
 
@@ -141,9 +141,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if spark:
         norm.pop("hidden_activation", None)
         norm["hidden_activation"] = norm.get("hidden_act")
-    for key in ("torch_dtype", "dtype"):
-        if key in cfg and key not in text:
-            norm[key] = cfg[key]
+    inherit_outer(norm, text, cfg)
     if text is not cfg:  # (the image-text model ties its head by its own config's key; Muse Spark's never does)
         from dualpath.model.hf_config import composite_tie
 

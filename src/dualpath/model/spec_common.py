@@ -63,6 +63,17 @@ def config_dtype(cfg: Mapping[str, Any], dtype: str | None) -> str:
     return named if named in _DTYPES else "float32"
 
 
+def inherit_outer(out: dict[str, Any], text: Mapping[str, Any], cfg: Mapping[str, Any],
+                  keys: tuple[str, ...] = ("torch_dtype", "dtype")) -> dict[str, Any]:
+    """``out`` (an image-text checkpoint's language-model config, read from its ``text`` config) given each of
+    ``keys`` that ``text`` leaves out or null from the outer ``cfg``, where such keys live (the dtype, the special
+    tokens); transformers 5 writes a sub-config's unset dtype as null."""
+    for key in keys:
+        if text.get(key) is None and key in cfg:
+            out[key] = cfg[key]
+    return out
+
+
 class _SpecCommon:
     """What every architecture's spec derives the same way from its ``dtype`` and ``rope_scaling`` fields."""
 

@@ -35,7 +35,7 @@ from dualpath.model.hybrid import Backbone
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, _rope
 from dualpath.model.moe import SigmoidBiasRouter, dispatch_experts
 from dualpath.model.spec import ModelSpec
-from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
+from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, inherit_outer
 
 __all__ = ["ARCH", "Step3p7Model", "Step3p7Spec", "spec_from_config", "tensors_in", "tensors_out"]
 
@@ -142,9 +142,7 @@ def text_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(text, dict):
         raise ModelError(f"{where}: text_config must be an object (Step 3.7's language model)")
     out = dict(text)
-    for key in ("torch_dtype", "dtype"):
-        if key not in text and key in cfg:
-            out[key] = cfg[key]
+    inherit_outer(out, text, cfg)
     # (the image-text model ties its head by its own config, which has no such key: never by the text config's)
     out["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
     return out

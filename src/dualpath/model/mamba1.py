@@ -66,7 +66,10 @@ class Mamba1Spec(StatePagesSpec, ModelSpec):
             "architectures": [HF_ARCH[self.architecture]], "model_type": self.architecture,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "state_size": self.state,
             "num_hidden_layers": self.n_layers, "layer_norm_epsilon": self.rms_eps,
-            "expand": self.inner // self.hidden_size, "conv_kernel": self.kernel, "use_bias": self.proj_bias,
+            # (transformers takes a given intermediate_size over expand x hidden_size: an inner width that is no
+            # multiple of the hidden size is written as it is)
+            "expand": max(1, self.inner // self.hidden_size), "intermediate_size": self.inner,
+            "conv_kernel": self.kernel, "use_bias": self.proj_bias,
             "use_conv_bias": self.conv_bias, "time_step_rank": self.dt_rank,
             "tie_word_embeddings": self.tie_embeddings, "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id, "dtype": self.dtype,

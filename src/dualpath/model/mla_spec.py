@@ -562,6 +562,11 @@ class DeepseekV3Spec(_SpecCommon):
             if self.model_type == "hy_v4_vl_text":  # (its image-text config: the language model's alone reads so)
                 del cfg["architectures"]
                 text = {**cfg, "model_type": "hy_v4_vl_text"}
+                text_rope = text.get("rope_parameters")
+                if isinstance(text_rope, dict) and "mrope_section" not in text_rope:  # (sections of the rotated
+                    half = self.qk_rope_head_dim // 2  # half, as its class requires; [12, 10, 10] at 64: over text
+                    text["rope_parameters"] = {**text_rope,  # positions M-RoPE is the plain RoPE)
+                                               "mrope_section": [half - 2 * (half // 3)] + [half // 3] * 2}
                 cfg = {"architectures": [_HY_VL_ARCH], "model_type": "hy_v4_vl", "text_config": text,
                        "tie_word_embeddings": self.tie_embeddings}
         if self.model_type == "minicpm3":

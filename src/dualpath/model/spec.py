@@ -917,10 +917,13 @@ class ModelSpec(_SpecCommon):
 
     def to_hf_config(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers (and :meth:`from_hf_config`) read back to this spec
-        (:func:`dualpath.model.spec_out.hf_config`)."""
+        (:func:`dualpath.model.spec_out.hf_config`). A copy: nothing in it is shared with this spec (transformers'
+        config classes change the RoPE dict they are given)."""
+        import copy
+
         from dualpath.model.spec_out import hf_config
 
-        return hf_config(self)
+        return copy.deepcopy(hf_config(self))
 
     # ------------------------------------------------------------------------------------------------------
     @classmethod

@@ -103,8 +103,9 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
 
     from dualpath.model.spec import load_spec
 
-    row: dict[str, Any] = {"model_type": model_type, "architecture": arch, "ignored": [], "misread": []}
-    counts = {"read": 0, "ignored": 0, "refused": 0}
+    row: dict[str, Any] = {"model_type": model_type, "architecture": arch, "ignored": [], "misread": [],
+                           "refused_by_us": []}
+    counts = {"read": 0, "ignored": 0, "refused": 0, "refused_by_transformers": 0, "refused_by_us": 0}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = AutoConfig.for_model(model_type).to_dict()
@@ -139,16 +140,27 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
                 try:
                     full = type(AutoConfig.for_model(model_type)).from_dict(copy.deepcopy(variant)).to_dict()
                     model = _model(model_type, arch, variant)
-                    read = load_spec({**full, "architectures": [arch]}) != spec0
                 except Exception:
-                    counts["refused"] += 1  # (refused by us or by transformers: the key is not silently ignored)
+                    counts["refused"] += 1  # (refused by transformers: no checkpoint says it)
+                    counts["refused_by_transformers"] += 1
+                    continue
+                try:
+                    read = load_spec({**full, "architectures": [arch]}) != spec0
+                except Exception as exc:  # (refused by us, by name: the key is not silently ignored)
+                    counts["refused"] += 1
+                    counts["refused_by_us"] += 1
+                    row["refused_by_us"].append({"key": name, "from": value, "to": new, "why": str(exc)[:160]})
                     continue
                 state = model.state_dict()
                 if read:
                     _take_weights(model, state, weights)
                     verdict = _read_key(model, seq)
-                    if verdict is None:
+                    if verdict is None or verdict["status"] == "refused":
                         counts["refused"] += 1
+                        counts["refused_by_us" if verdict else "refused_by_transformers"] += 1
+                        if verdict:
+                            row["refused_by_us"].append({"key": name, "from": value, "to": new,
+                                                         "why": verdict["detail"]})
                     elif verdict["status"] == "ok":
                         counts["read"] += 1
                     elif (model_type, name) in _KNOWN:
@@ -205,8 +217,8 @@ def _levels(kw: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def _read_key(model: Any, seq: list[int]) -> dict[str, Any] | None:
-    """transformers' ``model`` saved, read by our loader, compared (None: transformers cannot run it on text, or we
-    refuse it by name)."""
+    """transformers' ``model`` saved, read by our loader, compared (None: transformers cannot run it on text;
+    status ``refused``: our loader refuses it by name)."""
     import tempfile
 
     from registry_logits_vs_hf import compare
@@ -228,7 +240,7 @@ def _read_key(model: Any, seq: list[int]) -> dict[str, Any] | None:
         except ModelError as exc:
             if "does not match the model config" in str(exc):
                 return {"status": "load failed", "detail": str(exc)[:200]}
-            return None
+            return {"status": "refused", "detail": str(exc)[:160]}
     return compare(ours, ref, seq)
 
 
@@ -254,12 +266,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model_type:28s} {row['status']}: {row['misread'] or row['ignored'] or row.get('detail')}",
                   flush=True)
     counts: dict[str, int] = {}
-    keys = {"read": 0, "ignored": 0, "refused": 0}
+    keys = {"read": 0, "ignored": 0, "refused": 0, "refused_by_transformers": 0, "refused_by_us": 0}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
         for k in keys:
             keys[k] += r.get("keys", {}).get(k, 0)
-    print(f"{len(rows)} types: {counts}; keys moved: {keys} (read: by us, our logits then equal transformers'; ignored: by our reader; refused: by either side)")
+    print(f"{len(rows)} types: {counts}; keys moved: {keys} (read: by us, our logits then equal transformers'; ignored: by our reader; refused: by either side, split by side)")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": "python benchmarks/config_keys_vs_hf.py --json OUT",
                                                "counts": counts, "keys": keys, "rows": rows},

@@ -342,15 +342,23 @@ class Attention(nn.Module):
 
 
 class MLP(FeedForward):
-    """The dense MLP of ``intermediate_size``: SwiGLU, or for Gemma GeGLU ``down(gelu_tanh(gate(x)) * up(x))``."""
+    """The dense MLP of ``intermediate_size``: SwiGLU, for Gemma GeGLU ``down(gelu_tanh(gate(x)) * up(x))``, or
+    ``down(act(gate(x)) * up(x))`` with the spec's ``activation`` where a config names another ``hidden_act``."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.gelu = spec.gemma_style
+        self.act: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if not self.gelu and spec.activation not in (None, "silu"):
+            from dualpath.model.layernorm_family import activation
+
+            self.act = activation(str(spec.activation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gelu:
             return cast(torch.Tensor, self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)))
+        if self.act is not None:
+            return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
         return super().forward(x)
 
 

@@ -478,9 +478,12 @@ class ModelSpec(_SpecCommon):
         ln = self.architecture in lnf.LN_ARCHS
         for name in names:
             value = getattr(self, name)
-            if (value is None) == (ln or (name == "activation"
-                                          and self.architecture in ("arcee", "nanochat", "jais2", "apertus",
-                                                                    "bitnet"))):
+            needed = ln or (name == "activation" and self.architecture in ("arcee", "nanochat", "jais2", "apertus",
+                                                                          "bitnet"))
+            # (a dense gated MLP's activation other than SiLU: the Llama-shaped families without experts)
+            optional = (name == "activation" and not needed and self.gated_mlp and not self.gemma_style
+                        and self.architecture not in ALL_MOE_ARCHS)
+            if (value is None and needed) or (value is not None and not needed and not optional):
                 raise ModelError(f"model config: {name} is the LayerNorm families' ({', '.join(lnf.LN_ARCHS)}) and "
                                  f"required there, got {value!r} for {self.architecture}")
             if ln and name != "activation" and not isinstance(value, bool):
@@ -1135,8 +1138,13 @@ class ModelSpec(_SpecCommon):
             if act not in lnf.ACTIVATIONS:
                 raise ModelError(f"{where}: hidden_act {act!r} unsupported; expected one of {sorted(lnf.ACTIVATIONS)}")
             ln_fields = {"activation": lnf.ACTIVATIONS[act]}
-        elif cfg.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
+        elif cfg.get("hidden_act", "silu") not in ("silu", "swish"):  # (a dense gated MLP takes any of the
+            act = cfg["hidden_act"]  # LayerNorm families' activations, as transformers' ACT2FN does; experts SiLU)
+            if arch in ALL_MOE_ARCHS or act not in lnf.ACTIVATIONS:
+                raise ModelError(f"{where}: hidden_act {act!r} unsupported (" + (
+                    "its experts' SwiGLU needs 'silu')" if arch in ALL_MOE_ARCHS
+                    else f"expected one of {sorted(lnf.ACTIVATIONS)})"))
+            ln_fields = {**(ln_fields or {}), "activation": lnf.ACTIVATIONS[act]}
         if cfg.get("mlp_bias"):
             raise ModelError(f"{where}: mlp_bias=true is unsupported")
         window, full_layers = _layer_windows(arch, cfg, archs, model_type, where)

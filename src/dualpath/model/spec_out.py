@@ -43,7 +43,9 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
         "rope_scaling": spec.rope_scaling,
         "max_position_embeddings": spec.max_position,
         "tie_word_embeddings": spec.tie_embeddings,
-        "hidden_act": "silu",
+        # (a dense gated MLP's other activation, by transformers' name)
+        "hidden_act": {"gelu_tanh": "gelu_pytorch_tanh"}.get(str(spec.activation), spec.activation)
+        if spec.activation is not None and spec.gated_mlp and not spec.layer_norm else "silu",
         "torch_dtype": spec.dtype,
     }
     if spec.architecture in ("llama", "diffllama", "qwen3", "qwen3_moe", "gemma", *GEMMA2_LIKE, "olmo2", "olmo3",

@@ -23,6 +23,15 @@ _RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "reg
 _OK = [(r["model_type"], r["architecture"]) for r in json.loads(_RESULTS.read_text())["rows"] if r["status"] == "ok"]
 
 
+def _shrunk(model_type: str) -> tuple:
+    """``model_type``'s default config object and its config shrunk by the logits sweep's rule."""
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(model_type)
+    return base, registry_logits_vs_hf.shrink({k: v for k, v in base.to_dict().items()
+                                               if k not in ("transformers_version", "architectures")})
+
+
 @pytest.mark.parametrize("model_type,arch", _OK)
 def test_the_head_is_tied_as_transformers_ties_it(model_type, arch):
     """For every type the logits sweep passes, its shrunk config with ``tie_word_embeddings`` true, false or left
@@ -30,15 +39,12 @@ def test_the_head_is_tied_as_transformers_ties_it(model_type, arch):
     when transformers' model does, read from the raw config and from transformers' save of it. Found by it: Llama 4
     and BLIP-2 (their text config decides), GLM-5.3-Flash (its top-level key does), Muse Spark (never)."""
     import transformers
-    from transformers import AutoConfig
 
     from dualpath.model.spec import load_spec
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = AutoConfig.for_model(model_type)
-        kw = registry_logits_vs_hf.shrink({k: v for k, v in base.to_dict().items()
-                                           if k not in ("transformers_version", "architectures")})
+        base, kw = _shrunk(model_type)
         composite, checked = isinstance(kw.get("text_config"), dict), 0
         for outer in (True, False, None):
             for inner in (True, False, None) if composite else (None,):
@@ -137,7 +143,6 @@ def test_a_transformers_4_config_reads_as_its_transformers_5_form():
     """Every type the logits sweep passes, its shrunk config saved by transformers 5 and rewritten as transformers 4
     wrote it (:func:`_v4_style`, which transformers 5 converts back on reading, a leftover ``type`` key aside): our
     spec of both is the same."""
-    from transformers import AutoConfig
 
     from dualpath.model.spec import load_spec
 
@@ -145,9 +150,7 @@ def test_a_transformers_4_config_reads_as_its_transformers_5_form():
     for model_type, arch in _OK:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            base = AutoConfig.for_model(model_type)
-            kw = registry_logits_vs_hf.shrink({k: v for k, v in base.to_dict().items()
-                                               if k not in ("transformers_version", "architectures")})
+            base, kw = _shrunk(model_type)
             cfg = type(base).from_dict({**kw, "dtype": "float32"}).to_dict()
         old = _v4_style(cfg)
         moved += json.dumps(old).count('"rope_parameters"') < json.dumps(cfg).count('"rope_parameters"')
@@ -161,7 +164,6 @@ def test_the_dtype_a_config_names_is_the_compute_dtype():
     a sub-config's unset dtype as null) also when only the text config names it. Found by it: ten image-text readers
     (Gemma 3, Kimi K2.5, Step 3.7, Mistral Large 4, ...) took a null text-level dtype over the outer one and computed
     in float32."""
-    from transformers import AutoConfig
 
     from dualpath.model.spec import load_spec
 
@@ -169,9 +171,7 @@ def test_the_dtype_a_config_names_is_the_compute_dtype():
     for model_type, arch in _OK:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            base = AutoConfig.for_model(model_type)
-            kw = registry_logits_vs_hf.shrink({k: v for k, v in base.to_dict().items()
-                                               if k not in ("transformers_version", "architectures")})
+            base, kw = _shrunk(model_type)
             for dtype in ("bfloat16", "float16"):
                 cfg = type(base).from_dict({**kw, "dtype": dtype}).to_dict()
                 assert load_spec({**cfg, "architectures": [arch]}).dtype == dtype, (model_type, dtype)
@@ -196,7 +196,7 @@ def test_the_config_we_write_reads_back_to_the_same_spec():
     import copy
     import dataclasses
 
-    from transformers import CONFIG_MAPPING, AutoConfig
+    from transformers import CONFIG_MAPPING
 
     from dualpath.model.spec import load_spec
 
@@ -204,9 +204,7 @@ def test_the_config_we_write_reads_back_to_the_same_spec():
     for model_type, arch in _OK:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            base = AutoConfig.for_model(model_type)
-            kw = registry_logits_vs_hf.shrink({k: v for k, v in base.to_dict().items()
-                                               if k not in ("transformers_version", "architectures")})
+            base, kw = _shrunk(model_type)
             spec = load_spec({**type(base).from_dict(kw).to_dict(), "architectures": [arch]})
             out = spec.to_hf_config()
             assert load_spec(copy.deepcopy(out)) == spec, model_type

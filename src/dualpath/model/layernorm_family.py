@@ -640,6 +640,11 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
     return out
 
 
+def hf_activation(activation: str | None) -> str | None:
+    """transformers' ``hidden_act`` name of an :data:`ACTIVATIONS` value (GELU-tanh as ``gelu_pytorch_tanh``)."""
+    return {"gelu_tanh": "gelu_pytorch_tanh"}.get(str(activation), activation)
+
+
 def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
     """The family's own ``config.json`` for ``spec`` (``base``: the Llama-style keys every spec writes)."""
     arch = spec.architecture

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dualpath.errors import ModelError
+from dualpath.model import layernorm_family as lnf
 
 if TYPE_CHECKING:
     from dualpath.model.spec import ModelSpec
@@ -425,7 +426,7 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
                                 for i in range(spec.n_layers)])
     elif arch in ("nanochat", "jais2", "apertus", "bitnet"):
         cfg.update(attention_bias=spec.attention_bias,
-                   hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(str(spec.activation), spec.activation))
+                   hidden_act=lnf.hf_activation(spec.activation))
         if arch == "nanochat":
             cfg["final_logit_softcapping"] = spec.final_logit_softcapping
         elif arch == "jais2":

@@ -44,7 +44,7 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
         "max_position_embeddings": spec.max_position,
         "tie_word_embeddings": spec.tie_embeddings,
         # (a dense gated MLP's other activation, by transformers' name)
-        "hidden_act": {"gelu_tanh": "gelu_pytorch_tanh"}.get(str(spec.activation), spec.activation)
+        "hidden_act": lnf.hf_activation(spec.activation)
         if spec.activation is not None and spec.gated_mlp and not spec.layer_norm else "silu",
         "torch_dtype": spec.dtype,
     }
@@ -154,7 +154,7 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
         cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
     if spec.architecture == "arcee":
         cfg.update(attention_bias=spec.attention_bias, mlp_bias=False, pad_token_id=None,
-                   hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(str(spec.activation), spec.activation))
+                   hidden_act=lnf.hf_activation(spec.activation))
     if spec.architecture in ("glm", "glm4"):
         cfg.update(attention_bias=spec.attention_bias, pad_token_id=None,
                    rope_parameters={**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta,

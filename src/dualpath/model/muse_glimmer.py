@@ -146,7 +146,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         from dualpath.model.hf_config import composite_tie
 
         outer = {"architectures": [SPARK_ARCHITECTURE if spark else ARCHITECTURE], **cfg}
-        norm["tie_word_embeddings"] = bool(composite_tie(outer, text) or False)
+        norm["tie_word_embeddings"] = bool(composite_tie(outer, text))  # (None: no key, untied)
     if norm.get("hidden_activation", norm.get("hidden_act")) not in ("silu", "swish"):
         raise ModelError(f"{where}: hidden_activation {norm.get('hidden_activation')!r} unsupported (SwiGLU needs "
                          "'silu')")

@@ -27,6 +27,10 @@ and RoPE parameters moved too, DeepSeek-V4's compressed layers' own ``partial_ro
 types the shrink fits since, Llama 4's head tying (its outer ``tie_word_embeddings`` read, which transformers leaves
 to the text config) and GLM-5.3-Flash's (its outer key ignored here). Doge's MoE
 differs from transformers' multi-token forward by design (:data:`_KNOWN`).
+
+Parameters a moved key adds (``mlp_bias``'s biases) are perturbed as the original model's were, so that a reader
+ignoring the key moves the logits (it caught Arcee's ``mlp_bias``, dropped by a first version of its reading). A config we refuse that
+transformers' class builds but cannot run (more expert groups picked than exist) counts as refused by transformers.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import copy
 import json
 import sys
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +103,15 @@ def _model(model_type: str, arch: str, cfg: dict[str, Any]) -> Any:
     return getattr(transformers, arch)(obj).eval()
 
 
-def run(model_type: str, arch: str) -> dict[str, Any]:
+def run(model_type: str, arch: str, only: Collection[str] | None = None) -> dict[str, Any]:
+    """The row of one type: every key moved (``only``: just these dotted names), with ``read`` listing the keys our
+    reader read and whose logits then equal transformers'."""
     from transformers import AutoConfig
 
     from dualpath.model.spec import load_spec
 
     row: dict[str, Any] = {"model_type": model_type, "architecture": arch, "ignored": [], "misread": [],
-                           "refused_by_us": []}
+                           "refused_by_us": [], "read": []}
     counts = {"read": 0, "ignored": 0, "refused": 0, "refused_by_transformers": 0, "refused_by_us": 0}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -137,6 +144,8 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
                     target = target[p]
                 target[key] = new
                 name = ".".join((*path, key))
+                if only is not None and name not in only:
+                    continue
                 try:
                     full = type(AutoConfig.for_model(model_type)).from_dict(copy.deepcopy(variant)).to_dict()
                     model = _model(model_type, arch, variant)
@@ -148,6 +157,9 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
                     read = load_spec({**full, "architectures": [arch]}) != spec0
                 except Exception as exc:  # (refused by us, by name: the key is not silently ignored)
                     counts["refused"] += 1
+                    if not _runs(model, seq):  # (transformers builds it but cannot run it either)
+                        counts["refused_by_transformers"] += 1
+                        continue
                     counts["refused_by_us"] += 1
                     row["refused_by_us"].append({"key": name, "from": value, "to": new, "why": str(exc)[:160]})
                     continue
@@ -163,6 +175,7 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
                                                          "why": verdict["detail"]})
                     elif verdict["status"] == "ok":
                         counts["read"] += 1
+                        row["read"].append(name)
                     elif (model_type, name) in _KNOWN:
                         row.setdefault("known", []).append({"key": name, "why": _KNOWN[(model_type, name)], **verdict})
                     else:
@@ -187,9 +200,31 @@ def run(model_type: str, arch: str) -> dict[str, Any]:
     return {**row, "status": status, "keys": counts}
 
 
+def _runs(model: Any, seq: list[int]) -> bool:
+    """Whether transformers' model of a moved config computes finite logits (some configs its classes build fail in
+    the forward, e.g. more groups picked than there are)."""
+    try:
+        with torch.no_grad():
+            return bool(torch.isfinite(reference_logits(model, seq)).all())
+    except Exception:
+        return False
+
+
 def _take_weights(model: Any, state: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
-    """``model`` given the original model's ``weights`` wherever the shapes agree (its own ``state`` elsewhere)."""
-    model.load_state_dict({n: (weights[n] if n in weights and weights[n].shape == t.shape else t)
+    """``model`` given the original model's ``weights`` wherever the shapes agree, its own ``state`` elsewhere, a
+    parameter the moved key added (a bias, a norm) perturbed as the original's were: left at its initialisation
+    (zeros, ones) a key that adds it would move no logit even where a reader ignores it. (Buffers are not: they are
+    derived, as MiniMax's decay rates from the layer index.)"""
+    gen = torch.Generator().manual_seed(2)
+    params = {n for n, _ in model.named_parameters()}
+
+    def perturbed(n: str, t: torch.Tensor) -> torch.Tensor:
+        if n not in params or not t.is_floating_point():
+            return t
+        return t + 0.1 * torch.randn(t.shape, generator=gen).to(t.dtype)
+
+    model.load_state_dict({n: (weights[n] if n in weights and weights[n].shape == t.shape
+                               else t if n in weights else perturbed(n, t))
                            for n, t in state.items()})
 
 

@@ -136,7 +136,7 @@ def test_bf16_teacher_forced_logits(ckpt):
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("hidden_act", "gelu", "hidden_act"),
+    ("hidden_act", "tanh", "hidden_act 'tanh'"),
     ("hidden_size", 30, "hidden_size .30. must be a multiple of num_attention_heads"),
     ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}, "rope_parameters"),
     ("vocabulary_map", {"IMGIMGA": 200}, "vocabulary_map names image tokens outside the vocabulary"),

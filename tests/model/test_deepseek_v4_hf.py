@@ -194,7 +194,7 @@ def test_configs_it_cannot_run_are_refused_by_key():
                           ({"num_key_value_heads": 2}, "num_key_value_heads"),
                           ({"o_groups": 3}, "o_groups"),
                           ({"scoring_func": "softmax"}, "scoring_func"),
-                          ({"hidden_act": "gelu"}, "hidden_act"),
+                          ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
                           ({"compress_ratios": [0, 5, 128, 4], "layer_types": None}, "compress_ratios"),
                           ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, "rope_parameters"),
                           ({"rope_parameters": {"main": {"rope_type": "default", "rope_theta": 1e4},

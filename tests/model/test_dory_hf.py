@@ -138,7 +138,7 @@ def test_configs_it_cannot_run_are_refused_by_key():
     for change, match in (({"recurrent_kv_cache_mode": "last_loop"}, "recurrent_kv_cache_mode"),
                           ({"n_input_layers": 3, "n_output_layers": 2}, "n_input_layers"),
                           ({"n_recurrent_layers": 2}, "n_recurrent_layers"),
-                          ({"hidden_act": "gelu"}, "hidden_act"),
+                          ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
                           ({"layer_types": ["sliding_attention", "chunked_attention"] * 2 + ["full_attention"]},
                            "layer_types")):
         with pytest.raises(ModelError, match=match):

@@ -166,7 +166,7 @@ def test_bf16_teacher_forced_logits(tmp_path):
     ("per_layer_config", {"1": {"num_attention_heads": 2, "num_key_value_heads": 1}}, "num_key_value_heads must match"),
     ("per_layer_config", {"1": {"sliding_window": 3}}, "per_layer_config"),
     ("per_layer_config", {"1": {"qk_rope_head_dim": 4}, "3": {"qk_rope_head_dim": 8}}, "different widths"),
-    ("hidden_act", "gelu", "hidden_act"),
+    ("hidden_act", "tanh", "hidden_act 'tanh'"),
     ("sliding_window", 0, "sliding_window"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):

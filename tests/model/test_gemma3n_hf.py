@@ -118,7 +118,7 @@ def test_the_image_text_checkpoint_serves_its_language_model(tmp_path_factory, t
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"hidden_activation": "silu"}, "hidden_activation 'silu'"),
+    ({"hidden_activation": "tanh"}, "hidden_activation 'tanh'"),
     ({"intermediate_size": [96, 96]}, "intermediate_size must be an integer or one per layer"),
     ({"activation_sparsity_pattern": [0.5]}, "activation_sparsity_pattern must give a number for each"),
     ({"activation_sparsity_pattern": [1.0, 0, 0, 0, 0, 0]}, r"one value in \[0, 1\) per layer"),

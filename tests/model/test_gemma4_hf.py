@@ -188,7 +188,7 @@ def test_per_layer_kv_shapes_as_transformers_reads_them(extra, tmp_path):
     ({"num_kv_shared_layers": 4}, r"num_kv_shared_layers must be in \[0, 3\]"),
     ({"num_kv_shared_layers": 3, "layer_types": ["full_attention", "sliding_attention", "full_attention",
                                                  "full_attention"]}, "no earlier non-shared sliding_attention"),
-    ({"hidden_activation": "silu"}, "hidden_activation 'silu'"),
+    ({"hidden_activation": "tanh"}, "hidden_activation 'tanh'"),
     # (transformers builds one RoPE table per layer type: it fails on these too)
     ({"per_layer_config": {"0": {"head_dim": 8}}}, r"sliding_attention layers have different head_dim \[8, 16\]"),
     ({"per_layer_config": {"1": {"num_key_value_heads": 3}}}, "divide num_attention_heads"),

@@ -106,7 +106,7 @@ def test_bf16_teacher_forced_logits(ckpt):
 @pytest.mark.parametrize("key,value,needle", [
     ("num_hidden_layers", 10, "num_hidden_layers .* must be num_layers_per_stack x H_cycles x"),
     ("L_cycles", -1, "L_cycles"),
-    ("hidden_act", "gelu", "hidden_act"),
+    ("hidden_act", "tanh", "hidden_act 'tanh'"),
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "only 'default'"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):

@@ -228,7 +228,7 @@ def test_configs_it_cannot_run_are_refused_by_key():
     base = {"architectures": ["InklingForCausalLM"], "model_type": "inkling_text", **CONFIG}
     for change, match in (({"layer_types": ["hybrid", "full_attention"] * 2}, "layer_types"),
                           ({"mlp_layer_types": ["dense", "moe", "sparse", "sparse"]}, "mlp_layer_types"),
-                          ({"hidden_act": "gelu"}, "hidden_act"),
+                          ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
                           ({"swa_num_key_value_heads": 3}, "swa_num_key_value_heads"),
                           ({"n_shared_experts": 0}, "n_shared_experts"),
                           ({"unpadded_vocab_size": 200}, "unpadded_vocab_size")):

@@ -70,7 +70,7 @@ def test_bf16_teacher_forced_logits(tmp_path_factory):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"activation_function": "gelu"}, "activation_function 'gelu'"),
+    ({"activation_function": "tanh"}, "activation_function 'tanh'"),
     ({"num_experts_per_tok": 5}, r"num_experts_per_tok \(5\) <= num_local_experts \(4\)"),
     ({"kv_channels": 0}, "kv_channels must be an integer >= 1"),
 ])

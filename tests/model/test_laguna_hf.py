@@ -97,7 +97,7 @@ def test_config_defaults_as_transformers_reads_them(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
     ({"moe_apply_router_weight_on_input": True}, "moe_apply_router_weight_on_input"),
     ({"gating": "per-token"}, "gating must be"),
     ({"num_attention_heads_per_layer": [4, 3, 2, 4]}, "multiple of num_key_value_heads"),

@@ -390,7 +390,7 @@ async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
     ("gpt_neox", "rotary_pct", 1.5, "partial_rotary_factor"),
     ("phi", "layer_norm_eps", 0, "epsilon"),
     ("phi", "qk_layernorm", 1, "qk_layernorm"),
-    ("stablelm", "hidden_act", "gelu", "hidden_act"),
+    ("stablelm", "hidden_act", "tanh", "hidden_act"),
     ("starcoder2", "use_bias", "yes", "use_bias"),
     ("starcoder2", "sliding_window", 0, "sliding_window"),
     ("openai-gpt", "afn", "tanh", "afn 'tanh' unsupported"),

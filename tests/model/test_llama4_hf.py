@@ -117,7 +117,7 @@ def test_our_save_pretrained_reads_back_in_transformers(tmp_path):
     ("attention_chunk_size", 0, "attention_chunk_size"),
     ("layer_types", ["sliding_attention"] * 4, "layer_types"),
     ("layer_types", ["chunked_attention"] * 4, "layer_types"),
-    ("hidden_act", "gelu", "hidden_act"),
+    ("hidden_act", "tanh", "hidden_act 'tanh'"),
     ("attn_temperature_tuning", "yes", "attn_temperature_tuning"),
 ])
 def test_bad_configs_name_the_key(key, value, needle):

@@ -188,7 +188,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     ("router_bias", True, "router_bias"),
     ("zero_expert_type", "zero", "zero_expert_type"),
     ("mla_scale_q_lora", False, "mla_scale_q_lora"),
-    ("hidden_act", "gelu", "hidden_act"),
+    ("hidden_act", "tanh", "hidden_act 'tanh'"),
     ("moe_topk", 11, "moe_topk"),
     ("num_layers", 0, "num_layers"),
     ("zero_expert_num", -1, "zero_expert_num"),

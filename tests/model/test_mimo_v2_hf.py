@@ -104,7 +104,7 @@ def test_config_defaults_as_transformers_reads_them(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
     ({"v_head_dim": 32}, r"v_head_dim \(32\) must be in \[1, head_dim \(24\)\]"),
     ({"num_attention_heads": 6, "hidden_size": 48}, "2 x num_key_value_heads"),
     ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}}, "only a 'default' RoPE"),

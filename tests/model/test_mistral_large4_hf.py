@@ -188,7 +188,7 @@ def test_bf16_teacher_forced_logits(tmp_path):
     ("no_rope_layers", [1, 1, 1, 2, 0, 1], "no_rope_layers"),
     ("mlp_layer_types", ["sparse", "dense", "sparse", "sparse", "sparse", "sparse"], "mlp_layer_types"),
     ("indexer_types", ["shared", "full", "full", "full", "full", "full"], "first layer must be 'full'"),
-    ("hidden_act", "gelu", "hidden_act"),
+    ("hidden_act", "tanh", "hidden_act 'tanh'"),
     ("final_logit_softcapping", -1.0, "final_logit_softcapping"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):

@@ -193,7 +193,7 @@ def test_bf16_teacher_forced_logits(ckpt):
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("hidden_act", "gelu", "hidden_act"),
+    ("hidden_act", "tanh", "hidden_act 'tanh'"),
     ("qk_norm_type", "layer", "qk_norm_type"),
     ("rope_scaling_layers", [0, 5], "rope_scaling_layers must list layer indices 0..2"),
 ])

@@ -404,7 +404,7 @@ def test_hy_v3_reads_transformers_names_and_leaves_its_mtp_layer_out(tmp_path_fa
 @pytest.mark.parametrize("model_type,key,value,needle", [
     ("granite", "logits_scaling", 0, "logits_scaling"),
     ("granite", "residual_multiplier", "x", "residual_multiplier"),
-    ("granite", "mlp_bias", True, "mlp_bias"),
+    ("granite", "mlp_bias", "yes", "mlp_bias must be true or false"),
     ("granite_swa", "layer_rope_theta", [10000.0, 0.0], "layer_rope_theta must list"),
     ("granite_swa", "layer_rope_theta", [10000.0, -1.0, 0.0, 0.0], "layer_rope_theta must list"),
     ("granite_swa", "layer_rope_theta", [10000.0, 20000.0, 30000.0, 20000.0], "one RoPE base for the full layers"),
@@ -444,7 +444,7 @@ def test_bad_configs_name_the_key(model_type, key, value, needle):
 
 @pytest.mark.parametrize("change,needle", [
     ({"ffn_config": {"moe_normalize_expert_weights": 2.0}}, "moe_normalize_expert_weights"),
-    ({"ffn_config": {"ffn_act_fn": {"name": "gelu"}}}, "ffn_act_fn"),
+    ({"ffn_config": {"ffn_act_fn": {"name": "tanh"}}}, "ffn_act_fn"),
     ({"attn_config": "x"}, "attn_config must be an object"),
     ({"attn_config": {"kv_n_heads": 0}}, "attn_config.kv_n_heads"),
     ({"n_layers": "4"}, "n_layers"),
@@ -475,6 +475,19 @@ def test_dbrx_with_unnormalized_expert_weights_equals_transformers(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = _load(tmp_path)
     assert not ours.spec.norm_topk_prob
+    _assert_logits_equal(ours, hf)
+
+
+def test_dbrx_with_gelu_gated_experts_equals_transformers(tmp_path):
+    """``ffn_config.ffn_act_fn`` names the experts' gate activation (transformers: ``ACT2FN[name]``); it is read
+    into the spec, written back by ``to_hf_config``, and the logits equal transformers'."""
+    cfg_cls, model_cls, kw = FAMILIES["dbrx"]
+    kw = dict(kw, ffn_config={**kw["ffn_config"], "ffn_act_fn": {"name": "gelu"}})
+    hf = Checkpoints({"dbrx": (cfg_cls, model_cls, kw)}).model("dbrx")
+    hf.save_pretrained(tmp_path)
+    ours = _load(tmp_path)
+    assert ours.spec.activation == "gelu"
+    assert ours.spec.to_hf_config()["ffn_config"]["ffn_act_fn"] == {"name": "gelu"}
     _assert_logits_equal(ours, hf)
 
 

@@ -109,7 +109,7 @@ def test_bf16_teacher_forced_logits(ckpt):
     ("layer_rope_theta", [0, 1e4], "layer_rope_theta must list"),
     ("layer_types", ["full_attention", "chunked_attention", "full_attention", "full_attention", "full_attention"],
      "layer_types"),
-    ("hidden_activation", "gelu_pytorch_tanh", "hidden_activation"),
+    ("hidden_activation", "tanh", "hidden_activation 'tanh'"),
 ])
 def test_bad_configs_name_the_key(ckpt, key, value, needle):
     check_text_config_refused(ckpt[0], key, value, needle)

@@ -134,7 +134,7 @@ def test_older_config_names(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"mlp_hidden_act": "gelu"}, "mlp_hidden_act"),
+    ({"mlp_hidden_act": "tanh"}, "mlp_hidden_act 'tanh'"),
     ({"layers_block_type": ["linear_attention", "cross"]}, "layers_block_type must name"),
     ({"hybrid_override_pattern": "M*X", "layers_block_type": None}, "hybrid_override_pattern"),
     ({"sliding_window": 8}, "sliding_window"),

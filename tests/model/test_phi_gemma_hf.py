@@ -345,8 +345,8 @@ def test_checkpoints_we_cannot_run_name_the_key_or_tensor(tmp_path_factory, tmp_
     with pytest.raises(ModelError, match=r"model\.layers\.1\.self_attn\.qkv_proj\.weight.*\(112, 64\).*\(128, 64\)"):
         _load(tmp_path)
     gemma = json.loads((_ckpt("gemma", tmp_path_factory)[0] / "config.json").read_text())
-    with pytest.raises(ModelError, match="hidden_act 'silu' unsupported for gemma"):
-        load_spec(dict(gemma, hidden_act="silu"))
+    with pytest.raises(ModelError, match="hidden_act 'tanh' unsupported for gemma"):
+        load_spec(dict(gemma, hidden_act="tanh"))
     with pytest.raises(ModelError, match="hidden_activation 'gelu' disagrees"):
         load_spec(dict(gemma, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu"))
     with pytest.raises(ModelError, match="use_bidirectional_attention"):
@@ -356,7 +356,7 @@ def test_checkpoints_we_cannot_run_name_the_key_or_tensor(tmp_path_factory, tmp_
     with pytest.raises(ModelError, match="unsupported architecture.*GemmaForCausalLM.*Phi3ForCausalLM"):
         load_spec(dict(gemma, architectures=["Gemma3ForSomethingElse"], model_type="gemma3_other"))
     gemma2 = json.loads((_ckpt("gemma2", tmp_path_factory)[0] / "config.json").read_text())
-    bad_values: list[tuple[str, Any]] = [("hidden_activation", "gelu"), ("layer_types", ["full_attention"]),
+    bad_values: list[tuple[str, Any]] = [("hidden_activation", "tanh"), ("layer_types", ["full_attention"]),
                                          ("attn_logit_softcapping", -1.0), ("query_pre_attn_scalar", None),
                                          ("sliding_window", 0)]
     for key, value in bad_values:

@@ -117,7 +117,7 @@ def test_configs_it_cannot_run_are_refused_by_key():
     base = {"architectures": ["RecurrentGemmaForCausalLM"], "model_type": "recurrent_gemma", **CONFIG}
     for change, match in (({"block_types": ["recurrent", "mlp"]}, "block_types"),
                           ({"lru_width": 30}, "lru_width"),
-                          ({"hidden_activation": "relu"}, "hidden_activation"),
+                          ({"hidden_activation": "tanh"}, "hidden_activation 'tanh'"),
                           ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
                            "rope_parameters")):
         with pytest.raises(ModelError, match=match):

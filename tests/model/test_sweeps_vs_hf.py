@@ -101,6 +101,26 @@ def test_a_misread_key_is_reported(monkeypatch):
     assert [m["key"] for m in row["misread"]] == ["rms_norm_eps"]
 
 
+def test_an_ignored_key_that_adds_parameters_is_reported(monkeypatch):
+    """A key that adds parameters transformers initialises to zeros or ones (``mlp_bias``: zero biases) moves no
+    logit at that initialisation: the sweep perturbs such parameters, so a reader that ignores the key is caught.
+    Here the spec is read without the MLP biases whatever the config says."""
+    import dataclasses
+
+    import dualpath.model.loader as loader_module
+    import dualpath.model.spec as spec_module
+
+    real = loader_module.load_spec
+
+    def unbiased(config, *args, **kwargs):
+        return dataclasses.replace(real(config, *args, **kwargs), mlp_has_bias=None)
+
+    monkeypatch.setattr(loader_module, "load_spec", unbiased)
+    monkeypatch.setattr(spec_module, "load_spec", unbiased)
+    row = config_keys_vs_hf.run("llama", "LlamaForCausalLM", only={"mlp_bias"})
+    assert [m["key"] for m in row["ignored"]] == ["mlp_bias"] and not row["read"]
+
+
 def test_the_shrink_keeps_the_per_layer_overrides_of_the_layers_left():
     """A ``per_layer_config`` is cut as the per-layer lists are (the last layers, renumbered), its sizes kept apart
     from the base ones, and every layer of a kind given that kind's override: Gemma 4's full layers keep a head
@@ -217,3 +237,65 @@ def test_the_config_we_write_reads_back_to_the_same_spec():
         assert {f: getattr(again, f) for f in same} == same, model_type
         checked += 1
     assert checked > 200
+
+
+#: one type per code path that applies a config's activation to an MLP's or its experts' gate (the key moved: SiLU
+#: <-> tanh GELU, ReLU squared -> SiLU), each run by transformers with ``ACT2FN[key]``: the generic MoE block (routed
+#: and gated shared experts, Aria's SiLU-routed ones), GLM-4.5's DeepSeek-V3 block, Llama 4's, DeepSeek-V3's own
+#: reader, the LayerNorm families' SwiGLU, Gemma 2's GeGLU, and the families with their own MLPs or experts (Zamba's
+#: GELU, Nemotron-H's ReLU-squared and RecurrentGemma's tanh-GELU defaults among them)
+_GATE_ACTIVATIONS = [("mixtral", "hidden_act"), ("qwen2_moe", "hidden_act"), ("aria_text", "hidden_act"),
+                     ("glm4_moe", "hidden_act"), ("llama4_text", "hidden_act"), ("deepseek_v3", "hidden_act"),
+                     ("stablelm", "hidden_act"), ("cohere2", "hidden_act"), ("gemma2", "hidden_activation"),
+                     ("gemma", "hidden_act"),
+                     ("jetmoe", "activation_function"), ("chameleon", "hidden_act"), ("hrm_text", "hidden_act"),
+                     ("laguna", "hidden_act"), ("mimo_v2_flash", "hidden_act"), ("beam", "hidden_act"),
+                     ("longcat_flash", "hidden_act"), ("mistral_large4", "text_config.hidden_act"), ("hy_v4", "hidden_act"),
+                     ("dots3_note_text", "hidden_act"), ("molmo2", "text_config.hidden_act"),
+                     ("muse_glimmer", "text_config.hidden_activation"), ("minimax", "hidden_act"),
+                     ("zaya", "hidden_act"), ("dory", "hidden_act"), ("deepseek_v4", "hidden_act"),
+                     ("doge", "hidden_act"), ("inkling_text", "hidden_act"), ("zamba", "hidden_act"),
+                     ("zamba2", "hidden_act"), ("nemotron_h", "mlp_hidden_act"),
+                     ("recurrent_gemma", "hidden_activation"), ("gemma4_text", "hidden_activation"),
+                     ("gemma3n_text", "hidden_activation")]
+
+
+def _read_and_written_back(model_type: str, key: str) -> object:
+    """The keys sweep on ``key`` alone: the moved key must be read with our logits equal to transformers'; returns
+    our spec of the moved config, after checking that the config it writes reads back to the same spec."""
+    import copy
+
+    from dualpath.model.spec import load_spec
+
+    arch = dict(_OK)[model_type]
+    row = config_keys_vs_hf.run(model_type, arch, only={key})
+    if row["status"] == "skipped" and "ModuleNotFoundError" in row.get("detail", ""):
+        pytest.skip(row["detail"])
+    assert row["read"] == [key], row
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base, kw = _shrunk(model_type)
+        *path, last = key.split(".")
+        level = kw
+        for part in path:
+            level = level[part]
+        level[last] = config_keys_vs_hf._moved(level[last], last)
+        spec = load_spec({**type(base).from_dict(kw).to_dict(), "architectures": [arch]})
+    assert load_spec(copy.deepcopy(spec.to_hf_config())) == spec
+    return spec
+
+
+@pytest.mark.parametrize("model_type,key", _GATE_ACTIVATIONS)
+def test_a_gate_activation_other_than_the_default_is_run_as_transformers_runs_it(model_type, key):
+    """The shrunk config with its activation swapped reads, and our logits (two prefill chunks and a decode step over
+    paged KV) equal transformers'. These configs were refused before (the experts and these families' MLPs ran SiLU
+    only). The config our spec writes names the same activation: it reads back to the same spec."""
+    assert _read_and_written_back(model_type, key).activation is not None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "granite", "granite_swa", "hyperclovax", "seed_oss", "smollm3",
+                                        "arcee"])
+def test_mlp_bias_is_read_as_transformers_builds_it(model_type):
+    """``mlp_bias: true`` biases the MLP's projections in these families' transformers classes: read (refused before,
+    but for Llama), our logits equal, and written back."""
+    assert _read_and_written_back(model_type, "mlp_bias").mlp_has_bias  # type: ignore[attr-defined]

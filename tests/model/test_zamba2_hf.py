@@ -116,7 +116,7 @@ def test_configs_it_cannot_run_are_refused_by_key():
     for change, match in (({"num_key_value_heads": 2}, "use_shared_attention_adapter"),
                           ({"layers_block_type": ["mamba", "attention"] * 3}, "layers_block_type"),
                           ({"layers_block_type": ["mamba", "hybrid"] * 4}, "num_hidden_layers"),
-                          ({"hidden_act": "silu"}, "hidden_act"),
+                          ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
                           ({"use_long_context": True}, "use_long_context"),
                           ({"n_mamba_heads": 3}, "n_mamba_heads"),
                           ({"attention_hidden_size": 2 * CONFIG["hidden_size"] + 8}, "attention_hidden_size"),

@@ -135,7 +135,7 @@ def test_configs_it_cannot_run_are_refused_by_key():
     for change, match in (({"layer_types": ["hybrid", "full_attention"] * 2}, "layer_types"),
                           ({"sliding_window": None}, "sliding_window"),
                           ({"head_dim": 7}, "head_dim"),
-                          ({"hidden_act": "gelu"}, "hidden_act"),
+                          ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
                           ({"rope_parameters": {"hybrid": {"rope_type": "yarn", "factor": 2.0},
                                                 "hybrid_sliding": {"rope_type": "default"}}}, "rope_parameters"),
                           ({"num_experts_per_tok": 5}, "num_experts_per_tok")):

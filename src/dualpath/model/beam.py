@@ -33,7 +33,9 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, _rope
+from dualpath.model.moe import Activation, activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
 
@@ -97,8 +99,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> BeamSpec:
     """The spec of a Beam config (its keys over BeamConfig's defaults)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k == "final_logit_softcapping"}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
+    act = gate_activation(cfg, where)
     n = cfg_int(cfg, "num_hidden_layers", where)
     default = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]  # (and the last full)
     types = cfg_kinds(cfg, "layer_types", n, TYPES, where, default[:-1] + ["full_attention"])
@@ -127,7 +128,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         raise ModelError(f"{where}: norm_topk_prob must be true or false, got {norm!r}")
     window = cfg_int(cfg, "sliding_window", where)
     return BeamSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n,
         n_heads=cfg_int(cfg, "num_attention_heads", where), n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=cfg_int(cfg, "head_dim", where), rms_eps=cfg_num(cfg, "rms_norm_eps", where),
@@ -155,7 +156,7 @@ def hf_config(spec: BeamSpec) -> dict[str, Any]:
         "architectures": ["BeamForCausalLM"], "model_type": ARCH, "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
-        "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "hidden_act": "silu",
+        "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "hidden_act": hf_activation(spec.activation),
         "max_position_embeddings": spec.max_position, "rms_norm_eps": spec.rms_eps,
         "tie_word_embeddings": spec.tie_embeddings, "attention_bias": spec.attention_bias,
         "sliding_window": spec.sliding_window or 512, "layer_types": list(spec.layer_types),
@@ -176,17 +177,18 @@ def hf_config(spec: BeamSpec) -> dict[str, Any]:
 
 
 class FeedForward(nn.Module):
-    """A SwiGLU whose activation and product run in fp32 (as Beam's)."""
+    """A gated MLP (SwiGLU unless ``act``) whose activation and product run in fp32 (as Beam's)."""
 
-    def __init__(self, hidden: int, width: int) -> None:
+    def __init__(self, hidden: int, width: int, act: Activation | None = None) -> None:
         super().__init__()
+        self.act: Activation = F.silu if act is None else act
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)
-        return cast(torch.Tensor, self.down_proj((F.silu(gate.float()) * self.up_proj(x).float()).to(gate.dtype)))
+        return cast(torch.Tensor, self.down_proj((self.act(gate.float()) * self.up_proj(x).float()).to(gate.dtype)))
 
 
 class Attention(nn.Module):
@@ -234,7 +236,7 @@ class MoE(nn.Module):
     def __init__(self, spec: BeamSpec) -> None:
         super().__init__()
         self.gate = Router(spec)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_width) for _ in range(spec.moe_experts))
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_width, activation_of(spec)) for _ in range(spec.moe_experts))
         self.scale = spec.moe_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,7 +257,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, eps, fp32_scale=True)
         self.pre_feedforward_layernorm = RMSNorm(h, eps, fp32_scale=True)
         self.post_feedforward_layernorm = RMSNorm(h, eps, fp32_scale=True)
-        self.mlp: nn.Module = (FeedForward(h, spec.intermediate_size) if layer in spec.dense_layers else MoE(spec))
+        self.mlp: nn.Module = (FeedForward(h, spec.intermediate_size, activation_of(spec)) if layer in spec.dense_layers else MoE(spec))
 
 
 class Backbone(nn.Module):

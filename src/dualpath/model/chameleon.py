@@ -25,8 +25,9 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, _rope
-from dualpath.model.moe import FeedForward
+from dualpath.model.moe import FeedForward, activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype, parse_rope
 
@@ -66,7 +67,7 @@ class ChameleonSpec(ModelSpec):
             "architectures": ["ChameleonForConditionalGeneration"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "hidden_act": "silu",
+            "num_key_value_heads": self.n_kv_heads, "hidden_act": hf_activation(self.activation),
             "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
             "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias, "swin_norm": self.swin_norm,
@@ -81,8 +82,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> ChameleonSpec:
     """The spec of a Chameleon config over ChameleonConfig's defaults."""
     norm = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if norm.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {norm.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
+    act = gate_activation(norm, where)
     hidden, heads = cfg_int(norm, "hidden_size", where), cfg_int(norm, "num_attention_heads", where)
     if hidden % heads:
         raise ModelError(f"{where}: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads})")
@@ -102,7 +102,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         max_position=cfg_int(norm, "max_position_embeddings", where), tie_embeddings=bool(norm["tie_word_embeddings"]),
         attention_bias=bool(norm["attention_bias"]), dtype=config_dtype(norm, dtype),
         bos_token_id=norm.get("bos_token_id"), eos_token_id=norm.get("eos_token_id"), context_cap=max_context,
-        swin_norm=bool(norm["swin_norm"]), mlp_bias=bool(norm["mlp_bias"]),
+        swin_norm=bool(norm["swin_norm"]), mlp_bias=bool(norm["mlp_bias"]), activation=act,
         image_tokens=tuple(v for k, v in vocab_map.items() if str(k).startswith("IMGIMG")))
 
 
@@ -136,7 +136,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.self_attn = Attention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.mlp = FeedForward(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.mlp = FeedForward(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias, act=activation_of(spec))
 
 
 class ChameleonModel(TypedRopeDecoder):

@@ -37,7 +37,7 @@ from dualpath.kernels.reference import dequantize_latent_fp8, mla_masked_attenti
 from dualpath.model.dsa import Indexer, pooled_selection, selected_keys
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch
 from dualpath.model.mla_spec import DeepseekV3Spec
-from dualpath.model.moe import FeedForward, dispatch_experts
+from dualpath.model.moe import FeedForward, activation_of, dispatch_experts
 from dualpath.model.rope import rope_frequencies
 
 __all__ = ["DeepseekV3Model"]
@@ -122,11 +122,13 @@ class MoE(nn.Module):
     def __init__(self, spec: DeepseekV3Spec) -> None:
         super().__init__()
         self.gate = Router(spec)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
+        act = activation_of(spec)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size, act=act)
                                      for _ in range(spec.n_routed_experts))
         self.has_shared = spec.n_shared_experts > 0
         if self.has_shared:
-            self.shared_experts = FeedForward(spec.hidden_size, spec.moe_intermediate_size * spec.n_shared_experts)
+            self.shared_experts = FeedForward(spec.hidden_size, spec.moe_intermediate_size * spec.n_shared_experts,
+                                              act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, w = self.gate(x)
@@ -139,7 +141,8 @@ class MoE(nn.Module):
 
 
 class _Clamped:
-    """A routed expert with its SwiGLU clamped (Hy4): the gate above ``limit``, the up projection to +-``limit``."""
+    """A routed expert with its SwiGLU clamped (Hy4): the gate above ``limit``, the up projection to +-``limit``;
+    always SiLU (``hidden_act`` reaches Hy4's dense MLPs and shared experts only)."""
 
     def __init__(self, ff: FeedForward, limit: float) -> None:
         self.ff, self.limit = ff, limit
@@ -147,7 +150,7 @@ class _Clamped:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         g = self.ff.gate_proj(x).clamp(max=self.limit)
         u = self.ff.up_proj(x).clamp(min=-self.limit, max=self.limit)
-        return cast(torch.Tensor, self.ff.down_proj(F.silu(g) * u))
+        return cast(torch.Tensor, self.ff.down_proj(F.silu(g) * u))  # (SiLU whatever hidden_act: transformers')
 
 
 def _index_keys(kv_layer: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -182,7 +185,7 @@ class DecoderLayer(nn.Module):
             GatedRMSNorm(spec.hidden_size, gated, spec.rms_eps) if gated and spec.is_moe_layer(layer)
             else RMSNorm(spec.hidden_size, spec.rms_eps))
         self.mlp: nn.Module = (MoE(spec) if spec.is_moe_layer(layer)
-                               else FeedForward(spec.hidden_size, spec.intermediate_size))
+                               else FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec)))
         if spec.post_moe_norm and spec.is_moe_layer(layer):  # A.X-K1: an RMSNorm on the MoE block's output
             self.post_mlp_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
 

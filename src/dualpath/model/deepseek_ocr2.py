@@ -24,8 +24,9 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, _rope
-from dualpath.model.moe import FeedForward, dispatch_experts
+from dualpath.model.moe import FeedForward, activation_of, dispatch_experts
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, inherit_outer, parse_rope
 
@@ -86,7 +87,7 @@ class DeepseekOcr2Spec(ModelSpec):
             "topk_group": self.groups_kept, "routed_scaling_factor": self.moe_scale,
             "mlp_layer_types": ["dense" if i in self.dense_layers else "sparse" for i in range(n)],
             "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
-            "attention_bias": self.attention_bias, "hidden_act": "silu",
+            "attention_bias": self.attention_bias, "hidden_act": hf_activation(self.activation),
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": None,
             "tie_word_embeddings": self.tie_embeddings, "dtype": self.dtype,
@@ -105,8 +106,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     inherit_outer(norm, text, cfg)
     if text is not cfg:  # (the image-text model ties its head by its own config's key, never by the text config's)
         norm["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
-    if norm.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {norm.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
+    act = gate_activation(norm, where)
     if norm.get("mlp_bias"):
         raise ModelError(f"{where}: mlp_bias=true unsupported for DeepSeek-OCR 2 (its experts carry no biases)")
     n = cfg_int(norm, "num_hidden_layers", where)
@@ -124,7 +124,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                          "2 (only 'default')")
     sparse = "sparse" in mlp
     return DeepseekOcr2Spec(
-        architecture=ARCH, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(norm, "intermediate_size", where), n_layers=n, n_heads=heads,
         n_kv_heads=int(norm.get("num_key_value_heads") or heads), head_dim=hidden // heads,
         rms_eps=cfg_num(norm, "rms_norm_eps", where), rope_theta=theta,
@@ -167,8 +167,8 @@ class MoE(nn.Module):
     def __init__(self, spec: DeepseekOcr2Spec) -> None:
         super().__init__()
         self.gate = Router(spec)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_width) for _ in range(spec.moe_experts))
-        self.shared_experts = FeedForward(spec.hidden_size, spec.moe_width * spec.n_shared)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_width, act=activation_of(spec)) for _ in range(spec.moe_experts))
+        self.shared_experts = FeedForward(spec.hidden_size, spec.moe_width * spec.n_shared, act=activation_of(spec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, w = self.gate(x)
@@ -191,7 +191,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.self_attn = Attention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.mlp: nn.Module = (FeedForward(spec.hidden_size, spec.intermediate_size) if layer in spec.dense_layers
+        self.mlp: nn.Module = (FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec)) if layer in spec.dense_layers
                                else MoE(spec))
 
 

@@ -43,8 +43,9 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch
-from dualpath.model.moe import dispatch_packed
+from dualpath.model.moe import activation_of, dispatch_packed
 from dualpath.model.rope import rope_frequencies
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
@@ -178,7 +179,7 @@ class DeepseekV4Spec(ModelSpec):
             "sliding_window": self.window, "o_groups": self.o_groups, "o_lora_rank": self.o_lora_rank,
             "index_n_heads": self.index_heads, "index_head_dim": self.index_dim, "index_topk": self.index_topk,
             "partial_rotary_factor": self.rope_dim / self.head_dim, "rms_norm_eps": self.rms_eps,
-            "hidden_act": "silu", "tie_word_embeddings": self.tie_embeddings, "attention_bias": False,
+            "hidden_act": hf_activation(self.activation), "tie_word_embeddings": self.tie_embeddings, "attention_bias": False,
             "mlp_bias": False, "num_nextn_predict_layers": 0,
             "rope_parameters": {"main": {"rope_type": "default", "rope_theta": self.rope_theta,
                                          "partial_rotary_factor": self.rope_dim / self.head_dim},
@@ -210,8 +211,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     keys ``compress_ratios``, ``compress_rate_csa`` / ``_hca``, ``num_hash_layers`` and ``qk_rope_head_dim`` read as
     transformers folds them in)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") != "silu":
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where)
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise ModelError(f"{where}: attention_bias / mlp_bias: DeepSeek-V4's projections have no biases")
     n = cfg_int(cfg, "num_hidden_layers", where)
@@ -263,7 +263,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     ctheta = comp.get("rope_theta", cfg["compress_rope_theta"])
     eos = cfg.get("eos_token_id")
     return DeepseekV4Spec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int(cfg, "moe_intermediate_size", where), n_layers=n,
         n_heads=cfg_int(cfg, "num_attention_heads", where), n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=head_dim, rms_eps=cfg_num(cfg, "rms_norm_eps", where),
@@ -422,7 +422,7 @@ class HyperHead(nn.Module):
 
 
 class ClampedMlp(nn.Module):
-    """The shared expert: ``down(silu(min(gate, limit)) * clamp(up, -limit, limit))``."""
+    """The shared expert: ``down(act(min(gate, limit)) * clamp(up, -limit, limit))`` (SiLU unless ``hidden_act``)."""
 
     def __init__(self, spec: DeepseekV4Spec) -> None:
         super().__init__()
@@ -430,11 +430,12 @@ class ClampedMlp(nn.Module):
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
         self.limit = spec.limit
+        self.act = activation_of(spec) or F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_proj(x).clamp(max=self.limit)
         u = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
-        return cast(torch.Tensor, self.down_proj(F.silu(g) * u))
+        return cast(torch.Tensor, self.down_proj(self.act(g) * u))
 
 
 class Experts(nn.Module):
@@ -444,9 +445,10 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.zeros(e, h, i))
         self.limit = spec.limit
+        self.act = activation_of(spec)
 
     def run(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return dispatch_packed(x, idx, weights, self.gate_up_proj, self.down_proj, self.limit)
+        return dispatch_packed(x, idx, weights, self.gate_up_proj, self.down_proj, self.limit, self.act)
 
 
 class Router(nn.Module):

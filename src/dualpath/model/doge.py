@@ -33,7 +33,9 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
+from dualpath.model.moe import activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 
@@ -89,7 +91,8 @@ class DogeSpec(ModelSpec):
             "architectures": ["DogeForCausalLM"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "hidden_act": "silu", "rms_norm_eps": self.rms_eps,
+            "num_key_value_heads": self.n_kv_heads,
+            "hidden_act": hf_activation(self.activation), "rms_norm_eps": self.rms_eps,
             "tie_word_embeddings": self.tie_embeddings, "max_position_embeddings": self.max_position,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias, "sliding_window": self.window,
@@ -105,9 +108,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> DogeSpec:
     """The spec of a Doge config (its keys over DogeConfig's defaults)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (Doge's MLP and experts here "
-                         "need 'silu')")
+    act = gate_activation(cfg, where)  # (its MLP's gate and its experts' down products)
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ModelError(f"{where}: rope_parameters: only a 'default' RoPE is supported for doge, got {rope!r}")
@@ -122,7 +123,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     window = cfg.get("sliding_window")
     moe = bool(cfg["is_moe"])
     return DogeSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=cfg_int(cfg, "num_hidden_layers", where),
         n_heads=heads, n_kv_heads=cfg_int({"n": cfg.get("num_key_value_heads") or heads}, "n", where),
         head_dim=hidden // heads, rms_eps=cfg_num(cfg, "rms_norm_eps", where), rope_theta=theta,
@@ -160,9 +161,10 @@ class Mlp(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act = activation_of(spec) or F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class CdMoe(Mlp):
@@ -186,7 +188,7 @@ class CdMoe(Mlp):
         w = F.softmax(scores, dim=-1)
         if self.norm_topk:
             w = w / w.sum(dim=-1, keepdim=True)
-        act = F.silu(torch.bmm(self.down_embed(idx), x[:, :, None])[..., 0]) * w
+        act = self.act(torch.bmm(self.down_embed(idx), x[:, :, None])[..., 0]) * w
         experts = torch.bmm(act[:, None, :], self.up_embed(idx))[:, 0]
         return super().forward(x) + experts
 

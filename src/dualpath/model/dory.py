@@ -29,7 +29,9 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import HybridDecoder
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, TypedRopeState, _rope
+from dualpath.model.moe import activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 
@@ -96,7 +98,8 @@ class DorySpec(ModelSpec):
             "architectures": ["DoryForCausalLM"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": 2 * len(self.module_types), "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "hidden_act": hf_activation(self.activation),
             "max_position_embeddings": self.max_position, "initializer_range": self.init_range,
             "tie_word_embeddings": self.tie_embeddings, "sliding_window": self.window,
             "ngpt_alpha_init": self.alpha_init, "n_input_layers": 2 * self.n_input,
@@ -115,8 +118,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of a Dory config (its keys over DoryConfig's defaults; the released layout, which lists each layer
     as an attention block and an ``mlp`` block and counts both, read as transformers reads it)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") != "silu":
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where)
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise ModelError(f"{where}: attention_bias / mlp_bias unsupported (Dory's projections have none)")
     if cfg.get("recurrent_kv_cache_mode") != "per_loop":
@@ -147,7 +149,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     loops = cfg_int(cfg, "n_recurrent_loops", where)
     passes = n + (loops - 1) * (n - n_in - n_out)
     return DorySpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=passes,
         n_heads=cfg_int(cfg, "num_attention_heads", where), n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=cfg_int(cfg, "head_dim", where), rope_theta=next(iter(rope_by_type.values()))[0],
@@ -191,11 +193,12 @@ class Mlp(nn.Module):
         self.suv_gate = nn.Parameter(torch.ones(i))
         self.suv_up = nn.Parameter(torch.ones(i))
         self.scale = spec.hidden_size ** 0.5
+        self.act = activation_of(spec) or F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x) * (self.suv_gate * self.scale)
         up = self.up_proj(x) * (self.suv_up * self.scale)
-        return cast(torch.Tensor, self.down_proj(l2_norm(F.silu(gate) * up)))
+        return cast(torch.Tensor, self.down_proj(l2_norm(self.act(gate) * up)))
 
 
 class DecoderLayer(nn.Module):

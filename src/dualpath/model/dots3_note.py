@@ -35,9 +35,10 @@ from dualpath.kernels.reference import mla_masked_attention
 from dualpath.kv.layout import KVSpec
 from dualpath.model.deepseek import DeepseekV3Model, Router, _rotate
 from dualpath.model.dsa import Indexer
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch
 from dualpath.model.mla_spec import DeepseekV3Spec
-from dualpath.model.moe import FeedForward, dispatch_experts
+from dualpath.model.moe import FeedForward, activation_of, dispatch_experts
 from dualpath.model.rope import rope_frequencies
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, inherit_outer, parse_rope
 
@@ -152,7 +153,8 @@ class Dots3NoteSpec(DeepseekV3Spec):
             "q_lora_rank": self.q_lora_rank, "qk_rope_head_dim": self.qk_rope_head_dim, "v_head_dim": self.v_head_dim,
             "qk_nope_head_dim": self.qk_nope_head_dim, "head_dim": self.qk_head_dim, "n_group": self.n_group,
             "topk_group": self.topk_group, "num_experts_per_tok": self.num_experts_per_tok,
-            "norm_topk_prob": self.norm_topk_prob, "hidden_act": "silu", "max_position_embeddings": self.max_position,
+            "norm_topk_prob": self.norm_topk_prob,
+            "hidden_act": hf_activation(self.activation), "max_position_embeddings": self.max_position,
             "rms_norm_eps": self.rms_eps, "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": self.attention_bias, "index_topk": self.index_topk,
             "index_head_dim": self.index_head_dim, "index_n_heads": self.index_n_heads,
@@ -193,8 +195,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None, 
         norm["n_routed_experts"] = cfg["num_local_experts"]
     if "moe_shared_expert_intermediate_size" in cfg:
         norm["shared_experts_intermediate_size"] = cfg["moe_shared_expert_intermediate_size"]
-    if norm.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {norm.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
+    act = gate_activation(norm, where)
     n = cfg_int(norm, "num_hidden_layers", where)
     use_dsa = cfg.get("use_dsa", None if "per_layer_config" in cfg else True)
     if cfg.get("layer_types") is None:
@@ -250,7 +251,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None, 
             dtype = "float32"
     first = rope_by_type[types[0]]
     return Dots3NoteSpec(
-        vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
+        activation=act, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
         intermediate_size=cfg_int(norm, "intermediate_size", where),
         moe_intermediate_size=cfg_int(norm, "moe_intermediate_size", where), n_layers=n, n_heads=g[0],
         kv_lora_rank=g[2], qk_nope_head_dim=g[3], qk_rope_head_dim=g[4], v_head_dim=g[5], q_lora_rank=g[1],
@@ -323,9 +324,10 @@ class MoE(nn.Module):
     def __init__(self, spec: Dots3NoteSpec) -> None:
         super().__init__()
         self.gate = Router(spec)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size, act=activation_of(spec))
                                      for _ in range(spec.n_routed_experts))
-        self.shared_experts = FeedForward(spec.hidden_size, spec.shared_width * spec.n_shared_experts)
+        self.shared_experts = FeedForward(spec.hidden_size, spec.shared_width * spec.n_shared_experts,
+                                          act=activation_of(spec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, w = self.gate(x)
@@ -339,7 +341,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(spec, layer)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.mlp: nn.Module = (MoE(spec) if spec.is_moe_layer(layer)
-                               else FeedForward(spec.hidden_size, spec.intermediate_size))
+                               else FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec)))
 
 
 class _Backbone(nn.Module):

@@ -281,14 +281,15 @@ def _gemma3_rope(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
     return theta, scaling, float(local_theta)
 
 
-def _check_gemma2(cfg: dict[str, Any], where: str) -> None:
-    """Gemma 2's activation is ``hidden_activation`` (transformers 5 ignores ``hidden_act`` for it)."""
-    act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
-    if act != "gelu_pytorch_tanh":
-        raise ModelError(f"{where}: hidden_activation {act!r} unsupported for Gemma 2 / 3 (GeGLU needs "
-                         "'gelu_pytorch_tanh')")
+def _check_gemma2(cfg: dict[str, Any], where: str) -> str | None:
+    """Gemma 2's activation is ``hidden_activation`` (transformers 5 ignores ``hidden_act`` for it): the spec's
+    ``activation`` where it is not GeGLU's tanh GELU, else None."""
+    act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+    if act not in lnf.ACTIVATIONS:
+        raise ModelError(f"{where}: hidden_activation {act!r} unsupported; expected one of {sorted(lnf.ACTIVATIONS)}")
     if cfg.get("use_bidirectional_attention"):
         raise ModelError(f"{where}: use_bidirectional_attention=true is unsupported (a decoder attends causally)")
+    return None if lnf.ACTIVATIONS[act] == "gelu_tanh" else lnf.ACTIVATIONS[act]
 
 
 def _window_size(cfg: dict[str, Any], where: str) -> int:
@@ -407,22 +408,24 @@ def _layer_windows(arch: str, cfg: dict[str, Any], archs: list[str], model_type:
     return _window_size(cfg, where), tuple(i for i, t in enumerate(types) if t == "full_attention")
 
 
-def _check_gemma(cfg: dict[str, Any], where: str) -> None:
+def _check_gemma(cfg: dict[str, Any], where: str) -> str | None:
     """Gemma's activation as transformers 5 picks it: ``hidden_act`` (default ``gelu_pytorch_tanh``; the legacy
-    ``gelu`` of the original releases means the tanh approximation). transformers 4 read ``hidden_activation``
-    instead: a config where the two disagree is refused rather than guessed."""
+    ``gelu`` of the original releases means the tanh approximation), the spec's ``activation`` where it is another
+    (else None). transformers 4 read ``hidden_activation`` instead: a config where the two disagree is refused
+    rather than guessed."""
     act = cfg.get("hidden_act") or "gelu_pytorch_tanh"
     if act == "gelu":
         act = "gelu_pytorch_tanh"
-    if act != "gelu_pytorch_tanh":
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported for gemma (GeGLU needs "
-                         "'gelu_pytorch_tanh')")
+    if act not in lnf.ACTIVATIONS:
+        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported for gemma; expected one of "
+                         f"{sorted(lnf.ACTIVATIONS)}")
     other = cfg.get("hidden_activation")
     if other is not None and other != act:
         raise ModelError(f"{where}: hidden_activation {other!r} disagrees with hidden_act {cfg.get('hidden_act')!r} "
                          "(transformers 5 runs hidden_act, 4.x ran hidden_activation)")
     if cfg.get("use_bidirectional_attention"):
         raise ModelError(f"{where}: use_bidirectional_attention=true is unsupported (a decoder attends causally)")
+    return None if lnf.ACTIVATIONS[act] == "gelu_tanh" else lnf.ACTIVATIONS[act]
 
 
 def _phi3_rope(cfg: dict[str, Any], where: str,
@@ -584,9 +587,6 @@ def _moe_fields(arch: str, cfg: dict[str, Any], where: str, need: Any) -> dict[s
                                                           cfg.get("shared_expert_intermediate_size",
                                                                   1024 if flint else 512))}
     if arch == "aria_text":  # Aria: every layer's experts intermediate_size wide, top-k then softmax, a shared MLP
-        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported for aria_text (its shared "
-                             "experts' activation; the routed ones are always SiLU)")
         width = as_int("intermediate_size", cfg.get("intermediate_size", 4096))
         return {"n_experts": as_int("moe_num_experts", cfg.get("moe_num_experts", 8)),
                 "n_experts_per_tok": as_int("moe_topk", cfg.get("moe_topk", 2)), "moe_intermediate_size": width,

@@ -33,7 +33,15 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
-from dualpath.model.gemma4 import Attention, Gemma4Model, Gemma4Spec, Gemma4State, Norm, rope_inv_freq
+from dualpath.model.gemma4 import (
+    Attention,
+    Gemma4Model,
+    Gemma4Spec,
+    Gemma4State,
+    Norm,
+    read_activation,
+    rope_inv_freq,
+)
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, _rope, rope_tables
 from dualpath.model.spec_common import cfg_int, config_dtype
 
@@ -49,7 +57,6 @@ DEFAULTS: dict[str, Any] = {
     "num_kv_shared_layers": 15, "laurel_rank": 64, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
 }
 _THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
-_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
 
 
 @dataclass(frozen=True)
@@ -102,9 +109,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     ``__post_init__`` reads them)."""
 
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k == "final_logit_softcapping"}}
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act")
-    if act not in _ACTIVATIONS:
-        raise ModelError(f"{where}: hidden_activation {act!r} unsupported; expected one of {sorted(_ACTIVATIONS)}")
+    gelu, other = read_activation(cfg, where)
     n = cfg_int(cfg, "num_hidden_layers", where)
     width = cfg["intermediate_size"]
     widths = width if isinstance(width, list) else [width] * n
@@ -161,7 +166,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         layer_types=tuple(types), layer_kv=((heads, dim),) * n,
         kv_shared_layers=cfg_int(cfg, "num_kv_shared_layers", where, 0),
         ple_size=cfg_int(cfg, "hidden_size_per_layer_input", where),
-        ple_vocab=cfg_int(cfg, "vocab_size_per_layer_input", where), gelu_approx=_ACTIVATIONS[str(act)],
+        ple_vocab=cfg_int(cfg, "vocab_size_per_layer_input", where), gelu_approx=gelu, activation=other,
         rope_types=rope_types, altup_inputs=cfg_int(cfg, "altup_num_inputs", where),
         altup_active=cfg_int(cfg, "altup_active_idx", where, 0), altup_correct_scale=correct,
         laurel_rank=cfg_int(cfg, "laurel_rank", where), intermediate_sizes=tuple(widths), sparsity=tuple(sparsity),
@@ -176,7 +181,7 @@ def hf_config(spec: Gemma3nSpec) -> dict[str, Any]:
         "hidden_size": spec.hidden_size, "intermediate_size": list(spec.intermediate_sizes),
         "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
         "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
-        "hidden_activation": "gelu_pytorch_tanh" if spec.gelu_approx == "tanh" else "gelu",
+        "hidden_activation": spec.hf_activation(),
         "max_position_embeddings": spec.max_position, "rms_norm_eps": spec.rms_eps,
         "tie_word_embeddings": spec.tie_embeddings, "attention_bias": spec.attention_bias,
         "sliding_window": spec.sliding_window or 512, "layer_types": list(spec.layer_types),
@@ -204,7 +209,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(spec.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, spec.hidden_size, bias=False)
-        self.approx = spec.gelu_approx
+        self.act = spec.gate_act()
         self.sparsity = spec.sparsity[layer]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +218,7 @@ class MLP(nn.Module):
             mult = torch.distributions.normal.Normal(0, 1).icdf(torch.tensor(self.sparsity, dtype=torch.float32))
             cutoff = gate.mean(-1, keepdim=True) + gate.std(-1, keepdim=True, unbiased=False) * mult.to(gate.dtype)
             gate = F.relu(gate - cutoff)
-        return cast(torch.Tensor, self.down_proj(F.gelu(gate, approximate=self.approx) * self.up_proj(x)))
+        return cast(torch.Tensor, self.down_proj(self.act(gate) * self.up_proj(x)))
 
 
 class AltUp(nn.Module):
@@ -376,7 +381,7 @@ class Gemma3nModel(LayerwiseDecoder):
         first = corrected[spec.altup_active].clone()
         if spec.altup_correct_scale:
             first = (first.type_as(alt.correct_output_scale) * alt.correct_output_scale).type_as(first)
-        first = F.gelu(mod.per_layer_input_gate(first), approximate=spec.gelu_approx)
+        first = spec.gate_act()(mod.per_layer_input_gate(first))
         first = mod.post_per_layer_input_norm(mod.per_layer_projection(first * cast(torch.Tensor,
                                                                                       st.per_layer)[:, layer]))
         corrected[1:] += first

@@ -32,7 +32,7 @@ causally over text.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -43,6 +43,7 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
+from dualpath.model.layernorm_family import ACTIVATIONS, activation, hf_activation
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch, TypedRopeState, _rope, rope_tables
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, config_dtype
@@ -83,8 +84,22 @@ class Gemma4Spec(ModelSpec):
     moe_experts: int = 0  # (0: no MoE block)
     moe_top_k: int = 0
     moe_width: int = 0
-    gelu_approx: str = "tanh"
-    rope_types: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gelu_approx: str = "tanh"  # hidden_activation's GELU: "tanh" or "none" (exact); ModelSpec's ``activation``
+    rope_types: dict[str, dict[str, Any]] = field(default_factory=dict)  # when it names another one
+
+    def gate_act(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``hidden_activation`` as a function (transformers' ``ACT2FN[hidden_activation]``: the MLPs', the experts'
+        and the per-layer input gate's)."""
+        if self.activation is not None:
+            return activation(self.activation)
+        approx = self.gelu_approx
+        return lambda x: F.gelu(x, approximate=approx)
+
+    def hf_activation(self) -> str:
+        """transformers' name of :meth:`gate_act`."""
+        if self.activation is not None:
+            return hf_activation(self.activation)
+        return "gelu_pytorch_tanh" if self.gelu_approx == "tanh" else "gelu"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -204,6 +219,17 @@ def _layer_kv(cfg: dict[str, Any], types: list[str], where: str) -> list[tuple[i
     return [(gheads or heads, gdim) if t == "full_attention" else (heads, dim) for t in types]
 
 
+def read_activation(cfg: Mapping[str, Any], where: str) -> tuple[str, str | None]:
+    """``(gelu_approx, activation)`` of ``hidden_activation`` (or ``hidden_act``): a GELU by its approximation, or
+    another activation by its :data:`~dualpath.model.layernorm_family.ACTIVATIONS` value."""
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+    if act in _ACTIVATIONS:
+        return _ACTIVATIONS[str(act)], None
+    if act not in ACTIVATIONS:
+        raise ModelError(f"{where}: hidden_activation {act!r} unsupported; expected one of {sorted(ACTIVATIONS)}")
+    return "tanh", ACTIVATIONS[str(act)]
+
+
 def _rope_types(cfg: dict[str, Any], types: list[str], where: str) -> dict[str, dict[str, Any]]:
     rope = cfg.get("rope_parameters")
     if rope is None:
@@ -245,9 +271,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if cfg.get("use_bidirectional_attention") == "all":
         raise ModelError(f"{where}: use_bidirectional_attention 'all' (every token attending both ways) is not an "
                          f"autoregressive decoder; unsupported")
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act")
-    if act not in _ACTIVATIONS:
-        raise ModelError(f"{where}: hidden_activation {act!r} unsupported; expected one of {sorted(_ACTIVATIONS)}")
+    gelu, other = read_activation(cfg, where)
     n = cfg_int(cfg, "num_hidden_layers", where, 1)
     types = _layer_types(cfg, n, where)
     layer_kv = _layer_kv(cfg, types, where)
@@ -290,7 +314,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         moe_experts=cfg_int(cfg, "num_experts", where, 1) if moe else 0,
         moe_top_k=cfg_int(cfg, "top_k_experts", where, 1) if moe else 0,
         moe_width=cfg_int(cfg, "moe_intermediate_size", where, 1) if moe else 0,
-        gelu_approx=_ACTIVATIONS[str(act)],
+        gelu_approx=gelu, activation=other,
         rope_types=_rope_types(cfg, types, where),
     )
 
@@ -308,7 +332,7 @@ def hf_config(spec: Gemma4Spec) -> dict[str, Any]:
         "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
         "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
-        "hidden_activation": "gelu_pytorch_tanh" if spec.gelu_approx == "tanh" else "gelu",
+        "hidden_activation": spec.hf_activation(),
         "max_position_embeddings": spec.max_position, "rms_norm_eps": spec.rms_eps,
         "tie_word_embeddings": spec.tie_embeddings, "attention_bias": spec.attention_bias,
         "sliding_window": spec.sliding_window or 512, "layer_types": list(spec.layer_types),
@@ -377,10 +401,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(spec.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, spec.hidden_size, bias=False)
-        self.approx = spec.gelu_approx
+        self.act = spec.gate_act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(F.gelu(self.gate_proj(x), approximate=self.approx) * self.up_proj(x)))
+        return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -408,14 +432,14 @@ class Experts(nn.Module):
         e, i, h = spec.moe_experts, spec.moe_width, spec.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
-        self.approx = spec.gelu_approx
+        self.act = spec.gate_act()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)
             gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.gelu(gate, approximate=self.approx) * up, self.down_proj[e])
+            y = F.linear(self.act(gate) * up, self.down_proj[e])
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
 
@@ -566,7 +590,7 @@ class Gemma4Model(LayerwiseDecoder):
             m = mod.post_feedforward_layernorm_1(m) + mod.post_feedforward_layernorm_2(e)
         h = h + mod.post_feedforward_layernorm(m)
         if st.per_layer is not None:
-            g = F.gelu(mod.per_layer_input_gate(h), approximate=spec.gelu_approx) * st.per_layer[:, layer]
+            g = spec.gate_act()(mod.per_layer_input_gate(h)) * st.per_layer[:, layer]
             h = h + mod.post_per_layer_input_norm(mod.per_layer_projection(g))
         st.hidden = h * mod.layer_scalar
         if layer == spec.n_layers - 1:

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from dualpath.errors import ModelError
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, SeqBatch, TypedRopeDecoder, _rope
-from dualpath.model.moe import FeedForward
+from dualpath.model.moe import FeedForward, activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype, parse_rope
 
@@ -77,7 +78,7 @@ class HrmTextSpec(ModelSpec):
             "architectures": ["HrmTextForCausalLM"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.n_layers, "num_layers_per_stack": self.per_stack,
-            "num_attention_heads": self.n_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+            "num_attention_heads": self.n_heads, "head_dim": self.head_dim, "hidden_act": hf_activation(self.activation),
             "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
             "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias, "H_cycles": self.h_cycles, "L_cycles": self.l_cycles,
@@ -93,8 +94,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of an HRM-Text config (its keys over HrmTextConfig's defaults; ``num_layers_per_stack`` absent:
     ``num_hidden_layers`` is the stack's depth, as HrmTextConfig reads it)."""
     norm = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if norm.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {norm.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
+    act = gate_activation(norm, where)
     h, low = cfg_int(norm, "H_cycles", where), cfg_int(norm, "L_cycles", where, minimum=0)
     if cfg.get("num_layers_per_stack") is None:
         per = cfg_int(norm, "num_hidden_layers", where)
@@ -110,7 +110,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                          "(only 'default')")
     heads = cfg_int(norm, "num_attention_heads", where)
     return HrmTextSpec(
-        architecture=ARCH, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
+        architecture=ARCH, activation=act, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
         intermediate_size=cfg_int(norm, "intermediate_size", where), n_layers=total, n_heads=heads, n_kv_heads=heads,
         head_dim=cfg_int(norm, "head_dim", where), rms_eps=cfg_num(norm, "rms_norm_eps", where), rope_theta=theta,
         max_position=cfg_int(norm, "max_position_embeddings", where), tie_embeddings=bool(norm["tie_word_embeddings"]),
@@ -145,7 +145,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: HrmTextSpec) -> None:
         super().__init__()
         self.self_attn = Attention(spec)
-        self.mlp = FeedForward(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.mlp = FeedForward(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias, act=activation_of(spec))
 
 
 class Stack(nn.Module):

@@ -34,8 +34,9 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch
-from dualpath.model.moe import dispatch_packed
+from dualpath.model.moe import activation_of, dispatch_packed
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 
@@ -146,7 +147,8 @@ class InklingSpec(ModelSpec):
             "log_scaling_n_floor": self.log_floor, "log_scaling_alpha": self.log_alpha,
             "layer_types": list(self.layer_types), "mlp_layer_types": list(self.mlp_types),
             "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
-            "conv_kernel_size": self.conv_kernel, "intermediate_size": self.intermediate_size, "hidden_act": "silu",
+            "conv_kernel_size": self.conv_kernel, "intermediate_size": self.intermediate_size,
+            "hidden_act": hf_activation(self.activation),
             "moe_intermediate_size": self.expert_width, "n_routed_experts": self.experts,
             "num_experts_per_tok": self.top_k, "n_shared_experts": self.shared, "route_scale": self.route_scale,
             "logits_mup_width_multiplier": self.mup_width, "tie_word_embeddings": False,
@@ -161,8 +163,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     ``dense_mlp_idx``, ``dense_intermediate_size``, ``sconv_kernel_size`` and ``model_max_length`` read as transformers
     reads them)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") != "silu":
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where)  # (its MLPs' and experts' gates)
     for theirs, ours in (("sconv_kernel_size", "conv_kernel_size"), ("model_max_length", "max_position_embeddings"),
                          ("sliding_window", "sliding_window_size")):
         if theirs in cfg and ours not in {k for k, v in cfg.items() if k == ours and v != DEFAULTS.get(ours)}:
@@ -184,7 +185,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         raise ModelError(f"{where}: layer_types and mlp_layer_types must be lists")
     floor = cfg.get("log_scaling_n_floor")
     return InklingSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int({"intermediate_size": dense_width}, "intermediate_size", where), n_layers=n,
         n_heads=cfg_int(cfg, "num_attention_heads", where), n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=cfg_int(cfg, "head_dim", where), rms_eps=cfg_num(cfg, "rms_norm_eps", where),
@@ -248,9 +249,10 @@ class Mlp(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
         self.global_scale = nn.Parameter(torch.ones(1))
+        self.act = activation_of(spec) or F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)) * self.global_scale)
+        return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)) * self.global_scale)
 
 
 class Router(nn.Module):
@@ -284,6 +286,7 @@ class Moe(nn.Module):
         self.experts = Experts(spec)
         self.shared_experts = SharedExperts(spec)
         self.k, self.n_shared, self.route_scale = spec.top_k, spec.shared, spec.route_scale
+        self.act = activation_of(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate
@@ -296,11 +299,12 @@ class Moe(nn.Module):
         w = torch.exp(lp - torch.logsumexp(lp, dim=-1, keepdim=True)) * self.route_scale * g.global_scale.float()
         w = w.to(x.dtype)
         ex = self.experts
-        out = dispatch_packed(x, idx, w[..., :self.k], ex.gate_up_proj, ex.down_proj)
+        out = dispatch_packed(x, idx, w[..., :self.k], ex.gate_up_proj, ex.down_proj, act=self.act)
         se = self.shared_experts
         gam = w[..., self.k:].t()[:, :, None]  # [S, N, 1]
         xs = x[None].expand(self.n_shared, -1, -1)
-        act = F.silu(torch.bmm(xs, se.gate_proj.transpose(1, 2))) * torch.bmm(xs, se.up_proj.transpose(1, 2)) * gam
+        act = (self.act or F.silu)(torch.bmm(xs, se.gate_proj.transpose(1, 2)))
+        act = act * torch.bmm(xs, se.up_proj.transpose(1, 2)) * gam
         shared = torch.bmm(act, se.down_proj.transpose(1, 2)).float().sum(dim=0).to(x.dtype)
         return out + shared
 

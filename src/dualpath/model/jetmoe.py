@@ -25,7 +25,9 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, LlamaModel, RMSNorm, _rope
+from dualpath.model.moe import activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, config_dtype
 
@@ -57,7 +59,8 @@ class JetMoeSpec(ModelSpec):
             "architectures": ["JetMoeForCausalLM"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "num_hidden_layers": self.n_layers, "num_key_value_heads": self.n_kv_heads,
             "kv_channels": self.head_dim, "intermediate_size": self.intermediate_size,
-            "max_position_embeddings": self.max_position, "activation_function": "silu",
+            "max_position_embeddings": self.max_position,
+            "activation_function": hf_activation(self.activation),
             "num_local_experts": self.moe_experts, "num_experts_per_tok": self.moe_top_k,
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
             "tie_word_embeddings": self.tie_embeddings, "rms_norm_eps": self.rms_eps, "dtype": self.dtype,
@@ -73,9 +76,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     from dualpath.model.spec_common import parse_rope
 
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("activation_function") not in ("silu", "swish"):
-        raise ModelError(f"{where}: activation_function {cfg.get('activation_function')!r} unsupported (its GLU "
-                         f"experts need 'silu')")
+    act = gate_activation(cfg, where, "activation_function")  # (its GLU experts' gate)
     kv, top_k = cfg_int(cfg, "num_key_value_heads", where), cfg_int(cfg, "num_experts_per_tok", where)
     theta, scaling = parse_rope(cfg, where)
     dtype = config_dtype(cfg, dtype)
@@ -83,7 +84,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ModelError(f"{where}: rms_norm_eps must be a positive number, got {eps!r}")
     return JetMoeSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=cfg_int(cfg, "num_hidden_layers", where),
         n_heads=kv * top_k, n_kv_heads=kv, head_dim=cfg_int(cfg, "kv_channels", where), rms_eps=float(eps),
         rope_theta=theta, rope_scaling=scaling, max_position=cfg_int(cfg, "max_position_embeddings", where),
@@ -133,6 +134,7 @@ class MoE(nn.Module):
         self.input_linear = ParallelExperts(spec.moe_experts, spec.hidden_size, 2 * spec.intermediate_size)
         self.output_linear = ParallelExperts(spec.moe_experts, spec.intermediate_size, spec.hidden_size)
         self.router = Router(spec.hidden_size, spec.moe_experts, spec.moe_top_k)
+        self.act = activation_of(spec) or F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, idx = self.router(x)
@@ -140,7 +142,7 @@ class MoE(nn.Module):
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)
             a, b = F.linear(x[tok], self.input_linear.weight[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(a) * b, self.output_linear.weight[e]) * w[tok, slot, None]
+            y = F.linear(self.act(a) * b, self.output_linear.weight[e]) * w[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out + self.bias
 

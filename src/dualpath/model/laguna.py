@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import (
     ForwardState,
     RMSNorm,
     TypedRopeDecoder,
     _rope,
 )
-from dualpath.model.moe import FeedForward
+from dualpath.model.moe import FeedForward, activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
 
@@ -108,8 +109,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of a Laguna config (its keys over LagunaConfig's defaults)."""
 
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
+    act = gate_activation(cfg, where)
     if cfg.get("moe_apply_router_weight_on_input"):
         raise ModelError(f"{where}: moe_apply_router_weight_on_input=true is not supported (nor by transformers)")
     gating = cfg.get("gating")
@@ -137,7 +137,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     window = cfg_int(cfg, "sliding_window", where)
     sparse = "sparse" in mlp
     return LagunaSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=max(heads),
         n_kv_heads=cfg_int(cfg, "num_key_value_heads", where), head_dim=cfg_int(cfg, "head_dim", where),
         rms_eps=cfg_num(cfg, "rms_norm_eps", where), rope_theta=next(iter(rope_by_type.values()))[0],
@@ -164,7 +164,7 @@ def hf_config(spec: LagunaSpec) -> dict[str, Any]:
         "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
         "num_attention_heads_per_layer": list(spec.layer_heads), "num_key_value_heads": spec.n_kv_heads,
-        "head_dim": spec.head_dim, "hidden_act": "silu", "max_position_embeddings": spec.max_position,
+        "head_dim": spec.head_dim, "hidden_act": hf_activation(spec.activation), "max_position_embeddings": spec.max_position,
         "rms_norm_eps": spec.rms_eps, "tie_word_embeddings": spec.tie_embeddings,
         "attention_bias": spec.attention_bias, "sliding_window": spec.sliding_window or 512,
         "layer_types": list(spec.layer_types), "gating": True if spec.gate_per_head else "per-element",
@@ -218,8 +218,8 @@ class MoE(nn.Module):
     def __init__(self, spec: LagunaSpec) -> None:
         super().__init__()
         self.gate = Router(spec)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_width) for _ in range(spec.moe_experts))
-        self.shared_experts = FeedForward(spec.hidden_size, spec.shared_width)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_width, act=activation_of(spec)) for _ in range(spec.moe_experts))
+        self.shared_experts = FeedForward(spec.hidden_size, spec.shared_width, act=activation_of(spec))
         self.scale = spec.moe_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,7 +238,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.self_attn = Attention(spec, layer)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.mlp: nn.Module = (FeedForward(spec.hidden_size, spec.intermediate_size) if layer in spec.dense_layers
+        self.mlp: nn.Module = (FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec)) if layer in spec.dense_layers
                                else MoE(spec))
 
 

@@ -563,9 +563,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         raise ModelError(f"{where}: the LayerNorm epsilon must be a positive number, got {eps!r}")
     act = out.get("hidden_act")
     if act not in ACTIVATIONS:
-        raise ModelError(f"{where}: activation {act!r} unsupported; expected one of {sorted(ACTIVATIONS)}")
-    if arch in ("stablelm", *COHERE) and ACTIVATIONS[act] != "silu":
-        raise ModelError(f"{where}: hidden_act {act!r} unsupported for {arch} (its SwiGLU needs 'silu')")
+        key = next((k for k in ("activation_function", "afn", "hidden_act") if k in cfg), "hidden_act")
+        raise ModelError(f"{where}: activation {act!r} ({key}) unsupported; expected one of {sorted(ACTIVATIONS)}")
     if arch == "gpt_neox":
         params = out.get("rope_parameters")
         if "rotary_emb_base" in out and not (isinstance(params, dict) and "rope_theta" in params):
@@ -640,9 +639,24 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
     return out
 
 
-def hf_activation(activation: str | None) -> str | None:
-    """transformers' ``hidden_act`` name of an :data:`ACTIVATIONS` value (GELU-tanh as ``gelu_pytorch_tanh``)."""
-    return {"gelu_tanh": "gelu_pytorch_tanh"}.get(str(activation), activation)
+def hf_activation(activation: str | None) -> str:
+    """transformers' ``hidden_act`` name of an :data:`ACTIVATIONS` value (GELU-tanh as ``gelu_pytorch_tanh``; None,
+    a gated MLP's default, as ``silu``)."""
+    if activation is None:
+        return "silu"
+    return {"gelu_tanh": "gelu_pytorch_tanh"}.get(activation, activation)
+
+
+def gate_activation(cfg: Mapping[str, Any], where: str, key: str = "hidden_act",
+                    default: str = "silu") -> str | None:
+    """The :data:`ACTIVATIONS` value of an MLP's (and its experts') ``key`` (transformers applies ``ACT2FN[key]``);
+    None where it is the family's ``default`` (SiLU: a gated MLP's), as where the key is absent."""
+    act = cfg.get(key)
+    if act is None:
+        return None
+    if act not in ACTIVATIONS:
+        raise ModelError(f"{where}: {key} {act!r} unsupported; expected one of {sorted(ACTIVATIONS)}")
+    return None if ACTIVATIONS[act] == ACTIVATIONS[default] else ACTIVATIONS[act]
 
 
 def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view, rope_inv_freq
 from dualpath.model.hybrid import HybridDecoder, NormedAttention, StatePagesSpec
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, TypedRopeState, _rope, rope_tables
+from dualpath.model.moe import Activation
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
 from dualpath.model.state_pages import (
@@ -339,14 +340,17 @@ class Attention3(NormedAttention):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, hidden: int, width: int) -> None:
+    """``w2(act(w1(x)) * w3(x))``: SwiGLU unless ``act`` (MiniMax's experts: its ``hidden_act``)."""
+
+    def __init__(self, hidden: int, width: int, act: Activation | None = None) -> None:
         super().__init__()
         self.w1 = nn.Linear(hidden, width, bias=False)
         self.w3 = nn.Linear(hidden, width, bias=False)
         self.w2 = nn.Linear(width, hidden, bias=False)
+        self.act: Activation = F.silu if act is None else act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return cast(torch.Tensor, self.w2(self.act(self.w1(x)) * self.w3(x)))
 
 
 class MoE(nn.Module):

@@ -37,7 +37,7 @@ from dualpath.model.archs import SIGMOID_ROUTER_ARCHS
 from dualpath.model.gpt_oss import GptOssMoE
 from dualpath.model.layernorm_family import SCALED_EMBEDDINGS, SINUSOIDAL
 from dualpath.model.llama4 import Llama4MoE, l2_norm, nope_query_scale
-from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk, sparsemixer_top2
+from dualpath.model.moe import FeedForward, activation_of, dispatch_experts, softmax_topk, sparsemixer_top2
 from dualpath.model.rope import rope_frequencies, rope_inv_freq
 from dualpath.model.spec import GROUP_ROUTER_ARCHS, ModelSpec
 
@@ -346,20 +346,11 @@ class MLP(FeedForward):
     ``down(act(gate(x)) * up(x))`` with the spec's ``activation`` where a config names another ``hidden_act``."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.gelu = spec.gemma_style
-        self.act: Callable[[torch.Tensor], torch.Tensor] | None = None
-        if not self.gelu and spec.activation not in (None, "silu"):
-            from dualpath.model.layernorm_family import activation
+        from dualpath.model.layernorm_family import activation
 
-            self.act = activation(str(spec.activation))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gelu:
-            return cast(torch.Tensor, self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)))
-        if self.act is not None:
-            return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
-        return super().forward(x)
+        name = spec.activation or ("gelu_tanh" if spec.gemma_style else "silu")
+        super().__init__(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias,
+                         act=None if name == "silu" else activation(name))
 
 
 class BitNetMLP(FeedForward):
@@ -445,13 +436,15 @@ class SparseMoE(nn.Module):
                                      fp32=spec.architecture in SIGMOID_ROUTER_ARCHS)
         else:
             self.gate = (_Fp32Linear if self.fp32_router else nn.Linear)(spec.hidden_size, spec.n_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
+        act = activation_of(spec)  # (transformers' experts apply ACT2FN[hidden_act] to the gate; Aria's routed
+        routed = None if spec.architecture == "aria_text" else act  # ones always SiLU, its shared ones hidden_act)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size, act=routed)
                                      for _ in range(spec.n_experts))
         self.shared_expert: FeedForward | None = None
         self.shared_gate = spec.architecture == "qwen2_moe"  # (GraniteMoE-Shared's shared expert is ungated)
         if spec.shared_expert_intermediate_size:
             self.shared_expert = FeedForward(spec.hidden_size, spec.shared_expert_intermediate_size,
-                                             bias=self.norm_min is not None and bool(spec.mlp_has_bias))
+                                             bias=self.norm_min is not None and bool(spec.mlp_has_bias), act=act)
             if self.shared_gate:
                 self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
 
@@ -530,7 +523,8 @@ def _glm_routing(spec: ModelSpec) -> SimpleNamespace:
         num_experts_per_tok=spec.n_experts_per_tok, n_group=spec.n_group, topk_group=spec.topk_group,
         norm_topk_prob=spec.norm_topk_prob, routed_scaling_factor=spec.routed_scaling_factor,
         moe_intermediate_size=spec.moe_intermediate_size,
-        n_shared_experts=spec.shared_expert_intermediate_size // spec.moe_intermediate_size)
+        n_shared_experts=spec.shared_expert_intermediate_size // spec.moe_intermediate_size,
+        activation=spec.activation)
 
 
 class SinusoidalPositions(nn.Module):

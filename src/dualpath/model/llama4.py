@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dualpath.errors import ModelError
-from dualpath.model.moe import FeedForward
+from dualpath.model.moe import FeedForward, activation_of
 
 if TYPE_CHECKING:
     from dualpath.model.spec import ModelSpec
@@ -90,8 +90,6 @@ def normalize_config(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], d
     qk = out.get("use_qk_norm", True)
     if not isinstance(qk, bool):
         raise ModelError(f"{where}: use_qk_norm must be true or false, got {qk!r}")
-    if out.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {out['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
     inter = _int(out, "intermediate_size", 8192, where, 1)
     inter_mlp = _int(out, "intermediate_size_mlp", 16384, where, 1)
     out["_nope_layers"] = nope  # (read by family_fields._nope_layers, as Cohere 2's)
@@ -108,7 +106,7 @@ def normalize_config(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], d
     }
     out["intermediate_size"] = inter_mlp  # the dense layers' MLP
     for key in ("no_rope_layers", "moe_layers", "layer_types", "attention_chunk_size", "num_local_experts",
-                "num_experts_per_tok", "intermediate_size_mlp", "use_qk_norm", "hidden_act"):
+                "num_experts_per_tok", "intermediate_size_mlp", "use_qk_norm"):
         out.pop(key, None)
     return out, fields
 
@@ -148,9 +146,10 @@ class Llama4MoE(nn.Module):
         super().__init__()
         self.top_k = spec.n_experts_per_tok
         self.router = nn.Linear(spec.hidden_size, spec.n_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
+        act = activation_of(spec)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size, act=act)
                                      for _ in range(spec.n_experts))
-        self.shared_expert = FeedForward(spec.hidden_size, spec.shared_expert_intermediate_size)
+        self.shared_expert = FeedForward(spec.hidden_size, spec.shared_expert_intermediate_size, act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router(x)

@@ -227,9 +227,9 @@ def _dbrx_config(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[
             raise ModelError(f"{where}: {key} must be an object, got {part!r}")
     attn, ffn = {**DBRX_ATTN, **attn}, {**DBRX_FFN, **ffn}
     act_fn = ffn["ffn_act_fn"] or {"name": "silu"}
-    if not isinstance(act_fn, dict) or act_fn.get("name", "silu") not in ("silu", "swish"):
-        raise ModelError(f"{where}: ffn_config.ffn_act_fn {ffn['ffn_act_fn']!r} unsupported (its GLU experts need "
-                         "'silu')")
+    if not isinstance(act_fn, dict) or act_fn.get("name", "silu") not in lnf.ACTIVATIONS:
+        raise ModelError(f"{where}: ffn_config.ffn_act_fn {ffn['ffn_act_fn']!r} unsupported (its GLU experts' gate: "
+                         f"a name among {sorted(lnf.ACTIVATIONS)})")
     norm = ffn["moe_normalize_expert_weights"]
     if norm not in (None, 1, 1.0) or isinstance(norm, bool):
         raise ModelError(f"{where}: ffn_config.moe_normalize_expert_weights {norm!r} unsupported (1: the top-k "
@@ -246,6 +246,7 @@ def _dbrx_config(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[
         "num_hidden_layers": c["n_layers"], "num_attention_heads": c["n_heads"],
         "num_key_value_heads": attn["kv_n_heads"], "max_position_embeddings": c["max_seq_len"],
         "rms_norm_eps": 1e-5, "attention_bias": False, "clip_qkv": attn["clip_qkv"],
+        "hidden_act": act_fn.get("name", "silu"),  # (the experts' gate, read as every gated MLP's hidden_act)
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         **{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "torch_dtype", "dtype") if k in cfg}}
     if cfg.get("rope_parameters") is not None or cfg.get("rope_scaling") is not None or "rope_theta" in cfg:
@@ -399,7 +400,8 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
                 "attn_config": {"kv_n_heads": spec.n_kv_heads, "rope_theta": spec.rope_theta,
                                 "clip_qkv": spec.clip_qkv},
                 "ffn_config": {"ffn_hidden_size": spec.moe_intermediate_size, "moe_num_experts": spec.n_experts,
-                               "moe_top_k": spec.n_experts_per_tok, "ffn_act_fn": {"name": "silu"},
+                               "moe_top_k": spec.n_experts_per_tok,
+                               "ffn_act_fn": {"name": lnf.hf_activation(spec.activation)},
                                "moe_normalize_expert_weights": 1.0 if spec.norm_topk_prob else None},
                 "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta}}
     if arch == "olmo":

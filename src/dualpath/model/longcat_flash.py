@@ -33,9 +33,10 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.deepseek import DeepseekV3Model, MLAttention
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.mla_spec import DeepseekV3Spec
-from dualpath.model.moe import FeedForward, dispatch_experts
+from dualpath.model.moe import FeedForward, activation_of, dispatch_experts
 from dualpath.model.spec_common import cfg_int, cfg_num, parse_rope
 
 __all__ = ["ARCH", "LongcatFlashModel", "LongcatFlashSpec", "spec_from_config", "tensors_in", "tensors_out"]
@@ -95,7 +96,7 @@ class LongcatFlashSpec(DeepseekV3Spec):
         cfg: dict[str, Any] = {
             "architectures": [ARCHITECTURE], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "num_layers": self.n_layers // 2, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_heads, "hidden_act": "silu", "max_position_embeddings": self.max_position,
+            "num_key_value_heads": self.n_heads, "hidden_act": hf_activation(self.activation), "max_position_embeddings": self.max_position,
             "rms_norm_eps": self.rms_eps, "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": self.attention_bias, "ffn_hidden_size": self.intermediate_size,
             "q_lora_rank": self.q_lora_rank, "kv_lora_rank": self.kv_lora_rank,
@@ -124,8 +125,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None, 
             raise ModelError(f"{where}: num_hidden_layers must be even (two attention sublayers per layer), got "
                              f"{total}")
         norm["num_layers"] = total // 2
-    if norm.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {norm.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
+    act = gate_activation(norm, where)
     if norm.get("zero_expert_type", "identity") != "identity":
         raise ModelError(f"{where}: zero_expert_type {norm['zero_expert_type']!r} unsupported (transformers' zero "
                          "experts are identities)")
@@ -155,7 +155,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None, 
         if dtype not in ("float32", "bfloat16", "float16"):
             dtype = "float32"
     return LongcatFlashSpec(
-        vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
+        activation=act, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
         intermediate_size=cfg_int(norm, "ffn_hidden_size", where),
         moe_intermediate_size=cfg_int(norm, "expert_ffn_hidden_size", where),
         n_layers=2 * cfg_int(norm, "num_layers", where), n_heads=cfg_int(norm, "num_attention_heads", where),
@@ -196,7 +196,7 @@ class ZeroExpertMoE(nn.Module):
     def __init__(self, spec: LongcatFlashSpec) -> None:
         super().__init__()
         self.router = ZeroExpertRouter(spec)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_intermediate_size, act=activation_of(spec))
                                      for _ in range(spec.n_routed_experts))
         self.zero: list[nn.Module] = [nn.Identity()] * spec.zero_experts  # (not parameters: no state)
 
@@ -209,7 +209,8 @@ class LongcatLayer(nn.Module):
     def __init__(self, spec: LongcatFlashSpec, layer: int) -> None:
         super().__init__()
         self.self_attn = nn.ModuleList(MLAttention(spec, 2 * layer + i) for i in range(2))
-        self.mlps = nn.ModuleList(FeedForward(spec.hidden_size, spec.intermediate_size) for _ in range(2))
+        self.mlps = nn.ModuleList(FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec))
+                                  for _ in range(2))
         self.input_layernorm = nn.ModuleList(RMSNorm(spec.hidden_size, spec.rms_eps) for _ in range(2))
         self.post_attention_layernorm = nn.ModuleList(RMSNorm(spec.hidden_size, spec.rms_eps) for _ in range(2))
         self.mlp = ZeroExpertMoE(spec)

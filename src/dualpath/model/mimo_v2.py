@@ -34,13 +34,14 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.kv.layout import KVSpec
 from dualpath.model.gemma4 import layer_view
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import (
     ForwardState,
     RMSNorm,
     TypedRopeDecoder,
     _rope,
 )
-from dualpath.model.moe import FeedForward
+from dualpath.model.moe import FeedForward, activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 
@@ -118,7 +119,7 @@ class MiMoV2Spec(ModelSpec):
             n_routed_experts=self.moe_experts, hidden_size=self.hidden_size, topk_method="noaux_tc",
             scoring_func="sigmoid", num_experts_per_tok=self.moe_top_k, n_group=groups, topk_group=top_groups,
             norm_topk_prob=self.moe_renormalize, routed_scaling_factor=self.moe_scale,
-            moe_intermediate_size=self.moe_width, n_shared_experts=0)
+            moe_intermediate_size=self.moe_width, n_shared_experts=0, activation=self.activation)
 
 
 # --- config in and out ---------------------------------------------------------------------------------------
@@ -139,8 +140,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                                                                               "attention_value_scale")}}
     if cfg.get("num_local_experts") is not None and "n_routed_experts" not in cfg:
         cfg["n_routed_experts"] = cfg["num_local_experts"]
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
+    act = gate_activation(cfg, where)
     n = cfg_int(cfg, "num_hidden_layers", where)
     types = cfg.get("layer_types") or ["full_attention" if i == 0 or not (i + 1) % 6 else "sliding_attention"
                                        for i in range(n)]
@@ -165,7 +165,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     sparse = "sparse" in mlp
     window = cfg_int(cfg, "sliding_window", where)
     return MiMoV2Spec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n,
         n_heads=cfg_int(cfg, "num_attention_heads", where), n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=cfg_int(cfg, "head_dim", where), rms_eps=cfg_num(cfg, "rms_norm_eps", where),
@@ -193,7 +193,7 @@ def hf_config(spec: MiMoV2Spec) -> dict[str, Any]:
         "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
         "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "v_head_dim": spec.v_head_dim,
-        "hidden_act": "silu", "max_position_embeddings": spec.max_position, "rms_norm_eps": spec.rms_eps,
+        "hidden_act": hf_activation(spec.activation), "max_position_embeddings": spec.max_position, "rms_norm_eps": spec.rms_eps,
         "tie_word_embeddings": spec.tie_embeddings, "attention_bias": spec.attention_bias,
         "sliding_window": spec.sliding_window or 129, "layer_types": list(spec.layer_types),
         "mlp_layer_types": ["dense" if i in spec.dense_layers else "sparse" for i in range(spec.n_layers)],
@@ -232,7 +232,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.self_attn = Attention(spec, layer)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-        self.mlp: nn.Module = (FeedForward(spec.hidden_size, spec.intermediate_size) if layer in spec.dense_layers
+        self.mlp: nn.Module = (FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec)) if layer in spec.dense_layers
                                else MoE(spec.routing()))  # type: ignore[arg-type]
 
 

@@ -23,10 +23,11 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.lfm2 import FeedForward
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import ssd_segment, ssd_step
-from dualpath.model.moe import dispatch_experts, softmax_topk
+from dualpath.model.moe import activation_of, dispatch_experts, softmax_topk
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
 from dualpath.model.state_pages import decode_states, scan_sequences, state_bytes, state_views
@@ -72,7 +73,8 @@ class MiniMaxSpec(StatePagesSpec, ModelSpec):
             "architectures": ["MiniMaxForCausalLM"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "hidden_act": hf_activation(self.activation),
             "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
             "tie_word_embeddings": self.tie_embeddings, "num_experts_per_tok": self.top_k,
             "num_local_experts": self.experts, "layer_types": list(self.layer_types),
@@ -86,8 +88,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                      max_context: int | None = None) -> MiniMaxSpec:
     """The spec of a MiniMax config (its keys over MiniMaxConfig's defaults)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where)  # (transformers' lightning attention and experts both apply it)
     if cfg.get("sliding_window") is not None:
         raise ModelError(f"{where}: sliding_window is not supported for {ARCH}")
     rope = cfg.get("rope_parameters") or {}
@@ -99,7 +100,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                       ["full_attention" if (i + 1) % 2 else "linear_attention" for i in range(n)])
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     return MiniMaxSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads,
         n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=cfg_int({"head_dim": cfg.get("head_dim") or hidden // heads}, "head_dim", where),
@@ -131,11 +132,12 @@ class LightningAttention(nn.Module):
         self.out_proj = nn.Linear(h * d, spec.hidden_size, bias=False)
         self.norm = RMSNorm(h * d, 1e-6)
         self.register_buffer("slope", slopes(spec, layer), persistent=False)
+        self.act = activation_of(spec) or F.silu
 
     def forward(self, x: torch.Tensor, batch: Any, kv_layer: torch.Tensor) -> torch.Tensor:
         _, rec_pages = state_views(kv_layer, 0, 1, self.heads, self.dim, self.dim)
         n, h, d = x.shape[0], self.heads, self.dim
-        qkv = F.silu(self.qkv_proj(x)).view(n, h, 3 * d)
+        qkv = self.act(self.qkv_proj(x)).view(n, h, 3 * d)
         a = -cast(torch.Tensor, self.slope).float()
         if batch.is_decode:
             _, s0, commit = decode_states(batch, None, rec_pages, qkv.reshape(n, -1), None, None)
@@ -172,7 +174,7 @@ class MoE(nn.Module):
     def __init__(self, spec: MiniMaxSpec) -> None:
         super().__init__()
         self.gate = nn.Linear(spec.hidden_size, spec.experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.intermediate_size)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.intermediate_size, activation_of(spec))
                                      for _ in range(spec.experts))
         self.k = spec.top_k
 

@@ -43,9 +43,10 @@ from dualpath.errors import ModelError
 from dualpath.kernels import mla_decode_attention, mla_prefill_attention, store_latent
 from dualpath.model.deepseek import DeepseekV3Model, MoE, _rotate
 from dualpath.model.dsa import _rope_half
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch
 from dualpath.model.mla_spec import DeepseekV3Spec, _glm5_shared_indexer_layers
-from dualpath.model.moe import FeedForward
+from dualpath.model.moe import FeedForward, activation_of
 from dualpath.model.spec_common import cfg_int, cfg_num, inherit_outer, parse_rope
 
 __all__ = ["ARCH", "MistralLarge4Model", "MistralLarge4Spec", "spec_from_config", "tensors_in", "tensors_out"]
@@ -129,7 +130,8 @@ class MistralLarge4Spec(DeepseekV3Spec):
             "n_routed_experts": self.n_routed_experts, "routed_scaling_factor": self.routed_scaling_factor,
             "kv_lora_rank": self.kv_lora_rank, "qk_rope_head_dim": self.qk_rope_head_dim,
             "v_head_dim": self.v_head_dim, "qk_nope_head_dim": self.qk_nope_head_dim, "n_group": self.n_group,
-            "topk_group": self.topk_group, "num_experts_per_tok": self.num_experts_per_tok, "hidden_act": "silu",
+            "topk_group": self.topk_group, "num_experts_per_tok": self.num_experts_per_tok,
+            "hidden_act": hf_activation(self.activation),
             "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
             "attention_bias": self.attention_bias, "index_topk": self.index_topk,
             "index_head_dim": self.index_head_dim, "index_n_heads": self.index_n_heads,
@@ -181,8 +183,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None, 
         if text.get(alias) is not None and text.get("n_routed_experts") is None:
             norm["n_routed_experts"] = text[alias]
     n = cfg_int(norm, "num_hidden_layers", where)
-    if norm.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {norm.get('hidden_act')!r} unsupported (SwiGLU needs 'silu')")
+    act = gate_activation(norm, where)
     interval = norm.get("no_rope_layer_interval", 4)
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
         raise ModelError(f"{where}: no_rope_layer_interval must be a positive integer, got {interval!r}")
@@ -211,7 +212,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None, 
         if dtype not in ("float32", "bfloat16", "float16"):
             dtype = "float32"
     return MistralLarge4Spec(
-        vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
+        activation=act, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
         intermediate_size=cfg_int(norm, "intermediate_size", where),
         moe_intermediate_size=cfg_int(norm, "moe_intermediate_size", where), n_layers=n,
         n_heads=cfg_int(norm, "num_attention_heads", where), kv_lora_rank=cfg_int(norm, "kv_lora_rank", where),
@@ -303,7 +304,7 @@ class Large4Layer(nn.Module):
         self.self_attn = Large4Attention(spec, layer)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.mlp: nn.Module = (MoE(spec) if layer >= spec.first_k_dense_replace
-                               else FeedForward(spec.hidden_size, spec.intermediate_size))
+                               else FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec)))
 
 
 class _Rotary(nn.Module):

@@ -17,6 +17,7 @@ import torch
 
 from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
+from dualpath.model import layernorm_family as lnf
 from dualpath.model.spec_common import _DTYPES, _SpecCommon, inherit_outer, parse_rope, read_hf_config
 
 #: image-text checkpoints whose language model is a DeepSeek-V3 (MLA) decoder: Kimi K2.5 (transformers' name and the
@@ -248,6 +249,9 @@ class DeepseekV3Spec(_SpecCommon):
     scale_emb: float | None = None  # MiniCPM3's scalings (see the class docstring)
     residual_scale: float | None = None
     logits_scaling: float | None = None
+    # the experts' and dense MLPs' gate activation where a config names another than SiLU (``hidden_act``, by
+    # dualpath.model.layernorm_family.ACTIVATIONS value; None: SiLU, and the dict, so the block keys, as before)
+    activation: str | None = None
     context_cap: int | None = field(default=None, compare=False)  # as ModelSpec's (not in to_dict)
     weights_id: str = field(default="", compare=False)
 
@@ -266,6 +270,9 @@ class DeepseekV3Spec(_SpecCommon):
         return _SCORING[self.model_type]
 
     def __post_init__(self) -> None:
+        if self.activation is not None and self.activation not in set(lnf.ACTIVATIONS.values()):
+            raise ModelError(f"model config: activation {self.activation!r} unsupported; expected one of "
+                             f"{sorted(set(lnf.ACTIVATIONS.values()))}")
         if self.model_type not in _TOPK_METHODS:
             raise ModelError(f"model config: model_type {self.model_type!r} unsupported; expected one of "
                              f"{sorted(_TOPK_METHODS)}")
@@ -473,6 +480,8 @@ class DeepseekV3Spec(_SpecCommon):
                 d.pop(name)
         if self.model_type != "axk2":
             d.pop("gated_norm_rank")
+        if self.activation is None:
+            d.pop("activation")
         if self.model_type not in HC_TYPES:
             for name in _HY_FIELDS:
                 d.pop(name)
@@ -518,7 +527,7 @@ class DeepseekV3Spec(_SpecCommon):
             "max_position_embeddings": self.max_position,
             "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": self.attention_bias,
-            "hidden_act": "silu",
+            "hidden_act": lnf.hf_activation(self.activation),
             "torch_dtype": self.dtype,
             "num_nextn_predict_layers": 0,
         }
@@ -624,8 +633,7 @@ class DeepseekV3Spec(_SpecCommon):
             cfg = {**fill, **cfg}
         elif model_type in _SPECIAL_IDS:  # (their config classes' special tokens, where a config names none)
             cfg = {**dict(zip(("bos_token_id", "eos_token_id"), _SPECIAL_IDS[model_type], strict=True)), **cfg}
-        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} unsupported (SwiGLU needs 'silu')")
+        act = lnf.gate_activation(cfg, where)  # (the experts' and MLPs' gate: ACT2FN[hidden_act], as in transformers)
         if cfg.get("mlp_bias") is True and model_type in ("deepseek_v2", "minicpm3"):
             raise ModelError(f"{where}: mlp_bias=true is unsupported for {label} (transformers biases its MLPs; "
                              "published checkpoints have none)")
@@ -781,6 +789,7 @@ class DeepseekV3Spec(_SpecCommon):
             index_shared_layers=shared,
             query_scale_beta=beta,
             gated_norm_rank=gated,
+            activation=act,
             context_cap=max_context,
             **hy,
             **minicpm,

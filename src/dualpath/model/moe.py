@@ -1,5 +1,6 @@
-"""What every mixture-of-experts feed-forward here shares: the SwiGLU expert (:class:`FeedForward`, also the dense
-MLP and shared experts) and the one expert loop (:func:`dispatch_experts`) that DeepSeek-V2/V3, Mixtral, Qwen2-MoE
+"""What every mixture-of-experts feed-forward here shares: the gated expert (:class:`FeedForward`, also the dense
+MLP and shared experts; SwiGLU, or the activation a config's ``hidden_act`` names, :func:`activation_of`) and the
+one expert loop (:func:`dispatch_experts`) that DeepSeek-V2/V3, Mixtral, Qwen2-MoE
 and Qwen3-MoE run after their own routers pick each token's experts and weights.
 
 The loop follows transformers' eager experts: only the experts some token picked run, in ascending expert order;
@@ -16,20 +17,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeedForward", "dispatch_experts", "dispatch_packed", "softmax_topk"]
+from dualpath.model.layernorm_family import activation
+
+__all__ = ["Activation", "FeedForward", "activation_of", "dispatch_experts", "dispatch_packed", "softmax_topk"]
+
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
 class FeedForward(nn.Module):
-    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of width ``inter`` (biases on all three with ``bias``)."""
+    """Gated MLP ``down(act(gate(x)) * up(x))`` of width ``inter`` (biases on all three with ``bias``): SwiGLU by
+    default, or the activation a config names (``act``: transformers' ``ACT2FN[hidden_act]``, which its experts
+    apply to the gate whatever it is)."""
 
-    def __init__(self, hidden: int, inter: int, bias: bool = False) -> None:
+    def __init__(self, hidden: int, inter: int, bias: bool = False, act: Activation | None = None) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.act: Activation = F.silu if act is None else act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def activation_of(spec: object) -> Activation | None:
+    """The gate activation a spec's ``activation`` field names (None: SiLU, the default)."""
+    name = getattr(spec, "activation", None)
+    return None if name in (None, "silu") else activation(str(name))
 
 
 def dispatch_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
@@ -63,23 +78,26 @@ class SigmoidBiasRouter(nn.Module):
 
 
 class _PackedExpert:
-    """Expert ``e`` of packed ``gate_up [E, 2I, H]`` / ``down [E, H, I]`` tensors: ``down(silu(gate) * up)``, the
-    gate clamped above and the up projection to +-``limit`` when given (DeepSeek-V4's)."""
+    """Expert ``e`` of packed ``gate_up [E, 2I, H]`` / ``down [E, H, I]`` tensors: ``down(act(gate) * up)`` (SiLU
+    unless ``act``), the gate clamped above and the up projection to +-``limit`` when given (DeepSeek-V4's)."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, e: int, limit: float | None) -> None:
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, e: int, limit: float | None,
+                 act: Activation | None = None) -> None:
         self.gate_up, self.down, self.e, self.limit = gate_up, down, e, limit
+        self.act: Activation = F.silu if act is None else act
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         g, u = F.linear(x, self.gate_up[self.e]).chunk(2, dim=-1)
         if self.limit is not None:
             g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
-        return F.linear(F.silu(g) * u, self.down[self.e])
+        return F.linear(self.act(g) * u, self.down[self.e])
 
 
 def dispatch_packed(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                    down: torch.Tensor, limit: float | None = None) -> torch.Tensor:
-    """:func:`dispatch_experts` over packed SwiGLU experts (transformers' ``gate_up_proj`` / ``down_proj``)."""
-    return dispatch_experts(x, idx, weights, [_PackedExpert(gate_up, down, e, limit) for e in range(gate_up.shape[0])])
+                    down: torch.Tensor, limit: float | None = None, act: Activation | None = None) -> torch.Tensor:
+    """:func:`dispatch_experts` over packed gated experts (transformers' ``gate_up_proj`` / ``down_proj``)."""
+    return dispatch_experts(x, idx, weights,
+                            [_PackedExpert(gate_up, down, e, limit, act) for e in range(gate_up.shape[0])])
 
 
 def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ import torch
 
 from dualpath.errors import ModelError
 from dualpath.model.hf_config import canonical_keys
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype, parse_rope
 
@@ -99,7 +100,8 @@ class Molmo2Spec(ModelSpec):
             "model_type": ARCH, "vocab_size": head, "additional_vocab_size": self.vocab_size - head,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "hidden_act": hf_activation(self.activation),
             "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
             "attention_bias": self.attention_bias, "qk_norm_type": self.qk_norm_type, "norm_after": self.norm_after,
             "rope_parameters": rope,
@@ -130,9 +132,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id"):
         if text.get(key) is None and cfg.get(key) is not None:
             norm[key] = cfg[key]
-    if norm.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: text_config.hidden_act {norm.get('hidden_act')!r} unsupported (Molmo2's SwiGLU "
-                         "needs 'silu')")
+    act = gate_activation(norm, f"{where}: text_config")
     if norm.get("qk_norm_type") not in ("qwen3", "olmo"):
         raise ModelError(f"{where}: text_config.qk_norm_type must be 'qwen3' or 'olmo', got "
                          f"{norm.get('qk_norm_type')!r}")
@@ -149,7 +149,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                          f"{scaled!r}")
     unscaled = tuple(i for i in range(n) if i not in scaled) if scaling is not None else ()
     return Molmo2Spec(
-        architecture=ARCH, vocab_size=vocab + extra, output_vocab_size=vocab if extra else None,
+        architecture=ARCH, activation=act, vocab_size=vocab + extra, output_vocab_size=vocab if extra else None,
         hidden_size=cfg_int(norm, "hidden_size", where), intermediate_size=cfg_int(norm, "intermediate_size", where),
         n_layers=n, n_heads=cfg_int(norm, "num_attention_heads", where),
         n_kv_heads=cfg_int(norm, "num_key_value_heads", where), head_dim=cfg_int(norm, "head_dim", where),

@@ -28,7 +28,9 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, _rope
+from dualpath.model.moe import activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype, inherit_outer, parse_rope
 
@@ -96,7 +98,7 @@ class MuseGlimmerSpec(ModelSpec):
             "model_type": ARCH, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "hidden_activation": "silu", "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
+            "hidden_activation": hf_activation(self.activation), "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
             "post_norm_eps": self.post_norm_eps, "sliding_window": self.sliding_window or 2048,
             "layer_types": list(self.layer_types), "attention_bias": self.attention_bias,
             "layer_rope_theta": [0 if i in self.unrotated else self.rope_theta for i in range(self.n_layers)],
@@ -108,7 +110,7 @@ class MuseGlimmerSpec(ModelSpec):
         }
         if self.spark:
             del text["hidden_activation"]
-            text.update(model_type=SPARK, hidden_act="silu", num_local_experts=self.moe_experts or 1,
+            text.update(model_type=SPARK, hidden_act=hf_activation(self.activation), num_local_experts=self.moe_experts or 1,
                         num_experts_per_tok=self.moe_top_k or 1, moe_intermediate_size=self.moe_width or 1,
                         moe_hidden_size=self.moe_hidden or 1, routed_scaling_factor=self.moe_scale,
                         residual_gate_temperature=self.gate_temperature,
@@ -147,9 +149,8 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
 
         outer = {"architectures": [SPARK_ARCHITECTURE if spark else ARCHITECTURE], **cfg}
         norm["tie_word_embeddings"] = bool(composite_tie(outer, text))  # (None: no key, untied)
-    if norm.get("hidden_activation", norm.get("hidden_act")) not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_activation {norm.get('hidden_activation')!r} unsupported (SwiGLU needs "
-                         "'silu')")
+    act = gate_activation({"hidden_activation": norm.get("hidden_activation", norm.get("hidden_act"))}, where,
+                          "hidden_activation")
     n = cfg_int(norm, "num_hidden_layers", where)
     types = cfg_kinds(norm, "layer_types", n, TYPES, where,
                       ["full_attention" if (n - 1 - i) % 4 == 0 else "sliding_attention" for i in range(n)])
@@ -169,7 +170,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                          "every rotating layer at rope_theta, so which base is meant is not guessed")
     window = cfg_int(norm, "sliding_window", where)
     return MuseGlimmerSpec(
-        architecture=SPARK if spark else ARCH, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
+        architecture=SPARK if spark else ARCH, activation=act, vocab_size=cfg_int(norm, "vocab_size", where), hidden_size=cfg_int(norm, "hidden_size", where),
         intermediate_size=cfg_int(norm, "intermediate_size", where), n_layers=n,
         n_heads=cfg_int(norm, "num_attention_heads", where), n_kv_heads=cfg_int(norm, "num_key_value_heads", where),
         head_dim=cfg_int(norm, "head_dim", where), rms_eps=cfg_num(norm, "rms_norm_eps", where), rope_theta=theta,
@@ -223,9 +224,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.act = activation_of(spec) or F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class ScaledFirstNorm(nn.Module):
@@ -283,13 +285,14 @@ class SparkExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.zeros(e, 2 * i, m))
         self.down_proj = nn.Parameter(torch.zeros(e, m, i))
         self.post_expert_norm = ScaledFirstNorm(m, spec.post_norm_eps)
+        self.act = activation_of(spec) or F.silu
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e in torch.unique(idx).tolist():
             tok, slot = torch.where(idx == e)
             gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = self.post_expert_norm(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            y = self.post_expert_norm(F.linear(self.act(gate) * up, self.down_proj[e]))
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))
         return out
 

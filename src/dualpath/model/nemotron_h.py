@@ -32,6 +32,7 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
+from dualpath.model.layernorm_family import activation, gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.mamba2 import Mamba2Mixer
 from dualpath.model.spec import ModelSpec
@@ -131,9 +132,9 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of a Nemotron-H config (its keys over NemotronHConfig's defaults)."""
     cfg = {_ALIASES.get(k, k): v for k, v in cfg.items()}
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k == "moe_latent_size"}}
-    for key, want in (("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu")):
-        if cfg.get(key) != want:
-            raise ModelError(f"{where}: {key} {cfg.get(key)!r} unsupported (only {want!r})")
+    if cfg.get("mamba_hidden_act") != "silu":
+        raise ModelError(f"{where}: mamba_hidden_act {cfg.get('mamba_hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where, "mlp_hidden_act", default="relu2")  # (its MLPs' and experts')
     if cfg.get("sliding_window") is not None:
         raise ModelError(f"{where}: sliding_window is not supported for {ARCH}")
     limit = cfg.get("time_step_limit", cfg.get("mamba_dt_limit"))
@@ -147,7 +148,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         raise ModelError(f"{where}: moe_latent_size must be a positive integer or null, got {latent!r}")
     hidden = cfg_int(cfg, "hidden_size", where)
     return NemotronHSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=len(kinds),
         n_heads=cfg_int(cfg, "num_attention_heads", where),
         n_kv_heads=cfg_int({"k": cfg.get("num_key_value_heads") or cfg["num_attention_heads"]}, "k", where),
@@ -225,7 +226,7 @@ def hf_config(spec: NemotronHSpec) -> dict[str, Any]:
         "hidden_size": spec.hidden_size, "layers_block_type": list(spec.layer_types),
         "num_attention_heads": spec.n_heads, "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
         "max_position_embeddings": spec.max_position, "intermediate_size": spec.intermediate_size,
-        "mlp_hidden_act": "relu2", "mlp_bias": spec.mlp_bias, "ssm_state_size": spec.mamba_state,
+        "mlp_hidden_act": hf_activation(spec.activation or "relu2"), "mlp_bias": spec.mlp_bias, "ssm_state_size": spec.mamba_state,
         "mamba_num_heads": spec.mamba_heads, "mamba_head_dim": spec.mamba_head_dim, "n_groups": spec.mamba_groups,
         "conv_kernel": spec.mamba_kernel, "time_step_min": spec.dt_min, "use_conv_bias": spec.conv_bias,
         "use_bias": spec.proj_bias, "n_group": spec.router_groups, "topk_group": spec.router_topk_groups,
@@ -244,15 +245,16 @@ def hf_config(spec: NemotronHSpec) -> dict[str, Any]:
 
 
 class MLP(nn.Module):
-    """``down(relu(up(x)) ** 2)``."""
+    """``down(act(up(x)))``: ReLU squared unless the spec's ``activation`` (``mlp_hidden_act``) says otherwise."""
 
-    def __init__(self, hidden: int, width: int, bias: bool) -> None:
+    def __init__(self, hidden: int, width: int, bias: bool, act: str | None = None) -> None:
         super().__init__()
         self.up_proj = nn.Linear(hidden, width, bias=bias)
         self.down_proj = nn.Linear(width, hidden, bias=bias)
+        self.act = activation(act or "relu2")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(torch.square(F.relu(self.up_proj(x)))))
+        return cast(torch.Tensor, self.down_proj(self.act(self.up_proj(x))))
 
 
 class Router(nn.Module):
@@ -284,8 +286,8 @@ class MoE(nn.Module):
         super().__init__()
         width = spec.latent or spec.hidden_size
         self.gate = Router(spec)
-        self.experts = nn.ModuleList(MLP(width, spec.moe_width, False) for _ in range(spec.experts))
-        self.shared_experts = MLP(spec.hidden_size, spec.shared_width, spec.mlp_bias)
+        self.experts = nn.ModuleList(MLP(width, spec.moe_width, False, spec.activation) for _ in range(spec.experts))
+        self.shared_experts = MLP(spec.hidden_size, spec.shared_width, spec.mlp_bias, spec.activation)
         self.latent = spec.latent is not None
         if self.latent:
             self.fc1_latent_proj = nn.Linear(spec.hidden_size, width, bias=spec.mlp_bias)
@@ -327,7 +329,7 @@ class Block(nn.Module):
         elif kind == "full_attention":
             self.mixer = Attention(spec)
         elif kind == "mlp":
-            self.mixer = MLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
+            self.mixer = MLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, spec.activation)
         else:
             self.mixer = MoE(spec)
 

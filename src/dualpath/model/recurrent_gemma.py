@@ -32,6 +32,7 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
+from dualpath.model.layernorm_family import activation, gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
@@ -97,7 +98,7 @@ class RecurrentGemmaSpec(StatePagesSpec, ModelSpec):
             "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "lru_width": self.lru_width,
             "attention_window_size": self.window, "conv1d_width": self.conv_width,
             "logits_soft_cap": self.soft_cap, "rms_norm_eps": self.rms_eps,
-            "hidden_activation": "gelu_pytorch_tanh", "block_types": list(period),
+            "hidden_activation": hf_activation(self.activation or "gelu_tanh"), "block_types": list(period),
             "attention_bias": self.attention_bias, "tie_word_embeddings": self.tie_embeddings,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
                                 "partial_rotary_factor": self.partial_rotary},
@@ -119,9 +120,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of a RecurrentGemma config (its keys over RecurrentGemmaConfig's defaults, its derived sizes as
     transformers derives them)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_activation") not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-        raise ModelError(f"{where}: hidden_activation {cfg.get('hidden_activation')!r} unsupported (only "
-                         "'gelu_pytorch_tanh')")
+    act = gate_activation(cfg, where, "hidden_activation", default="gelu_pytorch_tanh")  # (MLP gate and y branch)
     n, hidden = cfg_int(cfg, "num_hidden_layers", where), cfg_int(cfg, "hidden_size", where)
     heads = cfg_int(cfg, "num_attention_heads", where)
     blocks = cfg.get("block_types")
@@ -132,7 +131,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         raise ModelError(f"{where}: rope_parameters: only a 'default' RoPE is supported for {ARCH}, got {rope!r}")
     partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))
     return RecurrentGemmaSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int({"i": cfg.get("intermediate_size", 3 * hidden)}, "i", where) // 2, n_layers=n,
         n_heads=heads, n_kv_heads=cfg_int({"k": cfg.get("num_key_value_heads") or heads}, "k", where),
         head_dim=cfg_int({"head_dim": cfg.get("head_dim") or hidden // heads}, "head_dim", where),
@@ -192,10 +191,11 @@ class RecurrentBlock(nn.Module):
         self.conv_1d = nn.Conv1d(w, w, k, groups=w, padding=k - 1)
         self.rg_lru = RgLru(spec)
         self.width, self.taps = w, k
+        self.act = activation(spec.activation or "gelu_tanh")
 
     def forward(self, x: torch.Tensor, batch: Any, kv_layer: torch.Tensor) -> torch.Tensor:
         conv_pages, rec_pages = state_views(kv_layer, self.width, self.taps, 1, 1, self.width)
-        y = F.gelu(self.linear_y(x), approximate="tanh")
+        y = self.act(self.linear_y(x))
         xb = self.linear_x(x)
         weight, bias = self.conv_1d.weight[:, 0], self.conv_1d.bias
         positions = batch.positions.to(x.device)
@@ -236,9 +236,10 @@ class Mlp(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size)
+        self.act = activation(spec.activation or "gelu_tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)))
+        return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class ResidualBlock(nn.Module):

@@ -190,6 +190,7 @@ from dualpath.model.archs import (
     GRANITE_SCALED,
     GRANITE_SWA,
     GROUP_ROUTER_ARCHS,
+    MLP_BIAS_ARCHS,
     ROPE_TYPES,
     refusal_reason,
 )
@@ -454,10 +455,11 @@ class ModelSpec(_SpecCommon):
                              f"with a RoPE that names original_max_position_embeddings; got {beta!r} for "
                              f"{self.architecture}")
         if self.mlp_has_bias is not None and (self.mlp_has_bias is not True
-                                              or self.architecture not in ("llama", "helium", "ernie4_5", "jais2",
-                                                                           "ernie4_5_moe")):
-            raise ModelError(f"model config: mlp_has_bias (mlp_bias, use_bias) is true or null, and only for llama, "
-                             f"helium, ernie4_5 and jais2; got {self.mlp_has_bias!r} for {self.architecture}")
+                                              or self.architecture not in (*MLP_BIAS_ARCHS, "helium", "ernie4_5",
+                                                                           "jais2", "ernie4_5_moe")):
+            raise ModelError(f"model config: mlp_has_bias (mlp_bias, use_bias) is true or null, and only for "
+                             f"{', '.join(MLP_BIAS_ARCHS)}, helium, ernie4_5 and jais2; got {self.mlp_has_bias!r} for "
+                             f"{self.architecture}")
         if (self.o_proj_bias is None) != (self.architecture != "seed_oss"):
             raise ModelError(f"model config: o_proj_bias (attention_out_bias) is seed_oss's and required there, got "
                              f"{self.o_proj_bias!r} for {self.architecture}")
@@ -480,9 +482,9 @@ class ModelSpec(_SpecCommon):
             value = getattr(self, name)
             needed = ln or (name == "activation" and self.architecture in ("arcee", "nanochat", "jais2", "apertus",
                                                                           "bitnet"))
-            # (a dense gated MLP's activation other than SiLU: the Llama-shaped families without experts)
-            optional = (name == "activation" and not needed and self.gated_mlp and not self.gemma_style
-                        and self.architecture not in ALL_MOE_ARCHS)
+            # (a gated MLP's or experts' activation other than SiLU, or Gemma's other than tanh GELU: the
+            # Llama-shaped families; gpt-oss's experts run their own clamped GLU)
+            optional = (name == "activation" and not needed and self.gated_mlp and self.architecture != "gpt_oss")
             if (value is None and needed) or (value is not None and not needed and not optional):
                 raise ModelError(f"model config: {name} is the LayerNorm families' ({', '.join(lnf.LN_ARCHS)}) and "
                                  f"required there, got {value!r} for {self.architecture}")
@@ -497,8 +499,6 @@ class ModelSpec(_SpecCommon):
         if self.activation not in set(lnf.ACTIVATIONS.values()):
             raise ModelError(f"model config: activation {self.activation!r} unsupported; expected one of "
                              f"{sorted(set(lnf.ACTIVATIONS.values()))}")
-        if self.architecture == "stablelm" and self.activation != "silu":
-            raise ModelError("model config: stablelm's SwiGLU needs activation 'silu'")
         fixed = {"mpt": (False, False), "gpt_neo": (False, False), "bloom": (False, False), "gpt2": (False, False), "phi": (True, None), "starcoder2": (False, False), "gpt_neox": (None, False),
                  "gptj": (True, False), "gpt_bigcode": (False, False), "opt": (False, False), "openai-gpt": (False, False), "persimmon": (False, None), "ctrl": (False, False),
                  "gpt_neox_japanese": (False, False),
@@ -758,7 +758,8 @@ class ModelSpec(_SpecCommon):
                                                              "hunyuan_v1_dense", "hunyuan_v1_moe", "nanochat", "jais2",
                                                              "apertus",
                                                              "llama4_text", "phimoe", "dots1", "ernie4_5_moe",
-                                                             "flex_olmo", "afmoe", "mellum", "hy_v3", "flint")
+                                                             "flex_olmo", "afmoe", "mellum", "hy_v3", "flint",
+                                                             "aria_text", "bitnet")
 
     @property
     def layer_norm(self) -> bool:
@@ -1121,30 +1122,29 @@ class ModelSpec(_SpecCommon):
         ln_fields: dict[str, Any] = {}
         if arch in lv.VARIANT_ARCHS:  # their own keys and defaults (dualpath.model.llama_variants)
             cfg, ln_fields = lv.normalize_config(arch, cfg, where)
-        elif arch == "llama" and cfg.get("mlp_bias") is True:
+        elif arch in MLP_BIAS_ARCHS and cfg.get("mlp_bias") not in (None, False):  # (their MLPs' three (Arcee:
+            if cfg["mlp_bias"] is not True:  # two) projections biased, as transformers builds them)
+                raise ModelError(f"{where}: mlp_bias must be true or false, got {cfg['mlp_bias']!r}")
             ln_fields = {"mlp_has_bias": True}
             cfg = {k: v for k, v in cfg.items() if k != "mlp_bias"}
         if arch in lnf.LN_ARCHS:  # their own keys and defaults, read into the ones below
             cfg = lnf.normalize_config(arch, cfg, where)
             ln_fields = cfg.pop("ln_fields")
         elif arch == "gemma":
-            _check_gemma(cfg, where)
+            if (act := _check_gemma(cfg, where)) is not None:  # (another than GeGLU's tanh GELU)
+                ln_fields = {**(ln_fields or {}), "activation": act}
         elif arch in GEMMA2_LIKE:
-            _check_gemma2(cfg, where)
+            if (act := _check_gemma2(cfg, where)) is not None:  # (another than GeGLU's tanh GELU)
+                ln_fields = {**(ln_fields or {}), "activation": act}
         elif arch == "gpt_oss":
             cfg = _gpt_oss_defaults(cfg)
         elif arch == "arcee":  # ArceeConfig: a ReLU-squared MLP, not gated
             act = cfg.get("hidden_act", "relu2")
             if act not in lnf.ACTIVATIONS:
                 raise ModelError(f"{where}: hidden_act {act!r} unsupported; expected one of {sorted(lnf.ACTIVATIONS)}")
-            ln_fields = {"activation": lnf.ACTIVATIONS[act]}
-        elif cfg.get("hidden_act", "silu") not in ("silu", "swish"):  # (a dense gated MLP takes any of the
-            act = cfg["hidden_act"]  # LayerNorm families' activations, as transformers' ACT2FN does; experts SiLU)
-            if arch in ALL_MOE_ARCHS or act not in lnf.ACTIVATIONS:
-                raise ModelError(f"{where}: hidden_act {act!r} unsupported (" + (
-                    "its experts' SwiGLU needs 'silu')" if arch in ALL_MOE_ARCHS
-                    else f"expected one of {sorted(lnf.ACTIVATIONS)})"))
             ln_fields = {**(ln_fields or {}), "activation": lnf.ACTIVATIONS[act]}
+        elif (act := lnf.gate_activation(cfg, where)) is not None:  # (a gated MLP and its experts take any of the
+            ln_fields = {**(ln_fields or {}), "activation": act}  # LayerNorm families' activations on the gate)
         if cfg.get("mlp_bias"):
             raise ModelError(f"{where}: mlp_bias=true is unsupported")
         window, full_layers = _layer_windows(arch, cfg, archs, model_type, where)

@@ -68,11 +68,12 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
     if spec.architecture == "smollm3":
         # (SmolLM3Config's default pad_token_id, 128004, is its embedding's padding_idx: out of a smaller vocab)
         cfg.update(no_rope_layers=[int(i not in spec.nope_layers) for i in range(spec.n_layers)],
-                   use_sliding_window=spec.sliding_window is not None, mlp_bias=False, pad_token_id=None,
+                   use_sliding_window=spec.sliding_window is not None, mlp_bias=bool(spec.mlp_has_bias),
+                   pad_token_id=None,
                    layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"
                                 for i in range(spec.n_layers)])
     if spec.architecture in ("granite", "hyperclovax", "granite_swa"):
-        cfg.update({key: getattr(spec, key) for key in _GRANITE_FIELDS}, mlp_bias=False)
+        cfg.update({key: getattr(spec, key) for key in _GRANITE_FIELDS}, mlp_bias=bool(spec.mlp_has_bias))
         if spec.architecture == "hyperclovax":
             cfg.update(use_post_norm=bool(spec.peri_norms), head_dim=spec.head_dim)
     elif spec.architecture in GRANITE_ARCHS:  # the MoE ones: experts intermediate_size wide, every layer
@@ -120,7 +121,8 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
                    qk_norm_type="per_layer", scoring_func="sigmoid", use_routing_bias=True, pad_token_id=None,
                    bos_token_id=None, eos_token_id=None)
     if spec.architecture == "seed_oss":
-        cfg.update(attention_bias=spec.attention_bias, attention_out_bias=spec.o_proj_bias, mlp_bias=False,
+        cfg.update(attention_bias=spec.attention_bias, attention_out_bias=spec.o_proj_bias,
+                   mlp_bias=bool(spec.mlp_has_bias),
                    pad_token_id=None, attention_dropout=0.0, residual_dropout=0.0)
     if spec.architecture in ("exaone_moe", "hy_v3"):  # (transformers follows mlp_layer_types over first_k_dense_replace)
         k = len(spec.mlp_only_layers)
@@ -143,17 +145,18 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
                                   "rope_theta": spec.rope_local_theta or spec.rope_theta}}
         del cfg["rope_theta"], cfg["rope_scaling"]
     if spec.architecture in GEMMA2_LIKE:
-        cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
-                   query_pre_attn_scalar=spec.query_pre_attn_scalar,
+        act = lnf.hf_activation(spec.activation or "gelu_tanh")
+        cfg.update(hidden_act=act, hidden_activation=act, query_pre_attn_scalar=spec.query_pre_attn_scalar,
                    attn_logit_softcapping=spec.attn_logit_softcapping,
                    final_logit_softcapping=spec.final_logit_softcapping, sliding_window=spec.sliding_window)
         if spec.sliding_window is None:  # every layer full (the default alternates sliding ones); transformers
             # builds the sliding mask regardless, so it still needs a window
             cfg.update(layer_types=["full_attention"] * spec.n_layers, sliding_window=spec.max_position)
     if spec.architecture == "gemma":  # hidden_act for transformers 5, hidden_activation for 4.x
-        cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
+        act = lnf.hf_activation(spec.activation or "gelu_tanh")
+        cfg.update(hidden_act=act, hidden_activation=act)
     if spec.architecture == "arcee":
-        cfg.update(attention_bias=spec.attention_bias, mlp_bias=False, pad_token_id=None,
+        cfg.update(attention_bias=spec.attention_bias, mlp_bias=bool(spec.mlp_has_bias), pad_token_id=None,
                    hidden_act=lnf.hf_activation(spec.activation))
     if spec.architecture in ("glm", "glm4"):
         cfg.update(attention_bias=spec.attention_bias, pad_token_id=None,

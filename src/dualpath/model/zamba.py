@@ -29,6 +29,7 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
+from dualpath.model.layernorm_family import activation, gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeState
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
@@ -94,7 +95,8 @@ class ZambaSpec(HybridBlocks, StatePagesSpec, ModelSpec):
             "layers_block_type": list(self.layer_types), "n_mamba_heads": self.mamba_heads,
             "mamba_d_state": self.mamba_state, "mamba_d_conv": self.mamba_kernel, "mamba_expand": self.mamba_expand,
             "mamba_dt_rank": self.dt_rank, "mamba_conv_bias": self.conv_bias, "mamba_proj_bias": self.proj_bias,
-            "hidden_act": "gelu", "hidden_mamba_act": "silu", "rms_norm_eps": self.rms_eps,
+            "hidden_act": hf_activation(self.activation or "gelu"), "hidden_mamba_act": "silu",
+            "rms_norm_eps": self.rms_eps,
             "tie_word_embeddings": self.tie_embeddings, "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id, "pad_token_id": None, "use_mamba_kernels": False, "dtype": self.dtype,
         }
@@ -105,8 +107,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of a Zamba config (its keys over ZambaConfig's defaults, its derived sizes and default layer pattern
     as transformers derives them)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") != "gelu":
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'gelu')")
+    act = gate_activation(cfg, where, default="gelu")  # (its gated MLP's; the mixer's is hidden_mamba_act)
     if cfg.get("hidden_mamba_act") not in ("silu", "swish"):
         raise ModelError(f"{where}: hidden_mamba_act {cfg.get('hidden_mamba_act')!r} unsupported (only 'silu')")
     n, hidden = cfg_int(cfg, "num_hidden_layers", where), cfg_int(cfg, "hidden_size", where)
@@ -122,7 +123,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     rank = -(-hidden // 16) if rank == "auto" else cfg_int({"mamba_dt_rank": rank}, "mamba_dt_rank", where)
     width = cfg.get("attention_hidden_size") or 2 * hidden
     return ZambaSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads,
         n_kv_heads=cfg_int({"k": cfg.get("num_key_value_heads") or heads}, "k", where),
         head_dim=cfg_int({"attention_head_dim": cfg.get("attention_head_dim") or 2 * hidden // heads},
@@ -217,9 +218,10 @@ class Mlp(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.act = activation(spec.activation or "gelu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(F.gelu(self.gate_proj(x)) * self.up_proj(x)))
+        return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class SharedBlock(nn.Module):

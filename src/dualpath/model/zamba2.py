@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
+from dualpath.model.layernorm_family import activation, gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, TypedRopeState, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
 from dualpath.model.spec import ModelSpec
@@ -123,7 +123,7 @@ class Zamba2Spec(HybridBlocks, StatePagesSpec, ModelSpec):
             "layers_block_type": list(self.layer_types), "mamba_d_state": self.mamba_state,
             "mamba_d_conv": self.mamba_kernel, "mamba_expand": self.mamba_expand, "mamba_ngroups": self.mamba_groups,
             "n_mamba_heads": self.mamba_heads, "time_step_min": self.dt_min, "add_bias_linear": self.proj_bias,
-            "hidden_act": "gelu", "num_mem_blocks": self.mem_blocks,
+            "hidden_act": hf_activation(self.activation or "gelu"), "num_mem_blocks": self.mem_blocks,
             "use_shared_attention_adapter": self.attn_adapters, "adapter_rank": self.adapter_rank,
             "use_mem_rope": self.use_rope, "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "rms_norm_eps": self.rms_eps, "tie_word_embeddings": self.tie_embeddings,
@@ -137,8 +137,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of a Zamba2 config (its keys over Zamba2Config's defaults, its derived sizes as transformers derives
     them; ``layers_block_type`` names every one of ``num_hidden_layers``, as transformers checks)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") != "gelu":
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'gelu')")
+    act = gate_activation(cfg, where, default="gelu")  # (its shared blocks' gated MLPs')
     if cfg.get("use_long_context"):
         raise ModelError(f"{where}: use_long_context true unsupported (its rescaled RoPE is not implemented)")
     n, hidden = cfg_int(cfg, "num_hidden_layers", where), cfg_int(cfg, "hidden_size", where)
@@ -164,7 +163,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ModelError(f"{where}: rope_parameters: only a 'default' RoPE is supported for {ARCH}, got {rope!r}")
     return Zamba2Spec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int({"i": cfg.get("intermediate_size") or 4 * hidden}, "i", where), n_layers=n,
         n_heads=heads, n_kv_heads=cfg_int({"k": cfg.get("num_key_value_heads") or heads}, "k", where),
         head_dim=cfg_int({"attention_head_dim": cfg.get("attention_head_dim") or 2 * hidden // heads},
@@ -214,10 +213,11 @@ class SharedMlp(nn.Module):
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.proj_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.proj_bias)
         self.gate_up_proj_adapter_list = _adapters(spec, block, spec.hidden_size, 2 * spec.intermediate_size)
+        self.act = activation(spec.activation or "gelu")
 
     def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         gate, up = (self.gate_up_proj(x) + self.gate_up_proj_adapter_list[slot](x)).chunk(2, dim=-1)
-        return cast(torch.Tensor, self.down_proj(F.gelu(gate) * up))
+        return cast(torch.Tensor, self.down_proj(self.act(gate) * up))
 
 
 class SharedBlock(nn.Module):

@@ -32,8 +32,9 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, TypedRopeState, _rope
-from dualpath.model.moe import dispatch_packed
+from dualpath.model.moe import activation_of, dispatch_packed
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import split_page
@@ -115,7 +116,7 @@ class ZayaSpec(StatePagesSpec, ModelSpec):
             "moe_intermediate_size": self.intermediate_size, "num_experts": self.experts,
             "num_experts_per_tok": self.top_k, "router_hidden_size": self.router_hidden,
             "cca_time0": self.cca_time0, "cca_time1": self.cca_time1, "layer_types": list(self.layer_types),
-            "sliding_window": self.window, "hidden_act": "silu", "rms_norm_eps": self.rms_eps,
+            "sliding_window": self.window, "hidden_act": hf_activation(self.activation), "rms_norm_eps": self.rms_eps,
             "max_position_embeddings": self.max_position, "tie_word_embeddings": self.tie_embeddings,
             "lm_head_bias": self.lm_bias, "attention_bias": self.attention_bias,
             "rope_parameters": {t: {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": partial}
@@ -130,8 +131,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of a ZAYA config (its keys over ZayaConfig's defaults; the hub's nested RoPE dict with a stray
     top-level ``rope_type`` read as transformers reads it)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") != "silu":
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where)
     n = cfg_int(cfg, "num_hidden_layers", where)
     types = cfg.get("layer_types") or ["hybrid"] * n
     if not isinstance(types, list) or any(t not in KINDS for t in types):
@@ -149,7 +149,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         rope_by_type[t] = (cfg_num(p, "rope_theta", at), cfg_num(partial, "partial_rotary_factor", at))
     window = cfg.get("sliding_window")
     return ZayaSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int(cfg, "moe_intermediate_size", where), n_layers=n,
         n_heads=cfg_int(cfg, "num_attention_heads", where), n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=cfg_int(cfg, "head_dim", where), rms_eps=cfg_num(cfg, "rms_norm_eps", where),
@@ -367,7 +367,7 @@ class ZayaModel(HybridDecoder):
         skip = idx == gate.experts  # (the skip class: no expert, nothing added)
         w, idx = w.masked_fill(skip, 0), idx.masked_fill(skip, 0)
         ex = moe.experts
-        return dispatch_packed(x, idx, w, ex.gate_up_proj, ex.down_proj)
+        return dispatch_packed(x, idx, w, ex.gate_up_proj, ex.down_proj, act=activation_of(self.spec))
 
 
 def tensors_in(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -97,7 +97,7 @@ def test_a_deepseek_config_naming_only_its_sizes_reads_as_transformers_fills_it(
 
 
 @pytest.mark.parametrize("model_type,arch", [
-    ("deepseek_v2", "DeepseekV2ForCausalLM"), ("minicpm3", "MiniCPM3ForCausalLM"), ("cwm", "CwmForCausalLM")])
+    ("deepseek_v2", "DeepseekV2ForCausalLM"), ("minicpm3", "MiniCPM3ForCausalLM")])
 def test_an_mlp_bias_transformers_would_add_is_refused_by_name(model_type, arch):
     """These families' transformers code biases the MLP when ``mlp_bias`` is true; such a config was read as if
     unbiased (its checkpoint then failed on the unexpected tensors without naming the key). Refused by name."""

@@ -294,8 +294,9 @@ def test_a_gate_activation_other_than_the_default_is_run_as_transformers_runs_it
 
 
 @pytest.mark.parametrize("model_type", ["llama", "granite", "granite_swa", "hyperclovax", "seed_oss", "smollm3",
-                                        "arcee"])
+                                        "arcee", "cwm", "aria_text", "hy_v3"])
 def test_mlp_bias_is_read_as_transformers_builds_it(model_type):
-    """``mlp_bias: true`` biases the MLP's projections in these families' transformers classes: read (refused before,
-    but for Llama), our logits equal, and written back."""
+    """``mlp_bias: true`` biases the MLP's projections in these families' transformers classes (Aria's and Hy3's
+    shared experts, not their routed ones): read (refused before, but for Llama), our logits equal, and written
+    back."""
     assert _read_and_written_back(model_type, "mlp_bias").mlp_has_bias  # type: ignore[attr-defined]

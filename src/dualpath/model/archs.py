@@ -160,9 +160,9 @@ GRANITE_SWA = ("granite_swa", "granitemoe_swa")
 #: every architecture with Granite's four scalings: Granite's, HyperCLOVA X's (its logits multiplied, not divided) and
 #: granite-swash's
 GRANITE_SCALED = (*GRANITE_ARCHS, "hyperclovax", "granite_swa")
-#: the dense families whose MLP takes ``mlp_bias`` as transformers builds it (biases on its projections); the
-#: Llama variants read theirs in ``llama_variants``
-MLP_BIAS_ARCHS = ("llama", "granite", "granite_swa", "hyperclovax", "seed_oss", "smollm3", "arcee")
+#: the families whose dense MLP (and shared experts: Aria, Hy3) takes ``mlp_bias`` as transformers builds it
+#: (biases on its projections; routed experts never); the Llama variants read theirs in ``llama_variants``
+MLP_BIAS_ARCHS = ("llama", "granite", "granite_swa", "hyperclovax", "seed_oss", "smollm3", "arcee", "aria_text", "hy_v3")
 #: every architecture with routed experts: the softmax-router ones and gpt-oss (its own router and experts)
 ALL_MOE_ARCHS = (*MOE_ARCHS, "gpt_oss", "glm4_moe", "dots1", "solar_open", "afmoe", "exaone_moe", "hy_v3", "minimax_m2", "llama4_text",
                  "ernie4_5_moe", "dbrx",

@@ -128,7 +128,7 @@ class MoE(nn.Module):
         self.has_shared = spec.n_shared_experts > 0
         if self.has_shared:
             self.shared_experts = FeedForward(spec.hidden_size, spec.moe_intermediate_size * spec.n_shared_experts,
-                                              act=act)
+                                              bias=getattr(spec, "shared_bias", False), act=act)  # (Hy3's mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, w = self.gate(x)

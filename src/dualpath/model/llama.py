@@ -444,7 +444,7 @@ class SparseMoE(nn.Module):
         self.shared_gate = spec.architecture == "qwen2_moe"  # (GraniteMoE-Shared's shared expert is ungated)
         if spec.shared_expert_intermediate_size:
             self.shared_expert = FeedForward(spec.hidden_size, spec.shared_expert_intermediate_size,
-                                             bias=self.norm_min is not None and bool(spec.mlp_has_bias), act=act)
+                                             bias=bool(spec.mlp_has_bias), act=act)  # (ERNIE 4.5 MoE's, Aria's)
             if self.shared_gate:
                 self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
 
@@ -524,7 +524,7 @@ def _glm_routing(spec: ModelSpec) -> SimpleNamespace:
         norm_topk_prob=spec.norm_topk_prob, routed_scaling_factor=spec.routed_scaling_factor,
         moe_intermediate_size=spec.moe_intermediate_size,
         n_shared_experts=spec.shared_expert_intermediate_size // spec.moe_intermediate_size,
-        activation=spec.activation)
+        activation=spec.activation, shared_bias=bool(spec.mlp_has_bias))
 
 
 class SinusoidalPositions(nn.Module):

@@ -204,9 +204,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> tuple[dict[s
             if _flag(out, "mlp_bias", where):
                 fields["mlp_has_bias"] = True
             out["attention_bias"] = _flag(out, "attention_bias", where)
-    if arch == "cwm" and out.get("mlp_bias") is True:
-        raise ModelError(f"{where}: mlp_bias=true is unsupported for cwm (transformers biases its MLP; Meta's "
-                         "checkpoints have none)")
+    if arch == "cwm" and _flag(out, "mlp_bias", where):  # (CwmMLP's projections biased, as transformers builds them)
+        fields["mlp_has_bias"] = True
     out.pop("mlp_bias", None)  # (read above where the family has it)
     return out, fields
 
@@ -423,7 +422,7 @@ def hf_config(spec: ModelSpec, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg.update(rope_parameters=rope, sliding_window=spec.sliding_window)
         del cfg["rope_theta"], cfg["rope_scaling"]
     elif arch == "cwm":
-        cfg.update(sliding_window=spec.sliding_window or spec.max_position,
+        cfg.update(sliding_window=spec.sliding_window or spec.max_position, mlp_bias=bool(spec.mlp_has_bias),
                    layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"
                                 for i in range(spec.n_layers)])
     elif arch in ("nanochat", "jais2", "apertus", "bitnet"):

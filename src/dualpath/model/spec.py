@@ -456,10 +456,10 @@ class ModelSpec(_SpecCommon):
                              f"{self.architecture}")
         if self.mlp_has_bias is not None and (self.mlp_has_bias is not True
                                               or self.architecture not in (*MLP_BIAS_ARCHS, "helium", "ernie4_5",
-                                                                           "jais2", "ernie4_5_moe")):
+                                                                           "jais2", "ernie4_5_moe", "cwm")):
             raise ModelError(f"model config: mlp_has_bias (mlp_bias, use_bias) is true or null, and only for "
-                             f"{', '.join(MLP_BIAS_ARCHS)}, helium, ernie4_5 and jais2; got {self.mlp_has_bias!r} for "
-                             f"{self.architecture}")
+                             f"{', '.join(MLP_BIAS_ARCHS)}, helium, ernie4_5, jais2 and cwm; got {self.mlp_has_bias!r} "
+                             f"for {self.architecture}")
         if (self.o_proj_bias is None) != (self.architecture != "seed_oss"):
             raise ModelError(f"model config: o_proj_bias (attention_out_bias) is seed_oss's and required there, got "
                              f"{self.o_proj_bias!r} for {self.architecture}")

@@ -15,6 +15,7 @@ from dualpath.model.archs import (
     GEMMA2_LIKE,
     GRANITE_ARCHS,
     GRANITE_SWA,
+    MLP_BIAS_ARCHS,
     MOE_ARCHS,
     SIGMOID_ROUTER_ARCHS,
 )
@@ -68,12 +69,11 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
     if spec.architecture == "smollm3":
         # (SmolLM3Config's default pad_token_id, 128004, is its embedding's padding_idx: out of a smaller vocab)
         cfg.update(no_rope_layers=[int(i not in spec.nope_layers) for i in range(spec.n_layers)],
-                   use_sliding_window=spec.sliding_window is not None, mlp_bias=bool(spec.mlp_has_bias),
-                   pad_token_id=None,
+                   use_sliding_window=spec.sliding_window is not None, pad_token_id=None,
                    layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"
                                 for i in range(spec.n_layers)])
     if spec.architecture in ("granite", "hyperclovax", "granite_swa"):
-        cfg.update({key: getattr(spec, key) for key in _GRANITE_FIELDS}, mlp_bias=bool(spec.mlp_has_bias))
+        cfg.update({key: getattr(spec, key) for key in _GRANITE_FIELDS})
         if spec.architecture == "hyperclovax":
             cfg.update(use_post_norm=bool(spec.peri_norms), head_dim=spec.head_dim)
     elif spec.architecture in GRANITE_ARCHS:  # the MoE ones: experts intermediate_size wide, every layer
@@ -122,7 +122,6 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
                    bos_token_id=None, eos_token_id=None)
     if spec.architecture == "seed_oss":
         cfg.update(attention_bias=spec.attention_bias, attention_out_bias=spec.o_proj_bias,
-                   mlp_bias=bool(spec.mlp_has_bias),
                    pad_token_id=None, attention_dropout=0.0, residual_dropout=0.0)
     if spec.architecture in ("exaone_moe", "hy_v3"):  # (transformers follows mlp_layer_types over first_k_dense_replace)
         k = len(spec.mlp_only_layers)
@@ -156,8 +155,7 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
         act = lnf.hf_activation(spec.activation or "gelu_tanh")
         cfg.update(hidden_act=act, hidden_activation=act)
     if spec.architecture == "arcee":
-        cfg.update(attention_bias=spec.attention_bias, mlp_bias=bool(spec.mlp_has_bias), pad_token_id=None,
-                   hidden_act=lnf.hf_activation(spec.activation))
+        cfg.update(attention_bias=spec.attention_bias, pad_token_id=None, hidden_act=lnf.hf_activation(spec.activation))
     if spec.architecture in ("glm", "glm4"):
         cfg.update(attention_bias=spec.attention_bias, pad_token_id=None,
                    rope_parameters={**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta,
@@ -175,7 +173,7 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
         cfg.update(partial_rotary_factor=spec.partial_rotary_factor, pad_token_id=None)
         if spec.rope_type == "longrope":  # Phi3Config reads this top-level key before the RoPE dict's
             cfg["original_max_position_embeddings"] = (spec.rope_scaling or {})["original_max_position_embeddings"]
-    if spec.architecture == "llama" and not mistral:
+    if spec.architecture in MLP_BIAS_ARCHS and not mistral:
         cfg["mlp_bias"] = bool(spec.mlp_has_bias)
     if spec.architecture == "qwen2_moe":
         cfg["qkv_bias"] = spec.attention_bias

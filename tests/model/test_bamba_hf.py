@@ -77,7 +77,7 @@ def test_bf16_teacher_forced_logits(tmp_path_factory):
 
 @pytest.mark.parametrize("change, match", [
     ({"attn_layer_indices": "1"}, "attn_layer_indices"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"hidden_act": "tanh"}, "hidden_act"),
     ({"time_step_limit": [0.0, 3.0]}, "time_step_limit"),
 ])
 def test_configs_it_cannot_run_are_refused_by_key(change, match):

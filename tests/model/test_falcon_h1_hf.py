@@ -83,7 +83,7 @@ def test_bf16_teacher_forced_logits(tmp_path_factory):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"hidden_act": "tanh"}, "hidden_act"),
     ({"mamba_n_heads": 5}, "mamba_n_heads"),
     ({"ssm_multipliers": [1.0, 1.0]}, "ssm_multipliers"),
     ({"time_step_limit": [0.0, 2.0]}, "time_step_limit"),

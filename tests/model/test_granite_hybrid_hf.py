@@ -84,7 +84,7 @@ def test_bf16_teacher_forced_logits(tmp_path_factory):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
     ({"time_step_limit": [0.0, 10.0]}, "time_step_limit"),
     ({"layer_types": ["mamba", "mlp", "mamba", "mamba"]}, "layer_types must name"),
     ({"mamba_n_heads": 5}, "mamba_n_heads"),

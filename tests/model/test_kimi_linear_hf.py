@@ -240,7 +240,7 @@ def test_configs_it_cannot_run_are_refused_by_key():
                           ({"layer_types": None, "linear_attn_config": {"full_attn_layers": [0], "kda_layers": [1]}},
                            "full_attn_layers"),
                           ({"linear_num_heads": 0}, "linear_num_heads"),
-                          ({"hidden_act": "gelu"}, "hidden_act")):
+                          ({"hidden_act": "tanh"}, "hidden_act")):
         with pytest.raises(ModelError, match=match):
             load_spec({**base, **change})
     with pytest.raises(ModelError, match="KV format"):

@@ -136,7 +136,7 @@ def test_configs_it_cannot_run_are_refused_by_key():
                            "layer_types"),
                           ({"linear_num_value_heads": 3}, "multiple"),
                           ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
-                          ({"hidden_act": "gelu"}, "hidden_act")):
+                          ({"hidden_act": "tanh"}, "hidden_act")):
         with pytest.raises(ModelError, match=match):
             load_spec({**base, **change})
 

@@ -74,7 +74,7 @@ def test_bf16_teacher_forced_logits(tmp_path_factory):
 
 def test_configs_it_cannot_run_are_refused_by_key():
     with pytest.raises(ModelError, match="hidden_act"):
-        load_spec({"architectures": ["MambaForCausalLM"], "model_type": "mamba", **CONFIG, "hidden_act": "gelu"})
+        load_spec({"architectures": ["MambaForCausalLM"], "model_type": "mamba", **CONFIG, "hidden_act": "tanh"})
 
 
 @pytest.mark.slow

@@ -182,7 +182,7 @@ def test_config_defaults_as_transformers_reads_them(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e6}}, "only a 'default' RoPE"),
     ({"layer_types": ["linear_attention"] * 3}, "layer_types must name"),
     ({"linear_num_value_heads": 3}, "multiple of linear_num_key_heads"),

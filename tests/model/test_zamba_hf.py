@@ -155,7 +155,7 @@ def test_configs_it_cannot_run_are_refused_by_key():
     for change, match in (({"layers_block_type": ["mamba", "attention"] * 2 + ["mamba"]}, "layers_block_type"),
                           ({"layers_block_type": ["mamba", "hybrid"] * 3}, "num_hidden_layers"),
                           ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
-                          ({"hidden_mamba_act": "relu"}, "hidden_mamba_act"),
+                          ({"hidden_mamba_act": "tanh"}, "hidden_mamba_act 'tanh'"),
                           ({"attention_hidden_size": 48}, "attention_hidden_size"),
                           ({"n_mamba_heads": 3}, "n_mamba_heads")):
         with pytest.raises(ModelError, match=match):

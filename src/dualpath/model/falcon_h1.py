@@ -25,8 +25,10 @@ from torch import nn
 
 from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
+from dualpath.model.moe import activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import split_page, state_bytes
@@ -79,7 +81,7 @@ class FalconH1Spec(StatePagesSpec, ModelSpec):
             "tie_word_embeddings": self.tie_embeddings, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "hidden_act": "silu", "rms_norm_eps": self.rms_eps, "max_position_embeddings": self.max_position,
+            "hidden_act": hf_activation(self.activation), "rms_norm_eps": self.rms_eps, "max_position_embeddings": self.max_position,
             "mamba_d_ssm": self.mamba_inner, "mamba_n_heads": self.mamba_heads,
             "mamba_d_head": self.mamba_inner // self.mamba_heads, "mamba_n_groups": self.mamba_groups,
             "mamba_d_state": self.mamba_state, "mamba_d_conv": self.mamba_kernel, "mamba_conv_bias": self.conv_bias,
@@ -97,8 +99,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of a Falcon-H1 config (its keys over FalconH1Config's defaults)."""
     raw_ssm_dim = cfg.get("mamba_d_ssm", DEFAULTS["mamba_d_ssm"])
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where)  # (its MLP's and Mamba convolution's; the mixer's gate stays SiLU)
     limit = cfg.get("time_step_limit")
     if limit is not None and (not isinstance(limit, (list, tuple)) or len(limit) != 2
                               or float(limit[0]) != 0.0 or float(limit[1]) != float("inf")):
@@ -119,7 +120,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         raise ModelError(f"{where}: mlp_multipliers needs 2 values and ssm_multipliers 5, got {mlp_m!r}, {ssm_m!r}")
     n = cfg_int(cfg, "num_hidden_layers", where)
     return FalconH1Spec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads,
         n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=cfg_int({"head_dim": cfg.get("head_dim") or hidden // heads}, "head_dim", where),
@@ -165,7 +166,7 @@ class FalconMixer(Mamba2Mixer):
     def __init__(self, spec: FalconH1Spec) -> None:
         super().__init__(spec.hidden_size, spec.mamba_inner, spec.mamba_heads, spec.mamba_groups, spec.mamba_state,
                          spec.mamba_kernel, spec.rms_eps, conv_bias=spec.conv_bias, proj_bias=spec.proj_bias,
-                         out_bias=spec.out_bias)
+                         out_bias=spec.out_bias, act=activation_of(spec))
         self.rms_gate = spec.rms_gate
         if self.rms_gate:
             self.norm = FalconGatedNorm(spec.mamba_inner, spec.mamba_groups, spec.rms_eps, spec.norm_before_gate)
@@ -205,9 +206,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, w, bias=bias)
         self.down_proj = nn.Linear(w, h, bias=bias)
         self.gate_m, self.down_m = spec.mlp_multipliers
+        self.act = activation_of(spec) or F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x) * self.gate_m))
+        return cast(torch.Tensor, self.down_proj(self.up_proj(x) * self.act(self.gate_proj(x) * self.gate_m))
                     * self.down_m)
 
 

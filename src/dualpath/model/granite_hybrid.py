@@ -26,9 +26,10 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
-from dualpath.model.moe import FeedForward
+from dualpath.model.moe import Activation, FeedForward, activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import state_bytes
@@ -120,9 +121,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
                "position_embedding_type": "rope", "num_local_experts": 0}
         for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
             cfg[key] = 1.0
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (the MLPs and the convolution "
-                         f"need 'silu')")
+    act = gate_activation(cfg, where)  # (the MLPs', the experts' and the Mamba convolutions')
     limit = cfg.get("time_step_limit")
     if limit is not None and (not isinstance(limit, (list, tuple)) or len(limit) != 2
                               or float(limit[0]) != 0.0 or float(limit[1]) != float("inf")):
@@ -157,7 +156,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if bamba:
         cfg["attention_multiplier"] = head_dim ** -0.5
     return GraniteHybridSpec(
-        architecture=arch, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=arch, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads,
         n_kv_heads=cfg_int({"k": cfg.get("num_key_value_heads") or heads}, "k", where),
         head_dim=head_dim, rms_eps=cfg_num(cfg, "rms_norm_eps", where), max_position=cfg_int(cfg, "max_position_embeddings", where),
@@ -184,7 +183,8 @@ def hf_config(spec: GraniteHybridSpec) -> dict[str, Any]:
             "architectures": ["BambaForCausalLM"], "model_type": BAMBA, "vocab_size": spec.vocab_size,
             "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
             "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
-            "num_key_value_heads": spec.n_kv_heads, "hidden_act": "silu", "max_position_embeddings": spec.max_position,
+            "num_key_value_heads": spec.n_kv_heads, "hidden_act": hf_activation(spec.activation),
+            "max_position_embeddings": spec.max_position,
             "rms_norm_eps": spec.rms_eps, "tie_word_embeddings": spec.tie_embeddings,
             "attention_bias": spec.attention_bias, "mlp_bias": spec.mlp_bias,
             "attn_layer_indices": [i for i, t in enumerate(spec.layer_types) if t == "full_attention"],
@@ -199,7 +199,8 @@ def hf_config(spec: GraniteHybridSpec) -> dict[str, Any]:
         "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": ARCH, "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
-        "num_key_value_heads": spec.n_kv_heads, "hidden_act": "silu", "max_position_embeddings": spec.max_position,
+        "num_key_value_heads": spec.n_kv_heads, "hidden_act": hf_activation(spec.activation),
+            "max_position_embeddings": spec.max_position,
         "rms_norm_eps": spec.rms_eps, "tie_word_embeddings": spec.tie_embeddings,
         "attention_bias": spec.attention_bias, "embedding_multiplier": emb, "residual_multiplier": res,
         "attention_multiplier": att, "logits_scaling": logits, "num_local_experts": spec.experts,
@@ -242,6 +243,7 @@ class MoE(nn.Module):
         self.input_linear = _Weight(spec.experts, 2 * spec.intermediate_size, spec.hidden_size)
         self.output_linear = _Weight(spec.experts, spec.hidden_size, spec.intermediate_size)
         self.k = spec.top_k
+        self.act = activation_of(spec) or F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.router.layer.weight).float()
@@ -251,20 +253,21 @@ class MoE(nn.Module):
         for e in torch.unique(idx).tolist():  # (transformers' order: ascending experts, weights in x's dtype)
             tok, slot = torch.where(idx == e)
             gate, up = F.linear(x[tok], self.input_linear.weight[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.output_linear.weight[e]) * w[tok, slot, None]
+            y = F.linear(self.act(gate) * up, self.output_linear.weight[e]) * w[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 
 
 class SharedMLP(nn.Module):
-    def __init__(self, hidden: int, width: int) -> None:
+    def __init__(self, hidden: int, width: int, act: Activation | None = None) -> None:
         super().__init__()
         self.input_linear = nn.Linear(hidden, 2 * width, bias=False)
         self.output_linear = nn.Linear(width, hidden, bias=False)
+        self.act: Activation = act or F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.input_linear(x).chunk(2, dim=-1)
-        return cast(torch.Tensor, self.output_linear(F.silu(gate) * up))
+        return cast(torch.Tensor, self.output_linear(self.act(gate) * up))
 
 
 class Attention(nn.Module):
@@ -283,19 +286,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         if spec.architecture == BAMBA:  # (Bamba's feed-forward and its norm's name)
             self.pre_ff_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
-            self.feed_forward = FeedForward(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+            self.feed_forward = FeedForward(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias,
+                                            act=activation_of(spec))
         else:
             self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         if spec.layer_types[layer] == "linear_attention":
             self.mamba = Mamba2Mixer(spec.hidden_size, spec.mamba_inner, spec.mamba_heads, spec.mamba_groups,
                                      spec.mamba_state, spec.mamba_kernel, spec.rms_eps,
-                                     conv_bias=spec.mamba_conv_bias, proj_bias=spec.mamba_proj_bias)
+                                     conv_bias=spec.mamba_conv_bias, proj_bias=spec.mamba_proj_bias,
+                                     act=activation_of(spec))
         else:
             self.self_attn = Attention(spec)
         if spec.experts:
             self.block_sparse_moe = MoE(spec)
         if spec.architecture != BAMBA:
-            self.shared_mlp = SharedMLP(spec.hidden_size, spec.shared_width)
+            self.shared_mlp = SharedMLP(spec.hidden_size, spec.shared_width, activation_of(spec))
 
 
 

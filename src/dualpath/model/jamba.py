@@ -21,9 +21,10 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec, final_norm_in, final_norm_out
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.mamba1 import MambaMixer
-from dualpath.model.moe import FeedForward, dispatch_experts
+from dualpath.model.moe import FeedForward, activation_of, dispatch_experts
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import state_bytes
@@ -73,7 +74,8 @@ class JambaSpec(StatePagesSpec, ModelSpec):
             "architectures": ["JambaForCausalLM"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "tie_word_embeddings": self.tie_embeddings, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "hidden_act": "silu",
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "hidden_act": hf_activation(self.activation),
             "rms_norm_eps": self.rms_eps, "max_position_embeddings": self.max_position,
             "num_experts_per_tok": self.top_k or 2, "num_experts": self.experts or 1, "expert_layer_period": ep,
             "expert_layer_offset": eo, "attn_layer_period": ap, "attn_layer_offset": ao,
@@ -90,8 +92,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if cfg.get("num_experts") is None and cfg.get("num_local_experts") is not None:
         cfg = {**cfg, "num_experts": cfg["num_local_experts"]}
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where)  # (its experts', MLPs' and Mamba convolutions')
     n = cfg_int(cfg, "num_hidden_layers", where)
     ap, ep = cfg_int(cfg, "attn_layer_period", where), cfg_int(cfg, "expert_layer_period", where)
     ao = cfg_int(cfg, "attn_layer_offset", where, minimum=0)
@@ -101,7 +102,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     rank = cfg.get("mamba_dt_rank")
     rank = -(-hidden // 16) if rank == "auto" else cfg_int({"mamba_dt_rank": rank}, "mamba_dt_rank", where)
     return JambaSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads,
         n_kv_heads=cfg_int(cfg, "num_key_value_heads", where), head_dim=hidden // heads,
         rms_eps=cfg_num(cfg, "rms_norm_eps", where), max_position=cfg_int(cfg, "max_position_embeddings", where),
@@ -128,7 +129,7 @@ class MoE(nn.Module):
     def __init__(self, spec: JambaSpec) -> None:
         super().__init__()
         self.router = Router(spec.hidden_size, spec.experts)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.intermediate_size)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec))
                                      for _ in range(spec.experts))
         self.k = spec.top_k
 
@@ -157,9 +158,10 @@ class DecoderLayer(nn.Module):
         else:
             self.mamba = MambaMixer(spec.hidden_size, spec.inner, spec.state, spec.kernel, spec.dt_rank,
                                     proj_bias=spec.proj_bias, conv_bias=spec.conv_bias, norms="jamba",
-                                    eps=spec.rms_eps)
+                                    eps=spec.rms_eps, act=activation_of(spec))
         self.feed_forward: nn.Module = (MoE(spec) if layer in spec.moe_layers
-                                        else FeedForward(spec.hidden_size, spec.intermediate_size))
+                                        else FeedForward(spec.hidden_size, spec.intermediate_size,
+                                                         act=activation_of(spec)))
 
 
 

@@ -48,11 +48,12 @@ from dualpath.kv.layout import KVSpec
 from dualpath.model.deepseek import DecoderLayer, DeepseekV3Model, MoE
 from dualpath.model.gated_delta import delta_step, kda_segment, l2norm
 from dualpath.model.hybrid import DEFAULT_STATE_BLOCK, FloatGatedNorm
+from dualpath.model.layernorm_family import hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch
 from dualpath.model.mla_spec import DeepseekV3Spec
-from dualpath.model.moe import FeedForward
+from dualpath.model.moe import FeedForward, activation_of
 from dualpath.model.spec_common import cfg_int, cfg_kinds
-from dualpath.model.state_pages import decode_states, scan_sequences, state_bytes, state_views
+from dualpath.model.state_pages import ConvAct, decode_states, scan_sequences, state_bytes, state_views
 
 ARCH = "kimi_linear"
 BAILING = "bailing_hybrid"
@@ -161,7 +162,8 @@ class KimiLinearSpec(DeepseekV3Spec):
                 "moe_renormalize": self.norm_topk_prob, "routed_scaling_factor": self.routed_scaling_factor,
                 "rms_norm_eps": self.rms_eps, "model_max_length": self.max_position,
                 "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
-                "hidden_act": "silu", "dtype": self.dtype, "layer_types": list(self.layer_types),
+                "hidden_act": hf_activation(self.activation), "dtype": self.dtype,
+                "layer_types": list(self.layer_types),
                 "mlp_layer_types": ["dense"] * k + ["sparse"] * (self.n_layers - k), "first_k_dense_replace": k,
                 "short_conv_kernel_size": self.conv_kernel, "linear_head_dim": self.lin_dim,
                 "linear_num_heads": self.lin_heads, "linear_conv_kernel_dim": self.conv_kernel,
@@ -182,7 +184,8 @@ class KimiLinearSpec(DeepseekV3Spec):
             "num_expert_group": self.n_group, "topk_group": self.topk_group, "moe_renormalize": self.norm_topk_prob,
             "routed_scaling_factor": self.routed_scaling_factor, "rms_norm_eps": self.rms_eps,
             "model_max_length": self.max_position, "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": self.attention_bias, "hidden_act": "silu", "dtype": self.dtype,
+            "attention_bias": self.attention_bias, "hidden_act": hf_activation(self.activation),
+            "dtype": self.dtype,
             "layer_types": list(self.layer_types), "mlp_layer_types": ["dense"] * k + ["sparse"] * (self.n_layers - k),
             "linear_head_dim": self.lin_dim, "linear_num_heads": self.lin_heads,
             "linear_conv_kernel_dim": self.conv_kernel, "bos_token_id": self.bos_token_id,
@@ -240,9 +243,9 @@ def _spec(norm: dict[str, Any], model_type: str, types: list[str], where: str, d
     GLM-5.3-Flash's image-text class ties it when its outer ``tie_word_embeddings`` says so (which
     :func:`dualpath.model.glm5_next.text_config` has put in ``norm``)."""
     arch = {ARCH: ["KimiLinearForCausalLM"], BAILING: ["BailingHybridForCausalLM"], GLM5_NEXT: []}[model_type]
-    if norm.get("hidden_act", "silu") not in ("silu", "swish"):  # (transformers' KDA layers apply it too)
-        raise ModelError(f"{where}: hidden_act {norm.get('hidden_act')!r} unsupported (the KDA layers' short "
-                         "convolutions and output gate run SiLU)")
+    if model_type == GLM5_NEXT and norm.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ModelError(f"{where}: hidden_act {norm.get('hidden_act')!r} unsupported for GLM-5.3-Flash (its KDA "
+                         "convolutions, MLPs and clamped experts each take it their own way; they run SiLU here)")
     tie = model_type == GLM5_NEXT and bool(norm.get("tie_word_embeddings"))
     base = DeepseekV3Spec.from_hf_config({**norm, "architectures": arch, "model_type": model_type,
                                           "rope_interleave": interleave, "tie_word_embeddings": tie},
@@ -310,6 +313,8 @@ class KimiDeltaAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden, h * d, bias=False) for _ in range(3))
         self.q_conv1d, self.k_conv1d, self.v_conv1d = (
             nn.Conv1d(h * d, h * d, k, groups=h * d, bias=False, padding=k - 1) for _ in range(3))
+        conv_act = activation_of(spec)  # (the short convolutions': hidden_act, as transformers' KDA)
+        self.conv_act: ConvAct = True if conv_act is None else conv_act
         if spec.low_rank_gates:  # (through one head's width)
             self.f_a_proj = nn.Linear(hidden, d, bias=False)
             self.f_b_proj = nn.Linear(d, h * d, bias=False)
@@ -353,7 +358,7 @@ class KimiDeltaAttention(nn.Module):
         g = self.decay(x)
         beta = torch.sigmoid(self.b_proj(x)).float()
         if batch.is_decode:
-            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, mixed, weight, None)
+            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, mixed, weight, None, self.conv_act)
             q, k, v = self._qkv(conv)
             core, s1 = delta_step(q, k, v, g, beta, s0)
             commit(s1)
@@ -369,7 +374,7 @@ class KimiDeltaAttention(nn.Module):
                     core[a + lo:a + hi] = o.transpose(0, 1)
                 return s
 
-            scan_sequences(batch, conv_pages, rec_pages, mixed, weight, None, run)
+            scan_sequences(batch, conv_pages, rec_pages, mixed, weight, None, run, self.conv_act)
         gate = self.g_b_proj(self.g_a_proj(x)) if self.low_rank else self.g_proj(x)
         out = self.o_norm(core.to(x.dtype), gate.view(-1, h, d))
         return cast(torch.Tensor, self.o_proj(out.reshape(x.shape[0], h * d)))
@@ -382,7 +387,7 @@ class KdaLayer(nn.Module):
         self.self_attn = KimiDeltaAttention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         self.mlp: nn.Module = (MoE(spec) if spec.is_moe_layer(layer)
-                               else FeedForward(spec.hidden_size, spec.intermediate_size))
+                               else FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec)))
 
 
 class Backbone(nn.Module):

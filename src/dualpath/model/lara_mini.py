@@ -24,8 +24,9 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import Backbone, FloatGatedNorm, HybridDecoder, NormedAttention, StatePagesSpec
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
-from dualpath.model.moe import FeedForward, dispatch_experts
+from dualpath.model.moe import FeedForward, activation_of, dispatch_experts
 from dualpath.model.qwen_hybrid import GatedDeltaNet
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
@@ -100,7 +101,8 @@ class LaraMiniSpec(StatePagesSpec, ModelSpec):
         return {
             "architectures": ["LaraMiniForCausalLM"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "hidden_act": hf_activation(self.activation),
             "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
             "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
             "sliding_window": self.window, "layer_types": list(self.layer_types),
@@ -120,8 +122,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of a Lara-mini config (its keys over LaraMiniConfig's defaults; ``layer_types`` by default the
     released period-5 pattern)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k == "bos_token_id"}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where)  # (its experts' and Gated DeltaNet convolutions')
     n = cfg_int(cfg, "num_hidden_layers", where)
     types = cfg_kinds(cfg, "layer_types", n, TYPES, where, [_PATTERN[i % len(_PATTERN)] for i in range(n)])
     rope = cfg.get("rope_parameters") or {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
@@ -130,7 +131,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         raise ModelError(f"{where}: rope_parameters: only a 'default' RoPE over the whole head is supported for "
                          f"{ARCH}, got {rope!r}")
     return LaraMiniSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int(cfg, "moe_intermediate_size", where), n_layers=n,
         n_heads=cfg_int(cfg, "num_attention_heads", where), n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=cfg_int(cfg, "head_dim", where), rms_eps=cfg_num(cfg, "rms_norm_eps", where),
@@ -156,8 +157,9 @@ class MoE(nn.Module):
     def __init__(self, spec: LaraMiniSpec) -> None:
         super().__init__()
         self.gate = nn.Linear(spec.hidden_size, spec.experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_width) for _ in range(spec.experts))
-        self.shared_expert = FeedForward(spec.hidden_size, spec.shared_width)
+        act = activation_of(spec)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_width, act=act) for _ in range(spec.experts))
+        self.shared_expert = FeedForward(spec.hidden_size, spec.shared_width, act=act)
         self.k, self.renormalize = spec.top_k, spec.renormalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -305,7 +305,7 @@ class ShortConv(nn.Module):
         bx = b * v
         weight, bias = self.conv.weight[:, 0], self.conv.bias
         if batch.is_decode:
-            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, bx, weight, bias, silu=False)
+            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, bx, weight, bias, act=False)
             commit(s0)
         else:
             conv = torch.empty_like(bx)
@@ -314,7 +314,7 @@ class ShortConv(nn.Module):
                 conv[r0:r1] = rows
                 return s
 
-            scan_sequences(batch, conv_pages, rec_pages, bx, weight, bias, run, silu=False)
+            scan_sequences(batch, conv_pages, rec_pages, bx, weight, bias, run, act=False)
         return cast(torch.Tensor, self.out_proj(c * conv))
 
 

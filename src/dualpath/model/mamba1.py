@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dualpath.errors import ModelError
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm
+from dualpath.model.moe import Activation, activation_of
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import (
+    ConvAct,
     decode_states,
     scan_sequences,
     state_bytes,
@@ -69,7 +71,7 @@ class Mamba1Spec(StatePagesSpec, ModelSpec):
             # (transformers takes a given intermediate_size over expand x hidden_size: an inner width that is no
             # multiple of the hidden size is written as it is)
             "expand": max(1, self.inner // self.hidden_size), "intermediate_size": self.inner,
-            "conv_kernel": self.kernel, "use_bias": self.proj_bias,
+            "conv_kernel": self.kernel, "use_bias": self.proj_bias, "hidden_act": hf_activation(self.activation),
             "use_conv_bias": self.conv_bias, "time_step_rank": self.dt_rank,
             "tie_word_embeddings": self.tie_embeddings, "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id, "dtype": self.dtype,
@@ -83,15 +85,14 @@ def spec_from_config(arch: str, cfg: dict[str, Any], where: str, dtype: str | No
                      max_context: int | None = None) -> Mamba1Spec:
     """The spec of a Mamba / Falcon-Mamba config (its keys over the config class' defaults)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where)  # (its convolution's; the gate stays SiLU, as transformers runs it)
     hidden = cfg_int(cfg, "hidden_size", where)
     rank = cfg.get("time_step_rank")
     rank = -(-hidden // 16) if rank == "auto" else cfg_int({"time_step_rank": rank}, "time_step_rank", where)
     n = cfg_int(cfg, "num_hidden_layers", where)
     inner = cfg.get("intermediate_size") or cfg_int(cfg, "expand", where) * hidden
     return Mamba1Spec(
-        architecture=arch, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden, intermediate_size=1,
+        architecture=arch, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden, intermediate_size=1,
         n_layers=n, n_heads=1, n_kv_heads=1, head_dim=64, rms_eps=cfg_num(cfg, "layer_norm_epsilon", where),
         max_position=1 << 20, tie_embeddings=bool(cfg["tie_word_embeddings"]), dtype=config_dtype(cfg, dtype),
         bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"), context_cap=max_context,
@@ -113,9 +114,10 @@ class MambaMixer(nn.Module):
     ``eps``), ``jamba`` (RMS norms with weights: ``dt_layernorm``, ``b_layernorm``, ``c_layernorm``) or none."""
 
     def __init__(self, hidden: int, inner: int, state: int, kernel: int, rank: int, *, proj_bias: bool,
-                 conv_bias: bool, norms: str = "", eps: float = 1e-6) -> None:
+                 conv_bias: bool, norms: str = "", eps: float = 1e-6, act: Activation | None = None) -> None:
         super().__init__()
         d, k = inner, kernel
+        self.act: ConvAct = True if act is None else act  # (the convolution's: hidden_act)
         self.inner, self.state, self.kernel, self.rank = d, state, k, rank
         self.norms, self.eps = norms, eps
         self.conv1d = nn.Conv1d(d, d, k, groups=d, bias=conv_bias, padding=k - 1)
@@ -146,7 +148,7 @@ class MambaMixer(nn.Module):
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         d = self.D.float()
         if batch.is_decode:  # (transformers' step: dt in the model's dtype)
-            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, xs, weight, bias)
+            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, xs, weight, bias, self.act)
             raw, b, c = self._selective(conv)
             dt = F.softplus(raw + self.dt_proj.bias.to(raw.dtype)).float()
             s1 = s0[:, 0] * (dt[:, :, None] * a).exp() + (dt[:, :, None] * b.float()[:, None, :]) * conv.float()[:, :, None]
@@ -165,7 +167,7 @@ class MambaMixer(nn.Module):
                     y[r0 + t] = state.to(conv.dtype).float() @ c[t].float() + conv[t].float() * d
                 return state[None]
 
-            scan_sequences(batch, conv_pages, rec_pages, xs, weight, bias, run)
+            scan_sequences(batch, conv_pages, rec_pages, xs, weight, bias, run, self.act)
             out = (y * F.silu(z.float())).to(h.dtype)
         return cast(torch.Tensor, self.out_proj(out))
 
@@ -177,7 +179,7 @@ class Block(nn.Module):
         self.mixer = MambaMixer(spec.hidden_size, spec.inner, spec.state, spec.kernel, spec.dt_rank,
                                 proj_bias=spec.proj_bias, conv_bias=spec.conv_bias,
                                 norms="falcon" if spec.mixer_rms_eps is not None else "",
-                                eps=spec.mixer_rms_eps or 1e-6)
+                                eps=spec.mixer_rms_eps or 1e-6, act=activation_of(spec))
 
 
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dualpath.model.state_pages import decode_states, scan_sequences, state_bytes, state_views
+from dualpath.model.moe import Activation
+from dualpath.model.state_pages import ConvAct, decode_states, scan_sequences, state_bytes, state_views
 
 __all__ = ["Mamba2Mixer", "ssd_segment", "ssd_step"]
 
@@ -69,8 +70,10 @@ class Mamba2Mixer(nn.Module):
     """The mixer over state pages. ``heads`` x ``head_dim`` = ``inner`` channels; ``groups`` x ``state`` for B, C."""
 
     def __init__(self, hidden: int, inner: int, heads: int, groups: int, state: int, kernel: int, eps: float, *,
-                 conv_bias: bool, proj_bias: bool, dt_min: float = 0.0, out_bias: bool | None = None) -> None:
+                 conv_bias: bool, proj_bias: bool, dt_min: float = 0.0, out_bias: bool | None = None,
+                 act: Activation | None = None) -> None:
         super().__init__()
+        self.act: ConvAct = True if act is None else act  # (the convolution's: SiLU, or the config's hidden_act)
         self.dt_min = dt_min  # (Nemotron-H: a prefill's dt clamped below, as transformers' chunked scan does)
         self.inner, self.heads, self.groups, self.state, self.kernel = inner, heads, groups, state, kernel
         self.head_dim = inner // heads
@@ -116,7 +119,7 @@ class Mamba2Mixer(nn.Module):
         d = self.D.float()
         dt = F.softplus(dt_raw + self.dt_bias.to(dt_raw.dtype)).float()  # (in the model's dtype, as transformers)
         if batch.is_decode:  # (transformers' step rounds its output to the model's dtype)
-            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, xbc, weight, bias)
+            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, xbc, weight, bias, self.act)
             x, b, c = self._split(conv)
             y, s1 = ssd_step(x, dt, dt * a_log, b, c, s0)
             commit(s1)
@@ -134,6 +137,6 @@ class Mamba2Mixer(nn.Module):
                 y[r0:r1] = out.transpose(0, 1) + x * d[:, None]
                 return s
 
-            scan_sequences(batch, conv_pages, rec_pages, xbc, weight, bias, run)
+            scan_sequences(batch, conv_pages, rec_pages, xbc, weight, bias, run, self.act)
         out = self.gate_and_norm(y.reshape(h.shape[0], self.inner), z)
         return cast(torch.Tensor, self.out_proj(out.to(h.dtype)))

@@ -84,6 +84,14 @@ class NemotronHSpec(StatePagesSpec, ModelSpec):
     renormalize: bool = True
     routed_scale: float = 1.0
     norm_fp32_scale: bool = True  # (Mamba2ForCausalLM's norms scale after rounding to the input's dtype)
+    # the Mamba-2 convolutions' activation (mamba_hidden_act; Mamba-2's hidden_act) by ACTIVATIONS value, None: SiLU
+    mamba_act: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if self.mamba_act is None:  # (the dict, so the block keys, as before it was read)
+            d.pop("mamba_act")
+        return d
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,8 +140,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     """The spec of a Nemotron-H config (its keys over NemotronHConfig's defaults)."""
     cfg = {_ALIASES.get(k, k): v for k, v in cfg.items()}
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k == "moe_latent_size"}}
-    if cfg.get("mamba_hidden_act") != "silu":
-        raise ModelError(f"{where}: mamba_hidden_act {cfg.get('mamba_hidden_act')!r} unsupported (only 'silu')")
+    mamba_act = gate_activation(cfg, where, "mamba_hidden_act")
     act = gate_activation(cfg, where, "mlp_hidden_act", default="relu2")  # (its MLPs' and experts')
     if cfg.get("sliding_window") is not None:
         raise ModelError(f"{where}: sliding_window is not supported for {ARCH}")
@@ -148,7 +155,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         raise ModelError(f"{where}: moe_latent_size must be a positive integer or null, got {latent!r}")
     hidden = cfg_int(cfg, "hidden_size", where)
     return NemotronHSpec(
-        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, mamba_act=mamba_act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=len(kinds),
         n_heads=cfg_int(cfg, "num_attention_heads", where),
         n_kv_heads=cfg_int({"k": cfg.get("num_key_value_heads") or cfg["num_attention_heads"]}, "k", where),
@@ -183,8 +190,7 @@ def mamba2_spec(cfg: dict[str, Any], where: str, dtype: str | None = None,
                 max_context: int | None = None) -> NemotronHSpec:
     """A Mamba-2 language model's config (its keys over Mamba2Config's defaults) as a stack of Mamba-2 blocks."""
     cfg = {**MAMBA2_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    mamba_act = gate_activation(cfg, where)  # (its convolutions'; the gate stays SiLU, as transformers runs it)
     limit = cfg.get("time_step_limit")
     if limit is not None and (not isinstance(limit, (list, tuple)) or len(limit) != 2
                               or float(limit[0]) != 0.0 or float(limit[1]) != float("inf")):
@@ -207,7 +213,7 @@ def mamba2_spec(cfg: dict[str, Any], where: str, dtype: str | None = None,
         layer_types=("linear_attention",) * n, mamba_heads=heads, mamba_head_dim=head_dim,
         mamba_groups=cfg_int(cfg, "n_groups", where), mamba_state=cfg_int(cfg, "state_size", where),
         mamba_kernel=cfg_int(cfg, "conv_kernel", where), conv_bias=bool(cfg["use_conv_bias"]),
-        proj_bias=bool(cfg["use_bias"]), dt_min=0.0, norm_fp32_scale=False,
+        proj_bias=bool(cfg["use_bias"]), dt_min=0.0, norm_fp32_scale=False, mamba_act=mamba_act,
     )
 
 
@@ -220,13 +226,14 @@ def hf_config(spec: NemotronHSpec) -> dict[str, Any]:
                 "state_size": spec.mamba_state, "n_groups": spec.mamba_groups, "conv_kernel": spec.mamba_kernel,
                 "use_bias": spec.proj_bias, "use_conv_bias": spec.conv_bias, "layer_norm_epsilon": spec.rms_eps,
                 "tie_word_embeddings": spec.tie_embeddings, "bos_token_id": spec.bos_token_id,
-                "eos_token_id": spec.eos_token_id, "dtype": spec.dtype}
+                "eos_token_id": spec.eos_token_id, "dtype": spec.dtype, "hidden_act": hf_activation(spec.mamba_act)}
     cfg: dict[str, Any] = {
         "architectures": ["NemotronHForCausalLM"], "model_type": ARCH, "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden_size, "layers_block_type": list(spec.layer_types),
         "num_attention_heads": spec.n_heads, "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
         "max_position_embeddings": spec.max_position, "intermediate_size": spec.intermediate_size,
-        "mlp_hidden_act": hf_activation(spec.activation or "relu2"), "mlp_bias": spec.mlp_bias, "ssm_state_size": spec.mamba_state,
+        "mlp_hidden_act": hf_activation(spec.activation or "relu2"), "mlp_bias": spec.mlp_bias,
+        "mamba_hidden_act": hf_activation(spec.mamba_act), "ssm_state_size": spec.mamba_state,
         "mamba_num_heads": spec.mamba_heads, "mamba_head_dim": spec.mamba_head_dim, "n_groups": spec.mamba_groups,
         "conv_kernel": spec.mamba_kernel, "time_step_min": spec.dt_min, "use_conv_bias": spec.conv_bias,
         "use_bias": spec.proj_bias, "n_group": spec.router_groups, "topk_group": spec.router_topk_groups,
@@ -325,7 +332,8 @@ class Block(nn.Module):
         if kind == "linear_attention":
             self.mixer = Mamba2Mixer(spec.hidden_size, spec.mamba_heads * spec.mamba_head_dim, spec.mamba_heads,
                                      spec.mamba_groups, spec.mamba_state, spec.mamba_kernel, spec.rms_eps,
-                                     conv_bias=spec.conv_bias, proj_bias=spec.proj_bias, dt_min=spec.dt_min)
+                                     conv_bias=spec.conv_bias, proj_bias=spec.proj_bias, dt_min=spec.dt_min,
+                                     act=activation(spec.mamba_act) if spec.mamba_act else None)
         elif kind == "full_attention":
             self.mixer = Attention(spec)
         elif kind == "mlp":

@@ -23,8 +23,9 @@ from torch import nn
 from dualpath.errors import ModelError
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
-from dualpath.model.moe import FeedForward
+from dualpath.model.moe import FeedForward, activation_of
 from dualpath.model.qwen_hybrid import GatedDeltaNet
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
@@ -72,7 +73,7 @@ class OlmoHybridSpec(StatePagesSpec, ModelSpec):
             "architectures": ["OlmoHybridForCausalLM"], "model_type": ARCH, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "hidden_act": "silu",
+            "num_key_value_heads": self.n_kv_heads, "hidden_act": hf_activation(self.activation),
             "max_position_embeddings": self.max_position, "rms_norm_eps": self.rms_eps,
             "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
             "layer_types": list(self.layer_types), "linear_num_key_heads": self.lin_k_heads,
@@ -96,8 +97,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         rope = {**(rope if isinstance(rope, dict) else {}), "rope_theta": cfg.get("rope_theta", 10000.0)} \
             if rope is None or isinstance(rope, dict) else rope
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (only 'silu')")
+    act = gate_activation(cfg, where)  # (its MLPs' and Gated DeltaNet convolutions')
     n, hidden = cfg_int(cfg, "num_hidden_layers", where), cfg_int(cfg, "hidden_size", where)
     heads = cfg_int(cfg, "num_attention_heads", where)
     default = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(n)]
@@ -114,7 +114,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     elif rope is not None and not isinstance(rope, dict):
         raise ModelError(f"{where}: rope_parameters must be an object or null")
     return OlmoHybridSpec(
-        architecture=ARCH, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads,
         n_kv_heads=cfg_int({"k": cfg.get("num_key_value_heads") or heads}, "k", where), head_dim=hidden // heads,
         rms_eps=cfg_num(cfg, "rms_norm_eps", where), max_position=cfg_int(cfg, "max_position_embeddings", where),
@@ -145,7 +145,7 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, spec: OlmoHybridSpec, layer: int) -> None:
         super().__init__()
-        self.mlp = FeedForward(spec.hidden_size, spec.intermediate_size)
+        self.mlp = FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec))
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
         if spec.layer_types[layer] == "linear_attention":
             self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)

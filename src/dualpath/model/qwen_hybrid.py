@@ -36,11 +36,13 @@ from dualpath.model.archs import HYBRID_HF_ARCH
 from dualpath.model.gated_delta import delta_segment, delta_step, l2norm
 from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec
+from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, SeqBatch, _rope
-from dualpath.model.moe import FeedForward, dispatch_experts, softmax_topk
+from dualpath.model.moe import FeedForward, activation_of, dispatch_experts, softmax_topk
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
 from dualpath.model.state_pages import (
+    ConvAct,
     decode_states,
     scan_sequences,
     state_bytes,
@@ -133,9 +135,7 @@ def spec_from_config(arch: str, cfg: dict[str, Any], where: str, dtype: str | No
                      max_context: int | None = None) -> HybridSpec:
     """The spec of a Qwen3.5 / Qwen3.5-MoE / Qwen3-Next text config (its keys over the config class' defaults)."""
     cfg = {**DEFAULTS, **_MOE_DEFAULTS.get(arch, {}), **{k: v for k, v in cfg.items() if v is not None}}
-    if cfg.get("hidden_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {cfg.get('hidden_act')!r} unsupported (SwiGLU and the convolution "
-                         f"need 'silu')")
+    act = gate_activation(cfg, where)  # (the MLPs', the experts' and the Gated DeltaNet convolutions')
     n = cfg_int(cfg, "num_hidden_layers", where)
     interval = cfg_int({"full_attention_interval": cfg.get("full_attention_interval", 4)},
                        "full_attention_interval", where)
@@ -164,7 +164,7 @@ def spec_from_config(arch: str, cfg: dict[str, Any], where: str, dtype: str | No
                "shared_width": cfg_int(cfg, "shared_expert_intermediate_size", where, minimum=0),
                "moe_renormalize": bool(cfg.get("norm_topk_prob", True))}
     return HybridSpec(
-        architecture=arch, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=arch, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n,
         n_heads=cfg_int(cfg, "num_attention_heads", where), n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=cfg_int(cfg, "head_dim", where), rms_eps=cfg_num(cfg, "rms_norm_eps", where),
@@ -185,7 +185,8 @@ def hf_config(spec: HybridSpec) -> dict[str, Any]:
         "architectures": [HF_ARCH[spec.architecture]], "model_type": spec.architecture,
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
-        "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "hidden_act": "silu",
+        "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
+        "hidden_act": hf_activation(spec.activation),
         "max_position_embeddings": spec.max_position, "rms_norm_eps": spec.rms_eps,
         "tie_word_embeddings": spec.tie_embeddings, "attention_bias": spec.attention_bias,
         "layer_types": list(spec.layer_types), "linear_conv_kernel_dim": spec.conv_kernel,
@@ -233,6 +234,8 @@ class GatedDeltaNet(nn.Module):
         self.conv_dim = spec.conv_dim
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False,
                                 padding=self.kernel - 1)
+        conv_act = activation_of(spec)  # (the convolution's: hidden_act; the output gate stays SiLU)
+        self.conv_act: ConvAct = True if conv_act is None else conv_act
         self.dt_bias = nn.Parameter(torch.ones(self.hv))
         self.A_log = nn.Parameter(torch.zeros(self.hv))
         self.norm = GatedRMSNorm(self.dv, spec.rms_eps)
@@ -260,7 +263,7 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
         weight = self.conv1d.weight[:, 0]
         if batch.is_decode:
-            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, mixed, weight, None)
+            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, mixed, weight, None, self.conv_act)
             q, k, v = self._qkv(conv)
             core, s1 = delta_step(q, k, v, g, beta, s0)
             commit(s1)
@@ -274,7 +277,7 @@ class GatedDeltaNet(nn.Module):
                 core[a:b] = o.transpose(0, 1)
                 return s
 
-            scan_sequences(batch, conv_pages, rec_pages, mixed, weight, None, run)
+            scan_sequences(batch, conv_pages, rec_pages, mixed, weight, None, run, self.conv_act)
         out = self.norm(core.to(x.dtype).reshape(-1, self.dv), self.in_proj_z(x).reshape(-1, self.dv))
         return cast(torch.Tensor, self.out_proj(out.reshape(x.shape[0], -1)))
 
@@ -300,8 +303,10 @@ class MoE(nn.Module):
     def __init__(self, spec: HybridSpec) -> None:
         super().__init__()
         self.gate = nn.Linear(spec.hidden_size, spec.moe_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_width) for _ in range(spec.moe_experts))
-        self.shared_expert = FeedForward(spec.hidden_size, spec.shared_width)
+        act = activation_of(spec)
+        self.experts = nn.ModuleList(FeedForward(spec.hidden_size, spec.moe_width, act=act)
+                                     for _ in range(spec.moe_experts))
+        self.shared_expert = FeedForward(spec.hidden_size, spec.shared_width, act=act)
         self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
         self.k, self.renormalize = spec.moe_top_k, spec.moe_renormalize
 
@@ -322,7 +327,7 @@ class DecoderLayer(nn.Module):
             self.self_attn = Attention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps, offset=True)
         self.mlp: nn.Module = (MoE(spec) if layer in spec.moe_layers
-                               else FeedForward(spec.hidden_size, spec.intermediate_size))
+                               else FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec)))
 
 
 

@@ -200,7 +200,7 @@ class RecurrentBlock(nn.Module):
         weight, bias = self.conv_1d.weight[:, 0], self.conv_1d.bias
         positions = batch.positions.to(x.device)
         if batch.is_decode:
-            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, xb, weight, bias, silu=False)
+            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, xb, weight, bias, act=False)
             a, inp = self.rg_lru.gates(conv, positions)
             h = a * s0.view(-1, self.width) + inp.float()
             commit(h.view(-1, 1, 1, self.width))
@@ -216,7 +216,7 @@ class RecurrentBlock(nn.Module):
                     out[r0 + t] = h.to(out.dtype)
                 return h.view(s.shape)
 
-            scan_sequences(batch, conv_pages, rec_pages, xb, weight, bias, run, silu=False)
+            scan_sequences(batch, conv_pages, rec_pages, xb, weight, bias, run, act=False)
         return cast(torch.Tensor, self.linear_out(out * y))
 
 

@@ -63,12 +63,22 @@ def split_page(kv_layer: torch.Tensor, heads: int, head_dim: int, conv_dim: int,
     return flat[:, :n].view(nb, bt, 2, heads, head_dim), conv, rec
 
 
+#: a convolution's activation: True SiLU, False none, or the function a config's activation names
+ConvAct = bool | Callable[[torch.Tensor], torch.Tensor]
+
+
+def _activated(out: torch.Tensor, act: ConvAct) -> torch.Tensor:
+    if act is True:
+        return F.silu(out)
+    return act(out) if callable(act) else out
+
+
 def causal_conv(x_ext: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                silu: bool = True) -> torch.Tensor:
-    """Depthwise causal convolution (plus ``bias``) then SiLU (unless ``silu`` is false): ``x_ext [C, K - 1 + L]``
-    (the state's ``K - 1`` inputs first), ``weight [C, K]`` -> ``[C, L]``."""
+                act: ConvAct = True) -> torch.Tensor:
+    """Depthwise causal convolution (plus ``bias``) then SiLU (``act``: or none, or another activation):
+    ``x_ext [C, K - 1 + L]`` (the state's ``K - 1`` inputs first), ``weight [C, K]`` -> ``[C, L]``."""
     out = F.conv1d(x_ext[None], weight[:, None, :], bias, groups=weight.shape[0])[0]
-    return F.silu(out) if silu else out
+    return _activated(out, act)
 
 
 #: the longest segment a recurrent layer runs in one closed form (its cost grows with the square of its length)
@@ -92,7 +102,7 @@ def widened_kv_spec(n_layers: int, n_kv_heads: int, head_dim: int, dtype: str, s
 
 def scan_sequences(batch: Any, conv_pages: torch.Tensor | None, rec_pages: torch.Tensor, mixed: torch.Tensor,
                    weight: torch.Tensor | None, bias: torch.Tensor | None, run: Callable[..., Any],
-                   silu: bool = True) -> None:
+                   act: ConvAct = True) -> None:
     """A prefill batch through a recurrent layer over its state pages (module docstring). For each sequence: its
     state after the cached positions, the convolution over ``mixed [N, C]`` (that state's inputs first), then
     segments that end at a block boundary, the chunk's end or after :data:`SEGMENT` tokens:
@@ -112,7 +122,7 @@ def scan_sequences(batch: Any, conv_pages: torch.Tensor | None, rec_pages: torch
                      else torch.zeros(mixed.shape[1], 0, device=mixed.device))
             s = rec_pages[page].clone()
         ext = torch.cat((conv0.to(mixed.dtype), mixed[r0:r1].t()), dim=1)  # [C, K - 1 + L]
-        conv = causal_conv(ext, weight, bias, silu).t() if weight is not None else mixed[r0:r1]
+        conv = causal_conv(ext, weight, bias, act).t() if weight is not None else mixed[r0:r1]
         t0, n = 0, r1 - r0
         while t0 < n:
             t1 = min(n, t0 + bt - (start + t0) % bt, t0 + SEGMENT)
@@ -125,7 +135,7 @@ def scan_sequences(batch: Any, conv_pages: torch.Tensor | None, rec_pages: torch
 
 
 def decode_states(batch: Any, conv_pages: torch.Tensor | None, rec_pages: torch.Tensor, mixed: torch.Tensor,
-                  weight: torch.Tensor | None, bias: torch.Tensor | None, silu: bool = True
+                  weight: torch.Tensor | None, bias: torch.Tensor | None, act: ConvAct = True
                   ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]]:
     """One token per sequence: ``(conv [B, C], state before [B, ...], commit)``; ``commit(new_state)`` writes the
     state and the convolution's inputs into the page of each token's block. Without a convolution (``weight`` and
@@ -152,4 +162,4 @@ def decode_states(batch: Any, conv_pages: torch.Tensor | None, rec_pages: torch.
         conv_pages[cur] = ext[:, :, 1:].float()
 
     out = out.to(mixed.dtype)
-    return (F.silu(out) if silu else out), s0, commit
+    return _activated(out, act), s0, commit

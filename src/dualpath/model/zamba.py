@@ -33,7 +33,7 @@ from dualpath.model.layernorm_family import activation, gate_activation, hf_acti
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeState
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
-from dualpath.model.state_pages import decode_states, scan_sequences, split_page, state_bytes
+from dualpath.model.state_pages import ConvAct, decode_states, scan_sequences, split_page, state_bytes
 from dualpath.model.zamba2 import HybridBlocks, Zamba2State
 
 ARCH = "zamba"
@@ -63,6 +63,13 @@ class ZambaSpec(HybridBlocks, StatePagesSpec, ModelSpec):
     conv_bias: bool = True
     proj_bias: bool = False
     attention_width: int = 0  # attention_hidden_size: the shared block's input, 2 x hidden_size
+    mamba_act: str | None = None  # hidden_mamba_act (its convolution's) by ACTIVATIONS value, None: SiLU
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if self.mamba_act is None:  # (the dict, so the block keys, as before it was read)
+            d.pop("mamba_act")
+        return d
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,7 +102,7 @@ class ZambaSpec(HybridBlocks, StatePagesSpec, ModelSpec):
             "layers_block_type": list(self.layer_types), "n_mamba_heads": self.mamba_heads,
             "mamba_d_state": self.mamba_state, "mamba_d_conv": self.mamba_kernel, "mamba_expand": self.mamba_expand,
             "mamba_dt_rank": self.dt_rank, "mamba_conv_bias": self.conv_bias, "mamba_proj_bias": self.proj_bias,
-            "hidden_act": hf_activation(self.activation or "gelu"), "hidden_mamba_act": "silu",
+            "hidden_act": hf_activation(self.activation or "gelu"), "hidden_mamba_act": hf_activation(self.mamba_act),
             "rms_norm_eps": self.rms_eps,
             "tie_word_embeddings": self.tie_embeddings, "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id, "pad_token_id": None, "use_mamba_kernels": False, "dtype": self.dtype,
@@ -108,8 +115,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     as transformers derives them)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     act = gate_activation(cfg, where, default="gelu")  # (its gated MLP's; the mixer's is hidden_mamba_act)
-    if cfg.get("hidden_mamba_act") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_mamba_act {cfg.get('hidden_mamba_act')!r} unsupported (only 'silu')")
+    mamba_act = gate_activation(cfg, where, "hidden_mamba_act")  # (its Mamba convolutions'; the gate stays SiLU)
     n, hidden = cfg_int(cfg, "num_hidden_layers", where), cfg_int(cfg, "hidden_size", where)
     heads = cfg_int(cfg, "num_attention_heads", where)
     kinds = cfg.get("layers_block_type") or cfg.get("layer_types")
@@ -123,7 +129,8 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     rank = -(-hidden // 16) if rank == "auto" else cfg_int({"mamba_dt_rank": rank}, "mamba_dt_rank", where)
     width = cfg.get("attention_hidden_size") or 2 * hidden
     return ZambaSpec(
-        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=hidden,
+        architecture=ARCH, activation=act, mamba_act=mamba_act, vocab_size=cfg_int(cfg, "vocab_size", where),
+        hidden_size=hidden,
         intermediate_size=cfg_int(cfg, "intermediate_size", where), n_layers=n, n_heads=heads,
         n_kv_heads=cfg_int({"k": cfg.get("num_key_value_heads") or heads}, "k", where),
         head_dim=cfg_int({"attention_head_dim": cfg.get("attention_head_dim") or 2 * hidden // heads},
@@ -150,6 +157,7 @@ class MultiHeadMamba(nn.Module):
         d, h, n, r, k = spec.mamba_inner, spec.mamba_heads, spec.mamba_state, spec.dt_rank, spec.mamba_kernel
         hd = d // h
         self.conv1d = nn.Conv1d(d, d, k, groups=d, bias=spec.conv_bias, padding=k - 1)
+        self.act: ConvAct = activation(spec.mamba_act) if spec.mamba_act else True
         self.in_proj = nn.Linear(spec.hidden_size, 2 * d, bias=spec.proj_bias)
         self.x_proj_weight = nn.Parameter(torch.zeros(h, r + 2 * n, hd))
         self.dt_proj_weight = nn.Parameter(torch.zeros(h, hd, r))
@@ -180,7 +188,7 @@ class MultiHeadMamba(nn.Module):
         d = self.D.reshape(self.inner)
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         if batch.is_decode:
-            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, xs, weight, bias)
+            conv, s0, commit = decode_states(batch, conv_pages, rec_pages, xs, weight, bias, self.act)
             dt, b, c = self._selective(conv)
             s1 = s0[:, 0].float() * (dt[:, :, None] * a).exp() + dt[:, :, None] * b.float() * conv.float()[:, :, None]
             commit(s1[:, None])
@@ -197,7 +205,7 @@ class MultiHeadMamba(nn.Module):
                     ys[r0 + i] = ((state.to(conv.dtype) * c[i]).sum(-1) + conv[i] * d).to(ys.dtype)
                 return state[None]
 
-            scan_sequences(batch, conv_pages, rec_pages, xs, weight, bias, run)
+            scan_sequences(batch, conv_pages, rec_pages, xs, weight, bias, run, self.act)
             out = ys * F.silu(z)
         return cast(torch.Tensor, self.out_proj(out))
 

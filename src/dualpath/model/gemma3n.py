@@ -313,6 +313,7 @@ class Gemma3nModel(LayerwiseDecoder):
         super().__init__()
         self._build(spec, Backbone(spec), device, backend)
         self.spec: Gemma3nSpec = spec
+        self.gate_act = spec.gate_act()  # (the per-layer input gate's)
         dims = dict.fromkeys(set(spec.layer_types), spec.head_dim)
         self.inv_freq = {t: rope_inv_freq(spec.rope_types[t], d) for t, d in dims.items()}
         dt = spec.torch_dtype
@@ -381,7 +382,7 @@ class Gemma3nModel(LayerwiseDecoder):
         first = corrected[spec.altup_active].clone()
         if spec.altup_correct_scale:
             first = (first.type_as(alt.correct_output_scale) * alt.correct_output_scale).type_as(first)
-        first = spec.gate_act()(mod.per_layer_input_gate(first))
+        first = self.gate_act(mod.per_layer_input_gate(first))
         first = mod.post_per_layer_input_norm(mod.per_layer_projection(first * cast(torch.Tensor,
                                                                                       st.per_layer)[:, layer]))
         corrected[1:] += first

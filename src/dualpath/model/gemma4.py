@@ -511,6 +511,7 @@ class Gemma4Model(LayerwiseDecoder):
         super().__init__()
         self._build(spec, Backbone(spec), device, backend)
         self.spec: Gemma4Spec = spec
+        self.gate_act = spec.gate_act()  # (the per-layer input gate's)
         dims = {t: spec.layer_kv[spec.layer_types.index(t)][1] for t in set(spec.layer_types)}
         self.inv_freq = {t: rope_inv_freq(spec.rope_types[t], d) for t, d in dims.items()}
         dt = spec.torch_dtype
@@ -590,7 +591,7 @@ class Gemma4Model(LayerwiseDecoder):
             m = mod.post_feedforward_layernorm_1(m) + mod.post_feedforward_layernorm_2(e)
         h = h + mod.post_feedforward_layernorm(m)
         if st.per_layer is not None:
-            g = spec.gate_act()(mod.per_layer_input_gate(h)) * st.per_layer[:, layer]
+            g = self.gate_act(mod.per_layer_input_gate(h)) * st.per_layer[:, layer]
             h = h + mod.post_per_layer_input_norm(mod.per_layer_projection(g))
         st.hidden = h * mod.layer_scalar
         if layer == spec.n_layers - 1:

@@ -1,6 +1,8 @@
-"""The registry sweeps of ``benchmarks/`` (``registry_logits_vs_hf.py``, ``config_keys_vs_hf.py``) on two types each,
-so that they keep running: a shrunk Qwen2 and Gemma 3 text model equal transformers' logits, and every key of a
-shrunk Qwen2 config moved one at a time is either read (our logits then equal transformers') or ignored by both."""
+"""The registry sweeps of ``benchmarks/`` (``registry_logits_vs_hf.py``, ``config_keys_vs_hf.py``) kept running: a
+shrunk Qwen2 and Gemma 3 text model equal transformers' logits, and every key of a shrunk Qwen2 config moved one at a
+time is either read (our logits then equal transformers') or ignored by both; the keys sweep on one key per code path
+(a gate activation other than the default, ``mlp_bias``); and config-level checks over every swept type (head tying,
+transformers 4 configs, the compute dtype, the config we write read back)."""
 
 from __future__ import annotations
 

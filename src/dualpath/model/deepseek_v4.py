@@ -45,7 +45,7 @@ from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
 from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, SeqBatch
-from dualpath.model.moe import activation_of, dispatch_packed
+from dualpath.model.moe import activation_of, dispatch_packed, gate_fn
 from dualpath.model.rope import rope_frequencies
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
@@ -430,7 +430,7 @@ class ClampedMlp(nn.Module):
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
         self.limit = spec.limit
-        self.act = activation_of(spec) or F.silu
+        self.act = gate_fn(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_proj(x).clamp(max=self.limit)

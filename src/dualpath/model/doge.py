@@ -35,7 +35,7 @@ from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
 from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, TypedRopeDecoder, TypedRopeState, _rope
-from dualpath.model.moe import activation_of
+from dualpath.model.moe import gate_fn
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 
@@ -161,7 +161,7 @@ class Mlp(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
-        self.act = activation_of(spec) or F.silu
+        self.act = gate_fn(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))

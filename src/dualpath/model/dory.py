@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
@@ -31,7 +30,7 @@ from dualpath.model.gemma4 import layer_view
 from dualpath.model.hybrid import HybridDecoder
 from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, TypedRopeState, _rope
-from dualpath.model.moe import activation_of
+from dualpath.model.moe import gate_fn
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 
@@ -193,7 +192,7 @@ class Mlp(nn.Module):
         self.suv_gate = nn.Parameter(torch.ones(i))
         self.suv_up = nn.Parameter(torch.ones(i))
         self.scale = spec.hidden_size ** 0.5
-        self.act = activation_of(spec) or F.silu
+        self.act = gate_fn(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x) * (self.suv_gate * self.scale)

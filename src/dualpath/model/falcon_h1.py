@@ -28,7 +28,7 @@ from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec, final
 from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
-from dualpath.model.moe import activation_of
+from dualpath.model.moe import activation_of, gate_fn
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import split_page, state_bytes
@@ -206,7 +206,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, w, bias=bias)
         self.down_proj = nn.Linear(w, h, bias=bias)
         self.gate_m, self.down_m = spec.mlp_multipliers
-        self.act = activation_of(spec) or F.silu
+        self.act = gate_fn(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.down_proj(self.up_proj(x) * self.act(self.gate_proj(x) * self.gate_m))

@@ -29,7 +29,7 @@ from dualpath.model.hybrid import Backbone, HybridDecoder, StatePagesSpec, final
 from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import Mamba2Mixer
-from dualpath.model.moe import Activation, FeedForward, activation_of
+from dualpath.model.moe import Activation, FeedForward, activation_of, gate_fn
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 from dualpath.model.state_pages import state_bytes
@@ -243,7 +243,7 @@ class MoE(nn.Module):
         self.input_linear = _Weight(spec.experts, 2 * spec.intermediate_size, spec.hidden_size)
         self.output_linear = _Weight(spec.experts, spec.hidden_size, spec.intermediate_size)
         self.k = spec.top_k
-        self.act = activation_of(spec) or F.silu
+        self.act = gate_fn(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.router.layer.weight).float()

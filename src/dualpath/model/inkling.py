@@ -36,7 +36,7 @@ from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
 from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, LayerwiseDecoder, RMSNorm, SeqBatch
-from dualpath.model.moe import activation_of, dispatch_packed
+from dualpath.model.moe import activation_of, dispatch_packed, gate_fn
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_num, config_dtype
 
@@ -249,7 +249,7 @@ class Mlp(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
         self.global_scale = nn.Parameter(torch.ones(1))
-        self.act = activation_of(spec) or F.silu
+        self.act = gate_fn(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)) * self.global_scale)

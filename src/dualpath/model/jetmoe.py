@@ -27,7 +27,7 @@ from dualpath.errors import ModelError
 from dualpath.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.llama import ForwardState, LlamaModel, RMSNorm, _rope
-from dualpath.model.moe import activation_of
+from dualpath.model.moe import gate_fn
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, config_dtype
 
@@ -134,7 +134,7 @@ class MoE(nn.Module):
         self.input_linear = ParallelExperts(spec.moe_experts, spec.hidden_size, 2 * spec.intermediate_size)
         self.output_linear = ParallelExperts(spec.moe_experts, spec.intermediate_size, spec.hidden_size)
         self.router = Router(spec.hidden_size, spec.moe_experts, spec.moe_top_k)
-        self.act = activation_of(spec) or F.silu
+        self.act = gate_fn(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, idx = self.router(x)

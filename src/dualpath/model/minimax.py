@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dualpath.errors import ModelError
@@ -27,7 +26,7 @@ from dualpath.model.layernorm_family import gate_activation, hf_activation
 from dualpath.model.lfm2 import FeedForward
 from dualpath.model.llama import ForwardState, RMSNorm, _rope
 from dualpath.model.mamba2 import ssd_segment, ssd_step
-from dualpath.model.moe import activation_of, dispatch_experts, softmax_topk
+from dualpath.model.moe import activation_of, dispatch_experts, gate_fn, softmax_topk
 from dualpath.model.spec import ModelSpec
 from dualpath.model.spec_common import cfg_int, cfg_kinds, cfg_num, config_dtype
 from dualpath.model.state_pages import decode_states, scan_sequences, state_bytes, state_views
@@ -132,7 +131,7 @@ class LightningAttention(nn.Module):
         self.out_proj = nn.Linear(h * d, spec.hidden_size, bias=False)
         self.norm = RMSNorm(h * d, 1e-6)
         self.register_buffer("slope", slopes(spec, layer), persistent=False)
-        self.act = activation_of(spec) or F.silu
+        self.act = gate_fn(spec)
 
     def forward(self, x: torch.Tensor, batch: Any, kv_layer: torch.Tensor) -> torch.Tensor:
         _, rec_pages = state_views(kv_layer, 0, 1, self.heads, self.dim, self.dim)

@@ -19,7 +19,8 @@ from torch import nn
 
 from dualpath.model.layernorm_family import activation
 
-__all__ = ["Activation", "FeedForward", "activation_of", "dispatch_experts", "dispatch_packed", "softmax_topk"]
+__all__ = ["Activation", "FeedForward", "activation_of", "dispatch_experts", "dispatch_packed", "gate_fn",
+           "softmax_topk"]
 
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -45,6 +46,11 @@ def activation_of(spec: object) -> Activation | None:
     """The gate activation a spec's ``activation`` field names (None: SiLU, the default)."""
     name = getattr(spec, "activation", None)
     return None if name in (None, "silu") else activation(str(name))
+
+
+def gate_fn(spec: object) -> Activation:
+    """:func:`activation_of` as a function always (SiLU where the spec names none)."""
+    return activation_of(spec) or F.silu
 
 
 def dispatch_experts(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,

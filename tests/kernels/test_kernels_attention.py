@@ -304,9 +304,10 @@ def test_sinks_bad_input(device):
 
 
 def _naive_alibi(q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, qpos: list[int], scale: float,
-                 slopes: list[float], window: int | None = None) -> torch.Tensor:
+                 slopes: list[float], window: int | None = None, falcon: bool = False) -> torch.Tensor:
     """Query by query, key by key, in float64: ``softmax(scale * q.k + slope[h] * key position)`` (Bloom's form:
-    the bias of the key's absolute position; a per-query constant, so equal to ``slope * (k - p)``)."""
+    the bias of the key's absolute position; a per-query constant, so equal to ``slope * (k - p)``). ``falcon``:
+    ``softmax(scale * (q.k + bf16(slope[h] * bf16(key position))))``, transformers' Falcon bias, rounded by torch."""
     bt, hq, hkv = kv.shape[1], q.shape[1], kv.shape[3]
     out = torch.zeros(q.shape, dtype=torch.float64)
     for i, p in enumerate(qpos):
@@ -315,7 +316,9 @@ def _naive_alibi(q: torch.Tensor, kv: torch.Tensor, table: torch.Tensor, qpos: l
         pos = torch.tensor(keys, dtype=torch.float64)
         for h in range(hq):
             k, v = rows[:, 0, h // (hq // hkv)], rows[:, 1, h // (hq // hkv)]
-            out[i, h] = torch.softmax((k @ q[i, h].double().cpu()) * scale + slopes[h] * pos, dim=0) @ v
+            bias = (torch.tensor(slopes[h], dtype=torch.bfloat16) * pos.bfloat16()).double() * scale if falcon \
+                else slopes[h] * pos
+            out[i, h] = torch.softmax((k @ q[i, h].double().cpu()) * scale + bias, dim=0) @ v
     return out.float()
 
 
@@ -345,6 +348,30 @@ def test_alibi_matches_naive(device, window):
     assert not torch.allclose(got_d, no_alibi, atol=1e-3)  # (the slopes change the result)
 
 
+@pytest.mark.parametrize("window", [None, 8])
+def test_falcon_alibi_bf16_matches_naive(device, window):
+    """Falcon's ALiBi (``alibi_bf16``): ``bf16(slope * bf16(key position))`` added before the scale, as transformers
+    rounds it in bfloat16: Triton (whose interpreter truncates its own bf16 casts) and the reference against the
+    key-by-key loop, prefill and split-K decode, slopes that bfloat16 rounds (2 ** -0.5, 0.3) and exact ones."""
+    seqs, kv, tables, q, cu, seq_lens, starts, qd = _sink_case(device)
+    slope_list = [2 ** -0.5, 0.3, 0.25, 0.0]
+    slopes = torch.tensor(slope_list, dtype=torch.bfloat16).float().to(device)
+    want = torch.cat([_naive_alibi(q[int(cu[b]):int(cu[b + 1])], kv, tables[b], list(range(c, c + n)), 0.3,
+                                   slopes.tolist(), window, falcon=True) for b, (c, n) in enumerate(seqs)])
+    for impl in (ref, tri):
+        got = impl.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, window=window, alibi=slopes,
+                                           alibi_bf16=True)
+        torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=1e-4)
+    want_d = torch.cat([_naive_alibi(qd[b:b + 1], kv, tables[b], [c + n - 1], 0.3, slopes.tolist(), window,
+                                     falcon=True) for b, (c, n) in enumerate(seqs)])
+    for impl, kw in ((ref, {}), (tri, {"partition": 32, "block_n": 16})):
+        got_d = impl.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window, alibi=slopes,
+                                            alibi_bf16=True, **kw)
+        torch.testing.assert_close(got_d.cpu(), want_d, atol=2e-5, rtol=1e-4)
+    fp32 = ref.paged_decode_attention(qd, kv, tables, seq_lens, 0.3, window=window, alibi=slopes * 0.3)
+    assert not torch.allclose(got_d, fp32, atol=1e-5)  # (the rounding changes the result)
+
+
 def test_alibi_bad_input(device):
     """Malformed slopes are refused by name, by the dispatch functions and the Triton launchers alike."""
     from dualpath.errors import KernelError
@@ -359,6 +386,8 @@ def test_alibi_bad_input(device):
             paged_decode_attention(q, kv, tables, lens, 0.25, alibi=bad)
         with pytest.raises(KernelError, match="alibi"):
             tri.paged_decode_attention(q, kv, tables, lens, 0.25, alibi=bad)
+    with pytest.raises(KernelError, match="alibi_bf16 needs alibi slopes"):
+        paged_decode_attention(q, kv, tables, lens, 0.25, alibi_bf16=True)
 
 
 @pytest.mark.parametrize("chunk,window", [(16, None), (7, None), (12, 5)])

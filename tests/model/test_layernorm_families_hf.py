@@ -11,7 +11,7 @@ permutation of the q/k rows) and one norm feeding a parallel attention and MLP; 
 queries scaled first, embeddings projected in and out, and OPT-350m's post-norm blocks; Cohere a bias-free fp32
 LayerNorm, a parallel SwiGLU block, interleaved RoPE (the same permutation, applied to its q/k norms and biases too)
 and scaled logits, Cohere 2 RoPE in its sliding layers only; Falcon its three fused q/k/v layouts and its parallel blocks
-behind one norm or two; Nemotron LayerNorms scaling by ``1 + weight`` and a ReLU-squared MLP; Bloom ALiBi biases (in
+behind one norm or two, and falcon-rw's ALiBi in bfloat16; Nemotron LayerNorms scaling by ``1 + weight`` and a ReLU-squared MLP; Bloom ALiBi biases (in
 both attention backends) and a norm on the word embeddings; MPT ALiBi with its own slopes, bias-free norms and
 projections, and clip_qkv;
 GPT-NeoX a fused per-head q/k/v, partial RoPE and a two-norm parallel residual; Phi one norm feeding a parallel
@@ -42,6 +42,7 @@ from dualpath.model import KVPool, ModelSpec, SeqBatch
 from dualpath.model.config import LlamaModelConfig
 from dualpath.model.loader import build_model, load_model, save_pretrained
 from dualpath.model.spec import load_spec
+from dualpath.model.spec_out import hf_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,10 +139,22 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
                     dict(FAMILIES["falcon"][2], num_ln_in_parallel_attn=1)),
     "falcon_mha_sequential": ("FalconConfig", "FalconForCausalLM",
                               dict(BASE, ffn_hidden_size=96, multi_query=False, parallel_attn=False)),
+    # falcon-rw: ALiBi instead of RoPE, biases, per-head fused q/k/v in sequential blocks; 16 heads, whose slopes
+    # (powers of 2 ** -0.5) bfloat16 rounds, as it rounds their products with the key positions
+    "falcon_rw": ("FalconConfig", "FalconForCausalLM",
+                  dict(BASE, num_attention_heads=16, ffn_hidden_size=96, multi_query=False, parallel_attn=False,
+                       alibi=True, bias=True)),
     # OPT-350m's blocks: the norms after each residual sum, no final norm
     "opt_post_ln": ("OPTConfig", "OPTForCausalLM", dict(FAMILIES["opt"][2], do_layer_norm_before=False)),
     "gpt_bigcode_mha": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
                         dict(FAMILIES["gpt_bigcode"][2], multi_query=False)),
+    # Nemotron's MLP biased and its attention not, and the other way round
+    "nemotron_mlp_bias": ("NemotronConfig", "NemotronForCausalLM", dict(FAMILIES["nemotron"][2], attention_bias=False)),
+    "nemotron_attention_bias": ("NemotronConfig", "NemotronForCausalLM", dict(FAMILIES["nemotron"][2], mlp_bias=False)),
+    # scale_attn_weights false: scores not divided by sqrt(head_dim) (GPT-2's still by 1 / (layer + 1))
+    "gpt2_unscaled": ("GPT2Config", "GPT2LMHeadModel", dict(FAMILIES["gpt2"][2], scale_attn_weights=False)),
+    "gpt_bigcode_unscaled": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                             dict(FAMILIES["gpt_bigcode"][2], scale_attn_weights=False)),
     "gpt_neox_sequential": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(BASE, use_parallel_residual=False)),
     "stablelm_parallel": ("StableLmConfig", "StableLmForCausalLM",
                           dict(BASE, num_key_value_heads=2, use_parallel_residual=True)),
@@ -223,7 +236,13 @@ def test_residual_variants_equal_transformers(variant, tmp_path_factory):
     assert isinstance(spec, ModelSpec)
     assert spec.parallel_residual == (variant in ("stablelm_parallel", "falcon_7b", "falcon_new1"))
     assert spec.n_kv_heads == {"stablelm_parallel": 2, "falcon_new1": 2, "falcon_7b": 1, "bloom_6_heads": 6,
-                               "mpt_6_heads_clip": 6}.get(variant, 4)
+                               "mpt_6_heads_clip": 6, "falcon_rw": 16, "gpt_bigcode_unscaled": 1,
+                               "nemotron_mlp_bias": 2, "nemotron_attention_bias": 2}.get(variant, 4)
+    if variant.startswith("nemotron"):
+        assert spec.mlp_bias == (variant == "nemotron_mlp_bias") != spec.attention_bias
+    assert spec.alibi == variant.startswith(("bloom", "mpt", "falcon_rw"))
+    assert spec.attn_scale == (1.0 if variant.endswith("_unscaled") else spec.head_dim ** -0.5)
+    assert ModelSpec.from_hf_config(hf_config(spec)) == spec
     assert spec.post_layer_norm == (True if variant == "opt_post_ln" else None)
     check_batched_against_hf(_load(d), hf, [_turns(4)[0] + _turns(4)[1], _turns(4)[2]])
 
@@ -361,17 +380,33 @@ async def test_cluster_read_paths_same_tokens(family, tmp_path_factory):
                              min_hit=16)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_falcon_rw_alibi_past_256_positions_equals_transformers(backend, tmp_path_factory):
+    """falcon-rw's ALiBi as transformers' Falcon computes it, in bfloat16: slope x position rounded (positions
+    past 256 rounded first), added before the scale. Two long turns then greedy steps (decode and prefill kernels
+    over ~300 positions): the logits equal transformers'. With the bias in fp32 they differ by ~1 logit there."""
+    d, hf = _CKPTS.get("falcon_rw", tmp_path_factory)
+    model = _load(d, backend)
+    assert model.spec.falcon_alibi and model.spec.alibi
+    ours, ref, ids, ref_ids = paged_turns(model, hf, random_turns(VOCAB, 5, lens=(150, 140)), 4, 8)
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    assert ids == ref_ids
+    cfg = hf_config(model.spec)
+    assert cfg["alibi"] is True and ModelSpec.from_hf_config(cfg) == model.spec
+
+
 @pytest.mark.parametrize("model_type,key,value,needle", [
     ("gpt2", "activation_function", "gelu_10", "activation"),
     ("gpt2", "add_cross_attention", True, "add_cross_attention"),
-    ("gpt2", "scale_attn_weights", False, "scale_attn_weights"),
+    ("gpt2", "scale_attn_weights", "no", "scale_attn_weights"),
     ("gptj", "rotary_dim", 7, "rotary_dim"),
     ("gptj", "rotary_dim", 32, "rotary_dim"),
     ("gpt_bigcode", "multi_query", "yes", "multi_query"),
     ("opt", "layer_norm_elementwise_affine", False, "layer_norm_elementwise_affine"),
     ("cohere", "logit_scale", 0, "logit_scale"),
-    ("falcon", "alibi", True, "alibi"),
-    ("nemotron", "mlp_bias", True, "mlp_bias"),
+    ("falcon", "alibi", "yes", "alibi"),
+    ("nemotron", "mlp_bias", "yes", "mlp_bias"),
     ("bloom", "apply_residual_connection_post_layernorm", True, "apply_residual_connection_post_layernorm"),
     ("gpt_neo", "attention_types", [[["global", "sparse"], 2]], "attention_types"),
     ("gpt_neo", "window_size", 0, "window_size"),

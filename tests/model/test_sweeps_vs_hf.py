@@ -307,3 +307,17 @@ def test_mlp_bias_is_read_as_transformers_builds_it(model_type):
     shared experts, not their routed ones): read (refused before, but for Llama), our logits equal, and written
     back."""
     assert _read_and_written_back(model_type, "mlp_bias").mlp_has_bias  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("model_type,key,check", [
+    ("falcon", "alibi", lambda s: s.falcon_alibi and s.alibi),
+    ("gpt2", "scale_attn_weights", lambda s: s.attn_scale == 1.0),
+    ("gpt_bigcode", "scale_attn_weights", lambda s: s.attn_scale == 1.0),
+    ("nemotron", "mlp_bias", lambda s: s.mlp_bias and not s.attention_bias),
+    ("nemotron", "attention_bias", lambda s: s.attention_bias and not s.mlp_bias),
+])
+def test_layernorm_family_switches_are_read_as_transformers_runs_them(model_type, key, check):
+    """Switches these families' transformers classes run and we refused before: falcon-rw's ALiBi (in bfloat16, as
+    Falcon computes it), GPT-2's and GPTBigCode's unscaled scores, Nemotron's MLP and attention biases set apart.
+    Read, our logits equal transformers', and written back."""
+    assert check(_read_and_written_back(model_type, key))

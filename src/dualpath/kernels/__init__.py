@@ -69,11 +69,23 @@ def _impl(name: str, backend: str | None, device: torch.device) -> Any:
     return getattr(importlib.import_module(f"dualpath.kernels.{kind}"), name)
 
 
+def _alibi_kw(alibi: torch.Tensor | None, alibi_bf16: bool, q: torch.Tensor) -> dict[str, Any]:
+    """The implementations' ALiBi keywords (none without slopes; ``alibi_bf16`` only when set)."""
+    if alibi is None:
+        if alibi_bf16:
+            raise KernelError("alibi_bf16 needs alibi slopes")
+        return {}
+    kw: dict[str, Any] = {"alibi": check_sinks(alibi, q.shape[1], q.device, "alibi")}
+    if alibi_bf16:
+        kw["alibi_bf16"] = True
+    return kw
+
+
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, *, backend: str | None = None,
                            softcap: float | None = None, window: int | None = None,
                            sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
-                           chunk: int | None = None) -> torch.Tensor:
+                           alibi_bf16: bool = False, chunk: int | None = None) -> torch.Tensor:
     """``q [B, Hq, D]`` over each sequence's ``seq_lens[b]`` paged tokens -> ``[B, Hq, D]``. ``chunk`` (Llama 4's
     chunked attention): a query at position ``p`` sees only the keys of its own chunk of ``chunk`` positions,
     ``p // chunk * chunk .. p`` (None: no chunks; it combines with ``window``). ``softcap``: scores
@@ -81,9 +93,11 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     attention window, the last ``window`` tokens only (None: all). ``sinks``: gpt-oss's attention sinks, a float
     ``[Hq]`` tensor on ``q``'s device: query head ``h``'s softmax gets an extra logit ``sinks[h]`` (unscaled,
     uncapped) that weights no value (None: no sinks). ``alibi``: ALiBi slopes ``[Hq]`` (Bloom): head ``h``'s score
-    of the key at position ``k`` from the query at ``p`` gets ``alibi[h] * (k - p)`` added (None: none)."""
+    of the key at position ``k`` from the query at ``p`` gets ``alibi[h] * (k - p)`` added (None: none).
+    ``alibi_bf16`` (Falcon's ALiBi, as transformers builds it): instead, ``bf16(alibi[h] * k)`` is added to the
+    scores before their ``scale`` (a per-query constant apart, the same bias, rounded as Falcon rounds it)."""
     fn = _impl("paged_decode_attention", backend, q.device)
-    kw: dict[str, Any] = {} if alibi is None else {"alibi": check_sinks(alibi, q.shape[1], q.device, "alibi")}
+    kw = _alibi_kw(alibi, alibi_bf16, q)
     if chunk is not None:
         kw["chunk"] = check_window(chunk, "chunk")
     return fn(q, kv_layer, block_tables, seq_lens, scale, softcap=softcap, window=check_window(window),
@@ -95,12 +109,12 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
                             scale: float, *, backend: str | None = None,
                             softcap: float | None = None, window: int | None = None,
                             sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
-                            chunk: int | None = None) -> torch.Tensor:
+                            alibi_bf16: bool = False, chunk: int | None = None) -> torch.Tensor:
     """New tokens ``q [Ntok, Hq, D]``: full attention over the cached prefix, causal over the new tokens.
-    ``softcap``, ``sinks``, ``alibi`` and ``chunk`` as for :func:`paged_decode_attention`; ``window``: a query at position
+    ``softcap``, ``sinks``, ``alibi``, ``alibi_bf16`` and ``chunk`` as for :func:`paged_decode_attention`; ``window``: a query at position
     ``p`` sees the keys at positions ``p - window + 1 .. p`` only (transformers' sliding-window mask)."""
     fn = _impl("paged_prefill_attention", backend, q.device)
-    kw: dict[str, Any] = {} if alibi is None else {"alibi": check_sinks(alibi, q.shape[1], q.device, "alibi")}
+    kw = _alibi_kw(alibi, alibi_bf16, q)
     if chunk is not None:
         kw["chunk"] = check_window(chunk, "chunk")
     return fn(q, kv_layer, block_tables, cu_seqlens_q, seq_lens, start_pos, scale, softcap=softcap,

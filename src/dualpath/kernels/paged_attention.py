@@ -12,7 +12,8 @@ first visible key, non-decreasing in ``p``: decode starts each sequence's scan t
 tile's scan at its first row's and masks the rest (a row whose keys in a tile are all masked keeps its running
 max: no NaN).
 ``alibi`` (Bloom, ``[Hq]`` slopes, fp32): ``slope[h] * (key position - query position)`` added to each score, in the
-exp2 domain, after the scale and any cap, as the torch reference.
+exp2 domain, after the scale and any cap, as the torch reference; ``alibi_bf16`` (Falcon): ``bf16(slope[h] *
+bf16(key position))`` times the scale instead, rounded as the reference rounds it (``_bf16``).
 ``sinks`` (gpt-oss, ``[Hq]``, fp32): an extra per-head logit in the softmax denominator that weights no value,
 added by decode's split reduction and at prefill's final normalisation (rescaled to ``max(m, sink)``).
 """
@@ -45,6 +46,15 @@ def _softcap(s, cap):
 
 
 @triton.jit
+def _bf16(x):
+    """``x`` (finite fp32) rounded to bfloat16 (to nearest, ties to even, as torch rounds) and back: Falcon's ALiBi
+    precision. On the bits: Triton's interpreter truncates in ``.to(tl.bfloat16)``."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + (((b >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, kv_ptr, table_ptr, lens_ptr, o_ptr, lse_ptr, alibi_ptr,
     stride_qb, stride_qh,
@@ -52,10 +62,10 @@ def _decode_split_kernel(
     stride_tb,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    qk_scale, softcap, window, chunk,
+    qk_scale, softcap, window, chunk, alibi_scale,
     G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, PARTITION: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr, ALIBI_BF16: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -73,8 +83,10 @@ def _decode_split_kernel(
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    if ALIBI:  # each head's slope, in the exp2 domain
-        slope = tl.load(alibi_ptr + heads, mask=gmask, other=0.0) * 1.4426950408889634
+    if ALIBI:  # each head's slope, in the exp2 domain (Falcon's: as given, scaled after its rounding)
+        slope = tl.load(alibi_ptr + heads, mask=gmask, other=0.0)
+        if not ALIBI_BF16:
+            slope = slope * 1.4426950408889634
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -93,7 +105,9 @@ def _decode_split_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if SOFTCAP:
             s = _softcap(s, softcap) * 1.4426950408889634
-        if ALIBI:  # slope * (key position - query position), the query at seq_len - 1
+        if ALIBI_BF16:  # Falcon: bf16(slope * bf16(key position)), then the scores' scale
+            s = s + _bf16(slope[:, None] * _bf16(t.to(tl.float32))[None, :]) * alibi_scale
+        elif ALIBI:  # slope * (key position - query position), the query at seq_len - 1
             s = s + slope[:, None] * (t - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -158,7 +172,8 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
                            seq_lens: torch.Tensor, scale: float, *, partition: int | None = None,
                            block_n: int | None = None, softcap: float | None = None,
                            window: int | None = None, sinks: torch.Tensor | None = None,
-                           alibi: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+                           alibi: torch.Tensor | None = None, alibi_bf16: bool = False,
+                           chunk: int | None = None) -> torch.Tensor:
     """Triton paged decode. ``q [B, Hq, D]``, ``kv_layer [NB, bt, 2, Hkv, D]``, ``block_tables [B, max_blocks]``,
     ``seq_lens [B]`` (each >= 1), ``sinks [Hq]`` or None, ``alibi [Hq]`` slopes or None -> ``[B, Hq, D]`` in
     ``q``'s dtype."""
@@ -198,10 +213,10 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         tables.stride(0),
         po.stride(0), po.stride(1), po.stride(2),
         lse.stride(0), lse.stride(1),
-        *_scales(scale, softcap), _window_arg(window), _window_arg(chunk, "chunk"),
+        *_scales(scale, softcap), _window_arg(window), _window_arg(chunk, "chunk"), float(scale) * LOG2E,
         G=g, D=d, BT=bt, PARTITION=partition, SOFTCAP=softcap is not None,
         BLOCK_G=max(16, next_pow2(g)), BLOCK_D=block_d, BLOCK_N=block_n,
-        DOT_FP32=interp, PREC=prec, ALIBI=alibi is not None,
+        DOT_FP32=interp, PREC=prec, ALIBI=alibi is not None, ALIBI_BF16=alibi is not None and alibi_bf16,
         **({} if interp else {"num_warps": 4, "num_stages": 2}),
     )
     _decode_reduce_kernel[(bsz, hq)](
@@ -221,10 +236,10 @@ def _prefill_kernel(
     stride_kb, stride_kt, stride_kkv, stride_kh,
     stride_tb,
     stride_on, stride_oh,
-    qk_scale, softcap, window, chunk,
+    qk_scale, softcap, window, chunk, alibi_scale,
     G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
     SINKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr,
+    DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr, ALIBI_BF16: tl.constexpr,
 ):
     mblk = tl.program_id(0)
     b = tl.program_id(1)
@@ -246,8 +261,10 @@ def _prefill_kernel(
             q = q.to(tl.float32)
         qpos = start + rows
         slope = 0.0
-        if ALIBI:  # this head's slope, in the exp2 domain
-            slope = tl.load(alibi_ptr + h) * 1.4426950408889634
+        if ALIBI:  # this head's slope, in the exp2 domain (Falcon's: as given, scaled after its rounding)
+            slope = tl.load(alibi_ptr + h)
+            if not ALIBI_BF16:
+                slope = slope * 1.4426950408889634
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -274,7 +291,9 @@ def _prefill_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             if SOFTCAP:
                 s = _softcap(s, softcap) * 1.4426950408889634
-            if ALIBI:
+            if ALIBI_BF16:
+                s = s + _bf16(slope * _bf16(t.to(tl.float32)))[None, :] * alibi_scale
+            elif ALIBI:
                 s = s + slope * (t[None, :] - qpos[:, None]).to(tl.float32)
             if WINDOW:
                 s = tl.where(t[None, :] >= lower[:, None], s, float("-inf"))
@@ -301,7 +320,9 @@ def _prefill_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             if SOFTCAP:
                 s = _softcap(s, softcap) * 1.4426950408889634
-            if ALIBI:
+            if ALIBI_BF16:
+                s = s + _bf16(slope * _bf16(t.to(tl.float32)))[None, :] * alibi_scale
+            elif ALIBI:
                 s = s + slope * (t[None, :] - qpos[:, None]).to(tl.float32)
             vis = (t[None, :] <= qpos[:, None]) & tmask[None, :]
             if WINDOW:
@@ -335,7 +356,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
                             scale: float, *, block_m: int | None = None, block_n: int | None = None,
                             softcap: float | None = None, window: int | None = None,
                             sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
-                            chunk: int | None = None) -> torch.Tensor:
+                            alibi_bf16: bool = False, chunk: int | None = None) -> torch.Tensor:
     """Triton prefill with a cached prefix (``sinks [Hq]`` or None, ``alibi [Hq]`` slopes or None); see
     :func:`dualpath.kernels.reference.paged_prefill_attention`."""
     kv = check_kv_layer(kv_layer)
@@ -380,10 +401,10 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         tables.stride(0),
         out.stride(0), out.stride(1),
-        *_scales(scale, softcap), _window_arg(window), _window_arg(chunk, "chunk"),
+        *_scales(scale, softcap), _window_arg(window), _window_arg(chunk, "chunk"), float(scale) * LOG2E,
         G=hq // hkv, D=d, BT=bt, SOFTCAP=softcap is not None, WINDOW=window is not None or chunk is not None,
         SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_FP32=interp, PREC=prec, ALIBI=alibi is not None,
+        DOT_FP32=interp, PREC=prec, ALIBI=alibi is not None, ALIBI_BF16=alibi is not None and alibi_bf16,
         **({} if interp else {"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}),
     )
     return out

@@ -11,7 +11,9 @@ sliding attention window, as transformers masks it): a query at position ``p`` s
 sinks, ``[Hq]``, used as fp32): query head ``h``'s softmax gets an extra logit ``sinks[h]`` (not scaled, not capped,
 not masked) whose probability weights no value. ``alibi`` (ALiBi slopes, ``[Hq]``, used as fp32; Bloom): query head
 ``h``'s score of the key at position ``k`` from the query at ``p`` gets ``alibi[h] * (k - p)`` added after the
-scale (and the cap), before the mask.
+scale (and the cap), before the mask. With ``alibi_bf16`` (Falcon's ALiBi, as transformers builds it) the key at
+position ``k`` instead gets ``bf16(alibi[h] * bf16(k))`` added before the scale: the same bias up to a per-query
+constant (which the softmax ignores), rounded as Falcon rounds it (positions past 256 too).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ def _seq_kv(kv_layer: torch.Tensor, table: torch.Tensor, n: int,
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
             softcap: float | None = None, sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
-            rel: torch.Tensor | None = None) -> torch.Tensor:
-    # q [M, Hq, D], k/v [N, Hkv, D]; query head h reads KV head h // (Hq // Hkv); rel [M, N]: key - query position
+            rel: torch.Tensor | None = None, kpos: torch.Tensor | None = None) -> torch.Tensor:
+    # q [M, Hq, D], k/v [N, Hkv, D]; query head h reads KV head h // (Hq // Hkv); rel [M, N]: key - query position;
+    # kpos [1, N]: the keys' positions, for Falcon's rounded bias (alibi_bf16: rel is None then)
     m, hq, d = q.shape
     hkv = k.shape[1]
     qg = q.float().reshape(m, hkv, hq // hkv, d).permute(1, 2, 0, 3)      # [Hkv, G, M, D]
@@ -40,6 +43,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mas
         s = torch.tanh(s / softcap) * softcap
     if alibi is not None and rel is not None:
         s = s + alibi.float().reshape(hkv, hq // hkv, 1, 1) * rel.float()
+    elif alibi is not None and kpos is not None:
+        s = s + (alibi.float().reshape(hkv, hq // hkv, 1, 1) * kpos.bfloat16().float()).bfloat16().float() * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     if sinks is None:
@@ -62,6 +67,7 @@ def paged_decode_attention(
     window: int | None = None,
     sinks: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    alibi_bf16: bool = False,
     chunk: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending to its first ``seq_lens[b]`` cached tokens (the last ``window`` of
@@ -77,8 +83,9 @@ def paged_decode_attention(
         if chunk is not None:  # the query (position n - 1) sees its own chunk only
             first = max(first, (n - 1) // chunk * chunk)
         k, v = _seq_kv(kv_layer, block_tables[b], n, first)
-        rel = None if alibi is None else torch.arange(first - n + 1, 1, device=q.device)[None, :]
-        out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap, sinks, alibi, rel)[0].to(q.dtype)
+        kpos = torch.arange(first, n, device=q.device)[None, :]
+        rel = None if alibi is None or alibi_bf16 else kpos - (n - 1)
+        out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap, sinks, alibi, rel, kpos)[0].to(q.dtype)
     return out
 
 
@@ -95,6 +102,7 @@ def paged_prefill_attention(
     window: int | None = None,
     sinks: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    alibi_bf16: bool = False,
     chunk: int | None = None,
 ) -> torch.Tensor:
     """Queries of each sequence's new tokens over its cached prefix (full) and its new tokens (causal); with a
@@ -123,8 +131,8 @@ def paged_prefill_attention(
             mask &= kpos > qpos[:, None] - window
         if chunk is not None:
             mask &= kpos >= (qpos // chunk * chunk)[:, None]
-        rel = None if alibi is None else kpos - qpos[:, None]
-        out[lo:hi] = _attend(q[lo:hi], k, v, scale, mask, softcap, sinks, alibi, rel).to(q.dtype)
+        rel = None if alibi is None or alibi_bf16 else kpos - qpos[:, None]
+        out[lo:hi] = _attend(q[lo:hi], k, v, scale, mask, softcap, sinks, alibi, rel, kpos).to(q.dtype)
     return out
 
 

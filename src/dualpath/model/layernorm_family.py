@@ -35,7 +35,8 @@ differ from Llama in the same few places, each a :class:`~dualpath.model.spec.Mo
 * Phi's and GPT-J's LM heads have a bias; Cohere's logits are multiplied by ``logit_scale``;
 * Falcon's fused ``query_key_value``: ``[kv_heads, q_per_kv + 2, head_dim]`` rows in its new decoder
   (``falcon_layout`` ``new2`` / ``new1``: two norms or one), ``[q heads, k, v]`` with ``multi_query``, per head
-  otherwise (``old``); ALiBi checkpoints (falcon-rw) are refused;
+  otherwise (``old``); with ``alibi`` (falcon-rw) ALiBi replaces RoPE as transformers' Falcon computes it: Bloom's
+  slopes times the key position, rounded to bfloat16, added to the scores before their scale (``alibi_bf16``);
 * OPT: queries scaled before the scores (as OPT computes them), embeddings of ``word_embed_proj_dim`` projected in
   and out of the hidden size (``project_in`` / ``project_out``) where it differs, and OPT-350m's post-LayerNorm
   blocks (``do_layer_norm_before: false``: ``ln(x + attn(x))``, ``ln(h + mlp(h))``, no final norm); OpenAI GPT's
@@ -219,8 +220,6 @@ def _falcon_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     c = {**cfg, **out}
     for key in ("alibi", "new_decoder_architecture", "multi_query", "parallel_attn", "bias"):
         _flag(c, key, where)
-    if c["alibi"]:
-        raise ModelError(f"{where}: alibi=true is unsupported (ALiBi position biases; this Falcon path runs RoPE)")
     heads = c.get("num_attention_heads")
     n_ln = c.get("num_ln_in_parallel_attn")
     if n_ln not in (None, 1, 2) or isinstance(n_ln, bool):
@@ -236,7 +235,8 @@ def _falcon_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         kv, layout = (1 if c["multi_query"] else heads), "old"
     hidden = c.get("hidden_size")
     act = c["activation"]
-    return {**out, "num_key_value_heads": kv, "_falcon_layout": layout, "attention_bias": c["bias"],
+    return {**out, "num_key_value_heads": kv, "_falcon_layout": layout, "_falcon_alibi": c["alibi"] or None,
+            "attention_bias": c["bias"],
             "rms_norm_eps": c["layer_norm_epsilon"], "hidden_act": act,
             "intermediate_size": c.get("ffn_hidden_size") or (4 * hidden if isinstance(hidden, int) else None)}
 
@@ -485,6 +485,7 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out.pop("head_dim", None)
     if arch in _ALL_HEADS_KV:  # (and every head has its own keys and values)
         out.pop("num_key_value_heads", None)
+    unscaled = False  # GPT-2's and GPTBigCode's scale_attn_weights false
     if arch in GPT2_KEYS:
         for theirs, ours in (("n_embd", "hidden_size"), ("n_layer", "num_hidden_layers"),
                              ("n_head", "num_attention_heads"), ("n_positions", "max_position_embeddings"),
@@ -493,8 +494,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
                 out[ours] = out[theirs]
         if out.get("add_cross_attention"):
             raise ModelError(f"{where}: add_cross_attention=true is unsupported (a decoder without an encoder)")
-        if out.get("scale_attn_weights", True) is not True:
-            raise ModelError(f"{where}: scale_attn_weights=false is unsupported (scores are scaled by head_dim ** -0.5)")
+        if arch != "gptj":  # (GPT-J always scales; transformers does not read the key there)
+            unscaled = not _flag({"scale_attn_weights": True, **out}, "scale_attn_weights", where)
         hidden = out.get("hidden_size")
         out["intermediate_size"] = out.get("n_inner") or (4 * hidden if isinstance(hidden, int) else None)
         out["num_key_value_heads"] = out.get("num_attention_heads")
@@ -586,8 +587,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out["attention_bias"] = _flag(out, "use_bias", where)
     elif arch == "nemotron":
         out["attention_bias"] = _flag(out, "attention_bias", where)
-        if _flag(out, "mlp_bias", where) != out["attention_bias"]:
-            raise ModelError(f"{where}: mlp_bias and attention_bias must be equal here (one bias setting)")
+        if _flag(out, "mlp_bias", where) != out["attention_bias"]:  # (the MLP's own, where it differs)
+            out["_mlp_has_bias"] = out["mlp_bias"]
     elif arch in COHERE:
         out["attention_bias"] = _flag(out, "attention_bias", where)
         if arch == "cohere_compass_text" and out.get("logit_scale") is None:
@@ -620,12 +621,17 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         qk = _flag(out, "use_qk_norm", where)
     out["ln_fields"] = {"activation": ACTIVATIONS[act], "parallel_residual": parallel, "qk_layernorm": qk,
                         "scale_attn_by_layer": scale_by_layer}
+    if unscaled:  # GPT-2's and GPTBigCode's scale_attn_weights false: scores not divided by sqrt(head_dim)
+        out["ln_fields"]["attention_multiplier"] = 1.0
+    if "_mlp_has_bias" in out:
+        out["ln_fields"]["mlp_has_bias"] = out.pop("_mlp_has_bias")
     if arch in COHERE:
         out["ln_fields"]["logit_scale"] = float(out["logit_scale"])
     if arch == "cohere2_moe":
         out["ln_fields"].update(out.pop("_moe"))
     if arch == "falcon":
         out["ln_fields"]["falcon_layout"] = out.pop("_falcon_layout")
+        out["ln_fields"]["falcon_alibi"] = out.pop("_falcon_alibi")
     if arch == "openai-gpt":  # (each residual sum normed, no final norm)
         out["ln_fields"]["post_layer_norm"] = True
     if arch in SCALED_EMBEDDINGS and (arch == "ctrl" or _flag(out, "scale_embedding", where)):
@@ -674,11 +680,12 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
                "layer_norm_epsilon": spec.rms_eps, "activation_function": act,
                "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
         if arch == "gpt2":
-            out.update(scale_attn_by_inverse_layer_idx=bool(spec.scale_attn_by_layer), scale_attn_weights=True)
+            out.update(scale_attn_by_inverse_layer_idx=bool(spec.scale_attn_by_layer),
+                       scale_attn_weights=spec.attention_multiplier is None)
         elif arch == "gptj":
             out["rotary_dim"] = spec.rotary_dim
         else:
-            out.update(multi_query=spec.n_kv_heads == 1 < spec.n_heads, scale_attn_weights=True)
+            out.update(multi_query=spec.n_kv_heads == 1 < spec.n_heads, scale_attn_weights=spec.attention_multiplier is None)
         return out
     if arch == "openai-gpt":
         afn = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}.get(str(spec.activation))
@@ -729,7 +736,7 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
                 "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,
                 "num_key_value_heads": spec.n_kv_heads, "head_dim": spec.head_dim,
                 "max_position_embeddings": spec.max_position, "hidden_act": act, "norm_eps": spec.rms_eps,
-                "attention_bias": spec.attention_bias, "mlp_bias": spec.attention_bias, "attention_dropout": 0.0,
+                "attention_bias": spec.attention_bias, "mlp_bias": spec.mlp_bias, "attention_dropout": 0.0,
                 "rope_parameters": {**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta,
                                     "partial_rotary_factor": spec.partial_rotary_factor}}
     if arch in COHERE:
@@ -764,7 +771,7 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
         return {**common, "hidden_size": spec.hidden_size, "num_hidden_layers": spec.n_layers,
                 "num_attention_heads": spec.n_heads, "num_kv_heads": spec.n_kv_heads,
                 "ffn_hidden_size": spec.intermediate_size, "max_position_embeddings": spec.max_position,
-                "activation": act, "layer_norm_epsilon": spec.rms_eps, "bias": spec.attention_bias, "alibi": False,
+                "activation": act, "layer_norm_epsilon": spec.rms_eps, "bias": spec.attention_bias, "alibi": spec.alibi,
                 "new_decoder_architecture": new, "multi_query": not new and spec.n_kv_heads == 1 < spec.n_heads,
                 "parallel_attn": spec.parallel_residual,
                 "num_ln_in_parallel_attn": int(str(spec.falcon_layout)[3]) if new else None,
@@ -1150,7 +1157,7 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
 def alibi_slopes(n_heads: int, arch: str = "bloom") -> torch.Tensor:
     """ALiBi's per-head slopes (fp32) as each family computes them. Bloom: ``2 ** (-8 / n)`` to the powers
     ``1 .. n`` for the largest power of two ``n <= n_heads``, then the odd powers of ``2 ** (-4 / n)`` for the
-    remaining heads. MPT (``alibi_bias_max`` 8): ``2 ** -(8 i / m)`` for ``i = 1 .. m``, ``m`` the power of two at or
+    remaining heads; Falcon: Bloom's rounded to bfloat16 (as its ALiBi is built: the kernels' ``alibi_bf16``). MPT (``alibi_bias_max`` 8): ``2 ** -(8 i / m)`` for ``i = 1 .. m``, ``m`` the power of two at or
     above ``n_heads``, the odd-indexed ones first then the even ones, the first ``n_heads``."""
     import math
 
@@ -1168,6 +1175,8 @@ def alibi_slopes(n_heads: int, arch: str = "bloom") -> torch.Tensor:
         extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
         rest = min(closest, n_heads - closest)
         slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * rest, 2, dtype=torch.int32))])
+    if arch == "falcon":
+        slopes = slopes.bfloat16().float()
     return slopes
 
 

@@ -755,6 +755,7 @@ class LlamaModel(LayerwiseDecoder):
     inv_freq: torch.Tensor
     local_inv_freq: torch.Tensor | None
     alibi_slopes: torch.Tensor | None
+    alibi_bf16: bool = False
     embed_scale: torch.Tensor
 
     def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu", backend: str = "auto") -> None:
@@ -783,11 +784,12 @@ class LlamaModel(LayerwiseDecoder):
         self._q_scaled = [spec.query_scale_beta is not None or (spec.nope_temperature is not None and not rope)
                           for rope in self._rope]
         slopes = None
-        if spec.alibi:  # Bloom: each query head's ALiBi slope (fp32), passed to the attention kernels
+        if spec.alibi:  # Bloom, MPT, falcon-rw: each query head's ALiBi slope (fp32), passed to the attention kernels
             from dualpath.model.layernorm_family import alibi_slopes
 
             slopes = alibi_slopes(spec.n_heads, spec.architecture).to(device)
         self.register_buffer("alibi_slopes", slopes, persistent=False)
+        self.alibi_bf16 = bool(spec.falcon_alibi)  # falcon-rw's bias: bf16(slope * key position), unscaled
         self.residual_scale = spec.residual_multiplier  # Granite: each block's output scaled (None: 1)
 
     def _last_hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -927,12 +929,12 @@ class LlamaModel(LayerwiseDecoder):
             o = paged_decode_attention(q, kv_layer, b.block_tables, b.seq_lens, scale,
                                        backend=self.backend,
                                        softcap=self.softcap, window=self.windows[layer], sinks=sinks,
-                                       alibi=self.alibi_slopes, chunk=self.chunks[layer])
+                                       alibi=self.alibi_slopes, alibi_bf16=self.alibi_bf16, chunk=self.chunks[layer])
         else:
             o = paged_prefill_attention(q, kv_layer, b.block_tables, b.cu_seqlens_q, b.seq_lens, b.start_pos,
                                         scale, backend=self.backend, softcap=self.softcap,
                                         window=self.windows[layer], sinks=sinks, alibi=self.alibi_slopes,
-                                        chunk=self.chunks[layer])
+                                        alibi_bf16=self.alibi_bf16, chunk=self.chunks[layer])
         o = o.reshape(n, spec.n_heads * spec.head_dim)
         if spec.architecture == "bitnet":
             o = attn.attn_sub_norm(o)

@@ -309,6 +309,9 @@ class ModelSpec(_SpecCommon):
     logit_scale: float | None = None  # cohere, cohere2: logits multiplied by it (None: every other)
     # falcon: its fused q/k/v and norms (new2 / new1: the new decoder with two norms or one; old: falcon-7b's)
     falcon_layout: str | None = None
+    # falcon (None for every other, and for Falcon with RoPE): ALiBi instead of RoPE (falcon-rw), its slopes divided
+    # by sqrt(head_dim) as transformers adds them to the scaled scores
+    falcon_alibi: bool | None = None
     # phi3 LongRoPE (rope_scaling type longrope): which factor set turns every position, chosen once per deployment
     # (see rope_long_for); None for every other RoPE
     rope_long: bool | None = None
@@ -412,8 +415,10 @@ class ModelSpec(_SpecCommon):
         for name in _GRANITE_FIELDS:
             value = getattr(self, name)
             if value is not None and self.architecture not in GRANITE_SCALED and not (
-                    name == "embedding_multiplier" and self.architecture in ("afmoe", *lnf.SCALED_EMBEDDINGS)):
-                # (Trinity's muP scale; BioGPT's and XGLM's sqrt(hidden_size), before the positions)
+                    name == "embedding_multiplier" and self.architecture in ("afmoe", *lnf.SCALED_EMBEDDINGS)) and not (
+                    name == "attention_multiplier" and value == 1.0 and self.architecture in ("gpt2", "gpt_bigcode")):
+                # (Trinity's muP scale; BioGPT's and XGLM's sqrt(hidden_size), before the positions; GPT-2's and
+                # GPTBigCode's scale_attn_weights false: unscaled scores)
                 raise ModelError(f"model config: {name} is granite's, got {value} for {self.architecture}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise ModelError(f"model config: {name} must be a positive number, got {value!r}")
@@ -454,11 +459,13 @@ class ModelSpec(_SpecCommon):
             raise ModelError(f"model config: query_scale_beta (llama_4_scaling_beta) is ministral3's, a number >= 0 "
                              f"with a RoPE that names original_max_position_embeddings; got {beta!r} for "
                              f"{self.architecture}")
-        if self.mlp_has_bias is not None and (self.mlp_has_bias is not True
-                                              or self.architecture not in (*MLP_BIAS_ARCHS, "helium", "ernie4_5",
-                                                                           "jais2", "ernie4_5_moe", "cwm")):
+        nemotron_own = self.architecture == "nemotron" and self.mlp_has_bias is (not self.attention_bias)
+        if self.mlp_has_bias is not None and not nemotron_own and (
+                self.mlp_has_bias is not True or self.architecture not in (*MLP_BIAS_ARCHS, "helium", "ernie4_5",
+                                                                          "jais2", "ernie4_5_moe", "cwm")):
             raise ModelError(f"model config: mlp_has_bias (mlp_bias, use_bias) is true or null, and only for "
-                             f"{', '.join(MLP_BIAS_ARCHS)}, helium, ernie4_5, jais2 and cwm; got {self.mlp_has_bias!r} "
+                             f"{', '.join(MLP_BIAS_ARCHS)}, helium, ernie4_5, jais2 and cwm (Nemotron: the opposite "
+                             f"of attention_bias, where its MLP's differs); got {self.mlp_has_bias!r} "
                              f"for {self.architecture}")
         if (self.o_proj_bias is None) != (self.architecture != "seed_oss"):
             raise ModelError(f"model config: o_proj_bias (attention_out_bias) is seed_oss's and required there, got "
@@ -509,6 +516,9 @@ class ModelSpec(_SpecCommon):
                 None, "new1", "new2", "old"):
             raise ModelError(f"model config: falcon_layout is falcon's (new1, new2 or old) and required there, got "
                              f"{self.falcon_layout!r} for {self.architecture}")
+        if self.falcon_alibi not in (None, True) or (self.falcon_alibi and self.architecture != "falcon"):
+            raise ModelError(f"model config: falcon_alibi is falcon's (true or null), got {self.falcon_alibi!r} for "
+                             f"{self.architecture}")
         if self.falcon_layout in ("new1", "new2") and not self.parallel_residual:
             raise ModelError("model config: falcon's new decoder runs attention and MLP in parallel")
         if self.falcon_layout == "old" and self.n_kv_heads not in (1, self.n_heads):
@@ -773,9 +783,9 @@ class ModelSpec(_SpecCommon):
 
     @property
     def alibi(self) -> bool:
-        """Bloom: ALiBi score biases (:func:`dualpath.model.layernorm_family.alibi_slopes`), no RoPE, no position
-        embedding, and a LayerNorm on the word embeddings."""
-        return self.architecture in lnf.ALIBI
+        """Bloom, MPT, Falcon with ``alibi``: ALiBi score biases (:func:`dualpath.model.layernorm_family.alibi_slopes`),
+        no RoPE, no position embedding (Bloom: a LayerNorm on the word embeddings)."""
+        return self.architecture in lnf.ALIBI or bool(self.falcon_alibi)
 
     @property
     def gated_mlp(self) -> bool:
@@ -787,11 +797,12 @@ class ModelSpec(_SpecCommon):
     @property
     def mlp_bias(self) -> bool:
         """Biases on the plain MLP's two projections: GPT-2, GPT-J, GPT-NeoX, GPTBigCode and Phi always,
-        StarCoder 2 with ``use_bias``."""
+        StarCoder 2 with ``use_bias``; ``mlp_has_bias`` where set (Nemotron's own setting)."""
+        if self.mlp_has_bias is not None:
+            return self.mlp_has_bias
         return self.architecture in ("gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_bigcode", "phi", "bloom",
                                      "openai-gpt", "biogpt", "xglm", "persimmon", "ctrl") or (
-            self.architecture in ("starcoder2", "opt", "falcon", "nemotron") and self.attention_bias) or bool(
-            self.mlp_has_bias)
+            self.architecture in ("starcoder2", "opt", "falcon", "nemotron") and self.attention_bias)
 
     @property
     def shared_norm_parallel(self) -> bool:
@@ -896,7 +907,7 @@ class ModelSpec(_SpecCommon):
                     "router_jitter_eps", "head_bias",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
                     "scale_attn_by_layer", "post_layer_norm", "peri_norms", "embed_proj_dim", "logit_scale",
-                    "falcon_layout",
+                    "falcon_layout", "falcon_alibi",
                     "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature", "moe_norm_min",
                     "output_vocab_size", "expert_selection", "shared_expert_average", "rms_norms"):
             if d[key] is None:

@@ -98,13 +98,16 @@ def test_a_deepseek_config_naming_only_its_sizes_reads_as_transformers_fills_it(
 
 @pytest.mark.parametrize("model_type,arch", [
     ("deepseek_v2", "DeepseekV2ForCausalLM"), ("minicpm3", "MiniCPM3ForCausalLM")])
-def test_an_mlp_bias_transformers_would_add_is_refused_by_name(model_type, arch):
-    """These families' transformers code biases the MLP when ``mlp_bias`` is true; such a config was read as if
-    unbiased (its checkpoint then failed on the unexpected tensors without naming the key). Refused by name."""
+def test_an_mlp_bias_transformers_adds_is_read_and_a_bad_one_refused_by_name(model_type, arch):
+    """These families' transformers code biases the MLP when ``mlp_bias`` is true: read as such (the logits are
+    checked in ``test_sweeps_vs_hf.py``), false as before (the same spec as without the key), anything else refused
+    by name."""
     from dualpath.errors import ModelError
     from dualpath.model.spec import load_spec
 
     cfg = {**transformers.AutoConfig.for_model(model_type).to_dict(), "architectures": [arch]}
-    load_spec({**cfg, "mlp_bias": False})
+    cfg.pop("mlp_bias", None)
+    assert load_spec({**cfg, "mlp_bias": False}) == load_spec(cfg)
+    assert load_spec({**cfg, "mlp_bias": True}).mlp_bias is True  # type: ignore[union-attr]
     with pytest.raises(ModelError, match="mlp_bias"):
-        load_spec({**cfg, "mlp_bias": True})
+        load_spec({**cfg, "mlp_bias": "yes"})

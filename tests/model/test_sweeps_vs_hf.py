@@ -263,7 +263,9 @@ _GATE_ACTIVATIONS = [("mixtral", "hidden_act"), ("qwen2_moe", "hidden_act"), ("a
                      # the recurrent mixers' convolutions (their gates stay SiLU, as transformers runs them)
                      ("mamba", "hidden_act"), ("mamba2", "hidden_act"), ("bamba", "hidden_act"),
                      ("qwen3_next", "hidden_act"), ("kimi_linear", "hidden_act"), ("zamba", "hidden_mamba_act"),
-                     ("nemotron_h", "mamba_hidden_act")]
+                     ("nemotron_h", "mamba_hidden_act"),
+                     # GLM-5.3-Flash: its KDA convolutions and clamped dense MLPs / shared experts (routed: SiLU)
+                     ("glm5_next", "text_config.hidden_act")]
 
 
 def _read_and_written_back(model_type: str, key: str) -> object:
@@ -315,9 +317,12 @@ def test_mlp_bias_is_read_as_transformers_builds_it(model_type):
     ("gpt_bigcode", "scale_attn_weights", lambda s: s.attn_scale == 1.0),
     ("nemotron", "mlp_bias", lambda s: s.mlp_bias and not s.attention_bias),
     ("nemotron", "attention_bias", lambda s: s.attention_bias and not s.mlp_bias),
+    ("deepseek_v2", "mlp_bias", lambda s: s.mlp_bias),
+    ("minicpm3", "mlp_bias", lambda s: s.mlp_bias),
 ])
-def test_layernorm_family_switches_are_read_as_transformers_runs_them(model_type, key, check):
+def test_switches_refused_before_are_read_as_transformers_runs_them(model_type, key, check):
     """Switches these families' transformers classes run and we refused before: falcon-rw's ALiBi (in bfloat16, as
-    Falcon computes it), GPT-2's and GPTBigCode's unscaled scores, Nemotron's MLP and attention biases set apart.
+    Falcon computes it), GPT-2's and GPTBigCode's unscaled scores, Nemotron's MLP and attention biases set apart,
+    DeepSeek-V2's and MiniCPM3's biased dense MLPs (and V2's shared experts; its routed ones stay unbiased).
     Read, our logits equal transformers', and written back."""
     assert check(_read_and_written_back(model_type, key))

@@ -128,7 +128,9 @@ class MoE(nn.Module):
         self.has_shared = spec.n_shared_experts > 0
         if self.has_shared:
             self.shared_experts = FeedForward(spec.hidden_size, spec.moe_intermediate_size * spec.n_shared_experts,
-                                              bias=getattr(spec, "shared_bias", False), act=act)  # (Hy3's mlp_bias)
+                                              bias=getattr(spec, "shared_bias", False) or (
+                                                  isinstance(spec, DeepseekV3Spec) and bool(spec.mlp_bias)),
+                                              act=act)  # (Hy3's and DeepSeek-V2's mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, w = self.gate(x)
@@ -185,7 +187,8 @@ class DecoderLayer(nn.Module):
             GatedRMSNorm(spec.hidden_size, gated, spec.rms_eps) if gated and spec.is_moe_layer(layer)
             else RMSNorm(spec.hidden_size, spec.rms_eps))
         self.mlp: nn.Module = (MoE(spec) if spec.is_moe_layer(layer)
-                               else FeedForward(spec.hidden_size, spec.intermediate_size, act=activation_of(spec)))
+                               else FeedForward(spec.hidden_size, spec.intermediate_size, bias=bool(spec.mlp_bias),
+                                                act=activation_of(spec)))
         if spec.post_moe_norm and spec.is_moe_layer(layer):  # A.X-K1: an RMSNorm on the MoE block's output
             self.post_mlp_layernorm = RMSNorm(spec.hidden_size, spec.rms_eps)
 

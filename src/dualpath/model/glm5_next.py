@@ -25,7 +25,6 @@ from dataclasses import replace
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 
 from dualpath.errors import ModelError
 from dualpath.model.deepseek import MLAttention
@@ -38,6 +37,7 @@ from dualpath.model.kimi_linear import (
     KimiLinearSpec,
     _spec,
 )
+from dualpath.model.layernorm_family import hf_activation
 from dualpath.model.llama import ForwardState, RMSNorm
 from dualpath.model.moe import FeedForward
 from dualpath.model.spec_common import cfg_int, cfg_kinds, inherit_outer
@@ -131,7 +131,7 @@ def hf_config(spec: KimiLinearSpec) -> dict[str, Any]:
         "q_lora_rank": spec.q_lora_rank, "qk_rope_head_dim": 0, "v_head_dim": spec.v_head_dim,
         "qk_nope_head_dim": spec.qk_nope_head_dim, "n_group": spec.n_group, "topk_group": spec.topk_group,
         "num_experts_per_tok": spec.num_experts_per_tok, "norm_topk_prob": spec.norm_topk_prob,
-        "max_position_embeddings": spec.max_position, "rms_norm_eps": spec.rms_eps, "hidden_act": "silu",
+        "max_position_embeddings": spec.max_position, "rms_norm_eps": spec.rms_eps, "hidden_act": hf_activation(spec.activation),
         "attention_bias": spec.attention_bias, "index_topk": spec.index_topk, "index_head_dim": spec.index_head_dim,
         "index_n_heads": spec.index_n_heads, "swiglu_limit": spec.swiglu_limit, "linear_head_dim": spec.lin_dim,
         "linear_num_heads": spec.lin_heads, "linear_conv_kernel_dim": spec.conv_kernel,
@@ -148,14 +148,16 @@ def hf_config(spec: KimiLinearSpec) -> dict[str, Any]:
 
 
 class ClampedFeedForward(FeedForward):
-    """A SwiGLU MLP whose gate is clamped above ``limit`` and up projection to +-``limit`` (set after building)."""
+    """A gated MLP whose gate is clamped above ``limit`` and up projection to +-``limit`` (set after building); its
+    activation ``hidden_act``'s, as transformers' dense MLPs and shared experts take it (the routed experts' stays
+    SiLU: ``deepseek._Clamped``)."""
 
     limit: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_proj(x).clamp(max=self.limit)
         u = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
-        return cast(torch.Tensor, self.down_proj(F.silu(g) * u))
+        return cast(torch.Tensor, self.down_proj(self.act(g) * u))
 
 
 class Glm5NextModel(KimiLinearModel):

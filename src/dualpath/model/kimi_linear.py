@@ -243,9 +243,6 @@ def _spec(norm: dict[str, Any], model_type: str, types: list[str], where: str, d
     GLM-5.3-Flash's image-text class ties it when its outer ``tie_word_embeddings`` says so (which
     :func:`dualpath.model.glm5_next.text_config` has put in ``norm``)."""
     arch = {ARCH: ["KimiLinearForCausalLM"], BAILING: ["BailingHybridForCausalLM"], GLM5_NEXT: []}[model_type]
-    if model_type == GLM5_NEXT and norm.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise ModelError(f"{where}: hidden_act {norm.get('hidden_act')!r} unsupported for GLM-5.3-Flash (its KDA "
-                         "convolutions, MLPs and clamped experts each take it their own way; they run SiLU here)")
     tie = model_type == GLM5_NEXT and bool(norm.get("tie_word_embeddings"))
     base = DeepseekV3Spec.from_hf_config({**norm, "architectures": arch, "model_type": model_type,
                                           "rope_interleave": interleave, "tie_word_embeddings": tie},

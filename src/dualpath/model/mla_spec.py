@@ -110,6 +110,8 @@ HY_TYPES = ("hy_v4", "hy_v4_vl_text")
 _SHARED_INDEXER_TYPES = ("glm_moe_dsa", *HY_TYPES, "glm5_next_text", "mistral_large4_text")
 #: the models with hyper-connections and clamped experts (Hy4's kind, GLM-5.3-Flash's Sinkhorn-mixed kind)
 HC_TYPES = (*HY_TYPES, "glm5_next_text")
+#: the types whose transformers classes read ``mlp_bias`` (their dense MLPs' and shared experts' biases)
+_MLP_BIAS_TYPES = ("deepseek_v2", "minicpm3")
 #: their fields: other specs leave them out of their dict
 _HY_FIELDS = ("hc_mult", "hc_magnitude", "hc_eps", "swiglu_limit", "hc_iters", "index_kpool")
 #: MiniCPM3's scalings (None for every other model: their dicts, and so block keys, stay as they were)
@@ -252,6 +254,9 @@ class DeepseekV3Spec(_SpecCommon):
     # the experts' and dense MLPs' gate activation where a config names another than SiLU (``hidden_act``, by
     # dualpath.model.layernorm_family.ACTIVATIONS value; None: SiLU, and the dict, so the block keys, as before)
     activation: str | None = None
+    # DeepSeek-V2's and MiniCPM3's mlp_bias: biases on the dense MLPs and shared experts, not the routed ones, as
+    # transformers builds them (None: none, and the dict, so the block keys, as before)
+    mlp_bias: bool | None = None
     context_cap: int | None = field(default=None, compare=False)  # as ModelSpec's (not in to_dict)
     weights_id: str = field(default="", compare=False)
 
@@ -270,6 +275,9 @@ class DeepseekV3Spec(_SpecCommon):
         return _SCORING[self.model_type]
 
     def __post_init__(self) -> None:
+        if self.mlp_bias is not None and (self.mlp_bias is not True or self.model_type not in _MLP_BIAS_TYPES):
+            raise ModelError(f"model config: mlp_bias is true or null, and only for {', '.join(_MLP_BIAS_TYPES)}; got "
+                             f"{self.mlp_bias!r} for {self.model_type}")
         if self.activation is not None and self.activation not in set(lnf.ACTIVATIONS.values()):
             raise ModelError(f"model config: activation {self.activation!r} unsupported; expected one of "
                              f"{sorted(set(lnf.ACTIVATIONS.values()))}")
@@ -482,6 +490,8 @@ class DeepseekV3Spec(_SpecCommon):
             d.pop("gated_norm_rank")
         if self.activation is None:
             d.pop("activation")
+        if self.mlp_bias is None:
+            d.pop("mlp_bias")
         if self.model_type not in HC_TYPES:
             for name in _HY_FIELDS:
                 d.pop(name)
@@ -603,6 +613,8 @@ class DeepseekV3Spec(_SpecCommon):
             del cfg["rope_interleave"], cfg["num_nextn_predict_layers"]
             cfg.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", topk_method=self.topk_method,
                        scoring_func="softmax", moe_layer_freq=1)
+        if self.model_type in _MLP_BIAS_TYPES:
+            cfg["mlp_bias"] = bool(self.mlp_bias)
         if self.bos_token_id is not None:
             cfg["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
@@ -634,9 +646,9 @@ class DeepseekV3Spec(_SpecCommon):
         elif model_type in _SPECIAL_IDS:  # (their config classes' special tokens, where a config names none)
             cfg = {**dict(zip(("bos_token_id", "eos_token_id"), _SPECIAL_IDS[model_type], strict=True)), **cfg}
         act = lnf.gate_activation(cfg, where)  # (the experts' and MLPs' gate: ACT2FN[hidden_act], as in transformers)
-        if cfg.get("mlp_bias") is True and model_type in ("deepseek_v2", "minicpm3"):
-            raise ModelError(f"{where}: mlp_bias=true is unsupported for {label} (transformers biases its MLPs; "
-                             "published checkpoints have none)")
+        mlp_bias = cfg.get("mlp_bias", False) if model_type in _MLP_BIAS_TYPES else False
+        if not isinstance(mlp_bias, bool):
+            raise ModelError(f"{where}: mlp_bias must be true or false, got {mlp_bias!r}")
         scoring = _SCORING[model_type]
         if cfg.get("scoring_func", scoring) != scoring:
             raise ModelError(f"{where}: scoring_func {cfg['scoring_func']!r} unsupported ({label} uses {scoring!r})")
@@ -790,6 +802,7 @@ class DeepseekV3Spec(_SpecCommon):
             query_scale_beta=beta,
             gated_norm_rank=gated,
             activation=act,
+            mlp_bias=mlp_bias or None,
             context_cap=max_context,
             **hy,
             **minicpm,

@@ -132,6 +132,9 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # six heads (MPT's interleaved slopes past a power of two), q/k/v clamped to +-0.5
     "mpt_6_heads_clip": ("MptConfig", "MptForCausalLM",
                          dict(FAMILIES["mpt"][2], d_model=96, n_heads=6, attn_config={"clip_qkv": 0.5})),
+    # Bloom's apply_residual_connection_post_layernorm: each residual the norm's output
+    "bloom_norm_residual": ("BloomConfig", "BloomForCausalLM",
+                            dict(FAMILIES["bloom"][2], apply_residual_connection_post_layernorm=True)),
     # falcon-7b: one key/value head, attention and MLP behind one norm; Falcon 2: the new decoder with one norm;
     # per-head fused q/k/v in sequential blocks
     "falcon_7b": ("FalconConfig", "FalconForCausalLM", dict(BASE, ffn_hidden_size=96)),
@@ -146,6 +149,10 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
                        alibi=True, bias=True)),
     # OPT-350m's blocks: the norms after each residual sum, no final norm
     "opt_post_ln": ("OPTConfig", "OPTForCausalLM", dict(FAMILIES["opt"][2], do_layer_norm_before=False)),
+    # OPT's LayerNorms without weight or bias (post-norm blocks too); pre-norm blocks without the final norm
+    "opt_plain_norms": ("OPTConfig", "OPTForCausalLM",
+                        dict(FAMILIES["opt"][2], do_layer_norm_before=False, layer_norm_elementwise_affine=False)),
+    "opt_no_final_norm": ("OPTConfig", "OPTForCausalLM", dict(FAMILIES["opt"][2], _remove_final_layer_norm=True)),
     "gpt_bigcode_mha": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
                         dict(FAMILIES["gpt_bigcode"][2], multi_query=False)),
     # Nemotron's MLP biased and its attention not, and the other way round
@@ -238,12 +245,16 @@ def test_residual_variants_equal_transformers(variant, tmp_path_factory):
     assert spec.n_kv_heads == {"stablelm_parallel": 2, "falcon_new1": 2, "falcon_7b": 1, "bloom_6_heads": 6,
                                "mpt_6_heads_clip": 6, "falcon_rw": 16, "gpt_bigcode_unscaled": 1,
                                "nemotron_mlp_bias": 2, "nemotron_attention_bias": 2}.get(variant, 4)
+    assert spec.norm_residual == (True if variant == "bloom_norm_residual" else None)
     if variant.startswith("nemotron"):
         assert spec.mlp_bias == (variant == "nemotron_mlp_bias") != spec.attention_bias
     assert spec.alibi == variant.startswith(("bloom", "mpt", "falcon_rw"))
     assert spec.attn_scale == (1.0 if variant.endswith("_unscaled") else spec.head_dim ** -0.5)
     assert ModelSpec.from_hf_config(hf_config(spec)) == spec
-    assert spec.post_layer_norm == (True if variant == "opt_post_ln" else None)
+    assert spec.post_layer_norm == (variant in ("opt_post_ln", "opt_plain_norms") if variant.startswith("opt")
+                                    else None)
+    assert (spec.plain_norms, spec.no_final_norm) == ({"opt_plain_norms": (True, None),
+                                                       "opt_no_final_norm": (None, True)}.get(variant, (None, None)))
     check_batched_against_hf(_load(d), hf, [_turns(4)[0] + _turns(4)[1], _turns(4)[2]])
 
 
@@ -403,11 +414,11 @@ def test_falcon_rw_alibi_past_256_positions_equals_transformers(backend, tmp_pat
     ("gptj", "rotary_dim", 7, "rotary_dim"),
     ("gptj", "rotary_dim", 32, "rotary_dim"),
     ("gpt_bigcode", "multi_query", "yes", "multi_query"),
-    ("opt", "layer_norm_elementwise_affine", False, "layer_norm_elementwise_affine"),
+    ("opt", "layer_norm_elementwise_affine", "no", "layer_norm_elementwise_affine"),
     ("cohere", "logit_scale", 0, "logit_scale"),
     ("falcon", "alibi", "yes", "alibi"),
     ("nemotron", "mlp_bias", "yes", "mlp_bias"),
-    ("bloom", "apply_residual_connection_post_layernorm", True, "apply_residual_connection_post_layernorm"),
+    ("bloom", "apply_residual_connection_post_layernorm", 1, "apply_residual_connection_post_layernorm"),
     ("gpt_neo", "attention_types", [[["global", "sparse"], 2]], "attention_types"),
     ("gpt_neo", "window_size", 0, "window_size"),
     ("mpt", "attn_config", {"alibi": False}, "attn_config.alibi"),
@@ -419,7 +430,7 @@ def test_falcon_rw_alibi_past_256_positions_equals_transformers(backend, tmp_pat
     ("cohere", "use_qk_norm", "no", "use_qk_norm"),
     ("cohere2", "layer_types", ["sliding_attention"], "layer_types"),
     ("cohere2", "sliding_window_pattern", 0, "sliding_window_pattern"),
-    ("opt", "_remove_final_layer_norm", True, "_remove_final_layer_norm"),
+    ("opt", "_remove_final_layer_norm", "yes", "_remove_final_layer_norm"),
     ("opt", "word_embed_proj_dim", 0, "word_embed_proj_dim"),
     ("gpt_neox", "use_parallel_residual", "yes", "use_parallel_residual"),
     ("gpt_neox", "rotary_pct", 1.5, "partial_rotary_factor"),

@@ -528,8 +528,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out.update(_mpt_config(out, where))
     elif arch == "bloom":
         scale_by_layer = False
-        if _flag(out, "apply_residual_connection_post_layernorm", where):
-            raise ModelError(f"{where}: apply_residual_connection_post_layernorm=true is unsupported")
+        if _flag(out, "apply_residual_connection_post_layernorm", where):  # (each residual: the norm's output)
+            out["_norm_residual"] = True
         for theirs, ours in (("n_embed", "hidden_size"), ("n_layer", "num_hidden_layers"),
                              ("n_head", "num_attention_heads")):
             if theirs in out and ours not in cfg:
@@ -544,11 +544,9 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         out.update(rms_norm_eps=1e-5, hidden_act=out["activation_function"],  # (nn.LayerNorm's default eps)
                    intermediate_size=out.get("ffn_dim"), num_key_value_heads=out.get("num_attention_heads"),
                    attention_bias=_flag(out, "enable_bias", where))
-        if not _flag(out, "layer_norm_elementwise_affine", where):
-            raise ModelError(f"{where}: layer_norm_elementwise_affine=false is unsupported (norms with weights)")
-        pre = _flag(out, "do_layer_norm_before", where)
-        if pre and _flag(out, "_remove_final_layer_norm", where):
-            raise ModelError(f"{where}: _remove_final_layer_norm=true is unsupported with do_layer_norm_before")
+        _flag(out, "layer_norm_elementwise_affine", where)
+        _flag(out, "do_layer_norm_before", where)
+        _flag(out, "_remove_final_layer_norm", where)
         proj = out.get("word_embed_proj_dim", out.get("hidden_size"))
         if isinstance(proj, bool) or not isinstance(proj, int) or proj <= 0:
             raise ModelError(f"{where}: word_embed_proj_dim must be a positive integer, got {proj!r}")
@@ -623,6 +621,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
                         "scale_attn_by_layer": scale_by_layer}
     if unscaled:  # GPT-2's and GPTBigCode's scale_attn_weights false: scores not divided by sqrt(head_dim)
         out["ln_fields"]["attention_multiplier"] = 1.0
+    if out.pop("_norm_residual", False):
+        out["ln_fields"]["norm_residual"] = True
     if "_mlp_has_bias" in out:
         out["ln_fields"]["mlp_has_bias"] = out.pop("_mlp_has_bias")
     if arch in COHERE:
@@ -641,6 +641,10 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
         proj = out.get("word_embed_proj_dim", out.get("hidden_size"))
         out["ln_fields"].update(post_layer_norm=not out["do_layer_norm_before"],
                                 embed_proj_dim=None if proj == out.get("hidden_size") else proj)
+        if not out["layer_norm_elementwise_affine"]:  # (every LayerNorm without weight and bias)
+            out["ln_fields"]["plain_norms"] = True
+        if out["do_layer_norm_before"] and out["_remove_final_layer_norm"]:  # (pre-norm blocks, no final norm)
+            out["ln_fields"]["no_final_norm"] = True
     out.pop("mlp_bias", None)  # (not a key of these families; their own switch decides the MLP's biases)
     return out
 
@@ -729,7 +733,8 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
                 "embed_dropout": 0.0, "attention_dropout": 0.0, "resid_dropout": 0.0}
     if arch == "bloom":
         return {**common, "hidden_size": spec.hidden_size, "n_layer": spec.n_layers, "n_head": spec.n_heads,
-                "layer_norm_epsilon": spec.rms_eps, "apply_residual_connection_post_layernorm": False,
+                "layer_norm_epsilon": spec.rms_eps,
+                "apply_residual_connection_post_layernorm": bool(spec.norm_residual),
                 "seq_length": spec.max_position, "hidden_dropout": 0.0, "attention_dropout": 0.0}
     if arch == "nemotron":
         return {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
@@ -783,7 +788,8 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
                 "max_position_embeddings": spec.max_position, "activation_function": act,
                 "word_embed_proj_dim": spec.embed_proj_dim or spec.hidden_size,
                 "do_layer_norm_before": not spec.post_layer_norm, "enable_bias": spec.attention_bias,
-                "_remove_final_layer_norm": False, "layer_norm_elementwise_affine": True, "dropout": 0.0,
+                "_remove_final_layer_norm": bool(spec.no_final_norm),
+                "layer_norm_elementwise_affine": not spec.plain_norms, "dropout": 0.0,
                 "attention_dropout": 0.0}
     out = {**common, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
            "num_hidden_layers": spec.n_layers, "num_attention_heads": spec.n_heads,

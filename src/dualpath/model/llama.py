@@ -213,6 +213,8 @@ def _norm(spec: ModelSpec, dim: int) -> nn.Module:
         return nn.LayerNorm(dim, eps=spec.rms_eps, bias=False)
     if spec.architecture == "olmo":  # neither weight nor bias
         return PlainLayerNorm(dim, spec.rms_eps)
+    if spec.plain_norms:  # OPT's layer_norm_elementwise_affine false: nn.LayerNorm without weight or bias
+        return nn.LayerNorm(dim, eps=spec.rms_eps, elementwise_affine=False)
     if spec.architecture == "nanochat":
         return PlainRMSNorm(spec.rms_eps)
     if spec.architecture in ("jais2", "phimoe"):  # a LayerNorm with a bias, on the Llama path
@@ -576,7 +578,7 @@ class Backbone(nn.Module):
         elif spec.learned_positions:  # GPT-2's wpe (OPT's starts two rows before position 0)
             self.embed_positions = nn.Embedding(spec.max_position + spec.position_offset, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm: nn.Module | None = None if spec.post_layer_norm else _norm(spec, spec.hidden_size)
+        self.norm: nn.Module | None = None if spec.post_layer_norm or spec.no_final_norm else _norm(spec, spec.hidden_size)
 
 
 def default_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -953,6 +955,9 @@ class LlamaModel(LayerwiseDecoder):
             h = state.hidden + cast(nn.Module, mod.post_self_attn_layernorm)(a)
             m = mod.mlp(cast(nn.Module, mod.post_attention_layernorm)(h))
             state.hidden = h + cast(nn.Module, mod.post_mlp_layernorm)(m)
+        elif spec.norm_residual:  # Bloom's apply_residual_connection_post_layernorm: residuals from the norms
+            y = cast(nn.Module, mod.post_attention_layernorm)(x + a)
+            state.hidden = y + mod.mlp(y)
         elif spec.post_layer_norm:  # OPT-350m: each residual sum normed
             h = cast(nn.Module, mod.input_layernorm)(state.hidden + a)
             state.hidden = cast(nn.Module, mod.post_attention_layernorm)(h + mod.mlp(h))

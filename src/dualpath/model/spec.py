@@ -304,6 +304,13 @@ class ModelSpec(_SpecCommon):
     # OPT (None for every other): post-LayerNorm blocks (do_layer_norm_before false), and the embeddings' width
     # where it differs from hidden_size (word_embed_proj_dim: projected in and out)
     post_layer_norm: bool | None = None
+    # OPT (None for every other): LayerNorms with neither weight nor bias (layer_norm_elementwise_affine false), and
+    # pre-norm blocks without a final norm (_remove_final_layer_norm)
+    plain_norms: bool | None = None
+    no_final_norm: bool | None = None
+    # Bloom (None for every other): apply_residual_connection_post_layernorm, each sublayer's residual the output of
+    # the norm before it rather than its input
+    norm_residual: bool | None = None
     peri_norms: bool | None = None  # hyperclovax (None for every other): use_post_norm, Peri-LN (see sandwich_norms)
     embed_proj_dim: int | None = None
     logit_scale: float | None = None  # cohere, cohere2: logits multiplied by it (None: every other)
@@ -526,6 +533,15 @@ class ModelSpec(_SpecCommon):
         if (self.logit_scale is None) == (self.architecture in lnf.COHERE):
             raise ModelError(f"model config: logit_scale is cohere's and required there, got {self.logit_scale!r} for "
                              f"{self.architecture}")
+        for name in ("plain_norms", "no_final_norm"):
+            if getattr(self, name) not in (None, True) or (getattr(self, name) and self.architecture != "opt"):
+                raise ModelError(f"model config: {name} is opt's (true or null), got {getattr(self, name)!r} for "
+                                 f"{self.architecture}")
+        if self.norm_residual not in (None, True) or (self.norm_residual and self.architecture != "bloom"):
+            raise ModelError(f"model config: norm_residual is bloom's (true or null), got {self.norm_residual!r} for "
+                             f"{self.architecture}")
+        if self.no_final_norm and self.post_layer_norm:
+            raise ModelError("model config: no_final_norm is for OPT's pre-norm blocks (post-norm ones have none)")
         if (self.post_layer_norm is None) == (self.architecture in ("opt", "openai-gpt")):
             raise ModelError(f"model config: post_layer_norm is opt's and required there, got "
                              f"{self.post_layer_norm!r} for {self.architecture}")
@@ -906,7 +922,7 @@ class ModelSpec(_SpecCommon):
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
                     "router_jitter_eps", "head_bias",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
-                    "scale_attn_by_layer", "post_layer_norm", "peri_norms", "embed_proj_dim", "logit_scale",
+                    "scale_attn_by_layer", "post_layer_norm", "plain_norms", "no_final_norm", "norm_residual", "peri_norms", "embed_proj_dim", "logit_scale",
                     "falcon_layout", "falcon_alibi",
                     "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature", "moe_norm_min",
                     "output_vocab_size", "expert_selection", "shared_expert_average", "rms_norms"):

@@ -535,20 +535,21 @@ def _group_moe_fields(arch: str, cfg: dict[str, Any], where: str, n_layers: int,
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
         raise ModelError(f"{where}: {g.factor} must be a positive number, got {factor!r}")
     kinds = cfg.get("mlp_layer_types") if arch in ("exaone_moe", "hy_v3") else None
-    if kinds is not None:  # (transformers follows it over first_k_dense_replace)
-        dense = next((i for i, kind in enumerate(kinds) if kind != "dense"), len(kinds))
-        if not isinstance(kinds, list) or kinds != ["dense"] * dense + ["sparse"] * (n_layers - dense):
-            raise ModelError(f"{where}: mlp_layer_types must be 'dense' layers then 'sparse' ones, one per layer, "
-                             f"got {kinds!r}")
+    if kinds is not None:  # (transformers follows it over first_k_dense_replace, in any order)
+        if not isinstance(kinds, list) or len(kinds) != n_layers or any(k not in ("dense", "sparse") for k in kinds):
+            raise ModelError(f"{where}: mlp_layer_types must name 'dense' or 'sparse' for each of the {n_layers} "
+                             f"layers, got {kinds!r}")
+        dense_layers = tuple(i for i, kind in enumerate(kinds) if kind == "dense")
     else:
         dense = as_int(g.dense, cfg.get(g.dense, g.n_dense)) if g.dense else g.n_dense
+        dense_layers = tuple(range(min(dense, n_layers)))
     inter = as_int("moe_intermediate_size", cfg.get("moe_intermediate_size", g.inter))
     return {"n_experts": as_int(g.experts, cfg.get(g.experts, g.n_experts)),
             "n_experts_per_tok": as_int("num_experts_per_tok", cfg.get("num_experts_per_tok", g.top_k)),
             "moe_intermediate_size": inter,
             "shared_expert_intermediate_size": inter * as_int(g.shared, cfg.get(g.shared, g.n_shared)),
             "norm_topk_prob": g.norm_topk if g.fixed else bool(cfg.get("norm_topk_prob", g.norm_topk)),
-            "mlp_only_layers": tuple(range(min(dense, n_layers))),
+            "mlp_only_layers": dense_layers,
             "n_group": 1 if g.fixed else as_int("n_group", cfg.get("n_group", 1)),
             "topk_group": 1 if g.fixed else as_int("topk_group", cfg.get("topk_group", 1)),
             "routed_scaling_factor": float(factor),

@@ -671,7 +671,8 @@ class ModelSpec(_SpecCommon):
                              "expert (its q/k norms span whole projections: use_qk_norm false here)")
         if self.architecture in GROUP_ROUTER_ARCHS:
             assert self.n_group is not None and self.topk_group is not None
-            if self.mlp_only_layers != tuple(range(len(self.mlp_only_layers))):
+            if self.mlp_only_layers != tuple(range(len(self.mlp_only_layers))) and self.architecture not in (
+                    "exaone_moe", "hy_v3"):  # (theirs: any layers, named by mlp_layer_types)
                 raise ModelError(f"model config: {self.architecture}'s dense layers are its first first_k_dense_replace ones, "
                                  f"got {list(self.mlp_only_layers)}")
             if self.n_group <= 0 or self.n_experts % self.n_group or not 0 < self.topk_group <= self.n_group:

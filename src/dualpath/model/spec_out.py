@@ -124,8 +124,7 @@ def hf_config(spec: ModelSpec) -> dict[str, Any]:
         cfg.update(attention_bias=spec.attention_bias, attention_out_bias=spec.o_proj_bias,
                    pad_token_id=None, attention_dropout=0.0, residual_dropout=0.0)
     if spec.architecture in ("exaone_moe", "hy_v3"):  # (transformers follows mlp_layer_types over first_k_dense_replace)
-        k = len(spec.mlp_only_layers)
-        cfg["mlp_layer_types"] = ["dense"] * k + ["sparse"] * (spec.n_layers - k)
+        cfg["mlp_layer_types"] = ["dense" if i in spec.mlp_only_layers else "sparse" for i in range(spec.n_layers)]
     if spec.architecture in ("exaone4", "exaone_moe"):
         cfg.update(sliding_window=spec.sliding_window,
                    layer_types=["full_attention" if spec.layer_window(i) is None else "sliding_attention"

@@ -132,6 +132,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # six heads (MPT's interleaved slopes past a power of two), q/k/v clamped to +-0.5
     "mpt_6_heads_clip": ("MptConfig", "MptForCausalLM",
                          dict(FAMILIES["mpt"][2], d_model=96, n_heads=6, attn_config={"clip_qkv": 0.5})),
+    # CTRL's layer_norm_epsilon, which only its final LayerNorm reads (its blocks' stay 1e-6); large, so it shows
+    "ctrl_final_eps": ("CTRLConfig", "CTRLLMHeadModel", dict(FAMILIES["ctrl"][2], layer_norm_epsilon=3.0)),
     # Bloom's apply_residual_connection_post_layernorm: each residual the norm's output
     "bloom_norm_residual": ("BloomConfig", "BloomForCausalLM",
                             dict(FAMILIES["bloom"][2], apply_residual_connection_post_layernorm=True)),
@@ -246,6 +248,7 @@ def test_residual_variants_equal_transformers(variant, tmp_path_factory):
                                "mpt_6_heads_clip": 6, "falcon_rw": 16, "gpt_bigcode_unscaled": 1,
                                "nemotron_mlp_bias": 2, "nemotron_attention_bias": 2}.get(variant, 4)
     assert spec.norm_residual == (True if variant == "bloom_norm_residual" else None)
+    assert spec.final_norm_eps == (3.0 if variant == "ctrl_final_eps" else None)
     if variant.startswith("nemotron"):
         assert spec.mlp_bias == (variant == "nemotron_mlp_bias") != spec.attention_bias
     assert spec.alibi == variant.startswith(("bloom", "mpt", "falcon_rw"))
@@ -440,7 +443,7 @@ def test_falcon_rw_alibi_past_256_positions_equals_transformers(backend, tmp_pat
     ("starcoder2", "use_bias", "yes", "use_bias"),
     ("starcoder2", "sliding_window", 0, "sliding_window"),
     ("openai-gpt", "afn", "tanh", "afn 'tanh' unsupported"),
-    ("ctrl", "layer_norm_epsilon", 1e-5, "layer_norm_epsilon 1e-05 unsupported for ctrl"),
+    ("ctrl", "layer_norm_epsilon", 0, "layer_norm_epsilon must be a positive number"),
     ("xglm", "add_cross_attention", True, "add_cross_attention"),
     ("biogpt", "scale_embedding", "yes", "scale_embedding"),
     ("gpt_neox_japanese", "intermediate_multiple_size", 0, "intermediate_multiple_size"),

@@ -324,12 +324,15 @@ def test_mlp_bias_is_read_as_transformers_builds_it(model_type):
     ("blip-2", "text_config.layer_norm_elementwise_affine", lambda s: s.plain_norms),
     ("bloom", "apply_residual_connection_post_layernorm", lambda s: s.norm_residual),
     ("exaone_moe", "mlp_layer_types", lambda s: s.mlp_only_layers == (2,)),
+    ("laguna", "gating", lambda s: not s.gate_per_head),
+    ("ctrl", "layer_norm_epsilon", lambda s: s.final_norm_eps == pytest.approx(1e-2) and s.rms_eps == 1e-6),
 ])
 def test_switches_refused_before_are_read_as_transformers_runs_them(model_type, key, check):
     """Switches these families' transformers classes run and we refused before: falcon-rw's ALiBi (in bfloat16, as
     Falcon computes it), GPT-2's and GPTBigCode's unscaled scores, Nemotron's MLP and attention biases set apart,
     DeepSeek-V2's and MiniCPM3's biased dense MLPs (and V2's shared experts; its routed ones stay unbiased), OPT's
     (and BLIP-2's OPT's) weightless LayerNorms and pre-norm blocks without a final norm, Bloom's residuals taken
-    from its norms, K-EXAONE's dense layers wherever ``mlp_layer_types`` puts them.
+    from its norms, K-EXAONE's dense layers wherever ``mlp_layer_types`` puts them, Laguna's ``gating: false``
+    (per-element gates, as transformers builds them), CTRL's final norm epsilon (its blocks' stay 1e-6).
     Read, our logits equal transformers', and written back."""
     assert check(_read_and_written_back(model_type, key))

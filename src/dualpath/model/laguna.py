@@ -6,7 +6,7 @@ values have ``num_key_value_heads`` heads of ``head_dim``, so the KV pages are o
 * per-head q/k RMS norms (scaled in fp32) before RoPE, a RoPE per layer type (``rope_parameters``: the full layers
   turn half of each head by default), sliding layers over ``sliding_window`` tokens;
 * the attention's output gated by ``softplus(g_proj(x))``, one gate per head (``gating: true`` / ``"per-head"``) or
-  per channel (``"per-element"``);
+  per channel (``"per-element"``, and ``false``, which transformers builds the same way);
 * a dense first layer (``mlp_layer_types``), then MoE layers: fp32 sigmoid scores of the router logits
   (soft-capped by ``moe_router_logit_softcapping`` when positive) plus a correction bias choose the top
   ``num_experts_per_tok``, weighted by their renormalized scores; the experts' sum times
@@ -113,8 +113,10 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     if cfg.get("moe_apply_router_weight_on_input"):
         raise ModelError(f"{where}: moe_apply_router_weight_on_input=true is not supported (nor by transformers)")
     gating = cfg.get("gating")
+    if gating is False:  # (transformers gates per head only for true / "per-head": false builds per-element gates)
+        gating = "per-element"
     if gating not in (True, "per-head", "per-element"):
-        raise ModelError(f"{where}: gating must be true, 'per-head' or 'per-element', got {gating!r}")
+        raise ModelError(f"{where}: gating must be true, false, 'per-head' or 'per-element', got {gating!r}")
     n = cfg_int(cfg, "num_hidden_layers", where)
     types = cfg_kinds(cfg, "layer_types", n, TYPES, where, ["full_attention"] * n)
     mlp = cfg_kinds(cfg, "mlp_layer_types", n, ("dense", "sparse"), where, ["dense"] + ["sparse"] * (n - 1))

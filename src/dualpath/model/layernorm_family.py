@@ -263,10 +263,12 @@ def _fairseq_like_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str
         hidden = c.get("hidden_size")
         out.update(hidden_act=_OPENAI_GPT_ACT[afn], intermediate_size=4 * hidden if isinstance(hidden, int) else None)
     elif arch == "ctrl":  # (its blocks' LayerNorms have epsilon 1e-6 whatever the config says; the final one its)
-        if c.get("rms_norm_eps") != 1e-6:
-            raise ModelError(f"{where}: layer_norm_epsilon {c.get('rms_norm_eps')!r} unsupported for ctrl (its blocks' "
-                             f"norms use 1e-6 whatever it says; only the final norm reads it)")
-        out["hidden_act"] = "relu"
+        eps = c.get("rms_norm_eps")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ModelError(f"{where}: layer_norm_epsilon must be a positive number, got {eps!r}")
+        out.update(hidden_act="relu", rms_norm_eps=1e-6)
+        if eps != 1e-6:
+            out["_final_norm_eps"] = float(eps)
     else:
         out["rms_norm_eps"] = 1e-5
     if arch == "xglm" and c.get("add_cross_attention"):
@@ -621,6 +623,8 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
                         "scale_attn_by_layer": scale_by_layer}
     if unscaled:  # GPT-2's and GPTBigCode's scale_attn_weights false: scores not divided by sqrt(head_dim)
         out["ln_fields"]["attention_multiplier"] = 1.0
+    if "_final_norm_eps" in out:  # CTRL's final norm, the one that reads layer_norm_epsilon
+        out["ln_fields"]["final_norm_eps"] = out.pop("_final_norm_eps")
     if out.pop("_norm_residual", False):
         out["ln_fields"]["norm_residual"] = True
     if "_mlp_has_bias" in out:
@@ -701,7 +705,8 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
                 "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
     if arch == "ctrl":
         return {**common, "n_embd": spec.hidden_size, "n_layer": spec.n_layers, "n_head": spec.n_heads,
-                "n_positions": spec.max_position, "dff": spec.intermediate_size, "layer_norm_epsilon": spec.rms_eps,
+                "n_positions": spec.max_position, "dff": spec.intermediate_size,
+                "layer_norm_epsilon": spec.final_norm_eps or spec.rms_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0}
     if arch in ("biogpt", "xglm"):
         if spec.rms_eps != 1e-5:

@@ -579,6 +579,8 @@ class Backbone(nn.Module):
             self.embed_positions = nn.Embedding(spec.max_position + spec.position_offset, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
         self.norm: nn.Module | None = None if spec.post_layer_norm or spec.no_final_norm else _norm(spec, spec.hidden_size)
+        if spec.final_norm_eps is not None:  # CTRL: its final LayerNorm's own epsilon
+            self.norm = nn.LayerNorm(spec.hidden_size, eps=spec.final_norm_eps)
 
 
 def default_inv_freq(theta: float, dim: int) -> torch.Tensor:

@@ -311,6 +311,9 @@ class ModelSpec(_SpecCommon):
     # Bloom (None for every other): apply_residual_connection_post_layernorm, each sublayer's residual the output of
     # the norm before it rather than its input
     norm_residual: bool | None = None
+    # CTRL (None for every other, and where it is its blocks' 1e-6): the final LayerNorm's epsilon, the one norm that
+    # reads layer_norm_epsilon
+    final_norm_eps: float | None = None
     peri_norms: bool | None = None  # hyperclovax (None for every other): use_post_norm, Peri-LN (see sandwich_norms)
     embed_proj_dim: int | None = None
     logit_scale: float | None = None  # cohere, cohere2: logits multiplied by it (None: every other)
@@ -539,6 +542,11 @@ class ModelSpec(_SpecCommon):
                                  f"{self.architecture}")
         if self.norm_residual not in (None, True) or (self.norm_residual and self.architecture != "bloom"):
             raise ModelError(f"model config: norm_residual is bloom's (true or null), got {self.norm_residual!r} for "
+                             f"{self.architecture}")
+        eps = self.final_norm_eps
+        if eps is not None and (self.architecture != "ctrl" or isinstance(eps, bool)
+                                or not isinstance(eps, (int, float)) or not eps > 0):
+            raise ModelError(f"model config: final_norm_eps is ctrl's (a positive number or null), got {eps!r} for "
                              f"{self.architecture}")
         if self.no_final_norm and self.post_layer_norm:
             raise ModelError("model config: no_final_norm is for OPT's pre-norm blocks (post-norm ones have none)")
@@ -923,7 +931,7 @@ class ModelSpec(_SpecCommon):
         for key in (*_GEMMA2_FIELDS, *_GPT_OSS_FIELDS, *_GRANITE_FIELDS, *_GROUP_ROUTER_FIELDS, "use_qk_norm",
                     "router_jitter_eps", "head_bias",
                     "clip_qkv", "o_proj_bias", "activation", "parallel_residual", "qk_layernorm",
-                    "scale_attn_by_layer", "post_layer_norm", "plain_norms", "no_final_norm", "norm_residual", "peri_norms", "embed_proj_dim", "logit_scale",
+                    "scale_attn_by_layer", "post_layer_norm", "plain_norms", "no_final_norm", "norm_residual", "final_norm_eps", "peri_norms", "embed_proj_dim", "logit_scale",
                     "falcon_layout", "falcon_alibi",
                     "mlp_has_bias", "query_scale_beta", "attention_chunk", "nope_temperature", "moe_norm_min",
                     "output_vocab_size", "expert_selection", "shared_expert_average", "rms_norms"):

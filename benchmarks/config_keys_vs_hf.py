@@ -2,7 +2,7 @@
 ``registry_logits_vs_hf.py`` compares.
 
 For each such type, its shrunk config (that script's :func:`shrink`) and each key in it, in its text config, in
-their RoPE parameters, in each ``per_layer_config`` override and in DBRX's ``attn_config`` / ``ffn_config`` moved (an integer doubled, a float x1.7 or an epsilon x1e4, a flag flipped, an activation
+their RoPE parameters, in each ``per_layer_config`` override and in DBRX's ``attn_config`` / ``ffn_config`` moved (an integer doubled, a float x1.7 or an epsilon x1e6, a flag flipped, an activation
 swapped, a per-layer list of kinds rotated: :func:`_moved`). transformers builds its model from the moved config
 and takes the original model's weights where the shapes agree (fresh ones where they do not). Then:
 
@@ -74,7 +74,7 @@ _KIND_SWAP = {"full_attention": "sliding_attention", "sliding_attention": "full_
 
 
 def _moved(value: Any, key: str = "") -> Any:
-    """The moved value: a flag flipped, an integer doubled, a float x1.7 (an epsilon x1e4), an activation swapped
+    """The moved value: a flag flipped, an integer doubled, a float x1.7 (an epsilon x1e6), an activation swapped
     (``*act*`` keys), a per-layer list of kinds rotated by one (or its first entry swapped where all are one kind);
     None: not moved."""
     if isinstance(value, str):
@@ -87,8 +87,8 @@ def _moved(value: Any, key: str = "") -> Any:
         return not value
     if isinstance(value, int):
         return value * 2 if value > 0 else value + 1
-    if isinstance(value, float) and "eps" in key:  # (x1.7 on an epsilon moves no logit by 1e-3)
-        return value * 1e4 if value != 0 else 1e-2
+    if isinstance(value, float) and "eps" in key:  # (x1.7 moves no logit by 1e-3, nor does x1e4 on a final norm's:
+        return value * 1e6 if value != 0 else 1.0  # CTRL's recorded but not applied read as equal; x1e6 does not)
     if isinstance(value, float):
         return value * 1.7 if value != 0 else 0.3
     return None

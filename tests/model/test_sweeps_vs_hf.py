@@ -88,7 +88,7 @@ def test_the_keys_sweep_on_qwen2():
 
 def test_a_misread_key_is_reported(monkeypatch):
     """The keys sweep fails a key our loader gets wrong and only that one: here the model is built with the original
-    RMSNorm epsilon whatever the config says (moved x1e4: x1.7 would move no logit by 1e-3)."""
+    RMSNorm epsilon whatever the config says (moved x1e6: x1.7 would move no logit by 1e-3)."""
     import dataclasses
 
     import dualpath.model.loader as loader_module
@@ -325,7 +325,11 @@ def test_mlp_bias_is_read_as_transformers_builds_it(model_type):
     ("bloom", "apply_residual_connection_post_layernorm", lambda s: s.norm_residual),
     ("exaone_moe", "mlp_layer_types", lambda s: s.mlp_only_layers == (2,)),
     ("laguna", "gating", lambda s: not s.gate_per_head),
-    ("ctrl", "layer_norm_epsilon", lambda s: s.final_norm_eps == pytest.approx(1e-2) and s.rms_eps == 1e-6),
+    ("ctrl", "layer_norm_epsilon", lambda s: s.final_norm_eps == pytest.approx(1.0) and s.rms_eps == 1e-6),
+    ("dory", "attention_bias", lambda s: s.attention_bias),
+    ("dory", "mlp_bias", lambda s: s.mlp_has_bias),
+    ("deepseek_v4", "mlp_bias", lambda s: s.mlp_has_bias),
+    ("cosmos3_edge", "text_config.mlp_bias", lambda s: s.mlp_has_bias),
 ])
 def test_switches_refused_before_are_read_as_transformers_runs_them(model_type, key, check):
     """Switches these families' transformers classes run and we refused before: falcon-rw's ALiBi (in bfloat16, as
@@ -333,6 +337,7 @@ def test_switches_refused_before_are_read_as_transformers_runs_them(model_type, 
     DeepSeek-V2's and MiniCPM3's biased dense MLPs (and V2's shared experts; its routed ones stay unbiased), OPT's
     (and BLIP-2's OPT's) weightless LayerNorms and pre-norm blocks without a final norm, Bloom's residuals taken
     from its norms, K-EXAONE's dense layers wherever ``mlp_layer_types`` puts them, Laguna's ``gating: false``
-    (per-element gates, as transformers builds them), CTRL's final norm epsilon (its blocks' stay 1e-6).
+    (per-element gates, as transformers builds them), CTRL's final norm epsilon (its blocks' stay 1e-6), Dory's
+    attention and MLP biases, DeepSeek-V4's shared-expert biases, Cosmos3 Edge's MLP biases.
     Read, our logits equal transformers', and written back."""
     assert check(_read_and_written_back(model_type, key))

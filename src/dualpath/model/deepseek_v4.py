@@ -180,7 +180,7 @@ class DeepseekV4Spec(ModelSpec):
             "index_n_heads": self.index_heads, "index_head_dim": self.index_dim, "index_topk": self.index_topk,
             "partial_rotary_factor": self.rope_dim / self.head_dim, "rms_norm_eps": self.rms_eps,
             "hidden_act": hf_activation(self.activation), "tie_word_embeddings": self.tie_embeddings, "attention_bias": False,
-            "mlp_bias": False, "num_nextn_predict_layers": 0,
+            "mlp_bias": bool(self.mlp_has_bias), "num_nextn_predict_layers": 0,
             "rope_parameters": {"main": {"rope_type": "default", "rope_theta": self.rope_theta,
                                          "partial_rotary_factor": self.rope_dim / self.head_dim},
                                 "compress": compress},
@@ -212,8 +212,9 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     transformers folds them in)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     act = gate_activation(cfg, where)
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ModelError(f"{where}: attention_bias / mlp_bias: DeepSeek-V4's projections have no biases")
+    mlp_bias = cfg.get("mlp_bias", False)  # (the shared expert's; attention_bias is read by no module: ignored)
+    if not isinstance(mlp_bias, bool):
+        raise ModelError(f"{where}: mlp_bias must be true or false, got {mlp_bias!r}")
     n = cfg_int(cfg, "num_hidden_layers", where)
     rates = cfg.get("compress_rates") or {}
     if not isinstance(rates, dict):
@@ -263,7 +264,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     ctheta = comp.get("rope_theta", cfg["compress_rope_theta"])
     eos = cfg.get("eos_token_id")
     return DeepseekV4Spec(
-        architecture=ARCH, activation=act, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
+        architecture=ARCH, activation=act, mlp_has_bias=mlp_bias or None, vocab_size=cfg_int(cfg, "vocab_size", where), hidden_size=cfg_int(cfg, "hidden_size", where),
         intermediate_size=cfg_int(cfg, "moe_intermediate_size", where), n_layers=n,
         n_heads=cfg_int(cfg, "num_attention_heads", where), n_kv_heads=cfg_int(cfg, "num_key_value_heads", where),
         head_dim=head_dim, rms_eps=cfg_num(cfg, "rms_norm_eps", where),
@@ -426,9 +427,10 @@ class ClampedMlp(nn.Module):
 
     def __init__(self, spec: DeepseekV4Spec) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        b = bool(spec.mlp_has_bias)  # (mlp_bias: transformers biases the shared expert's three projections)
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=b)
         self.limit = spec.limit
         self.act = gate_fn(spec)
 

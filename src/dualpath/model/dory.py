@@ -98,7 +98,8 @@ class DorySpec(ModelSpec):
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": 2 * len(self.module_types), "num_attention_heads": self.n_heads,
             "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "hidden_act": hf_activation(self.activation),
+            "hidden_act": hf_activation(self.activation), "attention_bias": self.attention_bias,
+            "mlp_bias": bool(self.mlp_has_bias),
             "max_position_embeddings": self.max_position, "initializer_range": self.init_range,
             "tie_word_embeddings": self.tie_embeddings, "sliding_window": self.window,
             "ngpt_alpha_init": self.alpha_init, "n_input_layers": 2 * self.n_input,
@@ -118,8 +119,9 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     as an attention block and an ``mlp`` block and counts both, read as transformers reads it)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     act = gate_activation(cfg, where)
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ModelError(f"{where}: attention_bias / mlp_bias unsupported (Dory's projections have none)")
+    for key in ("attention_bias", "mlp_bias"):  # (q/k/v/o's biases, not the gate's; the MLP's three)
+        if not isinstance(cfg.get(key), bool):
+            raise ModelError(f"{where}: {key} must be true or false, got {cfg.get(key)!r}")
     if cfg.get("recurrent_kv_cache_mode") != "per_loop":
         raise ModelError(f"{where}: recurrent_kv_cache_mode {cfg.get('recurrent_kv_cache_mode')!r} unsupported (only "
                          "'per_loop': each loop's keys and values are its own)")
@@ -157,6 +159,7 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
         context_cap=max_context, module_types=tuple(types), n_input=n_in, n_output=n_out, loops=loops,
         window=cfg_int(cfg, "sliding_window", where), init_range=cfg_num(cfg, "initializer_range", where),
         alpha_init=cfg_num(cfg, "ngpt_alpha_init", where), rope_by_type=rope_by_type,
+        attention_bias=cfg["attention_bias"], mlp_has_bias=cfg["mlp_bias"] or None,
     )
 
 
@@ -173,11 +176,12 @@ class Attention(nn.Module):
     def __init__(self, spec: DorySpec) -> None:
         super().__init__()
         h, hq, hkv, d = spec.hidden_size, spec.n_heads, spec.n_kv_heads, spec.head_dim
-        self.q_proj = nn.Linear(h, hq * d, bias=False)
-        self.k_proj = nn.Linear(h, hkv * d, bias=False)
-        self.v_proj = nn.Linear(h, hkv * d, bias=False)
+        b = spec.attention_bias  # (on q/k/v/o, as transformers builds them; never on the gate)
+        self.q_proj = nn.Linear(h, hq * d, bias=b)
+        self.k_proj = nn.Linear(h, hkv * d, bias=b)
+        self.v_proj = nn.Linear(h, hkv * d, bias=b)
         self.gate_proj = nn.Linear(h, hq * d, bias=False)
-        self.o_proj = nn.Linear(hq * d, h, bias=False)
+        self.o_proj = nn.Linear(hq * d, h, bias=b)
         self.sqk = nn.Parameter(torch.full((hq * d,), spec.init_range))
         self.s_gate = nn.Parameter(torch.full((hq * d,), spec.init_range))
 
@@ -186,9 +190,10 @@ class Mlp(nn.Module):
     def __init__(self, spec: DorySpec) -> None:
         super().__init__()
         h, i = spec.hidden_size, spec.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        b = bool(spec.mlp_has_bias)
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
         self.suv_gate = nn.Parameter(torch.ones(i))
         self.suv_up = nn.Parameter(torch.ones(i))
         self.scale = spec.hidden_size ** 0.5

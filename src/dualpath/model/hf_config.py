@@ -391,9 +391,6 @@ def text_model_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         rope = text.get("rope_parameters")
         if not (isinstance(rope, dict) and "rope_theta" in rope) and text.get("rope_theta") is None:
             text["rope_theta"] = 100_000_000.0
-        if text.get("mlp_bias"):
-            raise ModelError(f"{where}: text_config.mlp_bias=true is not supported for cosmos3_edge (its MLP runs as "
-                             "Arcee's, without biases)")
     if mt == "phi4_multimodal_text":
         text = {**_PHI4_MM_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k != "eos_token_id"}}
     if mt == "ernie4_5_vl_moe_text":

@@ -472,9 +472,10 @@ class ModelSpec(_SpecCommon):
         nemotron_own = self.architecture == "nemotron" and self.mlp_has_bias is (not self.attention_bias)
         if self.mlp_has_bias is not None and not nemotron_own and (
                 self.mlp_has_bias is not True or self.architecture not in (*MLP_BIAS_ARCHS, "helium", "ernie4_5",
-                                                                          "jais2", "ernie4_5_moe", "cwm")):
+                                                                          "jais2", "ernie4_5_moe", "cwm", "dory",
+                                                                          "deepseek_v4")):
             raise ModelError(f"model config: mlp_has_bias (mlp_bias, use_bias) is true or null, and only for "
-                             f"{', '.join(MLP_BIAS_ARCHS)}, helium, ernie4_5, jais2 and cwm (Nemotron: the opposite "
+                             f"{', '.join(MLP_BIAS_ARCHS)}, helium, ernie4_5, jais2, cwm, dory and deepseek_v4 (Nemotron: the opposite "
                              f"of attention_bias, where its MLP's differs); got {self.mlp_has_bias!r} "
                              f"for {self.architecture}")
         if (self.o_proj_bias is None) != (self.architecture != "seed_oss"):

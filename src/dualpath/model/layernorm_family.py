@@ -1168,8 +1168,9 @@ def tensors_out(spec: ModelSpec, ours: Mapping[str, torch.Tensor]) -> dict[str, 
 def alibi_slopes(n_heads: int, arch: str = "bloom") -> torch.Tensor:
     """ALiBi's per-head slopes (fp32) as each family computes them. Bloom: ``2 ** (-8 / n)`` to the powers
     ``1 .. n`` for the largest power of two ``n <= n_heads``, then the odd powers of ``2 ** (-4 / n)`` for the
-    remaining heads; Falcon: Bloom's rounded to bfloat16 (as its ALiBi is built: the kernels' ``alibi_bf16``). MPT (``alibi_bias_max`` 8): ``2 ** -(8 i / m)`` for ``i = 1 .. m``, ``m`` the power of two at or
-    above ``n_heads``, the odd-indexed ones first then the even ones, the first ``n_heads``."""
+    remaining heads; Falcon: Bloom's rounded to bfloat16 (as its ALiBi is built: the kernels' ``alibi_bf16``).
+    MPT (``alibi_bias_max`` 8): ``2 ** -(8 i / m)`` for ``i = 1 .. m``, ``m`` the power of two at or above
+    ``n_heads``, the odd-indexed ones first then the even ones, the first ``n_heads``."""
     import math
 
     if arch == "mpt":

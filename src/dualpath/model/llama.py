@@ -578,9 +578,10 @@ class Backbone(nn.Module):
         elif spec.learned_positions:  # GPT-2's wpe (OPT's starts two rows before position 0)
             self.embed_positions = nn.Embedding(spec.max_position + spec.position_offset, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.n_layers))
-        self.norm: nn.Module | None = None if spec.post_layer_norm or spec.no_final_norm else _norm(spec, spec.hidden_size)
-        if spec.final_norm_eps is not None:  # CTRL: its final LayerNorm's own epsilon
-            self.norm = nn.LayerNorm(spec.hidden_size, eps=spec.final_norm_eps)
+        self.norm: nn.Module | None = (
+            None if spec.post_layer_norm or spec.no_final_norm  # (OPT-350m's post-norm blocks; _remove_final_layer_norm)
+            else nn.LayerNorm(spec.hidden_size, eps=spec.final_norm_eps) if spec.final_norm_eps is not None  # CTRL's
+            else _norm(spec, spec.hidden_size))
 
 
 def default_inv_freq(theta: float, dim: int) -> torch.Tensor:

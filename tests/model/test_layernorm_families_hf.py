@@ -160,6 +160,9 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # Nemotron's MLP biased and its attention not, and the other way round
     "nemotron_mlp_bias": ("NemotronConfig", "NemotronForCausalLM", dict(FAMILIES["nemotron"][2], attention_bias=False)),
     "nemotron_attention_bias": ("NemotronConfig", "NemotronForCausalLM", dict(FAMILIES["nemotron"][2], mlp_bias=False)),
+    # GPT-2's and XGLM's cross-attention layers (add_cross_attention), which a causal LM never runs: left out
+    "gpt2_cross_attention": ("GPT2Config", "GPT2LMHeadModel", dict(FAMILIES["gpt2"][2], add_cross_attention=True)),
+    "xglm_cross_attention": ("XGLMConfig", "XGLMForCausalLM", dict(FAMILIES["xglm"][2], add_cross_attention=True)),
     # scale_attn_weights false: scores not divided by sqrt(head_dim) (GPT-2's still by 1 / (layer + 1))
     "gpt2_unscaled": ("GPT2Config", "GPT2LMHeadModel", dict(FAMILIES["gpt2"][2], scale_attn_weights=False)),
     "gpt_bigcode_unscaled": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
@@ -412,7 +415,7 @@ def test_falcon_rw_alibi_past_256_positions_equals_transformers(backend, tmp_pat
 
 @pytest.mark.parametrize("model_type,key,value,needle", [
     ("gpt2", "activation_function", "gelu_10", "activation"),
-    ("gpt2", "add_cross_attention", True, "add_cross_attention"),
+    ("gpt2", "add_cross_attention", "yes", "add_cross_attention"),
     ("gpt2", "scale_attn_weights", "no", "scale_attn_weights"),
     ("gptj", "rotary_dim", 7, "rotary_dim"),
     ("gptj", "rotary_dim", 32, "rotary_dim"),
@@ -444,7 +447,7 @@ def test_falcon_rw_alibi_past_256_positions_equals_transformers(backend, tmp_pat
     ("starcoder2", "sliding_window", 0, "sliding_window"),
     ("openai-gpt", "afn", "tanh", "afn 'tanh' unsupported"),
     ("ctrl", "layer_norm_epsilon", 0, "layer_norm_epsilon must be a positive number"),
-    ("xglm", "add_cross_attention", True, "add_cross_attention"),
+    ("xglm", "add_cross_attention", "yes", "add_cross_attention"),
     ("biogpt", "scale_embedding", "yes", "scale_embedding"),
     ("gpt_neox_japanese", "intermediate_multiple_size", 0, "intermediate_multiple_size"),
     ("persimmon", "qk_layernorm", "yes", "qk_layernorm"),

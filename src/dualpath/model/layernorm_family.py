@@ -271,8 +271,8 @@ def _fairseq_like_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str
             out["_final_norm_eps"] = float(eps)
     else:
         out["rms_norm_eps"] = 1e-5
-    if arch == "xglm" and c.get("add_cross_attention"):
-        raise ModelError(f"{where}: add_cross_attention=true is unsupported (a decoder without an encoder)")
+    if arch == "xglm":  # (its cross-attention's tensors are left out at load: a causal LM never runs them)
+        _flag({"add_cross_attention": False, **c}, "add_cross_attention", where)
     return {**out, "num_key_value_heads": c.get("num_attention_heads"), "attention_bias": True}
 
 
@@ -494,8 +494,7 @@ def normalize_config(arch: str, cfg: dict[str, Any], where: str) -> dict[str, An
                              ("layer_norm_epsilon", "rms_norm_eps"), ("activation_function", "hidden_act")):
             if theirs in out:
                 out[ours] = out[theirs]
-        if out.get("add_cross_attention"):
-            raise ModelError(f"{where}: add_cross_attention=true is unsupported (a decoder without an encoder)")
+        _flag({"add_cross_attention": False, **out}, "add_cross_attention", where)  # (its tensors left out at load)
         if arch != "gptj":  # (GPT-J always scales; transformers does not read the key there)
             unscaled = not _flag({"scale_attn_weights": True, **out}, "scale_attn_weights", where)
         hidden = out.get("hidden_size")
@@ -832,6 +831,9 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
 # --- tensors ---------------------------------------------------------------------------------------------------
 
 #: checkpoint buffers that are not weights (causal masks, RoPE tables, XGLM's sinusoids, position ids)
+#: GPT-2's and XGLM's cross-attention (``add_cross_attention``): run only with an encoder's states, which a causal
+#: LM never has (transformers' forward skips them then), so their tensors are left out at load
+_CROSS_ATTENTION = re.compile(r"\.(crossattention|ln_cross_attn|encoder_attn|encoder_attn_layer_norm)\.")
 _BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.attention\.masked_bias|"
                       r"rotary_emb\.inv_freq|embed_positions\.weights|position_ids|transformer\.pos_encoding)$")
 #: per family: (theirs, ours) name patterns, applied in order to every tensor name
@@ -1080,7 +1082,7 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
     out: dict[str, torch.Tensor] = {}
     heads: dict[str, dict[int, torch.Tensor]] = {}
     for name, t in tensors.items():
-        if _BUFFERS.search(name):
+        if _BUFFERS.search(name) or (arch in ("gpt2", "xglm") and _CROSS_ATTENTION.search(name)):
             continue
         if arch in ("gpt2", "openai-gpt") and _CONV1D.search(name):
             t = t.t()

@@ -830,10 +830,10 @@ def hf_config(spec: ModelSpec, base: dict[str, Any]) -> dict[str, Any]:
 
 # --- tensors ---------------------------------------------------------------------------------------------------
 
-#: checkpoint buffers that are not weights (causal masks, RoPE tables, XGLM's sinusoids, position ids)
-#: GPT-2's and XGLM's cross-attention (``add_cross_attention``): run only with an encoder's states, which a causal
-#: LM never has (transformers' forward skips them then), so their tensors are left out at load
+#: GPT-2's, GPTBigCode's and XGLM's cross-attention (``add_cross_attention``): run only with an encoder's states,
+#: which a causal LM never has (transformers' forward skips them then), so their tensors are left out at load
 _CROSS_ATTENTION = re.compile(r"\.(crossattention|ln_cross_attn|encoder_attn|encoder_attn_layer_norm)\.")
+#: checkpoint buffers that are not weights (causal masks, RoPE tables, XGLM's sinusoids, position ids)
 _BUFFERS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.attention\.masked_bias|"
                       r"rotary_emb\.inv_freq|embed_positions\.weights|position_ids|transformer\.pos_encoding)$")
 #: per family: (theirs, ours) name patterns, applied in order to every tensor name
@@ -1082,7 +1082,7 @@ def tensors_in(spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str
     out: dict[str, torch.Tensor] = {}
     heads: dict[str, dict[int, torch.Tensor]] = {}
     for name, t in tensors.items():
-        if _BUFFERS.search(name) or (arch in ("gpt2", "xglm") and _CROSS_ATTENTION.search(name)):
+        if _BUFFERS.search(name) or (arch in ("gpt2", "gpt_bigcode", "xglm") and _CROSS_ATTENTION.search(name)):
             continue
         if arch in ("gpt2", "openai-gpt") and _CONV1D.search(name):
             t = t.t()

@@ -163,6 +163,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # GPT-2's and XGLM's cross-attention layers (add_cross_attention), which a causal LM never runs: left out
     "gpt2_cross_attention": ("GPT2Config", "GPT2LMHeadModel", dict(FAMILIES["gpt2"][2], add_cross_attention=True)),
     "xglm_cross_attention": ("XGLMConfig", "XGLMForCausalLM", dict(FAMILIES["xglm"][2], add_cross_attention=True)),
+    "gpt_bigcode_mha_cross_attention": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                                        dict(FAMILIES["gpt_bigcode"][2], multi_query=False, add_cross_attention=True)),
     # scale_attn_weights false: scores not divided by sqrt(head_dim) (GPT-2's still by 1 / (layer + 1))
     "gpt2_unscaled": ("GPT2Config", "GPT2LMHeadModel", dict(FAMILIES["gpt2"][2], scale_attn_weights=False)),
     "gpt_bigcode_unscaled": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",

@@ -83,8 +83,8 @@ def paged_decode_attention(
         if chunk is not None:  # the query (position n - 1) sees its own chunk only
             first = max(first, (n - 1) // chunk * chunk)
         k, v = _seq_kv(kv_layer, block_tables[b], n, first)
-        kpos = torch.arange(first, n, device=q.device)[None, :]
-        rel = None if alibi is None or alibi_bf16 else kpos - (n - 1)
+        kpos = None if alibi is None else torch.arange(first, n, device=q.device)[None, :]
+        rel = None if kpos is None or alibi_bf16 else kpos - (n - 1)
         out[b] = _attend(q[b : b + 1], k, v, scale, None, softcap, sinks, alibi, rel, kpos)[0].to(q.dtype)
     return out
 

@@ -103,6 +103,27 @@ def test_a_misread_key_is_reported(monkeypatch):
     assert [m["key"] for m in row["misread"]] == ["rms_norm_eps"]
 
 
+def test_a_key_moved_too_little_to_tell_is_unverified_not_read(monkeypatch):
+    """A move whose effect on transformers' logits is within the 1e-3-of-range tolerance cannot tell a key read from
+    a key recorded and not applied: with the epsilon stuck at its original value and moved only x3, the stuck
+    reader passes the tolerance, and the sweep lists the key as unverified instead of read."""
+    import dataclasses
+
+    import dualpath.model.loader as loader_module
+
+    real, moved = loader_module.load_spec, config_keys_vs_hf._moved
+
+    def stuck(config, *args, **kwargs):
+        return dataclasses.replace(real(config, *args, **kwargs), rms_eps=1e-6)
+
+    monkeypatch.setattr(loader_module, "load_spec", stuck)
+    monkeypatch.setattr(config_keys_vs_hf, "_moved",
+                        lambda value, key="": value * 3 if key == "rms_norm_eps" else moved(value, key))
+    row = config_keys_vs_hf.run("qwen2", "Qwen2ForCausalLM", only={"rms_norm_eps"})
+    assert not row["read"] and not row["misread"], row
+    assert [m["key"] for m in row["unverified"]] == ["rms_norm_eps"], row
+
+
 def test_an_ignored_key_that_adds_parameters_is_reported(monkeypatch):
     """A key that adds parameters transformers initialises to zeros or ones (``mlp_bias``: zero biases) moves no
     logit at that initialisation: the sweep perturbs such parameters, so a reader that ignores the key is caught.

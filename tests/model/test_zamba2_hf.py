@@ -42,12 +42,13 @@ CONFIG: dict[str, Any] = {
     "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2, "n_mamba_heads": 4, "mamba_ngroups": 1,
     "num_attention_heads": 4, "num_key_value_heads": 4, "num_mem_blocks": 2, "use_shared_attention_adapter": True,
     "adapter_rank": 4, "intermediate_size": 48, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+GQA_ROPE: dict[str, Any] = {
+    **CONFIG, "use_shared_attention_adapter": False, "num_key_value_heads": 2, "num_mem_blocks": 1,
+    "use_mem_rope": True, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}, "add_bias_linear": True,
+    "mamba_ngroups": 2, "tie_word_embeddings": False}
 _CKPTS = RecurrentCheckpoints({
     "adapters": ("Zamba2Config", "Zamba2ForCausalLM", CONFIG),
-    "gqa_rope": ("Zamba2Config", "Zamba2ForCausalLM",
-                 {**CONFIG, "use_shared_attention_adapter": False, "num_key_value_heads": 2, "num_mem_blocks": 1,
-                  "use_mem_rope": True, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0},
-                  "add_bias_linear": True, "mamba_ngroups": 2, "tie_word_embeddings": False}),
+    "gqa_rope": ("Zamba2Config", "Zamba2ForCausalLM", GQA_ROPE),
 })
 ckpt = _CKPTS.fixture()
 
@@ -117,13 +118,25 @@ def test_configs_it_cannot_run_are_refused_by_key():
                           ({"layers_block_type": ["mamba", "attention"] * 3}, "layers_block_type"),
                           ({"layers_block_type": ["mamba", "hybrid"] * 4}, "num_hidden_layers"),
                           ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
-                          ({"use_long_context": True}, "use_long_context"),
+                          ({"use_long_context": "yes"}, "use_long_context"),
                           ({"n_mamba_heads": 3}, "n_mamba_heads"),
                           ({"attention_hidden_size": 2 * CONFIG["hidden_size"] + 8}, "attention_hidden_size"),
                           ({"mamba_headdim": 8}, "mamba_headdim"),
                           ({"attention_head_dim": 8}, "attention_head_dim")):
         with pytest.raises(ModelError, match=match):
             load_spec({**base, **change})
+
+
+def test_use_long_context_is_read_as_transformers_reads_it():
+    """transformers' Zamba2 runs ``use_long_context`` as a 16K context at the config's RoPE base as written (the base
+    it saves is the rescaled one a long context runs at), so its spec is that of the same config at 16K."""
+    base = {"architectures": ["Zamba2ForCausalLM"], "model_type": "zamba2", **GQA_ROPE}
+    spec = load_spec({**base, "use_long_context": True})
+    hf = transformers.Zamba2Config(**{**GQA_ROPE, "use_long_context": True})
+    assert spec.max_position == hf.max_position_embeddings == 16384
+    assert hf.rope_parameters["rope_theta"] == 5000.0
+    assert spec == load_spec({**base, "max_position_embeddings": 16384})
+    assert spec != load_spec(base)
 
 
 @pytest.mark.slow

@@ -138,8 +138,10 @@ def spec_from_config(cfg: dict[str, Any], where: str, dtype: str | None = None,
     them; ``layers_block_type`` names every one of ``num_hidden_layers``, as transformers checks)."""
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     act = gate_activation(cfg, where, default="gelu")  # (its shared blocks' gated MLPs')
-    if cfg.get("use_long_context"):
-        raise ModelError(f"{where}: use_long_context true unsupported (its rescaled RoPE is not implemented)")
+    if not isinstance(cfg["use_long_context"], bool):
+        raise ModelError(f"{where}: use_long_context must be true or false, got {cfg['use_long_context']!r}")
+    if cfg["use_long_context"]:  # (transformers: a 16K context; the RoPE base is the config's rope_theta as
+        cfg["max_position_embeddings"] = 16384  # written, since it saves the rescaled base a long context runs at)
     n, hidden = cfg_int(cfg, "num_hidden_layers", where), cfg_int(cfg, "hidden_size", where)
     heads = cfg_int(cfg, "num_attention_heads", where)
     kinds = cfg.get("layers_block_type") or cfg.get("layer_types")

@@ -47,6 +47,9 @@ _SIZES: dict[str, int] = {
     "sliding_window": 6, "window_size": 6, "attention_window_size": 6,
     # (a sub-config's width where it meets the text model: the connector's output, the adapter's input)
     "out_hidden_size": 64, "text_hidden_size": 64, "adapter_out_dim": 64,
+    # (Gemma 3n's / Gemma 4's per-layer embeddings: 262,144 x 256 per layer otherwise, 200M parameters at 3 layers;
+    # LongCat-Flash's expert width)
+    "vocab_size_per_layer_input": V, "hidden_size_per_layer_input": 16, "expert_ffn_hidden_size": 32,
 }
 #: a per-layer override's sizes (``per_layer_config``): kept apart from the base sizes, so an override still differs
 _LAYER_SIZES: dict[str, int] = {"num_attention_heads": 2, "num_key_value_heads": 1, "kv_lora_rank": 48,
@@ -80,6 +83,8 @@ def shrink(cfg: dict[str, Any]) -> dict[str, Any]:
             out[key] = min(value, _SIZES[key]) if key in ("sliding_window", "window_size") else _SIZES[key]
         elif isinstance(value, list) and old is not None and len(value) == old and old != _LAYERS:
             out[key] = value[-_LAYERS:]  # (the last layers: a pattern ending in a full layer keeps it)
+            if key in _SIZES and all(isinstance(v, int) for v in value):  # (Gemma 3n's per-layer widths)
+                out[key] = [_SIZES[key]] * _LAYERS
         elif key in _SPECIAL and isinstance(value, int) and value >= V:  # (a small id: some classes need an int)
             out[key] = _SPECIAL.index(key)
         elif key in _SPECIAL and isinstance(value, list):

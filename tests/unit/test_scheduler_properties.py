@@ -76,6 +76,7 @@ def _check_pe(assigned: list[tuple[int, int]], reqs: dict[int, RequestInfo], pes
     tok = {s.engine: s.tok for g in pes for s in g}
     for rid, e in assigned:
         assert tok[e] <= params.beta_tokens, "overloaded PE was given work"
+        assert tok[e] == 0 or tok[e] + reqs[rid].tokens <= params.beta_tokens, "a busy PE was pushed past beta"
         tok[e] += reqs[rid].tokens
 
 
@@ -93,11 +94,15 @@ def test_assign_prefill_never_overloads_and_is_fifo(reqs, pes, params) -> None: 
     out = assign_prefill(reqs, flat, params)
     assert [rid for rid, _ in out] == [r.rid for r in reqs[: len(out)]]
     _check_pe(out, {r.rid: r for r in reqs}, pes, params)
-    if len(out) < len(reqs):  # stopped only because every PE was overloaded
-        tok = {s.engine: s.tok for s in flat}
+    if len(out) < len(reqs):  # stopped only where Algorithm 1's choice for the next request does not take it
+        loads = [EngineLoad.of(s) for s in flat]
+        by_engine = {e.engine: e for e in loads}
         for rid, e in out:
-            tok[e] += reqs[rid].tokens
-        assert all(t > params.beta_tokens for t in tok.values())
+            by_engine[e].tok += reqs[rid].tokens
+            by_engine[e].seq += 1
+        chosen = pick_prefill_engine(loads, node_read_q(flat), params)
+        nxt = reqs[len(out)]
+        assert chosen is None or (chosen.tok > 0 and chosen.tok + nxt.tokens > params.beta_tokens)
 
 
 @settings(max_examples=150, deadline=None)

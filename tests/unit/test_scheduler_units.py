@@ -88,10 +88,23 @@ def test_prefill_falls_back_to_long_queue_and_skips_overloaded() -> None:
 
 
 def test_prefill_reevaluates_overload_and_stops_fifo() -> None:
-    engines = [pe(0, 0, tok=4900)]
-    # the first request pushes the engine over beta; the rest wait (FIFO prefix only)
+    engines = [pe(0, 0, tok=4800)]
+    # a busy engine takes requests while it stays within beta; the first one it would pass beta with waits, and so
+    # do the ones behind it (FIFO prefix only)
     assert assign_prefill([req(1, 200), req(2, 1), req(3, 1)], engines, P) == [(1, 0)]
+    assert assign_prefill([req(1, 201), req(2, 1)], engines, P) == []
     assert assign_prefill([req(1)], [pe(0, 0, tok=5001)], P) == []
+
+
+def test_an_idle_prefill_engine_takes_a_request_larger_than_beta() -> None:
+    """A request longer than beta still runs: an idle engine takes it (and then nothing more until it drains), while
+    a busy engine that another request would push past beta is not chosen for it."""
+    assert assign_prefill([req(1, 9000), req(2, 1)], [pe(0, 0)], P) == [(1, 0)]
+    assert assign_prefill([req(1, 9000)], [pe(0, 0, tok=1)], P) == []
+    # the least-loaded engine is busy and would pass beta: the fetch ends there (FIFO), the idle C3 engine waits
+    engines = [pe(0, 0, tok=10), pe(1, 1, read_q=5000)]
+    assert assign_prefill([req(1, 4995)], engines, P) == []
+    assert assign_prefill([req(1, 4990)], engines, P) == [(1, 0)]
 
 
 # --- DE two-level ----------------------------------------------------------------------------------------------
@@ -304,8 +317,8 @@ def test_global_scheduler_passes_over_at_most_hold_scan_held_requests() -> None:
 
 
 def test_held_requests_past_the_routed_window_keep_the_de_routing_aligned() -> None:
-    # dualpath routes a window of head requests (~11 here: beta 5000, 500-token requests) to DE groups up front and
-    # the rest on demand, by candidate index. A request past the window that a hold holds only when asked again
+    # dualpath routes a window of head requests (11 here: beta 5000, 500-token requests, one PE) to DE groups up front
+    # and the rest on demand, by candidate index; the PE takes 10 (the 11th would pass beta). A request past the window that a hold holds only when asked again
     # (rids 11 and 12: a caller's hold may change its answer within a round) is passed over without a route, and
     # those behind it are still routed and assigned
     s = GlobalScheduler(get_policy("dualpath"), P)
@@ -321,7 +334,7 @@ def test_held_requests_past_the_routed_window_keep_the_de_routing_aligned() -> N
     s.hold = hold
     s.on_assign = lambda r: assigned.append(r.rid)
     out = s.schedule([[pe(0, 0)]], [[de(0, 1)], [de(1, 2)]])
-    assert [a.rid for a in out] == assigned == [0, 1, 2, 3, 4, *range(13, 19)]
+    assert [a.rid for a in out] == assigned == [0, 1, 2, 3, 4, *range(13, 18)]
     assert s.waiting_rids()[:8] == list(range(5, 13))
 
 

@@ -294,7 +294,7 @@ CAUSES = {
     "append": "longer appends reach MaxLen in fewer turns, so less hit KV is read per computed token: our Basic's "
               "storage bound falls and it nears DualPath (the paper's text: 'Basic approaches DualPath and Oracle'); "
               "the paper's 1.82-1.99 band would need its Basic to stay limited elsewhere (see the layer-wise row); a "
-              "slower engine (what-if) lowers it further (1.39), and the paper's own text implies a falling ratio",
+              "slower engine (what-if) lowers it further (1.38), and the paper's own text implies a falling ratio",
     "balance_window": "the paper's window length is not published; ours is 10 s, and our scheduler sees every "
                       "read queue at each 0.1 s fetch, so DualPath's SNICs stay almost perfectly balanced",
     "ttft_rise": "DualPath's TTFT grows with APS in our runs from PE queueing (the prefill component, see evidence) "

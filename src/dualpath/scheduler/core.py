@@ -3,7 +3,8 @@
 One call to :meth:`GlobalScheduler.schedule` is one fetch round over every PE and DE group. Requests are taken
 from the global waiting queue strictly FIFO; for each head request, in this order:
 
-1. its PE (Algorithm 1 with ``smart_assign``, else least-loaded); none free -> the round ends;
+1. its PE (Algorithm 1 with ``smart_assign``, else least-loaded); none free, or the one chosen has work and would
+   pass beta with it (:func:`dualpath.scheduler.prefill.takes`) -> the round ends;
 2. its DE (the two-level scheme, else least-loaded among DEs whose free KV memory holds it); none -> the round
    ends and the request stays at the head (its PE is not charged);
 3. its read side (:func:`dualpath.scheduler.path.decide_side`), from the PE node's and the DE node's read queues.
@@ -57,7 +58,7 @@ from dualpath.scheduler.decode import (
 from dualpath.scheduler.params import SchedulerParams
 from dualpath.scheduler.path import decide_side, side_tokens
 from dualpath.scheduler.policies import Policy
-from dualpath.scheduler.prefill import PrefillPicker, node_read_q
+from dualpath.scheduler.prefill import PrefillPicker, node_read_q, takes
 from dualpath.scheduler.state import Assignment, EngineLoad, EngineSnapshot, RequestInfo
 
 
@@ -175,7 +176,7 @@ class GlobalScheduler:
                     routed.append(-1)  # (not routed: routed[] stays indexed by candidate)
                 continue
             pe = picker.pick()
-            if pe is None:
+            if pe is None or not takes(pe, r.tokens, p):
                 break
             if router is not None:
                 if i == len(routed):

@@ -70,15 +70,16 @@ def measure(blocks: int, block_bytes: int, threads: list[int], repeats: int) -> 
             speeds.append(100 * len(hot) / (time.perf_counter() - t) / 2**30)
         out["hot_gib_s"][name] = round(statistics.median(speeds), 2)
     with tempfile.TemporaryDirectory(prefix="dualpath-verify-") as root:
-        fds = []
-        for i in range(blocks):
-            path = os.path.join(root, f"{i}.blk")
-            with open(path, "wb") as fh:
-                fh.write(os.urandom(block_bytes))
-            fds.append(os.open(path, os.O_RDONLY))
+        fds: list[int] = []
         bufs = [bytearray(block_bytes) for _ in range(blocks)]
         addrs = [ctypes.addressof((ctypes.c_char * block_bytes).from_buffer(b)) for b in bufs]
-        try:
+        try:  # (every descriptor opened is closed, even when writing a later file fails)
+            for i in range(blocks):
+                path = os.path.join(root, f"{i}.blk")
+                with open(path, "wb") as fh:
+                    fh.write(os.urandom(block_bytes))
+                fds.append(os.open(path, os.O_RDONLY))
+
             def reader(check: Callable[[bytearray, int], int] | None) -> Callable[[int], None]:
                 def one(i: int) -> None:
                     if os.preadv(fds[i], [bufs[i]], 0) != block_bytes:

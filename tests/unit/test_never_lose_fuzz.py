@@ -35,3 +35,8 @@ def test_a_short_run_writes_its_summary(tmp_path):
     assert len(data["rows"]) == 3 and data["summary"]["all"]["runs"] == 3
     for row in data["rows"]:
         assert row["ratio"] == row["basic_jct_s"] / row["dualpath_jct_s"] > 0
+    ratios = [row["ratio"] for row in data["rows"]]
+    summary = data["summary"]["all"]
+    assert summary["min"] == round(min(ratios), 3) and summary["below_0.99"] == sum(r < 0.99 for r in ratios)
+    for key in ("shape", "requests", "preset", "mode"):  # (each grouping covers every run once)
+        assert sum(d["runs"] for d in data["summary"][f"by_{key}"].values()) == 3

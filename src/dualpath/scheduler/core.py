@@ -34,8 +34,8 @@ Within a round the core updates private copies of the snapshots (:class:`EngineL
 the DE's ``tok``/``seq``/``free_kv_tokens`` (``kv_need``), and the read queue of the node(s) that will read the
 hit tokens (not for ``oracle``). So Algorithm 1's classes and the side choice see this round's earlier reads.
 
-Phase 1 of the DE scheme routes requests lazily: the first window (as many head requests as the PEs could take:
-tokens up to their summed headroom under beta, plus one per non-overloaded PE) is routed up front and gives each
+Phase 1 of the DE scheme routes requests lazily: the first window (at least as many head requests as the PEs could
+take: tokens up to their summed headroom under beta, plus one per non-overloaded PE) is routed up front and gives each
 group's Z; requests past it are routed on demand. A request that needs more KV memory than any DE group has
 free blocks the queue until memory frees; the caller should reject requests larger than a DE's total KV memory.
 Node ids are per role: a PE node and a DE node may share an id.

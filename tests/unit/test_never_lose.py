@@ -105,3 +105,70 @@ def test_breakdown_shares_match_exact_compute_time() -> None:
     assert b["compute"] == pytest.approx(r["pe_compute_util"], abs=0.02)
     assert 0 <= b["small_batch"] <= b["compute"]
     assert b["mean_batch_tokens"] == pytest.approx(r["prompt_tokens"] * (1 - r["hit_rate"]) / r["pe_batches"], rel=1e-6)
+
+
+def test_work_ranking_charges_what_a_request_costs_and_drains_to_zero(tmp_path) -> None:
+    """The simulator's PE work (Algorithm 1's ranking with ``work_ranking``): an agent's next turn, mostly stored,
+    costs a fraction of a first prompt of the same length; every PE's work and tokens return to zero."""
+    import json
+    import random
+    import sys
+    from pathlib import Path
+
+    from dualpath.scheduler.policies import get_policy
+    from dualpath.scheduler.state import RequestInfo
+    from dualpath.sim.cluster import Simulation
+    from dualpath.sim.runner import scenario_from_preset
+    from dualpath.workload.traces import load_trace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import never_lose_fuzz
+
+    f = tmp_path / "burst.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in never_lose_fuzz.trace(random.Random(24), "burst", 60, 100)))
+    sc = scenario_from_preset("ds27b-1p1d-64k", trajectories=load_trace(f, "mooncake").trajectories)
+    sim = Simulation(sc, get_policy("dualpath"))
+    assert sim.sched.pe_work is not None
+
+    class _R:  # (_pe_work keeps its answer on the request)
+        work = 0
+
+    sim.reqs = {0: _R(), 1: _R()}  # type: ignore[dict-item]
+    first = sim._pe_work(RequestInfo(0, 0, 40_000, 0, 100))
+    turn = sim._pe_work(RequestInfo(1, 39_000, 1_000, 38_976, 100))
+    assert 0 < 10 * turn < first and sim.reqs[1].work == turn
+    sim.run()
+    assert all(pe.work == 0 and pe.tok == 0 for pe in sim.pes)
+    sc.work_ranking = False
+    assert Simulation(sc, get_policy("dualpath")).sched.pe_work is None
+    assert Simulation(scenario_from_preset("ds27b-1p1d-64k", trajectories=load_trace(f, "mooncake").trajectories),
+                      get_policy("basic")).sched.pe_work is None  # the baseline keeps the paper's ranking
+
+
+def test_a_burst_of_first_prompts_and_next_turns_does_not_lose(tmp_path) -> None:
+    """60 Mooncake-shaped requests at t = 0 on DS 27B 1P1D (benchmarks/never_lose_fuzz.py's ``burst``, seed 24): ranked
+    by tokens, an agent's next turn waited behind a whole first prompt and DualPath ended 10 % after Basic; ranked by
+    work it does not."""
+    import json
+    import random
+    import sys
+    from pathlib import Path
+
+    from dualpath.sim.runner import run_policy, scenario_from_preset
+    from dualpath.workload.traces import load_trace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import never_lose_fuzz
+
+    f = tmp_path / "burst.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in never_lose_fuzz.trace(random.Random(24), "burst", 60, 100)))
+
+    def jct(policy: str, work_ranking: bool) -> float:
+        sc = scenario_from_preset("ds27b-1p1d-64k", trajectories=load_trace(f, "mooncake").trajectories)
+        sc.work_ranking = work_ranking
+        return float(run_policy(sc, policy)["jct_s"])
+
+    basic = jct("basic", True)
+    assert basic == jct("basic", False)  # the baseline does not use it
+    assert basic / jct("dualpath", True) >= 0.98
+    assert basic / jct("dualpath", False) < 0.95

@@ -65,6 +65,7 @@ def groups(draw: st.DrawFn, kv: bool) -> list[list[EngineSnapshot]]:
                     draw(st.integers(0, 4000)) if seq else 0,
                     rq,
                     draw(st.integers(0, 3000)) if kv else 0,
+                    -1 if kv else draw(st.one_of(st.just(-1), st.integers(0, 4000))),  # work; -1: tok
                 )
             )
             eid += 1
@@ -99,9 +100,11 @@ def test_assign_prefill_never_overloads_and_is_fifo(reqs, pes, params) -> None: 
         by_engine = {e.engine: e for e in loads}
         for rid, e in out:
             by_engine[e].tok += reqs[rid].tokens
+            by_engine[e].work += reqs[rid].tokens
             by_engine[e].seq += 1
-        chosen = pick_prefill_engine(loads, node_read_q(flat), params)
         nxt = reqs[len(out)]
+        assert pick_prefill_engine(loads, node_read_q(flat), params, nxt.tokens) is None
+        chosen = pick_prefill_engine(loads, node_read_q(flat), params)  # (the best class has no engine that takes it)
         assert chosen is None or (chosen.tok > 0 and chosen.tok + nxt.tokens > params.beta_tokens)
 
 
@@ -181,7 +184,7 @@ def test_chunks_cover_each_request_exactly_once(items, quota, quad, max_tokens) 
 @given(
     pes=groups(kv=False),
     params=PARAMS,
-    steps=st.lists(st.tuples(st.integers(1, 900), st.integers(0, 1500)), max_size=30),
+    steps=st.lists(st.tuples(st.integers(1, 900), st.integers(0, 1500), st.integers(0, 900)), max_size=30),
     use_read_q=st.booleans(),
 )
 def test_prefill_picker_matches_reference(pes, params, steps, use_read_q) -> None:  # type: ignore[no-untyped-def]
@@ -189,13 +192,17 @@ def test_prefill_picker_matches_reference(pes, params, steps, use_read_q) -> Non
     loads = [EngineLoad.of(s) for s in flat]
     rq = node_read_q(flat)
     picker = PrefillPicker(loads, rq, params, use_read_q=use_read_q)
-    for tokens, read in steps:
+    for tokens, read, work in steps:
         ref = pick_prefill_engine(loads, rq, params) if use_read_q else pick_least_loaded(loads, params)
         got = picker.pick()
         assert got is ref
+        # the engine that takes a request of ``tokens`` (as assignment asks)
+        rq_ref = rq if use_read_q else {}
+        assert picker.pick(tokens) is pick_prefill_engine(loads, rq_ref, params, tokens)
         if got is None:
             break
         got.tok += tokens
+        got.work += work
         got.seq += 1
         picker.touch(got)
         rq[got.node] = rq.get(got.node, 0) + read

@@ -35,8 +35,8 @@ def req(rid: int, tokens: int = 100, hit: int = 0, gen: int = 10) -> RequestInfo
     return RequestInfo(rid=rid, context=hit, append=tokens - hit, hit=hit, gen=gen)
 
 
-def pe(engine: int, node: int, tok: int = 0, read_q: int = 0, seq: int = 0) -> EngineSnapshot:
-    return EngineSnapshot(engine=engine, node=node, seq=seq, tok=tok, read_q=read_q)
+def pe(engine: int, node: int, tok: int = 0, read_q: int = 0, seq: int = 0, work: int = -1) -> EngineSnapshot:
+    return EngineSnapshot(engine=engine, node=node, seq=seq, tok=tok, read_q=read_q, work=work)
 
 
 def de(
@@ -105,6 +105,52 @@ def test_an_idle_prefill_engine_takes_a_request_larger_than_beta() -> None:
     engines = [pe(0, 0, tok=10), pe(1, 1, read_q=5000)]
     assert assign_prefill([req(1, 4995)], engines, P) == []
     assert assign_prefill([req(1, 4990)], engines, P) == [(1, 0)]
+
+
+def test_prefill_ranks_engines_by_reported_work_and_bounds_their_tokens() -> None:
+    """Within a class the engine with the least reported work wins (tokens when it reports none); classes and beta
+    still count tokens."""
+    # engine 0 holds a 4,000-token first prompt, engine 1 4,500 tokens of mostly stored turns: less work
+    engines = [pe(0, 0, tok=4000, seq=1), pe(1, 0, tok=4500, seq=3)]
+    assert assign_prefill([req(1, 100)], engines, P) == [(1, 0)]  # the paper's ranking: fewest tokens
+    engines = [pe(0, 0, tok=4000, seq=1, work=3900), pe(1, 0, tok=4500, seq=3, work=600)]
+    assert assign_prefill([req(1, 100)], engines, P) == [(1, 1)]
+    # engine 1 would pass beta in tokens with this one: the engine of its class with the least work that stays
+    # within beta takes it; when none does, the fetch ends there (FIFO)
+    assert assign_prefill([req(1, 600), req(2, 1)], engines, P) == [(1, 0), (2, 1)]
+    assert assign_prefill([req(1, 1001), req(2, 1)], engines, P) == []
+    # the short-queue class still comes first: engine 1 on a node with a long read queue loses despite its work
+    engines = [pe(0, 0, tok=4000, seq=1, work=3900), pe(1, 1, tok=4500, seq=3, read_q=2000, work=600)]
+    assert assign_prefill([req(1, 100)], engines, P) == [(1, 0)]
+    # work charged within a round: the requests' tokens without a predictor
+    engines = [pe(0, 0, tok=1000, seq=1, work=300), pe(1, 0, tok=500, seq=1, work=500)]
+    assert assign_prefill([req(1, 300), req(2, 100)], engines, P) == [(1, 0), (2, 1)]
+
+
+def test_global_scheduler_charges_the_work_its_caller_predicts() -> None:
+    s = GlobalScheduler(get_policy("dualpath"), P)
+    s.pe_work = lambda r: r.miss  # e.g. a request's new tokens
+    s.submit(req(0, 500, hit=448))  # 52 new tokens
+    s.submit(req(1, 500, hit=448))
+    s.submit(req(2, 1001))  # all new
+    s.submit(req(3, 100))
+    # engine 0 computes a 1,500-token first prompt; engine 1 holds 3,000 tokens of stored turns (work 300), engine 2
+    # 4,500 (work 500)
+    pes = [[pe(0, 0, tok=1500, seq=1, work=1500), pe(1, 0, tok=3000, seq=2, work=300),
+            pe(2, 0, tok=4500, seq=1, work=500)]]
+    out = s.schedule(pes, [[de(0, 0)]])
+    # 0 and 1 -> engine 1 (work 352, then 404 < 500: charged its tokens instead, 800, request 1 would go to engine 2;
+    # tokens 4,000 of beta's 5,000); request 2 would pass beta on engines 1 and 2, so engine 0 takes it (work 2,501),
+    # and request 3 goes back to engine 1 (work 404)
+    assert [(a.rid, a.pe) for a in out] == [(0, 1), (1, 1), (2, 0), (3, 1)]
+    assert s.waiting() == 0
+    # engines that report no work are ranked by tokens, engine 0 (1,500) first, and charged tokens without a
+    # predictor: three requests of 500 tokens go 0, 0, 0 (2,000 < 3,000), then 1 (2,500 vs 3,000)
+    b = GlobalScheduler(get_policy("dualpath"), P)
+    for i in range(4):
+        b.submit(req(i, 500, hit=448))
+    assert [a.pe for a in b.schedule([[pe(0, 0, tok=1500, seq=1), pe(1, 0, tok=3000, seq=2)]], [[de(0, 0)]])] == [
+        0, 0, 0, 1]
 
 
 # --- DE two-level ----------------------------------------------------------------------------------------------

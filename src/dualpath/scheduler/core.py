@@ -3,8 +3,8 @@
 One call to :meth:`GlobalScheduler.schedule` is one fetch round over every PE and DE group. Requests are taken
 from the global waiting queue strictly FIFO; for each head request, in this order:
 
-1. its PE (Algorithm 1 with ``smart_assign``, else least-loaded); none free, or the one chosen has work and would
-   pass beta with it (:func:`dualpath.scheduler.prefill.takes`) -> the round ends;
+1. its PE (Algorithm 1 with ``smart_assign``, else least-loaded), among the engines of the best class that take it
+   (idle, or staying within beta: :func:`dualpath.scheduler.prefill.takes`); none -> the round ends;
 2. its DE (the two-level scheme, else least-loaded among DEs whose free KV memory holds it); none -> the round
    ends and the request stays at the head (its PE is not charged);
 3. its read side (:func:`dualpath.scheduler.path.decide_side`), from the PE node's and the DE node's read queues.
@@ -29,6 +29,15 @@ The paper leaves this sequencing open. We assign PE and DE together, at once, be
 before the read starts (the DE read path reads into the DE's node) and its KV memory must be reserved before the
 PE ships the prompt KV; the side needs both nodes. Stopping at the first request without a DE keeps the waiting
 queue FIFO, which is stricter than the paper's DE private queues (there global FIFO is not preserved).
+
+Algorithm 1 ranks the PEs of a class by ``tok``, their prompt tokens, which stands for their queued work only while
+requests reuse a similar share of their prompt. In agentic traces they do not: a session's next turn (40K tokens,
+39K of them stored) costs a fraction of a first prompt of the same length, so a turn sent to the PE with the fewest
+tokens can wait behind a whole first prompt while another PE is almost free (on random traces that wait decided
+the end of the run: ``benchmarks/never_lose_fuzz.py``). With :attr:`GlobalScheduler.pe_work` set, the core charges
+each PE the work the caller predicts for the request (``EngineSnapshot.work``, in ``tok``'s unit) and ranks PEs by
+that; classes, beta and the stay-within-beta rule still count tokens, as the paper's do. Without it, work is tokens
+and the ranking is the paper's.
 
 Within a round the core updates private copies of the snapshots (:class:`EngineLoad`): the PE's ``tok``/``seq``,
 the DE's ``tok``/``seq``/``free_kv_tokens`` (``kv_need``), and the read queue of the node(s) that will read the
@@ -58,7 +67,7 @@ from dualpath.scheduler.decode import (
 from dualpath.scheduler.params import SchedulerParams
 from dualpath.scheduler.path import decide_side, side_tokens
 from dualpath.scheduler.policies import Policy
-from dualpath.scheduler.prefill import PrefillPicker, node_read_q, takes
+from dualpath.scheduler.prefill import PrefillPicker, node_read_q
 from dualpath.scheduler.state import Assignment, EngineLoad, EngineSnapshot, RequestInfo
 
 
@@ -82,6 +91,9 @@ class GlobalScheduler:
         #: called with each request as it is assigned, within the round (so ``hold`` sees this round's earlier
         #: assignments: requests that arrive together); None: not called
         self.on_assign: Callable[[RequestInfo], None] | None = None
+        #: a request's work on its PE, what the PE's ``work`` is charged and Algorithm 1 ranks PEs by within a class
+        #: (asked once per request, as it is assigned); None: its tokens (see the module docstring)
+        self.pe_work: Callable[[RequestInfo], int] | None = None
 
     def submit(self, req: RequestInfo) -> None:
         """Append ``req`` to the global waiting queue."""
@@ -175,8 +187,8 @@ class GlobalScheduler:
                 if router is not None and i == len(routed):
                     routed.append(-1)  # (not routed: routed[] stays indexed by candidate)
                 continue
-            pe = picker.pick()
-            if pe is None or not takes(pe, r.tokens, p):
+            pe = picker.pick(r.tokens)
+            if pe is None:
                 break
             if router is not None:
                 if i == len(routed):
@@ -206,6 +218,7 @@ class GlobalScheduler:
             if self.on_assign is not None:
                 self.on_assign(r)
             pe.tok += r.tokens
+            pe.work += r.tokens if self.pe_work is None else self.pe_work(r)
             pe.seq += 1
             picker.touch(pe)
             commit_decode(de, r, p)

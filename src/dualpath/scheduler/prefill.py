@@ -1,8 +1,10 @@
 """PE assignment: the paper's Algorithm 1 (section 7.2).
 
 Each PE e is classified on ``tok_e`` and its node's read queue: C1 overloaded (``tok_e > beta``) never gets work,
-C2 (``read_q <= alpha``) is preferred, then C3 (``read_q > alpha``); within a class the PE with the fewest
-unfinished tokens wins. The waiting queue is served FIFO and a fetch ends at the first request no PE can take.
+C2 (``read_q <= alpha``) is preferred, then C3 (``read_q > alpha``); within a class the PE with the least queued
+work wins: its unfinished tokens (the paper's ``tok_e``), or the work its caller predicts
+(``EngineSnapshot.work``, :attr:`~dualpath.scheduler.core.GlobalScheduler.pe_work`). The waiting queue is served
+FIFO and a fetch ends at the first request no PE can take.
 
 Choices the paper leaves open, and what we chose:
 
@@ -13,12 +15,17 @@ Choices the paper leaves open, and what we chose:
   request, which piles a request onto an engine that has just taken a long prompt while another engine is about to
   free: on random small traces that wait decided the end of the run (``benchmarks/never_lose_fuzz.py``; DualPath
   runs below 0.99 of Basic 42 -> 11 of 1,500). Where beta is calibrated on a workload whose requests are far
-  below it (the presets' agentic datasets) the rule never binds. The fetch ends at a request the chosen engine does
-  not take (FIFO).
+  below it (the presets' agentic datasets) the rule never binds. A request goes to the engine with the least work
+  among those of the best class that take it; the fetch ends at a request that no engine of that class takes
+  (FIFO). Ranked by tokens this is the same as stopping where the chosen engine does not take it (an engine with
+  more tokens would not take it either); ranked by work it is not, and stopping there starved the engines.
 * ``tokens(r)`` is the whole prompt, context + append (``RequestInfo.tokens``).
 * ``assign_prefill`` does not change read queues (it does not know the read side); the
   :class:`~dualpath.scheduler.core.GlobalScheduler` does, after choosing each request's side.
-* Ties on ``tok_e`` go to fewer ``seq_e``, then the lower engine id (deterministic).
+* Ties on work go to fewer ``seq_e``, then the lower engine id (deterministic).
+* The simulator ranks by predicted work (``SimScenario.work_ranking``): an agent's next turn is mostly stored
+  tokens and costs far less than a first prompt of the same length, so ``tok_e`` sent it to PEs about to compute a
+  whole first prompt. Classes and beta still count tokens.
 """
 
 from __future__ import annotations
@@ -40,19 +47,18 @@ def classify(tok: int, read_q: int, params: SchedulerParams) -> int:
 
 
 def pick_prefill_engine(
-    engines: Sequence[EngineLoad], read_q: Mapping[int, int], params: SchedulerParams
+    engines: Sequence[EngineLoad], read_q: Mapping[int, int], params: SchedulerParams, tokens: int | None = None
 ) -> EngineLoad | None:
-    """Algorithm 1's choice for the next request, or None when every PE is overloaded."""
-    best: EngineLoad | None = None
-    best_key: tuple[int, int, int, int] | None = None
-    for e in engines:
-        cls = classify(e.tok, read_q.get(e.node, 0), params)
-        if cls == C1_OVERLOADED:
-            continue
-        key = (cls, e.tok, e.seq, e.engine)
-        if best_key is None or key < best_key:
-            best, best_key = e, key
-    return best
+    """Algorithm 1's choice for the next request, or None when every PE is overloaded. With ``tokens``, the choice
+    among the engines of the best class that take a request of that many tokens (:func:`takes`), None when none
+    of them does."""
+    keyed = [((cls, e.work, e.seq, e.engine), e) for e in engines
+             if (cls := classify(e.tok, read_q.get(e.node, 0), params)) != C1_OVERLOADED]
+    if not keyed:
+        return None
+    best_cls = min(k[0] for k, _ in keyed)
+    ok = [(k, e) for k, e in keyed if k[0] == best_cls and (tokens is None or takes(e, tokens, params))]
+    return min(ok, key=lambda ke: ke[0])[1] if ok else None
 
 
 def takes(e: EngineLoad, tokens: int, params: SchedulerParams) -> bool:
@@ -60,10 +66,13 @@ def takes(e: EngineLoad, tokens: int, params: SchedulerParams) -> bool:
     return e.tok == 0 or e.tok + tokens <= params.beta_tokens
 
 
-def pick_least_loaded(engines: Sequence[EngineLoad], params: SchedulerParams) -> EngineLoad | None:
-    """Simple assignment (``smart_assign=False``): fewest tokens among PEs that are not overloaded."""
-    ok = [e for e in engines if e.tok <= params.beta_tokens]
-    return min(ok, key=lambda e: (e.tok, e.seq, e.engine)) if ok else None
+def pick_least_loaded(
+    engines: Sequence[EngineLoad], params: SchedulerParams, tokens: int | None = None
+) -> EngineLoad | None:
+    """Simple assignment (``smart_assign=False``): least work (tokens, unless the caller reports work) among PEs that
+    are not overloaded and, with ``tokens``, take a request of that many tokens."""
+    ok = [e for e in engines if e.tok <= params.beta_tokens and (tokens is None or takes(e, tokens, params))]
+    return min(ok, key=lambda e: (e.work, e.seq, e.engine)) if ok else None
 
 
 def node_read_q(engines: Sequence[EngineSnapshot]) -> dict[int, int]:
@@ -83,10 +92,11 @@ def assign_prefill(
     picker = PrefillPicker(loads, read_q, params)
     out: list[tuple[int, int]] = []
     for r in waiting:
-        e = picker.pick()
-        if e is None or not takes(e, r.tokens, params):
+        e = picker.pick(r.tokens)
+        if e is None:
             break
         e.tok += r.tokens
+        e.work += r.tokens
         e.seq += 1
         picker.touch(e)
         out.append((r.rid, e.engine))
@@ -125,7 +135,7 @@ class PrefillPicker:
         rq = self.read_q.get(e.node, 0) if self.use_read_q else 0
         cls = classify(e.tok, rq, self.params)
         if cls != C1_OVERLOADED:
-            heapq.heappush(self._heap, (cls, e.tok, e.seq, e.engine, self._ver[i], i))
+            heapq.heappush(self._heap, (cls, e.work, e.seq, e.engine, self._ver[i], i))
 
     def touch(self, e: EngineLoad) -> None:
         i = self._idx[id(e)]
@@ -138,11 +148,31 @@ class PrefillPicker:
                 self._ver[i] += 1
                 self._push(i)
 
-    def pick(self) -> EngineLoad | None:
+    def pick(self, tokens: int | None = None) -> EngineLoad | None:
+        """The choice (as :func:`pick_prefill_engine`): with ``tokens``, the first engine of the best class that
+        takes a request of that many tokens, None when none of that class does."""
         h = self._heap
         while h:
             *_, ver, i = h[0]
             if ver == self._ver[i]:
-                return self.engines[i]
+                break
             heapq.heappop(h)
-        return None
+        else:
+            return None
+        e = self.engines[h[0][-1]]
+        if tokens is None or takes(e, tokens, self.params):
+            return e
+        cls = h[0][0]
+        skipped = []
+        found: EngineLoad | None = None
+        while h and h[0][0] == cls:
+            item = heapq.heappop(h)
+            if item[4] != self._ver[item[5]]:
+                continue
+            skipped.append(item)
+            if takes(self.engines[item[5]], tokens, self.params):
+                found = self.engines[item[5]]
+                break
+        for item in skipped:
+            heapq.heappush(h, item)
+        return found

@@ -15,7 +15,9 @@ class EngineSnapshot:
     """What one engine reports on a fetch (paper section 7.1).
 
     ``seq``: assigned but unfinished requests; ``tok``: their total tokens; ``read_q``: the disk-read queue of
-    the engine's *node*, in tokens; ``free_kv_tokens``: free KV memory (decode engines; HBM), in tokens.
+    the engine's *node*, in tokens; ``free_kv_tokens``: free KV memory (decode engines; HBM), in tokens;
+    ``work``: a prefill engine's queued work in ``tok``'s unit, what Algorithm 1 ranks engines of a class by, -1 for
+    ``tok`` itself (the paper's ranking; see :attr:`~dualpath.scheduler.core.GlobalScheduler.pe_work`).
     """
 
     engine: int
@@ -24,6 +26,7 @@ class EngineSnapshot:
     tok: int
     read_q: int
     free_kv_tokens: int = 0
+    work: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +95,7 @@ class EngineLoad:
     """The scheduler's private, mutable copy of one engine's snapshot during one scheduling round.
 
     The core never mutates the caller's snapshots; it updates these copies as it assigns (``seq``, ``tok``,
-    ``free_kv_tokens``), so later decisions in the same round see earlier ones. Node read queues live in a
+    ``work``, ``free_kv_tokens``), so later decisions in the same round see earlier ones. Node read queues live in a
     separate per-node mapping because every engine of a node shares one.
     """
 
@@ -101,7 +104,9 @@ class EngineLoad:
     seq: int
     tok: int
     free_kv_tokens: int
+    work: int = 0
 
     @classmethod
     def of(cls, snap: EngineSnapshot) -> EngineLoad:
-        return cls(snap.engine, snap.node, snap.seq, snap.tok, snap.free_kv_tokens)
+        return cls(snap.engine, snap.node, snap.seq, snap.tok, snap.free_kv_tokens,
+                   snap.work if snap.work >= 0 else snap.tok)

@@ -80,7 +80,7 @@ class Req:
     __slots__ = (
         "rid", "agent", "context", "append", "hit", "gen", "prompt", "pe", "de", "path", "pe_tok", "de_tok",
         "reads_left", "cached", "remaining", "first_chunk", "t_submit", "t_first", "t_join", "s_end", "t_assign",
-        "t_ready", "turn", "computing", "t_held",
+        "t_ready", "turn", "computing", "t_held", "work",
     )
 
     def __init__(self, rid: int, agent: int, context: int, append: int, hit: int, gen: int, t: float) -> None:
@@ -109,6 +109,7 @@ class Req:
         self.turn = 0
         self.computing: list[int] = []  # content keys this request computes and stores at its join
         self.t_held = -1.0  # when the scheduler first held it for a prefix being computed (_hold), or -1
+        self.work = self.prompt  # PE work charged at assignment (Simulation._pe_work; the prompt without it)
 
 
 class Node:
@@ -130,7 +131,7 @@ class Node:
 
 
 class PE:
-    __slots__ = ("idx", "node", "seq", "tok", "pending", "busy", "cnic_r", "cnic_w", "compute_s", "batches",
+    __slots__ = ("idx", "node", "seq", "tok", "work", "pending", "busy", "cnic_r", "cnic_w", "compute_s", "batches",
                  "comp_start", "comp_end", "small_s", "new_tok")
 
     def __init__(self, idx: int, node: Node, cnic_r: Link, cnic_w: Link) -> None:
@@ -138,6 +139,7 @@ class PE:
         self.node = node
         self.seq = 0
         self.tok = 0
+        self.work = 0  # queued work not yet in a forward (Simulation._pe_work); Algorithm 1 ranks PEs by it
         self.pending: list[Req] = []
         self.busy = False
         self.cnic_r = cnic_r
@@ -229,6 +231,9 @@ class Simulation:
         gpu_tok_s = (mean_ctx + mean_app) / t_req if t_req > 0 else 1e9
         self.params = SchedulerParams.from_rates(sc.snic_bw / kvb, gpu_tok_s, sc.alpha_s, sc.beta_s, sc.z_factor, bt)
         self.sched = GlobalScheduler(policy, self.params)
+        self._gpu_tok_s = gpu_tok_s
+        if policy.smart_assign and sc.work_ranking:  # Algorithm 1 ranks PEs by queued work (docs/simulator.md)
+            self.sched.pe_work = self._pe_work
         if any(tk is not None for tk in self.turn_keys):  # a shared prefix stored while a request waited is read
             self.sched.refresh_hit = self._refresh_hit
             if sc.inflight_prefix_min_tokens is not None:  # wait for a shared prefix being computed (_hold)
@@ -324,6 +329,30 @@ class Simulation:
         leaving at least one token to compute."""
         return min(content_hit(keys[0], prompt, keys[1], self.stored_keys), ((prompt - 1) // self.bt) * self.bt)
 
+    def _pe_work(self, info: RequestInfo) -> int:
+        """The scheduler core's ``pe_work``: the PE time a request takes, in the prompt tokens of the workload's mean
+        request (beta's unit): its prefill compute at the saturated batch efficiency (a request is batched) and, for
+        layer-wise prefill, at least the time its hit KV takes to stream into the PE over its compute NIC. Kept on
+        the request: its PE's ``work`` drops by each chunk's share (by new tokens) as the chunk's forward starts,
+        and while a forward runs the PE reports what is left of it (:meth:`_work_now`), so a PE's work is the time
+        until it has done what it holds."""
+        hit, new = info.hit, info.prompt - info.hit
+        t = self.sc.compute.prefill_time([(hit, new)])
+        if self.curve is not None and new > 0:
+            t *= curve_efficiency(new, self.curve) / self.curve[-1][1]
+        if not self.oracle and self.layerwise:
+            t = max(t, hit * self.kvb / self.sc.cnic_bw)
+        work = max(1, round(t * self._gpu_tok_s))
+        self.reqs[info.rid].work = work
+        return work
+
+    def _work_now(self, pe: PE) -> int:
+        """What ``pe`` reports as its work (``EngineSnapshot.work``): its queued work plus, with work ranking, what is
+        left of the forward it is computing (in the same unit)."""
+        if self.sched.pe_work is None or not pe.busy:
+            return pe.work
+        return pe.work + max(0, round((pe.comp_end - self.loop.now) * self._gpu_tok_s))
+
     def _refresh_hit(self, info: RequestInfo) -> int:
         """The scheduler core's ``refresh_hit``: a content-keyed request's stored prefix as of its assignment
         (blocks another session stored while it waited count; stored blocks are never dropped, so it only
@@ -381,7 +410,7 @@ class Simulation:
         # the least-loaded rule's cap), every engine of a node reports the node's read queue, and the window/headroom
         # counts only PEs under beta, so the decisions are identical and a fetch costs O(free PEs), not O(all PEs).
         pe_groups = [
-            [EngineSnapshot(e.idx, e.node.idx, e.seq, e.tok, e.node.read_q, 0) for e in pes[n * g:(n + 1) * g]
+            [EngineSnapshot(e.idx, e.node.idx, e.seq, e.tok, e.node.read_q, 0, self._work_now(e)) for e in pes[n * g:(n + 1) * g]
              if e.tok <= beta]
             for n in range(self.sc.P)
         ]
@@ -399,6 +428,7 @@ class Simulation:
             req.t_assign = self.loop.now
             pe.seq += 1
             pe.tok += req.prompt
+            pe.work += req.work  # (set by _pe_work as the core charged it; else the prompt)
             de.seq += 1
             de.tok += req.prompt
             de.free_kv -= kv_need(req.prompt, req.gen)
@@ -495,6 +525,11 @@ class Simulation:
         self.meter.batch_started(pe.idx, chunks)
         new = sum(n for _, n in chunks)
         pe.new_tok += new
+        if self.sched.pe_work is not None:  # the forward's share of its requests' work leaves the PE's queue
+            for r, n in chunks:
+                d = r.work if n >= r.remaining else r.work * n // r.remaining
+                r.work -= d
+                pe.work -= d
         if self.curve is not None:
             pe.small_s += b.compute_s * (1.0 - curve_efficiency(new, self.curve) / self.curve[-1][1])
         pe.comp_start, pe.comp_end = self.loop.now, self.loop.now + b.compute_s
@@ -584,6 +619,7 @@ class Simulation:
                 r.t_first = now
                 pe.seq -= 1
                 pe.tok -= r.prompt
+                pe.work -= r.work
                 if r.pe_tok:
                     pe.node.buf_used -= r.pe_tok * self.kvb
                 finished.setdefault(r.de, []).append(r)

@@ -76,6 +76,9 @@ class SimScenario:
     quota_s: float = 0.3
     #: never lose: the quota does not cut a PE batch below the compute's saturating batch size (docs/simulator.md)
     quota_floor: bool = True
+    #: never lose: Algorithm 1 ranks PEs by their queued work (compute and hit streaming time), not by their prompt
+    #: tokens; beta still bounds prompt tokens (docs/simulator.md)
+    work_ranking: bool = True
     z_factor: float = 1.05
     fetch_interval_s: float = 0.1
     #: a content-keyed request that shares at least this many tokens past its stored prefix with a request being

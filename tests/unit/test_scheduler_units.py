@@ -144,6 +144,12 @@ def test_global_scheduler_charges_the_work_its_caller_predicts() -> None:
     # and request 3 goes back to engine 1 (work 404)
     assert [(a.rid, a.pe) for a in out] == [(0, 1), (1, 1), (2, 0), (3, 1)]
     assert s.waiting() == 0
+    for bad in (-1, 2.5, True):  # a predictor's bad answer is refused by name, not charged
+        c = GlobalScheduler(get_policy("dualpath"), P)
+        c.pe_work = lambda r, bad=bad: bad  # type: ignore[misc]
+        c.submit(req(0, 100))
+        with pytest.raises(SchedulerError, match="pe_work gave"):
+            c.schedule([[pe(0, 0)]], [[de(0, 0)]])
     # engines that report no work are ranked by tokens, engine 0 (1,500) first, and charged tokens without a
     # predictor: three requests of 500 tokens go 0, 0, 0 (2,000 < 3,000), then 1 (2,500 vs 3,000)
     b = GlobalScheduler(get_policy("dualpath"), P)

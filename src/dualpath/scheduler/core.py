@@ -129,6 +129,13 @@ class GlobalScheduler:
             raise SchedulerError(f"request {r.rid}: refresh_hit gave {hit!r}, need an int in 0..{r.prompt}")
         return replace(r, hit=hit)
 
+    def _work(self, r: RequestInfo) -> int:
+        assert self.pe_work is not None
+        w = self.pe_work(r)
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise SchedulerError(f"request {r.rid}: pe_work gave {w!r}, need a non-negative int")
+        return w
+
     def _window(self, pes: Sequence[EngineLoad], cands: _Candidates) -> int:
         beta = self.params.beta_tokens
         headroom = sum(max(0, beta - e.tok) for e in pes)
@@ -218,7 +225,7 @@ class GlobalScheduler:
             if self.on_assign is not None:
                 self.on_assign(r)
             pe.tok += r.tokens
-            pe.work += r.tokens if self.pe_work is None else self.pe_work(r)
+            pe.work += r.tokens if self.pe_work is None else self._work(r)
             pe.seq += 1
             picker.touch(pe)
             commit_decode(de, r, p)

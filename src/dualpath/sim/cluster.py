@@ -410,8 +410,8 @@ class Simulation:
         # the least-loaded rule's cap), every engine of a node reports the node's read queue, and the window/headroom
         # counts only PEs under beta, so the decisions are identical and a fetch costs O(free PEs), not O(all PEs).
         pe_groups = [
-            [EngineSnapshot(e.idx, e.node.idx, e.seq, e.tok, e.node.read_q, 0, self._work_now(e)) for e in pes[n * g:(n + 1) * g]
-             if e.tok <= beta]
+            [EngineSnapshot(e.idx, e.node.idx, e.seq, e.tok, e.node.read_q, 0, self._work_now(e))
+             for e in pes[n * g:(n + 1) * g] if e.tok <= beta]
             for n in range(self.sc.P)
         ]
         pe_groups = [grp for grp in pe_groups if grp]

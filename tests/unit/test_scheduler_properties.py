@@ -197,8 +197,8 @@ def test_prefill_picker_matches_reference(pes, params, steps, use_read_q) -> Non
         got = picker.pick()
         assert got is ref
         # the engine that takes a request of ``tokens`` (as assignment asks)
-        rq_ref = rq if use_read_q else {}
-        assert picker.pick(tokens) is pick_prefill_engine(loads, rq_ref, params, tokens)
+        ref = pick_prefill_engine(loads, rq, params, tokens) if use_read_q else pick_least_loaded(loads, params, tokens)
+        assert picker.pick(tokens) is ref
         if got is None:
             break
         got.tok += tokens

@@ -158,7 +158,8 @@ class AsyncSession:
             driver = SchedulerDriver(cluster, sched, fetch_interval_s=self.config.scheduler.fetch_interval_s,
                                      max_request_tokens=self.config.cluster.kv_pool_tokens,
                                      inflight_prefix_min_tokens=self.config.scheduler.inflight_prefix_min_tokens,
-                                     inflight_prefix_wait_s=self.config.scheduler.inflight_prefix_wait_s)
+                                     inflight_prefix_wait_s=self.config.scheduler.inflight_prefix_wait_s,
+                                     work_ranking=self.config.scheduler.work_ranking)
             await driver.__aenter__()
         except BaseException:
             await cluster.__aexit__(None, None, None)

@@ -84,6 +84,11 @@ def test_same_tokens_as_in_process(served) -> None:
     assert tokens_of(res) == ref
     later = [r for r in res.records if r.turn > 0]
     assert all(r.outcome.hit_tokens > 0 for r in later), "the next turn must hit the KV the DE persisted"
+    # DualPath ranks PEs by predicted work: the PE process reports its work (engine/work.py), none once idle
+    t_end = time.monotonic() + 10
+    while (st := stats(address, cfg)).get("pe0.work") != 0 and time.monotonic() < t_end:
+        time.sleep(0.1)
+    assert st.get("pe0.work") == 0 and "de0.work" not in st, st
 
 
 def test_malformed_messages_are_refused_and_serving_continues(served) -> None:

@@ -40,6 +40,7 @@ from dualpath.engine.model_api import LayerwiseModel, LlamaAdapter
 from dualpath.engine.prefill import PrefillEngine
 from dualpath.engine.request import Turn, TurnResult, unwrap, wait_event
 from dualpath.engine.sampling import SamplingParams
+from dualpath.engine.work import PrefillWork
 from dualpath.errors import EngineError, ModelError, StorageError, TransportError
 from dualpath.kv.keys import BlockKey, BlockKeyer, KeyNamespace
 from dualpath.kv.layout import KVLayout
@@ -212,6 +213,22 @@ class Cluster:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
+
+    def work_predictor(self) -> PrefillWork | None:
+        """Have every PE track and report its predicted work (:mod:`dualpath.engine.work`) and return the predictor
+        for ``GlobalScheduler.pe_work`` (the first PE's); None, and nothing changes, when the model predicts no
+        time. Blocking (a real model's time model may calibrate first): call it from a thread."""
+        if not self.pes:
+            return None
+        works = []
+        for pe in self.pes:
+            tm = pe.model.layer_time_model()
+            if tm is None:
+                return None
+            works.append(PrefillWork.for_engine(tm, self.config.cluster, self.layout.spec.bytes_per_token))
+        for pe, w in zip(self.pes, works, strict=True):
+            pe.work_model = w
+        return works[0]
 
     # --- observation ---------------------------------------------------------------------------------------
     def snapshots(self) -> tuple[list[EngineSnapshot], list[EngineSnapshot]]:

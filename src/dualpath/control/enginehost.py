@@ -16,7 +16,8 @@ and the few coordination points travel as control messages, relayed by the sched
 On the DE path the PE exposes a layer's landing a bounded window ahead; across processes the DE writes each
 layer as soon as the PE started and the transport holds early arrivals (``max_pending_bytes``) until exposed.
 
-A heartbeat every ``serve.heartbeat_s`` carries the engine's snapshot (``seq``, ``tok``, ``read_q``, free KV)
+A heartbeat every ``serve.heartbeat_s`` carries the engine's snapshot (``seq``, ``tok``, ``read_q``, free KV; a
+PE's predicted ``work`` when DualPath ranks PEs by it, whose model its ``hello`` carries: :mod:`dualpath.engine.work`)
 and resource gauges (RSS, open fds, asyncio tasks, registered regions, turns held) that the load run watches.
 """
 
@@ -114,8 +115,10 @@ class EngineHost:
         from dualpath.engine.decode import DecodeEngine
         from dualpath.engine.links import LinkSet
         from dualpath.engine.prefill import PrefillEngine
+        from dualpath.engine.work import PrefillWork
         from dualpath.kv.keys import BlockKeyer, KeyNamespace
         from dualpath.kv.layout import KVLayout
+        from dualpath.scheduler.policies import get_policy
         from dualpath.storage import create_storage
         from dualpath.transports import create_transport
 
@@ -155,6 +158,13 @@ class EngineHost:
         self.engine = PrefillEngine(eid, ctx) if self.role is Role.PREFILL else DecodeEngine(eid, ctx)
         await self.engine.start()
         self.layout = layout
+        sched = cfg.scheduler
+        if (isinstance(self.engine, PrefillEngine) and sched.work_ranking
+                and get_policy(sched.policy, layerwise=sched.layerwise).smart_assign):
+            # DualPath ranks PEs by predicted work: this PE tracks its own and tells the scheduler how to predict it
+            tm = await anyio.to_thread.run_sync(model.layer_time_model)  # (a real model may calibrate first)
+            if tm is not None:
+                self.engine.work_model = PrefillWork.for_engine(tm, cc, layout.spec.bytes_per_token)
 
     async def _close_io(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -208,6 +218,9 @@ class EngineHost:
         }
         if self._token is not None:
             body["token"] = self._token
+        work_model = getattr(self.engine, "work_model", None)
+        if work_model is not None:
+            body["work_model"] = work_model.to_wire()
         t_end = time.monotonic() + timeout
         while True:
             try:
@@ -258,6 +271,8 @@ class EngineHost:
                     **process_gauges()}
             if self.role is Role.DECODE:
                 body["stream_messages"] = self.stream_messages
+            elif snap.work >= 0:
+                body["work"] = snap.work
             try:
                 await self.channel.notify(None, "heartbeat", body, timeout=period)
             except Exception as exc:  # the scheduler may be restarting; keep beating

@@ -144,6 +144,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "epoch": F("int", required=False, lo=0, hi=U63),  # the incarnation this process had (0: none yet)
         "holds": F("ints", required=False, max_len=1 << 16, lo=0, hi=U63),  # turns (rids) it still holds
         "stored_blocks": F("int", required=False, lo=0, hi=U63),  # blocks in its storage index
+        "work_model": F("map", required=False, max_len=16),  # a PE's predicted-work model (engine/work.py)
     },
     "welcome": {"peers": F("strs", max_len=1024), "heartbeat_s": F("float", lo=0.001, hi=3600.0),
                 "epoch": F("int", required=False, lo=0, hi=U63)},  # this incarnation's epoch (fencing)
@@ -159,6 +160,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "tasks": F("int", lo=0, hi=1 << 24),
         "regions": F("int", lo=0, hi=1 << 24),
         "stream_messages": F("int", required=False, lo=0, hi=U63),  # DE: ``tokens`` messages sent so far
+        "work": F("int", required=False, lo=0, hi=U63),  # PE: predicted work (us) of what it holds (engine/work.py)
     },
     "peers": {"peers": F("strs", max_len=1024)},  # "name=address" entries
     "begin": {  # both engines: create the turn, run this side's read; reply read_done

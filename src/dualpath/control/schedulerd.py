@@ -61,10 +61,11 @@ from dualpath.control.protocol import (
     sampling_of,
     tokens_to_bin,
 )
+from dualpath.engine.work import PrefillWork
 from dualpath.errors import DualPathError, EngineError, PeerTimeout, SchedulerError, TransportError
 from dualpath.scheduler import GlobalScheduler, SchedulerParams, get_policy
 from dualpath.scheduler.driver import SchedulerDriver, turn_stored
-from dualpath.scheduler.state import EngineSnapshot
+from dualpath.scheduler.state import EngineSnapshot, RequestInfo
 from dualpath.types import PathKind
 
 log = logging.getLogger("dualpath.schedulerd")
@@ -126,6 +127,8 @@ class EngineRecord:
     seq: int = 0
     tok: int = 0
     reserved: dict[int, tuple[float, int]] = field(default_factory=dict)  # rid -> (t dispatched, kv tokens)
+    work_model: PrefillWork | None = None  # a PE's, from its hello (DualPath ranks PEs by predicted work)
+    assigned_work: dict[int, tuple[float, int]] = field(default_factory=dict)  # rid -> (t dispatched, work)
     incarnation: int = 0
     fingerprint: str = ""
     epoch: int = 0  # fencing: messages of another epoch are dropped; a declared-dead engine re-registers
@@ -155,6 +158,7 @@ class RemoteCluster:
         self.turn_pairs: dict[int, tuple[str, str]] = {}
         self.streams: dict[int, TurnCtx] = {}  # rid -> the turn whose DE tokens are forwarded to its client
         self.on_stored: dict[int, Callable[[], None]] = {}  # rid -> the driver's turn_stored, until the DE's notice
+        self.work_ranked = False  # the driver ranks PEs by predicted work (work_predictor)
 
     @property
     def block_tokens(self) -> int:
@@ -180,6 +184,21 @@ class RemoteCluster:
             keys.append(h)
         return keys, min(n, max(0, (int(ids.size) - 1) // bt))
 
+    def work_predictor(self) -> Callable[[RequestInfo], int]:
+        """``GlobalScheduler.pe_work`` for DualPath's ranking by predicted work (:mod:`dualpath.engine.work`): the
+        work model a live PE sent in its hello, in the unit its heartbeats report; a request's tokens while no PE
+        has sent one (their snapshots then report tokens too)."""
+        self.work_ranked = True
+        return self._pe_work
+
+    def _work_model(self) -> PrefillWork | None:
+        return next((r.work_model for r in self.d.engines.values()
+                     if r.alive and r.role == "prefill" and r.work_model is not None), None)
+
+    def _pe_work(self, r: RequestInfo) -> int:
+        model = self._work_model()
+        return r.tokens if model is None else model(r)
+
     def snapshots(self) -> tuple[list[EngineSnapshot], list[EngineSnapshot]]:
         pes: list[EngineSnapshot] = []
         des: list[EngineSnapshot] = []
@@ -188,7 +207,12 @@ class RemoteCluster:
                 continue
             free = int(rec.hb.get("free_kv_tokens", 0))
             free -= sum(need for t, need in rec.reserved.values() if t >= rec.hb_time)
-            snap = EngineSnapshot(rec.rank, rec.node, rec.seq, rec.tok, int(rec.hb.get("read_q", 0)), max(0, free))
+            work = -1
+            if self.work_ranked and rec.work_model is not None:  # its last heartbeat's, and what was sent since
+                work = max(0, int(rec.hb.get("work", 0)))
+                work += sum(w for t, w in rec.assigned_work.values() if t >= rec.hb_time)
+            snap = EngineSnapshot(rec.rank, rec.node, rec.seq, rec.tok, int(rec.hb.get("read_q", 0)), max(0, free),
+                                  work)
             (pes if rec.role == "prefill" else des).append(snap)
         return pes, des
 
@@ -258,6 +282,7 @@ class RemoteCluster:
             de_rec.seq -= 1
             de_rec.tok -= n
             de_rec.reserved.pop(rid, None)
+            pe_rec.assigned_work.pop(rid, None)
             self.turn_pairs.pop(rid, None)
             self.streams.pop(rid, None)
             self.on_stored.pop(rid, None)
@@ -277,6 +302,9 @@ class RemoteCluster:
             looked = await d.request(pe_rec, "lookup", {"prompt": prompt}, min(remaining, 10.0))
             stored = int(looked.body["blocks"])
         plan = plan_sides(stored, path, pe_blocks)
+        if self.work_ranked and pe_rec.work_model is not None:  # counted until a heartbeat reports it
+            hit = min(stored * d.block_tokens, n - 1) if path is not PathKind.RECOMPUTE else 0
+            pe_rec.assigned_work[rid] = (time.monotonic(), pe_rec.work_model.work(hit, n - hit))
         pe_extra: dict[str, Any] = {}
         if ctx is not None and "prompt_logprobs" in ctx.sampling:  # the PE computes them (the turn is recomputed)
             pe_extra["prompt_logprobs"] = ctx.sampling["prompt_logprobs"]
@@ -311,6 +339,7 @@ class RemoteCluster:
             t_first = time.perf_counter()
             pe_rec.seq -= 1
             pe_rec.tok -= n
+            pe_rec.assigned_work.pop(rid, None)
             self._pe_released[rid] = True
             await d.notify(de_rec, "logits", {"rid": rid, "logits": pre.body["logits"]})
             if ctx is not None and pe_extra:
@@ -438,7 +467,8 @@ class SchedulerDaemon:
         return SchedulerDriver(self.cluster, sched, fetch_interval_s=cfg.scheduler.fetch_interval_s,
                                max_request_tokens=cfg.cluster.kv_pool_tokens,
                                inflight_prefix_min_tokens=cfg.scheduler.inflight_prefix_min_tokens,
-                               inflight_prefix_wait_s=cfg.scheduler.inflight_prefix_wait_s)
+                               inflight_prefix_wait_s=cfg.scheduler.inflight_prefix_wait_s,
+                               work_ranking=cfg.scheduler.work_ranking)
 
     # --- main --------------------------------------------------------------------------------------------
     async def run(self, *, address_file: str | None = None) -> None:
@@ -692,10 +722,16 @@ class SchedulerDaemon:
         if old is not None and old.alive:
             self._declare_dead(old, f"replaced by a new registration (pid {b['pid']})")
         epoch = next(self._epochs)
+        work_model = None
+        if role == "prefill" and b.get("work_model") is not None:
+            try:
+                work_model = PrefillWork.from_wire(b["work_model"])
+            except SchedulerError as exc:
+                raise SchedulerError(f"hello from {name}: {exc}") from None
         rec = EngineRecord(name, role, rank, b["node"], b["address"], b["pid"], peer, b["token_bytes"],
                            b["vocab_size"], b["max_context"], time.monotonic(),
                            incarnation=(old.incarnation + 1) if old else 0, fingerprint=b["fingerprint"],
-                           epoch=epoch)
+                           epoch=epoch, work_model=work_model)
         if old is not None:
             self.stats["engine_rejoins"] += 1
             if self.by_ident.get(old.ident) == name:

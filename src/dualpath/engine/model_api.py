@@ -98,6 +98,11 @@ class LayerwiseModel(abc.ABC):
         Used by the PE's compute quota."""
         return None
 
+    def layer_time_model(self) -> LayerTimeModel | None:
+        """The per-layer forward-time model behind :meth:`predict_prefill_s` (what a PE's predicted work,
+        :class:`~dualpath.engine.work.PrefillWork`, is built from), or None if unknown. May block (calibration)."""
+        return None
+
     def efficient_prefill_tokens(self, cap: int) -> int:
         """New tokens per forward below which prefill throughput falls off (the forward's fixed cost dominates),
         at most ``cap``; 0 when unknown. The PE's compute quota does not cut a batch below it (never lose)."""
@@ -164,6 +169,9 @@ class LlamaAdapter(LayerwiseModel):
                     self._time = None
                 self._time_mode = "done"
         return self._time
+
+    def layer_time_model(self) -> LayerTimeModel | None:
+        return self.time_model()
 
     def predict_prefill_s(self, cached: int, new: int) -> float | None:
         tm = self.time_model()

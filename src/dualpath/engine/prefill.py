@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -32,9 +32,11 @@ from dualpath.engine.base import Engine, EngineContext
 from dualpath.engine.model_api import PrefillSeq
 from dualpath.engine.request import Turn, unwrap
 from dualpath.engine.sampling import rows_logprobs
+from dualpath.engine.work import PrefillWork
 from dualpath.errors import EngineError, ModelError
 from dualpath.paths.pe_read import LayerPrefetch, h2d_layer, pe_read
 from dualpath.scheduler.batching import PendingPrefill, pack_forward_batch
+from dualpath.scheduler.state import EngineSnapshot
 from dualpath.transports.base import Region, Transport
 from dualpath.types import EngineId, Role
 
@@ -112,6 +114,12 @@ class PrefillEngine(Engine):
         # turn it on for a CPU engine (unpinned there) to check the staged bytes, benchmarks off for a baseline
         self.stage_h2d: bool | None = None
         self.h2d_staged = 0  # layers of PE-read hit that came through the staging
+        #: set (by the cluster or the engine host): the engine tracks its predicted work (engine/work.py) and
+        #: reports it in its snapshot, what DualPath ranks PEs by; None: it reports none (ranked by tokens)
+        self.work_model: PrefillWork | None = None
+        self.queued_work = 0  # predicted work (us) of assigned requests' parts whose forwards have not started
+        self._fwd_work = 0  # the forward in progress: its parts' predicted work (us), and when it started
+        self._fwd_t0 = 0.0
 
     @property
     def layer_bytes(self) -> int:
@@ -151,10 +159,41 @@ class PrefillEngine(Engine):
     def assign(self, turn: Turn) -> None:
         self.seq += 1
         self.tok += turn.prompt_len
+        if self.work_model is not None:  # (the hit its plan expects: what the scheduler predicted it with)
+            hit = min(turn.stored_blocks * turn.bt, turn.prompt_len)
+            turn.pe_work = self.work_model.work(hit, turn.prompt_len - hit)
+            self.queued_work += turn.pe_work
 
     def unassign(self, turn: Turn) -> None:
         self.seq -= 1
         self.tok -= turn.prompt_len
+        self.queued_work -= turn.pe_work  # (what its forwards did not take: all of it when it failed before)
+        turn.pe_work = 0
+
+    def work_now(self) -> int:
+        """Predicted work (us) until the engine has done what it holds: its queue's, plus what is left of the
+        forward in progress (engine/work.py)."""
+        left = self._fwd_work - (time.perf_counter() - self._fwd_t0) * 1e6 if self._inflight else 0.0
+        return self.queued_work + max(0, round(left))
+
+    def snapshot(self) -> EngineSnapshot:
+        snap = super().snapshot()
+        return snap if self.work_model is None else replace(snap, work=self.work_now())
+
+    def _start_work(self, batch: list[PrefillChunk]) -> None:
+        """A forward starts: each part's share of its request's predicted work (by new tokens) leaves the queue
+        and becomes the forward's."""
+        self._fwd_work = 0
+        self._fwd_t0 = time.perf_counter()
+        for c in batch:
+            t = c.turn
+            if t.pe_work <= 0:
+                continue
+            left = t.prompt_len - c.start
+            share = t.pe_work if c.final or left <= 0 else t.pe_work * (c.end - c.start) // left
+            t.pe_work -= share
+            self.queued_work -= share
+            self._fwd_work += share
 
     def submit(self, turn: Turn) -> None:
         self.queue.append(turn)
@@ -219,6 +258,7 @@ class PrefillEngine(Engine):
             if not batch:
                 continue
             self._inflight = [c.turn for c in batch]
+            self._start_work(batch)
             try:
                 await self._forward(batch)
             except Exception as exc:  # a model error fails the batch, not the engine

@@ -226,6 +226,7 @@ class Turn:
         # the first chunk ran), and the PE device buffer ``[n_layers, blocks, bt, bytes]`` that holds them
         self.prefilled = 0
         self.pe_kv: torch.Tensor | None = None
+        self.pe_work = 0  # predicted PE work (us) not yet in a forward (PrefillEngine.work_model; 0 without)
         # how the decode engine picks tokens (None = greedy) and who hears each token as it is decoded
         self.sampling: SamplingParams | None = None
         self.on_token: Callable[[int], None] | None = None

@@ -136,6 +136,9 @@ class _StreamingCluster:
     def snapshots(self) -> Any:
         return self.cluster.snapshots()
 
+    def work_predictor(self) -> Any:
+        return self.cluster.work_predictor()
+
     def lookup(self, prompt_ids: Any) -> int:
         return int(self.cluster.lookup(prompt_ids))
 
@@ -305,7 +308,8 @@ class InProcessBackend(Backend):
                                      gpu_tokens_per_s=gpu_tps, cluster=self.cluster)
             self.adapter = _StreamingCluster(self.cluster)
             self.driver = SchedulerDriver(self.adapter, sched, fetch_interval_s=cfg.scheduler.fetch_interval_s,
-                                          max_request_tokens=cfg.cluster.kv_pool_tokens)
+                                          max_request_tokens=cfg.cluster.kv_pool_tokens,
+                                          work_ranking=cfg.scheduler.work_ranking)
             await self.driver.__aenter__()
         except BaseException:
             await self.cluster.close()

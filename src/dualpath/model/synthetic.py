@@ -30,6 +30,7 @@ import anyio
 import torch
 
 from dualpath.engine.model_api import LayerwiseModel, PrefillSeq
+from dualpath.engine.timemodel import LayerTimeModel
 from dualpath.errors import ModelError
 from dualpath.kv.layout import KVSpec
 from dualpath.model.config import SyntheticModelConfig
@@ -105,6 +106,13 @@ class SyntheticModel(LayerwiseModel):
     def predict_prefill_s(self, cached: int, new: int) -> float | None:
         """Exactly the time the layer sleeps add up to for this request (all layers)."""
         return self.prefill_flops(cached, new) * self.config.n_layers / self._rate
+
+    def layer_time_model(self) -> LayerTimeModel:
+        """:meth:`prefill_flops` over the rate, as a per-layer time model (exact: ``b*n + e*n*c + d*n^2``)."""
+        c, r = self.config, self._rate
+        return LayerTimeModel(a=0.0, b=(c.linear_flops_per_token / c.n_layers + c.attn_flops_per_key_layer / 2) / r,
+                              e=c.attn_flops_per_key_layer / r, d=c.attn_flops_per_key_layer / 2 / r,
+                              n_layers=c.n_layers, device=str(self.device), key="synthetic")
 
     async def prefill_begin(self, seqs: Sequence[PrefillSeq]) -> Any:
         for s in seqs:

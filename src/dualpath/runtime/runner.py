@@ -401,6 +401,7 @@ async def _run_policy(
                     max_request_tokens=cfg.cluster.kv_pool_tokens,
                     inflight_prefix_min_tokens=cfg.scheduler.inflight_prefix_min_tokens,
                     inflight_prefix_wait_s=cfg.scheduler.inflight_prefix_wait_s,
+                    work_ranking=cfg.scheduler.work_ranking,
                 )
                 run.driver = driver.stats
                 t0_link = _link_now(cluster)

@@ -26,6 +26,11 @@ class SchedulerConfig(Section):
         default=0.3, gt=0, description="predicted attention time per PE forward batch"
     )
     z_factor: float = Field(default=1.05, gt=0)
+    work_ranking: bool = Field(
+        default=True,
+        description="DualPath's policies rank the prefill engines of a class by predicted work (the model's time "
+                    "model) instead of prompt tokens; basic, layerwise and round_robin always rank by tokens",
+    )
     fetch_interval_s: float = Field(default=0.005, gt=0)
     inflight_prefix_min_tokens: int = Field(
         default=256, ge=1,

@@ -21,6 +21,10 @@ Otherwise (the deployment's :class:`~dualpath.control.schedulerd.RemoteCluster`)
 prompt is stored by calling :data:`turn_stored` (set for the turn's ``run_turn``); its blocks then count as
 stored for later turns' decisions (:attr:`SchedulerDriver.known_stored`, bounded) and its registration ends.
 
+DualPath's policies rank the PEs of a class by predicted work, not prompt tokens (``work_ranking``, on by default;
+:mod:`dualpath.engine.work`): where the cluster offers ``work_predictor`` (the in-process cluster, the deployment)
+and its model predicts time, its PEs report their work and the predictor becomes the core's ``pe_work``.
+
 Rounds run every ``fetch_interval_s`` while requests wait; an idle loop sleeps until a request arrives, and a
 finished turn (which frees engine capacity) wakes it early. Assigned turns run in the driver's task group: a
 failure of one fails the caller's ``run_turn`` with that error; cancelling the driver cancels every turn.
@@ -167,6 +171,7 @@ class SchedulerDriver:
         max_request_tokens: int | None = None,
         inflight_prefix_min_tokens: int = 256,
         inflight_prefix_wait_s: float = 30.0,
+        work_ranking: bool = True,
     ) -> None:
         if fetch_interval_s <= 0:
             raise SchedulerError(f"fetch_interval_s must be > 0, got {fetch_interval_s}")
@@ -198,9 +203,22 @@ class SchedulerDriver:
                 scheduler.refresh_hit = self._refresh_known
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
+        self.work_ranking = work_ranking and scheduler.pe_work is None and scheduler.policy.smart_assign
+
+    async def _rank_by_work(self) -> None:
+        """DualPath's PE ranking by predicted work (module docstring): the cluster's PEs report their work and its
+        predictor charges each assignment. A cluster without one, or whose model predicts no time, ranks by
+        tokens."""
+        make = getattr(self.cluster, "work_predictor", None)
+        if not self.work_ranking or not callable(make):
+            return
+        pred = await anyio.to_thread.run_sync(make)  # (a real model's time model may calibrate first)
+        if pred is not None:
+            self.scheduler.pe_work = pred
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     async def __aenter__(self) -> SchedulerDriver:
+        await self._rank_by_work()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._loop, name="scheduler-driver")

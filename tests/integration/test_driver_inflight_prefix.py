@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import anyio
 import torch
 from engine_helpers import synthetic_config
@@ -51,3 +53,52 @@ def test_no_turn_waits_for_a_prefix_that_is_never_stored() -> None:
     # cluster.persist off: decode engines store nothing, so waiting could only delay a turn until the other ends
     hits, _, held = anyio.run(_replay, 30.0, False)
     assert hits == [0, 0, 0, 0] and held == 0
+
+
+class _Stub:
+    """A cluster whose store holds the first ``stored`` blocks of every prompt (blocks keyed by position)."""
+
+    block_tokens = 16
+    persists = True
+
+    def __init__(self) -> None:
+        self.stored = 0
+
+    def snapshots(self):  # type: ignore[no-untyped-def]
+        return [], []
+
+    def lookup(self, prompt_ids) -> int:  # type: ignore[no-untyped-def]
+        return self.stored * 16
+
+    def prompt_keys(self, prompt_ids):  # type: ignore[no-untyped-def]
+        keys = [("block", i) for i in range(len(prompt_ids) // 16)]
+        return keys, min(len(keys), (len(prompt_ids) - 1) // 16)
+
+    def stored_blocks(self, keys) -> int:  # type: ignore[no-untyped-def]
+        return min(self.stored, len(keys))
+
+    async def run_turn(self, *args):  # type: ignore[no-untyped-def]
+        raise AssertionError("not dispatched in this test")
+
+
+def test_a_turn_that_looks_up_while_the_prefix_is_being_written_still_waits() -> None:
+    """A turn whose lookup lands while another turn's 18-block prefix is being written sees 5 blocks stored and
+    13 (208 tokens, under the 256-token threshold) still registered: the prefix in flight is 18 blocks, so it
+    waits for the write's tail instead of computing them (the race behind a flaky cached-token count)."""
+    from dualpath.config import DualPathConfig
+    from dualpath.scheduler.driver import _Pending
+    from dualpath.scheduler.state import RequestInfo
+
+    stub = _Stub()
+    drv = SchedulerDriver(stub, create_scheduler(DualPathConfig(), policy="dualpath"))  # type: ignore[arg-type]
+    keys, _ = stub.prompt_keys(list(range(304)))
+    drv._pending[1] = _Pending(1, list(range(304)), 1, 0, 0.0)
+    info = RequestInfo(1, context=0, append=304, hit=0, gen=1)
+    drv._computing.add(keys[:18])  # the turn computing the shared prefix registered its 18 blocks
+    assert drv._hold(info)  # nothing written yet: 18 blocks in flight
+    stub.stored = 5
+    assert drv._hold(replace(info, context=80, append=224, hit=80))  # mid-write: 5 written + 13 in flight
+    drv._computing.remove(keys[:18])
+    assert not drv._hold(replace(info, context=80, append=224, hit=80))  # written (registration ended)
+    drv._computing.add(keys[5:18])  # 13 blocks computed past a prefix another, finished turn stored
+    assert not drv._hold(replace(info, context=80, append=224, hit=80))  # 208 tokens: under the threshold

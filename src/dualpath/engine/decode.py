@@ -40,6 +40,7 @@ class DecodeSeq:
     keys: list[BlockKey] = field(default_factory=list)  # keys of the full blocks known so far
     pending: int = 0
     idle: anyio.Event = field(default_factory=anyio.Event)  # set when no persistence is pending
+    prompt_stored: anyio.Event = field(default_factory=anyio.Event)  # the prompt's new blocks are written (or failed)
     done: anyio.Event = field(default_factory=anyio.Event)
     sampler: Sampler | None = None  # None = greedy
     stopped: bool = False  # a stop token ended generation before gen_tokens
@@ -218,8 +219,9 @@ class DecodeEngine(Engine):
         return Sampler(sp, constraint, prompt=turn.prompt_ids)
 
     async def begin_decode(self, turn: Turn) -> DecodeSeq:
-        """Copy the prompt KV from the DE buffer into the pool (H2D), persist the prompt's new Full Blocks and
-        join the decode batch. Needs the PE's first-token logits and the whole prompt KV received."""
+        """Copy the prompt KV from the DE buffer into the pool (H2D), start persisting the prompt's new Full Blocks
+        (in the background: :meth:`_persist_prompt`) and join the decode batch. Needs the PE's first-token logits
+        and the whole prompt KV received."""
         layout = self.layout
         bt, b, n_layers = layout.block_tokens, layout.bytes_per_token_layer, layout.n_layers
         target = kv_target(turn.prompt_len, turn.gen_tokens, bt)
@@ -274,13 +276,19 @@ class DecodeEngine(Engine):
 
     # --- persistence -------------------------------------------------------------------------------------
     async def _persist_prompt(self, seq: DecodeSeq) -> None:
-        """Write the prompt's new Full Blocks ``[hit, prompt // bt)`` straight from the DE buffer (no D2H)."""
+        """Persist the prompt's new Full Blocks ``[hit, prompt // bt)`` from the DE buffer (no D2H): copied out of
+        the receive area here (it is released as decode starts), written to storage in the background. The first
+        token and the decode steps do not wait for storage (the paper's decode starts once the DE buffer holds the
+        prompt KV); the turn's end does (:meth:`finish` waits for ``seq.idle``), so its next turn finds them
+        stored. ``seq.prompt_stored`` is set once they are written, or the write failed (persistence is best
+        effort: a next turn recomputes what is missing)."""
         turn = seq.turn
         layout = self.layout
         bt = layout.block_tokens
         first, last = turn.hit_blocks, turn.prompt_len // bt
         n = last - first
         if n <= 0 or not self.cfg.persist:
+            seq.prompt_stored.set()
             return
         region = await self.host.alloc(n * layout.full_block_bytes, self.cfg.deadline_s)
         try:
@@ -295,9 +303,28 @@ class DecodeEngine(Engine):
                 off += e - s
             for layer in range(layout.n_layers):
                 out[:, layer].copy_(recv[layer, off : off + n * bt].view(n, bt, -1))
-            await self._write(turn, turn.keys[first:last], out)
+        except BaseException:
+            self.host.free(region)
+            raise
+        seq.pending += 1
+        seq.idle = anyio.Event()
+        if self._tg is None:  # (an engine whose loop is not running: write now)
+            await self._write_prompt(seq, region, out)
+        else:
+            self._tg.start_soon(self._write_prompt, seq, region, out)
+
+    async def _write_prompt(self, seq: DecodeSeq, region: Any, blocks: torch.Tensor) -> None:
+        turn = seq.turn
+        try:
+            await self._write(turn, turn.keys[turn.hit_blocks: turn.hit_blocks + blocks.shape[0]], blocks)
+        except Exception:  # persistence is best effort: the next turn recomputes what is missing
+            log.exception("%s: persisting the prompt of turn %d failed", self.name, turn.rid)
         finally:
             self.host.free(region)
+            seq.prompt_stored.set()
+            seq.pending -= 1
+            if seq.pending == 0:
+                seq.idle.set()
 
     async def _write(self, turn: Turn, keys: list[BlockKey], blocks: torch.Tensor) -> None:
         nbytes = len(keys) * self.layout.full_block_bytes

@@ -11,7 +11,8 @@ the compute quota as requests reach it.
 A turn that shares at least ``inflight_prefix_min_tokens`` past its stored prefix with a turn being prefilled waits
 for that prefix to be stored (the other turn's decode engine stores its prompt as its decode starts), at most
 ``inflight_prefix_wait_s``, and then reads it instead of computing it again: turns of a trace that arrive together
-with one system prompt compute it once (:attr:`GlobalScheduler.hold`). The driver registers the blocks each
+with one system prompt compute it once (:attr:`GlobalScheduler.hold`; a prefix that is being written as the turn
+looks it up counts whole, its written blocks too). The driver registers the blocks each
 assigned turn computes, and holds a turn while the blocks after its stored prefix are registered. This needs a
 cluster that names its prompts' block keys (``prompt_keys``, ``block_tokens``) and stores prompts (``persists``,
 if it says); over any other, no turn waits.
@@ -333,8 +334,17 @@ class SchedulerDriver:
         if p is None or not self._computing:
             return False
         keys = self._prompt_keys(p)
-        n = self._computing.run(keys, self._stored_prefix(p, r.hit), p.usable)
-        if n == 0 or n * self._block_tokens < self.inflight_prefix_min_tokens:
+        stored = self._stored_prefix(p, r.hit)
+        n = self._computing.run(keys, stored, p.usable)
+        if n == 0:
+            return False
+        # a prefix being written right now is stored in part: its blocks already written (still registered by
+        # the turn that computed them) count toward the threshold, so a turn that looks up mid-write still waits
+        # for the rest (a few blocks past a half-written 300-token prefix are worth the write's tail)
+        lead = 0
+        while lead < stored and keys[stored - lead - 1] in self._computing:
+            lead += 1
+        if (n + lead) * self._block_tokens < self.inflight_prefix_min_tokens:
             return False
         now = time.perf_counter()
         if p.t_held is None:

@@ -497,9 +497,9 @@ class EngineHost:
                     tg.start_soon(_guard, turn, eng.receive, turn)
                     tg.start_soon(_guard, turn, wait_event, turn, held.logits_ready, float("inf"), "first token")
                 turn.check()
-                seq = held.seq = await eng.begin_decode(turn)  # (it starts storing the prompt's blocks)
-                if held.notify_stored:  # (decode goes on meanwhile, in the engine's loop)
-                    await seq.prompt_stored.wait()
+                seq = held.seq = await eng.begin_decode(turn)  # (it stores the prompt's blocks)
+                if held.notify_stored:
+                    await seq.prompt_stored.wait()  # (set by then: begin_decode waited for the write)
                     await self._notify_stored(rid)
                 await wait_event(turn, seq.done, float("inf"), "decode")
                 turn.check()

@@ -219,9 +219,9 @@ class DecodeEngine(Engine):
         return Sampler(sp, constraint, prompt=turn.prompt_ids)
 
     async def begin_decode(self, turn: Turn) -> DecodeSeq:
-        """Copy the prompt KV from the DE buffer into the pool (H2D), start persisting the prompt's new Full Blocks
-        (in the background: :meth:`_persist_prompt`) and join the decode batch. Needs the PE's first-token logits
-        and the whole prompt KV received."""
+        """Copy the prompt KV from the DE buffer into the pool (H2D), give out the first token, persist the prompt's
+        new Full Blocks (:meth:`_persist_prompt`) and join the decode batch once they are written. Needs the PE's
+        first-token logits and the whole prompt KV received."""
         layout = self.layout
         bt, b, n_layers = layout.block_tokens, layout.bytes_per_token_layer, layout.n_layers
         target = kv_target(turn.prompt_len, turn.gen_tokens, bt)
@@ -266,7 +266,11 @@ class DecodeEngine(Engine):
             raise
         finally:
             self.release(turn)
-        turn.timings.t_first_token = time.perf_counter()
+        turn.timings.t_first_token = time.perf_counter()  # (streamed already: seq.accept told the listener)
+        # the decode steps start once the prompt's blocks are written: a request that shares this prompt and starts
+        # at its second token (the HTTP front's choices, its shared prefixes) then finds them stored
+        with anyio.move_on_after(self.cfg.deadline_s):
+            await seq.prompt_stored.wait()
         if seq.finished:
             seq.done.set()
         else:
@@ -277,11 +281,11 @@ class DecodeEngine(Engine):
     # --- persistence -------------------------------------------------------------------------------------
     async def _persist_prompt(self, seq: DecodeSeq) -> None:
         """Persist the prompt's new Full Blocks ``[hit, prompt // bt)`` from the DE buffer (no D2H): copied out of
-        the receive area here (it is released as decode starts), written to storage in the background. The first
-        token and the decode steps do not wait for storage (the paper's decode starts once the DE buffer holds the
-        prompt KV); the turn's end does (:meth:`finish` waits for ``seq.idle``), so its next turn finds them
-        stored. ``seq.prompt_stored`` is set once they are written, or the write failed (persistence is best
-        effort: a next turn recomputes what is missing)."""
+        the receive area here (it is released at once), written to storage in the background: the first token does
+        not wait for storage. The decode steps do (:meth:`begin_decode`: the second token means the prompt is
+        stored, which prefix sharing relies on), and so does the turn's end (:meth:`finish` waits for
+        ``seq.idle``), so its next turn finds them stored. ``seq.prompt_stored`` is set once they are written, or
+        the write failed (persistence is best effort: a next turn recomputes what is missing)."""
         turn = seq.turn
         layout = self.layout
         bt = layout.block_tokens

@@ -156,6 +156,18 @@ async def test_the_first_token_does_not_wait_for_the_prompts_write_but_the_secon
         assert c.des[0].persisted_blocks == 32 and c.storage.lookup(c.keyer.keys(prompt)) == 32
         nxt = await c.run_turn("s", prompt + r.token_ids + [5], 2, path="de")
         assert nxt.hit_tokens == 512
+        # a caller that cancels after the first token, while the prompt is being written, leaves nothing held
+        first = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: c.run_turn("x", list(range(3, 515)), 8, path="pe", on_token=lambda t: first.set()))
+            with anyio.fail_after(10):
+                await first.wait()
+            tg.cancel_scope.cancel()
+        de = c.des[0]
+        assert de.free_kv_tokens() == cfg.cluster.kv_pool_tokens and not de.running
+        with anyio.fail_after(10):  # (the write goes on in the background, then gives its host region back)
+            while de.host.used_bytes:
+                await anyio.sleep(0.05)
 
 
 @pytest.mark.anyio

@@ -269,8 +269,12 @@ class DecodeEngine(Engine):
         turn.timings.t_first_token = time.perf_counter()  # (streamed already: seq.accept told the listener)
         # the decode steps start once the prompt's blocks are written: a request that shares this prompt and starts
         # at its second token (the HTTP front's choices, its shared prefixes) then finds them stored
-        with anyio.move_on_after(self.cfg.deadline_s):
-            await seq.prompt_stored.wait()
+        try:
+            with anyio.move_on_after(self.cfg.deadline_s):
+                await seq.prompt_stored.wait()
+        except BaseException:  # cancelled meanwhile: the caller never gets the request, its pages are freed here
+            self.free_pages(pages)
+            raise
         if seq.finished:
             seq.done.set()
         else:

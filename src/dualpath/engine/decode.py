@@ -317,14 +317,14 @@ class DecodeEngine(Engine):
         seq.pending += 1
         seq.idle = anyio.Event()
         if self._tg is None:  # (an engine whose loop is not running: write now)
-            await self._write_prompt(seq, region, out)
+            await self._write_prompt(seq, region, turn.keys[first:last], out)
         else:
-            self._tg.start_soon(self._write_prompt, seq, region, out)
+            self._tg.start_soon(self._write_prompt, seq, region, turn.keys[first:last], out)
 
-    async def _write_prompt(self, seq: DecodeSeq, region: Any, blocks: torch.Tensor) -> None:
+    async def _write_prompt(self, seq: DecodeSeq, region: Any, keys: list[BlockKey], blocks: torch.Tensor) -> None:
         turn = seq.turn
         try:
-            await self._write(turn, turn.keys[turn.hit_blocks: turn.hit_blocks + blocks.shape[0]], blocks)
+            await self._write(turn, keys, blocks)
         except Exception:  # persistence is best effort: the next turn recomputes what is missing
             log.exception("%s: persisting the prompt of turn %d failed", self.name, turn.rid)
         finally:

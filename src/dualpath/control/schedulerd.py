@@ -303,7 +303,7 @@ class RemoteCluster:
             stored = int(looked.body["blocks"])
         plan = plan_sides(stored, path, pe_blocks)
         if self.work_ranked and pe_rec.work_model is not None:  # counted until a heartbeat reports it
-            hit = min(stored * d.block_tokens, n - 1) if path is not PathKind.RECOMPUTE else 0
+            hit = min(stored * d.block_tokens, n)  # (as the PE charges it: stored stays 0 for a recompute)
             pe_rec.assigned_work[rid] = (time.monotonic(), pe_rec.work_model.work(hit, n - hit))
         pe_extra: dict[str, Any] = {}
         if ctx is not None and "prompt_logprobs" in ctx.sampling:  # the PE computes them (the turn is recomputed)

@@ -189,8 +189,7 @@ class PrefillEngine(Engine):
             t = c.turn
             if t.pe_work <= 0:
                 continue
-            left = t.prompt_len - c.start
-            share = t.pe_work if c.final or left <= 0 else t.pe_work * (c.end - c.start) // left
+            share = t.pe_work if c.final else t.pe_work * (c.end - c.start) // (t.prompt_len - c.start)
             t.pe_work -= share
             self.queued_work -= share
             self._fwd_work += share

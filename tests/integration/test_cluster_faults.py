@@ -5,6 +5,7 @@ refused before any work starts; nothing submitted is dropped."""
 from __future__ import annotations
 
 import os
+import time
 
 import anyio
 import pytest
@@ -141,18 +142,24 @@ async def test_persisted_blocks_hold_the_models_kv():
 
 
 @pytest.mark.anyio
-async def test_the_first_token_does_not_wait_for_the_prompts_write_but_the_second_does():
-    """The DE gives out the first token before it writes the prompt's new blocks: over a slow emulated storage NIC
-    the first token comes long before the write ends; the second token (prefix sharing starts other requests of
-    the prompt there) and the turn's end (so the next turn hits every block) come after it."""
+async def test_neither_the_first_token_nor_the_decode_steps_wait_for_the_prompts_write():
+    """The DE gives out the first token and decodes while it writes the prompt's new blocks: over a slow emulated
+    storage NIC the first and second tokens come long before the write ends. ``on_stored`` (prefix sharing starts
+    other requests of the prompt there) is called once, when every block is stored, and the turn's end (so the
+    next turn hits every block) comes after it."""
     cfg = synthetic_config(snic_gbps=0.002)  # 512 tokens x 2 KiB: about 0.52 s of SNIC write
     async with Cluster(cfg) as c:
         prompt = list(range(1, 513))
         write_s = 512 * c.layout.spec.bytes_per_token / 0.002e9
-        r = await c.run_turn("s", prompt, 2, path="pe")
+        told: list[tuple[float, int]] = []
+        r = await c.run_turn("s", prompt, 2, path="pe",
+                             on_stored=lambda: told.append((time.perf_counter(),
+                                                            c.storage.lookup(c.keyer.keys(prompt)))))
         t = r.timings
         assert t.t_first_token - t.t_submit < write_s / 2  # (it waited for the write before: >= write_s)
-        assert t.t_second_token - t.t_submit >= 0.95 * write_s and t.t_done >= t.t_second_token
+        assert t.t_second_token - t.t_submit < write_s / 2  # (it waited for the write in round 2's 43rd session)
+        assert len(told) == 1 and told[0][1] == 32  # once, with every block stored
+        assert told[0][0] - t.t_submit >= 0.95 * write_s and t.t_done >= told[0][0]
         assert c.des[0].persisted_blocks == 32 and c.storage.lookup(c.keyer.keys(prompt)) == 32
         nxt = await c.run_turn("s", prompt + r.token_ids + [5], 2, path="de")
         assert nxt.hit_tokens == 512

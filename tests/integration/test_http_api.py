@@ -356,3 +356,31 @@ def test_detokenizer_streams_text_with_stop_sequences_and_utf8():
         assert ". Stop"[:2] not in out or out.endswith("near")
     out += d.flush()
     assert d.finish == "stop" and out == "Hello wörld, the end is near"
+
+
+@pytest.mark.anyio
+async def test_a_job_says_its_prompt_is_stored_while_it_still_decodes():
+    """The in-process backend passes the DE's ``on_stored`` to its job: ``Job.stored`` (where the HTTP front's
+    later choices and requests sharing the prefix start) is set once every Full Block of the prompt is in
+    storage, after the first token and long before the job ends; tokens alone never set it."""
+    cfg = _config(decode_step_s=0.01)
+    backend = InProcessBackend(cfg)
+    await backend.start()
+    try:
+        from dualpath.http.backend import GenRequest
+
+        prompt = list(range(3, 3 + 8 * 16 + 5))  # 8 Full Blocks of 16 tokens
+        job = backend.submit(GenRequest(prompt, 60))
+        first = await job.queue.get()
+        assert first[0] == "token"
+        with anyio.fail_after(10):
+            await job.stored.wait()
+        c = backend.cluster
+        assert c.storage.lookup(c.keyer.keys(prompt)) == 8  # every block is stored when it says so
+        assert not job.finished  # (60 steps of 10 ms are left: it says so while decoding)
+        events = [first]
+        while events[-1][0] == "token":
+            events.append(await job.queue.get())
+        assert events[-1][0] == "done" and len(events) == 61
+    finally:
+        await backend.close()

@@ -227,3 +227,34 @@ def test_stream_notices_are_delivered_once_in_order_and_sampling_fields_are_chec
         sampling_of({**body, "top_p": 0.0}, "submit")
     with pytest.raises(ProtocolError, match="counts"):
         encode("tokens", {"rids": [1], "offsets": [0], "counts": [0], "tokens": []})
+
+
+def test_the_client_hears_once_that_the_prompt_is_stored_while_the_turn_decodes(dep) -> None:
+    """``run_turn(on_stored=)``: the DE's ``stored`` notice reaches the client (a ``stream`` notice with
+    ``stored: true``) once, while the turn still decodes, and a turn sent then loads every Full Block of the
+    prompt (the HTTP front's shared prefixes and choices start there)."""
+    import time
+
+    d, cfg = dep
+    bt = cfg.cluster.block_tokens
+    prompt = [(11 * i + 5) % VOCAB for i in range(6 * bt + 3)]
+
+    async def main() -> None:
+        async with ServeClient.from_config(d.address, cfg) as c:
+            told: list[float] = []
+            follower: list[Any] = []
+
+            async def follow() -> None:
+                follower.append(await c.run_turn(41, prompt, 2))
+
+            async with anyio.create_task_group() as tg:
+                def on_stored() -> None:
+                    told.append(time.perf_counter())
+                    tg.start_soon(follow)
+
+                out = await c.run_turn(40, prompt, 300, on_token=lambda t: None, on_stored=on_stored)
+                t_end = time.perf_counter()
+            assert len(told) == 1 and told[0] < t_end - 0.1, (told, t_end)  # (300 steps of 2 ms after it)
+            assert out.hit_tokens == 0 and follower[0].hit_tokens == 6 * bt
+
+    anyio.run(main)

@@ -333,13 +333,16 @@ class Cluster:
         sampling: SamplingParams | None = None,
         on_token: Callable[[int], None] | None = None,
         on_logprob: Callable[[TokenLogprob], None] | None = None,
+        on_stored: Callable[[], None] | None = None,
     ) -> TurnResult:
         """Run one turn (the full prompt: context + appended tokens) and return its tokens and timings.
 
         ``sampling``: how the decode engine picks tokens (default greedy; see :mod:`dualpath.engine.sampling`);
         ``on_token``: called with each token as the decode engine produces it (streaming); with
         ``sampling.logprobs`` set, ``on_logprob`` gets each token's :class:`~dualpath.engine.sampling.TokenLogprob`
-        just before it (the result's ``logprobs`` holds them all). With ``sampling.prompt_logprobs`` set the turn
+        just before it (the result's ``logprobs`` holds them all); ``on_stored``: called once the prompt's new Full
+        Blocks are stored (or their write failed), typically between the first token and the turn's end: a turn
+        that shares this prompt's prefix, sent after it, loads that prefix instead of computing it. With ``sampling.prompt_logprobs`` set the turn
         is recomputed (``path`` is ignored) and the result's ``prompt_logprobs`` holds prompt tokens 1 .. n-1's. Cancelling the
         caller cancels the turn on both engines and frees its buffers and pool pages.
 
@@ -354,7 +357,8 @@ class Cluster:
         ids = [int(t) for t in prompt_ids]
         self.check_turn(ids, gen_tokens, pe, de)
         try:
-            return await self._run(session, ids, gen_tokens, pe, de, path, pe_blocks, sampling, on_token, on_logprob)
+            return await self._run(session, ids, gen_tokens, pe, de, path, pe_blocks, sampling, on_token, on_logprob,
+                                   on_stored)
         except EngineError as exc:
             retry = (
                 self.config.cluster.on_transfer_failure == "recompute"
@@ -365,7 +369,7 @@ class Cluster:
                 raise
             log.warning("turn of %s failed (%s); retrying with recompute", session, exc)
             res = await self._run(session, ids, gen_tokens, pe, de, PathKind.RECOMPUTE, None, sampling, on_token,
-                                  on_logprob)
+                                  on_logprob, on_stored)
             res.retried_recompute = True
             return res
 
@@ -385,10 +389,11 @@ class Cluster:
     async def _run(self, session: str, ids: list[int], gen: int, pe_i: int, de_i: int, path: PathKind,
                    pe_blocks: int | None, sampling: SamplingParams | None = None,
                    on_token: Callable[[int], None] | None = None,
-                   on_logprob: Callable[[TokenLogprob], None] | None = None) -> TurnResult:
+                   on_logprob: Callable[[TokenLogprob], None] | None = None,
+                   on_stored: Callable[[], None] | None = None) -> TurnResult:
         keys, stored, k = self._plan(ids, path, pe_blocks)
         turn = Turn(session, ids, gen, pe_i, de_i, path, keys, stored, k, self.layout)
-        turn.sampling, turn.on_token, turn.on_logprob = sampling, on_token, on_logprob
+        turn.sampling, turn.on_token, turn.on_logprob, turn.on_stored = sampling, on_token, on_logprob, on_stored
         pe, de = self.pes[pe_i], self.des[de_i]
         pe.assign(turn)
         de.assign(turn)

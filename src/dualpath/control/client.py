@@ -55,10 +55,12 @@ class _Stream:
     """One streamed turn's receiving side: delivers tokens to ``on_token`` once each, in order."""
 
     def __init__(self, on_token: Callable[[int], None], on_info: Callable[[str, int], None] | None,
-                 on_logprob: Callable[[TokenLogprob], None] | None = None) -> None:
+                 on_logprob: Callable[[TokenLogprob], None] | None = None,
+                 on_stored: Callable[[], None] | None = None) -> None:
         self.on_token = on_token
         self.on_info = on_info
         self.on_logprob = on_logprob
+        self.on_stored = on_stored  # (called once, then cleared)
         self.next = 0  # tokens delivered so far
         # offset -> tokens (and their logprobs) that arrived ahead of a gap
         self.early: dict[int, tuple[list[int], list[TokenLogprob] | None]] = {}
@@ -163,7 +165,14 @@ class ServeClient:
                 if "lp_width" in msg.body:
                     lps = bin_to_logprobs(int(msg.body["lp_width"]), msg.body.get("lp_ids", b""),
                                           msg.body.get("lp_vals", b""), msg.body["tokens"], where="stream")
-                st.deliver(int(msg.body["offset"]), msg.body["tokens"], lps)
+                if msg.body["tokens"]:
+                    st.deliver(int(msg.body["offset"]), msg.body["tokens"], lps)
+                if msg.body.get("stored") and st.on_stored is not None and not st.closed:
+                    stored, st.on_stored = st.on_stored, None
+                    try:
+                        stored()
+                    except Exception:
+                        log.exception("on_stored listener failed")
         return None
 
     def _send_cancel(self, session: int) -> None:
@@ -220,7 +229,8 @@ class ServeClient:
                        deadline_s: float | None = None, sampling: Any = None,
                        on_token: Callable[[int], None] | None = None,
                        on_info: Callable[[str, int], None] | None = None,
-                       on_logprob: Callable[[TokenLogprob], None] | None = None) -> TurnOutcome:
+                       on_logprob: Callable[[TokenLogprob], None] | None = None,
+                       on_stored: Callable[[], None] | None = None) -> TurnOutcome:
         """Submit one turn (the whole prompt) and return once its tokens are out.
 
         ``sampling``: a :class:`~dualpath.engine.sampling.SamplingParams` (default greedy); ``on_token``: called
@@ -228,7 +238,10 @@ class ServeClient:
         called once, before the first streamed token, with the read path and the hit (prompt tokens read from
         storage) of the dispatch that streams; ``on_logprob`` (with ``sampling.logprobs`` set and ``on_token``):
         called with each streamed token's :class:`~dualpath.engine.sampling.TokenLogprob` just before the token
-        (a token that reaches the client only through the final result, never streamed, has none)."""
+        (a token that reaches the client only through the final result, never streamed, has none); ``on_stored``
+        (with ``on_token``): called once the decode engine has stored the prompt's Full Blocks (a turn sharing
+        this prompt's prefix, sent after, loads it), usually before the turn ends; never called when the notice is
+        lost or the turn fails before its write."""
         budget = self.deadline_s if deadline_s is None else deadline_s
         body: dict[str, Any] = {
             "session": int(session), "prompt": tokens_to_bin(np.asarray(prompt_ids, dtype=np.int64)),
@@ -237,8 +250,10 @@ class ServeClient:
         stream: _Stream | None = None
         if on_token is not None:
             sid = next(self._stream_ids)
-            stream = self._streams[sid] = _Stream(on_token, on_info, on_logprob)
+            stream = self._streams[sid] = _Stream(on_token, on_info, on_logprob, on_stored)
             body["stream"] = sid
+            if on_stored is not None:
+                body["notify_stored"] = True
         t0 = time.perf_counter()
         try:
             # the scheduler answers by the deadline; the margin covers the wire

@@ -498,8 +498,8 @@ class EngineHost:
                     tg.start_soon(_guard, turn, wait_event, turn, held.logits_ready, float("inf"), "first token")
                 turn.check()
                 seq = held.seq = await eng.begin_decode(turn)  # (it stores the prompt's blocks)
-                if held.notify_stored:
-                    await seq.prompt_stored.wait()  # (set by then: begin_decode waited for the write)
+                if held.notify_stored:  # (the decode steps go on meanwhile)
+                    await wait_event(turn, seq.prompt_stored, float("inf"), "the prompt's write")
                     await self._notify_stored(rid)
                 await wait_event(turn, seq.done, float("inf"), "decode")
                 turn.check()

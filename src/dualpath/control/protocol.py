@@ -225,6 +225,9 @@ SAMPLING_FIELDS: dict[str, F] = {
 }
 SCHEMAS["submit"].update(SAMPLING_FIELDS)
 SCHEMAS["submit"]["stream"] = F("int", required=False, lo=0, hi=U63)  # > 0: send ``stream`` notices with this id
+# with ``stream``: a ``stream`` notice with ``stored: true`` (and no tokens) tells once the prompt's blocks are stored
+SCHEMAS["submit"]["notify_stored"] = F("bool", required=False)
+SCHEMAS["stream"]["stored"] = F("bool", required=False)
 SCHEMAS["begin"].update(SAMPLING_FIELDS)
 SCHEMAS["begin"]["stream"] = F("bool", required=False)  # the DE sends ``tokens`` notices for this turn
 SCHEMAS["begin"]["notify_stored"] = F("bool", required=False)  # the DE sends ``stored`` once the prompt is stored

@@ -98,6 +98,7 @@ class TurnCtx:
     session: int
     sampling: dict[str, Any]  # the submit's sampling fields, passed on to the decode engine
     stream: int = 0  # > 0: forward the DE's tokens to ``peer`` as ``stream`` notices with this id
+    notify_stored: bool = False  # (with stream) forward the DE's ``stored`` notice to ``peer`` (``stored: true``)
     cancelled: anyio.Event = field(default_factory=anyio.Event)
     scope: anyio.CancelScope | None = None
     sent: int = 0  # tokens forwarded to the client (a streamed turn is not retried once the client saw tokens)
@@ -312,7 +313,7 @@ class RemoteCluster:
                  "path": path.value, "pe": pe, "de": de, "pe_blocks": plan.pe_blocks,
                  "stored_blocks": plan.stored_blocks, "deadline_s": max(0.001, _left(deadline))}
         de_begin = begin if ctx is None else {**begin, **ctx.sampling, "stream": bool(ctx.stream)}
-        if rid in self.on_stored:
+        if rid in self.on_stored or (ctx is not None and ctx.stream and ctx.notify_stored):
             de_begin = {**de_begin, "notify_stored": True}
         ok: dict[str, int] = {}
 
@@ -633,6 +634,12 @@ class SchedulerDaemon:
                 cb = self.cluster.on_stored.pop(b["rid"], None)
                 if cb is not None:
                     cb()
+                ctx = self.cluster.streams.get(b["rid"])
+                if ctx is not None and ctx.notify_stored and not ctx.cancelled.is_set():
+                    assert self.channel is not None
+                    with contextlib.suppress(DualPathError):  # (the client went away: nothing to tell)
+                        await self.channel.notify(ctx.peer, "stream", {"stream": ctx.stream, "offset": ctx.sent,
+                                                                       "tokens": [], "stored": True}, timeout=5.0)
             return None
         if t == "submit":  # clients only (not an engine's connection, not another key)
             if (curve and not self._key_has("client")) or self._bound(peer) is not None:
@@ -641,7 +648,7 @@ class SchedulerDaemon:
                 raise SchedulerError("draining: the scheduler accepts no new turns (serve drain)")
             turn_key = (peer, int(b["session"]))
             ctx = TurnCtx(peer, int(b["session"]), {k: b[k] for k in SAMPLING_FIELDS if k in b},
-                          stream=int(b.get("stream", 0)))
+                          stream=int(b.get("stream", 0)), notify_stored=bool(b.get("notify_stored", False)))
             with anyio.CancelScope() as scope:
                 ctx.scope = scope
                 self._cancels.setdefault(turn_key, []).append(ctx)

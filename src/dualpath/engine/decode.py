@@ -78,6 +78,19 @@ class DecodeSeq:
             except Exception:  # a listener's bug must not stop the batch
                 log.exception("%s listener of turn %d failed", what, self.turn.rid)
 
+    def mark_stored(self) -> None:
+        """The prompt's new Full Blocks are written (or their write failed, or there were none): set
+        :attr:`prompt_stored` and tell the turn's ``on_stored`` listener (once)."""
+        if self.prompt_stored.is_set():
+            return
+        self.prompt_stored.set()
+        listener, self.turn.on_stored = self.turn.on_stored, None
+        if listener is not None:
+            try:
+                listener()
+            except Exception:  # a listener's bug must not stop the engine
+                log.exception("on_stored listener of turn %d failed", self.turn.rid)
+
 
 def kv_target(prompt: int, gen: int, block_tokens: int) -> int:
     """KV positions a turn leaves behind: every token but the last generated one, plus that one when it
@@ -219,9 +232,9 @@ class DecodeEngine(Engine):
         return Sampler(sp, constraint, prompt=turn.prompt_ids)
 
     async def begin_decode(self, turn: Turn) -> DecodeSeq:
-        """Copy the prompt KV from the DE buffer into the pool (H2D), give out the first token, persist the prompt's
-        new Full Blocks (:meth:`_persist_prompt`) and join the decode batch once they are written. Needs the PE's
-        first-token logits and the whole prompt KV received."""
+        """Copy the prompt KV from the DE buffer into the pool (H2D), give out the first token, start persisting the
+        prompt's new Full Blocks (:meth:`_persist_prompt`, in the background) and join the decode batch. Needs the
+        PE's first-token logits and the whole prompt KV received."""
         layout = self.layout
         bt, b, n_layers = layout.block_tokens, layout.bytes_per_token_layer, layout.n_layers
         target = kv_target(turn.prompt_len, turn.gen_tokens, bt)
@@ -267,14 +280,8 @@ class DecodeEngine(Engine):
         finally:
             self.release(turn)
         turn.timings.t_first_token = time.perf_counter()  # (streamed already: seq.accept told the listener)
-        # the decode steps start once the prompt's blocks are written: a request that shares this prompt and starts
-        # at its second token (the HTTP front's choices, its shared prefixes) then finds them stored
-        try:
-            with anyio.move_on_after(self.cfg.deadline_s):
-                await seq.prompt_stored.wait()
-        except BaseException:  # cancelled meanwhile: the caller never gets the request, its pages are freed here
-            self.free_pages(pages)
-            raise
+        # the decode steps do not wait for the prompt's write: who shares the prompt's prefix waits for
+        # ``on_stored`` (seq.prompt_stored), and the turn's end for ``seq.idle`` (finish)
         if seq.finished:
             seq.done.set()
         else:
@@ -285,18 +292,18 @@ class DecodeEngine(Engine):
     # --- persistence -------------------------------------------------------------------------------------
     async def _persist_prompt(self, seq: DecodeSeq) -> None:
         """Persist the prompt's new Full Blocks ``[hit, prompt // bt)`` from the DE buffer (no D2H): copied out of
-        the receive area here (it is released at once), written to storage in the background: the first token does
-        not wait for storage. The decode steps do (:meth:`begin_decode`: the second token means the prompt is
-        stored, which prefix sharing relies on), and so does the turn's end (:meth:`finish` waits for
-        ``seq.idle``), so its next turn finds them stored. ``seq.prompt_stored`` is set once they are written, or
-        the write failed (persistence is best effort: a next turn recomputes what is missing)."""
+        the receive area here (it is released at once), written to storage in the background: neither the first
+        token nor the decode steps wait for storage. The turn's end does (:meth:`finish` waits for ``seq.idle``),
+        so its next turn finds them stored. :meth:`DecodeSeq.mark_stored` (``seq.prompt_stored``, the turn's
+        ``on_stored``) tells once they are written, or the write failed (persistence is best effort: a next turn
+        recomputes what is missing): a request sharing the prefix may then go and load it."""
         turn = seq.turn
         layout = self.layout
         bt = layout.block_tokens
         first, last = turn.hit_blocks, turn.prompt_len // bt
         n = last - first
         if n <= 0 or not self.cfg.persist:
-            seq.prompt_stored.set()
+            seq.mark_stored()
             return
         region = await self.host.alloc(n * layout.full_block_bytes, self.cfg.deadline_s)
         try:
@@ -329,7 +336,7 @@ class DecodeEngine(Engine):
             log.exception("%s: persisting the prompt of turn %d failed", self.name, turn.rid)
         finally:
             self.host.free(region)
-            seq.prompt_stored.set()
+            seq.mark_stored()
             seq.pending -= 1
             if seq.pending == 0:
                 seq.idle.set()

@@ -231,6 +231,9 @@ class Turn:
         self.sampling: SamplingParams | None = None
         self.on_token: Callable[[int], None] | None = None
         self.on_logprob: Callable[[TokenLogprob], None] | None = None  # before on_token (sampling.logprobs)
+        #: called once the prompt's new Full Blocks are stored (or their write failed, or there were none): a
+        #: request sharing this prompt's prefix may go and load it (the HTTP front's shared prefixes)
+        self.on_stored: Callable[[], None] | None = None
         self.prompt_lps: list[TokenLogprob] = []  # the PE's, for prompt tokens 1.. (sampling.prompt_logprobs)
 
     # --- sizes -------------------------------------------------------------------------------------------

@@ -665,9 +665,8 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
     ``on_full(choices)``. A client that goes away cancels every job (499).
 
     Choices of one prompt share its prefill (a prompt of ``http.shared_prefill_min_tokens`` or more): the first
-    is submitted at once, the others once it has its second event (its second token, or its end), by when the
-    decode engine has stored the prompt's Full Blocks (it stores them between the first token and the first
-    decode step), so each of them loads the prompt's KV instead of computing it again (``n`` / ``best_of``: one
+    is submitted at once, the others once the decode engine says it has stored the prompt's Full Blocks
+    (``Job.stored``: after its first token, while it decodes; or at its end), so each of them loads the prompt's KV instead of computing it again (``n`` / ``best_of``: one
     prefill of the prompt, not ``n``). A shorter prompt's choices all start at once: its prefill costs less
     than the later choices' wait. Separate requests do the same through ``server.prefixes``
     (:mod:`dualpath.http.prefix_share`): a prompt sharing a long prefix with a request being prefilled is
@@ -714,7 +713,7 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
                 raise _map_error(first[1], retry)
             c.t_first = c.t_last = time.perf_counter()
             if i in followers:
-                await _next_event_arrived(c.job)
+                await c.job.stored.wait()  # (or its end)
                 for j in followers.pop(i):
                     submit(j)
         choices = [c for c in slots if c is not None]
@@ -743,16 +742,6 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
                 job.cancel()  # (idempotent: a finished job is left alone)
             watcher.cancel()
             m.inflight.dec()
-
-
-async def _next_event_arrived(job: Job) -> None:
-    """Wait until ``job`` has another event queued, leaving it (and all after it) in the queue, in order."""
-    q = job.queue
-    got = [await q.get()]
-    while not q.empty():  # (no await from here on: nothing else can put into the queue meanwhile)
-        got.append(q.get_nowait())
-    for ev in got:
-        q.put_nowait(ev)
 
 
 async def serve_job(server: Server, request: Request, endpoint: str, gen: GenRequest, stops: list[str],

@@ -87,19 +87,19 @@ class Job:
     timed_out: bool = False  # cancelled by its deadline (http.request_timeout_s), not by the client
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens so far (sampling.logprobs set)
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (sampling.prompt_logprobs), once done
-    #: called once, at the job's second event or its end (its prompt's Full Blocks are stored by then)
+    #: called once, when the decode engine says the prompt's Full Blocks are stored, or at the job's end
     on_prefix_stored: list[Callable[[], None]] = field(default_factory=list)
-    events: int = 0  # events queued so far
+    stored: asyncio.Event = field(default_factory=asyncio.Event)  # set at the same moment
 
     def put(self, ev: tuple[str, Any]) -> None:
         """Queue an event for the response."""
         self.queue.put_nowait(ev)
-        self.events += 1
-        if self.events == 2 or ev[0] != "token":
+        if ev[0] != "token":  # its end: whatever was going to be stored is
             self.prefix_stored()
 
     def prefix_stored(self) -> None:
-        """Run the :attr:`on_prefix_stored` callbacks (once: later calls do nothing)."""
+        """Set :attr:`stored` and run the :attr:`on_prefix_stored` callbacks (once: later calls do nothing)."""
+        self.stored.set()
         hooks, self.on_prefix_stored = self.on_prefix_stored, []
         for hook in hooks:
             hook()
@@ -162,7 +162,8 @@ class _StreamingCluster:
                 try:
                     result = await self.cluster.run_turn(str(session), prompt_ids, gen_tokens, pe, de, path,
                                                          pe_blocks, sampling=job.request.sampling,
-                                                         on_token=job.on_token, on_logprob=job.on_logprob)
+                                                         on_token=job.on_token, on_logprob=job.on_logprob,
+                                                         on_stored=job.prefix_stored)
                     job.prompt_logprobs = result.prompt_logprobs
                 finally:
                     tg.cancel_scope.cancel()
@@ -427,7 +428,7 @@ class RemoteBackend(Backend):
         out = await self.client.run_turn(job.session, job.request.prompt_ids, job.request.max_tokens,
                                          sampling=job.request.sampling, on_token=job.on_token,
                                          on_logprob=job.on_logprob, on_info=lambda path, hit: _set_info(job, path, hit),
-                                         deadline_s=self.timeout_s)
+                                         on_stored=job.prefix_stored, deadline_s=self.timeout_s)
         job.path = out.path
         job.prompt_logprobs = out.prompt_logprobs
         return GenResult(tokens=list(out.tokens), prompt_tokens=out.prompt_tokens, cached_tokens=out.hit_tokens,

@@ -45,7 +45,7 @@ class HttpConfig(Section):
     shared_prefill_min_tokens: int = Field(
         default=256, ge=0,
         description="choices of one prompt at least this long (n, best_of) share its prefill: the first is "
-                    "computed, the others start at its second token and load the prompt's KV from storage; "
+                    "computed, the others start once its prompt's KV is stored and load it from storage; "
                     "0 shares every prompt's; also the least prefix separate requests arriving together must share "
                     "for the later ones to wait for the first's (inflight_prefix_wait_s)")
     inflight_prefix_wait_s: float = Field(

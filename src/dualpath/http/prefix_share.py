@@ -1,16 +1,16 @@
 """Requests that arrive together and share a long prompt prefix compute it once.
 
-The KV of a prompt reaches storage only after its prefill: the decode engine stores the prompt's Full Blocks
-between its first token and its first decode step. Requests that arrive while another request with the same
+The KV of a prompt reaches storage only after its prefill: the decode engine writes the prompt's Full Blocks
+after its first token, while the request decodes, and then says so (``Job.stored``). Requests that arrive while another request with the same
 long prefix is being prefilled (an agent framework fanning out sub-tasks over one context, an evaluation
 harness sending the choices of a multiple-choice question at once, ``n`` separate clients with one system
 prompt) would each compute that prefix again. :class:`InflightPrefixes` holds them back instead, in the manner
 of SGLang's in-batch prefix-caching check:
 
 * a request being served registers its prompt's prefixes (chain hashes of its :data:`GRANULE`-token pieces)
-  until its job's second event (its second token, or its end), by when its prefix is stored;
+  until its prefix is stored (or its job ends);
 * a new request first looks up the longest prefix it shares with a registered one. If that is at least
-  ``min_tokens`` long it waits for that job's second event (at most ``max_wait_s``) and then loads the prefix
+  ``min_tokens`` long it waits for that (at most ``max_wait_s``) and then loads the prefix
   from storage like any later request;
 * a request that asks for its prompt's log-probabilities is never held back: its prefill recomputes the prompt.
 
@@ -85,7 +85,7 @@ class InflightPrefixes:
 
     def lead(self, keys: list[int]) -> _Lead | None:
         """Register a request that is starting with prefix ``keys`` (from :meth:`admit`); None when there is
-        nothing to register. Call :meth:`done` with the result at its second event or its end."""
+        nothing to register. Call :meth:`done` with the result once its prefix is stored, or at its end."""
         if not keys:
             return None
         lead = _Lead()

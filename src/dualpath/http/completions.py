@@ -258,6 +258,10 @@ class _Answer:
                                 "created": self.created, "model": self.server.model_name, "choices": [choice]}
         if self._include_usage:
             data["usage"] = None
+            if self.req.stream_options.continuous_usage_stats:  # type: ignore[union-attr]
+                n_prompt, n_out = len(c.job.request.prompt_ids), 0 if self.zero else len(c.detok.ids)
+                data["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                                 "total_tokens": n_prompt + n_out}
         return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
     @property

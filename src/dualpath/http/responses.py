@@ -39,6 +39,7 @@ template, and its reused prefix is a storage hit.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -143,8 +144,8 @@ class ResponsesRequest(BaseModel):
             return "text.format", "text.format: 'schema' must be a JSON schema object"
         if self.background:
             return "background", "background: background responses are not supported"
-        if self.truncation not in (None, "disabled"):
-            return "truncation", "truncation: only 'disabled' is supported (a prompt that does not fit is an error)"
+        if self.truncation not in (None, "disabled", "auto"):
+            return "truncation", f"truncation: must be 'auto' or 'disabled' (got {self.truncation!r})"
         if isinstance(self.input, list):
             for i, item in enumerate(self.input):
                 if item.type == "function_call":
@@ -259,11 +260,21 @@ def add_routes(app: FastAPI, server: Any) -> None:
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         server.admit()
         tools = body.function_tools()
-        messages, native = server.tool_prompt(system + conversation, tools)
         effort = (body.reasoning or {}).get("effort")
-        ids = server.render_chat(messages, "input", tools=native,
-                                 template_kwargs=with_effort(body.chat_template_kwargs,
-                                                             effort if isinstance(effort, str) else None))
+        kwargs = with_effort(body.chat_template_kwargs, effort if isinstance(effort, str) else None)
+
+        head = list(itertools.takewhile(lambda m: m["role"] == "system", conversation))  # (kept, as instructions)
+
+        def render(start: int) -> list[int]:
+            """The prompt of the conversation from item ``start`` on (after the instructions)."""
+            kept = conversation if start == 0 else head + conversation[start:]
+            messages, native = server.tool_prompt(system + kept, tools)
+            return server.render_chat(messages, "input", tools=native, template_kwargs=kwargs)
+
+        ids = render(0)
+        ctx = server.backend.max_context
+        if body.truncation == "auto" and ctx and len(ids) + (body.max_output_tokens or 1) > ctx:
+            ids = _truncated(render, conversation, ctx - (body.max_output_tokens or 1), ids)
         limit = server.limit(len(ids), body.max_output_tokens, "max_output_tokens")
         return await _serve(server, store, request, body, conversation, ids, limit, tools)
 
@@ -283,6 +294,26 @@ def add_routes(app: FastAPI, server: Any) -> None:
             raise ApiError(404, f"Response with id {response_id!r} not found.", "not_found_error",
                            param="response_id")
         return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+def _truncated(render: Any, conversation: list[dict[str, Any]], budget: int, full: list[int]) -> list[int]:
+    """``truncation: "auto"``: the prompt without the fewest leading turns (a turn starts at a user message, so
+    a tool result never loses its call and the conversation still starts with the user; system and developer
+    messages before the first turn stay) that leaves it at most
+    ``budget`` tokens; the last turn is always kept (a prompt still too long then is the usual 400). Dropping
+    more turns never lengthens the prompt, so the cut is found by bisection over the turns' starts."""
+    starts = [i for i, m in enumerate(conversation) if i > 0 and m.get("role") == "user"]
+    lo, hi, best = 0, len(starts) - 1, full
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ids = render(starts[mid])
+        if len(ids) <= budget:
+            best, hi = ids, mid - 1
+        else:
+            lo = mid + 1
+    if best is full and starts:
+        best = render(starts[-1])  # (still too long: the shortest prompt, for the error that follows)
+    return list(best)
 
 
 def _call_item(call: ToolCall) -> dict[str, Any]:
@@ -322,7 +353,7 @@ def _response(server: Any, rid: str, mid: str, created: int, body: ResponsesRequ
         "store": bool(body.store if body.store is not None else True),
         "temperature": body.temperature if body.temperature is not None else server.config.default_temperature,
         "text": {"format": (body.text or {}).get("format") or {"type": "text"}}, "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
-        "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": "disabled", "usage": usage,
+        "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": body.truncation or "disabled", "usage": usage,
         "user": body.user, "metadata": body.metadata or {},
     }
 

@@ -60,6 +60,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = False
+    #: (vLLM's) with include_usage: every chunk carries its choice's usage so far
+    continuous_usage_stats: bool | None = False
     include_obfuscation: bool | None = None  # accepted; this server adds no obfuscation padding
 
 

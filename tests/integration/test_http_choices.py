@@ -298,3 +298,93 @@ def test_responses_api_logprobs(client):
     # not asked: none
     plain = client.responses.create(**{**kw, "include": None})
     assert plain.output[0].content[0].logprobs == []
+
+
+def _greedy_masked(hf, prompt: list[int], n: int, allowed: set[int] | None = None,
+                   bad: list[tuple[int, ...]] = ()) -> list[int]:
+    """transformers' greedy continuation with vLLM's ``allowed_token_ids`` / ``bad_words`` masks written out here:
+    only ``allowed`` tokens; a bad word's last token masked while the generated tokens end with the rest of it."""
+    ids: list[int] = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + ids])).logits[0, -1].clone()
+        if allowed is not None:
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            keep[sorted(allowed)] = True
+            logits[~keep] = float("-inf")
+        for w in bad:
+            if len(w) == 1 or (len(ids) >= len(w) - 1 and tuple(ids[len(ids) - len(w) + 1:]) == w[:-1]):
+                logits[w[-1]] = float("-inf")
+        ids.append(int(logits.argmax()))
+    return ids
+
+
+def test_allowed_token_ids_and_bad_words_follow_transformers(client, hf, embedded_http):
+    """vLLM's ``allowed_token_ids`` and ``bad_words``: greedy answers equal transformers' greedy continuation
+    under the same masks (written out in the test), and a bad word never appears in the text; ids outside the
+    vocabulary and empty words are 400s naming the field."""
+    tok = embedded_http[1]
+    prompt = list(tok.encode("The capital of France is", add_special_tokens=False))
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+    base = plain.choices[0].model_extra["token_ids"]
+    allowed = {base[1], base[2], 13, 30}  # not the first token the model would pick
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True, "return_token_ids": True,
+                                              "allowed_token_ids": sorted(allowed)})
+    got = r.choices[0].model_extra["token_ids"]
+    assert set(got) <= allowed and got == _greedy_masked(hf, prompt, 6, allowed=allowed)
+    sampled = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.5, seed=3,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                    "allowed_token_ids": sorted(allowed)})
+    assert set(sampled.choices[0].model_extra["token_ids"]) <= allowed
+    word = tok.decode(base[:1]).strip()  # the model's first word ("Paris"), banned
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True, "return_token_ids": True, "bad_words": [word]})
+    seqs = [tuple(tok.encode(word, add_special_tokens=False)), tuple(tok.encode(" " + word, add_special_tokens=False))]
+    got = r.choices[0].model_extra["token_ids"]
+    assert got != base and got == _greedy_masked(hf, prompt, 6, bad=seqs)
+    assert word not in r.choices[0].text
+    for extra, param in (({"allowed_token_ids": [10**7]}, "allowed_token_ids"), ({"bad_words": [" "]}, "bad_words")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body=extra)
+        assert e.value.body["param"] == param
+
+
+def test_vllm_request_fields_clients_send(client, embedded_http):
+    """``truncate_prompt_tokens`` keeps the prompt's last tokens (the answer is that of the cut prompt),
+    ``request_id`` names the response, ``return_tokens_as_token_ids`` names logprob tokens ``token_id:<id>``
+    (``add_special_tokens``: tests/unit/test_http_add_special_tokens.py); ``priority`` other than 0 and the fields this server cannot
+    honour are 400s naming them, their "off" values are accepted."""
+    tok = embedded_http[1]
+    prompt = "Once upon a time, in a land far away, there lived a"
+    ids = list(tok.encode(prompt))
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=1,
+                                    extra_body={"truncate_prompt_tokens": 5, "request_id": "abc-1",
+                                                "return_tokens_as_token_ids": True, "return_token_ids": True})
+    ref = client.completions.create(model=MODEL, prompt=ids[-5:], max_tokens=4, temperature=0,
+                                    extra_body={"return_token_ids": True})
+    got = cut.choices[0].model_extra["token_ids"]
+    assert cut.usage.prompt_tokens == 5 and got == ref.choices[0].model_extra["token_ids"]
+    assert cut.id == "cmpl-abc-1"
+    assert cut.choices[0].logprobs.tokens == [f"token_id:{t}" for t in got]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          logprobs=True, extra_body={"request_id": "r2",
+                                                                     "return_tokens_as_token_ids": True,
+                                                                     "truncate_prompt_tokens": -1})
+    assert chat.id == "chatcmpl-r2" and chat.choices[0].logprobs.content[0].token.startswith("token_id:")
+    accepted = {"priority": 0, "use_beam_search": False, "length_penalty": 1.0, "cache_salt": None,
+                "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_logprobs": None,
+                "spaces_between_special_tokens": True, "guided_decoding_backend": "xgrammar"}
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body=accepted)
+    assert r.choices[0].finish_reason == "length"
+    for field, value in (("priority", 1), ("use_beam_search", True), ("cache_salt", "tenant-a"),
+                         ("prompt_logprobs", 1), ("truncate_prompt_tokens", 10**6)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={field: value})
+        assert e.value.body["param"] == field
+    for field, value in (("chat_template", "{{ messages }}"), ("echo", True)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                           extra_body={field: value})
+        assert e.value.body["param"] == field

@@ -42,6 +42,8 @@ MAX_TOKENS = 1 << 20  # tokens of one prompt
 MAX_BIN = MAX_TOKENS * 8
 U63 = (1 << 63) - 1
 MAX_BIAS = 1 << 12  # logit_bias entries of one request
+MAX_ALLOWED = 1 << 18  # allowed token ids of one request
+MAX_BAD_IDS = 1 << 14  # tokens of one request's bad words, all together
 MAX_LP_WIDTH = 21  # logprob entries per streamed token: the picked one and up to 20 most likely
 MAX_LP_BIN = (1 << 16) * MAX_LP_WIDTH * 4  # a notice's tokens (at most 2^16), each with MAX_LP_WIDTH entries
 MAX_PLP_BIN = MAX_TOKENS * MAX_LP_WIDTH * 4  # a prompt's tokens, each with MAX_LP_WIDTH entries (the frame cap rules)
@@ -222,6 +224,9 @@ SAMPLING_FIELDS: dict[str, F] = {
     "repetition_penalty": F("float", required=False, lo=1e-6, hi=10.0),
     "bias_ids": F("ints", required=False, max_len=MAX_BIAS, lo=0, hi=(1 << 31) - 1),  # logit_bias: token ids
     "bias_vals": F("bin", required=False, max_len=MAX_BIAS * 4, multiple=4),  # ... and float32 biases
+    "allowed_ids": F("ints", required=False, max_len=MAX_ALLOWED, lo=0, hi=(1 << 31) - 1),  # only these tokens
+    "bad_ids": F("ints", required=False, max_len=MAX_BAD_IDS, lo=0, hi=(1 << 31) - 1),  # bad words' tokens, joined
+    "bad_lens": F("ints", required=False, max_len=MAX_BIAS, lo=1, hi=MAX_BAD_IDS),  # ... and each word's length
 }
 SCHEMAS["submit"].update(SAMPLING_FIELDS)
 SCHEMAS["submit"]["stream"] = F("int", required=False, lo=0, hi=U63)  # > 0: send ``stream`` notices with this id
@@ -261,6 +266,11 @@ def sampling_body(params: Any) -> dict[str, Any]:
     if params.logit_bias:
         out["bias_ids"] = [int(t) for t, _ in params.logit_bias]
         out["bias_vals"] = np.asarray([b for _, b in params.logit_bias], dtype="<f4").tobytes()
+    if params.allowed_ids:
+        out["allowed_ids"] = [int(t) for t in params.allowed_ids]
+    if params.bad_words:
+        out["bad_ids"] = [int(t) for w in params.bad_words for t in w]
+        out["bad_lens"] = [len(w) for w in params.bad_words]
     return out
 
 
@@ -285,7 +295,9 @@ def sampling_of(body: Mapping[str, Any], where: str) -> Any:
                               presence_penalty=float(body.get("presence_penalty", 0.0)),
                               frequency_penalty=float(body.get("frequency_penalty", 0.0)),
                               repetition_penalty=float(body.get("repetition_penalty", 1.0)),
-                              logit_bias=_bias(body, where))
+                              logit_bias=_bias(body, where),
+                              allowed_ids=tuple(int(t) for t in body.get("allowed_ids", ())),
+                              bad_words=_bad_words(body, where))
     except ModelError as exc:
         raise ProtocolError(f"{where}: {exc}") from None
 
@@ -295,6 +307,17 @@ def _bias(body: Mapping[str, Any], where: str) -> tuple[tuple[int, float], ...]:
     if len(vals) != 4 * len(ids):
         raise ProtocolError(f"{where}: bias_vals must hold one float32 per entry of bias_ids")
     return tuple(zip((int(t) for t in ids), (float(v) for v in np.frombuffer(vals, dtype="<f4")), strict=True))
+
+
+def _bad_words(body: Mapping[str, Any], where: str) -> tuple[tuple[int, ...], ...]:
+    ids, lens = body.get("bad_ids", []), body.get("bad_lens", [])
+    if sum(lens) != len(ids):
+        raise ProtocolError(f"{where}: bad_lens must add up to the length of bad_ids")
+    out, at = [], 0
+    for n in lens:
+        out.append(tuple(int(t) for t in ids[at:at + n]))
+        at += n
+    return tuple(out)
 
 
 def _utf8(data: bytes, where: str) -> str:

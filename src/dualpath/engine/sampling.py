@@ -24,6 +24,9 @@ temperature and filtering): ``logit_bias`` adds to the named tokens' logits; ``r
 Face's definition) divides a positive logit and multiplies a negative one of every token in the prompt or
 generated so far; ``frequency_penalty`` subtracts ``penalty x count`` and ``presence_penalty`` subtracts itself
 from the logit of every token generated so far. Log-probabilities stay those of the raw logits.
+``allowed_ids`` (vLLM's ``allowed_token_ids``): every other token is masked. ``bad_words`` (vLLM's, as token
+sequences): a one-token word is never picked; a longer one's last token is masked while the tokens generated last
+equal the rest of it (so the whole word is never generated, the prompt's tokens not counted).
 
 ``grammar``: constrained decoding (:mod:`dualpath.engine.grammar`): the tokens the grammar does not allow next
 are masked after the ``min_tokens`` mask; once the grammar is complete the next pick is the end-of-sequence token
@@ -76,12 +79,14 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # ... times the number of times it was generated
     repetition_penalty: float = 1.0  # a prompt or generated token's logit divided (> 0) or multiplied (< 0) by it
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    allowed_ids: tuple[int, ...] = ()  # non-empty: only these tokens may be picked
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never generated (module docstring)
 
     @property
     def adjusts(self) -> bool:
-        """Any penalty or bias is set (the logits are adjusted before each pick)."""
+        """Any penalty, bias or mask is set (the logits are adjusted before each pick)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+                    or self.logit_bias or self.allowed_ids or self.bad_words)
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0) or self.temperature > 100.0:
@@ -105,6 +110,10 @@ class SamplingParams:
         for tid, bias in self.logit_bias:
             if tid < 0 or not -100.0 <= bias <= 100.0:
                 raise ModelError(f"sampling.logit_bias: token {tid} bias {bias}: ids are >= 0, biases in [-100, 100]")
+        if any(t < 0 for t in self.allowed_ids):
+            raise ModelError("sampling.allowed_ids: token ids are >= 0")
+        if any(not w or any(t < 0 for t in w) for w in self.bad_words):
+            raise ModelError("sampling.bad_words: each word is a non-empty sequence of token ids >= 0")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= MAX_LOGPROBS:
@@ -148,6 +157,8 @@ class Sampler:
         self.stop_ids = frozenset(int(t) for t in self.params.stop_ids)
         self._stop_index: torch.Tensor | None = None
         self.last: TokenLogprob | None = None  # the last pick's logprobs (params.logprobs set), until taken
+        self._allowed: torch.Tensor | None = None  # params.allowed_ids as a mask (built at the first pick)
+        self._out: list[int] = []  # the tokens generated so far (kept for params.bad_words)
 
     def __call__(self, logits: torch.Tensor, generated: int = 0) -> int:
         """The next token for one row of ``logits`` (shape ``[vocab]``), ``generated`` tokens having been picked
@@ -169,6 +180,8 @@ class Sampler:
             self.counts[tok] = self.counts.get(tok, 0) + 1
             if self.params.repetition_penalty != 1.0:
                 self._seen.add(tok)
+            if self.params.bad_words:
+                self._out.append(tok)
         return tok
 
     def _pick(self, logits: torch.Tensor) -> int:
@@ -203,6 +216,18 @@ class Sampler:
             ids = torch.tensor([t for t in self.counts if t < n], dtype=torch.long, device=x.device)
             cnt = torch.tensor([self.counts[t] for t in self.counts if t < n], dtype=torch.float32, device=x.device)
             x[ids] -= p.frequency_penalty * cnt + p.presence_penalty
+        if p.allowed_ids:
+            if self._allowed is None or self._allowed.numel() != n or self._allowed.device != x.device:
+                keep = torch.tensor([t for t in p.allowed_ids if t < n], dtype=torch.long, device=x.device)
+                self._allowed = torch.ones(n, dtype=torch.bool, device=x.device).index_fill_(0, keep, False)
+            x = x.masked_fill(self._allowed, float("-inf"))
+        if p.bad_words:
+            out = self._out
+            banned = [w[-1] for w in p.bad_words
+                      if w[-1] < n and (len(w) == 1 or (len(out) >= len(w) - 1 and tuple(out[len(out) - len(w) + 1:])
+                                                        == w[:-1]))]
+            if banned:
+                x[torch.tensor(banned, dtype=torch.long, device=x.device)] = float("-inf")
         return x
 
     def take(self) -> TokenLogprob | None:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -250,6 +250,10 @@ class Server:
             if b.vocab_size and tid >= b.vocab_size:
                 raise ApiError(400, f"logit_bias: token id {tid} is outside the vocabulary of {b.vocab_size}",
                                param="logit_bias")
+        allowed = tuple(sorted({int(t) for t in getattr(req, "allowed_token_ids", None) or ()}))
+        if allowed and b.vocab_size and allowed[-1] >= b.vocab_size:
+            raise ApiError(400, f"allowed_token_ids: token id {allowed[-1]} is outside the vocabulary of "
+                                f"{b.vocab_size}", param="allowed_token_ids")
         try:
             return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k,
                                   min_p=min_p, seed=req.seed, stop_ids=tuple(sorted(stop_ids)),
@@ -257,7 +261,8 @@ class Server:
                                   presence_penalty=float(getattr(req, "presence_penalty", None) or 0.0),
                                   frequency_penalty=float(getattr(req, "frequency_penalty", None) or 0.0),
                                   repetition_penalty=rep,
-                                  logit_bias=bias)
+                                  logit_bias=bias, allowed_ids=allowed,
+                                  bad_words=self.bad_word_ids(getattr(req, "bad_words", None) or ()))
         except ModelError as exc:
             raise ApiError(400, str(exc)) from None
 
@@ -279,6 +284,25 @@ class Server:
                            param=param, code="context_length_exceeded")
         return requested
 
+    def bad_word_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        """vLLM's ``bad_words`` as token sequences: each word as it starts a text and, where that is a different
+        word token of the same length, as it follows a space (so it is banned at the start and inside the text)."""
+        if not words:
+            return ()
+        tok = self.backend.tokenizer
+        if tok is None:
+            raise ApiError(400, "bad_words: the served model has no tokenizer; send logit_bias", param="bad_words")
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            bare = tuple(tok.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(tok.encode(" " + word.lstrip(), add_special_tokens=False))
+            if not bare:
+                raise ApiError(400, f"bad_words: {word!r} has no tokens", param="bad_words")
+            out.append(bare)
+            if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+                out.append(spaced)
+        return tuple(out)
+
     # --- prompts ------------------------------------------------------------------------------------------
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if req.continue_final_message:
@@ -298,7 +322,8 @@ class Server:
         return self.render_chat(messages, "messages", add_generation_prompt=req.add_generation_prompt,
                                 continue_final_message=req.continue_final_message,
                                 template_kwargs=with_effort(req.chat_template_kwargs, req.reasoning_effort),
-                                tools=native)
+                                tools=native, documents=req.documents,
+                                add_special_tokens=bool(req.add_special_tokens))
 
     def tool_prompt(self, messages: list[dict[str, Any]],
                     tools: list[ToolDef]) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -350,12 +375,14 @@ class Server:
 
     def render_chat(self, messages: list[dict[str, Any]], param: str, *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None, documents: list[dict[str, str]] | None = None,
+                    add_special_tokens: bool = False) -> list[int]:
         """The prompt ids of ``messages`` rendered by the checkpoint's chat template (``param``: the field an
         error names). ``continue_final_message``: the rendering ends with the final message's content (the
         template's end-of-turn text after it is cut, as transformers and vLLM do). ``template_kwargs``
         (``chat_template_kwargs``): extra variables of the template; one of the call's own arguments is refused.
-        ``tools``: tool definitions for a template that renders them."""
+        ``tools``: tool definitions for a template that renders them; ``documents``: retrieval documents for one
+        that renders them; ``add_special_tokens``: the tokenizer's own (a BOS the template did not write) too."""
         tok = self.backend.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise ApiError(400, "the served model has no chat template; use /v1/completions", param=param)
@@ -369,12 +396,14 @@ class Server:
         try:
             if tools:
                 extra["tools"] = tools
+            if documents:
+                extra["documents"] = documents
             text = tok.apply_chat_template(template_messages(tok, messages), tokenize=False,
                                            add_generation_prompt=add_generation_prompt,
                                            continue_final_message=continue_final_message, **extra)
         except Exception as exc:  # the template's own checks (e.g. roles must alternate) raise jinja errors
             raise ApiError(400, f"{param}: the model's chat template refused them: {exc}", param=param) from None
-        return list(tok.encode(str(text), add_special_tokens=False))
+        return list(tok.encode(str(text), add_special_tokens=add_special_tokens))
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         """The token ids of each prompt of a completions request (one, or a batch)."""
@@ -396,7 +425,8 @@ class Server:
             tok = self.backend.tokenizer
             if tok is None:
                 raise ApiError(400, "the served model has no tokenizer; send the prompt as token ids", param="prompt")
-            out.append(list(tok.encode(str(item))))
+            special = True if req.add_special_tokens is None else req.add_special_tokens
+            out.append(list(tok.encode(str(item), add_special_tokens=special)))
         return out
 
 

@@ -55,6 +55,15 @@ MAX_CHOICES = 128  # generations of one request (prompts x n, or x best_of)
 async def serve(server: Server, request: Request, kind: str, req: ChatCompletionRequest | CompletionRequest,
                 prompts: list[list[int]]) -> Response:
     """Answer a validated chat (``kind`` ``chat``) or completions request whose prompts are ``prompts``."""
+    if req.truncate_prompt_tokens is not None:  # (vLLM's) keep each prompt's last k tokens
+        ctx = server.backend.max_context
+        k = ctx if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
+        if ctx and k > ctx:
+            raise ApiError(400, f"truncate_prompt_tokens: {k} exceeds the model's context of {ctx} tokens",
+                           param="truncate_prompt_tokens")
+        if k == 0:
+            raise ApiError(400, "truncate_prompt_tokens: 0 would leave no prompt", param="truncate_prompt_tokens")
+        prompts = [ids[-k:] for ids in prompts]
     per_prompt = max(int(req.n or 1), int(getattr(req, "best_of", None) or 1))
     if per_prompt * len(prompts) > MAX_CHOICES:
         raise ApiError(400, f"n: {len(prompts)} prompt(s) x {per_prompt} generations exceeds the limit of "
@@ -97,6 +106,12 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
                                readers=readers, thinkers=thinkers)
 
 
+def _as_token_ids(tid: int) -> tuple[str, list[int]]:
+    """A token named as vLLM's ``return_tokens_as_token_ids`` names it in log-probabilities."""
+    s = f"token_id:{int(tid)}"
+    return s, list(s.encode())
+
+
 def _top(req: ChatCompletionRequest | CompletionRequest) -> int | None:
     """How many most likely tokens to report with each token; None: no logprobs."""
     if isinstance(req, ChatCompletionRequest):
@@ -111,9 +126,10 @@ class _Answer:
                  prompts: list[list[int]], per_prompt: int, top: int | None) -> None:
         self.server, self.kind, self.req, self.prompts = server, kind, req, prompts
         self.per_prompt, self.n, self.top = per_prompt, int(req.n or 1), top
-        self.rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{req.request_id or uuid.uuid4().hex}"
         self.obj = ("chat.completion" if kind == "chat" else "text_completion")
-        self.text = server.token_text if top is not None else None
+        self.text = (_as_token_ids if req.return_tokens_as_token_ids else server.token_text) if top is not None \
+            else None
         self.echo = bool(getattr(req, "echo", False))
         self.zero = req.max_tokens == 0  # (completions with echo: the one token generated is dropped)
         self.created = int(time.time())

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from dualpath.types import TokenLogprob
+
+#: a token id's text and bytes in log-probabilities (a :class:`TokenText`, or vLLM's ``token_id:<id>`` naming)
+TokenNamer = Callable[[int], tuple[str, list[int]]]
 
 FLOOR = -9999.0  # what -inf is written as
 
@@ -105,7 +109,7 @@ def generated_logprobs(job: Any, start: int, count: int, who: str = "") -> list[
     return got
 
 
-def chat_entries(text: TokenText, lps: list[TokenLogprob], top: int) -> list[dict[str, Any]]:
+def chat_entries(text: TokenNamer, lps: list[TokenLogprob], top: int) -> list[dict[str, Any]]:
     """The chat ``logprobs.content`` entries of ``lps`` with their ``top`` most likely tokens."""
     out = []
     for lp in lps:
@@ -118,7 +122,7 @@ def chat_entries(text: TokenText, lps: list[TokenLogprob], top: int) -> list[dic
     return out
 
 
-def completion_logprobs(text: TokenText, lps: list[TokenLogprob], top: int, offset: int) -> dict[str, Any]:
+def completion_logprobs(text: TokenNamer, lps: list[TokenLogprob], top: int, offset: int) -> dict[str, Any]:
     """The completions ``logprobs`` object of ``lps`` (``top`` most likely tokens each), the first token's text
     starting at character ``offset`` of the choice's text."""
     tokens, values, tops, offsets = [], [], [], []

@@ -49,6 +49,8 @@ from dualpath.http.tools import FunctionDef, ToolDef
 MAX_STOPS = 32
 #: ``stop_token_ids`` per request (the control protocol carries at most 256 stop ids, end-of-sequence ids included)
 MAX_STOP_TOKEN_IDS = 64
+MAX_ALLOWED_IDS = 1 << 18  # allowed_token_ids entries (any vocabulary this side of 262K)
+MAX_BAD_WORDS = 256
 #: a request's ``seed``: any 64-bit integer, as vLLM takes it (UIs send -1), folded into the sampler's
 #: [0, 2^63) (the same seed, the same draws)
 Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 64) - 1), AfterValidator(lambda s: s % (1 << 63))]
@@ -161,6 +163,24 @@ class _Sampling(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     repetition_penalty: float | None = None
+    allowed_token_ids: list[NonNegativeInt] | None = Field(default=None, min_length=1, max_length=MAX_ALLOWED_IDS)
+    bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # keep the prompt's last k tokens (-1: context)
+    add_special_tokens: bool | None = None  # tokenizing the prompt text (default: completions yes, chat no)
+    request_id: str | None = Field(default=None, max_length=256)  # the response's id (after its prefix)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>"
+    spaces_between_special_tokens: bool = True  # (a slow tokenizer's decoding option: fast ones have none)
+    priority: int = 0  # (scheduling is first come, first served: only 0)
+    guided_decoding_backend: str | None = None  # (accepted: this server has one grammar engine)
+    guided_whitespace_pattern: str | None = None  # (accepted, as structured_outputs.whitespace_pattern)
+    # vLLM's fields this server cannot honour: only their "off" values are accepted (else a 400 naming them)
+    prompt_logprobs: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
     # vLLM's structured-output extensions (at most one; dualpath.engine.grammar)
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -200,6 +220,26 @@ class _Sampling(_Strict):
                 return "logit_bias", f"logit_bias: {key}: biases lie in [-100, 100] (got {bias})"
         if len(self.logit_bias or {}) > 4096:
             return "logit_bias", "logit_bias: at most 4096 entries"
+        if any(not w.strip() for w in self.bad_words or ()):
+            return "bad_words", "bad_words: each word must be non-empty"
+        if self.priority != 0:
+            return "priority", (f"priority: this server schedules first come, first served; only 0 is accepted (got "
+                                f"{self.priority})")
+        refused = {
+            "prompt_logprobs": (self.prompt_logprobs is not None,
+                                "not supported; the completions endpoint scores the prompt with echo: true and "
+                                "logprobs"),
+            "use_beam_search": (self.use_beam_search, "beam search is not supported"),
+            "length_penalty": (self.length_penalty != 1.0, "only applies to beam search, which is not supported"),
+            "cache_salt": (self.cache_salt is not None,
+                           "not supported: every request with the same prompt prefix shares its stored KV"),
+            "kv_transfer_params": (bool(self.kv_transfer_params), "not supported (this server moves KV itself)"),
+            "vllm_xargs": (bool(self.vllm_xargs), "not supported (no custom logits processors)"),
+            "mm_processor_kwargs": (bool(self.mm_processor_kwargs), "not supported (text only)"),
+        }
+        for name, (bad, why) in refused.items():
+            if bad:
+                return name, f"{name}: {why}"
         try:
             guided = self.guided()
         except ValueError as exc:
@@ -253,6 +293,9 @@ class ChatCompletionRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    documents: list[dict[str, str]] | None = None  # (RAG documents for a template that renders them)
+    chat_template: str | None = None  # (refused: the checkpoint's template is the one served)
+    echo: bool = False  # (refused when true)
 
     _legacy: bool = PrivateAttr(default=False)
     _legacy_problem: tuple[str, str] | None = PrivateAttr(default=None)
@@ -318,6 +361,11 @@ class ChatCompletionRequest(_Sampling):
             return "audio", "audio: audio output is not supported"
         if self.web_search_options is not None:
             return "web_search_options", "web_search_options: web search is not supported"
+        if self.chat_template is not None:
+            return "chat_template", ("chat_template: not accepted per request (the checkpoint's template is the one "
+                                     "served; chat_template_kwargs sets its variables)")
+        if self.echo:
+            return "echo", "echo: not supported on chat completions (the completions endpoint echoes the prompt)"
         return None
 
     def limit(self) -> int | None:

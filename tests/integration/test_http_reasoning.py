@@ -113,3 +113,44 @@ async def test_responses_api_reasoning_item_whole_and_streamed(tokenizer):
         assert [o.type for o in r.output][:2] == ["reasoning", "message"]
 
     await _with_server(ScriptedBackend(tokenizer, answer), body, ON)
+
+
+@pytest.mark.anyio
+async def test_responses_api_takes_its_own_output_back_reasoning_and_references(tokenizer):
+    """A stateless agent sends the previous response's output items back as input (store off, as the Agents
+    SDK and Codex do): the reasoning item's text reaches the template as the next assistant message's
+    ``reasoning_content`` (this template renders it as ``[thought: ...]``); a summary-only item gives its
+    summary, an opaque ``encrypted_content`` alone nothing. An ``item_reference`` to a stored response's item
+    is that item; one that names nothing stored is a 400 naming its id."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "{% if m.reasoning_content %}[thought: {{ m.reasoning_content }}]{% endif %}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    backend = ScriptedBackend(tok, f"<think>{THOUGHTS}</think>It is sunny.")
+
+    async def body(client: Any) -> None:
+        r1 = await client.responses.create(model="scripted", input="Weather?", max_output_tokens=300)
+        assert [o.type for o in r1.output] == ["reasoning", "message"]
+        back = [{"role": "user", "content": "Weather?"}, *[o.model_dump(exclude_none=True) for o in r1.output],
+                {"role": "user", "content": "And tomorrow?"}]
+        await client.responses.create(model="scripted", input=back, max_output_tokens=300, store=False)
+        sent = tok.decode(backend.prompts[-1])
+        assert f"It is sunny.[thought: {THOUGHTS}]" in sent and sent.endswith("And tomorrow?<|im_end|>\n"
+                                                                             "<|im_start|>assistant\n")
+        summary = {"type": "reasoning", "id": "rs_x", "summary": [{"type": "summary_text", "text": "short"}]}
+        opaque = {"type": "reasoning", "id": "rs_y", "summary": [], "encrypted_content": "gAAAA"}
+        for item, want in ((summary, "[thought: short]"), (opaque, "It is sunny.<|im_end|>")):
+            await client.responses.create(model="scripted", max_output_tokens=300, input=[
+                back[0], item, {"role": "assistant", "content": "It is sunny."}, back[-1]])
+            assert want in tok.decode(backend.prompts[-1])
+        # an item_reference is the stored item itself: the same prompt as sending it
+        ref = [back[0], {"type": "item_reference", "id": r1.output[0].id},
+               {"type": "item_reference", "id": r1.output[1].id}, back[-1]]
+        await client.responses.create(model="scripted", input=ref, max_output_tokens=300)
+        assert backend.prompts[-1] == backend.prompts[1]
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.responses.create(model="scripted", max_output_tokens=5,
+                                          input=[{"type": "item_reference", "id": "msg_nowhere"}])
+        assert e.value.body["param"] == "input[0].id"
+
+    await _with_server(backend, body, ON)

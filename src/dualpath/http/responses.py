@@ -79,6 +79,9 @@ class InputItem(BaseModel):
     name: str | None = None
     arguments: str | None = None
     output: str | list[InputPart] | None = None
+    # reasoning items (an earlier answer's, sent back) and item references
+    id: str | None = None
+    summary: list[InputPart] | None = None
 
 
 class FunctionTool(FunctionDef):
@@ -156,9 +159,16 @@ class ResponsesRequest(BaseModel):
                     if not item.call_id or item.output is None:
                         return f"input[{i}]", f"input[{i}]: a function_call_output item needs call_id and output"
                     continue
+                if item.type == "reasoning":  # (its text goes to the template as the next answer's reasoning)
+                    continue
+                if item.type == "item_reference":  # (resolved against the stored responses: resolve_references)
+                    if not item.id:
+                        return f"input[{i}].id", f"input[{i}]: an item_reference needs the id of an item"
+                    continue
                 if item.type not in (None, "message"):
                     return f"input[{i}].type", f"input[{i}]: items of type {item.type!r} are not supported " \
-                                               "(only messages, function_call and function_call_output)"
+                                               "(only messages, reasoning, function_call, function_call_output " \
+                                               "and item_reference)"
                 if item.role is None:
                     return f"input[{i}].role", f"input[{i}]: a message needs a role"
                 if isinstance(item.content, list):
@@ -185,25 +195,54 @@ class ResponsesRequest(BaseModel):
     def messages(self) -> list[dict[str, Any]]:
         """This request's input as chat messages (``developer`` as ``system``), without ``instructions``:
         ``function_call`` items are the ``tool_calls`` of the assistant message just before them (or of one of
-        their own), a ``function_call_output`` is a ``tool`` message."""
+        their own), a ``function_call_output`` is a ``tool`` message, and a ``reasoning`` item's text (its
+        content, else its summary; an opaque ``encrypted_content`` alone has none) is the ``reasoning_content`` of
+        the assistant message it precedes, as chat templates that render earlier thoughts read it."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
         out: list[dict[str, Any]] = []
+        thoughts: list[str] = []  # reasoning items waiting for the answer they belong to
+
+        def answer(msg: dict[str, Any]) -> dict[str, Any]:
+            if thoughts:
+                msg["reasoning_content"] = msg.get("reasoning_content", "") + "".join(thoughts)
+                thoughts.clear()
+            return msg
+
         for item in self.input:
+            if item.type == "reasoning":
+                text = _text(item.content) or _text(item.summary)
+                if text:
+                    thoughts.append(text)
+                continue
             if item.type == "function_call":
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
                 if out and out[-1]["role"] == "assistant":  # the calls of the answer just before: one turn
-                    out[-1].setdefault("tool_calls", []).append(call)
+                    answer(out[-1]).setdefault("tool_calls", []).append(call)
                 else:
-                    out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                    out.append(answer({"role": "assistant", "content": "", "tool_calls": [call]}))
                 continue
             if item.type == "function_call_output":
                 out.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
                 continue
             role = "system" if item.role == "developer" else str(item.role)
-            out.append({"role": role, "content": _text(item.content)})
+            msg = {"role": role, "content": _text(item.content)}
+            out.append(answer(msg) if role == "assistant" else msg)
         return out
+
+    def resolve_references(self, find: Any) -> tuple[str, str] | None:
+        """Replace each ``item_reference`` by the item it names (``find(id)``: an item of a stored response's
+        output, or None); ``(field, message)`` for one that names no stored item."""
+        if isinstance(self.input, str):
+            return None
+        for i, item in enumerate(self.input):
+            if item.type == "item_reference":
+                got = find(item.id)
+                if got is None:
+                    return f"input[{i}].id", f"input[{i}]: no stored response holds an item with id {item.id!r}"
+                self.input[i] = InputItem.model_validate(got)
+        return None
 
 
 def _text(c: str | list[InputPart] | None) -> str:
@@ -233,6 +272,14 @@ class ResponseStore:
     def delete(self, rid: str) -> bool:
         return self._items.pop(rid, None) is not None
 
+    def find_item(self, item_id: str) -> dict[str, Any] | None:
+        """The output item ``item_id`` of a stored response (newest first), or None."""
+        for _, body in reversed(self._items.values()):
+            for item in body.get("output", ()):
+                if item.get("id") == item_id:
+                    return dict(item)
+        return None
+
 
 def add_routes(app: FastAPI, server: Any) -> None:
     """``/v1/responses`` on ``app`` (``server``: the app's :class:`~dualpath.http.app.Server`)."""
@@ -246,7 +293,8 @@ def add_routes(app: FastAPI, server: Any) -> None:
         if body.model is not None and body.model != server.model_name:
             raise ApiError(404, f"The model {body.model!r} does not exist; this server serves "
                                 f"{server.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
-        bad = body.unsupported()
+        # (the items referenced are then checked as if sent; a stored output holds no item_reference)
+        bad = body.unsupported() or body.resolve_references(store.find_item) or body.unsupported()
         if bad is not None:
             raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
         history: list[dict[str, Any]] = []

@@ -384,3 +384,33 @@ async def test_a_job_says_its_prompt_is_stored_while_it_still_decodes():
         assert events[-1][0] == "done" and len(events) == 61
     finally:
         await backend.close()
+
+
+@pytest.mark.anyio
+async def test_cache_salt_shares_stored_kv_only_within_a_salt():
+    """vLLM's ``cache_salt``: a prompt stored under one salt is a hit for the same salt only (not for another
+    salt, not for none), and the answer is the same tokens either way; an empty salt is a 400 naming it."""
+    prompt = list(range(7, 7 + 12 * 16 + 3))  # 12 Full Blocks of 16 tokens
+    async with anyio.create_task_group() as tg:
+        srv = await _start(tg, _config(), HttpConfig(port=0))
+        try:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as cl:
+                async def complete(salt: str | None) -> tuple[list[int], int]:
+                    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "return_token_ids": True}
+                    if salt is not None:
+                        body["cache_salt"] = salt
+                    r = await cl.post("/v1/completions", json=body)
+                    assert r.status_code == 200, r.text
+                    out = r.json()
+                    return out["choices"][0]["token_ids"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+                first, hit = await complete("tenant-a")
+                assert hit == 0
+                for salt, want in (("tenant-a", 12 * 16), ("tenant-b", 0), (None, 0), ("tenant-b", 12 * 16),
+                                   (None, 12 * 16)):
+                    toks, hit = await complete(salt)
+                    assert toks == first and hit == want, (salt, hit)
+                r = await cl.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "cache_salt": ""})
+                assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+        finally:
+            srv.stop.set()

@@ -258,3 +258,21 @@ def test_the_client_hears_once_that_the_prompt_is_stored_while_the_turn_decodes(
             assert out.hit_tokens == 0 and follower[0].hit_tokens == 6 * bt
 
     anyio.run(main)
+
+
+def test_a_cache_salt_keeps_a_deployments_stored_prefixes_apart(dep) -> None:
+    """``run_turn(salt=)`` in a deployment: the salt reaches the scheduler's lookups and both engines' keys, so
+    a prompt stored under one salt is a hit for that salt only; the tokens are the same either way."""
+    d, cfg = dep
+    bt = cfg.cluster.block_tokens
+    prompt = [(13 * i + 1) % VOCAB for i in range(5 * bt + 2)]
+
+    async def main() -> None:
+        async with ServeClient.from_config(d.address, cfg) as c:
+            first = await c.run_turn(60, prompt, 3, salt="tenant-a")
+            assert first.hit_tokens == 0
+            for i, (salt, want) in enumerate((("tenant-a", 5 * bt), ("tenant-b", 0), (None, 0))):
+                out = await c.run_turn(61 + i, prompt, 3, salt=salt)
+                assert out.tokens == first.tokens and out.hit_tokens == want, (salt, out.hit_tokens)
+
+    anyio.run(main)

@@ -61,3 +61,18 @@ def test_keys_identical_across_processes_and_hash_seeds():
 def test_rejects_bad_tokens():
     with pytest.raises(ValueError):
         BlockKeyer(NS).keys([-1, 2, 3, 4])
+
+
+def test_a_cache_salt_keys_a_prompt_apart_and_its_chain_continues():
+    """vLLM's ``cache_salt``: the same tokens under another salt, or none, share no key; under the same salt
+    every key is equal; a chain continued from a salted parent is the salted whole (decode's new blocks)."""
+    keyer = BlockKeyer(NS)
+    toks = list(range(12))
+    plain, a, a2, b = (keyer.keys(toks, salt=s) for s in (None, "tenant-a", "tenant-a", "tenant-b"))
+    assert a == a2 and len(a) == 3
+    assert not ({*a} & {*plain}) and not ({*a} & {*b})
+    assert keyer.keys(toks[4:8], parent=a[0]) == a[1:2]
+    # a salt is no block: a salted first key never equals an unsalted chained key of any tokens
+    assert keyer.keys(toks[:4], salt="") != keyer.keys(toks[:4])
+    with pytest.raises(ValueError, match="salt"):
+        keyer.keys(toks, parent=a[0], salt="tenant-a")

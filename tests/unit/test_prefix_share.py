@@ -67,6 +67,21 @@ async def test_who_does_not_wait() -> None:
         assert await off.admit(_ids(400)) == []  # disabled
 
 
+async def test_requests_of_another_cache_salt_never_wait() -> None:
+    """A request's cache salt starts its keys: it waits only on a request of the same salt."""
+    assert prefix_keys(_ids(300), "a")[0] not in prefix_keys(_ids(300)) + prefix_keys(_ids(300), "b")
+    waits: list[int] = []
+    table = InflightPrefixes(min_tokens=256, max_wait_s=30.0, on_wait=lambda: waits.append(1))
+    table.lead(await table.admit(_ids(400), "a"))
+    with anyio.fail_after(5):
+        assert await table.admit(_ids(400))
+        assert await table.admit(_ids(400), "b")
+    assert waits == []
+    with anyio.move_on_after(0.1):  # the same salt waits (held until the lead is done)
+        await table.admit(_ids(400), "a")
+    assert waits == [1]
+
+
 async def test_a_slow_leader_is_waited_for_at_most_max_wait_s() -> None:
     table = InflightPrefixes(min_tokens=0, max_wait_s=0.3)  # min_tokens below a granule: one granule
     assert table.min_tokens == GRANULE

@@ -254,9 +254,10 @@ class Cluster:
             "transport_sent": sum(sent.values()),
         }
 
-    def lookup(self, prompt_ids: Sequence[int]) -> int:
-        """Hit tokens a turn with this prompt would get now (stored prefix, at least one token left to compute)."""
-        keys, usable = self.prompt_keys(prompt_ids)
+    def lookup(self, prompt_ids: Sequence[int], salt: str | None = None) -> int:
+        """Hit tokens a turn with this prompt (and cache ``salt``) would get now (stored prefix, at least one token
+        left to compute)."""
+        keys, usable = self.prompt_keys(prompt_ids, salt)
         return self.stored_blocks(keys[:usable]) * self.layout.block_tokens
 
     @property
@@ -269,10 +270,10 @@ class Cluster:
         """Whether decode engines store prompts' Full Blocks (``cluster.persist``)."""
         return bool(self.config.cluster.persist)
 
-    def prompt_keys(self, prompt_ids: Sequence[int]) -> tuple[list[BlockKey], int]:
-        """The keys of a prompt's Full Blocks (those its decode engine stores), and how many of them a turn may
-        hit (at least one token is left to compute)."""
-        keys = self.keyer.keys(list(prompt_ids))
+    def prompt_keys(self, prompt_ids: Sequence[int], salt: str | None = None) -> tuple[list[BlockKey], int]:
+        """The keys of a prompt's Full Blocks (those its decode engine stores; ``salt``: the request's cache
+        salt), and how many of them a turn may hit (at least one token is left to compute)."""
+        keys = self.keyer.keys(list(prompt_ids), salt=salt)
         return keys, min(len(keys), max(0, (len(prompt_ids) - 1) // self.layout.block_tokens))
 
     def stored_blocks(self, keys: Sequence[BlockKey]) -> int:
@@ -334,6 +335,7 @@ class Cluster:
         on_token: Callable[[int], None] | None = None,
         on_logprob: Callable[[TokenLogprob], None] | None = None,
         on_stored: Callable[[], None] | None = None,
+        salt: str | None = None,
     ) -> TurnResult:
         """Run one turn (the full prompt: context + appended tokens) and return its tokens and timings.
 
@@ -342,7 +344,9 @@ class Cluster:
         ``sampling.logprobs`` set, ``on_logprob`` gets each token's :class:`~dualpath.engine.sampling.TokenLogprob`
         just before it (the result's ``logprobs`` holds them all); ``on_stored``: called once the prompt's new Full
         Blocks are stored (or their write failed), typically between the first token and the turn's end: a turn
-        that shares this prompt's prefix, sent after it, loads that prefix instead of computing it. With ``sampling.prompt_logprobs`` set the turn
+        that shares this prompt's prefix, sent after it, loads that prefix instead of computing it. ``salt``
+        (a cache salt, vLLM's ``cache_salt``): the turn's blocks are keyed apart, so it loads only what turns with
+        the same salt stored (:mod:`dualpath.kv.keys`). With ``sampling.prompt_logprobs`` set the turn
         is recomputed (``path`` is ignored) and the result's ``prompt_logprobs`` holds prompt tokens 1 .. n-1's. Cancelling the
         caller cancels the turn on both engines and frees its buffers and pool pages.
 
@@ -358,7 +362,7 @@ class Cluster:
         self.check_turn(ids, gen_tokens, pe, de)
         try:
             return await self._run(session, ids, gen_tokens, pe, de, path, pe_blocks, sampling, on_token, on_logprob,
-                                   on_stored)
+                                   on_stored, salt)
         except EngineError as exc:
             retry = (
                 self.config.cluster.on_transfer_failure == "recompute"
@@ -369,13 +373,14 @@ class Cluster:
                 raise
             log.warning("turn of %s failed (%s); retrying with recompute", session, exc)
             res = await self._run(session, ids, gen_tokens, pe, de, PathKind.RECOMPUTE, None, sampling, on_token,
-                                  on_logprob, on_stored)
+                                  on_logprob, on_stored, salt)
             res.retried_recompute = True
             return res
 
-    def _plan(self, ids: list[int], path: PathKind, pe_blocks: int | None) -> tuple[list, int, int]:
+    def _plan(self, ids: list[int], path: PathKind, pe_blocks: int | None,
+              salt: str | None = None) -> tuple[list, int, int]:
         assert self.storage is not None
-        keys = self.keyer.keys(ids)
+        keys = self.keyer.keys(ids, salt=salt)
         usable = min(len(keys), (len(ids) - 1) // self.layout.block_tokens)
         stored = 0 if path is PathKind.RECOMPUTE else self.storage.lookup(keys[:usable])
         if path is PathKind.PE:
@@ -390,8 +395,8 @@ class Cluster:
                    pe_blocks: int | None, sampling: SamplingParams | None = None,
                    on_token: Callable[[int], None] | None = None,
                    on_logprob: Callable[[TokenLogprob], None] | None = None,
-                   on_stored: Callable[[], None] | None = None) -> TurnResult:
-        keys, stored, k = self._plan(ids, path, pe_blocks)
+                   on_stored: Callable[[], None] | None = None, salt: str | None = None) -> TurnResult:
+        keys, stored, k = self._plan(ids, path, pe_blocks, salt)
         turn = Turn(session, ids, gen, pe_i, de_i, path, keys, stored, k, self.layout)
         turn.sampling, turn.on_token, turn.on_logprob, turn.on_stored = sampling, on_token, on_logprob, on_stored
         pe, de = self.pes[pe_i], self.des[de_i]

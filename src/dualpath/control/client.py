@@ -230,7 +230,7 @@ class ServeClient:
                        on_token: Callable[[int], None] | None = None,
                        on_info: Callable[[str, int], None] | None = None,
                        on_logprob: Callable[[TokenLogprob], None] | None = None,
-                       on_stored: Callable[[], None] | None = None) -> TurnOutcome:
+                       on_stored: Callable[[], None] | None = None, salt: str | None = None) -> TurnOutcome:
         """Submit one turn (the whole prompt) and return once its tokens are out.
 
         ``sampling``: a :class:`~dualpath.engine.sampling.SamplingParams` (default greedy); ``on_token``: called
@@ -241,12 +241,15 @@ class ServeClient:
         (a token that reaches the client only through the final result, never streamed, has none); ``on_stored``
         (with ``on_token``): called once the decode engine has stored the prompt's Full Blocks (a turn sharing
         this prompt's prefix, sent after, loads it), usually before the turn ends; never called when the notice is
-        lost or the turn fails before its write."""
+        lost or the turn fails before its write; ``salt``: a cache salt (the turn shares stored and in-flight
+        prefixes only with turns of the same salt)."""
         budget = self.deadline_s if deadline_s is None else deadline_s
         body: dict[str, Any] = {
             "session": int(session), "prompt": tokens_to_bin(np.asarray(prompt_ids, dtype=np.int64)),
             "gen": int(gen_tokens), "deadline_s": float(budget), **sampling_body(sampling),
         }
+        if salt is not None:
+            body["salt"] = str(salt)
         stream: _Stream | None = None
         if on_token is not None:
             sid = next(self._stream_ids)

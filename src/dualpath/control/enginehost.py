@@ -353,7 +353,7 @@ class EngineHost:
             return await self._begin(b)
         if t == "lookup":
             ids = bin_to_tokens(b["prompt"])
-            keys = self.engine.ctx.keyer.keys(ids)
+            keys = self.engine.ctx.keyer.keys(ids, salt=b.get("salt"))
             usable = min(len(keys), max(0, (len(ids) - 1) // self.layout.block_tokens))
             return "looked_up", {"blocks": int(self.storage.lookup(keys[:usable]))}
         if t == "prefill" and self.role is Role.PREFILL:
@@ -404,7 +404,7 @@ class EngineHost:
                 eng.check_fits(len(ids), b["gen"])
         except EngineError as exc:
             raise InvalidTurn(str(exc)) from None
-        keys = eng.ctx.keyer.keys(ids)
+        keys = eng.ctx.keyer.keys(ids, salt=b.get("salt"))
         if b["stored_blocks"] > len(keys) or b["pe_blocks"] > b["stored_blocks"]:
             raise InvalidTurn(f"{self.name}: turn {rid}: plan of {b['stored_blocks']} blocks exceeds the prompt")
         turn = Turn(str(b["session"]), ids, b["gen"], b["pe"], b["de"], PathKind(b["path"]), keys,

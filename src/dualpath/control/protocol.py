@@ -230,6 +230,9 @@ SAMPLING_FIELDS: dict[str, F] = {
 }
 SCHEMAS["submit"].update(SAMPLING_FIELDS)
 SCHEMAS["submit"]["stream"] = F("int", required=False, lo=0, hi=U63)  # > 0: send ``stream`` notices with this id
+# a cache salt (kv/keys.py): the turn's blocks are keyed apart; it travels to both engines' lookup and begin
+for _t in ("submit", "lookup", "begin"):
+    SCHEMAS[_t]["salt"] = F("str", required=False, max_len=1024)
 # with ``stream``: a ``stream`` notice with ``stored: true`` (and no tokens) tells once the prompt's blocks are stored
 SCHEMAS["submit"]["notify_stored"] = F("bool", required=False)
 SCHEMAS["stream"]["stored"] = F("bool", required=False)

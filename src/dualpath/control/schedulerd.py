@@ -169,15 +169,15 @@ class RemoteCluster:
     def persists(self) -> bool:
         return bool(self.d.config.cluster.persist)
 
-    def prompt_keys(self, prompt_ids: Any) -> tuple[list[int], int]:
+    def prompt_keys(self, prompt_ids: Any, salt: str | None = None) -> tuple[list[int], int]:
         """Keys of a prompt's Full Blocks for the driver's in-flight prefixes (chained hashes of the token blocks:
         equal keys, equal prefixes, barring a 64-bit collision, which only costs a wait; not storage's keys), and
-        how many of them a turn may hit."""
+        how many of them a turn may hit; a cache ``salt`` starts the chain (its turns wait only on their own)."""
         ids = np.asarray(prompt_ids, dtype=np.int64)
         bt = self.d.block_tokens
         n = int(ids.size) // bt
         keys: list[int] = []
-        h = 0
+        h = 0 if salt is None else hash(("salt", salt))
         raw = ids[: n * bt].tobytes()
         step = bt * 8
         for i in range(n):
@@ -217,21 +217,24 @@ class RemoteCluster:
             (pes if rec.role == "prefill" else des).append(snap)
         return pes, des
 
-    async def lookup(self, prompt_ids: Any) -> int:
+    async def lookup(self, prompt_ids: Any, salt: str | None = None) -> int:
         live = [r for r in self.d.engines.values() if r.alive]
         if not live:
             return 0
         self._lookup_rr += 1
         rec = live[self._lookup_rr % len(live)]
         try:
-            reply = await self.d.request(rec, "lookup", {"prompt": tokens_to_bin(prompt_ids)}, 5.0)
+            body: dict[str, Any] = {"prompt": tokens_to_bin(prompt_ids)}
+            if salt is not None:
+                body["salt"] = salt
+            reply = await self.d.request(rec, "lookup", body, 5.0)
         except DualPathError as exc:
             log.warning("lookup at %s failed (%s); treating the prompt as a miss", rec.name, exc)
             return 0
         return int(reply.body["blocks"]) * self.d.block_tokens
 
     async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int, pe: int, de: int, path: PathKind,
-                       pe_blocks: int | None = None) -> RemoteResult:
+                       pe_blocks: int | None = None, salt: str | None = None) -> RemoteResult:
         d = self.d
         deadline = d.deadline_of(prompt_ids)
         ctx = d.ctx_of(prompt_ids)
@@ -262,7 +265,7 @@ class RemoteCluster:
             async with anyio.create_task_group() as watch:
                 if ctx is not None:
                     watch.start_soon(_cancel_on, ctx.cancelled, watch.cancel_scope)
-                result.append(await self._dispatch(rid, session, prompt, gen_tokens, pe, de, path, pe_blocks,
+                result.append(await self._dispatch(rid, session, prompt, gen_tokens, pe, de, path, pe_blocks, salt,
                                                    pe_rec, de_rec, deadline, n, ctx))
                 watch.cancel_scope.cancel()
             if not result:  # the client cancelled it: abort it on both engines (below), answer the client
@@ -291,7 +294,7 @@ class RemoteCluster:
                 ctx.dispatched -= 1
 
     async def _dispatch(self, rid: int, session: int, prompt: bytes, gen_tokens: int, pe: int, de: int,
-                        path: PathKind, pe_blocks: int | None, pe_rec: EngineRecord, de_rec: EngineRecord,
+                        path: PathKind, pe_blocks: int | None, salt: str | None, pe_rec: EngineRecord, de_rec: EngineRecord,
                         deadline: float, n: int, ctx: TurnCtx | None) -> RemoteResult:
         """The turn's control messages (begin both -> decode DE + prefill PE -> logits to the DE -> finished)."""
         d = self.d
@@ -300,7 +303,8 @@ class RemoteCluster:
         if ctx is not None and "prompt_logprobs" in ctx.sampling:
             path = PathKind.RECOMPUTE  # every prompt position is computed (a loaded position has no logits)
         if path is not PathKind.RECOMPUTE:
-            looked = await d.request(pe_rec, "lookup", {"prompt": prompt}, min(remaining, 10.0))
+            looked = await d.request(pe_rec, "lookup", {"prompt": prompt, **({} if salt is None else {"salt": salt})},
+                                     min(remaining, 10.0))
             stored = int(looked.body["blocks"])
         plan = plan_sides(stored, path, pe_blocks)
         if self.work_ranked and pe_rec.work_model is not None:  # counted until a heartbeat reports it
@@ -312,6 +316,8 @@ class RemoteCluster:
         begin = {"rid": rid, "session": int(session), "prompt": prompt, "gen": int(gen_tokens),
                  "path": path.value, "pe": pe, "de": de, "pe_blocks": plan.pe_blocks,
                  "stored_blocks": plan.stored_blocks, "deadline_s": max(0.001, _left(deadline))}
+        if salt is not None:
+            begin["salt"] = salt
         de_begin = begin if ctx is None else {**begin, **ctx.sampling, "stream": bool(ctx.stream)}
         if rid in self.on_stored or (ctx is not None and ctx.stream and ctx.notify_stored):
             de_begin = {**de_begin, "notify_stored": True}
@@ -844,7 +850,7 @@ class SchedulerDaemon:
                 outcome = None
                 with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
                     try:
-                        outcome = await self.driver.run_turn(int(b["session"]), prompt, gen)
+                        outcome = await self.driver.run_turn(int(b["session"]), prompt, gen, salt=b.get("salt"))
                     except Exception as exc:
                         if (not _retriable(exc) or retries >= sc.max_retries or time.monotonic() >= deadline
                                 or ctx.sent or ctx.cancelled.is_set()):  # (a client saw tokens: no re-run)

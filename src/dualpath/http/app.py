@@ -724,10 +724,11 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
     try:
         share = server.config.shared_prefill_min_tokens
         for i, (gen, _) in enumerate(specs):
+            # (choices of one prompt share one salt: the request's)
             lead = first_of.setdefault(tuple(gen.prompt_ids), i) if len(gen.prompt_ids) >= share else i
             if lead == i:
                 recomputes = gen.sampling is not None and gen.sampling.prompt_logprobs is not None
-                keys = [] if recomputes else await server.prefixes.admit(gen.prompt_ids)
+                keys = [] if recomputes else await server.prefixes.admit(gen.prompt_ids, gen.cache_salt)
                 if watcher.done():  # the client went away while this waited for another request's prefix
                     raise _ClientGone()
                 submit(i, keys)

@@ -55,6 +55,7 @@ class GenRequest:
     prompt_ids: list[int]
     max_tokens: int
     sampling: SamplingParams | None = None
+    cache_salt: str | None = None  # its KV is shared only with requests of the same salt
 
 
 @dataclass
@@ -139,17 +140,17 @@ class _StreamingCluster:
     def work_predictor(self) -> Any:
         return self.cluster.work_predictor()
 
-    def lookup(self, prompt_ids: Any) -> int:
-        return int(self.cluster.lookup(prompt_ids))
+    def lookup(self, prompt_ids: Any, salt: str | None = None) -> int:
+        return int(self.cluster.lookup(prompt_ids, salt))
 
     async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int, pe: int, de: int, path: PathKind,
-                       pe_blocks: int | None = None) -> Any:
+                       pe_blocks: int | None = None, salt: str | None = None) -> Any:
         job = self.jobs.get(session)
         if job is None or job.cancelled.is_set():
             raise Cancelled(f"request {session} was cancelled before it started")
         job.path = PathKind(path).value
         if PathKind(path) is not PathKind.RECOMPUTE:
-            job.cached = int(self.cluster.lookup(prompt_ids))
+            job.cached = int(self.cluster.lookup(prompt_ids, salt))
         result: Any = None
         try:
             async with anyio.create_task_group() as tg:
@@ -163,7 +164,7 @@ class _StreamingCluster:
                     result = await self.cluster.run_turn(str(session), prompt_ids, gen_tokens, pe, de, path,
                                                          pe_blocks, sampling=job.request.sampling,
                                                          on_token=job.on_token, on_logprob=job.on_logprob,
-                                                         on_stored=job.prefix_stored)
+                                                         on_stored=job.prefix_stored, salt=salt)
                     job.prompt_logprobs = result.prompt_logprobs
                 finally:
                     tg.cancel_scope.cancel()
@@ -329,7 +330,8 @@ class InProcessBackend(Backend):
         assert self.adapter is not None and self.driver is not None
         self.adapter.jobs[job.session] = job
         try:
-            out = await self.driver.run_turn(job.session, job.request.prompt_ids, job.request.max_tokens)
+            out = await self.driver.run_turn(job.session, job.request.prompt_ids, job.request.max_tokens,
+                                             salt=job.request.cache_salt)
         finally:
             self.adapter.jobs.pop(job.session, None)
         ttft = out.ttft if math.isfinite(out.t_first_token) else 0.0
@@ -428,7 +430,8 @@ class RemoteBackend(Backend):
         out = await self.client.run_turn(job.session, job.request.prompt_ids, job.request.max_tokens,
                                          sampling=job.request.sampling, on_token=job.on_token,
                                          on_logprob=job.on_logprob, on_info=lambda path, hit: _set_info(job, path, hit),
-                                         on_stored=job.prefix_stored, deadline_s=self.timeout_s)
+                                         on_stored=job.prefix_stored, deadline_s=self.timeout_s,
+                                         salt=job.request.cache_salt)
         job.path = out.path
         job.prompt_logprobs = out.prompt_logprobs
         return GenResult(tokens=list(out.tokens), prompt_tokens=out.prompt_tokens, cached_tokens=out.hit_tokens,

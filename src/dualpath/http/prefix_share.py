@@ -30,11 +30,12 @@ import anyio
 GRANULE = 64
 
 
-def prefix_keys(ids: Sequence[int]) -> list[int]:
+def prefix_keys(ids: Sequence[int], salt: str | None = None) -> list[int]:
     """Chain hashes of ``ids``' whole :data:`GRANULE`-token pieces: key ``k`` stands for the first ``(k + 1) *
-    GRANULE`` tokens (equal keys, equal prefixes, barring a 64-bit hash collision, which only costs a wait)."""
+    GRANULE`` tokens (equal keys, equal prefixes, barring a 64-bit hash collision, which only costs a wait); a
+    request's cache ``salt`` starts the chain, so requests of different salts never wait on each other."""
     keys: list[int] = []
-    h = 0
+    h = 0 if salt is None else hash(("salt", salt))
     for k in range(len(ids) // GRANULE):
         h = hash((h, tuple(ids[k * GRANULE:(k + 1) * GRANULE])))
         keys.append(h)
@@ -70,12 +71,12 @@ class InflightPrefixes:
                 return (k + 1) * GRANULE, lead
         return 0, None
 
-    async def admit(self, ids: Sequence[int]) -> list[int]:
+    async def admit(self, ids: Sequence[int], salt: str | None = None) -> list[int]:
         """Wait (at most ``max_wait_s``) while a request being prefilled shares at least ``min_tokens`` of ``ids``'
         prefix; the prompt's keys for :meth:`lead` (none when disabled or the prompt is short)."""
         if not self.enabled or len(ids) < self.min_tokens:
             return []
-        keys = prefix_keys(ids)
+        keys = prefix_keys(ids, salt)
         shared, lead = self._longest(keys)
         if lead is not None and shared >= self.min_tokens:
             self.on_wait()

@@ -171,13 +171,14 @@ class _Sampling(_Strict):
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>"
     spaces_between_special_tokens: bool = True  # (a slow tokenizer's decoding option: fast ones have none)
     priority: int = 0  # (scheduling is first come, first served: only 0)
+    #: its prompt's KV is shared only with requests of the same salt (stored and in flight: dualpath.kv.keys)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
     guided_decoding_backend: str | None = None  # (accepted: this server has one grammar engine)
     guided_whitespace_pattern: str | None = None  # (accepted, as structured_outputs.whitespace_pattern)
     # vLLM's fields this server cannot honour: only their "off" values are accepted (else a 400 naming them)
     prompt_logprobs: int | None = None
     use_beam_search: bool = False
     length_penalty: float = 1.0
-    cache_salt: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
     vllm_xargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
@@ -231,8 +232,6 @@ class _Sampling(_Strict):
                                 "logprobs"),
             "use_beam_search": (self.use_beam_search, "beam search is not supported"),
             "length_penalty": (self.length_penalty != 1.0, "only applies to beam search, which is not supported"),
-            "cache_salt": (self.cache_salt is not None,
-                           "not supported: every request with the same prompt prefix shares its stored KV"),
             "kv_transfer_params": (bool(self.kv_transfer_params), "not supported (this server moves KV itself)"),
             "vllm_xargs": (bool(self.vllm_xargs), "not supported (no custom logits processors)"),
             "mm_processor_kwargs": (bool(self.mm_processor_kwargs), "not supported (text only)"),

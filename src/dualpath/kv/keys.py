@@ -2,7 +2,9 @@
 
 ``key_0 = H(ns || tokens_0)``, ``key_i = H(ns || key_{i-1} || tokens_i)`` where tokens are encoded as
 little-endian int64 and ``ns`` is the SHA-256 of a canonical text naming the model fingerprint, the KV dtype,
-the per-token layout and the block size. Nothing depends on Python's ``hash()`` or a per-process seed, so
+the per-token layout and the block size. A request's ``salt`` (vLLM's ``cache_salt``: one tenant's requests
+share their KV with each other and with nobody else) starts the chain from ``H("dualpath-salt" || salt)``
+instead, so no key of a salted prompt equals a key of the same tokens with another salt, or with none. Nothing depends on Python's ``hash()`` or a per-process seed, so
 every process (and every host) computes the same keys for the same tokens; a different model, dtype or block
 size gives disjoint keys, so foreign blocks can never be served.
 """
@@ -51,11 +53,15 @@ class BlockKeyer:
         self.block_tokens = namespace.block_tokens
         self._ns = namespace.digest
 
-    def keys(self, tokens: Sequence[int] | np.ndarray, parent: BlockKey | None = None) -> list[BlockKey]:
+    def keys(self, tokens: Sequence[int] | np.ndarray, parent: BlockKey | None = None, *,
+             salt: str | None = None) -> list[BlockKey]:
         """Keys of every *full* block of ``tokens`` (the partial tail is not keyed).
 
         ``parent`` continues a chain: the keys of ``tokens`` that follow the block whose key is ``parent``.
+        ``salt`` (a chain's start only: not with ``parent``) keys the blocks apart from every other salt's.
         """
+        if salt is not None and parent is not None:
+            raise ValueError("a salt starts a chain; a chain continued from its parent already carries it")
         arr = np.asarray(tokens, dtype=np.int64)
         if arr.ndim != 1:
             raise ValueError("tokens must be one-dimensional")
@@ -65,9 +71,13 @@ class BlockKeyer:
         bt = self.block_tokens
         out: list[BlockKey] = []
         prev = parent.digest if parent is not None else b""
+        flag = 1 if prev else 0
+        if salt is not None:  # (flag 2: a salted start never equals a chained block's input)
+            prev, flag = hashlib.sha256(b"dualpath-salt\0" + salt.encode("utf-8")).digest(), 2
         for i in range(arr.size // bt):
             h = hashlib.sha256(self._ns)
-            h.update(struct.pack("<B", 1 if prev else 0))
+            h.update(struct.pack("<B", flag))
+            flag = 1
             h.update(prev)
             h.update(le[i * bt : (i + 1) * bt].tobytes())
             prev = h.digest()

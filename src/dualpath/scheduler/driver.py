@@ -105,6 +105,13 @@ class _Pending:
     usable: int = 0
     computing: list[Any] = field(default_factory=list)  # keys it computes, registered while it runs
     t_held: float | None = None  # when it first waited for a prefix being computed
+    salt: str | None = None  # its cache salt (its blocks are keyed apart: kv/keys.py)
+
+    @property
+    def salted(self) -> dict[str, Any]:
+        """The ``salt`` keyword of the cluster's calls for this turn (none without one: a double need not take
+        it)."""
+        return {} if self.salt is None else {"salt": self.salt}
 
 
 @dataclass
@@ -245,8 +252,10 @@ class SchedulerDriver:
         return len(self._pending)
 
     # --- TurnService -------------------------------------------------------------------------------------
-    async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int) -> TurnResult:
-        """Schedule one turn and return when its last token is out (``ttft`` counts from this call)."""
+    async def run_turn(self, session: int, prompt_ids: Any, gen_tokens: int, *, salt: str | None = None) -> TurnResult:
+        """Schedule one turn and return when its last token is out (``ttft`` counts from this call). ``salt``: its
+        cache salt (it shares stored and in-flight prefixes only with turns of the same salt; the cluster's
+        ``lookup``, ``prompt_keys`` and ``run_turn`` get it)."""
         if self._tg is None:
             raise SchedulerError("the driver is not running (use `async with driver:`)")
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
@@ -259,13 +268,13 @@ class SchedulerDriver:
                 f"than a decode engine holds ({self.max_request_tokens} tokens)"
             )
         t_submit = time.perf_counter()
-        hit = self.cluster.lookup(prompt_ids)
+        hit = self.cluster.lookup(prompt_ids, **({} if salt is None else {"salt": salt}))
         if inspect.isawaitable(hit):
             hit = await hit
         hit = min(int(hit), n)
         rid = self._next_rid
         self._next_rid += 1
-        p = _Pending(session, prompt_ids, gen_tokens, hit, t_submit)
+        p = _Pending(session, prompt_ids, gen_tokens, hit, t_submit, salt=salt)
         self._pending[rid] = p
         try:
             self.scheduler.submit(RequestInfo(rid, context=hit, append=n - hit, hit=hit, gen=gen_tokens))
@@ -290,7 +299,7 @@ class SchedulerDriver:
             p.hit = min(self.cluster.stored_blocks(keys[:p.usable]) * self._block_tokens,  # type: ignore[attr-defined]
                         r.prompt)
             return p.hit
-        hit = self.cluster.lookup(p.prompt_ids)
+        hit = self.cluster.lookup(p.prompt_ids, **p.salted)
         if inspect.isawaitable(hit):  # a lookup that needs the loop: the hit given at submit stands
             close = getattr(hit, "close", None)
             if close is not None:
@@ -310,7 +319,7 @@ class SchedulerDriver:
 
     def _prompt_keys(self, p: _Pending) -> list[Any]:
         if p.keys is None:
-            keys, usable = self.cluster.prompt_keys(p.prompt_ids)  # type: ignore[attr-defined]
+            keys, usable = self.cluster.prompt_keys(p.prompt_ids, **p.salted)  # type: ignore[attr-defined]
             p.keys, p.usable = list(keys), int(usable)
         return p.keys
 
@@ -416,7 +425,7 @@ class SchedulerDriver:
         token = turn_stored.set(lambda: self._stored(p)) if p.computing and not self._sync_stored else None
         try:
             p.result = await self.cluster.run_turn(
-                p.session, p.prompt_ids, p.gen, a.pe, a.de, a.path, a.pe_blocks
+                p.session, p.prompt_ids, p.gen, a.pe, a.de, a.path, a.pe_blocks, **p.salted
             )
         except Exception as exc:  # the caller's run_turn raises it
             p.error = exc

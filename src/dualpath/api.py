@@ -193,6 +193,7 @@ class AsyncSession:
         pe: int = 0,
         de: int = 0,
         pe_blocks: int | None = None,
+        salt: str | None = None,
     ) -> TurnResult:
         """Run one turn: prefill ``prompt_ids`` (the whole context plus the new tokens), generate ``gen_tokens``.
 
@@ -200,14 +201,17 @@ class AsyncSession:
         (``"pe"``, ``"de"``, ``"split"``, ``"recompute"``) the turn runs on engines ``pe``/``de`` with that path
         (``pe_blocks``: for ``split``, the hit blocks read on the PE side). Returns when the last token is out and
         its KV blocks are persisted, so the next turn's prompt ``prompt_ids + result.tokens + ...`` hits them.
+        ``salt``: a cache salt (vLLM's ``cache_salt``): the turn shares stored KV only with turns of the same salt.
         """
         if path is None:
-            return await self.driver.run_turn(session, prompt_ids, gen_tokens)
-        return await self.cluster.run_turn(session, prompt_ids, gen_tokens, pe, de, PathKind(path), pe_blocks)
+            return await self.driver.run_turn(session, prompt_ids, gen_tokens, salt=salt)
+        return await self.cluster.run_turn(session, prompt_ids, gen_tokens, pe, de, PathKind(path), pe_blocks,
+                                           salt=salt)
 
-    def lookup(self, prompt_ids: Sequence[int]) -> int:
-        """Tokens of ``prompt_ids`` whose KV is stored now (what a turn would hit; at least one is computed)."""
-        return self.cluster.lookup(prompt_ids)
+    def lookup(self, prompt_ids: Sequence[int], salt: str | None = None) -> int:
+        """Tokens of ``prompt_ids`` whose KV is stored now (what a turn would hit; at least one is computed), under
+        cache ``salt``."""
+        return self.cluster.lookup(prompt_ids, salt)
 
     def link_bytes(self) -> dict[str, int]:
         """Bytes charged so far to each emulated link (``pnode0.snic.read``, ``de0.cnic.in``, ...)."""
@@ -286,20 +290,20 @@ class Session:
 
     def run_turn(self, prompt_ids: Sequence[int], gen_tokens: int = 16, *, session: Any = 0,
                  path: PathKind | str | None = None, pe: int = 0, de: int = 0,
-                 pe_blocks: int | None = None) -> TurnResult:
+                 pe_blocks: int | None = None, salt: str | None = None) -> TurnResult:
         """See :meth:`AsyncSession.run_turn`."""
 
         async def call() -> TurnResult:
             return await self._async.run_turn(prompt_ids, gen_tokens, session=session, path=path, pe=pe, de=de,
-                                              pe_blocks=pe_blocks)
+                                              pe_blocks=pe_blocks, salt=salt)
 
         return self._call(call)
 
-    def lookup(self, prompt_ids: Sequence[int]) -> int:
+    def lookup(self, prompt_ids: Sequence[int], salt: str | None = None) -> int:
         """See :meth:`AsyncSession.lookup`."""
 
         async def call() -> int:
-            return self._async.lookup(prompt_ids)
+            return self._async.lookup(prompt_ids, salt)
 
         return self._call(call)
 

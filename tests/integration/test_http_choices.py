@@ -378,7 +378,7 @@ def test_vllm_request_fields_clients_send(client, embedded_http):
                 "spaces_between_special_tokens": True, "guided_decoding_backend": "xgrammar"}
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body=accepted)
     assert r.choices[0].finish_reason == "length"
-    for field, value in (("priority", 1), ("use_beam_search", True), ("cache_salt", "tenant-a"),
+    for field, value in (("priority", 1), ("use_beam_search", True), ("kv_transfer_params", {"x": 1}),
                          ("prompt_logprobs", 1), ("truncate_prompt_tokens", 10**6)):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={field: value})

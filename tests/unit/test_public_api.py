@@ -238,6 +238,18 @@ def test_session_scheduled_and_direct_turns_return_the_same_result_type_and_toke
         s.run_turn(prompt, 1)
 
 
+def test_session_turns_with_a_cache_salt_share_kv_only_within_it() -> None:
+    cfg = dualpath.load_config(env={}, model={"n_layers": 2}, cluster={"block_tokens": 16})
+    prompt = list(range(1, 120))
+    with dualpath.Session(cfg) as s:
+        a = s.run_turn(prompt, 4, salt="lab-a")              # scheduled
+        assert s.lookup(prompt, salt="lab-a") == 112 and s.lookup(prompt) == 0 and s.lookup(prompt, "lab-b") == 0
+        again = s.run_turn(prompt, 4, salt="lab-a", path="de")  # direct
+        other = s.run_turn(prompt, 4, salt="lab-b")
+    assert a.hit_tokens == 0 and again.hit_tokens == 112 and other.hit_tokens == 0
+    assert a.tokens == again.tokens == other.tokens
+
+
 @pytest.mark.parametrize("kind", ["loopback", "zmq"])
 def test_a_refused_arrival_is_the_same_public_error_on_every_transport(kind: str) -> None:
     import anyio

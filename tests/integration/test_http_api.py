@@ -414,3 +414,37 @@ async def test_cache_salt_shares_stored_kv_only_within_a_salt():
                 assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
         finally:
             srv.stop.set()
+
+
+@pytest.mark.anyio
+async def test_several_api_keys_each_its_own_kv_with_isolate_keys():
+    """``http.api_key`` as a list admits any of its keys; with ``http.isolate_keys`` a prompt one key stored is no
+    hit for another key (a cache salt per key), still one for the same key, and the tokens are the same."""
+    prompt = list(range(11, 11 + 8 * 16 + 1))
+    http = HttpConfig(port=0, api_key=["sk-a", "sk-b"], isolate_keys=True)
+    async with anyio.create_task_group() as tg:
+        srv = await _start(tg, _config(), http)
+        try:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as cl:
+                async def complete(key: str, salt: str | None = None) -> tuple[int, list[int], int]:
+                    body: dict = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "return_token_ids": True}
+                    if salt is not None:
+                        body["cache_salt"] = salt
+                    r = await cl.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+                    if r.status_code != 200:
+                        return r.status_code, [], -1
+                    out = r.json()
+                    return 200, out["choices"][0]["token_ids"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+                code, first, hit = await complete("sk-a")
+                assert code == 200 and hit == 0
+                got = [await complete(k, s) for k, s in (("sk-a", None), ("sk-b", None), ("sk-a", "x"), ("sk-b", None))]
+                assert [(c, h) for c, _, h in got] == [(200, 128), (200, 0), (200, 0), (200, 128)]
+                assert all(t == first for _, t, _ in got)
+                assert (await complete("sk-c"))[0] == 401
+        finally:
+            srv.stop.set()
+    with pytest.raises(ValueError, match="isolate_keys needs api_key"):
+        HttpConfig(isolate_keys=True)
+    with pytest.raises(ValueError, match="empty list"):
+        HttpConfig(api_key=[])

@@ -7,7 +7,8 @@
 
 With no config file the model is the embedded SmolLM2-135M-Instruct (real compute on the CPU); ``--model``
 takes any supported checkpoint (safetensors directory or .gguf). ``--api-key`` (or ``http.api_key`` /
-``DUALPATH_HTTP__API_KEY``) requires ``Authorization: Bearer <key>`` on ``/v1/*``.
+``DUALPATH_HTTP__API_KEY``) requires ``Authorization: Bearer <key>`` on ``/v1/*``; repeated, any of the keys
+(``http.isolate_keys: true`` then gives each key its own share of the prefix cache).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--inprocess", action="store_true",
                    help="with --http: run the emulated cluster inside the server process (http.mode: inprocess)")
     g.add_argument("--model", help="with --http: safetensors directory or .gguf (default: embedded SmolLM2-135M)")
-    g.add_argument("--api-key", help="with --http: require 'Authorization: Bearer KEY' on /v1/*")
+    g.add_argument("--api-key", action="append",
+                   help="with --http: require 'Authorization: Bearer KEY' on /v1/* (repeat it to accept several)")
     g.add_argument("--served-model-name", metavar="NAME",
                    help="with --http: the model id /v1/models reports and requests must name (http.model_name; "
                         "default from the model)")
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
         updates["host"], updates["port"] = parse_hostport(args.http, config.http.host)
     if args.api_key:
-        updates["api_key"] = args.api_key
+        updates["api_key"] = args.api_key[0] if len(args.api_key) == 1 else list(args.api_key)
     if getattr(args, "served_model_name", None):
         updates["model_name"] = args.served_model_name
     config.http = config.http.model_copy(update=updates)

@@ -15,6 +15,7 @@ and buffers on both engines.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -186,14 +187,29 @@ class Server:
 
     # --- checks --------------------------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
-        key = self.config.api_key
-        if key is None:
+        """401 unless the request carries one of ``http.api_key``'s keys (an open server admits all). Every key
+        is compared in full, whichever matches (no timing says which). The matching key's tenant tag (a hash of
+        it, never the key) is kept on ``request.state`` for :meth:`cache_salt`."""
+        keys = self.config.api_keys
+        if not keys:
             return
         got = request.headers.get("authorization", "")
         scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+        given = token.strip().encode()
+        match = [secrets.compare_digest(given, k.encode()) for k in keys]
+        if scheme.lower() != "bearer" or not any(match):
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
                            "authentication_error", code="invalid_api_key")
+        key = keys[match.index(True)]
+        request.state.tenant = hashlib.sha256(b"dualpath-tenant\0" + key.encode()).hexdigest()[:32]
+
+    def cache_salt(self, request: Request, own: str | None) -> str | None:
+        """The cache salt a request's turns run with: its own ``cache_salt``, under its API key's tenant tag
+        with ``http.isolate_keys`` (so each key shares stored KV only with itself)."""
+        tenant = getattr(request.state, "tenant", None) if self.config.isolate_keys else None
+        if tenant is None:
+            return own
+        return f"key:{tenant}" if own is None else f"key:{tenant}|{own}"
 
     def check(self, req: ChatCompletionRequest | CompletionRequest) -> None:
         """A request naming another model gets 404 ``model_not_found`` (as OpenAI answers; the model is optional);

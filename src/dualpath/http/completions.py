@@ -101,7 +101,7 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
             detok = Detokenizer(server.backend.tokenizer, req.stops(), frozenset(sampling.stop_ids),
                                 min_tokens=sampling.min_tokens, include_stop=req.include_stop_str_in_output,
                                 skip_special=skip_special)
-            specs.append((GenRequest(ids, limit, sampling, req.cache_salt), detok))
+            specs.append((GenRequest(ids, limit, sampling, server.cache_salt(request, req.cache_salt)), detok))
     return await serve_choices(server, request, request.url.path, specs, bool(req.stream), out.stream, out.full,
                                readers=readers, thinkers=thinkers)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from dualpath._configbase import Section
 
@@ -20,7 +20,13 @@ class HttpConfig(Section):
     host: str = Field(default="127.0.0.1", description="bind address (loopback by default)")
     port: int = Field(default=8000, ge=0, le=65535, description="port; 0 picks a free one")
     mode: Literal["process", "inprocess"] = Field(default="process", description="multi-process or in-process")
-    api_key: str | None = Field(default=None, description="required Bearer token for /v1/* (none by default)")
+    api_key: str | list[str] | None = Field(
+        default=None, description="required Bearer token for /v1/* (none by default); a list: any of them")
+    isolate_keys: bool = Field(
+        default=False,
+        description="each API key's requests share stored KV only with that key's: a cache salt per key (from a "
+                    "hash of the key), combined with a request's own cache_salt; needs api_key. Without it, all "
+                    "keys share one prefix cache, as in vLLM")
     model_name: str | None = Field(default=None, description="the id /v1/models reports (default from the model)")
     max_inflight: int = Field(default=256, ge=1, description="requests served at once; more get 429")
     max_tokens_default: int = Field(default=256, ge=1, description="max_tokens when a request gives none")
@@ -66,3 +72,24 @@ class HttpConfig(Section):
                     "apart from its content (dualpath.http.reasoning): none (the default: all content, as written), "
                     "think (always), auto (when the tokenizer has both tags as tokens: Qwen3, QwQ, DeepSeek-R1 / "
                     "V3.1+, GLM-4.5, SmolLM3)")
+
+    @field_validator("api_key")
+    @classmethod
+    def _keys(cls, v: str | list[str] | None) -> str | list[str] | None:
+        keys = [v] if isinstance(v, str) else v or []
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list of keys would admit nobody; leave api_key unset for an open server")
+        if any(not k.strip() for k in keys):
+            raise ValueError("a key must be a non-empty string")
+        return v
+
+    @model_validator(mode="after")
+    def _isolation_needs_keys(self) -> HttpConfig:
+        if self.isolate_keys and self.api_key is None:
+            raise ValueError("isolate_keys needs api_key (the keys are what requests are isolated by)")
+        return self
+
+    @property
+    def api_keys(self) -> list[str]:
+        """The accepted keys (none: an open server)."""
+        return [self.api_key] if isinstance(self.api_key, str) else list(self.api_key or [])

@@ -476,7 +476,8 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
         if grammar is not None:
             sampling = replace(sampling, grammar=grammar)
     tags = (*(reader.tags if reader is not None else ()), *(thinking.tags if thinking is not None else ()))
-    return await serve_job(server, request, "/v1/responses", GenRequest(ids, limit, sampling), [],
+    return await serve_job(server, request, "/v1/responses", GenRequest(ids, limit, sampling,
+                                                                        server.cache_salt(request, None)), [],
                            bool(body.stream), stream, full, skip_special=not server.keeps_specials(tags))
 
 

@@ -1,5 +1,5 @@
-"""Responses API ``truncation`` and chat ``stream_options.continuous_usage_stats`` through a real server and the
-official ``openai`` client. What the model says is scripted (:class:`ScriptedBackend` of ``test_http_tools``); the
+"""Responses API ``truncation``, chat ``stream_options.continuous_usage_stats`` and which jobs ask for the
+decode engine's "prompt stored" notice, through a real server and the official ``openai`` client. What the model says is scripted (:class:`ScriptedBackend` of ``test_http_tools``); the
 prompts it was given are checked against the embedded tokenizer's own rendering of the kept messages."""
 
 from __future__ import annotations
@@ -92,3 +92,43 @@ async def test_continuous_usage_stats_give_every_chunk_its_usage_so_far(tokenize
         assert all(u is None for u in usages[:-1]) and usages[-1].completion_tokens == n_script
 
     await _with_server(backend, body)
+
+
+class _Recording(ScriptedBackend):
+    """Records, per prompt, whether its job wanted the decode engine's "prompt stored" notice when it started."""
+
+    def __init__(self, tokenizer: Any, text: str) -> None:
+        super().__init__(tokenizer, text)
+        self.wanted: list[tuple[int, bool]] = []
+
+    async def _generate(self, job: Any) -> Any:
+        self.wanted.append((len(job.request.prompt_ids), job.wants_stored))
+        return await super()._generate(job)
+
+
+@pytest.mark.anyio
+async def test_a_job_asks_for_the_stored_notice_only_when_someone_waits_for_it(tokenizer):
+    """A deployment's decode engine sends its "prompt stored" notice only for a job that someone waits on: the
+    first choice of a long prompt with more choices after it, or a request whose prefix others may share
+    (registered as in flight); not a later choice, not a short prompt's choices."""
+    from dualpath.http.config import HttpConfig
+
+    backend = _Recording(tokenizer, "Fine.")
+    long_prompt = [int(t) for t in tokenizer.encode("word " * 300)]
+
+    async def body(client: Any) -> None:
+        await client.completions.create(model="scripted", prompt=long_prompt, max_tokens=2, n=3)
+        assert backend.wanted == [(len(long_prompt), True), (len(long_prompt), False), (len(long_prompt), False)]
+        backend.wanted.clear()
+        await client.completions.create(model="scripted", prompt=[5, 6, 7], max_tokens=2, n=2)
+        assert backend.wanted == [(3, False), (3, False)]
+
+    await _with_server(backend, body, HttpConfig(port=0, inflight_prefix_wait_s=0.0))
+    backend.wanted.clear()
+
+    async def single(client: Any) -> None:  # prefix sharing on: a long prompt registers as a lead
+        await client.completions.create(model="scripted", prompt=long_prompt, max_tokens=2)
+        await client.completions.create(model="scripted", prompt=[5, 6, 7], max_tokens=2)
+
+    await _with_server(backend, single, HttpConfig(port=0))
+    assert backend.wanted == [(len(long_prompt), True), (3, False)]

@@ -712,8 +712,8 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
 
     Choices of one prompt share its prefill (a prompt of ``http.shared_prefill_min_tokens`` or more): the first
     is submitted at once, the others once the decode engine says it has stored the prompt's Full Blocks
-    (``Job.stored``: after its first token, while it decodes; or at its end), so each of them loads the prompt's KV instead of computing it again (``n`` / ``best_of``: one
-    prefill of the prompt, not ``n``). A shorter prompt's choices all start at once: its prefill costs less
+    (``Job.stored``: after its first token, while it decodes; or at its end), so each of them loads the
+    prompt's KV instead of computing it again (``n`` / ``best_of``: one prefill of the prompt, not ``n``). A shorter prompt's choices all start at once: its prefill costs less
     than the later choices' wait. Separate requests do the same through ``server.prefixes``
     (:mod:`dualpath.http.prefix_share`): a prompt sharing a long prefix with a request being prefilled is
     submitted once that request's prefix is stored."""
@@ -722,6 +722,12 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
     jobs: list[Job] = []
     followers: dict[int, list[int]] = {}  # the first choice of a prompt -> the later choices of the same prompt
     first_of: dict[tuple[int, ...], int] = {}
+    share = server.config.shared_prefill_min_tokens
+    seen: dict[tuple[int, ...], int] = {}
+    followed: set[int] = set()  # first choices that later choices of the same prompt wait for
+    for i, (g, _) in enumerate(specs):
+        if len(g.prompt_ids) >= share and (head := seen.setdefault(tuple(g.prompt_ids), i)) != i:
+            followed.add(head)
 
     def submit(i: int, keys: list[int] | None = None) -> None:
         gen, detok = specs[i]
@@ -732,13 +738,13 @@ async def serve_choices(server: Server, request: Request, endpoint: str, specs: 
         lead = server.prefixes.lead(keys or [])
         if lead is not None:
             c.job.on_prefix_stored.append(lambda: server.prefixes.done(lead))
+        c.job.wants_stored = lead is not None or i in followed  # (before its task's first step)
 
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, jobs))
     m.inflight.inc()
     handed_off = False
     retry = server.config.retry_after_s
     try:
-        share = server.config.shared_prefill_min_tokens
         for i, (gen, _) in enumerate(specs):
             # (choices of one prompt share one salt: the request's)
             lead = first_of.setdefault(tuple(gen.prompt_ids), i) if len(gen.prompt_ids) >= share else i

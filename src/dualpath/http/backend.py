@@ -91,6 +91,9 @@ class Job:
     #: called once, when the decode engine says the prompt's Full Blocks are stored, or at the job's end
     on_prefix_stored: list[Callable[[], None]] = field(default_factory=list)
     stored: asyncio.Event = field(default_factory=asyncio.Event)  # set at the same moment
+    #: someone waits for :attr:`stored` (set before the job's task starts): a deployment asks its decode engine
+    #: for the notice only then (in process it costs nothing and always comes)
+    wants_stored: bool = False
 
     def put(self, ev: tuple[str, Any]) -> None:
         """Queue an event for the response."""
@@ -430,7 +433,8 @@ class RemoteBackend(Backend):
         out = await self.client.run_turn(job.session, job.request.prompt_ids, job.request.max_tokens,
                                          sampling=job.request.sampling, on_token=job.on_token,
                                          on_logprob=job.on_logprob, on_info=lambda path, hit: _set_info(job, path, hit),
-                                         on_stored=job.prefix_stored, deadline_s=self.timeout_s,
+                                         on_stored=job.prefix_stored if job.wants_stored else None,
+                                         deadline_s=self.timeout_s,
                                          salt=job.request.cache_salt)
         job.path = out.path
         job.prompt_logprobs = out.prompt_logprobs

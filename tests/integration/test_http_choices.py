@@ -345,7 +345,8 @@ def test_allowed_token_ids_and_bad_words_follow_transformers(client, hf, embedde
     got = r.choices[0].model_extra["token_ids"]
     assert got != base and got == _greedy_masked(hf, prompt, 6, bad=seqs)
     assert word not in r.choices[0].text
-    for extra, param in (({"allowed_token_ids": [10**7]}, "allowed_token_ids"), ({"bad_words": [" "]}, "bad_words")):
+    for extra, param in (({"allowed_token_ids": [10**7]}, "allowed_token_ids"), ({"bad_words": [" "]}, "bad_words"),
+                         ({"bad_words": ["word " * 200] * 100}, "bad_words")):  # (> 16,384 tokens in all)
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body=extra)
         assert e.value.body["param"] == param

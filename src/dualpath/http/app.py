@@ -317,6 +317,10 @@ class Server:
             out.append(bare)
             if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
                 out.append(spaced)
+        from dualpath.control.protocol import MAX_BAD_IDS
+
+        if sum(len(w) for w in out) > MAX_BAD_IDS:  # (what a deployment's control messages carry)
+            raise ApiError(400, f"bad_words: more than {MAX_BAD_IDS} tokens in all", param="bad_words")
         return tuple(out)
 
     # --- prompts ------------------------------------------------------------------------------------------

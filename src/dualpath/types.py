@@ -89,3 +89,4 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # 1 + the tokens more likely than ``token`` (prompt tokens: the PE counts; else None)

@@ -375,12 +375,12 @@ def test_vllm_request_fields_clients_send(client, embedded_http):
                                                                      "truncate_prompt_tokens": -1})
     assert chat.id == "chatcmpl-r2" and chat.choices[0].logprobs.content[0].token.startswith("token_id:")
     accepted = {"priority": 0, "use_beam_search": False, "length_penalty": 1.0, "cache_salt": None,
-                "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "prompt_logprobs": None,
+                "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None,
                 "spaces_between_special_tokens": True, "guided_decoding_backend": "xgrammar"}
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body=accepted)
     assert r.choices[0].finish_reason == "length"
     for field, value in (("priority", 1), ("use_beam_search", True), ("kv_transfer_params", {"x": 1}),
-                         ("prompt_logprobs", 1), ("truncate_prompt_tokens", 10**6)):
+                         ("truncate_prompt_tokens", 10**6)):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={field: value})
         assert e.value.body["param"] == field
@@ -389,3 +389,42 @@ def test_vllm_request_fields_clients_send(client, embedded_http):
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
                                            extra_body={field: value})
         assert e.value.body["param"] == field
+
+
+def test_prompt_logprobs_are_transformers_log_softmax_with_ranks(client, hf_logprobs, embedded_http):
+    """vLLM's ``prompt_logprobs: k``: per prompt token after the first, the token's logprob and rank under
+    transformers' forward, and the ``k`` most likely (ranks 1..k); on completions per choice, on chat once for
+    the response; ``return_tokens_as_token_ids`` names the decoded tokens; with stream it is a 400."""
+    tok = embedded_http[1]
+    prompt = list(tok.encode("The quick brown fox jumps over the lazy dog near the river bank.",
+                             add_special_tokens=False))
+    ref = hf_logprobs(prompt + [0])  # [len(prompt), vocab]: row i predicts token i + 1
+
+    def check(plp: list, ids: list[int]) -> None:
+        assert plp[0] is None and len(plp) == len(ids)
+        for i, entry in enumerate(plp[1:]):
+            row, t = ref[i], ids[i + 1]
+            mine = entry[str(t)]
+            assert mine["logprob"] == pytest.approx(float(row[t]), abs=LOGPROB_TOL)
+            lo = int((row > row[t] + LOGPROB_TOL).sum()) + 1  # (the rank, up to near-ties within the tolerance)
+            hi = int((row > row[t] - LOGPROB_TOL).sum()) + 1
+            assert lo <= mine["rank"] <= hi, (i, mine, lo, hi)
+            assert sorted(e["rank"] for e in entry.values())[:2] == [1, 2]  # (the 2 most likely are there)
+            first = next(e for e in entry.values() if e["rank"] == 1)
+            assert first["logprob"] == pytest.approx(float(row.max()), abs=LOGPROB_TOL)
+            assert mine["decoded_token"] == tok.decode([t])
+
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, n=2,
+                                  extra_body={"prompt_logprobs": 2})
+    for ch in r.choices:
+        check(ch.model_extra["prompt_logprobs"], prompt)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0, "return_tokens_as_token_ids": True})
+    plp = chat.model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == chat.usage.prompt_tokens
+    assert all(len(e) == 1 and next(iter(e.values()))["decoded_token"] == f"token_id:{k}"
+               for e in plp[1:] for k in e)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, stream=True,
+                                  extra_body={"prompt_logprobs": 1})
+    assert e.value.body["param"] == "prompt_logprobs"

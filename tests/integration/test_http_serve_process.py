@@ -143,6 +143,17 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
             assert lp["token_logprobs"][1:] == pytest.approx([x.logprob for x in ref_p.prompt_logprobs], abs=1e-5)
             assert lp["tokens"] == [f"<{t}>" for t in prompt]  # (the synthetic model has no tokenizer)
             assert r.json()["usage"]["completion_tokens"] == 0
+            # vLLM's prompt_logprobs: the same values, with each token's rank computed by the PE process
+            r = cl.post("/v1/completions", headers=auth, json={"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2,
+                                                               "temperature": 0})
+            assert r.status_code == 200, r.text
+            plp = r.json()["choices"][0]["prompt_logprobs"]
+            assert plp[0] is None and len(plp) == len(prompt)
+            for entry, tok, ref in zip(plp[1:], prompt[1:], ref_p.prompt_logprobs, strict=True):
+                mine = entry[str(tok)]
+                assert mine["rank"] == ref.rank >= 1 and mine["logprob"] == pytest.approx(ref.logprob, abs=1e-5)
+                assert [e["rank"] for k, e in entry.items() if k != str(tok)] == [
+                    i for i, (t, _) in enumerate(ref.top, start=1) if t != tok]
         pids = _engine_pids(tmp_path / "work")
     finally:
         stop_process(proc, signal.SIGTERM)

@@ -39,7 +39,14 @@ import numpy as np
 from dualpath.config import DualPathConfig
 from dualpath.control.channel import AuthFailed, Channel, CurveKeys, PeerGone
 from dualpath.control.deploy import client_curve
-from dualpath.control.protocol import MAX_FRAME_BYTES, Message, bin_to_logprobs, sampling_body, tokens_to_bin
+from dualpath.control.protocol import (
+    MAX_FRAME_BYTES,
+    Message,
+    bin_to_logprobs,
+    sampling_body,
+    tokens_to_bin,
+    with_ranks,
+)
 from dualpath.errors import DualPathError, PeerTimeout
 from dualpath.runtime.clients import TurnOutcome
 from dualpath.types import TokenLogprob
@@ -285,6 +292,8 @@ class ServeClient:
         if "plp_width" in b:
             prompt_lps = bin_to_logprobs(int(b["plp_width"]), b.get("plp_ids", b""), b.get("plp_vals", b""),
                                          [int(x) for x in np.asarray(prompt_ids).reshape(-1)[1:]], where="result")
+            if "plp_ranks" in b:
+                prompt_lps = with_ranks(prompt_lps, b["plp_ranks"], where="result")
         out = TurnOutcome(
             session=int(session), tokens=tokens, prompt_tokens=int(b["prompt_tokens"]),
             hit_tokens=int(b["hit_tokens"]), t_submit=t0, t_first_token=t_first,

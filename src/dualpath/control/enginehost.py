@@ -39,7 +39,14 @@ import torch
 from dualpath.config import DualPathConfig, load_config
 from dualpath.control.channel import Channel, PeerGone
 from dualpath.control.deploy import check_deployable, engine_curve, engine_name, engine_names, token_for
-from dualpath.control.protocol import Message, ProtocolError, bin_to_tokens, logprobs_to_bin, sampling_of
+from dualpath.control.protocol import (
+    Message,
+    ProtocolError,
+    bin_to_tokens,
+    logprobs_to_bin,
+    ranks_to_bin,
+    sampling_of,
+)
 from dualpath.engine.grammar import tokenizer_source
 from dualpath.engine.request import Turn, unwrap, wait_event
 from dualpath.errors import ConfigError, DualPathError, EngineError, PeerTimeout
@@ -470,6 +477,9 @@ class EngineHost:
         if turn.sampling is not None and turn.sampling.prompt_logprobs is not None and turn.prompt_lps:
             width, ids, vals = logprobs_to_bin(turn.prompt_lps)
             out.update(plp_width=width, plp_ids=ids, plp_vals=vals)
+            ranks = ranks_to_bin(turn.prompt_lps)
+            if ranks is not None:
+                out["plp_ranks"] = ranks
         return "prefilled", out
 
     async def _finish_pe(self, rid: int) -> None:

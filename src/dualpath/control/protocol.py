@@ -84,6 +84,7 @@ PROMPT_LP_FIELDS: dict[str, F] = {
     "plp_width": F("int", required=False, lo=1, hi=MAX_LP_WIDTH),
     "plp_ids": F("bin", required=False, max_len=MAX_PLP_BIN, multiple=4),
     "plp_vals": F("bin", required=False, max_len=MAX_PLP_BIN, multiple=4),
+    "plp_ranks": F("bin", required=False, max_len=MAX_TOKENS * 4, multiple=4),  # each token's rank, int32
 }
 
 #: message type -> its fields
@@ -514,6 +515,23 @@ def logprobs_to_bin(lps: Sequence[Any]) -> tuple[int, bytes, bytes]:
         for j, (tid, val) in enumerate(lp.top, start=1):
             ids[i, j], vals[i, j] = tid, val
     return width, ids.tobytes(), vals.tobytes()
+
+
+def ranks_to_bin(lps: Sequence[Any]) -> bytes | None:
+    """``plp_ranks``: each :class:`~dualpath.types.TokenLogprob`'s rank as int32 (None when one has none)."""
+    if not lps or any(lp.rank is None for lp in lps):
+        return None
+    return np.asarray([lp.rank for lp in lps], dtype="<i4").tobytes()
+
+
+def with_ranks(lps: list[Any], ranks: bytes, *, where: str) -> list[Any]:
+    """``lps`` with the ranks of ``plp_ranks`` (one int32 >= 1 per entry, else :class:`ProtocolError`)."""
+    import dataclasses
+
+    r = np.frombuffer(ranks, dtype="<i4")
+    if r.size != len(lps) or (r.size and int(r.min()) < 1):
+        raise ProtocolError(f"{where}: plp_ranks must hold one rank >= 1 for each of {len(lps)} tokens")
+    return [dataclasses.replace(lp, rank=int(k)) for lp, k in zip(lps, r.tolist(), strict=True)]
 
 
 def bin_to_logprobs(width: int, ids: bytes, vals: bytes, tokens: Sequence[int], *, where: str) -> list[Any]:

@@ -54,6 +54,7 @@ from dualpath.control.deploy import (
 from dualpath.control.enginehost import process_gauges
 from dualpath.control.protocol import (
     MAX_TOKENS,
+    PROMPT_LP_FIELDS,
     SAMPLING_FIELDS,
     Message,
     ProtocolError,
@@ -350,7 +351,7 @@ class RemoteCluster:
             self._pe_released[rid] = True
             await d.notify(de_rec, "logits", {"rid": rid, "logits": pre.body["logits"]})
             if ctx is not None and pe_extra:
-                ctx.prompt_lp = {k: pre.body[k] for k in ("plp_width", "plp_ids", "plp_vals") if k in pre.body}
+                ctx.prompt_lp = {k: pre.body[k] for k in PROMPT_LP_FIELDS if k in pre.body}
         fin = out["de"].body
         d.stats["paths." + path.value] += 1
         return RemoteResult(tokens=list(fin["tokens"]), prompt_tokens=n, hit_tokens=int(fin["hit_tokens"]),

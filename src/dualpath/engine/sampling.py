@@ -126,17 +126,19 @@ class SamplingParams:
 
 def rows_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
     """The :class:`TokenLogprob` of ``targets[i]`` under each row ``logits[i]`` (``[rows, vocab]``), with the ``k``
-    most likely tokens of the row."""
+    most likely tokens of the row and the target's rank (1 + the tokens strictly more likely)."""
     lp = torch.log_softmax(logits.detach().to(torch.float32), dim=-1)
     tgt = targets.to(lp.device, torch.int64).reshape(-1, 1)
-    chosen = lp.gather(1, tgt).reshape(-1).tolist()
+    got = lp.gather(1, tgt)
+    ranks = ((lp > got).sum(dim=-1) + 1).tolist()
+    chosen = got.reshape(-1).tolist()
     ids = tgt.reshape(-1).tolist()
     if k > 0:
         vals, top = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
         tops = [tuple(zip(t, v, strict=True)) for t, v in zip(top.tolist(), vals.tolist(), strict=True)]
     else:
         tops = [() for _ in ids]
-    return [TokenLogprob(int(i), float(c), t) for i, c, t in zip(ids, chosen, tops, strict=True)]
+    return [TokenLogprob(int(i), float(c), t, int(r)) for i, c, t, r in zip(ids, chosen, tops, ranks, strict=True)]
 
 
 class Sampler:

@@ -44,7 +44,12 @@ from dualpath.http.app import (
     serve_choices,
 )
 from dualpath.http.backend import GenRequest
-from dualpath.http.logprobs import chat_entries, completion_logprobs, generated_logprobs
+from dualpath.http.logprobs import (
+    chat_entries,
+    completion_logprobs,
+    generated_logprobs,
+    prompt_logprob_entries,
+)
 from dualpath.http.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from dualpath.http.structured import constrained, request_grammar
 from dualpath.http.tools import ToolCall
@@ -73,6 +78,8 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
     want_lp = top is not None or per_prompt > int(req.n or 1)  # best_of ranks by cumulative logprob
     echo = bool(getattr(req, "echo", False))
     prompt_top = top if echo else None  # echo with logprobs: the prompt's too (computed once per prompt)
+    if req.prompt_logprobs is not None:  # (vLLM's) the same, reported apart
+        prompt_top = max(prompt_top or 0, req.prompt_logprobs)
     base = server.sampling(req, logprobs=(top or 0) if want_lp else None)
     if constrained(req):  # (compiled in a worker thread: a complex schema takes a while)
         tok, parser = server.backend.tokenizer, server.config.tool_parser
@@ -128,8 +135,8 @@ class _Answer:
         self.per_prompt, self.n, self.top = per_prompt, int(req.n or 1), top
         self.rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{req.request_id or uuid.uuid4().hex}"
         self.obj = ("chat.completion" if kind == "chat" else "text_completion")
-        self.text = (_as_token_ids if req.return_tokens_as_token_ids else server.token_text) if top is not None \
-            else None
+        self.namer = _as_token_ids if req.return_tokens_as_token_ids else server.token_text
+        self.text = self.namer if top is not None else None
         self.echo = bool(getattr(req, "echo", False))
         self.zero = req.max_tokens == 0  # (completions with echo: the one token generated is dropped)
         self.created = int(time.time())
@@ -202,13 +209,18 @@ class _Answer:
                     choice["logprobs"] = self._echo_logprobs(c, choices, n_gen)
             if choice["logprobs"] is None:
                 choice["logprobs"] = self._logprobs(c, 0, n_gen)
+            if self.req.prompt_logprobs is not None and self.kind != "chat":
+                choice["prompt_logprobs"] = self._prompt_logprobs(c, choices)
             choice["finish_reason"] = "length" if self.zero else _finish_reason(c, self.legacy)
             if self.req.return_token_ids:
                 choice["token_ids"] = list(c.detok.ids[:n_gen])
             out.append(choice)
         self._observe(choices)
-        return {"id": self.rid, "object": self.obj, "created": self.created, "model": self.server.model_name,
+        body = {"id": self.rid, "object": self.obj, "created": self.created, "model": self.server.model_name,
                 "choices": out, "usage": self.usage(choices), "system_fingerprint": None}
+        if self.req.prompt_logprobs is not None and self.kind == "chat":  # (vLLM's: one prompt, on the response)
+            body["prompt_logprobs"] = self._prompt_logprobs(choices[0], choices)
+        return body
 
     def _echo(self, c: Choice) -> str:
         """The prompt's text when echoed (completions' ``echo``), else ''."""
@@ -217,18 +229,28 @@ class _Answer:
             return ""
         return str(tok.decode(c.job.request.prompt_ids, skip_special_tokens=self.req.skip_special_tokens))
 
+    def _prompt_lps(self, c: Choice, choices: list[Choice]) -> list[Any]:
+        """The log-probabilities of choice ``c``'s prompt tokens 1.. (its prompt's first choice computed them); a
+        503 when they did not come back whole (a misaligned list is never served)."""
+        source = choices[(c.index // self.per_prompt) * self.per_prompt]
+        got = source.job.prompt_logprobs
+        if got is None or len(got) != len(c.job.request.prompt_ids) - 1:
+            raise ApiError(503, f"choice {c.index}: the prompt's log-probabilities did not come back; retry",
+                           "server_error", code="logprobs_lost")
+        return list(got)
+
+    def _prompt_logprobs(self, c: Choice, choices: list[Choice]) -> list[dict[str, Any] | None]:
+        """vLLM's ``prompt_logprobs`` of choice ``c``'s prompt."""
+        assert self.req.prompt_logprobs is not None
+        return prompt_logprob_entries(self.namer, self._prompt_lps(c, choices), self.req.prompt_logprobs)
+
     def _echo_logprobs(self, c: Choice, choices: list[Choice], n_gen: int) -> dict[str, Any]:
         """Completions ``logprobs`` over the echoed prompt and the generated tokens: the first prompt token has
         none (``null``), as in OpenAI's API."""
         assert self.text is not None and self.top is not None
-        source = choices[(c.index // self.per_prompt) * self.per_prompt]  # the prompt's first choice computed them
-        prompt_lps = source.job.prompt_logprobs
         ids = c.job.request.prompt_ids
-        if prompt_lps is None or len(prompt_lps) != len(ids) - 1:
-            raise ApiError(503, f"choice {c.index}: the prompt's log-probabilities did not come back; retry",
-                           "server_error", code="logprobs_lost")
         first = self.text(ids[0])[0]
-        rest = completion_logprobs(self.text, list(prompt_lps), self.top, len(first))
+        rest = completion_logprobs(self.text, self._prompt_lps(c, choices), self.top, len(first))
         c.text_offset = len(first) + sum(len(t) for t in rest["tokens"])
         gen = self._logprobs(c, 0, n_gen)
         assert gen is not None

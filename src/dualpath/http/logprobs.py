@@ -122,6 +122,19 @@ def chat_entries(text: TokenNamer, lps: list[TokenLogprob], top: int) -> list[di
     return out
 
 
+def prompt_logprob_entries(text: TokenNamer, lps: list[TokenLogprob], top: int) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: ``None`` for the first prompt token, then per token a map from token id (a
+    string) to ``{"logprob", "rank", "decoded_token"}``: the token itself first (its rank among the vocabulary),
+    then the ``top`` most likely (ranks 1..``top``)."""
+    out: list[dict[str, Any] | None] = [None]
+    for lp in lps:
+        entry = {str(lp.token): {"logprob": _value(lp.logprob), "rank": lp.rank, "decoded_token": text(lp.token)[0]}}
+        for r, (tid, v) in enumerate(lp.top[:top], start=1):
+            entry.setdefault(str(tid), {"logprob": _value(v), "rank": r, "decoded_token": text(tid)[0]})
+        out.append(entry)
+    return out
+
+
 def completion_logprobs(text: TokenNamer, lps: list[TokenLogprob], top: int, offset: int) -> dict[str, Any]:
     """The completions ``logprobs`` object of ``lps`` (``top`` most likely tokens each), the first token's text
     starting at character ``offset`` of the choice's text."""

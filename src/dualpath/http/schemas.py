@@ -175,8 +175,10 @@ class _Sampling(_Strict):
     cache_salt: str | None = Field(default=None, min_length=1, max_length=1024)
     guided_decoding_backend: str | None = None  # (accepted: this server has one grammar engine)
     guided_whitespace_pattern: str | None = None  # (accepted, as structured_outputs.whitespace_pattern)
+    #: the prompt tokens' log-probabilities (and their ranks), with this many most likely each (the turn is
+    #: recomputed: a prompt position whose KV is loaded has no logits)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     # vLLM's fields this server cannot honour: only their "off" values are accepted (else a 400 naming them)
-    prompt_logprobs: int | None = None
     use_beam_search: bool = False
     length_penalty: float = 1.0
     kv_transfer_params: dict[str, Any] | None = None
@@ -226,10 +228,9 @@ class _Sampling(_Strict):
         if self.priority != 0:
             return "priority", (f"priority: this server schedules first come, first served; only 0 is accepted (got "
                                 f"{self.priority})")
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs", "prompt_logprobs: not supported with stream (send stream: false)"
         refused = {
-            "prompt_logprobs": (self.prompt_logprobs is not None,
-                                "not supported; the completions endpoint scores the prompt with echo: true and "
-                                "logprobs"),
             "use_beam_search": (self.use_beam_search, "beam search is not supported"),
             "length_penalty": (self.length_penalty != 1.0, "only applies to beam search, which is not supported"),
             "kv_transfer_params": (bool(self.kv_transfer_params), "not supported (this server moves KV itself)"),

@@ -109,9 +109,12 @@ class _Pending:
 
     @property
     def salted(self) -> dict[str, Any]:
-        """The ``salt`` keyword of the cluster's calls for this turn (none without one: a double need not take
-        it)."""
-        return {} if self.salt is None else {"salt": self.salt}
+        return _salted(self.salt)
+
+
+def _salted(salt: str | None) -> dict[str, Any]:
+    """The ``salt`` keyword of the cluster's calls for a turn (none without one: a double need not take it)."""
+    return {} if salt is None else {"salt": salt}
 
 
 @dataclass
@@ -268,7 +271,7 @@ class SchedulerDriver:
                 f"than a decode engine holds ({self.max_request_tokens} tokens)"
             )
         t_submit = time.perf_counter()
-        hit = self.cluster.lookup(prompt_ids, **({} if salt is None else {"salt": salt}))
+        hit = self.cluster.lookup(prompt_ids, **_salted(salt))
         if inspect.isawaitable(hit):
             hit = await hit
         hit = min(int(hit), n)

@@ -171,6 +171,23 @@ def test_simulator_holds_requests_on_a_prefix_being_computed(tmp_path: Path, mod
         assert never == Simulation(sc, get_policy(policy)).run().hit_tokens < (shared - 1) * 40 * 512, policy
 
 
+def test_simulator_holds_on_a_short_hash_id_list(tmp_path: Path) -> None:
+    # Two requests at t=0 list the same 2 hash ids for 10-block prompts (a trace as it is: fewer ids than blocks).
+    # The second waits for the first's 2 listed blocks and reads them; the rest are its own (not a crash on the
+    # ids the trace does not list)
+    from dualpath.scheduler.policies import get_policy
+    from dualpath.sim.cluster import Simulation
+    from dualpath.sim.runner import scenario_from_preset
+
+    f = tmp_path / "short.jsonl"
+    f.write_text("".join(json.dumps({"timestamp": 0, "input_length": 10 * 512, "output_length": 4,
+                                     "hash_ids": [1, 2]}) + "\n" for _ in range(2)))
+    w = load_trace(f, "mooncake")
+    for policy in ("basic", "dualpath"):
+        sim = Simulation(scenario_from_preset("tiny", trajectories=w.trajectories), get_policy(policy)).run()
+        assert sim.completed == 2 and sim.hit_tokens == 2 * 512, policy
+
+
 def test_simulator_stores_a_prompt_when_its_decode_starts(tmp_path: Path) -> None:
     # A (8 blocks, 2,000 tokens to generate) decodes for seconds; B, sent at 1 s with A's 8 blocks plus one, hits
     # them: the DE persists a prompt's full blocks as its decode starts (as the runtime's DE does), not at its end

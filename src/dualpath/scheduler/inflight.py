@@ -40,9 +40,11 @@ class InflightKeys:
                 count.pop(key, None)
 
     def run(self, keys: Sequence[Hashable], start: int, stop: int) -> int:
-        """How many of ``keys[start:stop]``, from the first, are being computed."""
+        """How many of ``keys[start:stop]``, from the first, are being computed (``keys`` may be shorter than
+        ``stop``: a trace may list fewer hash ids than its prompt has blocks)."""
         count = self._count
         n = start
+        stop = min(stop, len(keys))
         while n < stop and keys[n] in count:
             n += 1
         return n - start

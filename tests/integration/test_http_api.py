@@ -219,6 +219,15 @@ async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_
             r = await cl.get("/v1/models/synthetic-test")
             assert r.status_code == 200 and r.json()["id"] == "synthetic-test" and r.json()["object"] == "model"
             assert (await cl.get("/v1/models/gpt-4o")).status_code == 404
+            # an endpoint not served (embeddings, images...) or a wrong method: OpenAI's words, then what is served
+            r = await cl.post("/v1/embeddings", json={"input": "hi", "model": "synthetic-test"})
+            e = r.json()["error"]
+            assert r.status_code == 404 and e["message"].startswith("Invalid URL (POST /v1/embeddings)"), r.text
+            assert "POST /v1/chat/completions" in e["message"] and e["type"] == "not_found_error"
+            r = await cl.get("/v1/chat/completions")
+            e = r.json()["error"]
+            assert r.status_code == 405 and e["message"].startswith("Invalid method (GET /v1/chat/completions)")
+            assert "POST" in r.headers["allow"]
         srv.stop.set()
 
 

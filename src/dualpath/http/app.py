@@ -574,7 +574,13 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         etype = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), etype), status_code=exc.status_code)
+        msg = str(exc.detail)
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404 and msg == "Not Found":  # no such route: OpenAI's words, then what is served
+            msg = f"Invalid URL ({where}): this server generates text; it serves {_SERVED}"
+        elif exc.status_code == 405:
+            msg = f"Invalid method ({where}): this server serves {_SERVED}"
+        return JSONResponse(error_body(msg, etype), status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -674,6 +680,11 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
 
     add_routes(app, server)  # /v1/responses
     return app
+
+
+#: the endpoints, as an error for an unknown one names them
+_SERVED = ("POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (GET and DELETE /v1/responses/{id}), "
+           "GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics, GET /version")
 
 
 def _model_card(server: Server) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Every op exists twice with one signature: a Triton kernel (:mod:`.paged_attention`, :mod:`.kv_copy`) and a
 pure-torch reference (:mod:`.reference`). ``backend``: ``"triton"``, ``"torch"`` or ``"auto"`` (default:
-Triton when the tensors are on CUDA, the torch reference otherwise). The environment variable
+Triton when the tensors are on CUDA, the torch reference otherwise; the torch backend's decode attention is
+:mod:`.batched`, the reference's semantics for a whole batch at once). The environment variable
 ``DUALPATH_KERNELS=triton|torch`` overrides ``auto`` (e.g. ``DUALPATH_KERNELS=triton TRITON_INTERPRET=1``
 runs the Triton kernels on CPU through the interpreter: slow, tests only). Triton modules are imported
 lazily, so the torch path never imports triton. The paged attention ops take ``softcap`` (Gemma 2's logit
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from dualpath.errors import KernelError
-from dualpath.kernels import reference
+from dualpath.kernels import batched, reference
 from dualpath.kernels._checks import check_sinks, check_window
 
 BACKENDS = ("auto", "torch", "triton")
@@ -64,6 +65,8 @@ _MODULES = {
 
 def _impl(name: str, backend: str | None, device: torch.device) -> Any:
     if resolve_backend(backend, device) == "torch":
+        if name == "paged_decode_attention":
+            return batched.paged_decode_attention
         return getattr(reference, name)
     kind = _MODULES.get(name) or ("paged_attention" if name.startswith("paged_") else "kv_copy")
     return getattr(importlib.import_module(f"dualpath.kernels.{kind}"), name)

@@ -113,3 +113,19 @@ def test_a_span_padded_past_the_end_of_its_table() -> None:
     q = torch.randn((2, 2, 8), generator=torch.Generator().manual_seed(1))
     want = ref.paged_decode_attention(q, kv, tables.clamp(min=0), lens, 0.3, chunk=chunk)
     torch.testing.assert_close(batched.paged_decode_attention(q, kv, tables, lens, 0.3, chunk=chunk), want)
+
+
+def test_slots_never_written_do_not_reach_the_output() -> None:
+    # every slot the sequences do not own holds NaN (as a pool from torch.empty may): the output equals the
+    # reference's, which never reads them, and has no NaN
+    q, kv, tables, lens = _case(random.Random(11), torch.float32)
+    poisoned = torch.full_like(kv, float("nan"))
+    bt = kv.shape[1]
+    for b, n in enumerate(lens.tolist()):
+        for t in range(n):
+            blk = int(tables[b, t // bt])
+            poisoned[blk, t % bt] = kv[blk, t % bt]
+    want = ref.paged_decode_attention(q, poisoned, tables.clamp(0, kv.shape[0] - 1), lens, 0.25, window=9)
+    got = batched.paged_decode_attention(q, poisoned, tables, lens, 0.25, window=9)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want)

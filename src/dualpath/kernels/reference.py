@@ -26,7 +26,8 @@ def _seq_kv(kv_layer: torch.Tensor, table: torch.Tensor, n: int,
     """K and V of the sequence's tokens ``first .. n - 1`` (only their blocks are gathered), as fp32."""
     bt = kv_layer.shape[1]
     b0, nb = first // bt, (n + bt - 1) // bt
-    rows = kv_layer[table[b0:nb].long()].reshape((nb - b0) * bt, *kv_layer.shape[2:])[first - b0 * bt: n - b0 * bt]
+    rows = kv_layer.index_select(0, table[b0:nb].long()).reshape((nb - b0) * bt, *kv_layer.shape[2:])
+    rows = rows[first - b0 * bt: n - b0 * bt]
     return rows[:, 0].float(), rows[:, 1].float()  # [n - first, Hkv, D]
 
 
@@ -234,7 +235,7 @@ def store_latent(latent: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: tor
 def _seq_latent(kv_layer: torch.Tensor, table: torch.Tensor, n: int, kv_lora_rank: int) -> torch.Tensor:
     bt = kv_layer.shape[1]
     nb = (n + bt - 1) // bt
-    rows = kv_layer[table[:nb].long()].reshape(nb * bt, kv_layer.shape[2])[:n]
+    rows = kv_layer.index_select(0, table[:nb].long()).reshape(nb * bt, kv_layer.shape[2])[:n]
     if rows.dtype == torch.uint8:
         return dequantize_latent_fp8(rows, kv_lora_rank)
     return rows.float()  # [n, R + P]

@@ -160,6 +160,9 @@ async def test_neither_the_first_token_nor_the_decode_steps_wait_for_the_prompts
         assert t.t_second_token - t.t_submit < write_s / 2  # (decode steps after the write: >= write_s)
         assert len(told) == 1 and told[0][1] == 32  # once, with every block stored
         assert told[0][0] - t.t_submit >= 0.95 * write_s and t.t_done >= told[0][0]
+        # the last token is out long before the turn's end; TPOT counts to it, not to the end of the write
+        assert t.t_last_token - t.t_submit < write_s / 2 and r.t_last_token == t.t_last_token
+        assert r.tpot is not None and r.tpot == pytest.approx(t.t_last_token - t.t_first_token)
         assert c.des[0].persisted_blocks == 32 and c.storage.lookup(c.keyer.keys(prompt)) == 32
         nxt = await c.run_turn("s", prompt + r.token_ids + [5], 2, path="de")
         assert nxt.hit_tokens == 512

@@ -256,6 +256,9 @@ def test_the_client_hears_once_that_the_prompt_is_stored_while_the_turn_decodes(
                 t_end = time.perf_counter()
             assert len(told) == 1 and told[0] < t_end - 0.1, (told, t_end)  # (300 steps of 2 ms after it)
             assert out.hit_tokens == 0 and follower[0].hit_tokens == 6 * bt
+            # the result says when the last token was out (its TPOT counts to it), before the turn's end
+            assert out.t_first_token < out.timings.t_last_token <= out.t_done
+            assert out.tpot == pytest.approx((out.timings.t_last_token - out.t_first_token) / 299)
 
     anyio.run(main)
 

@@ -429,6 +429,7 @@ class Cluster:
             pe_assigned = False
             seq = await de.begin_decode(turn)
             await wait_event(turn, seq.done, float("inf"), "decode")
+            turn.timings.t_last_token = time.perf_counter()
             turn.check()
             await de.finish(seq)
             turn.timings.t_done = time.perf_counter()

@@ -300,6 +300,8 @@ class ServeClient:
             t_second_token=t_first + b["tpot_s"] if len(tokens) > 1 else None,
             t_done=t_end, path=str(b["path"]), pe=int(b["pe"]), de=int(b["de"]), t_scheduled=None,
         )
+        if "last_s" in b:  # the last token (the result also waited for the turn's writes)
+            out.timings.t_last_token = t0 + offset + float(b["last_s"])
         out.prompt_logprobs = prompt_lps
         return out
 

@@ -512,12 +512,14 @@ class EngineHost:
                     await wait_event(turn, seq.prompt_stored, float("inf"), "the prompt's write")
                     await self._notify_stored(rid)
                 await wait_event(turn, seq.done, float("inf"), "decode")
+                t_last = time.perf_counter()
                 turn.check()
                 tokens = list(seq.generated)
                 held.seq = None
                 await eng.finish(seq)
                 seq = None
                 await self._flush_tokens()  # the last streamed tokens go out before the result
+                after_last = time.perf_counter() - t_last  # (the writes the turn's end waits for)
         except BaseException as exc:
             await self._abort(rid, f"decode failed: {unwrap(exc)!r}")
             if seq is not None:  # aborted while joining the batch (begin_decode): its pages are ours to free
@@ -526,7 +528,7 @@ class EngineHost:
             raise _as_engine_error(self.name, rid, exc) from None
         if self.turns.pop(rid, None) is not None:  # (an abort that came as it finished unassigned it already)
             eng.unassign(turn)
-        return "finished", {"rid": rid, "tokens": tokens, "hit_tokens": turn.hit_tokens,
+        return "finished", {"rid": rid, "tokens": tokens, "hit_tokens": turn.hit_tokens, "after_last_s": after_last,
                             "link_bytes": {k: int(v) for k, v in turn.link_bytes.items()}}
 
     async def _abort(self, rid: int, reason: str) -> None:

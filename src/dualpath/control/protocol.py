@@ -122,6 +122,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "ttft_s": F("float", lo=0.0, hi=1e9),
         "tpot_s": F("float", lo=0.0, hi=1e9),
         "total_s": F("float", lo=0.0, hi=1e9),
+        "last_s": F("float", required=False, lo=0.0, hi=1e9),  # submit -> the last token (total_s: -> the end)
         "retries": F("int", lo=0, hi=1 << 16),
     },
     "cancel": {  # client: end its own turn(s) of this session now; operator (token or key): anyone's
@@ -192,6 +193,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "tokens": F("ints", max_len=1 << 20, lo=0, hi=(1 << 31) - 1),
         "hit_tokens": F("int", lo=0, hi=MAX_TOKENS),
         "link_bytes": F("map", max_len=MAX_MAP),
+        "after_last_s": F("float", required=False, lo=0.0, hi=1e9),  # last token -> this reply (the turn's writes)
     },
     "tokens": {  # DE -> scheduler notice: one decode step's tokens (or more) of its streamed turns
         "rids": F("ints", max_len=1 << 12, lo=0, hi=U63),

@@ -147,6 +147,7 @@ class RemoteResult:
     t_second_token: float | None
     t_done: float
     bytes: dict[str, int]
+    t_last_token: float = 0.0  # the last token out (the DE's reply also waits for the turn's writes)
 
 
 class RemoteCluster:
@@ -354,9 +355,11 @@ class RemoteCluster:
                 ctx.prompt_lp = {k: pre.body[k] for k in PROMPT_LP_FIELDS if k in pre.body}
         fin = out["de"].body
         d.stats["paths." + path.value] += 1
+        t_done = time.perf_counter()
         return RemoteResult(tokens=list(fin["tokens"]), prompt_tokens=n, hit_tokens=int(fin["hit_tokens"]),
-                            t_first_token=t_first, t_second_token=None, t_done=time.perf_counter(),
-                            bytes={str(k): int(v) for k, v in fin["link_bytes"].items()})
+                            t_first_token=t_first, t_second_token=None, t_done=t_done,
+                            bytes={str(k): int(v) for k, v in fin["link_bytes"].items()},
+                            t_last_token=max(t_first, t_done - float(fin.get("after_last_s", 0.0))))
 
 
 async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
@@ -882,12 +885,14 @@ class SchedulerDaemon:
         total = time.perf_counter() - t0
         ttft = max(0.0, outcome.t_first_token - outcome.t_submit) if math.isfinite(outcome.t_first_token) else total
         n = len(outcome.tokens)
-        tpot = (outcome.t_done - outcome.t_first_token) / (n - 1) if n > 1 and math.isfinite(
+        tpot = (outcome.t_last_token - outcome.t_first_token) / (n - 1) if n > 1 and math.isfinite(
             outcome.t_first_token) else 0.0
+        last = min(total, max(0.0, outcome.t_last_token - t0))
         return "result", {"session": int(b["session"]), "tokens": [int(x) for x in outcome.tokens],
                           "prompt_tokens": outcome.prompt_tokens, "hit_tokens": outcome.hit_tokens,
                           "path": outcome.path, "pe": outcome.pe, "de": outcome.de, "ttft_s": ttft,
-                          "tpot_s": max(0.0, tpot), "total_s": total, "retries": retries, **ctx.prompt_lp}
+                          "tpot_s": max(0.0, tpot), "total_s": total, "last_s": last, "retries": retries,
+                          **ctx.prompt_lp}
 
     def stats_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: int(v) for k, v in self.stats.items()}

@@ -45,6 +45,7 @@ class TurnTimings:
     t_prefill_done: float = 0.0
     t_first_token: float = 0.0
     t_second_token: float = 0.0
+    t_last_token: float = 0.0  # the last token out (t_done also waits for the turn's writes; 0: not known)
     t_done: float = 0.0
     t_scheduled: float = 0.0  # when a scheduler assigned the turn (0: run on the cluster directly)
 
@@ -120,6 +121,11 @@ class TurnResult:
         return self.timings.t_second_token or None
 
     @property
+    def t_last_token(self) -> float:
+        """When the last token was out (the turn's end, ``t_done``, also waits for its blocks to be stored)."""
+        return self.timings.t_last_token or self.timings.t_done
+
+    @property
     def t_done(self) -> float:
         return self.timings.t_done
 
@@ -136,9 +142,9 @@ class TurnResult:
 
     @property
     def tpot(self) -> float | None:
-        """Mean time per output token after the first (None with fewer than two tokens)."""
+        """Mean time per output token after the first, to the last token (None with fewer than two tokens)."""
         n = len(self.token_ids)
-        return None if n < 2 else (self.timings.t_done - self.timings.t_first_token) / (n - 1)
+        return None if n < 2 else (self.t_last_token - self.timings.t_first_token) / (n - 1)
 
     @property
     def phases(self) -> dict[str, float]:

@@ -30,6 +30,8 @@ class RequestRecord:
     t_first_token: float | None = None
     t_second_token: float | None = None
     t_done: float | None = None
+    #: the last token out (``t_done``, the request's end, may also wait for its blocks to be stored)
+    t_last_token: float | None = None
     bytes_pe_path: int = 0
     bytes_de_path: int = 0
 
@@ -48,10 +50,12 @@ class RequestRecord:
 
     @property
     def tpot(self) -> float | None:
-        """Time per output token after the second: ``(t_done - t_second) / (gen - 2)``; None below 3 tokens."""
-        if self.t_second_token is None or self.t_done is None or self.gen_tokens < 3:
+        """Time per output token after the second: ``(t_last - t_second) / (gen - 2)``, to the last token
+        (``t_last_token``, else ``t_done``); None below 3 tokens."""
+        t_last = self.t_last_token if self.t_last_token is not None else self.t_done
+        if self.t_second_token is None or t_last is None or self.gen_tokens < 3:
             return None
-        return (self.t_done - self.t_second_token) / (self.gen_tokens - 2)
+        return (t_last - self.t_second_token) / (self.gen_tokens - 2)
 
     @property
     def jct(self) -> float | None:

@@ -256,7 +256,7 @@ def record_turn(recorder: MetricsRecorder, rid: int, rec: TurnRecord, t_ref: flo
         rid=rid, tid=rec.agent, turn=rec.turn, prompt_tokens=o.prompt_tokens, hit_tokens=o.hit_tokens,
         gen_tokens=len(o.tokens), path=o.path, pe=o.pe, de=o.de, t_submit=o.t_submit - t_ref,
         t_first_token=o.t_first_token - t_ref, t_second_token=t2, t_done=o.t_done - t_ref,
-        bytes_pe_path=pe_b, bytes_de_path=de_b,
+        t_last_token=o.t_last_token - t_ref, bytes_pe_path=pe_b, bytes_de_path=de_b,
     ))  # fmt: skip
 
 

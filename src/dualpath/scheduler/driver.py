@@ -148,6 +148,7 @@ def _outcome(p: _Pending, res: Any) -> TurnResult:
         t_scheduled=p.t_scheduled or 0.0,
         t_first_token=float(getattr(tm, "t_first_token", math.nan)),
         t_second_token=float(t_second) if t_second else 0.0,
+        t_last_token=float(getattr(tm, "t_last_token", 0.0) or 0.0),
         t_done=float(getattr(tm, "t_done", 0.0) or time.perf_counter()),
     )
     hit = int(getattr(res, "hit_tokens", p.hit))

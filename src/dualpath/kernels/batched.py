@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from dualpath.errors import KernelError
+from dualpath.kernels.reference import first_visible
 
 #: float32 K and V bytes of one group of sequences (the batch is split above this)
 GROUP_BYTES = 4 << 20
@@ -88,12 +89,7 @@ def paged_decode_attention(
     nbk, bt, _, hkv, _ = kv_layer.shape
     lens = [int(n) for n in seq_lens.tolist()]
     _check_lens(lens, bt, block_tables.shape[1])
-    first = []
-    for n in lens:
-        f = max(0, n - window) if window is not None else 0
-        if chunk is not None:  # the query (position n - 1) sees its own chunk only
-            f = max(f, (n - 1) // chunk * chunk)
-        first.append(f)
+    first = [first_visible(n, window, chunk) for n in lens]
     for group in _groups(lens, first, bt, 2 * hkv * d * 4):
         idx = torch.tensor(group, dtype=torch.int64, device=q.device)
         out.index_copy_(0, idx, _attend_group(q.index_select(0, idx), kv_layer, block_tables.index_select(0, idx),

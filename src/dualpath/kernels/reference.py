@@ -57,6 +57,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mas
     return o.permute(2, 0, 1, 3).reshape(m, hq, d)
 
 
+def first_visible(n: int, window: int | None, chunk: int | None) -> int:
+    """The first key position a decode query (at position ``n - 1``) sees: the last ``window`` keys, those of its
+    own ``chunk`` only."""
+    first = max(0, n - window) if window is not None else 0
+    if chunk is not None:
+        first = max(first, (n - 1) // chunk * chunk)
+    return first
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     kv_layer: torch.Tensor,
@@ -80,9 +89,7 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
         n = int(seq_lens[b])
-        first = max(0, n - window) if window is not None else 0
-        if chunk is not None:  # the query (position n - 1) sees its own chunk only
-            first = max(first, (n - 1) // chunk * chunk)
+        first = first_visible(n, window, chunk)
         k, v = _seq_kv(kv_layer, block_tables[b], n, first)
         kpos = None if alibi is None else torch.arange(first, n, device=q.device)[None, :]
         rel = None if kpos is None or alibi_bf16 else kpos - (n - 1)

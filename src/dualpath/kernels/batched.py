@@ -3,8 +3,8 @@
 :mod:`.reference` loops over sequences and is the tests' oracle; this computes the same thing for a whole decode
 batch at once: one ``index_select`` of the batch's Layer Blocks from the pool, one copy that converts them to
 float32 in ``[B, Hkv, N, D]`` order, two batched matmuls and one masked softmax. With 16-token blocks scattered over
-a large pool that is 3-7x faster than the loop (``benchmarks/cpu_decode_attention.py``), and the loop's cost is most
-of a CPU decode step's attention.
+a large pool, attention alone runs 1.1-2.5x as fast as the loop and a SmolLM2-135M decode step 1.3-2.0x at batch 4
+to 16 (``benchmarks/cpu_decode_attention.py``).
 
 Sequences are padded to the longest one's span of blocks; a key past a sequence's length, before its window or
 outside its chunk is masked (``-inf``), so it weights nothing. Each sequence's span starts at the block of its first
@@ -37,8 +37,8 @@ def _check_lens(lens: list[int], bt: int, width: int) -> None:
 
 
 def _block_ids(tables: torch.Tensor, b0: torch.Tensor, nb: int, nbk: int) -> torch.Tensor:
-    """``[B * nb]`` pool blocks: each sequence's ``nb`` blocks from its table column ``b0``; columns past the table
-    and entries that are not block ids become block 0 (whatever they hold is masked)."""
+    """``[B * nb]`` pool blocks: each sequence's ``nb`` blocks from its table column ``b0``; a column past the table
+    reads its last one, and an entry outside the pool is clamped into it (what those blocks hold is masked)."""
     cols = (b0[:, None] + torch.arange(nb, device=tables.device)[None, :]).clamp_(max=tables.shape[1] - 1)
     return tables.long().gather(1, cols).clamp_(0, nbk - 1).reshape(-1)
 

@@ -10,7 +10,9 @@ separate virtual environment is best, ``python3 -m venv V && V/bin/pip install g
 * AIPerf ``profile``: streaming chat, 4 concurrent, 12 requests; every request must succeed, its TTFT and
   inter-token latency are printed;
 * LiteLLM: chat, streaming with usage, text completion, a forced tool call, ``n=2`` (async), and an embeddings
-  call, which must be refused with a 404 naming the endpoints served.
+  call, which must be refused with a 404 naming the endpoints served. Greedy (``temperature: 0``) where the check
+  reads the answer: a sampled city name can outrun ``max_tokens``, and a call cut short is returned as the text it
+  is (content), not as a call.
 
 Prints one line per check and exits 1 if any failed. ``--skip NAME`` leaves a client out.
 
@@ -42,7 +44,7 @@ r = litellm.completion(messages=[{"role": "user", "content": "Say hi"}], max_tok
 out["chat"] = [r.choices[0].message.content, r.usage.completion_tokens]
 parts, usage = [], None
 for ch in litellm.completion(messages=[{"role": "user", "content": "Count to 3"}], max_tokens=8, stream=True,
-                             stream_options={"include_usage": True}, **kw):
+                             temperature=0, stream_options={"include_usage": True}, **kw):
     if ch.choices and ch.choices[0].delta.content:
         parts.append(ch.choices[0].delta.content)
     usage = getattr(ch, "usage", None) or usage
@@ -52,7 +54,7 @@ out["text"] = [t.choices[0].text]
 tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
           "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 r = litellm.completion(messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools, max_tokens=40,
-                       tool_choice={"type": "function", "function": {"name": "get_weather"}}, **kw)
+                       tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0, **kw)
 call = r.choices[0].message.tool_calls[0]
 out["tool"] = [call.function.name, json.loads(call.function.arguments)]
 async def two():

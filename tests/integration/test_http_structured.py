@@ -97,14 +97,18 @@ def test_responses_text_format_and_bad_schemas(client):
 
 def test_forced_tool_calls(client):
     """``required`` (whichever tool), a named function (that one, whatever the question) and the Responses API's
-    ``required``: each answer is a call whose arguments follow the function's schema. The three run concurrently
-    (one decode batch: what each asserts does not depend on what shares the batch)."""
+    ``required``: each answer is a call whose arguments follow the function's schema; a named call cut by
+    ``max_tokens`` is still that call, finish ``length``. The four run concurrently (one decode batch: what each
+    asserts does not depend on what shares the batch)."""
     from concurrent.futures import ThreadPoolExecutor
 
     msgs = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
     params = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ADD)}
     named = {"type": "function", "function": {"name": "add"}}
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(4) as pool:
+        cut = pool.submit(client.chat.completions.create, model=MODEL, messages=msgs, tools=[WEATHER, ADD],
+                          tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=20,
+                          temperature=0)
         required = pool.submit(client.chat.completions.create, model=MODEL, messages=msgs, tools=[WEATHER, ADD],
                                tool_choice="required", max_tokens=60, temperature=0, parallel_tool_calls=False)
         forced = pool.submit(client.chat.completions.create, model=MODEL, messages=msgs, tools=[WEATHER, ADD],
@@ -122,6 +126,10 @@ def test_forced_tool_calls(client):
     for c in calls:
         jsonschema.validate(json.loads(c.function.arguments), params["add"])
     # (streamed calls arrive as tool_calls deltas: test_http_tools.py)
+    ch = cut.result().choices[0]  # (the call's markup and name take ~16 tokens: the limit falls in its arguments)
+    assert ch.finish_reason == "length" and not ch.message.content and len(ch.message.tool_calls) == 1
+    assert ch.message.tool_calls[0].function.name == "get_weather"
+    assert ch.message.tool_calls[0].function.arguments.startswith("{")
     items = [o for o in responses.result().output if o.type == "function_call"]
     assert items and items[0].name == "get_weather"
     jsonschema.validate(json.loads(items[0].arguments), params["get_weather"])

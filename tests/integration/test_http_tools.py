@@ -446,3 +446,45 @@ async def test_mistral_calls_read_back_whole_and_streamed(tokenizer):
                                      max_tokens=300) == ("I will look it up.\n", WANT)
 
     await _with_server(backend, body)
+
+
+@pytest.mark.anyio
+async def test_a_forced_call_cut_by_max_tokens_is_still_a_call(tokenizer):
+    """A named ``tool_choice`` answered past ``max_tokens``: the call, its arguments as far as they were written,
+    finish ``length``, whole and streamed (as OpenAI answers); on the Responses API an ``incomplete`` function_call
+    item. Not forced (``auto``), the same text stays content, as written."""
+    forced = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    backend = ScriptedBackend(tokenizer, forced)
+    ids = backend.script
+    n = next(k for k in range(len(ids)) if '"city": "P' in tokenizer.decode(ids[:k]))  # cut inside the arguments
+    written = tokenizer.decode(ids[:n])
+    args = written[written.index('"arguments": ') + len('"arguments": '):]
+    assert args.startswith('{"city": "P') and args != '{"city": "Paris"}'
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+
+    async def body(client: Any) -> None:
+        r = await client.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS, tool_choice=named,
+                                                 max_tokens=n)
+        ch = r.choices[0]
+        assert ch.finish_reason == "length" and not ch.message.content
+        assert [(c.function.name, c.function.arguments) for c in ch.message.tool_calls] == [("get_weather", args)]
+        stream = await client.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS,
+                                                      tool_choice="required", max_tokens=n, stream=True)
+        deltas, content, finish = [], "", None
+        async for chunk in stream:
+            d = chunk.choices[0].delta
+            content += d.content or ""
+            deltas += [(tc.function.name, tc.function.arguments) for tc in d.tool_calls or []]
+            finish = chunk.choices[0].finish_reason or finish
+        assert (deltas, content, finish) == ([("get_weather", args)], "", "length")
+        r = await client.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS, max_tokens=n)
+        assert r.choices[0].message.content == written and not r.choices[0].message.tool_calls
+        resp = await client.responses.create(model="scripted", input="Weather in Paris?", tools=RESP_TOOLS,
+                                             tool_choice={"type": "function", "name": "get_weather"},
+                                             max_output_tokens=n)
+        assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+        items = [(o.type, o.name, o.arguments, o.status) for o in resp.output if o.type == "function_call"]
+        assert items == [("function_call", "get_weather", args, "incomplete")]
+
+    await _with_server(backend, body)

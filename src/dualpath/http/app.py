@@ -47,6 +47,7 @@ from dualpath.http.schemas import (
 from dualpath.http.tools import (
     ToolCallReader,
     ToolDef,
+    chosen_function,
     parser_for,
     template_takes_tools,
     tool_dicts,
@@ -356,16 +357,19 @@ class Server:
             return messages, tool_dicts(tools)
         return with_tools_in_text(messages, tools), None
 
-    def tool_reader(self, tools: list[ToolDef], max_calls: int | None = None) -> ToolCallReader | None:
+    def tool_reader(self, tools: list[ToolDef], max_calls: int | None = None,
+                    choice: str | dict[str, Any] | None = None) -> ToolCallReader | None:
         """What reads the calls out of the answer to a request with ``tools`` (None without); ``max_calls``: at
-        most this many calls are read (the legacy ``functions`` API answers with one)."""
+        most this many calls are read (the legacy ``functions`` API answers with one); ``choice``: the request's
+        ``tool_choice`` (a forced one is answered with calls even when the limit cuts them)."""
         if not tools:
             return None
         template = getattr(self.backend.tokenizer, "chat_template", None)
         return ToolCallReader(parser_for(self.config.tool_parser, template), [t.function.name for t in tools],
-                              max_calls)
+                              max_calls, forced=choice not in (None, "auto", "none"), only=chosen_function(choice))
 
-    def answer_readers(self, prompt_ids: list[int], tools: list[ToolDef], max_calls: int | None = None
+    def answer_readers(self, prompt_ids: list[int], tools: list[ToolDef], max_calls: int | None = None,
+                       choice: str | dict[str, Any] | None = None
                        ) -> tuple[ToolCallReader | None, ReasoningReader | HarmonyReader | None]:
         """What reads one chat answer: its tool calls (None without ``tools``) and its reasoning (None when not
         parsed). A harmony model (gpt-oss) gets one :class:`~dualpath.http.harmony.HarmonyReader` for both,
@@ -374,7 +378,7 @@ class Server:
             harmony = HarmonyReader(frozenset(t.function.name for t in tools))
             reader = ToolCallReader("harmony", harmony.names, max_calls, harmony) if tools else None
             return reader, harmony
-        return self.tool_reader(tools, max_calls), self.reasoning_reader(prompt_ids)
+        return self.tool_reader(tools, max_calls, choice), self.reasoning_reader(prompt_ids)
 
     def keeps_specials(self, tags: tuple[str, ...]) -> bool:
         """Whether an answer read for ``tags`` (tool-call or reasoning markers) must be decoded with its special

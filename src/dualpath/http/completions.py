@@ -88,7 +88,8 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
             base = replace(base, grammar=grammar)
     tools = req.active_tools() if isinstance(req, ChatCompletionRequest) else []
     out = _Answer(server, kind, req, prompts, per_prompt, top)
-    pairs = [server.answer_readers(ids, tools, 1 if out.legacy else None) if kind == "chat" else (None, None)
+    choice = req.tool_choice if isinstance(req, ChatCompletionRequest) else None
+    pairs = [server.answer_readers(ids, tools, 1 if out.legacy else None, choice) if kind == "chat" else (None, None)
              for ids in prompts for _ in range(per_prompt)]
     readers, thinkers = [r for r, _ in pairs], [t for _, t in pairs]
     out.reasoning = any(t is not None for t in thinkers)
@@ -192,7 +193,7 @@ class _Answer:
                 message: dict[str, Any] = {"role": "assistant", "content": text or (None if thoughts else "")}
                 if c.reader is not None:
                     content, _ = c.reader.feed(text)
-                    content += c.reader.finish()[0]
+                    content += c.reader.finish(cut=_cut(c))[0]
                     if c.reader.calls and self.legacy:
                         message = {"role": "assistant", "content": content or None,
                                    "function_call": c.reader.calls[0].as_dict()["function"]}
@@ -324,7 +325,7 @@ class _Answer:
             return out + ([self._chunk(c, delta, token_ids=out_ids, logprobs=lp)] if delta or out_ids or lp else [])
         content, calls = c.reader.feed(delta)
         if final:
-            more, last = c.reader.finish()
+            more, last = c.reader.finish(cut=_cut(c))
             content, calls = content + more, calls + last
         if content or out_ids or lp:
             out.append(self._chunk(c, content, token_ids=out_ids, logprobs=lp))
@@ -410,6 +411,11 @@ class _Answer:
             m.inflight.dec()
             m.requests.labels(endpoint="/v1/chat/completions" if self.kind == "chat" else "/v1/completions",
                               code=code).inc()
+
+
+def _cut(c: Choice) -> bool:
+    """Whether choice ``c``'s answer was cut by its token limit."""
+    return (c.detok.finish or "length") == "length"
 
 
 def _finish_reason(c: Choice, legacy: bool = False) -> str:

@@ -23,3 +23,11 @@ def cut_at(buf: str, marker: str, final: bool) -> tuple[str, str, bool]:
         return buf[:i], buf[i + len(marker):], True
     keep = 0 if final else held_prefix(buf, (marker,))
     return buf[:len(buf) - keep], buf[len(buf) - keep:], False
+
+
+def drop_partial_tag(text: str, tag: str) -> str:
+    """``text`` without an end (blanks aside) that is the start of ``tag``: the answer was cut inside a closing
+    marker."""
+    body = text.rstrip()
+    k = held_prefix(body, (tag,))
+    return body[:len(body) - k] if k else text

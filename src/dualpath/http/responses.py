@@ -366,7 +366,7 @@ def _truncated(render: Any, conversation: list[dict[str, Any]], budget: int, ful
 
 def _call_item(call: ToolCall) -> dict[str, Any]:
     return {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}", "call_id": call.id,
-            "name": call.name, "arguments": call.arguments, "status": "completed"}
+            "name": call.name, "arguments": call.arguments, "status": "incomplete" if call.cut else "completed"}
 
 
 def _reasoning_item(rsid: str, thoughts: str, status: str = "completed") -> dict[str, Any]:
@@ -436,7 +436,7 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
     from dualpath.http.app import _observe, serve_job
 
     rid, mid, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
-    reader, thinking = server.answer_readers(ids, tools)
+    reader, thinking = server.answer_readers(ids, tools, choice=body.tool_choice if tools else None)
 
     def stream(job: Job, detok: Any, first: tuple[str, Any], t_first: float) -> AsyncIterator[bytes]:
         return _events(server, store, job, detok, first, body, conversation, ids, rid, mid, created, t_first,
@@ -451,7 +451,7 @@ async def _serve(server: Any, store: ResponseStore, request: Request, body: Resp
             text = text + held[1]
             thought = (f"rs_{uuid.uuid4().hex}", r + held[0]) if r + held[0] else None
         if reader is not None:
-            text = reader.feed(text)[0] + reader.finish()[0]
+            text = reader.feed(text)[0] + reader.finish(cut=detok.finish is None)[0]
             calls = reader.calls
         status = "incomplete" if detok.finish is None else "completed"
         n_think = reasoning_tokens(server.backend.tokenizer, detok.ids, thinking)
@@ -550,7 +550,7 @@ async def _events(server: Any, store: ResponseStore, job: Job, detok: Any, first
                 thoughts += r
                 out.append(event("response.reasoning_text.delta", **rwhere, delta=r))
         if reader is not None:
-            delta = reader.feed(delta)[0] + (reader.finish()[0] if final else "")
+            delta = reader.feed(delta)[0] + (reader.finish(cut=detok.finish is None)[0] if final else "")
         if not delta:
             return out
         text += delta

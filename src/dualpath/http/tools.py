@@ -20,8 +20,8 @@ history.
 **Out of the text.** Which format is read is :func:`parser_for` (``http.tool_parser``; ``auto`` by default):
 
 * ``hermes``: each call is ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, anywhere in the text;
-  what is outside the tags is the message's content. An unclosed last call (the generation ended inside it) is
-  still a call if its JSON is complete.
+  what is outside the tags is the message's content. An unclosed last call (the generation ended inside it, or
+  inside its closing tag) is still a call if its JSON is complete.
 * ``llama3_json``: the whole answer is one JSON object ``{"name": ..., "parameters": {...}}`` (or several
   separated by ``;``), optionally after ``<|python_tag|>``; anything else is content.
 * ``deepseek_v31`` / ``deepseek_v3``: DeepSeek's tool-call markers (:mod:`dualpath.http.tools_deepseek`).
@@ -32,7 +32,9 @@ A call is kept only if it parses as JSON, names a declared function and has obje
 stays in the content, unchanged: nothing the model wrote is dropped. :class:`ToolCallReader` works on the text as
 it streams: content is passed on as soon as it cannot be the start of a call (a possible tag prefix is held
 back, as stop strings are), and each call is handed out once its closing tag (or the end) is seen, with its
-whole arguments in one delta. When at least one call was read, a ``stop`` finish becomes ``tool_calls``.
+whole arguments in one delta. When at least one call was read, a ``stop`` finish becomes ``tool_calls``. A forced answer (``required`` or a
+named function) that ``max_tokens`` cut inside a call still answers with it, its arguments as far as they were
+written, and finishes ``length`` (:mod:`dualpath.http.partial_calls`), as OpenAI does.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dualpath.http.harmony import CHANNEL as HARMONY_CHANNEL
 from dualpath.http.harmony import TAGS as HARMONY_TAGS
 from dualpath.http.harmony import HarmonyCallSource, HarmonyReader, harmony_grammar
-from dualpath.http.markers import cut_at
+from dualpath.http.markers import cut_at, drop_partial_tag
 from dualpath.http.tools_deepseek import (
     DEEPSEEK_TAGS,
     DeepSeekCallReader,
@@ -157,7 +159,8 @@ def _call_text(call: dict[str, Any]) -> str:
 @dataclass
 class ToolCall:
     name: str
-    arguments: str  # a JSON object, as text
+    arguments: str  # a JSON object, as text (as far as it was written when ``cut``)
+    cut: bool = False  # a forced call the token limit cut short (:mod:`dualpath.http.partial_calls`)
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
     def as_dict(self) -> dict[str, Any]:
@@ -188,7 +191,7 @@ class ToolCallReader:
     returns ``(content, calls)``: the content that can be passed on now and the calls completed now."""
 
     def __init__(self, parser: str, names: list[str] | frozenset[str], max_calls: int | None = None,
-                 harmony: HarmonyReader | None = None) -> None:
+                 harmony: HarmonyReader | None = None, forced: bool = False, only: str | None = None) -> None:
         if parser not in TOOL_PARSERS or parser == "auto":
             raise ValueError(f"tool parser {parser!r}: expected one of {TOOL_PARSERS[1:]}")
         self.parser = parser
@@ -196,6 +199,9 @@ class ToolCallReader:
         #: calls read at most (the legacy ``functions`` API answers with one); text past them is content
         self.max_calls = max_calls
         self.calls: list[ToolCall] = []
+        #: the answer is constrained to be calls (``tool_choice`` required, or ``only``, a named function): cut
+        #: by the limit, it still answers with them (:meth:`finish`)
+        self.forced, self.only = forced, only
         self._buf = ""
         self._in_call = False
         self._after_call = False  # blank text right after a call only separates calls: not content
@@ -225,12 +231,28 @@ class ToolCallReader:
             return self._hermes(final=False)
         return self._llama(final=False)
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
+    def finish(self, cut: bool = False) -> tuple[str, list[ToolCall]]:
+        """The rest of the answer, which ended there; ``cut``: by the token limit. A forced answer cut inside a
+        call still gives that call, its arguments as far as they were written (:mod:`dualpath.http.partial_calls`);
+        cut before the call's name, it gives the calls before it (the fragment is markup), or, with none, the text."""
         if self._format is not None:
-            return self._marked(final=True)
-        if self.parser == "hermes":
-            return self._hermes(final=True)
-        return self._llama(final=True)
+            text, calls = self._marked(final=True)
+        elif self.parser == "hermes":
+            text, calls = self._hermes(final=True)
+        else:
+            text, calls = self._llama(final=True)
+        if not (cut and self.forced and text.strip()):
+            return text, calls
+        from dualpath.http.partial_calls import cut_calls
+
+        got = cut_calls(text, self.parser, self.names, self.only)
+        if self.max_calls is not None:
+            got = got[:max(0, self.max_calls - len(self.calls))]
+        if not got and not self.calls:
+            return text, calls  # nothing read as a call (required, cut before a name): the text, as written
+        # (with calls read, an unread end is the start of one more whose name was not written: markup, not content)
+        last = len(got) - 1
+        return "", calls + self._done([ToolCall(name, args, cut=i == last) for i, (name, args) in enumerate(got)])
 
     def _marked(self, final: bool) -> tuple[str, list[ToolCall]]:
         assert self._format is not None
@@ -272,7 +294,7 @@ class ToolCallReader:
             j = self._buf.find(_CLOSE)
             if j < 0:
                 if final:  # the generation ended inside a call: a call if its JSON is whole, else text
-                    got = _parse_call(self._buf.strip(), self.names)
+                    got = _parse_call(drop_partial_tag(self._buf, _CLOSE).strip(), self.names)
                     if got is not None:
                         call(got)
                     else:

@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any
 
-from dualpath.http.markers import cut_at, held_prefix
+from dualpath.http.markers import cut_at, drop_partial_tag, held_prefix
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -91,7 +91,7 @@ class DeepSeekCallReader:
                 j = head.find(CALL_END)
                 if j < 0 and not final:
                     break  # the call is not whole yet
-                body = head[len(CALL_BEGIN): j if j >= 0 else len(head)]
+                body = head[len(CALL_BEGIN): j] if j >= 0 else drop_partial_tag(head[len(CALL_BEGIN):], CALL_END)
                 raw = head[: j + len(CALL_END)] if j >= 0 else head
                 self.buf = head[len(raw):]
                 got = parse_call(body, self.names)

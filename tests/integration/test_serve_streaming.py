@@ -279,3 +279,31 @@ def test_a_cache_salt_keeps_a_deployments_stored_prefixes_apart(dep) -> None:
                 assert out.tokens == first.tokens and out.hit_tokens == want, (salt, out.hit_tokens)
 
     anyio.run(main)
+
+
+def test_a_requests_own_sampling_error_comes_back_once_by_its_code(dep) -> None:
+    """Sampling masks that exclude every token fail on the decode engine process: the client gets the engine's
+    ``InvalidTurn`` code (the scheduler passes a peer's error on with its own code; the HTTP front maps it to
+    400, as in process), the scheduler does not re-run the turn (it would fail the same way), and the deployment
+    still answers."""
+    from dualpath.control.channel import RemoteError
+
+    d, cfg = dep
+    prompt = [(7 * i + 3) % VOCAB for i in range(20)]
+
+    async def main() -> None:
+        async with ServeClient.from_config(d.address, cfg) as c:
+            before = await _stats(c)
+            for temperature in (0.0, 1.0):
+                bad = SamplingParams(temperature=temperature, seed=1, allowed_ids=(5, 6), bad_words=((5,), (6,)))
+                with pytest.raises(RemoteError) as ei:
+                    await c.run_turn(70, prompt, 3, sampling=bad)
+                assert ei.value.code == "InvalidTurn", ei.value
+                assert "allowed_token_ids, bad_words exclude every token" in ei.value.remote_message
+            after = await _stats(c)
+            assert after.get("retries", 0) == before.get("retries", 0)  # (counters appear once they count)
+            assert after.get("failed", 0) == before.get("failed", 0) + 2
+            out = await c.run_turn(71, prompt, 3, sampling=SamplingParams(allowed_ids=(5, 6), bad_words=((5,),)))
+            assert out.tokens == [6, 6, 6]
+
+    anyio.run(main)

@@ -81,6 +81,26 @@ def test_random_logits_spell_a_valid_value(tok, seed: int) -> None:
         json.loads(tok.decode(free))
 
 
+def test_a_grammar_and_masks_that_exclude_each_other(tok) -> None:
+    """``allowed_ids`` that the grammar allows none of: the request's error, naming both (was: a masked token
+    picked, then llguidance's refusal). ``allowed_ids`` that hold the grammar's tokens but not the end of the
+    sequence: the answer ends once the grammar is complete, as without them."""
+    src = str(embedded_model_path())
+    grammar = lark_grammar('start: "yes" | "no"')
+    yes, no = (tok.encode(w, add_special_tokens=False) for w in ("yes", "no"))
+    logits = torch.zeros(len(tok))
+    logits[no[0]] = 5.0
+    for temperature in (0.0, 1.0):
+        s = Sampler(SamplingParams(temperature=temperature, seed=0, grammar=grammar, allowed_ids=(11, 12)),
+                    Constraint(grammar, src))
+        with pytest.raises(ModelError, match="allowed_token_ids, the grammar .* exclude every token"):
+            s(logits, 0)
+        s = Sampler(SamplingParams(temperature=temperature, seed=0, grammar=grammar, allowed_ids=(*yes, *no)),
+                    Constraint(grammar, src))
+        out = _run(s, len(tok), 0)
+        assert tok.decode(out[:-1]) in ("yes", "no") and out[-1] == tok.eos_token_id and s.done
+
+
 def test_lark_grammar_bad_grammars_and_the_wire(tok) -> None:
     from dualpath.http.tools import ToolDef, tool_call_grammar
 

@@ -78,3 +78,20 @@ def test_masks_travel_on_the_control_wire_and_bad_ones_are_refused() -> None:
         encode("submit", {**body, "allowed_ids": [-1]})
     with pytest.raises(ModelError, match="bad_words"):
         SamplingParams(bad_words=((),))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_masks_that_exclude_every_token_are_the_requests_error_never_a_masked_pick(temperature: float) -> None:
+    """``allowed_ids`` all among one-token ``bad_words``, or a stop id alone allowed while ``min_tokens`` masks it:
+    no token is left, and the sampler says so naming the fields (greedy once picked token 0, masked; sampled
+    failed inside torch.multinomial). A token still left is picked as before."""
+    x = torch.randn(V, generator=torch.Generator().manual_seed(3))
+    s = Sampler(SamplingParams(temperature=temperature, seed=1, allowed_ids=(4, 9), bad_words=((4,), (9,))))
+    with pytest.raises(ModelError, match=r"token 1 of the answer: allowed_token_ids, bad_words exclude every token"):
+        s(x, 0)
+    s = Sampler(SamplingParams(temperature=temperature, seed=1, allowed_ids=(7,), stop_ids=(7,), min_tokens=2))
+    with pytest.raises(ModelError, match=r"token 2 .*allowed_token_ids, min_tokens exclude"):
+        s(x, 1)
+    assert s(x, 2) == 7  # min_tokens reached: the stop id is allowed again
+    left = Sampler(SamplingParams(temperature=temperature, seed=1, allowed_ids=(4, 9), bad_words=((4,),)))
+    assert left(x, 0) == 9

@@ -483,9 +483,12 @@ class Channel:
             raise
         except Exception as exc:
             code = "rejected" if isinstance(exc, ProtocolError) else type(exc).__name__
+            text = str(exc) or code
+            if isinstance(exc, RemoteError):  # a peer's error passed on (an engine's, by the scheduler): its own code
+                code, text = exc.code, exc.remote_message
             if not isinstance(exc, DualPathError):
                 log.exception("%s: handler of %r failed", self.name, msg.type)
-            await self._error(peer if self.is_router else None, msg.id, code, str(exc) or code)
+            await self._error(peer if self.is_router else None, msg.id, code, text)
             return
         if out is not None and msg.id:
             mtype, body = out

@@ -49,14 +49,15 @@ from dualpath.control.protocol import (
 )
 from dualpath.engine.grammar import tokenizer_source
 from dualpath.engine.request import Turn, unwrap, wait_event
-from dualpath.errors import ConfigError, DualPathError, EngineError, PeerTimeout
+from dualpath.errors import ConfigError, DualPathError, EngineError, ModelError, PeerTimeout
 from dualpath.types import EngineId, PathKind, Role, TokenLogprob
 
 log = logging.getLogger("dualpath.enginehost")
 
 
 class InvalidTurn(EngineError):
-    """A turn this engine can never run (bad token ids, too long, does not fit): not retried elsewhere."""
+    """A turn this engine can never run (bad token ids, too long, does not fit, sampling masks that exclude every
+    token, a grammar's dead end): not retried elsewhere."""
 
 
 @dataclass(eq=False)
@@ -580,6 +581,8 @@ def _as_engine_error(name: str, rid: int, exc: BaseException) -> BaseException:
         return PeerTimeout(f"{name}: turn {rid} passed its deadline")
     if isinstance(leaf, EngineError):
         return leaf
+    if isinstance(leaf, ModelError):  # the request's own error (its sampling masks, its grammar): as in process
+        return InvalidTurn(f"{name}: turn {rid}: {leaf}")
     return EngineError(f"{name}: turn {rid} failed: {leaf}")
 
 

@@ -184,6 +184,9 @@ class Constraint:
         if self.matcher.is_error():
             raise ModelError(f"grammar: {self.matcher.get_error()}")
         self.vocab = int(self.tok.vocab_size)
+        eos = getattr(self.tok, "eos_token", None)
+        #: the end-of-sequence token, the only one a complete grammar allows
+        self.eos: int | None = int(eos) if isinstance(eos, int) and 0 <= eos < self.vocab else None
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (one row) with every token the grammar does not allow next at ``-inf``."""

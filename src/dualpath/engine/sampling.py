@@ -30,7 +30,12 @@ equal the rest of it (so the whole word is never generated, the prompt's tokens 
 
 ``grammar``: constrained decoding (:mod:`dualpath.engine.grammar`): the tokens the grammar does not allow next
 are masked after the ``min_tokens`` mask; once the grammar is complete the next pick is the end-of-sequence token
-(the only one allowed) and the request stops there (``Sampler.done``, even when the stop ids were dropped).
+(the only one allowed) and the request stops there (``Sampler.done``, even when the stop ids were dropped; also
+when ``allowed_ids`` or ``bad_words`` mask that token: the grammar's answer is whole).
+
+Masks that together leave no token to pick (``allowed_ids`` all among one-token ``bad_words``, or none of them
+allowed by the grammar) raise :class:`~dualpath.errors.ModelError` naming the fields, the request's error: no
+masked token is ever picked.
 """
 
 from __future__ import annotations
@@ -172,7 +177,7 @@ class Sampler:
             logits = self._mask_stops(logits)
         # a complete grammar allows only the end of the sequence: this pick is the last
         was_complete = self.constraint is not None and self.constraint.complete
-        tok = self._pick(logits)
+        tok = self._pick(logits, generated)
         if self.constraint is not None:
             self.constraint.accept(tok)
             self.done = was_complete
@@ -186,19 +191,37 @@ class Sampler:
                 self._out.append(tok)
         return tok
 
-    def _pick(self, logits: torch.Tensor) -> int:
+    def _pick(self, logits: torch.Tensor, generated: int) -> int:
         """Greedy or sampled, among the tokens the grammar allows. A greedy pick the grammar allows is the argmax
-        itself: it needs no mask (the same token, at a fraction of the cost)."""
+        itself: it needs no mask (the same token, at a fraction of the cost). Masks that leave no token at all
+        are :meth:`_nothing_left`, never a pick of a masked token."""
         c = self.constraint
-        if c is not None:
-            if self.generator is None:
-                best = int(torch.argmax(logits))
-                if c.allows(best):
-                    return best
-            logits = c.mask(logits)
+        flat = logits.reshape(-1)
         if self.generator is None:
-            return int(torch.argmax(logits))
-        return sample(logits, self.params, self.generator)
+            best = int(torch.argmax(flat))
+            if c is not None and flat[best] > float("-inf") and not c.allows(best):
+                flat = c.mask(flat)
+                best = int(torch.argmax(flat))
+            return best if flat[best] > float("-inf") else self._nothing_left(generated)
+        if c is not None:
+            flat = c.mask(flat)
+        if not flat.max() > float("-inf"):
+            return self._nothing_left(generated)
+        return sample(flat, self.params, self.generator)
+
+    def _nothing_left(self, generated: int) -> int:
+        """No token survives the request's masks. A complete grammar's answer ends here (its end-of-sequence token,
+        the only one it allows next, was masked by ``allowed_ids`` or ``bad_words``); anything else is the
+        request's error, named."""
+        c = self.constraint
+        if c is not None and c.complete and c.eos is not None:
+            return c.eos
+        p = self.params
+        named = [name for name, on in (("allowed_token_ids", p.allowed_ids), ("bad_words", p.bad_words),
+                                       ("min_tokens", generated < p.min_tokens and bool(self.stop_ids)),
+                                       ("the grammar (response_format, tools or guided_*)", c is not None)) if on]
+        raise ModelError(f"no token can be picked for token {generated + 1} of the answer: "
+                         f"{', '.join(named) or 'the masks'} exclude every token")
 
     def _adjust(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits after ``logit_bias``, then the repetition, frequency and presence penalties (vLLM's order

@@ -165,6 +165,21 @@ def format_validation_error(
     return "\n".join(lines)
 
 
+def validate_section(adapter_type: Any, data: Any, section: str) -> Any:
+    """``data`` (a mapping, as a config file's ``section`` holds it) validated as ``adapter_type`` (a backend
+    config union chosen by ``kind``); a bad value is a :class:`ConfigError` naming ``section.field``."""
+    from pydantic import TypeAdapter
+
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{section}: expected a config object or a mapping with a 'kind', got {type(data).__name__}")
+    try:
+        return TypeAdapter(adapter_type).validate_python(dict(data))
+    except ValidationError as exc:
+        lines = format_validation_error(exc, section).splitlines()  # "section: loc: message"; the tag's at <root>
+        raise ConfigError("\n".join(line.replace(f"{section}: <root>", f"{section}.kind", 1).replace(
+            f"{section}: ", f"{section}.", 1) for line in lines)) from None
+
+
 def _leaves(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = []
     for k, v in data.items():

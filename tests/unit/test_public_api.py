@@ -282,3 +282,48 @@ def test_load_tokenizer_does_not_build_the_model(monkeypatch: pytest.MonkeyPatch
     tok = dualpath.load_tokenizer(dualpath.load_config(env={}, model={"kind": "llama"}))
     ids = tok.encode("The capital of France is", add_special_tokens=False)
     assert tok.decode(ids) == "The capital of France is" and tok.eos_token_id is not None
+
+
+def test_backends_and_models_from_what_a_config_file_holds(tmp_path) -> None:
+    """``create_transport`` and ``create_storage`` take a mapping as a config file's section holds it (the
+    backend by its ``kind``); ``load_model`` takes a checkpoint's path alone. A bad value names its field."""
+    import anyio
+    import torch
+
+    from dualpath.kv.keys import KeyNamespace
+    from dualpath.kv.layout import KVLayout, KVSpec
+    from dualpath.storage.posix import PosixStorage
+    from dualpath.transports.loopback import LoopbackFabric, LoopbackTransport
+
+    fabric = LoopbackFabric()
+    t = dualpath.create_transport({"kind": "loopback"}, "a", fabric=fabric)
+    assert isinstance(t, LoopbackTransport)
+    for bad, field in (({"kind": "rdma"}, "transport.kind"), ({"kind": "zmq", "nope": 1}, "transport.nope"),
+                       (7, "transport")):
+        with pytest.raises(dualpath.ConfigError, match=rf"^{field}:"):
+            dualpath.create_transport(bad, "a")  # type: ignore[arg-type]
+    layout = KVLayout(KVSpec.mha(n_layers=2, n_kv_heads=1, head_dim=8, dtype="float32"), block_tokens=4)
+    ns = KeyNamespace.for_layout("api-test", layout)
+    s = dualpath.create_storage({"kind": "posix", "root": str(tmp_path / "kv"), "io_threads": 2}, layout, ns)
+    assert isinstance(s, PosixStorage) and s.config.root == tmp_path / "kv"
+    with pytest.raises(dualpath.ConfigError, match=r"^storage\.io_threads:"):
+        dualpath.create_storage({"kind": "posix", "root": str(tmp_path), "io_threads": 0}, layout, ns)
+
+    async def roundtrip() -> None:  # the mapping-built backend is the real one: a block written reads back
+        keys = dualpath.BlockKeyer(ns).keys(list(range(4)))
+        block = (torch.arange(layout.full_block_bytes) % 251).to(torch.uint8).view(1, *layout.full_block_shape)
+        async with s:
+            await s.write(keys, block)
+            out = torch.zeros_like(block)
+            await s.read(keys, out)
+            assert torch.equal(out, block)
+
+    anyio.run(roundtrip)
+    from dualpath.model.embedded import embedded_model_path
+
+    model, tok = dualpath.load_model(str(embedded_model_path()), with_tokenizer=False)
+    assert tok is None and model.spec.n_layers == 30
+    with pytest.raises(dualpath.ModelError, match="config must be a model config, a mapping or a checkpoint path"):
+        dualpath.load_model(3)  # type: ignore[arg-type]
+    with pytest.raises(dualpath.ConfigError, match=r"^model\.dtype:"):
+        dualpath.load_model({"dtype": "float8"})

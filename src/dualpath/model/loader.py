@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -652,16 +653,33 @@ def processor_chat_template(directory: Path) -> str | dict[str, str] | None:
     return None
 
 
-def load_model(config: LlamaModelConfig | None = None, device: str | torch.device = "cpu", *,
+def load_model(config: LlamaModelConfig | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+               device: str | torch.device = "cpu", *,
                path: str | Path | None = None, with_tokenizer: bool = True) -> tuple[AnyModel, Any | None]:
     """Build the model a :class:`~dualpath.model.config.LlamaModelConfig` names (``path`` overrides its path).
 
-    ``path``: a checkpoint directory (safetensors or PyTorch ``.bin`` weights, sharded or not, with config.json), a ``.gguf`` file, a ``config.json``
-    (with ``random_init``), or None for the embedded SmolLM2-135M-Instruct (converted once, cached).
+    ``config``: that config, a mapping as a config file's ``model`` section holds it, or a checkpoint's path
+    alone (``load_model("ckpt/")``, as ``from_pretrained`` takes one). ``path``: a checkpoint directory
+    (safetensors or PyTorch ``.bin`` weights, sharded or not, with config.json), a ``.gguf`` file, a
+    ``config.json`` (with ``random_init``), or None for the embedded SmolLM2-135M-Instruct (converted once, cached).
     """
     from dualpath.model.config import LlamaModelConfig
 
-    cfg = config or LlamaModelConfig()
+    given: LlamaModelConfig | None = None
+    if isinstance(config, str | os.PathLike):
+        if path is not None:
+            raise ModelError("load_model: a checkpoint path given twice (as config and as path=)")
+        path = Path(config)
+    elif isinstance(config, Mapping):
+        from dualpath.config import validate_section
+
+        given = validate_section(LlamaModelConfig, config, "model")
+    elif isinstance(config, LlamaModelConfig):
+        given = config
+    elif config is not None:
+        raise ModelError(f"load_model: config must be a model config, a mapping or a checkpoint path, "
+                         f"got {type(config).__name__}")
+    cfg = given or LlamaModelConfig()
     from dualpath.model.embedded import checkpoint_path
 
     p = checkpoint_path(path if path is not None else cfg.path)

@@ -7,6 +7,7 @@ config, and by command-line tools that never touch a block) does not import torc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from dualpath._lazy import lazy_names
@@ -22,7 +23,13 @@ __getattr__ = lazy_names(__name__, dict.fromkeys(("BlockStatus", "Storage", "Sto
 
 
 def create_storage(config: Any, layout: KVLayout, namespace: KeyNamespace) -> Storage:
-    """Build (not start) the backend named by ``config.kind``: memory, posix, kvikio or faults."""
+    """Build (not start) the backend named by ``config.kind``: memory, posix, kvikio or faults (``config``: a config
+    object, or a mapping as a config file's ``storage`` section holds it, e.g. ``{"kind": "posix", "root": ...}``)."""
+    if isinstance(config, Mapping):
+        from dualpath.config import validate_section
+        from dualpath.storage.config import StorageConfig
+
+        config = validate_section(StorageConfig, config, "storage")
     kind = getattr(config, "kind", None)
     if kind == "memory":
         from dualpath.storage.memory import MemoryStorage

@@ -7,7 +7,8 @@ fault-injecting wrapper for tests). The contract is the docstring of :mod:`dualp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from dualpath._lazy import lazy_names
 from dualpath.errors import ConfigError
@@ -38,9 +39,15 @@ def _common(config: LoopbackTransportConfig | ZmqTransportConfig | NixlTransport
     }
 
 
-def create_transport(config: TransportConfig, name: str, *, fabric: LoopbackFabric | None = None) -> Transport:
-    """A (not yet started) transport endpoint called ``name`` for ``config``; ``fabric`` is where loopback
+def create_transport(config: TransportConfig | Mapping[str, Any], name: str, *,
+                     fabric: LoopbackFabric | None = None) -> Transport:
+    """A (not yet started) transport endpoint called ``name`` for ``config`` (a config object, or a mapping as a
+    config file's ``transport`` section holds it, e.g. ``{"kind": "zmq"}``); ``fabric`` is where loopback
     endpoints meet (default: one per process). Use it as ``async with create_transport(...) as t``."""
+    if isinstance(config, Mapping):
+        from dualpath.config import validate_section
+
+        config = validate_section(TransportConfig, config, "transport")
     if isinstance(config, LoopbackTransportConfig):
         from dualpath.transports.loopback import LoopbackTransport
 
@@ -57,4 +64,5 @@ def create_transport(config: TransportConfig, name: str, *, fabric: LoopbackFabr
         from dualpath.transports.faults import FaultyTransport
 
         return FaultyTransport(create_transport(config.inner, name, fabric=fabric), config)
-    raise ConfigError(f"transport.kind: unknown transport config {type(config).__name__}")
+    raise ConfigError(f"transport: expected a transport config or a mapping with a 'kind' (loopback, zmq, nixl or "
+                      f"faults), got {type(config).__name__}")

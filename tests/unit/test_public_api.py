@@ -327,3 +327,21 @@ def test_backends_and_models_from_what_a_config_file_holds(tmp_path) -> None:
         dualpath.load_model(3)  # type: ignore[arg-type]
     with pytest.raises(dualpath.ConfigError, match=r"^model\.dtype:"):
         dualpath.load_model({"dtype": "float8"})
+
+
+def test_what_a_researcher_types_first_works_or_names_the_mistake() -> None:
+    """``simulate`` takes a preset's name and one policy name (as ``dualpath simulate --preset P --policy X``
+    does): the same result as the scenario built by hand; ``Cluster`` takes what ``load_config`` takes; a typo
+    in ``mode`` is refused by name instead of running offline."""
+    by_name = dualpath.simulate("tiny", "dualpath")
+    by_hand = dualpath.simulate(dualpath.scenario_from_preset("tiny"), ["dualpath"])
+    assert [r["policy"] for r in by_name.runs] == ["dualpath"]
+    assert by_name.runs[0]["jct_s"] == by_hand.runs[0]["jct_s"] > 0
+    with pytest.raises(dualpath.ConfigError, match="expected a SimScenario or a preset's name, got int"):
+        dualpath.simulate(3, ["basic"])  # type: ignore[arg-type]
+    with pytest.raises(dualpath.ConfigError, match="mode: expected 'offline' or 'online', got 'onlin'"):
+        dualpath.scenario_from_preset("tiny", mode="onlin")
+    c = dualpath.Cluster({"storage": {"kind": "memory"}, "transport": {"kind": "loopback"}})
+    assert c.config.storage.kind == "memory"
+    with pytest.raises(dualpath.ConfigError, match="storage"):
+        dualpath.Cluster({"storage": {"kind": "s3"}})

@@ -78,7 +78,11 @@ class Cluster:
     ``device -> model``; default: built from ``config.model``.
     """
 
-    def __init__(self, config: DualPathConfig, *, model: ModelSource | None = None) -> None:
+    def __init__(self, config: DualPathConfig | Any, *, model: ModelSource | None = None) -> None:
+        if not isinstance(config, DualPathConfig):  # a file, a mapping: what load_config takes
+            from dualpath.config import load_config
+
+            config = load_config(config)
         self.config = config
         cc = config.cluster
         self.n_pe = cc.prefill_nodes * cc.engines_per_node

@@ -69,6 +69,8 @@ def scenario_from_preset(
     ``prefill_slowdown`` / ``decode_slowdown``: what-if knobs of :class:`RooflineCompute` (not presets; 1 = sourced)."""
     import dataclasses
 
+    if mode not in ("offline", "online"):
+        raise ConfigError(f"mode: expected 'offline' or 'online', got {mode!r}")
     sp = name if isinstance(name, ScenarioPreset) else get_scenario(name)
     name = sp.name
     model = get_model(sp.model)
@@ -297,9 +299,16 @@ def speedups(runs: list[dict[str, Any]], base: str | None = None) -> dict[str, f
     return out
 
 
-def simulate(sc: SimScenario, policies: Sequence[str], progress: Callable[[str], None] | None = None,
+def simulate(sc: SimScenario | str, policies: Sequence[str] | str, progress: Callable[[str], None] | None = None,
              breakdown_dt: float = 0.0) -> SimResult:
-    """Run every policy on ``sc``; speed-ups are vs ``basic`` when it is among them, else vs ``pe_only``."""
+    """Run every policy on ``sc`` (a scenario, or a preset's name: its scenario as shipped); ``policies``: names,
+    or one name. Speed-ups are vs ``basic`` when it is among them, else vs ``pe_only``."""
+    if isinstance(sc, str):
+        sc = scenario_from_preset(sc)
+    elif not isinstance(sc, SimScenario):
+        raise ConfigError(f"simulate: expected a SimScenario or a preset's name, got {type(sc).__name__}")
+    if isinstance(policies, str):
+        policies = [policies]
     runs = []
     for p in policies:
         if progress:

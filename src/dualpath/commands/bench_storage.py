@@ -90,7 +90,8 @@ class Settings:
 def run(args: argparse.Namespace) -> int:
     from dualpath.errors import ConfigError
     quick = bool(getattr(args, "quick", False))
-    n_blocks = getattr(args, "blocks", None) or (48 if quick else 256)
+    n_blocks = getattr(args, "blocks", None)
+    n_blocks = (48 if quick else 256) if n_blocks is None else n_blocks
     batch = getattr(args, "batch", 32) or 32
     inflight = getattr(args, "inflight", 4) or 4
     repeats = getattr(args, "repeats", None) or (3 if quick else 5)

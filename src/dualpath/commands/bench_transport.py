@@ -783,6 +783,11 @@ def run(args: argparse.Namespace) -> int:
     sizes = SIZES
     runs: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
+    unknown = [b for b in backends if b != "loopback" and b != "nixl" and b not in _ZMQ_KINDS]
+    if unknown:  # (before anything runs: a typo in the last name must not cost the others' minutes first)
+        from dualpath.errors import ConfigError
+
+        raise ConfigError(f"--backends: unknown backend {unknown[0]!r} (loopback, zmq, zmq-frames, zmq-tcp, nixl)")
     if device == "cuda":
         import torch
 
@@ -809,10 +814,6 @@ def run(args: argparse.Namespace) -> int:
                         print("  skipped: nixl extra not installed")
                         continue
                 runs.extend(await bench_socket_backend(kind, sizes, repeats, mib, device, nixl_config, max_messages))
-            else:
-                from dualpath.errors import ConfigError
-
-                raise ConfigError(f"--backends: unknown backend {kind!r} (loopback, zmq, zmq-frames, zmq-tcp, nixl)")
         if not args.no_links:
             print("links:", flush=True)
             runs.extend(await bench_links(quick))

@@ -29,6 +29,11 @@ def run(args: argparse.Namespace) -> int:
     jobs = args.jobs if args.jobs is not None else max(1, min(2, os.cpu_count() or 1))
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if not args.render_only:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--out: cannot create {args.out}: {exc.strerror or exc}") from None
 
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,26 @@
+"""Command-line mistakes are refused up front, by the flag's name, with exit status 2: before a benchmark runs
+its other parts, before a reproduction simulates anything, never as a traceback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dualpath.cli import main
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "storage", "--blocks", "0"], "--blocks"),
+    (["bench", "transport", "--backends", "zmq,rdma"], "--backends: unknown backend 'rdma'"),
+    (["reproduce", "--quick", "--out", "{file}/sub"], "--out: cannot create"),
+])
+def test_a_bad_flag_exits_2_naming_it_before_any_work(argv: list[str], message: str, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    t0 = time.perf_counter()
+    rc = main([a.replace("{file}", str(blocker)) for a in argv])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert time.perf_counter() - t0 < 10  # refused before the work (each of these runs for minutes otherwise)

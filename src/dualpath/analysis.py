@@ -162,10 +162,15 @@ def parse_pd(text: str) -> tuple[Fraction, Fraction]:
     try:
         if t.endswith("D") and "P" in t:
             p, d = t[:-1].split("P", 1)
-            return Fraction(p), Fraction(d)
-        if "/" in t:
+            pd = Fraction(p), Fraction(d)
+        elif "/" in t:
             p, d = t.split("/", 1)
-            return Fraction(p), Fraction(d)
-        return Fraction(t), Fraction(1)
-    except (ValueError, ZeroDivisionError):
+            pd = Fraction(p), Fraction(d)
+        else:
+            pd = Fraction(t), Fraction(1)
+        ratio = float(pd[0] / pd[1])
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise ConfigError(f"--pd: cannot parse {text!r}; use P/D (2/4), 2P4D or a ratio (0.5)") from None
+    if not (pd[0] > 0 and pd[1] > 0) or not 0 < ratio < 1e6:
+        raise ConfigError(f"--pd: P and D must be > 0 with P/D a ratio below 1e6, got {text!r}")
+    return pd

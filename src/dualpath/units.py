@@ -52,8 +52,8 @@ def parse_gbs(value: object, name: str = "bandwidth") -> float:
             v = num * _SCALE[prefix] / 1e9 / (8.0 if bits else 1.0)
     else:
         raise ConfigError(f"{name}: expected a bandwidth (e.g. 50GB/s or 400Gbps), got {value!r}")
-    if not v > 0 or v != v:
-        raise ConfigError(f"{name}: a bandwidth must be > 0 GB/s, got {value!r}")
+    if not v > 0 or v != v or v == float("inf"):
+        raise ConfigError(f"{name}: a bandwidth must be a finite number > 0 GB/s, got {value!r}")
     return v
 
 

@@ -14,6 +14,12 @@ from dualpath.cli import main
     (["bench", "storage", "--blocks", "0"], "--blocks"),
     (["bench", "transport", "--backends", "zmq,rdma"], "--backends: unknown backend 'rdma'"),
     (["reproduce", "--quick", "--out", "{file}/sub"], "--out: cannot create"),
+    (["simulate", "--preset", "tiny", "--seed", "-1"], "simulate: sim.seed: Input should be greater than or equal to 0"),
+    (["bench", "serve", "--seed", "-1"], "--seed must be >= 0"),
+    (["bench", "serve", "--root", "{file}"], "--root"),
+    (["analyze", "--cnic-bw", "1e999"], "--cnic-bw: a bandwidth must be a finite number"),
+    (["analyze", "--pd", "1e999"], "--pd: cannot parse"),
+    (["analyze", "--pd", "0/2"], "--pd: P and D must be > 0"),
 ])
 def test_a_bad_flag_exits_2_naming_it_before_any_work(argv: list[str], message: str, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     blocker = tmp_path / "a-file"

@@ -116,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
     agents, turns, repeats = int(args.agents), int(args.turns), int(args.repeats)
     if min(agents, turns, repeats) <= 0:
         raise ConfigError("bench serve: --agents, --turns and --repeats must be positive")
+    if int(args.seed) < 0:
+        raise ConfigError(f"bench serve: --seed must be >= 0, got {args.seed}")
+    if args.root is not None and not Path(args.root).is_dir():
+        raise ConfigError(f"bench serve: --root {args.root}: not a directory")
     trajs = make_trace(agents, turns, int(args.seed))
     inproc: list[dict[str, Any]] = []
     multi: list[dict[str, Any]] = []

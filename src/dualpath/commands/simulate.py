@@ -123,8 +123,15 @@ def _cfg(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         data["overrides"] = ov
     if args.capacity:
         data["mode"] = "online"
+    from pydantic import ValidationError
+
+    from dualpath.config import format_validation_error
+
     try:
         return SimConfig(**data)
+    except ValidationError as exc:  # one line per field: "<file or simulate>: sim.<field>: <message>"
+        where = args.config or "simulate"
+        raise ConfigError(format_validation_error(exc, where).replace(f"{where}: ", f"{where}: sim.")) from None
     except Exception as exc:
         raise ConfigError(f"{args.config or 'simulate'}: invalid sim config: {exc}") from exc
 

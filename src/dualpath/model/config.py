@@ -21,7 +21,7 @@ class LlamaModelConfig(Section):
     path: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     random_init: bool = False
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     kv_format: Literal["auto", "fp8"] = "auto"
     mla_prefill: Literal["auto", "absorbed", "decompressed"] = Field(

@@ -22,7 +22,7 @@ class SimConfig(Section):
     D: int | None = Field(default=None, ge=1)
     dataset: str | None = None
     agents: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     mode: Literal["offline", "online"] = "offline"
     rate_aps: float | None = Field(default=None, gt=0)
     horizon_s: float = Field(default=3000.0, gt=0, description="online: simulated seconds")

@@ -79,7 +79,7 @@ class FaultsStorageConfig(Section):
 
     kind: Literal["faults"] = "faults"
     inner: StorageConfig = Field(default_factory=MemoryStorageConfig)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     corrupt_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)

@@ -151,7 +151,7 @@ class FaultsTransportConfig(Section):
 
     kind: Literal["faults"] = "faults"
     inner: TransportConfig = Field(default_factory=LoopbackTransportConfig)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     corrupt_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     delay_s: float = Field(default=0.0, ge=0.0)

@@ -28,7 +28,7 @@ class WorkloadConfig(Section):
     rate_aps: float = Field(default=1.0, gt=0, description="online: agent arrivals per second")
     ttft_slo_s: float = Field(default=4.0, gt=0)
     tpot_slo_s: float = Field(default=0.05, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     max_turns: int | None = Field(default=None, ge=1)
     max_requests: int | None = Field(default=None, ge=1, description="trace: serve only its first N requests")
     max_agents: int | None = Field(default=None, ge=1, description="trace: serve only its first N sessions")

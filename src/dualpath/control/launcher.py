@@ -373,10 +373,17 @@ class Deployment:
             raise DualPathError(f"{why}{detail}")
 
     def _tail(self, child: Child, n: int = 2000) -> str:
+        """The end of a child's log; when it died of one of this project's errors (bad input: an address it
+        cannot bind, a config it refuses), just that error's message, not the traceback around it."""
         try:
-            return child.log_path.read_text(errors="replace")[-n:]
+            text = child.log_path.read_text(errors="replace")
         except OSError:
             return ""
+        lines = text.rstrip().splitlines()
+        for i in range(len(lines) - 1, max(-1, len(lines) - 40), -1):
+            if lines[i].startswith("dualpath.errors.") and ": " in lines[i] and "Traceback" in text:
+                return "\n".join([lines[i].split(": ", 1)[1], *lines[i + 1:]])
+        return text[-n:]
 
     def _check_hung(self) -> None:
         """SIGKILL a scheduler that is alive but whose event loop stopped answering pings (the dead-scheduler

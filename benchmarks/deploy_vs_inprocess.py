@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-WORDS = "the cat weather Paris code agent tool list number why how seven blue json".split()
+WORDS = ["the", "cat", "weather", "Paris", "code", "agent", "tool", "list", "number", "why", "how", "seven", "blue", "json"]
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 

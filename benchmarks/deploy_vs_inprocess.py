@@ -1,7 +1,7 @@
 """The deployment answers as the in-process server does, request by request.
 
 Starts ``dualpath serve --http --inprocess`` and ``dualpath serve --http`` (the multi-process deployment: scheduler +
-one process per engine) on the embedded SmolLM2, each over its own storage root, and sends both the same random
+one process per engine) on the embedded SmolLM2 (the deployment over an empty storage root), and sends both the same random
 OpenAI requests one at a time: chat and completions, streamed or not, greedy or seeded sampling with every
 sampling field (penalties, ``logit_bias``, ``min_tokens``, ``stop``, ``bad_words``, ``allowed_token_ids``),
 ``logprobs``, ``n`` / ``best_of``, ``echo``, ``prompt_logprobs``, ``json_object``, ``guided_choice``, forced tool
@@ -38,12 +38,12 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
 def _start(tmp: Path, name: str, inprocess: bool) -> tuple[subprocess.Popen[bytes], Path]:
     addr = tmp / f"{name}.addr"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALPATH_")}
-    env["DUALPATH_STORAGE__ROOT"] = str(tmp / f"{name}-kv")
     argv = [sys.executable, "-m", "dualpath.cli", "serve", "--http", "127.0.0.1:0", "--http-address-file", str(addr)]
     if inprocess:
         argv.append("--inprocess")
-    else:
+    else:  # (its default storage is posix under /tmp/dualpath-kv, kept across runs: here an empty root of its own)
         argv += ["--workdir", str(tmp / f"{name}-work")]
+        env["DUALPATH_STORAGE__ROOT"] = str(tmp / f"{name}-kv")
     log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 (the server's whole life)
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), addr
 

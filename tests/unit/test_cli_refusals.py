@@ -17,6 +17,8 @@ from dualpath.cli import main
     (["simulate", "--preset", "tiny", "--seed", "-1"], "simulate: sim.seed: Input should be greater than or equal to 0"),
     (["bench", "serve", "--seed", "-1"], "--seed must be >= 0"),
     (["bench", "serve", "--root", "{file}"], "--root"),
+    (["bench", "serve", "--root", ""], "--root ''"),
+    (["bench", "storage", "--root", ""], "--root ''"),
     (["analyze", "--cnic-bw", "1e999"], "--cnic-bw: a bandwidth must be a finite number"),
     (["analyze", "--pd", "1e999"], "--pd: cannot parse"),
     (["analyze", "--pd", "0/2"], "--pd: P and D must be > 0"),

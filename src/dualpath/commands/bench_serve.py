@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("bench serve: --agents, --turns and --repeats must be positive")
     if int(args.seed) < 0:
         raise ConfigError(f"bench serve: --seed must be >= 0, got {args.seed}")
-    if args.root is not None and not Path(args.root).is_dir():
-        raise ConfigError(f"bench serve: --root {args.root}: not a directory")
+    if args.root is not None and (not args.root or not Path(args.root).is_dir()):  # ('' would be the cwd)
+        raise ConfigError(f"bench serve: --root {args.root!r}: not a directory")
     trajs = make_trace(agents, turns, int(args.seed))
     inproc: list[dict[str, Any]] = []
     multi: list[dict[str, Any]] = []

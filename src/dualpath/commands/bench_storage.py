@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     inflight = min(inflight, -(-n_blocks // batch))
     settings = Settings(n_blocks, batch, inflight, repeats, threads, cold, quick)
     root_arg = getattr(args, "root", None)
+    if root_arg is not None and (not root_arg or not os.path.isdir(root_arg)):
+        raise ConfigError(f"bench storage: --root {root_arg!r}: not a directory")
     with tempfile.TemporaryDirectory(prefix="dualpath-bench-", dir=root_arg) as root:
         result = _bench(root, settings)
     _print_table(result)

@@ -418,6 +418,14 @@ def test_prompt_logprobs_are_transformers_log_softmax_with_ranks(client, hf_logp
                                   extra_body={"prompt_logprobs": 2})
     for ch in r.choices:
         check(ch.model_extra["prompt_logprobs"], prompt)
+    # a stop string met early does not cancel the turn before its prompt's log-probabilities came back (they come
+    # with the turn's result: cancelled, the answer was a 503 "logprobs_lost")
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0).choices[0].text
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, n=2,
+                                  stop=[first.lstrip()[:2]], extra_body={"prompt_logprobs": 2})
+    for ch in r.choices:
+        assert ch.finish_reason == "stop" and len(ch.text) < len(first)
+        check(ch.model_extra["prompt_logprobs"], prompt)
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
                                           extra_body={"prompt_logprobs": 0, "return_tokens_as_token_ids": True})
     plp = chat.model_extra["prompt_logprobs"]

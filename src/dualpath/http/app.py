@@ -837,18 +837,28 @@ async def serve_job(server: Server, request: Request, endpoint: str, gen: GenReq
     return await serve_choices(server, request, endpoint, [(gen, detok)], stream, streamed, whole)
 
 
+def _awaits_prompt_lps(job: Job) -> bool:
+    """Whether ``job`` computes its prompt's log-probabilities and they have not come back yet."""
+    sampling = job.request.sampling
+    return sampling is not None and sampling.prompt_logprobs is not None and job.prompt_logprobs is None
+
+
 async def _drain(job: Job, detok: Detokenizer, first: tuple[str, Any],
                  retry_after: int) -> tuple[GenResult | None, float]:
-    """Consume a job to its end (non-streaming); a stop sequence cancels the rest of the turn."""
+    """Consume a job to its end (non-streaming); a stop sequence cancels the rest of the turn, unless the prompt's
+    log-probabilities (``prompt_logprobs``, echo with ``logprobs``) are still to come: they come with the turn's
+    result, so the turn then runs on, its tokens past the stop not read."""
     ev = first
     t_last = time.perf_counter()
     while True:
         kind, val = ev
         if kind == "token":
+            live = detok.finish is None
             detok.push(val)
-            t_last = time.perf_counter()
-            if detok.finish is not None and val not in detok.stop_ids:  # a stop string: end the turn now
-                job.cancel()
+            if live:
+                t_last = time.perf_counter()
+            if detok.finish is not None and val not in detok.stop_ids and not _awaits_prompt_lps(job):
+                job.cancel()  # a stop string: end the turn now
                 return None, t_last
         elif kind == "done":
             return val, t_last

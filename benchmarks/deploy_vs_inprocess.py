@@ -11,7 +11,8 @@ the decode engine process, or an error mapped differently, shows as a difference
 
     python benchmarks/deploy_vs_inprocess.py [--requests 80] [--seed 0] [--json OUT]
 
-Exit status 1 when any request differs (each difference is printed and kept in the JSON). Stream chunking and
+Exit status 1 when any request differs (each difference is printed and kept in the JSON) or when either server
+answered a 5xx (a server error is a finding even when both make it). Stream chunking and
 ``cached_tokens`` are not compared: they depend on timing (when a prompt's write lands).
 """
 
@@ -175,6 +176,7 @@ def main() -> int:
             urls = [_wait(addr, proc, tmp / f"{name}.log") for (proc, addr), name in zip(
                 servers, ("inprocess", "deployment"), strict=True)]
             diffs: list[dict[str, Any]] = []
+            errors: list[dict[str, Any]] = []
             statuses: dict[str, int] = {}
             t0 = time.perf_counter()
             with httpx.Client(timeout=300) as client:
@@ -183,6 +185,10 @@ def main() -> int:
                     body = {"model": model, **body}
                     got = [_answer(client.post(url + path, json=body), bool(body.get("stream"))) for url in urls]
                     statuses[str(got[0]["status"])] = statuses.get(str(got[0]["status"]), 0) + 1
+                    if any(str(g["status"]).startswith("5") or g["status"] == "error in stream" for g in got):
+                        errors.append({"request": i, "path": path, "body": body, "inprocess": got[0],
+                                       "deployment": got[1]})
+                        print(f"5xx request {i} {path}: {json.dumps(body)[:300]} -> {got[0]} / {got[1]}", flush=True)
                     if not _same(got[0], got[1], args.atol):
                         diffs.append({"request": i, "path": path, "body": body, "inprocess": got[0],
                                       "deployment": got[1]})
@@ -197,12 +203,13 @@ def main() -> int:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-    print(f"{len(reqs)} requests ({statuses}), {len(diffs)} differ; {wall:.0f} s")
+    print(f"{len(reqs)} requests ({statuses}), {len(diffs)} differ, {len(errors)} server errors; {wall:.0f} s")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"requests": len(reqs), "seed": args.seed, "statuses": statuses,
-                                                   "differ": len(diffs), "diffs": diffs, "wall_s": round(wall, 1)},
+                                                   "differ": len(diffs), "diffs": diffs, "server_errors": errors,
+                                                   "wall_s": round(wall, 1)},
                                                   indent=1))
-    return 1 if diffs else 0
+    return 1 if diffs or errors else 0
 
 
 if __name__ == "__main__":

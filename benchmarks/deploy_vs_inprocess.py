@@ -5,8 +5,10 @@ one process per engine) on the embedded SmolLM2 (the deployment over an empty st
 OpenAI requests one at a time: chat and completions, streamed or not, greedy or seeded sampling with every
 sampling field (penalties, ``logit_bias``, ``min_tokens``, ``stop``, ``bad_words``, ``allowed_token_ids``),
 ``logprobs``, ``n`` / ``best_of``, ``echo``, ``prompt_logprobs``, ``json_object``, ``guided_choice``, forced tool
-calls cut by ``max_tokens`` or not. For each it compares the status, every choice's text, token ids, tool calls
-and finish reason, the token counts, and the log-probabilities (within ``--atol``). A field that does not reach
+calls cut by ``max_tokens`` or not; then Responses API requests (``--responses``: plain and multi-turn input,
+``instructions``, tools, ``text.format``, streamed or not). For each it compares the status, every choice's text,
+token ids, tool calls and finish reason (each output item's), the token counts, and the log-probabilities (within
+``--atol``). A field that does not reach
 the decode engine process, or an error mapped differently, shows as a difference.
 
     python benchmarks/deploy_vs_inprocess.py [--requests 80] [--seed 0] [--json OUT]
@@ -121,6 +123,53 @@ def make_requests(n: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def make_responses_requests(n: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
+    """Responses API requests (not stored: a stored chain's ids are each server's own), drawn apart from the
+    others so a seed's chat and completions requests stay the same."""
+    rng = random.Random(1_000_003 + seed)
+    out = []
+    for _ in range(n):
+        body: dict[str, Any] = {"max_output_tokens": rng.choice([4, 16]), "store": False,
+                                "input": _text(rng, 3, 40) if rng.random() < 0.5 else [
+                                    {"role": "user", "content": _text(rng, 3, 20)},
+                                    {"role": "assistant", "content": _text(rng, 2, 10)},
+                                    {"role": "user", "content": _text(rng, 3, 20)}]}
+        if rng.random() < 0.5:
+            body["temperature"] = 0
+        else:
+            body.update(temperature=0.8, seed=rng.randrange(1000))
+        if rng.random() < 0.3:
+            body["instructions"] = _text(rng, 3, 12)
+        if rng.random() < 0.3:
+            body["stream"] = True
+        r = rng.random()
+        if r < 0.25:
+            fn = TOOL["function"]
+            body.update(tools=[{"type": "function", "name": fn["name"], "parameters": fn["parameters"]}],
+                        tool_choice=rng.choice(["auto", "required", {"type": "function", "name": fn["name"]}]))
+        elif r < 0.35:
+            body["text"] = {"format": {"type": "json_schema", "name": "city", "schema": {
+                "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}
+        out.append(("/v1/responses", body))
+    return out
+
+
+def _response_answer(resp: httpx.Response, stream: bool) -> dict[str, Any]:
+    """A Responses API answer: status, each output item's text or call, the token counts."""
+    if resp.status_code != 200:
+        return {"status": resp.status_code, "error": resp.json().get("error", {}).get("type")}
+    body = resp.json() if not stream else next(
+        (json.loads(x[6:])["response"] for x in reversed(resp.text.splitlines())
+         if x.startswith("data: {") and '"response":' in x and json.loads(x[6:]).get("type") in (
+             "response.completed", "response.incomplete", "response.failed")), {"status": "no final event"})
+    items = [[o.get("type"), o.get("status"), o.get("name"), o.get("arguments"),
+              "".join(c.get("text", "") for c in o.get("content") or [] if isinstance(c, dict))]
+             for o in body.get("output") or []]
+    usage = body.get("usage") or {}
+    return {"status": 200, "state": body.get("status"), "items": items,
+            "usage": [usage.get("input_tokens"), usage.get("output_tokens")]}
+
+
 def _answer(resp: httpx.Response, stream: bool) -> dict[str, Any]:
     """What is compared: status, each choice's text / ids / calls / finish / logprobs, the token counts."""
     if resp.status_code != 200:
@@ -165,10 +214,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--responses", type=int, default=20, help="Responses API requests after the others (default 20)")
     ap.add_argument("--atol", type=float, default=1e-3, help="log-probabilities within this (default 1e-3)")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args()
-    reqs = make_requests(args.requests, args.seed)
+    reqs = make_requests(args.requests, args.seed) + make_responses_requests(args.responses, args.seed)
     with tempfile.TemporaryDirectory(prefix="dualpath-diff-") as tmp_s:
         tmp = Path(tmp_s)
         servers = [_start(tmp, "inprocess", True), _start(tmp, "deployment", False)]
@@ -183,7 +233,8 @@ def main() -> int:
                 model = client.get(f"{urls[0]}/v1/models").json()["data"][0]["id"]
                 for i, (path, body) in enumerate(reqs):
                     body = {"model": model, **body}
-                    got = [_answer(client.post(url + path, json=body), bool(body.get("stream"))) for url in urls]
+                    read = _response_answer if path == "/v1/responses" else _answer
+                    got = [read(client.post(url + path, json=body), bool(body.get("stream"))) for url in urls]
                     statuses[str(got[0]["status"])] = statuses.get(str(got[0]["status"]), 0) + 1
                     if any(str(g["status"]).startswith("5") or g["status"] == "error in stream" for g in got):
                         errors.append({"request": i, "path": path, "body": body, "inprocess": got[0],

@@ -20,12 +20,11 @@ import json
 import re
 
 from dualpath.http.markers import drop_partial_tag
+from dualpath.http.tools import HERMES_CLOSE, HERMES_OPEN, PYTHON_TAG
 from dualpath.http.tools_deepseek import CALL_BEGIN, CALL_END, SEP
 from dualpath.http.tools_deepseek import parse_call as deepseek_call
 from dualpath.http.tools_mistral import ARGS, BOT, CALL_ID
 
-_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
-_PYTHON_TAG = "<|python_tag|>"
 #: a call object's start: its name (whole), then maybe the key of its arguments
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"(\s*,\s*"(?:arguments|parameters)"\s*:\s*)?', re.S)
 _FENCE = "```json\n"
@@ -39,14 +38,14 @@ def cut_calls(tail: str, parser: str, names: frozenset[str], only: str | None) -
     """The calls in ``tail``, the unread end of a forced answer cut by the limit (see the module docstring);
     ``only``: the function a named ``tool_choice`` forces (None for ``required``)."""
     if parser == "hermes":
-        i = tail.rfind(_OPEN)
+        i = tail.rfind(HERMES_OPEN)
         if i < 0:
             return _unnamed(only)
-        return _json_calls(drop_partial_tag(tail[i + len(_OPEN):], _CLOSE), names, only, ",;\n")
+        return _json_calls(drop_partial_tag(tail[i + len(HERMES_OPEN):], HERMES_CLOSE), names, only, ",;\n")
     if parser == "llama3_json":
         body = tail.strip()
-        if body.startswith(_PYTHON_TAG):
-            body = body[len(_PYTHON_TAG):]
+        if body.startswith(PYTHON_TAG):
+            body = body[len(PYTHON_TAG):]
         return _json_calls(body, names, only, ";")
     if parser.startswith("deepseek"):
         return _deepseek(tail, names, only)

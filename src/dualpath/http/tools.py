@@ -69,8 +69,8 @@ from dualpath.http.tools_mistral import (
 
 #: values of ``http.tool_parser``
 TOOL_PARSERS = ("auto", "hermes", "llama3_json", "deepseek_v3", "deepseek_v31", "mistral", "harmony")
-_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
-_PYTHON_TAG = "<|python_tag|>"
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
 
 
 class FunctionDef(BaseModel):
@@ -109,7 +109,7 @@ def parser_for(kind: str, template: str | None) -> str:
         return "mistral"
     if HARMONY_CHANNEL in t and "to=functions" in t:  # gpt-oss
         return "harmony"
-    if _OPEN not in t and (_PYTHON_TAG in t or "ipython" in t):
+    if HERMES_OPEN not in t and (PYTHON_TAG in t or "ipython" in t):
         return "llama3_json"
     return "hermes"
 
@@ -125,7 +125,7 @@ def fallback_system_text(tools: list[ToolDef]) -> str:
     return ("You can call the functions below. Each line is one function's JSON schema:\n"
             f"{specs}\n"
             "To call one or more of them, answer with one block per call, each exactly\n"
-            f'{_OPEN}{{"name": "<function name>", "arguments": {{<arguments as a JSON object>}}}}{_CLOSE}\n'
+            f'{HERMES_OPEN}{{"name": "<function name>", "arguments": {{<arguments as a JSON object>}}}}{HERMES_CLOSE}\n'
             "and nothing else. Otherwise answer normally.")
 
 
@@ -153,7 +153,7 @@ def _call_text(call: dict[str, Any]) -> str:
         args_obj = json.loads(args) if isinstance(args, str) else args
     except ValueError:
         args_obj = args
-    return f"{_OPEN}{json.dumps({'name': fn.get('name'), 'arguments': args_obj}, ensure_ascii=False)}{_CLOSE}"
+    return f"{HERMES_OPEN}{json.dumps({'name': fn.get('name'), 'arguments': args_obj}, ensure_ascii=False)}{HERMES_CLOSE}"
 
 
 @dataclass
@@ -221,7 +221,7 @@ class ToolCallReader:
         :meth:`dualpath.http.app.Server.keeps_specials`)."""
         if self._format is not None:
             return {"mistral": MISTRAL_TAGS, "harmony": HARMONY_TAGS}.get(self.parser, DEEPSEEK_TAGS)
-        return (_OPEN, _CLOSE) if self.parser == "hermes" else (_PYTHON_TAG,)
+        return (HERMES_OPEN, HERMES_CLOSE) if self.parser == "hermes" else (PYTHON_TAG,)
 
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
         self._buf += delta
@@ -286,28 +286,28 @@ class ToolCallReader:
                     text(self._buf)  # no further call is read: the rest is content, as written
                     self._buf = ""
                     break
-                before, self._buf, found = cut_at(self._buf, _OPEN, final)
+                before, self._buf, found = cut_at(self._buf, HERMES_OPEN, final)
                 text(before)
                 if not found:
                     break
                 self._in_call = True
-            j = self._buf.find(_CLOSE)
+            j = self._buf.find(HERMES_CLOSE)
             if j < 0:
                 if final:  # the generation ended inside a call: a call if its JSON is whole, else text
-                    got = _parse_call(drop_partial_tag(self._buf, _CLOSE).strip(), self.names)
+                    got = _parse_call(drop_partial_tag(self._buf, HERMES_CLOSE).strip(), self.names)
                     if got is not None:
                         call(got)
                     else:
-                        text(_OPEN + self._buf)
+                        text(HERMES_OPEN + self._buf)
                     self._buf, self._in_call = "", False
                 break
-            body, self._buf = self._buf[:j], self._buf[j + len(_CLOSE):]
+            body, self._buf = self._buf[:j], self._buf[j + len(HERMES_CLOSE):]
             self._in_call = False
             got = _parse_call(body.strip(), self.names)
             if got is not None:
                 call(got)
             else:
-                text(_OPEN + body + _CLOSE)
+                text(HERMES_OPEN + body + HERMES_CLOSE)
         return "".join(out), self._done(calls)
 
     def _llama(self, final: bool) -> tuple[str, list[ToolCall]]:
@@ -315,9 +315,9 @@ class ToolCallReader:
             head = self._buf.lstrip()
             if not head:
                 return "", []
-            if head.startswith(_PYTHON_TAG) or head.startswith("{"):
+            if head.startswith(PYTHON_TAG) or head.startswith("{"):
                 self._json_mode = True
-            elif _PYTHON_TAG.startswith(head) and not final:
+            elif PYTHON_TAG.startswith(head) and not final:
                 return "", []  # maybe the tag, not whole yet
             else:
                 self._json_mode = False
@@ -328,8 +328,8 @@ class ToolCallReader:
             return "", []
         body = self._buf.strip()
         raw, self._buf = self._buf, ""
-        if body.startswith(_PYTHON_TAG):
-            body = body[len(_PYTHON_TAG):].strip()
+        if body.startswith(PYTHON_TAG):
+            body = body[len(PYTHON_TAG):].strip()
         calls: list[ToolCall] = []
         for part in _split_objects(body):
             call = _parse_call(part, self.names)
@@ -439,5 +439,5 @@ def tool_call_grammar(tools: list[ToolDef], parser: str, only: str | None = None
         return "start: %json " + json.dumps(schema)
     more = ' ("\\n" call)*' if parallel else ""
     return (f"start: call{more}\n"
-            f'call: "{_OPEN}\\n" body "\\n{_CLOSE}"\n'
+            f'call: "{HERMES_OPEN}\\n" body "\\n{HERMES_CLOSE}"\n'
             f"body: %json {json.dumps(schema)}")

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from dualpath.errors import StorageError
 from dualpath.kv.keys import BlockKeyer, KeyNamespace
 from dualpath.kv.layout import KVLayout, KVSpec
 from dualpath.storage import BlockStatus, Storage, create_storage
+from dualpath.storage import blockfile as bf
 from dualpath.storage.config import (
     FaultsStorageConfig,
     KvikioStorageConfig,
@@ -348,6 +350,53 @@ async def test_capacity_enforced_at_restart(kind, store_factory):
         foot = s.block_footprint
     async with store_factory(capacity_bytes=2 * foot) as s2:
         assert sum(s2.contains(k) for k in keys) == 2
+
+
+@pytest.mark.anyio
+async def test_a_block_rewritten_while_a_concurrent_write_evicts_it_keeps_the_capacity(kind, store_factory):
+    """Writing a stored key checks its file and rewrites it if it is gone. When a concurrent write evicts that
+    key in between (unlinking its file), the rewrite brings it back without a reservation: the store must evict
+    another block, not end above ``capacity_bytes`` (found by a model-based fuzz: 6 files under a 5-block cap)."""
+    if kind != "posix":
+        pytest.skip("the file check between the two writes is the posix backend's")
+    probe = store_factory()
+    cap = 2 * probe.block_footprint
+    async with store_factory(capacity_bytes=cap) as s:
+        k = keys_for(3)
+        data = blocks_for(3, 12, s.device)
+        assert await s.write(k[0:2], data[0:2]) == [BlockStatus.OK] * 2  # LRU: 0 1
+        gate, checking = threading.Event(), threading.Event()
+        check = s._complete_on_disk  # type: ignore[attr-defined]
+
+        def held_check(path: str) -> bool:  # the rewrite's worker looks at the file only once the eviction is done
+            checking.set()
+            assert gate.wait(10)
+            return check(path)
+
+        s._complete_on_disk = held_check  # type: ignore[attr-defined]
+        got: list[list[BlockStatus]] = []
+
+        async def rewrite() -> None:
+            got.append(await s.write(k[0:1], data[0:1]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rewrite)
+            with anyio.fail_after(10):
+                while not checking.is_set():
+                    await anyio.sleep(0.005)
+            assert await s.write(k[2:3], data[2:3]) == [BlockStatus.OK]  # evicts block 0, the LRU one
+            assert not s.contains(k[0])
+            gate.set()
+        assert got == [[BlockStatus.OK]]
+        files = list(Path(s.root).rglob(f"*{bf.BLOCK_SUFFIX}"))
+        assert len(files) <= 2, files
+        assert sum(s.contains(x) for x in k) == 2
+        assert s.contains(k[0])  # the block just written stays; the least recently used other one went
+        out = empty(s, 1)
+        for i in range(3):
+            if s.contains(k[i]):
+                assert await s.read(k[i : i + 1], out) == [BlockStatus.OK]
+                assert torch.equal(out[0].cpu(), data[i].cpu())
 
 
 # --- crash in the middle of writes -------------------------------------------------------------------------

@@ -73,13 +73,15 @@ class _RootIndex:
         self.reserved = 0
         self.refs = 0
 
-    def add(self, key: BlockKey, size: int) -> None:
+    def add(self, key: BlockKey, size: int) -> bool:
+        """Index ``key`` (or refresh its LRU position); whether it was not indexed before."""
         with self.lock:
             if key in self.entries:
                 self.entries.move_to_end(key)
-                return
+                return False
             self.entries[key] = size
             self.used += size
+            return True
 
     def remove(self, key: BlockKey) -> bool:
         with self.lock:
@@ -447,13 +449,15 @@ class PosixStorage(Storage):
                     index.reserved -= size
                     self._writing.discard(key)
         nbytes = self.full_block_bytes
+        regrown = False
         for i, key, _path, existing in todo:
             code = codes.get(i)
             if code == _OK:
-                index.add(key, size)  # a no-op for a key already indexed (but refreshes its LRU position)
-                if not existing:
-                    self._stats.writes += 1
-                    self._stats.bytes_written += nbytes
+                # (a no-op for a key already indexed, but refreshes its LRU position; a key the index held when
+                # this write began but that a concurrent write evicted meanwhile comes back without a reservation)
+                regrown |= index.add(key, size) and existing
+                self._stats.writes += 1
+                self._stats.bytes_written += nbytes
             elif code == _EXISTS:
                 index.touch(key)
             else:
@@ -461,6 +465,10 @@ class PosixStorage(Storage):
                     index.remove(key)  # what the index claimed is not on disk and could not be written
                 out[i] = BlockStatus.FAILED
                 self._stats.failed += 1
+        if regrown and cap is not None:  # back under the capacity: evict least-recently-used others
+            over = self._evict_for(0)
+            if over:
+                await anyio.to_thread.run_sync(self._unlink_keys, over)
         return out
 
     def _block_writer(self, blocks: torch.Tensor) -> Callable[[tuple[int, BlockKey, str, bool]], int]:

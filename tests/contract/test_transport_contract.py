@@ -220,6 +220,30 @@ async def test_cancel_and_duplicate_expose(pair: tuple[Transport, Transport]) ->
         b.expose("d", region, 60, 8)
 
 
+@pytest.mark.parametrize("hint", [False, True], ids=["any-sender", "sender-named"])
+async def test_a_landing_cancelled_at_once_then_exposed_again_takes_the_next_write(
+        pair: tuple[Transport, Transport], hint: bool) -> None:
+    """Expose, cancel at once (before a write), settle, expose the same tag again: the next write lands in the
+    new landing, and nothing landed in the cancelled one. (nixl: the revocation overtook the grant's push,
+    which the sender then took as live and refused the write under; found by a model-based fuzz.)"""
+    a, b = pair
+    dst = torch.zeros(2 << 12, dtype=torch.uint8)
+    region = b.register(dst)
+    src = src_in(a, pattern(1 << 12, 3))
+    sender = {"sender": "snd"} if hint else {}
+    for round_ in range(3):
+        b.expose("r7/kv", region, 0, 1 << 12, **sender)
+        b.cancel("r7/kv")
+        await b.settle()
+        b.expose("r7/kv", region, 1 << 12, 1 << 12, **sender)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.write, "rcv", "r7/kv", src, 5.0)
+            tg.start_soon(b.wait, "r7/kv", 5.0)
+        assert torch.equal(dst[1 << 12:], src), round_
+        assert torch.count_nonzero(dst[: 1 << 12]) == 0, round_
+        dst[1 << 12:] = 0
+
+
 async def test_close_wakes_every_waiter() -> None:
     cfg = LoopbackTransportConfig()
     fabric = LoopbackFabric()

@@ -24,7 +24,8 @@ each still writes once under its own grant, and one revoked before the post is r
 **Revocation fence.** When a granted landing is withdrawn before its notification (``cancel``, a timed-out
 ``wait``; or another sender asks for it) the receiver revokes ``(tag, epoch)``: the sender drops the grant,
 starts no write under it, waits for the one already posted (if any) and acknowledges; notifications of a revoked
-epoch are dropped. A timed-out ``wait`` returns only after that acknowledgement; ``cancel`` (synchronous) starts
+epoch are dropped. A grant still in the push box is not sent, and one whose revocation overtook its push (a cancel
+right after the expose: the revocation leaves at once, pushes at the end of the loop pass) is ignored on arrival. A timed-out ``wait`` returns only after that acknowledgement; ``cancel`` (synchronous) starts
 the fence and :meth:`NixlTransport.settle` awaits every fence started. A sender that does not acknowledge within
 ``_FENCE_S`` gets its groups forgotten and the landing's region is deregistered and registered again (its
 remote keys invalid; honest peers reload the metadata on their next grant), so a silent sender cannot write
@@ -642,6 +643,9 @@ class NixlTransport(Transport):
         if g is None or not (g.slot.withdrawn or force):
             return None
         del self._granted[tag]
+        box = self._push.get(g.ident)
+        if box:  # a grant still waiting to be pushed is never sent (the sender ignores a revoked one anyway)
+            box[:] = [e for e in box if not (e[0] == tag and e[3] == g.epoch)]
         ev = asyncio.Event()
         self._revoking[(tag, g.epoch)] = (ev, g.ident)
         while len(self._revoking) > _REVOKED_KEPT:
@@ -1122,8 +1126,10 @@ class _Peer:
         except WireError as exc:
             log.warning("%s: bad pushed grants from %s: %s", self.owner.name, self.name, exc)
             return
-        grants, md_epoch = self.grants, hdr.arg
+        grants, md_epoch, revoked = self.grants, hdr.arg, self.revoked
         for tag, addr, nbytes, epoch, mem, dev in entries:
+            if revoked and (tag, epoch) in revoked:
+                continue  # revoked before its push arrived (a cancel right after the expose): never taken
             grants[tag] = _Remote(addr, nbytes, mem, dev, md_epoch, epoch)
             woken.add(_group(tag))
 
@@ -1132,9 +1138,12 @@ class _Peer:
         revocation."""
         if hdr.status is Status.OK:
             try:
-                self.grants[hdr.tag] = _parse_grant(hdr)
+                pushed = _parse_grant(hdr)
             except (ValueError, TransportError) as exc:
                 log.warning("%s: bad pushed grant from %s: %s", self.owner.name, self.name, exc)
+            else:
+                if (hdr.tag, pushed.epoch) not in self.revoked:  # (else revoked before its push arrived)
+                    self.grants[hdr.tag] = pushed
             woken.add(_group(hdr.tag))
             return
         # revoked: no write of (tag, epoch) starts from now on; acknowledge once the one posted (if any) is done

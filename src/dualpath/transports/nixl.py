@@ -181,6 +181,8 @@ class NixlTransport(Transport):
         self._idents: dict[str, bytes] = {}  # sender (agent) name -> its side-channel ident, from its HELLO
         self._epochs = itertools.count(1)
         self._revoking: OrderedDict[tuple[str, int], tuple[asyncio.Event, bytes]] = OrderedDict()  # -> (acked, ident)
+        #: revoked grants whose sender acknowledged a quiet write under them as done (it returned as delivered)
+        self._written: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._held: dict[str, int] = {}  # tags with requests held until exposed (how many)
         # grants pushed on expose, flushed as one GRANTS frame per sender per loop pass
         self._push: dict[bytes, list[tuple[str, int, int, int, int, int]]] = {}
@@ -303,7 +305,7 @@ class NixlTransport(Transport):
         loop = asyncio.get_running_loop()
         last = scanned = loop.time()
         while True:
-            if not self._inflight and not self._granted:
+            if not self._inflight and not self._granted and not self._fences:
                 if self._pump is not None:
                     self._pump.pause()
                 self._work.clear()
@@ -324,7 +326,7 @@ class NixlTransport(Transport):
                     del self._inflight[xid]
                     if not fut.done():
                         fut.set_result(state)
-            if self._granted:
+            if self._granted or self._fences:  # (a fenced sender's write in flight needs our progress to end)
                 if self._pump is None:
                     try:
                         notifs = agent.get_new_notifs()
@@ -358,14 +360,14 @@ class NixlTransport(Transport):
             for msg in msgs:
                 moved = True
                 self._on_notif(str(agent_name), bytes(msg))
-        if self._pump is not None and not self._granted:
+        if self._pump is not None and not self._granted and not self._fences:
             self._pump.pause()
         return moved
 
     def _kick(self) -> None:
         if self._work is not None:
             self._work.set()
-        if self._pump is not None and self._granted:
+        if self._pump is not None and (self._granted or self._fences):
             self._pump.resume()
 
     # --- side channel ---------------------------------------------------------------------------------------
@@ -421,9 +423,13 @@ class NixlTransport(Transport):
     def _on_request(self, ident: bytes, hdr: Header, reply: Callable[[Header | bytes], None]) -> None:
         if hdr.kind is Kind.REQ:
             self._on_req(ident, hdr.extra.decode("utf-8", "replace"), hdr, reply)
-        elif hdr.kind is Kind.DONE and hdr.extra[:1] == b"R":  # a sender's acknowledgement of a revocation
+        elif hdr.kind is Kind.DONE and hdr.extra[:1] in (b"R", b"W"):  # a sender's acknowledgement of a revocation
             entry = self._revoking.get((hdr.tag, hdr.arg))
             if entry is not None:
+                if hdr.extra[:1] == b"W":  # its write under the grant landed and it returned as delivered
+                    self._written[(hdr.tag, hdr.arg)] = None
+                    while len(self._written) > _REVOKED_KEPT:
+                        self._written.popitem(last=False)
                 entry[0].set()
         elif hdr.kind is Kind.HELLO:
             try:
@@ -484,17 +490,37 @@ class NixlTransport(Transport):
     async def _steal(self, ident: bytes, sender: str, hdr: Header, prior: _Grant) -> None:
         """A request for a landing granted (with its group) to another sender: revoke that grant (fenced), then
         answer the request as if the landing had just been exposed."""
+
+        def reply(h: Header | bytes) -> None:
+            self._spawn(self._reply(ident, h))
+
+        if self._granted.get(hdr.tag) is not prior:
+            # its notification came (the landing is complete, or being verified) or it changed hands before this
+            # task ran: answer the request as things are now (a second arrival is refused)
+            self._on_req(ident, sender, hdr, reply)
+            return
         fence = self._revoke(hdr.tag, force=True)
         if fence is not None:
             with contextlib.suppress(Exception):
                 await fence
         slot = prior.slot
-        if slot.state == "busy" and not slot.done.is_set() and not slot.withdrawn:
+        live = slot.state == "busy" and not slot.done.is_set() and not slot.withdrawn
+        written = (hdr.tag, prior.epoch) in self._written
+        self._written.pop((hdr.tag, prior.epoch), None)
+        if written and live:
+            # the holder wrote before it saw the revocation, and returned as delivered (no checksum, no verdict):
+            # that was the landing's one arrival (its notification, revoked, is dropped); this request is a second
+            self._landings.finish(slot)
+            self.stats.arrivals += 1
+            self.stats.bytes_received += slot.nbytes
+            reason = (f"{self.name}: tag {hdr.tag!r} already arrived from {prior.sender!r}; one arrival per landing, "
+                      "nothing written")
+            self._landings.reject(sender, reason)
+            await self._reply(ident, Header(Kind.GRANT, hdr.seq, hdr.tag, status=Status.REJECTED,
+                                            extra=reason.encode()))
+            return
+        if live:
             slot.state = "exposed"
-
-        def reply(h: Header | bytes) -> None:
-            self._spawn(self._reply(ident, h))
-
         self._on_req(ident, sender, hdr, reply)
 
     def _grant_header(self, seq: int, tag: str, g: _Grant) -> Header:
@@ -657,6 +683,9 @@ class NixlTransport(Transport):
         fut = asyncio.ensure_future(self._fence(tag, g, ev))
         self._fences.add(fut)
         fut.add_done_callback(self._fences.discard)
+        # keep driving progress (polling notifications) until the fence ends: the revoked sender's WRITE in flight
+        # may need it to complete, and its acknowledgement waits for that (without it: the fence's full deadline)
+        self._kick()
         return fut
 
     async def _fence(self, tag: str, g: _Grant, ev: asyncio.Event) -> None:
@@ -879,30 +908,36 @@ class NixlTransport(Transport):
               ) -> tuple[Any, str, tuple[str, int], int]:
         """Post the one WRITE under grant ``r`` (refused if already written or revoked): its handle, the state
         ``transfer`` returned, the grant's key and the notification's seq."""
-        key = self._claim(p, peer, tag, r)
+        key = self._claim(p, peer, tag, r, csum is None)
         if not seq:
             seq = next(self._seq)
         lmem, ldev = _mem(data) if mem is None else mem
         try:
             handle = self._prepped_write(p, tag, data.data_ptr(), nbytes, r, csum, seq, lmem, ldev)
         except Exception as exc:
+            p.used.pop(key, None)  # nothing was written under it
             raise TransportError(f"{self.name}: NIXL could not post the write of {tag!r} to {peer!r}: {exc}") from exc
         try:
             state = self._agent.transfer(handle)
         except Exception as exc:
+            p.used.pop(key, None)
             _release(handle)
             raise TransportError(f"{self.name}: NIXL could not post the write of {tag!r} to {peer!r}: {exc}") from exc
+        if state not in ("PROC", "DONE"):
+            p.used.pop(key, None)  # failed at once: its bytes did not (all) land
         return handle, state, key, seq
 
-    def _claim(self, p: _Peer, peer: str, tag: str, r: _Remote) -> tuple[str, int]:
-        """Mark grant ``r`` of ``tag`` written (its key); :class:`Rejected` if it was already, or was revoked."""
+    def _claim(self, p: _Peer, peer: str, tag: str, r: _Remote, quiet: bool = True) -> tuple[str, int]:
+        """Mark grant ``r`` of ``tag`` written (its key); :class:`Rejected` if it was already, or was revoked.
+        ``quiet``: the write carries no checksum, so it returns on its WRITE's completion with no verdict from the
+        receiver (a revocation that finds it done tells the receiver so)."""
         key = (tag, r.epoch)
         used = p.used
         if key in used:
             raise Rejected(f"{self.name}: duplicate write of tag {tag!r} to {peer!r} (one arrival per landing)")
         if key in p.revoked:
             raise Rejected(f"{self.name}: {peer!r} withdrew the landing of tag {tag!r}; nothing written")
-        used[key] = None
+        used[key] = quiet
         if len(used) > _REVOKED_KEPT:
             used.popitem(last=False)
         return key
@@ -990,11 +1025,15 @@ class NixlTransport(Transport):
             if handle is not None:
                 _release(handle)
             for item in items:
+                p.used.pop((item[0], item[2].epoch), None)  # nothing was written under them
                 if not item[4].done():
                     item[4].set_result(f"ERR could not post: {exc}")
             return
         if state != "PROC":
             _release(handle)
+            if state != "DONE":
+                for item in items:
+                    p.used.pop((item[0], item[2].epoch), None)
             for item in items:
                 if not item[4].done():
                     item[4].set_result(state)
@@ -1086,7 +1125,8 @@ class _Peer:
         self.grants: dict[str, _Remote] = {}  # pushed grants not used yet, by tag
         self.asking: dict[str, asyncio.Future[None]] = {}  # request groups with a REQ in flight
         self.active: dict[tuple[str, int], asyncio.Future[str]] = {}  # posted writes by (tag, epoch)
-        self.used: OrderedDict[tuple[str, int], None] = OrderedDict()  # grants written under (one write each)
+        #: grants written under (one write each) -> whether quiet (no checksum: returns with no verdict)
+        self.used: OrderedDict[tuple[str, int], bool] = OrderedDict()
         self.revoked: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.batch: _Batch | None = None  # fast-path writes queued in this loop pass (posted at its end)
         self.reader = owner._spawn(self._read())
@@ -1157,12 +1197,18 @@ class _Peer:
         self.owner._spawn(self._ack_revoke(hdr.tag, hdr.arg, self.active.get(key)))
 
     async def _ack_revoke(self, tag: str, epoch: int, write: asyncio.Future[str] | None) -> None:
+        """Acknowledge the revocation of ``(tag, epoch)`` once the write posted under it (if any) is done: ``W``
+        when a quiet write (no checksum) completed under it, so its writer returned as delivered and the receiver
+        must count it as the landing's arrival; else ``R``."""
+        ok = True  # no write in flight: one under the grant (if any) completed when it was posted
         if write is not None:
             with anyio.move_on_after(_FENCE_S):
                 await asyncio.shield(write)
             if not write.done():
                 return  # not known to be complete: no acknowledgement (the receiver re-registers its region)
-        ack = encode(Header(Kind.DONE, 0, tag, arg=epoch, extra=b"R" + self.owner.name.encode()))
+            ok = not write.cancelled() and write.result() == "DONE"
+        written = ok and self.used.get((tag, epoch)) is True
+        ack = encode(Header(Kind.DONE, 0, tag, arg=epoch, extra=(b"W" if written else b"R") + self.owner.name.encode()))
         self.outbox.append(ack)
         if len(self.outbox) == 1:
             asyncio.get_running_loop().call_soon(self._flush)

@@ -9,8 +9,10 @@ receives the payload frame straight into that slot (``recv_into``: libzmq's one 
 end; the frame's real size is reported, so a payload that disagrees with its own header fails the landing it
 claimed). Otherwise (size mismatch, early arrival, duplicate, checksum, device slot) it receives the frame,
 checks size and xxh3 checksum before a byte is written, then copies it (one memcpy, or one host-to-device
-copy). Either way it acknowledges; ``write`` returns on the acknowledgement. A write that is not acknowledged
-within its timeout resets that peer's socket (dropping queued frames, so no source buffer stays referenced).
+copy). Either way it acknowledges; ``write`` returns on the acknowledgement. A write given up (not acknowledged
+within its timeout, or cancelled by its caller) whose zero-copy payload frame libzmq may still hold resets that
+peer's socket (dropping queued frames, so no source buffer stays referenced); one whose payload was copied into
+its frame (below 64 KiB) or was sent and released (tracked) leaves the socket, and the peer's other writes, alone.
 
 All sockets live in one **I/O thread** per endpoint, driven by plain (blocking, GIL-releasing) zmq calls: it
 receives, claims the landing slot (the landing table is locked against this thread), lands, acknowledges (a
@@ -780,18 +782,28 @@ class ZmqTransport(Transport):
                     self._data_writes += 1
                 else:
                     item = None
+        tracker: zmq.MessageTracker | None = None
         try:
             if item is None:
                 # the header is copied into its frame; the payload is zero-copy from ``src`` above pyzmq's copy
-                # threshold (64 KiB; each zero-copy frame costs a release message to pyzmq's collector thread)
-                self._command(_WRITE, peer, seq, [zmq.Frame(hdr), zmq.Frame(host.numpy(), copy=None)])
+                # threshold (64 KiB; each zero-copy frame costs a release message to pyzmq's collector thread),
+                # tracked (and not kept here: the tracker completes once libzmq and pyzmq both let go of the frame)
+                # so that a write given up can tell whether ``src`` is still held
+                tracker = _SMALL
+                if nbytes >= zmq.COPY_THRESHOLD:
+                    payload = zmq.Frame(host.numpy(), copy=None, track=True)
+                    tracker = payload.tracker
+                else:
+                    payload = zmq.Frame(host.numpy(), copy=None)
+                self._command(_WRITE, peer, seq, [zmq.Frame(hdr), payload])
+                del payload
             status, reason = await fut
         except BaseException:
             self._pending.pop(seq, None)
             self._seq_peer.pop(seq, None)
             if link is not None and item is not None:  # the data thread must let go of ``src`` before we return
                 link.release(item, f"{what} was cancelled")
-            elif not self._closed:
+            elif not self._closed and not _let_go(tracker):
                 self._reset(peer, f"{self.name}: {what} was cancelled")
             raise
         finally:
@@ -810,12 +822,30 @@ class ZmqTransport(Transport):
         if status is None:
             self._pending.pop(seq, None)
             self._seq_peer.pop(seq, None)
-            if link is not None and item is not None:  # the peer is silent on the data connection: drop it
-                link.abort(f"{what} timed out")
-            else:
+            # Not acknowledged in time. Bytes that left entirely (the receiver may hold them while their tag is not
+            # exposed) need nothing more: its other writes to that peer go on. Bytes still queued mean the peer
+            # does not take them: its connection is dropped (with every write queued on it), releasing ``src``.
+            if link is not None and item is not None:
+                if item.sent:
+                    link.forget(seq)
+                else:
+                    link.abort(f"{what} timed out")
+            elif not _let_go(tracker):
                 self._reset(peer, f"{self.name}: {what} timed out")
             raise PeerTimeout(f"{self.name}: {what} not delivered within {timeout:g} s")
         raise Rejected(f"{self.name}: {peer!r} refused tag {tag!r} ({_name(status)}): {reason}")
+
+
+#: the tracker of a payload copied into its frame (below pyzmq's copy threshold): ``src`` is never held
+_SMALL: Any = zmq.MessageTracker()
+
+
+def _let_go(tracker: zmq.MessageTracker | None) -> bool:
+    """Whether nothing holds the source buffer of a write's payload frame any more: a copy (below pyzmq's copy
+    threshold), or a zero-copy frame libzmq has sent and released. A write given up (cancelled, timed out) then
+    leaves its peer's socket alone: resetting it would fail every other write queued to that peer, and they may
+    have landed already. None (no frame made): not known, so no."""
+    return tracker is not None and (tracker is _SMALL or tracker.done)
 
 
 def _expire(fut: asyncio.Future[tuple[Status | None, str]]) -> None:

@@ -352,28 +352,43 @@ async def test_capacity_enforced_at_restart(kind, store_factory):
         assert sum(s2.contains(k) for k in keys) == 2
 
 
+def _hold_file_checks(s: Storage) -> tuple[threading.Event, threading.Event]:
+    """Make ``s``'s writes of stored keys stop at their on-disk check until the first event is set; the second is
+    set once one is there."""
+    gate, checking = threading.Event(), threading.Event()
+    check = s._complete_on_disk  # type: ignore[attr-defined]
+
+    def held_check(path: str) -> bool:
+        checking.set()
+        assert gate.wait(10)
+        return check(path)
+
+    s._complete_on_disk = held_check  # type: ignore[attr-defined]
+    return gate, checking
+
+
+async def _until(event: threading.Event) -> None:
+    with anyio.fail_after(10):
+        while not event.is_set():
+            await anyio.sleep(0.005)
+
+
 @pytest.mark.anyio
-async def test_a_block_rewritten_while_a_concurrent_write_evicts_it_keeps_the_capacity(kind, store_factory):
-    """Writing a stored key checks its file and rewrites it if it is gone. When a concurrent write evicts that
-    key in between (unlinking its file), the rewrite brings it back without a reservation: the store must evict
-    another block, not end above ``capacity_bytes`` (found by a model-based fuzz: 6 files under a 5-block cap)."""
+@pytest.mark.parametrize("meanwhile", ["evict", "delete"])
+async def test_a_stored_block_written_again_while_others_write_keeps_the_capacity(kind, store_factory, meanwhile):
+    """Writing a stored key checks its file on disk (and rewrites it if gone). Meanwhile, other writes fill the
+    store. ``evict``: the block being checked is not the one evicted (before, it was: its file was unlinked, the
+    rewrite brought it back without a reservation, 6 files under a 5-block cap; found by a model-based fuzz);
+    ``delete``: it was deleted meanwhile, so the rewrite stores it anew and the store evicts another block to stay
+    within ``capacity_bytes``."""
     if kind != "posix":
         pytest.skip("the file check between the two writes is the posix backend's")
     probe = store_factory()
-    cap = 2 * probe.block_footprint
-    async with store_factory(capacity_bytes=cap) as s:
+    async with store_factory(capacity_bytes=2 * probe.block_footprint) as s:
         k = keys_for(3)
         data = blocks_for(3, 12, s.device)
         assert await s.write(k[0:2], data[0:2]) == [BlockStatus.OK] * 2  # LRU: 0 1
-        gate, checking = threading.Event(), threading.Event()
-        check = s._complete_on_disk  # type: ignore[attr-defined]
-
-        def held_check(path: str) -> bool:  # the rewrite's worker looks at the file only once the eviction is done
-            checking.set()
-            assert gate.wait(10)
-            return check(path)
-
-        s._complete_on_disk = held_check  # type: ignore[attr-defined]
+        gate, checking = _hold_file_checks(s)
         got: list[list[BlockStatus]] = []
 
         async def rewrite() -> None:
@@ -381,22 +396,55 @@ async def test_a_block_rewritten_while_a_concurrent_write_evicts_it_keeps_the_ca
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(rewrite)
-            with anyio.fail_after(10):
-                while not checking.is_set():
-                    await anyio.sleep(0.005)
-            assert await s.write(k[2:3], data[2:3]) == [BlockStatus.OK]  # evicts block 0, the LRU one
-            assert not s.contains(k[0])
+            await _until(checking)
+            if meanwhile == "delete":
+                await s.delete(k[0:1])
+            assert await s.write(k[2:3], data[2:3]) == [BlockStatus.OK]
+            # evict: block 0, the least recently used, is being checked, so block 1 goes
+            assert s.contains(k[0]) is (meanwhile == "evict") and s.contains(k[2])
             gate.set()
         assert got == [[BlockStatus.OK]]
         files = list(Path(s.root).rglob(f"*{bf.BLOCK_SUFFIX}"))
-        assert len(files) <= 2, files
-        assert sum(s.contains(x) for x in k) == 2
-        assert s.contains(k[0])  # the block just written stays; the least recently used other one went
+        assert len(files) == 2, files
+        assert [s.contains(x) for x in k] == [True, False, True]
         out = empty(s, 1)
-        for i in range(3):
-            if s.contains(k[i]):
-                assert await s.read(k[i : i + 1], out) == [BlockStatus.OK]
-                assert torch.equal(out[0].cpu(), data[i].cpu())
+        for i in (0, 2):
+            assert await s.read(k[i : i + 1], out) == [BlockStatus.OK]
+            assert torch.equal(out[0].cpu(), data[i].cpu())
+
+
+@pytest.mark.anyio
+async def test_a_write_that_finds_a_block_another_write_just_stored_leaves_it_visible(kind, store_factory):
+    """Two writes of one new key at once: the second sees the first under way and checks the file on disk. When
+    the first's file is complete by then, the second returns OK, and the block must be visible (``contains``,
+    ``lookup``) when it does, not only once the first write returns (found by a model-based fuzz)."""
+    if kind != "posix":
+        pytest.skip("the file check between the two writes is the posix backend's")
+    async with store_factory() as s:
+        k = keys_for(1)
+        data = blocks_for(1, 13, s.device)
+        first_done = threading.Event()
+        writer = s._block_writer  # type: ignore[attr-defined]
+
+        def held_writer(blocks: torch.Tensor):  # the first write's result waits until the second has returned
+            one = writer(blocks)
+
+            def write_one(item):
+                code = one(item)
+                if not item[3]:  # the new block's write: its file is complete now
+                    first_done.set()
+                    assert second_returned.wait(10)
+                return code
+            return write_one
+
+        second_returned = threading.Event()
+        s._block_writer = held_writer  # type: ignore[attr-defined]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(s.write, k, data)
+            await _until(first_done)
+            assert await s.write(k, data) == [BlockStatus.OK]
+            assert s.contains(k[0]) and s.lookup(k) == 1
+            second_returned.set()
 
 
 # --- crash in the middle of writes -------------------------------------------------------------------------

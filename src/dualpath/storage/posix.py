@@ -72,6 +72,10 @@ class _RootIndex:
         self.used = 0
         self.reserved = 0
         self.refs = 0
+        #: blocks being written that the index does not hold yet (their size reserved), by any storage on this root
+        self.writing: set[BlockKey] = set()
+        #: blocks the index holds that a write is checking on disk (and rewriting if gone): not evicted meanwhile
+        self.rewriting: dict[BlockKey, int] = {}
 
     def add(self, key: BlockKey, size: int) -> bool:
         """Index ``key`` (or refresh its LRU position); whether it was not indexed before."""
@@ -103,10 +107,12 @@ class _RootIndex:
                 if key in entries:
                     entries.move_to_end(key)
 
-    def pop_lru(self, protect: set[BlockKey]) -> BlockKey | None:
+    def pop_lru(self) -> BlockKey | None:
+        """Remove and return the least recently used block no write is busy with (None if there is none)."""
         with self.lock:
+            writing, rewriting = self.writing, self.rewriting
             for key in self.entries:
-                if key not in protect:
+                if key not in writing and key not in rewriting:
                     self.used -= self.entries.pop(key)
                     return key
             return None
@@ -135,7 +141,6 @@ class PosixStorage(Storage):
         self._tls = _ThreadBuffers()
         self._index: _RootIndex | None = None
         self._pool: IOPool | None = None
-        self._writing: set[BlockKey] = set()
         self._made_dirs: set[str] = set()
         self._fsync = config.durability == "fsync"
         self._verify = bool(config.verify_checksum)
@@ -279,7 +284,7 @@ class PosixStorage(Storage):
         if cap is None:
             return victims
         while index.used + index.reserved + size > cap:
-            victim = index.pop_lru(self._writing)
+            victim = index.pop_lru()
             if victim is None:
                 break
             victims.append(victim)
@@ -409,10 +414,13 @@ class PosixStorage(Storage):
         cap = self.config.capacity_bytes
         todo: list[tuple[int, BlockKey, str, bool]] = []
         victims: list[BlockKey] = []
+        writing, rewriting = index.writing, index.rewriting
         for i, key in enumerate(keys):
-            if key in self._writing or self.contains(key):
+            if key in writing or self.contains(key):
                 # stored already (or being stored): OK only once the worker sees the complete file on disk;
-                # a file that vanished or was replaced by something else is written again (or FAILED)
+                # a file that vanished or was replaced by something else is written again (or FAILED); not
+                # evicted meanwhile (an eviction's unlink could otherwise remove the file this write vouches for)
+                rewriting[key] = rewriting.get(key, 0) + 1
                 todo.append((i, key, bf.block_path(self.root, key.hex), True))
                 continue
             victims += self._evict_for(size)
@@ -421,7 +429,7 @@ class PosixStorage(Storage):
                 self._stats.failed += 1
                 continue
             index.reserved += size
-            self._writing.add(key)
+            writing.add(key)
             todo.append((i, key, bf.block_path(self.root, key.hex), False))
         if victims:
             await anyio.to_thread.run_sync(self._unlink_keys, victims)
@@ -436,7 +444,7 @@ class PosixStorage(Storage):
             if retry:  # disk full: evict one least-recently-used block per failed one, then try once more
                 more: list[BlockKey] = []
                 for _ in retry:
-                    victim = index.pop_lru(self._writing)
+                    victim = index.pop_lru()
                     if victim is not None:
                         more.append(victim)
                         self._stats.evictions += 1
@@ -445,23 +453,29 @@ class PosixStorage(Storage):
                     codes.update((item[0], c) for item, c in zip(retry, await pool.run(writer, retry), strict=True))
         finally:
             for _i, key, _path, existing in todo:
-                if not existing:
+                if existing:
+                    left = rewriting.pop(key, 1) - 1
+                    if left > 0:
+                        rewriting[key] = left
+                else:
                     index.reserved -= size
-                    self._writing.discard(key)
+                    writing.discard(key)
         nbytes = self.full_block_bytes
         regrown = False
         for i, key, _path, existing in todo:
             code = codes.get(i)
-            if code == _OK:
-                # (a no-op for a key already indexed, but refreshes its LRU position; a key the index held when
-                # this write began but that a concurrent write evicted meanwhile comes back without a reservation)
-                regrown |= index.add(key, size) and existing
-                self._stats.writes += 1
-                self._stats.bytes_written += nbytes
-            elif code == _EXISTS:
-                index.touch(key)
+            if code in (_OK, _EXISTS):
+                # visible now: indexed (a no-op for a key already indexed, but refreshes its LRU position). A block
+                # another write is storing counts once that write is done; found complete on disk here first, it is
+                # indexed now (the other write's reservation still counts it until then). A key the index held when
+                # this write began but that a delete or a failed read dropped meanwhile comes back without a
+                # reservation: the capacity is checked below.
+                regrown |= index.add(key, size) and existing and key not in writing
+                if code == _OK:
+                    self._stats.writes += 1
+                    self._stats.bytes_written += nbytes
             else:
-                if existing and key not in self._writing:
+                if existing and key not in writing:
                     index.remove(key)  # what the index claimed is not on disk and could not be written
                 out[i] = BlockStatus.FAILED
                 self._stats.failed += 1

@@ -39,7 +39,8 @@ class HostBuffer:
         if capacity_bytes <= 0:
             raise EngineError(f"{name}: capacity must be positive, got {capacity_bytes}")
         self.name = name
-        self.capacity = int(capacity_bytes)
+        # (whole alignment units: a region is rounded up to one, so a request of up to the capacity always fits)
+        self.capacity = math.ceil(int(capacity_bytes) / _ALIGN) * _ALIGN
         buf = torch.empty(self.capacity, dtype=torch.uint8)
         if torch.cuda.is_available():
             with contextlib.suppress(RuntimeError):  # pinning can fail on small hosts
@@ -50,6 +51,7 @@ class HostBuffer:
         self._changed = anyio.Event()
         self._base = buf.data_ptr()
         self._quarantined: list[HostRegion] = []  # freed, but a stuck read may still write into them
+        self._live: dict[int, int] = {}  # offset -> size of the regions handed out and not freed
 
     @property
     def used_bytes(self) -> int:
@@ -86,6 +88,7 @@ class HostBuffer:
                 else:
                     self._free[i] = (off + size, sz - size)
                 self._used += size
+                self._live[off] = size
                 return HostRegion(off, size, self.data[off : off + nbytes])
         return None
 
@@ -112,7 +115,13 @@ class HostBuffer:
         raise PeerTimeout(f"{self.name}: no room for {nbytes} bytes within {deadline_s}s ({self._used} in use)")
 
     def free(self, region: HostRegion) -> None:
-        """Give ``region`` back (quarantined first while a stuck storage read may still write into it)."""
+        """Give ``region`` back (quarantined first while a stuck storage read may still write into it). A region
+        this buffer did not hand out, or one freed already, is an :class:`EngineError`: taking it back would let two
+        requests share bytes."""
+        if self._live.get(region.offset) != region.nbytes:
+            raise EngineError(f"{self.name}: region at offset {region.offset} ({region.nbytes} bytes) is not one this "
+                              "buffer handed out, or was freed already")
+        del self._live[region.offset]
         if LATE_WRITES.busy(self._base + region.offset, region.nbytes):
             self._quarantined.append(region)
             return

@@ -58,3 +58,48 @@ async def test_prefill_batches_and_decode_batches():
                 r = await alone.run_turn("x", prompts[i], 8, path="recompute")
             assert results[i].token_ids == r.token_ids
         assert all(r.timings.t_first_token <= r.timings.t_second_token <= r.timings.t_done for r in results.values())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("when", ["mid-step", "between-steps"])
+async def test_a_turn_cancelled_while_decoding_leaves_the_others_alone(when: str):
+    """A caller gives up on a turn while the decode engine is stepping it with others. Its sequence leaves the
+    batch only once the step in flight ends (its forward still writes the request's pages); the other turns
+    decode to their end and every pool page comes back. (The cleanup took it out of the batch under the step:
+    when that step was the request's last, its end failed on it, and the engine failed every request it was
+    decoding; found by a model-based fuzz of the in-process cluster.) The victim is cancelled after its fifth
+    token, so the step in flight (mid-step) is its sixth and last."""
+    cfg = synthetic_config()
+    cfg.model.decode_step_s = 0.02
+    async with Cluster(cfg) as c:
+        de = c.des[0]
+        free_at_start = de.pool.num_free
+        seen: list[int] = []
+        results: dict[str, list[int]] = {}
+
+        async def other(i: int) -> None:
+            r = await c.run_turn(f"o{i}", list(range(10 + i, 90 + i)), 30, path="recompute", pe=0, de=0)
+            results[f"o{i}"] = r.token_ids
+
+        victim = anyio.CancelScope()
+
+        async def doomed() -> None:
+            with victim:
+                await c.run_turn("v", list(range(300, 380)), 6, path="recompute", pe=0, de=0, on_token=seen.append)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(2):
+                tg.start_soon(other, i)
+            tg.start_soon(doomed)
+            with anyio.fail_after(30):
+                while len(seen) < 5:
+                    await anyio.sleep(0.001)
+                if when == "mid-step":  # the victim is in the step in flight now
+                    while not any(s.turn.session == "v" for s in de._batch):
+                        await anyio.sleep(0)
+                else:
+                    while de._batch:
+                        await anyio.sleep(0)
+            victim.cancel()
+        assert sorted(results) == ["o0", "o1"] and all(len(t) == 30 for t in results.values())
+        assert not de.running and de.pool.num_free == free_at_start

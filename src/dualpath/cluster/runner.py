@@ -478,13 +478,7 @@ class Cluster:
         pe.release(turn)
         de.release(turn)
         if seq is not None:
-            if seq in de.running:
-                de.running.remove(seq)
-            if seq.pages:
-                with anyio.move_on_after(self.config.cluster.deadline_s):
-                    await seq.idle.wait()
-                de.free_pages(seq.pages)
-                seq.pages = []
+            await de.drop(seq)  # (after the decode step holding it, if one is in flight)
 
 
 async def _guard(turn: Turn, fn: Callable[..., Any], *args: Any) -> None:

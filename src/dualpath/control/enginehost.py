@@ -562,15 +562,7 @@ class EngineHost:
 
     async def _drop_seq(self, seq: Any) -> None:
         """Take a decoding request out of the batch and free its pool pages (idempotent)."""
-        eng = self.engine
-        if seq in eng.running:
-            eng.running.remove(seq)
-        if seq.pages:
-            with anyio.move_on_after(self.config.cluster.deadline_s):
-                await seq.idle.wait()
-            if seq.pages:
-                eng.free_pages(seq.pages)
-                seq.pages = []
+        await self.engine.drop(seq)  # (after the decode step holding it, if one is in flight)
 
 
 def _as_engine_error(name: str, rid: int, exc: BaseException) -> BaseException:

@@ -3,6 +3,7 @@ persistence of every block that becomes full (see engine/base.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -108,6 +109,8 @@ class DecodeEngine(Engine):
         bt = self.layout.block_tokens
         self.pool = KVPool(self.layout.spec, max(1, ctx.config.kv_pool_tokens // bt), bt, self.device)
         self.running: list[DecodeSeq] = []
+        self._batch: list[DecodeSeq] = []  # the requests of the decode step in flight (its forward writes their pages)
+        self._step_done = anyio.Event()  # set (and replaced) at the end of every step
         self._wake = anyio.Event()
         self._pool_freed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -395,14 +398,50 @@ class DecodeEngine(Engine):
                         s.done.set()
                     self.running.clear()
 
+    def _remove(self, s: DecodeSeq) -> None:
+        with contextlib.suppress(ValueError):  # (dropped already)
+            self.running.remove(s)
+        s.done.set()
+
+    async def drop(self, seq: DecodeSeq) -> None:
+        """Take a failed or cancelled request out of decoding and free its pool pages (idempotent). Never while a
+        decode step that includes it is in flight: that step's forward still writes the request's new KV into its
+        pages, which another request could be given meanwhile (and the step's end would find it gone from the
+        batch: removing it under the step failed every request of the engine). Waits for such a step to end (at
+        most ``deadline_s``; past it the pages stay allocated rather than freed under a forward), then for its
+        background writes, then frees its pages."""
+        while seq in self._batch:
+            ev = self._step_done
+            with anyio.move_on_after(self.cfg.deadline_s) as scope:
+                await ev.wait()
+            if scope.cancelled_caught:
+                log.warning("%s: a decode step holding turn %d did not end within %g s; its pages stay allocated",
+                            self.name, seq.turn.rid, self.cfg.deadline_s)
+                return
+        self._remove(seq)
+        if seq.pages:
+            with anyio.move_on_after(self.cfg.deadline_s):
+                await seq.idle.wait()
+            if seq.pages:
+                self.free_pages(seq.pages)
+                seq.pages = []
+
     async def _step(self) -> None:
         batch = [s for s in self.running[: self.cfg.decode_max_batch] if s.turn.error is None]
         for s in self.running[: self.cfg.decode_max_batch]:
             if s.turn.error is not None:
-                self.running.remove(s)
-                s.done.set()
+                self._remove(s)
         if not batch:
             return
+        self._batch = batch
+        try:
+            await self._step_batch(batch)
+        finally:
+            self._batch = []
+            self._step_done.set()
+            self._step_done = anyio.Event()
+
+    async def _step_batch(self, batch: list[DecodeSeq]) -> None:
         # rotate so every running request gets steps when there are more than the batch holds
         self.running = self.running[len(batch) :] + batch
         bt = self.layout.block_tokens
@@ -431,16 +470,14 @@ class DecodeEngine(Engine):
                     s.accept(s.pick(logits[i]), bt)
                 except ModelError as exc:  # this request's own (its grammar): it fails, the batch goes on
                     s.turn.fail(exc)
-                    self.running.remove(s)
-                    s.done.set()
+                    self._remove(s)
                     continue
                 if self.cfg.keep_logits:
                     s.logits.append(logits[i].detach().to("cpu", torch.float32))
                 if len(s.generated) == 2:
                     s.turn.timings.t_second_token = now
             if s.finished:
-                self.running.remove(s)
-                s.done.set()
+                self._remove(s)
 
     async def finish(self, seq: DecodeSeq) -> None:
         """Wait for the request's persistence, then free its pool pages."""

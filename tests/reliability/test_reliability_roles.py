@@ -53,7 +53,8 @@ async def _scheduler(cfg: DualPathConfig) -> AsyncIterator[SchedulerDaemon]:
     async with anyio.create_task_group() as tg:
         tg.start_soon(d.run)
         with anyio.fail_after(10):
-            while d.channel is None or not d.channel.address or d.driver is None:
+            # (the driver is entered: its PE work predictor is set, from a thread, before its loop starts)
+            while d.channel is None or not d.channel.address or d.driver is None or d.driver._tg is None:
                 await anyio.sleep(0.01)
         try:
             yield d

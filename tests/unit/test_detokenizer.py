@@ -100,7 +100,7 @@ def _draw(rng: random.Random, tok) -> tuple[list[int], list[str]]:  # type: igno
     return ids, [s for s in stops if s]
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(2))
 def test_streamed_text_equals_the_whole_answer_rule(tok, seed: int) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(seed)
     special = [i for i in (tok.eos_token_id, tok.bos_token_id) if i is not None]

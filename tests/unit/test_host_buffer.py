@@ -50,7 +50,7 @@ async def test_a_region_freed_twice_or_from_elsewhere_is_refused() -> None:
     assert hb.used_bytes == b.nbytes + c.nbytes
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))
 async def test_random_allocations_never_overlap_and_are_counted(seed: int) -> None:
     """A model check: live regions are disjoint, inside the arena, hold what was written into them, and the used
     bytes are their sum; a request that fits the free space never waits."""

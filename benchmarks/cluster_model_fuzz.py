@@ -21,7 +21,6 @@ batch under the step, and when that step was the turn's last the engine failed e
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+from _fuzz_report import finish, show  # noqa: E402
 from engine_helpers import hf_llama, llama_config  # noqa: E402 (the tests' tiny Llama and its config)
 
 from dualpath.cluster import Cluster  # noqa: E402
@@ -132,19 +132,9 @@ def main() -> int:
     for seed in range(args.start, args.start + args.seeds):
         row = anyio.run(run, model_dir, seed)
         rows.append(row)
-        print(f"seed {seed}: {row['turns']} turns ({row['with_hits']} with hits, {row['cancelled']} cancelled, "
-              f"{row['refused']} refused), "
-              f"{row['storage']} cap {row['capacity_blocks']}: {len(row['problems'])} findings ({row['seconds']} s)",
-              flush=True)
-        for p in row["problems"][:5]:
-            print(f"    {p}", flush=True)
-    bad = [r for r in rows if r["problems"]]
-    print(f"{len(rows)} runs, {sum(r['turns'] for r in rows)} turns compared with a recompute: "
-          f"{len(bad)} runs with findings")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "runs": rows, "runs_with_findings": len(bad)}, f, indent=1)
-    return 1 if bad else 0
+        show(f"seed {seed}: {row['turns']} turns ({row['with_hits']} with hits, {row['cancelled']} cancelled, "
+             f"{row['refused']} refused), {row['storage']} cap {row['capacity_blocks']}", row)
+    return finish(rows, f"{len(rows)} runs, {sum(r['turns'] for r in rows)} turns compared with a recompute", args.json)
 
 
 if __name__ == "__main__":

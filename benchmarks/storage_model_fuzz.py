@@ -30,7 +30,6 @@ cap).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 
 import anyio
 import torch
+from _fuzz_report import finish, show
 
 from dualpath.kv.keys import BlockKeyer, KeyNamespace
 from dualpath.kv.layout import KVLayout, KVSpec
@@ -219,17 +219,8 @@ def main() -> int:
                 row = anyio.run(run, kind, seed, cap, args.steps)
                 rows.append(row)
                 label = f"cap {cap}" if cap else "no cap"
-                print(f"{kind:7s} {label:7s} seed {seed}: {len(row['problems'])} findings ({row['seconds']} s)",
-                      flush=True)
-                for p in row["problems"][:5]:
-                    print(f"    {p}", flush=True)
-    bad_runs = [r for r in rows if r["problems"]]
-    print(f"{len(rows)} runs, {sum(sum(r['ops'].values()) for r in rows)} operations: "
-          f"{len(bad_runs)} runs with findings")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "runs": rows, "runs_with_findings": len(bad_runs)}, f, indent=1)
-    return 1 if bad_runs else 0
+                show(f"{kind:7s} {label:7s} seed {seed}", row)
+    return finish(rows, f"{len(rows)} runs, {sum(sum(r['ops'].values()) for r in rows)} operations", args.json)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ out, though their bytes had landed; nixl let two senders both report delivery of
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 
 import anyio
 import torch
+from _fuzz_report import finish, show
 
 from dualpath.errors import PeerTimeout, TransportError
 from dualpath.transports import Transport, create_transport
@@ -255,19 +255,9 @@ def main() -> int:
         for kind in kinds:
             row = anyio.run(run, kind, seed, args.rounds)
             rows.append(row)
-            n = sum(row["transfers"].values())
-            print(f"{kind:9s} seed {seed}: {n:3d} transfers, {len(row['problems'])} findings ({row['seconds']} s)",
-                  flush=True)
-            for p in row["problems"][:5]:
-                print(f"    {p}", flush=True)
-    bad = [r for r in rows if r["problems"]]
+            show(f"{kind:9s} seed {seed}: {sum(row['transfers'].values()):3d} transfers", row)
     total = sum(sum(r["transfers"].values()) for r in rows)
-    print(f"{len(rows)} runs, {total} transfers: {len(bad)} runs with findings")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "runs": rows, "runs_with_findings": len(bad),
-                       "transfers": total}, f, indent=1)
-    return 1 if bad else 0
+    return finish(rows, f"{len(rows)} runs, {total} transfers", args.json, transfers=total)
 
 
 if __name__ == "__main__":

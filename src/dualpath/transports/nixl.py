@@ -25,10 +25,12 @@ each still writes once under its own grant, and one revoked before the post is r
 ``wait``; or another sender asks for it) the receiver revokes ``(tag, epoch)``: the sender drops the grant,
 starts no write under it, waits for the one already posted (if any) and acknowledges; notifications of a revoked
 epoch are dropped. A grant still in the push box is not sent, and one whose revocation overtook its push (a cancel
-right after the expose: the revocation leaves at once, pushes at the end of the loop pass) is ignored on arrival. The receiver keeps polling while a fence waits (the revoked sender's WRITE in flight may
-need its progress to end). The acknowledgement says whether a write without a checksum completed under the grant
-(``W``; such a writer returned as delivered, no verdict awaited): when another sender's request took the landing
-over, that write is then the landing's one arrival and the request is refused. A timed-out ``wait`` returns only after that acknowledgement; ``cancel`` (synchronous) starts
+right after the expose: the revocation leaves at once, pushes at the end of the loop pass) is ignored on arrival.
+The receiver keeps polling while a fence waits (the revoked sender's WRITE in flight may need its progress to end).
+The acknowledgement says whether a write without a checksum completed under the grant (``W``; such a writer
+returned as delivered, no verdict awaited): when another sender's request took the landing over, that write is then
+the landing's one arrival and the request is refused. A timed-out ``wait`` returns only after that
+acknowledgement; ``cancel`` (synchronous) starts
 the fence and :meth:`NixlTransport.settle` awaits every fence started. A sender that does not acknowledge within
 ``_FENCE_S`` gets its groups forgotten and the landing's region is deregistered and registered again (its
 remote keys invalid; honest peers reload the metadata on their next grant), so a silent sender cannot write

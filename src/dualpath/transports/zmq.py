@@ -789,12 +789,9 @@ class ZmqTransport(Transport):
                 # threshold (64 KiB; each zero-copy frame costs a release message to pyzmq's collector thread),
                 # tracked (and not kept here: the tracker completes once libzmq and pyzmq both let go of the frame)
                 # so that a write given up can tell whether ``src`` is still held
-                tracker = _SMALL
-                if nbytes >= zmq.COPY_THRESHOLD:
-                    payload = zmq.Frame(host.numpy(), copy=None, track=True)
-                    tracker = payload.tracker
-                else:
-                    payload = zmq.Frame(host.numpy(), copy=None)
+                big = nbytes >= zmq.COPY_THRESHOLD
+                payload = zmq.Frame(host.numpy(), copy=None, track=big)
+                tracker = payload.tracker if big else _SMALL
                 self._command(_WRITE, peer, seq, [zmq.Frame(hdr), payload])
                 del payload
             status, reason = await fut

@@ -18,7 +18,8 @@ kind drawn from:
 * ``short_timeout``: a 50 ms write to a tag nobody exposes: it fails;
 * ``never``: a write to a tag nobody exposes: it fails (after ``pending_timeout_s``).
 
-Every write must end within its timeout plus one second. At the end, every byte outside the slots a transfer was
+After a round, a quarter of the time, the second sender closes and a new endpoint takes its name (a restarted
+process; both sides connect again). Every write must end within its timeout plus one second. At the end, every byte outside the slots a transfer was
 allowed to touch must still hold the canary (nothing lands where it was not asked to, or after a cancel).
 Backends: ``loopback``, ``zmq`` (every payload as zmq frames), ``zmq-ipc``, ``zmq-tcp`` (the data socket for
 every size), ``zmq-ck`` (checksums), ``nixl``, ``nixl-ck``. Exits 1 on any finding.
@@ -27,7 +28,9 @@ every size), ``zmq-ck`` (checksums), ``nixl``, ``nixl-ck``. Exits 1 on any findi
 
 It found, in the 47th session: nixl refused a write into a landing cancelled at once and exposed again (the
 revocation overtook the grant's push); zmq failed every write to a peer when one write to it was cancelled or timed
-out, though their bytes had landed; nixl let two senders both report delivery of one landing (three causes).
+out, though their bytes had landed; nixl let two senders both report delivery of one landing (three causes). In the
+48th session, with sender restarts added: nixl refused the metadata of a restarted peer (NIXL_ERR_NOT_ALLOWED for
+an agent name it already held), first found by ``deploy_model_fuzz.py`` as engines that never came back.
 """
 
 from __future__ import annotations
@@ -222,18 +225,37 @@ async def run(kind: str, seed: int, rounds: int) -> dict[str, Any]:
     fabric = LoopbackFabric()
     cfg = config(kind)
     t0 = time.monotonic()
-    async with create_transport(cfg, "snd", fabric=fabric) as a, create_transport(cfg, "rcv", fabric=fabric) as b, \
-            create_transport(cfg, "snd2", fabric=fabric) as a2:
+    restarts = 0
+    async with create_transport(cfg, "snd", fabric=fabric) as a, create_transport(cfg, "rcv", fabric=fabric) as b:
         await a.connect("rcv", b.address)
-        await a2.connect("rcv", b.address)
+        a2 = await _sender(cfg, fabric, b)
         r = Run(kind, seed, a, a2, b)
-        with anyio.fail_after(60 + 20 * rounds):
-            for i in range(rounds):
-                await r.round(i)
-            await b.settle()
+        try:
+            with anyio.fail_after(60 + 20 * rounds):
+                for i in range(rounds):
+                    await r.round(i)
+                    if r.rng.random() < 0.25:  # the second sender's process restarts under its name
+                        await r.a2.close()
+                        r.a2 = await _sender(cfg, fabric, b)
+                        r.a2.register(r.src2)
+                        restarts += 1
+                await b.settle()
+        except Exception as exc:
+            r.problem("*", "the run failed", error=repr(exc)[:300])
+        finally:
+            await r.a2.close()
         r.check_canary()
-    return {"kind": kind, "seed": seed, "transfers": r.counts, "problems": r.problems,
+    return {"kind": kind, "seed": seed, "transfers": r.counts, "sender_restarts": restarts, "problems": r.problems,
             "seconds": round(time.monotonic() - t0, 2)}
+
+
+async def _sender(cfg: Any, fabric: LoopbackFabric, b: Transport) -> Transport:
+    """A started endpoint named ``snd2``, connected to ``b`` (and ``b`` to it: both directions hello)."""
+    t = create_transport(cfg, "snd2", fabric=fabric)
+    await t.start()
+    await t.connect("rcv", b.address)
+    await b.connect("snd2", t.address)
+    return t
 
 
 def main() -> int:

@@ -326,6 +326,40 @@ async def test_two_senders_racing_for_one_landing_exactly_one_delivers(kind: str
             assert torch.equal(dst, srcs[winners[0]]), (round_, got)
 
 
+async def _one_write(src_t: Transport, dst_t: Transport, dst_name: str, tag: str, seed: int) -> None:
+    """A write from ``src_t`` to ``dst_t`` (named ``dst_name``) lands its exact bytes."""
+    dst = torch.zeros(1 << 12, dtype=torch.uint8)
+    region = dst_t.register(dst)
+    src = src_in(src_t, pattern(1 << 12, seed))
+    dst_t.expose(tag, region, 0, 1 << 12)
+    with anyio.fail_after(20):
+        await src_t.write(dst_name, tag, src, 5.0)
+        await dst_t.wait(tag, 5.0)
+    assert torch.equal(dst, src)
+
+
+@pytest.mark.parametrize("first", ["restarted", "survivor"], ids=["restarted-first", "survivor-first"])
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_peer_restarted_under_its_old_name_is_written_both_ways(kind: str, first: str) -> None:
+    """An endpoint closes and a new one takes its name at a new address (an engine process the launcher brought
+    back): both connect again, in either order, and writes land both ways. (nixl refused the new incarnation's
+    metadata, NIXL_ERR_NOT_ALLOWED for an agent name it already held: every restarted engine failed its start
+    and the deployment never got it back. Found by the deployment fuzz, ``benchmarks/deploy_model_fuzz.py``.)"""
+    fabric = LoopbackFabric()
+    cfg = make_config(kind)
+    async with create_transport(cfg, "snd", fabric=fabric) as a:
+        for life in range(3):
+            async with create_transport(cfg, "rcv", fabric=fabric) as b:
+                pairs = [(a, "rcv", b.address), (b, "snd", a.address)]
+                for t, peer, address in pairs if first == "survivor" else pairs[::-1]:
+                    await t.connect(peer, address)
+                if kind == "zmq-tcp":
+                    await data_socket_up(a, "rcv")
+                    await data_socket_up(b, "snd")
+                await _one_write(a, b, "rcv", f"life{life}/to-rcv", 2 * life)
+                await _one_write(b, a, "snd", f"life{life}/to-snd", 2 * life + 1)
+
+
 async def test_close_wakes_every_waiter() -> None:
     cfg = LoopbackTransportConfig()
     fabric = LoopbackFabric()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,31 @@ def test_failing_and_hanging_reads_are_recomputed(dep) -> None:
         stop.set()
         releaser.join(5)
         _release_fifos(fifos)
+
+
+@pytest.mark.nixl
+def test_an_engine_killed_comes_back_over_nixl(tmp_path: Path) -> None:
+    """The same over the ``nixl`` transport (2 prefill + 1 decode engine processes): the restarted prefill engine
+    registers again and serves. Its NIXL agent keeps its name (pe1) at a new address; the decode engine holds
+    the old incarnation's metadata, and NIXL refused the new one (NIXL_ERR_NOT_ALLOWED): the restarted engine
+    failed its start, over and over, and turns sent to it failed. Found by ``benchmarks/deploy_model_fuzz.py``."""
+    pytest.importorskip("nixl_cu12")
+    cfg = tiny_config(tmp_path / "kv", prefill_nodes=2, decode_nodes=1, transport={"kind": "nixl"},
+                      serve={"max_retries": 4, "restart_engines": True})
+    with deployment(cfg, tmp_path / "work") as d:
+        old_pid = d.pid("pe1")
+        d.kill("pe1")
+        new_pid = wait_for(lambda: d.pid("pe1") != old_pid and d.pid("pe1"), 30, "restart")
+
+        def back() -> bool:
+            st = stats(d.address, cfg)
+            return st.get("pe1.pid") == new_pid and st.get("pe1.alive") == 1 and st.get("engines_alive") == 3
+
+        wait_for(back, 90, "the restarted pe1 registered")
+        time.sleep(2.0)  # (a restart that fails its start dies within this)
+        assert d.children["pe1"].restarts == 1 and d.pid("pe1") == new_pid, "the restarted engine died again"
+        assert back()
+        agents = trace(n_agents=6, n_turns=2, gen=4)
+        res = replay(d.address, agents, cfg)
+        assert tokens_of(res) == _reference(cfg, agents)
+        assert stats(d.address, cfg).get("failed", 0) == 0

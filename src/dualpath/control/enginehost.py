@@ -18,7 +18,7 @@ layer as soon as the PE started and the transport holds early arrivals (``max_pe
 
 A heartbeat every ``serve.heartbeat_s`` carries the engine's snapshot (``seq``, ``tok``, ``read_q``, free KV; a
 PE's predicted ``work`` when DualPath ranks PEs by it, whose model its ``hello`` carries: :mod:`dualpath.engine.work`)
-and resource gauges (RSS, open fds, asyncio tasks, registered regions, turns held) that the load run watches.
+and resource gauges (RSS, open fds, asyncio tasks, registered regions, turns held, host buffer bytes in use) that the load run watches.
 """
 
 from __future__ import annotations
@@ -276,6 +276,7 @@ class EngineHost:
                     "read_q": max(0, int(snap.read_q)),
                     "free_kv_tokens": max(0, int(snap.free_kv_tokens)), "inflight": len(self.turns),
                     "tasks": len(asyncio.all_tasks()), "regions": self.transport.registered_regions,
+                    "host_used": self.engine.host.used_bytes,
                     **process_gauges()}
             if self.role is Role.DECODE:
                 body["stream_messages"] = self.stream_messages

@@ -163,6 +163,7 @@ SCHEMAS: dict[str, dict[str, F]] = {
         "fds": F("int", lo=0, hi=1 << 24),
         "tasks": F("int", lo=0, hi=1 << 24),
         "regions": F("int", lo=0, hi=1 << 24),
+        "host_used": F("int", required=False, lo=0, hi=U63),  # bytes of the engine's host buffer in use
         "stream_messages": F("int", required=False, lo=0, hi=U63),  # DE: ``tokens`` messages sent so far
         "work": F("int", required=False, lo=0, hi=U63),  # PE: predicted work (us) of what it holds (engine/work.py)
     },

@@ -184,6 +184,7 @@ class NixlTransport(Transport):
         self._granted: dict[str, _Grant] = {}  # by tag: landings granted to a sender, not yet notified
         self._offers: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # request group -> (sender, its ident)
         self._idents: dict[str, bytes] = {}  # sender (agent) name -> its side-channel ident, from its HELLO
+        self._remote_agents: set[str] = set()  # agents whose metadata we loaded
         self._epochs = itertools.count(1)
         self._revoking: OrderedDict[tuple[str, int], tuple[asyncio.Event, bytes]] = OrderedDict()  # -> (acked, ident)
         #: revoked grants whose sender acknowledged a quiet write under them as done (it returned as delivered)
@@ -438,9 +439,7 @@ class NixlTransport(Transport):
                 entry[0].set()
         elif hdr.kind is Kind.HELLO:
             try:
-                remote = self._agent.add_remote_agent(hdr.extra)
-                log.debug("%s: loaded metadata of %r", self.name, remote)
-                who = remote.decode("utf-8", "replace") if isinstance(remote, bytes) else str(remote)
+                who = self._load_remote(hdr.tag, hdr.extra)
                 idents = self._idents
                 idents.pop(who, None)
                 idents[who] = ident  # where grants for its writes go, when an expose names it
@@ -778,14 +777,49 @@ class NixlTransport(Transport):
 
     async def _hello(self, p: _Peer) -> None:
         """Exchange agent metadata with ``p`` (again when it registered memory since)."""
-        status, hdr = await p.request(Header(Kind.HELLO, next(self._seq), "", extra=self._agent.get_agent_metadata()))
+        status, hdr = await p.request(Header(Kind.HELLO, next(self._seq), self.name,
+                                             extra=self._agent.get_agent_metadata()))
         if status is not Status.OK:
             raise TransportError(f"{self.name}: {p.name!r} refused our metadata: {hdr.extra.decode()}")
-        p.agent_name = self._agent.add_remote_agent(hdr.extra)
+        p.agent_name = self._load_remote(hdr.tag, hdr.extra)
         p.epoch = hdr.arg
         if p.remote_dl is not None:
             p.remote_dl.drop()  # prepared against the metadata just replaced
         p.remote_dl = _DlistCache(self._agent, p.agent_name)
+
+    def _load_remote(self, name: str, md: bytes) -> str:
+        """Load a peer agent's metadata (a HELLO's, either way; ``name``: the agent it says it is); its name.
+
+        NIXL refuses the metadata of an agent it already holds when its connection details changed: that agent's
+        process was restarted (an engine the launcher brought back under its old name). The old incarnation is
+        then forgotten first: the descriptor lists prepared against it dropped, grants it pushed discarded, its
+        writes in flight failed; our sending side to it says hello again before its next write."""
+        try:
+            remote = self._agent.add_remote_agent(md)
+        except Exception as exc:
+            if not name or name not in self._remote_agents:
+                raise
+            log.warning("%s: agent %r came back with new metadata (%s); forgetting its old incarnation",
+                        self.name, name, exc)
+            self._forget_remote(name)
+            remote = self._agent.add_remote_agent(md)
+        who = remote.decode("utf-8", "replace") if isinstance(remote, bytes) else str(remote)
+        self._remote_agents.add(who)
+        log.debug("%s: loaded metadata of %r", self.name, who)
+        return who
+
+    def _forget_remote(self, name: str) -> None:
+        for p in self._peers.values():
+            if p.agent_name != name:
+                continue
+            p.fail_all(Status.CLOSED, f"{name} restarted")
+            if p.remote_dl is not None:
+                p.remote_dl.drop()
+                p.remote_dl = None
+            p.grants.clear()  # (addresses in the old process)
+            p.epoch = -1  # the next grant's metadata epoch exceeds it: hello again first
+        self._agent.remove_remote_agent(name)
+        self._remote_agents.discard(name)
 
     async def write(self, peer: str, tag: str, src: torch.Tensor, timeout: float, *,
                     checksum: int | None = None) -> None:
@@ -951,7 +985,9 @@ class NixlTransport(Transport):
                        lmem: str, ldev: int) -> Any:
         """The WRITE of ``nbytes`` at ``addr`` into ``r``'s landing, from the cached prepared descriptor lists,
         its notification a :data:`Kind.DONE` (not yet transferred)."""
-        assert self._local_dl is not None and p.remote_dl is not None
+        assert self._local_dl is not None
+        if p.remote_dl is None:  # its agent restarted after the grant came (``_forget_remote``)
+            raise TransportError(f"{self.name}: {p.name!r} restarted; grant {tag!r} was its old incarnation's")
         notif = encode_fields(Kind.DONE, seq, tag.encode("utf-8"), nbytes, csum, Status.OK, r.epoch)
         return self._agent.make_prepped_xfer("WRITE", self._local_dl.get(addr, nbytes, lmem, ldev), [0],
                                              p.remote_dl.get(r.addr, nbytes, r.mem, r.dev), [0], notif)

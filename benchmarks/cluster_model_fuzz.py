@@ -5,9 +5,9 @@ Each run builds a cluster over a tiny random Llama that ``transformers`` wrote (
 decode KV pool, 1-4 layers streamed ahead, memory or posix storage, with or without a capacity of 40 blocks (so
 blocks get evicted). 2-10 agents run at once, some sharing a long prefix, each 1-6 turns of 1-8 generated tokens,
 through the scheduler's choice or a named path (``pe``, ``de``, ``split`` with 0-3 blocks on the PE side); 15 %
-of turns are cancelled by their caller after 0-200 ms. A prompt longer than the prefill engines' one-layer scratch
-holds (``prefill_max_batch_tokens``) must be refused with the error that names it. Every turn that completes is run again with
-``path="recompute"`` (no stored KV) and must give the same greedy tokens: a loaded block with the wrong bytes, a
+of turns are cancelled by their caller after 0-200 ms. Contexts grow past ``prefill_max_batch_tokens`` (the prefill
+engines' scratch then grows); only a prompt beyond the model's context may be refused. Every turn that completes
+is run again with ``path="recompute"`` (no stored KV) and must give the same greedy tokens: a loaded block with the wrong bytes, a
 page shared by two requests, a layer streamed into the wrong slot would change them. No turn may fail. At the end
 no request may be left decoding, every decode pool page and every host buffer byte must be free. Exits 1 on any
 finding.
@@ -84,9 +84,9 @@ async def run(model_dir: Path, seed: int) -> dict[str, Any]:
                     r = await c.run_turn(name, list(ctx), gen, **kw)
                     ref = await c.run_turn(name + "/ref", list(ctx), gen, path="recompute", pe=0, de=0)
                 except Exception as exc:
-                    limit = (c.pes[0].slot_blocks - 1) * c.layout.block_tokens
+                    limit = (c.pes[0].max_slot_blocks - 1) * c.layout.block_tokens
                     if "one-layer scratch" in str(exc) and len(ctx) > limit:
-                        counts["refused"] += 1  # longer than the PE scratch this shape holds: refused, as documented
+                        counts["refused"] += 1  # longer than the model's context: refused, as documented
                         return
                     problems.append({"agent": i, "turn": turn, "path": path, "what": "the turn failed",
                                      "error": repr(exc)[:300]})

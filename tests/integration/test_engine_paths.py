@@ -56,3 +56,40 @@ async def test_paths_agree_with_each_other_and_transformers(tiny):
             torch.testing.assert_close(ours, logits[p - 1 + i], rtol=1e-3, atol=1e-3)
             assert int(torch.argmax(logits[p - 1 + i])) == res.token_ids[i]
         context_ids = ids
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("transport", ["loopback", pytest.param("nixl", marks=pytest.mark.nixl)])
+async def test_a_context_longer_than_the_batch_limit_grows_the_scratch(tiny, transport):
+    """A prompt may be as long as the model's context, whatever ``prefill_max_batch_tokens`` (the batch limit the
+    one-layer scratch starts sized for): a multi-turn session growing past it gets, on every read path, the
+    tokens transformers gives. The scratch grows between forwards (its new region registered; the old one let
+    go) and stays grown. (A prompt over the starting scratch was refused, naming the field: an agent's context
+    stopped working once it outgrew the batch limit, 8,192 tokens in the HTTP server's default.)"""
+    model_dir, hf = tiny
+    cfg = llama_config(model_dir, prefill_max_batch_tokens=64, prefill_max_batch=2)
+    if transport == "nixl":
+        pytest.importorskip("nixl_cu12")
+        from dualpath.transports.config import NixlTransportConfig
+
+        cfg.transport = NixlTransportConfig()
+    gen = torch.Generator().manual_seed(3)
+    chunks = [torch.randint(3, 211, (n,), generator=gen).tolist() for n in (40, 150, 90, 170)]
+    async with Cluster(cfg) as c:
+        pe = c.pes[0]
+        start_blocks, regions = pe.slot_blocks, {n: t.registered_regions for n, t in c.transports.items()}
+        for path, pe_blocks in PATHS:
+            context: list[int] = []
+            for i, chunk in enumerate(chunks):
+                prompt = context + chunk
+                res = await c.run_turn(f"{path}", prompt, 3, path=path, pe_blocks=pe_blocks)
+                with torch.no_grad():
+                    want = hf.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False)[0, len(prompt):]
+                assert res.token_ids == want.tolist(), (path, i, len(prompt))
+                if path != "recompute" and i:
+                    assert res.hit_tokens >= len(context) // BT * BT - BT, (path, i, res.hit_tokens)
+                context = prompt + res.token_ids
+        assert len(context) > 400 and pe.slot_blocks > start_blocks and 1 <= pe.scratch_grows <= 3
+        assert {n: t.registered_regions for n, t in c.transports.items()} == regions
+        with pytest.raises(Exception, match="the model's context of 512 tokens"):
+            pe.check_fits(513 + BT)

@@ -101,6 +101,9 @@ class PrefillEngine(Engine):
         self.ring = min(cfg.layers_ahead, n_layers - 1) + 1 if cfg.layerwise else n_layers
         rows = min(cfg.prefill_max_batch_tokens, self.model.max_context)
         self.slot_blocks = -(-rows // bt) + cfg.prefill_max_batch
+        #: what a ring slot may grow to (``_grow``): a prompt of the model's whole context
+        self.max_slot_blocks = max(self.slot_blocks, -(-self.model.max_context // bt) + 1)
+        self.scratch_grows = 0
         self.scratch: torch.Tensor | None = None
         self.scratch_region: Region | None = None
         self.queue: deque[Turn] = deque()
@@ -136,11 +139,35 @@ class PrefillEngine(Engine):
 
     def check_fits(self, prompt_tokens: int) -> None:
         need = -(-prompt_tokens // self.layout.block_tokens)
-        if need > self.slot_blocks - 1:
+        if need > self.max_slot_blocks - 1:
             raise EngineError(
                 f"{self.name}: a prompt of {prompt_tokens} tokens needs {need} blocks of one-layer scratch but the "
-                f"prefill engine holds {self.slot_blocks - 1} (raise cluster.prefill_max_batch_tokens)"
+                f"prefill engine holds at most {self.max_slot_blocks - 1} (the model's context of "
+                f"{self.model.max_context} tokens)"
             )
+
+    def _grow(self, need: int) -> None:
+        """Make each ring slot hold ``need`` blocks (between forwards: nothing is exposed in the scratch or copied
+        into it then). The scratch starts sized for ``prefill_max_batch_tokens``; a longer prompt (a long agent
+        context, mostly cached) grows it up to the model's context, at least doubling, and it stays grown. The
+        new scratch is registered before the old one is let go, so a region count never dips."""
+        assert self.scratch is not None and self.scratch_region is not None
+        blocks = min(self.max_slot_blocks, max(need, 2 * self.slot_blocks))
+        try:
+            scratch = torch.zeros((self.ring, blocks, *self.scratch.shape[2:]), dtype=torch.uint8,
+                                  device=self.device)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            raise EngineError(
+                f"{self.name}: a prompt needs {need} blocks of one-layer scratch; growing it from "
+                f"{self.slot_blocks} blocks failed ({exc}); lower cluster.layers_ahead or the prompt"
+            ) from exc
+        region = self.ctx.transport.register(scratch)
+        old = self.scratch_region
+        self.scratch, self.scratch_region, self.slot_blocks = scratch, region, blocks
+        self.ctx.transport.deregister(old)
+        self.scratch_grows += 1
+        log.info("%s: one-layer scratch grown to %d blocks per layer (a prompt of %d blocks)", self.name, blocks,
+                 need)
 
     # --- PE read path ------------------------------------------------------------------------------------
     async def read(self, turn: Turn) -> int:
@@ -259,6 +286,9 @@ class PrefillEngine(Engine):
             self._inflight = [c.turn for c in batch]
             self._start_work(batch)
             try:
+                need = sum(c.turn.prompt_blocks for c in batch)
+                if need > self.slot_blocks:  # (a request longer than the scratch runs alone)
+                    self._grow(need)
                 await self._forward(batch)
             except Exception as exc:  # a model error fails the batch, not the engine
                 log.exception("%s: forward failed", self.name)

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -25,3 +28,20 @@ def finish(rows: list[dict[str, Any]], what: str, json_path: str | None, **total
             json.dump({"command": " ".join(sys.argv), "runs": rows, "runs_with_findings": bad, **totals}, f,
                       indent=1)
     return 1 if bad else 0
+
+
+def seed_args(doc: str, default_seeds: int, extra: Callable[[argparse.ArgumentParser], None] | None = None
+              ) -> argparse.Namespace:
+    """The fuzzers' common command line: ``--seeds N --start S --json OUT`` (and what ``extra`` adds); a bad
+    count or start is refused. Turns off warning logs: refusals and cancels log by design, findings count."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=default_seeds)
+    ap.add_argument("--start", type=int, default=0, help="first seed")
+    ap.add_argument("--json", help="write every run's shape, counts and findings here")
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args()
+    if args.seeds < 1 or args.start < 0:
+        ap.error("--seeds must be >= 1, --start >= 0")
+    logging.disable(logging.WARNING)
+    return args

@@ -20,8 +20,6 @@ batch under the step, and when that step was the turn's last the engine failed e
 
 from __future__ import annotations
 
-import argparse
-import logging
 import random
 import sys
 import tempfile
@@ -32,7 +30,7 @@ from typing import Any
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
-from _fuzz_report import finish, show  # noqa: E402
+from _fuzz_report import finish, seed_args, show  # noqa: E402
 from engine_helpers import hf_llama, llama_config  # noqa: E402 (the tests' tiny Llama and its config)
 
 from dualpath.cluster import Cluster  # noqa: E402
@@ -118,14 +116,7 @@ async def run(model_dir: Path, seed: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=16)
-    ap.add_argument("--start", type=int, default=0, help="first seed")
-    ap.add_argument("--json", help="write every run's shape, counts and findings here")
-    args = ap.parse_args()
-    if args.seeds < 1 or args.start < 0:
-        ap.error("--seeds must be >= 1, --start >= 0")
-    logging.disable(logging.WARNING)  # cancelled turns log by design; the findings are what counts
+    args = seed_args(__doc__, 16)
     model_dir = Path(tempfile.mkdtemp(prefix="dualpath-cluster-fuzz-model-"))
     hf_llama(model_dir)
     rows = []

@@ -23,9 +23,7 @@ finding.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
 import random
 import re
 import signal
@@ -39,7 +37,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "reliability"))
-from _fuzz_report import finish, show  # noqa: E402
+from _fuzz_report import finish, seed_args, show  # noqa: E402
 from engine_helpers import hf_llama, llama_config  # noqa: E402 (the tests' tiny Llama and its config)
 from serve_util import deployment  # noqa: E402 (a deployment checked for orphans on exit)
 
@@ -268,14 +266,7 @@ def _describe(shape: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--start", type=int, default=0, help="first seed")
-    ap.add_argument("--json", help="write every run's shape, counts and findings here")
-    args = ap.parse_args()
-    if args.seeds < 1 or args.start < 0:
-        ap.error("--seeds must be >= 1, --start >= 0")
-    logging.disable(logging.WARNING)  # cancelled turns log by design; the findings are what counts
+    args = seed_args(__doc__, 8)
     model_dir = Path(tempfile.mkdtemp(prefix="dualpath-deploy-fuzz-model-"))
     hf_llama(model_dir)
     rows = []

@@ -67,7 +67,9 @@ class ClusterConfig(Section):
         "prefill time stays within it and the first that does not fit is chunked (paper 7.5); None batches by "
         "prefill_max_batch(_tokens) only",
     )
-    prefill_max_batch_tokens: int = Field(default=16384, ge=1, description="new tokens per PE forward batch")
+    prefill_max_batch_tokens: int = Field(
+        default=16384, ge=1, description="new tokens per PE forward batch (the PE's one-layer scratch starts sized "
+        "for it and grows for a longer prompt, up to the model's context)")
     decode_max_batch: int = Field(default=64, ge=1, description="requests per DE decode step")
     persist: bool = Field(default=True, description="DE writes every Full Block that becomes full to storage")
     keep_logits: bool = Field(default=False, description="debug: keep every generated token's logits")

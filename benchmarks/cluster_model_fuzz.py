@@ -31,13 +31,13 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from _fuzz_report import finish, seed_args, show  # noqa: E402
-from engine_helpers import hf_llama, llama_config  # noqa: E402 (the tests' tiny Llama and its config)
+from engine_helpers import HF_BASE, hf_llama, llama_config  # noqa: E402 (the tests' tiny Llama and its config)
 
 from dualpath.cluster import Cluster  # noqa: E402
 from dualpath.storage.blockfile import file_size  # noqa: E402
 from dualpath.storage.config import MemoryStorageConfig, PosixStorageConfig  # noqa: E402
 
-VOCAB = 211  # engine_helpers.HF_BASE
+VOCAB = HF_BASE["vocab_size"]
 
 
 async def run(model_dir: Path, seed: int) -> dict[str, Any]:

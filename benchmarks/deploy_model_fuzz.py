@@ -40,7 +40,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "reliability"))
 from _fuzz_report import finish, seed_args, show  # noqa: E402
-from engine_helpers import hf_llama, llama_config  # noqa: E402 (the tests' tiny Llama and its config)
+from engine_helpers import HF_BASE, hf_llama, llama_config  # noqa: E402 (the tests' tiny Llama and its config)
 from serve_util import deployment  # noqa: E402 (a deployment checked for orphans on exit)
 
 from dualpath.cluster import Cluster  # noqa: E402
@@ -53,7 +53,7 @@ from dualpath.storage.blockfile import file_size  # noqa: E402
 from dualpath.storage.config import MemoryStorageConfig, PosixStorageConfig  # noqa: E402
 from dualpath.transports.config import LoopbackTransportConfig, NixlTransportConfig, ZmqTransportConfig  # noqa: E402
 
-VOCAB = 211  # engine_helpers.HF_BASE
+VOCAB = HF_BASE["vocab_size"]
 KINDS = ("greedy", "stream", "sampled", "cancel", "deadline")
 
 
@@ -148,7 +148,7 @@ def run(model_dir: Path, seed: int) -> dict[str, Any]:
     window = {"from": float("inf"), "to": float("-inf")}  # turns running then may fail (the fault's victims)
     kill_after = rng.randint(1, 12)  # turns started
     started_enough = anyio.Event()
-    limit = 512 - cfg.cluster.block_tokens  # engine_helpers.HF_BASE's context (the scratch grows to it)
+    limit = HF_BASE["max_position_embeddings"] - cfg.cluster.block_tokens  # the model's context (the scratch grows to it)
     t0 = time.monotonic()
 
     async def kill_one(dep: Any, names: list[str]) -> None:

@@ -14,8 +14,9 @@ scratch then grows); only a prompt beyond the model's context may be refused.
 Every turn that completes is run again in one process, with ``path="recompute"`` (no stored KV) and the same
 sampling, and must give the same tokens: a loaded block with the wrong bytes, a layer streamed into the wrong
 slot, a page shared by two requests would change them. No other turn may fail. At the end the scheduler's count
-of turns in flight must drain within 15 s (a submit sent as the scheduler died can reach its successor and run
-there though its client was told it failed: ``orphans_at_end`` counts those); then every engine must hold no turn,
+of turns in flight must drain within 15 s (``orphans_at_end``: what it counted when the agents were done, turns
+just cancelled by their client; a submit its client had already failed, because the scheduler was found dead while
+the submit waited for the connection, was once sent to the restarted scheduler and ran there for nobody); then every engine must hold no turn,
 decode nothing, have its whole KV pool and host buffer free, and as many registered regions as at the start (the
 heartbeats report these); stopping the deployment must leave no process behind. Exits 1 on any
 finding.
@@ -242,10 +243,8 @@ def run(model_dir: Path, seed: int) -> dict[str, Any]:
                         for i in range(rng.randint(2, 8)):
                             tg.start_soon(agent, i)
                     started_enough.set()  # (fewer turns than kill_after: the fault comes after them)
-            # A submit a client sent in the moment between the scheduler's death and the client noticing it is
-            # failed there (SchedulerLost) but stays queued in the client's zmq socket, which delivers it to the
-            # restarted scheduler: a turn nobody waits for, which still runs to its end. Counted, not a finding;
-            # a count that never drains is.
+            # Turns cancelled by their client a moment ago may still be counted; a count that never drains (a
+            # turn run for nobody) is a finding.
             st = await probe.stats()
             counts["orphans_at_end"] = int(st.get("inflight", 0))
             t_end = time.monotonic() + 15.0

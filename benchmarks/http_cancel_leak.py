@@ -20,7 +20,7 @@ import anyio
 import httpx
 
 from dualpath.config import DualPathConfig, load_config
-from dualpath.control.enginehost import process_gauges
+from dualpath.control.gauges import process_gauges
 from dualpath.http.backend import InProcessBackend
 from dualpath.http.config import HttpConfig
 from dualpath.http.server import serve_app

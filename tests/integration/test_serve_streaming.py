@@ -39,6 +39,10 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, DualPat
     cfg = tiny_config(tmp / "kv")
     with deployment(cfg, tmp / "work") as d:
         yield d, cfg
+        # after sampled, streamed, logprob and refused turns: the scheduler process never imported torch (a lazy
+        # import of it would stall its event loop for seconds, long enough to fail every client's heartbeats)
+        maps = Path(f"/proc/{d.pid('scheduler')}/maps")
+        assert not maps.exists() or "libtorch" not in maps.read_text()
 
 
 def _reference(cfg: DualPathConfig, prompt: list[int], gen: int, sampling: SamplingParams | None) -> list[int]:

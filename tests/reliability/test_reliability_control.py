@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dualpath.config import load_config
-from dualpath.control.channel import AuthFailed, Channel, CurveKeys, RemoteError
+from dualpath.control.channel import AuthFailed, Channel, CurveKeys, PeerGone, RemoteError
 from dualpath.control.deploy import check_deployable
 from dualpath.control.protocol import MAX_TOKENS, ProtocolError, bin_to_tokens, decode, encode, tokens_to_bin
 from dualpath.errors import ConfigError, PeerTimeout
@@ -63,6 +63,9 @@ MALFORMED = [
     b"\xc7\x05\x01hello",  # an ext type
     b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.",  # a pickle
     b"\x91" * 100_000 + b"\xc0",  # nesting bomb
+    _env("ping", {}, inc=-1),  # the restart fence's stamps: ints in [0, 2^63)
+    _env("ping", {}, to="x"),
+    _env("ping", {}, to=1 << 63),
 ]
 
 
@@ -260,3 +263,170 @@ def test_bad_trace_for_run_serve_is_refused_before_connecting(tmp_path: Path, te
     rc = main(["run", "--serve", "tcp://127.0.0.1:9", "--trace", str(bad)])  # nothing listens there
     assert rc == 2
     assert "bad.jsonl" in capsys.readouterr().err
+
+
+def _free_tcp() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+async def _raw_router(ctx: zmq.asyncio.Context, addr: str, **opts: int) -> zmq.asyncio.Socket:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    for k, v in opts.items():
+        sock.setsockopt(getattr(zmq, k), v)
+    sock.bind(addr)
+    return sock
+
+
+async def _types_until(sock: zmq.asyncio.Socket, last: str, limit: float) -> list[str]:
+    """The message types a raw ROUTER receives until one of type ``last`` (within ``limit`` s)."""
+    seen: list[str] = []
+    with anyio.fail_after(limit):
+        while True:
+            _peer, data = await sock.recv_multipart()
+            seen.append(decode(data).type)
+            if seen[-1] == last:
+                return seen
+
+
+@pytest.mark.anyio
+async def test_a_request_waiting_for_the_connection_is_sent_once_or_never() -> None:
+    """A request still waiting for its server's connection is not in flight: ``fail_all`` (the client found the
+    server gone) leaves it waiting, and it is sent to the server that comes up. One whose asker gave up
+    (cancelled) is never sent: sent to that server, it would run for nobody."""
+    addr = _free_tcp()
+    ctx = zmq.asyncio.Context()
+    try:
+        async with Channel("cli", connect=addr, handshake_timeout=30) as cli:
+            got: list[str] = []
+
+            async def ask() -> None:
+                got.append((await cli.request(None, "stats", {}, 30)).type)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask)
+                async with anyio.create_task_group() as gone:
+                    gone.start_soon(cli.request, None, "drain", {}, 30)
+                    with anyio.fail_after(5):
+                        while cli.pending < 2:
+                            await anyio.sleep(0.01)
+                    await anyio.sleep(0.2)  # both wait for a server that is not there
+                    gone.cancel_scope.cancel()  # the asker of the drain gives up
+                assert cli.pending == 1 and cli.fail_all(PeerGone("scheduler lost")) == 0
+                server = await _raw_router(ctx, addr)
+                try:
+                    with anyio.fail_after(10):
+                        ident, data = await server.recv_multipart()
+                    msg = decode(data)
+                    await server.send_multipart([ident, encode("pong", {}, mid=1, re_=msg.id, inc=5)])
+                    with anyio.move_on_after(0.5):  # nothing else comes
+                        _ident, extra = await server.recv_multipart()
+                        pytest.fail(f"a {decode(extra).type!r} whose asker gave up was sent")
+                finally:
+                    server.close(linger=0)
+            assert msg.type == "stats" and got == ["pong"] and cli.server_incarnation == 5
+    finally:
+        ctx.term()
+
+
+@pytest.mark.anyio
+async def test_requests_queued_for_a_dead_server_never_run_on_its_successor() -> None:
+    """Requests still queued in a client's socket when its server dies (their asker then fails them: the
+    scheduler was lost) are delivered to the server restarted on that address once the client reconnects; the
+    restart fence drops them there unrun. The first server stops reading, so most of 32 requests of 1 MiB wait in
+    the client when it dies; it stamps its one answer with incarnation 111, as a server does."""
+    addr = _free_tcp()
+    ctx = zmq.asyncio.Context()
+    first = await _raw_router(ctx, addr, RCVHWM=1)
+    blob = os.urandom(1 << 20)
+    ran: list[str] = []
+
+    async def handler(peer: bytes, msg):  # type: ignore[no-untyped-def]
+        ran.append(msg.type)
+        return "pong", {}
+
+    try:
+        async with Channel("cli", connect=addr) as cli, anyio.create_task_group() as tg:
+            async def answer_one() -> None:
+                ident, data = await first.recv_multipart()
+                await first.send_multipart([ident, encode("pong", {}, mid=1, re_=decode(data).id, inc=111)])
+
+            tg.start_soon(answer_one)
+            assert (await cli.request(None, "ping", {}, 10)).type == "pong" and cli.server_incarnation == 111
+            failed: list[BaseException] = []
+
+            async def ask(i: int) -> None:
+                try:
+                    await cli.request(None, "logits", {"rid": i, "logits": blob}, 60)
+                except PeerGone as exc:
+                    failed.append(exc)
+
+            for i in range(32):
+                tg.start_soon(ask, i)
+            with anyio.fail_after(10):
+                while cli.pending < 32:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.3)
+            first.close(linger=0)  # the server dies with most of them still queued in the client
+            assert cli.fail_all(PeerGone("scheduler lost")) == 32  # what the client does when it sees that
+            with anyio.fail_after(5):
+                while True:  # the dead server's port is released by zmq's I/O thread, a moment later
+                    second = Channel("srv", bind=addr, handler=handler)
+                    try:
+                        await second.start()
+                        break
+                    except ConfigError:
+                        await anyio.sleep(0.05)
+            try:
+                with anyio.fail_after(10):
+                    while second.stale == 0:
+                        await anyio.sleep(0.02)
+                assert (await cli.request(None, "ping", {}, 10)).type == "pong"
+                assert cli.server_incarnation == second.incarnation
+            finally:
+                await second.close()
+        assert len(failed) == 32
+        assert ran == ["ping"], f"{ran.count('logits')} requests whose asker had given up ran on the new server"
+    finally:
+        first.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.anyio
+async def test_a_request_to_a_restarted_server_is_fenced_once_then_runs_once() -> None:
+    """A client that last heard from a server's previous incarnation stamps its next request with it: the new
+    server refuses it unrun (``stale_incarnation``, counted) and the client sends it again, transparently, within
+    its deadline: one refusal, one run."""
+    addr = _free_tcp()
+    calls: list[int] = []
+
+    async def handler(peer: bytes, msg):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return "pong", {}
+
+    async with Channel("cli", connect=addr) as cli:
+        async with Channel("srv", bind=addr, handler=handler) as a:
+            assert (await cli.request(None, "ping", {}, 10)).type == "pong"
+            assert cli.server_incarnation == a.incarnation and a.stale == 0
+        async with Channel("srv", bind=addr, handler=handler) as b:
+            assert b.incarnation != a.incarnation
+            assert (await cli.request(None, "stats", {}, 10)).type == "pong"
+            assert b.stale == 1 and calls == [1, 1] and cli.server_incarnation == b.incarnation
+            # a raw request addressed to another incarnation is refused by name and not run
+            ctx = zmq.asyncio.Context()
+            raw = ctx.socket(zmq.DEALER)
+            raw.setsockopt(zmq.LINGER, 0)
+            raw.connect(addr)
+            try:
+                await raw.send(encode("ping", {}, mid=7, to=a.incarnation))
+                with anyio.fail_after(5):
+                    reply = decode(await raw.recv())
+                assert reply.type == "error" and reply.re == 7 and reply.body["code"] == "stale_incarnation"
+                assert reply.inc == b.incarnation and calls == [1, 1] and b.stale == 2
+            finally:
+                raw.close()
+                ctx.term()

@@ -77,6 +77,9 @@ def test_ctl_stats_cancel_drain_stop(dep, capsys: pytest.CaptureFixture[str]) ->
     assert json.loads((d.workdir / "config.json").read_text())["serve"]["port"] == 0
     rc, out, _err = _ctl(capsys, "stats", "--config", str(d.workdir / "config.json"))
     assert rc == 0 and json.loads(out)["engines_alive"] == 2
+    # the scheduler process serves without torch (a cold restart does not pay for its import)
+    maps = Path(f"/proc/{d.pid('scheduler')}/maps")
+    assert not maps.exists() or "libtorch" not in maps.read_text()
     # cancel: another client's long turn of session 77 ends at once, explicitly
     got: dict[str, Any] = {}
 

@@ -47,7 +47,7 @@ async def test_a_request_sharing_a_long_prefix_waits_until_the_first_is_done() -
         await anyio.sleep(0.2)
         assert "waited" not in out  # still held back
         table.done(lead)
-    assert out["waited"] >= 0.2 and waits == [1]
+    assert out["waited"] >= 0.15 and waits == [1]  # held back until done() (less the waiter's start-up jitter)
     table.done(lead)  # idempotent
     assert await table.admit(_ids(400)) and waits == [1]  # its keys are gone: nothing to wait for
 

@@ -12,6 +12,15 @@ unauthenticated peer never gets a message through. Sends to a ROUTER peer that i
 (:attr:`Channel.rejected`); the sender gets an ``error`` reply when it can be identified; the loop keeps
 running. Messages larger than ``max_message_bytes`` are refused by libzmq before they are buffered.
 
+Restarts: a client's messages still queued in its socket when its server dies are delivered, once it reconnects, to
+the server restarted on that address; a request there would run for nobody (its asker was told the server was
+lost), and a reply could match a new request of the same number. So a server stamps what it sends with its
+incarnation (random at each start), a client stamps its requests and replies with the last incarnation it heard
+from, and a server drops what was addressed to another one (:attr:`Channel.stale`); a dropped request is answered
+``stale_incarnation``, which teaches its asker the new incarnation: :meth:`Channel.request` sends it again (it was
+not run). :meth:`Channel.fail_all` (the server found gone) fails the requests in flight only; one still waiting
+for the connection waits on for the server's successor; one whose asker gave up (cancelled) is never sent.
+
 Closing: a ROUTER's replies and notices already queued still leave (up to ``_CLOSE_FLUSH_MS``, the wait in a
 worker thread), so the answer to the ``shutdown`` that stops a scheduler reaches its asker; a DEALER drops its
 queued requests at once (its server may be gone).
@@ -25,6 +34,7 @@ import contextvars
 import itertools
 import logging
 import os
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +148,12 @@ class Channel:
         self._handshake_ok: asyncio.Event | None = None
         self._auth_failed = asyncio.Event()
         self.on_disconnect: Callable[[], None] | None = None  # DEALER: called when the connection drops
+        # the restart fence: a server's incarnation (random, new at each start; 0 for a client) and, on a client,
+        # the last one heard from; ``stale`` counts what a server dropped as addressed to another incarnation
+        self.incarnation = (secrets.randbits(63) or 1) if bind is not None else 0
+        self.server_incarnation = 0
+        self.stale = 0
+        self._unsent: set[int] = set()  # a client's requests not yet handed to zmq (waiting for the connection)
 
     @property
     def is_router(self) -> bool:
@@ -256,9 +272,10 @@ class Channel:
             log.error("%s: control task failed: %r", self.name, task.exception())
 
     # --- sending -----------------------------------------------------------------------------------------
-    async def _send(self, peer: bytes | None, data: bytes, timeout: float = 10.0) -> None:
+    async def _send(self, peer: bytes | None, data: bytes, timeout: float = 10.0, mid: int = 0) -> None:
         """Send one message; a DEALER first waits (within ``timeout``) for a completed handshake, so a send
-        never blocks without a deadline and an authentication refusal surfaces as :class:`AuthFailed`."""
+        never blocks without a deadline and an authentication refusal surfaces as :class:`AuthFailed`. ``mid``:
+        the request this message is, marked sent (in flight) as soon as zmq holds it."""
         if self._closed or self._sock is None:
             raise TransportClosed(f"{self.name}: channel closed")
         frames = [peer, data] if self.is_router else [data]
@@ -273,6 +290,7 @@ class Channel:
                 else:
                     try:
                         await asyncio.wait_for(self._sock.send_multipart(frames), timeout)  # type: ignore[arg-type]
+                        self._unsent.discard(mid)
                     except asyncio.TimeoutError:
                         raise PeerTimeout(f"{self.name}: could not send to {self.connect_addr} within "
                                           f"{timeout:g} s") from None
@@ -364,42 +382,77 @@ class Channel:
         return (f"{where}: handshake error {value:#x}; check serve.curve_public_key (the scheduler's public key) "
                 "and this side's serve.curve_* key pair")
 
+    def _encode(self, mtype: str, body: dict[str, Any] | None, *, mid: int, re_: int = 0,
+                fenced: bool = True) -> bytes:
+        """One message, stamped: a server's with its incarnation; a client's request or reply (``fenced``) with the
+        server incarnation it last heard from (see the module docstring)."""
+        return encode(mtype, body, mid=mid, re_=re_, max_bytes=self.max_message_bytes, inc=self.incarnation,
+                      to=self.server_incarnation if fenced else 0)
+
     async def notify(self, peer: bytes | None, mtype: str, body: dict[str, Any] | None = None,
                      timeout: float = 10.0) -> None:
-        await self._send(peer, encode(mtype, body, mid=next(self._ids), max_bytes=self.max_message_bytes), timeout)
+        await self._send(peer, self._encode(mtype, body, mid=next(self._ids), fenced=False), timeout)
 
     async def request(self, peer: bytes | None, mtype: str, body: dict[str, Any] | None, timeout: float) -> Message:
         """Send a request and await its reply; :class:`PeerTimeout` after ``timeout`` s, :class:`RemoteError`
         on an ``error`` reply, :class:`PeerGone` when the peer is not connected (or :meth:`fail_peer` was
-        called for it)."""
-        mid = next(self._ids)
-        data = encode(mtype, body, mid=mid, max_bytes=self.max_message_bytes)
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._pending[mid] = (peer or b"", fut)
+        called for it). A client's request refused as addressed to the server's previous incarnation (it was
+        not run) goes again, within the same deadline."""
         loop = asyncio.get_running_loop()
         t_end = loop.time() + timeout
+        for attempt in range(_STALE_RETRIES + 1):
+            reply = await self._request_once(peer, mtype, body, timeout, t_end)
+            if reply.type != "error":
+                return reply
+            if reply.body["code"] != STALE or self.is_router or attempt == _STALE_RETRIES:
+                break
+            log.info("%s: %r reached a restarted server (%s); sending it again", self.name, mtype, self.address)
+        raise RemoteError(reply.body["code"], reply.body["message"])
+
+    async def _request_once(self, peer: bytes | None, mtype: str, body: dict[str, Any] | None, timeout: float,
+                            t_end: float) -> Message:
+        mid = next(self._ids)
+        data = self._encode(mtype, body, mid=mid)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Message] = loop.create_future()
+        self._pending[mid] = (peer or b"", fut)
         try:
-            await self._send(peer, data, timeout)  # within the deadline too (a DEALER may wait for a handshake)
+            # within the deadline too (a DEALER may wait for its connection); a request failed meanwhile (the
+            # channel closed, authentication refused) or abandoned by its asker is never sent
+            if not self.is_router:
+                self._unsent.add(mid)
+            sending = asyncio.ensure_future(self._send(peer, data, max(0.0, t_end - loop.time()), mid))
             try:
-                reply = await asyncio.wait_for(asyncio.shield(fut), max(0.0, t_end - loop.time()))
+                racing: set[asyncio.Future[Any]] = {sending, fut}
+                await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not sending.done():
+                    sending.cancel()
+                    await asyncio.wait({sending})
+            if sending.cancelled():
+                fut.result()  # the failure that stopped the send
+            else:
+                sending.result()  # a send that failed
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), max(0.0, t_end - loop.time()))
             except asyncio.TimeoutError:
                 who = _who(peer) if peer else self.connect_addr
                 raise PeerTimeout(f"{self.name}: no reply to {mtype!r} from {who} within {timeout:g} s") from None
         finally:
             self._pending.pop(mid, None)
+            self._unsent.discard(mid)
             if not fut.done():
                 fut.cancel()
             elif not fut.cancelled():
                 fut.exception()  # retrieved (an auth refusal may have failed it while we were still sending)
-        if reply.type == "error":
-            raise RemoteError(reply.body["code"], reply.body["message"])
-        return reply
 
     def fail_all(self, exc: BaseException) -> int:
-        """Fail every request waiting for a reply (the peer is known to be gone); returns how many."""
+        """Fail every request in flight (sent, waiting for its reply: the server is known to be gone); returns
+        how many. A client's request still waiting for the connection is not in flight: it goes on waiting for the
+        server to come back (within its deadline) and is sent to it then."""
         n = 0
-        for _mid, (_p, fut) in list(self._pending.items()):
-            if not fut.done():
+        for mid, (_p, fut) in list(self._pending.items()):
+            if mid not in self._unsent and not fut.done():
                 fut.set_exception(exc)
                 n += 1
         return n
@@ -458,6 +511,16 @@ class Channel:
             if self.is_router:
                 self._spawn(self._error(peer, 0, "bad_message", str(exc)))
             return
+        if self.is_router:
+            if msg.to and msg.to != self.incarnation:  # sent to this server's previous incarnation: not for us
+                self.stale += 1
+                log.info("%s: dropped a %r addressed to a previous incarnation of this server", self.name, msg.type)
+                if not msg.re:  # a request: its asker (if it still waits) learns our incarnation and asks again
+                    self._spawn(self._error(peer, msg.id, STALE, f"{self.name}: addressed to a previous incarnation "
+                                            "of this server (it restarted); not run"))
+                return
+        elif msg.inc:
+            self.server_incarnation = msg.inc
         if msg.re:
             entry = self._pending.get(msg.re)
             if entry is not None and entry[0] == (peer or b"") and not entry[1].done():
@@ -472,8 +535,8 @@ class Channel:
 
     async def _error(self, peer: bytes | None, re_: int, code: str, message: str) -> None:
         with contextlib.suppress(Exception):
-            await self._send(peer, encode("error", {"code": code, "message": message[:4000]}, mid=next(self._ids),
-                                          re_=re_))
+            await self._send(peer, self._encode("error", {"code": code, "message": message[:4000]},
+                                                mid=next(self._ids), re_=re_))
 
     async def _handle(self, peer: bytes, msg: Message) -> None:
         assert self.handler is not None
@@ -494,9 +557,13 @@ class Channel:
             mtype, body = out
             with contextlib.suppress(PeerGone, TransportClosed, PeerTimeout, AuthFailed):  # the asker is gone
                 await self._send(peer if self.is_router else None,
-                                 encode(mtype, body, mid=next(self._ids), re_=msg.id,
-                                        max_bytes=self.max_message_bytes))
+                                 self._encode(mtype, body, mid=next(self._ids), re_=msg.id))
 
+
+#: the error code of a request refused as addressed to a previous incarnation of its server (never run)
+STALE = "stale_incarnation"
+#: a client's request refused as stale goes again at most this many times (a server restarted in between)
+_STALE_RETRIES = 2
 
 #: a server (ROUTER) closing gives the replies it queued this long to leave (the answer to a ``shutdown`` is sent
 #: just before the scheduler closes); closing waits at most this long, and only while some are still queued

@@ -39,6 +39,7 @@ import torch
 from dualpath.config import DualPathConfig, load_config
 from dualpath.control.channel import Channel, PeerGone
 from dualpath.control.deploy import check_deployable, engine_curve, engine_name, engine_names, token_for
+from dualpath.control.gauges import process_gauges
 from dualpath.control.protocol import (
     Message,
     ProtocolError,
@@ -71,18 +72,6 @@ class _Held:
     seq: Any = None
     streamed: int = 0  # tokens handed to the stream buffer so far (a streamed turn on a DE)
     notify_stored: bool = False  # a DE tells the scheduler once the prompt's blocks are stored (``stored``)
-
-
-def process_gauges() -> dict[str, int]:
-    """RSS bytes and open fds of this process (Linux /proc; zeros elsewhere)."""
-    rss = fds = 0
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        fds = len(os.listdir("/proc/self/fd"))
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return {"rss": rss, "fds": fds}
 
 
 class EngineHost:

@@ -2,9 +2,13 @@
 
 One message is one ZeroMQ frame holding a msgpack map::
 
-    {"v": 1, "t": "<type>", "id": <int>, "re": <int>, "b": {<fields of the type>}}
+    {"v": 1, "t": "<type>", "id": <int>, "re": <int>, "b": {<fields of the type>}, "inc": <int>, "to": <int>}
 
 ``id`` numbers the sender's messages; ``re`` is the ``id`` of the request a reply answers (0 = not a reply).
+``inc`` and ``to`` (optional, 0 when absent) fence a restarted server: a server stamps everything it sends with
+its incarnation (``inc``, random at its start), a client stamps what it sends with the last incarnation it heard
+from (``to``), and a server drops what was addressed to another incarnation (a message that sat in a client's
+socket while its server died and restarted on the same address; see :mod:`dualpath.control.channel`).
 Decoding (:func:`decode`) checks, in this order and before anything is allocated for the payload: the frame
 size, then msgpack with per-object limits (string, binary, array and map lengths bounded; extension types
 refused; map keys must be strings), then the envelope, then the type's schema (:data:`SCHEMAS`): every field's
@@ -286,7 +290,7 @@ def sampling_of(body: Mapping[str, Any], where: str) -> Any:
     a bad combination raises :class:`ProtocolError` naming the field."""
     if not any(k in body for k in SAMPLING_FIELDS):
         return None
-    from dualpath.engine.sampling import SamplingParams
+    from dualpath.engine.sampling_params import SamplingParams
     from dualpath.errors import ModelError
 
     try:
@@ -433,15 +437,21 @@ class Message:
     body: dict[str, Any]
     id: int = 0
     re: int = 0
+    inc: int = 0  # the sending server's incarnation
+    to: int = 0  # the server incarnation the sender addressed (0: none heard of yet)
 
 
 def encode(mtype: str, body: Mapping[str, Any] | None = None, *, mid: int = 0, re_: int = 0,
-           max_bytes: int = MAX_FRAME_BYTES) -> bytes:
+           max_bytes: int = MAX_FRAME_BYTES, inc: int = 0, to: int = 0) -> bytes:
     """Validate and pack one message (a sender bug is caught here, before the peer sees it)."""
     body = dict(body or {})
     validate(mtype, body)
-    data = msgpack.packb({"v": VERSION, "t": mtype, "id": int(mid), "re": int(re_), "b": body},
-                         use_bin_type=True)
+    env: dict[str, Any] = {"v": VERSION, "t": mtype, "id": int(mid), "re": int(re_), "b": body}
+    if inc:
+        env["inc"] = int(inc)
+    if to:
+        env["to"] = int(to)
+    data = msgpack.packb(env, use_bin_type=True)
     if len(data) > max_bytes:
         raise ProtocolError(f"{mtype}: message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     return data
@@ -470,7 +480,7 @@ def decode(frame: bytes | memoryview, *, max_bytes: int = MAX_FRAME_BYTES) -> Me
         raise ProtocolError(f"not a valid msgpack message: {type(exc).__name__}: {str(exc)[:120]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"envelope must be a map, got {type(obj).__name__}")
-    extra = set(obj) - {"v", "t", "id", "re", "b"}
+    extra = set(obj) - {"v", "t", "id", "re", "b", "inc", "to"}
     if extra:
         raise ProtocolError(f"envelope: unknown keys {sorted(str(k)[:20] for k in extra)}")
     v = obj.get("v")
@@ -479,13 +489,13 @@ def decode(frame: bytes | memoryview, *, max_bytes: int = MAX_FRAME_BYTES) -> Me
     mtype = obj.get("t")
     if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise ProtocolError(f"envelope: unknown message type {str(mtype)[:40]!r}")
-    mid, re_ = obj.get("id", 0), obj.get("re", 0)
-    for name, val in (("id", mid), ("re", re_)):
+    mid, re_, inc, to = obj.get("id", 0), obj.get("re", 0), obj.get("inc", 0), obj.get("to", 0)
+    for name, val in (("id", mid), ("re", re_), ("inc", inc), ("to", to)):
         if not isinstance(val, int) or isinstance(val, bool) or not 0 <= val <= U63:
             raise ProtocolError(f"envelope: {name!r} must be an int in [0, 2^63)")
     body = obj.get("b", {})
     validate(mtype, body)
-    return Message(mtype, body, mid, re_)
+    return Message(mtype, body, mid, re_, inc, to)
 
 
 # --- payload helpers ------------------------------------------------------------------------------------------

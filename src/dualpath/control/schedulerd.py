@@ -51,7 +51,7 @@ from dualpath.control.deploy import (
     plan_sides,
     server_curve,
 )
-from dualpath.control.enginehost import process_gauges
+from dualpath.control.gauges import process_gauges
 from dualpath.control.protocol import (
     MAX_TOKENS,
     PROMPT_LP_FIELDS,

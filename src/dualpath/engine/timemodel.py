@@ -34,10 +34,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch only where a model is measured: the scheduler process reads a fitted model without it
+    import torch
 
 log = logging.getLogger("dualpath.timemodel")
 
@@ -202,6 +204,8 @@ def measure_layer_times(model: Any, kv_spec: Any, block_tokens: int, device: tor
     With a ``deadline`` (a ``time.perf_counter()`` value), a point stops at 3 samples once it took 1/15 of the
     time left at the start (at 1 sample past 2/15), and measuring stops at the deadline (overrunning it by at
     most one layer's forward)."""
+    import torch
+
     from dualpath.engine.model_api import PrefillSeq, _llama_prefill_begin, _llama_prefill_layer
     from dualpath.kv.layout import KVLayout
 
@@ -276,12 +280,16 @@ def cache_dir() -> Path:
 
 
 def _device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"{device.type}:{os.cpu_count()}cpu"
 
 
 def _cache_key(fingerprint: str, device: torch.device, extra: str = "") -> str:
+    import torch
+
     text = "|".join([fingerprint, _device_name(device), torch.__version__, str(torch.get_num_threads()),
                      str(GRID_VERSION), extra])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
@@ -312,6 +320,8 @@ def calibrate_layer_time(model: Any, kv_spec: Any, block_tokens: int, device: to
                          max_context: int, vocab_size: int, budget_s: float = 2.0, reps: int = 5,
                          key: str = "") -> LayerTimeModel | None:
     """Measure and fit (see the module docstring); None when the deadline left fewer than 3 points."""
+    import torch
+
     t0 = time.perf_counter()
     grid = default_grid(max_context)
     with torch.inference_mode():

@@ -16,10 +16,10 @@ sampling, and must give the same tokens: a loaded block with the wrong bytes, a 
 slot, a page shared by two requests would change them. No other turn may fail. At the end the scheduler's count
 of turns in flight must drain within 15 s (``orphans_at_end``: what it counted when the agents were done, turns
 just cancelled by their client; a submit its client had already failed, because the scheduler was found dead while
-the submit waited for the connection, was once sent to the restarted scheduler and ran there for nobody); then every engine must hold no turn,
-decode nothing, have its whole KV pool and host buffer free, and as many registered regions as at the start (the
-heartbeats report these); stopping the deployment must leave no process behind. Exits 1 on any
-finding.
+the submit waited for the connection, was once sent to the restarted scheduler and ran there for nobody;
+``stale_dropped``: messages the last scheduler dropped as meant for its killed predecessor); then every engine must
+hold no turn, decode nothing, have its whole KV pool and host buffer free, and as many registered regions as at the
+start (the heartbeats report these); stopping the deployment must leave no process behind. Exits 1 on any finding.
 
     python benchmarks/deploy_model_fuzz.py [--seeds 8] [--start 0] [--json OUT]
 """
@@ -143,7 +143,7 @@ def run(model_dir: Path, seed: int) -> dict[str, Any]:
     problems: list[dict[str, Any]] = []
     counts: dict[str, Any] = dict.fromkeys(KINDS, 0) | {"turns": 0, "with_hits": 0, "refused": 0,
                                                       "deadline_hit": 0, "fault_victims": 0, "killed": None,
-                                                      "started": 0, "orphans_at_end": 0}
+                                                      "started": 0, "orphans_at_end": 0, "stale_dropped": 0}
     done: list[dict[str, Any]] = []
     fault = rng.choice([None, None, "scheduler", "engine"])
     window = {"from": float("inf"), "to": float("-inf")}  # turns running then may fail (the fault's victims)
@@ -247,6 +247,7 @@ def run(model_dir: Path, seed: int) -> dict[str, Any]:
             # turn run for nobody) is a finding.
             st = await probe.stats()
             counts["orphans_at_end"] = int(st.get("inflight", 0))
+            counts["stale_dropped"] = int(st.get("stale_messages", 0))  # meant for a killed scheduler: fenced
             t_end = time.monotonic() + 15.0
             while st.get("inflight") and time.monotonic() < t_end:
                 await anyio.sleep(0.1)
@@ -286,7 +287,8 @@ def main() -> int:
         show(f"seed {seed}: {row['turns']} turns ({row['with_hits']} with hits, {row['cancel']} cancelled, "
              f"{row['deadline_hit']} past a short deadline, {row['refused']} refused), {row['transport']}"
              f"{'+checksum' if row['checksum'] else ''} cap {row['capacity_blocks']}, {_describe(row['shape'])}"
-             + (f", killed {row['killed']} ({row['fault_victims']} turns failed with it)" if row["killed"] else ""),
+             + (f", killed {row['killed']} ({row['fault_victims']} turns failed with it, {row['stale_dropped']} "
+                f"messages fenced)" if row["killed"] else ""),
              row)
     return finish(rows, f"{len(rows)} runs, {sum(r['turns'] for r in rows)} turns compared with a recompute",
                   args.json)

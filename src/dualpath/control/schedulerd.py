@@ -902,6 +902,7 @@ class SchedulerDaemon:
         out["held"] = self.driver.stats.held if self.driver is not None else 0  # waited for a prefix in flight
         out["rejected_messages"] = self.channel.rejected if self.channel else 0
         out["refused_peers"] = self.channel.refused if self.channel else 0
+        out["stale_messages"] = self.channel.stale if self.channel else 0  # meant for a previous scheduler process
         out["scheduler.tasks"] = len(asyncio.all_tasks())
         out.update({f"scheduler.{k}": v for k, v in process_gauges().items()})
         for rec in self.engines.values():

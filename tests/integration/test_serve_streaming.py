@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 
-from serve_util import VOCAB, deployment, tiny_config  # noqa: E402
+from serve_util import VOCAB, deployment, scheduler_loaded_torch, tiny_config  # noqa: E402
 
 from dualpath.config import DualPathConfig  # noqa: E402
 from dualpath.control.client import ServeClient  # noqa: E402
@@ -39,10 +39,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, DualPat
     cfg = tiny_config(tmp / "kv")
     with deployment(cfg, tmp / "work") as d:
         yield d, cfg
-        # after sampled, streamed, logprob and refused turns: the scheduler process never imported torch (a lazy
-        # import of it would stall its event loop for seconds, long enough to fail every client's heartbeats)
-        maps = Path(f"/proc/{d.pid('scheduler')}/maps")
-        assert not maps.exists() or "libtorch" not in maps.read_text()
+        assert not scheduler_loaded_torch(d)  # after sampled, streamed, logprob and refused turns
 
 
 def _reference(cfg: DualPathConfig, prompt: list[int], gen: int, sampling: SamplingParams | None) -> list[int]:

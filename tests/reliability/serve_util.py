@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -171,3 +172,17 @@ def metric_value(url: str, name: str) -> float:
 def cached_tokens_total(url: str) -> float:
     """An HTTP server's ``dualpath_cached_tokens_total`` (prompt tokens loaded from storage), from ``/metrics``."""
     return metric_value(url, "dualpath_cached_tokens_total")
+
+
+def free_port() -> int:
+    """A loopback TCP port free at the time of asking (for a server that must come back on the same address)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scheduler_loaded_torch(dep: Deployment) -> bool:
+    """Whether the deployment's scheduler process has torch mapped (it needs none: a lazy import of it stalls its
+    event loop for seconds, long enough to fail every client's heartbeats)."""
+    maps = Path(f"/proc/{dep.pid('scheduler')}/maps")
+    return maps.exists() and "libtorch" in maps.read_text()

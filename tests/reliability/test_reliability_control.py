@@ -15,6 +15,7 @@ import torch
 import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from serve_util import free_port
 
 from dualpath.config import load_config
 from dualpath.control.channel import AuthFailed, Channel, CurveKeys, PeerGone, RemoteError
@@ -265,14 +266,6 @@ def test_bad_trace_for_run_serve_is_refused_before_connecting(tmp_path: Path, te
     assert "bad.jsonl" in capsys.readouterr().err
 
 
-def _free_tcp() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 async def _raw_router(ctx: zmq.asyncio.Context, addr: str, **opts: int) -> zmq.asyncio.Socket:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -282,23 +275,12 @@ async def _raw_router(ctx: zmq.asyncio.Context, addr: str, **opts: int) -> zmq.a
     return sock
 
 
-async def _types_until(sock: zmq.asyncio.Socket, last: str, limit: float) -> list[str]:
-    """The message types a raw ROUTER receives until one of type ``last`` (within ``limit`` s)."""
-    seen: list[str] = []
-    with anyio.fail_after(limit):
-        while True:
-            _peer, data = await sock.recv_multipart()
-            seen.append(decode(data).type)
-            if seen[-1] == last:
-                return seen
-
-
 @pytest.mark.anyio
 async def test_a_request_waiting_for_the_connection_is_sent_once_or_never() -> None:
     """A request still waiting for its server's connection is not in flight: ``fail_all`` (the client found the
     server gone) leaves it waiting, and it is sent to the server that comes up. One whose asker gave up
     (cancelled) is never sent: sent to that server, it would run for nobody."""
-    addr = _free_tcp()
+    addr = f"tcp://127.0.0.1:{free_port()}"
     ctx = zmq.asyncio.Context()
     try:
         async with Channel("cli", connect=addr, handshake_timeout=30) as cli:
@@ -339,7 +321,7 @@ async def test_requests_queued_for_a_dead_server_never_run_on_its_successor() ->
     scheduler was lost) are delivered to the server restarted on that address once the client reconnects; the
     restart fence drops them there unrun. The first server stops reading, so most of 32 requests of 1 MiB wait in
     the client when it dies; it stamps its one answer with incarnation 111, as a server does."""
-    addr = _free_tcp()
+    addr = f"tcp://127.0.0.1:{free_port()}"
     ctx = zmq.asyncio.Context()
     first = await _raw_router(ctx, addr, RCVHWM=1)
     blob = os.urandom(1 << 20)
@@ -401,7 +383,7 @@ async def test_a_request_to_a_restarted_server_is_fenced_once_then_runs_once() -
     """A client that last heard from a server's previous incarnation stamps its next request with it: the new
     server refuses it unrun (``stale_incarnation``, counted) and the client sends it again, transparently, within
     its deadline: one refusal, one run."""
-    addr = _free_tcp()
+    addr = f"tcp://127.0.0.1:{free_port()}"
     calls: list[int] = []
 
     async def handler(peer: bytes, msg):  # type: ignore[no-untyped-def]

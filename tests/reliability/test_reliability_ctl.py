@@ -11,7 +11,6 @@ process, no CURVE: the operator token of ``<workdir>/control.token``).
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
-from serve_util import deployment, pid_alive, stats, tiny_config
+from serve_util import deployment, free_port, pid_alive, scheduler_loaded_torch, stats, tiny_config
 
 from dualpath.cli import main
 from dualpath.control.channel import RemoteError
@@ -44,12 +43,6 @@ def _ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, list
     return rc, cap.out, [ln for ln in cap.err.strip().splitlines() if ln.strip()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_ctl_fails_clearly(dep, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d, cfg = dep
     wrong = tmp_path / "wrong.token"
@@ -60,7 +53,7 @@ def test_ctl_fails_clearly(dep, tmp_path: Path, capsys: pytest.CaptureFixture[st
     rc, _out, err = _ctl(capsys, "drain", "--connect", d.address)  # no token at all
     assert rc == 2 and len(err) == 1 and "--token-file" in err[0], err
     t0 = time.monotonic()
-    rc, _out, err = _ctl(capsys, "stats", "--connect", f"tcp://127.0.0.1:{_free_port()}", "--timeout", "1")
+    rc, _out, err = _ctl(capsys, "stats", "--connect", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1")
     assert rc == 2 and len(err) == 1 and "no handshake" in err[0], err
     assert time.monotonic() - t0 < 10
     st = stats(d.address, cfg)
@@ -77,9 +70,7 @@ def test_ctl_stats_cancel_drain_stop(dep, capsys: pytest.CaptureFixture[str]) ->
     assert json.loads((d.workdir / "config.json").read_text())["serve"]["port"] == 0
     rc, out, _err = _ctl(capsys, "stats", "--config", str(d.workdir / "config.json"))
     assert rc == 0 and json.loads(out)["engines_alive"] == 2
-    # the scheduler process serves without torch (a cold restart does not pay for its import)
-    maps = Path(f"/proc/{d.pid('scheduler')}/maps")
-    assert not maps.exists() or "libtorch" not in maps.read_text()
+    assert not scheduler_loaded_torch(d)  # (a cold restart does not pay for its import either)
     # cancel: another client's long turn of session 77 ends at once, explicitly
     got: dict[str, Any] = {}
 

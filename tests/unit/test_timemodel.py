@@ -80,7 +80,8 @@ def test_fit_recovers_known_coefficients_and_reports_its_error() -> None:
 # --- against measured forwards ------------------------------------------------------------------------------------
 def test_predicts_held_out_measured_forwards(tiny: Any, calibrated: LayerTimeModel) -> None:
     """Points off the calibration grid, measured as medians of repeats, are predicted within a factor that the
-    noise of a shared 2-core machine allows (generous; the benchmark reports the actual error).
+    noise of a shared 2-core machine allows (generous; the benchmark reports the actual error). Each point's time
+    is its fastest of 20 samples, measured in runs that go through the points in alternating order.
 
     The machine's speed drifts between the calibration and these measurements (the other test worker's load can
     halve it), so the shape of the prediction is judged against three grid points measured in the same runs: the
@@ -92,10 +93,14 @@ def test_predicts_held_out_measured_forwards(tiny: Any, calibrated: LayerTimeMod
     held = [(48, 0), (96, 200), (200, 500), (320, 128), (80, 900)]
     anchors = [(128, 0), (64, 256), (256, 512)]  # on the calibration grid
     spec = LlamaAdapter(tiny, BT, time_model="off").kv_spec
+    points = held + anchors
+    fastest: dict[tuple[int, int], float] = {}
     with torch.inference_mode():
-        runs = [measure_layer_times(tiny, spec, BT, torch.device("cpu"), held + anchors, reps=5, vocab_size=211)
-                for _ in range(3)]
-    ratio = [tm.layer_s(n, c) / statistics.median(r[i][2] for r in runs) for i, (n, c) in enumerate(held + anchors)]
+        for k in range(4):  # in turn forwards and backwards, so that a drift in speed during a run hits both kinds
+            order = points if k % 2 == 0 else points[::-1]
+            for n, c, t in measure_layer_times(tiny, spec, BT, torch.device("cpu"), order, reps=5, vocab_size=211):
+                fastest[(n, c)] = min(t, fastest.get((n, c), t))  # the least disturbed of 20 samples
+    ratio = [tm.layer_s(n, c) / fastest[(n, c)] for n, c in points]
     speed = statistics.median(ratio[len(held):])  # this moment's speed against the calibration's
     assert 0.2 < speed < 5.0, ratio
     shape = [r / speed for r in ratio[:len(held)]]

@@ -19,6 +19,7 @@ from serve_util import free_port
 
 from dualpath.config import load_config
 from dualpath.control.channel import AuthFailed, Channel, CurveKeys, PeerGone, RemoteError
+from dualpath.control.client import SchedulerLost, ServeClient
 from dualpath.control.deploy import check_deployable
 from dualpath.control.protocol import MAX_TOKENS, ProtocolError, bin_to_tokens, decode, encode, tokens_to_bin
 from dualpath.errors import ConfigError, PeerTimeout
@@ -376,6 +377,98 @@ async def test_requests_queued_for_a_dead_server_never_run_on_its_successor() ->
     finally:
         first.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.anyio
+async def test_a_clients_first_request_waits_for_its_server_to_answer() -> None:
+    """A client that has not heard from its scheduler yet asks ``ping`` first (its hello) and sends nothing else
+    until it is answered: its first request, too, is addressed to an incarnation. The scheduler dies before it
+    answers: the request fails (the scheduler was lost) without being sent, so it never runs on the successor, and
+    the next request goes to the successor addressed to it."""
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.asyncio.Context()
+    first = await _raw_router(ctx, addr)  # a server that never answers
+    ran: list[tuple[str, int]] = []
+
+    async def handler(peer: bytes, msg):  # type: ignore[no-untyped-def]
+        ran.append((msg.type, msg.to))
+        return "pong", {}
+
+    client = ServeClient(addr, heartbeat_s=None)
+    try:
+        await client.start()
+        failed: list[BaseException] = []
+
+        async def ask() -> None:
+            try:
+                await client.stats(timeout=30)
+            except SchedulerLost as exc:
+                failed.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            with anyio.fail_after(10):
+                _ident, data = await first.recv_multipart()
+            hello = decode(data)
+            assert (hello.type, hello.to) == ("ping", 0)
+            with anyio.move_on_after(0.5):  # nothing else leaves before the answer
+                _ident, extra = await first.recv_multipart()
+                pytest.fail(f"a {decode(extra).type!r} was sent before the server answered")
+            first.close(linger=0)  # the server dies before answering
+        assert len(failed) == 1
+        with anyio.fail_after(5):
+            while True:  # the dead server's port is released by zmq's I/O thread, a moment later
+                second = Channel("srv", bind=addr, handler=handler)
+                try:
+                    await second.start()
+                    break
+                except ConfigError:
+                    await anyio.sleep(0.05)
+        try:
+            await anyio.sleep(0.3)  # the client reconnects: anything still queued in it would arrive now
+            assert (await client.channel.request(None, "stats", {}, 10)).type == "pong"
+            assert ran == [("ping", 0), ("stats", second.incarnation)]
+        finally:
+            await second.close()
+    finally:
+        await client.close()
+        first.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.anyio
+async def test_first_requests_share_one_hello_and_keep_their_own_deadlines() -> None:
+    """Requests waiting together for a server not heard from yet share one hello; an asker whose deadline ends
+    first fails alone, and one with time left asks again once the server is up: one hello answered, each request
+    run once, addressed to the server's incarnation."""
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    ran: list[tuple[str, int]] = []
+
+    async def handler(peer: bytes, msg):  # type: ignore[no-untyped-def]
+        ran.append((msg.type, msg.to))
+        return "pong", {}
+
+    async with Channel("cli", connect=addr, hello="ping") as cli:
+        out: dict[str, object] = {}
+
+        async def ask(name: str, timeout: float) -> None:
+            try:
+                out[name] = (await cli.request(None, "stats", {}, timeout)).type
+            except PeerTimeout as exc:
+                out[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "a", 0.3)  # its hello's deadline is 0.3 s: no server yet
+            await anyio.sleep(0.05)
+            tg.start_soon(ask, "b", 20.0)
+            tg.start_soon(ask, "c", 20.0)
+            await anyio.sleep(0.6)
+            async with Channel("srv", bind=addr, handler=handler) as srv:
+                with anyio.fail_after(10):
+                    while len(out) < 3:
+                        await anyio.sleep(0.02)
+        assert isinstance(out["a"], PeerTimeout) and out["b"] == out["c"] == "pong", out
+        assert ran == [("ping", 0), ("stats", srv.incarnation), ("stats", srv.incarnation)], ran
 
 
 @pytest.mark.anyio

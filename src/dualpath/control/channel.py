@@ -19,7 +19,9 @@ incarnation (random at each start), a client stamps its requests and replies wit
 from, and a server drops what was addressed to another one (:attr:`Channel.stale`); a dropped request is answered
 ``stale_incarnation``, which teaches its asker the new incarnation: :meth:`Channel.request` sends it again (it was
 not run). :meth:`Channel.fail_all` (the server found gone) fails the requests in flight only; one still waiting
-for the connection waits on for the server's successor; one whose asker gave up (cancelled) is never sent.
+for the connection waits on for the server's successor; one whose asker gave up (cancelled) is never sent. A
+client that has not heard from its server yet would address its first requests to no incarnation; with ``hello``
+set (``ServeClient``: ``ping``) it asks that first, and sends nothing else until it is answered.
 
 Closing: a ROUTER's replies and notices already queued still leave (up to ``_CLOSE_FLUSH_MS``, the wait in a
 worker thread), so the answer to the ``shutdown`` that stops a scheduler reaches its asker; a DEALER drops its
@@ -121,6 +123,7 @@ class Channel:
         max_tasks: int = 4096,
         heartbeat_ms: int = 1000,
         handshake_timeout: float = 5.0,
+        hello: str | None = None,
     ) -> None:
         if (bind is None) == (connect is None):
             raise ConfigError(f"{name}: a channel either binds or connects")
@@ -154,6 +157,12 @@ class Channel:
         self.server_incarnation = 0
         self.stale = 0
         self._unsent: set[int] = set()  # a client's requests not yet handed to zmq (waiting for the connection)
+        # a client's ``hello`` (a request type its server answers, e.g. ``ping``): asked before the first request to
+        # a server not heard from yet, so that request too is addressed to an incarnation (see the module docstring)
+        self.hello = hello if bind is None else None
+        self._hello: asyncio.Future[Message] | None = None
+        self._greeted = False  # a hello was answered (by a server that may not stamp its incarnation)
+        self._hello_end = 0.0  # the deadline of the hello asked
 
     @property
     def is_router(self) -> bool:
@@ -334,11 +343,12 @@ class Channel:
                 ev = parse_monitor_message(await monitor.recv_multipart())  # type: ignore[arg-type]
                 kind, value = ev["event"], int(ev["value"])
                 assert self._handshake_ok is not None
-                if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # also a peer dying mid-handshake: twice in a row
-                    no_detail += 1
-                    if no_detail < 2:
+                if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # also a peer dying mid-handshake: twice with no
+                    no_detail += 1  # handshake done between (the disconnect that follows each one does not count:
+                    if no_detail < 2:  # a refusal seen as EPIPE alternates with it)
                         continue
-                else:
+                elif kind not in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECTED, zmq.EVENT_CONNECT_DELAYED,
+                                  zmq.EVENT_CONNECT_RETRIED):
                     no_detail = 0
                 if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self.auth_error = None
@@ -400,6 +410,8 @@ class Channel:
         not run) goes again, within the same deadline."""
         loop = asyncio.get_running_loop()
         t_end = loop.time() + timeout
+        if self.hello is not None and mtype != self.hello:
+            await self._greet(timeout, t_end)
         for attempt in range(_STALE_RETRIES + 1):
             reply = await self._request_once(peer, mtype, body, timeout, t_end)
             if reply.type != "error":
@@ -408,6 +420,36 @@ class Channel:
                 break
             log.info("%s: %r reached a restarted server (%s); sending it again", self.name, mtype, self.address)
         raise RemoteError(reply.body["code"], reply.body["message"])
+
+    async def _greet(self, timeout: float, t_end: float) -> None:
+        """A client with a ``hello``: until its server has answered one, ask it (one hello shared by every request
+        waiting here), so no request leaves unaddressed. A failed hello fails the request, unsent (the server was
+        lost before it answered: the request would otherwise run on its successor for nobody)."""
+        assert self.hello is not None
+        loop = asyncio.get_running_loop()
+        while not (self.server_incarnation or self._greeted):
+            hello = self._hello
+            if hello is None or hello.done():  # ours, with our deadline: its failure is ours
+                hello = self._hello = asyncio.ensure_future(self._request_once(None, self.hello, {}, timeout, t_end))
+                hello.add_done_callback(self._greeting_done)
+                self._hello_end = t_end
+                await asyncio.shield(hello)
+                continue
+            hello_end = self._hello_end  # an earlier asker's
+            try:
+                await asyncio.wait_for(asyncio.shield(hello), max(0.0, t_end - loop.time()))
+            except PeerTimeout:  # (a TimeoutError too: first)
+                if not hello_end < t_end or loop.time() < hello_end:  # not just its asker's shorter deadline
+                    raise
+            except asyncio.TimeoutError:  # our own deadline
+                ev = self._handshake_ok
+                why = "" if ev is None or ev.is_set() else " (no handshake: is the scheduler running there?)"
+                raise PeerTimeout(f"{self.name}: no answer to {self.hello!r} from {self.connect_addr} within "
+                                  f"{timeout:g} s{why}") from None
+
+    def _greeting_done(self, hello: asyncio.Future[Message]) -> None:
+        if not hello.cancelled() and hello.exception() is None:
+            self._greeted = True
 
     async def _request_once(self, peer: bytes | None, mtype: str, body: dict[str, Any] | None, timeout: float,
                             t_end: float) -> Message:

@@ -114,7 +114,7 @@ class ServeClient:
                  handshake_timeout: float = 5.0) -> None:
         self.address = address
         self.deadline_s = deadline_s
-        self.channel = Channel(f"client-{os.getpid()}", connect=address, curve=curve,
+        self.channel = Channel(f"client-{os.getpid()}", connect=address, curve=curve, hello="ping",
                                max_message_bytes=max_message_bytes, handshake_timeout=handshake_timeout)
         self.channel.on_disconnect = self._on_disconnect
         self.channel.handler = self._on_message  # the scheduler's ``stream`` notices

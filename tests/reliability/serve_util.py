@@ -154,6 +154,8 @@ def deployment(config: DualPathConfig, workdir: Path, **kw: Any) -> Iterator[Dep
         yield dep
     finally:
         pids |= {c.pid for c in dep.children.values() if c.pid > 0}
+        if dep.forkserver_pid is not None:
+            pids.add(dep.forkserver_pid)
         dep.stop(timeout=10.0)
         orphans = [p for p in pids if pid_alive(p)]
         assert not orphans, f"processes left behind: {orphans}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from typing import Any
@@ -88,6 +89,9 @@ def test_each_engine_has_its_own_key_pair(dep) -> None:
         env = d.children[name].env
         assert json.loads(env["DUALPATH_SERVE__CURVE_ENGINE_PUBLIC_KEY"]) == keys[name]
         assert json.loads(env["DUALPATH_SERVE__CURVE_ENGINE_SECRET_KEY"]) not in on_disk
+        # ... so it is started fresh, not forked from the fork server (where other engines' requests passed)
+        assert isinstance(d.children[name].proc, subprocess.Popen)
+    assert d.forkserver_pid is None and d.forked == 0
     assert stats(d.address, cfg)["engines_alive"] == 2
 
 

@@ -39,6 +39,9 @@ class ServeConfig(Section):
     scheduler_standby: bool = Field(
         default=True, description="the launcher keeps a warm standby scheduler process (imports done) to take over "
         "at once; False: a fresh process is started (seconds of imports)")
+    fork_engines: bool = Field(
+        default=True, description="the launcher forks engine processes from a warm process that imported torch once "
+        "(an engine start without seconds of imports); False: each engine is a fresh python process")
     token_file: Path | None = Field(
         default=None,
         description="without CURVE: JSON file (mode 0600) of the deployment's secret engine/operator tokens; the "

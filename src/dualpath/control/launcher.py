@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import itertools
 import json
 import logging
@@ -53,19 +52,12 @@ from dualpath.control.deploy import (
     engine_names,
     load_tokens,
 )
+from dualpath.control.forkserver import ForkedProcess, ForkServer, die_with_parent, forkable
 from dualpath.control.protocol import ProtocolError, decode, encode
 from dualpath.errors import ConfigError, DualPathError
 
 log = logging.getLogger("dualpath.launcher")
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # pragma: no cover - not Linux
-        pass
+_die_with_parent = die_with_parent  # (runs in a child between fork and exec)
 
 
 def threads_per_engine(config: DualPathConfig) -> int:
@@ -180,7 +172,7 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | ForkedProcess | None = None
     restarts: int = 0
     expected_exit: bool = False
     exits: list[int] = field(default_factory=list)
@@ -243,6 +235,8 @@ class Deployment:
         self._supervisor: threading.Thread | None = None
         self._standby: subprocess.Popen[bytes] | None = None
         self._standby_due: float | None = None
+        self._forkserver: ForkServer | None = None
+        self.forked = 0  # engine processes started from the fork server (the others: fresh processes)
         atexit.register(self._kill_all)
 
     # --- processes ---------------------------------------------------------------------------------------
@@ -294,7 +288,16 @@ class Deployment:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 sb.wait(timeout=5)
 
-    def _spawn(self, child: Child) -> None:
+    def _spawn(self, child: Child, timeout: float = 30.0) -> None:
+        fs = self._forkserver
+        if child.name != "scheduler" and fs is not None and fs.alive() and forkable(fs.env, child.env):
+            try:
+                child.proc = fs.spawn(child.argv[2], child.argv[3:], child.env, child.log_path, timeout)
+                child.expected_exit = False
+                self.forked += 1
+                return
+            except DualPathError as exc:
+                log.warning("%s; starting %s as a fresh process", exc, child.name)
         with open(child.log_path, "ab") as out:
             child.proc = subprocess.Popen(child.argv, env=child.env, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
@@ -308,6 +311,19 @@ class Deployment:
         py = sys.executable
         with contextlib.suppress(FileNotFoundError):
             self.address_file.unlink()
+        envs: dict[str, dict[str, str]] = {}
+        for role, rank, _node in engine_names(self.config):
+            name = engine_name(role, rank)
+            extra = dict(self.engine_env.get(name, {}))
+            if name in self._engine_keys:  # this engine's own CURVE pair (the config file has only public keys);
+                pub, sec = self._engine_keys[name]  # quoted: the environment's values are parsed as YAML
+                extra["DUALPATH_SERVE__CURVE_ENGINE_PUBLIC_KEY"] = json.dumps(pub)
+                extra["DUALPATH_SERVE__CURVE_ENGINE_SECRET_KEY"] = json.dumps(sec)
+            envs[name] = self._env(extra)
+        base = self._env({})
+        if self.config.serve.fork_engines and any(forkable(base, env) for env in envs.values()):
+            # it imports torch while the scheduler starts
+            self._forkserver = ForkServer(base, self.workdir / "logs" / "forkserver.log")
         sched = Child("scheduler", [py, "-m", "dualpath.control.schedulerd", "--config", str(self.config_path),
                                     "--bind", self.bind, "--address-file", str(self.address_file)],
                       self._env({}), self.workdir / "logs" / "scheduler.log")
@@ -322,16 +338,11 @@ class Deployment:
         self.address = self.address_file.read_text().strip()
         for role, rank, _node in engine_names(self.config):
             name = engine_name(role, rank)
-            extra = dict(self.engine_env.get(name, {}))
-            if name in self._engine_keys:  # this engine's own CURVE pair (the config file has only public keys);
-                pub, sec = self._engine_keys[name]  # quoted: the environment's values are parsed as YAML
-                extra["DUALPATH_SERVE__CURVE_ENGINE_PUBLIC_KEY"] = json.dumps(pub)
-                extra["DUALPATH_SERVE__CURVE_ENGINE_SECRET_KEY"] = json.dumps(sec)
             child = Child(name, [py, "-m", "dualpath.control.enginehost", "--config", str(self.config_path),
                                  "--role", role.value, "--rank", str(rank), "--scheduler", self.address],
-                          self._env(extra), self.workdir / "logs" / f"{name}.log")
+                          envs[name], self.workdir / "logs" / f"{name}.log")
             self.children[name] = child
-            self._spawn(child)
+            self._spawn(child, max(1.0, t_end - time.monotonic()))
         self._wait_engines(len(self.children) - 1, t_end)
         sc = self.config.serve
         if sc.scheduler_restart and sc.scheduler_standby:
@@ -412,6 +423,7 @@ class Deployment:
                     if child.proc is None or child.alive() or child.expected_exit:
                         continue
                     code = child.proc.returncode
+                    assert code is not None  # (not alive: it was reaped)
                     child.exits.append(code)
                     if child.name == "scheduler" and code == 0 and not self.shut_down:
                         log.warning("the scheduler exited cleanly (shutdown by the operator); stopping the "
@@ -464,6 +476,12 @@ class Deployment:
     def pid(self, name: str) -> int:
         return self.children[name].pid
 
+    @property
+    def forkserver_pid(self) -> int | None:
+        """The engine fork server's process (``serve.fork_engines``), while it runs."""
+        fs = self._forkserver
+        return fs.pid if fs is not None and fs.alive() else None
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to one child (fault injection); returns its pid."""
         child = self.children[name]
@@ -505,6 +523,9 @@ class Deployment:
                     log.warning("%s did not exit on SIGTERM; killing it", c.name)
                     c.proc.kill()
                     c.proc.wait(timeout=5)
+            if self._forkserver is not None:
+                self._forkserver.close()
+                self._forkserver = None
         atexit.unregister(self._kill_all)
 
     def _kill_all(self) -> None:
@@ -514,6 +535,8 @@ class Deployment:
             if c.alive():
                 assert c.proc is not None
                 c.proc.kill()
+        if self._forkserver is not None:
+            self._forkserver.kill()
 
     def __enter__(self) -> Deployment:
         self.start()

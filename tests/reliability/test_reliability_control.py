@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgpack
@@ -276,6 +277,19 @@ async def _raw_router(ctx: zmq.asyncio.Context, addr: str, **opts: int) -> zmq.a
     return sock
 
 
+async def _rebind(addr: str, handler: Any) -> Channel:
+    """A server started on the address of one that just died (its port is released by zmq's I/O thread a moment
+    later: retried for up to 5 s)."""
+    with anyio.fail_after(5):
+        while True:
+            server = Channel("srv", bind=addr, handler=handler)
+            try:
+                await server.start()
+                return server
+            except ConfigError:
+                await anyio.sleep(0.05)
+
+
 @pytest.mark.anyio
 async def test_a_request_waiting_for_the_connection_is_sent_once_or_never() -> None:
     """A request still waiting for its server's connection is not in flight: ``fail_all`` (the client found the
@@ -356,14 +370,7 @@ async def test_requests_queued_for_a_dead_server_never_run_on_its_successor() ->
             await anyio.sleep(0.3)
             first.close(linger=0)  # the server dies with most of them still queued in the client
             assert cli.fail_all(PeerGone("scheduler lost")) == 32  # what the client does when it sees that
-            with anyio.fail_after(5):
-                while True:  # the dead server's port is released by zmq's I/O thread, a moment later
-                    second = Channel("srv", bind=addr, handler=handler)
-                    try:
-                        await second.start()
-                        break
-                    except ConfigError:
-                        await anyio.sleep(0.05)
+            second = await _rebind(addr, handler)
             try:
                 with anyio.fail_after(10):
                     while second.stale == 0:
@@ -416,14 +423,7 @@ async def test_a_clients_first_request_waits_for_its_server_to_answer() -> None:
                 pytest.fail(f"a {decode(extra).type!r} was sent before the server answered")
             first.close(linger=0)  # the server dies before answering
         assert len(failed) == 1
-        with anyio.fail_after(5):
-            while True:  # the dead server's port is released by zmq's I/O thread, a moment later
-                second = Channel("srv", bind=addr, handler=handler)
-                try:
-                    await second.start()
-                    break
-                except ConfigError:
-                    await anyio.sleep(0.05)
+        second = await _rebind(addr, handler)
         try:
             await anyio.sleep(0.3)  # the client reconnects: anything still queued in it would arrive now
             assert (await client.channel.request(None, "stats", {}, 10)).type == "pong"

@@ -10,6 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 from serve_util import (
     deployment,
     pid_alive,
@@ -22,7 +23,8 @@ from serve_util import (
     wait_for,
 )
 
-from dualpath.control.forkserver import ForkedProcess, forkable
+from dualpath.control.forkserver import ForkedProcess, ForkServer, forkable
+from dualpath.errors import DualPathError
 
 
 def _ppid(pid: int) -> int:
@@ -40,6 +42,40 @@ def test_only_variables_read_after_the_fork_may_differ() -> None:
     assert not forkable(base, {k: v for k, v in base.items() if k != "PATH"})
     # a secret of its own: the server's memory (other engines' requests) must not be inherited
     assert not forkable(base, {**base, "DUALPATH_SERVE__CURVE_ENGINE_SECRET_KEY": '"x"'})
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_exit_codes_signals_and_a_spawn_given_up(tmp_path: Path) -> None:
+    """The server's children report their exit codes as ``Popen`` does; a spawn that the server does not answer
+    in time fails (the launcher then starts the engine fresh), and the child forked late is killed at once: no
+    second copy of an engine runs, and the next spawn gets its own child."""
+    (tmp_path / "sleeper.py").write_text(
+        "import sys, time\ntime.sleep(float(sys.argv[1]))\nprint('slept', flush=True)\nsys.exit(int(sys.argv[2]))\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    fs = ForkServer(env, tmp_path / "server.log")
+    try:
+        a = fs.spawn("sleeper", ["0", "3"], env, tmp_path / "a.log", timeout=60)
+        assert a.wait(30) == 3 and (tmp_path / "a.log").read_text() == "slept\n"
+        b = fs.spawn("sleeper", ["60", "0"], env, tmp_path / "b.log", timeout=30)
+        assert _children(fs.pid) == [b.pid] and b.poll() is None
+        b.terminate()
+        assert b.wait(30) == -signal.SIGTERM
+        os.kill(fs.pid, signal.SIGSTOP)  # a server that does not answer
+        try:
+            with pytest.raises(DualPathError, match="did not fork sleeper within 0.3 s"):
+                fs.spawn("sleeper", ["60", "0"], env, tmp_path / "c.log", timeout=0.3)
+        finally:
+            os.kill(fs.pid, signal.SIGCONT)
+        d = fs.spawn("sleeper", ["0.5", "5"], env, tmp_path / "d.log", timeout=30)
+        assert d.wait(30) == 5 and (tmp_path / "d.log").read_text() == "slept\n"
+        wait_for(lambda: not _children(fs.pid), 10, "the late child killed")
+        assert not (tmp_path / "c.log").exists() or (tmp_path / "c.log").read_text() == ""
+    finally:
+        fs.close()
+    assert not pid_alive(fs.pid)
 
 
 def test_forked_engines_serve_exit_restart_and_die_with_the_server(tmp_path: Path) -> None:

@@ -112,6 +112,8 @@ class ForkServer:
         self._spawned: queue.Queue[ForkedProcess | None] = queue.Queue()
         self._children: dict[int, ForkedProcess] = {}
         self._lock = threading.Lock()  # one spawn at a time: the answers come in order
+        self._late = threading.Lock()  # (a spawn given up vs its answer arriving)
+        self._abandoned = 0  # spawns given up before their pid came: those children are killed on arrival
         self._dead = False
         self._reader = threading.Thread(target=self._read, name="dualpath-forkserver", daemon=True)
         self._reader.start()
@@ -138,7 +140,12 @@ class ForkServer:
                 elif "pid" in msg:
                     child = ForkedProcess(int(msg["pid"]))
                     self._children[child.pid] = child
-                    self._spawned.put(child)
+                    with self._late:
+                        if self._abandoned:  # its spawn gave up (and started it fresh): not a second copy
+                            self._abandoned -= 1
+                            child.kill()
+                        else:
+                            self._spawned.put(child)
                 elif "exit" in msg:
                     gone = self._children.pop(int(msg["exit"]), None)
                     if gone is not None:
@@ -164,8 +171,16 @@ class ForkServer:
                 self.proc.stdin.write(line.encode())
                 self.proc.stdin.flush()
                 child = self._spawned.get(timeout=timeout)
-            except (OSError, queue.Empty) as exc:
+            except OSError as exc:
                 raise DualPathError(f"the engine fork server did not fork {module}: {exc!r}") from exc
+            except queue.Empty:
+                with self._late:
+                    try:  # it came just now
+                        child = self._spawned.get_nowait()
+                    except queue.Empty:
+                        self._abandoned += 1
+                        raise DualPathError(f"the engine fork server did not fork {module} within {timeout:g} s "
+                                            f"(see {self.log_path})") from None
         if child is None:
             raise DualPathError(f"the engine fork server died (see {self.log_path})")
         return child

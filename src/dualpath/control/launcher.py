@@ -57,16 +57,13 @@ from dualpath.control.protocol import ProtocolError, decode, encode
 from dualpath.errors import ConfigError, DualPathError
 
 log = logging.getLogger("dualpath.launcher")
-_die_with_parent = die_with_parent  # (runs in a child between fork and exec)
-
-
 def threads_per_engine(config: DualPathConfig) -> int:
     """CPU threads (OpenMP/torch intra-op) each engine process of a deployment on this machine may use."""
     return max(1, (os.cpu_count() or 1) // max(1, len(engine_names(config))))
 
 
 def _standby_preexec() -> None:  # runs in the standby scheduler between fork and exec
-    _die_with_parent()
+    die_with_parent()
     with contextlib.suppress(OSError):
         os.nice(STANDBY_NICE)
 
@@ -300,7 +297,7 @@ class Deployment:
                 log.warning("%s; starting %s as a fresh process", exc, child.name)
         with open(child.log_path, "ab") as out:
             child.proc = subprocess.Popen(child.argv, env=child.env, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                                          stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
                                           close_fds=True)
         child.expected_exit = False
 
@@ -326,7 +323,7 @@ class Deployment:
             self._forkserver = ForkServer(base, self.workdir / "logs" / "forkserver.log")
         sched = Child("scheduler", [py, "-m", "dualpath.control.schedulerd", "--config", str(self.config_path),
                                     "--bind", self.bind, "--address-file", str(self.address_file)],
-                      self._env({}), self.workdir / "logs" / "scheduler.log")
+                      base, self.workdir / "logs" / "scheduler.log")
         self.children["scheduler"] = sched
         self._spawn(sched)
         while not self.address_file.exists():

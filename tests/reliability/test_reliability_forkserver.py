@@ -86,6 +86,7 @@ def test_forked_engines_serve_exit_restart_and_die_with_the_server(tmp_path: Pat
         server = d.forkserver_pid
         assert server is not None and d.forked == 2
         assert _ppid(d.pid("pe0")) == server and _ppid(d.pid("de0")) == server
+        assert Path(f"/proc/{d.pid('pe0')}/comm").read_text().strip() == "dualpath-pe0"  # what ps and top show
         assert isinstance(d.children["pe1"].proc, subprocess.Popen) and _ppid(d.pid("pe1")) == os.getpid()
         assert tokens_of(replay(d.address, agents, cfg)) == ref
 

@@ -40,6 +40,7 @@ from dualpath.errors import DualPathError
 log = logging.getLogger("dualpath.launcher")
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 #: environment variables an engine may set differently from the fork server: read after the fork (CUDA and NIXL
 #: at their first use, the thread count applied in the child), so a forked engine behaves as one started fresh
@@ -51,6 +52,16 @@ def die_with_parent() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+def _set_name(name: str) -> None:
+    """This process's name in ``ps -o comm``, ``top`` and ``pgrep`` (``PR_SET_NAME``, 15 bytes): a forked engine
+    keeps the server's command line, so this is where ``dualpath-pe0`` shows."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
     except OSError:  # pragma: no cover - not Linux
         pass
 
@@ -159,12 +170,14 @@ class ForkServer:
             self._children.clear()
 
     def spawn(self, module: str, args: list[str], env: dict[str, str], log_path: Path,
-              timeout: float) -> ForkedProcess:
-        """Fork ``python -m module *args`` with ``env``, its output appended to ``log_path``. Raises
-        :class:`DualPathError` when the server is not ready within ``timeout`` s or has died."""
+              timeout: float, name: str = "") -> ForkedProcess:
+        """Fork ``python -m module *args`` with ``env``, its output appended to ``log_path``, its process named
+        ``dualpath-<name>`` (``ps -o comm``; its command line stays the server's). Raises :class:`DualPathError`
+        when the server is not ready within ``timeout`` s or has died."""
         if not self._ready.wait(timeout) or self._dead:
             raise DualPathError(f"the engine fork server is not running (see {self.log_path})")
-        line = json.dumps({"module": module, "args": args, "env": env, "log": str(log_path)}) + "\n"
+        line = json.dumps({"module": module, "args": args, "env": env, "log": str(log_path),
+                           "name": f"dualpath-{name}" if name else ""}) + "\n"
         with self._lock:
             try:
                 assert self.proc.stdin is not None
@@ -211,6 +224,8 @@ def _child(req: dict[str, Any], keep: tuple[int, ...]) -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         die_with_parent()
+        if req.get("name"):
+            _set_name(req["name"])
         out = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)  # (the server's pipes on 0 and 1 are replaced here)

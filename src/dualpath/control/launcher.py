@@ -289,7 +289,8 @@ class Deployment:
         fs = self._forkserver
         if child.name != "scheduler" and fs is not None and fs.alive() and forkable(fs.env, child.env):
             try:
-                child.proc = fs.spawn(child.argv[2], child.argv[3:], child.env, child.log_path, timeout)
+                child.proc = fs.spawn(child.argv[2], child.argv[3:], child.env, child.log_path, timeout,
+                                      name=child.name)
                 child.expected_exit = False
                 self.forked += 1
                 return

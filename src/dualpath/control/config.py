@@ -41,7 +41,7 @@ class ServeConfig(Section):
         "at once; False: a fresh process is started (seconds of imports)")
     fork_engines: bool = Field(
         default=True, description="the launcher forks engine processes from a warm process that imported torch once "
-        "(an engine start without seconds of imports); False: each engine is a fresh python process")
+        "(an engine start without seconds of imports; Linux); False: each engine is a fresh python process")
     token_file: Path | None = Field(
         default=None,
         description="without CURVE: JSON file (mode 0600) of the deployment's secret engine/operator tokens; the "

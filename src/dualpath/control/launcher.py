@@ -319,8 +319,8 @@ class Deployment:
                 extra["DUALPATH_SERVE__CURVE_ENGINE_SECRET_KEY"] = json.dumps(sec)
             envs[name] = self._env(extra)
         base = self._env({})
-        if self.config.serve.fork_engines and any(forkable(base, env) for env in envs.values()):
-            # it imports torch while the scheduler starts
+        if (self.config.serve.fork_engines and sys.platform.startswith("linux")  # (fork after torch: Linux only)
+                and any(forkable(base, env) for env in envs.values())):  # it imports torch while the scheduler starts
             self._forkserver = ForkServer(base, self.workdir / "logs" / "forkserver.log")
         sched = Child("scheduler", [py, "-m", "dualpath.control.schedulerd", "--config", str(self.config_path),
                                     "--bind", self.bind, "--address-file", str(self.address_file)],

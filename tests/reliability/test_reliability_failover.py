@@ -21,12 +21,23 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 import zmq
-from serve_util import deployment, reference_tokens, replay, stats, tiny_config, tokens_of, trace, wait_for
+from serve_util import (
+    deployment,
+    pid_alive,
+    reference_tokens,
+    replay,
+    stats,
+    tiny_config,
+    tokens_of,
+    trace,
+    wait_for,
+)
 
 from dualpath.control.client import SchedulerLost, ServeClient
 from dualpath.control.launcher import Deployment
@@ -156,3 +167,23 @@ def test_an_engine_that_dies_at_start_fails_the_start_at_once(tmp_path) -> None:
             deployment(cfg, tmp_path / "work", engine_env=bad):
         pass
     assert time.monotonic() - t0 < cfg.serve.startup_timeout_s / 2
+
+
+def test_a_failed_start_stops_what_it_started(tmp_path) -> None:
+    """``with Deployment(...)`` whose start fails never reaches ``__exit__``: the start itself stops the scheduler,
+    the engines that did start and the fork server (before: they ran on until the interpreter exited)."""
+    from dualpath.errors import DualPathError
+
+    def children() -> set[int]:  # this process's child processes (the fork server is one)
+        tasks = Path(f"/proc/{os.getpid()}/task")
+        return {int(p) for t in tasks.iterdir() for p in (t / "children").read_text().split()}
+
+    cfg = tiny_config(tmp_path / "kv", prefill_nodes=2)
+    dep = Deployment(cfg, workdir=tmp_path / "work", engine_env={"pe1": {"DUALPATH_MODEL__KIND": "no-such-model"}})
+    before = children()
+    with pytest.raises(DualPathError, match="pe1"), dep:
+        pass
+    pids = [c.pid for c in dep.children.values()]
+    assert len(pids) == 4 and all(p > 0 for p in pids) and dep.forked == 3
+    assert not [p for p in pids if pid_alive(p)]
+    assert children() - before == set()

@@ -175,29 +175,37 @@ class EngineHost:
 
     # --- main --------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Build the engine, register with the scheduler, serve until ``shutdown`` or SIGTERM."""
-        await self._build()
-        sc = self.config.serve
-        # an unguessable routing identity: no peer can squat it (and the scheduler refuses a second connection
-        # with a taken identity: no ROUTER_HANDOVER takeover)
-        self.channel = Channel(self.name, connect=self.scheduler,
-                               identity=f"{self.name}.{secrets.token_hex(8)}".encode(),
-                               curve=engine_curve(self.config), handler=self._handle,
-                               max_message_bytes=sc.max_message_bytes, handshake_timeout=sc.handshake_timeout_s)
-        self._token = token_for(self.config, "engine") if not sc.curve else None
+        """Build the engine, register with the scheduler, serve until ``shutdown`` or SIGTERM. A stop while the
+        engine is still starting ends the start too (it used to register on, retrying for ``startup_timeout_s``
+        with its scheduler gone, until the launcher SIGKILLed it)."""
         try:
-            async with self.channel, anyio.create_task_group() as tg:
-                await self._hello(sc.startup_timeout_s)
-                log.info("%s: registered with %s (pid %d)", self.name, self.scheduler, os.getpid())
-                tg.start_soon(self.engine.run)
-                tg.start_soon(self._heartbeat)
-                tg.start_soon(self._reaper)
-                if self.role is Role.DECODE:
-                    tg.start_soon(self._stream_flusher)
-                await self._stop.wait()
-                tg.cancel_scope.cancel()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._cancel_on_stop, tg.cancel_scope)
+                await self._build()
+                sc = self.config.serve
+                # an unguessable routing identity: no peer can squat it (and the scheduler refuses a second
+                # connection with a taken identity: no ROUTER_HANDOVER takeover)
+                self.channel = Channel(self.name, connect=self.scheduler,
+                                       identity=f"{self.name}.{secrets.token_hex(8)}".encode(),
+                                       curve=engine_curve(self.config), handler=self._handle,
+                                       max_message_bytes=sc.max_message_bytes,
+                                       handshake_timeout=sc.handshake_timeout_s)
+                self._token = token_for(self.config, "engine") if not sc.curve else None
+                async with self.channel:
+                    await self._hello(sc.startup_timeout_s)
+                    log.info("%s: registered with %s (pid %d)", self.name, self.scheduler, os.getpid())
+                    async with anyio.create_task_group() as work:  # until stop() cancels it all
+                        work.start_soon(self.engine.run)
+                        work.start_soon(self._heartbeat)
+                        work.start_soon(self._reaper)
+                        if self.role is Role.DECODE:
+                            work.start_soon(self._stream_flusher)
         finally:
             await self._close_io()
+
+    async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
+        await self._stop.wait()
+        scope.cancel()
 
     def stop(self) -> None:
         self._stop.set()

@@ -303,7 +303,15 @@ class Deployment:
         child.expected_exit = False
 
     def start(self, timeout: float | None = None) -> str:
-        """Start everything; returns the scheduler's address once every engine has registered."""
+        """Start everything; returns the scheduler's address once every engine has registered. A start that fails
+        stops what it started (``with Deployment(...)`` never reaches ``__exit__`` then) before raising."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float | None) -> str:
         timeout = self.config.serve.startup_timeout_s if timeout is None else timeout
         t_end = time.monotonic() + timeout
         py = sys.executable

@@ -187,3 +187,7 @@ def test_a_failed_start_stops_what_it_started(tmp_path) -> None:
     assert len(pids) == 4 and all(p > 0 for p in pids) and dep.forked == 3
     assert not [p for p in pids if pid_alive(p)]
     assert children() - before == set()
+    # each engine that had started left on the SIGTERM (0: its handler ran; -SIGTERM: it came before the handler
+    # was installed); one still registering used to be SIGKILLed 10 s later
+    codes = {n: c.proc.returncode for n, c in dep.children.items() if c.proc is not None}
+    assert codes["pe0"] in (0, -signal.SIGTERM) and codes["de0"] in (0, -signal.SIGTERM), codes

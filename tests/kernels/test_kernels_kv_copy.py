@@ -15,9 +15,11 @@ from dualpath.kv.layout import KVLayout, KVSpec
 @pytest.mark.parametrize(("bt", "hkv", "d", "dtype"), [(16, 1, 16, torch.float32), (32, 3, 48, torch.bfloat16),
                                                        (64, 2, 64, torch.float16), (128, 8, 16, torch.float32)])
 @pytest.mark.parametrize("skip", [True, False], ids=["a-slot-skipped", "every-slot"])
-def test_store_kv_matches_reference(device, bt, hkv, d, dtype, skip):
+@pytest.mark.parametrize("block_n", [None, 1, 8])
+def test_store_kv_matches_reference(device, bt, hkv, d, dtype, skip, block_n):
     """The Triton store against the reference, with a skipped slot (the reference's masked path) and without (its
-    one-copy path): the same pool, bit for bit, and every stored row where its slot says."""
+    one-copy path): the same pool, bit for bit, and every stored row where its slot says. One token per program
+    (a GPU's default), 8 (29 tokens: the last program's tokens past the end masked) and the default here."""
     nb, n = 7, 29
     g = torch.Generator().manual_seed(0)
     # inputs in the pool dtype, except fp16 pools fed fp32 (the cast path; the interpreter truncates fp32->bf16)
@@ -30,7 +32,7 @@ def test_store_kv_matches_reference(device, bt, hkv, d, dtype, skip):
     a = torch.zeros((nb, bt, 2, hkv, d), dtype=dtype, device=device)
     b = a.clone()
     ref.store_kv(k, v, a, slots)
-    tri.store_kv(k, v, b, slots)
+    tri.store_kv(k, v, b, slots, block_n=block_n)
     assert torch.equal(a, b)
     for i in (0, 3, n - 1):
         s_ = int(slots[i])
@@ -112,6 +114,8 @@ def test_launchers_reject_bad_arguments(device):
                                    lens - 1, 1.0)
     with pytest.raises(KernelError, match="slot_mapping"):
         tri.store_kv(q[:, :2], q[:, :2], kv, torch.zeros(1, dtype=torch.int32, device=device))
+    with pytest.raises(KernelError, match="block_n must be a power of two, got 3"):
+        tri.store_kv(q[:, :2], q[:, :2], kv, torch.zeros(1, dtype=torch.int64, device=device), block_n=3)
     with pytest.raises(KernelError, match="bytes per block"):
         tri.gather_layer_blocks(kv, torch.tensor([0], device=device), torch.zeros((1, 100), dtype=torch.uint8,
                                                                                    device=device))

@@ -24,26 +24,32 @@ from dualpath.kernels._checks import (
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, kv_ptr, slot_ptr,
+    k_ptr, v_ptr, kv_ptr, slot_ptr, N,
     stride_kn, stride_kh, stride_vn, stride_vh,
     stride_b, stride_t, stride_kv, stride_h, NB,
-    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + n).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    mask = (h[:, None] < H) & (d[None, :] < D) & (slot >= 0) & (slot // BT < NB)
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's tokens
+    slot = tl.load(slot_ptr + n, mask=n < N, other=-1).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[None, :, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    ok = (n < N) & (slot >= 0) & (slot // BT < NB)
+    mask = ok[:, None, None] & (h < H) & (d < D)
     safe = tl.maximum(slot, 0)
-    dst = kv_ptr + (safe // BT) * stride_b + (safe % BT) * stride_t + h[:, None] * stride_h + d[None, :]
-    k = tl.load(k_ptr + n * stride_kn + h[:, None] * stride_kh + d[None, :], mask=mask, other=0.0)
-    v = tl.load(v_ptr + n * stride_vn + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
+    dst = kv_ptr + ((safe // BT) * stride_b + (safe % BT) * stride_t)[:, None, None] + h * stride_h + d
+    n = n[:, None, None]
+    k = tl.load(k_ptr + n * stride_kn + h * stride_kh + d, mask=mask, other=0.0)
+    v = tl.load(v_ptr + n * stride_vn + h * stride_vh + d, mask=mask, other=0.0)
     tl.store(dst, k.to(kv_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_kv, v.to(kv_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write ``k, v [N, Hkv, D]`` into ``kv_layer`` at ``slot_mapping [N]`` (int64, negative = skip)."""
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor, *,
+             block_n: int | None = None) -> None:
+    """Write ``k, v [N, Hkv, D]`` into ``kv_layer`` at ``slot_mapping [N]`` (int64, negative = skip).
+    ``block_n``: tokens per program (a power of two; default one on a GPU, up to 64 in the interpreter, whose cost
+    is per program rather than per element)."""
     kv = check_kv_layer(kv_layer)
     nb, bt, _, hkv, d = kv.shape
     k = check_tensor("k", k, dim=3, dtypes=FLOAT_DTYPES, device=kv.device, last_contiguous=True)
@@ -52,13 +58,18 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapp
     check_shape("v", v, (k.shape[0], hkv, d))
     slots = check_tensor("slot_mapping", slot_mapping, dim=1, dtypes=(torch.int64,), device=kv.device)
     check_shape("slot_mapping", slots, (k.shape[0],))
-    if k.shape[0] == 0:
+    n = k.shape[0]
+    if n == 0:
         return
-    _store_kv_kernel[(k.shape[0],)](
-        k, v, kv, slots.contiguous(),
+    if block_n is None:
+        block_n = min(64, next_pow2(n)) if interpreting() else 1
+    elif block_n < 1 or block_n & (block_n - 1):
+        raise KernelError(f"block_n must be a power of two, got {block_n}")
+    _store_kv_kernel[(triton.cdiv(n, block_n),)](
+        k, v, kv, slots.contiguous(), n,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), nb,
-        H=hkv, D=d, BT=bt, BLOCK_H=next_pow2(hkv), BLOCK_D=next_pow2(d),
+        H=hkv, D=d, BT=bt, BLOCK_N=block_n, BLOCK_H=next_pow2(hkv), BLOCK_D=next_pow2(d),
     )
 
 

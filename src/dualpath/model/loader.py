@@ -45,6 +45,7 @@ from dualpath.model.int_quant import int_quant as int_quant_of
 from dualpath.model.mla_spec import DeepseekV3Spec
 from dualpath.model.mlx_quant import MlxQuant, mlx_dequantized, mlx_quant
 from dualpath.model.mx_quant import mx_dequantized
+from dualpath.model.noinit import skip_default_init
 from dualpath.model.quant import (
     check_quantization,
     ct_block_size,
@@ -319,25 +320,10 @@ _PLAIN_FAMILIES: dict[str, tuple[str, str]] = {
 }
 
 
-def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
-                device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
-                fp8_block: tuple[int, int] = (128, 128), ct_block: tuple[int, int] | None = None,
-                act_quant: ActivationQuant | None = None, int_quant: IntQuant | None = None,
-                mlx: MlxQuant | None = None) -> AnyModel:
-    """A model on CPU filled from ``tensors`` (or seeded random weights when None), then moved to ``device``.
-    ``fp8_block`` / ``ct_block``: the tiles of block-scaled FP8 weights (``weight_block_size``) and of
-    compressed-tensors' ``block`` strategy (``block_structure``). ``act_quant``: the input quantization of the
-    checkpoint's quantized layers (:mod:`dualpath.model.act_quant`). ``int_quant``: the format of its packed integer
-    weights (GPTQ, AWQ, compressed-tensors' ``pack-quantized``; :mod:`dualpath.model.int_quant`). ``mlx``: an
-    mlx-lm checkpoint's ``quantization`` (:mod:`dualpath.model.mlx_quant`)."""
+def _construct(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, backend: str,
+               source: str, fp8_block: tuple[int, int]) -> tuple[AnyModel, Mapping[str, torch.Tensor] | None]:
+    """``spec``'s model built on CPU for :func:`build_model`, and ``tensors`` (when given) under its parameter names."""
     model: AnyModel
-    quantized: tuple[set[str], dict[str, torch.Tensor]] = (set(), {})
-    if tensors is not None and act_quant is not None:  # (read before the scales are dropped)
-        layers, scales = quantized_layers(tensors)
-        quantized = ({_renamed(n, _GEMMA3_LM_PREFIXES) for n in layers},
-                     {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
-    if tensors is not None:
-        tensors = _weights_dequantized(tensors, spec, source, ct_block, int_quant, mlx)
     if spec.architecture == "glm5_next_text":
         from dualpath.model import glm5_next, kimi_linear
 
@@ -573,6 +559,29 @@ def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Te
             tensors = tensors_in(spec, tensors)
         elif tensors is not None and spec.architecture in lv.VARIANT_ARCHS:
             tensors = lv.tensors_in(spec, tensors, source)
+    return model, tensors
+
+
+def build_model(spec: ModelSpec | DeepseekV3Spec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0,
+                device: str | torch.device = "cpu", backend: str = "auto", source: str = "checkpoint",
+                fp8_block: tuple[int, int] = (128, 128), ct_block: tuple[int, int] | None = None,
+                act_quant: ActivationQuant | None = None, int_quant: IntQuant | None = None,
+                mlx: MlxQuant | None = None) -> AnyModel:
+    """A model on CPU filled from ``tensors`` (or seeded random weights when None), then moved to ``device``.
+    ``fp8_block`` / ``ct_block``: the tiles of block-scaled FP8 weights (``weight_block_size``) and of
+    compressed-tensors' ``block`` strategy (``block_structure``). ``act_quant``: the input quantization of the
+    checkpoint's quantized layers (:mod:`dualpath.model.act_quant`). ``int_quant``: the format of its packed integer
+    weights (GPTQ, AWQ, compressed-tensors' ``pack-quantized``; :mod:`dualpath.model.int_quant`). ``mlx``: an
+    mlx-lm checkpoint's ``quantization`` (:mod:`dualpath.model.mlx_quant`)."""
+    quantized: tuple[set[str], dict[str, torch.Tensor]] = (set(), {})
+    if tensors is not None and act_quant is not None:  # (read before the scales are dropped)
+        layers, scales = quantized_layers(tensors)
+        quantized = ({_renamed(n, _GEMMA3_LM_PREFIXES) for n in layers},
+                     {_renamed(n, _GEMMA3_LM_PREFIXES): s for n, s in scales.items()})
+    if tensors is not None:
+        tensors = _weights_dequantized(tensors, spec, source, ct_block, int_quant, mlx)
+    with skip_default_init():  # (every parameter is assigned below: torch's default fill is wasted work)
+        model, tensors = _construct(spec, tensors, backend, source, fp8_block)
     if tensors is None:
         init_random(model, seed)
         if spec.architecture == "gemma4_text":

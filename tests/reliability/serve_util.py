@@ -125,6 +125,12 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` (those forked by any of its threads), sorted."""
+    tasks = Path(f"/proc/{pid}/task")
+    return sorted(int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split())
+
+
 def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
     """Send ``sig`` to a server process still running and wait for it; kill it past ``timeout``."""
     if proc.poll() is None:

@@ -21,13 +21,13 @@ import signal
 import subprocess
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 import zmq
 from serve_util import (
+    child_pids,
     deployment,
     pid_alive,
     reference_tokens,
@@ -175,8 +175,7 @@ def test_a_failed_start_stops_what_it_started(tmp_path) -> None:
     from dualpath.errors import DualPathError
 
     def children() -> set[int]:  # this process's child processes (the fork server is one)
-        tasks = Path(f"/proc/{os.getpid()}/task")
-        return {int(p) for t in tasks.iterdir() for p in (t / "children").read_text().split()}
+        return set(child_pids(os.getpid()))
 
     cfg = tiny_config(tmp_path / "kv", prefill_nodes=2)
     dep = Deployment(cfg, workdir=tmp_path / "work", engine_env={"pe1": {"DUALPATH_MODEL__KIND": "no-such-model"}})

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from serve_util import (
+    child_pids,
     deployment,
     pid_alive,
     reference_tokens,
@@ -44,10 +45,6 @@ def test_only_variables_read_after_the_fork_may_differ() -> None:
     assert not forkable(base, {**base, "DUALPATH_SERVE__CURVE_ENGINE_SECRET_KEY": '"x"'})
 
 
-def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_exit_codes_signals_and_a_spawn_given_up(tmp_path: Path) -> None:
     """The server's children report their exit codes as ``Popen`` does; a spawn that the server does not answer
     in time fails (the launcher then starts the engine fresh), and the child forked late is killed at once: no
@@ -60,7 +57,7 @@ def test_exit_codes_signals_and_a_spawn_given_up(tmp_path: Path) -> None:
         a = fs.spawn("sleeper", ["0", "3"], env, tmp_path / "a.log", timeout=60)
         assert a.wait(30) == 3 and (tmp_path / "a.log").read_text() == "slept\n"
         b = fs.spawn("sleeper", ["60", "0"], env, tmp_path / "b.log", timeout=30)
-        assert _children(fs.pid) == [b.pid] and b.poll() is None
+        assert child_pids(fs.pid) == [b.pid] and b.poll() is None
         b.terminate()
         assert b.wait(30) == -signal.SIGTERM
         os.kill(fs.pid, signal.SIGSTOP)  # a server that does not answer
@@ -71,7 +68,7 @@ def test_exit_codes_signals_and_a_spawn_given_up(tmp_path: Path) -> None:
             os.kill(fs.pid, signal.SIGCONT)
         d = fs.spawn("sleeper", ["0.5", "5"], env, tmp_path / "d.log", timeout=30)
         assert d.wait(30) == 5 and (tmp_path / "d.log").read_text() == "slept\n"
-        wait_for(lambda: not _children(fs.pid), 10, "the late child killed")
+        wait_for(lambda: not child_pids(fs.pid), 10, "the late child killed")
         assert not (tmp_path / "c.log").exists() or (tmp_path / "c.log").read_text() == ""
     finally:
         fs.close()

@@ -6,7 +6,6 @@ transformers 4 configs, the compute dtype, the config we write read back)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import warnings
@@ -26,22 +25,6 @@ _RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "reg
 _OK = [(r["model_type"], r["architecture"]) for r in json.loads(_RESULTS.read_text())["rows"] if r["status"] == "ok"]
 
 
-@contextlib.contextmanager
-def _no_weight_init():
-    """Module construction without torch's weight initialisers (on the meta device they only cost time); unlike
-    transformers' ``no_init_weights`` it leaves ``init_weights`` alone, which is where a model ties its head."""
-    from transformers.initialization import TORCH_INIT_FUNCTIONS
-
-    originals = {name: getattr(torch.nn.init, name) for name in TORCH_INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
-    for name in originals:
-        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.nn.init, name, fn)
-
-
 def _shrunk(model_type: str) -> tuple:
     """``model_type``'s default config object and its config shrunk by the logits sweep's rule."""
     from transformers import AutoConfig
@@ -59,6 +42,7 @@ def test_the_head_is_tied_as_transformers_ties_it(model_type, arch):
     and BLIP-2 (their text config decides), GLM-5.3-Flash (its top-level key does), Muse Spark (never)."""
     import transformers
 
+    from dualpath.model.noinit import skip_default_init
     from dualpath.model.spec import load_spec
 
     with warnings.catch_warnings():
@@ -82,7 +66,9 @@ def test_the_head_is_tied_as_transformers_ties_it(model_type, arch):
                     continue
                 checked += 1
                 try:
-                    with torch.device("meta"), _no_weight_init():
+                    # (torch's fills only cost time on the meta device; unlike transformers' ``no_init_weights``
+                    # this leaves ``init_weights`` alone, which is where a model ties its head)
+                    with torch.device("meta"), skip_default_init():
                         model = getattr(transformers, arch)(cfg)
                 except ModuleNotFoundError as exc:  # (a class that needs a package not installed: Inkling, scipy)
                     pytest.skip(f"transformers' {arch} needs {exc.name}")

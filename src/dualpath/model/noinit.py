@@ -13,6 +13,7 @@ are installed on first entry and removed when the last thread leaves.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,14 +35,12 @@ def _skipping() -> bool:
 
 
 def _wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
     def fill(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if _skipping():
             return tensor
         return original(tensor, *args, **kwargs)
 
-    fill.__wrapped__ = original  # type: ignore[attr-defined]
-    fill.__name__ = getattr(original, "__name__", "fill")
-    fill.__doc__ = original.__doc__
     return fill
 
 

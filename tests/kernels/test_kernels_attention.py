@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dualpath.errors import KernelError
 from dualpath.kernels import paged_attention as tri
 from dualpath.kernels import reference as ref
 
@@ -103,6 +104,50 @@ def test_prefill_many_query_tiles(device):
     want = ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.25)
     got = tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.25, block_m=16, block_n=16)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+_PACK_FEATURES = {
+    "plain": {},
+    "window": {"window": 7},
+    "chunk": {"chunk": 16, "window": 40},
+    "softcap": {"softcap": 2.0},
+    "sinks": {"sinks": True},
+    "alibi": {"alibi": True},
+    "alibi_bf16": {"alibi": True, "alibi_bf16": True},
+}
+
+
+@pytest.mark.parametrize("feature", list(_PACK_FEATURES))
+def test_prefill_heads_per_program_matches_reference(device, feature):
+    """Several query heads of a KV head in one program (6 per KV head, packed 1 (the GPU default), 3 or 6 (the interpreter's) at a time, 2 too without a feature; three tokens x
+    two heads (eight tokens), five tokens x three heads and two x six per 16-row tile: rows left over and partial last tiles), with every
+    per-head input (sinks, ALiBi slopes) and every mask, each against the torch reference."""
+    bt, hq, hkv, d = 16, 6, 1, 16
+    seqs = [(0, 13), (29, 6), (64, 1), (10, 9)]  # (cached, new)
+    lens = [c + n for c, n in seqs]
+    nb = sum(-(-n // bt) for n in lens) + 2
+    kv = _pool(nb, bt, hkv, d, torch.float32, device, seed=21)
+    tables = _tables(lens, bt, nb, seed=21).to(device)
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn((sum(n for _, n in seqs), hq, d), generator=g).to(device)
+    cu = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    starts = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=device)
+    kw = dict(_PACK_FEATURES[feature])
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(hq, generator=g).to(device)
+    if kw.pop("alibi", False):
+        kw["alibi"] = (2.0 ** -torch.arange(1, hq + 1, dtype=torch.float32) * 4).to(device)
+    want = ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, **kw)
+    packs = [(1, 16), (3, 16), (None, None)] + ([(2, 16), (6, 16)] if feature == "plain" else [])
+    for pack, block_m in packs:
+        got = tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, block_m=block_m, block_n=16,
+                                          heads_per_program=pack, **kw)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m, p=pack: f"pack {p}: {m}")
+    with pytest.raises(KernelError, match="heads_per_program must divide the 6 query heads per KV head, got 4"):
+        tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, heads_per_program=4)
+    with pytest.raises(KernelError, match=r"block_m \(4\) must hold at least heads_per_program \(6\) rows"):
+        tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, block_m=4, heads_per_program=6)
 
 
 def test_large_physical_block_ids(device):

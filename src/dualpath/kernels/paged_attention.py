@@ -240,29 +240,35 @@ def _prefill_kernel(
     G: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
     SINKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr, ALIBI_BF16: tl.constexpr,
+    PACK: tl.constexpr,
 ):
+    # A program computes BLOCK_M rows: TM = BLOCK_M // PACK new tokens x PACK query heads of one KV head (row r is
+    # token r // PACK, head r % PACK of the group), so the group's heads share each K/V tile it loads.
+    TM: tl.constexpr = BLOCK_M // PACK
     mblk = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2)
-    kvh = h // G
+    h0 = tl.program_id(2) * PACK
+    kvh = h0 // G
     q0 = tl.load(cu_ptr + b).to(tl.int32)
     n_new = tl.load(cu_ptr + b + 1).to(tl.int32) - q0
-    if mblk * BLOCK_M < n_new:
+    if mblk * TM < n_new:
         seq_len = tl.load(lens_ptr + b).to(tl.int32)
         start = tl.load(start_ptr + b).to(tl.int32)
-        rows = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < n_new
+        r = tl.arange(0, BLOCK_M)
+        rows = mblk * TM + r // PACK  # each row's new-token index
+        heads = h0 + r % PACK
+        rmask = (rows < n_new) & (r < TM * PACK)
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
         qrow = (q0 + rows).to(tl.int64)
-        q = tl.load(q_ptr + qrow[:, None] * stride_qn + h * stride_qh + d[None, :],
+        q = tl.load(q_ptr + qrow[:, None] * stride_qn + heads[:, None] * stride_qh + d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
         qpos = start + rows
-        slope = 0.0
-        if ALIBI:  # this head's slope, in the exp2 domain (Falcon's: as given, scaled after its rounding)
-            slope = tl.load(alibi_ptr + h)
+        slope = tl.zeros([BLOCK_M], tl.float32)
+        if ALIBI:  # each row's head's slope, in the exp2 domain (Falcon's: as given, scaled after its rounding)
+            slope = tl.load(alibi_ptr + heads)
             if not ALIBI_BF16:
                 slope = slope * 1.4426950408889634
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -270,11 +276,11 @@ def _prefill_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         table_row = table_ptr + b.to(tl.int64) * stride_tb
         # keys before the tile's first query are visible to every row: no causal mask there
-        full_end = ((start + mblk * BLOCK_M) // BLOCK_N) * BLOCK_N
-        end = tl.minimum(seq_len, start + (mblk + 1) * BLOCK_M)
+        full_end = ((start + mblk * TM) // BLOCK_N) * BLOCK_N
+        end = tl.minimum(seq_len, start + (mblk + 1) * TM)
         first = 0
         if WINDOW:  # keys below the tile's first row's window (or chunk) are visible to no row of the tile
-            q_first = start + mblk * BLOCK_M
+            q_first = start + mblk * TM
             low = tl.maximum(tl.maximum(q_first - window + 1, 0), q_first // chunk * chunk)
             first = (low // BLOCK_N) * BLOCK_N
         lower = qpos - window + 1  # each row's first visible key (window and chunk; used with WINDOW)
@@ -292,9 +298,9 @@ def _prefill_kernel(
             if SOFTCAP:
                 s = _softcap(s, softcap) * 1.4426950408889634
             if ALIBI_BF16:
-                s = s + _bf16(slope * _bf16(t.to(tl.float32)))[None, :] * alibi_scale
+                s = s + _bf16(slope[:, None] * _bf16(t.to(tl.float32))[None, :]) * alibi_scale
             elif ALIBI:
-                s = s + slope * (t[None, :] - qpos[:, None]).to(tl.float32)
+                s = s + slope[:, None] * (t[None, :] - qpos[:, None]).to(tl.float32)
             if WINDOW:
                 s = tl.where(t[None, :] >= lower[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -321,9 +327,9 @@ def _prefill_kernel(
             if SOFTCAP:
                 s = _softcap(s, softcap) * 1.4426950408889634
             if ALIBI_BF16:
-                s = s + _bf16(slope * _bf16(t.to(tl.float32)))[None, :] * alibi_scale
+                s = s + _bf16(slope[:, None] * _bf16(t.to(tl.float32))[None, :]) * alibi_scale
             elif ALIBI:
-                s = s + slope * (t[None, :] - qpos[:, None]).to(tl.float32)
+                s = s + slope[:, None] * (t[None, :] - qpos[:, None]).to(tl.float32)
             vis = (t[None, :] <= qpos[:, None]) & tmask[None, :]
             if WINDOW:
                 vis = vis & (t[None, :] >= lower[:, None])
@@ -338,7 +344,7 @@ def _prefill_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         if SINKS:  # the sink's logit joins the denominator: rescale everything to max(m_i, sink) first
-            sink = tl.load(sinks_ptr + h) * 1.4426950408889634
+            sink = tl.load(sinks_ptr + heads) * 1.4426950408889634
             m_f = tl.maximum(m_i, sink)
             m_f = tl.where(m_f == float("-inf"), 0.0, m_f)  # no visible key and a -inf sink
             alpha = tl.exp2(m_i - m_f)
@@ -347,7 +353,7 @@ def _prefill_kernel(
         if WINDOW:  # padding rows past the tile's last query may see no key at all
             l_i = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_i[:, None]
-        tl.store(o_ptr + qrow[:, None] * stride_on + h * stride_oh + d[None, :],
+        tl.store(o_ptr + qrow[:, None] * stride_on + heads[:, None] * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
@@ -356,9 +362,15 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
                             scale: float, *, block_m: int | None = None, block_n: int | None = None,
                             softcap: float | None = None, window: int | None = None,
                             sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
-                            alibi_bf16: bool = False, chunk: int | None = None) -> torch.Tensor:
+                            alibi_bf16: bool = False, chunk: int | None = None,
+                            heads_per_program: int | None = None) -> torch.Tensor:
     """Triton prefill with a cached prefix (``sinks [Hq]`` or None, ``alibi [Hq]`` slopes or None); see
-    :func:`dualpath.kernels.reference.paged_prefill_attention`."""
+    :func:`dualpath.kernels.reference.paged_prefill_attention`.
+
+    ``heads_per_program``: query heads of one KV head computed by one program (a divisor of Hq / Hkv; ``block_m``
+    rows are then ``block_m // heads_per_program`` tokens x those heads, which share each K/V tile loaded). Default:
+    1 on a GPU (one head per program, as measured there), all of a KV head's query heads in Triton's interpreter,
+    whose cost is per program."""
     kv = check_kv_layer(kv_layer)
     dev = kv.device
     q = check_tensor("q", q, dim=3, dtypes=(kv.dtype,), device=dev, last_contiguous=True)
@@ -386,14 +398,20 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
     max_new = max(b - a for a, b in zip(cu_host, cu_host[1:], strict=False))
     interp = interpreting()
     block_d = next_pow2(d)
+    group = hq // hkv
+    pack = heads_per_program or (group if interp else 1)
+    if pack <= 0 or group % pack:
+        raise KernelError(f"heads_per_program must divide the {group} query heads per KV head, got {pack}")
     if interp:
-        block_m = block_m or max(16, min(64, next_pow2(max_new)))
+        block_m = block_m or max(16, min(128, next_pow2(max_new * pack)))
         block_n = block_n or 64
     else:
         block_m = block_m or (128 if block_d <= 64 else 64)
         block_n = block_n or (64 if block_d <= 128 else 32)
+    if block_m < pack:
+        raise KernelError(f"block_m ({block_m}) must hold at least heads_per_program ({pack}) rows")
     prec = "ieee" if kv.dtype == torch.float32 else "tf32"
-    grid = (triton.cdiv(max_new, block_m), bsz, hq)
+    grid = (triton.cdiv(max_new, block_m // pack), bsz, hq // pack)
     _prefill_kernel[grid](
         q, kv, tables, cu, lens, starts, out, out if sinks is None else sinks.float().contiguous(),
         out if alibi is None else alibi.float().contiguous(),
@@ -405,6 +423,6 @@ def paged_prefill_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_table
         G=hq // hkv, D=d, BT=bt, SOFTCAP=softcap is not None, WINDOW=window is not None or chunk is not None,
         SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_FP32=interp, PREC=prec, ALIBI=alibi is not None, ALIBI_BF16=alibi is not None and alibi_bf16,
-        **({} if interp else {"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}),
+        PACK=pack, **({} if interp else {"num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}),
     )
     return out

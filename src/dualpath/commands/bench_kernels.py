@@ -165,13 +165,21 @@ def bench_prefill(torch: Any, a: argparse.Namespace, dev: str) -> dict[str, Any]
         t_sdpa = _time(torch, lambda: sdpa(q4, k, v, attn_mask=mask, scale=scale), a.iters)
     err = float((out.view(b, new, hq, d).transpose(1, 2).float() - ref.float()).abs().max())
     flops = 4.0 * b * hq * d * (new * cached + new * (new + 1) / 2)
+    packed: dict[str, Any] = {}  # a KV head's query heads in one program (1 is the GPU default above)
+    for pack in sorted({p for p in (2, hq // hkv) if p > 1 and (hq // hkv) % p == 0}):
+        def run_packed(p: int = pack) -> Any:
+            return pa.paged_prefill_attention(q, kv, tables, cu, lens, starts, scale, heads_per_program=p)
+
+        t_p = _time(torch, run_packed, a.iters)
+        packed[str(pack)] = {"time_s": t_p, "tflops": flops / t_p / 1e12, "vs_one_head": t_ours / t_p,
+                             "max_abs_diff_vs_one_head": float((run_packed().float() - out.float()).abs().max())}
     return {
         "name": "paged_prefill_with_prefix", "backend": "triton", "dtype": "bfloat16",
         "shape": {"batch": b, "cached": cached, "new": new, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
                   "block_tokens": bt},
         "time_s": t_ours, "tflops": flops / t_ours / 1e12,
         "sdpa_backend": backend, "sdpa_time_s": t_sdpa, "sdpa_tflops": flops / t_sdpa / 1e12,
-        "ratio": t_sdpa / t_ours, "max_abs_err_vs_sdpa": err,
+        "ratio": t_sdpa / t_ours, "max_abs_err_vs_sdpa": err, "heads_per_program": packed,
     }
 
 
@@ -223,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"paged prefill B={args.prefill_batch} cached={args.prefill_cached} new={args.prefill_new}: "
               f"{p['tflops']:.1f} TFLOP/s vs SDPA({p['sdpa_backend']}) {p['sdpa_tflops']:.1f}: ratio {p['ratio']:.2f}x; "
               f"max err {p['max_abs_err_vs_sdpa']:.2e}")
+        for pack, r in p["heads_per_program"].items():
+            print(f"  heads_per_program={pack}: {r['tflops']:.1f} TFLOP/s, {r['vs_one_head']:.2f}x one head per program")
         print(f"layer blocks: gather {c['gather_gbps']:.0f} GB/s, scatter {c['scatter_gbps']:.0f} GB/s, "
               f"torch index_select {c['torch_index_select_gbps']:.0f} GB/s")
     if args.json_out:

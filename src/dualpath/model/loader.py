@@ -38,6 +38,7 @@ from dualpath.model import llama_variants as lv
 from dualpath.model.act_quant import ActivationQuant, activation_quant, quantized_layers
 from dualpath.model.act_quant import install as install_activation_quant
 from dualpath.model.bnb_quant import bnb_dequantized
+from dualpath.model.cpu_precision import warn_if_emulated
 from dualpath.model.gguf import read_gguf
 from dualpath.model.int_quant import IntQuant
 from dualpath.model.int_quant import dequantized as int_dequantized
@@ -732,6 +733,7 @@ def load_model(config: LlamaModelConfig | str | os.PathLike[str] | Mapping[str, 
                         mlx=mq)
     if hasattr(model, "prefill_form"):  # MLA
         model.prefill_form = cfg.mla_prefill
+    warn_if_emulated(cfg.dtype, torch.device(device).type)
     if with_tokenizer:
         tokenizer = load_tokenizer(p if p.is_dir() or p.suffix == ".gguf" else p.parent)
     return model, tokenizer

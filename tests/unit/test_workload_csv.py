@@ -44,7 +44,7 @@ def test_burstgpt_zero_token_rows_are_skipped_and_said(tmp_path: Path) -> None:
     w = load_trace(_write(tmp_path, "burst.csv", BURST), "csv")
     assert [t.turns[0].append for t in w.trajectories] == [472, 1087]
     assert [t.arrival for t in w.trajectories] == [0.0, 113.0]
-    assert w.note == "2 of 2 requests (every request, 1 rows with 0 input tokens skipped (lines 3))"
+    assert w.note == "2 of 2 requests (every request, 1 row with 0 input tokens skipped (line 3))"
 
 
 def test_simulate_and_stats_take_a_csv_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,7 +145,7 @@ def test_a_session_column_groups_rows_into_conversations(tmp_path: Path) -> None
     assert got == [[(400, 50, 0.0, 2), (70, 40, 25.0, 5), (140, 30, 45.0, 8)],
                    [(300, 20, 2.0, 3)], [(100, 10, 4.0, 4)], [(60, 5, 26.0, 6)]]
     assert [t.arrival for t in w.trajectories] == [0.0, 2.0, 4.0, 26.0]
-    assert "1 rows with 0 input tokens skipped (lines 7)" in w.note and "1 rows start a session of their own" in w.note
+    assert "1 row with 0 input tokens skipped (line 7)" in w.note and "1 row starts a session of their own" in w.note
     # the session's own context is reused: 450 and 560 tokens in whole 64-token blocks, of 2,080 prompt tokens
     assert ideal_hit_rate(w.trajectories) == pytest.approx((448 + 512) / (400 + 300 + 100 + 520 + 60 + 700))
     # a prefix of rows is a prefix of requests; --agents takes whole sessions
@@ -180,7 +180,9 @@ def test_csv_stats_in_one_pass_equal_the_trajectories_stats(tmp_path: Path, sess
     f = _write(tmp_path, "t.csv", text)
     fast = trace_stats(f)
     slow = _workload_stats(load_trace(f, "csv"))
+    skipped = fast.pop("skipped_rows")  # (only the one-pass reader sees the rows it skips)
     assert fast == slow
+    assert skipped == {"zero_input": sum(1 for r in lines[1:] if r.split(",")[2] == "0"), "failed": 0}
     assert fast["requests"] == sum(1 for r in lines[1:] if r.split(",")[2] != "0")
     if sessions:
         assert fast["sessions"] < fast["requests"] and fast["ideal_hit_rate"] > 0

@@ -42,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
     lt = s["largest_turn"]
     rate = s["arrival_rate_rps"]
     print(f"trace {s['path']} ({s['format']})")
-    print(f"  requests               {s['requests']}")
+    skipped = s.get("skipped_rows") or {}
+    print(f"  requests               {s['requests']}"
+          + "".join(f"; {n} {what} skipped" for what, n in (("with 0 input tokens", skipped.get("zero_input", 0)),
+                                                              ("failed (0 response tokens)", skipped.get("failed", 0)))
+                    if n))
     print(f"  sessions               {s['sessions']}")
     print(_row("turns per session", s["turns_per_session"]))
     print(_row("input tokens", s["input_tokens"]))

@@ -7,8 +7,10 @@ Columns are found by name, case and spacing ignored (:data:`TIME_COLUMNS`, :data
 
 Such a trace says nothing about content, so every request is its own one-turn session whose prompt shares no
 block with any other: storage sees no reuse, and the hit rate is 0 (the trace is served as it is). Rows with
-0 input tokens (failed requests in BurstGPT) cannot be served; they are skipped and counted, and the count is
-in the run's header. Any other malformed cell is an error naming the file, the line and the column.
+0 input tokens cannot be served, and BurstGPT's failed requests (its README: rows whose ``Response tokens`` are
+0; its ``*_without_fails`` files leave them out) were never answered: both are skipped and counted, with their
+lines, in the run's header. Any other malformed cell (including an infinite or NaN number) is an error naming
+the file, the line and the column. ISO date-times without a zone are UTC (:func:`iso_seconds`).
 
 A trace with a session column (:data:`SESSION_COLUMNS`: BurstGPT v2's ``Session ID``, set on its conversation
 rows) groups the rows of one value into one multi-turn session, in time order. A later row is a follow-up turn
@@ -24,10 +26,12 @@ import csv
 import heapq
 import io
 import json
+import math
 import os
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 from dualpath.errors import WorkloadError
 from dualpath.workload.compressed import open_trace
@@ -58,23 +62,56 @@ def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
 @dataclass
 class CsvTrace:
     trajectories: list[Trajectory]
-    skipped_lines: list[int]
+    skipped_lines: list[int]  # rows with 0 input tokens
     rows: int = 0  # servable rows in the file
     sessions_column: bool = False  # the header names a session column (rows grouped into sessions)
     kept_prefix: bool = False  # only a prefix of the rows was kept while reading (see load_csv)
     restarted: int = 0  # session rows whose prompt cannot hold the session's history: a session of their own
+    failed_lines: list[int] = field(default_factory=list)  # BurstGPT's failed requests (0 response tokens)
+    origin: float | None = None  # the time (s) the trajectories' times count from: the first kept row's
+
+
+_FRACTION = re.compile(r"\.(\d+)")
+_ZONE = re.compile(r"(?:Z|([+-])(\d{2}):?(\d{2}))$")
+
+
+def iso_seconds(text: str) -> float:
+    """Seconds since the epoch of an ISO date-time as public traces write it: any number of fractional digits
+    (Azure's traces have 7: ``2023-11-16 18:15:46.6805900``), a zone as ``Z``, ``+00:00`` or ``+0000``, or none,
+    which is read as UTC (a trace's times do not depend on the machine replaying it). The same on every Python
+    this project supports (3.10's ``fromisoformat`` takes only 3 or 6 fractional digits). ValueError if it is
+    not one."""
+    s = text.strip()
+    zone = _ZONE.search(s)
+    tz = timezone.utc
+    if zone is not None:
+        if zone.group(1):
+            sign = 1 if zone.group(1) == "+" else -1
+            tz = timezone(sign * timedelta(hours=int(zone.group(2)), minutes=int(zone.group(3))))
+        s = s[:zone.start()].rstrip()
+    frac = 0.0
+    m = _FRACTION.search(s)
+    if m is not None and m.end() == len(s):
+        frac = float("0." + m.group(1))
+        s = s[:m.start()]
+    dt = datetime.fromisoformat(s)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=tz)
+    return dt.timestamp() + frac
 
 
 def _time(cell: str, path: str, line: int, col: str) -> float:
     try:
-        return float(cell)
+        v = float(cell)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(cell.strip()).timestamp()
-    except ValueError:
-        raise WorkloadError(f"column {col!r}: {cell!r} is neither seconds nor an ISO date-time", path=path,
-                            line=line) from None
+        try:
+            v = iso_seconds(cell)
+        except ValueError:
+            raise WorkloadError(f"column {col!r}: {cell!r} is neither seconds nor an ISO date-time", path=path,
+                                line=line) from None
+    if not math.isfinite(v):
+        raise WorkloadError(f"column {col!r}: {cell!r} is not a finite time", path=path, line=line)
+    return v
 
 
 def _count(cell: str, path: str, line: int, col: str) -> int:
@@ -82,7 +119,7 @@ def _count(cell: str, path: str, line: int, col: str) -> int:
         v = float(cell)
     except ValueError:
         raise WorkloadError(f"column {col!r}: {cell!r} is not a token count", path=path, line=line) from None
-    if v != v or v < 0 or v != int(v):
+    if not math.isfinite(v) or v < 0 or v != int(v):
         raise WorkloadError(f"column {col!r}: {cell!r} is not a token count (an integer >= 0)", path=path, line=line)
     return int(v)
 
@@ -95,12 +132,18 @@ class CsvScan:
     sessions_column: bool
     skipped_lines: list[int]
     rows: int = 0  # servable rows read so far
+    failed_lines: list[int] = field(default_factory=list)  # BurstGPT's failed requests, skipped
+
+
+#: output columns whose 0 marks a failed request (BurstGPT's README: failures have 0 ``Response tokens``)
+FAILED_IF_ZERO = ("responsetokens",)
 
 
 def scan_csv(path: str | os.PathLike[str]) -> tuple[CsvScan, Iterator[tuple[float, int, int, int, str]]]:
     """The header facts and an iterator over the servable rows of a CSV trace, in file order: ``(time s, line,
     input tokens, output tokens, session id)``. Every cell is checked; a malformed one is an error naming the file,
-    the line and the column. Rows with 0 input tokens are skipped (``skipped_lines``)."""
+    the line and the column. Rows with 0 input tokens are skipped (``skipped_lines``), and BurstGPT's failed
+    requests (0 ``Response tokens``) too (``failed_lines``)."""
     p = str(path)
     f = io.TextIOWrapper(open_trace(p), encoding="utf-8-sig", newline="")
     reader = csv.reader(f)
@@ -124,6 +167,7 @@ def scan_csv(path: str | os.PathLike[str]) -> tuple[CsvScan, Iterator[tuple[floa
         raise
     si = _pick(header, SESSION_COLUMNS)
     scan = CsvScan(header, si is not None, [])
+    failed_if_zero = _norm(header[oi]) in FAILED_IF_ZERO
 
     def rows() -> Iterator[tuple[float, int, int, int, str]]:
         skipped = scan.skipped_lines
@@ -140,6 +184,9 @@ def scan_csv(path: str | os.PathLike[str]) -> tuple[CsvScan, Iterator[tuple[floa
                     outp = _count(row[oi], p, no, header[oi])
                     if inp == 0:
                         skipped.append(no)
+                        continue
+                    if outp == 0 and failed_if_zero:
+                        scan.failed_lines.append(no)
                         continue
                     scan.rows += 1
                     yield t, no, inp, outp, (row[si].strip() if si is not None else "")
@@ -197,13 +244,14 @@ def load_csv(path: str | os.PathLike[str], max_requests: int | None = None,
                 continue
             cur = (traj, 0)
         open_sessions[sid] = (cur[0], inp + outp)
-    return CsvTrace(trajs, scan.skipped_lines, scan.rows, scan.sessions_column, keep is not None, restarted)
+    return CsvTrace(trajs, scan.skipped_lines, scan.rows, scan.sessions_column, keep is not None, restarted,
+                    scan.failed_lines, t0 if trajs else None)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
     """``jsonl``, ``mooncake`` (also AIPerf's rows with ``text_input`` or ``messages`` and an ``output_length``:
-    :mod:`dualpath.workload.mooncake_sessions`), ``bailian`` (Mooncake's fields plus ``chat_id``/
-    ``parent_chat_id``), ``csv``, ``sharegpt`` (conversations, requests and prompt datasets:
+    :mod:`dualpath.workload.mooncake_sessions`), ``bailian`` (Mooncake's fields plus ``chat_id``; a session's
+    first request may leave ``parent_chat_id`` out), ``csv``, ``sharegpt`` (conversations, requests and prompt datasets:
     :mod:`dualpath.workload.sharegpt`) or ``weka``
     (kv-cache-tester agent conversations: :mod:`dualpath.workload.weka`), from the start of the file at ``path``."""
     p = str(path)
@@ -226,7 +274,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if isinstance(obj, dict) and "turns" not in obj and "output_length" in obj \
                 and any(k in obj for k in ("input_length", "text_input", "messages", "hash_ids")):
             # a request row with its output length: Mooncake's, or AIPerf's mooncake_trace with text or messages
-            return "bailian" if "chat_id" in obj and "parent_chat_id" in obj else "mooncake"
+            return "bailian" if "chat_id" in obj else "mooncake"
         from dualpath.workload.weka import looks_like_weka
 
         with open_trace(p) as f:
@@ -240,7 +288,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             return "jsonl"  # malformed JSON: the JSONL reader names what is wrong with the line
         if not isinstance(obj, dict) or "turns" in obj:
             return "jsonl"
-        if "chat_id" in obj and "parent_chat_id" in obj:
+        if "chat_id" in obj:
             return "bailian"
         if any(k in obj for k in ("hash_ids", "input_length", "text_input")):
             return "mooncake"

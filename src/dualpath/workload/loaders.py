@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -236,17 +237,21 @@ def read_mooncake(path: str | os.PathLike[str], max_requests: int | None = None,
 def read_mooncake_counted(path: str | os.PathLike[str], max_requests: int | None = None,
                           objs: Iterable[tuple[int, dict[str, Any]]] | None = None,
                           votes: HashBlockVotes | None = None,
-                          stop_at_aiperf: bool = False) -> tuple[list[MooncakeRow], int, bool]:
+                          stop_at_aiperf: bool = False,
+                          origin: list[float] | None = None) -> tuple[list[MooncakeRow], int, bool]:
     """:func:`read_mooncake`, with how many rows the file has and whether it has timestamps; the first
     ``max_requests`` are kept as the rows stream by (memory for that many rows: a trace of millions of rows cut
     to a prefix is never held whole). ``votes`` counts every row's hash-id block fit; ``stop_at_aiperf`` raises
-    :class:`_AIPerfRow` at a row of AIPerf's shape."""
+    :class:`_AIPerfRow` at a row of AIPerf's shape; ``origin`` (a list) gets the time, in seconds of the trace's
+    clock, that the rows' times count from (their first), when they have times."""
     p = str(path)
     ids: dict[int, int] = {}
     timed: list[bool | None] = [None]
     rows, total = earliest(_fast25_rows(p, _lines(p) if objs is None else objs, timed, votes, stop_at_aiperf),
                            max_requests, keep=lambda r: (*r[:4], interned(r[4], ids)))
     t0 = rows[0][0] if rows else 0.0
+    if origin is not None and rows and timed[0]:
+        origin.append(t0 / 1000.0)
     return ([MooncakeRow((ts - t0) / 1000.0 if timed[0] else None, inp, outp, hids, no)
              for ts, no, inp, outp, hids in rows], total, bool(timed[0]))
 
@@ -266,8 +271,8 @@ def _fast25_rows(p: str, objs: Iterable[tuple[int, dict[str, Any]]], timed: list
             timed[0] = ts is not None
         if ts is None and not timed[0]:
             ts = 0.0
-        elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
-            raise WorkloadError(f"field 'timestamp' must be a number, got {ts!r}" if "timestamp" in obj
+        elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+            raise WorkloadError(f"field 'timestamp' must be a finite number, got {ts!r}" if "timestamp" in obj
                                 else "missing field 'timestamp' (the first row has one)", path=p,
                                 line=no)  # fmt: skip
         elif not timed[0]:
@@ -325,6 +330,7 @@ def mooncake_trace(
     with_ids: bool = False,
     vocab_size: int = 32000,
     max_requests: int | None = None,
+    origin: list[float] | None = None,
 ) -> tuple[list[Trajectory], int, int]:
     """Trajectories from a Mooncake-format trace, how many rows had to start a session of their own, and how many
     requests the file has. FAST'25 rows cut to ``max_requests`` are cut as they stream by: whatever the file's
@@ -353,13 +359,14 @@ def mooncake_trace(
 
     ``with_ids`` also fills each turn's ``append_ids`` (the derived tokens of its appended part).
     ``block_tokens`` None: inferred from the rows (:func:`infer_hash_block`; 512 in Mooncake's traces).
+    ``origin`` (a list): gets the trace-clock time (s) the FAST'25 rows' times count from.
     """
     from dualpath.workload.mooncake_sessions import load_session_rows
     from dualpath.workload.traces import _count_requests, _prefix_requests
 
     votes = HashBlockVotes()
     try:
-        rows, total, _ = read_mooncake_counted(path, max_requests, votes=votes, stop_at_aiperf=True)
+        rows, total, _ = read_mooncake_counted(path, max_requests, votes=votes, stop_at_aiperf=True, origin=origin)
     except _AIPerfRow:  # (read again from the start as AIPerf's rows, each object dropped once read)
         st = load_session_rows(_lines(str(path)), path)
         trajs, total = st.trajectories, _count_requests(st.trajectories)
@@ -415,7 +422,8 @@ def load_bailian(path: str | os.PathLike[str], block_tokens: int | None = None) 
 
 
 def bailian_trace(path: str | os.PathLike[str], block_tokens: int | None = None,
-                  max_requests: int | None = None) -> tuple[list[Trajectory], int, int]:
+                  max_requests: int | None = None,
+                  origin: list[float] | None = None) -> tuple[list[Trajectory], int, int]:
     """Trajectories from a Qwen-Bailian trace (``chat_id``, ``parent_chat_id`` (-1: a session's first request),
     ``timestamp`` in seconds, ``input_length``, ``output_length``, ``hash_ids`` of 16-token blocks; ``turn`` and
     ``type`` are ignored), and how many requests could not continue their parent's session.
@@ -427,7 +435,8 @@ def bailian_trace(path: str | os.PathLike[str], block_tokens: int | None = None,
     for Mooncake; ``block_tokens`` None infers the block size from the rows (16 in the published traces). Also how
     many requests the file has: ``max_requests`` keeps the first requests in time order as the rows stream by
     (memory for that many; a parent always precedes its child, so their sessions are those of the whole file).
-    Requests counted as starting a session of their own are those kept."""
+    Requests counted as starting a session of their own are those kept. ``origin`` (a list): gets the trace-clock
+    time (s) the times count from (the first kept request's)."""
     p = str(path)
     votes = HashBlockVotes()
     ids: dict[int, int] = {}
@@ -435,6 +444,8 @@ def bailian_trace(path: str | os.PathLike[str], block_tokens: int | None = None,
     if block_tokens is None:
         block_tokens = votes.best(default=16)
     t0 = rows[0][0] if rows else 0.0
+    if origin is not None and rows:
+        origin.append(t0)
     out: list[Trajectory] = []
     last: dict[int, tuple[Trajectory, int, int]] = {}  # chat_id -> (its trajectory, its input, its output)
     tail: dict[int, int] = {}  # trajectory id -> the chat_id of its latest turn
@@ -459,8 +470,8 @@ def _bailian_rows(p: str, votes: HashBlockVotes) -> Iterator[tuple[float, int, i
     """The validated ``(timestamp, line, chat_id, parent_chat_id, input, output, hash_ids)`` of each row."""
     for no, obj in _lines(p):
         ts = obj.get("timestamp")
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts:
-            raise WorkloadError(f"field 'timestamp' must be a number, got {ts!r}" if "timestamp" in obj
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+            raise WorkloadError(f"field 'timestamp' must be a finite number, got {ts!r}" if "timestamp" in obj
                                 else "missing field 'timestamp'", path=p, line=no)  # fmt: skip
         chat = _int_field(obj, "chat_id", "", p, no)
         parent = obj.get("parent_chat_id", -1)

@@ -238,10 +238,19 @@ def trace_shards(folder: str) -> list[str]:
     return sorted(out)
 
 
+def _rows(n: int, what: str = "row") -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _lines_shown(lines: list[int]) -> str:
+    return ", ".join(map(str, lines[:5])) + (" ..." if len(lines) > 5 else "")
+
+
 def _read_one(p: str, fmt: str, max_requests: int | None,
-              max_agents: int | None) -> tuple[list[Trajectory], int, int, bool, str]:
+              max_agents: int | None) -> tuple[list[Trajectory], int, int, bool, str, float | None]:
     """One file's trajectories, its requests and sessions, whether only the prefix asked for was kept (CSV,
-    Mooncake, Qwen-Bailian), and what was left out of it."""
+    Mooncake, Qwen-Bailian), what was left out of it, and the time on the trace's own clock (s) its times count
+    from (CSV, Mooncake and Qwen-Bailian rows; None where times are not on one clock)."""
     from dualpath.workload.csvtrace import load_csv
     from dualpath.workload.loaders import bailian_trace, load_jsonl, mooncake_trace
 
@@ -249,17 +258,23 @@ def _read_one(p: str, fmt: str, max_requests: int | None,
     n_file: int | None = None
     s_file: int | None = None
     kept_prefix = False
+    origin: list[float] = []
     if fmt == "csv":  # the prefix asked for is kept while reading (memory bounded)
         table = load_csv(p, max_requests, max_agents)
         trajs, n_file, kept_prefix = table.trajectories, table.rows, table.kept_prefix
         s_file = n_file if not table.sessions_column else len(trajs)  # (with keep: the prefix's sessions)
+        if table.origin is not None:
+            origin.append(table.origin)
         dropped = []
         if table.skipped_lines:
-            shown = ", ".join(map(str, table.skipped_lines[:5])) + (" ..." if len(table.skipped_lines) > 5 else "")
-            dropped.append(f"{len(table.skipped_lines)} rows with 0 input tokens skipped (lines {shown})")
+            dropped.append(f"{_rows(len(table.skipped_lines))} with 0 input tokens skipped "
+                           f"(line{'' if len(table.skipped_lines) == 1 else 's'} {_lines_shown(table.skipped_lines)})")
+        if table.failed_lines:
+            dropped.append(f"{_rows(len(table.failed_lines), 'failed request')} (0 response tokens) skipped "
+                           f"(line{'' if len(table.failed_lines) == 1 else 's'} {_lines_shown(table.failed_lines)})")
         if table.restarted:
-            dropped.append(f"{table.restarted} rows start a session of their own: their prompt is shorter than "
-                           "their session's conversation so far")
+            dropped.append(f"{_rows(table.restarted)} start{'s' if table.restarted == 1 else ''} a session of "
+                           "their own: their prompt is shorter than their session's conversation so far")
         skipped = "; ".join(dropped)
     elif fmt == "sharegpt":
         from dualpath.workload.sharegpt import load_conversations
@@ -280,14 +295,16 @@ def _read_one(p: str, fmt: str, max_requests: int | None,
         keep = max_requests if max_agents is None else None
         kept_prefix = keep is not None
         if fmt == "bailian":
-            trajs, orphans, n_file = bailian_trace(p, max_requests=keep)
+            trajs, orphans, n_file = bailian_trace(p, max_requests=keep, origin=origin)
             if orphans:
-                skipped = (f"{orphans} requests start a session of their own: their parent is not in the file, "
+                skipped = (f"{_rows(orphans, 'request')} start{'s' if orphans == 1 else ''} a session of their own: "
+                           "their parent is not in the file, "
                            "has another child, or its context is longer than theirs")
         else:
-            trajs, restarted, n_file = mooncake_trace(p, max_requests=keep)
+            trajs, restarted, n_file = mooncake_trace(p, max_requests=keep, origin=origin)
             if restarted:
-                skipped = (f"{restarted} requests start a session of their own: their messages do not extend "
+                skipped = (f"{_rows(restarted, 'request')} start{'s' if restarted == 1 else ''} a session of their "
+                           "own: their messages do not extend "
                            "their session's previous request")
     else:
         trajs = load_jsonl(p)
@@ -295,7 +312,15 @@ def _read_one(p: str, fmt: str, max_requests: int | None,
         n_file = _count_requests(trajs)
     if s_file is None:
         s_file = len(trajs)
-    return trajs, n_file, s_file, kept_prefix, skipped
+    return trajs, n_file, s_file, kept_prefix, skipped, origin[0] if origin else None
+
+
+def _shifted(trajs: list[Trajectory], dt: float, base: int) -> list[Trajectory]:
+    """``trajs`` numbered from ``base``, their times ``dt`` seconds later (a shard's times put on its trace's clock)."""
+    if dt == 0:
+        return [Trajectory(base + k, t.turns, t.arrival) for k, t in enumerate(trajs)]
+    return [Trajectory(base + k, [replace(u, at=None if u.at is None else u.at + dt) for u in t.turns], t.arrival + dt)
+            for k, t in enumerate(trajs)]
 
 
 def load_trace(
@@ -310,8 +335,10 @@ def load_trace(
     """Every request of the trace at ``path`` (``fmt``: ``auto`` detects it from the first line; ``jsonl``,
     ``mooncake``, ``bailian``, ``csv``, ``sharegpt`` or ``weka``), or the prefix asked for, ``repeat`` times,
     its times divided by ``time_scale`` (:func:`time_scaled`; the prefix is taken in the trace's own time).
-    ``path`` may be a folder: its trace files (:func:`trace_shards`), all of one format, as one trace. Errors
-    (missing, empty, malformed, not UTF-8) name the file and the line."""
+    ``path`` may be a folder: its trace files (:func:`trace_shards`), all of one format, as one trace: shards of a
+    timed trace (CSV, Mooncake, Qwen-Bailian rows) share its clock, so their times count from the earliest request
+    of all of them; sessions are grouped within each shard. Errors (missing, empty, malformed, not UTF-8) name the
+    file and the line."""
     from dualpath.workload.csvtrace import FORMATS, resolve_format
 
     p = str(path)
@@ -329,13 +356,17 @@ def load_trace(
         fmt = resolve_format(shards[0], fmt)
         trajs: list[Trajectory] = []
         n_file, s_file, skips = 0, 0, []
+        parts: list[tuple[list[Trajectory], float | None]] = []
         for f in shards:
-            part, n, s_, _, skipped = _read_one(f, fmt, max_requests, max_agents)
-            base = len(trajs)
-            trajs.extend([Trajectory(base + k, t.turns, t.arrival) for k, t in enumerate(part)])
+            part, n, s_, _, skipped, origin = _read_one(f, fmt, max_requests, max_agents)
+            parts.append((part, origin))
             n_file, s_file = n_file + n, s_file + s_
             if skipped:
                 skips.append(f"{os.path.relpath(f, p)}: {skipped}")
+        origins = [o for part, o in parts if part and o is not None]
+        clock = min(origins) if origins and len(origins) == sum(1 for part, _ in parts if part) else None
+        for part, origin in parts:  # one clock for all shards of a timed trace
+            trajs.extend(_shifted(part, 0.0 if clock is None or origin is None else origin - clock, len(trajs)))
         kept_prefix, skipped = False, "; ".join(skips)
         if len(shards) > 1:
             skipped = f"{len(shards)} files" + (f"; {skipped}" if skipped else "")
@@ -343,7 +374,7 @@ def load_trace(
         raise WorkloadError("trace file not found", path=p)
     else:
         fmt = resolve_format(p, fmt)
-        trajs, n_file, s_file, kept_prefix, skipped = _read_one(p, fmt, max_requests, max_agents)
+        trajs, n_file, s_file, kept_prefix, skipped, _ = _read_one(p, fmt, max_requests, max_agents)
     if n_file == 0:
         raise WorkloadError("empty trace: no request in the file", path=p, line=1)
     notes: list[str] = []
@@ -457,7 +488,7 @@ def _csv_stats(path: str, block: int = 64) -> dict[str, Any]:
     The numbers are those of the trajectories :func:`~dualpath.workload.csvtrace.load_csv` makes."""
     from dualpath.workload.csvtrace import scan_csv
 
-    _, it = scan_csv(path)
+    scan, it = scan_csv(path)
     times, lines, inputs, outputs, sess = array("d"), array("q"), array("q"), array("q"), array("q")
     sids: dict[str, int] = {}
     for t, no, inp, outp, sid in it:
@@ -505,6 +536,7 @@ def _csv_stats(path: str, block: int = 64) -> dict[str, Any]:
         "largest_turn": {"prompt": best[3], "gen": best[4], "tokens": best[3] + best[4], "session": -best[1],
                          "turn": -best[2], "line": best_line},
         "content_keys": False,
+        "skipped_rows": {"zero_input": len(scan.skipped_lines), "failed": len(scan.failed_lines)},
     }
 
 

@@ -127,12 +127,49 @@ def test_load_trace_serves_it_and_says_what_was_left(tmp_path: Path) -> None:
     p.write_text(json.dumps(SHAREGPT))
     w = load_trace(p)
     assert w.fmt == "sharegpt" and w.requests_in_file == 3 and w.sessions_in_file == 2
-    assert "1 conversations without a reply skipped" in w.note and "no reply follows" in w.note
+    assert "1 conversation without a reply skipped" in w.note and "1 conversation ends with messages no reply" in w.note
     # named explicitly, through the config a run is built from (as `dualpath run --trace-format sharegpt`)
     from dualpath.workload import WorkloadConfig, build_workload
 
     trajs = build_workload(WorkloadConfig(trace=str(p), trace_format="sharegpt"))
     assert len(trajs) == 2 and [len(t.turns) for t in trajs] == [2, 1]
+
+
+def test_bounds_tokenize_only_the_conversations_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``max_requests`` / ``max_agents`` keep the file's first conversations (it has no times); only those are
+    tokenized (most of the cost on a dataset of 90K conversations), and the note still counts the whole file."""
+    import dualpath.workload.sharegpt as sg
+
+    convs = [{"id": str(k), "conversations": [
+        {"from": "human", "value": f"question {k} " * (k + 1)}, {"from": "gpt", "value": "answer " * (k + 2)},
+        {"from": "human", "value": "more"}, {"from": "gpt", "value": f"reply {k}"}]} for k in range(40)]
+    p = tmp_path / "sharegpt.json"
+    p.write_text(json.dumps(convs[:3] + [{"id": "x", "conversations": [{"from": "human", "value": "?"}]}] + convs[3:]))
+    counted: list[int] = []
+
+    def counter() -> object:
+        def count(texts: list[str]) -> list[int]:
+            counted.append(len(texts))
+            return words(texts)
+        return count
+
+    monkeypatch.setattr(sg, "default_counter", counter)
+    whole = load_trace(p)
+    assert counted == [160] and whole.requests == 80 and whole.sessions_in_file == 40
+    for kw, kept_convs, turns in (({"max_requests": 5}, 3, [2, 2, 1]), ({"max_requests": 6}, 3, [2, 2, 2]),
+                                  ({"max_agents": 4}, 4, [2, 2, 2, 2]),
+                                  ({"max_agents": 4, "max_requests": 3}, 4, [2, 1])):
+        counted.clear()
+        w = load_trace(p, **kw)
+        assert counted == [4 * kept_convs], kw  # two texts per turn, of the kept conversations only
+        assert [len(t.turns) for t in w.trajectories] == turns, kw
+        assert [(u.append, u.gen) for t in w.trajectories for u in t.turns] == \
+            [(u.append, u.gen) for t in whole.trajectories[:len(turns)] for u in t.turns][:sum(turns)], kw
+        assert w.requests_in_file == 80 and w.sessions_in_file == 40, kw
+        assert w.note.startswith(f"{sum(turns)} of 80 requests ("), (kw, w.note)
+        assert "1 conversation without a reply skipped" in w.note, kw
+    assert "first 5 requests" in load_trace(p, max_requests=5).note
+    assert "first 4 of 40 sessions" in load_trace(p, max_agents=4).note
 
 
 @pytest.mark.parametrize(("body", "where"), [
@@ -185,7 +222,7 @@ def test_requests_with_a_reply_length_end_in_a_turn_that_asks_for_it(tmp_path: P
         [(1, 1)],
     ]
     w = load_trace(p)
-    assert w.sessions_in_file == 3 and "1 conversations without a reply skipped" in w.note
+    assert w.sessions_in_file == 3 and "1 conversation without a reply skipped" in w.note
 
 
 def test_prompt_datasets_are_one_turn_sessions(tmp_path: Path) -> None:

@@ -64,6 +64,8 @@ class Conversations:
     trajectories: list[Trajectory]
     no_reply: int  # conversations without an assistant reply (no session)
     trailing: int  # conversations whose last messages had no reply after them (those messages made no turn)
+    requests: int = 0  # turns in the whole file (also those of conversations past the bounds, not tokenized)
+    sessions: int = 0  # sessions in the whole file
 
 
 def looks_like_conversations(head: bytes) -> bool:
@@ -152,14 +154,20 @@ def _gen_length(obj: dict[str, Any], where: str, p: str) -> int | None:
 
 
 def load_conversations(path: str | os.PathLike[str],
-                       count_tokens: Callable[[list[str]], list[int]] | None = None) -> Conversations:
+                       count_tokens: Callable[[list[str]], list[int]] | None = None, *,
+                       max_requests: int | None = None, max_agents: int | None = None) -> Conversations:
     """Sessions from a ShareGPT, chat-messages, request or prompt file (see the module docstring).
-    ``count_tokens``: texts -> their token counts (default: the embedded SmolLM2 tokenizer, batched)."""
+    ``count_tokens``: texts -> their token counts (default: the embedded SmolLM2 tokenizer, batched).
+
+    Bounds (file order: a conversation dataset has no times): ``max_agents`` keeps the first that many sessions;
+    else ``max_requests`` keeps sessions until they hold that many turns (the caller cuts the last one). Only the
+    kept sessions' texts are tokenized, which is most of the cost; the rest of the file is still read and checked,
+    and counted in ``requests`` / ``sessions``."""
     p = str(path)
     count = count_tokens or default_counter()
     # per session: (append text, reply text or its length in tokens) of each turn
     convs: list[list[tuple[str, str | int]]] = []
-    no_reply = trailing = 0
+    no_reply = trailing = requests = sessions = kept_turns = 0
     for where, obj in _objects(p):
         pairs: list[tuple[str, str | int]] = []
         prompt: list[str] = []
@@ -178,7 +186,13 @@ def load_conversations(path: str | os.PathLike[str],
         if not pairs:
             no_reply += 1
             continue
+        requests += len(pairs)
+        sessions += 1
+        if (max_agents is not None and len(convs) >= max_agents) \
+                or (max_agents is None and max_requests is not None and kept_turns >= max_requests):
+            continue  # past the bounds: counted, not tokenized
         convs.append(pairs)
+        kept_turns += len(pairs)
     texts = [t for pairs in convs for pair in pairs for t in pair if isinstance(t, str)]
     counts = iter(count(texts) if texts else [])
     trajs: list[Trajectory] = []
@@ -191,7 +205,7 @@ def load_conversations(path: str | os.PathLike[str],
         if turns[0].append == 0:  # a conversation opened by the model: its first reply needs some prompt
             turns[0] = Turn(1, turns[0].gen)
         trajs.append(Trajectory(len(trajs), turns))
-    return Conversations(trajs, no_reply, trailing)
+    return Conversations(trajs, no_reply, trailing, requests, sessions)
 
 
 #: texts per tokenizer call when counting (a whole large trace at once held every token's encoding at once)

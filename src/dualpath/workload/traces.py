@@ -279,13 +279,15 @@ def _read_one(p: str, fmt: str, max_requests: int | None,
     elif fmt == "sharegpt":
         from dualpath.workload.sharegpt import load_conversations
 
-        conv = load_conversations(p)
-        trajs = conv.trajectories
+        conv = load_conversations(p, max_requests=max_requests, max_agents=max_agents)
+        trajs, n_file, s_file = conv.trajectories, conv.requests, conv.sessions
+        kept_prefix = max_agents is None and max_requests is not None  # (the requests before the cut are the file's)
         dropped = []
         if conv.no_reply:
-            dropped.append(f"{conv.no_reply} conversations without a reply skipped")
+            dropped.append(f"{_rows(conv.no_reply, 'conversation')} without a reply skipped")
         if conv.trailing:
-            dropped.append(f"{conv.trailing} conversations end with messages no reply follows (not sent)")
+            dropped.append(f"{_rows(conv.trailing, 'conversation')} end{'s' if conv.trailing == 1 else ''} with "
+                           "messages no reply follows (not sent)")
         skipped = "; ".join(dropped)
     elif fmt == "weka":
         from dualpath.workload.weka import load_weka

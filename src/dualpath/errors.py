@@ -73,6 +73,11 @@ class EngineError(DualPathError):
     """An engine could not serve a request (pool too small, device missing, peer failure after retries)."""
 
 
+class CapacityError(EngineError):
+    """A request larger than an engine can ever hold (its host buffer, one-layer scratch or KV pool): refused at
+    once and never retried, since no wait or other attempt makes it fit."""
+
+
 class SchedulerError(DualPathError):
     """The scheduler was given an inconsistent state or an impossible request."""
 

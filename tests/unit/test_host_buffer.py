@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dualpath.engine.host_buffer import HostBuffer
-from dualpath.errors import EngineError, PeerTimeout
+from dualpath.errors import CapacityError, EngineError, PeerTimeout
 
 pytestmark = pytest.mark.anyio
 
@@ -30,8 +30,8 @@ async def test_a_request_of_the_whole_capacity_fits_whatever_the_alignment(capac
         assert region.data.numel() == n
         hb.free(region)
     assert hb.used_bytes == 0
-    with pytest.raises(EngineError, match="buffer holds"):
-        await hb.alloc(hb.capacity + 1, 0.5)  # can never fit: at once, not at the deadline
+    with pytest.raises(CapacityError, match="buffer holds"):
+        await hb.alloc(hb.capacity + 1, 0.5)  # can never fit: at once, not at the deadline (and never retried)
 
 
 async def test_a_region_freed_twice_or_from_elsewhere_is_refused() -> None:

@@ -35,13 +35,14 @@ from dualpath.config import DualPathConfig
 from dualpath.engine.base import EngineContext
 from dualpath.engine.decode import DecodeEngine, DecodeSeq
 from dualpath.engine.grammar import tokenizer_source
+from dualpath.engine.host_buffer import tokens_that_fit
 from dualpath.engine.links import LinkSet
 from dualpath.engine.model_api import LayerwiseModel, LlamaAdapter
 from dualpath.engine.prefill import PrefillEngine
 from dualpath.engine.request import Turn, TurnResult, unwrap, wait_event
 from dualpath.engine.sampling import SamplingParams
 from dualpath.engine.work import PrefillWork
-from dualpath.errors import EngineError, ModelError, StorageError, TransportError
+from dualpath.errors import CapacityError, EngineError, ModelError, StorageError, TransportError
 from dualpath.kv.keys import BlockKey, BlockKeyer, KeyNamespace
 from dualpath.kv.layout import KVLayout
 from dualpath.scheduler.state import EngineSnapshot
@@ -94,7 +95,10 @@ class Cluster:
         self.layout = KVLayout(first.kv_spec, cc.block_tokens)
         self.namespace = KeyNamespace.for_layout(first.fingerprint, self.layout)
         self.keyer = BlockKeyer(self.namespace)
-        self.max_context = first.max_context
+        self.model_context = first.max_context
+        #: the longest turn served: the model's context, cut to the prompt whose KV a host buffer holds
+        self.max_context = min(first.max_context,
+                               tokens_that_fit(cc.host_buffer_bytes, self.layout.full_block_bytes, cc.block_tokens))
         self.vocab_size = first.vocab_size
         self.linkset = LinkSet(cc.kv_share)
         self.storage: Storage | None = None
@@ -287,7 +291,11 @@ class Cluster:
 
     # --- validation ----------------------------------------------------------------------------------------
     def _context_hint(self) -> str:
-        """What sets a real model's context (the knob to turn), or nothing for the synthetic model."""
+        """What sets the context (the knob to turn): the host buffer where it binds, else a real model's own."""
+        if self.max_context < self.model_context:
+            return (f" (cluster.host_buffer_bytes = {self.config.cluster.host_buffer_bytes} holds the KV of "
+                    f"{self.max_context} prompt tokens of this model, whose own context is {self.model_context}; "
+                    "raise it for longer turns)")
         first = next(iter(self._models.values()), None)
         spec = getattr(getattr(first, "model", None), "spec", None)
         if spec is None or not hasattr(spec, "context_limit") or spec.context_limit != self.max_context:
@@ -319,7 +327,7 @@ class Cluster:
         self.des[de].check_fits(n, gen_tokens)
         kv_bytes = -(-n // self.layout.block_tokens) * self.layout.full_block_bytes
         if kv_bytes > self.config.cluster.host_buffer_bytes:
-            raise EngineError(
+            raise CapacityError(
                 f"a prompt of {n} tokens needs {kv_bytes} bytes of host buffer but cluster.host_buffer_bytes is "
                 f"{self.config.cluster.host_buffer_bytes}"
             )

@@ -217,7 +217,7 @@ class EngineHost:
             "role": self.role.value, "rank": self.rank, "node": self.node,
             "address": self.transport.address, "pid": os.getpid(), "fingerprint": self.fingerprint,
             "token_bytes": self.layout.spec.bytes_per_token_layer * self.layout.n_layers,
-            "vocab_size": self.engine.model.vocab_size, "max_context": self.engine.model.max_context,
+            "vocab_size": self.engine.model.vocab_size, "max_context": self.engine.served_context(),
             "epoch": self.epoch, "holds": sorted(self.turns)[: 1 << 16],
             "stored_blocks": len(getattr(getattr(self.storage, "_index", None), "entries", ())),
         }
@@ -401,7 +401,7 @@ class EngineHost:
         n_de = self.config.cluster.decode_nodes * self.config.cluster.engines_per_node
         if not ids or b["pe"] >= n_pe or b["de"] >= n_de:
             raise InvalidTurn(f"{self.name}: turn {rid}: empty prompt or engine out of range")
-        if max(ids) >= eng.model.vocab_size or len(ids) + b["gen"] > eng.model.max_context:
+        if max(ids) >= eng.model.vocab_size or len(ids) + b["gen"] > eng.served_context():
             raise InvalidTurn(f"{self.name}: turn {rid}: token id or length outside the model")
         try:
             if self.role is Role.PREFILL:

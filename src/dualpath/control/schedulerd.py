@@ -821,7 +821,8 @@ class SchedulerDaemon:
             if int(prompt.max()) >= vocab:
                 raise SchedulerError(f"submit: token id {int(prompt.max())} is outside the vocabulary of {vocab}")
             if prompt.size + gen > ctx:
-                raise SchedulerError(f"submit: {prompt.size} prompt + {gen} generated tokens exceed the context of {ctx}")
+                raise SchedulerError(f"submit: {prompt.size} prompt + {gen} generated tokens exceed the context of {ctx} "
+                                     "tokens the engines serve (the model's, cut to what a host buffer holds)")
 
     async def _submit(self, b: dict[str, Any], ctx: TurnCtx) -> tuple[str, dict[str, Any]]:
         sc = self.config.serve
@@ -899,6 +900,9 @@ class SchedulerDaemon:
         out["inflight"] = self._inflight
         out["draining"] = int(self.draining)
         out["engines_alive"] = sum(1 for r in self.engines.values() if r.alive)
+        served = [r.max_context for r in self.engines.values() if r.alive]
+        if served:  # the longest turn every live engine takes (its model's context, cut to its host buffer)
+            out["max_context"] = min(served)
         out["held"] = self.driver.stats.held if self.driver is not None else 0  # waited for a prefix in flight
         out["rejected_messages"] = self.channel.rejected if self.channel else 0
         out["refused_peers"] = self.channel.refused if self.channel else 0

@@ -93,6 +93,12 @@ class Engine(abc.ABC):
     def free_kv_tokens(self) -> int:
         return 0
 
+    def served_context(self) -> int:
+        """The longest turn (prompt + generated tokens) this engine serves: the model's context, cut to the prompt
+        whose KV its host buffer holds (a prompt's KV passes through it on either read path)."""
+        return min(self.model.max_context, self.host.tokens_that_fit(self.layout.full_block_bytes,
+                                                                     self.layout.block_tokens))
+
     def host_offset(self, t: torch.Tensor) -> int:
         """Byte offset of a view of the host arena inside the registered region."""
         return int(t.data_ptr() - self.host.data.data_ptr())

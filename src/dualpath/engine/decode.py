@@ -18,7 +18,7 @@ from dualpath.engine.host_buffer import HostRegion
 from dualpath.engine.prefill import wait_arrival
 from dualpath.engine.request import Turn, wait_event
 from dualpath.engine.sampling import Sampler, TokenLogprob
-from dualpath.errors import EngineError, ModelError, PeerTimeout
+from dualpath.errors import CapacityError, ModelError, PeerTimeout
 from dualpath.model.kv_pool import KVPool
 from dualpath.paths.de_read import de_host_blocks, de_read, stream_layers
 from dualpath.types import BlockKey, EngineId, Role
@@ -109,6 +109,7 @@ class DecodeEngine(Engine):
         bt = self.layout.block_tokens
         self.pool = KVPool(self.layout.spec, max(1, ctx.config.kv_pool_tokens // bt), bt, self.device)
         self.running: list[DecodeSeq] = []
+        self.persist_skipped = 0  # prompts whose new blocks did not fit the host buffer beside their receive area
         self._batch: list[DecodeSeq] = []  # the requests of the decode step in flight (its forward writes their pages)
         self._step_done = anyio.Event()  # set (and replaced) at the end of every step
         self._wake = anyio.Event()
@@ -126,7 +127,7 @@ class DecodeEngine(Engine):
     def check_fits(self, prompt: int, gen: int) -> None:
         need = self.pool_blocks_for(prompt, gen)
         if need > self.pool.num_blocks:
-            raise EngineError(
+            raise CapacityError(
                 f"{self.name}: a turn of {prompt} prompt + {gen} generated tokens needs {need} KV pool blocks of "
                 f"{self.layout.block_tokens} tokens, but the pool has {self.pool.num_blocks} "
                 f"(cluster.kv_pool_tokens={self.cfg.kv_pool_tokens})"
@@ -306,6 +307,17 @@ class DecodeEngine(Engine):
         first, last = turn.hit_blocks, turn.prompt_len // bt
         n = last - first
         if n <= 0 or not self.cfg.persist:
+            seq.mark_stored()
+            return
+        held = turn.de_recv.nbytes if turn.de_recv is not None else 0
+        if held + n * layout.full_block_bytes > self.host.capacity:
+            # the copy and this turn's receive area cannot both be in the buffer: waiting for room would wait for
+            # this turn itself (until the deadline, then fail the turn); persistence is best effort, so skip it
+            self.persist_skipped += 1
+            log.warning("%s: turn %d: the prompt's %d new blocks (%d bytes) and its receive area (%d bytes) do not "
+                        "both fit the host buffer (%d bytes): not persisted (raise cluster.host_buffer_bytes to "
+                        "store prompts this long)", self.name, turn.rid, n, n * layout.full_block_bytes, held,
+                        self.host.capacity)
             seq.mark_stored()
             return
         region = await self.host.alloc(n * layout.full_block_bytes, self.cfg.deadline_s)

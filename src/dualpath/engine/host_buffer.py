@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import anyio
 import torch
 
-from dualpath.errors import EngineError, PeerTimeout
+from dualpath.errors import CapacityError, EngineError, PeerTimeout
 from dualpath.storage.latewrites import LATE_WRITES
 
 _ALIGN = 64
@@ -30,6 +30,12 @@ class HostRegion:
     offset: int
     nbytes: int
     data: torch.Tensor  # uint8 [nbytes] view of the arena
+
+
+def tokens_that_fit(capacity_bytes: int, full_block_bytes: int, block_tokens: int) -> int:
+    """The longest prompt whose KV (whole Full Blocks) a host buffer of ``capacity_bytes`` holds in one region: what
+    bounds a turn on an engine, whose prompt KV passes through its host buffer on either read path."""
+    return (int(capacity_bytes) // full_block_bytes) * block_tokens
 
 
 class HostBuffer:
@@ -56,6 +62,10 @@ class HostBuffer:
     @property
     def used_bytes(self) -> int:
         return self._used
+
+    def tokens_that_fit(self, full_block_bytes: int, block_tokens: int) -> int:
+        """:func:`tokens_that_fit` of this buffer."""
+        return tokens_that_fit(self.capacity, full_block_bytes, block_tokens)
 
     @property
     def free_bytes(self) -> int:
@@ -95,7 +105,7 @@ class HostBuffer:
     async def alloc(self, nbytes: int, deadline_s: float) -> HostRegion:
         """A region of at least ``nbytes``; waits up to ``deadline_s`` for space."""
         if nbytes > self.capacity:
-            raise EngineError(
+            raise CapacityError(
                 f"{self.name}: a request needs {nbytes} bytes but the buffer holds {self.capacity} "
                 "(raise cluster.host_buffer_bytes)"
             )

@@ -33,7 +33,7 @@ from dualpath.engine.model_api import PrefillSeq
 from dualpath.engine.request import Turn, unwrap
 from dualpath.engine.sampling import rows_logprobs
 from dualpath.engine.work import PrefillWork
-from dualpath.errors import EngineError, ModelError
+from dualpath.errors import CapacityError, EngineError, ModelError
 from dualpath.paths.pe_read import LayerPrefetch, h2d_layer, pe_read
 from dualpath.scheduler.batching import PendingPrefill, pack_forward_batch
 from dualpath.scheduler.state import EngineSnapshot
@@ -140,7 +140,7 @@ class PrefillEngine(Engine):
     def check_fits(self, prompt_tokens: int) -> None:
         need = -(-prompt_tokens // self.layout.block_tokens)
         if need > self.max_slot_blocks - 1:
-            raise EngineError(
+            raise CapacityError(
                 f"{self.name}: a prompt of {prompt_tokens} tokens needs {need} blocks of one-layer scratch but the "
                 f"prefill engine holds at most {self.max_slot_blocks - 1} (the model's context of "
                 f"{self.model.max_context} tokens)"

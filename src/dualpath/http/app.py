@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dualpath.engine.sampling import SamplingParams
-from dualpath.errors import DualPathError, ModelError, PeerTimeout
+from dualpath.errors import CapacityError, DualPathError, ModelError, PeerTimeout
 from dualpath.http.backend import Backend, Cancelled, GenRequest, GenResult, Job, stop_ids_of
 from dualpath.http.config import HttpConfig
 from dualpath.http.harmony import HarmonyReader, is_harmony
@@ -538,12 +538,14 @@ def _map_error(exc: BaseException, retry_after: int) -> ApiError:
         if code == "SchedulerError" and "draining" in msg:
             return ApiError(503, f"the deployment is draining (dualpath ctl drain): it accepts no new requests; "
                                  f"{msg}", "server_error", code="draining", retry_after=retry_after)
-        if code in ("InvalidTurn", "ProtocolError") or (code == "SchedulerError" and "submit:" in msg):
+        if code == "SchedulerError" and "submit:" in msg and "exceed the context" in msg:
+            return ApiError(400, msg, code="context_length_exceeded")
+        if code in ("InvalidTurn", "ProtocolError", "CapacityError") or (code == "SchedulerError" and "submit:" in msg):
             return ApiError(400, msg)
         if code == "SchedulerError" and "busy" in msg:
             return ApiError(429, msg, "rate_limit_exceeded", code="overloaded", retry_after=retry_after)
         return ApiError(503, msg, "server_error", code=code or None, retry_after=retry_after)
-    if isinstance(exc, ModelError):
+    if isinstance(exc, (ModelError, CapacityError)):  # (a request no engine of this deployment can ever hold)
         return ApiError(400, str(exc))
     if isinstance(exc, Cancelled):
         return ApiError(499, str(exc), "server_error", code="cancelled")

@@ -384,6 +384,7 @@ class RemoteBackend(Backend):
         self._stats_error: str | None = "no answer from the scheduler yet"
         self._stats_since: float | None = None  # a stats request in flight since (a stalled scheduler: not ready)
         self._stats_task: asyncio.Task[None] | None = None
+        self._model_context = 0  # the checkpoint's context, as the front read it (0: not known)
         self._gone = False  # the scheduler is known to be gone (until a stats request succeeds)
         self.stats_every_s = stats_every_s
 
@@ -418,6 +419,8 @@ class RemoteBackend(Backend):
                 prev()
 
         self.client.channel.on_disconnect = _gone
+        self._model_context = self.max_context
+        await self.stats()  # (the engines' served context, when the scheduler answers now; else at the next stats)
 
     async def close(self) -> None:
         if self._stats_task is not None:
@@ -463,6 +466,9 @@ class RemoteBackend(Backend):
             asked = time.monotonic()
             self._stats = await self.client.stats(timeout=min(2.0, 2 * self.stats_every_s))
             self._stats_error, self._gone = None, False
+            served = int(self._stats.get("max_context", 0))
+            if served > 0:  # the engines' context (cut to their host buffers): what a request is checked against
+                self.max_context = min(self._model_context, served) if self._model_context else served
             drained = self.client.drained_at
             if drained is not None and drained < asked and not int(self._stats.get("draining", 0)):
                 self.client.drained_at = None  # a scheduler that is not draining answered since (a failover)

@@ -171,8 +171,7 @@ async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_
             harmless = {"model": "synthetic-test", "n": 1, "user": "u1", "presence_penalty": 0,
                         "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": None, "best_of": 1, "suffix": None,
                         "seed": None, "store": False, "metadata": {"k": "v"},
-                        "service_tier": "auto", "stream_options": {"include_usage": True}, "echo": None,
-                        "stream": None}
+                        "service_tier": "auto", "echo": None, "stream": None}
             r = await cl.post("/v1/completions", json={**base, **harmless})
             assert r.status_code == 200, r.text
             out = r.json()
@@ -181,7 +180,9 @@ async def test_standard_openai_fields_are_accepted_or_refused_by_name_and_model_
             for field, value in (("logit_bias", {"x": 10}), ("logit_bias", {"5": 200}), ("repetition_penalty", 20),
                                  ("best_of", {"best_of": 1, "n": 2}), ("best_of", {"best_of": 3, "stream": True}),
                                  ("logprobs", {"logprobs": 1, "echo": True, "stream": True}),
-                                 ("max_tokens", {"max_tokens": 0}), ("suffix", "x")):
+                                 ("max_tokens", {"max_tokens": 0}), ("suffix", "x"),
+                                 # (as OpenAI and vLLM answer: stream_options means nothing without stream)
+                                 ("stream_options", {"stream_options": {"include_usage": True}, "stream": False})):
                 extra = value if isinstance(value, dict) and field != "logit_bias" else {field: value}
                 r = await cl.post("/v1/completions", json={**base, **extra})
                 assert r.status_code == 400, (field, r.text)

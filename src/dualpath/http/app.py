@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -53,6 +53,7 @@ from dualpath.http.tools import (
     tool_dicts,
     with_tools_in_text,
 )
+from dualpath.http.unicode_check import lone_surrogate_path
 from dualpath.model.chat_format import template_messages
 
 log = logging.getLogger("dualpath.http")
@@ -290,7 +291,7 @@ class Server:
         for tid, _ in bias:
             if b.vocab_size and tid >= b.vocab_size:
                 raise ApiError(400, f"logit_bias: token id {tid} is outside the vocabulary of {b.vocab_size}",
-                               param="logit_bias")
+                               param="logit_bias", code="unsupported_parameter")
         allowed = tuple(sorted({int(t) for t in getattr(req, "allowed_token_ids", None) or ()}))
         if allowed and b.vocab_size and allowed[-1] >= b.vocab_size:
             raise ApiError(400, f"allowed_token_ids: token id {allowed[-1]} is outside the vocabulary of "
@@ -584,7 +585,17 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
             server.ready = False
             await backend.close()
 
-    app = FastAPI(title="dualpath", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    async def refuse_lone_surrogates(request: Request) -> None:
+        """400 for a body whose text holds a lone UTF-16 surrogate (:mod:`dualpath.http.unicode_check`), before
+        it is validated or served (the body is read once: the route reuses it)."""
+        if request.method in ("POST", "PUT", "PATCH"):
+            where = lone_surrogate_path(await request.body())
+            if where is not None:
+                raise ApiError(400, f"{where or 'the body'}: not valid Unicode text (a lone UTF-16 surrogate, "
+                                    "\\ud800 to \\udfff, with no pair)", param=where or None)
+
+    app = FastAPI(title="dualpath", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(refuse_lone_surrogates)])
     from dualpath.http.bodylimit import BodyLimit
 
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
@@ -600,6 +611,13 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         server.metrics.requests.labels(endpoint=request.url.path, code=str(exc.status)).inc()
         return exc.response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:  # (a bug: still an OpenAI-shaped body)
+        log.exception("%s %s failed", request.method, request.url.path)
+        server.metrics.requests.labels(endpoint=request.url.path, code="500").inc()
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+                            status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

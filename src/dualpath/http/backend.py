@@ -261,7 +261,7 @@ def inprocess_overrides() -> dict[str, Any]:
     return {
         "model": {"kind": "llama"},
         "cluster": {"block_tokens": 16, "snic_gbps": None, "cnic_gbps": None, "kv_pool_tokens": 65536,
-                    "host_buffer_bytes": 256 << 20, "prefill_max_batch_tokens": 8192, "prefill_max_batch": 32,
+                    "host_buffer_bytes": 768 << 20, "prefill_max_batch_tokens": 8192, "prefill_max_batch": 32,
                     "decode_max_batch": 64},
     }
 

@@ -81,6 +81,12 @@ class ContentPart(BaseModel):
             raise ValueError(f"only text content parts are supported (got type {v!r})")
         return v
 
+    @model_validator(mode="after")
+    def _has_text(self) -> ContentPart:
+        if self.text is None:
+            raise ValueError("a text part needs its 'text'")
+        return self
+
     @property
     def value(self) -> str:
         return self.text or ""
@@ -105,6 +111,12 @@ class ChatMessage(_Strict):
     # the chat template as reasoning_content (Qwen3's renders or drops it as it was trained to)
     reasoning_content: str | None = None
     reasoning: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_answer_names_its_call(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a 'tool' message needs the 'tool_call_id' of the call it answers")
+        return self
 
     def template_dict(self) -> dict[str, Any]:
         """The message as a chat template expects it: ``developer`` is rendered as ``system``; the legacy
@@ -230,6 +242,8 @@ class _Sampling(_Strict):
                                 f"{self.priority})")
         if self.prompt_logprobs is not None and self.stream:
             return "prompt_logprobs", "prompt_logprobs: not supported with stream (send stream: false)"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options: only allowed with stream: true"
         refused = {
             "use_beam_search": (self.use_beam_search, "beam search is not supported"),
             "length_penalty": (self.length_penalty != 1.0, "only applies to beam search, which is not supported"),
@@ -483,8 +497,12 @@ def describe_validation(errors: list[Any]) -> tuple[str, str | None]:
     elif kind == "json_invalid":
         msg = f"malformed JSON: {e.get('msg', '')}"
         where = ""
+    elif kind == "missing" and not where:
+        msg = "the request body is empty: send a JSON object"
     elif kind == "missing":
         msg = f"missing field {where!r}"
+    elif kind in ("model_attributes_type", "dict_type") and not where and isinstance(e.get("input"), bytes | str):
+        msg = "the request body must be a JSON object, sent as Content-Type: application/json"
     else:
         msg = f"{where}: {e.get('msg', 'invalid value')}" if where else str(e.get("msg", "invalid value"))
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

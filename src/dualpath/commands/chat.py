@@ -23,7 +23,7 @@ DEFAULT_TURNS = [
 #: chat's own settings, under a ``--config`` file (which may override them: chat says which it did)
 CHAT_DEFAULTS: dict[str, Any] = {
     "cluster": {"block_tokens": 16, "snic_gbps": None, "kv_pool_tokens": 8192,
-                "host_buffer_bytes": 256 << 20, "prefill_max_batch_tokens": 8192},
+                "host_buffer_bytes": 768 << 20, "prefill_max_batch_tokens": 8192},
 }
 
 

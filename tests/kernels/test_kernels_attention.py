@@ -32,6 +32,19 @@ def _tables(lens: list[int], bt: int, nb: int, seed: int = 0, width_extra: int =
     return torch.tensor(rows, dtype=torch.int32)
 
 
+def _batch(seqs: list[tuple[int, int]], bt: int, hkv: int, d: int, dtype: torch.dtype, device: str,
+           seed: int) -> tuple[torch.Tensor, ...]:
+    """``(kv, tables, cu_seqlens_q, seq_lens, start_pos)`` of a prefill batch of ``(cached, new)`` sequences."""
+    lens = [c + n for c, n in seqs]
+    nb = sum(-(-n // bt) for n in lens) + 2
+    kv = _pool(nb, bt, hkv, d, dtype, device, seed=seed)
+    tables = _tables(lens, bt, nb, seed=seed).to(device)
+    cu = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    starts = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=device)
+    return kv, tables, cu, seq_lens, starts
+
+
 # (block_tokens, n_q_heads, n_kv_heads, head_dim, dtype): block sizes 16..128, GQA ratios 1/2/4/8
 CASES = [
     (16, 4, 4, 16, torch.float32),
@@ -75,15 +88,9 @@ def test_decode_split_k_reduction(device):
 def test_prefill_with_prefix_matches_reference(device, bt, hq, hkv, d, dtype):
     # (cached, new): no prefix, prefix not block-aligned, a one-token chunk, a long chunk after a prefix
     seqs = [(0, 19), (37, 5), (64, 1), (16, 40)]
-    lens = [c + n for c, n in seqs]
-    nb = sum(-(-n // bt) for n in lens) + 2
-    kv = _pool(nb, bt, hkv, d, dtype, device, seed=1)
-    tables = _tables(lens, bt, nb, seed=1).to(device)
+    kv, tables, cu, seq_lens, starts = _batch(seqs, bt, hkv, d, dtype, device, seed=1)
     ntok = sum(n for _, n in seqs)
     q = torch.randn((ntok, hq, d), generator=torch.Generator().manual_seed(6)).to(dtype=dtype, device=device)
-    cu = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    starts = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=device)
     want = ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, d**-0.5)
     got = tri.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, d**-0.5)
     torch.testing.assert_close(got, want, **_tol(dtype))
@@ -124,15 +131,9 @@ def test_prefill_heads_per_program_matches_reference(device, feature):
     per-head input (sinks, ALiBi slopes) and every mask, each against the torch reference."""
     bt, hq, hkv, d = 16, 6, 1, 16
     seqs = [(0, 13), (29, 6), (64, 1), (10, 9)]  # (cached, new)
-    lens = [c + n for c, n in seqs]
-    nb = sum(-(-n // bt) for n in lens) + 2
-    kv = _pool(nb, bt, hkv, d, torch.float32, device, seed=21)
-    tables = _tables(lens, bt, nb, seed=21).to(device)
+    kv, tables, cu, seq_lens, starts = _batch(seqs, bt, hkv, d, torch.float32, device, seed=21)
     g = torch.Generator().manual_seed(22)
     q = torch.randn((sum(n for _, n in seqs), hq, d), generator=g).to(device)
-    cu = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    starts = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=device)
     kw = dict(_PACK_FEATURES[feature])
     if kw.pop("sinks", False):
         kw["sinks"] = torch.randn(hq, generator=g).to(device)
@@ -197,14 +198,9 @@ def test_sliding_window_matches_naive(device, window):
     bt, hq, hkv, d = 16, 4, 2, 16
     seqs = [(0, 45), (37, 9), (70, 1), (5, 30)]  # (cached, new)
     lens = [c + n for c, n in seqs]
-    nb = sum(-(-n // bt) for n in lens) + 2
-    kv = _pool(nb, bt, hkv, d, torch.float32, device, seed=11)
-    tables = _tables(lens, bt, nb, seed=11).to(device)
+    kv, tables, cu, seq_lens, starts = _batch(seqs, bt, hkv, d, torch.float32, device, seed=11)
     ntok = sum(n for _, n in seqs)
     q = torch.randn((ntok, hq, d), generator=torch.Generator().manual_seed(12)).to(device)
-    cu = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    starts = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=device)
     want = torch.cat([_naive_window(q[int(cu[b]):int(cu[b + 1])], kv, tables[b], list(range(c, c + n)), 0.3, window)
                       for b, (c, n) in enumerate(seqs)])
     got_ref = ref.paged_prefill_attention(q, kv, tables, cu, seq_lens, starts, 0.3, window=window)
@@ -256,15 +252,9 @@ def _sink_case(device: str) -> tuple:
     """The shapes of ``test_sliding_window_matches_naive``: prefill inputs and decode queries."""
     bt, hq, hkv, d = 16, 4, 2, 16
     seqs = [(0, 45), (37, 9), (70, 1), (5, 30)]  # (cached, new)
-    lens = [c + n for c, n in seqs]
-    nb = sum(-(-n // bt) for n in lens) + 2
-    kv = _pool(nb, bt, hkv, d, torch.float32, device, seed=21)
-    tables = _tables(lens, bt, nb, seed=21).to(device)
+    kv, tables, cu, seq_lens, starts = _batch(seqs, bt, hkv, d, torch.float32, device, seed=21)
     q = torch.randn((sum(n for _, n in seqs), hq, d), generator=torch.Generator().manual_seed(22)).to(device)
-    cu = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    starts = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=device)
-    qd = torch.randn((len(lens), hq, d), generator=torch.Generator().manual_seed(23)).to(device)
+    qd = torch.randn((len(seqs), hq, d), generator=torch.Generator().manual_seed(23)).to(device)
     return seqs, kv, tables, q, cu, seq_lens, starts, qd
 
 

@@ -34,6 +34,7 @@ from dualpath.api import (
 from dualpath.config import DualPathConfig, load_config
 from dualpath.errors import (
     BlockMissing,
+    CapacityError,
     ConfigError,
     CorruptBlock,
     DualPathError,
@@ -113,6 +114,7 @@ __all__ = [
     "DualPathConfig",
     "DualPathError",
     "EngineError",
+    "CapacityError",
     "EngineId",
     "GlobalScheduler",
     "KVLayout",

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dualpath.config import ConfigSource, DualPathConfig, load_config
-from dualpath.errors import ConfigError, EngineError, SchedulerError
+from dualpath.errors import ConfigError, DualPathError, EngineError, SchedulerError
 from dualpath.types import PathKind
 
 if TYPE_CHECKING:
@@ -33,6 +33,15 @@ if TYPE_CHECKING:
     from dualpath.scheduler.driver import SchedulerDriver
 
 T = TypeVar("T")
+
+
+def _model_section(model: Any, sections: dict[str, Any]) -> Any:
+    """``model=`` given as a mapping is the config's ``model`` section (as ``load_config(model=...)`` takes it):
+    moved into ``sections``; a model, ``load_model``'s result or a factory is returned as it is."""
+    if isinstance(model, Mapping):
+        sections["model"] = model
+        return None
+    return model
 
 
 def _as_config(config: ConfigSource, sections: Mapping[str, Any]) -> DualPathConfig:
@@ -50,6 +59,7 @@ def create_cluster(config: ConfigSource = None, *, model: ModelSource | None = N
     """
     from dualpath.cluster.runner import Cluster
 
+    model = _model_section(model, sections)
     return Cluster(_as_config(config, sections), model=model)
 
 
@@ -111,10 +121,18 @@ class AsyncSession:
                  scheduler: GlobalScheduler | Callable[[Cluster], GlobalScheduler] | None = None,
                  **sections: Any) -> None:
         from dualpath.runtime.runner import policy_config
+        from dualpath.scheduler.policies import POLICIES
 
+        model = _model_section(model, sections)
+        if policy is not None and not isinstance(policy, str):
+            raise ConfigError(f"policy: a policy name ({', '.join(POLICIES)}); for a Policy object of your own "
+                              "pass scheduler=create_scheduler(cfg, policy=your_policy)")
         base = _as_config(config, sections)
         self.policy = policy or base.scheduler.policy
-        self.config = policy_config(base, self.policy, None)
+        try:
+            self.config = policy_config(base, self.policy, None)
+        except SchedulerError as exc:
+            raise ConfigError(f"policy: {exc}") from None
         self._model = model
         self._scheduler = scheduler
         self._cluster: Cluster | None = None
@@ -203,10 +221,20 @@ class AsyncSession:
         its KV blocks are persisted, so the next turn's prompt ``prompt_ids + result.tokens + ...`` hits them.
         ``salt``: a cache salt (vLLM's ``cache_salt``): the turn shares stored KV only with turns of the same salt.
         """
-        if path is None:
-            return await self.driver.run_turn(session, prompt_ids, gen_tokens, salt=salt)
-        return await self.cluster.run_turn(session, prompt_ids, gen_tokens, pe, de, PathKind(path), pe_blocks,
-                                           salt=salt)
+        from dualpath.cluster.runner import path_kind, token_ids
+        from dualpath.engine.request import unwrap
+
+        ids = token_ids(prompt_ids)  # (a ModelError naming prompt_ids for text, non-integers, negative ids)
+        try:
+            if path is None:
+                return await self.driver.run_turn(session, ids, gen_tokens, salt=salt)
+            return await self.cluster.run_turn(session, ids, gen_tokens, pe, de, path_kind(path), pe_blocks,
+                                               salt=salt)
+        except BaseException as exc:  # a task group's failure: the DualPathError that caused it, catchable
+            leaf = unwrap(exc)
+            if leaf is not exc and isinstance(leaf, DualPathError):
+                raise leaf from exc
+            raise
 
     def lookup(self, prompt_ids: Sequence[int], salt: str | None = None) -> int:
         """Tokens of ``prompt_ids`` whose KV is stored now (what a turn would hit; at least one is computed), under

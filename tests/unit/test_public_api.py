@@ -14,7 +14,7 @@ import dualpath
 from dualpath.config import DualPathConfig
 
 PUBLIC = {
-    "AsyncSession", "BlockKey", "BlockKeyer", "BlockMissing", "Cluster", "ConfigError", "CorruptBlock",
+    "AsyncSession", "BlockKey", "BlockKeyer", "BlockMissing", "CapacityError", "Cluster", "ConfigError", "CorruptBlock",
     "DualPathConfig", "DualPathError", "EngineError", "EngineId", "GlobalScheduler", "KVLayout", "KVSpec",
     "KernelError", "KeyNamespace", "ModelError", "POLICIES", "PathKind", "PeerTimeout", "Policy", "Role",
     "RunOutcome", "RunRequest", "SchedulerDriver", "SchedulerError", "SchedulerParams", "Session", "SimScenario",
@@ -345,3 +345,36 @@ def test_what_a_researcher_types_first_works_or_names_the_mistake() -> None:
     assert c.config.storage.kind == "memory"
     with pytest.raises(dualpath.ConfigError, match="storage"):
         dualpath.Cluster({"storage": {"kind": "s3"}})
+
+
+def test_a_researchers_wrong_arguments_are_named_errors() -> None:
+    """What the library audit found raising plain TypeErrors / ValueErrors or crashing deep inside: each is now a
+    DualPathError naming the argument, and the forms the docs suggest work."""
+    from dualpath.scheduler.policies import Policy
+
+    with pytest.raises(dualpath.ConfigError, match="policies must be a policy name or a list"):
+        dualpath.simulate("tiny", 5)  # type: ignore[arg-type]
+    with pytest.raises(dualpath.SchedulerError, match="read_side 'sideways' is not one of"):
+        Policy("x", layerwise=False, read_side="sideways", oracle=False, smart_assign=False)  # type: ignore[arg-type]
+    with pytest.raises(dualpath.SchedulerError, match="layerwise must be True or False"):
+        Policy("x", layerwise=1, read_side="pe", oracle=False, smart_assign=False)  # type: ignore[arg-type]
+    with pytest.raises(dualpath.ConfigError, match="policy: unknown policy 'dualpth'"):
+        dualpath.Session(policy="dualpth")
+    mine = Policy("mine", layerwise=True, read_side="pe", oracle=False, smart_assign=False)
+    with pytest.raises(dualpath.ConfigError, match="pass scheduler=create_scheduler"):
+        dualpath.Session(policy=mine)  # type: ignore[arg-type]
+    # model= as a mapping is the config's model section, as load_config(model=...) takes it
+    with dualpath.Session(model={"n_layers": 2}, cluster={"block_tokens": 16}) as s:
+        assert s.config.model.n_layers == 2
+        prompt = list(range(1, 40))
+        assert len(s.run_turn(prompt, 2).token_ids) == 2
+        for bad, match in (("hello", "token ids are needed, not text"), ([1, -5, 3], r"prompt_ids\[1\]: token ids are"),
+                           ([1.5, 2.0], r"prompt_ids\[0\]: 1.5 is not a token id"),
+                           ([1, True], r"prompt_ids\[1\]: True is not a token id")):
+            with pytest.raises(dualpath.ModelError, match=match):
+                s.run_turn(bad, 2)  # type: ignore[arg-type]
+        with pytest.raises(dualpath.ConfigError, match="path: 'xx' is not one of pe, de, split, recompute"):
+            s.run_turn(prompt, 2, path="xx")
+    with pytest.raises(dualpath.ConfigError, match="model=: expected a model"), \
+            dualpath.Session(model=42):  # type: ignore[arg-type]
+        pass

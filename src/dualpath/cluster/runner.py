@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import anyio
+import numpy as np
 import torch
 
 from dualpath.config import DualPathConfig
@@ -42,7 +43,7 @@ from dualpath.engine.prefill import PrefillEngine
 from dualpath.engine.request import Turn, TurnResult, unwrap, wait_event
 from dualpath.engine.sampling import SamplingParams
 from dualpath.engine.work import PrefillWork
-from dualpath.errors import CapacityError, EngineError, ModelError, StorageError, TransportError
+from dualpath.errors import CapacityError, ConfigError, EngineError, ModelError, StorageError, TransportError
 from dualpath.kv.keys import BlockKey, BlockKeyer, KeyNamespace
 from dualpath.kv.layout import KVLayout
 from dualpath.scheduler.state import EngineSnapshot
@@ -55,7 +56,49 @@ from .devices import resolve_devices
 
 log = logging.getLogger("dualpath.cluster")
 
-ModelSource = LayerwiseModel | Callable[[torch.device], LayerwiseModel]
+ModelSource = LayerwiseModel | Callable[[torch.device], LayerwiseModel] | torch.nn.Module | tuple[Any, Any]
+
+
+def _module_device(m: torch.nn.Module) -> torch.device | None:
+    p = next(m.parameters(), None)
+    return None if p is None else p.device
+
+
+def path_kind(path: PathKind | str) -> PathKind:
+    """``path`` as a :class:`PathKind`; a :class:`ConfigError` naming the choices otherwise."""
+    try:
+        return PathKind(path)
+    except ValueError:
+        raise ConfigError(f"path: {path!r} is not one of {', '.join(p.value for p in PathKind)}") from None
+
+
+def token_ids(prompt_ids: Any) -> list[int]:
+    """A prompt as a list of token ids: a sequence, a 1-D (or one-row) tensor or array, or a tokenizer's output
+    (``{"input_ids": ...}``, what ``apply_chat_template`` returns in transformers 5); a :class:`ModelError` naming
+    ``prompt_ids`` for text, non-integers or negative ids (tokenize text first: :func:`dualpath.load_tokenizer`)."""
+    if isinstance(prompt_ids, str | bytes):
+        raise ModelError("prompt_ids: token ids are needed, not text (tokenize it: dualpath.load_tokenizer)")
+    if isinstance(prompt_ids, Mapping) and "input_ids" in prompt_ids:
+        prompt_ids = prompt_ids["input_ids"]
+    if isinstance(prompt_ids, torch.Tensor | np.ndarray):
+        if prompt_ids.ndim == 2 and prompt_ids.shape[0] == 1:
+            prompt_ids = prompt_ids[0]
+        if prompt_ids.ndim != 1:
+            raise ModelError(f"prompt_ids: one prompt's token ids are needed, got shape {tuple(prompt_ids.shape)}")
+        prompt_ids = prompt_ids.tolist()
+    elif prompt_ids and isinstance(prompt_ids, Sequence) and isinstance(prompt_ids[0], list) \
+            and len(prompt_ids) == 1:
+        prompt_ids = prompt_ids[0]  # (a batch of one)
+    out: list[int] = []
+    for i, t in enumerate(prompt_ids):
+        if isinstance(t, bool) or not isinstance(t, int | np.integer) and not (
+                isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point()):
+            raise ModelError(f"prompt_ids[{i}]: {t!r} is not a token id (an integer)")
+        v = int(t)
+        if v < 0:
+            raise ModelError(f"prompt_ids[{i}]: token ids are non-negative, got {v}")
+        out.append(v)
+    return out
 
 
 def build_model(config: DualPathConfig, device: torch.device) -> LayerwiseModel:
@@ -124,12 +167,24 @@ class Cluster:
     def _model_for(self, device: torch.device) -> LayerwiseModel:
         if device not in self._models:
             src = self._model_source
+            if isinstance(src, tuple) and len(src) == 2 and isinstance(src[0], torch.nn.Module):
+                src = src[0]  # load_model's (model, tokenizer)
             if src is None:
                 m = build_model(self.config, device)
             elif isinstance(src, LayerwiseModel):
                 m = src if src.device == device else src.with_device(device)
-            else:
+            elif isinstance(src, torch.nn.Module):  # a model load_model built: driven layer by layer
+                moved = src if _module_device(src) == device else src.to(device)
+                m = LlamaAdapter(moved, self.config.cluster.block_tokens)
+            elif isinstance(src, Mapping):
+                raise ConfigError("model=: a mapping is a config section; give it to load_config (or as the "
+                                  "keyword section of create_cluster / Session); model= takes a model, "
+                                  "load_model's result, or a factory device -> model")
+            elif callable(src):
                 m = src(device)
+            else:
+                raise ConfigError(f"model=: expected a model, load_model's result or a factory device -> model, "
+                                  f"got {type(src).__name__}")
             self._models[device] = m
         return self._models[device]
 
@@ -367,10 +422,10 @@ class Cluster:
         ``path=recompute`` first."""
         if not self._started:
             raise EngineError("the cluster is not started (use 'async with cluster')")
-        path = PathKind(path)
+        path = path_kind(path)
         if sampling is not None and sampling.prompt_logprobs is not None:
             path = PathKind.RECOMPUTE  # every prompt position is computed (a loaded position has no logits)
-        ids = [int(t) for t in prompt_ids]
+        ids = token_ids(prompt_ids)
         self.check_turn(ids, gen_tokens, pe, de)
         try:
             return await self._run(session, ids, gen_tokens, pe, de, path, pe_blocks, sampling, on_token, on_logprob,

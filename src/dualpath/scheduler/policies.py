@@ -18,7 +18,7 @@ adds our ``split`` extension. Choices the paper leaves open, and what we chose:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from dualpath.errors import SchedulerError
 
@@ -40,6 +40,15 @@ class Policy:
     read_side: ReadSide
     oracle: bool
     smart_assign: bool
+
+    def __post_init__(self) -> None:  # (a policy of your own is checked when it is made, not at its first turn)
+        if self.read_side not in get_args(ReadSide):
+            raise SchedulerError(f"Policy {self.name!r}: read_side {self.read_side!r} is not one of "
+                                 f"{', '.join(get_args(ReadSide))}")
+        for field in ("layerwise", "oracle", "smart_assign"):
+            if not isinstance(getattr(self, field), bool):
+                raise SchedulerError(f"Policy {self.name!r}: {field} must be True or False, "
+                                     f"got {getattr(self, field)!r}")
 
 
 POLICIES: dict[str, Policy] = {

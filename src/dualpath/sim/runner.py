@@ -309,6 +309,8 @@ def simulate(sc: SimScenario | str, policies: Sequence[str] | str, progress: Cal
         raise ConfigError(f"simulate: expected a SimScenario or a preset's name, got {type(sc).__name__}")
     if isinstance(policies, str):
         policies = [policies]
+    elif not isinstance(policies, Sequence) or not all(isinstance(p, str) for p in policies):
+        raise ConfigError(f"simulate: policies must be a policy name or a list of them, got {policies!r}")
     runs = []
     for p in policies:
         if progress:

@@ -173,5 +173,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dualpath' has no attribute {name!r}")
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+def __dir__() -> list[str]:  # the public names and the module's own dunders (not its imports: Any, warnings, ...)
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__") and n.endswith("__")})

@@ -319,7 +319,9 @@ class Session:
     def run_turn(self, prompt_ids: Sequence[int], gen_tokens: int = 16, *, session: Any = 0,
                  path: PathKind | str | None = None, pe: int = 0, de: int = 0,
                  pe_blocks: int | None = None, salt: str | None = None) -> TurnResult:
-        """See :meth:`AsyncSession.run_turn`."""
+        """Run one turn and block until it is done: prefill ``prompt_ids`` (the whole context plus the new tokens;
+        a list, a 1-D tensor or a tokenizer's output), generate ``gen_tokens``; the engines and read side are the
+        scheduler's with ``path=None``, else ``pe``/``de`` with that path. As :meth:`AsyncSession.run_turn`."""
 
         async def call() -> TurnResult:
             return await self._async.run_turn(prompt_ids, gen_tokens, session=session, path=path, pe=pe, de=de,

@@ -116,10 +116,14 @@ def build_model(config: DualPathConfig, device: torch.device) -> LayerwiseModel:
 
 
 class Cluster:
-    """See the module docstring. Use as ``async with Cluster(config) as cluster: await cluster.run_turn(...)``.
+    """An emulated prefill/decode cluster in this process: its engines (one per device of ``cluster.devices``),
+    their host buffers and links, storage and transport, built from a config (anything :func:`dualpath.load_config`
+    takes). Use as ``async with Cluster(config) as cluster: await cluster.run_turn(...)``; the module docstring
+    says how a turn runs.
 
-    ``model``: a :class:`LayerwiseModel` (shared by every engine on the same device) or a factory
-    ``device -> model``; default: built from ``config.model``.
+    ``model``: a :class:`LayerwiseModel` (shared by every engine on the same device), a model from
+    :func:`dualpath.load_model` (or its ``(model, tokenizer)`` result), or a factory ``device -> model``; default:
+    built from ``config.model``.
     """
 
     def __init__(self, config: DualPathConfig | Any, *, model: ModelSource | None = None) -> None:

@@ -53,6 +53,7 @@ class Progress:
         self.enabled = enabled
         self.t0 = time.perf_counter()
         self._last = 0.0
+        self._shown = -1  # the count the last line written showed
         self.started = False
         isatty = getattr(self.stream, "isatty", None)
         self.tty = bool(isatty()) if callable(isatty) else False
@@ -73,6 +74,7 @@ class Progress:
             self._write()
 
     def _write(self, end: str = "") -> None:
+        self._shown = self.done
         el = time.perf_counter() - self.t0
         text = f"  {self.label:<12} {self.done:>5}/{self.total} turns  {el:6.1f} s{end}"
         self.stream.write("\r" + text if self.tty else text + ("" if end.endswith("\n") else "\n"))
@@ -80,6 +82,8 @@ class Progress:
 
     def close(self, note: str = "") -> None:
         if self.enabled and self.started:
+            if not self.tty and not note and self._shown == self.done:
+                return  # (a file or pipe has this line already: the last update wrote it)
             self._write(f"  {note}\n" if note else "\n")
 
 

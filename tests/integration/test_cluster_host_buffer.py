@@ -1,6 +1,6 @@
 """The host buffer bounds a turn: the context a cluster serves is the model's cut to the prompt whose KV a host
 buffer holds, a longer turn is refused before any work (never retried), and a prompt that fills most of the buffer
-is served (its persistence skipped, since the copy cannot sit beside its own receive area)."""
+is served and persisted in chunks (its whole copy cannot sit beside its own receive area)."""
 
 from __future__ import annotations
 
@@ -38,18 +38,21 @@ async def test_a_turn_is_bounded_by_the_host_buffer_and_one_that_fills_most_of_i
             await c.run_turn("s0", _prompt(fits), 2)
         assert c.failed_turns == 0
         # 95 % of the buffer: served at once (it used to wait for the deadline for room beside its own receive area)
+        # and persisted in chunks: its next turn hits every block of it
         n = int(fits * 0.95) // bt * bt
         with anyio.fail_after(4):
             res = await c.run_turn("s1", _prompt(n), 2)
         assert len(res.token_ids) == 2
-        assert sum(de.persist_skipped for de in c.des) == 1
-        # a prompt under half the buffer is persisted as before: its next turn hits
+        assert sum(de.persist_chunked for de in c.des) == 1 and sum(de.persist_skipped for de in c.des) == 0
+        assert c.lookup(_prompt(n) + list(res.token_ids)) == n
+        # a prompt under half the buffer is persisted whole, as before: its next turn hits
         half = int(fits * 0.4) // bt * bt
-        first = await c.run_turn("s2", _prompt(half), 2)
-        second = await c.run_turn("s2", _prompt(half) + list(first.token_ids) + [5, 6, 7], 2)
-        assert second.hit_tokens >= half - bt and sum(de.persist_skipped for de in c.des) == 1
+        first = await c.run_turn("s2", [2 + i % 800 for i in range(half)], 2)
+        second = await c.run_turn("s2", [2 + i % 800 for i in range(half)] + list(first.token_ids) + [5, 6, 7], 2)
+        assert second.hit_tokens >= half - bt and sum(de.persist_chunked for de in c.des) == 1
 
 
 def test_a_request_that_can_never_fit_is_not_retried() -> None:
     assert not _retriable(RemoteError("CapacityError", "de0 host buffer: a request needs 9 bytes but holds 8"))
     assert _retriable(RemoteError("EngineError", "de0: peer failed"))
+

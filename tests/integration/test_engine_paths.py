@@ -93,3 +93,23 @@ async def test_a_context_longer_than_the_batch_limit_grows_the_scratch(tiny, tra
         assert {n: t.registered_regions for n, t in c.transports.items()} == regions
         with pytest.raises(Exception, match="the model's context of 512 tokens"):
             pe.check_fits(513 + BT)
+
+
+@pytest.mark.anyio
+async def test_blocks_persisted_in_chunks_hold_the_prompts_kv(tiny) -> None:  # type: ignore[no-untyped-def]
+    """A real (tiny) Llama: a 320-token prompt whose copy does not fit beside its receive area is persisted in
+    chunks of 10 blocks; the next turn, which loads them, gives the logits of a full recompute."""
+    model_dir, _ = tiny
+    cfg = llama_config(model_dir, host_buffer_bytes=30 * 16 * 768, keep_logits=True)  # 30 blocks of 16 x 768 B
+    prompt = [1 + (7 * i) % 200 for i in range(320)]
+    async with Cluster(cfg) as c:
+        first = await c.run_turn("s", prompt, 4)
+        assert sum(de.persist_chunked for de in c.des) == 1
+        follow = prompt + list(first.token_ids) + [3, 5, 8, 13]
+        loaded = await c.run_turn("s", follow, 4, path="pe")
+        assert loaded.hit_tokens == 320
+    async with Cluster(cfg) as fresh:
+        recomputed = await fresh.run_turn("s", follow, 4, path="recompute")
+    assert list(loaded.token_ids) == list(recomputed.token_ids)
+    for a, b in zip(loaded.logits, recomputed.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

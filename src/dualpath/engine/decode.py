@@ -109,7 +109,8 @@ class DecodeEngine(Engine):
         bt = self.layout.block_tokens
         self.pool = KVPool(self.layout.spec, max(1, ctx.config.kv_pool_tokens // bt), bt, self.device)
         self.running: list[DecodeSeq] = []
-        self.persist_skipped = 0  # prompts whose new blocks did not fit the host buffer beside their receive area
+        self.persist_skipped = 0  # prompts not persisted: not one block fitted beside their own regions
+        self.persist_chunked = 0  # prompts persisted in chunks (their copy did not fit beside their own regions)
         self._batch: list[DecodeSeq] = []  # the requests of the decode step in flight (its forward writes their pages)
         self._step_done = anyio.Event()  # set (and replaced) at the end of every step
         self._wake = anyio.Event()
@@ -300,7 +301,9 @@ class DecodeEngine(Engine):
         token nor the decode steps wait for storage. The turn's end does (:meth:`finish` waits for ``seq.idle``),
         so its next turn finds them stored. :meth:`DecodeSeq.mark_stored` (``seq.prompt_stored``, the turn's
         ``on_stored``) tells once they are written, or the write failed (persistence is best effort: a next turn
-        recomputes what is missing): a request sharing the prefix may then go and load it."""
+        recomputes what is missing): a request sharing the prefix may then go and load it. A prompt whose copy does
+        not fit the host buffer beside the turn's own regions is persisted in chunks first
+        (:meth:`_persist_in_chunks`)."""
         turn = seq.turn
         layout = self.layout
         bt = layout.block_tokens
@@ -309,30 +312,17 @@ class DecodeEngine(Engine):
         if n <= 0 or not self.cfg.persist:
             seq.mark_stored()
             return
-        held = turn.de_recv.nbytes if turn.de_recv is not None else 0
-        if held + n * layout.full_block_bytes > self.host.capacity:
-            # the copy and this turn's receive area cannot both be in the buffer: waiting for room would wait for
-            # this turn itself (until the deadline, then fail the turn); persistence is best effort, so skip it
-            self.persist_skipped += 1
-            log.warning("%s: turn %d: the prompt's %d new blocks (%d bytes) and its receive area (%d bytes) do not "
-                        "both fit the host buffer (%d bytes): not persisted (raise cluster.host_buffer_bytes to "
-                        "store prompts this long)", self.name, turn.rid, n, n * layout.full_block_bytes, held,
-                        self.host.capacity)
-            seq.mark_stored()
+        # this turn's own regions (its receive area, its DE-read blocks) stay held while the copy is made: a copy
+        # that cannot sit beside them would wait for this turn itself (until the deadline, then fail the turn)
+        held = sum(r.nbytes for r in (turn.de_recv, turn.de_host) if r is not None)
+        fits = (self.host.capacity - held) // layout.full_block_bytes
+        if fits < n:
+            await self._persist_in_chunks(seq, first, last, fits)
             return
         region = await self.host.alloc(n * layout.full_block_bytes, self.cfg.deadline_s)
         try:
             out = region.data.view(n, *layout.full_block_shape)
-            recv = self.recv_rows(turn)
-            # row offset of token hit*bt inside the receive area: the rows of the ranges before it
-            off = 0
-            for s, e in turn.ship_ranges():
-                if s <= first * bt < e:
-                    off += first * bt - s
-                    break
-                off += e - s
-            for layer in range(layout.n_layers):
-                out[:, layer].copy_(recv[layer, off : off + n * bt].view(n, bt, -1))
+            self._copy_blocks(turn, first, last, out)
         except BaseException:
             self.host.free(region)
             raise
@@ -342,6 +332,50 @@ class DecodeEngine(Engine):
             await self._write_prompt(seq, region, turn.keys[first:last], out)
         else:
             self._tg.start_soon(self._write_prompt, seq, region, turn.keys[first:last], out)
+
+    def _copy_blocks(self, turn: Turn, a: int, b: int, out: torch.Tensor) -> None:
+        """Prompt blocks ``[a, b)`` (all past the turn's hits) from the layer-major receive area into Full Blocks."""
+        bt = self.layout.block_tokens
+        recv = self.recv_rows(turn)
+        # row offset of token hit*bt inside the receive area: the rows of the ranges before it
+        off = 0
+        first = turn.hit_blocks * bt
+        for s, e in turn.ship_ranges():
+            if s <= first < e:
+                off += first - s
+                break
+            off += e - s
+        off += (a - turn.hit_blocks) * bt
+        n = b - a
+        for layer in range(self.layout.n_layers):
+            out[:, layer].copy_(recv[layer, off : off + n * bt].view(n, bt, -1))
+
+    async def _persist_in_chunks(self, seq: DecodeSeq, first: int, last: int, k: int) -> None:
+        """Persist blocks ``[first, last)`` ``k`` at a time while the turn still holds its receive area: what a
+        prompt whose copy does not fit beside it needs (its next token waits for these writes; other requests do
+        not). With no room for one block it is not persisted (best effort), and said."""
+        turn, layout = seq.turn, self.layout
+        try:
+            if k < 1:
+                self.persist_skipped += 1
+                log.warning("%s: turn %d: no room in the host buffer (%d bytes) beside the turn's own regions for one "
+                            "block of its prompt: not persisted (raise cluster.host_buffer_bytes)", self.name,
+                            turn.rid, self.host.capacity)
+                return
+            self.persist_chunked += 1
+            for a in range(first, last, k):
+                b = min(last, a + k)
+                region = await self.host.alloc((b - a) * layout.full_block_bytes, self.cfg.deadline_s)
+                try:
+                    out = region.data.view(b - a, *layout.full_block_shape)
+                    self._copy_blocks(turn, a, b, out)
+                    await self._write(turn, turn.keys[a:b], out)
+                finally:
+                    self.host.free(region)
+        except Exception:  # persistence is best effort: the next turn recomputes what is missing
+            log.exception("%s: persisting the prompt of turn %d failed", self.name, turn.rid)
+        finally:
+            seq.mark_stored()
 
     async def _write_prompt(self, seq: DecodeSeq, region: Any, keys: list[BlockKey], blocks: torch.Tensor) -> None:
         turn = seq.turn

@@ -63,10 +63,20 @@ def _read_file(path: Path) -> dict[str, Any]:
     except ConfigError:
         raise
     except Exception as exc:  # yaml.YAMLError, tomllib.TOMLDecodeError
-        raise ConfigError(f"{path}: not valid {suffix.lstrip('.').upper()}: {exc}") from exc
+        raise ConfigError(f"{path}: not valid {suffix.lstrip('.').upper()}: {_one_line(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def _one_line(exc: Exception) -> str:
+    """A parser's error in one line: YAML's problem and where (line and column, 1-based), without its excerpt."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        context = getattr(exc, "context", None)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+    return " ".join(str(exc).split())
 
 
 def _set_dotted(target: dict[str, Any], dotted: list[str], value: Any) -> None:

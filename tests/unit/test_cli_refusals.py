@@ -10,6 +10,17 @@ import pytest
 from dualpath.cli import main
 
 
+def test_a_control_plane_beyond_this_machine_without_curve_is_warned_about() -> None:
+    from dualpath.config import load_config
+    from dualpath.control.launcher import exposure_warning
+
+    for host in ("127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.2"):
+        assert exposure_warning(load_config(serve={"host": host})) is None, host
+    for host in ("0.0.0.0", "10.1.2.3", "::", "my-host.example"):
+        w = exposure_warning(load_config(serve={"host": host}))
+        assert w is not None and f"serve.host {host!r}" in w and "CURVE" in w, host
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["bench", "storage", "--blocks", "0"], "--blocks"),
     (["bench", "transport", "--backends", "zmq,rdma"], "--backends: unknown backend 'rdma'"),
@@ -23,13 +34,18 @@ from dualpath.cli import main
     (["analyze", "--pd", "1e999"], "--pd: cannot parse"),
     (["analyze", "--pd", "0/2"], "--pd: P and D must be > 0"),
     (["serve", "--bind", "x", "--workdir", "{tmp}/w"], "cannot use control address 'x'"),  # (the scheduler's log)
+    (["serve", "--workdir", "{file}/sub"], "--workdir {file}/sub: cannot create its logs folder there"),
+    (["run", "--config", "{tmp}/broken.yaml"], "broken.yaml: not valid YAML: line 2, column 1: expected ','"),
 ])
 def test_a_bad_flag_exits_2_naming_it_before_any_work(argv: list[str], message: str, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+    (tmp_path / "broken.yaml").write_text("cluster: [1, 2\n")
     t0 = time.perf_counter()
     rc = main([a.replace("{file}", str(blocker)).replace("{tmp}", str(tmp_path)) for a in argv])
     assert rc == 2
     err = capsys.readouterr().err
+    message = message.replace("{file}", str(blocker))
     assert message in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if ln.strip()]) <= 3  # (one line, maybe beside a usage line)
     assert time.perf_counter() - t0 < 30  # refused before the work (each of these runs for minutes otherwise)

@@ -182,6 +182,25 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
 
+def exposure_warning(config: DualPathConfig) -> str | None:
+    """A warning line when the control plane listens beyond this machine without CURVE: any peer that reaches the
+    port can then submit turns and read stats (operator commands still need the token file)."""
+    import ipaddress
+
+    sc = config.serve
+    host = sc.host.strip("[]")
+    if sc.curve or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (f"warning: serve.host {sc.host!r} is reachable beyond this machine and serve.curve is off: any peer "
+            "that reaches the port can submit turns and read stats; turn CURVE on (docs/deployment.md) or bind "
+            "127.0.0.1")
+
+
 class Deployment:
     """A scheduler and its engine processes on this machine (see the module docstring)."""
 
@@ -191,7 +210,11 @@ class Deployment:
         self.config = check_deployable(config)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dualpath-serve-"))
-        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--workdir {self.workdir}: cannot create its logs folder there "
+                              f"({exc.strerror or exc})") from None
         sc = self.config.serve
         if not sc.curve and sc.token_file is None:  # loopback: a fresh secret per deployment (0600)
             token_file = self.workdir / "control.token"
@@ -573,6 +596,9 @@ def run_foreground(config: DualPathConfig, *, bind: str | None = None, workdir: 
         n = len(dep.children) - 1
         print_fn(f"dualpath serve: scheduler at {address}, {n} engine processes; logs in {dep.workdir / 'logs'}")
         print_fn(f"submit with: dualpath run --serve {address}   (Ctrl-C stops the deployment)")
+        exposed = exposure_warning(dep.config)
+        if exposed:
+            print_fn(exposed)
         tf = dep.config.serve.token_file
         if tf is not None:
             print_fn(f"engine/operator tokens (0600): {tf}   (operator: dualpath ctl stats|drain|cancel|stop "

@@ -197,6 +197,38 @@ async def test_curve_refuses_unauthenticated_peers() -> None:
             await cc.request(None, "ping", {}, 600.0)
 
 
+@pytest.mark.anyio
+async def test_a_peer_that_hangs_up_is_not_blamed_on_curve() -> None:
+    """Something at the address that accepts and closes (not a scheduler): the error says so first, instead of
+    asserting that the server requires CURVE."""
+    import socket
+    import threading
+
+    lst = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        lst.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = lst.accept()
+                conn.close()
+            except OSError:
+                pass
+
+    th = threading.Thread(target=hang_up, daemon=True)
+    th.start()
+    try:
+        async with Channel("c", connect=f"tcp://127.0.0.1:{lst.getsockname()[1]}") as c:
+            with anyio.fail_after(10), pytest.raises(AuthFailed, match="closed the connection during the handshake"
+                                                                        ".*nothing there is a dualpath scheduler"):
+                await c.request(None, "ping", {}, 600.0)
+    finally:
+        stop.set()
+        th.join()
+        lst.close()
+
+
 def test_bad_serve_configs_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="storage.kind"):
         check_deployable(load_config(None, env={}, overrides={"transport": {"kind": "zmq"}}))

@@ -382,6 +382,11 @@ class Channel:
                         "serve.curve_public_key and serve.curve_client_public_key/secret_key as on the scheduler")
             return (f"{where}: this side uses CURVE but the server does not; remove the serve.curve_* keys here "
                     "or set them on the scheduler")
+        if self.curve is None and kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # (a peer that just hung up)
+            return (f"{where}: the peer closed the connection during the handshake (errno {value}): either nothing "
+                    "there is a dualpath scheduler (check the address), or the server requires CURVE and this side "
+                    "has no keys (set serve.curve_public_key and serve.curve_client_public_key/secret_key as on the "
+                    "scheduler)")
         if self.curve is None:
             return (f"{where}: the server requires CURVE and this side has no keys (handshake error {value:#x}); "
                     "set serve.curve_public_key and serve.curve_client_public_key/secret_key as on the scheduler")

@@ -118,8 +118,8 @@ def apply_request(cfg: DualPathConfig, req: RunRequest) -> DualPathConfig:
     if req.mode is not None:
         w.mode = req.mode  # type: ignore[assignment]
     if req.rate is not None:
-        if req.rate <= 0:
-            raise ConfigError(f"--rate must be > 0, got {req.rate}")
+        if not (math.isfinite(req.rate) and req.rate > 0):
+            raise ConfigError(f"--rate must be a positive number, got {req.rate}")
         w.rate_aps = req.rate
     if req.capacity:
         w.mode = "online"

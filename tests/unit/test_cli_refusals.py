@@ -36,7 +36,7 @@ def test_a_control_plane_beyond_this_machine_without_curve_is_warned_about() -> 
     (["serve", "--bind", "x", "--workdir", "{tmp}/w"], "cannot use control address 'x'"),  # (the scheduler's log)
     (["serve", "--workdir", "{file}/sub"], "--workdir {file}/sub: cannot create its logs folder there"),
     (["run", "--config", "{tmp}/broken.yaml"], "broken.yaml: not valid YAML: line 2, column 1: expected ','"),
-    (["run", "--mode", "online", "--rate", "nan"], "--rate must be a positive number, got nan"),
+    (["run", "--mode", "online", "--rate", "nan"], "--rate must be a finite number > 0, got nan"),
 ])
 def test_a_bad_flag_exits_2_naming_it_before_any_work(argv: list[str], message: str, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     blocker = tmp_path / "a-file"

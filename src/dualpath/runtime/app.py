@@ -119,7 +119,7 @@ def apply_request(cfg: DualPathConfig, req: RunRequest) -> DualPathConfig:
         w.mode = req.mode  # type: ignore[assignment]
     if req.rate is not None:
         if not (math.isfinite(req.rate) and req.rate > 0):
-            raise ConfigError(f"--rate must be a positive number, got {req.rate}")
+            raise ConfigError(f"--rate must be a finite number > 0, got {req.rate}")
         w.rate_aps = req.rate
     if req.capacity:
         w.mode = "online"

@@ -224,12 +224,11 @@ class AsyncSession:
         from dualpath.cluster.runner import path_kind, token_ids
         from dualpath.engine.request import unwrap
 
-        ids = token_ids(prompt_ids)  # (a ModelError naming prompt_ids for text, non-integers, negative ids)
         try:
-            if path is None:
-                return await self.driver.run_turn(session, ids, gen_tokens, salt=salt)
-            return await self.cluster.run_turn(session, ids, gen_tokens, pe, de, path_kind(path), pe_blocks,
-                                               salt=salt)
+            if path is None:  # (checked here: the driver keys the prompt before a cluster sees it)
+                return await self.driver.run_turn(session, token_ids(prompt_ids), gen_tokens, salt=salt)
+            return await self.cluster.run_turn(session, prompt_ids, gen_tokens, pe, de, path_kind(path), pe_blocks,
+                                               salt=salt)  # (which checks the prompt itself)
         except BaseException as exc:  # a task group's failure: the DualPathError that caused it, catchable
             leaf = unwrap(exc)
             if leaf is not exc and isinstance(leaf, DualPathError):

@@ -45,7 +45,12 @@ def _reference_turn(cfg, prompt: list[int], gen: int, sampling=None):
 
 
 def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
-    cfg = tiny_config(tmp_path / "kv")
+    # a host buffer that holds fewer tokens' KV than the model's context: the context served is cut to it
+    cfg = tiny_config(tmp_path / "kv", cluster={"host_buffer_bytes": 131_072})
+    from dualpath.cluster import Cluster
+
+    served = Cluster(cfg).max_context
+    assert served < cfg.model.max_context
     cfg_file = tmp_path / "serve.json"
     cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
     addr = tmp_path / "http.addr"
@@ -65,6 +70,12 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
         with httpx.Client(base_url=url, timeout=120) as cl:
             health = cl.get("/health")
             assert health.status_code == 200 and health.json()["engines_alive"] == 2
+            # the engines' served context, learned from the scheduler: advertised and checked before any work
+            assert cl.get("/v1/models", headers={"Authorization": "Bearer k1"}).json()["data"][0][
+                "max_model_len"] == served
+            over = cl.post("/v1/completions", headers={"Authorization": "Bearer k1"},
+                           json={"prompt": [5] * (served - 3), "max_tokens": 4})
+            assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded", over.text
             assert cl.post("/v1/completions", json={"prompt": [1, 2]}).status_code == 401
             prompt = list(range(3, 80))
             ref = _reference(cfg, prompt, 7)

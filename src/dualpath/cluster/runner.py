@@ -43,7 +43,7 @@ from dualpath.engine.prefill import PrefillEngine
 from dualpath.engine.request import Turn, TurnResult, unwrap, wait_event
 from dualpath.engine.sampling import SamplingParams
 from dualpath.engine.work import PrefillWork
-from dualpath.errors import CapacityError, ConfigError, EngineError, ModelError, StorageError, TransportError
+from dualpath.errors import ConfigError, EngineError, ModelError, StorageError, TransportError
 from dualpath.kv.keys import BlockKey, BlockKeyer, KeyNamespace
 from dualpath.kv.layout import KVLayout
 from dualpath.scheduler.state import EngineSnapshot
@@ -383,13 +383,7 @@ class Cluster:
         if not 0 <= de < self.n_de:
             raise EngineError(f"no decode engine {de} (cluster has {self.n_de})")
         self.pes[pe].check_fits(n)
-        self.des[de].check_fits(n, gen_tokens)
-        kv_bytes = -(-n // self.layout.block_tokens) * self.layout.full_block_bytes
-        if kv_bytes > self.config.cluster.host_buffer_bytes:
-            raise CapacityError(
-                f"a prompt of {n} tokens needs {kv_bytes} bytes of host buffer but cluster.host_buffer_bytes is "
-                f"{self.config.cluster.host_buffer_bytes}"
-            )
+        self.des[de].check_fits(n, gen_tokens)  # (the host buffer is in max_context: tokens_that_fit)
 
     # --- turns ---------------------------------------------------------------------------------------------
     async def run_turn(

@@ -125,6 +125,10 @@ def _discard_rest(sock: zmq.Socket[bytes]) -> int:
 
 
 _RELINK_S = 0.5  # at most one new data connection per peer this often
+#: how long a write given up (cancelled, timed out) waits for its payload to finish leaving before it resets the
+#: peer's connection (which fails every other write queued there): on a loaded machine libzmq's release of a
+#: frame, or the kernel's room for the rest of a half-sent payload, can trail the send by a tenth of a second
+_LET_GO_GRACE_S = 0.5
 DATA_SOCKET_WITH_CURVE = ("transport.data_socket='tcp' cannot be combined with CURVE (transport.curve_secret_key / "
                           "transport.curve_public_key): the data socket is not encrypted; use data_socket='zmq'")
 _NOTHING = bytearray()  # recv_into an empty buffer discards a frame without copying it
@@ -798,9 +802,12 @@ class ZmqTransport(Transport):
         except BaseException:
             self._pending.pop(seq, None)
             self._seq_peer.pop(seq, None)
-            if link is not None and item is not None:  # the data thread must let go of ``src`` before we return
+            if link is not None and item is not None:  # the data link must let go of ``src`` before we return
+                sending = item
+                if sending.started and not self._closed:
+                    await _within_grace(lambda: sending.sent or link.dead)  # type: ignore[union-attr]
                 link.release(item, f"{what} was cancelled")
-            elif not self._closed and not _let_go(tracker):
+            elif not self._closed and not await _within_grace(lambda: _let_go(tracker), tracker is not None):
                 self._reset(peer, f"{self.name}: {what} was cancelled")
             raise
         finally:
@@ -823,11 +830,14 @@ class ZmqTransport(Transport):
             # exposed) need nothing more: its other writes to that peer go on. Bytes still queued mean the peer
             # does not take them: its connection is dropped (with every write queued on it), releasing ``src``.
             if link is not None and item is not None:
+                sending = item
+                if sending.started and not self._closed:
+                    await _within_grace(lambda: sending.sent or link.dead)  # type: ignore[union-attr]
                 if item.sent:
                     link.forget(seq)
                 else:
                     link.abort(f"{what} timed out")
-            elif not _let_go(tracker):
+            elif not await _within_grace(lambda: _let_go(tracker), tracker is not None):
                 self._reset(peer, f"{self.name}: {what} timed out")
             raise PeerTimeout(f"{self.name}: {what} not delivered within {timeout:g} s")
         raise Rejected(f"{self.name}: {peer!r} refused tag {tag!r} ({_name(status)}): {reason}")
@@ -843,6 +853,20 @@ def _let_go(tracker: zmq.MessageTracker | None) -> bool:
     leaves its peer's socket alone: resetting it would fail every other write queued to that peer, and they may
     have landed already. None (no frame made): not known, so no."""
     return tracker is not None and (tracker is _SMALL or tracker.done)
+
+
+async def _within_grace(done: Callable[[], bool], worth_waiting: bool = True) -> bool:
+    """Whether ``done()`` holds, now or within :data:`_LET_GO_GRACE_S` (shielded: a cancelled write still waits
+    for its payload to leave rather than reset a connection other writes share)."""
+    if done() or not worth_waiting:
+        return done()
+    end = time.monotonic() + _LET_GO_GRACE_S
+    with anyio.CancelScope(shield=True):
+        while not done():
+            if time.monotonic() >= end:
+                return False
+            await anyio.sleep(0.002)
+    return True
 
 
 def _expire(fut: asyncio.Future[tuple[Status | None, str]]) -> None:

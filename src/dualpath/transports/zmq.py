@@ -10,9 +10,10 @@ end; the frame's real size is reported, so a payload that disagrees with its own
 claimed). Otherwise (size mismatch, early arrival, duplicate, checksum, device slot) it receives the frame,
 checks size and xxh3 checksum before a byte is written, then copies it (one memcpy, or one host-to-device
 copy). Either way it acknowledges; ``write`` returns on the acknowledgement. A write given up (not acknowledged
-within its timeout, or cancelled by its caller) whose zero-copy payload frame libzmq may still hold resets that
-peer's socket (dropping queued frames, so no source buffer stays referenced); one whose payload was copied into
-its frame (below 64 KiB) or was sent and released (tracked) leaves the socket, and the peer's other writes, alone.
+within its timeout, or cancelled by its caller) whose zero-copy payload frame libzmq still holds half a second
+later resets that peer's socket (dropping queued frames, so no source buffer stays referenced); one whose payload
+was copied into its frame (below 64 KiB) or was sent and released (tracked) within that grace leaves the socket,
+and the peer's other writes, alone.
 
 All sockets live in one **I/O thread** per endpoint, driven by plain (blocking, GIL-releasing) zmq calls: it
 receives, claims the landing slot (the landing table is locked against this thread), lands, acknowledges (a

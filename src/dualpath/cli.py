@@ -47,13 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
         _add_args(p, module)
     bench = sub.add_parser("bench", help="benchmarks against raw baselines", description="benchmarks")
+    bench.set_defaults(_parser=bench)
     bsub = bench.add_subparsers(dest="bench", metavar="WHAT")
     for name, (module, help_text) in BENCHES.items():
         p = bsub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
         _add_args(p, module)
     return parser
 
@@ -85,7 +86,10 @@ def _one_line(exc: ValidationError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command they were given to, with its usage (not the top-level one)
+        owner: argparse.ArgumentParser = getattr(args, "_parser", parser)
+        owner.error(f"unrecognized arguments: {' '.join(extra)}")
     module = getattr(args, "_module", None)
     if module is None:
         parser.print_help()

@@ -50,3 +50,21 @@ def test_a_bad_flag_exits_2_naming_it_before_any_work(argv: list[str], message: 
     assert message in err and "Traceback" not in err
     assert len([ln for ln in err.splitlines() if ln.strip()]) <= 3  # (one line, maybe beside a usage line)
     assert time.perf_counter() - t0 < 30  # refused before the work (each of these runs for minutes otherwise)
+
+
+@pytest.mark.parametrize("argv,owner", [
+    (["run", "--bogus"], "dualpath run"),
+    (["bench", "storage", "--x", "1"], "dualpath bench storage"),
+    (["bench", "--zz"], "dualpath bench"),
+    (["--zz"], "dualpath"),
+])
+def test_an_unknown_flag_is_named_by_the_command_it_was_given_to(argv: list[str], owner: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``dualpath run --bogus`` prints ``run``'s usage and ``dualpath run: error: unrecognized arguments: --bogus``
+    (argparse's top-level parser printed its own usage, which lists no flag of ``run``)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    extra = " ".join(a for a in argv if a.startswith("-") or a.isdigit())
+    assert f"{owner}: error: unrecognized arguments: {extra}" in err
+    assert err.startswith(f"usage: {owner} ")

@@ -252,3 +252,23 @@ def test_a_bad_reply_length_is_refused_naming_the_line_and_key(tmp_path: Path, b
     with pytest.raises(WorkloadError, match=r"line 2: max_tokens must be a positive integer") as e:
         load_trace(p)
     assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["array", "jsonl"])
+def test_a_session_too_long_for_the_engines_is_named_as_the_file_names_it(tmp_path: Path, jsonl: bool) -> None:
+    """``check_fits`` names the conversation as the file does (``item #2`` of an array, or its line, and its id),
+    not by its index among the sessions kept (a conversation without a reply is skipped, so they differ)."""
+    from dualpath.workload.traces import check_fits
+
+    long = " ".join(["word"] * 300)
+    items = [{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+             {"id": "no-reply", "conversations": [{"from": "human", "value": "anyone?"}]},
+             {"id": "big", "conversations": [{"from": "human", "value": long}, {"from": "gpt", "value": "ok"}]}]
+    p = tmp_path / ("d.jsonl" if jsonl else "d.json")
+    p.write_text("\n".join(json.dumps(i) for i in items) + "\n" if jsonl else json.dumps(items))
+    w = load_trace(p, "sharegpt")
+    with pytest.raises(WorkloadError) as e:
+        check_fits(w, 100, "a DE's KV memory")
+    msg = str(e.value)
+    assert (f"{p}:3: session (id 'big') turn 0" if jsonl else "item #2 (id 'big') turn 0") in msg, msg
+    assert "session 1" not in msg

@@ -42,4 +42,4 @@ def with_arrivals(trajs: Sequence[Trajectory], arrivals: Sequence[float]) -> lis
     """Copies of ``trajs`` with the given arrival times."""
     if len(trajs) != len(arrivals):
         raise WorkloadError(f"{len(trajs)} trajectories but {len(arrivals)} arrival times")
-    return [Trajectory(t.tid, t.turns, a) for t, a in zip(trajs, arrivals, strict=True)]
+    return [Trajectory(t.tid, t.turns, a, t.origin) for t, a in zip(trajs, arrivals, strict=True)]

@@ -167,6 +167,8 @@ def load_conversations(path: str | os.PathLike[str],
     count = count_tokens or default_counter()
     # per session: (append text, reply text or its length in tokens) of each turn
     convs: list[list[tuple[str, str | int]]] = []
+    # where each kept session is in the file: (item #k, or its line, and its id when it has one)
+    origins: list[tuple[str, int | None]] = []
     no_reply = trailing = requests = sessions = kept_turns = 0
     for where, obj in _objects(p):
         pairs: list[tuple[str, str | int]] = []
@@ -192,19 +194,23 @@ def load_conversations(path: str | os.PathLike[str],
                 or (max_agents is None and max_requests is not None and kept_turns >= max_requests):
             continue  # past the bounds: counted, not tokenized
         convs.append(pairs)
+        cid = obj.get("id", obj.get("conversation_id")) if isinstance(obj, dict) else None
+        line = int(where.split()[1]) if where.startswith("line ") else None  # (JSONL: messages carry the line)
+        name = "session" if line is not None else where
+        origins.append((f"{name} (id {cid!r})" if isinstance(cid, (str, int)) else name, line))
         kept_turns += len(pairs)
     texts = [t for pairs in convs for pair in pairs for t in pair if isinstance(t, str)]
     counts = iter(count(texts) if texts else [])
     trajs: list[Trajectory] = []
-    for pairs in convs:
+    for pairs, (origin, line) in zip(convs, origins, strict=True):
         turns = []
         for _, reply in pairs:
             append = next(counts)
             gen = reply if isinstance(reply, int) else next(counts)
-            turns.append(Turn(append, max(1, gen)))
+            turns.append(Turn(append, max(1, gen), line=line))
         if turns[0].append == 0:  # a conversation opened by the model: its first reply needs some prompt
-            turns[0] = Turn(1, turns[0].gen)
-        trajs.append(Trajectory(len(trajs), turns))
+            turns[0] = Turn(1, turns[0].gen, line=line)
+        trajs.append(Trajectory(len(trajs), turns, origin=origin))
     return Conversations(trajs, no_reply, trailing, requests, sessions)
 
 

@@ -434,7 +434,7 @@ def check_fits(w: TraceWorkload, limit: int, what: str) -> None:
         for i, u in enumerate(t.turns):
             prompt = ctx + u.append
             if prompt + max(1, u.gen) > limit:
-                raise WorkloadError(f"session {t.tid} turn {i} needs {prompt} prompt + {max(1, u.gen)} generated "
+                raise WorkloadError(f"{t.origin or f'session {t.tid}'} turn {i} needs {prompt} prompt + {max(1, u.gen)} generated "
                                     f"tokens, more than {what} ({limit} tokens)", path=w.path, line=u.line)
             ctx = prompt + u.gen
 

@@ -58,11 +58,13 @@ class Turn:
 
 @dataclass(slots=True)
 class Trajectory:
-    """One agent: ``tid``, its turns, and its arrival time in seconds (0 in offline mode)."""
+    """One agent: ``tid``, its turns, and its arrival time in seconds (0 in offline mode). ``origin``: where in its
+    file the session came from, for messages (a conversation dataset: ``item #17 (id 'abc')``)."""
 
     tid: int
     turns: list[Turn] = field(default_factory=list)
     arrival: float = 0.0
+    origin: str | None = field(default=None, compare=False)
 
     def context_before(self, i: int) -> int:
         """Tokens in the session before turn ``i``'s append: sum of appends and generations of turns < i."""
@@ -92,4 +94,4 @@ class Trajectory:
                 break
             kept.append(t)
             total += t.append + t.gen
-        return Trajectory(self.tid, kept, self.arrival)
+        return Trajectory(self.tid, kept, self.arrival, self.origin)

@@ -10,8 +10,8 @@ end; the frame's real size is reported, so a payload that disagrees with its own
 claimed). Otherwise (size mismatch, early arrival, duplicate, checksum, device slot) it receives the frame,
 checks size and xxh3 checksum before a byte is written, then copies it (one memcpy, or one host-to-device
 copy). Either way it acknowledges; ``write`` returns on the acknowledgement. A write given up (not acknowledged
-within its timeout, or cancelled by its caller) whose zero-copy payload frame libzmq still holds half a second
-later resets that peer's socket (dropping queued frames, so no source buffer stays referenced); one whose payload
+within its timeout, or cancelled by its caller) whose zero-copy payload frame libzmq still holds a tenth of a
+second later (timed out) or half a second later (cancelled) resets that peer's socket (dropping queued frames, so no source buffer stays referenced); one whose payload
 was copied into its frame (below 64 KiB) or was sent and released (tracked) within that grace leaves the socket,
 and the peer's other writes, alone.
 
@@ -126,10 +126,13 @@ def _discard_rest(sock: zmq.Socket[bytes]) -> int:
 
 
 _RELINK_S = 0.5  # at most one new data connection per peer this often
-#: how long a write given up (cancelled, timed out) waits for its payload to finish leaving before it resets the
-#: peer's connection (which fails every other write queued there): on a loaded machine libzmq's release of a
-#: frame, or the kernel's room for the rest of a half-sent payload, can trail the send by a tenth of a second
+#: how long a cancelled write waits for its payload to finish leaving before it resets the peer's connection
+#: (which fails every other write queued there): on a loaded machine libzmq's release of a frame, or the kernel's
+#: room for the rest of a half-sent payload, can trail the send by a tenth of a second
 _LET_GO_GRACE_S = 0.5
+#: the same for a write that timed out (its payload had the whole deadline to leave: a peer not taking bytes is
+#: the likelier cause, and the caller's deadline has passed already)
+_LET_GO_GRACE_TIMED_OUT_S = 0.1
 DATA_SOCKET_WITH_CURVE = ("transport.data_socket='tcp' cannot be combined with CURVE (transport.curve_secret_key / "
                           "transport.curve_public_key): the data socket is not encrypted; use data_socket='zmq'")
 _NOTHING = bytearray()  # recv_into an empty buffer discards a frame without copying it
@@ -833,12 +836,14 @@ class ZmqTransport(Transport):
             if link is not None and item is not None:
                 sending = item
                 if sending.started and not self._closed:
-                    await _within_grace(lambda: sending.sent or link.dead)  # type: ignore[union-attr]
+                    await _within_grace(lambda: sending.sent or link.dead,  # type: ignore[union-attr]
+                                        grace=_LET_GO_GRACE_TIMED_OUT_S)
                 if item.sent:
                     link.forget(seq)
                 else:
                     link.abort(f"{what} timed out")
-            elif not await _within_grace(lambda: _let_go(tracker), tracker is not None):
+            elif not await _within_grace(lambda: _let_go(tracker), tracker is not None,
+                                         grace=_LET_GO_GRACE_TIMED_OUT_S):
                 self._reset(peer, f"{self.name}: {what} timed out")
             raise PeerTimeout(f"{self.name}: {what} not delivered within {timeout:g} s")
         raise Rejected(f"{self.name}: {peer!r} refused tag {tag!r} ({_name(status)}): {reason}")
@@ -856,12 +861,13 @@ def _let_go(tracker: zmq.MessageTracker | None) -> bool:
     return tracker is not None and (tracker is _SMALL or tracker.done)
 
 
-async def _within_grace(done: Callable[[], bool], worth_waiting: bool = True) -> bool:
-    """Whether ``done()`` holds, now or within :data:`_LET_GO_GRACE_S` (shielded: a cancelled write still waits
-    for its payload to leave rather than reset a connection other writes share)."""
+async def _within_grace(done: Callable[[], bool], worth_waiting: bool = True, *,
+                        grace: float = _LET_GO_GRACE_S) -> bool:
+    """Whether ``done()`` holds, now or within ``grace`` seconds (shielded: a cancelled write still waits for its
+    payload to leave rather than reset a connection other writes share)."""
     if done() or not worth_waiting:
         return done()
-    end = time.monotonic() + _LET_GO_GRACE_S
+    end = time.monotonic() + grace
     with anyio.CancelScope(shield=True):
         while not done():
             if time.monotonic() >= end:

@@ -214,7 +214,7 @@ def test_scheduler_failover_through_http(tmp_path: Path) -> None:
     assert srv.proc.returncode == 0, srv.output()[-2000:]
 
 
-def test_drain_then_stop_through_http(tmp_path: Path) -> None:
+def test_drain_then_stop_through_http(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import openai
 
     from dualpath.cli import main as cli
@@ -231,6 +231,31 @@ def test_drain_then_stop_through_http(tmp_path: Path) -> None:
         assert first.wait(30), out
         op = ["--connect", srv.scheduler, "--token-file", str(srv.token_file)]
         assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+        # the operator cancels a request in flight (the front's second session): its client gets a 499 naming the
+        # operator, which the official client does not retry (a 503 it would retry, undoing the cancel)
+        cut: dict[str, Any] = {}
+
+        def cancelled_request() -> None:
+            oc = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", timeout=30)  # (retries: 2, its default)
+            try:
+                cut["ok"] = oc.completions.create(model="synthetic", prompt=PROMPT, max_tokens=300,
+                                                  extra_body={"ignore_eos": True})
+            except openai.APIStatusError as exc:
+                cut.update(status=exc.status_code, body=exc.body)
+
+        th_cut = threading.Thread(target=cancelled_request)
+        th_cut.start()
+        capsys.readouterr()
+        t_end = time.monotonic() + 20
+        while True:
+            assert cli(["ctl", "cancel", "--session", "2", *op]) == 0
+            if "cancelled 1 turn" in capsys.readouterr().out:
+                break
+            assert time.monotonic() < t_end and th_cut.is_alive(), cut
+            time.sleep(0.1)
+        th_cut.join(30)
+        assert cut.get("status") == 499, cut
+        assert cut["body"]["code"] == "cancelled" and "the operator" in cut["body"]["message"], cut
         assert cli(["ctl", "drain", *op]) == 0
         # /health says so at once (the scheduler tells its clients), not at the front's next stats poll (1 s)
         t_end = time.monotonic() + 0.5

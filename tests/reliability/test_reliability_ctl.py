@@ -93,7 +93,7 @@ def test_ctl_stats_cancel_drain_stop(dep, capsys: pytest.CaptureFixture[str]) ->
     rc, out, err = _ctl(capsys, "cancel", "--session", "77", *token)
     assert rc == 0 and "cancelled 1 turn" in out, (out, err)
     th.join(timeout=15)
-    assert not th.is_alive() and isinstance(got.get("err"), RemoteError) and "cancelled" in str(got["err"])
+    assert not th.is_alive() and isinstance(got.get("err"), RemoteError) and "cancelled by the operator" in str(got["err"])
     # drain: new turns are refused
     rc, out, _err = _ctl(capsys, "drain", *token)
     assert rc == 0 and "draining" in out

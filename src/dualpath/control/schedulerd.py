@@ -101,6 +101,7 @@ class TurnCtx:
     stream: int = 0  # > 0: forward the DE's tokens to ``peer`` as ``stream`` notices with this id
     notify_stored: bool = False  # (with stream) forward the DE's ``stored`` notice to ``peer`` (``stored: true``)
     cancelled: anyio.Event = field(default_factory=anyio.Event)
+    cancelled_by: str = "its client"  # who cancelled it, for the error its client gets ("the operator")
     scope: anyio.CancelScope | None = None
     sent: int = 0  # tokens forwarded to the client (a streamed turn is not retried once the client saw tokens)
     dispatched: int = 0  # RemoteCluster.run_turn calls in progress for it
@@ -241,7 +242,7 @@ class RemoteCluster:
         deadline = d.deadline_of(prompt_ids)
         ctx = d.ctx_of(prompt_ids)
         if ctx is not None and ctx.cancelled.is_set():
-            raise TurnCancelled(f"cancelled: session {session}'s turn was cancelled by its client")
+            raise TurnCancelled(f"cancelled: session {session}'s turn was cancelled by {ctx.cancelled_by}")
         pe_rec, de_rec = d.engine("pe", pe), d.engine("de", de)
         if pe_rec is None or de_rec is None:
             raise EngineDied(f"engine pe{pe} or de{de} is not alive")
@@ -272,7 +273,8 @@ class RemoteCluster:
                 watch.cancel_scope.cancel()
             if not result:  # the client cancelled it: abort it on both engines (below), answer the client
                 d.stats["cancelled_on_engines"] += 1
-                raise TurnCancelled(f"cancelled: session {session}'s turn was cancelled by its client")
+                by = ctx.cancelled_by if ctx is not None else "its client"
+                raise TurnCancelled(f"cancelled: session {session}'s turn was cancelled by {by}")
             return result[0]
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -672,7 +674,7 @@ class SchedulerDaemon:
                     if not ctxs:
                         self._cancels.pop(turn_key, None)
             self.stats["cancelled"] += 1
-            raise SchedulerError(f"cancelled: session {b['session']}'s turn was cancelled by its client")
+            raise SchedulerError(f"cancelled: session {b['session']}'s turn was cancelled by {ctx.cancelled_by}")
         if t == "cancel":  # a client ends only its own turns (same connection, same session); the operator any
             operator = ((curve and self._key_has("operator")) or self._token_ok("operator", b.get("token")))
             if b.get("token") is not None and not operator:
@@ -686,6 +688,8 @@ class SchedulerDaemon:
             else:
                 ctxs = list(self._cancels.get((peer, session), []))
             for c in ctxs:
+                if operator:
+                    c.cancelled_by = "the operator (dualpath ctl cancel)"
                 c.cancelled.set()  # a dispatched turn is aborted on both engines (RemoteCluster.run_turn)
                 if c.scope is not None:
                     c.scope.cancel()  # the submit answers ``cancelled`` now

@@ -536,6 +536,9 @@ def _map_error(exc: BaseException, retry_after: int) -> ApiError:
     if isinstance(exc, RemoteError):
         code = getattr(exc, "code", "")
         msg = str(exc)
+        if code == "TurnCancelled" or (code == "SchedulerError" and exc.remote_message.startswith("cancelled:")):
+            # (the operator's ``dualpath ctl cancel``: not a 503, which clients retry, undoing the cancel)
+            return ApiError(499, msg, "server_error", code="cancelled")
         if code == "SchedulerError" and "draining" in msg:
             return ApiError(503, f"the deployment is draining (dualpath ctl drain): it accepts no new requests; "
                                  f"{msg}", "server_error", code="draining", retry_after=retry_after)

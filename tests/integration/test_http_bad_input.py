@@ -64,3 +64,17 @@ def test_malformed_bodies_and_messages_are_named(server) -> None:  # type: ignor
         e = _error(cl.post("/v1/chat/completions", json={"max_tokens": 1, "messages": msgs,
                                                          "stream_options": {"include_usage": True}}))
         assert e["param"] == "stream_options"
+        # a stop string of a megabyte held the event loop for seconds per token: at most 4,096 characters
+        e = _error(cl.post("/v1/completions", json={"max_tokens": 1, "prompt": "hi", "stop": ["x", "é" * 4097]}))
+        assert e["param"] == "stop" and "4096 characters" in e["message"], e
+        ok = cl.post("/v1/completions", json={"max_tokens": 2, "prompt": "hi", "stop": ["é" * 4096]})
+        assert ok.status_code == 200, ok.text
+        # a top_k past the control protocol's int32 keeps every token (it was a 503, which clients retry)
+        ok = cl.post("/v1/completions", json={"max_tokens": 2, "prompt": "hi", "top_k": 1 << 40})
+        assert ok.status_code == 200, ok.text
+        # a one-token prompt's log-probabilities: its first token has none (it was a 503 "lost in transit")
+        one = cl.post("/v1/completions", json={"max_tokens": 1, "prompt": [9906], "prompt_logprobs": 1,
+                                               "echo": True, "logprobs": 1})
+        assert one.status_code == 200, one.text
+        ch = one.json()["choices"][0]
+        assert ch["prompt_logprobs"] == [None] and ch["logprobs"]["token_logprobs"][0] is None, ch

@@ -107,6 +107,9 @@ def test_serve_http_fronts_the_multi_process_deployment(tmp_path: Path):
             assert "dualpath_ttft_seconds_count 3.0" in m
             st = cl.get("/health").json()
             assert st["status"] == "ok"
+            # a one-token prompt's log-probabilities: its first token has none (was a 503 "lost in transit")
+            one = cl.post("/v1/completions", headers=auth, json={"prompt": [7], "max_tokens": 1, "prompt_logprobs": 1})
+            assert one.status_code == 200 and one.json()["choices"][0]["prompt_logprobs"] == [None], one.text
             # logprobs travel from the decode engine process with each streamed token: the in-process values;
             # n=2 samples with seeds 77 and 78
             turns = [_reference_turn(cfg, prompt, 7, SamplingParams(temperature=0.8, top_p=0.9, seed=s, logprobs=3))

@@ -144,3 +144,40 @@ def test_a_token_decodes_a_window_not_the_whole_answer() -> None:
         d.push(t)
     assert d.text == tok.decode(ids).rstrip("\ufffd")  # (the cut may split the last character)
     assert decoded[0] < 10 * len(ids), decoded[0]  # whole-answer decoding: ~len(ids)**2 / 2 = 32M
+
+
+def test_the_text_held_back_for_a_stop_that_may_be_completing_is_its_longest_prefix_ending_the_text() -> None:
+    """While the text ends with a proper prefix of a stop sequence, that much is held back (the stop may be
+    completing). Kept incrementally (KMP) as the text grows; the reference ends the text with each prefix in turn
+    (which is what the server did per token: O(len(stop)^2), seconds of the event loop for a long stop string).
+    Stops with repeated borders (``abab``, ``aaa``), texts that grow by 0-4 characters at a time, a whole match
+    passed over (inside the ``min_tokens`` floor)."""
+    from dualpath.http.app import _StopPrefix
+
+    def reference(text: str, stop: str) -> int:
+        return max((k for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 8)))
+        tracker, text = _StopPrefix(stop), ""
+        for _ in range(rng.randint(1, 12)):
+            text += "".join(rng.choice("abc") for _ in range(rng.randint(0, 4)))
+            assert tracker.held(text) == reference(text, stop), (stop, text)
+
+
+def test_a_long_stop_string_costs_the_detokenizer_little() -> None:
+    """A 4,096-character stop (the most a request may send) over a long answer: held back as it may complete, then
+    let go. (The per-token prefix scan did ~8M comparisons per token for one such stop: this test ran into the
+    suite's timeout; it takes a fraction of a second.)"""
+    from dualpath.http.schemas import MAX_STOP_CHARS
+
+    class Chars:  # one character per id
+        def decode(self, ids, skip_special_tokens=True):  # type: ignore[no-untyped-def]
+            return "".join(chr(97 + i % 2) for i in ids)
+
+    stops = ["ab" * (MAX_STOP_CHARS // 2 - 1) + "bb"] * 4
+    d = Detokenizer(Chars(), stops, frozenset())
+    streamed = [d.push(i) for i in range(2000)]
+    assert "".join(streamed) == "" and d.finish is None  # ("abab..." may still become the stop: all held back)
+    assert d.flush() == "ab" * 1000

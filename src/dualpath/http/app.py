@@ -110,6 +110,7 @@ class Detokenizer:
         self._searched = 0  # the text before this was searched for stop sequences
         self.floor = 0  # length of the text of the first min_tokens tokens: no stop sequence may end inside it
         self.finish: str | None = None
+        self._partial = [_StopPrefix(s) for s in stops]  # how much of each stop sequence the text ends with
 
     def push(self, tok: int) -> str:
         if self.finish is not None:
@@ -139,7 +140,7 @@ class Detokenizer:
                 return self._take(cut)
         if self.include_stop:  # nothing is cut before a stop sequence: nothing to hold back
             return self._take(len(text))
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        hold = max((p.held(text) for p in self._partial), default=0)
         return self._take(len(text) - hold)
 
     def _decode(self, ids: list[int]) -> str:
@@ -168,6 +169,38 @@ class Detokenizer:
 
     def flush(self) -> str:
         return self._take(len(self.text))
+
+
+class _StopPrefix:
+    """The longest proper prefix of one stop sequence that a growing text ends with (the text to hold back while
+    that stop may be completing), kept as the text grows: Knuth-Morris-Pratt, O(1) amortized per new character
+    (ending the text with each prefix in turn cost O(len(stop)^2) per token)."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        border = [0] * len(stop)  # border[i]: the longest proper prefix of stop[:i + 1] that is also its suffix
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = border[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            border[i] = k
+        self.border = border
+        self.matched = 0  # the text fed so far ends with stop[:matched]
+        self.fed = 0  # characters of the text fed
+
+    def held(self, text: str) -> int:
+        stop, border, m = self.stop, self.border, self.matched
+        for c in text[self.fed:]:
+            if m == len(stop):  # (a whole match the caller did not stop at: inside the min_tokens floor)
+                m = border[m - 1]
+            while m and stop[m] != c:
+                m = border[m - 1]
+            if stop[m] == c:
+                m += 1
+        self.matched, self.fed = m, len(text)
+        return border[m - 1] if m == len(stop) else m
 
 
 # --- the app ---------------------------------------------------------------------------------------------------

@@ -233,6 +233,8 @@ class _Answer:
     def _prompt_lps(self, c: Choice, choices: list[Choice]) -> list[Any]:
         """The log-probabilities of choice ``c``'s prompt tokens 1.. (its prompt's first choice computed them); a
         503 when they did not come back whole (a misaligned list is never served)."""
+        if len(c.job.request.prompt_ids) <= 1:  # (a one-token prompt: only its first token, which has none)
+            return []
         source = choices[(c.index // self.per_prompt) * self.per_prompt]
         got = source.job.prompt_logprobs
         if got is None or len(got) != len(c.job.request.prompt_ids) - 1:

@@ -47,6 +47,9 @@ from dualpath.http.tools import FunctionDef, ToolDef
 #: stop sequences per request: OpenAI allows 4, vLLM any number; clients written for either send more than 4
 #: (lm-eval's HumanEval task sends 5), and each costs a check per generated token, hence a bound
 MAX_STOPS = 32
+#: characters per stop sequence (each is searched for in the text as it grows; a megabyte-long one cost seconds of
+#: the event loop per token)
+MAX_STOP_CHARS = 4096
 #: ``stop_token_ids`` per request (the control protocol carries at most 256 stop ids, end-of-sequence ids included)
 MAX_STOP_TOKEN_IDS = 64
 MAX_ALLOWED_IDS = 1 << 18  # allowed_token_ids entries (any vocabulary this side of 262K)
@@ -152,7 +155,9 @@ class _Sampling(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    # (a top_k past any vocabulary keeps every token, as vLLM reads it: past 2^31 - 1, the control protocol's
+    # bound, it was a 503 that clients retried)
+    top_k: Annotated[int, AfterValidator(lambda k: min(k, (1 << 31) - 1))] | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)  # (vLLM / SGLang / llama.cpp extension)
     seed: Seed | None = None
     stop: str | list[str] | None = None
@@ -272,6 +277,8 @@ class _Sampling(_Strict):
                 raise ValueError("stop sequences must be non-empty")
         elif isinstance(v, str) and not v:
             raise ValueError("a stop sequence must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in ([v] if isinstance(v, str) else v or [])):
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
         return v
 
     def stops(self) -> list[str]:

@@ -22,8 +22,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -203,6 +204,9 @@ class _StopPrefix:
         return border[m - 1] if m == len(stop) else m
 
 
+T = TypeVar("T")
+
+
 # --- the app ---------------------------------------------------------------------------------------------------
 class Server:
     """The state behind the routes (one per app)."""
@@ -214,6 +218,7 @@ class Server:
         self.ready = False
         self.created = int(time.time())
         self.startup_error: BaseException | None = None
+        self._tokenizing: anyio.CapacityLimiter | None = None  # (off_loop's: made on the event loop)
         self._token_text: Any = None
         from dualpath.http.prefix_share import InflightPrefixes
 
@@ -283,6 +288,13 @@ class Server:
         if model is not None and model != self.model_name:
             raise ApiError(404, f"The model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread, one at a time: tokenizing and rendering a large request (tens of MB of
+        prompt, 100k messages) took the event loop for seconds, stalling every stream and ``/health``."""
+        if self._tokenizing is None:
+            self._tokenizing = anyio.CapacityLimiter(1)  # (as on the loop: one at a time, the tokenizer unshared)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._tokenizing)
 
     def admit(self, count: int = 1) -> None:
         """Refuse a request whose ``count`` generations would not be admitted now (503 starting, 429 full)."""
@@ -708,7 +720,7 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
         server.authorize(request)
         server.check(body)
         server.admit()
-        ids = server.chat_prompt(body)
+        ids = await server.off_loop(server.chat_prompt, body)
         return await serve(server, request, "chat", body, [ids])
 
     @app.post("/v1/completions")
@@ -722,7 +734,7 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
                                     "send stop_token_ids", param="stop")
             body.return_token_ids = True
         server.admit()
-        return await serve(server, request, "completion", body, server.completion_prompts(body))
+        return await serve(server, request, "completion", body, await server.off_loop(server.completion_prompts, body))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
@@ -739,9 +751,9 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
                                          add_generation_prompt=body.add_generation_prompt,
                                          continue_final_message=body.continue_final_message,
                                          chat_template_kwargs=body.chat_template_kwargs)
-            ids = server.chat_prompt(chat)
+            ids = await server.off_loop(server.chat_prompt, chat)
         else:
-            ids = list(tok.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+            ids = await server.off_loop(lambda: list(tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)))
         out: dict[str, Any] = {"count": len(ids), "max_model_len": backend.max_context, "tokens": ids,
                                "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs else None}
         return JSONResponse(out)

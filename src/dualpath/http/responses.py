@@ -319,10 +319,10 @@ def add_routes(app: FastAPI, server: Any) -> None:
             messages, native = server.tool_prompt(system + kept, tools)
             return server.render_chat(messages, "input", tools=native, template_kwargs=kwargs)
 
-        ids = render(0)
+        ids = await server.off_loop(render, 0)
         ctx = server.backend.max_context
         if body.truncation == "auto" and ctx and len(ids) + (body.max_output_tokens or 1) > ctx:
-            ids = _truncated(render, conversation, ctx - (body.max_output_tokens or 1), ids)
+            ids = await server.off_loop(_truncated, render, conversation, ctx - (body.max_output_tokens or 1), ids)
         limit = server.limit(len(ids), body.max_output_tokens, "max_output_tokens")
         return await _serve(server, store, request, body, conversation, ids, limit, tools)
 

@@ -258,6 +258,10 @@ async def given_up_write_spares_the_other(a: Transport, b: Transport, size: int,
     dst = torch.zeros(size, dtype=torch.uint8)
     region = b.register(dst)
     src = src_in(a, pattern(size, 7))
+    # the receiver holds the early arrival of "b" until it is exposed, ~0.25 s after it is sent: with the test
+    # endpoints' hold of 0.5 s, a stall of this process on a loaded runner (a 0.1 s sleep took 0.77 s) dropped it
+    # and ``b.wait`` timed out; hold it as long as "b" may take (5 s)
+    getattr(b, "inner", b)._landings.pending_timeout_s = 5.0
     for give_up in ("cancel", "deadline"):
         got: dict[str, str] = {}
         gone = anyio.CancelScope()

@@ -56,3 +56,54 @@ async def test_a_body_within_the_cap_reaches_validation() -> None:
     async with _client(4096) as c:
         r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "bogus": 1})
     assert r.status_code == 400 and "unknown field 'bogus'" in r.json()["error"]["message"]
+
+
+async def test_a_body_not_received_in_time_is_a_408_and_a_whole_body_is_not_timed() -> None:
+    """``http.body_timeout_s``: a client that sends part of its body and then nothing gets 408 (``Connection:
+    close``) once the deadline passes (uvicorn has no such deadline: the connection, and its descriptor, were held
+    forever). Once the body is whole, the app's receives (a stream waiting for the client's disconnect) are not
+    bounded."""
+    import anyio
+
+    from dualpath.http.bodylimit import BodyLimit
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        after = await receive()  # (what a streaming response does: wait for the disconnect)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body + after["type"].encode()})
+
+    def scripted(*steps):  # type: ignore[no-untyped-def]
+        it = iter(steps)
+
+        async def receive():  # type: ignore[no-untyped-def]
+            delay, msg = next(it)
+            await anyio.sleep(delay)
+            return msg
+        return receive
+
+    for stalled in (True, False):
+        sent: list[dict] = []
+
+        async def send(msg, sent=sent):  # type: ignore[no-untyped-def]
+            sent.append(msg)
+
+        tail = (3600.0, {"type": "http.request", "body": b"b"}) if stalled else (0.0, {"type": "http.request",
+                                                                                     "body": b"b"})
+        receive = scripted((0.0, {"type": "http.request", "body": b"a", "more_body": True}), tail,
+                           (0.5, {"type": "http.disconnect"}))
+        t0 = anyio.current_time()
+        with anyio.fail_after(10):
+            await BodyLimit(app, max_bytes=1 << 20, timeout_s=0.2)({"type": "http", "headers": []}, receive, send)
+        if stalled:
+            assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+            err = json.loads(sent[1]["body"])["error"]
+            assert err["code"] == "request_timeout" and "http.body_timeout_s" in err["message"]
+            assert anyio.current_time() - t0 < 5
+        else:  # the body came whole in time; the half-second wait after it is the app's own
+            assert sent[0]["status"] == 200 and sent[1]["body"] == b"abhttp.disconnect"

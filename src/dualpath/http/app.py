@@ -646,7 +646,7 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
                   dependencies=[Depends(refuse_lone_surrogates)])
     from dualpath.http.bodylimit import BodyLimit
 
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s)
     app.state.server = server
 
     @app.exception_handler(RequestValidationError)

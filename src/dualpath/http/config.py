@@ -48,6 +48,10 @@ class HttpConfig(Section):
                                                  "in memory, least recently used dropped; 0 stores none")
     max_body_bytes: int = Field(default=32 << 20, ge=1024,
                                 description="a request body larger than this gets 413 before it is read")
+    body_timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False,
+                                  description="a request body not received whole within this many seconds of its "
+                                              "request's start gets 408 and the connection is closed (a client "
+                                              "trickling its body held a connection, and its descriptor, forever)")
     shared_prefill_min_tokens: int = Field(
         default=256, ge=0,
         description="choices of one prompt at least this long (n, best_of) share its prefill: the first is "

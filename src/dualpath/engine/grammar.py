@@ -169,7 +169,16 @@ def check_grammar(grammar: str, tokenizer: Any) -> str:
     """'' when ``grammar`` compiles against ``tokenizer`` (a Hugging Face tokenizer), else llguidance's error."""
     llg = _llguidance()
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, lltokenizer(tokenizer))
-    return "; ".join(messages) if is_error else ""
+    if is_error:
+        return "; ".join(messages)
+    # a grammar that compiles may still admit no text at all (a schema whose $ref only refers to itself): the
+    # decode engine would find no token allowed at its first step
+    matcher = llg.LLMatcher(lltokenizer(tokenizer), grammar)
+    first = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)  # (an error shows once it is computed)
+    if matcher.is_error() or not first.any():
+        why = (matcher.get_error() or "").strip().splitlines()  # (its first line; the rest is the parser's state)
+        return f"it admits no text: no token can start it ({why[0] if why else 'dead end'})"
+    return ""
 
 
 class Constraint:

@@ -107,3 +107,14 @@ async def test_a_body_not_received_in_time_is_a_408_and_a_whole_body_is_not_time
             assert anyio.current_time() - t0 < 5
         else:  # the body came whole in time; the half-second wait after it is the app's own
             assert sent[0]["status"] == 200 and sent[1]["body"] == b"abhttp.disconnect"
+
+
+async def test_too_many_prompts_are_refused_before_any_is_tokenized() -> None:
+    """A batch of prompts x ``n`` over the 128 generations a request may ask for is a 400 naming ``n`` before a
+    prompt is tokenized, before the request is even admitted (a batch of 20k prompts was tokenized first: seconds
+    of work for a refusal). This app is not started: a request admitted would be a 503 ``not_ready``."""
+    async with _client(1 << 20) as c:
+        r = await c.post("/v1/completions", json={"prompt": ["some text"] * 200, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        r = await c.post("/v1/completions", json={"prompt": ["some text"] * 2, "max_tokens": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready", r.text

@@ -733,6 +733,8 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
                 raise ApiError(400, "stop: the served model has no tokenizer, so a stop string cannot be matched; "
                                     "send stop_token_ids", param="stop")
             body.return_token_ids = True
+        p = body.prompt
+        check_choices(body, 1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p))
         server.admit()
         return await serve(server, request, "completion", body, await server.off_loop(server.completion_prompts, body))
 
@@ -771,7 +773,7 @@ def create_app(backend: Backend, config: HttpConfig | None = None) -> FastAPI:
                            param="tokens")
         return JSONResponse({"prompt": tok.decode(body.tokens)})
 
-    from dualpath.http.completions import serve
+    from dualpath.http.completions import check_choices, serve
     from dualpath.http.responses import add_routes
 
     add_routes(app, server)  # /v1/responses

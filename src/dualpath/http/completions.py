@@ -57,6 +57,16 @@ from dualpath.http.tools import ToolCall
 MAX_CHOICES = 128  # generations of one request (prompts x n, or x best_of)
 
 
+def check_choices(req: ChatCompletionRequest | CompletionRequest, prompts: int) -> int:
+    """The generations per prompt of ``req`` (``n``, or ``best_of``); a 400 when ``prompts`` of them make more than
+    :data:`MAX_CHOICES` (checked before a prompt is tokenized too: a batch of 20k prompts was tokenized first)."""
+    per_prompt = max(int(req.n or 1), int(getattr(req, "best_of", None) or 1))
+    if per_prompt * prompts > MAX_CHOICES:
+        raise ApiError(400, f"n: {prompts} prompt(s) x {per_prompt} generations exceeds the limit of "
+                            f"{MAX_CHOICES} per request", param="n")
+    return per_prompt
+
+
 async def serve(server: Server, request: Request, kind: str, req: ChatCompletionRequest | CompletionRequest,
                 prompts: list[list[int]]) -> Response:
     """Answer a validated chat (``kind`` ``chat``) or completions request whose prompts are ``prompts``."""
@@ -69,10 +79,7 @@ async def serve(server: Server, request: Request, kind: str, req: ChatCompletion
         if k == 0:
             raise ApiError(400, "truncate_prompt_tokens: 0 would leave no prompt", param="truncate_prompt_tokens")
         prompts = [ids[-k:] for ids in prompts]
-    per_prompt = max(int(req.n or 1), int(getattr(req, "best_of", None) or 1))
-    if per_prompt * len(prompts) > MAX_CHOICES:
-        raise ApiError(400, f"n: {len(prompts)} prompt(s) x {per_prompt} generations exceeds the limit of "
-                            f"{MAX_CHOICES} per request", param="n")
+    per_prompt = check_choices(req, len(prompts))
     server.admit(per_prompt * len(prompts))
     top = _top(req)
     want_lp = top is not None or per_prompt > int(req.n or 1)  # best_of ranks by cumulative logprob

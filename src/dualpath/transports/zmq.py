@@ -11,9 +11,9 @@ claimed). Otherwise (size mismatch, early arrival, duplicate, checksum, device s
 checks size and xxh3 checksum before a byte is written, then copies it (one memcpy, or one host-to-device
 copy). Either way it acknowledges; ``write`` returns on the acknowledgement. A write given up (not acknowledged
 within its timeout, or cancelled by its caller) whose zero-copy payload frame libzmq still holds a tenth of a
-second later (timed out) or half a second later (cancelled) resets that peer's socket (dropping queued frames, so no source buffer stays referenced); one whose payload
-was copied into its frame (below 64 KiB) or was sent and released (tracked) within that grace leaves the socket,
-and the peer's other writes, alone.
+second later (timed out) or half a second later (cancelled) resets that peer's socket (dropping queued frames,
+so no source buffer stays referenced); one whose payload was copied into its frame (below 64 KiB) or was sent and
+released (tracked) within that grace leaves the socket, and the peer's other writes, alone.
 
 All sockets live in one **I/O thread** per endpoint, driven by plain (blocking, GIL-releasing) zmq calls: it
 receives, claims the landing slot (the landing table is locked against this thread), lands, acknowledges (a

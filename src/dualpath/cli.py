@@ -8,12 +8,15 @@ Each command lives in its own module under :mod:`dualpath.commands`, imported on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from dualpath.commands import check_output_file
 from dualpath.errors import DualPathError
 
 # command -> (module, one-line help)
@@ -85,6 +88,18 @@ def _one_line(exc: ValidationError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # (also while the commands' modules are still importing)
+        print("dualpath: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`dualpath trace stats F | head`): no traceback
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the interpreter's flush at exit)
+        return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the command they were given to, with its usage (not the top-level one)
@@ -98,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dualpath: this command is not built yet ({args._unavailable})", file=sys.stderr)
         return 2
     try:
+        for attr, flag in (("json_out", "--json"), ("plot", "--plot")):  # refused now, not after the work
+            if isinstance(getattr(args, attr, None), str):
+                check_output_file(flag, getattr(args, attr))
         return int(_load(module).run(args) or 0)
     except DualPathError as exc:
         print(f"dualpath: error: {exc}", file=sys.stderr)
@@ -105,9 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:  # a value set from a flag (--rate nan): one line naming the field, not a traceback
         print(f"dualpath: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dualpath: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

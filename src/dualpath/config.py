@@ -9,6 +9,7 @@ dotted path with double underscores: ``DUALPATH_STORAGE__ROOT=/mnt/kv`` sets ``s
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,57 @@ class DualPathConfig(Section):
     http: HttpConfig = Field(default_factory=HttpConfig)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as a config file needs it: a key given twice is an error naming its line (PyYAML keeps the last one
+    silently, so a second ``cluster:`` section would drop the first), and ``1e9`` / ``-2.5E-3`` are numbers
+    (YAML 1.2 floats; YAML 1.1, which PyYAML follows, needs a dot and reads ``1e9`` as a string)."""
+
+
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise ConfigError(f"line {line}, column {key_node.start_mark.column + 1}: key {key!r} given twice "
+                                  f"(first on line {seen[key]})")
+            seen[key] = line
+        except TypeError:  # an unhashable key: construct_mapping refuses it with its own message
+            continue
+    return loader.construct_mapping(node, deep=deep)  # type: ignore[no-untyped-call]
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)  # type: ignore[arg-type]
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document as config files and ``DUALPATH_*`` values are read (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} given twice in one object")
+        out[key] = value
+    return out
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (line {line}: byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start}); save the config file as UTF-8") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -56,13 +103,17 @@ def _read_file(path: Path) -> dict[str, Any]:
             except ModuleNotFoundError:  # pragma: no cover - Python 3.10
                 import tomli as tomllib  # type: ignore[no-redef]
             data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml", ".json"):
-            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            import json
+
+            data = json.loads(text.removeprefix("\ufeff"), object_pairs_hook=_json_object) if text.strip() else {}
+        elif suffix in (".yaml", ".yml"):
+            data = parse_yaml(text) or {}
         else:
             raise ConfigError(f"{path}: unknown config format {suffix!r} (use .yaml, .yml, .toml or .json)")
-    except ConfigError:
-        raise
-    except Exception as exc:  # yaml.YAMLError, tomllib.TOMLDecodeError
+    except ConfigError as exc:  # a key given twice
+        raise ConfigError(f"{path}: not valid {suffix.lstrip('.').upper()}: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError
         raise ConfigError(f"{path}: not valid {suffix.lstrip('.').upper()}: {_one_line(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
@@ -90,7 +141,8 @@ def _set_dotted(target: dict[str, Any], dotted: list[str], value: Any) -> None:
     node[dotted[-1]] = value
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+def _env_overrides(env: Mapping[str, str], names: dict[tuple[str, ...], str] | None = None) -> dict[str, Any]:
+    """The sections ``DUALPATH_*`` variables set; ``names`` gets each dotted path's variable (for errors)."""
     out: dict[str, Any] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
@@ -99,10 +151,12 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         if any(not p for p in dotted):
             raise ConfigError(f"environment variable {name}: empty path component")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"environment variable {name}: cannot parse value {raw!r}: {exc}") from exc
+            value = parse_yaml(raw) if raw != "" else ""
+        except (yaml.YAMLError, ConfigError) as exc:
+            raise ConfigError(f"environment variable {name}: cannot parse value {raw!r}: {_one_line(exc)}") from None
         _set_dotted(out, dotted, value)
+        if names is not None:
+            names[tuple(dotted)] = f"environment variable {name}"
     return out
 
 
@@ -159,8 +213,12 @@ def format_validation_error(
     labels: dict[str, str] = {}
     for err in exc.errors():
         parts = tuple(str(p) for p in err["loc"] if not _is_branch(p))
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):  # a backend's kind, not its section
+            parts = (*parts, "kind")
         loc = ".".join(parts)
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "value_error":  # a validator's own message, which may name its field already
+            msg = msg.removeprefix("Value error, ").removeprefix(f"{loc}: ")
         merged.setdefault(loc, [])
         if msg not in merged[loc]:
             merged[loc].append(msg)
@@ -243,7 +301,7 @@ def load_config(
 
     Raises:
         ConfigError: one line per invalid field, ``<source>: <dotted.path>: <message>``, where ``<source>``
-            names the file, ``DUALPATH_* environment``, ``overrides``, ``keyword arguments`` or the preset.
+            names the file, the environment variable, ``overrides``, ``keyword arguments`` or the preset.
     """
     if "path" in sections and source is None:  # the old name of ``source``
         import warnings
@@ -262,7 +320,8 @@ def load_config(
         elif src is not None:
             path = Path(str(src))
             layers.append((_read_file(path), str(path)))
-    env_data = _env_overrides(os.environ if env is None else env)
+    env_names: dict[tuple[str, ...], str] = {}
+    env_data = _env_overrides(os.environ if env is None else env, env_names)
     if env_data:
         layers.append((env_data, "DUALPATH_* environment"))
     if overrides:
@@ -272,7 +331,7 @@ def load_config(
     for layer, label in layers:
         data = _merge(data, layer)
         for leaf in _leaves(layer):
-            provenance[leaf] = label
+            provenance[leaf] = env_names.get(leaf, label) if layer is env_data else label
     try:
         return DualPathConfig.model_validate(data)
     except ValidationError as exc:

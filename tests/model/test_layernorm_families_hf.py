@@ -407,7 +407,7 @@ def test_falcon_rw_alibi_past_256_positions_equals_transformers(backend, tmp_pat
     d, hf = _CKPTS.get("falcon_rw", tmp_path_factory)
     model = _load(d, backend)
     assert model.spec.falcon_alibi and model.spec.alibi
-    ours, ref, ids, ref_ids = paged_turns(model, hf, random_turns(VOCAB, 5, lens=(150, 120)), 1, 8)
+    ours, ref, ids, ref_ids = paged_turns(model, hf, random_turns(VOCAB, 5, lens=(150, 120)), 1, 32)
     assert ref.abs().max() > 1.0
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
     assert ids == ref_ids

@@ -66,3 +66,22 @@ def test_notif_thread_auto_follows_the_usable_cpus(monkeypatch: pytest.MonkeyPat
     assert tconfig.NixlTransportConfig(notif_thread=False).uses_notif_thread is False
     with pytest.raises(ValueError, match="notif_thread"):
         tconfig.NixlTransportConfig(notif_thread="sometimes")  # type: ignore[arg-type]
+
+
+def test_nixl_logs_to_stderr_and_only_warnings_unless_asked() -> None:
+    """NIXL's Python API logs every agent it starts at INFO on *stdout*, above a command's report."""
+    import subprocess
+
+    code = ("import sys; from dualpath.transports.nixl_agent import import_nixl\n"
+            "mod = import_nixl()\nif mod is None: sys.exit(3)\n"
+            "mod.nixl_agent('probe', mod.nixl_agent_config(backends=['UCX']))\n"
+            "import logging; logging.getLogger('nixl').warning('warned')\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NIXL_LOG_LEVEL"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    if p.returncode == 3:
+        pytest.skip("no NIXL wheel here")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "" and "warned" in p.stderr and "Initialized NIXL agent" not in p.stderr
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**env, "NIXL_LOG_LEVEL": "INFO"})  # asked for: INFO, still on stderr
+    assert "Initialized NIXL agent" not in p.stdout and "Initialized NIXL agent: probe" in p.stderr

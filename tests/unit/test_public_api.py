@@ -106,7 +106,7 @@ def test_library_default_and_demo_preset_are_named() -> None:
     [
         ({"overrides": {"cluster": {"decode_nodez": 1}}}, "overrides: cluster.decode_nodez: unknown key"),
         ({"cluster": {"block_tokens": 0}}, "keyword arguments: cluster.block_tokens: Input should be greater"),
-        ({"env": {"DUALPATH_CLUSTER__DECODE_NODES": "x"}}, "DUALPATH_* environment: cluster.decode_nodes:"),
+        ({"env": {"DUALPATH_CLUSTER__DECODE_NODES": "x"}}, "environment variable DUALPATH_CLUSTER__DECODE_NODES: cluster.decode_nodes:"),
         ({"cluster": {"devices": "cuda"}},
          "keyword arguments: cluster.devices: 'cuda' is not valid: use 'auto', 'cpu', or a list of devices"),
     ],

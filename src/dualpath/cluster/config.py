@@ -50,8 +50,8 @@ class ClusterConfig(Section):
         description="compute NIC per engine, GB/s per direction; a unit may be given: 400Gbps = 50GB/s "
         "(also accepted as cnic_bandwidth)")
     kv_share: float = Field(default=0.01, gt=0, le=1, description="guaranteed share of the KV traffic class")
-    host_buffer_bytes: int = Field(default=1 << 30, gt=0, description="PE/DE host buffer per engine")
-    kv_pool_tokens: int = Field(default=65536, gt=0, description="decode engine paged KV pool size, tokens")
+    host_buffer_bytes: int = Field(default=1 << 30, gt=0, le=1 << 50, description="PE/DE host buffer per engine")
+    kv_pool_tokens: int = Field(default=65536, gt=0, le=1 << 32, description="decode engine paged KV pool size, tokens")
     layers_ahead: int = Field(default=4, ge=1, description="DE-path streaming window, in layers")
     deadline_s: float = Field(default=30.0, gt=0, description="deadline of every wait on a peer or device")
     layerwise: bool = Field(

@@ -53,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "serve", None):
         from dualpath.control.client import run_serve_command
+        from dualpath.errors import ConfigError
+
+        # the deployment runs its own policy and has no emulated links: these would be ignored, so they are refused
+        given = [flag for flag, v in (("--policy", args.policies), ("--capacity", args.capacity), ("--sim", args.sim),
+                                      ("--plot", args.plot)) if v]
+        if given:
+            raise ConfigError(f"--serve replays the trace against a running deployment, which runs its own policy: "
+                              f"{', '.join(given)} cannot be used with it")
 
         return run_serve_command(args)
     from dualpath.runtime.app import RunRequest, run_command

@@ -24,6 +24,8 @@ failure: the hit ends before it and the rest is recomputed.
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +34,26 @@ from dualpath.cluster.config import ClusterConfig
 from dualpath.engine.host_buffer import HostBuffer
 from dualpath.engine.links import LinkSet
 from dualpath.engine.model_api import LayerwiseModel
+from dualpath.errors import ConfigError
 from dualpath.kv.keys import BlockKeyer
 from dualpath.kv.layout import KVLayout
 from dualpath.scheduler.state import EngineSnapshot
 from dualpath.storage.base import Storage
 from dualpath.transports.base import Region, Transport
 from dualpath.types import EngineId, Role
+
+
+@contextlib.contextmanager
+def allocating(field: str, value: int, unit: str) -> Iterator[None]:
+    """An allocation sized by config ``field``: a failure for want of memory is a :class:`ConfigError` naming
+    the field and its value, not torch's or numpy's traceback."""
+    try:
+        yield
+    except (MemoryError, OverflowError, RuntimeError) as exc:
+        text = " ".join(str(exc).split())
+        if isinstance(exc, RuntimeError) and not any(w in text.lower() for w in ("alloc", "overflow", "memory")):
+            raise
+        raise ConfigError(f"{field}: {value:,} {unit} cannot be allocated here ({text[:200]}); lower it") from None
 
 
 @dataclass
@@ -68,7 +84,8 @@ class Engine(abc.ABC):
         self.layout = ctx.layout
         self.model = ctx.model
         self.device = ctx.device
-        self.host = HostBuffer(ctx.config.host_buffer_bytes, f"{self.name} host buffer")
+        with allocating("cluster.host_buffer_bytes", ctx.config.host_buffer_bytes, "bytes"):
+            self.host = HostBuffer(ctx.config.host_buffer_bytes, f"{self.name} host buffer")
         self.host_region: Region | None = None
         self.seq = 0  # assigned, unfinished requests
         self.tok = 0  # their tokens

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import torch
 
-from dualpath.engine.base import Engine, EngineContext
+from dualpath.engine.base import Engine, EngineContext, allocating
 from dualpath.engine.host_buffer import HostRegion
 from dualpath.engine.prefill import wait_arrival
 from dualpath.engine.request import Turn, wait_event
@@ -107,7 +107,8 @@ class DecodeEngine(Engine):
     def __init__(self, eid: EngineId, ctx: EngineContext) -> None:
         super().__init__(eid, ctx)
         bt = self.layout.block_tokens
-        self.pool = KVPool(self.layout.spec, max(1, ctx.config.kv_pool_tokens // bt), bt, self.device)
+        with allocating("cluster.kv_pool_tokens", ctx.config.kv_pool_tokens, "tokens"):
+            self.pool = KVPool(self.layout.spec, max(1, ctx.config.kv_pool_tokens // bt), bt, self.device)
         self.running: list[DecodeSeq] = []
         self.persist_skipped = 0  # prompts not persisted: not one block fitted beside their own regions
         self.persist_chunked = 0  # prompts persisted in chunks (their copy did not fit beside their own regions)

@@ -694,7 +694,7 @@ def load_model(config: LlamaModelConfig | str | os.PathLike[str] | Mapping[str, 
 
     p = checkpoint_path(path if path is not None else cfg.path)
     if not p.exists():
-        raise ModelError(f"model path {p} does not exist")
+        raise ModelError(f"model.path: {p} does not exist")
     tokenizer = None
     spec: ModelSpec | DeepseekV3Spec
     fp8_block: tuple[int, int] = (128, 128)

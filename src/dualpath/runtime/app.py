@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 
 import anyio
 
+from dualpath.commands import check_output_file
 from dualpath.config import DualPathConfig
 from dualpath.errors import ConfigError, DualPathError
 from dualpath.runtime.defaults import DEFAULT_POLICIES, load_run_config
@@ -122,11 +122,12 @@ def apply_request(cfg: DualPathConfig, req: RunRequest) -> DualPathConfig:
             raise ConfigError(f"--rate must be a finite number > 0, got {req.rate}")
         w.rate_aps = req.rate
     if req.capacity:
+        if req.mode == "offline":
+            raise ConfigError("--capacity searches the online arrival rate; it cannot run with --mode offline")
         w.mode = "online"
-    if req.json_out:  # refused now, not after the whole run
-        parent = os.path.dirname(os.path.abspath(req.json_out))
-        if not os.path.isdir(parent):
-            raise ConfigError(f"--json: directory {parent} does not exist")
+    for flag, out in (("--json", req.json_out), ("--plot", req.plot)):  # refused now, not after the whole run
+        if out:
+            check_output_file(flag, out)
     return cfg
 
 

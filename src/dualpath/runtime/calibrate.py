@@ -20,6 +20,7 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,6 +28,7 @@ import numpy as np
 
 from dualpath.config import DualPathConfig
 from dualpath.engine.timemodel import nnls
+from dualpath.storage.config import rooted
 from dualpath.types import PathKind
 
 
@@ -84,8 +86,9 @@ def _unlimited(cfg: DualPathConfig, root: str) -> DualPathConfig:
     c = cfg.model_copy(deep=True)
     c.cluster.snic_gbps = None
     c.cluster.cnic_gbps = None
-    if hasattr(c.storage, "root"):
-        c.storage.root = root  # type: ignore[union-attr]
+    store = rooted(c.storage)
+    if store is not None:
+        store.root = Path(root)
     return c
 
 

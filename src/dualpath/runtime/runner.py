@@ -35,6 +35,7 @@ from dualpath.scheduler.core import GlobalScheduler
 from dualpath.scheduler.driver import DriverStats, SchedulerDriver
 from dualpath.scheduler.params import SchedulerParams
 from dualpath.scheduler.policies import get_policy
+from dualpath.storage.config import rooted
 from dualpath.workload.arrivals import SLO, poisson_arrivals
 from dualpath.workload.trajectory import Trajectory
 
@@ -128,8 +129,9 @@ def policy_config(base: DualPathConfig, policy: str, storage_root: Path | None) 
         # the bound: every KV byte still moves (the engines need it) but no link charges time for it
         cfg.cluster.snic_gbps = None
         cfg.cluster.cnic_gbps = None
-    if storage_root is not None and hasattr(cfg.storage, "root"):
-        cfg.storage.root = storage_root
+    store = rooted(cfg.storage)  # (the store a faults wrapper holds too)
+    if storage_root is not None and store is not None:
+        store.root = storage_root
     return cfg
 
 
@@ -378,10 +380,16 @@ async def _run_policy(
     gpu_tokens_per_s: float | None,
 ) -> PolicyRun:
     t_wall = time.perf_counter()
-    parent = getattr(base.storage, "root", None)
-    if parent is not None:
-        Path(parent).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{policy}-", dir=parent))
+    store = rooted(base.storage)
+    parent = store.root if store is not None else None
+    try:
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{policy}-", dir=parent))
+    except OSError as exc:  # read-only, full, not permitted: the config names a root this run cannot use
+        where = "storage.root" if parent is not None else "the temporary directory"
+        raise ConfigError(f"{where}: cannot make the run's block directory under {parent or tempfile.gettempdir()}: "
+                          f"{exc.strerror or exc}") from exc
     try:
         cfg = policy_config(base, policy, tmp)
         cluster = cluster_factory(cfg)

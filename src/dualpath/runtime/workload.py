@@ -47,7 +47,7 @@ def load_trajectories(cfg: WorkloadConfig) -> list[Trajectory]:
             else poisson_arrivals(len(trajs), cfg.rate_aps, seed=cfg.seed)
         )
         return with_arrivals(trajs, arr)
-    if cfg.trace is not None and not Path(cfg.trace).is_file():
+    if cfg.trace is not None and not Path(cfg.trace).exists():  # (a folder is one trace: its shards)
         raise WorkloadError("trace file not found", path=cfg.trace)
     trajs = build_workload(cfg)
     if not trajs or all(not t.turns for t in trajs):

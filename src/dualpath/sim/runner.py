@@ -81,6 +81,12 @@ def scenario_from_preset(
     comp = RooflineCompute(model, gpu, n_pe_gpus=sp.P * g, n_de_gpus=sp.D * g, gpus_per_node=g,
                            prefill_slowdown=prefill_slowdown, decode_slowdown=decode_slowdown)
     kvb = model.kv_bytes_per_token
+    if comp.de_free_hbm() < kvb * 1024:  # not even a thousand tokens of KV beside the weights
+        gib = 1 << 30
+        raise ConfigError(
+            f"D = {sp.D} decode node(s) ({sp.D * g} GPUs): {model.name}'s weights take "
+            f"{comp.de_weight_bytes / gib:.1f} GiB of each GPU's {gpu.hbm_bytes / gib:.0f} GiB, leaving no room for "
+            "decode KV; give more decode nodes (--D)")
     n_agents = agents if agents is not None else sp.agents
     if trajectories is None:
         trajectories = load_trajectories(dataset or sp.dataset, n_agents, seed, append_scale, gen_scale)

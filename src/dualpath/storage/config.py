@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
@@ -91,3 +91,12 @@ StorageConfig = Annotated[
     Field(discriminator="kind"),
 ]
 FaultsStorageConfig.model_rebuild()
+
+
+def rooted(cfg: Any) -> PosixStorageConfig | KvikioStorageConfig | None:
+    """The backend config in ``cfg``'s chain that keeps its blocks under a ``root`` (``cfg`` itself, or the store
+    a ``faults`` wrapper holds, however deep), or None for memory storage. Whoever gives a run its own root (each
+    policy of ``dualpath run``, a calibration, a benchmark) sets it there, so a wrapped store is not shared."""
+    while isinstance(cfg, FaultsStorageConfig):
+        cfg = cfg.inner
+    return cfg if isinstance(cfg, (PosixStorageConfig, KvikioStorageConfig)) else None

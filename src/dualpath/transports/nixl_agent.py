@@ -35,10 +35,25 @@ def import_nixl() -> Any | None:
 
     for name in NIXL_MODULES:
         try:
-            return importlib.import_module(name)
+            mod = importlib.import_module(name)
         except ImportError:
             continue
+        _quiet_nixl_logging()
+        return mod
     return None
+
+
+def _quiet_nixl_logging() -> None:
+    """NIXL's Python API logs each agent it starts at INFO to *stdout*, where a command's report goes: its log
+    moves to stderr, and at WARNING unless ``NIXL_LOG_LEVEL`` asks for more."""
+    import os
+
+    nixl_logger = logging.getLogger("nixl")
+    if not os.environ.get("NIXL_LOG_LEVEL"):
+        nixl_logger.setLevel(logging.WARNING)
+    for h in nixl_logger.handlers:
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout:
+            h.setStream(sys.stderr)
 
 
 def ucx_tls_with_cuda(tls: str) -> str:

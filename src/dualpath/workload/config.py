@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dualpath._configbase import Section
 
@@ -36,3 +36,13 @@ class WorkloadConfig(Section):
     time_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False,
                               description="trace, online: replay its times this many times faster (2: twice its "
                                           "request rate, 0.5: half)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        from dualpath.workload.generators import DATASETS
+
+        if name.lower() not in DATASETS and name != "agentic-cpu":
+            raise ValueError(f"unknown dataset {name!r}; known: {', '.join([*DATASETS, 'agentic-cpu'])} "
+                             "(a trace file goes in `trace`)")
+        return name

@@ -35,10 +35,17 @@ def check_deployable(config: DualPathConfig) -> DualPathConfig:
     return DualPathConfig.model_validate(data)
 
 
+#: the default deployment's KV store cap, bytes (per writing engine: each keeps its own blocks under it)
+SERVE_KV_CAPACITY = 4 << 30
+
+
 def serve_defaults() -> dict[str, Any]:
-    """Overrides for `dualpath serve` with no config file: posix storage and the zmq transport on loopback."""
+    """Overrides for `dualpath serve` with no config file: posix storage and the zmq transport on loopback. The
+    store is capped (:data:`SERVE_KV_CAPACITY`, least recently used blocks evicted): a long-running default
+    deployment stored ~0.7 MB per new prompt of the embedded model and would fill ``/tmp``."""
     return {
-        "storage": {"kind": "posix", "root": "/tmp/dualpath-serve-kv", "shared_root": True},
+        "storage": {"kind": "posix", "root": "/tmp/dualpath-serve-kv", "shared_root": True,
+                    "capacity_bytes": SERVE_KV_CAPACITY},
         "transport": {"kind": "zmq"},
         "cluster": {"snic_gbps": None, "devices": "cpu"},
     }

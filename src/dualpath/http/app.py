@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dualpath.engine.sampling import SamplingParams
 from dualpath.errors import CapacityError, DualPathError, ModelError, PeerTimeout
-from dualpath.http.backend import Backend, Cancelled, GenRequest, GenResult, Job, stop_ids_of
+from dualpath.http.backend import Backend, Cancelled, GenRequest, GenResult, Job, ServerStopping, stop_ids_of
 from dualpath.http.config import HttpConfig
 from dualpath.http.harmony import HarmonyReader, is_harmony
 from dualpath.http.metrics import CONTENT_TYPE, HttpMetrics
@@ -596,6 +596,9 @@ def _map_error(exc: BaseException, retry_after: int) -> ApiError:
         return ApiError(503, msg, "server_error", code=code or None, retry_after=retry_after)
     if isinstance(exc, (ModelError, CapacityError)):  # (a request no engine of this deployment can ever hold)
         return ApiError(400, str(exc))
+    if isinstance(exc, ServerStopping):  # (before its grace period ran out: the client may retry elsewhere)
+        return ApiError(503, f"the server is shutting down: {exc}", "server_error", code="server_shutting_down",
+                        retry_after=retry_after)
     if isinstance(exc, Cancelled):
         return ApiError(499, str(exc), "server_error", code="cancelled")
     msg = str(exc)

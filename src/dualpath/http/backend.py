@@ -41,7 +41,7 @@ from dualpath.errors import EngineError, PeerTimeout
 from dualpath.model.generation_config import GenerationDefaults, read_generation_defaults, stop_ids_of
 
 __all__ = ["Backend", "Cancelled", "GenRequest", "GenResult", "InProcessBackend", "Job", "RemoteBackend",
-           "stop_ids_of"]
+           "ServerStopping", "stop_ids_of"]
 from dualpath.types import PathKind, TokenLogprob
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -68,6 +68,10 @@ class GenResult:
     t_done: float
 
 
+class ServerStopping(EngineError):
+    """A request ended because the server is shutting down (an HTTP 503 its client may retry elsewhere)."""
+
+
 class Cancelled(EngineError):
     """The turn was cancelled (the client went away, or a stop sequence ended it)."""
 
@@ -86,6 +90,7 @@ class Job:
     t_submit: float = field(default_factory=time.perf_counter)
     finished: bool = False
     timed_out: bool = False  # cancelled by its deadline (http.request_timeout_s), not by the client
+    ending: Exception | None = None  # why the server ended it (it is shutting down), not the client
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens so far (sampling.logprobs set)
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.. (sampling.prompt_logprobs), once done
     #: called once, when the decode engine says the prompt's Full Blocks are stored, or at the job's end
@@ -111,7 +116,7 @@ class Job:
     @property
     def client_cancelled(self) -> bool:
         """Cancelled by the client (gone, or a stop sequence), not by the request's deadline."""
-        return self.cancelled.is_set() and not self.timed_out
+        return self.cancelled.is_set() and not self.timed_out and self.ending is None
 
     def on_token(self, tok: int) -> None:
         self.put(("token", int(tok)))
@@ -127,6 +132,17 @@ class Job:
         self.cancelled.set()
         if self.task is not None and not self.task.done():
             self.task.cancel()
+
+
+def _ended(job: Job) -> None:
+    """A job's task is done. One cancelled before it ever ran (its client was gone before the handler's first
+    await: the watcher saw the disconnect first) never reached :meth:`Backend._drive`, so nothing told the
+    handler waiting on its queue, which then waited for ever (a leaked handler and in-flight gauge per such
+    request): its end is queued here."""
+    if not job.finished:
+        job.finished = True
+        job.put(("error", job.ending or Cancelled(f"request {job.session} was cancelled before it started")))
+    job.prefix_stored()  # (once: a no-op when its end was queued already)
 
 
 class _StreamingCluster:
@@ -192,6 +208,17 @@ class Backend:
         self._sessions = itertools.count(1)
         self.inflight = 0
         self.timeout_s = 300.0  # a request's deadline (http.request_timeout_s)
+        self._live: set[Job] = set()  # submitted, not ended
+
+    def stop_jobs(self, reason: str) -> int:
+        """End every job still running with :class:`ServerStopping` (``reason``): the server is shutting down,
+        and its handlers answer their clients with a 503 (or a stream's error event) while they still can,
+        instead of being cut off when the server's grace period ends. Returns how many were running."""
+        live = [j for j in self._live if not j.finished]
+        for job in live:
+            job.ending = ServerStopping(f"request {job.session}: {reason}")
+            job.cancel()
+        return len(live)
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -205,7 +232,13 @@ class Backend:
     def submit(self, req: GenRequest) -> Job:
         job = Job(next(self._sessions), req)
         job.task = asyncio.get_running_loop().create_task(self._drive(job))
-        job.task.add_done_callback(lambda _t: job.prefix_stored())  # (also a task cancelled before it ran)
+        self._live.add(job)
+
+        def done(_t: asyncio.Task[None]) -> None:
+            self._live.discard(job)
+            _ended(job)
+
+        job.task.add_done_callback(done)
         return job
 
     async def _drive(self, job: Job) -> None:
@@ -223,7 +256,7 @@ class Backend:
                                   "(http.request_timeout_s)")
             job.put(("done", res))
         except asyncio.CancelledError:
-            job.put(("error", Cancelled(f"request {job.session} was cancelled")))
+            job.put(("error", job.ending or Cancelled(f"request {job.session} was cancelled")))
         except Exception as exc:
             job.put(("error", exc))
         finally:

@@ -5,6 +5,7 @@ it)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from dualpath.errors import ConfigError, DualPathError
 from dualpath.http.backend import Backend
 from dualpath.http.config import HttpConfig
 
+log = logging.getLogger("dualpath.http")
 
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """``HOST:PORT``, ``:PORT`` or ``PORT`` -> (host, port); a clear error otherwise."""
@@ -46,6 +48,11 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+#: seconds uvicorn waits for requests in flight once it stops, and of them the seconds they get to finish on
+#: their own before the server ends them with a 503 (the rest lets those answers out)
+GRACE_S, FINISH_S = 5, 3.0
 
 
 def _uvicorn_server() -> type:
@@ -84,8 +91,19 @@ async def serve_app(backend: Backend, config: HttpConfig, *, address_file: str |
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    uv = _Uvicorn(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
+    uv = _Uvicorn(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=GRACE_S,
                                  access_log=False))
+
+    async def _wind_down() -> None:
+        # once the server stops (a signal, or ``stop``), requests in flight get FINISH_S to finish; those still
+        # running then end with a 503 (a stream: its error event and [DONE]) while uvicorn's grace period lets
+        # their answers out, instead of being cancelled at its end (a plain-text 500, a stream cut off)
+        while not uv.should_exit:
+            await anyio.sleep(0.05)
+        await anyio.sleep(FINISH_S)
+        n = backend.stop_jobs("the server is shutting down")
+        if n:
+            log.warning("shutting down: %d request(s) still running ended with 503 server_shutting_down", n)
 
     async def _announce() -> None:
         while not uv.started:
@@ -108,6 +126,7 @@ async def serve_app(backend: Backend, config: HttpConfig, *, address_file: str |
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_announce)
+            tg.start_soon(_wind_down)
             try:
                 await uv.serve(sockets=[sock])
             except SystemExit:  # uvicorn exits when the app's startup failed: raise the reason below

@@ -36,11 +36,16 @@ class ClusterConfig(Section):
 
     # bounded: every engine of the emulated cluster is real (a model, buffers, a process under serve); a typo
     # like 100000 used to be accepted and then hung allocating (the simulator models big clusters: `simulate`)
-    prefill_nodes: int = Field(default=1, ge=1, le=1024)
-    decode_nodes: int = Field(default=1, ge=1, le=1024)
+    prefill_nodes: int = Field(default=1, ge=1, le=1024, description="prefill (PE) nodes: P of PxD")
+    decode_nodes: int = Field(default=1, ge=1, le=1024, description="decode (DE) nodes: D of PxD")
     engines_per_node: int = Field(default=1, ge=1, le=64, description="engines (GPUs) per node, at most 64")
-    devices: Literal["auto", "cpu"] | list[str] = "auto"
-    block_tokens: int = Field(default=64, gt=0)
+    devices: Literal["auto", "cpu"] | list[str] = Field(default="auto", description=(
+        "where engines compute: auto (a GPU each where there are enough, else cpu), cpu, or one device per "
+        "engine (e.g. [cuda:0, cuda:1])"
+    ))
+    block_tokens: int = Field(default=64, gt=0, description=(
+        "tokens per KV block (a Full Block on storage holds every layer of this many tokens)"
+    ))
     snic_gbps: float | None = Field(
         default=1.0, gt=0,
         description="storage NIC per node in GB/s (1e9 B/s); a unit may be given: 400Gbps = 50GB/s "

@@ -28,10 +28,14 @@ class ServeConfig(Section):
     dead_after_s: float = Field(default=2.0, gt=0, description="an engine silent this long is declared dead")
     request_deadline_s: float = Field(default=120.0, gt=0, description="a submitted turn ends by this deadline")
     max_retries: int = Field(default=3, ge=0, description="re-dispatches of a turn whose engine failed")
-    max_message_bytes: int = Field(default=64 << 20, ge=1024, le=1 << 30)
+    max_message_bytes: int = Field(default=64 << 20, ge=1024, le=1 << 30, description=(
+        "largest control-plane message accepted (libzmq refuses larger ones before buffering them)"
+    ))
     max_inflight: int = Field(default=4096, ge=1, description="turns accepted at once; more get 'busy'")
     restart_engines: bool = Field(default=True, description="the launcher restarts an engine process that died")
-    max_restarts: int = Field(default=10, ge=0)
+    max_restarts: int = Field(default=10, ge=0, description=(
+        "restarts of engine processes the launcher makes before giving up"
+    ))
     startup_timeout_s: float = Field(default=120.0, gt=0, description="deadline for every engine to say hello")
     handshake_timeout_s: float = Field(default=5.0, gt=0, le=3600,
                                        description="a connection must complete its (CURVE) handshake by this")
@@ -47,15 +51,17 @@ class ServeConfig(Section):
         description="without CURVE: JSON file (mode 0600) of the deployment's secret engine/operator tokens; the "
                     "launcher creates <workdir>/control.token",
     )
-    curve_public_key: str | None = None
-    curve_secret_key: str | None = None
-    curve_client_public_key: str | None = None
-    curve_client_secret_key: str | None = None
-    curve_allowed_clients: list[str] = Field(default_factory=list)
+    curve_public_key: str | None = Field(default=None, description="the scheduler's z85 public key (CURVE)")
+    curve_secret_key: str | None = Field(default=None, description="the scheduler's z85 secret key: setting it turns CURVE on")
+    curve_client_public_key: str | None = Field(default=None, description="the clients' z85 public key (role client: submit, stats)")
+    curve_client_secret_key: str | None = Field(default=None, description="the clients' z85 secret key")
+    curve_allowed_clients: list[str] = Field(default_factory=list, description=(
+        "more z85 public keys admitted as clients"
+    ))
     curve_engine_public_key: str | None = Field(default=None, description="the engines' key pair (role engine)")
-    curve_engine_secret_key: str | None = None
+    curve_engine_secret_key: str | None = Field(default=None, description="the engines' z85 secret key")
     curve_operator_public_key: str | None = Field(default=None, description="the operator's key (shutdown, drain)")
-    curve_operator_secret_key: str | None = None
+    curve_operator_secret_key: str | None = Field(default=None, description="the operator's z85 secret key")
     curve_engine_keys: dict[str, str] = Field(
         default_factory=dict,
         description="per-engine CURVE public keys, engine name (pe0, de1, ...) -> key: each key may register only "

@@ -18,12 +18,24 @@ class LlamaModelConfig(Section):
     the longest context served (see its description; LongRoPE models depend on it)."""
 
     kind: Literal["llama"] = "llama"
-    path: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    random_init: bool = False
-    seed: int = Field(default=0, ge=0)
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
-    kv_format: Literal["auto", "fp8"] = "auto"
+    path: str | None = Field(default=None, description=(
+        "a checkpoint directory (safetensors, or pytorch_model*.bin read with weights_only) or a .gguf file; "
+        "None: the embedded SmolLM2-135M-Instruct"
+    ))
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description=(
+        "weights and activations (the KV in it too unless kv_format says otherwise)"
+    ))
+    random_init: bool = Field(default=False, description=(
+        "build the architecture from path's config.json with seeded random weights (no weight files needed)"
+    ))
+    seed: int = Field(default=0, ge=0, description="seed of random_init's weights")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(default="auto", description=(
+        "paged attention kernels: torch, triton, or auto (triton on a GPU, torch on a CPU)"
+    ))
+    kv_format: Literal["auto", "fp8"] = Field(default="auto", description=(
+        "auto: KV in dtype; fp8: FlashMLA's FP8 latent rows (DeepSeek-V2/V3 only, 656 bytes per token and "
+        "layer)"
+    ))
     mla_prefill: Literal["auto", "absorbed", "decompressed"] = Field(
         default="auto",
         description="MLA checkpoints (DeepSeek-V2/V3/V3.2, MiniCPM3, GLM-4.7-Flash, Kimi): prefill attention form. "
@@ -51,16 +63,22 @@ class SyntheticModelConfig(Section):
     and KV bytes are real bytes of the right size. Lets I/O experiments exceed what the CPU could compute."""
 
     kind: Literal["synthetic"] = "synthetic"
-    n_layers: int = Field(default=8, gt=0)
-    n_kv_heads: int = Field(default=2, gt=0)
-    head_dim: int = Field(default=64, gt=0)
-    kv_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    n_layers: int = Field(default=8, gt=0, description="layers (each streams one Layer Block per request)")
+    n_kv_heads: int = Field(default=2, gt=0, description=(
+        "KV heads per layer (KV bytes per token = 2 x layers x heads x head_dim x dtype size)"
+    ))
+    head_dim: int = Field(default=64, gt=0, description="width of each KV head")
+    kv_dtype: Literal["float32", "bfloat16", "float16"] = Field(default="bfloat16", description="element type of the KV bytes")
     linear_flops_per_token: float = Field(default=2.0e9, ge=0, description="2 x active params in layers")
     attn_flops_per_key_layer: float = Field(default=4 * 8 * 64, ge=0, description="4*H*d for GQA")
     device_tflops: float = Field(default=10.0, gt=0, description="effective compute rate for prefill")
     decode_step_s: float = Field(default=0.02, ge=0, description="time of one batched decode step")
-    max_context: int = Field(default=65536, gt=0)
-    vocab_size: int = Field(default=32000, gt=0)
+    max_context: int = Field(default=65536, gt=0, description=(
+        "the longest context (prompt + generated tokens) a turn may have"
+    ))
+    vocab_size: int = Field(default=32000, gt=0, description=(
+        "token ids are below this (generated tokens are drawn from it)"
+    ))
 
 
 ModelConfig = Annotated[LlamaModelConfig | SyntheticModelConfig, Field(discriminator="kind")]

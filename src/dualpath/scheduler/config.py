@@ -14,8 +14,14 @@ PolicyName = Literal["basic", "layerwise", "round_robin", "dualpath", "split", "
 class SchedulerConfig(Section):
     """Policy and the paper's constants (alpha, beta in seconds of work; compute quota; Z factor)."""
 
-    policy: PolicyName = "dualpath"
-    layerwise: bool = True
+    policy: PolicyName = Field(default="dualpath", description=(
+        "how turns are placed and read: basic (PE reads only), layerwise, round_robin, dualpath, split, "
+        "pe_only, de_only, oracle (no storage time)"
+    ))
+    layerwise: bool = Field(default=True, description=(
+        "prefill streams KV layer by layer (the paper's layer-wise prefill); false: whole blocks before the "
+        "forward"
+    ))
     alpha_s: float = Field(
         default=3.0, gt=0, description="short-read-queue threshold: tokens readable in alpha_s"
     )
@@ -25,13 +31,17 @@ class SchedulerConfig(Section):
     compute_quota_s: float = Field(
         default=0.3, gt=0, description="predicted attention time per PE forward batch"
     )
-    z_factor: float = Field(default=1.05, gt=0)
+    z_factor: float = Field(default=1.05, gt=0, description=(
+        "the DE high-token threshold Z = z_factor x mean tokens per DE of the group (paper: 1.05)"
+    ))
     work_ranking: bool = Field(
         default=True,
         description="DualPath's policies rank the prefill engines of a class by predicted work (the model's time "
                     "model) instead of prompt tokens; basic, layerwise and round_robin always rank by tokens",
     )
-    fetch_interval_s: float = Field(default=0.005, gt=0)
+    fetch_interval_s: float = Field(default=0.005, gt=0, description=(
+        "how often the scheduler fetches queued turns for assignment"
+    ))
     inflight_prefix_min_tokens: int = Field(
         default=256, ge=1,
         description="a turn sharing at least this many tokens past its stored prefix with a turn being prefilled "

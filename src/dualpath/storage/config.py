@@ -42,11 +42,22 @@ class PosixStorageConfig(Section):
     """One file per Full Block under ``root`` (sharded subdirectories), checksummed, atomic on write."""
 
     kind: Literal["posix"] = "posix"
-    root: Annotated[Path, AfterValidator(_check_root)] = Path("/tmp/dualpath-kv")
-    capacity_bytes: int | None = Field(default=None, gt=0)
-    durability: Literal["none", "fsync"] = "none"
-    verify_checksum: bool = True
-    io_threads: int = Field(default=8, ge=1, le=256)
+    root: Annotated[Path, AfterValidator(_check_root)] = Field(default=Path("/tmp/dualpath-kv"), description=(
+        "directory of the block files (created if missing); not inside /proc, /sys or /dev (/dev/shm is fine)"
+    ))
+    capacity_bytes: int | None = Field(default=None, gt=0, description=(
+        "the block files' total size stays under this, least recently used blocks evicted first; None: "
+        "unbounded"
+    ))
+    durability: Literal["none", "fsync"] = Field(default="none", description=(
+        "fsync: each block file and its directory are synced before the write counts; none: the page cache "
+        "decides"
+    ))
+    verify_checksum: bool = Field(default=True, description=(
+        "verify each block read against its xxh3-64 (the header is always checked: magic, namespace, key, "
+        "length)"
+    ))
+    io_threads: int = Field(default=8, ge=1, le=256, description="threads doing the block reads and writes")
     shared_root: bool = Field(
         default=False,
         description="other processes write this root too: an index miss falls back to one stat of the file",
@@ -57,15 +68,27 @@ class KvikioStorageConfig(Section):
     """GDS through kvikio's CuFile: reads and writes straight into and out of GPU memory (GPU machines only)."""
 
     kind: Literal["kvikio"] = "kvikio"
-    root: Annotated[Path, AfterValidator(_check_root)] = Path("/tmp/dualpath-kv")
-    capacity_bytes: int | None = Field(default=None, gt=0)
-    durability: Literal["none", "fsync"] = "none"
+    root: Annotated[Path, AfterValidator(_check_root)] = Field(default=Path("/tmp/dualpath-kv"), description=(
+        "directory of the block files (the posix format: either backend reads the other's blocks)"
+    ))
+    capacity_bytes: int | None = Field(default=None, gt=0, description=(
+        "the block files' total size stays under this, least recently used blocks evicted first; None: "
+        "unbounded"
+    ))
+    durability: Literal["none", "fsync"] = Field(default="none", description=(
+        "fsync: each block file and its directory are synced before the write counts; none: the page cache "
+        "decides"
+    ))
     verify_checksum: bool = Field(
         default=True, description="verify xxh3-64 of each block read (on the gds path: a device-to-host copy of the "
         "payload; on the bounce path the bytes are in host memory already)"
     )
-    io_threads: int = Field(default=8, ge=1, le=256)
-    shared_root: bool = False
+    io_threads: int = Field(default=8, ge=1, le=256, description=(
+        "threads doing the block reads and writes (each with its own CUDA stream and staging buffer)"
+    ))
+    shared_root: bool = Field(default=False, description=(
+        "other processes write this root too: an index miss falls back to one stat of the file"
+    ))
     io_path: Literal["auto", "gds", "bounce"] = Field(
         default="auto", description="gds: CuFile reads/writes straight between file and GPU memory; bounce: through "
         "a pinned host buffer per worker (posix read, verified there, one H2D copy), what cuFile and kvikio's "
@@ -78,12 +101,20 @@ class FaultsStorageConfig(Section):
     """Wraps another backend and drops, corrupts, delays or fails blocks (by seeded rate), for tests."""
 
     kind: Literal["faults"] = "faults"
-    inner: StorageConfig = Field(default_factory=MemoryStorageConfig)
-    seed: int = Field(default=0, ge=0)
-    drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    corrupt_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    delay_s: float = Field(default=0.0, ge=0.0)
+    inner: StorageConfig = Field(default_factory=MemoryStorageConfig, description=(
+        "the storage config whose blocks it damages (any kind, a faults wrapper too)"
+    ))
+    seed: int = Field(default=0, ge=0, description="seed of the fault draws (the same seed, the same faults)")
+    drop_rate: float = Field(default=0.0, ge=0.0, le=1.0, description=(
+        "share of writes silently not stored (a later read finds the block missing)"
+    ))
+    corrupt_rate: float = Field(default=0.0, ge=0.0, le=1.0, description=(
+        "share of stored blocks with bytes flipped on disk (the inner backend's checks must catch them)"
+    ))
+    fail_rate: float = Field(default=0.0, ge=0.0, le=1.0, description=(
+        "share of reads and writes that fail outright (FAILED)"
+    ))
+    delay_s: float = Field(default=0.0, ge=0.0, description="extra seconds every read and write takes")
 
 
 StorageConfig = Annotated[

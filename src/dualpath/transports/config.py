@@ -49,12 +49,16 @@ class ZmqTransportConfig(_Common):
     kind: Literal["zmq"] = "zmq"
     host: str = Field(default="127.0.0.1", description="address to bind; loopback unless configured")
     port: int = Field(default=0, ge=0, le=65535, description="tcp port to bind; 0 picks a free one")
-    scheme: Literal["tcp", "ipc"] = "tcp"
-    ipc_dir: str = "/tmp"
+    scheme: Literal["tcp", "ipc"] = Field(default="tcp", description=(
+        "tcp, or ipc (unix sockets under ipc_dir: one machine only, payloads as zmq frames)"
+    ))
+    ipc_dir: str = Field(default="/tmp", description="directory of the ipc sockets (scheme: ipc)")
     curve_secret_key: str | None = Field(default=None, description="z85 secret key of this endpoint")
     curve_public_key: str | None = Field(default=None, description="z85 public key of this endpoint")
     curve_allowed_clients: list[str] = Field(default_factory=list, description="z85 public keys allowed in")
-    max_message_bytes: int = Field(default=1 << 30, gt=0)
+    max_message_bytes: int = Field(default=1 << 30, gt=0, description=(
+        "largest message a peer may send (libzmq refuses larger ones before buffering them)"
+    ))
     inline_copy_bytes: int = Field(
         default=4 << 20, ge=0, description="landing copies up to this size run on the event loop; larger in a thread"
     )
@@ -102,12 +106,14 @@ class NixlTransportConfig(_Common):
     """
 
     kind: Literal["nixl"] = "nixl"
-    backend: str = "UCX"
+    backend: str = Field(default="UCX", description=(
+        "the NIXL backend plugin that moves the bytes (UCX: RDMA where present, TCP/shared memory otherwise)"
+    ))
     ucx_tls: str | None = Field(
         default="tcp,self,sm", description="UCX_TLS to set if unset (with cuda_copy,cuda_ipc added on a CUDA machine "
         "unless it names a cuda transport); None leaves it"
     )
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="address the side channel binds; loopback unless configured")
     port: int = Field(default=0, ge=0, le=65535, description="side-channel tcp port; 0 picks a free one")
     poll_interval_s: float = Field(
         default=0.0002, gt=0, description="poll period of stalled posted writes (and of notifications without "
@@ -150,11 +156,17 @@ class FaultsTransportConfig(Section):
     """Wraps another transport and drops, delays, corrupts or cuts off peers, for tests (seeded)."""
 
     kind: Literal["faults"] = "faults"
-    inner: TransportConfig = Field(default_factory=LoopbackTransportConfig)
-    seed: int = Field(default=0, ge=0)
-    drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    corrupt_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    delay_s: float = Field(default=0.0, ge=0.0)
+    inner: TransportConfig = Field(default_factory=LoopbackTransportConfig, description=(
+        "the transport config whose writes it damages (any kind)"
+    ))
+    seed: int = Field(default=0, ge=0, description="seed of the fault draws (the same seed, the same faults)")
+    drop_rate: float = Field(default=0.0, ge=0.0, le=1.0, description=(
+        "share of writes lost on the way (their waits end at the deadline)"
+    ))
+    corrupt_rate: float = Field(default=0.0, ge=0.0, le=1.0, description=(
+        "share of writes whose bytes are flipped in flight (caught with checksum: true)"
+    ))
+    delay_s: float = Field(default=0.0, ge=0.0, description="extra seconds every write takes")
     cut_peers: list[str] = Field(default_factory=list, description="peers every write to which never arrives")
 
 

@@ -82,6 +82,3 @@ def test_nixl_logs_to_stderr_and_only_warnings_unless_asked() -> None:
         pytest.skip("no NIXL wheel here")
     assert p.returncode == 0, p.stderr
     assert p.stdout == "" and "warned" in p.stderr and "Initialized NIXL agent" not in p.stderr
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**env, "NIXL_LOG_LEVEL": "INFO"})  # asked for: INFO, still on stderr
-    assert "Initialized NIXL agent" not in p.stdout and "Initialized NIXL agent: probe" in p.stderr

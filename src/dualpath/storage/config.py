@@ -38,12 +38,13 @@ def _check_root(root: Path) -> Path:
     return root
 
 
-class PosixStorageConfig(Section):
-    """One file per Full Block under ``root`` (sharded subdirectories), checksummed, atomic on write."""
+class BlockFileStoreConfig(Section):
+    """What the block-file backends (``posix``, ``kvikio``) share: their blocks' root and its limits."""
 
-    kind: Literal["posix"] = "posix"
+    kind: Literal["posix", "kvikio"]  # (each backend's own default; here so that dumps name it first)
     root: Annotated[Path, AfterValidator(_check_root)] = Field(default=Path("/tmp/dualpath-kv"), description=(
-        "directory of the block files (created if missing); not inside /proc, /sys or /dev (/dev/shm is fine)"
+        "directory of the block files (created if missing; posix and kvikio read each other's); not inside "
+        "/proc, /sys or /dev (/dev/shm is fine)"
     ))
     capacity_bytes: int | None = Field(default=None, gt=0, description=(
         "the block files' total size stays under this, least recently used blocks evicted first; None: "
@@ -52,10 +53,6 @@ class PosixStorageConfig(Section):
     durability: Literal["none", "fsync"] = Field(default="none", description=(
         "fsync: each block file and its directory are synced before the write counts; none: the page cache "
         "decides"
-    ))
-    verify_checksum: bool = Field(default=True, description=(
-        "verify each block read against its xxh3-64 (the header is always checked: magic, namespace, key, "
-        "length)"
     ))
     io_threads: int = Field(default=8, ge=1, le=256, description="threads doing the block reads and writes")
     shared_root: bool = Field(
@@ -64,31 +61,24 @@ class PosixStorageConfig(Section):
     )
 
 
-class KvikioStorageConfig(Section):
+class PosixStorageConfig(BlockFileStoreConfig):
+    """One file per Full Block under ``root`` (sharded subdirectories), checksummed, atomic on write."""
+
+    kind: Literal["posix"] = "posix"
+    verify_checksum: bool = Field(default=True, description=(
+        "verify each block read against its xxh3-64 (the header is always checked: magic, namespace, key, "
+        "length)"
+    ))
+
+
+class KvikioStorageConfig(BlockFileStoreConfig):
     """GDS through kvikio's CuFile: reads and writes straight into and out of GPU memory (GPU machines only)."""
 
     kind: Literal["kvikio"] = "kvikio"
-    root: Annotated[Path, AfterValidator(_check_root)] = Field(default=Path("/tmp/dualpath-kv"), description=(
-        "directory of the block files (the posix format: either backend reads the other's blocks)"
-    ))
-    capacity_bytes: int | None = Field(default=None, gt=0, description=(
-        "the block files' total size stays under this, least recently used blocks evicted first; None: "
-        "unbounded"
-    ))
-    durability: Literal["none", "fsync"] = Field(default="none", description=(
-        "fsync: each block file and its directory are synced before the write counts; none: the page cache "
-        "decides"
-    ))
     verify_checksum: bool = Field(
         default=True, description="verify xxh3-64 of each block read (on the gds path: a device-to-host copy of the "
         "payload; on the bounce path the bytes are in host memory already)"
     )
-    io_threads: int = Field(default=8, ge=1, le=256, description=(
-        "threads doing the block reads and writes (each with its own CUDA stream and staging buffer)"
-    ))
-    shared_root: bool = Field(default=False, description=(
-        "other processes write this root too: an index miss falls back to one stat of the file"
-    ))
     io_path: Literal["auto", "gds", "bounce"] = Field(
         default="auto", description="gds: CuFile reads/writes straight between file and GPU memory; bounce: through "
         "a pinned host buffer per worker (posix read, verified there, one H2D copy), what cuFile and kvikio's "
@@ -124,10 +114,10 @@ StorageConfig = Annotated[
 FaultsStorageConfig.model_rebuild()
 
 
-def rooted(cfg: Any) -> PosixStorageConfig | KvikioStorageConfig | None:
+def rooted(cfg: Any) -> BlockFileStoreConfig | None:
     """The backend config in ``cfg``'s chain that keeps its blocks under a ``root`` (``cfg`` itself, or the store
     a ``faults`` wrapper holds, however deep), or None for memory storage. Whoever gives a run its own root (each
     policy of ``dualpath run``, a calibration, a benchmark) sets it there, so a wrapped store is not shared."""
     while isinstance(cfg, FaultsStorageConfig):
         cfg = cfg.inner
-    return cfg if isinstance(cfg, (PosixStorageConfig, KvikioStorageConfig)) else None
+    return cfg if isinstance(cfg, BlockFileStoreConfig) else None

@@ -87,6 +87,10 @@ def test_spec_reads_v32_and_keeps_the_indexer_key_in_the_kv_rows(ckpt):
     cfg = json.loads((d / "config.json").read_text())
     with pytest.raises(ModelError, match="mlp_layer_types.*first_k_dense_replace=1"):
         DeepseekV3Spec.from_hf_config({**cfg, "mlp_layer_types": ["sparse", "dense", "sparse"]})
+    # an indexer narrower than the RoPE part it rotates: transformers fails at the first forward ("split_with_sizes
+    # [64, -48]"); it loaded here and failed the first turn inside the engine (an outside audit)
+    with pytest.raises(ModelError, match=r"index_head_dim 4 is narrower than the qk_rope_head_dim \(8\)"):
+        DeepseekV3Spec.from_hf_config({**cfg, "index_head_dim": 4})
 
 
 def test_multi_turn_logits_and_greedy_equal_transformers(ckpt):

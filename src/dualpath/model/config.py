@@ -33,8 +33,8 @@ class LlamaModelConfig(Section):
         "paged attention kernels: torch, triton, or auto (triton on a GPU, torch on a CPU)"
     ))
     kv_format: Literal["auto", "fp8"] = Field(default="auto", description=(
-        "auto: KV in dtype; fp8: FlashMLA's FP8 latent rows (DeepSeek-V2/V3 only, 656 bytes per token and "
-        "layer)"
+        "auto: KV in dtype; fp8: FlashMLA's FP8 latent rows (the DeepSeek-V2/V3 family only, with kv_lora_rank "
+        "a multiple of 128: one scale per 128 latent values; 656 bytes per token and layer at 512 + 64)"
     ))
     mla_prefill: Literal["auto", "absorbed", "decompressed"] = Field(
         default="auto",

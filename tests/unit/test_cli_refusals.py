@@ -120,3 +120,4 @@ def test_a_reader_that_goes_away_ends_the_command_without_a_traceback() -> None:
     finally:
         os.close(w)
     assert p.returncode == 141 and p.stderr == "", p.stderr
+

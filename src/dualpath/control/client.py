@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -133,8 +134,11 @@ class ServeClient:
     @classmethod
     def from_config(cls, address: str | None, config: DualPathConfig) -> ServeClient:
         sc = config.serve
+        # a scheduler is given up on no sooner than the launcher would replace it (serve.hung_after_s): a busy
+        # one that paused 0.8 s had its requests failed with 503 by a client counting 3 heartbeats (0.6 s)
+        misses = max(3, math.ceil(sc.hung_after_s() / sc.heartbeat_s) + 1)
         return cls(address or sc.scheduler_address(), curve=client_curve(config), deadline_s=sc.request_deadline_s,
-                   max_message_bytes=sc.max_message_bytes, heartbeat_s=sc.heartbeat_s,
+                   max_message_bytes=sc.max_message_bytes, heartbeat_s=sc.heartbeat_s, misses=misses,
                    handshake_timeout=sc.handshake_timeout_s)
 
     async def start(self) -> ServeClient:

@@ -209,11 +209,15 @@ class Backend:
         self.inflight = 0
         self.timeout_s = 300.0  # a request's deadline (http.request_timeout_s)
         self._live: set[Job] = set()  # submitted, not ended
+        self._stopping: str | None = None  # why no job starts any more (the server is shutting down)
 
     def stop_jobs(self, reason: str) -> int:
         """End every job still running with :class:`ServerStopping` (``reason``): the server is shutting down,
         and its handlers answer their clients with a 503 (or a stream's error event) while they still can,
-        instead of being cut off when the server's grace period ends. Returns how many were running."""
+        instead of being cut off when the server's grace period ends. A job submitted from now on (a request
+        that was waiting for another one's prefix, a later choice of ``n``) ends the same way at once. Returns
+        how many were running."""
+        self._stopping = reason
         live = [j for j in self._live if not j.finished]
         for job in live:
             job.ending = ServerStopping(f"request {job.session}: {reason}")
@@ -231,6 +235,11 @@ class Backend:
 
     def submit(self, req: GenRequest) -> Job:
         job = Job(next(self._sessions), req)
+        if self._stopping is not None:
+            job.ending = ServerStopping(f"request {job.session}: {self._stopping}")
+            job.finished = True
+            job.put(("error", job.ending))
+            return job
         job.task = asyncio.get_running_loop().create_task(self._drive(job))
         self._live.add(job)
 
@@ -288,11 +297,18 @@ def _model_setup(config: DualPathConfig) -> tuple[Any, Any, str, GenerationDefau
     return mcfg, load_tokenizer(path), name, read_generation_defaults(path)
 
 
+#: the in-process server's default KV store cap, bytes (memory storage, with no config file)
+INPROCESS_KV_CAPACITY = 1 << 30
+
+
 def inprocess_overrides() -> dict[str, Any]:
     """Config defaults of the in-process HTTP server with no config file: the embedded real model, small blocks
     so multi-turn chats hit early, room for many concurrent streams."""
     return {
         "model": {"kind": "llama"},
+        # the KV store in memory, capped: uncapped, a long-running server kept every block (~0.7 MB per 16 tokens
+        # of the embedded model) and its RSS only grew; least recently used blocks go first
+        "storage": {"kind": "memory", "capacity_bytes": INPROCESS_KV_CAPACITY},
         "cluster": {"block_tokens": 16, "snic_gbps": None, "cnic_gbps": None, "kv_pool_tokens": 65536,
                     "host_buffer_bytes": 768 << 20, "prefill_max_batch_tokens": 8192, "prefill_max_batch": 32,
                     "decode_max_batch": 64},

@@ -82,11 +82,11 @@ class MemoryStorage(Storage):
                 del self._blocks[key]
                 out.append(BlockStatus.CORRUPT)
                 continue
-            self._blocks.move_to_end(key)
             self._stats.hits += 1
             self._stats.reads += 1
             self._stats.bytes_read += nbytes
             out.append(BlockStatus.OK)
+        self._head_most_recent([k for k, st in zip(keys, out, strict=True) if st is BlockStatus.OK])
         await anyio.lowlevel.checkpoint()
         return out
 
@@ -109,8 +109,16 @@ class MemoryStorage(Storage):
             self._stats.writes += 1
             self._stats.bytes_written += nbytes
             out.append(BlockStatus.OK)
+        self._head_most_recent(keys)
         await anyio.lowlevel.checkpoint()
         return out
+
+    def _head_most_recent(self, keys: Sequence[BlockKey]) -> None:
+        """A batch is a prompt's chain of blocks in order and a lookup stops at its first missing block: its
+        head is made the most recently used, so the capacity evicts a chain from its tail, not its head."""
+        for key in reversed(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
 
     async def delete(self, keys: Sequence[BlockKey]) -> None:
         self._check_open()

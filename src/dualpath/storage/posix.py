@@ -101,9 +101,12 @@ class _RootIndex:
                 self.entries.move_to_end(key)
 
     def touch_many(self, keys: Sequence[BlockKey]) -> None:
+        """Refresh ``keys``' LRU positions, the first most recent: a batch is a prompt's chain of blocks in order,
+        and a lookup stops at the first missing block, so the chain's tail is evicted before its head (touched in
+        order, its head went first and took the whole cached prefix with it)."""
         with self.lock:
             entries = self.entries
-            for key in keys:
+            for key in reversed(keys):
                 if key in entries:
                     entries.move_to_end(key)
 
@@ -479,6 +482,8 @@ class PosixStorage(Storage):
                     index.remove(key)  # what the index claimed is not on disk and could not be written
                 out[i] = BlockStatus.FAILED
                 self._stats.failed += 1
+        # the batch's head most recent (see _RootIndex.touch_many): its tail goes first under the capacity
+        index.touch_many([key for i, key, _path, _existing in todo if codes.get(i) in (_OK, _EXISTS)])
         if regrown and cap is not None:  # back under the capacity: evict least-recently-used others
             over = self._evict_for(0)
             if over:

@@ -53,6 +53,8 @@ class _Loader(yaml.SafeLoader):
 def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys may be overridden here, by design
+            continue
         key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
         line = key_node.start_mark.line + 1
         try:

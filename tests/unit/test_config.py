@@ -77,6 +77,13 @@ def test_a_yaml_key_given_twice_is_an_error_naming_its_line(tmp_path):
     f.write_text("cluster:\n  decode_nodes: 1\n  decode_nodes: 3\n")
     with pytest.raises(ConfigError, match="line 3, column 3: key 'decode_nodes' given twice"):
         load_config(f, env={})
+    # a merge key's keys may be overridden (that is what it is for); anchors still work
+    from dualpath.config import parse_yaml
+
+    got = parse_yaml("base: &b {prefill_nodes: 2, decode_nodes: 1}\ncluster:\n  <<: *b\n  decode_nodes: 3\n")
+    assert got["cluster"] == {"prefill_nodes": 2, "decode_nodes": 3}
+    with pytest.raises(ConfigError, match="line 4, column 3: key 'decode_nodes' given twice"):
+        parse_yaml("base: &b {prefill_nodes: 2}\ncluster:\n  decode_nodes: 1\n  decode_nodes: 3\n  <<: *b\n")
 
 
 def test_a_json_file_is_strict_json(tmp_path):

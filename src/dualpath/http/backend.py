@@ -237,8 +237,7 @@ class Backend:
         job = Job(next(self._sessions), req)
         if self._stopping is not None:
             job.ending = ServerStopping(f"request {job.session}: {self._stopping}")
-            job.finished = True
-            job.put(("error", job.ending))
+            _ended(job)  # (it never starts: its end is queued at once)
             return job
         job.task = asyncio.get_running_loop().create_task(self._drive(job))
         self._live.add(job)

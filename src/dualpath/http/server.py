@@ -21,6 +21,7 @@ from dualpath.http.config import HttpConfig
 
 log = logging.getLogger("dualpath.http")
 
+
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """``HOST:PORT``, ``:PORT`` or ``PORT`` -> (host, port); a clear error otherwise."""
     host, sep, port = text.rpartition(":")

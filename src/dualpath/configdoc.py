@@ -3,7 +3,7 @@
 ``python -m dualpath.configdoc`` prints it as Markdown; ``docs/config.md`` holds it between the markers
 :data:`BEGIN` and :data:`END` (``python -m dualpath.configdoc --write docs/config.md`` refreshes it, and a test
 checks that the page holds what the models say). One table per section, and per backend for the sections a
-``kind`` chooses: the dotted key, its type, its default and its description (the field's own, else its comment).
+``kind`` chooses: the dotted key, its type, its default and its description.
 """
 
 from __future__ import annotations
@@ -86,54 +86,26 @@ def _section_union(model: type[BaseModel], name: str) -> list[type[BaseModel]]:
     return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
 
 
-def _comments(model: type[BaseModel]) -> dict[str, str]:
-    """The comment at the end of each field's line in ``model``'s source (a field without a description says
-    what it is there), for ``model`` and the classes it derives from."""
-    import inspect
-    import io
-    import tokenize
-
-    out: dict[str, str] = {}
-    for cls in reversed(model.__mro__):
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
-            continue
-        try:
-            src = inspect.getsource(cls)
-        except (OSError, TypeError):  # pragma: no cover - no source (a frozen build)
-            continue
-        field, depth, line_of_field = None, 0, -1
-        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-            if tok.type == tokenize.OP and tok.string in "([{":
-                depth += 1
-            elif tok.type == tokenize.OP and tok.string in ")]}":
-                depth -= 1
-            elif tok.type == tokenize.NAME and depth == 0 and tok.start[1] == 4 and tok.string in cls.model_fields:
-                field, line_of_field = tok.string, tok.start[0]
-            elif tok.type == tokenize.COMMENT and field is not None and tok.start[0] == line_of_field:
-                out[field] = tok.string.lstrip("#").strip()
-            elif tok.type == tokenize.NEWLINE:
-                field = None
-    return out
+#: annotated-types bound class -> (its attribute, the sign shown)
+_BOUNDS = {"Gt": ("gt", ">"), "Ge": ("ge", ">="), "Lt": ("lt", "<"), "Le": ("le", "<=")}
 
 
 def _bounds(f: FieldInfo) -> str:
-    names = {"Gt": ">", "Ge": ">=", "Lt": "<", "Le": "<="}
     parts = []
     for m in f.metadata:
-        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-            v = getattr(m, attr, None)
-            if v is not None and type(m).__name__ in names:
-                parts.append(f"{sym} {v:,}" if isinstance(v, int) and abs(v) >= 10_000 else f"{sym} {v}")
+        bound = _BOUNDS.get(type(m).__name__)
+        if bound is not None:
+            v = getattr(m, bound[0])
+            parts.append(f"{bound[1]} {v:,}" if isinstance(v, int) and abs(v) >= 10_000 else f"{bound[1]} {v}")
     return f" ({', '.join(parts)})" if parts else ""
 
 
 def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     rows = []
-    comments = _comments(model)
     for key, f in model.model_fields.items():
         if key == "kind":
             continue
-        desc = f.description or comments.get(key, "")
+        desc = f.description or ""
         typ = _type_name(f.annotation) + _bounds(f)
         rows.append(f"| `{prefix}{key}` | {_cell(typ)} | {_cell(_default(f))} | {_cell(desc)} |")
     return rows

@@ -8,6 +8,7 @@ Triton kernels run on CPU tensors through the interpreter: TRITON_INTERPRET must
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 def _has_cuda() -> bool:
@@ -39,3 +40,19 @@ def _one_torch_thread() -> None:
 
 
 _one_torch_thread()
+
+
+def pytest_collection_modifyitems(items: list[Any]) -> None:
+    """Modules with a ``slow`` test (processes, a real model, the interpreter's kernels) run first, each module's
+    tests together and in their order: with ``-n 2`` the quick ones then fill both workers to the end, instead of
+    one worker finishing a long test while the other waits."""
+    first = {item.module for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.module not in first)
+
+
+def pytest_unconfigure(config: object) -> None:
+    """The test process is about to exit: skip the interpreter's final collection over everything torch and
+    transformers made (``dualpath.procexit``; most of a second per process)."""
+    from dualpath.procexit import skip_final_collection
+
+    skip_final_collection()

@@ -125,5 +125,16 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
 
 
+def console() -> int:
+    """The ``dualpath`` command (``[project.scripts]``): :func:`main`, then the process's exit without the final
+    garbage collection (:mod:`dualpath.procexit`)."""
+    try:
+        return main()
+    finally:  # (also after argparse's SystemExit: --help, --version, a bad flag)
+        from dualpath.procexit import skip_final_collection
+
+        skip_final_collection()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console())

@@ -311,4 +311,8 @@ def _serve() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve())
+    _code = _serve()
+    from dualpath.procexit import skip_final_collection
+
+    skip_final_collection()
+    sys.exit(_code)

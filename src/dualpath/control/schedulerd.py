@@ -960,4 +960,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    _code = main()
+    from dualpath.procexit import skip_final_collection
+
+    skip_final_collection()
+    raise SystemExit(_code)

@@ -106,3 +106,6 @@ async def main(name: str, config_json: str, buffer_bytes: int, device: str = "cp
 
 if __name__ == "__main__":
     anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "cpu")
+    from dualpath.procexit import skip_final_collection
+
+    skip_final_collection()

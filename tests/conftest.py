@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
+
 
 def _has_cuda() -> bool:
     try:
@@ -48,6 +50,9 @@ def pytest_collection_modifyitems(items: list[Any]) -> None:
     one worker finishing a long test while the other waits."""
     first = {item.module for item in items if item.get_closest_marker("slow") is not None}
     items.sort(key=lambda item: item.module not in first)
+    for item in items:  # (with --dist loadgroup, as pyproject.toml sets: one worker starts the shared server)
+        if "embedded_http" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("embedded_http"))
 
 
 def pytest_unconfigure(config: object) -> None:

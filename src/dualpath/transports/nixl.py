@@ -762,8 +762,12 @@ class NixlTransport(Transport):
         self._check_open()
         if not self._started:
             raise TransportError(f"{self.name}: start() before connect()")
+        what = f"connect to {peer!r} at {address}"
         old = self._peers.get(peer)
-        if old is not None and old.address == address:
+        if old is not None and old.address == address and not old.hello_failed():
+            # connected, or a connect to the same address under way (an engine told of a peer twice at once):
+            # its outcome is ours; returning before its hello ended would write to a peer not yet known
+            await self._guarded(what, timeout, lambda: asyncio.shield(old.hello))
             return
         if not address.startswith("tcp://"):
             raise TransportError(f"{self.name}: peer {peer!r} address {address!r} is not tcp://")
@@ -772,8 +776,29 @@ class NixlTransport(Transport):
         self._peers[peer] = p
         if old is not None:
             old.close("reconnected")
+        try:
+            await self._guarded(what, timeout, lambda: self._first_hello(p))
+        except TransportError:
+            newer = self._peers.get(peer)
+            if newer is None or newer is p or self._closed:
+                raise
+            # superseded while under way by a connect to the peer's newer address (a restarted peer registered
+            # again): the caller wants the peer, so that connect's outcome is ours, not "reconnected"
+            await self._guarded(f"connect to {peer!r} at {newer.address}", timeout,
+                                lambda: asyncio.shield(newer.hello))
 
-        await self._guarded(f"connect to {peer!r} at {address}", timeout, lambda: self._hello(p))
+    async def _first_hello(self, p: _Peer) -> None:
+        """:meth:`_hello` for a new connection, its outcome also set on ``p.hello`` for concurrent connects."""
+        try:
+            await self._hello(p)
+        except BaseException as exc:
+            if not p.hello.done():
+                p.hello.set_exception(exc if isinstance(exc, Exception) else
+                                      TransportError(f"{self.name}: the hello to {p.name!r} was given up"))
+                p.hello.exception()  # (retrieved: a connect no one else waits on logs nothing at exit)
+            raise
+        if not p.hello.done():
+            p.hello.set_result(None)
 
     async def _hello(self, p: _Peer) -> None:
         """Exchange agent metadata with ``p`` (again when it registered memory since)."""
@@ -1170,7 +1195,12 @@ class _Peer:
         self.used: OrderedDict[tuple[str, int], bool] = OrderedDict()
         self.revoked: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.batch: _Batch | None = None  # fast-path writes queued in this loop pass (posted at its end)
+        #: the first hello's outcome (connects to this peer at once wait on it; its error if it failed)
+        self.hello: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.reader = owner._spawn(self._read())
+
+    def hello_failed(self) -> bool:
+        return self.hello.done() and (self.hello.cancelled() or self.hello.exception() is not None)
 
     async def _read(self) -> None:
         while True:
@@ -1285,6 +1315,9 @@ class _Peer:
         self.pending.clear()
 
     def close(self, reason: str) -> None:
+        if not self.hello.done():  # (a connect waiting on it looks for the peer's newer connection)
+            self.hello.set_exception(TransportError(f"{self.owner.name}: connection to {self.name!r} {reason}"))
+            self.hello.exception()
         self.fail_all(Status.CLOSED, reason)
         if self.remote_dl is not None:
             self.remote_dl.drop()

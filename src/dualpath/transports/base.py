@@ -275,7 +275,9 @@ class Transport(abc.ABC):
     # --- sending --------------------------------------------------------------------------------------------
     @abc.abstractmethod
     async def connect(self, peer: str, address: str) -> None:
-        """Make ``peer`` (its endpoint name) reachable at ``address``; idempotent for the same address."""
+        """Make ``peer`` (its endpoint name) reachable at ``address``; idempotent for the same address. Connects
+        to one peer that overlap (an engine told of a restarted peer while still connecting to its old address)
+        each return once the peer is reachable at the latest address given, or raise that connection's error."""
 
     @abc.abstractmethod
     async def write(self, peer: str, tag: str, src: torch.Tensor, timeout: float, *,

@@ -14,9 +14,16 @@ calls :func:`dualpath.cli.main` keeps its collector as it was.
 from __future__ import annotations
 
 import gc
+from typing import NoReturn
 
 
 def skip_final_collection() -> None:
     """Move every object tracked so far out of the collector's reach (``gc.freeze``): the interpreter's shutdown
     then skips the cyclic collection over them. Call it only as the process is about to exit."""
     gc.freeze()
+
+
+def exit_with(code: int | None) -> NoReturn:
+    """A ``__main__``'s last line: :func:`skip_final_collection`, then ``SystemExit(code)``."""
+    skip_final_collection()
+    raise SystemExit(code)

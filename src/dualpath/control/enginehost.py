@@ -614,8 +614,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    _code = main()
-    from dualpath.procexit import skip_final_collection
+    from dualpath.procexit import exit_with
 
-    skip_final_collection()
-    raise SystemExit(_code)
+    exit_with(main())

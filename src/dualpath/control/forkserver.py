@@ -311,8 +311,6 @@ def _serve() -> int:
 
 
 if __name__ == "__main__":
-    _code = _serve()
-    from dualpath.procexit import skip_final_collection
+    from dualpath.procexit import exit_with
 
-    skip_final_collection()
-    sys.exit(_code)
+    exit_with(_serve())

@@ -105,7 +105,7 @@ async def main(name: str, config_json: str, buffer_bytes: int, device: str = "cp
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "cpu")
-    from dualpath.procexit import skip_final_collection
+    from dualpath.procexit import exit_with
 
-    skip_final_collection()
+    anyio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "cpu")
+    exit_with(0)
